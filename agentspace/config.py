@@ -1,0 +1,220 @@
+"""Configuration: a TOML file (SPEC section 1a), validated against one schema, with defaults.
+
+Every key, its type and default is listed in ``SCHEMA``; ``config.example.toml`` documents the same keys
+and a test keeps the two in step. Errors name the file, the key and what was expected.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import click
+
+DEFAULT_FORMATTING_PROMPT = (
+    "Format answers in Markdown. Put code in fenced code blocks with a language tag. "
+    "Be concise; use lists and tables only where they help."
+)
+
+# section -> key -> (expected type(s), default). ``None`` as a default means "not set".
+SCHEMA: dict[str, dict[str, tuple[tuple[type, ...], Any]]] = {
+    "server": {
+        "host": ((str,), "127.0.0.1"),
+        "port": ((int,), 3271),
+        "allowed_origins": ((list,), []),
+        "allowed_hosts": ((list,), []),
+        "max_body_bytes": ((int,), 1_048_576),
+        "max_frame_bytes": ((int,), 1_048_576),
+        "auth_timeout_seconds": ((int, float), 10.0),
+        "heartbeat_seconds": ((int, float), 30.0),
+        "messages_per_minute": ((int,), 600),
+        "shutdown_grace_seconds": ((int, float), 10.0),
+    },
+    "storage": {
+        "data_dir": ((str,), None),
+    },
+    "models": {
+        "default": ((str,), "anthropic/claude-sonnet-4-5"),
+        "fallback_input_per_mtok": ((int, float), 15.0),
+        "fallback_output_per_mtok": ((int, float), 75.0),
+        "fallbacks": ((dict,), {}),
+    },
+    "chat": {
+        "system_prompt": ((str,), "You are a helpful assistant."),
+        "formatting_prompt": ((str,), DEFAULT_FORMATTING_PROMPT),
+        "history_limit": ((int,), 50),
+        "max_steps": ((int,), 8),
+        "max_tokens": ((int,), 4096),
+        "on_disconnect": ((str,), "finish"),
+        "idle_timeout_seconds": ((int, float), 120.0),
+        "max_retries": ((int,), 2),
+    },
+    "thinking": {
+        "enabled": ((bool,), True),
+        "budget_tokens": ((int,), 8000),
+    },
+    "logging": {
+        "level": ((str,), "info"),
+    },
+}
+
+# Keys of each [providers.NAME] table.
+PROVIDER_SCHEMA: dict[str, tuple[tuple[type, ...], Any]] = {
+    "base_url": ((str,), None),
+    "api_key_env": ((str,), None),
+    "key_name": ((str,), None),
+    "timeout_seconds": ((int, float), 600.0),
+    "models": ((list,), []),
+    "options": ((dict,), {}),
+}
+
+# Keys of each [pricing."MODEL"] table.
+PRICING_SCHEMA: dict[str, tuple[tuple[type, ...], Any]] = {
+    "input_per_mtok": ((int, float), None),
+    "output_per_mtok": ((int, float), None),
+    "cache_read_per_mtok": ((int, float), None),
+    "cache_write_per_mtok": ((int, float), None),
+    "context_window": ((int,), None),
+    "supports_reasoning": ((bool,), None),
+    "supports_tools": ((bool,), None),
+}
+
+CHOICES = {("chat", "on_disconnect"): ("finish", "abort"), ("logging", "level"): ("debug", "info", "warning", "error")}
+
+
+class ConfigError(click.ClickException):
+    """A configuration problem, reported as ``FILE: KEY: expected ..., got ...``."""
+
+    def __init__(self, source: str, key: str, expected: str) -> None:
+        super().__init__(f"{source}: {key}: {expected}")
+        self.source = source
+        self.key = key
+
+
+_TYPE_NAMES = {str: "a string", int: "an integer", float: "a number", bool: "true or false", list: "a list", dict: "a table"}
+
+
+def _type_name(types: tuple[type, ...]) -> str:
+    return " or ".join(_TYPE_NAMES[t] for t in types)
+
+
+def _check(source: str, key: str, value: Any, types: tuple[type, ...]) -> Any:
+    # bool is an int in Python; reject it where a number is wanted, and accept ints where floats are.
+    ok = isinstance(value, types) and not (isinstance(value, bool) and bool not in types)
+    if not ok:
+        raise ConfigError(source, key, f"expected {_type_name(types)}, got {value!r}")
+    return value
+
+
+def _validate_table(
+    source: str, prefix: str, table: Any, schema: dict[str, tuple[tuple[type, ...], Any]]
+) -> dict[str, Any]:
+    if not isinstance(table, dict):
+        raise ConfigError(source, prefix, f"expected a table, got {table!r}")
+    out = {k: (list(d) if isinstance(d, list) else dict(d) if isinstance(d, dict) else d) for k, (_, d) in schema.items()}
+    for key, value in table.items():
+        if key not in schema:
+            known = ", ".join(schema)
+            raise ConfigError(source, f"{prefix}.{key}", f"unknown key (known keys: {known})")
+        out[key] = _check(source, f"{prefix}.{key}", value, schema[key][0])
+    return out
+
+
+@dataclass
+class Config:
+    """The validated configuration. ``section("chat")["max_steps"]`` style access, plus helpers."""
+
+    values: dict[str, dict[str, Any]]
+    providers: dict[str, dict[str, Any]] = field(default_factory=dict)
+    pricing: dict[str, dict[str, Any]] = field(default_factory=dict)
+    plugins: dict[str, dict[str, Any]] = field(default_factory=dict)
+    source: str = "<defaults>"
+    base_dir: Path = field(default_factory=Path.cwd)
+
+    def __getitem__(self, section: str) -> dict[str, Any]:
+        return self.values[section]
+
+    def plugin_settings(self, name: str) -> dict[str, Any]:
+        """The ``[plugins.NAME]`` table of a plugin ({} when absent)."""
+        return self.plugins.get(name, {})
+
+    def provider_settings(self, prefix: str) -> dict[str, Any]:
+        """The ``[providers.PREFIX]`` table, with defaults for every key."""
+        if prefix in self.providers:
+            return self.providers[prefix]
+        return _validate_table(self.source, f"providers.{prefix}", {}, PROVIDER_SCHEMA)
+
+    def resolve_path(self, value: str) -> Path:
+        """Paths in the config are relative to the config file's folder."""
+        path = Path(os.path.expanduser(value))
+        return path if path.is_absolute() else self.base_dir / path
+
+    @property
+    def data_dir(self) -> Path:
+        configured = self.values["storage"]["data_dir"]
+        if configured:
+            return self.resolve_path(configured)
+        return default_data_dir()
+
+
+def default_data_dir() -> Path:
+    env = os.environ.get("AGENTSPACE_HOME")
+    return Path(env) if env else Path(click.get_app_dir("agentspace"))
+
+
+def parse_config(raw: dict[str, Any], source: str = "<config>", base_dir: Path | None = None) -> Config:
+    values: dict[str, dict[str, Any]] = {}
+    for section, schema in SCHEMA.items():
+        values[section] = _validate_table(source, section, raw.get(section, {}), schema)
+    for (section, key), choices in CHOICES.items():
+        if values[section][key] not in choices:
+            raise ConfigError(source, f"{section}.{key}", f"expected one of {', '.join(choices)}, got {values[section][key]!r}")
+    for key in ("port",):
+        port = values["server"][key]
+        if not 0 <= port <= 65535:
+            raise ConfigError(source, "server.port", f"expected a port number 0-65535, got {port}")
+    for section, key in (("chat", "history_limit"), ("chat", "max_steps"), ("chat", "max_tokens"), ("thinking", "budget_tokens")):
+        if values[section][key] < (0 if key == "history_limit" else 1):
+            raise ConfigError(source, f"{section}.{key}", f"expected a positive integer, got {values[section][key]}")
+    for model, chain in values["models"]["fallbacks"].items():
+        if not isinstance(chain, list) or not all(isinstance(m, str) for m in chain):
+            raise ConfigError(source, f"models.fallbacks.{model}", "expected a list of model ids")
+
+    known = set(SCHEMA) | {"providers", "pricing", "plugins"}
+    for section in raw:
+        if section not in known:
+            raise ConfigError(source, section, f"unknown section (known: {', '.join(sorted(known))})")
+
+    providers = {}
+    for name, table in _table(source, "providers", raw.get("providers", {})).items():
+        providers[name] = _validate_table(source, f"providers.{name}", table, PROVIDER_SCHEMA)
+    pricing = {}
+    for model, table in _table(source, "pricing", raw.get("pricing", {})).items():
+        pricing[model] = {k: v for k, v in _validate_table(source, f'pricing."{model}"', table, PRICING_SCHEMA).items() if v is not None}
+    plugins = {name: _table(source, f"plugins.{name}", t) for name, t in _table(source, "plugins", raw.get("plugins", {})).items()}
+    return Config(values, providers, pricing, plugins, source, base_dir or Path.cwd())
+
+
+def _table(source: str, key: str, value: Any) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise ConfigError(source, key, f"expected a table, got {value!r}")
+    return value
+
+
+def load_config(path: str | os.PathLike[str] | None = None) -> Config:
+    """Load and validate a TOML config file; ``None`` gives the defaults."""
+    if path is None:
+        return parse_config({}, "<defaults>")
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except OSError as e:
+        raise ConfigError(str(p), "(file)", f"cannot be read: {e.strerror or e}") from None
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(str(p), "(syntax)", f"not valid TOML: {e}") from None
+    return parse_config(raw, str(p), p.resolve().parent)

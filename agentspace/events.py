@@ -1,0 +1,145 @@
+"""The one internal event stream (SPEC section 5).
+
+Providers yield ``ProviderEvent``s for one model call. The pipeline turns one or more calls (the tool loop)
+into ``StreamEvent``s, which the WebSocket and SSE transports only encode.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Union
+
+from .types import ChatMessage, Cost, TokenUsage
+
+
+# --- events a provider yields -------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class TextDelta:
+    text: str
+
+
+@dataclass(slots=True)
+class ReasoningDelta:
+    text: str
+
+
+@dataclass(slots=True)
+class SourceEvent:
+    url: str
+    title: str | None = None
+
+
+@dataclass(slots=True)
+class ToolCallEvent:
+    """A complete tool call (arguments fully assembled)."""
+
+    tool_call_id: str
+    name: str
+    input: Any
+
+
+@dataclass(slots=True)
+class ProviderFinish:
+    """Last event of a provider call.
+
+    ``usage`` is None when the provider reported none (the pipeline then counts locally and marks the
+    record estimated). ``message`` is the whole assistant message in order, with reasoning signatures,
+    so the tool loop can send it back unchanged.
+    """
+
+    finish_reason: str
+    usage: TokenUsage | None
+    message: ChatMessage
+
+
+ProviderEvent = Union[TextDelta, ReasoningDelta, SourceEvent, ToolCallEvent, ProviderFinish]
+
+
+class ProviderError(Exception):
+    """A provider call failed. ``code`` is one of the protocol's error codes.
+
+    ``message`` must be safe to show to a client: no key material, no internal details.
+    ``retryable`` and ``retry_after`` let the pipeline retry before the first token reached the client.
+    """
+
+    def __init__(
+        self,
+        code: str,
+        message: str,
+        *,
+        retryable: bool = False,
+        retry_after: float | None = None,
+        status: int | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.retryable = retryable
+        self.retry_after = retry_after
+        self.status = status
+
+
+# --- events the pipeline yields to transports ---------------------------------------------------
+
+
+@dataclass(slots=True)
+class StreamStart:
+    session_id: str
+    model: str
+    message_id: str
+    session_created: bool
+
+
+@dataclass(slots=True)
+class StepStart:
+    step: int
+
+
+@dataclass(slots=True)
+class ToolResultEvent:
+    tool_call_id: str
+    name: str
+    output: Any
+    is_error: bool
+
+
+@dataclass(slots=True)
+class StepFinish:
+    step: int
+    finish_reason: str
+    usage: TokenUsage
+    cost: Cost
+
+
+@dataclass(slots=True)
+class StreamEnd:
+    """The turn is over. ``usage`` and ``cost`` are the totals of every call of the turn."""
+
+    finish_reason: str
+    usage: TokenUsage
+    cost: Cost
+    aborted: bool = False
+
+
+@dataclass(slots=True)
+class StreamError:
+    """The turn failed; what was generated before is already delivered and stored."""
+
+    code: str
+    message: str
+
+
+StreamEvent = Union[
+    StreamStart,
+    StepStart,
+    TextDelta,
+    ReasoningDelta,
+    SourceEvent,
+    ToolCallEvent,
+    ToolResultEvent,
+    StepFinish,
+    StreamEnd,
+    StreamError,
+]

@@ -1,0 +1,82 @@
+"""The plugin manager: built-in plugins and installed ones, registered the same way.
+
+``AGENTSPACE_LOAD_PLUGINS`` (comma-separated distribution or entry-point names) selects which installed
+plugins load; set it to an empty string to load none. Built-ins always load.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from importlib.metadata import entry_points
+from typing import Any
+
+import pluggy
+
+from . import hookspecs
+
+# Built-in plugins, in registration order. pluggy calls later registrations first, and the catch-all
+# implementations are marked ``trylast``, so any installed plugin can take precedence.
+DEFAULT_PLUGINS: tuple[str, ...] = (
+    "agentspace.builtins.sections",
+    "agentspace.builtins.response_format",
+    "agentspace.builtins.tinydb_sink",
+    "agentspace.providers.anthropic",
+    "agentspace.providers.litellm",
+)
+
+ENTRY_POINT_GROUP = "agentspace"
+
+
+def _load_entry_points(pm: pluggy.PluginManager) -> None:
+    selected = os.environ.get("AGENTSPACE_LOAD_PLUGINS")
+    if selected is None:
+        pm.load_setuptools_entrypoints(ENTRY_POINT_GROUP)
+        return
+    wanted = {n.strip() for n in selected.split(",") if n.strip()}
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        dist_name = ep.dist.name if ep.dist is not None else None
+        if ep.name in wanted or dist_name in wanted:
+            pm.load_setuptools_entrypoints(ENTRY_POINT_GROUP, name=ep.name)
+
+
+def create_plugin_manager(*, load_entry_points: bool = True) -> pluggy.PluginManager:
+    pm = pluggy.PluginManager("agentspace")
+    pm.add_hookspecs(hookspecs)
+    for module_name in DEFAULT_PLUGINS:
+        pm.register(importlib.import_module(module_name), name=module_name)
+    if load_entry_points:
+        _load_entry_points(pm)
+    return pm
+
+
+_pm: pluggy.PluginManager | None = None
+
+
+def get_plugin_manager() -> pluggy.PluginManager:
+    """The process-wide plugin manager, created on first use."""
+    global _pm
+    if _pm is None:
+        _pm = create_plugin_manager()
+    return _pm
+
+
+def describe_plugins(pm: pluggy.PluginManager, *, include_builtins: bool = False) -> list[dict[str, Any]]:
+    """What ``agentspace plugins`` prints: each plugin, its hooks, and its distribution's version."""
+    dists = {id(plugin): dist for plugin, dist in pm.list_plugin_distinfo()}
+    out = []
+    for plugin in pm.get_plugins():
+        name = pm.get_name(plugin) or repr(plugin)
+        builtin = name in DEFAULT_PLUGINS
+        if builtin and not include_builtins:
+            continue
+        hooks = sorted(h.name for h in pm.get_hookcallers(plugin) or [])
+        info: dict[str, Any] = {"name": name, "hooks": hooks}
+        dist = dists.get(id(plugin))
+        if dist is not None:
+            info["package"] = dist.project_name
+            info["version"] = dist.version
+        if builtin:
+            info["builtin"] = True
+        out.append(info)
+    return sorted(out, key=lambda p: p["name"])

@@ -1,0 +1,320 @@
+"""The data types every part of agentspace shares: messages, usage, models, tools, context sections.
+
+Wire and store formats are camelCase JSON (SPEC sections 3, 4 and 6); Python code uses these typed objects
+and converts at the edges with ``to_dict``/``from_dict``.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, Awaitable, Callable, Literal, Protocol, Union
+
+FinishReason = Literal["stop", "length", "tool-calls", "content-filter", "error", "aborted", "other"]
+
+
+def new_id(prefix: str = "") -> str:
+    return prefix + uuid.uuid4().hex
+
+
+def now_iso() -> str:
+    """UTC timestamp with millisecond precision, sortable as a string."""
+    t = time.time()
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t)) + f".{int(t % 1 * 1000):03d}Z"
+
+
+# --- message parts ------------------------------------------------------------------------------
+# A message is a role plus ordered parts. Providers convert parts to their own wire format, so the
+# same history can be sent to Anthropic or through litellm.
+
+
+@dataclass(slots=True)
+class TextPart:
+    text: str
+    type: Literal["text"] = "text"
+
+
+@dataclass(slots=True)
+class ReasoningPart:
+    text: str
+    # Anthropic signs thinking blocks; they must go back unchanged in the tool loop.
+    signature: str | None = None
+    redacted_data: str | None = None
+    type: Literal["reasoning"] = "reasoning"
+
+
+@dataclass(slots=True)
+class SourcePart:
+    url: str
+    title: str | None = None
+    type: Literal["source"] = "source"
+
+
+@dataclass(slots=True)
+class ToolCallPart:
+    tool_call_id: str
+    name: str
+    input: Any
+    type: Literal["tool-call"] = "tool-call"
+
+
+@dataclass(slots=True)
+class ToolResultPart:
+    tool_call_id: str
+    name: str
+    output: Any
+    is_error: bool = False
+    type: Literal["tool-result"] = "tool-result"
+
+
+Part = Union[TextPart, ReasoningPart, SourcePart, ToolCallPart, ToolResultPart]
+
+_PART_KEYS: dict[str, tuple[type, dict[str, str]]] = {
+    "text": (TextPart, {"text": "text"}),
+    "reasoning": (ReasoningPart, {"text": "text", "signature": "signature", "redacted_data": "redactedData"}),
+    "source": (SourcePart, {"url": "url", "title": "title"}),
+    "tool-call": (ToolCallPart, {"tool_call_id": "toolCallId", "name": "name", "input": "input"}),
+    "tool-result": (
+        ToolResultPart,
+        {"tool_call_id": "toolCallId", "name": "name", "output": "output", "is_error": "isError"},
+    ),
+}
+
+
+def part_to_dict(part: Part) -> dict[str, Any]:
+    _, keys = _PART_KEYS[part.type]
+    out: dict[str, Any] = {"type": part.type}
+    for attr, key in keys.items():
+        value = getattr(part, attr)
+        if value is not None:
+            out[key] = value
+    return out
+
+
+def part_from_dict(data: dict[str, Any]) -> Part:
+    cls, keys = _PART_KEYS[data["type"]]
+    return cls(**{attr: data.get(key) for attr, key in keys.items() if key in data})
+
+
+@dataclass(slots=True)
+class ChatMessage:
+    """One message of a conversation as providers see it.
+
+    ``role`` is "user" or "assistant"; tool results travel as a "user" message of ToolResultParts,
+    which both the Anthropic API and our litellm adapter understand.
+    """
+
+    role: Literal["user", "assistant"]
+    parts: list[Part]
+
+    @property
+    def text(self) -> str:
+        return "".join(p.text for p in self.parts if isinstance(p, TextPart))
+
+    @classmethod
+    def user(cls, text: str) -> "ChatMessage":
+        return cls("user", [TextPart(text)])
+
+
+# --- usage and cost ------------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class TokenUsage:
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cache_read_tokens: int = 0
+    cache_write_tokens: int = 0
+    reasoning_tokens: int = 0
+    # True when the provider reported no usage and the numbers were counted locally.
+    estimated: bool = False
+
+    @property
+    def total_tokens(self) -> int:
+        return self.input_tokens + self.output_tokens + self.cache_read_tokens + self.cache_write_tokens
+
+    def __add__(self, other: "TokenUsage") -> "TokenUsage":
+        return TokenUsage(
+            self.input_tokens + other.input_tokens,
+            self.output_tokens + other.output_tokens,
+            self.cache_read_tokens + other.cache_read_tokens,
+            self.cache_write_tokens + other.cache_write_tokens,
+            self.reasoning_tokens + other.reasoning_tokens,
+            self.estimated or other.estimated,
+        )
+
+
+@dataclass(slots=True)
+class Cost:
+    input_cost: float = 0.0  # input + cache read + cache write
+    output_cost: float = 0.0
+
+    @property
+    def total_cost(self) -> float:
+        return self.input_cost + self.output_cost
+
+    def __add__(self, other: "Cost") -> "Cost":
+        return Cost(self.input_cost + other.input_cost, self.output_cost + other.output_cost)
+
+
+def usage_to_wire(usage: TokenUsage, cost: Cost) -> dict[str, Any]:
+    """The ``usage`` object of ``chat.stream.end`` and of the SSE ``finish`` metadata."""
+    return {
+        "inputTokens": usage.input_tokens,
+        "outputTokens": usage.output_tokens,
+        "totalTokens": usage.total_tokens,
+        "cacheReadTokens": usage.cache_read_tokens,
+        "cacheWriteTokens": usage.cache_write_tokens,
+        "reasoningTokens": usage.reasoning_tokens,
+        "inputCost": round(cost.input_cost, 10),
+        "outputCost": round(cost.output_cost, 10),
+        "totalCost": round(cost.total_cost, 10),
+    }
+
+
+@dataclass(slots=True)
+class UsageRecord:
+    """Exactly one per provider call (SPEC section 6). Stored and sent to every usage sink."""
+
+    id: str
+    timestamp: str
+    model: str
+    provider: str
+    session_id: str | None
+    client: str | None
+    usage: TokenUsage
+    cost: Cost
+    latency_ms: float
+    finish_reason: str
+    # False when the model had no known price and the configured fallback was used.
+    price_known: bool = True
+
+    def to_dict(self) -> dict[str, Any]:
+        u = self.usage
+        return {
+            "id": self.id,
+            "timestamp": self.timestamp,
+            "model": self.model,
+            "provider": self.provider,
+            "sessionId": self.session_id,
+            "client": self.client,
+            "inputTokens": u.input_tokens,
+            "outputTokens": u.output_tokens,
+            "cacheReadTokens": u.cache_read_tokens,
+            "cacheWriteTokens": u.cache_write_tokens,
+            "reasoningTokens": u.reasoning_tokens,
+            "totalTokens": u.total_tokens,
+            "inputCost": self.cost.input_cost,
+            "outputCost": self.cost.output_cost,
+            "totalCost": self.cost.total_cost,
+            "latencyMs": round(self.latency_ms, 3),
+            "finishReason": self.finish_reason,
+            "estimated": u.estimated,
+            "priceKnown": self.price_known,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "UsageRecord":
+        return cls(
+            id=d["id"],
+            timestamp=d["timestamp"],
+            model=d["model"],
+            provider=d.get("provider", ""),
+            session_id=d.get("sessionId"),
+            client=d.get("client"),
+            usage=TokenUsage(
+                d.get("inputTokens", 0),
+                d.get("outputTokens", 0),
+                d.get("cacheReadTokens", 0),
+                d.get("cacheWriteTokens", 0),
+                d.get("reasoningTokens", 0),
+                d.get("estimated", False),
+            ),
+            cost=Cost(d.get("inputCost", 0.0), d.get("outputCost", 0.0)),
+            latency_ms=d.get("latencyMs", 0.0),
+            finish_reason=d.get("finishReason", "other"),
+            price_known=d.get("priceKnown", True),
+        )
+
+
+# --- models -------------------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class ModelInfo:
+    """Price and capabilities of one ``provider/model`` id (litellm cost map + config overrides)."""
+
+    id: str
+    provider: str
+    input_per_mtok: float
+    output_per_mtok: float
+    cache_read_per_mtok: float
+    cache_write_per_mtok: float
+    context_window: int | None = None
+    max_output_tokens: int | None = None
+    supports_reasoning: bool = False
+    adaptive_thinking_only: bool = False
+    supports_tools: bool = False
+    deprecation_date: str | None = None
+    price_known: bool = True
+
+    def cost(self, usage: TokenUsage) -> Cost:
+        m = 1_000_000
+        return Cost(
+            input_cost=(
+                usage.input_tokens * self.input_per_mtok
+                + usage.cache_read_tokens * self.cache_read_per_mtok
+                + usage.cache_write_tokens * self.cache_write_per_mtok
+            )
+            / m,
+            output_cost=usage.output_tokens * self.output_per_mtok / m,
+        )
+
+
+# --- tools --------------------------------------------------------------------------------------
+
+ToolHandler = Callable[[dict[str, Any]], Awaitable[Any]]
+
+
+@dataclass(slots=True)
+class Tool:
+    """A tool the model may call. Registered by plugins through ``register_tools``."""
+
+    name: str
+    description: str
+    input_schema: dict[str, Any]
+    handler: ToolHandler
+
+    def definition(self) -> dict[str, Any]:
+        """What is sent to the model (and measured as the ``tools`` section)."""
+        return {"name": self.name, "description": self.description, "input_schema": self.input_schema}
+
+
+# --- context sections ---------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class ContextRequest:
+    """What a context section builder may look at."""
+
+    session_id: str | None
+    model: str
+    config: Any  # agentspace.config.Config; Any to keep this module import-light
+    user_message: str | None = None
+
+
+class ContextSectionBuilder(Protocol):
+    """A named piece of the system prompt. ``build`` returns its text ('' leaves it out)."""
+
+    name: str
+
+    def build(self, request: ContextRequest) -> str | Awaitable[str]: ...
+
+
+@dataclass(slots=True)
+class ContextSection:
+    """A function-backed ContextSectionBuilder, the easy way for plugins to add a section."""
+
+    name: str
+    build: Callable[[ContextRequest], str | Awaitable[str]]
