@@ -1,0 +1,149 @@
+"""docs/plugins.md stays true: one ``## hook(args)`` section per hook of hookspecs.py, with the hook's
+parameters, and every example plugin in it loads against the real hookspecs and runs."""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import json
+import re
+import types
+from pathlib import Path
+from typing import Any
+
+import click
+import pluggy
+import pytest
+from aiohttp import web
+
+from agentspace import ContextRequest, TokenUsage, Tool, UsageRecord, hookspecs
+from agentspace.config import Config, parse_config
+from agentspace.events import ProviderFinish, TextDelta
+from agentspace.providers.base import ProviderRequest
+from agentspace.types import ChatMessage, Cost, ModelInfo, new_id, now_iso
+
+DOC = Path(__file__).resolve().parent.parent / "docs" / "plugins.md"
+HEADING = re.compile(r"^## (\w+)\(([^)]*)\)\s*$", re.MULTILINE)
+PYTHON_BLOCK = re.compile(r"^```python\n(.*?)^```$", re.MULTILINE | re.DOTALL)
+
+
+def hook_specs() -> dict[str, tuple[str, ...]]:
+    """Every hook the plugin manager knows, with its parameter names in order."""
+    pm = pluggy.PluginManager("agentspace")
+    pm.add_hookspecs(hookspecs)
+    return {
+        name: tuple(caller.spec.argnames)
+        for name, caller in vars(pm.hook).items()
+        if isinstance(caller, pluggy.HookCaller) and caller.spec is not None
+    }
+
+
+def documented_hooks() -> dict[str, tuple[str, ...]]:
+    text = DOC.read_text(encoding="utf-8")
+    found: dict[str, tuple[str, ...]] = {}
+    for name, args in HEADING.findall(text):
+        assert name not in found, f"docs/plugins.md: two sections for {name}"
+        found[name] = tuple(a.strip() for a in args.split(",") if a.strip())
+    return found
+
+
+def example_plugins() -> list[str]:
+    """The python blocks that are plugin modules (they implement a hook)."""
+    return [block for block in PYTHON_BLOCK.findall(DOC.read_text(encoding="utf-8")) if "@hookimpl" in block]
+
+
+def test_every_hook_has_a_section() -> None:
+    missing = sorted(set(hook_specs()) - set(documented_hooks()))
+    assert not missing, f"docs/plugins.md has no '## name(args)' section for: {', '.join(missing)}"
+
+
+def test_every_section_names_a_real_hook() -> None:
+    unknown = sorted(set(documented_hooks()) - set(hook_specs()))
+    assert not unknown, f"docs/plugins.md documents hooks that hookspecs.py does not declare: {', '.join(unknown)}"
+
+
+def test_section_headings_show_the_hook_signature() -> None:
+    specs = hook_specs()
+    for name, args in documented_hooks().items():
+        if name in specs:
+            assert args == specs[name], f"## {name}({', '.join(args)}) should be ## {name}({', '.join(specs[name])})"
+
+
+def test_hooks_found_by_inspecting_the_module_match() -> None:
+    # Guards the pluggy-based listing above: a hookspec it missed would go undocumented silently.
+    marked = {
+        name: tuple(inspect.signature(fn).parameters)
+        for name, fn in vars(hookspecs).items()
+        if inspect.isfunction(fn) and hasattr(fn, "agentspace_spec")
+    }
+    assert marked == hook_specs()
+
+
+def test_every_hook_has_a_runnable_example() -> None:
+    implemented = set()
+    for block in example_plugins():
+        implemented |= {name for name in hook_specs() if re.search(rf"^(async )?def {name}\(", block, re.MULTILINE)}
+    assert implemented == set(hook_specs())
+
+
+def load_example(source: str, index: int) -> types.ModuleType:
+    module = types.ModuleType(f"plugins_md_example_{index}")
+    exec(compile(source, f"docs/plugins.md example {index}", "exec"), module.__dict__)
+    return module
+
+
+async def exercise(hook: str, thing: Any, config: Config) -> None:
+    """Use what an example registered the way the gateway would, with the real types."""
+    if hook == "register_providers":
+        model = f"{thing.name}/example"
+        assert thing.claims(model)
+        info = ModelInfo(model, thing.name, 0.0, 0.0, 0.0, 0.0)
+        request = ProviderRequest(model=model, system="Be brief.", messages=[ChatMessage.user("hello there")], model_info=info)
+        events = [event async for event in thing.stream(request)]
+        assert isinstance(events[-1], ProviderFinish)
+        assert "".join(e.text for e in events if isinstance(e, TextDelta)) == events[-1].message.text
+    elif hook == "register_context_sections":
+        text = thing.build(ContextRequest(session_id=None, model="ollama/llama3.2", config=config))
+        assert isinstance(await text if inspect.isawaitable(text) else text, str)
+    elif hook == "register_tools":
+        assert isinstance(thing, Tool) and thing.input_schema["type"] == "object"
+        output = await thing.handler({key: "two words" for key in thing.input_schema.get("required", [])})
+        json.dumps(output)  # results go to the model as JSON
+    elif hook == "register_usage_sinks":
+        usage = TokenUsage(1000, 100)
+        await thing.record(UsageRecord(new_id(), now_iso(), "echo/echo", "echo", None, None, usage, Cost(1.0, 0.5), 10.0, "stop"))
+
+
+async def call_hooks(pm: pluggy.PluginManager, plugin: types.ModuleType, config: Config) -> None:
+    """Call each hook the example implements as the gateway does, and check what it registered."""
+    hooks = {caller.name for caller in pm.get_hookcallers(plugin) or []}
+    for name in sorted(hooks & {"register_providers", "register_context_sections", "register_tools", "register_usage_sinks"}):
+        registered: list[Any] = []
+        getattr(pm.hook, name)(register=registered.append, config=config)
+        assert registered and all(isinstance(getattr(r, "name", None), str) for r in registered), name
+        for thing in registered:
+            await exercise(name, thing, config)
+    if "formatting_prompt" in hooks:
+        for model in ("ollama/llama3.2", "anthropic/claude-sonnet-4-5"):
+            assert isinstance(pm.hook.formatting_prompt(config=config, model=model), (str, type(None)))
+    if "register_commands" in hooks:
+        cli = click.Group("agentspace")
+        pm.hook.register_commands(cli=cli)
+        assert cli.commands
+    if "server_startup" in hooks:
+        app = web.Application()
+        for hook in (pm.hook.server_startup, pm.hook.server_shutdown):
+            for result in hook(app=app, config=config):
+                if inspect.isawaitable(result):
+                    await result
+            await asyncio.sleep(0.01)  # let started tasks run once
+
+
+@pytest.mark.parametrize("index", range(len(example_plugins())))
+def test_example_loads_against_the_hookspecs_and_runs(index: int, tmp_path: Path) -> None:
+    module = load_example(example_plugins()[index], index)
+    pm = pluggy.PluginManager("agentspace")
+    pm.add_hookspecs(hookspecs)
+    pm.register(module)  # pluggy rejects unknown hook names and parameters here
+    config = parse_config({"storage": {"data_dir": str(tmp_path)}}, base_dir=tmp_path)
+    asyncio.run(call_hooks(pm, module, config))
