@@ -1,0 +1,381 @@
+"""The built-in Anthropic provider: the official SDK's streaming Messages API, mapped to agentspace events.
+
+A plugin like any other (``register_providers``). The SDK is imported on the first call, because every CLI
+command imports this module and most of them never talk to Anthropic.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import TYPE_CHECKING, Any, AsyncIterator, Callable
+
+from ..events import (
+    ProviderError,
+    ProviderEvent,
+    ProviderFinish,
+    ReasoningDelta,
+    SourceEvent,
+    TextDelta,
+    ToolCallEvent,
+)
+from ..hookspecs import hookimpl
+from ..types import ChatMessage, Part, ReasoningPart, SourcePart, TextPart, TokenUsage, ToolCallPart
+from .base import Provider, ProviderRequest
+
+if TYPE_CHECKING:
+    from anthropic import APIStatusError, AsyncAnthropic
+
+    from ..config import Config
+
+PREFIX = "anthropic/"
+NO_KEY_MESSAGE = "Anthropic API key not configured. Run: agentspace keys add anthropic"
+REJECTED_KEY_MESSAGE = "Anthropic rejected the API key. Run: agentspace keys add anthropic"
+INCOMPLETE_MESSAGE = "the upstream stream ended before the answer was complete"
+UNREADABLE_MESSAGE = "Anthropic sent data that could not be read"
+
+FINISH_REASONS = {
+    "end_turn": "stop",
+    "stop_sequence": "stop",
+    "pause_turn": "stop",
+    "tool_use": "tool-calls",
+    "max_tokens": "length",
+    "model_context_window_exceeded": "length",
+    "refusal": "content-filter",
+}
+
+# The HTTP status each API error type stands for, for errors that arrive as an `error` event after HTTP 200.
+ERROR_TYPE_STATUS = {
+    "invalid_request_error": 400,
+    "authentication_error": 401,
+    "permission_error": 403,
+    "not_found_error": 404,
+    "request_too_large": 413,
+    "rate_limit_error": 429,
+    "api_error": 500,
+    "overloaded_error": 529,
+}
+
+
+@hookimpl
+def register_providers(register: Callable[[Provider], None], config: "Config") -> None:
+    register(AnthropicProvider(config))
+
+
+class AnthropicProvider:
+    """Serves ``anthropic/...`` model ids with the official ``anthropic`` SDK."""
+
+    name = "anthropic"
+
+    def __init__(self, config: "Config") -> None:
+        self._timeout = float(config.provider_settings("anthropic")["timeout_seconds"])
+        # One client (one connection pool) per key and endpoint, reused across calls.
+        self._clients: dict[tuple[str, str | None], "AsyncAnthropic"] = {}
+
+    def claims(self, model: str) -> bool:
+        return model.startswith(PREFIX)
+
+    def _client(self, api_key: str, base_url: str | None) -> "AsyncAnthropic":
+        client = self._clients.get((api_key, base_url))
+        if client is None:
+            import anthropic
+
+            client = anthropic.AsyncAnthropic(
+                api_key=api_key,
+                base_url=base_url,
+                # The pipeline retries (only before the first token reached the client); the SDK must not.
+                max_retries=0,
+                timeout=anthropic.Timeout(self._timeout, connect=min(10.0, self._timeout)),
+            )
+            self._clients[(api_key, base_url)] = client
+        return client
+
+    async def aclose(self) -> None:
+        """Close the pooled HTTP connections."""
+        clients, self._clients = list(self._clients.values()), {}
+        for client in clients:
+            await client.close()
+
+    async def stream(self, request: ProviderRequest) -> AsyncIterator[ProviderEvent]:
+        if not request.api_key:
+            raise ProviderError("NO_API_KEY", NO_KEY_MESSAGE)
+        import anthropic
+        import httpx2  # the SDK's HTTP client; its errors surface unwrapped while a stream is read
+
+        client = self._client(request.api_key, request.base_url)
+        params = request_params(request)
+        state = _StreamState()
+        try:
+            # The raw SSE events, decoded to dicts here: the SDK's pydantic event objects cost about 40% more
+            # CPU per streamed answer (measured against the fake upstream), and this is the hot path.
+            async with client.messages.with_streaming_response.create(**params) as response:
+                async for sse in anthropic.AsyncStream.raw_events(response.http_response):
+                    for event in state.handle(sse.event, sse.data):
+                        yield event
+        except anthropic.APIStatusError as e:
+            raise _status_error(e, request.api_key) from e
+        except anthropic.APITimeoutError as e:
+            raise ProviderError("LLM_ERROR", "Anthropic did not answer in time. Try again.", retryable=True) from e
+        except anthropic.APIConnectionError as e:
+            raise ProviderError(
+                "LLM_ERROR", "Could not connect to Anthropic. Check the network and [providers.anthropic] base_url.", retryable=True
+            ) from e
+        except httpx2.TimeoutException as e:
+            raise ProviderError("LLM_ERROR", "Anthropic stopped sending (timed out). Try again.", retryable=True) from e
+        except httpx2.TransportError as e:
+            raise ProviderError("LLM_ERROR", INCOMPLETE_MESSAGE) from e
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            # Broken JSON, or JSON without the fields every event of its type has.
+            raise ProviderError("LLM_ERROR", UNREADABLE_MESSAGE) from e
+        if not state.complete:
+            raise ProviderError("LLM_ERROR", INCOMPLETE_MESSAGE)
+        finish_reason = FINISH_REASONS.get(state.stop_reason or "", "other")
+        yield ProviderFinish(finish_reason, state.usage, ChatMessage("assistant", state.parts))
+
+
+# --- request ------------------------------------------------------------------------------------
+
+
+def request_params(request: ProviderRequest) -> dict[str, Any]:
+    """The Messages API parameters for ``request`` (always streamed; never a temperature)."""
+    params: dict[str, Any] = {
+        "model": request.model_name,
+        "messages": to_api_messages(request.messages),
+        "max_tokens": request.max_tokens,
+        "stream": True,
+    }
+    if request.system:
+        params["system"] = request.system
+    if request.tools:
+        params["tools"] = [tool.definition() for tool in request.tools]
+    thinking = request.thinking
+    if thinking is not None:
+        if thinking.adaptive:
+            params["thinking"] = {"type": "adaptive"}
+        else:
+            budget = thinking.budget_tokens
+            max_tokens = request.max_tokens
+            if max_tokens <= budget:
+                # The budget is part of max_tokens; keep the configured room for the answer on top of it.
+                max_tokens = budget + request.max_tokens
+                limit = request.model_info.max_output_tokens
+                if limit and max_tokens > limit:
+                    max_tokens, budget = limit, min(budget, limit - 1)
+            params["thinking"] = {"type": "enabled", "budget_tokens": budget}
+            params["max_tokens"] = max_tokens
+    return params
+
+
+def to_api_messages(messages: list[ChatMessage]) -> list[dict[str, Any]]:
+    """Our messages as Messages API turns.
+
+    Tool results always go in a user turn, wherever they are stored, and consecutive turns of one role are
+    merged (the API requires alternation). Source parts are for display only and are not sent.
+    """
+    out: list[dict[str, Any]] = []
+    for message in messages:
+        for part in message.parts:
+            block = _to_api_block(part)
+            if block is None:
+                continue
+            role = "user" if part.type == "tool-result" else message.role
+            if out and out[-1]["role"] == role:
+                out[-1]["content"].append(block)
+            else:
+                out.append({"role": role, "content": [block]})
+    return out
+
+
+def _to_api_block(part: Part) -> dict[str, Any] | None:
+    if part.type == "text":
+        # The API rejects empty text blocks.
+        return {"type": "text", "text": part.text} if part.text else None
+    if part.type == "reasoning":
+        if part.redacted_data:
+            return {"type": "redacted_thinking", "data": part.redacted_data}
+        if part.signature:
+            return {"type": "thinking", "thinking": part.text, "signature": part.signature}
+        return None  # unsigned reasoning (e.g. from another provider) would be rejected
+    if part.type == "tool-call":
+        return {"type": "tool_use", "id": part.tool_call_id, "name": part.name, "input": part.input or {}}
+    if part.type == "tool-result":
+        output = part.output if isinstance(part.output, str) else json.dumps(part.output)
+        return {"type": "tool_result", "tool_use_id": part.tool_call_id, "content": output, "is_error": part.is_error}
+    return None
+
+
+# --- response -----------------------------------------------------------------------------------
+
+
+class _Block:
+    """A content block being streamed: its start payload and the text or JSON pieces received so far."""
+
+    __slots__ = ("type", "start", "pieces", "signature")
+
+    def __init__(self, start: dict[str, Any]) -> None:
+        self.type: str = start["type"]
+        self.start = start
+        self.pieces: list[str] = []
+        self.signature: str | None = None
+
+
+class _StreamState:
+    """Turns the Messages API's SSE events into our events and assembles the assistant message."""
+
+    __slots__ = ("blocks", "parts", "seen_urls", "usage", "stop_reason", "complete")
+
+    def __init__(self) -> None:
+        self.blocks: dict[int, _Block] = {}
+        self.parts: list[Part] = []
+        self.seen_urls: set[str] = set()
+        self.usage: TokenUsage | None = None
+        self.stop_reason: str | None = None
+        self.complete = False
+
+    def handle(self, name: str | None, data: str) -> list[ProviderEvent]:
+        """The events for one SSE event (mostly none or one)."""
+        if name == "content_block_delta":  # by far the most frequent: checked first
+            event = json.loads(data)
+            delta = event["delta"]
+            kind = delta["type"]
+            if kind == "text_delta":
+                text = delta["text"]
+                self.blocks[event["index"]].pieces.append(text)
+                return [TextDelta(text)]
+            if kind == "thinking_delta":
+                text = delta["thinking"]
+                self.blocks[event["index"]].pieces.append(text)
+                return [ReasoningDelta(text)]
+            if kind == "input_json_delta":
+                self.blocks[event["index"]].pieces.append(delta["partial_json"])
+            elif kind == "signature_delta":
+                self.blocks[event["index"]].signature = delta["signature"]
+            elif kind == "citations_delta":
+                citation = delta["citation"]
+                # Only web citations have a URL; document citations (char_location, ...) point into the request.
+                if citation["type"] == "web_search_result_location":
+                    return self._source(citation["url"], citation.get("title"))
+            return []
+        if name == "content_block_start":
+            event = json.loads(data)
+            block = _Block(event["content_block"])
+            self.blocks[event["index"]] = block
+            if block.type == "web_search_tool_result" and isinstance(block.start["content"], list):
+                # (On a failed search, content is an error object instead of a list of results.)
+                return [e for r in block.start["content"] for e in self._source(r["url"], r.get("title"))]
+            return []
+        if name == "content_block_stop":
+            return self._stop_block(self.blocks[json.loads(data)["index"]])
+        if name == "message_delta":
+            event = json.loads(data)
+            stop_reason = event["delta"].get("stop_reason")
+            if stop_reason is not None:
+                self.stop_reason = stop_reason
+            usage = event.get("usage")
+            if usage:
+                self._update_usage(usage)
+            return []
+        if name == "message_start":
+            usage = json.loads(data)["message"].get("usage")
+            if usage:
+                self._update_usage(usage)
+            return []
+        if name == "message_stop":
+            self.complete = True
+            return []
+        if name == "error":
+            raise _stream_error(json.loads(data).get("error") or {})
+        return []  # ping, and event types added to the API later
+
+    def _source(self, url: str, title: str | None) -> list[ProviderEvent]:
+        if url in self.seen_urls:
+            return []
+        self.seen_urls.add(url)
+        self.parts.append(SourcePart(url, title))
+        return [SourceEvent(url, title)]
+
+    def _stop_block(self, block: _Block) -> list[ProviderEvent]:
+        kind = block.type
+        if kind == "text":
+            text = "".join(block.pieces)
+            if text:
+                self.parts.append(TextPart(text))
+        elif kind == "thinking":
+            self.parts.append(ReasoningPart("".join(block.pieces), signature=block.signature or None))
+        elif kind == "redacted_thinking":
+            self.parts.append(ReasoningPart("", redacted_data=block.start["data"]))
+        elif kind == "tool_use":
+            arguments = "".join(block.pieces)
+            tool_input = json.loads(arguments) if arguments else (block.start.get("input") or {})
+            call = ToolCallPart(block.start["id"], block.start["name"], tool_input)
+            self.parts.append(call)
+            return [ToolCallEvent(call.tool_call_id, call.name, call.input)]
+        return []
+
+    def _update_usage(self, usage: dict[str, Any]) -> None:
+        # Streamed usage is cumulative: each report overwrites the fields it carries, never adds to them.
+        current = self.usage if self.usage is not None else TokenUsage()
+        if usage.get("input_tokens") is not None:
+            current.input_tokens = usage["input_tokens"]
+        if usage.get("output_tokens") is not None:
+            current.output_tokens = usage["output_tokens"]
+        if usage.get("cache_read_input_tokens") is not None:
+            current.cache_read_tokens = usage["cache_read_input_tokens"]
+        if usage.get("cache_creation_input_tokens") is not None:
+            current.cache_write_tokens = usage["cache_creation_input_tokens"]
+        details = usage.get("output_tokens_details")
+        if details and details.get("thinking_tokens") is not None:
+            current.reasoning_tokens = details["thinking_tokens"]
+        self.usage = current
+
+
+# --- errors -------------------------------------------------------------------------------------
+
+
+def _upstream_message(message: Any, api_key: str | None = None) -> str:
+    """The upstream's own explanation, bounded, and never echoing the key."""
+    text = str(message or "").strip()[:500]
+    return text.replace(api_key, "***") if api_key else text
+
+
+def _status_error(e: "APIStatusError", api_key: str) -> ProviderError:
+    """An HTTP error status (before streaming) as a ProviderError that tells the user what to do."""
+    status = e.status_code
+    detail = _upstream_message(e.api_message, api_key)
+    if status == 401:
+        return ProviderError("NO_API_KEY", REJECTED_KEY_MESSAGE, status=401)
+    if status == 429:
+        return ProviderError(
+            "RATE_LIMITED",
+            f"Anthropic rate limit reached: {detail or 'too many requests'}. Try again shortly.",
+            retryable=True,
+            retry_after=_retry_after(e.response.headers.get("retry-after")),
+            status=429,
+        )
+    if status == 404:
+        return ProviderError("MODEL_NOT_FOUND", f"Anthropic does not know this model: {detail or 'not found'}", status=404)
+    if status == 529:
+        return ProviderError("LLM_ERROR", "Anthropic is overloaded right now. Try again shortly.", retryable=True, status=529)
+    if status >= 500 or status in (408, 409):
+        return ProviderError(
+            "LLM_ERROR", f"Anthropic had a temporary problem (HTTP {status}). Try again shortly.", retryable=True, status=status
+        )
+    return ProviderError("LLM_ERROR", f"Anthropic rejected the request: {detail or f'HTTP {status}'}", status=status)
+
+
+def _stream_error(error: dict[str, Any]) -> ProviderError:
+    """An ``error`` event sent after HTTP 200 (e.g. the model became overloaded mid-answer)."""
+    error_type = str(error.get("type") or "api_error")
+    detail = _upstream_message(error.get("message")) or error_type
+    status = ERROR_TYPE_STATUS.get(error_type)
+    if error_type == "rate_limit_error":
+        return ProviderError("RATE_LIMITED", f"Anthropic rate limit reached: {detail}", retryable=True, status=status)
+    retryable = error_type in ("overloaded_error", "api_error")
+    return ProviderError("LLM_ERROR", f"Anthropic stopped with an error ({error_type}): {detail}", retryable=retryable, status=status)
+
+
+def _retry_after(value: str | None) -> float | None:
+    """Seconds from a ``retry-after`` header (Anthropic sends seconds; an HTTP date is not worth parsing)."""
+    try:
+        return max(0.0, float(value)) if value else None
+    except ValueError:
+        return None

@@ -1,0 +1,610 @@
+"""A fake Anthropic API on 127.0.0.1 (Messages with streaming, Models), speaking the real wire format over HTTP.
+
+Responses are scripted with the builders below and served in order (``default`` when the queue is empty)::
+
+    async with started_fake_anthropic() as fake:
+        fake.enqueue(text_response("Hello world", chunks=2, usage={"input_tokens": 12}))
+        fake.enqueue(tool_use_response("get_weather", {"city": "Paris"}, pieces=3))
+        fake.enqueue(error_status(429, retry_after=1))
+        fake.enqueue(text_response("Hi").cut_after(4))       # drop the connection after 4 SSE events
+        ...  # point the SDK at fake.url: anthropic.AsyncAnthropic(api_key="sk-test", base_url=fake.url)
+        fake.requests[0].body["thinking"], fake.requests[0].api_key
+
+In tests, use the ``fake_anthropic`` fixture (import it into a conftest) instead of the context manager.
+
+A streamed answer is a sequence of server-sent events ``event: NAME\\ndata: JSON\\n\\n``::
+
+    message_start        {"message": {..., "content": [], "usage": {input, cache write, cache read, output}}}
+    ping
+    content_block_start  {"index": i, "content_block": {"type": "text" | "thinking" | "tool_use" | ...}}
+    content_block_delta  {"index": i, "delta": {"type": "text_delta" | "thinking_delta" | "signature_delta"
+                                                | "input_json_delta" | "citations_delta", ...}}   (any number)
+    content_block_stop   {"index": i}
+    ... more blocks ...
+    message_delta        {"delta": {"stop_reason": ...}, "usage": {"output_tokens": N}}  (usage is CUMULATIVE)
+    message_stop
+
+An ``error`` event (``{"type": "error", "error": {"type": "overloaded_error", ...}}``) may replace the rest
+of a stream after HTTP 200. Failures before streaming are HTTP statuses with the JSON body
+``{"type": "error", "error": {"type", "message"}, "request_id"}``.
+
+Like the real API, requests are checked first (``validate=False`` turns it off): an API key header, the
+``anthropic-version`` header, ``model``/``max_tokens``/``messages``, and with extended thinking
+``budget_tokens >= 1024``, ``max_tokens > budget_tokens`` and no ``temperature`` other than 1. A rejected
+request is recorded but does not use up a queued response.
+
+Run ``python -m tests.fakes.anthropic_upstream [PORT] [--deltas N]`` to serve the default answer (or one of N text
+deltas) for manual tests and benchmarks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+from collections import deque
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field, replace
+from functools import cached_property
+from typing import Any, AsyncIterator, Iterable, Sequence
+
+import pytest
+from aiohttp import web
+
+DEFAULT_TEXT = "Hello from the fake Anthropic upstream."
+DEFAULT_SIGNATURE = "EqQBCkYIBxgCKkBfakeSignatureForTests"
+
+# An SSE event: its name and its data, a dict sent as JSON or a str sent verbatim (malformed data).
+Event = tuple[str, "dict[str, Any] | str"]
+
+
+@dataclass(frozen=True)
+class FakeResponse:
+    """One scripted answer: a 200 event stream, or an error status with Anthropic's JSON error body.
+
+    Modifiers return a changed copy, so a response can be reused (e.g. as ``default``).
+    """
+
+    events: tuple[Event, ...] = ()
+    status: int = 200
+    error: dict[str, Any] | None = None  # the JSON body of an error status
+    headers: dict[str, str] = field(default_factory=dict)
+    delay: float = 0.0  # seconds between events
+    cut: int | None = None  # end the stream after this many events, without message_stop
+    abort: bool = True  # how to cut: drop the TCP connection (True) or end the HTTP body cleanly
+    stall_after: int | None = None  # stop sending for ``stall_seconds`` after this many events
+    stall_seconds: float = 0.0
+
+    def cut_after(self, n_events: int, *, abort: bool = True) -> "FakeResponse":
+        """End the stream after ``n_events`` SSE events (message_start and ping count)."""
+        return replace(self, cut=n_events, abort=abort)
+
+    def stall(self, seconds: float, *, after: int = 1) -> "FakeResponse":
+        """Send nothing for ``seconds`` after ``after`` events, then go on (if the client is still there)."""
+        return replace(self, stall_after=after, stall_seconds=seconds)
+
+    def with_delay(self, seconds: float) -> "FakeResponse":
+        return replace(self, delay=seconds)
+
+    @cached_property
+    def _encoded(self) -> list[bytes]:
+        # Encoded once per response object: a benchmark serving the same default answer pays for it once.
+        return [_sse(name, data) for name, data in self.events]
+
+
+@dataclass
+class RecordedRequest:
+    path: str
+    body: Any  # the parsed JSON body (None when it was not JSON)
+    headers: dict[str, str]  # lower-cased names, e.g. headers["anthropic-version"]
+
+    @property
+    def api_key(self) -> str | None:
+        """The key, from ``x-api-key`` or ``Authorization: Bearer`` (which the SDK uses since 2.x)."""
+        auth = self.headers.get("authorization", "")
+        return self.headers.get("x-api-key") or (auth[7:] if auth.startswith("Bearer ") else None)
+
+
+def _sse(name: str, data: dict[str, Any] | str) -> bytes:
+    payload = data if isinstance(data, str) else json.dumps(data, separators=(",", ":"))
+    return f"event: {name}\ndata: {payload}\n\n".encode()
+
+
+# --- content blocks -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Block:
+    """One content block: its ``content_block_start`` payload and its deltas (indexes are added later)."""
+
+    start: dict[str, Any]
+    deltas: tuple[dict[str, Any], ...] = ()
+
+
+def _pieces(text: str, chunks: int | Sequence[str]) -> list[str]:
+    if not isinstance(chunks, int):
+        return list(chunks)
+    size = max(1, -(-len(text) // max(1, chunks)))
+    return [text[i : i + size] for i in range(0, len(text), size)]
+
+
+def text_block(text: str, *, chunks: int | Sequence[str] = 3, citations: Iterable[dict[str, Any]] = ()) -> Block:
+    """A text block streamed in ``chunks`` pieces (a number, or the pieces themselves).
+
+    Citations arrive as ``citations_delta`` events before the text they support, as the API sends them.
+    """
+    deltas = [{"type": "citations_delta", "citation": c} for c in citations]
+    deltas += [{"type": "text_delta", "text": p} for p in _pieces(text, chunks)]
+    return Block({"type": "text", "text": ""}, tuple(deltas))
+
+
+def thinking_block(text: str, *, signature: str = DEFAULT_SIGNATURE, chunks: int | Sequence[str] = 2) -> Block:
+    """Extended thinking: ``thinking_delta`` pieces, then one ``signature_delta`` just before the block stops."""
+    deltas = [{"type": "thinking_delta", "thinking": p} for p in _pieces(text, chunks)]
+    deltas.append({"type": "signature_delta", "signature": signature})
+    return Block({"type": "thinking", "thinking": "", "signature": ""}, tuple(deltas))
+
+
+def redacted_thinking_block(data: str = "EmwKAhgBEgy3va3pzix/LafPsn4aDFIT2Xlxh0L5L8rLVyIwxtE3rAFBa8cr3qpP") -> Block:
+    """Safety-redacted thinking: opaque ``data`` in the start event, no deltas."""
+    return Block({"type": "redacted_thinking", "data": data})
+
+
+def _json_deltas(value: Any, pieces: int | Sequence[str]) -> tuple[dict[str, Any], ...]:
+    # The API opens with an empty partial_json, then sends the arguments' JSON in arbitrary cuts.
+    text = value if isinstance(value, str) else json.dumps(value)
+    return tuple({"type": "input_json_delta", "partial_json": p} for p in ["", *_pieces(text, pieces)])
+
+
+def tool_use_block(
+    name: str, input: Any, *, id: str = "toolu_01FakeToolUse", pieces: int | Sequence[str] = 3
+) -> Block:
+    """A client tool call. ``input`` is a JSON value, or a str sent as is (e.g. broken JSON)."""
+    return Block({"type": "tool_use", "id": id, "name": name, "input": {}}, _json_deltas(input, pieces))
+
+
+def server_tool_use_block(query: str, *, id: str = "srvtoolu_01FakeWebSearch") -> Block:
+    """The model calling the server-side web search tool (the API runs it; no tool_result is expected)."""
+    return Block({"type": "server_tool_use", "id": id, "name": "web_search", "input": {}}, _json_deltas({"query": query}, 2))
+
+
+def web_search_result_block(
+    results: Iterable[tuple[str, str]], *, tool_use_id: str = "srvtoolu_01FakeWebSearch"
+) -> Block:
+    """The search results, complete in the start event: ``(url, title)`` pairs."""
+    content = [
+        {"type": "web_search_result", "url": url, "title": title, "encrypted_content": "EqgfCioIARgBIiQ3", "page_age": None}
+        for url, title in results
+    ]
+    return Block({"type": "web_search_tool_result", "tool_use_id": tool_use_id, "content": content})
+
+
+def web_citation(url: str, title: str | None, cited_text: str = "cited text") -> dict[str, Any]:
+    return {"type": "web_search_result_location", "url": url, "title": title, "cited_text": cited_text, "encrypted_index": "Eo8BCioIAhgB"}
+
+
+def char_citation(cited_text: str, *, document_index: int = 0, document_title: str | None = "Document") -> dict[str, Any]:
+    """A citation into a plain-text document of the request (it has no URL)."""
+    return {
+        "type": "char_location",
+        "cited_text": cited_text,
+        "document_index": document_index,
+        "document_title": document_title,
+        "start_char_index": 0,
+        "end_char_index": len(cited_text),
+    }
+
+
+# --- whole responses ----------------------------------------------------------------------------
+
+
+def message_response(
+    *blocks: Block,
+    stop_reason: str | None = "end_turn",
+    usage: dict[str, Any] | None = None,
+    delta_usages: Sequence[dict[str, Any]] | None = None,
+    stop: bool = True,
+) -> FakeResponse:
+    """A complete streamed message of ``blocks``.
+
+    ``usage`` overrides fields of message_start's usage. ``delta_usages`` are the usage objects of one or more
+    message_delta events (cumulative, like the API's; only the last carries ``stop_reason``); by default one
+    with an output count derived from the blocks. ``stop=False`` leaves out message_stop.
+    """
+    start_usage = {"input_tokens": 25, "cache_creation_input_tokens": 0, "cache_read_input_tokens": 0, "output_tokens": 1}
+    start_usage.update(usage or {})
+    message = {
+        "id": "msg_01FakeMessage",
+        "type": "message",
+        "role": "assistant",
+        "model": None,  # filled with the requested model when served
+        "content": [],
+        "stop_reason": None,
+        "stop_sequence": None,
+        "usage": start_usage,
+    }
+    events: list[Event] = [("message_start", {"type": "message_start", "message": message}), ("ping", {"type": "ping"})]
+    for index, block in enumerate(blocks):
+        events.append(("content_block_start", {"type": "content_block_start", "index": index, "content_block": block.start}))
+        events += [("content_block_delta", {"type": "content_block_delta", "index": index, "delta": d}) for d in block.deltas]
+        events.append(("content_block_stop", {"type": "content_block_stop", "index": index}))
+    if delta_usages is None:
+        delta_usages = [{"output_tokens": max(1, sum(len(b.deltas) for b in blocks))}]
+    for i, delta_usage in enumerate(delta_usages):
+        last = i == len(delta_usages) - 1
+        delta = {"stop_reason": stop_reason if last else None, "stop_sequence": None}
+        events.append(("message_delta", {"type": "message_delta", "delta": delta, "usage": delta_usage}))
+    if stop:
+        events.append(("message_stop", {"type": "message_stop"}))
+    return FakeResponse(tuple(events))
+
+
+def text_response(text: str = DEFAULT_TEXT, *, chunks: int | Sequence[str] = 3, **kwargs: Any) -> FakeResponse:
+    """A plain answer; ``chunks`` text deltas. Takes ``message_response``'s keyword arguments."""
+    return message_response(text_block(text, chunks=chunks), **kwargs)
+
+
+def thinking_response(
+    thinking: str = "Let me think about this.",
+    text: str = "The answer is 42.",
+    *,
+    signature: str = DEFAULT_SIGNATURE,
+    redacted: bool = False,
+    **kwargs: Any,
+) -> FakeResponse:
+    """Thinking (with its signature), optionally a redacted thinking block, then the answer."""
+    blocks = [thinking_block(thinking, signature=signature)]
+    if redacted:
+        blocks.append(redacted_thinking_block())
+    return message_response(*blocks, text_block(text), **kwargs)
+
+
+def tool_use_response(
+    name: str,
+    input: Any,
+    *,
+    id: str = "toolu_01FakeToolUse",
+    text: str | None = None,
+    pieces: int | Sequence[str] = 3,
+    **kwargs: Any,
+) -> FakeResponse:
+    """Optional text, then one tool call; ``stop_reason`` is ``tool_use``."""
+    blocks = [text_block(text)] if text else []
+    blocks.append(tool_use_block(name, input, id=id, pieces=pieces))
+    kwargs.setdefault("stop_reason", "tool_use")
+    return message_response(*blocks, **kwargs)
+
+
+def citations_response(
+    results: Sequence[tuple[str, str]] = (
+        ("https://example.com/a", "Page A"),
+        ("https://example.com/b", "Page B"),
+    ),
+    cited: Sequence[tuple[str, str]] = (("https://example.com/a", "Page A"), ("https://example.com/c", "Page C")),
+    *,
+    query: str = "fake query",
+    text: str = "According to the sources, it is so.",
+    **kwargs: Any,
+) -> FakeResponse:
+    """A web search answer: a server_tool_use block, its results, then text citing ``cited`` plus a document.
+
+    The defaults cite one URL twice (result and citation), so sources must be deduplicated.
+    """
+    return message_response(
+        text_block("Let me search.", chunks=1),
+        server_tool_use_block(query),
+        web_search_result_block(results),
+        text_block(text, citations=[*(web_citation(u, t) for u, t in cited), char_citation("so")]),
+        usage={"server_tool_use": {"web_search_requests": 1}},
+        **kwargs,
+    )
+
+
+_ERROR_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    413: "request_too_large",
+    429: "rate_limit_error",
+    500: "api_error",
+    529: "overloaded_error",
+}
+
+
+def error_body(type: str, message: str) -> dict[str, Any]:
+    return {"type": "error", "error": {"type": type, "message": message}, "request_id": "req_01FakeRequest"}
+
+
+def error_status(
+    status: int, message: str | None = None, *, type: str | None = None, retry_after: float | None = None
+) -> FakeResponse:
+    """An HTTP error before any streaming, with Anthropic's JSON error body (and ``retry-after`` if given)."""
+    error_type = type or _ERROR_TYPES.get(status, "api_error")
+    headers = {"request-id": "req_01FakeRequest"}
+    if retry_after is not None:
+        headers["retry-after"] = f"{retry_after:g}"
+    return FakeResponse(status=status, error=error_body(error_type, message or error_type.replace("_", " ")), headers=headers)
+
+
+def error_event(type: str = "overloaded_error", message: str = "Overloaded", *, text: str | None = None) -> FakeResponse:
+    """HTTP 200, message_start, optionally some ``text``, then an ``error`` event; the stream ends there."""
+    events = list(message_response(*([text_block(text)] if text else []), stop=False).events)
+    while events[-1][0] == "message_delta":
+        events.pop()
+    if text:
+        events.pop()  # the block does not get to its content_block_stop either
+    events.append(("error", error_body(type, message)))
+    return FakeResponse(tuple(events))
+
+
+def malformed_response(raw: str = '{"type": "content_block_delta", "index": 0, "delta": {"type": "text_de') -> FakeResponse:
+    """A stream that starts well, then sends ``raw`` as the data of an event (by default, truncated JSON)."""
+    events = list(text_response("Hello", chunks=1).events[:4])  # message_start, ping, block start, one delta
+    events.append(("content_block_delta", raw))
+    return FakeResponse(tuple(events))
+
+
+def model_object(
+    id: str,
+    *,
+    thinking: bool = True,
+    adaptive_only: bool = False,
+    max_input_tokens: int = 200_000,
+    max_tokens: int = 64_000,
+    deprecated_at: str | None = None,
+) -> dict[str, Any]:
+    """A Models API object; ``capabilities.thinking.types`` says which thinking forms the model accepts."""
+    yes, no = {"supported": True}, {"supported": False}
+    types = {
+        "enabled": yes if thinking and not adaptive_only else no,
+        "adaptive": yes if thinking else no,
+        "disabled": yes,
+        "between_tools": no,
+    }
+    return {
+        "type": "model",
+        "id": id,
+        "display_name": id.replace("-", " ").title(),
+        "created_at": "2025-09-29T00:00:00Z",
+        "deprecated_at": deprecated_at,
+        "lifecycle": "deprecated" if deprecated_at else "active",
+        "max_input_tokens": max_input_tokens,
+        "max_tokens": max_tokens,
+        "capabilities": {
+            "batch": yes,
+            "citations": yes,
+            "code_execution": no,
+            "context_management": {"supported": False},
+            "effort": {"supported": False, "low": no, "medium": no, "high": no, "max": no},
+            "image_input": yes,
+            "pdf_input": yes,
+            "server_tools": {"supported": True, "code_execution": no, "web_search": yes},
+            "structured_outputs": yes,
+            "thinking": {"supported": thinking, "types": types},
+        },
+    }
+
+
+# --- the server ---------------------------------------------------------------------------------
+
+
+class FakeAnthropic:
+    """The fake upstream. ``url`` is the ``base_url`` for the SDK (the SDK adds ``/v1/...``).
+
+    ``api_key``: when set, other keys get a 401. ``models``: Models API objects by id; with ``any_model``
+    an unknown id gets a default ``model_object`` instead of a 404.
+    """
+
+    def __init__(self, default: FakeResponse | None = None, *, api_key: str | None = None, validate: bool = True) -> None:
+        self.default = default or text_response()
+        self.api_key = api_key
+        self.validate = validate
+        self.requests: list[RecordedRequest] = []
+        self.models: dict[str, dict[str, Any]] = {}
+        self.any_model = True
+        self.model_requests: list[str] = []
+        self._queue: deque[FakeResponse] = deque()
+        self._runner: web.AppRunner | None = None
+        self._handlers: set[asyncio.Task[Any]] = set()
+        self.port = 0
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def enqueue(self, *responses: FakeResponse) -> None:
+        self._queue.extend(responses)
+
+    async def start(self, port: int = 0) -> "FakeAnthropic":
+        app = web.Application()
+        app.router.add_post("/v1/messages", self._messages)
+        app.router.add_get("/v1/models", self._list_models)
+        app.router.add_get("/v1/models/{model_id}", self._retrieve_model)
+        self._runner = web.AppRunner(app, access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", port)
+        await site.start()
+        self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        return self
+
+    async def close(self) -> None:
+        # Stalled handlers would otherwise hold the shutdown until they finish.
+        for task in list(self._handlers):
+            task.cancel()
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+    # --- Messages API ---
+
+    async def _messages(self, request: web.Request) -> web.StreamResponse:
+        try:
+            body = await request.json()
+        except ValueError:
+            body = None
+        recorded = RecordedRequest(request.path, body, {k.lower(): v for k, v in request.headers.items()})
+        self.requests.append(recorded)
+        problem = self._check(recorded) if self.validate else None
+        if problem is not None:
+            return web.json_response(error_body(*problem[1:]), status=problem[0])
+        script = self._queue.popleft() if self._queue else self.default
+        if script.status != 200:
+            return web.json_response(script.error or {}, status=script.status, headers=script.headers)
+        model = body.get("model") if isinstance(body, dict) else None
+        if not (isinstance(body, dict) and body.get("stream")):
+            return web.json_response(_fold(script.events, model), headers=script.headers)
+        task = asyncio.current_task()
+        assert task is not None
+        self._handlers.add(task)
+        try:
+            return await self._stream(request, script, model)
+        finally:
+            self._handlers.discard(task)
+
+    def _check(self, request: RecordedRequest) -> tuple[int, str, str] | None:
+        """The request errors the real API reports before streaming: (status, error type, message)."""
+        body, key = request.body, request.api_key
+        if key is None:
+            return 401, "authentication_error", "x-api-key header is required"
+        if self.api_key is not None and key != self.api_key:
+            return 401, "authentication_error", "invalid x-api-key"
+        if "anthropic-version" not in request.headers:
+            return 400, "invalid_request_error", "anthropic-version: header is required"
+        if not isinstance(body, dict):
+            return 400, "invalid_request_error", "There was an error parsing the body of your request"
+        for name in ("model", "max_tokens", "messages"):
+            if name not in body:
+                return 400, "invalid_request_error", f"{name}: Field required"
+        thinking = body.get("thinking") or {}
+        if thinking.get("type") in ("enabled", "adaptive") and body.get("temperature", 1) != 1:
+            return 400, "invalid_request_error", "`temperature` may only be set to 1 when thinking is enabled"
+        if thinking.get("type") == "enabled":
+            budget = thinking.get("budget_tokens", 0)
+            if budget < 1024:
+                return 400, "invalid_request_error", "thinking.enabled.budget_tokens: Input should be greater than or equal to 1024"
+            if body["max_tokens"] <= budget:
+                return 400, "invalid_request_error", "`max_tokens` must be greater than `thinking.budget_tokens`"
+        return None
+
+    async def _stream(self, request: web.Request, script: FakeResponse, model: Any) -> web.StreamResponse:
+        resp = web.StreamResponse(
+            headers={"Content-Type": "text/event-stream; charset=utf-8", "Cache-Control": "no-cache", "request-id": "req_01FakeRequest", **script.headers}
+        )
+        await resp.prepare(request)
+        chunks = list(script._encoded)
+        if chunks and script.events[0][0] == "message_start":
+            start = script.events[0][1]
+            assert isinstance(start, dict)
+            chunks[0] = _sse("message_start", {**start, "message": {**start["message"], "model": model}})
+        end = len(chunks) if script.cut is None else min(script.cut, len(chunks))
+        try:
+            if not script.delay and script.stall_after is None:
+                await resp.write(b"".join(chunks[:end]))  # zero delay: one write, cheap for benchmarks
+            else:
+                for i, chunk in enumerate(chunks[:end]):
+                    if i == script.stall_after:
+                        await asyncio.sleep(script.stall_seconds)
+                    elif i and script.delay:
+                        await asyncio.sleep(script.delay)
+                    await resp.write(chunk)
+            if script.cut is not None and script.abort:
+                assert request.transport is not None
+                request.transport.abort()  # the client sees an incomplete chunked body
+                return resp
+            await resp.write_eof()
+        except ConnectionResetError:
+            pass  # the client hung up (e.g. timed out during a stall): nobody is left to answer
+        return resp
+
+    # --- Models API ---
+
+    def _model(self, model_id: str) -> dict[str, Any] | None:
+        if model_id in self.models:
+            return self.models[model_id]
+        return model_object(model_id) if self.any_model else None
+
+    async def _retrieve_model(self, request: web.Request) -> web.Response:
+        model_id = request.match_info["model_id"]
+        self.model_requests.append(model_id)
+        model = self._model(model_id)
+        if model is None:
+            return web.json_response(error_body("not_found_error", f"model: {model_id}"), status=404)
+        return web.json_response(model)
+
+    async def _list_models(self, request: web.Request) -> web.Response:
+        data = list(self.models.values())
+        return web.json_response(
+            {"data": data, "has_more": False, "first_id": data[0]["id"] if data else None, "last_id": data[-1]["id"] if data else None}
+        )
+
+
+def _fold(events: Iterable[Event], model: Any) -> dict[str, Any]:
+    """A script folded into one non-streamed Message (``stream: false``)."""
+    message: dict[str, Any] = {}
+    partial_json: dict[int, str] = {}
+    for name, data in events:
+        if not isinstance(data, dict):
+            continue
+        if name == "message_start":
+            message = {**data["message"], "model": model, "content": [], "usage": dict(data["message"]["usage"])}
+        elif name == "content_block_start":
+            message["content"].append(dict(data["content_block"]))
+        elif name == "content_block_delta":
+            block, delta = message["content"][data["index"]], data["delta"]
+            kind = delta["type"]
+            if kind == "text_delta":
+                block["text"] += delta["text"]
+            elif kind == "thinking_delta":
+                block["thinking"] += delta["thinking"]
+            elif kind == "signature_delta":
+                block["signature"] = delta["signature"]
+            elif kind == "citations_delta":
+                block.setdefault("citations", []).append(delta["citation"])
+            elif kind == "input_json_delta":
+                partial_json[data["index"]] = partial_json.get(data["index"], "") + delta["partial_json"]
+        elif name == "content_block_stop" and data["index"] in partial_json:
+            message["content"][data["index"]]["input"] = json.loads(partial_json[data["index"]] or "{}")
+        elif name == "message_delta":
+            message.update(data["delta"])
+            message["usage"].update(data["usage"])
+    return message
+
+
+@asynccontextmanager
+async def started_fake_anthropic(
+    default: FakeResponse | None = None, *, api_key: str | None = None, validate: bool = True
+) -> AsyncIterator[FakeAnthropic]:
+    fake = await FakeAnthropic(default, api_key=api_key, validate=validate).start()
+    try:
+        yield fake
+    finally:
+        await fake.close()
+
+
+@pytest.fixture
+async def fake_anthropic() -> AsyncIterator[FakeAnthropic]:
+    """A started fake for one test: ``fake_anthropic.enqueue(...)``, ``fake_anthropic.url``, ``.requests``."""
+    async with started_fake_anthropic() as fake:
+        yield fake
+
+
+async def _serve(port: int, deltas: int | None) -> None:
+    default = text_response("tok " * deltas, chunks=deltas) if deltas else None
+    fake = await FakeAnthropic(default).start(port)
+    print(f"fake Anthropic upstream at {fake.url}", flush=True)
+    try:
+        await asyncio.Event().wait()
+    finally:
+        await fake.close()
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description="Serve the fake Anthropic API on 127.0.0.1.")
+    parser.add_argument("port", type=int, nargs="?", default=0)
+    parser.add_argument("--deltas", type=int, help="answer every request with this many text deltas")
+    args = parser.parse_args()
+    try:
+        asyncio.run(_serve(args.port, args.deltas))
+    except KeyboardInterrupt:
+        pass
