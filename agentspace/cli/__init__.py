@@ -1,0 +1,72 @@
+"""The ``agentspace`` command line: thin click commands over the library.
+
+Start-up stays light (``agentspace usage`` is run in scripts and prompts): nothing heavy (aiohttp,
+provider SDKs, litellm) is imported at module level, and plugins, which may import anything, are
+loaded only when a command that is not built in is asked for, or when commands are listed.
+"""
+
+from __future__ import annotations
+
+import click
+
+from .. import __version__
+from .common import CliState
+
+
+class AgentspaceGroup(click.Group):
+    """A group whose plugin commands (the ``register_commands`` hook) load on first need."""
+
+    _plugins_loaded = False
+
+    def load_plugin_commands(self) -> None:
+        if self._plugins_loaded:
+            return
+        self._plugins_loaded = True
+        from ..plugins import get_plugin_manager
+
+        try:
+            get_plugin_manager().hook.register_commands(cli=self)
+        except Exception as e:  # a broken plugin must not take the built-in commands down with it
+            click.secho(
+                f"agentspace: plugin commands not loaded: {type(e).__name__}: {e}\n"
+                "  (AGENTSPACE_LOAD_PLUGINS=name,... selects which installed plugins load)",
+                err=True, fg="yellow",
+            )
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        command = super().get_command(ctx, cmd_name)
+        if command is None:
+            self.load_plugin_commands()
+            command = super().get_command(ctx, cmd_name)
+        return command
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        self.load_plugin_commands()
+        return super().list_commands(ctx)
+
+
+@click.group(cls=AgentspaceGroup)
+@click.version_option(__version__, prog_name="agentspace")
+@click.option("--config", "config_path", type=click.Path(dir_okay=False), envvar="AGENTSPACE_CONFIG",
+              help="Config file (TOML). Env: AGENTSPACE_CONFIG.")
+@click.option("--data-dir", type=click.Path(file_okay=False),
+              help="Data directory (vault, token, stores); overrides [storage] data_dir and AGENTSPACE_HOME.")
+@click.pass_context
+def main(ctx: click.Context, config_path: str | None, data_dir: str | None) -> None:
+    """agentspace: a self-hosted, plugin-based LLM gateway."""
+    state = ctx.ensure_object(CliState)
+    state.config_path = config_path
+    state.data_dir_override = data_dir
+
+
+def _add_builtin_commands() -> None:
+    from . import chat, inspect, keys, models, plugins, serve, sessions, token, usage
+
+    for command in (serve.serve, chat.chat, inspect.inspect, usage.usage, sessions.sessions, keys.keys,
+                    models.models, plugins.plugins, token.token):
+        main.add_command(command)
+
+
+_add_builtin_commands()
+
+__all__ = ["main", "CliState"]

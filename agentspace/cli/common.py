@@ -1,0 +1,89 @@
+"""Shared CLI plumbing: the lazily loaded config, the data directory, and plain-text tables."""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence, TypeVar
+
+import click
+
+from ..config import Config, load_config
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+@dataclass
+class CliState:
+    """Global options. The config is loaded on first use: ``keys path`` need not parse TOML."""
+
+    config_path: str | None = None
+    data_dir_override: str | None = None
+    _config: Config | None = None
+
+    def config(self) -> Config:
+        if self._config is None:
+            config = load_config(self.config_path)  # ConfigError is a ClickException: clean message, exit 1
+            if self.data_dir_override:
+                # --data-dir beats [storage] data_dir and AGENTSPACE_HOME.
+                config.values["storage"]["data_dir"] = str(Path(self.data_dir_override).expanduser().resolve())
+            self._config = config
+        return self._config
+
+    @property
+    def data_dir(self) -> Path:
+        return self.config().data_dir
+
+
+pass_state = click.make_pass_decorator(CliState, ensure=True)
+
+
+def config_options(f: F) -> F:
+    """``--config`` and ``--data-dir`` on a subcommand too (``agentspace serve --config FILE``)."""
+
+    def set_config(ctx: click.Context, _param: click.Parameter, value: str | None) -> None:
+        if value is not None:
+            ctx.ensure_object(CliState).config_path = value
+
+    def set_data_dir(ctx: click.Context, _param: click.Parameter, value: str | None) -> None:
+        if value is not None:
+            ctx.ensure_object(CliState).data_dir_override = value
+
+    f = click.option(
+        "--data-dir", type=click.Path(file_okay=False), expose_value=False, callback=set_data_dir,
+        help="Data directory (vault, token, stores); overrides [storage] data_dir and AGENTSPACE_HOME.",
+    )(f)
+    f = click.option(
+        "--config", type=click.Path(dir_okay=False), expose_value=False, callback=set_config,
+        help="Config file (TOML).",
+    )(f)
+    return f
+
+
+def table(headers: Sequence[str], rows: Sequence[Sequence[Any]], right: Sequence[int] = ()) -> str:
+    """An aligned plain-text table; columns listed in ``right`` (numbers) are right-aligned."""
+    cells = [[str(h) for h in headers]] + [["" if c is None else str(c) for c in row] for row in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+
+    def line(row: list[str]) -> str:
+        parts = [c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths))]
+        return "  ".join(parts).rstrip()
+
+    out = [line(cells[0]), "  ".join("-" * w for w in widths)]
+    out += [line(r) for r in cells[1:]]
+    return "\n".join(out)
+
+
+def money(value: float) -> str:
+    """Dollars with 6 decimals below $1 (token costs are tiny), 4 above."""
+    return f"${value:,.4f}" if abs(value) >= 1 else f"${value:.6f}"
+
+
+def count(value: Any) -> str:
+    return f"{int(value or 0):,}"
+
+
+def new_id() -> str:
+    """A request id for the WebSocket protocol (unique per connection is enough)."""
+    return uuid.uuid4().hex[:12]

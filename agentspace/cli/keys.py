@@ -1,0 +1,91 @@
+"""``agentspace keys``: provider API keys in the vault. Values are never printed or echoed."""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+
+import click
+
+from .common import CliState, pass_state, table
+
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+def stdin_is_terminal() -> bool:
+    """Whether to prompt (hidden) or read a piped key; a function so tests can simulate a terminal."""
+    return sys.stdin.isatty()
+
+
+@click.group()
+def keys() -> None:
+    """Manage provider API keys (stored 0600 in the data directory)."""
+
+
+@keys.command("add")
+@click.argument("name")
+@pass_state
+def add(state: CliState, name: str) -> None:
+    """Store the key NAME (a provider prefix such as anthropic or openai).
+
+    On a terminal the key is asked for without echo; otherwise one line is read from stdin:
+    `printf %s "$KEY" | agentspace keys add openai`.
+    """
+    from ..vault import KeyVault
+
+    if not NAME_RE.match(name):
+        raise click.BadParameter("use letters, digits, '-', '_' or '.' (e.g. anthropic)", param_hint="NAME")
+    if stdin_is_terminal():
+        value = click.prompt(f"API key for {name}", hide_input=True, default="", show_default=False)
+    else:
+        value = sys.stdin.readline()
+    value = value.strip()
+    if not value:
+        raise click.ClickException("No key given; nothing was saved.")
+    vault = KeyVault(state.data_dir)
+    vault.set(name, value)
+    click.echo(f"Saved key '{name}' to {vault.path}")
+
+
+@keys.command("list")
+@pass_state
+def list_keys(state: CliState) -> None:
+    """Stored keys (masked) and the environment variables used as fallback."""
+    from ..vault import DEFAULT_ENV_VARS, KeyVault, env_var, key_name, mask
+
+    config = state.config()
+    stored = KeyVault(config.data_dir).masked()
+    rows = [(name, value, "vault") for name, value in stored.items()]
+    prefixes = sorted(set(DEFAULT_ENV_VARS) | set(config.providers) | set(stored))
+    for prefix in prefixes:
+        var = env_var(config, prefix)
+        value = os.environ.get(var)
+        if value:
+            note = f"env {var}" + (" (unused: the vault has a key)" if key_name(config, prefix) in stored else "")
+            rows.append((prefix, mask(value), note))
+    if not rows:
+        click.echo("No keys stored and no provider key variables set. Add one: agentspace keys add anthropic")
+        return
+    click.echo(table(("name", "key", "source"), rows))
+
+
+@keys.command("remove")
+@click.argument("name")
+@pass_state
+def remove(state: CliState, name: str) -> None:
+    """Delete the stored key NAME."""
+    from ..vault import KeyVault
+
+    if not KeyVault(state.data_dir).remove(name):
+        raise click.ClickException(f"No key named '{name}' in the vault. See: agentspace keys list")
+    click.echo(f"Removed key '{name}'")
+
+
+@keys.command("path")
+@pass_state
+def path(state: CliState) -> None:
+    """Print the path of keys.json."""
+    from ..vault import KeyVault
+
+    click.echo(KeyVault(state.data_dir).path)

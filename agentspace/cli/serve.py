@@ -1,0 +1,24 @@
+"""``agentspace serve``: validate the config, then hand over to the server."""
+
+from __future__ import annotations
+
+import click
+
+from .common import CliState, config_options, pass_state
+
+
+@click.command()
+@config_options
+@click.option("--host", help="Interface to bind (default: [server] host, 127.0.0.1).")
+@click.option("--port", type=click.IntRange(0, 65535), help="Port (default: [server] port, 3271).")
+@pass_state
+def serve(state: CliState, host: str | None, port: int | None) -> None:
+    """Run the gateway (WebSocket /gateway and HTTP on one port)."""
+    config = state.config()  # a config error stops here, before anything binds
+    if host is not None:
+        config.values["server"]["host"] = host
+    if port is not None:
+        config.values["server"]["port"] = port
+    from ..server import run_server  # aiohttp and the providers load only when serving
+
+    run_server(config, host=config["server"]["host"], port=config["server"]["port"])

@@ -1,0 +1,105 @@
+"""``agentspace sessions``: list, show and delete stored conversations."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import click
+
+from .common import CliState, count, money, pass_state, table
+
+
+def _store(state: CliState) -> Any:
+    from ..stores.sessions import SessionStore
+
+    return SessionStore(state.data_dir)
+
+
+def _not_found(session_id: str) -> click.ClickException:
+    return click.ClickException(f"No session with id '{session_id}'. See: agentspace sessions list")
+
+
+def _when(iso: str | None) -> str:
+    # "2026-11-01T09:30:12.345Z" -> "2026-11-01 09:30" (UTC), enough to tell sessions apart.
+    return (iso or "")[:16].replace("T", " ")
+
+
+@click.group()
+def sessions() -> None:
+    """List, show and delete conversations."""
+
+
+@sessions.command("list")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@pass_state
+def list_sessions(state: CliState, as_json: bool) -> None:
+    """All sessions, most recently active first."""
+    items = sorted(_store(state).list_sync(), key=lambda s: s.get("lastActivityAt") or "", reverse=True)
+    if as_json:
+        click.echo(json.dumps(items, indent=2))
+        return
+    if not items:
+        click.echo("No sessions yet. Start one: agentspace chat")
+        return
+    rows = [(s["id"], _when(s.get("lastActivityAt")), s.get("messageCount", 0), s.get("model") or "",
+             _clip(s.get("title") or "", 50)) for s in items]
+    click.echo(table(("id", "last activity (UTC)", "messages", "model", "title"), rows, right=(2,)))
+
+
+def _clip(text: str, width: int) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def _message_header(m: dict[str, Any]) -> str:
+    bits = [m.get("role", "?")]
+    if m.get("model"):
+        bits.append(m["model"])
+    u = m.get("usage")
+    if u:
+        bits.append(f"{count(u.get('inputTokens'))} in / {count(u.get('outputTokens'))} out, "
+                    f"{money(float(u.get('totalCost') or 0.0))}")
+    if m.get("finishReason") and m.get("finishReason") != "stop":
+        bits.append(m["finishReason"])
+    if m.get("aborted"):
+        bits.append("aborted")
+    return f"[{' · '.join(bits)}] {_when(m.get('createdAt'))}"
+
+
+@sessions.command("show")
+@click.argument("session_id", metavar="ID")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@pass_state
+def show(state: CliState, session_id: str, as_json: bool) -> None:
+    """One session with its messages."""
+    session = _store(state).get_sync(session_id)
+    if session is None:
+        raise _not_found(session_id)
+    if as_json:
+        click.echo(json.dumps(session, indent=2))
+        return
+    click.echo(f"{session['id']}  {session.get('title') or '(untitled)'}")
+    click.echo(f"model {session.get('model') or '-'} · {session.get('messageCount', 0)} messages · "
+               f"created {_when(session.get('createdAt'))} · last activity {_when(session.get('lastActivityAt'))}")
+    for m in session.get("messages", []):
+        click.echo()
+        click.secho(_message_header(m), bold=True)
+        click.echo(m.get("content") or "")
+
+
+@sessions.command("delete")
+@click.argument("session_id", metavar="ID")
+@click.option("--yes", "-y", is_flag=True, help="Do not ask for confirmation.")
+@pass_state
+def delete(state: CliState, session_id: str, yes: bool) -> None:
+    """Delete a session and its messages (usage records are kept)."""
+    store = _store(state)
+    if not yes:
+        summary = store.get_sync(session_id)
+        if summary is None:
+            raise _not_found(session_id)
+        click.confirm(f"Delete session {session_id} ({summary.get('messageCount', 0)} messages)?", abort=True)
+    if not store.delete_sync(session_id):
+        raise _not_found(session_id)
+    click.echo(f"Deleted session {session_id}")

@@ -1,0 +1,26 @@
+"""``agentspace token``: print or rotate the gateway token."""
+
+from __future__ import annotations
+
+import click
+
+from .common import CliState, pass_state
+
+
+@click.command()
+@click.option("--rotate", is_flag=True, help="Replace the token; the old one stops working.")
+@pass_state
+def token(state: CliState, rotate: bool) -> None:
+    """Print the gateway token (created on first use)."""
+    from ..gateway_token import load_or_create_token, rotate_token, token_path
+
+    data_dir = state.data_dir
+    if rotate:
+        click.echo(rotate_token(data_dir))
+        click.echo(
+            f"New token written to {token_path(data_dir)}. Running servers accept only the new token "
+            "from now on; reconnect clients with it.",
+            err=True,
+        )
+    else:
+        click.echo(load_or_create_token(data_dir))

@@ -1,0 +1,111 @@
+"""The gateway token: every client but ``/healthz`` must present it (SPEC section 9).
+
+Generated on first use (32 random bytes, URL-safe), stored in ``DATA_DIR/gateway-token`` with mode 0600,
+compared in constant time. ``agentspace token --rotate`` replaces the file; a running server notices the
+new file through ``TokenFile.current()`` and accepts only the new token from then on.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import os
+import secrets
+from pathlib import Path
+
+from .vault import ensure_private_dir, write_private_file
+
+log = logging.getLogger(__name__)
+
+TOKEN_FILE = "gateway-token"
+
+
+def token_path(data_dir: str | os.PathLike[str]) -> Path:
+    return Path(data_dir) / TOKEN_FILE
+
+
+def _new_token() -> str:
+    return secrets.token_urlsafe(32)  # 32 random bytes -> 43 characters
+
+
+def _read(path: Path) -> str | None:
+    try:
+        token = path.read_text(encoding="utf-8").strip()
+    except FileNotFoundError:
+        return None
+    if path.stat().st_mode & 0o077:
+        log.warning("%s was readable by other users; setting its mode to 0600", path)
+        os.chmod(path, 0o600)
+    return token or None
+
+
+def load_or_create_token(data_dir: str | os.PathLike[str]) -> str:
+    """The current token, creating the file on first use."""
+    path = token_path(data_dir)
+    token = _read(path)
+    if token:
+        return token
+    ensure_private_dir(path.parent)
+    token = _new_token()
+    tmp = path.with_name(f".{TOKEN_FILE}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    write_private_file(tmp, token + "\n")
+    try:
+        # link() fails if the file appeared meanwhile (a server and a CLI starting together): both
+        # processes then use the first token instead of silently overwriting each other's.
+        os.link(tmp, path)
+    except FileExistsError:
+        existing = _read(path)
+        if existing:
+            return existing
+        os.replace(tmp, path)
+    except OSError:  # file systems without hard links
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return token
+
+
+def rotate_token(data_dir: str | os.PathLike[str]) -> str:
+    """Replace the token; the old one stops working as soon as running servers see the new file."""
+    token = _new_token()
+    write_private_file(token_path(data_dir), token + "\n")
+    return token
+
+
+def token_matches(expected: str | None, given: str | None) -> bool:
+    """Constant-time comparison; an empty or missing token never matches."""
+    if not expected or not given:
+        return False
+    return hmac.compare_digest(expected.encode("utf-8"), given.encode("utf-8"))
+
+
+class TokenFile:
+    """The token of a running server, re-read only when the file changes (rotation without restart).
+
+    ``current()`` costs one ``os.stat``; rotation replaces the file (new inode), which is what we watch.
+    """
+
+    def __init__(self, data_dir: str | os.PathLike[str]) -> None:
+        self.path = token_path(data_dir)
+        self._token = load_or_create_token(data_dir)
+        self._stamp = self._stat()
+
+    def _stat(self) -> tuple[int, int, int] | None:
+        try:
+            st = os.stat(self.path)
+        except FileNotFoundError:
+            return None
+        return (st.st_ino, st.st_mtime_ns, st.st_size)
+
+    def current(self) -> str:
+        stamp = self._stat()
+        if stamp is not None and stamp != self._stamp:
+            token = _read(self.path)
+            if token:  # a deleted or emptied file keeps the last good token
+                self._token = token
+                log.info("gateway token changed; using the new one")
+            self._stamp = stamp
+        return self._token
+
+    def matches(self, given: str | None) -> bool:
+        return token_matches(self.current(), given)

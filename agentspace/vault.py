@@ -1,0 +1,154 @@
+"""Provider API keys ("the vault"): ``keys.json`` in the data directory, mode 0600, never echoed.
+
+Lookup order for a provider prefix: the vault (key name = ``[providers.PREFIX] key_name`` or the prefix),
+then the environment variable (``[providers.PREFIX] api_key_env`` or ``PREFIX_API_KEY``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import click
+
+if TYPE_CHECKING:
+    from .config import Config
+
+KEYS_FILE = "keys.json"
+NOTE = "API keys for agentspace. Do not share."
+
+# Display names where str.capitalize() would be wrong; used in "X API key not configured".
+DISPLAY_NAMES = {"openai": "OpenAI", "xai": "xAI", "deepseek": "DeepSeek", "openrouter": "OpenRouter"}
+DEFAULT_ENV_VARS = {"anthropic": "ANTHROPIC_API_KEY", "openai": "OPENAI_API_KEY", "gemini": "GEMINI_API_KEY"}
+
+
+class VaultError(click.ClickException):
+    """keys.json exists but cannot be read or parsed."""
+
+
+def ensure_private_dir(path: Path) -> None:
+    """Create the data directory 0700 (an existing one is left as the user made it)."""
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+
+
+def write_private_file(path: Path, text: str) -> None:
+    """Write ``text`` atomically with mode 0600: temp file (created 0600) + fsync + rename.
+
+    A crash leaves either the old or the new file, never a half-written one, and the secret is never
+    readable by others, not even for a moment (the umask cannot widen a mode given to os.open).
+    """
+    ensure_private_dir(path.parent)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(path: Path) -> None:
+    # Makes the rename itself durable; not possible on every platform, and not worth failing over.
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def mask(value: str) -> str:
+    """``sk-ant-...a1b2``: enough to tell keys apart, too little to use. Short values are fully hidden."""
+    return f"{value[:7]}...{value[-4:]}" if len(value) >= 16 else "****"
+
+
+class KeyVault:
+    """Named secrets in ``DATA_DIR/keys.json``: ``{"__note__": ..., "keys": {name: value}}``."""
+
+    def __init__(self, data_dir: str | os.PathLike[str]) -> None:
+        self.data_dir = Path(data_dir)
+        self.path = self.data_dir / KEYS_FILE
+
+    def _read(self) -> dict[str, str]:
+        try:
+            text = self.path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            return {}
+        except OSError as e:
+            raise VaultError(f"Cannot read {self.path}: {e.strerror or e}") from None
+        try:
+            data: Any = json.loads(text) if text.strip() else {}
+        except json.JSONDecodeError as e:
+            raise VaultError(f"{self.path} is not valid JSON ({e}). Fix it, or remove it and add the keys again.") from None
+        keys = data.get("keys", {}) if isinstance(data, dict) else None
+        if not isinstance(keys, dict):
+            raise VaultError(f'{self.path}: expected {{"keys": {{NAME: KEY}}}}. Fix it, or remove it and add the keys again.')
+        return {str(k): str(v) for k, v in keys.items()}
+
+    def _write(self, keys: dict[str, str]) -> None:
+        payload = {"__note__": NOTE, "keys": dict(sorted(keys.items()))}
+        write_private_file(self.path, json.dumps(payload, indent=2) + "\n")
+
+    def get(self, name: str) -> str | None:
+        return self._read().get(name) or None
+
+    def set(self, name: str, value: str) -> None:
+        keys = self._read()
+        keys[name] = value
+        self._write(keys)
+
+    def remove(self, name: str) -> bool:
+        keys = self._read()
+        if name not in keys:
+            return False
+        del keys[name]
+        self._write(keys)
+        return True
+
+    def names(self) -> list[str]:
+        return sorted(self._read())
+
+    def masked(self) -> dict[str, str]:
+        """Every stored key name with its masked value, for listings."""
+        return {name: mask(value) for name, value in sorted(self._read().items())}
+
+
+def key_name(config: "Config", prefix: str) -> str:
+    """The vault entry used for a provider prefix."""
+    return config.provider_settings(prefix)["key_name"] or prefix
+
+
+def env_var(config: "Config | None", prefix: str) -> str:
+    """The environment variable used as fallback for a provider prefix."""
+    configured = config.provider_settings(prefix)["api_key_env"] if config is not None else None
+    return configured or DEFAULT_ENV_VARS.get(prefix) or f"{prefix.upper().replace('-', '_')}_API_KEY"
+
+
+def resolve_key(config: "Config", prefix: str) -> str | None:
+    """The API key for a provider prefix: the vault first, then the environment; None when neither has one."""
+    stored = KeyVault(config.data_dir).get(key_name(config, prefix))
+    if stored:
+        return stored
+    return os.environ.get(env_var(config, prefix)) or None
+
+
+def display_name(prefix: str) -> str:
+    return DISPLAY_NAMES.get(prefix, prefix.capitalize())
+
+
+def missing_key_message(prefix: str, config: "Config | None" = None) -> str:
+    """``Anthropic API key not configured. Run: agentspace keys add anthropic``."""
+    name = key_name(config, prefix) if config is not None else prefix
+    return f"{display_name(prefix)} API key not configured. Run: agentspace keys add {name}"

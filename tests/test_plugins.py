@@ -1,0 +1,115 @@
+"""Plugins: found through the ``agentspace`` entry-point group, selectable, listed with their hooks.
+
+The fixture plugin (tests/fixtures/fixture-plugin) is a real pip-installable package. The plugin
+manager is process-wide, so anything that depends on AGENTSPACE_LOAD_PLUGINS runs the CLI in a
+subprocess, exactly as a user would.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from importlib.metadata import PackageNotFoundError, distribution
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from agentspace.plugins import DEFAULT_PLUGINS
+
+FIXTURE = "agentspace-fixture-plugin"
+FIXTURE_DIR = Path(__file__).resolve().parent / "fixtures" / "fixture-plugin"
+
+try:
+    distribution(FIXTURE)
+    installed = True
+except PackageNotFoundError:
+    installed = False
+
+needs_fixture = pytest.mark.skipif(
+    not installed, reason=f"{FIXTURE} is not installed; run: pip install -e {FIXTURE_DIR}"
+)
+
+
+def run_cli(tmp_path: Path, *args: str, load: str | None = None) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("AGENTSPACE_LOAD_PLUGINS", "AGENTSPACE_CONFIG")}
+    env["AGENTSPACE_HOME"] = str(tmp_path / "home")
+    if load is not None:
+        env["AGENTSPACE_LOAD_PLUGINS"] = load
+    return subprocess.run(
+        [sys.executable, "-m", "agentspace", *args], env=env, capture_output=True, text=True, timeout=60
+    )
+
+
+def listed(tmp_path: Path, *args: str, load: str | None = None) -> list[dict[str, Any]]:
+    result = run_cli(tmp_path, "plugins", *args, load=load)
+    assert result.returncode == 0, result.stderr
+    data: list[dict[str, Any]] = json.loads(result.stdout)
+    return data
+
+
+def test_hookimpl_is_exported() -> None:
+    from agentspace import hookimpl
+    from agentspace.hookspecs import hookimpl as spec_hookimpl
+
+    assert hookimpl is spec_hookimpl
+
+
+@needs_fixture
+def test_installed_plugin_is_listed_with_its_hooks(tmp_path: Path) -> None:
+    plugins = {p["name"]: p for p in listed(tmp_path)}
+    fixture = next(p for p in plugins.values() if p.get("package") == FIXTURE)
+    assert fixture["hooks"] == ["register_commands", "register_context_sections"]
+    assert fixture["version"] == "0.0.1"
+    assert not any(p.get("builtin") for p in plugins.values())
+
+
+def test_all_lists_exactly_the_builtins(tmp_path: Path) -> None:
+    plugins = listed(tmp_path, "--all", load="")
+    assert {p["name"] for p in plugins} == set(DEFAULT_PLUGINS)
+    assert all(p["builtin"] is True and p["hooks"] for p in plugins)
+
+
+@needs_fixture
+def test_all_adds_builtins_to_installed(tmp_path: Path) -> None:
+    plugins = listed(tmp_path, "--all", load=FIXTURE)
+    assert {p["name"] for p in plugins if p.get("builtin")} == set(DEFAULT_PLUGINS)
+    assert [p["package"] for p in plugins if not p.get("builtin")] == [FIXTURE]
+
+
+@needs_fixture
+def test_load_plugins_env_selects(tmp_path: Path) -> None:
+    assert listed(tmp_path, load="") == []
+    assert [p["package"] for p in listed(tmp_path, load=FIXTURE)] == [FIXTURE]
+    assert [p["package"] for p in listed(tmp_path, load="fixture")] == [FIXTURE]  # entry-point name works too
+
+
+@needs_fixture
+def test_plugin_command_works(tmp_path: Path) -> None:
+    result = run_cli(tmp_path, "hello", "plugin author", load=FIXTURE)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "Hello, plugin author! (agentspace-fixture-plugin)\n"
+    assert "hello" in run_cli(tmp_path, "--help", load=FIXTURE).stdout
+
+
+@needs_fixture
+def test_plugin_command_absent_when_not_loaded(tmp_path: Path) -> None:
+    result = run_cli(tmp_path, "hello", load="")
+    assert result.returncode == 2
+    assert "No such command 'hello'" in result.stderr
+
+
+@needs_fixture
+def test_plugin_context_section_registers() -> None:
+    from agentspace.config import parse_config
+    from agentspace.plugins import create_plugin_manager
+
+    pm = create_plugin_manager(load_entry_points=False)
+    import agentspace_fixture_plugin
+
+    pm.register(agentspace_fixture_plugin, name="fixture")
+    sections: list[Any] = []
+    pm.hook.register_context_sections(register=sections.append, config=parse_config({}))
+    assert "fixture" in [s.name for s in sections]
