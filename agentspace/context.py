@@ -1,0 +1,193 @@
+"""Context assembly and inspection (SPEC section 7).
+
+The context of a call is built from sections, in order: ``system_prompt``, ``memory``, ``skills`` (and any
+other plugin section), ``tools``, ``response_format``, ``history``, ``user_message``. The text sections form
+the system prompt; ``tools`` are the definitions sent; ``history`` and ``user_message`` are the messages.
+Inspection measures each section: UTF-8 bytes, a tiktoken estimate, and its cost at the input price.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import logging
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from .tokens import count_tokens
+from .types import (
+    ChatMessage,
+    ContextRequest,
+    ModelInfo,
+    ReasoningPart,
+    TextPart,
+    Tool,
+    ToolCallPart,
+    ToolResultPart,
+    part_from_dict,
+)
+
+if TYPE_CHECKING:
+    from .gateway import Gateway
+
+log = logging.getLogger(__name__)
+
+SECTION_ORDER = ("system_prompt", "memory", "skills", "tools", "response_format", "history", "user_message")
+
+
+@dataclass(slots=True)
+class Section:
+    name: str
+    text: str
+
+
+@dataclass(slots=True)
+class AssembledContext:
+    model: str
+    system: str
+    messages: list[ChatMessage]
+    tools: list[Tool]
+    sections: list[Section]
+
+
+def messages_from_store(stored: list[dict[str, Any]]) -> list[ChatMessage]:
+    """Stored messages to provider messages.
+
+    An assistant turn of the tool loop is stored as one message whose parts run: reasoning, text,
+    tool calls, tool results, more text...; providers need the results in a user message between
+    the assistant messages, so the parts are split where the role changes.
+    """
+    out: list[ChatMessage] = []
+    for message in stored:
+        if message.get("error") and not message.get("parts") and not message.get("content"):
+            continue  # a failed answer with no output says nothing to the model
+        raw_parts = message.get("parts") or [{"type": "text", "text": message.get("content", "")}]
+        for raw in raw_parts:
+            part = part_from_dict(raw)
+            if part.type == "source":
+                continue
+            role = "user" if message["role"] == "user" or isinstance(part, ToolResultPart) else "assistant"
+            if out and out[-1].role == role:
+                out[-1].parts.append(part)
+            else:
+                out.append(ChatMessage(role, [part]))
+    return _drop_dangling_tool_calls(out)
+
+
+def _drop_dangling_tool_calls(messages: list[ChatMessage]) -> list[ChatMessage]:
+    """An aborted turn may end with tool calls that have no results; providers reject those."""
+    answered = {p.tool_call_id for m in messages for p in m.parts if isinstance(p, ToolResultPart)}
+    for m in messages:
+        if m.role == "assistant":
+            m.parts = [p for p in m.parts if not (isinstance(p, ToolCallPart) and p.tool_call_id not in answered)]
+    return [m for m in messages if m.parts]
+
+
+def message_text(message: ChatMessage) -> str:
+    """Text of a message as measured for inspection (tool calls and results as JSON)."""
+    pieces = []
+    for p in message.parts:
+        if isinstance(p, (TextPart, ReasoningPart)):
+            pieces.append(p.text)
+        elif isinstance(p, ToolCallPart):
+            pieces.append(json.dumps({"name": p.name, "input": p.input}, ensure_ascii=False))
+        elif isinstance(p, ToolResultPart):
+            pieces.append(json.dumps(p.output, ensure_ascii=False, default=str))
+    return "\n".join(pieces)
+
+
+async def _build(builder: Any, request: ContextRequest) -> str:
+    try:
+        result = builder.build(request)
+        if inspect.isawaitable(result):
+            result = await result
+        return str(result or "")
+    except Exception:  # a broken plugin section must not break chat
+        log.exception("context section %r failed; leaving it out", getattr(builder, "name", builder))
+        return ""
+
+
+async def assemble(
+    gateway: "Gateway",
+    *,
+    session_id: str | None,
+    model: str,
+    user_message: str | None,
+    history: list[dict[str, Any]],
+) -> AssembledContext:
+    """Build what the next call sends. ``history`` is the stored messages, oldest first."""
+    config = gateway.config
+    request = ContextRequest(session_id=session_id, model=model, config=config, user_message=user_message)
+    texts: dict[str, str] = {}
+    extra: list[Section] = []
+    for builder in gateway.section_builders:
+        text = await _build(builder, request)
+        if builder.name in SECTION_ORDER:
+            texts[builder.name] = texts.get(builder.name, "") + text
+        else:
+            extra.append(Section(builder.name, text))
+    formatting = gateway.pm.hook.formatting_prompt(config=config, model=model) or ""
+
+    tools = list(gateway.tools.values())
+    tool_text = json.dumps([t.definition() for t in tools], ensure_ascii=False) if tools else ""
+
+    limit = config["chat"]["history_limit"]
+    recent = history[-limit:] if limit else []
+    messages = messages_from_store(recent)
+    history_text = "\n".join(f"{m.role}: {message_text(m)}" for m in messages)
+    if user_message is not None:
+        messages.append(ChatMessage.user(user_message))
+
+    sections = [
+        Section("system_prompt", texts.get("system_prompt", "")),
+        Section("memory", texts.get("memory", "")),
+        Section("skills", texts.get("skills", "")),
+        *extra,
+        Section("tools", tool_text),
+        Section("response_format", formatting),
+        Section("history", history_text),
+        Section("user_message", user_message or ""),
+    ]
+    system_names = {"system_prompt", "memory", "skills", "response_format"} | {s.name for s in extra}
+    system = "\n\n".join(s.text for s in sections if s.name in system_names and s.text)
+    return AssembledContext(model, system, messages, tools, sections)
+
+
+def measure(context: AssembledContext, info: ModelInfo) -> dict[str, Any]:
+    """The ``sections`` and ``totals`` of a ``context.inspection`` reply."""
+    rows = []
+    for s in context.sections:
+        tokens = count_tokens(s.text)
+        rows.append(
+            {
+                "name": s.name,
+                "byteCount": len(s.text.encode("utf-8")),
+                "tokenEstimate": tokens,
+                "costEstimate": round(tokens * info.input_per_mtok / 1_000_000, 10),
+            }
+        )
+    totals = {
+        "byteCount": sum(r["byteCount"] for r in rows),
+        "tokenEstimate": sum(r["tokenEstimate"] for r in rows),
+        "costEstimate": round(sum(r["costEstimate"] for r in rows), 10),
+    }
+    return {"sections": rows, "totals": totals}
+
+
+def estimate_input_tokens(context: AssembledContext) -> int:
+    """Local count of what a call sends, for usage records when the provider reported none."""
+    text = context.system + "\n".join(message_text(m) for m in context.messages)
+    if context.tools:
+        text += json.dumps([t.definition() for t in context.tools], ensure_ascii=False)
+    return count_tokens(text)
+
+
+async def inspect_session(gw: "Gateway", session_id: str, model: str | None = None) -> dict[str, Any] | None:
+    """What the next call in a session would send, measured per section (shared with the REST API)."""
+    session = await gw.sessions.get(session_id) if await gw.sessions.exists(session_id) else None
+    if session is None:
+        return None
+    model = model or session.get("model") or gw.default_model
+    history = session.get("messages", [])
+    ctx = await assemble(gw, session_id=session_id, model=model, user_message=None, history=history)
+    return {"sessionId": session_id, "model": model, **measure(ctx, gw.model_info(model))}

@@ -1,0 +1,117 @@
+"""The gateway runtime: what the plugins registered, the stores, and the turns that are streaming.
+
+One ``Gateway`` per server process. Transports hold a reference to it and call ``pipeline.start_turn``.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import pluggy
+
+from . import pricing
+from .config import Config
+from .providers.base import Provider, model_prefix
+from .sinks import UsageSink
+from .types import ContextSectionBuilder, ModelInfo, Tool, UsageRecord
+
+if TYPE_CHECKING:
+    from .pipeline import Turn
+    from .stores.sessions import SessionStore
+    from .stores.usage import UsageStore
+
+log = logging.getLogger(__name__)
+
+
+class ModelNotFound(Exception):
+    pass
+
+
+@dataclass
+class Gateway:
+    config: Config
+    pm: pluggy.PluginManager
+    sessions: "SessionStore"
+    usage: "UsageStore"
+    providers: list[Provider] = field(default_factory=list)
+    section_builders: list[ContextSectionBuilder] = field(default_factory=list)
+    tools: dict[str, Tool] = field(default_factory=dict)
+    sinks: list[UsageSink] = field(default_factory=list)
+    # session id -> the turn streaming in it; one at a time per session, across transports.
+    active: dict[str, "Turn"] = field(default_factory=dict)
+    _model_info: dict[str, ModelInfo] = field(default_factory=dict)
+
+    @classmethod
+    def create(cls, config: Config, pm: pluggy.PluginManager) -> "Gateway":
+        from .stores.sessions import SessionStore
+        from .stores.usage import UsageStore
+
+        gw = cls(config, pm, SessionStore(config.data_dir), UsageStore(config.data_dir))
+        pm.hook.register_providers(register=gw.providers.append, config=config)
+        pm.hook.register_context_sections(register=gw.section_builders.append, config=config)
+        pm.hook.register_tools(register=gw._add_tool, config=config)
+        pm.hook.register_usage_sinks(register=gw.sinks.append, config=config)
+        return gw
+
+    def _add_tool(self, tool: Tool) -> None:
+        if tool.name in self.tools:
+            log.warning("tool %r registered twice; the later registration wins", tool.name)
+        self.tools[tool.name] = tool
+
+    # --- models ---------------------------------------------------------------------------------
+
+    def provider_for(self, model: str) -> Provider:
+        """The provider serving ``model``; raises ModelNotFound with a message for the client."""
+        if "/" not in model or not model_prefix(model) or model.endswith("/"):
+            raise ModelNotFound(f"Model ids look like provider/model, e.g. anthropic/claude-sonnet-4-5; got {model!r}")
+        for provider in self.providers:
+            if provider.claims(model):
+                return provider
+        raise ModelNotFound(f"No provider serves {model!r}. Run: agentspace models")
+
+    def model_info(self, model: str) -> ModelInfo:
+        info = self._model_info.get(model)
+        if info is None:
+            info = self._model_info[model] = pricing.model_info(self.config, model)
+            if not info.price_known:
+                log.warning("no price known for %s; using the fallback price (set [pricing.\"%s\"])", model, model)
+            if info.deprecation_date:
+                log.warning("%s is deprecated as of %s", model, info.deprecation_date)
+        return info
+
+    @property
+    def default_model(self) -> str:
+        return str(self.config["models"]["default"])
+
+    # --- usage ----------------------------------------------------------------------------------
+
+    async def record_usage(self, record: UsageRecord) -> None:
+        """Send one record to every sink; a failing sink is logged and does not stop the others."""
+        for sink in self.sinks:
+            try:
+                await sink.record(record)
+            except Exception:
+                log.exception("usage sink %r failed", getattr(sink, "name", sink))
+
+    async def aclose(self) -> None:
+        for sink in self.sinks:
+            close = getattr(sink, "aclose", None)
+            if close is not None:
+                try:
+                    await close()
+                except Exception:
+                    log.exception("closing usage sink %r failed", getattr(sink, "name", sink))
+        for provider in self.providers:
+            close = getattr(provider, "aclose", None)
+            if close is not None:
+                try:
+                    await close()
+                except Exception:
+                    log.exception("closing provider %r failed", provider.name)
+        await self.sessions.aclose()
+        await self.usage.aclose()
+
+    def describe(self) -> dict[str, Any]:
+        return {"providers": [p.name for p in self.providers], "tools": sorted(self.tools)}

@@ -1,0 +1,462 @@
+"""The one streaming pipeline (SPEC section 5).
+
+``start_turn`` checks a chat request, stores the user message and starts a ``Turn``: an asyncio task that
+assembles the context, calls the provider (retrying and falling back before the first token), runs the
+tool loop up to ``max_steps``, records one usage record per provider call, stores the assistant message,
+and publishes ``StreamEvent``s. A plain chat is a loop of one step.
+
+A turn does not belong to the client that started it: transports subscribe to its events (replaying
+what was already published, which also serves resumable HTTP streams), and a client that goes away
+leaves the turn running to the end, stored and billed (``[chat] on_disconnect = "finish"``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import random
+import time
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator
+
+from .context import AssembledContext, assemble, estimate_input_tokens
+from .events import (
+    ProviderError,
+    ProviderFinish,
+    ReasoningDelta,
+    SourceEvent,
+    StepFinish,
+    StepStart,
+    StreamEnd,
+    StreamError,
+    StreamEvent,
+    StreamStart,
+    TextDelta,
+    ToolCallEvent,
+    ToolResultEvent,
+)
+from .gateway import Gateway, ModelNotFound
+from .providers.base import ProviderRequest, ThinkingSettings
+from .tokens import count_tokens
+from .types import (
+    ChatMessage,
+    Cost,
+    Part,
+    ReasoningPart,
+    SourcePart,
+    TextPart,
+    TokenUsage,
+    ToolCallPart,
+    ToolResultPart,
+    UsageRecord,
+    new_id,
+    now_iso,
+    part_to_dict,
+    usage_to_wire,
+)
+from .vault import resolve_key
+
+log = logging.getLogger(__name__)
+
+
+class ChatError(Exception):
+    """A chat request refused before streaming started; ``code`` is a protocol error code."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+@dataclass
+class ChatRequest:
+    content: str
+    session_id: str | None = None
+    model: str | None = None
+    client: str = "ws"
+    # HTTP clients name their sessions: an unknown id creates the session instead of failing.
+    create_if_missing: bool = False
+    # Earlier messages a stateless client sent for a session the store does not know (stored form).
+    import_messages: list[dict[str, Any]] = field(default_factory=list)
+
+
+async def start_turn(gw: Gateway, request: ChatRequest) -> "Turn":
+    """Validate, create the session if needed, store the user message, and start streaming."""
+    session = None
+    if request.session_id is not None:
+        if request.session_id in gw.active:
+            raise ChatError("STREAM_IN_PROGRESS", "This session is already streaming an answer; wait for it or abort it.")
+        session = await gw.sessions.get(request.session_id) if await gw.sessions.exists(request.session_id) else None
+        if session is None and not request.create_if_missing:
+            raise ChatError("SESSION_NOT_FOUND", f"No session {request.session_id!r}. Omit sessionId to start a new one.")
+
+    model = request.model or (session or {}).get("model") or gw.default_model
+    try:
+        gw.provider_for(model)
+    except ModelNotFound as e:
+        raise ChatError("MODEL_NOT_FOUND", str(e)) from None
+
+    created = session is None
+    if created:
+        session = await gw.sessions.create(model=model, session_id=request.session_id, client=request.client)
+        for message in request.import_messages:
+            await gw.sessions.append_message(session["id"], message)
+    session_id = session["id"]
+    if session_id in gw.active:  # a concurrent request created or claimed it meanwhile
+        raise ChatError("STREAM_IN_PROGRESS", "This session is already streaming an answer; wait for it or abort it.")
+
+    turn = Turn(gw, session_id, model, request.client, created)
+    gw.active[session_id] = turn
+    try:
+        history = await gw.sessions.messages(session_id)
+        await gw.sessions.append_message(
+            session_id, {"id": new_id("msg_"), "role": "user", "content": request.content,
+                         "parts": [{"type": "text", "text": request.content}], "createdAt": now_iso()}
+        )
+    except BaseException:
+        gw.active.pop(session_id, None)
+        raise
+    turn.start(request.content, history)
+    return turn
+
+
+class _Stopped(Exception):
+    """The step was stopped from outside: aborted by the client, idle, or server shutdown."""
+
+
+@dataclass
+class _Step:
+    """What one provider call produced so far, kept so a failed or aborted call still stores it."""
+
+    text: list[str] = field(default_factory=list)
+    reasoning: list[str] = field(default_factory=list)
+    parts: list[Part] = field(default_factory=list)
+    tool_calls: list[ToolCallPart] = field(default_factory=list)
+    delivered: bool = False  # something reached the client: no more retries or fallbacks
+    first_at: float = 0.0
+    last_event: float = 0.0
+
+    def partial_parts(self) -> list[Part]:
+        out: list[Part] = []
+        if self.reasoning:
+            out.append(ReasoningPart("".join(self.reasoning)))
+        if self.text:
+            out.append(TextPart("".join(self.text)))
+        return out + list(self.tool_calls)
+
+
+class Turn:
+    """One running chat turn. Publish/subscribe over an append-only event list."""
+
+    def __init__(self, gw: Gateway, session_id: str, model: str, client: str, session_created: bool) -> None:
+        self.gw = gw
+        self.session_id = session_id
+        self.model = model
+        self.client = client
+        self.session_created = session_created
+        self.message_id = new_id("msg_")
+        self.events: list[StreamEvent] = []
+        self.done = False
+        self.task: asyncio.Task[None] | None = None
+        self._waiters: list[asyncio.Future[None]] = []
+        self._step_task: asyncio.Task[ProviderFinish] | None = None
+        self._stop_reason: str | None = None
+
+    # --- publish / subscribe ---------------------------------------------------------------------
+
+    def _publish(self, event: StreamEvent) -> None:
+        self.events.append(event)
+        if self._waiters:
+            for w in self._waiters:
+                if not w.done():
+                    w.set_result(None)
+            self._waiters.clear()
+
+    async def subscribe(self) -> AsyncIterator[StreamEvent]:
+        """Every event from the start of the turn, then live ones until the turn ends."""
+        i = 0
+        loop = asyncio.get_running_loop()
+        while True:
+            while i < len(self.events):
+                event = self.events[i]
+                i += 1
+                yield event
+            if self.done:
+                return
+            waiter = loop.create_future()
+            self._waiters.append(waiter)
+            await waiter
+
+    # --- control --------------------------------------------------------------------------------
+
+    def start(self, content: str, history: list[dict[str, Any]]) -> None:
+        self.task = asyncio.create_task(self._run(content, history), name=f"turn-{self.session_id}")
+
+    def abort(self, reason: str = "aborted") -> None:
+        """Stop generating; what was generated is stored with ``aborted: true`` and billed."""
+        if self._stop_reason is None:
+            self._stop_reason = reason
+        if self._step_task is not None and not self._step_task.done():
+            self._step_task.cancel()
+
+    async def wait(self) -> None:
+        if self.task is not None:
+            await asyncio.shield(self.task)
+
+    # --- the turn -------------------------------------------------------------------------------
+
+    async def _run(self, content: str, history: list[dict[str, Any]]) -> None:
+        started = time.monotonic()
+        created_at = now_iso()
+        self._publish(StreamStart(self.session_id, self.model, self.message_id, self.session_created))
+        parts: list[Part] = []
+        total_usage, total_cost = TokenUsage(), Cost()
+        finish_reason, error, ttft_ms = "stop", None, None
+        answered_by = self.model
+        try:
+            ctx = await assemble(self.gw, session_id=self.session_id, model=self.model, user_message=content, history=history)
+            max_steps = int(self.gw.config["chat"]["max_steps"])
+            seen_sources: set[str] = set()
+            for step in range(max_steps):
+                self._publish(StepStart(step))
+                state = _Step()
+                call_started = time.monotonic()
+                try:
+                    finish, answered_by = await self._call_with_fallbacks(ctx, state, seen_sources)
+                except (ProviderError, _Stopped) as e:
+                    if ttft_ms is None and state.delivered:
+                        ttft_ms = (state.first_at - started) * 1000
+                    parts.extend(state.partial_parts())
+                    usage = self._estimate(ctx, state)
+                    cost = self.gw.model_info(answered_by).cost(usage)
+                    total_usage, total_cost = total_usage + usage, total_cost + cost
+                    stopped = isinstance(e, _Stopped) and self._stop_reason in ("aborted", "shutdown")
+                    reason = "aborted" if stopped else "error"
+                    await self._record(answered_by, usage, cost, call_started, reason)
+                    if isinstance(e, ProviderError):
+                        error = (e.code, e.message)
+                    elif self._stop_reason == "idle":
+                        error = ("LLM_ERROR", "The model stopped sending data (idle timeout).")
+                    elif self._stop_reason == "shutdown":
+                        error = None  # stored as aborted; the server is going away
+                    finish_reason = reason
+                    break
+                if ttft_ms is None and state.delivered:
+                    ttft_ms = (state.first_at - started) * 1000
+                usage = finish.usage if finish.usage is not None else self._estimate(ctx, state)
+                cost = self.gw.model_info(answered_by).cost(usage)
+                total_usage, total_cost = total_usage + usage, total_cost + cost
+                await self._record(answered_by, usage, cost, call_started, finish.finish_reason)
+                self._publish(StepFinish(step, finish.finish_reason, usage, cost))
+                parts.extend(finish.message.parts)
+                finish_reason = finish.finish_reason
+                calls = [p for p in finish.message.parts if isinstance(p, ToolCallPart)]
+                if finish_reason != "tool-calls" or not calls:
+                    break
+                results = await self._run_tools(calls)
+                parts.extend(results)
+                ctx.messages.append(finish.message)
+                ctx.messages.append(ChatMessage("user", list(results)))
+        except Exception:
+            log.exception("turn in session %s failed", self.session_id)
+            finish_reason, error = "error", ("LLM_ERROR", "The gateway failed while answering; see the server log.")
+        aborted = finish_reason == "aborted" or self._stop_reason == "shutdown"
+        try:
+            await self._store(parts, total_usage, total_cost, finish_reason, started, created_at, ttft_ms, aborted, error, answered_by)
+        except Exception:
+            log.exception("storing the answer in session %s failed", self.session_id)
+        if error is not None:
+            self._publish(StreamError(*error))
+        else:
+            self._publish(StreamEnd("aborted" if aborted else finish_reason, total_usage, total_cost, aborted))
+        self.done = True
+        self.gw.active.pop(self.session_id, None)
+        self._publish_done()
+
+    def _publish_done(self) -> None:
+        for w in self._waiters:
+            if not w.done():
+                w.set_result(None)
+        self._waiters.clear()
+
+    async def _call_with_fallbacks(
+        self, ctx: AssembledContext, state: _Step, seen_sources: set[str]
+    ) -> tuple[ProviderFinish, str]:
+        chain = [self.model, *self.gw.config["models"]["fallbacks"].get(self.model, [])]
+        for i, model in enumerate(chain):
+            try:
+                return await self._call_with_retries(ctx, state, seen_sources, model), model
+            except ProviderError as e:
+                if state.delivered or i == len(chain) - 1:
+                    raise
+                log.warning("%s failed before the first token (%s); falling back to %s", model, e.code, chain[i + 1])
+        raise AssertionError("unreachable")
+
+    async def _call_with_retries(
+        self, ctx: AssembledContext, state: _Step, seen_sources: set[str], model: str
+    ) -> ProviderFinish:
+        max_retries = int(self.gw.config["chat"]["max_retries"])
+        attempt = 0
+        while True:
+            try:
+                return await self._call(ctx, state, seen_sources, model)
+            except ProviderError as e:
+                if not e.retryable or state.delivered or attempt >= max_retries or self._stop_reason:
+                    raise
+                delay = e.retry_after if e.retry_after is not None else 0.5 * 2**attempt * (0.5 + random.random())
+                attempt += 1
+                log.info("%s: %s; retry %d in %.1fs", model, e.code, attempt, delay)
+                await asyncio.sleep(min(delay, 30.0))
+
+    async def _call(self, ctx: AssembledContext, state: _Step, seen_sources: set[str], model: str) -> ProviderFinish:
+        gw = self.gw
+        provider = gw.provider_for(model)
+        info = gw.model_info(model)
+        prefix = model.split("/", 1)[0]
+        settings = gw.config.provider_settings(prefix)
+        thinking = None
+        if gw.config["thinking"]["enabled"] and info.supports_reasoning:
+            thinking = ThinkingSettings(int(gw.config["thinking"]["budget_tokens"]), info.adaptive_thinking_only)
+        request = ProviderRequest(
+            model=model,
+            system=ctx.system,
+            messages=ctx.messages,
+            model_info=info,
+            max_tokens=int(gw.config["chat"]["max_tokens"]),
+            tools=ctx.tools,
+            thinking=thinking,
+            api_key=resolve_key(gw.config, prefix),
+            base_url=settings["base_url"],
+            options=settings,
+        )
+        self._step_task = asyncio.create_task(self._consume(provider.stream(request), state, seen_sources))
+        watchdog = asyncio.create_task(self._watch_idle(state))
+        try:
+            return await self._step_task
+        except asyncio.CancelledError:
+            if self._stop_reason is None:
+                raise  # we ourselves are being cancelled
+            raise _Stopped(self._stop_reason) from None
+        finally:
+            watchdog.cancel()
+            self._step_task = None
+
+    async def _consume(self, events: AsyncIterator[Any], state: _Step, seen_sources: set[str]) -> ProviderFinish:
+        publish = self._publish
+        state.last_event = time.monotonic()
+        try:
+            async for event in events:
+                now = time.monotonic()
+                state.last_event = now
+                kind = type(event)
+                if kind is TextDelta:
+                    state.text.append(event.text)
+                elif kind is ReasoningDelta:
+                    state.reasoning.append(event.text)
+                elif kind is SourceEvent:
+                    if event.url in seen_sources:
+                        continue
+                    seen_sources.add(event.url)
+                    state.parts.append(SourcePart(event.url, event.title))
+                elif kind is ToolCallEvent:
+                    state.tool_calls.append(ToolCallPart(event.tool_call_id, event.name, event.input))
+                elif kind is ProviderFinish:
+                    event.message.parts.extend(p for p in state.parts if p not in event.message.parts)
+                    return event
+                else:
+                    continue
+                if not state.delivered:
+                    state.delivered = True
+                    state.first_at = now
+                publish(event)
+        finally:
+            close = getattr(events, "aclose", None)
+            if close is not None:
+                await close()
+        raise ProviderError("LLM_ERROR", "The provider ended the stream without finishing the answer.")
+
+    async def _watch_idle(self, state: _Step) -> None:
+        timeout = float(self.gw.config["chat"]["idle_timeout_seconds"])
+        while True:
+            await asyncio.sleep(min(timeout / 4, 1.0))
+            if time.monotonic() - state.last_event > timeout:
+                log.warning("no data from the model for %.0fs in session %s; ending the call", timeout, self.session_id)
+                self.abort("idle")
+                return
+
+    async def _run_tools(self, calls: list[ToolCallPart]) -> list[ToolResultPart]:
+        """Run the calls of one step concurrently; failures become error results the model sees."""
+
+        async def run(call: ToolCallPart) -> ToolResultPart:
+            tool = self.gw.tools.get(call.name)
+            if tool is None:
+                return ToolResultPart(call.tool_call_id, call.name, f"Unknown tool {call.name!r}.", True)
+            try:
+                output = await tool.handler(call.input if isinstance(call.input, dict) else {"input": call.input})
+                json.dumps(output, default=str)  # results go to the model and the client as JSON
+                return ToolResultPart(call.tool_call_id, call.name, output, False)
+            except Exception as e:
+                log.warning("tool %s failed: %r", call.name, e)
+                return ToolResultPart(call.tool_call_id, call.name, f"Tool {call.name} failed: {e}", True)
+
+        results = await asyncio.gather(*(run(c) for c in calls))
+        for r in results:
+            self._publish(ToolResultEvent(r.tool_call_id, r.name, r.output, r.is_error))
+        return list(results)
+
+    def _estimate(self, ctx: AssembledContext, state: _Step) -> TokenUsage:
+        """Count locally when the provider gave no usage (failed, aborted, or silent providers)."""
+        output = "".join(state.text) + "".join(state.reasoning)
+        output += "".join(json.dumps(c.input, default=str) for c in state.tool_calls)
+        return TokenUsage(input_tokens=estimate_input_tokens(ctx), output_tokens=count_tokens(output), estimated=True)
+
+    async def _record(self, model: str, usage: TokenUsage, cost: Cost, started: float, finish_reason: str) -> None:
+        info = self.gw.model_info(model)
+        await self.gw.record_usage(
+            UsageRecord(
+                id=new_id("usage_"),
+                timestamp=now_iso(),
+                model=model,
+                provider=model.split("/", 1)[0],
+                session_id=self.session_id,
+                client=self.client,
+                usage=usage,
+                cost=cost,
+                latency_ms=(time.monotonic() - started) * 1000,
+                finish_reason=finish_reason,
+                price_known=info.price_known,
+            )
+        )
+
+    async def _store(
+        self,
+        parts: list[Part],
+        usage: TokenUsage,
+        cost: Cost,
+        finish_reason: str,
+        started: float,
+        created_at: str,
+        ttft_ms: float | None,
+        aborted: bool,
+        error: tuple[str, str] | None,
+        model: str,
+    ) -> None:
+        message: dict[str, Any] = {
+            "id": self.message_id,
+            "role": "assistant",
+            "content": "".join(p.text for p in parts if isinstance(p, TextPart)),
+            "parts": [part_to_dict(p) for p in parts],
+            "model": model,
+            "createdAt": created_at,
+            "completedAt": now_iso(),
+            "usage": usage_to_wire(usage, cost),
+            "estimated": usage.estimated,
+            "finishReason": finish_reason,
+            "latencyMs": round((time.monotonic() - started) * 1000, 3),
+            "ttftMs": None if ttft_ms is None else round(ttft_ms, 3),
+            "aborted": aborted,
+        }
+        if error is not None:
+            message["error"] = {"code": error[0], "message": error[1]}
+        await self.gw.sessions.append_message(self.session_id, message)

@@ -1,0 +1,121 @@
+"""The aiohttp application: routes, middleware, start-up and graceful shutdown.
+
+``create_app`` builds the app (tests drive it with aiohttp's test client); ``run_server`` is what
+``agentspace serve`` runs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import signal
+import sys
+import weakref
+from typing import AsyncIterator
+
+import pluggy
+from aiohttp import WSCloseCode, web
+
+from .config import Config
+from .gateway import Gateway
+from .gateway_token import TokenFile
+from .logs import configure_logging
+from .plugins import get_plugin_manager
+from .security import AuthFailures, security_middleware
+from .stores.files import DataDirLock
+from .transports import rest, state, ui_stream, ws
+
+log = logging.getLogger(__name__)
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"})
+
+
+def create_app(config: Config, pm: pluggy.PluginManager | None = None) -> web.Application:
+    pm = pm or get_plugin_manager()
+    app = web.Application(
+        client_max_size=int(config["server"]["max_body_bytes"]),
+        middlewares=[security_middleware(config)],
+    )
+    app[state.TOKEN_FILE] = TokenFile(config.data_dir)
+    app[state.AUTH_FAILURES] = AuthFailures()
+    app[state.WEBSOCKETS] = weakref.WeakSet()
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/gateway", ws.gateway_handler)
+    ui_stream.setup_routes(app)
+    rest.setup_routes(app)
+    app.cleanup_ctx.append(_gateway_context(config, pm))
+    app.on_shutdown.append(_finish_streams)
+    return app
+
+
+async def _maybe_await(value: object) -> None:
+    if inspect.isawaitable(value):
+        await value
+
+
+def _gateway_context(config: Config, pm: pluggy.PluginManager):  # type: ignore[no-untyped-def]
+    async def context(app: web.Application) -> AsyncIterator[None]:
+        lock = DataDirLock(config.data_dir)  # refuses a second server on the same data before binding
+        try:
+            app[state.TOKEN_FILE].current()  # create the token on first start
+            gw = Gateway.create(config, pm)
+            app[state.GATEWAY] = gw
+            for result in pm.hook.server_startup(app=app, config=config):
+                await _maybe_await(result)
+            yield
+            for result in pm.hook.server_shutdown(app=app, config=config):
+                await _maybe_await(result)
+            await gw.aclose()
+        finally:
+            lock.close()
+
+    return context
+
+
+async def _finish_streams(app: web.Application) -> None:
+    """Let running turns finish within the grace period, store the rest as aborted, close sockets."""
+    gw = app[state.GATEWAY]
+    turns = [t for t in gw.active.values() if t.task is not None]
+    if turns:
+        grace = float(gw.config["server"]["shutdown_grace_seconds"])
+        log.info("waiting up to %.0fs for %d running stream(s)", grace, len(turns))
+        _, pending = await asyncio.wait([t.task for t in turns if t.task], timeout=grace)
+        for t in turns:
+            if not t.done:
+                t.abort("shutdown")
+        if pending:
+            await asyncio.wait(pending, timeout=10)
+    for socket in list(app[state.WEBSOCKETS]):
+        await socket.close(code=WSCloseCode.GOING_AWAY, message=b"server shutting down")
+
+
+def run_server(config: Config, host: str | None = None, port: int | None = None) -> None:
+    """Serve until SIGINT or SIGTERM, then shut down gracefully."""
+    configure_logging(config)
+    asyncio.run(_serve(config, host or config["server"]["host"], config["server"]["port"] if port is None else port))
+
+
+async def _serve(config: Config, host: str, port: int) -> None:
+    app = create_app(config)
+    grace = float(config["server"]["shutdown_grace_seconds"])
+    runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=grace + 5, access_log=None)
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, host, port)
+        await site.start()
+        bound = site._server.sockets[0].getsockname() if site._server and site._server.sockets else (host, port)  # type: ignore[union-attr]
+        shown_host = f"[{bound[0]}]" if ":" in str(bound[0]) else bound[0]
+        url = f"http://{shown_host}:{bound[1]}"
+        print(f"agentspace listening on {url}  (WebSocket: ws://{shown_host}:{bound[1]}/gateway)", flush=True)
+        print("Clients need the gateway token: run `agentspace token`.", flush=True)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+        print("agentspace shutting down", file=sys.stderr, flush=True)
+    finally:
+        await runner.cleanup()

@@ -1,0 +1,16 @@
+"""Typed application state shared by the transports (aiohttp ``AppKey``s instead of globals)."""
+
+from __future__ import annotations
+
+import weakref
+
+from aiohttp import web
+
+from ..gateway import Gateway
+from ..gateway_token import TokenFile
+from ..security import AuthFailures
+
+GATEWAY = web.AppKey("gateway", Gateway)
+TOKEN_FILE = web.AppKey("token_file", TokenFile)
+AUTH_FAILURES = web.AppKey("auth_failures", AuthFailures)
+WEBSOCKETS = web.AppKey("websockets", weakref.WeakSet)

@@ -1,0 +1,277 @@
+"""The WebSocket protocol at ``/gateway`` (SPEC section 3).
+
+JSON text frames; every client message has ``type`` and ``id``, every reply carries ``requestId``. This
+module parses frames, dispatches them, and encodes the pipeline's events as frames. The chat logic
+itself is ``agentspace.pipeline``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from typing import Any, Callable
+
+from aiohttp import WSMsgType, web
+
+from .. import events as ev
+from ..context import inspect_session
+from ..pipeline import ChatError, ChatRequest, Turn, start_turn
+from ..types import usage_to_wire
+from .. import security
+from . import state
+from .fences import FenceTracker
+
+log = logging.getLogger(__name__)
+
+# Frames before authentication must be small: nothing but {"type": "auth", ...} is expected.
+PRE_AUTH_MAX_BYTES = 4096
+
+
+def _dumps(obj: dict[str, Any]) -> str:
+    return json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
+
+
+class Connection:
+    """One client connection: at most one stream at a time."""
+
+    def __init__(self, request: web.Request, ws: web.WebSocketResponse) -> None:
+        self.app = request.app
+        self.gw = request.app[state.GATEWAY]
+        self.config = self.gw.config
+        self.ws = ws
+        self.turn: Turn | None = None
+        self.turn_request_id: Any = None
+        self.forwarder: asyncio.Task[None] | None = None
+        self.limiter = security.message_limiter(self.config)
+
+    async def send(self, obj: dict[str, Any]) -> None:
+        if not self.ws.closed:
+            await self.ws.send_str(_dumps(obj))
+
+    async def error(self, request_id: Any, code: str, message: str) -> None:
+        await self.send({"type": "error", "requestId": request_id, "code": code, "message": message})
+
+    # --- dispatch -------------------------------------------------------------------------------
+
+    async def handle_frame(self, data: str) -> None:
+        if len(data.encode("utf-8")) > self.config["server"]["max_frame_bytes"]:
+            await self.error(None, "PAYLOAD_TOO_LARGE", "Frame too large; the limit is [server] max_frame_bytes.")
+            return
+        if not self.limiter():
+            await self.error(None, "RATE_LIMITED", "Too many messages; slow down.")
+            return
+        try:
+            msg = json.loads(data)
+        except ValueError:
+            await self.error(None, "INVALID_MESSAGE", "Frames must be JSON objects.")
+            return
+        if not isinstance(msg, dict):
+            await self.error(None, "INVALID_MESSAGE", "Frames must be JSON objects.")
+            return
+        request_id = msg.get("id")
+        kind = msg.get("type")
+        if not isinstance(request_id, (str, int)) or isinstance(request_id, bool) or not isinstance(kind, str):
+            await self.error(request_id if isinstance(request_id, (str, int)) else None, "INVALID_MESSAGE",
+                             "Every message needs a string 'type' and an 'id'.")
+            return
+        handler = self.HANDLERS.get(kind)
+        if handler is None:
+            await self.error(request_id, "INVALID_MESSAGE", f"Unknown message type {kind!r}.")
+            return
+        try:
+            await handler(self, request_id, msg)
+        except _BadField as e:
+            await self.error(request_id, "INVALID_MESSAGE", str(e))
+
+    async def on_chat_send(self, request_id: Any, msg: dict[str, Any]) -> None:
+        content = _field(msg, "content", str, required=True)
+        session_id = _field(msg, "sessionId", str)
+        model = _field(msg, "model", str)
+        if not content.strip():
+            raise _BadField("'content' must not be empty.")
+        if self.turn is not None and not self.turn.done:
+            await self.error(request_id, "STREAM_IN_PROGRESS", "This connection is already streaming; wait or send chat.abort.")
+            return
+        try:
+            turn = await start_turn(self.gw, ChatRequest(content, session_id, model, client="ws"))
+        except ChatError as e:
+            await self.error(request_id, e.code, e.message)
+            return
+        self.turn, self.turn_request_id = turn, request_id
+        self.forwarder = asyncio.create_task(self.forward(turn, request_id))
+
+    async def on_chat_abort(self, request_id: Any, msg: dict[str, Any]) -> None:
+        target = msg.get("requestId")
+        if self.turn is None or self.turn.done or target != self.turn_request_id:
+            await self.error(request_id, "INVALID_MESSAGE", "No running stream with that requestId on this connection.")
+            return
+        self.turn.abort()
+
+    async def on_context_inspect(self, request_id: Any, msg: dict[str, Any]) -> None:
+        session_id = _field(msg, "sessionId", str, required=True)
+        reply = await inspect_session(self.gw, session_id, _field(msg, "model", str))
+        if reply is None:
+            await self.error(request_id, "SESSION_NOT_FOUND", f"No session {session_id!r}.")
+            return
+        await self.send({"type": "context.inspection", "requestId": request_id, **reply})
+
+    async def on_usage_query(self, request_id: Any, msg: dict[str, Any]) -> None:
+        from ..stores.usage import usage_report
+
+        session_id = _field(msg, "sessionId", str)
+        records = await self.gw.usage.arecords(session_id=session_id)
+        await self.send({"type": "usage.report", "requestId": request_id, **usage_report(records)})
+
+    async def on_session_list(self, request_id: Any, msg: dict[str, Any]) -> None:
+        sessions = await self.gw.sessions.list()
+        await self.send({"type": "session.list.result", "requestId": request_id, "sessions": sessions})
+
+    async def on_auth(self, request_id: Any, msg: dict[str, Any]) -> None:
+        await self.send({"type": "auth.ok", "requestId": request_id})  # already authenticated
+
+    HANDLERS: dict[str, Callable[["Connection", Any, dict[str, Any]], Any]] = {
+        "chat.send": on_chat_send,
+        "chat.abort": on_chat_abort,
+        "context.inspect": on_context_inspect,
+        "usage.query": on_usage_query,
+        "session.list": on_session_list,
+        "auth": on_auth,
+    }
+
+    # --- encoding the pipeline's events ---------------------------------------------------------
+
+    async def forward(self, turn: Turn, request_id: Any) -> None:
+        """Encode the turn's events as frames until it ends or the socket closes."""
+        fences = FenceTracker()
+        send = self.ws.send_str
+        rid = _dumps(request_id)
+        try:
+            async for event in turn.subscribe():
+                if self.ws.closed:
+                    return
+                kind = type(event)
+                if kind is ev.TextDelta:
+                    for piece, content_type in fences.feed(event.text):
+                        await send(f'{{"type":"chat.stream.delta","requestId":{rid},"delta":{_dumps(piece)},"contentType":"{content_type}"}}')
+                elif kind is ev.ReasoningDelta:
+                    await send(f'{{"type":"chat.stream.reasoning","requestId":{rid},"delta":{_dumps(event.text)}}}')
+                elif kind is ev.SourceEvent:
+                    source = {"url": event.url} if event.title is None else {"url": event.url, "title": event.title}
+                    await self.send({"type": "chat.stream.source", "requestId": request_id, "source": source})
+                elif kind is ev.ToolCallEvent:
+                    await self.send({"type": "chat.stream.tool_call", "requestId": request_id,
+                                     "toolCallId": event.tool_call_id, "name": event.name, "input": event.input})
+                elif kind is ev.ToolResultEvent:
+                    await self.send({"type": "chat.stream.tool_result", "requestId": request_id,
+                                     "toolCallId": event.tool_call_id, "name": event.name,
+                                     "output": _jsonable(event.output), "isError": event.is_error})
+                elif kind is ev.StreamStart:
+                    if event.session_created:
+                        await self.send({"type": "session.created", "requestId": request_id,
+                                         "sessionId": event.session_id, "model": event.model})
+                    await self.send({"type": "chat.stream.start", "requestId": request_id,
+                                     "sessionId": event.session_id, "model": event.model})
+                elif kind is ev.StreamEnd or kind is ev.StreamError:
+                    for piece, content_type in fences.flush():
+                        await self.send({"type": "chat.stream.delta", "requestId": request_id, "delta": piece, "contentType": content_type})
+                    if kind is ev.StreamEnd:
+                        await self.send({"type": "chat.stream.end", "requestId": request_id,
+                                         "finishReason": event.finish_reason, "usage": usage_to_wire(event.usage, event.cost)})
+                    else:
+                        await self.error(request_id, event.code, event.message)
+        except (ConnectionResetError, RuntimeError):
+            pass  # the client went away; the turn goes on without it
+
+    async def closed(self) -> None:
+        """The socket closed: the turn finishes (stored and billed) unless configured to abort."""
+        if self.turn is not None and not self.turn.done and self.config["chat"]["on_disconnect"] == "abort":
+            self.turn.abort()
+        if self.forwarder is not None:
+            self.forwarder.cancel()
+
+
+class _BadField(Exception):
+    pass
+
+
+def _field(msg: dict[str, Any], name: str, kind: type, *, required: bool = False) -> Any:
+    value = msg.get(name)
+    if value is None:
+        if required:
+            raise _BadField(f"'{name}' is required.")
+        return None
+    if not isinstance(value, kind) or isinstance(value, bool) and kind is not bool:
+        raise _BadField(f"'{name}' must be a {kind.__name__}.")
+    return value
+
+
+def _jsonable(value: Any) -> Any:
+    try:
+        json.dumps(value)
+        return value
+    except (TypeError, ValueError):
+        return str(value)
+
+
+async def gateway_handler(request: web.Request) -> web.StreamResponse:
+    config = request.app[state.GATEWAY].config
+    server = config["server"]
+    ws = web.WebSocketResponse(
+        heartbeat=float(server["heartbeat_seconds"]),
+        # aiohttp closes the socket (1009) past this; between the configured limit and this we answer
+        # PAYLOAD_TOO_LARGE and keep the connection.
+        max_msg_size=4 * int(server["max_frame_bytes"]),
+    )
+    authenticated = security.bearer_ok(request)
+    await ws.prepare(request)
+    if not authenticated and not await _authenticate_first_frame(request, ws, float(server["auth_timeout_seconds"])):
+        return ws
+    conn = Connection(request, ws)
+    request.app[state.WEBSOCKETS].add(ws)
+    try:
+        async for msg in ws:
+            if msg.type == WSMsgType.TEXT:
+                await conn.handle_frame(msg.data)
+            elif msg.type == WSMsgType.BINARY:
+                await conn.error(None, "INVALID_MESSAGE", "Binary frames are not supported; send JSON text frames.")
+            elif msg.type == WSMsgType.ERROR:
+                log.info("websocket closed with error: %s", ws.exception())
+    finally:
+        request.app[state.WEBSOCKETS].discard(ws)
+        await conn.closed()
+    return ws
+
+
+async def _authenticate_first_frame(request: web.Request, ws: web.WebSocketResponse, timeout: float) -> bool:
+    """Browsers cannot set headers on a WebSocket: the first frame must be {"type": "auth", "token"}."""
+    started = time.monotonic()
+    try:
+        msg = await ws.receive(timeout=timeout)
+    except asyncio.TimeoutError:
+        await _refuse(ws, None, "Authenticate within %.0f s: send {\"type\": \"auth\", \"id\": ..., \"token\": ...}." % timeout)
+        return False
+    request_id = None
+    if msg.type == WSMsgType.TEXT and len(msg.data) <= PRE_AUTH_MAX_BYTES:
+        try:
+            frame = json.loads(msg.data)
+        except ValueError:
+            frame = None
+        if isinstance(frame, dict):
+            request_id = frame.get("id") if isinstance(frame.get("id"), (str, int)) else None
+            token = frame.get("token")
+            if frame.get("type") == "auth" and isinstance(token, str) and security.token_ok(request, token):
+                await ws.send_str(_dumps({"type": "auth.ok", "requestId": request_id}))
+                return True
+    if msg.type in (WSMsgType.CLOSE, WSMsgType.CLOSING, WSMsgType.CLOSED):
+        return False
+    security.auth_failed(request)
+    log.info("websocket authentication failed from %s after %.2fs", request.remote, time.monotonic() - started)
+    await _refuse(ws, request_id, "Authentication failed. Send Authorization: Bearer <token> or an auth frame first; run 'agentspace token'.")
+    return False
+
+
+async def _refuse(ws: web.WebSocketResponse, request_id: Any, message: str) -> None:
+    await ws.send_str(_dumps({"type": "error", "requestId": request_id, "code": "UNAUTHORIZED", "message": message}))
+    await ws.close(code=4401, message=b"unauthorized")
