@@ -1,0 +1,460 @@
+"""Built-in plugin: every model id not claimed by another provider, served through litellm.
+
+litellm takes seconds to import, and this module is imported by every CLI command, so litellm is imported
+on the first ``stream()`` call only, in a worker thread so the event loop keeps serving meanwhile.
+The model id goes to litellm as is: ``openai/gpt-4o-mini`` is already litellm's ``provider/model`` form.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import json
+import logging
+import os
+import re
+from types import ModuleType
+from typing import TYPE_CHECKING, Any, AsyncIterator, Callable
+
+from ..events import (
+    ProviderError,
+    ProviderEvent,
+    ProviderFinish,
+    ReasoningDelta,
+    SourceEvent,
+    TextDelta,
+    ToolCallEvent,
+)
+from ..hookspecs import hookimpl
+from ..types import ChatMessage, Part, ReasoningPart, SourcePart, TextPart, TokenUsage, ToolCallPart, ToolResultPart
+from .base import Provider, ProviderRequest
+
+if TYPE_CHECKING:
+    from ..config import Config
+
+log = logging.getLogger(__name__)
+
+_FINISH_REASONS = {
+    "stop": "stop",
+    "length": "length",
+    "tool_calls": "tool-calls",
+    "function_call": "tool-calls",
+    "content_filter": "content-filter",
+}
+
+# How error messages name a provider; other prefixes are capitalized.
+_DISPLAY_NAMES = {
+    "openai": "OpenAI",
+    "azure": "Azure OpenAI",
+    "openrouter": "OpenRouter",
+    "xai": "xAI",
+    "deepseek": "DeepSeek",
+    "ollama": "Ollama",
+    "ollama_chat": "Ollama",
+    "hosted_vllm": "vLLM",
+    "vertex_ai": "Vertex AI",
+    "together_ai": "Together AI",
+    "fireworks_ai": "Fireworks AI",
+}
+
+_litellm: ModuleType | None = None
+
+
+async def _load_litellm() -> ModuleType:
+    global _litellm
+    if _litellm is None:
+        # Never fetch the cost map at import; read the copy bundled with litellm.
+        os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
+        # Concurrent first calls are safe: Python's import lock makes the later threads wait for the first.
+        module = await asyncio.to_thread(importlib.import_module, "litellm")
+        module.suppress_debug_info = True  # no "Give Feedback / Get Help" banners on errors
+        # Counting tokens for a provider that sent no usage must not download HuggingFace tokenizers.
+        module.disable_hf_tokenizer_download = True
+        _litellm = module
+    return _litellm
+
+
+@hookimpl(trylast=True)
+def register_providers(register: Callable[[Provider], None], config: "Config") -> None:
+    register(LiteLLMProvider(config))
+
+
+class LiteLLMProvider:
+    """The catch-all provider: claims every ``provider/model`` id and lets litellm speak the provider's API."""
+
+    name = "litellm"
+
+    def __init__(self, config: "Config") -> None:
+        self._config = config
+
+    def claims(self, model: str) -> bool:
+        return "/" in model
+
+    async def stream(self, request: ProviderRequest) -> AsyncIterator[ProviderEvent]:
+        litellm = await _load_litellm()
+        settings = self._config.provider_settings(request.prefix)
+        kwargs: dict[str, Any] = {
+            # [providers.PREFIX] options go to litellm as they are (api_version, extra_headers, temperature, ...).
+            **settings["options"],
+            "model": request.model,
+            "messages": to_openai_messages(request),
+            "stream": True,
+            "stream_options": {"include_usage": True},
+            "api_base": request.base_url,
+            "api_key": request.api_key,
+            "max_tokens": request.max_tokens,
+            "timeout": settings["timeout_seconds"],
+            # The pipeline retries (before the first token only); litellm and the SDKs under it must not.
+            "num_retries": 0,
+            "max_retries": 0,
+            # Providers that reject a parameter (stream_options, thinking, ...) get it dropped, not a 400.
+            "drop_params": True,
+        }
+        if request.tools:
+            kwargs["tools"] = [
+                {"type": "function", "function": {"name": t.name, "description": t.description, "parameters": t.input_schema}}
+                for t in request.tools
+            ]
+        if request.thinking is not None:
+            kwargs["thinking"] = (
+                {"type": "adaptive"}
+                if request.thinking.adaptive
+                else {"type": "enabled", "budget_tokens": request.thinking.budget_tokens}
+            )
+
+        message = _MessageBuilder()
+        calls: dict[int, list[Any]] = {}  # index -> [id, name, argument pieces]
+        seen_urls: set[str] = set()
+        finish_reason: str | None = None
+        usage: Any = None
+        response: Any = None
+        try:
+            response = await litellm.acompletion(**kwargs)
+            async for chunk in response:
+                choices = chunk.choices
+                if choices:
+                    choice = choices[0]
+                    delta = choice.delta
+                    if delta is not None:
+                        reasoning = getattr(delta, "reasoning_content", None)
+                        if reasoning:
+                            message.add_reasoning(reasoning)
+                            yield ReasoningDelta(reasoning)
+                        blocks = getattr(delta, "thinking_blocks", None)
+                        if blocks:
+                            # Anthropic-family models: the text also came as reasoning_content; keep signatures.
+                            for text in message.add_thinking_blocks(blocks, reasoning is None):
+                                yield ReasoningDelta(text)
+                        content = delta.content
+                        if content:
+                            message.add_text(content)
+                            yield TextDelta(content)
+                        if delta.tool_calls:
+                            for tc in delta.tool_calls:
+                                call = calls.get(tc.index)
+                                if call is None:
+                                    call = calls[tc.index] = [None, None, []]
+                                call[0] = call[0] or tc.id
+                                fn = tc.function
+                                if fn is not None:
+                                    call[1] = call[1] or fn.name
+                                    if fn.arguments:
+                                        call[2].append(fn.arguments)
+                        annotations = getattr(delta, "annotations", None)
+                        if annotations:
+                            for source in _annotation_sources(annotations):
+                                if source.url not in seen_urls:
+                                    seen_urls.add(source.url)
+                                    message.add_source(source)
+                                    yield source
+                    if choice.finish_reason:
+                        finish_reason = choice.finish_reason
+                citations = getattr(chunk, "citations", None)  # Perplexity: a list of URLs on the chunk
+                if citations:
+                    for url in citations:
+                        if isinstance(url, str) and url not in seen_urls:
+                            seen_urls.add(url)
+                            source = SourceEvent(url)
+                            message.add_source(source)
+                            yield source
+                chunk_usage = getattr(chunk, "usage", None)
+                if chunk_usage is not None:
+                    usage = chunk_usage
+        except Exception as e:
+            raise _map_error(e, request, settings["key_name"] or request.prefix) from None
+        finally:
+            # Also when the consumer stops early (abort): close the upstream connection, ending generation.
+            if response is not None:
+                await response.aclose()
+
+        # litellm papers over a stream that ended early with a made-up "stop"; its own state says whether the
+        # provider sent a finish reason at all.
+        if finish_reason is None or not _provider_finished(response):
+            raise ProviderError(
+                "LLM_ERROR", "the upstream stream ended before the answer was complete", retryable=True
+            )
+        for index in sorted(calls):
+            tool_id, name, pieces = calls[index]
+            event = ToolCallEvent(tool_id or f"call_{index}", name or "", _parse_arguments("".join(pieces)))
+            message.add_tool_call(event)
+            yield event
+        reason = _FINISH_REASONS.get(finish_reason, "other")
+        if calls and reason == "stop":  # some OpenAI-compatible servers (Ollama) end tool calls with "stop"
+            reason = "tool-calls"
+        yield ProviderFinish(reason, _token_usage(usage) if _provider_sent_usage(response) else None, message.finish())
+
+
+# --- the stream -----------------------------------------------------------------------------------
+
+
+class _MessageBuilder:
+    """Collects the assistant message in order, merging consecutive deltas of one kind into one part."""
+
+    __slots__ = ("parts", "_buffer", "_kind")
+
+    def __init__(self) -> None:
+        self.parts: list[Part] = []
+        self._buffer: list[str] = []
+        self._kind = ""
+
+    def _switch(self, kind: str) -> None:
+        if self._buffer:
+            text = "".join(self._buffer)
+            self.parts.append(TextPart(text) if self._kind == "text" else ReasoningPart(text))
+            self._buffer = []
+        self._kind = kind
+
+    def add_text(self, text: str) -> None:
+        if self._kind != "text":
+            self._switch("text")
+        self._buffer.append(text)
+
+    def add_reasoning(self, text: str) -> None:
+        if self._kind != "reasoning":
+            self._switch("reasoning")
+        self._buffer.append(text)
+
+    def add_source(self, source: SourceEvent) -> None:
+        self._switch("")
+        self.parts.append(SourcePart(source.url, source.title))
+
+    def add_tool_call(self, call: ToolCallEvent) -> None:
+        self._switch("")
+        self.parts.append(ToolCallPart(call.tool_call_id, call.name, call.input))
+
+    def add_thinking_blocks(self, blocks: list[Any], take_text: bool) -> list[str]:
+        """Record signatures and redacted blocks; return block texts when they are the only copy."""
+        texts: list[str] = []
+        for block in blocks:
+            if block.get("type") == "redacted_thinking":
+                self._switch("")
+                self.parts.append(ReasoningPart("", redacted_data=block.get("data")))
+                continue
+            text = block.get("thinking")
+            if text and take_text:
+                self.add_reasoning(text)
+                texts.append(text)
+            signature = block.get("signature")
+            if signature:
+                self._switch("")  # the signature closes the thinking block
+                last = self.parts[-1] if self.parts else None
+                if isinstance(last, ReasoningPart) and last.redacted_data is None:
+                    last.signature = signature
+        return texts
+
+    def finish(self) -> ChatMessage:
+        self._switch("")
+        return ChatMessage("assistant", self.parts)
+
+
+def _annotation_sources(annotations: list[Any]) -> list[SourceEvent]:
+    sources = []
+    for a in annotations:
+        citation = a.get("url_citation") if isinstance(a, dict) else getattr(a, "url_citation", None)
+        if isinstance(citation, dict) and citation.get("url"):
+            sources.append(SourceEvent(citation["url"], citation.get("title") or None))
+    return sources
+
+
+def _parse_arguments(raw: str) -> Any:
+    if not raw.strip():
+        return {}
+    try:
+        return json.loads(raw)
+    except ValueError:
+        # The model wrote invalid JSON; the tool gets the text and can say so.
+        return {"_raw": raw}
+
+
+def _provider_finished(response: Any) -> bool:
+    # CustomStreamWrapper internals; if a litellm upgrade renames them, trust the finish reason we saw.
+    if not hasattr(response, "received_finish_reason"):
+        return True
+    return response.received_finish_reason is not None or getattr(response, "intermittent_finish_reason", None) is not None
+
+
+def _provider_sent_usage(response: Any) -> bool:
+    # litellm always yields a usage object, counting tokens itself when the provider sent none. Only the
+    # raw chunks it keeps show which case this is (usage-only chunks are kept there and never yielded).
+    chunks = getattr(response, "chunks", None)
+    if chunks is None:
+        return True
+    return any(getattr(c, "usage", None) is not None for c in reversed(chunks))
+
+
+def _token_usage(usage: Any) -> TokenUsage | None:
+    if usage is None:
+        return None
+    prompt = usage.prompt_tokens or 0
+    details = getattr(usage, "prompt_tokens_details", None)
+    cached = (getattr(details, "cached_tokens", None) or 0) if details is not None else 0
+    cache_write = (getattr(details, "cache_creation_tokens", None) or 0) if details is not None else 0
+    completion_details = getattr(usage, "completion_tokens_details", None)
+    reasoning = (getattr(completion_details, "reasoning_tokens", None) or 0) if completion_details is not None else 0
+    return TokenUsage(
+        input_tokens=max(0, prompt - cached - cache_write),
+        output_tokens=usage.completion_tokens or 0,
+        cache_read_tokens=cached,
+        cache_write_tokens=cache_write,
+        reasoning_tokens=reasoning,
+    )
+
+
+# --- messages -------------------------------------------------------------------------------------
+
+
+def to_openai_messages(request: ProviderRequest) -> list[dict[str, Any]]:
+    """Our history in the Chat Completions format that litellm takes for every provider."""
+    # Only Anthropic models take their signed thinking back; everyone else gets the answer text only.
+    keep_thinking = request.prefix == "anthropic" or "claude" in request.model.lower()
+    out: list[dict[str, Any]] = [{"role": "system", "content": request.system}] if request.system else []
+    for m in request.messages:
+        if m.role == "user":
+            text: list[str] = []
+            for p in m.parts:
+                if isinstance(p, ToolResultPart):
+                    out.append({"role": "tool", "tool_call_id": p.tool_call_id, "content": _tool_output(p)})
+                elif isinstance(p, TextPart):
+                    text.append(p.text)
+            if text:
+                out.append({"role": "user", "content": "".join(text)})
+            continue
+        msg: dict[str, Any] = {"role": "assistant", "content": "".join(p.text for p in m.parts if isinstance(p, TextPart))}
+        tool_calls = [
+            {
+                "id": p.tool_call_id,
+                "type": "function",
+                "function": {"name": p.name, "arguments": json.dumps(p.input, ensure_ascii=False)},
+            }
+            for p in m.parts
+            if isinstance(p, ToolCallPart)
+        ]
+        if tool_calls:
+            msg["tool_calls"] = tool_calls
+            msg["content"] = msg["content"] or None
+        if keep_thinking:
+            blocks = [
+                {"type": "redacted_thinking", "data": p.redacted_data}
+                if p.redacted_data
+                else {"type": "thinking", "thinking": p.text, "signature": p.signature}
+                for p in m.parts
+                if isinstance(p, ReasoningPart) and (p.signature or p.redacted_data)
+            ]
+            if blocks:
+                msg["thinking_blocks"] = blocks
+        out.append(msg)
+    return out
+
+
+def _tool_output(part: ToolResultPart) -> str:
+    text = part.output if isinstance(part.output, str) else json.dumps(part.output, ensure_ascii=False, default=str)
+    return f"Error: {text}" if part.is_error else text
+
+
+# --- errors ---------------------------------------------------------------------------------------
+
+# litellm prefixes messages with its class names ("litellm.RateLimitError: RateLimitError: OpenAIException - ").
+_NOISE = re.compile(r"^(?:litellm\.\w+:\s*|\w+(?:Error|Exception)\s*(?::|-)\s*)+")
+# Key shapes of OpenAI/Anthropic (sk-), Groq (gsk_), xAI (xai-) and Google (AIza), in case an upstream echoes one.
+_KEY_LIKE = re.compile(r"\b(?:sk-|gsk_|xai-|AIza)[\w\-*]{8,}")
+
+
+def _map_error(error: Exception, request: ProviderRequest, key_name: str) -> ProviderError:
+    from litellm import exceptions as exc  # already imported by the call that failed
+
+    log.warning("%s call failed: %s", request.model, _scrub(str(error), request.api_key))
+    transport = _transport_failure(error)
+    # Failures of a started stream (and of lazily opened ones: Anthropic-family, Gemini, ...) arrive wrapped.
+    broke_off = False
+    if isinstance(error, exc.MidStreamFallbackError) and error.original_exception is not None:
+        broke_off = not error.is_pre_first_chunk
+        error = error.original_exception
+    name = _DISPLAY_NAMES.get(request.prefix, request.prefix.capitalize())
+    # litellm picks exception classes partly by matching message text (a 401 whose body says
+    # "invalid_request_error" becomes a BadRequestError), so the HTTP status decides first.
+    status = getattr(error, "status_code", None)
+    if status == 401 or isinstance(error, exc.AuthenticationError):
+        return ProviderError(
+            "NO_API_KEY", f"{name} API key not configured or rejected. Run: agentspace keys add {key_name}", status=401
+        )
+    if status == 429 or isinstance(error, exc.RateLimitError):
+        return ProviderError(
+            "RATE_LIMITED",
+            f"{name} rate limit reached: {_upstream_message(error, request)}",
+            retryable=True,
+            retry_after=_retry_after(error),
+            status=429,
+        )
+    # Transport failures carry a made-up status (500) and an internal detail, which stays in the log.
+    if transport == "timeout":
+        return ProviderError("LLM_ERROR", f"{name} did not answer in time", retryable=True)
+    if transport:  # litellm also reports an unparsable chunk as a connection error
+        where = "the stream broke off or was malformed" if broke_off else "could not connect"
+        return ProviderError("LLM_ERROR", f"{name} request failed: {where}", retryable=True)
+    retryable = isinstance(status, int) and status >= 500
+    prefix = f"{name} error (HTTP {status})" if isinstance(status, int) else f"{name} error"
+    return ProviderError("LLM_ERROR", f"{prefix}: {_upstream_message(error, request)}", retryable=retryable, status=status)
+
+
+def _transport_failure(error: BaseException) -> str | None:
+    """"timeout" or "connection" when the chain of causes holds a transport error, else None."""
+    import httpx
+    import openai
+
+    seen: BaseException | None = error
+    for _ in range(8):  # the chain is short; the bound only guards against cycles
+        if seen is None:
+            return None
+        if isinstance(seen, (TimeoutError, httpx.TimeoutException, openai.APITimeoutError)):
+            return "timeout"
+        if isinstance(seen, (ConnectionError, httpx.TransportError, openai.APIConnectionError)):
+            return "connection"
+        seen = seen.__cause__ or seen.__context__ or getattr(seen, "original_exception", None)
+    return None
+
+
+def _upstream_message(error: Exception, request: ProviderRequest) -> str:
+    text = getattr(error, "message", None) or str(error)
+    text = _NOISE.sub("", text).split("\n", 1)[0].split(" Original exception:", 1)[0].strip()
+    return _scrub(text, request.api_key)[:500] or "no details"
+
+
+def _scrub(text: str, api_key: str | None) -> str:
+    if api_key:
+        text = text.replace(api_key, "[redacted]")
+    return _KEY_LIKE.sub("[redacted]", text)
+
+
+def _retry_after(error: Exception) -> float | None:
+    # litellm keeps the upstream headers here; error.response is a synthetic httpx.Response without them.
+    headers = getattr(error, "litellm_response_headers", None) or getattr(getattr(error, "response", None), "headers", None)
+    if not headers:
+        return None
+    ms = headers.get("retry-after-ms")
+    value = headers.get("retry-after")
+    try:
+        if ms is not None:
+            return float(ms) / 1000
+        return float(value) if value is not None else None
+    except ValueError:  # an HTTP date; the pipeline's own backoff applies
+        return None

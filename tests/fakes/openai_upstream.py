@@ -1,0 +1,419 @@
+"""A fake OpenAI Chat Completions API on 127.0.0.1, speaking the real wire format over HTTP.
+
+Responses are scripted with the builders below and served in order (``default`` when the queue is empty)::
+
+    async with started_fake_openai() as fake:
+        fake.enqueue(text_response("Hello!", reasoning="Let me think", usage=usage(12, 3, cached=4)))
+        fake.enqueue(tool_calls_response(tool_call("call_1", "get_weather", ['{"city"', ': "Paris"}'])))
+        fake.enqueue(error_status(429, "Rate limit reached", retry_after=2))
+        fake.enqueue(text_response("Hi").cut_after(2))        # drop the connection after 2 SSE events
+        ...  # point a client at fake.url ("http://127.0.0.1:PORT/v1"): litellm's api_base, the SDK's base_url
+        fake.requests[0].body["messages"], fake.requests[0].headers["authorization"]
+
+In tests, use the ``fake_openai`` fixture (import it into a conftest) instead of the context manager.
+
+A streamed answer is a sequence of ``data: JSON\\n\\n`` server-sent events::
+
+    {"id", "object": "chat.completion.chunk", "created", "model",
+     "choices": [{"index": 0, "delta": {role, content, reasoning_content, annotations,
+                                        tool_calls: [{index, id, type, function: {name, arguments}}]},
+                  "finish_reason": null}]}                                       (one per delta)
+    {... "choices": [{"index": 0, "delta": {}, "finish_reason": "stop" | "length" | "tool_calls" | ...}]}
+    {... "choices": [], "usage": {prompt_tokens, completion_tokens, total_tokens,
+                                  prompt_tokens_details: {cached_tokens},
+                                  completion_tokens_details: {reasoning_tokens}}}  (if stream_options.include_usage)
+    [DONE]
+
+Tool-call arguments arrive in pieces: the first delta of a call carries ``id``, ``type`` and ``function.name``,
+the later ones only ``index`` and an ``arguments`` piece. Failures before streaming are HTTP statuses with
+the JSON body ``{"error": {"message", "type", "param", "code"}}``. ``stream: false`` gets the same script
+folded into one ``chat.completion`` object.
+
+Run ``python -m tests.fakes.openai_upstream [PORT]`` to serve the default answer for manual tests and benchmarks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+import time
+from collections import deque
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field, replace
+from typing import Any, AsyncIterator, Iterable, Sequence
+
+import pytest
+from aiohttp import web
+
+DEFAULT_TEXT = "Hello from the fake OpenAI upstream."
+
+# A delta is a chunk's ``choices[0].delta``; a str is sent verbatim as an event's data (malformed chunks).
+Delta = dict[str, Any] | str
+
+
+@dataclass(frozen=True)
+class FakeResponse:
+    """One scripted answer: a 200 event stream, or an error status with OpenAI's JSON error body.
+
+    ``usage`` is None for a server that sends no usage chunk even when asked. Modifiers return a changed
+    copy, so a response can be reused (e.g. as ``default``).
+    """
+
+    deltas: tuple[Delta, ...] = ()
+    finish_reason: str | None = "stop"
+    usage: dict[str, Any] | None = None
+    status: int = 200
+    error: dict[str, Any] | None = None  # the JSON body of an error status
+    headers: dict[str, str] = field(default_factory=dict)
+    delay: float = 0.0  # seconds between events
+    cut: int | None = None  # end the stream after this many events, before the finish chunk
+    abort: bool = True  # how to cut: drop the TCP connection (True) or end the HTTP body cleanly
+    stall_after: int | None = None  # stop sending for ``stall_seconds`` after this many events
+    stall_seconds: float = 0.0
+
+    def cut_after(self, n_events: int, *, abort: bool = True) -> "FakeResponse":
+        """End the stream after ``n_events`` delta events: no finish_reason, no usage, no ``[DONE]``."""
+        return replace(self, cut=n_events, abort=abort)
+
+    def stall(self, seconds: float, *, after: int = 1) -> "FakeResponse":
+        return replace(self, stall_after=after, stall_seconds=seconds)
+
+    def with_delay(self, seconds: float) -> "FakeResponse":
+        return replace(self, delay=seconds)
+
+    def without_usage(self) -> "FakeResponse":
+        return replace(self, usage=None)
+
+    def _encoded(self, head: dict[str, Any], include_usage: bool) -> list[bytes]:
+        events: list[dict[str, Any] | str] = [
+            d if isinstance(d, str) else {**head, "choices": [{"index": 0, "delta": d, "logprobs": None, "finish_reason": None}]}
+            for d in self.deltas
+        ]
+        if self.cut is not None:
+            return [_sse(e) for e in events[: self.cut]]
+        if self.finish_reason is not None:
+            events.append({**head, "choices": [{"index": 0, "delta": {}, "logprobs": None, "finish_reason": self.finish_reason}]})
+        if include_usage and self.usage is not None:
+            events.append({**head, "choices": [], "usage": self.usage})
+        events.append("[DONE]")
+        return [_sse(e) for e in events]
+
+
+@dataclass
+class RecordedRequest:
+    path: str
+    body: Any  # the parsed JSON body (None if it was not JSON)
+    headers: dict[str, str]  # lower-case names
+    disconnected: bool = False  # the client hung up before the stream was complete
+
+
+def _sse(data: dict[str, Any] | str) -> bytes:
+    return f"data: {data if isinstance(data, str) else json.dumps(data)}\n\n".encode()
+
+
+# --- builders -------------------------------------------------------------------------------------
+
+
+def usage(prompt: int, completion: int, *, cached: int = 0, reasoning: int = 0) -> dict[str, Any]:
+    """OpenAI's usage object; ``prompt`` includes the ``cached`` tokens, ``completion`` the ``reasoning`` ones."""
+    return {
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+        "prompt_tokens_details": {"cached_tokens": cached, "audio_tokens": 0},
+        "completion_tokens_details": {"reasoning_tokens": reasoning, "audio_tokens": 0},
+    }
+
+
+def _pieces(text: str, chunks: int | Sequence[str]) -> list[str]:
+    if not isinstance(chunks, int):
+        return list(chunks)
+    size = max(1, -(-len(text) // max(1, chunks)))
+    return [text[i : i + size] for i in range(0, len(text), size)] or [""]
+
+
+def text_deltas(text: str, chunks: int | Sequence[str] = 3) -> list[Delta]:
+    return [{"content": p} for p in _pieces(text, chunks)]
+
+
+def reasoning_deltas(text: str, chunks: int | Sequence[str] = 2) -> list[Delta]:
+    """``reasoning_content`` deltas, as DeepSeek, vLLM and most OpenAI-compatible reasoning servers send them."""
+    return [{"reasoning_content": p} for p in _pieces(text, chunks)]
+
+
+def annotations_delta(*sources: tuple[str, str | None]) -> Delta:
+    """``url_citation`` annotations, as OpenAI's search models stream them: ``(url, title)`` pairs."""
+    return {
+        "annotations": [
+            {"type": "url_citation", "url_citation": {"url": url, "title": title, "start_index": 0, "end_index": 0}}
+            for url, title in sources
+        ]
+    }
+
+
+@dataclass(frozen=True)
+class ToolCall:
+    id: str
+    name: str
+    arguments: tuple[str, ...]  # streamed in these pieces; joined, they are the JSON arguments
+
+
+def tool_call(id: str, name: str, arguments: str | Sequence[str] | dict[str, Any]) -> ToolCall:
+    """A call whose arguments (a JSON string, its pieces, or a dict sent as JSON in 3 pieces) are streamed."""
+    if isinstance(arguments, dict):
+        arguments = _pieces(json.dumps(arguments), 3)
+    return ToolCall(id, name, (arguments,) if isinstance(arguments, str) else tuple(arguments))
+
+
+def tool_call_deltas(*calls: ToolCall, interleave: bool = False) -> list[Delta]:
+    """All deltas of ``calls``; ``interleave`` alternates argument pieces between calls, as vLLM may."""
+    heads: list[Delta] = [
+        {"tool_calls": [{"index": i, "id": c.id, "type": "function", "function": {"name": c.name, "arguments": ""}}]}
+        for i, c in enumerate(calls)
+    ]
+    pieces = [[{"tool_calls": [{"index": i, "function": {"arguments": a}}]} for a in c.arguments] for i, c in enumerate(calls)]
+    if not interleave:
+        return [d for head, ps in zip(heads, pieces) for d in (head, *ps)]
+    out: list[Delta] = list(heads)
+    for round_ in range(max((len(p) for p in pieces), default=0)):
+        out.extend(p[round_] for p in pieces if round_ < len(p))
+    return out
+
+
+def stream_response(
+    *deltas: Delta | Iterable[Delta], finish_reason: str | None = "stop", usage: dict[str, Any] | None = None
+) -> FakeResponse:
+    """A 200 stream of ``deltas`` (single deltas or lists of them), opened by ``{"role": "assistant"}``."""
+    flat: list[Delta] = [{"role": "assistant", "content": ""}]
+    for d in deltas:
+        flat.extend([d] if isinstance(d, (dict, str)) else d)
+    return FakeResponse(tuple(flat), finish_reason, usage if usage is not None else _DEFAULT_USAGE)
+
+
+def text_response(
+    text: str = DEFAULT_TEXT,
+    *,
+    chunks: int | Sequence[str] = 3,
+    reasoning: str | None = None,
+    finish_reason: str = "stop",
+    usage: dict[str, Any] | None = None,
+) -> FakeResponse:
+    return stream_response(
+        reasoning_deltas(reasoning) if reasoning else [], text_deltas(text, chunks), finish_reason=finish_reason, usage=usage
+    )
+
+
+def tool_calls_response(
+    *calls: ToolCall, text: str | None = None, interleave: bool = False, usage: dict[str, Any] | None = None
+) -> FakeResponse:
+    return stream_response(
+        text_deltas(text) if text else [], tool_call_deltas(*calls, interleave=interleave), finish_reason="tool_calls", usage=usage
+    )
+
+
+def annotations_response(
+    text: str, *sources: tuple[str, str | None], usage: dict[str, Any] | None = None
+) -> FakeResponse:
+    """Text followed by its ``url_citation`` annotations in one delta, as gpt-4o-search-preview sends them."""
+    return stream_response(text_deltas(text), annotations_delta(*sources), usage=usage)
+
+
+def malformed_response(raw: str = '{"id": "chatcmpl-fake", "choices": [{"index": 0, "delta": {"cont') -> FakeResponse:
+    """A stream that starts well, then sends ``raw`` as an event's data (by default, truncated JSON)."""
+    return stream_response(text_deltas("Hello", 1), raw)
+
+
+_ERROR_TYPES = {
+    400: ("invalid_request_error", None),
+    401: ("invalid_request_error", "invalid_api_key"),
+    403: ("invalid_request_error", "unsupported_country_region_territory"),
+    404: ("invalid_request_error", "model_not_found"),
+    429: ("requests", "rate_limit_exceeded"),
+    500: ("server_error", None),
+    503: ("server_error", None),
+}
+
+
+def error_body(message: str, type: str, code: str | None = None) -> dict[str, Any]:
+    return {"error": {"message": message, "type": type, "param": None, "code": code}}
+
+
+def error_status(
+    status: int, message: str | None = None, *, type: str | None = None, code: str | None = None, retry_after: float | None = None
+) -> FakeResponse:
+    """An HTTP error before any streaming, with OpenAI's JSON error body (and ``retry-after`` if given)."""
+    default_type, default_code = _ERROR_TYPES.get(status, ("server_error", None))
+    headers = {"x-request-id": "req_fake"}
+    if retry_after is not None:
+        headers["retry-after"] = f"{retry_after:g}"
+    body = error_body(message or f"fake error {status}", type or default_type, code or default_code)
+    return FakeResponse(status=status, error=body, headers=headers)
+
+
+_DEFAULT_USAGE = usage(20, 10)
+
+
+# --- the server -----------------------------------------------------------------------------------
+
+
+class FakeOpenAI:
+    """The fake upstream. ``url`` is the base URL clients use; it ends in ``/v1``.
+
+    ``api_key``: when set, requests without ``Authorization: Bearer <api_key>`` get OpenAI's 401.
+    """
+
+    def __init__(self, default: FakeResponse | None = None, *, api_key: str | None = None) -> None:
+        self.default = default or text_response()
+        self.api_key = api_key
+        self.requests: list[RecordedRequest] = []
+        self._queue: deque[FakeResponse] = deque()
+        self._runner: web.AppRunner | None = None
+        self._handlers: set[asyncio.Task[Any]] = set()
+        self._created = int(time.time())
+        self.port = 0
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/v1"
+
+    def enqueue(self, *responses: FakeResponse) -> None:
+        self._queue.extend(responses)
+
+    async def start(self, port: int = 0) -> "FakeOpenAI":
+        app = web.Application()
+        app.router.add_post("/v1/chat/completions", self._chat)
+        app.router.add_post("/chat/completions", self._chat)
+        self._runner = web.AppRunner(app, access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", port)
+        await site.start()
+        self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        return self
+
+    async def close(self) -> None:
+        # Stalled handlers would otherwise hold the shutdown until they finish.
+        for task in list(self._handlers):
+            task.cancel()
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+    async def _chat(self, request: web.Request) -> web.StreamResponse:
+        try:
+            body = await request.json()
+        except ValueError:
+            body = None
+        headers = {k.lower(): v for k, v in request.headers.items()}
+        recorded = RecordedRequest(request.path, body, headers)
+        self.requests.append(recorded)
+        if self.api_key is not None and headers.get("authorization") != f"Bearer {self.api_key}":
+            message = "Incorrect API key provided. You can find your API key at https://platform.openai.com/account/api-keys."
+            return web.json_response(error_body(message, "invalid_request_error", "invalid_api_key"), status=401)
+        if not isinstance(body, dict):
+            message = "We could not parse the JSON body of your request."
+            return web.json_response(error_body(message, "invalid_request_error"), status=400)
+        script = self._queue.popleft() if self._queue else self.default
+        if script.status != 200:
+            return web.json_response(script.error or {}, status=script.status, headers=script.headers)
+        model = body.get("model", "gpt-4o-mini")
+        if not body.get("stream"):
+            return web.json_response(_fold(script, model, self._created), headers=script.headers)
+        task = asyncio.current_task()
+        assert task is not None
+        self._handlers.add(task)
+        try:
+            include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+            return await self._stream(request, recorded, script, model, include_usage)
+        finally:
+            self._handlers.discard(task)
+
+    async def _stream(
+        self, request: web.Request, recorded: RecordedRequest, script: FakeResponse, model: str, include_usage: bool
+    ) -> web.StreamResponse:
+        resp = web.StreamResponse(
+            headers={"Content-Type": "text/event-stream; charset=utf-8", "Cache-Control": "no-cache", **script.headers}
+        )
+        await resp.prepare(request)
+        head = {"id": "chatcmpl-fake", "object": "chat.completion.chunk", "created": self._created, "model": model, "system_fingerprint": "fp_fake"}
+        chunks = script._encoded(head, include_usage)
+        try:
+            if not script.delay and script.stall_after is None:
+                await resp.write(b"".join(chunks))  # zero delay: one write, cheap for benchmarks
+            else:
+                for i, chunk in enumerate(chunks):
+                    if i == script.stall_after:
+                        await asyncio.sleep(script.stall_seconds)
+                    elif i and script.delay:
+                        await asyncio.sleep(script.delay)
+                    await resp.write(chunk)
+            if script.cut is not None and script.abort:
+                assert request.transport is not None
+                request.transport.abort()  # the client sees an incomplete chunked body
+                return resp
+            await resp.write_eof()
+        except ConnectionResetError:
+            recorded.disconnected = True  # the client hung up (abort, or a timeout during a stall)
+        return resp
+
+
+def _fold(script: FakeResponse, model: str, created: int) -> dict[str, Any]:
+    """A script folded into one non-streamed ``chat.completion`` (``stream: false``)."""
+    message: dict[str, Any] = {"role": "assistant", "content": None}
+    calls: dict[int, dict[str, Any]] = {}
+    for d in script.deltas:
+        if isinstance(d, str):
+            continue
+        for key in ("content", "reasoning_content"):
+            if d.get(key):
+                message[key] = (message.get(key) or "") + d[key]
+        if d.get("annotations"):
+            message.setdefault("annotations", []).extend(d["annotations"])
+        for tc in d.get("tool_calls") or ():
+            call = calls.setdefault(tc["index"], {"id": tc.get("id"), "type": "function", "function": {"name": None, "arguments": ""}})
+            call["function"]["name"] = call["function"]["name"] or tc["function"].get("name")
+            call["function"]["arguments"] += tc["function"].get("arguments") or ""
+    if calls:
+        message["tool_calls"] = [calls[i] for i in sorted(calls)]
+    out: dict[str, Any] = {
+        "id": "chatcmpl-fake",
+        "object": "chat.completion",
+        "created": created,
+        "model": model,
+        "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": script.finish_reason}],
+    }
+    if script.usage is not None:
+        out["usage"] = script.usage
+    return out
+
+
+@asynccontextmanager
+async def started_fake_openai(default: FakeResponse | None = None, *, api_key: str | None = None) -> AsyncIterator[FakeOpenAI]:
+    fake = await FakeOpenAI(default, api_key=api_key).start()
+    try:
+        yield fake
+    finally:
+        await fake.close()
+
+
+@pytest.fixture
+async def fake_openai() -> AsyncIterator[FakeOpenAI]:
+    """A started fake for one test: ``fake_openai.enqueue(...)``, ``fake_openai.url``, ``.requests``."""
+    async with started_fake_openai() as fake:
+        yield fake
+
+
+async def _serve(port: int) -> None:
+    fake = await FakeOpenAI().start(port)
+    print(f"fake OpenAI upstream at {fake.url}", flush=True)
+    try:
+        await asyncio.Event().wait()
+    finally:
+        await fake.close()
+
+
+if __name__ == "__main__":
+    try:
+        asyncio.run(_serve(int(sys.argv[1]) if len(sys.argv) > 1 else 0))
+    except KeyboardInterrupt:
+        pass
