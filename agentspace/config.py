@@ -179,6 +179,8 @@ def parse_config(raw: dict[str, Any], source: str = "<config>", base_dir: Path |
     for section, key in (("chat", "history_limit"), ("chat", "max_steps"), ("chat", "max_tokens"), ("thinking", "budget_tokens")):
         if values[section][key] < (0 if key == "history_limit" else 1):
             raise ConfigError(source, f"{section}.{key}", f"expected a positive integer, got {values[section][key]}")
+    if values["thinking"]["budget_tokens"] < 1024:
+        raise ConfigError(source, "thinking.budget_tokens", f"expected at least 1024 (the API's minimum), got {values['thinking']['budget_tokens']}")
     for model, chain in values["models"]["fallbacks"].items():
         if not isinstance(chain, list) or not all(isinstance(m, str) for m in chain):
             raise ConfigError(source, f"models.fallbacks.{model}", "expected a list of model ids")

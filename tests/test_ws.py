@@ -391,3 +391,10 @@ async def test_max_steps_reached(make_client: Any, token: str, fake_anthropic: A
     assert frames[-1]["finishReason"] == "tool-calls"
     await ws.close()
 
+
+
+async def test_unknown_provider_prefix_is_model_not_found(client: TestClient, token: str) -> None:
+    ws = await connect(client, token)
+    reply = (await chat(ws, "hi", model="nosuchprovider/some-model"))[-1]
+    assert reply["code"] == "MODEL_NOT_FOUND" and "agentspace models" in reply["message"]
+    await ws.close()

@@ -79,16 +79,30 @@ def register_providers(register: Callable[[Provider], None], config: "Config") -
     register(LiteLLMProvider(config))
 
 
+# Common litellm prefixes that serve models the cost map does not list (local and proxy servers).
+EXTRA_PREFIXES = frozenset({"openrouter", "hosted_vllm", "lm_studio", "ollama_chat", "litellm_proxy", "llamafile", "vllm"})
+
+
 class LiteLLMProvider:
-    """The catch-all provider: claims every ``provider/model`` id and lets litellm speak the provider's API."""
+    """The catch-all provider: every ``prefix/model`` id whose prefix litellm knows (from its cost map) or the
+    config names in a ``[providers.PREFIX]`` table; litellm speaks the provider's API."""
 
     name = "litellm"
 
     def __init__(self, config: "Config") -> None:
         self._config = config
+        self._prefixes: frozenset[str] | None = None
 
     def claims(self, model: str) -> bool:
-        return "/" in model
+        prefix, _, name = model.partition("/")
+        if not name:
+            return False
+        if self._prefixes is None:
+            from ..pricing import cost_map
+
+            known = {str(entry.get("litellm_provider", "")) for entry in cost_map().values()}
+            self._prefixes = frozenset(known | set(self._config.providers) | EXTRA_PREFIXES)
+        return prefix in self._prefixes
 
     async def stream(self, request: ProviderRequest) -> AsyncIterator[ProviderEvent]:
         litellm = await _load_litellm()
