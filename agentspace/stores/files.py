@@ -1,0 +1,251 @@
+"""Crash-safe JSON files for tinydb, the worker thread of a store, and the data-directory lock.
+
+Every write goes to a temp file in the target's folder, which is fsynced, renamed over the target with
+``os.replace`` (atomic on POSIX), and then the folder is fsynced. A reader, or a process killed at any
+point, therefore sees either the previous file or the new one, never a partial one. A kill can leave a
+temp file behind; readers only open ``*.json`` names, and writers remove temp files of dead processes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import functools
+import json
+import os
+import re
+import secrets
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Callable, Iterator, TypeVar
+
+from tinydb import TinyDB
+from tinydb.storages import Storage
+
+# ".<target name>.<pid>.<random>.tmp": the pid tells a crashed writer's leftovers from a live one's.
+_TEMP_NAME = re.compile(r"^\..+\.(\d+)\.[0-9a-f]+\.tmp$")
+
+T = TypeVar("T")
+
+
+class StoreCorrupt(ValueError):
+    """A store file that is not valid JSON (atomic writes never produce one; a hand edit can)."""
+
+
+def fsync_dir(path: Path) -> None:
+    """Make renames and new entries in ``path`` durable."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def make_dirs(path: Path) -> None:
+    """Create ``path`` and its missing parents (0700), fsyncing each new entry's parent."""
+    missing: list[Path] = []
+    while not path.is_dir():
+        missing.append(path)
+        path = path.parent
+    for folder in reversed(missing):
+        with contextlib.suppress(FileExistsError):
+            folder.mkdir(mode=0o700)
+        fsync_dir(folder.parent)
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    """Replace ``path`` with ``data`` as JSON, durably and atomically. The folder must exist."""
+    payload = json.dumps(data, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(payload)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    fsync_dir(path.parent)
+
+
+def read_json(path: Path) -> Any | None:
+    """The parsed file, or None when it does not exist (e.g. deleted since it was listed)."""
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except FileNotFoundError:
+        return None
+    try:
+        return json.loads(raw)
+    except ValueError as e:
+        raise StoreCorrupt(f"{path}: not valid JSON ({e})") from None
+
+
+def remove_stale_temp_files(folder: Path) -> None:
+    """Delete temp files left by writers that no longer run (killed mid-write)."""
+    try:
+        names = os.listdir(folder)
+    except FileNotFoundError:
+        return
+    for name in names:
+        match = _TEMP_NAME.match(name)
+        if match and not _pid_alive(int(match.group(1))):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(folder / name)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class AtomicJSONStorage(Storage):
+    """tinydb storage over ``write_json_atomic``; keeps the data in memory after the first read.
+
+    The server is the only writer of its files, so the cached copy stays valid and reads do not
+    re-parse. ``transaction()`` groups several tinydb operations into one atomic write.
+    """
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+        self._data: dict[str, Any] | None = None
+        self._in_transaction = False
+        self._dirty = False
+
+    def read(self) -> dict[str, Any] | None:
+        if self._data is None:
+            self._data = read_json(self.path)
+        return self._data
+
+    def write(self, data: dict[str, Any]) -> None:
+        if self._in_transaction:
+            self._data, self._dirty = data, True
+            return
+        self._commit(data)
+
+    def _commit(self, data: dict[str, Any]) -> None:
+        # tinydb changes the dict read() returned in place: if the write fails, forget it and
+        # re-read the file, which still holds the last good state.
+        self._data = None
+        write_json_atomic(self.path, data)
+        self._data = data
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[None]:
+        """Operations inside reach the file together, in one write, or (on an exception) not at all."""
+        self._in_transaction = True
+        try:
+            yield
+        except BaseException:
+            self._data, self._dirty = None, False
+            raise
+        finally:
+            self._in_transaction = False
+        if self._dirty:
+            self._dirty = False
+            assert self._data is not None
+            self._commit(self._data)
+
+    def close(self) -> None:
+        self._data = None
+
+
+def open_db(path: Path) -> TinyDB:
+    """A TinyDB over ``AtomicJSONStorage``. Opening creates nothing; the first write creates the file."""
+    return TinyDB(path, storage=AtomicJSONStorage)
+
+
+def storage_of(db: TinyDB) -> AtomicJSONStorage:
+    storage = db.storage
+    assert isinstance(storage, AtomicJSONStorage)
+    return storage
+
+
+class Worker:
+    """The one thread a store does its file work on: the event loop never blocks, writes run in order."""
+
+    def __init__(self, name: str) -> None:
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"agentspace-{name}")
+        self._closed = False
+
+    async def run(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
+        if self._closed:
+            raise RuntimeError("the store is closed")
+        future = asyncio.get_running_loop().run_in_executor(self._executor, functools.partial(fn, *args, **kwargs))
+        # Shielded: a caller cancelled mid-write (a client gone) must not drop a write still queued.
+        return await asyncio.shield(future)
+
+    async def flush(self) -> None:
+        """Return once everything queued before this call has run."""
+        await self.run(lambda: None)
+
+    async def aclose(self, finalize: Callable[[], None]) -> None:
+        """Let queued work finish, run ``finalize`` on the worker, and stop the thread."""
+        if self._closed:
+            return
+        await self.run(finalize)
+        self._closed = True
+        self._executor.shutdown(wait=True)  # idle by now: returns at once
+
+
+class DataDirLocked(RuntimeError):
+    """Another server holds the data directory."""
+
+    def __init__(self, data_dir: Path, pid: int | None) -> None:
+        who = f"another agentspace server (pid {pid})" if pid else "another agentspace server"
+        super().__init__(f"{who} is already using {data_dir}; stop it or pass a different --data-dir")
+        self.data_dir = data_dir
+        self.pid = pid
+
+
+class DataDirLock:
+    """An exclusive lock on ``data_dir/server.lock``, taken on construction, held until ``close()``.
+
+    ``flock`` is released by the kernel when the process dies, so a crashed server never leaves a
+    stale lock. The file holds the owner's pid for the error message. CLI readers do not take it.
+    """
+
+    def __init__(self, data_dir: Path) -> None:
+        self.data_dir = Path(data_dir)
+        make_dirs(self.data_dir)
+        self.path = self.data_dir / "server.lock"
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            pid = _read_pid(fd)
+            os.close(fd)
+            raise DataDirLocked(self.data_dir, pid) from None
+        except BaseException:
+            os.close(fd)
+            raise
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self._fd: int | None = fd
+
+    def close(self) -> None:
+        if self._fd is None:
+            return
+        os.ftruncate(self._fd, 0)
+        os.close(self._fd)  # closing the only descriptor releases the flock
+        self._fd = None
+
+    def __enter__(self) -> "DataDirLock":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _read_pid(fd: int) -> int | None:
+    text = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
+    return int(text) if text.isdigit() else None

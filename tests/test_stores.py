@@ -1,0 +1,623 @@
+"""The tinydb stores: sessions, usage segments, reports, the sink plugin, atomic files and the data-dir lock."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any
+
+import pluggy
+import pytest
+
+from agentspace import hookspecs
+from agentspace.builtins import tinydb_sink
+from agentspace.config import parse_config
+from agentspace.sinks import UsageSink
+from agentspace.stores import (
+    DataDirLock,
+    DataDirLocked,
+    InvalidSessionId,
+    MessageNotFound,
+    SessionExists,
+    SessionNotFound,
+    SessionStore,
+    StoreCorrupt,
+    UsageStore,
+    usage_by_day,
+    usage_report,
+)
+from agentspace.stores import usage as usage_module
+from agentspace.stores.files import open_db, remove_stale_temp_files, storage_of, write_json_atomic
+from agentspace.stores.usage import write_segment
+from agentspace.types import Cost, TokenUsage, UsageRecord, now_iso
+
+SUMMARY_KEYS = {"id", "title", "model", "createdAt", "lastActivityAt", "messageCount", "client"}
+BAD_IDS = ["", "../etc", "a/b", "a.b", "..", "x" * 129, "ünï", "a b", "a\x00b"]
+
+
+def usage_record(
+    n: int, *, model: str = "anthropic/claude-sonnet-4-5", session_id: str | None = "s1", timestamp: str | None = None,
+    estimated: bool = False,
+) -> UsageRecord:
+    return UsageRecord(
+        id=f"u{n}", timestamp=timestamp or now_iso(), model=model, provider=model.split("/")[0],
+        session_id=session_id, client="test", usage=TokenUsage(10, 5, 2, 1, 3, estimated),
+        cost=Cost(0.001, 0.002), latency_ms=12.5, finish_reason="stop",
+    )
+
+
+async def tick() -> None:
+    """Timestamps have millisecond precision: make the next one later."""
+    await asyncio.sleep(0.003)
+
+
+@pytest.fixture
+async def sessions(tmp_path: Path):
+    store = SessionStore(tmp_path)
+    yield store
+    await store.aclose()
+
+
+@pytest.fixture
+async def usage(tmp_path: Path):
+    store = UsageStore(tmp_path, segment_size=4)
+    yield store
+    await store.aclose()
+
+
+# --- sessions -----------------------------------------------------------------------------------
+
+
+async def test_create_returns_summary(sessions: SessionStore) -> None:
+    summary = await sessions.create(model="m1", client="cli")
+    assert set(summary) == SUMMARY_KEYS
+    assert summary["model"] == "m1" and summary["client"] == "cli"
+    assert summary["messageCount"] == 0 and summary["title"] is None
+    assert summary["createdAt"] == summary["lastActivityAt"]
+    assert await sessions.exists(summary["id"])
+
+
+async def test_create_with_id_and_title(sessions: SessionStore, tmp_path: Path) -> None:
+    summary = await sessions.create(model="m", session_id="chat_1-A", title="Planning")
+    assert summary["id"] == "chat_1-A" and summary["title"] == "Planning"
+    assert (tmp_path / "sessions" / "chat_1-A.json").is_file()
+    with pytest.raises(SessionExists):
+        await sessions.create(model="m", session_id="chat_1-A")
+
+
+@pytest.mark.parametrize("bad", BAD_IDS)
+async def test_bad_session_ids_are_rejected(sessions: SessionStore, tmp_path: Path, bad: str) -> None:
+    with pytest.raises(InvalidSessionId):
+        await sessions.create(model="m", session_id=bad)
+    assert await sessions.get(bad) is None
+    assert await sessions.exists(bad) is False
+    assert await sessions.messages(bad) == []
+    assert await sessions.delete(bad) is False
+    assert sessions.get_sync(bad) is None and sessions.delete_sync(bad) is False
+    with pytest.raises(SessionNotFound):
+        await sessions.append_message(bad, {"role": "user", "content": "x"})
+    with pytest.raises(SessionNotFound):
+        await sessions.touch(bad)
+    assert not any(p.is_file() for p in tmp_path.rglob("*"))
+
+
+async def test_unknown_session(sessions: SessionStore) -> None:
+    assert await sessions.get("nope") is None
+    assert await sessions.exists("nope") is False
+    assert await sessions.messages("nope") == []
+    assert await sessions.delete("nope") is False
+    assert await sessions.list() == []
+    for call in (
+        sessions.append_message("nope", {"role": "user", "content": "x"}),
+        sessions.update_message("nope", "m1", {"content": "y"}),
+        sessions.touch("nope"),
+    ):
+        with pytest.raises(SessionNotFound):
+            await call
+
+
+async def test_append_message_updates_summary(sessions: SessionStore) -> None:
+    sid = (await sessions.create(model="m"))["id"]
+    created = (await sessions.get(sid))["lastActivityAt"]
+    await tick()
+    await sessions.append_message(sid, {"role": "user", "content": "  Hello\n  there,   " + "word " * 30})
+    got = await sessions.get(sid)
+    assert got["messageCount"] == 1
+    assert got["lastActivityAt"] > created
+    assert got["title"] == ("Hello there, " + "word " * 30)[:60].rstrip()
+    assert len(got["title"]) <= 60
+    message = got["messages"][0]
+    assert message["id"] and message["createdAt"] and message["role"] == "user"
+
+    await sessions.append_message(sid, {"id": "a1", "role": "user", "content": "second question"})
+    assert (await sessions.get(sid))["title"] == got["title"]  # only the first user message names it
+
+
+async def test_title_comes_from_first_user_message_and_keeps_given_titles(sessions: SessionStore) -> None:
+    sid = (await sessions.create(model="m"))["id"]
+    await sessions.append_message(sid, {"role": "assistant", "content": "Welcome"})
+    assert (await sessions.get(sid))["title"] is None
+    await sessions.append_message(sid, {"role": "user", "content": "", "parts": [{"type": "text", "text": "From parts"}]})
+    assert (await sessions.get(sid))["title"] == "From parts"
+
+    named = (await sessions.create(model="m", title="Mine"))["id"]
+    await sessions.append_message(named, {"role": "user", "content": "question"})
+    assert (await sessions.get(named))["title"] == "Mine"
+
+
+async def test_stored_messages_are_detached_from_callers(sessions: SessionStore) -> None:
+    sid = (await sessions.create(model="m"))["id"]
+    message: dict[str, Any] = {"id": "m1", "role": "user", "content": "hi", "parts": [{"type": "text", "text": "hi"}]}
+    await sessions.append_message(sid, message)
+    message["parts"].append({"type": "text", "text": "changed by the caller"})
+    got = await sessions.get(sid)
+    got["messages"][0]["parts"].clear()
+    (await sessions.messages(sid))[0]["parts"].clear()
+    assert (await sessions.messages(sid))[0]["parts"] == [{"type": "text", "text": "hi"}]
+    with pytest.raises(TypeError):
+        await sessions.append_message(sid, {"role": "user", "content": object()})
+    assert len(await sessions.messages(sid)) == 1
+
+
+async def test_update_message(sessions: SessionStore) -> None:
+    sid = (await sessions.create(model="m"))["id"]
+    await sessions.append_message(sid, {"id": "u1", "role": "user", "content": "q"})
+    await sessions.append_message(sid, {"id": "a1", "role": "assistant", "content": ""})
+    before = (await sessions.get(sid))["lastActivityAt"]
+    await tick()
+    await sessions.update_message(sid, "a1", {"content": "answer", "finishReason": "stop", "usage": {"totalTokens": 9}})
+    got = await sessions.get(sid)
+    assert got["messages"][1] == {
+        "id": "a1", "role": "assistant", "content": "answer", "finishReason": "stop", "usage": {"totalTokens": 9},
+        "createdAt": got["messages"][1]["createdAt"],
+    }
+    assert got["messages"][0]["content"] == "q"
+    assert got["messageCount"] == 2 and got["lastActivityAt"] > before
+    with pytest.raises(MessageNotFound):
+        await sessions.update_message(sid, "missing", {"content": "x"})
+
+
+async def test_messages_history_limit(sessions: SessionStore) -> None:
+    sid = (await sessions.create(model="m"))["id"]
+    for i in range(5):
+        await sessions.append_message(sid, {"id": f"m{i}", "role": "user" if i % 2 == 0 else "assistant", "content": str(i)})
+    ids = lambda msgs: [m["id"] for m in msgs]  # noqa: E731
+    assert ids(await sessions.messages(sid)) == ["m0", "m1", "m2", "m3", "m4"]
+    assert ids(await sessions.messages(sid, limit=2)) == ["m3", "m4"]
+    assert ids(await sessions.messages(sid, limit=50)) == ["m0", "m1", "m2", "m3", "m4"]
+    assert await sessions.messages(sid, limit=0) == []
+
+
+async def test_list_is_most_recent_first(sessions: SessionStore) -> None:
+    first = (await sessions.create(model="m"))["id"]
+    await tick()
+    second = (await sessions.create(model="m"))["id"]
+    await tick()
+    third = (await sessions.create(model="m"))["id"]
+    assert [s["id"] for s in await sessions.list()] == [third, second, first]
+    await tick()
+    await sessions.append_message(first, {"role": "user", "content": "bump"})
+    await tick()
+    await sessions.touch(second)
+    listed = await sessions.list()
+    assert [s["id"] for s in listed] == [second, first, third]
+    assert all(set(s) == SUMMARY_KEYS for s in listed)
+    assert listed[1]["messageCount"] == 1 and listed[1]["title"] == "bump"
+
+
+async def test_delete(sessions: SessionStore, tmp_path: Path) -> None:
+    sid = (await sessions.create(model="m"))["id"]
+    keep = (await sessions.create(model="m"))["id"]
+    await sessions.append_message(sid, {"role": "user", "content": "x"})
+    assert await sessions.delete(sid) is True
+    assert await sessions.delete(sid) is False
+    assert await sessions.get(sid) is None and not await sessions.exists(sid)
+    assert [s["id"] for s in await sessions.list()] == [keep]
+    assert sorted(p.name for p in (tmp_path / "sessions").iterdir()) == [f"{keep}.json", f"{keep}.meta.json"]
+
+
+async def test_sync_methods_read_what_the_server_wrote(sessions: SessionStore, tmp_path: Path) -> None:
+    sid = (await sessions.create(model="m", title="t"))["id"]
+    await sessions.append_message(sid, {"id": "m1", "role": "user", "content": "hello"})
+    cli = SessionStore(tmp_path)  # another process in real life: nothing shared with the server's store
+    assert cli.get_sync(sid) == await sessions.get(sid)
+    assert cli.list_sync() == await sessions.list()
+    assert cli.get_sync("nope") is None
+    assert cli.delete_sync(sid) is True and cli.delete_sync(sid) is False
+    # The server notices the deletion although it had the session cached, and does not resurrect it.
+    assert await sessions.exists(sid) is False
+    with pytest.raises(SessionNotFound):
+        await sessions.append_message(sid, {"role": "user", "content": "again"})
+    assert cli.list_sync() == [] and not (tmp_path / "sessions" / f"{sid}.json").exists()
+
+
+async def test_sessions_survive_reopen(tmp_path: Path) -> None:
+    store = SessionStore(tmp_path)
+    sid = (await store.create(model="m"))["id"]
+    await store.append_message(sid, {"id": "m1", "role": "user", "content": "persisted"})
+    expected = await store.get(sid)
+    await store.aclose()
+    await store.aclose()  # idempotent
+    with pytest.raises(RuntimeError):
+        await store.get(sid)
+
+    reopened = SessionStore(tmp_path)
+    try:
+        assert await reopened.get(sid) == expected
+        assert await reopened.list() == [{k: v for k, v in expected.items() if k != "messages"}]
+    finally:
+        await reopened.aclose()
+
+
+async def test_list_reads_the_session_file_when_its_summary_copy_is_stale(tmp_path: Path) -> None:
+    store = SessionStore(tmp_path)
+    sid = (await store.create(model="m"))["id"]
+    meta = tmp_path / "sessions" / f"{sid}.meta.json"
+    stale = meta.read_bytes()
+    await store.append_message(sid, {"role": "user", "content": "after the copy"})
+    await store.aclose()
+    # A crash between the two writes: the copy still holds the summary from before the append.
+    meta.write_bytes(stale)
+    main_mtime = (tmp_path / "sessions" / f"{sid}.json").stat().st_mtime_ns
+    os.utime(meta, ns=(main_mtime - 10**9, main_mtime - 10**9))
+    assert SessionStore(tmp_path).list_sync()[0]["messageCount"] == 1
+
+    meta.unlink()  # a crash during create, before the copy was written
+    assert SessionStore(tmp_path).list_sync()[0]["messageCount"] == 1
+
+    meta.write_bytes(stale)  # same mtime tick as the session file: list trusts the copy ...
+    os.utime(meta, ns=(main_mtime, main_mtime))
+    assert SessionStore(tmp_path).list_sync()[0]["messageCount"] == 0
+    server = SessionStore(tmp_path)  # ... until the server opens the session and rewrites it
+    try:
+        assert await server.exists(sid)
+        assert SessionStore(tmp_path).list_sync()[0]["messageCount"] == 1
+    finally:
+        await server.aclose()
+
+
+async def test_a_cancelled_caller_does_not_drop_its_write(sessions: SessionStore) -> None:
+    sid = (await sessions.create(model="m"))["id"]
+    task = asyncio.create_task(sessions.append_message(sid, {"id": "m1", "role": "user", "content": "x"}))
+    await asyncio.sleep(0)  # the write is queued on the worker
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    await sessions.flush()
+    assert [m["id"] for m in await sessions.messages(sid)] == ["m1"]
+
+
+async def test_a_failed_write_leaves_the_last_good_state(sessions: SessionStore, monkeypatch: pytest.MonkeyPatch) -> None:
+    sid = (await sessions.create(model="m"))["id"]
+    await sessions.append_message(sid, {"id": "m1", "role": "user", "content": "kept"})
+    real_replace = os.replace
+
+    def disk_full(src: Any, dst: Any) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "replace", disk_full)
+    with pytest.raises(OSError):
+        await sessions.append_message(sid, {"id": "m2", "role": "user", "content": "lost"})
+    monkeypatch.setattr(os, "replace", real_replace)
+    got = await sessions.get(sid)  # the in-memory copy was dropped with the failed write
+    assert [m["id"] for m in got["messages"]] == ["m1"] and got["messageCount"] == 1
+    await sessions.append_message(sid, {"id": "m3", "role": "user", "content": "next"})
+    assert [m["id"] for m in await sessions.messages(sid)] == ["m1", "m3"]
+    assert not [p for p in sessions.dir.iterdir() if p.name.endswith(".tmp")]
+
+
+async def test_a_write_touches_only_its_own_session_file(sessions: SessionStore) -> None:
+    ids = [(await sessions.create(model="m"))["id"] for _ in range(3)]
+    before = {p.name: p.stat().st_mtime_ns for p in sessions.dir.iterdir()}
+    await asyncio.sleep(0.02)  # coarse file clocks
+    await sessions.append_message(ids[1], {"role": "user", "content": "x"})
+    changed = {p.name for p in sessions.dir.iterdir() if p.stat().st_mtime_ns != before.get(p.name)}
+    assert changed == {f"{ids[1]}.json", f"{ids[1]}.meta.json"}
+
+
+# --- usage --------------------------------------------------------------------------------------
+
+
+def segment_files(data_dir: Path) -> list[str]:
+    return sorted(str(p.relative_to(data_dir / "usage")) for p in (data_dir / "usage").rglob("*.json"))
+
+
+async def test_usage_append_and_records(usage: UsageStore) -> None:
+    await usage.append(usage_record(1))
+    await usage.append(usage_record(2, session_id="s2"))
+    records = list(usage.records())
+    assert [r["id"] for r in records] == ["u1", "u2"]
+    assert records[0] == usage_record(1, timestamp=records[0]["timestamp"]).to_dict()
+    assert [r["id"] for r in usage.records(session_id="s2")] == ["u2"]
+    assert [r["id"] for r in await usage.arecords(session_id="s1")] == ["u1"]
+
+
+async def test_usage_records_when_nothing_is_stored(tmp_path: Path) -> None:
+    store = UsageStore(tmp_path)
+    assert list(store.records()) == [] and await store.arecords() == []
+    await store.aclose()
+    assert not (tmp_path / "usage").exists()
+
+
+async def test_usage_segment_rollover(usage: UsageStore, tmp_path: Path) -> None:
+    day = usage_module._utc_day()
+    for i in range(10):
+        await usage.append(usage_record(i))
+    assert segment_files(tmp_path) == [f"{day}/00000.json", f"{day}/00001.json", f"{day}/00002.json"]
+    sizes = [len(json.loads((tmp_path / "usage" / f).read_text())["records"]) for f in segment_files(tmp_path)]
+    assert sizes == [4, 4, 2]
+    assert [r["id"] for r in usage.records()] == [f"u{i}" for i in range(10)]
+
+
+async def test_usage_continues_the_last_segment_after_a_restart(tmp_path: Path) -> None:
+    day = usage_module._utc_day()
+    first = UsageStore(tmp_path, segment_size=4)
+    for i in range(6):
+        await first.append(usage_record(i))
+    await first.aclose()
+    second = UsageStore(tmp_path, segment_size=4)
+    for i in range(6, 9):
+        await second.append(usage_record(i))
+    await second.aclose()
+    assert segment_files(tmp_path) == [f"{day}/00000.json", f"{day}/00001.json", f"{day}/00002.json"]
+    assert [r["id"] for r in second.records()] == [f"u{i}" for i in range(9)]
+
+
+async def test_usage_starts_a_new_folder_when_the_utc_day_changes(
+    usage: UsageStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(usage_module, "_utc_day", lambda: "2030-01-01")
+    await usage.append(usage_record(1, timestamp="2030-01-01T23:59:59.999Z"))
+    await usage.append(usage_record(2, timestamp="2030-01-01T23:59:59.999Z"))
+    monkeypatch.setattr(usage_module, "_utc_day", lambda: "2030-01-02")
+    await usage.append(usage_record(3, timestamp="2030-01-02T00:00:00.001Z"))
+    assert segment_files(tmp_path) == ["2030-01-01/00000.json", "2030-01-02/00000.json"]
+    since = datetime(2030, 1, 2, tzinfo=timezone.utc)
+    assert [r["id"] for r in usage.records(since=since)] == ["u3"]
+    assert [r["id"] for r in usage.records(since=since.replace(tzinfo=None))] == ["u3"]  # naive is UTC
+
+
+async def test_usage_since_skips_older_day_folders(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    write_segment(tmp_path, "2020-01-01", 0, [usage_record(1, timestamp="2020-01-01T10:00:00.000Z").to_dict()])
+    (tmp_path / "usage" / "2020-01-01" / "00000.json").write_text("not json")  # would fail if it were read
+    write_segment(tmp_path, "2020-01-05", 0, [
+        usage_record(2, timestamp="2020-01-05T08:00:00.000Z").to_dict(),
+        usage_record(3, timestamp="2020-01-05T18:00:00.000Z").to_dict(),
+    ])
+    store = UsageStore(tmp_path)
+    since = datetime(2020, 1, 5, 12, tzinfo=timezone(timedelta(hours=2)))  # 10:00 UTC
+    assert [r["id"] for r in store.records(since=since)] == ["u3"]
+    with pytest.raises(StoreCorrupt, match="00000.json"):
+        list(store.records())
+    await store.aclose()
+
+
+async def test_usage_append_rewrites_only_the_current_segment(tmp_path: Path) -> None:
+    day = usage_module._utc_day()
+    for n in range(3):
+        write_segment(tmp_path, day, n, [usage_record(n * 10 + i).to_dict() for i in range(5)])
+    before = {f: (tmp_path / "usage" / f).stat().st_mtime_ns for f in segment_files(tmp_path)}
+    await asyncio.sleep(0.02)
+    store = UsageStore(tmp_path, segment_size=5)
+    await store.append(usage_record(99))
+    await store.aclose()
+    after = {f: (tmp_path / "usage" / f).stat().st_mtime_ns for f in segment_files(tmp_path)}
+    assert {f for f in after if after[f] != before.get(f)} == {f"{day}/00003.json"}
+
+
+async def test_usage_store_closes(usage: UsageStore) -> None:
+    await usage.append(usage_record(1))
+    await usage.flush()
+    await usage.aclose()
+    with pytest.raises(RuntimeError):
+        await usage.append(usage_record(2))
+    assert [r["id"] for r in usage.records()] == ["u1"]  # sync reads need no worker
+    with pytest.raises(ValueError):
+        UsageStore(usage.dir.parent, segment_size=0)
+
+
+# --- reports ------------------------------------------------------------------------------------
+
+
+def test_usage_report() -> None:
+    records = [
+        usage_record(1, model="anthropic/a", timestamp="2025-03-01T10:00:00.000Z").to_dict(),
+        usage_record(2, model="anthropic/a", timestamp="2025-03-02T10:00:00.000Z", estimated=True).to_dict(),
+        usage_record(3, model="openai/b", timestamp="2025-03-02T11:00:00.000Z").to_dict(),
+    ]
+    per_model = {
+        "inputTokens": 20, "outputTokens": 10, "totalTokens": 36, "cacheReadTokens": 4, "cacheWriteTokens": 2,
+        "reasoningTokens": 6, "totalCost": 0.006, "requestCount": 2, "estimatedCount": 1,
+    }
+    report = usage_report(records)
+    assert list(report["perModel"]) == ["anthropic/a", "openai/b"]
+    assert report["perModel"]["anthropic/a"] == per_model
+    assert report["perModel"]["openai/b"]["requestCount"] == 1
+    grand = report["grandTotal"]
+    assert (grand["totalCost"], grand["totalTokens"], grand["requestCount"]) == (0.009, 54, 3)
+    assert json.loads(json.dumps(report)) == report
+
+    by_day = usage_by_day(records)
+    assert list(by_day["perDay"]) == ["2025-03-01", "2025-03-02"]
+    assert by_day["perDay"]["2025-03-02"]["requestCount"] == 2
+    assert by_day["perDay"]["2025-03-02"]["totalCost"] == 0.006
+    assert by_day["grandTotal"] == grand
+
+    empty = usage_report([])
+    assert empty["perModel"] == {} and empty["grandTotal"]["requestCount"] == 0
+
+
+# --- the sink plugin ----------------------------------------------------------------------------
+
+
+async def test_tinydb_sink_plugin(tmp_path: Path) -> None:
+    pm = pluggy.PluginManager("agentspace")
+    pm.add_hookspecs(hookspecs)
+    pm.register(tinydb_sink)
+    sinks: list[Any] = []
+    config = parse_config({"storage": {"data_dir": str(tmp_path)}})
+    pm.hook.register_usage_sinks(register=sinks.append, config=config)
+    [sink] = sinks
+    assert isinstance(sink, UsageSink) and sink.name == "tinydb"
+    assert not (tmp_path / "usage").exists()  # opened lazily
+    await sink.record(usage_record(1))
+    await sink.record(usage_record(2))
+    store = sink.store
+    assert store is sink.store
+    assert [r["id"] for r in await store.arecords()] == ["u1", "u2"]
+    await sink.aclose()
+    await sink.aclose()
+    assert [r["id"] for r in UsageStore(tmp_path).records()] == ["u1", "u2"]
+
+
+# --- files --------------------------------------------------------------------------------------
+
+
+def test_atomic_write_and_corrupt_files(tmp_path: Path) -> None:
+    folder = tmp_path / "files"
+    folder.mkdir()
+    target = folder / "a.json"
+    write_json_atomic(target, {"x": "ü"})
+    assert json.loads(target.read_text("utf-8")) == {"x": "ü"}
+    assert os.listdir(folder) == ["a.json"]  # no temp file left
+    assert target.stat().st_mode & 0o777 == 0o600
+    target.write_text('{"_default": {"1": ')
+    with pytest.raises(StoreCorrupt, match="a.json"):
+        open_db(target).all()
+
+
+def test_transaction_is_one_write_or_none(tmp_path: Path) -> None:
+    db = open_db(tmp_path / "t.json")
+    db.table("a").insert({"n": 1})
+    with pytest.raises(RuntimeError):
+        with storage_of(db).transaction():
+            db.table("a").insert({"n": 2})
+            db.table("b").insert({"n": 3})
+            raise RuntimeError("abandon")
+    assert json.loads((tmp_path / "t.json").read_text()) == {"a": {"1": {"n": 1}}}
+    assert db.table("a").all() == [{"n": 1}] and db.table("b").all() == []
+    with storage_of(db).transaction():
+        db.table("a").insert({"n": 2})
+        db.table("b").insert({"n": 3})
+    reread = open_db(tmp_path / "t.json")
+    assert reread.table("a").all() == [{"n": 1}, {"n": 2}] and reread.table("b").all() == [{"n": 3}]
+
+
+def test_stale_temp_files_of_dead_writers_are_removed(tmp_path: Path) -> None:
+    folder = tmp_path / "files"
+    folder.mkdir()
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale = folder / f".a.json.{dead.pid}.0badcafe.tmp"
+    live = folder / f".a.json.{os.getpid()}.0badcafe.tmp"
+    for path in (stale, live):
+        path.write_text("{")
+    (folder / "a.json").write_text("{}")
+    remove_stale_temp_files(folder)
+    assert sorted(os.listdir(folder)) == sorted(["a.json", live.name])
+
+
+# --- the data-directory lock --------------------------------------------------------------------
+
+HOLD_LOCK = """
+import sys
+from pathlib import Path
+from agentspace.stores import DataDirLock
+lock = DataDirLock(Path(sys.argv[1]))
+print("locked", flush=True)
+sys.stdin.read()
+lock.close()
+"""
+
+
+def test_data_dir_lock_refuses_a_second_server(tmp_path: Path) -> None:
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD_LOCK, str(tmp_path)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "locked"
+        with pytest.raises(DataDirLocked) as err:
+            DataDirLock(tmp_path)
+        assert err.value.pid == holder.pid
+        assert str(err.value) == (
+            f"another agentspace server (pid {holder.pid}) is already using {tmp_path}; "
+            "stop it or pass a different --data-dir"
+        )
+    finally:
+        holder.communicate("", timeout=10)
+    with DataDirLock(tmp_path) as lock:  # free once the holder is gone
+        assert (tmp_path / "server.lock").read_text().strip() == str(os.getpid())
+        with pytest.raises(DataDirLocked):
+            DataDirLock(tmp_path)  # the same process, a second open: refused as well
+    DataDirLock(tmp_path).close()
+    lock.close()  # idempotent
+
+
+def test_data_dir_lock_is_released_when_the_holder_is_killed(tmp_path: Path) -> None:
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(tmp_path)], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    assert holder.stdout is not None and holder.stdout.readline().strip() == b"locked"
+    holder.kill()
+    holder.wait(timeout=10)
+    DataDirLock(tmp_path / "nested" / "data").close()  # creates missing folders
+    DataDirLock(tmp_path).close()
+
+
+# --- readers while the server writes ------------------------------------------------------------
+
+
+async def test_readers_always_see_consistent_data(tmp_path: Path) -> None:
+    writer_sessions, writer_usage = SessionStore(tmp_path), UsageStore(tmp_path, segment_size=7)
+    acknowledged = {"usage": 0}
+    stop = threading.Event()
+    errors: list[BaseException] = []
+    passes = {"n": 0}
+
+    def reader() -> None:
+        cli_sessions, cli_usage = SessionStore(tmp_path), UsageStore(tmp_path)
+        last_usage = 0
+        try:
+            while not stop.is_set():
+                floor = acknowledged["usage"]
+                ids = [r["id"] for r in cli_usage.records()]
+                assert len(ids) == len(set(ids)) and len(ids) >= floor >= 0 and len(ids) >= last_usage
+                last_usage = len(ids)
+                for summary in cli_sessions.list_sync():
+                    full = cli_sessions.get_sync(summary["id"])
+                    if full is None:
+                        continue  # deleted between list and get
+                    n = len(full["messages"])
+                    assert full["messageCount"] == n >= summary["messageCount"]
+                    assert [m["id"] for m in full["messages"]] == [f"{summary['id']}-{i}" for i in range(n)]
+                passes["n"] += 1
+        except BaseException as e:  # reported by the test below
+            errors.append(e)
+
+    thread = threading.Thread(target=reader)
+    thread.start()
+    try:
+        live = [(await writer_sessions.create(model="m", session_id=f"s{i}"))["id"] for i in range(3)]
+        counts = dict.fromkeys(live, 0)
+        for step in range(120):
+            sid = live[step % len(live)]
+            await writer_sessions.append_message(sid, {"id": f"{sid}-{counts[sid]}", "role": "user", "content": "x" * 200})
+            counts[sid] += 1
+            await writer_usage.append(usage_record(step))
+            acknowledged["usage"] += 1
+            if step % 40 == 39:  # readers must cope with sessions vanishing
+                await writer_sessions.delete(live[0])
+                live[0] = (await writer_sessions.create(model="m", session_id=f"n{step}"))["id"]
+                counts[live[0]] = 0
+    finally:
+        stop.set()
+        await asyncio.to_thread(thread.join)
+        await writer_sessions.aclose()
+        await writer_usage.aclose()
+    assert not errors, errors[0]
+    assert passes["n"] >= 5
