@@ -38,6 +38,7 @@ from .events import (
 )
 from .gateway import Gateway, ModelNotFound
 from .providers.base import ProviderRequest, ThinkingSettings
+from .stores import InvalidSessionId, SessionExists
 from .tokens import count_tokens
 from .types import (
     ChatMessage,
@@ -99,7 +100,12 @@ async def start_turn(gw: Gateway, request: ChatRequest) -> "Turn":
 
     created = session is None
     if created:
-        session = await gw.sessions.create(model=model, session_id=request.session_id, client=request.client)
+        try:
+            session = await gw.sessions.create(model=model, session_id=request.session_id, client=request.client)
+        except SessionExists:  # a concurrent first request with the same client-chosen id won
+            raise ChatError("STREAM_IN_PROGRESS", "This session is already streaming an answer; wait for it or abort it.") from None
+        except InvalidSessionId as e:
+            raise ChatError("INVALID_MESSAGE", str(e)) from None
         for message in request.import_messages:
             await gw.sessions.append_message(session["id"], message)
     session_id = session["id"]
