@@ -1,0 +1,332 @@
+"""The REST API (SPEC section 4): sessions, context inspection, usage, models, and its OpenAPI document.
+
+Handlers are thin: the stores, ``context.inspect_session`` and the usage reports do the work, and the JSON
+shapes are those of the WebSocket replies (``session.list.result``, ``context.inspection``,
+``usage.report``) without ``type`` and ``requestId``. ``setup_routes`` also installs what makes every
+error JSON (``{error: {code, message}}``, unknown routes included) and CORS for ``[server] allowed_origins``
+(the security middleware has already refused other origins).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from http import HTTPStatus
+from typing import Any, Awaitable, Callable
+
+import click
+from aiohttp import hdrs, web
+
+from ..cli.models import usable_models
+from ..cli.usage import parse_since
+from ..context import inspect_session
+from ..gateway import ModelNotFound
+from ..security import error_response
+from ..stores.usage import usage_by_day, usage_report
+from . import state
+from .ui_stream import BadRequest, checked_session_id, invalid
+
+log = logging.getLogger(__name__)
+
+CORS_METHODS = "GET, POST, DELETE, OPTIONS"
+CORS_HEADERS = "Authorization, Content-Type"
+CORS_MAX_AGE = "600"
+
+# Codes for errors aiohttp raises itself (no route, wrong method, body too large).
+HTTP_ERROR_CODES = {404: "NOT_FOUND", 405: "METHOD_NOT_ALLOWED", 413: "PAYLOAD_TOO_LARGE"}
+
+
+def _session_id(request: web.Request) -> str:
+    return checked_session_id(request.match_info["id"])
+
+
+def _not_found(session_id: str) -> web.Response:
+    return error_response(404, "SESSION_NOT_FOUND", f"No session {session_id!r}.")
+
+
+# --- handlers -----------------------------------------------------------------------------------
+
+
+async def list_sessions(request: web.Request) -> web.Response:
+    return web.json_response({"sessions": await request.app[state.GATEWAY].sessions.list()})
+
+
+async def get_session(request: web.Request) -> web.Response:
+    session_id = _session_id(request)
+    session = await request.app[state.GATEWAY].sessions.get(session_id)
+    if session is None:
+        return _not_found(session_id)
+    return web.json_response({"session": session})
+
+
+async def delete_session(request: web.Request) -> web.Response:
+    gw = request.app[state.GATEWAY]
+    session_id = _session_id(request)
+    if session_id in gw.active:
+        return error_response(409, "STREAM_IN_PROGRESS", "This session is streaming an answer; wait for it to end.")
+    if not await gw.sessions.delete(session_id):
+        return _not_found(session_id)
+    return web.Response(status=204)
+
+
+async def session_context(request: web.Request) -> web.Response:
+    gw = request.app[state.GATEWAY]
+    session_id = _session_id(request)
+    model = request.query.get("model") or None
+    if model is not None:
+        try:
+            gw.provider_for(model)
+        except ModelNotFound as e:
+            return error_response(400, "MODEL_NOT_FOUND", str(e))
+    inspection = await inspect_session(gw, session_id, model)
+    if inspection is None:
+        return _not_found(session_id)
+    return web.json_response(inspection)
+
+
+async def usage(request: web.Request) -> web.Response:
+    by = request.query.get("by", "model")
+    if by not in ("model", "day"):
+        raise invalid([{"path": "by", "message": "must be 'model' or 'day'"}])
+    since = None
+    if request.query.get("since"):
+        try:
+            since = parse_since(request.query["since"])
+        except click.BadParameter as e:
+            raise invalid([{"path": "since", "message": e.message}]) from None
+    records = await request.app[state.GATEWAY].usage.arecords(session_id=request.query.get("sessionId") or None, since=since)
+    return web.json_response(usage_report(records) if by == "model" else usage_by_day(records))
+
+
+async def models(request: web.Request) -> web.Response:
+    # The same list as `agentspace models --json`; it reads the vault and the cost map, so off the loop.
+    return web.json_response({"models": await asyncio.to_thread(usable_models, request.app[state.GATEWAY].config)})
+
+
+async def openapi(request: web.Request) -> web.Response:
+    return web.json_response(OPENAPI)
+
+
+# --- errors and CORS ----------------------------------------------------------------------------
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+@web.middleware
+async def errors_and_preflight(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Answer CORS preflights, and turn aiohttp's own HTTP errors and our BadRequests into JSON errors."""
+    if request.method == "OPTIONS" and hdrs.ACCESS_CONTROL_REQUEST_METHOD in request.headers and _cors_origin(request):
+        return web.Response(status=204, headers={
+            hdrs.ACCESS_CONTROL_ALLOW_METHODS: CORS_METHODS,
+            hdrs.ACCESS_CONTROL_ALLOW_HEADERS: CORS_HEADERS,
+            hdrs.ACCESS_CONTROL_MAX_AGE: CORS_MAX_AGE,
+        })
+    try:
+        return await handler(request)
+    except BadRequest as e:
+        return e.response()
+    except web.HTTPException as e:
+        if e.status < 400:
+            raise
+        code = HTTP_ERROR_CODES.get(e.status) or HTTPStatus(e.status).name
+        if e.status == 404:
+            message = f"No route {request.method} {request.path}; the routes are listed at /api/openapi.json."
+        elif e.status == 405:
+            message = f"{request.method} is not allowed on {request.path}; allowed: {e.headers.get(hdrs.ALLOW, '')}."
+        else:
+            message = e.reason
+        response = error_response(e.status, code, message)
+        if hdrs.ALLOW in e.headers:
+            response.headers[hdrs.ALLOW] = e.headers[hdrs.ALLOW]
+        return response
+
+
+def _cors_origin(request: web.Request) -> str | None:
+    origin = request.headers.get(hdrs.ORIGIN)
+    return origin if origin and origin in request.app[state.GATEWAY].config["server"]["allowed_origins"] else None
+
+
+async def _cors_headers(request: web.Request, response: web.StreamResponse) -> None:
+    # on_response_prepare sees every response, also the security middleware's 401/403 and SSE streams,
+    # so a browser page can read those errors too.
+    origin = _cors_origin(request)
+    if origin is not None:
+        response.headers[hdrs.ACCESS_CONTROL_ALLOW_ORIGIN] = origin
+        response.headers.add(hdrs.VARY, hdrs.ORIGIN)
+
+
+def setup_routes(app: web.Application) -> None:
+    app.middlewares.append(errors_and_preflight)
+    app.on_response_prepare.append(_cors_headers)
+    app.router.add_get("/api/sessions", list_sessions)
+    app.router.add_get("/api/sessions/{id}", get_session)
+    app.router.add_delete("/api/sessions/{id}", delete_session)
+    app.router.add_get("/api/sessions/{id}/context", session_context)
+    app.router.add_get("/api/usage", usage)
+    app.router.add_get("/api/models", models)
+    app.router.add_get("/api/openapi.json", openapi)
+
+
+# --- the OpenAPI document -----------------------------------------------------------------------
+
+
+def _ref(name: str) -> dict[str, str]:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def _json(schema: dict[str, Any], description: str = "OK") -> dict[str, Any]:
+    return {"description": description, "content": {"application/json": {"schema": schema}}}
+
+
+def _error(description: str) -> dict[str, Any]:
+    return _json(_ref("Error"), description)
+
+
+_INT = {"type": "integer"}
+_NUM = {"type": "number"}
+_STR = {"type": "string"}
+_BOOL = {"type": "boolean"}
+_NULLABLE_STR = {"type": ["string", "null"]}
+_SESSION_ID = {"name": "id", "in": "path", "required": True,
+               "schema": {"type": "string", "pattern": "^[A-Za-z0-9_-]{1,128}$"}, "description": "Session id (the chat id)."}
+_SSE = {"text/event-stream": {"schema": {"type": "string"}, "x-ai-sdk": "UI message stream protocol v1"}}
+_AUTH_ERRORS = {"401": _error("No or wrong gateway token."), "403": _error("Origin or Host not allowed.")}
+_TOTALS = {
+    "type": "object",
+    "properties": {k: _INT for k in ("inputTokens", "outputTokens", "totalTokens", "cacheReadTokens",
+                                     "cacheWriteTokens", "reasoningTokens", "requestCount", "estimatedCount")}
+    | {"totalCost": _NUM},
+}
+
+OPENAPI: dict[str, Any] = {
+    "openapi": "3.1.0",
+    "info": {
+        "title": "agentspace",
+        "version": "1",
+        "description": "A self-hosted LLM gateway. Every route but /healthz needs the gateway token "
+                       "(`agentspace token`) as `Authorization: Bearer <token>`. Errors are "
+                       "`{error: {code, message}}`. The WebSocket protocol at /gateway is described in SPEC section 3.",
+    },
+    "security": [{"bearer": []}],
+    "paths": {
+        "/healthz": {"get": {"summary": "Liveness check (no auth).", "security": [],
+                             "responses": {"200": _json({"type": "object", "properties": {"status": {"const": "ok"}}})}}},
+        "/gateway": {"get": {"summary": "WebSocket upgrade for the JSON frame protocol (SPEC section 3).",
+                             "description": "Authenticate with the Authorization header or a first {type: 'auth', id, token} frame.",
+                             "security": [],
+                             "responses": {"101": {"description": "Switching protocols"}, "403": _error("Origin or Host not allowed.")}}},
+        "/api/chat": {"post": {
+            "summary": "Chat, streamed as the Vercel AI SDK UI message stream (useChat's default transport).",
+            "description": "The last user message is answered. `id` names the session; an unknown id creates it, "
+                           "importing the earlier messages' text. Frames `data: <chunk>`: start, start-step, "
+                           "text-start/-delta/-end, reasoning-start/-delta/-end, source-url, tool-input-available, "
+                           "tool-output-available, tool-output-error, finish-step, abort (aborted answers), "
+                           "finish {finishReason, messageMetadata: {usage}} or error {errorText}, then `data: [DONE]`.",
+            "requestBody": {"required": True, "content": {"application/json": {"schema": _ref("ChatRequest")}}},
+            "responses": {
+                "200": {"description": "The answer as server-sent events.",
+                        "headers": {"x-vercel-ai-ui-message-stream": {"schema": {"const": "v1"}}}, "content": _SSE},
+                "400": _error("INVALID_MESSAGE (with `fields: [{path, message}]`) or MODEL_NOT_FOUND."),
+                **_AUTH_ERRORS,
+                "409": _error("STREAM_IN_PROGRESS: the session is already streaming an answer."),
+                "413": _error("PAYLOAD_TOO_LARGE: the body exceeds [server] max_body_bytes."),
+            },
+        }},
+        "/api/chat/{id}/stream": {"get": {
+            "summary": "Resume the session's running answer, replayed from its first chunk.",
+            "parameters": [_SESSION_ID],
+            "responses": {"200": {"description": "The answer as server-sent events.", "content": _SSE},
+                          "204": {"description": "No answer is streaming in this session."},
+                          "400": _error("INVALID_MESSAGE: bad session id."), **_AUTH_ERRORS},
+        }},
+        "/api/sessions": {"get": {"summary": "Sessions, most recent activity first.",
+                                  "responses": {"200": _json({"type": "object", "required": ["sessions"], "properties": {
+                                      "sessions": {"type": "array", "items": _ref("SessionSummary")}}}), **_AUTH_ERRORS}}},
+        "/api/sessions/{id}": {
+            "get": {"summary": "A session with its messages.", "parameters": [_SESSION_ID],
+                    "responses": {"200": _json({"type": "object", "required": ["session"], "properties": {"session": _ref("Session")}}),
+                                  "400": _error("INVALID_MESSAGE: bad session id."), **_AUTH_ERRORS,
+                                  "404": _error("SESSION_NOT_FOUND")}},
+            "delete": {"summary": "Delete a session.", "parameters": [_SESSION_ID],
+                       "responses": {"204": {"description": "Deleted."}, "400": _error("INVALID_MESSAGE: bad session id."),
+                                     **_AUTH_ERRORS, "404": _error("SESSION_NOT_FOUND"),
+                                     "409": _error("STREAM_IN_PROGRESS: the session is streaming an answer.")}},
+        },
+        "/api/sessions/{id}/context": {"get": {
+            "summary": "What the next call would send, measured per section (bytes, tokens, cost).",
+            "parameters": [_SESSION_ID, {"name": "model", "in": "query", "schema": _STR,
+                                         "description": "Measure for this model instead of the session's."}],
+            "responses": {"200": _json(_ref("ContextInspection")), "400": _error("INVALID_MESSAGE or MODEL_NOT_FOUND."),
+                          **_AUTH_ERRORS, "404": _error("SESSION_NOT_FOUND")},
+        }},
+        "/api/usage": {"get": {
+            "summary": "Tokens and cost per model (the usage.report shape) or per UTC day.",
+            "parameters": [
+                {"name": "by", "in": "query", "schema": {"enum": ["model", "day"], "default": "model"}},
+                {"name": "sessionId", "in": "query", "schema": _STR},
+                {"name": "since", "in": "query", "schema": _STR,
+                 "description": "A duration ago (30m, 24h, 7d, 2w) or an ISO date/time (UTC unless it has an offset)."},
+            ],
+            "responses": {"200": _json({"oneOf": [_ref("UsageByModel"), _ref("UsageByDay")]}),
+                          "400": _error("INVALID_MESSAGE: bad `by` or `since`."), **_AUTH_ERRORS},
+        }},
+        "/api/models": {"get": {"summary": "Models usable with the configured keys (as `agentspace models --json`).",
+                                "responses": {"200": _json({"type": "object", "required": ["models"], "properties": {
+                                    "models": {"type": "array", "items": _ref("Model")}}}), **_AUTH_ERRORS}}},
+        "/api/openapi.json": {"get": {"summary": "This document.", "responses": {"200": _json({"type": "object"}), **_AUTH_ERRORS}}},
+    },
+    "components": {
+        "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
+        "schemas": {
+            "Error": {"type": "object", "required": ["error"], "properties": {"error": {
+                "type": "object", "required": ["code", "message"], "properties": {
+                    "code": _STR, "message": _STR,
+                    "fields": {"type": "array", "items": {"type": "object", "properties": {"path": _STR, "message": _STR}}},
+                }}}},
+            "ChatRequest": {"type": "object", "required": ["id", "messages"], "properties": {
+                "id": {**_SESSION_ID["schema"], "description": "The chat id; names the session (`threadId` is accepted too)."},
+                "threadId": _STR,
+                "messages": {"type": "array", "minItems": 1, "items": _ref("UIMessage")},
+                "model": {**_STR, "description": "provider/model; default: the session's, else [models] default."},
+                "trigger": {"enum": ["submit-message", "regenerate-message"]},
+            }},
+            "UIMessage": {"type": "object", "required": ["role", "parts"], "properties": {
+                "id": _STR,
+                "role": {"enum": ["user", "assistant", "system"]},
+                "parts": {"type": "array", "items": {"type": "object", "required": ["type"], "properties": {
+                    "type": _STR, "text": _STR}}},
+                "metadata": {},
+            }},
+            "SessionSummary": {"type": "object", "properties": {
+                "id": _STR, "title": _NULLABLE_STR, "model": _STR, "createdAt": _STR, "lastActivityAt": _NULLABLE_STR,
+                "messageCount": _INT, "client": _NULLABLE_STR}},
+            "Session": {"allOf": [_ref("SessionSummary"), {"type": "object", "properties": {
+                "messages": {"type": "array", "items": _ref("Message")}}}]},
+            "Message": {"type": "object", "required": ["id", "role", "content", "parts", "createdAt"], "properties": {
+                "id": _STR, "role": {"enum": ["user", "assistant"]}, "content": _STR,
+                "parts": {"type": "array", "items": {"type": "object", "required": ["type"], "properties": {
+                    "type": {"enum": ["text", "reasoning", "source", "tool-call", "tool-result"]}}}},
+                "model": _STR, "createdAt": _STR, "completedAt": _STR, "usage": _ref("Usage"), "estimated": _BOOL,
+                "finishReason": _STR, "latencyMs": _NUM, "ttftMs": {"type": ["number", "null"]}, "aborted": _BOOL,
+                "error": {"type": "object", "properties": {"code": _STR, "message": _STR}},
+            }},
+            "Usage": {"type": "object", "properties": {k: _INT for k in (
+                "inputTokens", "outputTokens", "totalTokens", "cacheReadTokens", "cacheWriteTokens", "reasoningTokens")}
+                | {k: _NUM for k in ("inputCost", "outputCost", "totalCost")}},
+            "ContextInspection": {"type": "object", "properties": {
+                "sessionId": _STR, "model": _STR,
+                "sections": {"type": "array", "items": {"type": "object", "properties": {
+                    "name": _STR, "byteCount": _INT, "tokenEstimate": _INT, "costEstimate": _NUM}}},
+                "totals": {"type": "object", "properties": {"byteCount": _INT, "tokenEstimate": _INT, "costEstimate": _NUM}},
+            }},
+            "UsageByModel": {"type": "object", "required": ["perModel", "grandTotal"], "properties": {
+                "perModel": {"type": "object", "additionalProperties": _TOTALS}, "grandTotal": _TOTALS}},
+            "UsageByDay": {"type": "object", "required": ["perDay", "grandTotal"], "properties": {
+                "perDay": {"type": "object", "additionalProperties": _TOTALS}, "grandTotal": _TOTALS}},
+            "Model": {"type": "object", "properties": {
+                "id": _STR, "provider": _STR, "inputPerMTok": _NUM, "outputPerMTok": _NUM,
+                "contextWindow": {"type": ["integer", "null"]}, "supportsReasoning": _BOOL, "supportsTools": _BOOL,
+                "deprecationDate": _NULLABLE_STR, "deprecated": _BOOL, "priceKnown": _BOOL, "default": _BOOL}},
+        },
+    },
+}

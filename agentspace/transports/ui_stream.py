@@ -1,0 +1,321 @@
+"""``POST /api/chat``: the Vercel AI SDK UI message stream, protocol v1 (SPEC section 4).
+
+``useChat`` with its default transport (``DefaultChatTransport``) works against this unchanged: the body is
+``{id, messages: UIMessage[], model?, trigger?}``, the answer is server-sent events ``data: <chunk JSON>``
+ending with ``data: [DONE]``, and ``GET /api/chat/{id}/stream`` resumes a running answer (204 when there is
+none), which is what the SDK's ``resume`` option calls. Chunks carry only the fields of the SDK's
+``uiMessageChunkSchema``. This module parses requests and encodes the pipeline's events; the chat logic is
+``agentspace.pipeline``, shared with the WebSocket transport.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiohttp import web
+
+from .. import events as ev
+from ..pipeline import ChatError, ChatRequest, Turn, start_turn
+from ..security import error_response
+from ..stores.sessions import InvalidSessionId, validate_session_id
+from ..types import new_id, now_iso, usage_to_wire
+from . import state
+
+STREAM_HEADERS = {
+    "Content-Type": "text/event-stream",
+    "Cache-Control": "no-cache",
+    "Connection": "keep-alive",
+    "X-Vercel-AI-UI-Message-Stream": "v1",
+    "X-Accel-Buffering": "no",  # nginx would otherwise buffer the whole answer
+}
+DONE = b"data: [DONE]\n\n"
+
+# ChatError codes to HTTP statuses; anything else is a bad request.
+STATUS_OF = {"SESSION_NOT_FOUND": 404, "STREAM_IN_PROGRESS": 409}
+
+# Our finish reasons are the AI SDK's, plus "aborted", which the SDK says with an ``abort`` chunk.
+SDK_FINISH_REASONS = frozenset({"stop", "length", "content-filter", "tool-calls", "error", "other"})
+
+ROLES = ("user", "assistant", "system")
+TRIGGERS = ("submit-message", "regenerate-message")
+
+
+def _frame(chunk: dict[str, Any]) -> bytes:
+    return b"data: " + json.dumps(chunk, ensure_ascii=False, separators=(",", ":")).encode() + b"\n\n"
+
+
+def _jsonable(value: Any) -> Any:
+    try:
+        json.dumps(value)
+        return value
+    except (TypeError, ValueError):
+        return str(value)
+
+
+class UIMessageStreamEncoder:
+    """Encodes one turn's ``StreamEvent``s as UI message stream chunks.
+
+    Text and reasoning arrive as deltas; the protocol wants each run of them wrapped in a part with
+    ``*-start`` and ``*-end``. At most one part is open: it is ended before the other kind starts, before
+    tool chunks, and before ``finish-step``. Part ids count up within the message, so a resumed stream,
+    which replays the same events, gets the same ids.
+    """
+
+    def __init__(self) -> None:
+        self._open: tuple[str, str] | None = None  # (kind, id) of the open text or reasoning part
+        self._count = 0
+
+    def _next_id(self, kind: str) -> str:
+        self._count += 1
+        return f"{kind}-{self._count}"
+
+    def _end_open(self, out: list[dict[str, Any]]) -> None:
+        if self._open is not None:
+            kind, part_id = self._open
+            out.append({"type": f"{kind}-end", "id": part_id})
+            self._open = None
+
+    def _delta(self, kind: str, text: str) -> list[dict[str, Any]]:
+        out: list[dict[str, Any]] = []
+        if not text:
+            return out
+        if self._open is None or self._open[0] != kind:
+            self._end_open(out)
+            self._open = (kind, self._next_id(kind))
+            out.append({"type": f"{kind}-start", "id": self._open[1]})
+        out.append({"type": f"{kind}-delta", "id": self._open[1], "delta": text})
+        return out
+
+    def chunks(self, event: ev.StreamEvent) -> list[dict[str, Any]]:
+        if isinstance(event, ev.TextDelta):
+            return self._delta("text", event.text)
+        if isinstance(event, ev.ReasoningDelta):
+            return self._delta("reasoning", event.text)
+        out: list[dict[str, Any]] = []
+        if isinstance(event, ev.StreamStart):
+            out.append({"type": "start", "messageId": event.message_id})
+        elif isinstance(event, ev.StepStart):
+            out.append({"type": "start-step"})
+        elif isinstance(event, ev.SourceEvent):
+            # A source does not interrupt the text it supports: the open part stays open.
+            source: dict[str, Any] = {"type": "source-url", "sourceId": self._next_id("source"), "url": event.url}
+            if event.title is not None:
+                source["title"] = event.title
+            out.append(source)
+        elif isinstance(event, ev.ToolCallEvent):
+            self._end_open(out)
+            out.append({"type": "tool-input-available", "toolCallId": event.tool_call_id,
+                        "toolName": event.name, "input": _jsonable(event.input)})
+        elif isinstance(event, ev.ToolResultEvent):
+            if event.is_error:
+                out.append({"type": "tool-output-error", "toolCallId": event.tool_call_id, "errorText": str(event.output)})
+            else:
+                out.append({"type": "tool-output-available", "toolCallId": event.tool_call_id, "output": _jsonable(event.output)})
+        elif isinstance(event, ev.StepFinish):
+            self._end_open(out)
+            out.append({"type": "finish-step"})
+        elif isinstance(event, ev.StreamEnd):
+            self._end_open(out)
+            if event.aborted:
+                out.append({"type": "abort"})
+            reason = event.finish_reason if event.finish_reason in SDK_FINISH_REASONS else "other"
+            out.append({"type": "finish", "finishReason": reason,
+                        "messageMetadata": {"usage": usage_to_wire(event.usage, event.cost)}})
+        elif isinstance(event, ev.StreamError):
+            self._end_open(out)
+            out.append({"type": "error", "errorText": event.message})
+        return out
+
+    def encode(self, event: ev.StreamEvent) -> bytes:
+        """The SSE frames of one event; the last event of a turn also gets ``[DONE]``."""
+        data = b"".join(_frame(c) for c in self.chunks(event))
+        if isinstance(event, (ev.StreamEnd, ev.StreamError)):
+            data += DONE
+        return data
+
+
+# --- requests -----------------------------------------------------------------------------------
+
+
+class BadRequest(Exception):
+    """A request refused before streaming: its JSON error response."""
+
+    def __init__(self, status: int, code: str, message: str, fields: list[dict[str, str]] | None = None) -> None:
+        super().__init__(message)
+        self.status, self.code, self.message, self.fields = status, code, message, fields
+
+    def response(self) -> web.Response:
+        error: dict[str, Any] = {"code": self.code, "message": self.message}
+        if self.fields is not None:
+            error["fields"] = self.fields
+        return web.json_response({"error": error}, status=self.status)
+
+
+def invalid(fields: list[dict[str, str]]) -> BadRequest:
+    return BadRequest(400, "INVALID_MESSAGE", "; ".join(f"{f['path']}: {f['message']}" for f in fields), fields)
+
+
+async def read_json(request: web.Request) -> Any:
+    """The JSON body; 413 past ``[server] max_body_bytes`` (the app's client_max_size), 400 if not JSON."""
+    try:
+        raw = await request.read()
+    except web.HTTPRequestEntityTooLarge:
+        limit = request.app[state.GATEWAY].config["server"]["max_body_bytes"]
+        raise BadRequest(413, "PAYLOAD_TOO_LARGE", f"Request body too large; the limit is {limit} bytes ([server] max_body_bytes).") from None
+    try:
+        return json.loads(raw)
+    except ValueError:
+        raise invalid([{"path": "", "message": "the body must be JSON"}]) from None
+
+
+def checked_session_id(session_id: str) -> str:
+    try:
+        return validate_session_id(session_id)
+    except InvalidSessionId as e:
+        raise invalid([{"path": "id", "message": str(e)}]) from None
+
+
+@dataclass
+class ChatBody:
+    session_id: str
+    content: str
+    model: str | None
+    # The messages before the new user message, in stored form; used only for a session the store lacks.
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+def _text(message: dict[str, Any]) -> str:
+    return "".join(p["text"] for p in message["parts"] if p["type"] == "text")
+
+
+def _message_errors(i: int, message: Any) -> list[dict[str, str]]:
+    path = f"messages[{i}]"
+    if not isinstance(message, dict):
+        return [{"path": path, "message": "must be an object"}]
+    errors = []
+    if not isinstance(message.get("id", ""), str):
+        errors.append({"path": f"{path}.id", "message": "must be a string"})
+    if message.get("role") not in ROLES:
+        errors.append({"path": f"{path}.role", "message": f"must be one of {', '.join(ROLES)}"})
+    parts = message.get("parts")
+    if not isinstance(parts, list):
+        return errors + [{"path": f"{path}.parts", "message": "must be an array"}]
+    for j, part in enumerate(parts):
+        where = f"{path}.parts[{j}]"
+        if not isinstance(part, dict) or not isinstance(part.get("type"), str):
+            errors.append({"path": where, "message": "must be an object with a string 'type'"})
+        elif part["type"] in ("text", "reasoning") and not isinstance(part.get("text"), str):
+            errors.append({"path": f"{where}.text", "message": "must be a string"})
+    return errors
+
+
+def parse_chat_body(body: Any) -> ChatBody:
+    """Check a ``useChat`` request body; every problem is reported as a field error."""
+    if not isinstance(body, dict):
+        raise invalid([{"path": "", "message": "the body must be a JSON object"}])
+    errors: list[dict[str, str]] = []
+    session_id = body.get("id", body.get("threadId"))
+    if not isinstance(session_id, str):
+        errors.append({"path": "id", "message": "required: the chat id (a string) names the session"})
+    else:
+        try:
+            validate_session_id(session_id)
+        except InvalidSessionId as e:
+            errors.append({"path": "id", "message": str(e)})
+    model = body.get("model")
+    if model is not None and not isinstance(model, str):
+        errors.append({"path": "model", "message": "must be a string"})
+    if body.get("trigger") is not None and body["trigger"] not in TRIGGERS:
+        errors.append({"path": "trigger", "message": f"must be one of {', '.join(TRIGGERS)}"})
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        errors.append({"path": "messages", "message": "must be a non-empty array of UI messages"})
+        raise invalid(errors)
+    for i, message in enumerate(messages):
+        errors += _message_errors(i, message)
+    if errors:
+        raise invalid(errors)
+
+    last_user = next((i for i in range(len(messages) - 1, -1, -1) if messages[i]["role"] == "user"), None)
+    if last_user is None:
+        raise invalid([{"path": "messages", "message": "no user message to answer"}])
+    content = _text(messages[last_user])
+    if not content.strip():
+        raise invalid([{"path": f"messages[{last_user}].parts", "message": "the user message has no text"}])
+    return ChatBody(session_id, content, model, _stored_history(messages[:last_user]))
+
+
+def _stored_history(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Earlier UI messages in stored form: text only. The system prompt is the gateway's, and reasoning
+    or tool parts from a client cannot be sent back upstream (Anthropic requires its own signatures)."""
+    out = []
+    for message in messages:
+        parts = [{"type": "text", "text": p["text"]} for p in message["parts"] if p["type"] == "text" and p["text"]]
+        if message["role"] == "system" or not parts:
+            continue
+        out.append({"id": message.get("id") or new_id("msg_"), "role": message["role"],
+                    "content": "".join(p["text"] for p in parts), "parts": parts, "createdAt": now_iso()})
+    return out
+
+
+# --- handlers -----------------------------------------------------------------------------------
+
+
+async def stream_turn(request: web.Request, turn: Turn, *, abort_on_disconnect: bool) -> web.StreamResponse:
+    """Send the turn's events (from its start, then live) as a UI message stream."""
+    response = web.StreamResponse(headers=STREAM_HEADERS)
+    encoder = UIMessageStreamEncoder()
+    try:
+        await response.prepare(request)
+        async for event in turn.subscribe():
+            await response.write(encoder.encode(event))
+    except ConnectionResetError:
+        # The client went away. The turn is its own task: it goes on, stored and billed, unless
+        # [chat] on_disconnect = "abort".
+        if abort_on_disconnect:
+            turn.abort()
+        return response
+    except asyncio.CancelledError:
+        # The same, when aiohttp runs with handler_cancellation (off by default): only this handler dies.
+        if abort_on_disconnect:
+            turn.abort()
+        raise
+    await response.write_eof()
+    return response
+
+
+async def chat_handler(request: web.Request) -> web.StreamResponse:
+    gw = request.app[state.GATEWAY]
+    try:
+        chat = parse_chat_body(await read_json(request))
+    except BadRequest as e:
+        return e.response()
+    # A stateless client sends the whole conversation; the store's copy wins once the session exists.
+    history = [] if await gw.sessions.exists(chat.session_id) else chat.history
+    try:
+        turn = await start_turn(gw, ChatRequest(chat.content, chat.session_id, chat.model, client="http",
+                                                create_if_missing=True, import_messages=history))
+    except ChatError as e:
+        return error_response(STATUS_OF.get(e.code, 400), e.code, e.message)
+    return await stream_turn(request, turn, abort_on_disconnect=gw.config["chat"]["on_disconnect"] == "abort")
+
+
+async def resume_handler(request: web.Request) -> web.StreamResponse:
+    """Attach to the session's running answer from its first chunk; 204 when nothing is streaming."""
+    try:
+        session_id = checked_session_id(request.match_info["id"])
+    except BadRequest as e:
+        return e.response()
+    turn = request.app[state.GATEWAY].active.get(session_id)
+    if turn is None:
+        return web.Response(status=204)
+    # Only the request that started the answer may stop it by going away.
+    return await stream_turn(request, turn, abort_on_disconnect=False)
+
+
+def setup_routes(app: web.Application) -> None:
+    app.router.add_post("/api/chat", chat_handler)
+    app.router.add_get("/api/chat/{id}/stream", resume_handler)
