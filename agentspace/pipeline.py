@@ -80,6 +80,8 @@ class ChatRequest:
     create_if_missing: bool = False
     # Earlier messages a stateless client sent for a session the store does not know (stored form).
     import_messages: list[dict[str, Any]] = field(default_factory=list)
+    # The client's own id for the user message (AI SDK clients have one), else one is made.
+    user_message_id: str | None = None
 
 
 async def start_turn(gw: Gateway, request: ChatRequest) -> "Turn":
@@ -117,7 +119,7 @@ async def start_turn(gw: Gateway, request: ChatRequest) -> "Turn":
     try:
         history = await gw.sessions.messages(session_id)
         await gw.sessions.append_message(
-            session_id, {"id": new_id("msg_"), "role": "user", "content": request.content,
+            session_id, {"id": request.user_message_id or new_id("msg_"), "role": "user", "content": request.content,
                          "parts": [{"type": "text", "text": request.content}], "createdAt": now_iso()}
         )
     except BaseException:
@@ -254,13 +256,15 @@ class Turn:
                 cost = self.gw.model_info(answered_by).cost(usage)
                 total_usage, total_cost = total_usage + usage, total_cost + cost
                 await self._record(answered_by, usage, cost, call_started, finish.finish_reason)
-                self._publish(StepFinish(step, finish.finish_reason, usage, cost))
                 parts.extend(finish.message.parts)
                 finish_reason = finish.finish_reason
                 calls = [p for p in finish.message.parts if isinstance(p, ToolCallPart)]
                 if finish_reason != "tool-calls" or not calls:
+                    self._publish(StepFinish(step, finish_reason, usage, cost))
                     break
+                # Tool results belong to the step that called the tools (as in the AI SDK's own streams).
                 results = await self._run_tools(calls)
+                self._publish(StepFinish(step, finish_reason, usage, cost))
                 parts.extend(results)
                 ctx.messages.append(finish.message)
                 ctx.messages.append(ChatMessage("user", list(results)))

@@ -442,3 +442,10 @@ def test_encoder_aborted_and_failed_turns() -> None:
                     ev.StreamError("LLM_ERROR", "The model is overloaded."))
     check_protocol(failed)
     assert failed[-3:] == [{"type": "text-end", "id": "text-1"}, {"type": "error", "errorText": "The model is overloaded."}, DONE]
+
+
+async def test_stored_user_message_keeps_the_client_id(client: TestClient, auth_headers: dict[str, str], fake_anthropic: Any) -> None:
+    await read_all(await post_chat(client, auth_headers, "ids", user("Hello", id="client-msg-1")))
+    resp = await client.get("/api/sessions/ids", headers=auth_headers)
+    messages = (await resp.json())["session"]["messages"]
+    assert [m["id"] for m in messages if m["role"] == "user"] == ["client-msg-1"]

@@ -185,6 +185,8 @@ class ChatBody:
     model: str | None
     # The messages before the new user message, in stored form; used only for a session the store lacks.
     history: list[dict[str, Any]] = field(default_factory=list)
+    # The client's id of the new user message, kept so stored ids match what useChat shows.
+    message_id: str | None = None
 
 
 def _text(message: dict[str, Any]) -> str:
@@ -245,7 +247,8 @@ def parse_chat_body(body: Any) -> ChatBody:
     content = _text(messages[last_user])
     if not content.strip():
         raise invalid([{"path": f"messages[{last_user}].parts", "message": "the user message has no text"}])
-    return ChatBody(session_id, content, model, _stored_history(messages[:last_user]))
+    message_id = messages[last_user].get("id") or None
+    return ChatBody(session_id, content, model, _stored_history(messages[:last_user]), message_id)
 
 
 def _stored_history(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -297,7 +300,8 @@ async def chat_handler(request: web.Request) -> web.StreamResponse:
     history = [] if await gw.sessions.exists(chat.session_id) else chat.history
     try:
         turn = await start_turn(gw, ChatRequest(chat.content, chat.session_id, chat.model, client="http",
-                                                create_if_missing=True, import_messages=history))
+                                                create_if_missing=True, import_messages=history,
+                                                user_message_id=chat.message_id))
     except ChatError as e:
         return error_response(STATUS_OF.get(e.code, 400), e.code, e.message)
     return await stream_turn(request, turn, abort_on_disconnect=gw.config["chat"]["on_disconnect"] == "abort")
