@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Awaitable, Callable, Literal, Protocol, Union
 
 FinishReason = Literal["stop", "length", "tool-calls", "content-filter", "error", "aborted", "other"]

@@ -7,31 +7,20 @@ WebSocket ``usage.report`` (``perModel``, ``grandTotal``; ``perDay`` with ``--by
 from __future__ import annotations
 
 import json
-import re
-from datetime import datetime, timedelta, timezone
+from datetime import datetime
 from typing import Any, Iterable, Iterator
 
 import click
 
+from .. import periods
 from .common import CliState, count, money, pass_state, table
-
-_RELATIVE = re.compile(r"^\s*(\d+)\s*([mhdw])\s*$")
-_UNITS = {"m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
 
 
 def parse_since(value: str, now: datetime | None = None) -> datetime:
-    """``30m``, ``24h``, ``7d``, ``2w`` (ago), or an ISO date/time (UTC unless it has an offset)."""
-    now = now or datetime.now(timezone.utc)
-    m = _RELATIVE.match(value)
-    if m:
-        return now - timedelta(**{_UNITS[m.group(2)]: int(m.group(1))})
     try:
-        when = datetime.fromisoformat(value.strip().replace("Z", "+00:00"))
-    except ValueError:
-        raise click.BadParameter(
-            f"{value!r}: use a duration (30m, 24h, 7d, 2w) or a date (2026-11-01)", param_hint="--since"
-        ) from None
-    return when if when.tzinfo else when.replace(tzinfo=timezone.utc)
+        return periods.parse_since(value, now)
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint="--since") from None
 
 
 def _flag_unpriced(records: Iterable[dict[str, Any]], unpriced: set[str]) -> Iterator[dict[str, Any]]:

@@ -14,11 +14,10 @@ import logging
 from http import HTTPStatus
 from typing import Any, Awaitable, Callable
 
-import click
 from aiohttp import hdrs, web
 
-from ..cli.models import usable_models
-from ..cli.usage import parse_since
+from ..catalog import usable_models
+from ..periods import parse_since
 from ..context import inspect_session
 from ..gateway import ModelNotFound
 from ..security import error_response
@@ -92,15 +91,15 @@ async def usage(request: web.Request) -> web.Response:
     if request.query.get("since"):
         try:
             since = parse_since(request.query["since"])
-        except click.BadParameter as e:
-            raise invalid([{"path": "since", "message": e.message}]) from None
+        except ValueError as e:
+            raise invalid([{"path": "since", "message": str(e)}]) from None
     records = await request.app[state.GATEWAY].usage.arecords(session_id=request.query.get("sessionId") or None, since=since)
     return web.json_response(usage_report(records) if by == "model" else usage_by_day(records))
 
 
 async def models(request: web.Request) -> web.Response:
     # The same list as `agentspace models --json`; it reads the vault and the cost map, so off the loop.
-    return web.json_response({"models": await asyncio.to_thread(usable_models, request.app[state.GATEWAY].config)})
+    return web.json_response({"models": await asyncio.to_thread(usable_models, request.app[state.GATEWAY].config, request.app[state.GATEWAY].providers)})
 
 
 async def openapi(request: web.Request) -> web.Response:

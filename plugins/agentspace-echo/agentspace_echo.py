@@ -68,6 +68,10 @@ class EchoProvider:
     def claims(self, model: str) -> bool:
         return model.startswith(PREFIX)
 
+    def models(self) -> list[str]:
+        """Listed by ``agentspace models`` and ``GET /api/models``; no key needed."""
+        return ["echo/echo", "echo/reasoning"]
+
     async def stream(self, request: ProviderRequest) -> AsyncIterator[ProviderEvent]:
         text = echo_text(request.messages)
         parts: list[Part] = []

@@ -138,3 +138,13 @@ def test_discovered_through_the_entry_point(monkeypatch: pytest.MonkeyPatch) -> 
     pm.hook.register_providers(register=providers.append, config=make_config())
     # Registered before the built-in catch-alls are asked, so echo ids reach the echo provider.
     assert next(p for p in providers if p.claims("echo/echo")).name == "echo"
+
+
+def test_models_are_listed_by_the_catalog() -> None:
+    from agentspace.catalog import usable_models
+    from agentspace.config import parse_config
+
+    providers: list = []
+    agentspace_echo.register_providers(register=providers.append, config=parse_config({}))
+    ids = {m["id"] for m in usable_models(parse_config({}), providers)}
+    assert {"echo/echo", "echo/reasoning"} <= ids
