@@ -1,0 +1,63 @@
+"""The terminal clients against the real gateway: `agentspace chat`, `inspect`, `sessions` and `usage` through
+click's runner, with the server and the fake Anthropic upstream running on 127.0.0.1."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+from typing import Any
+
+from aiohttp.test_utils import TestClient
+from click.testing import CliRunner, Result
+
+from agentspace.cli import main as cli
+from tests.fakes.anthropic_upstream import text_response, thinking_response
+
+
+async def run_cli(args: list[str], home: Path, input: str | None = None) -> Result:
+    # The CLI runs its own event loop: give it a thread while the server keeps serving on ours.
+    runner = CliRunner()
+    return await asyncio.to_thread(runner.invoke, cli, args, input=input, env={"AGENTSPACE_HOME": str(home)})
+
+
+def ws_url(client: TestClient) -> str:
+    return str(client.make_url("/gateway")).replace("http://", "ws://")
+
+
+async def test_chat_inspect_sessions_usage(client: TestClient, fake_anthropic: Any, isolated_env: Path) -> None:
+    fake_anthropic.enqueue(
+        thinking_response("Considering the question.", "First answer.", usage={"input_tokens": 20},
+                          delta_usages=[{"output_tokens": 9}]),
+        text_response("Second answer.", usage={"input_tokens": 30}, delta_usages=[{"output_tokens": 4}]),
+    )
+    result = await run_cli(["chat", "--url", ws_url(client)], isolated_env, input="What is it?\nAnd then?\n")
+    assert result.exit_code == 0, result.output
+    assert "First answer." in result.output and "Second answer." in result.output
+    assert "Considering the question." in result.output  # reasoning is shown (dimmed on a terminal)
+    assert "20 in / 9 out tokens" in result.output and "30 in / 4 out tokens" in result.output
+
+    listed = await run_cli(["sessions", "list", "--json"], isolated_env)
+    (session,) = json.loads(listed.output)
+    assert session["messageCount"] == 4 and session["title"] == "What is it?"
+    # both lines went to one session: the second call carried the first exchange
+    assert len(fake_anthropic.requests[-1].body["messages"]) == 3
+
+    inspected = await run_cli(["inspect", session["id"], "--url", ws_url(client)], isolated_env)
+    assert inspected.exit_code == 0, inspected.output
+    for name in ("system_prompt", "response_format", "history", "user_message"):
+        assert name in inspected.output
+
+    usage = await run_cli(["usage", "--by-model"], isolated_env)
+    assert usage.exit_code == 0 and "anthropic/claude-sonnet-4-5" in usage.output
+    assert json.loads((await run_cli(["usage", "--json"], isolated_env)).output)["grandTotal"]["totalTokens"] == 63
+
+    shown = await run_cli(["sessions", "show", session["id"]], isolated_env)
+    assert "Second answer." in shown.output
+
+
+async def test_chat_reports_errors(client: TestClient, isolated_env: Path, monkeypatch: Any) -> None:
+    monkeypatch.delenv("ANTHROPIC_API_KEY")
+    result = await run_cli(["chat", "--url", ws_url(client)], isolated_env, input="hello\n")
+    assert result.exit_code == 1
+    assert "NO_API_KEY" in result.output and "agentspace keys add anthropic" in result.output
