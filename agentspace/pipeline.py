@@ -37,6 +37,7 @@ from .events import (
     ToolResultEvent,
 )
 from .gateway import Gateway, ModelNotFound
+from .logs import redact
 from .providers.base import ProviderRequest, ThinkingSettings
 from .stores import InvalidSessionId, SessionExists
 from .tokens import count_tokens
@@ -59,6 +60,9 @@ from .types import (
 from .vault import resolve_key
 
 log = logging.getLogger(__name__)
+
+# A Retry-After longer than this is not waited for: the call fails (or falls back) at once.
+MAX_RETRY_WAIT_SECONDS = 30.0
 
 
 class ChatError(Exception):
@@ -129,6 +133,15 @@ async def start_turn(gw: Gateway, request: ChatRequest) -> "Turn":
     return turn
 
 
+def retry_delay(error: ProviderError, attempt: int) -> float | None:
+    """Seconds to wait before retry number ``attempt + 1``: the provider's Retry-After when it sent one,
+    else exponential backoff with jitter (so clients failing together do not retry together).
+    None when Retry-After asks for longer than we wait for a client that is watching."""
+    if error.retry_after is not None:
+        return error.retry_after if error.retry_after <= MAX_RETRY_WAIT_SECONDS else None
+    return min(0.5 * 2**attempt * (0.5 + random.random()), MAX_RETRY_WAIT_SECONDS)
+
+
 class _Stopped(Exception):
     """The step was stopped from outside: aborted by the client, idle, or server shutdown."""
 
@@ -141,6 +154,7 @@ class _Step:
     reasoning: list[str] = field(default_factory=list)
     parts: list[Part] = field(default_factory=list)
     tool_calls: list[ToolCallPart] = field(default_factory=list)
+    model: str = ""  # the model being called: the requested one or a fallback
     delivered: bool = False  # something reached the client: no more retries or fallbacks
     first_at: float = 0.0
     last_event: float = 0.0
@@ -170,6 +184,7 @@ class Turn:
         self._waiters: list[asyncio.Future[None]] = []
         self._step_task: asyncio.Task[ProviderFinish] | None = None
         self._stop_reason: str | None = None
+        self._stopped = asyncio.Event()  # ends a wait between retries early
 
     # --- publish / subscribe ---------------------------------------------------------------------
 
@@ -205,6 +220,7 @@ class Turn:
         """Stop generating; what was generated is stored with ``aborted: true`` and billed."""
         if self._stop_reason is None:
             self._stop_reason = reason
+        self._stopped.set()
         if self._step_task is not None and not self._step_task.done():
             self._step_task.cancel()
 
@@ -233,6 +249,7 @@ class Turn:
                 try:
                     finish, answered_by = await self._call_with_fallbacks(ctx, state, seen_sources)
                 except (ProviderError, _Stopped) as e:
+                    answered_by = state.model  # the model whose call failed, possibly a fallback
                     if ttft_ms is None and state.delivered:
                         ttft_ms = (state.first_at - started) * 1000
                     parts.extend(state.partial_parts())
@@ -243,7 +260,8 @@ class Turn:
                     reason = "aborted" if stopped else "error"
                     await self._record(answered_by, usage, cost, call_started, reason)
                     if isinstance(e, ProviderError):
-                        error = (e.code, e.message)
+                        # Providers scrub their own key; an upstream message may still quote another secret.
+                        error = (e.code, redact(e.message))
                     elif self._stop_reason == "idle":
                         error = ("LLM_ERROR", "The model stopped sending data (idle timeout).")
                     elif self._stop_reason == "shutdown":
@@ -295,6 +313,7 @@ class Turn:
     ) -> tuple[ProviderFinish, str]:
         chain = [self.model, *self.gw.config["models"]["fallbacks"].get(self.model, [])]
         for i, model in enumerate(chain):
+            state.model = model
             try:
                 return await self._call_with_retries(ctx, state, seen_sources, model), model
             except ProviderError as e:
@@ -312,21 +331,29 @@ class Turn:
             try:
                 return await self._call(ctx, state, seen_sources, model)
             except ProviderError as e:
-                if not e.retryable or state.delivered or attempt >= max_retries or self._stop_reason:
+                delay = retry_delay(e, attempt)
+                if not e.retryable or state.delivered or attempt >= max_retries or self._stop_reason or delay is None:
                     raise
-                delay = e.retry_after if e.retry_after is not None else 0.5 * 2**attempt * (0.5 + random.random())
                 attempt += 1
                 log.info("%s: %s; retry %d in %.1fs", model, e.code, attempt, delay)
-                await asyncio.sleep(min(delay, 30.0))
+                try:  # an abort or shutdown ends the wait
+                    await asyncio.wait_for(self._stopped.wait(), delay)
+                except TimeoutError:
+                    pass
 
     async def _call(self, ctx: AssembledContext, state: _Step, seen_sources: set[str], model: str) -> ProviderFinish:
+        if self._stop_reason is not None:  # stopped between steps, retries or before the first call
+            raise _Stopped(self._stop_reason)
         gw = self.gw
-        provider = gw.provider_for(model)
+        try:
+            provider = gw.provider_for(model)
+        except ModelNotFound as e:  # a fallback naming a model nothing serves
+            raise ProviderError("MODEL_NOT_FOUND", str(e)) from None
         info = gw.model_info(model)
         prefix = model.split("/", 1)[0]
         settings = gw.config.provider_settings(prefix)
         thinking = None
-        if gw.config["thinking"]["enabled"] and info.supports_reasoning:
+        if gw.config["thinking"]["enabled"]:  # the provider applies it only where the model supports it
             thinking = ThinkingSettings(int(gw.config["thinking"]["budget_tokens"]), info.adaptive_thinking_only)
         request = ProviderRequest(
             model=model,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from dataclasses import replace
 from typing import Any, AsyncIterator
 
 import pytest
@@ -32,6 +33,7 @@ from agentspace.types import (
     ToolResultPart,
 )
 from tests.fakes.anthropic_upstream import (
+    model_object,
     FakeAnthropic,
     citations_response,
     error_event,
@@ -64,9 +66,8 @@ async def provider() -> AsyncIterator[AnthropicProvider]:
 def make_request(fake: FakeAnthropic, messages: list[ChatMessage] | None = None, **kwargs: Any) -> ProviderRequest:
     kwargs.setdefault("api_key", KEY)
     kwargs.setdefault("model_info", model_info())
-    return ProviderRequest(
-        model=MODEL, system="Be brief.", messages=messages or [ChatMessage.user("Hi")], base_url=fake.url, **kwargs
-    )
+    kwargs.setdefault("model", MODEL)
+    return ProviderRequest(system="Be brief.", messages=messages or [ChatMessage.user("Hi")], base_url=fake.url, **kwargs)
 
 
 async def collect(provider: AnthropicProvider, request: ProviderRequest) -> list[ProviderEvent]:
@@ -297,13 +298,38 @@ async def test_thinking_stays_within_the_models_output_limit(provider: Anthropic
     assert body["thinking"]["budget_tokens"] == 8000
 
 
-async def test_adaptive_thinking(provider: AnthropicProvider, fake_anthropic: FakeAnthropic) -> None:
-    await collect(provider, make_request(fake_anthropic, thinking=ThinkingSettings(adaptive=True), max_tokens=4096))
+async def test_adaptive_thinking_for_models_the_models_api_says_take_only_adaptive(
+    provider: AnthropicProvider, fake_anthropic: FakeAnthropic
+) -> None:
+    request = make_request(fake_anthropic, thinking=ThinkingSettings(), max_tokens=4096)
+    fake_anthropic.models[request.model_name] = model_object(request.model_name, adaptive_only=True)
+    await collect(provider, request)
+    await collect(provider, make_request(fake_anthropic, thinking=ThinkingSettings(), max_tokens=4096))
 
     body = fake_anthropic.requests[0].body
     assert body["thinking"] == {"type": "adaptive"}
     assert body["max_tokens"] == 4096
     assert "temperature" not in body
+    assert fake_anthropic.model_requests == [request.model_name]  # asked once, then cached
+
+
+async def test_no_thinking_for_models_without_it(provider: AnthropicProvider, fake_anthropic: FakeAnthropic) -> None:
+    request = make_request(fake_anthropic, thinking=ThinkingSettings())
+    fake_anthropic.models[request.model_name] = model_object(request.model_name, thinking=False)
+    await collect(provider, request)
+    assert "thinking" not in fake_anthropic.requests[0].body
+
+
+async def test_without_the_models_api_the_cost_map_decides(provider: AnthropicProvider, fake_anthropic: FakeAnthropic) -> None:
+    fake_anthropic.any_model = False  # the Models API answers 404 for every model
+    adaptive = make_request(fake_anthropic, thinking=ThinkingSettings(adaptive=True))
+    await collect(provider, adaptive)
+    assert fake_anthropic.requests[-1].body["thinking"] == {"type": "adaptive"}
+
+    plain = make_request(fake_anthropic, model="anthropic/claude-no-reasoning", thinking=ThinkingSettings(),
+                         model_info=replace(model_info(), supports_reasoning=False))
+    await collect(provider, plain)
+    assert "thinking" not in fake_anthropic.requests[-1].body
 
 
 # --- errors -------------------------------------------------------------------------------------

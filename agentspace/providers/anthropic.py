@@ -7,6 +7,7 @@ command imports this module and most of them never talk to Anthropic.
 from __future__ import annotations
 
 import json
+import logging
 from typing import TYPE_CHECKING, Any, AsyncIterator, Callable
 
 from ..events import (
@@ -20,12 +21,14 @@ from ..events import (
 )
 from ..hookspecs import hookimpl
 from ..types import ChatMessage, Part, ReasoningPart, SourcePart, TextPart, TokenUsage, ToolCallPart
-from .base import Provider, ProviderRequest
+from .base import Provider, ProviderRequest, ThinkingSettings
 
 if TYPE_CHECKING:
     from anthropic import APIStatusError, AsyncAnthropic
 
     from ..config import Config
+
+log = logging.getLogger(__name__)
 
 PREFIX = "anthropic/"
 NO_KEY_MESSAGE = "Anthropic API key not configured. Run: agentspace keys add anthropic"
@@ -70,6 +73,8 @@ class AnthropicProvider:
         self._timeout = float(config.provider_settings("anthropic")["timeout_seconds"])
         # One client (one connection pool) per key and endpoint, reused across calls.
         self._clients: dict[tuple[str, str | None], "AsyncAnthropic"] = {}
+        # Thinking forms each model accepts, from the Models API: (budget form, adaptive), None if unknown.
+        self._thinking_forms: dict[tuple[str | None, str], tuple[bool, bool] | None] = {}
 
     def claims(self, model: str) -> bool:
         return model.startswith(PREFIX)
@@ -89,6 +94,21 @@ class AnthropicProvider:
             self._clients[(api_key, base_url)] = client
         return client
 
+    async def _thinking_for(self, client: "AsyncAnthropic", request: ProviderRequest) -> ThinkingSettings | None:
+        """The thinking form the model accepts: the Models API says (asked once per model), else the cost map."""
+        key = (request.base_url, request.model_name)
+        if key not in self._thinking_forms:
+            self._thinking_forms[key] = await _thinking_forms(client, request.model_name)
+        forms = self._thinking_forms[key]
+        thinking = request.thinking
+        assert thinking is not None
+        if forms is None:  # the Models API did not answer: the request's form comes from the cost map
+            return thinking if request.model_info.supports_reasoning else None
+        budget_ok, adaptive_ok = forms
+        if budget_ok:
+            return ThinkingSettings(thinking.budget_tokens, adaptive=False)
+        return ThinkingSettings(thinking.budget_tokens, adaptive=True) if adaptive_ok else None
+
     async def aclose(self) -> None:
         """Close the pooled HTTP connections."""
         clients, self._clients = list(self._clients.values()), {}
@@ -102,6 +122,8 @@ class AnthropicProvider:
         import httpx2  # the SDK's HTTP client; its errors surface unwrapped while a stream is read
 
         client = self._client(request.api_key, request.base_url)
+        if request.thinking is not None:
+            request.thinking = await self._thinking_for(client, request)
         params = request_params(request)
         state = _StreamState()
         try:
@@ -130,6 +152,22 @@ class AnthropicProvider:
             raise ProviderError("LLM_ERROR", INCOMPLETE_MESSAGE)
         finish_reason = FINISH_REASONS.get(state.stop_reason or "", "other")
         yield ProviderFinish(finish_reason, state.usage, ChatMessage("assistant", state.parts))
+
+
+async def _thinking_forms(client: "AsyncAnthropic", model_name: str) -> tuple[bool, bool] | None:
+    """(accepts ``{"type": "enabled", budget_tokens}``, accepts ``{"type": "adaptive"}``) from models.retrieve."""
+    try:
+        info = await client.models.retrieve(model_name, timeout=5.0)
+        capabilities = info.capabilities
+        if capabilities is None:
+            return None
+        thinking = capabilities.thinking
+        if not thinking.supported:
+            return (False, False)
+        return (bool(thinking.types.enabled.supported), bool(thinking.types.adaptive.supported))
+    except Exception as e:  # unreachable, unknown model, older API: fall back to the cost map
+        log.info("Models API gave no capabilities for %s (%s); using the cost map", model_name, type(e).__name__)
+        return None
 
 
 # --- request ------------------------------------------------------------------------------------

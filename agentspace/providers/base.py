@@ -25,6 +25,7 @@ class ProviderRequest:
     model_info: ModelInfo
     max_tokens: int = 4096
     tools: list[Tool] = field(default_factory=list)
+    # Thinking as configured; providers apply it only to models that support it (``model_info`` or their API).
     thinking: ThinkingSettings | None = None
     api_key: str | None = None
     base_url: str | None = None

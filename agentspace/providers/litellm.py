@@ -129,7 +129,7 @@ class LiteLLMProvider:
                 {"type": "function", "function": {"name": t.name, "description": t.description, "parameters": t.input_schema}}
                 for t in request.tools
             ]
-        if request.thinking is not None:
+        if request.thinking is not None and request.model_info.supports_reasoning:
             kwargs["thinking"] = (
                 {"type": "adaptive"}
                 if request.thinking.adaptive
