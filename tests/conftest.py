@@ -18,8 +18,9 @@ from agentspace.config import Config, parse_config
 from agentspace.gateway_token import load_or_create_token
 from agentspace.plugins import create_plugin_manager
 from agentspace.server import create_app
-from tests.fakes.anthropic_upstream import fake_anthropic  # noqa: F401  (fixture)
-from tests.fakes.openai_upstream import FakeOpenAI, started_fake_openai
+
+# The fakes' own fixtures: ``fake_anthropic`` and ``fake_openai`` (started upstreams on 127.0.0.1).
+pytest_plugins = ("tests.fakes.anthropic_upstream", "tests.fakes.openai_upstream")
 
 TEST_KEY = "sk-ant-test-0123456789abcdef"
 
@@ -34,12 +35,6 @@ def isolated_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     for name in ("ANTHROPIC_API_KEY", "OPENAI_API_KEY", "GEMINI_API_KEY", "AGENTSPACE_CONFIG", "AGENTSPACE_TOKEN"):
         monkeypatch.delenv(name, raising=False)
     return home
-
-
-@pytest.fixture
-async def fake_openai() -> AsyncIterator[FakeOpenAI]:
-    async with started_fake_openai() as fake:
-        yield fake
 
 
 def _merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:

@@ -28,7 +28,7 @@ from tests.fakes.anthropic_upstream import (
     tool_use_response,
     web_citation,
 )
-from tests.test_http_chat import WeatherTools
+from tests.tool_plugins import WeatherTools
 
 JS_DIR = Path(__file__).parent / "js"
 NODE = shutil.which("node")

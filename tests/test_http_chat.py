@@ -11,7 +11,6 @@ import pytest
 from aiohttp import ClientResponse
 from aiohttp.test_utils import TestClient
 
-from agentspace import Tool, hookimpl
 from agentspace import events as ev
 from agentspace.plugins import create_plugin_manager
 from agentspace.transports.ui_stream import UIMessageStreamEncoder
@@ -24,6 +23,7 @@ from tests.fakes.anthropic_upstream import (
     thinking_response,
     tool_use_response,
 )
+from tests.tool_plugins import WeatherTools
 
 # The fields uiMessageChunkSchema (ai 6, tests/js) defines for each chunk type we send; nothing else may appear.
 CHUNK_FIELDS = {
@@ -165,19 +165,6 @@ async def test_citations_become_source_url_chunks(client: TestClient, auth_heade
     assert sorted(s["url"] for s in sources) == ["https://example.com/a", "https://example.com/b", "https://example.com/c"]
     assert all(s["title"] for s in sources)
     assert len({s["sourceId"] for s in sources}) == 3
-
-
-class WeatherTools:
-    @hookimpl
-    def register_tools(self, register: Any, config: Any) -> None:
-        async def weather(args: dict[str, Any]) -> dict[str, Any]:
-            return {"city": args["city"], "forecast": "sunny"}
-
-        async def broken(args: dict[str, Any]) -> Any:
-            raise RuntimeError("sensor offline")
-
-        register(Tool("get_weather", "Weather for a city", {"type": "object", "properties": {"city": {"type": "string"}}}, weather))
-        register(Tool("broken", "Always fails", {"type": "object", "properties": {}}, broken))
 
 
 async def test_tool_loop_chunks(make_client: Any, auth_headers: dict[str, str], fake_anthropic: Any) -> None:

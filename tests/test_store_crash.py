@@ -8,7 +8,6 @@ every reported write is on disk, every file parses, and a new writer picks up wh
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys

@@ -8,7 +8,6 @@ import os
 import subprocess
 import sys
 import threading
-import time
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
@@ -34,7 +33,12 @@ from agentspace.stores import (
     usage_report,
 )
 from agentspace.stores import usage as usage_module
-from agentspace.stores.files import open_db, remove_stale_temp_files, storage_of, write_json_atomic
+from agentspace.stores.files import (
+    open_db,
+    remove_stale_temp_files,
+    storage_of,
+    write_json_atomic,
+)
 from agentspace.stores.usage import write_segment
 from agentspace.types import Cost, TokenUsage, UsageRecord, now_iso
 

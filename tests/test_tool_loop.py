@@ -13,8 +13,14 @@ from aiohttp.test_utils import TestClient
 from agentspace import Tool, hookimpl
 from agentspace.plugins import create_plugin_manager
 from agentspace.transports import state
-from tests.fakes.openai_upstream import text_response, tool_call, tool_calls_response, usage
-from tests.test_http_chat import check_protocol, of as chunks_of, post_chat, read_all, types, user
+from tests.fakes.openai_upstream import (
+    text_response,
+    tool_call,
+    tool_calls_response,
+    usage,
+)
+from tests.test_http_chat import check_protocol, post_chat, read_all, types, user
+from tests.test_http_chat import of as chunks_of
 from tests.test_ws import chat, connect, of
 
 MODEL = "openai/gpt-4o-mini"

@@ -10,10 +10,16 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from agentspace.cli import main
 from agentspace.cli import keys as keys_cmd
+from agentspace.cli import main
 from agentspace.config import parse_config
-from agentspace.gateway_token import TokenFile, load_or_create_token, rotate_token, token_matches, token_path
+from agentspace.gateway_token import (
+    TokenFile,
+    load_or_create_token,
+    rotate_token,
+    token_matches,
+    token_path,
+)
 from agentspace.vault import KeyVault, mask, missing_key_message, resolve_key
 
 SECRET = "sk-ant-api03-THIS-IS-SECRET-a1b2"

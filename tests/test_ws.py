@@ -3,7 +3,6 @@ the real anthropic SDK against the fake Anthropic upstream over HTTP."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 from typing import Any
 
@@ -12,7 +11,6 @@ from aiohttp import WSMsgType, web
 from aiohttp.test_utils import TestClient
 from click.testing import CliRunner
 
-from agentspace import Tool, hookimpl
 from agentspace.cli import main as cli
 from agentspace.plugins import create_plugin_manager
 from agentspace.transports import state as STATE
@@ -25,6 +23,7 @@ from tests.fakes.anthropic_upstream import (
     thinking_response,
     tool_use_response,
 )
+from tests.tool_plugins import WeatherTools
 
 
 async def connect(client: TestClient, token: str) -> web.WebSocketResponse:
@@ -337,19 +336,6 @@ async def test_cli_usage_totals_match_upstream(client: TestClient, token: str, f
 
 
 # --- the tool loop (tools are plugins) ----------------------------------------------------------
-
-
-class WeatherTools:
-    @hookimpl
-    def register_tools(self, register: Any, config: Any) -> None:
-        async def weather(args: dict[str, Any]) -> dict[str, Any]:
-            return {"city": args["city"], "forecast": "sunny"}
-
-        async def broken(args: dict[str, Any]) -> Any:
-            raise RuntimeError("sensor offline")
-
-        register(Tool("get_weather", "Weather for a city", {"type": "object", "properties": {"city": {"type": "string"}}}, weather))
-        register(Tool("broken", "Always fails", {"type": "object", "properties": {}}, broken))
 
 
 async def test_tool_loop(make_client: Any, token: str, fake_anthropic: Any) -> None:
