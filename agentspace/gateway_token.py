@@ -13,6 +13,7 @@ import os
 import secrets
 from pathlib import Path
 
+from .logs import register_secret
 from .vault import ensure_private_dir, write_private_file
 
 log = logging.getLogger(__name__)
@@ -25,7 +26,9 @@ def token_path(data_dir: str | os.PathLike[str]) -> Path:
 
 
 def _new_token() -> str:
-    return secrets.token_urlsafe(32)  # 32 random bytes -> 43 characters
+    token = secrets.token_urlsafe(32)  # 32 random bytes -> 43 characters
+    register_secret(token)
+    return token
 
 
 def _read(path: Path) -> str | None:
@@ -36,6 +39,7 @@ def _read(path: Path) -> str | None:
     if path.stat().st_mode & 0o077:
         log.warning("%s was readable by other users; setting its mode to 0600", path)
         os.chmod(path, 0o600)
+    register_secret(token)  # kept out of the logs from now on
     return token or None
 
 

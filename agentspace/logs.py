@@ -1,13 +1,83 @@
-"""Logging set-up for the server: one format, the configured level, secrets redacted."""
+"""Logging set-up for the server: one format, the configured level, secrets redacted.
+
+Secrets (provider API keys, the gateway token) are registered with ``register_secret`` by the code that
+reads them (the vault, the token file). From the first registration on, every log record created in the
+process has them replaced by ``[redacted]`` (message, arguments and traceback), whichever handler
+later writes it: ours, pytest's, or one a plugin adds.
+"""
 
 from __future__ import annotations
 
 import logging
+import os
 import sys
+import threading
+from typing import Any
 
 from .config import Config
 
 FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+REDACTED = "[redacted]"
+# Shorter values would redact ordinary words; real keys and tokens are far longer.
+MIN_SECRET_LENGTH = 8
+
+_secrets: frozenset[str] = frozenset()
+_lock = threading.Lock()
+_base_factory: Any = None
+
+
+def register_secret(value: str | None) -> None:
+    """Keep ``value`` out of every log record from now on."""
+    global _secrets, _base_factory
+    if not value or len(value) < MIN_SECRET_LENGTH or value in _secrets:
+        return
+    with _lock:
+        _secrets = _secrets | {value}
+        if _base_factory is None:
+            _base_factory = logging.getLogRecordFactory()
+            logging.setLogRecordFactory(_redacting_factory)
+
+
+def redact(text: str) -> str:
+    """``text`` with every registered secret replaced."""
+    for secret in _secrets:
+        if secret in text:
+            text = text.replace(secret, REDACTED)
+    return text
+
+
+def _has_secret(text: str) -> bool:
+    return any(secret in text for secret in _secrets)
+
+
+def _redacting_factory(*args: Any, **kwargs: Any) -> logging.LogRecord:
+    record: logging.LogRecord = _base_factory(*args, **kwargs)
+    try:
+        message = record.getMessage()
+    except Exception:  # a bad format string: the handler reports it as usual
+        return record
+    if _has_secret(message):
+        record.msg, record.args = redact(message), None
+    if record.exc_info and record.exc_info[0] is not None:
+        # Formatters use exc_text when it is set; an exception message may quote a key (e.g. a URL).
+        text = logging.Formatter().formatException(record.exc_info)
+        if _has_secret(text):
+            record.exc_text = redact(text)
+    if record.stack_info and _has_secret(record.stack_info):
+        record.stack_info = redact(record.stack_info)
+    return record
+
+
+def _register_configured_keys(config: Config) -> None:
+    """Every key the server could use: in the vault, and in the providers' environment variables."""
+    from .vault import DEFAULT_ENV_VARS, KeyVault, VaultError, env_var
+
+    try:
+        KeyVault(config.data_dir).names()  # reading the vault registers every key in it
+    except VaultError:
+        pass  # reported where a key is needed
+    for name in {*DEFAULT_ENV_VARS.values(), *(env_var(config, prefix) for prefix in config.providers)}:
+        register_secret(os.environ.get(name))
 
 
 def configure_logging(config: Config) -> None:
@@ -20,3 +90,4 @@ def configure_logging(config: Config) -> None:
     # litellm and httpx log request details (URLs, sometimes headers) at INFO; keep them quiet.
     for noisy in ("LiteLLM", "litellm", "httpx", "httpcore", "anthropic"):
         logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
+    _register_configured_keys(config)

@@ -23,8 +23,16 @@ MAX_FAILURES = 10  # per address and window before further attempts are refused 
 FAILURE_WINDOW_SECONDS = 60.0
 
 
+# Past this many tracked addresses, expired entries are swept on the next failure.
+SWEEP_ADDRESSES = 1024
+
+
 class AuthFailures:
-    """Sliding-window count of failed authentications per client address."""
+    """Sliding-window count of failed authentications per client address.
+
+    Each address keeps only its last ``limit`` failures: enough to decide, and an attacker who goes on
+    failing stays blocked (each attempt renews the window) without growing the memory it costs us.
+    """
 
     def __init__(self, limit: int = MAX_FAILURES, window: float = FAILURE_WINDOW_SECONDS) -> None:
         self.limit = limit
@@ -32,21 +40,25 @@ class AuthFailures:
         self._failures: dict[str, deque[float]] = {}
 
     def _recent(self, address: str) -> deque[float]:
-        q = self._failures.setdefault(address, deque())
+        q = self._failures.get(address)
+        if q is None:
+            return deque()
         cutoff = time.monotonic() - self.window
         while q and q[0] < cutoff:
             q.popleft()
         if not q:
             del self._failures[address]
-            return deque()
         return q
 
     def blocked(self, address: str) -> bool:
         return len(self._recent(address)) >= self.limit
 
     def add(self, address: str) -> None:
+        if len(self._failures) >= SWEEP_ADDRESSES:
+            for other in list(self._failures):
+                self._recent(other)
         self._recent(address)
-        self._failures.setdefault(address, deque()).append(time.monotonic())
+        self._failures.setdefault(address, deque(maxlen=self.limit)).append(time.monotonic())
 
 
 def _address(request: web.Request) -> str:

@@ -15,7 +15,7 @@ import weakref
 from typing import AsyncIterator
 
 import pluggy
-from aiohttp import WSCloseCode, web
+from aiohttp import web
 
 from .config import Config
 from .gateway import Gateway
@@ -42,6 +42,7 @@ def create_app(config: Config, pm: pluggy.PluginManager | None = None) -> web.Ap
     app[state.TOKEN_FILE] = TokenFile(config.data_dir)
     app[state.AUTH_FAILURES] = AuthFailures()
     app[state.WEBSOCKETS] = weakref.WeakSet()
+    app[state.SHUTTING_DOWN] = asyncio.Event()
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/gateway", ws.gateway_handler)
     ui_stream.setup_routes(app)
@@ -76,7 +77,15 @@ def _gateway_context(config: Config, pm: pluggy.PluginManager):  # type: ignore[
 
 
 async def _finish_streams(app: web.Application) -> None:
-    """Let running turns finish within the grace period, store the rest as aborted, close sockets."""
+    """Let running turns finish within the grace period, store the rest as aborted, close sockets.
+
+    ``agentspace serve`` runs this itself before ``runner.cleanup()``: from aiohttp's pre-shutdown on,
+    connections drop what clients send (pongs and chat.abort included). Other runners (tests, embedders)
+    get it as an on_shutdown handler; it runs once.
+    """
+    if app[state.SHUTTING_DOWN].is_set():
+        return
+    app[state.SHUTTING_DOWN].set()  # open connections may not start new turns meanwhile
     gw = app[state.GATEWAY]
     turns = [t for t in gw.active.values() if t.task is not None]
     if turns:
@@ -88,8 +97,7 @@ async def _finish_streams(app: web.Application) -> None:
                 t.abort("shutdown")
         if pending:
             await asyncio.wait(pending, timeout=10)
-    for socket in list(app[state.WEBSOCKETS]):
-        await socket.close(code=WSCloseCode.GOING_AWAY, message=b"server shutting down")
+    await asyncio.gather(*(conn.shutdown() for conn in list(app[state.WEBSOCKETS])))
 
 
 def run_server(config: Config, host: str | None = None, port: int | None = None) -> None:
@@ -117,5 +125,7 @@ async def _serve(config: Config, host: str, port: int) -> None:
             loop.add_signal_handler(sig, stop.set)
         await stop.wait()
         print("agentspace shutting down", file=sys.stderr, flush=True)
+        await site.stop()  # refuse new connections; open ones keep working through the grace period
+        await _finish_streams(app)
     finally:
         await runner.cleanup()

@@ -14,6 +14,8 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
+from .logs import register_secret
+
 if TYPE_CHECKING:
     from .config import Config
 
@@ -95,7 +97,10 @@ class KeyVault:
         keys = data.get("keys", {}) if isinstance(data, dict) else None
         if not isinstance(keys, dict):
             raise VaultError(f'{self.path}: expected {{"keys": {{NAME: KEY}}}}. Fix it, or remove it and add the keys again.')
-        return {str(k): str(v) for k, v in keys.items()}
+        found = {str(k): str(v) for k, v in keys.items()}
+        for value in found.values():
+            register_secret(value)  # kept out of the logs from now on
+        return found
 
     def _write(self, keys: dict[str, str]) -> None:
         payload = {"__note__": NOTE, "keys": dict(sorted(keys.items()))}
@@ -141,7 +146,9 @@ def resolve_key(config: "Config", prefix: str) -> str | None:
     stored = KeyVault(config.data_dir).get(key_name(config, prefix))
     if stored:
         return stored
-    return os.environ.get(env_var(config, prefix)) or None
+    from_env = os.environ.get(env_var(config, prefix)) or None
+    register_secret(from_env)
+    return from_env
 
 
 def display_name(prefix: str) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import weakref
 
 from aiohttp import web
@@ -13,4 +14,5 @@ from ..security import AuthFailures
 GATEWAY = web.AppKey("gateway", Gateway)
 TOKEN_FILE = web.AppKey("token_file", TokenFile)
 AUTH_FAILURES = web.AppKey("auth_failures", AuthFailures)
-WEBSOCKETS = web.AppKey("websockets", weakref.WeakSet)
+WEBSOCKETS = web.AppKey("websockets", weakref.WeakSet)  # the open ws.Connection objects
+SHUTTING_DOWN = web.AppKey("shutting_down", asyncio.Event)  # set when shutdown begins: no new turns

@@ -292,6 +292,8 @@ async def stream_turn(request: web.Request, turn: Turn, *, abort_on_disconnect: 
 
 async def chat_handler(request: web.Request) -> web.StreamResponse:
     gw = request.app[state.GATEWAY]
+    if request.app[state.SHUTTING_DOWN].is_set():
+        return error_response(503, "SERVICE_UNAVAILABLE", "The gateway is shutting down; try again when it is back.")
     try:
         chat = parse_chat_body(await read_json(request))
     except BadRequest as e:

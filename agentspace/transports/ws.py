@@ -13,7 +13,7 @@ import logging
 import time
 from typing import Any, Callable
 
-from aiohttp import WSMsgType, web
+from aiohttp import WSCloseCode, WSMsgType, web
 
 from .. import events as ev
 from ..context import inspect_session
@@ -27,6 +27,9 @@ log = logging.getLogger(__name__)
 
 # Frames before authentication must be small: nothing but {"type": "auth", ...} is expected.
 PRE_AUTH_MAX_BYTES = 4096
+# At shutdown, how long a connection's last frames (the end of its turn) may take to go out.
+SHUTDOWN_FLUSH_SECONDS = 5.0
+SHUTTING_DOWN_MESSAGE = "The gateway is shutting down; try again when it is back."
 
 
 def _dumps(obj: dict[str, Any]) -> str:
@@ -93,6 +96,9 @@ class Connection:
             raise _BadField("'content' must not be empty.")
         if self.turn is not None and not self.turn.done:
             await self.error(request_id, "STREAM_IN_PROGRESS", "This connection is already streaming; wait or send chat.abort.")
+            return
+        if self.app[state.SHUTTING_DOWN].is_set():
+            await self.error(request_id, "LLM_ERROR", SHUTTING_DOWN_MESSAGE)
             return
         try:
             turn = await start_turn(self.gw, ChatRequest(content, session_id, model, client="ws"))
@@ -184,6 +190,12 @@ class Connection:
         except (ConnectionResetError, RuntimeError):
             pass  # the client went away; the turn goes on without it
 
+    async def shutdown(self) -> None:
+        """The server is going away: let the turn's last frames go out, then close with GOING_AWAY (1001)."""
+        if self.forwarder is not None:
+            await asyncio.wait([self.forwarder], timeout=SHUTDOWN_FLUSH_SECONDS)
+        await self.ws.close(code=WSCloseCode.GOING_AWAY, message=b"server shutting down")
+
     async def closed(self) -> None:
         """The socket closed: the turn finishes (stored and billed) unless configured to abort."""
         if self.turn is not None and not self.turn.done and self.config["chat"]["on_disconnect"] == "abort":
@@ -229,7 +241,7 @@ async def gateway_handler(request: web.Request) -> web.StreamResponse:
     if not authenticated and not await _authenticate_first_frame(request, ws, float(server["auth_timeout_seconds"])):
         return ws
     conn = Connection(request, ws)
-    request.app[state.WEBSOCKETS].add(ws)
+    request.app[state.WEBSOCKETS].add(conn)
     try:
         async for msg in ws:
             if msg.type == WSMsgType.TEXT:
@@ -239,7 +251,7 @@ async def gateway_handler(request: web.Request) -> web.StreamResponse:
             elif msg.type == WSMsgType.ERROR:
                 log.info("websocket closed with error: %s", ws.exception())
     finally:
-        request.app[state.WEBSOCKETS].discard(ws)
+        request.app[state.WEBSOCKETS].discard(conn)
         await conn.closed()
     return ws
 

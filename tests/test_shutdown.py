@@ -1,0 +1,87 @@
+"""Graceful shutdown of a real ``agentspace serve`` process: SIGTERM stops accepting, lets running streams
+finish within [server] shutdown_grace_seconds, stores the rest as aborted, flushes the stores and closes
+sockets with GOING_AWAY (1001). The slow upstream runs in the test process."""
+
+from __future__ import annotations
+
+import signal
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from agentspace.stores.sessions import SessionStore
+from agentspace.stores.usage import UsageStore
+from scripts.harness import GatewayProcess
+from tests.fakes import anthropic_upstream as fa
+
+FAST = "done " * 8
+SLOW = "slow " * 400
+
+
+async def frames_until(ws: aiohttp.ClientWebSocketResponse, kind: str) -> list[dict[str, Any]]:
+    frames = []
+    while not frames or frames[-1]["type"] not in (kind, "error"):
+        frames.append(await ws.receive_json(timeout=30))
+    return frames
+
+
+async def close_code(ws: aiohttp.ClientWebSocketResponse) -> int | None:
+    for _ in range(1000):
+        msg = await ws.receive(timeout=30)
+        if msg.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED, aiohttp.WSMsgType.CLOSING):
+            return ws.close_code
+    raise AssertionError("the socket stayed open")
+
+
+async def test_sigterm_finishes_within_grace_and_stores_the_rest_as_aborted(tmp_path: Path, fake_anthropic: fa.FakeAnthropic) -> None:
+    fake_anthropic.enqueue(
+        fa.text_response(FAST, chunks=8, delta_usages=[{"output_tokens": 8}]).with_delay(0.1),  # ~1.4 s in all
+        fa.text_response(SLOW, chunks=400).with_delay(0.1),  # ~40 s: cut short by the 3 s grace
+    )
+    server = GatewayProcess(tmp_path / "data", fake_anthropic.url, server={"shutdown_grace_seconds": 3.0})
+    try:
+        await server.start()
+        headers = {"Authorization": f"Bearer {server.token}"}
+        async with aiohttp.ClientSession() as http:
+            fast = await http.ws_connect(server.ws_url, headers=headers)
+            slow = await http.ws_connect(server.ws_url, headers=headers)
+            idle = await http.ws_connect(server.ws_url, headers=headers)
+            await fast.send_json({"type": "chat.send", "id": "fast", "content": "quick one"})
+            fast_frames = await frames_until(fast, "chat.stream.delta")
+            await slow.send_json({"type": "chat.send", "id": "slow", "content": "long one"})
+            slow_frames = await frames_until(slow, "chat.stream.delta")
+
+            assert server.process is not None
+            server.process.send_signal(signal.SIGTERM)
+            await server.wait_for_log("running stream(s)")  # shutdown has begun
+            with pytest.raises(aiohttp.ClientConnectionError):  # no longer accepting
+                await http.get(server.url + "/healthz")
+            await idle.send_json({"type": "chat.send", "id": "late", "content": "too late"})
+            refused = await idle.receive_json(timeout=30)
+            assert (refused["type"], refused["code"]) == ("error", "LLM_ERROR") and "shutting down" in refused["message"]
+
+            fast_frames += await frames_until(fast, "chat.stream.end")
+            slow_frames += await frames_until(slow, "chat.stream.end")
+            assert (fast_frames[-1]["type"], fast_frames[-1]["finishReason"]) == ("chat.stream.end", "stop")
+            assert (slow_frames[-1]["type"], slow_frames[-1]["finishReason"]) == ("chat.stream.end", "aborted")
+            assert [await close_code(ws) for ws in (fast, slow, idle)] == [1001, 1001, 1001]
+        assert await server.process.wait() == 0
+    finally:
+        await server.aclose()
+    assert server.log_problems() == []
+
+    sessions, usage = SessionStore(server.data_dir), UsageStore(server.data_dir)
+    fast_id, slow_id = fast_frames[0]["sessionId"], slow_frames[0]["sessionId"]
+    complete = sessions.get_sync(fast_id)["messages"][-1]  # type: ignore[index]
+    assert complete["content"] == FAST and complete["aborted"] is False and complete["finishReason"] == "stop"
+    partial = sessions.get_sync(slow_id)["messages"][-1]  # type: ignore[index]
+    assert partial["aborted"] is True and partial["finishReason"] == "aborted"
+    assert 0 < len(partial["content"]) < len(SLOW) and SLOW.startswith(partial["content"])
+    received = "".join(f["delta"] for f in slow_frames if f["type"] == "chat.stream.delta")
+    assert partial["content"] == received  # what the client saw is what was stored
+    assert [(r["finishReason"], r["outputTokens"]) for r in usage.records(session_id=fast_id)] == [("stop", 8)]
+    (record,) = usage.records(session_id=slow_id)
+    assert record["finishReason"] == "aborted" and record["estimated"] is True and record["outputTokens"] > 0
+    assert len(sessions.list_sync()) == 2  # the late request created nothing
