@@ -39,7 +39,7 @@ from .events import (
 from .gateway import Gateway, ModelNotFound
 from .logs import redact
 from .providers.base import ProviderRequest, ThinkingSettings
-from .stores import InvalidSessionId, SessionExists
+from .stores import InvalidSessionId
 from .tokens import count_tokens
 from .types import (
     ChatMessage,
@@ -105,27 +105,32 @@ async def start_turn(gw: Gateway, request: ChatRequest) -> "Turn":
         raise ChatError("MODEL_NOT_FOUND", str(e)) from None
 
     created = session is None
-    if created:
-        try:
-            session = await gw.sessions.create(model=model, session_id=request.session_id, client=request.client)
-        except SessionExists:  # a concurrent first request with the same client-chosen id won
-            raise ChatError("STREAM_IN_PROGRESS", "This session is already streaming an answer; wait for it or abort it.") from None
-        except InvalidSessionId as e:
-            raise ChatError("INVALID_MESSAGE", str(e)) from None
-        for message in request.import_messages:
-            await gw.sessions.append_message(session["id"], message)
-    session_id = session["id"]
-    if session_id in gw.active:  # a concurrent request created or claimed it meanwhile
+    session_id = (request.session_id or new_id("s_")) if session is None else session["id"]
+    # Checked with no await before the session is claimed below: a concurrent first request with the
+    # same client-chosen id is refused here, before it queues any write.
+    if session_id in gw.active:
         raise ChatError("STREAM_IN_PROGRESS", "This session is already streaming an answer; wait for it or abort it.")
 
     turn = Turn(gw, session_id, model, request.client, created)
+    # The writes are queued, not awaited, so the provider call does not wait for fsync: the store's one
+    # writer thread runs them in order, before any later read or write of the session, and the turn
+    # waits for their outcome before it publishes the end of the answer (Turn._settle).
+    history: list[dict[str, Any]] | None = None
+    if created:
+        try:
+            turn.writes.append(gw.sessions.create_soon(model=model, session_id=session_id, client=request.client))
+        except InvalidSessionId as e:
+            raise ChatError("INVALID_MESSAGE", str(e)) from None
+        turn.writes += [gw.sessions.append_message_soon(session_id, m) for m in request.import_messages]
+        history = list(request.import_messages)
     gw.active[session_id] = turn
     try:
-        history = await gw.sessions.messages(session_id)
-        await gw.sessions.append_message(
+        if history is None:
+            history = await gw.sessions.messages(session_id)
+        turn.writes.append(gw.sessions.append_message_soon(
             session_id, {"id": request.user_message_id or new_id("msg_"), "role": "user", "content": request.content,
                          "parts": [{"type": "text", "text": request.content}], "createdAt": now_iso()}
-        )
+        ))
     except BaseException:
         gw.active.pop(session_id, None)
         raise
@@ -185,6 +190,8 @@ class Turn:
         self._step_task: asyncio.Task[ProviderFinish] | None = None
         self._stop_reason: str | None = None
         self._stopped = asyncio.Event()  # ends a wait between retries early
+        # Store and usage writes queued by start_turn and the turn, awaited (by _settle) before the end event.
+        self.writes: list[asyncio.Future[Any]] = []
 
     # --- publish / subscribe ---------------------------------------------------------------------
 
@@ -301,6 +308,7 @@ class Turn:
         self.done = True
         self.gw.active.pop(self.session_id, None)
         self._publish_done()
+        await self._settle()  # writes left when storing the answer failed
 
     def _publish_done(self) -> None:
         for w in self._waiters:
@@ -449,8 +457,9 @@ class Turn:
         return TokenUsage(input_tokens=estimate_input_tokens(ctx), output_tokens=count_tokens(output), estimated=True)
 
     async def _record(self, model: str, usage: TokenUsage, cost: Cost, started: float, finish_reason: str) -> None:
+        """Send the call's usage record to the sinks in a task: the stream goes on without waiting for it."""
         info = self.gw.model_info(model)
-        await self.gw.record_usage(
+        record = self.gw.record_usage(
             UsageRecord(
                 id=new_id("usage_"),
                 timestamp=now_iso(),
@@ -465,6 +474,7 @@ class Turn:
                 price_known=info.price_known,
             )
         )
+        self.writes.append(asyncio.ensure_future(record))
 
     async def _store(
         self,
@@ -496,4 +506,15 @@ class Turn:
         }
         if error is not None:
             message["error"] = {"code": error[0], "message": error[1]}
-        await self.gw.sessions.append_message(self.session_id, message)
+        self.writes.append(self.gw.sessions.append_message_soon(self.session_id, message))
+        # A client may read the store as soon as it has the end of the answer: everything is written by then.
+        await self._settle()
+
+    async def _settle(self) -> None:
+        """Wait for the turn's queued writes; failures are logged (the answer has been streamed already)."""
+        writes, self.writes = self.writes, []
+        for write in writes:
+            try:
+                await write
+            except Exception:
+                log.exception("storing the turn in session %s failed", self.session_id)

@@ -62,9 +62,8 @@ def usage(state: CliState, by_model: bool, by_day: bool, session_id: str | None,
 
     since_dt = parse_since(since) if since else None
     by_model = by_model or not by_day
-    records: Iterable[dict[str, Any]] = UsageStore(state.data_dir).records(since=since_dt, session_id=session_id)
-    if by_model and by_day:
-        records = list(records)  # two reports from one read
+    # Per-segment sums where the store has them (closed segments), the records elsewhere: the reports add both.
+    records = UsageStore(state.data_dir).totals(since=since_dt, session_id=session_id)
     unpriced: set[str] = set()
     per_model = usage_report(_flag_unpriced(records, unpriced)) if by_model else None
     per_day = usage_by_day(records) if by_day else None

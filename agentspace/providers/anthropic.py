@@ -6,8 +6,10 @@ command imports this module and most of them never talk to Anthropic.
 
 from __future__ import annotations
 
+import importlib
 import json
 import logging
+import threading
 from typing import TYPE_CHECKING, Any, AsyncIterator, Callable
 
 from ..events import (
@@ -62,6 +64,14 @@ ERROR_TYPE_STATUS = {
 @hookimpl
 def register_providers(register: Callable[[Provider], None], config: "Config") -> None:
     register(AnthropicProvider(config))
+
+
+@hookimpl
+def server_startup(app: Any, config: "Config") -> None:
+    # The SDK takes about a second to import: load it in the background while the server starts
+    # listening, instead of in the first chat (and never in CLI commands, which do not run this hook).
+    threading.Thread(target=importlib.import_module, args=("anthropic",), name="agentspace-import-anthropic",
+                     daemon=True).start()
 
 
 class AnthropicProvider:

@@ -54,9 +54,18 @@ def make_dirs(path: Path) -> None:
         fsync_dir(folder.parent)
 
 
+def dump_json(data: Any) -> bytes:
+    """The stores' JSON encoding (compact, UTF-8)."""
+    return json.dumps(data, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+
+
 def write_json_atomic(path: Path, data: Any) -> None:
     """Replace ``path`` with ``data`` as JSON, durably and atomically. The folder must exist."""
-    payload = json.dumps(data, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+    write_bytes_atomic(path, dump_json(data))
+
+
+def write_bytes_atomic(path: Path, payload: bytes) -> None:
+    """Replace ``path`` with ``payload``, durably and atomically. The folder must exist."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:
@@ -178,11 +187,18 @@ class Worker:
         self._closed = False
 
     async def run(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
+        return await self.submit(fn, *args, **kwargs)
+
+    def submit(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> asyncio.Future[T]:
+        """Queue ``fn`` now, behind everything queued before; the future is its outcome.
+
+        For callers that must not wait for the write (the chat hot path) yet keep its order and outcome.
+        """
         if self._closed:
             raise RuntimeError("the store is closed")
         future = asyncio.get_running_loop().run_in_executor(self._executor, functools.partial(fn, *args, **kwargs))
         # Shielded: a caller cancelled mid-write (a client gone) must not drop a write still queued.
-        return await asyncio.shield(future)
+        return asyncio.shield(future)
 
     async def flush(self) -> None:
         """Return once everything queued before this call has run."""

@@ -16,6 +16,7 @@ the sessions they touched (it is their only writer); the sync methods, for the C
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import copy
 import json
@@ -131,8 +132,17 @@ class SessionStore:
         self, *, model: str, session_id: str | None = None, title: str | None = None, client: str | None = None
     ) -> dict[str, Any]:
         """Create a session (a new id unless one is given) and return its summary."""
+        return await self.create_soon(model=model, session_id=session_id, title=title, client=client)
+
+    def create_soon(
+        self, *, model: str, session_id: str | None = None, title: str | None = None, client: str | None = None
+    ) -> asyncio.Future[dict[str, Any]]:
+        """``create`` queued now, without waiting for the write: later calls run after it, in order.
+
+        Raises InvalidSessionId at once; SessionExists comes through the future.
+        """
         session_id = validate_session_id(session_id) if session_id is not None else new_id("s_")
-        return await self._worker.run(self._create, session_id, model, title, client)
+        return self._worker.submit(self._create, session_id, model, title, client)
 
     async def get(self, session_id: str) -> dict[str, Any] | None:
         """The summary plus ``messages``, or None."""
@@ -150,10 +160,14 @@ class SessionStore:
 
         Raises SessionNotFound.
         """
+        await self.append_message_soon(session_id, message)
+
+    def append_message_soon(self, session_id: str, message: dict[str, Any]) -> asyncio.Future[None]:
+        """``append_message`` queued now, without waiting for the write: later calls run after it, in order."""
         message = _detached(message)  # snapshot now: the caller may change its dict before the write runs
         message.setdefault("id", new_id("msg_"))
         message.setdefault("createdAt", now_iso())
-        await self._worker.run(self._append, session_id, message)
+        return self._worker.submit(self._append, session_id, message)
 
     async def update_message(self, session_id: str, message_id: str, changes: dict[str, Any]) -> None:
         """Merge ``changes`` into a stored message. Raises SessionNotFound or MessageNotFound."""

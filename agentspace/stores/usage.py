@@ -5,6 +5,11 @@ The writer appends to the current segment and starts the next one when it holds 
 records or the UTC day changes, so a write rewrites at most one segment however much is stored, and
 only that segment is kept in memory. Readers parse the segments on disk; each one is replaced
 atomically, so they never see a partial segment.
+
+When the writer closes a segment (full, or a new UTC day) it writes ``<NNNNN>.totals`` next to it: the
+segment's sums per model, day and pricing, stamped with the segment file's size and mtime. ``totals``
+(the CLI's report) reads those instead of the records, and parses only the segments without a current
+one (the open segment, one closed by a crash, one changed since): 100k records report in milliseconds.
 """
 
 from __future__ import annotations
@@ -16,11 +21,18 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
-from tinydb import TinyDB
-from tinydb.table import Table
-
 from ..types import UsageRecord
-from .files import Worker, make_dirs, open_db, remove_stale_temp_files
+from .files import (
+    StoreCorrupt,
+    Worker,
+    dump_json,
+    make_dirs,
+    open_db,
+    read_json,
+    remove_stale_temp_files,
+    write_bytes_atomic,
+    write_json_atomic,
+)
 
 _RECORDS = "records"
 _DAY = re.compile(r"\d{4}-\d{2}-\d{2}")
@@ -36,11 +48,20 @@ def segment_path(data_dir: Path, day: str, number: int) -> Path:
     return Path(data_dir) / "usage" / day / f"{number:05d}.json"
 
 
+def totals_path(segment: Path) -> Path:
+    # Not "*.json": the folder's JSON files are its segments.
+    return segment.with_suffix(".totals")
+
+
 def write_segment(data_dir: Path, day: str, number: int, records: list[dict[str, Any]]) -> None:
-    """Write a whole segment in the store's format at once (seeds benchmarks and tests)."""
+    """Write a whole, closed segment (and its totals) in the store's format at once (seeds benchmarks and tests)."""
     path = segment_path(data_dir, day, number)
     make_dirs(path.parent)
     open_db(path).table(_RECORDS).insert_multiple(records)
+    rollup = _Rollup()
+    for record in records:
+        rollup.add(record)
+    rollup.write(path)
 
 
 def _listdir(folder: Path) -> list[str]:
@@ -68,28 +89,38 @@ class UsageStore:
         self._worker = Worker("usage")
         self._day: str | None = None
         self._number = 0
-        self._segment: TinyDB | None = None
+        self._segment: _Segment | None = None
 
     async def append(self, record: UsageRecord) -> None:
         await self._worker.run(self._append, record.to_dict())
 
     def records(self, *, since: datetime | None = None, session_id: str | None = None) -> Iterator[dict[str, Any]]:
         """Every stored record, oldest segment first; ``since`` (naive means UTC) skips older day folders."""
-        since_iso = None
-        if since is not None:
-            since_utc = since.replace(tzinfo=timezone.utc) if since.tzinfo is None else since.astimezone(timezone.utc)
-            since_iso = since_utc.strftime("%Y-%m-%dT%H:%M:%S.") + f"{since_utc.microsecond // 1000:03d}Z"
+        since_iso = _iso(since)
+        for path in self._segment_paths(since_iso):
+            yield from _read_records(path, since_iso, session_id)
+
+    def totals(self, *, since: datetime | None = None, session_id: str | None = None) -> list[dict[str, Any]]:
+        """What ``records`` would yield, summed: rows with a record's ``model``, ``timestamp`` (the day only)
+        and ``priceKnown``, its token and cost fields summed, ``requestCount`` and ``estimatedCount``. The
+        reports (``usage_report``, ``usage_by_day``) take these rows as they take records."""
+        since_iso = _iso(since)
+        rows: list[dict[str, Any]] = []
+        for path in self._segment_paths(since_iso):
+            rollup = None if session_id is not None else _Rollup.read(path, since_iso)
+            if rollup is None:
+                rollup = _Rollup()
+                for record in _read_records(path, since_iso, session_id):
+                    rollup.add(record)
+            rows += rollup.rows()
+        return rows
+
+    def _segment_paths(self, since_iso: str | None) -> Iterator[Path]:
         for day in _days(self.dir):
             if since_iso is not None and day < since_iso[:10]:
                 continue
             for number in _segments(self.dir / day):
-                # A segment deleted since the listing reads as empty.
-                for record in open_db(segment_path(self.dir.parent, day, number)).table(_RECORDS, cache_size=0):
-                    if since_iso is not None and record.get("timestamp", "") < since_iso:
-                        continue
-                    if session_id is not None and record.get("sessionId") != session_id:
-                        continue
-                    yield record
+                yield segment_path(self.dir.parent, day, number)
 
     async def arecords(self, *, since: datetime | None = None, session_id: str | None = None) -> list[dict[str, Any]]:
         """``records`` run on the worker thread, after the appends queued before it."""
@@ -104,19 +135,18 @@ class UsageStore:
     # --- work done on the worker thread -------------------------------------------------------
 
     def _append(self, data: dict[str, Any]) -> None:
-        self._current().insert(data)
+        self._current().append(data)
 
-    def _current(self) -> Table:
+    def _current(self) -> _Segment:
         day = _utc_day()
         if day != self._day:
             self._open_day(day)
-        elif len(self._table()) >= self.segment_size:
-            self._open_segment(day, self._number + 1)
-        return self._table()
-
-    def _table(self) -> Table:
+        else:
+            assert self._segment is not None
+            if self._segment.count >= self.segment_size:
+                self._open_segment(day, self._number + 1, closing=True)
         assert self._segment is not None
-        return self._segment.table(_RECORDS, cache_size=0)
+        return self._segment
 
     def _open_day(self, day: str) -> None:
         """Continue the day's last segment (a restarted server) or start its first one."""
@@ -125,19 +155,115 @@ class UsageStore:
         remove_stale_temp_files(folder)
         segments = _segments(folder)
         number = segments[-1] if segments else 0
-        self._open_segment(day, number)
-        if len(self._table()) >= self.segment_size:
-            self._open_segment(day, number + 1)
+        self._open_segment(day, number, closing=True)  # the previous day's segment is done with
+        assert self._segment is not None
+        if self._segment.count >= self.segment_size:
+            self._open_segment(day, number + 1, closing=True)
 
-    def _open_segment(self, day: str, number: int) -> None:
-        self._close_segment()
+    def _open_segment(self, day: str, number: int, *, closing: bool) -> None:
+        """Make ``number`` the current segment; ``closing``: the previous one gets no more records."""
+        previous = self._segment
+        if closing and previous is not None and previous.count:
+            previous.rollup.write(previous.path)
         self._day, self._number = day, number
-        self._segment = open_db(segment_path(self.dir.parent, day, number))
+        self._segment = _Segment(segment_path(self.dir.parent, day, number))
 
     def _close_segment(self) -> None:
-        if self._segment is not None:
-            self._segment.close()
-            self._segment = None
+        self._segment = None
+
+
+class _Segment:
+    """The segment being written. Its records stay encoded, so an append encodes one record and writes
+    the bytes, instead of re-encoding the whole segment (~4 ms of CPU per append at 1000 records)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.rollup = _Rollup()
+        data = read_json(path) or {}
+        records = data.pop(_RECORDS, None) or {}
+        for record in records.values():
+            self.rollup.add(record)
+        self.count = len(records)
+        self._next_id = max(map(int, records), default=0) + 1
+        # tinydb's layout, {"<table>": {"<doc id>": {...}}}, with our table last so appends go at the end.
+        head = dump_json(data)
+        self._head = head[:-1] + (b"," if data else b"") + b'"' + _RECORDS.encode() + b'":{'
+        self._body = b",".join(b'"%s":%s' % (key.encode(), dump_json(value)) for key, value in records.items())
+
+    def append(self, record: dict[str, Any]) -> None:
+        piece = b'"%d":%s' % (self._next_id, dump_json(record))
+        body = self._body + b"," + piece if self._body else piece
+        write_bytes_atomic(self.path, self._head + body + b"}}")
+        self._body, self._next_id, self.count = body, self._next_id + 1, self.count + 1
+        self.rollup.add(record)
+
+
+class _Rollup:
+    """Sums of records per (model, day, unpriced), and their time range: what a ``.totals`` file holds."""
+
+    __slots__ = ("groups", "first")
+
+    def __init__(self) -> None:
+        self.groups: dict[tuple[str, str, bool], dict[str, Any]] = {}
+        self.first: str | None = None  # the earliest timestamp
+
+    def add(self, record: dict[str, Any]) -> None:
+        timestamp = str(record.get("timestamp") or "")
+        key = (_model_label(record), _day_label(record), record.get("priceKnown") is False)
+        totals = self.groups.get(key)
+        if totals is None:
+            totals = self.groups[key] = _totals()
+        _add(totals, record)
+        if self.first is None or timestamp < self.first:
+            self.first = timestamp
+
+    def rows(self) -> list[dict[str, Any]]:
+        return [
+            {**totals, "model": model, "timestamp": day, **({"priceKnown": False} if unpriced else {})}
+            for (model, day, unpriced), totals in self.groups.items()
+        ]
+
+    def write(self, segment: Path) -> None:
+        """Save next to ``segment``, stamped with its current size and mtime (what makes it valid)."""
+        stat = segment.stat()
+        write_json_atomic(totals_path(segment), {
+            "segment": {"size": stat.st_size, "mtimeNs": stat.st_mtime_ns}, "first": self.first, "rows": self.rows(),
+        })
+
+    @classmethod
+    def read(cls, segment: Path, since_iso: str | None) -> "_Rollup | None":
+        """The segment's saved totals when they still describe it and cover ``since``; else None."""
+        try:
+            saved = read_json(totals_path(segment))
+            stat = segment.stat()
+        except (StoreCorrupt, FileNotFoundError):
+            return None
+        if not isinstance(saved, dict) or saved.get("segment") != {"size": stat.st_size, "mtimeNs": stat.st_mtime_ns}:
+            return None
+        if since_iso is not None and (saved.get("first") or "") < since_iso:
+            return None  # some records are older than ``since``: only the records can tell which
+        rollup = cls()
+        for row in saved["rows"]:
+            rollup.groups[(row["model"], row["timestamp"], row.get("priceKnown") is False)] = row
+        return rollup
+
+
+def _iso(since: datetime | None) -> str | None:
+    """``since`` (naive means UTC) as our timestamps spell it, for string comparison."""
+    if since is None:
+        return None
+    since_utc = since.replace(tzinfo=timezone.utc) if since.tzinfo is None else since.astimezone(timezone.utc)
+    return since_utc.strftime("%Y-%m-%dT%H:%M:%S.") + f"{since_utc.microsecond // 1000:03d}Z"
+
+
+def _read_records(path: Path, since_iso: str | None, session_id: str | None) -> Iterator[dict[str, Any]]:
+    # A segment deleted since the listing reads as empty.
+    for record in open_db(path).table(_RECORDS, cache_size=0):
+        if since_iso is not None and record.get("timestamp", "") < since_iso:
+            continue
+        if session_id is not None and record.get("sessionId") != session_id:
+            continue
+        yield record
 
 
 # --- reports ------------------------------------------------------------------------------------
@@ -148,11 +274,25 @@ def _totals() -> dict[str, Any]:
 
 
 def _add(totals: dict[str, Any], record: dict[str, Any]) -> None:
+    """Add a record, or a row of ``UsageStore.totals`` (which has counts instead of one ``estimated``)."""
     for key in _TOKEN_FIELDS:
         totals[key] += record.get(key) or 0
     totals["totalCost"] += record.get("totalCost") or 0.0
-    totals["requestCount"] += 1
-    totals["estimatedCount"] += bool(record.get("estimated"))
+    count = record.get("requestCount")
+    if count is None:
+        totals["requestCount"] += 1
+        totals["estimatedCount"] += bool(record.get("estimated"))
+    else:
+        totals["requestCount"] += count
+        totals["estimatedCount"] += record["estimatedCount"]
+
+
+def _model_label(record: dict[str, Any]) -> str:
+    return str(record.get("model") or "unknown")
+
+
+def _day_label(record: dict[str, Any]) -> str:
+    return str(record.get("timestamp") or "")[:10] or "unknown"
 
 
 def _group(records: Iterable[dict[str, Any]], key: str, label: Callable[[dict[str, Any]], str]) -> dict[str, Any]:
@@ -172,9 +312,9 @@ def _group(records: Iterable[dict[str, Any]], key: str, label: Callable[[dict[st
 
 def usage_report(records: Iterable[dict[str, Any]]) -> dict[str, Any]:
     """The ``usage.report`` shape (SPEC 3): ``perModel`` and ``grandTotal``, with extra token kinds."""
-    return _group(records, "perModel", lambda r: str(r.get("model") or "unknown"))
+    return _group(records, "perModel", _model_label)
 
 
 def usage_by_day(records: Iterable[dict[str, Any]]) -> dict[str, Any]:
     """Totals per UTC day of the record's timestamp: ``perDay`` and ``grandTotal``."""
-    return _group(records, "perDay", lambda r: str(r.get("timestamp") or "")[:10] or "unknown")
+    return _group(records, "perDay", _day_label)
