@@ -260,7 +260,10 @@ class Turn:
                     if ttft_ms is None and state.delivered:
                         ttft_ms = (state.first_at - started) * 1000
                     parts.extend(state.partial_parts())
-                    usage = self._estimate(ctx, state)
+                    # A call that failed before producing anything was refused or broke off early; providers
+                    # do not bill those, so its record counts zero tokens instead of an estimate.
+                    failed_empty = isinstance(e, ProviderError) and not state.delivered
+                    usage = TokenUsage() if failed_empty else self._estimate(ctx, state)
                     cost = self.gw.model_info(answered_by).cost(usage)
                     total_usage, total_cost = total_usage + usage, total_cost + cost
                     stopped = isinstance(e, _Stopped) and self._stop_reason in ("aborted", "shutdown")

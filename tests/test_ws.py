@@ -384,3 +384,16 @@ async def test_unknown_provider_prefix_is_model_not_found(client: TestClient, to
     reply = (await chat(ws, "hi", model="nosuchprovider/some-model"))[-1]
     assert reply["code"] == "MODEL_NOT_FOUND" and "agentspace models" in reply["message"]
     await ws.close()
+
+
+async def test_refused_call_is_recorded_with_zero_tokens(make_client: Any, token: str, fake_anthropic: Any) -> None:
+    """One usage record per call, but a call the upstream refused before any output costs nothing."""
+    client = await make_client(chat={"max_retries": 0})
+    fake_anthropic.enqueue(error_status(429, retry_after=1))
+    ws = await connect(client, token)
+    frames = await chat(ws, "hi")
+    assert frames[-1]["code"] == "RATE_LIMITED"
+    records = await client.server.app[STATE.GATEWAY].usage.arecords(session_id=frames[0]["sessionId"])
+    assert [(r["inputTokens"], r["outputTokens"], r["totalCost"], r["estimated"], r["finishReason"]) for r in records] == [
+        (0, 0, 0, False, "error")]
+    await ws.close()
