@@ -20,5 +20,12 @@ def serve(state: CliState, host: str | None, port: int | None) -> None:
     if port is not None:
         config.values["server"]["port"] = port
     from ..server import run_server  # aiohttp and the providers load only when serving
+    from ..stores.files import DataDirLocked
 
-    run_server(config, host=config["server"]["host"], port=config["server"]["port"])
+    try:
+        run_server(config, host=config["server"]["host"], port=config["server"]["port"])
+    except DataDirLocked as e:
+        raise click.ClickException(str(e)) from None
+    except OSError as e:  # binding failed: the port is taken or the address is not ours
+        where = f"{config['server']['host']}:{config['server']['port']}"
+        raise click.ClickException(f"cannot listen on {where}: {e.strerror or e}. Pick another --port or --host.") from None
