@@ -83,6 +83,14 @@ async def test_litellm_tool_loop_over_websocket(openai_client: TestClient, token
     records = await openai_client.server.app[state.GATEWAY].usage.arecords(session_id=frames[0]["sessionId"])
     assert [r["model"] for r in records] == [MODEL] * 3 and not any(r["estimated"] for r in records)
 
+    # the tools section measures exactly the definitions that were sent
+    await ws.send_json({"type": "context.inspect", "id": "i1", "sessionId": frames[0]["sessionId"]})
+    inspection = json.loads((await ws.receive(timeout=10)).data)
+    tools = next(s for s in inspection["sections"] if s["name"] == "tools")
+    sent = [{"name": t["function"]["name"], "description": t["function"]["description"],
+             "input_schema": t["function"]["parameters"]} for t in second["tools"]]
+    assert tools["byteCount"] == len(json.dumps(sent, ensure_ascii=False).encode()) and tools["tokenEstimate"] > 0
+
     # the stored turn is valid history for the next one
     fake_openai.enqueue(text_response("Anything else?"))
     frames = await chat(ws, "thanks", "r2", sessionId=frames[0]["sessionId"])
