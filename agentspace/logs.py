@@ -87,7 +87,8 @@ def configure_logging(config: Config) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
-    # litellm and httpx log request details (URLs, sometimes headers) at INFO; keep them quiet.
-    for noisy in ("LiteLLM", "litellm", "httpx", "httpcore", "anthropic"):
+    # litellm and httpx (httpx2: the anthropic SDK's) log every request (URLs, sometimes headers) at INFO;
+    # keep them quiet.
+    for noisy in ("LiteLLM", "litellm", "httpx", "httpcore", "httpx2", "httpcore2", "anthropic"):
         logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
     _register_configured_keys(config)

@@ -18,7 +18,7 @@ import logging
 import random
 import time
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Callable
 
 from .context import AssembledContext, assemble, estimate_input_tokens
 from .events import (
@@ -94,7 +94,7 @@ async def start_turn(gw: Gateway, request: ChatRequest) -> "Turn":
     if request.session_id is not None:
         if request.session_id in gw.active:
             raise ChatError("STREAM_IN_PROGRESS", "This session is already streaming an answer; wait for it or abort it.")
-        session = await gw.sessions.get(request.session_id) if await gw.sessions.exists(request.session_id) else None
+        session = await gw.sessions.get(request.session_id)
         if session is None and not request.create_if_missing:
             raise ChatError("SESSION_NOT_FOUND", f"No session {request.session_id!r}. Omit sessionId to start a new one.")
 
@@ -112,28 +112,22 @@ async def start_turn(gw: Gateway, request: ChatRequest) -> "Turn":
         raise ChatError("STREAM_IN_PROGRESS", "This session is already streaming an answer; wait for it or abort it.")
 
     turn = Turn(gw, session_id, model, request.client, created)
+    user_message = {"id": request.user_message_id or new_id("msg_"), "role": "user", "content": request.content,
+                    "parts": [{"type": "text", "text": request.content}], "createdAt": now_iso()}
     # The writes are queued, not awaited, so the provider call does not wait for fsync: the store's one
     # writer thread runs them in order, before any later read or write of the session, and the turn
     # waits for their outcome before it publishes the end of the answer (Turn._settle).
-    history: list[dict[str, Any]] | None = None
-    if created:
-        try:
-            turn.writes.append(gw.sessions.create_soon(model=model, session_id=session_id, client=request.client))
+    if session is None:
+        history = list(request.import_messages)
+        try:  # a new session is written once, with its first messages
+            turn.writes.append(gw.sessions.create_soon(model=model, session_id=session_id, client=request.client,
+                                                       messages=[*history, user_message]))
         except InvalidSessionId as e:
             raise ChatError("INVALID_MESSAGE", str(e)) from None
-        turn.writes += [gw.sessions.append_message_soon(session_id, m) for m in request.import_messages]
-        history = list(request.import_messages)
+    else:
+        history = session["messages"]
+        turn.writes.append(gw.sessions.append_message_soon(session_id, user_message))
     gw.active[session_id] = turn
-    try:
-        if history is None:
-            history = await gw.sessions.messages(session_id)
-        turn.writes.append(gw.sessions.append_message_soon(
-            session_id, {"id": request.user_message_id or new_id("msg_"), "role": "user", "content": request.content,
-                         "parts": [{"type": "text", "text": request.content}], "createdAt": now_iso()}
-        ))
-    except BaseException:
-        gw.active.pop(session_id, None)
-        raise
     turn.start(request.content, history)
     return turn
 
@@ -205,13 +199,21 @@ class Turn:
 
     async def subscribe(self) -> AsyncIterator[StreamEvent]:
         """Every event from the start of the turn, then live ones until the turn ends."""
+        async for batch in self.batches():
+            for event in batch:
+                yield event
+
+    async def batches(self) -> AsyncIterator[list[StreamEvent]]:
+        """``subscribe`` a burst at a time: each list holds every event published since the previous one,
+        so a transport can send a burst in one write."""
         i = 0
         loop = asyncio.get_running_loop()
         while True:
-            while i < len(self.events):
-                event = self.events[i]
-                i += 1
-                yield event
+            if i < len(self.events):
+                batch = self.events[i:]
+                i += len(batch)
+                yield batch
+                continue
             if self.done:
                 return
             waiter = loop.create_future()
@@ -379,7 +381,7 @@ class Turn:
             options=settings,
         )
         self._step_task = asyncio.create_task(self._consume(provider.stream(request), state, seen_sources))
-        watchdog = asyncio.create_task(self._watch_idle(state))
+        stop_watching = self._watch_idle(state)
         try:
             return await self._step_task
         except asyncio.CancelledError:
@@ -387,7 +389,7 @@ class Turn:
                 raise  # we ourselves are being cancelled
             raise _Stopped(self._stop_reason) from None
         finally:
-            watchdog.cancel()
+            stop_watching()
             self._step_task = None
 
     async def _consume(self, events: AsyncIterator[Any], state: _Step, seen_sources: set[str]) -> ProviderFinish:
@@ -414,24 +416,37 @@ class Turn:
                     return event
                 else:
                     continue
+                publish(event)
                 if not state.delivered:
                     state.delivered = True
                     state.first_at = now
-                publish(event)
+                    # The first token goes out now, not after the rest of the burst already read from upstream.
+                    await asyncio.sleep(0)
         finally:
             close = getattr(events, "aclose", None)
             if close is not None:
                 await close()
         raise ProviderError("LLM_ERROR", "The provider ended the stream without finishing the answer.")
 
-    async def _watch_idle(self, state: _Step) -> None:
+    def _watch_idle(self, state: _Step) -> Callable[[], None]:
+        """Abort the call once the model has sent nothing for the idle timeout; returns what stops watching.
+
+        A timer re-armed every quarter of the timeout (at most a second): cheaper than a task per call."""
         timeout = float(self.gw.config["chat"]["idle_timeout_seconds"])
-        while True:
-            await asyncio.sleep(min(timeout / 4, 1.0))
+        period = min(timeout / 4, 1.0)
+        loop = asyncio.get_running_loop()
+        timer: asyncio.TimerHandle
+
+        def check() -> None:
+            nonlocal timer
             if time.monotonic() - state.last_event > timeout:
                 log.warning("no data from the model for %.0fs in session %s; ending the call", timeout, self.session_id)
                 self.abort("idle")
-                return
+            else:
+                timer = loop.call_later(period, check)
+
+        timer = loop.call_later(period, check)
+        return lambda: timer.cancel()
 
     async def _run_tools(self, calls: list[ToolCallPart]) -> list[ToolResultPart]:
         """Run the calls of one step concurrently; failures become error results the model sees."""

@@ -76,6 +76,11 @@ def mask(value: str) -> str:
     return f"{value[:7]}...{value[-4:]}" if len(value) >= 16 else "****"
 
 
+# keys.json as last parsed, per path, with the (inode, mtime, size) it had: the server looks a key up on
+# every provider call, and a stat is far cheaper than a read and a parse.
+_parsed: dict[Path, tuple[tuple[int, int, int], dict[str, str]]] = {}
+
+
 class KeyVault:
     """Named secrets in ``DATA_DIR/keys.json``: ``{"__note__": ..., "keys": {name: value}}``."""
 
@@ -84,6 +89,17 @@ class KeyVault:
         self.path = self.data_dir / KEYS_FILE
 
     def _read(self) -> dict[str, str]:
+        try:
+            st = os.stat(self.path)
+        except FileNotFoundError:
+            return {}
+        except OSError as e:
+            raise VaultError(f"Cannot read {self.path}: {e.strerror or e}") from None
+        # Every write replaces the file (a new inode), so an unchanged stat means unchanged keys.
+        stamp = (st.st_ino, st.st_mtime_ns, st.st_size)
+        cached = _parsed.get(self.path)
+        if cached is not None and cached[0] == stamp:
+            return dict(cached[1])
         try:
             text = self.path.read_text(encoding="utf-8")
         except FileNotFoundError:
@@ -100,7 +116,8 @@ class KeyVault:
         found = {str(k): str(v) for k, v in keys.items()}
         for value in found.values():
             register_secret(value)  # kept out of the logs from now on
-        return found
+        _parsed[self.path] = (stamp, found)
+        return dict(found)
 
     def _write(self, keys: dict[str, str]) -> None:
         payload = {"__note__": NOTE, "keys": dict(sorted(keys.items()))}

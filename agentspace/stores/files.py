@@ -185,6 +185,12 @@ class Worker:
     def __init__(self, name: str) -> None:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"agentspace-{name}")
         self._closed = False
+        self._pending = 0  # work queued and not finished; counted on the event loop
+
+    @property
+    def idle(self) -> bool:
+        """Nothing queued or running: what the worker's functions touch stays unchanged until the next submit."""
+        return self._pending == 0
 
     async def run(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
         return await self.submit(fn, *args, **kwargs)
@@ -197,8 +203,13 @@ class Worker:
         if self._closed:
             raise RuntimeError("the store is closed")
         future = asyncio.get_running_loop().run_in_executor(self._executor, functools.partial(fn, *args, **kwargs))
+        self._pending += 1
+        future.add_done_callback(self._finished)
         # Shielded: a caller cancelled mid-write (a client gone) must not drop a write still queued.
         return asyncio.shield(future)
+
+    def _finished(self, _: "asyncio.Future[Any]") -> None:
+        self._pending -= 1
 
     async def flush(self) -> None:
         """Return once everything queued before this call has run."""

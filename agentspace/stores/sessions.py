@@ -26,7 +26,7 @@ import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 from tinydb import TinyDB
 from tinydb.table import Document, Table
@@ -94,6 +94,15 @@ def _detached(data: Any) -> Any:
     return json.loads(json.dumps(data))
 
 
+def _stored(message: dict[str, Any]) -> dict[str, Any]:
+    """A message as queued for storing: snapshot now (the caller may change its dict before the write runs),
+    ``id`` and ``createdAt`` filled in when absent."""
+    message = _detached(message)
+    message.setdefault("id", new_id("msg_"))
+    message.setdefault("createdAt", now_iso())
+    return message
+
+
 @dataclass
 class _Open:
     """A session the server has parsed: its file and its summary copy."""
@@ -135,20 +144,32 @@ class SessionStore:
         return await self.create_soon(model=model, session_id=session_id, title=title, client=client)
 
     def create_soon(
-        self, *, model: str, session_id: str | None = None, title: str | None = None, client: str | None = None
+        self,
+        *,
+        model: str,
+        session_id: str | None = None,
+        title: str | None = None,
+        client: str | None = None,
+        messages: Sequence[dict[str, Any]] = (),
     ) -> asyncio.Future[dict[str, Any]]:
         """``create`` queued now, without waiting for the write: later calls run after it, in order.
 
-        Raises InvalidSessionId at once; SessionExists comes through the future.
+        ``messages`` are stored with the session in the same write (as ``append_message`` stores them): a
+        new chat costs one write of the session file, not one per message. Raises InvalidSessionId at
+        once; SessionExists comes through the future.
         """
         session_id = validate_session_id(session_id) if session_id is not None else new_id("s_")
-        return self._worker.submit(self._create, session_id, model, title, client)
+        return self._worker.submit(self._create, session_id, model, title, client, [_stored(m) for m in messages])
 
     async def get(self, session_id: str) -> dict[str, Any] | None:
         """The summary plus ``messages``, or None."""
+        if self._readable_now(session_id):
+            return self._get(session_id)
         return await self._worker.run(self._get, session_id)
 
     async def exists(self, session_id: str) -> bool:
+        if self._readable_now(session_id):
+            return self._exists(session_id)
         return await self._worker.run(self._exists, session_id)
 
     async def list(self) -> list[dict[str, Any]]:
@@ -164,10 +185,7 @@ class SessionStore:
 
     def append_message_soon(self, session_id: str, message: dict[str, Any]) -> asyncio.Future[None]:
         """``append_message`` queued now, without waiting for the write: later calls run after it, in order."""
-        message = _detached(message)  # snapshot now: the caller may change its dict before the write runs
-        message.setdefault("id", new_id("msg_"))
-        message.setdefault("createdAt", now_iso())
-        return self._worker.submit(self._append, session_id, message)
+        return self._worker.submit(self._append, session_id, _stored(message))
 
     async def update_message(self, session_id: str, message_id: str, changes: dict[str, Any]) -> None:
         """Merge ``changes`` into a stored message. Raises SessionNotFound or MessageNotFound."""
@@ -175,6 +193,8 @@ class SessionStore:
 
     async def messages(self, session_id: str, limit: int | None = None) -> list[dict[str, Any]]:
         """The last ``limit`` messages (all when None), oldest first; [] for an unknown session."""
+        if self._readable_now(session_id):
+            return self._messages(session_id, limit)
         return await self._worker.run(self._messages, session_id, limit)
 
     async def touch(self, session_id: str) -> None:
@@ -190,6 +210,14 @@ class SessionStore:
 
     async def aclose(self) -> None:
         await self._worker.aclose(self._close_all)
+
+    def _readable_now(self, session_id: str) -> bool:
+        """Whether a read may run right here on the event loop instead of a hop to the worker thread (a
+        chat's first await): nothing queued could change the answer, and it needs no file parsed (the
+        session is cached, or has no file)."""
+        return self._worker.idle and (
+            not _is_valid(session_id) or session_id in self._open or not os.path.exists(self._path(session_id))
+        )
 
     # --- sync API (the CLI: no event loop, no cache) ------------------------------------------
 
@@ -298,18 +326,25 @@ class SessionStore:
         with storage_of(opened.meta).transaction():
             opened.meta.table(_SESSION, cache_size=0).upsert(Document(info, doc_id=1))
 
-    def _create(self, session_id: str, model: str, title: str | None, client: str | None) -> dict[str, Any]:
+    def _create(
+        self, session_id: str, model: str, title: str | None, client: str | None, messages: Sequence[dict[str, Any]]
+    ) -> dict[str, Any]:
         with self._lock:
             if self._session(session_id) is not None:
                 raise SessionExists(f"session {session_id!r} already exists")
             self._prepare()
             now = now_iso()
+            if title is None:
+                title = next((t for m in messages if m.get("role") == "user" and (t := _title_from(m))), None)
             info = {
                 "id": session_id, "title": title, "model": model, "createdAt": now,
-                "lastActivityAt": now, "messageCount": 0, "client": client,
+                "lastActivityAt": now, "messageCount": len(messages), "client": client,
             }
             opened = _Open(open_db(self._path(session_id)), open_db(self._meta_path(session_id)))
-            opened.info().insert(Document(info, doc_id=1))
+            with storage_of(opened.db).transaction():
+                opened.info().insert(Document(info, doc_id=1))
+                if messages:
+                    opened.messages().insert_multiple(messages)
             self._write_meta(opened, info)
             self._remember(session_id, opened)
             return _summary(info)

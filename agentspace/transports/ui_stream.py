@@ -43,8 +43,12 @@ ROLES = ("user", "assistant", "system")
 TRIGGERS = ("submit-message", "regenerate-message")
 
 
+def _dumps(value: Any) -> str:
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+
+
 def _frame(chunk: dict[str, Any]) -> bytes:
-    return b"data: " + json.dumps(chunk, ensure_ascii=False, separators=(",", ":")).encode() + b"\n\n"
+    return b"data: " + _dumps(chunk).encode() + b"\n\n"
 
 
 def _jsonable(value: Any) -> Any:
@@ -89,6 +93,11 @@ class UIMessageStreamEncoder:
         out.append({"type": f"{kind}-delta", "id": self._open[1], "delta": text})
         return out
 
+    def _text_delta(self, text: str) -> bytes:
+        """``encode`` of a text delta inside an open text part, the bulk of a stream, without building a chunk."""
+        assert self._open is not None
+        return f'data: {{"type":"text-delta","id":"{self._open[1]}","delta":{_dumps(text)}}}\n\n'.encode()
+
     def chunks(self, event: ev.StreamEvent) -> list[dict[str, Any]]:
         if isinstance(event, ev.TextDelta):
             return self._delta("text", event.text)
@@ -131,6 +140,8 @@ class UIMessageStreamEncoder:
 
     def encode(self, event: ev.StreamEvent) -> bytes:
         """The SSE frames of one event; the last event of a turn also gets ``[DONE]``."""
+        if type(event) is ev.TextDelta and event.text and self._open is not None and self._open[0] == "text":
+            return self._text_delta(event.text)
         data = b"".join(_frame(c) for c in self.chunks(event))
         if isinstance(event, (ev.StreamEnd, ev.StreamError)):
             data += DONE
@@ -273,8 +284,9 @@ async def stream_turn(request: web.Request, turn: Turn, *, abort_on_disconnect: 
     encoder = UIMessageStreamEncoder()
     try:
         await response.prepare(request)
-        async for event in turn.subscribe():
-            await response.write(encoder.encode(event))
+        async for batch in turn.batches():
+            # One write per burst of events, not per event: a burst of deltas costs one send.
+            await response.write(b"".join(map(encoder.encode, batch)))
     except ConnectionResetError:
         # The client went away. The turn is its own task: it goes on, stored and billed, unless
         # [chat] on_disconnect = "abort".
@@ -298,11 +310,10 @@ async def chat_handler(request: web.Request) -> web.StreamResponse:
         chat = parse_chat_body(await read_json(request))
     except BadRequest as e:
         return e.response()
-    # A stateless client sends the whole conversation; the store's copy wins once the session exists.
-    history = [] if await gw.sessions.exists(chat.session_id) else chat.history
     try:
+        # A stateless client sends the whole conversation; the store's copy wins once the session exists.
         turn = await start_turn(gw, ChatRequest(chat.content, chat.session_id, chat.model, client="http",
-                                                create_if_missing=True, import_messages=history,
+                                                create_if_missing=True, import_messages=chat.history,
                                                 user_message_id=chat.message_id))
     except ChatError as e:
         return error_response(STATUS_OF.get(e.code, 400), e.code, e.message)

@@ -154,39 +154,40 @@ class Connection:
         send = self.ws.send_str
         rid = _dumps(request_id)
         try:
-            async for event in turn.subscribe():
-                if self.ws.closed:
-                    return
-                kind = type(event)
-                if kind is ev.TextDelta:
-                    for piece, content_type in fences.feed(event.text):
-                        await send(f'{{"type":"chat.stream.delta","requestId":{rid},"delta":{_dumps(piece)},"contentType":"{content_type}"}}')
-                elif kind is ev.ReasoningDelta:
-                    await send(f'{{"type":"chat.stream.reasoning","requestId":{rid},"delta":{_dumps(event.text)}}}')
-                elif kind is ev.SourceEvent:
-                    source = {"url": event.url} if event.title is None else {"url": event.url, "title": event.title}
-                    await self.send({"type": "chat.stream.source", "requestId": request_id, "source": source})
-                elif kind is ev.ToolCallEvent:
-                    await self.send({"type": "chat.stream.tool_call", "requestId": request_id,
-                                     "toolCallId": event.tool_call_id, "name": event.name, "input": event.input})
-                elif kind is ev.ToolResultEvent:
-                    await self.send({"type": "chat.stream.tool_result", "requestId": request_id,
-                                     "toolCallId": event.tool_call_id, "name": event.name,
-                                     "output": _jsonable(event.output), "isError": event.is_error})
-                elif kind is ev.StreamStart:
-                    if event.session_created:
-                        await self.send({"type": "session.created", "requestId": request_id,
+            async for batch in turn.batches():
+                for event in batch:
+                    if self.ws.closed:
+                        return
+                    kind = type(event)
+                    if kind is ev.TextDelta:
+                        for piece, content_type in fences.feed(event.text):
+                            await send(f'{{"type":"chat.stream.delta","requestId":{rid},"delta":{_dumps(piece)},"contentType":"{content_type}"}}')
+                    elif kind is ev.ReasoningDelta:
+                        await send(f'{{"type":"chat.stream.reasoning","requestId":{rid},"delta":{_dumps(event.text)}}}')
+                    elif kind is ev.SourceEvent:
+                        source = {"url": event.url} if event.title is None else {"url": event.url, "title": event.title}
+                        await self.send({"type": "chat.stream.source", "requestId": request_id, "source": source})
+                    elif kind is ev.ToolCallEvent:
+                        await self.send({"type": "chat.stream.tool_call", "requestId": request_id,
+                                         "toolCallId": event.tool_call_id, "name": event.name, "input": event.input})
+                    elif kind is ev.ToolResultEvent:
+                        await self.send({"type": "chat.stream.tool_result", "requestId": request_id,
+                                         "toolCallId": event.tool_call_id, "name": event.name,
+                                         "output": _jsonable(event.output), "isError": event.is_error})
+                    elif kind is ev.StreamStart:
+                        if event.session_created:
+                            await self.send({"type": "session.created", "requestId": request_id,
+                                             "sessionId": event.session_id, "model": event.model})
+                        await self.send({"type": "chat.stream.start", "requestId": request_id,
                                          "sessionId": event.session_id, "model": event.model})
-                    await self.send({"type": "chat.stream.start", "requestId": request_id,
-                                     "sessionId": event.session_id, "model": event.model})
-                elif kind is ev.StreamEnd or kind is ev.StreamError:
-                    for piece, content_type in fences.flush():
-                        await self.send({"type": "chat.stream.delta", "requestId": request_id, "delta": piece, "contentType": content_type})
-                    if kind is ev.StreamEnd:
-                        await self.send({"type": "chat.stream.end", "requestId": request_id,
-                                         "finishReason": event.finish_reason, "usage": usage_to_wire(event.usage, event.cost)})
-                    else:
-                        await self.error(request_id, event.code, event.message)
+                    elif kind is ev.StreamEnd or kind is ev.StreamError:
+                        for piece, content_type in fences.flush():
+                            await self.send({"type": "chat.stream.delta", "requestId": request_id, "delta": piece, "contentType": content_type})
+                        if kind is ev.StreamEnd:
+                            await self.send({"type": "chat.stream.end", "requestId": request_id,
+                                             "finishReason": event.finish_reason, "usage": usage_to_wire(event.usage, event.cost)})
+                        else:
+                            await self.error(request_id, event.code, event.message)
         except (ConnectionResetError, RuntimeError):
             pass  # the client went away; the turn goes on without it
 
