@@ -48,7 +48,6 @@ PHASE_SECONDS = 20.0
 SOAK_SECONDS = 600.0
 CHAT_TIMEOUT = 30.0
 USAGE_RECORDS = 100_000
-SEGMENT_SIZE = 1000
 MODEL = "anthropic/claude-sonnet-4-5"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
@@ -356,8 +355,8 @@ class Bench:
                                 "rssMiB": memory_mib(self.pid, "VmRSS"), "peakRssMiB": memory_mib(self.pid, "VmHWM")}
 
     async def usage_cli(self) -> None:
-        """A cold ``agentspace usage --by-model`` (a new process) over 100k records in 100 segments."""
-        from agentspace.stores.usage import write_segment
+        """A cold ``agentspace usage --by-model`` (a new process) over 100k records in segments of the store's size."""
+        from agentspace.stores.usage import SEGMENT_SIZE, write_segment
 
         home = self.root / "usage-home"
         rng = random.Random(7)

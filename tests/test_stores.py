@@ -32,6 +32,7 @@ from agentspace.stores import (
     usage_by_day,
     usage_report,
 )
+from agentspace.stores import sessions as sessions_module
 from agentspace.stores import usage as usage_module
 from agentspace.stores.files import (
     open_db,
@@ -216,6 +217,26 @@ async def test_list_is_most_recent_first(sessions: SessionStore) -> None:
     assert listed[1]["messageCount"] == 1 and listed[1]["title"] == "bump"
 
 
+@pytest.fixture
+def summary_copies(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every session gets a summary copy, however small."""
+    monkeypatch.setattr(sessions_module, "SUMMARY_COPY_BYTES", 0)
+
+
+async def test_only_sessions_past_the_threshold_have_a_summary_copy(sessions: SessionStore) -> None:
+    sid = (await sessions.create(model="m"))["id"]
+    await sessions.append_message(sid, {"role": "user", "content": "short"})
+    meta = sessions.dir / f"{sid}.meta.json"
+    assert not meta.exists()
+    assert (await sessions.list())[0]["messageCount"] == 1
+    await sessions.append_message(sid, {"role": "assistant", "content": "x" * sessions_module.SUMMARY_COPY_BYTES})
+    assert json.loads(meta.read_bytes())["session"]["1"]["messageCount"] == 2
+    await sessions.append_message(sid, {"role": "user", "content": "short again"})
+    assert json.loads(meta.read_bytes())["session"]["1"]["messageCount"] == 3
+    assert SessionStore(sessions.dir.parent).list_sync() == await sessions.list()
+
+
+@pytest.mark.usefixtures("summary_copies")
 async def test_delete(sessions: SessionStore, tmp_path: Path) -> None:
     sid = (await sessions.create(model="m"))["id"]
     keep = (await sessions.create(model="m"))["id"]
@@ -260,6 +281,7 @@ async def test_sessions_survive_reopen(tmp_path: Path) -> None:
         await reopened.aclose()
 
 
+@pytest.mark.usefixtures("summary_copies")
 async def test_list_reads_the_session_file_when_its_summary_copy_is_stale(tmp_path: Path) -> None:
     store = SessionStore(tmp_path)
     sid = (await store.create(model="m"))["id"]
@@ -317,6 +339,7 @@ async def test_a_failed_write_leaves_the_last_good_state(sessions: SessionStore,
     assert not [p for p in sessions.dir.iterdir() if p.name.endswith(".tmp")]
 
 
+@pytest.mark.usefixtures("summary_copies")
 async def test_a_write_touches_only_its_own_session_file(sessions: SessionStore) -> None:
     ids = [(await sessions.create(model="m"))["id"] for _ in range(3)]
     before = {p.name: p.stat().st_mtime_ns for p in sessions.dir.iterdir()}

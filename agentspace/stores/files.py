@@ -129,6 +129,7 @@ class AtomicJSONStorage(Storage):
         self._data: dict[str, Any] | None = None
         self._in_transaction = False
         self._dirty = False
+        self.written_bytes: int | None = None  # the file's size after this object's last write
 
     def read(self) -> dict[str, Any] | None:
         if self._data is None:
@@ -145,8 +146,9 @@ class AtomicJSONStorage(Storage):
         # tinydb changes the dict read() returned in place: if the write fails, forget it and
         # re-read the file, which still holds the last good state.
         self._data = None
-        write_json_atomic(self.path, data)
-        self._data = data
+        payload = dump_json(data)
+        write_bytes_atomic(self.path, payload)
+        self._data, self.written_bytes = data, len(payload)
 
     @contextlib.contextmanager
     def transaction(self) -> Iterator[None]:

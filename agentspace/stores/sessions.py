@@ -5,10 +5,12 @@ Layout under ``data_dir/sessions/``:
 - ``<id>.json``: the session. Table ``session`` holds one document, the summary (plus ``client``);
   table ``messages`` holds the messages in order. Summary and messages change in one atomic write.
 - ``<id>.meta.json``: a copy of the summary, written after ``<id>.json``, so that ``list`` reads a
-  few hundred bytes per session instead of every message. ``list`` reads the session file instead when
-  the copy is missing or has an older mtime (a crash between the two writes). Within the same clock
-  tick the copy can lag by the one write the crash interrupted, which was never acknowledged; the
-  server rewrites the copy the next time it opens the session.
+  few hundred bytes per session instead of every message. Only sessions whose file has outgrown
+  ``SUMMARY_COPY_BYTES`` get one (then on every write): reading a smaller file costs ``list`` about as
+  much as reading a copy, and a copy costs every write a second fsynced file. ``list`` reads the
+  session file when the copy is missing or has an older mtime (a crash between the two writes). Within
+  the same clock tick the copy can lag by the one write the crash interrupted, which was never
+  acknowledged; the server rewrites the copy the next time it opens the session.
 
 A write costs one session's file, whatever the number of sessions. The server's async methods cache
 the sessions they touched (it is their only writer); the sync methods, for the CLI, read the files.
@@ -38,6 +40,8 @@ SESSION_ID = re.compile(r"[A-Za-z0-9_-]{1,128}")
 TITLE_LENGTH = 60
 # Sessions whose files stay parsed in the server's memory; older ones are re-read on next use.
 OPEN_SESSIONS = 256
+# Session files up to this size have no summary copy: ``list`` parses them whole (a chat's first turns).
+SUMMARY_COPY_BYTES = 4096
 
 _SESSION = "session"
 _MESSAGES = "messages"
@@ -109,6 +113,7 @@ class _Open:
 
     db: TinyDB
     meta: TinyDB
+    copied: bool  # whether the session has a summary copy, which every later write then updates
 
     def info(self) -> Table:
         return self.db.table(_SESSION, cache_size=0)
@@ -295,12 +300,13 @@ class SessionStore:
                 return opened
             self._forget(session_id)
             return None
-        opened = _Open(open_db(self._path(session_id)), open_db(self._meta_path(session_id)))
+        meta_db = open_db(self._meta_path(session_id))
+        meta = meta_db.table(_SESSION, cache_size=0).get(doc_id=1)
+        opened = _Open(open_db(self._path(session_id)), meta_db, copied=meta is not None)
         info = opened.info().get(doc_id=1)
         if info is None:
             return None
-        meta = opened.meta.table(_SESSION, cache_size=0).get(doc_id=1)
-        if meta != info:  # a crash between the two writes: bring the copy up to date
+        if opened.copied and meta != info:  # a crash between the two writes: bring the copy up to date
             self._prepare()
             self._write_meta(opened, dict(info))
         self._remember(session_id, opened)
@@ -325,6 +331,13 @@ class SessionStore:
     def _write_meta(self, opened: _Open, info: dict[str, Any]) -> None:
         with storage_of(opened.meta).transaction():
             opened.meta.table(_SESSION, cache_size=0).upsert(Document(info, doc_id=1))
+        opened.copied = True
+
+    def _after_write(self, opened: _Open, info: dict[str, Any]) -> None:
+        """Update the summary copy after a write of the session file, if the session has or now needs one."""
+        written = storage_of(opened.db).written_bytes
+        if opened.copied or (written is not None and written > SUMMARY_COPY_BYTES):
+            self._write_meta(opened, info)
 
     def _create(
         self, session_id: str, model: str, title: str | None, client: str | None, messages: Sequence[dict[str, Any]]
@@ -340,12 +353,12 @@ class SessionStore:
                 "id": session_id, "title": title, "model": model, "createdAt": now,
                 "lastActivityAt": now, "messageCount": len(messages), "client": client,
             }
-            opened = _Open(open_db(self._path(session_id)), open_db(self._meta_path(session_id)))
+            opened = _Open(open_db(self._path(session_id)), open_db(self._meta_path(session_id)), copied=False)
             with storage_of(opened.db).transaction():
                 opened.info().insert(Document(info, doc_id=1))
                 if messages:
                     opened.messages().insert_multiple(messages)
-            self._write_meta(opened, info)
+            self._after_write(opened, info)
             self._remember(session_id, opened)
             return _summary(info)
 
@@ -378,7 +391,7 @@ class SessionStore:
             info["lastActivityAt"] = now_iso()
             info["messageCount"] = len(opened.messages())
             opened.info().update(info, doc_ids=[1])
-        self._write_meta(opened, info)
+        self._after_write(opened, info)
 
     def _append(self, session_id: str, message: dict[str, Any]) -> None:
         with self._lock:

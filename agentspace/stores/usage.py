@@ -37,6 +37,9 @@ from .files import (
 _RECORDS = "records"
 _DAY = re.compile(r"\d{4}-\d{2}-\d{2}")
 _SEGMENT = re.compile(r"(\d+)\.json")
+# Records per segment. An append rewrites the current segment, so its CPU cost grows with this (~0.3 ms
+# empty, ~1 ms at 800 records); reports read one ``.totals`` per closed segment, so they grow with its inverse.
+SEGMENT_SIZE = 250
 _TOKEN_FIELDS = ("inputTokens", "outputTokens", "totalTokens", "cacheReadTokens", "cacheWriteTokens", "reasoningTokens")
 
 
@@ -81,7 +84,7 @@ def _segments(folder: Path) -> list[int]:
 
 
 class UsageStore:
-    def __init__(self, data_dir: Path, segment_size: int = 1000) -> None:
+    def __init__(self, data_dir: Path, segment_size: int = SEGMENT_SIZE) -> None:
         if segment_size < 1:
             raise ValueError("segment_size must be at least 1")
         self.dir = Path(data_dir) / "usage"
