@@ -524,6 +524,9 @@ class Turn:
         }
         if error is not None:
             message["error"] = {"code": error[0], "message": error[1]}
+        # The usage records land first: whoever sees the answer in the store also sees what it cost, and a
+        # crash between the two writes leaves the call billed rather than silently free.
+        await self._settle()
         self.writes.append(self.gw.sessions.append_message_soon(self.session_id, message))
         # A client may read the store as soon as it has the end of the answer: everything is written by then.
         await self._settle()
