@@ -24,10 +24,9 @@ from pathlib import Path
 from typing import Any, Awaitable, Callable, Iterator
 
 from agentspace.stores import SessionStore, UsageStore, usage_report
-from agentspace.stores.usage import write_segment
+from agentspace.stores.usage import SEGMENT_SIZE, write_segment
 from agentspace.types import Cost, TokenUsage, UsageRecord, new_id, now_iso
 
-SEGMENT_SIZE = 1000
 USAGE_LEVELS = (1_000, 10_000, 100_000)
 APPENDS = 500  # per level: fills a fresh segment from 0 to 500 records, the same work at every level
 BATCH = 25
@@ -178,8 +177,8 @@ async def main() -> None:
         await bench_sessions(root, rng, rows)
         cli_error = bench_reports(usage_dir, rows)
         print_table(rows)
-        print(f"\nUsage segments hold {SEGMENT_SIZE} records; each level's {APPENDS} appends fill a new segment "
-              "from 0 to 500, so p50/p99 are the cost at ~250/~495 records in the current segment.")
+        print(f"\nUsage segments hold {SEGMENT_SIZE} records (the store's default); each level's {APPENDS} appends "
+              "start a new segment, so the figures cover every fill level of a segment.")
         if cli_error:
             print(f"\n{cli_error}")
     finally:
