@@ -137,9 +137,18 @@ class Config:
     def __getitem__(self, section: str) -> dict[str, Any]:
         return self.values[section]
 
-    def plugin_settings(self, name: str) -> dict[str, Any]:
-        """The ``[plugins.NAME]`` table of a plugin ({} when absent)."""
-        return self.plugins.get(name, {})
+    def plugin_settings(
+        self, name: str, schema: dict[str, tuple[tuple[type, ...], Any]] | None = None
+    ) -> dict[str, Any]:
+        """The ``[plugins.NAME]`` table of a plugin ({} when absent).
+
+        With a ``schema`` (key -> (accepted types, default)), unknown keys and wrong types raise a
+        ``ConfigError`` naming ``plugins.NAME.KEY``, and missing keys get their defaults.
+        """
+        table = self.plugins.get(name, {})
+        if schema is None:
+            return table
+        return _validate_table(self.source, f"plugins.{name}", table, schema)
 
     def provider_settings(self, prefix: str) -> dict[str, Any]:
         """The ``[providers.PREFIX]`` table, with defaults for every key."""

@@ -175,3 +175,16 @@ def test_data_dir_precedence(tmp_path: Path, home: Path, fake_server: list[dict[
     assert fake_server[-1]["config"].data_dir == tmp_path / "state"  # relative to the config file
     CliRunner().invoke(main, ["--config", str(configured), "--data-dir", str(tmp_path / "flag"), "serve"])
     assert fake_server[-1]["config"].data_dir == (tmp_path / "flag").resolve()
+
+
+def test_plugin_settings_checked_against_a_schema() -> None:
+    from agentspace.config import ConfigError, parse_config
+
+    schema = {"folder": ((str,), None), "max_bytes": ((int,), 100)}
+    config = parse_config({"plugins": {"memory": {"folder": "notes"}}}, "agentspace.toml")
+    assert config.plugin_settings("memory", schema) == {"folder": "notes", "max_bytes": 100}
+    assert config.plugin_settings("other", schema) == {"folder": None, "max_bytes": 100}
+    for bad, key in (({"folder": 3}, "plugins.memory.folder"), ({"colour": "red"}, "plugins.memory.colour")):
+        with pytest.raises(ConfigError) as err:
+            parse_config({"plugins": {"memory": bad}}, "agentspace.toml").plugin_settings("memory", schema)
+        assert err.value.message.startswith(f"agentspace.toml: {key}: ")

@@ -20,7 +20,7 @@ from agentspace.types import ChatMessage, Part, ReasoningPart, TextPart, TokenUs
 
 PREFIX = "echo/"
 REASONING_MODEL = "echo/reasoning"
-SETTINGS_KEYS = ("delay_ms",)
+SETTINGS = {"delay_ms": ((int, float), 0)}
 
 # A word with the whitespace around it, so the chunks join back into the exact text.
 _WORD = re.compile(r"\s*\S+\s*")
@@ -103,12 +103,8 @@ class EchoProvider:
 
 
 def delay_ms(config: Config) -> float:
-    table: dict[str, Any] = config.plugin_settings("echo")
-    for key in table:
-        if key not in SETTINGS_KEYS:
-            raise ConfigError(config.source, f"plugins.echo.{key}", f"unknown key (known keys: {', '.join(SETTINGS_KEYS)})")
-    value = table.get("delay_ms", 0)
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+    value = config.plugin_settings("echo", SETTINGS)["delay_ms"]
+    if value < 0:
         raise ConfigError(config.source, "plugins.echo.delay_ms", f"expected a number >= 0, got {value!r}")
     return float(value)
 

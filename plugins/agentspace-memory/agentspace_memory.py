@@ -11,7 +11,7 @@ import asyncio
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 from agentspace import ContextRequest, hookimpl
 from agentspace.config import Config, ConfigError
@@ -20,7 +20,7 @@ from agentspace.types import ContextSectionBuilder
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_BYTES = 32_768
-SETTINGS_KEYS = ("folder", "max_bytes")
+SETTINGS = {"folder": ((str,), None), "max_bytes": ((int,), DEFAULT_MAX_BYTES)}
 
 
 @dataclass(frozen=True, slots=True)
@@ -31,15 +31,9 @@ class MemorySettings:
 
 def load_settings(config: Config) -> MemorySettings:
     """The ``[plugins.memory]`` table, validated; errors name the key like the core's config errors do."""
-    table: dict[str, Any] = config.plugin_settings("memory")
-    for key in table:
-        if key not in SETTINGS_KEYS:
-            raise ConfigError(config.source, f"plugins.memory.{key}", f"unknown key (known keys: {', '.join(SETTINGS_KEYS)})")
-    folder = table.get("folder")
-    if folder is not None and not isinstance(folder, str):
-        raise ConfigError(config.source, "plugins.memory.folder", f"expected a string, got {folder!r}")
-    max_bytes = table.get("max_bytes", DEFAULT_MAX_BYTES)
-    if isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or max_bytes < 1:
+    table = config.plugin_settings("memory", SETTINGS)
+    folder, max_bytes = table["folder"], table["max_bytes"]
+    if max_bytes < 1:
         raise ConfigError(config.source, "plugins.memory.max_bytes", f"expected a positive integer, got {max_bytes!r}")
     return MemorySettings(config.resolve_path(folder) if folder else config.data_dir / "memory", max_bytes)
 

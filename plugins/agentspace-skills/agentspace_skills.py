@@ -19,15 +19,15 @@ import asyncio
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 from agentspace import ContextRequest, hookimpl
-from agentspace.config import Config, ConfigError
+from agentspace.config import Config
 from agentspace.types import ContextSectionBuilder
 
 log = logging.getLogger(__name__)
 
-SETTINGS_KEYS = ("folder",)
+SETTINGS = {"folder": ((str,), None)}
 # Front matter sits at the top of the file; reading this much is enough and bounds the work per file.
 FRONT_MATTER_MAX_BYTES = 65_536
 
@@ -142,16 +142,8 @@ class SkillsSection:
 
 
 def skills_folder(config: Config) -> Path:
-    table: dict[str, Any] = config.plugin_settings("skills")
-    for key in table:
-        if key not in SETTINGS_KEYS:
-            raise ConfigError(config.source, f"plugins.skills.{key}", f"unknown key (known keys: {', '.join(SETTINGS_KEYS)})")
-    folder = table.get("folder")
-    if folder is None:
-        return config.data_dir / "skills"
-    if not isinstance(folder, str):
-        raise ConfigError(config.source, "plugins.skills.folder", f"expected a string, got {folder!r}")
-    return config.resolve_path(folder)
+    folder = config.plugin_settings("skills", SETTINGS)["folder"]
+    return config.data_dir / "skills" if folder is None else config.resolve_path(folder)
 
 
 @hookimpl

@@ -13,13 +13,13 @@ import json
 import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 from agentspace import UsageRecord, hookimpl
 from agentspace.config import Config, ConfigError
 from agentspace.sinks import UsageSink
 
-SETTINGS_KEYS = ("path",)
+SETTINGS = {"path": ((str,), None)}
 
 
 class JsonlUsageSink:
@@ -52,14 +52,10 @@ class JsonlUsageSink:
 
 
 def jsonl_path(config: Config) -> Path:
-    table: dict[str, Any] = config.plugin_settings("usage-jsonl")
-    for key in table:
-        if key not in SETTINGS_KEYS:
-            raise ConfigError(config.source, f"plugins.usage-jsonl.{key}", f"unknown key (known keys: {', '.join(SETTINGS_KEYS)})")
-    path = table.get("path")
+    path = config.plugin_settings("usage-jsonl", SETTINGS)["path"]
     if path is None:
         return config.data_dir / "usage.jsonl"
-    if not isinstance(path, str) or not path:
+    if not path:
         raise ConfigError(config.source, "plugins.usage-jsonl.path", f"expected a file path, got {path!r}")
     return config.resolve_path(path)
 
