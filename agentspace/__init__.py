@@ -1,7 +1,14 @@
 """agentspace: a self-hosted, plugin-based LLM gateway."""
 
 from .hookspecs import hookimpl
-from .types import ChatMessage, ContextRequest, ContextSection, TokenUsage, Tool, UsageRecord
+from .types import (
+    ChatMessage,
+    ContextRequest,
+    ContextSection,
+    TokenUsage,
+    Tool,
+    UsageRecord,
+)
 
 __version__ = "0.1.0"
 

@@ -12,7 +12,7 @@ import inspect
 import json
 import logging
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from .tokens import count_tokens
 from .types import (
@@ -66,7 +66,9 @@ def messages_from_store(stored: list[dict[str, Any]]) -> list[ChatMessage]:
             part = part_from_dict(raw)
             if part.type == "source":
                 continue
-            role = "user" if message["role"] == "user" or isinstance(part, ToolResultPart) else "assistant"
+            role: Literal["user", "assistant"] = (
+                "user" if message["role"] == "user" or isinstance(part, ToolResultPart) else "assistant"
+            )
             if out and out[-1].role == role:
                 out[-1].parts.append(part)
             else:
@@ -155,7 +157,7 @@ async def assemble(
 
 def measure(context: AssembledContext, info: ModelInfo) -> dict[str, Any]:
     """The ``sections`` and ``totals`` of a ``context.inspection`` reply."""
-    rows = []
+    rows: list[dict[str, Any]] = []
     for s in context.sections:
         tokens = count_tokens(s.text)
         rows.append(

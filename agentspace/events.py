@@ -11,7 +11,6 @@ from typing import Any, Union
 
 from .types import ChatMessage, Cost, TokenUsage
 
-
 # --- events a provider yields -------------------------------------------------------------------
 
 

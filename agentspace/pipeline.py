@@ -457,7 +457,8 @@ class Turn:
                 return ToolResultPart(call.tool_call_id, call.name, f"Unknown tool {call.name!r}.", True)
             try:
                 output = await tool.handler(call.input if isinstance(call.input, dict) else {"input": call.input})
-                json.dumps(output, default=str)  # results go to the model and the client as JSON
+                # Results go to the model, the client and the store as JSON: values JSON lacks become strings.
+                output = json.loads(json.dumps(output, default=str))
                 return ToolResultPart(call.tool_call_id, call.name, output, False)
             except Exception as e:
                 log.warning("tool %s failed: %r", call.name, e)

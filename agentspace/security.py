@@ -15,6 +15,7 @@ from collections import deque
 from typing import Awaitable, Callable
 
 from aiohttp import web
+from aiohttp.typedefs import Middleware
 
 from .config import Config
 from .gateway_token import token_matches
@@ -143,7 +144,7 @@ def origin_allowed(config: Config, request: web.Request) -> bool:
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
-def security_middleware(config: Config) -> Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]:
+def security_middleware(config: Config) -> Middleware:
     @web.middleware
     async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
         if not host_allowed(config, request):

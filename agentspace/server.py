@@ -97,7 +97,8 @@ async def _finish_streams(app: web.Application) -> None:
                 t.abort("shutdown")
         if pending:
             await asyncio.wait(pending, timeout=10)
-    await asyncio.gather(*(conn.shutdown() for conn in list(app[state.WEBSOCKETS])))
+    connections = [*app[state.WEBSOCKETS]]
+    await asyncio.gather(*(conn.shutdown() for conn in connections))
 
 
 def run_server(config: Config, host: str | None = None, port: int | None = None) -> None:
@@ -114,7 +115,7 @@ async def _serve(config: Config, host: str, port: int) -> None:
     try:
         site = web.TCPSite(runner, host, port)
         await site.start()
-        bound = site._server.sockets[0].getsockname() if site._server and site._server.sockets else (host, port)  # type: ignore[union-attr]
+        bound = site._server.sockets[0].getsockname() if site._server and site._server.sockets else (host, port)  # type: ignore[union-attr,attr-defined]
         shown_host = f"[{bound[0]}]" if ":" in str(bound[0]) else bound[0]
         url = f"http://{shown_host}:{bound[1]}"
         print(f"agentspace listening on {url}  (WebSocket: ws://{shown_host}:{bound[1]}/gateway)", flush=True)

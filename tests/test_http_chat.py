@@ -391,7 +391,7 @@ def test_encoder_tool_events_and_part_switching() -> None:
         ev.StepFinish(0, "tool-calls", TokenUsage(1, 1), Cost()),
         ev.ToolResultEvent("call_1", "lookup", {"ok": True}, False),
         ev.ToolResultEvent("call_2", "lookup", "Tool lookup failed: boom", True),
-        ev.ToolResultEvent("call_3", "lookup", object, False),
+        ev.ToolResultEvent("call_3", "lookup", {"rows": [1, 2]}, False),
         ev.StepStart(1),
         ev.TextDelta("Done."),
         ev.StepFinish(1, "stop", TokenUsage(1, 1), Cost()),
@@ -412,7 +412,7 @@ def test_encoder_tool_events_and_part_switching() -> None:
     assert {"type": "tool-input-available", "toolCallId": "call_1", "toolName": "lookup", "input": {"q": 1}} in chunks
     assert {"type": "tool-output-available", "toolCallId": "call_1", "output": {"ok": True}} in chunks
     assert {"type": "tool-output-error", "toolCallId": "call_2", "errorText": "Tool lookup failed: boom"} in chunks
-    assert {"type": "tool-output-available", "toolCallId": "call_3", "output": str(object)} in chunks
+    assert {"type": "tool-output-available", "toolCallId": "call_3", "output": {"rows": [1, 2]}} in chunks
     assert chunks[-2] == {"type": "finish", "finishReason": "stop", "messageMetadata": {"usage": {
         "inputTokens": 2, "outputTokens": 2, "totalTokens": 4, "cacheReadTokens": 0, "cacheWriteTokens": 0,
         "reasoningTokens": 0, "inputCost": 0.5, "outputCost": 0.25, "totalCost": 0.75}}}

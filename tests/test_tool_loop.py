@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+from datetime import datetime, timezone
 from typing import Any
 
 import pytest
@@ -35,9 +36,13 @@ class Tools:
         async def explode(args: dict[str, Any]) -> Any:
             raise ValueError("boom")
 
+        async def clock(args: dict[str, Any]) -> dict[str, Any]:
+            return {"now": datetime(2026, 11, 22, 6, 0, tzinfo=timezone.utc), "zones": ("UTC",)}
+
         schema = {"type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}}}
         register(Tool("add", "Add two integers", schema, add))
         register(Tool("explode", "Always fails", {"type": "object", "properties": {}}, explode))
+        register(Tool("clock", "The time", {"type": "object", "properties": {}}, clock))
 
 
 @pytest.fixture
@@ -79,7 +84,7 @@ async def test_litellm_tool_loop_over_websocket(openai_client: TestClient, token
     second = fake_openai.requests[1].body
     tool_messages = [m for m in second["messages"] if m["role"] == "tool"]
     assert {m["tool_call_id"] for m in tool_messages} == {"call_1", "call_2"}
-    assert {t["function"]["name"] for t in second["tools"]} == {"add", "explode"}
+    assert {t["function"]["name"] for t in second["tools"]} == {"add", "explode", "clock"}
     records = await openai_client.server.app[state.GATEWAY].usage.arecords(session_id=frames[0]["sessionId"])
     assert [r["model"] for r in records] == [MODEL] * 3 and not any(r["estimated"] for r in records)
 
@@ -145,4 +150,19 @@ async def test_echo_plugin_through_the_gateway(make_client: Any, token: str, mon
     assert end["usage"]["inputTokens"] > 0 and end["usage"]["outputTokens"] > 0 and end["usage"]["totalCost"] == 0
     session = await client.server.app[state.GATEWAY].sessions.get(frames[0]["sessionId"])
     assert json.dumps(session["messages"][-1]["parts"]).count("reasoning") == 1
+    await ws.close()
+
+
+async def test_tool_output_that_json_lacks_becomes_text(openai_client: TestClient, token: str, fake_openai: Any) -> None:
+    """A tool may return datetimes or tuples: the model, the client and the store all get JSON."""
+    fake_openai.enqueue(tool_calls_response(tool_call("call_t", "clock", {})), text_response("It is six."))
+    ws = await connect(openai_client, token)
+    frames = await chat(ws, "what time is it?")
+    expected = {"now": "2026-11-22 06:00:00+00:00", "zones": ["UTC"]}
+    assert of(frames, "chat.stream.tool_result")[0]["output"] == expected
+    tool_message = next(m for m in fake_openai.requests[1].body["messages"] if m["role"] == "tool")
+    assert json.loads(tool_message["content"]) == expected
+    stored = await openai_client.server.app[state.GATEWAY].sessions.get(frames[0]["sessionId"])
+    assert {"type": "tool-result", "toolCallId": "call_t", "name": "clock", "output": expected, "isError": False} in \
+        stored["messages"][-1]["parts"]
     await ws.close()

@@ -22,7 +22,15 @@ from ..events import (
     ToolCallEvent,
 )
 from ..hookspecs import hookimpl
-from ..types import ChatMessage, Part, ReasoningPart, SourcePart, TextPart, TokenUsage, ToolCallPart
+from ..types import (
+    ChatMessage,
+    Part,
+    ReasoningPart,
+    SourcePart,
+    TextPart,
+    TokenUsage,
+    ToolCallPart,
+)
 from .base import Provider, ProviderRequest, ThinkingSettings
 
 if TYPE_CHECKING:

@@ -26,7 +26,16 @@ from ..events import (
     ToolCallEvent,
 )
 from ..hookspecs import hookimpl
-from ..types import ChatMessage, Part, ReasoningPart, SourcePart, TextPart, TokenUsage, ToolCallPart, ToolResultPart
+from ..types import (
+    ChatMessage,
+    Part,
+    ReasoningPart,
+    SourcePart,
+    TextPart,
+    TokenUsage,
+    ToolCallPart,
+    ToolResultPart,
+)
 from .base import Provider, ProviderRequest
 
 if TYPE_CHECKING:
@@ -67,9 +76,9 @@ async def _load_litellm() -> ModuleType:
         os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
         # Concurrent first calls are safe: Python's import lock makes the later threads wait for the first.
         module = await asyncio.to_thread(importlib.import_module, "litellm")
-        module.suppress_debug_info = True  # no "Give Feedback / Get Help" banners on errors
+        module.suppress_debug_info = True  # type: ignore[attr-defined]  # no "Give Feedback / Get Help" banners on errors
         # Counting tokens for a provider that sent no usage must not download HuggingFace tokenizers.
-        module.disable_hf_tokenizer_download = True
+        module.disable_hf_tokenizer_download = True  # type: ignore[attr-defined]
         _litellm = module
     return _litellm
 

@@ -1,7 +1,13 @@
 """Crash-safe stores on tinydb: sessions and usage records under the data directory."""
 
 from .files import DataDirLock, DataDirLocked, StoreCorrupt
-from .sessions import InvalidSessionId, MessageNotFound, SessionExists, SessionNotFound, SessionStore
+from .sessions import (
+    InvalidSessionId,
+    MessageNotFound,
+    SessionExists,
+    SessionNotFound,
+    SessionStore,
+)
 from .usage import UsageStore, usage_by_day, usage_report
 
 __all__ = [

@@ -19,6 +19,7 @@ the sessions they touched (it is their only writer); the sync methods, for the C
 from __future__ import annotations
 
 import asyncio
+import builtins
 import contextlib
 import copy
 import json
@@ -34,7 +35,14 @@ from tinydb import TinyDB
 from tinydb.table import Document, Table
 
 from ..types import new_id, now_iso
-from .files import Worker, fsync_dir, make_dirs, open_db, remove_stale_temp_files, storage_of
+from .files import (
+    Worker,
+    fsync_dir,
+    make_dirs,
+    open_db,
+    remove_stale_temp_files,
+    storage_of,
+)
 
 SESSION_ID = re.compile(r"[A-Za-z0-9_-]{1,128}")
 TITLE_LENGTH = 60
@@ -196,7 +204,7 @@ class SessionStore:
         """Merge ``changes`` into a stored message. Raises SessionNotFound or MessageNotFound."""
         await self._worker.run(self._update, session_id, message_id, _detached(changes))
 
-    async def messages(self, session_id: str, limit: int | None = None) -> list[dict[str, Any]]:
+    async def messages(self, session_id: str, limit: int | None = None) -> builtins.list[dict[str, Any]]:
         """The last ``limit`` messages (all when None), oldest first; [] for an unknown session."""
         if self._readable_now(session_id):
             return self._messages(session_id, limit)
@@ -235,7 +243,7 @@ class SessionStore:
             return None
         return {**_summary(info), "messages": [dict(m) for m in db.table(_MESSAGES, cache_size=0).all()]}
 
-    def list_sync(self) -> list[dict[str, Any]]:
+    def list_sync(self) -> builtins.list[dict[str, Any]]:
         mtimes: dict[str, int] = {}
         try:
             with os.scandir(self.dir) as entries:
@@ -374,7 +382,7 @@ class SessionStore:
             summary = _summary(opened.info_doc())
             return copy.deepcopy({**summary, "messages": [dict(m) for m in opened.messages().all()]})
 
-    def _messages(self, session_id: str, limit: int | None) -> list[dict[str, Any]]:
+    def _messages(self, session_id: str, limit: int | None) -> builtins.list[dict[str, Any]]:
         with self._lock:
             opened = self._session(session_id)
             if opened is None or (limit is not None and limit <= 0):

@@ -17,9 +17,9 @@ from typing import Any, Awaitable, Callable
 from aiohttp import hdrs, web
 
 from ..catalog import usable_models
-from ..periods import parse_since
 from ..context import inspect_session
 from ..gateway import ModelNotFound
+from ..periods import parse_since
 from ..security import error_response
 from ..stores.usage import usage_by_day, usage_report
 from . import state
@@ -186,7 +186,7 @@ _NUM = {"type": "number"}
 _STR = {"type": "string"}
 _BOOL = {"type": "boolean"}
 _NULLABLE_STR = {"type": ["string", "null"]}
-_SESSION_ID = {"name": "id", "in": "path", "required": True,
+_SESSION_ID: dict[str, Any] = {"name": "id", "in": "path", "required": True,
                "schema": {"type": "string", "pattern": "^[A-Za-z0-9_-]{1,128}$"}, "description": "Session id (the chat id)."}
 _SSE = {"text/event-stream": {"schema": {"type": "string"}, "x-ai-sdk": "UI message stream protocol v1"}}
 _AUTH_ERRORS = {"401": _error("No or wrong gateway token."), "403": _error("Origin or Host not allowed.")}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import weakref
+from typing import Any
 
 from aiohttp import web
 
@@ -14,5 +15,5 @@ from ..security import AuthFailures
 GATEWAY = web.AppKey("gateway", Gateway)
 TOKEN_FILE = web.AppKey("token_file", TokenFile)
 AUTH_FAILURES = web.AppKey("auth_failures", AuthFailures)
-WEBSOCKETS = web.AppKey("websockets", weakref.WeakSet)  # the open ws.Connection objects
+WEBSOCKETS = web.AppKey[weakref.WeakSet[Any]]("websockets")  # the open ws.Connection objects
 SHUTTING_DOWN = web.AppKey("shutting_down", asyncio.Event)  # set when shutdown begins: no new turns

@@ -51,14 +51,6 @@ def _frame(chunk: dict[str, Any]) -> bytes:
     return b"data: " + _dumps(chunk).encode() + b"\n\n"
 
 
-def _jsonable(value: Any) -> Any:
-    try:
-        json.dumps(value)
-        return value
-    except (TypeError, ValueError):
-        return str(value)
-
-
 class UIMessageStreamEncoder:
     """Encodes one turn's ``StreamEvent``s as UI message stream chunks.
 
@@ -117,12 +109,12 @@ class UIMessageStreamEncoder:
         elif isinstance(event, ev.ToolCallEvent):
             self._end_open(out)
             out.append({"type": "tool-input-available", "toolCallId": event.tool_call_id,
-                        "toolName": event.name, "input": _jsonable(event.input)})
+                        "toolName": event.name, "input": event.input})
         elif isinstance(event, ev.ToolResultEvent):
             if event.is_error:
                 out.append({"type": "tool-output-error", "toolCallId": event.tool_call_id, "errorText": str(event.output)})
             else:
-                out.append({"type": "tool-output-available", "toolCallId": event.tool_call_id, "output": _jsonable(event.output)})
+                out.append({"type": "tool-output-available", "toolCallId": event.tool_call_id, "output": event.output})
         elif isinstance(event, ev.StepFinish):
             self._end_open(out)
             out.append({"type": "finish-step"})
@@ -259,6 +251,7 @@ def parse_chat_body(body: Any) -> ChatBody:
     if not content.strip():
         raise invalid([{"path": f"messages[{last_user}].parts", "message": "the user message has no text"}])
     message_id = messages[last_user].get("id") or None
+    assert isinstance(session_id, str)  # checked above
     return ChatBody(session_id, content, model, _stored_history(messages[:last_user]), message_id)
 
 

@@ -16,10 +16,10 @@ from typing import Any, Callable
 from aiohttp import WSCloseCode, WSMsgType, web
 
 from .. import events as ev
+from .. import security
 from ..context import inspect_session
 from ..pipeline import ChatError, ChatRequest, Turn, start_turn
 from ..types import usage_to_wire
-from .. import security
 from . import state
 from .fences import FenceTracker
 
@@ -32,7 +32,7 @@ SHUTDOWN_FLUSH_SECONDS = 5.0
 SHUTTING_DOWN_MESSAGE = "The gateway is shutting down; try again when it is back."
 
 
-def _dumps(obj: dict[str, Any]) -> str:
+def _dumps(obj: Any) -> str:
     return json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
 
 
@@ -158,36 +158,38 @@ class Connection:
                 for event in batch:
                     if self.ws.closed:
                         return
-                    kind = type(event)
-                    if kind is ev.TextDelta:
-                        for piece, content_type in fences.feed(event.text):
-                            await send(f'{{"type":"chat.stream.delta","requestId":{rid},"delta":{_dumps(piece)},"contentType":"{content_type}"}}')
-                    elif kind is ev.ReasoningDelta:
-                        await send(f'{{"type":"chat.stream.reasoning","requestId":{rid},"delta":{_dumps(event.text)}}}')
-                    elif kind is ev.SourceEvent:
-                        source = {"url": event.url} if event.title is None else {"url": event.url, "title": event.title}
-                        await self.send({"type": "chat.stream.source", "requestId": request_id, "source": source})
-                    elif kind is ev.ToolCallEvent:
-                        await self.send({"type": "chat.stream.tool_call", "requestId": request_id,
-                                         "toolCallId": event.tool_call_id, "name": event.name, "input": event.input})
-                    elif kind is ev.ToolResultEvent:
-                        await self.send({"type": "chat.stream.tool_result", "requestId": request_id,
-                                         "toolCallId": event.tool_call_id, "name": event.name,
-                                         "output": _jsonable(event.output), "isError": event.is_error})
-                    elif kind is ev.StreamStart:
-                        if event.session_created:
-                            await self.send({"type": "session.created", "requestId": request_id,
+                    match event:
+                        case ev.TextDelta(text=text):
+                            for piece, content_type in fences.feed(text):
+                                await send(f'{{"type":"chat.stream.delta","requestId":{rid},"delta":{_dumps(piece)},"contentType":"{content_type}"}}')
+                        case ev.ReasoningDelta(text=text):
+                            await send(f'{{"type":"chat.stream.reasoning","requestId":{rid},"delta":{_dumps(text)}}}')
+                        case ev.SourceEvent(url=url, title=title):
+                            source = {"url": url} if title is None else {"url": url, "title": title}
+                            await self.send({"type": "chat.stream.source", "requestId": request_id, "source": source})
+                        case ev.ToolCallEvent():
+                            await self.send({"type": "chat.stream.tool_call", "requestId": request_id,
+                                             "toolCallId": event.tool_call_id, "name": event.name, "input": event.input})
+                        case ev.ToolResultEvent():
+                            await self.send({"type": "chat.stream.tool_result", "requestId": request_id,
+                                             "toolCallId": event.tool_call_id, "name": event.name,
+                                             "output": event.output, "isError": event.is_error})
+                        case ev.StreamStart():
+                            if event.session_created:
+                                await self.send({"type": "session.created", "requestId": request_id,
+                                                 "sessionId": event.session_id, "model": event.model})
+                            await self.send({"type": "chat.stream.start", "requestId": request_id,
                                              "sessionId": event.session_id, "model": event.model})
-                        await self.send({"type": "chat.stream.start", "requestId": request_id,
-                                         "sessionId": event.session_id, "model": event.model})
-                    elif kind is ev.StreamEnd or kind is ev.StreamError:
-                        for piece, content_type in fences.flush():
-                            await self.send({"type": "chat.stream.delta", "requestId": request_id, "delta": piece, "contentType": content_type})
-                        if kind is ev.StreamEnd:
-                            await self.send({"type": "chat.stream.end", "requestId": request_id,
-                                             "finishReason": event.finish_reason, "usage": usage_to_wire(event.usage, event.cost)})
-                        else:
-                            await self.error(request_id, event.code, event.message)
+                        case ev.StreamEnd() | ev.StreamError():
+                            for piece, content_type in fences.flush():
+                                await self.send({"type": "chat.stream.delta", "requestId": request_id,
+                                                 "delta": piece, "contentType": content_type})
+                            if isinstance(event, ev.StreamEnd):
+                                await self.send({"type": "chat.stream.end", "requestId": request_id,
+                                                 "finishReason": event.finish_reason,
+                                                 "usage": usage_to_wire(event.usage, event.cost)})
+                            else:
+                                await self.error(request_id, event.code, event.message)
         except (ConnectionResetError, RuntimeError):
             pass  # the client went away; the turn goes on without it
 
@@ -218,14 +220,6 @@ def _field(msg: dict[str, Any], name: str, kind: type, *, required: bool = False
     if not isinstance(value, kind) or isinstance(value, bool) and kind is not bool:
         raise _BadField(f"'{name}' must be a {kind.__name__}.")
     return value
-
-
-def _jsonable(value: Any) -> Any:
-    try:
-        json.dumps(value)
-        return value
-    except (TypeError, ValueError):
-        return str(value)
 
 
 async def gateway_handler(request: web.Request) -> web.StreamResponse:
