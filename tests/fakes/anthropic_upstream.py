@@ -42,7 +42,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-from collections import deque
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field, replace
 from functools import cached_property
@@ -50,6 +49,8 @@ from typing import Any, AsyncIterator, Iterable, Sequence
 
 import pytest
 from aiohttp import web
+
+from tests.fakes.server import FakeUpstream
 
 DEFAULT_TEXT = "Hello from the fake Anthropic upstream."
 DEFAULT_SIGNATURE = "EqQBCkYIBxgCKkBfakeSignatureForTests"
@@ -389,7 +390,7 @@ def model_object(
 # --- the server ---------------------------------------------------------------------------------
 
 
-class FakeAnthropic:
+class FakeAnthropic(FakeUpstream[FakeResponse]):
     """The fake upstream. ``url`` is the ``base_url`` for the SDK (the SDK adds ``/v1/...``).
 
     ``api_key``: when set, other keys get a 401. ``models``: Models API objects by id; with ``any_model``
@@ -397,44 +398,22 @@ class FakeAnthropic:
     """
 
     def __init__(self, default: FakeResponse | None = None, *, api_key: str | None = None, validate: bool = True) -> None:
-        self.default = default or text_response()
+        super().__init__(default or text_response())
         self.api_key = api_key
         self.validate = validate
         self.requests: list[RecordedRequest] = []
         self.models: dict[str, dict[str, Any]] = {}
         self.any_model = True
         self.model_requests: list[str] = []
-        self._queue: deque[FakeResponse] = deque()
-        self._runner: web.AppRunner | None = None
-        self._handlers: set[asyncio.Task[Any]] = set()
-        self.port = 0
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def enqueue(self, *responses: FakeResponse) -> None:
-        self._queue.extend(responses)
-
-    async def start(self, port: int = 0) -> "FakeAnthropic":
-        app = web.Application()
+    def routes(self, app: web.Application) -> None:
         app.router.add_post("/v1/messages", self._messages)
         app.router.add_get("/v1/models", self._list_models)
         app.router.add_get("/v1/models/{model_id}", self._retrieve_model)
-        self._runner = web.AppRunner(app, access_log=None)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", port)
-        await site.start()
-        self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-        return self
-
-    async def close(self) -> None:
-        # Stalled handlers would otherwise hold the shutdown until they finish.
-        for task in list(self._handlers):
-            task.cancel()
-        if self._runner is not None:
-            await self._runner.cleanup()
-            self._runner = None
 
     # --- Messages API ---
 
@@ -448,7 +427,7 @@ class FakeAnthropic:
         problem = self._check(recorded) if self.validate else None
         if problem is not None:
             return web.json_response(error_body(*problem[1:]), status=problem[0])
-        script = self._queue.popleft() if self._queue else self.default
+        script = self.next_response()
         if script.status != 200:
             return web.json_response(script.error or {}, status=script.status, headers=script.headers)
         model = body.get("model") if isinstance(body, dict) else None

@@ -38,13 +38,14 @@ import asyncio
 import json
 import sys
 import time
-from collections import deque
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field, replace
 from typing import Any, AsyncIterator, Iterable, Sequence
 
 import pytest
 from aiohttp import web
+
+from tests.fakes.server import FakeUpstream
 
 DEFAULT_TEXT = "Hello from the fake OpenAI upstream."
 
@@ -257,47 +258,25 @@ _DEFAULT_USAGE = usage(20, 10)
 # --- the server -----------------------------------------------------------------------------------
 
 
-class FakeOpenAI:
+class FakeOpenAI(FakeUpstream[FakeResponse]):
     """The fake upstream. ``url`` is the base URL clients use; it ends in ``/v1``.
 
     ``api_key``: when set, requests without ``Authorization: Bearer <api_key>`` get OpenAI's 401.
     """
 
     def __init__(self, default: FakeResponse | None = None, *, api_key: str | None = None) -> None:
-        self.default = default or text_response()
+        super().__init__(default or text_response())
         self.api_key = api_key
         self.requests: list[RecordedRequest] = []
-        self._queue: deque[FakeResponse] = deque()
-        self._runner: web.AppRunner | None = None
-        self._handlers: set[asyncio.Task[Any]] = set()
         self._created = int(time.time())
-        self.port = 0
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}/v1"
 
-    def enqueue(self, *responses: FakeResponse) -> None:
-        self._queue.extend(responses)
-
-    async def start(self, port: int = 0) -> "FakeOpenAI":
-        app = web.Application()
+    def routes(self, app: web.Application) -> None:
         app.router.add_post("/v1/chat/completions", self._chat)
         app.router.add_post("/chat/completions", self._chat)
-        self._runner = web.AppRunner(app, access_log=None)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", port)
-        await site.start()
-        self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-        return self
-
-    async def close(self) -> None:
-        # Stalled handlers would otherwise hold the shutdown until they finish.
-        for task in list(self._handlers):
-            task.cancel()
-        if self._runner is not None:
-            await self._runner.cleanup()
-            self._runner = None
 
     async def _chat(self, request: web.Request) -> web.StreamResponse:
         try:
@@ -313,7 +292,7 @@ class FakeOpenAI:
         if not isinstance(body, dict):
             message = "We could not parse the JSON body of your request."
             return web.json_response(error_body(message, "invalid_request_error"), status=400)
-        script = self._queue.popleft() if self._queue else self.default
+        script = self.next_response()
         if script.status != 200:
             return web.json_response(script.error or {}, status=script.status, headers=script.headers)
         model = body.get("model", "gpt-4o-mini")

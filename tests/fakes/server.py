@@ -1,0 +1,49 @@
+"""What the fake upstreams share: a queue of scripted responses and an aiohttp server on 127.0.0.1."""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from typing import Any, Generic, Self, TypeVar
+
+from aiohttp import web
+
+R = TypeVar("R")
+
+
+class FakeUpstream(Generic[R]):
+    """Subclasses add their routes in ``routes`` and take responses from ``next_response``."""
+
+    def __init__(self, default: R) -> None:
+        self.default = default
+        self._queue: deque[R] = deque()
+        self._runner: web.AppRunner | None = None
+        # Handlers still streaming; cancelled on close so a stalled answer cannot hold the shutdown.
+        self._handlers: set[asyncio.Task[Any]] = set()
+        self.port = 0
+
+    def routes(self, app: web.Application) -> None:
+        raise NotImplementedError
+
+    def enqueue(self, *responses: R) -> None:
+        self._queue.extend(responses)
+
+    def next_response(self) -> R:
+        return self._queue.popleft() if self._queue else self.default
+
+    async def start(self, port: int = 0) -> Self:
+        app = web.Application()
+        self.routes(app)
+        self._runner = web.AppRunner(app, access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", port)
+        await site.start()
+        self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        return self
+
+    async def close(self) -> None:
+        for task in list(self._handlers):
+            task.cancel()
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
