@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import pluggy
 
@@ -112,6 +112,3 @@ class Gateway:
                     log.exception("closing provider %r failed", provider.name)
         await self.sessions.aclose()
         await self.usage.aclose()
-
-    def describe(self) -> dict[str, Any]:
-        return {"providers": [p.name for p in self.providers], "tools": sorted(self.tools)}

@@ -110,6 +110,3 @@ class TokenFile:
                 log.info("gateway token changed; using the new one")
             self._stamp = stamp
         return self._token
-
-    def matches(self, given: str | None) -> bool:
-        return token_matches(self.current(), given)

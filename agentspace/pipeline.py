@@ -197,15 +197,9 @@ class Turn:
                     w.set_result(None)
             self._waiters.clear()
 
-    async def subscribe(self) -> AsyncIterator[StreamEvent]:
-        """Every event from the start of the turn, then live ones until the turn ends."""
-        async for batch in self.batches():
-            for event in batch:
-                yield event
-
     async def batches(self) -> AsyncIterator[list[StreamEvent]]:
-        """``subscribe`` a burst at a time: each list holds every event published since the previous one,
-        so a transport can send a burst in one write."""
+        """Every event from the start of the turn, then live ones until the turn ends, a burst at a time:
+        each list holds every event published since the previous one, so a transport can send it in one write."""
         i = 0
         loop = asyncio.get_running_loop()
         while True:
@@ -232,10 +226,6 @@ class Turn:
         self._stopped.set()
         if self._step_task is not None and not self._step_task.done():
             self._step_task.cancel()
-
-    async def wait(self) -> None:
-        if self.task is not None:
-            await asyncio.shield(self.task)
 
     # --- the turn -------------------------------------------------------------------------------
 

@@ -1,7 +1,7 @@
 """The data types every part of agentspace shares: messages, usage, models, tools, context sections.
 
 Wire and store formats are camelCase JSON (SPEC sections 3, 4 and 6); Python code uses these typed objects
-and converts at the edges with ``to_dict``/``from_dict``.
+and converts at the edges (``to_dict``, ``part_to_dict``/``part_from_dict``).
 """
 
 from __future__ import annotations
@@ -10,8 +10,6 @@ import time
 import uuid
 from dataclasses import dataclass
 from typing import Any, Awaitable, Callable, Literal, Protocol, Union
-
-FinishReason = Literal["stop", "length", "tool-calls", "content-filter", "error", "aborted", "other"]
 
 
 def new_id(prefix: str = "") -> str:
@@ -213,29 +211,6 @@ class UsageRecord:
             "estimated": u.estimated,
             "priceKnown": self.price_known,
         }
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "UsageRecord":
-        return cls(
-            id=d["id"],
-            timestamp=d["timestamp"],
-            model=d["model"],
-            provider=d.get("provider", ""),
-            session_id=d.get("sessionId"),
-            client=d.get("client"),
-            usage=TokenUsage(
-                d.get("inputTokens", 0),
-                d.get("outputTokens", 0),
-                d.get("cacheReadTokens", 0),
-                d.get("cacheWriteTokens", 0),
-                d.get("reasoningTokens", 0),
-                d.get("estimated", False),
-            ),
-            cost=Cost(d.get("inputCost", 0.0), d.get("outputCost", 0.0)),
-            latency_ms=d.get("latencyMs", 0.0),
-            finish_reason=d.get("finishReason", "other"),
-            price_known=d.get("priceKnown", True),
-        )
 
 
 # --- models -------------------------------------------------------------------------------------

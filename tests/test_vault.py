@@ -163,10 +163,10 @@ def test_token_command_and_rotation(home: Path) -> None:
 def test_token_file_follows_rotation(home: Path) -> None:
     token_file = TokenFile(home)
     old = token_file.current()
-    assert token_file.matches(old)
+    assert token_matches(token_file.current(), old)
     new = rotate_token(home)
     assert token_file.current() == new
-    assert token_file.matches(new) and not token_file.matches(old)
+    assert token_matches(token_file.current(), new) and not token_matches(token_file.current(), old)
     token_path(home).unlink()  # a deleted file keeps the last token instead of locking everyone out
     assert token_file.current() == new
 

@@ -31,6 +31,7 @@ from ..types import (
     TokenUsage,
     ToolCallPart,
 )
+from ..vault import missing_key_message
 from .base import Provider, ProviderRequest, ThinkingSettings
 
 if TYPE_CHECKING:
@@ -41,7 +42,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 PREFIX = "anthropic/"
-NO_KEY_MESSAGE = "Anthropic API key not configured. Run: agentspace keys add anthropic"
+NO_KEY_MESSAGE = missing_key_message("anthropic")
 REJECTED_KEY_MESSAGE = "Anthropic rejected the API key. Run: agentspace keys add anthropic"
 INCOMPLETE_MESSAGE = "the upstream stream ended before the answer was complete"
 UNREADABLE_MESSAGE = "Anthropic sent data that could not be read"
