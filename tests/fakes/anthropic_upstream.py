@@ -418,11 +418,8 @@ class FakeAnthropic(FakeUpstream[FakeResponse]):
     # --- Messages API ---
 
     async def _messages(self, request: web.Request) -> web.StreamResponse:
-        try:
-            body = await request.json()
-        except ValueError:
-            body = None
-        recorded = RecordedRequest(request.path, body, {k.lower(): v for k, v in request.headers.items()})
+        body, headers = await self.read(request)
+        recorded = RecordedRequest(request.path, body, headers)
         self.requests.append(recorded)
         problem = self._check(recorded) if self.validate else None
         if problem is not None:

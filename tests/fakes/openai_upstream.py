@@ -279,11 +279,7 @@ class FakeOpenAI(FakeUpstream[FakeResponse]):
         app.router.add_post("/chat/completions", self._chat)
 
     async def _chat(self, request: web.Request) -> web.StreamResponse:
-        try:
-            body = await request.json()
-        except ValueError:
-            body = None
-        headers = {k.lower(): v for k, v in request.headers.items()}
+        body, headers = await self.read(request)
         recorded = RecordedRequest(request.path, body, headers)
         self.requests.append(recorded)
         if self.api_key is not None and headers.get("authorization") != f"Bearer {self.api_key}":

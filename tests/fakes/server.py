@@ -31,6 +31,15 @@ class FakeUpstream(Generic[R]):
     def next_response(self) -> R:
         return self._queue.popleft() if self._queue else self.default
 
+    @staticmethod
+    async def read(request: web.Request) -> tuple[Any, dict[str, str]]:
+        """The JSON body (None when it is not JSON) and the headers with lower-cased names."""
+        try:
+            body = await request.json()
+        except ValueError:
+            body = None
+        return body, {k.lower(): v for k, v in request.headers.items()}
+
     async def start(self, port: int = 0) -> Self:
         app = web.Application()
         self.routes(app)
