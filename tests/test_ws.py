@@ -3,9 +3,12 @@ the real anthropic SDK against the fake Anthropic upstream over HTTP."""
 
 from __future__ import annotations
 
+import asyncio
 import json
+import socket
 from typing import Any
 
+import aiohttp
 import pytest
 from aiohttp import WSMsgType, web
 from aiohttp.test_utils import TestClient
@@ -397,3 +400,57 @@ async def test_refused_call_is_recorded_with_zero_tokens(make_client: Any, token
     assert [(r["inputTokens"], r["outputTokens"], r["totalCost"], r["estimated"], r["finishReason"]) for r in records] == [
         (0, 0, 0, False, "error")]
     await ws.close()
+
+
+# --- frame writing --------------------------------------------------------------------------------
+
+
+async def test_compressed_and_plain_sockets_get_the_same_frames(client: TestClient, token: str, fake_anthropic: Any) -> None:
+    # A plain socket gets each burst in one socket write (frames we encode); a socket with permessage-deflate
+    # (what browsers negotiate) gets aiohttp's own compressed frames, one at a time. Clients see no difference.
+    answer = "Some text, then code:\n```py\nprint(1)\n```\nand text again."
+    results = []
+    for compress in (0, 15):
+        fake_anthropic.enqueue(text_response(answer, chunks=12))
+        ws = await client.ws_connect("/gateway", headers={"Authorization": f"Bearer {token}"}, compress=compress)
+        assert ws.compress == compress
+        frames = await chat(ws, "Hi!")
+        await ws.close()
+        results.append([(f["type"], f.get("delta"), f.get("contentType")) for f in frames if f["type"] != "session.created"])
+    assert results[0] == results[1]
+    deltas = [r for r in results[0] if r[0] == "chat.stream.delta"]
+    assert "".join(d[1] for d in deltas) == answer and {d[2] for d in deltas} == {"text", "code"}
+
+
+async def test_a_slow_reader_gets_every_frame_in_order(client: TestClient, token: str, fake_anthropic: Any) -> None:
+    # More answer than the sockets' buffers hold (the client's receive buffer is kept small), while the client
+    # reads nothing: bursts wait for the socket to drain, and nothing is lost or reordered.
+    pieces = [f"{i:05d}" + "x" * 9_995 for i in range(600)]
+    fake_anthropic.enqueue(text_response("".join(pieces), chunks=pieces))
+
+    def small_receive_buffer(addr_info: Any) -> socket.socket:
+        family, type_, proto, _, _ = addr_info
+        sock = socket.socket(family, type_, proto)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        return sock
+
+    connector = aiohttp.TCPConnector(socket_factory=small_receive_buffer)
+    async with aiohttp.ClientSession(connector=connector) as http:
+        ws = await http.ws_connect(client.make_url("/gateway"), headers={"Authorization": f"Bearer {token}"})
+        await ws.send_json({"type": "chat.send", "id": "big", "content": "Write a lot"})
+
+        async def answered() -> bool:
+            return bool(fake_anthropic.requests)
+
+        await wait_until(answered)
+        await asyncio.sleep(1.0)  # 6 MB of frames meet a client that reads nothing
+        text = []
+        while True:
+            frame = await receive(ws)
+            if frame["type"] == "chat.stream.delta":
+                text.append(frame["delta"])
+            elif frame["type"] == "chat.stream.end":
+                break
+            else:
+                assert frame["type"] in ("session.created", "chat.stream.start"), frame
+        assert "".join(text) == "".join(pieces)
