@@ -213,9 +213,7 @@ class LiteLLMProvider:
         # litellm papers over a stream that ended early with a made-up "stop"; its own state says whether the
         # provider sent a finish reason at all.
         if finish_reason is None or not _provider_finished(response):
-            raise ProviderError(
-                "LLM_ERROR", "the upstream stream ended before the answer was complete", retryable=True
-            )
+            raise ProviderError("LLM_ERROR", INCOMPLETE_MESSAGE, retryable=True)
         for index in sorted(calls):
             tool_id, name, pieces = calls[index]
             event = ToolCallEvent(tool_id or f"call_{index}", name or "", _parse_arguments("".join(pieces)))
@@ -396,6 +394,9 @@ def _tool_output(part: ToolResultPart) -> str:
 
 # --- errors ---------------------------------------------------------------------------------------
 
+INCOMPLETE_MESSAGE = "the upstream stream ended before the answer was complete"
+# What litellm (1.110 and later) says when an OpenAI-style stream ends cleanly without a finish reason.
+_CLEAN_EOF = "Stream ended before a finish_reason was received"
 # litellm prefixes messages with its class names ("litellm.RateLimitError: RateLimitError: OpenAIException - ").
 _NOISE = re.compile(r"^(?:litellm\.\w+:\s*|\w+(?:Error|Exception)\s*(?::|-)\s*)+")
 # Key shapes of OpenAI/Anthropic (sk-), Groq (gsk_), xAI (xai-) and Google (AIza), in case an upstream echoes one.
@@ -406,12 +407,14 @@ def _map_error(error: Exception, request: ProviderRequest, key_name: str) -> Pro
     from litellm import exceptions as exc  # already imported by the call that failed
 
     log.warning("%s call failed: %s", request.model, _scrub(str(error), request.api_key))
-    transport = _transport_failure(error)
     # Failures of a started stream (and of lazily opened ones: Anthropic-family, Gemini, ...) arrive wrapped.
     broke_off = False
     if isinstance(error, exc.MidStreamFallbackError) and error.original_exception is not None:
         broke_off = not error.is_pre_first_chunk
         error = error.original_exception
+    if _CLEAN_EOF in str(error):  # newer litellm raises where older ones made up a "stop"
+        return ProviderError("LLM_ERROR", INCOMPLETE_MESSAGE, retryable=True)
+    transport = _transport_failure(error)
     name = _DISPLAY_NAMES.get(request.prefix, request.prefix.capitalize())
     # litellm picks exception classes partly by matching message text (a 401 whose body says
     # "invalid_request_error" becomes a BadRequestError), so the HTTP status decides first.
