@@ -63,6 +63,8 @@ log = logging.getLogger(__name__)
 
 # A Retry-After longer than this is not waited for: the call fails (or falls back) at once.
 MAX_RETRY_WAIT_SECONDS = 30.0
+# The longest a turn's user message waits for the provider request before its write starts anyway.
+REQUEST_GATE_SECONDS = 0.05
 
 
 class ChatError(Exception):
@@ -114,19 +116,20 @@ async def start_turn(gw: Gateway, request: ChatRequest) -> "Turn":
     turn = Turn(gw, session_id, model, request.client, created)
     user_message = {"id": request.user_message_id or new_id("msg_"), "role": "user", "content": request.content,
                     "parts": [{"type": "text", "text": request.content}], "createdAt": now_iso()}
-    # The writes are queued, not awaited, so the provider call does not wait for fsync: the store's one
-    # writer thread runs them in order, before any later read or write of the session, and the turn
-    # waits for their outcome before it publishes the end of the answer (Turn._settle).
+    # The writes are queued now, in order, before any later read or write of the session, but not awaited:
+    # the provider call does not wait for fsync. The store thread starts on them once the provider request
+    # has gone out (``Turn.request_sent``), so that it does not compete with the event loop for the GIL while
+    # the request is built. The turn waits for their outcome before it publishes the end (Turn._settle).
     if session is None:
         history = list(request.import_messages)
         try:  # a new session is written once, with its first messages
             turn.writes.append(gw.sessions.create_soon(model=model, session_id=session_id, client=request.client,
-                                                       messages=[*history, user_message]))
+                                                       messages=[*history, user_message], gate=turn.request_sent))
         except InvalidSessionId as e:
             raise ChatError("INVALID_MESSAGE", str(e)) from None
     else:
         history = session["messages"]
-        turn.writes.append(gw.sessions.append_message_soon(session_id, user_message))
+        turn.writes.append(gw.sessions.append_message_soon(session_id, user_message, gate=turn.request_sent))
     gw.active[session_id] = turn
     turn.start(request.content, history)
     return turn
@@ -186,6 +189,11 @@ class Turn:
         self._stopped = asyncio.Event()  # ends a wait between retries early
         # Store and usage writes queued by start_turn and the turn, awaited (by _settle) before the end event.
         self.writes: list[asyncio.Future[Any]] = []
+        # Done once the first provider request is on its way (or the turn ends without one, or 50 ms have
+        # passed): the user message's write starts then.
+        loop = asyncio.get_running_loop()
+        self.request_sent: asyncio.Future[None] = loop.create_future()
+        self._gate_timer = loop.call_later(REQUEST_GATE_SECONDS, self._request_sent)
 
     # --- publish / subscribe ---------------------------------------------------------------------
 
@@ -305,6 +313,11 @@ class Turn:
         self._publish_done()
         await self._settle()  # writes left when storing the answer failed
 
+    def _request_sent(self) -> None:
+        if not self.request_sent.done():
+            self.request_sent.set_result(None)
+            self._gate_timer.cancel()
+
     def _publish_done(self) -> None:
         for w in self._waiters:
             if not w.done():
@@ -371,6 +384,9 @@ class Turn:
             options=settings,
         )
         self._step_task = asyncio.create_task(self._consume(provider.stream(request), state, seen_sources))
+        if not self.request_sent.done():
+            # Runs after the new task's first step, which builds and sends the request and then waits.
+            asyncio.get_running_loop().call_soon(self._request_sent)
         stop_watching = self._watch_idle(state)
         try:
             return await self._step_task
@@ -515,6 +531,7 @@ class Turn:
         }
         if error is not None:
             message["error"] = {"code": error[0], "message": error[1]}
+        self._request_sent()  # a turn that ended before any provider call
         # The usage records land first: whoever sees the answer in the store also sees what it cost, and a
         # crash between the two writes leaves the call billed rather than silently free.
         await self._settle()

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import re
 from typing import Any
 
 import pytest
 from aiohttp.test_utils import TestClient
 
+from agentspace import ContextSection, hookimpl
 from agentspace.transports import state as STATE
 from tests.fakes.anthropic_upstream import text_response
 from tests.test_http_chat import post_chat, read_all, user
@@ -193,3 +195,40 @@ async def test_delete_refused_while_streaming(client: TestClient, auth_headers: 
     assert deleted.status == 409 and (await deleted.json())["error"]["code"] == "STREAM_IN_PROGRESS"
     await read_all(resp)
     assert (await client.delete("/api/sessions/streaming", headers=auth_headers)).status == 204
+
+
+class SlowSection:
+    """A context section that takes a while (a plugin reading a remote memory, say): the provider is called late."""
+
+    def __init__(self) -> None:
+        self.started = asyncio.Event()
+        self.release = asyncio.Event()
+
+    @hookimpl
+    def register_context_sections(self, register: Any, config: Any) -> None:
+        async def build(request: Any) -> str:
+            self.started.set()
+            await self.release.wait()
+            return "Remembered facts."
+
+        register(ContextSection("slow-memory", build))
+
+
+async def test_a_new_session_is_readable_before_the_provider_is_called(
+    make_client: Any, plugin_manager: Any, auth_headers: dict[str, str], fake_anthropic: Any
+) -> None:
+    # The user message's write waits for the provider request (so that the store thread does not compete
+    # with building it), but never hides the session: a read meanwhile finds the session and the message.
+    slow = SlowSection()
+    plugin_manager.register(slow)
+    client = await make_client()
+    fake_anthropic.enqueue(text_response("Answer."))
+    answer = asyncio.ensure_future(read_all(await post_chat(client, auth_headers, "early", user("Remember me"))))
+    await asyncio.wait_for(slow.started.wait(), 10)
+    session = (await get_json(client, "/api/sessions/early", auth_headers))["session"]
+    assert [m["content"] for m in session["messages"]] == ["Remember me"]
+    assert not fake_anthropic.requests  # the provider has not been called yet
+    slow.release.set()
+    await answer
+    session = (await get_json(client, "/api/sessions/early", auth_headers))["session"]
+    assert [m["role"] for m in session["messages"]] == ["user", "assistant"]

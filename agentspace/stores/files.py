@@ -1,4 +1,4 @@
-"""Crash-safe JSON files for tinydb, the worker thread of a store, and the data-directory lock.
+"""Crash-safe JSON files for tinydb, the thread the stores write on, and the data-directory lock.
 
 Every write goes to a temp file in the target's folder, which is fsynced, renamed over the target with
 ``os.replace`` (atomic on POSIX), and then the folder is fsynced. A reader, or a process killed at any
@@ -9,13 +9,15 @@ temp file behind; readers only open ``*.json`` names, and writers remove temp fi
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import fcntl
 import functools
+import itertools
 import json
 import os
 import re
-import secrets
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable, Iterator, TypeVar
@@ -23,8 +25,18 @@ from typing import Any, Callable, Iterator, TypeVar
 from tinydb import TinyDB
 from tinydb.storages import Storage
 
-# ".<target name>.<pid>.<random>.tmp": the pid tells a crashed writer's leftovers from a live one's.
+# ".<target name>.<pid>.<number>.tmp": the pid tells a crashed writer's leftovers from a live one's.
 _TEMP_NAME = re.compile(r"^\..+\.(\d+)\.[0-9a-f]+\.tmp$")
+_temp_numbers = itertools.count()
+_pid = os.getpid()
+
+
+def _forked() -> None:
+    global _pid
+    _pid = os.getpid()
+
+
+os.register_at_fork(after_in_child=_forked)
 
 T = TypeVar("T")
 
@@ -65,14 +77,26 @@ def write_json_atomic(path: Path, data: Any) -> None:
 
 
 def write_bytes_atomic(path: Path, payload: bytes) -> None:
-    """Replace ``path`` with ``payload``, durably and atomically. The folder must exist."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    """Replace ``path`` with ``payload``, durably and atomically. The folder must exist.
+
+    Plain ``os`` calls, one each: every system call of the store's thread is a round trip for the GIL
+    with the event loop's thread, so a write makes as few as it can (no file object, no random name).
+    """
+    while True:
+        tmp = path.with_name(f".{path.name}.{_pid}.{next(_temp_numbers)}.tmp")
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            break
+        except FileExistsError:  # left by a crashed process that had our pid: take the next number
+            continue
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(payload)
-            f.flush()
-            os.fsync(f.fileno())
+        try:
+            view = memoryview(payload)
+            while view:
+                view = view[os.write(fd, view):]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -181,13 +205,48 @@ def storage_of(db: TinyDB) -> AtomicJSONStorage:
     return storage
 
 
+_writer: ThreadPoolExecutor | None = None
+_writer_lock = threading.Lock()
+
+
+def _store_thread() -> ThreadPoolExecutor:
+    """The one thread of the process that does the stores' file work (created on first use)."""
+    global _writer
+    with _writer_lock:
+        if _writer is None:
+            _writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="agentspace-store")
+        return _writer
+
+
+def _copy_outcome(outcome: "asyncio.Future[Any]", running: "asyncio.Future[Any]") -> None:
+    if running.cancelled():
+        outcome.cancel()
+    elif (error := running.exception()) is not None:
+        outcome.set_exception(error)
+    else:
+        outcome.set_result(running.result())
+
+
 class Worker:
-    """The one thread a store does its file work on: the event loop never blocks, writes run in order."""
+    """A store's queue onto the process's one store thread: the event loop never blocks, and a store's
+    work runs in the order it was queued.
+
+    One thread for every store, not one each: store threads compete with the event loop's thread for
+    the GIL at each system call, and each extra thread adds to those round trips.
+
+    Work can be queued behind a ``gate`` (a future): it, and everything the store queues after it, reaches
+    the thread once the gate is done. The order and what readers see are as if it had run at once (a read
+    queued meanwhile waits for it); only the moment the thread starts moves. The chat pipeline queues a
+    turn's user message behind the moment its provider request has gone out: a store thread running while
+    the event loop builds the request costs both of them GIL round trips (measured with
+    benchmarks/bench.py: about 1 CPU-ms and 0.5 ms to first token per chat).
+    """
 
     def __init__(self, name: str) -> None:
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"agentspace-{name}")
+        self.name = name
         self._closed = False
-        self._pending = 0  # work queued and not finished; counted on the event loop
+        self._pending = 0  # this store's work queued and not finished; counted on the event loop
+        self._waiting: collections.deque[tuple[Callable[[], Any], asyncio.Future[Any], asyncio.Future[Any] | None]] = collections.deque()
 
     @property
     def idle(self) -> bool:
@@ -197,18 +256,39 @@ class Worker:
     async def run(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
         return await self.submit(fn, *args, **kwargs)
 
-    def submit(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> asyncio.Future[T]:
-        """Queue ``fn`` now, behind everything queued before; the future is its outcome.
+    def submit(
+        self, fn: Callable[..., T], /, *args: Any, gate: "asyncio.Future[Any] | None" = None, **kwargs: Any
+    ) -> asyncio.Future[T]:
+        """Queue ``fn`` now, behind everything queued before (and behind ``gate``); the future is its outcome.
 
         For callers that must not wait for the write (the chat hot path) yet keep its order and outcome.
         """
         if self._closed:
             raise RuntimeError("the store is closed")
-        future = asyncio.get_running_loop().run_in_executor(self._executor, functools.partial(fn, *args, **kwargs))
+        loop = asyncio.get_running_loop()
+        outcome: asyncio.Future[T] = loop.create_future()
         self._pending += 1
-        future.add_done_callback(self._finished)
+        outcome.add_done_callback(self._finished)
+        self._waiting.append((functools.partial(fn, *args, **kwargs), outcome, gate))
+        self._dispatch()
         # Shielded: a caller cancelled mid-write (a client gone) must not drop a write still queued.
-        return asyncio.shield(future)
+        return asyncio.shield(outcome)
+
+    def _dispatch(self, _: object = None) -> None:
+        """Hand the thread what is queued, up to the first gate still closed."""
+        waiting = self._waiting
+        while waiting:
+            call, outcome, gate = waiting[0]
+            if gate is not None and not gate.done():
+                gate.add_done_callback(self._dispatch)
+                return
+            waiting.popleft()
+            try:
+                running = asyncio.get_running_loop().run_in_executor(_store_thread(), call)
+            except RuntimeError as e:  # the interpreter is shutting down
+                outcome.set_exception(e)
+                continue
+            running.add_done_callback(functools.partial(_copy_outcome, outcome))
 
     def _finished(self, _: "asyncio.Future[Any]") -> None:
         self._pending -= 1
@@ -218,12 +298,11 @@ class Worker:
         await self.run(lambda: None)
 
     async def aclose(self, finalize: Callable[[], None]) -> None:
-        """Let queued work finish, run ``finalize`` on the worker, and stop the thread."""
+        """Let queued work finish, run ``finalize`` on the store thread, and take no more work."""
         if self._closed:
             return
         await self.run(finalize)
         self._closed = True
-        self._executor.shutdown(wait=True)  # idle by now: returns at once
 
 
 class DataDirLocked(RuntimeError):

@@ -164,15 +164,18 @@ class SessionStore:
         title: str | None = None,
         client: str | None = None,
         messages: Sequence[dict[str, Any]] = (),
+        gate: "asyncio.Future[Any] | None" = None,
     ) -> asyncio.Future[dict[str, Any]]:
         """``create`` queued now, without waiting for the write: later calls run after it, in order.
 
         ``messages`` are stored with the session in the same write (as ``append_message`` stores them): a
-        new chat costs one write of the session file, not one per message. Raises InvalidSessionId at
-        once; SessionExists comes through the future.
+        new chat costs one write of the session file, not one per message. The write starts once ``gate``
+        is done (see ``Worker``); reads queued meanwhile wait for it. Raises InvalidSessionId at once;
+        SessionExists comes through the future.
         """
         session_id = validate_session_id(session_id) if session_id is not None else new_id("s_")
-        return self._worker.submit(self._create, session_id, model, title, client, [_stored(m) for m in messages])
+        return self._worker.submit(self._create, session_id, model, title, client, [_stored(m) for m in messages],
+                                   gate=gate)
 
     async def get(self, session_id: str) -> dict[str, Any] | None:
         """The summary plus ``messages``, or None."""
@@ -196,9 +199,12 @@ class SessionStore:
         """
         await self.append_message_soon(session_id, message)
 
-    def append_message_soon(self, session_id: str, message: dict[str, Any]) -> asyncio.Future[None]:
-        """``append_message`` queued now, without waiting for the write: later calls run after it, in order."""
-        return self._worker.submit(self._append, session_id, _stored(message))
+    def append_message_soon(
+        self, session_id: str, message: dict[str, Any], gate: "asyncio.Future[Any] | None" = None
+    ) -> asyncio.Future[None]:
+        """``append_message`` queued now, without waiting for the write: later calls run after it, in order
+        (the write itself starts once ``gate`` is done)."""
+        return self._worker.submit(self._append, session_id, _stored(message), gate=gate)
 
     async def update_message(self, session_id: str, message_id: str, changes: dict[str, Any]) -> None:
         """Merge ``changes`` into a stored message. Raises SessionNotFound or MessageNotFound."""
@@ -351,7 +357,8 @@ class SessionStore:
         self, session_id: str, model: str, title: str | None, client: str | None, messages: Sequence[dict[str, Any]]
     ) -> dict[str, Any]:
         with self._lock:
-            if self._session(session_id) is not None:
+            # (A new id has no file: one stat instead of two failed opens.)
+            if (session_id in self._open or os.path.exists(self._path(session_id))) and self._session(session_id) is not None:
                 raise SessionExists(f"session {session_id!r} already exists")
             self._prepare()
             now = now_iso()
