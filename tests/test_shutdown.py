@@ -28,9 +28,13 @@ async def frames_until(ws: aiohttp.ClientWebSocketResponse, kind: str) -> list[d
 
 
 async def close_code(ws: aiohttp.ClientWebSocketResponse) -> int | None:
+    """The code of the close frame the server sent (not ``ws.close_code``: a client that reads the frame
+    after the server has gone records 1006, because its own close reply can no longer be sent)."""
     for _ in range(1000):
         msg = await ws.receive(timeout=30)
-        if msg.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED, aiohttp.WSMsgType.CLOSING):
+        if msg.type == aiohttp.WSMsgType.CLOSE:
+            return int(msg.data)
+        if msg.type in (aiohttp.WSMsgType.CLOSED, aiohttp.WSMsgType.CLOSING):
             return ws.close_code
     raise AssertionError("the socket stayed open")
 
