@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import inspect
 import logging
 import signal
@@ -66,6 +67,9 @@ def _gateway_context(config: Config, pm: pluggy.PluginManager):  # type: ignore[
             app[state.GATEWAY] = gw
             for result in pm.hook.server_startup(app=app, config=config):
                 await _maybe_await(result)
+            # What start-up loaded lives as long as the server: out of the collector's sight, so that full
+            # collections, which walk every tracked object, stay short (about 60 ms each before) while chats run.
+            gc.freeze()
             yield
             for result in pm.hook.server_shutdown(app=app, config=config):
                 await _maybe_await(result)

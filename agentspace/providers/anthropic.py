@@ -6,6 +6,7 @@ command imports this module and most of them never talk to Anthropic.
 
 from __future__ import annotations
 
+import gc
 import importlib
 import json
 import logging
@@ -80,8 +81,12 @@ def register_providers(register: Callable[[Provider], None], config: "Config") -
 def server_startup(app: Any, config: "Config") -> None:
     # The SDK takes about a second to import: load it in the background while the server starts
     # listening, instead of in the first chat (and never in CLI commands, which do not run this hook).
-    threading.Thread(target=importlib.import_module, args=("anthropic",), name="agentspace-import-anthropic",
-                     daemon=True).start()
+    threading.Thread(target=_import_sdk, name="agentspace-import-anthropic", daemon=True).start()
+
+
+def _import_sdk() -> None:
+    importlib.import_module("anthropic")
+    gc.freeze()  # the SDK's modules live as long as the server, like the rest of start-up (see server.py)
 
 
 class AnthropicProvider:

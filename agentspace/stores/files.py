@@ -80,7 +80,8 @@ def write_bytes_atomic(path: Path, payload: bytes) -> None:
     """Replace ``path`` with ``payload``, durably and atomically. The folder must exist.
 
     Plain ``os`` calls, one each: every system call of the store's thread is a round trip for the GIL
-    with the event loop's thread, so a write makes as few as it can (no file object, no random name).
+    with the event loop's thread, so a write makes as few as it can (no file object, no random name, the
+    folder's descriptor kept open).
     """
     while True:
         tmp = path.with_name(f".{path.name}.{_pid}.{next(_temp_numbers)}.tmp")
@@ -102,7 +103,28 @@ def write_bytes_atomic(path: Path, payload: bytes) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
-    fsync_dir(path.parent)
+    _fsync_dir_kept_open(path.parent)
+
+
+# Folders whose descriptors a thread keeps open for fsync: a write then costs one system call for its folder
+# instead of three (open, fsync, close). Per thread, so that no thread closes a descriptor another is using.
+_open_dirs = threading.local()
+DIR_FDS_KEPT = 8
+
+
+def _fsync_dir_kept_open(path: Path) -> None:
+    kept: collections.OrderedDict[str, int] | None = getattr(_open_dirs, "fds", None)
+    if kept is None:
+        kept = _open_dirs.fds = collections.OrderedDict()
+    key = str(path)
+    fd = kept.get(key)
+    if fd is None:
+        fd = kept[key] = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+        if len(kept) > DIR_FDS_KEPT:
+            os.close(kept.popitem(last=False)[1])
+    else:
+        kept.move_to_end(key)
+    os.fsync(fd)
 
 
 def read_json(path: Path) -> Any | None:
@@ -164,6 +186,10 @@ class AtomicJSONStorage(Storage):
         if self._in_transaction:
             self._data, self._dirty = data, True
             return
+        self._commit(data)
+
+    def replace(self, data: dict[str, Any]) -> None:
+        """Write ``data`` (tinydb's layout: ``{table: {doc id: document}}``) as the whole file, at once."""
         self._commit(data)
 
     def _commit(self, data: dict[str, Any]) -> None:

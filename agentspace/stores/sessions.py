@@ -369,10 +369,12 @@ class SessionStore:
                 "lastActivityAt": now, "messageCount": len(messages), "client": client,
             }
             opened = _Open(open_db(self._path(session_id)), open_db(self._meta_path(session_id)), copied=False)
-            with storage_of(opened.db).transaction():
-                opened.info().insert(Document(info, doc_id=1))
-                if messages:
-                    opened.messages().insert_multiple(messages)
+            # The file in tinydb's layout, written at once: what the inserts would write, without their work
+            # on the store thread (a new chat's first write; the thread holds the GIL while it runs Python).
+            storage_of(opened.db).replace({
+                _SESSION: {"1": info},
+                _MESSAGES: {str(n): message for n, message in enumerate(messages, 1)},
+            })
             self._after_write(opened, info)
             self._remember(session_id, opened)
             return _summary(info)
