@@ -314,6 +314,8 @@ class SessionStore:
                 return opened
             self._forget(session_id)
             return None
+        if not os.path.exists(self._path(session_id)):  # one stat, not two files opened and parsed
+            return None
         meta_db = open_db(self._meta_path(session_id))
         meta = meta_db.table(_SESSION, cache_size=0).get(doc_id=1)
         opened = _Open(open_db(self._path(session_id)), meta_db, copied=meta is not None)
@@ -357,8 +359,7 @@ class SessionStore:
         self, session_id: str, model: str, title: str | None, client: str | None, messages: Sequence[dict[str, Any]]
     ) -> dict[str, Any]:
         with self._lock:
-            # (A new id has no file: one stat instead of two failed opens.)
-            if (session_id in self._open or os.path.exists(self._path(session_id))) and self._session(session_id) is not None:
+            if self._session(session_id) is not None:
                 raise SessionExists(f"session {session_id!r} already exists")
             self._prepare()
             now = now_iso()
