@@ -8,7 +8,8 @@ WebSocket ``chat.send`` and ``POST /api/chat``) and concurrency 1, 10 and 50 it 
 streamed chats, each in a new session, and reports: time to first token (TTFT) added over calling the
 upstream directly with the same HTTP client at the same concurrency (p50/p95/p99, each minus the direct
 percentile), whole-stream time p50, requests per second, the server's CPU-ms per chat (utime+stime from
-``/proc/<pid>/stat``, worker threads included, after the server is idle again), its peak RSS (VmHWM) and
+``/proc/<pid>/stat``, worker threads included, after the server is idle again; split between the event
+loop's thread and the others from ``/proc/<pid>/task``), its peak RSS (VmHWM) and
 the number of failed chats. Then: server start time (spawn to ``/healthz`` answering), RSS after
 ``--soak`` chats, and a cold ``agentspace usage --by-model`` over 100k seeded usage records.
 
@@ -91,6 +92,19 @@ def cpu_seconds(pid: int) -> float:
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / CLK_TCK  # utime, stime: fields 14 and 15 of stat(5)
+
+
+def thread_cpu_seconds(pid: int) -> dict[int, tuple[float, float]]:
+    """(user, system) CPU seconds of each thread of the process, by thread id."""
+    out = {}
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{tid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except FileNotFoundError:  # the thread ended
+            continue
+        out[int(tid)] = (int(fields[11]) / CLK_TCK, int(fields[12]) / CLK_TCK)
+    return out
 
 
 def memory_mib(pid: int, key: str) -> float:
@@ -326,10 +340,18 @@ class Bench:
     async def measure(self, transport: str, concurrency: int, direct: Phase,
                       workers: list[Callable[[], Awaitable[Sample]]]) -> None:
         await wait_idle(self.pid)
-        cpu = cpu_seconds(self.pid)
+        cpu, threads = cpu_seconds(self.pid), thread_cpu_seconds(self.pid)
         phase = await run_phase(workers, self.args.requests, PHASE_SECONDS)
         await wait_idle(self.pid)
         cpu = cpu_seconds(self.pid) - cpu
+        # Where it went: the event loop's thread (the process's main thread) and the others (the stores'
+        # thread, mostly), user and system time.
+        split = {"loopUser": 0.0, "loopSystem": 0.0, "otherUser": 0.0, "otherSystem": 0.0}
+        for tid, (user, system) in thread_cpu_seconds(self.pid).items():
+            user0, system0 = threads.get(tid, (0.0, 0.0))
+            where = "loop" if tid == self.pid else "other"
+            split[where + "User"] += user - user0
+            split[where + "System"] += system - system0
         ttft = [s.ttft for s in phase.samples]
         direct_ttft = [s.ttft for s in direct.samples]
         done = len(phase.samples)
@@ -342,6 +364,7 @@ class Bench:
             "streamMsP50": pct([s.total for s in phase.samples], 50) * 1000,
             "requestsPerSecond": done / phase.wall if phase.wall else 0.0,
             "cpuMsPerChat": cpu * 1000 / done if done else float("nan"),
+            "cpuMsPerChatByThread": {k: v * 1000 / done for k, v in split.items()} if done else {},
             "peakRssMiB": memory_mib(self.pid, "VmHWM"),
         })
 
@@ -391,16 +414,22 @@ def _usage_record(rng: random.Random, models: tuple[str, ...], day: str) -> dict
     }
 
 
+def _split(phase: dict[str, Any], where: str) -> str:
+    """"user+system" CPU-ms per chat of the loop's thread or of the other threads."""
+    by = phase["cpuMsPerChatByThread"]
+    return f"{by[where + 'User']:.1f}+{by[where + 'System']:.1f}" if by else "-"
+
+
 def print_table(results: dict[str, Any]) -> None:
     headers = ("transport", "conc", "chats", "errors", "+TTFT p50", "p95", "p99", "stream p50", "req/s",
-               "CPU-ms/chat", "peak RSS")
+               "CPU-ms/chat", "loop", "store", "peak RSS")
     rows = [headers]
     for p in results["phases"]:
         added = p["addedTtftMs"]
         rows.append((p["transport"], str(p["concurrency"]), str(p["chats"]), str(p["errors"]),
                      f"{added['p50']:.2f} ms", f"{added['p95']:.2f} ms", f"{added['p99']:.2f} ms",
                      f"{p['streamMsP50']:.2f} ms", f"{p['requestsPerSecond']:.0f}", f"{p['cpuMsPerChat']:.2f}",
-                     f"{p['peakRssMiB']:.0f} MiB"))
+                     _split(p, "loop"), _split(p, "other"), f"{p['peakRssMiB']:.0f} MiB"))
     widths = [max(len(r[i]) for r in rows) for i in range(len(headers))]
     for i, row in enumerate(rows):
         print("  ".join(c.ljust(w) if j == 0 else c.rjust(w) for j, (c, w) in enumerate(zip(row, widths))))
@@ -409,6 +438,8 @@ def print_table(results: dict[str, Any]) -> None:
     print()
     print(f"direct upstream TTFT p50 at concurrency 1: {results['phases'][0]['directTtftMs']['p50']:.2f} ms "
           f"(+TTFT = gateway TTFT minus direct TTFT, same client, same concurrency; {DELTAS} deltas per chat)")
+    print("CPU-ms/chat is the server process's; loop and store split it (user+system) between the event loop's"
+          " thread and the others (the stores' thread: fsynced writes)")
     print(f"server start (spawn to /healthz): {results['serverStartSeconds'] * 1000:.0f} ms; "
           f"first chat (loads the provider SDK): {results['firstChatSeconds'] * 1000:.0f} ms")
     if "soak" in results:
