@@ -339,6 +339,27 @@ async def test_a_failed_write_leaves_the_last_good_state(sessions: SessionStore,
     assert not [p for p in sessions.dir.iterdir() if p.name.endswith(".tmp")]
 
 
+async def test_writes_queued_together_run_in_order_and_fail_alone(tmp_path: Path) -> None:
+    # Both stores' work queued at once reaches the store thread as a batch (one folder fsync each at its end):
+    # every write still lands in order, is acknowledged only after the batch, and a failure is its own.
+    sessions, usage = SessionStore(tmp_path), UsageStore(tmp_path)
+    try:
+        created = sessions.create_soon(model="m", session_id="s1", messages=[{"role": "user", "content": "0"}])
+        appends = [sessions.append_message_soon("s1", {"role": "assistant", "content": str(n)}) for n in range(1, 21)]
+        missing = sessions.append_message_soon("nope", {"role": "user", "content": "lost"})
+        records = [asyncio.ensure_future(usage.append(usage_record(n))) for n in range(20)]
+        await created
+        await asyncio.gather(*appends, *records)
+        with pytest.raises(SessionNotFound):
+            await missing
+        stored = SessionStore(tmp_path).get_sync("s1")
+        assert stored is not None and [m["content"] for m in stored["messages"]] == [str(n) for n in range(21)]
+        assert [r["id"] for r in UsageStore(tmp_path).records()] == [f"u{n}" for n in range(20)]
+    finally:
+        await sessions.aclose()
+        await usage.aclose()
+
+
 @pytest.mark.usefixtures("summary_copies")
 async def test_a_write_touches_only_its_own_session_file(sessions: SessionStore) -> None:
     ids = [(await sessions.create(model="m"))["id"] for _ in range(3)]

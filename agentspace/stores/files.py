@@ -1,7 +1,8 @@
 """Crash-safe JSON files for tinydb, the thread the stores write on, and the data-directory lock.
 
 Every write goes to a temp file in the target's folder, which is fsynced, renamed over the target with
-``os.replace`` (atomic on POSIX), and then the folder is fsynced. A reader, or a process killed at any
+``os.replace`` (atomic on POSIX), and then the folder is fsynced (by the store thread once per batch of
+writes, before any of them is acknowledged). A reader, or a process killed at any
 point, therefore sees either the previous file or the new one, never a partial one. A kill can leave a
 temp file behind; readers only open ``*.json`` names, and writers remove temp files of dead processes.
 """
@@ -16,9 +17,9 @@ import functools
 import itertools
 import json
 import os
+import queue
 import re
 import threading
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable, Iterator, TypeVar
 
@@ -103,7 +104,11 @@ def write_bytes_atomic(path: Path, payload: bytes) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
-    _fsync_dir_kept_open(path.parent)
+    folders = getattr(_batch, "folders", None)
+    if folders is None:
+        _fsync_dir_kept_open(path.parent)
+    else:  # on the store thread: once for its whole batch, before any of it is acknowledged
+        folders[str(path.parent)] = path.parent
 
 
 # Folders whose descriptors a thread keeps open for fsync: a write then costs one system call for its folder
@@ -231,26 +236,103 @@ def storage_of(db: TinyDB) -> AtomicJSONStorage:
     return storage
 
 
-_writer: ThreadPoolExecutor | None = None
-_writer_lock = threading.Lock()
+class _Job:
+    """One function to run on the store thread, and where its outcome goes."""
+
+    __slots__ = ("call", "loop", "outcome", "result", "error")
+
+    def __init__(self, call: Callable[[], Any], loop: asyncio.AbstractEventLoop, outcome: "asyncio.Future[Any]") -> None:
+        self.call, self.loop, self.outcome = call, loop, outcome
+        self.result: Any = None
+        self.error: BaseException | None = None
 
 
-def _store_thread() -> ThreadPoolExecutor:
-    """The one thread of the process that does the stores' file work (created on first use)."""
-    global _writer
-    with _writer_lock:
-        if _writer is None:
-            _writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="agentspace-store")
-        return _writer
+class _StoreThread:
+    """The process's one thread for the stores' file work.
+
+    It runs jobs in the order they were queued, a batch at a time: whatever was queued while it was busy
+    runs together, the folders the batch renamed files into are fsynced once for the whole batch (group
+    commit: each write is still acknowledged only once durable), and the outcomes go back to their event
+    loop in one wake-up instead of one per job.
+    """
+
+    def __init__(self) -> None:
+        self._jobs: queue.SimpleQueue[_Job] = queue.SimpleQueue()
+        # A daemon: it never holds the only copy of anything; the stores flush and wait for it when they close.
+        threading.Thread(target=self._run, name="agentspace-store", daemon=True).start()
+
+    def submit(self, job: _Job) -> None:
+        self._jobs.put(job)
+
+    def _run(self) -> None:
+        while True:
+            batch = [self._jobs.get()]
+            while True:
+                try:
+                    batch.append(self._jobs.get_nowait())
+                except queue.Empty:
+                    break
+            self._run_batch(batch)
+
+    @staticmethod
+    def _run_batch(batch: list[_Job]) -> None:
+        folders: dict[str, Path] = {}
+        _batch.folders = folders  # write_bytes_atomic leaves the folders' fsyncs to the end of the batch
+        try:
+            for job in batch:
+                try:
+                    job.result = job.call()
+                except BaseException as e:  # delivered to whoever awaits the job
+                    job.error = e
+        finally:
+            _batch.folders = None
+        try:
+            for folder in folders.values():
+                _fsync_dir_kept_open(folder)
+        except OSError as e:  # nothing of the batch is known to be durable
+            for job in batch:
+                job.error = job.error or e
+        by_loop: dict[asyncio.AbstractEventLoop, list[_Job]] = {}
+        for job in batch:
+            by_loop.setdefault(job.loop, []).append(job)
+        for loop, jobs in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_deliver, jobs)
+            except RuntimeError:  # that loop has closed: nobody is waiting any more
+                pass
 
 
-def _copy_outcome(outcome: "asyncio.Future[Any]", running: "asyncio.Future[Any]") -> None:
-    if running.cancelled():
-        outcome.cancel()
-    elif (error := running.exception()) is not None:
-        outcome.set_exception(error)
-    else:
-        outcome.set_result(running.result())
+def _deliver(jobs: list[_Job]) -> None:
+    for job in jobs:
+        if job.outcome.done():
+            continue
+        if job.error is not None:
+            job.outcome.set_exception(job.error)
+        else:
+            job.outcome.set_result(job.result)
+
+
+# The folders renamed into by the batch the store thread is running (None outside a batch).
+_batch = threading.local()
+_store_thread_lock = threading.Lock()
+_store_thread_instance: _StoreThread | None = None
+
+
+def _store_thread() -> _StoreThread:
+    """The store thread, started on first use (and again in a forked child, which has no threads)."""
+    global _store_thread_instance
+    with _store_thread_lock:
+        if _store_thread_instance is None:
+            _store_thread_instance = _StoreThread()
+        return _store_thread_instance
+
+
+def _forget_store_thread() -> None:
+    global _store_thread_instance
+    _store_thread_instance = None
+
+
+os.register_at_fork(after_in_child=_forget_store_thread)
 
 
 class Worker:
@@ -273,6 +355,7 @@ class Worker:
         self._closed = False
         self._pending = 0  # this store's work queued and not finished; counted on the event loop
         self._waiting: collections.deque[tuple[Callable[[], Any], asyncio.Future[Any], asyncio.Future[Any] | None]] = collections.deque()
+        self._blocked_on: asyncio.Future[Any] | None = None  # the closed gate _dispatch waits for
 
     @property
     def idle(self) -> bool:
@@ -306,15 +389,12 @@ class Worker:
         while waiting:
             call, outcome, gate = waiting[0]
             if gate is not None and not gate.done():
-                gate.add_done_callback(self._dispatch)
+                if gate is not self._blocked_on:
+                    self._blocked_on = gate
+                    gate.add_done_callback(self._dispatch)
                 return
             waiting.popleft()
-            try:
-                running = asyncio.get_running_loop().run_in_executor(_store_thread(), call)
-            except RuntimeError as e:  # the interpreter is shutting down
-                outcome.set_exception(e)
-                continue
-            running.add_done_callback(functools.partial(_copy_outcome, outcome))
+            _store_thread().submit(_Job(call, asyncio.get_running_loop(), outcome))
 
     def _finished(self, _: "asyncio.Future[Any]") -> None:
         self._pending -= 1
