@@ -1,6 +1,6 @@
 """Crash-safe JSON files for tinydb, the thread the stores write on, and the data-directory lock.
 
-Every write goes to a temp file in the target's folder, which is fsynced, renamed over the target with
+Every write goes to a temp file in the target's folder, which is fdatasynced, renamed over the target with
 ``os.replace`` (atomic on POSIX), and then the folder is fsynced (by the store thread once per batch of
 writes, before any of them is acknowledged). A reader, or a process killed at any
 point, therefore sees either the previous file or the new one, never a partial one. A kill can leave a
@@ -96,7 +96,7 @@ def write_bytes_atomic(path: Path, payload: bytes) -> None:
             view = memoryview(payload)
             while view:
                 view = view[os.write(fd, view):]
-            os.fsync(fd)
+            os.fdatasync(fd)  # the data and what reading it needs (its size); not its times
         finally:
             os.close(fd)
         os.replace(tmp, path)
