@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Awaitable
 
 import pluggy
 
@@ -87,11 +87,24 @@ class Gateway:
 
     # --- usage ----------------------------------------------------------------------------------
 
-    async def record_usage(self, record: UsageRecord) -> None:
-        """Send one record to every sink; a failing sink is logged and does not stop the others."""
+    def record_usage(self, record: UsageRecord) -> Awaitable[None]:
+        """Send one record to every sink; a failing sink is logged and does not stop the others.
+
+        Every sink's ``record`` is called now and awaited in turn by what this returns: a sink that queues
+        its work when called (the built-in one) has queued it by the time this returns.
+        """
+        calls: list[tuple[UsageSink, Awaitable[None]]] = []
         for sink in self.sinks:
             try:
-                await sink.record(record)
+                calls.append((sink, sink.record(record)))
+            except Exception:
+                log.exception("usage sink %r failed", getattr(sink, "name", sink))
+        return self._await_sinks(calls)
+
+    async def _await_sinks(self, calls: list[tuple[UsageSink, Awaitable[None]]]) -> None:
+        for sink, call in calls:
+            try:
+                await call
             except Exception:
                 log.exception("usage sink %r failed", getattr(sink, "name", sink))
 

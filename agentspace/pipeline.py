@@ -533,8 +533,9 @@ class Turn:
             message["error"] = {"code": error[0], "message": error[1]}
         self._request_sent()  # a turn that ended before any provider call
         # The usage records land first: whoever sees the answer in the store also sees what it cost, and a
-        # crash between the two writes leaves the call billed rather than silently free.
-        await self._settle()
+        # crash between the two writes leaves the call billed rather than silently free. The built-in sink
+        # queued them on the store thread when they were recorded (Gateway.record_usage), which runs its work
+        # in order: the answer is queued behind them, not after waiting for them.
         self.writes.append(self.gw.sessions.append_message_soon(self.session_id, message))
         # A client may read the store as soon as it has the end of the answer: everything is written by then.
         await self._settle()

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Protocol, runtime_checkable
+from typing import Awaitable, Protocol, runtime_checkable
 
 from .types import UsageRecord
 
@@ -11,6 +11,7 @@ from .types import UsageRecord
 class UsageSink(Protocol):
     name: str
 
-    async def record(self, record: UsageRecord) -> None:
-        """Persist or forward one record. Exceptions are logged and do not affect other sinks."""
+    def record(self, record: UsageRecord) -> Awaitable[None]:
+        """Persist or forward one record: usually ``async def``; any callable returning an awaitable will do.
+        Exceptions are logged and do not affect other sinks."""
         ...

@@ -14,6 +14,7 @@ one (the open segment, one closed by a crash, one changed since): 100k records r
 
 from __future__ import annotations
 
+import asyncio
 import os
 import re
 import time
@@ -95,7 +96,11 @@ class UsageStore:
         self._segment: _Segment | None = None
 
     async def append(self, record: UsageRecord) -> None:
-        await self._worker.run(self._append, record.to_dict())
+        await self.append_soon(record)
+
+    def append_soon(self, record: UsageRecord) -> "asyncio.Future[None]":
+        """``append`` queued now, without waiting for the write: later work of the store thread runs after it."""
+        return self._worker.submit(self._append, record.to_dict())
 
     def records(self, *, since: datetime | None = None, session_id: str | None = None) -> Iterator[dict[str, Any]]:
         """Every stored record, oldest segment first; ``since`` (naive means UTC) skips older day folders."""

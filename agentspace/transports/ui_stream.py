@@ -279,7 +279,11 @@ async def stream_turn(request: web.Request, turn: Turn, *, abort_on_disconnect: 
         await response.prepare(request)
         async for batch in turn.batches():
             # One write per burst of events, not per event: a burst of deltas costs one send.
-            await response.write(b"".join(map(encoder.encode, batch)))
+            data = b"".join(map(encoder.encode, batch))
+            if isinstance(batch[-1], (ev.StreamEnd, ev.StreamError)):
+                await response.write_eof(data)  # the last chunks and the end of the body in one send
+                return response
+            await response.write(data)
     except ConnectionResetError:
         # The client went away. The turn is its own task: it goes on, stored and billed, unless
         # [chat] on_disconnect = "abort".
