@@ -128,6 +128,32 @@ async def wait_idle(pid: int, quiet: float = 0.2, limit: float = 10.0) -> None:
         last = now
 
 
+def machine_speed(folder: Path) -> dict[str, float]:
+    """How fast this machine is right now, for comparing runs: the same figures differ by half between runs
+    on a shared virtual machine. CPU-ms of a fixed pure-Python loop, and of one fsynced atomic file write
+    (what each of a chat's three store writes costs with nothing else running), medians of a few tries."""
+    from agentspace.stores.files import write_bytes_atomic
+
+    def python_loop() -> None:
+        total = 0
+        for i in range(200_000):
+            total += i % 7
+
+    def file_write() -> None:
+        for n in range(50):
+            write_bytes_atomic(folder / f"calibration-{n % 5}.json", b"x" * 2000)
+
+    def cpu_ms(fn: Callable[[], None], per: int) -> float:
+        runs = []
+        for _ in range(5):
+            start = time.process_time()
+            fn()
+            runs.append((time.process_time() - start) * 1000 / per)
+        return statistics.median(runs)
+
+    return {"pythonLoopMs": cpu_ms(python_loop, 1), "fsyncedWriteCpuMs": cpu_ms(file_write, 50)}
+
+
 # --- clients ------------------------------------------------------------------------------------
 
 
@@ -311,6 +337,7 @@ class Bench:
     async def run(self) -> None:
         from agentspace.gateway_token import load_or_create_token
 
+        self.results["machine"] = machine_speed(self.root)
         self.start_upstream()
         await self.start_gateway()
         token = load_or_create_token(self.home)
@@ -440,6 +467,10 @@ def print_table(results: dict[str, Any]) -> None:
           f"(+TTFT = gateway TTFT minus direct TTFT, same client, same concurrency; {DELTAS} deltas per chat)")
     print("CPU-ms/chat is the server process's; loop and store split it (user+system) between the event loop's"
           " thread and the others (the stores' thread: fsynced writes)")
+    if "machine" in results:
+        m = results["machine"]
+        print(f"this machine now: a fixed Python loop {m['pythonLoopMs']:.1f} CPU-ms, an fsynced atomic write "
+              f"{m['fsyncedWriteCpuMs']:.2f} CPU-ms (compare runs by these)")
     print(f"server start (spawn to /healthz): {results['serverStartSeconds'] * 1000:.0f} ms; "
           f"first chat (loads the provider SDK): {results['firstChatSeconds'] * 1000:.0f} ms")
     if "soak" in results:
