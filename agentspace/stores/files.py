@@ -346,8 +346,7 @@ class Worker:
     the thread once the gate is done. The order and what readers see are as if it had run at once (a read
     queued meanwhile waits for it); only the moment the thread starts moves. The chat pipeline queues a
     turn's user message behind the moment its provider request has gone out: a store thread running while
-    the event loop builds the request costs both of them GIL round trips (measured with
-    benchmarks/bench.py: about 1 CPU-ms and 0.5 ms to first token per chat).
+    the event loop builds the request costs both of them GIL round trips, and the request its latency.
     """
 
     def __init__(self, name: str) -> None:
