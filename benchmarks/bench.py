@@ -87,11 +87,16 @@ def _stop(proc: subprocess.Popen[str]) -> None:
             proc.wait()
 
 
+def _cpu_times(stat_path: str) -> tuple[float, float]:
+    """(user, system) CPU seconds from a /proc ``stat`` file (fields 14 and 15 of proc(5))."""
+    with open(stat_path) as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return int(fields[11]) / CLK_TCK, int(fields[12]) / CLK_TCK
+
+
 def cpu_seconds(pid: int) -> float:
     """User + system CPU of the whole process (every thread), from the kernel's accounting."""
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK  # utime, stime: fields 14 and 15 of stat(5)
+    return sum(_cpu_times(f"/proc/{pid}/stat"))
 
 
 def thread_cpu_seconds(pid: int) -> dict[int, tuple[float, float]]:
@@ -99,11 +104,9 @@ def thread_cpu_seconds(pid: int) -> dict[int, tuple[float, float]]:
     out = {}
     for tid in os.listdir(f"/proc/{pid}/task"):
         try:
-            with open(f"/proc/{pid}/task/{tid}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
+            out[int(tid)] = _cpu_times(f"/proc/{pid}/task/{tid}/stat")
         except FileNotFoundError:  # the thread ended
             continue
-        out[int(tid)] = (int(fields[11]) / CLK_TCK, int(fields[12]) / CLK_TCK)
     return out
 
 

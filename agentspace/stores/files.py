@@ -30,14 +30,9 @@ from tinydb.storages import Storage
 _TEMP_NAME = re.compile(r"^\..+\.(\d+)\.[0-9a-f]+\.tmp$")
 _temp_numbers = itertools.count()
 _pid = os.getpid()
-
-
-def _forked() -> None:
-    global _pid
-    _pid = os.getpid()
-
-
-os.register_at_fork(after_in_child=_forked)
+# Folder descriptors kept open for fsync, per thread (see fsync_dir).
+_open_dirs = threading.local()
+DIR_FDS_KEPT = 8
 
 T = TypeVar("T")
 
@@ -47,12 +42,23 @@ class StoreCorrupt(ValueError):
 
 
 def fsync_dir(path: Path) -> None:
-    """Make renames and new entries in ``path`` durable."""
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    """Make renames and new entries in ``path`` durable.
+
+    The calling thread keeps the folders' descriptors open (the last few): a write then costs one system
+    call for its folder instead of three. Per thread, so that no thread closes a descriptor another uses.
+    """
+    kept: collections.OrderedDict[str, int] | None = getattr(_open_dirs, "fds", None)
+    if kept is None:
+        kept = _open_dirs.fds = collections.OrderedDict()
+    key = str(path)
+    fd = kept.get(key)
+    if fd is None:
+        fd = kept[key] = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+        if len(kept) > DIR_FDS_KEPT:
+            os.close(kept.popitem(last=False)[1])
+    else:
+        kept.move_to_end(key)
+    os.fsync(fd)
 
 
 def make_dirs(path: Path) -> None:
@@ -106,30 +112,9 @@ def write_bytes_atomic(path: Path, payload: bytes) -> None:
         raise
     folders = getattr(_batch, "folders", None)
     if folders is None:
-        _fsync_dir_kept_open(path.parent)
+        fsync_dir(path.parent)
     else:  # on the store thread: once for its whole batch, before any of it is acknowledged
         folders[str(path.parent)] = path.parent
-
-
-# Folders whose descriptors a thread keeps open for fsync: a write then costs one system call for its folder
-# instead of three (open, fsync, close). Per thread, so that no thread closes a descriptor another is using.
-_open_dirs = threading.local()
-DIR_FDS_KEPT = 8
-
-
-def _fsync_dir_kept_open(path: Path) -> None:
-    kept: collections.OrderedDict[str, int] | None = getattr(_open_dirs, "fds", None)
-    if kept is None:
-        kept = _open_dirs.fds = collections.OrderedDict()
-    key = str(path)
-    fd = kept.get(key)
-    if fd is None:
-        fd = kept[key] = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-        if len(kept) > DIR_FDS_KEPT:
-            os.close(kept.popitem(last=False)[1])
-    else:
-        kept.move_to_end(key)
-    os.fsync(fd)
 
 
 def read_json(path: Path) -> Any | None:
@@ -288,7 +273,7 @@ class _StoreThread:
             _batch.folders = None
         try:
             for folder in folders.values():
-                _fsync_dir_kept_open(folder)
+                fsync_dir(folder)
         except OSError as e:  # nothing of the batch is known to be durable
             for job in batch:
                 job.error = job.error or e
@@ -327,12 +312,14 @@ def _store_thread() -> _StoreThread:
         return _store_thread_instance
 
 
-def _forget_store_thread() -> None:
-    global _store_thread_instance
+def _after_fork_in_child() -> None:
+    """A forked child has its own pid (temp names) and no threads (the store thread starts again)."""
+    global _pid, _store_thread_instance
+    _pid = os.getpid()
     _store_thread_instance = None
 
 
-os.register_at_fork(after_in_child=_forget_store_thread)
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 class Worker:

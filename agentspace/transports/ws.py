@@ -39,6 +39,10 @@ def _dumps(obj: Any) -> str:
     return json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
 
 
+def _error_frame(request_id: Any, code: str, message: str) -> str:
+    return _dumps({"type": "error", "requestId": request_id, "code": code, "message": message})
+
+
 def _text_frame(text: str) -> bytes:
     """An unmasked, unfragmented, uncompressed WebSocket text frame (RFC 6455 5.2), as a server sends it."""
     payload = text.encode("utf-8")
@@ -70,7 +74,8 @@ class Connection:
             await self.ws.send_str(_dumps(obj))
 
     async def error(self, request_id: Any, code: str, message: str) -> None:
-        await self.send({"type": "error", "requestId": request_id, "code": code, "message": message})
+        if not self.ws.closed:
+            await self.ws.send_str(_error_frame(request_id, code, message))
 
     # --- dispatch -------------------------------------------------------------------------------
 
@@ -206,8 +211,7 @@ class Connection:
                                             "finishReason": event.finish_reason,
                                             "usage": usage_to_wire(event.usage, event.cost)}))
                             else:
-                                add(_dumps({"type": "error", "requestId": request_id, "code": event.code,
-                                            "message": event.message}))
+                                add(_error_frame(request_id, event.code, event.message))
                 if frames:
                     await self.send_frames(frames)
         except (ConnectionResetError, RuntimeError):
@@ -316,5 +320,5 @@ async def _authenticate_first_frame(request: web.Request, ws: web.WebSocketRespo
 
 
 async def _refuse(ws: web.WebSocketResponse, request_id: Any, message: str) -> None:
-    await ws.send_str(_dumps({"type": "error", "requestId": request_id, "code": "UNAUTHORIZED", "message": message}))
+    await ws.send_str(_error_frame(request_id, "UNAUTHORIZED", message))
     await ws.close(code=4401, message=b"unauthorized")
