@@ -17,32 +17,38 @@ from pathlib import Path
 import pytest
 
 from agentspace.stores import SessionStore, UsageStore
+from agentspace.stores.usage import parse_segment
 from agentspace.types import Cost, TokenUsage, UsageRecord, now_iso
 
 SESSION = "crash"
 
-# argv: data dir, run tag, and the os.replace call to die on (0: run until killed). Dying there
-# leaves a fully written and fsynced temp file that was never renamed: the worst moment.
+# argv: data dir, run tag, and the system call to die in, as "replace:N" (the Nth os.replace: a fully written
+# and fsynced temp file never renamed, the worst moment of an atomic write) or "pwrite:N" (the Nth os.pwrite,
+# an in-place usage append, after writing half its bytes), or "-" to run until killed.
 CHILD = """
 import asyncio, os, signal, sys
 from pathlib import Path
 from agentspace.stores import SessionStore, UsageStore, sessions as sessions_module
 from agentspace.types import Cost, TokenUsage, UsageRecord, now_iso
 
-data_dir, tag, die_at = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3])
-if die_at:
+data_dir, tag, die_in = Path(sys.argv[1]), sys.argv[2], sys.argv[3]
+if die_in != "-":
     # Every write updates the summary copy, so the calls counted below are always the same ones. (Killed
     # at random moments, the session gets its copy when it outgrows the threshold, after ~12 messages.)
     sessions_module.SUMMARY_COPY_BYTES = 0
-    real_replace, calls = os.replace, [0]
+    name, die_at = die_in.split(":")
+    real, calls = getattr(os, name), [0]
 
-    def replace(src, dst):
+    def dying(*args):
         calls[0] += 1
-        if calls[0] == die_at:
+        if calls[0] == int(die_at):
+            if name == "pwrite":
+                fd, data, offset = args
+                real(fd, bytes(data)[: len(data) // 2], offset)
             os.kill(os.getpid(), signal.SIGKILL)
-        real_replace(src, dst)
+        return real(*args)
 
-    os.replace = replace
+    setattr(os, name, dying)
 
 
 async def main():
@@ -64,10 +70,10 @@ asyncio.run(main())
 """
 
 
-def run_child(data_dir: Path, tag: str, *, die_at: int = 0, kill_after: int = 0) -> tuple[list[str], list[str]]:
-    """Run the writer until it dies (``die_at``) or has reported ``kill_after`` writes; return what it reported."""
+def run_child(data_dir: Path, tag: str, *, die_in: str = "-", kill_after: int = 0) -> tuple[list[str], list[str]]:
+    """Run the writer until it dies (``die_in``) or has reported ``kill_after`` writes; return what it reported."""
     child = subprocess.Popen(
-        [sys.executable, "-c", CHILD, str(data_dir), tag, str(die_at)],
+        [sys.executable, "-c", CHILD, str(data_dir), tag, die_in],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
     stuck = threading.Event()
@@ -100,7 +106,10 @@ def run_child(data_dir: Path, tag: str, *, die_at: int = 0, kill_after: int = 0)
 def check_store(data_dir: Path, usage_ids: list[str], message_ids: list[str]) -> None:
     """What a reader finds after the crash: every file parses, and every reported write is there."""
     for path in data_dir.rglob("*.json"):
-        json.loads(path.read_text("utf-8"))
+        if "usage" in path.parts:  # whole records, perhaps followed by part of the append being made
+            parse_segment(path.read_bytes(), path)
+        else:
+            json.loads(path.read_text("utf-8"))
     stored_usage = [r["id"] for r in UsageStore(data_dir).records()]
     assert len(stored_usage) == len(set(stored_usage))
     assert set(usage_ids) <= set(stored_usage)
@@ -148,16 +157,26 @@ async def test_sigkill_at_random_moments_loses_no_reported_write(tmp_path: Path)
     await reopen_and_write(tmp_path, reported_usage, reported_messages)
 
 
-# The child's os.replace calls: 1-2 create the session (file, then summary copy); then, per loop,
-# one usage segment, the session file, its summary copy. Segments hold 5 records, so call 18 writes
-# the first record of a new segment file.
+# The child's os.replace calls: 1-2 create the session (file, then summary copy); then, per loop, the
+# session file and its summary copy, after the usage record. A usage record is appended in place (os.pwrite),
+# except a segment's first, which creates the file (os.replace). Segments hold 5 records: the sixth loop
+# first closes the full segment (its totals, call 14), then creates the next one (15).
 @pytest.mark.parametrize(
-    ("die_at", "unreported"),
-    [(2, "new session's summary copy"), (3, "usage"), (4, "message"), (5, "summary copy"), (18, "usage, new segment")],
+    ("die_in", "unreported"),
+    [
+        ("replace:2", "new session's summary copy"), ("replace:3", "usage, first segment"), ("replace:4", "message"),
+        ("replace:5", "summary copy"), ("replace:14", "usage, segment totals"), ("replace:15", "usage, new segment"),
+        ("pwrite:1", "usage, appended in place"), ("pwrite:5", "usage, appended in place"),
+    ],
 )
-async def test_sigkill_inside_a_write(tmp_path: Path, die_at: int, unreported: str) -> None:
-    usage_ids, message_ids = run_child(tmp_path, "d", die_at=die_at)
-    assert temp_files(tmp_path), "the child should have died with a temp file written"
+async def test_sigkill_inside_a_write(tmp_path: Path, die_in: str, unreported: str) -> None:
+    usage_ids, message_ids = run_child(tmp_path, "d", die_in=die_in)
+    if die_in.startswith("replace"):
+        assert temp_files(tmp_path), "the child should have died with a temp file written"
+    else:
+        segment = sorted((tmp_path / "usage").rglob("*.json"))[-1]  # pwrite:5 is the next segment's first append
+        with pytest.raises(ValueError):  # the torn append: a reader finds the whole records before it
+            json.loads(segment.read_bytes())
     check_store(tmp_path, usage_ids, message_ids)
     stored_usage = [r["id"] for r in UsageStore(tmp_path).records()]
     stored_messages = [m["id"] for m in SessionStore(tmp_path).get_sync(SESSION)["messages"]]

@@ -14,6 +14,7 @@ from typing import Any
 
 import pluggy
 import pytest
+from tinydb import TinyDB
 
 from agentspace import hookspecs
 from agentspace.builtins import tinydb_sink
@@ -458,6 +459,82 @@ async def test_usage_append_rewrites_only_the_current_segment(tmp_path: Path) ->
     await store.aclose()
     after = {f: (tmp_path / "usage" / f).stat().st_mtime_ns for f in segment_files(tmp_path)}
     assert {f for f in after if after[f] != before.get(f)} == {f"{day}/00003.json"}
+
+
+async def test_usage_appends_in_place_and_the_file_stays_tinydb(tmp_path: Path) -> None:
+    store = UsageStore(tmp_path, segment_size=100)
+    for i in range(3):
+        await store.append(usage_record(i))
+    [segment] = segment_files(tmp_path)
+    path = tmp_path / "usage" / segment
+    inode = path.stat().st_ino
+    await store.append(usage_record(3))
+    await store.aclose()
+    assert path.stat().st_ino == inode  # the same file, written in place (an atomic replace makes a new one)
+    assert [r["id"] for r in TinyDB(path).table("records").all()] == ["u0", "u1", "u2", "u3"]
+    assert list(TinyDB(path).table("records").all()[3]) == list(usage_record(3).to_dict())
+
+
+async def test_usage_segment_torn_at_any_byte_reads_as_its_whole_records(tmp_path: Path) -> None:
+    store = UsageStore(tmp_path)
+    for i in range(2):
+        await store.append(usage_record(i))
+    [segment] = segment_files(tmp_path)
+    path = tmp_path / "usage" / segment
+    before = path.read_bytes()
+    await store.append(usage_record(2))
+    await store.aclose()
+    after = path.read_bytes()
+    assert after[: len(before) - 2] == before[:-2]  # an append changes only the closing "}}" and what follows
+    added = after[len(before) - 2:]
+    for cut in range(len(added) + 1):  # a crash, or a reader racing the append, at every byte
+        torn = after[: len(before) - 2] + added[:cut] + before[len(before) - 2 + cut:]
+        path.write_bytes(torn)
+        ids = [r["id"] for r in UsageStore(tmp_path).records()]
+        assert ids == ["u0", "u1"] or (ids == ["u0", "u1", "u2"] and cut >= len(added) - 2), (cut, ids)
+    # A writer starting on a torn segment makes it whole again, then appends after the whole records.
+    path.write_bytes(after[: len(before) - 2] + added[: len(added) // 2])
+    writer = UsageStore(tmp_path)
+    await writer.append(usage_record(3))
+    await writer.aclose()
+    assert [r["id"] for r in json.loads(path.read_bytes())["records"].values()] == ["u0", "u1", "u3"]
+    assert list(json.loads(path.read_bytes())["records"]) == ["1", "2", "3"]
+
+
+def test_usage_segment_damaged_before_its_end_is_corrupt(tmp_path: Path) -> None:
+    write_segment(tmp_path, "2020-01-01", 0, [usage_record(i).to_dict() for i in range(3)])
+    path = tmp_path / "usage" / "2020-01-01" / "00000.json"
+    raw = path.read_bytes()
+    second = raw.index(b'"2":')
+    path.write_bytes(raw[:second] + b"xx" + raw[second + 2:])  # damage in the middle, whole records after it
+    with pytest.raises(StoreCorrupt, match="00000.json"):
+        list(UsageStore(tmp_path).records())
+
+
+async def test_usage_append_that_fails_changes_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    store = UsageStore(tmp_path)
+    await store.append(usage_record(0))
+    await store.append(usage_record(1))
+    [segment] = segment_files(tmp_path)
+    path = tmp_path / "usage" / segment
+    before = path.read_bytes()
+    real_pwrite, calls = os.pwrite, []
+
+    def disk_full(fd: int, data: Any, offset: int) -> int:
+        calls.append(offset)
+        if len(calls) == 1:  # half the record reaches the file, then the disk is full
+            real_pwrite(fd, bytes(data)[: len(data) // 2], offset)
+            raise OSError(28, "No space left on device")
+        return real_pwrite(fd, data, offset)
+
+    monkeypatch.setattr(os, "pwrite", disk_full)
+    with pytest.raises(OSError, match="No space"):
+        await store.append(usage_record(2))
+    assert path.read_bytes() == before
+    await store.append(usage_record(3))
+    await store.aclose()
+    assert [r["id"] for r in UsageStore(tmp_path).records()] == ["u0", "u1", "u3"]
+    assert json.loads(path.read_bytes())  # whole JSON again
 
 
 async def test_usage_store_closes(usage: UsageStore) -> None:

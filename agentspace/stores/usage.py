@@ -1,10 +1,10 @@
 """UsageStore: usage records (``UsageRecord.to_dict()``) in bounded segment files, plus the reports.
 
 Layout: ``data_dir/usage/<YYYY-MM-DD>/<NNNNN>.json``, one tinydb file (table ``records``) per segment.
-The writer appends to the current segment and starts the next one when it holds ``segment_size``
-records or the UTC day changes, so a write rewrites at most one segment however much is stored, and
-only that segment is kept in memory. Readers parse the segments on disk; each one is replaced
-atomically, so they never see a partial segment.
+The writer appends to the current segment in place (one record written and fdatasynced, see
+``_Segment``) and starts the next one when it holds ``segment_size`` records or the UTC day changes, so
+an append costs the same however much is stored. Readers parse the segments on disk and see whole
+records only: a record being appended, or torn by a crash, is not there yet (``parse_segment``).
 
 When the writer closes a segment (full, or a new UTC day) it writes ``<NNNNN>.totals`` next to it: the
 segment's sums per model, day and pricing, stamped with the segment file's size and mtime. ``totals``
@@ -15,6 +15,7 @@ one (the open segment, one closed by a crash, one changed since): 100k records r
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import re
 import time
@@ -38,8 +39,11 @@ from .files import (
 _RECORDS = "records"
 _DAY = re.compile(r"\d{4}-\d{2}-\d{2}")
 _SEGMENT = re.compile(r"(\d+)\.json")
-# Records per segment. An append rewrites the current segment, so its CPU cost grows with this (~0.3 ms
-# empty, ~1 ms at 800 records); reports read one ``.totals`` per closed segment, so they grow with its inverse.
+_HEAD = '{"' + _RECORDS + '":{'  # how a segment file starts
+_RECORD_KEY = re.compile(r'"(\d+)":')
+_DECODER = json.JSONDecoder()
+# Records per segment. Reports read one ``.totals`` per closed segment and parse the open one whole; a
+# writer re-reads its segment when it starts.
 SEGMENT_SIZE = 250
 _TOKEN_FIELDS = ("inputTokens", "outputTokens", "totalTokens", "cacheReadTokens", "cacheWriteTokens", "reasoningTokens")
 
@@ -82,6 +86,51 @@ def _days(usage_dir: Path) -> list[str]:
 def _segments(folder: Path) -> list[int]:
     """Segment numbers in order (numerically: past 99999 the names grow a digit)."""
     return sorted(int(m.group(1)) for m in map(_SEGMENT.fullmatch, _listdir(folder)) if m)
+
+
+def parse_segment(raw: bytes, path: Path) -> dict[str, Any]:
+    """A segment file's data (tinydb's layout), without the part-written record a torn end holds.
+
+    Appends only ever overwrite a segment's closing ``}}`` (see ``_Segment``). A file that does not parse
+    is therefore whole records followed by part of an append, from a writer killed mid-append or an append
+    still in progress: the whole records are the segment. Anything else is StoreCorrupt.
+    """
+    try:
+        data = json.loads(raw)
+    except ValueError:
+        return {_RECORDS: _whole_records(raw, path)}
+    if not isinstance(data, dict) or not isinstance(data.get(_RECORDS, {}), dict):
+        raise StoreCorrupt(f"{path}: not a usage segment")
+    return data
+
+
+def _whole_records(raw: bytes, path: Path) -> dict[str, Any]:
+    text = raw.decode("utf-8", "replace")
+    if not text.startswith(_HEAD):
+        raise StoreCorrupt(f"{path}: not valid JSON")
+    records: dict[str, Any] = {}
+    pos = len(_HEAD)
+    while (key := _RECORD_KEY.match(text, pos)) is not None:
+        try:
+            record, end = _DECODER.raw_decode(text, key.end())
+        except ValueError:
+            break
+        if not isinstance(record, dict):
+            break
+        records[key.group(1)] = record
+        if not text.startswith(",", end):
+            pos = end
+            break
+        pos = end + 1
+    # What follows must be part of one append: a complete record further on means damage mid-file.
+    for later in _RECORD_KEY.finditer(text, pos + 1):
+        try:
+            found = _DECODER.raw_decode(text, later.end())[0]
+        except ValueError:
+            continue
+        if isinstance(found, dict):
+            raise StoreCorrupt(f"{path}: not valid JSON before record {later.group(1)}")
+    return records
 
 
 class UsageStore:
@@ -171,39 +220,96 @@ class UsageStore:
     def _open_segment(self, day: str, number: int, *, closing: bool) -> None:
         """Make ``number`` the current segment; ``closing``: the previous one gets no more records."""
         previous = self._segment
-        if closing and previous is not None and previous.count:
-            previous.rollup.write(previous.path)
+        if previous is not None:
+            previous.close()
+            if closing and previous.count:
+                previous.rollup.write(previous.path)
         self._day, self._number = day, number
         self._segment = _Segment(segment_path(self.dir.parent, day, number))
 
     def _close_segment(self) -> None:
-        self._segment = None
+        if self._segment is not None:
+            self._segment.close()
+            self._segment = None
 
 
 class _Segment:
-    """The segment being written. Its records stay encoded, so an append encodes one record and writes
-    the bytes, instead of re-encoding the whole segment (~4 ms of CPU per append at 1000 records)."""
+    """The segment being written, appended to in place.
+
+    The file is tinydb's layout, ``{"records": {"1": {...}, ..., "N": {...}}}``, with the records table last.
+    An append writes ``,"N+1":{...}}}`` over the closing ``}}`` and fdatasyncs: one write of one record (no
+    temp file, rename or folder fsync, and no re-writing the records before it). Only the last two bytes of
+    the file ever change, so a crash or a reader racing an append finds whole records followed by part of
+    one (``parse_segment`` cuts it off, and this class rewrites a file so found before appending to it).
+    A segment's first record creates the file with an atomic write, so it appears whole or not at all.
+    """
 
     def __init__(self, path: Path) -> None:
         self.path = path
+        self._fd: int | None = None
+        self._load()
+
+    def _load(self) -> None:
+        """Read the file as it is on disk (and make it end as an append expects)."""
+        self.close()
         self.rollup = _Rollup()
-        data = read_json(path) or {}
+        try:
+            with open(self.path, "rb") as f:
+                raw = f.read()
+        except FileNotFoundError:
+            raw = None
+        data = parse_segment(raw, self.path) if raw is not None else {}
         records = data.pop(_RECORDS, None) or {}
         for record in records.values():
             self.rollup.add(record)
         self.count = len(records)
         self._next_id = max(map(int, records), default=0) + 1
-        # tinydb's layout, {"<table>": {"<doc id>": {...}}}, with our table last so appends go at the end.
         head = dump_json(data)
         self._head = head[:-1] + (b"," if data else b"") + b'"' + _RECORDS.encode() + b'":{'
-        self._body = b",".join(b'"%s":%s' % (key.encode(), dump_json(value)) for key, value in records.items())
+        if raw is None:
+            self._size = 0
+            return
+        whole = self._head + b",".join(b'"%s":%s' % (key.encode(), dump_json(value)) for key, value in records.items()) + b"}}"
+        if raw != whole:  # a torn end, or written by someone else's JSON encoder: make it ours, atomically
+            write_bytes_atomic(self.path, whole)
+        self._size = len(whole)
 
     def append(self, record: dict[str, Any]) -> None:
+        if self._size < 0:  # an earlier append failed and could not be undone: start from what is on disk
+            self._load()
         piece = b'"%d":%s' % (self._next_id, dump_json(record))
-        body = self._body + b"," + piece if self._body else piece
-        write_bytes_atomic(self.path, self._head + body + b"}}")
-        self._body, self._next_id, self.count = body, self._next_id + 1, self.count + 1
+        if self._size == 0:
+            payload = self._head + piece + b"}}"
+            write_bytes_atomic(self.path, payload)
+            self._size = len(payload)
+        else:
+            self._append_in_place((b"," if self.count else b"") + piece + b"}}")
+        self._next_id, self.count = self._next_id + 1, self.count + 1
         self.rollup.add(record)
+
+    def _append_in_place(self, payload: bytes) -> None:
+        if self._fd is None:
+            self._fd = os.open(self.path, os.O_WRONLY)
+        offset = self._size - 2  # over the closing "}}"
+        try:
+            view = memoryview(payload)
+            while view:
+                view = view[os.pwrite(self._fd, view, offset + len(payload) - len(view)):]
+            os.fdatasync(self._fd)
+        except BaseException:
+            # Not acknowledged: put the old end back, or failing that, re-read the file before the next append.
+            try:
+                os.pwrite(self._fd, b"}}", offset)
+                os.ftruncate(self._fd, self._size)
+            except OSError:
+                self._size = -1
+            raise
+        self._size += len(payload) - 2
+
+    def close(self) -> None:
+        if self._fd is not None:
+            fd, self._fd = self._fd, None
+            os.close(fd)
 
 
 class _Rollup:
@@ -265,8 +371,13 @@ def _iso(since: datetime | None) -> str | None:
 
 
 def _read_records(path: Path, since_iso: str | None, session_id: str | None) -> Iterator[dict[str, Any]]:
-    # A segment deleted since the listing reads as empty.
-    for record in open_db(path).table(_RECORDS, cache_size=0):
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except FileNotFoundError:  # deleted since the listing
+        return
+    records = parse_segment(raw, path).get(_RECORDS) or {}
+    for record in records.values():
         if since_iso is not None and record.get("timestamp", "") < since_iso:
             continue
         if session_id is not None and record.get("sessionId") != session_id:
