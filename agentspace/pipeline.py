@@ -64,7 +64,7 @@ log = logging.getLogger(__name__)
 # A Retry-After longer than this is not waited for: the call fails (or falls back) at once.
 MAX_RETRY_WAIT_SECONDS = 30.0
 # The longest a turn's user message waits for the provider request before its write starts anyway.
-REQUEST_GATE_SECONDS = 0.05
+WRITE_GATE_SECONDS = 0.05
 
 
 class ChatError(Exception):
@@ -117,19 +117,21 @@ async def start_turn(gw: Gateway, request: ChatRequest) -> "Turn":
     user_message = {"id": request.user_message_id or new_id("msg_"), "role": "user", "content": request.content,
                     "parts": [{"type": "text", "text": request.content}], "createdAt": now_iso()}
     # The writes are queued now, in order, before any later read or write of the session, but not awaited:
-    # the provider call does not wait for fsync. The store thread starts on them once the provider request
-    # has gone out (``Turn.request_sent``), so that it does not compete with the event loop for the GIL while
-    # the request is built. The turn waits for their outcome before it publishes the end (Turn._settle).
+    # the provider call does not wait for fsync. The store thread starts on them once the first output has
+    # gone to the client, or 50 ms after the turn started if that is sooner (``Turn.write_gate``): a model
+    # takes longer than that to start answering, so the message is on disk while it works, and meanwhile the
+    # store thread does not compete with the event loop (for the GIL and the CPU) on the way to the first
+    # token. The turn waits for the writes' outcome before it publishes the end (Turn._settle).
     if session is None:
         history = list(request.import_messages)
         try:  # a new session is written once, with its first messages
             turn.writes.append(gw.sessions.create_soon(model=model, session_id=session_id, client=request.client,
-                                                       messages=[*history, user_message], gate=turn.request_sent))
+                                                       messages=[*history, user_message], gate=turn.write_gate))
         except InvalidSessionId as e:
             raise ChatError("INVALID_MESSAGE", str(e)) from None
     else:
         history = session["messages"]
-        turn.writes.append(gw.sessions.append_message_soon(session_id, user_message, gate=turn.request_sent))
+        turn.writes.append(gw.sessions.append_message_soon(session_id, user_message, gate=turn.write_gate))
     gw.active[session_id] = turn
     turn.start(request.content, history)
     return turn
@@ -189,11 +191,11 @@ class Turn:
         self._stopped = asyncio.Event()  # ends a wait between retries early
         # Store and usage writes queued by start_turn and the turn, awaited (by _settle) before the end event.
         self.writes: list[asyncio.Future[Any]] = []
-        # Done once the first provider request is on its way (or the turn ends without one, or 50 ms have
-        # passed): the user message's write starts then.
+        # Done once the first output has gone to the client, 50 ms have passed, or the turn stores its
+        # answer, whichever comes first: the user message's write starts then (see start_turn).
         loop = asyncio.get_running_loop()
-        self.request_sent: asyncio.Future[None] = loop.create_future()
-        self._gate_timer = loop.call_later(REQUEST_GATE_SECONDS, self._request_sent)
+        self.write_gate: asyncio.Future[None] = loop.create_future()
+        self._gate_timer = loop.call_later(WRITE_GATE_SECONDS, self._open_write_gate)
 
     # --- publish / subscribe ---------------------------------------------------------------------
 
@@ -313,9 +315,9 @@ class Turn:
         self._publish_done()
         await self._settle()  # writes left when storing the answer failed
 
-    def _request_sent(self) -> None:
-        if not self.request_sent.done():
-            self.request_sent.set_result(None)
+    def _open_write_gate(self) -> None:
+        if not self.write_gate.done():
+            self.write_gate.set_result(None)
             self._gate_timer.cancel()
 
     def _publish_done(self) -> None:
@@ -384,9 +386,6 @@ class Turn:
             options=settings,
         )
         self._step_task = asyncio.create_task(self._consume(provider.stream(request), state, seen_sources))
-        if not self.request_sent.done():
-            # Runs after the new task's first step, which builds and sends the request and then waits.
-            asyncio.get_running_loop().call_soon(self._request_sent)
         stop_watching = self._watch_idle(state)
         try:
             return await self._step_task
@@ -426,8 +425,10 @@ class Turn:
                 if not state.delivered:
                     state.delivered = True
                     state.first_at = now
-                    # The first token goes out now, not after the rest of the burst already read from upstream.
+                    # The first token goes out now, not after the rest of the burst already read from upstream;
+                    # then the store thread may start on the user message.
                     await asyncio.sleep(0)
+                    self._open_write_gate()
         finally:
             close = getattr(events, "aclose", None)
             if close is not None:
@@ -531,7 +532,7 @@ class Turn:
         }
         if error is not None:
             message["error"] = {"code": error[0], "message": error[1]}
-        self._request_sent()  # a turn that ended before any provider call
+        self._open_write_gate()  # a turn that ended before any output
         # The usage records land first: whoever sees the answer in the store also sees what it cost, and a
         # crash between the two writes leaves the call billed rather than silently free. The built-in sink
         # queued them on the store thread when they were recorded (Gateway.record_usage), which runs its work

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import re
+from pathlib import Path
 from typing import Any
 
 import pytest
 from aiohttp.test_utils import TestClient
 
 from agentspace import ContextSection, hookimpl
+from agentspace.stores import SessionStore
 from agentspace.transports import state as STATE
 from tests.fakes.anthropic_upstream import text_response
 from tests.test_http_chat import post_chat, read_all, user
@@ -217,8 +219,8 @@ class SlowSection:
 async def test_a_new_session_is_readable_before_the_provider_is_called(
     make_client: Any, plugin_manager: Any, auth_headers: dict[str, str], fake_anthropic: Any
 ) -> None:
-    # The user message's write waits for the provider request (so that the store thread does not compete
-    # with building it), but never hides the session: a read meanwhile finds the session and the message.
+    # The user message's write waits (for the first token or 50 ms, so that the store thread does not compete
+    # with the way to the first token), but never hides the session: a read meanwhile finds it and the message.
     slow = SlowSection()
     plugin_manager.register(slow)
     client = await make_client()
@@ -232,3 +234,22 @@ async def test_a_new_session_is_readable_before_the_provider_is_called(
     await answer
     session = (await get_json(client, "/api/sessions/early", auth_headers))["session"]
     assert [m["role"] for m in session["messages"]] == ["user", "assistant"]
+
+
+async def test_the_user_message_is_on_disk_while_the_model_works(
+    make_client: Any, auth_headers: dict[str, str], fake_anthropic: Any, isolated_env: Path
+) -> None:
+    # The model takes a second before its first token: the message's write does not wait for it.
+    client = await make_client()
+    fake_anthropic.enqueue(text_response("Answer.").stall(1.0, after=1))
+    resp = await post_chat(client, auth_headers, "durable", user("Keep this"))
+    deadline = asyncio.get_running_loop().time() + 0.8
+    on_disk = None
+    while on_disk is None and asyncio.get_running_loop().time() < deadline:
+        await asyncio.sleep(0.02)
+        on_disk = SessionStore(isolated_env).get_sync("durable")  # reads the file, as the CLI does
+    assert on_disk is not None, "the user message was not written while the model worked"
+    assert [m["content"] for m in on_disk["messages"]] == ["Keep this"]
+    assert len(fake_anthropic.requests) == 1 and not resp.content.at_eof()  # no token yet: still answering
+    await read_all(resp)
+    assert [m["role"] for m in SessionStore(isolated_env).get_sync("durable")["messages"]] == ["user", "assistant"]
