@@ -2,9 +2,9 @@
 
     python benchmarks/store_bench.py [--data-dir DIR]
 
-Claims checked: a UsageStore.append costs the same at 1k, 10k and 100k stored records, and a
-SessionStore.append_message the same with 10k sessions stored, because a write rewrites one bounded
-file. Every measured write is fsynced. Seeding is setup, not measured: usage history is written as
+Claims checked: a UsageStore.append costs the same at 1k, 10k and 100k stored records (it writes one
+record in place), and a SessionStore.append_message the same with 10k sessions stored (it rewrites one
+session's file). Every measured write is fsynced. Seeding is setup, not measured: usage history is written as
 whole segments (``write_segment``), sessions go through the store with fsync switched off.
 """
 

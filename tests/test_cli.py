@@ -114,7 +114,7 @@ def test_usage_empty() -> None:
 
 
 def test_usage_starts_without_heavy_imports(usage_data: None, home: Path) -> None:
-    """`agentspace usage` must stay quick: no aiohttp, provider SDK or litellm import on its path."""
+    """`agentspace usage` must stay quick: no asyncio, aiohttp, provider SDK or litellm import on its path."""
     env = {**os.environ, "AGENTSPACE_HOME": str(home)}
     env.pop("AGENTSPACE_LOAD_PLUGINS", None)  # installed plugins must not be imported either
     result = subprocess.run([sys.executable, "-X", "importtime", "-m", "agentspace", "usage", "--by-model"],
@@ -122,7 +122,7 @@ def test_usage_starts_without_heavy_imports(usage_data: None, home: Path) -> Non
     assert result.returncode == 0, result.stderr
     assert "anthropic/claude-sonnet-4-5" in result.stdout
     imported = {line.rsplit("|", 1)[-1].strip().split(".")[0] for line in result.stderr.splitlines() if "|" in line}
-    assert not imported & {"aiohttp", "anthropic", "litellm", "openai", "tiktoken", "agentspace_echo"}
+    assert not imported & {"asyncio", "aiohttp", "anthropic", "litellm", "openai", "tiktoken", "agentspace_echo"}
 
 
 # --- sessions -----------------------------------------------------------------------------------

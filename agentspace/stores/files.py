@@ -9,7 +9,6 @@ temp file behind; readers only open ``*.json`` names, and writers remove temp fi
 
 from __future__ import annotations
 
-import asyncio
 import collections
 import contextlib
 import fcntl
@@ -21,10 +20,13 @@ import queue
 import re
 import threading
 from pathlib import Path
-from typing import Any, Callable, Iterator, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, Iterator, TypeVar
 
 from tinydb import TinyDB
 from tinydb.storages import Storage
+
+if TYPE_CHECKING:
+    import asyncio  # at run time only where the event loop is used: the CLI's store commands start without it
 
 # ".<target name>.<pid>.<number>.tmp": the pid tells a crashed writer's leftovers from a live one's.
 _TEMP_NAME = re.compile(r"^\..+\.(\d+)\.[0-9a-f]+\.tmp$")
@@ -332,8 +334,8 @@ class Worker:
     Work can be queued behind a ``gate`` (a future): it, and everything the store queues after it, reaches
     the thread once the gate is done. The order and what readers see are as if it had run at once (a read
     queued meanwhile waits for it); only the moment the thread starts moves. The chat pipeline queues a
-    turn's user message behind the moment its provider request has gone out: a store thread running while
-    the event loop builds the request costs both of them GIL round trips, and the request its latency.
+    turn's user message behind its first token (or 50 ms): a store thread running while the event loop
+    builds and sends the request costs both of them GIL round trips and the CPU, and the first token its latency.
     """
 
     def __init__(self, name: str) -> None:
@@ -358,6 +360,8 @@ class Worker:
 
         For callers that must not wait for the write (the chat hot path) yet keep its order and outcome.
         """
+        import asyncio
+
         if self._closed:
             raise RuntimeError("the store is closed")
         loop = asyncio.get_running_loop()
@@ -371,6 +375,8 @@ class Worker:
 
     def _dispatch(self, _: object = None) -> None:
         """Hand the thread what is queued, up to the first gate still closed."""
+        import asyncio
+
         waiting = self._waiting
         while waiting:
             call, outcome, gate = waiting[0]

@@ -18,7 +18,6 @@ the sessions they touched (it is their only writer); the sync methods, for the C
 
 from __future__ import annotations
 
-import asyncio
 import builtins
 import contextlib
 import copy
@@ -29,7 +28,7 @@ import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from tinydb import TinyDB
 from tinydb.table import Document, Table
@@ -43,6 +42,9 @@ from .files import (
     remove_stale_temp_files,
     storage_of,
 )
+
+if TYPE_CHECKING:
+    import asyncio
 
 SESSION_ID = re.compile(r"[A-Za-z0-9_-]{1,128}")
 TITLE_LENGTH = 60

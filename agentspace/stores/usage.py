@@ -14,14 +14,13 @@ one (the open segment, one closed by a crash, one changed since): 100k records r
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import re
 import time
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
 
 from ..types import UsageRecord
 from .files import (
@@ -35,6 +34,9 @@ from .files import (
     write_bytes_atomic,
     write_json_atomic,
 )
+
+if TYPE_CHECKING:
+    import asyncio
 
 _RECORDS = "records"
 _DAY = re.compile(r"\d{4}-\d{2}-\d{2}")
