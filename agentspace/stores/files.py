@@ -75,9 +75,12 @@ def make_dirs(path: Path) -> None:
         fsync_dir(folder.parent)
 
 
+_encode_json = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode  # one encoder, not one per call
+
+
 def dump_json(data: Any) -> bytes:
     """The stores' JSON encoding (compact, UTF-8)."""
-    return json.dumps(data, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+    return _encode_json(data).encode("utf-8")
 
 
 def write_json_atomic(path: Path, data: Any) -> None:

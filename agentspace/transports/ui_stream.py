@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import json
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 from aiohttp import web
 
@@ -50,8 +50,8 @@ class _StreamResponse(web.StreamResponse):
     _send_headers_immediately = False
 
 
-def _dumps(value: Any) -> str:
-    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+# Compact JSON from one encoder: json.dumps with options makes a new encoder per call (about 1.5 µs, per delta).
+_dumps: Callable[[Any], str] = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
 
 
 def _frame(chunk: dict[str, Any]) -> bytes:

@@ -35,8 +35,8 @@ DRAIN_POLL_SECONDS = 0.01
 SHUTTING_DOWN_MESSAGE = "The gateway is shutting down; try again when it is back."
 
 
-def _dumps(obj: Any) -> str:
-    return json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
+# Compact JSON from one encoder: json.dumps with options makes a new encoder per call (about 1.5 µs, per delta).
+_dumps: Callable[[Any], str] = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
 
 
 def _error_frame(request_id: Any, code: str, message: str) -> str:
