@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from agentspace.stores import SessionStore, UsageStore
-from agentspace.stores.usage import parse_segment
+from agentspace.stores.files import parse_tables
 from agentspace.types import Cost, TokenUsage, UsageRecord, now_iso
 
 SESSION = "crash"
@@ -105,11 +105,8 @@ def run_child(data_dir: Path, tag: str, *, die_in: str = "-", kill_after: int = 
 
 def check_store(data_dir: Path, usage_ids: list[str], message_ids: list[str]) -> None:
     """What a reader finds after the crash: every file parses, and every reported write is there."""
-    for path in data_dir.rglob("*.json"):
-        if "usage" in path.parts:  # whole records, perhaps followed by part of the append being made
-            parse_segment(path.read_bytes(), path)
-        else:
-            json.loads(path.read_text("utf-8"))
+    for path in data_dir.rglob("*.json"):  # whole documents, perhaps followed by part of the one being added
+        parse_tables(path.read_bytes(), path)
     stored_usage = [r["id"] for r in UsageStore(data_dir).records()]
     assert len(stored_usage) == len(set(stored_usage))
     assert set(usage_ids) <= set(stored_usage)
@@ -157,26 +154,34 @@ async def test_sigkill_at_random_moments_loses_no_reported_write(tmp_path: Path)
     await reopen_and_write(tmp_path, reported_usage, reported_messages)
 
 
-# The child's os.replace calls: 1-2 create the session (file, then summary copy); then, per loop, the
-# session file and its summary copy, after the usage record. A usage record is appended in place (os.pwrite),
-# except a segment's first, which creates the file (os.replace). Segments hold 5 records: the sixth loop
-# first closes the full segment (its totals, call 14), then creates the next one (15).
+# The child's writes. os.replace: 1-2 create the session (file, then summary copy); in the first loop the first
+# usage segment is created (3), the first user message titles the session, so the file is written whole (4),
+# then its summary copy (5). Later messages and usage records are added in place (os.pwrite: loop 2 makes
+# calls 1 and 2, and so on), and every message is followed by its summary copy (os.replace 6, 7, ...).
+# Segments hold 5 records: the sixth loop closes the full segment (its totals, os.replace 10) and creates the
+# next one (11); its message is pwrite 9, the next usage record pwrite 10.
 @pytest.mark.parametrize(
     ("die_in", "unreported"),
     [
-        ("replace:2", "new session's summary copy"), ("replace:3", "usage, first segment"), ("replace:4", "message"),
-        ("replace:5", "summary copy"), ("replace:14", "usage, segment totals"), ("replace:15", "usage, new segment"),
-        ("pwrite:1", "usage, appended in place"), ("pwrite:5", "usage, appended in place"),
+        ("replace:2", "new session's summary copy"), ("replace:3", "usage, first segment"),
+        ("replace:4", "message, whole file"), ("replace:5", "summary copy"), ("replace:10", "usage, segment totals"),
+        ("replace:11", "usage, new segment"), ("pwrite:1", "usage, in place"), ("pwrite:2", "message, in place"),
+        ("pwrite:9", "message, in place"), ("pwrite:10", "usage, in place"),
     ],
 )
 async def test_sigkill_inside_a_write(tmp_path: Path, die_in: str, unreported: str) -> None:
     usage_ids, message_ids = run_child(tmp_path, "d", die_in=die_in)
     if die_in.startswith("replace"):
         assert temp_files(tmp_path), "the child should have died with a temp file written"
-    else:
-        segment = sorted((tmp_path / "usage").rglob("*.json"))[-1]  # pwrite:5 is the next segment's first append
-        with pytest.raises(ValueError):  # the torn append: a reader finds the whole records before it
-            json.loads(segment.read_bytes())
+    else:  # the torn write: readers find the whole documents before it (check_store)
+        torn: list[Path] = []
+        for path in tmp_path.rglob("*.json"):
+            try:
+                json.loads(path.read_bytes())
+            except ValueError:
+                torn.append(path)
+        store = "sessions" if "message" in unreported else "usage"
+        assert len(torn) == 1 and store in torn[0].parts, torn
     check_store(tmp_path, usage_ids, message_ids)
     stored_usage = [r["id"] for r in UsageStore(tmp_path).records()]
     stored_messages = [m["id"] for m in SessionStore(tmp_path).get_sync(SESSION)["messages"]]

@@ -321,22 +321,33 @@ async def test_a_cancelled_caller_does_not_drop_its_write(sessions: SessionStore
     assert [m["id"] for m in await sessions.messages(sid)] == ["m1"]
 
 
-async def test_a_failed_write_leaves_the_last_good_state(sessions: SessionStore, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("in_place", [False, True])
+async def test_a_failed_write_leaves_the_last_good_state(
+    sessions: SessionStore, monkeypatch: pytest.MonkeyPatch, in_place: bool
+) -> None:
+    # A session's first user message titles it, so the file is written whole; later messages go in place.
     sid = (await sessions.create(model="m"))["id"]
-    await sessions.append_message(sid, {"id": "m1", "role": "user", "content": "kept"})
-    real_replace = os.replace
+    kept = []
+    if in_place:
+        await sessions.append_message(sid, {"id": "m1", "role": "user", "content": "kept"})
+        kept = ["m1"]
+    path = sessions.dir / f"{sid}.json"
+    before = path.read_bytes()
+    real_fdatasync = os.fdatasync
 
-    def disk_full(src: Any, dst: Any) -> None:
+    def disk_full(fd: int) -> None:
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(os, "replace", disk_full)
-    with pytest.raises(OSError):
+    monkeypatch.setattr(os, "fdatasync", disk_full)
+    with pytest.raises(OSError, match="No space"):
         await sessions.append_message(sid, {"id": "m2", "role": "user", "content": "lost"})
-    monkeypatch.setattr(os, "replace", real_replace)
-    got = await sessions.get(sid)  # the in-memory copy was dropped with the failed write
-    assert [m["id"] for m in got["messages"]] == ["m1"] and got["messageCount"] == 1
+    monkeypatch.setattr(os, "fdatasync", real_fdatasync)
+    assert path.read_bytes() == before  # the file as it was
+    got = await sessions.get(sid)  # and what the server holds in memory did not take the failed write either
+    assert [m["id"] for m in got["messages"]] == kept and got["messageCount"] == len(kept)
     await sessions.append_message(sid, {"id": "m3", "role": "user", "content": "next"})
-    assert [m["id"] for m in await sessions.messages(sid)] == ["m1", "m3"]
+    assert [m["id"] for m in await sessions.messages(sid)] == [*kept, "m3"]
+    assert [m["id"] for m in SessionStore(sessions.dir.parent).get_sync(sid)["messages"]] == [*kept, "m3"]
     assert not [p for p in sessions.dir.iterdir() if p.name.endswith(".tmp")]
 
 
@@ -362,6 +373,58 @@ async def test_writes_queued_together_run_in_order_and_fail_alone(tmp_path: Path
 
 
 @pytest.mark.usefixtures("summary_copies")
+async def test_messages_are_appended_in_place(sessions: SessionStore, tmp_path: Path) -> None:
+    sid = (await sessions.create_soon(model="m", messages=[{"id": "u1", "role": "user", "content": "Hi"}]))["id"]
+    path = sessions.dir / f"{sid}.json"
+    inode, before = path.stat().st_ino, path.read_bytes()
+    await tick()
+    await sessions.append_message(sid, {"id": "a1", "role": "assistant", "content": "Hello", "completedAt": now_iso()})
+    after = path.read_bytes()
+    assert path.stat().st_ino == inode  # the same file (a whole write replaces it with a new one)
+    assert after[: len(before) - 2] == before[:-2]  # only the closing "}}" was written over
+    assert [m["id"] for m in TinyDB(path).table("messages").all()] == ["u1", "a1"]  # still a tinydb file
+    # The file's summary document was not rewritten; what every reader reports is worked out from the messages.
+    served = await sessions.get(sid)
+    cli = SessionStore(tmp_path).get_sync(sid)
+    [listed] = SessionStore(tmp_path).list_sync()
+    assert served["messageCount"] == cli["messageCount"] == listed["messageCount"] == 2
+    assert served["lastActivityAt"] == cli["lastActivityAt"] == listed["lastActivityAt"] > served["createdAt"]
+    await sessions.update_message(sid, "a1", {"content": "Hello!"})  # a whole write stores the summary as it is
+    stored = json.loads(path.read_bytes())["session"]["1"]
+    assert stored["messageCount"] == 2 and stored["lastActivityAt"] >= served["lastActivityAt"]
+    await sessions.aclose()
+    reopened = SessionStore(tmp_path)
+    assert [m["content"] for m in await reopened.messages(sid)] == ["Hi", "Hello!"]
+    await reopened.aclose()
+
+
+async def test_a_session_torn_at_any_byte_of_an_append_has_its_whole_messages(tmp_path: Path) -> None:
+    store = SessionStore(tmp_path)
+    sid = (await store.create_soon(model="m", messages=[{"id": "u1", "role": "user", "content": "Hi"}]))["id"]
+    await store.append_message(sid, {"id": "a1", "role": "assistant", "content": "Hello"})
+    path = store.dir / f"{sid}.json"
+    before = path.read_bytes()
+    await store.append_message(sid, {"id": "u2", "role": "user", "content": "More, with \"quotes\" and é"})
+    await store.aclose()
+    after = path.read_bytes()
+    added = after[len(before) - 2:]
+    for cut in range(len(added) + 1):  # a crash at every byte of the write
+        path.write_bytes(after[: len(before) - 2] + added[:cut] + before[len(before) - 2 + cut:])
+        session = SessionStore(tmp_path).get_sync(sid)
+        ids = [m["id"] for m in session["messages"]]
+        assert ids in (["u1", "a1"], ["u1", "a1", "u2"]), (cut, ids)
+        assert session["messageCount"] == len(ids) == SessionStore(tmp_path).list_sync()[0]["messageCount"]
+    # A reader that reads the file in two system calls around the write: the old file, then the new bytes.
+    path.write_bytes(before + added[2:])
+    assert [m["id"] for m in SessionStore(tmp_path).get_sync(sid)["messages"]] == ["u1", "a1"]
+    # The server opens a torn session, and its next write mends the file.
+    path.write_bytes(after[: len(before) - 2] + added[: len(added) // 2])
+    server = SessionStore(tmp_path)
+    await server.append_message(sid, {"id": "u3", "role": "user", "content": "After the crash"})
+    await server.aclose()
+    assert [m["id"] for m in json.loads(path.read_bytes())["messages"].values()] == ["u1", "a1", "u3"]
+
+
 async def test_a_write_touches_only_its_own_session_file(sessions: SessionStore) -> None:
     ids = [(await sessions.create(model="m"))["id"] for _ in range(3)]
     before = {p.name: p.stat().st_mtime_ns for p in sessions.dir.iterdir()}

@@ -1,10 +1,13 @@
 """Crash-safe JSON files for tinydb, the thread the stores write on, and the data-directory lock.
 
-Every write goes to a temp file in the target's folder, which is fdatasynced, renamed over the target with
-``os.replace`` (atomic on POSIX), and then the folder is fsynced (by the store thread once per batch of
-writes, before any of them is acknowledged). A reader, or a process killed at any
-point, therefore sees either the previous file or the new one, never a partial one. A kill can leave a
-temp file behind; readers only open ``*.json`` names, and writers remove temp files of dead processes.
+A file is written whole, or has a document added in place. A whole write goes to a temp file in the target's
+folder, which is fdatasynced, renamed over the target with ``os.replace`` (atomic on POSIX), and then the
+folder is fsynced (by the store thread once per batch of writes, before any of them is acknowledged): a
+reader, or a process killed at any point, sees the previous file or the new one, never a partial one. A kill
+can leave a temp file behind; readers only open ``*.json`` names, and writers remove temp files of dead
+processes. A document added in place (``append_in_place``: a session's message, a usage record) is written
+over the file's closing ``}}`` and fdatasynced, so nothing before it changes: a reader, or a file torn by a
+crash, has every document before it whole (``parse_tables``), and the next whole write mends the file.
 """
 
 from __future__ import annotations
@@ -124,15 +127,113 @@ def write_bytes_atomic(path: Path, payload: bytes) -> None:
 
 def read_json(path: Path) -> Any | None:
     """The parsed file, or None when it does not exist (e.g. deleted since it was listed)."""
-    try:
-        with open(path, "rb") as f:
-            raw = f.read()
-    except FileNotFoundError:
+    raw = read_bytes(path)
+    if raw is None:
         return None
     try:
         return json.loads(raw)
     except ValueError as e:
         raise StoreCorrupt(f"{path}: not valid JSON ({e})") from None
+
+
+def read_bytes(path: Path) -> bytes | None:
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except FileNotFoundError:
+        return None
+
+
+def append_in_place(fd: int, piece: bytes, end: int) -> None:
+    """Write ``piece`` (ending with the file's closing ``}}``) over the last two bytes of a file ``end`` bytes
+    long, and fdatasync. On failure the file is put back as it was, if it can be; the caller must then not
+    assume it knows the file's end (a whole write mends it)."""
+    offset = end - 2
+    try:
+        view = memoryview(piece)
+        while view:
+            view = view[os.pwrite(fd, view, offset + len(piece) - len(view)):]
+        os.fdatasync(fd)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.pwrite(fd, b"}}", offset)
+            os.ftruncate(fd, end)
+        raise
+
+
+def parse_tables(raw: bytes, path: Path) -> dict[str, Any]:
+    """A tinydb file's tables, without the document an in-place write (``append_in_place``) was adding.
+
+    What a torn write leaves (a crash): the file up to that document's start and part of it; the last table
+    then holds the documents before it, whole. What a reader racing the write may read (a read in two
+    system calls): the file as it was, then the write's bytes past the old end. Anything else that is not
+    valid JSON is StoreCorrupt."""
+    try:
+        data = json.loads(raw)
+    except ValueError:
+        text = raw.decode("utf-8", "replace")
+        try:
+            data = _DECODER.raw_decode(text)[0]  # the file as it was, and what was being added after it
+        except ValueError:
+            data = _whole_documents(text, path)
+    if not isinstance(data, dict):
+        raise StoreCorrupt(f"{path}: not a tinydb file")
+    return data
+
+
+_DECODER = json.JSONDecoder()
+_DOC_ID = re.compile(r'"(\d+)":')
+
+
+def _whole_documents(text: str, path: Path) -> dict[str, Any]:
+    corrupt = StoreCorrupt(f"{path}: not valid JSON")
+    if not text.startswith("{"):
+        raise corrupt
+    data: dict[str, Any] = {}
+    pos = 1
+    while True:  # the tables before the last one are whole
+        try:
+            name, pos = _DECODER.raw_decode(text, pos)
+        except ValueError:
+            raise corrupt from None
+        if not isinstance(name, str) or not text.startswith(":{", pos):
+            raise corrupt
+        try:
+            table, end = _DECODER.raw_decode(text, pos + 1)
+        except ValueError:
+            break  # the last table: its documents are read one by one below
+        if not isinstance(table, dict):
+            raise corrupt
+        data[name] = table
+        if end == len(text):  # the last table whole, all but the file's closing brace written
+            return data
+        if not text.startswith(",", end):
+            raise corrupt
+        pos = end + 1
+    docs: dict[str, Any] = {}
+    data[name] = docs
+    pos += 2
+    while (key := _DOC_ID.match(text, pos)) is not None:
+        try:
+            doc, end = _DECODER.raw_decode(text, key.end())
+        except ValueError:
+            break
+        if not isinstance(doc, dict):
+            break
+        docs[key.group(1)] = doc
+        if not text.startswith(",", end):
+            pos = end
+            break
+        pos = end + 1
+    # What follows must be part of one write: a whole document further on means damage mid-file.
+    for later in _DOC_ID.finditer(text, pos + 1):
+        try:
+            found = _DECODER.raw_decode(text, later.end())[0]
+        except ValueError:
+            continue
+        if isinstance(found, dict):
+            raise StoreCorrupt(f"{path}: not valid JSON before document {later.group(1)}")
+    return data
 
 
 def remove_stale_temp_files(folder: Path) -> None:
@@ -162,7 +263,8 @@ class AtomicJSONStorage(Storage):
     """tinydb storage over ``write_json_atomic``; keeps the data in memory after the first read.
 
     The server is the only writer of its files, so the cached copy stays valid and reads do not
-    re-parse. ``transaction()`` groups several tinydb operations into one atomic write.
+    re-parse. ``transaction()`` groups several tinydb operations into one atomic write; ``append`` adds a
+    document to the last table in place.
     """
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
@@ -171,10 +273,15 @@ class AtomicJSONStorage(Storage):
         self._in_transaction = False
         self._dirty = False
         self.written_bytes: int | None = None  # the file's size after this object's last write
+        # The file's size when this object wrote it last and it ends with its last table's "}}": appends may
+        # go in place. None after a read (until a whole write), or after a failed append.
+        self._end: int | None = None
 
     def read(self) -> dict[str, Any] | None:
         if self._data is None:
-            self._data = read_json(self.path)
+            raw = read_bytes(self.path)
+            self._data = None if raw is None else parse_tables(raw, self.path)
+            self._end = None
         return self._data
 
     def write(self, data: dict[str, Any]) -> None:
@@ -187,13 +294,35 @@ class AtomicJSONStorage(Storage):
         """Write ``data`` (tinydb's layout: ``{table: {doc id: document}}``) as the whole file, at once."""
         self._commit(data)
 
+    def append(self, table: str, doc_id: int, doc: dict[str, Any]) -> bool:
+        """Add ``doc`` as ``doc_id`` of ``table``, the file's last table, writing only it (in place, fdatasynced).
+
+        False, with nothing done, when that cannot be done in place (the table is not last, or this object
+        has not written the file whole since it read it): then write it whole. The document must be new."""
+        data, end = self._data, self._end
+        if data is None or end is None or not data or next(reversed(data)) != table:
+            return False
+        docs = data[table]
+        piece = (b"," if docs else b"") + b'"%d":%s}}' % (doc_id, dump_json(doc))
+        self._end = None  # unknown until the write succeeds
+        fd = os.open(self.path, os.O_WRONLY)
+        try:
+            append_in_place(fd, piece, end)
+        finally:
+            os.close(fd)
+        docs[str(doc_id)] = doc
+        self._end = self.written_bytes = end + len(piece) - 2
+        return True
+
     def _commit(self, data: dict[str, Any]) -> None:
         # tinydb changes the dict read() returned in place: if the write fails, forget it and
         # re-read the file, which still holds the last good state.
-        self._data = None
+        self._data = self._end = None
         payload = dump_json(data)
         write_bytes_atomic(self.path, payload)
         self._data, self.written_bytes = data, len(payload)
+        if data and isinstance(data[next(reversed(data))], dict):  # the file ends with its last table's "}}"
+            self._end = len(payload)
 
     @contextlib.contextmanager
     def transaction(self) -> Iterator[None]:
@@ -212,7 +341,7 @@ class AtomicJSONStorage(Storage):
             self._commit(self._data)
 
     def close(self) -> None:
-        self._data = None
+        self._data = self._end = None
 
 
 def open_db(path: Path) -> TinyDB:

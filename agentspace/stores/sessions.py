@@ -90,6 +90,21 @@ def _summary(doc: dict[str, Any]) -> dict[str, Any]:
     return {key: doc.get(key) for key in _SUMMARY_KEYS}
 
 
+def _brought_up_to_date(info: dict[str, Any], messages: dict[str, Any]) -> dict[str, Any]:
+    """A session file's summary document with what messages appended in place since it was written changed.
+
+    An append writes only the message (see ``SessionStore._append``): the stored ``messageCount`` and
+    ``lastActivityAt`` may be older than the file's messages, which say what they are."""
+    info = dict(info)
+    info["messageCount"] = len(messages)
+    if messages:
+        last = next(reversed(messages.values()))
+        stamp = last.get("completedAt") or last.get("createdAt")
+        if isinstance(stamp, str) and stamp > (info.get("lastActivityAt") or ""):
+            info["lastActivityAt"] = stamp
+    return info
+
+
 def _title_from(message: dict[str, Any]) -> str | None:
     content = message.get("content")
     if not isinstance(content, str) or not content.strip():
@@ -245,11 +260,12 @@ class SessionStore:
     def get_sync(self, session_id: str) -> dict[str, Any] | None:
         if not _is_valid(session_id):
             return None
-        db = open_db(self._path(session_id))
-        info = db.table(_SESSION, cache_size=0).get(doc_id=1)
+        data = storage_of(open_db(self._path(session_id))).read() or {}
+        info = (data.get(_SESSION) or {}).get("1")
         if info is None:  # no such session, or deleted since it was listed
             return None
-        return {**_summary(info), "messages": [dict(m) for m in db.table(_MESSAGES, cache_size=0).all()]}
+        messages = data.get(_MESSAGES) or {}
+        return {**_summary(_brought_up_to_date(info, messages)), "messages": [dict(m) for m in messages.values()]}
 
     def list_sync(self) -> builtins.list[dict[str, Any]]:
         mtimes: dict[str, int] = {}
@@ -321,9 +337,12 @@ class SessionStore:
         meta_db = open_db(self._meta_path(session_id))
         meta = meta_db.table(_SESSION, cache_size=0).get(doc_id=1)
         opened = _Open(open_db(self._path(session_id)), meta_db, copied=meta is not None)
-        info = opened.info().get(doc_id=1)
-        if info is None:
+        data = storage_of(opened.db).read() or {}
+        stored = (data.get(_SESSION) or {}).get("1")
+        if stored is None:
             return None
+        info = _brought_up_to_date(stored, data.get(_MESSAGES) or {})
+        stored.update(info)  # in memory only: the next whole write of the file stores it
         if opened.copied and meta != info:  # a crash between the two writes: bring the copy up to date
             self._prepare()
             self._write_meta(opened, dict(info))
@@ -416,10 +435,24 @@ class SessionStore:
     def _append(self, session_id: str, message: dict[str, Any]) -> None:
         with self._lock:
             opened = self._require(session_id)
+            storage = storage_of(opened.db)
+            data = storage.read()
+            assert data is not None, "opened sessions have their file"
+            doc_id = max(map(int, data.get(_MESSAGES) or {}), default=0) + 1
+            info = data[_SESSION]["1"]
+            titled = not info.get("title") and message.get("role") == "user"
+            self._prepare()
+            # The message alone, written in place after the last one: a turn's writes cost the same however
+            # long the session is. The summary's count and last activity change in memory; readers of the
+            # file work them out from its messages (_brought_up_to_date), and the next whole write stores them.
+            if not titled and storage.append(_MESSAGES, doc_id, message):
+                info.update(_brought_up_to_date(info, data[_MESSAGES]))
+                self._after_write(opened, dict(info))
+                return
 
             def apply(info: dict[str, Any]) -> None:
-                opened.messages().insert(message)
-                if not info.get("title") and message.get("role") == "user":
+                opened.messages().insert(Document(message, doc_id=doc_id))
+                if titled:
                     info["title"] = _title_from(message)
 
             self._change(opened, apply)
@@ -443,9 +476,11 @@ class SessionStore:
         if copy_is_current:
             paths.insert(0, self._meta_path(session_id))
         for path in paths:
-            info = open_db(path).table(_SESSION, cache_size=0).get(doc_id=1)
+            data = storage_of(open_db(path)).read() or {}
+            info = (data.get(_SESSION) or {}).get("1")
             if info is not None:
-                return _summary(info)
+                messages = data.get(_MESSAGES)  # a summary copy has none: it is written after every write
+                return _summary(info if messages is None else _brought_up_to_date(info, messages))
         return None
 
     def _close_all(self) -> None:

@@ -4,7 +4,7 @@ Layout: ``data_dir/usage/<YYYY-MM-DD>/<NNNNN>.json``, one tinydb file (table ``r
 The writer appends to the current segment in place (one record written and fdatasynced, see
 ``_Segment``) and starts the next one when it holds ``segment_size`` records or the UTC day changes, so
 an append costs the same however much is stored. Readers parse the segments on disk and see whole
-records only: a record being appended, or torn by a crash, is not there yet (``parse_segment``).
+records only: a record being appended, or torn by a crash, is not there yet (``files.parse_tables``).
 
 When the writer closes a segment (full, or a new UTC day) it writes ``<NNNNN>.totals`` next to it: the
 segment's sums per model, day and pricing, stamped with the segment file's size and mtime. ``totals``
@@ -14,7 +14,6 @@ one (the open segment, one closed by a crash, one changed since): 100k records r
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import time
@@ -26,9 +25,12 @@ from ..types import UsageRecord
 from .files import (
     StoreCorrupt,
     Worker,
+    append_in_place,
     dump_json,
     make_dirs,
     open_db,
+    parse_tables,
+    read_bytes,
     read_json,
     remove_stale_temp_files,
     write_bytes_atomic,
@@ -41,9 +43,6 @@ if TYPE_CHECKING:
 _RECORDS = "records"
 _DAY = re.compile(r"\d{4}-\d{2}-\d{2}")
 _SEGMENT = re.compile(r"(\d+)\.json")
-_HEAD = '{"' + _RECORDS + '":{'  # how a segment file starts
-_RECORD_KEY = re.compile(r'"(\d+)":')
-_DECODER = json.JSONDecoder()
 # Records per segment. Reports read one ``.totals`` per closed segment and parse the open one whole; a
 # writer re-reads its segment when it starts.
 SEGMENT_SIZE = 250
@@ -88,51 +87,6 @@ def _days(usage_dir: Path) -> list[str]:
 def _segments(folder: Path) -> list[int]:
     """Segment numbers in order (numerically: past 99999 the names grow a digit)."""
     return sorted(int(m.group(1)) for m in map(_SEGMENT.fullmatch, _listdir(folder)) if m)
-
-
-def parse_segment(raw: bytes, path: Path) -> dict[str, Any]:
-    """A segment file's data (tinydb's layout), without the part-written record a torn end holds.
-
-    Appends only ever overwrite a segment's closing ``}}`` (see ``_Segment``). A file that does not parse
-    is therefore whole records followed by part of an append, from a writer killed mid-append or an append
-    still in progress: the whole records are the segment. Anything else is StoreCorrupt.
-    """
-    try:
-        data = json.loads(raw)
-    except ValueError:
-        return {_RECORDS: _whole_records(raw, path)}
-    if not isinstance(data, dict) or not isinstance(data.get(_RECORDS, {}), dict):
-        raise StoreCorrupt(f"{path}: not a usage segment")
-    return data
-
-
-def _whole_records(raw: bytes, path: Path) -> dict[str, Any]:
-    text = raw.decode("utf-8", "replace")
-    if not text.startswith(_HEAD):
-        raise StoreCorrupt(f"{path}: not valid JSON")
-    records: dict[str, Any] = {}
-    pos = len(_HEAD)
-    while (key := _RECORD_KEY.match(text, pos)) is not None:
-        try:
-            record, end = _DECODER.raw_decode(text, key.end())
-        except ValueError:
-            break
-        if not isinstance(record, dict):
-            break
-        records[key.group(1)] = record
-        if not text.startswith(",", end):
-            pos = end
-            break
-        pos = end + 1
-    # What follows must be part of one append: a complete record further on means damage mid-file.
-    for later in _RECORD_KEY.finditer(text, pos + 1):
-        try:
-            found = _DECODER.raw_decode(text, later.end())[0]
-        except ValueError:
-            continue
-        if isinstance(found, dict):
-            raise StoreCorrupt(f"{path}: not valid JSON before record {later.group(1)}")
-    return records
 
 
 class UsageStore:
@@ -242,7 +196,7 @@ class _Segment:
     An append writes ``,"N+1":{...}}}`` over the closing ``}}`` and fdatasyncs: one write of one record (no
     temp file, rename or folder fsync, and no re-writing the records before it). Only the last two bytes of
     the file ever change, so a crash or a reader racing an append finds whole records followed by part of
-    one (``parse_segment`` cuts it off, and this class rewrites a file so found before appending to it).
+    one (``files.parse_tables`` cuts it off, and this class rewrites a file so found before appending to it).
     A segment's first record creates the file with an atomic write, so it appears whole or not at all.
     """
 
@@ -255,12 +209,8 @@ class _Segment:
         """Read the file as it is on disk (and make it end as an append expects)."""
         self.close()
         self.rollup = _Rollup()
-        try:
-            with open(self.path, "rb") as f:
-                raw = f.read()
-        except FileNotFoundError:
-            raw = None
-        data = parse_segment(raw, self.path) if raw is not None else {}
+        raw = read_bytes(self.path)
+        data = parse_tables(raw, self.path) if raw is not None else {}
         records = data.pop(_RECORDS, None) or {}
         for record in records.values():
             self.rollup.add(record)
@@ -289,24 +239,15 @@ class _Segment:
         self._next_id, self.count = self._next_id + 1, self.count + 1
         self.rollup.add(record)
 
-    def _append_in_place(self, payload: bytes) -> None:
+    def _append_in_place(self, piece: bytes) -> None:
         if self._fd is None:
             self._fd = os.open(self.path, os.O_WRONLY)
-        offset = self._size - 2  # over the closing "}}"
         try:
-            view = memoryview(payload)
-            while view:
-                view = view[os.pwrite(self._fd, view, offset + len(payload) - len(view)):]
-            os.fdatasync(self._fd)
+            append_in_place(self._fd, piece, self._size)
         except BaseException:
-            # Not acknowledged: put the old end back, or failing that, re-read the file before the next append.
-            try:
-                os.pwrite(self._fd, b"}}", offset)
-                os.ftruncate(self._fd, self._size)
-            except OSError:
-                self._size = -1
+            self._size = -1  # not known: re-read the file before the next append
             raise
-        self._size += len(payload) - 2
+        self._size += len(piece) - 2
 
     def close(self) -> None:
         if self._fd is not None:
@@ -373,12 +314,10 @@ def _iso(since: datetime | None) -> str | None:
 
 
 def _read_records(path: Path, since_iso: str | None, session_id: str | None) -> Iterator[dict[str, Any]]:
-    try:
-        with open(path, "rb") as f:
-            raw = f.read()
-    except FileNotFoundError:  # deleted since the listing
+    raw = read_bytes(path)
+    if raw is None:  # deleted since the listing
         return
-    records = parse_segment(raw, path).get(_RECORDS) or {}
+    records = parse_tables(raw, path).get(_RECORDS) or {}
     for record in records.values():
         if since_iso is not None and record.get("timestamp", "") < since_iso:
             continue
