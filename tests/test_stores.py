@@ -372,7 +372,6 @@ async def test_writes_queued_together_run_in_order_and_fail_alone(tmp_path: Path
         await usage.aclose()
 
 
-@pytest.mark.usefixtures("summary_copies")
 async def test_messages_are_appended_in_place(sessions: SessionStore, tmp_path: Path) -> None:
     sid = (await sessions.create_soon(model="m", messages=[{"id": "u1", "role": "user", "content": "Hi"}]))["id"]
     path = sessions.dir / f"{sid}.json"
@@ -393,8 +392,11 @@ async def test_messages_are_appended_in_place(sessions: SessionStore, tmp_path: 
     stored = json.loads(path.read_bytes())["session"]["1"]
     assert stored["messageCount"] == 2 and stored["lastActivityAt"] >= served["lastActivityAt"]
     await sessions.aclose()
-    reopened = SessionStore(tmp_path)
+    reopened = SessionStore(tmp_path)  # a server started again: its first write goes in place too
     assert [m["content"] for m in await reopened.messages(sid)] == ["Hi", "Hello!"]
+    inode = path.stat().st_ino
+    await reopened.append_message(sid, {"id": "u2", "role": "user", "content": "Again"})
+    assert path.stat().st_ino == inode and json.loads(path.read_bytes())["messages"]["3"]["id"] == "u2"
     await reopened.aclose()
 
 
@@ -425,6 +427,7 @@ async def test_a_session_torn_at_any_byte_of_an_append_has_its_whole_messages(tm
     assert [m["id"] for m in json.loads(path.read_bytes())["messages"].values()] == ["u1", "a1", "u3"]
 
 
+@pytest.mark.usefixtures("summary_copies")
 async def test_a_write_touches_only_its_own_session_file(sessions: SessionStore) -> None:
     ids = [(await sessions.create(model="m"))["id"] for _ in range(3)]
     before = {p.name: p.stat().st_mtime_ns for p in sessions.dir.iterdir()}

@@ -168,9 +168,16 @@ def parse_tables(raw: bytes, path: Path) -> dict[str, Any]:
     then holds the documents before it, whole. What a reader racing the write may read (a read in two
     system calls): the file as it was, then the write's bytes past the old end. Anything else that is not
     valid JSON is StoreCorrupt."""
+    return _parse_tables(raw, path)[0]
+
+
+def _parse_tables(raw: bytes, path: Path) -> tuple[dict[str, Any], bool]:
+    """``parse_tables``, and whether the file was whole (valid JSON as it is)."""
+    whole = True
     try:
         data = json.loads(raw)
     except ValueError:
+        whole = False
         text = raw.decode("utf-8", "replace")
         try:
             data = _DECODER.raw_decode(text)[0]  # the file as it was, and what was being added after it
@@ -178,7 +185,7 @@ def parse_tables(raw: bytes, path: Path) -> dict[str, Any]:
             data = _whole_documents(text, path)
     if not isinstance(data, dict):
         raise StoreCorrupt(f"{path}: not a tinydb file")
-    return data
+    return data, whole
 
 
 _DECODER = json.JSONDecoder()
@@ -280,8 +287,12 @@ class AtomicJSONStorage(Storage):
     def read(self) -> dict[str, Any] | None:
         if self._data is None:
             raw = read_bytes(self.path)
-            self._data = None if raw is None else parse_tables(raw, self.path)
-            self._end = None
+            self._data = self._end = None
+            if raw is not None:
+                self._data, whole = _parse_tables(raw, self.path)
+                # A whole file that ends with its last table's "}}" takes appends in place at once.
+                if whole and raw.endswith(b"}}") and self._data and isinstance(self._data[next(reversed(self._data))], dict):
+                    self._end = len(raw)
         return self._data
 
     def write(self, data: dict[str, Any]) -> None:
