@@ -2,9 +2,9 @@
 
     python benchmarks/store_bench.py [--data-dir DIR]
 
-Claims checked: a UsageStore.append costs the same at 1k, 10k and 100k stored records (it writes one
-record in place), and a SessionStore.append_message the same with 10k sessions stored (it rewrites one
-session's file). Every measured write is fsynced. Seeding is setup, not measured: usage history is written as
+Claims checked: a UsageStore.append costs the same at 1k, 10k and 100k stored records, and a
+SessionStore.append_message the same with 10k sessions stored and in a session of 2,000 messages: both
+write the one new document in place. Every measured write is fsynced. Seeding is setup, not measured: usage history is written as
 whole segments (``write_segment``), sessions go through the store with fsync switched off.
 """
 
@@ -32,6 +32,7 @@ APPENDS = 500  # per level: fills a fresh segment from 0 to 500 records, the sam
 BATCH = 25
 SESSIONS = 10_000
 SESSION_APPENDS = 300
+LONG_SESSION = 2_000  # messages in the long session: a write must not grow with them
 MODELS = ("anthropic/claude-sonnet-4-5", "anthropic/claude-haiku-4-5", "openai/gpt-4o", "openai/gpt-4o-mini", "gemini/gemini-2.5-pro")
 
 
@@ -104,6 +105,10 @@ async def bench_sessions(root: Path, rng: random.Random, rows: list[tuple[str, s
             await store.create(model=MODELS[i % len(MODELS)], session_id=sid)
             await store.append_message(sid, {"role": "user", "content": f"question {i} " + "lorem ipsum " * 20})
             await store.append_message(sid, {"role": "assistant", "content": "answer " * 120, "model": MODELS[0]})
+        await store.create(model=MODELS[0], session_id="long")
+        for i in range(LONG_SESSION // 2):
+            await store.append_message("long", {"role": "user", "content": f"question {i} " + "lorem ipsum " * 20})
+            await store.append_message("long", {"role": "assistant", "content": "answer " * 120, "model": MODELS[0]})
     await store.aclose()
     os.sync()
     print(f"(seeded {SESSIONS:,} sessions in {time.perf_counter() - started:.1f} s)", file=sys.stderr)
@@ -119,12 +124,17 @@ async def bench_sessions(root: Path, rng: random.Random, rows: list[tuple[str, s
         "SessionStore.append_message, one session", f"{SESSIONS:,} sessions",
         await timed(SESSION_APPENDS, lambda i: store.append_message("s0", message)),
     ))
+    long_size = (data_dir / "sessions" / "long.json").stat().st_size
+    rows.append((
+        "SessionStore.append_message, long session", f"{LONG_SESSION:,} messages, {long_size / 1e6:.1f} MB",
+        await timed(SESSION_APPENDS, lambda i: store.append_message("long", message)),
+    ))
     rows.append(("SessionStore.list (async)", f"{SESSIONS:,} sessions", await timed(3, lambda i: store.list())))
     await store.aclose()
     cold = SessionStore(data_dir)
     start = time.perf_counter()
     count = len(cold.list_sync())
-    assert count == SESSIONS
+    assert count == SESSIONS + 1
     rows.append(("SessionStore.list_sync, cold", f"{SESSIONS:,} sessions", [(time.perf_counter() - start) * 1000]))
 
 
