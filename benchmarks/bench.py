@@ -56,9 +56,9 @@ CLK_TCK = os.sysconf("SC_CLK_TCK")
 # --- processes ----------------------------------------------------------------------------------
 
 
-def _env(home: Path) -> dict[str, str]:
+def _env(home: Path, code: Path = ROOT) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AGENTSPACE_", "ANTHROPIC_"))}
-    path = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    path = os.pathsep.join(filter(None, [str(code), env.get("PYTHONPATH")]))
     return {**env, "PYTHONPATH": path, "AGENTSPACE_HOME": str(home), "AGENTSPACE_LOAD_PLUGINS": "",
             "ANTHROPIC_API_KEY": "sk-bench", "LITELLM_LOCAL_MODEL_COST_MAP": "True"}
 
@@ -289,9 +289,10 @@ def pct(values: list[float], p: float) -> float:
 
 
 class Bench:
-    def __init__(self, args: argparse.Namespace, root: Path) -> None:
+    def __init__(self, args: argparse.Namespace, root: Path, code: Path = ROOT) -> None:
         self.args = args
-        self.root = root
+        self.root = root  # scratch: the data directory, config, logs
+        self.code = code  # the source tree whose gateway (and fake upstream) runs
         self.home = root / "home"
         self.procs: list[subprocess.Popen[str]] = []
         self.upstream = ""
@@ -301,7 +302,8 @@ class Bench:
 
     def spawn(self, argv: list[str]) -> subprocess.Popen[str]:
         log = open(self.root / f"process-{len(self.procs)}.log", "w")  # the server's log, kept off the table
-        proc = subprocess.Popen(argv, cwd=ROOT, env=_env(self.home), stdout=subprocess.PIPE, stderr=log, text=True)
+        proc = subprocess.Popen(argv, cwd=self.code, env=_env(self.home, self.code), stdout=subprocess.PIPE, stderr=log,
+                                text=True)
         log.close()
         self.procs.append(proc)
         return proc
@@ -420,8 +422,8 @@ class Bench:
         runs = []
         for _ in range(3):
             start = time.perf_counter()
-            done = subprocess.run([sys.executable, "-m", "agentspace", "usage", "--by-model"], env=_env(home),
-                                  cwd=ROOT, capture_output=True, text=True, timeout=120)
+            done = subprocess.run([sys.executable, "-m", "agentspace", "usage", "--by-model"], env=_env(home, self.code),
+                                  cwd=self.code, capture_output=True, text=True, timeout=120)
             runs.append(time.perf_counter() - start)
             if done.returncode != 0 or f"{USAGE_RECORDS:,}" not in done.stdout:
                 raise RuntimeError(f"agentspace usage failed: {done.stderr[-500:] or done.stdout[-500:]}")
