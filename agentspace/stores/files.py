@@ -280,8 +280,8 @@ class AtomicJSONStorage(Storage):
         self._in_transaction = False
         self._dirty = False
         self.written_bytes: int | None = None  # the file's size after this object's last write
-        # The file's size when this object wrote it last and it ends with its last table's "}}": appends may
-        # go in place. None after a read (until a whole write), or after a failed append.
+        # The file's size, when it is known to end with its last table's "}}" (this object wrote it, or read it
+        # whole): appends may go in place. None otherwise, e.g. a torn file, or after a failed append.
         self._end: int | None = None
 
     def read(self) -> dict[str, Any] | None:
@@ -290,9 +290,8 @@ class AtomicJSONStorage(Storage):
             self._data = self._end = None
             if raw is not None:
                 self._data, whole = _parse_tables(raw, self.path)
-                # A whole file that ends with its last table's "}}" takes appends in place at once.
-                if whole and raw.endswith(b"}}") and self._data and isinstance(self._data[next(reversed(self._data))], dict):
-                    self._end = len(raw)
+                if whole and raw.endswith(b"}}") and _ends_with_table(self._data):
+                    self._end = len(raw)  # appends may go in place at once
         return self._data
 
     def write(self, data: dict[str, Any]) -> None:
@@ -308,8 +307,8 @@ class AtomicJSONStorage(Storage):
     def append(self, table: str, doc_id: int, doc: dict[str, Any]) -> bool:
         """Add ``doc`` as ``doc_id`` of ``table``, the file's last table, writing only it (in place, fdatasynced).
 
-        False, with nothing done, when that cannot be done in place (the table is not last, or this object
-        has not written the file whole since it read it): then write it whole. The document must be new."""
+        False, with nothing done, when that cannot be done in place (the table is not last, or the file's end
+        is not known): then write it whole. The document must be new."""
         data, end = self._data, self._end
         if data is None or end is None or not data or next(reversed(data)) != table:
             return False
@@ -332,7 +331,7 @@ class AtomicJSONStorage(Storage):
         payload = dump_json(data)
         write_bytes_atomic(self.path, payload)
         self._data, self.written_bytes = data, len(payload)
-        if data and isinstance(data[next(reversed(data))], dict):  # the file ends with its last table's "}}"
+        if _ends_with_table(data):  # then the payload ends with that table's "}}"
             self._end = len(payload)
 
     @contextlib.contextmanager
@@ -353,6 +352,10 @@ class AtomicJSONStorage(Storage):
 
     def close(self) -> None:
         self._data = self._end = None
+
+
+def _ends_with_table(data: dict[str, Any]) -> bool:
+    return bool(data) and isinstance(data[next(reversed(data))], dict)
 
 
 def open_db(path: Path) -> TinyDB:

@@ -3,7 +3,11 @@
 Layout under ``data_dir/sessions/``:
 
 - ``<id>.json``: the session. Table ``session`` holds one document, the summary (plus ``client``);
-  table ``messages`` holds the messages in order. Summary and messages change in one atomic write.
+  table ``messages``, last in the file, holds the messages in order. A new message is written in place
+  after the last one (``AtomicJSONStorage.append``), so a turn's writes cost the same however long the
+  session; the summary's ``messageCount`` and ``lastActivityAt`` then stay as they were in the file, and
+  every reader works them out from the messages (``_brought_up_to_date``). Other changes (a title, an
+  edited message) rewrite the file atomically, summary included.
 - ``<id>.meta.json``: a copy of the summary, written after ``<id>.json``, so that ``list`` reads a
   few hundred bytes per session instead of every message. Only sessions whose file has outgrown
   ``SUMMARY_COPY_BYTES`` get one (then on every write): reading a smaller file costs ``list`` about as
@@ -13,7 +17,9 @@ Layout under ``data_dir/sessions/``:
   acknowledged; the server rewrites the copy the next time it opens the session.
 
 A write costs one session's file, whatever the number of sessions. The server's async methods cache
-the sessions they touched (it is their only writer); the sync methods, for the CLI, read the files.
+the sessions they touched (it is their only writer); the sync methods, for the CLI, read the files. A
+message torn by a crash while it was added (or being added while a reader reads) is not there: readers
+see the messages before it, and the server's next write of that session mends the file.
 """
 
 from __future__ import annotations

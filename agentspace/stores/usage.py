@@ -221,13 +221,14 @@ class _Segment:
         if raw is None:
             self._size = 0
             return
-        whole = self._head + b",".join(b'"%s":%s' % (key.encode(), dump_json(value)) for key, value in records.items()) + b"}}"
+        body = b",".join(b'"%s":%s' % (key.encode(), dump_json(value)) for key, value in records.items())
+        whole = self._head + body + b"}}"
         if raw != whole:  # a torn end, or written by someone else's JSON encoder: make it ours, atomically
             write_bytes_atomic(self.path, whole)
         self._size = len(whole)
 
     def append(self, record: dict[str, Any]) -> None:
-        if self._size < 0:  # an earlier append failed and could not be undone: start from what is on disk
+        if self._size < 0:  # an earlier append failed: start from what is on disk
             self._load()
         piece = b'"%d":%s' % (self._next_id, dump_json(record))
         if self._size == 0:
