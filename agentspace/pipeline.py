@@ -63,7 +63,7 @@ log = logging.getLogger(__name__)
 
 # A Retry-After longer than this is not waited for: the call fails (or falls back) at once.
 MAX_RETRY_WAIT_SECONDS = 30.0
-# The longest a turn's user message waits for the provider request before its write starts anyway.
+# The longest a turn's user message waits for the first token before its write starts anyway.
 WRITE_GATE_SECONDS = 0.05
 
 

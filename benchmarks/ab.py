@@ -49,8 +49,8 @@ async def run(args: argparse.Namespace) -> int:
     try:
         for name, tree in (("A", args.tree_a), ("B", args.tree_b)):
             scratch = Path(tempfile.mkdtemp(prefix=f"agentspace-ab-{name}-"))
-            b = bench.Bench(argparse.Namespace(requests=0, soak=0, quick=True, json=False, profile=None), scratch,
-                            code=Path(tree).resolve())
+            b = bench.Bench(argparse.Namespace(requests=args.chats, soak=0, quick=True, json=False, profile=None),
+                            scratch, code=Path(tree).resolve())
             sides[name] = (b, scratch)
             b.start_upstream()
             await b.start_gateway()
@@ -60,22 +60,18 @@ async def run(args: argparse.Namespace) -> int:
             for round_ in range(args.rounds):
                 for name in ("A", "B") if round_ % 2 == 0 else ("B", "A"):
                     b = sides[name][0]
-                    await bench.wait_idle(b.pid, quiet=0.1)
                     direct = await bench.run_phase([lambda: bench.direct_chat(http, b.upstream)], 60, 10)
-                    before, cpu_before = bench.thread_cpu_seconds(b.pid), bench.cpu_seconds(b.pid)
-                    phase = await bench.run_phase([clients[name]], args.chats, 30)
-                    after, cpu_after = bench.thread_cpu_seconds(b.pid), bench.cpu_seconds(b.pid)
-                    if phase.errors:
-                        print(f"{name}: {phase.errors} failed chats, first: {phase.first_error}", file=sys.stderr)
+                    await b.measure(args.transport, 1, direct, [clients[name]])
+                    phase = b.results["phases"][-1]
+                    if phase["errors"]:
+                        print(f"{name}: {phase['errors']} failed chats, first: {phase['firstError']}", file=sys.stderr)
                         return 1
-                    n = len(phase.samples)
-                    added = statistics.median(s.ttft for s in phase.samples) - statistics.median(s.ttft for s in direct.samples)
-                    loop = sum(after[b.pid]) - sum(before.get(b.pid, (0.0, 0.0)))
+                    by_thread = phase["cpuMsPerChatByThread"]
                     r = results[name]
-                    r["ttft"].append(added * 1000)
-                    r["cpu"].append((cpu_after - cpu_before) * 1000 / n)
-                    r["loop"].append(loop * 1000 / n)
-                    r["store"].append(r["cpu"][-1] - r["loop"][-1])
+                    r["ttft"].append(phase["addedTtftMs"]["p50"])
+                    r["cpu"].append(phase["cpuMsPerChat"])
+                    r["loop"].append(by_thread["loopUser"] + by_thread["loopSystem"])
+                    r["store"].append(by_thread["otherUser"] + by_thread["otherSystem"])
     finally:
         for b, scratch in sides.values():
             b.stop()

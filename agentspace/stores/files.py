@@ -43,7 +43,7 @@ T = TypeVar("T")
 
 
 class StoreCorrupt(ValueError):
-    """A store file that is not valid JSON (atomic writes never produce one; a hand edit can)."""
+    """A store file that cannot be read (neither atomic writes nor torn appends produce one; a hand edit can)."""
 
 
 def fsync_dir(path: Path) -> None:

@@ -45,6 +45,8 @@ from .files import (
     fsync_dir,
     make_dirs,
     open_db,
+    parse_tables,
+    read_bytes,
     remove_stale_temp_files,
     storage_of,
 )
@@ -94,6 +96,16 @@ def _is_valid(session_id: object) -> bool:
 
 def _summary(doc: dict[str, Any]) -> dict[str, Any]:
     return {key: doc.get(key) for key in _SUMMARY_KEYS}
+
+
+def _read_tables(path: Path) -> dict[str, Any]:
+    """A session (or summary copy) file's tables as a reader finds them; empty when there is no file."""
+    raw = read_bytes(path)
+    return {} if raw is None else parse_tables(raw, path)
+
+
+def _summary_doc(tables: dict[str, Any]) -> dict[str, Any] | None:
+    return (tables.get(_SESSION) or {}).get("1")
 
 
 def _brought_up_to_date(info: dict[str, Any], messages: dict[str, Any]) -> dict[str, Any]:
@@ -266,8 +278,8 @@ class SessionStore:
     def get_sync(self, session_id: str) -> dict[str, Any] | None:
         if not _is_valid(session_id):
             return None
-        data = storage_of(open_db(self._path(session_id))).read() or {}
-        info = (data.get(_SESSION) or {}).get("1")
+        data = _read_tables(self._path(session_id))
+        info = _summary_doc(data)
         if info is None:  # no such session, or deleted since it was listed
             return None
         messages = data.get(_MESSAGES) or {}
@@ -344,7 +356,7 @@ class SessionStore:
         meta = meta_db.table(_SESSION, cache_size=0).get(doc_id=1)
         opened = _Open(open_db(self._path(session_id)), meta_db, copied=meta is not None)
         data = storage_of(opened.db).read() or {}
-        stored = (data.get(_SESSION) or {}).get("1")
+        stored = _summary_doc(data)
         if stored is None:
             return None
         info = _brought_up_to_date(stored, data.get(_MESSAGES) or {})
@@ -482,8 +494,8 @@ class SessionStore:
         if copy_is_current:
             paths.insert(0, self._meta_path(session_id))
         for path in paths:
-            data = storage_of(open_db(path)).read() or {}
-            info = (data.get(_SESSION) or {}).get("1")
+            data = _read_tables(path)
+            info = _summary_doc(data)
             if info is not None:
                 messages = data.get(_MESSAGES)  # a summary copy has none: it is written after every write
                 return _summary(info if messages is None else _brought_up_to_date(info, messages))

@@ -23,17 +23,15 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
 
 from ..types import UsageRecord
 from .files import (
+    AtomicJSONStorage,
     StoreCorrupt,
     Worker,
-    append_in_place,
-    dump_json,
     make_dirs,
     open_db,
     parse_tables,
     read_bytes,
     read_json,
     remove_stale_temp_files,
-    write_bytes_atomic,
     write_json_atomic,
 )
 
@@ -190,70 +188,39 @@ class UsageStore:
 
 
 class _Segment:
-    """The segment being written, appended to in place.
+    """The segment being written: a tinydb file whose ``records`` table is appended to in place.
 
-    The file is tinydb's layout, ``{"records": {"1": {...}, ..., "N": {...}}}``, with the records table last.
-    An append writes ``,"N+1":{...}}}`` over the closing ``}}`` and fdatasyncs: one write of one record (no
-    temp file, rename or folder fsync, and no re-writing the records before it). Only the last two bytes of
-    the file ever change, so a crash or a reader racing an append finds whole records followed by part of
-    one (``files.parse_tables`` cuts it off, and this class rewrites a file so found before appending to it).
-    A segment's first record creates the file with an atomic write, so it appears whole or not at all.
+    ``AtomicJSONStorage.append`` writes one record over the file's closing ``}}`` and fdatasyncs it (no temp
+    file, rename or folder fsync, and the records before it are not rewritten). A segment's first record, or
+    the first after a torn or failed append, writes the file whole and atomically instead, which mends it.
     """
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self._fd: int | None = None
-        self._load()
-
-    def _load(self) -> None:
-        """Read the file as it is on disk (and make it end as an append expects)."""
-        self.close()
+        self._storage = AtomicJSONStorage(path)
+        self._data = self._storage.read() or {}
         self.rollup = _Rollup()
-        raw = read_bytes(self.path)
-        data = parse_tables(raw, self.path) if raw is not None else {}
-        records = data.pop(_RECORDS, None) or {}
-        for record in records.values():
+        for record in self._records().values():
             self.rollup.add(record)
-        self.count = len(records)
-        self._next_id = max(map(int, records), default=0) + 1
-        head = dump_json(data)
-        self._head = head[:-1] + (b"," if data else b"") + b'"' + _RECORDS.encode() + b'":{'
-        if raw is None:
-            self._size = 0
-            return
-        body = b",".join(b'"%s":%s' % (key.encode(), dump_json(value)) for key, value in records.items())
-        whole = self._head + body + b"}}"
-        if raw != whole:  # a torn end, or written by someone else's JSON encoder: make it ours, atomically
-            write_bytes_atomic(self.path, whole)
-        self._size = len(whole)
+
+    def _records(self) -> dict[str, Any]:
+        return self._data.get(_RECORDS) or {}
+
+    @property
+    def count(self) -> int:
+        return len(self._records())
 
     def append(self, record: dict[str, Any]) -> None:
-        if self._size < 0:  # an earlier append failed: start from what is on disk
-            self._load()
-        piece = b'"%d":%s' % (self._next_id, dump_json(record))
-        if self._size == 0:
-            payload = self._head + piece + b"}}"
-            write_bytes_atomic(self.path, payload)
-            self._size = len(payload)
-        else:
-            self._append_in_place((b"," if self.count else b"") + piece + b"}}")
-        self._next_id, self.count = self._next_id + 1, self.count + 1
+        doc_id = max(map(int, self._records()), default=0) + 1
+        if not self._storage.append(_RECORDS, doc_id, record):
+            data = {**self._data, _RECORDS: {**self._records(), str(doc_id): record}}
+            data[_RECORDS] = data.pop(_RECORDS)  # the records table last, so that the next append goes in place
+            self._storage.replace(data)
+            self._data = data
         self.rollup.add(record)
 
-    def _append_in_place(self, piece: bytes) -> None:
-        if self._fd is None:
-            self._fd = os.open(self.path, os.O_WRONLY)
-        try:
-            append_in_place(self._fd, piece, self._size)
-        except BaseException:
-            self._size = -1  # not known: re-read the file before the next append
-            raise
-        self._size += len(piece) - 2
-
     def close(self) -> None:
-        if self._fd is not None:
-            fd, self._fd = self._fd, None
-            os.close(fd)
+        self._storage.close()
 
 
 class _Rollup:
