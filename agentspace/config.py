@@ -32,6 +32,7 @@ SCHEMA: dict[str, dict[str, tuple[tuple[type, ...], Any]]] = {
         "heartbeat_seconds": ((int, float), 30.0),
         "messages_per_minute": ((int,), 600),
         "shutdown_grace_seconds": ((int, float), 10.0),
+        "event_loop": ((str,), "auto"),
     },
     "storage": {
         "data_dir": ((str,), None),
@@ -82,7 +83,11 @@ PRICING_SCHEMA: dict[str, tuple[tuple[type, ...], Any]] = {
     "supports_tools": ((bool,), None),
 }
 
-CHOICES = {("chat", "on_disconnect"): ("finish", "abort"), ("logging", "level"): ("debug", "info", "warning", "error")}
+CHOICES = {
+    ("server", "event_loop"): ("auto", "uvloop", "asyncio"),
+    ("chat", "on_disconnect"): ("finish", "abort"),
+    ("logging", "level"): ("debug", "info", "warning", "error"),
+}
 
 
 class ConfigError(click.ClickException):

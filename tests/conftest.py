@@ -17,12 +17,22 @@ from aiohttp.test_utils import TestClient, TestServer
 from agentspace.config import Config, parse_config
 from agentspace.gateway_token import load_or_create_token
 from agentspace.plugins import create_plugin_manager
-from agentspace.server import create_app
+from agentspace.server import create_app, event_loop_factory
 
 # The fakes' own fixtures: ``fake_anthropic`` and ``fake_openai`` (started upstreams on 127.0.0.1).
 pytest_plugins = ("tests.fakes.anthropic_upstream", "tests.fakes.openai_upstream")
 
 TEST_KEY = "sk-ant-test-0123456789abcdef"
+
+
+@pytest.fixture(scope="session")
+def event_loop_policy() -> asyncio.AbstractEventLoopPolicy:
+    """The suite runs on the event loop that ``agentspace serve`` runs by default (``[server] event_loop``)."""
+    if event_loop_factory("auto")[0] == "uvloop":
+        import uvloop
+
+        return uvloop.EventLoopPolicy()
+    return asyncio.DefaultEventLoopPolicy()
 
 
 @pytest.fixture(autouse=True)

@@ -105,6 +105,7 @@ def write(tmp_path: Path, text: str) -> Path:
         ("[server]\nport = 70000\n", "server.port", "0-65535"),
         ("[thinking]\nenabled = 1\n", "thinking.enabled", "expected true or false"),
         ("[chat]\non_disconnect = 'maybe'\n", "chat.on_disconnect", "expected one of finish, abort"),
+        ("[server]\nevent_loop = 'trio'\n", "server.event_loop", "expected one of auto, uvloop, asyncio"),
         ("[server\nport = 1\n", "(syntax)", "not valid TOML"),
         ("[bogus]\nx = 1\n", "bogus", "unknown section"),
         ("[providers.openai]\nbase_uri = 'x'\n", "providers.openai.base_uri", "unknown key"),
