@@ -11,7 +11,7 @@ without going line by line. Anything else takes the general path, which implemen
 
 from __future__ import annotations
 
-from typing import AsyncIterable, AsyncIterator
+from typing import AsyncIterable, AsyncIterator, Iterable, Iterator
 
 SSEEvent = tuple["str | None", str]  # (event name, data)
 
@@ -25,7 +25,11 @@ class SSEDecoder:
         self._pending = b""  # the start of an event not yet ended by a blank line (line ends as LF)
         self._cr = False  # the last chunk ended with CR, which may be the first half of a CRLF
 
-    def feed(self, chunk: bytes) -> list[SSEEvent]:
+    def feed(self, chunk: bytes) -> Iterable[SSEEvent]:
+        """The events ``chunk`` completes, decoded as they are iterated (empty when it completes none).
+
+        Lazily: a burst of events read at once (a fast upstream's whole answer can come in one chunk) is
+        handed on event by event, so the first token goes out before the rest of the burst is decoded."""
         if self._cr:
             chunk, self._cr = b"\r" + chunk, False
         if b"\r" in chunk:
@@ -36,26 +40,28 @@ class SSEDecoder:
         end = buffer.rfind(b"\n\n")
         if end == -1:
             self._pending = buffer
-            return []
+            return ()
         self._pending = buffer[end + 2:]
-        events: list[SSEEvent] = []
-        for block in buffer[:end].split(b"\n\n"):
-            if block.startswith(b"event: "):  # the usual shape, "event: NAME\ndata: ONE LINE", read at once
-                newline = block.find(b"\n")
-                if newline != -1 and block.startswith(b"data: ", newline + 1) and block.find(b"\n", newline + 1) == -1:
-                    events.append((block[7:newline].decode(), block[newline + 7:].decode()))
-                    continue
-            event = _parse_block(block)
-            if event is not None:
-                events.append(event)
-        return events
+        return _decode_blocks(buffer[:end].split(b"\n\n"))
 
     def close(self) -> list[SSEEvent]:
         """The body ended. A held CR still ends its line; an event without its blank line is dropped."""
         if self._cr:
             self._cr = False
-            return self.feed(b"\n")
+            return list(self.feed(b"\n"))
         return []
+
+
+def _decode_blocks(blocks: list[bytes]) -> Iterator[SSEEvent]:
+    for block in blocks:
+        if block.startswith(b"event: "):  # the usual shape, "event: NAME\ndata: ONE LINE", read at once
+            newline = block.find(b"\n")
+            if newline != -1 and block.startswith(b"data: ", newline + 1) and block.find(b"\n", newline + 1) == -1:
+                yield (block[7:newline].decode(), block[newline + 7:].decode())
+                continue
+        event = _parse_block(block)
+        if event is not None:
+            yield event
 
 
 def _parse_block(block: bytes) -> SSEEvent | None:
@@ -82,8 +88,8 @@ def _parse_block(block: bytes) -> SSEEvent | None:
     return (name or None, "\n".join(data))
 
 
-async def sse_events(chunks: AsyncIterable[bytes]) -> AsyncIterator[list[SSEEvent]]:
-    """The events of an event-stream body, a chunk's worth at a time."""
+async def sse_events(chunks: AsyncIterable[bytes]) -> AsyncIterator[Iterable[SSEEvent]]:
+    """The events of an event-stream body, a chunk's worth at a time (each decoded as it is iterated)."""
     decoder = SSEDecoder()
     async for chunk in chunks:
         events = decoder.feed(chunk)
