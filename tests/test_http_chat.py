@@ -146,6 +146,19 @@ async def test_text_answer_headers_chunks_and_storage(client: TestClient, auth_h
     assert sessions[0]["id"] == "chat1" and sessions[0]["client"] == "http"
 
 
+async def test_a_model_slow_to_start_still_gets_the_stream_started(client: TestClient, auth_headers: dict[str, str], fake_anthropic: Any) -> None:
+    # The response headers go out with the first chunk, the start chunks, before the model answers: the
+    # client's useChat sees the stream open while the model is still silent.
+    fake_anthropic.enqueue(text_response("Late answer.").stall(3.0, after=1))
+    resp = await asyncio.wait_for(post_chat(client, auth_headers, "slow", user("Hi!")), 1.5)
+    assert resp.status == 200
+    started = [await asyncio.wait_for(next_chunk(resp), 1.5) for _ in range(2)]
+    assert types(started) == ["start", "start-step"]
+    chunks = started + await read_all(resp)
+    check_protocol(chunks)
+    assert "".join(c["delta"] for c in of(chunks, "text-delta")) == "Late answer."
+
+
 async def test_reasoning_then_text(client: TestClient, auth_headers: dict[str, str], fake_anthropic: Any) -> None:
     fake_anthropic.enqueue(thinking_response("Pondering deeply.", "Done."))
     chunks = await read_all(await post_chat(client, auth_headers, "think", user("think")))

@@ -90,6 +90,26 @@ async def test_header_auth_and_full_chat(client: TestClient, token: str, fake_an
     await ws.close()
 
 
+async def test_a_model_slow_to_start_still_gets_the_stream_started(client: TestClient, token: str, fake_anthropic: Any) -> None:
+    # The start frames go out before the model answers: a client sees its session id and the stream
+    # starting while the model is still silent.
+    fake_anthropic.enqueue(text_response("Late answer.").stall(3.0, after=1))
+    ws = await connect(client, token)
+    await ws.send_json({"type": "chat.send", "id": "r1", "content": "Hi!"})
+    started = [await receive(ws, timeout=1.5), await receive(ws, timeout=1.5)]
+    assert [f["type"] for f in started] == ["session.created", "chat.stream.start"]
+    frames = started + await chat_rest(ws)
+    assert "".join(f["delta"] for f in of(frames, "chat.stream.delta")) == "Late answer."
+    await ws.close()
+
+
+async def chat_rest(ws: Any) -> list[dict[str, Any]]:
+    frames = []
+    while not frames or frames[-1]["type"] not in ("chat.stream.end", "error"):
+        frames.append(await receive(ws))
+    return frames
+
+
 async def test_first_frame_auth(client: TestClient, token: str) -> None:
     ws = await client.ws_connect("/gateway")
     await ws.send_json({"type": "auth", "id": "a1", "token": token})
