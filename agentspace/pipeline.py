@@ -172,6 +172,10 @@ class _Step:
         return out + list(self.tool_calls)
 
 
+# Events that open a turn or a step, held back until the first provider call is under way (Turn._publish).
+_START_EVENTS = (StreamStart, StepStart)
+
+
 class Turn:
     """One running chat turn. Publish/subscribe over an append-only event list."""
 
@@ -195,12 +199,28 @@ class Turn:
         # answer, whichever comes first: the user message's write starts then (see start_turn).
         loop = asyncio.get_running_loop()
         self.write_gate: asyncio.Future[None] = loop.create_future()
-        self._gate_timer = loop.call_later(WRITE_GATE_SECONDS, self._open_write_gate)
+        self._gate_timer = loop.call_later(WRITE_GATE_SECONDS, self._gate_timeout)
+        # Subscribers get the start events (stream and step start) once the first provider call is under
+        # way (Turn._call), or after 50 ms (slow context sections): their send to the client then happens
+        # while the request is out instead of on the way to it, and the client reads them meanwhile.
+        self._start_held = True
 
     # --- publish / subscribe ---------------------------------------------------------------------
 
     def _publish(self, event: StreamEvent) -> None:
         self.events.append(event)
+        if self._start_held:
+            if type(event) in _START_EVENTS:
+                return
+            self._start_held = False
+        self._wake()
+
+    def _release_start(self) -> None:
+        if self._start_held:
+            self._start_held = False
+            self._wake()
+
+    def _wake(self) -> None:
         if self._waiters:
             for w in self._waiters:
                 if not w.done():
@@ -213,7 +233,7 @@ class Turn:
         i = 0
         loop = asyncio.get_running_loop()
         while True:
-            if i < len(self.events):
+            if i < len(self.events) and not (self._start_held and not self.done):
                 batch = self.events[i:]
                 i += len(batch)
                 yield batch
@@ -312,7 +332,7 @@ class Turn:
             self._publish(StreamEnd("aborted" if aborted else finish_reason, total_usage, total_cost, aborted))
         self.done = True
         self.gw.active.pop(self.session_id, None)
-        self._publish_done()
+        self._wake()
         await self._settle()  # writes left when storing the answer failed
 
     def _open_write_gate(self) -> None:
@@ -320,11 +340,11 @@ class Turn:
             self.write_gate.set_result(None)
             self._gate_timer.cancel()
 
-    def _publish_done(self) -> None:
-        for w in self._waiters:
-            if not w.done():
-                w.set_result(None)
-        self._waiters.clear()
+    def _gate_timeout(self) -> None:
+        """50 ms into the turn without output: the start events go out and the user message's write starts."""
+        self._release_start()
+        self._open_write_gate()
+
 
     async def _call_with_fallbacks(
         self, ctx: AssembledContext, state: _Step, seen_sources: set[str]
@@ -386,6 +406,8 @@ class Turn:
             options=settings,
         )
         self._step_task = asyncio.create_task(self._consume(provider.stream(request), state, seen_sources))
+        if self._start_held:  # runs after the step task's first step: the request is on its way by then
+            asyncio.get_running_loop().call_soon(self._release_start)
         stop_watching = self._watch_idle(state)
         try:
             return await self._step_task
