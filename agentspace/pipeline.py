@@ -233,7 +233,7 @@ class Turn:
         i = 0
         loop = asyncio.get_running_loop()
         while True:
-            if i < len(self.events) and not (self._start_held and not self.done):
+            if i < len(self.events) and (not self._start_held or self.done):
                 batch = self.events[i:]
                 i += len(batch)
                 yield batch
@@ -344,7 +344,6 @@ class Turn:
         """50 ms into the turn without output: the start events go out and the user message's write starts."""
         self._release_start()
         self._open_write_gate()
-
 
     async def _call_with_fallbacks(
         self, ctx: AssembledContext, state: _Step, seen_sources: set[str]
