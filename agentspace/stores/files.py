@@ -144,6 +144,17 @@ def read_bytes(path: Path) -> bytes | None:
         return None
 
 
+def read_tables(path: Path) -> dict[str, Any]:
+    """A tinydb file's tables as a reader finds them (``parse_tables``); empty when there is no file."""
+    raw = read_bytes(path)
+    return {} if raw is None else parse_tables(raw, path)
+
+
+def next_doc_id(docs: dict[str, Any]) -> int:
+    """The id tinydb would give the next document of a table (its ids are the keys, as numbers)."""
+    return max(map(int, docs), default=0) + 1
+
+
 def append_in_place(fd: int, piece: bytes, end: int) -> None:
     """Write ``piece`` (ending with the file's closing ``}}``) over the last two bytes of a file ``end`` bytes
     long, and fdatasync. On failure the file is put back as it was, if it can be; the caller must then not

@@ -45,8 +45,8 @@ from .files import (
     fsync_dir,
     make_dirs,
     open_db,
-    parse_tables,
-    read_bytes,
+    next_doc_id,
+    read_tables,
     remove_stale_temp_files,
     storage_of,
 )
@@ -96,12 +96,6 @@ def _is_valid(session_id: object) -> bool:
 
 def _summary(doc: dict[str, Any]) -> dict[str, Any]:
     return {key: doc.get(key) for key in _SUMMARY_KEYS}
-
-
-def _read_tables(path: Path) -> dict[str, Any]:
-    """A session (or summary copy) file's tables as a reader finds them; empty when there is no file."""
-    raw = read_bytes(path)
-    return {} if raw is None else parse_tables(raw, path)
 
 
 def _summary_doc(tables: dict[str, Any]) -> dict[str, Any] | None:
@@ -278,7 +272,7 @@ class SessionStore:
     def get_sync(self, session_id: str) -> dict[str, Any] | None:
         if not _is_valid(session_id):
             return None
-        data = _read_tables(self._path(session_id))
+        data = read_tables(self._path(session_id))
         info = _summary_doc(data)
         if info is None:  # no such session, or deleted since it was listed
             return None
@@ -456,7 +450,7 @@ class SessionStore:
             storage = storage_of(opened.db)
             data = storage.read()
             assert data is not None, "opened sessions have their file"
-            doc_id = max(map(int, data.get(_MESSAGES) or {}), default=0) + 1
+            doc_id = next_doc_id(data.get(_MESSAGES) or {})
             info = data[_SESSION]["1"]
             titled = not info.get("title") and message.get("role") == "user"
             self._prepare()
@@ -494,7 +488,7 @@ class SessionStore:
         if copy_is_current:
             paths.insert(0, self._meta_path(session_id))
         for path in paths:
-            data = _read_tables(path)
+            data = read_tables(path)
             info = _summary_doc(data)
             if info is not None:
                 messages = data.get(_MESSAGES)  # a summary copy has none: it is written after every write

@@ -28,8 +28,8 @@ from .files import (
     Worker,
     make_dirs,
     open_db,
-    parse_tables,
-    read_bytes,
+    next_doc_id,
+    read_tables,
     read_json,
     remove_stale_temp_files,
     write_json_atomic,
@@ -198,25 +198,27 @@ class _Segment:
     def __init__(self, path: Path) -> None:
         self.path = path
         self._storage = AtomicJSONStorage(path)
-        self._data = self._storage.read() or {}
         self.rollup = _Rollup()
         for record in self._records().values():
             self.rollup.add(record)
 
+    def _data(self) -> dict[str, Any]:
+        return self._storage.read() or {}  # kept in memory by the storage; re-read after a failed write
+
     def _records(self) -> dict[str, Any]:
-        return self._data.get(_RECORDS) or {}
+        return self._data().get(_RECORDS) or {}
 
     @property
     def count(self) -> int:
         return len(self._records())
 
     def append(self, record: dict[str, Any]) -> None:
-        doc_id = max(map(int, self._records()), default=0) + 1
+        records = self._records()
+        doc_id = next_doc_id(records)
         if not self._storage.append(_RECORDS, doc_id, record):
-            data = {**self._data, _RECORDS: {**self._records(), str(doc_id): record}}
+            data = {**self._data(), _RECORDS: {**records, str(doc_id): record}}
             data[_RECORDS] = data.pop(_RECORDS)  # the records table last, so that the next append goes in place
             self._storage.replace(data)
-            self._data = data
         self.rollup.add(record)
 
     def close(self) -> None:
@@ -282,10 +284,7 @@ def _iso(since: datetime | None) -> str | None:
 
 
 def _read_records(path: Path, since_iso: str | None, session_id: str | None) -> Iterator[dict[str, Any]]:
-    raw = read_bytes(path)
-    if raw is None:  # deleted since the listing
-        return
-    records = parse_tables(raw, path).get(_RECORDS) or {}
+    records = read_tables(path).get(_RECORDS) or {}  # none when deleted since the listing
     for record in records.values():
         if since_iso is not None and record.get("timestamp", "") < since_iso:
             continue
