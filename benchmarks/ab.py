@@ -10,7 +10,9 @@ rounds of the added TTFT p50 and of the CPU-ms per chat (loop and store threads)
 per-round differences B - A with how many rounds B won. The side whose processes start second has measured
 faster, whichever tree it ran (up to 0.3 ms of added TTFT and 0.7 CPU-ms in the store thread): half the rounds
 run with A's processes started first, then both are restarted the other way round.
-Make TREE_A with ``git worktree add /tmp/base <commit>``.
+Make TREE_A with ``git worktree add /tmp/base <commit>``. ``python benchmarks/ab.py . . --b-without-sdk`` runs
+B's Anthropic calls as plain aiohttp requests instead of through the SDK (``benchmarks/without_sdk.py``): the
+difference is what the SDK costs per call.
 """
 
 from __future__ import annotations
@@ -55,6 +57,8 @@ async def run(args: argparse.Namespace) -> int:
             return 1
     for name, tree in (("A", args.tree_a), ("B", args.tree_b)):
         r = results[name]
+        if name == "B" and args.b_without_sdk:
+            tree += " (without the SDK)"
         print(f"{name} {tree}: added TTFT p50 {statistics.median(r['ttft']):.2f} ms, CPU {statistics.median(r['cpu']):.2f}"
               f" ms per chat (loop {statistics.median(r['loop']):.2f}, store {statistics.median(r['store']):.2f})")
     for key, label in (("ttft", "added TTFT"), ("cpu", "CPU per chat")):
@@ -70,8 +74,10 @@ async def run_half(args: argparse.Namespace, trees: dict[str, str], rounds: int,
     try:
         for name, tree in trees.items():
             scratch = Path(tempfile.mkdtemp(prefix=f"agentspace-ab-{name}-"))
+            without_sdk = name == "B" and args.b_without_sdk
+            cli = (str(Path(__file__).resolve().parent / "without_sdk.py"),) if without_sdk else ("-m", "agentspace")
             b = bench.Bench(argparse.Namespace(requests=args.chats, soak=0, quick=True, json=False, profile=None),
-                            scratch, code=Path(tree).resolve())
+                            scratch, code=Path(tree).resolve(), cli=cli)
             sides[name] = (b, scratch)
             b.start_upstream()
             await b.start_gateway()
@@ -106,6 +112,8 @@ def main() -> None:
     parser.add_argument("--transport", choices=("ws", "http"), default="ws")
     parser.add_argument("--rounds", type=int, default=24)
     parser.add_argument("--chats", type=int, default=60, help="chats per tree per round")
+    parser.add_argument("--b-without-sdk", action="store_true",
+                        help="B's Anthropic calls without the SDK (benchmarks/without_sdk.py): what the SDK costs")
     sys.exit(asyncio.run(run(parser.parse_args())))
 
 

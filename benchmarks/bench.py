@@ -289,10 +289,12 @@ def pct(values: list[float], p: float) -> float:
 
 
 class Bench:
-    def __init__(self, args: argparse.Namespace, root: Path, code: Path = ROOT) -> None:
+    def __init__(self, args: argparse.Namespace, root: Path, code: Path = ROOT,
+                 cli: tuple[str, ...] = ("-m", "agentspace")) -> None:
         self.args = args
         self.root = root  # scratch: the data directory, config, logs
         self.code = code  # the source tree whose gateway (and fake upstream) runs
+        self.cli = cli  # how the gateway's CLI is run (ab.py --b-without-sdk: benchmarks/without_sdk.py)
         self.home = root / "home"
         self.procs: list[subprocess.Popen[str]] = []
         self.upstream = ""
@@ -317,7 +319,7 @@ class Bench:
         # The per-connection message rate limit is raised: one benchmark socket sends hundreds of chats a minute.
         config.write_text(f'[server]\nmessages_per_minute = 1000000\n\n[storage]\ndata_dir = "{self.home}"\n\n'
                           f'[models]\ndefault = "{MODEL}"\n\n[providers.anthropic]\nbase_url = "{self.upstream}"\n')
-        serve = ["-m", "agentspace", "serve", "--config", str(config), "--port", "0"]
+        serve = [*self.cli, "serve", "--config", str(config), "--port", "0"]
         profile = self.args.profile
         if profile is None:
             argv = [sys.executable, *serve]
