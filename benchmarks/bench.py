@@ -1,6 +1,6 @@
 """What the gateway adds: streamed chats through it versus calling a zero-delay fake upstream directly.
 
-    python benchmarks/bench.py [--requests N] [--soak N] [--quick] [--json] [--profile FILE]
+    python benchmarks/bench.py [--requests N] [--soak N] [--quick] [--json] [--profile FILE] [--without-sdk]
 
 Runs the fake Anthropic upstream (Messages SSE, 50 text deltas, no delay) and ``agentspace serve`` as
 separate processes, with persistence and usage recording on (the defaults). For each transport (the
@@ -14,7 +14,8 @@ the number of failed chats. Then: server start time (spawn to ``/healthz`` answe
 ``--soak`` chats, and a cold ``agentspace usage --by-model`` over 100k seeded usage records.
 
 ``--profile FILE`` runs the server under pyinstrument (``FILE.html``) or, for a ``.prof`` FILE, cProfile
-(read it with ``python -m pstats FILE``). Every phase is bounded in count and in time (``PHASE_SECONDS``,
+(read it with ``python -m pstats FILE``). ``--without-sdk`` makes the gateway's Anthropic calls plain aiohttp
+requests instead of the SDK's (``benchmarks/without_sdk.py``): the gateway's own share, for comparison. Every phase is bounded in count and in time (``PHASE_SECONDS``,
 ``SOAK_SECONDS``). The added TTFT is meaningful at concurrency 1; at 10 and 50 the client shares the two
 cores with both servers, so TTFT there is mostly queueing (and the direct figure can exceed the gateway's).
 """
@@ -42,6 +43,7 @@ from typing import Any, Awaitable, Callable
 import aiohttp
 
 ROOT = Path(__file__).resolve().parent.parent
+WITHOUT_SDK = Path(__file__).resolve().parent / "without_sdk.py"  # the --without-sdk launcher
 DELTAS = 50
 EXPECTED_TEXT = "tok " * DELTAS  # what the fake upstream answers (tests/fakes/anthropic_upstream.py --deltas)
 CONCURRENCY = (1, 10, 50)
@@ -455,6 +457,8 @@ def _split(phase: dict[str, Any], where: str) -> str:
 
 
 def print_table(results: dict[str, Any]) -> None:
+    if results.get("withoutSdk"):
+        print("--without-sdk: the gateway's Anthropic calls are plain aiohttp requests, not the SDK's (for comparison)\n")
     headers = ("transport", "conc", "chats", "errors", "+TTFT p50", "p95", "p99", "stream p50", "req/s",
                "CPU-ms/chat", "loop", "store", "peak RSS")
     rows = [headers]
@@ -498,13 +502,16 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="fewer chats per phase, a short soak")
     parser.add_argument("--json", action="store_true", help="print the results as JSON")
     parser.add_argument("--profile", metavar="FILE", help="profile the server: pyinstrument (FILE.html) or cProfile (*.prof)")
+    parser.add_argument("--without-sdk", action="store_true",
+                        help="the gateway's Anthropic calls without the SDK (benchmarks/without_sdk.py), for comparison")
     args = parser.parse_args()
     if args.requests is None:
         args.requests = 100 if args.quick else 500
     if args.soak is None:
         args.soak = 300 if args.quick else 2000
     root = Path(tempfile.mkdtemp(prefix="agentspace-bench-"))
-    bench = Bench(args, root)
+    bench = Bench(args, root, cli=(str(WITHOUT_SDK),) if args.without_sdk else ("-m", "agentspace"))
+    bench.results["withoutSdk"] = args.without_sdk
     try:
         asyncio.run(bench.run())
     finally:
