@@ -74,8 +74,7 @@ async def run_half(args: argparse.Namespace, trees: dict[str, str], rounds: int,
     try:
         for name, tree in trees.items():
             scratch = Path(tempfile.mkdtemp(prefix=f"agentspace-ab-{name}-"))
-            without_sdk = name == "B" and args.b_without_sdk
-            cli = (str(bench.WITHOUT_SDK),) if without_sdk else ("-m", "agentspace")
+            cli = bench.gateway_cli(without_sdk=name == "B" and args.b_without_sdk)
             b = bench.Bench(argparse.Namespace(requests=args.chats, soak=0, quick=True, json=False, profile=None),
                             scratch, code=Path(tree).resolve(), cli=cli)
             sides[name] = (b, scratch)

@@ -15,9 +15,10 @@ the number of failed chats. Then: server start time (spawn to ``/healthz`` answe
 
 ``--profile FILE`` runs the server under pyinstrument (``FILE.html``) or, for a ``.prof`` FILE, cProfile
 (read it with ``python -m pstats FILE``). ``--without-sdk`` makes the gateway's Anthropic calls plain aiohttp
-requests instead of the SDK's (``benchmarks/without_sdk.py``): the gateway's own share, for comparison. Every phase is bounded in count and in time (``PHASE_SECONDS``,
-``SOAK_SECONDS``). The added TTFT is meaningful at concurrency 1; at 10 and 50 the client shares the two
-cores with both servers, so TTFT there is mostly queueing (and the direct figure can exceed the gateway's).
+requests instead of the SDK's (``benchmarks/without_sdk.py``): the gateway's own share, for comparison. Every
+phase is bounded in count and in time (``PHASE_SECONDS``, ``SOAK_SECONDS``). The added TTFT is meaningful at
+concurrency 1; at 10 and 50 the client shares the two cores with both servers, so TTFT there is mostly queueing
+(and the direct figure can exceed the gateway's).
 """
 
 from __future__ import annotations
@@ -43,7 +44,6 @@ from typing import Any, Awaitable, Callable
 import aiohttp
 
 ROOT = Path(__file__).resolve().parent.parent
-WITHOUT_SDK = Path(__file__).resolve().parent / "without_sdk.py"  # the --without-sdk launcher
 DELTAS = 50
 EXPECTED_TEXT = "tok " * DELTAS  # what the fake upstream answers (tests/fakes/anthropic_upstream.py --deltas)
 CONCURRENCY = (1, 10, 50)
@@ -282,6 +282,11 @@ async def run_phase(workers: list[Callable[[], Awaitable[Sample]]], requests: in
     return phase
 
 
+def gateway_cli(without_sdk: bool = False) -> tuple[str, ...]:
+    """How the gateway's CLI is run: ``python -m agentspace``, or with the SDK-free comparison plugin."""
+    return (str(Path(__file__).resolve().parent / "without_sdk.py"),) if without_sdk else ("-m", "agentspace")
+
+
 def pct(values: list[float], p: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, round(p / 100 * (len(ordered) - 1)))] if ordered else float("nan")
@@ -292,11 +297,11 @@ def pct(values: list[float], p: float) -> float:
 
 class Bench:
     def __init__(self, args: argparse.Namespace, root: Path, code: Path = ROOT,
-                 cli: tuple[str, ...] = ("-m", "agentspace")) -> None:
+                 cli: tuple[str, ...] = gateway_cli()) -> None:
         self.args = args
         self.root = root  # scratch: the data directory, config, logs
         self.code = code  # the source tree whose gateway (and fake upstream) runs
-        self.cli = cli  # how the gateway's CLI is run (ab.py --b-without-sdk: benchmarks/without_sdk.py)
+        self.cli = cli  # how the gateway's CLI is run (gateway_cli)
         self.home = root / "home"
         self.procs: list[subprocess.Popen[str]] = []
         self.upstream = ""
@@ -510,7 +515,7 @@ def main() -> None:
     if args.soak is None:
         args.soak = 300 if args.quick else 2000
     root = Path(tempfile.mkdtemp(prefix="agentspace-bench-"))
-    bench = Bench(args, root, cli=(str(WITHOUT_SDK),) if args.without_sdk else ("-m", "agentspace"))
+    bench = Bench(args, root, cli=gateway_cli(args.without_sdk))
     bench.results["withoutSdk"] = args.without_sdk
     try:
         asyncio.run(bench.run())
