@@ -65,7 +65,7 @@ def _env(home: Path, code: Path = ROOT) -> dict[str, str]:
             "ANTHROPIC_API_KEY": "sk-bench", "LITELLM_LOCAL_MODEL_COST_MAP": "True"}
 
 
-def _read_url(proc: subprocess.Popen[str], pattern: str, timeout: float) -> str:
+def read_url(proc: subprocess.Popen[str], pattern: str, timeout: float) -> str:
     """The first URL the process prints on stdout (it prints nothing else before it)."""
     deadline = time.monotonic() + timeout
     assert proc.stdout is not None
@@ -319,7 +319,7 @@ class Bench:
 
     def start_upstream(self) -> None:
         proc = self.spawn([sys.executable, "-m", "tests.fakes.anthropic_upstream", "0", "--deltas", str(DELTAS)])
-        self.upstream = _read_url(proc, "fake Anthropic upstream", 30)
+        self.upstream = read_url(proc, "fake Anthropic upstream", 30)
 
     async def start_gateway(self) -> None:
         config = self.root / "config.toml"
@@ -336,7 +336,7 @@ class Bench:
             argv = [sys.executable, "-m", "pyinstrument", "--renderer", "html", "-o", profile + ".html", *serve]
         started = time.perf_counter()
         proc = self.spawn(argv)
-        self.gateway = await asyncio.to_thread(_read_url, proc, "agentspace listening", 30)
+        self.gateway = await asyncio.to_thread(read_url, proc, "agentspace listening", 30)
         async with aiohttp.ClientSession() as http:
             while True:
                 try:
