@@ -1,6 +1,6 @@
 """Where the added time to first token goes: the least an aiohttp proxy adds, the gateway's own work, the SDK.
 
-    python benchmarks/floor.py [--transport ws|http] [--rounds 9]     (about 3 minutes)
+    python benchmarks/floor.py [--transport ws|http] [--rounds 9]     (about 20 seconds)
 
 Runs three gateways side by side, each with its own zero-delay fake upstream (``benchmarks/bench.py``), and
 alternates one-client chats between them, the order rotating each round so the machine's drift hits all three:
