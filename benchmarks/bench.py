@@ -172,14 +172,17 @@ class ChatFailed(Exception):
     pass
 
 
+# The streamed Messages request of a direct call (and of floor.py's bare proxy).
+DIRECT_BODY = {"model": MODEL.split("/", 1)[1], "max_tokens": 1024, "stream": True,
+               "messages": [{"role": "user", "content": "Hello"}]}
+DIRECT_HEADERS = {"x-api-key": "sk-bench", "anthropic-version": "2023-06-01"}
+
+
 async def direct_chat(http: aiohttp.ClientSession, upstream: str) -> Sample:
     """One streamed Messages call straight to the fake upstream."""
-    body = {"model": MODEL.split("/", 1)[1], "max_tokens": 1024, "stream": True,
-            "messages": [{"role": "user", "content": "Hello"}]}
-    headers = {"x-api-key": "sk-bench", "anthropic-version": "2023-06-01"}
     start = time.perf_counter()
     ttft = None
-    async with http.post(f"{upstream}/v1/messages", json=body, headers=headers) as resp:
+    async with http.post(f"{upstream}/v1/messages", json=DIRECT_BODY, headers=DIRECT_HEADERS) as resp:
         if resp.status != 200:
             raise ChatFailed(f"HTTP {resp.status}")
         async for line in resp.content:

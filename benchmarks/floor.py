@@ -6,7 +6,8 @@ Runs three gateways side by side, each with its own zero-delay fake upstream (``
 alternates one-client chats between them, the order rotating each round so the machine's drift hits all three:
 
 - ``minimal``: a bare aiohttp proxy written for this comparison (``--serve-minimal``, below): it takes the chat,
-  makes the upstream request with aiohttp and sends each text delta on. No sessions, storage, usage records,
+  makes the upstream request with aiohttp, decodes the answer with the gateway's SSE decoder and sends each text
+  delta on. No sessions, storage, usage records,
   plugins or checks: about the least a Python aiohttp server can add on this machine.
 - ``without-sdk``: ``agentspace serve`` with ``benchmarks/without_sdk.py`` (Anthropic calls as plain aiohttp
   requests), so everything the gateway does except the SDK.
@@ -36,6 +37,7 @@ from aiohttp import web
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench  # noqa: E402  (the sibling script)
+from agentspace.providers.sse import sse_events  # noqa: E402  (the gateway's SSE decoder)
 
 SIDES = ("minimal", "without-sdk", "gateway")
 WARMUP_CHATS = 100
@@ -49,15 +51,10 @@ HTTP = web.AppKey("http", aiohttp.ClientSession)  # the minimal proxy's upstream
 
 async def _upstream_deltas(http: aiohttp.ClientSession, upstream: str) -> AsyncIterator[list[str]]:
     """The upstream answer's text deltas, as many at a time as each network read brings."""
-    body = {"model": bench.MODEL.split("/", 1)[1], "max_tokens": 1024, "stream": True,
-            "messages": [{"role": "user", "content": "Hello"}]}
-    headers = {"x-api-key": "sk-bench", "anthropic-version": "2023-06-01"}
-    async with http.post(f"{upstream}/v1/messages", json=body, headers=headers) as resp:
-        pending = b""
-        async for chunk in resp.content.iter_any():
-            *blocks, pending = (pending + chunk).split(b"\n\n")
-            texts = [event["delta"]["text"] for block in blocks for line in block.split(b"\n")
-                     if line.startswith(b"data: ") and (event := json.loads(line[6:]))["type"] == "content_block_delta"]
+    async with http.post(f"{upstream}/v1/messages", json=bench.DIRECT_BODY, headers=bench.DIRECT_HEADERS) as resp:
+        async for events in sse_events(resp.content.iter_any()):
+            texts = [event["delta"]["text"] for name, data in events
+                     if name == "content_block_delta" and (event := json.loads(data))]
             if texts:
                 yield texts
 

@@ -19,12 +19,11 @@ from typing import Any, AsyncIterator, Callable
 
 import aiohttp
 
-from agentspace.events import ProviderError, ProviderEvent, ProviderFinish
+from agentspace.events import ProviderError, ProviderEvent
 from agentspace.hookspecs import hookimpl
-from agentspace.providers.anthropic import FINISH_REASONS, INCOMPLETE_MESSAGE, _StreamState, request_params
+from agentspace.providers.anthropic import _StreamState, request_params
 from agentspace.providers.base import Provider, ProviderRequest
 from agentspace.providers.sse import sse_events
-from agentspace.types import ChatMessage
 
 API_VERSION = "2023-06-01"
 
@@ -51,10 +50,7 @@ class WithoutSDKProvider:
                 for name, data in batch:
                     for event in state.handle(name, data):
                         yield event
-        if not state.complete:
-            raise ProviderError("LLM_ERROR", INCOMPLETE_MESSAGE)
-        yield ProviderFinish(FINISH_REASONS.get(state.stop_reason or "", "other"), state.usage,
-                             ChatMessage("assistant", state.parts))
+        yield state.finish()
 
     async def aclose(self) -> None:
         if self._http is not None:

@@ -178,10 +178,7 @@ class AnthropicProvider:
         except (ValueError, KeyError, TypeError, AttributeError) as e:
             # Broken JSON, or JSON without the fields every event of its type has.
             raise ProviderError("LLM_ERROR", UNREADABLE_MESSAGE) from e
-        if not state.complete:
-            raise ProviderError("LLM_ERROR", INCOMPLETE_MESSAGE)
-        finish_reason = FINISH_REASONS.get(state.stop_reason or "", "other")
-        yield ProviderFinish(finish_reason, state.usage, ChatMessage("assistant", state.parts))
+        yield state.finish()
 
 
 async def _thinking_forms(client: "AsyncAnthropic", model_name: str) -> tuple[bool, bool] | None:
@@ -298,6 +295,13 @@ class _StreamState:
         self.usage: TokenUsage | None = None
         self.stop_reason: str | None = None
         self.complete = False
+
+    def finish(self) -> ProviderFinish:
+        """The stream's last event, once the body has ended; ProviderError if the answer was cut short."""
+        if not self.complete:
+            raise ProviderError("LLM_ERROR", INCOMPLETE_MESSAGE)
+        return ProviderFinish(FINISH_REASONS.get(self.stop_reason or "", "other"), self.usage,
+                              ChatMessage("assistant", self.parts))
 
     def handle(self, name: str | None, data: str) -> list[ProviderEvent]:
         """The events for one SSE event (mostly none or one)."""
