@@ -28,6 +28,8 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, TypeVar
 from tinydb import TinyDB
 from tinydb.storages import Storage
 
+from ..types import compact_json
+
 if TYPE_CHECKING:
     import asyncio  # at run time only where the event loop is used: the CLI's store commands start without it
 
@@ -78,12 +80,9 @@ def make_dirs(path: Path) -> None:
         fsync_dir(folder.parent)
 
 
-_encode_json = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode  # one encoder, not one per call
-
-
 def dump_json(data: Any) -> bytes:
     """The stores' JSON encoding (compact, UTF-8)."""
-    return _encode_json(data).encode("utf-8")
+    return compact_json(data).encode("utf-8")
 
 
 def write_json_atomic(path: Path, data: Any) -> None:
