@@ -193,6 +193,13 @@ class UsageRecord:
     finish_reason: str
     # False when the model had no known price and the configured fallback was used.
     price_known: bool = True
+    # The error code when the call ended in an error (refused, failed, cut mid-stream), else None.
+    error: str | None = None
+    # False when the upstream never answered (no key, refused, 5xx after retries): the record counts
+    # under ``errorCount`` only, never as a request, and carries no tokens.
+    answered: bool = True
+    # Upstream attempts this call took (retries after 429/5xx included).
+    attempts: int = 1
 
     def to_dict(self) -> dict[str, Any]:
         u = self.usage
@@ -216,6 +223,9 @@ class UsageRecord:
             "finishReason": self.finish_reason,
             "estimated": u.estimated,
             "priceKnown": self.price_known,
+            "error": self.error,
+            "answered": self.answered,
+            "attempts": self.attempts,
         }
 
 

@@ -1,0 +1,67 @@
+"""The one error type the service layer raises, and the one table from error code to HTTP status.
+
+Every transport reports an ``ApiError`` the same way: the WebSocket as ``error {requestId, code, message}``,
+HTTP routes as ``{"error": {"code", "message", "fields"?}}`` with ``http_status(code)``. Messages are safe
+for clients: no key material, no internal details.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+# Error code -> HTTP status. A code missing here is a client error (400).
+HTTP_STATUS: dict[str, int] = {
+    "INVALID_MESSAGE": 400,
+    "MODEL_NOT_FOUND": 400,
+    "UNAUTHORIZED": 401,
+    "FORBIDDEN": 403,
+    "MODEL_NOT_ALLOWED": 403,
+    "SESSION_NOT_FOUND": 404,
+    "NOT_FOUND": 404,
+    "STREAM_IN_PROGRESS": 409,
+    "SESSION_DAMAGED": 409,
+    "PAYLOAD_TOO_LARGE": 413,
+    "NO_API_KEY": 424,
+    "RATE_LIMITED": 429,
+    "BUDGET_EXCEEDED": 429,
+    "LLM_ERROR": 502,
+    "STORAGE_ERROR": 503,
+    "SERVICE_UNAVAILABLE": 503,
+    "INTERNAL_ERROR": 500,
+}
+
+
+def http_status(code: str) -> int:
+    return HTTP_STATUS.get(code, 400)
+
+
+class ApiError(Exception):
+    """A request refused or failed, with a protocol error code (SPEC 3) and a message for the client.
+
+    ``fields`` maps a request field to what is wrong with it (validation errors); ``retry_after`` is in
+    seconds, for ``RATE_LIMITED`` and ``BUDGET_EXCEEDED``.
+    """
+
+    def __init__(
+        self,
+        code: str,
+        message: str,
+        fields: dict[str, str] | None = None,
+        *,
+        retry_after: float | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.fields = fields
+        self.retry_after = retry_after
+
+    @property
+    def status(self) -> int:
+        return http_status(self.code)
+
+    def to_dict(self) -> dict[str, Any]:
+        body: dict[str, Any] = {"code": self.code, "message": self.message}
+        if self.fields:
+            body["fields"] = self.fields
+        return body
