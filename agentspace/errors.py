@@ -65,3 +65,21 @@ class ApiError(Exception):
         if self.fields:
             body["fields"] = self.fields
         return body
+
+
+class SessionDamaged(ApiError):
+    """A session file that cannot be read; it has been moved aside and the path logged."""
+
+    def __init__(self, session_id: str) -> None:
+        super().__init__(
+            "SESSION_DAMAGED",
+            f"Session {session_id!r} is damaged and cannot be read; its file was moved aside "
+            "(see the server log, or run: agentspace doctor).",
+        )
+
+
+class StorageError(ApiError):
+    """A write to the store failed (disk full, I/O error): nothing is reported as stored that is not."""
+
+    def __init__(self, message: str = "The gateway could not store this; the answer is kept in memory and the write retried.") -> None:
+        super().__init__("STORAGE_ERROR", message)
