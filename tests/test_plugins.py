@@ -57,6 +57,47 @@ def test_hookimpl_is_exported() -> None:
     assert hookimpl is spec_hookimpl
 
 
+# Where each name of the public plugin surface is defined. A name added to ``agentspace.__all__`` must be
+# added here, so the surface is always a deliberate list of the real objects, not copies.
+PUBLIC_NAMES = {
+    "agentspace.hookspecs": ["hookimpl"],
+    "agentspace.config": ["Config", "ConfigError"],
+    "agentspace.providers.base": ["Provider", "ProviderRequest", "ThinkingSettings"],
+    "agentspace.events": [
+        "ProviderEvent", "TextDelta", "ReasoningDelta", "SourceEvent", "ToolCallEvent", "ProviderFinish", "ProviderError",
+    ],
+    "agentspace.tokens": ["count_tokens"],
+    "agentspace.types": [
+        "ModelInfo", "ChatMessage", "Part", "TextPart", "ReasoningPart", "SourcePart", "ToolCallPart", "ToolResultPart",
+        "ContextRequest", "ContextSection", "ContextSectionBuilder", "Tool", "UsageRecord", "TokenUsage", "Cost",
+    ],
+    "agentspace.sinks": ["UsageSink"],
+}
+
+
+@pytest.mark.parametrize(("module", "name"), [(m, n) for m, names in PUBLIC_NAMES.items() for n in names])
+def test_public_name_is_the_internal_object(module: str, name: str) -> None:
+    import importlib
+
+    import agentspace
+
+    namespace: dict[str, Any] = {}
+    exec(f"from agentspace import {name}", namespace)  # the import a plugin author writes
+    assert namespace[name] is getattr(importlib.import_module(module), name)
+    assert name in agentspace.__all__
+
+
+def test_all_lists_exactly_the_public_names() -> None:
+    import agentspace
+
+    expected = {n for names in PUBLIC_NAMES.values() for n in names} | {"__version__"}
+    assert sorted(agentspace.__all__) == sorted(expected)
+    assert len(agentspace.__all__) == len(set(agentspace.__all__))
+    namespace: dict[str, Any] = {}
+    exec("from agentspace import *", namespace)
+    assert expected <= set(namespace)
+
+
 @needs_fixture
 def test_installed_plugin_is_listed_with_its_hooks(tmp_path: Path) -> None:
     plugins = {p["name"]: p for p in listed(tmp_path)}
