@@ -5,7 +5,7 @@ the modules these names live in may move, these imports will not. ``agentspace.t
 for plugin tests. See docs/plugins.md.
 """
 
-from .config import Config, ConfigError
+from .config import Config, ConfigError, load_config
 from .events import (
     ProviderError,
     ProviderEvent,
@@ -44,6 +44,7 @@ __all__ = [
     "hookimpl",
     "Config",
     "ConfigError",
+    "load_config",
     # providers (register_providers)
     "Provider",
     "ProviderRequest",
