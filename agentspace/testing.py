@@ -16,18 +16,28 @@ Nothing here reads or writes the user's own data directory or loads other instal
 from __future__ import annotations
 
 import tomllib
-from contextlib import contextmanager
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, AsyncIterator, Iterator
 
 import pluggy
+from aiohttp.test_utils import TestClient, TestServer
 
 from . import hookspecs
 from .config import Config, ConfigError, parse_config
+from .gateway_token import load_or_create_token
 from .plugins import ENTRY_POINT_GROUP, create_plugin_manager, describe_plugins
+from .server import create_app
 
-__all__ = ["InstalledPlugin", "installed_plugin", "make_config", "plugin_manager", "registered"]
+__all__ = [
+    "InstalledPlugin",
+    "gateway_client",
+    "installed_plugin",
+    "make_config",
+    "plugin_manager",
+    "registered",
+]
 
 
 def _merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
@@ -123,3 +133,22 @@ def installed_plugin(name: str) -> InstalledPlugin:
         )
     [info] = [p for p in describe_plugins(pm) if p["name"] == name]
     return InstalledPlugin(plugin, info, pm)
+
+
+@asynccontextmanager
+async def gateway_client(config: Config, *plugins: object) -> AsyncIterator[TestClient]:
+    """The real gateway, as ``agentspace serve`` runs it, with the built-ins and ``plugins``, on 127.0.0.1.
+
+    Yields an aiohttp ``TestClient`` whose requests and WebSockets carry the gateway token:
+    ``await client.ws_connect("/gateway")``, ``await client.post("/api/chat", json=...)``. The server
+    runs every startup and shutdown hook, and stops on exit.
+    """
+    with plugin_manager(*plugins) as pm:
+        token = load_or_create_token(config.data_dir)
+        server = TestServer(create_app(config, pm), host="127.0.0.1")
+        client = TestClient(server, headers={"Authorization": f"Bearer {token}"})
+        await client.start_server()
+        try:
+            yield client
+        finally:
+            await client.close()

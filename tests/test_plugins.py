@@ -225,3 +225,29 @@ def test_installed_plugin_says_how_to_fix_a_missing_entry_point() -> None:
 
     with pytest.raises(LookupError, match="no installed plugin has the entry point 'no-such-plugin'.*pip install"):
         installed_plugin("no-such-plugin")
+
+
+async def test_gateway_client_serves_the_plugins_and_runs_their_server_hooks(tmp_path: Path) -> None:
+    from agentspace import hookimpl
+    from agentspace.testing import gateway_client, make_config
+
+    calls: list[str] = []
+
+    class Lifecycle:
+        @hookimpl
+        def server_startup(self) -> None:
+            calls.append("startup")
+
+        @hookimpl
+        def server_shutdown(self) -> None:
+            calls.append("shutdown")
+
+    async with gateway_client(make_config(tmp_path), Lifecycle()) as client:
+        assert calls == ["startup"]
+        response = await client.get("/api/sessions")  # a route that needs the gateway token
+        assert response.status == 200, await response.text()
+        ws = await client.ws_connect("/gateway")
+        await ws.send_json({"type": "session.list", "id": "1"})
+        assert (await ws.receive_json(timeout=10))["requestId"] == "1"
+        await ws.close()
+    assert calls == ["startup", "shutdown"]

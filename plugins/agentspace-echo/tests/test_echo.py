@@ -23,7 +23,7 @@ from agentspace import (
     ToolResultPart,
     count_tokens,
 )
-from agentspace.testing import installed_plugin, make_config, registered
+from agentspace.testing import gateway_client, installed_plugin, make_config, registered
 
 
 def echo_provider(tmp_path: Path, **settings: Any) -> Provider:
@@ -143,3 +143,26 @@ def test_models_are_listed_by_the_catalog(tmp_path: Path) -> None:
     config = make_config(tmp_path)
     ids = {m["id"] for m in usable_models(config, registered("register_providers", config, agentspace_echo))}
     assert {"echo/echo", "echo/reasoning"} <= ids
+
+
+async def test_chat_through_the_gateway_is_stored_and_priced(tmp_path: Path) -> None:
+    """The plugin in the real gateway: a WebSocket chat with echo/echo, stored, with its usage record."""
+    config = make_config(tmp_path, '[pricing."echo/echo"]\ninput_per_mtok = 1.0\noutput_per_mtok = 2.0\n')
+    async with gateway_client(config, agentspace_echo) as client:
+        ws = await client.ws_connect("/gateway")
+        await ws.send_json({"type": "chat.send", "id": "1", "content": "Hello there", "model": "echo/echo"})
+        frames = []
+        while not frames or frames[-1]["type"] not in ("chat.stream.end", "error"):
+            frames.append(await ws.receive_json(timeout=10))
+        await ws.close()
+        end = frames[-1]
+        assert end["type"] == "chat.stream.end" and end["finishReason"] == "stop", frames
+        assert "".join(f["delta"] for f in frames if f["type"] == "chat.stream.delta") == "Hello there"
+        usage = end["usage"]
+        assert usage["outputTokens"] == count_tokens("Hello there") and usage["inputTokens"] > 0
+        assert usage["totalCost"] == (usage["inputTokens"] * 1.0 + usage["outputTokens"] * 2.0) / 1e6
+        [session_id] = {f["sessionId"] for f in frames if "sessionId" in f}
+        stored = await (await client.get(f"/api/sessions/{session_id}")).json()
+        assert [m["content"] for m in stored["session"]["messages"]] == ["Hello there", "Hello there"]
+        report = await (await client.get("/api/usage?by=model")).json()
+        assert report["grandTotal"]["requestCount"] == 1
