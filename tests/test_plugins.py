@@ -65,7 +65,8 @@ PUBLIC_NAMES = {
     "agentspace.config": ["Config", "ConfigError", "load_config"],
     "agentspace.providers.base": ["Provider", "ProviderRequest", "ThinkingSettings"],
     "agentspace.events": [
-        "ProviderEvent", "TextDelta", "ReasoningDelta", "SourceEvent", "ToolCallEvent", "ProviderFinish", "ProviderError",
+        "ProviderEvent", "TextDelta", "ReasoningDelta", "SourceEvent", "ToolCallEvent", "ProviderFinish",
+        "ProviderError",
     ],
     "agentspace.tokens": ["count_tokens"],
     "agentspace.types": [
@@ -164,7 +165,8 @@ def test_make_config_merges_toml_and_tables_and_names_the_file(tmp_path: Path) -
     from agentspace.config import ConfigError
     from agentspace.testing import make_config
 
-    config = make_config(tmp_path, '[chat]\nmax_steps = 3\n[plugins.memory]\nfolder = "a"\n', plugins={"memory": {"max_bytes": 9}})
+    toml = '[chat]\nmax_steps = 3\n[plugins.memory]\nfolder = "a"\n'
+    config = make_config(tmp_path, toml, plugins={"memory": {"max_bytes": 9}})
     assert config["chat"]["max_steps"] == 3
     assert config.plugin_settings("memory") == {"folder": "a", "max_bytes": 9}
     assert config.data_dir == tmp_path / "data" and config.data_dir.is_dir()
