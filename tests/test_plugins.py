@@ -15,6 +15,7 @@ from importlib.metadata import PackageNotFoundError, distribution
 from pathlib import Path
 from typing import Any
 
+import pluggy
 import pytest
 
 from agentspace.plugins import DEFAULT_PLUGINS
@@ -55,6 +56,48 @@ def test_hookimpl_is_exported() -> None:
     from agentspace.hookspecs import hookimpl as spec_hookimpl
 
     assert hookimpl is spec_hookimpl
+
+
+# Where each name of the public plugin surface is defined. A name added to ``agentspace.__all__`` must be
+# added here, so the surface is always a deliberate list of the real objects, not copies.
+PUBLIC_NAMES = {
+    "agentspace.hookspecs": ["hookimpl"],
+    "agentspace.config": ["Config", "ConfigError", "load_config"],
+    "agentspace.providers.base": ["Provider", "ProviderRequest", "ThinkingSettings"],
+    "agentspace.events": [
+        "ProviderEvent", "TextDelta", "ReasoningDelta", "SourceEvent", "ToolCallEvent", "ProviderFinish",
+        "ProviderError",
+    ],
+    "agentspace.tokens": ["count_tokens"],
+    "agentspace.types": [
+        "ModelInfo", "ChatMessage", "Part", "TextPart", "ReasoningPart", "SourcePart", "ToolCallPart", "ToolResultPart",
+        "ContextRequest", "ContextSection", "ContextSectionBuilder", "Tool", "UsageRecord", "TokenUsage", "Cost",
+    ],
+    "agentspace.sinks": ["UsageSink"],
+}
+
+
+@pytest.mark.parametrize(("module", "name"), [(m, n) for m, names in PUBLIC_NAMES.items() for n in names])
+def test_public_name_is_the_internal_object(module: str, name: str) -> None:
+    import importlib
+
+    import agentspace
+
+    namespace: dict[str, Any] = {}
+    exec(f"from agentspace import {name}", namespace)  # the import a plugin author writes
+    assert namespace[name] is getattr(importlib.import_module(module), name)
+    assert name in agentspace.__all__
+
+
+def test_all_lists_exactly_the_public_names() -> None:
+    import agentspace
+
+    expected = {n for names in PUBLIC_NAMES.values() for n in names} | {"__version__"}
+    assert sorted(agentspace.__all__) == sorted(expected)
+    assert len(agentspace.__all__) == len(set(agentspace.__all__))
+    namespace: dict[str, Any] = {}
+    exec("from agentspace import *", namespace)
+    assert expected <= set(namespace)
 
 
 @needs_fixture
@@ -113,3 +156,100 @@ def test_plugin_context_section_registers() -> None:
     sections: list[Any] = []
     pm.hook.register_context_sections(register=sections.append, config=parse_config({}))
     assert "fixture" in [s.name for s in sections]
+
+
+# --- agentspace.testing: the helpers plugin packages test themselves with --------------------------
+
+
+def test_make_config_merges_toml_and_tables_and_names_the_file(tmp_path: Path) -> None:
+    from agentspace.config import ConfigError
+    from agentspace.testing import make_config
+
+    toml = '[chat]\nmax_steps = 3\n[plugins.memory]\nfolder = "a"\n'
+    config = make_config(tmp_path, toml, plugins={"memory": {"max_bytes": 9}})
+    assert config["chat"]["max_steps"] == 3
+    assert config.plugin_settings("memory") == {"folder": "a", "max_bytes": 9}
+    assert config.data_dir == tmp_path / "data" and config.data_dir.is_dir()
+    assert config.resolve_path("notes") == tmp_path / "notes"
+    with pytest.raises(ConfigError) as e:
+        make_config(tmp_path, chat={"max_steps": "3"})
+    assert e.value.key == "chat.max_steps" and str(tmp_path / "agentspace.toml") in str(e.value)
+    with pytest.raises(ConfigError) as e:
+        make_config(tmp_path, "[chat\n")
+    assert e.value.key == "(syntax)"
+
+
+def test_plugin_manager_registers_after_the_builtins_and_unregisters(tmp_path: Path) -> None:
+    from agentspace import hookimpl
+    from agentspace.testing import make_config, plugin_manager
+
+    class Plain:
+        @hookimpl
+        def formatting_prompt(self, model: str) -> str:
+            return f"plain for {model}"
+
+    plugin = Plain()
+    with plugin_manager(plugin) as pm:
+        assert set(DEFAULT_PLUGINS) < {pm.get_name(p) for p in pm.get_plugins()}
+        assert pm.hook.formatting_prompt(config=make_config(tmp_path), model="m") == "plain for m"
+    assert not pm.is_registered(plugin)
+    with plugin_manager(plugin, builtins=False) as pm:
+        assert pm.get_plugins() == {plugin}
+    # Mistakes that would make a plugin do nothing, or fail only under the server, fail the test instead.
+    class MisspeltHook:
+        @hookimpl
+        def register_tool(self, register: Any) -> None: ...
+
+    class MisspeltParameter:
+        @hookimpl
+        def register_tools(self, regster: Any) -> None: ...
+
+    for wrong in (MisspeltHook(), MisspeltParameter()):
+        with pytest.raises(pluggy.PluginValidationError), plugin_manager(wrong):
+            pass
+
+
+def test_registered_asks_only_the_given_plugins(tmp_path: Path) -> None:
+    from agentspace import ContextSection, hookimpl
+    from agentspace.testing import make_config, registered
+
+    class Sections:
+        @hookimpl
+        def register_context_sections(self, register: Any) -> None:
+            register(ContextSection("a", lambda request: "A"))
+            register(ContextSection("b", lambda request: "B"))
+
+    assert [s.name for s in registered("register_context_sections", make_config(tmp_path), Sections())] == ["a", "b"]
+
+
+def test_installed_plugin_says_how_to_fix_a_missing_entry_point() -> None:
+    from agentspace.testing import installed_plugin
+
+    with pytest.raises(LookupError, match="no installed plugin has the entry point 'no-such-plugin'.*pip install"):
+        installed_plugin("no-such-plugin")
+
+
+async def test_gateway_client_serves_the_plugins_and_runs_their_server_hooks(tmp_path: Path) -> None:
+    from agentspace import hookimpl
+    from agentspace.testing import gateway_client, make_config
+
+    calls: list[str] = []
+
+    class Lifecycle:
+        @hookimpl
+        def server_startup(self) -> None:
+            calls.append("startup")
+
+        @hookimpl
+        def server_shutdown(self) -> None:
+            calls.append("shutdown")
+
+    async with gateway_client(make_config(tmp_path), Lifecycle()) as client:
+        assert calls == ["startup"]
+        response = await client.get("/api/sessions")  # a route that needs the gateway token
+        assert response.status == 200, await response.text()
+        ws = await client.ws_connect("/gateway")
+        await ws.send_json({"type": "session.list", "id": "1"})
+        assert (await ws.receive_json(timeout=10))["requestId"] == "1"
+        await ws.close()
+    assert calls == ["startup", "shutdown"]

@@ -1,15 +1,19 @@
 """``agentspace chat``: a terminal client of a running gateway.
 
 The answer (text and sources) goes to stdout; reasoning, tool activity, the token/cost line and errors
-go to stderr, so ``echo question | agentspace chat > answer.md`` keeps only the answer.
+go to stderr, so ``echo question | agentspace chat > answer.md`` keeps only the answer. On a terminal the
+prompt has line editing and a history kept in the data directory (``readline``, as ``llm chat`` has).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import signal
 import sys
 import threading
+from pathlib import Path
+from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
 import click
@@ -22,6 +26,8 @@ if TYPE_CHECKING:
     from .client import GatewayConnection
 
 HELP_LINE = "Enter sends · /new starts a new session · Ctrl-C stops an answer · Ctrl-D exits"
+HISTORY_FILE = "chat_history"  # in the data directory
+HISTORY_LENGTH = 1000  # lines kept in the file
 
 
 def _brief(value: Any, width: int = 120) -> str:
@@ -135,21 +141,93 @@ class ChatSession:
         return ok
 
 
+class LineEditor:
+    """The terminal prompt: line editing and history through ``readline`` where Python has it.
+
+    Importing ``readline`` is what gives ``input()`` editing (arrows, Ctrl-A/E, Ctrl-R search) and Up/Down
+    recall. Each line entered is appended to ``history_path`` at once (0600: it holds what the user typed),
+    so a killed client loses nothing and two chats in two terminals both keep theirs. Without
+    ``readline`` (Windows) the prompt is plain ``input()``. A history file that cannot be read or written
+    is reported once and the chat goes on.
+    """
+
+    def __init__(self, history_path: Path) -> None:
+        self.path = history_path
+        self.readline: ModuleType | None
+        try:
+            import readline
+
+            self.readline = readline
+        except ImportError:
+            self.readline = None
+        self._terminal: list[Any] | None = None
+        self._warned = False
+        if self.readline is None:
+            return
+        try:
+            import termios
+
+            # readline switches the terminal mode while it reads; a chat that exits from Ctrl-C at the
+            # prompt leaves the read unfinished on its thread, so the mode is put back on close().
+            self._terminal = termios.tcgetattr(sys.stdin.fileno())
+        except (ImportError, OSError, ValueError):
+            self._terminal = None
+        self.readline.set_history_length(HISTORY_LENGTH)
+        try:
+            self.readline.read_history_file(str(self.path))
+            if self.readline.get_current_history_length() > HISTORY_LENGTH:
+                self.readline.write_history_file(str(self.path))  # writes the last HISTORY_LENGTH lines
+        except FileNotFoundError:
+            pass
+        except OSError as e:
+            self._warn(e)
+
+    def read(self, prompt: str) -> str:
+        """One line from the terminal (EOFError on Ctrl-D); a new history line is saved before returning."""
+        rl = self.readline
+        before = rl.get_current_history_length() if rl else 0
+        line = input(prompt)
+        # readline adds a line to the history itself, except an empty one or a repeat of the last.
+        if rl is not None and rl.get_current_history_length() > before:
+            try:
+                self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+                os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600))
+                rl.append_history_file(1, str(self.path))
+            except OSError as e:
+                self._warn(e)
+        return line
+
+    def close(self) -> None:
+        if self._terminal is not None:
+            import termios
+
+            try:
+                termios.tcsetattr(sys.stdin.fileno(), termios.TCSADRAIN, self._terminal)
+            except (OSError, ValueError):
+                pass
+
+    def _warn(self, error: OSError) -> None:
+        if not self._warned:
+            self._warned = True
+            click.secho(f"[chat history not kept: {self.path}: {error.strerror or error}]", err=True, dim=True)
+
+
 def _start_line_reader(loop: "asyncio.AbstractEventLoop", lines: "asyncio.Queue[str | None]",
-                       want: threading.Event, interactive: bool) -> None:
+                       want: threading.Event, editor: LineEditor | None) -> None:
     """Read stdin on a daemon thread (a blocked read must not keep the process alive at exit).
 
-    On a terminal it waits for ``want`` so the "> " prompt appears only when the previous answer is done.
+    On a terminal (``editor`` given) it waits for ``want`` so the "> " prompt appears only when the
+    previous answer is done.
     """
     stdin = sys.stdin
 
     def run() -> None:
         try:
             while True:
-                if interactive:
+                if editor is not None:
                     want.wait()
                     want.clear()
-                    line = input("> ") + "\n"
+                    line = editor.read("> ") + "\n"
                 else:
                     line = stdin.readline()
                 if not line:
@@ -162,12 +240,14 @@ def _start_line_reader(loop: "asyncio.AbstractEventLoop", lines: "asyncio.Queue[
     threading.Thread(target=run, name="agentspace-chat-stdin", daemon=True).start()
 
 
-async def run_chat(url: str, token: str, session_id: str | None, model: str | None, interactive: bool) -> int:
-    """The chat loop; returns the exit code (1 when a piped message failed)."""
+async def run_chat(url: str, token: str, session_id: str | None, model: str | None,
+                   editor: LineEditor | None) -> int:
+    """The chat loop; returns the exit code (1 when a piped message failed). ``editor``: on a terminal."""
     import asyncio
 
     from .client import GatewayConnection
 
+    interactive = editor is not None
     loop = asyncio.get_running_loop()
     async with GatewayConnection(url, token) as gateway:
         chat = ChatSession(gateway, session_id, model)
@@ -180,7 +260,7 @@ async def run_chat(url: str, token: str, session_id: str | None, model: str | No
         try:
             if interactive:
                 click.secho(f"Connected to {url}. {HELP_LINE}", err=True, dim=True)
-            failures = await _converse(chat, stop, interactive)
+            failures = await _converse(chat, stop, editor)
             if interactive:
                 click.echo(err=True)  # leave the shell prompt on a line of its own
         finally:
@@ -190,14 +270,15 @@ async def run_chat(url: str, token: str, session_id: str | None, model: str | No
     return 1 if failures and not interactive else 0
 
 
-async def _converse(chat: ChatSession, stop: "asyncio.Event", interactive: bool) -> int:
+async def _converse(chat: ChatSession, stop: "asyncio.Event", editor: LineEditor | None) -> int:
     import asyncio
 
     from .client import ConnectionLost
 
+    interactive = editor is not None
     lines: asyncio.Queue[str | None] = asyncio.Queue()
     want = threading.Event()
-    _start_line_reader(asyncio.get_running_loop(), lines, want, interactive)
+    _start_line_reader(asyncio.get_running_loop(), lines, want, editor)
     failures = 0
     while True:
         want.set()
@@ -256,7 +337,12 @@ def chat(state: CliState, session_id: str | None, model: str | None, url: str | 
     from .client import default_url, resolve_token
 
     url = url or default_url(state)
-    interactive = sys.stdin.isatty()
-    code = asyncio.run(run_chat(url, resolve_token(state, token), session_id, model, interactive))
+    token = resolve_token(state, token)
+    editor = LineEditor(state.data_dir / HISTORY_FILE) if sys.stdin.isatty() else None
+    try:
+        code = asyncio.run(run_chat(url, token, session_id, model, editor))
+    finally:
+        if editor is not None:
+            editor.close()
     if code:
         raise SystemExit(code)

@@ -11,16 +11,29 @@ import json
 import re
 from typing import Any, AsyncIterator, Callable
 
-from agentspace import hookimpl
-from agentspace.config import Config, ConfigError
-from agentspace.events import ProviderEvent, ProviderFinish, ReasoningDelta, TextDelta
-from agentspace.providers.base import Provider, ProviderRequest
-from agentspace.tokens import count_tokens
-from agentspace.types import ChatMessage, Part, ReasoningPart, TextPart, TokenUsage, ToolCallPart, ToolResultPart
+from agentspace import (
+    ChatMessage,
+    Config,
+    ConfigError,
+    Part,
+    Provider,
+    ProviderEvent,
+    ProviderFinish,
+    ProviderRequest,
+    ReasoningDelta,
+    ReasoningPart,
+    TextDelta,
+    TextPart,
+    TokenUsage,
+    ToolCallPart,
+    ToolResultPart,
+    count_tokens,
+    hookimpl,
+)
 
 PREFIX = "echo/"
 REASONING_MODEL = "echo/reasoning"
-SETTINGS = {"delay_ms": ((int, float), 0)}
+SETTINGS: dict[str, tuple[tuple[type, ...], Any]] = {"delay_ms": ((int, float), 0)}
 
 # A word with the whitespace around it, so the chunks join back into the exact text.
 _WORD = re.compile(r"\s*\S+\s*")

@@ -11,16 +11,20 @@ import asyncio
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
-from agentspace import ContextRequest, hookimpl
-from agentspace.config import Config, ConfigError
-from agentspace.types import ContextSectionBuilder
+from agentspace import (
+    Config,
+    ConfigError,
+    ContextRequest,
+    ContextSectionBuilder,
+    hookimpl,
+)
 
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_BYTES = 32_768
-SETTINGS = {"folder": ((str,), None), "max_bytes": ((int,), DEFAULT_MAX_BYTES)}
+SETTINGS: dict[str, tuple[tuple[type, ...], Any]] = {"folder": ((str,), None), "max_bytes": ((int,), DEFAULT_MAX_BYTES)}
 
 
 @dataclass(frozen=True, slots=True)

@@ -19,15 +19,13 @@ import asyncio
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
-from agentspace import ContextRequest, hookimpl
-from agentspace.config import Config
-from agentspace.types import ContextSectionBuilder
+from agentspace import Config, ContextRequest, ContextSectionBuilder, hookimpl
 
 log = logging.getLogger(__name__)
 
-SETTINGS = {"folder": ((str,), None)}
+SETTINGS: dict[str, tuple[tuple[type, ...], Any]] = {"folder": ((str,), None)}
 # Front matter sits at the top of the file; reading this much is enough and bounds the work per file.
 FRONT_MATTER_MAX_BYTES = 65_536
 

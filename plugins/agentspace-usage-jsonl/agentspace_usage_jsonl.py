@@ -13,13 +13,11 @@ import json
 import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
-from agentspace import UsageRecord, hookimpl
-from agentspace.config import Config, ConfigError
-from agentspace.sinks import UsageSink
+from agentspace import Config, ConfigError, UsageRecord, UsageSink, hookimpl
 
-SETTINGS = {"path": ((str,), None)}
+SETTINGS: dict[str, tuple[tuple[type, ...], Any]] = {"path": ((str,), None)}
 
 
 class JsonlUsageSink:

@@ -4,32 +4,24 @@ import logging
 from pathlib import Path
 from typing import Any
 
-import pluggy
-import pytest
-
 import agentspace_skills
-from agentspace import ContextRequest, hookspecs
-from agentspace.config import Config, ConfigError, parse_config
-from agentspace.plugins import create_plugin_manager, describe_plugins
+import pytest
 from agentspace_skills import FrontMatterError, parse_front_matter
 
-
-def make_config(tmp_path: Path, **skills: Any) -> Config:
-    raw: dict[str, Any] = {"storage": {"data_dir": str(tmp_path / "data")}}
-    if skills:
-        raw["plugins"] = {"skills": skills}
-    return parse_config(raw, "test.toml", base_dir=tmp_path)
+from agentspace import Config, ConfigError, ContextRequest
+from agentspace.plugins import create_plugin_manager
+from agentspace.testing import installed_plugin, make_config, registered
 
 
 def skills_section(config: Config) -> Any:
     """The section the plugin registers, obtained through the hook like the gateway does."""
-    pm = pluggy.PluginManager("agentspace")
-    pm.add_hookspecs(hookspecs)
-    pm.register(agentspace_skills)
-    sections: list[Any] = []
-    pm.hook.register_context_sections(register=sections.append, config=config)
-    assert [s.name for s in sections] == ["skills"]
-    return sections[0]
+    [section] = registered("register_context_sections", config, agentspace_skills)
+    assert section.name == "skills"
+    return section
+
+
+def skills_config(tmp_path: Path, **settings: Any) -> Config:
+    return make_config(tmp_path, plugins={"skills": settings})
 
 
 async def build(config: Config) -> str:
@@ -47,7 +39,7 @@ async def test_lists_each_skill_with_description_and_path(tmp_path: Path) -> Non
     pdf = write(folder / "pdf" / "SKILL.md", "---\nname: pdf\ndescription: Extract text from PDF files.\n---\nSteps...\n")
     csv = write(folder / "csv.md", '---\nname: "csv"\ndescription: \'Clean CSV files\'\n---\n')
     write(folder / "notes.txt", "---\nname: not-a-skill\n---\n")
-    text = await build(make_config(tmp_path, folder="skills"))
+    text = await build(skills_config(tmp_path, folder="skills"))
     assert text == (
         "Available skills:\n"
         f"- csv: Clean CSV files ({csv.resolve()})\n"
@@ -57,13 +49,13 @@ async def test_lists_each_skill_with_description_and_path(tmp_path: Path) -> Non
 
 async def test_default_folder_is_skills_in_the_data_dir(tmp_path: Path) -> None:
     write(tmp_path / "data" / "skills" / "a" / "SKILL.md", "---\nname: a\n---\n")
-    assert (await build(make_config(tmp_path))).startswith("Available skills:\n- a (")
+    assert (await build(skills_config(tmp_path))).startswith("Available skills:\n- a (")
 
 
 async def test_missing_or_empty_folder_gives_empty_section(tmp_path: Path) -> None:
-    assert await build(make_config(tmp_path, folder="none")) == ""
+    assert await build(skills_config(tmp_path, folder="none")) == ""
     (tmp_path / "empty").mkdir()
-    assert await build(make_config(tmp_path, folder="empty")) == ""
+    assert await build(skills_config(tmp_path, folder="empty")) == ""
 
 
 async def test_bad_files_are_skipped_and_logged_once(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
@@ -74,7 +66,7 @@ async def test_bad_files_are_skipped_and_logged_once(tmp_path: Path, caplog: pyt
     write(folder / "unclosed.md", "---\nname: x\n")
     write(folder / "garbled.md", "---\nname: y\nthis line has no colon\n---\n")
     write(folder / "other.md", "---\nname: good\n---\n")
-    section = skills_section(make_config(tmp_path, folder="s"))
+    section = skills_section(skills_config(tmp_path, folder="s"))
     request = ContextRequest(session_id=None, model="echo/echo", config=None)
     with caplog.at_level(logging.WARNING, logger="agentspace_skills"):
         first = await section.build(request)
@@ -87,7 +79,7 @@ async def test_bad_files_are_skipped_and_logged_once(tmp_path: Path, caplog: pyt
 
 
 async def test_new_skills_show_up_on_the_next_build(tmp_path: Path) -> None:
-    section = skills_section(make_config(tmp_path, folder="s"))
+    section = skills_section(skills_config(tmp_path, folder="s"))
     request = ContextRequest(session_id=None, model="echo/echo", config=None)
     assert await section.build(request) == ""
     write(tmp_path / "s" / "new" / "SKILL.md", "---\nname: new\n---\n")
@@ -104,20 +96,18 @@ def test_front_matter_comments_continuations_and_block_indicators() -> None:
 
 def test_bad_settings_name_the_key(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as e:
-        skills_section(make_config(tmp_path, folder=["x"]))
+        skills_section(skills_config(tmp_path, folder=["x"]))
     assert e.value.key == "plugins.skills.folder"
     with pytest.raises(ConfigError) as e:
-        skills_section(make_config(tmp_path, path="x"))
+        skills_section(skills_config(tmp_path, path="x"))
     assert e.value.key == "plugins.skills.path"
 
 
-def test_discovered_through_the_entry_point(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv("AGENTSPACE_LOAD_PLUGINS", raising=False)
-    pm = create_plugin_manager()
-    assert pm.get_plugin("skills") is agentspace_skills
-    [info] = [p for p in describe_plugins(pm) if p["name"] == "skills"]
-    assert info["package"] == "agentspace-skills"
-    assert info["hooks"] == ["register_context_sections"]
+def test_discovered_through_the_entry_point() -> None:
+    installed = installed_plugin("skills")
+    assert installed.plugin is agentspace_skills
+    assert installed.info["package"] == "agentspace-skills"
+    assert installed.info["hooks"] == ["register_context_sections"]
 
 
 def test_agentspace_load_plugins_selects_it_by_entry_point_name(monkeypatch: pytest.MonkeyPatch) -> None:

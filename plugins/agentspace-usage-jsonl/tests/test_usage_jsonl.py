@@ -9,34 +9,22 @@ import time
 from pathlib import Path
 from typing import Any
 
-import pluggy
+import agentspace_usage_jsonl
 import pytest
 
-import agentspace_usage_jsonl
-from agentspace import TokenUsage, UsageRecord, hookspecs
-from agentspace.config import Config, ConfigError, parse_config
-from agentspace.plugins import create_plugin_manager, describe_plugins
-from agentspace.sinks import UsageSink
-from agentspace.types import Cost
-
-
-def make_config(tmp_path: Path, **settings: Any) -> Config:
-    raw: dict[str, Any] = {"storage": {"data_dir": str(tmp_path / "data")}}
-    if settings:
-        raw["plugins"] = {"usage-jsonl": settings}
-    return parse_config(raw, "test.toml", base_dir=tmp_path)
+from agentspace import Config, ConfigError, Cost, TokenUsage, UsageRecord, UsageSink
+from agentspace.testing import installed_plugin, make_config, registered
 
 
 def jsonl_sink(config: Config) -> Any:
     """The sink the plugin registers, obtained through the hook like the gateway does."""
-    pm = pluggy.PluginManager("agentspace")
-    pm.add_hookspecs(hookspecs)
-    pm.register(agentspace_usage_jsonl)
-    sinks: list[UsageSink] = []
-    pm.hook.register_usage_sinks(register=sinks.append, config=config)
-    [sink] = sinks
+    [sink] = registered("register_usage_sinks", config, agentspace_usage_jsonl)
     assert isinstance(sink, UsageSink) and sink.name == "jsonl"
     return sink
+
+
+def jsonl_config(tmp_path: Path, **settings: Any) -> Config:
+    return make_config(tmp_path, plugins={"usage-jsonl": settings})
 
 
 def usage_record(n: int) -> UsageRecord:
@@ -54,7 +42,7 @@ async def test_appends_one_json_line_per_record_in_order(tmp_path: Path) -> None
     path = tmp_path / "logs" / "usage.jsonl"
     path.parent.mkdir()
     path.write_text('{"earlier": true}\n')
-    sink = jsonl_sink(make_config(tmp_path, path="logs/usage.jsonl"))
+    sink = jsonl_sink(jsonl_config(tmp_path, path="logs/usage.jsonl"))
     await asyncio.gather(*(sink.record(usage_record(n)) for n in range(50)))
     await sink.aclose()
     lines = read_lines(path)
@@ -64,7 +52,7 @@ async def test_appends_one_json_line_per_record_in_order(tmp_path: Path) -> None
 
 
 async def test_default_path_is_usage_jsonl_in_the_data_dir_private_to_the_user(tmp_path: Path) -> None:
-    sink = jsonl_sink(make_config(tmp_path))
+    sink = jsonl_sink(jsonl_config(tmp_path))
     await sink.record(usage_record(1))
     path = tmp_path / "data" / "usage.jsonl"
     assert read_lines(path) == [usage_record(1).to_dict()]
@@ -72,7 +60,7 @@ async def test_default_path_is_usage_jsonl_in_the_data_dir_private_to_the_user(t
 
 
 async def test_a_deleted_file_is_recreated(tmp_path: Path) -> None:
-    sink = jsonl_sink(make_config(tmp_path, path="u.jsonl"))
+    sink = jsonl_sink(jsonl_config(tmp_path, path="u.jsonl"))
     await sink.record(usage_record(1))
     (tmp_path / "u.jsonl").rename(tmp_path / "u.jsonl.1")  # what log rotation does
     await sink.record(usage_record(2))
@@ -89,7 +77,7 @@ async def test_writes_and_fsyncs_off_the_event_loop(tmp_path: Path, monkeypatch:
         real_fsync(fd)
 
     monkeypatch.setattr(os, "fsync", slow_fsync)
-    sink = jsonl_sink(make_config(tmp_path))
+    sink = jsonl_sink(jsonl_config(tmp_path))
     ticks = 0
 
     async def ticker() -> None:
@@ -108,14 +96,12 @@ async def test_writes_and_fsyncs_off_the_event_loop(tmp_path: Path, monkeypatch:
 @pytest.mark.parametrize(("settings", "key"), [({"path": ""}, "plugins.usage-jsonl.path"), ({"file": "x"}, "plugins.usage-jsonl.file")])
 def test_bad_settings_name_the_key(tmp_path: Path, settings: dict[str, Any], key: str) -> None:
     with pytest.raises(ConfigError) as e:
-        jsonl_sink(make_config(tmp_path, **settings))
+        jsonl_sink(jsonl_config(tmp_path, **settings))
     assert e.value.key == key
 
 
-def test_discovered_through_the_entry_point(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv("AGENTSPACE_LOAD_PLUGINS", raising=False)
-    pm = create_plugin_manager()
-    assert pm.get_plugin("usage-jsonl") is agentspace_usage_jsonl
-    [info] = [p for p in describe_plugins(pm) if p["name"] == "usage-jsonl"]
-    assert info["package"] == "agentspace-usage-jsonl"
-    assert info["hooks"] == ["register_usage_sinks"]
+def test_discovered_through_the_entry_point() -> None:
+    installed = installed_plugin("usage-jsonl")
+    assert installed.plugin is agentspace_usage_jsonl
+    assert installed.info["package"] == "agentspace-usage-jsonl"
+    assert installed.info["hooks"] == ["register_usage_sinks"]
