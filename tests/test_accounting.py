@@ -10,6 +10,7 @@ the fake upstreams; every record is compared with what the fake reported.
 from __future__ import annotations
 
 import asyncio
+import importlib
 from typing import Any, Awaitable, Callable
 
 import pytest
@@ -37,6 +38,8 @@ async def app(make_client: Callable[..., Awaitable[TestClient]], fake_openai: fo
               monkeypatch: pytest.MonkeyPatch) -> Callable[..., Awaitable[TestClient]]:
     monkeypatch.setenv("OPENAI_API_KEY", OPENAI_KEY)
     monkeypatch.setattr(pipeline.random, "random", lambda: 0.0)
+    # litellm takes seconds to import, more on a loaded machine: not inside a chat's receive timeout.
+    await asyncio.to_thread(importlib.import_module, "litellm")
 
     async def make(**sections: Any) -> TestClient:
         sections.setdefault("providers", {"openai": {"base_url": fake_openai.url}})

@@ -7,6 +7,8 @@ the failed one not resent. Over the WebSocket, over ``POST /api/chat``, and afte
 
 from __future__ import annotations
 
+import asyncio
+import importlib
 from typing import Any, Awaitable, Callable
 
 import pytest
@@ -33,6 +35,8 @@ async def app(make_client: Callable[..., Awaitable[TestClient]], fake_openai: fo
     """``await app()``: the real app with both providers; the shortest backoff between retries."""
     monkeypatch.setenv("OPENAI_API_KEY", OPENAI_KEY)
     monkeypatch.setattr(pipeline.random, "random", lambda: 0.0)
+    # litellm takes seconds to import, more on a loaded machine: not inside a chat's receive timeout.
+    await asyncio.to_thread(importlib.import_module, "litellm")
 
     async def make() -> TestClient:
         return await make_client(chat={"max_retries": RETRIES}, providers={"openai": {"base_url": fake_openai.url}})
