@@ -11,6 +11,8 @@ import asyncio
 import logging
 from typing import Awaitable, Callable
 
+from .errors import StorageError
+
 log = logging.getLogger(__name__)
 
 RETRY_SECONDS = 5.0
@@ -45,9 +47,11 @@ class PendingWrites:
             try:
                 await write()
                 log.info("stored %s (after an earlier failure)", what)
-            except Exception as e:
+            except (StorageError, OSError) as e:
                 log.warning("storing %s still fails (%s); retrying in %.0fs", what, e, self.interval)
                 self._writes.append((what, write))
+            except Exception:  # not the disk (e.g. the session was deleted since): retrying will not help
+                log.exception("gave up storing %s", what)
             except BaseException:  # cancelled mid-retry: keep what was not tried
                 self._writes[:0] = writes[i:]
                 raise
