@@ -375,13 +375,13 @@ class Turn:
     async def _call(self, ctx: AssembledContext, state: _Step, seen_sources: set[str], model: str) -> ProviderFinish:
         if self._stop_reason is not None:  # stopped between steps, retries or before the first call
             raise _Stopped(self._stop_reason)
-        state.attempts += 1
-        state.answered, state.reported, state.output_at_report = False, None, 0
         gw = self.gw
         try:
             provider = gw.provider_for(model)
         except ModelNotFound as e:  # a fallback naming a model nothing serves
             raise ProviderError("MODEL_NOT_FOUND", str(e)) from None
+        state.attempts += 1
+        state.answered, state.reported, state.output_at_report = False, None, 0
         info = gw.model_info(model)
         prefix = model.split("/", 1)[0]
         settings = gw.config.provider_settings(prefix)
