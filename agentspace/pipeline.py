@@ -26,6 +26,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any, AsyncIterator, Awaitable, Callable
 
 from .context import AssembledContext, assemble, estimate_input_tokens
+from .errors import StorageError
 from .events import (
     ProviderError,
     ProviderFinish,
@@ -42,7 +43,6 @@ from .events import (
     ToolResultEvent,
     UsageReport,
 )
-from .errors import StorageError
 from .gateway import Gateway, ModelNotFound
 from .logs import redact
 from .providers.base import ProviderRequest, ThinkingSettings

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import importlib
-from typing import Any, Awaitable, Callable
+import json
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 import pytest
 from aiohttp.test_utils import TestClient
@@ -164,8 +166,8 @@ async def test_abort_sent_with_the_send_bills_nothing(app: Any, token: str, fake
     model = ANTHROPIC if provider == "anthropic" else OPENAI
     ws = await connect(client, token)
     # Both frames in one write to the socket: the abort is read right after the send.
-    send = '{"type":"chat.send","id":"r1","content":"hi","model":"%s"}' % model
-    abort = '{"type":"chat.abort","id":"a1","requestId":"r1"}'
+    send = json.dumps({"type": "chat.send", "id": "r1", "content": "hi", "model": model})
+    abort = json.dumps({"type": "chat.abort", "id": "a1", "requestId": "r1"})
     await ws.send_str(send)
     await ws.send_str(abort)
     frames = []

@@ -66,12 +66,11 @@ async def test_ws_answer_that_cannot_be_stored_ends_with_storage_error(server: L
                                                                       fake_anthropic: fa.FakeAnthropic) -> None:
     fake_anthropic.enqueue(fa.text_response(LONG_ANSWER, chunks=20))
     headers = {"Authorization": f"Bearer {server.token}"}
-    async with aiohttp.ClientSession() as http:
-        async with http.ws_connect(server.ws_url, headers=headers) as ws:
-            await ws.send_json({"type": "chat.send", "id": "r1", "content": "Tell me a long story"})
-            frames: list[dict[str, Any]] = []
-            while not frames or frames[-1]["type"] not in ("chat.stream.end", "error"):
-                frames.append(json.loads((await ws.receive(timeout=30)).data))
+    async with aiohttp.ClientSession() as http, http.ws_connect(server.ws_url, headers=headers) as ws:
+        await ws.send_json({"type": "chat.send", "id": "r1", "content": "Tell me a long story"})
+        frames: list[dict[str, Any]] = []
+        while not frames or frames[-1]["type"] not in ("chat.stream.end", "error"):
+            frames.append(json.loads((await ws.receive(timeout=30)).data))
     text = "".join(f["delta"] for f in frames if f["type"] == "chat.stream.delta")
     assert text == LONG_ANSWER  # what streamed before is delivered
     assert frames[-1]["type"] == "error" and frames[-1]["code"] == "STORAGE_ERROR", frames[-1]
@@ -83,9 +82,8 @@ async def test_ws_answer_that_cannot_be_stored_ends_with_storage_error(server: L
     assert server.process is not None
     resource.prlimit(server.process.pid, resource.RLIMIT_FSIZE, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
     await server.wait_for_log(f"stored the answer in session {session_id}", timeout=30)
-    async with aiohttp.ClientSession() as http:
-        async with http.get(f"{server.url}/api/sessions/{session_id}", headers=headers) as resp:
-            messages = (await resp.json())["session"]["messages"]
+    async with aiohttp.ClientSession() as http, http.get(f"{server.url}/api/sessions/{session_id}", headers=headers) as resp:
+        messages = (await resp.json())["session"]["messages"]
     assert [m["role"] for m in messages] == ["user", "assistant"]
     assert messages[-1]["content"] == LONG_ANSWER and messages[-1]["finishReason"] == "stop"
     assert await server.terminate() == 0
@@ -96,10 +94,9 @@ async def test_http_answer_that_cannot_be_stored_ends_with_storage_error(server:
     fake_anthropic.enqueue(fa.text_response(LONG_ANSWER, chunks=20))
     headers = {"Authorization": f"Bearer {server.token}"}
     body = {"id": "chat1", "messages": [{"id": "u1", "role": "user", "parts": [{"type": "text", "text": "Long, please"}]}]}
-    async with aiohttp.ClientSession() as http:
-        async with http.post(server.url + "/api/chat", json=body, headers=headers) as resp:
-            assert resp.status == 200
-            raw = (await resp.read()).decode()
+    async with aiohttp.ClientSession() as http, http.post(server.url + "/api/chat", json=body, headers=headers) as resp:
+        assert resp.status == 200
+        raw = (await resp.read()).decode()
     chunks = [json.loads(line[6:]) for line in raw.split("\n\n") if line.startswith("data: {")]
     assert "".join(c["delta"] for c in chunks if c["type"] == "text-delta") == LONG_ANSWER
     assert chunks[-1]["type"] == "error" and "could not be stored" in chunks[-1]["errorText"]

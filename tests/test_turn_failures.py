@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import importlib
-from typing import Any, Awaitable, Callable
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 import pytest
 from aiohttp.test_utils import TestClient
@@ -18,6 +19,7 @@ from agentspace import pipeline
 from agentspace.transports import state as STATE
 from tests.fakes import anthropic_upstream as fa
 from tests.fakes import openai_upstream as fo
+from tests.test_faults import RefusingUpstream
 from tests.test_http_chat import DONE, post_chat, read_all, user
 from tests.test_ws import chat, connect, of
 
@@ -153,3 +155,21 @@ async def test_context_inspection_leaves_the_failed_message_out(app: Any, token:
     history = next(s for s in reply["sections"] if s["name"] == "history")
     assert history["byteCount"] == 0  # what the next call sends: not the failed message
     await ws.close()
+
+
+@pytest.mark.parametrize("provider", ["anthropic", "openai"])
+async def test_connection_refused_is_an_unanswered_error(make_client: Any, token: str, provider: str,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("OPENAI_API_KEY", OPENAI_KEY)
+    monkeypatch.setattr(pipeline.random, "random", lambda: 0.0)
+    async with RefusingUpstream() as upstream:
+        url = upstream.url + ("" if provider == "anthropic" else "/v1")
+        client = await make_client(chat={"max_retries": RETRIES}, providers={provider: {"base_url": url}})
+        ws = await connect(client, token)
+        frames = await chat(ws, "hi", model=ANTHROPIC if provider == "anthropic" else OPENAI)
+        await ws.close()
+    assert frames[-1]["type"] == "error"
+    session_id = of(frames, "chat.stream.start")[0]["sessionId"]
+    (record,) = await client.server.app[STATE.GATEWAY].usage.arecords(session_id=session_id)
+    assert (record["answered"], record["error"], record["attempts"]) == (False, "LLM_ERROR", RETRIES + 1)
+    assert (record["totalTokens"], record["totalCost"]) == (0, 0)
