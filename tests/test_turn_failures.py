@@ -173,3 +173,18 @@ async def test_connection_refused_is_an_unanswered_error(make_client: Any, token
     (record,) = await client.server.app[STATE.GATEWAY].usage.arecords(session_id=session_id)
     assert (record["answered"], record["error"], record["attempts"]) == (False, "LLM_ERROR", RETRIES + 1)
     assert (record["totalTokens"], record["totalCost"]) == (0, 0)
+
+
+async def test_concurrent_first_requests_for_one_new_session(app: Any, auth_headers: dict[str, str],
+                                                             fake_anthropic: fa.FakeAnthropic) -> None:
+    """The session is claimed before the user message's (awaited) write: the second request is refused."""
+    client = await app()
+    fake_anthropic.enqueue(fa.text_response("one").with_delay(0.05))
+    first, second = await asyncio.gather(post_chat(client, auth_headers, "race", user("a", "u1")),
+                                         post_chat(client, auth_headers, "race", user("b", "u2")))
+    statuses = sorted([first.status, second.status])
+    assert statuses == [200, 409]
+    winner = first if first.status == 200 else second
+    assert (await read_all(winner))[-1] == DONE
+    messages = (await client.server.app[STATE.GATEWAY].sessions.get("race"))["messages"]
+    assert [m["role"] for m in messages] == ["user", "assistant"]
