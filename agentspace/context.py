@@ -50,17 +50,41 @@ class AssembledContext:
     sections: list[Section]
 
 
+def _has_output(message: dict[str, Any]) -> bool:
+    return bool(message.get("content")) or any(
+        p.get("type") != "text" or p.get("text") for p in message.get("parts") or ()
+    )
+
+
+def answered_turns(stored: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The stored messages a call resends: turns that failed or were aborted before any output are left out.
+
+    Such a turn leaves a user message followed by no answer (or an empty one). Resent, it would be merged
+    with the next user message into one user turn, and a message the provider refused once (too long, say)
+    would make every later call of the session fail the same way. A failed turn that produced output keeps
+    its (user, partial answer) pair, which alternates as providers require.
+    """
+    kept: list[dict[str, Any]] = []
+    for message in stored:
+        if message.get("role") != "user" and not _has_output(message):
+            continue  # an answer with no output says nothing to the model
+        if message.get("role") == "user" and kept and kept[-1].get("role") == "user":
+            kept.pop()  # the previous user message got no answer
+        kept.append(message)
+    if kept and kept[-1].get("role") == "user":
+        kept.pop()  # the next call's own user message follows: this one got no answer
+    return kept
+
+
 def messages_from_store(stored: list[dict[str, Any]]) -> list[ChatMessage]:
-    """Stored messages to provider messages.
+    """Stored messages to provider messages (``answered_turns`` of them).
 
     An assistant turn of the tool loop is stored as one message whose parts run: reasoning, text,
     tool calls, tool results, more text...; providers need the results in a user message between
     the assistant messages, so the parts are split where the role changes.
     """
     out: list[ChatMessage] = []
-    for message in stored:
-        if message.get("error") and not message.get("parts") and not message.get("content"):
-            continue  # a failed answer with no output says nothing to the model
+    for message in answered_turns(stored):
         raw_parts = message.get("parts") or [{"type": "text", "text": message.get("content", "")}]
         for raw in raw_parts:
             part = part_from_dict(raw)

@@ -53,7 +53,19 @@ class ProviderFinish:
     message: ChatMessage
 
 
-ProviderEvent = Union[TextDelta, ReasoningDelta, SourceEvent, ToolCallEvent, ProviderFinish]
+@dataclass(slots=True)
+class UsageReport:
+    """Usage the upstream reported during a call (Anthropic's ``message_start`` and ``message_delta``).
+
+    Cumulative: a later report replaces an earlier one. A call that fails or is aborted before its
+    ``ProviderFinish`` is billed with the last report, and only the output streamed after it is estimated
+    (SPEC 6: what the upstream reported is never replaced by an estimate). Optional for providers.
+    """
+
+    usage: TokenUsage
+
+
+ProviderEvent = Union[TextDelta, ReasoningDelta, SourceEvent, ToolCallEvent, UsageReport, ProviderFinish]
 
 
 class ProviderError(Exception):

@@ -5,14 +5,17 @@ One ``Gateway`` per server process. Transports hold a reference to it and call `
 
 from __future__ import annotations
 
+import functools
 import logging
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Awaitable
+from typing import TYPE_CHECKING
 
 import pluggy
 
 from . import pricing
 from .config import Config
+from .errors import StorageError
+from .pending import PendingWrites
 from .providers.base import Provider, model_prefix
 from .sinks import UsageSink
 from .types import ContextSectionBuilder, ModelInfo, Tool, UsageRecord
@@ -42,6 +45,8 @@ class Gateway:
     # session id -> the turn streaming in it; one at a time per session, across transports.
     active: dict[str, "Turn"] = field(default_factory=dict)
     _model_info: dict[str, ModelInfo] = field(default_factory=dict)
+    # Store writes that failed, retried until they succeed or the server stops.
+    pending: PendingWrites = field(default_factory=PendingWrites)
 
     @classmethod
     def create(cls, config: Config, pm: pluggy.PluginManager) -> "Gateway":
@@ -87,28 +92,27 @@ class Gateway:
 
     # --- usage ----------------------------------------------------------------------------------
 
-    def record_usage(self, record: UsageRecord) -> Awaitable[None]:
-        """Send one record to every sink; a failing sink is logged and does not stop the others.
+    async def record_usage(self, record: UsageRecord) -> bool:
+        """Send one record to every sink, each write awaited; True when a sink's store failed.
 
-        Every sink's ``record`` is called now and awaited in turn by what this returns: a sink that queues
-        its work when called (the built-in one) has queued it by the time this returns.
+        A sink whose store failed (``StorageError``, ``OSError``: disk full, I/O error) gets the record again
+        later (``pending``); any other failure of a sink is logged and does not stop the others.
         """
-        calls: list[tuple[UsageSink, Awaitable[None]]] = []
+        failed = False
         for sink in self.sinks:
             try:
-                calls.append((sink, sink.record(record)))
+                await sink.record(record)
+            except (StorageError, OSError):
+                log.exception("usage sink %r could not store record %s; retrying", getattr(sink, "name", sink), record.id)
+                self.pending.add(f"usage record {record.id} in sink {getattr(sink, 'name', sink)!r}",
+                                 functools.partial(sink.record, record))
+                failed = True
             except Exception:
                 log.exception("usage sink %r failed", getattr(sink, "name", sink))
-        return self._await_sinks(calls)
-
-    async def _await_sinks(self, calls: list[tuple[UsageSink, Awaitable[None]]]) -> None:
-        for sink, call in calls:
-            try:
-                await call
-            except Exception:
-                log.exception("usage sink %r failed", getattr(sink, "name", sink))
+        return failed
 
     async def aclose(self) -> None:
+        await self.pending.aclose()  # the last try of writes that failed, before the stores close
         for sink in self.sinks:
             close = getattr(sink, "aclose", None)
             if close is not None:

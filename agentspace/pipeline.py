@@ -5,6 +5,11 @@ assembles the context, calls the provider (retrying and falling back before the 
 tool loop up to ``max_steps``, records one usage record per provider call, stores the assistant message,
 and publishes ``StreamEvent``s. A plain chat is a loop of one step.
 
+Durability (SPEC 6): the user message is stored (awaited) before the provider is called; the usage
+records and the answer are stored before the end of the stream is published. A write that fails is not
+reported as success: the turn ends with ``STORAGE_ERROR`` and the write is kept and retried
+(``gw.pending``).
+
 A turn does not belong to the client that started it: transports subscribe to its events (replaying
 what was already published, which also serves resumable HTTP streams), and a client that goes away
 leaves the turn running to the end, stored and billed (``[chat] on_disconnect = "finish"``).
@@ -17,10 +22,11 @@ import json
 import logging
 import random
 import time
-from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Callable
+from dataclasses import dataclass, field, replace
+from typing import Any, AsyncIterator, Awaitable, Callable
 
 from .context import AssembledContext, assemble, estimate_input_tokens
+from .errors import StorageError
 from .events import (
     ProviderError,
     ProviderFinish,
@@ -35,11 +41,13 @@ from .events import (
     TextDelta,
     ToolCallEvent,
     ToolResultEvent,
+    UsageReport,
 )
 from .gateway import Gateway, ModelNotFound
 from .logs import redact
 from .providers.base import ProviderRequest, ThinkingSettings
 from .stores import InvalidSessionId
+from .stores.sessions import validate_session_id
 from .tokens import count_tokens
 from .types import (
     ChatMessage,
@@ -63,8 +71,9 @@ log = logging.getLogger(__name__)
 
 # A Retry-After longer than this is not waited for: the call fails (or falls back) at once.
 MAX_RETRY_WAIT_SECONDS = 30.0
-# The longest a turn's user message waits for the first token before its write starts anyway.
-WRITE_GATE_SECONDS = 0.05
+# Writes that fail with these are the store's (disk full, I/O error): kept in memory and retried.
+STORAGE_FAILURES = (StorageError, OSError)
+STORAGE_ERROR_MESSAGE = "The answer could not be stored (the gateway's disk may be full); it is kept in memory and the write retried."
 
 
 class ChatError(Exception):
@@ -108,31 +117,35 @@ async def start_turn(gw: Gateway, request: ChatRequest) -> "Turn":
 
     created = session is None
     session_id = (request.session_id or new_id("s_")) if session is None else session["id"]
-    # Checked with no await before the session is claimed below: a concurrent first request with the
-    # same client-chosen id is refused here, before it queues any write.
+    try:
+        validate_session_id(session_id)
+    except InvalidSessionId as e:
+        raise ChatError("INVALID_MESSAGE", str(e)) from None
+    # Checked and claimed with no await in between: a concurrent request for the same session (a first one
+    # with the same client-chosen id included) is refused here, before it writes anything.
     if session_id in gw.active:
         raise ChatError("STREAM_IN_PROGRESS", "This session is already streaming an answer; wait for it or abort it.")
-
-    turn = Turn(gw, session_id, model, request.client, created)
-    user_message = {"id": request.user_message_id or new_id("msg_"), "role": "user", "content": request.content,
+    user_message: dict[str, Any] = {"id": request.user_message_id or new_id("msg_"), "role": "user", "content": request.content,
                     "parts": [{"type": "text", "text": request.content}], "createdAt": now_iso()}
-    # The writes are queued now, in order, before any later read or write of the session, but not awaited:
-    # the provider call does not wait for fsync. The store thread starts on them once the first output has
-    # gone to the client, or 50 ms after the turn started if that is sooner (``Turn.write_gate``): a model
-    # takes longer than that to start answering, so the message is on disk while it works, and meanwhile the
-    # store thread does not compete with the event loop (for the GIL and the CPU) on the way to the first
-    # token. The turn waits for the writes' outcome before it publishes the end (Turn._settle).
-    if session is None:
-        history = list(request.import_messages)
-        try:  # a new session is written once, with its first messages
-            turn.writes.append(gw.sessions.create_soon(model=model, session_id=session_id, client=request.client,
-                                                       messages=[*history, user_message], gate=turn.write_gate))
-        except InvalidSessionId as e:
-            raise ChatError("INVALID_MESSAGE", str(e)) from None
-    else:
-        history = session["messages"]
-        turn.writes.append(gw.sessions.append_message_soon(session_id, user_message, gate=turn.write_gate))
+    turn = Turn(gw, session_id, model, request.client, created, user_message["id"])
     gw.active[session_id] = turn
+    # The user message is durable before the provider is called (SPEC 6).
+    try:
+        if session is None:
+            history = list(request.import_messages)
+            await gw.sessions.create(model=model, session_id=session_id, client=request.client)
+            for message in [*history, user_message]:
+                await gw.sessions.append_message(session_id, message)
+        else:
+            history = session["messages"]
+            await gw.sessions.append_message(session_id, user_message)
+    except STORAGE_FAILURES:
+        gw.active.pop(session_id, None)
+        log.exception("storing the user message in session %s failed", session_id)
+        raise ChatError("STORAGE_ERROR", "The message could not be stored (the gateway's disk may be full); nothing was sent.") from None
+    except BaseException:
+        gw.active.pop(session_id, None)
+        raise
     turn.start(request.content, history)
     return turn
 
@@ -162,6 +175,15 @@ class _Step:
     delivered: bool = False  # something reached the client: no more retries or fallbacks
     first_at: float = 0.0
     last_event: float = 0.0
+    attempts: int = 0  # upstream calls made: retries and fallbacks included
+    # Of the latest attempt: whether the upstream sent anything, the usage it last reported, and how much
+    # output (text, reasoning and tool-call pieces) had arrived by then.
+    answered: bool = False
+    reported: TokenUsage | None = None
+    output_at_report: int = 0
+
+    def output_size(self) -> int:
+        return len(self.text) + len(self.reasoning) + len(self.tool_calls)
 
     def partial_parts(self) -> list[Part]:
         out: list[Part] = []
@@ -172,19 +194,18 @@ class _Step:
         return out + list(self.tool_calls)
 
 
-# Events that open a turn or a step, held back until the first provider call is under way (Turn._publish).
-_START_EVENTS = (StreamStart, StepStart)
-
-
 class Turn:
     """One running chat turn. Publish/subscribe over an append-only event list."""
 
-    def __init__(self, gw: Gateway, session_id: str, model: str, client: str, session_created: bool) -> None:
+    def __init__(
+        self, gw: Gateway, session_id: str, model: str, client: str, session_created: bool, user_message_id: str
+    ) -> None:
         self.gw = gw
         self.session_id = session_id
         self.model = model
         self.client = client
         self.session_created = session_created
+        self.user_message_id = user_message_id
         self.message_id = new_id("msg_")
         self.events: list[StreamEvent] = []
         self.done = False
@@ -193,32 +214,13 @@ class Turn:
         self._step_task: asyncio.Task[ProviderFinish] | None = None
         self._stop_reason: str | None = None
         self._stopped = asyncio.Event()  # ends a wait between retries early
-        # Store and usage writes queued by start_turn and the turn, awaited (by _settle) before the end event.
-        self.writes: list[asyncio.Future[Any]] = []
-        # Done once the first output has gone to the client, 50 ms have passed, or the turn stores its
-        # answer, whichever comes first: the user message's write starts then (see start_turn).
-        loop = asyncio.get_running_loop()
-        self.write_gate: asyncio.Future[None] = loop.create_future()
-        self._gate_timer = loop.call_later(WRITE_GATE_SECONDS, self._gate_timeout)
-        # Subscribers get the start events (stream and step start) once the first provider call is under
-        # way (Turn._call), or after 50 ms (slow context sections): their send to the client then happens
-        # while the request is out instead of on the way to it, and the client reads them meanwhile.
-        self._start_held = True
+        self._storage_failed = False  # a write of this turn failed: it ends with STORAGE_ERROR
 
     # --- publish / subscribe ---------------------------------------------------------------------
 
     def _publish(self, event: StreamEvent) -> None:
         self.events.append(event)
-        if self._start_held:
-            if type(event) in _START_EVENTS:
-                return
-            self._start_held = False
         self._wake()
-
-    def _release_start(self) -> None:
-        if self._start_held:
-            self._start_held = False
-            self._wake()
 
     def _wake(self) -> None:
         if self._waiters:
@@ -233,7 +235,7 @@ class Turn:
         i = 0
         loop = asyncio.get_running_loop()
         while True:
-            if i < len(self.events) and (not self._start_held or self.done):
+            if i < len(self.events):
                 batch = self.events[i:]
                 i += len(batch)
                 yield batch
@@ -282,15 +284,13 @@ class Turn:
                     if ttft_ms is None and state.delivered:
                         ttft_ms = (state.first_at - started) * 1000
                     parts.extend(state.partial_parts())
-                    # A call that failed before producing anything was refused or broke off early; providers
-                    # do not bill those, so its record counts zero tokens instead of an estimate.
-                    failed_empty = isinstance(e, ProviderError) and not state.delivered
-                    usage = TokenUsage() if failed_empty else self._estimate(ctx, state)
+                    # What the upstream reported so far, plus an estimate of the output it did not report;
+                    # nothing when it never answered (refused, 5xx, connection refused, aborted before).
+                    usage = self._partial_usage(ctx, state)
                     cost = self.gw.model_info(answered_by).cost(usage)
                     total_usage, total_cost = total_usage + usage, total_cost + cost
                     stopped = isinstance(e, _Stopped) and self._stop_reason in ("aborted", "shutdown")
                     reason = "aborted" if stopped else "error"
-                    await self._record(answered_by, usage, cost, call_started, reason)
                     if isinstance(e, ProviderError):
                         # Providers scrub their own key; an upstream message may still quote another secret.
                         error = (e.code, redact(e.message))
@@ -298,14 +298,16 @@ class Turn:
                         error = ("LLM_ERROR", "The model stopped sending data (idle timeout).")
                     elif self._stop_reason == "shutdown":
                         error = None  # stored as aborted; the server is going away
+                    if state.attempts:  # no record for a call never made (stopped before it)
+                        await self._record(answered_by, usage, cost, call_started, reason, state, error and error[0])
                     finish_reason = reason
                     break
                 if ttft_ms is None and state.delivered:
                     ttft_ms = (state.first_at - started) * 1000
-                usage = finish.usage if finish.usage is not None else self._estimate(ctx, state)
+                usage = finish.usage if finish.usage is not None else self._partial_usage(ctx, state)
                 cost = self.gw.model_info(answered_by).cost(usage)
                 total_usage, total_cost = total_usage + usage, total_cost + cost
-                await self._record(answered_by, usage, cost, call_started, finish.finish_reason)
+                await self._record(answered_by, usage, cost, call_started, finish.finish_reason, state, None)
                 parts.extend(finish.message.parts)
                 finish_reason = finish.finish_reason
                 calls = [p for p in finish.message.parts if isinstance(p, ToolCallPart)]
@@ -326,24 +328,16 @@ class Turn:
             await self._store(parts, total_usage, total_cost, finish_reason, started, created_at, ttft_ms, aborted, error, answered_by)
         except Exception:
             log.exception("storing the answer in session %s failed", self.session_id)
+            self._storage_failed = True
         if error is not None:
             self._publish(StreamError(*error))
+        elif self._storage_failed:  # never reported as stored when it is not (SPEC 6)
+            self._publish(StreamError("STORAGE_ERROR", STORAGE_ERROR_MESSAGE))
         else:
             self._publish(StreamEnd("aborted" if aborted else finish_reason, total_usage, total_cost, aborted))
         self.done = True
         self.gw.active.pop(self.session_id, None)
         self._wake()
-        await self._settle()  # writes left when storing the answer failed
-
-    def _open_write_gate(self) -> None:
-        if not self.write_gate.done():
-            self.write_gate.set_result(None)
-            self._gate_timer.cancel()
-
-    def _gate_timeout(self) -> None:
-        """50 ms into the turn without output: the start events go out and the user message's write starts."""
-        self._release_start()
-        self._open_write_gate()
 
     async def _call_with_fallbacks(
         self, ctx: AssembledContext, state: _Step, seen_sources: set[str]
@@ -386,6 +380,8 @@ class Turn:
             provider = gw.provider_for(model)
         except ModelNotFound as e:  # a fallback naming a model nothing serves
             raise ProviderError("MODEL_NOT_FOUND", str(e)) from None
+        state.attempts += 1
+        state.answered, state.reported, state.output_at_report = False, None, 0
         info = gw.model_info(model)
         prefix = model.split("/", 1)[0]
         settings = gw.config.provider_settings(prefix)
@@ -405,8 +401,6 @@ class Turn:
             options=settings,
         )
         self._step_task = asyncio.create_task(self._consume(provider.stream(request), state, seen_sources))
-        if self._start_held:  # runs after the step task's first step: the request is on its way by then
-            asyncio.get_running_loop().call_soon(self._release_start)
         stop_watching = self._watch_idle(state)
         try:
             return await self._step_task
@@ -425,6 +419,7 @@ class Turn:
             async for event in events:
                 now = time.monotonic()
                 state.last_event = now
+                state.answered = True
                 kind = type(event)
                 if kind is TextDelta:
                     state.text.append(event.text)
@@ -437,6 +432,9 @@ class Turn:
                     state.parts.append(SourcePart(event.url, event.title))
                 elif kind is ToolCallEvent:
                     state.tool_calls.append(ToolCallPart(event.tool_call_id, event.name, event.input))
+                elif kind is UsageReport:
+                    state.reported, state.output_at_report = event.usage, state.output_size()
+                    continue
                 elif kind is ProviderFinish:
                     event.message.parts.extend(p for p in state.parts if p not in event.message.parts)
                     return event
@@ -446,10 +444,8 @@ class Turn:
                 if not state.delivered:
                     state.delivered = True
                     state.first_at = now
-                    # The first token goes out now, not after the rest of the burst already read from upstream;
-                    # then the store thread may start on the user message.
+                    # The first token goes out now, not after the rest of the burst already read from upstream.
                     await asyncio.sleep(0)
-                    self._open_write_gate()
         finally:
             close = getattr(events, "aclose", None)
             if close is not None:
@@ -497,31 +493,55 @@ class Turn:
             self._publish(ToolResultEvent(r.tool_call_id, r.name, r.output, r.is_error))
         return list(results)
 
-    def _estimate(self, ctx: AssembledContext, state: _Step) -> TokenUsage:
-        """Count locally when the provider gave no usage (failed, aborted, or silent providers)."""
-        output = "".join(state.text) + "".join(state.reasoning)
-        output += "".join(json.dumps(c.input, default=str) for c in state.tool_calls)
-        return TokenUsage(input_tokens=estimate_input_tokens(ctx), output_tokens=count_tokens(output), estimated=True)
+    def _partial_usage(self, ctx: AssembledContext, state: _Step) -> TokenUsage:
+        """Usage of a call without a final report (failed, cut, aborted, or a provider that reports none).
 
-    async def _record(self, model: str, usage: TokenUsage, cost: Cost, started: float, finish_reason: str) -> None:
-        """Send the call's usage record to the sinks in a task: the stream goes on without waiting for it."""
+        What the upstream reported is kept; only what it did not report is counted locally, and named in
+        ``estimated_fields``: the input when there was no report, the output streamed after the last one.
+        A call the upstream never answered bills nothing.
+        """
+        if not state.answered:
+            return TokenUsage()
+        estimated: list[str] = []
+        if state.reported is not None:
+            usage = replace(state.reported)
+        else:
+            usage = TokenUsage(input_tokens=estimate_input_tokens(ctx))
+            estimated.append("inputTokens")
+        if state.output_size() > state.output_at_report:
+            output = "".join(state.text) + "".join(state.reasoning)
+            output += "".join(json.dumps(c.input, default=str) for c in state.tool_calls)
+            counted = count_tokens(output)
+            if counted > usage.output_tokens:
+                usage.output_tokens = counted
+                estimated.append("outputTokens")
+        usage.estimated, usage.estimated_fields = bool(estimated), tuple(estimated)
+        return usage
+
+    async def _record(
+        self, model: str, usage: TokenUsage, cost: Cost, started: float, finish_reason: str, state: _Step, error: str | None
+    ) -> None:
+        """The call's one usage record, durable in every sink before the turn goes on; a sink whose write
+        failed keeps it for a retry (``gw.pending``), and the turn ends with STORAGE_ERROR."""
         info = self.gw.model_info(model)
-        record = self.gw.record_usage(
-            UsageRecord(
-                id=new_id("usage_"),
-                timestamp=now_iso(),
-                model=model,
-                provider=model.split("/", 1)[0],
-                session_id=self.session_id,
-                client=self.client,
-                usage=usage,
-                cost=cost,
-                latency_ms=(time.monotonic() - started) * 1000,
-                finish_reason=finish_reason,
-                price_known=info.price_known,
-            )
+        record = UsageRecord(
+            id=new_id("usage_"),
+            timestamp=now_iso(),
+            model=model,
+            provider=model.split("/", 1)[0],
+            session_id=self.session_id,
+            client=self.client,
+            usage=usage,
+            cost=cost,
+            latency_ms=(time.monotonic() - started) * 1000,
+            finish_reason=finish_reason,
+            price_known=info.price_known,
+            error=error,
+            answered=state.answered,
+            attempts=state.attempts,
         )
-        self.writes.append(asyncio.ensure_future(record))
+        if await self.gw.record_usage(record):
+            self._storage_failed = True
 
     async def _store(
         self,
@@ -551,22 +571,24 @@ class Turn:
             "ttftMs": None if ttft_ms is None else round(ttft_ms, 3),
             "aborted": aborted,
         }
+        if usage.estimated_fields:
+            message["estimatedFields"] = list(usage.estimated_fields)
         if error is not None:
             message["error"] = {"code": error[0], "message": error[1]}
-        self._open_write_gate()  # a turn that ended before any output
-        # The usage records land first: whoever sees the answer in the store also sees what it cost, and a
-        # crash between the two writes leaves the call billed rather than silently free. The built-in sink
-        # queued them on the store thread when they were recorded (Gateway.record_usage), which runs its work
-        # in order: the answer is queued behind them, not after waiting for them.
-        self.writes.append(self.gw.sessions.append_message_soon(self.session_id, message))
-        # A client may read the store as soon as it has the end of the answer: everything is written by then.
-        await self._settle()
+        sessions, session_id = self.gw.sessions, self.session_id
+        # The usage records are stored already (_record): whoever sees the answer also sees what it cost.
+        await self._write(f"the answer in session {session_id}", lambda: sessions.append_message(session_id, message))
+        if error is not None:
+            # The failed user message stays, marked; later calls do not resend it (context.answered_turns).
+            mark = {"error": message["error"]}
+            await self._write(f"the error mark of a message in session {session_id}",
+                              lambda: sessions.update_message(session_id, self.user_message_id, mark))
 
-    async def _settle(self) -> None:
-        """Wait for the turn's queued writes; failures are logged (the answer has been streamed already)."""
-        writes, self.writes = self.writes, []
-        for write in writes:
-            try:
-                await write
-            except Exception:
-                log.exception("storing the turn in session %s failed", self.session_id)
+    async def _write(self, what: str, write: Callable[[], Awaitable[None]]) -> None:
+        """Run a store write; when the store fails, keep it for a retry and end the turn with STORAGE_ERROR."""
+        try:
+            await write()
+        except STORAGE_FAILURES:
+            log.exception("storing %s failed; retrying in the background", what)
+            self._storage_failed = True
+            self.gw.pending.add(what, write)

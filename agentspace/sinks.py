@@ -13,5 +13,7 @@ class UsageSink(Protocol):
 
     def record(self, record: UsageRecord) -> Awaitable[None]:
         """Persist or forward one record: usually ``async def``; any callable returning an awaitable will do.
-        Exceptions are logged and do not affect other sinks."""
+        The turn waits for it (the record is stored before the answer). ``StorageError`` or ``OSError`` (the
+        sink's store failed) ends the turn with STORAGE_ERROR and the record is offered again later; other
+        exceptions are logged and do not affect other sinks."""
         ...

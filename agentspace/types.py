@@ -131,8 +131,10 @@ class TokenUsage:
     cache_read_tokens: int = 0
     cache_write_tokens: int = 0
     reasoning_tokens: int = 0
-    # True when the provider reported no usage and the numbers were counted locally.
+    # True when some numbers were counted locally because the provider did not report them;
+    # ``estimated_fields`` names which (wire names, e.g. "outputTokens").
     estimated: bool = False
+    estimated_fields: tuple[str, ...] = ()
 
     @property
     def total_tokens(self) -> int:
@@ -146,6 +148,7 @@ class TokenUsage:
             self.cache_write_tokens + other.cache_write_tokens,
             self.reasoning_tokens + other.reasoning_tokens,
             self.estimated or other.estimated,
+            tuple(dict.fromkeys(self.estimated_fields + other.estimated_fields)),
         )
 
 
@@ -222,6 +225,7 @@ class UsageRecord:
             "latencyMs": round(self.latency_ms, 3),
             "finishReason": self.finish_reason,
             "estimated": u.estimated,
+            "estimatedFields": list(u.estimated_fields),
             "priceKnown": self.price_known,
             "error": self.error,
             "answered": self.answered,

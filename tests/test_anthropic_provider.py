@@ -18,6 +18,7 @@ from agentspace.events import (
     SourceEvent,
     TextDelta,
     ToolCallEvent,
+    UsageReport,
 )
 from agentspace.providers.anthropic import INCOMPLETE_MESSAGE, AnthropicProvider, register_providers
 from agentspace.providers.base import ProviderRequest, ThinkingSettings
@@ -71,14 +72,16 @@ def make_request(fake: FakeAnthropic, messages: list[ChatMessage] | None = None,
 
 
 async def collect(provider: AnthropicProvider, request: ProviderRequest) -> list[ProviderEvent]:
-    return [event async for event in provider.stream(request)]
+    # Usage reports along the way are the pipeline's business (tests/test_accounting.py); the final usage is here.
+    return [event async for event in provider.stream(request) if not isinstance(event, UsageReport)]
 
 
 async def collect_until_error(provider: AnthropicProvider, request: ProviderRequest) -> tuple[list[ProviderEvent], ProviderError]:
     events: list[ProviderEvent] = []
     with pytest.raises(ProviderError) as info:
         async for event in provider.stream(request):
-            events.append(event)
+            if not isinstance(event, UsageReport):
+                events.append(event)
     return events, info.value
 
 

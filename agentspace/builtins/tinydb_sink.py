@@ -6,7 +6,6 @@ opened through ``.store``, so one process keeps one UsageStore.
 
 from __future__ import annotations
 
-import asyncio
 from typing import TYPE_CHECKING, Callable
 
 from agentspace.hookspecs import hookimpl
@@ -32,10 +31,8 @@ class TinyDBUsageSink:
             self._store = self._store_factory()
         return self._store
 
-    def record(self, record: UsageRecord) -> "asyncio.Future[None]":
-        # Not a coroutine: the write is queued when the gateway calls this, so that the answer the pipeline
-        # stores next goes after it on the store thread (whoever sees the answer sees what it cost).
-        return self.store.append_soon(record)
+    async def record(self, record: UsageRecord) -> None:
+        await self.store.append(record)
 
     async def aclose(self) -> None:
         if self._store is not None:

@@ -11,6 +11,7 @@ import importlib
 import json
 import logging
 import threading
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any, AsyncIterator, Callable
 
 from ..events import (
@@ -21,6 +22,7 @@ from ..events import (
     SourceEvent,
     TextDelta,
     ToolCallEvent,
+    UsageReport,
 )
 from ..hookspecs import hookimpl
 from ..types import (
@@ -343,14 +345,10 @@ class _StreamState:
             if stop_reason is not None:
                 self.stop_reason = stop_reason
             usage = event.get("usage")
-            if usage:
-                self._update_usage(usage)
-            return []
+            return self._update_usage(usage) if usage else []
         if name == "message_start":
             usage = json.loads(data)["message"].get("usage")
-            if usage:
-                self._update_usage(usage)
-            return []
+            return self._update_usage(usage) if usage else []
         if name == "message_stop":
             self.complete = True
             return []
@@ -383,7 +381,8 @@ class _StreamState:
             return [ToolCallEvent(call.tool_call_id, call.name, call.input)]
         return []
 
-    def _update_usage(self, usage: dict[str, Any]) -> None:
+    def _update_usage(self, usage: dict[str, Any]) -> list[ProviderEvent]:
+        """Take a usage report; the pipeline gets a copy, to bill if the stream breaks off before its end."""
         # Streamed usage is cumulative: each report overwrites the fields it carries, never adds to them.
         current = self.usage if self.usage is not None else TokenUsage()
         if usage.get("input_tokens") is not None:
@@ -398,6 +397,7 @@ class _StreamState:
         if details and details.get("thinking_tokens") is not None:
             current.reasoning_tokens = details["thinking_tokens"]
         self.usage = current
+        return [UsageReport(replace(current))]
 
 
 # --- errors -------------------------------------------------------------------------------------
