@@ -5,14 +5,16 @@
 
 The performance goals are ratios measured here: agentspace's added time to first token at least 5x lower,
 and its CPU per chat at least 4x lower, than LiteLLM Proxy's, for each of agentspace's ways in. Run it on a
-quiet machine: the figures of a busy one are noise (the lead re-runs it quietly for the README).
+quiet machine: on a busy one the milliseconds are noise (the ratios less so). ``--quick`` takes about 30 s,
+half of it LiteLLM Proxy's start; the default run about 2 minutes (after the one-time install).
 
 What runs, all on 127.0.0.1 free ports, every process stopped by its PID at the end:
 
 - the repo's fake Anthropic upstream (``tests/fakes/anthropic_upstream.py``: Messages SSE, 50 text deltas
   of ``"tok "``, no delay), started as ``benchmarks/bench.py`` starts it;
 - one ``agentspace serve`` from this source tree pointed at it (persistence and usage records on, the
-  defaults; config as bench.py writes it);
+  defaults, so every chat also makes fsynced writes that LiteLLM without a database does not; config as
+  bench.py writes it);
 - LiteLLM Proxy, installed from PyPI (``pip install 'litellm[proxy]'``) into its own virtual environment
   (``--litellm-venv``, default ``.bench/litellm-venv`` in the repo, reused when present; never the project's
   venv), with a generated ``config.yaml``: one model ``anthropic/claude-sonnet-4-5`` whose ``api_base`` is
@@ -35,8 +37,9 @@ LiteLLM's ``/v1/chat/completions``, ``/v1/messages`` with LiteLLM's ``/v1/messag
 How it measures: after warm-up chats on every side (the first one timed apart: it loads the provider SDKs),
 ``--rounds`` rounds each run ``--chats`` chats on every side in turn, ``--concurrency`` clients at a time
 (each one chat after the other); the order of the sides rotates every round, so the machine's drift spreads
-over all of them. Every chat's streamed text is checked: the full 50-delta answer and the stream's end
-(``message_stop``, ``[DONE]``, ``chat.stream.end``); a chat that is not complete counts as failed, never as fast.
+over all of them. Every chat's streamed text is checked: the whole answer (the text of all 50 deltas) and the
+stream's end (``message_stop``, ``[DONE]``, ``chat.stream.end``); a chat that is not complete counts as failed,
+never as fast.
 
 The numbers, per side, pooled over the rounds:
 
@@ -46,11 +49,14 @@ The numbers, per side, pooled over the rounds:
   of every process in the tree, plus the reaped children's), measured from idle to idle around each batch of
   chats, divided by the chats. The direct side has none (``-``).
 - ``deltas/chat``: text deltas received per chat (the fake sends 50; a proxy may merge them).
-- ``first chat``: the first warm-up chat's whole time, in ms (lazy imports, connection pools).
+- ``first chat``: the first warm-up chat's whole time, in ms (lazy imports, connection pools: the first side of
+  each server pays them, the sides are warmed up in the order above).
 - ``ratio``: LiteLLM's figure divided by agentspace's, for +TTFT p50, +TTFT p95 and CPU-ms/chat; the goals are
-  judged on +TTFT p50 (>= 5x) and CPU-ms/chat (>= 4x), and fail when either side had a failed chat.
+  judged on +TTFT p50 (>= 5x) and CPU-ms/chat (>= 4x), and fail when either side had a failed chat. A ratio
+  reads ``-`` and its goal ``?`` when agentspace's figure is 0 or below (noise: rerun it).
 
-Exit status 1 when any chat failed. ``--json`` prints every figure as JSON instead of the tables.
+Exit status 1 when any chat failed. ``--json`` prints every figure as JSON instead of the tables (with the
+LiteLLM version and this tree's commit, to quote beside the figures).
 """
 
 from __future__ import annotations
@@ -453,7 +459,7 @@ def _verdict(met: bool | None) -> str:
 
 
 def print_tables(results: dict[str, Any]) -> None:
-    print(f"LiteLLM Proxy {results['litellmVersion']} vs agentspace: {results['rounds']} rounds of {results['chats']} "
+    print(f"LiteLLM Proxy {results['litellmVersion']} vs agentspace {results['agentspaceCommit'] or ''}: {results['rounds']} rounds of {results['chats']} "
           f"chats per side, concurrency {results['concurrency']}, {bench.DELTAS} deltas per answer\n")
     rows: list[tuple[str, ...]] = [("side", "chats", "errors", "deltas/chat", "+TTFT p50 ms", "p95 ms", "CPU-ms/chat", "first chat ms")]
     for s in results["sides"]:
@@ -503,7 +509,10 @@ def main() -> None:
     args.chats = args.chats or (10 if args.quick else 50)
     args.warmup = 10 if args.quick else 100
     args.phase_seconds = 10.0 if args.quick else 30.0  # each batch of chats is also bounded in time
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=bench.ROOT, check=False, capture_output=True,
+                            text=True).stdout.strip()
     results: dict[str, Any] = {"litellmVersion": ensure_litellm(args.litellm_venv.resolve(), args.litellm_spec),
+                               "agentspaceCommit": commit or None,
                                "rounds": args.rounds, "chats": args.chats, "concurrency": args.concurrency,
                                "deltas": bench.DELTAS}
     root = Path(tempfile.mkdtemp(prefix="agentspace-vs-litellm-"))
