@@ -90,6 +90,7 @@ PROXY_MODEL = bench.MODEL.split("/", 1)[1]  # the model name LiteLLM's config gi
 TTFT_GOAL = 5.0
 CPU_GOAL = 4.0
 LITELLM_START_SECONDS = 180.0
+INSTALL_SECONDS = 1800.0
 IDLE_QUIET = 0.2
 IDLE_LIMIT = 5.0
 
@@ -108,10 +109,11 @@ def ensure_litellm(venv: Path, spec: str) -> str:
             steps = ([sys.executable, "-m", "venv", str(venv)],
                      [str(python), "-m", "pip", "install", "--disable-pip-version-check", spec])
             for argv in steps:
-                if subprocess.run(argv, check=False, stdout=out, stderr=subprocess.STDOUT).returncode != 0:
+                step = subprocess.run(argv, check=False, stdout=out, stderr=subprocess.STDOUT, timeout=INSTALL_SECONDS)
+                if step.returncode != 0:
                     raise RuntimeError(f"{' '.join(argv)} failed; see {log}")
     done = subprocess.run([str(python), "-c", "import importlib.metadata as m; print(m.version('litellm'))"],
-                          check=False, capture_output=True, text=True)
+                          check=False, capture_output=True, text=True, timeout=120)
     if done.returncode != 0:
         raise RuntimeError(f"no litellm in {venv}: {done.stderr[-500:]} (delete the folder to reinstall)")
     return done.stdout.strip()
@@ -139,7 +141,8 @@ def start_litellm(b: bench.Bench, venv: Path) -> tuple[str, int]:
     config.write_text(litellm_config(b.upstream))
     port = free_port()
     env = {k: v for k, v in os.environ.items()
-           if k not in ("PYTHONPATH", "VIRTUAL_ENV", "DATABASE_URL") and not k.startswith(("LITELLM_", "ANTHROPIC_", "OPENAI_"))}
+           if k not in ("PYTHONPATH", "VIRTUAL_ENV", "DATABASE_URL")
+           and not k.startswith(("LITELLM_", "ANTHROPIC_", "OPENAI_"))}
     env.update(LITELLM_LOCAL_MODEL_COST_MAP="True", LITELLM_TELEMETRY_DISABLED="true", LITELLM_LOG="ERROR")
     log_path = b.root / "litellm.log"
     with open(log_path, "w") as log:
@@ -159,7 +162,8 @@ def start_litellm(b: bench.Bench, venv: Path) -> tuple[str, int]:
         except OSError:
             pass
         time.sleep(0.5)
-    raise RuntimeError(f"LiteLLM Proxy did not answer within {LITELLM_START_SECONDS:.0f} s:\n{log_path.read_text()[-2000:]}")
+    raise RuntimeError(f"LiteLLM Proxy did not answer within {LITELLM_START_SECONDS:.0f} s:\n"
+                       f"{log_path.read_text()[-2000:]}")
 
 
 # --- CPU of a process tree ----------------------------------------------------------------------
@@ -459,9 +463,11 @@ def _verdict(met: bool | None) -> str:
 
 
 def print_tables(results: dict[str, Any]) -> None:
-    print(f"LiteLLM Proxy {results['litellmVersion']} vs agentspace {results['agentspaceCommit'] or ''}: {results['rounds']} rounds of {results['chats']} "
-          f"chats per side, concurrency {results['concurrency']}, {bench.DELTAS} deltas per answer\n")
-    rows: list[tuple[str, ...]] = [("side", "chats", "errors", "deltas/chat", "+TTFT p50 ms", "p95 ms", "CPU-ms/chat", "first chat ms")]
+    print(f"LiteLLM Proxy {results['litellmVersion']} vs agentspace {results['agentspaceCommit'] or ''}: "
+          f"{results['rounds']} rounds of {results['chats']} chats per side, concurrency {results['concurrency']}, "
+          f"{bench.DELTAS} deltas per answer\n")
+    rows: list[tuple[str, ...]] = [
+        ("side", "chats", "errors", "deltas/chat", "+TTFT p50 ms", "p95 ms", "CPU-ms/chat", "first chat ms")]
     for s in results["sides"]:
         if s["status"] == "not served":
             continue
