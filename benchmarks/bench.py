@@ -166,6 +166,7 @@ def machine_speed(folder: Path) -> dict[str, float]:
 class Sample:
     ttft: float  # seconds from sending the request to the first text delta
     total: float  # seconds to the end of the stream
+    deltas: int = 0  # text deltas received (the clients that check the answer count them)
 
 
 class ChatFailed(Exception):
@@ -222,7 +223,7 @@ class WsClient:
                 raise ChatFailed(f"{frame['code']}: {frame['message']}")
         if ttft is None or "".join(text) != EXPECTED_TEXT:
             raise ChatFailed("wrong answer")
-        return Sample(ttft, time.perf_counter() - start)
+        return Sample(ttft, time.perf_counter() - start, len(text))
 
 
 async def http_chat(http: aiohttp.ClientSession, gateway: str, headers: dict[str, str]) -> Sample:
@@ -252,7 +253,7 @@ async def http_chat(http: aiohttp.ClientSession, gateway: str, headers: dict[str
                 raise ChatFailed(chunk["errorText"])
     if ttft is None or not done or "".join(text) != EXPECTED_TEXT:
         raise ChatFailed("wrong answer")
-    return Sample(ttft, time.perf_counter() - start)
+    return Sample(ttft, time.perf_counter() - start, len(text))
 
 
 @dataclass
