@@ -104,6 +104,10 @@ class AnthropicProvider:
     def claims(self, model: str) -> bool:
         return model.startswith(PREFIX)
 
+    async def missing_key(self, model: str, api_key: str | None, base_url: str | None) -> bool:
+        # Every call goes with the key the gateway resolved; the SDK gets no other source of one.
+        return not api_key
+
     def _client(self, api_key: str, base_url: str | None) -> "AsyncAnthropic":
         client = self._clients.get((api_key, base_url))
         if client is None:

@@ -49,6 +49,11 @@ class Provider(Protocol):
     ``claims`` says whether this provider serves a model id; the first registered provider that claims
     an id serves it (built-in catch-alls are registered last). ``stream`` yields text, reasoning, source
     and tool-call events and ends with exactly one ``ProviderFinish``; failures raise ``ProviderError``.
+
+    Optionally, ``async def missing_key(model, api_key, base_url) -> bool`` says whether a call to ``model``
+    would fail for want of an API key (``api_key`` is what the vault or the environment holds, maybe None);
+    the gateway then answers ``NO_API_KEY`` before creating a session or calling anything. Providers
+    without it (keyless ones) are never refused for a missing key.
     """
 
     name: str
@@ -56,6 +61,12 @@ class Provider(Protocol):
     def claims(self, model: str) -> bool: ...
 
     def stream(self, request: ProviderRequest) -> AsyncIterator[ProviderEvent]: ...
+
+
+async def lacks_key(provider: Provider, model: str, api_key: str | None, base_url: str | None) -> bool:
+    """True when ``provider`` says a call to ``model`` needs a key that ``api_key`` does not supply."""
+    check = getattr(provider, "missing_key", None)
+    return check is not None and bool(await check(model, api_key, base_url))
 
 
 def model_prefix(model: str) -> str:

@@ -36,6 +36,7 @@ from ..types import (
     ToolCallPart,
     ToolResultPart,
 )
+from ..vault import missing_key_message
 from .base import Provider, ProviderRequest
 
 if TYPE_CHECKING:
@@ -113,7 +114,21 @@ class LiteLLMProvider:
             self._prefixes = frozenset(known | set(self._config.providers) | EXTRA_PREFIXES)
         return prefix in self._prefixes
 
+    async def missing_key(self, model: str, api_key: str | None, base_url: str | None) -> bool:
+        """Whether litellm's provider for ``model`` needs an API key that neither ``api_key`` nor its own
+        environment variable supplies (local servers such as Ollama or vLLM need none)."""
+        if api_key:
+            return False
+        litellm = await _load_litellm()
+        # litellm's own table of what each provider needs; of those, only *_API_KEY names are keys (other
+        # credentials, such as AWS profiles or Vertex projects, have sources it cannot see).
+        missing = litellm.validate_environment(model=model, api_key=None, api_base=base_url)["missing_keys"]
+        return any(name.endswith("_API_KEY") for name in missing)
+
     async def stream(self, request: ProviderRequest) -> AsyncIterator[ProviderEvent]:
+        if await self.missing_key(request.model, request.api_key, request.base_url):
+            # Checked here too for fallbacks and direct callers; litellm would retry a "Missing credentials" 500.
+            raise ProviderError("NO_API_KEY", missing_key_message(request.prefix, self._config))
         litellm = await _load_litellm()
         settings = self._config.provider_settings(request.prefix)
         kwargs: dict[str, Any] = {
