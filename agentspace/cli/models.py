@@ -29,7 +29,8 @@ def _price(value: float, known: bool) -> str:
 
 @click.command()
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON array.")
-@click.option("--all", "include_all", is_flag=True, help="Every known Anthropic, OpenAI and Gemini chat model, keys or not.")
+@click.option("--all", "include_all", is_flag=True,
+              help="Every known Anthropic, OpenAI and Gemini chat model, keys or not, and models past their deprecation date.")
 @pass_state
 def models(state: CliState, as_json: bool, include_all: bool) -> None:
     """Models you can use now: provider, price per million tokens, context window, capabilities."""
@@ -60,6 +61,7 @@ def models(state: CliState, as_json: bool, include_all: bool) -> None:
     if any(not m["priceKnown"] for m in items):
         notes.append('* price unknown: the fallback price is used; set [pricing."MODEL"] for exact costs.')
     if any(m["deprecated"] for m in items):
-        notes.append("DEPRECATED models still answer for now; using one logs a warning.")
+        notes.append("DEPRECATED: past its deprecation date; the provider may no longer serve it (listed only with "
+                     "--all, or as the configured default).")
     if notes:
         click.echo("\n" + "\n".join(notes))

@@ -19,7 +19,7 @@ class ThinkingSettings:
 
 @dataclass(slots=True)
 class ProviderRequest:
-    model: str  # the full id, e.g. "anthropic/claude-sonnet-4-5"
+    model: str  # the full id, e.g. "anthropic/claude-sonnet-4-6"
     system: str
     messages: list[ChatMessage]
     model_info: ModelInfo
