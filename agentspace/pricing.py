@@ -105,6 +105,12 @@ def model_info(config: Config, model: str) -> ModelInfo:
     return info
 
 
+def accepts_adaptive_thinking(model: str) -> bool:
+    """Whether the cost map says ``model`` takes ``{"type": "adaptive"}`` thinking (the form to send it)."""
+    entry = _lookup(model)
+    return bool(entry and entry.get("supports_adaptive_thinking"))
+
+
 def known_models(prefixes: set[str] | None = None) -> list[str]:
     """Every chat model id of the cost map as ``provider/model``, optionally only some providers."""
     out = []

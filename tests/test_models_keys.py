@@ -203,3 +203,33 @@ def test_models_hide_retired_and_non_chat_models(monkeypatch: pytest.MonkeyPatch
         assert "gemini/gemini-2.5-pro-preview-tts" not in models and "gemini/lyria-3.5" not in models
     table = CliRunner().invoke(main, ["models", "--all"]).output
     assert "anthropic/claude-sonnet-4-5 " in table and "DEPRECATED" in table
+
+
+# --- issue 14 item 6: thinking in the form each model takes ------------------------------------------
+
+THINKING_FORMS = {
+    "claude-sonnet-4-5": "enabled",  # budget only
+    "claude-haiku-4-5": "enabled",
+    "claude-opus-4-6": "adaptive",  # accepts both; the budget form is deprecated for it (the SDK warns)
+    "claude-sonnet-4-6": "adaptive",
+    "claude-opus-4-7": "adaptive",  # adaptive only
+    "claude-sonnet-5-5": "adaptive",
+}
+
+
+@pytest.mark.parametrize("models_api", [True, False], ids=["models-api", "cost-map"])
+async def test_thinking_form_per_model_family(make_client: Any, token: str, fake_anthropic: Any, models_api: bool,
+                                              recwarn: pytest.WarningsRecorder) -> None:
+    fake_anthropic.any_model = models_api  # without it, the Models API answers 404 and the cost map decides
+    client = await make_client()
+    ws = await connect(client, token)
+    for i, name in enumerate(THINKING_FORMS):
+        frames = await chat(ws, "hi", f"r{i}", model=f"anthropic/{name}")
+        assert frames[-1]["type"] == "chat.stream.end", frames
+    await ws.close()
+    sent = {r.body["model"]: r.body["thinking"] for r in fake_anthropic.requests}
+    assert {model: thinking["type"] for model, thinking in sent.items()} == THINKING_FORMS
+    assert all(t == {"type": "enabled", "budget_tokens": 8000} for t in sent.values() if t["type"] == "enabled")
+    assert all(t == {"type": "adaptive"} for t in sent.values() if t["type"] == "adaptive")
+    thinking_warnings = [str(w.message) for w in recwarn if "thinking" in str(w.message) or "deprecated" in str(w.message)]
+    assert thinking_warnings == []

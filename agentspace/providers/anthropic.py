@@ -23,6 +23,7 @@ from ..events import (
     ToolCallEvent,
 )
 from ..hookspecs import hookimpl
+from ..pricing import accepts_adaptive_thinking
 from ..types import (
     ChatMessage,
     Part,
@@ -127,19 +128,24 @@ class AnthropicProvider:
         return client
 
     async def _thinking_for(self, client: "AsyncAnthropic", request: ProviderRequest) -> ThinkingSettings | None:
-        """The thinking form the model accepts: the Models API says (asked once per model), else the cost map."""
+        """The thinking form for the model: adaptive wherever it accepts it (the budget form is deprecated for
+        those models, and the SDK warns), else the budget. The Models API says which forms a model accepts
+        (asked once per model); without it, the cost map."""
         key = (request.base_url, request.model_name)
         if key not in self._thinking_forms:
             self._thinking_forms[key] = await _thinking_forms(client, request.model_name)
         forms = self._thinking_forms[key]
         thinking = request.thinking
         assert thinking is not None
-        if forms is None:  # the Models API did not answer: the request's form comes from the cost map
-            return thinking if request.model_info.supports_reasoning else None
+        if forms is None:  # the Models API did not answer
+            if not request.model_info.supports_reasoning:
+                return None
+            adaptive = thinking.adaptive or accepts_adaptive_thinking(request.model)
+            return ThinkingSettings(thinking.budget_tokens, adaptive=adaptive)
         budget_ok, adaptive_ok = forms
-        if budget_ok:
-            return ThinkingSettings(thinking.budget_tokens, adaptive=False)
-        return ThinkingSettings(thinking.budget_tokens, adaptive=True) if adaptive_ok else None
+        if adaptive_ok:
+            return ThinkingSettings(thinking.budget_tokens, adaptive=True)
+        return ThinkingSettings(thinking.budget_tokens, adaptive=False) if budget_ok else None
 
     async def aclose(self) -> None:
         """Close the pooled HTTP connections."""

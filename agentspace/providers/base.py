@@ -11,7 +11,10 @@ from ..types import ChatMessage, ModelInfo, Tool
 
 @dataclass(slots=True)
 class ThinkingSettings:
-    """Extended thinking for one call; ``adaptive`` for models that accept only ``{"type": "adaptive"}``."""
+    """Extended thinking for one call; ``adaptive`` sends ``{"type": "adaptive"}`` instead of the budget form.
+
+    The pipeline sets ``adaptive`` for models that accept nothing else; providers also send it to models
+    that accept both (the budget form is deprecated for them)."""
 
     budget_tokens: int = 8000
     adaptive: bool = False

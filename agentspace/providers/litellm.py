@@ -26,6 +26,7 @@ from ..events import (
     ToolCallEvent,
 )
 from ..hookspecs import hookimpl
+from ..pricing import accepts_adaptive_thinking
 from ..types import (
     ChatMessage,
     Part,
@@ -154,9 +155,10 @@ class LiteLLMProvider:
                 for t in request.tools
             ]
         if request.thinking is not None and request.model_info.supports_reasoning:
+            # Adaptive wherever the model takes it (the budget form is deprecated for those models).
             kwargs["thinking"] = (
                 {"type": "adaptive"}
-                if request.thinking.adaptive
+                if request.thinking.adaptive or accepts_adaptive_thinking(request.model)
                 else {"type": "enabled", "budget_tokens": request.thinking.budget_tokens}
             )
 
