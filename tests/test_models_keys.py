@@ -4,6 +4,7 @@ click's CliRunner."""
 
 from __future__ import annotations
 
+import asyncio
 import importlib
 import json
 import logging
@@ -21,6 +22,8 @@ from click.testing import CliRunner
 from agentspace.cli import main
 from agentspace.config import load_config, parse_config
 from agentspace.pricing import cost_map
+from agentspace.stores.sessions import SessionStore
+from agentspace.stores.usage import write_segment
 from agentspace.transports import state
 from scripts.harness import GatewayProcess, child_env
 from tests.fakes.anthropic_upstream import error_status
@@ -233,3 +236,98 @@ async def test_thinking_form_per_model_family(make_client: Any, token: str, fake
     assert all(t == {"type": "adaptive"} for t in sent.values() if t["type"] == "adaptive")
     thinking_warnings = [str(w.message) for w in recwarn if "thinking" in str(w.message) or "deprecated" in str(w.message)]
     assert thinking_warnings == []
+
+
+# --- issue 14 item 7: --config on every command that reads the config --------------------------------
+
+
+@pytest.fixture
+def other_config(tmp_path: Path) -> tuple[Path, Path]:
+    """A config whose data directory is not the default one (AGENTSPACE_HOME), and that directory."""
+    data = tmp_path / "other-data"
+    config = tmp_path / "other.toml"
+    config.write_text(f'[storage]\ndata_dir = "{data}"\n\n[server]\nport = 1\n\n[models]\ndefault = "anthropic/claude-opus-4-7"\n',
+                      encoding="utf-8")
+    return config, data
+
+
+def run(*args: str, input: str | None = None) -> Any:
+    return CliRunner().invoke(main, list(args), input=input, catch_exceptions=False)
+
+
+def test_config_option_on_models(other_config: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    config, _ = other_config
+    monkeypatch.setenv("ANTHROPIC_API_KEY", "sk-ant-test-0123456789")
+    result = run("models", "--json", "--config", str(config))
+    assert result.exit_code == 0, result.output
+    assert [m["id"] for m in json.loads(result.output) if m["default"]] == ["anthropic/claude-opus-4-7"]
+
+
+def test_config_option_on_usage(other_config: tuple[Path, Path]) -> None:
+    config, data = other_config
+    write_segment(data, date.today().isoformat(), 1, [{
+        "id": "usage_1", "timestamp": f"{date.today().isoformat()}T10:00:00+00:00", "model": "anthropic/claude-opus-4-7",
+        "provider": "anthropic", "sessionId": "s1", "client": "ws", "inputTokens": 10, "outputTokens": 5,
+        "cacheReadTokens": 0, "cacheWriteTokens": 0, "reasoningTokens": 0, "totalTokens": 15, "inputCost": 0.0,
+        "outputCost": 0.0, "totalCost": 0.0, "latencyMs": 1.0, "finishReason": "stop", "estimated": False,
+        "priceKnown": True, "error": None, "answered": True, "attempts": 1}])
+    assert json.loads(run("usage", "--json").output)["grandTotal"]["totalTokens"] == 0  # the default data dir
+    result = run("usage", "--json", "--config", str(config))
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output)["grandTotal"]["totalTokens"] == 15
+
+
+def test_config_option_on_sessions(other_config: tuple[Path, Path]) -> None:
+    config, data = other_config
+
+    async def seed() -> str:
+        store = SessionStore(data)
+        info = await store.create(model="anthropic/claude-opus-4-7")
+        await store.aclose()
+        return str(info["id"])
+
+    session_id = asyncio.run(seed())
+    assert json.loads(run("sessions", "list", "--json").output) == []
+    listed = run("sessions", "list", "--json", "--config", str(config))
+    assert [s["id"] for s in json.loads(listed.output)] == [session_id]
+    assert run("sessions", "--config", str(config), "list", "--json").output == listed.output
+    shown = run("sessions", "show", session_id, "--json", "--config", str(config))
+    assert shown.exit_code == 0 and json.loads(shown.output)["id"] == session_id
+    assert run("sessions", "delete", session_id, "--yes", "--config", str(config)).exit_code == 0
+    assert json.loads(run("sessions", "list", "--json", "--config", str(config)).output) == []
+
+
+def test_config_option_on_keys(other_config: tuple[Path, Path], isolated_env: Path) -> None:
+    config, data = other_config
+    assert run("keys", "add", "openai", "--config", str(config), input="sk-openai-test-key-000\n").exit_code == 0
+    assert (data / "keys.json").exists() and not (isolated_env / "keys.json").exists()
+    assert "openai" in run("keys", "list", "--config", str(config)).output
+    assert "openai" not in run("keys", "list").output
+    assert run("keys", "path", "--config", str(config)).output.strip() == str(data / "keys.json")
+    assert run("keys", "remove", "openai", "--config", str(config)).exit_code == 0
+    assert "openai" not in run("keys", "list", "--config", str(config)).output
+
+
+def test_config_option_on_token(other_config: tuple[Path, Path]) -> None:
+    config, data = other_config
+    result = run("token", "--config", str(config))
+    assert result.exit_code == 0
+    assert result.output.strip() == (data / "gateway-token").read_text(encoding="utf-8").strip()
+
+
+def test_config_option_on_plugins(other_config: tuple[Path, Path], tmp_path: Path) -> None:
+    config, _ = other_config
+    result = run("plugins", "--all", "--config", str(config))
+    assert result.exit_code == 0 and json.loads(result.output)
+    broken = tmp_path / "broken.toml"
+    broken.write_text("[server]\nport = 'x'\n", encoding="utf-8")
+    result = CliRunner().invoke(main, ["plugins", "--config", str(broken)])
+    assert result.exit_code == 1 and f"{broken}: server.port" in result.output
+
+
+def test_config_option_on_inspect_and_chat(other_config: tuple[Path, Path]) -> None:
+    """Both reach the gateway named by the config's [server] (port 1: nothing listens there)."""
+    config, _ = other_config
+    for args in (["inspect", "s1"], ["chat"]):
+        result = CliRunner().invoke(main, [*args, "--config", str(config)], input="hi\n")
+        assert result.exit_code == 1 and "127.0.0.1:1" in result.output, result.output

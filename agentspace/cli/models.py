@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from .common import CliState, pass_state, table
+from .common import CliState, config_options, pass_state, table
 
 if TYPE_CHECKING:
     from ..config import Config
@@ -28,6 +28,7 @@ def _price(value: float, known: bool) -> str:
 
 
 @click.command()
+@config_options
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON array.")
 @click.option("--all", "include_all", is_flag=True,
               help="Every known Anthropic, OpenAI and Gemini chat model, keys or not, and models past their deprecation date.")
