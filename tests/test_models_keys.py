@@ -331,3 +331,41 @@ def test_config_option_on_inspect_and_chat(other_config: tuple[Path, Path]) -> N
     for args in (["inspect", "s1"], ["chat"]):
         result = CliRunner().invoke(main, [*args, "--config", str(config)], input="hi\n")
         assert result.exit_code == 1 and "127.0.0.1:1" in result.output, result.output
+
+
+# --- issue 16 item 5: provider helpers live once -----------------------------------------------------
+
+
+@pytest.mark.parametrize("provider_name", ["anthropic", "litellm"])
+async def test_both_providers_read_an_http_date_retry_after(fake_anthropic: Any, fake_openai: Any, provider_name: str) -> None:
+    """One retry-after parser for both providers: seconds, or an HTTP date (the pipeline waits that long)."""
+    from dataclasses import replace
+    from datetime import datetime, timedelta, timezone
+    from email.utils import format_datetime
+
+    from agentspace.events import ProviderError
+    from agentspace.providers.anthropic import AnthropicProvider
+    from agentspace.providers.base import ProviderRequest
+    from agentspace.providers.litellm import LiteLLMProvider
+    from agentspace.types import ChatMessage, ModelInfo
+    from tests.fakes import openai_upstream
+
+    importlib.import_module("litellm")  # its first import takes seconds: not part of the wait measured
+    when = format_datetime(datetime.now(timezone.utc) + timedelta(seconds=20), usegmt=True)
+    if provider_name == "anthropic":
+        fake, model, provider = fake_anthropic, "anthropic/claude-sonnet-4-6", AnthropicProvider(parse_config({}))
+        fake.enqueue(replace(error_status(429), headers={"retry-after": when}))
+    else:
+        fake, model, provider = fake_openai, "openai/gpt-4o-mini", LiteLLMProvider(parse_config({}))
+        fake.enqueue(replace(openai_upstream.error_status(429), headers={"retry-after": when}))
+    request = ProviderRequest(model=model, system="", messages=[ChatMessage.user("Hi")],
+                              model_info=ModelInfo(model, model.split("/")[0], 1.0, 1.0, 1.0, 1.0),
+                              api_key="sk-test-0123456789abcdef", base_url=fake.url)
+    with pytest.raises(ProviderError) as caught:
+        async for _ in provider.stream(request):
+            pass
+    close = getattr(provider, "aclose", None)
+    if close is not None:
+        await close()
+    assert caught.value.code == "RATE_LIMITED"
+    assert caught.value.retry_after is not None and 10 <= caught.value.retry_after <= 20

@@ -34,7 +34,13 @@ from ..types import (
     ToolCallPart,
 )
 from ..vault import missing_key_message
-from .base import Provider, ProviderRequest, ThinkingSettings
+from .base import (
+    INCOMPLETE_MESSAGE,
+    Provider,
+    ProviderRequest,
+    ThinkingSettings,
+    retry_after_seconds,
+)
 from .sse import sse_events
 
 if TYPE_CHECKING:
@@ -47,7 +53,6 @@ log = logging.getLogger(__name__)
 PREFIX = "anthropic/"
 NO_KEY_MESSAGE = missing_key_message("anthropic")
 REJECTED_KEY_MESSAGE = "Anthropic rejected the API key. Run: agentspace keys add anthropic"
-INCOMPLETE_MESSAGE = "the upstream stream ended before the answer was complete"
 UNREADABLE_MESSAGE = "Anthropic sent data that could not be read"
 
 FINISH_REASONS = {
@@ -430,7 +435,7 @@ def _status_error(e: "APIStatusError", api_key: str) -> ProviderError:
             "RATE_LIMITED",
             f"Anthropic rate limit reached: {detail or 'too many requests'}. Try again shortly.",
             retryable=True,
-            retry_after=_retry_after(e.response.headers.get("retry-after")),
+            retry_after=retry_after_seconds(e.response.headers),
             status=429,
         )
     if status == 404:
@@ -453,11 +458,3 @@ def _stream_error(error: dict[str, Any]) -> ProviderError:
         return ProviderError("RATE_LIMITED", f"Anthropic rate limit reached: {detail}", retryable=True, status=status)
     retryable = error_type in ("overloaded_error", "api_error")
     return ProviderError("LLM_ERROR", f"Anthropic stopped with an error ({error_type}): {detail}", retryable=retryable, status=status)
-
-
-def _retry_after(value: str | None) -> float | None:
-    """Seconds from a ``retry-after`` header (Anthropic sends seconds; an HTTP date is not worth parsing)."""
-    try:
-        return max(0.0, float(value)) if value else None
-    except ValueError:
-        return None

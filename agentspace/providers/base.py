@@ -2,11 +2,57 @@
 
 from __future__ import annotations
 
+import email.utils
+import time
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Protocol, runtime_checkable
+from typing import Any, AsyncIterator, Mapping, Protocol, runtime_checkable
 
 from ..events import ProviderEvent
 from ..types import ChatMessage, ModelInfo, Tool
+
+# The error message of a stream that ended before its answer was complete (every provider says the same).
+INCOMPLETE_MESSAGE = "the upstream stream ended before the answer was complete"
+
+# How messages name a provider prefix where ``str.capitalize()`` would be wrong.
+DISPLAY_NAMES = {
+    "openai": "OpenAI",
+    "azure": "Azure OpenAI",
+    "openrouter": "OpenRouter",
+    "xai": "xAI",
+    "deepseek": "DeepSeek",
+    "ollama": "Ollama",
+    "ollama_chat": "Ollama",
+    "hosted_vllm": "vLLM",
+    "vertex_ai": "Vertex AI",
+    "together_ai": "Together AI",
+    "fireworks_ai": "Fireworks AI",
+}
+
+
+def display_name(prefix: str) -> str:
+    """``openai`` -> ``OpenAI``: a provider prefix as messages name it."""
+    return DISPLAY_NAMES.get(prefix, prefix.capitalize())
+
+
+def retry_after_seconds(headers: Mapping[str, str] | None) -> float | None:
+    """Seconds to wait from an error response's ``retry-after-ms`` or ``retry-after`` header (seconds or an
+    HTTP date); None when there is none or it cannot be read (the pipeline's own backoff applies)."""
+    if not headers:
+        return None
+    ms, value = headers.get("retry-after-ms"), headers.get("retry-after")
+    try:
+        if ms is not None:
+            return max(0.0, float(ms) / 1000)
+        if value is None:
+            return None
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(str(value))
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - time.time())
 
 
 @dataclass(slots=True)
