@@ -5,11 +5,12 @@ Shared by ``agentspace models`` and ``GET /api/models`` so both list the same mo
 
 from __future__ import annotations
 
+import re
 from datetime import date
 from typing import Any, Iterable
 
 from .config import Config
-from .pricing import known_models, model_info
+from .pricing import cost_entry, known_models, model_info
 from .vault import KeyVault, resolve_key
 
 # Providers whose cost-map models `--all` lists whether or not a key is set.
@@ -46,10 +47,18 @@ def usable_models(config: Config, providers: Iterable[Any] = (), *, include_all:
     ids.update(plugin_models(providers))
 
     today = date.today().isoformat()
+    plugin_ids = set(plugin_models(providers))
     out = []
     for model_id, provider in sorted(ids.items()):
         info = model_info(config, model_id)
         deprecation = info.deprecation_date
+        retired = is_retired(deprecation, today)
+        # Past its date the model no longer answers; the configured default stays listed (flagged) so the
+        # user sees what to change. Entries that are not chat models (speech, music) are never listed.
+        if retired and not include_all and model_id != default:
+            continue
+        if model_id not in plugin_ids and not is_chat_model(model_id):
+            continue
         out.append({
             "id": model_id,
             "provider": provider,
@@ -59,8 +68,70 @@ def usable_models(config: Config, providers: Iterable[Any] = (), *, include_all:
             "supportsReasoning": info.supports_reasoning,
             "supportsTools": info.supports_tools,
             "deprecationDate": deprecation,
-            "deprecated": bool(deprecation and deprecation <= today),
+            "deprecated": retired,
             "priceKnown": info.price_known,
             "default": model_id == default,
         })
     return out
+
+
+def is_chat_model(model: str) -> bool:
+    """False for cost-map entries that are not chat models: another ``mode``, or no text out (speech, music)."""
+    entry = cost_entry(model)
+    if entry is None:
+        return True  # not in the cost map (local servers, config models): the user named it
+    outputs = entry.get("supported_output_modalities")
+    return entry.get("mode", "chat") == "chat" and (not outputs or "text" in outputs)
+
+
+def is_retired(deprecation_date: str | None, today: str | None = None) -> bool:
+    """Whether ``deprecation_date`` (ISO, the day the provider retires the model) has come."""
+    return bool(deprecation_date) and str(deprecation_date) <= (today or date.today().isoformat())
+
+
+def deprecation_message(model: str, deprecation_date: str | None, today: str | None = None) -> str | None:
+    """What to tell a user of ``model`` about its deprecation date, or None when it has none."""
+    if not deprecation_date:
+        return None
+    if is_retired(deprecation_date, today):
+        alternative = current_alternative(model, today)
+        use = f"; use a current model such as {alternative}" if alternative else "; see: agentspace models"
+        return f"{model} is past its deprecation date ({deprecation_date}) and may no longer answer{use}"
+    return f"{model} will be retired on {deprecation_date}"
+
+
+# Version-like tokens of a model name ("4", "2.5") and date stamps ("20250929", "2024-08-06").
+_VERSION = re.compile(r"^\d+(?:\.\d+)*$")
+_DATED = re.compile(r"-(?:\d{8}|\d{4}-\d{2}-\d{2})$")
+# Release stages: not part of the family, and never suggested as a replacement.
+_STAGES = frozenset({"preview", "latest", "exp", "experimental"})
+
+
+def _family(name: str) -> tuple[tuple[str, ...], tuple[float, ...]]:
+    """``claude-sonnet-4-5`` -> (("claude", "sonnet"), (4, 5)): the family, and the version within it."""
+    tokens = _DATED.sub("", name).split("-")
+    family = tuple(t for t in tokens if not _VERSION.match(t) and t not in _STAGES)
+    version = tuple(float(part) for t in tokens if _VERSION.match(t) for part in t.split("."))
+    return family, version
+
+
+def current_alternative(model: str, today: str | None = None) -> str | None:
+    """A model of the same provider and family that is not past its deprecation date: the next version
+    after ``model`` (the closest replacement), else the newest; undated stable releases only, None if none."""
+    prefix, _, name = model.partition("/")
+    family, version = _family(name)
+    candidates = []
+    for other in known_models({prefix}):
+        other_name = other.partition("/")[2]
+        entry = cost_entry(other)
+        if other == model or _DATED.search(other_name) or entry is None or not is_chat_model(other):
+            continue
+        if _STAGES & set(other_name.split("-")):
+            continue
+        other_family, other_version = _family(other_name)
+        if other_family == family and not is_retired(entry.get("deprecation_date"), today):
+            candidates.append((other_version, other))
+    if not candidates:
+        return None
+    newer = sorted(c for c in candidates if c[0] > version)
+    return newer[0][1] if newer else max(candidates)[1]

@@ -38,7 +38,7 @@ SCHEMA: dict[str, dict[str, tuple[tuple[type, ...], Any]]] = {
         "data_dir": ((str,), None),
     },
     "models": {
-        "default": ((str,), "anthropic/claude-sonnet-4-5"),
+        "default": ((str,), "anthropic/claude-sonnet-4-6"),
         "fallback_input_per_mtok": ((int, float), 15.0),
         "fallback_output_per_mtok": ((int, float), 75.0),
         "fallbacks": ((dict,), {}),

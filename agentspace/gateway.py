@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 import pluggy
 
 from . import pricing
+from .catalog import deprecation_message
 from .config import Config
 from .errors import StorageError
 from .pending import PendingWrites
@@ -70,7 +71,7 @@ class Gateway:
     def provider_for(self, model: str) -> Provider:
         """The provider serving ``model``; raises ModelNotFound with a message for the client."""
         if "/" not in model or not model_prefix(model) or model.endswith("/"):
-            raise ModelNotFound(f"Model ids look like provider/model, e.g. anthropic/claude-sonnet-4-5; got {model!r}")
+            raise ModelNotFound(f"Model ids look like provider/model, e.g. anthropic/claude-sonnet-4-6; got {model!r}")
         for provider in self.providers:
             if provider.claims(model):
                 return provider
@@ -82,8 +83,9 @@ class Gateway:
             info = self._model_info[model] = pricing.model_info(self.config, model)
             if not info.price_known:
                 log.warning("no price known for %s; using the fallback price (set [pricing.\"%s\"])", model, model)
-            if info.deprecation_date:
-                log.warning("%s is deprecated as of %s", model, info.deprecation_date)
+            note = deprecation_message(model, info.deprecation_date)
+            if note:
+                log.warning("%s", note)
         return info
 
     @property

@@ -45,7 +45,7 @@ from .events import (
 )
 from .gateway import Gateway, ModelNotFound
 from .logs import redact
-from .providers.base import ProviderRequest, ThinkingSettings
+from .providers.base import ProviderRequest, ThinkingSettings, lacks_key
 from .stores import InvalidSessionId
 from .stores.sessions import validate_session_id
 from .tokens import count_tokens
@@ -65,7 +65,7 @@ from .types import (
     part_to_dict,
     usage_to_wire,
 )
-from .vault import resolve_key
+from .vault import missing_key_message, resolve_key
 
 log = logging.getLogger(__name__)
 
@@ -114,6 +114,9 @@ async def start_turn(gw: Gateway, request: ChatRequest) -> "Turn":
         gw.provider_for(model)
     except ModelNotFound as e:
         raise ChatError("MODEL_NOT_FOUND", str(e)) from None
+    if not await _has_usable_key(gw, model):
+        await _record_refusal(gw, model, request, "NO_API_KEY")
+        raise ChatError("NO_API_KEY", missing_key_message(model.split("/", 1)[0], gw.config))
 
     created = session is None
     session_id = (request.session_id or new_id("s_")) if session is None else session["id"]
@@ -148,6 +151,42 @@ async def start_turn(gw: Gateway, request: ChatRequest) -> "Turn":
         raise
     turn.start(request.content, history)
     return turn
+
+
+async def _has_usable_key(gw: Gateway, model: str) -> bool:
+    """Whether ``model``, or one of its fallbacks, has the API key its provider needs."""
+    for candidate in [model, *gw.config["models"]["fallbacks"].get(model, [])]:
+        try:
+            provider = gw.provider_for(candidate)
+        except ModelNotFound:
+            continue
+        prefix = candidate.split("/", 1)[0]
+        base_url = gw.config.provider_settings(prefix)["base_url"]
+        if not await lacks_key(provider, candidate, resolve_key(gw.config, prefix), base_url):
+            return True
+    return False
+
+
+async def _record_refusal(gw: Gateway, model: str, request: ChatRequest, code: str) -> None:
+    """The one usage record of a call refused before reaching the upstream: an error, never a request."""
+    await gw.record_usage(
+        UsageRecord(
+            id=new_id("usage_"),
+            timestamp=now_iso(),
+            model=model,
+            provider=model.split("/", 1)[0],
+            session_id=request.session_id,
+            client=request.client,
+            usage=TokenUsage(),
+            cost=Cost(),
+            latency_ms=0.0,
+            finish_reason="error",
+            price_known=gw.model_info(model).price_known,
+            error=code,
+            answered=False,
+            attempts=0,
+        )
+    )
 
 
 def retry_delay(error: ProviderError, attempt: int) -> float | None:

@@ -35,6 +35,19 @@ def cost_map() -> dict[str, dict[str, Any]]:
     return data
 
 
+def cost_entry(model: str) -> dict[str, Any] | None:
+    """The cost-map entry of ``provider/model`` whatever its mode, or None."""
+    entries = cost_map()
+    prefix, _, name = model.partition("/")
+    for key in (model, name):
+        entry = entries.get(key)
+        if entry is not None:
+            provider = entry.get("litellm_provider", "")
+            if key == model or provider == prefix or provider.startswith(prefix):
+                return entry
+    return None
+
+
 def _lookup(model: str) -> dict[str, Any] | None:
     """The cost-map entry for ``provider/model``: litellm keys Anthropic and OpenAI models without prefix."""
     entries = cost_map()
@@ -90,6 +103,12 @@ def model_info(config: Config, model: str) -> ModelInfo:
     if "supports_tools" in override:
         info.supports_tools = override["supports_tools"]
     return info
+
+
+def accepts_adaptive_thinking(model: str) -> bool:
+    """Whether the cost map says ``model`` takes ``{"type": "adaptive"}`` thinking (the form to send it)."""
+    entry = _lookup(model)
+    return bool(entry and entry.get("supports_adaptive_thinking"))
 
 
 def known_models(prefixes: set[str] | None = None) -> list[str]:

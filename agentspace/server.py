@@ -19,8 +19,10 @@ import click
 import pluggy
 from aiohttp import web
 
-from .config import Config
-from .gateway import Gateway
+from . import pricing
+from .catalog import deprecation_message, is_retired
+from .config import Config, ConfigError
+from .gateway import Gateway, ModelNotFound
 from .gateway_token import TokenFile
 from .logs import configure_logging
 from .plugins import get_plugin_manager
@@ -65,6 +67,7 @@ def _gateway_context(config: Config, pm: pluggy.PluginManager):  # type: ignore[
         try:
             app[state.TOKEN_FILE].current()  # create the token on first start
             gw = Gateway.create(config, pm)
+            check_default_model(gw)  # before anything binds: runs in runner.setup(), the site starts after
             app[state.GATEWAY] = gw
             for result in pm.hook.server_startup(app=app, config=config):
                 await _maybe_await(result)
@@ -79,6 +82,28 @@ def _gateway_context(config: Config, pm: pluggy.PluginManager):  # type: ignore[
             lock.close()
 
     return context
+
+
+def check_default_model(gw: Gateway) -> None:
+    """Stop on a ``[models] default`` nothing serves (a config error); warn when it is past its date."""
+    config = gw.config
+    default = gw.default_model
+    try:
+        gw.provider_for(default)
+    except ModelNotFound as e:
+        raise ConfigError(config.source, "models.default", f"expected a model a provider serves: {e}") from None
+    prefix, _, name = default.partition("/")
+    settings = config.provider_settings(prefix)
+    # The cost map lists every model of the big providers; a name it lacks is a typo, unless the model
+    # goes to a custom endpoint (base_url) or the config declares it (pricing or the provider's models).
+    declared = default in config.pricing or bool({default, name} & set(settings["models"])) or bool(settings["base_url"])
+    if pricing.cost_entry(default) is None and pricing.known_models({prefix}) and not declared:
+        raise ConfigError(config.source, "models.default",
+                          f"expected a model litellm's cost map knows (see: agentspace models --all), got {default!r}; "
+                          f'for a model it does not list yet, add [pricing."{default}"]')
+    info = pricing.model_info(config, default)
+    if is_retired(info.deprecation_date):
+        log.warning("[models] default in %s: %s", config.source, deprecation_message(default, info.deprecation_date))
 
 
 async def _finish_streams(app: web.Application) -> None:

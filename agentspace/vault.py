@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from .logs import register_secret
+from .providers.base import display_name
 
 if TYPE_CHECKING:
     from .config import Config
@@ -22,8 +23,6 @@ if TYPE_CHECKING:
 KEYS_FILE = "keys.json"
 NOTE = "API keys for agentspace. Do not share."
 
-# Display names where str.capitalize() would be wrong; used in "X API key not configured".
-DISPLAY_NAMES = {"openai": "OpenAI", "xai": "xAI", "deepseek": "DeepSeek", "openrouter": "OpenRouter"}
 DEFAULT_ENV_VARS = {"anthropic": "ANTHROPIC_API_KEY", "openai": "OPENAI_API_KEY", "gemini": "GEMINI_API_KEY"}
 
 
@@ -166,10 +165,6 @@ def resolve_key(config: "Config", prefix: str) -> str | None:
     from_env = os.environ.get(env_var(config, prefix)) or None
     register_secret(from_env)
     return from_env
-
-
-def display_name(prefix: str) -> str:
-    return DISPLAY_NAMES.get(prefix, prefix.capitalize())
 
 
 def missing_key_message(prefix: str, config: "Config | None" = None) -> str:

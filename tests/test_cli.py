@@ -178,7 +178,7 @@ def test_models_follow_keys(monkeypatch: pytest.MonkeyPatch, home: Path) -> None
     assert not any(m.startswith(("anthropic/", "openai/")) for m in models_json())
     monkeypatch.setenv("ANTHROPIC_API_KEY", "sk-ant-test")
     models = models_json()
-    sonnet = models["anthropic/claude-sonnet-4-5"]
+    sonnet = models["anthropic/claude-sonnet-4-6"]
     assert sonnet["provider"] == "anthropic" and sonnet["default"] is True
     assert (sonnet["inputPerMTok"], sonnet["outputPerMTok"]) == (3.0, 15.0)
     assert sonnet["contextWindow"] and sonnet["supportsReasoning"] is True
@@ -195,7 +195,7 @@ def test_models_all_and_table() -> None:
     assert all(m["deprecationDate"] <= time.strftime("%Y-%m-%d") for m in deprecated)
     table = invoke("models", "--all").output
     assert table.splitlines()[0].split()[:4] == ["model", "provider", "in", "$/MTok"]
-    assert "anthropic/claude-sonnet-4-5 (default)" in table
+    assert "anthropic/claude-sonnet-4-6 (default)" in table
     if deprecated:
         assert "DEPRECATED" in table
 

@@ -47,7 +47,7 @@ def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 def test_example_loads_and_equals_the_defaults() -> None:
     config = load_config(EXAMPLE)
     assert config.values == parse_config({}).values
-    assert config["models"]["default"] == "anthropic/claude-sonnet-4-5"
+    assert config["models"]["default"] == "anthropic/claude-sonnet-4-6"
     assert config.providers == {} and config.pricing == {} and config.plugins == {}
 
 

@@ -8,7 +8,7 @@ import sys
 
 import click
 
-from .common import CliState, pass_state, table
+from .common import CliState, config_options, pass_state, table
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
@@ -19,11 +19,13 @@ def stdin_is_terminal() -> bool:
 
 
 @click.group()
+@config_options
 def keys() -> None:
     """Manage provider API keys (stored 0600 in the data directory)."""
 
 
 @keys.command("add")
+@config_options
 @click.argument("name")
 @pass_state
 def add(state: CliState, name: str) -> None:
@@ -49,6 +51,7 @@ def add(state: CliState, name: str) -> None:
 
 
 @keys.command("list")
+@config_options
 @pass_state
 def list_keys(state: CliState) -> None:
     """Stored keys (masked) and the environment variables used as fallback."""
@@ -71,6 +74,7 @@ def list_keys(state: CliState) -> None:
 
 
 @keys.command("remove")
+@config_options
 @click.argument("name")
 @pass_state
 def remove(state: CliState, name: str) -> None:
@@ -83,6 +87,7 @@ def remove(state: CliState, name: str) -> None:
 
 
 @keys.command("path")
+@config_options
 @pass_state
 def path(state: CliState) -> None:
     """Print the path of keys.json."""

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from .common import CliState, pass_state, table
+from .common import CliState, config_options, pass_state, table
 
 if TYPE_CHECKING:
     from ..config import Config
@@ -28,8 +28,10 @@ def _price(value: float, known: bool) -> str:
 
 
 @click.command()
+@config_options
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON array.")
-@click.option("--all", "include_all", is_flag=True, help="Every known Anthropic, OpenAI and Gemini chat model, keys or not.")
+@click.option("--all", "include_all", is_flag=True,
+              help="Every known Anthropic, OpenAI and Gemini chat model, keys or not, and models past their deprecation date.")
 @pass_state
 def models(state: CliState, as_json: bool, include_all: bool) -> None:
     """Models you can use now: provider, price per million tokens, context window, capabilities."""
@@ -60,6 +62,7 @@ def models(state: CliState, as_json: bool, include_all: bool) -> None:
     if any(not m["priceKnown"] for m in items):
         notes.append('* price unknown: the fallback price is used; set [pricing."MODEL"] for exact costs.')
     if any(m["deprecated"] for m in items):
-        notes.append("DEPRECATED models still answer for now; using one logs a warning.")
+        notes.append("DEPRECATED: past its deprecation date; the provider may no longer serve it (listed only with "
+                     "--all, or as the configured default).")
     if notes:
         click.echo("\n" + "\n".join(notes))

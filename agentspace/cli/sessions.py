@@ -7,7 +7,7 @@ from typing import Any
 
 import click
 
-from .common import CliState, count, money, pass_state, table
+from .common import CliState, config_options, count, money, pass_state, table
 
 
 def _store(state: CliState) -> Any:
@@ -26,11 +26,13 @@ def _when(iso: str | None) -> str:
 
 
 @click.group()
+@config_options
 def sessions() -> None:
     """List, show and delete conversations."""
 
 
 @sessions.command("list")
+@config_options
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @pass_state
 def list_sessions(state: CliState, as_json: bool) -> None:
@@ -68,6 +70,7 @@ def _message_header(m: dict[str, Any]) -> str:
 
 
 @sessions.command("show")
+@config_options
 @click.argument("session_id", metavar="ID")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @pass_state
@@ -89,6 +92,7 @@ def show(state: CliState, session_id: str, as_json: bool) -> None:
 
 
 @sessions.command("delete")
+@config_options
 @click.argument("session_id", metavar="ID")
 @click.option("--yes", "-y", is_flag=True, help="Do not ask for confirmation.")
 @pass_state

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import click
 
-from .common import CliState, pass_state
+from .common import CliState, config_options, pass_state
 
 
 @click.command()
+@config_options
 @click.option("--rotate", is_flag=True, help="Replace the token; the old one stops working.")
 @pass_state
 def token(state: CliState, rotate: bool) -> None:

@@ -13,7 +13,7 @@ from typing import Any, Iterable, Iterator
 import click
 
 from .. import periods
-from .common import CliState, count, money, pass_state, table
+from .common import CliState, config_options, count, money, pass_state, table
 
 
 def parse_since(value: str, now: datetime | None = None) -> datetime:
@@ -49,6 +49,7 @@ def _total_row(total: dict[str, Any]) -> list[str]:
 
 
 @click.command()
+@config_options
 @click.option("--by-model", is_flag=True, help="Totals per model (the default).")
 @click.option("--by-day", is_flag=True, help="Totals per day (UTC).")
 @click.option("--session", "session_id", metavar="ID", help="Only this session.")

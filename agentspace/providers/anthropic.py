@@ -25,6 +25,7 @@ from ..events import (
     UsageReport,
 )
 from ..hookspecs import hookimpl
+from ..pricing import accepts_adaptive_thinking
 from ..types import (
     ChatMessage,
     Part,
@@ -35,7 +36,13 @@ from ..types import (
     ToolCallPart,
 )
 from ..vault import missing_key_message
-from .base import Provider, ProviderRequest, ThinkingSettings
+from .base import (
+    INCOMPLETE_MESSAGE,
+    Provider,
+    ProviderRequest,
+    ThinkingSettings,
+    retry_after_seconds,
+)
 from .sse import sse_events
 
 if TYPE_CHECKING:
@@ -48,7 +55,6 @@ log = logging.getLogger(__name__)
 PREFIX = "anthropic/"
 NO_KEY_MESSAGE = missing_key_message("anthropic")
 REJECTED_KEY_MESSAGE = "Anthropic rejected the API key. Run: agentspace keys add anthropic"
-INCOMPLETE_MESSAGE = "the upstream stream ended before the answer was complete"
 UNREADABLE_MESSAGE = "Anthropic sent data that could not be read"
 
 FINISH_REASONS = {
@@ -106,6 +112,10 @@ class AnthropicProvider:
     def claims(self, model: str) -> bool:
         return model.startswith(PREFIX)
 
+    async def missing_key(self, model: str, api_key: str | None, base_url: str | None) -> bool:
+        # Every call goes with the key the gateway resolved; the SDK gets no other source of one.
+        return not api_key
+
     def _client(self, api_key: str, base_url: str | None) -> "AsyncAnthropic":
         client = self._clients.get((api_key, base_url))
         if client is None:
@@ -125,19 +135,24 @@ class AnthropicProvider:
         return client
 
     async def _thinking_for(self, client: "AsyncAnthropic", request: ProviderRequest) -> ThinkingSettings | None:
-        """The thinking form the model accepts: the Models API says (asked once per model), else the cost map."""
+        """The thinking form for the model: adaptive wherever it accepts it (the budget form is deprecated for
+        those models, and the SDK warns), else the budget. The Models API says which forms a model accepts
+        (asked once per model); without it, the cost map."""
         key = (request.base_url, request.model_name)
         if key not in self._thinking_forms:
             self._thinking_forms[key] = await _thinking_forms(client, request.model_name)
         forms = self._thinking_forms[key]
         thinking = request.thinking
         assert thinking is not None
-        if forms is None:  # the Models API did not answer: the request's form comes from the cost map
-            return thinking if request.model_info.supports_reasoning else None
+        if forms is None:  # the Models API did not answer
+            if not request.model_info.supports_reasoning:
+                return None
+            adaptive = thinking.adaptive or accepts_adaptive_thinking(request.model)
+            return ThinkingSettings(thinking.budget_tokens, adaptive=adaptive)
         budget_ok, adaptive_ok = forms
-        if budget_ok:
-            return ThinkingSettings(thinking.budget_tokens, adaptive=False)
-        return ThinkingSettings(thinking.budget_tokens, adaptive=True) if adaptive_ok else None
+        if adaptive_ok:
+            return ThinkingSettings(thinking.budget_tokens, adaptive=True)
+        return ThinkingSettings(thinking.budget_tokens, adaptive=False) if budget_ok else None
 
     async def aclose(self) -> None:
         """Close the pooled HTTP connections."""
@@ -420,7 +435,7 @@ def _status_error(e: "APIStatusError", api_key: str) -> ProviderError:
             "RATE_LIMITED",
             f"Anthropic rate limit reached: {detail or 'too many requests'}. Try again shortly.",
             retryable=True,
-            retry_after=_retry_after(e.response.headers.get("retry-after")),
+            retry_after=retry_after_seconds(e.response.headers),
             status=429,
         )
     if status == 404:
@@ -443,11 +458,3 @@ def _stream_error(error: dict[str, Any]) -> ProviderError:
         return ProviderError("RATE_LIMITED", f"Anthropic rate limit reached: {detail}", retryable=True, status=status)
     retryable = error_type in ("overloaded_error", "api_error")
     return ProviderError("LLM_ERROR", f"Anthropic stopped with an error ({error_type}): {detail}", retryable=retryable, status=status)
-
-
-def _retry_after(value: str | None) -> float | None:
-    """Seconds from a ``retry-after`` header (Anthropic sends seconds; an HTTP date is not worth parsing)."""
-    try:
-        return max(0.0, float(value)) if value else None
-    except ValueError:
-        return None

@@ -2,16 +2,65 @@
 
 from __future__ import annotations
 
+import email.utils
+import time
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Protocol, runtime_checkable
+from typing import Any, AsyncIterator, Mapping, Protocol, runtime_checkable
 
 from ..events import ProviderEvent
 from ..types import ChatMessage, ModelInfo, Tool
 
+# The error message of a stream that ended before its answer was complete (every provider says the same).
+INCOMPLETE_MESSAGE = "the upstream stream ended before the answer was complete"
+
+# How messages name a provider prefix where ``str.capitalize()`` would be wrong.
+DISPLAY_NAMES = {
+    "openai": "OpenAI",
+    "azure": "Azure OpenAI",
+    "openrouter": "OpenRouter",
+    "xai": "xAI",
+    "deepseek": "DeepSeek",
+    "ollama": "Ollama",
+    "ollama_chat": "Ollama",
+    "hosted_vllm": "vLLM",
+    "vertex_ai": "Vertex AI",
+    "together_ai": "Together AI",
+    "fireworks_ai": "Fireworks AI",
+}
+
+
+def display_name(prefix: str) -> str:
+    """``openai`` -> ``OpenAI``: a provider prefix as messages name it."""
+    return DISPLAY_NAMES.get(prefix, prefix.capitalize())
+
+
+def retry_after_seconds(headers: Mapping[str, str] | None) -> float | None:
+    """Seconds to wait from an error response's ``retry-after-ms`` or ``retry-after`` header (seconds or an
+    HTTP date); None when there is none or it cannot be read (the pipeline's own backoff applies)."""
+    if not headers:
+        return None
+    ms, value = headers.get("retry-after-ms"), headers.get("retry-after")
+    try:
+        if ms is not None:
+            return max(0.0, float(ms) / 1000)
+        if value is None:
+            return None
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(str(value))
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - time.time())
+
 
 @dataclass(slots=True)
 class ThinkingSettings:
-    """Extended thinking for one call; ``adaptive`` for models that accept only ``{"type": "adaptive"}``."""
+    """Extended thinking for one call; ``adaptive`` sends ``{"type": "adaptive"}`` instead of the budget form.
+
+    The pipeline sets ``adaptive`` for models that accept nothing else; providers also send it to models
+    that accept both (the budget form is deprecated for them)."""
 
     budget_tokens: int = 8000
     adaptive: bool = False
@@ -19,7 +68,7 @@ class ThinkingSettings:
 
 @dataclass(slots=True)
 class ProviderRequest:
-    model: str  # the full id, e.g. "anthropic/claude-sonnet-4-5"
+    model: str  # the full id, e.g. "anthropic/claude-sonnet-4-6"
     system: str
     messages: list[ChatMessage]
     model_info: ModelInfo
@@ -49,6 +98,11 @@ class Provider(Protocol):
     ``claims`` says whether this provider serves a model id; the first registered provider that claims
     an id serves it (built-in catch-alls are registered last). ``stream`` yields text, reasoning, source
     and tool-call events and ends with exactly one ``ProviderFinish``; failures raise ``ProviderError``.
+
+    Optionally, ``async def missing_key(model, api_key, base_url) -> bool`` says whether a call to ``model``
+    would fail for want of an API key (``api_key`` is what the vault or the environment holds, maybe None);
+    the gateway then answers ``NO_API_KEY`` before creating a session or calling anything. Providers
+    without it (keyless ones) are never refused for a missing key.
     """
 
     name: str
@@ -56,6 +110,12 @@ class Provider(Protocol):
     def claims(self, model: str) -> bool: ...
 
     def stream(self, request: ProviderRequest) -> AsyncIterator[ProviderEvent]: ...
+
+
+async def lacks_key(provider: Provider, model: str, api_key: str | None, base_url: str | None) -> bool:
+    """True when ``provider`` says a call to ``model`` needs a key that ``api_key`` does not supply."""
+    check = getattr(provider, "missing_key", None)
+    return check is not None and bool(await check(model, api_key, base_url))
 
 
 def model_prefix(model: str) -> str:

@@ -26,6 +26,7 @@ from ..events import (
     ToolCallEvent,
 )
 from ..hookspecs import hookimpl
+from ..pricing import accepts_adaptive_thinking
 from ..types import (
     ChatMessage,
     Part,
@@ -36,7 +37,21 @@ from ..types import (
     ToolCallPart,
     ToolResultPart,
 )
-from .base import Provider, ProviderRequest
+from ..vault import missing_key_message
+from .base import (
+    INCOMPLETE_MESSAGE,
+    Provider,
+    ProviderRequest,
+    display_name,
+    retry_after_seconds,
+)
+from .litellm_internals import (
+    CLEAN_EOF,
+    provider_finished,
+    provider_sent_usage,
+    response_headers,
+    unwrap_stream_failure,
+)
 
 if TYPE_CHECKING:
     from ..config import Config
@@ -49,21 +64,6 @@ _FINISH_REASONS = {
     "tool_calls": "tool-calls",
     "function_call": "tool-calls",
     "content_filter": "content-filter",
-}
-
-# How error messages name a provider; other prefixes are capitalized.
-_DISPLAY_NAMES = {
-    "openai": "OpenAI",
-    "azure": "Azure OpenAI",
-    "openrouter": "OpenRouter",
-    "xai": "xAI",
-    "deepseek": "DeepSeek",
-    "ollama": "Ollama",
-    "ollama_chat": "Ollama",
-    "hosted_vllm": "vLLM",
-    "vertex_ai": "Vertex AI",
-    "together_ai": "Together AI",
-    "fireworks_ai": "Fireworks AI",
 }
 
 _litellm: ModuleType | None = None
@@ -113,7 +113,21 @@ class LiteLLMProvider:
             self._prefixes = frozenset(known | set(self._config.providers) | EXTRA_PREFIXES)
         return prefix in self._prefixes
 
+    async def missing_key(self, model: str, api_key: str | None, base_url: str | None) -> bool:
+        """Whether litellm's provider for ``model`` needs an API key that neither ``api_key`` nor its own
+        environment variable supplies (local servers such as Ollama or vLLM need none)."""
+        if api_key:
+            return False
+        litellm = await _load_litellm()
+        # litellm's own table of what each provider needs; of those, only *_API_KEY names are keys (other
+        # credentials, such as AWS profiles or Vertex projects, have sources it cannot see).
+        missing = litellm.validate_environment(model=model, api_key=None, api_base=base_url)["missing_keys"]
+        return any(name.endswith("_API_KEY") for name in missing)
+
     async def stream(self, request: ProviderRequest) -> AsyncIterator[ProviderEvent]:
+        if await self.missing_key(request.model, request.api_key, request.base_url):
+            # Checked here too for fallbacks and direct callers; litellm would retry a "Missing credentials" 500.
+            raise ProviderError("NO_API_KEY", missing_key_message(request.prefix, self._config))
         litellm = await _load_litellm()
         settings = self._config.provider_settings(request.prefix)
         kwargs: dict[str, Any] = {
@@ -139,9 +153,10 @@ class LiteLLMProvider:
                 for t in request.tools
             ]
         if request.thinking is not None and request.model_info.supports_reasoning:
+            # Adaptive wherever the model takes it (the budget form is deprecated for those models).
             kwargs["thinking"] = (
                 {"type": "adaptive"}
-                if request.thinking.adaptive
+                if request.thinking.adaptive or accepts_adaptive_thinking(request.model)
                 else {"type": "enabled", "budget_tokens": request.thinking.budget_tokens}
             )
 
@@ -212,7 +227,7 @@ class LiteLLMProvider:
 
         # litellm papers over a stream that ended early with a made-up "stop"; its own state says whether the
         # provider sent a finish reason at all.
-        if finish_reason is None or not _provider_finished(response):
+        if finish_reason is None or not provider_finished(response):
             raise ProviderError("LLM_ERROR", INCOMPLETE_MESSAGE, retryable=True)
         for index in sorted(calls):
             tool_id, name, pieces = calls[index]
@@ -222,7 +237,7 @@ class LiteLLMProvider:
         reason = _FINISH_REASONS.get(finish_reason, "other")
         if calls and reason == "stop":  # some OpenAI-compatible servers (Ollama) end tool calls with "stop"
             reason = "tool-calls"
-        yield ProviderFinish(reason, _token_usage(usage) if _provider_sent_usage(response) else None, message.finish())
+        yield ProviderFinish(reason, _token_usage(usage) if provider_sent_usage(response) else None, message.finish())
 
 
 # --- the stream -----------------------------------------------------------------------------------
@@ -307,22 +322,6 @@ def _parse_arguments(raw: str) -> Any:
         return {"_raw": raw}
 
 
-def _provider_finished(response: Any) -> bool:
-    # CustomStreamWrapper internals; if a litellm upgrade renames them, trust the finish reason we saw.
-    if not hasattr(response, "received_finish_reason"):
-        return True
-    return response.received_finish_reason is not None or getattr(response, "intermittent_finish_reason", None) is not None
-
-
-def _provider_sent_usage(response: Any) -> bool:
-    # litellm always yields a usage object, counting tokens itself when the provider sent none. Only the
-    # raw chunks it keeps show which case this is (usage-only chunks are kept there and never yielded).
-    chunks = getattr(response, "chunks", None)
-    if chunks is None:
-        return True
-    return any(getattr(c, "usage", None) is not None for c in reversed(chunks))
-
-
 def _token_usage(usage: Any) -> TokenUsage | None:
     if usage is None:
         return None
@@ -394,9 +393,6 @@ def _tool_output(part: ToolResultPart) -> str:
 
 # --- errors ---------------------------------------------------------------------------------------
 
-INCOMPLETE_MESSAGE = "the upstream stream ended before the answer was complete"
-# What litellm (1.110 and later) says when an OpenAI-style stream ends cleanly without a finish reason.
-_CLEAN_EOF = "Stream ended before a finish_reason was received"
 # litellm prefixes messages with its class names ("litellm.RateLimitError: RateLimitError: OpenAIException - ").
 _NOISE = re.compile(r"^(?:litellm\.\w+:\s*|\w+(?:Error|Exception)\s*(?::|-)\s*)+")
 # Key shapes of OpenAI/Anthropic (sk-), Groq (gsk_), xAI (xai-) and Google (AIza), in case an upstream echoes one.
@@ -407,15 +403,11 @@ def _map_error(error: Exception, request: ProviderRequest, key_name: str) -> Pro
     from litellm import exceptions as exc  # already imported by the call that failed
 
     log.warning("%s call failed: %s", request.model, _scrub(str(error), request.api_key))
-    # Failures of a started stream (and of lazily opened ones: Anthropic-family, Gemini, ...) arrive wrapped.
-    broke_off = False
-    if isinstance(error, exc.MidStreamFallbackError) and error.original_exception is not None:
-        broke_off = not error.is_pre_first_chunk
-        error = error.original_exception
-    if _CLEAN_EOF in str(error):  # newer litellm raises where older ones made up a "stop"
+    error, broke_off = unwrap_stream_failure(error)
+    if CLEAN_EOF in str(error):  # newer litellm raises where older ones made up a "stop"
         return ProviderError("LLM_ERROR", INCOMPLETE_MESSAGE, retryable=True)
     transport = _transport_failure(error)
-    name = _DISPLAY_NAMES.get(request.prefix, request.prefix.capitalize())
+    name = display_name(request.prefix)
     # litellm picks exception classes partly by matching message text (a 401 whose body says
     # "invalid_request_error" becomes a BadRequestError), so the HTTP status decides first.
     status = getattr(error, "status_code", None)
@@ -428,7 +420,7 @@ def _map_error(error: Exception, request: ProviderRequest, key_name: str) -> Pro
             "RATE_LIMITED",
             f"{name} rate limit reached: {_upstream_message(error, request)}",
             retryable=True,
-            retry_after=_retry_after(error),
+            retry_after=retry_after_seconds(response_headers(error)),
             status=429,
         )
     # Transport failures carry a made-up status (500) and an internal detail, which stays in the log.
@@ -469,18 +461,3 @@ def _scrub(text: str, api_key: str | None) -> str:
     if api_key:
         text = text.replace(api_key, "[redacted]")
     return _KEY_LIKE.sub("[redacted]", text)
-
-
-def _retry_after(error: Exception) -> float | None:
-    # litellm keeps the upstream headers here; error.response is a synthetic httpx.Response without them.
-    headers = getattr(error, "litellm_response_headers", None) or getattr(getattr(error, "response", None), "headers", None)
-    if not headers:
-        return None
-    ms = headers.get("retry-after-ms")
-    value = headers.get("retry-after")
-    try:
-        if ms is not None:
-            return float(ms) / 1000
-        return float(value) if value is not None else None
-    except ValueError:  # an HTTP date; the pipeline's own backoff applies
-        return None

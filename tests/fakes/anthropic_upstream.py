@@ -346,20 +346,34 @@ def malformed_response(raw: str = '{"type": "content_block_delta", "index": 0, "
     return FakeResponse(tuple(events))
 
 
+# Models whose Models API objects say they accept adaptive thinking (4.6 and later); older ones take only
+# the budget form. Unknown ids are treated as new models.
+ADAPTIVE_MODELS = ("claude-opus-4-6", "claude-sonnet-4-6", "claude-opus-4-7", "claude-opus-4-8", "claude-sonnet-5",
+                   "claude-opus-5", "claude-haiku-5", "claude-mythos", "claude-fable")
+BUDGET_ONLY_MODELS = ("claude-3", "claude-sonnet-4", "claude-opus-4", "claude-haiku-4")
+
+
+def accepts_adaptive(model_id: str) -> bool:
+    return model_id.startswith(ADAPTIVE_MODELS) or not model_id.startswith(BUDGET_ONLY_MODELS)
+
+
 def model_object(
     id: str,
     *,
     thinking: bool = True,
     adaptive_only: bool = False,
+    adaptive: bool | None = None,
     max_input_tokens: int = 200_000,
     max_tokens: int = 64_000,
     deprecated_at: str | None = None,
 ) -> dict[str, Any]:
-    """A Models API object; ``capabilities.thinking.types`` says which thinking forms the model accepts."""
+    """A Models API object; ``capabilities.thinking.types`` says which thinking forms the model accepts
+    (``adaptive``: whether it takes adaptive thinking; by default as the real API says for that model)."""
     yes, no = {"supported": True}, {"supported": False}
+    adaptive = accepts_adaptive(id) if adaptive is None else adaptive
     types = {
         "enabled": yes if thinking and not adaptive_only else no,
-        "adaptive": yes if thinking else no,
+        "adaptive": yes if thinking and (adaptive or adaptive_only) else no,
         "disabled": yes,
         "between_tools": no,
     }
