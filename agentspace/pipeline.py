@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Callable
 
 from .context import AssembledContext, assemble, estimate_input_tokens
+from .errors import ApiError
 from .events import (
     ProviderError,
     ProviderFinish,
@@ -67,15 +68,6 @@ MAX_RETRY_WAIT_SECONDS = 30.0
 WRITE_GATE_SECONDS = 0.05
 
 
-class ChatError(Exception):
-    """A chat request refused before streaming started; ``code`` is a protocol error code."""
-
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
-
-
 @dataclass
 class ChatRequest:
     content: str
@@ -95,23 +87,23 @@ async def start_turn(gw: Gateway, request: ChatRequest) -> "Turn":
     session = None
     if request.session_id is not None:
         if request.session_id in gw.active:
-            raise ChatError("STREAM_IN_PROGRESS", "This session is already streaming an answer; wait for it or abort it.")
+            raise ApiError("STREAM_IN_PROGRESS", "This session is already streaming an answer; wait for it or abort it.")
         session = await gw.sessions.get(request.session_id)
         if session is None and not request.create_if_missing:
-            raise ChatError("SESSION_NOT_FOUND", f"No session {request.session_id!r}. Omit sessionId to start a new one.")
+            raise ApiError("SESSION_NOT_FOUND", f"No session {request.session_id!r}. Omit sessionId to start a new one.")
 
     model = request.model or (session or {}).get("model") or gw.default_model
     try:
         gw.provider_for(model)
     except ModelNotFound as e:
-        raise ChatError("MODEL_NOT_FOUND", str(e)) from None
+        raise ApiError("MODEL_NOT_FOUND", str(e)) from None
 
     created = session is None
     session_id = (request.session_id or new_id("s_")) if session is None else session["id"]
     # Checked with no await before the session is claimed below: a concurrent first request with the
     # same client-chosen id is refused here, before it queues any write.
     if session_id in gw.active:
-        raise ChatError("STREAM_IN_PROGRESS", "This session is already streaming an answer; wait for it or abort it.")
+        raise ApiError("STREAM_IN_PROGRESS", "This session is already streaming an answer; wait for it or abort it.")
 
     turn = Turn(gw, session_id, model, request.client, created)
     user_message = {"id": request.user_message_id or new_id("msg_"), "role": "user", "content": request.content,
@@ -128,7 +120,7 @@ async def start_turn(gw: Gateway, request: ChatRequest) -> "Turn":
             turn.writes.append(gw.sessions.create_soon(model=model, session_id=session_id, client=request.client,
                                                        messages=[*history, user_message], gate=turn.write_gate))
         except InvalidSessionId as e:
-            raise ChatError("INVALID_MESSAGE", str(e)) from None
+            raise ApiError("INVALID_MESSAGE", str(e)) from None
     else:
         history = session["messages"]
         turn.writes.append(gw.sessions.append_message_soon(session_id, user_message, gate=turn.write_gate))
