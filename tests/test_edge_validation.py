@@ -4,6 +4,8 @@ length or character, and log lines forged by a value with a newline. Every case 
 
 from __future__ import annotations
 
+import asyncio
+import importlib
 import logging
 from typing import Any
 
@@ -42,7 +44,7 @@ async def test_lone_surrogate_in_ws_message_text_is_stored_as_replacement(
     frames = await chat(ws, CUT_EMOJI)  # send_json escapes it as \ud83d, as JSON.stringify does
     assert frames[-1]["type"] == "chat.stream.end", frames[-1]
     session = await get_session(client, auth_headers, frames[0]["sessionId"])
-    assert [m["content"] for m in session["messages"]][0] == REPLACED
+    assert session["messages"][0]["content"] == REPLACED
     assert session["messages"][0]["parts"] == [{"type": "text", "text": REPLACED}]
     assert session["title"].startswith("cut \ufffd")
     await ws.close()
@@ -202,6 +204,8 @@ async def test_a_newline_from_upstream_cannot_forge_a_log_line(
     """The server's log handler (``configure_logging``, as ``agentspace serve`` sets it up) writes one line
     per record: an upstream error quoting a client's text with a newline and an escape is escaped."""
     monkeypatch.setenv("OPENAI_API_KEY", "sk-test-logs-0123456789")
+    # litellm's first import takes seconds on a loaded machine; done here, the chat's read timeout is the gateway's.
+    await asyncio.to_thread(importlib.import_module, "litellm")
     client = await make_client(chat={"max_retries": 0}, providers={"openai": {"base_url": fake_openai.url}})
     root = logging.getLogger()
     handlers, level = root.handlers[:], root.level
