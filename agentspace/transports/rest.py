@@ -99,6 +99,10 @@ async def errors_and_preflight(request: web.Request, handler: Handler) -> web.St
         if hdrs.ALLOW in e.headers:
             response.headers[hdrs.ALLOW] = e.headers[hdrs.ALLOW]
         return response
+    except Exception:
+        # A defect of ours: logged with its traceback, answered as JSON without details.
+        log.exception("%s %s failed", request.method, request.path)
+        return api_error_response(ApiError("INTERNAL_ERROR", "The gateway failed to handle this request; see its log."))
 
 
 def api_error_response(error: ApiError) -> web.Response:
@@ -202,6 +206,7 @@ OPENAPI: dict[str, Any] = {
                 **_AUTH_ERRORS,
                 "409": _error("STREAM_IN_PROGRESS: the session is already streaming an answer."),
                 "413": _error("PAYLOAD_TOO_LARGE: the body exceeds [server] max_body_bytes."),
+                "503": _error("SERVICE_UNAVAILABLE: the gateway is shutting down."),
             },
         }},
         "/api/chat/{id}/stream": {"get": {

@@ -76,7 +76,7 @@ class Connection:
 
     async def handle_frame(self, data: str) -> None:
         """Parse and dispatch one frame. Every ApiError, wherever raised, is answered here as an error frame."""
-        request_id = None
+        request_id = kind = None
         try:
             if len(data.encode("utf-8")) > self.config["server"]["max_frame_bytes"]:
                 raise ApiError("PAYLOAD_TOO_LARGE", "Frame too large; the limit is [server] max_frame_bytes.")
@@ -98,6 +98,10 @@ class Connection:
             await handler(self, request_id, msg)
         except ApiError as e:
             await self.error(request_id, e.code, e.message)
+        except Exception:
+            # A defect of ours: logged with its traceback, answered without details, the connection kept.
+            log.exception("handling a %s frame failed", kind if isinstance(kind, str) else "malformed")
+            await self.error(request_id, "INTERNAL_ERROR", "The gateway failed to handle this message; see its log.")
 
     async def on_chat_send(self, request_id: Any, msg: dict[str, Any]) -> None:
         request = chat_request(ChatInput(msg.get("content"), msg.get("sessionId"), msg.get("model"),
