@@ -17,6 +17,7 @@ from .catalog import deprecation_message
 from .config import Config
 from .errors import StorageError
 from .pending import PendingWrites
+from .lru import LRU
 from .providers.base import Provider, model_prefix
 from .sinks import UsageSink
 from .types import ContextSectionBuilder, ModelInfo, Tool, UsageRecord
@@ -45,7 +46,8 @@ class Gateway:
     sinks: list[UsageSink] = field(default_factory=list)
     # session id -> the turn streaming in it; one at a time per session, across transports.
     active: dict[str, "Turn"] = field(default_factory=dict)
-    _model_info: dict[str, ModelInfo] = field(default_factory=dict)
+    # Bounded: model ids come from clients, and a provider may claim any id with its prefix.
+    _model_info: LRU[str, ModelInfo] = field(default_factory=LRU)
     # Store writes that failed, retried until they succeed or the server stops.
     pending: PendingWrites = field(default_factory=PendingWrites)
 

@@ -4,12 +4,16 @@ Secrets (provider API keys, the gateway token) are registered with ``register_se
 reads them (the vault, the token file). From the first registration on, every log record created in the
 process has them replaced by ``[redacted]`` (message, arguments and traceback), whichever handler
 later writes it: ours, pytest's, or one a plugin adds.
+
+The server's handler writes one line per record: control characters in the message (a newline, a carriage
+return, a terminal escape) are escaped, so no value a client or an upstream sends can forge a log line.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import re
 import sys
 import threading
 from typing import Any
@@ -20,6 +24,11 @@ FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 REDACTED = "[redacted]"
 # Shorter values would redact ordinary words; real keys and tokens are far longer.
 MIN_SECRET_LENGTH = 8
+
+# C0 controls but tab, DEL, C1 controls (NEL is a line break to some readers), the Unicode line and paragraph
+# separators, and lone surrogates (which cannot even be encoded for the log file).
+_CONTROL = re.compile("[\x00-\x08\x0a-\x1f\x7f-\x9f\u2028\u2029\ud800-\udfff]")
+_SHORT_ESCAPES = {"\n": "\\n", "\r": "\\r"}
 
 _secrets: frozenset[str] = frozenset()
 _lock = threading.Lock()
@@ -68,6 +77,26 @@ def _redacting_factory(*args: Any, **kwargs: Any) -> logging.LogRecord:
     return record
 
 
+def escape_controls(text: str) -> str:
+    """``text`` with every control character written as an escape (``\\n``, ``\\x1b``, ``\\u2028``)."""
+    return _CONTROL.sub(_escape, text) if _CONTROL.search(text) else text
+
+
+def _escape(match: re.Match[str]) -> str:
+    char = match.group()
+    code = ord(char)
+    return _SHORT_ESCAPES.get(char) or (f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}")
+
+
+class EscapingFormatter(logging.Formatter):
+    """Formats the message (``msg % args``) with its control characters escaped: one record, one line.
+    A traceback that follows keeps its own lines."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        record.message = escape_controls(record.message)
+        return super().formatMessage(record)
+
+
 def _register_configured_keys(config: Config) -> None:
     """Every key the server could use: in the vault, and in the providers' environment variables."""
     from .vault import DEFAULT_ENV_VARS, KeyVault, VaultError, env_var
@@ -83,7 +112,7 @@ def _register_configured_keys(config: Config) -> None:
 def configure_logging(config: Config) -> None:
     level = getattr(logging, str(config["logging"]["level"]).upper())
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter(FORMAT))
+    handler.setFormatter(EscapingFormatter(FORMAT))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)

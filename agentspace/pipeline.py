@@ -26,7 +26,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any, AsyncIterator, Awaitable, Callable
 
 from .context import AssembledContext, assemble, estimate_input_tokens
-from .errors import StorageError
+from .errors import ApiError, StorageError
 from .events import (
     ProviderError,
     ProviderFinish,
@@ -76,15 +76,6 @@ STORAGE_FAILURES = (StorageError, OSError)
 STORAGE_ERROR_MESSAGE = "The answer could not be stored (the gateway's disk may be full); it is kept in memory and the write retried."
 
 
-class ChatError(Exception):
-    """A chat request refused before streaming started; ``code`` is a protocol error code."""
-
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
-
-
 @dataclass
 class ChatRequest:
     content: str
@@ -104,30 +95,30 @@ async def start_turn(gw: Gateway, request: ChatRequest) -> "Turn":
     session = None
     if request.session_id is not None:
         if request.session_id in gw.active:
-            raise ChatError("STREAM_IN_PROGRESS", "This session is already streaming an answer; wait for it or abort it.")
+            raise ApiError("STREAM_IN_PROGRESS", "This session is already streaming an answer; wait for it or abort it.")
         session = await gw.sessions.get(request.session_id)
         if session is None and not request.create_if_missing:
-            raise ChatError("SESSION_NOT_FOUND", f"No session {request.session_id!r}. Omit sessionId to start a new one.")
+            raise ApiError("SESSION_NOT_FOUND", f"No session {request.session_id!r}. Omit sessionId to start a new one.")
 
     model = request.model or (session or {}).get("model") or gw.default_model
     try:
         gw.provider_for(model)
     except ModelNotFound as e:
-        raise ChatError("MODEL_NOT_FOUND", str(e)) from None
+        raise ApiError("MODEL_NOT_FOUND", str(e)) from None
     if not await _has_usable_key(gw, model):
         await _record_refusal(gw, model, request, "NO_API_KEY")
-        raise ChatError("NO_API_KEY", missing_key_message(model.split("/", 1)[0], gw.config))
+        raise ApiError("NO_API_KEY", missing_key_message(model.split("/", 1)[0], gw.config))
 
     created = session is None
     session_id = (request.session_id or new_id("s_")) if session is None else session["id"]
     try:
         validate_session_id(session_id)
     except InvalidSessionId as e:
-        raise ChatError("INVALID_MESSAGE", str(e)) from None
+        raise ApiError("INVALID_MESSAGE", str(e)) from None
     # Checked and claimed with no await in between: a concurrent request for the same session (a first one
     # with the same client-chosen id included) is refused here, before it writes anything.
     if session_id in gw.active:
-        raise ChatError("STREAM_IN_PROGRESS", "This session is already streaming an answer; wait for it or abort it.")
+        raise ApiError("STREAM_IN_PROGRESS", "This session is already streaming an answer; wait for it or abort it.")
     user_message: dict[str, Any] = {"id": request.user_message_id or new_id("msg_"), "role": "user", "content": request.content,
                     "parts": [{"type": "text", "text": request.content}], "createdAt": now_iso()}
     turn = Turn(gw, session_id, model, request.client, created, user_message["id"])
@@ -145,7 +136,7 @@ async def start_turn(gw: Gateway, request: ChatRequest) -> "Turn":
     except STORAGE_FAILURES:
         gw.active.pop(session_id, None)
         log.exception("storing the user message in session %s failed", session_id)
-        raise ChatError("STORAGE_ERROR", "The message could not be stored (the gateway's disk may be full); nothing was sent.") from None
+        raise ApiError("STORAGE_ERROR", "The message could not be stored (the gateway's disk may be full); nothing was sent.") from None
     except BaseException:
         gw.active.pop(session_id, None)
         raise

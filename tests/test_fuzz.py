@@ -24,14 +24,19 @@ json_scalars = st.one_of(st.none(), st.booleans(), st.integers(), st.floats(allo
 json_values = st.recursive(json_scalars, lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
                            max_leaves=12)
 message_types = st.sampled_from(["chat.send", "chat.abort", "context.inspect", "usage.query", "session.list", "auth"]) | st.text(max_size=12)
+# Strings with lone surrogates, as JSON.stringify writes a string cut mid-emoji (json.dumps escapes them alike).
+surrogate_texts = st.text(st.characters() | st.characters(categories=["Cs"]), min_size=1, max_size=12)
+# Nesting deeper than the JSON decoder recurses (issue 15 item 6).
+deep_json = st.sampled_from(["[" * 3000, '{"a":' * 3000, "[" * 100_000])
 session_ids = st.sampled_from(["", "../etc/passwd", "a" * 200, "s_missing", "x/y", "\u0000"]) | st.text(max_size=20)
 
 protocol_frames = st.fixed_dictionaries(
-    {"type": message_types | json_scalars, "id": st.text(max_size=10) | st.integers() | json_values},
+    {"type": message_types | json_scalars, "id": st.text(max_size=10) | st.integers() | json_values | surrogate_texts},
     optional={
-        "content": st.text(max_size=60) | json_values | st.just("x" * (MAX_FRAME + 10)),
-        "sessionId": session_ids | json_values,
-        "model": st.sampled_from(["anthropic/claude-sonnet-4-5", "openai/gpt-4o-mini", "nope", "a/", "/b"]) | json_values,
+        "content": st.text(max_size=60) | json_values | st.just("x" * (MAX_FRAME + 10)) | surrogate_texts,
+        "sessionId": session_ids | json_values | surrogate_texts,
+        "model": st.sampled_from(["anthropic/claude-sonnet-4-5", "openai/gpt-4o-mini", "nope", "a/", "/b",
+                                  "anthropic/claude\nx"]) | json_values | surrogate_texts,
         "requestId": st.text(max_size=10) | json_values,
         "token": st.text(max_size=50),
     },
@@ -43,6 +48,7 @@ frames = st.one_of(
     st.text(max_size=200),
     st.binary(max_size=200),
     st.text(min_size=MAX_FRAME + 1, max_size=MAX_FRAME + 50),  # over [server] max_frame_bytes
+    deep_json,
 )
 
 
@@ -114,10 +120,10 @@ async def test_random_first_frame_before_auth(server: Any, first: Any) -> None:
 
 
 ui_parts = st.fixed_dictionaries({"type": st.sampled_from(["text", "reasoning", "file", "step-start"]) | json_scalars},
-                                 optional={"text": st.text(max_size=30) | json_scalars})
+                                 optional={"text": st.text(max_size=30) | json_scalars | surrogate_texts})
 ui_messages = st.fixed_dictionaries(
     {"role": st.sampled_from(["user", "assistant", "system"]) | json_scalars},
-    optional={"id": st.text(max_size=8) | json_scalars, "parts": st.lists(ui_parts | json_scalars, max_size=3) | json_scalars},
+    optional={"id": st.text(max_size=8) | json_scalars | surrogate_texts, "parts": st.lists(ui_parts | json_scalars, max_size=3) | json_scalars},
 )
 chat_bodies = st.fixed_dictionaries(
     {},
@@ -125,12 +131,12 @@ chat_bodies = st.fixed_dictionaries(
         "id": session_ids | json_scalars,
         "threadId": session_ids,
         "messages": st.lists(ui_messages | json_scalars, max_size=3) | json_values,
-        "model": st.sampled_from(["anthropic/claude-sonnet-4-5", "nope"]) | json_scalars,
+        "model": st.sampled_from(["anthropic/claude-sonnet-4-5", "nope"]) | json_scalars | surrogate_texts,
         "trigger": st.sampled_from(["submit-message", "regenerate-message"]) | json_scalars,
     },
 )
 http_bodies = st.one_of(chat_bodies.map(lambda b: json.dumps(b).encode()), json_values.map(lambda v: json.dumps(v).encode()),
-                        st.binary(max_size=300), st.just(b"{" * 5000))
+                        st.binary(max_size=300), st.just(b"{" * 5000), deep_json.map(str.encode))
 
 
 @FUZZ
@@ -143,6 +149,10 @@ async def test_random_http_bodies_and_ids(server: Any, body: bytes, path_id: str
     if resp.status == 200:
         text = await resp.text()
         assert text.endswith("data: [DONE]\n\n")
+        # What was answered was stored: the session reads back.
+        session_id = json.loads(body)["id"] if "id" in json.loads(body) else json.loads(body)["threadId"]
+        resp = await client.get(f"/api/sessions/{session_id}", headers=headers)
+        assert resp.status == 200, await resp.text()
     else:
         assert "code" in (await resp.json())["error"]
     quoted = quote(path_id, safe="") or "%20"

@@ -64,7 +64,7 @@ async def test_sigterm_finishes_within_grace_and_stores_the_rest_as_aborted(tmp_
                 await http.get(server.url + "/healthz")
             await idle.send_json({"type": "chat.send", "id": "late", "content": "too late"})
             refused = await idle.receive_json(timeout=30)
-            assert (refused["type"], refused["code"]) == ("error", "LLM_ERROR") and "shutting down" in refused["message"]
+            assert (refused["type"], refused["code"]) == ("error", "SERVICE_UNAVAILABLE") and "shutting down" in refused["message"]
 
             fast_frames += await frames_until(fast, "chat.stream.end")
             slow_frames += await frames_until(slow, "chat.stream.end")

@@ -26,6 +26,7 @@ from ..events import (
 )
 from ..hookspecs import hookimpl
 from ..pricing import accepts_adaptive_thinking
+from ..lru import LRU
 from ..types import (
     ChatMessage,
     Part,
@@ -107,7 +108,8 @@ class AnthropicProvider:
         # One client (one connection pool) per key and endpoint, reused across calls.
         self._clients: dict[tuple[str, str | None], "AsyncAnthropic"] = {}
         # Thinking forms each model accepts, from the Models API: (budget form, adaptive), None if unknown.
-        self._thinking_forms: dict[tuple[str | None, str], tuple[bool, bool] | None] = {}
+        # Bounded (an LRU): model names come from clients.
+        self._thinking_forms: LRU[tuple[str | None, str], tuple[bool, bool] | None] = LRU()
 
     def claims(self, model: str) -> bool:
         return model.startswith(PREFIX)

@@ -1,29 +1,25 @@
 """The REST API (SPEC section 4): sessions, context inspection, usage, models, and its OpenAPI document.
 
-Handlers are thin: the stores, ``context.inspect_session`` and the usage reports do the work, and the JSON
-shapes are those of the WebSocket replies (``session.list.result``, ``context.inspection``,
-``usage.report``) without ``type`` and ``requestId``. ``setup_routes`` also installs what makes every
-error JSON (``{error: {code, message}}``, unknown routes included) and CORS for ``[server] allowed_origins``
-(the security middleware has already refused other origins).
+Handlers are thin: they call ``agentspace.service``, and the JSON shapes are those of the WebSocket replies
+(``session.list.result``, ``context.inspection``, ``usage.report``) without ``type`` and ``requestId``.
+``setup_routes`` also installs what makes every error JSON (``{error: {code, message, fields?}}``, unknown
+routes included; an ``ApiError`` raised by any HTTP handler, ``POST /api/chat`` too, is encoded in
+``api_error_response``) and CORS for ``[server] allowed_origins`` (the security middleware has already
+refused other origins).
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
+import math
 from http import HTTPStatus
 from typing import Any, Awaitable, Callable
 
 from aiohttp import hdrs, web
 
-from ..catalog import usable_models
-from ..context import inspect_session
-from ..gateway import ModelNotFound
-from ..periods import parse_since
+from ..errors import ApiError
 from ..security import error_response
-from ..stores.usage import usage_by_day, usage_report
 from . import state
-from .ui_stream import BadRequest, checked_session_id, invalid
 
 log = logging.getLogger(__name__)
 
@@ -35,71 +31,36 @@ CORS_MAX_AGE = "600"
 HTTP_ERROR_CODES = {404: "NOT_FOUND", 405: "METHOD_NOT_ALLOWED", 413: "PAYLOAD_TOO_LARGE"}
 
 
-def _session_id(request: web.Request) -> str:
-    return checked_session_id(request.match_info["id"])
-
-
-def _not_found(session_id: str) -> web.Response:
-    return error_response(404, "SESSION_NOT_FOUND", f"No session {session_id!r}.")
-
-
 # --- handlers -----------------------------------------------------------------------------------
 
 
 async def list_sessions(request: web.Request) -> web.Response:
-    return web.json_response({"sessions": await request.app[state.GATEWAY].sessions.list()})
+    return web.json_response({"sessions": await state.service(request.app).list_sessions()})
 
 
 async def get_session(request: web.Request) -> web.Response:
-    session_id = _session_id(request)
-    session = await request.app[state.GATEWAY].sessions.get(session_id)
-    if session is None:
-        return _not_found(session_id)
-    return web.json_response({"session": session})
+    return web.json_response({"session": await state.service(request.app).get_session(request.match_info["id"])})
 
 
 async def delete_session(request: web.Request) -> web.Response:
-    gw = request.app[state.GATEWAY]
-    session_id = _session_id(request)
-    if session_id in gw.active:
-        return error_response(409, "STREAM_IN_PROGRESS", "This session is streaming an answer; wait for it to end.")
-    if not await gw.sessions.delete(session_id):
-        return _not_found(session_id)
+    await state.service(request.app).delete_session(request.match_info["id"])
     return web.Response(status=204)
 
 
 async def session_context(request: web.Request) -> web.Response:
-    gw = request.app[state.GATEWAY]
-    session_id = _session_id(request)
     model = request.query.get("model") or None
-    if model is not None:
-        try:
-            gw.provider_for(model)
-        except ModelNotFound as e:
-            return error_response(400, "MODEL_NOT_FOUND", str(e))
-    inspection = await inspect_session(gw, session_id, model)
-    if inspection is None:
-        return _not_found(session_id)
-    return web.json_response(inspection)
+    return web.json_response(await state.service(request.app).inspect_context(request.match_info["id"], model))
 
 
 async def usage(request: web.Request) -> web.Response:
-    by = request.query.get("by", "model")
-    if by not in ("model", "day"):
-        raise invalid([{"path": "by", "message": "must be 'model' or 'day'"}])
-    since = None
-    if request.query.get("since"):
-        try:
-            since = parse_since(request.query["since"])
-        except ValueError as e:
-            raise invalid([{"path": "since", "message": str(e)}]) from None
-    records = await request.app[state.GATEWAY].usage.arecords(session_id=request.query.get("sessionId") or None, since=since)
-    return web.json_response(usage_report(records) if by == "model" else usage_by_day(records))
+    query = request.query
+    report = await state.service(request.app).usage(session_id=query.get("sessionId") or None,
+                                                     since=query.get("since") or None, by=query.get("by", "model"))
+    return web.json_response(report)
 
 
 async def models(request: web.Request) -> web.Response:
-    # The same list as `agentspace models --json`; it reads the vault and the cost map, so off the loop.
-    return web.json_response({"models": await asyncio.to_thread(usable_models, request.app[state.GATEWAY].config, request.app[state.GATEWAY].providers)})
+    return web.json_response({"models": await state.service(request.app).models()})
 
 
 async def openapi(request: web.Request) -> web.Response:
@@ -113,7 +74,7 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 @web.middleware
 async def errors_and_preflight(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Answer CORS preflights, and turn aiohttp's own HTTP errors and our BadRequests into JSON errors."""
+    """Answer CORS preflights, and turn aiohttp's own HTTP errors and every ApiError into JSON errors."""
     if request.method == "OPTIONS" and hdrs.ACCESS_CONTROL_REQUEST_METHOD in request.headers and _cors_origin(request):
         return web.Response(status=204, headers={
             hdrs.ACCESS_CONTROL_ALLOW_METHODS: CORS_METHODS,
@@ -122,8 +83,8 @@ async def errors_and_preflight(request: web.Request, handler: Handler) -> web.St
         })
     try:
         return await handler(request)
-    except BadRequest as e:
-        return e.response()
+    except ApiError as e:
+        return api_error_response(e)
     except web.HTTPException as e:
         if e.status < 400:
             raise
@@ -138,6 +99,22 @@ async def errors_and_preflight(request: web.Request, handler: Handler) -> web.St
         if hdrs.ALLOW in e.headers:
             response.headers[hdrs.ALLOW] = e.headers[hdrs.ALLOW]
         return response
+    except Exception:
+        # A defect of ours: logged with its traceback, answered as JSON without details.
+        log.exception("%s %s failed", request.method, request.path)
+        return api_error_response(ApiError("INTERNAL_ERROR", "The gateway failed to handle this request; see its log."))
+
+
+def api_error_response(error: ApiError) -> web.Response:
+    """The one HTTP encoding of an ApiError: ``{"error": {code, message, fields?}}`` with its status.
+    ``fields`` goes out as ``[{path, message}]``, the shape the OpenAPI document gives."""
+    body: dict[str, Any] = {"code": error.code, "message": error.message}
+    if error.fields:
+        body["fields"] = [{"path": path, "message": problem} for path, problem in error.fields.items()]
+    response = web.json_response({"error": body}, status=error.status)
+    if error.retry_after is not None:
+        response.headers[hdrs.RETRY_AFTER] = str(max(1, math.ceil(error.retry_after)))
+    return response
 
 
 def _cors_origin(request: web.Request) -> str | None:
@@ -229,6 +206,7 @@ OPENAPI: dict[str, Any] = {
                 **_AUTH_ERRORS,
                 "409": _error("STREAM_IN_PROGRESS: the session is already streaming an answer."),
                 "413": _error("PAYLOAD_TOO_LARGE: the body exceeds [server] max_body_bytes."),
+                "503": _error("SERVICE_UNAVAILABLE: the gateway is shutting down."),
             },
         }},
         "/api/chat/{id}/stream": {"get": {

@@ -11,16 +11,24 @@ none), which is what the SDK's ``resume`` option calls. Chunks carry only the fi
 from __future__ import annotations
 
 import asyncio
-import json
-from dataclasses import dataclass, field
 from typing import Any
 
 from aiohttp import web
 
 from .. import events as ev
-from ..pipeline import ChatError, ChatRequest, Turn, start_turn
-from ..security import error_response
-from ..stores.sessions import InvalidSessionId, validate_session_id
+from ..errors import ApiError
+from ..pipeline import ChatRequest, Turn
+from ..service import (
+    ChatInput,
+    chat_request,
+    checked,
+    clean_text,
+    invalid,
+    message_id_problem,
+    model_id_problem,
+    parse_json,
+    session_id_problem,
+)
 from ..types import compact_json, new_id, now_iso, usage_to_wire
 from . import state
 
@@ -32,9 +40,6 @@ STREAM_HEADERS = {
     "X-Accel-Buffering": "no",  # nginx would otherwise buffer the whole answer
 }
 DONE = b"data: [DONE]\n\n"
-
-# ChatError codes to HTTP statuses; anything else is a bad request.
-STATUS_OF = {"SESSION_NOT_FOUND": 404, "STREAM_IN_PROGRESS": 409}
 
 # Our finish reasons are the AI SDK's, plus "aborted", which the SDK says with an ``abort`` chunk.
 SDK_FINISH_REASONS = frozenset({"stop", "length", "content-filter", "tool-calls", "error", "other"})
@@ -148,116 +153,78 @@ class UIMessageStreamEncoder:
 # --- requests -----------------------------------------------------------------------------------
 
 
-class BadRequest(Exception):
-    """A request refused before streaming: its JSON error response."""
-
-    def __init__(self, status: int, code: str, message: str, fields: list[dict[str, str]] | None = None) -> None:
-        super().__init__(message)
-        self.status, self.code, self.message, self.fields = status, code, message, fields
-
-    def response(self) -> web.Response:
-        error: dict[str, Any] = {"code": self.code, "message": self.message}
-        if self.fields is not None:
-            error["fields"] = self.fields
-        return web.json_response({"error": error}, status=self.status)
-
-
-def invalid(fields: list[dict[str, str]]) -> BadRequest:
-    return BadRequest(400, "INVALID_MESSAGE", "; ".join(f"{f['path']}: {f['message']}" for f in fields), fields)
-
-
 async def read_json(request: web.Request) -> Any:
     """The JSON body; 413 past ``[server] max_body_bytes`` (the app's client_max_size), 400 if not JSON."""
     try:
         raw = await request.read()
     except web.HTTPRequestEntityTooLarge:
         limit = request.app[state.GATEWAY].config["server"]["max_body_bytes"]
-        raise BadRequest(413, "PAYLOAD_TOO_LARGE", f"Request body too large; the limit is {limit} bytes ([server] max_body_bytes).") from None
-    try:
-        return json.loads(raw)
-    except ValueError:
-        raise invalid([{"path": "", "message": "the body must be JSON"}]) from None
-
-
-def checked_session_id(session_id: str) -> str:
-    try:
-        return validate_session_id(session_id)
-    except InvalidSessionId as e:
-        raise invalid([{"path": "id", "message": str(e)}]) from None
-
-
-@dataclass
-class ChatBody:
-    session_id: str
-    content: str
-    model: str | None
-    # The messages before the new user message, in stored form; used only for a session the store lacks.
-    history: list[dict[str, Any]] = field(default_factory=list)
-    # The client's id of the new user message, kept so stored ids match what useChat shows.
-    message_id: str | None = None
+        raise ApiError("PAYLOAD_TOO_LARGE", f"Request body too large; the limit is {limit} bytes ([server] max_body_bytes).") from None
+    return parse_json(raw)
 
 
 def _text(message: dict[str, Any]) -> str:
     return "".join(p["text"] for p in message["parts"] if p["type"] == "text")
 
 
-def _message_errors(i: int, message: Any) -> list[dict[str, str]]:
+def _message_errors(i: int, message: Any) -> dict[str, str]:
     path = f"messages[{i}]"
     if not isinstance(message, dict):
-        return [{"path": path, "message": "must be an object"}]
-    errors = []
-    if not isinstance(message.get("id", ""), str):
-        errors.append({"path": f"{path}.id", "message": "must be a string"})
+        return {path: "must be an object"}
+    errors = {}
+    # An empty id is the client's way of having none: the gateway makes one.
+    if message.get("id") and (problem := message_id_problem(message["id"])) is not None:
+        errors[f"{path}.id"] = problem
     if message.get("role") not in ROLES:
-        errors.append({"path": f"{path}.role", "message": f"must be one of {', '.join(ROLES)}"})
+        errors[f"{path}.role"] = f"must be one of {', '.join(ROLES)}"
     parts = message.get("parts")
     if not isinstance(parts, list):
-        return errors + [{"path": f"{path}.parts", "message": "must be an array"}]
+        errors[f"{path}.parts"] = "must be an array"
+        return errors
     for j, part in enumerate(parts):
         where = f"{path}.parts[{j}]"
         if not isinstance(part, dict) or not isinstance(part.get("type"), str):
-            errors.append({"path": where, "message": "must be an object with a string 'type'"})
+            errors[where] = "must be an object with a string 'type'"
         elif part["type"] in ("text", "reasoning") and not isinstance(part.get("text"), str):
-            errors.append({"path": f"{where}.text", "message": "must be a string"})
+            errors[f"{where}.text"] = "must be a string"
     return errors
 
 
-def parse_chat_body(body: Any) -> ChatBody:
-    """Check a ``useChat`` request body; every problem is reported as a field error."""
+def parse_chat_body(body: Any) -> ChatRequest:
+    """Check a ``useChat`` request body; every problem is reported as a field error.
+
+    The UI message structure is checked here; the chat fields (session id, model, message id, text) by
+    ``service.chat_request``, as for the WebSocket."""
     if not isinstance(body, dict):
-        raise invalid([{"path": "", "message": "the body must be a JSON object"}])
-    errors: list[dict[str, str]] = []
+        raise invalid({"": "the body must be a JSON object"})
+    errors: dict[str, str] = {}
     session_id = body.get("id", body.get("threadId"))
     if not isinstance(session_id, str):
-        errors.append({"path": "id", "message": "required: the chat id (a string) names the session"})
-    else:
-        try:
-            validate_session_id(session_id)
-        except InvalidSessionId as e:
-            errors.append({"path": "id", "message": str(e)})
+        errors["id"] = "required: the chat id (a string) names the session"
+    elif (problem := session_id_problem(session_id)) is not None:
+        errors["id"] = problem
     model = body.get("model")
-    if model is not None and not isinstance(model, str):
-        errors.append({"path": "model", "message": "must be a string"})
+    if model is not None and (problem := model_id_problem(model)) is not None:
+        errors["model"] = problem
     if body.get("trigger") is not None and body["trigger"] not in TRIGGERS:
-        errors.append({"path": "trigger", "message": f"must be one of {', '.join(TRIGGERS)}"})
+        errors["trigger"] = f"must be one of {', '.join(TRIGGERS)}"
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
-        errors.append({"path": "messages", "message": "must be a non-empty array of UI messages"})
+        errors["messages"] = "must be a non-empty array of UI messages"
         raise invalid(errors)
     for i, message in enumerate(messages):
-        errors += _message_errors(i, message)
+        errors.update(_message_errors(i, message))
     if errors:
         raise invalid(errors)
 
     last_user = next((i for i in range(len(messages) - 1, -1, -1) if messages[i]["role"] == "user"), None)
     if last_user is None:
-        raise invalid([{"path": "messages", "message": "no user message to answer"}])
-    content = _text(messages[last_user])
-    if not content.strip():
-        raise invalid([{"path": f"messages[{last_user}].parts", "message": "the user message has no text"}])
-    message_id = messages[last_user].get("id") or None
-    assert isinstance(session_id, str)  # checked above
-    return ChatBody(session_id, content, model, _stored_history(messages[:last_user]), message_id)
+        raise invalid({"messages": "no user message to answer"})
+    chat = ChatInput(_text(messages[last_user]), session_id, model, messages[last_user].get("id") or None,
+                     paths={"content": f"messages[{last_user}].parts", "session_id": "id",
+                            "message_id": f"messages[{last_user}].id"})
+    # A stateless client sends the whole conversation; the store's copy wins once the session exists.
+    return chat_request(chat, client="http", create_if_missing=True, history=_stored_history(messages[:last_user]))
 
 
 def _stored_history(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -265,7 +232,8 @@ def _stored_history(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
     or tool parts from a client cannot be sent back upstream (Anthropic requires its own signatures)."""
     out = []
     for message in messages:
-        parts = [{"type": "text", "text": p["text"]} for p in message["parts"] if p["type"] == "text" and p["text"]]
+        # Lone surrogates become U+FFFD, as in the new message (service.clean_text).
+        parts = [{"type": "text", "text": clean_text(p["text"])} for p in message["parts"] if p["type"] == "text" and p["text"]]
         if message["role"] == "system" or not parts:
             continue
         out.append({"id": message.get("id") or new_id("msg_"), "role": message["role"],
@@ -305,30 +273,15 @@ async def stream_turn(request: web.Request, turn: Turn, *, abort_on_disconnect: 
 
 
 async def chat_handler(request: web.Request) -> web.StreamResponse:
-    gw = request.app[state.GATEWAY]
-    if request.app[state.SHUTTING_DOWN].is_set():
-        return error_response(503, "SERVICE_UNAVAILABLE", "The gateway is shutting down; try again when it is back.")
-    try:
-        chat = parse_chat_body(await read_json(request))
-    except BadRequest as e:
-        return e.response()
-    try:
-        # A stateless client sends the whole conversation; the store's copy wins once the session exists.
-        turn = await start_turn(gw, ChatRequest(chat.content, chat.session_id, chat.model, client="http",
-                                                create_if_missing=True, import_messages=chat.history,
-                                                user_message_id=chat.message_id))
-    except ChatError as e:
-        return error_response(STATUS_OF.get(e.code, 400), e.code, e.message)
-    return await stream_turn(request, turn, abort_on_disconnect=gw.config["chat"]["on_disconnect"] == "abort")
+    # ApiErrors raised here are answered by the app's error middleware (rest.errors_and_preflight).
+    service = state.service(request.app)
+    turn = await service.start_chat(parse_chat_body(await read_json(request)))
+    return await stream_turn(request, turn, abort_on_disconnect=service.gw.config["chat"]["on_disconnect"] == "abort")
 
 
 async def resume_handler(request: web.Request) -> web.StreamResponse:
     """Attach to the session's running answer from its first chunk; 204 when nothing is streaming."""
-    try:
-        session_id = checked_session_id(request.match_info["id"])
-    except BadRequest as e:
-        return e.response()
-    turn = request.app[state.GATEWAY].active.get(session_id)
+    turn = state.service(request.app).active_turn(checked(request.match_info["id"], "id", session_id_problem))
     if turn is None:
         return web.Response(status=204)
     # Only the request that started the answer may stop it by going away.

@@ -8,7 +8,6 @@ itself is ``agentspace.pipeline``.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import struct
 import time
@@ -18,8 +17,9 @@ from aiohttp import WSCloseCode, WSMsgType, web
 
 from .. import events as ev
 from .. import security
-from ..context import inspect_session
-from ..pipeline import ChatError, ChatRequest, Turn, start_turn
+from ..errors import ApiError
+from ..pipeline import Turn
+from ..service import ChatInput, chat_request, invalid, parse_json, request_id_ok
 from ..types import compact_json, usage_to_wire
 from . import state
 from .fences import FenceTracker
@@ -32,9 +32,6 @@ PRE_AUTH_MAX_BYTES = 4096
 SHUTDOWN_FLUSH_SECONDS = 5.0
 # How often a burst written for a slow reader checks whether the socket's buffer has drained.
 DRAIN_POLL_SECONDS = 0.01
-SHUTTING_DOWN_MESSAGE = "The gateway is shutting down; try again when it is back."
-
-
 
 
 def _error_frame(request_id: Any, code: str, message: str) -> str:
@@ -57,8 +54,8 @@ class Connection:
 
     def __init__(self, request: web.Request, ws: web.WebSocketResponse) -> None:
         self.app = request.app
-        self.gw = request.app[state.GATEWAY]
-        self.config = self.gw.config
+        self.service = state.service(request.app)
+        self.config = self.service.gw.config
         self.ws = ws
         self.turn: Turn | None = None
         self.turn_request_id: Any = None
@@ -78,79 +75,59 @@ class Connection:
     # --- dispatch -------------------------------------------------------------------------------
 
     async def handle_frame(self, data: str) -> None:
-        if len(data.encode("utf-8")) > self.config["server"]["max_frame_bytes"]:
-            await self.error(None, "PAYLOAD_TOO_LARGE", "Frame too large; the limit is [server] max_frame_bytes.")
-            return
-        if not self.limiter():
-            await self.error(None, "RATE_LIMITED", "Too many messages; slow down.")
-            return
+        """Parse and dispatch one frame. Every ApiError, wherever raised, is answered here as an error frame."""
+        request_id = kind = None
         try:
-            msg = json.loads(data)
-        except ValueError:
-            await self.error(None, "INVALID_MESSAGE", "Frames must be JSON objects.")
-            return
-        if not isinstance(msg, dict):
-            await self.error(None, "INVALID_MESSAGE", "Frames must be JSON objects.")
-            return
-        request_id = msg.get("id")
-        kind = msg.get("type")
-        if not isinstance(request_id, (str, int)) or isinstance(request_id, bool) or not isinstance(kind, str):
-            await self.error(request_id if isinstance(request_id, (str, int)) else None, "INVALID_MESSAGE",
-                             "Every message needs a string 'type' and an 'id'.")
-            return
-        handler = self.HANDLERS.get(kind)
-        if handler is None:
-            await self.error(request_id, "INVALID_MESSAGE", f"Unknown message type {kind!r}.")
-            return
-        try:
+            if len(data.encode("utf-8")) > self.config["server"]["max_frame_bytes"]:
+                raise ApiError("PAYLOAD_TOO_LARGE", "Frame too large; the limit is [server] max_frame_bytes.")
+            if not self.limiter():
+                raise ApiError("RATE_LIMITED", "Too many messages; slow down.")
+            msg = parse_json(data, "a frame")
+            if not isinstance(msg, dict):
+                raise invalid({"": "Frames must be JSON objects."})
+            kind = msg.get("type")
+            if request_id_ok(msg.get("id")):
+                request_id = msg["id"]
+            elif "id" in msg and msg["id"] is not None:
+                raise invalid({"id": "must be an integer or a string of at most 256 characters without lone surrogates"})
+            if request_id is None or not isinstance(kind, str):
+                raise invalid({"": "Every message needs a string 'type' and an 'id'."})
+            handler = self.HANDLERS.get(kind)
+            if handler is None:
+                raise invalid({"type": f"unknown message type {kind[:40]!r}"})
             await handler(self, request_id, msg)
-        except _BadField as e:
-            await self.error(request_id, "INVALID_MESSAGE", str(e))
+        except ApiError as e:
+            await self.error(request_id, e.code, e.message)
+        except Exception:
+            # A defect of ours: logged with its traceback, answered without details, the connection kept.
+            log.exception("handling a %s frame failed", kind if isinstance(kind, str) else "malformed")
+            await self.error(request_id, "INTERNAL_ERROR", "The gateway failed to handle this message; see its log.")
 
     async def on_chat_send(self, request_id: Any, msg: dict[str, Any]) -> None:
-        content = _field(msg, "content", str, required=True)
-        session_id = _field(msg, "sessionId", str)
-        model = _field(msg, "model", str)
-        if not content.strip():
-            raise _BadField("'content' must not be empty.")
+        request = chat_request(ChatInput(msg.get("content"), msg.get("sessionId"), msg.get("model"),
+                                         paths={"session_id": "sessionId"}), client="ws")
         if self.turn is not None and not self.turn.done:
-            await self.error(request_id, "STREAM_IN_PROGRESS", "This connection is already streaming; wait or send chat.abort.")
-            return
-        if self.app[state.SHUTTING_DOWN].is_set():
-            await self.error(request_id, "LLM_ERROR", SHUTTING_DOWN_MESSAGE)
-            return
-        try:
-            turn = await start_turn(self.gw, ChatRequest(content, session_id, model, client="ws"))
-        except ChatError as e:
-            await self.error(request_id, e.code, e.message)
-            return
+            raise ApiError("STREAM_IN_PROGRESS", "This connection is already streaming; wait or send chat.abort.")
+        turn = await self.service.start_chat(request)
         self.turn, self.turn_request_id = turn, request_id
         self.forwarder = asyncio.create_task(self.forward(turn, request_id))
 
     async def on_chat_abort(self, request_id: Any, msg: dict[str, Any]) -> None:
         target = msg.get("requestId")
         if self.turn is None or self.turn.done or target != self.turn_request_id:
-            await self.error(request_id, "INVALID_MESSAGE", "No running stream with that requestId on this connection.")
-            return
+            raise invalid({"requestId": "no running stream with that requestId on this connection"})
         self.turn.abort()
 
     async def on_context_inspect(self, request_id: Any, msg: dict[str, Any]) -> None:
-        session_id = _field(msg, "sessionId", str, required=True)
-        reply = await inspect_session(self.gw, session_id, _field(msg, "model", str))
-        if reply is None:
-            await self.error(request_id, "SESSION_NOT_FOUND", f"No session {session_id!r}.")
-            return
+        reply = await self.service.inspect_context(msg.get("sessionId"), msg.get("model"), paths=("sessionId", "model"))
         await self.send({"type": "context.inspection", "requestId": request_id, **reply})
 
     async def on_usage_query(self, request_id: Any, msg: dict[str, Any]) -> None:
-        from ..stores.usage import usage_report
-
-        session_id = _field(msg, "sessionId", str)
-        records = await self.gw.usage.arecords(session_id=session_id)
-        await self.send({"type": "usage.report", "requestId": request_id, **usage_report(records)})
+        report = await self.service.usage(session_id=msg.get("sessionId"))
+        await self.send({"type": "usage.report", "requestId": request_id, **report})
 
     async def on_session_list(self, request_id: Any, msg: dict[str, Any]) -> None:
-        sessions = await self.gw.sessions.list()
+        sessions = await self.service.list_sessions()
         await self.send({"type": "session.list.result", "requestId": request_id, "sessions": sessions})
 
     async def on_auth(self, request_id: Any, msg: dict[str, Any]) -> None:
@@ -245,21 +222,6 @@ class Connection:
             self.forwarder.cancel()
 
 
-class _BadField(Exception):
-    pass
-
-
-def _field(msg: dict[str, Any], name: str, kind: type, *, required: bool = False) -> Any:
-    value = msg.get(name)
-    if value is None:
-        if required:
-            raise _BadField(f"'{name}' is required.")
-        return None
-    if not isinstance(value, kind) or isinstance(value, bool) and kind is not bool:
-        raise _BadField(f"'{name}' must be a {kind.__name__}.")
-    return value
-
-
 async def gateway_handler(request: web.Request) -> web.StreamResponse:
     config = request.app[state.GATEWAY].config
     server = config["server"]
@@ -300,11 +262,11 @@ async def _authenticate_first_frame(request: web.Request, ws: web.WebSocketRespo
     request_id = None
     if msg.type == WSMsgType.TEXT and len(msg.data) <= PRE_AUTH_MAX_BYTES:
         try:
-            frame = json.loads(msg.data)
-        except ValueError:
+            frame = parse_json(msg.data, "the first frame")
+        except ApiError:
             frame = None
         if isinstance(frame, dict):
-            request_id = frame.get("id") if isinstance(frame.get("id"), (str, int)) else None
+            request_id = frame.get("id") if request_id_ok(frame.get("id")) else None
             token = frame.get("token")
             if frame.get("type") == "auth" and isinstance(token, str) and security.token_ok(request, token):
                 await ws.send_str(compact_json({"type": "auth.ok", "requestId": request_id}))

@@ -1,0 +1,225 @@
+"""The operations every transport offers, once: sessions, usage, models, context inspection and chat start.
+
+Transports (the WebSocket at ``/gateway``, ``POST /api/chat``, the REST routes) parse their wire format,
+call this module and encode the answer. Everything refused here is an ``ApiError`` with a protocol code;
+each transport turns it into its own wire error in one place (``errors.HTTP_STATUS`` gives HTTP statuses).
+
+Input is checked here, at the edge, before it reaches the stores or a log line: ids have a length limit and
+a character set, and JSON is parsed by ``parse_json``, which refuses nesting too deep to decode. Nothing
+here imports aiohttp: the ``/v1`` endpoints plug into the same functions.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from .catalog import usable_models
+from .context import inspect_session
+from .errors import ApiError
+from .gateway import Gateway, ModelNotFound
+from .periods import parse_since
+from .pipeline import ChatRequest, Turn, start_turn
+from .stores.sessions import SESSION_ID
+from .stores.usage import usage_by_day, usage_report
+
+SHUTTING_DOWN_MESSAGE = "The gateway is shutting down; try again when it is back."
+
+# Ids are stored, logged and echoed: plain ASCII of bounded length, so none can carry a line break, a
+# terminal escape or a lone surrogate. Model ids cover the providers' forms ("anthropic/claude-sonnet-4-5",
+# "bedrock/anthropic.claude-3-sonnet-20240229-v1:0", "vertex_ai/claude-3-5-sonnet@20240620").
+MAX_MODEL_ID = 200
+MODEL_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/@+=-]*")
+# Message ids come from clients (the AI SDK's generateId, UUIDs) or are ours (msg_<hex>).
+MAX_MESSAGE_ID = 128
+MESSAGE_ID = re.compile(r"[A-Za-z0-9._:@+=-]+")
+# WebSocket request ids are echoed in every reply; a longer one, or one that cannot be encoded, is refused.
+MAX_REQUEST_ID = 256
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def invalid(fields: dict[str, str]) -> ApiError:
+    """An ``INVALID_MESSAGE`` naming each field that is wrong (``fields``: path -> what is wrong)."""
+    return ApiError("INVALID_MESSAGE", "; ".join(f"{path}: {problem}" if path else problem
+                                                 for path, problem in fields.items()), fields)
+
+
+# --- validation at the edge ---------------------------------------------------------------------
+
+
+def parse_json(text: str | bytes, what: str = "the body") -> Any:
+    """Decode JSON; ``INVALID_MESSAGE`` when it is not JSON, not UTF-8, or nested too deep to decode
+    (``[`` x 3000 exhausts the decoder's recursion: a refusal, not a traceback)."""
+    try:
+        return json.loads(text)
+    except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError
+        raise invalid({"": f"{what} must be JSON (UTF-8, nested at most a few hundred levels)"}) from None
+
+
+def clean_text(text: str) -> str:
+    """``text`` with every lone surrogate (``\\ud800``-``\\udfff``) replaced by U+FFFD.
+
+    A JavaScript string cut mid-emoji serialises as a lone surrogate; it cannot be encoded as UTF-8, so it
+    could be neither stored nor sent. Message text is kept with the replacement character instead, the same
+    on every transport, as a UTF-8 decoder would show it."""
+    return _SURROGATE.sub("\ufffd", text) if _SURROGATE.search(text) else text
+
+
+def session_id_problem(value: Any) -> str | None:
+    """What is wrong with a session id (it names a file), or None."""
+    if value is None:
+        return "required"
+    if isinstance(value, str) and SESSION_ID.fullmatch(value):
+        return None
+    return "must be 1-128 characters from A-Z, a-z, 0-9, '_' and '-'"
+
+
+def model_id_problem(value: Any) -> str | None:
+    """What is wrong with the shape of a model id, or None; whether a provider serves it is checked later
+    (``MODEL_NOT_FOUND``)."""
+    if not isinstance(value, str):
+        return "must be a string"
+    if len(value) > MAX_MODEL_ID or not MODEL_ID.fullmatch(value):
+        return f"must be a model id (provider/model) of at most {MAX_MODEL_ID} characters from A-Z, a-z, 0-9 and . _ : / @ + = -"
+    return None
+
+
+def message_id_problem(value: Any) -> str | None:
+    """What is wrong with a client's message id, or None."""
+    if not isinstance(value, str):
+        return "must be a string"
+    if len(value) > MAX_MESSAGE_ID or not MESSAGE_ID.fullmatch(value):
+        return f"must be at most {MAX_MESSAGE_ID} characters from A-Z, a-z, 0-9 and . _ : @ + = -"
+    return None
+
+
+def checked(value: Any, path: str, problem: Callable[[Any], str | None]) -> str:
+    """``value`` if ``problem`` finds nothing wrong with it, else ``INVALID_MESSAGE`` naming ``path``."""
+    if (what := problem(value)) is not None:
+        raise invalid({path: what})
+    return value
+
+
+def request_id_ok(value: Any) -> bool:
+    """A WebSocket request id that can be echoed: an integer, or a bounded string without lone surrogates."""
+    if isinstance(value, bool):
+        return False
+    if isinstance(value, int):
+        return True
+    return isinstance(value, str) and len(value) <= MAX_REQUEST_ID and not _SURROGATE.search(value)
+
+
+@dataclass
+class ChatInput:
+    """The fields of a chat request, as each transport names them (their paths in error messages)."""
+
+    content: Any
+    session_id: Any = None
+    model: Any = None
+    message_id: Any = None
+    paths: dict[str, str] = field(default_factory=dict)
+
+    def path(self, name: str) -> str:
+        return self.paths.get(name, name)
+
+
+def chat_request(chat: ChatInput, *, client: str, create_if_missing: bool = False,
+                 history: list[dict[str, Any]] | None = None) -> ChatRequest:
+    """Check a chat request's fields, the one validator for every transport; every problem is a field error."""
+    errors: dict[str, str] = {}
+    if not isinstance(chat.content, str):
+        errors[chat.path("content")] = "required: a string"
+    elif not chat.content.strip():
+        errors[chat.path("content")] = "must not be empty"
+    optional = (("session_id", session_id_problem), ("model", model_id_problem), ("message_id", message_id_problem))
+    for name, problem in optional:
+        value = getattr(chat, name)
+        if value is not None and (what := problem(value)) is not None:
+            errors[chat.path(name)] = what
+    if errors:
+        raise invalid(errors)
+    return ChatRequest(clean_text(chat.content), chat.session_id, chat.model, client=client,
+                       create_if_missing=create_if_missing, import_messages=history or [],
+                       user_message_id=chat.message_id)
+
+
+# --- the operations -----------------------------------------------------------------------------
+
+
+class Service:
+    """What a client may ask of the gateway, whichever transport it speaks.
+
+    ``shutting_down`` is set when shutdown begins: no new turn starts after it, on any transport.
+    """
+
+    def __init__(self, gw: Gateway, shutting_down: asyncio.Event) -> None:
+        self.gw = gw
+        self.shutting_down = shutting_down
+
+    async def start_chat(self, request: ChatRequest) -> Turn:
+        if self.shutting_down.is_set():
+            raise ApiError("SERVICE_UNAVAILABLE", SHUTTING_DOWN_MESSAGE)
+        return await start_turn(self.gw, request)
+
+    def active_turn(self, session_id: str) -> Turn | None:
+        return self.gw.active.get(session_id)
+
+    async def list_sessions(self) -> list[dict[str, Any]]:
+        return await self.gw.sessions.list()
+
+    async def get_session(self, session_id: str) -> dict[str, Any]:
+        session = await self.gw.sessions.get(checked(session_id, "id", session_id_problem))
+        if session is None:
+            raise _not_found(session_id)
+        return session
+
+    async def delete_session(self, session_id: str) -> None:
+        checked(session_id, "id", session_id_problem)
+        if session_id in self.gw.active:
+            raise ApiError("STREAM_IN_PROGRESS", "This session is streaming an answer; wait for it to end.")
+        if not await self.gw.sessions.delete(session_id):
+            raise _not_found(session_id)
+
+    async def inspect_context(self, session_id: str | None, model: str | None = None,
+                              paths: tuple[str, str] = ("id", "model")) -> dict[str, Any]:
+        """What the next call in the session would send; ``model`` (if given) must be served by a provider."""
+        session_id = checked(session_id, paths[0], session_id_problem)
+        if model is not None:
+            self.check_model(checked(model, paths[1], model_id_problem))
+        inspection = await inspect_session(self.gw, session_id, model)
+        if inspection is None:
+            raise _not_found(session_id)
+        return inspection
+
+    def check_model(self, model: str) -> None:
+        try:
+            self.gw.provider_for(model)
+        except ModelNotFound as e:
+            raise ApiError("MODEL_NOT_FOUND", str(e)) from None
+
+    async def usage(self, session_id: str | None = None, since: str | None = None, by: str = "model",
+                    paths: tuple[str, str, str] = ("sessionId", "since", "by")) -> dict[str, Any]:
+        """Tokens and cost per model (the ``usage.report`` shape) or per UTC day."""
+        if by not in ("model", "day"):
+            raise invalid({paths[2]: "must be 'model' or 'day'"})
+        if session_id is not None:
+            checked(session_id, paths[0], session_id_problem)
+        when = None
+        if since:
+            try:
+                when = parse_since(since)
+            except ValueError as e:
+                raise invalid({paths[1]: str(e)}) from None
+        records = await self.gw.usage.arecords(session_id=session_id, since=when)
+        return usage_report(records) if by == "model" else usage_by_day(records)
+
+    async def models(self) -> list[dict[str, Any]]:
+        # The same list as `agentspace models --json`; it reads the vault and the cost map, so off the loop.
+        return await asyncio.to_thread(usable_models, self.gw.config, self.gw.providers)
+
+
+def _not_found(session_id: str) -> ApiError:
+    return ApiError("SESSION_NOT_FOUND", f"No session {session_id!r}.")
