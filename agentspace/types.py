@@ -200,6 +200,11 @@ class UsageRecord:
     answered: bool = True
     # Upstream attempts this call took (retries after 429/5xx included).
     attempts: int = 1
+    # Where the call came in: "ws", "http", "anthropic" (/v1/messages), "openai" (/v1/chat/completions).
+    endpoint: str | None = None
+    # The usage fields counted locally, the others being what the upstream reported (a stream cut after
+    # message_start: ["outputTokens"]); empty when the upstream reported everything.
+    estimated_fields: tuple[str, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         u = self.usage
@@ -226,6 +231,8 @@ class UsageRecord:
             "error": self.error,
             "answered": self.answered,
             "attempts": self.attempts,
+            "endpoint": self.endpoint,
+            "estimatedFields": list(self.estimated_fields),
         }
 
 

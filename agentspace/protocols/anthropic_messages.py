@@ -1,0 +1,218 @@
+"""The Anthropic Messages API wire format (``/v1/messages``), translated to and from our types.
+
+- ``UsageScanner`` reads the usage out of a relayed event stream (``message_start``/``message_delta``,
+  cumulative: the last value of each field wins) without touching the bytes.
+- ``to_provider_request`` turns a Messages request into a ``ProviderRequest`` for a model that is not
+  Anthropic's; ``MessageEncoder`` turns the provider's events back into Messages API events, with the
+  content-block indices and order the ``anthropic`` SDK's accumulator accepts.
+- ``error_body`` is Anthropic's error shape.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Iterable
+
+from ..events import ProviderEvent, ProviderFinish, ReasoningDelta, TextDelta, ToolCallEvent
+from ..tokens import count_tokens
+from ..types import (
+    ChatMessage,
+    Part,
+    ReasoningPart,
+    TextPart,
+    TokenUsage,
+    Tool,
+    ToolCallPart,
+    ToolResultPart,
+    compact_json,
+    new_id,
+)
+
+DEFAULT_VERSION = "2023-06-01"
+
+# HTTP status -> Anthropic's error type (their documented table).
+ERROR_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    413: "request_too_large",
+    429: "rate_limit_error",
+    500: "api_error",
+    502: "api_error",
+    503: "overloaded_error",
+    504: "api_error",
+    529: "overloaded_error",
+}
+
+# Our error codes -> the status an Anthropic client expects.
+STATUS_OF_CODE = {
+    "INVALID_MESSAGE": 400,
+    "MODEL_NOT_FOUND": 404,
+    "UNAUTHORIZED": 401,
+    "FORBIDDEN": 403,
+    "MODEL_NOT_ALLOWED": 403,
+    "PAYLOAD_TOO_LARGE": 413,
+    "NO_API_KEY": 424,  # not the client's key: a 401 would send Claude Code to /login
+    "RATE_LIMITED": 429,
+    "BUDGET_EXCEEDED": 429,
+    "LLM_ERROR": 502,
+    "SERVICE_UNAVAILABLE": 503,
+}
+
+# Our finish reasons -> stop_reason.
+STOP_REASONS = {
+    "stop": "end_turn",
+    "length": "max_tokens",
+    "tool-calls": "tool_use",
+    "content-filter": "refusal",
+}
+
+
+def error_body(status: int, message: str, error_type: str | None = None) -> dict[str, Any]:
+    return {"type": "error", "error": {"type": error_type or ERROR_TYPES.get(status, "api_error"), "message": message}}
+
+
+def error_code_for_status(status: int) -> str:
+    """Our error code for an upstream HTTP error status (for the usage record)."""
+    if status == 429:
+        return "RATE_LIMITED"
+    if status in (401, 403):
+        return "NO_API_KEY"
+    if status == 404:
+        return "MODEL_NOT_FOUND"
+    if status in (400, 413):
+        return "INVALID_MESSAGE"
+    return "LLM_ERROR"
+
+
+def error_code_for_type(error_type: str) -> str:
+    return "RATE_LIMITED" if error_type == "rate_limit_error" else "LLM_ERROR"
+
+
+# --- usage ---------------------------------------------------------------------------------------
+
+
+def update_usage(current: TokenUsage | None, usage: dict[str, Any]) -> TokenUsage:
+    """Apply one reported usage object: each field it carries overwrites (streamed usage is cumulative)."""
+    out = current if current is not None else TokenUsage()
+    if usage.get("input_tokens") is not None:
+        out.input_tokens = usage["input_tokens"]
+    if usage.get("output_tokens") is not None:
+        out.output_tokens = usage["output_tokens"]
+    if usage.get("cache_read_input_tokens") is not None:
+        out.cache_read_tokens = usage["cache_read_input_tokens"]
+    if usage.get("cache_creation_input_tokens") is not None:
+        out.cache_write_tokens = usage["cache_creation_input_tokens"]
+    details = usage.get("output_tokens_details")
+    if isinstance(details, dict) and details.get("thinking_tokens") is not None:
+        out.reasoning_tokens = details["thinking_tokens"]
+    return out
+
+
+class UsageScanner:
+    """Reads usage, stop reason and errors out of a Messages event stream as it is relayed.
+
+    Only the few events that carry them are parsed; content deltas are kept as received and parsed only
+    if the output has to be estimated (the stream ended before its final ``message_delta``).
+    """
+
+    __slots__ = ("usage", "started", "final_delta", "complete", "stop_reason", "error_type", "error_message", "_deltas")
+
+    def __init__(self) -> None:
+        self.usage: TokenUsage | None = None
+        self.started = False  # message_start seen: the upstream answered
+        self.final_delta = False  # a message_delta with the stop reason: the output count is final
+        self.complete = False  # message_stop seen
+        self.stop_reason: str | None = None
+        self.error_type: str | None = None
+        self.error_message: str | None = None
+        self._deltas: list[str] = []
+
+    def feed(self, events: Iterable[tuple[str | None, str]]) -> None:
+        for name, data in events:
+            if name == "content_block_delta":
+                self._deltas.append(data)
+            elif name == "message_start":
+                self.started = True
+                usage = json.loads(data)["message"].get("usage")
+                if usage:
+                    self.usage = update_usage(self.usage, usage)
+            elif name == "message_delta":
+                event = json.loads(data)
+                if event.get("usage"):
+                    self.usage = update_usage(self.usage, event["usage"])
+                stop_reason = (event.get("delta") or {}).get("stop_reason")
+                if stop_reason is not None:
+                    self.stop_reason = stop_reason
+                    self.final_delta = True
+            elif name == "message_stop":
+                self.complete = True
+            elif name == "error":
+                error = json.loads(data).get("error") or {}
+                self.error_type = str(error.get("type") or "api_error")
+                self.error_message = str(error.get("message") or "")
+
+    def received_output_tokens(self) -> int:
+        """A local count of the output received so far (text, thinking and tool input pieces)."""
+        pieces: list[str] = []
+        for data in self._deltas:
+            try:
+                delta = json.loads(data).get("delta") or {}
+            except ValueError:
+                continue
+            pieces.append(delta.get("text") or delta.get("thinking") or delta.get("partial_json") or "")
+        return count_tokens("".join(pieces))
+
+
+def message_usage(message: Any) -> TokenUsage | None:
+    """The usage of a non-streamed Message body (None when it has none)."""
+    if isinstance(message, dict) and isinstance(message.get("usage"), dict):
+        return update_usage(None, message["usage"])
+    return None
+
+
+def local_input_tokens(body: dict[str, Any]) -> int:
+    """A local count of what a Messages request sends as input: system, messages and tools."""
+    parts: list[str] = []
+    system = body.get("system")
+    if isinstance(system, str):
+        parts.append(system)
+    elif isinstance(system, list):
+        parts.extend(_block_text(b) for b in system)
+    for message in body.get("messages") or ():
+        if not isinstance(message, dict):
+            continue
+        content = message.get("content")
+        if isinstance(content, str):
+            parts.append(content)
+        elif isinstance(content, list):
+            parts.extend(_block_text(b) for b in content)
+    tools = body.get("tools")
+    if tools:
+        parts.append(compact_json(tools))
+    return count_tokens("\n".join(p for p in parts if p))
+
+
+def _block_text(block: Any) -> str:
+    """The countable text of one content block (images and documents: their JSON, a rough stand-in)."""
+    if not isinstance(block, dict):
+        return str(block)
+    kind = block.get("type")
+    if kind == "text":
+        return str(block.get("text") or "")
+    if kind == "thinking":
+        return str(block.get("thinking") or "")
+    if kind == "tool_use":
+        return f"{block.get('name', '')} {compact_json(block.get('input') or {})}"
+    if kind == "tool_result":
+        content = block.get("content")
+        if isinstance(content, list):
+            return "\n".join(_block_text(b) for b in content)
+        return str(content or "")
+    if kind in ("image", "document"):
+        source = block.get("source") or {}
+        if source.get("type") == "text":
+            return str(source.get("data") or "")
+        return ""  # base64 data would be counted as text, far off what the model bills
+    return compact_json(block)

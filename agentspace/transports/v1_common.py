@@ -1,0 +1,113 @@
+"""What the drop-in ``/v1`` endpoints share (SPEC section 10): routes, errors in each API's own shape,
+session attribution, model ids, and the HTTP client the Anthropic pass-through relays through."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+
+from ..gateway import Gateway
+from ..protocols import anthropic_messages, openai_chat
+from . import state
+
+# The upstream HTTP client of the pass-through: one connection pool per server, closed with the app.
+HTTP_CLIENT = web.AppKey("v1_http_client", aiohttp.ClientSession)
+
+# Headers that attribute a call's usage to a session id.
+SESSION_HEADERS = ("X-Agentspace-Session", "X-Claude-Code-Session-Id")
+
+# Who made the call. Client keys (SPEC 11) will name their client here; the gateway token is the admin.
+ADMIN_CLIENT = "admin"
+
+
+def setup_routes(app: web.Application) -> None:
+    from . import v1_anthropic, v1_models, v1_openai
+
+    app.router.add_post("/v1/messages", v1_anthropic.messages)
+    app.router.add_post("/v1/messages/count_tokens", v1_anthropic.count_tokens)
+    app.router.add_post("/v1/chat/completions", v1_openai.chat_completions)
+    app.router.add_get("/v1/models", v1_models.list_models)
+    app.on_cleanup.append(_close_http_client)
+
+
+def http_client(app: web.Application) -> aiohttp.ClientSession:
+    client = app.get(HTTP_CLIENT)
+    if client is None or client.closed:
+        # No total timeout: a long answer streams as long as it keeps sending (each read has its own limit).
+        client = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None), auto_decompress=True)
+        app[HTTP_CLIENT] = client
+    return client
+
+
+async def _close_http_client(app: web.Application) -> None:
+    client = app.get(HTTP_CLIENT)
+    if client is not None:
+        await client.close()
+
+
+def gateway(request: web.Request) -> Gateway:
+    return request.app[state.GATEWAY]
+
+
+def session_id(request: web.Request) -> str | None:
+    for name in SESSION_HEADERS:
+        value = request.headers.get(name, "").strip()
+        if value:
+            return value[:200]
+    return None
+
+
+def client_name(request: web.Request) -> str:
+    return ADMIN_CLIENT
+
+
+def wants_anthropic_shape(request: web.Request) -> bool:
+    """Anthropic's shapes for /v1/messages*, and for /v1/models when the client sent anthropic-version."""
+    if request.path.startswith("/v1/messages"):
+        return True
+    return request.path == "/v1/models" and "anthropic-version" in request.headers
+
+
+def error_response(request: web.Request, status: int, message: str, *, code: str | None = None,
+                   headers: dict[str, str] | None = None) -> web.Response:
+    """An error in the shape of the API the request speaks (the /v1 clients parse their own shape only)."""
+    if wants_anthropic_shape(request):
+        body: dict[str, Any] = anthropic_messages.error_body(status, message)
+    else:
+        body = openai_chat.error_body(status, message, code=code)
+    return web.json_response(body, status=status, headers=headers)
+
+
+def anthropic_model(model: str) -> str | None:
+    """Our id for a model an Anthropic client names: a bare ``claude-*`` id means ``anthropic/claude-*``."""
+    if "/" in model:
+        return model
+    if model.startswith("claude-"):
+        return "anthropic/" + model
+    return None
+
+
+def openai_model(model: str) -> str | None:
+    """Our id for a model an OpenAI client names: ``provider/model``, or a bare id the cost map knows."""
+    if "/" in model:
+        return model
+    if model.startswith("claude-"):
+        return "anthropic/" + model
+    prefix = _bare_model_prefixes().get(model)
+    return f"{prefix}/{model}" if prefix else None
+
+
+@lru_cache(maxsize=1)
+def _bare_model_prefixes() -> dict[str, str]:
+    """Bare chat model ids of the cost map -> their provider prefix (``gpt-4o-mini`` -> ``openai``)."""
+    from ..pricing import cost_map
+
+    out = {}
+    for key, entry in cost_map().items():
+        provider = str(entry.get("litellm_provider", ""))
+        if "/" not in key and provider and entry.get("mode") == "chat":
+            out[key] = "openai" if provider == "text-completion-openai" else provider
+    return out
