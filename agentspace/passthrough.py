@@ -36,8 +36,6 @@ from .vault import missing_key_message, resolve_key
 log = logging.getLogger(__name__)
 
 DEFAULT_BASE_URL = "https://api.anthropic.com"
-# How often a stream checks that its client is still there while the upstream sends nothing.
-DISCONNECT_CHECK_SECONDS = 0.5
 # Response headers relayed from the upstream (plus every ``anthropic-*`` one): what the SDKs read.
 RELAYED_HEADERS = frozenset({"content-type", "request-id", "retry-after", "retry-after-ms", "x-should-retry"})
 # Request headers of the client that go upstream.
@@ -124,7 +122,9 @@ async def _whole(up: aiohttp.ClientResponse, body: dict[str, Any], meter: Meter)
 async def _stream(request: web.Request, up: aiohttp.ClientResponse, body: dict[str, Any], meter: Meter) -> web.StreamResponse:
     resp = web.StreamResponse(status=200, headers={**relayed_headers(up), "Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
     relay = _Relay()
-    stop_watching = _watch_client(request, up)
+    from .transports.v1_common import client_gone, watch_client
+
+    stop_watching = watch_client(request, up.close)  # closing ends the read in progress: the upstream sees it
     try:
         await resp.prepare(request)
         async for chunk in up.content.iter_any():
@@ -133,7 +133,7 @@ async def _stream(request: web.Request, up: aiohttp.ClientResponse, body: dict[s
     except ConnectionResetError:  # the client went away (aiohttp's ClientConnectionResetError on write)
         relay.disconnected = True
     except (aiohttp.ClientError, TimeoutError):
-        relay.disconnected = _client_gone(request)  # we closed the upstream because the client went away
+        relay.disconnected = client_gone(request)  # we closed the upstream because the client went away
         relay.cut = not relay.disconnected
     except asyncio.CancelledError:
         # A server that cancels handlers when their client goes away: still one record for the call.
@@ -210,28 +210,6 @@ async def _record_stream(meter: Meter, scanner: UsageScanner, body: dict[str, An
         await meter.record(usage, "error", error="LLM_ERROR", estimated_fields=fields)
     else:
         await meter.record(usage, FINISH_REASONS.get(scanner.stop_reason or "", "other"), estimated_fields=fields)
-
-
-def _client_gone(request: web.Request) -> bool:
-    transport = request.transport
-    return transport is None or transport.is_closing()
-
-
-def _watch_client(request: web.Request, up: aiohttp.ClientResponse) -> Any:
-    """Close the upstream response once the client has gone, also while the upstream sends nothing
-    (a write to a closed client fails, but only when there is something to write)."""
-    loop = asyncio.get_running_loop()
-    timer: asyncio.TimerHandle
-
-    def check() -> None:
-        nonlocal timer
-        if _client_gone(request):
-            up.close()  # ends the read in progress; the upstream sees its socket close
-        else:
-            timer = loop.call_later(DISCONNECT_CHECK_SECONDS, check)
-
-    timer = loop.call_later(DISCONNECT_CHECK_SECONDS, check)
-    return lambda: timer.cancel()
 
 
 async def count_tokens(request: web.Request, gw: Gateway, body: dict[str, Any], raw: bytes, model: str) -> web.Response | None:

@@ -3,14 +3,18 @@ session attribution, model ids, and the HTTP client the Anthropic pass-through r
 
 from __future__ import annotations
 
+import asyncio
 from functools import lru_cache
-from typing import Any
+from typing import Any, Callable
 
 import aiohttp
 from aiohttp import web
 
 from ..gateway import Gateway
 from ..protocols import anthropic_messages, openai_chat
+from ..providers.base import ProviderRequest, ThinkingSettings
+from ..types import ChatMessage, Tool
+from ..vault import resolve_key
 from . import state
 
 # The upstream HTTP client of the pass-through: one connection pool per server, closed with the app.
@@ -111,3 +115,52 @@ def _bare_model_prefixes() -> dict[str, str]:
         if "/" not in key and provider and entry.get("mode") == "chat":
             out[key] = "openai" if provider == "text-completion-openai" else provider
     return out
+
+
+def provider_request(gw: Gateway, model: str, system: str, messages: list[ChatMessage], tools: list[Tool],
+                     max_tokens: int | None, reasoning_budget: int | None) -> ProviderRequest:
+    """A ProviderRequest of exactly what the client sent: no context section, no gateway tool."""
+    prefix = model.split("/", 1)[0]
+    settings = gw.config.provider_settings(prefix)
+    info = gw.model_info(model)
+    thinking = None
+    if reasoning_budget is not None:  # the provider applies it only where the model supports it
+        thinking = ThinkingSettings(reasoning_budget, info.adaptive_thinking_only)
+    return ProviderRequest(
+        model=model,
+        system=system,
+        messages=messages,
+        model_info=info,
+        max_tokens=max_tokens or int(gw.config["chat"]["max_tokens"]),
+        tools=tools,
+        thinking=thinking,
+        api_key=resolve_key(gw.config, prefix),
+        base_url=settings["base_url"],
+        options=settings,
+    )
+
+
+def client_gone(request: web.Request) -> bool:
+    transport = request.transport
+    return transport is None or transport.is_closing()
+
+
+# How often a stream checks that its client is still there while the upstream sends nothing.
+DISCONNECT_CHECK_SECONDS = 0.5
+
+
+def watch_client(request: web.Request, on_gone: Callable[[], object]) -> Callable[[], None]:
+    """Call ``on_gone`` once the client has gone, also while the upstream sends nothing (a write to a
+    closed client fails, but only when there is something to write). Returns what stops watching."""
+    loop = asyncio.get_running_loop()
+    timer: asyncio.TimerHandle
+
+    def check() -> None:
+        nonlocal timer
+        if client_gone(request):
+            on_gone()
+        else:
+            timer = loop.call_later(DISCONNECT_CHECK_SECONDS, check)
+
+    timer = loop.call_later(DISCONNECT_CHECK_SECONDS, check)
+    return lambda: timer.cancel()
