@@ -282,3 +282,75 @@ async def test_claude_code_shaped_session(client: TestClient, token: str, fake_a
     assert sent.body["system"] == system and len(sent.body["tools"]) == 40
     (record,) = await records(client, "cc-session-1")
     assert (record["inputTokens"], record["cacheWriteTokens"], record["outputTokens"]) == (3, 9000, 2)
+
+
+# --- other providers' models, translated ------------------------------------------------------------
+
+
+@pytest.fixture
+async def openai_client(make_client: Callable[..., Awaitable[TestClient]], fake_openai: Any, monkeypatch: pytest.MonkeyPatch) -> TestClient:
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-openai-test-0123456789")
+    return await make_client(providers={"openai": {"base_url": fake_openai.url}})
+
+
+async def test_openai_model_through_messages_stream(openai_client: TestClient, token: str, fake_openai: Any) -> None:
+    from tests.fakes import openai_upstream as fo
+
+    fake_openai.enqueue(fo.stream_response(fo.reasoning_deltas("Think."), fo.text_deltas("Calling tools."),
+                                           fo.tool_call_deltas(fo.tool_call("call_a", "get_weather", {"city": "Paris"}),
+                                                               fo.tool_call("call_b", "get_time", {"tz": "CET"}), interleave=True),
+                                           finish_reason="tool_calls", usage=fo.usage(40, 25, cached=30, reasoning=4)))
+    tools = [{"name": n, "description": n, "input_schema": {"type": "object"}} for n in ("get_weather", "get_time")]
+    events, final = await stream_events(sdk(openai_client, token), model="openai/gpt-4o-mini", tools=tools,
+                                        system=[{"type": "text", "text": "Be brief.", "cache_control": {"type": "ephemeral"}}])
+    assert [b["type"] for b in final["content"]] == ["thinking", "text", "tool_use", "tool_use"]
+    assert final["content"][0]["thinking"] == "Think." and final["content"][1]["text"] == "Calling tools."
+    assert [(b["id"], b["input"]) for b in final["content"][2:]] == [("call_a", {"city": "Paris"}), ("call_b", {"tz": "CET"})]
+    assert final["stop_reason"] == "tool_use" and final["model"] == "openai/gpt-4o-mini"
+    assert (final["usage"]["input_tokens"], final["usage"]["cache_read_input_tokens"], final["usage"]["output_tokens"]) == (10, 30, 25)
+    starts = [e for e in events if e["type"] == "content_block_start"]
+    assert [e["index"] for e in starts] == [0, 1, 2, 3]
+    sent = fake_openai.requests[0].body
+    assert sent["messages"][0] == {"role": "system", "content": "Be brief."}
+    assert [t["function"]["name"] for t in sent["tools"]] == ["get_weather", "get_time"]
+    (record,) = await records(openai_client)
+    assert (record["endpoint"], record["model"], record["inputTokens"], record["cacheReadTokens"], record["outputTokens"]) == (
+        "anthropic", "openai/gpt-4o-mini", 10, 30, 25)
+
+
+async def test_openai_model_through_messages_create_and_tool_results(openai_client: TestClient, token: str, fake_openai: Any) -> None:
+    from tests.fakes import openai_upstream as fo
+
+    fake_openai.enqueue(fo.text_response("It is 18 C.", usage=fo.usage(12, 5)))
+    history = [{"role": "user", "content": "Weather?"},
+               {"role": "assistant", "content": [{"type": "tool_use", "id": "call_a", "name": "get_weather", "input": {"city": "Paris"}}]},
+               {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "call_a", "content": "18 C"}]}]
+    message = await sdk(openai_client, token).messages.create(model="openai/gpt-4o-mini", max_tokens=100, messages=history)  # type: ignore[arg-type]
+    assert message.content[0].text == "It is 18 C." and message.stop_reason == "end_turn"  # type: ignore[union-attr]
+    assert (message.usage.input_tokens, message.usage.output_tokens) == (12, 5)
+    sent = fake_openai.requests[0].body["messages"]
+    assert [m["role"] for m in sent] == ["user", "assistant", "tool"]
+    assert sent[2] == {"role": "tool", "tool_call_id": "call_a", "content": "18 C"}
+
+
+async def test_openai_model_through_messages_errors(openai_client: TestClient, token: str, fake_openai: Any) -> None:
+    from tests.fakes import openai_upstream as fo
+
+    fake_openai.enqueue(fo.error_status(429, "Slow down", retry_after=2))
+    api = sdk(openai_client, token)
+    with pytest.raises(anthropic.RateLimitError) as raised:
+        await stream_events(api, model="openai/gpt-4o-mini")
+    assert "Slow down" in raised.value.message and raised.value.response.headers["retry-after"] == "2"
+    image = [{"role": "user", "content": [{"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": "AAAA"}}]}]
+    with pytest.raises(anthropic.BadRequestError):
+        await api.messages.create(model="openai/gpt-4o-mini", max_tokens=10, messages=image)  # type: ignore[arg-type]
+    with pytest.raises(anthropic.NotFoundError):
+        await api.messages.create(model="nosuchprovider/x", max_tokens=10, messages=MESSAGES)
+    (record,) = await records(openai_client)
+    assert record["error"] == "RATE_LIMITED" and record["answered"] is False
+
+
+async def test_count_tokens_of_other_models_is_local(openai_client: TestClient, token: str, fake_anthropic: FakeAnthropic) -> None:
+    raw = await sdk(openai_client, token).messages.with_raw_response.count_tokens(model="openai/gpt-4o-mini", messages=MESSAGES)
+    assert raw.headers["x-agentspace-estimated"] == "true" and (await raw.parse()).input_tokens > 0
+    assert fake_anthropic.count_requests == []

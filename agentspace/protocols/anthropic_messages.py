@@ -216,3 +216,158 @@ def _block_text(block: Any) -> str:
             return str(source.get("data") or "")
         return ""  # base64 data would be counted as text, far off what the model bills
     return compact_json(block)
+
+
+# --- translation, for models that are not Anthropic's -----------------------------------------------
+
+
+class RequestError(Exception):
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+async def _never_called(arguments: dict[str, Any]) -> Any:
+    raise RuntimeError("client tools are run by the client")  # /v1 endpoints never run tools
+
+
+def parse_request(body: dict[str, Any]) -> tuple[str, list[ChatMessage], list[Tool], int, int | None]:
+    """(system, messages, tools, max_tokens, thinking budget) of a Messages request, for a model that is
+    not Anthropic's. Content other providers cannot take here (images, documents) is refused, not dropped."""
+    max_tokens = body.get("max_tokens")
+    if not isinstance(max_tokens, int) or max_tokens < 1:
+        raise RequestError("max_tokens: Field required (a positive integer)")
+    raw_messages = body.get("messages")
+    if not isinstance(raw_messages, list) or not raw_messages:
+        raise RequestError("messages: Field required (a non-empty list)")
+    system = body.get("system") or ""
+    if isinstance(system, list):
+        system = "\n\n".join(str(b.get("text") or "") for b in system if isinstance(b, dict) and b.get("type") == "text")
+    elif not isinstance(system, str):
+        raise RequestError("system: must be a string or a list of text blocks")
+    names: dict[str, str] = {}
+    messages: list[ChatMessage] = []
+    for i, m in enumerate(raw_messages):
+        if not isinstance(m, dict) or m.get("role") not in ("user", "assistant"):
+            raise RequestError(f"messages.{i}.role: must be 'user' or 'assistant'")
+        content = m.get("content")
+        blocks = [{"type": "text", "text": content}] if isinstance(content, str) else content
+        if not isinstance(blocks, list):
+            raise RequestError(f"messages.{i}.content: must be a string or a list of content blocks")
+        parts = [_part(b, names, f"messages.{i}.content.{j}") for j, b in enumerate(blocks)]
+        messages.append(ChatMessage(m["role"], [p for p in parts if p is not None]))
+    tools = []
+    for i, t in enumerate(body.get("tools") or ()):
+        if not isinstance(t, dict) or not isinstance(t.get("name"), str) or "input_schema" not in t:
+            raise RequestError(f"tools.{i}: only client tools ({{name, description, input_schema}}) work with this model")
+        tools.append(Tool(t["name"], str(t.get("description") or ""), t["input_schema"], _never_called))
+    thinking = body.get("thinking") or {}
+    budget = None
+    if isinstance(thinking, dict) and thinking.get("type") in ("enabled", "adaptive"):
+        budget = int(thinking.get("budget_tokens") or 8000)
+    return system, messages, tools, max_tokens, budget
+
+
+def _part(block: Any, names: dict[str, str], where: str) -> Part | None:
+    if not isinstance(block, dict):
+        raise RequestError(f"{where}: must be a content block object")
+    kind = block.get("type")
+    if kind == "text":
+        return TextPart(str(block.get("text") or ""))
+    if kind == "tool_use":
+        names[str(block.get("id"))] = str(block.get("name") or "")
+        return ToolCallPart(str(block.get("id")), str(block.get("name") or ""), block.get("input") or {})
+    if kind == "tool_result":
+        content = block.get("content")
+        if isinstance(content, list):
+            content = "".join(str(b.get("text") or "") for b in content if isinstance(b, dict) and b.get("type") == "text")
+        call_id = str(block.get("tool_use_id"))
+        return ToolResultPart(call_id, names.get(call_id, ""), content or "", bool(block.get("is_error")))
+    if kind in ("thinking", "redacted_thinking"):
+        return None  # another provider's signed thinking means nothing to this one
+    raise RequestError(f"{where}.type: {kind!r} blocks are only supported with Anthropic models here")
+
+
+def _sse(name: str, data: dict[str, Any]) -> bytes:
+    return b"event: " + name.encode() + b"\ndata: " + compact_json(data).encode() + b"\n\n"
+
+
+def usage_body(usage: TokenUsage) -> dict[str, int]:
+    return {"input_tokens": usage.input_tokens, "output_tokens": usage.output_tokens,
+            "cache_creation_input_tokens": usage.cache_write_tokens, "cache_read_input_tokens": usage.cache_read_tokens}
+
+
+class MessageEncoder:
+    """Provider events -> Messages API events: one block open at a time, indices counting up from 0, each
+    block started, given its deltas and stopped before the next one starts (what the SDK accumulates)."""
+
+    def __init__(self, model: str) -> None:
+        self.model = model
+        self.id = new_id("msg_")
+        self._open: str | None = None  # the type of the open block
+        self._index = -1
+
+    def start(self, input_tokens: int) -> bytes:
+        message: dict[str, Any] = {"id": self.id, "type": "message", "role": "assistant", "model": self.model, "content": [],
+                   "stop_reason": None, "stop_sequence": None, "usage": {"input_tokens": input_tokens, "output_tokens": 0}}
+        return _sse("message_start", {"type": "message_start", "message": message})
+
+    def _close(self, out: list[bytes]) -> None:
+        if self._open is not None:
+            out.append(_sse("content_block_stop", {"type": "content_block_stop", "index": self._index}))
+            self._open = None
+
+    def _begin(self, block: dict[str, Any], out: list[bytes]) -> None:
+        self._close(out)
+        self._index += 1
+        self._open = block["type"]
+        out.append(_sse("content_block_start", {"type": "content_block_start", "index": self._index, "content_block": block}))
+
+    def _delta(self, delta: dict[str, Any], out: list[bytes]) -> None:
+        out.append(_sse("content_block_delta", {"type": "content_block_delta", "index": self._index, "delta": delta}))
+
+    def encode(self, event: ProviderEvent, usage: TokenUsage | None = None) -> bytes:
+        out: list[bytes] = []
+        kind = type(event)
+        if kind is TextDelta:
+            if self._open != "text":
+                self._begin({"type": "text", "text": ""}, out)
+            self._delta({"type": "text_delta", "text": event.text}, out)  # type: ignore[union-attr]
+        elif kind is ReasoningDelta:
+            if self._open != "thinking":
+                self._begin({"type": "thinking", "thinking": "", "signature": ""}, out)
+            self._delta({"type": "thinking_delta", "thinking": event.text}, out)  # type: ignore[union-attr]
+        elif kind is ToolCallEvent:
+            self._begin({"type": "tool_use", "id": event.tool_call_id, "name": event.name, "input": {}}, out)  # type: ignore[union-attr]
+            self._delta({"type": "input_json_delta", "partial_json": compact_json(event.input)}, out)  # type: ignore[union-attr]
+            self._close(out)
+        elif kind is ProviderFinish:
+            self._close(out)
+            delta = {"stop_reason": STOP_REASONS.get(event.finish_reason, "end_turn"), "stop_sequence": None}  # type: ignore[union-attr]
+            out.append(_sse("message_delta", {"type": "message_delta", "delta": delta, "usage": usage_body(usage or TokenUsage())}))
+            out.append(_sse("message_stop", {"type": "message_stop"}))
+        return b"".join(out)
+
+    def error(self, status: int, message: str) -> bytes:
+        return _sse("error", error_body(status, message))
+
+
+def whole_message(model: str, finish: ProviderFinish, usage: TokenUsage) -> dict[str, Any]:
+    """One whole Message from the finished answer (``stream: false``)."""
+    content: list[dict[str, Any]] = []
+    for part in finish.message.parts:
+        if isinstance(part, TextPart) and part.text:
+            content.append({"type": "text", "text": part.text})
+        elif isinstance(part, ReasoningPart) and part.text:
+            content.append({"type": "thinking", "thinking": part.text, "signature": part.signature or ""})
+        elif isinstance(part, ToolCallPart):
+            content.append({"type": "tool_use", "id": part.tool_call_id, "name": part.name, "input": part.input})
+    return {"id": new_id("msg_"), "type": "message", "role": "assistant", "model": model, "content": content,
+            "stop_reason": STOP_REASONS.get(finish.finish_reason, "end_turn"), "stop_sequence": None, "usage": usage_body(usage)}
+
+
+def client_status(status: int | None, code: str) -> int:
+    """The status an Anthropic client expects for a provider failure (its upstream status where there was one)."""
+    if status is not None and 400 <= status < 600:
+        return status
+    return STATUS_OF_CODE.get(code, 502)

@@ -6,15 +6,20 @@ Anthropic models go through the pass-through (``agentspace.passthrough``); other
 
 from __future__ import annotations
 
+import asyncio
 import json
 from typing import Any
 
 from aiohttp import web
 
 from .. import passthrough
+from ..direct_call import DirectCall, request_input_tokens
+from ..events import ProviderError, ProviderFinish
+from ..gateway import ModelNotFound
+from ..logs import redact
 from ..meter import Meter
 from ..protocols import anthropic_messages as am
-from .v1_common import anthropic_model, client_name, gateway, session_id
+from .v1_common import anthropic_model, client_name, gateway, provider_request, session_id, watch_client
 
 ENDPOINT = "anthropic"
 
@@ -55,7 +60,77 @@ async def messages(request: web.Request) -> web.StreamResponse:
 
 
 async def _translated(request: web.Request, body: dict[str, Any], model: str, meter: Meter) -> web.StreamResponse:
-    return _error(404, f"model: {model} is not an Anthropic model; only Anthropic models are served here yet")
+    """A model that is not Anthropic's: the request translated for its provider, its events translated back."""
+    gw = meter.gw
+    try:
+        gw.provider_for(model)
+    except ModelNotFound as e:
+        return _error(404, f"model: {e}")
+    try:
+        system, messages_, tools, max_tokens, budget = am.parse_request(body)
+    except am.RequestError as e:
+        return _error(400, e.message)
+    call = DirectCall(gw, provider_request(gw, model, system, messages_, tools, max_tokens, budget), meter)
+    try:
+        await call.start()
+    except ProviderError as e:
+        return _provider_error(e)
+    if not body.get("stream"):
+        return await _whole(call, body["model"])
+    return await _stream(request, call, body["model"])
+
+
+def _provider_error(e: ProviderError) -> web.Response:
+    status = am.client_status(e.status, e.code)
+    headers = {"retry-after": f"{e.retry_after:g}"} if e.retry_after is not None else None
+    return web.json_response(am.error_body(status, redact(e.message)), status=status, headers=headers)
+
+
+async def _whole(call: DirectCall, model: str) -> web.Response:
+    finish = None
+    try:
+        async for event in call.events():
+            if isinstance(event, ProviderFinish):
+                finish = event
+    except ProviderError as e:
+        return _provider_error(e)
+    except asyncio.CancelledError:
+        await asyncio.shield(asyncio.ensure_future(call.abort()))
+        raise
+    assert finish is not None and call.meter.recorded is not None
+    return web.json_response(am.whole_message(model, finish, call.meter.recorded.usage))
+
+
+async def _stream(request: web.Request, call: DirectCall, model: str) -> web.StreamResponse:
+    resp = web.StreamResponse(headers={"Content-Type": "text/event-stream; charset=utf-8", "Cache-Control": "no-cache",
+                                       "X-Accel-Buffering": "no"})
+    encoder = am.MessageEncoder(model)
+    task = asyncio.current_task()
+    assert task is not None
+    stop_watching = watch_client(request, task.cancel)  # a silent provider is not waited for once the client left
+    try:
+        await resp.prepare(request)
+        await resp.write(encoder.start(request_input_tokens(call.request)))
+        async for event in call.events():
+            recorded = call.meter.recorded
+            frames = encoder.encode(event, recorded.usage if recorded is not None else None)
+            if frames:
+                await resp.write(frames)
+    except ProviderError as e:
+        try:  # after the first bytes the status is sent: an error event, as Anthropic sends it
+            await resp.write(encoder.error(am.client_status(e.status, e.code), redact(e.message)))
+        except ConnectionResetError:
+            return resp
+    except ConnectionResetError:  # the client went away (aiohttp's ClientConnectionResetError on write)
+        await call.abort()
+        return resp
+    except asyncio.CancelledError:
+        await asyncio.shield(asyncio.ensure_future(call.abort()))
+        raise
+    finally:
+        stop_watching()
+    await resp.write_eof()
+    return resp
 
 
 async def count_tokens(request: web.Request) -> web.StreamResponse:

@@ -14,6 +14,7 @@ from aiohttp import web
 
 from ..direct_call import DirectCall
 from ..events import ProviderError, ProviderFinish
+from ..gateway import ModelNotFound
 from ..logs import redact
 from ..meter import Meter
 from ..protocols import openai_chat as oc
@@ -60,7 +61,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
                       code="model_not_found", param="model")
     try:
         gw.provider_for(model)
-    except Exception as e:  # ModelNotFound
+    except ModelNotFound as e:
         return _error(404, str(e), code="model_not_found", param="model")
     preq = provider_request(gw, model, parsed.system, parsed.messages, parsed.tools, parsed.max_tokens, parsed.reasoning_budget)
     call = DirectCall(gw, preq, Meter(gw, model, session_id=session_id(request), client=client_name(request), endpoint=ENDPOINT))
