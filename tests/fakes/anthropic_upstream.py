@@ -497,7 +497,9 @@ class FakeAnthropic(FakeUpstream[FakeResponse]):
             else:
                 for i, chunk in enumerate(chunks[:end]):
                     if i == script.stall_after:
-                        await asyncio.sleep(script.stall_seconds)
+                        if not await self.pause(request, script.stall_seconds):
+                            recorded.disconnected = True
+                            return resp
                     elif i and script.delay:
                         await asyncio.sleep(script.delay)
                     await resp.write(chunk)
