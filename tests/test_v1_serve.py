@@ -127,3 +127,40 @@ async def test_disconnect_stops_the_upstream_on_a_served_gateway(server: Gateway
         assert record["inputTokens"] == 55 and record["estimatedFields"] == ["outputTokens"]
     await asyncio.sleep(0.5)
     assert server.log_problems() == []
+
+
+async def test_litellm_is_imported_at_start_only_where_a_litellm_model_is_usable(
+    tmp_path: Path, fake_anthropic: fa.FakeAnthropic, fake_openai: fo.FakeOpenAI, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With an OpenAI provider configured, the import starts with the server (no caller waits for it); an
+    Anthropic-only gateway never imports litellm."""
+    from agentspace.config import parse_config
+    from agentspace.providers.litellm import litellm_usable
+
+    anthropic_only = parse_config({"storage": {"data_dir": str(tmp_path / "a")}, "models": {"default": "anthropic/claude-sonnet-4-5"}})
+    assert not litellm_usable(anthropic_only)
+    with_table = parse_config({"storage": {"data_dir": str(tmp_path / "b")}, "providers": {"ollama": {"base_url": "http://127.0.0.1:1"}}})
+    assert litellm_usable(with_table)
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-openai-test-0123456789")
+    assert litellm_usable(anthropic_only)  # a key in the environment is enough
+    monkeypatch.delenv("OPENAI_API_KEY")
+
+    plain = GatewayProcess(tmp_path / "plain", fake_anthropic.url)
+    await plain.start()
+    try:
+        async with aiohttp.ClientSession() as http:  # a chat through the Anthropic pass-through works without it
+            async with http.post(plain.url + "/v1/messages", headers={"x-api-key": plain.token},
+                                 json={"model": "claude-sonnet-4-5", "max_tokens": 10, "messages": [{"role": "user", "content": "Hi"}]}) as resp:
+                assert resp.status == 200
+        assert "litellm" not in plain.log()
+    finally:
+        await plain.aclose()
+
+    monkeypatch.setenv("AGENTSPACE_TEST_OPENAI_KEY", "sk-openai-test-0123456789")
+    served = GatewayProcess(tmp_path / "served", fake_anthropic.url,
+                            **{"providers.openai": {"base_url": fake_openai.url, "api_key_env": "AGENTSPACE_TEST_OPENAI_KEY"}})
+    await served.start()
+    try:
+        await served.wait_for_log("litellm imported in the background", timeout=60)
+    finally:
+        await served.aclose()
