@@ -354,3 +354,10 @@ async def test_count_tokens_of_other_models_is_local(openai_client: TestClient, 
     raw = await sdk(openai_client, token).messages.with_raw_response.count_tokens(model="openai/gpt-4o-mini", messages=MESSAGES)
     assert raw.headers["x-agentspace-estimated"] == "true" and (await raw.parse()).input_tokens > 0
     assert fake_anthropic.count_requests == []
+
+
+async def test_sampling_parameters_reach_other_providers(openai_client: TestClient, token: str, fake_openai: Any) -> None:
+    await sdk(openai_client, token).messages.create(model="openai/gpt-4o-mini", max_tokens=50, messages=MESSAGES,
+                                                    stop_sequences=["STOP"], extra_body={"temperature": 0.4, "top_p": 0.8})
+    sent = fake_openai.requests[0].body
+    assert (sent["temperature"], sent["top_p"], sent["stop"], sent["max_tokens"]) == (0.4, 0.8, ["STOP"], 50)

@@ -222,3 +222,17 @@ async def _is(obj: Any, attr: str) -> bool:
 
 async def _nonempty(pending: Awaitable[list[Any]]) -> bool:
     return bool(await pending)
+
+
+async def test_sampling_parameters_are_passed_on(client: TestClient, token: str, fake_openai: FakeOpenAI,
+                                                 fake_anthropic: FakeAnthropic) -> None:
+    api = sdk(client, token)
+    await api.chat.completions.create(model=MODEL, messages=MESSAGES, temperature=0.2, top_p=0.9, stop="END")
+    sent = fake_openai.requests[0].body
+    assert (sent["temperature"], sent["top_p"], sent["stop"]) == (0.2, 0.9, ["END"])
+    await api.chat.completions.create(model="claude-sonnet-4-5", messages=MESSAGES, temperature=0.3, stop=["A", "B"])
+    sent = fake_anthropic.requests[0].body
+    assert sent["stop_sequences"] == ["A", "B"] and "temperature" not in sent  # the Messages API takes no temperature
+    with pytest.raises(openai.BadRequestError) as raised:
+        await api.chat.completions.create(model=MODEL, messages=MESSAGES, temperature="hot")  # type: ignore[arg-type]
+    assert raised.value.body["param"] == "temperature"  # type: ignore[index]

@@ -15,6 +15,8 @@ from typing import Any, Iterable
 
 from ..events import ProviderEvent, ProviderFinish, ReasoningDelta, TextDelta, ToolCallEvent
 from ..tokens import count_tokens
+from .openai_chat import RequestError as ParamError
+from .openai_chat import sampling_params
 from ..types import (
     ChatMessage,
     Part,
@@ -231,9 +233,10 @@ async def _never_called(arguments: dict[str, Any]) -> Any:
     raise RuntimeError("client tools are run by the client")  # /v1 endpoints never run tools
 
 
-def parse_request(body: dict[str, Any]) -> tuple[str, list[ChatMessage], list[Tool], int, int | None]:
-    """(system, messages, tools, max_tokens, thinking budget) of a Messages request, for a model that is
-    not Anthropic's. Content other providers cannot take here (images, documents) is refused, not dropped."""
+def parse_request(body: dict[str, Any]) -> tuple[str, list[ChatMessage], list[Tool], int, int | None, dict[str, Any]]:
+    """(system, messages, tools, max_tokens, thinking budget, sampling parameters) of a Messages request, for a
+    model that is not Anthropic's. Content other providers cannot take here (images, documents) is refused,
+    not dropped."""
     max_tokens = body.get("max_tokens")
     if not isinstance(max_tokens, int) or max_tokens < 1:
         raise RequestError("max_tokens: Field required (a positive integer)")
@@ -265,7 +268,11 @@ def parse_request(body: dict[str, Any]) -> tuple[str, list[ChatMessage], list[To
     budget = None
     if isinstance(thinking, dict) and thinking.get("type") in ("enabled", "adaptive"):
         budget = int(thinking.get("budget_tokens") or 8000)
-    return system, messages, tools, max_tokens, budget
+    try:
+        params = sampling_params(body.get("temperature"), body.get("top_p"), body.get("stop_sequences"), "stop_sequences")
+    except ParamError as e:
+        raise RequestError(f"{e.param}: {e.message}") from None
+    return system, messages, tools, max_tokens, budget, params
 
 
 def _part(block: Any, names: dict[str, str], where: str) -> Part | None:

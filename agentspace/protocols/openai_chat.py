@@ -83,6 +83,7 @@ class ParsedRequest:
     include_usage: bool = False
     max_tokens: int | None = None
     reasoning_budget: int | None = None
+    params: dict[str, Any] = field(default_factory=dict)  # sampling parameters passed on (ProviderRequest.params)
 
 
 async def _never_called(arguments: dict[str, Any]) -> Any:
@@ -139,6 +140,7 @@ def parse_request(body: Any) -> ParsedRequest:
     if max_tokens is not None and (not isinstance(max_tokens, int) or max_tokens < 1):
         raise RequestError("max_tokens", "max_tokens must be a positive integer")
     effort = body.get("reasoning_effort")
+    stop = body.get("stop")
     return ParsedRequest(
         model=model,
         system="\n\n".join(s for s in system if s),
@@ -148,7 +150,25 @@ def parse_request(body: Any) -> ParsedRequest:
         include_usage=bool((body.get("stream_options") or {}).get("include_usage")),
         max_tokens=max_tokens,
         reasoning_budget=REASONING_BUDGETS.get(effort) if isinstance(effort, str) else None,
+        params=sampling_params(body.get("temperature"), body.get("top_p"), [stop] if isinstance(stop, str) else stop, "stop"),
     )
+
+
+def sampling_params(temperature: Any, top_p: Any, stop: Any, stop_name: str) -> dict[str, Any]:
+    """The sampling parameters a client set, checked (ProviderRequest.params); others are not passed on."""
+    params: dict[str, Any] = {}
+    for name, value in (("temperature", temperature), ("top_p", top_p)):
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise RequestError(name, f"{name} must be a number")
+        params[name] = value
+    if stop is not None:
+        if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop):
+            raise RequestError(stop_name, f"{stop_name} must be a string or a list of strings")
+        if stop:
+            params["stop"] = stop
+    return params
 
 
 def _append(messages: list[ChatMessage], role: str, parts: list[Part]) -> None:

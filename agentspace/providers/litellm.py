@@ -169,6 +169,7 @@ class LiteLLMProvider:
             "max_retries": 0,
             # Providers that reject a parameter (stream_options, thinking, ...) get it dropped, not a 400.
             "drop_params": True,
+            **request.params,  # a /v1 client's temperature, top_p, stop
         }
         if request.tools:
             kwargs["tools"] = [

@@ -67,10 +67,10 @@ async def _translated(request: web.Request, body: dict[str, Any], model: str, me
     except ModelNotFound as e:
         return _error(404, f"model: {e}")
     try:
-        system, messages_, tools, max_tokens, budget = am.parse_request(body)
+        system, messages_, tools, max_tokens, budget, params = am.parse_request(body)
     except am.RequestError as e:
         return _error(400, e.message)
-    call = DirectCall(gw, provider_request(gw, model, system, messages_, tools, max_tokens, budget), meter)
+    call = DirectCall(gw, provider_request(gw, model, system, messages_, tools, max_tokens, budget, params), meter)
     try:
         await call.start()
     except ProviderError as e:

@@ -152,7 +152,7 @@ def _bare_model_prefixes() -> dict[str, str]:
 
 
 def provider_request(gw: Gateway, model: str, system: str, messages: list[ChatMessage], tools: list[Tool],
-                     max_tokens: int | None, reasoning_budget: int | None) -> ProviderRequest:
+                     max_tokens: int | None, reasoning_budget: int | None, params: dict[str, Any]) -> ProviderRequest:
     """A ProviderRequest of exactly what the client sent: no context section, no gateway tool."""
     prefix = model.split("/", 1)[0]
     settings = gw.config.provider_settings(prefix)
@@ -171,6 +171,7 @@ def provider_request(gw: Gateway, model: str, system: str, messages: list[ChatMe
         api_key=resolve_key(gw.config, prefix),
         base_url=settings["base_url"],
         options=settings,
+        params=params,
     )
 
 

@@ -63,7 +63,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         gw.provider_for(model)
     except ModelNotFound as e:
         return _error(404, str(e), code="model_not_found", param="model")
-    preq = provider_request(gw, model, parsed.system, parsed.messages, parsed.tools, parsed.max_tokens, parsed.reasoning_budget)
+    preq = provider_request(gw, model, parsed.system, parsed.messages, parsed.tools, parsed.max_tokens, parsed.reasoning_budget, parsed.params)
     call = DirectCall(gw, preq, Meter(gw, model, session_id=session_id(request), client=client_name(request), endpoint=ENDPOINT))
     try:
         await call.start()
