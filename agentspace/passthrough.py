@@ -57,6 +57,11 @@ def upstream_headers(request: web.Request, key: str) -> dict[str, str]:
     return headers
 
 
+def _query(request: web.Request) -> str:
+    """The client's query string, passed on (Claude Code calls ``/v1/messages?beta=true``)."""
+    return "?" + request.query_string if request.query_string else ""
+
+
 def relayed_headers(up: aiohttp.ClientResponse) -> dict[str, str]:
     return {k: v for k, v in up.headers.items() if k.lower() in RELAYED_HEADERS or k.lower().startswith("anthropic-")}
 
@@ -83,7 +88,7 @@ async def messages(request: web.Request, gw: Gateway, body: dict[str, Any], raw:
     base_url, read_timeout = upstream(gw)
     try:
         up = await http_client(request.app).post(
-            f"{base_url}/v1/messages",
+            f"{base_url}/v1/messages" + _query(request),
             data=upstream_body(body, raw, model),
             headers=upstream_headers(request, key),
             timeout=aiohttp.ClientTimeout(total=None, connect=min(10.0, read_timeout), sock_read=read_timeout),
@@ -223,7 +228,7 @@ async def count_tokens(request: web.Request, gw: Gateway, body: dict[str, Any], 
     base_url, read_timeout = upstream(gw)
     try:
         async with http_client(request.app).post(
-            f"{base_url}/v1/messages/count_tokens",
+            f"{base_url}/v1/messages/count_tokens" + _query(request),
             data=upstream_body(body, raw, model),
             headers=upstream_headers(request, key),
             timeout=aiohttp.ClientTimeout(total=min(60.0, read_timeout), connect=min(10.0, read_timeout)),

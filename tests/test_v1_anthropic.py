@@ -77,6 +77,29 @@ async def test_stream_through_the_gateway_equals_the_upstream_stream(client: Tes
     assert record["totalCost"] == pytest.approx((12 * 3 + 9 * 15 + 100 * 3.75 + 2000 * 0.3) / 1e6)
 
 
+@pytest.mark.parametrize("answer", [
+    thinking_response("Let me think.", "42", redacted=True),
+    tool_use_response("get_weather", {"city": "Paris"}, text="Checking."),
+    error_event("overloaded_error", "Overloaded", text="Part"),
+], ids=["thinking", "tool_use", "error_event"])
+async def test_every_kind_of_stream_is_seen_as_from_the_upstream(client: TestClient, token: str, fake_anthropic: FakeAnthropic,
+                                                                 answer: Any) -> None:
+    async def seen(api: anthropic.AsyncAnthropic) -> list[Any]:
+        out: list[Any] = []
+        try:
+            async with api.messages.stream(model=MODEL, max_tokens=4000, messages=MESSAGES,
+                                           thinking={"type": "enabled", "budget_tokens": 2000}) as stream:
+                async for event in stream:
+                    out.append(event.model_dump())
+                out.append((await stream.get_final_message()).model_dump())
+        except anthropic.APIStatusError as e:
+            out.append((type(e).__name__, e.status_code, e.body))
+        return out
+
+    fake_anthropic.enqueue(answer, answer)
+    assert await seen(sdk(client, token)) == await seen(direct(fake_anthropic))
+
+
 async def test_create_not_streamed(client: TestClient, token: str, fake_anthropic: FakeAnthropic) -> None:
     fake_anthropic.enqueue(text_response("Whole answer", usage={"input_tokens": 20, "cache_read_input_tokens": 5},
                                          delta_usages=[{"output_tokens": 4}]))
@@ -282,6 +305,16 @@ async def test_claude_code_shaped_session(client: TestClient, token: str, fake_a
     assert sent.body["system"] == system and len(sent.body["tools"]) == 40
     (record,) = await records(client, "cc-session-1")
     assert (record["inputTokens"], record["cacheWriteTokens"], record["outputTokens"]) == (3, 9000, 2)
+
+    # Claude Code calls /v1/messages?beta=true, and a long session's request passes 1 MiB ([server] max_body_bytes).
+    history = [{"role": "user" if i % 2 == 0 else "assistant", "content": f"turn {i} " + "x" * 20_000} for i in range(101)]
+    body = {"model": MODEL, "max_tokens": 100, "system": system, "tools": tools, "messages": history}
+    async with aiohttp.ClientSession() as http:
+        async with http.post(f"{gateway_url(client)}/v1/messages?beta=true", json=body,
+                             headers={**headers, "Authorization": f"Bearer {token}", "anthropic-version": "2023-06-01"}) as resp:
+            assert resp.status == 200, await resp.text()
+    sent = fake_anthropic.requests[1]
+    assert sent.query == "beta=true" and len(sent.raw) > 2_000_000 and sent.body == body
 
 
 # --- other providers' models, translated ------------------------------------------------------------

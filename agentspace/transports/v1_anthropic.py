@@ -19,7 +19,7 @@ from ..gateway import ModelNotFound
 from ..logs import redact
 from ..meter import Meter
 from ..protocols import anthropic_messages as am
-from .v1_common import anthropic_model, client_name, gateway, provider_request, session_id, watch_client
+from .v1_common import BodyTooLarge, anthropic_model, read_body, client_name, gateway, provider_request, session_id, watch_client
 
 ENDPOINT = "anthropic"
 
@@ -30,9 +30,9 @@ def _error(status: int, message: str) -> web.Response:
 
 async def _read_body(request: web.Request) -> tuple[dict[str, Any], bytes] | web.Response:
     try:
-        raw = await request.read()
-    except web.HTTPRequestEntityTooLarge as e:
-        return _error(413, f"Request exceeds the gateway's size limit ({e.text}); raise [server] max_body_bytes.")
+        raw = await read_body(request)
+    except BodyTooLarge as e:
+        return _error(413, f"{e} (the gateway's limit for /v1 requests).")
     try:
         body = json.loads(raw)
     except ValueError:

@@ -86,6 +86,32 @@ async def _close_http_client(app: web.Application) -> None:
         await client.close()
 
 
+# The body size the /v1 endpoints take: the larger of [server] max_body_bytes and Anthropic's own request
+# limit, since Claude Code's requests (a long session's whole history, images) pass 1 MiB routinely. Only
+# authenticated clients get this far: the token is checked before the body is read.
+PROVIDER_MAX_BODY_BYTES = 32 * 1024 * 1024
+
+
+class BodyTooLarge(Exception):
+    def __init__(self, limit: int) -> None:
+        super().__init__(f"The request body exceeds {limit} bytes.")
+        self.limit = limit
+
+
+async def read_body(request: web.Request) -> bytes:
+    limit = max(int(gateway(request).config["server"]["max_body_bytes"]), PROVIDER_MAX_BODY_BYTES)
+    if request.content_length is not None and request.content_length > limit:
+        raise BodyTooLarge(limit)
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.content.iter_any():
+        size += len(chunk)
+        if size > limit:
+            raise BodyTooLarge(limit)
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
 def gateway(request: web.Request) -> Gateway:
     return request.app[state.GATEWAY]
 

@@ -19,7 +19,7 @@ from ..logs import redact
 from ..meter import Meter
 from ..protocols import openai_chat as oc
 from ..types import compact_json
-from .v1_common import client_name, gateway, openai_model, provider_request, session_id, watch_client
+from .v1_common import BodyTooLarge, client_name, read_body, gateway, openai_model, provider_request, session_id, watch_client
 
 ENDPOINT = "openai"
 DONE = b"data: [DONE]\n\n"
@@ -45,9 +45,9 @@ def _frame(chunk: dict[str, object]) -> bytes:
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:
     try:
-        body = json.loads(await request.read())
-    except web.HTTPRequestEntityTooLarge:
-        return _error(413, "Request too large; raise [server] max_body_bytes.")
+        body = json.loads(await read_body(request))
+    except BodyTooLarge as e:
+        return _error(413, f"{e} (the gateway's limit for /v1 requests).")
     except ValueError:
         return _error(400, "We could not parse the JSON body of your request.")
     try:

@@ -99,6 +99,7 @@ class RecordedRequest:
     body: Any  # the parsed JSON body (None when it was not JSON)
     headers: dict[str, str]  # lower-cased names, e.g. headers["anthropic-version"]
     raw: bytes = b""  # the body's bytes as they arrived
+    query: str = ""  # the query string, e.g. "beta=true"
     disconnected: bool = False  # the client hung up before the stream was complete
 
     @property
@@ -426,7 +427,7 @@ class FakeAnthropic(FakeUpstream[FakeResponse]):
 
     async def _count_tokens(self, request: web.Request) -> web.Response:
         body, headers = await self.read(request)
-        recorded = RecordedRequest(request.path, body, headers, await request.read())
+        recorded = RecordedRequest(request.path, body, headers, await request.read(), request.query_string)
         self.count_requests.append(recorded)
         if self.count_tokens is None:
             return web.json_response(error_body("not_found_error", "Not Found"), status=404)
@@ -436,7 +437,7 @@ class FakeAnthropic(FakeUpstream[FakeResponse]):
 
     async def _messages(self, request: web.Request) -> web.StreamResponse:
         body, headers = await self.read(request)
-        recorded = RecordedRequest(request.path, body, headers, await request.read())
+        recorded = RecordedRequest(request.path, body, headers, await request.read(), request.query_string)
         self.requests.append(recorded)
         problem = self._check(recorded) if self.validate else None
         if problem is not None:

@@ -53,7 +53,7 @@ class FakeUpstream(Generic[R]):
         return True
 
     async def start(self, port: int = 0) -> Self:
-        app = web.Application()
+        app = web.Application(client_max_size=32 * 1024 * 1024)  # the providers' own limit (Anthropic: 32 MB)
         self.routes(app)
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
