@@ -86,31 +86,48 @@ async def messages(request: web.Request, gw: Gateway, body: dict[str, Any], raw:
     from .transports.v1_common import http_client
 
     base_url, read_timeout = upstream(gw)
+    answered = False
     try:
-        up = await http_client(request.app).post(
-            f"{base_url}/v1/messages" + _query(request),
-            data=upstream_body(body, raw, model),
-            headers=upstream_headers(request, key),
-            timeout=aiohttp.ClientTimeout(total=None, connect=min(10.0, read_timeout), sock_read=read_timeout),
-        )
-    except (aiohttp.ClientError, TimeoutError) as e:
-        log.warning("Anthropic pass-through: could not reach %s: %r", base_url, e)
-        await meter.record(TokenUsage(), "error", error="LLM_ERROR", answered=False)
-        return _error(502, "Could not connect to Anthropic. Check the network and [providers.anthropic] base_url.")
-    try:
-        if up.status != 200:
-            data = await up.read()
-            await meter.record(TokenUsage(), "error", error=error_code_for_status(up.status), answered=False)
-            return web.Response(status=up.status, body=data, headers=relayed_headers(up))
-        if not body.get("stream"):
-            return await _whole(up, body, meter)
-        return await _stream(request, up, body, meter)
-    finally:
-        up.close()  # a no-op for a finished response; drops the connection of an unfinished one
+        try:
+            up = await http_client(request.app).post(
+                f"{base_url}/v1/messages" + _query(request),
+                data=upstream_body(body, raw, model),
+                headers=upstream_headers(request, key),
+                timeout=aiohttp.ClientTimeout(total=None, connect=min(10.0, read_timeout), sock_read=read_timeout),
+            )
+        except (aiohttp.ClientError, TimeoutError) as e:
+            log.warning("Anthropic pass-through: could not reach %s: %r", base_url, e)
+            await meter.record(TokenUsage(), "error", error="LLM_ERROR", answered=False)
+            return _error(502, "Could not connect to Anthropic. Check the network and [providers.anthropic] base_url.")
+        try:
+            if up.status != 200:
+                data = await up.read()
+                await meter.record(TokenUsage(), "error", error=error_code_for_status(up.status), answered=False)
+                return web.Response(status=up.status, body=data, headers=relayed_headers(up))
+            answered = True
+            if not body.get("stream"):
+                return await _whole(up, body, meter)
+            return await _stream(request, up, body, meter)
+        finally:
+            up.close()  # a no-op for a finished response; drops the connection of an unfinished one
+    except asyncio.CancelledError:
+        # The client went away while we waited for the upstream (a server that cancels handlers then).
+        if meter.recorded is None:
+            if answered:  # the upstream took the call: its input is billed, counted here
+                pending = meter.record(TokenUsage(input_tokens=local_input_tokens(body)), "aborted", estimated_fields=ALL_FIELDS)
+            else:
+                pending = meter.record(TokenUsage(), "aborted", error="ABORTED", answered=False)
+            await asyncio.shield(asyncio.ensure_future(pending))
+        raise
 
 
 async def _whole(up: aiohttp.ClientResponse, body: dict[str, Any], meter: Meter) -> web.Response:
-    data = await up.read()
+    try:
+        data = await up.read()
+    except (aiohttp.ClientError, TimeoutError) as e:
+        log.warning("Anthropic pass-through: the answer broke off: %r", e)
+        await meter.record(TokenUsage(input_tokens=local_input_tokens(body)), "error", error="LLM_ERROR", estimated_fields=ALL_FIELDS)
+        return _error(502, "Anthropic's answer broke off before it was complete. Try again.")
     try:
         message = json.loads(data)
     except ValueError:

@@ -394,3 +394,17 @@ async def test_sampling_parameters_reach_other_providers(openai_client: TestClie
                                                     stop_sequences=["STOP"], extra_body={"temperature": 0.4, "top_p": 0.8})
     sent = fake_openai.requests[0].body
     assert (sent["temperature"], sent["top_p"], sent["stop"], sent["max_tokens"]) == (0.4, 0.8, ["STOP"], 50)
+
+
+async def test_unreachable_upstream(make_client: Callable[..., Awaitable[TestClient]], token: str) -> None:
+    import socket
+
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    client = await make_client(providers={"anthropic": {"base_url": f"http://127.0.0.1:{port}"}})
+    with pytest.raises(anthropic.InternalServerError) as raised:
+        await sdk(client, token).messages.create(model=MODEL, max_tokens=10, messages=MESSAGES)
+    assert raised.value.status_code == 502 and "Could not connect to Anthropic" in raised.value.message
+    (record,) = await records(client)
+    assert record["error"] == "LLM_ERROR" and record["answered"] is False
