@@ -11,7 +11,14 @@ import asyncio
 import json
 from typing import AsyncIterator
 
-from .events import ProviderError, ProviderEvent, ProviderFinish, ReasoningDelta, TextDelta, ToolCallEvent
+from .events import (
+    ProviderError,
+    ProviderEvent,
+    ProviderFinish,
+    ReasoningDelta,
+    TextDelta,
+    ToolCallEvent,
+)
 from .gateway import Gateway, ModelNotFound
 from .meter import ALL_FIELDS, OUTPUT_FIELDS, Meter
 from .providers.base import ProviderRequest

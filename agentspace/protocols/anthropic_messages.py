@@ -13,10 +13,14 @@ from __future__ import annotations
 import json
 from typing import Any, Iterable
 
-from ..events import ProviderEvent, ProviderFinish, ReasoningDelta, TextDelta, ToolCallEvent
+from ..events import (
+    ProviderEvent,
+    ProviderFinish,
+    ReasoningDelta,
+    TextDelta,
+    ToolCallEvent,
+)
 from ..tokens import count_tokens
-from .openai_chat import RequestError as ParamError
-from .openai_chat import sampling_params
 from ..types import (
     ChatMessage,
     Part,
@@ -29,6 +33,8 @@ from ..types import (
     compact_json,
     new_id,
 )
+from .openai_chat import RequestError as ParamError
+from .openai_chat import sampling_params
 
 DEFAULT_VERSION = "2023-06-01"
 

@@ -16,8 +16,23 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..events import ProviderEvent, ProviderFinish, ReasoningDelta, TextDelta, ToolCallEvent
-from ..types import ChatMessage, Part, TextPart, TokenUsage, Tool, ToolCallPart, ToolResultPart, new_id
+from ..events import (
+    ProviderEvent,
+    ProviderFinish,
+    ReasoningDelta,
+    TextDelta,
+    ToolCallEvent,
+)
+from ..types import (
+    ChatMessage,
+    Part,
+    TextPart,
+    TokenUsage,
+    Tool,
+    ToolCallPart,
+    ToolResultPart,
+    new_id,
+)
 
 # HTTP status -> OpenAI's error type.
 ERROR_TYPES = {

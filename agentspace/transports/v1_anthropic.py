@@ -19,7 +19,16 @@ from ..gateway import ModelNotFound
 from ..logs import redact
 from ..meter import Meter
 from ..protocols import anthropic_messages as am
-from .v1_common import BodyTooLarge, anthropic_model, read_body, client_name, gateway, provider_request, session_id, watch_client
+from .v1_common import (
+    BodyTooLarge,
+    anthropic_model,
+    client_name,
+    gateway,
+    provider_request,
+    read_body,
+    session_id,
+    watch_client,
+)
 
 ENDPOINT = "anthropic"
 

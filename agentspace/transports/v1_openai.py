@@ -19,7 +19,16 @@ from ..logs import redact
 from ..meter import Meter
 from ..protocols import openai_chat as oc
 from ..types import compact_json
-from .v1_common import BodyTooLarge, client_name, read_body, gateway, openai_model, provider_request, session_id, watch_client
+from .v1_common import (
+    BodyTooLarge,
+    client_name,
+    gateway,
+    openai_model,
+    provider_request,
+    read_body,
+    session_id,
+    watch_client,
+)
 
 ENDPOINT = "openai"
 DONE = b"data: [DONE]\n\n"
