@@ -45,6 +45,7 @@ from .events import (
 )
 from .gateway import Gateway, ModelNotFound
 from .logs import redact
+from .meter import usage_record
 from .providers.base import ProviderRequest, ThinkingSettings, lacks_key
 from .stores import InvalidSessionId
 from .stores.sessions import validate_session_id
@@ -59,7 +60,6 @@ from .types import (
     TokenUsage,
     ToolCallPart,
     ToolResultPart,
-    UsageRecord,
     new_id,
     now_iso,
     part_to_dict,
@@ -161,22 +161,9 @@ async def _has_usable_key(gw: Gateway, model: str) -> bool:
 async def _record_refusal(gw: Gateway, model: str, request: ChatRequest, code: str) -> None:
     """The one usage record of a call refused before reaching the upstream: an error, never a request."""
     await gw.record_usage(
-        UsageRecord(
-            id=new_id("usage_"),
-            timestamp=now_iso(),
-            model=model,
-            provider=model.split("/", 1)[0],
-            session_id=request.session_id,
-            client=request.client,
-            usage=TokenUsage(),
-            cost=Cost(),
-            latency_ms=0.0,
-            finish_reason="error",
-            price_known=gw.model_info(model).price_known,
-            error=code,
-            answered=False,
-            attempts=0,
-        )
+        usage_record(gw, model=model, usage=TokenUsage(), latency_ms=0.0, finish_reason="error",
+                     session_id=request.session_id, client=request.client, endpoint=request.client,
+                     error=code, answered=False, attempts=0)
     )
 
 
@@ -329,7 +316,7 @@ class Turn:
                     elif self._stop_reason == "shutdown":
                         error = None  # stored as aborted; the server is going away
                     if state.attempts:  # no record for a call never made (stopped before it)
-                        await self._record(answered_by, usage, cost, call_started, reason, state, error and error[0])
+                        await self._record(answered_by, usage, call_started, reason, state, error and error[0])
                     finish_reason = reason
                     break
                 if ttft_ms is None and state.delivered:
@@ -337,7 +324,7 @@ class Turn:
                 usage = finish.usage if finish.usage is not None else self._partial_usage(ctx, state)
                 cost = self.gw.model_info(answered_by).cost(usage)
                 total_usage, total_cost = total_usage + usage, total_cost + cost
-                await self._record(answered_by, usage, cost, call_started, finish.finish_reason, state, None)
+                await self._record(answered_by, usage, call_started, finish.finish_reason, state, None)
                 parts.extend(finish.message.parts)
                 finish_reason = finish.finish_reason
                 calls = [p for p in finish.message.parts if isinstance(p, ToolCallPart)]
@@ -549,26 +536,14 @@ class Turn:
         return usage
 
     async def _record(
-        self, model: str, usage: TokenUsage, cost: Cost, started: float, finish_reason: str, state: _Step, error: str | None
+        self, model: str, usage: TokenUsage, started: float, finish_reason: str, state: _Step, error: str | None
     ) -> None:
         """The call's one usage record, durable in every sink before the turn goes on; a sink whose write
         failed keeps it for a retry (``gw.pending``), and the turn ends with STORAGE_ERROR."""
-        info = self.gw.model_info(model)
-        record = UsageRecord(
-            id=new_id("usage_"),
-            timestamp=now_iso(),
-            model=model,
-            provider=model.split("/", 1)[0],
-            session_id=self.session_id,
-            client=self.client,
-            usage=usage,
-            cost=cost,
-            latency_ms=(time.monotonic() - started) * 1000,
-            finish_reason=finish_reason,
-            price_known=info.price_known,
-            error=error,
-            answered=state.answered,
-            attempts=state.attempts,
+        record = usage_record(
+            self.gw, model=model, usage=usage, latency_ms=(time.monotonic() - started) * 1000,
+            finish_reason=finish_reason, session_id=self.session_id, client=self.client, endpoint=self.client,
+            error=error, answered=state.answered, attempts=state.attempts,
         )
         if await self.gw.record_usage(record):
             self._storage_failed = True

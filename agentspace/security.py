@@ -84,8 +84,17 @@ def bearer_token(request: web.Request) -> str | None:
     return token.strip() if scheme.lower() == "bearer" and token.strip() else None
 
 
-def bearer_ok(request: web.Request) -> bool:
+def api_token(request: web.Request) -> str | None:
+    """The token a request carries: ``Authorization: Bearer``, or on ``/v1/*`` also ``x-api-key`` (the
+    header the Anthropic SDK and Claude Code send)."""
     token = bearer_token(request)
+    if token is None and request.path.startswith("/v1/"):
+        token = request.headers.get("x-api-key", "").strip() or None
+    return token
+
+
+def bearer_ok(request: web.Request) -> bool:
+    token = api_token(request)
     if token is None:
         return False
     if token_ok(request, token):
@@ -153,13 +162,24 @@ def security_middleware(config: Config) -> Middleware:
             return error_response(403, "FORBIDDEN", "Origin not allowed; add it to [server] allowed_origins.")
         if request.path == "/healthz" or request.path == "/gateway" or request.method == "OPTIONS":
             return await handler(request)  # /gateway authenticates itself (header or first frame)
+        v1 = request.path.startswith("/v1/")  # the drop-in APIs answer in their own error shape
         if request.app[_state().AUTH_FAILURES].blocked(_address(request)):
+            if v1:
+                return _v1_error(request, 429, "Too many failed authentications; try again later.")
             return error_response(429, "RATE_LIMITED", "Too many failed authentications; try again later.")
         if not bearer_ok(request):
+            if v1:
+                return _v1_error(request, 401, "Send the gateway token as x-api-key or Authorization: Bearer; run 'agentspace token' to see it.")
             return error_response(401, "UNAUTHORIZED", "Send Authorization: Bearer <token>; run 'agentspace token' to see it.")
         return await handler(request)
 
     return middleware
+
+
+def _v1_error(request: web.Request, status: int, message: str) -> web.Response:
+    from .transports.v1_common import error_response as v1_error_response
+
+    return v1_error_response(request, status, message, code="invalid_api_key" if status == 401 else None)
 
 
 def _state():  # type: ignore[no-untyped-def]

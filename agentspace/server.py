@@ -28,7 +28,7 @@ from .logs import configure_logging
 from .plugins import get_plugin_manager
 from .security import AuthFailures, security_middleware
 from .stores.files import DataDirLock
-from .transports import rest, state, ui_stream, ws
+from .transports import rest, state, ui_stream, v1_common, ws
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +51,7 @@ def create_app(config: Config, pm: pluggy.PluginManager | None = None) -> web.Ap
     app.router.add_get("/gateway", ws.gateway_handler)
     ui_stream.setup_routes(app)
     rest.setup_routes(app)
+    v1_common.setup_routes(app)  # the drop-in provider APIs (SPEC 10)
     app.cleanup_ctx.append(_gateway_context(config, pm))
     app.on_shutdown.append(_finish_streams)
     return app

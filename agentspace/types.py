@@ -203,6 +203,8 @@ class UsageRecord:
     answered: bool = True
     # Upstream attempts this call took (retries after 429/5xx included).
     attempts: int = 1
+    # Where the call came in: "ws", "http", "anthropic" (/v1/messages), "openai" (/v1/chat/completions).
+    endpoint: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         u = self.usage
@@ -230,6 +232,7 @@ class UsageRecord:
             "error": self.error,
             "answered": self.answered,
             "attempts": self.attempts,
+            "endpoint": self.endpoint,
         }
 
 

@@ -229,6 +229,8 @@ def request_params(request: ProviderRequest) -> dict[str, Any]:
     }
     if request.system:
         params["system"] = request.system
+    if request.params.get("stop"):  # (a /v1 client's temperature and top_p: the Messages API takes neither)
+        params["stop_sequences"] = request.params["stop"]
     if request.tools:
         params["tools"] = [tool.definition() for tool in request.tools]
     thinking = request.thinking

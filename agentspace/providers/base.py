@@ -80,6 +80,9 @@ class ProviderRequest:
     base_url: str | None = None
     # The provider's own [providers.NAME] table, for options beyond base_url and keys.
     options: dict[str, Any] = field(default_factory=dict)
+    # Sampling parameters a /v1 client set: "temperature", "top_p", "stop" (a list of strings); each provider
+    # passes on those its API takes.
+    params: dict[str, Any] = field(default_factory=dict)
 
     @property
     def prefix(self) -> str:

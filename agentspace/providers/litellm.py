@@ -8,11 +8,14 @@ The model id goes to litellm as is: ``openai/gpt-4o-mini`` is already litellm's 
 from __future__ import annotations
 
 import asyncio
+import gc
 import importlib
 import json
 import logging
 import os
 import re
+import threading
+import time
 from types import ModuleType
 from typing import TYPE_CHECKING, Any, AsyncIterator, Callable
 
@@ -75,12 +78,46 @@ async def _load_litellm() -> ModuleType:
         # Never fetch the cost map at import; read the copy bundled with litellm.
         os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
         # Concurrent first calls are safe: Python's import lock makes the later threads wait for the first.
-        module = await asyncio.to_thread(importlib.import_module, "litellm")
-        module.suppress_debug_info = True  # type: ignore[attr-defined]  # no "Give Feedback / Get Help" banners on errors
-        # Counting tokens for a provider that sent no usage must not download HuggingFace tokenizers.
-        module.disable_hf_tokenizer_download = True  # type: ignore[attr-defined]
-        _litellm = module
+        # (Or waits for the import that server_startup began in the background.)
+        _litellm = _configure(await asyncio.to_thread(importlib.import_module, "litellm"))
     return _litellm
+
+
+def _configure(module: ModuleType) -> ModuleType:
+    module.suppress_debug_info = True  # type: ignore[attr-defined]  # no "Give Feedback / Get Help" banners on errors
+    # Counting tokens for a provider that sent no usage must not download HuggingFace tokenizers.
+    module.disable_hf_tokenizer_download = True  # type: ignore[attr-defined]
+    return module
+
+
+@hookimpl
+def server_startup(app: Any, config: "Config") -> None:
+    # litellm takes seconds and a few hundred MiB to import: a server that can serve a litellm model starts
+    # importing it in the background now, so that no caller waits for it (an OpenAI client's first call to
+    # /v1/chat/completions would). A server that cannot (Anthropic only) never imports it; nor does the CLI,
+    # which does not run this hook.
+    if litellm_usable(config):
+        os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")  # never fetch the cost map at import
+        threading.Thread(target=_import_in_background, name="agentspace-import-litellm", daemon=True).start()
+
+
+def litellm_usable(config: "Config") -> bool:
+    """Whether any model this server could serve goes through litellm: a prefix other than ``anthropic``
+    with a ``[providers.PREFIX]`` table, or a key in the vault or the environment."""
+    from ..catalog import MAIN_PROVIDERS
+    from ..vault import KeyVault, resolve_key
+
+    prefixes = set(config.providers) | set(MAIN_PROVIDERS) | set(KeyVault(config.data_dir).names())
+    prefixes |= {m.partition("/")[0] for m in [config["models"]["default"], *config["models"]["fallbacks"]]}
+    prefixes.discard("anthropic")
+    return any(p in config.providers or resolve_key(config, p) for p in prefixes if p)
+
+
+def _import_in_background() -> None:
+    started = time.monotonic()
+    _configure(importlib.import_module("litellm"))
+    gc.freeze()  # litellm's modules live as long as the server, like the rest of start-up (see server.py)
+    log.info("litellm imported in the background in %.1fs", time.monotonic() - started)
 
 
 @hookimpl(trylast=True)
@@ -146,6 +183,7 @@ class LiteLLMProvider:
             "max_retries": 0,
             # Providers that reject a parameter (stream_options, thinking, ...) get it dropped, not a 400.
             "drop_params": True,
+            **request.params,  # a /v1 client's temperature, top_p, stop
         }
         if request.tools:
             kwargs["tools"] = [

@@ -98,6 +98,9 @@ class RecordedRequest:
     path: str
     body: Any  # the parsed JSON body (None when it was not JSON)
     headers: dict[str, str]  # lower-cased names, e.g. headers["anthropic-version"]
+    raw: bytes = b""  # the body's bytes as they arrived
+    query: str = ""  # the query string, e.g. "beta=true"
+    disconnected: bool = False  # the client hung up before the stream was complete
 
     @property
     def api_key(self) -> str | None:
@@ -408,7 +411,9 @@ class FakeAnthropic(FakeUpstream[FakeResponse]):
     """The fake upstream. ``url`` is the ``base_url`` for the SDK (the SDK adds ``/v1/...``).
 
     ``api_key``: when set, other keys get a 401. ``models``: Models API objects by id; with ``any_model``
-    an unknown id gets a default ``model_object`` instead of a 404.
+    an unknown id gets a default ``model_object`` instead of a 404. ``count_tokens``: the ``input_tokens``
+    that ``/v1/messages/count_tokens`` answers (None: that endpoint answers 404, like an older proxy);
+    ``count_requests`` records its calls.
     """
 
     def __init__(self, default: FakeResponse | None = None, *, api_key: str | None = None, validate: bool = True) -> None:
@@ -419,6 +424,8 @@ class FakeAnthropic(FakeUpstream[FakeResponse]):
         self.models: dict[str, dict[str, Any]] = {}
         self.any_model = True
         self.model_requests: list[str] = []
+        self.count_tokens: int | None = 42
+        self.count_requests: list[RecordedRequest] = []
 
     @property
     def url(self) -> str:
@@ -426,14 +433,25 @@ class FakeAnthropic(FakeUpstream[FakeResponse]):
 
     def routes(self, app: web.Application) -> None:
         app.router.add_post("/v1/messages", self._messages)
+        app.router.add_post("/v1/messages/count_tokens", self._count_tokens)
         app.router.add_get("/v1/models", self._list_models)
         app.router.add_get("/v1/models/{model_id}", self._retrieve_model)
 
     # --- Messages API ---
 
+    async def _count_tokens(self, request: web.Request) -> web.Response:
+        body, headers = await self.read(request)
+        recorded = RecordedRequest(request.path, body, headers, await request.read(), request.query_string)
+        self.count_requests.append(recorded)
+        if self.count_tokens is None:
+            return web.json_response(error_body("not_found_error", "Not Found"), status=404)
+        if recorded.api_key is None:
+            return web.json_response(error_body("authentication_error", "x-api-key header is required"), status=401)
+        return web.json_response({"input_tokens": self.count_tokens})
+
     async def _messages(self, request: web.Request) -> web.StreamResponse:
         body, headers = await self.read(request)
-        recorded = RecordedRequest(request.path, body, headers)
+        recorded = RecordedRequest(request.path, body, headers, await request.read(), request.query_string)
         self.requests.append(recorded)
         problem = self._check(recorded) if self.validate else None
         if problem is not None:
@@ -448,7 +466,7 @@ class FakeAnthropic(FakeUpstream[FakeResponse]):
         assert task is not None
         self._handlers.add(task)
         try:
-            return await self._stream(request, script, model)
+            return await self._stream(request, recorded, script, model)
         finally:
             self._handlers.discard(task)
 
@@ -477,7 +495,7 @@ class FakeAnthropic(FakeUpstream[FakeResponse]):
                 return 400, "invalid_request_error", "`max_tokens` must be greater than `thinking.budget_tokens`"
         return None
 
-    async def _stream(self, request: web.Request, script: FakeResponse, model: Any) -> web.StreamResponse:
+    async def _stream(self, request: web.Request, recorded: RecordedRequest, script: FakeResponse, model: Any) -> web.StreamResponse:
         resp = web.StreamResponse(
             headers={"Content-Type": "text/event-stream; charset=utf-8", "Cache-Control": "no-cache", "request-id": "req_01FakeRequest", **script.headers}
         )
@@ -494,7 +512,9 @@ class FakeAnthropic(FakeUpstream[FakeResponse]):
             else:
                 for i, chunk in enumerate(chunks[:end]):
                     if i == script.stall_after:
-                        await asyncio.sleep(script.stall_seconds)
+                        if not await self.pause(request, script.stall_seconds):
+                            recorded.disconnected = True
+                            return resp
                     elif i and script.delay:
                         await asyncio.sleep(script.delay)
                     await resp.write(chunk)
@@ -504,7 +524,7 @@ class FakeAnthropic(FakeUpstream[FakeResponse]):
                 return resp
             await resp.write_eof()
         except ConnectionResetError:
-            pass  # the client hung up (e.g. timed out during a stall): nobody is left to answer
+            recorded.disconnected = True  # the client hung up (e.g. timed out during a stall)
         return resp
 
     # --- Models API ---

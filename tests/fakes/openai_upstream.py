@@ -318,7 +318,9 @@ class FakeOpenAI(FakeUpstream[FakeResponse]):
             else:
                 for i, chunk in enumerate(chunks):
                     if i == script.stall_after:
-                        await asyncio.sleep(script.stall_seconds)
+                        if not await self.pause(request, script.stall_seconds):
+                            recorded.disconnected = True
+                            return resp
                     elif i and script.delay:
                         await asyncio.sleep(script.delay)
                     await resp.write(chunk)

@@ -40,8 +40,20 @@ class FakeUpstream(Generic[R]):
             body = None
         return body, {k.lower(): v for k, v in request.headers.items()}
 
+    @staticmethod
+    async def pause(request: web.Request, seconds: float) -> bool:
+        """Send nothing for ``seconds``; False as soon as the client hangs up meanwhile (a real server's
+        socket sees the close at once, not at its next write)."""
+        loop = asyncio.get_running_loop()
+        end = loop.time() + seconds
+        while loop.time() < end:
+            if request.transport is None or request.transport.is_closing():
+                return False
+            await asyncio.sleep(min(0.05, max(0.0, end - loop.time())))
+        return True
+
     async def start(self, port: int = 0) -> Self:
-        app = web.Application()
+        app = web.Application(client_max_size=32 * 1024 * 1024)  # the providers' own limit (Anthropic: 32 MB)
         self.routes(app)
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()

@@ -1,0 +1,146 @@
+"""One stateless provider call for the drop-in ``/v1`` endpoints that translate (SPEC section 10).
+
+The client sends the whole conversation; no context section or gateway tool is added, and no tool is run:
+the provider's events go back to the client as they are, and the call is metered like every other one
+(``agentspace.meter``). Usage the provider reported is kept; what it did not report is counted locally.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import AsyncIterator
+
+from .events import (
+    ProviderError,
+    ProviderEvent,
+    ProviderFinish,
+    ReasoningDelta,
+    TextDelta,
+    ToolCallEvent,
+)
+from .gateway import Gateway, ModelNotFound
+from .meter import ALL_FIELDS, OUTPUT_FIELDS, Meter
+from .providers.base import ProviderRequest
+from .tokens import count_tokens
+from .types import TokenUsage, UsageRecord
+
+
+def request_input_tokens(request: ProviderRequest) -> int:
+    """A local count of a request's input: system, messages and tool definitions."""
+    pieces = [request.system]
+    for message in request.messages:
+        for part in message.parts:
+            if part.type in ("text", "reasoning"):
+                pieces.append(part.text)  # type: ignore[union-attr]
+            elif part.type == "tool-call":
+                pieces.append(json.dumps(part.input, default=str))  # type: ignore[union-attr]
+            elif part.type == "tool-result":
+                output = part.output  # type: ignore[union-attr]
+                pieces.append(output if isinstance(output, str) else json.dumps(output, default=str))
+    if request.tools:
+        pieces.append(json.dumps([t.definition() for t in request.tools]))
+    return count_tokens("\n".join(p for p in pieces if p))
+
+
+class DirectCall:
+    """A provider stream being relayed: ``await call.start()``, then ``async for event in call.events()``.
+
+    Exactly one usage record per call: on the finish (awaited before the finish is handed on, so it is
+    durable before the client's stream ends), on an error, or on ``abort()`` when the client went away.
+    """
+
+    def __init__(self, gw: Gateway, request: ProviderRequest, meter: Meter) -> None:
+        self.gw = gw
+        self.request = request
+        self.meter = meter
+        self._stream: AsyncIterator[ProviderEvent] | None = None
+        self._first: ProviderEvent | None = None
+        self._output: list[str] = []  # what the model produced so far, for a local count
+        self._answered = False  # the provider sent its first event
+
+    async def start(self) -> None:
+        """Send the request and wait for the first event; ProviderError (recorded) when the call failed
+        before the model produced anything."""
+        try:
+            provider = self.gw.provider_for(self.request.model)
+        except ModelNotFound as e:
+            raise ProviderError("MODEL_NOT_FOUND", str(e), status=404) from None
+        self._stream = provider.stream(self.request)
+        try:
+            self._first = await self._stream.__anext__()
+            self._answered = True
+        except StopAsyncIteration:
+            await self._fail(ProviderError("LLM_ERROR", "The provider ended the stream without an answer."))
+        except ProviderError as e:
+            await self._fail(e)
+        except asyncio.CancelledError:
+            await asyncio.shield(asyncio.ensure_future(self.abort()))
+            raise
+
+    async def _fail(self, error: ProviderError) -> None:
+        """A failure before any output: the upstream did not answer, nothing is billed."""
+        if self.meter.recorded is None:
+            await self.meter.record(TokenUsage(), "error", error=error.code, answered=False)
+        raise error
+
+    async def events(self) -> AsyncIterator[ProviderEvent]:
+        """Every event of the call, the first included, ending with the ProviderFinish; a ProviderError after
+        output has been produced is recorded with what was produced, then raised."""
+        assert self._stream is not None, "start() first"
+        event = self._first
+        self._first = None
+        try:
+            while event is not None:
+                kind = type(event)
+                if kind is TextDelta or kind is ReasoningDelta:
+                    self._output.append(event.text)  # type: ignore[union-attr]
+                elif kind is ToolCallEvent:
+                    self._output.append(json.dumps(event.input, default=str))  # type: ignore[union-attr]
+                elif kind is ProviderFinish:
+                    await self._record_finish(event)  # type: ignore[arg-type]
+                    yield event
+                    return
+                yield event
+                try:
+                    event = await self._stream.__anext__()
+                except StopAsyncIteration:
+                    raise ProviderError("LLM_ERROR", "The provider ended the stream without finishing the answer.") from None
+        except ProviderError as e:
+            if self.meter.recorded is None:
+                usage, fields = self._partial_usage(e)
+                await self.meter.record(usage, "error", error=e.code, estimated_fields=fields)
+            raise
+
+    async def _record_finish(self, finish: ProviderFinish) -> None:
+        if finish.usage is not None:
+            await self.meter.record(finish.usage, finish.finish_reason)
+        else:
+            usage = TokenUsage(request_input_tokens(self.request), count_tokens("".join(self._output)))
+            await self.meter.record(usage, finish.finish_reason, estimated_fields=ALL_FIELDS)
+
+    def _partial_usage(self, error: BaseException | None = None) -> tuple[TokenUsage, tuple[str, ...]]:
+        """What a call cut short used: the usage the provider had reported (if it hands it over), with the
+        output counted locally, else everything counted locally."""
+        output = count_tokens("".join(self._output))
+        reported = getattr(error, "usage", None)
+        if isinstance(reported, TokenUsage):
+            reported.output_tokens = max(reported.output_tokens, output)
+            return reported, OUTPUT_FIELDS
+        return TokenUsage(request_input_tokens(self.request), output), ALL_FIELDS
+
+    async def abort(self) -> UsageRecord | None:
+        """The client went away: stop the provider (closing the upstream request) and record what was used."""
+        stream, self._stream = self._stream, None
+        close = getattr(stream, "aclose", None)
+        if close is not None:
+            try:
+                await close()
+            except (ProviderError, RuntimeError):
+                pass  # a generator still running (cancelled mid-step) is closed by its own cancellation
+        if self.meter.recorded is not None:
+            return None
+        if not self._answered:
+            return await self.meter.record(TokenUsage(), "aborted", error="ABORTED", answered=False)
+        usage, fields = self._partial_usage()
+        return await self.meter.record(usage, "aborted", estimated_fields=fields)

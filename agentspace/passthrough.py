@@ -1,0 +1,259 @@
+"""The Anthropic pass-through of ``/v1/messages`` and ``/v1/messages/count_tokens`` (SPEC section 10).
+
+The client's body goes upstream as sent (only a ``anthropic/`` prefix is taken off the model id), with the
+client's ``anthropic-version`` and ``anthropic-beta`` headers and our key. The upstream's bytes come back
+as they arrive, unbuffered and unchanged, while ``UsageScanner`` reads the usage on the way; errors, before
+or inside the stream, reach the client with their status and body. A client that goes away stops the
+upstream request. Every call ends with exactly one usage record, made by the meter.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+
+from .gateway import Gateway
+from .meter import ALL_FIELDS, OUTPUT_FIELDS, Meter
+from .protocols.anthropic_messages import (
+    DEFAULT_VERSION,
+    UsageScanner,
+    error_body,
+    error_code_for_status,
+    error_code_for_type,
+    local_input_tokens,
+    message_usage,
+)
+from .providers.anthropic import FINISH_REASONS
+from .providers.sse import SSEDecoder
+from .types import TokenUsage
+from .vault import missing_key_message, resolve_key
+
+log = logging.getLogger(__name__)
+
+DEFAULT_BASE_URL = "https://api.anthropic.com"
+# Response headers relayed from the upstream (plus every ``anthropic-*`` one): what the SDKs read.
+RELAYED_HEADERS = frozenset({"content-type", "request-id", "retry-after", "retry-after-ms", "x-should-retry"})
+# Request headers of the client that go upstream.
+FORWARDED_HEADERS = ("anthropic-version", "anthropic-beta")
+
+
+def upstream(gw: Gateway) -> tuple[str, float]:
+    """The Anthropic base URL and the read timeout, from ``[providers.anthropic]``."""
+    settings = gw.config.provider_settings("anthropic")
+    return (settings["base_url"] or DEFAULT_BASE_URL).rstrip("/"), float(settings["timeout_seconds"])
+
+
+def upstream_headers(request: web.Request, key: str) -> dict[str, str]:
+    headers = {"x-api-key": key, "content-type": "application/json", "anthropic-version": DEFAULT_VERSION}
+    for name in FORWARDED_HEADERS:
+        value = request.headers.get(name)
+        if value:
+            headers[name] = value
+    return headers
+
+
+def _query(request: web.Request) -> str:
+    """The client's query string, passed on (Claude Code calls ``/v1/messages?beta=true``)."""
+    return "?" + request.query_string if request.query_string else ""
+
+
+def relayed_headers(up: aiohttp.ClientResponse) -> dict[str, str]:
+    return {k: v for k, v in up.headers.items() if k.lower() in RELAYED_HEADERS or k.lower().startswith("anthropic-")}
+
+
+def upstream_body(body: dict[str, Any], raw: bytes, model: str) -> bytes:
+    """The client's bytes, unless the model id carries our ``anthropic/`` prefix, which the API does not know."""
+    if body.get("model") == model.split("/", 1)[1]:
+        return raw
+    return json.dumps({**body, "model": model.split("/", 1)[1]}, ensure_ascii=False).encode()
+
+
+def _error(status: int, message: str, error_type: str | None = None) -> web.Response:
+    return web.json_response(error_body(status, message, error_type), status=status)
+
+
+async def messages(request: web.Request, gw: Gateway, body: dict[str, Any], raw: bytes, model: str, meter: Meter) -> web.StreamResponse:
+    """Relay one Messages call to Anthropic and meter it."""
+    key = resolve_key(gw.config, "anthropic")
+    if not key:
+        await meter.record(TokenUsage(), "error", error="NO_API_KEY", answered=False)
+        return _error(424, missing_key_message("anthropic", gw.config))
+    from .transports.v1_common import http_client
+
+    base_url, read_timeout = upstream(gw)
+    answered = False
+    try:
+        try:
+            up = await http_client(request.app).post(
+                f"{base_url}/v1/messages" + _query(request),
+                data=upstream_body(body, raw, model),
+                headers=upstream_headers(request, key),
+                timeout=aiohttp.ClientTimeout(total=None, connect=min(10.0, read_timeout), sock_read=read_timeout),
+            )
+        except (aiohttp.ClientError, TimeoutError) as e:
+            log.warning("Anthropic pass-through: could not reach %s: %r", base_url, e)
+            await meter.record(TokenUsage(), "error", error="LLM_ERROR", answered=False)
+            return _error(502, "Could not connect to Anthropic. Check the network and [providers.anthropic] base_url.")
+        try:
+            if up.status != 200:
+                data = await up.read()
+                await meter.record(TokenUsage(), "error", error=error_code_for_status(up.status), answered=False)
+                return web.Response(status=up.status, body=data, headers=relayed_headers(up))
+            answered = True
+            if not body.get("stream"):
+                return await _whole(up, body, meter)
+            return await _stream(request, up, body, meter)
+        finally:
+            up.close()  # a no-op for a finished response; drops the connection of an unfinished one
+    except asyncio.CancelledError:
+        # The client went away while we waited for the upstream (a server that cancels handlers then).
+        if meter.recorded is None:
+            if answered:  # the upstream took the call: its input is billed, counted here
+                pending = meter.record(TokenUsage(input_tokens=local_input_tokens(body)), "aborted", estimated_fields=ALL_FIELDS)
+            else:
+                pending = meter.record(TokenUsage(), "aborted", error="ABORTED", answered=False)
+            await asyncio.shield(asyncio.ensure_future(pending))
+        raise
+
+
+async def _whole(up: aiohttp.ClientResponse, body: dict[str, Any], meter: Meter) -> web.Response:
+    try:
+        data = await up.read()
+    except (aiohttp.ClientError, TimeoutError) as e:
+        log.warning("Anthropic pass-through: the answer broke off: %r", e)
+        await meter.record(TokenUsage(input_tokens=local_input_tokens(body)), "error", error="LLM_ERROR", estimated_fields=ALL_FIELDS)
+        return _error(502, "Anthropic's answer broke off before it was complete. Try again.")
+    try:
+        message = json.loads(data)
+    except ValueError:
+        message = None
+    usage = message_usage(message)
+    if usage is None:
+        await meter.record(TokenUsage(input_tokens=local_input_tokens(body), estimated=True), "other")
+    else:
+        stop_reason = message.get("stop_reason") if isinstance(message, dict) else None
+        await meter.record(usage, FINISH_REASONS.get(stop_reason or "", "other"))
+    return web.Response(status=200, body=data, headers=relayed_headers(up))
+
+
+async def _stream(request: web.Request, up: aiohttp.ClientResponse, body: dict[str, Any], meter: Meter) -> web.StreamResponse:
+    resp = web.StreamResponse(status=200, headers={**relayed_headers(up), "Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    relay = _Relay()
+    from .transports.v1_common import client_gone, watch_client
+
+    stop_watching = watch_client(request, up.close)  # closing ends the read in progress: the upstream sees it
+    try:
+        await resp.prepare(request)
+        async for chunk in up.content.iter_any():
+            await resp.write(chunk)  # first: the client's bytes do not wait for our bookkeeping
+            relay.feed(chunk)
+    except ConnectionResetError:  # the client went away (aiohttp's ClientConnectionResetError on write)
+        relay.disconnected = True
+    except (aiohttp.ClientError, TimeoutError):
+        relay.disconnected = client_gone(request)  # we closed the upstream because the client went away
+        relay.cut = not relay.disconnected
+    except asyncio.CancelledError:
+        # A server that cancels handlers when their client goes away: still one record for the call.
+        up.close()
+        relay.disconnected = True
+        await asyncio.shield(asyncio.ensure_future(_record_stream(meter, relay.finish(), body, disconnected=True, cut=False)))
+        raise
+    finally:
+        stop_watching()
+    scanner = relay.finish()
+    cut = relay.cut or not (scanner.complete or scanner.error_type)
+    await _record_stream(meter, scanner, body, disconnected=relay.disconnected, cut=cut)
+    if relay.disconnected:
+        return resp
+    if cut and not scanner.error_type and request.transport is not None:
+        request.transport.close()  # like the upstream: the client sees an incomplete body, not a clean end
+        return resp
+    await resp.write_eof()
+    return resp
+
+
+class _Relay:
+    """What a relayed stream has shown so far: its events, read as the bytes go by, and how it ended."""
+
+    __slots__ = ("decoder", "scanner", "unreadable", "disconnected", "cut")
+
+    def __init__(self) -> None:
+        self.decoder = SSEDecoder()
+        self.scanner = UsageScanner()
+        self.unreadable = False
+        self.disconnected = False
+        self.cut = False
+
+    def feed(self, chunk: bytes) -> None:
+        if self.unreadable:
+            return
+        try:
+            self.scanner.feed(self.decoder.feed(chunk))
+        except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError):
+            # The client got the bytes as they were; only our reading of them stops.
+            log.warning("Anthropic pass-through: unreadable event; the output is counted locally")
+            self.unreadable = True
+
+    def finish(self) -> UsageScanner:
+        if not self.unreadable:
+            try:
+                self.scanner.feed(self.decoder.close())
+            except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError):
+                self.unreadable = True
+        if self.unreadable:
+            self.scanner.final_delta = False  # what came after is unknown: count the output received
+        return self.scanner
+
+
+async def _record_stream(meter: Meter, scanner: UsageScanner, body: dict[str, Any], *, disconnected: bool, cut: bool) -> None:
+    """The stream's one record: the reported usage, and local counts only for what was not reported."""
+    if not scanner.started:  # an error event or a cut before message_start: the upstream never answered
+        error = error_code_for_type(scanner.error_type) if scanner.error_type else ("ABORTED" if disconnected else "LLM_ERROR")
+        await meter.record(TokenUsage(), "aborted" if disconnected else "error", error=error, answered=False)
+        return
+    usage = scanner.usage
+    fields: tuple[str, ...] = ()
+    if usage is None:
+        usage = TokenUsage(input_tokens=local_input_tokens(body), output_tokens=scanner.received_output_tokens())
+        fields = ALL_FIELDS
+    elif not scanner.final_delta:
+        usage.output_tokens = scanner.received_output_tokens()
+        fields = OUTPUT_FIELDS
+    if disconnected:
+        await meter.record(usage, "aborted", estimated_fields=fields)
+    elif scanner.error_type:
+        await meter.record(usage, "error", error=error_code_for_type(scanner.error_type), estimated_fields=fields)
+    elif cut:
+        await meter.record(usage, "error", error="LLM_ERROR", estimated_fields=fields)
+    else:
+        await meter.record(usage, FINISH_REASONS.get(scanner.stop_reason or "", "other"), estimated_fields=fields)
+
+
+async def count_tokens(request: web.Request, gw: Gateway, body: dict[str, Any], raw: bytes, model: str) -> web.Response | None:
+    """Anthropic's own count; None when it has none to give (no key, no such endpoint, unreachable), so the
+    caller counts locally. Other upstream errors are relayed as they are."""
+    key = resolve_key(gw.config, "anthropic")
+    if not key:
+        return None
+    from .transports.v1_common import http_client
+
+    base_url, read_timeout = upstream(gw)
+    try:
+        async with http_client(request.app).post(
+            f"{base_url}/v1/messages/count_tokens" + _query(request),
+            data=upstream_body(body, raw, model),
+            headers=upstream_headers(request, key),
+            timeout=aiohttp.ClientTimeout(total=min(60.0, read_timeout), connect=min(10.0, read_timeout)),
+        ) as up:
+            data = await up.read()
+            if up.status in (404, 405):
+                return None
+            return web.Response(status=up.status, body=data, headers=relayed_headers(up))
+    except (aiohttp.ClientError, TimeoutError) as e:
+        log.warning("Anthropic count_tokens: could not reach %s: %r", base_url, e)
+        return None

@@ -1,0 +1,386 @@
+"""The Anthropic Messages API wire format (``/v1/messages``), translated to and from our types.
+
+- ``UsageScanner`` reads the usage out of a relayed event stream (``message_start``/``message_delta``,
+  cumulative: the last value of each field wins) without touching the bytes.
+- ``to_provider_request`` turns a Messages request into a ``ProviderRequest`` for a model that is not
+  Anthropic's; ``MessageEncoder`` turns the provider's events back into Messages API events, with the
+  content-block indices and order the ``anthropic`` SDK's accumulator accepts.
+- ``error_body`` is Anthropic's error shape.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Iterable
+
+from ..events import (
+    ProviderEvent,
+    ProviderFinish,
+    ReasoningDelta,
+    TextDelta,
+    ToolCallEvent,
+)
+from ..tokens import count_tokens
+from ..types import (
+    ChatMessage,
+    Part,
+    ReasoningPart,
+    TextPart,
+    TokenUsage,
+    Tool,
+    ToolCallPart,
+    ToolResultPart,
+    compact_json,
+    new_id,
+)
+from .openai_chat import RequestError as ParamError
+from .openai_chat import sampling_params
+
+DEFAULT_VERSION = "2023-06-01"
+
+# HTTP status -> Anthropic's error type (their documented table).
+ERROR_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    413: "request_too_large",
+    429: "rate_limit_error",
+    500: "api_error",
+    502: "api_error",
+    503: "overloaded_error",
+    504: "api_error",
+    529: "overloaded_error",
+}
+
+# Our error codes -> the status an Anthropic client expects.
+STATUS_OF_CODE = {
+    "INVALID_MESSAGE": 400,
+    "MODEL_NOT_FOUND": 404,
+    "UNAUTHORIZED": 401,
+    "FORBIDDEN": 403,
+    "MODEL_NOT_ALLOWED": 403,
+    "PAYLOAD_TOO_LARGE": 413,
+    "NO_API_KEY": 424,  # not the client's key: a 401 would send Claude Code to /login
+    "RATE_LIMITED": 429,
+    "BUDGET_EXCEEDED": 429,
+    "LLM_ERROR": 502,
+    "SERVICE_UNAVAILABLE": 503,
+}
+
+# Our finish reasons -> stop_reason.
+STOP_REASONS = {
+    "stop": "end_turn",
+    "length": "max_tokens",
+    "tool-calls": "tool_use",
+    "content-filter": "refusal",
+}
+
+
+def error_body(status: int, message: str, error_type: str | None = None) -> dict[str, Any]:
+    return {"type": "error", "error": {"type": error_type or ERROR_TYPES.get(status, "api_error"), "message": message}}
+
+
+def error_code_for_status(status: int) -> str:
+    """Our error code for an upstream HTTP error status (for the usage record)."""
+    if status == 429:
+        return "RATE_LIMITED"
+    if status in (401, 403):
+        return "NO_API_KEY"
+    if status == 404:
+        return "MODEL_NOT_FOUND"
+    if status in (400, 413):
+        return "INVALID_MESSAGE"
+    return "LLM_ERROR"
+
+
+def error_code_for_type(error_type: str) -> str:
+    return "RATE_LIMITED" if error_type == "rate_limit_error" else "LLM_ERROR"
+
+
+# --- usage ---------------------------------------------------------------------------------------
+
+
+def update_usage(current: TokenUsage | None, usage: dict[str, Any]) -> TokenUsage:
+    """Apply one reported usage object: each field it carries overwrites (streamed usage is cumulative)."""
+    out = current if current is not None else TokenUsage()
+    if usage.get("input_tokens") is not None:
+        out.input_tokens = usage["input_tokens"]
+    if usage.get("output_tokens") is not None:
+        out.output_tokens = usage["output_tokens"]
+    if usage.get("cache_read_input_tokens") is not None:
+        out.cache_read_tokens = usage["cache_read_input_tokens"]
+    if usage.get("cache_creation_input_tokens") is not None:
+        out.cache_write_tokens = usage["cache_creation_input_tokens"]
+    details = usage.get("output_tokens_details")
+    if isinstance(details, dict) and details.get("thinking_tokens") is not None:
+        out.reasoning_tokens = details["thinking_tokens"]
+    return out
+
+
+class UsageScanner:
+    """Reads usage, stop reason and errors out of a Messages event stream as it is relayed.
+
+    Only the few events that carry them are parsed; content deltas are kept as received and parsed only
+    if the output has to be estimated (the stream ended before its final ``message_delta``).
+    """
+
+    __slots__ = ("usage", "started", "final_delta", "complete", "stop_reason", "error_type", "error_message", "_deltas")
+
+    def __init__(self) -> None:
+        self.usage: TokenUsage | None = None
+        self.started = False  # message_start seen: the upstream answered
+        self.final_delta = False  # a message_delta with the stop reason: the output count is final
+        self.complete = False  # message_stop seen
+        self.stop_reason: str | None = None
+        self.error_type: str | None = None
+        self.error_message: str | None = None
+        self._deltas: list[str] = []
+
+    def feed(self, events: Iterable[tuple[str | None, str]]) -> None:
+        for name, data in events:
+            if name == "content_block_delta":
+                self._deltas.append(data)
+            elif name == "message_start":
+                self.started = True
+                usage = json.loads(data)["message"].get("usage")
+                if usage:
+                    self.usage = update_usage(self.usage, usage)
+            elif name == "message_delta":
+                event = json.loads(data)
+                if event.get("usage"):
+                    self.usage = update_usage(self.usage, event["usage"])
+                stop_reason = (event.get("delta") or {}).get("stop_reason")
+                if stop_reason is not None:
+                    self.stop_reason = stop_reason
+                    self.final_delta = True
+            elif name == "message_stop":
+                self.complete = True
+            elif name == "error":
+                error = json.loads(data).get("error") or {}
+                self.error_type = str(error.get("type") or "api_error")
+                self.error_message = str(error.get("message") or "")
+
+    def received_output_tokens(self) -> int:
+        """A local count of the output received so far (text, thinking and tool input pieces)."""
+        pieces: list[str] = []
+        for data in self._deltas:
+            try:
+                delta = json.loads(data).get("delta") or {}
+            except ValueError:
+                continue
+            pieces.append(delta.get("text") or delta.get("thinking") or delta.get("partial_json") or "")
+        return count_tokens("".join(pieces))
+
+
+def message_usage(message: Any) -> TokenUsage | None:
+    """The usage of a non-streamed Message body (None when it has none)."""
+    if isinstance(message, dict) and isinstance(message.get("usage"), dict):
+        return update_usage(None, message["usage"])
+    return None
+
+
+def local_input_tokens(body: dict[str, Any]) -> int:
+    """A local count of what a Messages request sends as input: system, messages and tools."""
+    parts: list[str] = []
+    system = body.get("system")
+    if isinstance(system, str):
+        parts.append(system)
+    elif isinstance(system, list):
+        parts.extend(_block_text(b) for b in system)
+    for message in body.get("messages") or ():
+        if not isinstance(message, dict):
+            continue
+        content = message.get("content")
+        if isinstance(content, str):
+            parts.append(content)
+        elif isinstance(content, list):
+            parts.extend(_block_text(b) for b in content)
+    tools = body.get("tools")
+    if tools:
+        parts.append(compact_json(tools))
+    return count_tokens("\n".join(p for p in parts if p))
+
+
+def _block_text(block: Any) -> str:
+    """The countable text of one content block (images and documents: their JSON, a rough stand-in)."""
+    if not isinstance(block, dict):
+        return str(block)
+    kind = block.get("type")
+    if kind == "text":
+        return str(block.get("text") or "")
+    if kind == "thinking":
+        return str(block.get("thinking") or "")
+    if kind == "tool_use":
+        return f"{block.get('name', '')} {compact_json(block.get('input') or {})}"
+    if kind == "tool_result":
+        content = block.get("content")
+        if isinstance(content, list):
+            return "\n".join(_block_text(b) for b in content)
+        return str(content or "")
+    if kind in ("image", "document"):
+        source = block.get("source") or {}
+        if source.get("type") == "text":
+            return str(source.get("data") or "")
+        return ""  # base64 data would be counted as text, far off what the model bills
+    return compact_json(block)
+
+
+# --- translation, for models that are not Anthropic's -----------------------------------------------
+
+
+class RequestError(Exception):
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+async def _never_called(arguments: dict[str, Any]) -> Any:
+    raise RuntimeError("client tools are run by the client")  # /v1 endpoints never run tools
+
+
+def parse_request(body: dict[str, Any]) -> tuple[str, list[ChatMessage], list[Tool], int, int | None, dict[str, Any]]:
+    """(system, messages, tools, max_tokens, thinking budget, sampling parameters) of a Messages request, for a
+    model that is not Anthropic's. Content other providers cannot take here (images, documents) is refused,
+    not dropped."""
+    max_tokens = body.get("max_tokens")
+    if not isinstance(max_tokens, int) or max_tokens < 1:
+        raise RequestError("max_tokens: Field required (a positive integer)")
+    raw_messages = body.get("messages")
+    if not isinstance(raw_messages, list) or not raw_messages:
+        raise RequestError("messages: Field required (a non-empty list)")
+    system = body.get("system") or ""
+    if isinstance(system, list):
+        system = "\n\n".join(str(b.get("text") or "") for b in system if isinstance(b, dict) and b.get("type") == "text")
+    elif not isinstance(system, str):
+        raise RequestError("system: must be a string or a list of text blocks")
+    names: dict[str, str] = {}
+    messages: list[ChatMessage] = []
+    for i, m in enumerate(raw_messages):
+        if not isinstance(m, dict) or m.get("role") not in ("user", "assistant"):
+            raise RequestError(f"messages.{i}.role: must be 'user' or 'assistant'")
+        content = m.get("content")
+        blocks = [{"type": "text", "text": content}] if isinstance(content, str) else content
+        if not isinstance(blocks, list):
+            raise RequestError(f"messages.{i}.content: must be a string or a list of content blocks")
+        parts = [_part(b, names, f"messages.{i}.content.{j}") for j, b in enumerate(blocks)]
+        messages.append(ChatMessage(m["role"], [p for p in parts if p is not None]))
+    tools = []
+    for i, t in enumerate(body.get("tools") or ()):
+        if not isinstance(t, dict) or not isinstance(t.get("name"), str) or "input_schema" not in t:
+            raise RequestError(f"tools.{i}: only client tools ({{name, description, input_schema}}) work with this model")
+        tools.append(Tool(t["name"], str(t.get("description") or ""), t["input_schema"], _never_called))
+    thinking = body.get("thinking") or {}
+    budget = None
+    if isinstance(thinking, dict) and thinking.get("type") in ("enabled", "adaptive"):
+        budget = int(thinking.get("budget_tokens") or 8000)
+    try:
+        params = sampling_params(body.get("temperature"), body.get("top_p"), body.get("stop_sequences"), "stop_sequences")
+    except ParamError as e:
+        raise RequestError(f"{e.param}: {e.message}") from None
+    return system, messages, tools, max_tokens, budget, params
+
+
+def _part(block: Any, names: dict[str, str], where: str) -> Part | None:
+    if not isinstance(block, dict):
+        raise RequestError(f"{where}: must be a content block object")
+    kind = block.get("type")
+    if kind == "text":
+        return TextPart(str(block.get("text") or ""))
+    if kind == "tool_use":
+        names[str(block.get("id"))] = str(block.get("name") or "")
+        return ToolCallPart(str(block.get("id")), str(block.get("name") or ""), block.get("input") or {})
+    if kind == "tool_result":
+        content = block.get("content")
+        if isinstance(content, list):
+            content = "".join(str(b.get("text") or "") for b in content if isinstance(b, dict) and b.get("type") == "text")
+        call_id = str(block.get("tool_use_id"))
+        return ToolResultPart(call_id, names.get(call_id, ""), content or "", bool(block.get("is_error")))
+    if kind in ("thinking", "redacted_thinking"):
+        return None  # another provider's signed thinking means nothing to this one
+    raise RequestError(f"{where}.type: {kind!r} blocks are only supported with Anthropic models here")
+
+
+def _sse(name: str, data: dict[str, Any]) -> bytes:
+    return b"event: " + name.encode() + b"\ndata: " + compact_json(data).encode() + b"\n\n"
+
+
+def usage_body(usage: TokenUsage) -> dict[str, int]:
+    return {"input_tokens": usage.input_tokens, "output_tokens": usage.output_tokens,
+            "cache_creation_input_tokens": usage.cache_write_tokens, "cache_read_input_tokens": usage.cache_read_tokens}
+
+
+class MessageEncoder:
+    """Provider events -> Messages API events: one block open at a time, indices counting up from 0, each
+    block started, given its deltas and stopped before the next one starts (what the SDK accumulates)."""
+
+    def __init__(self, model: str) -> None:
+        self.model = model
+        self.id = new_id("msg_")
+        self._open: str | None = None  # the type of the open block
+        self._index = -1
+
+    def start(self, input_tokens: int) -> bytes:
+        message: dict[str, Any] = {"id": self.id, "type": "message", "role": "assistant", "model": self.model, "content": [],
+                   "stop_reason": None, "stop_sequence": None, "usage": {"input_tokens": input_tokens, "output_tokens": 0}}
+        return _sse("message_start", {"type": "message_start", "message": message})
+
+    def _close(self, out: list[bytes]) -> None:
+        if self._open is not None:
+            out.append(_sse("content_block_stop", {"type": "content_block_stop", "index": self._index}))
+            self._open = None
+
+    def _begin(self, block: dict[str, Any], out: list[bytes]) -> None:
+        self._close(out)
+        self._index += 1
+        self._open = block["type"]
+        out.append(_sse("content_block_start", {"type": "content_block_start", "index": self._index, "content_block": block}))
+
+    def _delta(self, delta: dict[str, Any], out: list[bytes]) -> None:
+        out.append(_sse("content_block_delta", {"type": "content_block_delta", "index": self._index, "delta": delta}))
+
+    def encode(self, event: ProviderEvent, usage: TokenUsage | None = None) -> bytes:
+        out: list[bytes] = []
+        kind = type(event)
+        if kind is TextDelta:
+            if self._open != "text":
+                self._begin({"type": "text", "text": ""}, out)
+            self._delta({"type": "text_delta", "text": event.text}, out)  # type: ignore[union-attr]
+        elif kind is ReasoningDelta:
+            if self._open != "thinking":
+                self._begin({"type": "thinking", "thinking": "", "signature": ""}, out)
+            self._delta({"type": "thinking_delta", "thinking": event.text}, out)  # type: ignore[union-attr]
+        elif kind is ToolCallEvent:
+            self._begin({"type": "tool_use", "id": event.tool_call_id, "name": event.name, "input": {}}, out)  # type: ignore[union-attr]
+            self._delta({"type": "input_json_delta", "partial_json": compact_json(event.input)}, out)  # type: ignore[union-attr]
+            self._close(out)
+        elif kind is ProviderFinish:
+            self._close(out)
+            delta = {"stop_reason": STOP_REASONS.get(event.finish_reason, "end_turn"), "stop_sequence": None}  # type: ignore[union-attr]
+            out.append(_sse("message_delta", {"type": "message_delta", "delta": delta, "usage": usage_body(usage or TokenUsage())}))
+            out.append(_sse("message_stop", {"type": "message_stop"}))
+        return b"".join(out)
+
+    def error(self, status: int, message: str) -> bytes:
+        return _sse("error", error_body(status, message))
+
+
+def whole_message(model: str, finish: ProviderFinish, usage: TokenUsage) -> dict[str, Any]:
+    """One whole Message from the finished answer (``stream: false``)."""
+    content: list[dict[str, Any]] = []
+    for part in finish.message.parts:
+        if isinstance(part, TextPart) and part.text:
+            content.append({"type": "text", "text": part.text})
+        elif isinstance(part, ReasoningPart) and part.text:
+            content.append({"type": "thinking", "thinking": part.text, "signature": part.signature or ""})
+        elif isinstance(part, ToolCallPart):
+            content.append({"type": "tool_use", "id": part.tool_call_id, "name": part.name, "input": part.input})
+    return {"id": new_id("msg_"), "type": "message", "role": "assistant", "model": model, "content": content,
+            "stop_reason": STOP_REASONS.get(finish.finish_reason, "end_turn"), "stop_sequence": None, "usage": usage_body(usage)}
+
+
+def client_status(status: int | None, code: str) -> int:
+    """The status an Anthropic client expects for a provider failure (its upstream status where there was one)."""
+    if status is not None and 400 <= status < 600:
+        return status
+    return STATUS_OF_CODE.get(code, 502)

@@ -1,0 +1,295 @@
+"""The OpenAI Chat Completions wire format (``/v1/chat/completions``), translated to and from our types.
+
+- ``parse_request`` turns a request body into the parts of a ``ProviderRequest`` (system text, messages,
+  tools), or a ``RequestError`` naming the field that is wrong.
+- ``ChunkEncoder`` turns provider events into ``chat.completion.chunk`` objects: the role first, text as
+  ``content``, reasoning as ``reasoning_content``, each tool call in one piece carrying its ``index`` and
+  ``id``, a finish chunk with OpenAI's finish reason, and the usage chunk (``choices: []``) when asked for.
+- ``completion`` folds a whole answer into one ``chat.completion``.
+- ``error_body`` is OpenAI's error shape.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..events import (
+    ProviderEvent,
+    ProviderFinish,
+    ReasoningDelta,
+    TextDelta,
+    ToolCallEvent,
+)
+from ..types import (
+    ChatMessage,
+    Part,
+    TextPart,
+    TokenUsage,
+    Tool,
+    ToolCallPart,
+    ToolResultPart,
+    new_id,
+)
+
+# HTTP status -> OpenAI's error type.
+ERROR_TYPES = {
+    400: "invalid_request_error",
+    401: "invalid_request_error",
+    403: "invalid_request_error",
+    404: "invalid_request_error",
+    413: "invalid_request_error",
+    429: "rate_limit_exceeded",
+    500: "server_error",
+    502: "server_error",
+    503: "server_error",
+}
+
+# Our finish reasons -> OpenAI's.
+FINISH_REASONS = {
+    "stop": "stop",
+    "length": "length",
+    "tool-calls": "tool_calls",
+    "content-filter": "content_filter",
+}
+
+# reasoning_effort -> a thinking budget, for providers that take one (Anthropic's minimum is 1024).
+REASONING_BUDGETS = {"minimal": 1024, "low": 2048, "medium": 8000, "high": 16000}
+
+
+def error_body(status: int, message: str, *, code: str | None = None, error_type: str | None = None,
+               param: str | None = None) -> dict[str, Any]:
+    return {"error": {"message": message, "type": error_type or ERROR_TYPES.get(status, "server_error"),
+                      "param": param, "code": code}}
+
+
+def client_status(status: int | None, code: str) -> int:
+    """The status an OpenAI client expects for a provider failure (its upstream status where there was one)."""
+    if status == 529:
+        return 503  # Anthropic's "overloaded": OpenAI clients know 503
+    if status is not None and 400 <= status < 600:
+        return status
+    return {"NO_API_KEY": 401, "RATE_LIMITED": 429, "MODEL_NOT_FOUND": 404, "INVALID_MESSAGE": 400}.get(code, 502)
+
+
+def error_code(status: int) -> str | None:
+    return {401: "invalid_api_key", 404: "model_not_found", 429: "rate_limit_exceeded"}.get(status)
+
+
+# --- requests ------------------------------------------------------------------------------------
+
+
+class RequestError(Exception):
+    def __init__(self, param: str, message: str) -> None:
+        super().__init__(message)
+        self.param = param
+        self.message = message
+
+
+@dataclass
+class ParsedRequest:
+    model: str
+    system: str
+    messages: list[ChatMessage]
+    tools: list[Tool] = field(default_factory=list)
+    stream: bool = False
+    include_usage: bool = False
+    max_tokens: int | None = None
+    reasoning_budget: int | None = None
+    params: dict[str, Any] = field(default_factory=dict)  # sampling parameters passed on (ProviderRequest.params)
+
+
+async def _never_called(arguments: dict[str, Any]) -> Any:
+    raise RuntimeError("client tools are run by the client")  # /v1 endpoints never run tools
+
+
+def parse_request(body: Any) -> ParsedRequest:
+    if not isinstance(body, dict):
+        raise RequestError("body", "The request body must be a JSON object.")
+    model = body.get("model")
+    if not isinstance(model, str) or not model:
+        raise RequestError("model", "you must provide a model parameter")
+    raw_messages = body.get("messages")
+    if not isinstance(raw_messages, list) or not raw_messages:
+        raise RequestError("messages", "messages must be a non-empty array")
+    system: list[str] = []
+    messages: list[ChatMessage] = []
+    names: dict[str, str] = {}  # tool call id -> tool name, for the tool results
+    for i, m in enumerate(raw_messages):
+        if not isinstance(m, dict):
+            raise RequestError(f"messages[{i}]", "each message must be an object")
+        role = m.get("role")
+        if role in ("system", "developer"):
+            system.append(_text(m.get("content"), f"messages[{i}].content"))
+        elif role == "user":
+            _append(messages, "user", [TextPart(_text(m.get("content"), f"messages[{i}].content"))])
+        elif role == "assistant":
+            parts: list[Part] = []
+            text = _text(m.get("content"), f"messages[{i}].content") if m.get("content") is not None else ""
+            if text:
+                parts.append(TextPart(text))
+            for j, call in enumerate(m.get("tool_calls") or ()):
+                fn = call.get("function") if isinstance(call, dict) else None
+                if not isinstance(fn, dict) or not isinstance(call.get("id"), str):
+                    raise RequestError(f"messages[{i}].tool_calls[{j}]", "a tool call needs an id and a function")
+                names[call["id"]] = str(fn.get("name") or "")
+                parts.append(ToolCallPart(call["id"], names[call["id"]], _arguments(fn.get("arguments"))))
+            _append(messages, "assistant", parts)
+        elif role == "tool":
+            call_id = m.get("tool_call_id")
+            if not isinstance(call_id, str):
+                raise RequestError(f"messages[{i}].tool_call_id", "a tool message needs tool_call_id")
+            output = _text(m.get("content"), f"messages[{i}].content")
+            _append(messages, "user", [ToolResultPart(call_id, names.get(call_id, ""), output)])
+        else:
+            raise RequestError(f"messages[{i}].role", f"unsupported role {role!r}")
+    tools = []
+    for i, t in enumerate(body.get("tools") or ()):
+        fn = t.get("function") if isinstance(t, dict) else None
+        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
+            raise RequestError(f"tools[{i}]", "tools must be {type: function, function: {name, parameters}}")
+        tools.append(Tool(fn["name"], str(fn.get("description") or ""), fn.get("parameters") or {"type": "object", "properties": {}}, _never_called))
+    max_tokens = body.get("max_completion_tokens") or body.get("max_tokens")
+    if max_tokens is not None and (not isinstance(max_tokens, int) or max_tokens < 1):
+        raise RequestError("max_tokens", "max_tokens must be a positive integer")
+    effort = body.get("reasoning_effort")
+    stop = body.get("stop")
+    return ParsedRequest(
+        model=model,
+        system="\n\n".join(s for s in system if s),
+        messages=messages,
+        tools=tools,
+        stream=bool(body.get("stream")),
+        include_usage=bool((body.get("stream_options") or {}).get("include_usage")),
+        max_tokens=max_tokens,
+        reasoning_budget=REASONING_BUDGETS.get(effort) if isinstance(effort, str) else None,
+        params=sampling_params(body.get("temperature"), body.get("top_p"), [stop] if isinstance(stop, str) else stop, "stop"),
+    )
+
+
+def sampling_params(temperature: Any, top_p: Any, stop: Any, stop_name: str) -> dict[str, Any]:
+    """The sampling parameters a client set, checked (ProviderRequest.params); others are not passed on."""
+    params: dict[str, Any] = {}
+    for name, value in (("temperature", temperature), ("top_p", top_p)):
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise RequestError(name, f"{name} must be a number")
+        params[name] = value
+    if stop is not None:
+        if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop):
+            raise RequestError(stop_name, f"{stop_name} must be a string or a list of strings")
+        if stop:
+            params["stop"] = stop
+    return params
+
+
+def _append(messages: list[ChatMessage], role: str, parts: list[Part]) -> None:
+    if messages and messages[-1].role == role:
+        messages[-1].parts.extend(parts)
+    else:
+        messages.append(ChatMessage(role, parts))  # type: ignore[arg-type]
+
+
+def _text(content: Any, param: str) -> str:
+    """A message's content as text: a string, or text parts. Other parts (images, audio) are refused
+    rather than silently dropped."""
+    if content is None or isinstance(content, str):
+        return content or ""
+    if isinstance(content, list):
+        texts = []
+        for part in content:
+            if isinstance(part, dict) and part.get("type") == "text":
+                texts.append(str(part.get("text") or ""))
+            else:
+                kind = part.get("type") if isinstance(part, dict) else type(part).__name__
+                raise RequestError(param, f"content parts of type {kind!r} are not supported by this gateway yet; send text")
+        return "".join(texts)
+    raise RequestError(param, "content must be a string or an array of content parts")
+
+
+def _arguments(raw: Any) -> Any:
+    if isinstance(raw, dict):
+        return raw
+    if not raw:
+        return {}
+    try:
+        return json.loads(raw)
+    except (TypeError, ValueError):
+        return {"_raw": raw}
+
+
+# --- responses -----------------------------------------------------------------------------------
+
+
+def usage_body(usage: TokenUsage) -> dict[str, Any]:
+    prompt = usage.input_tokens + usage.cache_read_tokens + usage.cache_write_tokens
+    return {
+        "prompt_tokens": prompt,
+        "completion_tokens": usage.output_tokens,
+        "total_tokens": prompt + usage.output_tokens,
+        "prompt_tokens_details": {"cached_tokens": usage.cache_read_tokens},
+        "completion_tokens_details": {"reasoning_tokens": usage.reasoning_tokens},
+    }
+
+
+def finish_reason(ours: str) -> str:
+    return FINISH_REASONS.get(ours, "stop")
+
+
+class ChunkEncoder:
+    """Provider events -> ``chat.completion.chunk`` objects of one streamed answer."""
+
+    def __init__(self, model: str, include_usage: bool) -> None:
+        self.head = {"id": new_id("chatcmpl-"), "object": "chat.completion.chunk", "created": int(time.time()), "model": model}
+        self.include_usage = include_usage
+        self._tool_index = 0
+
+    def _chunk(self, delta: dict[str, Any], reason: str | None = None) -> dict[str, Any]:
+        return {**self.head, "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": reason}]}
+
+    def start(self) -> dict[str, Any]:
+        return self._chunk({"role": "assistant", "content": ""})
+
+    def encode(self, event: ProviderEvent, usage: TokenUsage | None = None) -> list[dict[str, Any]]:
+        kind = type(event)
+        if kind is TextDelta:
+            return [self._chunk({"content": event.text})]  # type: ignore[union-attr]
+        if kind is ReasoningDelta:
+            return [self._chunk({"reasoning_content": event.text})]  # type: ignore[union-attr]
+        if kind is ToolCallEvent:
+            call = {"index": self._tool_index, "id": event.tool_call_id, "type": "function",  # type: ignore[union-attr]
+                    "function": {"name": event.name, "arguments": json.dumps(event.input, ensure_ascii=False)}}  # type: ignore[union-attr]
+            self._tool_index += 1
+            return [self._chunk({"tool_calls": [call]})]
+        if kind is ProviderFinish:
+            out = [self._chunk({}, finish_reason(event.finish_reason))]  # type: ignore[union-attr]
+            if self.include_usage and usage is not None:
+                out.append({**self.head, "choices": [], "usage": usage_body(usage)})
+            return out
+        return []  # sources: Chat Completions has no streamed place for them
+
+
+def completion(model: str, finish: ProviderFinish, usage: TokenUsage) -> dict[str, Any]:
+    """One whole ``chat.completion`` from the finished answer."""
+    text = "".join(p.text for p in finish.message.parts if p.type == "text")  # type: ignore[union-attr]
+    reasoning = "".join(p.text for p in finish.message.parts if p.type == "reasoning")  # type: ignore[union-attr]
+    message: dict[str, Any] = {"role": "assistant", "content": text or None}
+    if reasoning:
+        message["reasoning_content"] = reasoning
+    calls = [p for p in finish.message.parts if isinstance(p, ToolCallPart)]
+    if calls:
+        message["tool_calls"] = [
+            {"id": c.tool_call_id, "type": "function", "function": {"name": c.name, "arguments": json.dumps(c.input, ensure_ascii=False)}}
+            for c in calls
+        ]
+    return {
+        "id": new_id("chatcmpl-"),
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": model,
+        "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": finish_reason(finish.finish_reason)}],
+        "usage": usage_body(usage),
+    }

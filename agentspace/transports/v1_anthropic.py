@@ -1,0 +1,159 @@
+"""``POST /v1/messages`` and ``POST /v1/messages/count_tokens``: the Anthropic Messages API, drop-in.
+
+Anthropic models go through the pass-through (``agentspace.passthrough``); other models are translated
+(``agentspace.protocols.anthropic_messages``) and served by their provider. Errors use Anthropic's shape.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+from aiohttp import web
+
+from .. import passthrough
+from ..direct_call import DirectCall, request_input_tokens
+from ..events import ProviderError, ProviderFinish
+from ..gateway import ModelNotFound
+from ..logs import redact
+from ..meter import Meter
+from ..protocols import anthropic_messages as am
+from .v1_common import (
+    BodyTooLarge,
+    anthropic_model,
+    client_name,
+    gateway,
+    provider_request,
+    read_body,
+    session_id,
+    watch_client,
+)
+
+ENDPOINT = "anthropic"
+
+
+def _error(status: int, message: str) -> web.Response:
+    return web.json_response(am.error_body(status, message), status=status)
+
+
+async def _read_body(request: web.Request) -> tuple[dict[str, Any], bytes] | web.Response:
+    try:
+        raw = await read_body(request)
+    except BodyTooLarge as e:
+        return _error(413, f"{e} (the gateway's limit for /v1 requests).")
+    try:
+        body = json.loads(raw)
+    except ValueError:
+        return _error(400, "There was an error parsing the body of your request: it is not JSON.")
+    if not isinstance(body, dict):
+        return _error(400, "The request body must be a JSON object.")
+    if not isinstance(body.get("model"), str) or not body["model"]:
+        return _error(400, "model: Field required")
+    return body, raw
+
+
+async def messages(request: web.Request) -> web.StreamResponse:
+    parsed = await _read_body(request)
+    if isinstance(parsed, web.Response):
+        return parsed
+    body, raw = parsed
+    gw = gateway(request)
+    model = anthropic_model(body["model"])
+    if model is None:
+        return _error(404, f"model: {body['model']} (use a claude-* id, or provider/model for another provider)")
+    meter = Meter(gw, model, session_id=session_id(request), client=client_name(request), endpoint=ENDPOINT)
+    if model.startswith("anthropic/"):
+        return await passthrough.messages(request, gw, body, raw, model, meter)
+    return await _translated(request, body, model, meter)
+
+
+async def _translated(request: web.Request, body: dict[str, Any], model: str, meter: Meter) -> web.StreamResponse:
+    """A model that is not Anthropic's: the request translated for its provider, its events translated back."""
+    gw = meter.gw
+    try:
+        gw.provider_for(model)
+    except ModelNotFound as e:
+        return _error(404, f"model: {e}")
+    try:
+        system, messages_, tools, max_tokens, budget, params = am.parse_request(body)
+    except am.RequestError as e:
+        return _error(400, e.message)
+    call = DirectCall(gw, provider_request(gw, model, system, messages_, tools, max_tokens, budget, params), meter)
+    try:
+        await call.start()
+    except ProviderError as e:
+        return _provider_error(e)
+    if not body.get("stream"):
+        return await _whole(call, body["model"])
+    return await _stream(request, call, body["model"])
+
+
+def _provider_error(e: ProviderError) -> web.Response:
+    status = am.client_status(e.status, e.code)
+    headers = {"retry-after": f"{e.retry_after:g}"} if e.retry_after is not None else None
+    return web.json_response(am.error_body(status, redact(e.message)), status=status, headers=headers)
+
+
+async def _whole(call: DirectCall, model: str) -> web.Response:
+    finish = None
+    try:
+        async for event in call.events():
+            if isinstance(event, ProviderFinish):
+                finish = event
+    except ProviderError as e:
+        return _provider_error(e)
+    except asyncio.CancelledError:
+        await asyncio.shield(asyncio.ensure_future(call.abort()))
+        raise
+    assert finish is not None and call.meter.recorded is not None
+    return web.json_response(am.whole_message(model, finish, call.meter.recorded.usage))
+
+
+async def _stream(request: web.Request, call: DirectCall, model: str) -> web.StreamResponse:
+    resp = web.StreamResponse(headers={"Content-Type": "text/event-stream; charset=utf-8", "Cache-Control": "no-cache",
+                                       "X-Accel-Buffering": "no"})
+    encoder = am.MessageEncoder(model)
+    task = asyncio.current_task()
+    assert task is not None
+    stop_watching = watch_client(request, task.cancel)  # a silent provider is not waited for once the client left
+    try:
+        await resp.prepare(request)
+        await resp.write(encoder.start(request_input_tokens(call.request)))
+        async for event in call.events():
+            recorded = call.meter.recorded
+            frames = encoder.encode(event, recorded.usage if recorded is not None else None)
+            if frames:
+                await resp.write(frames)
+    except ProviderError as e:
+        try:  # after the first bytes the status is sent: an error event, as Anthropic sends it
+            await resp.write(encoder.error(am.client_status(e.status, e.code), redact(e.message)))
+        except ConnectionResetError:
+            return resp
+    except ConnectionResetError:  # the client went away (aiohttp's ClientConnectionResetError on write)
+        await call.abort()
+        return resp
+    except asyncio.CancelledError:
+        await asyncio.shield(asyncio.ensure_future(call.abort()))
+        raise
+    finally:
+        stop_watching()
+    await resp.write_eof()
+    return resp
+
+
+async def count_tokens(request: web.Request) -> web.StreamResponse:
+    parsed = await _read_body(request)
+    if isinstance(parsed, web.Response):
+        return parsed
+    body, raw = parsed
+    gw = gateway(request)
+    model = anthropic_model(body["model"])
+    if model is None:
+        return _error(404, f"model: {body['model']}")
+    if model.startswith("anthropic/"):
+        relayed = await passthrough.count_tokens(request, gw, body, raw, model)
+        if relayed is not None:
+            return relayed
+    # No count from the upstream: count locally, and say so.
+    return web.json_response({"input_tokens": am.local_input_tokens(body)}, headers={"x-agentspace-estimated": "true"})

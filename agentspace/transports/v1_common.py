@@ -1,0 +1,227 @@
+"""What the drop-in ``/v1`` endpoints share (SPEC section 10): routes, errors in each API's own shape,
+session attribution, model ids, and the HTTP client the Anthropic pass-through relays through."""
+
+from __future__ import annotations
+
+import asyncio
+from functools import lru_cache
+from typing import Any, Callable
+
+import aiohttp
+from aiohttp import web
+
+from ..gateway import Gateway
+from ..protocols import anthropic_messages, openai_chat
+from ..providers.base import ProviderRequest, ThinkingSettings
+from ..types import ChatMessage, Tool
+from ..vault import resolve_key
+from . import rest, state
+
+# The upstream HTTP client of the pass-through: one connection pool per server, closed with the app.
+HTTP_CLIENT = web.AppKey("v1_http_client", aiohttp.ClientSession)
+
+# Headers that attribute a call's usage to a session id.
+SESSION_HEADERS = ("X-Agentspace-Session", "X-Claude-Code-Session-Id")
+
+# Who made the call. Client keys (SPEC 11) will name their client here; the gateway token is the admin.
+ADMIN_CLIENT = "admin"
+
+
+def setup_routes(app: web.Application) -> None:
+    from . import v1_anthropic, v1_models, v1_openai
+
+    app.router.add_post("/v1/messages", v1_anthropic.messages)
+    app.router.add_post("/v1/messages/count_tokens", v1_anthropic.count_tokens)
+    app.router.add_post("/v1/chat/completions", v1_openai.chat_completions)
+    app.router.add_get("/v1/models", v1_models.list_models)
+    app.on_cleanup.append(_close_http_client)
+    # /api/openapi.json documents every route.
+    rest.OPENAPI["paths"].update(OPENAPI_PATHS)
+    rest.OPENAPI["components"]["securitySchemes"]["apiKey"] = {"type": "apiKey", "in": "header", "name": "x-api-key"}
+
+
+def _v1_op(summary: str, description: str, *, body: bool = True) -> dict[str, Any]:
+    op: dict[str, Any] = {
+        "summary": summary,
+        "description": description + " Auth: `Authorization: Bearer <token>` or `x-api-key: <token>`; "
+                       "`X-Agentspace-Session` (or `X-Claude-Code-Session-Id`) files the usage under that session id. "
+                       "Errors come in that API's own shape and status.",
+        "security": [{"bearer": []}, {"apiKey": []}],
+        "responses": {"200": {"description": "As the provider's API answers (JSON, or server-sent events when streamed)."},
+                      "401": {"description": "No or wrong token."}},
+    }
+    if body:
+        op["requestBody"] = {"required": True, "content": {"application/json": {"schema": {"type": "object"}}}}
+    return op
+
+
+OPENAPI_PATHS: dict[str, Any] = {
+    "/v1/messages": {"post": _v1_op(
+        "Anthropic Messages API, drop-in (stream and not).",
+        "Anthropic models (`claude-*`, `anthropic/*`) are passed through with the client's anthropic-version and "
+        "anthropic-beta headers, the upstream's events relayed unchanged; other models are translated.")},
+    "/v1/messages/count_tokens": {"post": _v1_op(
+        "Anthropic token counting.",
+        "Anthropic's count; else a local count of system, messages and tools, marked `x-agentspace-estimated: true`.")},
+    "/v1/chat/completions": {"post": _v1_op(
+        "OpenAI Chat Completions API, drop-in (stream and not), for every model.",
+        "The usage chunk comes with `stream_options.include_usage`.")},
+    "/v1/models": {"get": _v1_op(
+        "The models the caller may use.", "OpenAI's list shape; Anthropic's when the request has anthropic-version.", body=False)},
+}
+
+
+def http_client(app: web.Application) -> aiohttp.ClientSession:
+    client = app.get(HTTP_CLIENT)
+    if client is None or client.closed:
+        # No total timeout: a long answer streams as long as it keeps sending (each read has its own limit).
+        client = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None), auto_decompress=True)
+        app[HTTP_CLIENT] = client
+    return client
+
+
+async def _close_http_client(app: web.Application) -> None:
+    client = app.get(HTTP_CLIENT)
+    if client is not None:
+        await client.close()
+
+
+# The body size the /v1 endpoints take: the larger of [server] max_body_bytes and Anthropic's own request
+# limit, since Claude Code's requests (a long session's whole history, images) pass 1 MiB routinely. Only
+# authenticated clients get this far: the token is checked before the body is read.
+PROVIDER_MAX_BODY_BYTES = 32 * 1024 * 1024
+
+
+class BodyTooLarge(Exception):
+    def __init__(self, limit: int) -> None:
+        super().__init__(f"The request body exceeds {limit} bytes.")
+        self.limit = limit
+
+
+async def read_body(request: web.Request) -> bytes:
+    limit = max(int(gateway(request).config["server"]["max_body_bytes"]), PROVIDER_MAX_BODY_BYTES)
+    if request.content_length is not None and request.content_length > limit:
+        raise BodyTooLarge(limit)
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.content.iter_any():
+        size += len(chunk)
+        if size > limit:
+            raise BodyTooLarge(limit)
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def gateway(request: web.Request) -> Gateway:
+    return request.app[state.GATEWAY]
+
+
+def session_id(request: web.Request) -> str | None:
+    for name in SESSION_HEADERS:
+        value = request.headers.get(name, "").strip()
+        if value:
+            return value[:200]
+    return None
+
+
+def client_name(request: web.Request) -> str:
+    return ADMIN_CLIENT
+
+
+def wants_anthropic_shape(request: web.Request) -> bool:
+    """Anthropic's shapes for /v1/messages*, and for /v1/models when the client sent anthropic-version."""
+    if request.path.startswith("/v1/messages"):
+        return True
+    return request.path == "/v1/models" and "anthropic-version" in request.headers
+
+
+def error_response(request: web.Request, status: int, message: str, *, code: str | None = None,
+                   headers: dict[str, str] | None = None) -> web.Response:
+    """An error in the shape of the API the request speaks (the /v1 clients parse their own shape only)."""
+    if wants_anthropic_shape(request):
+        body: dict[str, Any] = anthropic_messages.error_body(status, message)
+    else:
+        body = openai_chat.error_body(status, message, code=code)
+    return web.json_response(body, status=status, headers=headers)
+
+
+def anthropic_model(model: str) -> str | None:
+    """Our id for a model an Anthropic client names: a bare ``claude-*`` id means ``anthropic/claude-*``."""
+    if "/" in model:
+        return model
+    if model.startswith("claude-"):
+        return "anthropic/" + model
+    return None
+
+
+def openai_model(model: str) -> str | None:
+    """Our id for a model an OpenAI client names: ``provider/model``, or a bare id the cost map knows."""
+    if "/" in model:
+        return model
+    if model.startswith("claude-"):
+        return "anthropic/" + model
+    prefix = _bare_model_prefixes().get(model)
+    return f"{prefix}/{model}" if prefix else None
+
+
+@lru_cache(maxsize=1)
+def _bare_model_prefixes() -> dict[str, str]:
+    """Bare chat model ids of the cost map -> their provider prefix (``gpt-4o-mini`` -> ``openai``)."""
+    from ..pricing import cost_map
+
+    out = {}
+    for key, entry in cost_map().items():
+        provider = str(entry.get("litellm_provider", ""))
+        if "/" not in key and provider and entry.get("mode") == "chat":
+            out[key] = "openai" if provider == "text-completion-openai" else provider
+    return out
+
+
+def provider_request(gw: Gateway, model: str, system: str, messages: list[ChatMessage], tools: list[Tool],
+                     max_tokens: int | None, reasoning_budget: int | None, params: dict[str, Any]) -> ProviderRequest:
+    """A ProviderRequest of exactly what the client sent: no context section, no gateway tool."""
+    prefix = model.split("/", 1)[0]
+    settings = gw.config.provider_settings(prefix)
+    info = gw.model_info(model)
+    thinking = None
+    if reasoning_budget is not None:  # the provider applies it only where the model supports it
+        thinking = ThinkingSettings(reasoning_budget, info.adaptive_thinking_only)
+    return ProviderRequest(
+        model=model,
+        system=system,
+        messages=messages,
+        model_info=info,
+        max_tokens=max_tokens or int(gw.config["chat"]["max_tokens"]),
+        tools=tools,
+        thinking=thinking,
+        api_key=resolve_key(gw.config, prefix),
+        base_url=settings["base_url"],
+        options=settings,
+        params=params,
+    )
+
+
+def client_gone(request: web.Request) -> bool:
+    transport = request.transport
+    return transport is None or transport.is_closing()
+
+
+# How often a stream checks that its client is still there while the upstream sends nothing.
+DISCONNECT_CHECK_SECONDS = 0.5
+
+
+def watch_client(request: web.Request, on_gone: Callable[[], object]) -> Callable[[], None]:
+    """Call ``on_gone`` once the client has gone, also while the upstream sends nothing (a write to a
+    closed client fails, but only when there is something to write). Returns what stops watching."""
+    loop = asyncio.get_running_loop()
+    timer: asyncio.TimerHandle
+
+    def check() -> None:
+        nonlocal timer
+        if client_gone(request):
+            on_gone()
+        else:
+            timer = loop.call_later(DISCONNECT_CHECK_SECONDS, check)
+
+    timer = loop.call_later(DISCONNECT_CHECK_SECONDS, check)
+    return lambda: timer.cancel()

@@ -1,0 +1,41 @@
+"""``GET /v1/models``: the models the caller may use (usable keys, provider plugins, the config), in
+OpenAI's list shape, or Anthropic's when the request carries ``anthropic-version`` (SPEC 10).
+
+The ids are the ones the /v1 endpoints take: ``provider/model`` for OpenAI clients; for Anthropic clients
+a bare ``claude-*`` id for Anthropic's models (what Claude Code and the SDK expect) and ``provider/model``
+for the others.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from aiohttp import web
+
+from ..catalog import usable_models
+from .v1_common import gateway
+
+# A fixed creation time: the catalog does not know when a model was released.
+CREATED = 1_700_000_000
+CREATED_AT = "2023-11-14T22:13:20Z"
+
+
+async def list_models(request: web.Request) -> web.Response:
+    gw = gateway(request)
+    models = await asyncio.to_thread(usable_models, gw.config, gw.providers)  # reads the vault and the cost map
+    if "anthropic-version" in request.headers:
+        return web.json_response(anthropic_list(models))
+    return web.json_response(openai_list(models))
+
+
+def openai_list(models: list[dict[str, Any]]) -> dict[str, Any]:
+    return {"object": "list", "data": [{"id": m["id"], "object": "model", "created": CREATED, "owned_by": m["provider"]} for m in models]}
+
+
+def anthropic_list(models: list[dict[str, Any]]) -> dict[str, Any]:
+    data = []
+    for m in models:
+        model_id = m["id"].split("/", 1)[1] if m["id"].startswith("anthropic/") else m["id"]
+        data.append({"type": "model", "id": model_id, "display_name": model_id, "created_at": CREATED_AT})
+    return {"data": data, "has_more": False, "first_id": data[0]["id"] if data else None, "last_id": data[-1]["id"] if data else None}

@@ -1,0 +1,133 @@
+"""``POST /v1/chat/completions``: the OpenAI Chat Completions API, drop-in, for every model (SPEC 10).
+
+Parses with ``protocols.openai_chat``, calls the model's provider through ``DirectCall`` (metered, one
+usage record), encodes the provider's events as chunks. The provider is always asked for usage; the
+client gets the usage chunk only when it sent ``stream_options.include_usage``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+from aiohttp import web
+
+from ..direct_call import DirectCall
+from ..events import ProviderError, ProviderFinish
+from ..gateway import ModelNotFound
+from ..logs import redact
+from ..meter import Meter
+from ..protocols import openai_chat as oc
+from ..types import compact_json
+from .v1_common import (
+    BodyTooLarge,
+    client_name,
+    gateway,
+    openai_model,
+    provider_request,
+    read_body,
+    session_id,
+    watch_client,
+)
+
+ENDPOINT = "openai"
+DONE = b"data: [DONE]\n\n"
+STREAM_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+def _error(status: int, message: str, *, code: str | None = None, param: str | None = None,
+           headers: dict[str, str] | None = None) -> web.Response:
+    return web.json_response(oc.error_body(status, message, code=code, param=param), status=status, headers=headers)
+
+
+def _provider_error(e: ProviderError) -> web.Response:
+    status = oc.client_status(e.status, e.code)
+    headers = {"Retry-After": f"{e.retry_after:g}"} if status == 429 and e.retry_after is not None else None
+    if status == 429 and headers is None:
+        headers = {"Retry-After": "1"}
+    return _error(status, redact(e.message), code=oc.error_code(status), headers=headers)
+
+
+def _frame(chunk: dict[str, object]) -> bytes:
+    return b"data: " + compact_json(chunk).encode() + b"\n\n"
+
+
+async def chat_completions(request: web.Request) -> web.StreamResponse:
+    try:
+        body = json.loads(await read_body(request))
+    except BodyTooLarge as e:
+        return _error(413, f"{e} (the gateway's limit for /v1 requests).")
+    except ValueError:
+        return _error(400, "We could not parse the JSON body of your request.")
+    try:
+        parsed = oc.parse_request(body)
+    except oc.RequestError as e:
+        return _error(400, e.message, param=e.param)
+    gw = gateway(request)
+    model = openai_model(parsed.model)
+    if model is None:
+        return _error(404, f"The model `{parsed.model}` does not exist. Use provider/model ids, e.g. openai/gpt-4o-mini.",
+                      code="model_not_found", param="model")
+    try:
+        gw.provider_for(model)
+    except ModelNotFound as e:
+        return _error(404, str(e), code="model_not_found", param="model")
+    preq = provider_request(gw, model, parsed.system, parsed.messages, parsed.tools, parsed.max_tokens, parsed.reasoning_budget, parsed.params)
+    call = DirectCall(gw, preq, Meter(gw, model, session_id=session_id(request), client=client_name(request), endpoint=ENDPOINT))
+    try:
+        await call.start()
+    except ProviderError as e:
+        return _provider_error(e)
+    if not parsed.stream:
+        return await _whole(call, parsed.model)
+    return await _stream(request, call, parsed.model, parsed.include_usage)
+
+
+async def _whole(call: DirectCall, model: str) -> web.Response:
+    finish = None
+    try:
+        async for event in call.events():
+            if isinstance(event, ProviderFinish):
+                finish = event
+    except ProviderError as e:
+        return _provider_error(e)
+    except asyncio.CancelledError:
+        await asyncio.shield(asyncio.ensure_future(call.abort()))
+        raise
+    assert finish is not None and call.meter.recorded is not None
+    return web.json_response(oc.completion(model, finish, call.meter.recorded.usage))
+
+
+async def _stream(request: web.Request, call: DirectCall, model: str, include_usage: bool) -> web.StreamResponse:
+    resp = web.StreamResponse(headers=STREAM_HEADERS)
+    encoder = oc.ChunkEncoder(model, include_usage)
+    task = asyncio.current_task()
+    assert task is not None
+    stop_watching = watch_client(request, task.cancel)  # a silent provider is not waited for once the client left
+    try:
+        await resp.prepare(request)
+        await resp.write(_frame(encoder.start()))
+        async for event in call.events():
+            recorded = call.meter.recorded
+            frames = encoder.encode(event, recorded.usage if recorded is not None else None)
+            if frames:
+                await resp.write(b"".join(_frame(f) for f in frames))
+        await resp.write(DONE)
+    except ProviderError as e:
+        # After the first bytes the status is sent: the error goes in the stream, as OpenAI sends it.
+        status = oc.client_status(e.status, e.code)
+        try:
+            await resp.write(_frame(oc.error_body(status, redact(e.message), code=oc.error_code(status))))
+        except ConnectionResetError:
+            return resp
+    except ConnectionResetError:  # the client went away (aiohttp's ClientConnectionResetError on write)
+        await call.abort()
+        return resp
+    except asyncio.CancelledError:
+        # The client went away: aiohttp cancelled the handler, or our watch did.
+        await asyncio.shield(asyncio.ensure_future(call.abort()))
+        raise
+    finally:
+        stop_watching()
+    await resp.write_eof()
+    return resp
