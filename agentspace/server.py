@@ -13,6 +13,7 @@ import logging
 import signal
 import sys
 import weakref
+from pathlib import Path
 from typing import AsyncIterator, Callable
 
 import click
@@ -21,12 +22,14 @@ from aiohttp import web
 
 from .config import Config
 from .gateway import Gateway
-from .gateway_token import TokenFile
+from .gateway_token import TokenFile, load_or_create_token
 from .logs import configure_logging
 from .plugins import get_plugin_manager
+from .private_files import check_data_dir
 from .security import AuthFailures, security_middleware
 from .stores.files import DataDirLock
 from .transports import rest, state, ui_stream, ws
+from .vault import KeyVault
 
 log = logging.getLogger(__name__)
 
@@ -35,12 +38,23 @@ async def healthz(request: web.Request) -> web.Response:
     return web.json_response({"status": "ok"})
 
 
+def check_secrets(data_dir: Path) -> None:
+    """Check the data directory and read the secrets files (creating the token on first start).
+
+    Run before anything binds: a damaged or foreign ``keys.json`` or ``gateway-token`` stops the start with
+    one line naming the file and the fix (a ``PrivateFileError``), instead of failing every chat later."""
+    check_data_dir(data_dir)
+    load_or_create_token(data_dir)
+    KeyVault(data_dir).names()
+
+
 def create_app(config: Config, pm: pluggy.PluginManager | None = None) -> web.Application:
     pm = pm or get_plugin_manager()
     app = web.Application(
         client_max_size=int(config["server"]["max_body_bytes"]),
         middlewares=[security_middleware(config)],
     )
+    check_secrets(config.data_dir)
     app[state.TOKEN_FILE] = TokenFile(config.data_dir)
     app[state.AUTH_FAILURES] = AuthFailures()
     app[state.WEBSOCKETS] = weakref.WeakSet()

@@ -19,9 +19,10 @@ def serve(state: CliState, host: str | None, port: int | None) -> None:
         config.values["server"]["host"] = host
     if port is not None:
         config.values["server"]["port"] = port
-    from ..server import run_server  # aiohttp and the providers load only when serving
+    from ..server import check_secrets, run_server  # aiohttp and the providers load only when serving
     from ..stores.files import DataDirLocked
 
+    check_secrets(config.data_dir)  # a damaged or foreign secrets file stops here, in one line
     try:
         run_server(config, host=config["server"]["host"], port=config["server"]["port"])
     except DataDirLocked as e:
