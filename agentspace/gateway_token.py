@@ -14,8 +14,8 @@ import secrets
 from pathlib import Path
 
 from .logs import register_secret
-from .private_files import PrivateFileError, read_private_file
-from .vault import ensure_private_dir, write_private_file
+from .private_files import PrivateFileError, check_data_dir, read_private_file
+from .vault import KeyVault, ensure_private_dir, write_private_file
 
 log = logging.getLogger(__name__)
 
@@ -121,3 +121,13 @@ class TokenFile:
                 self._token = token
                 log.info("gateway token changed; using the new one")
         return self._token
+
+
+def check_secrets(data_dir: str | os.PathLike[str]) -> None:
+    """Check the data directory and read both secrets files (creating the token on first start).
+
+    ``serve`` runs this before anything binds: a damaged or foreign ``keys.json`` or ``gateway-token`` stops
+    the start with one line naming the file and the fix (a ``PrivateFileError``), not every chat later."""
+    check_data_dir(Path(data_dir))
+    load_or_create_token(data_dir)
+    KeyVault(data_dir).names()

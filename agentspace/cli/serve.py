@@ -19,7 +19,8 @@ def serve(state: CliState, host: str | None, port: int | None) -> None:
         config.values["server"]["host"] = host
     if port is not None:
         config.values["server"]["port"] = port
-    from ..server import check_secrets, run_server  # aiohttp and the providers load only when serving
+    from ..gateway_token import check_secrets
+    from ..server import run_server  # aiohttp and the providers load only when serving
     from ..stores.files import DataDirLocked
 
     check_secrets(config.data_dir)  # a damaged or foreign secrets file stops here, in one line
