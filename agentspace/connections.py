@@ -15,7 +15,7 @@ import asyncio
 import logging
 import struct
 import time
-from typing import Any
+from typing import Any, cast
 
 from aiohttp import web
 
@@ -59,9 +59,9 @@ class _Counted(asyncio.Protocol):
 
 class _Refused(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        transport.write(REFUSED_RESPONSE)
-        transport.close()
+        writable = cast(asyncio.WriteTransport, transport)  # uvloop's transports are not asyncio classes
+        writable.write(REFUSED_RESPONSE)
+        writable.close()
 
 
 class ConnectionCap:

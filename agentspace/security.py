@@ -34,7 +34,8 @@ MAX_SOURCES = 4096
 
 
 def failure_source(address: str | None) -> str:
-    """The key failures are counted under: "loopback" for 127/8 and ::1, the /64 of an IPv6 address, else the address."""
+    """The key failures are counted under: "loopback" for 127/8 and ::1, the /64 of an IPv6 address, else
+    the address itself."""
     try:
         ip = ipaddress.ip_address((address or "").split("%", 1)[0])
     except ValueError:
