@@ -131,6 +131,19 @@ async def test_pings_do_not_keep_an_unauthenticated_websocket_open(tmp_path: Pat
             assert [f["code"] for f in frames] == ["UNAUTHORIZED"] and ws.close_code == 4401
 
 
+async def test_a_silent_unauthenticated_websocket_is_closed_at_the_auth_deadline(tmp_path: Path,
+                                                                                fake_anthropic: Any) -> None:
+    async with serving(tmp_path, fake_anthropic, auth_timeout_seconds=1.0) as gateway:
+        reader, writer = await websocket_upgrade(gateway)
+        started = time.monotonic()
+        try:
+            answer = await closed_within(reader, 5)  # it never answers, not even our close frame
+        finally:
+            writer.close()
+        assert time.monotonic() - started < 3
+        assert b"UNAUTHORIZED" in answer and answer.endswith(b"unauthorized")  # the error frame, then close 4401
+
+
 async def test_large_frame_before_auth_is_refused_before_it_is_buffered(tmp_path: Path, fake_anthropic: Any) -> None:
     async with serving(tmp_path, fake_anthropic, auth_timeout_seconds=30.0) as gateway:
         reader, writer = await websocket_upgrade(gateway)

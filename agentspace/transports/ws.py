@@ -32,6 +32,8 @@ PRE_AUTH_MAX_BYTES = 4096
 # Bytes a client may send before it has authenticated (its auth frame, pings, what it sends right behind
 # the auth frame); past that the socket is closed (1009) before anything more is buffered.
 PRE_AUTH_BUDGET_BYTES = 4 * PRE_AUTH_MAX_BYTES
+# How long a refused client has to answer our close frame before its socket is closed anyway.
+REFUSED_CLOSE_SECONDS = 1.0
 # At shutdown, how long a connection's last frames (the end of its turn) may take to go out.
 SHUTDOWN_FLUSH_SECONDS = 5.0
 # How often a burst written for a slow reader checks whether the socket's buffer has drained.
@@ -330,4 +332,8 @@ async def _authenticate_first_frame(request: web.Request, ws: web.WebSocketRespo
 
 async def _refuse(ws: web.WebSocketResponse, request_id: Any, message: str, code: str = "UNAUTHORIZED") -> None:
     await ws.send_str(_error_frame(request_id, code, message))
-    await ws.close(code=4401, message=b"unauthorized")
+    try:
+        async with asyncio.timeout(REFUSED_CLOSE_SECONDS):
+            await ws.close(code=4401, message=b"unauthorized")
+    except TimeoutError:
+        pass  # no close frame back: aiohttp has closed the socket on the timeout (a client let in has no say)
