@@ -33,6 +33,8 @@ SCHEMA: dict[str, dict[str, tuple[tuple[type, ...], Any]]] = {
         "messages_per_minute": ((int,), 600),
         "shutdown_grace_seconds": ((int, float), 10.0),
         "event_loop": ((str,), "auto"),
+        "header_timeout_seconds": ((int, float), 10.0),
+        "max_connections": ((int,), 256),
     },
     "storage": {
         "data_dir": ((str,), None),
@@ -190,6 +192,10 @@ def parse_config(raw: dict[str, Any], source: str = "<config>", base_dir: Path |
         port = values["server"][key]
         if not 0 <= port <= 65535:
             raise ConfigError(source, "server.port", f"expected a port number 0-65535, got {port}")
+    if values["server"]["max_connections"] < 1:
+        raise ConfigError(source, "server.max_connections", f"expected a positive integer, got {values['server']['max_connections']}")
+    if values["server"]["header_timeout_seconds"] <= 0:
+        raise ConfigError(source, "server.header_timeout_seconds", f"expected a positive number, got {values['server']['header_timeout_seconds']}")
     for section, key in (("chat", "history_limit"), ("chat", "max_steps"), ("chat", "max_tokens"), ("thinking", "budget_tokens")):
         if values[section][key] < (0 if key == "history_limit" else 1):
             raise ConfigError(source, f"{section}.{key}", f"expected a positive integer, got {values[section][key]}")

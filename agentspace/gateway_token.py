@@ -14,7 +14,9 @@ import secrets
 from pathlib import Path
 
 from .logs import register_secret
+from .private_files import PrivateFileError, check_data_dir, read_private_file
 from .vault import ensure_private_dir, write_private_file
+from .vault import KeyVault
 
 log = logging.getLogger(__name__)
 
@@ -31,14 +33,20 @@ def _new_token() -> str:
     return token
 
 
+# A token travels in an HTTP header and a JSON frame: visible ASCII only, no spaces.
+_TOKEN_CHARS = frozenset(chr(c) for c in range(0x21, 0x7F))
+
+
 def _read(path: Path) -> str | None:
-    try:
-        token = path.read_text(encoding="utf-8").strip()
-    except FileNotFoundError:
+    """The token in ``path``; None when the file is missing or empty. Refuses (``PrivateFileError``) a file
+    that is a symlink, another user's, writable by others, not UTF-8, or not a usable token."""
+    fix = "Run `agentspace token --rotate` to write a new one."
+    text = read_private_file(path, fix)
+    if text is None:
         return None
-    if path.stat().st_mode & 0o077:
-        log.warning("%s was readable by other users; setting its mode to 0600", path)
-        os.chmod(path, 0o600)
+    token = text.strip()
+    if not set(token) <= _TOKEN_CHARS:
+        raise PrivateFileError(f"{path} does not hold a usable token (only visible ASCII, no spaces). {fix}")
     register_secret(token)  # kept out of the logs from now on
     return token or None
 
@@ -96,7 +104,7 @@ class TokenFile:
 
     def _stat(self) -> tuple[int, int, int] | None:
         try:
-            st = os.stat(self.path)
+            st = os.lstat(self.path)  # a symlink put in the file's place is a change (and refused)
         except FileNotFoundError:
             return None
         return (st.st_ino, st.st_mtime_ns, st.st_size)
@@ -104,9 +112,23 @@ class TokenFile:
     def current(self) -> str:
         stamp = self._stat()
         if stamp is not None and stamp != self._stamp:
-            token = _read(self.path)
+            self._stamp = stamp
+            try:
+                token = _read(self.path)
+            except PrivateFileError as e:  # a running server keeps the last good token rather than fail every request
+                log.error("%s Keeping the previous gateway token.", e.message)
+                return self._token
             if token:  # a deleted or emptied file keeps the last good token
                 self._token = token
                 log.info("gateway token changed; using the new one")
-            self._stamp = stamp
         return self._token
+
+
+def check_secrets(data_dir: str | os.PathLike[str]) -> None:
+    """Check the data directory and read both secrets files (creating the token on first start).
+
+    ``serve`` runs this before anything binds: a damaged or foreign ``keys.json`` or ``gateway-token`` stops
+    the start with one line naming the file and the fix (a ``PrivateFileError``), not every chat later."""
+    check_data_dir(Path(data_dir))
+    load_or_create_token(data_dir)
+    KeyVault(data_dir).names()

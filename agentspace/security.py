@@ -4,14 +4,19 @@
 - Requests carrying an ``Origin`` outside ``[server] allowed_origins`` are refused (a web page on another
   site must not drive a local gateway), and so is a ``Host`` that is not ours: DNS rebinding makes an
   attacker's domain resolve to 127.0.0.1, but the browser still sends the attacker's host name.
-- Failed authentication is rate-limited per client address, loopback included (a local web page can
-  brute-force a loopback server as well as anyone).
+- Failed authentication is counted per source (loopback is one source: a local process spreading guesses
+  over 127/8 is still one; IPv6 counts per /64), and a source past its allowance gets 429 / RATE_LIMITED
+  instead of 401. The right token is always accepted, from anywhere: no local process that fails on
+  purpose can lock the owner out (the token's 256 random bits, not the limit, are what stop guessing; the
+  limit keeps a flood of guesses cheap to refuse and visible in the log).
 """
 
 from __future__ import annotations
 
+import ipaddress
+import logging
 import time
-from collections import deque
+from collections import OrderedDict
 from typing import Awaitable, Callable
 
 from aiohttp import web
@@ -20,62 +25,81 @@ from aiohttp.typedefs import Middleware
 from .config import Config
 from .gateway_token import token_matches
 
-MAX_FAILURES = 10  # per address and window before further attempts are refused outright
+log = logging.getLogger(__name__)
+
+MAX_FAILURES = 10  # per source: a burst of this many, then one per FAILURE_WINDOW_SECONDS / MAX_FAILURES
 FAILURE_WINDOW_SECONDS = 60.0
+# Sources tracked at most; past it the one that failed least recently is forgotten (constant work per failure).
+MAX_SOURCES = 4096
 
 
-# Past this many tracked addresses, expired entries are swept on the next failure.
-SWEEP_ADDRESSES = 1024
+def failure_source(address: str | None) -> str:
+    """The key failures are counted under: "loopback" for 127/8 and ::1, the /64 of an IPv6 address, else
+    the address itself."""
+    try:
+        ip = ipaddress.ip_address((address or "").split("%", 1)[0])
+    except ValueError:
+        return address or "unknown"
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    if ip.is_loopback:
+        return "loopback"
+    if isinstance(ip, ipaddress.IPv6Address):
+        return str(ipaddress.IPv6Network((ip, 64), strict=False))
+    return str(ip)
 
 
 class AuthFailures:
-    """Sliding-window count of failed authentications per client address.
-
-    Each address keeps only its last ``limit`` failures: enough to decide, and an attacker who goes on
-    failing stays blocked (each attempt renews the window) without growing the memory it costs us.
+    """Failed authentications per source, as a leaky bucket: each failure adds one, the level drains by
+    ``limit`` per ``window``, and a source is blocked while its level is above ``limit - 1`` (a burst of
+    ``limit`` failures, then one every ``window / limit`` seconds). Each failure costs constant work, and at
+    most ``max_sources`` sources are tracked.
     """
 
-    def __init__(self, limit: int = MAX_FAILURES, window: float = FAILURE_WINDOW_SECONDS) -> None:
+    def __init__(self, limit: int = MAX_FAILURES, window: float = FAILURE_WINDOW_SECONDS,
+                 max_sources: int = MAX_SOURCES) -> None:
         self.limit = limit
         self.window = window
-        self._failures: dict[str, deque[float]] = {}
+        self.max_sources = max_sources
+        self._levels: OrderedDict[str, tuple[float, float]] = OrderedDict()  # source -> (level, when), oldest first
 
-    def _recent(self, address: str) -> deque[float]:
-        q = self._failures.get(address)
-        if q is None:
-            return deque()
-        cutoff = time.monotonic() - self.window
-        while q and q[0] < cutoff:
-            q.popleft()
-        if not q:
-            del self._failures[address]
-        return q
+    def __len__(self) -> int:
+        return len(self._levels)
 
-    def blocked(self, address: str) -> bool:
-        return len(self._recent(address)) >= self.limit
+    def _level(self, source: str, now: float) -> float:
+        entry = self._levels.get(source)
+        if entry is None:
+            return 0.0
+        level, at = entry
+        return max(0.0, level - (now - at) * self.limit / self.window)
 
-    def add(self, address: str) -> None:
-        if len(self._failures) >= SWEEP_ADDRESSES:
-            for other in list(self._failures):
-                self._recent(other)
-        self._recent(address)
-        self._failures.setdefault(address, deque(maxlen=self.limit)).append(time.monotonic())
+    def blocked(self, address: str | None) -> bool:
+        return self._level(failure_source(address), time.monotonic()) > self.limit - 1
 
-
-def _address(request: web.Request) -> str:
-    return request.remote or "unknown"
+    def add(self, address: str | None) -> None:
+        source, now = failure_source(address), time.monotonic()
+        before = self._level(source, now)
+        # Capped: one who goes on failing stays blocked, and is let go within two windows of stopping.
+        self._levels[source] = (min(before + 1.0, 2.0 * self.limit), now)
+        self._levels.move_to_end(source)
+        if len(self._levels) > self.max_sources:
+            self._levels.popitem(last=False)
+        if before <= self.limit - 1 < before + 1.0:
+            log.warning("too many failed authentications from %s; answering them with RATE_LIMITED", source)
 
 
 def token_ok(request: web.Request, token: str) -> bool:
-    """Compare ``token`` with the current gateway token, unless this address is rate-limited."""
-    state = _state()
-    if request.app[state.AUTH_FAILURES].blocked(_address(request)):
-        return False
-    return token_matches(request.app[state.TOKEN_FILE].current(), token)
+    """Whether ``token`` is the current gateway token (the right token is accepted even from a blocked source)."""
+    return token_matches(request.app[_state().TOKEN_FILE].current(), token)
 
 
 def auth_failed(request: web.Request) -> None:
-    request.app[_state().AUTH_FAILURES].add(_address(request))
+    request.app[_state().AUTH_FAILURES].add(request.remote)
+
+
+def auth_blocked(request: web.Request) -> bool:
+    """Whether failures from this request's source are answered with RATE_LIMITED."""
+    return request.app[_state().AUTH_FAILURES].blocked(request.remote)
 
 
 def bearer_token(request: web.Request) -> str | None:
@@ -104,9 +128,10 @@ def bearer_ok(request: web.Request) -> bool:
 
 
 def message_limiter(config: Config) -> Callable[[], bool]:
-    """A token bucket per connection: ``[server] messages_per_minute``, bursts up to a tenth of it."""
+    """A token bucket per connection: ``[server] messages_per_minute``, which a client may also send at once
+    (the bucket holds a minute's worth and refills at the per-minute rate)."""
     rate = config["server"]["messages_per_minute"] / 60.0
-    capacity = max(10.0, config["server"]["messages_per_minute"] / 10.0)
+    capacity = max(1.0, float(config["server"]["messages_per_minute"]))
     tokens = capacity
     last = time.monotonic()
 
@@ -163,15 +188,19 @@ def security_middleware(config: Config) -> Middleware:
         if request.path == "/healthz" or request.path == "/gateway" or request.method == "OPTIONS":
             return await handler(request)  # /gateway authenticates itself (header or first frame)
         v1 = request.path.startswith("/v1/")  # the drop-in APIs answer in their own error shape
-        if request.app[_state().AUTH_FAILURES].blocked(_address(request)):
+        token = api_token(request)
+        if token is not None and token_ok(request, token):
+            return await handler(request)
+        blocked = auth_blocked(request)
+        if token is not None:
+            auth_failed(request)
+        if blocked:
             if v1:
                 return _v1_error(request, 429, "Too many failed authentications; try again later.")
             return error_response(429, "RATE_LIMITED", "Too many failed authentications; try again later.")
-        if not bearer_ok(request):
-            if v1:
-                return _v1_error(request, 401, "Send the gateway token as x-api-key or Authorization: Bearer; run 'agentspace token' to see it.")
-            return error_response(401, "UNAUTHORIZED", "Send Authorization: Bearer <token>; run 'agentspace token' to see it.")
-        return await handler(request)
+        if v1:
+            return _v1_error(request, 401, "Send the gateway token as x-api-key or Authorization: Bearer; run 'agentspace token' to see it.")
+        return error_response(401, "UNAUTHORIZED", "Send Authorization: Bearer <token>; run 'agentspace token' to see it.")
 
     return middleware
 

@@ -22,8 +22,9 @@ from aiohttp import web
 from . import pricing
 from .catalog import deprecation_message, is_retired
 from .config import Config, ConfigError
+from .connections import ConnectionCap
 from .gateway import Gateway, ModelNotFound
-from .gateway_token import TokenFile
+from .gateway_token import TokenFile, check_secrets
 from .logs import configure_logging
 from .plugins import get_plugin_manager
 from .security import AuthFailures, security_middleware
@@ -43,6 +44,7 @@ def create_app(config: Config, pm: pluggy.PluginManager | None = None) -> web.Ap
         client_max_size=int(config["server"]["max_body_bytes"]),
         middlewares=[security_middleware(config)],
     )
+    check_secrets(config.data_dir)
     app[state.TOKEN_FILE] = TokenFile(config.data_dir)
     app[state.AUTH_FAILURES] = AuthFailures()
     app[state.WEBSOCKETS] = weakref.WeakSet()
@@ -160,12 +162,19 @@ def event_loop_factory(choice: str) -> tuple[str, Callable[[], asyncio.AbstractE
 async def _serve(config: Config, host: str, port: int) -> None:
     app = create_app(config)
     grace = float(config["server"]["shutdown_grace_seconds"])
-    runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=grace + 5, access_log=None)
+    # keepalive_timeout is also how long a new connection may take to send its first request's headers
+    # (aiohttp starts it when the connection opens): the header deadline, short enough that slow-header
+    # clients cannot pile up. Kept-alive connections idle that long are closed too.
+    runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=grace + 5, access_log=None,
+                           keepalive_timeout=float(config["server"]["header_timeout_seconds"]))
     await runner.setup()
+    listener: asyncio.Server | None = None
     try:
-        site = web.TCPSite(runner, host, port)
-        await site.start()
-        bound = site._server.sockets[0].getsockname() if site._server and site._server.sockets else (host, port)  # type: ignore[union-attr,attr-defined]
+        assert runner.server is not None
+        # Our own listener instead of web.TCPSite, for a protocol factory that caps open connections.
+        cap = ConnectionCap(runner.server, int(config["server"]["max_connections"]))
+        listener = await asyncio.get_running_loop().create_server(cap, host, port, backlog=128)
+        bound = listener.sockets[0].getsockname() if listener.sockets else (host, port)
         shown_host = f"[{bound[0]}]" if ":" in str(bound[0]) else bound[0]
         url = f"http://{shown_host}:{bound[1]}"
         print(f"agentspace listening on {url}  (WebSocket: ws://{shown_host}:{bound[1]}/gateway)", flush=True)
@@ -176,7 +185,9 @@ async def _serve(config: Config, host: str, port: int) -> None:
             loop.add_signal_handler(sig, stop.set)
         await stop.wait()
         print("agentspace shutting down", file=sys.stderr, flush=True)
-        await site.stop()  # refuse new connections; open ones keep working through the grace period
+        listener.close()  # refuse new connections; open ones keep working through the grace period
         await _finish_streams(app)
     finally:
+        if listener is not None:
+            listener.close()
         await runner.cleanup()

@@ -12,9 +12,8 @@ import secrets
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import click
-
 from .logs import register_secret
+from .private_files import PrivateFileError, read_private_file
 from .providers.base import display_name
 
 if TYPE_CHECKING:
@@ -26,8 +25,8 @@ NOTE = "API keys for agentspace. Do not share."
 DEFAULT_ENV_VARS = {"anthropic": "ANTHROPIC_API_KEY", "openai": "OPENAI_API_KEY", "gemini": "GEMINI_API_KEY"}
 
 
-class VaultError(click.ClickException):
-    """keys.json exists but cannot be read or parsed."""
+class VaultError(PrivateFileError):
+    """keys.json exists but cannot be trusted, read or parsed."""
 
 
 def ensure_private_dir(path: Path) -> None:
@@ -89,7 +88,7 @@ class KeyVault:
 
     def _read(self) -> dict[str, str]:
         try:
-            st = os.stat(self.path)
+            st = os.lstat(self.path)  # lstat: a symlink put in the file's place is a change, and refused below
         except FileNotFoundError:
             return {}
         except OSError as e:
@@ -99,20 +98,21 @@ class KeyVault:
         cached = _parsed.get(self.path)
         if cached is not None and cached[0] == stamp:
             return dict(cached[1])
+        fix = "Fix it, or remove it and add the keys again (agentspace keys add NAME)."
         try:
-            text = self.path.read_text(encoding="utf-8")
-        except FileNotFoundError:
+            text = read_private_file(self.path, fix)
+        except PrivateFileError as e:
+            raise VaultError(e.message) from None
+        if text is None:
             return {}
-        except OSError as e:
-            raise VaultError(f"Cannot read {self.path}: {e.strerror or e}") from None
         try:
             data: Any = json.loads(text) if text.strip() else {}
-        except json.JSONDecodeError as e:
-            raise VaultError(f"{self.path} is not valid JSON ({e}). Fix it, or remove it and add the keys again.") from None
+        except (ValueError, RecursionError) as e:
+            raise VaultError(f"{self.path} is not valid JSON ({e}). {fix}") from None
         keys = data.get("keys", {}) if isinstance(data, dict) else None
-        if not isinstance(keys, dict):
-            raise VaultError(f'{self.path}: expected {{"keys": {{NAME: KEY}}}}. Fix it, or remove it and add the keys again.')
-        found = {str(k): str(v) for k, v in keys.items()}
+        if not isinstance(keys, dict) or not all(isinstance(v, str) for v in keys.values()):
+            raise VaultError(f'{self.path}: expected {{"keys": {{"NAME": "KEY", ...}}}}. {fix}')
+        found = {str(k): v for k, v in keys.items()}
         for value in found.values():
             register_secret(value)  # kept out of the logs from now on
         _parsed[self.path] = (stamp, found)

@@ -115,7 +115,7 @@ async def test_random_first_frame_before_auth(server: Any, first: Any) -> None:
         msg = await ws.receive(timeout=10)
     assert msg.type in (WSMsgType.CLOSE, WSMsgType.CLOSED, WSMsgType.CLOSING)
     await ws.close()
-    client.server.app[STATE.AUTH_FAILURES]._failures.clear()  # the failures would rate-limit this address
+    client.server.app[STATE.AUTH_FAILURES]._levels.clear()  # the failures would rate-limit this address
     await still_works(good, "after-preauth")
 
 

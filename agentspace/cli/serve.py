@@ -19,9 +19,11 @@ def serve(state: CliState, host: str | None, port: int | None) -> None:
         config.values["server"]["host"] = host
     if port is not None:
         config.values["server"]["port"] = port
+    from ..gateway_token import check_secrets
     from ..server import run_server  # aiohttp and the providers load only when serving
     from ..stores.files import DataDirLocked
 
+    check_secrets(config.data_dir)  # a damaged or foreign secrets file stops here, in one line
     try:
         run_server(config, host=config["server"]["host"], port=config["server"]["port"])
     except DataDirLocked as e:

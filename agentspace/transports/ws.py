@@ -17,6 +17,7 @@ from aiohttp import WSCloseCode, WSMsgType, web
 
 from .. import events as ev
 from .. import security
+from ..connections import PreAuthBudget
 from ..errors import ApiError
 from ..pipeline import Turn
 from ..service import ChatInput, chat_request, invalid, parse_json, request_id_ok
@@ -28,6 +29,11 @@ log = logging.getLogger(__name__)
 
 # Frames before authentication must be small: nothing but {"type": "auth", ...} is expected.
 PRE_AUTH_MAX_BYTES = 4096
+# Bytes a client may send before it has authenticated (its auth frame, pings, what it sends right behind
+# the auth frame); past that the socket is closed (1009) before anything more is buffered.
+PRE_AUTH_BUDGET_BYTES = 4 * PRE_AUTH_MAX_BYTES
+# How long a refused client has to answer our close frame before its socket is closed anyway.
+REFUSED_CLOSE_SECONDS = 1.0
 # At shutdown, how long a connection's last frames (the end of its turn) may take to go out.
 SHUTDOWN_FLUSH_SECONDS = 5.0
 # How often a burst written for a slow reader checks whether the socket's buffer has drained.
@@ -254,11 +260,15 @@ async def gateway_handler(request: web.Request) -> web.StreamResponse:
 async def _authenticate_first_frame(request: web.Request, ws: web.WebSocketResponse, timeout: float) -> bool:
     """Browsers cannot set headers on a WebSocket: the first frame must be {"type": "auth", "token"}."""
     started = time.monotonic()
+    budget = PreAuthBudget(request, PRE_AUTH_BUDGET_BYTES)
     try:
-        msg = await ws.receive(timeout=timeout)
-    except asyncio.TimeoutError:
+        async with asyncio.timeout(timeout):  # one deadline: pings, pongs and partial frames do not extend it
+            msg = await ws.receive()
+    except TimeoutError:
         await _refuse(ws, None, "Authenticate within %.0f s: send {\"type\": \"auth\", \"id\": ..., \"token\": ...}." % timeout)
         return False
+    if msg.type in (WSMsgType.CLOSE, WSMsgType.CLOSING, WSMsgType.CLOSED, WSMsgType.ERROR) or ws.closed:
+        return False  # gone, or closed for sending too much before authenticating
     request_id = None
     if msg.type == WSMsgType.TEXT and len(msg.data) <= PRE_AUTH_MAX_BYTES:
         try:
@@ -269,16 +279,23 @@ async def _authenticate_first_frame(request: web.Request, ws: web.WebSocketRespo
             request_id = frame.get("id") if request_id_ok(frame.get("id")) else None
             token = frame.get("token")
             if frame.get("type") == "auth" and isinstance(token, str) and security.token_ok(request, token):
+                budget.release()
                 await ws.send_str(compact_json({"type": "auth.ok", "requestId": request_id}))
                 return True
-    if msg.type in (WSMsgType.CLOSE, WSMsgType.CLOSING, WSMsgType.CLOSED):
-        return False
+    blocked = security.auth_blocked(request)
     security.auth_failed(request)
     log.info("websocket authentication failed from %s after %.2fs", request.remote, time.monotonic() - started)
-    await _refuse(ws, request_id, "Authentication failed. Send Authorization: Bearer <token> or an auth frame first; run 'agentspace token'.")
+    if blocked:
+        await _refuse(ws, request_id, "Too many failed authentications; try again later.", "RATE_LIMITED")
+    else:
+        await _refuse(ws, request_id, "Authentication failed. Send Authorization: Bearer <token> or an auth frame first; run 'agentspace token'.")
     return False
 
 
-async def _refuse(ws: web.WebSocketResponse, request_id: Any, message: str) -> None:
-    await ws.send_str(_error_frame(request_id, "UNAUTHORIZED", message))
-    await ws.close(code=4401, message=b"unauthorized")
+async def _refuse(ws: web.WebSocketResponse, request_id: Any, message: str, code: str = "UNAUTHORIZED") -> None:
+    await ws.send_str(_error_frame(request_id, code, message))
+    try:
+        async with asyncio.timeout(REFUSED_CLOSE_SECONDS):
+            await ws.close(code=4401, message=b"unauthorized")
+    except TimeoutError:
+        pass  # no close frame back: aiohttp has closed the socket on the timeout (a client let in has no say)
