@@ -116,23 +116,22 @@ async def start_turn(gw: Gateway, request: ChatRequest) -> "Turn":
     turn = Turn(gw, session_id, model, request.client, created)
     user_message = {"id": request.user_message_id or new_id("msg_"), "role": "user", "content": request.content,
                     "parts": [{"type": "text", "text": request.content}], "createdAt": now_iso()}
-    # The writes are queued now, in order, before any later read or write of the session, but not awaited:
-    # the provider call does not wait for fsync. The store thread starts on them once the first output has
-    # gone to the client, or 50 ms after the turn started if that is sooner (``Turn.write_gate``): a model
-    # takes longer than that to start answering, so the message is on disk while it works, and meanwhile the
-    # store thread does not compete with the event loop (for the GIL and the CPU) on the way to the first
-    # token. The turn waits for the writes' outcome before it publishes the end (Turn._settle).
-    if session is None:
-        history = list(request.import_messages)
-        try:  # a new session is written once, with its first messages
-            turn.writes.append(gw.sessions.create_soon(model=model, session_id=session_id, client=request.client,
-                                                       messages=[*history, user_message], gate=turn.write_gate))
-        except InvalidSessionId as e:
-            raise ChatError("INVALID_MESSAGE", str(e)) from None
-    else:
-        history = session["messages"]
-        turn.writes.append(gw.sessions.append_message_soon(session_id, user_message, gate=turn.write_gate))
+    # Claimed before the writes' awaits: a concurrent request for the same session is refused meanwhile.
     gw.active[session_id] = turn
+    try:  # the user message is durable before the provider is called (SPEC 6)
+        if session is None:
+            history = list(request.import_messages)
+            try:  # a new session is written once, with its first messages
+                await gw.sessions.create(model=model, session_id=session_id, client=request.client,
+                                         messages=[*history, user_message])
+            except InvalidSessionId as e:
+                raise ChatError("INVALID_MESSAGE", str(e)) from None
+        else:
+            history = session["messages"]
+            await gw.sessions.append_message(session_id, user_message)
+    except BaseException:
+        gw.active.pop(session_id, None)
+        raise
     turn.start(request.content, history)
     return turn
 
@@ -558,7 +557,7 @@ class Turn:
         # crash between the two writes leaves the call billed rather than silently free. The built-in sink
         # queued them on the store thread when they were recorded (Gateway.record_usage), which runs its work
         # in order: the answer is queued behind them, not after waiting for them.
-        self.writes.append(self.gw.sessions.append_message_soon(self.session_id, message))
+        self.writes.append(asyncio.ensure_future(self.gw.sessions.append_message(self.session_id, message)))
         # A client may read the store as soon as it has the end of the answer: everything is written by then.
         await self._settle()
 

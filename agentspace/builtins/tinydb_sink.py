@@ -33,9 +33,9 @@ class TinyDBUsageSink:
         return self._store
 
     def record(self, record: UsageRecord) -> "asyncio.Future[None]":
-        # Not a coroutine: the write is queued when the gateway calls this, so that the answer the pipeline
+        # Not a coroutine: the write is started when the gateway calls this, so that the answer the pipeline
         # stores next goes after it on the store thread (whoever sees the answer sees what it cost).
-        return self.store.append_soon(record)
+        return asyncio.ensure_future(self.store.append(record))
 
     async def aclose(self) -> None:
         if self._store is not None:

@@ -20,7 +20,7 @@ def serve(state: CliState, host: str | None, port: int | None) -> None:
     if port is not None:
         config.values["server"]["port"] = port
     from ..server import run_server  # aiohttp and the providers load only when serving
-    from ..stores.files import DataDirLocked
+    from ..stores.datadir_lock import DataDirLocked
 
     try:
         run_server(config, host=config["server"]["host"], port=config["server"]["port"])

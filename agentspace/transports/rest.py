@@ -21,7 +21,6 @@ from ..context import inspect_session
 from ..gateway import ModelNotFound
 from ..periods import parse_since
 from ..security import error_response
-from ..stores.usage import usage_by_day, usage_report
 from . import state
 from .ui_stream import BadRequest, checked_session_id, invalid
 
@@ -47,7 +46,8 @@ def _not_found(session_id: str) -> web.Response:
 
 
 async def list_sessions(request: web.Request) -> web.Response:
-    return web.json_response({"sessions": await request.app[state.GATEWAY].sessions.list()})
+    listing = await request.app[state.GATEWAY].sessions.listing()
+    return web.json_response({"sessions": listing.sessions, "damagedFiles": listing.damaged_files})
 
 
 async def get_session(request: web.Request) -> web.Response:
@@ -93,8 +93,8 @@ async def usage(request: web.Request) -> web.Response:
             since = parse_since(request.query["since"])
         except ValueError as e:
             raise invalid([{"path": "since", "message": str(e)}]) from None
-    records = await request.app[state.GATEWAY].usage.arecords(session_id=request.query.get("sessionId") or None, since=since)
-    return web.json_response(usage_report(records) if by == "model" else usage_by_day(records))
+    usage = request.app[state.GATEWAY].usage
+    return web.json_response(await usage.areport(by=by, since=since, session_id=request.query.get("sessionId") or None))
 
 
 async def models(request: web.Request) -> web.Response:

@@ -143,15 +143,14 @@ class Connection:
         await self.send({"type": "context.inspection", "requestId": request_id, **reply})
 
     async def on_usage_query(self, request_id: Any, msg: dict[str, Any]) -> None:
-        from ..stores.usage import usage_report
-
         session_id = _field(msg, "sessionId", str)
-        records = await self.gw.usage.arecords(session_id=session_id)
-        await self.send({"type": "usage.report", "requestId": request_id, **usage_report(records)})
+        report = await self.gw.usage.areport(session_id=session_id)
+        await self.send({"type": "usage.report", "requestId": request_id, **report})
 
     async def on_session_list(self, request_id: Any, msg: dict[str, Any]) -> None:
-        sessions = await self.gw.sessions.list()
-        await self.send({"type": "session.list.result", "requestId": request_id, "sessions": sessions})
+        listing = await self.gw.sessions.listing()
+        await self.send({"type": "session.list.result", "requestId": request_id, "sessions": listing.sessions,
+                         "damagedFiles": listing.damaged_files})
 
     async def on_auth(self, request_id: Any, msg: dict[str, Any]) -> None:
         await self.send({"type": "auth.ok", "requestId": request_id})  # already authenticated
