@@ -122,10 +122,11 @@ def read_json(path: Path) -> Any | None:
         raise StoreCorrupt(path, f"not valid JSON ({e})") from None
 
 
-def move_aside(path: Path) -> Path | None:
+def move_aside(damage: StoreCorrupt) -> Path | None:
     """Rename a damaged file to ``<name>.damaged-<UTC time>`` next to it (kept, never deleted) and log it once.
 
     Returns the new path, or None when the file was gone already."""
+    path = damage.path
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
     for n in itertools.count():
         target = path.with_name(f"{path.name}{DAMAGED_MARK}{stamp}" + (f"-{n}" if n else ""))
@@ -136,7 +137,7 @@ def move_aside(path: Path) -> Path | None:
     except FileNotFoundError:
         return None
     fsync_dir(path.parent)
-    log.error("damaged store file moved aside: %s (was %s); writing continues in a fresh file", target, path.name)
+    log.error("damaged store file moved aside to %s (%s); writing continues in a fresh file", target, damage)
     return target
 
 

@@ -318,8 +318,7 @@ class SessionStore:
         try:
             tables = _checked(read_tables(path), path)
         except StoreCorrupt as e:
-            log.error("damaged session file: %s", e)
-            move_aside(path)
+            move_aside(e)
             if self._damaged_ids is not None:
                 self._damaged_ids.add(session_id)
             raise SessionDamaged(session_id) from None

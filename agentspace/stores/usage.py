@@ -176,8 +176,7 @@ class UsageStore:
         try:
             records = ((read_tables(path) or {}).get(_RECORDS) or {})
         except StoreCorrupt as e:
-            log.error("damaged usage segment: %s", e)
-            move_aside(path)  # its name is free again: the fresh segment takes it
+            move_aside(e)  # its name is free again: the fresh segment takes it
             records = {}
         if len(records) >= self.segment_size:
             number, records = number + 1, {}

@@ -18,6 +18,7 @@ from aiohttp import hdrs, web
 
 from ..catalog import usable_models
 from ..context import inspect_session
+from ..errors import ApiError
 from ..gateway import ModelNotFound
 from ..periods import parse_since
 from ..security import error_response
@@ -124,6 +125,8 @@ async def errors_and_preflight(request: web.Request, handler: Handler) -> web.St
         return await handler(request)
     except BadRequest as e:
         return e.response()
+    except ApiError as e:  # e.g. a damaged session (SESSION_DAMAGED), a failed store write (STORAGE_ERROR)
+        return error_response(e.status, e.code, e.message)
     except web.HTTPException as e:
         if e.status < 400:
             raise

@@ -19,6 +19,7 @@ from aiohttp import WSCloseCode, WSMsgType, web
 from .. import events as ev
 from .. import security
 from ..context import inspect_session
+from ..errors import ApiError
 from ..pipeline import ChatError, ChatRequest, Turn, start_turn
 from ..types import compact_json, usage_to_wire
 from . import state
@@ -106,6 +107,8 @@ class Connection:
             await handler(self, request_id, msg)
         except _BadField as e:
             await self.error(request_id, "INVALID_MESSAGE", str(e))
+        except ApiError as e:  # e.g. a damaged session (SESSION_DAMAGED), a failed store write (STORAGE_ERROR)
+            await self.error(request_id, e.code, e.message)
 
     async def on_chat_send(self, request_id: Any, msg: dict[str, Any]) -> None:
         content = _field(msg, "content", str, required=True)
