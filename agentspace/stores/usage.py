@@ -204,9 +204,8 @@ def _totals() -> dict[str, Any]:
 
 
 def _is_error(record: dict[str, Any]) -> bool:
-    if "error" in record:
-        return bool(record["error"])
-    return record.get("finishReason") == "error"  # records written before the ``error`` field
+    # The finish reason too: records written before the ``error`` field have only that.
+    return bool(record.get("error")) or record.get("finishReason") == "error"
 
 
 def _add(totals: dict[str, Any], record: dict[str, Any]) -> None:
