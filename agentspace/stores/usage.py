@@ -198,9 +198,11 @@ def _iso(since: datetime | None) -> str | None:
 # --- reports ------------------------------------------------------------------------------------
 
 
+_COUNTS = ("requestCount", "errorCount", "estimatedCount")
+
+
 def _totals() -> dict[str, Any]:
-    return {**dict.fromkeys(_TOKEN_FIELDS, 0), "totalCost": 0.0, "requestCount": 0, "errorCount": 0,
-            "estimatedCount": 0}
+    return {**dict.fromkeys(_TOKEN_FIELDS, 0), "totalCost": 0.0, **dict.fromkeys(_COUNTS, 0)}
 
 
 def _is_error(record: dict[str, Any]) -> bool:
@@ -216,6 +218,8 @@ def _add(totals: dict[str, Any], record: dict[str, Any]) -> None:
     totals["requestCount"] += record.get("answered") is not False
     totals["errorCount"] += _is_error(record)
     totals["estimatedCount"] += bool(record.get("estimated"))
+    if record.get("priceKnown") is False:  # costed at the fallback price: the report says so
+        totals["priceKnown"] = False
 
 
 def _model_label(record: dict[str, Any]) -> str:
@@ -228,16 +232,16 @@ def _day_label(record: dict[str, Any]) -> str:
 
 def _group(records: Iterable[dict[str, Any]], key: str, label: Callable[[dict[str, Any]], str]) -> dict[str, Any]:
     groups: dict[str, dict[str, Any]] = {}
-    grand = _totals()
     for record in records:
         name = label(record)
         totals = groups.get(name)
         if totals is None:
             totals = groups[name] = _totals()
         _add(totals, record)
-        if record.get("priceKnown") is False:  # costed at the fallback price: the report says so
-            totals["priceKnown"] = False
-        _add(grand, record)
+    grand = _totals()
+    for totals in groups.values():
+        for field in (*_TOKEN_FIELDS, "totalCost", *_COUNTS):
+            grand[field] += totals[field]
     for totals in (*groups.values(), grand):
         totals["totalCost"] = round(totals["totalCost"], 10)  # float sums carry noise below a nano-dollar
     return {key: dict(sorted(groups.items())), "grandTotal": grand}
