@@ -141,6 +141,16 @@ def move_aside(damage: StoreCorrupt) -> Path | None:
     return target
 
 
+_warned: set[Path] = set()
+
+
+def warn_skipped(damage: StoreCorrupt) -> None:
+    """Log, once per file and process, that a reader skipped a damaged file (reports are polled)."""
+    if damage.path not in _warned:
+        _warned.add(damage.path)
+        log.warning("skipped a damaged store file (kept as it is; run: agentspace doctor): %s", damage)
+
+
 def is_damaged_copy(name: str) -> bool:
     return DAMAGED_MARK in name
 

@@ -19,7 +19,6 @@ import builtins
 import contextlib
 import copy
 import json
-import logging
 import os
 import re
 import threading
@@ -37,11 +36,10 @@ from .atomic import (
     make_dirs,
     move_aside,
     remove_stale_temp_files,
+    warn_skipped,
 )
-from .store_thread import on_store_thread
+from .store_thread import on_store_thread, read_in_thread
 from .tinydb_file import Tables, next_doc_id, read_tables, write_tables
-
-log = logging.getLogger("agentspace.stores")
 
 SESSION_ID = re.compile(r"[A-Za-z0-9_-]{1,128}")
 TITLE_LENGTH = 60
@@ -171,7 +169,10 @@ class SessionStore:
         return (await self.listing()).sessions
 
     async def listing(self) -> Listing:
-        return await self._run(self.listing_sync)
+        """``listing_sync`` off the event loop (and off the store thread: writes do not wait for it)."""
+        if self._closed:
+            raise RuntimeError("the session store is closed")
+        return await read_in_thread(self.listing_sync)
 
     async def append_message(self, session_id: str, message: dict[str, Any]) -> None:
         """Store a message (``id`` and ``createdAt`` are filled in when absent). Storing a message whose id
@@ -218,7 +219,7 @@ class SessionStore:
         try:
             tables = _checked(read_tables(path), path)
         except StoreCorrupt as e:
-            log.error("damaged session file: %s", e)
+            warn_skipped(e)
             raise SessionDamaged(session_id) from None
         if tables is None:
             if session_id in self._scan_damaged_ids():
@@ -251,7 +252,7 @@ class SessionStore:
                     raise StoreCorrupt(path, "not a session file (its name is not a session id)")
                 tables = _checked(read_tables(path), path)
             except StoreCorrupt as e:
-                log.warning("skipped a damaged file in the session listing: %s", e)
+                warn_skipped(e)
                 listing.damaged_files.append(str(path))
                 continue
             if tables is not None:  # else deleted since listed

@@ -36,6 +36,10 @@ def _forget_in_child() -> None:
 os.register_at_fork(after_in_child=_forget_in_child)
 
 
+def _storage_error(e: OSError) -> StorageError:
+    return StorageError(f"The gateway could not use its data directory: {e.strerror or e}.")
+
+
 async def on_store_thread(fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
     """Run ``fn`` on the store thread and return its result.
 
@@ -49,4 +53,17 @@ async def on_store_thread(fn: Callable[..., T], /, *args: Any, **kwargs: Any) ->
     try:
         return await asyncio.shield(future)
     except OSError as e:
-        raise StorageError(f"The gateway could not write to its data directory: {e.strerror or e}.") from e
+        raise _storage_error(e) from e
+
+
+async def read_in_thread(fn: Callable[..., T], /, *args: Any) -> T:
+    """Run a read-only ``fn`` on a thread of the default executor, not the store thread: a long read (a usage
+    report over 100k records, a listing of 10k sessions) must not hold up the writes queued there. Safe
+    without the store thread's order because every write replaces its file atomically, and a write is
+    finished when its caller's await returns."""
+    import asyncio
+
+    try:
+        return await asyncio.to_thread(fn, *args)
+    except OSError as e:
+        raise _storage_error(e) from e

@@ -12,7 +12,6 @@ segments and name them (``damagedFiles`` in the reports).
 
 from __future__ import annotations
 
-import logging
 import os
 import re
 import time
@@ -27,11 +26,10 @@ from .atomic import (
     make_dirs,
     move_aside,
     remove_stale_temp_files,
+    warn_skipped,
 )
-from .store_thread import on_store_thread
+from .store_thread import on_store_thread, read_in_thread
 from .tinydb_file import next_doc_id, read_tables, write_tables
-
-log = logging.getLogger("agentspace.stores")
 
 _RECORDS = "records"
 _DAY = re.compile(r"\d{4}-\d{2}-\d{2}")
@@ -111,7 +109,7 @@ class UsageStore:
                 try:
                     tables = read_tables(path)
                 except StoreCorrupt as e:
-                    log.warning("skipped a damaged usage segment: %s", e)
+                    warn_skipped(e)
                     if damaged is not None:
                         damaged.append(str(path))
                     continue
@@ -132,12 +130,12 @@ class UsageStore:
 
     async def areport(self, *, by: str = "model", since: datetime | None = None,
                       session_id: str | None = None) -> dict[str, Any]:
-        """``report`` run on the store thread, after the appends started before it."""
-        return await on_store_thread(lambda: self.report(by=by, since=since, session_id=session_id))
+        """``report`` run off the event loop (and off the store thread: writes do not wait for it)."""
+        return await read_in_thread(lambda: self.report(by=by, since=since, session_id=session_id))
 
     async def arecords(self, *, since: datetime | None = None, session_id: str | None = None) -> list[dict[str, Any]]:
-        """``records`` run on the store thread, after the appends started before it."""
-        return await on_store_thread(lambda: list(self.records(since=since, session_id=session_id)))
+        """``records`` run off the event loop (and off the store thread: writes do not wait for it)."""
+        return await read_in_thread(lambda: list(self.records(since=since, session_id=session_id)))
 
     async def flush(self) -> None:
         await on_store_thread(lambda: None)
