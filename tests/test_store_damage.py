@@ -205,7 +205,6 @@ async def main():
     await usage.append(record(out["usage"]))
     await sessions.append_message("s1", {"id": f"m{out['messages']}", "role": "user", "content": "x" * 500})
     await usage.append(record(out["usage"]))  # a retry of a write that did land: not stored twice
-    await sessions.append_message("s1", {"id": f"m{out['messages']}", "role": "user", "content": "x" * 500})
     await usage.aclose()
     await sessions.aclose()
     print(json.dumps(out))

@@ -175,8 +175,8 @@ class SessionStore:
         return await read_in_thread(self.listing_sync)
 
     async def append_message(self, session_id: str, message: dict[str, Any]) -> None:
-        """Store a message (``id`` and ``createdAt`` are filled in when absent). Storing a message whose id
-        the session has already (a retried write) changes nothing. Raises SessionNotFound, SessionDamaged."""
+        """Store a message (``id`` and ``createdAt`` are filled in when absent). Raises SessionNotFound,
+        SessionDamaged, or StorageError (then nothing was stored, and the same call can be retried)."""
         await self._run(self._append, session_id, _stored(message))
 
     async def update_message(self, session_id: str, message_id: str, changes: dict[str, Any]) -> None:
@@ -388,8 +388,6 @@ class SessionStore:
         with self._lock:
             tables = self._require(session_id)
             messages = tables[_MESSAGES]
-            if any(m.get("id") == message["id"] for m in messages.values()):
-                return  # stored by an earlier try of this write
             info = dict(tables[_SESSION]["1"])
             if not info.get("title") and message.get("role") == "user":
                 info["title"] = _title_from(message)
