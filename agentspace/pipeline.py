@@ -127,9 +127,9 @@ async def start_turn(gw: Gateway, request: ChatRequest) -> "Turn":
     try:
         if session is None:
             history = list(request.import_messages)
-            await gw.sessions.create(model=model, session_id=session_id, client=request.client)
-            for message in [*history, user_message]:
-                await gw.sessions.append_message(session_id, message)
+            # A new session is written once, with its first messages.
+            await gw.sessions.create(model=model, session_id=session_id, client=request.client,
+                                     messages=[*history, user_message])
         else:
             history = session["messages"]
             await gw.sessions.append_message(session_id, user_message)

@@ -28,7 +28,7 @@ from .gateway_token import TokenFile, check_secrets
 from .logs import configure_logging
 from .plugins import get_plugin_manager
 from .security import AuthFailures, security_middleware
-from .stores.files import DataDirLock
+from .stores.datadir_lock import DataDirLock
 from .transports import rest, state, ui_stream, v1_common, ws
 
 log = logging.getLogger(__name__)

@@ -23,8 +23,7 @@ from .errors import ApiError
 from .gateway import Gateway, ModelNotFound
 from .periods import parse_since
 from .pipeline import ChatRequest, Turn, start_turn
-from .stores.sessions import SESSION_ID
-from .stores.usage import usage_by_day, usage_report
+from .stores.sessions import SESSION_ID, Listing
 
 SHUTTING_DOWN_MESSAGE = "The gateway is shutting down; try again when it is back."
 
@@ -167,8 +166,9 @@ class Service:
     def active_turn(self, session_id: str) -> Turn | None:
         return self.gw.active.get(session_id)
 
-    async def list_sessions(self) -> list[dict[str, Any]]:
-        return await self.gw.sessions.list()
+    async def list_sessions(self) -> Listing:
+        """Every readable session, and the damaged files the listing skipped."""
+        return await self.gw.sessions.listing()
 
     async def get_session(self, session_id: str) -> dict[str, Any]:
         session = await self.gw.sessions.get(checked(session_id, "id", session_id_problem))
@@ -213,8 +213,7 @@ class Service:
                 when = parse_since(since)
             except ValueError as e:
                 raise invalid({paths[1]: str(e)}) from None
-        records = await self.gw.usage.arecords(session_id=session_id, since=when)
-        return usage_report(records) if by == "model" else usage_by_day(records)
+        return await self.gw.usage.areport(by=by, since=when, session_id=session_id)
 
     async def models(self) -> list[dict[str, Any]]:
         # The same list as `agentspace models --json`; it reads the vault and the cost map, so off the loop.

@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import json
 import os
-import secrets
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .logs import register_secret
 from .private_files import PrivateFileError, read_private_file
 from .providers.base import display_name
+from .stores.atomic import write_bytes_atomic
 
 if TYPE_CHECKING:
     from .config import Config
@@ -35,38 +35,13 @@ def ensure_private_dir(path: Path) -> None:
 
 
 def write_private_file(path: Path, text: str) -> None:
-    """Write ``text`` atomically with mode 0600: temp file (created 0600) + fsync + rename.
+    """Write ``text`` with mode 0600 through the one atomic writer (``stores.atomic.write_bytes_atomic``).
 
     A crash leaves either the old or the new file, never a half-written one, and the secret is never
-    readable by others, not even for a moment (the umask cannot widen a mode given to os.open).
+    readable by others, not even for a moment (the temp file is created 0600).
     """
     ensure_private_dir(path.parent)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(path: Path) -> None:
-    # Makes the rename itself durable; not possible on every platform, and not worth failing over.
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+    write_bytes_atomic(path, text.encode("utf-8"))
 
 
 def mask(value: str) -> str:

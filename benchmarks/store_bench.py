@@ -1,11 +1,13 @@
-"""Store write latency at growing sizes, and cold `agentspace usage --by-model` at 100k records.
+"""Store write latency at growing sizes, listing 10k sessions, and cold `agentspace usage --by-model` at 100k records.
 
     python benchmarks/store_bench.py [--data-dir DIR]
 
-Claims checked: a UsageStore.append costs the same at 1k, 10k and 100k stored records, and a
-SessionStore.append_message the same with 10k sessions stored and in a session of 2,000 messages: both
-write the one new document in place. Every measured write is fsynced. Seeding is setup, not measured: usage history is written as
-whole segments (``write_segment``), sessions go through the store with fsync switched off.
+What it shows: a UsageStore.append costs the same at 1k, 10k and 100k stored records (it writes the one
+current segment, at most ``SEGMENT_SIZE`` records); a SessionStore.append_message the same however many
+sessions are stored, and more in a long session (the session's file is written whole); and what listing
+10k sessions and a cold usage report over 100k records cost without summary copies or totals caches.
+Every measured write is fsynced. Seeding is setup, not measured: usage history is written as whole
+segments (``write_segment``), sessions go through the store with fsync switched off.
 """
 
 from __future__ import annotations

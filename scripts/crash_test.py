@@ -9,8 +9,7 @@ server, and restarts it
 end (``chat.stream.end``, ``finish`` or an error after start) a client received before the kill, the
 restarted server must serve its session with the assistant message and exactly one usage record;
 no session may hold more than one of either. After the last round the server stops with SIGTERM,
-every JSON file in the data directory reads as whole documents (a message or usage record a kill tore while
-it was added in place is cut off), and the CLI reads the stores. Exits 1 on failure.
+every JSON file in the data directory parses whole (writes are atomic), and the CLI reads the stores. Exits 1 on failure.
 """
 
 from __future__ import annotations
@@ -30,7 +29,8 @@ from harness import ROOT, GatewayProcess, child_env
 from load_test import GATEWAY_SETTINGS
 from loadgen import ChaosUpstream, Load, Request, stored_counts, summarize
 
-from agentspace.stores.files import StoreCorrupt, parse_tables
+from agentspace.stores.atomic import StoreCorrupt
+from agentspace.stores.tinydb_file import read_tables
 
 
 async def load_then_kill(server: GatewayProcess, concurrency: int, after: float) -> list[Request]:
@@ -70,7 +70,7 @@ def files_parse(data_dir: Path) -> list[str]:
     problems = []
     for path in data_dir.rglob("*.json"):
         try:
-            parse_tables(path.read_bytes(), path)
+            read_tables(path)
         except StoreCorrupt as e:
             problems.append(f"{path.relative_to(data_dir)}: {e}")
     for command in (["usage", "--json"], ["sessions", "list"]):

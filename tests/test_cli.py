@@ -68,10 +68,10 @@ def test_usage_table(usage_data: None) -> None:
     result = invoke("usage", "--by-model")
     assert result.exit_code == 0
     lines = result.output.splitlines()
-    assert lines[0].split() == ["model", "requests", "input", "output", "cache", "read", "cache", "write", "total",
-                                "tokens", "cost"]
+    assert lines[0].split() == ["model", "requests", "errors", "input", "output", "cache", "read", "cache", "write",
+                                "total", "tokens", "cost"]
     row = next(line for line in lines if line.startswith("anthropic/claude-sonnet-4-5"))
-    assert row.split() == ["anthropic/claude-sonnet-4-5", "2", "2,000", "400", "100", "20", "2,520", "$0.012000"]
+    assert row.split() == ["anthropic/claude-sonnet-4-5", "2", "0", "2,000", "400", "100", "20", "2,520", "$0.012000"]
     assert any(line.startswith("mystery/model*") for line in lines)
     assert any(line.startswith("TOTAL") and line.endswith("$0.018000") for line in lines)
     assert "* price unknown" in result.output
@@ -79,12 +79,12 @@ def test_usage_table(usage_data: None) -> None:
 
 def test_usage_json_is_the_usage_report_shape(usage_data: None) -> None:
     data = json.loads(invoke("usage", "--json").output)
-    assert set(data) == {"perModel", "grandTotal"}
+    assert set(data) == {"perModel", "grandTotal", "damagedFiles"}
     assert data["perModel"]["anthropic/claude-sonnet-4-5"]["requestCount"] == 2
     assert data["grandTotal"]["requestCount"] == 3
     assert data["grandTotal"]["totalCost"] == pytest.approx(0.018)
     by_day = json.loads(invoke("usage", "--by-day", "--json").output)
-    assert set(by_day) == {"perDay", "grandTotal"}
+    assert set(by_day) == {"perDay", "grandTotal", "damagedFiles"}
     assert by_day["perDay"]["2026-11-01"]["requestCount"] == 2
 
 

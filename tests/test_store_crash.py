@@ -7,7 +7,6 @@ every reported write is on disk, every file parses, and a new writer picks up wh
 
 from __future__ import annotations
 
-import json
 import signal
 import subprocess
 import sys
@@ -17,34 +16,27 @@ from pathlib import Path
 import pytest
 
 from agentspace.stores import SessionStore, UsageStore
-from agentspace.stores.files import parse_tables
+from agentspace.stores.tinydb_file import read_tables
 from agentspace.types import Cost, TokenUsage, UsageRecord, now_iso
 
 SESSION = "crash"
 
 # argv: data dir, run tag, and the system call to die in, as "replace:N" (the Nth os.replace: a fully written
-# and fsynced temp file never renamed, the worst moment of an atomic write) or "pwrite:N" (the Nth os.pwrite,
-# an in-place usage append, after writing half its bytes), or "-" to run until killed.
+# and fsynced temp file never renamed, the worst moment of an atomic write), or "-" to run until killed.
 CHILD = """
 import asyncio, os, signal, sys
 from pathlib import Path
-from agentspace.stores import SessionStore, UsageStore, sessions as sessions_module
+from agentspace.stores import SessionStore, UsageStore
 from agentspace.types import Cost, TokenUsage, UsageRecord, now_iso
 
 data_dir, tag, die_in = Path(sys.argv[1]), sys.argv[2], sys.argv[3]
 if die_in != "-":
-    # Every write updates the summary copy, so the calls counted below are always the same ones. (Killed
-    # at random moments, the session gets its copy when it outgrows the threshold, after ~12 messages.)
-    sessions_module.SUMMARY_COPY_BYTES = 0
     name, die_at = die_in.split(":")
     real, calls = getattr(os, name), [0]
 
     def dying(*args):
         calls[0] += 1
         if calls[0] == int(die_at):
-            if name == "pwrite":
-                fd, data, offset = args
-                real(fd, bytes(data)[: len(data) // 2], offset)
             os.kill(os.getpid(), signal.SIGKILL)
         return real(*args)
 
@@ -105,8 +97,8 @@ def run_child(data_dir: Path, tag: str, *, die_in: str = "-", kill_after: int = 
 
 def check_store(data_dir: Path, usage_ids: list[str], message_ids: list[str]) -> None:
     """What a reader finds after the crash: every file parses, and every reported write is there."""
-    for path in data_dir.rglob("*.json"):  # whole documents, perhaps followed by part of the one being added
-        parse_tables(path.read_bytes(), path)
+    for path in data_dir.rglob("*.json"):  # every file whole: writes are atomic
+        read_tables(path)
     stored_usage = [r["id"] for r in UsageStore(data_dir).records()]
     assert len(stored_usage) == len(set(stored_usage))
     assert set(usage_ids) <= set(stored_usage)
@@ -154,40 +146,21 @@ async def test_sigkill_at_random_moments_loses_no_reported_write(tmp_path: Path)
     await reopen_and_write(tmp_path, reported_usage, reported_messages)
 
 
-# The child's writes. os.replace: 1-2 create the session (file, then summary copy); in the first loop the first
-# usage segment is created (3), the first user message titles the session, so the file is written whole (4),
-# then its summary copy (5). Later messages and usage records are added in place (os.pwrite: loop 2 makes
-# calls 1 and 2, and so on), and every message is followed by its summary copy (os.replace 6, 7, ...).
-# Segments hold 5 records: the sixth loop closes the full segment (its totals, os.replace 10) and creates the
-# next one (11); its message is pwrite 9, the next usage record pwrite 10.
+# The child's writes, each one os.replace: 1 creates the session; then loop k (from 1) writes its usage
+# segment (2k) and its message (2k + 1). Segments hold 5 records: loop 6 starts the second segment (12).
 @pytest.mark.parametrize(
     ("die_in", "unreported"),
     [
-        ("replace:2", "new session's summary copy"), ("replace:3", "usage, first segment"),
-        ("replace:4", "message, whole file"), ("replace:5", "summary copy"), ("replace:10", "usage, segment totals"),
-        ("replace:11", "usage, new segment"), ("pwrite:1", "usage, in place"), ("pwrite:2", "message, in place"),
-        ("pwrite:9", "message, in place"), ("pwrite:10", "usage, in place"),
+        ("replace:2", "usage, first segment"), ("replace:3", "message"), ("replace:4", "usage"),
+        ("replace:5", "message"), ("replace:12", "usage, new segment"), ("replace:13", "message"),
     ],
 )
 async def test_sigkill_inside_a_write(tmp_path: Path, die_in: str, unreported: str) -> None:
     usage_ids, message_ids = run_child(tmp_path, "d", die_in=die_in)
-    if die_in.startswith("replace"):
-        assert temp_files(tmp_path), "the child should have died with a temp file written"
-    else:  # the torn write: readers find the whole documents before it (check_store)
-        torn: list[Path] = []
-        for path in tmp_path.rglob("*.json"):
-            try:
-                json.loads(path.read_bytes())
-            except ValueError:
-                torn.append(path)
-        store = "sessions" if "message" in unreported else "usage"
-        assert len(torn) == 1 and store in torn[0].parts, torn
+    assert temp_files(tmp_path), "the child should have died with a temp file written"
     check_store(tmp_path, usage_ids, message_ids)
     stored_usage = [r["id"] for r in UsageStore(tmp_path).records()]
     stored_messages = [m["id"] for m in SessionStore(tmp_path).get_sync(SESSION)["messages"]]
     assert stored_usage == usage_ids  # the record being written when the child died is not there
-    if unreported == "summary copy":  # the message reached the session file but was never reported
-        assert stored_messages == message_ids + [usage_ids[-1]]
-    else:
-        assert stored_messages == message_ids
+    assert stored_messages == message_ids
     await reopen_and_write(tmp_path, usage_ids, stored_messages)

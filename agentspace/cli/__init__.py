@@ -65,6 +65,9 @@ def _add_builtin_commands() -> None:
     for command in (serve.serve, chat.chat, inspect.inspect, usage.usage, sessions.sessions, keys.keys,
                     models.models, plugins.plugins, token.token):
         main.add_command(command)
+    from . import doctor
+
+    main.add_command(doctor.doctor)
 
 
 _add_builtin_commands()

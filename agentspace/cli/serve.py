@@ -21,7 +21,7 @@ def serve(state: CliState, host: str | None, port: int | None) -> None:
         config.values["server"]["port"] = port
     from ..gateway_token import check_secrets
     from ..server import run_server  # aiohttp and the providers load only when serving
-    from ..stores.files import DataDirLocked
+    from ..stores.datadir_lock import DataDirLocked
 
     check_secrets(config.data_dir)  # a damaged or foreign secrets file stops here, in one line
     try:

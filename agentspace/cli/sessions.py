@@ -16,6 +16,16 @@ def _store(state: CliState) -> Any:
     return SessionStore(state.data_dir)
 
 
+def _get(store: Any, session_id: str) -> dict[str, Any] | None:
+    from ..errors import SessionDamaged
+
+    try:
+        session: dict[str, Any] | None = store.get_sync(session_id)
+    except SessionDamaged as e:
+        raise click.ClickException(e.message) from None
+    return session
+
+
 def _not_found(session_id: str) -> click.ClickException:
     return click.ClickException(f"No session with id '{session_id}'. See: agentspace sessions list")
 
@@ -37,7 +47,11 @@ def sessions() -> None:
 @pass_state
 def list_sessions(state: CliState, as_json: bool) -> None:
     """All sessions, most recently active first."""
-    items = sorted(_store(state).list_sync(), key=lambda s: s.get("lastActivityAt") or "", reverse=True)
+    listing = _store(state).listing_sync()
+    items = listing.sessions  # most recently active first
+    if listing.damaged_files:
+        click.echo(f"warning: {len(listing.damaged_files)} damaged file(s) in the sessions folder skipped (kept for "
+                   f"inspection; see: agentspace doctor): {', '.join(listing.damaged_files)}", err=True)
     if as_json:
         click.echo(json.dumps(items, indent=2))
         return
@@ -76,7 +90,7 @@ def _message_header(m: dict[str, Any]) -> str:
 @pass_state
 def show(state: CliState, session_id: str, as_json: bool) -> None:
     """One session with its messages."""
-    session = _store(state).get_sync(session_id)
+    session = _get(_store(state), session_id)
     if session is None:
         raise _not_found(session_id)
     if as_json:
@@ -100,7 +114,7 @@ def delete(state: CliState, session_id: str, yes: bool) -> None:
     """Delete a session and its messages (usage records are kept)."""
     store = _store(state)
     if not yes:
-        summary = store.get_sync(session_id)
+        summary = _get(store, session_id)
         if summary is None:
             raise _not_found(session_id)
         click.confirm(f"Delete session {session_id} ({summary.get('messageCount', 0)} messages)?", abort=True)

@@ -1,14 +1,15 @@
 """``agentspace usage``: tokens and cost per model or per day, from the usage store.
 
 Reads the store directly, so it works while the server runs. ``--json`` prints the shape of the
-WebSocket ``usage.report`` (``perModel``, ``grandTotal``; ``perDay`` with ``--by-day``).
+WebSocket ``usage.report`` (``perModel``, ``grandTotal``, ``damagedFiles``; ``perDay`` with ``--by-day``).
+Damaged usage files are skipped and named on stderr.
 """
 
 from __future__ import annotations
 
 import json
 from datetime import datetime
-from typing import Any, Iterable, Iterator
+from typing import Any
 
 import click
 
@@ -23,29 +24,16 @@ def parse_since(value: str, now: datetime | None = None) -> datetime:
         raise click.BadParameter(str(e), param_hint="--since") from None
 
 
-def _flag_unpriced(records: Iterable[dict[str, Any]], unpriced: set[str]) -> Iterator[dict[str, Any]]:
-    # One pass over the records: note models priced by the fallback while the report sums them.
-    for record in records:
-        if record.get("priceKnown") is False:
-            unpriced.add(record.get("model", "?"))
-        yield record
+def _rows(groups: dict[str, dict[str, Any]]) -> list[list[str]]:
+    return [_row(key + ("*" if g.get("priceKnown") is False else ""), g) for key, g in groups.items()]
 
 
-def _rows(groups: dict[str, dict[str, Any]], unpriced: set[str] | None = None) -> list[list[str]]:
-    rows = []
-    for key, g in groups.items():
-        flag = "*" if unpriced is not None and (key in unpriced or g.get("priceKnown") is False) else ""
-        rows.append([
-            key + flag, count(g.get("requestCount")), count(g.get("inputTokens")), count(g.get("outputTokens")),
-            count(g.get("cacheReadTokens")), count(g.get("cacheWriteTokens")), count(g.get("totalTokens")),
-            money(float(g.get("totalCost") or 0.0)),
-        ])
-    return rows
-
-
-def _total_row(total: dict[str, Any]) -> list[str]:
-    return ["TOTAL", count(total.get("requestCount")), "", "", "", "", count(total.get("totalTokens")),
-            money(float(total.get("totalCost") or 0.0))]
+def _row(label: str, g: dict[str, Any]) -> list[str]:
+    return [
+        label, count(g.get("requestCount")), count(g.get("errorCount")), count(g.get("inputTokens")),
+        count(g.get("outputTokens")), count(g.get("cacheReadTokens")), count(g.get("cacheWriteTokens")),
+        count(g.get("totalTokens")), money(float(g.get("totalCost") or 0.0)),
+    ]
 
 
 @click.command()
@@ -59,15 +47,16 @@ def _total_row(total: dict[str, Any]) -> list[str]:
 def usage(state: CliState, by_model: bool, by_day: bool, session_id: str | None, since: str | None,
           as_json: bool) -> None:
     """Token usage and cost, per model or per day."""
-    from ..stores.usage import UsageStore, usage_by_day, usage_report
+    from ..stores.usage import UsageStore
 
     since_dt = parse_since(since) if since else None
     by_model = by_model or not by_day
-    # Per-segment sums where the store has them (closed segments), the records elsewhere: the reports add both.
-    records = UsageStore(state.data_dir).totals(since=since_dt, session_id=session_id)
-    unpriced: set[str] = set()
-    per_model = usage_report(_flag_unpriced(records, unpriced)) if by_model else None
-    per_day = usage_by_day(records) if by_day else None
+    store = UsageStore(state.data_dir)
+    per_model = store.report(by="model", since=since_dt, session_id=session_id) if by_model else None
+    per_day = store.report(by="day", since=since_dt, session_id=session_id) if by_day else None
+    report = per_model or per_day or {}
+    damaged: list[str] = report.get("damagedFiles", [])
+    grand = report.get("grandTotal", {})
 
     if as_json:
         out: dict[str, Any] = {}
@@ -75,26 +64,33 @@ def usage(state: CliState, by_model: bool, by_day: bool, session_id: str | None,
             out["perModel"] = per_model["perModel"]
         if per_day is not None:
             out["perDay"] = per_day["perDay"]
-        out["grandTotal"] = (per_model or per_day or {}).get("grandTotal", {})
+        out["grandTotal"] = grand
+        out["damagedFiles"] = damaged
         click.echo(json.dumps(out, indent=2))
+        _warn_damaged(damaged)
         return
 
-    grand = (per_model or per_day or {}).get("grandTotal", {})
-    if not grand.get("requestCount"):
+    _warn_damaged(damaged)
+    if not grand.get("requestCount") and not grand.get("errorCount"):
         scope = "".join([f" for session {session_id}" if session_id else "", f" since {since}" if since else ""])
         click.echo(f"No usage recorded{scope}.")
         return
-    headers = ["requests", "input", "output", "cache read", "cache write", "total tokens", "cost"]
-    right = range(1, 8)
+    headers = ["requests", "errors", "input", "output", "cache read", "cache write", "total tokens", "cost"]
+    right = range(1, 9)
     if per_model is not None:
-        rows = _rows(per_model["perModel"], unpriced) + [_total_row(grand)]
+        rows = _rows(per_model["perModel"]) + [_row("TOTAL", grand)]
         click.echo(table(["model", *headers], rows, right))
-        flagged = unpriced | {m for m, g in per_model["perModel"].items() if g.get("priceKnown") is False}
-        if flagged:
+        if any(g.get("priceKnown") is False for g in per_model["perModel"].values()):
             click.echo("\n* price unknown: costed at the fallback price ([models] fallback_*_per_mtok); "
                        'set [pricing."MODEL"] in the config for exact costs.')
     if per_day is not None:
         if per_model is not None:
             click.echo()
-        rows = _rows(dict(sorted(per_day["perDay"].items()))) + [_total_row(grand)]
+        rows = _rows(dict(sorted(per_day["perDay"].items()))) + [_row("TOTAL", grand)]
         click.echo(table(["day", *headers], rows, right))
+
+
+def _warn_damaged(damaged: list[str]) -> None:
+    if damaged:
+        click.echo(f"warning: {len(damaged)} damaged usage file(s) not counted (kept for inspection; "
+                   f"see: agentspace doctor): {', '.join(damaged)}", err=True)

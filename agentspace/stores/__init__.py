@@ -1,8 +1,15 @@
-"""Crash-safe stores on tinydb: sessions and usage records under the data directory."""
+"""Crash-safe stores: sessions and usage records as tinydb files under the data directory.
 
-from .files import DataDirLock, DataDirLocked, StoreCorrupt
+``atomic`` (whole-file atomic writes, damaged files moved aside), ``tinydb_file`` (the file layout),
+``store_thread`` (where the file work runs), ``datadir_lock`` (one server per data directory),
+``sessions`` and ``usage`` (the stores and the usage reports).
+"""
+
+from .atomic import StoreCorrupt
+from .datadir_lock import DataDirLock, DataDirLocked
 from .sessions import (
     InvalidSessionId,
+    Listing,
     MessageNotFound,
     SessionExists,
     SessionNotFound,
@@ -14,6 +21,7 @@ __all__ = [
     "DataDirLock",
     "DataDirLocked",
     "InvalidSessionId",
+    "Listing",
     "MessageNotFound",
     "SessionExists",
     "SessionNotFound",

@@ -35,7 +35,8 @@ HTTP_ERROR_CODES = {404: "NOT_FOUND", 405: "METHOD_NOT_ALLOWED", 413: "PAYLOAD_T
 
 
 async def list_sessions(request: web.Request) -> web.Response:
-    return web.json_response({"sessions": await state.service(request.app).list_sessions()})
+    listing = await state.service(request.app).list_sessions()
+    return web.json_response({"sessions": listing.sessions, "damagedFiles": listing.damaged_files})
 
 
 async def get_session(request: web.Request) -> web.Response:

@@ -133,8 +133,9 @@ class Connection:
         await self.send({"type": "usage.report", "requestId": request_id, **report})
 
     async def on_session_list(self, request_id: Any, msg: dict[str, Any]) -> None:
-        sessions = await self.service.list_sessions()
-        await self.send({"type": "session.list.result", "requestId": request_id, "sessions": sessions})
+        listing = await self.service.list_sessions()
+        await self.send({"type": "session.list.result", "requestId": request_id, "sessions": listing.sessions,
+                         "damagedFiles": listing.damaged_files})
 
     async def on_auth(self, request_id: Any, msg: dict[str, Any]) -> None:
         await self.send({"type": "auth.ok", "requestId": request_id})  # already authenticated

@@ -1,0 +1,98 @@
+"""``agentspace doctor``: check every store file and the secrets files, and say what is wrong.
+
+Reads only (it works while the server runs, and moves nothing): every session file and usage segment must
+parse, damaged files moved aside earlier are listed, and ``keys.json`` and ``gateway-token`` must be
+readable, parseable and private (mode 0600). Exits 1 when anything is wrong.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+from pathlib import Path
+
+import click
+
+from .common import CliState, pass_state
+
+
+def _private(path: Path) -> str | None:
+    """What is wrong with the file's mode, or None (POSIX modes only)."""
+    if os.name == "nt":
+        return None
+    mode = stat.S_IMODE(path.stat().st_mode)
+    if mode & 0o077:
+        return f"mode {mode:04o}: readable or writable by other users (fix: chmod 600 {path})"
+    return None
+
+
+def _check_keys(path: Path) -> list[str]:
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        return []
+    except OSError as e:
+        return [f"{path}: cannot be read ({e.strerror or e})"]
+    problems = [] if (mode := _private(path)) is None else [f"{path}: {mode}"]
+    try:
+        data = json.loads(raw)
+    except ValueError as e:
+        return [f"{path}: not valid JSON ({e}); fix it, or remove it and add the keys again (agentspace keys add)",
+                *problems]
+    keys = data.get("keys") if isinstance(data, dict) else None
+    if not isinstance(keys, dict) or not all(isinstance(v, str) for v in keys.values()):
+        problems.insert(0, f'{path}: expected {{"keys": {{NAME: KEY}}}}; fix it, or remove it and add the keys again')
+    return problems
+
+
+def _check_token(path: Path) -> list[str]:
+    if path.is_symlink():
+        return [f"{path}: a symbolic link; remove it and run: agentspace token --rotate"]
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        return []
+    except OSError as e:
+        return [f"{path}: cannot be read ({e.strerror or e})"]
+    problems = [] if (mode := _private(path)) is None else [f"{path}: {mode}"]
+    try:
+        text = raw.decode("utf-8").strip()
+    except UnicodeDecodeError:
+        return [f"{path}: not UTF-8 text; run: agentspace token --rotate", *problems]
+    if not text:
+        problems.insert(0, f"{path}: empty; run: agentspace token --rotate")
+    return problems
+
+
+@click.command()
+@pass_state
+def doctor(state: CliState) -> None:
+    """Check the stores and the secrets files; exit 1 when something is wrong."""
+    from ..gateway_token import token_path
+    from ..stores.sessions import SessionStore
+    from ..stores.usage import UsageStore
+    from ..vault import KEYS_FILE
+
+    data_dir = Path(state.data_dir)
+    problems: list[str] = []
+
+    listing = SessionStore(data_dir).listing_sync()
+    problems += [f"{path}: damaged session file (kept for inspection; not served)" for path in listing.damaged_files]
+    click.echo(f"sessions: {len(listing.sessions)} readable, {len(listing.damaged_files)} damaged")
+
+    damaged: list[str] = []
+    count = sum(1 for _ in UsageStore(data_dir).records(damaged=damaged))
+    problems += [f"{path}: damaged usage segment (kept for inspection; not counted)" for path in damaged]
+    click.echo(f"usage: {count:,} records readable, {len(damaged)} damaged files")
+
+    secrets = _check_keys(data_dir / KEYS_FILE) + _check_token(token_path(data_dir))
+    problems += secrets
+    click.echo(f"secrets: {'ok' if not secrets else f'{len(secrets)} problem(s)'}")
+
+    if problems:
+        click.echo(f"\n{len(problems)} problem(s) in {data_dir}:")
+        for problem in problems:
+            click.echo(f"  {problem}")
+        raise SystemExit(1)
+    click.echo(f"\nNo problems found in {data_dir}.")

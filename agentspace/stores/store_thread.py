@@ -1,0 +1,69 @@
+"""The one thread the stores do their file work on, so that storage never blocks the event loop.
+
+One thread for every store, not a pool: work runs in the order it was submitted, so a store's writes reach
+its files in the order its callers made them, and reads see every write submitted before them.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Callable, TypeVar
+
+from ..errors import StorageError
+
+T = TypeVar("T")
+
+_lock = threading.Lock()
+_executor: ThreadPoolExecutor | None = None
+
+
+def _thread() -> ThreadPoolExecutor:
+    global _executor
+    with _lock:
+        if _executor is None:
+            _executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="agentspace-store")
+        return _executor
+
+
+def _forget_in_child() -> None:
+    global _executor
+    _executor = None  # a forked child has no threads: it starts its own on first use
+
+
+os.register_at_fork(after_in_child=_forget_in_child)
+
+
+def _storage_error(e: OSError) -> StorageError:
+    return StorageError(f"The gateway could not use its data directory: {e.strerror or e}.")
+
+
+async def on_store_thread(fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
+    """Run ``fn`` on the store thread and return its result.
+
+    An OSError (disk full, file too large, I/O error) comes back as StorageError; the stores leave their
+    state as it was before a write that failed, so the next write, or the same one again, can proceed.
+    Shielded: a caller cancelled while the work runs (a client gone) does not stop a write half way.
+    """
+    import asyncio  # here: the CLI's store commands run without an event loop, and start faster without it
+
+    future = asyncio.wrap_future(_thread().submit(functools.partial(fn, *args, **kwargs)))
+    try:
+        return await asyncio.shield(future)
+    except OSError as e:
+        raise _storage_error(e) from e
+
+
+async def read_in_thread(fn: Callable[..., T], /, *args: Any) -> T:
+    """Run a read-only ``fn`` on a thread of the default executor, not the store thread: a long read (a usage
+    report over 100k records, a listing of 10k sessions) must not hold up the writes queued there. Safe
+    without the store thread's order because every write replaces its file atomically, and a write is
+    finished when its caller's await returns."""
+    import asyncio
+
+    try:
+        return await asyncio.to_thread(fn, *args)
+    except OSError as e:
+        raise _storage_error(e) from e
