@@ -147,11 +147,17 @@ async def _stream(request: web.Request, up: aiohttp.ClientResponse, body: dict[s
     from .transports.v1_common import client_gone, watch_client
 
     stop_watching = watch_client(request, up.close)  # closing ends the read in progress: the upstream sees it
+    recorded = False
     try:
         await resp.prepare(request)
         async for chunk in up.content.iter_any():
-            await resp.write(chunk)  # first: the client's bytes do not wait for our bookkeeping
             relay.feed(chunk)
+            if not recorded and relay.ended:
+                # The last event (message_stop, or an error) waits for the record to be durable, as every
+                # answer's end does (SPEC 6): a client that reads its usage after the stream finds it.
+                recorded = True
+                await _record_stream(meter, relay.scanner, body, disconnected=False, cut=False)
+            await resp.write(chunk)
     except ConnectionResetError:  # the client went away (aiohttp's ClientConnectionResetError on write)
         relay.disconnected = True
     except (aiohttp.ClientError, TimeoutError):
@@ -161,13 +167,15 @@ async def _stream(request: web.Request, up: aiohttp.ClientResponse, body: dict[s
         # A server that cancels handlers when their client goes away: still one record for the call.
         up.close()
         relay.disconnected = True
-        await asyncio.shield(asyncio.ensure_future(_record_stream(meter, relay.finish(), body, disconnected=True, cut=False)))
+        if not recorded:
+            await asyncio.shield(asyncio.ensure_future(_record_stream(meter, relay.finish(), body, disconnected=True, cut=False)))
         raise
     finally:
         stop_watching()
     scanner = relay.finish()
     cut = relay.cut or not (scanner.complete or scanner.error_type)
-    await _record_stream(meter, scanner, body, disconnected=relay.disconnected, cut=cut)
+    if not recorded:
+        await _record_stream(meter, scanner, body, disconnected=relay.disconnected, cut=cut)
     if relay.disconnected:
         return resp
     if cut and not scanner.error_type and request.transport is not None:
@@ -198,6 +206,11 @@ class _Relay:
             # The client got the bytes as they were; only our reading of them stops.
             log.warning("Anthropic pass-through: unreadable event; the output is counted locally")
             self.unreadable = True
+
+    @property
+    def ended(self) -> bool:
+        """The stream's last event has been read: ``message_stop`` or an ``error`` event."""
+        return not self.unreadable and (self.scanner.complete or self.scanner.error_type is not None)
 
     def finish(self) -> UsageScanner:
         if not self.unreadable:
