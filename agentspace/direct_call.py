@@ -19,9 +19,9 @@ from .events import (
     TextDelta,
     ToolCallEvent,
 )
-from .gateway import Gateway, ModelNotFound
 from .meter import ALL_FIELDS, OUTPUT_FIELDS, Meter
 from .providers.base import ProviderRequest
+from .registry import ModelNotFound, Registry
 from .tokens import count_tokens
 from .types import TokenUsage, UsageRecord
 
@@ -50,7 +50,7 @@ class DirectCall:
     durable before the client's stream ends), on an error, or on ``abort()`` when the client went away.
     """
 
-    def __init__(self, gw: Gateway, request: ProviderRequest, meter: Meter) -> None:
+    def __init__(self, gw: Registry, request: ProviderRequest, meter: Meter) -> None:
         self.gw = gw
         self.request = request
         self.meter = meter

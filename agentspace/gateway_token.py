@@ -15,8 +15,7 @@ from pathlib import Path
 
 from .logs import register_secret
 from .private_files import PrivateFileError, check_data_dir, read_private_file
-from .vault import ensure_private_dir, write_private_file
-from .vault import KeyVault
+from .vault import KeyVault, ensure_private_dir, write_private_file
 
 log = logging.getLogger(__name__)
 

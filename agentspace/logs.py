@@ -12,7 +12,6 @@ return, a terminal escape) are escaped, so no value a client or an upstream send
 from __future__ import annotations
 
 import logging
-import os
 import re
 import sys
 import threading
@@ -97,18 +96,6 @@ class EscapingFormatter(logging.Formatter):
         return super().formatMessage(record)
 
 
-def _register_configured_keys(config: Config) -> None:
-    """Every key the server could use: in the vault, and in the providers' environment variables."""
-    from .vault import DEFAULT_ENV_VARS, KeyVault, VaultError, env_var
-
-    try:
-        KeyVault(config.data_dir).names()  # reading the vault registers every key in it
-    except VaultError:
-        pass  # reported where a key is needed
-    for name in {*DEFAULT_ENV_VARS.values(), *(env_var(config, prefix) for prefix in config.providers)}:
-        register_secret(os.environ.get(name))
-
-
 def configure_logging(config: Config) -> None:
     level = getattr(logging, str(config["logging"]["level"]).upper())
     handler = logging.StreamHandler(sys.stderr)
@@ -120,4 +107,3 @@ def configure_logging(config: Config) -> None:
     # keep them quiet.
     for noisy in ("LiteLLM", "litellm", "httpx", "httpcore", "httpx2", "httpcore2", "anthropic"):
         logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
-    _register_configured_keys(config)

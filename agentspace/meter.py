@@ -1,7 +1,7 @@
 """The one meter every provider call goes through, whatever the endpoint (SPEC section 6).
 
 It makes the call's one ``UsageRecord``, prices it with the model's ``ModelInfo``, and fans it out to the
-usage sinks (``Gateway.record_usage``). Transports and the pipeline describe the call; the accounting
+usage sinks (``Registry.record_usage``). Transports and the pipeline describe the call; the accounting
 rules live here only:
 
 - a call the upstream never answered (no key, refused, connection failed) bills nothing and is an error;
@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Awaitable, Iterable
 from .types import TokenUsage, UsageRecord, new_id, now_iso
 
 if TYPE_CHECKING:
-    from .gateway import Gateway
+    from .registry import Registry
 
 # The usage fields a record may have counted locally, in UsageRecord.to_dict's names.
 INPUT_FIELDS = ("inputTokens",)
@@ -33,7 +33,7 @@ ALL_FIELDS = ("inputTokens", "outputTokens")
 
 
 def usage_record(
-    gw: "Gateway",
+    gw: "Registry",
     *,
     model: str,
     usage: TokenUsage,
@@ -75,7 +75,7 @@ def usage_record(
     )
 
 
-def record_call(gw: "Gateway", record: UsageRecord) -> Awaitable[UsageRecord]:
+def record_call(gw: "Registry", record: UsageRecord) -> Awaitable[UsageRecord]:
     """Send ``record`` to every sink. The sinks are called now (the built-in one queues its write at once);
     awaiting the result waits until they are done, i.e. the record is durable."""
     pending = gw.record_usage(record)
@@ -93,7 +93,7 @@ class Meter:
     __slots__ = ("gw", "model", "session_id", "client", "endpoint", "started", "attempts", "recorded")
 
     def __init__(
-        self, gw: "Gateway", model: str, *, session_id: str | None, client: str | None, endpoint: str | None
+        self, gw: "Registry", model: str, *, session_id: str | None, client: str | None, endpoint: str | None
     ) -> None:
         self.gw = gw
         self.model = model

@@ -43,10 +43,10 @@ from .events import (
     ToolResultEvent,
     UsageReport,
 )
-from .gateway import Gateway, ModelNotFound
 from .logs import redact
 from .meter import usage_record
 from .providers.base import ProviderRequest, ThinkingSettings, lacks_key
+from .registry import ModelNotFound, Registry
 from .stores import InvalidSessionId
 from .stores.sessions import validate_session_id
 from .tokens import count_tokens
@@ -90,7 +90,7 @@ class ChatRequest:
     user_message_id: str | None = None
 
 
-async def start_turn(gw: Gateway, request: ChatRequest) -> "Turn":
+async def start_turn(gw: Registry, request: ChatRequest) -> "Turn":
     """Validate, create the session if needed, store the user message, and start streaming."""
     session = None
     if request.session_id is not None:
@@ -144,7 +144,7 @@ async def start_turn(gw: Gateway, request: ChatRequest) -> "Turn":
     return turn
 
 
-async def _has_usable_key(gw: Gateway, model: str) -> bool:
+async def _has_usable_key(gw: Registry, model: str) -> bool:
     """Whether ``model``, or one of its fallbacks, has the API key its provider needs."""
     for candidate in [model, *gw.config["models"]["fallbacks"].get(model, [])]:
         try:
@@ -158,7 +158,7 @@ async def _has_usable_key(gw: Gateway, model: str) -> bool:
     return False
 
 
-async def _record_refusal(gw: Gateway, model: str, request: ChatRequest, code: str) -> None:
+async def _record_refusal(gw: Registry, model: str, request: ChatRequest, code: str) -> None:
     """The one usage record of a call refused before reaching the upstream: an error, never a request."""
     await gw.record_usage(
         usage_record(gw, model=model, usage=TokenUsage(), latency_ms=0.0, finish_reason="error",
@@ -215,7 +215,7 @@ class Turn:
     """One running chat turn. Publish/subscribe over an append-only event list."""
 
     def __init__(
-        self, gw: Gateway, session_id: str, model: str, client: str, session_created: bool, user_message_id: str
+        self, gw: Registry, session_id: str, model: str, client: str, session_created: bool, user_message_id: str
     ) -> None:
         self.gw = gw
         self.session_id = session_id

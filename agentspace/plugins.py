@@ -18,9 +18,9 @@ from . import hookspecs
 # Built-in plugins, in registration order. pluggy calls later registrations first, and the catch-all
 # implementations are marked ``trylast``, so any installed plugin can take precedence.
 DEFAULT_PLUGINS: tuple[str, ...] = (
-    "agentspace.builtins.sections",
-    "agentspace.builtins.response_format",
-    "agentspace.builtins.tinydb_sink",
+    "agentspace.default_plugins.sections",
+    "agentspace.default_plugins.response_format",
+    "agentspace.default_plugins.tinydb_sink",
     "agentspace.providers.anthropic",
     "agentspace.providers.litellm",
 )

@@ -23,7 +23,8 @@ from aiohttp import web
 from aiohttp.typedefs import Middleware
 
 from .config import Config
-from .gateway_token import token_matches
+from .gateway_token import TokenFile, token_matches
+from .transports import v1_errors
 
 log = logging.getLogger(__name__)
 
@@ -88,18 +89,23 @@ class AuthFailures:
             log.warning("too many failed authentications from %s; answering them with RATE_LIMITED", source)
 
 
+# The app's gateway token and failed-auth table (aiohttp AppKeys, owned here).
+TOKEN_FILE = web.AppKey("token_file", TokenFile)
+AUTH_FAILURES = web.AppKey("auth_failures", AuthFailures)
+
+
 def token_ok(request: web.Request, token: str) -> bool:
     """Whether ``token`` is the current gateway token (the right token is accepted even from a blocked source)."""
-    return token_matches(request.app[_state().TOKEN_FILE].current(), token)
+    return token_matches(request.app[TOKEN_FILE].current(), token)
 
 
 def auth_failed(request: web.Request) -> None:
-    request.app[_state().AUTH_FAILURES].add(request.remote)
+    request.app[AUTH_FAILURES].add(request.remote)
 
 
 def auth_blocked(request: web.Request) -> bool:
     """Whether failures from this request's source are answered with RATE_LIMITED."""
-    return request.app[_state().AUTH_FAILURES].blocked(request.remote)
+    return request.app[AUTH_FAILURES].blocked(request.remote)
 
 
 def bearer_token(request: web.Request) -> str | None:
@@ -206,13 +212,5 @@ def security_middleware(config: Config) -> Middleware:
 
 
 def _v1_error(request: web.Request, status: int, message: str) -> web.Response:
-    from .transports.v1_common import error_response as v1_error_response
+    return v1_errors.error_response(request, status, message, code="invalid_api_key" if status == 401 else None)
 
-    return v1_error_response(request, status, message, code="invalid_api_key" if status == 401 else None)
-
-
-def _state():  # type: ignore[no-untyped-def]
-    # transports.state imports this module for AuthFailures; import it late to avoid the cycle.
-    from .transports import state
-
-    return state

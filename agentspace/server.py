@@ -19,17 +19,18 @@ import click
 import pluggy
 from aiohttp import web
 
-from . import pricing
+from . import pricing, security
 from .catalog import deprecation_message, is_retired
 from .config import Config, ConfigError
 from .connections import ConnectionCap
-from .gateway import Gateway, ModelNotFound
 from .gateway_token import TokenFile, check_secrets
 from .logs import configure_logging
 from .plugins import get_plugin_manager
+from .registry import ModelNotFound, Registry
 from .security import AuthFailures, security_middleware
 from .stores.datadir_lock import DataDirLock
-from .transports import rest, state, ui_stream, v1_common, ws
+from .transports import rest, state, ui_stream, v1_routes, ws
+from .vault import register_configured_keys
 
 log = logging.getLogger(__name__)
 
@@ -45,15 +46,15 @@ def create_app(config: Config, pm: pluggy.PluginManager | None = None) -> web.Ap
         middlewares=[security_middleware(config)],
     )
     check_secrets(config.data_dir)
-    app[state.TOKEN_FILE] = TokenFile(config.data_dir)
-    app[state.AUTH_FAILURES] = AuthFailures()
+    app[security.TOKEN_FILE] = TokenFile(config.data_dir)
+    app[security.AUTH_FAILURES] = AuthFailures()
     app[state.WEBSOCKETS] = weakref.WeakSet()
     app[state.SHUTTING_DOWN] = asyncio.Event()
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/gateway", ws.gateway_handler)
     ui_stream.setup_routes(app)
     rest.setup_routes(app)
-    v1_common.setup_routes(app)  # the drop-in provider APIs (SPEC 10)
+    v1_routes.setup_routes(app)  # the drop-in provider APIs (SPEC 10)
     app.cleanup_ctx.append(_gateway_context(config, pm))
     app.on_shutdown.append(_finish_streams)
     return app
@@ -68,10 +69,10 @@ def _gateway_context(config: Config, pm: pluggy.PluginManager):  # type: ignore[
     async def context(app: web.Application) -> AsyncIterator[None]:
         lock = DataDirLock(config.data_dir)  # refuses a second server on the same data before binding
         try:
-            app[state.TOKEN_FILE].current()  # create the token on first start
-            gw = Gateway.create(config, pm)
+            app[security.TOKEN_FILE].current()  # create the token on first start
+            gw = Registry.create(config, pm)
             check_default_model(gw)  # before anything binds: runs in runner.setup(), the site starts after
-            app[state.GATEWAY] = gw
+            app[state.REGISTRY] = gw
             for result in pm.hook.server_startup(app=app, config=config):
                 await _maybe_await(result)
             # What start-up loaded lives as long as the server: out of the collector's sight, so that full
@@ -87,7 +88,7 @@ def _gateway_context(config: Config, pm: pluggy.PluginManager):  # type: ignore[
     return context
 
 
-def check_default_model(gw: Gateway) -> None:
+def check_default_model(gw: Registry) -> None:
     """Stop on a ``[models] default`` nothing serves (a config error); warn when it is past its date."""
     config = gw.config
     default = gw.default_model
@@ -119,7 +120,7 @@ async def _finish_streams(app: web.Application) -> None:
     if app[state.SHUTTING_DOWN].is_set():
         return
     app[state.SHUTTING_DOWN].set()  # open connections may not start new turns meanwhile
-    gw = app[state.GATEWAY]
+    gw = app[state.REGISTRY]
     turns = [t for t in gw.active.values() if t.task is not None]
     if turns:
         grace = float(gw.config["server"]["shutdown_grace_seconds"])
@@ -137,6 +138,7 @@ async def _finish_streams(app: web.Application) -> None:
 def run_server(config: Config, host: str | None = None, port: int | None = None) -> None:
     """Serve until SIGINT or SIGTERM, then shut down gracefully."""
     configure_logging(config)
+    register_configured_keys(config)
     name, factory = event_loop_factory(config["server"]["event_loop"])
     log.info("event loop: %s", name)
     with asyncio.Runner(loop_factory=factory) as runner:

@@ -20,9 +20,9 @@ from typing import Any, Callable
 from .catalog import usable_models
 from .context import inspect_session
 from .errors import ApiError
-from .gateway import Gateway, ModelNotFound
 from .periods import parse_since
 from .pipeline import ChatRequest, Turn, start_turn
+from .registry import ModelNotFound, Registry
 from .stores.sessions import SESSION_ID, Listing
 
 SHUTTING_DOWN_MESSAGE = "The gateway is shutting down; try again when it is back."
@@ -154,7 +154,7 @@ class Service:
     ``shutting_down`` is set when shutdown begins: no new turn starts after it, on any transport.
     """
 
-    def __init__(self, gw: Gateway, shutting_down: asyncio.Event) -> None:
+    def __init__(self, gw: Registry, shutting_down: asyncio.Event) -> None:
         self.gw = gw
         self.shutting_down = shutting_down
 

@@ -12,7 +12,6 @@ import uuid
 from dataclasses import dataclass
 from typing import Any, Awaitable, Callable, Literal, Protocol, Union
 
-
 # Compact JSON (no spaces, non-ASCII kept) from one encoder: json.dumps with options builds a new encoder per
 # call, about 1.5 µs, and the transports encode every delta.
 compact_json: Callable[[Any], str] = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode

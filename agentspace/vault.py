@@ -146,3 +146,14 @@ def missing_key_message(prefix: str, config: "Config | None" = None) -> str:
     """``Anthropic API key not configured. Run: agentspace keys add anthropic``."""
     name = key_name(config, prefix) if config is not None else prefix
     return f"{display_name(prefix)} API key not configured. Run: agentspace keys add {name}"
+
+
+def register_configured_keys(config: "Config") -> None:
+    """Register every key the server could use for redaction from the logs: the vault's, and the values of
+    the providers' environment variables."""
+    try:
+        KeyVault(config.data_dir).names()  # reading the vault registers every key in it
+    except VaultError:
+        pass  # reported where a key is needed
+    for name in {*DEFAULT_ENV_VARS.values(), *(env_var(config, prefix) for prefix in config.providers)}:
+        register_secret(os.environ.get(name))

@@ -131,13 +131,13 @@ async def bench_sessions(root: Path, rng: random.Random, rows: list[tuple[str, s
         "SessionStore.append_message, long session", f"{LONG_SESSION:,} messages, {long_size / 1e6:.1f} MB",
         await timed(SESSION_APPENDS, lambda i: store.append_message("long", message)),
     ))
-    rows.append(("SessionStore.list (async)", f"{SESSIONS:,} sessions", await timed(3, lambda i: store.list())))
+    rows.append(("SessionStore.summaries (async)", f"{SESSIONS:,} sessions", await timed(3, lambda i: store.summaries())))
     await store.aclose()
     cold = SessionStore(data_dir)
     start = time.perf_counter()
-    count = len(cold.list_sync())
+    count = len(cold.summaries_sync())
     assert count == SESSIONS + 1
-    rows.append(("SessionStore.list_sync, cold", f"{SESSIONS:,} sessions", [(time.perf_counter() - start) * 1000]))
+    rows.append(("SessionStore.summaries_sync, cold", f"{SESSIONS:,} sessions", [(time.perf_counter() - start) * 1000]))
 
 
 def bench_reports(usage_dir: Path, rows: list[tuple[str, str, list[float]]]) -> str | None:

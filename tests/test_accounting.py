@@ -51,11 +51,11 @@ async def app(make_client: Callable[..., Awaitable[TestClient]], fake_openai: fo
 
 
 async def records_of(client: TestClient, session_id: str) -> list[dict[str, Any]]:
-    return await client.server.app[STATE.GATEWAY].usage.arecords(session_id=session_id)
+    return await client.server.app[STATE.REGISTRY].usage.arecords(session_id=session_id)
 
 
 async def last_message(client: TestClient, session_id: str) -> dict[str, Any]:
-    return (await client.server.app[STATE.GATEWAY].sessions.get(session_id))["messages"][-1]
+    return (await client.server.app[STATE.REGISTRY].sessions.get(session_id))["messages"][-1]
 
 
 def assert_reported_input_kept(record: dict[str, Any]) -> None:
@@ -111,7 +111,7 @@ async def test_http_disconnect_with_abort_keeps_the_reported_input(app: Any, aut
     while seen.count(b"text-delta") < 2:
         seen += await asyncio.wait_for(resp.content.readany(), 10)
     resp.close()  # the client goes away mid-answer
-    gw = client.server.app[STATE.GATEWAY]
+    gw = client.server.app[STATE.REGISTRY]
 
     async def stored() -> bool:
         return "chat1" not in gw.active and len(await gw.usage.arecords(session_id="chat1")) == 1

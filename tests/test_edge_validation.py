@@ -189,7 +189,7 @@ async def test_the_model_info_cache_is_bounded(client: TestClient, token: str, a
     ws = await connect(client, token)
     session_id = (await chat(ws, "hi"))[0]["sessionId"]
     await ws.close()
-    gw = client.app[STATE.GATEWAY]
+    gw = client.app[STATE.REGISTRY]
     bound = gw._model_info.max_entries
     for i in range(bound + 20):
         resp = await client.get(f"/api/sessions/{session_id}/context", params={"model": f"anthropic/m-{i}"},
@@ -209,7 +209,7 @@ async def test_a_newline_from_upstream_cannot_forge_a_log_line(
     client = await make_client(chat={"max_retries": 0}, providers={"openai": {"base_url": fake_openai.url}})
     root = logging.getLogger()
     handlers, level = root.handlers[:], root.level
-    configure_logging(client.app[STATE.GATEWAY].config)
+    configure_logging(client.app[STATE.REGISTRY].config)
     forged = "2026-01-01 00:00:00,000 ERROR agentspace: forged"
     try:
         fake_openai.enqueue(error_status(400, f"bad input 'x\n{forged}\r\x1b[2J'"))

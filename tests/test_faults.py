@@ -93,7 +93,7 @@ async def setup(make_client: Any, fake_anthropic: fa.FakeAnthropic, fake_openai:
     async def make(transport: str, **sections: Any) -> tuple[TestClient, Chat]:
         sections.setdefault("providers", {}).setdefault("openai", {"base_url": fake_openai.url})
         client = await make_client(**sections)
-        gw = client.server.app[STATE.GATEWAY]
+        gw = client.server.app[STATE.REGISTRY]
         counter = iter(range(1000))
 
         async def stored(outcome: Outcome, session_id: str) -> Outcome:
@@ -378,7 +378,7 @@ async def test_abort_during_a_retry_wait_stops_the_turn(setup: Any, fake_anthrop
     end = await ws.receive_json(timeout=10)  # long before the 20 s wait would have ended
     assert (end["type"], end["finishReason"]) == ("chat.stream.end", "aborted")
     assert len(fake_anthropic.requests) == 1
-    gw = client.server.app[STATE.GATEWAY]
+    gw = client.server.app[STATE.REGISTRY]
     stored = (await gw.sessions.get(frames[1]["sessionId"]))["messages"][-1]
     assert stored["aborted"] is True and stored["content"] == ""
     await ws.close()

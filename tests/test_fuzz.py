@@ -14,7 +14,7 @@ from aiohttp import WSMsgType
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from agentspace.transports import state as STATE
+from agentspace import security
 from tests.test_ws import chat, connect, receive
 
 FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
@@ -115,7 +115,7 @@ async def test_random_first_frame_before_auth(server: Any, first: Any) -> None:
         msg = await ws.receive(timeout=10)
     assert msg.type in (WSMsgType.CLOSE, WSMsgType.CLOSED, WSMsgType.CLOSING)
     await ws.close()
-    client.server.app[STATE.AUTH_FAILURES]._levels.clear()  # the failures would rate-limit this address
+    client.server.app[security.AUTH_FAILURES]._levels.clear()  # the failures would rate-limit this address
     await still_works(good, "after-preauth")
 
 

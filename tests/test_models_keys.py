@@ -46,7 +46,7 @@ async def _keyless_client(make_client: Any, monkeypatch: pytest.MonkeyPatch, fak
 
 
 async def _records(client: TestClient) -> list[dict[str, Any]]:
-    gw = client.server.app[state.GATEWAY]
+    gw = client.server.app[state.REGISTRY]
     await gw.usage.flush()
     return list(await gw.usage.arecords())
 
@@ -70,7 +70,7 @@ async def test_missing_key_over_websocket(make_client: Any, token: str, monkeypa
     assert (frames[0]["code"], frames[0]["message"]) == ("NO_API_KEY", MISSING[model])
     await ws.close()
     assert fake_anthropic.requests == [] and fake_openai.requests == []
-    assert await client.server.app[state.GATEWAY].sessions.list() == []
+    assert await client.server.app[state.REGISTRY].sessions.summaries() == []
     _assert_one_refusal(await _records(client), model)
 
 
@@ -85,7 +85,7 @@ async def test_missing_key_over_api_chat(make_client: Any, auth_headers: dict[st
     body = await resp.json()
     assert body["error"]["code"] == "NO_API_KEY" and body["error"]["message"] == MISSING[model]
     assert fake_anthropic.requests == [] and fake_openai.requests == []
-    assert await client.server.app[state.GATEWAY].sessions.list() == []
+    assert await client.server.app[state.REGISTRY].sessions.summaries() == []
     _assert_one_refusal(await _records(client), model)
 
 

@@ -310,7 +310,7 @@ async def test_keys_and_token_never_leak(make_client: Any, fake_anthropic: fa.Fa
         await bad.close()
     for path in ("/api/sessions", "/api/usage", "/api/models", "/api/sessions/http-chat"):
         seen.append(await (await client.get(path, headers=headers)).text())
-    await client.server.app[STATE.GATEWAY].usage.flush()
+    await client.server.app[STATE.REGISTRY].usage.flush()
 
     assert "internal detail" not in json.dumps(seen)  # the failing section's error stayed in the log
     assert "internal detail" in caplog.text

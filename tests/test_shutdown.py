@@ -88,4 +88,4 @@ async def test_sigterm_finishes_within_grace_and_stores_the_rest_as_aborted(tmp_
     assert [(r["finishReason"], r["outputTokens"]) for r in usage.records(session_id=fast_id)] == [("stop", 8)]
     (record,) = usage.records(session_id=slow_id)
     assert record["finishReason"] == "aborted" and record["estimated"] is True and record["outputTokens"] > 0
-    assert len(sessions.list_sync()) == 2  # the late request created nothing
+    assert len(sessions.summaries_sync()) == 2  # the late request created nothing

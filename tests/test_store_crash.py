@@ -108,7 +108,7 @@ def check_store(data_dir: Path, usage_ids: list[str], message_ids: list[str]) ->
     assert session["messageCount"] == len(stored_messages)
     assert stored_messages[: len(message_ids)] == message_ids  # in order, at most one unreported write after
     assert len(stored_messages) - len(message_ids) <= 1
-    [summary] = SessionStore(data_dir).list_sync()
+    [summary] = SessionStore(data_dir).summaries_sync()
     assert len(message_ids) <= summary["messageCount"] <= len(stored_messages)
 
 

@@ -60,7 +60,7 @@ async def test_a_damaged_usage_segment_does_not_stop_counting(
     assert moved.name.startswith("00000.json.damaged-") and moved.read_bytes() == bytes(raw)
     errors = [r for r in caplog.records if r.levelname == "ERROR" and str(moved) in r.getMessage()]
     assert len(errors) == 1
-    assert len(await client.server.app[STATE.GATEWAY].usage.arecords()) == 20
+    assert len(await client.server.app[STATE.REGISTRY].usage.arecords()) == 20
 
     resp = await client.get("/api/usage", headers=auth_headers)
     assert resp.status == 200

@@ -17,7 +17,7 @@ import pytest
 from tinydb import TinyDB
 
 from agentspace import hookspecs
-from agentspace.builtins import tinydb_sink
+from agentspace.default_plugins import tinydb_sink
 from agentspace.config import parse_config
 from agentspace.errors import StorageError
 from agentspace.sinks import UsageSink
@@ -115,7 +115,7 @@ async def test_unknown_session(sessions: SessionStore) -> None:
     assert await sessions.exists("nope") is False
     assert await sessions.messages("nope") == []
     assert await sessions.delete("nope") is False
-    assert await sessions.list() == []
+    assert await sessions.summaries() == []
     for call in (
         sessions.append_message("nope", {"role": "user", "content": "x"}),
         sessions.update_message("nope", "m1", {"content": "y"}),
@@ -203,12 +203,12 @@ async def test_list_is_most_recent_first(sessions: SessionStore) -> None:
     second = (await sessions.create(model="m"))["id"]
     await tick()
     third = (await sessions.create(model="m"))["id"]
-    assert [s["id"] for s in await sessions.list()] == [third, second, first]
+    assert [s["id"] for s in await sessions.summaries()] == [third, second, first]
     await tick()
     await sessions.append_message(first, {"role": "user", "content": "bump"})
     await tick()
     await sessions.touch(second)
-    listed = await sessions.list()
+    listed = await sessions.summaries()
     assert [s["id"] for s in listed] == [second, first, third]
     assert all(set(s) == SUMMARY_KEYS for s in listed)
     assert listed[1]["messageCount"] == 1 and listed[1]["title"] == "bump"
@@ -221,7 +221,7 @@ async def test_delete(sessions: SessionStore, tmp_path: Path) -> None:
     assert await sessions.delete(sid) is True
     assert await sessions.delete(sid) is False
     assert await sessions.get(sid) is None and not await sessions.exists(sid)
-    assert [s["id"] for s in await sessions.list()] == [keep]
+    assert [s["id"] for s in await sessions.summaries()] == [keep]
     assert sorted(p.name for p in (tmp_path / "sessions").iterdir()) == [f"{keep}.json"]
 
 
@@ -230,14 +230,14 @@ async def test_sync_methods_read_what_the_server_wrote(sessions: SessionStore, t
     await sessions.append_message(sid, {"id": "m1", "role": "user", "content": "hello"})
     cli = SessionStore(tmp_path)  # another process in real life: nothing shared with the server's store
     assert cli.get_sync(sid) == await sessions.get(sid)
-    assert cli.list_sync() == await sessions.list()
+    assert cli.summaries_sync() == await sessions.summaries()
     assert cli.get_sync("nope") is None
     assert cli.delete_sync(sid) is True and cli.delete_sync(sid) is False
     # The server notices the deletion although it had the session cached, and does not resurrect it.
     assert await sessions.exists(sid) is False
     with pytest.raises(SessionNotFound):
         await sessions.append_message(sid, {"role": "user", "content": "again"})
-    assert cli.list_sync() == [] and not (tmp_path / "sessions" / f"{sid}.json").exists()
+    assert cli.summaries_sync() == [] and not (tmp_path / "sessions" / f"{sid}.json").exists()
 
 
 async def test_sessions_survive_reopen(tmp_path: Path) -> None:
@@ -253,7 +253,7 @@ async def test_sessions_survive_reopen(tmp_path: Path) -> None:
     reopened = SessionStore(tmp_path)
     try:
         assert await reopened.get(sid) == expected
-        assert await reopened.list() == [{k: v for k, v in expected.items() if k != "messages"}]
+        assert await reopened.summaries() == [{k: v for k, v in expected.items() if k != "messages"}]
     finally:
         await reopened.aclose()
 
@@ -331,7 +331,7 @@ async def test_every_write_replaces_the_session_file_whole(sessions: SessionStor
     assert [m["id"] for m in TinyDB(path).table("messages").all()] == ["u1", "a1"]  # a tinydb file
     stored = json.loads(path.read_bytes())["session"]["1"]
     served = await sessions.get(sid)
-    [listed] = SessionStore(tmp_path).list_sync()
+    [listed] = SessionStore(tmp_path).summaries_sync()
     assert stored["messageCount"] == served["messageCount"] == listed["messageCount"] == 2
     assert stored["lastActivityAt"] == served["lastActivityAt"] == listed["lastActivityAt"] > served["createdAt"]
 
@@ -622,7 +622,7 @@ async def test_readers_always_see_consistent_data(tmp_path: Path) -> None:
                 ids = [r["id"] for r in cli_usage.records()]
                 assert len(ids) == len(set(ids)) and len(ids) >= floor >= 0 and len(ids) >= last_usage
                 last_usage = len(ids)
-                for summary in cli_sessions.list_sync():
+                for summary in cli_sessions.summaries_sync():
                     full = cli_sessions.get_sync(summary["id"])
                     if full is None:
                         continue  # deleted between list and get

@@ -85,7 +85,7 @@ async def test_litellm_tool_loop_over_websocket(openai_client: TestClient, token
     tool_messages = [m for m in second["messages"] if m["role"] == "tool"]
     assert {m["tool_call_id"] for m in tool_messages} == {"call_1", "call_2"}
     assert {t["function"]["name"] for t in second["tools"]} == {"add", "explode", "clock"}
-    records = await openai_client.server.app[state.GATEWAY].usage.arecords(session_id=frames[0]["sessionId"])
+    records = await openai_client.server.app[state.REGISTRY].usage.arecords(session_id=frames[0]["sessionId"])
     assert [r["model"] for r in records] == [MODEL] * 3 and not any(r["estimated"] for r in records)
 
     # the tools section measures exactly the definitions that were sent
@@ -148,7 +148,7 @@ async def test_echo_plugin_through_the_gateway(make_client: Any, token: str, mon
     assert of(frames, "chat.stream.reasoning")
     end = frames[-1]
     assert end["usage"]["inputTokens"] > 0 and end["usage"]["outputTokens"] > 0 and end["usage"]["totalCost"] == 0
-    session = await client.server.app[state.GATEWAY].sessions.get(frames[0]["sessionId"])
+    session = await client.server.app[state.REGISTRY].sessions.get(frames[0]["sessionId"])
     assert json.dumps(session["messages"][-1]["parts"]).count("reasoning") == 1
     await ws.close()
 
@@ -162,7 +162,7 @@ async def test_tool_output_that_json_lacks_becomes_text(openai_client: TestClien
     assert of(frames, "chat.stream.tool_result")[0]["output"] == expected
     tool_message = next(m for m in fake_openai.requests[1].body["messages"] if m["role"] == "tool")
     assert json.loads(tool_message["content"]) == expected
-    stored = await openai_client.server.app[state.GATEWAY].sessions.get(frames[0]["sessionId"])
+    stored = await openai_client.server.app[state.REGISTRY].sessions.get(frames[0]["sessionId"])
     assert {"type": "tool-result", "toolCallId": "call_t", "name": "clock", "output": expected, "isError": False} in \
         stored["messages"][-1]["parts"]
     await ws.close()

@@ -63,7 +63,7 @@ def only_new_text(provider: str, text: str) -> list[Any]:
 
 
 async def check_failed_turn_is_marked(client: TestClient, session_id: str, code: str, attempts: int) -> None:
-    gw = client.server.app[STATE.GATEWAY]
+    gw = client.server.app[STATE.REGISTRY]
     failed_user, failed_answer = (await gw.sessions.get(session_id))["messages"]
     assert failed_user["role"] == "user" and failed_user["content"] == HUGE
     assert failed_user["error"]["code"] == code == failed_answer["error"]["code"]
@@ -137,7 +137,7 @@ async def test_failed_turn_is_not_resent_after_a_restart(app: Any, token: str, f
     frames = await chat(ws, "hello", sessionId=session_id)
     assert frames[-1]["type"] == "chat.stream.end"
     assert user_turns("anthropic", fake_anthropic.requests[-1].body) == only_new_text("anthropic", "hello")
-    gw = second.server.app[STATE.GATEWAY]
+    gw = second.server.app[STATE.REGISTRY]
     messages = (await gw.sessions.get(session_id))["messages"]
     assert [m["role"] for m in messages] == ["user", "assistant", "user", "assistant"]
     assert messages[0]["error"]["code"] == "LLM_ERROR" and "error" not in messages[2]
@@ -170,7 +170,7 @@ async def test_connection_refused_is_an_unanswered_error(make_client: Any, token
         await ws.close()
     assert frames[-1]["type"] == "error"
     session_id = of(frames, "chat.stream.start")[0]["sessionId"]
-    (record,) = await client.server.app[STATE.GATEWAY].usage.arecords(session_id=session_id)
+    (record,) = await client.server.app[STATE.REGISTRY].usage.arecords(session_id=session_id)
     assert (record["answered"], record["error"], record["attempts"]) == (False, "LLM_ERROR", RETRIES + 1)
     assert (record["totalTokens"], record["totalCost"]) == (0, 0)
 
@@ -186,5 +186,5 @@ async def test_concurrent_first_requests_for_one_new_session(app: Any, auth_head
     assert statuses == [200, 409]
     winner = first if first.status == 200 else second
     assert (await read_all(winner))[-1] == DONE
-    messages = (await client.server.app[STATE.GATEWAY].sessions.get("race"))["messages"]
+    messages = (await client.server.app[STATE.REGISTRY].sessions.get("race"))["messages"]
     assert [m["role"] for m in messages] == ["user", "assistant"]

@@ -272,7 +272,7 @@ async def test_abort_stores_partial_and_bills(client: TestClient, token: str, fa
     assert frames[-1]["finishReason"] == "aborted"
     assert frames[-1]["usage"]["outputTokens"] > 0
     session_id = frames[0]["sessionId"]
-    gw = client.server.app[STATE.GATEWAY]
+    gw = client.server.app[STATE.REGISTRY]
     stored = (await gw.sessions.get(session_id))["messages"][-1]
     assert stored["aborted"] is True and stored["role"] == "assistant"
     assert stored["content"].startswith("word word")
@@ -288,7 +288,7 @@ async def test_disconnect_does_not_stop_generation(client: TestClient, token: st
     session_id = (await receive(ws))["sessionId"]
     await receive(ws)
     await ws.close()
-    gw = client.server.app[STATE.GATEWAY]
+    gw = client.server.app[STATE.REGISTRY]
 
     async def finished() -> bool:
         messages = (await gw.sessions.get(session_id))["messages"]
@@ -347,7 +347,7 @@ async def test_cli_usage_totals_match_upstream(client: TestClient, token: str, f
     for i in range(len(usages)):
         assert (await chat(ws, f"q{i}", f"r{i}"))[-1]["type"] == "chat.stream.end"
     await ws.close()
-    await client.server.app[STATE.GATEWAY].usage.flush()
+    await client.server.app[STATE.REGISTRY].usage.flush()
     result = CliRunner().invoke(cli, ["usage", "--by-model", "--json"], env={"AGENTSPACE_HOME": str(isolated_env)})
     assert result.exit_code == 0, result.output
     report = json.loads(result.output)
@@ -383,7 +383,7 @@ async def test_tool_loop(make_client: Any, token: str, fake_anthropic: Any) -> N
     second = fake_anthropic.requests[1].body
     assert second["messages"][-1]["content"][0]["type"] == "tool_result"
     assert {t["name"] for t in second["tools"]} == {"get_weather", "broken"}
-    gw = client.server.app[STATE.GATEWAY]
+    gw = client.server.app[STATE.REGISTRY]
     assert len(await gw.usage.arecords(session_id=frames[0]["sessionId"])) == 3
     await ws.close()
 
@@ -416,7 +416,7 @@ async def test_refused_call_is_recorded_with_zero_tokens(make_client: Any, token
     ws = await connect(client, token)
     frames = await chat(ws, "hi")
     assert frames[-1]["code"] == "RATE_LIMITED"
-    records = await client.server.app[STATE.GATEWAY].usage.arecords(session_id=frames[0]["sessionId"])
+    records = await client.server.app[STATE.REGISTRY].usage.arecords(session_id=frames[0]["sessionId"])
     assert [(r["inputTokens"], r["outputTokens"], r["totalCost"], r["estimated"], r["finishReason"]) for r in records] == [
         (0, 0, 0, False, "error")]
     await ws.close()

@@ -60,10 +60,20 @@ def main(ctx: click.Context, config_path: str | None, data_dir: str | None) -> N
 
 
 def _add_builtin_commands() -> None:
-    from . import chat, inspect, keys, models, plugins, serve, sessions, token, usage
+    from . import (
+        chat,
+        inspect_cmd,
+        keys,
+        models,
+        plugins,
+        serve,
+        sessions,
+        token_cmd,
+        usage,
+    )
 
-    for command in (serve.serve, chat.chat, inspect.inspect, usage.usage, sessions.sessions, keys.keys,
-                    models.models, plugins.plugins, token.token):
+    for command in (serve.serve, chat.chat, inspect_cmd.inspect, usage.usage, sessions.sessions, keys.keys,
+                    models.models, plugins.plugins, token_cmd.token):
         main.add_command(command)
     from . import doctor
 

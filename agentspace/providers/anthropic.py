@@ -25,8 +25,8 @@ from ..events import (
     UsageReport,
 )
 from ..hookspecs import hookimpl
-from ..pricing import accepts_adaptive_thinking
 from ..lru import LRU
+from ..pricing import accepts_adaptive_thinking
 from ..types import (
     ChatMessage,
     Part,

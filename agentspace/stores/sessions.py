@@ -164,7 +164,7 @@ class SessionStore:
     async def exists(self, session_id: str) -> bool:
         return await self._run(self._exists, session_id)
 
-    async def list(self) -> builtins.list[dict[str, Any]]:
+    async def summaries(self) -> builtins.list[dict[str, Any]]:
         """Every readable session's summary, most recent activity first (``listing`` also names damaged files)."""
         return (await self.listing()).sessions
 
@@ -227,7 +227,7 @@ class SessionStore:
             return None
         return {**_summary(tables), "messages": builtins.list(tables[_MESSAGES].values())}
 
-    def list_sync(self) -> builtins.list[dict[str, Any]]:
+    def summaries_sync(self) -> builtins.list[dict[str, Any]]:
         return self.listing_sync().sessions
 
     def listing_sync(self) -> Listing:

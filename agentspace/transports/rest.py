@@ -120,7 +120,7 @@ def api_error_response(error: ApiError) -> web.Response:
 
 def _cors_origin(request: web.Request) -> str | None:
     origin = request.headers.get(hdrs.ORIGIN)
-    return origin if origin and origin in request.app[state.GATEWAY].config["server"]["allowed_origins"] else None
+    return origin if origin and origin in request.app[state.REGISTRY].config["server"]["allowed_origins"] else None
 
 
 async def _cors_headers(request: web.Request, response: web.StreamResponse) -> None:

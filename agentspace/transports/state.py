@@ -8,18 +8,15 @@ from typing import Any
 
 from aiohttp import web
 
-from ..gateway import Gateway
-from ..gateway_token import TokenFile
-from ..security import AuthFailures
+from ..registry import Registry
 from ..service import Service
 
-GATEWAY = web.AppKey("gateway", Gateway)
-TOKEN_FILE = web.AppKey("token_file", TokenFile)
-AUTH_FAILURES = web.AppKey("auth_failures", AuthFailures)
+# The gateway token and the failed-auth table are keys of their owner, ``security``.
+REGISTRY = web.AppKey("registry", Registry)
 WEBSOCKETS = web.AppKey[weakref.WeakSet[Any]]("websockets")  # the open ws.Connection objects
 SHUTTING_DOWN = web.AppKey("shutting_down", asyncio.Event)  # set when shutdown begins: no new turns
 
 
 def service(app: web.Application) -> Service:
-    """The service layer over the app's gateway (cheap: a transport makes one per request or connection)."""
-    return Service(app[GATEWAY], app[SHUTTING_DOWN])
+    """The service layer over the app's registry (cheap: a transport makes one per request or connection)."""
+    return Service(app[REGISTRY], app[SHUTTING_DOWN])

@@ -158,7 +158,7 @@ async def read_json(request: web.Request) -> Any:
     try:
         raw = await request.read()
     except web.HTTPRequestEntityTooLarge:
-        limit = request.app[state.GATEWAY].config["server"]["max_body_bytes"]
+        limit = request.app[state.REGISTRY].config["server"]["max_body_bytes"]
         raise ApiError("PAYLOAD_TOO_LARGE", f"Request body too large; the limit is {limit} bytes ([server] max_body_bytes).") from None
     return parse_json(raw)
 

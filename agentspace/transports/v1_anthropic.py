@@ -1,6 +1,6 @@
 """``POST /v1/messages`` and ``POST /v1/messages/count_tokens``: the Anthropic Messages API, drop-in.
 
-Anthropic models go through the pass-through (``agentspace.passthrough``); other models are translated
+Anthropic models go through the pass-through (``agentspace.transports.v1_passthrough``); other models are translated
 (``agentspace.protocols.anthropic_messages``) and served by their provider. Errors use Anthropic's shape.
 """
 
@@ -12,13 +12,13 @@ from typing import Any
 
 from aiohttp import web
 
-from .. import passthrough
 from ..direct_call import DirectCall, request_input_tokens
 from ..events import ProviderError, ProviderFinish
-from ..gateway import ModelNotFound
 from ..logs import redact
 from ..meter import Meter
 from ..protocols import anthropic_messages as am
+from ..registry import ModelNotFound
+from . import v1_passthrough as passthrough
 from .v1_common import (
     BodyTooLarge,
     anthropic_model,

@@ -10,12 +10,11 @@ from typing import Any, Callable
 import aiohttp
 from aiohttp import web
 
-from ..gateway import Gateway
-from ..protocols import anthropic_messages, openai_chat
 from ..providers.base import ProviderRequest, ThinkingSettings
+from ..registry import Registry
 from ..types import ChatMessage, Tool
 from ..vault import resolve_key
-from . import rest, state
+from . import state
 
 # The upstream HTTP client of the pass-through: one connection pool per server, closed with the app.
 HTTP_CLIENT = web.AppKey("v1_http_client", aiohttp.ClientSession)
@@ -27,50 +26,6 @@ SESSION_HEADERS = ("X-Agentspace-Session", "X-Claude-Code-Session-Id")
 ADMIN_CLIENT = "admin"
 
 
-def setup_routes(app: web.Application) -> None:
-    from . import v1_anthropic, v1_models, v1_openai
-
-    app.router.add_post("/v1/messages", v1_anthropic.messages)
-    app.router.add_post("/v1/messages/count_tokens", v1_anthropic.count_tokens)
-    app.router.add_post("/v1/chat/completions", v1_openai.chat_completions)
-    app.router.add_get("/v1/models", v1_models.list_models)
-    app.on_cleanup.append(_close_http_client)
-    # /api/openapi.json documents every route.
-    rest.OPENAPI["paths"].update(OPENAPI_PATHS)
-    rest.OPENAPI["components"]["securitySchemes"]["apiKey"] = {"type": "apiKey", "in": "header", "name": "x-api-key"}
-
-
-def _v1_op(summary: str, description: str, *, body: bool = True) -> dict[str, Any]:
-    op: dict[str, Any] = {
-        "summary": summary,
-        "description": description + " Auth: `Authorization: Bearer <token>` or `x-api-key: <token>`; "
-                       "`X-Agentspace-Session` (or `X-Claude-Code-Session-Id`) files the usage under that session id. "
-                       "Errors come in that API's own shape and status.",
-        "security": [{"bearer": []}, {"apiKey": []}],
-        "responses": {"200": {"description": "As the provider's API answers (JSON, or server-sent events when streamed)."},
-                      "401": {"description": "No or wrong token."}},
-    }
-    if body:
-        op["requestBody"] = {"required": True, "content": {"application/json": {"schema": {"type": "object"}}}}
-    return op
-
-
-OPENAPI_PATHS: dict[str, Any] = {
-    "/v1/messages": {"post": _v1_op(
-        "Anthropic Messages API, drop-in (stream and not).",
-        "Anthropic models (`claude-*`, `anthropic/*`) are passed through with the client's anthropic-version and "
-        "anthropic-beta headers, the upstream's events relayed unchanged; other models are translated.")},
-    "/v1/messages/count_tokens": {"post": _v1_op(
-        "Anthropic token counting.",
-        "Anthropic's count; else a local count of system, messages and tools, marked `x-agentspace-estimated: true`.")},
-    "/v1/chat/completions": {"post": _v1_op(
-        "OpenAI Chat Completions API, drop-in (stream and not), for every model.",
-        "The usage chunk comes with `stream_options.include_usage`.")},
-    "/v1/models": {"get": _v1_op(
-        "The models the caller may use.", "OpenAI's list shape; Anthropic's when the request has anthropic-version.", body=False)},
-}
-
-
 def http_client(app: web.Application) -> aiohttp.ClientSession:
     client = app.get(HTTP_CLIENT)
     if client is None or client.closed:
@@ -80,7 +35,7 @@ def http_client(app: web.Application) -> aiohttp.ClientSession:
     return client
 
 
-async def _close_http_client(app: web.Application) -> None:
+async def close_http_client(app: web.Application) -> None:
     client = app.get(HTTP_CLIENT)
     if client is not None:
         await client.close()
@@ -112,8 +67,8 @@ async def read_body(request: web.Request) -> bytes:
     return b"".join(chunks)
 
 
-def gateway(request: web.Request) -> Gateway:
-    return request.app[state.GATEWAY]
+def gateway(request: web.Request) -> Registry:
+    return request.app[state.REGISTRY]
 
 
 def session_id(request: web.Request) -> str | None:
@@ -126,23 +81,6 @@ def session_id(request: web.Request) -> str | None:
 
 def client_name(request: web.Request) -> str:
     return ADMIN_CLIENT
-
-
-def wants_anthropic_shape(request: web.Request) -> bool:
-    """Anthropic's shapes for /v1/messages*, and for /v1/models when the client sent anthropic-version."""
-    if request.path.startswith("/v1/messages"):
-        return True
-    return request.path == "/v1/models" and "anthropic-version" in request.headers
-
-
-def error_response(request: web.Request, status: int, message: str, *, code: str | None = None,
-                   headers: dict[str, str] | None = None) -> web.Response:
-    """An error in the shape of the API the request speaks (the /v1 clients parse their own shape only)."""
-    if wants_anthropic_shape(request):
-        body: dict[str, Any] = anthropic_messages.error_body(status, message)
-    else:
-        body = openai_chat.error_body(status, message, code=code)
-    return web.json_response(body, status=status, headers=headers)
 
 
 def anthropic_model(model: str) -> str | None:
@@ -177,7 +115,7 @@ def _bare_model_prefixes() -> dict[str, str]:
     return out
 
 
-def provider_request(gw: Gateway, model: str, system: str, messages: list[ChatMessage], tools: list[Tool],
+def provider_request(gw: Registry, model: str, system: str, messages: list[ChatMessage], tools: list[Tool],
                      max_tokens: int | None, reasoning_budget: int | None, params: dict[str, Any]) -> ProviderRequest:
     """A ProviderRequest of exactly what the client sent: no context section, no gateway tool."""
     prefix = model.split("/", 1)[0]

@@ -14,10 +14,10 @@ from aiohttp import web
 
 from ..direct_call import DirectCall
 from ..events import ProviderError, ProviderFinish
-from ..gateway import ModelNotFound
 from ..logs import redact
 from ..meter import Meter
 from ..protocols import openai_chat as oc
+from ..registry import ModelNotFound
 from ..types import compact_json
 from .v1_common import (
     BodyTooLarge,

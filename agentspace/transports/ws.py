@@ -230,7 +230,7 @@ class Connection:
 
 
 async def gateway_handler(request: web.Request) -> web.StreamResponse:
-    config = request.app[state.GATEWAY].config
+    config = request.app[state.REGISTRY].config
     server = config["server"]
     ws = web.WebSocketResponse(
         heartbeat=float(server["heartbeat_seconds"]),

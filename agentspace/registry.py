@@ -1,6 +1,7 @@
-"""The gateway runtime: what the plugins registered, the stores, and the turns that are streaming.
+"""The registry of one server process: what the plugins registered (providers, context sections, tools,
+usage sinks), the stores, the turns streaming now, and the writes waiting for a retry.
 
-One ``Gateway`` per server process. Transports hold a reference to it and call ``pipeline.start_turn``.
+Transports reach it through the service layer (``service.Service``); the pipeline runs turns against it.
 """
 
 from __future__ import annotations
@@ -16,8 +17,8 @@ from . import pricing
 from .catalog import deprecation_message
 from .config import Config
 from .errors import StorageError
-from .pending import PendingWrites
 from .lru import LRU
+from .pending import PendingWrites
 from .providers.base import Provider, model_prefix
 from .sinks import UsageSink
 from .types import ContextSectionBuilder, ModelInfo, Tool, UsageRecord
@@ -35,7 +36,7 @@ class ModelNotFound(Exception):
 
 
 @dataclass
-class Gateway:
+class Registry:
     config: Config
     pm: pluggy.PluginManager
     sessions: "SessionStore"
@@ -52,7 +53,7 @@ class Gateway:
     pending: PendingWrites = field(default_factory=PendingWrites)
 
     @classmethod
-    def create(cls, config: Config, pm: pluggy.PluginManager) -> "Gateway":
+    def create(cls, config: Config, pm: pluggy.PluginManager) -> "Registry":
         from .stores.sessions import SessionStore
         from .stores.usage import UsageStore
 

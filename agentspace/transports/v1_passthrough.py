@@ -17,9 +17,8 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
-from .gateway import Gateway
-from .meter import ALL_FIELDS, OUTPUT_FIELDS, Meter
-from .protocols.anthropic_messages import (
+from ..meter import ALL_FIELDS, OUTPUT_FIELDS, Meter
+from ..protocols.anthropic_messages import (
     DEFAULT_VERSION,
     UsageScanner,
     error_body,
@@ -28,10 +27,12 @@ from .protocols.anthropic_messages import (
     local_input_tokens,
     message_usage,
 )
-from .providers.anthropic import FINISH_REASONS
-from .providers.sse import SSEDecoder
-from .types import TokenUsage
-from .vault import missing_key_message, resolve_key
+from ..providers.anthropic import FINISH_REASONS
+from ..providers.sse import SSEDecoder
+from ..registry import Registry
+from ..types import TokenUsage
+from ..vault import missing_key_message, resolve_key
+from .v1_common import client_gone, http_client, watch_client
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +43,7 @@ RELAYED_HEADERS = frozenset({"content-type", "request-id", "retry-after", "retry
 FORWARDED_HEADERS = ("anthropic-version", "anthropic-beta")
 
 
-def upstream(gw: Gateway) -> tuple[str, float]:
+def upstream(gw: Registry) -> tuple[str, float]:
     """The Anthropic base URL and the read timeout, from ``[providers.anthropic]``."""
     settings = gw.config.provider_settings("anthropic")
     return (settings["base_url"] or DEFAULT_BASE_URL).rstrip("/"), float(settings["timeout_seconds"])
@@ -77,13 +78,12 @@ def _error(status: int, message: str, error_type: str | None = None) -> web.Resp
     return web.json_response(error_body(status, message, error_type), status=status)
 
 
-async def messages(request: web.Request, gw: Gateway, body: dict[str, Any], raw: bytes, model: str, meter: Meter) -> web.StreamResponse:
+async def messages(request: web.Request, gw: Registry, body: dict[str, Any], raw: bytes, model: str, meter: Meter) -> web.StreamResponse:
     """Relay one Messages call to Anthropic and meter it."""
     key = resolve_key(gw.config, "anthropic")
     if not key:
         await meter.record(TokenUsage(), "error", error="NO_API_KEY", answered=False)
         return _error(424, missing_key_message("anthropic", gw.config))
-    from .transports.v1_common import http_client
 
     base_url, read_timeout = upstream(gw)
     answered = False
@@ -144,7 +144,6 @@ async def _whole(up: aiohttp.ClientResponse, body: dict[str, Any], meter: Meter)
 async def _stream(request: web.Request, up: aiohttp.ClientResponse, body: dict[str, Any], meter: Meter) -> web.StreamResponse:
     resp = web.StreamResponse(status=200, headers={**relayed_headers(up), "Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
     relay = _Relay()
-    from .transports.v1_common import client_gone, watch_client
 
     stop_watching = watch_client(request, up.close)  # closing ends the read in progress: the upstream sees it
     recorded = False
@@ -247,13 +246,12 @@ async def _record_stream(meter: Meter, scanner: UsageScanner, body: dict[str, An
         await meter.record(usage, FINISH_REASONS.get(scanner.stop_reason or "", "other"), estimated_fields=fields)
 
 
-async def count_tokens(request: web.Request, gw: Gateway, body: dict[str, Any], raw: bytes, model: str) -> web.Response | None:
+async def count_tokens(request: web.Request, gw: Registry, body: dict[str, Any], raw: bytes, model: str) -> web.Response | None:
     """Anthropic's own count; None when it has none to give (no key, no such endpoint, unreachable), so the
     caller counts locally. Other upstream errors are relayed as they are."""
     key = resolve_key(gw.config, "anthropic")
     if not key:
         return None
-    from .transports.v1_common import http_client
 
     base_url, read_timeout = upstream(gw)
     try:
