@@ -6,8 +6,9 @@ Shared by ``agentspace models`` and ``GET /api/models`` so both list the same mo
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from datetime import date
-from typing import Any, Iterable
+from typing import Any
 
 from .config import Config
 from .pricing import cost_entry, known_models, model_info
@@ -59,19 +60,21 @@ def usable_models(config: Config, providers: Iterable[Any] = (), *, include_all:
             continue
         if model_id not in plugin_ids and not is_chat_model(model_id):
             continue
-        out.append({
-            "id": model_id,
-            "provider": provider,
-            "inputPerMTok": info.input_per_mtok,
-            "outputPerMTok": info.output_per_mtok,
-            "contextWindow": info.context_window,
-            "supportsReasoning": info.supports_reasoning,
-            "supportsTools": info.supports_tools,
-            "deprecationDate": deprecation,
-            "deprecated": retired,
-            "priceKnown": info.price_known,
-            "default": model_id == default,
-        })
+        out.append(
+            {
+                "id": model_id,
+                "provider": provider,
+                "inputPerMTok": info.input_per_mtok,
+                "outputPerMTok": info.output_per_mtok,
+                "contextWindow": info.context_window,
+                "supportsReasoning": info.supports_reasoning,
+                "supportsTools": info.supports_tools,
+                "deprecationDate": deprecation,
+                "deprecated": retired,
+                "priceKnown": info.price_known,
+                "default": model_id == default,
+            }
+        )
     return out
 
 

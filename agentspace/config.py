@@ -101,7 +101,14 @@ class ConfigError(click.ClickException):
         self.key = key
 
 
-_TYPE_NAMES = {str: "a string", int: "an integer", float: "a number", bool: "true or false", list: "a list", dict: "a table"}
+_TYPE_NAMES = {
+    str: "a string",
+    int: "an integer",
+    float: "a number",
+    bool: "true or false",
+    list: "a list",
+    dict: "a table",
+}
 
 
 def _type_name(types: tuple[type, ...]) -> str:
@@ -121,7 +128,9 @@ def _validate_table(
 ) -> dict[str, Any]:
     if not isinstance(table, dict):
         raise ConfigError(source, prefix, f"expected a table, got {table!r}")
-    out = {k: (list(d) if isinstance(d, list) else dict(d) if isinstance(d, dict) else d) for k, (_, d) in schema.items()}
+    out = {
+        k: (list(d) if isinstance(d, list) else dict(d) if isinstance(d, dict) else d) for k, (_, d) in schema.items()
+    }
     for key, value in table.items():
         if key not in schema:
             known = ", ".join(schema)
@@ -187,20 +196,37 @@ def parse_config(raw: dict[str, Any], source: str = "<config>", base_dir: Path |
         values[section] = _validate_table(source, section, raw.get(section, {}), schema)
     for (section, key), choices in CHOICES.items():
         if values[section][key] not in choices:
-            raise ConfigError(source, f"{section}.{key}", f"expected one of {', '.join(choices)}, got {values[section][key]!r}")
+            raise ConfigError(
+                source, f"{section}.{key}", f"expected one of {', '.join(choices)}, got {values[section][key]!r}"
+            )
     for key in ("port",):
         port = values["server"][key]
         if not 0 <= port <= 65535:
             raise ConfigError(source, "server.port", f"expected a port number 0-65535, got {port}")
     if values["server"]["max_connections"] < 1:
-        raise ConfigError(source, "server.max_connections", f"expected a positive integer, got {values['server']['max_connections']}")
+        raise ConfigError(
+            source, "server.max_connections", f"expected a positive integer, got {values['server']['max_connections']}"
+        )
     if values["server"]["header_timeout_seconds"] <= 0:
-        raise ConfigError(source, "server.header_timeout_seconds", f"expected a positive number, got {values['server']['header_timeout_seconds']}")
-    for section, key in (("chat", "history_limit"), ("chat", "max_steps"), ("chat", "max_tokens"), ("thinking", "budget_tokens")):
+        raise ConfigError(
+            source,
+            "server.header_timeout_seconds",
+            f"expected a positive number, got {values['server']['header_timeout_seconds']}",
+        )
+    for section, key in (
+        ("chat", "history_limit"),
+        ("chat", "max_steps"),
+        ("chat", "max_tokens"),
+        ("thinking", "budget_tokens"),
+    ):
         if values[section][key] < (0 if key == "history_limit" else 1):
             raise ConfigError(source, f"{section}.{key}", f"expected a positive integer, got {values[section][key]}")
     if values["thinking"]["budget_tokens"] < 1024:
-        raise ConfigError(source, "thinking.budget_tokens", f"expected at least 1024 (the API's minimum), got {values['thinking']['budget_tokens']}")
+        raise ConfigError(
+            source,
+            "thinking.budget_tokens",
+            f"expected at least 1024 (the API's minimum), got {values['thinking']['budget_tokens']}",
+        )
     for model, chain in values["models"]["fallbacks"].items():
         if not isinstance(chain, list) or not all(isinstance(m, str) for m in chain):
             raise ConfigError(source, f"models.fallbacks.{model}", "expected a list of model ids")
@@ -215,8 +241,15 @@ def parse_config(raw: dict[str, Any], source: str = "<config>", base_dir: Path |
         providers[name] = _validate_table(source, f"providers.{name}", table, PROVIDER_SCHEMA)
     pricing = {}
     for model, table in _table(source, "pricing", raw.get("pricing", {})).items():
-        pricing[model] = {k: v for k, v in _validate_table(source, f'pricing."{model}"', table, PRICING_SCHEMA).items() if v is not None}
-    plugins = {name: _table(source, f"plugins.{name}", t) for name, t in _table(source, "plugins", raw.get("plugins", {})).items()}
+        pricing[model] = {
+            k: v
+            for k, v in _validate_table(source, f'pricing."{model}"', table, PRICING_SCHEMA).items()
+            if v is not None
+        }
+    plugins = {
+        name: _table(source, f"plugins.{name}", t)
+        for name, t in _table(source, "plugins", raw.get("plugins", {})).items()
+    }
     return Config(values, providers, pricing, plugins, source, base_dir or Path.cwd())
 
 

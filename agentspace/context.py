@@ -134,7 +134,7 @@ async def _build(builder: Any, request: ContextRequest) -> str:
 
 
 async def assemble(
-    gateway: "Registry",
+    gateway: Registry,
     *,
     session_id: str | None,
     model: str,
@@ -208,7 +208,7 @@ def estimate_input_tokens(context: AssembledContext) -> int:
     return count_tokens(text)
 
 
-async def inspect_session(gw: "Registry", session_id: str, model: str | None = None) -> dict[str, Any] | None:
+async def inspect_session(gw: Registry, session_id: str, model: str | None = None) -> dict[str, Any] | None:
     """What the next call in a session would send, measured per section (shared with the REST API)."""
     session = await gw.sessions.get(session_id) if await gw.sessions.exists(session_id) else None
     if session is None:

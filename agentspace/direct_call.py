@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from typing import AsyncIterator
+from collections.abc import AsyncIterator
 
 from .events import (
     ProviderError,
@@ -23,7 +23,7 @@ from .meter import ALL_FIELDS, OUTPUT_FIELDS, Meter
 from .providers.base import ProviderRequest
 from .registry import ModelNotFound, Registry
 from .tokens import count_tokens
-from .types import TokenUsage, UsageRecord
+from .types import ReasoningPart, TextPart, TokenUsage, ToolCallPart, ToolResultPart, UsageRecord
 
 
 def request_input_tokens(request: ProviderRequest) -> int:
@@ -31,12 +31,12 @@ def request_input_tokens(request: ProviderRequest) -> int:
     pieces = [request.system]
     for message in request.messages:
         for part in message.parts:
-            if part.type in ("text", "reasoning"):
-                pieces.append(part.text)  # type: ignore[union-attr]
-            elif part.type == "tool-call":
-                pieces.append(json.dumps(part.input, default=str))  # type: ignore[union-attr]
-            elif part.type == "tool-result":
-                output = part.output  # type: ignore[union-attr]
+            if isinstance(part, (TextPart, ReasoningPart)):
+                pieces.append(part.text)
+            elif isinstance(part, ToolCallPart):
+                pieces.append(json.dumps(part.input, default=str))
+            elif isinstance(part, ToolResultPart):
+                output = part.output
                 pieces.append(output if isinstance(output, str) else json.dumps(output, default=str))
     if request.tools:
         pieces.append(json.dumps([t.definition() for t in request.tools]))
@@ -105,7 +105,9 @@ class DirectCall:
                 try:
                     event = await self._stream.__anext__()
                 except StopAsyncIteration:
-                    raise ProviderError("LLM_ERROR", "The provider ended the stream without finishing the answer.") from None
+                    raise ProviderError(
+                        "LLM_ERROR", "The provider ended the stream without finishing the answer."
+                    ) from None
         except ProviderError as e:
             if self.meter.recorded is None:
                 usage, fields = self._partial_usage(e)

@@ -81,5 +81,7 @@ class SessionDamaged(ApiError):
 class StorageError(ApiError):
     """A write to the store failed (disk full, I/O error): nothing is reported as stored that is not."""
 
-    def __init__(self, message: str = "The gateway could not store this; the answer is kept in memory and the write retried.") -> None:
+    def __init__(
+        self, message: str = "The gateway could not store this; the answer is kept in memory and the write retried."
+    ) -> None:
         super().__init__("STORAGE_ERROR", message)

@@ -7,7 +7,7 @@ into ``StreamEvent``s, which the WebSocket and SSE transports only encode.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Union
+from typing import Any
 
 from .types import ChatMessage, Cost, TokenUsage
 
@@ -65,7 +65,7 @@ class UsageReport:
     usage: TokenUsage
 
 
-ProviderEvent = Union[TextDelta, ReasoningDelta, SourceEvent, ToolCallEvent, UsageReport, ProviderFinish]
+ProviderEvent = TextDelta | ReasoningDelta | SourceEvent | ToolCallEvent | UsageReport | ProviderFinish
 
 
 class ProviderError(Exception):
@@ -142,15 +142,15 @@ class StreamError:
     message: str
 
 
-StreamEvent = Union[
-    StreamStart,
-    StepStart,
-    TextDelta,
-    ReasoningDelta,
-    SourceEvent,
-    ToolCallEvent,
-    ToolResultEvent,
-    StepFinish,
-    StreamEnd,
-    StreamError,
-]
+StreamEvent = (
+    StreamStart
+    | StepStart
+    | TextDelta
+    | ReasoningDelta
+    | SourceEvent
+    | ToolCallEvent
+    | ToolResultEvent
+    | StepFinish
+    | StreamEnd
+    | StreamError
+)

@@ -7,7 +7,8 @@ Built-in plugins implement the same hooks; see ``agentspace.plugins.DEFAULT_PLUG
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Awaitable, Callable
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING
 
 import pluggy
 
@@ -25,7 +26,7 @@ hookimpl = pluggy.HookimplMarker("agentspace")
 
 
 @hookspec
-def register_providers(register: Callable[["Provider"], None], config: "Config") -> None:
+def register_providers(register: Callable[[Provider], None], config: Config) -> None:
     """Register model providers. For a model id, the first provider whose ``claims(id)`` is true serves it.
 
     :param register: call with each ``Provider`` instance.
@@ -34,9 +35,7 @@ def register_providers(register: Callable[["Provider"], None], config: "Config")
 
 
 @hookspec
-def register_context_sections(
-    register: Callable[["ContextSectionBuilder"], None], config: "Config"
-) -> None:
+def register_context_sections(register: Callable[[ContextSectionBuilder], None], config: Config) -> None:
     """Register context sections (memory, skills, ...) that are added to the system prompt of every call.
 
     :param register: call with objects that have ``name`` and ``build(request) -> str`` (sync or async).
@@ -45,7 +44,7 @@ def register_context_sections(
 
 
 @hookspec
-def register_tools(register: Callable[["Tool"], None], config: "Config") -> None:
+def register_tools(register: Callable[[Tool], None], config: Config) -> None:
     """Register tools the model may call in the agent loop.
 
     :param register: call with each ``agentspace.Tool`` (name, description, JSON-schema input, async handler).
@@ -54,7 +53,7 @@ def register_tools(register: Callable[["Tool"], None], config: "Config") -> None
 
 
 @hookspec(firstresult=True)
-def formatting_prompt(config: "Config", model: str) -> str | None:
+def formatting_prompt(config: Config, model: str) -> str | None:
     """Return the response formatting prompt appended to every call (the ``response_format`` section).
 
     Stops at first non-None result; the built-in one runs last, so any plugin can replace it.
@@ -66,7 +65,7 @@ def formatting_prompt(config: "Config", model: str) -> str | None:
 
 
 @hookspec
-def register_usage_sinks(register: Callable[["UsageSink"], None], config: "Config") -> None:
+def register_usage_sinks(register: Callable[[UsageSink], None], config: Config) -> None:
     """Register usage sinks. Every usage record (one per provider call) is sent to every sink.
 
     :param register: call with objects that have ``name`` and ``async record(record: UsageRecord)``.
@@ -75,7 +74,7 @@ def register_usage_sinks(register: Callable[["UsageSink"], None], config: "Confi
 
 
 @hookspec
-def register_commands(cli: "click.Group") -> None:
+def register_commands(cli: click.Group) -> None:
     """Add commands to the ``agentspace`` CLI.
 
     :param cli: the top-level click group; use ``@cli.command()`` on your functions.
@@ -83,7 +82,7 @@ def register_commands(cli: "click.Group") -> None:
 
 
 @hookspec
-def server_startup(app: "web.Application", config: "Config") -> Awaitable[None] | None:
+def server_startup(app: web.Application, config: Config) -> Awaitable[None] | None:
     """Called once when ``agentspace serve`` has started, before it accepts connections.
 
     May return an awaitable, which is awaited. Use it to open clients or start background tasks.
@@ -94,7 +93,7 @@ def server_startup(app: "web.Application", config: "Config") -> Awaitable[None] 
 
 
 @hookspec
-def server_shutdown(app: "web.Application", config: "Config") -> Awaitable[None] | None:
+def server_shutdown(app: web.Application, config: Config) -> Awaitable[None] | None:
     """Called once when the server shuts down, after streams ended and before stores close.
 
     May return an awaitable, which is awaited.
@@ -102,4 +101,3 @@ def server_shutdown(app: "web.Application", config: "Config") -> Awaitable[None]
     :param app: the aiohttp application.
     :param config: the loaded configuration.
     """
-

@@ -18,8 +18,9 @@ Usage::
 from __future__ import annotations
 
 import time
+from collections.abc import Awaitable, Iterable
 from dataclasses import replace
-from typing import TYPE_CHECKING, Awaitable, Iterable
+from typing import TYPE_CHECKING
 
 from .types import TokenUsage, UsageRecord, new_id, now_iso
 
@@ -33,7 +34,7 @@ ALL_FIELDS = ("inputTokens", "outputTokens")
 
 
 def usage_record(
-    gw: "Registry",
+    gw: Registry,
     *,
     model: str,
     usage: TokenUsage,
@@ -75,7 +76,7 @@ def usage_record(
     )
 
 
-def record_call(gw: "Registry", record: UsageRecord) -> Awaitable[UsageRecord]:
+def record_call(gw: Registry, record: UsageRecord) -> Awaitable[UsageRecord]:
     """Send ``record`` to every sink. The sinks are called now (the built-in one queues its write at once);
     awaiting the result waits until they are done, i.e. the record is durable."""
     pending = gw.record_usage(record)
@@ -93,7 +94,7 @@ class Meter:
     __slots__ = ("gw", "model", "session_id", "client", "endpoint", "started", "attempts", "recorded")
 
     def __init__(
-        self, gw: "Registry", model: str, *, session_id: str | None, client: str | None, endpoint: str | None
+        self, gw: Registry, model: str, *, session_id: str | None, client: str | None, endpoint: str | None
     ) -> None:
         self.gw = gw
         self.model = model

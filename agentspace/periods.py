@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 _RELATIVE = re.compile(r"^\s*(\d+)\s*([mhdw])\s*$")
 _UNITS = {"m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
@@ -11,7 +11,7 @@ _UNITS = {"m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
 
 def parse_since(value: str, now: datetime | None = None) -> datetime:
     """``30m``, ``24h``, ``7d``, ``2w`` (ago), or an ISO date/time (UTC unless it has an offset)."""
-    now = now or datetime.now(timezone.utc)
+    now = now or datetime.now(UTC)
     m = _RELATIVE.match(value)
     if m:
         return now - timedelta(**{_UNITS[m.group(2)]: int(m.group(1))})
@@ -19,4 +19,4 @@ def parse_since(value: str, now: datetime | None = None) -> datetime:
         when = datetime.fromisoformat(value.strip().replace("Z", "+00:00"))
     except ValueError:
         raise ValueError(f"{value!r}: use a duration (30m, 24h, 7d, 2w) or a date (2026-11-01)") from None
-    return when if when.tzinfo else when.replace(tzinfo=timezone.utc)
+    return when if when.tzinfo else when.replace(tzinfo=UTC)

@@ -22,8 +22,9 @@ import json
 import logging
 import random
 import time
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field, replace
-from typing import Any, AsyncIterator, Awaitable, Callable
+from typing import Any
 
 from .context import AssembledContext, assemble, estimate_input_tokens
 from .errors import ApiError, StorageError
@@ -73,7 +74,9 @@ log = logging.getLogger(__name__)
 MAX_RETRY_WAIT_SECONDS = 30.0
 # Writes that fail with these are the store's (disk full, I/O error): kept in memory and retried.
 STORAGE_FAILURES = (StorageError, OSError)
-STORAGE_ERROR_MESSAGE = "The answer could not be stored (the gateway's disk may be full); it is kept in memory and the write retried."
+STORAGE_ERROR_MESSAGE = (
+    "The answer could not be stored (the gateway's disk may be full); it is kept in memory and the write retried."
+)
 
 
 @dataclass
@@ -90,15 +93,19 @@ class ChatRequest:
     user_message_id: str | None = None
 
 
-async def start_turn(gw: Registry, request: ChatRequest) -> "Turn":
+async def start_turn(gw: Registry, request: ChatRequest) -> Turn:
     """Validate, create the session if needed, store the user message, and start streaming."""
     session = None
     if request.session_id is not None:
         if request.session_id in gw.active:
-            raise ApiError("STREAM_IN_PROGRESS", "This session is already streaming an answer; wait for it or abort it.")
+            raise ApiError(
+                "STREAM_IN_PROGRESS", "This session is already streaming an answer; wait for it or abort it."
+            )
         session = await gw.sessions.get(request.session_id)
         if session is None and not request.create_if_missing:
-            raise ApiError("SESSION_NOT_FOUND", f"No session {request.session_id!r}. Omit sessionId to start a new one.")
+            raise ApiError(
+                "SESSION_NOT_FOUND", f"No session {request.session_id!r}. Omit sessionId to start a new one."
+            )
 
     model = request.model or (session or {}).get("model") or gw.default_model
     try:
@@ -119,8 +126,13 @@ async def start_turn(gw: Registry, request: ChatRequest) -> "Turn":
     # with the same client-chosen id included) is refused here, before it writes anything.
     if session_id in gw.active:
         raise ApiError("STREAM_IN_PROGRESS", "This session is already streaming an answer; wait for it or abort it.")
-    user_message: dict[str, Any] = {"id": request.user_message_id or new_id("msg_"), "role": "user", "content": request.content,
-                    "parts": [{"type": "text", "text": request.content}], "createdAt": now_iso()}
+    user_message: dict[str, Any] = {
+        "id": request.user_message_id or new_id("msg_"),
+        "role": "user",
+        "content": request.content,
+        "parts": [{"type": "text", "text": request.content}],
+        "createdAt": now_iso(),
+    }
     turn = Turn(gw, session_id, model, request.client, created, user_message["id"])
     gw.active[session_id] = turn
     # The user message is durable before the provider is called (SPEC 6).
@@ -128,15 +140,18 @@ async def start_turn(gw: Registry, request: ChatRequest) -> "Turn":
         if session is None:
             history = list(request.import_messages)
             # A new session is written once, with its first messages.
-            await gw.sessions.create(model=model, session_id=session_id, client=request.client,
-                                     messages=[*history, user_message])
+            await gw.sessions.create(
+                model=model, session_id=session_id, client=request.client, messages=[*history, user_message]
+            )
         else:
             history = session["messages"]
             await gw.sessions.append_message(session_id, user_message)
     except STORAGE_FAILURES:
         gw.active.pop(session_id, None)
         log.exception("storing the user message in session %s failed", session_id)
-        raise ApiError("STORAGE_ERROR", "The message could not be stored (the gateway's disk may be full); nothing was sent.") from None
+        raise ApiError(
+            "STORAGE_ERROR", "The message could not be stored (the gateway's disk may be full); nothing was sent."
+        ) from None
     except BaseException:
         gw.active.pop(session_id, None)
         raise
@@ -161,9 +176,19 @@ async def _has_usable_key(gw: Registry, model: str) -> bool:
 async def _record_refusal(gw: Registry, model: str, request: ChatRequest, code: str) -> None:
     """The one usage record of a call refused before reaching the upstream: an error, never a request."""
     await gw.record_usage(
-        usage_record(gw, model=model, usage=TokenUsage(), latency_ms=0.0, finish_reason="error",
-                     session_id=request.session_id, client=request.client, endpoint=request.client,
-                     error=code, answered=False, attempts=0)
+        usage_record(
+            gw,
+            model=model,
+            usage=TokenUsage(),
+            latency_ms=0.0,
+            finish_reason="error",
+            session_id=request.session_id,
+            client=request.client,
+            endpoint=request.client,
+            error=code,
+            answered=False,
+            attempts=0,
+        )
     )
 
 
@@ -287,7 +312,9 @@ class Turn:
         finish_reason, error, ttft_ms = "stop", None, None
         answered_by = self.model
         try:
-            ctx = await assemble(self.gw, session_id=self.session_id, model=self.model, user_message=content, history=history)
+            ctx = await assemble(
+                self.gw, session_id=self.session_id, model=self.model, user_message=content, history=history
+            )
             max_steps = int(self.gw.config["chat"]["max_steps"])
             seen_sources: set[str] = set()
             for step in range(max_steps):
@@ -342,7 +369,9 @@ class Turn:
             finish_reason, error = "error", ("LLM_ERROR", "The gateway failed while answering; see the server log.")
         aborted = finish_reason == "aborted" or self._stop_reason == "shutdown"
         try:
-            await self._store(parts, total_usage, total_cost, finish_reason, started, created_at, ttft_ms, aborted, error, answered_by)
+            await self._store(
+                parts, total_usage, total_cost, finish_reason, started, created_at, ttft_ms, aborted, error, answered_by
+            )
         except Exception:
             log.exception("storing the answer in session %s failed", self.session_id)
             self._storage_failed = True
@@ -541,9 +570,17 @@ class Turn:
         """The call's one usage record, durable in every sink before the turn goes on; a sink whose write
         failed keeps it for a retry (``gw.pending``), and the turn ends with STORAGE_ERROR."""
         record = usage_record(
-            self.gw, model=model, usage=usage, latency_ms=(time.monotonic() - started) * 1000,
-            finish_reason=finish_reason, session_id=self.session_id, client=self.client, endpoint=self.client,
-            error=error, answered=state.answered, attempts=state.attempts,
+            self.gw,
+            model=model,
+            usage=usage,
+            latency_ms=(time.monotonic() - started) * 1000,
+            finish_reason=finish_reason,
+            session_id=self.session_id,
+            client=self.client,
+            endpoint=self.client,
+            error=error,
+            answered=state.answered,
+            attempts=state.attempts,
         )
         if await self.gw.record_usage(record):
             self._storage_failed = True
@@ -586,8 +623,10 @@ class Turn:
         if error is not None:
             # The failed user message stays, marked; later calls do not resend it (context.answered_turns).
             mark = {"error": message["error"]}
-            await self._write(f"the error mark of a message in session {session_id}",
-                              lambda: sessions.update_message(session_id, self.user_message_id, mark))
+            await self._write(
+                f"the error mark of a message in session {session_id}",
+                lambda: sessions.update_message(session_id, self.user_message_id, mark),
+            )
 
     async def _write(self, what: str, write: Callable[[], Awaitable[None]]) -> None:
         """Run a store write; when the store fails, keep it for a retry and end the turn with STORAGE_ERROR."""

@@ -85,7 +85,8 @@ def model_info(config: Config, model: str) -> ModelInfo:
         max_output_tokens=entry.get("max_output_tokens"),
         supports_reasoning=bool(entry.get("supports_reasoning")),
         # Models that reject {"type": "enabled", budget_tokens} and take only adaptive thinking.
-        adaptive_thinking_only=bool(entry.get("supports_adaptive_thinking")) and not entry.get("supports_legacy_thinking", False)
+        adaptive_thinking_only=bool(entry.get("supports_adaptive_thinking"))
+        and not entry.get("supports_legacy_thinking", False)
         and bool(entry.get("thinking_always_on") or entry.get("supports_sampling_params") is False),
         supports_tools=bool(entry.get("supports_function_calling")),
         deprecation_date=entry.get("deprecation_date"),

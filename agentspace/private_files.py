@@ -51,10 +51,14 @@ def check_data_dir(path: Path) -> None:
         raise PrivateFileError(f"The data directory {path} is not a directory. Move it away or set [storage] data_dir.")
     uid = _uid()
     if uid is not None and st.st_uid != uid:
-        raise PrivateFileError(f"The data directory {path} belongs to another user (uid {st.st_uid}); "
-                               "use a directory of your own ([storage] data_dir or AGENTSPACE_HOME).")
+        raise PrivateFileError(
+            f"The data directory {path} belongs to another user (uid {st.st_uid}); "
+            "use a directory of your own ([storage] data_dir or AGENTSPACE_HOME)."
+        )
     if st.st_mode & 0o022:
-        log.warning("%s was writable by other users (mode %o); setting its mode to 0700", path, stat.S_IMODE(st.st_mode))
+        log.warning(
+            "%s was writable by other users (mode %o); setting its mode to 0700", path, stat.S_IMODE(st.st_mode)
+        )
         os.chmod(path, 0o700)
 
 
@@ -66,8 +70,9 @@ def read_private_file(path: Path, fix: str) -> str | None:
         return None
     except OSError as e:
         if e.errno == errno.ELOOP or path.is_symlink():
-            raise PrivateFileError(f"{path} is a symbolic link; agentspace reads secrets only from a file of "
-                                   f"its own. {fix}") from None
+            raise PrivateFileError(
+                f"{path} is a symbolic link; agentspace reads secrets only from a file of its own. {fix}"
+            ) from None
         raise PrivateFileError(f"Cannot read {path}: {e.strerror or e}. {fix}") from None
     try:
         st = os.fstat(fd)
@@ -75,11 +80,14 @@ def read_private_file(path: Path, fix: str) -> str | None:
             raise PrivateFileError(f"{path} is not a regular file. {fix}")
         uid = _uid()
         if uid is not None and st.st_uid != uid:
-            raise PrivateFileError(f"{path} belongs to another user (uid {st.st_uid}), so its content cannot be "
-                                   f"trusted. {fix}")
+            raise PrivateFileError(
+                f"{path} belongs to another user (uid {st.st_uid}), so its content cannot be trusted. {fix}"
+            )
         if st.st_mode & 0o022:
-            raise PrivateFileError(f"{path} is writable by other users, so its content cannot be trusted. Check it, "
-                                   f"then run: chmod 600 {path}")
+            raise PrivateFileError(
+                f"{path} is writable by other users, so its content cannot be trusted. Check it, "
+                f"then run: chmod 600 {path}"
+            )
         if st.st_size > MAX_SECRETS_FILE_BYTES:
             raise PrivateFileError(f"{path} is {st.st_size} bytes, far too large for a secrets file. {fix}")
         if st.st_mode & 0o044:

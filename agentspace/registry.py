@@ -39,21 +39,21 @@ class ModelNotFound(Exception):
 class Registry:
     config: Config
     pm: pluggy.PluginManager
-    sessions: "SessionStore"
-    usage: "UsageStore"
+    sessions: SessionStore
+    usage: UsageStore
     providers: list[Provider] = field(default_factory=list)
     section_builders: list[ContextSectionBuilder] = field(default_factory=list)
     tools: dict[str, Tool] = field(default_factory=dict)
     sinks: list[UsageSink] = field(default_factory=list)
     # session id -> the turn streaming in it; one at a time per session, across transports.
-    active: dict[str, "Turn"] = field(default_factory=dict)
+    active: dict[str, Turn] = field(default_factory=dict)
     # Bounded: model ids come from clients, and a provider may claim any id with its prefix.
     _model_info: LRU[str, ModelInfo] = field(default_factory=LRU)
     # Store writes that failed, retried until they succeed or the server stops.
     pending: PendingWrites = field(default_factory=PendingWrites)
 
     @classmethod
-    def create(cls, config: Config, pm: pluggy.PluginManager) -> "Registry":
+    def create(cls, config: Config, pm: pluggy.PluginManager) -> Registry:
         from .stores.sessions import SessionStore
         from .stores.usage import UsageStore
 
@@ -85,7 +85,7 @@ class Registry:
         if info is None:
             info = self._model_info[model] = pricing.model_info(self.config, model)
             if not info.price_known:
-                log.warning("no price known for %s; using the fallback price (set [pricing.\"%s\"])", model, model)
+                log.warning('no price known for %s; using the fallback price (set [pricing."%s"])', model, model)
             note = deprecation_message(model, info.deprecation_date)
             if note:
                 log.warning("%s", note)
@@ -108,9 +108,13 @@ class Registry:
             try:
                 await sink.record(record)
             except (StorageError, OSError):
-                log.exception("usage sink %r could not store record %s; retrying", getattr(sink, "name", sink), record.id)
-                self.pending.add(f"usage record {record.id} in sink {getattr(sink, 'name', sink)!r}",
-                                 functools.partial(sink.record, record))
+                log.exception(
+                    "usage sink %r could not store record %s; retrying", getattr(sink, "name", sink), record.id
+                )
+                self.pending.add(
+                    f"usage record {record.id} in sink {getattr(sink, 'name', sink)!r}",
+                    functools.partial(sink.record, record),
+                )
                 failed = True
             except Exception:
                 log.exception("usage sink %r failed", getattr(sink, "name", sink))

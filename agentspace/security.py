@@ -17,7 +17,7 @@ import ipaddress
 import logging
 import time
 from collections import OrderedDict
-from typing import Awaitable, Callable
+from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 from aiohttp.typedefs import Middleware
@@ -57,8 +57,9 @@ class AuthFailures:
     most ``max_sources`` sources are tracked.
     """
 
-    def __init__(self, limit: int = MAX_FAILURES, window: float = FAILURE_WINDOW_SECONDS,
-                 max_sources: int = MAX_SOURCES) -> None:
+    def __init__(
+        self, limit: int = MAX_FAILURES, window: float = FAILURE_WINDOW_SECONDS, max_sources: int = MAX_SOURCES
+    ) -> None:
         self.limit = limit
         self.window = window
         self.max_sources = max_sources
@@ -205,12 +206,17 @@ def security_middleware(config: Config) -> Middleware:
                 return _v1_error(request, 429, "Too many failed authentications; try again later.")
             return error_response(429, "RATE_LIMITED", "Too many failed authentications; try again later.")
         if v1:
-            return _v1_error(request, 401, "Send the gateway token as x-api-key or Authorization: Bearer; run 'agentspace token' to see it.")
-        return error_response(401, "UNAUTHORIZED", "Send Authorization: Bearer <token>; run 'agentspace token' to see it.")
+            return _v1_error(
+                request,
+                401,
+                "Send the gateway token as x-api-key or Authorization: Bearer; run 'agentspace token' to see it.",
+            )
+        return error_response(
+            401, "UNAUTHORIZED", "Send Authorization: Bearer <token>; run 'agentspace token' to see it."
+        )
 
     return middleware
 
 
 def _v1_error(request: web.Request, status: int, message: str) -> web.Response:
     return v1_errors.error_response(request, status, message, code="invalid_api_key" if status == 401 else None)
-

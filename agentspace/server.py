@@ -13,7 +13,7 @@ import logging
 import signal
 import sys
 import weakref
-from typing import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable
 
 import click
 import pluggy
@@ -65,7 +65,7 @@ async def _maybe_await(value: object) -> None:
         await value
 
 
-def _gateway_context(config: Config, pm: pluggy.PluginManager):  # type: ignore[no-untyped-def]
+def _gateway_context(config: Config, pm: pluggy.PluginManager) -> Callable[[web.Application], AsyncIterator[None]]:
     async def context(app: web.Application) -> AsyncIterator[None]:
         lock = DataDirLock(config.data_dir)  # refuses a second server on the same data before binding
         try:
@@ -100,11 +100,16 @@ def check_default_model(gw: Registry) -> None:
     settings = config.provider_settings(prefix)
     # The cost map lists every model of the big providers; a name it lacks is a typo, unless the model
     # goes to a custom endpoint (base_url) or the config declares it (pricing or the provider's models).
-    declared = default in config.pricing or bool({default, name} & set(settings["models"])) or bool(settings["base_url"])
+    declared = (
+        default in config.pricing or bool({default, name} & set(settings["models"])) or bool(settings["base_url"])
+    )
     if pricing.cost_entry(default) is None and pricing.known_models({prefix}) and not declared:
-        raise ConfigError(config.source, "models.default",
-                          f"expected a model litellm's cost map knows (see: agentspace models --all), got {default!r}; "
-                          f'for a model it does not list yet, add [pricing."{default}"]')
+        raise ConfigError(
+            config.source,
+            "models.default",
+            f"expected a model litellm's cost map knows (see: agentspace models --all), got {default!r}; "
+            f'for a model it does not list yet, add [pricing."{default}"]',
+        )
     info = pricing.model_info(config, default)
     if is_retired(info.deprecation_date):
         log.warning("[models] default in %s: %s", config.source, deprecation_message(default, info.deprecation_date))
@@ -156,7 +161,9 @@ def event_loop_factory(choice: str) -> tuple[str, Callable[[], asyncio.AbstractE
         import uvloop
     except ImportError:
         if choice == "uvloop":
-            raise click.ClickException('[server] event_loop = "uvloop", but uvloop is not installed: pip install uvloop') from None
+            raise click.ClickException(
+                '[server] event_loop = "uvloop", but uvloop is not installed: pip install uvloop'
+            ) from None
         return "asyncio", None
     return "uvloop", uvloop.new_event_loop
 
@@ -167,8 +174,13 @@ async def _serve(config: Config, host: str, port: int) -> None:
     # keepalive_timeout is also how long a new connection may take to send its first request's headers
     # (aiohttp starts it when the connection opens): the header deadline, short enough that slow-header
     # clients cannot pile up. Kept-alive connections idle that long are closed too.
-    runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=grace + 5, access_log=None,
-                           keepalive_timeout=float(config["server"]["header_timeout_seconds"]))
+    runner = web.AppRunner(
+        app,
+        handle_signals=False,
+        shutdown_timeout=grace + 5,
+        access_log=None,
+        keepalive_timeout=float(config["server"]["header_timeout_seconds"]),
+    )
     await runner.setup()
     listener: asyncio.Server | None = None
     try:

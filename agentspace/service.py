@@ -14,8 +14,9 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 from .catalog import usable_models
 from .context import inspect_session
@@ -42,8 +43,11 @@ _SURROGATE = re.compile("[\ud800-\udfff]")
 
 def invalid(fields: dict[str, str]) -> ApiError:
     """An ``INVALID_MESSAGE`` naming each field that is wrong (``fields``: path -> what is wrong)."""
-    return ApiError("INVALID_MESSAGE", "; ".join(f"{path}: {problem}" if path else problem
-                                                 for path, problem in fields.items()), fields)
+    return ApiError(
+        "INVALID_MESSAGE",
+        "; ".join(f"{path}: {problem}" if path else problem for path, problem in fields.items()),
+        fields,
+    )
 
 
 # --- validation at the edge ---------------------------------------------------------------------
@@ -125,8 +129,9 @@ class ChatInput:
         return self.paths.get(name, name)
 
 
-def chat_request(chat: ChatInput, *, client: str, create_if_missing: bool = False,
-                 history: list[dict[str, Any]] | None = None) -> ChatRequest:
+def chat_request(
+    chat: ChatInput, *, client: str, create_if_missing: bool = False, history: list[dict[str, Any]] | None = None
+) -> ChatRequest:
     """Check a chat request's fields, the one validator for every transport; every problem is a field error."""
     errors: dict[str, str] = {}
     if not isinstance(chat.content, str):
@@ -140,9 +145,15 @@ def chat_request(chat: ChatInput, *, client: str, create_if_missing: bool = Fals
             errors[chat.path(name)] = what
     if errors:
         raise invalid(errors)
-    return ChatRequest(clean_text(chat.content), chat.session_id, chat.model, client=client,
-                       create_if_missing=create_if_missing, import_messages=history or [],
-                       user_message_id=chat.message_id)
+    return ChatRequest(
+        clean_text(chat.content),
+        chat.session_id,
+        chat.model,
+        client=client,
+        create_if_missing=create_if_missing,
+        import_messages=history or [],
+        user_message_id=chat.message_id,
+    )
 
 
 # --- the operations -----------------------------------------------------------------------------
@@ -183,8 +194,9 @@ class Service:
         if not await self.gw.sessions.delete(session_id):
             raise _not_found(session_id)
 
-    async def inspect_context(self, session_id: str | None, model: str | None = None,
-                              paths: tuple[str, str] = ("id", "model")) -> dict[str, Any]:
+    async def inspect_context(
+        self, session_id: str | None, model: str | None = None, paths: tuple[str, str] = ("id", "model")
+    ) -> dict[str, Any]:
         """What the next call in the session would send; ``model`` (if given) must be served by a provider."""
         session_id = checked(session_id, paths[0], session_id_problem)
         if model is not None:
@@ -200,8 +212,13 @@ class Service:
         except ModelNotFound as e:
             raise ApiError("MODEL_NOT_FOUND", str(e)) from None
 
-    async def usage(self, session_id: str | None = None, since: str | None = None, by: str = "model",
-                    paths: tuple[str, str, str] = ("sessionId", "since", "by")) -> dict[str, Any]:
+    async def usage(
+        self,
+        session_id: str | None = None,
+        since: str | None = None,
+        by: str = "model",
+        paths: tuple[str, str, str] = ("sessionId", "since", "by"),
+    ) -> dict[str, Any]:
         """Tokens and cost per model (the ``usage.report`` shape) or per UTC day."""
         if by not in ("model", "day"):
             raise invalid({paths[2]: "must be 'model' or 'day'"})

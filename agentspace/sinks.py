@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Awaitable, Protocol, runtime_checkable
+from collections.abc import Awaitable
+from typing import Protocol, runtime_checkable
 
 from .types import UsageRecord
 

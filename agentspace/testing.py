@@ -16,10 +16,11 @@ Nothing here reads or writes the user's own data directory or loads other instal
 from __future__ import annotations
 
 import tomllib
+from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, AsyncIterator, Iterator
+from typing import Any
 
 import pluggy
 from aiohttp.test_utils import TestClient, TestServer

@@ -11,6 +11,10 @@ import importlib.util
 import os
 from functools import lru_cache
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import tiktoken  # imported when first needed: it costs start-up time
 
 ENCODING = "o200k_base"
 
@@ -24,7 +28,7 @@ def bundled_tiktoken_dir() -> str | None:
 
 
 @lru_cache(maxsize=1)
-def _encoding():  # type: ignore[no-untyped-def]
+def _encoding() -> tiktoken.Encoding:
     if "TIKTOKEN_CACHE_DIR" not in os.environ:
         folder = bundled_tiktoken_dir()
         if folder:

@@ -9,8 +9,9 @@ from __future__ import annotations
 import json
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, Awaitable, Callable, Literal, Protocol, Union
+from typing import Any, Literal, Protocol
 
 # Compact JSON (no spaces, non-ASCII kept) from one encoder: json.dumps with options builds a new encoder per
 # call, about 1.5 µs, and the transports encode every delta.
@@ -71,7 +72,7 @@ class ToolResultPart:
     type: Literal["tool-result"] = "tool-result"
 
 
-Part = Union[TextPart, ReasoningPart, SourcePart, ToolCallPart, ToolResultPart]
+Part = TextPart | ReasoningPart | SourcePart | ToolCallPart | ToolResultPart
 
 _PART_KEYS: dict[str, tuple[type, dict[str, str]]] = {
     "text": (TextPart, {"text": "text"}),
@@ -116,7 +117,7 @@ class ChatMessage:
         return "".join(p.text for p in self.parts if isinstance(p, TextPart))
 
     @classmethod
-    def user(cls, text: str) -> "ChatMessage":
+    def user(cls, text: str) -> ChatMessage:
         return cls("user", [TextPart(text)])
 
 
@@ -139,7 +140,7 @@ class TokenUsage:
     def total_tokens(self) -> int:
         return self.input_tokens + self.output_tokens + self.cache_read_tokens + self.cache_write_tokens
 
-    def __add__(self, other: "TokenUsage") -> "TokenUsage":
+    def __add__(self, other: TokenUsage) -> TokenUsage:
         return TokenUsage(
             self.input_tokens + other.input_tokens,
             self.output_tokens + other.output_tokens,
@@ -160,7 +161,7 @@ class Cost:
     def total_cost(self) -> float:
         return self.input_cost + self.output_cost
 
-    def __add__(self, other: "Cost") -> "Cost":
+    def __add__(self, other: Cost) -> Cost:
         return Cost(self.input_cost + other.input_cost, self.output_cost + other.output_cost)
 
 

@@ -121,18 +121,18 @@ class KeyVault:
         return {name: mask(value) for name, value in sorted(self._read().items())}
 
 
-def key_name(config: "Config", prefix: str) -> str:
+def key_name(config: Config, prefix: str) -> str:
     """The vault entry used for a provider prefix."""
     return config.provider_settings(prefix)["key_name"] or prefix
 
 
-def env_var(config: "Config | None", prefix: str) -> str:
+def env_var(config: Config | None, prefix: str) -> str:
     """The environment variable used as fallback for a provider prefix."""
     configured = config.provider_settings(prefix)["api_key_env"] if config is not None else None
     return configured or DEFAULT_ENV_VARS.get(prefix) or f"{prefix.upper().replace('-', '_')}_API_KEY"
 
 
-def resolve_key(config: "Config", prefix: str) -> str | None:
+def resolve_key(config: Config, prefix: str) -> str | None:
     """The API key for a provider prefix: the vault first, then the environment; None when neither has one."""
     stored = KeyVault(config.data_dir).get(key_name(config, prefix))
     if stored:
@@ -142,13 +142,13 @@ def resolve_key(config: "Config", prefix: str) -> str | None:
     return from_env
 
 
-def missing_key_message(prefix: str, config: "Config | None" = None) -> str:
+def missing_key_message(prefix: str, config: Config | None = None) -> str:
     """``Anthropic API key not configured. Run: agentspace keys add anthropic``."""
     name = key_name(config, prefix) if config is not None else prefix
     return f"{display_name(prefix)} API key not configured. Run: agentspace keys add {name}"
 
 
-def register_configured_keys(config: "Config") -> None:
+def register_configured_keys(config: Config) -> None:
     """Register every key the server could use for redaction from the logs: the vault's, and the values of
     the providers' environment variables."""
     try:

@@ -23,8 +23,8 @@ import shutil
 import statistics
 import sys
 import tempfile
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Awaitable, Callable
 
 import aiohttp
 
@@ -34,7 +34,9 @@ import bench  # noqa: E402  (the sibling script)
 WARMUP_CHATS = 150
 
 
-async def side_client(http: aiohttp.ClientSession, b: bench.Bench, transport: str) -> Callable[[], Awaitable[bench.Sample]]:
+async def side_client(
+    http: aiohttp.ClientSession, b: bench.Bench, transport: str
+) -> Callable[[], Awaitable[bench.Sample]]:
     from agentspace.gateway_token import load_or_create_token
 
     headers = {"Authorization": f"Bearer {load_or_create_token(b.home)}"}
@@ -47,7 +49,9 @@ async def side_client(http: aiohttp.ClientSession, b: bench.Bench, transport: st
 
 
 async def run(args: argparse.Namespace) -> int:
-    results: dict[str, dict[str, list[float]]] = {name: {"ttft": [], "cpu": [], "loop": [], "store": []} for name in "AB"}
+    results: dict[str, dict[str, list[float]]] = {
+        name: {"ttft": [], "cpu": [], "loop": [], "store": []} for name in "AB"
+    }
     trees = {"A": args.tree_a, "B": args.tree_b}
     # Half the rounds with A's processes started first, half with B's: the side started second has measured
     # faster (up to 0.3 ms of added TTFT and 0.7 CPU-ms), whichever tree it ran.
@@ -59,24 +63,33 @@ async def run(args: argparse.Namespace) -> int:
         r = results[name]
         if name == "B" and args.b_without_sdk:
             tree += " (without the SDK)"
-        print(f"{name} {tree}: added TTFT p50 {statistics.median(r['ttft']):.2f} ms, CPU {statistics.median(r['cpu']):.2f}"
-              f" ms per chat (loop {statistics.median(r['loop']):.2f}, store {statistics.median(r['store']):.2f})")
+        print(
+            f"{name} {tree}: added TTFT p50 {statistics.median(r['ttft']):.2f} ms, CPU {statistics.median(r['cpu']):.2f}"
+            f" ms per chat (loop {statistics.median(r['loop']):.2f}, store {statistics.median(r['store']):.2f})"
+        )
     for key, label in (("ttft", "added TTFT"), ("cpu", "CPU per chat")):
         diffs = [b_ - a_ for a_, b_ in zip(results["A"][key], results["B"][key])]
-        print(f"B - A, {label}: {statistics.median(diffs):+.2f} ms (B lower in {sum(d < 0 for d in diffs)} of {len(diffs)} rounds)")
+        print(
+            f"B - A, {label}: {statistics.median(diffs):+.2f} ms (B lower in {sum(d < 0 for d in diffs)} of {len(diffs)} rounds)"
+        )
     return 0
 
 
-async def run_half(args: argparse.Namespace, trees: dict[str, str], rounds: int,
-                   results: dict[str, dict[str, list[float]]]) -> int:
+async def run_half(
+    args: argparse.Namespace, trees: dict[str, str], rounds: int, results: dict[str, dict[str, list[float]]]
+) -> int:
     """Start both sides' processes in the order of ``trees``, then run ``rounds`` rounds; 1 on failed chats."""
     sides: dict[str, tuple[bench.Bench, Path]] = {}
     try:
         for name, tree in trees.items():
             scratch = Path(tempfile.mkdtemp(prefix=f"agentspace-ab-{name}-"))
             cli = bench.gateway_cli(without_sdk=name == "B" and args.b_without_sdk)
-            b = bench.Bench(argparse.Namespace(requests=args.chats, soak=0, quick=True, json=False, profile=None),
-                            scratch, code=Path(tree).resolve(), cli=cli)
+            b = bench.Bench(
+                argparse.Namespace(requests=args.chats, soak=0, quick=True, json=False, profile=None),
+                scratch,
+                code=Path(tree).resolve(),
+                cli=cli,
+            )
             sides[name] = (b, scratch)
             b.start_upstream()
             await b.start_gateway()
@@ -111,8 +124,11 @@ def main() -> None:
     parser.add_argument("--transport", choices=("ws", "http"), default="ws")
     parser.add_argument("--rounds", type=int, default=24)
     parser.add_argument("--chats", type=int, default=60, help="chats per tree per round")
-    parser.add_argument("--b-without-sdk", action="store_true",
-                        help="B's Anthropic calls without the SDK (benchmarks/without_sdk.py): what the SDK costs")
+    parser.add_argument(
+        "--b-without-sdk",
+        action="store_true",
+        help="B's Anthropic calls without the SDK (benchmarks/without_sdk.py): what the SDK costs",
+    )
     sys.exit(asyncio.run(run(parser.parse_args())))
 
 

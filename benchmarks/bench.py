@@ -37,9 +37,10 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Awaitable, Callable
+from typing import Any
 
 import aiohttp
 
@@ -61,8 +62,14 @@ CLK_TCK = os.sysconf("SC_CLK_TCK")
 def _env(home: Path, code: Path = ROOT) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AGENTSPACE_", "ANTHROPIC_"))}
     path = os.pathsep.join(filter(None, [str(code), env.get("PYTHONPATH")]))
-    return {**env, "PYTHONPATH": path, "AGENTSPACE_HOME": str(home), "AGENTSPACE_LOAD_PLUGINS": "",
-            "ANTHROPIC_API_KEY": "sk-bench", "LITELLM_LOCAL_MODEL_COST_MAP": "True"}
+    return {
+        **env,
+        "PYTHONPATH": path,
+        "AGENTSPACE_HOME": str(home),
+        "AGENTSPACE_LOAD_PLUGINS": "",
+        "ANTHROPIC_API_KEY": "sk-bench",
+        "LITELLM_LOCAL_MODEL_COST_MAP": "True",
+    }
 
 
 def read_url(proc: subprocess.Popen[str], pattern: str, timeout: float) -> str:
@@ -174,8 +181,12 @@ class ChatFailed(Exception):
 
 
 # The streamed Messages request of a direct call (and of floor.py's bare proxy).
-DIRECT_BODY = {"model": MODEL.split("/", 1)[1], "max_tokens": 1024, "stream": True,
-               "messages": [{"role": "user", "content": "Hello"}]}
+DIRECT_BODY = {
+    "model": MODEL.split("/", 1)[1],
+    "max_tokens": 1024,
+    "stream": True,
+    "messages": [{"role": "user", "content": "Hello"}],
+}
 DIRECT_HEADERS = {"x-api-key": "sk-bench", "anthropic-version": "2023-06-01"}
 
 
@@ -276,7 +287,7 @@ async def run_phase(workers: list[Callable[[], Awaitable[Sample]]], requests: in
             remaining -= 1
             try:
                 phase.samples.append(await asyncio.wait_for(chat(), CHAT_TIMEOUT))
-            except (ChatFailed, aiohttp.ClientError, asyncio.TimeoutError, ValueError, KeyError) as e:
+            except (TimeoutError, ChatFailed, aiohttp.ClientError, ValueError, KeyError) as e:
                 phase.errors += 1
                 phase.first_error = phase.first_error or f"{type(e).__name__}: {e}"
 
@@ -300,8 +311,9 @@ def pct(values: list[float], p: float) -> float:
 
 
 class Bench:
-    def __init__(self, args: argparse.Namespace, root: Path, code: Path = ROOT,
-                 cli: tuple[str, ...] = gateway_cli()) -> None:
+    def __init__(
+        self, args: argparse.Namespace, root: Path, code: Path = ROOT, cli: tuple[str, ...] = gateway_cli()
+    ) -> None:
         self.args = args
         self.root = root  # scratch: the data directory, config, logs
         self.code = code  # the source tree whose gateway (and fake upstream) runs
@@ -315,8 +327,9 @@ class Bench:
 
     def spawn(self, argv: list[str]) -> subprocess.Popen[str]:
         log = open(self.root / f"process-{len(self.procs)}.log", "w")  # the server's log, kept off the table
-        proc = subprocess.Popen(argv, cwd=self.code, env=_env(self.home, self.code), stdout=subprocess.PIPE, stderr=log,
-                                text=True)
+        proc = subprocess.Popen(
+            argv, cwd=self.code, env=_env(self.home, self.code), stdout=subprocess.PIPE, stderr=log, text=True
+        )
         log.close()
         self.procs.append(proc)
         return proc
@@ -328,8 +341,10 @@ class Bench:
     async def start_gateway(self) -> None:
         config = self.root / "config.toml"
         # The per-connection message rate limit is raised: one benchmark socket sends hundreds of chats a minute.
-        config.write_text(f'[server]\nmessages_per_minute = 1000000\n\n[storage]\ndata_dir = "{self.home}"\n\n'
-                          f'[models]\ndefault = "{MODEL}"\n\n[providers.anthropic]\nbase_url = "{self.upstream}"\n')
+        config.write_text(
+            f'[server]\nmessages_per_minute = 1000000\n\n[storage]\ndata_dir = "{self.home}"\n\n'
+            f'[models]\ndefault = "{MODEL}"\n\n[providers.anthropic]\nbase_url = "{self.upstream}"\n'
+        )
         serve = [*self.cli, "serve", "--config", str(config), "--port", "0"]
         profile = self.args.profile
         if profile is None:
@@ -369,21 +384,26 @@ class Bench:
             await run_phase([lambda: http_chat(http, self.gateway, headers)] * 10, 100, PHASE_SECONDS)
             await wait_idle(self.pid)
             for concurrency in CONCURRENCY:
-                direct = await run_phase([lambda: direct_chat(http, self.upstream)] * concurrency,
-                                         self.args.requests, PHASE_SECONDS)
-                sockets = [WsClient(await http.ws_connect(f"{self.gateway}/gateway", headers=headers, max_msg_size=0))
-                           for _ in range(concurrency)]
+                direct = await run_phase(
+                    [lambda: direct_chat(http, self.upstream)] * concurrency, self.args.requests, PHASE_SECONDS
+                )
+                sockets = [
+                    WsClient(await http.ws_connect(f"{self.gateway}/gateway", headers=headers, max_msg_size=0))
+                    for _ in range(concurrency)
+                ]
                 await self.measure("ws", concurrency, direct, [s.chat for s in sockets])
                 for s in sockets:
                     await s.ws.close()
-                await self.measure("http", concurrency, direct,
-                                   [lambda: http_chat(http, self.gateway, headers)] * concurrency)
+                await self.measure(
+                    "http", concurrency, direct, [lambda: http_chat(http, self.gateway, headers)] * concurrency
+                )
             if self.args.soak:
                 await self.soak(http, headers)
         await self.usage_cli()
 
-    async def measure(self, transport: str, concurrency: int, direct: Phase,
-                      workers: list[Callable[[], Awaitable[Sample]]]) -> None:
+    async def measure(
+        self, transport: str, concurrency: int, direct: Phase, workers: list[Callable[[], Awaitable[Sample]]]
+    ) -> None:
         await wait_idle(self.pid)
         cpu, threads = cpu_seconds(self.pid), thread_cpu_seconds(self.pid)
         phase = await run_phase(workers, self.args.requests, PHASE_SECONDS)
@@ -400,18 +420,23 @@ class Bench:
         ttft = [s.ttft for s in phase.samples]
         direct_ttft = [s.ttft for s in direct.samples]
         done = len(phase.samples)
-        self.results["phases"].append({
-            "transport": transport, "concurrency": concurrency, "chats": done, "errors": phase.errors,
-            "firstError": phase.first_error,
-            "addedTtftMs": {f"p{p}": (pct(ttft, p) - pct(direct_ttft, p)) * 1000 for p in (50, 95, 99)},
-            "ttftMs": {f"p{p}": pct(ttft, p) * 1000 for p in (50, 95, 99)},
-            "directTtftMs": {f"p{p}": pct(direct_ttft, p) * 1000 for p in (50, 95, 99)},
-            "streamMsP50": pct([s.total for s in phase.samples], 50) * 1000,
-            "requestsPerSecond": done / phase.wall if phase.wall else 0.0,
-            "cpuMsPerChat": cpu * 1000 / done if done else float("nan"),
-            "cpuMsPerChatByThread": {k: v * 1000 / done for k, v in split.items()} if done else {},
-            "peakRssMiB": memory_mib(self.pid, "VmHWM"),
-        })
+        self.results["phases"].append(
+            {
+                "transport": transport,
+                "concurrency": concurrency,
+                "chats": done,
+                "errors": phase.errors,
+                "firstError": phase.first_error,
+                "addedTtftMs": {f"p{p}": (pct(ttft, p) - pct(direct_ttft, p)) * 1000 for p in (50, 95, 99)},
+                "ttftMs": {f"p{p}": pct(ttft, p) * 1000 for p in (50, 95, 99)},
+                "directTtftMs": {f"p{p}": pct(direct_ttft, p) * 1000 for p in (50, 95, 99)},
+                "streamMsP50": pct([s.total for s in phase.samples], 50) * 1000,
+                "requestsPerSecond": done / phase.wall if phase.wall else 0.0,
+                "cpuMsPerChat": cpu * 1000 / done if done else float("nan"),
+                "cpuMsPerChatByThread": {k: v * 1000 / done for k, v in split.items()} if done else {},
+                "peakRssMiB": memory_mib(self.pid, "VmHWM"),
+            }
+        )
 
     async def soak(self, http: aiohttp.ClientSession, headers: dict[str, str]) -> None:
         sockets = [WsClient(await http.ws_connect(f"{self.gateway}/gateway", headers=headers)) for _ in range(10)]
@@ -419,8 +444,12 @@ class Bench:
         for s in sockets:
             await s.ws.close()
         await wait_idle(self.pid)
-        self.results["soak"] = {"chats": len(phase.samples), "errors": phase.errors,
-                                "rssMiB": memory_mib(self.pid, "VmRSS"), "peakRssMiB": memory_mib(self.pid, "VmHWM")}
+        self.results["soak"] = {
+            "chats": len(phase.samples),
+            "errors": phase.errors,
+            "rssMiB": memory_mib(self.pid, "VmRSS"),
+            "peakRssMiB": memory_mib(self.pid, "VmHWM"),
+        }
 
     async def usage_cli(self) -> None:
         """A cold ``agentspace usage --by-model`` (a new process) over 100k records in segments of the store's size."""
@@ -435,8 +464,14 @@ class Bench:
         runs = []
         for _ in range(3):
             start = time.perf_counter()
-            done = subprocess.run([sys.executable, "-m", "agentspace", "usage", "--by-model"], env=_env(home, self.code),
-                                  cwd=self.code, capture_output=True, text=True, timeout=120)
+            done = subprocess.run(
+                [sys.executable, "-m", "agentspace", "usage", "--by-model"],
+                env=_env(home, self.code),
+                cwd=self.code,
+                capture_output=True,
+                text=True,
+                timeout=120,
+            )
             runs.append(time.perf_counter() - start)
             if done.returncode != 0 or f"{USAGE_RECORDS:,}" not in done.stdout:
                 raise RuntimeError(f"agentspace usage failed: {done.stderr[-500:] or done.stdout[-500:]}")
@@ -450,55 +485,108 @@ class Bench:
 def _usage_record(rng: random.Random, models: tuple[str, ...], day: str) -> dict[str, Any]:
     inp, out = rng.randint(100, 20_000), rng.randint(10, 4_000)
     return {
-        "id": f"usage_{rng.getrandbits(64):016x}", "timestamp": f"{day}T12:00:00.000Z", "model": rng.choice(models),
-        "provider": "bench", "sessionId": f"s_{rng.randrange(10_000)}", "client": "ws", "inputTokens": inp,
-        "outputTokens": out, "cacheReadTokens": 0, "cacheWriteTokens": 0, "reasoningTokens": 0,
-        "totalTokens": inp + out, "inputCost": inp * 3e-6, "outputCost": out * 15e-6,
-        "totalCost": inp * 3e-6 + out * 15e-6, "latencyMs": 812.5, "finishReason": "stop", "estimated": False,
+        "id": f"usage_{rng.getrandbits(64):016x}",
+        "timestamp": f"{day}T12:00:00.000Z",
+        "model": rng.choice(models),
+        "provider": "bench",
+        "sessionId": f"s_{rng.randrange(10_000)}",
+        "client": "ws",
+        "inputTokens": inp,
+        "outputTokens": out,
+        "cacheReadTokens": 0,
+        "cacheWriteTokens": 0,
+        "reasoningTokens": 0,
+        "totalTokens": inp + out,
+        "inputCost": inp * 3e-6,
+        "outputCost": out * 15e-6,
+        "totalCost": inp * 3e-6 + out * 15e-6,
+        "latencyMs": 812.5,
+        "finishReason": "stop",
+        "estimated": False,
         "priceKnown": True,
     }
 
 
 def _split(phase: dict[str, Any], where: str) -> str:
-    """"user+system" CPU-ms per chat of the loop's thread or of the other threads."""
+    """ "user+system" CPU-ms per chat of the loop's thread or of the other threads."""
     by = phase["cpuMsPerChatByThread"]
     return f"{by[where + 'User']:.1f}+{by[where + 'System']:.1f}" if by else "-"
 
 
 def print_table(results: dict[str, Any]) -> None:
     if results.get("withoutSdk"):
-        print("--without-sdk: the gateway's Anthropic calls are plain aiohttp requests, not the SDK's (for comparison)\n")
-    headers = ("transport", "conc", "chats", "errors", "+TTFT p50", "p95", "p99", "stream p50", "req/s",
-               "CPU-ms/chat", "loop", "store", "peak RSS")
+        print(
+            "--without-sdk: the gateway's Anthropic calls are plain aiohttp requests, not the SDK's (for comparison)\n"
+        )
+    headers = (
+        "transport",
+        "conc",
+        "chats",
+        "errors",
+        "+TTFT p50",
+        "p95",
+        "p99",
+        "stream p50",
+        "req/s",
+        "CPU-ms/chat",
+        "loop",
+        "store",
+        "peak RSS",
+    )
     rows = [headers]
     for p in results["phases"]:
         added = p["addedTtftMs"]
-        rows.append((p["transport"], str(p["concurrency"]), str(p["chats"]), str(p["errors"]),
-                     f"{added['p50']:.2f} ms", f"{added['p95']:.2f} ms", f"{added['p99']:.2f} ms",
-                     f"{p['streamMsP50']:.2f} ms", f"{p['requestsPerSecond']:.0f}", f"{p['cpuMsPerChat']:.2f}",
-                     _split(p, "loop"), _split(p, "other"), f"{p['peakRssMiB']:.0f} MiB"))
+        rows.append(
+            (
+                p["transport"],
+                str(p["concurrency"]),
+                str(p["chats"]),
+                str(p["errors"]),
+                f"{added['p50']:.2f} ms",
+                f"{added['p95']:.2f} ms",
+                f"{added['p99']:.2f} ms",
+                f"{p['streamMsP50']:.2f} ms",
+                f"{p['requestsPerSecond']:.0f}",
+                f"{p['cpuMsPerChat']:.2f}",
+                _split(p, "loop"),
+                _split(p, "other"),
+                f"{p['peakRssMiB']:.0f} MiB",
+            )
+        )
     widths = [max(len(r[i]) for r in rows) for i in range(len(headers))]
     for i, row in enumerate(rows):
         print("  ".join(c.ljust(w) if j == 0 else c.rjust(w) for j, (c, w) in enumerate(zip(row, widths))))
         if i == 0:
             print("  ".join("-" * w for w in widths))
     print()
-    print(f"direct upstream TTFT p50 at concurrency 1: {results['phases'][0]['directTtftMs']['p50']:.2f} ms "
-          f"(+TTFT = gateway TTFT minus direct TTFT, same client, same concurrency; {DELTAS} deltas per chat)")
-    print("CPU-ms/chat is the server process's; loop and store split it (user+system) between the event loop's"
-          " thread and the others (the stores' thread: fsynced writes)")
+    print(
+        f"direct upstream TTFT p50 at concurrency 1: {results['phases'][0]['directTtftMs']['p50']:.2f} ms "
+        f"(+TTFT = gateway TTFT minus direct TTFT, same client, same concurrency; {DELTAS} deltas per chat)"
+    )
+    print(
+        "CPU-ms/chat is the server process's; loop and store split it (user+system) between the event loop's"
+        " thread and the others (the stores' thread: fsynced writes)"
+    )
     if "machine" in results:
         m = results["machine"]
-        print(f"this machine now: a fixed Python loop {m['pythonLoopMs']:.1f} CPU-ms, an fsynced atomic write "
-              f"{m['fsyncedWriteCpuMs']:.2f} CPU-ms (compare runs by these)")
-    print(f"server start (spawn to /healthz): {results['serverStartSeconds'] * 1000:.0f} ms; "
-          f"first chat (loads the provider SDK): {results['firstChatSeconds'] * 1000:.0f} ms")
+        print(
+            f"this machine now: a fixed Python loop {m['pythonLoopMs']:.1f} CPU-ms, an fsynced atomic write "
+            f"{m['fsyncedWriteCpuMs']:.2f} CPU-ms (compare runs by these)"
+        )
+    print(
+        f"server start (spawn to /healthz): {results['serverStartSeconds'] * 1000:.0f} ms; "
+        f"first chat (loads the provider SDK): {results['firstChatSeconds'] * 1000:.0f} ms"
+    )
     if "soak" in results:
         s = results["soak"]
-        print(f"after {s['chats']:,} chats ({s['errors']} errors): RSS {s['rssMiB']:.0f} MiB, peak {s['peakRssMiB']:.0f} MiB")
+        print(
+            f"after {s['chats']:,} chats ({s['errors']} errors): RSS {s['rssMiB']:.0f} MiB, peak {s['peakRssMiB']:.0f} MiB"
+        )
     u = results["usageByModelSeconds"]
-    print(f"agentspace usage --by-model, {USAGE_RECORDS:,} records, new process: "
-          f"{u['first'] * 1000:.0f} ms first run, {u['median'] * 1000:.0f} ms median of 3")
+    print(
+        f"agentspace usage --by-model, {USAGE_RECORDS:,} records, new process: "
+        f"{u['first'] * 1000:.0f} ms first run, {u['median'] * 1000:.0f} ms median of 3"
+    )
     for p in results["phases"]:
         if p["firstError"]:
             print(f"first error ({p['transport']}, concurrency {p['concurrency']}): {p['firstError']}")
@@ -510,9 +598,14 @@ def main() -> None:
     parser.add_argument("--soak", type=int, help="chats before measuring RSS (default 2000; 300 with --quick; 0: skip)")
     parser.add_argument("--quick", action="store_true", help="fewer chats per phase, a short soak")
     parser.add_argument("--json", action="store_true", help="print the results as JSON")
-    parser.add_argument("--profile", metavar="FILE", help="profile the server: pyinstrument (FILE.html) or cProfile (*.prof)")
-    parser.add_argument("--without-sdk", action="store_true",
-                        help="the gateway's Anthropic calls without the SDK (benchmarks/without_sdk.py), for comparison")
+    parser.add_argument(
+        "--profile", metavar="FILE", help="profile the server: pyinstrument (FILE.html) or cProfile (*.prof)"
+    )
+    parser.add_argument(
+        "--without-sdk",
+        action="store_true",
+        help="the gateway's Anthropic calls without the SDK (benchmarks/without_sdk.py), for comparison",
+    )
     args = parser.parse_args()
     if args.requests is None:
         args.requests = 100 if args.quick else 500

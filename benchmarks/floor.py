@@ -23,20 +23,19 @@ import argparse
 import asyncio
 import functools
 import json
-import re
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
-from typing import AsyncIterator, Awaitable, Callable
 
 import aiohttp
 from aiohttp import web
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench  # noqa: E402  (the sibling script)
+
 from agentspace.providers.sse import sse_events  # noqa: E402  (the gateway's SSE decoder)
 
 SIDES = ("minimal", "without-sdk", "gateway")
@@ -53,8 +52,11 @@ async def _upstream_deltas(http: aiohttp.ClientSession, upstream: str) -> AsyncI
     """The upstream answer's text deltas, as many at a time as each network read brings."""
     async with http.post(f"{upstream}/v1/messages", json=bench.DIRECT_BODY, headers=bench.DIRECT_HEADERS) as resp:
         async for events in sse_events(resp.content.iter_any()):
-            texts = [event["delta"]["text"] for name, data in events
-                     if name == "content_block_delta" and (event := json.loads(data))]
+            texts = [
+                event["delta"]["text"]
+                for name, data in events
+                if name == "content_block_delta" and (event := json.loads(data))
+            ]
             if texts:
                 yield texts
 
@@ -78,8 +80,12 @@ def serve_minimal(upstream: str) -> None:
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await response.prepare(request)
         async for texts in _upstream_deltas(request.app[HTTP], upstream):
-            await response.write(b"".join(b"data: " + json.dumps({"type": "text-delta", "id": "t", "delta": text}).encode()
-                                          + b"\n\n" for text in texts))
+            await response.write(
+                b"".join(
+                    b"data: " + json.dumps({"type": "text-delta", "id": "t", "delta": text}).encode() + b"\n\n"
+                    for text in texts
+                )
+            )
         await response.write_eof(b"data: [DONE]\n\n")
         return response
 
@@ -103,6 +109,7 @@ def serve_minimal(upstream: str) -> None:
 
     try:
         import uvloop  # the loop agentspace serve runs on where it is installed
+
         uvloop.run(main())
     except ImportError:
         asyncio.run(main())
@@ -119,9 +126,11 @@ async def run(args: argparse.Namespace) -> int:
     added: dict[str, list[float]] = {name: [] for name in SIDES}
     try:
         for name in SIDES:
-            b = bench.Bench(argparse.Namespace(requests=CHATS, soak=0, quick=True, json=False, profile=None),
-                            Path(tempfile.mkdtemp(prefix=f"agentspace-floor-{name}-")),
-                            cli=bench.gateway_cli(without_sdk=name == "without-sdk"))
+            b = bench.Bench(
+                argparse.Namespace(requests=CHATS, soak=0, quick=True, json=False, profile=None),
+                Path(tempfile.mkdtemp(prefix=f"agentspace-floor-{name}-")),
+                cli=bench.gateway_cli(without_sdk=name == "without-sdk"),
+            )
             benches[name] = b
             b.start_upstream()
             if name == "minimal":
@@ -142,7 +151,7 @@ async def run(args: argparse.Namespace) -> int:
                 else:
                     chats[name] = functools.partial(bench.http_chat, http, b.gateway, headers[name])
             for round_ in range(args.rounds):
-                for name in SIDES[round_ % 3:] + SIDES[:round_ % 3]:
+                for name in SIDES[round_ % 3 :] + SIDES[: round_ % 3]:
                     direct = [(await bench.direct_chat(http, benches[name].upstream)).ttft for _ in range(DIRECT_CHATS)]
                     via = [(await chats[name]()).ttft for _ in range(CHATS)]
                     added[name].append((statistics.median(via) - statistics.median(direct)) * 1000)
@@ -155,10 +164,14 @@ async def run(args: argparse.Namespace) -> int:
             shutil.rmtree(b.root, ignore_errors=True)
     p50 = {name: statistics.median(values) for name, values in added.items()}
     for name in SIDES:
-        print(f"{args.transport} {name:12} added TTFT p50 {p50[name]:.2f} ms "
-              f"(rounds: {' '.join(f'{v:.2f}' for v in added[name])})")
-    print(f"an aiohttp proxy's least {p50['minimal']:.2f} ms, the gateway's own work "
-          f"{p50['without-sdk'] - p50['minimal']:+.2f} ms, the SDK {p50['gateway'] - p50['without-sdk']:+.2f} ms")
+        print(
+            f"{args.transport} {name:12} added TTFT p50 {p50[name]:.2f} ms "
+            f"(rounds: {' '.join(f'{v:.2f}' for v in added[name])})"
+        )
+    print(
+        f"an aiohttp proxy's least {p50['minimal']:.2f} ms, the gateway's own work "
+        f"{p50['without-sdk'] - p50['minimal']:+.2f} ms, the SDK {p50['gateway'] - p50['without-sdk']:+.2f} ms"
+    )
     return 0
 
 

@@ -22,8 +22,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
-from typing import Any, Awaitable, Callable, Iterator
+from typing import Any
 
 from agentspace.stores import SessionStore, UsageStore, usage_report
 from agentspace.stores.usage import SEGMENT_SIZE, write_segment
@@ -35,16 +36,28 @@ BATCH = 25
 SESSIONS = 10_000
 SESSION_APPENDS = 300
 LONG_SESSION = 2_000  # messages in the long session: a write must not grow with them
-MODELS = ("anthropic/claude-sonnet-4-5", "anthropic/claude-haiku-4-5", "openai/gpt-4o", "openai/gpt-4o-mini", "gemini/gemini-2.5-pro")
+MODELS = (
+    "anthropic/claude-sonnet-4-5",
+    "anthropic/claude-haiku-4-5",
+    "openai/gpt-4o",
+    "openai/gpt-4o-mini",
+    "gemini/gemini-2.5-pro",
+)
 
 
 def usage_record(rng: random.Random) -> UsageRecord:
     inp, out = rng.randint(100, 20_000), rng.randint(10, 4_000)
     return UsageRecord(
-        id=new_id("u_"), timestamp=now_iso(), model=rng.choice(MODELS), provider="bench",
-        session_id=f"s{rng.randint(0, SESSIONS - 1)}", client="bench",
+        id=new_id("u_"),
+        timestamp=now_iso(),
+        model=rng.choice(MODELS),
+        provider="bench",
+        session_id=f"s{rng.randint(0, SESSIONS - 1)}",
+        client="bench",
         usage=TokenUsage(inp, out, rng.randint(0, 5_000), 0, rng.randint(0, 1_000)),
-        cost=Cost(inp * 3e-6, out * 15e-6), latency_ms=rng.uniform(200, 9000), finish_reason="stop",
+        cost=Cost(inp * 3e-6, out * 15e-6),
+        latency_ms=rng.uniform(200, 9000),
+        finish_reason="stop",
     )
 
 
@@ -118,20 +131,31 @@ async def bench_sessions(root: Path, rng: random.Random, rows: list[tuple[str, s
     store = SessionStore(data_dir)  # a fresh server: sessions are parsed from disk on first use
     targets = [f"s{rng.randrange(SESSIONS)}" for _ in range(SESSION_APPENDS)]
     message = {"role": "user", "content": "one more question " * 10}
-    rows.append((
-        "SessionStore.append_message, random session", f"{SESSIONS:,} sessions",
-        await timed(SESSION_APPENDS, lambda i: store.append_message(targets[i], message)),
-    ))
-    rows.append((
-        "SessionStore.append_message, one session", f"{SESSIONS:,} sessions",
-        await timed(SESSION_APPENDS, lambda i: store.append_message("s0", message)),
-    ))
+    rows.append(
+        (
+            "SessionStore.append_message, random session",
+            f"{SESSIONS:,} sessions",
+            await timed(SESSION_APPENDS, lambda i: store.append_message(targets[i], message)),
+        )
+    )
+    rows.append(
+        (
+            "SessionStore.append_message, one session",
+            f"{SESSIONS:,} sessions",
+            await timed(SESSION_APPENDS, lambda i: store.append_message("s0", message)),
+        )
+    )
     long_size = (data_dir / "sessions" / "long.json").stat().st_size
-    rows.append((
-        "SessionStore.append_message, long session", f"{LONG_SESSION:,} messages, {long_size / 1e6:.1f} MB",
-        await timed(SESSION_APPENDS, lambda i: store.append_message("long", message)),
-    ))
-    rows.append(("SessionStore.summaries (async)", f"{SESSIONS:,} sessions", await timed(3, lambda i: store.summaries())))
+    rows.append(
+        (
+            "SessionStore.append_message, long session",
+            f"{LONG_SESSION:,} messages, {long_size / 1e6:.1f} MB",
+            await timed(SESSION_APPENDS, lambda i: store.append_message("long", message)),
+        )
+    )
+    rows.append(
+        ("SessionStore.summaries (async)", f"{SESSIONS:,} sessions", await timed(3, lambda i: store.summaries()))
+    )
     await store.aclose()
     cold = SessionStore(data_dir)
     start = time.perf_counter()
@@ -152,7 +176,10 @@ def bench_reports(usage_dir: Path, rows: list[tuple[str, str, list[float]]]) -> 
     try:
         done = subprocess.run(
             [sys.executable, "-m", "agentspace", "usage", "--by-model"],
-            env=env, capture_output=True, text=True, timeout=120,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
         )
     except subprocess.TimeoutExpired:
         return "`agentspace usage --by-model` did not finish within 120 s"
@@ -189,8 +216,10 @@ async def main() -> None:
         await bench_sessions(root, rng, rows)
         cli_error = bench_reports(usage_dir, rows)
         print_table(rows)
-        print(f"\nUsage segments hold {SEGMENT_SIZE} records (the store's default); each level's {APPENDS} appends "
-              "start a new segment, so the figures cover every fill level of a segment.")
+        print(
+            f"\nUsage segments hold {SEGMENT_SIZE} records (the store's default); each level's {APPENDS} appends "
+            "start a new segment, so the figures cover every fill level of a segment."
+        )
         if cli_error:
             print(f"\n{cli_error}")
     finally:

@@ -74,9 +74,10 @@ import sys
 import tempfile
 import time
 import urllib.request
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Awaitable, Callable
+from typing import Any
 
 import aiohttp
 
@@ -106,14 +107,21 @@ def ensure_litellm(venv: Path, spec: str) -> str:
         venv.parent.mkdir(parents=True, exist_ok=True)
         log = venv.parent / f"{venv.name}-install.log"
         with open(log, "w") as out:
-            steps = ([sys.executable, "-m", "venv", str(venv)],
-                     [str(python), "-m", "pip", "install", "--disable-pip-version-check", spec])
+            steps = (
+                [sys.executable, "-m", "venv", str(venv)],
+                [str(python), "-m", "pip", "install", "--disable-pip-version-check", spec],
+            )
             for argv in steps:
                 step = subprocess.run(argv, check=False, stdout=out, stderr=subprocess.STDOUT, timeout=INSTALL_SECONDS)
                 if step.returncode != 0:
                     raise RuntimeError(f"{' '.join(argv)} failed; see {log}")
-    done = subprocess.run([str(python), "-c", "import importlib.metadata as m; print(m.version('litellm'))"],
-                          check=False, capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [str(python), "-c", "import importlib.metadata as m; print(m.version('litellm'))"],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     if done.returncode != 0:
         raise RuntimeError(f"no litellm in {venv}: {done.stderr[-500:]} (delete the folder to reinstall)")
     return done.stdout.strip()
@@ -129,10 +137,12 @@ def free_port() -> int:
 def litellm_config(upstream: str) -> str:
     """The proxy's config.yaml (JSON strings are YAML strings): one Anthropic model at the fake, a master key."""
     q = json.dumps
-    return (f"model_list:\n  - model_name: {q(PROXY_MODEL)}\n    litellm_params:\n      model: {q(bench.MODEL)}\n"
-            f"      api_base: {q(upstream)}\n      api_key: {q('sk-bench')}\n"
-            f"general_settings:\n  master_key: {q(MASTER_KEY)}\n"
-            f"litellm_settings:\n  set_verbose: false\n")
+    return (
+        f"model_list:\n  - model_name: {q(PROXY_MODEL)}\n    litellm_params:\n      model: {q(bench.MODEL)}\n"
+        f"      api_base: {q(upstream)}\n      api_key: {q('sk-bench')}\n"
+        f"general_settings:\n  master_key: {q(MASTER_KEY)}\n"
+        f"litellm_settings:\n  set_verbose: false\n"
+    )
 
 
 def start_litellm(b: bench.Bench, venv: Path) -> tuple[str, int]:
@@ -140,15 +150,35 @@ def start_litellm(b: bench.Bench, venv: Path) -> tuple[str, int]:
     config = b.root / "litellm.yaml"
     config.write_text(litellm_config(b.upstream))
     port = free_port()
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("PYTHONPATH", "VIRTUAL_ENV", "DATABASE_URL")
-           and not k.startswith(("LITELLM_", "ANTHROPIC_", "OPENAI_"))}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("PYTHONPATH", "VIRTUAL_ENV", "DATABASE_URL")
+        and not k.startswith(("LITELLM_", "ANTHROPIC_", "OPENAI_"))
+    }
     env.update(LITELLM_LOCAL_MODEL_COST_MAP="True", LITELLM_TELEMETRY_DISABLED="true", LITELLM_LOG="ERROR")
     log_path = b.root / "litellm.log"
     with open(log_path, "w") as log:
-        proc = subprocess.Popen([str(venv / "bin" / "litellm"), "--config", str(config), "--host", "127.0.0.1",
-                                 "--port", str(port), "--num_workers", "1", "--keepalive_timeout", "600"],
-                                cwd=b.root, env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
+        proc = subprocess.Popen(
+            [
+                str(venv / "bin" / "litellm"),
+                "--config",
+                str(config),
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--num_workers",
+                "1",
+                "--keepalive_timeout",
+                "600",
+            ],
+            cwd=b.root,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
     b.procs.append(proc)  # stopped with the others by Bench.stop
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + LITELLM_START_SECONDS
@@ -162,8 +192,9 @@ def start_litellm(b: bench.Bench, venv: Path) -> tuple[str, int]:
         except OSError:
             pass
         time.sleep(0.5)
-    raise RuntimeError(f"LiteLLM Proxy did not answer within {LITELLM_START_SECONDS:.0f} s:\n"
-                       f"{log_path.read_text()[-2000:]}")
+    raise RuntimeError(
+        f"LiteLLM Proxy did not answer within {LITELLM_START_SECONDS:.0f} s:\n{log_path.read_text()[-2000:]}"
+    )
 
 
 # --- CPU of a process tree ----------------------------------------------------------------------
@@ -213,8 +244,10 @@ async def wait_idle(pid: int) -> None:
 
 def _complete(start: float, ttft: float | None, text: list[str], ended: bool) -> bench.Sample:
     if ttft is None or not ended or "".join(text) != bench.EXPECTED_TEXT:
-        raise bench.ChatFailed(f"incomplete answer: {len(''.join(text))} of {len(bench.EXPECTED_TEXT)} characters"
-                               f" in {len(text)} deltas, {'with' if ended else 'without'} the stream's end")
+        raise bench.ChatFailed(
+            f"incomplete answer: {len(''.join(text))} of {len(bench.EXPECTED_TEXT)} characters"
+            f" in {len(text)} deltas, {'with' if ended else 'without'} the stream's end"
+        )
     return bench.Sample(ttft, time.perf_counter() - start, len(text))
 
 
@@ -246,8 +279,12 @@ async def messages_chat(http: aiohttp.ClientSession, url: str, headers: dict[str
 
 async def completions_chat(http: aiohttp.ClientSession, url: str, headers: dict[str, str], model: str) -> bench.Sample:
     """One streamed OpenAI Chat Completions call, read to ``[DONE]``."""
-    body = {"model": model, "max_tokens": bench.DIRECT_BODY["max_tokens"], "stream": True,
-            "messages": [{"role": "user", "content": "Hello"}]}
+    body = {
+        "model": model,
+        "max_tokens": bench.DIRECT_BODY["max_tokens"],
+        "stream": True,
+        "messages": [{"role": "user", "content": "Hello"}],
+    }
     start = time.perf_counter()
     ttft = None
     text: list[str] = []
@@ -306,6 +343,7 @@ def make_sides(http: aiohttp.ClientSession, upstream: str, litellm: str, gateway
     def plain(chat: Chat) -> Callable[[], Awaitable[Chat]]:
         async def connect() -> Chat:
             return chat
+
         return connect
 
     async def ws_connect() -> Chat:
@@ -313,21 +351,42 @@ def make_sides(http: aiohttp.ClientSession, upstream: str, litellm: str, gateway
 
     version = {"anthropic-version": "2023-06-01"}
     return [
-        Side("direct", "upstream",
-             plain(lambda: messages_chat(http, f"{upstream}/v1/messages", direct_headers, PROXY_MODEL))),
-        Side("litellm /v1/chat/completions", "litellm",
-             plain(lambda: completions_chat(http, f"{litellm}/v1/chat/completions", lite, PROXY_MODEL))),
-        Side("litellm /v1/messages", "litellm",
-             plain(lambda: messages_chat(http, f"{litellm}/v1/messages", {**lite, **version}, PROXY_MODEL))),
+        Side(
+            "direct",
+            "upstream",
+            plain(lambda: messages_chat(http, f"{upstream}/v1/messages", direct_headers, PROXY_MODEL)),
+        ),
+        Side(
+            "litellm /v1/chat/completions",
+            "litellm",
+            plain(lambda: completions_chat(http, f"{litellm}/v1/chat/completions", lite, PROXY_MODEL)),
+        ),
+        Side(
+            "litellm /v1/messages",
+            "litellm",
+            plain(lambda: messages_chat(http, f"{litellm}/v1/messages", {**lite, **version}, PROXY_MODEL)),
+        ),
         Side("agentspace ws", "agentspace", ws_connect, versus="litellm /v1/chat/completions"),
-        Side("agentspace /api/chat", "agentspace", plain(lambda: bench.http_chat(http, gateway, ours)),
-             versus="litellm /v1/chat/completions"),
-        Side("agentspace /v1/messages", "agentspace",
-             plain(lambda: messages_chat(http, f"{gateway}/v1/messages", {**ours, **version}, PROXY_MODEL)),
-             versus="litellm /v1/messages", optional=True),
-        Side("agentspace /v1/chat/completions", "agentspace",
-             plain(lambda: completions_chat(http, f"{gateway}/v1/chat/completions", ours, bench.MODEL)),
-             versus="litellm /v1/chat/completions", optional=True),
+        Side(
+            "agentspace /api/chat",
+            "agentspace",
+            plain(lambda: bench.http_chat(http, gateway, ours)),
+            versus="litellm /v1/chat/completions",
+        ),
+        Side(
+            "agentspace /v1/messages",
+            "agentspace",
+            plain(lambda: messages_chat(http, f"{gateway}/v1/messages", {**ours, **version}, PROXY_MODEL)),
+            versus="litellm /v1/messages",
+            optional=True,
+        ),
+        Side(
+            "agentspace /v1/chat/completions",
+            "agentspace",
+            plain(lambda: completions_chat(http, f"{gateway}/v1/chat/completions", ours, bench.MODEL)),
+            versus="litellm /v1/chat/completions",
+            optional=True,
+        ),
     ]
 
 
@@ -412,12 +471,20 @@ def summarize(sides: list[Side], results: dict[str, Any]) -> None:
         ttft = [s.ttft for s in side.samples]
         chats = len(side.samples)
         row: dict[str, Any] = {
-            "side": side.name, "server": side.server, "status": side.status, "chats": chats, "errors": side.errors,
-            "firstError": side.first_error, "firstChatMs": side.first_chat_ms,
+            "side": side.name,
+            "server": side.server,
+            "status": side.status,
+            "chats": chats,
+            "errors": side.errors,
+            "firstError": side.first_error,
+            "firstChatMs": side.first_chat_ms,
             "deltasPerChat": statistics.median(s.deltas for s in side.samples) if chats else None,
             "ttftMs": {f"p{p}": bench.pct(ttft, p) * 1000 for p in (50, 95)} if chats else None,
-            "addedTtftMs": ({f"p{p}": (bench.pct(ttft, p) - bench.pct(direct_ttft, p)) * 1000 for p in (50, 95)}
-                            if chats and side is not direct else None),
+            "addedTtftMs": (
+                {f"p{p}": (bench.pct(ttft, p) - bench.pct(direct_ttft, p)) * 1000 for p in (50, 95)}
+                if chats and side is not direct
+                else None
+            ),
             "cpuMsPerChat": side.cpu_seconds * 1000 / chats if chats and side.server != "upstream" else None,
         }
         by_name[side.name] = row
@@ -433,11 +500,16 @@ def summarize(sides: list[Side], results: dict[str, Any]) -> None:
             "cpuMsPerChat": _ratio(theirs["cpuMsPerChat"], ours["cpuMsPerChat"]) if measured else None,
         }
         clean = not ours["errors"] and not theirs["errors"]
-        comparisons.append({
-            "agentspace": side.name, "litellm": side.versus, "ratios": ratios, "failedChats": not clean,
-            "ttftGoalMet": _goal(clean, ratios["addedTtftP50"], TTFT_GOAL),
-            "cpuGoalMet": _goal(clean, ratios["cpuMsPerChat"], CPU_GOAL),
-        })
+        comparisons.append(
+            {
+                "agentspace": side.name,
+                "litellm": side.versus,
+                "ratios": ratios,
+                "failedChats": not clean,
+                "ttftGoalMet": _goal(clean, ratios["addedTtftP50"], TTFT_GOAL),
+                "cpuGoalMet": _goal(clean, ratios["cpuMsPerChat"], CPU_GOAL),
+            }
+        )
     results["sides"] = list(by_name.values())
     results["comparisons"] = comparisons
 
@@ -463,34 +535,64 @@ def _verdict(met: bool | None) -> str:
 
 
 def print_tables(results: dict[str, Any]) -> None:
-    print(f"LiteLLM Proxy {results['litellmVersion']} vs agentspace {results['agentspaceCommit'] or ''}: "
-          f"{results['rounds']} rounds of {results['chats']} chats per side, concurrency {results['concurrency']}, "
-          f"{bench.DELTAS} deltas per answer\n")
+    print(
+        f"LiteLLM Proxy {results['litellmVersion']} vs agentspace {results['agentspaceCommit'] or ''}: "
+        f"{results['rounds']} rounds of {results['chats']} chats per side, concurrency {results['concurrency']}, "
+        f"{bench.DELTAS} deltas per answer\n"
+    )
     rows: list[tuple[str, ...]] = [
-        ("side", "chats", "errors", "deltas/chat", "+TTFT p50 ms", "p95 ms", "CPU-ms/chat", "first chat ms")]
+        ("side", "chats", "errors", "deltas/chat", "+TTFT p50 ms", "p95 ms", "CPU-ms/chat", "first chat ms")
+    ]
     for s in results["sides"]:
         if s["status"] == "not served":
             continue
         added = s["addedTtftMs"] or {}
-        rows.append((s["side"], str(s["chats"]), str(s["errors"]),
-                     "-" if s["deltasPerChat"] is None else f"{s['deltasPerChat']:g}",
-                     _ms(added.get("p50")) if s["side"] != "direct" else f"({s['ttftMs']['p50']:.2f})",
-                     _ms(added.get("p95")) if s["side"] != "direct" else f"({s['ttftMs']['p95']:.2f})",
-                     _ms(s["cpuMsPerChat"]), _ms(s["firstChatMs"])))
+        rows.append(
+            (
+                s["side"],
+                str(s["chats"]),
+                str(s["errors"]),
+                "-" if s["deltasPerChat"] is None else f"{s['deltasPerChat']:g}",
+                _ms(added.get("p50")) if s["side"] != "direct" else f"({s['ttftMs']['p50']:.2f})",
+                _ms(added.get("p95")) if s["side"] != "direct" else f"({s['ttftMs']['p95']:.2f})",
+                _ms(s["cpuMsPerChat"]),
+                _ms(s["firstChatMs"]),
+            )
+        )
     _table(rows)
     print("(direct: its own TTFT, the baseline the others' +TTFT is counted from)")
     not_served = [s["side"] for s in results["sides"] if s["status"] == "not served"]
     if not_served:
         print(f"not served by this gateway (404), left out: {', '.join(not_served)}")
     print()
-    rows = [("agentspace side", "vs LiteLLM side", "TTFT p50", "TTFT p95", "CPU", f"TTFT >= {TTFT_GOAL:g}x",
-             f"CPU >= {CPU_GOAL:g}x")]
+    rows = [
+        (
+            "agentspace side",
+            "vs LiteLLM side",
+            "TTFT p50",
+            "TTFT p95",
+            "CPU",
+            f"TTFT >= {TTFT_GOAL:g}x",
+            f"CPU >= {CPU_GOAL:g}x",
+        )
+    ]
     for c in results["comparisons"]:
-        verdict = ("no (failed chats)", "no (failed chats)") if c["failedChats"] else (
-            _verdict(c["ttftGoalMet"]), _verdict(c["cpuGoalMet"]))
+        verdict = (
+            ("no (failed chats)", "no (failed chats)")
+            if c["failedChats"]
+            else (_verdict(c["ttftGoalMet"]), _verdict(c["cpuGoalMet"]))
+        )
         r = c["ratios"]
-        rows.append((c["agentspace"], c["litellm"], _x(r["addedTtftP50"]), _x(r["addedTtftP95"]),
-                     _x(r["cpuMsPerChat"]), *verdict))
+        rows.append(
+            (
+                c["agentspace"],
+                c["litellm"],
+                _x(r["addedTtftP50"]),
+                _x(r["addedTtftP95"]),
+                _x(r["cpuMsPerChat"]),
+                *verdict,
+            )
+        )
     _table(rows)
     print("(ratio = LiteLLM's figure / agentspace's: +TTFT p50, +TTFT p95, CPU-ms per chat)")
     rss = results.get("peakRssMiB", {})
@@ -507,20 +609,29 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=1, help="clients per side at a time (default 1)")
     parser.add_argument("--rounds", type=int, help="rounds over all sides (default 10; 2 with --quick)")
     parser.add_argument("--chats", type=int, help="chats per side per round (default 50; 10 with --quick)")
-    parser.add_argument("--litellm-venv", type=Path, default=bench.ROOT / ".bench" / "litellm-venv",
-                        help="LiteLLM Proxy's own venv, installed there when missing (default .bench/litellm-venv)")
+    parser.add_argument(
+        "--litellm-venv",
+        type=Path,
+        default=bench.ROOT / ".bench" / "litellm-venv",
+        help="LiteLLM Proxy's own venv, installed there when missing (default .bench/litellm-venv)",
+    )
     parser.add_argument("--litellm-spec", default="litellm[proxy]", help="what pip installs (default litellm[proxy])")
     args = parser.parse_args()
     args.rounds = args.rounds or (2 if args.quick else 10)
     args.chats = args.chats or (10 if args.quick else 50)
     args.warmup = 10 if args.quick else 100
     args.phase_seconds = 10.0 if args.quick else 30.0  # each batch of chats is also bounded in time
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=bench.ROOT, check=False, capture_output=True,
-                            text=True).stdout.strip()
-    results: dict[str, Any] = {"litellmVersion": ensure_litellm(args.litellm_venv.resolve(), args.litellm_spec),
-                               "agentspaceCommit": commit or None,
-                               "rounds": args.rounds, "chats": args.chats, "concurrency": args.concurrency,
-                               "deltas": bench.DELTAS}
+    commit = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], cwd=bench.ROOT, check=False, capture_output=True, text=True
+    ).stdout.strip()
+    results: dict[str, Any] = {
+        "litellmVersion": ensure_litellm(args.litellm_venv.resolve(), args.litellm_spec),
+        "agentspaceCommit": commit or None,
+        "rounds": args.rounds,
+        "chats": args.chats,
+        "concurrency": args.concurrency,
+        "deltas": bench.DELTAS,
+    }
     root = Path(tempfile.mkdtemp(prefix="agentspace-vs-litellm-"))
     b = bench.Bench(argparse.Namespace(requests=args.chats, soak=0, quick=args.quick, json=False, profile=None), root)
     try:

@@ -15,7 +15,8 @@ timeouts or retries.
 from __future__ import annotations
 
 import sys
-from typing import Any, AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable
+from typing import Any
 
 import aiohttp
 

@@ -77,8 +77,15 @@ def files_parse(data_dir: Path) -> list[str]:
         except StoreCorrupt as e:
             problems.append(f"{path.relative_to(data_dir)}: {e}")
     for command in (["usage", "--json"], ["sessions", "list"]):
-        result = subprocess.run([sys.executable, "-m", "agentspace", *command], env=child_env(data_dir), cwd=ROOT,
-                                capture_output=True, text=True, timeout=60, check=False)
+        result = subprocess.run(
+            [sys.executable, "-m", "agentspace", *command],
+            env=child_env(data_dir),
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
         if result.returncode != 0:
             problems.append(f"agentspace {' '.join(command)}: exit {result.returncode}: {result.stderr.strip()[-300:]}")
     return problems
@@ -102,8 +109,9 @@ async def main(args: argparse.Namespace) -> int:
                     await server.start()  # the restart: the store must open
                     completed = [r for r in all_requests if r.started and r.terminal_frames == 1]
                     problems += await served(server, completed)
-                    rounds.append({"killedAfter": round(after, 2), **summarize(requests, after),
-                                   "completedSoFar": len(completed)})
+                    rounds.append(
+                        {"killedAfter": round(after, 2), **summarize(requests, after), "completedSoFar": len(completed)}
+                    )
                 if await server.terminate() != 0:
                     problems.append("the restarted server did not exit 0 on SIGTERM")
             finally:
@@ -112,9 +120,19 @@ async def main(args: argparse.Namespace) -> int:
         problems += [f"session {s}: {n} assistant messages" for s, n in messages.items() if n > 1]
         problems += [f"session {s}: {n} usage records" for s, n in records.items() if n > 1]
         problems += files_parse(server.data_dir)
-        print(json.dumps({"rounds": rounds, "upstreamFaults": upstream.served, "storedSessions": len(messages),
-                          "usageRecords": sum(records.values()), "problems": problems[:20], "problemCount": len(problems)},
-                         indent=2))
+        print(
+            json.dumps(
+                {
+                    "rounds": rounds,
+                    "upstreamFaults": upstream.served,
+                    "storedSessions": len(messages),
+                    "usageRecords": sum(records.values()),
+                    "problems": problems[:20],
+                    "problemCount": len(problems),
+                },
+                indent=2,
+            )
+        )
         return 0 if not problems and all_requests else 1
     finally:
         if args.keep or problems:
@@ -127,7 +145,9 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=3, help="kill-and-restart rounds (default 3)")
     parser.add_argument("--duration", type=float, default=6.0, help="longest load before a kill, seconds (default 6)")
-    parser.add_argument("--concurrency", type=int, default=50, help="concurrent clients, half WS, half HTTP (default 50)")
+    parser.add_argument(
+        "--concurrency", type=int, default=50, help="concurrent clients, half WS, half HTTP (default 50)"
+    )
     parser.add_argument("--seed", type=int, help="seed for the kill times and the upstream's faults")
     parser.add_argument("--keep", action="store_true", help="keep the data directory and server logs")
     sys.exit(asyncio.run(main(parser.parse_args())))

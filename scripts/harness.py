@@ -85,8 +85,18 @@ class GatewayProcess:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "ab") as log:
             self.process = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "agentspace", "serve", "--config", str(self.config_path), "--port", "0",
-                stdout=asyncio.subprocess.PIPE, stderr=log, env=child_env(self.data_dir), cwd=ROOT,
+                sys.executable,
+                "-m",
+                "agentspace",
+                "serve",
+                "--config",
+                str(self.config_path),
+                "--port",
+                "0",
+                stdout=asyncio.subprocess.PIPE,
+                stderr=log,
+                env=child_env(self.data_dir),
+                cwd=ROOT,
             )
         assert self.process.stdout is not None
         line = await asyncio.wait_for(self.process.stdout.readline(), timeout)

@@ -24,8 +24,10 @@ from harness import GatewayProcess
 from loadgen import ChaosUpstream, Load, Request, stored_counts, summarize
 
 # The gateway's settings for the run: short idle timeout (the upstream stalls), quick retries.
-GATEWAY_SETTINGS = {"chat": {"idle_timeout_seconds": 1.0, "max_retries": 1},
-                    "server": {"shutdown_grace_seconds": 5.0, "messages_per_minute": 100_000}}
+GATEWAY_SETTINGS = {
+    "chat": {"idle_timeout_seconds": 1.0, "max_retries": 1},
+    "server": {"shutdown_grace_seconds": 5.0, "messages_per_minute": 100_000},
+}
 
 
 def check(requests: list[Request], messages: dict[str, int], records: dict[str, int]) -> list[str]:
@@ -68,9 +70,16 @@ async def main(args: argparse.Namespace) -> int:
         if exit_code != 0:
             problems.append(f"the server exited with {exit_code} on SIGTERM")
         problems += [f"server log: {line}" for line in server.log_problems()]
-        summary = {**summarize(load.requests, seconds), "seconds": round(seconds, 1), "concurrency": args.concurrency,
-                   "upstreamFaults": upstream.served, "storedSessions": len(messages),
-                   "usageRecords": sum(records.values()), "problems": problems[:20], "problemCount": len(problems)}
+        summary = {
+            **summarize(load.requests, seconds),
+            "seconds": round(seconds, 1),
+            "concurrency": args.concurrency,
+            "upstreamFaults": upstream.served,
+            "storedSessions": len(messages),
+            "usageRecords": sum(records.values()),
+            "problems": problems[:20],
+            "problemCount": len(problems),
+        }
         print(json.dumps(summary, indent=2))
         ok = not problems and bool(load.requests)
         return 0 if ok else 1
@@ -84,7 +93,9 @@ async def main(args: argparse.Namespace) -> int:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--duration", type=float, default=20.0, help="seconds of load (default 20)")
-    parser.add_argument("--concurrency", type=int, default=50, help="concurrent clients, half WS, half HTTP (default 50)")
+    parser.add_argument(
+        "--concurrency", type=int, default=50, help="concurrent clients, half WS, half HTTP (default 50)"
+    )
     parser.add_argument("--seed", type=int, help="seed for the upstream's faults")
     parser.add_argument("--keep", action="store_true", help="keep the data directory and server log")
     sys.exit(asyncio.run(main(parser.parse_args())))

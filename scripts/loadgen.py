@@ -33,7 +33,7 @@ class ChaosUpstream:
         self.url = ""
         self.served: dict[str, int] = {}
 
-    async def __aenter__(self) -> "ChaosUpstream":
+    async def __aenter__(self) -> ChaosUpstream:
         args = [sys.executable, str(ROOT / "scripts" / "chaos_upstream.py")]
         if self.seed is not None:
             args += ["--seed", str(self.seed)]
@@ -79,8 +79,10 @@ class Load:
 
     async def run(self, duration: float) -> None:
         async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {self.token}"}) as http:
-            workers = [asyncio.create_task(self._ws_worker(http) if i % 2 == 0 else self._http_worker(http))
-                       for i in range(self.concurrency)]
+            workers = [
+                asyncio.create_task(self._ws_worker(http) if i % 2 == 0 else self._http_worker(http))
+                for i in range(self.concurrency)
+            ]
             try:
                 await asyncio.wait_for(self.stop.wait(), duration)
             except TimeoutError:
@@ -141,7 +143,10 @@ class Load:
                 request.latency = time.monotonic() - started
 
     async def _http_chat(self, http: aiohttp.ClientSession, request: Request) -> None:
-        body = {"id": request.session_id, "messages": [{"id": "u1", "role": "user", "parts": [{"type": "text", "text": "Tell me about foxes."}]}]}
+        body = {
+            "id": request.session_id,
+            "messages": [{"id": "u1", "role": "user", "parts": [{"type": "text", "text": "Tell me about foxes."}]}],
+        }
         async with http.post(self.url + "/api/chat", json=body) as resp:
             if resp.status != 200:
                 request.outcome = f"HTTP {resp.status}"

@@ -7,8 +7,9 @@ over HTTP through the real SDKs, and test tools or sections are registered as pl
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
-from typing import Any, AsyncIterator, Awaitable, Callable
+from typing import Any
 
 import pluggy
 import pytest
@@ -83,7 +84,9 @@ async def make_client(
     clients: list[TestClient] = []
     monkeypatch.setenv("ANTHROPIC_API_KEY", TEST_KEY)
 
-    async def make(raw: dict[str, Any] | None = None, *, pm: pluggy.PluginManager | None = None, **sections: Any) -> TestClient:
+    async def make(
+        raw: dict[str, Any] | None = None, *, pm: pluggy.PluginManager | None = None, **sections: Any
+    ) -> TestClient:
         config = make_config(raw, **sections)
         client = TestClient(TestServer(create_app(config, pm or plugin_manager), host="127.0.0.1"))
         await client.start_server()

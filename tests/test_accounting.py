@@ -36,8 +36,9 @@ REPORTED = {"input_tokens": 12, "cache_read_input_tokens": 5, "cache_creation_in
 
 
 @pytest.fixture
-async def app(make_client: Callable[..., Awaitable[TestClient]], fake_openai: fo.FakeOpenAI,
-              monkeypatch: pytest.MonkeyPatch) -> Callable[..., Awaitable[TestClient]]:
+async def app(
+    make_client: Callable[..., Awaitable[TestClient]], fake_openai: fo.FakeOpenAI, monkeypatch: pytest.MonkeyPatch
+) -> Callable[..., Awaitable[TestClient]]:
     monkeypatch.setenv("OPENAI_API_KEY", OPENAI_KEY)
     monkeypatch.setattr(pipeline.random, "random", lambda: 0.0)
     # litellm takes seconds to import, more on a loaded machine: not inside a chat's receive timeout.
@@ -65,7 +66,9 @@ def assert_reported_input_kept(record: dict[str, Any]) -> None:
     assert record["answered"] is True
 
 
-async def test_stream_cut_after_message_start_keeps_the_reported_input(app: Any, token: str, fake_anthropic: fa.FakeAnthropic) -> None:
+async def test_stream_cut_after_message_start_keeps_the_reported_input(
+    app: Any, token: str, fake_anthropic: fa.FakeAnthropic
+) -> None:
     client = await app()
     # message_start, ping, content_block_start, two deltas, then the connection drops.
     fake_anthropic.enqueue(fa.text_response(PARTIAL, chunks=CHUNKS, usage=REPORTED).cut_after(5))
@@ -82,7 +85,9 @@ async def test_stream_cut_after_message_start_keeps_the_reported_input(app: Any,
     await ws.close()
 
 
-async def test_ws_abort_mid_stream_keeps_the_reported_input(app: Any, token: str, fake_anthropic: fa.FakeAnthropic) -> None:
+async def test_ws_abort_mid_stream_keeps_the_reported_input(
+    app: Any, token: str, fake_anthropic: fa.FakeAnthropic
+) -> None:
     client = await app()
     fake_anthropic.enqueue(fa.text_response(PARTIAL, chunks=CHUNKS, usage=REPORTED).stall(30, after=5))
     ws = await connect(client, token)
@@ -102,8 +107,9 @@ async def test_ws_abort_mid_stream_keeps_the_reported_input(app: Any, token: str
     await ws.close()
 
 
-async def test_http_disconnect_with_abort_keeps_the_reported_input(app: Any, auth_headers: dict[str, str],
-                                                                   fake_anthropic: fa.FakeAnthropic) -> None:
+async def test_http_disconnect_with_abort_keeps_the_reported_input(
+    app: Any, auth_headers: dict[str, str], fake_anthropic: fa.FakeAnthropic
+) -> None:
     client = await app(chat={"on_disconnect": "abort"})
     fake_anthropic.enqueue(fa.text_response(PARTIAL, chunks=CHUNKS, usage=REPORTED).stall(30, after=5))
     resp = await post_chat(client, auth_headers, "chat1", user("hi"))
@@ -122,7 +128,9 @@ async def test_http_disconnect_with_abort_keeps_the_reported_input(app: Any, aut
     assert record["finishReason"] == "aborted"
 
 
-async def test_provider_without_usage_estimates_input_and_output(app: Any, token: str, fake_openai: fo.FakeOpenAI) -> None:
+async def test_provider_without_usage_estimates_input_and_output(
+    app: Any, token: str, fake_openai: fo.FakeOpenAI
+) -> None:
     client = await app()
     fake_openai.enqueue(fo.text_response(PARTIAL, chunks=CHUNKS).cut_after(3))
     ws = await connect(client, token)
@@ -135,22 +143,37 @@ async def test_provider_without_usage_estimates_input_and_output(app: Any, token
 
 
 @pytest.mark.parametrize("provider", ["anthropic", "openai"])
-async def test_a_complete_answer_bills_exactly_what_was_reported(app: Any, token: str, fake_anthropic: fa.FakeAnthropic,
-                                                                 fake_openai: fo.FakeOpenAI, provider: str) -> None:
+async def test_a_complete_answer_bills_exactly_what_was_reported(
+    app: Any, token: str, fake_anthropic: fa.FakeAnthropic, fake_openai: fo.FakeOpenAI, provider: str
+) -> None:
     client = await app(chat={"max_retries": 2})
     if provider == "anthropic":
-        fake_anthropic.enqueue(fa.error_status(429, retry_after=0.05),
-                               fa.text_response("ok", usage=REPORTED, delta_usages=[{"output_tokens": 9}]))
+        fake_anthropic.enqueue(
+            fa.error_status(429, retry_after=0.05),
+            fa.text_response("ok", usage=REPORTED, delta_usages=[{"output_tokens": 9}]),
+        )
         expected = (12, 9, 5, 3)
     else:
-        fake_openai.enqueue(fo.error_status(429, retry_after=0.05), fo.text_response("ok", usage=fo.usage(20, 9, cached=5)))
+        fake_openai.enqueue(
+            fo.error_status(429, retry_after=0.05), fo.text_response("ok", usage=fo.usage(20, 9, cached=5))
+        )
         expected = (15, 9, 5, 0)
     ws = await connect(client, token)
     frames = await chat(ws, "hi", model=ANTHROPIC if provider == "anthropic" else OPENAI)
     session_id = of(frames, "chat.stream.start")[0]["sessionId"]
     (record,) = await records_of(client, session_id)
-    assert (record["inputTokens"], record["outputTokens"], record["cacheReadTokens"], record["cacheWriteTokens"]) == expected
-    assert (record["estimated"], record["estimatedFields"], record["answered"], record["error"]) == (False, [], True, None)
+    assert (
+        record["inputTokens"],
+        record["outputTokens"],
+        record["cacheReadTokens"],
+        record["cacheWriteTokens"],
+    ) == expected
+    assert (record["estimated"], record["estimatedFields"], record["answered"], record["error"]) == (
+        False,
+        [],
+        True,
+        None,
+    )
     assert record["attempts"] == 2  # the 429 and the call that answered
     await ws.close()
 
@@ -159,8 +182,9 @@ async def test_a_complete_answer_bills_exactly_what_was_reported(app: Any, token
 
 
 @pytest.mark.parametrize("provider", ["anthropic", "openai"])
-async def test_abort_sent_with_the_send_bills_nothing(app: Any, token: str, fake_anthropic: fa.FakeAnthropic,
-                                                      fake_openai: fo.FakeOpenAI, provider: str) -> None:
+async def test_abort_sent_with_the_send_bills_nothing(
+    app: Any, token: str, fake_anthropic: fa.FakeAnthropic, fake_openai: fo.FakeOpenAI, provider: str
+) -> None:
     client = await app()
     fake = fake_anthropic if provider == "anthropic" else fake_openai
     model = ANTHROPIC if provider == "anthropic" else OPENAI
@@ -186,8 +210,9 @@ async def test_abort_sent_with_the_send_bills_nothing(app: Any, token: str, fake
 
 
 @pytest.mark.parametrize("provider", ["anthropic", "openai"])
-async def test_abort_during_a_retry_after_wait_bills_nothing(app: Any, token: str, fake_anthropic: fa.FakeAnthropic,
-                                                             fake_openai: fo.FakeOpenAI, provider: str) -> None:
+async def test_abort_during_a_retry_after_wait_bills_nothing(
+    app: Any, token: str, fake_anthropic: fa.FakeAnthropic, fake_openai: fo.FakeOpenAI, provider: str
+) -> None:
     client = await app(chat={"max_retries": 3})
     if provider == "anthropic":
         fake: Any = fake_anthropic
@@ -196,8 +221,9 @@ async def test_abort_during_a_retry_after_wait_bills_nothing(app: Any, token: st
         fake = fake_openai
         fake.enqueue(fo.error_status(429, retry_after=20), fo.text_response("too late"))
     ws = await connect(client, token)
-    await ws.send_json({"type": "chat.send", "id": "r1", "content": "hi",
-                        "model": ANTHROPIC if provider == "anthropic" else OPENAI})
+    await ws.send_json(
+        {"type": "chat.send", "id": "r1", "content": "hi", "model": ANTHROPIC if provider == "anthropic" else OPENAI}
+    )
     while not fake.requests:
         await asyncio.sleep(0.01)
     await asyncio.sleep(0.1)  # the 429 has been read: the turn waits out its Retry-After

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from collections.abc import AsyncIterator
 from dataclasses import replace
-from typing import Any, AsyncIterator
+from typing import Any
 
 import pytest
 
@@ -34,13 +35,13 @@ from agentspace.types import (
     ToolResultPart,
 )
 from tests.fakes.anthropic_upstream import (
-    model_object,
     FakeAnthropic,
     citations_response,
     error_event,
     error_status,
     malformed_response,
     message_response,
+    model_object,
     started_fake_anthropic,
     text_block,
     text_response,
@@ -54,7 +55,18 @@ MODEL = "anthropic/claude-sonnet-4-5"
 
 
 def model_info(max_output_tokens: int | None = 64_000) -> ModelInfo:
-    return ModelInfo(MODEL, "anthropic", 3.0, 15.0, 0.3, 3.75, 200_000, max_output_tokens, supports_reasoning=True, supports_tools=True)
+    return ModelInfo(
+        MODEL,
+        "anthropic",
+        3.0,
+        15.0,
+        0.3,
+        3.75,
+        200_000,
+        max_output_tokens,
+        supports_reasoning=True,
+        supports_tools=True,
+    )
 
 
 @pytest.fixture
@@ -68,7 +80,9 @@ def make_request(fake: FakeAnthropic, messages: list[ChatMessage] | None = None,
     kwargs.setdefault("api_key", KEY)
     kwargs.setdefault("model_info", model_info())
     kwargs.setdefault("model", MODEL)
-    return ProviderRequest(system="Be brief.", messages=messages or [ChatMessage.user("Hi")], base_url=fake.url, **kwargs)
+    return ProviderRequest(
+        system="Be brief.", messages=messages or [ChatMessage.user("Hi")], base_url=fake.url, **kwargs
+    )
 
 
 async def collect(provider: AnthropicProvider, request: ProviderRequest) -> list[ProviderEvent]:
@@ -76,7 +90,9 @@ async def collect(provider: AnthropicProvider, request: ProviderRequest) -> list
     return [event async for event in provider.stream(request) if not isinstance(event, UsageReport)]
 
 
-async def collect_until_error(provider: AnthropicProvider, request: ProviderRequest) -> tuple[list[ProviderEvent], ProviderError]:
+async def collect_until_error(
+    provider: AnthropicProvider, request: ProviderRequest
+) -> tuple[list[ProviderEvent], ProviderError]:
     events: list[ProviderEvent] = []
     with pytest.raises(ProviderError) as info:
         async for event in provider.stream(request):
@@ -138,18 +154,26 @@ async def test_thinking_signature_round_trip(provider: AnthropicProvider, fake_a
     }
 
 
-async def test_tool_use_input_is_assembled_from_pieces(provider: AnthropicProvider, fake_anthropic: FakeAnthropic) -> None:
+async def test_tool_use_input_is_assembled_from_pieces(
+    provider: AnthropicProvider, fake_anthropic: FakeAnthropic
+) -> None:
     async def handler(args: dict[str, Any]) -> Any:
         return "sunny"
 
-    weather = Tool("get_weather", "Weather for a city.", {"type": "object", "properties": {"city": {"type": "string"}}}, handler)
+    weather = Tool(
+        "get_weather", "Weather for a city.", {"type": "object", "properties": {"city": {"type": "string"}}}, handler
+    )
     fake_anthropic.enqueue(
-        tool_use_response("get_weather", {"city": "Paris"}, id="toolu_1", text="Checking.", pieces=['{"ci', 'ty": "Pa', 'ris"}'])
+        tool_use_response(
+            "get_weather", {"city": "Paris"}, id="toolu_1", text="Checking.", pieces=['{"ci', 'ty": "Pa', 'ris"}']
+        )
     )
 
     events = await collect(provider, make_request(fake_anthropic, tools=[weather]))
 
-    assert [e for e in events if isinstance(e, ToolCallEvent)] == [ToolCallEvent("toolu_1", "get_weather", {"city": "Paris"})]
+    assert [e for e in events if isinstance(e, ToolCallEvent)] == [
+        ToolCallEvent("toolu_1", "get_weather", {"city": "Paris"})
+    ]
     finish = finish_of(events)
     assert finish.finish_reason == "tool-calls"
     assert finish.message.parts == [TextPart("Checking."), ToolCallPart("toolu_1", "get_weather", {"city": "Paris"})]
@@ -166,11 +190,18 @@ async def test_tool_use_input_is_assembled_from_pieces(provider: AnthropicProvid
                 {"type": "tool_use", "id": "toolu_1", "name": "get_weather", "input": {"city": "Paris"}},
             ],
         },
-        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_1", "content": '{"sky": "sunny"}', "is_error": False}]},
+        {
+            "role": "user",
+            "content": [
+                {"type": "tool_result", "tool_use_id": "toolu_1", "content": '{"sky": "sunny"}', "is_error": False}
+            ],
+        },
     ]
 
 
-async def test_tool_use_without_arguments_has_empty_input(provider: AnthropicProvider, fake_anthropic: FakeAnthropic) -> None:
+async def test_tool_use_without_arguments_has_empty_input(
+    provider: AnthropicProvider, fake_anthropic: FakeAnthropic
+) -> None:
     fake_anthropic.enqueue(tool_use_response("now", "", id="toolu_2"))
 
     events = await collect(provider, make_request(fake_anthropic))
@@ -184,10 +215,16 @@ async def test_tool_results_stored_in_the_assistant_message_go_in_a_user_turn(
     # AI SDK UI messages keep a tool's call and result in the assistant message, followed by more text.
     assistant = ChatMessage(
         "assistant",
-        [ToolCallPart("toolu_1", "now", {}), ToolResultPart("toolu_1", "now", "12:00", is_error=False), TextPart("Noon.")],
+        [
+            ToolCallPart("toolu_1", "now", {}),
+            ToolResultPart("toolu_1", "now", "12:00", is_error=False),
+            TextPart("Noon."),
+        ],
     )
 
-    await collect(provider, make_request(fake_anthropic, [ChatMessage.user("Time?"), assistant, ChatMessage.user("Thanks")]))
+    await collect(
+        provider, make_request(fake_anthropic, [ChatMessage.user("Time?"), assistant, ChatMessage.user("Thanks")])
+    )
 
     assert [(m["role"], [b["type"] for b in m["content"]]) for m in fake_anthropic.requests[0].body["messages"]] == [
         ("user", ["text"]),
@@ -219,21 +256,32 @@ async def test_sources_from_citations_and_search_results_are_deduplicated(
     assert message.text == "Let me search.According to the sources, it is so."
 
 
-async def test_usage_is_cumulative_and_includes_cache_tokens(provider: AnthropicProvider, fake_anthropic: FakeAnthropic) -> None:
+async def test_usage_is_cumulative_and_includes_cache_tokens(
+    provider: AnthropicProvider, fake_anthropic: FakeAnthropic
+) -> None:
     fake_anthropic.enqueue(
         text_response(
             "Hi",
-            usage={"input_tokens": 100, "cache_read_input_tokens": 50, "cache_creation_input_tokens": 20, "output_tokens": 1},
+            usage={
+                "input_tokens": 100,
+                "cache_read_input_tokens": 50,
+                "cache_creation_input_tokens": 20,
+                "output_tokens": 1,
+            },
             delta_usages=[{"output_tokens": 5}, {"output_tokens": 12, "output_tokens_details": {"thinking_tokens": 4}}],
         )
     )
 
     events = await collect(provider, make_request(fake_anthropic))
 
-    assert finish_of(events).usage == TokenUsage(input_tokens=100, output_tokens=12, cache_read_tokens=50, cache_write_tokens=20, reasoning_tokens=4)
+    assert finish_of(events).usage == TokenUsage(
+        input_tokens=100, output_tokens=12, cache_read_tokens=50, cache_write_tokens=20, reasoning_tokens=4
+    )
 
 
-async def test_message_delta_overwrites_the_input_counts_it_carries(provider: AnthropicProvider, fake_anthropic: FakeAnthropic) -> None:
+async def test_message_delta_overwrites_the_input_counts_it_carries(
+    provider: AnthropicProvider, fake_anthropic: FakeAnthropic
+) -> None:
     fake_anthropic.enqueue(
         text_response(
             "Hi",
@@ -261,7 +309,9 @@ async def test_message_delta_overwrites_the_input_counts_it_carries(provider: An
         (None, "other"),
     ],
 )
-async def test_stop_reasons(provider: AnthropicProvider, fake_anthropic: FakeAnthropic, stop_reason: str | None, finish_reason: str) -> None:
+async def test_stop_reasons(
+    provider: AnthropicProvider, fake_anthropic: FakeAnthropic, stop_reason: str | None, finish_reason: str
+) -> None:
     fake_anthropic.enqueue(message_response(text_block("Hi"), stop_reason=stop_reason))
 
     events = await collect(provider, make_request(fake_anthropic))
@@ -275,7 +325,9 @@ async def test_stop_reasons(provider: AnthropicProvider, fake_anthropic: FakeAnt
 async def test_thinking_budget_raises_max_tokens_and_sends_no_temperature(
     provider: AnthropicProvider, fake_anthropic: FakeAnthropic
 ) -> None:
-    await collect(provider, make_request(fake_anthropic, thinking=ThinkingSettings(budget_tokens=8000), max_tokens=4096))
+    await collect(
+        provider, make_request(fake_anthropic, thinking=ThinkingSettings(budget_tokens=8000), max_tokens=4096)
+    )
 
     body = fake_anthropic.requests[0].body
     assert body["thinking"] == {"type": "enabled", "budget_tokens": 8000}
@@ -283,16 +335,24 @@ async def test_thinking_budget_raises_max_tokens_and_sends_no_temperature(
     assert "temperature" not in body
 
 
-async def test_thinking_budget_below_max_tokens_keeps_max_tokens(provider: AnthropicProvider, fake_anthropic: FakeAnthropic) -> None:
-    await collect(provider, make_request(fake_anthropic, thinking=ThinkingSettings(budget_tokens=2000), max_tokens=4096))
+async def test_thinking_budget_below_max_tokens_keeps_max_tokens(
+    provider: AnthropicProvider, fake_anthropic: FakeAnthropic
+) -> None:
+    await collect(
+        provider, make_request(fake_anthropic, thinking=ThinkingSettings(budget_tokens=2000), max_tokens=4096)
+    )
 
     body = fake_anthropic.requests[0].body
     assert body["thinking"] == {"type": "enabled", "budget_tokens": 2000}
     assert body["max_tokens"] == 4096
 
 
-async def test_thinking_stays_within_the_models_output_limit(provider: AnthropicProvider, fake_anthropic: FakeAnthropic) -> None:
-    request = make_request(fake_anthropic, thinking=ThinkingSettings(budget_tokens=8000), max_tokens=4096, model_info=model_info(10_000))
+async def test_thinking_stays_within_the_models_output_limit(
+    provider: AnthropicProvider, fake_anthropic: FakeAnthropic
+) -> None:
+    request = make_request(
+        fake_anthropic, thinking=ThinkingSettings(budget_tokens=8000), max_tokens=4096, model_info=model_info(10_000)
+    )
 
     await collect(provider, request)
 
@@ -323,14 +383,20 @@ async def test_no_thinking_for_models_without_it(provider: AnthropicProvider, fa
     assert "thinking" not in fake_anthropic.requests[0].body
 
 
-async def test_without_the_models_api_the_cost_map_decides(provider: AnthropicProvider, fake_anthropic: FakeAnthropic) -> None:
+async def test_without_the_models_api_the_cost_map_decides(
+    provider: AnthropicProvider, fake_anthropic: FakeAnthropic
+) -> None:
     fake_anthropic.any_model = False  # the Models API answers 404 for every model
     adaptive = make_request(fake_anthropic, thinking=ThinkingSettings(adaptive=True))
     await collect(provider, adaptive)
     assert fake_anthropic.requests[-1].body["thinking"] == {"type": "adaptive"}
 
-    plain = make_request(fake_anthropic, model="anthropic/claude-no-reasoning", thinking=ThinkingSettings(),
-                         model_info=replace(model_info(), supports_reasoning=False))
+    plain = make_request(
+        fake_anthropic,
+        model="anthropic/claude-no-reasoning",
+        thinking=ThinkingSettings(),
+        model_info=replace(model_info(), supports_reasoning=False),
+    )
     await collect(provider, plain)
     assert "thinking" not in fake_anthropic.requests[-1].body
 
@@ -342,7 +408,10 @@ async def test_missing_key_fails_before_any_request(provider: AnthropicProvider,
     events, error = await collect_until_error(provider, make_request(fake_anthropic, api_key=None))
 
     assert events == []
-    assert (error.code, error.message) == ("NO_API_KEY", "Anthropic API key not configured. Run: agentspace keys add anthropic")
+    assert (error.code, error.message) == (
+        "NO_API_KEY",
+        "Anthropic API key not configured. Run: agentspace keys add anthropic",
+    )
     assert fake_anthropic.requests == []
 
 
@@ -350,10 +419,24 @@ async def test_missing_key_fails_before_any_request(provider: AnthropicProvider,
     "response, code, retryable, status, retry_after, says",
     [
         (error_status(401, "invalid x-api-key"), "NO_API_KEY", False, 401, None, "Run: agentspace keys add anthropic"),
-        (error_status(429, "Number of request tokens has exceeded your rate limit", retry_after=7), "RATE_LIMITED", True, 429, 7.0, "rate limit"),
+        (
+            error_status(429, "Number of request tokens has exceeded your rate limit", retry_after=7),
+            "RATE_LIMITED",
+            True,
+            429,
+            7.0,
+            "rate limit",
+        ),
         (error_status(500, "Internal server error"), "LLM_ERROR", True, 500, None, "temporary problem"),
         (error_status(529, "Overloaded"), "LLM_ERROR", True, 529, None, "overloaded"),
-        (error_status(400, "messages: text content blocks must be non-empty"), "LLM_ERROR", False, 400, None, "must be non-empty"),
+        (
+            error_status(400, "messages: text content blocks must be non-empty"),
+            "LLM_ERROR",
+            False,
+            400,
+            None,
+            "must be non-empty",
+        ),
         (error_status(404, "model: claude-nope"), "MODEL_NOT_FOUND", False, 404, None, "claude-nope"),
     ],
 )
@@ -384,7 +467,9 @@ async def test_error_messages_never_carry_the_key(provider: AnthropicProvider, f
     assert KEY not in error.message and "bad header value ***" in error.message
 
 
-async def test_error_event_after_200_keeps_what_was_streamed(provider: AnthropicProvider, fake_anthropic: FakeAnthropic) -> None:
+async def test_error_event_after_200_keeps_what_was_streamed(
+    provider: AnthropicProvider, fake_anthropic: FakeAnthropic
+) -> None:
     fake_anthropic.enqueue(error_event("overloaded_error", "Overloaded", text="Partial answer"))
 
     events, error = await collect_until_error(provider, make_request(fake_anthropic))
@@ -394,7 +479,9 @@ async def test_error_event_after_200_keeps_what_was_streamed(provider: Anthropic
     assert "Overloaded" in error.message
 
 
-async def test_non_transient_error_event_is_not_retryable(provider: AnthropicProvider, fake_anthropic: FakeAnthropic) -> None:
+async def test_non_transient_error_event_is_not_retryable(
+    provider: AnthropicProvider, fake_anthropic: FakeAnthropic
+) -> None:
     fake_anthropic.enqueue(error_event("invalid_request_error", "prompt is too long"))
 
     _, error = await collect_until_error(provider, make_request(fake_anthropic))

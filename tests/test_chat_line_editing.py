@@ -33,7 +33,11 @@ class Terminal:
         env = {**os.environ, "AGENTSPACE_HOME": str(home), "AGENTSPACE_LOAD_PLUGINS": "", "TERM": "xterm"}
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "agentspace", "chat", "--url", url],
-            stdin=slave, stdout=slave, stderr=slave, env=env, start_new_session=True,
+            stdin=slave,
+            stdout=slave,
+            stderr=slave,
+            env=env,
+            start_new_session=True,
         )
         os.close(slave)
         self.master = master

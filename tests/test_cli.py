@@ -16,6 +16,7 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from datetime import UTC
 from pathlib import Path
 from typing import Any
 
@@ -35,8 +36,14 @@ from agentspace.stores.usage import write_segment
 def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     data = tmp_path / "home"
     monkeypatch.setenv("AGENTSPACE_HOME", str(data))
-    for var in ("AGENTSPACE_CONFIG", "AGENTSPACE_TOKEN", "AGENTSPACE_URL", "ANTHROPIC_API_KEY", "OPENAI_API_KEY",
-                "GEMINI_API_KEY"):
+    for var in (
+        "AGENTSPACE_CONFIG",
+        "AGENTSPACE_TOKEN",
+        "AGENTSPACE_URL",
+        "ANTHROPIC_API_KEY",
+        "OPENAI_API_KEY",
+        "GEMINI_API_KEY",
+    ):
         monkeypatch.delenv(var, raising=False)
     return data
 
@@ -50,17 +57,39 @@ def invoke(*args: str, input: str | None = None) -> Any:
 
 def record(i: int, model: str, day: str, session: str = "s1", price_known: bool = True) -> dict[str, Any]:
     return {
-        "id": f"r{i}", "timestamp": f"{day}T10:00:00.000Z", "model": model, "provider": model.split("/")[0],
-        "sessionId": session, "client": None, "inputTokens": 1000, "outputTokens": 200, "cacheReadTokens": 50,
-        "cacheWriteTokens": 10, "reasoningTokens": 0, "totalTokens": 1260, "inputCost": 0.003, "outputCost": 0.003,
-        "totalCost": 0.006, "latencyMs": 5.0, "finishReason": "stop", "estimated": False, "priceKnown": price_known,
+        "id": f"r{i}",
+        "timestamp": f"{day}T10:00:00.000Z",
+        "model": model,
+        "provider": model.split("/")[0],
+        "sessionId": session,
+        "client": None,
+        "inputTokens": 1000,
+        "outputTokens": 200,
+        "cacheReadTokens": 50,
+        "cacheWriteTokens": 10,
+        "reasoningTokens": 0,
+        "totalTokens": 1260,
+        "inputCost": 0.003,
+        "outputCost": 0.003,
+        "totalCost": 0.006,
+        "latencyMs": 5.0,
+        "finishReason": "stop",
+        "estimated": False,
+        "priceKnown": price_known,
     }
 
 
 @pytest.fixture
 def usage_data(home: Path) -> None:
-    write_segment(home, "2026-11-01", 0, [record(1, "anthropic/claude-sonnet-4-5", "2026-11-01"),
-                                          record(2, "mystery/model", "2026-11-01", "s2", price_known=False)])
+    write_segment(
+        home,
+        "2026-11-01",
+        0,
+        [
+            record(1, "anthropic/claude-sonnet-4-5", "2026-11-01"),
+            record(2, "mystery/model", "2026-11-01", "s2", price_known=False),
+        ],
+    )
     write_segment(home, "2026-11-02", 0, [record(3, "anthropic/claude-sonnet-4-5", "2026-11-02")])
 
 
@@ -68,8 +97,20 @@ def test_usage_table(usage_data: None) -> None:
     result = invoke("usage", "--by-model")
     assert result.exit_code == 0
     lines = result.output.splitlines()
-    assert lines[0].split() == ["model", "requests", "errors", "input", "output", "cache", "read", "cache", "write",
-                                "total", "tokens", "cost"]
+    assert lines[0].split() == [
+        "model",
+        "requests",
+        "errors",
+        "input",
+        "output",
+        "cache",
+        "read",
+        "cache",
+        "write",
+        "total",
+        "tokens",
+        "cost",
+    ]
     row = next(line for line in lines if line.startswith("anthropic/claude-sonnet-4-5"))
     assert row.split() == ["anthropic/claude-sonnet-4-5", "2", "0", "2,000", "400", "100", "20", "2,520", "$0.012000"]
     assert any(line.startswith("mystery/model*") for line in lines)
@@ -100,13 +141,13 @@ def test_usage_filters(usage_data: None) -> None:
 
 
 def test_parse_since() -> None:
-    from datetime import datetime, timedelta, timezone
+    from datetime import datetime, timedelta
 
-    now = datetime(2026, 11, 10, 12, tzinfo=timezone.utc)
+    now = datetime(2026, 11, 10, 12, tzinfo=UTC)
     assert parse_since("7d", now) == now - timedelta(days=7)
     assert parse_since("24h", now) == now - timedelta(hours=24)
     assert parse_since("30m", now) == now - timedelta(minutes=30)
-    assert parse_since("2026-11-01", now) == datetime(2026, 11, 1, tzinfo=timezone.utc)
+    assert parse_since("2026-11-01", now) == datetime(2026, 11, 1, tzinfo=UTC)
 
 
 def test_usage_empty() -> None:
@@ -117,8 +158,13 @@ def test_usage_starts_without_heavy_imports(usage_data: None, home: Path) -> Non
     """`agentspace usage` must stay quick: no asyncio, aiohttp, provider SDK or litellm import on its path."""
     env = {**os.environ, "AGENTSPACE_HOME": str(home)}
     env.pop("AGENTSPACE_LOAD_PLUGINS", None)  # installed plugins must not be imported either
-    result = subprocess.run([sys.executable, "-X", "importtime", "-m", "agentspace", "usage", "--by-model"],
-                            env=env, capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [sys.executable, "-X", "importtime", "-m", "agentspace", "usage", "--by-model"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert result.returncode == 0, result.stderr
     assert "anthropic/claude-sonnet-4-5" in result.stdout
     imported = {line.rsplit("|", 1)[-1].strip().split(".")[0] for line in result.stderr.splitlines() if "|" in line}
@@ -134,10 +180,16 @@ def session_id(home: Path) -> str:
         store = SessionStore(home)
         info = await store.create(model="anthropic/claude-sonnet-4-5")
         await store.append_message(info["id"], {"role": "user", "content": "What is 2+2?"})
-        await store.append_message(info["id"], {
-            "role": "assistant", "content": "4", "model": "anthropic/claude-sonnet-4-5", "finishReason": "stop",
-            "usage": {"inputTokens": 12, "outputTokens": 1, "totalCost": 0.000051},
-        })
+        await store.append_message(
+            info["id"],
+            {
+                "role": "assistant",
+                "content": "4",
+                "model": "anthropic/claude-sonnet-4-5",
+                "finishReason": "stop",
+                "usage": {"inputTokens": 12, "outputTokens": 1, "totalCost": 0.000051},
+            },
+        )
         await store.aclose()
         return str(info["id"])
 
@@ -152,7 +204,9 @@ def test_sessions_list_show_delete(session_id: str) -> None:
     shown = invoke("sessions", "show", session_id).output
     assert "What is 2+2?" in shown and "12 in / 1 out, $0.000051" in shown
     assert [m["role"] for m in json.loads(invoke("sessions", "show", session_id, "--json").output)["messages"]] == [
-        "user", "assistant"]
+        "user",
+        "assistant",
+    ]
 
     refused = CliRunner().invoke(main, ["sessions", "delete", session_id], input="n\n")
     assert refused.exit_code == 1 and session_id in invoke("sessions", "list").output
@@ -202,8 +256,10 @@ def test_models_all_and_table() -> None:
 
 def test_models_from_config_and_plugins(tmp_path: Path) -> None:
     config = tmp_path / "c.toml"
-    config.write_text('[providers.ollama]\nbase_url = "http://127.0.0.1:11434"\nmodels = ["llama3.2"]\n'
-                      '[pricing."ollama/llama3.2"]\ninput_per_mtok = 0\noutput_per_mtok = 0\n')
+    config.write_text(
+        '[providers.ollama]\nbase_url = "http://127.0.0.1:11434"\nmodels = ["llama3.2"]\n'
+        '[pricing."ollama/llama3.2"]\ninput_per_mtok = 0\noutput_per_mtok = 0\n'
+    )
 
     class Lister:
         name = "listing"
@@ -235,8 +291,17 @@ def test_models_from_config_and_plugins(tmp_path: Path) -> None:
 
 # --- a fake gateway -----------------------------------------------------------------------------
 
-USAGE = {"inputTokens": 312, "outputTokens": 87, "totalTokens": 399, "cacheReadTokens": 0, "cacheWriteTokens": 0,
-         "reasoningTokens": 12, "inputCost": 0.000936, "outputCost": 0.000298, "totalCost": 0.001234}
+USAGE = {
+    "inputTokens": 312,
+    "outputTokens": 87,
+    "totalTokens": 399,
+    "cacheReadTokens": 0,
+    "cacheWriteTokens": 0,
+    "reasoningTokens": 12,
+    "inputCost": 0.000936,
+    "outputCost": 0.000298,
+    "totalCost": 0.001234,
+}
 
 
 @dataclass
@@ -270,8 +335,9 @@ class FakeGateway:
         rid, content = frame["id"], frame["content"]
         session = frame.get("sessionId")
         if session == "s_missing":
-            await ws.send_json({"type": "error", "requestId": rid, "code": "SESSION_NOT_FOUND",
-                                "message": "No session s_missing"})
+            await ws.send_json(
+                {"type": "error", "requestId": rid, "code": "SESSION_NOT_FOUND", "message": "No session s_missing"}
+            )
             return
         model = frame.get("model", "anthropic/claude-sonnet-4-5")
         if session is None:
@@ -283,7 +349,9 @@ class FakeGateway:
             return
         if content == "slow":
             while not aborted.is_set():
-                await ws.send_json({"type": "chat.stream.delta", "requestId": rid, "delta": "la ", "contentType": "text"})
+                await ws.send_json(
+                    {"type": "chat.stream.delta", "requestId": rid, "delta": "la ", "contentType": "text"}
+                )
                 await asyncio.sleep(0.02)
             aborted.clear()
             await ws.send_json({"type": "chat.stream.end", "requestId": rid, "finishReason": "aborted", "usage": USAGE})
@@ -292,7 +360,13 @@ class FakeGateway:
             {"type": "chat.stream.reasoning", "delta": "Pondering the question."},
             {"type": "chat.stream.delta", "delta": "Hello ", "contentType": "text"},
             {"type": "chat.stream.tool_call", "toolCallId": "t1", "name": "search", "input": {"q": content}},
-            {"type": "chat.stream.tool_result", "toolCallId": "t1", "name": "search", "output": "3 hits", "isError": False},
+            {
+                "type": "chat.stream.tool_result",
+                "toolCallId": "t1",
+                "name": "search",
+                "output": "3 hits",
+                "isError": False,
+            },
             {"type": "chat.stream.delta", "delta": f"you said: {content}", "contentType": "text"},
             {"type": "chat.stream.source", "source": {"url": "https://example.com/a", "title": "Example A"}},
             {"type": "chat.stream.end", "finishReason": "stop", "usage": USAGE},
@@ -302,18 +376,24 @@ class FakeGateway:
     async def inspect(self, ws: web.WebSocketResponse, frame: dict[str, Any]) -> None:
         rid = frame["id"]
         if frame["sessionId"] == "s_missing":
-            await ws.send_json({"type": "error", "requestId": rid, "code": "SESSION_NOT_FOUND",
-                                "message": "No session s_missing"})
+            await ws.send_json(
+                {"type": "error", "requestId": rid, "code": "SESSION_NOT_FOUND", "message": "No session s_missing"}
+            )
             return
         sections = [
             {"name": "system_prompt", "byteCount": 28, "tokenEstimate": 6, "costEstimate": 0.000018},
             {"name": "history", "byteCount": 12000, "tokenEstimate": 3000, "costEstimate": 0.009},
         ]
-        await ws.send_json({
-            "type": "context.inspection", "requestId": rid, "sessionId": frame["sessionId"],
-            "model": frame.get("model", "anthropic/claude-sonnet-4-5"), "sections": sections,
-            "totals": {"byteCount": 12028, "tokenEstimate": 3006, "costEstimate": 0.009018},
-        })
+        await ws.send_json(
+            {
+                "type": "context.inspection",
+                "requestId": rid,
+                "sessionId": frame["sessionId"],
+                "model": frame.get("model", "anthropic/claude-sonnet-4-5"),
+                "sections": sections,
+                "totals": {"byteCount": 12028, "tokenEstimate": 3006, "costEstimate": 0.009018},
+            }
+        )
 
 
 @pytest.fixture
@@ -368,8 +448,9 @@ def test_chat_streams_and_remembers_the_session(gateway: FakeGateway) -> None:
 
 
 def test_chat_session_and_model_options(gateway: FakeGateway) -> None:
-    result = CliRunner().invoke(main, ["chat", "--url", gateway.url, "--session", "s_old", "-m", "openai/gpt-4o"],
-                                input="hello\n")
+    result = CliRunner().invoke(
+        main, ["chat", "--url", gateway.url, "--session", "s_old", "-m", "openai/gpt-4o"], input="hello\n"
+    )
     assert result.exit_code == 0, result.output
     (send,) = [f for f in gateway.received if f["type"] == "chat.send"]
     assert send["sessionId"] == "s_old" and send["model"] == "openai/gpt-4o"
@@ -401,7 +482,11 @@ def test_chat_ctrl_c_aborts_the_answer_not_the_client(gateway: FakeGateway, home
     env = {**os.environ, "AGENTSPACE_HOME": str(home), "AGENTSPACE_LOAD_PLUGINS": ""}
     proc = subprocess.Popen(
         [sys.executable, "-m", "agentspace", "chat", "--url", gateway.url],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
     )
     try:
         assert proc.stdin is not None
@@ -433,8 +518,12 @@ def test_inspect_table_and_json(gateway: FakeGateway) -> None:
     result = invoke("inspect", "s_abc", "--url", gateway.url)
     lines = result.output.splitlines()
     assert "s_abc" in lines[0] and "anthropic/claude-sonnet-4-5" in lines[0]
-    assert next(line for line in lines if line.startswith("history")).split() == ["history", "12,000", "3,000",
-                                                                                   "$0.009000"]
+    assert next(line for line in lines if line.startswith("history")).split() == [
+        "history",
+        "12,000",
+        "3,000",
+        "$0.009000",
+    ]
     assert next(line for line in lines if line.startswith("TOTAL")).split() == ["TOTAL", "12,028", "3,006", "$0.009018"]
     (frame,) = [f for f in gateway.received if f["type"] == "context.inspect"]
     assert frame["sessionId"] == "s_abc" and frame["id"]

@@ -27,8 +27,12 @@ def ws_url(client: TestClient) -> str:
 
 async def test_chat_inspect_sessions_usage(client: TestClient, fake_anthropic: Any, isolated_env: Path) -> None:
     fake_anthropic.enqueue(
-        thinking_response("Considering the question.", "First answer.", usage={"input_tokens": 20},
-                          delta_usages=[{"output_tokens": 9}]),
+        thinking_response(
+            "Considering the question.",
+            "First answer.",
+            usage={"input_tokens": 20},
+            delta_usages=[{"output_tokens": 9}],
+        ),
         text_response("Second answer.", usage={"input_tokens": 30}, delta_usages=[{"output_tokens": 4}]),
     )
     result = await run_cli(["chat", "--url", ws_url(client)], isolated_env, input="What is it?\nAnd then?\n")

@@ -159,7 +159,8 @@ def test_serve_with_unreadable_config_via_env(
 
 def test_serve_passes_config_and_overrides(tmp_path: Path, fake_server: list[dict[str, Any]]) -> None:
     result = CliRunner().invoke(
-        main, ["serve", "--config", str(EXAMPLE), "--port", "0", "--host", "127.0.0.2", "--data-dir", str(tmp_path / "d")]
+        main,
+        ["serve", "--config", str(EXAMPLE), "--port", "0", "--host", "127.0.0.2", "--data-dir", str(tmp_path / "d")],
     )
     assert result.exit_code == 0, result.output
     (call,) = fake_server

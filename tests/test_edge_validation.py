@@ -39,7 +39,8 @@ async def get_session(client: TestClient, headers: dict[str, str], session_id: s
 
 
 async def test_lone_surrogate_in_ws_message_text_is_stored_as_replacement(
-        client: TestClient, token: str, auth_headers: dict[str, str], caplog: pytest.LogCaptureFixture) -> None:
+    client: TestClient, token: str, auth_headers: dict[str, str], caplog: pytest.LogCaptureFixture
+) -> None:
     ws = await connect(client, token)
     frames = await chat(ws, CUT_EMOJI)  # send_json escapes it as \ud83d, as JSON.stringify does
     assert frames[-1]["type"] == "chat.stream.end", frames[-1]
@@ -52,7 +53,8 @@ async def test_lone_surrogate_in_ws_message_text_is_stored_as_replacement(
 
 
 async def test_lone_surrogate_in_http_messages_is_stored_as_replacement(
-        client: TestClient, auth_headers: dict[str, str], caplog: pytest.LogCaptureFixture) -> None:
+    client: TestClient, auth_headers: dict[str, str], caplog: pytest.LogCaptureFixture
+) -> None:
     history = [user("earlier \udfff one", id="h1"), assistant("answer \ud800", id="h2"), user(CUT_EMOJI, id="u2")]
     chunks = await read_all(await post_chat(client, auth_headers, "surrogates", *history))
     assert chunks[-2]["type"] == "finish"
@@ -65,7 +67,8 @@ async def test_lone_surrogate_in_http_messages_is_stored_as_replacement(
 
 @pytest.mark.parametrize("field", ["model", "sessionId"])
 async def test_lone_surrogate_in_a_ws_id_is_refused_naming_the_field(
-        client: TestClient, token: str, auth_headers: dict[str, str], field: str) -> None:
+    client: TestClient, token: str, auth_headers: dict[str, str], field: str
+) -> None:
     ws = await connect(client, token)
     value = "anthropic/claude\ud800" if field == "model" else "s\udfff"
     reply = (await chat(ws, "hi", **{field: value}))[-1]
@@ -75,7 +78,9 @@ async def test_lone_surrogate_in_a_ws_id_is_refused_naming_the_field(
     await ws.close()
 
 
-async def test_lone_surrogate_in_an_http_message_id_or_model_is_refused(client: TestClient, auth_headers: dict[str, str]) -> None:
+async def test_lone_surrogate_in_an_http_message_id_or_model_is_refused(
+    client: TestClient, auth_headers: dict[str, str]
+) -> None:
     resp = await post_chat(client, auth_headers, "ids", user("hi", id="u\ud800"))
     error = (await resp.json())["error"]
     assert resp.status == 400 and error["code"] == "INVALID_MESSAGE"
@@ -101,7 +106,8 @@ DEEP = ["[" * 3000, '{"a":' * 3000, "[" * 100_000]
 
 
 async def test_deep_json_after_auth_is_refused_and_the_socket_stays_usable(
-        make_client: Any, token: str, caplog: pytest.LogCaptureFixture) -> None:
+    make_client: Any, token: str, caplog: pytest.LogCaptureFixture
+) -> None:
     client = await make_client()
     ws = await connect(client, token)
     for frame in DEEP:
@@ -116,7 +122,8 @@ async def test_deep_json_after_auth_is_refused_and_the_socket_stays_usable(
 
 @pytest.mark.parametrize("frame", DEEP[:2])
 async def test_deep_json_as_the_first_frame_is_refused_cleanly(
-        client: TestClient, token: str, caplog: pytest.LogCaptureFixture, frame: str) -> None:
+    client: TestClient, token: str, caplog: pytest.LogCaptureFixture, frame: str
+) -> None:
     """Before authentication, any frame that is not an auth frame is refused (UNAUTHORIZED) and the socket
     closed, as for other garbage; deep nesting is no exception and leaves no traceback."""
     ws = await client.ws_connect("/gateway")
@@ -131,8 +138,9 @@ async def test_deep_json_as_the_first_frame_is_refused_cleanly(
 
 
 @pytest.mark.parametrize("body", DEEP)
-async def test_deep_json_body_is_a_400(client: TestClient, auth_headers: dict[str, str],
-                                       caplog: pytest.LogCaptureFixture, body: str) -> None:
+async def test_deep_json_body_is_a_400(
+    client: TestClient, auth_headers: dict[str, str], caplog: pytest.LogCaptureFixture, body: str
+) -> None:
     resp = await client.post("/api/chat", data=body.encode(), headers=auth_headers)
     assert resp.status == 400
     error = (await resp.json())["error"]
@@ -147,7 +155,8 @@ BAD_MODELS = ["anthropic/claude\nsonnet", "anthropic/" + "x" * 500_000, "anthrop
 
 @pytest.mark.parametrize("model", BAD_MODELS, ids=["newline", "500KB", "escape", "space"])
 async def test_bad_model_ids_are_refused_on_both_transports(
-        make_client: Any, token: str, auth_headers: dict[str, str], model: str) -> None:
+    make_client: Any, token: str, auth_headers: dict[str, str], model: str
+) -> None:
     client = await make_client(server={"max_frame_bytes": 2_000_000, "max_body_bytes": 2_000_000})
     ws = await connect(client, token)
     reply = (await chat(ws, "hi", model=model))[-1]
@@ -168,12 +177,17 @@ async def test_model_ids_of_real_providers_pass(client: TestClient, token: str, 
     ws = await connect(client, token)
     session_id = (await chat(ws, "hi"))[0]["sessionId"]
     await ws.close()
-    for model in ("bedrock/anthropic.claude-3-sonnet-20240229-v1:0", "vertex_ai/claude-3-5-sonnet@20240620",
-                  "openrouter/meta-llama/llama-3.1-70b-instruct", "anthropic/" + "m" * (MAX_MODEL_ID - 10)):
+    for model in (
+        "bedrock/anthropic.claude-3-sonnet-20240229-v1:0",
+        "vertex_ai/claude-3-5-sonnet@20240620",
+        "openrouter/meta-llama/llama-3.1-70b-instruct",
+        "anthropic/" + "m" * (MAX_MODEL_ID - 10),
+    ):
         resp = await client.get(f"/api/sessions/{session_id}/context", params={"model": model}, headers=auth_headers)
         assert resp.status == 200 and (await resp.json())["model"] == model, await resp.text()
-    resp = await client.get(f"/api/sessions/{session_id}/context", params={"model": "z/" + "m" * (MAX_MODEL_ID - 2)},
-                            headers=auth_headers)
+    resp = await client.get(
+        f"/api/sessions/{session_id}/context", params={"model": "z/" + "m" * (MAX_MODEL_ID - 2)}, headers=auth_headers
+    )
     assert resp.status == 400 and (await resp.json())["error"]["code"] == "MODEL_NOT_FOUND"
 
 
@@ -192,15 +206,20 @@ async def test_the_model_info_cache_is_bounded(client: TestClient, token: str, a
     gw = client.app[STATE.REGISTRY]
     bound = gw._model_info.max_entries
     for i in range(bound + 20):
-        resp = await client.get(f"/api/sessions/{session_id}/context", params={"model": f"anthropic/m-{i}"},
-                                headers=auth_headers)
+        resp = await client.get(
+            f"/api/sessions/{session_id}/context", params={"model": f"anthropic/m-{i}"}, headers=auth_headers
+        )
         assert resp.status == 200
     assert len(gw._model_info) == bound
 
 
 async def test_a_newline_from_upstream_cannot_forge_a_log_line(
-        make_client: Any, fake_openai: FakeOpenAI, auth_headers: dict[str, str],
-        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    make_client: Any,
+    fake_openai: FakeOpenAI,
+    auth_headers: dict[str, str],
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
     """The server's log handler (``configure_logging``, as ``agentspace serve`` sets it up) writes one line
     per record: an upstream error quoting a client's text with a newline and an escape is escaped."""
     monkeypatch.setenv("OPENAI_API_KEY", "sk-test-logs-0123456789")

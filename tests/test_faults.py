@@ -7,8 +7,9 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any, Awaitable, Callable
+from typing import Any
 
 import pytest
 from aiohttp.test_utils import TestClient
@@ -57,12 +58,20 @@ class Faults:
         return fa.text_response(text) if self.anthropic else fo.text_response(text)
 
     def status(self, status: int, retry_after: float | None = None) -> Any:
-        return fa.error_status(status, retry_after=retry_after) if self.anthropic else fo.error_status(status, retry_after=retry_after)
+        return (
+            fa.error_status(status, retry_after=retry_after)
+            if self.anthropic
+            else fo.error_status(status, retry_after=retry_after)
+        )
 
     def cut(self) -> Any:
         """Two of four deltas, then the connection drops."""
         # Anthropic: message_start, ping, content_block_start, 2 deltas. OpenAI: the role delta, 2 deltas.
-        return fa.text_response(PARTIAL, chunks=CHUNKS).cut_after(5) if self.anthropic else fo.text_response(PARTIAL, chunks=CHUNKS).cut_after(3)
+        return (
+            fa.text_response(PARTIAL, chunks=CHUNKS).cut_after(5)
+            if self.anthropic
+            else fo.text_response(PARTIAL, chunks=CHUNKS).cut_after(3)
+        )
 
     def no_stop_reason(self) -> Any:
         """All deltas, then a clean end of the body without a stop reason."""
@@ -83,8 +92,13 @@ Chat = Callable[[str, str | None], Awaitable[Outcome]]
 
 
 @pytest.fixture
-async def setup(make_client: Any, fake_anthropic: fa.FakeAnthropic, fake_openai: fo.FakeOpenAI, token: str,
-                monkeypatch: pytest.MonkeyPatch) -> Callable[..., Awaitable[tuple[TestClient, Chat]]]:
+async def setup(
+    make_client: Any,
+    fake_anthropic: fa.FakeAnthropic,
+    fake_openai: fo.FakeOpenAI,
+    token: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> Callable[..., Awaitable[tuple[TestClient, Chat]]]:
     """``await setup(transport, **config)``: a client with both providers, and a ``chat(content, model)``."""
     monkeypatch.setenv("OPENAI_API_KEY", OPENAI_KEY)
     monkeypatch.setattr(pipeline.random, "random", lambda: 0.0)  # shortest backoff: 0.25 s, 0.5 s, ...
@@ -164,8 +178,9 @@ def assert_failed_and_billed(outcome: Outcome, model: str, partial: str) -> None
 
 @both_transports
 @both_providers
-async def test_429_honours_retry_after(setup: Any, faults: Faults, transport: str, provider: str,
-                                       caplog: pytest.LogCaptureFixture) -> None:
+async def test_429_honours_retry_after(
+    setup: Any, faults: Faults, transport: str, provider: str, caplog: pytest.LogCaptureFixture
+) -> None:
     _, chat_ = await setup(transport)
     faults.fake.enqueue(faults.status(429, retry_after=0.2), faults.ok("recovered"))
     with caplog.at_level(logging.INFO, logger="agentspace.pipeline"):
@@ -194,7 +209,9 @@ async def test_retries_are_bounded(setup: Any, faults: Faults, transport: str, p
 
 @both_transports
 @both_providers
-async def test_server_errors_are_retried_with_backoff(setup: Any, faults: Faults, transport: str, provider: str) -> None:
+async def test_server_errors_are_retried_with_backoff(
+    setup: Any, faults: Faults, transport: str, provider: str
+) -> None:
     _, chat_ = await setup(transport, chat={"max_retries": 3})
     statuses = (500, 503, 529) if faults.anthropic else (500, 503)
     faults.fake.enqueue(*(faults.status(s) for s in statuses), faults.ok("recovered"))
@@ -220,7 +237,7 @@ class RefusingUpstream:
         self.calls = 0  # chat calls; the Anthropic provider also asks the Models API (GET)
         self.server: asyncio.Server | None = None
 
-    async def __aenter__(self) -> "RefusingUpstream":
+    async def __aenter__(self) -> RefusingUpstream:
         async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
             if (await reader.readline()).startswith(b"POST "):
                 self.calls += 1
@@ -241,7 +258,9 @@ class RefusingUpstream:
 
 @both_transports
 @both_providers
-async def test_connection_errors_are_retried_then_reported(setup: Any, faults: Faults, transport: str, provider: str) -> None:
+async def test_connection_errors_are_retried_then_reported(
+    setup: Any, faults: Faults, transport: str, provider: str
+) -> None:
     async with RefusingUpstream() as upstream:
         url = upstream.url + ("" if faults.anthropic else "/v1")
         _, chat_ = await setup(transport, chat={"max_retries": 2}, providers={provider: {"base_url": url}})
@@ -277,7 +296,9 @@ async def test_stream_without_stop_reason(setup: Any, faults: Faults, transport:
 
 @both_transports
 @both_providers
-async def test_stalled_stream_ends_at_the_idle_timeout(setup: Any, faults: Faults, transport: str, provider: str) -> None:
+async def test_stalled_stream_ends_at_the_idle_timeout(
+    setup: Any, faults: Faults, transport: str, provider: str
+) -> None:
     _, chat_ = await setup(transport, chat={"idle_timeout_seconds": 0.4})
     faults.fake.enqueue(faults.stall())
     outcome = await chat_("hi", faults.model)
@@ -330,7 +351,9 @@ async def test_fallback_answers_when_the_primary_fails_before_the_first_token(
         assert outcome.start_model == ANTHROPIC  # the stream started for the requested model
 
 
-async def test_no_fallback_after_the_first_token(setup: Any, fake_anthropic: fa.FakeAnthropic, fake_openai: fo.FakeOpenAI) -> None:
+async def test_no_fallback_after_the_first_token(
+    setup: Any, fake_anthropic: fa.FakeAnthropic, fake_openai: fo.FakeOpenAI
+) -> None:
     _, chat_ = await setup("ws", models={"fallbacks": {ANTHROPIC: [OPENAI]}})
     fake_anthropic.enqueue(fa.error_event("overloaded_error", "Overloaded", text="partial answer"))
     outcome = await chat_("hi", None)
@@ -338,7 +361,9 @@ async def test_no_fallback_after_the_first_token(setup: Any, fake_anthropic: fa.
     assert_failed_and_billed(outcome, ANTHROPIC, "partial answer")
 
 
-async def test_a_failing_fallback_is_billed_as_itself(setup: Any, fake_anthropic: fa.FakeAnthropic, fake_openai: fo.FakeOpenAI) -> None:
+async def test_a_failing_fallback_is_billed_as_itself(
+    setup: Any, fake_anthropic: fa.FakeAnthropic, fake_openai: fo.FakeOpenAI
+) -> None:
     _, chat_ = await setup("ws", chat={"max_retries": 0}, models={"fallbacks": {ANTHROPIC: [OPENAI]}})
     fake_anthropic.enqueue(fa.error_status(529))
     fake_openai.enqueue(fo.text_response(PARTIAL, chunks=CHUNKS).cut_after(3))
@@ -366,7 +391,9 @@ def test_retry_delay() -> None:
     assert delays[0] < delays[3]  # exponential (jitter is within a factor of 3)
 
 
-async def test_abort_during_a_retry_wait_stops_the_turn(setup: Any, fake_anthropic: fa.FakeAnthropic, token: str) -> None:
+async def test_abort_during_a_retry_wait_stops_the_turn(
+    setup: Any, fake_anthropic: fa.FakeAnthropic, token: str
+) -> None:
     client, _ = await setup("ws", chat={"max_retries": 3})
     fake_anthropic.enqueue(fa.error_status(429, retry_after=20), fa.text_response("too late"))
     ws = await connect(client, token)

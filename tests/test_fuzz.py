@@ -17,13 +17,20 @@ from hypothesis import strategies as st
 from agentspace import security
 from tests.test_ws import chat, connect, receive
 
-FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+FUZZ = settings(
+    max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow]
+)
 MAX_FRAME = 2000
 
 json_scalars = st.one_of(st.none(), st.booleans(), st.integers(), st.floats(allow_nan=True), st.text(max_size=40))
-json_values = st.recursive(json_scalars, lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
-                           max_leaves=12)
-message_types = st.sampled_from(["chat.send", "chat.abort", "context.inspect", "usage.query", "session.list", "auth"]) | st.text(max_size=12)
+json_values = st.recursive(
+    json_scalars,
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+    max_leaves=12,
+)
+message_types = st.sampled_from(
+    ["chat.send", "chat.abort", "context.inspect", "usage.query", "session.list", "auth"]
+) | st.text(max_size=12)
 # Strings with lone surrogates, as JSON.stringify writes a string cut mid-emoji (json.dumps escapes them alike).
 surrogate_texts = st.text(st.characters() | st.characters(categories=["Cs"]), min_size=1, max_size=12)
 # Nesting deeper than the JSON decoder recurses (issue 15 item 6).
@@ -35,8 +42,11 @@ protocol_frames = st.fixed_dictionaries(
     optional={
         "content": st.text(max_size=60) | json_values | st.just("x" * (MAX_FRAME + 10)) | surrogate_texts,
         "sessionId": session_ids | json_values | surrogate_texts,
-        "model": st.sampled_from(["anthropic/claude-sonnet-4-5", "openai/gpt-4o-mini", "nope", "a/", "/b",
-                                  "anthropic/claude\nx"]) | json_values | surrogate_texts,
+        "model": st.sampled_from(
+            ["anthropic/claude-sonnet-4-5", "openai/gpt-4o-mini", "nope", "a/", "/b", "anthropic/claude\nx"]
+        )
+        | json_values
+        | surrogate_texts,
         "requestId": st.text(max_size=10) | json_values,
         "token": st.text(max_size=50),
     },
@@ -54,7 +64,9 @@ frames = st.one_of(
 
 @pytest.fixture
 async def server(make_client: Any, token: str, caplog: pytest.LogCaptureFixture) -> Any:
-    client = await make_client(server={"max_frame_bytes": MAX_FRAME, "max_body_bytes": 4000, "messages_per_minute": 100_000})
+    client = await make_client(
+        server={"max_frame_bytes": MAX_FRAME, "max_body_bytes": 4000, "messages_per_minute": 100_000}
+    )
     good = await connect(client, token)
     yield client, token, good
     await good.send_json({"type": "chat.send", "id": "final", "content": "still there?"})
@@ -93,8 +105,16 @@ async def test_random_frames_after_auth(server: Any, sent: list[Any]) -> None:
         reply = json.loads(msg.data)
         assert isinstance(reply, dict) and isinstance(reply.get("type"), str)
         if reply["type"] == "error":
-            assert reply["code"] in ("INVALID_MESSAGE", "PAYLOAD_TOO_LARGE", "SESSION_NOT_FOUND", "STREAM_IN_PROGRESS",
-                                     "MODEL_NOT_FOUND", "NO_API_KEY", "LLM_ERROR", "RATE_LIMITED"), reply
+            assert reply["code"] in (
+                "INVALID_MESSAGE",
+                "PAYLOAD_TOO_LARGE",
+                "SESSION_NOT_FOUND",
+                "STREAM_IN_PROGRESS",
+                "MODEL_NOT_FOUND",
+                "NO_API_KEY",
+                "LLM_ERROR",
+                "RATE_LIMITED",
+            ), reply
         if reply.get("requestId") == "sentinel" and reply["type"] == "session.list.result":
             break
     else:
@@ -119,11 +139,16 @@ async def test_random_first_frame_before_auth(server: Any, first: Any) -> None:
     await still_works(good, "after-preauth")
 
 
-ui_parts = st.fixed_dictionaries({"type": st.sampled_from(["text", "reasoning", "file", "step-start"]) | json_scalars},
-                                 optional={"text": st.text(max_size=30) | json_scalars | surrogate_texts})
+ui_parts = st.fixed_dictionaries(
+    {"type": st.sampled_from(["text", "reasoning", "file", "step-start"]) | json_scalars},
+    optional={"text": st.text(max_size=30) | json_scalars | surrogate_texts},
+)
 ui_messages = st.fixed_dictionaries(
     {"role": st.sampled_from(["user", "assistant", "system"]) | json_scalars},
-    optional={"id": st.text(max_size=8) | json_scalars | surrogate_texts, "parts": st.lists(ui_parts | json_scalars, max_size=3) | json_scalars},
+    optional={
+        "id": st.text(max_size=8) | json_scalars | surrogate_texts,
+        "parts": st.lists(ui_parts | json_scalars, max_size=3) | json_scalars,
+    },
 )
 chat_bodies = st.fixed_dictionaries(
     {},
@@ -135,8 +160,13 @@ chat_bodies = st.fixed_dictionaries(
         "trigger": st.sampled_from(["submit-message", "regenerate-message"]) | json_scalars,
     },
 )
-http_bodies = st.one_of(chat_bodies.map(lambda b: json.dumps(b).encode()), json_values.map(lambda v: json.dumps(v).encode()),
-                        st.binary(max_size=300), st.just(b"{" * 5000), deep_json.map(str.encode))
+http_bodies = st.one_of(
+    chat_bodies.map(lambda b: json.dumps(b).encode()),
+    json_values.map(lambda v: json.dumps(v).encode()),
+    st.binary(max_size=300),
+    st.just(b"{" * 5000),
+    deep_json.map(str.encode),
+)
 
 
 @FUZZ
@@ -156,8 +186,11 @@ async def test_random_http_bodies_and_ids(server: Any, body: bytes, path_id: str
     else:
         assert "code" in (await resp.json())["error"]
     quoted = quote(path_id, safe="") or "%20"
-    for method, path in (("GET", f"/api/sessions/{quoted}"), ("GET", f"/api/sessions/{quoted}/context"),
-                         ("GET", f"/api/chat/{quoted}/stream")):
+    for method, path in (
+        ("GET", f"/api/sessions/{quoted}"),
+        ("GET", f"/api/sessions/{quoted}/context"),
+        ("GET", f"/api/chat/{quoted}/stream"),
+    ):
         resp = await client.request(method, path, headers=headers)
         assert resp.status < 500, (path, resp.status, await resp.text())
         await resp.read()

@@ -52,11 +52,16 @@ def user(text: str, id: str = "u1") -> dict[str, Any]:
 
 
 def assistant(text: str, id: str = "a1") -> dict[str, Any]:
-    return {"id": id, "role": "assistant", "parts": [{"type": "step-start"}, {"type": "text", "text": text, "state": "done"}]}
+    return {
+        "id": id,
+        "role": "assistant",
+        "parts": [{"type": "step-start"}, {"type": "text", "text": text, "state": "done"}],
+    }
 
 
-async def post_chat(client: TestClient, headers: dict[str, str], chat_id: str = "chat1", *messages: dict[str, Any],
-                    **extra: Any) -> ClientResponse:
+async def post_chat(
+    client: TestClient, headers: dict[str, str], chat_id: str = "chat1", *messages: dict[str, Any], **extra: Any
+) -> ClientResponse:
     body = {"id": chat_id, "messages": list(messages) or [user("Hi!")], "trigger": "submit-message", **extra}
     return await client.post("/api/chat", json=body, headers=headers)
 
@@ -68,7 +73,7 @@ async def next_chunk(resp: ClientResponse) -> Any:
         assert line, "stream ended without [DONE]"
         text = line.decode().rstrip("\n")
         if text.startswith("data: "):
-            data = text[len("data: "):]
+            data = text[len("data: ") :]
             assert await resp.content.readline() == b"\n"  # frames are data: <json>\n\n
             return DONE if data == DONE else json.loads(data)
         assert text == "", f"unexpected SSE line {text!r}"
@@ -114,9 +119,12 @@ def of(chunks: list[Any], kind: str) -> list[dict[str, Any]]:
 # --- streaming ------------------------------------------------------------------------------------
 
 
-async def test_text_answer_headers_chunks_and_storage(client: TestClient, auth_headers: dict[str, str], fake_anthropic: Any) -> None:
-    fake_anthropic.enqueue(text_response("Hello there, friend", chunks=3, usage={"input_tokens": 31},
-                                         delta_usages=[{"output_tokens": 7}]))
+async def test_text_answer_headers_chunks_and_storage(
+    client: TestClient, auth_headers: dict[str, str], fake_anthropic: Any
+) -> None:
+    fake_anthropic.enqueue(
+        text_response("Hello there, friend", chunks=3, usage={"input_tokens": 31}, delta_usages=[{"output_tokens": 7}])
+    )
     resp = await post_chat(client, auth_headers, "chat1", user("Hi!"))
     assert resp.status == 200
     assert resp.headers["Content-Type"] == "text/event-stream"
@@ -125,8 +133,18 @@ async def test_text_answer_headers_chunks_and_storage(client: TestClient, auth_h
     assert resp.headers["X-Accel-Buffering"] == "no"
     chunks = await read_all(resp)
     check_protocol(chunks)
-    assert types(chunks) == ["start", "start-step", "text-start", "text-delta", "text-delta", "text-delta", "text-end",
-                             "finish-step", "finish", DONE]
+    assert types(chunks) == [
+        "start",
+        "start-step",
+        "text-start",
+        "text-delta",
+        "text-delta",
+        "text-delta",
+        "text-end",
+        "finish-step",
+        "finish",
+        DONE,
+    ]
     assert "".join(c["delta"] for c in of(chunks, "text-delta")) == "Hello there, friend"
     finish = chunks[-2]
     assert finish["finishReason"] == "stop"
@@ -146,7 +164,9 @@ async def test_text_answer_headers_chunks_and_storage(client: TestClient, auth_h
     assert sessions[0]["id"] == "chat1" and sessions[0]["client"] == "http"
 
 
-async def test_a_model_slow_to_start_still_gets_the_stream_started(client: TestClient, auth_headers: dict[str, str], fake_anthropic: Any) -> None:
+async def test_a_model_slow_to_start_still_gets_the_stream_started(
+    client: TestClient, auth_headers: dict[str, str], fake_anthropic: Any
+) -> None:
     # The response headers go out with the first chunk, the start chunks, before the model answers: the
     # client's useChat sees the stream open while the model is still silent.
     fake_anthropic.enqueue(text_response("Late answer.").stall(3.0, after=1))
@@ -170,12 +190,18 @@ async def test_reasoning_then_text(client: TestClient, auth_headers: dict[str, s
     assert of(chunks, "reasoning-start")[0]["id"] != of(chunks, "text-start")[0]["id"]
 
 
-async def test_citations_become_source_url_chunks(client: TestClient, auth_headers: dict[str, str], fake_anthropic: Any) -> None:
+async def test_citations_become_source_url_chunks(
+    client: TestClient, auth_headers: dict[str, str], fake_anthropic: Any
+) -> None:
     fake_anthropic.enqueue(citations_response())
     chunks = await read_all(await post_chat(client, auth_headers, "search", user("search")))
     check_protocol(chunks)
     sources = of(chunks, "source-url")
-    assert sorted(s["url"] for s in sources) == ["https://example.com/a", "https://example.com/b", "https://example.com/c"]
+    assert sorted(s["url"] for s in sources) == [
+        "https://example.com/a",
+        "https://example.com/b",
+        "https://example.com/c",
+    ]
     assert all(s["title"] for s in sources)
     assert len({s["sourceId"] for s in sources}) == 3
 
@@ -194,7 +220,12 @@ async def test_tool_loop_chunks(make_client: Any, auth_headers: dict[str, str], 
     calls = of(chunks, "tool-input-available")
     assert [(c["toolName"], c["input"]) for c in calls] == [("get_weather", {"city": "Paris"}), ("broken", {})]
     assert of(chunks, "tool-output-available") == [
-        {"type": "tool-output-available", "toolCallId": calls[0]["toolCallId"], "output": {"city": "Paris", "forecast": "sunny"}}]
+        {
+            "type": "tool-output-available",
+            "toolCallId": calls[0]["toolCallId"],
+            "output": {"city": "Paris", "forecast": "sunny"},
+        }
+    ]
     error = of(chunks, "tool-output-error")[0]
     assert error["toolCallId"] == "toolu_02" and "sensor offline" in error["errorText"]
     assert types(chunks).count("start-step") == types(chunks).count("finish-step") == 3
@@ -203,7 +234,9 @@ async def test_tool_loop_chunks(make_client: Any, auth_headers: dict[str, str], 
     assert len(text_ids) == len(set(text_ids)) == 2  # a new part after each finish-step
 
 
-async def test_upstream_error_is_an_error_chunk(client: TestClient, auth_headers: dict[str, str], fake_anthropic: Any) -> None:
+async def test_upstream_error_is_an_error_chunk(
+    client: TestClient, auth_headers: dict[str, str], fake_anthropic: Any
+) -> None:
     fake_anthropic.enqueue(error_status(400, "messages: bad request from upstream"))
     resp = await post_chat(client, auth_headers, "broken", user("hi"))
     assert resp.status == 200  # the stream had started: the error is in it
@@ -216,12 +249,22 @@ async def test_upstream_error_is_an_error_chunk(client: TestClient, auth_headers
 # --- sessions -------------------------------------------------------------------------------------
 
 
-async def test_history_is_imported_only_into_a_new_session(client: TestClient, auth_headers: dict[str, str], fake_anthropic: Any) -> None:
+async def test_history_is_imported_only_into_a_new_session(
+    client: TestClient, auth_headers: dict[str, str], fake_anthropic: Any
+) -> None:
     fake_anthropic.enqueue(text_response("Three."), text_response("Four."))
-    history = [user("one", "m1"), assistant("two", "m2"), {"id": "s", "role": "system", "parts": [{"type": "text", "text": "be terse"}]}]
+    history = [
+        user("one", "m1"),
+        assistant("two", "m2"),
+        {"id": "s", "role": "system", "parts": [{"type": "text", "text": "be terse"}]},
+    ]
     await read_all(await post_chat(client, auth_headers, "imported", *history, user("three", "m3")))
     sent = fake_anthropic.requests[-1].body["messages"]
-    assert [(m["role"], m["content"][0]["text"]) for m in sent] == [("user", "one"), ("assistant", "two"), ("user", "three")]
+    assert [(m["role"], m["content"][0]["text"]) for m in sent] == [
+        ("user", "one"),
+        ("assistant", "two"),
+        ("user", "three"),
+    ]
 
     # Known session: the store's history wins over what the client claims; only the last user message is new.
     await read_all(await post_chat(client, auth_headers, "imported", user("forged", "x"), user("four", "m4")))
@@ -231,14 +274,18 @@ async def test_history_is_imported_only_into_a_new_session(client: TestClient, a
     assert [m["content"] for m in stored] == ["one", "two", "three", "Three.", "four", "Four."]
 
 
-async def test_regenerate_answers_the_last_user_message_again(client: TestClient, auth_headers: dict[str, str], fake_anthropic: Any) -> None:
+async def test_regenerate_answers_the_last_user_message_again(
+    client: TestClient, auth_headers: dict[str, str], fake_anthropic: Any
+) -> None:
     fake_anthropic.enqueue(text_response("First."), text_response("Second."))
     await read_all(await post_chat(client, auth_headers, "regen", user("q")))
     chunks = await read_all(await post_chat(client, auth_headers, "regen", user("q"), trigger="regenerate-message"))
     assert "".join(c["delta"] for c in of(chunks, "text-delta")) == "Second."
 
 
-async def test_thread_id_names_the_session(client: TestClient, auth_headers: dict[str, str], fake_anthropic: Any) -> None:
+async def test_thread_id_names_the_session(
+    client: TestClient, auth_headers: dict[str, str], fake_anthropic: Any
+) -> None:
     fake_anthropic.enqueue(text_response("ok"))
     resp = await client.post("/api/chat", json={"threadId": "thread-7", "messages": [user("hi")]}, headers=auth_headers)
     await read_all(resp)
@@ -269,8 +316,10 @@ async def test_model_choice(client: TestClient, auth_headers: dict[str, str], fa
         ({"id": "c", "messages": [assistant("only me")]}, ["messages"]),
         ({"id": "c", "messages": [{"id": "u", "role": "robot", "parts": []}]}, ["messages[0].role"]),
         ({"id": "c", "messages": [{"id": "u", "role": "user"}]}, ["messages[0].parts"]),
-        ({"id": "c", "messages": [{"id": "u", "role": "user", "parts": [{"type": "text", "text": 5}, "x"]}]},
-         ["messages[0].parts[0].text", "messages[0].parts[1]"]),
+        (
+            {"id": "c", "messages": [{"id": "u", "role": "user", "parts": [{"type": "text", "text": 5}, "x"]}]},
+            ["messages[0].parts[0].text", "messages[0].parts[1]"],
+        ),
         ({"id": "c", "messages": [user("   ")]}, ["messages[0].parts"]),
         ({"id": "c", "messages": [user("hi")], "model": 3, "trigger": "resubmit"}, ["model", "trigger"]),
     ],
@@ -290,7 +339,9 @@ async def test_not_json_unauthorized_and_too_large(make_client: Any, auth_header
 
     resp = await client.post("/api/chat", json={"id": "c", "messages": [user("hi")]})
     assert resp.status == 401 and (await resp.json())["error"]["code"] == "UNAUTHORIZED"
-    resp = await client.post("/api/chat", json={"id": "c", "messages": [user("hi")]}, headers={"Authorization": "Bearer wrong"})
+    resp = await client.post(
+        "/api/chat", json={"id": "c", "messages": [user("hi")]}, headers={"Authorization": "Bearer wrong"}
+    )
     assert resp.status == 401
 
     resp = await post_chat(client, auth_headers, "big", user("x" * 5000))
@@ -298,8 +349,9 @@ async def test_not_json_unauthorized_and_too_large(make_client: Any, auth_header
     assert (await resp.json())["error"]["code"] == "PAYLOAD_TOO_LARGE"
 
 
-async def test_one_stream_per_session_across_transports(client: TestClient, auth_headers: dict[str, str], token: str,
-                                                        fake_anthropic: Any) -> None:
+async def test_one_stream_per_session_across_transports(
+    client: TestClient, auth_headers: dict[str, str], token: str, fake_anthropic: Any
+) -> None:
     fake_anthropic.enqueue(text_response("word " * 20, chunks=20).with_delay(0.05))
     first = await post_chat(client, auth_headers, "busy", user("go"))
     assert (await next_chunk(first))["type"] == "start"
@@ -327,8 +379,12 @@ async def _stored_answer(client: TestClient, headers: dict[str, str], chat_id: s
     return (await (await client.get(f"/api/sessions/{chat_id}", headers=headers)).json())["session"]["messages"][-1]
 
 
-async def test_disconnect_lets_the_answer_finish(client: TestClient, auth_headers: dict[str, str], fake_anthropic: Any) -> None:
-    fake_anthropic.enqueue(text_response("part " * 20, chunks=20, delta_usages=[{"output_tokens": 20}]).with_delay(0.03))
+async def test_disconnect_lets_the_answer_finish(
+    client: TestClient, auth_headers: dict[str, str], fake_anthropic: Any
+) -> None:
+    fake_anthropic.enqueue(
+        text_response("part " * 20, chunks=20, delta_usages=[{"output_tokens": 20}]).with_delay(0.03)
+    )
     resp = await post_chat(client, auth_headers, "gone", user("go"))
     while (await next_chunk(resp))["type"] != "text-delta":
         pass
@@ -340,7 +396,9 @@ async def test_disconnect_lets_the_answer_finish(client: TestClient, auth_header
     assert report["grandTotal"]["requestCount"] == 1 and report["grandTotal"]["outputTokens"] == 20
 
 
-async def test_disconnect_aborts_when_configured(make_client: Any, auth_headers: dict[str, str], fake_anthropic: Any) -> None:
+async def test_disconnect_aborts_when_configured(
+    make_client: Any, auth_headers: dict[str, str], fake_anthropic: Any
+) -> None:
     client = await make_client(chat={"on_disconnect": "abort"})
     fake_anthropic.enqueue(text_response("part " * 40, chunks=40).with_delay(0.05))
     resp = await post_chat(client, auth_headers, "stop", user("go"))
@@ -355,7 +413,9 @@ async def test_disconnect_aborts_when_configured(make_client: Any, auth_headers:
     assert report["grandTotal"]["requestCount"] == 1  # billed all the same
 
 
-async def test_resume_replays_from_the_start_and_follows(client: TestClient, auth_headers: dict[str, str], fake_anthropic: Any) -> None:
+async def test_resume_replays_from_the_start_and_follows(
+    client: TestClient, auth_headers: dict[str, str], fake_anthropic: Any
+) -> None:
     assert (await client.get("/api/chat/idle/stream", headers=auth_headers)).status == 204
     text = "".join(f"w{i} " for i in range(20))
     fake_anthropic.enqueue(text_response(text, chunks=20).with_delay(0.05))
@@ -386,7 +446,7 @@ def encode(*events: ev.StreamEvent) -> list[Any]:
     out = []
     for frame in frames.split("\n\n")[:-1]:
         assert frame.startswith("data: ")
-        data = frame[len("data: "):]
+        data = frame[len("data: ") :]
         out.append(DONE if data == DONE else json.loads(data))
     return out
 
@@ -426,25 +486,53 @@ def test_encoder_tool_events_and_part_switching() -> None:
     assert {"type": "tool-output-available", "toolCallId": "call_1", "output": {"ok": True}} in chunks
     assert {"type": "tool-output-error", "toolCallId": "call_2", "errorText": "Tool lookup failed: boom"} in chunks
     assert {"type": "tool-output-available", "toolCallId": "call_3", "output": {"rows": [1, 2]}} in chunks
-    assert chunks[-2] == {"type": "finish", "finishReason": "stop", "messageMetadata": {"usage": {
-        "inputTokens": 2, "outputTokens": 2, "totalTokens": 4, "cacheReadTokens": 0, "cacheWriteTokens": 0,
-        "reasoningTokens": 0, "inputCost": 0.5, "outputCost": 0.25, "totalCost": 0.75}}}
+    assert chunks[-2] == {
+        "type": "finish",
+        "finishReason": "stop",
+        "messageMetadata": {
+            "usage": {
+                "inputTokens": 2,
+                "outputTokens": 2,
+                "totalTokens": 4,
+                "cacheReadTokens": 0,
+                "cacheWriteTokens": 0,
+                "reasoningTokens": 0,
+                "inputCost": 0.5,
+                "outputCost": 0.25,
+                "totalCost": 0.75,
+            }
+        },
+    }
 
 
 def test_encoder_aborted_and_failed_turns() -> None:
-    aborted = encode(ev.StreamStart("s", "m", "msg_1", False), ev.StepStart(0), ev.TextDelta("par"),
-                     ev.StreamEnd("aborted", TokenUsage(5, 1, estimated=True), Cost(), aborted=True))
+    aborted = encode(
+        ev.StreamStart("s", "m", "msg_1", False),
+        ev.StepStart(0),
+        ev.TextDelta("par"),
+        ev.StreamEnd("aborted", TokenUsage(5, 1, estimated=True), Cost(), aborted=True),
+    )
     check_protocol(aborted)
     assert types(aborted)[-5:] == ["text-delta", "text-end", "abort", "finish", DONE]
     assert aborted[-2]["finishReason"] == "other"
 
-    failed = encode(ev.StreamStart("s", "m", "msg_1", False), ev.StepStart(0), ev.TextDelta("par"),
-                    ev.StreamError("LLM_ERROR", "The model is overloaded."))
+    failed = encode(
+        ev.StreamStart("s", "m", "msg_1", False),
+        ev.StepStart(0),
+        ev.TextDelta("par"),
+        ev.StreamError("LLM_ERROR", "The model is overloaded."),
+    )
     check_protocol(failed)
-    assert failed[-3:] == [{"type": "text-end", "id": "text-1"}, {"type": "error", "errorText": "The model is overloaded."}, DONE]
+    assert failed[-3:] == [
+        {"type": "text-end", "id": "text-1"},
+        {"type": "error", "errorText": "The model is overloaded."},
+        DONE,
+    ]
 
 
-async def test_stored_user_message_keeps_the_client_id(client: TestClient, auth_headers: dict[str, str], fake_anthropic: Any) -> None:
+async def test_stored_user_message_keeps_the_client_id(
+    client: TestClient, auth_headers: dict[str, str], fake_anthropic: Any
+) -> None:
     await read_all(await post_chat(client, auth_headers, "ids", user("Hello", id="client-msg-1")))
     resp = await client.get("/api/sessions/ids", headers=auth_headers)
     messages = (await resp.json())["session"]["messages"]

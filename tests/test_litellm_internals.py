@@ -26,8 +26,14 @@ KEY = "sk-test-0123456789abcdef"
 async def _stream(fake: FakeOpenAI) -> Any:
     litellm = importlib.import_module("litellm")
     return await litellm.acompletion(
-        model="openai/gpt-4o-mini", messages=[{"role": "user", "content": "Hi"}], api_base=fake.url, api_key=KEY,
-        stream=True, stream_options={"include_usage": True}, num_retries=0, max_retries=0,
+        model="openai/gpt-4o-mini",
+        messages=[{"role": "user", "content": "Hi"}],
+        api_base=fake.url,
+        api_key=KEY,
+        stream=True,
+        stream_options={"include_usage": True},
+        num_retries=0,
+        max_retries=0,
     )
 
 
@@ -63,7 +69,9 @@ async def test_clean_end_without_finish_reason_says_so(fake_openai: FakeOpenAI) 
     error, _ = unwrap_stream_failure(caught.value)
     assert CLEAN_EOF in str(error)
     source = Path(importlib.import_module("litellm").__file__ or "").parent
-    assert any(CLEAN_EOF in p.read_text(encoding="utf-8", errors="replace") for p in source.rglob("streaming_handler.py"))
+    assert any(
+        CLEAN_EOF in p.read_text(encoding="utf-8", errors="replace") for p in source.rglob("streaming_handler.py")
+    )
 
 
 async def test_broken_stream_arrives_wrapped(fake_openai: FakeOpenAI) -> None:

@@ -63,7 +63,9 @@ WEATHER = Tool(
     {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
     _noop,
 )
-TIME = Tool("get_time", "Current time in a time zone", {"type": "object", "properties": {"tz": {"type": "string"}}}, _noop)
+TIME = Tool(
+    "get_time", "Current time in a time zone", {"type": "object", "properties": {"tz": {"type": "string"}}}, _noop
+)
 
 
 def make_request(fake: FakeOpenAI, messages: list[ChatMessage] | None = None, **kwargs: Any) -> ProviderRequest:
@@ -85,7 +87,9 @@ async def collect(request: ProviderRequest, config: dict[str, Any] | None = None
     return [event async for event in provider.stream(request)]
 
 
-async def fail(request: ProviderRequest, config: dict[str, Any] | None = None) -> tuple[ProviderError, list[ProviderEvent]]:
+async def fail(
+    request: ProviderRequest, config: dict[str, Any] | None = None
+) -> tuple[ProviderError, list[ProviderEvent]]:
     provider = LiteLLMProvider(parse_config(config or {}))
     events: list[ProviderEvent] = []
     with pytest.raises(ProviderError) as info:
@@ -195,8 +199,14 @@ async def test_parallel_tool_calls_streamed_in_pieces_then_a_second_turn(fake_op
         ToolCallPart("call_2", "get_time", {"tz": "UTC"}),
     ]
     assert fake_openai.requests[0].body["tools"] == [
-        {"type": "function", "function": {"name": "get_weather", "description": WEATHER.description, "parameters": WEATHER.input_schema}},
-        {"type": "function", "function": {"name": "get_time", "description": TIME.description, "parameters": TIME.input_schema}},
+        {
+            "type": "function",
+            "function": {"name": "get_weather", "description": WEATHER.description, "parameters": WEATHER.input_schema},
+        },
+        {
+            "type": "function",
+            "function": {"name": "get_time", "description": TIME.description, "parameters": TIME.input_schema},
+        },
     ]
 
     results = ChatMessage(
@@ -207,13 +217,18 @@ async def test_parallel_tool_calls_streamed_in_pieces_then_a_second_turn(fake_op
         ],
     )
     fake_openai.enqueue(text_response("18 °C in Paris."))
-    events = await collect(make_request(fake_openai, [ChatMessage.user("Weather?"), finish.message, results], tools=[WEATHER, TIME]))
+    events = await collect(
+        make_request(fake_openai, [ChatMessage.user("Weather?"), finish.message, results], tools=[WEATHER, TIME])
+    )
     assert finish_of(events).message.text == "18 °C in Paris."
 
     messages = fake_openai.requests[1].body["messages"]
     assistant, tool_1, tool_2 = messages[2:]
     assert assistant["role"] == "assistant" and assistant["content"] == "Checking."
-    assert [(c["id"], c["type"], c["function"]["name"], json.loads(c["function"]["arguments"])) for c in assistant["tool_calls"]] == [
+    assert [
+        (c["id"], c["type"], c["function"]["name"], json.loads(c["function"]["arguments"]))
+        for c in assistant["tool_calls"]
+    ] == [
         ("call_1", "function", "get_weather", {"city": "Paris"}),
         ("call_2", "function", "get_time", {"tz": "UTC"}),
     ]
@@ -224,7 +239,9 @@ async def test_parallel_tool_calls_streamed_in_pieces_then_a_second_turn(fake_op
 async def test_invalid_tool_arguments_are_passed_raw(fake_openai: FakeOpenAI) -> None:
     fake_openai.enqueue(tool_calls_response(tool_call("call_1", "get_weather", ['{"city": ', '"Par'])))
     events = await collect(make_request(fake_openai, tools=[WEATHER]))
-    assert [e for e in events if isinstance(e, ToolCallEvent)] == [ToolCallEvent("call_1", "get_weather", {"_raw": '{"city": "Par'})]
+    assert [e for e in events if isinstance(e, ToolCallEvent)] == [
+        ToolCallEvent("call_1", "get_weather", {"_raw": '{"city": "Par'})
+    ]
 
 
 async def test_annotations_become_sources_once_per_url(fake_openai: FakeOpenAI) -> None:
@@ -314,8 +331,14 @@ async def test_finish_reasons(fake_openai: FakeOpenAI, upstream: str, ours: str)
 
 @pytest.mark.parametrize(
     ("status", "code", "retryable"),
-    [(400, "LLM_ERROR", False), (401, "NO_API_KEY", False), (404, "LLM_ERROR", False), (429, "RATE_LIMITED", True),
-     (500, "LLM_ERROR", True), (503, "LLM_ERROR", True)],
+    [
+        (400, "LLM_ERROR", False),
+        (401, "NO_API_KEY", False),
+        (404, "LLM_ERROR", False),
+        (429, "RATE_LIMITED", True),
+        (500, "LLM_ERROR", True),
+        (503, "LLM_ERROR", True),
+    ],
 )
 async def test_error_statuses(fake_openai: FakeOpenAI, status: int, code: str, retryable: bool) -> None:
     retry_after = 7 if status == 429 else None

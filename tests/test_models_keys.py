@@ -11,7 +11,7 @@ import logging
 import subprocess
 import sys
 import time
-from datetime import date
+from datetime import UTC, date
 from pathlib import Path
 from typing import Any
 
@@ -55,12 +55,18 @@ def _assert_one_refusal(records: list[dict[str, Any]], model: str) -> None:
     assert len(records) == 1, records
     record = records[0]
     assert (record["model"], record["error"], record["answered"], record["totalTokens"], record["totalCost"]) == (
-        model, "NO_API_KEY", False, 0, 0)
+        model,
+        "NO_API_KEY",
+        False,
+        0,
+        0,
+    )
 
 
 @pytest.mark.parametrize("model", sorted(MISSING))
-async def test_missing_key_over_websocket(make_client: Any, token: str, monkeypatch: pytest.MonkeyPatch,
-                                          fake_anthropic: Any, fake_openai: Any, model: str) -> None:
+async def test_missing_key_over_websocket(
+    make_client: Any, token: str, monkeypatch: pytest.MonkeyPatch, fake_anthropic: Any, fake_openai: Any, model: str
+) -> None:
     client = await _keyless_client(make_client, monkeypatch, fake_openai)
     ws = await connect(client, token)
     started = time.monotonic()
@@ -75,8 +81,14 @@ async def test_missing_key_over_websocket(make_client: Any, token: str, monkeypa
 
 
 @pytest.mark.parametrize("model", sorted(MISSING))
-async def test_missing_key_over_api_chat(make_client: Any, auth_headers: dict[str, str], monkeypatch: pytest.MonkeyPatch,
-                                         fake_anthropic: Any, fake_openai: Any, model: str) -> None:
+async def test_missing_key_over_api_chat(
+    make_client: Any,
+    auth_headers: dict[str, str],
+    monkeypatch: pytest.MonkeyPatch,
+    fake_anthropic: Any,
+    fake_openai: Any,
+    model: str,
+) -> None:
     client = await _keyless_client(make_client, monkeypatch, fake_openai)
     started = time.monotonic()
     resp = await post_chat(client, auth_headers, "chat-nokey", model=model)
@@ -89,8 +101,9 @@ async def test_missing_key_over_api_chat(make_client: Any, auth_headers: dict[st
     _assert_one_refusal(await _records(client), model)
 
 
-async def test_keyless_local_provider_is_not_refused(make_client: Any, token: str, monkeypatch: pytest.MonkeyPatch,
-                                                     fake_openai: Any) -> None:
+async def test_keyless_local_provider_is_not_refused(
+    make_client: Any, token: str, monkeypatch: pytest.MonkeyPatch, fake_openai: Any
+) -> None:
     """An OpenAI-compatible local server (hosted_vllm) needs no key: the call goes upstream."""
     client = await make_client(providers={"hosted_vllm": {"base_url": fake_openai.url}})
     ws = await connect(client, token)
@@ -100,8 +113,9 @@ async def test_keyless_local_provider_is_not_refused(make_client: Any, token: st
     await ws.close()
 
 
-async def test_key_from_configured_env_var_counts(make_client: Any, token: str, monkeypatch: pytest.MonkeyPatch,
-                                                  fake_openai: Any) -> None:
+async def test_key_from_configured_env_var_counts(
+    make_client: Any, token: str, monkeypatch: pytest.MonkeyPatch, fake_openai: Any
+) -> None:
     client = await make_client(providers={"openai": {"base_url": fake_openai.url, "api_key_env": "MY_OPENAI_KEY"}})
     monkeypatch.setenv("MY_OPENAI_KEY", "sk-test-0123456789abcdef")
     ws = await connect(client, token)
@@ -111,12 +125,15 @@ async def test_key_from_configured_env_var_counts(make_client: Any, token: str, 
     await ws.close()
 
 
-async def test_fallback_without_key_is_no_api_key_without_retries(make_client: Any, token: str, fake_anthropic: Any,
-                                                                   fake_openai: Any) -> None:
+async def test_fallback_without_key_is_no_api_key_without_retries(
+    make_client: Any, token: str, fake_anthropic: Any, fake_openai: Any
+) -> None:
     """A fallback whose key is missing fails at once with NO_API_KEY instead of litellm's retried 500."""
-    client = await make_client(chat={"max_retries": 0},
-                               providers={"openai": {"base_url": fake_openai.url}},
-                               models={"fallbacks": {"anthropic/claude-sonnet-4-6": ["openai/gpt-4o-mini"]}})
+    client = await make_client(
+        chat={"max_retries": 0},
+        providers={"openai": {"base_url": fake_openai.url}},
+        models={"fallbacks": {"anthropic/claude-sonnet-4-6": ["openai/gpt-4o-mini"]}},
+    )
     fake_anthropic.enqueue(error_status(500, "boom"))
     ws = await connect(client, token)
     frames = await chat(ws, "hi", model="anthropic/claude-sonnet-4-6")
@@ -146,14 +163,21 @@ def test_example_and_built_in_default_are_current() -> None:
 
 
 def _serve(config: Path, data: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "agentspace", "serve", "--config", str(config), "--port", "0"],
-                          env=child_env(data), capture_output=True, text=True, timeout=60)
+    return subprocess.run(
+        [sys.executable, "-m", "agentspace", "serve", "--config", str(config), "--port", "0"],
+        env=child_env(data),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
 
 
 @pytest.mark.parametrize("default", ["anthropic/claude-sonet-4-6", "nosuchprovider/model", "no-slash"])
 def test_serve_refuses_an_unknown_default_model(tmp_path: Path, default: str) -> None:
     config = tmp_path / "agentspace.toml"
-    config.write_text(f'[storage]\ndata_dir = "{tmp_path / "data"}"\n\n[models]\ndefault = "{default}"\n', encoding="utf-8")
+    config.write_text(
+        f'[storage]\ndata_dir = "{tmp_path / "data"}"\n\n[models]\ndefault = "{default}"\n', encoding="utf-8"
+    )
     result = _serve(config, tmp_path / "data")
     assert result.returncode == 1
     assert f"{config}: models.default: expected a model" in result.stderr and default in result.stderr
@@ -221,8 +245,9 @@ THINKING_FORMS = {
 
 
 @pytest.mark.parametrize("models_api", [True, False], ids=["models-api", "cost-map"])
-async def test_thinking_form_per_model_family(make_client: Any, token: str, fake_anthropic: Any, models_api: bool,
-                                              recwarn: pytest.WarningsRecorder) -> None:
+async def test_thinking_form_per_model_family(
+    make_client: Any, token: str, fake_anthropic: Any, models_api: bool, recwarn: pytest.WarningsRecorder
+) -> None:
     fake_anthropic.any_model = models_api  # without it, the Models API answers 404 and the cost map decides
     client = await make_client()
     ws = await connect(client, token)
@@ -234,7 +259,9 @@ async def test_thinking_form_per_model_family(make_client: Any, token: str, fake
     assert {model: thinking["type"] for model, thinking in sent.items()} == THINKING_FORMS
     assert all(t == {"type": "enabled", "budget_tokens": 8000} for t in sent.values() if t["type"] == "enabled")
     assert all(t == {"type": "adaptive"} for t in sent.values() if t["type"] == "adaptive")
-    thinking_warnings = [str(w.message) for w in recwarn if "thinking" in str(w.message) or "deprecated" in str(w.message)]
+    thinking_warnings = [
+        str(w.message) for w in recwarn if "thinking" in str(w.message) or "deprecated" in str(w.message)
+    ]
     assert thinking_warnings == []
 
 
@@ -246,8 +273,10 @@ def other_config(tmp_path: Path) -> tuple[Path, Path]:
     """A config whose data directory is not the default one (AGENTSPACE_HOME), and that directory."""
     data = tmp_path / "other-data"
     config = tmp_path / "other.toml"
-    config.write_text(f'[storage]\ndata_dir = "{data}"\n\n[server]\nport = 1\n\n[models]\ndefault = "anthropic/claude-opus-4-7"\n',
-                      encoding="utf-8")
+    config.write_text(
+        f'[storage]\ndata_dir = "{data}"\n\n[server]\nport = 1\n\n[models]\ndefault = "anthropic/claude-opus-4-7"\n',
+        encoding="utf-8",
+    )
     return config, data
 
 
@@ -265,12 +294,37 @@ def test_config_option_on_models(other_config: tuple[Path, Path], monkeypatch: p
 
 def test_config_option_on_usage(other_config: tuple[Path, Path]) -> None:
     config, data = other_config
-    write_segment(data, date.today().isoformat(), 1, [{
-        "id": "usage_1", "timestamp": f"{date.today().isoformat()}T10:00:00+00:00", "model": "anthropic/claude-opus-4-7",
-        "provider": "anthropic", "sessionId": "s1", "client": "ws", "inputTokens": 10, "outputTokens": 5,
-        "cacheReadTokens": 0, "cacheWriteTokens": 0, "reasoningTokens": 0, "totalTokens": 15, "inputCost": 0.0,
-        "outputCost": 0.0, "totalCost": 0.0, "latencyMs": 1.0, "finishReason": "stop", "estimated": False,
-        "priceKnown": True, "error": None, "answered": True, "attempts": 1}])
+    write_segment(
+        data,
+        date.today().isoformat(),
+        1,
+        [
+            {
+                "id": "usage_1",
+                "timestamp": f"{date.today().isoformat()}T10:00:00+00:00",
+                "model": "anthropic/claude-opus-4-7",
+                "provider": "anthropic",
+                "sessionId": "s1",
+                "client": "ws",
+                "inputTokens": 10,
+                "outputTokens": 5,
+                "cacheReadTokens": 0,
+                "cacheWriteTokens": 0,
+                "reasoningTokens": 0,
+                "totalTokens": 15,
+                "inputCost": 0.0,
+                "outputCost": 0.0,
+                "totalCost": 0.0,
+                "latencyMs": 1.0,
+                "finishReason": "stop",
+                "estimated": False,
+                "priceKnown": True,
+                "error": None,
+                "answered": True,
+                "attempts": 1,
+            }
+        ],
+    )
     assert json.loads(run("usage", "--json").output)["grandTotal"]["totalTokens"] == 0  # the default data dir
     result = run("usage", "--json", "--config", str(config))
     assert result.exit_code == 0, result.output
@@ -337,10 +391,12 @@ def test_config_option_on_inspect_and_chat(other_config: tuple[Path, Path]) -> N
 
 
 @pytest.mark.parametrize("provider_name", ["anthropic", "litellm"])
-async def test_both_providers_read_an_http_date_retry_after(fake_anthropic: Any, fake_openai: Any, provider_name: str) -> None:
+async def test_both_providers_read_an_http_date_retry_after(
+    fake_anthropic: Any, fake_openai: Any, provider_name: str
+) -> None:
     """One retry-after parser for both providers: seconds, or an HTTP date (the pipeline waits that long)."""
     from dataclasses import replace
-    from datetime import datetime, timedelta, timezone
+    from datetime import datetime, timedelta
     from email.utils import format_datetime
 
     from agentspace.events import ProviderError
@@ -351,16 +407,21 @@ async def test_both_providers_read_an_http_date_retry_after(fake_anthropic: Any,
     from tests.fakes import openai_upstream
 
     importlib.import_module("litellm")  # its first import takes seconds: not part of the wait measured
-    when = format_datetime(datetime.now(timezone.utc) + timedelta(seconds=20), usegmt=True)
+    when = format_datetime(datetime.now(UTC) + timedelta(seconds=20), usegmt=True)
     if provider_name == "anthropic":
         fake, model, provider = fake_anthropic, "anthropic/claude-sonnet-4-6", AnthropicProvider(parse_config({}))
         fake.enqueue(replace(error_status(429), headers={"retry-after": when}))
     else:
         fake, model, provider = fake_openai, "openai/gpt-4o-mini", LiteLLMProvider(parse_config({}))
         fake.enqueue(replace(openai_upstream.error_status(429), headers={"retry-after": when}))
-    request = ProviderRequest(model=model, system="", messages=[ChatMessage.user("Hi")],
-                              model_info=ModelInfo(model, model.split("/")[0], 1.0, 1.0, 1.0, 1.0),
-                              api_key="sk-test-0123456789abcdef", base_url=fake.url)
+    request = ProviderRequest(
+        model=model,
+        system="",
+        messages=[ChatMessage.user("Hi")],
+        model_info=ModelInfo(model, model.split("/")[0], 1.0, 1.0, 1.0, 1.0),
+        api_key="sk-test-0123456789abcdef",
+        base_url=fake.url,
+    )
     with pytest.raises(ProviderError) as caught:
         async for _ in provider.stream(request):
             pass

@@ -111,7 +111,9 @@ async def exercise(hook: str, thing: Any, config: Config) -> None:
         model = f"{thing.name}/example"
         assert thing.claims(model)
         info = ModelInfo(model, thing.name, 0.0, 0.0, 0.0, 0.0)
-        request = ProviderRequest(model=model, system="Be brief.", messages=[ChatMessage.user("hello there")], model_info=info)
+        request = ProviderRequest(
+            model=model, system="Be brief.", messages=[ChatMessage.user("hello there")], model_info=info
+        )
         events = [event async for event in thing.stream(request)]
         assert isinstance(events[-1], ProviderFinish)
         assert "".join(e.text for e in events if isinstance(e, TextDelta)) == events[-1].message.text
@@ -124,13 +126,17 @@ async def exercise(hook: str, thing: Any, config: Config) -> None:
         json.dumps(output)  # results go to the model as JSON
     elif hook == "register_usage_sinks":
         usage = TokenUsage(1000, 100)
-        await thing.record(UsageRecord(new_id(), now_iso(), "echo/echo", "echo", None, None, usage, Cost(1.0, 0.5), 10.0, "stop"))
+        await thing.record(
+            UsageRecord(new_id(), now_iso(), "echo/echo", "echo", None, None, usage, Cost(1.0, 0.5), 10.0, "stop")
+        )
 
 
 async def call_hooks(pm: pluggy.PluginManager, plugin: types.ModuleType, config: Config) -> None:
     """Call each hook the example implements as the gateway does, and check what it registered."""
     hooks = {caller.name for caller in pm.get_hookcallers(plugin) or []}
-    for name in sorted(hooks & {"register_providers", "register_context_sections", "register_tools", "register_usage_sinks"}):
+    for name in sorted(
+        hooks & {"register_providers", "register_context_sections", "register_tools", "register_usage_sinks"}
+    ):
         registered: list[Any] = []
         getattr(pm.hook, name)(register=registered.append, config=config)
         assert registered and all(isinstance(getattr(r, "name", None), str) for r in registered), name

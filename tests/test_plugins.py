@@ -65,13 +65,31 @@ PUBLIC_NAMES = {
     "agentspace.config": ["Config", "ConfigError", "load_config"],
     "agentspace.providers.base": ["Provider", "ProviderRequest", "ThinkingSettings"],
     "agentspace.events": [
-        "ProviderEvent", "TextDelta", "ReasoningDelta", "SourceEvent", "ToolCallEvent", "ProviderFinish",
+        "ProviderEvent",
+        "TextDelta",
+        "ReasoningDelta",
+        "SourceEvent",
+        "ToolCallEvent",
+        "ProviderFinish",
         "ProviderError",
     ],
     "agentspace.tokens": ["count_tokens"],
     "agentspace.types": [
-        "ModelInfo", "ChatMessage", "Part", "TextPart", "ReasoningPart", "SourcePart", "ToolCallPart", "ToolResultPart",
-        "ContextRequest", "ContextSection", "ContextSectionBuilder", "Tool", "UsageRecord", "TokenUsage", "Cost",
+        "ModelInfo",
+        "ChatMessage",
+        "Part",
+        "TextPart",
+        "ReasoningPart",
+        "SourcePart",
+        "ToolCallPart",
+        "ToolResultPart",
+        "ContextRequest",
+        "ContextSection",
+        "ContextSectionBuilder",
+        "Tool",
+        "UsageRecord",
+        "TokenUsage",
+        "Cost",
     ],
     "agentspace.sinks": ["UsageSink"],
 }
@@ -195,6 +213,7 @@ def test_plugin_manager_registers_after_the_builtins_and_unregisters(tmp_path: P
     assert not pm.is_registered(plugin)
     with plugin_manager(plugin, builtins=False) as pm:
         assert pm.get_plugins() == {plugin}
+
     # Mistakes that would make a plugin do nothing, or fail only under the server, fail the test instead.
     class MisspeltHook:
         @hookimpl

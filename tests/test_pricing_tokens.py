@@ -38,10 +38,19 @@ def test_unknown_model_gets_the_fallback_price_and_is_flagged() -> None:
 
 
 def test_config_overrides_the_cost_map() -> None:
-    config = parse_config({"pricing": {
-        "anthropic/claude-sonnet-4-5": {"input_per_mtok": 1.0, "output_per_mtok": 2.0},
-        "local/my-model": {"input_per_mtok": 0, "output_per_mtok": 0, "context_window": 8192, "supports_reasoning": True},
-    }})
+    config = parse_config(
+        {
+            "pricing": {
+                "anthropic/claude-sonnet-4-5": {"input_per_mtok": 1.0, "output_per_mtok": 2.0},
+                "local/my-model": {
+                    "input_per_mtok": 0,
+                    "output_per_mtok": 0,
+                    "context_window": 8192,
+                    "supports_reasoning": True,
+                },
+            }
+        }
+    )
     sonnet = model_info(config, "anthropic/claude-sonnet-4-5")
     assert (sonnet.input_per_mtok, sonnet.output_per_mtok) == (1.0, 2.0)
     assert sonnet.cache_read_per_mtok == 0.3  # not overridden: still the cost map's

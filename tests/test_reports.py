@@ -22,11 +22,31 @@ SONNET = "anthropic/claude-sonnet-4-5"
 MYSTERY = "mystery/model"
 
 
-def record(n: int, model: str = SONNET, *, tokens: tuple[int, int] = (100, 20), error: str | None = None,
-           answered: bool = True, price_known: bool = True, finish: str = "stop") -> UsageRecord:
-    return UsageRecord(f"u{n}", now_iso(), model, model.split("/")[0], "s1", "test", TokenUsage(*tokens),
-                       Cost(tokens[0] * 1e-6, tokens[1] * 1e-6), 5.0, finish, price_known=price_known, error=error,
-                       answered=answered)
+def record(
+    n: int,
+    model: str = SONNET,
+    *,
+    tokens: tuple[int, int] = (100, 20),
+    error: str | None = None,
+    answered: bool = True,
+    price_known: bool = True,
+    finish: str = "stop",
+) -> UsageRecord:
+    return UsageRecord(
+        f"u{n}",
+        now_iso(),
+        model,
+        model.split("/")[0],
+        "s1",
+        "test",
+        TokenUsage(*tokens),
+        Cost(tokens[0] * 1e-6, tokens[1] * 1e-6),
+        5.0,
+        finish,
+        price_known=price_known,
+        error=error,
+        answered=answered,
+    )
 
 
 async def store_records(data_dir: Path) -> None:
@@ -38,8 +58,11 @@ async def store_records(data_dir: Path) -> None:
     await store.append(record(5, MYSTERY, tokens=(10, 10), price_known=False))
     await store.aclose()
     # A record written before records had ``error``: its finish reason says it failed.
-    legacy = {k: v for k, v in record(6, tokens=(50, 0), finish="error").to_dict().items()
-              if k not in ("error", "answered", "attempts")} | {"timestamp": "2026-01-01T10:00:00.000Z"}
+    legacy = {
+        k: v
+        for k, v in record(6, tokens=(50, 0), finish="error").to_dict().items()
+        if k not in ("error", "answered", "attempts")
+    } | {"timestamp": "2026-01-01T10:00:00.000Z"}
     write_segment(data_dir, "2026-01-01", 0, [legacy])
 
 
@@ -78,8 +101,20 @@ def test_text_report_total_row_shows_every_column(isolated_env: Path) -> None:
     result = CliRunner().invoke(cli, ["usage"])
     assert result.exit_code == 0, result.output
     lines = result.stdout.splitlines()
-    assert lines[0].split() == ["model", "requests", "errors", "input", "output", "cache", "read", "cache", "write",
-                                "total", "tokens", "cost"]
+    assert lines[0].split() == [
+        "model",
+        "requests",
+        "errors",
+        "input",
+        "output",
+        "cache",
+        "read",
+        "cache",
+        "write",
+        "total",
+        "tokens",
+        "cost",
+    ]
     assert next(line for line in lines if line.startswith(MYSTERY + "*"))
     total = next(line for line in lines if line.startswith("TOTAL")).split()
     assert total == ["TOTAL", "5", "3", "360", "55", "0", "0", "415", "$0.000415"]

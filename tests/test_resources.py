@@ -10,8 +10,9 @@ import contextlib
 import os
 import struct
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any, AsyncIterator
+from typing import Any
 
 import aiohttp
 from aiohttp import WSMsgType
@@ -58,8 +59,12 @@ async def websocket_upgrade(server: GatewayProcess) -> tuple[asyncio.StreamReade
     host, port = host_port(server)
     reader, writer = await asyncio.open_connection(host, port)
     key = base64.b64encode(os.urandom(16)).decode()
-    writer.write((f"GET /gateway HTTP/1.1\r\nHost: {host}:{port}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-                  f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n").encode())
+    writer.write(
+        (
+            f"GET /gateway HTTP/1.1\r\nHost: {host}:{port}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n"
+        ).encode()
+    )
     head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
     assert head.startswith(b"HTTP/1.1 101"), head
     return reader, writer
@@ -91,8 +96,9 @@ async def test_slow_headers_are_closed_at_the_header_deadline(tmp_path: Path, fa
         assert await server.terminate() == 0
 
 
-async def test_connections_past_the_cap_are_refused_while_a_client_is_served(tmp_path: Path,
-                                                                             fake_anthropic: Any) -> None:
+async def test_connections_past_the_cap_are_refused_while_a_client_is_served(
+    tmp_path: Path, fake_anthropic: Any
+) -> None:
     async with serving(tmp_path, fake_anthropic, max_connections=8, header_timeout_seconds=30.0) as gateway:
         headers = {"Authorization": f"Bearer {gateway.token}"}
         async with aiohttp.ClientSession() as http, http.ws_connect(gateway.ws_url, headers=headers) as ws:
@@ -131,8 +137,9 @@ async def test_pings_do_not_keep_an_unauthenticated_websocket_open(tmp_path: Pat
             assert [f["code"] for f in frames] == ["UNAUTHORIZED"] and ws.close_code == 4401
 
 
-async def test_a_silent_unauthenticated_websocket_is_closed_at_the_auth_deadline(tmp_path: Path,
-                                                                                fake_anthropic: Any) -> None:
+async def test_a_silent_unauthenticated_websocket_is_closed_at_the_auth_deadline(
+    tmp_path: Path, fake_anthropic: Any
+) -> None:
     async with serving(tmp_path, fake_anthropic, auth_timeout_seconds=1.0) as gateway:
         reader, writer = await websocket_upgrade(gateway)
         started = time.monotonic()
@@ -165,8 +172,9 @@ async def test_large_frame_before_auth_is_refused_before_it_is_buffered(tmp_path
             assert (await ws.receive_json(timeout=10))["type"] == "session.list.result"
 
 
-async def test_failed_auth_floods_from_127_8_are_limited_but_never_lock_the_owner_out(tmp_path: Path,
-                                                                                    fake_anthropic: Any) -> None:
+async def test_failed_auth_floods_from_127_8_are_limited_but_never_lock_the_owner_out(
+    tmp_path: Path, fake_anthropic: Any
+) -> None:
     async with serving(tmp_path, fake_anthropic) as gateway:
         url = gateway.url + "/api/sessions"
         owner = {"Authorization": f"Bearer {gateway.token}"}

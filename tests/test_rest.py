@@ -19,7 +19,9 @@ from tests.test_http_chat import post_chat, read_all, user
 ORIGIN = "http://app.example"
 
 
-async def chat(client: TestClient, headers: dict[str, str], fake: Any, chat_id: str, text: str = "hi", **kw: Any) -> None:
+async def chat(
+    client: TestClient, headers: dict[str, str], fake: Any, chat_id: str, text: str = "hi", **kw: Any
+) -> None:
     fake.enqueue(text_response("Answer.", usage={"input_tokens": 10}, delta_usages=[{"output_tokens": 4}]))
     await read_all(await post_chat(client, headers, chat_id, user(text), **kw))
 
@@ -94,7 +96,12 @@ async def test_usage_reports(client: TestClient, auth_headers: dict[str, str], f
     report = await get_json(client, "/api/usage?by=model", auth_headers)
     assert set(report["perModel"]) == {"anthropic/claude-sonnet-4-5", "anthropic/claude-haiku-4-5"}
     sonnet = report["perModel"]["anthropic/claude-sonnet-4-5"]
-    assert (sonnet["inputTokens"], sonnet["outputTokens"], sonnet["totalTokens"], sonnet["requestCount"]) == (10, 4, 14, 1)
+    assert (sonnet["inputTokens"], sonnet["outputTokens"], sonnet["totalTokens"], sonnet["requestCount"]) == (
+        10,
+        4,
+        14,
+        1,
+    )
     assert sonnet["totalCost"] == pytest.approx((10 * 3 + 4 * 15) / 1e6)
     assert report["grandTotal"]["requestCount"] == 2 and report["grandTotal"]["totalTokens"] == 28
 
@@ -118,7 +125,9 @@ async def test_models(client: TestClient, auth_headers: dict[str, str]) -> None:
     default = by_id["anthropic/claude-sonnet-4-5"]
     assert default["provider"] == "anthropic" and default["default"] is True
     assert (default["inputPerMTok"], default["outputPerMTok"]) == (3.0, 15.0)
-    assert default["contextWindow"] > 100_000 and default["supportsReasoning"] is True and default["supportsTools"] is True
+    assert (
+        default["contextWindow"] > 100_000 and default["supportsReasoning"] is True and default["supportsTools"] is True
+    )
     assert default["priceKnown"] is True and "deprecationDate" in default
     assert {m["provider"] for m in models} == {"anthropic"}  # the only provider with a key
 
@@ -165,8 +174,14 @@ async def test_cors_is_off_by_default(client: TestClient, auth_headers: dict[str
 
 async def test_cors_for_allowed_origins(make_client: Any, auth_headers: dict[str, str], fake_anthropic: Any) -> None:
     client = await make_client(server={"allowed_origins": [ORIGIN]})
-    preflight = await client.options("/api/chat", headers={
-        "Origin": ORIGIN, "Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": "authorization, content-type"})
+    preflight = await client.options(
+        "/api/chat",
+        headers={
+            "Origin": ORIGIN,
+            "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": "authorization, content-type",
+        },
+    )
     assert preflight.status == 204
     assert preflight.headers["Access-Control-Allow-Origin"] == ORIGIN
     assert "POST" in preflight.headers["Access-Control-Allow-Methods"]
@@ -188,7 +203,9 @@ async def test_cors_for_allowed_origins(make_client: Any, auth_headers: dict[str
     assert resp.status == 403 and "Access-Control-Allow-Origin" not in resp.headers
 
 
-async def test_delete_refused_while_streaming(client: TestClient, auth_headers: dict[str, str], fake_anthropic: Any) -> None:
+async def test_delete_refused_while_streaming(
+    client: TestClient, auth_headers: dict[str, str], fake_anthropic: Any
+) -> None:
     fake_anthropic.enqueue(text_response("slow " * 10, chunks=10).with_delay(0.05))
     resp = await post_chat(client, auth_headers, "streaming", user("go"))
     gw = client.server.app[STATE.REGISTRY]

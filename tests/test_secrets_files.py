@@ -29,8 +29,13 @@ def serve(tmp_path: Path, data: Path) -> subprocess.CompletedProcess[str]:
     """``agentspace serve`` on a free port; it must stop by itself (a server that starts is killed at the timeout)."""
     config = tmp_path / "agentspace.toml"
     write_config(config, {"storage": {"data_dir": str(data)}})
-    return subprocess.run([sys.executable, "-m", "agentspace", "serve", "--config", str(config), "--port", "0"],
-                          env=child_env(data), capture_output=True, text=True, timeout=30)
+    return subprocess.run(
+        [sys.executable, "-m", "agentspace", "serve", "--config", str(config), "--port", "0"],
+        env=child_env(data),
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
 
 
 def refused(result: subprocess.CompletedProcess[str], *parts: str) -> str:
@@ -59,8 +64,16 @@ def mode(path: Path) -> int:
     return stat.S_IMODE(path.lstat().st_mode)
 
 
-@pytest.mark.parametrize("content", [b"{not json", b'{"keys": ["a"]}', b'{"keys": {"anthropic": null}}', b"[" * 5000,
-                                     b'{"keys": {"anthropic": "sk-\xff\xfe"}}'])
+@pytest.mark.parametrize(
+    "content",
+    [
+        b"{not json",
+        b'{"keys": ["a"]}',
+        b'{"keys": {"anthropic": null}}',
+        b"[" * 5000,
+        b'{"keys": {"anthropic": "sk-\xff\xfe"}}',
+    ],
+)
 def test_serve_refuses_a_damaged_keys_json(tmp_path: Path, content: bytes) -> None:
     data = private_dir(tmp_path)
     write(data / "keys.json", content)
@@ -133,8 +146,9 @@ async def test_loose_modes_of_our_own_are_tightened_with_a_warning(tmp_path: Pat
         await server.aclose()
 
 
-async def test_running_server_keeps_its_token_when_the_file_is_damaged(client: TestClient, token: str,
-                                                                         isolated_env: Path) -> None:
+async def test_running_server_keeps_its_token_when_the_file_is_damaged(
+    client: TestClient, token: str, isolated_env: Path
+) -> None:
     headers = {"Authorization": f"Bearer {token}"}
     assert (await client.get("/api/sessions", headers=headers)).status == 200
     path = isolated_env / "gateway-token"
@@ -145,7 +159,9 @@ async def test_running_server_keeps_its_token_when_the_file_is_damaged(client: T
     path.symlink_to(tmp := isolated_env.parent / "planted")
     write(tmp, b"planted-token-0123456789abcdef0123\n")
     assert (await client.get("/api/sessions", headers=headers)).status == 200
-    assert (await client.get("/api/sessions", headers={"Authorization": "Bearer planted-token-0123456789abcdef0123"})).status == 401
+    assert (
+        await client.get("/api/sessions", headers={"Authorization": "Bearer planted-token-0123456789abcdef0123"})
+    ).status == 401
     path.unlink()
     new = rotate_token(isolated_env)  # a good file is picked up again
     assert (await client.get("/api/sessions", headers={"Authorization": f"Bearer {new}"})).status == 200

@@ -67,7 +67,9 @@ async def test_origin_checked_on_websocket_upgrades_and_http(make_client: Any, a
     assert (await client.get("/api/sessions", headers=auth_headers)).status == 200  # no Origin: not a browser page
 
 
-@pytest.mark.parametrize("host", ["evil.example", "evil.example:3271", "127.0.0.1.evil.example", "localhost.evil.example:80"])
+@pytest.mark.parametrize(
+    "host", ["evil.example", "evil.example:3271", "127.0.0.1.evil.example", "localhost.evil.example:80"]
+)
 async def test_foreign_host_is_refused(client: TestClient, auth_headers: dict[str, str], host: str) -> None:
     # DNS rebinding: the attacker's name resolves to 127.0.0.1, but the browser still sends that name.
     resp = await client.get("/api/sessions", headers={**auth_headers, "Host": host})
@@ -76,7 +78,9 @@ async def test_foreign_host_is_refused(client: TestClient, auth_headers: dict[st
     assert await refused_upgrade(client, {**auth_headers, "Host": host}) == 403
 
 
-@pytest.mark.parametrize("host", ["localhost", "localhost:{port}", "127.0.0.1:{port}", "[::1]:{port}", "LOCALHOST:{port}"])
+@pytest.mark.parametrize(
+    "host", ["localhost", "localhost:{port}", "127.0.0.1:{port}", "[::1]:{port}", "LOCALHOST:{port}"]
+)
 async def test_loopback_hosts_are_accepted(client: TestClient, auth_headers: dict[str, str], host: str) -> None:
     resp = await client.get("/api/sessions", headers={**auth_headers, "Host": host.format(port=client.port)})
     assert resp.status == 200
@@ -99,8 +103,9 @@ async def test_oversized_first_frame_is_refused_even_with_the_right_token(client
     assert await closed(ws) == 4401
 
 
-async def test_failed_auth_is_rate_limited_per_address_including_loopback(client: TestClient, token: str,
-                                                                           auth_headers: dict[str, str]) -> None:
+async def test_failed_auth_is_rate_limited_per_address_including_loopback(
+    client: TestClient, token: str, auth_headers: dict[str, str]
+) -> None:
     assert (await client.get("/api/sessions", headers=auth_headers)).status == 200
     # Half the failures over HTTP, half over the WebSocket: one budget per address.
     for i in range(security.MAX_FAILURES // 2):
@@ -261,9 +266,14 @@ class FailingSection:
         register(ContextSection("failing", build))
 
 
-async def test_keys_and_token_never_leak(make_client: Any, fake_anthropic: fa.FakeAnthropic, fake_openai: fo.FakeOpenAI,
-                                         isolated_env: Path, monkeypatch: pytest.MonkeyPatch,
-                                         caplog: pytest.LogCaptureFixture) -> None:
+async def test_keys_and_token_never_leak(
+    make_client: Any,
+    fake_anthropic: fa.FakeAnthropic,
+    fake_openai: fo.FakeOpenAI,
+    isolated_env: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     caplog.set_level(logging.DEBUG)
     KeyVault(isolated_env).set("anthropic", VAULT_KEY)
     monkeypatch.setenv("OPENAI_API_KEY", OPENAI_KEY)
@@ -289,14 +299,30 @@ async def test_keys_and_token_never_leak(make_client: Any, fake_anthropic: fa.Fa
         fo.text_response(f"the model says {OPENAI_KEY[:6]}"),
     )
     ws = await connect(client, token)
-    for i, (content, model) in enumerate([("hi", None), ("a", None), ("b", None), ("c", None), ("d", None),
-                                          ("e", "openai/gpt-4o-mini"), ("f", "openai/gpt-4o-mini"),
-                                          ("g", "openai/gpt-4o-mini"), ("explode", None)]):
+    for i, (content, model) in enumerate(
+        [
+            ("hi", None),
+            ("a", None),
+            ("b", None),
+            ("c", None),
+            ("d", None),
+            ("e", "openai/gpt-4o-mini"),
+            ("f", "openai/gpt-4o-mini"),
+            ("g", "openai/gpt-4o-mini"),
+            ("explode", None),
+        ]
+    ):
         seen += await chat(ws, content, f"r{i}", **({"model": model} if model else {}))
     await ws.close()
     # A failing section is left out (logged); every other fault reaches the client as an error frame.
-    assert [f["code"] for f in seen if f["type"] == "error"] == ["LLM_ERROR", "LLM_ERROR", "RATE_LIMITED", "LLM_ERROR",
-                                                                 "LLM_ERROR", "LLM_ERROR"]
+    assert [f["code"] for f in seen if f["type"] == "error"] == [
+        "LLM_ERROR",
+        "LLM_ERROR",
+        "RATE_LIMITED",
+        "LLM_ERROR",
+        "LLM_ERROR",
+        "LLM_ERROR",
+    ]
     assert fake_anthropic.requests[0].api_key == VAULT_KEY  # the vault's key was really used
 
     resp = await post_chat(client, headers, "http-chat", user("hello"))
@@ -314,8 +340,11 @@ async def test_keys_and_token_never_leak(make_client: Any, fake_anthropic: fa.Fa
 
     assert "internal detail" not in json.dumps(seen)  # the failing section's error stayed in the log
     assert "internal detail" in caplog.text
-    files = {p: p.read_text(errors="replace") for p in isolated_env.rglob("*")
-             if p.is_file() and p.name not in ("keys.json", "gateway-token")}
+    files = {
+        p: p.read_text(errors="replace")
+        for p in isolated_env.rglob("*")
+        if p.is_file() and p.name not in ("keys.json", "gateway-token")
+    }
     assert any("usage" in p.parts for p in files) and any("sessions" in p.parts for p in files)
     for secret in (VAULT_KEY, OPENAI_KEY, token):
         assert secret not in caplog.text

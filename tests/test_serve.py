@@ -17,8 +17,13 @@ from tests.fakes import anthropic_upstream as fa
 
 
 def second_serve(server: GatewayProcess, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "agentspace", "serve", "--config", str(server.config_path), *args],
-                          env=child_env(server.data_dir), capture_output=True, text=True, timeout=60)
+    return subprocess.run(
+        [sys.executable, "-m", "agentspace", "serve", "--config", str(server.config_path), *args],
+        env=child_env(server.data_dir),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
 
 
 async def test_second_server_on_the_same_data_refuses_before_binding(tmp_path: Path, fake_anthropic: Any) -> None:
@@ -74,14 +79,21 @@ async def test_serve_chats_on_the_configured_event_loop(tmp_path: Path, fake_ant
 def test_serve_names_a_missing_uvloop(tmp_path: Path) -> None:
     """``event_loop = "uvloop"`` without uvloop installed stops before binding, saying what to install."""
     config = tmp_path / "agentspace.toml"
-    config.write_text(f'[server]\nevent_loop = "uvloop"\n\n[storage]\ndata_dir = "{tmp_path / "data"}"\n', encoding="utf-8")
+    config.write_text(
+        f'[server]\nevent_loop = "uvloop"\n\n[storage]\ndata_dir = "{tmp_path / "data"}"\n', encoding="utf-8"
+    )
     blocker = tmp_path / "no-uvloop"
     blocker.mkdir()
     (blocker / "uvloop.py").write_text("raise ImportError('uvloop is not installed here')\n", encoding="utf-8")
     env = child_env(tmp_path / "data")
     env["PYTHONPATH"] = str(blocker) + os.pathsep + env["PYTHONPATH"]
-    result = subprocess.run([sys.executable, "-m", "agentspace", "serve", "--config", str(config), "--port", "0"],
-                            env=env, capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [sys.executable, "-m", "agentspace", "serve", "--config", str(config), "--port", "0"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert result.returncode == 1
     assert "uvloop is not installed: pip install uvloop" in result.stderr
     assert "listening" not in result.stdout and "Traceback" not in result.stderr

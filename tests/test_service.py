@@ -13,12 +13,17 @@ from tests.test_ws import chat, connect, receive_after
 
 
 async def post_chat(client: TestClient, headers: dict[str, str], session_id: str, text: str, **extra: Any) -> Any:
-    body = {"id": session_id, "messages": [{"id": "u1", "role": "user", "parts": [{"type": "text", "text": text}]}], **extra}
+    body = {
+        "id": session_id,
+        "messages": [{"id": "u1", "role": "user", "parts": [{"type": "text", "text": text}]}],
+        **extra,
+    }
     return await client.post("/api/chat", json=body, headers=headers)
 
 
-async def test_shutdown_refusal_is_the_same_code_on_both_transports(client: TestClient, token: str,
-                                                                    auth_headers: dict[str, str]) -> None:
+async def test_shutdown_refusal_is_the_same_code_on_both_transports(
+    client: TestClient, token: str, auth_headers: dict[str, str]
+) -> None:
     ws = await connect(client, token)
     client.app[STATE.SHUTTING_DOWN].set()  # what server shutdown sets first (server._finish_streams)
     reply = (await chat(ws, "too late"))[-1]
@@ -31,8 +36,9 @@ async def test_shutdown_refusal_is_the_same_code_on_both_transports(client: Test
     await ws.close()
 
 
-async def test_unknown_model_in_context_inspection_is_refused_on_both(client: TestClient, token: str,
-                                                                      auth_headers: dict[str, str]) -> None:
+async def test_unknown_model_in_context_inspection_is_refused_on_both(
+    client: TestClient, token: str, auth_headers: dict[str, str]
+) -> None:
     ws = await connect(client, token)
     end = (await chat(ws, "hello"))[-1]
     assert end["type"] == "chat.stream.end"
@@ -44,20 +50,25 @@ async def test_unknown_model_in_context_inspection_is_refused_on_both(client: Te
         resp = await client.get(f"/api/sessions/{session_id}/context", params={"model": model}, headers=auth_headers)
         assert resp.status == 400 and (await resp.json())["error"]["code"] == "MODEL_NOT_FOUND"
 
-    served = await receive_after(ws, {"type": "context.inspect", "id": "j", "sessionId": session_id,
-                                      "model": "anthropic/claude-haiku-4-5"})
+    served = await receive_after(
+        ws, {"type": "context.inspect", "id": "j", "sessionId": session_id, "model": "anthropic/claude-haiku-4-5"}
+    )
     assert (served["type"], served["model"]) == ("context.inspection", "anthropic/claude-haiku-4-5")
     await ws.close()
 
 
-@pytest.mark.parametrize(("ws_field", "http_field", "value"), [
-    ("sessionId", "id", "../etc"),
-    ("sessionId", "id", "x" * 129),
-    ("model", "model", "anthropic/claude\nsonnet"),
-    ("model", "model", 7),
-])
-async def test_chat_fields_are_validated_alike(client: TestClient, token: str, auth_headers: dict[str, str],
-                                               ws_field: str, http_field: str, value: Any) -> None:
+@pytest.mark.parametrize(
+    ("ws_field", "http_field", "value"),
+    [
+        ("sessionId", "id", "../etc"),
+        ("sessionId", "id", "x" * 129),
+        ("model", "model", "anthropic/claude\nsonnet"),
+        ("model", "model", 7),
+    ],
+)
+async def test_chat_fields_are_validated_alike(
+    client: TestClient, token: str, auth_headers: dict[str, str], ws_field: str, http_field: str, value: Any
+) -> None:
     """One validator for the chat fields: the same refusal, naming the field, on both transports."""
     ws = await connect(client, token)
     reply = (await chat(ws, "hi", **{ws_field: value}))[-1]
@@ -77,8 +88,9 @@ async def test_chat_fields_are_validated_alike(client: TestClient, token: str, a
     await ws.close()
 
 
-async def test_usage_query_checks_the_session_id_on_both(client: TestClient, token: str,
-                                                         auth_headers: dict[str, str]) -> None:
+async def test_usage_query_checks_the_session_id_on_both(
+    client: TestClient, token: str, auth_headers: dict[str, str]
+) -> None:
     ws = await connect(client, token)
     reply = await receive_after(ws, {"type": "usage.query", "id": "q", "sessionId": "a b"})
     assert (reply["code"], reply["requestId"]) == ("INVALID_MESSAGE", "q") and "sessionId" in reply["message"]

@@ -39,7 +39,9 @@ async def close_code(ws: aiohttp.ClientWebSocketResponse) -> int | None:
     raise AssertionError("the socket stayed open")
 
 
-async def test_sigterm_finishes_within_grace_and_stores_the_rest_as_aborted(tmp_path: Path, fake_anthropic: fa.FakeAnthropic) -> None:
+async def test_sigterm_finishes_within_grace_and_stores_the_rest_as_aborted(
+    tmp_path: Path, fake_anthropic: fa.FakeAnthropic
+) -> None:
     fake_anthropic.enqueue(
         fa.text_response(FAST, chunks=8, delta_usages=[{"output_tokens": 8}]).with_delay(0.1),  # ~1.4 s in all
         fa.text_response(SLOW, chunks=400).with_delay(0.1),  # ~40 s: cut short by the 3 s grace
@@ -64,7 +66,10 @@ async def test_sigterm_finishes_within_grace_and_stores_the_rest_as_aborted(tmp_
                 await http.get(server.url + "/healthz")
             await idle.send_json({"type": "chat.send", "id": "late", "content": "too late"})
             refused = await idle.receive_json(timeout=30)
-            assert (refused["type"], refused["code"]) == ("error", "SERVICE_UNAVAILABLE") and "shutting down" in refused["message"]
+            assert (refused["type"], refused["code"]) == (
+                "error",
+                "SERVICE_UNAVAILABLE",
+            ) and "shutting down" in refused["message"]
 
             fast_frames += await frames_until(fast, "chat.stream.end")
             slow_frames += await frames_until(slow, "chat.stream.end")

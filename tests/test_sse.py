@@ -43,7 +43,7 @@ def test_one_chunk() -> None:
 
 
 def test_byte_by_byte() -> None:
-    assert decode([BODY[i:i + 1] for i in range(len(BODY))]) == EXPECTED
+    assert decode([BODY[i : i + 1] for i in range(len(BODY))]) == EXPECTED
 
 
 @given(st.sampled_from([b"\n", b"\r\n", b"\r"]), st.lists(st.integers(min_value=0), max_size=40))

@@ -41,8 +41,18 @@ class LimitedGateway(GatewayProcess):
         self.data_dir.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "ab") as log:
             self.process = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "agentspace", "serve", "--config", str(self.config_path), "--port", "0",
-                stdout=asyncio.subprocess.PIPE, stderr=log, env=child_env(self.data_dir), cwd=ROOT,
+                sys.executable,
+                "-m",
+                "agentspace",
+                "serve",
+                "--config",
+                str(self.config_path),
+                "--port",
+                "0",
+                stdout=asyncio.subprocess.PIPE,
+                stderr=log,
+                env=child_env(self.data_dir),
+                cwd=ROOT,
                 preexec_fn=limit_file_size,
             )
         assert self.process.stdout is not None
@@ -62,8 +72,9 @@ async def server(tmp_path: Path, fake_anthropic: fa.FakeAnthropic) -> Any:
         await gateway.aclose()
 
 
-async def test_ws_answer_that_cannot_be_stored_ends_with_storage_error(server: LimitedGateway,
-                                                                      fake_anthropic: fa.FakeAnthropic) -> None:
+async def test_ws_answer_that_cannot_be_stored_ends_with_storage_error(
+    server: LimitedGateway, fake_anthropic: fa.FakeAnthropic
+) -> None:
     fake_anthropic.enqueue(fa.text_response(LONG_ANSWER, chunks=20))
     headers = {"Authorization": f"Bearer {server.token}"}
     async with aiohttp.ClientSession() as http, http.ws_connect(server.ws_url, headers=headers) as ws:
@@ -82,18 +93,25 @@ async def test_ws_answer_that_cannot_be_stored_ends_with_storage_error(server: L
     assert server.process is not None
     resource.prlimit(server.process.pid, resource.RLIMIT_FSIZE, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
     await server.wait_for_log(f"stored the answer in session {session_id}", timeout=30)
-    async with aiohttp.ClientSession() as http, http.get(f"{server.url}/api/sessions/{session_id}", headers=headers) as resp:
+    async with (
+        aiohttp.ClientSession() as http,
+        http.get(f"{server.url}/api/sessions/{session_id}", headers=headers) as resp,
+    ):
         messages = (await resp.json())["session"]["messages"]
     assert [m["role"] for m in messages] == ["user", "assistant"]
     assert messages[-1]["content"] == LONG_ANSWER and messages[-1]["finishReason"] == "stop"
     assert await server.terminate() == 0
 
 
-async def test_http_answer_that_cannot_be_stored_ends_with_storage_error(server: LimitedGateway,
-                                                                        fake_anthropic: fa.FakeAnthropic) -> None:
+async def test_http_answer_that_cannot_be_stored_ends_with_storage_error(
+    server: LimitedGateway, fake_anthropic: fa.FakeAnthropic
+) -> None:
     fake_anthropic.enqueue(fa.text_response(LONG_ANSWER, chunks=20))
     headers = {"Authorization": f"Bearer {server.token}"}
-    body = {"id": "chat1", "messages": [{"id": "u1", "role": "user", "parts": [{"type": "text", "text": "Long, please"}]}]}
+    body = {
+        "id": "chat1",
+        "messages": [{"id": "u1", "role": "user", "parts": [{"type": "text", "text": "Long, please"}]}],
+    }
     async with aiohttp.ClientSession() as http, http.post(server.url + "/api/chat", json=body, headers=headers) as resp:
         assert resp.status == 200
         raw = (await resp.read()).decode()

@@ -66,7 +66,9 @@ def run_child(data_dir: Path, tag: str, *, die_in: str = "-", kill_after: int = 
     """Run the writer until it dies (``die_in``) or has reported ``kill_after`` writes; return what it reported."""
     child = subprocess.Popen(
         [sys.executable, "-c", CHILD, str(data_dir), tag, die_in],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     stuck = threading.Event()
     watchdog = threading.Timer(30, lambda: (stuck.set(), child.kill()))  # fail rather than hang
@@ -151,8 +153,12 @@ async def test_sigkill_at_random_moments_loses_no_reported_write(tmp_path: Path)
 @pytest.mark.parametrize(
     ("die_in", "unreported"),
     [
-        ("replace:2", "usage, first segment"), ("replace:3", "message"), ("replace:4", "usage"),
-        ("replace:5", "message"), ("replace:12", "usage, new segment"), ("replace:13", "message"),
+        ("replace:2", "usage, first segment"),
+        ("replace:3", "message"),
+        ("replace:4", "usage"),
+        ("replace:5", "message"),
+        ("replace:12", "usage, new segment"),
+        ("replace:13", "message"),
     ],
 )
 async def test_sigkill_inside_a_write(tmp_path: Path, die_in: str, unreported: str) -> None:

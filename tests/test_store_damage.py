@@ -26,8 +26,18 @@ from tests.test_ws import chat, connect, receive_after
 
 
 def record(n: int) -> dict[str, Any]:
-    return UsageRecord(f"seed{n}", now_iso(), "anthropic/claude-sonnet-4-5", "anthropic", "s_seed", "test",
-                       TokenUsage(10, 5), Cost(0.001, 0.002), 1.0, "stop").to_dict()
+    return UsageRecord(
+        f"seed{n}",
+        now_iso(),
+        "anthropic/claude-sonnet-4-5",
+        "anthropic",
+        "s_seed",
+        "test",
+        TokenUsage(10, 5),
+        Cost(0.001, 0.002),
+        1.0,
+        "stop",
+    ).to_dict()
 
 
 def today() -> str:
@@ -145,9 +155,14 @@ async def test_a_truncated_session_is_moved_aside_not_served_in_part(
     client: TestClient, token: str, isolated_env: Path
 ) -> None:
     store = SessionStore(isolated_env)
-    await store.create(model="anthropic/claude-sonnet-4-5", session_id="s_long", messages=[
-        {"role": "user" if i % 2 == 0 else "assistant", "content": f"message {i} " + "text " * 20} for i in range(20)
-    ])
+    await store.create(
+        model="anthropic/claude-sonnet-4-5",
+        session_id="s_long",
+        messages=[
+            {"role": "user" if i % 2 == 0 else "assistant", "content": f"message {i} " + "text " * 20}
+            for i in range(20)
+        ],
+    )
     await store.aclose()
     path = isolated_env / "sessions" / "s_long.json"
     raw = path.read_bytes()

@@ -8,7 +8,7 @@ import os
 import subprocess
 import sys
 import threading
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
@@ -17,8 +17,8 @@ import pytest
 from tinydb import TinyDB
 
 from agentspace import hookspecs
-from agentspace.default_plugins import tinydb_sink
 from agentspace.config import parse_config
+from agentspace.default_plugins import tinydb_sink
 from agentspace.errors import StorageError
 from agentspace.sinks import UsageSink
 from agentspace.stores import (
@@ -45,13 +45,24 @@ BAD_IDS = ["", "../etc", "a/b", "a.b", "..", "x" * 129, "ünï", "a b", "a\x00b"
 
 
 def usage_record(
-    n: int, *, model: str = "anthropic/claude-sonnet-4-5", session_id: str | None = "s1", timestamp: str | None = None,
+    n: int,
+    *,
+    model: str = "anthropic/claude-sonnet-4-5",
+    session_id: str | None = "s1",
+    timestamp: str | None = None,
     estimated: bool = False,
 ) -> UsageRecord:
     return UsageRecord(
-        id=f"u{n}", timestamp=timestamp or now_iso(), model=model, provider=model.split("/")[0],
-        session_id=session_id, client="test", usage=TokenUsage(10, 5, 2, 1, 3, estimated),
-        cost=Cost(0.001, 0.002), latency_ms=12.5, finish_reason="stop",
+        id=f"u{n}",
+        timestamp=timestamp or now_iso(),
+        model=model,
+        provider=model.split("/")[0],
+        session_id=session_id,
+        client="test",
+        usage=TokenUsage(10, 5, 2, 1, 3, estimated),
+        cost=Cost(0.001, 0.002),
+        latency_ms=12.5,
+        finish_reason="stop",
     )
 
 
@@ -146,7 +157,9 @@ async def test_title_comes_from_first_user_message_and_keeps_given_titles(sessio
     sid = (await sessions.create(model="m"))["id"]
     await sessions.append_message(sid, {"role": "assistant", "content": "Welcome"})
     assert (await sessions.get(sid))["title"] is None
-    await sessions.append_message(sid, {"role": "user", "content": "", "parts": [{"type": "text", "text": "From parts"}]})
+    await sessions.append_message(
+        sid, {"role": "user", "content": "", "parts": [{"type": "text", "text": "From parts"}]}
+    )
     assert (await sessions.get(sid))["title"] == "From parts"
 
     named = (await sessions.create(model="m", title="Mine"))["id"]
@@ -177,7 +190,11 @@ async def test_update_message(sessions: SessionStore) -> None:
     await sessions.update_message(sid, "a1", {"content": "answer", "finishReason": "stop", "usage": {"totalTokens": 9}})
     got = await sessions.get(sid)
     assert got["messages"][1] == {
-        "id": "a1", "role": "assistant", "content": "answer", "finishReason": "stop", "usage": {"totalTokens": 9},
+        "id": "a1",
+        "role": "assistant",
+        "content": "answer",
+        "finishReason": "stop",
+        "usage": {"totalTokens": 9},
         "createdAt": got["messages"][1]["createdAt"],
     }
     assert got["messages"][0]["content"] == "q"
@@ -189,7 +206,9 @@ async def test_update_message(sessions: SessionStore) -> None:
 async def test_messages_history_limit(sessions: SessionStore) -> None:
     sid = (await sessions.create(model="m"))["id"]
     for i in range(5):
-        await sessions.append_message(sid, {"id": f"m{i}", "role": "user" if i % 2 == 0 else "assistant", "content": str(i)})
+        await sessions.append_message(
+            sid, {"id": f"m{i}", "role": "user" if i % 2 == 0 else "assistant", "content": str(i)}
+        )
     ids = lambda msgs: [m["id"] for m in msgs]  # noqa: E731
     assert ids(await sessions.messages(sid)) == ["m0", "m1", "m2", "m3", "m4"]
     assert ids(await sessions.messages(sid, limit=2)) == ["m3", "m4"]
@@ -304,9 +323,12 @@ async def test_writes_queued_together_run_in_order_and_fail_alone(tmp_path: Path
     sessions, usage = SessionStore(tmp_path), UsageStore(tmp_path)
     try:
         created = asyncio.ensure_future(
-            sessions.create(model="m", session_id="s1", messages=[{"role": "user", "content": "0"}]))
-        appends = [asyncio.ensure_future(sessions.append_message("s1", {"role": "assistant", "content": str(n)}))
-                   for n in range(1, 21)]
+            sessions.create(model="m", session_id="s1", messages=[{"role": "user", "content": "0"}])
+        )
+        appends = [
+            asyncio.ensure_future(sessions.append_message("s1", {"role": "assistant", "content": str(n)}))
+            for n in range(1, 21)
+        ]
         missing = asyncio.ensure_future(sessions.append_message("nope", {"role": "user", "content": "lost"}))
         records = [asyncio.ensure_future(usage.append(usage_record(n))) for n in range(20)]
         await created
@@ -402,7 +424,7 @@ async def test_usage_starts_a_new_folder_when_the_utc_day_changes(
     monkeypatch.setattr(usage_module, "_utc_day", lambda: "2030-01-02")
     await usage.append(usage_record(3, timestamp="2030-01-02T00:00:00.001Z"))
     assert segment_files(tmp_path) == ["2030-01-01/00000.json", "2030-01-02/00000.json"]
-    since = datetime(2030, 1, 2, tzinfo=timezone.utc)
+    since = datetime(2030, 1, 2, tzinfo=UTC)
     assert [r["id"] for r in usage.records(since=since)] == ["u3"]
     assert [r["id"] for r in usage.records(since=since.replace(tzinfo=None))] == ["u3"]  # naive is UTC
 
@@ -410,10 +432,15 @@ async def test_usage_starts_a_new_folder_when_the_utc_day_changes(
 async def test_usage_since_skips_older_day_folders(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     write_segment(tmp_path, "2020-01-01", 0, [usage_record(1, timestamp="2020-01-01T10:00:00.000Z").to_dict()])
     (tmp_path / "usage" / "2020-01-01" / "00000.json").write_text("not json")  # would fail if it were read
-    write_segment(tmp_path, "2020-01-05", 0, [
-        usage_record(2, timestamp="2020-01-05T08:00:00.000Z").to_dict(),
-        usage_record(3, timestamp="2020-01-05T18:00:00.000Z").to_dict(),
-    ])
+    write_segment(
+        tmp_path,
+        "2020-01-05",
+        0,
+        [
+            usage_record(2, timestamp="2020-01-05T08:00:00.000Z").to_dict(),
+            usage_record(3, timestamp="2020-01-05T18:00:00.000Z").to_dict(),
+        ],
+    )
     store = UsageStore(tmp_path)
     since = datetime(2020, 1, 5, 12, tzinfo=timezone(timedelta(hours=2)))  # 10:00 UTC
     assert [r["id"] for r in store.records(since=since)] == ["u3"]
@@ -484,8 +511,16 @@ def test_usage_report() -> None:
         usage_record(3, model="openai/b", timestamp="2025-03-02T11:00:00.000Z").to_dict(),
     ]
     per_model = {
-        "inputTokens": 20, "outputTokens": 10, "totalTokens": 36, "cacheReadTokens": 4, "cacheWriteTokens": 2,
-        "reasoningTokens": 6, "totalCost": 0.006, "requestCount": 2, "errorCount": 0, "estimatedCount": 1,
+        "inputTokens": 20,
+        "outputTokens": 10,
+        "totalTokens": 36,
+        "cacheReadTokens": 4,
+        "cacheWriteTokens": 2,
+        "reasoningTokens": 6,
+        "totalCost": 0.006,
+        "requestCount": 2,
+        "errorCount": 0,
+        "estimatedCount": 1,
     }
     report = usage_report(records)
     assert list(report["perModel"]) == ["anthropic/a", "openai/b"]
@@ -595,7 +630,9 @@ def test_data_dir_lock_refuses_a_second_server(tmp_path: Path) -> None:
 
 
 def test_data_dir_lock_is_released_when_the_holder_is_killed(tmp_path: Path) -> None:
-    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(tmp_path)], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD_LOCK, str(tmp_path)], stdin=subprocess.PIPE, stdout=subprocess.PIPE
+    )
     assert holder.stdout is not None and holder.stdout.readline().strip() == b"locked"
     holder.kill()
     holder.wait(timeout=10)
@@ -640,7 +677,9 @@ async def test_readers_always_see_consistent_data(tmp_path: Path) -> None:
         counts = dict.fromkeys(live, 0)
         for step in range(120):
             sid = live[step % len(live)]
-            await writer_sessions.append_message(sid, {"id": f"{sid}-{counts[sid]}", "role": "user", "content": "x" * 200})
+            await writer_sessions.append_message(
+                sid, {"id": f"{sid}-{counts[sid]}", "role": "user", "content": "x" * 200}
+            )
             counts[sid] += 1
             await writer_usage.append(usage_record(step))
             acknowledged["usage"] += 1

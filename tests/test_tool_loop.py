@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 import pytest
@@ -37,7 +37,7 @@ class Tools:
             raise ValueError("boom")
 
         async def clock(args: dict[str, Any]) -> dict[str, Any]:
-            return {"now": datetime(2026, 11, 22, 6, 0, tzinfo=timezone.utc), "zones": ("UTC",)}
+            return {"now": datetime(2026, 11, 22, 6, 0, tzinfo=UTC), "zones": ("UTC",)}
 
         schema = {"type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}}}
         register(Tool("add", "Add two integers", schema, add))
@@ -56,8 +56,12 @@ async def openai_client(make_client: Any, fake_openai: Any, monkeypatch: pytest.
 def script_tool_turn(fake: Any) -> None:
     """Step 1: two parallel calls (one fails, arguments in pieces); step 2: an unknown tool; step 3: text."""
     fake.enqueue(
-        tool_calls_response(tool_call("call_1", "add", ['{"a": ', '2, "b"', ': 3}']), tool_call("call_2", "explode", {}),
-                            interleave=True, usage=usage(20, 8)),
+        tool_calls_response(
+            tool_call("call_1", "add", ['{"a": ', '2, "b"', ": 3}"]),
+            tool_call("call_2", "explode", {}),
+            interleave=True,
+            usage=usage(20, 8),
+        ),
         tool_calls_response(tool_call("call_3", "no_such_tool", {"x": 1}), usage=usage(40, 4)),
         text_response("The sum is 5.", usage=usage(60, 6, cached=10)),
     )
@@ -69,7 +73,11 @@ async def test_litellm_tool_loop_over_websocket(openai_client: TestClient, token
     frames = await chat(ws, "What is 2 + 3?")
     assert frames[-1]["type"] == "chat.stream.end", frames[-1]
     calls = of(frames, "chat.stream.tool_call")
-    assert [(c["name"], c["input"]) for c in calls] == [("add", {"a": 2, "b": 3}), ("explode", {}), ("no_such_tool", {"x": 1})]
+    assert [(c["name"], c["input"]) for c in calls] == [
+        ("add", {"a": 2, "b": 3}),
+        ("explode", {}),
+        ("no_such_tool", {"x": 1}),
+    ]
     results = {r["toolCallId"]: r for r in of(frames, "chat.stream.tool_result")}
     assert results["call_1"]["output"] == 5 and results["call_1"]["isError"] is False
     assert results["call_2"]["isError"] is True and "boom" in results["call_2"]["output"]
@@ -78,7 +86,11 @@ async def test_litellm_tool_loop_over_websocket(openai_client: TestClient, token
     end = frames[-1]
     assert end["finishReason"] == "stop"
     # turn totals over three calls; cached tokens are reported apart from fresh input
-    assert (end["usage"]["inputTokens"], end["usage"]["cacheReadTokens"], end["usage"]["outputTokens"]) == (20 + 40 + 50, 10, 18)
+    assert (end["usage"]["inputTokens"], end["usage"]["cacheReadTokens"], end["usage"]["outputTokens"]) == (
+        20 + 40 + 50,
+        10,
+        18,
+    )
 
     # the results went back to the model as tool messages, and the tools were sent as functions
     second = fake_openai.requests[1].body
@@ -92,8 +104,14 @@ async def test_litellm_tool_loop_over_websocket(openai_client: TestClient, token
     await ws.send_json({"type": "context.inspect", "id": "i1", "sessionId": frames[0]["sessionId"]})
     inspection = json.loads((await ws.receive(timeout=10)).data)
     tools = next(s for s in inspection["sections"] if s["name"] == "tools")
-    sent = [{"name": t["function"]["name"], "description": t["function"]["description"],
-             "input_schema": t["function"]["parameters"]} for t in second["tools"]]
+    sent = [
+        {
+            "name": t["function"]["name"],
+            "description": t["function"]["description"],
+            "input_schema": t["function"]["parameters"],
+        }
+        for t in second["tools"]
+    ]
     assert tools["byteCount"] == len(json.dumps(sent, ensure_ascii=False).encode()) and tools["tokenEstimate"] > 0
 
     # the stored turn is valid history for the next one
@@ -105,13 +123,17 @@ async def test_litellm_tool_loop_over_websocket(openai_client: TestClient, token
     await ws.close()
 
 
-async def test_litellm_tool_loop_over_sse(openai_client: TestClient, auth_headers: dict[str, str], fake_openai: Any) -> None:
+async def test_litellm_tool_loop_over_sse(
+    openai_client: TestClient, auth_headers: dict[str, str], fake_openai: Any
+) -> None:
     script_tool_turn(fake_openai)
     chunks = await read_all(await post_chat(openai_client, auth_headers, "tools-sse", user("What is 2 + 3?")))
     check_protocol(chunks)
     inputs = chunks_of(chunks, "tool-input-available")
     assert [c["toolName"] for c in inputs] == ["add", "explode", "no_such_tool"]
-    assert chunks_of(chunks, "tool-output-available") == [{"type": "tool-output-available", "toolCallId": "call_1", "output": 5}]
+    assert chunks_of(chunks, "tool-output-available") == [
+        {"type": "tool-output-available", "toolCallId": "call_1", "output": 5}
+    ]
     assert {c["toolCallId"] for c in chunks_of(chunks, "tool-output-error")} == {"call_2", "call_3"}
     assert types(chunks).count("finish-step") == 3
     # each step's tool results come before its finish-step
@@ -121,13 +143,15 @@ async def test_litellm_tool_loop_over_sse(openai_client: TestClient, auth_header
     assert finish["messageMetadata"]["usage"]["outputTokens"] == 18
 
 
-async def test_max_steps_over_sse(make_client: Any, auth_headers: dict[str, str], fake_openai: Any,
-                                  monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_max_steps_over_sse(
+    make_client: Any, auth_headers: dict[str, str], fake_openai: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("OPENAI_API_KEY", "sk-openai-test-key")
     pm = create_plugin_manager()
     pm.register(Tools())
-    client = await make_client(pm=pm, models={"default": MODEL}, providers={"openai": {"base_url": fake_openai.url}},
-                               chat={"max_steps": 2})
+    client = await make_client(
+        pm=pm, models={"default": MODEL}, providers={"openai": {"base_url": fake_openai.url}}, chat={"max_steps": 2}
+    )
     fake_openai.enqueue(*(tool_calls_response(tool_call(f"call_{i}", "add", {"a": i, "b": 1})) for i in range(3)))
     chunks = await read_all(await post_chat(client, auth_headers, "steps", user("loop forever")))
     check_protocol(chunks)
@@ -140,8 +164,11 @@ async def test_max_steps_over_sse(make_client: Any, auth_headers: dict[str, str]
 async def test_echo_plugin_through_the_gateway(make_client: Any, token: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """An installed provider plugin, found through its entry point, serves chats with realistic usage."""
     monkeypatch.setenv("AGENTSPACE_LOAD_PLUGINS", "echo")
-    client = await make_client(pm=create_plugin_manager(), models={"default": "echo/reasoning"},
-                               pricing={"echo/reasoning": {"input_per_mtok": 0, "output_per_mtok": 0}})
+    client = await make_client(
+        pm=create_plugin_manager(),
+        models={"default": "echo/reasoning"},
+        pricing={"echo/reasoning": {"input_per_mtok": 0, "output_per_mtok": 0}},
+    )
     ws = await connect(client, token)
     frames = await chat(ws, "say this back")
     assert "".join(f["delta"] for f in of(frames, "chat.stream.delta")) == "say this back"
@@ -153,7 +180,9 @@ async def test_echo_plugin_through_the_gateway(make_client: Any, token: str, mon
     await ws.close()
 
 
-async def test_tool_output_that_json_lacks_becomes_text(openai_client: TestClient, token: str, fake_openai: Any) -> None:
+async def test_tool_output_that_json_lacks_becomes_text(
+    openai_client: TestClient, token: str, fake_openai: Any
+) -> None:
     """A tool may return datetimes or tuples: the model, the client and the store all get JSON."""
     fake_openai.enqueue(tool_calls_response(tool_call("call_t", "clock", {})), text_response("It is six."))
     ws = await connect(openai_client, token)
@@ -163,6 +192,11 @@ async def test_tool_output_that_json_lacks_becomes_text(openai_client: TestClien
     tool_message = next(m for m in fake_openai.requests[1].body["messages"] if m["role"] == "tool")
     assert json.loads(tool_message["content"]) == expected
     stored = await openai_client.server.app[state.REGISTRY].sessions.get(frames[0]["sessionId"])
-    assert {"type": "tool-result", "toolCallId": "call_t", "name": "clock", "output": expected, "isError": False} in \
-        stored["messages"][-1]["parts"]
+    assert {
+        "type": "tool-result",
+        "toolCallId": "call_t",
+        "name": "clock",
+        "output": expected,
+        "isError": False,
+    } in stored["messages"][-1]["parts"]
     await ws.close()

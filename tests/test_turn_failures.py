@@ -32,8 +32,9 @@ RETRIES = 2
 
 
 @pytest.fixture
-async def app(make_client: Callable[..., Awaitable[TestClient]], fake_openai: fo.FakeOpenAI,
-              monkeypatch: pytest.MonkeyPatch) -> Callable[[], Awaitable[TestClient]]:
+async def app(
+    make_client: Callable[..., Awaitable[TestClient]], fake_openai: fo.FakeOpenAI, monkeypatch: pytest.MonkeyPatch
+) -> Callable[[], Awaitable[TestClient]]:
     """``await app()``: the real app with both providers; the shortest backoff between retries."""
     monkeypatch.setenv("OPENAI_API_KEY", OPENAI_KEY)
     monkeypatch.setattr(pipeline.random, "random", lambda: 0.0)
@@ -76,8 +77,9 @@ async def check_failed_turn_is_marked(client: TestClient, session_id: str, code:
 
 @pytest.mark.parametrize("provider", ["anthropic", "openai"])
 @pytest.mark.parametrize("kind", ["500", "400"])
-async def test_ws_failed_turn_leaves_the_session_usable(app: Any, token: str, fake_anthropic: fa.FakeAnthropic,
-                                                        fake_openai: fo.FakeOpenAI, provider: str, kind: str) -> None:
+async def test_ws_failed_turn_leaves_the_session_usable(
+    app: Any, token: str, fake_anthropic: fa.FakeAnthropic, fake_openai: fo.FakeOpenAI, provider: str, kind: str
+) -> None:
     fake = fake_anthropic if provider == "anthropic" else fake_openai
     model = ANTHROPIC if provider == "anthropic" else OPENAI
     client = await app()
@@ -98,13 +100,17 @@ async def test_ws_failed_turn_leaves_the_session_usable(app: Any, token: str, fa
     # And the next one too: the (hello, fine) pair is history, the failed message still is not.
     frames = await chat(ws, "again", "r3", sessionId=session_id)
     assert frames[-1]["type"] == "chat.stream.end"
-    assert user_turns(provider, fake.requests[-1].body) == [*only_new_text(provider, "hello"), *only_new_text(provider, "again")]
+    assert user_turns(provider, fake.requests[-1].body) == [
+        *only_new_text(provider, "hello"),
+        *only_new_text(provider, "again"),
+    ]
     await ws.close()
 
 
 @pytest.mark.parametrize("kind", ["500", "400"])
-async def test_http_failed_turn_leaves_the_session_usable(app: Any, auth_headers: dict[str, str],
-                                                          fake_anthropic: fa.FakeAnthropic, kind: str) -> None:
+async def test_http_failed_turn_leaves_the_session_usable(
+    app: Any, auth_headers: dict[str, str], fake_anthropic: fa.FakeAnthropic, kind: str
+) -> None:
     client = await app()
     fake_anthropic.enqueue(*refusal("anthropic", kind))
     resp = await post_chat(client, auth_headers, "chat1", user(HUGE, "u1"))
@@ -121,7 +127,9 @@ async def test_http_failed_turn_leaves_the_session_usable(app: Any, auth_headers
     assert user_turns("anthropic", fake_anthropic.requests[-1].body) == only_new_text("anthropic", "hello")
 
 
-async def test_failed_turn_is_not_resent_after_a_restart(app: Any, token: str, fake_anthropic: fa.FakeAnthropic) -> None:
+async def test_failed_turn_is_not_resent_after_a_restart(
+    app: Any, token: str, fake_anthropic: fa.FakeAnthropic
+) -> None:
     first = await app()
     fake_anthropic.enqueue(fa.error_status(400, TOO_LONG))
     ws = await connect(first, token)
@@ -144,7 +152,9 @@ async def test_failed_turn_is_not_resent_after_a_restart(app: Any, token: str, f
     await ws.close()
 
 
-async def test_context_inspection_leaves_the_failed_message_out(app: Any, token: str, fake_anthropic: fa.FakeAnthropic) -> None:
+async def test_context_inspection_leaves_the_failed_message_out(
+    app: Any, token: str, fake_anthropic: fa.FakeAnthropic
+) -> None:
     client = await app()
     fake_anthropic.enqueue(fa.error_status(400, TOO_LONG))
     ws = await connect(client, token)
@@ -158,8 +168,9 @@ async def test_context_inspection_leaves_the_failed_message_out(app: Any, token:
 
 
 @pytest.mark.parametrize("provider", ["anthropic", "openai"])
-async def test_connection_refused_is_an_unanswered_error(make_client: Any, token: str, provider: str,
-                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_connection_refused_is_an_unanswered_error(
+    make_client: Any, token: str, provider: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("OPENAI_API_KEY", OPENAI_KEY)
     monkeypatch.setattr(pipeline.random, "random", lambda: 0.0)
     async with RefusingUpstream() as upstream:
@@ -175,13 +186,16 @@ async def test_connection_refused_is_an_unanswered_error(make_client: Any, token
     assert (record["totalTokens"], record["totalCost"]) == (0, 0)
 
 
-async def test_concurrent_first_requests_for_one_new_session(app: Any, auth_headers: dict[str, str],
-                                                             fake_anthropic: fa.FakeAnthropic) -> None:
+async def test_concurrent_first_requests_for_one_new_session(
+    app: Any, auth_headers: dict[str, str], fake_anthropic: fa.FakeAnthropic
+) -> None:
     """The session is claimed before the user message's (awaited) write: the second request is refused."""
     client = await app()
     fake_anthropic.enqueue(fa.text_response("one").with_delay(0.05))
-    first, second = await asyncio.gather(post_chat(client, auth_headers, "race", user("a", "u1")),
-                                         post_chat(client, auth_headers, "race", user("b", "u2")))
+    first, second = await asyncio.gather(
+        post_chat(client, auth_headers, "race", user("a", "u1")),
+        post_chat(client, auth_headers, "race", user("b", "u2")),
+    )
     statuses = sorted([first.status, second.status])
     assert statuses == [200, 409]
     winner = first if first.status == 200 else second

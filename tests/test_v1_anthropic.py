@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import json
-from typing import Any, Awaitable, Callable
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 import aiohttp
 import anthropic
@@ -47,17 +48,26 @@ async def records(client: TestClient, session_id: str | None = None) -> list[dic
 
 
 async def stream_events(api: anthropic.AsyncAnthropic, **params: Any) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    async with api.messages.stream(model=params.pop("model", MODEL), max_tokens=params.pop("max_tokens", 1024),
-                                   messages=params.pop("messages", MESSAGES), **params) as stream:
+    async with api.messages.stream(
+        model=params.pop("model", MODEL),
+        max_tokens=params.pop("max_tokens", 1024),
+        messages=params.pop("messages", MESSAGES),
+        **params,
+    ) as stream:
         events = [event.model_dump() async for event in stream]
         final = (await stream.get_final_message()).model_dump()
     return events, final
 
 
-async def test_stream_through_the_gateway_equals_the_upstream_stream(client: TestClient, token: str, fake_anthropic: FakeAnthropic) -> None:
-    answer = text_response("Hello there, how are you?", chunks=4, usage={"input_tokens": 12, "cache_creation_input_tokens": 100,
-                                                                        "cache_read_input_tokens": 2000},
-                           delta_usages=[{"output_tokens": 3}, {"output_tokens": 9}])
+async def test_stream_through_the_gateway_equals_the_upstream_stream(
+    client: TestClient, token: str, fake_anthropic: FakeAnthropic
+) -> None:
+    answer = text_response(
+        "Hello there, how are you?",
+        chunks=4,
+        usage={"input_tokens": 12, "cache_creation_input_tokens": 100, "cache_read_input_tokens": 2000},
+        delta_usages=[{"output_tokens": 3}, {"output_tokens": 9}],
+    )
     fake_anthropic.enqueue(answer, answer)
     expected, expected_final = await stream_events(direct(fake_anthropic))
     events, final = await stream_events(sdk(client, token))
@@ -66,29 +76,43 @@ async def test_stream_through_the_gateway_equals_the_upstream_stream(client: Tes
     assert final["content"][0]["text"] == "Hello there, how are you?"
     # Byte for byte: the upstream got what the SDK sent, with the client's anthropic-version.
     assert fake_anthropic.requests[1].raw == fake_anthropic.requests[0].raw
-    assert fake_anthropic.requests[1].headers["anthropic-version"] == fake_anthropic.requests[0].headers["anthropic-version"]
+    assert (
+        fake_anthropic.requests[1].headers["anthropic-version"]
+        == fake_anthropic.requests[0].headers["anthropic-version"]
+    )
     assert fake_anthropic.requests[1].api_key == TEST_KEY  # our key upstream, never the gateway token
     (record,) = await records(client)
     assert record["endpoint"] == "anthropic"
     assert record["model"] == "anthropic/claude-sonnet-4-5"
-    assert (record["inputTokens"], record["outputTokens"], record["cacheWriteTokens"], record["cacheReadTokens"]) == (12, 9, 100, 2000)
+    assert (record["inputTokens"], record["outputTokens"], record["cacheWriteTokens"], record["cacheReadTokens"]) == (
+        12,
+        9,
+        100,
+        2000,
+    )
     assert record["estimated"] is False and record["estimatedFields"] == []
     assert record["finishReason"] == "stop" and record["error"] is None and record["answered"] is True
     assert record["totalCost"] == pytest.approx((12 * 3 + 9 * 15 + 100 * 3.75 + 2000 * 0.3) / 1e6)
 
 
-@pytest.mark.parametrize("answer", [
-    thinking_response("Let me think.", "42", redacted=True),
-    tool_use_response("get_weather", {"city": "Paris"}, text="Checking."),
-    error_event("overloaded_error", "Overloaded", text="Part"),
-], ids=["thinking", "tool_use", "error_event"])
-async def test_every_kind_of_stream_is_seen_as_from_the_upstream(client: TestClient, token: str, fake_anthropic: FakeAnthropic,
-                                                                 answer: Any) -> None:
+@pytest.mark.parametrize(
+    "answer",
+    [
+        thinking_response("Let me think.", "42", redacted=True),
+        tool_use_response("get_weather", {"city": "Paris"}, text="Checking."),
+        error_event("overloaded_error", "Overloaded", text="Part"),
+    ],
+    ids=["thinking", "tool_use", "error_event"],
+)
+async def test_every_kind_of_stream_is_seen_as_from_the_upstream(
+    client: TestClient, token: str, fake_anthropic: FakeAnthropic, answer: Any
+) -> None:
     async def seen(api: anthropic.AsyncAnthropic) -> list[Any]:
         out: list[Any] = []
         try:
-            async with api.messages.stream(model=MODEL, max_tokens=4000, messages=MESSAGES,
-                                           thinking={"type": "enabled", "budget_tokens": 2000}) as stream:
+            async with api.messages.stream(
+                model=MODEL, max_tokens=4000, messages=MESSAGES, thinking={"type": "enabled", "budget_tokens": 2000}
+            ) as stream:
                 async for event in stream:
                     out.append(event.model_dump())
                 out.append((await stream.get_final_message()).model_dump())
@@ -101,8 +125,13 @@ async def test_every_kind_of_stream_is_seen_as_from_the_upstream(client: TestCli
 
 
 async def test_create_not_streamed(client: TestClient, token: str, fake_anthropic: FakeAnthropic) -> None:
-    fake_anthropic.enqueue(text_response("Whole answer", usage={"input_tokens": 20, "cache_read_input_tokens": 5},
-                                         delta_usages=[{"output_tokens": 4}]))
+    fake_anthropic.enqueue(
+        text_response(
+            "Whole answer",
+            usage={"input_tokens": 20, "cache_read_input_tokens": 5},
+            delta_usages=[{"output_tokens": 4}],
+        )
+    )
     message = await sdk(client, token).messages.create(model=MODEL, max_tokens=100, messages=MESSAGES)
     assert message.content[0].text == "Whole answer"  # type: ignore[union-attr]
     assert not fake_anthropic.requests[0].body.get("stream")
@@ -111,15 +140,23 @@ async def test_create_not_streamed(client: TestClient, token: str, fake_anthropi
     assert record["endpoint"] == "anthropic" and record["finishReason"] == "stop"
 
 
-async def test_prefixed_model_id_goes_upstream_without_the_prefix(client: TestClient, token: str, fake_anthropic: FakeAnthropic) -> None:
-    message = await sdk(client, token).messages.create(model="anthropic/claude-sonnet-4-5", max_tokens=100, messages=MESSAGES)
+async def test_prefixed_model_id_goes_upstream_without_the_prefix(
+    client: TestClient, token: str, fake_anthropic: FakeAnthropic
+) -> None:
+    message = await sdk(client, token).messages.create(
+        model="anthropic/claude-sonnet-4-5", max_tokens=100, messages=MESSAGES
+    )
     assert fake_anthropic.requests[0].body["model"] == "claude-sonnet-4-5"
     assert message.model == "claude-sonnet-4-5"
 
 
 async def test_thinking(client: TestClient, token: str, fake_anthropic: FakeAnthropic) -> None:
-    fake_anthropic.enqueue(thinking_response("Six times seven.", "42", usage={"input_tokens": 30}, delta_usages=[{"output_tokens": 50}]))
-    events, final = await stream_events(sdk(client, token), max_tokens=4000, thinking={"type": "enabled", "budget_tokens": 2000})
+    fake_anthropic.enqueue(
+        thinking_response("Six times seven.", "42", usage={"input_tokens": 30}, delta_usages=[{"output_tokens": 50}])
+    )
+    events, final = await stream_events(
+        sdk(client, token), max_tokens=4000, thinking={"type": "enabled", "budget_tokens": 2000}
+    )
     assert [b["type"] for b in final["content"]] == ["thinking", "text"]
     assert final["content"][0]["thinking"] == "Six times seven." and final["content"][0]["signature"]
     assert fake_anthropic.requests[0].body["thinking"] == {"type": "enabled", "budget_tokens": 2000}
@@ -129,33 +166,57 @@ async def test_thinking(client: TestClient, token: str, fake_anthropic: FakeAnth
 
 
 async def test_tool_use_and_a_tool_result_turn(client: TestClient, token: str, fake_anthropic: FakeAnthropic) -> None:
-    tools = [{"name": "get_weather", "description": "Weather of a city", "input_schema": {"type": "object", "properties": {"city": {"type": "string"}}}}]
-    fake_anthropic.enqueue(tool_use_response("get_weather", {"city": "Paris"}, id="toolu_1", text="Let me look."),
-                           text_response("18 °C in Paris."))
+    tools = [
+        {
+            "name": "get_weather",
+            "description": "Weather of a city",
+            "input_schema": {"type": "object", "properties": {"city": {"type": "string"}}},
+        }
+    ]
+    fake_anthropic.enqueue(
+        tool_use_response("get_weather", {"city": "Paris"}, id="toolu_1", text="Let me look."),
+        text_response("18 °C in Paris."),
+    )
     api = sdk(client, token)
     _, first = await stream_events(api, tools=tools, tool_choice={"type": "auto"})
     assert first["stop_reason"] == "tool_use"
     call = first["content"][1]
     assert (call["type"], call["id"], call["input"]) == ("tool_use", "toolu_1", {"city": "Paris"})
-    history = [*MESSAGES, {"role": "assistant", "content": first["content"]},
-               {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_1", "content": "18 °C"}]}]
+    history = [
+        *MESSAGES,
+        {"role": "assistant", "content": first["content"]},
+        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_1", "content": "18 °C"}]},
+    ]
     _, second = await stream_events(api, tools=tools, messages=history)
     assert second["content"][0]["text"] == "18 °C in Paris."
     sent = fake_anthropic.requests[1].body
     assert sent["messages"][2]["content"] == [{"type": "tool_result", "tool_use_id": "toolu_1", "content": "18 °C"}]
     assert sent["tools"] == tools and fake_anthropic.requests[0].body["tool_choice"] == {"type": "auto"}
-    assert [r["finishReason"] for r in sorted(await records(client), key=lambda r: r["timestamp"])] == ["tool-calls", "stop"]
+    assert [r["finishReason"] for r in sorted(await records(client), key=lambda r: r["timestamp"])] == [
+        "tool-calls",
+        "stop",
+    ]
 
 
-async def test_cache_control_metadata_and_images_arrive_unchanged(client: TestClient, token: str, fake_anthropic: FakeAnthropic) -> None:
-    system = [{"type": "text", "text": "You are terse.", "cache_control": {"type": "ephemeral"}},
-              {"type": "text", "text": "Big context " * 50, "cache_control": {"type": "ephemeral", "ttl": "1h"}}]
-    content = [{"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": "iVBORw0KGgo="}},
-               {"type": "document", "source": {"type": "text", "media_type": "text/plain", "data": "A doc."}},
-               {"type": "text", "text": "Describe", "cache_control": {"type": "ephemeral"}}]
-    await sdk(client, token).messages.create(model=MODEL, max_tokens=100, system=system,  # type: ignore[arg-type]
-                                             messages=[{"role": "user", "content": content}],  # type: ignore[list-item]
-                                             metadata={"user_id": "u-1"})
+async def test_cache_control_metadata_and_images_arrive_unchanged(
+    client: TestClient, token: str, fake_anthropic: FakeAnthropic
+) -> None:
+    system = [
+        {"type": "text", "text": "You are terse.", "cache_control": {"type": "ephemeral"}},
+        {"type": "text", "text": "Big context " * 50, "cache_control": {"type": "ephemeral", "ttl": "1h"}},
+    ]
+    content = [
+        {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": "iVBORw0KGgo="}},
+        {"type": "document", "source": {"type": "text", "media_type": "text/plain", "data": "A doc."}},
+        {"type": "text", "text": "Describe", "cache_control": {"type": "ephemeral"}},
+    ]
+    await sdk(client, token).messages.create(
+        model=MODEL,
+        max_tokens=100,
+        system=system,  # type: ignore[arg-type]
+        messages=[{"role": "user", "content": content}],  # type: ignore[list-item]
+        metadata={"user_id": "u-1"},
+    )
     sent = fake_anthropic.requests[0].body
     assert sent["system"] == system
     assert sent["messages"][0]["content"] == content
@@ -164,8 +225,13 @@ async def test_cache_control_metadata_and_images_arrive_unchanged(client: TestCl
 
 @pytest.mark.parametrize(
     ("status", "error_class"),
-    [(429, anthropic.RateLimitError), (529, anthropic.OverloadedError), (500, anthropic.InternalServerError),
-     (400, anthropic.BadRequestError), (404, anthropic.NotFoundError)],
+    [
+        (429, anthropic.RateLimitError),
+        (529, anthropic.OverloadedError),
+        (500, anthropic.InternalServerError),
+        (400, anthropic.BadRequestError),
+        (404, anthropic.NotFoundError),
+    ],
 )
 async def test_upstream_errors_reach_the_sdk_as_they_were(
     client: TestClient, token: str, fake_anthropic: FakeAnthropic, status: int, error_class: type[Exception]
@@ -182,10 +248,14 @@ async def test_upstream_errors_reach_the_sdk_as_they_were(
         assert error.response.headers["retry-after"] == "7"
     (record,) = await records(client)
     assert record["answered"] is False and record["totalTokens"] == 0
-    assert record["error"] == {429: "RATE_LIMITED", 400: "INVALID_MESSAGE", 404: "MODEL_NOT_FOUND"}.get(status, "LLM_ERROR")
+    assert record["error"] == {429: "RATE_LIMITED", 400: "INVALID_MESSAGE", 404: "MODEL_NOT_FOUND"}.get(
+        status, "LLM_ERROR"
+    )
 
 
-async def test_error_event_inside_the_stream_is_relayed(client: TestClient, token: str, fake_anthropic: FakeAnthropic) -> None:
+async def test_error_event_inside_the_stream_is_relayed(
+    client: TestClient, token: str, fake_anthropic: FakeAnthropic
+) -> None:
     fake_anthropic.enqueue(error_event("overloaded_error", "Overloaded right now", text="Partial answer"))
     with pytest.raises(anthropic.APIStatusError) as raised:
         await stream_events(sdk(client, token))
@@ -199,12 +269,18 @@ async def test_error_event_inside_the_stream_is_relayed(client: TestClient, toke
 async def test_client_disconnect_stops_the_upstream_and_leaves_one_record(
     client: TestClient, token: str, fake_anthropic: FakeAnthropic
 ) -> None:
-    fake_anthropic.enqueue(text_response("word " * 200, chunks=200, usage={"input_tokens": 77, "cache_read_input_tokens": 11})
-                           .with_delay(0.02))
+    fake_anthropic.enqueue(
+        text_response("word " * 200, chunks=200, usage={"input_tokens": 77, "cache_read_input_tokens": 11}).with_delay(
+            0.02
+        )
+    )
     body = {"model": MODEL, "max_tokens": 1000, "messages": MESSAGES, "stream": True}
     async with aiohttp.ClientSession() as http:
-        async with http.post(f"{gateway_url(client)}/v1/messages", json=body,
-                             headers={"x-api-key": token, "anthropic-version": "2023-06-01"}) as resp:
+        async with http.post(
+            f"{gateway_url(client)}/v1/messages",
+            json=body,
+            headers={"x-api-key": token, "anthropic-version": "2023-06-01"},
+        ) as resp:
             assert resp.status == 200
             received = b""
             while received.count(b"content_block_delta") < 5:
@@ -228,7 +304,9 @@ async def _nonempty(pending: Awaitable[list[Any]]) -> bool:
     return bool(await pending)
 
 
-async def test_gateway_token_as_bearer_and_wrong_tokens(client: TestClient, token: str, fake_anthropic: FakeAnthropic) -> None:
+async def test_gateway_token_as_bearer_and_wrong_tokens(
+    client: TestClient, token: str, fake_anthropic: FakeAnthropic
+) -> None:
     bearer = anthropic.AsyncAnthropic(auth_token=token, base_url=gateway_url(client), max_retries=0)
     message = await bearer.messages.create(model=MODEL, max_tokens=10, messages=MESSAGES)
     assert message.content
@@ -238,8 +316,12 @@ async def test_gateway_token_as_bearer_and_wrong_tokens(client: TestClient, toke
     assert len(fake_anthropic.requests) == 1
 
 
-async def test_no_anthropic_key_is_a_clear_error(make_client: Callable[..., Awaitable[TestClient]], token: str,
-                                                 monkeypatch: pytest.MonkeyPatch, fake_anthropic: FakeAnthropic) -> None:
+async def test_no_anthropic_key_is_a_clear_error(
+    make_client: Callable[..., Awaitable[TestClient]],
+    token: str,
+    monkeypatch: pytest.MonkeyPatch,
+    fake_anthropic: FakeAnthropic,
+) -> None:
     client = await make_client()
     monkeypatch.delenv("ANTHROPIC_API_KEY")
     with pytest.raises(anthropic.APIStatusError) as raised:
@@ -253,7 +335,8 @@ async def test_no_anthropic_key_is_a_clear_error(make_client: Callable[..., Awai
 async def test_session_header_attributes_usage(client: TestClient, token: str, fake_anthropic: FakeAnthropic) -> None:
     fake_anthropic.enqueue(text_response("a", usage={"input_tokens": 40}, delta_usages=[{"output_tokens": 6}]))
     await sdk(client, token, default_headers={"X-Agentspace-Session": "proj-7"}).messages.create(
-        model=MODEL, max_tokens=10, messages=MESSAGES)
+        model=MODEL, max_tokens=10, messages=MESSAGES
+    )
     (record,) = await records(client, "proj-7")
     assert record["sessionId"] == "proj-7"
     await client.close()  # the CLI reads the same store
@@ -262,7 +345,9 @@ async def test_session_header_attributes_usage(client: TestClient, token: str, f
     assert (total["inputTokens"], total["outputTokens"]) == (40, 6)
 
 
-async def test_count_tokens_from_upstream_and_local_fallback(client: TestClient, token: str, fake_anthropic: FakeAnthropic) -> None:
+async def test_count_tokens_from_upstream_and_local_fallback(
+    client: TestClient, token: str, fake_anthropic: FakeAnthropic
+) -> None:
     api = sdk(client, token)
     tools = [{"name": "t", "description": "d", "input_schema": {"type": "object"}}]
     counted = await api.messages.count_tokens(model=MODEL, messages=MESSAGES, system="Be brief.", tools=tools)  # type: ignore[list-item]
@@ -272,7 +357,9 @@ async def test_count_tokens_from_upstream_and_local_fallback(client: TestClient,
     raw = await api.messages.with_raw_response.count_tokens(model=MODEL, messages=MESSAGES)
     assert raw.headers["x-agentspace-estimated"] == "true"
     small = (await raw.parse()).input_tokens
-    bigger = (await api.messages.count_tokens(model=MODEL, messages=MESSAGES, system="Be brief. " * 100, tools=tools)).input_tokens  # type: ignore[list-item]
+    bigger = (
+        await api.messages.count_tokens(model=MODEL, messages=MESSAGES, system="Be brief. " * 100, tools=tools)
+    ).input_tokens  # type: ignore[list-item]
     assert 0 < small < bigger
     assert await records(client) == []  # counting is not a model call
 
@@ -287,18 +374,41 @@ async def test_claude_code_shaped_session(client: TestClient, token: str, fake_a
         "X-Claude-Code-Session-Id": "cc-session-1",
         "User-Agent": "claude-cli/2.0.0 (external, cli)",
     }
-    api = anthropic.AsyncAnthropic(auth_token=token, base_url=gateway_url(client), max_retries=0, default_headers=headers)
-    tools = [{"name": f"Tool{i}", "description": f"Tool number {i} " * 20,
-              "input_schema": {"type": "object", "properties": {"arg": {"type": "string"}}, "required": ["arg"]}} for i in range(40)]
-    system = [{"type": "text", "text": "You are Claude Code, Anthropic's official CLI for Claude."},
-              {"type": "text", "text": "Instructions " * 300, "cache_control": {"type": "ephemeral"}}]
-    counts = await asyncio.gather(*(api.messages.count_tokens(model=MODEL, messages=MESSAGES, system=system, tools=tools)  # type: ignore[arg-type]
-                                    for _ in range(40)))
+    api = anthropic.AsyncAnthropic(
+        auth_token=token, base_url=gateway_url(client), max_retries=0, default_headers=headers
+    )
+    tools = [
+        {
+            "name": f"Tool{i}",
+            "description": f"Tool number {i} " * 20,
+            "input_schema": {"type": "object", "properties": {"arg": {"type": "string"}}, "required": ["arg"]},
+        }
+        for i in range(40)
+    ]
+    system = [
+        {"type": "text", "text": "You are Claude Code, Anthropic's official CLI for Claude."},
+        {"type": "text", "text": "Instructions " * 300, "cache_control": {"type": "ephemeral"}},
+    ]
+    counts = await asyncio.gather(
+        *(
+            api.messages.count_tokens(model=MODEL, messages=MESSAGES, system=system, tools=tools)  # type: ignore[arg-type]
+            for _ in range(40)
+        )
+    )
     assert [c.input_tokens for c in counts] == [42] * 40
-    fake_anthropic.enqueue(text_response("Done.", usage={"input_tokens": 3, "cache_creation_input_tokens": 9000},
-                                         delta_usages=[{"output_tokens": 2}]))
-    _, final = await stream_events(api, max_tokens=32000, system=system, tools=tools, metadata={"user_id": "user_abc_account__session_1"},
-                                   thinking={"type": "enabled", "budget_tokens": 4000})
+    fake_anthropic.enqueue(
+        text_response(
+            "Done.", usage={"input_tokens": 3, "cache_creation_input_tokens": 9000}, delta_usages=[{"output_tokens": 2}]
+        )
+    )
+    _, final = await stream_events(
+        api,
+        max_tokens=32000,
+        system=system,
+        tools=tools,
+        metadata={"user_id": "user_abc_account__session_1"},
+        thinking={"type": "enabled", "budget_tokens": 4000},
+    )
     assert final["content"][0]["text"] == "Done."
     sent = fake_anthropic.requests[0]
     assert sent.headers["anthropic-beta"] == headers["anthropic-beta"]
@@ -307,11 +417,16 @@ async def test_claude_code_shaped_session(client: TestClient, token: str, fake_a
     assert (record["inputTokens"], record["cacheWriteTokens"], record["outputTokens"]) == (3, 9000, 2)
 
     # Claude Code calls /v1/messages?beta=true, and a long session's request passes 1 MiB ([server] max_body_bytes).
-    history = [{"role": "user" if i % 2 == 0 else "assistant", "content": f"turn {i} " + "x" * 20_000} for i in range(101)]
+    history = [
+        {"role": "user" if i % 2 == 0 else "assistant", "content": f"turn {i} " + "x" * 20_000} for i in range(101)
+    ]
     body = {"model": MODEL, "max_tokens": 100, "system": system, "tools": tools, "messages": history}
     async with aiohttp.ClientSession() as http:
-        async with http.post(f"{gateway_url(client)}/v1/messages?beta=true", json=body,
-                             headers={**headers, "Authorization": f"Bearer {token}", "anthropic-version": "2023-06-01"}) as resp:
+        async with http.post(
+            f"{gateway_url(client)}/v1/messages?beta=true",
+            json=body,
+            headers={**headers, "Authorization": f"Bearer {token}", "anthropic-version": "2023-06-01"},
+        ) as resp:
             assert resp.status == 200, await resp.text()
     sent = fake_anthropic.requests[1]
     assert sent.query == "beta=true" and len(sent.raw) > 2_000_000 and sent.body == body
@@ -321,7 +436,9 @@ async def test_claude_code_shaped_session(client: TestClient, token: str, fake_a
 
 
 @pytest.fixture
-async def openai_client(make_client: Callable[..., Awaitable[TestClient]], fake_openai: Any, monkeypatch: pytest.MonkeyPatch) -> TestClient:
+async def openai_client(
+    make_client: Callable[..., Awaitable[TestClient]], fake_openai: Any, monkeypatch: pytest.MonkeyPatch
+) -> TestClient:
     monkeypatch.setenv("OPENAI_API_KEY", "sk-openai-test-0123456789")
     return await make_client(providers={"openai": {"base_url": fake_openai.url}})
 
@@ -329,36 +446,70 @@ async def openai_client(make_client: Callable[..., Awaitable[TestClient]], fake_
 async def test_openai_model_through_messages_stream(openai_client: TestClient, token: str, fake_openai: Any) -> None:
     from tests.fakes import openai_upstream as fo
 
-    fake_openai.enqueue(fo.stream_response(fo.reasoning_deltas("Think."), fo.text_deltas("Calling tools."),
-                                           fo.tool_call_deltas(fo.tool_call("call_a", "get_weather", {"city": "Paris"}),
-                                                               fo.tool_call("call_b", "get_time", {"tz": "CET"}), interleave=True),
-                                           finish_reason="tool_calls", usage=fo.usage(40, 25, cached=30, reasoning=4)))
+    fake_openai.enqueue(
+        fo.stream_response(
+            fo.reasoning_deltas("Think."),
+            fo.text_deltas("Calling tools."),
+            fo.tool_call_deltas(
+                fo.tool_call("call_a", "get_weather", {"city": "Paris"}),
+                fo.tool_call("call_b", "get_time", {"tz": "CET"}),
+                interleave=True,
+            ),
+            finish_reason="tool_calls",
+            usage=fo.usage(40, 25, cached=30, reasoning=4),
+        )
+    )
     tools = [{"name": n, "description": n, "input_schema": {"type": "object"}} for n in ("get_weather", "get_time")]
-    events, final = await stream_events(sdk(openai_client, token), model="openai/gpt-4o-mini", tools=tools,
-                                        system=[{"type": "text", "text": "Be brief.", "cache_control": {"type": "ephemeral"}}])
+    events, final = await stream_events(
+        sdk(openai_client, token),
+        model="openai/gpt-4o-mini",
+        tools=tools,
+        system=[{"type": "text", "text": "Be brief.", "cache_control": {"type": "ephemeral"}}],
+    )
     assert [b["type"] for b in final["content"]] == ["thinking", "text", "tool_use", "tool_use"]
     assert final["content"][0]["thinking"] == "Think." and final["content"][1]["text"] == "Calling tools."
-    assert [(b["id"], b["input"]) for b in final["content"][2:]] == [("call_a", {"city": "Paris"}), ("call_b", {"tz": "CET"})]
+    assert [(b["id"], b["input"]) for b in final["content"][2:]] == [
+        ("call_a", {"city": "Paris"}),
+        ("call_b", {"tz": "CET"}),
+    ]
     assert final["stop_reason"] == "tool_use" and final["model"] == "openai/gpt-4o-mini"
-    assert (final["usage"]["input_tokens"], final["usage"]["cache_read_input_tokens"], final["usage"]["output_tokens"]) == (10, 30, 25)
+    assert (
+        final["usage"]["input_tokens"],
+        final["usage"]["cache_read_input_tokens"],
+        final["usage"]["output_tokens"],
+    ) == (10, 30, 25)
     starts = [e for e in events if e["type"] == "content_block_start"]
     assert [e["index"] for e in starts] == [0, 1, 2, 3]
     sent = fake_openai.requests[0].body
     assert sent["messages"][0] == {"role": "system", "content": "Be brief."}
     assert [t["function"]["name"] for t in sent["tools"]] == ["get_weather", "get_time"]
     (record,) = await records(openai_client)
-    assert (record["endpoint"], record["model"], record["inputTokens"], record["cacheReadTokens"], record["outputTokens"]) == (
-        "anthropic", "openai/gpt-4o-mini", 10, 30, 25)
+    assert (
+        record["endpoint"],
+        record["model"],
+        record["inputTokens"],
+        record["cacheReadTokens"],
+        record["outputTokens"],
+    ) == ("anthropic", "openai/gpt-4o-mini", 10, 30, 25)
 
 
-async def test_openai_model_through_messages_create_and_tool_results(openai_client: TestClient, token: str, fake_openai: Any) -> None:
+async def test_openai_model_through_messages_create_and_tool_results(
+    openai_client: TestClient, token: str, fake_openai: Any
+) -> None:
     from tests.fakes import openai_upstream as fo
 
     fake_openai.enqueue(fo.text_response("It is 18 C.", usage=fo.usage(12, 5)))
-    history = [{"role": "user", "content": "Weather?"},
-               {"role": "assistant", "content": [{"type": "tool_use", "id": "call_a", "name": "get_weather", "input": {"city": "Paris"}}]},
-               {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "call_a", "content": "18 C"}]}]
-    message = await sdk(openai_client, token).messages.create(model="openai/gpt-4o-mini", max_tokens=100, messages=history)  # type: ignore[arg-type]
+    history = [
+        {"role": "user", "content": "Weather?"},
+        {
+            "role": "assistant",
+            "content": [{"type": "tool_use", "id": "call_a", "name": "get_weather", "input": {"city": "Paris"}}],
+        },
+        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "call_a", "content": "18 C"}]},
+    ]
+    message = await sdk(openai_client, token).messages.create(
+        model="openai/gpt-4o-mini", max_tokens=100, messages=history
+    )  # type: ignore[arg-type]
     assert message.content[0].text == "It is 18 C." and message.stop_reason == "end_turn"  # type: ignore[union-attr]
     assert (message.usage.input_tokens, message.usage.output_tokens) == (12, 5)
     sent = fake_openai.requests[0].body["messages"]
@@ -374,7 +525,12 @@ async def test_openai_model_through_messages_errors(openai_client: TestClient, t
     with pytest.raises(anthropic.RateLimitError) as raised:
         await stream_events(api, model="openai/gpt-4o-mini")
     assert "Slow down" in raised.value.message and raised.value.response.headers["retry-after"] == "2"
-    image = [{"role": "user", "content": [{"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": "AAAA"}}]}]
+    image = [
+        {
+            "role": "user",
+            "content": [{"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": "AAAA"}}],
+        }
+    ]
     with pytest.raises(anthropic.BadRequestError):
         await api.messages.create(model="openai/gpt-4o-mini", max_tokens=10, messages=image)  # type: ignore[arg-type]
     with pytest.raises(anthropic.NotFoundError):
@@ -383,15 +539,26 @@ async def test_openai_model_through_messages_errors(openai_client: TestClient, t
     assert record["error"] == "RATE_LIMITED" and record["answered"] is False
 
 
-async def test_count_tokens_of_other_models_is_local(openai_client: TestClient, token: str, fake_anthropic: FakeAnthropic) -> None:
-    raw = await sdk(openai_client, token).messages.with_raw_response.count_tokens(model="openai/gpt-4o-mini", messages=MESSAGES)
+async def test_count_tokens_of_other_models_is_local(
+    openai_client: TestClient, token: str, fake_anthropic: FakeAnthropic
+) -> None:
+    raw = await sdk(openai_client, token).messages.with_raw_response.count_tokens(
+        model="openai/gpt-4o-mini", messages=MESSAGES
+    )
     assert raw.headers["x-agentspace-estimated"] == "true" and (await raw.parse()).input_tokens > 0
     assert fake_anthropic.count_requests == []
 
 
-async def test_sampling_parameters_reach_other_providers(openai_client: TestClient, token: str, fake_openai: Any) -> None:
-    await sdk(openai_client, token).messages.create(model="openai/gpt-4o-mini", max_tokens=50, messages=MESSAGES,
-                                                    stop_sequences=["STOP"], extra_body={"temperature": 0.4, "top_p": 0.8})
+async def test_sampling_parameters_reach_other_providers(
+    openai_client: TestClient, token: str, fake_openai: Any
+) -> None:
+    await sdk(openai_client, token).messages.create(
+        model="openai/gpt-4o-mini",
+        max_tokens=50,
+        messages=MESSAGES,
+        stop_sequences=["STOP"],
+        extra_body={"temperature": 0.4, "top_p": 0.8},
+    )
     sent = fake_openai.requests[0].body
     assert (sent["temperature"], sent["top_p"], sent["stop"], sent["max_tokens"]) == (0.4, 0.8, ["STOP"], 50)
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Awaitable, Callable
+from collections.abc import Awaitable, Callable
 
 import anthropic
 import openai
@@ -10,7 +10,9 @@ import pytest
 from aiohttp.test_utils import TestClient
 
 
-async def test_openai_shape_lists_usable_models_only(make_client: Callable[..., Awaitable[TestClient]], token: str) -> None:
+async def test_openai_shape_lists_usable_models_only(
+    make_client: Callable[..., Awaitable[TestClient]], token: str
+) -> None:
     client = await make_client()  # an Anthropic key only (conftest), no OpenAI key
     api = openai.AsyncOpenAI(api_key=token, base_url=f"http://127.0.0.1:{client.port}/v1", max_retries=0)
     ids = [m.id async for m in api.models.list()]
@@ -20,8 +22,9 @@ async def test_openai_shape_lists_usable_models_only(make_client: Callable[..., 
     assert page.data[0].object == "model" and page.data[0].owned_by == "anthropic"
 
 
-async def test_openai_models_appear_with_a_key(make_client: Callable[..., Awaitable[TestClient]], token: str,
-                                               monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_openai_models_appear_with_a_key(
+    make_client: Callable[..., Awaitable[TestClient]], token: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("OPENAI_API_KEY", "sk-openai-test-0123456789")
     client = await make_client()
     api = openai.AsyncOpenAI(api_key=token, base_url=f"http://127.0.0.1:{client.port}/v1", max_retries=0)
@@ -35,4 +38,6 @@ async def test_anthropic_shape_with_anthropic_version(client: TestClient, token:
     assert "claude-sonnet-4-5" in ids  # the bare id Anthropic clients use
     assert page.data[0].type == "model" and page.has_more is False
     with pytest.raises(anthropic.AuthenticationError):
-        await anthropic.AsyncAnthropic(api_key="wrong", base_url=f"http://127.0.0.1:{client.port}", max_retries=0).models.list()
+        await anthropic.AsyncAnthropic(
+            api_key="wrong", base_url=f"http://127.0.0.1:{client.port}", max_retries=0
+        ).models.list()

@@ -4,7 +4,8 @@ litellm -> fake OpenAI upstream (and the Anthropic SDK -> fake Anthropic for ``a
 from __future__ import annotations
 
 import asyncio
-from typing import Any, Awaitable, Callable
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 import aiohttp
 import openai
@@ -29,8 +30,9 @@ MESSAGES: list[Any] = [{"role": "user", "content": "Hello"}]
 
 
 @pytest.fixture
-async def client(make_client: Callable[..., Awaitable[TestClient]], fake_openai: FakeOpenAI,
-                 monkeypatch: pytest.MonkeyPatch) -> TestClient:
+async def client(
+    make_client: Callable[..., Awaitable[TestClient]], fake_openai: FakeOpenAI, monkeypatch: pytest.MonkeyPatch
+) -> TestClient:
     monkeypatch.setenv("OPENAI_API_KEY", "sk-openai-test-0123456789")
     return await make_client(providers={"openai": {"base_url": fake_openai.url}})
 
@@ -53,7 +55,9 @@ def content(chunks: list[dict[str, Any]], key: str = "content") -> str:
 
 async def test_streamed_without_include_usage(client: TestClient, token: str, fake_openai: FakeOpenAI) -> None:
     fake_openai.enqueue(text_response("Hello, world!", chunks=4, usage=usage(30, 7, cached=10)))
-    chunks = await chunks_of(await sdk(client, token).chat.completions.create(model=MODEL, messages=MESSAGES, stream=True))
+    chunks = await chunks_of(
+        await sdk(client, token).chat.completions.create(model=MODEL, messages=MESSAGES, stream=True)
+    )
     assert content(chunks) == "Hello, world!"
     assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
     assert chunks[-1]["choices"][0]["finish_reason"] == "stop"
@@ -68,8 +72,11 @@ async def test_streamed_without_include_usage(client: TestClient, token: str, fa
 
 async def test_streamed_with_include_usage(client: TestClient, token: str, fake_openai: FakeOpenAI) -> None:
     fake_openai.enqueue(text_response("Hi", usage=usage(50, 12, cached=40, reasoning=5)))
-    chunks = await chunks_of(await sdk(client, token).chat.completions.create(
-        model=MODEL, messages=MESSAGES, stream=True, stream_options={"include_usage": True}))
+    chunks = await chunks_of(
+        await sdk(client, token).chat.completions.create(
+            model=MODEL, messages=MESSAGES, stream=True, stream_options={"include_usage": True}
+        )
+    )
     last = chunks[-1]
     assert last["choices"] == []
     assert last["usage"]["prompt_tokens"] == 50 and last["usage"]["completion_tokens"] == 12
@@ -77,36 +84,59 @@ async def test_streamed_with_include_usage(client: TestClient, token: str, fake_
     assert last["usage"]["completion_tokens_details"]["reasoning_tokens"] == 5
     assert chunks[-2]["choices"][0]["finish_reason"] == "stop"
     (record,) = await records(client)
-    assert (record["inputTokens"], record["cacheReadTokens"], record["outputTokens"], record["reasoningTokens"]) == (10, 40, 12, 5)
+    assert (record["inputTokens"], record["cacheReadTokens"], record["outputTokens"], record["reasoningTokens"]) == (
+        10,
+        40,
+        12,
+        5,
+    )
 
 
 async def test_not_streamed(client: TestClient, token: str, fake_openai: FakeOpenAI) -> None:
     fake_openai.enqueue(text_response("Whole", usage=usage(9, 2)))
     completion = await sdk(client, token).chat.completions.create(
-        model="gpt-4o-mini", messages=[{"role": "system", "content": "Be terse."}, *MESSAGES])
+        model="gpt-4o-mini", messages=[{"role": "system", "content": "Be terse."}, *MESSAGES]
+    )
     assert completion.choices[0].message.content == "Whole"
     assert completion.choices[0].finish_reason == "stop"
-    assert completion.usage is not None and (completion.usage.prompt_tokens, completion.usage.completion_tokens) == (9, 2)
+    assert completion.usage is not None and (completion.usage.prompt_tokens, completion.usage.completion_tokens) == (
+        9,
+        2,
+    )
     assert fake_openai.requests[0].body["messages"][0] == {"role": "system", "content": "Be terse."}
     (record,) = await records(client)
     assert record["model"] == MODEL  # a bare id the cost map knows
 
 
 @pytest.mark.parametrize("stream", [True, False])
-async def test_two_parallel_tool_calls_and_the_results_turn(client: TestClient, token: str, fake_openai: FakeOpenAI, stream: bool) -> None:
-    fake_openai.enqueue(tool_calls_response(tool_call("call_a", "get_weather", {"city": "Paris"}),
-                                            tool_call("call_b", "get_time", {"tz": "CET"}), interleave=True),
-                        text_response("Done"))
-    tools: list[Any] = [{"type": "function", "function": {"name": n, "description": n, "parameters": {"type": "object"}}}
-                        for n in ("get_weather", "get_time")]
+async def test_two_parallel_tool_calls_and_the_results_turn(
+    client: TestClient, token: str, fake_openai: FakeOpenAI, stream: bool
+) -> None:
+    fake_openai.enqueue(
+        tool_calls_response(
+            tool_call("call_a", "get_weather", {"city": "Paris"}),
+            tool_call("call_b", "get_time", {"tz": "CET"}),
+            interleave=True,
+        ),
+        text_response("Done"),
+    )
+    tools: list[Any] = [
+        {"type": "function", "function": {"name": n, "description": n, "parameters": {"type": "object"}}}
+        for n in ("get_weather", "get_time")
+    ]
     api = sdk(client, token)
     if stream:
-        chunks = await chunks_of(await api.chat.completions.create(model=MODEL, messages=MESSAGES, tools=tools, stream=True))
+        chunks = await chunks_of(
+            await api.chat.completions.create(model=MODEL, messages=MESSAGES, tools=tools, stream=True)
+        )
         pieces = [tc for c in chunks if c["choices"] for tc in (c["choices"][0]["delta"].get("tool_calls") or ())]
         firsts = {}
         for piece in pieces:
             firsts.setdefault(piece["index"], piece)
-        assert [(f["index"], f["id"], f["function"]["name"]) for f in firsts.values()] == [(0, "call_a", "get_weather"), (1, "call_b", "get_time")]
+        assert [(f["index"], f["id"], f["function"]["name"]) for f in firsts.values()] == [
+            (0, "call_a", "get_weather"),
+            (1, "call_b", "get_time"),
+        ]
         assert chunks[-1]["choices"][0]["finish_reason"] == "tool_calls"
         calls = [{"id": f["id"], "type": "function", "function": f["function"]} for f in firsts.values()]
     else:
@@ -115,8 +145,12 @@ async def test_two_parallel_tool_calls_and_the_results_turn(client: TestClient, 
         calls = [c.model_dump() for c in completion.choices[0].message.tool_calls or ()]
         assert [c["id"] for c in calls] == ["call_a", "call_b"]
     assert [c["function"]["arguments"] for c in calls] == ['{"city": "Paris"}', '{"tz": "CET"}']
-    history = [*MESSAGES, {"role": "assistant", "content": None, "tool_calls": calls},
-               {"role": "tool", "tool_call_id": "call_a", "content": "18 C"}, {"role": "tool", "tool_call_id": "call_b", "content": "12:00"}]
+    history = [
+        *MESSAGES,
+        {"role": "assistant", "content": None, "tool_calls": calls},
+        {"role": "tool", "tool_call_id": "call_a", "content": "18 C"},
+        {"role": "tool", "tool_call_id": "call_b", "content": "12:00"},
+    ]
     answer = await api.chat.completions.create(model=MODEL, messages=history, tools=tools)
     assert answer.choices[0].message.content == "Done"
     sent = fake_openai.requests[1].body["messages"]
@@ -126,8 +160,10 @@ async def test_two_parallel_tool_calls_and_the_results_turn(client: TestClient, 
 
 
 async def test_reasoning_content(client: TestClient, token: str, fake_openai: FakeOpenAI) -> None:
-    fake_openai.enqueue(text_response("42", reasoning="Six times seven.", usage=usage(10, 20, reasoning=15)),
-                        text_response("42", reasoning="Six times seven."))
+    fake_openai.enqueue(
+        text_response("42", reasoning="Six times seven.", usage=usage(10, 20, reasoning=15)),
+        text_response("42", reasoning="Six times seven."),
+    )
     api = sdk(client, token)
     chunks = await chunks_of(await api.chat.completions.create(model=MODEL, messages=MESSAGES, stream=True))
     assert content(chunks, "reasoning_content") == "Six times seven." and content(chunks) == "42"
@@ -137,13 +173,24 @@ async def test_reasoning_content(client: TestClient, token: str, fake_openai: Fa
 
 @pytest.mark.parametrize(
     ("status", "error_class", "code"),
-    [(400, openai.BadRequestError, None), (401, openai.AuthenticationError, "invalid_api_key"),
-     (403, openai.PermissionDeniedError, None), (404, openai.NotFoundError, "model_not_found"),
-     (429, openai.RateLimitError, "rate_limit_exceeded"), (500, openai.InternalServerError, None),
-     (503, openai.InternalServerError, None)],
+    [
+        (400, openai.BadRequestError, None),
+        (401, openai.AuthenticationError, "invalid_api_key"),
+        (403, openai.PermissionDeniedError, None),
+        (404, openai.NotFoundError, "model_not_found"),
+        (429, openai.RateLimitError, "rate_limit_exceeded"),
+        (500, openai.InternalServerError, None),
+        (503, openai.InternalServerError, None),
+    ],
 )
-async def test_every_error_status(client: TestClient, token: str, fake_openai: FakeOpenAI, status: int,
-                                  error_class: type[openai.APIStatusError], code: str | None) -> None:
+async def test_every_error_status(
+    client: TestClient,
+    token: str,
+    fake_openai: FakeOpenAI,
+    status: int,
+    error_class: type[openai.APIStatusError],
+    code: str | None,
+) -> None:
     fake_openai.enqueue(error_status(status, f"upstream says {status}", retry_after=3 if status == 429 else None))
     with pytest.raises(error_class) as raised:
         await sdk(client, token).chat.completions.create(model=MODEL, messages=MESSAGES, stream=True)
@@ -172,17 +219,34 @@ async def test_unknown_model_and_unsupported_content(client: TestClient, token: 
     assert fake_openai.requests == [] and await records(client) == []
 
 
-async def test_anthropic_model_through_chat_completions(client: TestClient, token: str, fake_anthropic: FakeAnthropic) -> None:
+async def test_anthropic_model_through_chat_completions(
+    client: TestClient, token: str, fake_anthropic: FakeAnthropic
+) -> None:
     fake_anthropic.enqueue(
-        fa.thinking_response("Hmm.", "Bonjour", usage={"input_tokens": 11, "cache_read_input_tokens": 100}, delta_usages=[{"output_tokens": 8}]),
+        fa.thinking_response(
+            "Hmm.",
+            "Bonjour",
+            usage={"input_tokens": 11, "cache_read_input_tokens": 100},
+            delta_usages=[{"output_tokens": 8}],
+        ),
         fa.tool_use_response("get_weather", {"city": "Paris"}, id="toolu_9"),
         fa.error_status(529, "Overloaded"),
     )
     api = sdk(client, token)
-    chunks = await chunks_of(await api.chat.completions.create(model="claude-sonnet-4-5", messages=MESSAGES, stream=True,
-                                                               stream_options={"include_usage": True}, reasoning_effort="low"))
+    chunks = await chunks_of(
+        await api.chat.completions.create(
+            model="claude-sonnet-4-5",
+            messages=MESSAGES,
+            stream=True,
+            stream_options={"include_usage": True},
+            reasoning_effort="low",
+        )
+    )
     assert content(chunks, "reasoning_content") == "Hmm." and content(chunks) == "Bonjour"
-    assert chunks[-1]["usage"]["prompt_tokens"] == 111 and chunks[-1]["usage"]["prompt_tokens_details"]["cached_tokens"] == 100
+    assert (
+        chunks[-1]["usage"]["prompt_tokens"] == 111
+        and chunks[-1]["usage"]["prompt_tokens_details"]["cached_tokens"] == 100
+    )
     assert fake_anthropic.requests[0].body["thinking"]["type"] in ("enabled", "adaptive")
     tools: list[Any] = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]
     completion = await api.chat.completions.create(model="anthropic/claude-sonnet-4-5", messages=MESSAGES, tools=tools)
@@ -194,15 +258,23 @@ async def test_anthropic_model_through_chat_completions(client: TestClient, toke
         await api.chat.completions.create(model="anthropic/claude-sonnet-4-5", messages=MESSAGES)
     assert raised.value.status_code == 503
     first = next(r for r in await records(client) if r["finishReason"] == "stop")
-    assert (first["inputTokens"], first["cacheReadTokens"], first["outputTokens"], first["endpoint"]) == (11, 100, 8, "openai")
+    assert (first["inputTokens"], first["cacheReadTokens"], first["outputTokens"], first["endpoint"]) == (
+        11,
+        100,
+        8,
+        "openai",
+    )
 
 
 async def test_client_disconnect_stops_the_upstream(client: TestClient, token: str, fake_openai: FakeOpenAI) -> None:
     fake_openai.enqueue(text_response("word " * 200, chunks=200).with_delay(0.02))
     body = {"model": MODEL, "messages": MESSAGES, "stream": True}
     async with aiohttp.ClientSession() as http:
-        async with http.post(f"http://127.0.0.1:{client.port}/v1/chat/completions", json=body,
-                             headers={"Authorization": f"Bearer {token}"}) as resp:
+        async with http.post(
+            f"http://127.0.0.1:{client.port}/v1/chat/completions",
+            json=body,
+            headers={"Authorization": f"Bearer {token}"},
+        ) as resp:
             assert resp.status == 200
             received = b""
             while received.count(b'"content"') < 6:
@@ -224,8 +296,9 @@ async def _nonempty(pending: Awaitable[list[Any]]) -> bool:
     return bool(await pending)
 
 
-async def test_sampling_parameters_are_passed_on(client: TestClient, token: str, fake_openai: FakeOpenAI,
-                                                 fake_anthropic: FakeAnthropic) -> None:
+async def test_sampling_parameters_are_passed_on(
+    client: TestClient, token: str, fake_openai: FakeOpenAI, fake_anthropic: FakeAnthropic
+) -> None:
     api = sdk(client, token)
     await api.chat.completions.create(model=MODEL, messages=MESSAGES, temperature=0.2, top_p=0.9, stop="END")
     sent = fake_openai.requests[0].body

@@ -8,8 +8,9 @@ import asyncio
 import os
 import re
 import sys
+from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any, AsyncIterator
+from typing import Any
 
 import aiohttp
 import pytest
@@ -31,11 +32,15 @@ def snippets() -> dict[str, tuple[str, str]]:
 
 
 @pytest.fixture
-async def server(tmp_path: Path, fake_anthropic: fa.FakeAnthropic, fake_openai: fo.FakeOpenAI,
-                 monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[GatewayProcess]:
+async def server(
+    tmp_path: Path, fake_anthropic: fa.FakeAnthropic, fake_openai: fo.FakeOpenAI, monkeypatch: pytest.MonkeyPatch
+) -> AsyncIterator[GatewayProcess]:
     monkeypatch.setenv("AGENTSPACE_TEST_OPENAI_KEY", "sk-openai-test-0123456789")
-    process = GatewayProcess(tmp_path / "data", fake_anthropic.url,
-                             **{"providers.openai": {"base_url": fake_openai.url, "api_key_env": "AGENTSPACE_TEST_OPENAI_KEY"}})
+    process = GatewayProcess(
+        tmp_path / "data",
+        fake_anthropic.url,
+        **{"providers.openai": {"base_url": fake_openai.url, "api_key_env": "AGENTSPACE_TEST_OPENAI_KEY"}},
+    )
     await process.start()
     try:
         yield process
@@ -48,7 +53,9 @@ async def run(server: GatewayProcess, lang: str, code: str) -> str:
     env = child_env(server.data_dir)
     env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")  # the `agentspace` command
     argv = [sys.executable, "-c", code] if lang == "python" else ["bash", "-euo", "pipefail", "-c", code]
-    process = await asyncio.create_subprocess_exec(*argv, env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    process = await asyncio.create_subprocess_exec(
+        *argv, env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+    )
     out, err = await asyncio.wait_for(process.communicate(), 120)
     assert process.returncode == 0, err.decode()
     return out.decode()
@@ -58,7 +65,9 @@ def records(server: GatewayProcess) -> list[dict[str, Any]]:
     return list(UsageStore(server.data_dir).records())
 
 
-async def test_readme_snippets_work_as_written(server: GatewayProcess, fake_anthropic: fa.FakeAnthropic, fake_openai: fo.FakeOpenAI) -> None:
+async def test_readme_snippets_work_as_written(
+    server: GatewayProcess, fake_anthropic: fa.FakeAnthropic, fake_openai: fo.FakeOpenAI
+) -> None:
     blocks = snippets()
     assert set(blocks) == {"openai-sdk", "anthropic-sdk", "claude-code", "curl"}
 
@@ -72,9 +81,11 @@ async def test_readme_snippets_work_as_written(server: GatewayProcess, fake_anth
     # is built on: the exports as written, then a request shaped like Claude Code's instead of `claude`.
     lang, code = blocks["claude-code"]
     assert code.strip().endswith("\nclaude")
-    claude = ("python -c 'import anthropic; c = anthropic.Anthropic(default_headers={\"anthropic-beta\": \"claude-code-20250219\", "
-              "\"X-Claude-Code-Session-Id\": \"cc-readme\"}); "
-              "print(c.messages.create(model=\"claude-sonnet-4-5\", max_tokens=100, messages=[{\"role\": \"user\", \"content\": \"hi\"}]).content[0].text)'")
+    claude = (
+        'python -c \'import anthropic; c = anthropic.Anthropic(default_headers={"anthropic-beta": "claude-code-20250219", '
+        '"X-Claude-Code-Session-Id": "cc-readme"}); '
+        'print(c.messages.create(model="claude-sonnet-4-5", max_tokens=100, messages=[{"role": "user", "content": "hi"}]).content[0].text)\''
+    )
     fake_anthropic.enqueue(fa.text_response("Hello, Claude Code"))
     assert (await run(server, lang, code.strip()[: -len("claude")] + claude)).strip() == "Hello, Claude Code"
     assert fake_anthropic.requests[-1].headers["anthropic-beta"] == "claude-code-20250219"
@@ -86,21 +97,40 @@ async def test_readme_snippets_work_as_written(server: GatewayProcess, fake_anth
     assert "curl to OpenAI" in out and "curl to Claude" in out and '"object":"list"' in out.replace(" ", "")
 
     endpoints = sorted((r["endpoint"], r["sessionId"] or "") for r in records(server))
-    assert endpoints == [("anthropic", ""), ("anthropic", ""), ("anthropic", "cc-readme"), ("openai", ""), ("openai", "")]
+    assert endpoints == [
+        ("anthropic", ""),
+        ("anthropic", ""),
+        ("anthropic", "cc-readme"),
+        ("openai", ""),
+        ("openai", ""),
+    ]
     assert server.log_problems() == []
 
 
 @pytest.mark.parametrize("endpoint", ["anthropic", "openai"])
-async def test_disconnect_stops_the_upstream_on_a_served_gateway(server: GatewayProcess, fake_anthropic: fa.FakeAnthropic,
-                                                                 fake_openai: fo.FakeOpenAI, endpoint: str) -> None:
+async def test_disconnect_stops_the_upstream_on_a_served_gateway(
+    server: GatewayProcess, fake_anthropic: fa.FakeAnthropic, fake_openai: fo.FakeOpenAI, endpoint: str
+) -> None:
     if endpoint == "anthropic":
-        fake_anthropic.enqueue(fa.text_response("word " * 300, chunks=300, usage={"input_tokens": 55}).stall(30, after=8))
-        path, body = "/v1/messages", {"model": "claude-sonnet-4-5", "max_tokens": 1000, "stream": True,
-                                      "messages": [{"role": "user", "content": "Hi"}]}
+        fake_anthropic.enqueue(
+            fa.text_response("word " * 300, chunks=300, usage={"input_tokens": 55}).stall(30, after=8)
+        )
+        path, body = (
+            "/v1/messages",
+            {
+                "model": "claude-sonnet-4-5",
+                "max_tokens": 1000,
+                "stream": True,
+                "messages": [{"role": "user", "content": "Hi"}],
+            },
+        )
         upstream: Any = fake_anthropic
     else:
         fake_openai.enqueue(fo.text_response("word " * 300, chunks=300).stall(30, after=8))
-        path, body = "/v1/chat/completions", {"model": "openai/gpt-4o-mini", "stream": True, "messages": [{"role": "user", "content": "Hi"}]}
+        path, body = (
+            "/v1/chat/completions",
+            {"model": "openai/gpt-4o-mini", "stream": True, "messages": [{"role": "user", "content": "Hi"}]},
+        )
         upstream = fake_openai
     headers = {"Authorization": f"Bearer {server.token}", "anthropic-version": "2023-06-01"}
     async with aiohttp.ClientSession() as http:
@@ -137,9 +167,13 @@ async def test_litellm_is_imported_at_start_only_where_a_litellm_model_is_usable
     from agentspace.config import parse_config
     from agentspace.providers.litellm import litellm_usable
 
-    anthropic_only = parse_config({"storage": {"data_dir": str(tmp_path / "a")}, "models": {"default": "anthropic/claude-sonnet-4-5"}})
+    anthropic_only = parse_config(
+        {"storage": {"data_dir": str(tmp_path / "a")}, "models": {"default": "anthropic/claude-sonnet-4-5"}}
+    )
     assert not litellm_usable(anthropic_only)
-    with_table = parse_config({"storage": {"data_dir": str(tmp_path / "b")}, "providers": {"ollama": {"base_url": "http://127.0.0.1:1"}}})
+    with_table = parse_config(
+        {"storage": {"data_dir": str(tmp_path / "b")}, "providers": {"ollama": {"base_url": "http://127.0.0.1:1"}}}
+    )
     assert litellm_usable(with_table)
     monkeypatch.setenv("OPENAI_API_KEY", "sk-openai-test-0123456789")
     assert litellm_usable(anthropic_only)  # a key in the environment is enough
@@ -149,16 +183,22 @@ async def test_litellm_is_imported_at_start_only_where_a_litellm_model_is_usable
     await plain.start()
     try:
         async with aiohttp.ClientSession() as http:  # a chat through the Anthropic pass-through works without it
-            async with http.post(plain.url + "/v1/messages", headers={"x-api-key": plain.token},
-                                 json={"model": "claude-sonnet-4-5", "max_tokens": 10, "messages": [{"role": "user", "content": "Hi"}]}) as resp:
+            async with http.post(
+                plain.url + "/v1/messages",
+                headers={"x-api-key": plain.token},
+                json={"model": "claude-sonnet-4-5", "max_tokens": 10, "messages": [{"role": "user", "content": "Hi"}]},
+            ) as resp:
                 assert resp.status == 200
         assert "litellm imported" not in plain.log()
     finally:
         await plain.aclose()
 
     monkeypatch.setenv("AGENTSPACE_TEST_OPENAI_KEY", "sk-openai-test-0123456789")
-    served = GatewayProcess(tmp_path / "served", fake_anthropic.url,
-                            **{"providers.openai": {"base_url": fake_openai.url, "api_key_env": "AGENTSPACE_TEST_OPENAI_KEY"}})
+    served = GatewayProcess(
+        tmp_path / "served",
+        fake_anthropic.url,
+        **{"providers.openai": {"base_url": fake_openai.url, "api_key_env": "AGENTSPACE_TEST_OPENAI_KEY"}},
+    )
     await served.start()
     try:
         await served.wait_for_log("litellm imported in the background", timeout=60)

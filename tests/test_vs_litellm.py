@@ -47,8 +47,9 @@ async def test_completions_client_counts_the_deltas_and_refuses_a_truncated_stre
             await vs_litellm.completions_chat(http, url, headers, "gpt-4o")
 
 
-def _side(name: str, server: str, ttft: float, cpu_ms: float, errors: int = 0,
-          versus: str | None = None) -> vs_litellm.Side:
+def _side(
+    name: str, server: str, ttft: float, cpu_ms: float, errors: int = 0, versus: str | None = None
+) -> vs_litellm.Side:
     async def unused() -> vs_litellm.Chat:
         raise AssertionError
 

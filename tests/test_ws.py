@@ -58,8 +58,9 @@ def of(frames: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
 
 
 async def test_header_auth_and_full_chat(client: TestClient, token: str, fake_anthropic: Any) -> None:
-    fake_anthropic.enqueue(text_response("Hello there, friend", chunks=3, usage={"input_tokens": 31},
-                                         delta_usages=[{"output_tokens": 7}]))
+    fake_anthropic.enqueue(
+        text_response("Hello there, friend", chunks=3, usage={"input_tokens": 31}, delta_usages=[{"output_tokens": 7}])
+    )
     ws = await connect(client, token)
     frames = await chat(ws, "Hi!")
     kinds = [f["type"] for f in frames]
@@ -90,7 +91,9 @@ async def test_header_auth_and_full_chat(client: TestClient, token: str, fake_an
     await ws.close()
 
 
-async def test_a_model_slow_to_start_still_gets_the_stream_started(client: TestClient, token: str, fake_anthropic: Any) -> None:
+async def test_a_model_slow_to_start_still_gets_the_stream_started(
+    client: TestClient, token: str, fake_anthropic: Any
+) -> None:
     # The start frames go out before the model answers: a client sees its session id and the stream
     # starting while the model is still silent.
     fake_anthropic.enqueue(text_response("Late answer.").stall(3.0, after=1))
@@ -119,7 +122,9 @@ async def test_first_frame_auth(client: TestClient, token: str) -> None:
     await ws.close()
 
 
-@pytest.mark.parametrize("first", [{"type": "auth", "id": "a1", "token": "wrong"}, {"type": "session.list", "id": "x"}, "not json"])
+@pytest.mark.parametrize(
+    "first", [{"type": "auth", "id": "a1", "token": "wrong"}, {"type": "session.list", "id": "x"}, "not json"]
+)
 async def test_bad_first_frame_is_refused_and_closed(client: TestClient, first: Any) -> None:
     ws = await client.ws_connect("/gateway")
     await (ws.send_str(first) if isinstance(first, str) else ws.send_json(first))
@@ -153,7 +158,9 @@ async def test_reasoning_sources_and_code_fences(client: TestClient, token: str,
     assert sorted(urls) == ["https://example.com/a", "https://example.com/b", "https://example.com/c"]
     assert all(f["source"].get("title") for f in of(frames, "chat.stream.source"))
 
-    fake_anthropic.enqueue(text_response("Run:\n```sh\nls -la\n```\nDone", chunks=["Run:\n``", "`sh\nls", " -la\n```\nDo", "ne"]))
+    fake_anthropic.enqueue(
+        text_response("Run:\n```sh\nls -la\n```\nDone", chunks=["Run:\n``", "`sh\nls", " -la\n```\nDo", "ne"])
+    )
     frames = await chat(ws, "code", "r3")
     deltas = [(f["delta"], f["contentType"]) for f in of(frames, "chat.stream.delta")]
     assert "".join(d for d, _ in deltas) == "Run:\n```sh\nls -la\n```\nDone"
@@ -170,9 +177,15 @@ async def test_reasoning_sources_and_code_fences(client: TestClient, token: str,
 async def test_malformed_frames_keep_connection_usable(make_client: Any, token: str) -> None:
     client = await make_client(server={"max_frame_bytes": 2000})
     ws = await connect(client, token)
-    bad: list[Any] = ["not json", "[1, 2]", json.dumps({"id": "x"}), json.dumps({"type": "nope", "id": "u1"}),
-                      json.dumps({"type": "chat.send", "id": "c1"}), json.dumps({"type": "chat.send", "id": "c2", "content": 5}),
-                      json.dumps({"type": "chat.send", "id": "c3", "content": "x" * 3000})]
+    bad: list[Any] = [
+        "not json",
+        "[1, 2]",
+        json.dumps({"id": "x"}),
+        json.dumps({"type": "nope", "id": "u1"}),
+        json.dumps({"type": "chat.send", "id": "c1"}),
+        json.dumps({"type": "chat.send", "id": "c2", "content": 5}),
+        json.dumps({"type": "chat.send", "id": "c3", "content": "x" * 3000}),
+    ]
     for frame in bad:
         await ws.send_str(frame)
         reply = await receive(ws)
@@ -254,12 +267,16 @@ async def test_concurrent_stream_rejected(client: TestClient, token: str, fake_a
         if frame["type"] == "chat.stream.end":
             break
     rejected = [f for f in frames if f.get("requestId") == "r2"]
-    assert rejected == [{"type": "error", "requestId": "r2", "code": "STREAM_IN_PROGRESS", "message": rejected[0]["message"]}]
+    assert rejected == [
+        {"type": "error", "requestId": "r2", "code": "STREAM_IN_PROGRESS", "message": rejected[0]["message"]}
+    ]
     await ws.close()
     await ws2.close()
 
 
-async def test_abort_stores_partial_and_bills(client: TestClient, token: str, fake_anthropic: Any, auth_headers: Any) -> None:
+async def test_abort_stores_partial_and_bills(
+    client: TestClient, token: str, fake_anthropic: Any, auth_headers: Any
+) -> None:
     fake_anthropic.enqueue(text_response("word " * 40, chunks=40).with_delay(0.05))
     ws = await connect(client, token)
     await ws.send_json({"type": "chat.send", "id": "r1", "content": "go"})
@@ -282,7 +299,9 @@ async def test_abort_stores_partial_and_bills(client: TestClient, token: str, fa
 
 
 async def test_disconnect_does_not_stop_generation(client: TestClient, token: str, fake_anthropic: Any) -> None:
-    fake_anthropic.enqueue(text_response("part " * 20, chunks=20, delta_usages=[{"output_tokens": 20}]).with_delay(0.03))
+    fake_anthropic.enqueue(
+        text_response("part " * 20, chunks=20, delta_usages=[{"output_tokens": 20}]).with_delay(0.03)
+    )
     ws = await connect(client, token)
     await ws.send_json({"type": "chat.send", "id": "r1", "content": "go"})
     session_id = (await receive(ws))["sessionId"]
@@ -307,8 +326,13 @@ async def test_disconnect_does_not_stop_generation(client: TestClient, token: st
 
 async def test_inspect_usage_and_sessions(client: TestClient, token: str, fake_anthropic: Any) -> None:
     ws = await connect(client, token)
-    fake_anthropic.enqueue(text_response("one", usage={"input_tokens": 10, "cache_read_input_tokens": 4,
-                                                       "cache_creation_input_tokens": 2}, delta_usages=[{"output_tokens": 3}]))
+    fake_anthropic.enqueue(
+        text_response(
+            "one",
+            usage={"input_tokens": 10, "cache_read_input_tokens": 4, "cache_creation_input_tokens": 2},
+            delta_usages=[{"output_tokens": 3}],
+        )
+    )
     frames = await chat(ws, "first question")
     session_id = frames[0]["sessionId"]
     end = frames[-1]["usage"]
@@ -337,12 +361,18 @@ async def test_inspect_usage_and_sessions(client: TestClient, token: str, fake_a
     await ws.close()
 
 
-async def test_cli_usage_totals_match_upstream(client: TestClient, token: str, fake_anthropic: Any, isolated_env: Any) -> None:
+async def test_cli_usage_totals_match_upstream(
+    client: TestClient, token: str, fake_anthropic: Any, isolated_env: Any
+) -> None:
     usages = [(12, 5, 3, 1), (40, 9, 0, 0), (7, 30, 2, 8)]
     for i, (inp, out, read, write) in enumerate(usages):
-        fake_anthropic.enqueue(text_response(f"answer {i}", usage={"input_tokens": inp, "cache_read_input_tokens": read,
-                                                                 "cache_creation_input_tokens": write},
-                                             delta_usages=[{"output_tokens": out // 2}, {"output_tokens": out}]))
+        fake_anthropic.enqueue(
+            text_response(
+                f"answer {i}",
+                usage={"input_tokens": inp, "cache_read_input_tokens": read, "cache_creation_input_tokens": write},
+                delta_usages=[{"output_tokens": out // 2}, {"output_tokens": out}],
+            )
+        )
     ws = await connect(client, token)
     for i in range(len(usages)):
         assert (await chat(ws, f"q{i}", f"r{i}"))[-1]["type"] == "chat.stream.end"
@@ -401,7 +431,6 @@ async def test_max_steps_reached(make_client: Any, token: str, fake_anthropic: A
     await ws.close()
 
 
-
 async def test_unknown_provider_prefix_is_model_not_found(client: TestClient, token: str) -> None:
     ws = await connect(client, token)
     reply = (await chat(ws, "hi", model="nosuchprovider/some-model"))[-1]
@@ -417,15 +446,18 @@ async def test_refused_call_is_recorded_with_zero_tokens(make_client: Any, token
     frames = await chat(ws, "hi")
     assert frames[-1]["code"] == "RATE_LIMITED"
     records = await client.server.app[STATE.REGISTRY].usage.arecords(session_id=frames[0]["sessionId"])
-    assert [(r["inputTokens"], r["outputTokens"], r["totalCost"], r["estimated"], r["finishReason"]) for r in records] == [
-        (0, 0, 0, False, "error")]
+    assert [
+        (r["inputTokens"], r["outputTokens"], r["totalCost"], r["estimated"], r["finishReason"]) for r in records
+    ] == [(0, 0, 0, False, "error")]
     await ws.close()
 
 
 # --- frame writing --------------------------------------------------------------------------------
 
 
-async def test_compressed_and_plain_sockets_get_the_same_frames(client: TestClient, token: str, fake_anthropic: Any) -> None:
+async def test_compressed_and_plain_sockets_get_the_same_frames(
+    client: TestClient, token: str, fake_anthropic: Any
+) -> None:
     # A plain socket gets each burst in one socket write (frames we encode); a socket with permessage-deflate
     # (what browsers negotiate) gets aiohttp's own compressed frames, one at a time. Clients see no difference.
     answer = "Some text, then code:\n```py\nprint(1)\n```\nand text again."
@@ -436,7 +468,9 @@ async def test_compressed_and_plain_sockets_get_the_same_frames(client: TestClie
         assert ws.compress == compress
         frames = await chat(ws, "Hi!")
         await ws.close()
-        results.append([(f["type"], f.get("delta"), f.get("contentType")) for f in frames if f["type"] != "session.created"])
+        results.append(
+            [(f["type"], f.get("delta"), f.get("contentType")) for f in frames if f["type"] != "session.created"]
+        )
     assert results[0] == results[1]
     deltas = [r for r in results[0] if r[0] == "chat.stream.delta"]
     assert "".join(d[1] for d in deltas) == answer and {d[2] for d in deltas} == {"text", "code"}

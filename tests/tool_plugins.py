@@ -18,5 +18,12 @@ class WeatherTools:
         async def broken(args: dict[str, Any]) -> Any:
             raise RuntimeError("sensor offline")
 
-        register(Tool("get_weather", "Weather for a city", {"type": "object", "properties": {"city": {"type": "string"}}}, weather))
+        register(
+            Tool(
+                "get_weather",
+                "Weather for a city",
+                {"type": "object", "properties": {"city": {"type": "string"}}},
+                weather,
+            )
+        )
         register(Tool("broken", "Always fails", {"type": "object", "properties": {}}, broken))

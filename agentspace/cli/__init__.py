@@ -30,7 +30,8 @@ class AgentspaceGroup(click.Group):
             click.secho(
                 f"agentspace: plugin commands not loaded: {type(e).__name__}: {e}\n"
                 "  (AGENTSPACE_LOAD_PLUGINS=name,... selects which installed plugins load)",
-                err=True, fg="yellow",
+                err=True,
+                fg="yellow",
             )
 
     def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
@@ -47,10 +48,18 @@ class AgentspaceGroup(click.Group):
 
 @click.group(cls=AgentspaceGroup)
 @click.version_option(__version__, prog_name="agentspace")
-@click.option("--config", "config_path", type=click.Path(dir_okay=False), envvar="AGENTSPACE_CONFIG",
-              help="Config file (TOML). Env: AGENTSPACE_CONFIG.")
-@click.option("--data-dir", type=click.Path(file_okay=False),
-              help="Data directory (vault, token, stores); overrides [storage] data_dir and AGENTSPACE_HOME.")
+@click.option(
+    "--config",
+    "config_path",
+    type=click.Path(dir_okay=False),
+    envvar="AGENTSPACE_CONFIG",
+    help="Config file (TOML). Env: AGENTSPACE_CONFIG.",
+)
+@click.option(
+    "--data-dir",
+    type=click.Path(file_okay=False),
+    help="Data directory (vault, token, stores); overrides [storage] data_dir and AGENTSPACE_HOME.",
+)
 @click.pass_context
 def main(ctx: click.Context, config_path: str | None, data_dir: str | None) -> None:
     """agentspace: a self-hosted, plugin-based LLM gateway."""
@@ -72,8 +81,17 @@ def _add_builtin_commands() -> None:
         usage,
     )
 
-    for command in (serve.serve, chat.chat, inspect_cmd.inspect, usage.usage, sessions.sessions, keys.keys,
-                    models.models, plugins.plugins, token_cmd.token):
+    for command in (
+        serve.serve,
+        chat.chat,
+        inspect_cmd.inspect,
+        usage.usage,
+        sessions.sessions,
+        keys.keys,
+        models.models,
+        plugins.plugins,
+        token_cmd.token,
+    ):
         main.add_command(command)
     from . import doctor
 

@@ -71,8 +71,10 @@ class _Printer:
             self.note(f"→ {frame.get('name')}({_brief(frame.get('input'))})", fg="cyan")
         elif kind == "chat.stream.tool_result":
             failed = frame.get("isError")
-            self.note(f"← {frame.get('name')}{' failed' if failed else ''}: {_brief(frame.get('output'))}",
-                      fg="red" if failed else "cyan")
+            self.note(
+                f"← {frame.get('name')}{' failed' if failed else ''}: {_brief(frame.get('output'))}",
+                fg="red" if failed else "cyan",
+            )
         elif kind == "chat.stream.end":
             self.end(frame)
         elif kind == "error":
@@ -89,12 +91,15 @@ class _Printer:
         u = frame.get("usage") or {}
         reason = frame.get("finishReason")
         suffix = f" · {reason}" if reason and reason != "stop" else ""
-        self.note(f"[{u.get('inputTokens', 0)} in / {u.get('outputTokens', 0)} out tokens, "
-                  f"{money(float(u.get('totalCost') or 0.0))}{suffix}]", dim=True)
+        self.note(
+            f"[{u.get('inputTokens', 0)} in / {u.get('outputTokens', 0)} out tokens, "
+            f"{money(float(u.get('totalCost') or 0.0))}{suffix}]",
+            dim=True,
+        )
 
 
 class ChatSession:
-    def __init__(self, gateway: "GatewayConnection", session_id: str | None, model: str | None) -> None:
+    def __init__(self, gateway: GatewayConnection, session_id: str | None, model: str | None) -> None:
         self.gateway = gateway
         self.session_id = session_id
         self.model = model
@@ -103,7 +108,7 @@ class ChatSession:
         self.printer = _Printer()
         self._pending: set[asyncio.Task[None]] = set()  # abort sends, referenced until done
 
-    def on_interrupt(self, loop: "asyncio.AbstractEventLoop", stop: "asyncio.Event") -> None:
+    def on_interrupt(self, loop: asyncio.AbstractEventLoop, stop: asyncio.Event) -> None:
         """Ctrl-C: stop the running answer (the gateway keeps what was generated); at the prompt, exit."""
         if self.active is None or self.interrupts >= 1:
             stop.set()
@@ -212,8 +217,9 @@ class LineEditor:
             click.secho(f"[chat history not kept: {self.path}: {error.strerror or error}]", err=True, dim=True)
 
 
-def _start_line_reader(loop: "asyncio.AbstractEventLoop", lines: "asyncio.Queue[str | None]",
-                       want: threading.Event, editor: LineEditor | None) -> None:
+def _start_line_reader(
+    loop: asyncio.AbstractEventLoop, lines: asyncio.Queue[str | None], want: threading.Event, editor: LineEditor | None
+) -> None:
     """Read stdin on a daemon thread (a blocked read must not keep the process alive at exit).
 
     On a terminal (``editor`` given) it waits for ``want`` so the "> " prompt appears only when the
@@ -240,8 +246,7 @@ def _start_line_reader(loop: "asyncio.AbstractEventLoop", lines: "asyncio.Queue[
     threading.Thread(target=run, name="agentspace-chat-stdin", daemon=True).start()
 
 
-async def run_chat(url: str, token: str, session_id: str | None, model: str | None,
-                   editor: LineEditor | None) -> int:
+async def run_chat(url: str, token: str, session_id: str | None, model: str | None, editor: LineEditor | None) -> int:
     """The chat loop; returns the exit code (1 when a piped message failed). ``editor``: on a terminal."""
     import asyncio
 
@@ -270,7 +275,7 @@ async def run_chat(url: str, token: str, session_id: str | None, model: str | No
     return 1 if failures and not interactive else 0
 
 
-async def _converse(chat: ChatSession, stop: "asyncio.Event", editor: LineEditor | None) -> int:
+async def _converse(chat: ChatSession, stop: asyncio.Event, editor: LineEditor | None) -> int:
     import asyncio
 
     from .client import ConnectionLost
@@ -307,7 +312,7 @@ async def _converse(chat: ChatSession, stop: "asyncio.Event", editor: LineEditor
         failures += 0 if ok else 1
 
 
-async def _until_stopped(awaitable: Any, stop: "asyncio.Event") -> Any:
+async def _until_stopped(awaitable: Any, stop: asyncio.Event) -> Any:
     """The awaitable's result, or None (and it is cancelled) once ``stop`` is set."""
     import asyncio
 

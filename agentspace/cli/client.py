@@ -8,7 +8,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-from typing import Any, AsyncIterator
+from collections.abc import AsyncIterator
+from typing import Any
 
 import aiohttp
 import click
@@ -52,7 +53,7 @@ class GatewayConnection:
         self._frames: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue()
         self._reader: asyncio.Task[None] | None = None
 
-    async def __aenter__(self) -> "GatewayConnection":
+    async def __aenter__(self) -> GatewayConnection:
         self._http = aiohttp.ClientSession()
         try:
             await self.connect()

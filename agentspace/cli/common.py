@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import uuid
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence, TypeVar
+from typing import Any, TypeVar
 
 import click
 
@@ -51,11 +52,17 @@ def config_options(f: F) -> F:
             ctx.ensure_object(CliState).data_dir_override = value
 
     f = click.option(
-        "--data-dir", type=click.Path(file_okay=False), expose_value=False, callback=set_data_dir,
+        "--data-dir",
+        type=click.Path(file_okay=False),
+        expose_value=False,
+        callback=set_data_dir,
         help="Data directory (vault, token, stores); overrides [storage] data_dir and AGENTSPACE_HOME.",
     )(f)
     f = click.option(
-        "--config", type=click.Path(dir_okay=False), expose_value=False, callback=set_config,
+        "--config",
+        type=click.Path(dir_okay=False),
+        expose_value=False,
+        callback=set_config,
         help="Config file (TOML).",
     )(f)
     return f

@@ -38,8 +38,10 @@ def _check_keys(path: Path) -> list[str]:
     try:
         data = json.loads(raw)
     except ValueError as e:
-        return [f"{path}: not valid JSON ({e}); fix it, or remove it and add the keys again (agentspace keys add)",
-                *problems]
+        return [
+            f"{path}: not valid JSON ({e}); fix it, or remove it and add the keys again (agentspace keys add)",
+            *problems,
+        ]
     keys = data.get("keys") if isinstance(data, dict) else None
     if not isinstance(keys, dict) or not all(isinstance(v, str) for v in keys.values()):
         problems.insert(0, f'{path}: expected {{"keys": {{NAME: KEY}}}}; fix it, or remove it and add the keys again')

@@ -11,11 +11,24 @@ from .common import CliState, config_options, count, money, new_id, pass_state, 
 
 
 def _format(result: dict[str, Any]) -> str:
-    rows = [(s.get("name"), count(s.get("byteCount")), count(s.get("tokenEstimate")),
-             money(float(s.get("costEstimate") or 0.0))) for s in result.get("sections", [])]
+    rows = [
+        (
+            s.get("name"),
+            count(s.get("byteCount")),
+            count(s.get("tokenEstimate")),
+            money(float(s.get("costEstimate") or 0.0)),
+        )
+        for s in result.get("sections", [])
+    ]
     totals = result.get("totals") or {}
-    rows.append(("TOTAL", count(totals.get("byteCount")), count(totals.get("tokenEstimate")),
-                 money(float(totals.get("costEstimate") or 0.0))))
+    rows.append(
+        (
+            "TOTAL",
+            count(totals.get("byteCount")),
+            count(totals.get("tokenEstimate")),
+            money(float(totals.get("costEstimate") or 0.0)),
+        )
+    )
     head = f"Session {result.get('sessionId')} · {result.get('model')} · context of the next call\n\n"
     return head + table(("section", "bytes", "tokens", "input cost"), rows, right=(1, 2, 3))
 
@@ -38,8 +51,9 @@ async def _inspect(url: str, token: str, session_id: str, model: str | None) -> 
 @click.option("--url", envvar="AGENTSPACE_URL", help="Gateway WebSocket URL (default: from [server] of the config).")
 @click.option("--token", envvar="AGENTSPACE_TOKEN", help="Gateway token (default: the data directory's).")
 @pass_state
-def inspect(state: CliState, session_id: str, model: str | None, as_json: bool, url: str | None,
-            token: str | None) -> None:
+def inspect(
+    state: CliState, session_id: str, model: str | None, as_json: bool, url: str | None, token: str | None
+) -> None:
     """Bytes, tokens and cost of each context section of SESSION (asks the running gateway)."""
     import asyncio
 

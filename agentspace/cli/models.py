@@ -12,7 +12,8 @@ from .common import CliState, config_options, pass_state, table
 if TYPE_CHECKING:
     from ..config import Config
 
-def _plugin_providers(config: "Config") -> list[Any]:
+
+def _plugin_providers(config: Config) -> list[Any]:
     from ..plugins import get_plugin_manager
 
     providers: list[Any] = []
@@ -30,8 +31,12 @@ def _price(value: float, known: bool) -> str:
 @click.command()
 @config_options
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON array.")
-@click.option("--all", "include_all", is_flag=True,
-              help="Every known Anthropic, OpenAI and Gemini chat model, keys or not, and models past their deprecation date.")
+@click.option(
+    "--all",
+    "include_all",
+    is_flag=True,
+    help="Every known Anthropic, OpenAI and Gemini chat model, keys or not, and models past their deprecation date.",
+)
 @pass_state
 def models(state: CliState, as_json: bool, include_all: bool) -> None:
     """Models you can use now: provider, price per million tokens, context window, capabilities."""
@@ -43,26 +48,38 @@ def models(state: CliState, as_json: bool, include_all: bool) -> None:
         click.echo(json.dumps(items, indent=2))
         return
     if not items:
-        click.echo("No usable models: no provider key is set. Add one: agentspace keys add anthropic "
-                   "(or see every known model: agentspace models --all)")
+        click.echo(
+            "No usable models: no provider key is set. Add one: agentspace keys add anthropic "
+            "(or see every known model: agentspace models --all)"
+        )
         return
     rows = [
         (
-            m["id"] + (" (default)" if m["default"] else ""), m["provider"],
-            _price(m["inputPerMTok"], m["priceKnown"]), _price(m["outputPerMTok"], m["priceKnown"]),
+            m["id"] + (" (default)" if m["default"] else ""),
+            m["provider"],
+            _price(m["inputPerMTok"], m["priceKnown"]),
+            _price(m["outputPerMTok"], m["priceKnown"]),
             f"{m['contextWindow']:,}" if m["contextWindow"] else "?",
-            "yes" if m["supportsReasoning"] else "", "yes" if m["supportsTools"] else "",
+            "yes" if m["supportsReasoning"] else "",
+            "yes" if m["supportsTools"] else "",
             (m["deprecationDate"] or "") + (" DEPRECATED" if m["deprecated"] else ""),
         )
         for m in items
     ]
-    click.echo(table(("model", "provider", "in $/MTok", "out $/MTok", "context", "reasoning", "tools", "deprecation"),
-                     rows, right=(2, 3, 4)))
+    click.echo(
+        table(
+            ("model", "provider", "in $/MTok", "out $/MTok", "context", "reasoning", "tools", "deprecation"),
+            rows,
+            right=(2, 3, 4),
+        )
+    )
     notes = []
     if any(not m["priceKnown"] for m in items):
         notes.append('* price unknown: the fallback price is used; set [pricing."MODEL"] for exact costs.')
     if any(m["deprecated"] for m in items):
-        notes.append("DEPRECATED: past its deprecation date; the provider may no longer serve it (listed only with "
-                     "--all, or as the configured default).")
+        notes.append(
+            "DEPRECATED: past its deprecation date; the provider may no longer serve it (listed only with "
+            "--all, or as the configured default)."
+        )
     if notes:
         click.echo("\n" + "\n".join(notes))

@@ -30,4 +30,6 @@ def serve(state: CliState, host: str | None, port: int | None) -> None:
         raise click.ClickException(str(e)) from None
     except OSError as e:  # binding failed: the port is taken or the address is not ours
         where = f"{config['server']['host']}:{config['server']['port']}"
-        raise click.ClickException(f"cannot listen on {where}: {e.strerror or e}. Pick another --port or --host.") from None
+        raise click.ClickException(
+            f"cannot listen on {where}: {e.strerror or e}. Pick another --port or --host."
+        ) from None

@@ -50,16 +50,27 @@ def list_sessions(state: CliState, as_json: bool) -> None:
     listing = _store(state).listing_sync()
     items = listing.sessions  # most recently active first
     if listing.damaged_files:
-        click.echo(f"warning: {len(listing.damaged_files)} damaged file(s) in the sessions folder skipped (kept for "
-                   f"inspection; see: agentspace doctor): {', '.join(listing.damaged_files)}", err=True)
+        click.echo(
+            f"warning: {len(listing.damaged_files)} damaged file(s) in the sessions folder skipped (kept for "
+            f"inspection; see: agentspace doctor): {', '.join(listing.damaged_files)}",
+            err=True,
+        )
     if as_json:
         click.echo(json.dumps(items, indent=2))
         return
     if not items:
         click.echo("No sessions yet. Start one: agentspace chat")
         return
-    rows = [(s["id"], _when(s.get("lastActivityAt")), s.get("messageCount", 0), s.get("model") or "",
-             _clip(s.get("title") or "", 50)) for s in items]
+    rows = [
+        (
+            s["id"],
+            _when(s.get("lastActivityAt")),
+            s.get("messageCount", 0),
+            s.get("model") or "",
+            _clip(s.get("title") or "", 50),
+        )
+        for s in items
+    ]
     click.echo(table(("id", "last activity (UTC)", "messages", "model", "title"), rows, right=(2,)))
 
 
@@ -74,8 +85,10 @@ def _message_header(m: dict[str, Any]) -> str:
         bits.append(m["model"])
     u = m.get("usage")
     if u:
-        bits.append(f"{count(u.get('inputTokens'))} in / {count(u.get('outputTokens'))} out, "
-                    f"{money(float(u.get('totalCost') or 0.0))}")
+        bits.append(
+            f"{count(u.get('inputTokens'))} in / {count(u.get('outputTokens'))} out, "
+            f"{money(float(u.get('totalCost') or 0.0))}"
+        )
     if m.get("finishReason") and m.get("finishReason") != "stop":
         bits.append(m["finishReason"])
     if m.get("aborted"):
@@ -97,8 +110,10 @@ def show(state: CliState, session_id: str, as_json: bool) -> None:
         click.echo(json.dumps(session, indent=2))
         return
     click.echo(f"{session['id']}  {session.get('title') or '(untitled)'}")
-    click.echo(f"model {session.get('model') or '-'} · {session.get('messageCount', 0)} messages · "
-               f"created {_when(session.get('createdAt'))} · last activity {_when(session.get('lastActivityAt'))}")
+    click.echo(
+        f"model {session.get('model') or '-'} · {session.get('messageCount', 0)} messages · "
+        f"created {_when(session.get('createdAt'))} · last activity {_when(session.get('lastActivityAt'))}"
+    )
     for m in session.get("messages", []):
         click.echo()
         click.secho(_message_header(m), bold=True)

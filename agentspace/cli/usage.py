@@ -30,9 +30,15 @@ def _rows(groups: dict[str, dict[str, Any]]) -> list[list[str]]:
 
 def _row(label: str, g: dict[str, Any]) -> list[str]:
     return [
-        label, count(g.get("requestCount")), count(g.get("errorCount")), count(g.get("inputTokens")),
-        count(g.get("outputTokens")), count(g.get("cacheReadTokens")), count(g.get("cacheWriteTokens")),
-        count(g.get("totalTokens")), money(float(g.get("totalCost") or 0.0)),
+        label,
+        count(g.get("requestCount")),
+        count(g.get("errorCount")),
+        count(g.get("inputTokens")),
+        count(g.get("outputTokens")),
+        count(g.get("cacheReadTokens")),
+        count(g.get("cacheWriteTokens")),
+        count(g.get("totalTokens")),
+        money(float(g.get("totalCost") or 0.0)),
     ]
 
 
@@ -44,8 +50,9 @@ def _row(label: str, g: dict[str, Any]) -> list[str]:
 @click.option("--since", metavar="WHEN", help="Only records since 30m, 24h, 7d, 2w ago or a date (2026-11-01).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON (the usage.report shape).")
 @pass_state
-def usage(state: CliState, by_model: bool, by_day: bool, session_id: str | None, since: str | None,
-          as_json: bool) -> None:
+def usage(
+    state: CliState, by_model: bool, by_day: bool, session_id: str | None, since: str | None, as_json: bool
+) -> None:
     """Token usage and cost, per model or per day."""
     from ..stores.usage import UsageStore
 
@@ -81,8 +88,10 @@ def usage(state: CliState, by_model: bool, by_day: bool, session_id: str | None,
         rows = _rows(per_model["perModel"]) + [_row("TOTAL", grand)]
         click.echo(table(["model", *headers], rows, right))
         if any(g.get("priceKnown") is False for g in per_model["perModel"].values()):
-            click.echo("\n* price unknown: costed at the fallback price ([models] fallback_*_per_mtok); "
-                       'set [pricing."MODEL"] in the config for exact costs.')
+            click.echo(
+                "\n* price unknown: costed at the fallback price ([models] fallback_*_per_mtok); "
+                'set [pricing."MODEL"] in the config for exact costs.'
+            )
     if per_day is not None:
         if per_model is not None:
             click.echo()
@@ -92,5 +101,8 @@ def usage(state: CliState, by_model: bool, by_day: bool, session_id: str | None,
 
 def _warn_damaged(damaged: list[str]) -> None:
     if damaged:
-        click.echo(f"warning: {len(damaged)} damaged usage file(s) not counted (kept for inspection; "
-                   f"see: agentspace doctor): {', '.join(damaged)}", err=True)
+        click.echo(
+            f"warning: {len(damaged)} damaged usage file(s) not counted (kept for inspection; "
+            f"see: agentspace doctor): {', '.join(damaged)}",
+            err=True,
+        )

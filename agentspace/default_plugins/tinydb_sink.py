@@ -6,7 +6,8 @@ opened through ``.store``, so one process keeps one UsageStore.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from agentspace.hookspecs import hookimpl
 from agentspace.stores.usage import UsageStore
@@ -41,5 +42,5 @@ class TinyDBUsageSink:
 
 
 @hookimpl
-def register_usage_sinks(register: Callable[["UsageSink"], None], config: "Config") -> None:
+def register_usage_sinks(register: Callable[[UsageSink], None], config: Config) -> None:
     register(TinyDBUsageSink(lambda: UsageStore(config.data_dir)))

@@ -11,7 +11,8 @@
 from __future__ import annotations
 
 import json
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 from ..events import (
     ProviderEvent,
@@ -251,7 +252,9 @@ def parse_request(body: dict[str, Any]) -> tuple[str, list[ChatMessage], list[To
         raise RequestError("messages: Field required (a non-empty list)")
     system = body.get("system") or ""
     if isinstance(system, list):
-        system = "\n\n".join(str(b.get("text") or "") for b in system if isinstance(b, dict) and b.get("type") == "text")
+        system = "\n\n".join(
+            str(b.get("text") or "") for b in system if isinstance(b, dict) and b.get("type") == "text"
+        )
     elif not isinstance(system, str):
         raise RequestError("system: must be a string or a list of text blocks")
     names: dict[str, str] = {}
@@ -268,14 +271,18 @@ def parse_request(body: dict[str, Any]) -> tuple[str, list[ChatMessage], list[To
     tools = []
     for i, t in enumerate(body.get("tools") or ()):
         if not isinstance(t, dict) or not isinstance(t.get("name"), str) or "input_schema" not in t:
-            raise RequestError(f"tools.{i}: only client tools ({{name, description, input_schema}}) work with this model")
+            raise RequestError(
+                f"tools.{i}: only client tools ({{name, description, input_schema}}) work with this model"
+            )
         tools.append(Tool(t["name"], str(t.get("description") or ""), t["input_schema"], _never_called))
     thinking = body.get("thinking") or {}
     budget = None
     if isinstance(thinking, dict) and thinking.get("type") in ("enabled", "adaptive"):
         budget = int(thinking.get("budget_tokens") or 8000)
     try:
-        params = sampling_params(body.get("temperature"), body.get("top_p"), body.get("stop_sequences"), "stop_sequences")
+        params = sampling_params(
+            body.get("temperature"), body.get("top_p"), body.get("stop_sequences"), "stop_sequences"
+        )
     except ParamError as e:
         raise RequestError(f"{e.param}: {e.message}") from None
     return system, messages, tools, max_tokens, budget, params
@@ -293,7 +300,9 @@ def _part(block: Any, names: dict[str, str], where: str) -> Part | None:
     if kind == "tool_result":
         content = block.get("content")
         if isinstance(content, list):
-            content = "".join(str(b.get("text") or "") for b in content if isinstance(b, dict) and b.get("type") == "text")
+            content = "".join(
+                str(b.get("text") or "") for b in content if isinstance(b, dict) and b.get("type") == "text"
+            )
         call_id = str(block.get("tool_use_id"))
         return ToolResultPart(call_id, names.get(call_id, ""), content or "", bool(block.get("is_error")))
     if kind in ("thinking", "redacted_thinking"):
@@ -306,8 +315,12 @@ def _sse(name: str, data: dict[str, Any]) -> bytes:
 
 
 def usage_body(usage: TokenUsage) -> dict[str, int]:
-    return {"input_tokens": usage.input_tokens, "output_tokens": usage.output_tokens,
-            "cache_creation_input_tokens": usage.cache_write_tokens, "cache_read_input_tokens": usage.cache_read_tokens}
+    return {
+        "input_tokens": usage.input_tokens,
+        "output_tokens": usage.output_tokens,
+        "cache_creation_input_tokens": usage.cache_write_tokens,
+        "cache_read_input_tokens": usage.cache_read_tokens,
+    }
 
 
 class MessageEncoder:
@@ -321,8 +334,16 @@ class MessageEncoder:
         self._index = -1
 
     def start(self, input_tokens: int) -> bytes:
-        message: dict[str, Any] = {"id": self.id, "type": "message", "role": "assistant", "model": self.model, "content": [],
-                   "stop_reason": None, "stop_sequence": None, "usage": {"input_tokens": input_tokens, "output_tokens": 0}}
+        message: dict[str, Any] = {
+            "id": self.id,
+            "type": "message",
+            "role": "assistant",
+            "model": self.model,
+            "content": [],
+            "stop_reason": None,
+            "stop_sequence": None,
+            "usage": {"input_tokens": input_tokens, "output_tokens": 0},
+        }
         return _sse("message_start", {"type": "message_start", "message": message})
 
     def _close(self, out: list[bytes]) -> None:
@@ -334,7 +355,9 @@ class MessageEncoder:
         self._close(out)
         self._index += 1
         self._open = block["type"]
-        out.append(_sse("content_block_start", {"type": "content_block_start", "index": self._index, "content_block": block}))
+        out.append(
+            _sse("content_block_start", {"type": "content_block_start", "index": self._index, "content_block": block})
+        )
 
     def _delta(self, delta: dict[str, Any], out: list[bytes]) -> None:
         out.append(_sse("content_block_delta", {"type": "content_block_delta", "index": self._index, "delta": delta}))
@@ -357,7 +380,12 @@ class MessageEncoder:
         elif kind is ProviderFinish:
             self._close(out)
             delta = {"stop_reason": STOP_REASONS.get(event.finish_reason, "end_turn"), "stop_sequence": None}  # type: ignore[union-attr]
-            out.append(_sse("message_delta", {"type": "message_delta", "delta": delta, "usage": usage_body(usage or TokenUsage())}))
+            out.append(
+                _sse(
+                    "message_delta",
+                    {"type": "message_delta", "delta": delta, "usage": usage_body(usage or TokenUsage())},
+                )
+            )
             out.append(_sse("message_stop", {"type": "message_stop"}))
         return b"".join(out)
 
@@ -375,8 +403,16 @@ def whole_message(model: str, finish: ProviderFinish, usage: TokenUsage) -> dict
             content.append({"type": "thinking", "thinking": part.text, "signature": part.signature or ""})
         elif isinstance(part, ToolCallPart):
             content.append({"type": "tool_use", "id": part.tool_call_id, "name": part.name, "input": part.input})
-    return {"id": new_id("msg_"), "type": "message", "role": "assistant", "model": model, "content": content,
-            "stop_reason": STOP_REASONS.get(finish.finish_reason, "end_turn"), "stop_sequence": None, "usage": usage_body(usage)}
+    return {
+        "id": new_id("msg_"),
+        "type": "message",
+        "role": "assistant",
+        "model": model,
+        "content": content,
+        "stop_reason": STOP_REASONS.get(finish.finish_reason, "end_turn"),
+        "stop_sequence": None,
+        "usage": usage_body(usage),
+    }
 
 
 def client_status(status: int | None, code: str) -> int:

@@ -26,6 +26,7 @@ from ..events import (
 from ..types import (
     ChatMessage,
     Part,
+    ReasoningPart,
     TextPart,
     TokenUsage,
     Tool,
@@ -59,10 +60,17 @@ FINISH_REASONS = {
 REASONING_BUDGETS = {"minimal": 1024, "low": 2048, "medium": 8000, "high": 16000}
 
 
-def error_body(status: int, message: str, *, code: str | None = None, error_type: str | None = None,
-               param: str | None = None) -> dict[str, Any]:
-    return {"error": {"message": message, "type": error_type or ERROR_TYPES.get(status, "server_error"),
-                      "param": param, "code": code}}
+def error_body(
+    status: int, message: str, *, code: str | None = None, error_type: str | None = None, param: str | None = None
+) -> dict[str, Any]:
+    return {
+        "error": {
+            "message": message,
+            "type": error_type or ERROR_TYPES.get(status, "server_error"),
+            "param": param,
+            "code": code,
+        }
+    }
 
 
 def client_status(status: int | None, code: str) -> int:
@@ -150,7 +158,14 @@ def parse_request(body: Any) -> ParsedRequest:
         fn = t.get("function") if isinstance(t, dict) else None
         if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
             raise RequestError(f"tools[{i}]", "tools must be {type: function, function: {name, parameters}}")
-        tools.append(Tool(fn["name"], str(fn.get("description") or ""), fn.get("parameters") or {"type": "object", "properties": {}}, _never_called))
+        tools.append(
+            Tool(
+                fn["name"],
+                str(fn.get("description") or ""),
+                fn.get("parameters") or {"type": "object", "properties": {}},
+                _never_called,
+            )
+        )
     max_tokens = body.get("max_completion_tokens") or body.get("max_tokens")
     if max_tokens is not None and (not isinstance(max_tokens, int) or max_tokens < 1):
         raise RequestError("max_tokens", "max_tokens must be a positive integer")
@@ -165,7 +180,9 @@ def parse_request(body: Any) -> ParsedRequest:
         include_usage=bool((body.get("stream_options") or {}).get("include_usage")),
         max_tokens=max_tokens,
         reasoning_budget=REASONING_BUDGETS.get(effort) if isinstance(effort, str) else None,
-        params=sampling_params(body.get("temperature"), body.get("top_p"), [stop] if isinstance(stop, str) else stop, "stop"),
+        params=sampling_params(
+            body.get("temperature"), body.get("top_p"), [stop] if isinstance(stop, str) else stop, "stop"
+        ),
     )
 
 
@@ -205,7 +222,9 @@ def _text(content: Any, param: str) -> str:
                 texts.append(str(part.get("text") or ""))
             else:
                 kind = part.get("type") if isinstance(part, dict) else type(part).__name__
-                raise RequestError(param, f"content parts of type {kind!r} are not supported by this gateway yet; send text")
+                raise RequestError(
+                    param, f"content parts of type {kind!r} are not supported by this gateway yet; send text"
+                )
         return "".join(texts)
     raise RequestError(param, "content must be a string or an array of content parts")
 
@@ -243,7 +262,12 @@ class ChunkEncoder:
     """Provider events -> ``chat.completion.chunk`` objects of one streamed answer."""
 
     def __init__(self, model: str, include_usage: bool) -> None:
-        self.head = {"id": new_id("chatcmpl-"), "object": "chat.completion.chunk", "created": int(time.time()), "model": model}
+        self.head = {
+            "id": new_id("chatcmpl-"),
+            "object": "chat.completion.chunk",
+            "created": int(time.time()),
+            "model": model,
+        }
         self.include_usage = include_usage
         self._tool_index = 0
 
@@ -254,18 +278,18 @@ class ChunkEncoder:
         return self._chunk({"role": "assistant", "content": ""})
 
     def encode(self, event: ProviderEvent, usage: TokenUsage | None = None) -> list[dict[str, Any]]:
-        kind = type(event)
-        if kind is TextDelta:
-            return [self._chunk({"content": event.text})]  # type: ignore[union-attr]
-        if kind is ReasoningDelta:
-            return [self._chunk({"reasoning_content": event.text})]  # type: ignore[union-attr]
-        if kind is ToolCallEvent:
-            call = {"index": self._tool_index, "id": event.tool_call_id, "type": "function",  # type: ignore[union-attr]
-                    "function": {"name": event.name, "arguments": json.dumps(event.input, ensure_ascii=False)}}  # type: ignore[union-attr]
+        if isinstance(event, TextDelta):
+            return [self._chunk({"content": event.text})]
+        if isinstance(event, ReasoningDelta):
+            return [self._chunk({"reasoning_content": event.text})]
+        if isinstance(event, ToolCallEvent):
+            arguments = json.dumps(event.input, ensure_ascii=False)
+            call = {"index": self._tool_index, "id": event.tool_call_id, "type": "function",
+                    "function": {"name": event.name, "arguments": arguments}}  # fmt: skip
             self._tool_index += 1
             return [self._chunk({"tool_calls": [call]})]
-        if kind is ProviderFinish:
-            out = [self._chunk({}, finish_reason(event.finish_reason))]  # type: ignore[union-attr]
+        if isinstance(event, ProviderFinish):
+            out = [self._chunk({}, finish_reason(event.finish_reason))]
             if self.include_usage and usage is not None:
                 out.append({**self.head, "choices": [], "usage": usage_body(usage)})
             return out
@@ -274,15 +298,19 @@ class ChunkEncoder:
 
 def completion(model: str, finish: ProviderFinish, usage: TokenUsage) -> dict[str, Any]:
     """One whole ``chat.completion`` from the finished answer."""
-    text = "".join(p.text for p in finish.message.parts if p.type == "text")  # type: ignore[union-attr]
-    reasoning = "".join(p.text for p in finish.message.parts if p.type == "reasoning")  # type: ignore[union-attr]
+    text = "".join(p.text for p in finish.message.parts if isinstance(p, TextPart))
+    reasoning = "".join(p.text for p in finish.message.parts if isinstance(p, ReasoningPart))
     message: dict[str, Any] = {"role": "assistant", "content": text or None}
     if reasoning:
         message["reasoning_content"] = reasoning
     calls = [p for p in finish.message.parts if isinstance(p, ToolCallPart)]
     if calls:
         message["tool_calls"] = [
-            {"id": c.tool_call_id, "type": "function", "function": {"name": c.name, "arguments": json.dumps(c.input, ensure_ascii=False)}}
+            {
+                "id": c.tool_call_id,
+                "type": "function",
+                "function": {"name": c.name, "arguments": json.dumps(c.input, ensure_ascii=False)},
+            }
             for c in calls
         ]
     return {
@@ -290,6 +318,8 @@ def completion(model: str, finish: ProviderFinish, usage: TokenUsage) -> dict[st
         "object": "chat.completion",
         "created": int(time.time()),
         "model": model,
-        "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": finish_reason(finish.finish_reason)}],
+        "choices": [
+            {"index": 0, "message": message, "logprobs": None, "finish_reason": finish_reason(finish.finish_reason)}
+        ],
         "usage": usage_body(usage),
     }

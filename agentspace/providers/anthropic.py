@@ -11,8 +11,9 @@ import importlib
 import json
 import logging
 import threading
+from collections.abc import AsyncIterator, Callable
 from dataclasses import replace
-from typing import TYPE_CHECKING, Any, AsyncIterator, Callable
+from typing import TYPE_CHECKING, Any
 
 from ..events import (
     ProviderError,
@@ -82,12 +83,12 @@ ERROR_TYPE_STATUS = {
 
 
 @hookimpl
-def register_providers(register: Callable[[Provider], None], config: "Config") -> None:
+def register_providers(register: Callable[[Provider], None], config: Config) -> None:
     register(AnthropicProvider(config))
 
 
 @hookimpl
-def server_startup(app: Any, config: "Config") -> None:
+def server_startup(app: Any, config: Config) -> None:
     # The SDK takes about a second to import: load it in the background while the server starts
     # listening, instead of in the first chat (and never in CLI commands, which do not run this hook).
     threading.Thread(target=_import_sdk, name="agentspace-import-anthropic", daemon=True).start()
@@ -103,10 +104,10 @@ class AnthropicProvider:
 
     name = "anthropic"
 
-    def __init__(self, config: "Config") -> None:
+    def __init__(self, config: Config) -> None:
         self._timeout = float(config.provider_settings("anthropic")["timeout_seconds"])
         # One client (one connection pool) per key and endpoint, reused across calls.
-        self._clients: dict[tuple[str, str | None], "AsyncAnthropic"] = {}
+        self._clients: dict[tuple[str, str | None], AsyncAnthropic] = {}
         # Thinking forms each model accepts, from the Models API: (budget form, adaptive), None if unknown.
         # Bounded (an LRU): model names come from clients.
         self._thinking_forms: LRU[tuple[str | None, str], tuple[bool, bool] | None] = LRU()
@@ -118,7 +119,7 @@ class AnthropicProvider:
         # Every call goes with the key the gateway resolved; the SDK gets no other source of one.
         return not api_key
 
-    def _client(self, api_key: str, base_url: str | None) -> "AsyncAnthropic":
+    def _client(self, api_key: str, base_url: str | None) -> AsyncAnthropic:
         client = self._clients.get((api_key, base_url))
         if client is None:
             import anthropic
@@ -136,7 +137,7 @@ class AnthropicProvider:
             self._clients[(api_key, base_url)] = client
         return client
 
-    async def _thinking_for(self, client: "AsyncAnthropic", request: ProviderRequest) -> ThinkingSettings | None:
+    async def _thinking_for(self, client: AsyncAnthropic, request: ProviderRequest) -> ThinkingSettings | None:
         """The thinking form for the model: adaptive wherever it accepts it (the budget form is deprecated for
         those models, and the SDK warns), else the budget. The Models API says which forms a model accepts
         (asked once per model); without it, the cost map."""
@@ -188,7 +189,9 @@ class AnthropicProvider:
             raise ProviderError("LLM_ERROR", "Anthropic did not answer in time. Try again.", retryable=True) from e
         except anthropic.APIConnectionError as e:
             raise ProviderError(
-                "LLM_ERROR", "Could not connect to Anthropic. Check the network and [providers.anthropic] base_url.", retryable=True
+                "LLM_ERROR",
+                "Could not connect to Anthropic. Check the network and [providers.anthropic] base_url.",
+                retryable=True,
             ) from e
         except httpx2.TimeoutException as e:
             raise ProviderError("LLM_ERROR", "Anthropic stopped sending (timed out). Try again.", retryable=True) from e
@@ -200,7 +203,7 @@ class AnthropicProvider:
         yield state.finish()
 
 
-async def _thinking_forms(client: "AsyncAnthropic", model_name: str) -> tuple[bool, bool] | None:
+async def _thinking_forms(client: AsyncAnthropic, model_name: str) -> tuple[bool, bool] | None:
     """(accepts ``{"type": "enabled", budget_tokens}``, accepts ``{"type": "adaptive"}``) from models.retrieve."""
     try:
         info = await client.models.retrieve(model_name, timeout=5.0)
@@ -321,8 +324,9 @@ class _StreamState:
         """The stream's last event, once the body has ended; ProviderError if the answer was cut short."""
         if not self.complete:
             raise ProviderError("LLM_ERROR", INCOMPLETE_MESSAGE)
-        return ProviderFinish(FINISH_REASONS.get(self.stop_reason or "", "other"), self.usage,
-                              ChatMessage("assistant", self.parts))
+        return ProviderFinish(
+            FINISH_REASONS.get(self.stop_reason or "", "other"), self.usage, ChatMessage("assistant", self.parts)
+        )
 
     def handle(self, name: str | None, data: str) -> list[ProviderEvent]:
         """The events for one SSE event (mostly none or one)."""
@@ -428,7 +432,7 @@ def _upstream_message(message: Any, api_key: str | None = None) -> str:
     return text.replace(api_key, "***") if api_key else text
 
 
-def _status_error(e: "APIStatusError", api_key: str) -> ProviderError:
+def _status_error(e: APIStatusError, api_key: str) -> ProviderError:
     """An HTTP error status (before streaming) as a ProviderError that tells the user what to do."""
     status = e.status_code
     detail = _upstream_message(e.api_message, api_key)
@@ -443,12 +447,19 @@ def _status_error(e: "APIStatusError", api_key: str) -> ProviderError:
             status=429,
         )
     if status == 404:
-        return ProviderError("MODEL_NOT_FOUND", f"Anthropic does not know this model: {detail or 'not found'}", status=404)
+        return ProviderError(
+            "MODEL_NOT_FOUND", f"Anthropic does not know this model: {detail or 'not found'}", status=404
+        )
     if status == 529:
-        return ProviderError("LLM_ERROR", "Anthropic is overloaded right now. Try again shortly.", retryable=True, status=529)
+        return ProviderError(
+            "LLM_ERROR", "Anthropic is overloaded right now. Try again shortly.", retryable=True, status=529
+        )
     if status >= 500 or status in (408, 409):
         return ProviderError(
-            "LLM_ERROR", f"Anthropic had a temporary problem (HTTP {status}). Try again shortly.", retryable=True, status=status
+            "LLM_ERROR",
+            f"Anthropic had a temporary problem (HTTP {status}). Try again shortly.",
+            retryable=True,
+            status=status,
         )
     return ProviderError("LLM_ERROR", f"Anthropic rejected the request: {detail or f'HTTP {status}'}", status=status)
 
@@ -461,4 +472,6 @@ def _stream_error(error: dict[str, Any]) -> ProviderError:
     if error_type == "rate_limit_error":
         return ProviderError("RATE_LIMITED", f"Anthropic rate limit reached: {detail}", retryable=True, status=status)
     retryable = error_type in ("overloaded_error", "api_error")
-    return ProviderError("LLM_ERROR", f"Anthropic stopped with an error ({error_type}): {detail}", retryable=retryable, status=status)
+    return ProviderError(
+        "LLM_ERROR", f"Anthropic stopped with an error ({error_type}): {detail}", retryable=retryable, status=status
+    )

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import email.utils
 import time
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Mapping, Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 from ..events import ProviderEvent
 from ..types import ChatMessage, ModelInfo, Tool

@@ -16,8 +16,9 @@ import os
 import re
 import threading
 import time
+from collections.abc import AsyncIterator, Callable
 from types import ModuleType
-from typing import TYPE_CHECKING, Any, AsyncIterator, Callable
+from typing import TYPE_CHECKING, Any
 
 from ..events import (
     ProviderError,
@@ -91,7 +92,7 @@ def _configure(module: ModuleType) -> ModuleType:
 
 
 @hookimpl
-def server_startup(app: Any, config: "Config") -> None:
+def server_startup(app: Any, config: Config) -> None:
     # litellm takes seconds and a few hundred MiB to import: a server that can serve a litellm model starts
     # importing it in the background now, so that no caller waits for it (an OpenAI client's first call to
     # /v1/chat/completions would). A server that cannot (Anthropic only) never imports it; nor does the CLI,
@@ -101,7 +102,7 @@ def server_startup(app: Any, config: "Config") -> None:
         threading.Thread(target=_import_in_background, name="agentspace-import-litellm", daemon=True).start()
 
 
-def litellm_usable(config: "Config") -> bool:
+def litellm_usable(config: Config) -> bool:
     """Whether any model this server could serve goes through litellm: a prefix other than ``anthropic``
     with a ``[providers.PREFIX]`` table, or a key in the vault or the environment."""
     from ..catalog import MAIN_PROVIDERS
@@ -121,12 +122,14 @@ def _import_in_background() -> None:
 
 
 @hookimpl(trylast=True)
-def register_providers(register: Callable[[Provider], None], config: "Config") -> None:
+def register_providers(register: Callable[[Provider], None], config: Config) -> None:
     register(LiteLLMProvider(config))
 
 
 # Common litellm prefixes that serve models the cost map does not list (local and proxy servers).
-EXTRA_PREFIXES = frozenset({"openrouter", "hosted_vllm", "lm_studio", "ollama_chat", "litellm_proxy", "llamafile", "vllm"})
+EXTRA_PREFIXES = frozenset(
+    {"openrouter", "hosted_vllm", "lm_studio", "ollama_chat", "litellm_proxy", "llamafile", "vllm"}
+)
 
 
 class LiteLLMProvider:
@@ -135,7 +138,7 @@ class LiteLLMProvider:
 
     name = "litellm"
 
-    def __init__(self, config: "Config") -> None:
+    def __init__(self, config: Config) -> None:
         self._config = config
         self._prefixes: frozenset[str] | None = None
 
@@ -187,7 +190,10 @@ class LiteLLMProvider:
         }
         if request.tools:
             kwargs["tools"] = [
-                {"type": "function", "function": {"name": t.name, "description": t.description, "parameters": t.input_schema}}
+                {
+                    "type": "function",
+                    "function": {"name": t.name, "description": t.description, "parameters": t.input_schema},
+                }
                 for t in request.tools
             ]
         if request.thinking is not None and request.model_info.supports_reasoning:
@@ -397,7 +403,10 @@ def to_openai_messages(request: ProviderRequest) -> list[dict[str, Any]]:
             if text:
                 out.append({"role": "user", "content": "".join(text)})
             continue
-        msg: dict[str, Any] = {"role": "assistant", "content": "".join(p.text for p in m.parts if isinstance(p, TextPart))}
+        msg: dict[str, Any] = {
+            "role": "assistant",
+            "content": "".join(p.text for p in m.parts if isinstance(p, TextPart)),
+        }
         tool_calls = [
             {
                 "id": p.tool_call_id,
@@ -469,11 +478,13 @@ def _map_error(error: Exception, request: ProviderRequest, key_name: str) -> Pro
         return ProviderError("LLM_ERROR", f"{name} request failed: {where}", retryable=True)
     retryable = isinstance(status, int) and status >= 500
     prefix = f"{name} error (HTTP {status})" if isinstance(status, int) else f"{name} error"
-    return ProviderError("LLM_ERROR", f"{prefix}: {_upstream_message(error, request)}", retryable=retryable, status=status)
+    return ProviderError(
+        "LLM_ERROR", f"{prefix}: {_upstream_message(error, request)}", retryable=retryable, status=status
+    )
 
 
 def _transport_failure(error: BaseException) -> str | None:
-    """"timeout" or "connection" when the chain of causes holds a transport error, else None."""
+    """ "timeout" or "connection" when the chain of causes holds a transport error, else None."""
     import httpx
     import openai
 

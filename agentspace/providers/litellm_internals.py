@@ -9,7 +9,8 @@ one of them changes; the functions here then fall back to what the public API sa
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 # What litellm (1.110 and later) raises when an OpenAI-style stream ends cleanly without a finish reason.
 CLEAN_EOF = "Stream ended before a finish_reason was received"
@@ -20,7 +21,9 @@ def provider_finished(response: Any) -> bool:
     made-up "stop"; its ``CustomStreamWrapper`` keeps what it received. Unknown: trust the finish reason."""
     if not hasattr(response, "received_finish_reason"):
         return True
-    return response.received_finish_reason is not None or getattr(response, "intermittent_finish_reason", None) is not None
+    return (
+        response.received_finish_reason is not None or getattr(response, "intermittent_finish_reason", None) is not None
+    )
 
 
 def provider_sent_usage(response: Any) -> bool:
@@ -38,7 +41,7 @@ def response_headers(error: BaseException) -> Mapping[str, str] | None:
     ``error.response`` is often a synthetic ``httpx.Response`` without them."""
     headers = getattr(error, "litellm_response_headers", None)
     if headers:
-        return headers  # type: ignore[no-any-return]
+        return headers
     return getattr(getattr(error, "response", None), "headers", None)
 
 

@@ -11,7 +11,7 @@ without going line by line. Anything else takes the general path, which implemen
 
 from __future__ import annotations
 
-from typing import AsyncIterable, AsyncIterator, Iterable, Iterator
+from collections.abc import AsyncIterable, AsyncIterator, Iterable, Iterator
 
 SSEEvent = tuple["str | None", str]  # (event name, data)
 
@@ -41,7 +41,7 @@ class SSEDecoder:
         if end == -1:
             self._pending = buffer
             return ()
-        self._pending = buffer[end + 2:]
+        self._pending = buffer[end + 2 :]
         return _decode_blocks(buffer[:end].split(b"\n\n"))
 
     def close(self) -> list[SSEEvent]:
@@ -57,7 +57,7 @@ def _decode_blocks(blocks: list[bytes]) -> Iterator[SSEEvent]:
         if block.startswith(b"event: "):  # the usual shape, "event: NAME\ndata: ONE LINE", read at once
             newline = block.find(b"\n")
             if newline != -1 and block.startswith(b"data: ", newline + 1) and block.find(b"\n", newline + 1) == -1:
-                yield (block[7:newline].decode(), block[newline + 7:].decode())
+                yield (block[7:newline].decode(), block[newline + 7 :].decode())
                 continue
         event = _parse_block(block)
         if event is not None:

@@ -90,7 +90,7 @@ def write_bytes_atomic(path: Path, payload: bytes) -> None:
         try:
             view = memoryview(payload)
             while view:
-                view = view[os.write(fd, view):]
+                view = view[os.write(fd, view) :]
             os.fsync(fd)
         finally:
             os.close(fd)

@@ -70,7 +70,7 @@ class DataDirLock:
         os.close(self._fd)  # closing the only descriptor releases the lock
         self._fd = None
 
-    def __enter__(self) -> "DataDirLock":
+    def __enter__(self) -> DataDirLock:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -23,9 +23,10 @@ import os
 import re
 import threading
 from collections import OrderedDict
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 from ..errors import SessionDamaged
 from ..types import new_id, now_iso
@@ -360,8 +361,14 @@ class SessionStore:
             now = now_iso()
             if title is None:
                 title = next((t for m in messages if m.get("role") == "user" and (t := _title_from(m))), None)
-            info = {"id": session_id, "title": title, "model": model, "createdAt": now, "lastActivityAt": now,
-                    "client": client}
+            info = {
+                "id": session_id,
+                "title": title,
+                "model": model,
+                "createdAt": now,
+                "lastActivityAt": now,
+                "client": client,
+            }
             self._write(session_id, info, {str(n): message for n, message in enumerate(messages, 1)})
             return _summary(self._open[session_id])
 

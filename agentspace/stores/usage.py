@@ -15,9 +15,10 @@ from __future__ import annotations
 import os
 import re
 import time
-from datetime import datetime, timezone
+from collections.abc import Callable, Iterable, Iterator
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any
 
 from ..types import UsageRecord
 from .atomic import (
@@ -120,7 +121,9 @@ class UsageStore:
                         continue
                     yield record
 
-    def report(self, *, by: str = "model", since: datetime | None = None, session_id: str | None = None) -> dict[str, Any]:
+    def report(
+        self, *, by: str = "model", since: datetime | None = None, session_id: str | None = None
+    ) -> dict[str, Any]:
         """``usage_report`` (``by="model"``) or ``usage_by_day`` (``by="day"``) of the records, with
         ``damagedFiles``: the segments that could not be counted."""
         damaged: list[str] = []
@@ -128,8 +131,9 @@ class UsageStore:
         report = usage_report(records) if by == "model" else usage_by_day(records)
         return {**report, "damagedFiles": damaged}
 
-    async def areport(self, *, by: str = "model", since: datetime | None = None,
-                      session_id: str | None = None) -> dict[str, Any]:
+    async def areport(
+        self, *, by: str = "model", since: datetime | None = None, session_id: str | None = None
+    ) -> dict[str, Any]:
         """``report`` run off the event loop (and off the store thread: writes do not wait for it)."""
         return await read_in_thread(lambda: self.report(by=by, since=since, session_id=session_id))
 
@@ -172,7 +176,7 @@ class UsageStore:
         number = numbers[-1] if numbers else 0
         path = segment_path(self.dir.parent, day, number)
         try:
-            records = ((read_tables(path) or {}).get(_RECORDS) or {})
+            records = (read_tables(path) or {}).get(_RECORDS) or {}
         except StoreCorrupt as e:
             move_aside(e)  # its name is free again: the fresh segment takes it
             records = {}
@@ -189,7 +193,7 @@ def _iso(since: datetime | None) -> str | None:
     """``since`` (naive means UTC) as our timestamps spell it, for string comparison."""
     if since is None:
         return None
-    since_utc = since.replace(tzinfo=timezone.utc) if since.tzinfo is None else since.astimezone(timezone.utc)
+    since_utc = since.replace(tzinfo=UTC) if since.tzinfo is None else since.astimezone(UTC)
     return since_utc.strftime("%Y-%m-%dT%H:%M:%S.") + f"{since_utc.microsecond // 1000:03d}Z"
 
 

@@ -67,7 +67,7 @@ class FenceTracker:
         if not self.in_code:
             self.in_code, self.fence = True, marker
             return "code"
-        closes = marker[0] == self.fence[0] and len(marker) >= len(self.fence) and not head[m.end():].strip()
+        closes = marker[0] == self.fence[0] and len(marker) >= len(self.fence) and not head[m.end() :].strip()
         if closes:
             if not complete:
                 return None  # "```" could still be followed by more text on this line

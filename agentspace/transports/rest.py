@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Awaitable, Callable
 from http import HTTPStatus
-from typing import Any, Awaitable, Callable
+from typing import Any
 
 from aiohttp import hdrs, web
 
@@ -55,8 +56,9 @@ async def session_context(request: web.Request) -> web.Response:
 
 async def usage(request: web.Request) -> web.Response:
     query = request.query
-    report = await state.service(request.app).usage(session_id=query.get("sessionId") or None,
-                                                     since=query.get("since") or None, by=query.get("by", "model"))
+    report = await state.service(request.app).usage(
+        session_id=query.get("sessionId") or None, since=query.get("since") or None, by=query.get("by", "model")
+    )
     return web.json_response(report)
 
 
@@ -77,11 +79,14 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 async def errors_and_preflight(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Answer CORS preflights, and turn aiohttp's own HTTP errors and every ApiError into JSON errors."""
     if request.method == "OPTIONS" and hdrs.ACCESS_CONTROL_REQUEST_METHOD in request.headers and _cors_origin(request):
-        return web.Response(status=204, headers={
-            hdrs.ACCESS_CONTROL_ALLOW_METHODS: CORS_METHODS,
-            hdrs.ACCESS_CONTROL_ALLOW_HEADERS: CORS_HEADERS,
-            hdrs.ACCESS_CONTROL_MAX_AGE: CORS_MAX_AGE,
-        })
+        return web.Response(
+            status=204,
+            headers={
+                hdrs.ACCESS_CONTROL_ALLOW_METHODS: CORS_METHODS,
+                hdrs.ACCESS_CONTROL_ALLOW_HEADERS: CORS_HEADERS,
+                hdrs.ACCESS_CONTROL_MAX_AGE: CORS_MAX_AGE,
+            },
+        )
     try:
         return await handler(request)
     except ApiError as e:
@@ -164,14 +169,30 @@ _NUM = {"type": "number"}
 _STR = {"type": "string"}
 _BOOL = {"type": "boolean"}
 _NULLABLE_STR = {"type": ["string", "null"]}
-_SESSION_ID: dict[str, Any] = {"name": "id", "in": "path", "required": True,
-               "schema": {"type": "string", "pattern": "^[A-Za-z0-9_-]{1,128}$"}, "description": "Session id (the chat id)."}
+_SESSION_ID: dict[str, Any] = {
+    "name": "id",
+    "in": "path",
+    "required": True,
+    "schema": {"type": "string", "pattern": "^[A-Za-z0-9_-]{1,128}$"},
+    "description": "Session id (the chat id).",
+}
 _SSE = {"text/event-stream": {"schema": {"type": "string"}, "x-ai-sdk": "UI message stream protocol v1"}}
 _AUTH_ERRORS = {"401": _error("No or wrong gateway token."), "403": _error("Origin or Host not allowed.")}
 _TOTALS = {
     "type": "object",
-    "properties": {k: _INT for k in ("inputTokens", "outputTokens", "totalTokens", "cacheReadTokens",
-                                     "cacheWriteTokens", "reasoningTokens", "requestCount", "estimatedCount")}
+    "properties": {
+        k: _INT
+        for k in (
+            "inputTokens",
+            "outputTokens",
+            "totalTokens",
+            "cacheReadTokens",
+            "cacheWriteTokens",
+            "reasoningTokens",
+            "requestCount",
+            "estimatedCount",
+        )
+    }
     | {"totalCost": _NUM},
 }
 
@@ -181,130 +202,322 @@ OPENAPI: dict[str, Any] = {
         "title": "agentspace",
         "version": "1",
         "description": "A self-hosted LLM gateway. Every route but /healthz needs the gateway token "
-                       "(`agentspace token`) as `Authorization: Bearer <token>`. Errors are "
-                       "`{error: {code, message}}`. The WebSocket protocol at /gateway is described in SPEC section 3.",
+        "(`agentspace token`) as `Authorization: Bearer <token>`. Errors are "
+        "`{error: {code, message}}`. The WebSocket protocol at /gateway is described in SPEC section 3.",
     },
     "security": [{"bearer": []}],
     "paths": {
-        "/healthz": {"get": {"summary": "Liveness check (no auth).", "security": [],
-                             "responses": {"200": _json({"type": "object", "properties": {"status": {"const": "ok"}}})}}},
-        "/gateway": {"get": {"summary": "WebSocket upgrade for the JSON frame protocol (SPEC section 3).",
-                             "description": "Authenticate with the Authorization header or a first {type: 'auth', id, token} frame.",
-                             "security": [],
-                             "responses": {"101": {"description": "Switching protocols"}, "403": _error("Origin or Host not allowed.")}}},
-        "/api/chat": {"post": {
-            "summary": "Chat, streamed as the Vercel AI SDK UI message stream (useChat's default transport).",
-            "description": "The last user message is answered. `id` names the session; an unknown id creates it, "
-                           "importing the earlier messages' text. Frames `data: <chunk>`: start, start-step, "
-                           "text-start/-delta/-end, reasoning-start/-delta/-end, source-url, tool-input-available, "
-                           "tool-output-available, tool-output-error, finish-step, abort (aborted answers), "
-                           "finish {finishReason, messageMetadata: {usage}} or error {errorText}, then `data: [DONE]`.",
-            "requestBody": {"required": True, "content": {"application/json": {"schema": _ref("ChatRequest")}}},
-            "responses": {
-                "200": {"description": "The answer as server-sent events.",
-                        "headers": {"x-vercel-ai-ui-message-stream": {"schema": {"const": "v1"}}}, "content": _SSE},
-                "400": _error("INVALID_MESSAGE (with `fields: [{path, message}]`) or MODEL_NOT_FOUND."),
-                **_AUTH_ERRORS,
-                "409": _error("STREAM_IN_PROGRESS: the session is already streaming an answer."),
-                "413": _error("PAYLOAD_TOO_LARGE: the body exceeds [server] max_body_bytes."),
-                "503": _error("SERVICE_UNAVAILABLE: the gateway is shutting down."),
-            },
-        }},
-        "/api/chat/{id}/stream": {"get": {
-            "summary": "Resume the session's running answer, replayed from its first chunk.",
-            "parameters": [_SESSION_ID],
-            "responses": {"200": {"description": "The answer as server-sent events.", "content": _SSE},
-                          "204": {"description": "No answer is streaming in this session."},
-                          "400": _error("INVALID_MESSAGE: bad session id."), **_AUTH_ERRORS},
-        }},
-        "/api/sessions": {"get": {"summary": "Sessions, most recent activity first.",
-                                  "responses": {"200": _json({"type": "object", "required": ["sessions"], "properties": {
-                                      "sessions": {"type": "array", "items": _ref("SessionSummary")}}}), **_AUTH_ERRORS}}},
-        "/api/sessions/{id}": {
-            "get": {"summary": "A session with its messages.", "parameters": [_SESSION_ID],
-                    "responses": {"200": _json({"type": "object", "required": ["session"], "properties": {"session": _ref("Session")}}),
-                                  "400": _error("INVALID_MESSAGE: bad session id."), **_AUTH_ERRORS,
-                                  "404": _error("SESSION_NOT_FOUND")}},
-            "delete": {"summary": "Delete a session.", "parameters": [_SESSION_ID],
-                       "responses": {"204": {"description": "Deleted."}, "400": _error("INVALID_MESSAGE: bad session id."),
-                                     **_AUTH_ERRORS, "404": _error("SESSION_NOT_FOUND"),
-                                     "409": _error("STREAM_IN_PROGRESS: the session is streaming an answer.")}},
+        "/healthz": {
+            "get": {
+                "summary": "Liveness check (no auth).",
+                "security": [],
+                "responses": {"200": _json({"type": "object", "properties": {"status": {"const": "ok"}}})},
+            }
         },
-        "/api/sessions/{id}/context": {"get": {
-            "summary": "What the next call would send, measured per section (bytes, tokens, cost).",
-            "parameters": [_SESSION_ID, {"name": "model", "in": "query", "schema": _STR,
-                                         "description": "Measure for this model instead of the session's."}],
-            "responses": {"200": _json(_ref("ContextInspection")), "400": _error("INVALID_MESSAGE or MODEL_NOT_FOUND."),
-                          **_AUTH_ERRORS, "404": _error("SESSION_NOT_FOUND")},
-        }},
-        "/api/usage": {"get": {
-            "summary": "Tokens and cost per model (the usage.report shape) or per UTC day.",
-            "parameters": [
-                {"name": "by", "in": "query", "schema": {"enum": ["model", "day"], "default": "model"}},
-                {"name": "sessionId", "in": "query", "schema": _STR},
-                {"name": "since", "in": "query", "schema": _STR,
-                 "description": "A duration ago (30m, 24h, 7d, 2w) or an ISO date/time (UTC unless it has an offset)."},
-            ],
-            "responses": {"200": _json({"oneOf": [_ref("UsageByModel"), _ref("UsageByDay")]}),
-                          "400": _error("INVALID_MESSAGE: bad `by` or `since`."), **_AUTH_ERRORS},
-        }},
-        "/api/models": {"get": {"summary": "Models usable with the configured keys (as `agentspace models --json`).",
-                                "responses": {"200": _json({"type": "object", "required": ["models"], "properties": {
-                                    "models": {"type": "array", "items": _ref("Model")}}}), **_AUTH_ERRORS}}},
-        "/api/openapi.json": {"get": {"summary": "This document.", "responses": {"200": _json({"type": "object"}), **_AUTH_ERRORS}}},
+        "/gateway": {
+            "get": {
+                "summary": "WebSocket upgrade for the JSON frame protocol (SPEC section 3).",
+                "description": "Authenticate with the Authorization header or a first {type: 'auth', id, token} frame.",
+                "security": [],
+                "responses": {
+                    "101": {"description": "Switching protocols"},
+                    "403": _error("Origin or Host not allowed."),
+                },
+            }
+        },
+        "/api/chat": {
+            "post": {
+                "summary": "Chat, streamed as the Vercel AI SDK UI message stream (useChat's default transport).",
+                "description": "The last user message is answered. `id` names the session; an unknown id creates it, "
+                "importing the earlier messages' text. Frames `data: <chunk>`: start, start-step, "
+                "text-start/-delta/-end, reasoning-start/-delta/-end, source-url, tool-input-available, "
+                "tool-output-available, tool-output-error, finish-step, abort (aborted answers), "
+                "finish {finishReason, messageMetadata: {usage}} or error {errorText}, then `data: [DONE]`.",
+                "requestBody": {"required": True, "content": {"application/json": {"schema": _ref("ChatRequest")}}},
+                "responses": {
+                    "200": {
+                        "description": "The answer as server-sent events.",
+                        "headers": {"x-vercel-ai-ui-message-stream": {"schema": {"const": "v1"}}},
+                        "content": _SSE,
+                    },
+                    "400": _error("INVALID_MESSAGE (with `fields: [{path, message}]`) or MODEL_NOT_FOUND."),
+                    **_AUTH_ERRORS,
+                    "409": _error("STREAM_IN_PROGRESS: the session is already streaming an answer."),
+                    "413": _error("PAYLOAD_TOO_LARGE: the body exceeds [server] max_body_bytes."),
+                    "503": _error("SERVICE_UNAVAILABLE: the gateway is shutting down."),
+                },
+            }
+        },
+        "/api/chat/{id}/stream": {
+            "get": {
+                "summary": "Resume the session's running answer, replayed from its first chunk.",
+                "parameters": [_SESSION_ID],
+                "responses": {
+                    "200": {"description": "The answer as server-sent events.", "content": _SSE},
+                    "204": {"description": "No answer is streaming in this session."},
+                    "400": _error("INVALID_MESSAGE: bad session id."),
+                    **_AUTH_ERRORS,
+                },
+            }
+        },
+        "/api/sessions": {
+            "get": {
+                "summary": "Sessions, most recent activity first.",
+                "responses": {
+                    "200": _json(
+                        {
+                            "type": "object",
+                            "required": ["sessions"],
+                            "properties": {"sessions": {"type": "array", "items": _ref("SessionSummary")}},
+                        }
+                    ),
+                    **_AUTH_ERRORS,
+                },
+            }
+        },
+        "/api/sessions/{id}": {
+            "get": {
+                "summary": "A session with its messages.",
+                "parameters": [_SESSION_ID],
+                "responses": {
+                    "200": _json(
+                        {"type": "object", "required": ["session"], "properties": {"session": _ref("Session")}}
+                    ),
+                    "400": _error("INVALID_MESSAGE: bad session id."),
+                    **_AUTH_ERRORS,
+                    "404": _error("SESSION_NOT_FOUND"),
+                },
+            },
+            "delete": {
+                "summary": "Delete a session.",
+                "parameters": [_SESSION_ID],
+                "responses": {
+                    "204": {"description": "Deleted."},
+                    "400": _error("INVALID_MESSAGE: bad session id."),
+                    **_AUTH_ERRORS,
+                    "404": _error("SESSION_NOT_FOUND"),
+                    "409": _error("STREAM_IN_PROGRESS: the session is streaming an answer."),
+                },
+            },
+        },
+        "/api/sessions/{id}/context": {
+            "get": {
+                "summary": "What the next call would send, measured per section (bytes, tokens, cost).",
+                "parameters": [
+                    _SESSION_ID,
+                    {
+                        "name": "model",
+                        "in": "query",
+                        "schema": _STR,
+                        "description": "Measure for this model instead of the session's.",
+                    },
+                ],
+                "responses": {
+                    "200": _json(_ref("ContextInspection")),
+                    "400": _error("INVALID_MESSAGE or MODEL_NOT_FOUND."),
+                    **_AUTH_ERRORS,
+                    "404": _error("SESSION_NOT_FOUND"),
+                },
+            }
+        },
+        "/api/usage": {
+            "get": {
+                "summary": "Tokens and cost per model (the usage.report shape) or per UTC day.",
+                "parameters": [
+                    {"name": "by", "in": "query", "schema": {"enum": ["model", "day"], "default": "model"}},
+                    {"name": "sessionId", "in": "query", "schema": _STR},
+                    {
+                        "name": "since",
+                        "in": "query",
+                        "schema": _STR,
+                        "description": "A duration ago (30m, 24h, 7d, 2w) or an ISO date/time (UTC unless it has an offset).",
+                    },
+                ],
+                "responses": {
+                    "200": _json({"oneOf": [_ref("UsageByModel"), _ref("UsageByDay")]}),
+                    "400": _error("INVALID_MESSAGE: bad `by` or `since`."),
+                    **_AUTH_ERRORS,
+                },
+            }
+        },
+        "/api/models": {
+            "get": {
+                "summary": "Models usable with the configured keys (as `agentspace models --json`).",
+                "responses": {
+                    "200": _json(
+                        {
+                            "type": "object",
+                            "required": ["models"],
+                            "properties": {"models": {"type": "array", "items": _ref("Model")}},
+                        }
+                    ),
+                    **_AUTH_ERRORS,
+                },
+            }
+        },
+        "/api/openapi.json": {
+            "get": {"summary": "This document.", "responses": {"200": _json({"type": "object"}), **_AUTH_ERRORS}}
+        },
     },
     "components": {
         "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
         "schemas": {
-            "Error": {"type": "object", "required": ["error"], "properties": {"error": {
-                "type": "object", "required": ["code", "message"], "properties": {
-                    "code": _STR, "message": _STR,
-                    "fields": {"type": "array", "items": {"type": "object", "properties": {"path": _STR, "message": _STR}}},
-                }}}},
-            "ChatRequest": {"type": "object", "required": ["id", "messages"], "properties": {
-                "id": {**_SESSION_ID["schema"], "description": "The chat id; names the session (`threadId` is accepted too)."},
-                "threadId": _STR,
-                "messages": {"type": "array", "minItems": 1, "items": _ref("UIMessage")},
-                "model": {**_STR, "description": "provider/model; default: the session's, else [models] default."},
-                "trigger": {"enum": ["submit-message", "regenerate-message"]},
-            }},
-            "UIMessage": {"type": "object", "required": ["role", "parts"], "properties": {
-                "id": _STR,
-                "role": {"enum": ["user", "assistant", "system"]},
-                "parts": {"type": "array", "items": {"type": "object", "required": ["type"], "properties": {
-                    "type": _STR, "text": _STR}}},
-                "metadata": {},
-            }},
-            "SessionSummary": {"type": "object", "properties": {
-                "id": _STR, "title": _NULLABLE_STR, "model": _STR, "createdAt": _STR, "lastActivityAt": _NULLABLE_STR,
-                "messageCount": _INT, "client": _NULLABLE_STR}},
-            "Session": {"allOf": [_ref("SessionSummary"), {"type": "object", "properties": {
-                "messages": {"type": "array", "items": _ref("Message")}}}]},
-            "Message": {"type": "object", "required": ["id", "role", "content", "parts", "createdAt"], "properties": {
-                "id": _STR, "role": {"enum": ["user", "assistant"]}, "content": _STR,
-                "parts": {"type": "array", "items": {"type": "object", "required": ["type"], "properties": {
-                    "type": {"enum": ["text", "reasoning", "source", "tool-call", "tool-result"]}}}},
-                "model": _STR, "createdAt": _STR, "completedAt": _STR, "usage": _ref("Usage"), "estimated": _BOOL,
-                "finishReason": _STR, "latencyMs": _NUM, "ttftMs": {"type": ["number", "null"]}, "aborted": _BOOL,
-                "error": {"type": "object", "properties": {"code": _STR, "message": _STR}},
-            }},
-            "Usage": {"type": "object", "properties": {k: _INT for k in (
-                "inputTokens", "outputTokens", "totalTokens", "cacheReadTokens", "cacheWriteTokens", "reasoningTokens")}
-                | {k: _NUM for k in ("inputCost", "outputCost", "totalCost")}},
-            "ContextInspection": {"type": "object", "properties": {
-                "sessionId": _STR, "model": _STR,
-                "sections": {"type": "array", "items": {"type": "object", "properties": {
-                    "name": _STR, "byteCount": _INT, "tokenEstimate": _INT, "costEstimate": _NUM}}},
-                "totals": {"type": "object", "properties": {"byteCount": _INT, "tokenEstimate": _INT, "costEstimate": _NUM}},
-            }},
-            "UsageByModel": {"type": "object", "required": ["perModel", "grandTotal"], "properties": {
-                "perModel": {"type": "object", "additionalProperties": _TOTALS}, "grandTotal": _TOTALS}},
-            "UsageByDay": {"type": "object", "required": ["perDay", "grandTotal"], "properties": {
-                "perDay": {"type": "object", "additionalProperties": _TOTALS}, "grandTotal": _TOTALS}},
-            "Model": {"type": "object", "properties": {
-                "id": _STR, "provider": _STR, "inputPerMTok": _NUM, "outputPerMTok": _NUM,
-                "contextWindow": {"type": ["integer", "null"]}, "supportsReasoning": _BOOL, "supportsTools": _BOOL,
-                "deprecationDate": _NULLABLE_STR, "deprecated": _BOOL, "priceKnown": _BOOL, "default": _BOOL}},
+            "Error": {
+                "type": "object",
+                "required": ["error"],
+                "properties": {
+                    "error": {
+                        "type": "object",
+                        "required": ["code", "message"],
+                        "properties": {
+                            "code": _STR,
+                            "message": _STR,
+                            "fields": {
+                                "type": "array",
+                                "items": {"type": "object", "properties": {"path": _STR, "message": _STR}},
+                            },
+                        },
+                    }
+                },
+            },
+            "ChatRequest": {
+                "type": "object",
+                "required": ["id", "messages"],
+                "properties": {
+                    "id": {
+                        **_SESSION_ID["schema"],
+                        "description": "The chat id; names the session (`threadId` is accepted too).",
+                    },
+                    "threadId": _STR,
+                    "messages": {"type": "array", "minItems": 1, "items": _ref("UIMessage")},
+                    "model": {**_STR, "description": "provider/model; default: the session's, else [models] default."},
+                    "trigger": {"enum": ["submit-message", "regenerate-message"]},
+                },
+            },
+            "UIMessage": {
+                "type": "object",
+                "required": ["role", "parts"],
+                "properties": {
+                    "id": _STR,
+                    "role": {"enum": ["user", "assistant", "system"]},
+                    "parts": {
+                        "type": "array",
+                        "items": {"type": "object", "required": ["type"], "properties": {"type": _STR, "text": _STR}},
+                    },
+                    "metadata": {},
+                },
+            },
+            "SessionSummary": {
+                "type": "object",
+                "properties": {
+                    "id": _STR,
+                    "title": _NULLABLE_STR,
+                    "model": _STR,
+                    "createdAt": _STR,
+                    "lastActivityAt": _NULLABLE_STR,
+                    "messageCount": _INT,
+                    "client": _NULLABLE_STR,
+                },
+            },
+            "Session": {
+                "allOf": [
+                    _ref("SessionSummary"),
+                    {"type": "object", "properties": {"messages": {"type": "array", "items": _ref("Message")}}},
+                ]
+            },
+            "Message": {
+                "type": "object",
+                "required": ["id", "role", "content", "parts", "createdAt"],
+                "properties": {
+                    "id": _STR,
+                    "role": {"enum": ["user", "assistant"]},
+                    "content": _STR,
+                    "parts": {
+                        "type": "array",
+                        "items": {
+                            "type": "object",
+                            "required": ["type"],
+                            "properties": {
+                                "type": {"enum": ["text", "reasoning", "source", "tool-call", "tool-result"]}
+                            },
+                        },
+                    },
+                    "model": _STR,
+                    "createdAt": _STR,
+                    "completedAt": _STR,
+                    "usage": _ref("Usage"),
+                    "estimated": _BOOL,
+                    "finishReason": _STR,
+                    "latencyMs": _NUM,
+                    "ttftMs": {"type": ["number", "null"]},
+                    "aborted": _BOOL,
+                    "error": {"type": "object", "properties": {"code": _STR, "message": _STR}},
+                },
+            },
+            "Usage": {
+                "type": "object",
+                "properties": {
+                    k: _INT
+                    for k in (
+                        "inputTokens",
+                        "outputTokens",
+                        "totalTokens",
+                        "cacheReadTokens",
+                        "cacheWriteTokens",
+                        "reasoningTokens",
+                    )
+                }
+                | {k: _NUM for k in ("inputCost", "outputCost", "totalCost")},
+            },
+            "ContextInspection": {
+                "type": "object",
+                "properties": {
+                    "sessionId": _STR,
+                    "model": _STR,
+                    "sections": {
+                        "type": "array",
+                        "items": {
+                            "type": "object",
+                            "properties": {
+                                "name": _STR,
+                                "byteCount": _INT,
+                                "tokenEstimate": _INT,
+                                "costEstimate": _NUM,
+                            },
+                        },
+                    },
+                    "totals": {
+                        "type": "object",
+                        "properties": {"byteCount": _INT, "tokenEstimate": _INT, "costEstimate": _NUM},
+                    },
+                },
+            },
+            "UsageByModel": {
+                "type": "object",
+                "required": ["perModel", "grandTotal"],
+                "properties": {"perModel": {"type": "object", "additionalProperties": _TOTALS}, "grandTotal": _TOTALS},
+            },
+            "UsageByDay": {
+                "type": "object",
+                "required": ["perDay", "grandTotal"],
+                "properties": {"perDay": {"type": "object", "additionalProperties": _TOTALS}, "grandTotal": _TOTALS},
+            },
+            "Model": {
+                "type": "object",
+                "properties": {
+                    "id": _STR,
+                    "provider": _STR,
+                    "inputPerMTok": _NUM,
+                    "outputPerMTok": _NUM,
+                    "contextWindow": {"type": ["integer", "null"]},
+                    "supportsReasoning": _BOOL,
+                    "supportsTools": _BOOL,
+                    "deprecationDate": _NULLABLE_STR,
+                    "deprecated": _BOOL,
+                    "priceKnown": _BOOL,
+                    "default": _BOOL,
+                },
+            },
         },
     },
 }

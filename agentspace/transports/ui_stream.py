@@ -55,8 +55,6 @@ class _StreamResponse(web.StreamResponse):
     _send_headers_immediately = False
 
 
-
-
 def _frame(chunk: dict[str, Any]) -> bytes:
     return b"data: " + compact_json(chunk).encode() + b"\n\n"
 
@@ -118,11 +116,19 @@ class UIMessageStreamEncoder:
             out.append(source)
         elif isinstance(event, ev.ToolCallEvent):
             self._end_open(out)
-            out.append({"type": "tool-input-available", "toolCallId": event.tool_call_id,
-                        "toolName": event.name, "input": event.input})
+            out.append(
+                {
+                    "type": "tool-input-available",
+                    "toolCallId": event.tool_call_id,
+                    "toolName": event.name,
+                    "input": event.input,
+                }
+            )
         elif isinstance(event, ev.ToolResultEvent):
             if event.is_error:
-                out.append({"type": "tool-output-error", "toolCallId": event.tool_call_id, "errorText": str(event.output)})
+                out.append(
+                    {"type": "tool-output-error", "toolCallId": event.tool_call_id, "errorText": str(event.output)}
+                )
             else:
                 out.append({"type": "tool-output-available", "toolCallId": event.tool_call_id, "output": event.output})
         elif isinstance(event, ev.StepFinish):
@@ -133,8 +139,13 @@ class UIMessageStreamEncoder:
             if event.aborted:
                 out.append({"type": "abort"})
             reason = event.finish_reason if event.finish_reason in SDK_FINISH_REASONS else "other"
-            out.append({"type": "finish", "finishReason": reason,
-                        "messageMetadata": {"usage": usage_to_wire(event.usage, event.cost)}})
+            out.append(
+                {
+                    "type": "finish",
+                    "finishReason": reason,
+                    "messageMetadata": {"usage": usage_to_wire(event.usage, event.cost)},
+                }
+            )
         elif isinstance(event, ev.StreamError):
             self._end_open(out)
             out.append({"type": "error", "errorText": event.message})
@@ -159,7 +170,9 @@ async def read_json(request: web.Request) -> Any:
         raw = await request.read()
     except web.HTTPRequestEntityTooLarge:
         limit = request.app[state.REGISTRY].config["server"]["max_body_bytes"]
-        raise ApiError("PAYLOAD_TOO_LARGE", f"Request body too large; the limit is {limit} bytes ([server] max_body_bytes).") from None
+        raise ApiError(
+            "PAYLOAD_TOO_LARGE", f"Request body too large; the limit is {limit} bytes ([server] max_body_bytes)."
+        ) from None
     return parse_json(raw)
 
 
@@ -220,9 +233,17 @@ def parse_chat_body(body: Any) -> ChatRequest:
     last_user = next((i for i in range(len(messages) - 1, -1, -1) if messages[i]["role"] == "user"), None)
     if last_user is None:
         raise invalid({"messages": "no user message to answer"})
-    chat = ChatInput(_text(messages[last_user]), session_id, model, messages[last_user].get("id") or None,
-                     paths={"content": f"messages[{last_user}].parts", "session_id": "id",
-                            "message_id": f"messages[{last_user}].id"})
+    chat = ChatInput(
+        _text(messages[last_user]),
+        session_id,
+        model,
+        messages[last_user].get("id") or None,
+        paths={
+            "content": f"messages[{last_user}].parts",
+            "session_id": "id",
+            "message_id": f"messages[{last_user}].id",
+        },
+    )
     # A stateless client sends the whole conversation; the store's copy wins once the session exists.
     return chat_request(chat, client="http", create_if_missing=True, history=_stored_history(messages[:last_user]))
 
@@ -233,11 +254,22 @@ def _stored_history(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
     out = []
     for message in messages:
         # Lone surrogates become U+FFFD, as in the new message (service.clean_text).
-        parts = [{"type": "text", "text": clean_text(p["text"])} for p in message["parts"] if p["type"] == "text" and p["text"]]
+        parts = [
+            {"type": "text", "text": clean_text(p["text"])}
+            for p in message["parts"]
+            if p["type"] == "text" and p["text"]
+        ]
         if message["role"] == "system" or not parts:
             continue
-        out.append({"id": message.get("id") or new_id("msg_"), "role": message["role"],
-                    "content": "".join(p["text"] for p in parts), "parts": parts, "createdAt": now_iso()})
+        out.append(
+            {
+                "id": message.get("id") or new_id("msg_"),
+                "role": message["role"],
+                "content": "".join(p["text"] for p in parts),
+                "parts": parts,
+                "createdAt": now_iso(),
+            }
+        )
     return out
 
 

@@ -111,8 +111,13 @@ async def _whole(call: DirectCall, model: str) -> web.Response:
 
 
 async def _stream(request: web.Request, call: DirectCall, model: str) -> web.StreamResponse:
-    resp = web.StreamResponse(headers={"Content-Type": "text/event-stream; charset=utf-8", "Cache-Control": "no-cache",
-                                       "X-Accel-Buffering": "no"})
+    resp = web.StreamResponse(
+        headers={
+            "Content-Type": "text/event-stream; charset=utf-8",
+            "Cache-Control": "no-cache",
+            "X-Accel-Buffering": "no",
+        }
+    )
     encoder = am.MessageEncoder(model)
     task = asyncio.current_task()
     assert task is not None

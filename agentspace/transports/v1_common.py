@@ -4,8 +4,9 @@ session attribution, model ids, and the HTTP client the Anthropic pass-through r
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from functools import lru_cache
-from typing import Any, Callable
+from typing import Any
 
 import aiohttp
 from aiohttp import web
@@ -115,8 +116,16 @@ def _bare_model_prefixes() -> dict[str, str]:
     return out
 
 
-def provider_request(gw: Registry, model: str, system: str, messages: list[ChatMessage], tools: list[Tool],
-                     max_tokens: int | None, reasoning_budget: int | None, params: dict[str, Any]) -> ProviderRequest:
+def provider_request(
+    gw: Registry,
+    model: str,
+    system: str,
+    messages: list[ChatMessage],
+    tools: list[Tool],
+    max_tokens: int | None,
+    reasoning_budget: int | None,
+    params: dict[str, Any],
+) -> ProviderRequest:
     """A ProviderRequest of exactly what the client sent: no context section, no gateway tool."""
     prefix = model.split("/", 1)[0]
     settings = gw.config.provider_settings(prefix)

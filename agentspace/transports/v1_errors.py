@@ -17,8 +17,9 @@ def wants_anthropic_shape(request: web.Request) -> bool:
     return request.path == "/v1/models" and "anthropic-version" in request.headers
 
 
-def error_response(request: web.Request, status: int, message: str, *, code: str | None = None,
-                   headers: dict[str, str] | None = None) -> web.Response:
+def error_response(
+    request: web.Request, status: int, message: str, *, code: str | None = None, headers: dict[str, str] | None = None
+) -> web.Response:
     """An error in the shape of the API the request speaks (the /v1 clients parse their own shape only)."""
     if wants_anthropic_shape(request):
         body: dict[str, Any] = anthropic_messages.error_body(status, message)

@@ -30,7 +30,10 @@ async def list_models(request: web.Request) -> web.Response:
 
 
 def openai_list(models: list[dict[str, Any]]) -> dict[str, Any]:
-    return {"object": "list", "data": [{"id": m["id"], "object": "model", "created": CREATED, "owned_by": m["provider"]} for m in models]}
+    return {
+        "object": "list",
+        "data": [{"id": m["id"], "object": "model", "created": CREATED, "owned_by": m["provider"]} for m in models],
+    }
 
 
 def anthropic_list(models: list[dict[str, Any]]) -> dict[str, Any]:
@@ -38,4 +41,9 @@ def anthropic_list(models: list[dict[str, Any]]) -> dict[str, Any]:
     for m in models:
         model_id = m["id"].split("/", 1)[1] if m["id"].startswith("anthropic/") else m["id"]
         data.append({"type": "model", "id": model_id, "display_name": model_id, "created_at": CREATED_AT})
-    return {"data": data, "has_more": False, "first_id": data[0]["id"] if data else None, "last_id": data[-1]["id"] if data else None}
+    return {
+        "data": data,
+        "has_more": False,
+        "first_id": data[0]["id"] if data else None,
+        "last_id": data[-1]["id"] if data else None,
+    }

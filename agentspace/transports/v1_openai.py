@@ -35,8 +35,14 @@ DONE = b"data: [DONE]\n\n"
 STREAM_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
-def _error(status: int, message: str, *, code: str | None = None, param: str | None = None,
-           headers: dict[str, str] | None = None) -> web.Response:
+def _error(
+    status: int,
+    message: str,
+    *,
+    code: str | None = None,
+    param: str | None = None,
+    headers: dict[str, str] | None = None,
+) -> web.Response:
     return web.json_response(oc.error_body(status, message, code=code, param=param), status=status, headers=headers)
 
 
@@ -66,14 +72,29 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     gw = gateway(request)
     model = openai_model(parsed.model)
     if model is None:
-        return _error(404, f"The model `{parsed.model}` does not exist. Use provider/model ids, e.g. openai/gpt-4o-mini.",
-                      code="model_not_found", param="model")
+        return _error(
+            404,
+            f"The model `{parsed.model}` does not exist. Use provider/model ids, e.g. openai/gpt-4o-mini.",
+            code="model_not_found",
+            param="model",
+        )
     try:
         gw.provider_for(model)
     except ModelNotFound as e:
         return _error(404, str(e), code="model_not_found", param="model")
-    preq = provider_request(gw, model, parsed.system, parsed.messages, parsed.tools, parsed.max_tokens, parsed.reasoning_budget, parsed.params)
-    call = DirectCall(gw, preq, Meter(gw, model, session_id=session_id(request), client=client_name(request), endpoint=ENDPOINT))
+    preq = provider_request(
+        gw,
+        model,
+        parsed.system,
+        parsed.messages,
+        parsed.tools,
+        parsed.max_tokens,
+        parsed.reasoning_budget,
+        parsed.params,
+    )
+    call = DirectCall(
+        gw, preq, Meter(gw, model, session_id=session_id(request), client=client_name(request), endpoint=ENDPOINT)
+    )
     try:
         await call.start()
     except ProviderError as e:

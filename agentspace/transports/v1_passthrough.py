@@ -78,7 +78,9 @@ def _error(status: int, message: str, error_type: str | None = None) -> web.Resp
     return web.json_response(error_body(status, message, error_type), status=status)
 
 
-async def messages(request: web.Request, gw: Registry, body: dict[str, Any], raw: bytes, model: str, meter: Meter) -> web.StreamResponse:
+async def messages(
+    request: web.Request, gw: Registry, body: dict[str, Any], raw: bytes, model: str, meter: Meter
+) -> web.StreamResponse:
     """Relay one Messages call to Anthropic and meter it."""
     key = resolve_key(gw.config, "anthropic")
     if not key:
@@ -114,7 +116,9 @@ async def messages(request: web.Request, gw: Registry, body: dict[str, Any], raw
         # The client went away while we waited for the upstream (a server that cancels handlers then).
         if meter.recorded is None:
             if answered:  # the upstream took the call: its input is billed, counted here
-                pending = meter.record(TokenUsage(input_tokens=local_input_tokens(body)), "aborted", estimated_fields=ALL_FIELDS)
+                pending = meter.record(
+                    TokenUsage(input_tokens=local_input_tokens(body)), "aborted", estimated_fields=ALL_FIELDS
+                )
             else:
                 pending = meter.record(TokenUsage(), "aborted", error="ABORTED", answered=False)
             await asyncio.shield(asyncio.ensure_future(pending))
@@ -126,7 +130,9 @@ async def _whole(up: aiohttp.ClientResponse, body: dict[str, Any], meter: Meter)
         data = await up.read()
     except (aiohttp.ClientError, TimeoutError) as e:
         log.warning("Anthropic pass-through: the answer broke off: %r", e)
-        await meter.record(TokenUsage(input_tokens=local_input_tokens(body)), "error", error="LLM_ERROR", estimated_fields=ALL_FIELDS)
+        await meter.record(
+            TokenUsage(input_tokens=local_input_tokens(body)), "error", error="LLM_ERROR", estimated_fields=ALL_FIELDS
+        )
         return _error(502, "Anthropic's answer broke off before it was complete. Try again.")
     try:
         message = json.loads(data)
@@ -141,8 +147,12 @@ async def _whole(up: aiohttp.ClientResponse, body: dict[str, Any], meter: Meter)
     return web.Response(status=200, body=data, headers=relayed_headers(up))
 
 
-async def _stream(request: web.Request, up: aiohttp.ClientResponse, body: dict[str, Any], meter: Meter) -> web.StreamResponse:
-    resp = web.StreamResponse(status=200, headers={**relayed_headers(up), "Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+async def _stream(
+    request: web.Request, up: aiohttp.ClientResponse, body: dict[str, Any], meter: Meter
+) -> web.StreamResponse:
+    resp = web.StreamResponse(
+        status=200, headers={**relayed_headers(up), "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+    )
     relay = _Relay()
 
     stop_watching = watch_client(request, up.close)  # closing ends the read in progress: the upstream sees it
@@ -167,7 +177,9 @@ async def _stream(request: web.Request, up: aiohttp.ClientResponse, body: dict[s
         up.close()
         relay.disconnected = True
         if not recorded:
-            await asyncio.shield(asyncio.ensure_future(_record_stream(meter, relay.finish(), body, disconnected=True, cut=False)))
+            await asyncio.shield(
+                asyncio.ensure_future(_record_stream(meter, relay.finish(), body, disconnected=True, cut=False))
+            )
         raise
     finally:
         stop_watching()
@@ -222,10 +234,16 @@ class _Relay:
         return self.scanner
 
 
-async def _record_stream(meter: Meter, scanner: UsageScanner, body: dict[str, Any], *, disconnected: bool, cut: bool) -> None:
+async def _record_stream(
+    meter: Meter, scanner: UsageScanner, body: dict[str, Any], *, disconnected: bool, cut: bool
+) -> None:
     """The stream's one record: the reported usage, and local counts only for what was not reported."""
     if not scanner.started:  # an error event or a cut before message_start: the upstream never answered
-        error = error_code_for_type(scanner.error_type) if scanner.error_type else ("ABORTED" if disconnected else "LLM_ERROR")
+        error = (
+            error_code_for_type(scanner.error_type)
+            if scanner.error_type
+            else ("ABORTED" if disconnected else "LLM_ERROR")
+        )
         await meter.record(TokenUsage(), "aborted" if disconnected else "error", error=error, answered=False)
         return
     usage = scanner.usage
@@ -246,7 +264,9 @@ async def _record_stream(meter: Meter, scanner: UsageScanner, body: dict[str, An
         await meter.record(usage, FINISH_REASONS.get(scanner.stop_reason or "", "other"), estimated_fields=fields)
 
 
-async def count_tokens(request: web.Request, gw: Registry, body: dict[str, Any], raw: bytes, model: str) -> web.Response | None:
+async def count_tokens(
+    request: web.Request, gw: Registry, body: dict[str, Any], raw: bytes, model: str
+) -> web.Response | None:
     """Anthropic's own count; None when it has none to give (no key, no such endpoint, unreachable), so the
     caller counts locally. Other upstream errors are relayed as they are."""
     key = resolve_key(gw.config, "anthropic")

@@ -25,11 +25,13 @@ def _v1_op(summary: str, description: str, *, body: bool = True) -> dict[str, An
     op: dict[str, Any] = {
         "summary": summary,
         "description": description + " Auth: `Authorization: Bearer <token>` or `x-api-key: <token>`; "
-                       "`X-Agentspace-Session` (or `X-Claude-Code-Session-Id`) files the usage under that session id. "
-                       "Errors come in that API's own shape and status.",
+        "`X-Agentspace-Session` (or `X-Claude-Code-Session-Id`) files the usage under that session id. "
+        "Errors come in that API's own shape and status.",
         "security": [{"bearer": []}, {"apiKey": []}],
-        "responses": {"200": {"description": "As the provider's API answers (JSON, or server-sent events when streamed)."},
-                      "401": {"description": "No or wrong token."}},
+        "responses": {
+            "200": {"description": "As the provider's API answers (JSON, or server-sent events when streamed)."},
+            "401": {"description": "No or wrong token."},
+        },
     }
     if body:
         op["requestBody"] = {"required": True, "content": {"application/json": {"schema": {"type": "object"}}}}
@@ -37,16 +39,30 @@ def _v1_op(summary: str, description: str, *, body: bool = True) -> dict[str, An
 
 
 OPENAPI_PATHS: dict[str, Any] = {
-    "/v1/messages": {"post": _v1_op(
-        "Anthropic Messages API, drop-in (stream and not).",
-        "Anthropic models (`claude-*`, `anthropic/*`) are passed through with the client's anthropic-version and "
-        "anthropic-beta headers, the upstream's events relayed unchanged; other models are translated.")},
-    "/v1/messages/count_tokens": {"post": _v1_op(
-        "Anthropic token counting.",
-        "Anthropic's count; else a local count of system, messages and tools, marked `x-agentspace-estimated: true`.")},
-    "/v1/chat/completions": {"post": _v1_op(
-        "OpenAI Chat Completions API, drop-in (stream and not), for every model.",
-        "The usage chunk comes with `stream_options.include_usage`.")},
-    "/v1/models": {"get": _v1_op(
-        "The models the caller may use.", "OpenAI's list shape; Anthropic's when the request has anthropic-version.", body=False)},
+    "/v1/messages": {
+        "post": _v1_op(
+            "Anthropic Messages API, drop-in (stream and not).",
+            "Anthropic models (`claude-*`, `anthropic/*`) are passed through with the client's anthropic-version and "
+            "anthropic-beta headers, the upstream's events relayed unchanged; other models are translated.",
+        )
+    },
+    "/v1/messages/count_tokens": {
+        "post": _v1_op(
+            "Anthropic token counting.",
+            "Anthropic's count; else a local count of system, messages and tools, marked `x-agentspace-estimated: true`.",
+        )
+    },
+    "/v1/chat/completions": {
+        "post": _v1_op(
+            "OpenAI Chat Completions API, drop-in (stream and not), for every model.",
+            "The usage chunk comes with `stream_options.include_usage`.",
+        )
+    },
+    "/v1/models": {
+        "get": _v1_op(
+            "The models the caller may use.",
+            "OpenAI's list shape; Anthropic's when the request has anthropic-version.",
+            body=False,
+        )
+    },
 }

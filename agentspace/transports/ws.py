@@ -11,7 +11,8 @@ import asyncio
 import logging
 import struct
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from aiohttp import WSCloseCode, WSMsgType, web
 
@@ -95,7 +96,9 @@ class Connection:
             if request_id_ok(msg.get("id")):
                 request_id = msg["id"]
             elif "id" in msg and msg["id"] is not None:
-                raise invalid({"id": "must be an integer or a string of at most 256 characters without lone surrogates"})
+                raise invalid(
+                    {"id": "must be an integer or a string of at most 256 characters without lone surrogates"}
+                )
             if request_id is None or not isinstance(kind, str):
                 raise invalid({"": "Every message needs a string 'type' and an 'id'."})
             handler = self.HANDLERS.get(kind)
@@ -110,8 +113,10 @@ class Connection:
             await self.error(request_id, "INTERNAL_ERROR", "The gateway failed to handle this message; see its log.")
 
     async def on_chat_send(self, request_id: Any, msg: dict[str, Any]) -> None:
-        request = chat_request(ChatInput(msg.get("content"), msg.get("sessionId"), msg.get("model"),
-                                         paths={"session_id": "sessionId"}), client="ws")
+        request = chat_request(
+            ChatInput(msg.get("content"), msg.get("sessionId"), msg.get("model"), paths={"session_id": "sessionId"}),
+            client="ws",
+        )
         if self.turn is not None and not self.turn.done:
             raise ApiError("STREAM_IN_PROGRESS", "This connection is already streaming; wait or send chat.abort.")
         turn = await self.service.start_chat(request)
@@ -134,13 +139,19 @@ class Connection:
 
     async def on_session_list(self, request_id: Any, msg: dict[str, Any]) -> None:
         listing = await self.service.list_sessions()
-        await self.send({"type": "session.list.result", "requestId": request_id, "sessions": listing.sessions,
-                         "damagedFiles": listing.damaged_files})
+        await self.send(
+            {
+                "type": "session.list.result",
+                "requestId": request_id,
+                "sessions": listing.sessions,
+                "damagedFiles": listing.damaged_files,
+            }
+        )
 
     async def on_auth(self, request_id: Any, msg: dict[str, Any]) -> None:
         await self.send({"type": "auth.ok", "requestId": request_id})  # already authenticated
 
-    HANDLERS: dict[str, Callable[["Connection", Any, dict[str, Any]], Any]] = {
+    HANDLERS: dict[str, Callable[[Connection, Any, dict[str, Any]], Any]] = {
         "chat.send": on_chat_send,
         "chat.abort": on_chat_abort,
         "context.inspect": on_context_inspect,
@@ -165,33 +176,84 @@ class Connection:
                     match event:
                         case ev.TextDelta(text=text):
                             for piece, content_type in fences.feed(text):
-                                add(f'{{"type":"chat.stream.delta","requestId":{rid},"delta":{compact_json(piece)},"contentType":"{content_type}"}}')
+                                add(
+                                    f'{{"type":"chat.stream.delta","requestId":{rid},"delta":{compact_json(piece)},"contentType":"{content_type}"}}'
+                                )
                         case ev.ReasoningDelta(text=text):
                             add(f'{{"type":"chat.stream.reasoning","requestId":{rid},"delta":{compact_json(text)}}}')
                         case ev.SourceEvent(url=url, title=title):
                             source = {"url": url} if title is None else {"url": url, "title": title}
                             add(compact_json({"type": "chat.stream.source", "requestId": request_id, "source": source}))
                         case ev.ToolCallEvent():
-                            add(compact_json({"type": "chat.stream.tool_call", "requestId": request_id,
-                                        "toolCallId": event.tool_call_id, "name": event.name, "input": event.input}))
+                            add(
+                                compact_json(
+                                    {
+                                        "type": "chat.stream.tool_call",
+                                        "requestId": request_id,
+                                        "toolCallId": event.tool_call_id,
+                                        "name": event.name,
+                                        "input": event.input,
+                                    }
+                                )
+                            )
                         case ev.ToolResultEvent():
-                            add(compact_json({"type": "chat.stream.tool_result", "requestId": request_id,
-                                        "toolCallId": event.tool_call_id, "name": event.name,
-                                        "output": event.output, "isError": event.is_error}))
+                            add(
+                                compact_json(
+                                    {
+                                        "type": "chat.stream.tool_result",
+                                        "requestId": request_id,
+                                        "toolCallId": event.tool_call_id,
+                                        "name": event.name,
+                                        "output": event.output,
+                                        "isError": event.is_error,
+                                    }
+                                )
+                            )
                         case ev.StreamStart():
                             if event.session_created:
-                                add(compact_json({"type": "session.created", "requestId": request_id,
-                                            "sessionId": event.session_id, "model": event.model}))
-                            add(compact_json({"type": "chat.stream.start", "requestId": request_id,
-                                        "sessionId": event.session_id, "model": event.model}))
+                                add(
+                                    compact_json(
+                                        {
+                                            "type": "session.created",
+                                            "requestId": request_id,
+                                            "sessionId": event.session_id,
+                                            "model": event.model,
+                                        }
+                                    )
+                                )
+                            add(
+                                compact_json(
+                                    {
+                                        "type": "chat.stream.start",
+                                        "requestId": request_id,
+                                        "sessionId": event.session_id,
+                                        "model": event.model,
+                                    }
+                                )
+                            )
                         case ev.StreamEnd() | ev.StreamError():
                             for piece, content_type in fences.flush():
-                                add(compact_json({"type": "chat.stream.delta", "requestId": request_id,
-                                            "delta": piece, "contentType": content_type}))
+                                add(
+                                    compact_json(
+                                        {
+                                            "type": "chat.stream.delta",
+                                            "requestId": request_id,
+                                            "delta": piece,
+                                            "contentType": content_type,
+                                        }
+                                    )
+                                )
                             if isinstance(event, ev.StreamEnd):
-                                add(compact_json({"type": "chat.stream.end", "requestId": request_id,
+                                add(
+                                    compact_json(
+                                        {
+                                            "type": "chat.stream.end",
+                                            "requestId": request_id,
                                             "finishReason": event.finish_reason,
-                                            "usage": usage_to_wire(event.usage, event.cost)}))
+                                            "usage": usage_to_wire(event.usage, event.cost),
+                                        }
+                                    )
+                                )
                             else:
                                 add(_error_frame(request_id, event.code, event.message))
                 if frames:
@@ -266,7 +328,9 @@ async def _authenticate_first_frame(request: web.Request, ws: web.WebSocketRespo
         async with asyncio.timeout(timeout):  # one deadline: pings, pongs and partial frames do not extend it
             msg = await ws.receive()
     except TimeoutError:
-        await _refuse(ws, None, "Authenticate within %.0f s: send {\"type\": \"auth\", \"id\": ..., \"token\": ...}." % timeout)
+        await _refuse(
+            ws, None, f'Authenticate within {timeout:.0f} s: send {{"type": "auth", "id": ..., "token": ...}}.'
+        )
         return False
     if msg.type in (WSMsgType.CLOSE, WSMsgType.CLOSING, WSMsgType.CLOSED, WSMsgType.ERROR) or ws.closed:
         return False  # gone, or closed for sending too much before authenticating
@@ -289,7 +353,11 @@ async def _authenticate_first_frame(request: web.Request, ws: web.WebSocketRespo
     if blocked:
         await _refuse(ws, request_id, "Too many failed authentications; try again later.", "RATE_LIMITED")
     else:
-        await _refuse(ws, request_id, "Authentication failed. Send Authorization: Bearer <token> or an auth frame first; run 'agentspace token'.")
+        await _refuse(
+            ws,
+            request_id,
+            "Authentication failed. Send Authorization: Bearer <token> or an auth frame first; run 'agentspace token'.",
+        )
     return False
 
 

@@ -42,10 +42,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+from collections.abc import AsyncIterator, Iterable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field, replace
 from functools import cached_property
-from typing import Any, AsyncIterator, Iterable, Sequence
+from typing import Any
 
 import pytest
 from aiohttp import web
@@ -76,15 +77,15 @@ class FakeResponse:
     stall_after: int | None = None  # stop sending for ``stall_seconds`` after this many events
     stall_seconds: float = 0.0
 
-    def cut_after(self, n_events: int, *, abort: bool = True) -> "FakeResponse":
+    def cut_after(self, n_events: int, *, abort: bool = True) -> FakeResponse:
         """End the stream after ``n_events`` SSE events (message_start and ping count)."""
         return replace(self, cut=n_events, abort=abort)
 
-    def stall(self, seconds: float, *, after: int = 1) -> "FakeResponse":
+    def stall(self, seconds: float, *, after: int = 1) -> FakeResponse:
         """Send nothing for ``seconds`` after ``after`` events, then go on (if the client is still there)."""
         return replace(self, stall_after=after, stall_seconds=seconds)
 
-    def with_delay(self, seconds: float) -> "FakeResponse":
+    def with_delay(self, seconds: float) -> FakeResponse:
         return replace(self, delay=seconds)
 
     @cached_property
@@ -160,16 +161,16 @@ def _json_deltas(value: Any, pieces: int | Sequence[str]) -> tuple[dict[str, Any
     return tuple({"type": "input_json_delta", "partial_json": p} for p in ["", *_pieces(text, pieces)])
 
 
-def tool_use_block(
-    name: str, input: Any, *, id: str = "toolu_01FakeToolUse", pieces: int | Sequence[str] = 3
-) -> Block:
+def tool_use_block(name: str, input: Any, *, id: str = "toolu_01FakeToolUse", pieces: int | Sequence[str] = 3) -> Block:
     """A client tool call. ``input`` is a JSON value, or a str sent as is (e.g. broken JSON)."""
     return Block({"type": "tool_use", "id": id, "name": name, "input": {}}, _json_deltas(input, pieces))
 
 
 def server_tool_use_block(query: str, *, id: str = "srvtoolu_01FakeWebSearch") -> Block:
     """The model calling the server-side web search tool (the API runs it; no tool_result is expected)."""
-    return Block({"type": "server_tool_use", "id": id, "name": "web_search", "input": {}}, _json_deltas({"query": query}, 2))
+    return Block(
+        {"type": "server_tool_use", "id": id, "name": "web_search", "input": {}}, _json_deltas({"query": query}, 2)
+    )
 
 
 def web_search_result_block(
@@ -177,17 +178,31 @@ def web_search_result_block(
 ) -> Block:
     """The search results, complete in the start event: ``(url, title)`` pairs."""
     content = [
-        {"type": "web_search_result", "url": url, "title": title, "encrypted_content": "EqgfCioIARgBIiQ3", "page_age": None}
+        {
+            "type": "web_search_result",
+            "url": url,
+            "title": title,
+            "encrypted_content": "EqgfCioIARgBIiQ3",
+            "page_age": None,
+        }
         for url, title in results
     ]
     return Block({"type": "web_search_tool_result", "tool_use_id": tool_use_id, "content": content})
 
 
 def web_citation(url: str, title: str | None, cited_text: str = "cited text") -> dict[str, Any]:
-    return {"type": "web_search_result_location", "url": url, "title": title, "cited_text": cited_text, "encrypted_index": "Eo8BCioIAhgB"}
+    return {
+        "type": "web_search_result_location",
+        "url": url,
+        "title": title,
+        "cited_text": cited_text,
+        "encrypted_index": "Eo8BCioIAhgB",
+    }
 
 
-def char_citation(cited_text: str, *, document_index: int = 0, document_title: str | None = "Document") -> dict[str, Any]:
+def char_citation(
+    cited_text: str, *, document_index: int = 0, document_title: str | None = "Document"
+) -> dict[str, Any]:
     """A citation into a plain-text document of the request (it has no URL)."""
     return {
         "type": "char_location",
@@ -215,7 +230,12 @@ def message_response(
     message_delta events (cumulative, like the API's; only the last carries ``stop_reason``); by default one
     with an output count derived from the blocks. ``stop=False`` leaves out message_stop.
     """
-    start_usage = {"input_tokens": 25, "cache_creation_input_tokens": 0, "cache_read_input_tokens": 0, "output_tokens": 1}
+    start_usage = {
+        "input_tokens": 25,
+        "cache_creation_input_tokens": 0,
+        "cache_read_input_tokens": 0,
+        "output_tokens": 1,
+    }
     start_usage.update(usage or {})
     message = {
         "id": "msg_01FakeMessage",
@@ -229,8 +249,12 @@ def message_response(
     }
     events: list[Event] = [("message_start", {"type": "message_start", "message": message}), ("ping", {"type": "ping"})]
     for index, block in enumerate(blocks):
-        events.append(("content_block_start", {"type": "content_block_start", "index": index, "content_block": block.start}))
-        events += [("content_block_delta", {"type": "content_block_delta", "index": index, "delta": d}) for d in block.deltas]
+        events.append(
+            ("content_block_start", {"type": "content_block_start", "index": index, "content_block": block.start})
+        )
+        events += [
+            ("content_block_delta", {"type": "content_block_delta", "index": index, "delta": d}) for d in block.deltas
+        ]
         events.append(("content_block_stop", {"type": "content_block_stop", "index": index}))
     if delta_usages is None:
         delta_usages = [{"output_tokens": max(1, sum(len(b.deltas) for b in blocks))}]
@@ -328,10 +352,14 @@ def error_status(
     headers = {"request-id": "req_01FakeRequest"}
     if retry_after is not None:
         headers["retry-after"] = f"{retry_after:g}"
-    return FakeResponse(status=status, error=error_body(error_type, message or error_type.replace("_", " ")), headers=headers)
+    return FakeResponse(
+        status=status, error=error_body(error_type, message or error_type.replace("_", " ")), headers=headers
+    )
 
 
-def error_event(type: str = "overloaded_error", message: str = "Overloaded", *, text: str | None = None) -> FakeResponse:
+def error_event(
+    type: str = "overloaded_error", message: str = "Overloaded", *, text: str | None = None
+) -> FakeResponse:
     """HTTP 200, message_start, optionally some ``text``, then an ``error`` event; the stream ends there."""
     events = list(message_response(*([text_block(text)] if text else []), stop=False).events)
     while events[-1][0] == "message_delta":
@@ -342,7 +370,9 @@ def error_event(type: str = "overloaded_error", message: str = "Overloaded", *, 
     return FakeResponse(tuple(events))
 
 
-def malformed_response(raw: str = '{"type": "content_block_delta", "index": 0, "delta": {"type": "text_de') -> FakeResponse:
+def malformed_response(
+    raw: str = '{"type": "content_block_delta", "index": 0, "delta": {"type": "text_de',
+) -> FakeResponse:
     """A stream that starts well, then sends ``raw`` as the data of an event (by default, truncated JSON)."""
     events = list(text_response("Hello", chunks=1).events[:4])  # message_start, ping, block start, one delta
     events.append(("content_block_delta", raw))
@@ -351,8 +381,17 @@ def malformed_response(raw: str = '{"type": "content_block_delta", "index": 0, "
 
 # Models whose Models API objects say they accept adaptive thinking (4.6 and later); older ones take only
 # the budget form. Unknown ids are treated as new models.
-ADAPTIVE_MODELS = ("claude-opus-4-6", "claude-sonnet-4-6", "claude-opus-4-7", "claude-opus-4-8", "claude-sonnet-5",
-                   "claude-opus-5", "claude-haiku-5", "claude-mythos", "claude-fable")
+ADAPTIVE_MODELS = (
+    "claude-opus-4-6",
+    "claude-sonnet-4-6",
+    "claude-opus-4-7",
+    "claude-opus-4-8",
+    "claude-sonnet-5",
+    "claude-opus-5",
+    "claude-haiku-5",
+    "claude-mythos",
+    "claude-fable",
+)
 BUDGET_ONLY_MODELS = ("claude-3", "claude-sonnet-4", "claude-opus-4", "claude-haiku-4")
 
 
@@ -416,7 +455,9 @@ class FakeAnthropic(FakeUpstream[FakeResponse]):
     ``count_requests`` records its calls.
     """
 
-    def __init__(self, default: FakeResponse | None = None, *, api_key: str | None = None, validate: bool = True) -> None:
+    def __init__(
+        self, default: FakeResponse | None = None, *, api_key: str | None = None, validate: bool = True
+    ) -> None:
         super().__init__(default or text_response())
         self.api_key = api_key
         self.validate = validate
@@ -490,14 +531,25 @@ class FakeAnthropic(FakeUpstream[FakeResponse]):
         if thinking.get("type") == "enabled":
             budget = thinking.get("budget_tokens", 0)
             if budget < 1024:
-                return 400, "invalid_request_error", "thinking.enabled.budget_tokens: Input should be greater than or equal to 1024"
+                return (
+                    400,
+                    "invalid_request_error",
+                    "thinking.enabled.budget_tokens: Input should be greater than or equal to 1024",
+                )
             if body["max_tokens"] <= budget:
                 return 400, "invalid_request_error", "`max_tokens` must be greater than `thinking.budget_tokens`"
         return None
 
-    async def _stream(self, request: web.Request, recorded: RecordedRequest, script: FakeResponse, model: Any) -> web.StreamResponse:
+    async def _stream(
+        self, request: web.Request, recorded: RecordedRequest, script: FakeResponse, model: Any
+    ) -> web.StreamResponse:
         resp = web.StreamResponse(
-            headers={"Content-Type": "text/event-stream; charset=utf-8", "Cache-Control": "no-cache", "request-id": "req_01FakeRequest", **script.headers}
+            headers={
+                "Content-Type": "text/event-stream; charset=utf-8",
+                "Cache-Control": "no-cache",
+                "request-id": "req_01FakeRequest",
+                **script.headers,
+            }
         )
         await resp.prepare(request)
         chunks = list(script._encoded)
@@ -545,7 +597,12 @@ class FakeAnthropic(FakeUpstream[FakeResponse]):
     async def _list_models(self, request: web.Request) -> web.Response:
         data = list(self.models.values())
         return web.json_response(
-            {"data": data, "has_more": False, "first_id": data[0]["id"] if data else None, "last_id": data[-1]["id"] if data else None}
+            {
+                "data": data,
+                "has_more": False,
+                "first_id": data[0]["id"] if data else None,
+                "last_id": data[-1]["id"] if data else None,
+            }
         )
 
 

@@ -38,9 +38,10 @@ import asyncio
 import json
 import sys
 import time
+from collections.abc import AsyncIterator, Iterable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field, replace
-from typing import Any, AsyncIterator, Iterable, Sequence
+from typing import Any
 
 import pytest
 from aiohttp import web
@@ -73,28 +74,32 @@ class FakeResponse:
     stall_after: int | None = None  # stop sending for ``stall_seconds`` after this many events
     stall_seconds: float = 0.0
 
-    def cut_after(self, n_events: int, *, abort: bool = True) -> "FakeResponse":
+    def cut_after(self, n_events: int, *, abort: bool = True) -> FakeResponse:
         """End the stream after ``n_events`` delta events: no finish_reason, no usage, no ``[DONE]``."""
         return replace(self, cut=n_events, abort=abort)
 
-    def stall(self, seconds: float, *, after: int = 1) -> "FakeResponse":
+    def stall(self, seconds: float, *, after: int = 1) -> FakeResponse:
         return replace(self, stall_after=after, stall_seconds=seconds)
 
-    def with_delay(self, seconds: float) -> "FakeResponse":
+    def with_delay(self, seconds: float) -> FakeResponse:
         return replace(self, delay=seconds)
 
-    def without_usage(self) -> "FakeResponse":
+    def without_usage(self) -> FakeResponse:
         return replace(self, usage=None)
 
     def _encoded(self, head: dict[str, Any], include_usage: bool) -> list[bytes]:
         events: list[dict[str, Any] | str] = [
-            d if isinstance(d, str) else {**head, "choices": [{"index": 0, "delta": d, "logprobs": None, "finish_reason": None}]}
+            d
+            if isinstance(d, str)
+            else {**head, "choices": [{"index": 0, "delta": d, "logprobs": None, "finish_reason": None}]}
             for d in self.deltas
         ]
         if self.cut is not None:
             return [_sse(e) for e in events[: self.cut]]
         if self.finish_reason is not None:
-            events.append({**head, "choices": [{"index": 0, "delta": {}, "logprobs": None, "finish_reason": self.finish_reason}]})
+            events.append(
+                {**head, "choices": [{"index": 0, "delta": {}, "logprobs": None, "finish_reason": self.finish_reason}]}
+            )
         if include_usage and self.usage is not None:
             events.append({**head, "choices": [], "usage": self.usage})
         events.append("[DONE]")
@@ -173,7 +178,9 @@ def tool_call_deltas(*calls: ToolCall, interleave: bool = False) -> list[Delta]:
         {"tool_calls": [{"index": i, "id": c.id, "type": "function", "function": {"name": c.name, "arguments": ""}}]}
         for i, c in enumerate(calls)
     ]
-    pieces = [[{"tool_calls": [{"index": i, "function": {"arguments": a}}]} for a in c.arguments] for i, c in enumerate(calls)]
+    pieces = [
+        [{"tool_calls": [{"index": i, "function": {"arguments": a}}]} for a in c.arguments] for i, c in enumerate(calls)
+    ]
     if not interleave:
         return [d for head, ps in zip(heads, pieces) for d in (head, *ps)]
     out: list[Delta] = list(heads)
@@ -201,7 +208,10 @@ def text_response(
     usage: dict[str, Any] | None = None,
 ) -> FakeResponse:
     return stream_response(
-        reasoning_deltas(reasoning) if reasoning else [], text_deltas(text, chunks), finish_reason=finish_reason, usage=usage
+        reasoning_deltas(reasoning) if reasoning else [],
+        text_deltas(text, chunks),
+        finish_reason=finish_reason,
+        usage=usage,
     )
 
 
@@ -209,7 +219,10 @@ def tool_calls_response(
     *calls: ToolCall, text: str | None = None, interleave: bool = False, usage: dict[str, Any] | None = None
 ) -> FakeResponse:
     return stream_response(
-        text_deltas(text) if text else [], tool_call_deltas(*calls, interleave=interleave), finish_reason="tool_calls", usage=usage
+        text_deltas(text) if text else [],
+        tool_call_deltas(*calls, interleave=interleave),
+        finish_reason="tool_calls",
+        usage=usage,
     )
 
 
@@ -241,7 +254,12 @@ def error_body(message: str, type: str, code: str | None = None) -> dict[str, An
 
 
 def error_status(
-    status: int, message: str | None = None, *, type: str | None = None, code: str | None = None, retry_after: float | None = None
+    status: int,
+    message: str | None = None,
+    *,
+    type: str | None = None,
+    code: str | None = None,
+    retry_after: float | None = None,
 ) -> FakeResponse:
     """An HTTP error before any streaming, with OpenAI's JSON error body (and ``retry-after`` if given)."""
     default_type, default_code = _ERROR_TYPES.get(status, ("server_error", None))
@@ -283,7 +301,9 @@ class FakeOpenAI(FakeUpstream[FakeResponse]):
         recorded = RecordedRequest(request.path, body, headers)
         self.requests.append(recorded)
         if self.api_key is not None and headers.get("authorization") != f"Bearer {self.api_key}":
-            message = "Incorrect API key provided. You can find your API key at https://platform.openai.com/account/api-keys."
+            message = (
+                "Incorrect API key provided. You can find your API key at https://platform.openai.com/account/api-keys."
+            )
             return web.json_response(error_body(message, "invalid_request_error", "invalid_api_key"), status=401)
         if not isinstance(body, dict):
             message = "We could not parse the JSON body of your request."
@@ -310,7 +330,13 @@ class FakeOpenAI(FakeUpstream[FakeResponse]):
             headers={"Content-Type": "text/event-stream; charset=utf-8", "Cache-Control": "no-cache", **script.headers}
         )
         await resp.prepare(request)
-        head = {"id": "chatcmpl-fake", "object": "chat.completion.chunk", "created": self._created, "model": model, "system_fingerprint": "fp_fake"}
+        head = {
+            "id": "chatcmpl-fake",
+            "object": "chat.completion.chunk",
+            "created": self._created,
+            "model": model,
+            "system_fingerprint": "fp_fake",
+        }
         chunks = script._encoded(head, include_usage)
         try:
             if not script.delay and script.stall_after is None:
@@ -347,7 +373,9 @@ def _fold(script: FakeResponse, model: str, created: int) -> dict[str, Any]:
         if d.get("annotations"):
             message.setdefault("annotations", []).extend(d["annotations"])
         for tc in d.get("tool_calls") or ():
-            call = calls.setdefault(tc["index"], {"id": tc.get("id"), "type": "function", "function": {"name": None, "arguments": ""}})
+            call = calls.setdefault(
+                tc["index"], {"id": tc.get("id"), "type": "function", "function": {"name": None, "arguments": ""}}
+            )
             call["function"]["name"] = call["function"]["name"] or tc["function"].get("name")
             call["function"]["arguments"] += tc["function"].get("arguments") or ""
     if calls:
@@ -365,7 +393,9 @@ def _fold(script: FakeResponse, model: str, created: int) -> dict[str, Any]:
 
 
 @asynccontextmanager
-async def started_fake_openai(default: FakeResponse | None = None, *, api_key: str | None = None) -> AsyncIterator[FakeOpenAI]:
+async def started_fake_openai(
+    default: FakeResponse | None = None, *, api_key: str | None = None
+) -> AsyncIterator[FakeOpenAI]:
     fake = await FakeOpenAI(default, api_key=api_key).start()
     try:
         yield fake

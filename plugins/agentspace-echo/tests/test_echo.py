@@ -50,7 +50,11 @@ def test_claims_echo_ids_only(tmp_path: Path) -> None:
 
 
 async def test_streams_the_last_user_message_word_by_word(tmp_path: Path) -> None:
-    history = [ChatMessage.user("first"), ChatMessage("assistant", [TextPart("reply")]), ChatMessage.user("Hello,  echo\nworld ")]
+    history = [
+        ChatMessage.user("first"),
+        ChatMessage("assistant", [TextPart("reply")]),
+        ChatMessage.user("Hello,  echo\nworld "),
+    ]
     events = await collect(echo_provider(tmp_path), request("echo/echo", history, system="Sys"))
     *deltas, finish = events
     assert deltas == [TextDelta("Hello,  "), TextDelta("echo\n"), TextDelta("world ")]
@@ -109,7 +113,14 @@ async def test_a_stopped_stream_stops_at_the_pending_chunk(tmp_path: Path) -> No
         await task
 
 
-@pytest.mark.parametrize(("settings", "key"), [({"delay_ms": -1}, "plugins.echo.delay_ms"), ({"delay_ms": "5"}, "plugins.echo.delay_ms"), ({"delay": 5}, "plugins.echo.delay")])
+@pytest.mark.parametrize(
+    ("settings", "key"),
+    [
+        ({"delay_ms": -1}, "plugins.echo.delay_ms"),
+        ({"delay_ms": "5"}, "plugins.echo.delay_ms"),
+        ({"delay": 5}, "plugins.echo.delay"),
+    ],
+)
 def test_bad_settings_name_the_key(tmp_path: Path, settings: dict[str, Any], key: str) -> None:
     with pytest.raises(ConfigError) as e:
         echo_provider(tmp_path, **settings)

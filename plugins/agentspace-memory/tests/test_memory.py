@@ -85,7 +85,11 @@ async def test_content_within_the_cap_is_not_marked_truncated(tmp_path: Path) ->
 
 @pytest.mark.parametrize(
     ("settings", "key"),
-    [({"max_bytes": 0}, "plugins.memory.max_bytes"), ({"folder": 3}, "plugins.memory.folder"), ({"fodler": "x"}, "plugins.memory.fodler")],
+    [
+        ({"max_bytes": 0}, "plugins.memory.max_bytes"),
+        ({"folder": 3}, "plugins.memory.folder"),
+        ({"fodler": "x"}, "plugins.memory.fodler"),
+    ],
 )
 def test_bad_settings_name_the_key(tmp_path: Path, settings: dict[str, Any], key: str) -> None:
     with pytest.raises(ConfigError) as e:

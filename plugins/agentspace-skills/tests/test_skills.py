@@ -36,8 +36,10 @@ def write(path: Path, text: str) -> Path:
 
 async def test_lists_each_skill_with_description_and_path(tmp_path: Path) -> None:
     folder = tmp_path / "skills"
-    pdf = write(folder / "pdf" / "SKILL.md", "---\nname: pdf\ndescription: Extract text from PDF files.\n---\nSteps...\n")
-    csv = write(folder / "csv.md", '---\nname: "csv"\ndescription: \'Clean CSV files\'\n---\n')
+    pdf = write(
+        folder / "pdf" / "SKILL.md", "---\nname: pdf\ndescription: Extract text from PDF files.\n---\nSteps...\n"
+    )
+    csv = write(folder / "csv.md", "---\nname: \"csv\"\ndescription: 'Clean CSV files'\n---\n")
     write(folder / "notes.txt", "---\nname: not-a-skill\n---\n")
     text = await build(skills_config(tmp_path, folder="skills"))
     assert text == (

@@ -29,8 +29,16 @@ def jsonl_config(tmp_path: Path, **settings: Any) -> Config:
 
 def usage_record(n: int) -> UsageRecord:
     return UsageRecord(
-        id=f"u{n}", timestamp="2025-01-01T00:00:00.000Z", model="echo/echo", provider="echo", session_id="s1",
-        client="tests", usage=TokenUsage(10 + n, 5), cost=Cost(0.001, 0.002), latency_ms=12.5, finish_reason="stop",
+        id=f"u{n}",
+        timestamp="2025-01-01T00:00:00.000Z",
+        model="echo/echo",
+        provider="echo",
+        session_id="s1",
+        client="tests",
+        usage=TokenUsage(10 + n, 5),
+        cost=Cost(0.001, 0.002),
+        latency_ms=12.5,
+        finish_reason="stop",
     )
 
 
@@ -93,7 +101,9 @@ async def test_writes_and_fsyncs_off_the_event_loop(tmp_path: Path, monkeypatch:
     assert ticks >= 5
 
 
-@pytest.mark.parametrize(("settings", "key"), [({"path": ""}, "plugins.usage-jsonl.path"), ({"file": "x"}, "plugins.usage-jsonl.file")])
+@pytest.mark.parametrize(
+    ("settings", "key"), [({"path": ""}, "plugins.usage-jsonl.path"), ({"file": "x"}, "plugins.usage-jsonl.file")]
+)
 def test_bad_settings_name_the_key(tmp_path: Path, settings: dict[str, Any], key: str) -> None:
     with pytest.raises(ConfigError) as e:
         jsonl_sink(jsonl_config(tmp_path, **settings))
