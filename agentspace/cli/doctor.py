@@ -27,14 +27,21 @@ def _private(path: Path) -> str | None:
     return None
 
 
-def _check_keys(path: Path) -> list[str]:
+def _read_secret(path: Path) -> tuple[bytes | None, list[str]]:
+    """The file's bytes (None when missing or unreadable) and what is wrong with its mode or its reading."""
     try:
         raw = path.read_bytes()
     except FileNotFoundError:
-        return []
+        return None, []
     except OSError as e:
-        return [f"{path}: cannot be read ({e.strerror or e})"]
-    problems = [] if (mode := _private(path)) is None else [f"{path}: {mode}"]
+        return None, [f"{path}: cannot be read ({e.strerror or e})"]
+    return raw, [] if (mode := _private(path)) is None else [f"{path}: {mode}"]
+
+
+def _check_keys(path: Path) -> list[str]:
+    raw, problems = _read_secret(path)
+    if raw is None:
+        return problems
     try:
         data = json.loads(raw)
     except ValueError as e:
@@ -51,13 +58,9 @@ def _check_keys(path: Path) -> list[str]:
 def _check_token(path: Path) -> list[str]:
     if path.is_symlink():
         return [f"{path}: a symbolic link; remove it and run: agentspace token --rotate"]
-    try:
-        raw = path.read_bytes()
-    except FileNotFoundError:
-        return []
-    except OSError as e:
-        return [f"{path}: cannot be read ({e.strerror or e})"]
-    problems = [] if (mode := _private(path)) is None else [f"{path}: {mode}"]
+    raw, problems = _read_secret(path)
+    if raw is None:
+        return problems
     try:
         text = raw.decode("utf-8").strip()
     except UnicodeDecodeError:
