@@ -1,0 +1,33 @@
+"""docs/architecture.md stays true: every file and folder its layout names exists."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def named_paths() -> list[str]:
+    text = (ROOT / "docs" / "architecture.md").read_text(encoding="utf-8")
+    layout = text.split("```", 2)[1]
+    paths, folders = [], {}  # indentation -> folder at that depth
+    for line in layout.splitlines():
+        match = re.match(r"^( *)([\w.-]+/?)(\s|$)", line)
+        if not match or not (match.group(2).endswith("/") or "." in match.group(2)):
+            continue  # a continuation line of a description
+        depth = len(match.group(1))
+        parents = [folders[d] for d in sorted(folders) if d < depth]
+        name = match.group(2)
+        paths.append("".join(parents) + name)
+        folders = {d: f for d, f in folders.items() if d < depth}
+        if name.endswith("/"):
+            folders[depth] = name
+    return paths
+
+
+def test_every_path_in_the_layout_exists() -> None:
+    paths = named_paths()
+    assert "agentspace/pipeline.py" in paths and "agentspace/stores/sessions.py" in paths
+    missing = [p for p in paths if not (ROOT / p).exists()]
+    assert missing == []
