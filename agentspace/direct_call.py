@@ -70,6 +70,7 @@ class DirectCall:
         try:
             self._first = await self._stream.__anext__()
             self._answered = True
+            self.meter.first_output()
         except StopAsyncIteration:
             await self._fail(ProviderError("LLM_ERROR", "The provider ended the stream without an answer."))
         except ProviderError as e:

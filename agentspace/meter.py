@@ -22,6 +22,7 @@ from collections.abc import Awaitable, Iterable
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
+from .observe import CallInfo, notify
 from .types import TokenUsage, UsageRecord, new_id, now_iso
 
 if TYPE_CHECKING:
@@ -47,6 +48,7 @@ def usage_record(
     answered: bool = True,
     attempts: int = 1,
     estimated_fields: Iterable[str] = (),
+    ttft_ms: float | None = None,
 ) -> UsageRecord:
     """The priced record of one provider call."""
     if not answered:
@@ -73,6 +75,7 @@ def usage_record(
         answered=answered,
         attempts=attempts,
         endpoint=endpoint,
+        ttft_ms=ttft_ms,
     )
 
 
@@ -91,7 +94,18 @@ def record_call(gw: Registry, record: UsageRecord) -> Awaitable[UsageRecord]:
 class Meter:
     """One provider call being metered: what is known when it starts, and its clock."""
 
-    __slots__ = ("gw", "model", "session_id", "client", "endpoint", "started", "attempts", "recorded")
+    __slots__ = (
+        "gw",
+        "model",
+        "session_id",
+        "client",
+        "endpoint",
+        "started",
+        "attempts",
+        "recorded",
+        "first_at",
+        "call",
+    )
 
     def __init__(
         self, gw: Registry, model: str, *, session_id: str | None, client: str | None, endpoint: str | None
@@ -104,6 +118,14 @@ class Meter:
         self.started = time.monotonic()
         self.attempts = 1
         self.recorded: UsageRecord | None = None
+        self.first_at: float | None = None  # when the first output was streamed (``first_output``)
+        self.call = CallInfo(model, session_id, client, endpoint)  # for the observation hooks
+        notify(gw.pm.hook.provider_call_started, call=self.call)
+
+    def first_output(self) -> None:
+        """The call's first output reached the client: its time to first token."""
+        if self.first_at is None:
+            self.first_at = time.monotonic()
 
     def record(
         self,
@@ -130,5 +152,7 @@ class Meter:
             answered=answered,
             attempts=self.attempts,
             estimated_fields=estimated_fields,
+            ttft_ms=None if self.first_at is None else (self.first_at - self.started) * 1000,
         )
+        notify(self.gw.pm.hook.provider_call_finished, call=self.call, record=self.recorded)
         return record_call(self.gw, self.recorded)

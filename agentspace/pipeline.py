@@ -46,6 +46,7 @@ from .events import (
 )
 from .logs import redact
 from .meter import usage_record
+from .observe import CallInfo, TurnInfo, notify
 from .providers.base import ProviderRequest, ThinkingSettings, lacks_key
 from .registry import ModelNotFound, Registry
 from .stores import InvalidSessionId
@@ -257,6 +258,7 @@ class Turn:
         self._stop_reason: str | None = None
         self._stopped = asyncio.Event()  # ends a wait between retries early
         self._storage_failed = False  # a write of this turn failed: it ends with STORAGE_ERROR
+        self.info = TurnInfo(self.message_id, session_id, model, client, client)  # for the observation hooks
 
     # --- publish / subscribe ---------------------------------------------------------------------
 
@@ -311,6 +313,8 @@ class Turn:
         total_usage, total_cost = TokenUsage(), Cost()
         finish_reason, error, ttft_ms = "stop", None, None
         answered_by = self.model
+        hook = self.gw.pm.hook
+        notify(hook.turn_started, turn=self.info)
         try:
             ctx = await assemble(
                 self.gw, session_id=self.session_id, model=self.model, user_message=content, history=history
@@ -321,6 +325,17 @@ class Turn:
                 self._publish(StepStart(step))
                 state = _Step()
                 call_started = time.monotonic()
+                call = CallInfo(
+                    self.model,
+                    self.session_id,
+                    self.client,
+                    self.client,
+                    turn=self.info,
+                    step=step,
+                    system=ctx.system,
+                    messages=list(ctx.messages),
+                )
+                notify(hook.provider_call_started, call=call)
                 try:
                     finish, answered_by = await self._call_with_fallbacks(ctx, state, seen_sources)
                 except (ProviderError, _Stopped) as e:
@@ -342,8 +357,9 @@ class Turn:
                         error = ("LLM_ERROR", "The model stopped sending data (idle timeout).")
                     elif self._stop_reason == "shutdown":
                         error = None  # stored as aborted; the server is going away
+                    call.answer = "".join(state.text)
                     if state.attempts:  # no record for a call never made (stopped before it)
-                        await self._record(answered_by, usage, call_started, reason, state, error and error[0])
+                        await self._record(answered_by, usage, call_started, reason, state, error and error[0], call)
                     finish_reason = reason
                     break
                 if ttft_ms is None and state.delivered:
@@ -351,7 +367,8 @@ class Turn:
                 usage = finish.usage if finish.usage is not None else self._partial_usage(ctx, state)
                 cost = self.gw.model_info(answered_by).cost(usage)
                 total_usage, total_cost = total_usage + usage, total_cost + cost
-                await self._record(answered_by, usage, call_started, finish.finish_reason, state, None)
+                call.answer = finish.message.text
+                await self._record(answered_by, usage, call_started, finish.finish_reason, state, None, call)
                 parts.extend(finish.message.parts)
                 finish_reason = finish.finish_reason
                 calls = [p for p in finish.message.parts if isinstance(p, ToolCallPart)]
@@ -381,6 +398,8 @@ class Turn:
             self._publish(StreamError("STORAGE_ERROR", STORAGE_ERROR_MESSAGE))
         else:
             self._publish(StreamEnd("aborted" if aborted else finish_reason, total_usage, total_cost, aborted))
+        ended_with = error[0] if error is not None else ("STORAGE_ERROR" if self._storage_failed else None)
+        notify(hook.turn_finished, turn=self.info, finish_reason=finish_reason, error=ended_with)
         self.done = True
         self.gw.active.pop(self.session_id, None)
         self._wake()
@@ -565,7 +584,14 @@ class Turn:
         return usage
 
     async def _record(
-        self, model: str, usage: TokenUsage, started: float, finish_reason: str, state: _Step, error: str | None
+        self,
+        model: str,
+        usage: TokenUsage,
+        started: float,
+        finish_reason: str,
+        state: _Step,
+        error: str | None,
+        call: CallInfo,
     ) -> None:
         """The call's one usage record, durable in every sink before the turn goes on; a sink whose write
         failed keeps it for a retry (``gw.pending``), and the turn ends with STORAGE_ERROR."""
@@ -581,7 +607,9 @@ class Turn:
             error=error,
             answered=state.answered,
             attempts=state.attempts,
+            ttft_ms=(state.first_at - started) * 1000 if state.delivered else None,
         )
+        notify(self.gw.pm.hook.provider_call_finished, call=call, record=record)
         if await self.gw.record_usage(record):
             self._storage_failed = True
 
@@ -630,9 +658,11 @@ class Turn:
 
     async def _write(self, what: str, write: Callable[[], Awaitable[None]]) -> None:
         """Run a store write; when the store fails, keep it for a retry and end the turn with STORAGE_ERROR."""
+        started = time.monotonic()
         try:
             await write()
         except STORAGE_FAILURES:
             log.exception("storing %s failed; retrying in the background", what)
             self._storage_failed = True
             self.gw.pending.add(what, write)
+        notify(self.gw.pm.hook.store_written, store="sessions", seconds=time.monotonic() - started)

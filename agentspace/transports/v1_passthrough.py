@@ -167,6 +167,7 @@ async def _stream(
                 recorded = True
                 await _record_stream(meter, relay.scanner, body, disconnected=False, cut=False)
             await resp.write(chunk)
+            meter.first_output()  # the time to first byte of the relayed stream
     except ConnectionResetError:  # the client went away (aiohttp's ClientConnectionResetError on write)
         relay.disconnected = True
     except (aiohttp.ClientError, TimeoutError):
