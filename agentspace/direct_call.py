@@ -66,6 +66,7 @@ class DirectCall:
             provider = self.gw.provider_for(self.request.model)
         except ModelNotFound as e:
             raise ProviderError("MODEL_NOT_FOUND", str(e), status=404) from None
+        self.meter.begin()
         self._stream = provider.stream(self.request)
         try:
             self._first = await self._stream.__anext__()

@@ -119,8 +119,14 @@ class Meter:
         self.attempts = 1
         self.recorded: UsageRecord | None = None
         self.first_at: float | None = None  # when the first output was streamed (``first_output``)
-        self.call = CallInfo(model, session_id, client, endpoint)  # for the observation hooks
-        notify(gw.pm.hook.provider_call_started, call=self.call)
+        self.call: CallInfo | None = None  # for the observation hooks, from ``begin``
+
+    def begin(self) -> None:
+        """The call goes to the upstream now: the observation hooks see it start (once; ``record`` calls it
+        too, so every record has a started call). A request refused before this (a bad body) is no call."""
+        if self.call is None:
+            self.call = CallInfo(self.model, self.session_id, self.client, self.endpoint, started=self.started)
+            notify(self.gw.pm.hook.provider_call_started, call=self.call)
 
     def first_output(self) -> None:
         """The call's first output reached the client: its time to first token."""
@@ -139,6 +145,7 @@ class Meter:
         """Make the call's record and send it to the sinks; await the result for durability. Once per call."""
         if self.recorded is not None:
             raise RuntimeError("a provider call makes exactly one usage record")
+        self.begin()
         self.recorded = usage_record(
             self.gw,
             model=self.model,

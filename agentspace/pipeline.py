@@ -259,6 +259,7 @@ class Turn:
         self._stopped = asyncio.Event()  # ends a wait between retries early
         self._storage_failed = False  # a write of this turn failed: it ends with STORAGE_ERROR
         self.info = TurnInfo(self.message_id, session_id, model, client, client)  # for the observation hooks
+        self._ended: tuple[str, str | None] = ("aborted", None)  # finish reason and error code, for turn_finished
 
     # --- publish / subscribe ---------------------------------------------------------------------
 
@@ -293,7 +294,13 @@ class Turn:
     # --- control --------------------------------------------------------------------------------
 
     def start(self, content: str, history: list[dict[str, Any]]) -> None:
+        notify(self.gw.pm.hook.turn_started, turn=self.info)
         self.task = asyncio.create_task(self._run(content, history), name=f"turn-{self.session_id}")
+        # turn_finished once the task is over, however it ended (cancelled included): the hooks always pair.
+        self.task.add_done_callback(self._notify_finished)
+
+    def _notify_finished(self, task: asyncio.Task[None]) -> None:
+        notify(self.gw.pm.hook.turn_finished, turn=self.info, finish_reason=self._ended[0], error=self._ended[1])
 
     def abort(self, reason: str = "aborted") -> None:
         """Stop generating; what was generated is stored with ``aborted: true`` and billed."""
@@ -314,7 +321,6 @@ class Turn:
         finish_reason, error, ttft_ms = "stop", None, None
         answered_by = self.model
         hook = self.gw.pm.hook
-        notify(hook.turn_started, turn=self.info)
         try:
             ctx = await assemble(
                 self.gw, session_id=self.session_id, model=self.model, user_message=content, history=history
@@ -398,8 +404,7 @@ class Turn:
             self._publish(StreamError("STORAGE_ERROR", STORAGE_ERROR_MESSAGE))
         else:
             self._publish(StreamEnd("aborted" if aborted else finish_reason, total_usage, total_cost, aborted))
-        ended_with = error[0] if error is not None else ("STORAGE_ERROR" if self._storage_failed else None)
-        notify(hook.turn_finished, turn=self.info, finish_reason=finish_reason, error=ended_with)
+        self._ended = (finish_reason, error[0] if error else ("STORAGE_ERROR" if self._storage_failed else None))
         self.done = True
         self.gw.active.pop(self.session_id, None)
         self._wake()

@@ -82,6 +82,7 @@ async def messages(
     request: web.Request, gw: Registry, body: dict[str, Any], raw: bytes, model: str, meter: Meter
 ) -> web.StreamResponse:
     """Relay one Messages call to Anthropic and meter it."""
+    meter.begin()
     key = resolve_key(gw.config, "anthropic")
     if not key:
         await meter.record(TokenUsage(), "error", error="NO_API_KEY", answered=False)
