@@ -66,7 +66,7 @@ class DirectCall:
             provider = self.gw.provider_for(self.request.model)
         except ModelNotFound as e:
             raise ProviderError("MODEL_NOT_FOUND", str(e), status=404) from None
-        self.meter.begin()
+        self.meter.begin(self.request.system, self.request.messages)
         self._stream = provider.stream(self.request)
         try:
             self._first = await self._stream.__anext__()
@@ -117,6 +117,8 @@ class DirectCall:
             raise
 
     async def _record_finish(self, finish: ProviderFinish) -> None:
+        if self.meter.call is not None:
+            self.meter.call.answer = finish.message.text  # for the observation hooks
         if finish.usage is not None:
             await self.meter.record(finish.usage, finish.finish_reason)
         else:

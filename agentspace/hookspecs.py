@@ -142,7 +142,8 @@ def turn_finished(turn: TurnInfo, finish_reason: str, error: str | None) -> None
 def provider_call_started(call: CallInfo) -> None:
     """A provider call starts: a step of a turn (``call.turn`` set) or a ``/v1`` request.
 
-    Retries and fallbacks belong to the call. Called on the event loop: keep it fast (no I/O).
+    Called when the call's first attempt goes upstream; retries and fallbacks belong to the call. Called on
+    the event loop: keep it fast (no I/O).
 
     :param call: an ``agentspace.observe.CallInfo`` (requested model, session, client, endpoint; the prompt
         in ``system``/``messages`` for the turns' calls).

@@ -23,7 +23,7 @@ from dataclasses import replace
 from typing import TYPE_CHECKING
 
 from .observe import CallInfo, notify
-from .types import TokenUsage, UsageRecord, new_id, now_iso
+from .types import ChatMessage, TokenUsage, UsageRecord, new_id, now_iso
 
 if TYPE_CHECKING:
     from .registry import Registry
@@ -121,11 +121,20 @@ class Meter:
         self.first_at: float | None = None  # when the first output was streamed (``first_output``)
         self.call: CallInfo | None = None  # for the observation hooks, from ``begin``
 
-    def begin(self) -> None:
-        """The call goes to the upstream now: the observation hooks see it start (once; ``record`` calls it
-        too, so every record has a started call). A request refused before this (a bad body) is no call."""
+    def begin(self, system: str | None = None, messages: list[ChatMessage] | None = None) -> None:
+        """The call goes to the upstream now: the observation hooks see it start, with its prompt when known
+        (once; ``record`` calls it too, so every record has a started call). A request refused before this (a
+        bad body) is no call."""
         if self.call is None:
-            self.call = CallInfo(self.model, self.session_id, self.client, self.endpoint, started=self.started)
+            self.call = CallInfo(
+                self.model,
+                self.session_id,
+                self.client,
+                self.endpoint,
+                system=system,
+                messages=messages,
+                started=self.started,
+            )
             notify(self.gw.pm.hook.provider_call_started, call=self.call)
 
     def first_output(self) -> None:

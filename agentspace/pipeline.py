@@ -224,6 +224,7 @@ class _Step:
     answered: bool = False
     reported: TokenUsage | None = None
     output_at_report: int = 0
+    call: CallInfo | None = None  # the call as the observation hooks see it, started with its first attempt
 
     def output_size(self) -> int:
         return len(self.text) + len(self.reasoning) + len(self.tool_calls)
@@ -320,7 +321,6 @@ class Turn:
         total_usage, total_cost = TokenUsage(), Cost()
         finish_reason, error, ttft_ms = "stop", None, None
         answered_by = self.model
-        hook = self.gw.pm.hook
         try:
             ctx = await assemble(
                 self.gw, session_id=self.session_id, model=self.model, user_message=content, history=history
@@ -329,7 +329,6 @@ class Turn:
             seen_sources: set[str] = set()
             for step in range(max_steps):
                 self._publish(StepStart(step))
-                state = _Step()
                 call_started = time.monotonic()
                 call = CallInfo(
                     self.model,
@@ -340,8 +339,9 @@ class Turn:
                     step=step,
                     system=ctx.system,
                     messages=list(ctx.messages),
+                    started=call_started,
                 )
-                notify(hook.provider_call_started, call=call)
+                state = _Step(call=call)
                 try:
                     finish, answered_by = await self._call_with_fallbacks(ctx, state, seen_sources)
                 except (ProviderError, _Stopped) as e:
@@ -451,6 +451,8 @@ class Turn:
         except ModelNotFound as e:  # a fallback naming a model nothing serves
             raise ProviderError("MODEL_NOT_FOUND", str(e)) from None
         state.attempts += 1
+        if state.attempts == 1:  # a call stopped before its first attempt is no call: no hooks, no record
+            notify(gw.pm.hook.provider_call_started, call=state.call)
         state.answered, state.reported, state.output_at_report = False, None, 0
         info = gw.model_info(model)
         prefix = model.split("/", 1)[0]

@@ -14,6 +14,7 @@ from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
 import anthropic
+import openai
 import pytest
 from aiohttp.test_utils import TestClient
 from opentelemetry import trace
@@ -196,3 +197,17 @@ async def test_no_spans_without_a_tracer(
     await chat(ws, "hi")
     await ws.close()
     assert ours(spans) == []
+
+
+async def test_a_translated_v1_call_captures_content_when_enabled(
+    app: Any, token: str, fake_anthropic: fa.FakeAnthropic, spans: InMemorySpanExporter
+) -> None:
+    client = await app(telemetry={"capture_content": True})
+    fake_anthropic.enqueue(fa.text_response("Bonjour."))
+    api = openai.AsyncOpenAI(api_key=token, base_url=f"http://127.0.0.1:{client.port}/v1", max_retries=0)
+    await api.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Say hello in French"}])
+    (call,) = ours(spans)
+    a = dict(call.attributes or {})
+    assert call.parent is None and a["agentspace.endpoint"] == "openai"
+    assert "Say hello in French" in str(a["gen_ai.input.messages"])
+    assert json.loads(str(a["gen_ai.output.messages"]))[0]["parts"][0]["content"] == "Bonjour."
