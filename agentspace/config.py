@@ -62,6 +62,13 @@ SCHEMA: dict[str, dict[str, tuple[tuple[type, ...], Any]]] = {
     "logging": {
         "level": ((str,), "info"),
     },
+    "metrics": {
+        "public": ((bool,), False),
+    },
+    "telemetry": {
+        "otlp_endpoint": ((str,), None),
+        "capture_content": ((bool,), False),
+    },
 }
 
 # Keys of each [providers.NAME] table.

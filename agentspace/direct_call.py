@@ -66,10 +66,12 @@ class DirectCall:
             provider = self.gw.provider_for(self.request.model)
         except ModelNotFound as e:
             raise ProviderError("MODEL_NOT_FOUND", str(e), status=404) from None
+        self.meter.begin(self.request.system, self.request.messages)
         self._stream = provider.stream(self.request)
         try:
             self._first = await self._stream.__anext__()
             self._answered = True
+            self.meter.first_output()
         except StopAsyncIteration:
             await self._fail(ProviderError("LLM_ERROR", "The provider ended the stream without an answer."))
         except ProviderError as e:
@@ -115,6 +117,8 @@ class DirectCall:
             raise
 
     async def _record_finish(self, finish: ProviderFinish) -> None:
+        if self.meter.call is not None:
+            self.meter.call.answer = finish.message.text  # for the observation hooks
         if finish.usage is not None:
             await self.meter.record(finish.usage, finish.finish_reason)
         else:

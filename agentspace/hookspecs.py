@@ -17,9 +17,10 @@ if TYPE_CHECKING:
     from aiohttp import web
 
     from .config import Config
+    from .observe import CallInfo, TurnInfo
     from .providers.base import Provider
     from .sinks import UsageSink
-    from .types import ContextSectionBuilder, Tool
+    from .types import ContextSectionBuilder, Tool, UsageRecord
 
 hookspec = pluggy.HookspecMarker("agentspace")
 hookimpl = pluggy.HookimplMarker("agentspace")
@@ -82,6 +83,19 @@ def register_commands(cli: click.Group) -> None:
 
 
 @hookspec
+def register_routes(app: web.Application, config: Config) -> None:
+    """Add HTTP routes to the server (``app.router.add_get(...)``), before it starts.
+
+    Every route needs the gateway token, checked by the server before your handler runs (``/metrics`` is
+    open when ``[metrics] public = true``). Reach the running gateway in a handler through
+    ``request.app``.
+
+    :param app: the aiohttp application, routes not yet frozen.
+    :param config: the loaded configuration.
+    """
+
+
+@hookspec
 def server_startup(app: web.Application, config: Config) -> Awaitable[None] | None:
     """Called once when ``agentspace serve`` has started, before it accepts connections.
 
@@ -100,4 +114,61 @@ def server_shutdown(app: web.Application, config: Config) -> Awaitable[None] | N
 
     :param app: the aiohttp application.
     :param config: the loaded configuration.
+    """
+
+
+@hookspec
+def turn_started(turn: TurnInfo) -> None:
+    """A chat turn (WebSocket or ``/api/chat``) started; its provider calls follow (``provider_call_started``).
+
+    Called on the event loop before the first provider call: keep it fast (no I/O). Use ``turn.state`` for
+    what you keep until ``turn_finished`` (e.g. a tracing span).
+
+    :param turn: an ``agentspace.observe.TurnInfo`` (session, model, client, endpoint, the answer's id).
+    """
+
+
+@hookspec
+def turn_finished(turn: TurnInfo, finish_reason: str, error: str | None) -> None:
+    """A chat turn ended, after its answer and usage records were stored. Called once per ``turn_started``.
+
+    :param turn: the ``TurnInfo`` given to ``turn_started``.
+    :param finish_reason: ``stop``, ``length``, ``tool-calls``, ``aborted``, ``error``, ...
+    :param error: the error code when the turn ended in an error, else None.
+    """
+
+
+@hookspec
+def provider_call_started(call: CallInfo) -> None:
+    """A provider call starts: a step of a turn (``call.turn`` set) or a ``/v1`` request.
+
+    Called when the call's first attempt goes upstream; retries and fallbacks belong to the call. Called on
+    the event loop: keep it fast (no I/O).
+
+    :param call: an ``agentspace.observe.CallInfo`` (requested model, session, client, endpoint; the prompt
+        in ``system``/``messages`` for the turns' calls).
+    """
+
+
+@hookspec
+def provider_call_finished(call: CallInfo, record: UsageRecord) -> None:
+    """A provider call ended with its one usage record (the record is also sent to every usage sink).
+
+    Called once per ``provider_call_started``, however the call ended (answer, error, abort).
+
+    :param call: the ``CallInfo`` given to ``provider_call_started``; ``answer`` holds the answer's text when
+        the gateway saw it.
+    :param record: the call's ``UsageRecord`` (model that answered, tokens, cost, error, attempts, ttft).
+    """
+
+
+@hookspec
+def store_written(store: str, seconds: float) -> None:
+    """A write the server waited for reached its store: the usage records (``usage:<sink name>``) and the
+    answers of turns (``sessions``). ``seconds`` is how long the caller waited, queueing included.
+
+    Called on the event loop after every such write, failed ones too: keep it fast (no I/O).
+
+    :param store: which store: ``sessions`` or ``usage:<sink name>``.
+    :param seconds: the time the write took, as its caller saw it.
     """

@@ -22,7 +22,8 @@ from collections.abc import Awaitable, Iterable
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
-from .types import TokenUsage, UsageRecord, new_id, now_iso
+from .observe import CallInfo, notify
+from .types import ChatMessage, TokenUsage, UsageRecord, new_id, now_iso
 
 if TYPE_CHECKING:
     from .registry import Registry
@@ -47,6 +48,7 @@ def usage_record(
     answered: bool = True,
     attempts: int = 1,
     estimated_fields: Iterable[str] = (),
+    ttft_ms: float | None = None,
 ) -> UsageRecord:
     """The priced record of one provider call."""
     if not answered:
@@ -73,6 +75,7 @@ def usage_record(
         answered=answered,
         attempts=attempts,
         endpoint=endpoint,
+        ttft_ms=ttft_ms,
     )
 
 
@@ -91,7 +94,18 @@ def record_call(gw: Registry, record: UsageRecord) -> Awaitable[UsageRecord]:
 class Meter:
     """One provider call being metered: what is known when it starts, and its clock."""
 
-    __slots__ = ("gw", "model", "session_id", "client", "endpoint", "started", "attempts", "recorded")
+    __slots__ = (
+        "gw",
+        "model",
+        "session_id",
+        "client",
+        "endpoint",
+        "started",
+        "attempts",
+        "recorded",
+        "first_at",
+        "call",
+    )
 
     def __init__(
         self, gw: Registry, model: str, *, session_id: str | None, client: str | None, endpoint: str | None
@@ -104,6 +118,29 @@ class Meter:
         self.started = time.monotonic()
         self.attempts = 1
         self.recorded: UsageRecord | None = None
+        self.first_at: float | None = None  # when the first output was streamed (``first_output``)
+        self.call: CallInfo | None = None  # for the observation hooks, from ``begin``
+
+    def begin(self, system: str | None = None, messages: list[ChatMessage] | None = None) -> None:
+        """The call goes to the upstream now: the observation hooks see it start, with its prompt when known
+        (once; ``record`` calls it too, so every record has a started call). A request refused before this (a
+        bad body) is no call."""
+        if self.call is None:
+            self.call = CallInfo(
+                self.model,
+                self.session_id,
+                self.client,
+                self.endpoint,
+                system=system,
+                messages=messages,
+                started=self.started,
+            )
+            notify(self.gw.pm.hook.provider_call_started, call=self.call)
+
+    def first_output(self) -> None:
+        """The call's first output reached the client: its time to first token."""
+        if self.first_at is None:
+            self.first_at = time.monotonic()
 
     def record(
         self,
@@ -117,6 +154,7 @@ class Meter:
         """Make the call's record and send it to the sinks; await the result for durability. Once per call."""
         if self.recorded is not None:
             raise RuntimeError("a provider call makes exactly one usage record")
+        self.begin()
         self.recorded = usage_record(
             self.gw,
             model=self.model,
@@ -130,5 +168,7 @@ class Meter:
             answered=answered,
             attempts=self.attempts,
             estimated_fields=estimated_fields,
+            ttft_ms=None if self.first_at is None else (self.first_at - self.started) * 1000,
         )
+        notify(self.gw.pm.hook.provider_call_finished, call=self.call, record=self.recorded)
         return record_call(self.gw, self.recorded)

@@ -46,6 +46,7 @@ from .events import (
 )
 from .logs import redact
 from .meter import usage_record
+from .observe import CallInfo, TurnInfo, notify
 from .providers.base import ProviderRequest, ThinkingSettings, lacks_key
 from .registry import ModelNotFound, Registry
 from .stores import InvalidSessionId
@@ -223,6 +224,7 @@ class _Step:
     answered: bool = False
     reported: TokenUsage | None = None
     output_at_report: int = 0
+    call: CallInfo | None = None  # the call as the observation hooks see it, started with its first attempt
 
     def output_size(self) -> int:
         return len(self.text) + len(self.reasoning) + len(self.tool_calls)
@@ -257,6 +259,8 @@ class Turn:
         self._stop_reason: str | None = None
         self._stopped = asyncio.Event()  # ends a wait between retries early
         self._storage_failed = False  # a write of this turn failed: it ends with STORAGE_ERROR
+        self.info = TurnInfo(self.message_id, session_id, model, client, client)  # for the observation hooks
+        self._ended: tuple[str, str | None] = ("aborted", None)  # finish reason and error code, for turn_finished
 
     # --- publish / subscribe ---------------------------------------------------------------------
 
@@ -291,7 +295,13 @@ class Turn:
     # --- control --------------------------------------------------------------------------------
 
     def start(self, content: str, history: list[dict[str, Any]]) -> None:
+        notify(self.gw.pm.hook.turn_started, turn=self.info)
         self.task = asyncio.create_task(self._run(content, history), name=f"turn-{self.session_id}")
+        # turn_finished once the task is over, however it ended (cancelled included): the hooks always pair.
+        self.task.add_done_callback(self._notify_finished)
+
+    def _notify_finished(self, task: asyncio.Task[None]) -> None:
+        notify(self.gw.pm.hook.turn_finished, turn=self.info, finish_reason=self._ended[0], error=self._ended[1])
 
     def abort(self, reason: str = "aborted") -> None:
         """Stop generating; what was generated is stored with ``aborted: true`` and billed."""
@@ -319,8 +329,19 @@ class Turn:
             seen_sources: set[str] = set()
             for step in range(max_steps):
                 self._publish(StepStart(step))
-                state = _Step()
                 call_started = time.monotonic()
+                call = CallInfo(
+                    self.model,
+                    self.session_id,
+                    self.client,
+                    self.client,
+                    turn=self.info,
+                    step=step,
+                    system=ctx.system,
+                    messages=list(ctx.messages),
+                    started=call_started,
+                )
+                state = _Step(call=call)
                 try:
                     finish, answered_by = await self._call_with_fallbacks(ctx, state, seen_sources)
                 except (ProviderError, _Stopped) as e:
@@ -342,8 +363,9 @@ class Turn:
                         error = ("LLM_ERROR", "The model stopped sending data (idle timeout).")
                     elif self._stop_reason == "shutdown":
                         error = None  # stored as aborted; the server is going away
+                    call.answer = "".join(state.text)
                     if state.attempts:  # no record for a call never made (stopped before it)
-                        await self._record(answered_by, usage, call_started, reason, state, error and error[0])
+                        await self._record(answered_by, usage, call_started, reason, state, error and error[0], call)
                     finish_reason = reason
                     break
                 if ttft_ms is None and state.delivered:
@@ -351,7 +373,8 @@ class Turn:
                 usage = finish.usage if finish.usage is not None else self._partial_usage(ctx, state)
                 cost = self.gw.model_info(answered_by).cost(usage)
                 total_usage, total_cost = total_usage + usage, total_cost + cost
-                await self._record(answered_by, usage, call_started, finish.finish_reason, state, None)
+                call.answer = finish.message.text
+                await self._record(answered_by, usage, call_started, finish.finish_reason, state, None, call)
                 parts.extend(finish.message.parts)
                 finish_reason = finish.finish_reason
                 calls = [p for p in finish.message.parts if isinstance(p, ToolCallPart)]
@@ -381,6 +404,7 @@ class Turn:
             self._publish(StreamError("STORAGE_ERROR", STORAGE_ERROR_MESSAGE))
         else:
             self._publish(StreamEnd("aborted" if aborted else finish_reason, total_usage, total_cost, aborted))
+        self._ended = (finish_reason, error[0] if error else ("STORAGE_ERROR" if self._storage_failed else None))
         self.done = True
         self.gw.active.pop(self.session_id, None)
         self._wake()
@@ -427,6 +451,8 @@ class Turn:
         except ModelNotFound as e:  # a fallback naming a model nothing serves
             raise ProviderError("MODEL_NOT_FOUND", str(e)) from None
         state.attempts += 1
+        if state.attempts == 1:  # a call stopped before its first attempt is no call: no hooks, no record
+            notify(gw.pm.hook.provider_call_started, call=state.call)
         state.answered, state.reported, state.output_at_report = False, None, 0
         info = gw.model_info(model)
         prefix = model.split("/", 1)[0]
@@ -565,7 +591,14 @@ class Turn:
         return usage
 
     async def _record(
-        self, model: str, usage: TokenUsage, started: float, finish_reason: str, state: _Step, error: str | None
+        self,
+        model: str,
+        usage: TokenUsage,
+        started: float,
+        finish_reason: str,
+        state: _Step,
+        error: str | None,
+        call: CallInfo,
     ) -> None:
         """The call's one usage record, durable in every sink before the turn goes on; a sink whose write
         failed keeps it for a retry (``gw.pending``), and the turn ends with STORAGE_ERROR."""
@@ -581,7 +614,9 @@ class Turn:
             error=error,
             answered=state.answered,
             attempts=state.attempts,
+            ttft_ms=(state.first_at - started) * 1000 if state.delivered else None,
         )
+        notify(self.gw.pm.hook.provider_call_finished, call=call, record=record)
         if await self.gw.record_usage(record):
             self._storage_failed = True
 
@@ -630,9 +665,11 @@ class Turn:
 
     async def _write(self, what: str, write: Callable[[], Awaitable[None]]) -> None:
         """Run a store write; when the store fails, keep it for a retry and end the turn with STORAGE_ERROR."""
+        started = time.monotonic()
         try:
             await write()
         except STORAGE_FAILURES:
             log.exception("storing %s failed; retrying in the background", what)
             self._storage_failed = True
             self.gw.pending.add(what, write)
+        notify(self.gw.pm.hook.store_written, store="sessions", seconds=time.monotonic() - started)

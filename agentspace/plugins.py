@@ -1,7 +1,8 @@
 """The plugin manager: built-in plugins and installed ones, registered the same way.
 
 ``AGENTSPACE_LOAD_PLUGINS`` (comma-separated distribution or entry-point names) selects which installed
-plugins load; set it to an empty string to load none. Built-ins always load.
+plugins load; set it to an empty string to load none. Built-ins always load, but for the optional ones
+(``OPTIONAL_PLUGINS``: metrics, telemetry), which it selects like installed plugins.
 """
 
 from __future__ import annotations
@@ -25,15 +26,27 @@ DEFAULT_PLUGINS: tuple[str, ...] = (
     "agentspace.providers.litellm",
 )
 
+# Built-in plugins that load like installed ones: always when AGENTSPACE_LOAD_PLUGINS is unset, else only
+# when it names them (so an operator can leave them out). Name -> module.
+OPTIONAL_PLUGINS: dict[str, str] = {
+    "metrics": "agentspace.default_plugins.metrics",
+    "telemetry": "agentspace.default_plugins.telemetry",
+}
+
 ENTRY_POINT_GROUP = "agentspace"
 
 
-def _load_entry_points(pm: pluggy.PluginManager) -> None:
+def _selected() -> set[str] | None:
+    """The plugin names AGENTSPACE_LOAD_PLUGINS selects; None when it is unset (load every plugin)."""
     selected = os.environ.get("AGENTSPACE_LOAD_PLUGINS")
-    if selected is None:
+    return None if selected is None else {n.strip() for n in selected.split(",") if n.strip()}
+
+
+def _load_entry_points(pm: pluggy.PluginManager) -> None:
+    wanted = _selected()
+    if wanted is None:
         pm.load_setuptools_entrypoints(ENTRY_POINT_GROUP)
         return
-    wanted = {n.strip() for n in selected.split(",") if n.strip()}
     for ep in entry_points(group=ENTRY_POINT_GROUP):
         dist_name = ep.dist.name if ep.dist is not None else None
         if ep.name in wanted or dist_name in wanted:
@@ -46,6 +59,10 @@ def create_plugin_manager(*, load_entry_points: bool = True) -> pluggy.PluginMan
     for module_name in DEFAULT_PLUGINS:
         pm.register(importlib.import_module(module_name), name=module_name)
     if load_entry_points:
+        wanted = _selected()
+        for name, module_name in OPTIONAL_PLUGINS.items():
+            if wanted is None or name in wanted:
+                pm.register(importlib.import_module(module_name), name=module_name)
         _load_entry_points(pm)
     return pm
 
@@ -67,7 +84,7 @@ def describe_plugins(pm: pluggy.PluginManager, *, include_builtins: bool = False
     out = []
     for plugin in pm.get_plugins():
         name = pm.get_name(plugin) or repr(plugin)
-        builtin = name in DEFAULT_PLUGINS
+        builtin = name in DEFAULT_PLUGINS or name in OPTIONAL_PLUGINS.values()
         if builtin and not include_builtins:
             continue
         hooks = sorted(h.name for h in pm.get_hookcallers(plugin) or [])

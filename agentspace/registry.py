@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -18,6 +19,7 @@ from .catalog import deprecation_message
 from .config import Config
 from .errors import StorageError
 from .lru import LRU
+from .observe import notify
 from .pending import PendingWrites
 from .providers.base import Provider, model_prefix
 from .sinks import UsageSink
@@ -105,6 +107,7 @@ class Registry:
         """
         failed = False
         for sink in self.sinks:
+            started = time.monotonic()
             try:
                 await sink.record(record)
             except (StorageError, OSError):
@@ -118,6 +121,8 @@ class Registry:
                 failed = True
             except Exception:
                 log.exception("usage sink %r failed", getattr(sink, "name", sink))
+            store = f"usage:{getattr(sink, 'name', 'sink')}"
+            notify(self.pm.hook.store_written, store=store, seconds=time.monotonic() - started)
         return failed
 
     async def aclose(self) -> None:

@@ -194,6 +194,8 @@ def security_middleware(config: Config) -> Middleware:
             return error_response(403, "FORBIDDEN", "Origin not allowed; add it to [server] allowed_origins.")
         if request.path == "/healthz" or request.path == "/gateway" or request.method == "OPTIONS":
             return await handler(request)  # /gateway authenticates itself (header or first frame)
+        if request.path == "/metrics" and config["metrics"]["public"]:
+            return await handler(request)  # scrapers without the token, when the operator opened it
         v1 = request.path.startswith("/v1/")  # the drop-in APIs answer in their own error shape
         token = api_token(request)
         if token is not None and token_ok(request, token):

@@ -55,6 +55,7 @@ def create_app(config: Config, pm: pluggy.PluginManager | None = None) -> web.Ap
     ui_stream.setup_routes(app)
     rest.setup_routes(app)
     v1_routes.setup_routes(app)  # the drop-in provider APIs (SPEC 10)
+    pm.hook.register_routes(app=app, config=config)  # plugins' routes (the built-in /metrics)
     app.cleanup_ctx.append(_gateway_context(config, pm))
     app.on_shutdown.append(_finish_streams)
     return app

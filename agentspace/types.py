@@ -205,6 +205,8 @@ class UsageRecord:
     attempts: int = 1
     # Where the call came in: "ws", "http", "anthropic" (/v1/messages), "openai" (/v1/chat/completions).
     endpoint: str | None = None
+    # Milliseconds from the call's start to its first streamed output; None when nothing was streamed.
+    ttft_ms: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         u = self.usage
@@ -233,6 +235,7 @@ class UsageRecord:
             "answered": self.answered,
             "attempts": self.attempts,
             "endpoint": self.endpoint,
+            "ttftMs": None if self.ttft_ms is None else round(self.ttft_ms, 3),
         }
 
 

@@ -12,7 +12,8 @@ faster, whichever tree it ran (up to 0.3 ms of added TTFT and 0.7 CPU-ms in the 
 run with A's processes started first, then both are restarted the other way round.
 Make TREE_A with ``git worktree add /tmp/base <commit>``. ``python benchmarks/ab.py . . --b-without-sdk`` runs
 B's Anthropic calls as plain aiohttp requests instead of through the SDK (``benchmarks/without_sdk.py``): the
-difference is what the SDK costs per call.
+difference is what the SDK costs per call. ``python benchmarks/ab.py . . --b-plugins metrics`` loads the
+metrics plugin in B's gateway only (``AGENTSPACE_LOAD_PLUGINS``; A loads none): the difference is what it adds.
 """
 
 from __future__ import annotations
@@ -63,6 +64,9 @@ async def run(args: argparse.Namespace) -> int:
         r = results[name]
         if name == "B" and args.b_without_sdk:
             tree += " (without the SDK)"
+        plugins = args.a_plugins if name == "A" else args.b_plugins
+        if plugins:
+            tree += f" (plugins: {plugins})"
         print(
             f"{name} {tree}: added TTFT p50 {statistics.median(r['ttft']):.2f} ms, CPU {statistics.median(r['cpu']):.2f}"
             f" ms per chat (loop {statistics.median(r['loop']):.2f}, store {statistics.median(r['store']):.2f})"
@@ -85,7 +89,14 @@ async def run_half(
             scratch = Path(tempfile.mkdtemp(prefix=f"agentspace-ab-{name}-"))
             cli = bench.gateway_cli(without_sdk=name == "B" and args.b_without_sdk)
             b = bench.Bench(
-                argparse.Namespace(requests=args.chats, soak=0, quick=True, json=False, profile=None),
+                argparse.Namespace(
+                    requests=args.chats,
+                    soak=0,
+                    quick=True,
+                    json=False,
+                    profile=None,
+                    plugins=args.a_plugins if name == "A" else args.b_plugins,
+                ),
                 scratch,
                 code=Path(tree).resolve(),
                 cli=cli,
@@ -128,6 +139,10 @@ def main() -> None:
         "--b-without-sdk",
         action="store_true",
         help="B's Anthropic calls without the SDK (benchmarks/without_sdk.py): what the SDK costs",
+    )
+    parser.add_argument("--a-plugins", default="", help="AGENTSPACE_LOAD_PLUGINS of A's gateway (default: none)")
+    parser.add_argument(
+        "--b-plugins", default="", help="AGENTSPACE_LOAD_PLUGINS of B's gateway, e.g. metrics: what the plugin costs"
     )
     sys.exit(asyncio.run(run(parser.parse_args())))
 

@@ -59,14 +59,14 @@ CLK_TCK = os.sysconf("SC_CLK_TCK")
 # --- processes ----------------------------------------------------------------------------------
 
 
-def _env(home: Path, code: Path = ROOT) -> dict[str, str]:
+def _env(home: Path, code: Path = ROOT, plugins: str = "") -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AGENTSPACE_", "ANTHROPIC_"))}
     path = os.pathsep.join(filter(None, [str(code), env.get("PYTHONPATH")]))
     return {
         **env,
         "PYTHONPATH": path,
         "AGENTSPACE_HOME": str(home),
-        "AGENTSPACE_LOAD_PLUGINS": "",
+        "AGENTSPACE_LOAD_PLUGINS": plugins,  # none by default; "metrics" measures the metrics plugin
         "ANTHROPIC_API_KEY": "sk-bench",
         "LITELLM_LOCAL_MODEL_COST_MAP": "True",
     }
@@ -318,6 +318,7 @@ class Bench:
         self.root = root  # scratch: the data directory, config, logs
         self.code = code  # the source tree whose gateway (and fake upstream) runs
         self.cli = cli  # how the gateway's CLI is run (gateway_cli)
+        self.plugins = getattr(args, "plugins", "")  # the gateway's AGENTSPACE_LOAD_PLUGINS
         self.home = root / "home"
         self.procs: list[subprocess.Popen[str]] = []
         self.upstream = ""
@@ -328,7 +329,12 @@ class Bench:
     def spawn(self, argv: list[str]) -> subprocess.Popen[str]:
         log = open(self.root / f"process-{len(self.procs)}.log", "w")  # the server's log, kept off the table
         proc = subprocess.Popen(
-            argv, cwd=self.code, env=_env(self.home, self.code), stdout=subprocess.PIPE, stderr=log, text=True
+            argv,
+            cwd=self.code,
+            env=_env(self.home, self.code, self.plugins),
+            stdout=subprocess.PIPE,
+            stderr=log,
+            text=True,
         )
         log.close()
         self.procs.append(proc)
@@ -605,6 +611,9 @@ def main() -> None:
         "--without-sdk",
         action="store_true",
         help="the gateway's Anthropic calls without the SDK (benchmarks/without_sdk.py), for comparison",
+    )
+    parser.add_argument(
+        "--plugins", default="", help="AGENTSPACE_LOAD_PLUGINS of the gateway (default: none), e.g. metrics"
     )
     args = parser.parse_args()
     if args.requests is None:

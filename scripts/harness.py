@@ -43,11 +43,11 @@ def write_config(path: Path, sections: dict[str, dict[str, Any]]) -> None:
     path.write_text("\n".join(lines), encoding="utf-8")
 
 
-def child_env(data_dir: Path) -> dict[str, str]:
+def child_env(data_dir: Path, load_plugins: str = "") -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.endswith("_API_KEY")}
     env.update(
         AGENTSPACE_HOME=str(data_dir),
-        AGENTSPACE_LOAD_PLUGINS="",
+        AGENTSPACE_LOAD_PLUGINS=load_plugins,
         LITELLM_LOCAL_MODEL_COST_MAP="True",
         ANTHROPIC_API_KEY=TEST_KEY,
         PYTHONPATH=str(ROOT) + os.pathsep + env.get("PYTHONPATH", ""),
@@ -72,6 +72,7 @@ class GatewayProcess:
         write_config(self.config_path, base)
         self.process: asyncio.subprocess.Process | None = None
         self.url = ""
+        self.load_plugins = ""  # the server's AGENTSPACE_LOAD_PLUGINS (none), e.g. "metrics,telemetry"
 
     @property
     def token(self) -> str:
@@ -95,7 +96,7 @@ class GatewayProcess:
                 "0",
                 stdout=asyncio.subprocess.PIPE,
                 stderr=log,
-                env=child_env(self.data_dir),
+                env=child_env(self.data_dir, self.load_plugins),
                 cwd=ROOT,
             )
         assert self.process.stdout is not None

@@ -23,7 +23,12 @@ def normalize(name: str) -> str:
 
 
 def declared(pyproject: Path) -> set[str]:
-    requirements = tomllib.loads(pyproject.read_text(encoding="utf-8"))["project"]["dependencies"]
+    project = tomllib.loads(pyproject.read_text(encoding="utf-8"))["project"]
+    requirements = list(project["dependencies"])
+    # A runtime extra (``otel``) declares what the code imports when that feature is used; test and bench do not.
+    for extra, extra_requirements in project.get("optional-dependencies", {}).items():
+        if extra not in ("test", "bench"):
+            requirements += extra_requirements
     # A requirement's name ends where its extras, version or marker begin: "anthropic[aiohttp]>=2.15".
     return {normalize(re.split(r"[\s\[<>=!~;]", r, maxsplit=1)[0]) for r in requirements}
 

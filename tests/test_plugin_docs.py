@@ -32,6 +32,7 @@ from agentspace import (
     UsageRecord,
     hookspecs,
 )
+from agentspace.observe import CallInfo, TurnInfo
 from agentspace.testing import make_config, plugin_manager
 from agentspace.types import new_id, now_iso
 
@@ -149,6 +150,24 @@ async def call_hooks(pm: pluggy.PluginManager, plugin: types.ModuleType, config:
         cli = click.Group("agentspace")
         pm.hook.register_commands(cli=cli)
         assert cli.commands
+    if "register_routes" in hooks:
+        app = web.Application()
+        pm.hook.register_routes(app=app, config=config)
+        assert list(app.router.routes())
+    if hooks & {"turn_started", "turn_finished", "provider_call_started", "provider_call_finished"}:
+        turn = TurnInfo("msg_1", "s_1", "echo/echo", "ws", "ws")
+        call = CallInfo(
+            "echo/echo", "s_1", "ws", "ws", turn=turn, system="Be brief.", messages=[ChatMessage.user("hi")]
+        )
+        record = UsageRecord(
+            new_id(), now_iso(), "echo/echo", "echo", "s_1", "ws", TokenUsage(10, 5), Cost(), 12.0, "stop", ttft_ms=3.0
+        )
+        pm.hook.turn_started(turn=turn)
+        pm.hook.provider_call_started(call=call)
+        pm.hook.provider_call_finished(call=call, record=record)
+        pm.hook.turn_finished(turn=turn, finish_reason="stop", error=None)
+    if "store_written" in hooks:
+        pm.hook.store_written(store="sessions", seconds=0.002)
     if "server_startup" in hooks:
         app = web.Application()
         for hook in (pm.hook.server_startup, pm.hook.server_shutdown):

@@ -82,6 +82,7 @@ async def messages(
     request: web.Request, gw: Registry, body: dict[str, Any], raw: bytes, model: str, meter: Meter
 ) -> web.StreamResponse:
     """Relay one Messages call to Anthropic and meter it."""
+    meter.begin()
     key = resolve_key(gw.config, "anthropic")
     if not key:
         await meter.record(TokenUsage(), "error", error="NO_API_KEY", answered=False)
@@ -167,6 +168,7 @@ async def _stream(
                 recorded = True
                 await _record_stream(meter, relay.scanner, body, disconnected=False, cut=False)
             await resp.write(chunk)
+            meter.first_output()  # the time to first byte of the relayed stream
     except ConnectionResetError:  # the client went away (aiohttp's ClientConnectionResetError on write)
         relay.disconnected = True
     except (aiohttp.ClientError, TimeoutError):

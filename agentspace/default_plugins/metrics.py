@@ -1,0 +1,219 @@
+"""The built-in metrics plugin: ``GET /metrics`` in the Prometheus text format (SPEC section 14).
+
+A plugin like any other (left out when ``AGENTSPACE_LOAD_PLUGINS`` is set and does not name ``metrics``).
+The request, error, token and cost counters and the two latency histograms are fed from the usage records:
+the plugin is a usage sink, so every provider call on every endpoint is counted exactly as the usage store
+counts it (``requests`` = records the upstream answered, ``errors`` = records with an error code). The
+observation hooks add what records do not hold: streams in flight, fallbacks, store write latency.
+
+One registry per process: each replica exports its own numbers, and the labels let Prometheus sum them.
+Label values stay few: the model is one the price list or the config knows, else ``other``; the client is
+one of the first ``MAX_CLIENTS`` names seen, else ``other``; no session ids, no text.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from aiohttp import web
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    gc_collector,
+    generate_latest,
+    platform_collector,
+    process_collector,
+)
+
+from agentspace import pricing
+from agentspace.hookspecs import hookimpl
+
+if TYPE_CHECKING:
+    from agentspace.config import Config
+    from agentspace.observe import CallInfo, TurnInfo
+    from agentspace.sinks import UsageSink
+    from agentspace.types import UsageRecord
+
+OTHER = "other"
+MAX_CLIENTS = 100
+# LLM calls take from tens of milliseconds (a cached first token) to minutes (a long answer).
+LLM_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0)
+STORE_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+TOKEN_KINDS = ("input", "output", "cache_read", "cache_write", "reasoning")
+
+REGISTRY = CollectorRegistry()
+process_collector.ProcessCollector(registry=REGISTRY)
+platform_collector.PlatformCollector(registry=REGISTRY)
+gc_collector.GCCollector(registry=REGISTRY)
+
+CALL_LABELS = ("model", "client", "endpoint")
+REQUESTS = Counter("agentspace_requests", "Provider calls the upstream answered.", CALL_LABELS, registry=REGISTRY)
+ERRORS = Counter(
+    "agentspace_errors",
+    "Provider calls that ended in an error, by error code.",
+    (*CALL_LABELS, "code"),
+    registry=REGISTRY,
+)
+TOKENS = Counter(
+    "agentspace_tokens",
+    "Tokens of provider calls, by kind: input, output, cache_read, cache_write, reasoning.",
+    (*CALL_LABELS, "kind"),
+    registry=REGISTRY,
+)
+COST = Counter("agentspace_cost_usd", "Cost of provider calls in US dollars.", CALL_LABELS, registry=REGISTRY)
+TTFT = Histogram(
+    "agentspace_time_to_first_token_seconds",
+    "From the start of a provider call to its first streamed output.",
+    ("model", "endpoint"),
+    buckets=LLM_BUCKETS,
+    registry=REGISTRY,
+)
+DURATION = Histogram(
+    "agentspace_request_duration_seconds",
+    "Duration of provider calls that reached the upstream, retries and fallbacks included.",
+    ("model", "endpoint"),
+    buckets=LLM_BUCKETS,
+    registry=REGISTRY,
+)
+STREAMS = Gauge(
+    "agentspace_streams_in_flight",
+    "Answers being streamed now: chat turns (ws, http) and /v1 calls (anthropic, openai).",
+    ("endpoint",),
+    registry=REGISTRY,
+)
+RETRIES = Counter(
+    "agentspace_upstream_retries",
+    "Upstream attempts beyond the first (after 429 or 5xx).",
+    ("model",),
+    registry=REGISTRY,
+)
+FALLBACKS = Counter(
+    "agentspace_fallbacks",
+    "Provider calls answered by a fallback model ([models] fallbacks), by the model requested.",
+    ("model", "fallback"),
+    registry=REGISTRY,
+)
+STORE_WRITES = Histogram(
+    "agentspace_store_write_seconds",
+    "Store writes the server waited for: sessions, usage:<sink>.",
+    ("store",),
+    buckets=STORE_BUCKETS,
+    registry=REGISTRY,
+)
+
+# Models any loaded config names (default, fallbacks, prices, provider model lists): known, so labelled.
+_configured: set[str] = set()
+_labels: dict[str, str] = {}  # model -> its label; bounded: only known models and a capped number of others
+_clients: set[str] = set()
+
+
+def model_label(model: str) -> str:
+    label = _labels.get(model)
+    if label is None:
+        label = model if model in _configured or pricing.cost_entry(model) is not None else OTHER
+        if len(_labels) < 10_000:
+            _labels[model] = label
+    return label
+
+
+def client_label(client: str | None) -> str:
+    if client is None:
+        return ""
+    if client in _clients:
+        return client
+    if len(_clients) < MAX_CLIENTS and len(client) <= 64:
+        _clients.add(client)
+        return client
+    return OTHER
+
+
+def _remember_models(config: Config) -> None:
+    models = config["models"]
+    _configured.add(str(models["default"]))
+    for model, chain in models["fallbacks"].items():
+        _configured.update([model, *chain])
+    _configured.update(config.pricing)
+    for name, settings in config.providers.items():
+        for model in settings["models"]:
+            _configured.add(model if "/" in str(model) else f"{name}/{model}")
+    _labels.clear()
+
+
+class MetricsSink:
+    """Counts every usage record into the process's Prometheus registry."""
+
+    name = "metrics"
+
+    async def record(self, record: UsageRecord) -> None:
+        model = model_label(record.model)
+        endpoint = record.endpoint or ""
+        labels = (model, client_label(record.client), endpoint)
+        if record.answered is not False:
+            REQUESTS.labels(*labels).inc()
+        if record.error:
+            ERRORS.labels(*labels, record.error).inc()
+        u = record.usage
+        for kind, value in zip(
+            TOKEN_KINDS,
+            (u.input_tokens, u.output_tokens, u.cache_read_tokens, u.cache_write_tokens, u.reasoning_tokens),
+            strict=True,
+        ):
+            if value:
+                TOKENS.labels(*labels, kind).inc(value)
+        if record.cost.total_cost:
+            COST.labels(*labels).inc(record.cost.total_cost)
+        if record.attempts > 1:
+            RETRIES.labels(model).inc(record.attempts - 1)
+        if record.attempts > 0:  # the call reached (or tried to reach) the upstream
+            DURATION.labels(model, endpoint).observe(record.latency_ms / 1000)
+        if record.ttft_ms is not None:
+            TTFT.labels(model, endpoint).observe(record.ttft_ms / 1000)
+
+
+async def metrics_handler(request: web.Request) -> web.Response:
+    return web.Response(body=generate_latest(REGISTRY), headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+@hookimpl
+def register_usage_sinks(register: Callable[[UsageSink], None], config: Config) -> None:
+    _remember_models(config)
+    register(MetricsSink())
+
+
+@hookimpl
+def register_routes(app: web.Application, config: Config) -> None:
+    # The gateway token is checked by the server's middleware, unless [metrics] public = true.
+    app.router.add_get("/metrics", metrics_handler)
+
+
+@hookimpl
+def turn_started(turn: TurnInfo) -> None:
+    STREAMS.labels(turn.endpoint or "").inc()
+
+
+@hookimpl
+def turn_finished(turn: TurnInfo) -> None:
+    STREAMS.labels(turn.endpoint or "").dec()
+
+
+@hookimpl
+def provider_call_started(call: CallInfo) -> None:
+    if call.turn is None:  # a /v1 call; a turn's steps are counted with their turn
+        STREAMS.labels(call.endpoint or "").inc()
+
+
+@hookimpl
+def provider_call_finished(call: CallInfo, record: UsageRecord) -> None:
+    if call.turn is None:
+        STREAMS.labels(call.endpoint or "").dec()
+    if record.model != call.model:
+        FALLBACKS.labels(model_label(call.model), model_label(record.model)).inc()
+
+
+@hookimpl
+def store_written(store: str, seconds: float) -> None:
+    STORE_WRITES.labels(store).observe(seconds)
