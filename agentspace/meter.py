@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING
 from .types import TokenUsage, UsageRecord, new_id, now_iso
 
 if TYPE_CHECKING:
+    from .limits import Reservation
     from .registry import Registry
 
 # The usage fields a record may have counted locally, in UsageRecord.to_dict's names.
@@ -76,10 +77,11 @@ def usage_record(
     )
 
 
-def record_call(gw: Registry, record: UsageRecord) -> Awaitable[UsageRecord]:
+def record_call(gw: Registry, record: UsageRecord, reservation: Reservation | None = None) -> Awaitable[UsageRecord]:
     """Send ``record`` to every sink. The sinks are called now (the built-in one queues its write at once);
-    awaiting the result waits until they are done, i.e. the record is durable."""
-    pending = gw.record_usage(record)
+    awaiting the result waits until they are done, i.e. the record is durable. The record settles the
+    call's budget ``reservation``."""
+    pending = gw.record_usage(record, reservation)
 
     async def settle() -> UsageRecord:
         await pending
@@ -91,10 +93,17 @@ def record_call(gw: Registry, record: UsageRecord) -> Awaitable[UsageRecord]:
 class Meter:
     """One provider call being metered: what is known when it starts, and its clock."""
 
-    __slots__ = ("gw", "model", "session_id", "client", "endpoint", "started", "attempts", "recorded")
+    __slots__ = ("gw", "model", "session_id", "client", "endpoint", "started", "attempts", "recorded", "reservation")
 
     def __init__(
-        self, gw: Registry, model: str, *, session_id: str | None, client: str | None, endpoint: str | None
+        self,
+        gw: Registry,
+        model: str,
+        *,
+        session_id: str | None,
+        client: str | None,
+        endpoint: str | None,
+        reservation: Reservation | None = None,
     ) -> None:
         self.gw = gw
         self.model = model
@@ -104,6 +113,7 @@ class Meter:
         self.started = time.monotonic()
         self.attempts = 1
         self.recorded: UsageRecord | None = None
+        self.reservation = reservation  # the budget held for this call (limits.Guard.admit), settled by the record
 
     def record(
         self,
@@ -131,4 +141,4 @@ class Meter:
             attempts=self.attempts,
             estimated_fields=estimated_fields,
         )
-        return record_call(self.gw, self.recorded)
+        return record_call(self.gw, self.recorded, self.reservation)

@@ -44,6 +44,7 @@ from .events import (
     ToolResultEvent,
     UsageReport,
 )
+from .limits import Reservation
 from .logs import redact
 from .meter import usage_record
 from .providers.base import ProviderRequest, ThinkingSettings, lacks_key
@@ -84,7 +85,10 @@ class ChatRequest:
     content: str
     session_id: str | None = None
     model: str | None = None
-    client: str = "ws"
+    # Who asks: a client's name (SPEC 11), "admin" for the gateway token; the session's owner.
+    client: str = "admin"
+    # Where the request came in: "ws" or "http" (the usage records' ``endpoint``).
+    endpoint: str = "ws"
     # HTTP clients name their sessions: an unknown id creates the session instead of failing.
     create_if_missing: bool = False
     # Earlier messages a stateless client sent for a session the store does not know (stored form).
@@ -102,6 +106,9 @@ async def start_turn(gw: Registry, request: ChatRequest) -> Turn:
                 "STREAM_IN_PROGRESS", "This session is already streaming an answer; wait for it or abort it."
             )
         session = await gw.sessions.get(request.session_id)
+        if session is not None and not owns(request.client, session):
+            # Another client's session is not there for this one; a named new one cannot take its id.
+            raise ApiError("SESSION_NOT_FOUND", f"No session {request.session_id!r}.")
         if session is None and not request.create_if_missing:
             raise ApiError(
                 "SESSION_NOT_FOUND", f"No session {request.session_id!r}. Omit sessionId to start a new one."
@@ -112,6 +119,7 @@ async def start_turn(gw: Registry, request: ChatRequest) -> Turn:
         gw.provider_for(model)
     except ModelNotFound as e:
         raise ApiError("MODEL_NOT_FOUND", str(e)) from None
+    await gw.guard.precheck(request.client, model)  # allowlist, rate limits, budget: before anything is stored
     if not await _has_usable_key(gw, model):
         await _record_refusal(gw, model, request, "NO_API_KEY")
         raise ApiError("NO_API_KEY", missing_key_message(model.split("/", 1)[0], gw.config))
@@ -133,7 +141,7 @@ async def start_turn(gw: Registry, request: ChatRequest) -> Turn:
         "parts": [{"type": "text", "text": request.content}],
         "createdAt": now_iso(),
     }
-    turn = Turn(gw, session_id, model, request.client, created, user_message["id"])
+    turn = Turn(gw, session_id, model, request.client, created, user_message["id"], request.endpoint)
     gw.active[session_id] = turn
     # The user message is durable before the provider is called (SPEC 6).
     try:
@@ -184,7 +192,7 @@ async def _record_refusal(gw: Registry, model: str, request: ChatRequest, code: 
             finish_reason="error",
             session_id=request.session_id,
             client=request.client,
-            endpoint=request.client,
+            endpoint=request.endpoint,
             error=code,
             answered=False,
             attempts=0,
@@ -223,6 +231,7 @@ class _Step:
     answered: bool = False
     reported: TokenUsage | None = None
     output_at_report: int = 0
+    reservation: Reservation | None = None  # the budget held for this step's call (limits.Guard)
 
     def output_size(self) -> int:
         return len(self.text) + len(self.reasoning) + len(self.tool_calls)
@@ -240,12 +249,20 @@ class Turn:
     """One running chat turn. Publish/subscribe over an append-only event list."""
 
     def __init__(
-        self, gw: Registry, session_id: str, model: str, client: str, session_created: bool, user_message_id: str
+        self,
+        gw: Registry,
+        session_id: str,
+        model: str,
+        client: str,
+        session_created: bool,
+        user_message_id: str,
+        endpoint: str = "ws",
     ) -> None:
         self.gw = gw
         self.session_id = session_id
         self.model = model
         self.client = client
+        self.endpoint = endpoint
         self.session_created = session_created
         self.user_message_id = user_message_id
         self.message_id = new_id("msg_")
@@ -318,8 +335,18 @@ class Turn:
             max_steps = int(self.gw.config["chat"]["max_steps"])
             seen_sources: set[str] = set()
             for step in range(max_steps):
-                self._publish(StepStart(step))
                 state = _Step()
+                try:  # the client's checks before each step: allowlist, rate limits, budget
+                    state.reservation = await self.gw.guard.admit(
+                        self.client,
+                        self.model,
+                        input_tokens=lambda: estimate_input_tokens(ctx),
+                        max_tokens=int(self.gw.config["chat"]["max_tokens"]),
+                    )
+                except ApiError as e:
+                    finish_reason, error = "error", (e.code, e.message)
+                    break
+                self._publish(StepStart(step))
                 call_started = time.monotonic()
                 try:
                     finish, answered_by = await self._call_with_fallbacks(ctx, state, seen_sources)
@@ -344,6 +371,7 @@ class Turn:
                         error = None  # stored as aborted; the server is going away
                     if state.attempts:  # no record for a call never made (stopped before it)
                         await self._record(answered_by, usage, call_started, reason, state, error and error[0])
+                    await self.gw.guard.release(state.reservation)
                     finish_reason = reason
                     break
                 if ttft_ms is None and state.delivered:
@@ -388,7 +416,8 @@ class Turn:
     async def _call_with_fallbacks(
         self, ctx: AssembledContext, state: _Step, seen_sources: set[str]
     ) -> tuple[ProviderFinish, str]:
-        chain = [self.model, *self.gw.config["models"]["fallbacks"].get(self.model, [])]
+        fallbacks = self.gw.config["models"]["fallbacks"].get(self.model, [])
+        chain = [self.model, *(m for m in fallbacks if self._may_use(m))]
         for i, model in enumerate(chain):
             state.model = model
             try:
@@ -398,6 +427,13 @@ class Turn:
                     raise
                 log.warning("%s failed before the first token (%s); falling back to %s", model, e.code, chain[i + 1])
         raise AssertionError("unreachable")
+
+    def _may_use(self, model: str) -> bool:
+        try:
+            self.gw.guard.check_model(self.client, model)
+        except ApiError:
+            return False
+        return True
 
     async def _call_with_retries(
         self, ctx: AssembledContext, state: _Step, seen_sources: set[str], model: str
@@ -577,12 +613,12 @@ class Turn:
             finish_reason=finish_reason,
             session_id=self.session_id,
             client=self.client,
-            endpoint=self.client,
+            endpoint=self.endpoint,
             error=error,
             answered=state.answered,
             attempts=state.attempts,
         )
-        if await self.gw.record_usage(record):
+        if await self.gw.record_usage(record, state.reservation):
             self._storage_failed = True
 
     async def _store(
@@ -636,3 +672,8 @@ class Turn:
             log.exception("storing %s failed; retrying in the background", what)
             self._storage_failed = True
             self.gw.pending.add(what, write)
+
+
+def owns(caller: str, session: dict[str, Any]) -> bool:
+    """Whether ``caller`` may see ``session``: the admin sees every session, a client its own (SPEC 11)."""
+    return caller == "admin" or session.get("client") == caller

@@ -1,0 +1,194 @@
+"""ClientStore: the clients (SPEC 11) in ``clients.json`` in the data directory (0600, written whole and
+atomically). Only key hashes are stored.
+
+A running server sees changes made by the CLI (or another process) without a restart: every lookup checks
+the file's mtime and size (one ``stat``) and re-reads it when they changed.
+
+The API a storage backend implements (``get_by_hash``, ``get``, ``list``, ``add``, ``update``, ``rotate``,
+``remove``, ``touch``), async for the server; the CLI uses the sync ``*_sync`` forms.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from ..clients import Client, hash_key, new_key
+from ..types import now_iso
+from .atomic import StoreCorrupt, make_dirs, move_aside, read_json, write_json_atomic
+from .store_thread import on_store_thread
+
+FILE_NAME = "clients.json"
+# Last use is written at most this often per client: a busy client must not rewrite the file per request.
+TOUCH_INTERVAL_SECONDS = 60.0
+
+
+class ClientExists(ValueError):
+    pass
+
+
+class ClientNotFound(KeyError):
+    pass
+
+
+class ClientStore:
+    def __init__(self, data_dir: Path) -> None:
+        self.path = Path(data_dir) / FILE_NAME
+        self._lock = threading.Lock()  # the CLI and the store thread may both write in tests
+        self._stamp: tuple[int, int] | None = None
+        self._clients: dict[str, Client] = {}
+        self._by_hash: dict[str, Client] = {}
+        self._touched: dict[str, float] = {}
+
+    # --- reads (cheap, sync: a stat, and a read only when the file changed) --------------------
+
+    def _refresh(self) -> None:
+        try:
+            st = os.stat(self.path)
+        except FileNotFoundError:
+            if self._stamp is not None or self._clients:
+                self._load({})
+            self._stamp = None
+            return
+        stamp = (st.st_mtime_ns, st.st_size)
+        if stamp == self._stamp:
+            return
+        try:
+            data = read_json(self.path) or {}
+        except StoreCorrupt as e:
+            move_aside(e)
+            data = {}
+        self._load(data)
+        self._stamp = stamp
+
+    def _load(self, data: dict[str, Any]) -> None:
+        clients = {}
+        for stored in (data.get("clients") or {}).values():
+            try:
+                client = Client.from_stored(stored)
+            except (KeyError, TypeError, ValueError):
+                continue
+            clients[client.name] = client
+        self._clients = clients
+        self._by_hash = {c.key_hash: c for c in clients.values()}
+
+    def get_by_key(self, key: str) -> Client | None:
+        """The client whose key this is (the hash compared in constant time), or None."""
+        return self.get_by_hash(hash_key(key))
+
+    def get_by_hash(self, key_hash: str) -> Client | None:
+        with self._lock:
+            self._refresh()
+            client = self._by_hash.get(key_hash)
+        return client if client is not None and client.key_matches_hash(key_hash) else None
+
+    def get(self, name: str) -> Client | None:
+        with self._lock:
+            self._refresh()
+            return self._clients.get(name)
+
+    def list(self) -> list[Client]:
+        with self._lock:
+            self._refresh()
+            return sorted(self._clients.values(), key=lambda c: c.name)
+
+    # --- writes (sync; the async forms run them on the store thread) ---------------------------
+
+    def _write(self) -> None:
+        make_dirs(self.path.parent)
+        write_json_atomic(self.path, {"clients": {c.name: c.to_stored() for c in self._clients.values()}})
+        st = os.stat(self.path)
+        self._stamp = (st.st_mtime_ns, st.st_size)
+        self._by_hash = {c.key_hash: c for c in self._clients.values()}
+
+    def add_sync(self, client: Client) -> str:
+        """Store a new client (``client.key_hash`` is replaced); returns its key, the only time it is shown."""
+        with self._lock:
+            self._refresh()
+            if client.name in self._clients:
+                raise ClientExists(client.name)
+            key = new_key()
+            client.key_hash = hash_key(key)
+            self._clients[client.name] = client
+            try:
+                self._write()
+            except BaseException:
+                self._stamp = None  # re-read: the file is as it was
+                raise
+            return key
+
+    def update_sync(self, name: str, change: Any) -> Client:
+        """Apply ``change(client)`` to a copy of the client and store it."""
+        with self._lock:
+            self._refresh()
+            current = self._clients.get(name)
+            if current is None:
+                raise ClientNotFound(name)
+            client = Client.from_stored(current.to_stored())
+            change(client)
+            self._clients[name] = client
+            try:
+                self._write()
+            except BaseException:
+                self._stamp = None
+                raise
+            return client
+
+    def rotate_sync(self, name: str) -> str:
+        """A new key for ``name``; the old one is refused from now on. Returns the new key."""
+        key = new_key()
+
+        def change(client: Client) -> None:
+            client.key_hash = hash_key(key)
+
+        self.update_sync(name, change)
+        return key
+
+    def remove_sync(self, name: str) -> None:
+        with self._lock:
+            self._refresh()
+            if name not in self._clients:
+                raise ClientNotFound(name)
+            del self._clients[name]
+            try:
+                self._write()
+            except BaseException:
+                self._stamp = None
+                raise
+
+    def touch_sync(self, name: str, when: str) -> None:
+        def change(client: Client) -> None:
+            client.last_used_at = when
+
+        try:
+            self.update_sync(name, change)
+        except ClientNotFound:
+            pass
+
+    # --- async API (the server) ----------------------------------------------------------------
+
+    async def add(self, client: Client) -> str:
+        return await on_store_thread(self.add_sync, client)
+
+    async def update(self, name: str, change: Any) -> Client:
+        return await on_store_thread(self.update_sync, name, change)
+
+    async def rotate(self, name: str) -> str:
+        return await on_store_thread(self.rotate_sync, name)
+
+    async def remove(self, name: str) -> None:
+        await on_store_thread(self.remove_sync, name)
+
+    def should_touch(self, name: str, monotonic_now: float) -> bool:
+        """Whether last use is due to be written (at most once per TOUCH_INTERVAL_SECONDS per client)."""
+        last = self._touched.get(name)
+        if last is not None and monotonic_now - last < TOUCH_INTERVAL_SECONDS:
+            return False
+        self._touched[name] = monotonic_now
+        return True
+
+    async def touch(self, name: str, when: datetime | None = None) -> None:
+        await on_store_thread(self.touch_sync, name, now_iso() if when is None else when.isoformat())
