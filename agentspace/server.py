@@ -29,7 +29,7 @@ from .plugins import get_plugin_manager
 from .registry import ModelNotFound, Registry
 from .security import AuthFailures, security_middleware
 from .stores.datadir_lock import DataDirLock
-from .transports import rest, state, ui_stream, v1_routes, ws
+from .transports import clients_api, rest, state, ui_stream, v1_routes, ws
 from .vault import register_configured_keys
 
 log = logging.getLogger(__name__)
@@ -54,6 +54,7 @@ def create_app(config: Config, pm: pluggy.PluginManager | None = None) -> web.Ap
     app.router.add_get("/gateway", ws.gateway_handler)
     ui_stream.setup_routes(app)
     rest.setup_routes(app)
+    clients_api.setup_routes(app)  # /api/clients, the gateway token only (SPEC 11)
     v1_routes.setup_routes(app)  # the drop-in provider APIs (SPEC 10)
     app.cleanup_ctx.append(_gateway_context(config, pm))
     app.on_shutdown.append(_finish_streams)

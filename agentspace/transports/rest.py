@@ -42,7 +42,6 @@ def _service(request: web.Request) -> Service:
     return state.service(request.app, security.caller(request))
 
 
-
 async def list_sessions(request: web.Request) -> web.Response:
     listing = await _service(request).list_sessions()
     return web.json_response({"sessions": listing.sessions, "damagedFiles": listing.damaged_files})
