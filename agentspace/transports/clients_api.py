@@ -110,3 +110,106 @@ def setup_routes(app: web.Application) -> None:
     app.router.add_patch("/api/clients/{name}", update_client)
     app.router.add_delete("/api/clients/{name}", delete_client)
     app.router.add_post("/api/clients/{name}/rotate", rotate_client)
+
+
+# --- the OpenAPI document's part (merged into rest.OPENAPI) ---------------------------------------
+
+_ERROR = {"description": "Error", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
+_NULLABLE_NUMBER = {"type": ["number", "null"]}
+_NULLABLE_INT = {"type": ["integer", "null"]}
+_CLIENT_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string"},
+        "createdAt": {"type": "string"},
+        "lastUsedAt": {"type": ["string", "null"]},
+        "budget": {
+            "type": ["object", "null"],
+            "properties": {"usd": {"type": "number"}, "period": {"enum": ["day", "week", "month", "total"]}},
+        },
+        "spend": {
+            "type": "object",
+            "properties": {
+                "usd": {"type": "number"},
+                "periodStart": {"type": ["string", "null"]},
+                "periodEnd": {"type": ["string", "null"]},
+            },
+        },
+        "rpm": _NULLABLE_INT,
+        "tpm": _NULLABLE_INT,
+        "models": {"type": "array", "items": {"type": "string"}},
+    },
+}
+_SETTINGS_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "properties": {
+        "budgetUsd": _NULLABLE_NUMBER,
+        "period": {"enum": ["day", "week", "month", "total"]},
+        "rpm": _NULLABLE_INT,
+        "tpm": _NULLABLE_INT,
+        "models": {"type": "array", "items": {"type": "string"}, "description": "Model id patterns (wildcards)."},
+    },
+}
+
+
+def _ok(schema: dict[str, Any], description: str = "OK") -> dict[str, Any]:
+    return {"description": description, "content": {"application/json": {"schema": schema}}}
+
+
+_ONE = {"type": "object", "properties": {"client": _CLIENT_SCHEMA}}
+_WITH_KEY = {"type": "object", "properties": {"client": _CLIENT_SCHEMA, "key": {"type": "string"}}}
+_NAME = {"name": "name", "in": "path", "required": True, "schema": {"type": "string"}}
+_ADMIN_ERRORS = {"401": _ERROR, "403": {**_ERROR, "description": "FORBIDDEN: a client key (admin route)."}}
+_BODY = {"content": {"application/json": {"schema": _SETTINGS_SCHEMA}}}
+
+OPENAPI_PATHS: dict[str, Any] = {
+    "/api/clients": {
+        "get": {
+            "summary": "Every client with its spend in the current period (gateway token only).",
+            "responses": {
+                "200": _ok({"type": "object", "properties": {"clients": {"type": "array", "items": _CLIENT_SCHEMA}}}),
+                **_ADMIN_ERRORS,
+            },
+        },
+        "post": {
+            "summary": "Add a client; the answer carries its key, the only time it is shown.",
+            "requestBody": {
+                "content": {
+                    "application/json": {
+                        "schema": {
+                            **_SETTINGS_SCHEMA,
+                            "required": ["name"],
+                            "properties": {"name": {"type": "string"}, **_SETTINGS_SCHEMA["properties"]},
+                        }
+                    }
+                }
+            },
+            "responses": {"201": _ok(_WITH_KEY, "Created."), "400": _ERROR, **_ADMIN_ERRORS},
+        },
+    },
+    "/api/clients/{name}": {
+        "get": {
+            "summary": "One client.",
+            "parameters": [_NAME],
+            "responses": {"200": _ok(_ONE), **_ADMIN_ERRORS, "404": _ERROR},
+        },
+        "patch": {
+            "summary": "Change a client's budget, period, rate limits or models (null clears a limit).",
+            "parameters": [_NAME],
+            "requestBody": _BODY,
+            "responses": {"200": _ok(_ONE), "400": _ERROR, **_ADMIN_ERRORS, "404": _ERROR},
+        },
+        "delete": {
+            "summary": "Remove a client; its key stops working, its usage records stay.",
+            "parameters": [_NAME],
+            "responses": {"204": {"description": "Removed."}, **_ADMIN_ERRORS, "404": _ERROR},
+        },
+    },
+    "/api/clients/{name}/rotate": {
+        "post": {
+            "summary": "A new key for the client (in the answer, once); the old key is refused from now on.",
+            "parameters": [_NAME],
+            "responses": {"200": _ok(_WITH_KEY), **_ADMIN_ERRORS, "404": _ERROR},
+        }
+    },
+}

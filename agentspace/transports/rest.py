@@ -22,7 +22,7 @@ from .. import security
 from ..errors import ApiError
 from ..security import error_response
 from ..service import Service
-from . import state
+from . import clients_api, state
 
 log = logging.getLogger(__name__)
 
@@ -329,9 +329,9 @@ OPENAPI: dict[str, Any] = {
         },
         "/api/usage": {
             "get": {
-                "summary": "Tokens and cost per model (the usage.report shape) or per UTC day.",
+                "summary": "Tokens and cost per model (the usage.report shape), per UTC day or per client; a client key gets its own.",
                 "parameters": [
-                    {"name": "by", "in": "query", "schema": {"enum": ["model", "day"], "default": "model"}},
+                    {"name": "by", "in": "query", "schema": {"enum": ["model", "day", "client"], "default": "model"}},
                     {"name": "sessionId", "in": "query", "schema": _STR},
                     {
                         "name": "since",
@@ -528,3 +528,4 @@ OPENAPI: dict[str, Any] = {
         },
     },
 }
+OPENAPI["paths"].update(clients_api.OPENAPI_PATHS)  # /api/clients (SPEC 11)
