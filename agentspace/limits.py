@@ -205,17 +205,17 @@ class Guard:
         self.clock = clock  # UTC wall clock of budget periods (tests inject one)
         self.monotonic: Callable[[], float] = time.monotonic  # the rate windows' clock
 
-    def client(self, caller: str) -> Client | None:
+    async def client(self, caller: str) -> Client | None:
         """The caller's client; None for the admin. A client removed since is refused."""
         if caller == ADMIN:
             return None
-        client = self.clients.get(caller)
+        client = await self.clients.get(caller)
         if client is None:
             raise ApiError("UNAUTHORIZED", "This client key was removed; ask the gateway's admin for a new one.")
         return client
 
-    def check_model(self, caller: str, model: str) -> None:
-        client = self.client(caller)
+    async def check_model(self, caller: str, model: str) -> None:
+        client = await self.client(caller)
         if client is not None and not client.model_allowed(model):
             raise ApiError(
                 "MODEL_NOT_ALLOWED",
@@ -240,10 +240,10 @@ class Guard:
 
     async def precheck(self, caller: str, model: str) -> None:
         """The checks a request must pass before it is taken (stored, streamed); reserves nothing."""
-        client = self.client(caller)
+        client = await self.client(caller)
         if client is None:
             return
-        self.check_model(caller, model)
+        await self.check_model(caller, model)
         if not client.limited:
             return
         await self._check_window(client)
@@ -258,10 +258,10 @@ class Guard:
     ) -> Reservation | None:
         """Check one provider call and, for a client with a budget, reserve its maximum cost. Raises
         ApiError (MODEL_NOT_ALLOWED, RATE_LIMITED, BUDGET_EXCEEDED)."""
-        client = self.client(caller)
+        client = await self.client(caller)
         if client is None:
             return None
-        self.check_model(caller, model)
+        await self.check_model(caller, model)
         if not client.limited:
             return None
         await self._check_window(client)
@@ -316,7 +316,7 @@ class Guard:
         if reservation is not None:
             await self.counters.settle(reservation, record.cost.total_cost)
             return
-        client = self.clients.get(record.client)
+        client = await self.clients.get(record.client)
         if client is not None and client.budget_usd is not None and record.cost.total_cost:
             key, _, _ = self._period(client)
             await self.counters.add_spend(client.name, key, record.cost.total_cost)

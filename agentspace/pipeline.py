@@ -274,6 +274,7 @@ class Turn:
         self._stop_reason: str | None = None
         self._stopped = asyncio.Event()  # ends a wait between retries early
         self._storage_failed = False  # a write of this turn failed: it ends with STORAGE_ERROR
+        self._held: Reservation | None = None  # the budget reservation of the step running now
 
     # --- publish / subscribe ---------------------------------------------------------------------
 
@@ -346,6 +347,7 @@ class Turn:
                 except ApiError as e:
                     finish_reason, error = "error", (e.code, e.message)
                     break
+                self._held = state.reservation
                 self._publish(StepStart(step))
                 call_started = time.monotonic()
                 try:
@@ -395,6 +397,8 @@ class Turn:
         except Exception:
             log.exception("turn in session %s failed", self.session_id)
             finish_reason, error = "error", ("LLM_ERROR", "The gateway failed while answering; see the server log.")
+        finally:
+            await self.gw.guard.release(self._held)  # a step that made no record gives its reservation back
         aborted = finish_reason == "aborted" or self._stop_reason == "shutdown"
         try:
             await self._store(
@@ -417,7 +421,7 @@ class Turn:
         self, ctx: AssembledContext, state: _Step, seen_sources: set[str]
     ) -> tuple[ProviderFinish, str]:
         fallbacks = self.gw.config["models"]["fallbacks"].get(self.model, [])
-        chain = [self.model, *(m for m in fallbacks if self._may_use(m))]
+        chain = [self.model, *[m for m in fallbacks if await self._may_use(m)]]
         for i, model in enumerate(chain):
             state.model = model
             try:
@@ -428,9 +432,10 @@ class Turn:
                 log.warning("%s failed before the first token (%s); falling back to %s", model, e.code, chain[i + 1])
         raise AssertionError("unreachable")
 
-    def _may_use(self, model: str) -> bool:
+    async def _may_use(self, model: str) -> bool:
+        """Whether the turn's client may use ``model`` (a fallback it may not use is skipped)."""
         try:
-            self.gw.guard.check_model(self.client, model)
+            await self.gw.guard.check_model(self.client, model)
         except ApiError:
             return False
         return True

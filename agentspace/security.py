@@ -111,7 +111,7 @@ ADMIN_PATHS = ("/api/clients",)
 _touches: set[asyncio.Task[None]] = set()
 
 
-def token_caller(request: web.Request, token: str) -> str | None:
+async def token_caller(request: web.Request, token: str) -> str | None:
     """Who ``token`` belongs to: "admin" for the gateway token, a client's name for its key, else None.
     The client store is read afresh when its file changed, so a rotated or removed key is refused at once."""
     if token_ok(request, token):
@@ -123,7 +123,7 @@ def token_caller(request: web.Request, token: str) -> str | None:
     gw = request.app.get(state.REGISTRY)
     if gw is None:
         return None
-    client = gw.clients.get_by_key(token)
+    client = await gw.clients.get_by_key(token)
     if client is None:
         return None
     if gw.clients.should_touch(client.name, time.monotonic()):  # last use, written at most once a minute
@@ -169,12 +169,12 @@ def api_token(request: web.Request) -> str | None:
     return token
 
 
-def bearer_caller(request: web.Request) -> str | None:
+async def bearer_caller(request: web.Request) -> str | None:
     """The caller the request's token names (also sets it on the request), else None (a failure counted)."""
     token = api_token(request)
     if token is None:
         return None
-    who = token_caller(request, token)
+    who = await token_caller(request, token)
     if who is not None:
         request[CALLER_KEY] = who
         return who
@@ -244,7 +244,7 @@ def security_middleware(config: Config) -> Middleware:
             return await handler(request)  # /gateway authenticates itself (header or first frame)
         v1 = request.path.startswith("/v1/")  # the drop-in APIs answer in their own error shape
         token = api_token(request)
-        who = token_caller(request, token) if token is not None else None
+        who = await token_caller(request, token) if token is not None else None
         if who is not None:
             if who != ADMIN and request.path.startswith(ADMIN_PATHS):
                 return error_response(403, "FORBIDDEN", "Only the gateway token may manage clients.")

@@ -273,7 +273,7 @@ class Service:
     async def models(self) -> list[dict[str, Any]]:
         # The same list as `agentspace models --json`; it reads the vault and the cost map, so off the loop.
         models = await asyncio.to_thread(usable_models, self.gw.config, self.gw.providers)
-        client = self.gw.guard.client(self.caller)
+        client = await self.gw.guard.client(self.caller)
         if client is None:
             return models
         return [m for m in models if client.model_allowed(str(m.get("id")))]

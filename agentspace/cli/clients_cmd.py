@@ -89,7 +89,7 @@ def _store(state: CliState) -> Any:
 
 
 def _get(store: Any, name: str) -> Any:
-    client = store.get(name)
+    client = store.get_sync(name)
     if client is None:
         raise click.ClickException(f"No client {name!r}; see: agentspace clients list")
     return client
@@ -155,7 +155,7 @@ def add(
 @pass_state
 def list_clients(state: CliState, as_json: bool) -> None:
     """Every client: created, last used, spend in the current period against its budget, limits."""
-    shown = [_public(state, c) for c in _store(state).list()]
+    shown = [_public(state, c) for c in _store(state).list_sync()]
     if as_json:
         click.echo(json.dumps({"clients": shown}, indent=2))
         return

@@ -4,8 +4,9 @@ atomically). Only key hashes are stored.
 A running server sees changes made by the CLI (or another process) without a restart: every lookup checks
 the file's mtime and size (one ``stat``) and re-reads it when they changed.
 
-The API a storage backend implements (``get_by_hash``, ``get``, ``list``, ``add``, ``update``, ``rotate``,
-``remove``, ``touch``), async for the server; the CLI uses the sync ``*_sync`` forms.
+The API a storage backend implements, async, for the server: ``get_by_key``, ``get_by_hash``, ``get``,
+``list``, ``add``, ``update``, ``rotate``, ``remove``, ``touch`` (and ``should_touch``, in memory); the CLI
+uses the sync ``*_sync`` forms.
 """
 
 from __future__ import annotations
@@ -75,22 +76,18 @@ class ClientStore:
         self._clients = clients
         self._by_hash = {c.key_hash: c for c in clients.values()}
 
-    def get_by_key(self, key: str) -> Client | None:
-        """The client whose key this is (the hash compared in constant time), or None."""
-        return self.get_by_hash(hash_key(key))
-
-    def get_by_hash(self, key_hash: str) -> Client | None:
+    def get_by_hash_sync(self, key_hash: str) -> Client | None:
         with self._lock:
             self._refresh()
             client = self._by_hash.get(key_hash)
         return client if client is not None and client.key_matches_hash(key_hash) else None
 
-    def get(self, name: str) -> Client | None:
+    def get_sync(self, name: str) -> Client | None:
         with self._lock:
             self._refresh()
             return self._clients.get(name)
 
-    def list(self) -> list[Client]:
+    def list_sync(self) -> list[Client]:
         with self._lock:
             self._refresh()
             return sorted(self._clients.values(), key=lambda c: c.name)
@@ -169,6 +166,20 @@ class ClientStore:
             pass
 
     # --- async API (the server) ----------------------------------------------------------------
+    # Reads run on the loop: a stat, and a read of a small file only when it changed.
+
+    async def get_by_key(self, key: str) -> Client | None:
+        """The client whose key this is (the hash compared in constant time), or None."""
+        return self.get_by_hash_sync(hash_key(key))
+
+    async def get_by_hash(self, key_hash: str) -> Client | None:
+        return self.get_by_hash_sync(key_hash)
+
+    async def get(self, name: str) -> Client | None:
+        return self.get_sync(name)
+
+    async def list(self) -> list[Client]:
+        return self.list_sync()
 
     async def add(self, client: Client) -> str:
         return await on_store_thread(self.add_sync, client)

@@ -27,8 +27,8 @@ async def _public(gw: Registry, client: Client) -> dict[str, Any]:
     return client.public(await gw.guard.spend(client), gw.guard.clock())
 
 
-def _client(gw: Registry, name: str) -> Client:
-    client = gw.clients.get(name)
+async def _client(gw: Registry, name: str) -> Client:
+    client = await gw.clients.get(name)
     if client is None:
         raise ApiError("NOT_FOUND", f"No client {name!r}.")
     return client
@@ -48,7 +48,7 @@ async def _settings(request: web.Request) -> dict[str, Any]:
 
 async def list_clients(request: web.Request) -> web.Response:
     gw = request.app[state.REGISTRY]
-    return web.json_response({"clients": [await _public(gw, c) for c in gw.clients.list()]})
+    return web.json_response({"clients": [await _public(gw, c) for c in await gw.clients.list()]})
 
 
 async def create_client(request: web.Request) -> web.Response:
@@ -69,7 +69,7 @@ async def create_client(request: web.Request) -> web.Response:
 
 async def get_client(request: web.Request) -> web.Response:
     gw = request.app[state.REGISTRY]
-    return web.json_response({"client": await _public(gw, _client(gw, request.match_info["name"]))})
+    return web.json_response({"client": await _public(gw, await _client(gw, request.match_info["name"]))})
 
 
 async def update_client(request: web.Request) -> web.Response:
@@ -100,7 +100,7 @@ async def rotate_client(request: web.Request) -> web.Response:
         key = await gw.clients.rotate(name)
     except ClientNotFound:
         raise ApiError("NOT_FOUND", f"No client {name!r}.") from None
-    return web.json_response({"client": await _public(gw, _client(gw, name)), "key": key})
+    return web.json_response({"client": await _public(gw, await _client(gw, name)), "key": key})
 
 
 def setup_routes(app: web.Application) -> None:

@@ -302,7 +302,7 @@ async def gateway_handler(request: web.Request) -> web.StreamResponse:
         # PAYLOAD_TOO_LARGE and keep the connection.
         max_msg_size=4 * int(server["max_frame_bytes"]),
     )
-    caller = security.bearer_caller(request)
+    caller = await security.bearer_caller(request)
     await ws.prepare(request)
     if caller is None:
         caller = await _authenticate_first_frame(request, ws, float(server["auth_timeout_seconds"]))
@@ -348,7 +348,7 @@ async def _authenticate_first_frame(request: web.Request, ws: web.WebSocketRespo
         if isinstance(frame, dict):
             request_id = frame.get("id") if request_id_ok(frame.get("id")) else None
             token = frame.get("token")
-            who = security.token_caller(request, token) if isinstance(token, str) else None
+            who = await security.token_caller(request, token) if isinstance(token, str) else None
             if frame.get("type") == "auth" and who is not None:
                 budget.release()
                 await ws.send_str(compact_json({"type": "auth.ok", "requestId": request_id}))
