@@ -28,6 +28,7 @@ from .logs import configure_logging
 from .plugins import get_plugin_manager
 from .registry import ModelNotFound, Registry
 from .security import AuthFailures, security_middleware
+from .stores.clients import ClientStore
 from .stores.datadir_lock import DataDirLock
 from .transports import clients_api, rest, state, ui_stream, v1_routes, ws
 from .vault import register_configured_keys
@@ -46,6 +47,7 @@ def create_app(config: Config, pm: pluggy.PluginManager | None = None) -> web.Ap
         middlewares=[security_middleware(config)],
     )
     check_secrets(config.data_dir)
+    ClientStore(config.data_dir).list_sync()  # a clients file that cannot be trusted stops the start
     app[security.TOKEN_FILE] = TokenFile(config.data_dir)
     app[security.AUTH_FAILURES] = AuthFailures()
     app[state.WEBSOCKETS] = weakref.WeakSet()

@@ -24,6 +24,7 @@ from click.testing import CliRunner
 from agentspace.cli import main
 from agentspace.plugins import create_plugin_manager
 from agentspace.transports import state
+from tests.conftest import wait_until
 from tests.fakes.anthropic_upstream import FakeAnthropic, text_response, tool_use_response
 from tests.fakes.openai_upstream import FakeOpenAI
 from tests.fakes.openai_upstream import text_response as openai_text
@@ -480,3 +481,21 @@ async def test_no_key_or_hash_in_logs_or_errors(
     assert len(bodies) == 6
     everything = "\n".join(bodies) + "\n" + caplog.text
     assert key not in everything and key[3:] not in everything and key_hash not in everything
+
+
+async def test_a_clients_file_others_may_write_admits_no_client(
+    client: TestClient, fake_anthropic: FakeAnthropic, isolated_env: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    key = add_client("alice")
+    assert (await client.get("/api/sessions", headers=bearer(key))).status == 200
+    stored = isolated_env / "clients.json"
+
+    async def last_use_written() -> bool:  # the server writes it just after the request
+        return json.loads(stored.read_text())["clients"]["alice"]["lastUsedAt"] is not None
+
+    await wait_until(last_use_written)
+    os.chmod(stored, 0o666)  # anyone could add a key of their own
+    assert (await client.get("/api/sessions", headers=bearer(key))).status == 401
+    assert "writable by other users" in caplog.text
+    refused = CliRunner().invoke(main, ["clients", "list"])
+    assert refused.exit_code != 0 and "writable by other users" in refused.output

@@ -2,7 +2,7 @@
 atomically). Only key hashes are stored.
 
 A running server sees changes made by the CLI (or another process) without a restart: every lookup checks
-the file's mtime and size (one ``stat``) and re-reads it when they changed.
+the file (one ``stat``: inode, times, size, mode, owner) and re-reads it when it changed.
 
 The API a storage backend implements, async, for the server: ``get_by_key``, ``get_by_hash``, ``get``,
 ``list``, ``add``, ``update``, ``rotate``, ``remove``, ``touch`` (and ``should_touch``, in memory); the CLI
@@ -11,20 +11,39 @@ uses the sync ``*_sync`` forms.
 
 from __future__ import annotations
 
+import contextlib
+import json
+import logging
 import os
 import threading
+from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 from ..clients import Client, hash_key, new_key
+from ..private_files import PrivateFileError, read_private_file
 from ..types import now_iso
-from .atomic import StoreCorrupt, make_dirs, move_aside, read_json, write_json_atomic
+from .atomic import StoreCorrupt, make_dirs, move_aside, write_json_atomic
 from .store_thread import on_store_thread
 
+try:
+    import fcntl
+except ImportError:  # Windows: writers in one process only are ordered
+    fcntl = None  # type: ignore[assignment]
+
+log = logging.getLogger(__name__)
+
 FILE_NAME = "clients.json"
+# The file says who may call the gateway: read only from a regular file of ours that others cannot write.
+FIX = "Check it, or move it away and add the clients again (agentspace clients add)."
 # Last use is written at most this often per client: a busy client must not rewrite the file per request.
 TOUCH_INTERVAL_SECONDS = 60.0
+
+
+def _stamp(st: os.stat_result) -> tuple[int, ...]:
+    """What changes when the file is replaced, written, or has its owner or mode changed."""
+    return (st.st_ino, st.st_mtime_ns, st.st_ctime_ns, st.st_size, st.st_mode, st.st_uid)
 
 
 class ClientExists(ValueError):
@@ -38,8 +57,8 @@ class ClientNotFound(KeyError):
 class ClientStore:
     def __init__(self, data_dir: Path) -> None:
         self.path = Path(data_dir) / FILE_NAME
-        self._lock = threading.Lock()  # the CLI and the store thread may both write in tests
-        self._stamp: tuple[int, int] | None = None
+        self._lock = threading.Lock()  # the loop's reads and the store thread's writes
+        self._stamp: tuple[int, ...] | None = None
         self._clients: dict[str, Client] = {}
         self._by_hash: dict[str, Client] = {}
         self._touched: dict[str, float] = {}
@@ -54,13 +73,15 @@ class ClientStore:
                 self._load({})
             self._stamp = None
             return
-        stamp = (st.st_mtime_ns, st.st_size)
+        stamp = _stamp(st)
         if stamp == self._stamp:
             return
+        self._load({})  # a file refused below leaves no client in memory (fail closed)
+        text = read_private_file(self.path, FIX)
         try:
-            data = read_json(self.path) or {}
-        except StoreCorrupt as e:
-            move_aside(e)
+            data = json.loads(text) if text else {}
+        except ValueError as e:
+            move_aside(StoreCorrupt(self.path, f"not valid JSON ({e})"))
             data = {}
         self._load(data)
         self._stamp = stamp
@@ -94,16 +115,29 @@ class ClientStore:
 
     # --- writes (sync; the async forms run them on the store thread) ---------------------------
 
-    def _write(self) -> None:
+    @contextlib.contextmanager
+    def _writing(self) -> Iterator[None]:
+        """Held around every read-modify-write: this process's lock, and a lock file shared with the other
+        processes (the CLI next to the server), so that no write puts back what another just changed (a
+        server noting a last use must not revive a key the CLI has just rotated)."""
         make_dirs(self.path.parent)
+        fd = os.open(self.path.with_name("." + FILE_NAME + ".lock"), os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            if fcntl is not None:
+                fcntl.flock(fd, fcntl.LOCK_EX)  # waited for before the in-process lock: readers do not wait
+            with self._lock:
+                yield
+        finally:
+            os.close(fd)  # releases the lock
+
+    def _write(self) -> None:
         write_json_atomic(self.path, {"clients": {c.name: c.to_stored() for c in self._clients.values()}})
-        st = os.stat(self.path)
-        self._stamp = (st.st_mtime_ns, st.st_size)
+        self._stamp = _stamp(os.stat(self.path))
         self._by_hash = {c.key_hash: c for c in self._clients.values()}
 
     def add_sync(self, client: Client) -> str:
         """Store a new client (``client.key_hash`` is replaced); returns its key, the only time it is shown."""
-        with self._lock:
+        with self._writing():
             self._refresh()
             if client.name in self._clients:
                 raise ClientExists(client.name)
@@ -119,7 +153,7 @@ class ClientStore:
 
     def update_sync(self, name: str, change: Any) -> Client:
         """Apply ``change(client)`` to a copy of the client and store it."""
-        with self._lock:
+        with self._writing():
             self._refresh()
             current = self._clients.get(name)
             if current is None:
@@ -145,7 +179,7 @@ class ClientStore:
         return key
 
     def remove_sync(self, name: str) -> None:
-        with self._lock:
+        with self._writing():
             self._refresh()
             if name not in self._clients:
                 raise ClientNotFound(name)
@@ -168,15 +202,25 @@ class ClientStore:
     # --- async API (the server) ----------------------------------------------------------------
     # Reads run on the loop: a stat, and a read of a small file only when it changed.
 
+    # A file that cannot be trusted (another user's, writable by others, a symbolic link) admits no client.
+
     async def get_by_key(self, key: str) -> Client | None:
         """The client whose key this is (the hash compared in constant time), or None."""
-        return self.get_by_hash_sync(hash_key(key))
+        return await self.get_by_hash(hash_key(key))
 
     async def get_by_hash(self, key_hash: str) -> Client | None:
-        return self.get_by_hash_sync(key_hash)
+        try:
+            return self.get_by_hash_sync(key_hash)
+        except PrivateFileError as e:
+            log.error("client keys refused: %s", e)
+            return None
 
     async def get(self, name: str) -> Client | None:
-        return self.get_sync(name)
+        try:
+            return self.get_sync(name)
+        except PrivateFileError as e:
+            log.error("client keys refused: %s", e)
+            return None
 
     async def list(self) -> list[Client]:
         return self.list_sync()
