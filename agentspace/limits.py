@@ -183,8 +183,9 @@ def max_cost(info: ModelInfo, input_tokens: int, max_tokens: int) -> float:
     return (input_tokens * info.input_per_mtok + max_tokens * info.output_per_mtok) / 1_000_000
 
 
-def _usd(value: float) -> str:
-    return f"${value:.4f}".rstrip("0").rstrip(".") if value else "$0"
+def usd(value: float) -> str:
+    """Dollars as the refusals show them: up to six decimals, no trailing zeros ($5, $0.00012)."""
+    return "$" + (f"{value:.6f}".rstrip("0").rstrip(".") or "0")
 
 
 class Guard:
@@ -303,8 +304,8 @@ class Guard:
             retry = max(1.0, math.ceil((end - self.clock()).total_seconds()))
         return ApiError(
             "BUDGET_EXCEEDED",
-            f"Client {client.name!r} has used its {_usd(budget)} {client.period} budget "
-            f"(spent {_usd(spent)}, calls in flight included); {when}.",
+            f"Client {client.name!r} has used its {usd(budget)} {client.period} budget "
+            f"(spent {usd(spent)}, calls in flight included); {when}.",
             retry_after=retry,
         )
 

@@ -22,6 +22,7 @@ from aiohttp.test_utils import TestClient
 from click.testing import CliRunner
 
 from agentspace.cli import main
+from agentspace.limits import usd
 from agentspace.plugins import create_plugin_manager
 from agentspace.transports import state
 from tests.conftest import wait_until
@@ -398,7 +399,8 @@ async def test_budget_refuses_the_next_call_then_a_new_period_restores_it(
         await message(client, key)
     text = str(e.value)
     assert "BUDGET_EXCEEDED" in text and "$0.0002 month budget" in text
-    assert f"spent ${spent:.4f}".rstrip("0") in text and "resets at" in text and "UTC" in text
+    assert f"spent {usd(spent)}," in text and "resets at" in text and "UTC" in text
+    assert e.value.response.headers["x-should-retry"] == "false"  # the SDKs do not retry it
     resp = await post_chat(client, bearer(key), "c2")
     assert resp.status == 429 and (await resp.json())["error"]["code"] == "BUDGET_EXCEEDED"
     assert int(resp.headers["Retry-After"]) >= 1

@@ -96,9 +96,13 @@ def client_name(request: web.Request) -> str:
 def refusal(request: web.Request, error: ApiError) -> web.Response:
     """A call the client checks refused (``limits.Guard``), in the shape of the API the request speaks, with
     ``Retry-After`` when waiting helps."""
-    headers = None
+    headers = {}
     if error.retry_after is not None:
-        headers = {"retry-after": str(max(1, math.ceil(error.retry_after)))}
+        headers["retry-after"] = str(max(1, math.ceil(error.retry_after)))
+    if error.code != "RATE_LIMITED":
+        # The SDKs retry a 429 by themselves; a spent budget (until the period ends) or a model the client
+        # may not use will not change in seconds: x-should-retry, which both SDKs honour, says so.
+        headers["x-should-retry"] = "false"
     return v1_errors.error_response(
         request, error.status, f"{error.code}: {error.message}", code=REFUSAL_CODES.get(error.code), headers=headers
     )
