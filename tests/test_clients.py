@@ -322,6 +322,11 @@ async def test_model_allowlist_on_every_transport(
         model="openai/gpt-4o-mini", messages=[{"role": "user", "content": "Hi"}]
     )
     assert ok.choices[0].message.content == "fine"
+    fake_openai.enqueue(openai_text("translated"))  # /v1/messages, translated for a model it may use
+    answer = await message(client, key, model="openai/gpt-4o-mini")
+    assert answer.content[0].text == "translated"
+    with pytest.raises(anthropic.PermissionDeniedError):
+        await message(client, key, model="openai/gpt-4o")
     models = (await (await client.get("/api/models", headers=bearer(key))).json())["models"]
     assert [m["id"] for m in models] == ["openai/gpt-4o-mini"]
     listed = await openai_sdk(client, key).models.list()
