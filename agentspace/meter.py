@@ -26,6 +26,7 @@ from .observe import CallInfo, notify
 from .types import ChatMessage, TokenUsage, UsageRecord, new_id, now_iso
 
 if TYPE_CHECKING:
+    from .limits import Reservation
     from .registry import Registry
 
 # The usage fields a record may have counted locally, in UsageRecord.to_dict's names.
@@ -79,10 +80,11 @@ def usage_record(
     )
 
 
-def record_call(gw: Registry, record: UsageRecord) -> Awaitable[UsageRecord]:
+def record_call(gw: Registry, record: UsageRecord, reservation: Reservation | None = None) -> Awaitable[UsageRecord]:
     """Send ``record`` to every sink. The sinks are called now (the built-in one queues its write at once);
-    awaiting the result waits until they are done, i.e. the record is durable."""
-    pending = gw.record_usage(record)
+    awaiting the result waits until they are done, i.e. the record is durable. The record settles the
+    call's budget ``reservation``."""
+    pending = gw.record_usage(record, reservation)
 
     async def settle() -> UsageRecord:
         await pending
@@ -105,10 +107,18 @@ class Meter:
         "recorded",
         "first_at",
         "call",
+        "reservation",
     )
 
     def __init__(
-        self, gw: Registry, model: str, *, session_id: str | None, client: str | None, endpoint: str | None
+        self,
+        gw: Registry,
+        model: str,
+        *,
+        session_id: str | None,
+        client: str | None,
+        endpoint: str | None,
+        reservation: Reservation | None = None,
     ) -> None:
         self.gw = gw
         self.model = model
@@ -118,6 +128,7 @@ class Meter:
         self.started = time.monotonic()
         self.attempts = 1
         self.recorded: UsageRecord | None = None
+        self.reservation = reservation  # the budget held for this call (limits.Guard.admit), settled by the record
         self.first_at: float | None = None  # when the first output was streamed (``first_output``)
         self.call: CallInfo | None = None  # for the observation hooks, from ``begin``
 
@@ -171,4 +182,4 @@ class Meter:
             ttft_ms=None if self.first_at is None else (self.first_at - self.started) * 1000,
         )
         notify(self.gw.pm.hook.provider_call_finished, call=self.call, record=self.recorded)
-        return record_call(self.gw, self.recorded)
+        return record_call(self.gw, self.recorded, self.reservation)

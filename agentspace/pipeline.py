@@ -44,6 +44,7 @@ from .events import (
     ToolResultEvent,
     UsageReport,
 )
+from .limits import Reservation
 from .logs import redact
 from .meter import usage_record
 from .observe import CallInfo, TurnInfo, notify
@@ -85,7 +86,10 @@ class ChatRequest:
     content: str
     session_id: str | None = None
     model: str | None = None
-    client: str = "ws"
+    # Who asks: a client's name (SPEC 11), "admin" for the gateway token; the session's owner.
+    client: str = "admin"
+    # Where the request came in: "ws" or "http" (the usage records' ``endpoint``).
+    endpoint: str = "ws"
     # HTTP clients name their sessions: an unknown id creates the session instead of failing.
     create_if_missing: bool = False
     # Earlier messages a stateless client sent for a session the store does not know (stored form).
@@ -103,6 +107,9 @@ async def start_turn(gw: Registry, request: ChatRequest) -> Turn:
                 "STREAM_IN_PROGRESS", "This session is already streaming an answer; wait for it or abort it."
             )
         session = await gw.sessions.get(request.session_id)
+        if session is not None and not owns(request.client, session):
+            # Another client's session is not there for this one; a named new one cannot take its id.
+            raise ApiError("SESSION_NOT_FOUND", f"No session {request.session_id!r}.")
         if session is None and not request.create_if_missing:
             raise ApiError(
                 "SESSION_NOT_FOUND", f"No session {request.session_id!r}. Omit sessionId to start a new one."
@@ -113,6 +120,7 @@ async def start_turn(gw: Registry, request: ChatRequest) -> Turn:
         gw.provider_for(model)
     except ModelNotFound as e:
         raise ApiError("MODEL_NOT_FOUND", str(e)) from None
+    await gw.guard.precheck(request.client, model)  # allowlist, rate limits, budget: before anything is stored
     if not await _has_usable_key(gw, model):
         await _record_refusal(gw, model, request, "NO_API_KEY")
         raise ApiError("NO_API_KEY", missing_key_message(model.split("/", 1)[0], gw.config))
@@ -134,7 +142,7 @@ async def start_turn(gw: Registry, request: ChatRequest) -> Turn:
         "parts": [{"type": "text", "text": request.content}],
         "createdAt": now_iso(),
     }
-    turn = Turn(gw, session_id, model, request.client, created, user_message["id"])
+    turn = Turn(gw, session_id, model, request.client, created, user_message["id"], request.endpoint)
     gw.active[session_id] = turn
     # The user message is durable before the provider is called (SPEC 6).
     try:
@@ -185,7 +193,7 @@ async def _record_refusal(gw: Registry, model: str, request: ChatRequest, code: 
             finish_reason="error",
             session_id=request.session_id,
             client=request.client,
-            endpoint=request.client,
+            endpoint=request.endpoint,
             error=code,
             answered=False,
             attempts=0,
@@ -225,6 +233,7 @@ class _Step:
     reported: TokenUsage | None = None
     output_at_report: int = 0
     call: CallInfo | None = None  # the call as the observation hooks see it, started with its first attempt
+    reservation: Reservation | None = None  # the budget held for this step's call (limits.Guard)
 
     def output_size(self) -> int:
         return len(self.text) + len(self.reasoning) + len(self.tool_calls)
@@ -242,12 +251,20 @@ class Turn:
     """One running chat turn. Publish/subscribe over an append-only event list."""
 
     def __init__(
-        self, gw: Registry, session_id: str, model: str, client: str, session_created: bool, user_message_id: str
+        self,
+        gw: Registry,
+        session_id: str,
+        model: str,
+        client: str,
+        session_created: bool,
+        user_message_id: str,
+        endpoint: str = "ws",
     ) -> None:
         self.gw = gw
         self.session_id = session_id
         self.model = model
         self.client = client
+        self.endpoint = endpoint
         self.session_created = session_created
         self.user_message_id = user_message_id
         self.message_id = new_id("msg_")
@@ -259,8 +276,9 @@ class Turn:
         self._stop_reason: str | None = None
         self._stopped = asyncio.Event()  # ends a wait between retries early
         self._storage_failed = False  # a write of this turn failed: it ends with STORAGE_ERROR
-        self.info = TurnInfo(self.message_id, session_id, model, client, client)  # for the observation hooks
+        self.info = TurnInfo(self.message_id, session_id, model, client, endpoint)  # for the observation hooks
         self._ended: tuple[str, str | None] = ("aborted", None)  # finish reason and error code, for turn_finished
+        self._held: Reservation | None = None  # the budget reservation of the step running now
 
     # --- publish / subscribe ---------------------------------------------------------------------
 
@@ -328,20 +346,31 @@ class Turn:
             max_steps = int(self.gw.config["chat"]["max_steps"])
             seen_sources: set[str] = set()
             for step in range(max_steps):
+                try:  # the client's checks before each step: allowlist, rate limits, budget
+                    reservation = await self.gw.guard.admit(
+                        self.client,
+                        self.model,
+                        input_tokens=lambda: estimate_input_tokens(ctx),
+                        max_tokens=int(self.gw.config["chat"]["max_tokens"]),
+                    )
+                except ApiError as e:
+                    finish_reason, error = "error", (e.code, e.message)
+                    break
+                self._held = reservation
                 self._publish(StepStart(step))
                 call_started = time.monotonic()
                 call = CallInfo(
                     self.model,
                     self.session_id,
                     self.client,
-                    self.client,
+                    self.endpoint,
                     turn=self.info,
                     step=step,
                     system=ctx.system,
                     messages=list(ctx.messages),
                     started=call_started,
                 )
-                state = _Step(call=call)
+                state = _Step(call=call, reservation=reservation)
                 try:
                     finish, answered_by = await self._call_with_fallbacks(ctx, state, seen_sources)
                 except (ProviderError, _Stopped) as e:
@@ -366,6 +395,7 @@ class Turn:
                     call.answer = "".join(state.text)
                     if state.attempts:  # no record for a call never made (stopped before it)
                         await self._record(answered_by, usage, call_started, reason, state, error and error[0], call)
+                    await self.gw.guard.release(state.reservation)
                     finish_reason = reason
                     break
                 if ttft_ms is None and state.delivered:
@@ -390,6 +420,8 @@ class Turn:
         except Exception:
             log.exception("turn in session %s failed", self.session_id)
             finish_reason, error = "error", ("LLM_ERROR", "The gateway failed while answering; see the server log.")
+        finally:
+            await self.gw.guard.release(self._held)  # a step that made no record gives its reservation back
         aborted = finish_reason == "aborted" or self._stop_reason == "shutdown"
         try:
             await self._store(
@@ -412,7 +444,8 @@ class Turn:
     async def _call_with_fallbacks(
         self, ctx: AssembledContext, state: _Step, seen_sources: set[str]
     ) -> tuple[ProviderFinish, str]:
-        chain = [self.model, *self.gw.config["models"]["fallbacks"].get(self.model, [])]
+        fallbacks = self.gw.config["models"]["fallbacks"].get(self.model, [])
+        chain = [self.model, *[m for m in fallbacks if await self._may_use(m)]]
         for i, model in enumerate(chain):
             state.model = model
             try:
@@ -422,6 +455,14 @@ class Turn:
                     raise
                 log.warning("%s failed before the first token (%s); falling back to %s", model, e.code, chain[i + 1])
         raise AssertionError("unreachable")
+
+    async def _may_use(self, model: str) -> bool:
+        """Whether the turn's client may use ``model`` (a fallback it may not use is skipped)."""
+        try:
+            await self.gw.guard.check_model(self.client, model)
+        except ApiError:
+            return False
+        return True
 
     async def _call_with_retries(
         self, ctx: AssembledContext, state: _Step, seen_sources: set[str], model: str
@@ -610,14 +651,14 @@ class Turn:
             finish_reason=finish_reason,
             session_id=self.session_id,
             client=self.client,
-            endpoint=self.client,
+            endpoint=self.endpoint,
             error=error,
             answered=state.answered,
             attempts=state.attempts,
             ttft_ms=(state.first_at - started) * 1000 if state.delivered else None,
         )
         notify(self.gw.pm.hook.provider_call_finished, call=call, record=record)
-        if await self.gw.record_usage(record):
+        if await self.gw.record_usage(record, state.reservation):
             self._storage_failed = True
 
     async def _store(
@@ -673,3 +714,8 @@ class Turn:
             self._storage_failed = True
             self.gw.pending.add(what, write)
         notify(self.gw.pm.hook.store_written, store="sessions", seconds=time.monotonic() - started)
+
+
+def owns(caller: str, session: dict[str, Any]) -> bool:
+    """Whether ``caller`` may see ``session``: the admin sees every session, a client its own (SPEC 11)."""
+    return caller == "admin" or session.get("client") == caller

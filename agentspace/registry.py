@@ -26,7 +26,9 @@ from .sinks import UsageSink
 from .types import ContextSectionBuilder, ModelInfo, Tool, UsageRecord
 
 if TYPE_CHECKING:
+    from .limits import Guard, Reservation
     from .pipeline import Turn
+    from .stores.clients import ClientStore
     from .stores.sessions import SessionStore
     from .stores.usage import UsageStore
 
@@ -53,6 +55,16 @@ class Registry:
     _model_info: LRU[str, ModelInfo] = field(default_factory=LRU)
     # Store writes that failed, retried until they succeed or the server stops.
     pending: PendingWrites = field(default_factory=PendingWrites)
+    # The clients (SPEC 11) and the checks before every provider call.
+    clients: ClientStore = field(init=False)
+    guard: Guard = field(init=False)
+
+    def __post_init__(self) -> None:
+        from .limits import Guard
+        from .stores.clients import ClientStore
+
+        self.clients = ClientStore(self.config.data_dir)
+        self.guard = Guard(self.clients, self.usage, self.model_info)
 
     @classmethod
     def create(cls, config: Config, pm: pluggy.PluginManager) -> Registry:
@@ -99,8 +111,9 @@ class Registry:
 
     # --- usage ----------------------------------------------------------------------------------
 
-    async def record_usage(self, record: UsageRecord) -> bool:
-        """Send one record to every sink, each write awaited; True when a sink's store failed.
+    async def record_usage(self, record: UsageRecord, reservation: Reservation | None = None) -> bool:
+        """Send one record to every sink, each write awaited; True when a sink's store failed. The record
+        then settles the call's ``reservation`` (its client's budget and minute, ``limits.Guard``).
 
         A sink whose store failed (``StorageError``, ``OSError``: disk full, I/O error) gets the record again
         later (``pending``); any other failure of a sink is logged and does not stop the others.
@@ -123,6 +136,7 @@ class Registry:
                 log.exception("usage sink %r failed", getattr(sink, "name", sink))
             store = f"usage:{getattr(sink, 'name', 'sink')}"
             notify(self.pm.hook.store_written, store=store, seconds=time.monotonic() - started)
+        await self.guard.settle(reservation, record)
         return failed
 
     async def aclose(self) -> None:

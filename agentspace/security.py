@@ -1,6 +1,8 @@
 """Authentication, origin and host checks, and rate limits (SPEC section 9).
 
-- Every route but ``/healthz`` needs the gateway token, compared in constant time.
+- Every route but ``/healthz`` needs the gateway token or a client key (SPEC 11), compared in constant
+  time. The caller (``admin`` for the gateway token, else the client's name) is resolved once per request
+  and put on the request (``caller(request)``); admin routes (``/api/clients``) answer 403 to a client.
 - Requests carrying an ``Origin`` outside ``[server] allowed_origins`` are refused (a web page on another
   site must not drive a local gateway), and so is a ``Host`` that is not ours: DNS rebinding makes an
   attacker's domain resolve to 127.0.0.1, but the browser still sends the attacker's host name.
@@ -13,6 +15,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import logging
 import time
@@ -22,6 +25,7 @@ from collections.abc import Awaitable, Callable
 from aiohttp import web
 from aiohttp.typedefs import Middleware
 
+from .clients import ADMIN, looks_like_key
 from .config import Config
 from .gateway_token import TokenFile, token_matches
 from .transports import v1_errors
@@ -100,6 +104,47 @@ def token_ok(request: web.Request, token: str) -> bool:
     return token_matches(request.app[TOKEN_FILE].current(), token)
 
 
+# The caller of an authenticated request: "admin" (the gateway token) or a client's name.
+CALLER_KEY = web.RequestKey("caller", str)
+# Paths only the gateway token may use.
+ADMIN_PATHS = ("/api/clients",)
+_touches: set[asyncio.Task[None]] = set()
+
+
+async def token_caller(request: web.Request, token: str) -> str | None:
+    """Who ``token`` belongs to: "admin" for the gateway token, a client's name for its key, else None.
+    The client store is read afresh when its file changed, so a rotated or removed key is refused at once."""
+    if token_ok(request, token):
+        return ADMIN
+    if not looks_like_key(token):
+        return None
+    from .transports import state
+
+    gw = request.app.get(state.REGISTRY)
+    if gw is None:
+        return None
+    client = await gw.clients.get_by_key(token)
+    if client is None:
+        return None
+    if gw.clients.should_touch(client.name, time.monotonic()):  # last use, written at most once a minute
+        task = asyncio.get_running_loop().create_task(_touch(gw.clients, client.name))
+        _touches.add(task)
+        task.add_done_callback(_touches.discard)
+    return client.name
+
+
+async def _touch(clients: object, name: str) -> None:
+    try:
+        await clients.touch(name)  # type: ignore[attr-defined]
+    except Exception:
+        log.warning("could not record the last use of client %s", name, exc_info=True)
+
+
+def caller(request: web.Request) -> str:
+    """The authenticated caller of ``request`` (set by the middleware, or by the WebSocket's own auth)."""
+    return request[CALLER_KEY]
+
+
 def auth_failed(request: web.Request) -> None:
     request.app[AUTH_FAILURES].add(request.remote)
 
@@ -124,14 +169,17 @@ def api_token(request: web.Request) -> str | None:
     return token
 
 
-def bearer_ok(request: web.Request) -> bool:
+async def bearer_caller(request: web.Request) -> str | None:
+    """The caller the request's token names (also sets it on the request), else None (a failure counted)."""
     token = api_token(request)
     if token is None:
-        return False
-    if token_ok(request, token):
-        return True
+        return None
+    who = await token_caller(request, token)
+    if who is not None:
+        request[CALLER_KEY] = who
+        return who
     auth_failed(request)
-    return False
+    return None
 
 
 def message_limiter(config: Config) -> Callable[[], bool]:
@@ -198,7 +246,11 @@ def security_middleware(config: Config) -> Middleware:
             return await handler(request)  # scrapers without the token, when the operator opened it
         v1 = request.path.startswith("/v1/")  # the drop-in APIs answer in their own error shape
         token = api_token(request)
-        if token is not None and token_ok(request, token):
+        who = await token_caller(request, token) if token is not None else None
+        if who is not None:
+            if who != ADMIN and request.path.startswith(ADMIN_PATHS):
+                return error_response(403, "FORBIDDEN", "Only the gateway token may manage clients.")
+            request[CALLER_KEY] = who
             return await handler(request)
         blocked = auth_blocked(request)
         if token is not None:

@@ -28,8 +28,9 @@ from .logs import configure_logging
 from .plugins import get_plugin_manager
 from .registry import ModelNotFound, Registry
 from .security import AuthFailures, security_middleware
+from .stores.clients import ClientStore
 from .stores.datadir_lock import DataDirLock
-from .transports import rest, state, ui_stream, v1_routes, ws
+from .transports import clients_api, rest, state, ui_stream, v1_routes, ws
 from .vault import register_configured_keys
 
 log = logging.getLogger(__name__)
@@ -46,6 +47,7 @@ def create_app(config: Config, pm: pluggy.PluginManager | None = None) -> web.Ap
         middlewares=[security_middleware(config)],
     )
     check_secrets(config.data_dir)
+    ClientStore(config.data_dir).list_sync()  # a clients file that cannot be trusted stops the start
     app[security.TOKEN_FILE] = TokenFile(config.data_dir)
     app[security.AUTH_FAILURES] = AuthFailures()
     app[state.WEBSOCKETS] = weakref.WeakSet()
@@ -54,6 +56,7 @@ def create_app(config: Config, pm: pluggy.PluginManager | None = None) -> web.Ap
     app.router.add_get("/gateway", ws.gateway_handler)
     ui_stream.setup_routes(app)
     rest.setup_routes(app)
+    clients_api.setup_routes(app)  # /api/clients, the gateway token only (SPEC 11)
     v1_routes.setup_routes(app)  # the drop-in provider APIs (SPEC 10)
     pm.hook.register_routes(app=app, config=config)  # plugins' routes (the built-in /metrics)
     app.cleanup_ctx.append(_gateway_context(config, pm))

@@ -19,10 +19,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .catalog import usable_models
+from .clients import ADMIN
 from .context import inspect_session
 from .errors import ApiError
 from .periods import parse_since
-from .pipeline import ChatRequest, Turn, start_turn
+from .pipeline import ChatRequest, Turn, owns, start_turn
 from .registry import ModelNotFound, Registry
 from .stores.sessions import SESSION_ID, Listing
 
@@ -130,7 +131,12 @@ class ChatInput:
 
 
 def chat_request(
-    chat: ChatInput, *, client: str, create_if_missing: bool = False, history: list[dict[str, Any]] | None = None
+    chat: ChatInput,
+    *,
+    client: str,
+    endpoint: str = "ws",
+    create_if_missing: bool = False,
+    history: list[dict[str, Any]] | None = None,
 ) -> ChatRequest:
     """Check a chat request's fields, the one validator for every transport; every problem is a field error."""
     errors: dict[str, str] = {}
@@ -150,6 +156,7 @@ def chat_request(
         chat.session_id,
         chat.model,
         client=client,
+        endpoint=endpoint,
         create_if_missing=create_if_missing,
         import_messages=history or [],
         user_message_id=chat.message_id,
@@ -163,32 +170,59 @@ class Service:
     """What a client may ask of the gateway, whichever transport it speaks.
 
     ``shutting_down`` is set when shutdown begins: no new turn starts after it, on any transport.
+    ``caller`` is who asks: "admin" (the gateway token) sees everything, a client (SPEC 11) its own sessions,
+    its own usage and the models it may use; another client's session is ``SESSION_NOT_FOUND``.
     """
 
-    def __init__(self, gw: Registry, shutting_down: asyncio.Event) -> None:
+    def __init__(self, gw: Registry, shutting_down: asyncio.Event, caller: str = ADMIN) -> None:
         self.gw = gw
         self.shutting_down = shutting_down
+        self.caller = caller
 
     async def start_chat(self, request: ChatRequest) -> Turn:
         if self.shutting_down.is_set():
             raise ApiError("SERVICE_UNAVAILABLE", SHUTTING_DOWN_MESSAGE)
+        if request.client != self.caller:
+            raise ApiError("FORBIDDEN", "A chat request must be made as its caller.")
         return await start_turn(self.gw, request)
 
     def active_turn(self, session_id: str) -> Turn | None:
-        return self.gw.active.get(session_id)
+        turn = self.gw.active.get(session_id)
+        return turn if turn is not None and (self.caller == ADMIN or turn.client == self.caller) else None
 
-    async def list_sessions(self) -> Listing:
-        """Every readable session, and the damaged files the listing skipped."""
-        return await self.gw.sessions.listing()
+    async def resumable_turn(self, session_id: str) -> Turn | None:
+        """The caller's running answer in the session, None when nothing streams; SESSION_NOT_FOUND for a
+        session of another client."""
+        turn = self.gw.active.get(session_id)
+        if self.caller == ADMIN:
+            return turn
+        if turn is not None:
+            if turn.client != self.caller:
+                raise _not_found(session_id)
+            return turn
+        await self._owned(session_id)
+        return None
 
-    async def get_session(self, session_id: str) -> dict[str, Any]:
-        session = await self.gw.sessions.get(checked(session_id, "id", session_id_problem))
-        if session is None:
+    async def _owned(self, session_id: str) -> dict[str, Any]:
+        session = await self.gw.sessions.get(session_id)
+        if session is None or not owns(self.caller, session):
             raise _not_found(session_id)
         return session
 
+    async def list_sessions(self) -> Listing:
+        """Every readable session (the caller's own, for a client), and the damaged files the listing skipped."""
+        listing = await self.gw.sessions.listing()
+        if self.caller == ADMIN:
+            return listing
+        return Listing([s for s in listing.sessions if s.get("client") == self.caller], [])
+
+    async def get_session(self, session_id: str) -> dict[str, Any]:
+        return await self._owned(checked(session_id, "id", session_id_problem))
+
     async def delete_session(self, session_id: str) -> None:
         checked(session_id, "id", session_id_problem)
+        if self.caller != ADMIN:
+            await self._owned(session_id)
         if session_id in self.gw.active:
             raise ApiError("STREAM_IN_PROGRESS", "This session is streaming an answer; wait for it to end.")
         if not await self.gw.sessions.delete(session_id):
@@ -199,6 +233,8 @@ class Service:
     ) -> dict[str, Any]:
         """What the next call in the session would send; ``model`` (if given) must be served by a provider."""
         session_id = checked(session_id, paths[0], session_id_problem)
+        if self.caller != ADMIN:
+            await self._owned(session_id)
         if model is not None:
             self.check_model(checked(model, paths[1], model_id_problem))
         inspection = await inspect_session(self.gw, session_id, model)
@@ -219,9 +255,10 @@ class Service:
         by: str = "model",
         paths: tuple[str, str, str] = ("sessionId", "since", "by"),
     ) -> dict[str, Any]:
-        """Tokens and cost per model (the ``usage.report`` shape) or per UTC day."""
-        if by not in ("model", "day"):
-            raise invalid({paths[2]: "must be 'model' or 'day'"})
+        """Tokens and cost per model (the ``usage.report`` shape), per UTC day or per client; a client gets
+        its own records only."""
+        if by not in ("model", "day", "client"):
+            raise invalid({paths[2]: "must be 'model', 'day' or 'client'"})
         if session_id is not None:
             checked(session_id, paths[0], session_id_problem)
         when = None
@@ -230,11 +267,16 @@ class Service:
                 when = parse_since(since)
             except ValueError as e:
                 raise invalid({paths[1]: str(e)}) from None
-        return await self.gw.usage.areport(by=by, since=when, session_id=session_id)
+        client = None if self.caller == ADMIN else self.caller
+        return await self.gw.usage.areport(by=by, since=when, session_id=session_id, client=client)
 
     async def models(self) -> list[dict[str, Any]]:
         # The same list as `agentspace models --json`; it reads the vault and the cost map, so off the loop.
-        return await asyncio.to_thread(usable_models, self.gw.config, self.gw.providers)
+        models = await asyncio.to_thread(usable_models, self.gw.config, self.gw.providers)
+        client = await self.gw.guard.client(self.caller)
+        if client is None:
+            return models
+        return [m for m in models if client.model_allowed(str(m.get("id")))]
 
 
 def _not_found(session_id: str) -> ApiError:

@@ -161,7 +161,7 @@ async def test_text_answer_headers_chunks_and_storage(
     records = (await (await client.get("/api/usage?sessionId=chat1", headers=auth_headers)).json())["grandTotal"]
     assert records["requestCount"] == 1
     sessions = (await (await client.get("/api/sessions", headers=auth_headers)).json())["sessions"]
-    assert sessions[0]["id"] == "chat1" and sessions[0]["client"] == "http"
+    assert sessions[0]["id"] == "chat1" and sessions[0]["client"] == "admin"  # the owner (SPEC 11): the gateway token
 
 
 async def test_a_model_slow_to_start_still_gets_the_stream_started(

@@ -71,6 +71,7 @@ def main(ctx: click.Context, config_path: str | None, data_dir: str | None) -> N
 def _add_builtin_commands() -> None:
     from . import (
         chat,
+        clients_cmd,
         inspect_cmd,
         keys,
         models,
@@ -91,6 +92,7 @@ def _add_builtin_commands() -> None:
         models.models,
         plugins.plugins,
         token_cmd.token,
+        clients_cmd.clients,
     ):
         main.add_command(command)
     from . import doctor

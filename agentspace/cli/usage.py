@@ -1,7 +1,8 @@
-"""``agentspace usage``: tokens and cost per model or per day, from the usage store.
+"""``agentspace usage``: tokens and cost per model, per day or per client, from the usage store.
 
 Reads the store directly, so it works while the server runs. ``--json`` prints the shape of the
-WebSocket ``usage.report`` (``perModel``, ``grandTotal``, ``damagedFiles``; ``perDay`` with ``--by-day``).
+WebSocket ``usage.report`` (``perModel``, ``grandTotal``, ``damagedFiles``; ``perDay`` with ``--by-day``,
+``perClient`` with ``--by-client``).
 Damaged usage files are skipped and named on stderr.
 """
 
@@ -46,22 +47,33 @@ def _row(label: str, g: dict[str, Any]) -> list[str]:
 @config_options
 @click.option("--by-model", is_flag=True, help="Totals per model (the default).")
 @click.option("--by-day", is_flag=True, help="Totals per day (UTC).")
+@click.option("--by-client", is_flag=True, help="Totals per client (admin: the gateway token).")
+@click.option("--client", "client_name", metavar="NAME", help="Only this client's records.")
 @click.option("--session", "session_id", metavar="ID", help="Only this session.")
 @click.option("--since", metavar="WHEN", help="Only records since 30m, 24h, 7d, 2w ago or a date (2026-11-01).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON (the usage.report shape).")
 @pass_state
 def usage(
-    state: CliState, by_model: bool, by_day: bool, session_id: str | None, since: str | None, as_json: bool
+    state: CliState,
+    by_model: bool,
+    by_day: bool,
+    by_client: bool,
+    client_name: str | None,
+    session_id: str | None,
+    since: str | None,
+    as_json: bool,
 ) -> None:
-    """Token usage and cost, per model or per day."""
+    """Token usage and cost, per model, per day or per client."""
     from ..stores.usage import UsageStore
 
     since_dt = parse_since(since) if since else None
-    by_model = by_model or not by_day
+    by_model = by_model or not (by_day or by_client)
     store = UsageStore(state.data_dir)
-    per_model = store.report(by="model", since=since_dt, session_id=session_id) if by_model else None
-    per_day = store.report(by="day", since=since_dt, session_id=session_id) if by_day else None
-    report = per_model or per_day or {}
+    where: dict[str, Any] = {"since": since_dt, "session_id": session_id, "client": client_name}
+    per_model = store.report(by="model", **where) if by_model else None
+    per_day = store.report(by="day", **where) if by_day else None
+    per_client = store.report(by="client", **where) if by_client else None
+    report = per_model or per_day or per_client or {}
     damaged: list[str] = report.get("damagedFiles", [])
     grand = report.get("grandTotal", {})
 
@@ -71,6 +83,8 @@ def usage(
             out["perModel"] = per_model["perModel"]
         if per_day is not None:
             out["perDay"] = per_day["perDay"]
+        if per_client is not None:
+            out["perClient"] = per_client["perClient"]
         out["grandTotal"] = grand
         out["damagedFiles"] = damaged
         click.echo(json.dumps(out, indent=2))
@@ -97,6 +111,11 @@ def usage(
             click.echo()
         rows = _rows(dict(sorted(per_day["perDay"].items()))) + [_row("TOTAL", grand)]
         click.echo(table(["day", *headers], rows, right))
+    if per_client is not None:
+        if per_model is not None or per_day is not None:
+            click.echo()
+        rows = _rows(per_client["perClient"]) + [_row("TOTAL", grand)]
+        click.echo(table(["client", *headers], rows, right))
 
 
 def _warn_damaged(damaged: list[str]) -> None:

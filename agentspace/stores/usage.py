@@ -92,7 +92,12 @@ class UsageStore:
         await on_store_thread(self._append, record.to_dict())
 
     def records(
-        self, *, since: datetime | None = None, session_id: str | None = None, damaged: list[str] | None = None
+        self,
+        *,
+        since: datetime | None = None,
+        session_id: str | None = None,
+        damaged: list[str] | None = None,
+        client: str | None = None,
     ) -> Iterator[dict[str, Any]]:
         """Every stored record, oldest segment first; ``since`` (naive means UTC) skips older day folders.
 
@@ -119,27 +124,42 @@ class UsageStore:
                         continue
                     if session_id is not None and record.get("sessionId") != session_id:
                         continue
+                    if client is not None and record.get("client") != client:
+                        continue
                     yield record
 
     def report(
-        self, *, by: str = "model", since: datetime | None = None, session_id: str | None = None
+        self,
+        *,
+        by: str = "model",
+        since: datetime | None = None,
+        session_id: str | None = None,
+        client: str | None = None,
     ) -> dict[str, Any]:
-        """``usage_report`` (``by="model"``) or ``usage_by_day`` (``by="day"``) of the records, with
-        ``damagedFiles``: the segments that could not be counted."""
+        """``usage_report`` (``by="model"``), ``usage_by_day`` (``by="day"``) or ``usage_by_client``
+        (``by="client"``) of the records (of one client when ``client`` is given), with ``damagedFiles``:
+        the segments that could not be counted."""
         damaged: list[str] = []
-        records = self.records(since=since, session_id=session_id, damaged=damaged)
-        report = usage_report(records) if by == "model" else usage_by_day(records)
-        return {**report, "damagedFiles": damaged}
+        records = self.records(since=since, session_id=session_id, damaged=damaged, client=client)
+        grouping = {"model": usage_report, "day": usage_by_day, "client": usage_by_client}[by]
+        return {**grouping(records), "damagedFiles": damaged}
 
     async def areport(
-        self, *, by: str = "model", since: datetime | None = None, session_id: str | None = None
+        self,
+        *,
+        by: str = "model",
+        since: datetime | None = None,
+        session_id: str | None = None,
+        client: str | None = None,
     ) -> dict[str, Any]:
         """``report`` run off the event loop (and off the store thread: writes do not wait for it)."""
-        return await read_in_thread(lambda: self.report(by=by, since=since, session_id=session_id))
+        return await read_in_thread(lambda: self.report(by=by, since=since, session_id=session_id, client=client))
 
-    async def arecords(self, *, since: datetime | None = None, session_id: str | None = None) -> list[dict[str, Any]]:
+    async def arecords(
+        self, *, since: datetime | None = None, session_id: str | None = None, client: str | None = None
+    ) -> list[dict[str, Any]]:
         """``records`` run off the event loop (and off the store thread: writes do not wait for it)."""
-        return await read_in_thread(lambda: list(self.records(since=since, session_id=session_id)))
+        return await read_in_thread(lambda: list(self.records(since=since, session_id=session_id, client=client)))
 
     async def flush(self) -> None:
         await on_store_thread(lambda: None)
@@ -259,3 +279,14 @@ def usage_report(records: Iterable[dict[str, Any]]) -> dict[str, Any]:
 def usage_by_day(records: Iterable[dict[str, Any]]) -> dict[str, Any]:
     """Totals per UTC day of the record's timestamp: ``perDay`` and ``grandTotal``."""
     return _group(records, "perDay", _day_label)
+
+
+def _client_label(record: dict[str, Any]) -> str:
+    # Records from before clients existed (or of the gateway token) count under the admin.
+    client = record.get("client")
+    return str(client) if client and client not in ("ws", "http") else "admin"
+
+
+def usage_by_client(records: Iterable[dict[str, Any]]) -> dict[str, Any]:
+    """Totals per client (SPEC 11): ``perClient`` and ``grandTotal``."""
+    return _group(records, "perClient", _client_label)

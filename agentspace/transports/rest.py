@@ -18,13 +18,15 @@ from typing import Any
 
 from aiohttp import hdrs, web
 
+from .. import security
 from ..errors import ApiError
 from ..security import error_response
-from . import state
+from ..service import Service
+from . import clients_api, state
 
 log = logging.getLogger(__name__)
 
-CORS_METHODS = "GET, POST, DELETE, OPTIONS"
+CORS_METHODS = "GET, POST, PATCH, DELETE, OPTIONS"
 CORS_HEADERS = "Authorization, Content-Type"
 CORS_MAX_AGE = "600"
 
@@ -35,35 +37,40 @@ HTTP_ERROR_CODES = {404: "NOT_FOUND", 405: "METHOD_NOT_ALLOWED", 413: "PAYLOAD_T
 # --- handlers -----------------------------------------------------------------------------------
 
 
+def _service(request: web.Request) -> Service:
+    """The service for the request's caller (the admin, or a client that sees only its own data)."""
+    return state.service(request.app, security.caller(request))
+
+
 async def list_sessions(request: web.Request) -> web.Response:
-    listing = await state.service(request.app).list_sessions()
+    listing = await _service(request).list_sessions()
     return web.json_response({"sessions": listing.sessions, "damagedFiles": listing.damaged_files})
 
 
 async def get_session(request: web.Request) -> web.Response:
-    return web.json_response({"session": await state.service(request.app).get_session(request.match_info["id"])})
+    return web.json_response({"session": await _service(request).get_session(request.match_info["id"])})
 
 
 async def delete_session(request: web.Request) -> web.Response:
-    await state.service(request.app).delete_session(request.match_info["id"])
+    await _service(request).delete_session(request.match_info["id"])
     return web.Response(status=204)
 
 
 async def session_context(request: web.Request) -> web.Response:
     model = request.query.get("model") or None
-    return web.json_response(await state.service(request.app).inspect_context(request.match_info["id"], model))
+    return web.json_response(await _service(request).inspect_context(request.match_info["id"], model))
 
 
 async def usage(request: web.Request) -> web.Response:
     query = request.query
-    report = await state.service(request.app).usage(
+    report = await _service(request).usage(
         session_id=query.get("sessionId") or None, since=query.get("since") or None, by=query.get("by", "model")
     )
     return web.json_response(report)
 
 
 async def models(request: web.Request) -> web.Response:
-    return web.json_response({"models": await state.service(request.app).models()})
+    return web.json_response({"models": await _service(request).models()})
 
 
 async def openapi(request: web.Request) -> web.Response:
@@ -322,9 +329,9 @@ OPENAPI: dict[str, Any] = {
         },
         "/api/usage": {
             "get": {
-                "summary": "Tokens and cost per model (the usage.report shape) or per UTC day.",
+                "summary": "Tokens and cost per model (the usage.report shape), per UTC day or per client; a client key gets its own.",
                 "parameters": [
-                    {"name": "by", "in": "query", "schema": {"enum": ["model", "day"], "default": "model"}},
+                    {"name": "by", "in": "query", "schema": {"enum": ["model", "day", "client"], "default": "model"}},
                     {"name": "sessionId", "in": "query", "schema": _STR},
                     {
                         "name": "since",
@@ -521,3 +528,4 @@ OPENAPI: dict[str, Any] = {
         },
     },
 }
+OPENAPI["paths"].update(clients_api.OPENAPI_PATHS)  # /api/clients (SPEC 11)

@@ -17,6 +17,7 @@ WEBSOCKETS = web.AppKey[weakref.WeakSet[Any]]("websockets")  # the open ws.Conne
 SHUTTING_DOWN = web.AppKey("shutting_down", asyncio.Event)  # set when shutdown begins: no new turns
 
 
-def service(app: web.Application) -> Service:
-    """The service layer over the app's registry (cheap: a transport makes one per request or connection)."""
-    return Service(app[REGISTRY], app[SHUTTING_DOWN])
+def service(app: web.Application, caller: str = "admin") -> Service:
+    """The service layer over the app's registry for ``caller`` ("admin" or a client's name; cheap: a
+    transport makes one per request or connection)."""
+    return Service(app[REGISTRY], app[SHUTTING_DOWN], caller)

@@ -16,6 +16,7 @@ from typing import Any
 from aiohttp import web
 
 from .. import events as ev
+from .. import security
 from ..errors import ApiError
 from ..pipeline import ChatRequest, Turn
 from ..service import (
@@ -203,7 +204,7 @@ def _message_errors(i: int, message: Any) -> dict[str, str]:
     return errors
 
 
-def parse_chat_body(body: Any) -> ChatRequest:
+def parse_chat_body(body: Any, caller: str = "admin") -> ChatRequest:
     """Check a ``useChat`` request body; every problem is reported as a field error.
 
     The UI message structure is checked here; the chat fields (session id, model, message id, text) by
@@ -245,7 +246,9 @@ def parse_chat_body(body: Any) -> ChatRequest:
         },
     )
     # A stateless client sends the whole conversation; the store's copy wins once the session exists.
-    return chat_request(chat, client="http", create_if_missing=True, history=_stored_history(messages[:last_user]))
+    return chat_request(
+        chat, client=caller, endpoint="http", create_if_missing=True, history=_stored_history(messages[:last_user])
+    )
 
 
 def _stored_history(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -306,14 +309,16 @@ async def stream_turn(request: web.Request, turn: Turn, *, abort_on_disconnect: 
 
 async def chat_handler(request: web.Request) -> web.StreamResponse:
     # ApiErrors raised here are answered by the app's error middleware (rest.errors_and_preflight).
-    service = state.service(request.app)
-    turn = await service.start_chat(parse_chat_body(await read_json(request)))
+    caller = security.caller(request)
+    service = state.service(request.app, caller)
+    turn = await service.start_chat(parse_chat_body(await read_json(request), caller))
     return await stream_turn(request, turn, abort_on_disconnect=service.gw.config["chat"]["on_disconnect"] == "abort")
 
 
 async def resume_handler(request: web.Request) -> web.StreamResponse:
     """Attach to the session's running answer from its first chunk; 204 when nothing is streaming."""
-    turn = state.service(request.app).active_turn(checked(request.match_info["id"], "id", session_id_problem))
+    service = state.service(request.app, security.caller(request))
+    turn = await service.resumable_turn(checked(request.match_info["id"], "id", session_id_problem))
     if turn is None:
         return web.Response(status=204)
     # Only the request that started the answer may stop it by going away.

@@ -13,6 +13,7 @@ from typing import Any
 from aiohttp import web
 
 from ..direct_call import DirectCall, request_input_tokens
+from ..errors import ApiError
 from ..events import ProviderError, ProviderFinish
 from ..logs import redact
 from ..meter import Meter
@@ -26,6 +27,7 @@ from .v1_common import (
     gateway,
     provider_request,
     read_body,
+    refusal,
     session_id,
     watch_client,
 )
@@ -62,10 +64,23 @@ async def messages(request: web.Request) -> web.StreamResponse:
     model = anthropic_model(body["model"])
     if model is None:
         return _error(404, f"model: {body['model']} (use a claude-* id, or provider/model for another provider)")
-    meter = Meter(gw, model, session_id=session_id(request), client=client_name(request), endpoint=ENDPOINT)
-    if model.startswith("anthropic/"):
-        return await passthrough.messages(request, gw, body, raw, model, meter)
-    return await _translated(request, body, model, meter)
+    client = client_name(request)
+    max_tokens = body.get("max_tokens")
+    if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
+        max_tokens = int(gw.config["chat"]["max_tokens"])
+    try:  # the client's checks (SPEC 11), the pass-through included
+        reservation = await gw.guard.admit(
+            client, model, input_tokens=lambda: am.local_input_tokens(body), max_tokens=max_tokens
+        )
+    except ApiError as e:
+        return refusal(request, e)
+    meter = Meter(gw, model, session_id=session_id(request), client=client, endpoint=ENDPOINT, reservation=reservation)
+    try:
+        if model.startswith("anthropic/"):
+            return await passthrough.messages(request, gw, body, raw, model, meter)
+        return await _translated(request, body, model, meter)
+    finally:
+        await gw.guard.release(reservation)
 
 
 async def _translated(request: web.Request, body: dict[str, Any], model: str, meter: Meter) -> web.StreamResponse:

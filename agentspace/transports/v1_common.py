@@ -4,6 +4,7 @@ session attribution, model ids, and the HTTP client the Anthropic pass-through r
 from __future__ import annotations
 
 import asyncio
+import math
 from collections.abc import Callable
 from functools import lru_cache
 from typing import Any
@@ -11,11 +12,13 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
+from .. import security
+from ..errors import ApiError
 from ..providers.base import ProviderRequest, ThinkingSettings
 from ..registry import Registry
 from ..types import ChatMessage, Tool
 from ..vault import resolve_key
-from . import state
+from . import state, v1_errors
 
 # The upstream HTTP client of the pass-through: one connection pool per server, closed with the app.
 HTTP_CLIENT = web.AppKey("v1_http_client", aiohttp.ClientSession)
@@ -23,8 +26,13 @@ HTTP_CLIENT = web.AppKey("v1_http_client", aiohttp.ClientSession)
 # Headers that attribute a call's usage to a session id.
 SESSION_HEADERS = ("X-Agentspace-Session", "X-Claude-Code-Session-Id")
 
-# Who made the call. Client keys (SPEC 11) will name their client here; the gateway token is the admin.
-ADMIN_CLIENT = "admin"
+# The OpenAI error codes of the client checks (SPEC 11); Anthropic's shape has the type of the status only.
+REFUSAL_CODES = {
+    "MODEL_NOT_ALLOWED": "model_not_allowed",
+    "RATE_LIMITED": "rate_limit_exceeded",
+    "BUDGET_EXCEEDED": "insufficient_quota",
+    "UNAUTHORIZED": "invalid_api_key",
+}
 
 
 def http_client(app: web.Application) -> aiohttp.ClientSession:
@@ -81,7 +89,23 @@ def session_id(request: web.Request) -> str | None:
 
 
 def client_name(request: web.Request) -> str:
-    return ADMIN_CLIENT
+    """Who made the call: "admin" for the gateway token, else the client whose key it is (SPEC 11)."""
+    return security.caller(request)
+
+
+def refusal(request: web.Request, error: ApiError) -> web.Response:
+    """A call the client checks refused (``limits.Guard``), in the shape of the API the request speaks, with
+    ``Retry-After`` when waiting helps."""
+    headers = {}
+    if error.retry_after is not None:
+        headers["retry-after"] = str(max(1, math.ceil(error.retry_after)))
+    if error.code != "RATE_LIMITED":
+        # The SDKs retry a 429 by themselves; a spent budget (until the period ends) or a model the client
+        # may not use will not change in seconds: x-should-retry, which both SDKs honour, says so.
+        headers["x-should-retry"] = "false"
+    return v1_errors.error_response(
+        request, error.status, f"{error.code}: {error.message}", code=REFUSAL_CODES.get(error.code), headers=headers
+    )
 
 
 def anthropic_model(model: str) -> str | None:

@@ -8,13 +8,12 @@ for the others.
 
 from __future__ import annotations
 
-import asyncio
 from typing import Any
 
 from aiohttp import web
 
-from ..catalog import usable_models
-from .v1_common import gateway
+from . import state
+from .v1_common import client_name
 
 # A fixed creation time: the catalog does not know when a model was released.
 CREATED = 1_700_000_000
@@ -22,8 +21,7 @@ CREATED_AT = "2023-11-14T22:13:20Z"
 
 
 async def list_models(request: web.Request) -> web.Response:
-    gw = gateway(request)
-    models = await asyncio.to_thread(usable_models, gw.config, gw.providers)  # reads the vault and the cost map
+    models = await state.service(request.app, client_name(request)).models()  # a client's: its allowlist only
     if "anthropic-version" in request.headers:
         return web.json_response(anthropic_list(models))
     return web.json_response(openai_list(models))

@@ -12,7 +12,8 @@ import json
 
 from aiohttp import web
 
-from ..direct_call import DirectCall
+from ..direct_call import DirectCall, request_input_tokens
+from ..errors import ApiError
 from ..events import ProviderError, ProviderFinish
 from ..logs import redact
 from ..meter import Meter
@@ -26,6 +27,7 @@ from .v1_common import (
     openai_model,
     provider_request,
     read_body,
+    refusal,
     session_id,
     watch_client,
 )
@@ -92,16 +94,25 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         parsed.reasoning_budget,
         parsed.params,
     )
-    call = DirectCall(
-        gw, preq, Meter(gw, model, session_id=session_id(request), client=client_name(request), endpoint=ENDPOINT)
-    )
+    client = client_name(request)
+    try:  # the client's checks (SPEC 11)
+        reservation = await gw.guard.admit(
+            client, model, input_tokens=lambda: request_input_tokens(preq), max_tokens=preq.max_tokens
+        )
+    except ApiError as e:
+        return refusal(request, e)
+    meter = Meter(gw, model, session_id=session_id(request), client=client, endpoint=ENDPOINT, reservation=reservation)
+    call = DirectCall(gw, preq, meter)
     try:
-        await call.start()
-    except ProviderError as e:
-        return _provider_error(e)
-    if not parsed.stream:
-        return await _whole(call, parsed.model)
-    return await _stream(request, call, parsed.model, parsed.include_usage)
+        try:
+            await call.start()
+        except ProviderError as e:
+            return _provider_error(e)
+        if not parsed.stream:
+            return await _whole(call, parsed.model)
+        return await _stream(request, call, parsed.model, parsed.include_usage)
+    finally:
+        await gw.guard.release(reservation)
 
 
 async def _whole(call: DirectCall, model: str) -> web.Response:

@@ -59,9 +59,10 @@ def _text_frame(text: str) -> bytes:
 class Connection:
     """One client connection: at most one stream at a time."""
 
-    def __init__(self, request: web.Request, ws: web.WebSocketResponse) -> None:
+    def __init__(self, request: web.Request, ws: web.WebSocketResponse, caller: str = "admin") -> None:
         self.app = request.app
-        self.service = state.service(request.app)
+        self.caller = caller  # "admin" (the gateway token) or the client whose key authenticated
+        self.service = state.service(request.app, caller)
         self.config = self.service.gw.config
         self.ws = ws
         self.turn: Turn | None = None
@@ -115,7 +116,8 @@ class Connection:
     async def on_chat_send(self, request_id: Any, msg: dict[str, Any]) -> None:
         request = chat_request(
             ChatInput(msg.get("content"), msg.get("sessionId"), msg.get("model"), paths={"session_id": "sessionId"}),
-            client="ws",
+            client=self.caller,
+            endpoint="ws",
         )
         if self.turn is not None and not self.turn.done:
             raise ApiError("STREAM_IN_PROGRESS", "This connection is already streaming; wait or send chat.abort.")
@@ -300,11 +302,13 @@ async def gateway_handler(request: web.Request) -> web.StreamResponse:
         # PAYLOAD_TOO_LARGE and keep the connection.
         max_msg_size=4 * int(server["max_frame_bytes"]),
     )
-    authenticated = security.bearer_ok(request)
+    caller = await security.bearer_caller(request)
     await ws.prepare(request)
-    if not authenticated and not await _authenticate_first_frame(request, ws, float(server["auth_timeout_seconds"])):
-        return ws
-    conn = Connection(request, ws)
+    if caller is None:
+        caller = await _authenticate_first_frame(request, ws, float(server["auth_timeout_seconds"]))
+        if caller is None:
+            return ws
+    conn = Connection(request, ws, caller)
     request.app[state.WEBSOCKETS].add(conn)
     try:
         async for msg in ws:
@@ -320,8 +324,9 @@ async def gateway_handler(request: web.Request) -> web.StreamResponse:
     return ws
 
 
-async def _authenticate_first_frame(request: web.Request, ws: web.WebSocketResponse, timeout: float) -> bool:
-    """Browsers cannot set headers on a WebSocket: the first frame must be {"type": "auth", "token"}."""
+async def _authenticate_first_frame(request: web.Request, ws: web.WebSocketResponse, timeout: float) -> str | None:
+    """Browsers cannot set headers on a WebSocket: the first frame must be {"type": "auth", "token"}.
+    Returns the caller the token names, or None (refused and closed)."""
     started = time.monotonic()
     budget = PreAuthBudget(request, PRE_AUTH_BUDGET_BYTES)
     try:
@@ -331,9 +336,9 @@ async def _authenticate_first_frame(request: web.Request, ws: web.WebSocketRespo
         await _refuse(
             ws, None, f'Authenticate within {timeout:.0f} s: send {{"type": "auth", "id": ..., "token": ...}}.'
         )
-        return False
+        return None
     if msg.type in (WSMsgType.CLOSE, WSMsgType.CLOSING, WSMsgType.CLOSED, WSMsgType.ERROR) or ws.closed:
-        return False  # gone, or closed for sending too much before authenticating
+        return None  # gone, or closed for sending too much before authenticating
     request_id = None
     if msg.type == WSMsgType.TEXT and len(msg.data) <= PRE_AUTH_MAX_BYTES:
         try:
@@ -343,10 +348,11 @@ async def _authenticate_first_frame(request: web.Request, ws: web.WebSocketRespo
         if isinstance(frame, dict):
             request_id = frame.get("id") if request_id_ok(frame.get("id")) else None
             token = frame.get("token")
-            if frame.get("type") == "auth" and isinstance(token, str) and security.token_ok(request, token):
+            who = await security.token_caller(request, token) if isinstance(token, str) else None
+            if frame.get("type") == "auth" and who is not None:
                 budget.release()
                 await ws.send_str(compact_json({"type": "auth.ok", "requestId": request_id}))
-                return True
+                return who
     blocked = security.auth_blocked(request)
     security.auth_failed(request)
     log.info("websocket authentication failed from %s after %.2fs", request.remote, time.monotonic() - started)
@@ -358,7 +364,7 @@ async def _authenticate_first_frame(request: web.Request, ws: web.WebSocketRespo
             request_id,
             "Authentication failed. Send Authorization: Bearer <token> or an auth frame first; run 'agentspace token'.",
         )
-    return False
+    return None
 
 
 async def _refuse(ws: web.WebSocketResponse, request_id: Any, message: str, code: str = "UNAUTHORIZED") -> None:

@@ -1,0 +1,251 @@
+"""``agentspace clients``: client keys with their budgets, rate limits and model allowlists (SPEC 11).
+
+Works on the data directory directly; a running server sees the changes at once (it re-reads the clients
+file when it changes). A key is printed once, by ``add`` and ``rotate``; only its hash is stored.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime
+from typing import Any
+
+import click
+
+from .common import CliState, config_options, money, pass_state, table
+
+NONE_WORDS = ("none", "off", "")
+
+
+def _number(value: str | None, option: str, kind: type) -> Any:
+    if value is None or value.strip().lower() in NONE_WORDS:
+        return None
+    try:
+        return kind(value)
+    except ValueError:
+        raise click.BadParameter(
+            f"expected a {'number' if kind is float else 'whole number'} or 'none'", param_hint=option
+        ) from None
+
+
+def _settings(
+    budget: str | None, period: str | None, rpm: str | None, tpm: str | None, models: str | None
+) -> dict[str, Any]:
+    """The options given, as client settings (``none`` clears a limit)."""
+    from ..clients import settings_problems
+
+    settings: dict[str, Any] = {}
+    if budget is not None:
+        settings["budgetUsd"] = _number(budget, "--budget", float)
+    if period is not None:
+        settings["period"] = period
+    if rpm is not None:
+        settings["rpm"] = _number(rpm, "--rpm", int)
+    if tpm is not None:
+        settings["tpm"] = _number(tpm, "--tpm", int)
+    if models is not None:
+        settings["models"] = [m.strip() for m in models.split(",") if m.strip()]
+    problems = settings_problems(settings)
+    if problems:
+        name, problem = next(iter(problems.items()))
+        option = {"budgetUsd": "--budget"}.get(name, f"--{name}")
+        raise click.BadParameter(problem, param_hint=option)
+    return settings
+
+
+def _limit_options(f: Any) -> Any:
+    from ..clients import PERIODS
+
+    f = click.option("--models", metavar="PATTERN,...", help="Allowed models (wildcards: anthropic/claude-haiku-*).")(f)
+    f = click.option("--tpm", metavar="N", help="Tokens per minute ('none': no limit).")(f)
+    f = click.option("--rpm", metavar="N", help="Requests per minute ('none': no limit).")(f)
+    f = click.option("--period", type=click.Choice(PERIODS), help="Budget period (UTC; default month).")(f)
+    f = click.option("--budget", metavar="USD", help="Budget in US dollars per period ('none': no budget).")(f)
+    return f
+
+
+def _spend(state: CliState, client: Any, now: datetime) -> float:
+    from ..clients import period_bounds
+    from ..stores.usage import UsageStore
+
+    start, _ = period_bounds(client.period, now)
+    records = UsageStore(state.data_dir).records(since=start, client=client.name)
+    return sum(float(r.get("totalCost") or 0.0) for r in records)
+
+
+def _public(state: CliState, client: Any) -> dict[str, Any]:
+    from ..clients import utc_now
+
+    now = utc_now()
+    return client.public(_spend(state, client, now), now)
+
+
+def _store(state: CliState) -> Any:
+    from ..private_files import check_data_dir
+    from ..stores.clients import ClientStore
+
+    check_data_dir(state.data_dir)
+    return ClientStore(state.data_dir)
+
+
+def _get(store: Any, name: str) -> Any:
+    client = store.get_sync(name)
+    if client is None:
+        raise click.ClickException(f"No client {name!r}; see: agentspace clients list")
+    return client
+
+
+def _limits(c: dict[str, Any]) -> str:
+    parts = []
+    if c["rpm"] is not None:
+        parts.append(f"{c['rpm']} rpm")
+    if c["tpm"] is not None:
+        parts.append(f"{c['tpm']} tpm")
+    if c["models"]:
+        parts.append("models " + ",".join(c["models"]))
+    return "; ".join(parts) or "-"
+
+
+def _budget(c: dict[str, Any]) -> str:
+    spend = money(c["spend"]["usd"])
+    if c["budget"] is None:
+        return f"{spend} (no budget)"
+    return f"{spend} / {money(c['budget']['usd'])} {c['budget']['period']}"
+
+
+@click.group()
+def clients() -> None:
+    """Client keys: one per person, app or agent, with budgets, rate limits and model allowlists."""
+
+
+@clients.command("add")
+@config_options
+@click.argument("name")
+@_limit_options
+@pass_state
+def add(
+    state: CliState,
+    name: str,
+    budget: str | None,
+    period: str | None,
+    rpm: str | None,
+    tpm: str | None,
+    models: str | None,
+) -> None:
+    """Add a client and print its key (shown this once)."""
+    from ..clients import Client, apply_settings, name_problem
+    from ..stores.clients import ClientExists
+    from ..types import now_iso
+
+    if (problem := name_problem(name)) is not None:
+        raise click.BadParameter(problem, param_hint="NAME")
+    client = Client(name=name, key_hash="", created_at=now_iso())
+    apply_settings(client, _settings(budget, period, rpm, tpm, models))
+    try:
+        key = _store(state).add_sync(client)
+    except ClientExists:
+        raise click.ClickException(f"A client {name!r} exists already; see: agentspace clients show {name}") from None
+    click.echo(key)
+    click.echo(f"Client {name!r} added. The key above is shown once: give it to the client now.", err=True)
+
+
+@clients.command("list")
+@config_options
+@click.option("--json", "as_json", is_flag=True, help="Print JSON ({clients: [...]}, as GET /api/clients).")
+@pass_state
+def list_clients(state: CliState, as_json: bool) -> None:
+    """Every client: created, last used, spend in the current period against its budget, limits."""
+    shown = [_public(state, c) for c in _store(state).list_sync()]
+    if as_json:
+        click.echo(json.dumps({"clients": shown}, indent=2))
+        return
+    if not shown:
+        click.echo("No clients. Add one: agentspace clients add NAME")
+        return
+    rows = [[c["name"], c["createdAt"][:16], (c["lastUsedAt"] or "never")[:16], _budget(c), _limits(c)] for c in shown]
+    click.echo(table(["name", "created", "last used", "spend / budget", "limits"], rows))
+
+
+@clients.command("show")
+@config_options
+@click.argument("name")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@pass_state
+def show(state: CliState, name: str, as_json: bool) -> None:
+    """One client's settings and spend."""
+    c = _public(state, _get(_store(state), name))
+    if as_json:
+        click.echo(json.dumps(c, indent=2))
+        return
+    period = c["spend"]
+    lines = [
+        ("name", c["name"]),
+        ("created", c["createdAt"]),
+        ("last used", c["lastUsedAt"] or "never"),
+        ("spend", _budget(c)),
+        ("period", f"{period['periodStart']} .. {period['periodEnd']}" if period["periodStart"] else "total"),
+        ("rpm", c["rpm"] if c["rpm"] is not None else "no limit"),
+        ("tpm", c["tpm"] if c["tpm"] is not None else "no limit"),
+        ("models", ", ".join(c["models"]) or "every model"),
+    ]
+    for label, value in lines:
+        click.echo(f"{label + ':':<11}{value}")
+
+
+@clients.command("set")
+@config_options
+@click.argument("name")
+@_limit_options
+@pass_state
+def set_limits(
+    state: CliState,
+    name: str,
+    budget: str | None,
+    period: str | None,
+    rpm: str | None,
+    tpm: str | None,
+    models: str | None,
+) -> None:
+    """Change a client's budget, period, rate limits or models ('none' clears a limit)."""
+    from ..clients import apply_settings
+    from ..stores.clients import ClientNotFound
+
+    settings = _settings(budget, period, rpm, tpm, models)
+    if not settings:
+        raise click.UsageError("Nothing to change: give --budget, --period, --rpm, --tpm or --models.")
+    try:
+        _store(state).update_sync(name, lambda client: apply_settings(client, settings))
+    except ClientNotFound:
+        raise click.ClickException(f"No client {name!r}; see: agentspace clients list") from None
+    click.echo(f"Client {name!r} updated.")
+
+
+@clients.command("rotate")
+@config_options
+@click.argument("name")
+@pass_state
+def rotate(state: CliState, name: str) -> None:
+    """Give a client a new key (printed once); the old key is refused from now on."""
+    from ..stores.clients import ClientNotFound
+
+    try:
+        key = _store(state).rotate_sync(name)
+    except ClientNotFound:
+        raise click.ClickException(f"No client {name!r}; see: agentspace clients list") from None
+    click.echo(key)
+    click.echo(f"New key for {name!r} (shown once); the old key no longer works.", err=True)
+
+
+@clients.command("remove")
+@config_options
+@click.argument("name")
+@pass_state
+def remove(state: CliState, name: str) -> None:
+    """Remove a client: its key stops working; its usage records stay in the reports."""
+    from ..stores.clients import ClientNotFound
+
+    try:
+        _store(state).remove_sync(name)
+    except ClientNotFound:
+        raise click.ClickException(f"No client {name!r}; see: agentspace clients list") from None
+    click.echo(f"Client {name!r} removed; its usage stays in the reports.")

@@ -1,0 +1,328 @@
+"""The checks before every provider call (SPEC section 11): model allowlist, requests and tokens per
+minute, budget. One implementation, used by every transport and endpoint (``Guard``); the counters live
+behind one small interface (``Counters``) with an in-process implementation here.
+
+Budget: a call is admitted while the period's spend plus the reservations of the calls in flight is below
+the budget; it then reserves its maximum cost (input estimate + ``max_tokens`` at the output price) until it
+settles with the real cost from the meter. Concurrent calls therefore overshoot a budget by at most one
+call's cost. The period's spend comes from the usage store (read once per client and period, then kept up
+to date by the settled costs), so a restart loses nothing; reservations only cover calls in flight.
+
+Usage::
+
+    reservation = await gw.guard.admit(caller, model, input_tokens=lambda: n, max_tokens=m)  # ApiError
+    ... the provider call, metered; the meter settles: await gw.guard.settle(reservation, record)
+    await gw.guard.release(reservation)  # in a finally: a call that made no record settles at 0
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import TYPE_CHECKING, Protocol
+
+from .clients import ADMIN, Client, Clock, iso, period_bounds, utc_now
+from .errors import ApiError
+
+if TYPE_CHECKING:
+    from .stores.clients import ClientStore
+    from .stores.usage import UsageStore
+    from .types import ModelInfo, UsageRecord
+
+WINDOW_SECONDS = 60.0
+
+
+@dataclass
+class Reservation:
+    """The maximum cost of one call in flight, held against its client's budget period until settled."""
+
+    client: str
+    period_key: str
+    amount: float
+    settled: bool = False
+
+
+@dataclass
+class Window:
+    """A client's sliding minute: requests and tokens in it, and when each next falls below a limit."""
+
+    requests: int
+    tokens: int
+    # Seconds until the oldest request / token entry leaves the window.
+    requests_free_in: float
+    tokens_free_in: float
+
+
+class Counters(Protocol):
+    """Where the rate windows, the budget spend and the reservations live (in-process here; Redis for a
+    scaled-out gateway). Each method is atomic for its client."""
+
+    def window(self, client: str, now: float) -> Awaitable[Window]: ...
+
+    def add_request(self, client: str, now: float) -> Awaitable[None]: ...
+
+    def add_tokens(self, client: str, tokens: int, now: float) -> Awaitable[None]: ...
+
+    def reserve(
+        self, client: str, period_key: str, budget: float, amount: float, load_spend: Callable[[], Awaitable[float]]
+    ) -> Awaitable[tuple[Reservation | None, float]]:
+        """Admit and reserve ``amount`` when spend + reservations < budget: (reservation, spend); else
+        (None, spend + reservations). ``load_spend`` gives the period's spend when it is not known yet."""
+        ...
+
+    def spend(self, client: str, period_key: str, load_spend: Callable[[], Awaitable[float]]) -> Awaitable[float]:
+        """Spend of the period plus the reservations in flight."""
+        ...
+
+    def settle(self, reservation: Reservation, real_cost: float) -> Awaitable[None]: ...
+
+    def add_spend(self, client: str, period_key: str, cost: float) -> Awaitable[None]:
+        """A cost recorded without a reservation (a call of a client that has no budget now)."""
+        ...
+
+
+@dataclass
+class _Budget:
+    spend: float = 0.0
+    reserved: float = 0.0
+
+
+@dataclass
+class _ClientCounters:
+    requests: deque[float] = field(default_factory=deque)
+    tokens: deque[tuple[float, int]] = field(default_factory=deque)
+    token_sum: int = 0
+    budgets: dict[str, _Budget] = field(default_factory=dict)
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+
+class InProcessCounters:
+    """The counters of one server process (a single gateway)."""
+
+    def __init__(self) -> None:
+        self._clients: dict[str, _ClientCounters] = {}
+
+    def _get(self, client: str) -> _ClientCounters:
+        counters = self._clients.get(client)
+        if counters is None:
+            counters = self._clients[client] = _ClientCounters()
+        return counters
+
+    def _prune(self, c: _ClientCounters, now: float) -> None:
+        while c.requests and c.requests[0] <= now - WINDOW_SECONDS:
+            c.requests.popleft()
+        while c.tokens and c.tokens[0][0] <= now - WINDOW_SECONDS:
+            c.token_sum -= c.tokens.popleft()[1]
+
+    async def window(self, client: str, now: float) -> Window:
+        c = self._get(client)
+        self._prune(c, now)
+        return Window(
+            len(c.requests),
+            c.token_sum,
+            c.requests[0] + WINDOW_SECONDS - now if c.requests else 0.0,
+            c.tokens[0][0] + WINDOW_SECONDS - now if c.tokens else 0.0,
+        )
+
+    async def add_request(self, client: str, now: float) -> None:
+        self._get(client).requests.append(now)
+
+    async def add_tokens(self, client: str, tokens: int, now: float) -> None:
+        if tokens > 0:
+            c = self._get(client)
+            c.tokens.append((now, tokens))
+            c.token_sum += tokens
+
+    async def _budget(self, c: _ClientCounters, period_key: str, load_spend: Callable[[], Awaitable[float]]) -> _Budget:
+        budget = c.budgets.get(period_key)
+        if budget is None:
+            async with c.lock:  # one read of the usage store per client and period
+                budget = c.budgets.get(period_key)
+                if budget is None:
+                    spend = await load_spend()
+                    budget = c.budgets[period_key] = _Budget(spend)
+                    for key in [k for k in c.budgets if k != period_key and not c.budgets[k].reserved]:
+                        del c.budgets[key]  # periods gone by, nothing in flight
+        return budget
+
+    async def reserve(
+        self, client: str, period_key: str, budget: float, amount: float, load_spend: Callable[[], Awaitable[float]]
+    ) -> tuple[Reservation | None, float]:
+        b = await self._budget(self._get(client), period_key, load_spend)
+        # No await from the check to the reservation: concurrent calls see each other's reservations.
+        if b.spend + b.reserved >= budget:
+            return None, b.spend + b.reserved
+        b.reserved += amount
+        return Reservation(client, period_key, amount), b.spend
+
+    async def spend(self, client: str, period_key: str, load_spend: Callable[[], Awaitable[float]]) -> float:
+        b = await self._budget(self._get(client), period_key, load_spend)
+        return b.spend + b.reserved
+
+    async def settle(self, reservation: Reservation, real_cost: float) -> None:
+        if reservation.settled:
+            return
+        reservation.settled = True
+        b = self._get(reservation.client).budgets.get(reservation.period_key)
+        if b is not None:
+            b.reserved = max(0.0, b.reserved - reservation.amount)
+            b.spend += real_cost
+
+    async def add_spend(self, client: str, period_key: str, cost: float) -> None:
+        b = self._get(client).budgets.get(period_key)
+        if b is not None:  # not loaded yet: the load reads it from the store
+            b.spend += cost
+
+
+def max_cost(info: ModelInfo, input_tokens: int, max_tokens: int) -> float:
+    return (input_tokens * info.input_per_mtok + max_tokens * info.output_per_mtok) / 1_000_000
+
+
+def usd(value: float) -> str:
+    """Dollars as the refusals show them: up to six decimals, no trailing zeros ($5, $0.00012)."""
+    return "$" + (f"{value:.6f}".rstrip("0").rstrip(".") or "0")
+
+
+class Guard:
+    """The one place the checks are made, for every transport and endpoint."""
+
+    def __init__(
+        self,
+        clients: ClientStore,
+        usage: UsageStore,
+        model_info: Callable[[str], ModelInfo],
+        counters: Counters | None = None,
+        clock: Clock = utc_now,
+    ) -> None:
+        self.clients = clients
+        self.usage = usage
+        self.model_info = model_info
+        self.counters: Counters = counters or InProcessCounters()
+        self.clock = clock  # UTC wall clock of budget periods (tests inject one)
+        self.monotonic: Callable[[], float] = time.monotonic  # the rate windows' clock
+
+    async def client(self, caller: str) -> Client | None:
+        """The caller's client; None for the admin. A client removed since is refused."""
+        if caller == ADMIN:
+            return None
+        client = await self.clients.get(caller)
+        if client is None:
+            raise ApiError("UNAUTHORIZED", "This client key was removed; ask the gateway's admin for a new one.")
+        return client
+
+    async def check_model(self, caller: str, model: str) -> None:
+        client = await self.client(caller)
+        if client is not None and not client.model_allowed(model):
+            raise ApiError(
+                "MODEL_NOT_ALLOWED",
+                f"Client {client.name!r} may not use {model}; it may use: {', '.join(client.models)}.",
+            )
+
+    def _period(self, client: Client) -> tuple[str, datetime | None, datetime | None]:
+        start, end = period_bounds(client.period, self.clock())
+        return f"{client.period}:{iso(start)}", start, end
+
+    def _loader(self, client: Client, start: datetime | None) -> Callable[[], Awaitable[float]]:
+        async def load() -> float:
+            records = await self.usage.arecords(since=start, client=client.name)
+            return sum(float(r.get("totalCost") or 0.0) for r in records)
+
+        return load
+
+    async def spend(self, client: Client) -> float:
+        """The spend of the client's current period (with the reservations of calls in flight)."""
+        key, start, _ = self._period(client)
+        return await self.counters.spend(client.name, key, self._loader(client, start))
+
+    async def precheck(self, caller: str, model: str) -> None:
+        """The checks a request must pass before it is taken (stored, streamed); reserves nothing."""
+        client = await self.client(caller)
+        if client is None:
+            return
+        await self.check_model(caller, model)
+        if not client.limited:
+            return
+        await self._check_window(client)
+        if client.budget_usd is not None:
+            key, start, end = self._period(client)
+            spent = await self.counters.spend(client.name, key, self._loader(client, start))
+            if spent >= client.budget_usd:
+                raise self._over_budget(client, spent, end)
+
+    async def admit(
+        self, caller: str, model: str, *, input_tokens: Callable[[], int], max_tokens: int
+    ) -> Reservation | None:
+        """Check one provider call and, for a client with a budget, reserve its maximum cost. Raises
+        ApiError (MODEL_NOT_ALLOWED, RATE_LIMITED, BUDGET_EXCEEDED)."""
+        client = await self.client(caller)
+        if client is None:
+            return None
+        await self.check_model(caller, model)
+        if not client.limited:
+            return None
+        await self._check_window(client)
+        reservation = None
+        if client.budget_usd is not None:
+            key, start, end = self._period(client)
+            amount = max_cost(self.model_info(model), input_tokens(), max_tokens)
+            reservation, spent = await self.counters.reserve(
+                client.name, key, client.budget_usd, amount, self._loader(client, start)
+            )
+            if reservation is None:
+                raise self._over_budget(client, spent, end)
+        await self.counters.add_request(client.name, self.monotonic())
+        return reservation
+
+    async def _check_window(self, client: Client) -> None:
+        if client.rpm is None and client.tpm is None:
+            return
+        window = await self.counters.window(client.name, self.monotonic())
+        if client.rpm is not None and window.requests >= client.rpm:
+            raise ApiError(
+                "RATE_LIMITED",
+                f"Client {client.name!r} may make {client.rpm} requests per minute; try again shortly.",
+                retry_after=math.ceil(max(window.requests_free_in, 0.001)),
+            )
+        if client.tpm is not None and window.tokens >= client.tpm:
+            raise ApiError(
+                "RATE_LIMITED",
+                f"Client {client.name!r} may use {client.tpm} tokens per minute; try again shortly.",
+                retry_after=math.ceil(max(window.tokens_free_in, 0.001)),
+            )
+
+    def _over_budget(self, client: Client, spent: float, end: datetime | None) -> ApiError:
+        budget = client.budget_usd or 0.0
+        if end is None:
+            when, retry = "it does not reset (period 'total'); the admin can raise it", None
+        else:
+            when = f"it resets at {iso(end)} UTC"
+            retry = max(1.0, math.ceil((end - self.clock()).total_seconds()))
+        return ApiError(
+            "BUDGET_EXCEEDED",
+            f"Client {client.name!r} has used its {usd(budget)} {client.period} budget "
+            f"(spent {usd(spent)}, calls in flight included); {when}.",
+            retry_after=retry,
+        )
+
+    async def settle(self, reservation: Reservation | None, record: UsageRecord) -> None:
+        """Account one usage record: its tokens in the client's minute, its cost against the budget."""
+        if record.client is None or record.client == ADMIN:
+            return
+        await self.counters.add_tokens(record.client, record.usage.total_tokens, self.monotonic())
+        if reservation is not None:
+            await self.counters.settle(reservation, record.cost.total_cost)
+            return
+        client = await self.clients.get(record.client)
+        if client is not None and client.budget_usd is not None and record.cost.total_cost:
+            key, _, _ = self._period(client)
+            await self.counters.add_spend(client.name, key, record.cost.total_cost)
+
+    async def release(self, reservation: Reservation | None) -> None:
+        """Give back a reservation that was not settled (a call stopped before it made a record)."""
+        if reservation is not None and not reservation.settled:
+            await self.counters.settle(reservation, 0.0)

@@ -1,0 +1,249 @@
+"""ClientStore: the clients (SPEC 11) in ``clients.json`` in the data directory (0600, written whole and
+atomically). Only key hashes are stored.
+
+A running server sees changes made by the CLI (or another process) without a restart: every lookup checks
+the file (one ``stat``: inode, times, size, mode, owner) and re-reads it when it changed.
+
+The API a storage backend implements, async, for the server: ``get_by_key``, ``get_by_hash``, ``get``,
+``list``, ``add``, ``update``, ``rotate``, ``remove``, ``touch`` (and ``should_touch``, in memory); the CLI
+uses the sync ``*_sync`` forms.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import threading
+from collections.abc import Iterator
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from ..clients import Client, hash_key, new_key
+from ..private_files import PrivateFileError, read_private_file
+from ..types import now_iso
+from .atomic import StoreCorrupt, make_dirs, move_aside, write_json_atomic
+from .store_thread import on_store_thread
+
+try:
+    import fcntl
+except ImportError:  # Windows: writers in one process only are ordered
+    fcntl = None  # type: ignore[assignment]
+
+log = logging.getLogger(__name__)
+
+FILE_NAME = "clients.json"
+# The file says who may call the gateway: read only from a regular file of ours that others cannot write.
+FIX = "Check it, or move it away and add the clients again (agentspace clients add)."
+# Last use is written at most this often per client: a busy client must not rewrite the file per request.
+TOUCH_INTERVAL_SECONDS = 60.0
+
+
+def _stamp(st: os.stat_result) -> tuple[int, ...]:
+    """What changes when the file is replaced, written, or has its owner or mode changed."""
+    return (st.st_ino, st.st_mtime_ns, st.st_ctime_ns, st.st_size, st.st_mode, st.st_uid)
+
+
+class ClientExists(ValueError):
+    pass
+
+
+class ClientNotFound(KeyError):
+    pass
+
+
+class ClientStore:
+    def __init__(self, data_dir: Path) -> None:
+        self.path = Path(data_dir) / FILE_NAME
+        self._lock = threading.Lock()  # the loop's reads and the store thread's writes
+        self._stamp: tuple[int, ...] | None = None
+        self._clients: dict[str, Client] = {}
+        self._by_hash: dict[str, Client] = {}
+        self._touched: dict[str, float] = {}
+
+    # --- reads (cheap, sync: a stat, and a read only when the file changed) --------------------
+
+    def _refresh(self) -> None:
+        try:
+            st = os.stat(self.path)
+        except FileNotFoundError:
+            if self._stamp is not None or self._clients:
+                self._load({})
+            self._stamp = None
+            return
+        stamp = _stamp(st)
+        if stamp == self._stamp:
+            return
+        self._load({})  # a file refused below leaves no client in memory (fail closed)
+        text = read_private_file(self.path, FIX)
+        try:
+            data = json.loads(text) if text else {}
+        except ValueError as e:
+            move_aside(StoreCorrupt(self.path, f"not valid JSON ({e})"))
+            data = {}
+        self._load(data)
+        self._stamp = stamp
+
+    def _load(self, data: dict[str, Any]) -> None:
+        clients = {}
+        for stored in (data.get("clients") or {}).values():
+            try:
+                client = Client.from_stored(stored)
+            except (KeyError, TypeError, ValueError):
+                continue
+            clients[client.name] = client
+        self._clients = clients
+        self._by_hash = {c.key_hash: c for c in clients.values()}
+
+    def get_by_hash_sync(self, key_hash: str) -> Client | None:
+        with self._lock:
+            self._refresh()
+            client = self._by_hash.get(key_hash)
+        return client if client is not None and client.key_matches_hash(key_hash) else None
+
+    def get_sync(self, name: str) -> Client | None:
+        with self._lock:
+            self._refresh()
+            return self._clients.get(name)
+
+    def list_sync(self) -> list[Client]:
+        with self._lock:
+            self._refresh()
+            return sorted(self._clients.values(), key=lambda c: c.name)
+
+    # --- writes (sync; the async forms run them on the store thread) ---------------------------
+
+    @contextlib.contextmanager
+    def _writing(self) -> Iterator[None]:
+        """Held around every read-modify-write: this process's lock, and a lock file shared with the other
+        processes (the CLI next to the server), so that no write puts back what another just changed (a
+        server noting a last use must not revive a key the CLI has just rotated)."""
+        make_dirs(self.path.parent)
+        fd = os.open(self.path.with_name("." + FILE_NAME + ".lock"), os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            if fcntl is not None:
+                fcntl.flock(fd, fcntl.LOCK_EX)  # waited for before the in-process lock: readers do not wait
+            with self._lock:
+                yield
+        finally:
+            os.close(fd)  # releases the lock
+
+    def _write(self) -> None:
+        write_json_atomic(self.path, {"clients": {c.name: c.to_stored() for c in self._clients.values()}})
+        self._stamp = _stamp(os.stat(self.path))
+        self._by_hash = {c.key_hash: c for c in self._clients.values()}
+
+    def add_sync(self, client: Client) -> str:
+        """Store a new client (``client.key_hash`` is replaced); returns its key, the only time it is shown."""
+        with self._writing():
+            self._refresh()
+            if client.name in self._clients:
+                raise ClientExists(client.name)
+            key = new_key()
+            client.key_hash = hash_key(key)
+            self._clients[client.name] = client
+            try:
+                self._write()
+            except BaseException:
+                self._stamp = None  # re-read: the file is as it was
+                raise
+            return key
+
+    def update_sync(self, name: str, change: Any) -> Client:
+        """Apply ``change(client)`` to a copy of the client and store it."""
+        with self._writing():
+            self._refresh()
+            current = self._clients.get(name)
+            if current is None:
+                raise ClientNotFound(name)
+            client = Client.from_stored(current.to_stored())
+            change(client)
+            self._clients[name] = client
+            try:
+                self._write()
+            except BaseException:
+                self._stamp = None
+                raise
+            return client
+
+    def rotate_sync(self, name: str) -> str:
+        """A new key for ``name``; the old one is refused from now on. Returns the new key."""
+        key = new_key()
+
+        def change(client: Client) -> None:
+            client.key_hash = hash_key(key)
+
+        self.update_sync(name, change)
+        return key
+
+    def remove_sync(self, name: str) -> None:
+        with self._writing():
+            self._refresh()
+            if name not in self._clients:
+                raise ClientNotFound(name)
+            del self._clients[name]
+            try:
+                self._write()
+            except BaseException:
+                self._stamp = None
+                raise
+
+    def touch_sync(self, name: str, when: str) -> None:
+        def change(client: Client) -> None:
+            client.last_used_at = when
+
+        try:
+            self.update_sync(name, change)
+        except ClientNotFound:
+            pass
+
+    # --- async API (the server) ----------------------------------------------------------------
+    # Reads run on the loop: a stat, and a read of a small file only when it changed.
+
+    # A file that cannot be trusted (another user's, writable by others, a symbolic link) admits no client.
+
+    async def get_by_key(self, key: str) -> Client | None:
+        """The client whose key this is (the hash compared in constant time), or None."""
+        return await self.get_by_hash(hash_key(key))
+
+    async def get_by_hash(self, key_hash: str) -> Client | None:
+        try:
+            return self.get_by_hash_sync(key_hash)
+        except PrivateFileError as e:
+            log.error("client keys refused: %s", e)
+            return None
+
+    async def get(self, name: str) -> Client | None:
+        try:
+            return self.get_sync(name)
+        except PrivateFileError as e:
+            log.error("client keys refused: %s", e)
+            return None
+
+    async def list(self) -> list[Client]:
+        return self.list_sync()
+
+    async def add(self, client: Client) -> str:
+        return await on_store_thread(self.add_sync, client)
+
+    async def update(self, name: str, change: Any) -> Client:
+        return await on_store_thread(self.update_sync, name, change)
+
+    async def rotate(self, name: str) -> str:
+        return await on_store_thread(self.rotate_sync, name)
+
+    async def remove(self, name: str) -> None:
+        await on_store_thread(self.remove_sync, name)
+
+    def should_touch(self, name: str, monotonic_now: float) -> bool:
+        """Whether last use is due to be written (at most once per TOUCH_INTERVAL_SECONDS per client)."""
+        last = self._touched.get(name)
+        if last is not None and monotonic_now - last < TOUCH_INTERVAL_SECONDS:
+            return False
+        self._touched[name] = monotonic_now
+        return True
+
+    async def touch(self, name: str, when: datetime | None = None) -> None:
+        await on_store_thread(self.touch_sync, name, now_iso() if when is None else when.isoformat())

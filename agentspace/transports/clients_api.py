@@ -1,0 +1,215 @@
+"""``/api/clients``: the clients (SPEC 11) over HTTP, for the gateway token only (the security middleware
+answers 403 to a client key). The same operations as ``agentspace clients``; a key is in the answer of
+``POST /api/clients`` and ``POST /api/clients/{name}/rotate`` only, and no answer carries a key hash.
+
+Shapes: ``GET /api/clients`` -> ``{clients: [client]}``; ``client`` is ``{name, createdAt, lastUsedAt,
+budget: {usd, period} | null, spend: {usd, periodStart, periodEnd}, rpm, tpm, models}``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from aiohttp import web
+
+from ..clients import Client, apply_settings, name_problem, settings_problems
+from ..errors import ApiError
+from ..registry import Registry
+from ..service import invalid, parse_json
+from ..stores.clients import ClientExists, ClientNotFound
+from ..types import now_iso
+from . import state
+
+SETTINGS = ("budgetUsd", "period", "rpm", "tpm", "models")
+
+
+async def _public(gw: Registry, client: Client) -> dict[str, Any]:
+    return client.public(await gw.guard.spend(client), gw.guard.clock())
+
+
+async def _client(gw: Registry, name: str) -> Client:
+    client = await gw.clients.get(name)
+    if client is None:
+        raise ApiError("NOT_FOUND", f"No client {name!r}.")
+    return client
+
+
+async def _settings(request: web.Request) -> dict[str, Any]:
+    body = parse_json(await request.read())
+    if not isinstance(body, dict):
+        raise invalid({"": "the body must be a JSON object"})
+    unknown = [k for k in body if k not in (*SETTINGS, "name")]
+    if unknown:
+        raise invalid({k: f"unknown field; expected one of {', '.join(SETTINGS)}" for k in unknown})
+    if problems := settings_problems(body):
+        raise invalid(problems)
+    return body
+
+
+async def list_clients(request: web.Request) -> web.Response:
+    gw = request.app[state.REGISTRY]
+    return web.json_response({"clients": [await _public(gw, c) for c in await gw.clients.list()]})
+
+
+async def create_client(request: web.Request) -> web.Response:
+    gw = request.app[state.REGISTRY]
+    body = await _settings(request)
+    name = body.pop("name", None)
+    if (problem := name_problem(name)) is not None:
+        raise invalid({"name": problem})
+    client = Client(name=name, key_hash="", created_at=now_iso())
+    apply_settings(client, body)
+    try:
+        key = await gw.clients.add(client)
+    except ClientExists:
+        raise ApiError("INVALID_MESSAGE", f"A client {name!r} exists already.", {"name": "taken"}) from None
+    # The key, this once; the gateway keeps its hash only.
+    return web.json_response({"client": await _public(gw, client), "key": key}, status=201)
+
+
+async def get_client(request: web.Request) -> web.Response:
+    gw = request.app[state.REGISTRY]
+    return web.json_response({"client": await _public(gw, await _client(gw, request.match_info["name"]))})
+
+
+async def update_client(request: web.Request) -> web.Response:
+    gw = request.app[state.REGISTRY]
+    body = await _settings(request)
+    if "name" in body:
+        raise invalid({"name": "a client cannot be renamed; add a new one"})
+    try:
+        client = await gw.clients.update(request.match_info["name"], lambda c: apply_settings(c, body))
+    except ClientNotFound:
+        raise ApiError("NOT_FOUND", f"No client {request.match_info['name']!r}.") from None
+    return web.json_response({"client": await _public(gw, client)})
+
+
+async def delete_client(request: web.Request) -> web.Response:
+    gw = request.app[state.REGISTRY]
+    try:
+        await gw.clients.remove(request.match_info["name"])
+    except ClientNotFound:
+        raise ApiError("NOT_FOUND", f"No client {request.match_info['name']!r}.") from None
+    return web.Response(status=204)
+
+
+async def rotate_client(request: web.Request) -> web.Response:
+    gw = request.app[state.REGISTRY]
+    name = request.match_info["name"]
+    try:
+        key = await gw.clients.rotate(name)
+    except ClientNotFound:
+        raise ApiError("NOT_FOUND", f"No client {name!r}.") from None
+    return web.json_response({"client": await _public(gw, await _client(gw, name)), "key": key})
+
+
+def setup_routes(app: web.Application) -> None:
+    app.router.add_get("/api/clients", list_clients)
+    app.router.add_post("/api/clients", create_client)
+    app.router.add_get("/api/clients/{name}", get_client)
+    app.router.add_patch("/api/clients/{name}", update_client)
+    app.router.add_delete("/api/clients/{name}", delete_client)
+    app.router.add_post("/api/clients/{name}/rotate", rotate_client)
+
+
+# --- the OpenAPI document's part (merged into rest.OPENAPI) ---------------------------------------
+
+_ERROR = {"description": "Error", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
+_NULLABLE_NUMBER = {"type": ["number", "null"]}
+_NULLABLE_INT = {"type": ["integer", "null"]}
+_CLIENT_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string"},
+        "createdAt": {"type": "string"},
+        "lastUsedAt": {"type": ["string", "null"]},
+        "budget": {
+            "type": ["object", "null"],
+            "properties": {"usd": {"type": "number"}, "period": {"enum": ["day", "week", "month", "total"]}},
+        },
+        "spend": {
+            "type": "object",
+            "properties": {
+                "usd": {"type": "number"},
+                "periodStart": {"type": ["string", "null"]},
+                "periodEnd": {"type": ["string", "null"]},
+            },
+        },
+        "rpm": _NULLABLE_INT,
+        "tpm": _NULLABLE_INT,
+        "models": {"type": "array", "items": {"type": "string"}},
+    },
+}
+_SETTINGS_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "properties": {
+        "budgetUsd": _NULLABLE_NUMBER,
+        "period": {"enum": ["day", "week", "month", "total"]},
+        "rpm": _NULLABLE_INT,
+        "tpm": _NULLABLE_INT,
+        "models": {"type": "array", "items": {"type": "string"}, "description": "Model id patterns (wildcards)."},
+    },
+}
+
+
+def _ok(schema: dict[str, Any], description: str = "OK") -> dict[str, Any]:
+    return {"description": description, "content": {"application/json": {"schema": schema}}}
+
+
+_ONE = {"type": "object", "properties": {"client": _CLIENT_SCHEMA}}
+_WITH_KEY = {"type": "object", "properties": {"client": _CLIENT_SCHEMA, "key": {"type": "string"}}}
+_NAME = {"name": "name", "in": "path", "required": True, "schema": {"type": "string"}}
+_ADMIN_ERRORS = {"401": _ERROR, "403": {**_ERROR, "description": "FORBIDDEN: a client key (admin route)."}}
+_BODY = {"content": {"application/json": {"schema": _SETTINGS_SCHEMA}}}
+
+OPENAPI_PATHS: dict[str, Any] = {
+    "/api/clients": {
+        "get": {
+            "summary": "Every client with its spend in the current period (gateway token only).",
+            "responses": {
+                "200": _ok({"type": "object", "properties": {"clients": {"type": "array", "items": _CLIENT_SCHEMA}}}),
+                **_ADMIN_ERRORS,
+            },
+        },
+        "post": {
+            "summary": "Add a client; the answer carries its key, the only time it is shown.",
+            "requestBody": {
+                "content": {
+                    "application/json": {
+                        "schema": {
+                            **_SETTINGS_SCHEMA,
+                            "required": ["name"],
+                            "properties": {"name": {"type": "string"}, **_SETTINGS_SCHEMA["properties"]},
+                        }
+                    }
+                }
+            },
+            "responses": {"201": _ok(_WITH_KEY, "Created."), "400": _ERROR, **_ADMIN_ERRORS},
+        },
+    },
+    "/api/clients/{name}": {
+        "get": {
+            "summary": "One client.",
+            "parameters": [_NAME],
+            "responses": {"200": _ok(_ONE), **_ADMIN_ERRORS, "404": _ERROR},
+        },
+        "patch": {
+            "summary": "Change a client's budget, period, rate limits or models (null clears a limit).",
+            "parameters": [_NAME],
+            "requestBody": _BODY,
+            "responses": {"200": _ok(_ONE), "400": _ERROR, **_ADMIN_ERRORS, "404": _ERROR},
+        },
+        "delete": {
+            "summary": "Remove a client; its key stops working, its usage records stay.",
+            "parameters": [_NAME],
+            "responses": {"204": {"description": "Removed."}, **_ADMIN_ERRORS, "404": _ERROR},
+        },
+    },
+    "/api/clients/{name}/rotate": {
+        "post": {
+            "summary": "A new key for the client (in the answer, once); the old key is refused from now on.",
+            "parameters": [_NAME],
+            "responses": {"200": _ok(_WITH_KEY), **_ADMIN_ERRORS, "404": _ERROR},
+        }
+    },
+}
