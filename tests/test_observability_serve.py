@@ -82,7 +82,7 @@ async def test_served_gateway_exports_spans_and_public_metrics(tmp_path: Path, f
             async with http.get(f"{server.url}/metrics") as resp:  # public: no token
                 assert resp.status == 200
                 text = await resp.text()
-        assert 'agentspace_requests_total{client="ws",endpoint="ws",model="anthropic/claude-sonnet-4-5"} 1.0' in text
+        assert 'agentspace_requests_total{client="admin",endpoint="ws",model="anthropic/claude-sonnet-4-5"} 1.0' in text
         assert "agentspace_time_to_first_token_seconds_count" in text
     finally:
         assert await server.terminate() == 0  # the span processor is flushed at shutdown

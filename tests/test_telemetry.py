@@ -105,7 +105,7 @@ async def test_a_plain_chat_is_one_call_span_under_the_turn_span(
     assert a["gen_ai.usage.output_tokens"] == record["outputTokens"] > 0
     assert a["agentspace.cost_usd"] == record["totalCost"] and a["agentspace.usage_record_id"] == record["id"]
     assert a["gen_ai.conversation.id"] == session_id
-    assert a["agentspace.client"] == "ws" and a["agentspace.endpoint"] == "ws"
+    assert a["agentspace.client"] == "admin" and a["agentspace.endpoint"] == "ws"
     assert a["agentspace.cost_usd"] > 0 and a["agentspace.attempts"] == 1
     assert "error.type" not in a and call.status.status_code is not StatusCode.ERROR
     t = dict(turn.attributes or {})
