@@ -138,7 +138,8 @@ def host_allowed(config: Config, request: web.Request) -> bool:
 
 def origin_allowed(config: Config, request: web.Request) -> bool:
     origin = request.headers.get("Origin")
-    return origin is None or origin in config["server"]["allowed_origins"]
+    # Our own origin is the web app we serve (the Host was checked first: not a rebound name).
+    return origin is None or origin in config["server"]["allowed_origins"] or origin == f"{request.scheme}://{request.host}"
 
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -153,6 +154,8 @@ def security_middleware(config: Config) -> Middleware:
             return error_response(403, "FORBIDDEN", "Origin not allowed; add it to [server] allowed_origins.")
         if request.path == "/healthz" or request.path == "/gateway" or request.method == "OPTIONS":
             return await handler(request)  # /gateway authenticates itself (header or first frame)
+        if request.method in ("GET", "HEAD") and (request.path == "/" or request.path.startswith("/assets/")):
+            return await handler(request)  # the web app's page and files: no secret; it signs in itself
         if request.app[_state().AUTH_FAILURES].blocked(_address(request)):
             return error_response(429, "RATE_LIMITED", "Too many failed authentications; try again later.")
         if not bearer_ok(request):

@@ -26,7 +26,7 @@ from .logs import configure_logging
 from .plugins import get_plugin_manager
 from .security import AuthFailures, security_middleware
 from .stores.files import DataDirLock
-from .transports import rest, state, ui_stream, ws
+from .transports import rest, state, ui_stream, web_app, ws
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +49,7 @@ def create_app(config: Config, pm: pluggy.PluginManager | None = None) -> web.Ap
     app.router.add_get("/gateway", ws.gateway_handler)
     ui_stream.setup_routes(app)
     rest.setup_routes(app)
+    web_app.setup_routes(app)
     app.cleanup_ctx.append(_gateway_context(config, pm))
     app.on_shutdown.append(_finish_streams)
     return app

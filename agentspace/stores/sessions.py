@@ -239,6 +239,10 @@ class SessionStore:
         """Merge ``changes`` into a stored message. Raises SessionNotFound or MessageNotFound."""
         await self._worker.run(self._update, session_id, message_id, _detached(changes))
 
+    async def set_title(self, session_id: str, title: str) -> None:
+        """Rename a session. Raises SessionNotFound."""
+        await self._worker.run(self._set_title, session_id, title)
+
     async def messages(self, session_id: str, limit: int | None = None) -> builtins.list[dict[str, Any]]:
         """The last ``limit`` messages (all when None), oldest first; [] for an unknown session."""
         if self._readable_now(session_id):
@@ -481,6 +485,10 @@ class SessionStore:
     def _touch(self, session_id: str) -> None:
         with self._lock:
             self._change(self._require(session_id), lambda info: None)
+
+    def _set_title(self, session_id: str, title: str) -> None:
+        with self._lock:
+            self._change(self._require(session_id), lambda info: info.update(title=title))
 
     def _read_summary(self, session_id: str, copy_is_current: bool) -> dict[str, Any] | None:
         """From the summary copy when it is current, else from the session file; None once deleted."""

@@ -345,3 +345,19 @@ def usage_report(records: Iterable[dict[str, Any]]) -> dict[str, Any]:
 def usage_by_day(records: Iterable[dict[str, Any]]) -> dict[str, Any]:
     """Totals per UTC day of the record's timestamp: ``perDay`` and ``grandTotal``."""
     return _group(records, "perDay", _day_label)
+
+
+def usage_by_session(records: Iterable[dict[str, Any]]) -> dict[str, Any]:
+    """Totals per session id (``"none"`` for calls outside a session): ``perSession`` and ``grandTotal``."""
+    return _group(records, "perSession", lambda record: str(record.get("sessionId") or "none"))
+
+
+def usage_by_day_and_model(records: Iterable[dict[str, Any]]) -> dict[str, Any]:
+    """Totals per UTC day and, within it, per model (the web app's stacked chart): ``perDay`` maps a day to
+    ``{MODEL: totals}``; ``grandTotal`` as in the other reports."""
+    grouped = _group(records, "perDay", lambda record: f"{_day_label(record)} {_model_label(record)}")
+    per_day: dict[str, dict[str, Any]] = {}
+    for key, totals in grouped["perDay"].items():
+        day, _, model = key.partition(" ")
+        per_day.setdefault(day, {})[model] = totals
+    return {"perDay": per_day, "grandTotal": grouped["grandTotal"]}

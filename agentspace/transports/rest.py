@@ -21,7 +21,7 @@ from ..context import inspect_session
 from ..gateway import ModelNotFound
 from ..periods import parse_since
 from ..security import error_response
-from ..stores.usage import usage_by_day, usage_report
+from ..stores.usage import usage_by_day, usage_by_day_and_model, usage_by_session, usage_report
 from . import state
 from .ui_stream import BadRequest, checked_session_id, invalid
 
@@ -33,6 +33,10 @@ CORS_MAX_AGE = "600"
 
 # Codes for errors aiohttp raises itself (no route, wrong method, body too large).
 HTTP_ERROR_CODES = {404: "NOT_FOUND", 405: "METHOD_NOT_ALLOWED", 413: "PAYLOAD_TOO_LARGE"}
+
+
+# ``by`` of GET /api/usage: the report that groups the records.
+USAGE_REPORTS = {"model": usage_report, "day": usage_by_day, "session": usage_by_session, "day-model": usage_by_day_and_model}
 
 
 def _session_id(request: web.Request) -> str:
@@ -85,8 +89,8 @@ async def session_context(request: web.Request) -> web.Response:
 
 async def usage(request: web.Request) -> web.Response:
     by = request.query.get("by", "model")
-    if by not in ("model", "day"):
-        raise invalid([{"path": "by", "message": "must be 'model' or 'day'"}])
+    if by not in USAGE_REPORTS:
+        raise invalid([{"path": "by", "message": f"must be one of {', '.join(USAGE_REPORTS)}"}])
     since = None
     if request.query.get("since"):
         try:
@@ -94,7 +98,7 @@ async def usage(request: web.Request) -> web.Response:
         except ValueError as e:
             raise invalid([{"path": "since", "message": str(e)}]) from None
     records = await request.app[state.GATEWAY].usage.arecords(session_id=request.query.get("sessionId") or None, since=since)
-    return web.json_response(usage_report(records) if by == "model" else usage_by_day(records))
+    return web.json_response(USAGE_REPORTS[by](records))
 
 
 async def models(request: web.Request) -> web.Response:
@@ -259,9 +263,10 @@ OPENAPI: dict[str, Any] = {
                           **_AUTH_ERRORS, "404": _error("SESSION_NOT_FOUND")},
         }},
         "/api/usage": {"get": {
-            "summary": "Tokens and cost per model (the usage.report shape) or per UTC day.",
+            "summary": "Tokens and cost per model (the usage.report shape), per UTC day, per session, or per day and model.",
             "parameters": [
-                {"name": "by", "in": "query", "schema": {"enum": ["model", "day"], "default": "model"}},
+                {"name": "by", "in": "query", "schema": {"enum": ["model", "day", "session", "day-model"], "default": "model"},
+                 "description": "day-model: perDay maps each UTC day to {MODEL: totals} (the web app's chart)."},
                 {"name": "sessionId", "in": "query", "schema": _STR},
                 {"name": "since", "in": "query", "schema": _STR,
                  "description": "A duration ago (30m, 24h, 7d, 2w) or an ISO date/time (UTC unless it has an offset)."},
