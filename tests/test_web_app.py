@@ -14,7 +14,6 @@ import shutil
 import subprocess
 import sys
 import threading
-import time
 import urllib.request
 from datetime import datetime, timezone
 from pathlib import Path
@@ -220,7 +219,7 @@ def test_sign_in_rejects_a_wrong_key_and_sign_out_forgets_the_key(browser: Any, 
     screenshot(page, "sign-in")
     page.get_by_label("Gateway token or client key").fill("not-the-token")
     page.get_by_role("button", name="Sign in").click()
-    assert "not valid" in page.get_by_role("alert").inner_text()
+    expect(page.get_by_role("alert")).to_contain_text("not valid")
     # The wrong key's 401 is the one console error this page may have (Chromium logs failed fetches).
     assert all("401" in e for e in web.console_errors)
     web.console_errors.clear()
@@ -235,6 +234,7 @@ def test_sign_in_rejects_a_wrong_key_and_sign_out_forgets_the_key(browser: Any, 
 
 def test_chat_streams_markdown_with_code_reasoning_sources_and_tools(web: Page, gateway: Gateway) -> None:
     page = web.sign_in()
+    new_chat(page)
     text = "Here is the code:\n\n```python\ndef add(a, b):\n    return a + b  # sum\n```\n\nAnd **done**."
     gateway.fake.enqueue(message_response(thinking_block("Thinking about adding."), text_block(text, chunks=12)).with_delay(0.12))
     send(page, "Write an add function")
@@ -330,9 +330,11 @@ def _cli_usage(gateway: Gateway, since: str) -> dict[str, Any]:
 
 def test_usage_page_totals_equal_the_cli_report_and_the_csv_has_its_rows(web: Page, gateway: Gateway) -> None:
     page = web.sign_in()
+    new_chat(page)
     gateway.fake.enqueue(text_response("For the usage page.", usage={"input_tokens": 40, "cache_read_input_tokens": 7}))
     send(page, "Something to count")
     page.wait_for_selector("li.message.assistant[data-state=done] .meta")
+    sid = session_id(page)
     page.get_by_role("link", name="Usage").click()
     page.get_by_label("Range", exact=True).select_option("today")
     today = datetime.now(timezone.utc).strftime("%Y-%m-%d")
@@ -362,9 +364,9 @@ def test_usage_page_totals_equal_the_cli_report_and_the_csv_has_its_rows(web: Pa
     page.get_by_label("Range", exact=True).select_option("30d")
     page.wait_for_selector("#usage-body:not([aria-busy]) #card-totalCost")
     assert int(page.locator("#card-requestCount").get_attribute("data-value")) == _cli_usage(gateway, "30d")["grandTotal"]["requestCount"]
-    sessions = page.locator("table:has(caption:text('By session')) tbody a")
-    sessions.first.click()
-    page.wait_for_selector("li.message")  # the session link opens the chat
+    page.locator(f"table:has(caption:text('By session')) tbody a[href='#/chat/{sid}']").click()
+    expect(page.locator("li.message.user").last).to_have_text("Something to count")  # the link opens the session
+    assert session_id(page) == sid
 
 
 def test_phone_layout_and_keyboard(browser: Any, gateway: Gateway) -> None:

@@ -129,6 +129,7 @@ function shell(page, content) {
 async function route() {
   if (!getKey()) return signInPage();
   const [, page = "chat", arg] = location.hash.replace(/^#\/?/, "#/").split("/");
+  if (page !== "chat") state.chat = null; // a chat still streaming goes on, off screen
   if (page === "usage") {
     shell("usage", el("p", { class: "muted" }, "Loading usage…"));
     return usagePage(document.getElementById("main"), { sessions: state.sessions });
@@ -152,7 +153,7 @@ function sessionItem(s) {
   const item = el("li", { class: current ? "current" : undefined, "data-session": s.id });
   const open = el("a", { href: `#/chat/${encodeURIComponent(s.id)}`, "aria-current": current ? "page" : undefined, class: "session-link" }, title);
   const rename = el("button", { type: "button", class: "icon", "aria-label": `Rename ${title}`, title: "Rename" }, "✎");
-  const remove = el("button", { type: "button", class: "icon", "aria-label": `Delete ${title}`, title: "Delete" }, "🗑");
+  const remove = el("button", { type: "button", class: "icon", "aria-label": `Delete ${title}`, title: "Delete" }, "✕");
   rename.addEventListener("click", () => {
     const input = el("input", { value: title, "aria-label": "New title", class: "rename" });
     const save = async () => {
@@ -313,8 +314,9 @@ async function chatPage(sessionId) {
 }
 
 function setStreaming(chat, streaming) {
-  if (state.chat !== chat) return;
-  document.getElementById("stop").hidden = !streaming;
+  const stopButton = document.getElementById("stop");
+  if (state.chat !== chat || !stopButton) return;
+  stopButton.hidden = !streaming;
   document.getElementById("send").disabled = streaming;
 }
 
@@ -380,8 +382,8 @@ function renderMessage(message) {
 }
 
 function renderMessages(chat) {
-  if (state.chat !== chat) return;
   const list = document.getElementById("messages");
+  if (state.chat !== chat || !list) return;
   const nearBottom = list.scrollHeight - list.scrollTop - list.clientHeight < 80;
   list.replaceChildren(...chat.messages.map(renderMessage));
   if (nearBottom) list.scrollTop = list.scrollHeight;
@@ -393,8 +395,8 @@ function scheduleRender(chat, message) {
   message.pending = true;
   requestAnimationFrame(() => {
     message.pending = false;
-    if (state.chat !== chat) return;
     const list = document.getElementById("messages");
+    if (state.chat !== chat || !list) return;
     const old = list.querySelector(`li[data-id="${CSS.escape(message.renderedId || message.id)}"]`);
     const open = old ? [...old.querySelectorAll("details")].map((d) => d.open) : [];
     const fresh = renderMessage(message);

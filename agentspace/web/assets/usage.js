@@ -50,7 +50,7 @@ function chart(perDay) {
   // The bar height is the day's cost as the report gives it per model; the chart only stacks them.
   const dayTotal = (d) => Object.values(perDay[d]).reduce((a, t) => a + (t.totalCost || 0), 0);
   const max = Math.max(...days.map(dayTotal)) || 1;
-  const width = 640, height = 220, pad = 28, band = (width - pad * 2) / days.length;
+  const width = 640, height = 220, pad = 28, band = Math.min(80, (width - pad * 2) / days.length);
   const bars = [];
   days.forEach((day, i) => {
     let y = height - pad;
@@ -91,12 +91,15 @@ export async function usagePage(main, { sessions }) {
     el("form", { class: "toolbar", "aria-label": "Date range" }, el("label", { for: "range" }, "Range"), range, fromLabel, from, exportButton),
     body);
   let report = null;
+  let latest = 0; // a range changed while its report loads: only the last one is shown
   const load = async () => {
+    const mine = ++latest;
     current = { range: range.value, from: from.value };
     from.hidden = fromLabel.hidden = range.value !== "custom";
     const since = encodeURIComponent(sinceOf(range.value, from.value));
     body.setAttribute("aria-busy", "true");
     const [byModel, byDay, bySession] = await Promise.all(["model", "day-model", "session"].map((by) => getJSON(`/api/usage?by=${by}&since=${since}`)));
+    if (mine !== latest) return;
     report = byModel;
     const g = byModel.grandTotal;
     const card = (id, label, value) => el("div", { class: "stat card", id: `card-${id}`, "data-value": value ?? "" }, el("span", { class: "muted" }, label), el("strong", {}, fmt(id, value)));
@@ -108,7 +111,7 @@ export async function usagePage(main, { sessions }) {
         card("cacheReadTokens", "Cache read tokens", g.cacheReadTokens), card("cacheWriteTokens", "Cache write tokens", g.cacheWriteTokens)),
       chart(byDay.perDay),
       table("By model", "Model", byModel.perModel, byModel.grandTotal),
-      byModel.perClient ? table("By client", "Client", byModel.perClient) : null,
+      ...(byModel.perClient ? [table("By client", "Client", byModel.perClient)] : []),
       table("By session", "Session", bySession.perSession, null,
         (id) => (id === "none" ? "(no session)" : el("a", { href: `#/chat/${encodeURIComponent(id)}` }, titles[id] || id))));
     body.removeAttribute("aria-busy");
