@@ -22,7 +22,7 @@ from ..gateway import ModelNotFound
 from ..periods import parse_since
 from ..security import error_response
 from ..stores.usage import usage_by_day, usage_by_day_and_model, usage_by_session, usage_report
-from . import state
+from . import state, web_api
 from .ui_stream import BadRequest, checked_session_id, invalid
 
 log = logging.getLogger(__name__)
@@ -334,3 +334,7 @@ OPENAPI: dict[str, Any] = {
         },
     },
 }
+
+# The web app's routes (transports.web_app, web_api) are documented here too.
+for _path, _operations in web_api.OPENAPI_PATHS.items():
+    OPENAPI["paths"].setdefault(_path, {}).update(_operations)
