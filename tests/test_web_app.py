@@ -129,8 +129,8 @@ def browser(gateway: Gateway) -> Iterator[Any]:
 class Page:
     """A signed-in-or-not page with what it logged and requested."""
 
-    def __init__(self, browser: Any, gateway: Gateway, viewport: dict[str, int] = DESKTOP) -> None:
-        self.context = browser.new_context(viewport=viewport, permissions=["clipboard-read", "clipboard-write"])
+    def __init__(self, browser: Any, gateway: Gateway, viewport: dict[str, int] = DESKTOP, color_scheme: str = "light") -> None:
+        self.context = browser.new_context(viewport=viewport, color_scheme=color_scheme, permissions=["clipboard-read", "clipboard-write"])
         self.page = self.context.new_page()
         self.gateway = gateway
         self.console_errors: list[str] = []
@@ -182,7 +182,7 @@ def send(page: Any, text: str) -> None:
 
 
 def new_chat(page: Any) -> None:
-    page.get_by_role("button", name="New chat").click()
+    page.get_by_role("button", name="New chat", exact=True).click()
     expect(page.locator("li.message")).to_have_count(0)
 
 
@@ -387,6 +387,16 @@ def test_phone_layout_and_keyboard(browser: Any, gateway: Gateway) -> None:
     page.wait_for_selector("#usage-body:not([aria-busy]) #card-totalCost")
     assert page.evaluate("document.documentElement.scrollWidth <= window.innerWidth")
     screenshot(page, "usage-phone")
+    web.check()
+
+
+def test_dark_theme_follows_the_system(browser: Any, gateway: Gateway) -> None:
+    web = Page(browser, gateway, DESKTOP, color_scheme="dark")
+    page = web.sign_in()
+    page.wait_for_selector("#prompt")
+    background = page.evaluate("getComputedStyle(document.body).backgroundColor")
+    assert background == "rgb(21, 23, 28)"
+    screenshot(page, "chat-dark")
     web.check()
 
 

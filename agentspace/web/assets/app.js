@@ -193,7 +193,8 @@ function sessionItem(s) {
     if (current) location.hash = "#/chat";
     else renderSidebar();
   });
-  item.append(open, el("span", { class: "actions" }, rename, remove));
+  // A new chat is stored with its first message: until then there is nothing to rename or delete.
+  item.append(open, s.createdAt ? el("span", { class: "actions" }, rename, remove) : "");
   return item;
 }
 
