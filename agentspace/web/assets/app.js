@@ -419,7 +419,8 @@ async function send(chat, text) {
   chat.messages.push(user);
   renderMessages(chat);
   notify("");
-  const body = { id: chat.id, messages: chat.messages.map(toUIMessage), model: state.model || undefined };
+  // The body of the AI SDK's default transport (DefaultChatTransport), plus the model picked.
+  const body = { id: chat.id, messages: chat.messages.map(toUIMessage), trigger: "submit-message", model: state.model || undefined };
   const message = newAssistantMessage(`pending_${newId()}`);
   chat.messages.push(message);
   chat.streaming = message;
