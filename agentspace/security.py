@@ -28,7 +28,7 @@ from aiohttp.typedefs import Middleware
 from .clients import ADMIN, looks_like_key
 from .config import Config
 from .gateway_token import TokenFile, token_matches
-from .transports import v1_errors
+from .transports import state, v1_errors
 
 log = logging.getLogger(__name__)
 
@@ -118,8 +118,6 @@ async def token_caller(request: web.Request, token: str) -> str | None:
         return ADMIN
     if not looks_like_key(token):
         return None
-    from .transports import state
-
     gw = request.app.get(state.REGISTRY)
     if gw is None:
         return None
@@ -227,7 +225,12 @@ def host_allowed(config: Config, request: web.Request) -> bool:
 
 def origin_allowed(config: Config, request: web.Request) -> bool:
     origin = request.headers.get("Origin")
-    return origin is None or origin in config["server"]["allowed_origins"]
+    # Our own origin is the web app we serve (the Host was checked first: not a rebound name).
+    return (
+        origin is None
+        or origin in config["server"]["allowed_origins"]
+        or origin == f"{request.scheme}://{request.host}"
+    )
 
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -242,6 +245,8 @@ def security_middleware(config: Config) -> Middleware:
             return error_response(403, "FORBIDDEN", "Origin not allowed; add it to [server] allowed_origins.")
         if request.path == "/healthz" or request.path == "/gateway" or request.method == "OPTIONS":
             return await handler(request)  # /gateway authenticates itself (header or first frame)
+        if request.method in ("GET", "HEAD") and (request.path == "/" or request.path.startswith("/assets/")):
+            return await handler(request)  # the web app's page and files: no secret; it signs in itself
         if request.path == "/metrics" and config["metrics"]["public"]:
             return await handler(request)  # scrapers without the token, when the operator opened it
         v1 = request.path.startswith("/v1/")  # the drop-in APIs answer in their own error shape

@@ -30,7 +30,7 @@ from .registry import ModelNotFound, Registry
 from .security import AuthFailures, security_middleware
 from .stores.clients import ClientStore
 from .stores.datadir_lock import DataDirLock
-from .transports import clients_api, rest, state, ui_stream, v1_routes, ws
+from .transports import clients_api, rest, state, ui_stream, v1_routes, web_app, ws
 from .vault import register_configured_keys
 
 log = logging.getLogger(__name__)
@@ -59,6 +59,7 @@ def create_app(config: Config, pm: pluggy.PluginManager | None = None) -> web.Ap
     clients_api.setup_routes(app)  # /api/clients, the gateway token only (SPEC 11)
     v1_routes.setup_routes(app)  # the drop-in provider APIs (SPEC 10)
     pm.hook.register_routes(app=app, config=config)  # plugins' routes (the built-in /metrics)
+    web_app.setup_routes(app)  # the web app at / (SPEC 12)
     app.cleanup_ctx.append(_gateway_context(config, pm))
     app.on_shutdown.append(_finish_streams)
     return app

@@ -25,7 +25,8 @@ from .errors import ApiError
 from .periods import parse_since
 from .pipeline import ChatRequest, Turn, owns, start_turn
 from .registry import ModelNotFound, Registry
-from .stores.sessions import SESSION_ID, Listing
+from .stores.sessions import SESSION_ID, TITLE_LENGTH, Listing, SessionNotFound
+from .stores.usage import REPORTS
 
 SHUTTING_DOWN_MESSAGE = "The gateway is shutting down; try again when it is back."
 
@@ -166,6 +167,10 @@ def chat_request(
 # --- the operations -----------------------------------------------------------------------------
 
 
+# Longer than the titles made from a first message, still one line in a sidebar.
+MAX_TITLE_LENGTH = 4 * TITLE_LENGTH
+
+
 class Service:
     """What a client may ask of the gateway, whichever transport it speaks.
 
@@ -228,6 +233,28 @@ class Service:
         if not await self.gw.sessions.delete(session_id):
             raise _not_found(session_id)
 
+    async def stop_answer(self, session_id: str) -> None:
+        """Stop the caller's running answer in the session (``chat.abort``: what was generated is kept)."""
+        turn = self.active_turn(checked(session_id, "id", session_id_problem))
+        if turn is None or turn.done:
+            raise ApiError("NOT_FOUND", f"No answer is streaming in session {session_id!r}.")
+        turn.abort()
+
+    async def rename_session(self, session_id: str, title: object) -> dict[str, Any]:
+        """Give the caller's session a title; returns its summary."""
+        await self._owned(checked(session_id, "id", session_id_problem))
+        if not isinstance(title, str) or not title.strip():
+            raise invalid({"title": "required: a non-empty string"})
+        title = " ".join(clean_text(title).split())
+        if len(title) > MAX_TITLE_LENGTH:
+            raise invalid({"title": f"at most {MAX_TITLE_LENGTH} characters"})
+        try:
+            await self.gw.sessions.set_title(session_id, title)
+        except SessionNotFound:
+            raise _not_found(session_id) from None
+        session = await self._owned(session_id)
+        return {k: v for k, v in session.items() if k != "messages"}
+
     async def inspect_context(
         self, session_id: str | None, model: str | None = None, paths: tuple[str, str] = ("id", "model")
     ) -> dict[str, Any]:
@@ -255,10 +282,10 @@ class Service:
         by: str = "model",
         paths: tuple[str, str, str] = ("sessionId", "since", "by"),
     ) -> dict[str, Any]:
-        """Tokens and cost per model (the ``usage.report`` shape), per UTC day or per client; a client gets
-        its own records only."""
-        if by not in ("model", "day", "client"):
-            raise invalid({paths[2]: "must be 'model', 'day' or 'client'"})
+        """Tokens and cost per model (the ``usage.report`` shape), or grouped as ``by`` says (``stores.usage.REPORTS``);
+        a client gets its own records only."""
+        if by not in REPORTS:
+            raise invalid({paths[2]: f"must be one of {', '.join(REPORTS)}"})
         if session_id is not None:
             checked(session_id, paths[0], session_id_problem)
         when = None

@@ -184,6 +184,10 @@ class SessionStore:
         """Merge ``changes`` into a stored message. Raises SessionNotFound or MessageNotFound."""
         await self._run(self._update, session_id, message_id, _detached(changes))
 
+    async def set_title(self, session_id: str, title: str) -> None:
+        """Rename a session. Raises SessionNotFound."""
+        await self._run(self._set_title, session_id, title)
+
     async def messages(self, session_id: str, limit: int | None = None) -> builtins.list[dict[str, Any]]:
         """The last ``limit`` messages (all when None), oldest first; [] for an unknown session."""
         return await self._run(self._messages, session_id, limit)
@@ -416,6 +420,13 @@ class SessionStore:
         with self._lock:
             tables = self._require(session_id)
             self._write(session_id, {**tables[_SESSION]["1"], "lastActivityAt": now_iso()}, tables[_MESSAGES])
+
+    def _set_title(self, session_id: str, title: str) -> None:
+        with self._lock:
+            tables = self._require(session_id)
+            self._write(
+                session_id, {**tables[_SESSION]["1"], "title": title, "lastActivityAt": now_iso()}, tables[_MESSAGES]
+            )
 
     def _close_all(self) -> None:
         with self._lock:

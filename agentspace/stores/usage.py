@@ -141,7 +141,7 @@ class UsageStore:
         the segments that could not be counted."""
         damaged: list[str] = []
         records = self.records(since=since, session_id=session_id, damaged=damaged, client=client)
-        grouping = {"model": usage_report, "day": usage_by_day, "client": usage_by_client}[by]
+        grouping = REPORTS[by]
         return {**grouping(records), "damagedFiles": damaged}
 
     async def areport(
@@ -290,3 +290,29 @@ def _client_label(record: dict[str, Any]) -> str:
 def usage_by_client(records: Iterable[dict[str, Any]]) -> dict[str, Any]:
     """Totals per client (SPEC 11): ``perClient`` and ``grandTotal``."""
     return _group(records, "perClient", _client_label)
+
+
+def usage_by_session(records: Iterable[dict[str, Any]]) -> dict[str, Any]:
+    """Totals per session id (``"none"`` for calls outside a session): ``perSession`` and ``grandTotal``."""
+    return _group(records, "perSession", lambda record: str(record.get("sessionId") or "none"))
+
+
+def usage_by_day_and_model(records: Iterable[dict[str, Any]]) -> dict[str, Any]:
+    """Totals per UTC day and, within it, per model (the web app's stacked chart): ``perDay`` maps a day to
+    ``{MODEL: totals}``; ``grandTotal`` as in the other reports."""
+    grouped = _group(records, "perDay", lambda record: f"{_day_label(record)} {_model_label(record)}")
+    per_day: dict[str, dict[str, Any]] = {}
+    for key, totals in grouped["perDay"].items():
+        day, _, model = key.partition(" ")
+        per_day.setdefault(day, {})[model] = totals
+    return {"perDay": per_day, "grandTotal": grouped["grandTotal"]}
+
+
+# ``by`` of the usage reports (CLI, ``/api/usage``): the function that groups the records.
+REPORTS: dict[str, Callable[[Iterable[dict[str, Any]]], dict[str, Any]]] = {
+    "model": usage_report,
+    "day": usage_by_day,
+    "client": usage_by_client,
+    "session": usage_by_session,
+    "day-model": usage_by_day_and_model,
+}

@@ -22,7 +22,7 @@ from .. import security
 from ..errors import ApiError
 from ..security import error_response
 from ..service import Service
-from . import clients_api, state
+from . import clients_api, state, web_api
 
 log = logging.getLogger(__name__)
 
@@ -529,3 +529,6 @@ OPENAPI: dict[str, Any] = {
     },
 }
 OPENAPI["paths"].update(clients_api.OPENAPI_PATHS)  # /api/clients (SPEC 11)
+# The web app's routes (transports.web_app, web_api) are documented here too.
+for _path, _operations in web_api.OPENAPI_PATHS.items():
+    OPENAPI["paths"].setdefault(_path, {}).update(_operations)

@@ -1,0 +1,549 @@
+// The agentspace web app: sign-in, chat, usage and clients pages over the gateway's own HTTP API.
+import { ApiError, forgetKey, getJSON, getKey, request, setKey } from "./api.js";
+import { applyChunk, fromStored, newAssistantMessage, readChunks } from "./stream.js";
+import { el, renderMarkdown, safeUrl } from "./markdown.js";
+import { usagePage } from "./usage.js";
+import { clientsPage } from "./clients.js";
+
+const root = document.getElementById("app");
+const state = {
+  admin: false, // signed in with the gateway token (the clients API answers)
+  hasClients: false, // the gateway has /api/clients
+  models: [],
+  model: null,
+  sessions: [],
+  chat: null, // {id, messages, stored, streaming, stopping}
+  sidebarOpen: false,
+};
+
+// --- formatting ------------------------------------------------------------------------------------
+
+export function money(value) {
+  const n = Number(value || 0);
+  if (n === 0) return "$0";
+  return n >= 0.01 ? `$${n.toFixed(2)}` : `$${n.toPrecision(2)}`;
+}
+
+export function count(value) {
+  return Number(value || 0).toLocaleString("en-US");
+}
+
+function perMTok(value) {
+  return value === undefined || value === null ? "?" : `$${Number(value).toFixed(2).replace(/\.00$/, "")}`;
+}
+
+export function newId() {
+  return crypto.randomUUID().replaceAll("-", "");
+}
+
+// --- sign-in ---------------------------------------------------------------------------------------
+
+function signInPage(message) {
+  const input = el("input", { id: "key", name: "key", type: "password", autocomplete: "current-password", required: true, "aria-describedby": "key-help" });
+  const error = el("p", { class: "error", role: "alert", id: "signin-error" }, message || "");
+  const form = el("form", { class: "signin card", "aria-labelledby": "signin-title" },
+    el("h1", { id: "signin-title" }, "agentspace"),
+    el("label", { for: "key" }, "Gateway token or client key"),
+    input,
+    el("p", { class: "muted", id: "key-help" }, "Run ", el("code", {}, "agentspace token"), " to see the gateway token. It is kept in this tab only."),
+    el("button", { type: "submit", class: "primary" }, "Sign in"),
+    error);
+  form.addEventListener("submit", async (event) => {
+    event.preventDefault();
+    const key = input.value.trim();
+    error.textContent = "";
+    try {
+      await request("/api/sessions", { key });
+    } catch (e) {
+      error.textContent = e instanceof ApiError && e.status === 401
+        ? "That key is not valid: check the gateway token (agentspace token) or the client key."
+        : `Could not sign in: ${e.message}`;
+      input.focus();
+      return;
+    }
+    setKey(key);
+    await start();
+  });
+  root.replaceChildren(el("main", { class: "signin-page" }, form));
+  input.focus();
+}
+
+function signOut() {
+  forgetKey();
+  state.chat = null;
+  location.hash = "";
+  signInPage("Signed out.");
+}
+
+async function detectRole() {
+  // Whether this gateway has the clients API, from its own OpenAPI document (no failing probe request).
+  try {
+    const doc = await getJSON("/api/openapi.json");
+    state.hasClients = Boolean(doc.paths && doc.paths["/api/clients"]);
+  } catch {
+    state.hasClients = false;
+  }
+  state.admin = false;
+  if (state.hasClients) {
+    try {
+      await request("/api/clients");
+      state.admin = true;
+    } catch {
+      state.admin = false; // a client key: 403
+    }
+  }
+}
+
+async function start() {
+  try {
+    await detectRole();
+    const [models] = await Promise.all([getJSON("/api/models"), loadSessions()]);
+    state.models = models.models || [];
+  } catch (e) {
+    if (e instanceof ApiError && e.status === 401) {
+      forgetKey();
+      return signInPage("Your key is no longer valid; sign in again.");
+    }
+    throw e;
+  }
+  window.onhashchange = route;
+  await route();
+}
+
+// --- layout ----------------------------------------------------------------------------------------
+
+function shell(page, content) {
+  const link = (href, name, label) =>
+    el("a", { href, "aria-current": page === name ? "page" : undefined }, label);
+  const nav = el("nav", { "aria-label": "Pages" },
+    link("#/chat", "chat", "Chat"),
+    link("#/usage", "usage", "Usage"),
+    state.admin && state.hasClients ? link("#/clients", "clients", "Clients") : null);
+  const header = el("header", { class: "topbar" },
+    el("span", { class: "brand" }, "agentspace"),
+    nav,
+    el("button", { type: "button", class: "ghost", onclick: signOut }, "Sign out"));
+  root.replaceChildren(header, el("main", { id: "main", class: `page page-${page}` }, content));
+}
+
+async function route() {
+  if (!getKey()) return signInPage();
+  const [, page = "chat", arg] = location.hash.replace(/^#\/?/, "#/").split("/");
+  if (page !== "chat") state.chat = null; // a chat still streaming goes on, off screen
+  if (page === "usage") {
+    shell("usage", el("p", { class: "muted" }, "Loading usage…"));
+    return usagePage(document.getElementById("main"), { sessions: state.sessions });
+  }
+  if (page === "clients" && state.admin && state.hasClients) {
+    shell("clients", el("p", { class: "muted" }, "Loading clients…"));
+    return clientsPage(document.getElementById("main"));
+  }
+  return chatPage(arg ? decodeURIComponent(arg) : null);
+}
+
+// --- chat ------------------------------------------------------------------------------------------
+
+async function loadSessions() {
+  state.sessions = (await getJSON("/api/sessions")).sessions || [];
+}
+
+function sessionItem(s) {
+  const current = state.chat && state.chat.id === s.id;
+  const title = s.title || "New chat";
+  const item = el("li", { class: current ? "current" : undefined, "data-session": s.id });
+  const open = el("a", { href: `#/chat/${encodeURIComponent(s.id)}`, "aria-current": current ? "page" : undefined, class: "session-link" }, title);
+  const rename = el("button", { type: "button", class: "icon", "aria-label": `Rename ${title}`, title: "Rename" }, "✎");
+  const remove = el("button", { type: "button", class: "icon", "aria-label": `Delete ${title}`, title: "Delete" }, "✕");
+  rename.addEventListener("click", () => {
+    const input = el("input", { value: title, "aria-label": "New title", class: "rename" });
+    const save = async () => {
+      const value = input.value.trim();
+      if (value && value !== title) {
+        try {
+          await request(`/api/sessions/${encodeURIComponent(s.id)}`, { method: "PATCH", body: { title: value } });
+        } catch (e) {
+          notify(`Rename failed: ${e.message}`);
+        }
+      }
+      await loadSessions();
+      renderSidebar();
+    };
+    input.addEventListener("keydown", (event) => {
+      if (event.key === "Enter") save();
+      if (event.key === "Escape") renderSidebar();
+    });
+    input.addEventListener("blur", save, { once: true });
+    open.replaceWith(input);
+    input.focus();
+    input.select();
+  });
+  remove.addEventListener("click", async () => {
+    if (remove.dataset.confirm !== "1") {
+      remove.dataset.confirm = "1";
+      remove.textContent = "Delete?";
+      remove.setAttribute("aria-label", `Confirm: delete ${title}`);
+      return;
+    }
+    try {
+      await request(`/api/sessions/${encodeURIComponent(s.id)}`, { method: "DELETE" });
+    } catch (e) {
+      notify(`Delete failed: ${e.message}`);
+    }
+    await loadSessions();
+    if (current) location.hash = "#/chat";
+    else renderSidebar();
+  });
+  // A new chat is stored with its first message: until then there is nothing to rename or delete.
+  item.append(open, s.createdAt ? el("span", { class: "actions" }, rename, remove) : "");
+  return item;
+}
+
+function renderSidebar() {
+  const list = document.getElementById("sessions");
+  if (!list) return;
+  const shown = [...state.sessions];
+  if (state.chat && !shown.some((s) => s.id === state.chat.id)) shown.unshift({ id: state.chat.id, title: null });
+  list.replaceChildren(...shown.map(sessionItem));
+}
+
+function notify(text) {
+  const box = document.getElementById("notice");
+  if (box) box.textContent = text;
+}
+
+function modelLabel(m) {
+  const badges = [m.supportsReasoning ? "reasoning" : null, m.supportsTools ? "tools" : null].filter(Boolean);
+  return `${m.id} · ${perMTok(m.inputPerMTok)} in / ${perMTok(m.outputPerMTok)} out per MTok${badges.length ? ` · ${badges.join(", ")}` : ""}`;
+}
+
+function modelPicker() {
+  const select = el("select", { id: "model", name: "model" });
+  for (const m of state.models) {
+    select.append(el("option", { value: m.id, selected: m.id === state.model }, modelLabel(m)));
+  }
+  const badges = el("span", { class: "badges", id: "model-badges" });
+  const showBadges = () => {
+    const m = state.models.find((x) => x.id === select.value);
+    badges.replaceChildren(
+      ...(m ? [
+        el("span", { class: "badge" }, `${perMTok(m.inputPerMTok)} / ${perMTok(m.outputPerMTok)} per MTok`),
+        m.supportsReasoning ? el("span", { class: "badge" }, "reasoning") : null,
+        m.supportsTools ? el("span", { class: "badge" }, "tools") : null,
+      ] : []).filter(Boolean));
+  };
+  select.addEventListener("change", () => {
+    state.model = select.value;
+    showBadges();
+    loadContext();
+  });
+  showBadges();
+  return el("div", { class: "model-picker" }, el("label", { for: "model" }, "Model"), select, badges);
+}
+
+async function chatPage(sessionId) {
+  if (!sessionId) {
+    // The newest session, or a new chat when there is none.
+    sessionId = state.sessions.length ? state.sessions[0].id : newId();
+    history.replaceState(null, "", `#/chat/${encodeURIComponent(sessionId)}`);
+  }
+  const stored = state.sessions.find((s) => s.id === sessionId);
+  state.chat = { id: sessionId, messages: [], stored: Boolean(stored), streaming: null };
+  const chat = state.chat;
+  const defaultModel = (state.models.find((m) => m.default) || state.models[0] || {}).id || null;
+  state.model = (stored && stored.model) || state.model || defaultModel;
+
+  const textarea = el("textarea", { id: "prompt", name: "prompt", rows: 3, placeholder: "Message (Enter sends, Shift+Enter adds a line)" });
+  const sendButton = el("button", { type: "submit", class: "primary", id: "send" }, "Send");
+  const stopButton = el("button", { type: "button", id: "stop", hidden: true }, "Stop");
+  const composer = el("form", { class: "composer", "aria-label": "Send a message" },
+    el("label", { for: "prompt", class: "visually-hidden" }, "Message"), textarea,
+    el("div", { class: "composer-buttons" }, stopButton, sendButton));
+  textarea.addEventListener("keydown", (event) => {
+    if (event.key === "Enter" && !event.shiftKey && !event.isComposing) {
+      event.preventDefault();
+      composer.requestSubmit();
+    }
+  });
+  composer.addEventListener("submit", (event) => {
+    event.preventDefault();
+    const text = textarea.value;
+    if (!text.trim() || chat.streaming) return;
+    textarea.value = "";
+    send(chat, text);
+  });
+  stopButton.addEventListener("click", () => stop(chat));
+
+  const toggle = el("button", { type: "button", class: "ghost sidebar-toggle", "aria-controls": "sidebar", "aria-expanded": String(state.sidebarOpen) }, "Chats");
+  const sidebar = el("aside", { id: "sidebar", class: `sidebar${state.sidebarOpen ? " open" : ""}`, "aria-label": "Sessions" },
+    el("button", { type: "button", class: "primary new-chat", onclick: () => { state.sidebarOpen = false; location.hash = `#/chat/${newId()}`; } }, "New chat"),
+    el("ul", { id: "sessions", class: "sessions" }));
+  toggle.addEventListener("click", () => {
+    state.sidebarOpen = !state.sidebarOpen;
+    sidebar.classList.toggle("open", state.sidebarOpen);
+    toggle.setAttribute("aria-expanded", String(state.sidebarOpen));
+  });
+  const content = el("div", { class: "chat-layout" },
+    sidebar,
+    el("section", { class: "chat", "aria-label": "Chat" },
+      el("div", { class: "chat-head" }, toggle, modelPicker()),
+      el("section", { id: "context", class: "context", "aria-label": "Context inspector" }),
+      el("p", { id: "notice", class: "notice", role: "status" }),
+      el("ol", { id: "messages", class: "messages", "aria-label": "Messages" }),
+      composer));
+  shell("chat", content);
+  renderSidebar();
+
+  if (chat.stored) {
+    let session;
+    try {
+      session = (await getJSON(`/api/sessions/${encodeURIComponent(sessionId)}`)).session;
+    } catch (e) {
+      notify(`Could not open the session: ${e.message}`);
+      return;
+    }
+    if (state.chat !== chat) return;
+    chat.messages = session.messages.map(fromStored);
+    renderMessages(chat);
+    loadContext();
+    const last = session.messages[session.messages.length - 1];
+    if (last && last.role === "user" && !last.error) await resume(chat);
+  } else {
+    renderMessages(chat);
+    document.getElementById("context").replaceChildren(el("p", { class: "muted" }, "The context inspector shows the next call's sections once the chat has a first message."));
+  }
+  textarea.focus();
+}
+
+function setStreaming(chat, streaming) {
+  const stopButton = document.getElementById("stop");
+  if (state.chat !== chat || !stopButton) return;
+  stopButton.hidden = !streaming;
+  document.getElementById("send").disabled = streaming;
+}
+
+// --- messages --------------------------------------------------------------------------------------
+
+function json(value) {
+  return typeof value === "string" ? value : JSON.stringify(value, null, 1);
+}
+
+function renderPart(part) {
+  if (part.type === "text") return el("div", { class: "md" }, renderMarkdown(part.text));
+  if (part.type === "reasoning") {
+    return el("details", { class: "reasoning" }, el("summary", {}, part.state === "streaming" ? "Reasoning…" : "Reasoning"),
+      el("div", { class: "md" }, renderMarkdown(part.text)));
+  }
+  if (part.type === "tool") {
+    const status = { "input-available": "running", "output-available": "done", "output-error": "error" }[part.state];
+    return el("div", { class: `tool-card tool-${status}` },
+      el("div", { class: "tool-head" }, el("span", { class: "tool-name" }, part.toolName), el("span", { class: "tool-status" }, status)),
+      el("div", { class: "tool-io" }, el("span", { class: "muted" }, "input "), el("code", {}, json(part.input))),
+      part.output !== undefined ? el("div", { class: "tool-io" }, el("span", { class: "muted" }, "output "), el("code", {}, json(part.output))) : null);
+  }
+  return null;
+}
+
+function renderSources(parts) {
+  const sources = parts.filter((p) => p.type === "source-url");
+  if (!sources.length) return null;
+  return el("div", { class: "sources" }, el("span", { class: "muted" }, "Sources: "),
+    el("ul", {}, ...sources.map((s) => {
+      const href = safeUrl(s.url);
+      return el("li", {}, href ? el("a", { href, target: "_blank", rel: "noopener noreferrer" }, s.title || s.url) : s.url);
+    })));
+}
+
+function renderFooter(message) {
+  const m = message.metadata || {};
+  const bits = [];
+  if (m.usage) {
+    bits.push(`${count(m.usage.inputTokens)} in / ${count(m.usage.outputTokens)} out tokens`, money(m.usage.totalCost));
+  }
+  if (m.ttftMs !== undefined && m.ttftMs !== null) bits.push(`TTFT ${Math.round(m.ttftMs)} ms`);
+  const out = el("div", { class: "meta" }, bits.join(" · "));
+  if (m.stopped) out.prepend(el("span", { class: "stopped" }, "stopped"), bits.length ? " · " : "");
+  return out;
+}
+
+function renderMessage(message) {
+  const li = el("li", { class: `message ${message.role}`, "data-id": message.id, "data-state": message.state });
+  if (message.role === "user") {
+    li.append(el("div", { class: "bubble" }, message.parts.filter((p) => p.type === "text").map((p) => p.text).join("")));
+    if (message.metadata && message.metadata.error) li.append(el("p", { class: "error" }, message.metadata.error));
+    return li;
+  }
+  const body = el("div", { class: "answer" }, ...message.parts.map(renderPart).filter(Boolean));
+  if (message.state === "streaming" && !message.parts.length) body.append(el("span", { class: "muted typing" }, "…"));
+  li.append(body);
+  const sources = renderSources(message.parts);
+  if (sources) li.append(sources);
+  if (message.metadata.error) li.append(el("p", { class: "error", role: "alert" }, message.metadata.error));
+  if (message.state === "done") li.append(renderFooter(message));
+  return li;
+}
+
+function renderMessages(chat) {
+  const list = document.getElementById("messages");
+  if (state.chat !== chat || !list) return;
+  const nearBottom = list.scrollHeight - list.scrollTop - list.clientHeight < 80;
+  list.replaceChildren(...chat.messages.map(renderMessage));
+  if (nearBottom) list.scrollTop = list.scrollHeight;
+}
+
+// Re-renders the streaming message at most once a frame; folded reasoning stays as the reader left it.
+function scheduleRender(chat, message) {
+  if (message.pending) return;
+  message.pending = true;
+  requestAnimationFrame(() => {
+    message.pending = false;
+    const list = document.getElementById("messages");
+    if (state.chat !== chat || !list) return;
+    const old = list.querySelector(`li[data-id="${CSS.escape(message.renderedId || message.id)}"]`);
+    const open = old ? [...old.querySelectorAll("details")].map((d) => d.open) : [];
+    const fresh = renderMessage(message);
+    fresh.querySelectorAll("details").forEach((d, i) => (d.open = open[i] || false));
+    message.renderedId = message.id;
+    const nearBottom = list.scrollHeight - list.scrollTop - list.clientHeight < 80;
+    if (old) old.replaceWith(fresh);
+    else list.append(fresh);
+    if (nearBottom) list.scrollTop = list.scrollHeight;
+  });
+}
+
+function toUIMessage(message) {
+  return { id: message.id, role: message.role, parts: message.parts.filter((p) => p.type === "text").map((p) => ({ type: "text", text: p.text })) };
+}
+
+async function send(chat, text) {
+  const user = { id: `msg_${newId()}`, role: "user", parts: [{ type: "text", text }], metadata: {}, state: "done" };
+  chat.messages.push(user);
+  renderMessages(chat);
+  notify("");
+  // The body of the AI SDK's default transport (DefaultChatTransport), plus the model picked.
+  const body = { id: chat.id, messages: chat.messages.map(toUIMessage), trigger: "submit-message", model: state.model || undefined };
+  const message = newAssistantMessage(`pending_${newId()}`);
+  chat.messages.push(message);
+  chat.streaming = message;
+  setStreaming(chat, true);
+  renderMessages(chat);
+  try {
+    const response = await request("/api/chat", { method: "POST", body });
+    await consume(chat, message, response);
+  } catch (e) {
+    message.state = "done";
+    message.metadata.error = e.message;
+    renderMessages(chat);
+  }
+  await finish(chat);
+}
+
+async function resume(chat) {
+  let response;
+  try {
+    response = await request(`/api/chat/${encodeURIComponent(chat.id)}/stream`);
+  } catch (e) {
+    notify(`Could not resume the answer: ${e.message}`);
+    return;
+  }
+  if (response.status === 204) {
+    // The answer ended between reading the session and asking for its stream: read the stored one.
+    return reloadChat(chat);
+  }
+  const message = newAssistantMessage(`pending_${newId()}`);
+  chat.messages.push(message);
+  chat.streaming = message;
+  setStreaming(chat, true);
+  renderMessages(chat);
+  try {
+    await consume(chat, message, response);
+  } catch (e) {
+    message.state = "done";
+    message.metadata.error = e.message;
+  }
+  await finish(chat);
+}
+
+async function consume(chat, message, response) {
+  for await (const chunk of readChunks(response)) {
+    if (chunk.type === "start" && chunk.messageId) {
+      // A resumed answer replays from its start: drop a stored copy of it, so no text shows twice.
+      chat.messages = chat.messages.filter((m) => m === message || m.id !== chunk.messageId);
+    }
+    if (applyChunk(message, chunk)) scheduleRender(chat, message);
+  }
+  if (message.state === "streaming") message.state = "done";
+  scheduleRender(chat, message);
+}
+
+async function finish(chat) {
+  chat.streaming = null;
+  chat.stopping = false;
+  setStreaming(chat, false);
+  // The stored session is the record (tokens, cost, time to first token, stopped): show what it says.
+  await loadSessions().catch(() => {});
+  chat.stored = state.sessions.some((s) => s.id === chat.id);
+  await reloadChat(chat);
+  renderSidebar();
+}
+
+async function reloadChat(chat) {
+  if (state.chat !== chat || !chat.stored) return;
+  try {
+    const session = (await getJSON(`/api/sessions/${encodeURIComponent(chat.id)}`)).session;
+    if (state.chat !== chat || chat.streaming) return;
+    chat.messages = session.messages.map(fromStored);
+    renderMessages(chat);
+    loadContext();
+  } catch (e) {
+    notify(`Could not read the session: ${e.message}`);
+  }
+}
+
+async function stop(chat) {
+  if (!chat.streaming || chat.stopping) return;
+  chat.stopping = true;
+  try {
+    // chat.abort semantics: the gateway stops generating, keeps and bills what was generated; the stream
+    // we are reading then ends with an abort chunk.
+    await request(`/api/chat/${encodeURIComponent(chat.id)}/stream`, { method: "DELETE" });
+  } catch (e) {
+    if (!(e instanceof ApiError && e.status === 404)) notify(`Could not stop: ${e.message}`);
+  }
+}
+
+// --- context inspector -----------------------------------------------------------------------------
+
+async function loadContext() {
+  const chat = state.chat;
+  const box = document.getElementById("context");
+  if (!chat || !box || !chat.stored) return;
+  let inspection;
+  try {
+    const query = state.model ? `?model=${encodeURIComponent(state.model)}` : "";
+    inspection = await getJSON(`/api/sessions/${encodeURIComponent(chat.id)}/context${query}`);
+  } catch (e) {
+    box.replaceChildren(el("p", { class: "muted" }, `Context unavailable: ${e.message}`));
+    return;
+  }
+  if (state.chat !== chat) return;
+  const total = inspection.totals || {};
+  const describe = (s) => `${s.name}: ${count(s.byteCount)} bytes, ${count(s.tokenEstimate)} tokens, ${money(s.costEstimate)}`;
+  const sections = (inspection.sections || []).filter((s) => s.byteCount > 0 || s.tokenEstimate > 0);
+  const bar = el("div", { class: "stack", role: "list", "aria-label": "Sections of the next call" },
+    ...sections.map((s, i) => {
+      const seg = el("div", { class: `seg seg-${i % 8}`, role: "listitem", tabindex: "0", title: describe(s), "aria-label": describe(s), "data-section": s.name });
+      seg.style.flexGrow = String(Math.max(s.tokenEstimate, 1));
+      return seg;
+    }));
+  const legend = el("ul", { class: "legend" }, ...sections.map((s, i) =>
+    el("li", { title: describe(s) }, el("span", { class: `swatch seg-${i % 8}`, "aria-hidden": "true" }), `${s.name} ${count(s.tokenEstimate)}`)));
+  box.replaceChildren(
+    el("div", { class: "context-head" }, el("strong", {}, "Next call"),
+      el("span", { class: "muted" }, ` ${count(total.tokenEstimate)} tokens · ${count(total.byteCount)} bytes · ${money(total.costEstimate)} (${inspection.model})`)),
+    bar, legend);
+}
+
+// --- start -----------------------------------------------------------------------------------------
+
+if (getKey()) start();
+else signInPage();

@@ -1,0 +1,460 @@
+"""The web app in a real browser: Playwright drives Debian's Chromium against a real ``agentspace serve``
+(one per module) whose Anthropic provider talks to the fake upstream, which streams slowly where a test
+needs to act mid-answer. Every page records its console and its requests: no console errors, and no
+request leaves the gateway's origin. The tests save a screenshot of each page into docs/screenshots/.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import csv
+import io
+import json
+import shutil
+import subprocess
+import sys
+import threading
+import urllib.request
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+from click.testing import CliRunner
+
+from agentspace.cli import main as cli
+from scripts.harness import ROOT, child_env, write_config
+from tests.fakes.anthropic_upstream import (
+    FakeAnthropic,
+    FakeResponse,
+    citations_response,
+    message_response,
+    text_block,
+    text_response,
+    thinking_block,
+    tool_use_response,
+)
+
+playwright_api = pytest.importorskip(
+    "playwright.sync_api", reason="playwright is not installed: pip install -e '.[test]'"
+)
+expect = playwright_api.expect
+
+CHROMIUM = next(
+    (
+        p
+        for p in (shutil.which("chromium"), shutil.which("chromium-browser"), "/usr/bin/chromium")
+        if p and Path(p).exists()
+    ),
+    None,
+)
+pytestmark = pytest.mark.skipif(
+    CHROMIUM is None, reason="Chromium not found: apt-get install chromium (scripts/test does it as root)"
+)
+
+SCREENSHOTS = ROOT / "docs" / "screenshots"
+DESKTOP = {"width": 1280, "height": 800}
+PHONE = {"width": 390, "height": 844}
+# Tools run in the served gateway: registered as a plugin before the CLI starts it.
+LAUNCH = (
+    "import sys; from agentspace.plugins import get_plugin_manager; import tests.fixtures.web_app_tools as tools; "
+    "get_plugin_manager().register(tools); from agentspace.cli import main; sys.argv[0] = 'agentspace'; main()"
+)
+
+
+class ThreadedFake:
+    """The fake Anthropic upstream on its own event loop in a thread, so the gateway process can reach it
+    while the (synchronous) browser tests script it."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        self.fake: FakeAnthropic = asyncio.run_coroutine_threadsafe(FakeAnthropic().start(), self.loop).result(10)
+
+    def enqueue(self, *responses: FakeResponse) -> None:
+        self.loop.call_soon_threadsafe(self.fake.enqueue, *responses)
+
+    def close(self) -> None:
+        asyncio.run_coroutine_threadsafe(self.fake.close(), self.loop).result(10)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+
+
+class Gateway:
+    def __init__(self, url: str, data_dir: Path, config: Path, fake: ThreadedFake) -> None:
+        self.url, self.data_dir, self.config, self.fake = url, data_dir, config, fake
+
+    @property
+    def token(self) -> str:
+        return (self.data_dir / "gateway-token").read_text(encoding="utf-8").strip()
+
+    def get(self, path: str) -> Any:
+        req = urllib.request.Request(self.url + path, headers={"Authorization": f"Bearer {self.token}"})
+        with urllib.request.urlopen(req, timeout=10) as response:
+            return json.loads(response.read() or b"null")
+
+    def has_route(self, path: str) -> bool:
+        return path in self.get("/api/openapi.json")["paths"]
+
+
+@pytest.fixture(scope="module")
+def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
+    fake = ThreadedFake()
+    base = tmp_path_factory.mktemp("web")
+    data_dir = base / "data"
+    data_dir.mkdir()
+    config = base / "agentspace.toml"
+    write_config(
+        config,
+        {
+            "storage": {"data_dir": str(data_dir)},
+            "models": {"default": "anthropic/claude-sonnet-4-5"},
+            "thinking": {"enabled": False},
+            "providers.anthropic": {"base_url": fake.fake.url},
+        },
+    )
+    log = open(base / "serve.log", "wb")
+    proc = subprocess.Popen(
+        [sys.executable, "-c", LAUNCH, "serve", "--config", str(config), "--port", "0"],
+        stdout=subprocess.PIPE,
+        stderr=log,
+        env=child_env(data_dir),
+        cwd=ROOT,
+    )
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline().decode()
+        assert "listening on http://" in line, (line, (base / "serve.log").read_text())
+        url = line.split("listening on ")[1].split()[0]
+        yield Gateway(url, data_dir, config, fake)
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.close()
+        fake.close()
+
+
+@pytest.fixture(scope="module")
+def browser(gateway: Gateway) -> Iterator[Any]:
+    with playwright_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu"])
+        yield browser
+        browser.close()
+
+
+class Page:
+    """A signed-in-or-not page with what it logged and requested."""
+
+    def __init__(
+        self, browser: Any, gateway: Gateway, viewport: dict[str, int] = DESKTOP, color_scheme: str = "light"
+    ) -> None:
+        self.context = browser.new_context(
+            viewport=viewport, color_scheme=color_scheme, permissions=["clipboard-read", "clipboard-write"]
+        )
+        self.page = self.context.new_page()
+        self.gateway = gateway
+        self.console_errors: list[str] = []
+        self.requests: list[str] = []
+        self.page.on("console", lambda m: m.type == "error" and self.console_errors.append(m.text))
+        self.page.on("pageerror", lambda e: self.console_errors.append(str(e)))
+        self.page.on("request", lambda r: self.requests.append(r.url))
+
+    def sign_in(self, key: str | None = None) -> Any:
+        page = self.page
+        page.goto(self.gateway.url + "/")
+        page.get_by_label("Gateway token or client key").fill(key or self.gateway.token)
+        page.get_by_role("button", name="Sign in").click()
+        page.get_by_role("navigation", name="Pages").wait_for()
+        return page
+
+    def check(self) -> None:
+        """No console errors; every request went to the gateway (or is a blob of this page)."""
+        assert self.console_errors == []
+        outside = [
+            u
+            for u in self.requests
+            if not (u.startswith(self.gateway.url + "/") or u.startswith(f"blob:{self.gateway.url}/"))
+        ]
+        assert outside == []
+        self.context.close()
+
+
+@pytest.fixture
+def web(browser: Any, gateway: Gateway) -> Iterator[Page]:
+    page = Page(browser, gateway)
+    yield page
+    page.check()
+
+
+def screenshot(page: Any, name: str) -> None:
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(SCREENSHOTS / f"{name}.png"))
+
+
+def slow_text(text: str, chunks: int, delay: float) -> FakeResponse:
+    return text_response(text, chunks=chunks).with_delay(delay)
+
+
+def answer(page: Any) -> Any:
+    return page.locator("li.message.assistant").last
+
+
+def send(page: Any, text: str) -> None:
+    prompt = page.get_by_label("Message", exact=True)
+    prompt.fill(text)
+    prompt.press("Enter")
+
+
+def new_chat(page: Any) -> None:
+    page.get_by_role("button", name="New chat", exact=True).click()
+    expect(page.locator("li.message")).to_have_count(0)
+
+
+def session_id(page: Any) -> str:
+    return str(page.evaluate("decodeURIComponent(location.hash.split('/')[2])"))
+
+
+# --- the tests ------------------------------------------------------------------------------------
+
+
+def test_pages_are_served_with_cache_headers_and_a_strict_csp(gateway: Gateway) -> None:
+    with urllib.request.urlopen(gateway.url + "/", timeout=10) as response:  # no token needed
+        html = response.read().decode()
+        assert response.headers["Cache-Control"] == "no-cache"
+        csp = response.headers["Content-Security-Policy"]
+    assert "default-src 'self'" in csp and "script-src 'self'" in csp and "'unsafe-inline'" not in csp
+    asset = html.split('src="')[1].split('"')[0]
+    assert asset.startswith("/assets/") and asset.endswith("/app.js")
+    with urllib.request.urlopen(gateway.url + asset, timeout=10) as response:
+        assert (
+            "immutable" in response.headers["Cache-Control"] and "max-age=31536000" in response.headers["Cache-Control"]
+        )
+        assert response.headers["Content-Type"].startswith("text/javascript")
+    with pytest.raises(urllib.error.HTTPError) as stale:
+        urllib.request.urlopen(gateway.url + "/assets/000000000000/app.js", timeout=10)
+    assert stale.value.code == 404
+    with pytest.raises(urllib.error.HTTPError) as api:  # the API still needs the token
+        urllib.request.urlopen(gateway.url + "/api/sessions", timeout=10)
+    assert api.value.code == 401
+
+
+def test_sign_in_rejects_a_wrong_key_and_sign_out_forgets_the_key(browser: Any, gateway: Gateway) -> None:
+    web = Page(browser, gateway)
+    page = web.page
+    page.goto(gateway.url + "/")
+    screenshot(page, "sign-in")
+    page.get_by_label("Gateway token or client key").fill("not-the-token")
+    page.get_by_role("button", name="Sign in").click()
+    expect(page.get_by_role("alert")).to_contain_text("not valid")
+    # The wrong key's 401 is the one console error this page may have (Chromium logs failed fetches).
+    assert all("401" in e for e in web.console_errors)
+    web.console_errors.clear()
+    web.sign_in()
+    assert page.evaluate("sessionStorage.getItem('agentspace.key')") == gateway.token
+    assert gateway.token not in page.url
+    page.get_by_role("button", name="Sign out").click()
+    page.get_by_label("Gateway token or client key").wait_for()
+    assert page.evaluate("sessionStorage.getItem('agentspace.key')") is None
+    web.check()
+
+
+def test_chat_streams_markdown_with_code_reasoning_sources_and_tools(web: Page, gateway: Gateway) -> None:
+    page = web.sign_in()
+    new_chat(page)
+    text = "Here is the code:\n\n```python\ndef add(a, b):\n    return a + b  # sum\n```\n\nAnd **done**."
+    gateway.fake.enqueue(
+        message_response(thinking_block("Thinking about adding."), text_block(text, chunks=12)).with_delay(0.12)
+    )
+    send(page, "Write an add function")
+    # The answer is on screen while it is still streaming.
+    page.wait_for_selector("li.message.assistant[data-state=streaming] .answer > .md")
+    assert answer(page).get_attribute("data-state") == "streaming"
+    assert page.locator("li.message.assistant[data-state=streaming] .answer > .md").first.inner_text() != ""
+    page.wait_for_selector("li.message.assistant[data-state=done] .meta")
+    done = answer(page)
+    assert done.locator("code.lang-python .tok-kw", has_text="def").count() == 1
+    assert done.locator("code.lang-python .tok-com").inner_text() == "# sum"
+    assert done.get_by_role("button", name="Copy code").count() == 1
+    assert done.locator("strong", has_text="done").count() == 1
+    reasoning = done.locator("details.reasoning")
+    assert reasoning.get_attribute("open") is None and "Thinking about adding." in reasoning.text_content()
+    assert "tokens" in done.locator(".meta").inner_text() and "TTFT" in done.locator(".meta").inner_text()
+    # The title comes from the first message; the sidebar lists the session.
+    page.locator("#sessions li", has_text="Write an add function").wait_for()
+
+    gateway.fake.enqueue(citations_response())
+    send(page, "Search for it")
+    page.wait_for_selector("li.message.assistant[data-state=done] .sources")
+    links = answer(page).locator(".sources a")
+    hrefs = links.evaluate_all("els => els.map(e => e.href)")
+    assert "https://example.com/a" in hrefs and "https://example.com/c" in hrefs and len(hrefs) == len(set(hrefs))
+
+    gateway.fake.enqueue(tool_use_response("get_weather", {"city": "Paris"}), text_response("It is sunny in Paris."))
+    send(page, "Weather in Paris?")
+    expect(page.locator("li.message.assistant[data-state=done]").last).to_contain_text("It is sunny in Paris.")
+    card = answer(page).locator(".tool-card")
+    assert "get_weather" in card.inner_text() and "Paris" in card.inner_text() and "sunny" in card.inner_text()
+    page.wait_for_selector("#context .stack .seg")
+    assert page.locator("#context .seg[data-section=history]").get_attribute("title").startswith("history: ")
+    screenshot(page, "chat")
+
+
+def test_stop_keeps_the_partial_answer_and_the_store_agrees(web: Page, gateway: Gateway) -> None:
+    page = web.sign_in()
+    new_chat(page)
+    words = [f"word{i} " for i in range(60)]
+    gateway.fake.enqueue(slow_text("".join(words), chunks=60, delay=0.1))
+    send(page, "Count slowly")
+    expect(answer(page).locator(".answer > .md")).to_contain_text("word3")
+    page.get_by_role("button", name="Stop").click()
+    page.wait_for_selector("li.message.assistant[data-state=done] .stopped")
+    shown = answer(page).locator(".answer > .md").inner_text()
+    assert "word3" in shown and "word59" not in shown
+    stored = gateway.get(f"/api/sessions/{session_id(page)}")["session"]["messages"][-1]
+    assert stored["role"] == "assistant" and stored["aborted"] is True
+    assert stored["content"].strip() == shown.strip()
+
+
+def test_reload_mid_answer_resumes_once(web: Page, gateway: Gateway) -> None:
+    page = web.sign_in()
+    new_chat(page)
+    full = "".join(f"part{i} " for i in range(30)).strip()
+    gateway.fake.enqueue(slow_text(full, chunks=30, delay=0.1))
+    send(page, "Tell me in parts")
+    expect(answer(page).locator(".answer > .md")).to_contain_text("part2")
+    page.reload()
+    page.wait_for_selector("li.message.assistant[data-state=streaming]")  # resumed, still streaming
+    page.wait_for_selector("li.message.assistant[data-state=done] .meta", timeout=20000)
+    assert page.locator("li.message.assistant").count() == 1
+    assert answer(page).locator(".answer > .md").inner_text().strip() == full
+    assert gateway.get(f"/api/sessions/{session_id(page)}")["session"]["messages"][-1]["content"] == full
+
+
+def test_sessions_rename_and_delete(web: Page, gateway: Gateway) -> None:
+    page = web.sign_in()
+    new_chat(page)
+    gateway.fake.enqueue(text_response("Noted."))
+    send(page, "Remember the milk")
+    page.wait_for_selector("li.message.assistant[data-state=done] .meta")
+    sid = session_id(page)
+    item = page.locator(f"#sessions li[data-session='{sid}']")
+    assert page.locator("#sessions li").first.get_attribute("data-session") == sid  # newest first
+    item.get_by_role("button", name="Rename Remember the milk").click()
+    page.get_by_label("New title").fill("Groceries")
+    page.get_by_label("New title").press("Enter")
+    item.get_by_role("link", name="Groceries").wait_for()
+    assert gateway.get(f"/api/sessions/{sid}")["session"]["title"] == "Groceries"
+    item.get_by_role("button", name="Delete Groceries").click()
+    item.get_by_role("button", name="Confirm: delete Groceries").click()
+    item.wait_for(state="detached")
+    assert sid not in [s["id"] for s in gateway.get("/api/sessions")["sessions"]]
+
+
+def _cli_usage(gateway: Gateway, since: str) -> dict[str, Any]:
+    result = CliRunner().invoke(
+        cli,
+        ["--config", str(gateway.config), "usage", "--json", "--since", since],
+        env={"AGENTSPACE_HOME": str(gateway.data_dir)},
+    )
+    assert result.exit_code == 0, result.output
+    return dict(json.loads(result.output))
+
+
+def test_usage_page_totals_equal_the_cli_report_and_the_csv_has_its_rows(web: Page, gateway: Gateway) -> None:
+    page = web.sign_in()
+    new_chat(page)
+    gateway.fake.enqueue(text_response("For the usage page.", usage={"input_tokens": 40, "cache_read_input_tokens": 7}))
+    send(page, "Something to count")
+    page.wait_for_selector("li.message.assistant[data-state=done] .meta")
+    sid = session_id(page)
+    page.get_by_role("link", name="Usage").click()
+    page.get_by_label("Range", exact=True).select_option("today")
+    today = datetime.now(UTC).strftime("%Y-%m-%d")
+    page.wait_for_selector("#usage-body:not([aria-busy]) #card-totalCost")
+    report = _cli_usage(gateway, today)
+    total = report["grandTotal"]
+    for field in ("totalCost", "requestCount", "inputTokens", "outputTokens", "cacheReadTokens", "cacheWriteTokens"):
+        assert float(page.locator(f"#card-{field}").get_attribute("data-value")) == pytest.approx(
+            total[field], abs=1e-12
+        ), field
+    if "errorCount" in total:
+        assert float(page.locator("#card-errorCount").get_attribute("data-value")) == total["errorCount"]
+    rows = page.locator("table:has(caption:text('By model')) tbody tr")
+    assert rows.evaluate_all("rs => rs.map(r => r.dataset.key)") == list(report["perModel"])
+    assert page.locator("svg.chart rect").count() >= 1
+    sessions = page.locator("table:has(caption:text('By session')) tbody a")
+    assert sessions.count() >= 1
+    screenshot(page, "usage")
+
+    with page.expect_download() as download:
+        page.get_by_role("button", name="Export CSV").click()
+    parsed = list(csv.DictReader(io.StringIO(Path(download.value.path()).read_text())))
+    assert [r["model"] for r in parsed] == [*report["perModel"], "TOTAL"]
+    for row in parsed:
+        expected = report["perModel"].get(row["model"], total)
+        assert (
+            int(row["requestCount"]) == expected["requestCount"] and int(row["totalTokens"]) == expected["totalTokens"]
+        )
+        assert float(row["totalCost"]) == pytest.approx(expected["totalCost"], abs=1e-12)
+
+    page.get_by_label("Range", exact=True).select_option("30d")
+    page.wait_for_selector("#usage-body:not([aria-busy]) #card-totalCost")
+    assert (
+        int(page.locator("#card-requestCount").get_attribute("data-value"))
+        == _cli_usage(gateway, "30d")["grandTotal"]["requestCount"]
+    )
+    page.locator(f"table:has(caption:text('By session')) tbody a[href='#/chat/{sid}']").click()
+    expect(page.locator("li.message.user").last).to_have_text("Something to count")  # the link opens the session
+    assert session_id(page) == sid
+
+
+def test_phone_layout_and_keyboard(browser: Any, gateway: Gateway) -> None:
+    web = Page(browser, gateway, PHONE)
+    page = web.sign_in()
+    page.wait_for_selector("#prompt")
+    assert page.evaluate("document.documentElement.scrollWidth <= window.innerWidth")
+    assert not page.locator("#sidebar").is_visible()
+    page.get_by_role("button", name="Chats").click()
+    assert page.locator("#sidebar").is_visible()
+    screenshot(page, "chat-phone")
+    page.get_by_role("button", name="Chats").click()
+    # Keyboard: Tab reaches the message box; every control has a label.
+    unlabeled = page.evaluate("""[...document.querySelectorAll('input, select, textarea, button')].filter(e =>
+        !(e.labels && e.labels.length) && !e.getAttribute('aria-label') && !e.textContent.trim()).length""")
+    assert unlabeled == 0
+    page.get_by_role("link", name="Usage").click()
+    page.wait_for_selector("#usage-body:not([aria-busy]) #card-totalCost")
+    assert page.evaluate("document.documentElement.scrollWidth <= window.innerWidth")
+    screenshot(page, "usage-phone")
+    web.check()
+
+
+def test_dark_theme_follows_the_system(browser: Any, gateway: Gateway) -> None:
+    web = Page(browser, gateway, DESKTOP, color_scheme="dark")
+    page = web.sign_in()
+    page.wait_for_selector("#prompt")
+    background = page.evaluate("getComputedStyle(document.body).backgroundColor")
+    assert background == "rgb(21, 23, 28)"
+    screenshot(page, "chat-dark")
+    web.check()
+
+
+def test_client_key_sees_only_its_own_sessions_and_no_clients_page(web: Page, gateway: Gateway) -> None:
+    if not gateway.has_route("/api/clients"):
+        pytest.skip("client keys and /api/clients come with the clients issue; this gateway has neither yet")
+    raise AssertionError("write this test against the clients API")  # pragma: no cover
+
+
+def test_clients_page_is_hidden_without_the_clients_api(web: Page, gateway: Gateway) -> None:
+    page = web.sign_in()
+    if gateway.has_route("/api/clients"):
+        pytest.skip("this gateway has the clients API")
+    assert page.get_by_role("link", name="Clients").count() == 0
+    page.goto(gateway.url + "/#/clients")
+    page.wait_for_selector("#prompt")  # falls back to the chat
