@@ -23,13 +23,13 @@ from .v1_common import (
     BodyTooLarge,
     anthropic_model,
     client_name,
-    finish_of,
     gateway,
     provider_request,
     read_body,
     refusal,
     session_id,
     stream,
+    whole,
 )
 
 ENDPOINT = "anthropic"
@@ -106,7 +106,7 @@ async def _translated(request: web.Request, body: dict[str, Any], model: str, me
     except ProviderError as e:
         return _provider_error(e)
     if not body.get("stream"):
-        return await _whole(call, body["model"])
+        return await whole(call, lambda finish, usage: am.whole_message(body["model"], finish, usage), _provider_error)
     return await _stream(request, call, body["model"])
 
 
@@ -114,15 +114,6 @@ def _provider_error(e: ProviderError) -> web.Response:
     status = am.client_status(e.status, e.code)
     headers = {"retry-after": f"{e.retry_after:g}"} if e.retry_after is not None else None
     return web.json_response(am.error_body(status, redact(e.message)), status=status, headers=headers)
-
-
-async def _whole(call: DirectCall, model: str) -> web.Response:
-    try:
-        finish = await finish_of(call)
-    except ProviderError as e:
-        return _provider_error(e)
-    assert call.meter.recorded is not None
-    return web.json_response(am.whole_message(model, finish, call.meter.recorded.usage))
 
 
 async def _stream(request: web.Request, call: DirectCall, model: str) -> web.StreamResponse:

@@ -200,19 +200,25 @@ def watch_client(request: web.Request, on_gone: Callable[[], object]) -> Callabl
     return lambda: timer.cancel()
 
 
-async def finish_of(call: DirectCall) -> ProviderFinish:
-    """Run a started call to its end, for a non-streaming answer: its finish event. A ``ProviderError``
-    propagates; a cancelled request (the client left) aborts the call."""
+async def whole(
+    call: DirectCall,
+    body: Callable[[ProviderFinish, TokenUsage], dict[str, Any]],
+    error: Callable[[ProviderError], web.Response],
+) -> web.Response:
+    """A started call run to its end, answered as one JSON ``body``, or as ``error`` makes a provider error.
+    A cancelled request (the client left) aborts the call."""
     finish = None
     try:
         async for event in call.events():
             if isinstance(event, ProviderFinish):
                 finish = event
+    except ProviderError as e:
+        return error(e)
     except asyncio.CancelledError:
         await asyncio.shield(asyncio.ensure_future(call.abort()))
         raise
     assert finish is not None and call.meter.recorded is not None
-    return finish
+    return web.json_response(body(finish, call.meter.recorded.usage))
 
 
 async def stream(

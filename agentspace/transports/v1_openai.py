@@ -22,7 +22,6 @@ from ..types import compact_json
 from .v1_common import (
     BodyTooLarge,
     client_name,
-    finish_of,
     gateway,
     openai_model,
     provider_request,
@@ -30,6 +29,7 @@ from .v1_common import (
     refusal,
     session_id,
     stream,
+    whole,
 )
 
 ENDPOINT = "openai"
@@ -109,19 +109,10 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         except ProviderError as e:
             return _provider_error(e)
         if not parsed.stream:
-            return await _whole(call, parsed.model)
+            return await whole(call, lambda finish, usage: oc.completion(parsed.model, finish, usage), _provider_error)
         return await _stream(request, call, parsed.model, parsed.include_usage)
     finally:
         await gw.guard.release(reservation)
-
-
-async def _whole(call: DirectCall, model: str) -> web.Response:
-    try:
-        finish = await finish_of(call)
-    except ProviderError as e:
-        return _provider_error(e)
-    assert call.meter.recorded is not None
-    return web.json_response(oc.completion(model, finish, call.meter.recorded.usage))
 
 
 def _stream_error(e: ProviderError) -> bytes:
