@@ -35,13 +35,14 @@ def cost_map() -> dict[str, dict[str, Any]]:
     return data
 
 
-def cost_entry(model: str) -> dict[str, Any] | None:
-    """The cost-map entry of ``provider/model`` whatever its mode, or None."""
+def cost_entry(model: str, modes: tuple[str, ...] | None = None) -> dict[str, Any] | None:
+    """The cost-map entry of ``provider/model`` (litellm keys Anthropic and OpenAI models without prefix), or
+    None; with ``modes``, only an entry of one of those modes (an entry without one is a chat model's)."""
     entries = cost_map()
     prefix, _, name = model.partition("/")
     for key in (model, name):
         entry = entries.get(key)
-        if entry is not None:
+        if entry is not None and (modes is None or entry.get("mode", "chat") in modes):
             provider = entry.get("litellm_provider", "")
             if key == model or provider == prefix or provider.startswith(prefix):
                 return entry
@@ -49,16 +50,8 @@ def cost_entry(model: str) -> dict[str, Any] | None:
 
 
 def _lookup(model: str) -> dict[str, Any] | None:
-    """The cost-map entry for ``provider/model``: litellm keys Anthropic and OpenAI models without prefix."""
-    entries = cost_map()
-    prefix, _, name = model.partition("/")
-    for key in (model, name):
-        entry = entries.get(key)
-        if entry is not None and entry.get("mode", "chat") in ("chat", "responses"):
-            provider = entry.get("litellm_provider", "")
-            if key == model or provider == prefix or provider.startswith(prefix):
-                return entry
-    return None
+    """The cost-map entry of a model we can chat with."""
+    return cost_entry(model, ("chat", "responses"))
 
 
 def _per_mtok(entry: dict[str, Any], key: str, default: float = 0.0) -> float:

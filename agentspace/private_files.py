@@ -36,8 +36,9 @@ class PrivateFileError(click.ClickException):
     """The data directory or a secrets file cannot be trusted or read; the message names the fix."""
 
 
-def _uid() -> int | None:
-    return os.geteuid() if hasattr(os, "geteuid") else None
+def _foreign(st: os.stat_result) -> bool:
+    """Whether another user owns the file (never where the system has no user ids)."""
+    return hasattr(os, "geteuid") and st.st_uid != os.geteuid()
 
 
 def check_data_dir(path: Path) -> None:
@@ -49,8 +50,7 @@ def check_data_dir(path: Path) -> None:
         raise PrivateFileError(f"Cannot use the data directory {path}: {e.strerror or e}") from None
     if not stat.S_ISDIR(st.st_mode):
         raise PrivateFileError(f"The data directory {path} is not a directory. Move it away or set [storage] data_dir.")
-    uid = _uid()
-    if uid is not None and st.st_uid != uid:
+    if _foreign(st):
         raise PrivateFileError(
             f"The data directory {path} belongs to another user (uid {st.st_uid}); "
             "use a directory of your own ([storage] data_dir or AGENTSPACE_HOME)."
@@ -78,8 +78,7 @@ def read_private_file(path: Path, fix: str) -> str | None:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
             raise PrivateFileError(f"{path} is not a regular file. {fix}")
-        uid = _uid()
-        if uid is not None and st.st_uid != uid:
+        if _foreign(st):
             raise PrivateFileError(
                 f"{path} belongs to another user (uid {st.st_uid}), so its content cannot be trusted. {fix}"
             )

@@ -141,19 +141,14 @@ class Registry:
 
     async def aclose(self) -> None:
         await self.pending.aclose()  # the last try of writes that failed, before the stores close
-        for sink in self.sinks:
-            close = getattr(sink, "aclose", None)
+        plugins: list[tuple[str, object]] = [("usage sink", s) for s in self.sinks]
+        plugins += [("provider", p) for p in self.providers]
+        for kind, plugin in plugins:
+            close = getattr(plugin, "aclose", None)
             if close is not None:
                 try:
                     await close()
                 except Exception:
-                    log.exception("closing usage sink %r failed", getattr(sink, "name", sink))
-        for provider in self.providers:
-            close = getattr(provider, "aclose", None)
-            if close is not None:
-                try:
-                    await close()
-                except Exception:
-                    log.exception("closing provider %r failed", provider.name)
+                    log.exception("closing %s %r failed", kind, getattr(plugin, "name", plugin))
         await self.sessions.aclose()
         await self.usage.aclose()

@@ -6,7 +6,9 @@ file when it changes). A key is printed once, by ``add`` and ``rotate``; only it
 
 from __future__ import annotations
 
+import functools
 import json
+from collections.abc import Callable
 from datetime import datetime
 from typing import Any
 
@@ -54,14 +56,28 @@ def _settings(
 
 
 def _limit_options(f: Any) -> Any:
+    """The limit options, handed to the command as one ``settings`` dict (what ``_settings`` makes of them)."""
     from ..clients import PERIODS
 
-    f = click.option("--models", metavar="PATTERN,...", help="Allowed models (wildcards: anthropic/claude-haiku-*).")(f)
-    f = click.option("--tpm", metavar="N", help="Tokens per minute ('none': no limit).")(f)
-    f = click.option("--rpm", metavar="N", help="Requests per minute ('none': no limit).")(f)
-    f = click.option("--period", type=click.Choice(PERIODS), help="Budget period (UTC; default month).")(f)
-    f = click.option("--budget", metavar="USD", help="Budget in US dollars per period ('none': no budget).")(f)
-    return f
+    @functools.wraps(f)
+    def with_settings(
+        *args: Any,
+        budget: str | None,
+        period: str | None,
+        rpm: str | None,
+        tpm: str | None,
+        models: str | None,
+        **kwargs: Any,
+    ) -> Any:
+        return f(*args, settings=_settings(budget, period, rpm, tpm, models), **kwargs)
+
+    g: Any = with_settings
+    g = click.option("--models", metavar="PATTERN,...", help="Allowed models (wildcards: anthropic/claude-haiku-*).")(g)
+    g = click.option("--tpm", metavar="N", help="Tokens per minute ('none': no limit).")(g)
+    g = click.option("--rpm", metavar="N", help="Requests per minute ('none': no limit).")(g)
+    g = click.option("--period", type=click.Choice(PERIODS), help="Budget period (UTC; default month).")(g)
+    g = click.option("--budget", metavar="USD", help="Budget in US dollars per period ('none': no budget).")(g)
+    return g
 
 
 def _spend(state: CliState, client: Any, now: datetime) -> float:
@@ -88,11 +104,25 @@ def _store(state: CliState) -> Any:
     return ClientStore(state.data_dir)
 
 
+def _no_client(name: str) -> click.ClickException:
+    return click.ClickException(f"No client {name!r}; see: agentspace clients list")
+
+
 def _get(store: Any, name: str) -> Any:
     client = store.get_sync(name)
     if client is None:
-        raise click.ClickException(f"No client {name!r}; see: agentspace clients list")
+        raise _no_client(name)
     return client
+
+
+def _on_client(name: str, action: Callable[[], Any]) -> Any:
+    """``action``'s result; a client that does not exist is a clear error."""
+    from ..stores.clients import ClientNotFound
+
+    try:
+        return action()
+    except ClientNotFound:
+        raise _no_client(name) from None
 
 
 def _limits(c: dict[str, Any]) -> str:
@@ -123,15 +153,7 @@ def clients() -> None:
 @click.argument("name")
 @_limit_options
 @pass_state
-def add(
-    state: CliState,
-    name: str,
-    budget: str | None,
-    period: str | None,
-    rpm: str | None,
-    tpm: str | None,
-    models: str | None,
-) -> None:
+def add(state: CliState, name: str, settings: dict[str, Any]) -> None:
     """Add a client and print its key (shown this once)."""
     from ..clients import Client, apply_settings, name_problem
     from ..stores.clients import ClientExists
@@ -140,7 +162,7 @@ def add(
     if (problem := name_problem(name)) is not None:
         raise click.BadParameter(problem, param_hint="NAME")
     client = Client(name=name, key_hash="", created_at=now_iso())
-    apply_settings(client, _settings(budget, period, rpm, tpm, models))
+    apply_settings(client, settings)
     try:
         key = _store(state).add_sync(client)
     except ClientExists:
@@ -197,26 +219,13 @@ def show(state: CliState, name: str, as_json: bool) -> None:
 @click.argument("name")
 @_limit_options
 @pass_state
-def set_limits(
-    state: CliState,
-    name: str,
-    budget: str | None,
-    period: str | None,
-    rpm: str | None,
-    tpm: str | None,
-    models: str | None,
-) -> None:
+def set_limits(state: CliState, name: str, settings: dict[str, Any]) -> None:
     """Change a client's budget, period, rate limits or models ('none' clears a limit)."""
     from ..clients import apply_settings
-    from ..stores.clients import ClientNotFound
 
-    settings = _settings(budget, period, rpm, tpm, models)
     if not settings:
         raise click.UsageError("Nothing to change: give --budget, --period, --rpm, --tpm or --models.")
-    try:
-        _store(state).update_sync(name, lambda client: apply_settings(client, settings))
-    except ClientNotFound:
-        raise click.ClickException(f"No client {name!r}; see: agentspace clients list") from None
+    _on_client(name, lambda: _store(state).update_sync(name, lambda client: apply_settings(client, settings)))
     click.echo(f"Client {name!r} updated.")
 
 
@@ -226,12 +235,7 @@ def set_limits(
 @pass_state
 def rotate(state: CliState, name: str) -> None:
     """Give a client a new key (printed once); the old key is refused from now on."""
-    from ..stores.clients import ClientNotFound
-
-    try:
-        key = _store(state).rotate_sync(name)
-    except ClientNotFound:
-        raise click.ClickException(f"No client {name!r}; see: agentspace clients list") from None
+    key = _on_client(name, lambda: _store(state).rotate_sync(name))
     click.echo(key)
     click.echo(f"New key for {name!r} (shown once); the old key no longer works.", err=True)
 
@@ -242,10 +246,5 @@ def rotate(state: CliState, name: str) -> None:
 @pass_state
 def remove(state: CliState, name: str) -> None:
     """Remove a client: its key stops working; its usage records stay in the reports."""
-    from ..stores.clients import ClientNotFound
-
-    try:
-        _store(state).remove_sync(name)
-    except ClientNotFound:
-        raise click.ClickException(f"No client {name!r}; see: agentspace clients list") from None
+    _on_client(name, lambda: _store(state).remove_sync(name))
     click.echo(f"Client {name!r} removed; its usage stays in the reports.")

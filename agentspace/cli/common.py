@@ -43,28 +43,24 @@ pass_state = click.make_pass_decorator(CliState, ensure=True)
 def config_options(f: F) -> F:
     """``--config`` and ``--data-dir`` on a subcommand too (``agentspace serve --config FILE``)."""
 
-    def set_config(ctx: click.Context, _param: click.Parameter, value: str | None) -> None:
-        if value is not None:
-            ctx.ensure_object(CliState).config_path = value
+    def setter(attribute: str) -> Callable[[click.Context, click.Parameter, str | None], None]:
+        def set_value(ctx: click.Context, _param: click.Parameter, value: str | None) -> None:
+            if value is not None:
+                setattr(ctx.ensure_object(CliState), attribute, value)
 
-    def set_data_dir(ctx: click.Context, _param: click.Parameter, value: str | None) -> None:
-        if value is not None:
-            ctx.ensure_object(CliState).data_dir_override = value
+        return set_value
 
-    f = click.option(
-        "--data-dir",
-        type=click.Path(file_okay=False),
-        expose_value=False,
-        callback=set_data_dir,
-        help="Data directory (vault, token, stores); overrides [storage] data_dir and AGENTSPACE_HOME.",
-    )(f)
-    f = click.option(
-        "--config",
-        type=click.Path(dir_okay=False),
-        expose_value=False,
-        callback=set_config,
-        help="Config file (TOML).",
-    )(f)
+    # Applied last first, so that --config comes first in the help.
+    for flag, kind, attribute, help_text in (
+        (
+            "--data-dir",
+            click.Path(file_okay=False),
+            "data_dir_override",
+            "Data directory (vault, token, stores); overrides [storage] data_dir and AGENTSPACE_HOME.",
+        ),
+        ("--config", click.Path(dir_okay=False), "config_path", "Config file (TOML)."),
+    ):
+        f = click.option(flag, type=kind, expose_value=False, callback=setter(attribute), help=help_text)(f)
     return f
 
 

@@ -28,6 +28,7 @@ from ..events import (
 from ..hookspecs import hookimpl
 from ..lru import LRU
 from ..pricing import accepts_adaptive_thinking
+from ..protocols.anthropic_messages import update_usage
 from ..types import (
     ChatMessage,
     Part,
@@ -406,20 +407,8 @@ class _StreamState:
 
     def _update_usage(self, usage: dict[str, Any]) -> list[ProviderEvent]:
         """Take a usage report; the pipeline gets a copy, to bill if the stream breaks off before its end."""
-        # Streamed usage is cumulative: each report overwrites the fields it carries, never adds to them.
-        current = self.usage if self.usage is not None else TokenUsage()
-        if usage.get("input_tokens") is not None:
-            current.input_tokens = usage["input_tokens"]
-        if usage.get("output_tokens") is not None:
-            current.output_tokens = usage["output_tokens"]
-        if usage.get("cache_read_input_tokens") is not None:
-            current.cache_read_tokens = usage["cache_read_input_tokens"]
-        if usage.get("cache_creation_input_tokens") is not None:
-            current.cache_write_tokens = usage["cache_creation_input_tokens"]
-        details = usage.get("output_tokens_details")
-        if details and details.get("thinking_tokens") is not None:
-            current.reasoning_tokens = details["thinking_tokens"]
-        self.usage = current
+        # The wire format is the Messages API's, which the /v1/messages transport reads too.
+        current = self.usage = update_usage(self.usage, usage)
         return [UsageReport(replace(current))]
 
 

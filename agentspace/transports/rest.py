@@ -185,22 +185,18 @@ _SESSION_ID: dict[str, Any] = {
 }
 _SSE = {"text/event-stream": {"schema": {"type": "string"}, "x-ai-sdk": "UI message stream protocol v1"}}
 _AUTH_ERRORS = {"401": _error("No or wrong gateway token."), "403": _error("Origin or Host not allowed.")}
+# The token counts of a usage object (types.usage_to_dict), also summed in the totals.
+_TOKEN_FIELDS = (
+    "inputTokens",
+    "outputTokens",
+    "totalTokens",
+    "cacheReadTokens",
+    "cacheWriteTokens",
+    "reasoningTokens",
+)
 _TOTALS = {
     "type": "object",
-    "properties": {
-        k: _INT
-        for k in (
-            "inputTokens",
-            "outputTokens",
-            "totalTokens",
-            "cacheReadTokens",
-            "cacheWriteTokens",
-            "reasoningTokens",
-            "requestCount",
-            "estimatedCount",
-        )
-    }
-    | {"totalCost": _NUM},
+    "properties": {k: _INT for k in (*_TOKEN_FIELDS, "requestCount", "estimatedCount")} | {"totalCost": _NUM},
 }
 
 OPENAPI: dict[str, Any] = {
@@ -463,17 +459,7 @@ OPENAPI: dict[str, Any] = {
             },
             "Usage": {
                 "type": "object",
-                "properties": {
-                    k: _INT
-                    for k in (
-                        "inputTokens",
-                        "outputTokens",
-                        "totalTokens",
-                        "cacheReadTokens",
-                        "cacheWriteTokens",
-                        "reasoningTokens",
-                    )
-                }
+                "properties": {k: _INT for k in _TOKEN_FIELDS}
                 | {k: _NUM for k in ("inputCost", "outputCost", "totalCost")},
             },
             "ContextInspection": {

@@ -6,7 +6,6 @@ Anthropic models go through the pass-through (``agentspace.transports.v1_passthr
 
 from __future__ import annotations
 
-import asyncio
 import json
 from typing import Any
 
@@ -14,7 +13,7 @@ from aiohttp import web
 
 from ..direct_call import DirectCall, request_input_tokens
 from ..errors import ApiError
-from ..events import ProviderError, ProviderFinish
+from ..events import ProviderError
 from ..logs import redact
 from ..meter import Meter
 from ..protocols import anthropic_messages as am
@@ -29,17 +28,24 @@ from .v1_common import (
     read_body,
     refusal,
     session_id,
-    watch_client,
+    stream,
+    whole,
 )
 
 ENDPOINT = "anthropic"
+STREAM_HEADERS = {
+    "Content-Type": "text/event-stream; charset=utf-8",
+    "Cache-Control": "no-cache",
+    "X-Accel-Buffering": "no",
+}
 
 
 def _error(status: int, message: str) -> web.Response:
     return web.json_response(am.error_body(status, message), status=status)
 
 
-async def _read_body(request: web.Request) -> tuple[dict[str, Any], bytes] | web.Response:
+async def _read_body(request: web.Request, unknown_hint: str = "") -> tuple[dict[str, Any], bytes, str] | web.Response:
+    """The request's JSON body, its raw bytes and the gateway's id for its model, or the error response."""
     try:
         raw = await read_body(request)
     except BodyTooLarge as e:
@@ -52,18 +58,18 @@ async def _read_body(request: web.Request) -> tuple[dict[str, Any], bytes] | web
         return _error(400, "The request body must be a JSON object.")
     if not isinstance(body.get("model"), str) or not body["model"]:
         return _error(400, "model: Field required")
-    return body, raw
+    model = anthropic_model(body["model"])
+    if model is None:
+        return _error(404, f"model: {body['model']}{unknown_hint}")
+    return body, raw, model
 
 
 async def messages(request: web.Request) -> web.StreamResponse:
-    parsed = await _read_body(request)
+    parsed = await _read_body(request, " (use a claude-* id, or provider/model for another provider)")
     if isinstance(parsed, web.Response):
         return parsed
-    body, raw = parsed
+    body, raw, model = parsed
     gw = gateway(request)
-    model = anthropic_model(body["model"])
-    if model is None:
-        return _error(404, f"model: {body['model']} (use a claude-* id, or provider/model for another provider)")
     client = client_name(request)
     max_tokens = body.get("max_tokens")
     if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
@@ -100,7 +106,7 @@ async def _translated(request: web.Request, body: dict[str, Any], model: str, me
     except ProviderError as e:
         return _provider_error(e)
     if not body.get("stream"):
-        return await _whole(call, body["model"])
+        return await whole(call, lambda finish, usage: am.whole_message(body["model"], finish, usage), _provider_error)
     return await _stream(request, call, body["model"])
 
 
@@ -110,67 +116,25 @@ def _provider_error(e: ProviderError) -> web.Response:
     return web.json_response(am.error_body(status, redact(e.message)), status=status, headers=headers)
 
 
-async def _whole(call: DirectCall, model: str) -> web.Response:
-    finish = None
-    try:
-        async for event in call.events():
-            if isinstance(event, ProviderFinish):
-                finish = event
-    except ProviderError as e:
-        return _provider_error(e)
-    except asyncio.CancelledError:
-        await asyncio.shield(asyncio.ensure_future(call.abort()))
-        raise
-    assert finish is not None and call.meter.recorded is not None
-    return web.json_response(am.whole_message(model, finish, call.meter.recorded.usage))
-
-
 async def _stream(request: web.Request, call: DirectCall, model: str) -> web.StreamResponse:
-    resp = web.StreamResponse(
-        headers={
-            "Content-Type": "text/event-stream; charset=utf-8",
-            "Cache-Control": "no-cache",
-            "X-Accel-Buffering": "no",
-        }
-    )
     encoder = am.MessageEncoder(model)
-    task = asyncio.current_task()
-    assert task is not None
-    stop_watching = watch_client(request, task.cancel)  # a silent provider is not waited for once the client left
-    try:
-        await resp.prepare(request)
-        await resp.write(encoder.start(request_input_tokens(call.request)))
-        async for event in call.events():
-            recorded = call.meter.recorded
-            frames = encoder.encode(event, recorded.usage if recorded is not None else None)
-            if frames:
-                await resp.write(frames)
-    except ProviderError as e:
-        try:  # after the first bytes the status is sent: an error event, as Anthropic sends it
-            await resp.write(encoder.error(am.client_status(e.status, e.code), redact(e.message)))
-        except ConnectionResetError:
-            return resp
-    except ConnectionResetError:  # the client went away (aiohttp's ClientConnectionResetError on write)
-        await call.abort()
-        return resp
-    except asyncio.CancelledError:
-        await asyncio.shield(asyncio.ensure_future(call.abort()))
-        raise
-    finally:
-        stop_watching()
-    await resp.write_eof()
-    return resp
+    return await stream(
+        request,
+        call,
+        STREAM_HEADERS,
+        encoder.start(request_input_tokens(call.request)),
+        encoder.encode,
+        # as Anthropic sends an error once the stream has begun
+        lambda e: encoder.error(am.client_status(e.status, e.code), redact(e.message)),
+    )
 
 
 async def count_tokens(request: web.Request) -> web.StreamResponse:
     parsed = await _read_body(request)
     if isinstance(parsed, web.Response):
         return parsed
-    body, raw = parsed
+    body, raw, model = parsed
     gw = gateway(request)
-    model = anthropic_model(body["model"])
-    if model is None:
-        return _error(404, f"model: {body['model']}")
     if model.startswith("anthropic/"):
         relayed = await passthrough.count_tokens(request, gw, body, raw, model)
         if relayed is not None:

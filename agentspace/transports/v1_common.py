@@ -13,10 +13,12 @@ import aiohttp
 from aiohttp import web
 
 from .. import security
+from ..direct_call import DirectCall
 from ..errors import ApiError
+from ..events import ProviderError, ProviderEvent, ProviderFinish
 from ..providers.base import ProviderRequest, ThinkingSettings
 from ..registry import Registry
-from ..types import ChatMessage, Tool
+from ..types import ChatMessage, TokenUsage, Tool
 from ..vault import resolve_key
 from . import state, v1_errors
 
@@ -196,3 +198,68 @@ def watch_client(request: web.Request, on_gone: Callable[[], object]) -> Callabl
 
     timer = loop.call_later(DISCONNECT_CHECK_SECONDS, check)
     return lambda: timer.cancel()
+
+
+async def whole(
+    call: DirectCall,
+    body: Callable[[ProviderFinish, TokenUsage], dict[str, Any]],
+    error: Callable[[ProviderError], web.Response],
+) -> web.Response:
+    """A started call run to its end, answered as one JSON ``body``, or as ``error`` makes a provider error.
+    A cancelled request (the client left) aborts the call."""
+    finish = None
+    try:
+        async for event in call.events():
+            if isinstance(event, ProviderFinish):
+                finish = event
+    except ProviderError as e:
+        return error(e)
+    except asyncio.CancelledError:
+        await asyncio.shield(asyncio.ensure_future(call.abort()))
+        raise
+    assert finish is not None and call.meter.recorded is not None
+    return web.json_response(body(finish, call.meter.recorded.usage))
+
+
+async def stream(
+    request: web.Request,
+    call: DirectCall,
+    headers: dict[str, str],
+    start: bytes,
+    encode: Callable[[ProviderEvent, TokenUsage | None], bytes],
+    error: Callable[[ProviderError], bytes],
+    end: bytes = b"",
+) -> web.StreamResponse:
+    """Stream a started call as server-sent events: ``start``, each event as ``encode`` frames it, ``end``.
+    After the first bytes the status is sent, so a provider error goes in the stream as ``error`` frames it.
+    A client that goes away (on a write, or while the upstream is silent) aborts the call."""
+    resp = web.StreamResponse(headers=headers)
+    task = asyncio.current_task()
+    assert task is not None
+    stop_watching = watch_client(request, task.cancel)  # a silent provider is not waited for once the client left
+    try:
+        await resp.prepare(request)
+        await resp.write(start)
+        async for event in call.events():
+            recorded = call.meter.recorded
+            frames = encode(event, recorded.usage if recorded is not None else None)
+            if frames:
+                await resp.write(frames)
+        if end:
+            await resp.write(end)
+    except ProviderError as e:
+        try:
+            await resp.write(error(e))
+        except ConnectionResetError:
+            return resp
+    except ConnectionResetError:  # the client went away (aiohttp's ClientConnectionResetError on write)
+        await call.abort()
+        return resp
+    except asyncio.CancelledError:
+        # The client went away: aiohttp cancelled the handler, or our watch did.
+        await asyncio.shield(asyncio.ensure_future(call.abort()))
+        raise
+    finally:
+        stop_watching()
+    await resp.write_eof()
+    return resp

@@ -7,14 +7,13 @@ client gets the usage chunk only when it sent ``stream_options.include_usage``.
 
 from __future__ import annotations
 
-import asyncio
 import json
 
 from aiohttp import web
 
 from ..direct_call import DirectCall, request_input_tokens
 from ..errors import ApiError
-from ..events import ProviderError, ProviderFinish
+from ..events import ProviderError
 from ..logs import redact
 from ..meter import Meter
 from ..protocols import openai_chat as oc
@@ -29,7 +28,8 @@ from .v1_common import (
     read_body,
     refusal,
     session_id,
-    watch_client,
+    stream,
+    whole,
 )
 
 ENDPOINT = "openai"
@@ -109,57 +109,26 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         except ProviderError as e:
             return _provider_error(e)
         if not parsed.stream:
-            return await _whole(call, parsed.model)
+            return await whole(call, lambda finish, usage: oc.completion(parsed.model, finish, usage), _provider_error)
         return await _stream(request, call, parsed.model, parsed.include_usage)
     finally:
         await gw.guard.release(reservation)
 
 
-async def _whole(call: DirectCall, model: str) -> web.Response:
-    finish = None
-    try:
-        async for event in call.events():
-            if isinstance(event, ProviderFinish):
-                finish = event
-    except ProviderError as e:
-        return _provider_error(e)
-    except asyncio.CancelledError:
-        await asyncio.shield(asyncio.ensure_future(call.abort()))
-        raise
-    assert finish is not None and call.meter.recorded is not None
-    return web.json_response(oc.completion(model, finish, call.meter.recorded.usage))
+def _stream_error(e: ProviderError) -> bytes:
+    """A provider error once the stream has begun goes in the stream, as OpenAI sends it."""
+    status = oc.client_status(e.status, e.code)
+    return _frame(oc.error_body(status, redact(e.message), code=oc.error_code(status)))
 
 
 async def _stream(request: web.Request, call: DirectCall, model: str, include_usage: bool) -> web.StreamResponse:
-    resp = web.StreamResponse(headers=STREAM_HEADERS)
     encoder = oc.ChunkEncoder(model, include_usage)
-    task = asyncio.current_task()
-    assert task is not None
-    stop_watching = watch_client(request, task.cancel)  # a silent provider is not waited for once the client left
-    try:
-        await resp.prepare(request)
-        await resp.write(_frame(encoder.start()))
-        async for event in call.events():
-            recorded = call.meter.recorded
-            frames = encoder.encode(event, recorded.usage if recorded is not None else None)
-            if frames:
-                await resp.write(b"".join(_frame(f) for f in frames))
-        await resp.write(DONE)
-    except ProviderError as e:
-        # After the first bytes the status is sent: the error goes in the stream, as OpenAI sends it.
-        status = oc.client_status(e.status, e.code)
-        try:
-            await resp.write(_frame(oc.error_body(status, redact(e.message), code=oc.error_code(status))))
-        except ConnectionResetError:
-            return resp
-    except ConnectionResetError:  # the client went away (aiohttp's ClientConnectionResetError on write)
-        await call.abort()
-        return resp
-    except asyncio.CancelledError:
-        # The client went away: aiohttp cancelled the handler, or our watch did.
-        await asyncio.shield(asyncio.ensure_future(call.abort()))
-        raise
-    finally:
-        stop_watching()
-    await resp.write_eof()
-    return resp
+    return await stream(
+        request,
+        call,
+        STREAM_HEADERS,
+        _frame(encoder.start()),
+        lambda event, usage: b"".join(_frame(f) for f in encoder.encode(event, usage)),
+        _stream_error,
+        end=DONE,
+    )
