@@ -25,8 +25,7 @@ from .types import ContextSectionBuilder, ModelInfo, Tool, UsageRecord
 
 if TYPE_CHECKING:
     from .pipeline import Turn
-    from .stores.sessions import SessionStore
-    from .stores.usage import UsageStore
+    from .stores.base import SessionStoreAPI, Storage, UsageStoreAPI
 
 log = logging.getLogger(__name__)
 
@@ -39,8 +38,8 @@ class ModelNotFound(Exception):
 class Registry:
     config: Config
     pm: pluggy.PluginManager
-    sessions: SessionStore
-    usage: UsageStore
+    sessions: SessionStoreAPI
+    usage: UsageStoreAPI
     providers: list[Provider] = field(default_factory=list)
     section_builders: list[ContextSectionBuilder] = field(default_factory=list)
     tools: dict[str, Tool] = field(default_factory=dict)
@@ -51,13 +50,17 @@ class Registry:
     _model_info: LRU[str, ModelInfo] = field(default_factory=LRU)
     # Store writes that failed, retried until they succeed or the server stops.
     pending: PendingWrites = field(default_factory=PendingWrites)
+    # The backend ``[storage] backend`` chose (SPEC 13); None only for registries built by hand.
+    storage: Storage | None = None
 
     @classmethod
-    def create(cls, config: Config, pm: pluggy.PluginManager) -> Registry:
-        from .stores.sessions import SessionStore
-        from .stores.usage import UsageStore
+    def create(cls, config: Config, pm: pluggy.PluginManager, storage: Storage | None = None) -> Registry:
+        from .default_plugins.storage import open_storage
 
-        gw = cls(config, pm, SessionStore(config.data_dir), UsageStore(config.data_dir))
+        storage = storage or open_storage(config, pm)
+        gw = cls(config, pm, storage.sessions, storage.usage, storage=storage)
+        if storage.sink is not None:
+            gw.sinks.append(storage.sink)
         pm.hook.register_providers(register=gw.providers.append, config=config)
         pm.hook.register_context_sections(register=gw.section_builders.append, config=config)
         pm.hook.register_tools(register=gw._add_tool, config=config)
@@ -138,3 +141,5 @@ class Registry:
                     log.exception("closing provider %r failed", provider.name)
         await self.sessions.aclose()
         await self.usage.aclose()
+        if self.storage is not None:
+            await self.storage.aclose()

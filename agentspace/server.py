@@ -23,6 +23,7 @@ from . import pricing, security
 from .catalog import deprecation_message, is_retired
 from .config import Config, ConfigError
 from .connections import ConnectionCap
+from .default_plugins.storage import open_storage
 from .gateway_token import TokenFile, check_secrets
 from .logs import configure_logging
 from .plugins import get_plugin_manager
@@ -36,6 +37,10 @@ log = logging.getLogger(__name__)
 
 
 async def healthz(request: web.Request) -> web.Response:
+    gw = request.app.get(state.REGISTRY)
+    problem = await gw.storage.health() if gw is not None and gw.storage is not None else None
+    if problem is not None:  # a database the gateway cannot reach: not ready to serve (SPEC 13)
+        return web.json_response({"status": "unavailable", "storage": problem}, status=503)
     return web.json_response({"status": "ok"})
 
 
@@ -67,10 +72,13 @@ async def _maybe_await(value: object) -> None:
 
 def _gateway_context(config: Config, pm: pluggy.PluginManager) -> Callable[[web.Application], AsyncIterator[None]]:
     async def context(app: web.Application) -> AsyncIterator[None]:
-        lock = DataDirLock(config.data_dir)  # refuses a second server on the same data before binding
+        storage = open_storage(config, pm)
+        # Refuses a second server on the same data before binding; a shared database needs no such lock.
+        lock = DataDirLock(config.data_dir) if storage.uses_data_dir_lock else None
         try:
             app[security.TOKEN_FILE].current()  # create the token on first start
-            gw = Registry.create(config, pm)
+            await storage.start()
+            gw = Registry.create(config, pm, storage)
             check_default_model(gw)  # before anything binds: runs in runner.setup(), the site starts after
             app[state.REGISTRY] = gw
             for result in pm.hook.server_startup(app=app, config=config):
@@ -83,7 +91,8 @@ def _gateway_context(config: Config, pm: pluggy.PluginManager) -> Callable[[web.
                 await _maybe_await(result)
             await gw.aclose()
         finally:
-            lock.close()
+            if lock is not None:
+                lock.close()
 
     return context
 
