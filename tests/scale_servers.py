@@ -179,7 +179,7 @@ def redis_server() -> Iterator[Redis]:
         server.close()
 
 
-# --- pytest fixtures (import them into a test module to use them) --------------------------------
+# --- pytest fixtures (tests/conftest.py loads this module as a plugin) ---------------------------
 
 try:
     import pytest

@@ -19,7 +19,6 @@ from agentspace.plugins import create_plugin_manager
 from agentspace.stores import InvalidSessionId, MessageNotFound, SessionExists, SessionNotFound
 from agentspace.stores.base import SessionStoreAPI, Storage, UsageStoreAPI
 from agentspace.types import Cost, TokenUsage, UsageRecord
-from tests.scale_servers import pg_dsn, pg_server  # noqa: F401 - fixtures
 
 BACKENDS = ["tinydb", "postgres"]
 

@@ -19,6 +19,7 @@ def serve(state: CliState, host: str | None, port: int | None) -> None:
         config.values["server"]["host"] = host
     if port is not None:
         config.values["server"]["port"] = port
+    from ..errors import StorageError
     from ..gateway_token import check_secrets
     from ..server import run_server  # aiohttp and the providers load only when serving
     from ..stores.datadir_lock import DataDirLocked
@@ -28,6 +29,8 @@ def serve(state: CliState, host: str | None, port: int | None) -> None:
         run_server(config, host=config["server"]["host"], port=config["server"]["port"])
     except DataDirLocked as e:
         raise click.ClickException(str(e)) from None
+    except StorageError as e:  # the storage backend cannot start: the database is unreachable, no dsn
+        raise click.ClickException(e.message) from None
     except OSError as e:  # binding failed: the port is taken or the address is not ours
         where = f"{config['server']['host']}:{config['server']['port']}"
         raise click.ClickException(
