@@ -77,6 +77,7 @@ def _add_builtin_commands() -> None:
         plugins,
         serve,
         sessions,
+        storage_cmd,
         token_cmd,
         usage,
     )
@@ -91,6 +92,7 @@ def _add_builtin_commands() -> None:
         models.models,
         plugins.plugins,
         token_cmd.token,
+        storage_cmd.storage,
     ):
         main.add_command(command)
     from . import doctor

@@ -17,6 +17,32 @@ from .. import periods
 from .common import CliState, config_options, count, money, pass_state, table
 
 
+def _backend_reports(
+    state: CliState, by_model: bool, by_day: bool, since: datetime | None, session_id: str | None
+) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
+    """The reports of the configured storage backend (``[storage] backend``, e.g. postgres)."""
+    import asyncio
+
+    from ..default_plugins.storage import open_storage
+    from ..errors import StorageError
+
+    async def reports() -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
+        storage = open_storage(state.config())
+        await storage.start()
+        try:
+            usage = storage.usage
+            per_model = await usage.areport(by="model", since=since, session_id=session_id) if by_model else None
+            per_day = await usage.areport(by="day", since=since, session_id=session_id) if by_day else None
+            return per_model, per_day
+        finally:
+            await storage.aclose()
+
+    try:
+        return asyncio.run(reports())
+    except StorageError as e:
+        raise click.ClickException(e.message) from None
+
+
 def parse_since(value: str, now: datetime | None = None) -> datetime:
     try:
         return periods.parse_since(value, now)
@@ -58,9 +84,13 @@ def usage(
 
     since_dt = parse_since(since) if since else None
     by_model = by_model or not by_day
-    store = UsageStore(state.data_dir)
-    per_model = store.report(by="model", since=since_dt, session_id=session_id) if by_model else None
-    per_day = store.report(by="day", since=since_dt, session_id=session_id) if by_day else None
+    config = state.config()
+    if config["storage"]["backend"] != "tinydb":  # another backend answers through the storage interface
+        per_model, per_day = _backend_reports(state, by_model, by_day, since_dt, session_id)
+    else:
+        store = UsageStore(state.data_dir)
+        per_model = store.report(by="model", since=since_dt, session_id=session_id) if by_model else None
+        per_day = store.report(by="day", since=since_dt, session_id=session_id) if by_day else None
     report = per_model or per_day or {}
     damaged: list[str] = report.get("damagedFiles", [])
     grand = report.get("grandTotal", {})

@@ -412,6 +412,31 @@ class PostgresSessionStore:
         async with self.db.connection() as conn:
             return await conn.fetchval("DELETE FROM sessions WHERE id = $1 RETURNING 1", session_id) is not None
 
+    async def copy_in(self, session: dict[str, Any]) -> bool:
+        """Insert a stored session (summary and ``messages``) as it is, in one transaction; False when a
+        session with its id exists already (then nothing changes)."""
+        messages = session.get("messages") or []
+        async with self.db.transaction() as conn:
+            inserted = await conn.fetchval(
+                "INSERT INTO sessions (id, title, model, created_at, last_activity_at, message_count, client) "
+                "VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (id) DO NOTHING RETURNING 1",
+                session["id"],
+                _clean(session.get("title")),
+                _clean(session.get("model")),
+                session.get("createdAt") or now_iso(),
+                session.get("lastActivityAt") or session.get("createdAt") or now_iso(),
+                len(messages),
+                _clean(session.get("client")),
+            )
+            if inserted is None:
+                return False
+            if messages:
+                await conn.executemany(
+                    "INSERT INTO messages (session_id, seq, id, body) VALUES ($1, $2, $3, $4)",
+                    [(session["id"], n, str(m.get("id") or n), json.dumps(m)) for n, m in enumerate(messages, 1)],
+                )
+        return True
+
     async def flush(self) -> None:
         """Every write is committed when its call returns: nothing to wait for."""
 
@@ -463,12 +488,16 @@ def _row(record: dict[str, Any]) -> tuple[Any, ...]:
     )
 
 
+_COLUMNS = ("id", "ts", "model", "client", "session_id", *_TOKEN_COLUMNS.values(), "total_cost", "answered",
+            "is_error", "estimated", "price_unknown", "record")  # fmt: skip
+_TYPES = ("text", "timestamptz", "text", "text", "text", *["bigint"] * 6, "float8", "bool", "bool", "bool", "bool",
+          "text")  # fmt: skip
+# One statement per batch: a column array per column (no per-row round trip, no named statement needed),
+# and the rows that were new counted.
 _INSERT = (
-    "INSERT INTO usage_records (id, ts, model, client, session_id, "
-    + ", ".join(_TOKEN_COLUMNS.values())
-    + ", total_cost, answered, is_error, estimated, price_unknown, record) VALUES ("
-    + ", ".join(f"${n}" for n in range(1, 18))
-    + ") ON CONFLICT DO NOTHING"
+    f"WITH new AS (INSERT INTO usage_records ({', '.join(_COLUMNS)}) "
+    f"SELECT * FROM unnest({', '.join(f'${n}::{t}[]' for n, t in enumerate(_TYPES, 1))}) "
+    "ON CONFLICT DO NOTHING RETURNING 1) SELECT count(*) FROM new"
 )
 
 _SUMS = (
@@ -521,11 +550,19 @@ class PostgresUsageStore:
                     if not future.done():
                         future.set_result(None)
 
-    async def _insert(self, records: Sequence[dict[str, Any]]) -> None:
+    async def _insert(self, records: Sequence[dict[str, Any]]) -> int:
+        """Insert in one transaction; how many records were new (the others were stored already)."""
         rows = [_row(r) for r in records]
+        if not rows:
+            return 0
         await self._ensure_partitions({_month_start(row[1]) for row in rows})
+        columns = [list(column) for column in zip(*rows, strict=True)]
         async with self.db.transaction() as conn:
-            await conn.executemany(_INSERT, rows)
+            return int(await conn.fetchval(_INSERT, *columns))
+
+    async def copy_in(self, records: Sequence[dict[str, Any]]) -> int:
+        """Insert stored records (``to_dict()`` shape) at once, past the writer; how many were new."""
+        return await self._insert(records)
 
     async def _ensure_partitions(self, months: set[datetime]) -> None:
         missing = [m for m in sorted(months) if _partition_name(m) not in self._partitions]
