@@ -8,7 +8,6 @@ directory after they were copied are not copied again: migrate once the tinydb s
 
 from __future__ import annotations
 
-import asyncio
 from typing import Any
 
 import click
@@ -29,6 +28,8 @@ def storage() -> None:
 @pass_state
 def migrate(state: CliState, dsn: str) -> None:
     """Copy the sessions and usage records of the data directory into PostgreSQL."""
+    import asyncio  # here: the other commands start without it
+
     from ..errors import StorageError
     from ..stores.sessions import SessionStore
     from ..stores.usage import UsageStore
