@@ -24,6 +24,7 @@ from .sinks import UsageSink
 from .types import ContextSectionBuilder, ModelInfo, Tool, UsageRecord
 
 if TYPE_CHECKING:
+    from .cluster import Cluster
     from .pipeline import Turn
     from .stores.base import SessionStoreAPI, Storage, UsageStoreAPI
 
@@ -52,6 +53,8 @@ class Registry:
     pending: PendingWrites = field(default_factory=PendingWrites)
     # The backend ``[storage] backend`` chose (SPEC 13); None only for registries built by hand.
     storage: Storage | None = None
+    # What replicas share through Redis ([storage] redis_url): stream locks, running streams, aborts.
+    cluster: Cluster | None = None
 
     @classmethod
     def create(cls, config: Config, pm: pluggy.PluginManager, storage: Storage | None = None) -> Registry:
@@ -125,6 +128,8 @@ class Registry:
 
     async def aclose(self) -> None:
         await self.pending.aclose()  # the last try of writes that failed, before the stores close
+        if self.cluster is not None:
+            await self.cluster.aclose()  # after the turns: their locks are released
         for sink in self.sinks:
             close = getattr(sink, "aclose", None)
             if close is not None:

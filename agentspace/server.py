@@ -79,6 +79,7 @@ def _gateway_context(config: Config, pm: pluggy.PluginManager) -> Callable[[web.
             app[security.TOKEN_FILE].current()  # create the token on first start
             await storage.start()
             gw = Registry.create(config, pm, storage)
+            await _join_cluster(gw)
             check_default_model(gw)  # before anything binds: runs in runner.setup(), the site starts after
             app[state.REGISTRY] = gw
             for result in pm.hook.server_startup(app=app, config=config):
@@ -95,6 +96,24 @@ def _gateway_context(config: Config, pm: pluggy.PluginManager) -> Callable[[web.
                 lock.close()
 
     return context
+
+
+async def _join_cluster(gw: Registry) -> None:
+    """With ``[storage] redis_url``: share stream locks, running streams and aborts with the other replicas."""
+    url = gw.config["storage"]["redis_url"]
+    if url:
+        from .cluster import Cluster
+
+        cluster = Cluster(str(url))
+        await cluster.start(gw)
+        gw.cluster = cluster
+        log.info("replica %s: streams, locks and aborts shared through Redis", cluster.replica_id)
+    elif gw.storage is not None and gw.storage.shared:
+        log.warning(
+            "storage %r without [storage] redis_url: run this gateway as ONE replica "
+            "(streams, locks and aborts are kept in this process)",
+            gw.storage.backend,
+        )
 
 
 def check_default_model(gw: Registry) -> None:

@@ -11,6 +11,7 @@ none), which is what the SDK's ``resume`` option calls. Chunks carry only the fi
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
 from typing import Any
 
 from aiohttp import web
@@ -313,13 +314,46 @@ async def chat_handler(request: web.Request) -> web.StreamResponse:
 
 async def resume_handler(request: web.Request) -> web.StreamResponse:
     """Attach to the session's running answer from its first chunk; 204 when nothing is streaming."""
-    turn = state.service(request.app).active_turn(checked(request.match_info["id"], "id", session_id_problem))
+    service = state.service(request.app)
+    session_id = checked(request.match_info["id"], "id", session_id_problem)
+    turn = service.active_turn(session_id)
     if turn is None:
-        return web.Response(status=204)
+        cluster = service.gw.cluster
+        key = await cluster.running_stream(session_id) if cluster is not None else None
+        if cluster is None or key is None:
+            return web.Response(status=204)
+        return await _relay(request, cluster.follow(key, session_id))  # streaming on another replica
     # Only the request that started the answer may stop it by going away.
     return await stream_turn(request, turn, abort_on_disconnect=False)
+
+
+async def _relay(request: web.Request, chunks: AsyncIterator[bytes]) -> web.StreamResponse:
+    """Send a stream another replica publishes in Redis (the same bytes its own clients get)."""
+    response = _StreamResponse(headers=STREAM_HEADERS)
+    await response.prepare(request)
+    try:
+        async for data in chunks:
+            await response.write(data)
+    except ConnectionResetError:
+        return response
+    await response.write_eof()
+    return response
+
+
+async def stop_handler(request: web.Request) -> web.Response:
+    """Stop the session's running answer, on whichever replica runs it (what was generated is kept, marked
+    aborted, and billed); 204 when nothing is streaming."""
+    service = state.service(request.app)
+    session_id = checked(request.match_info["id"], "id", session_id_problem)
+    turn = service.active_turn(session_id)
+    if turn is not None:
+        turn.abort()
+    elif service.gw.cluster is None or not await service.gw.cluster.request_abort(session_id):
+        return web.Response(status=204)
+    return web.json_response({"aborted": True}, status=202)
 
 
 def setup_routes(app: web.Application) -> None:
     app.router.add_post("/api/chat", chat_handler)
     app.router.add_get("/api/chat/{id}/stream", resume_handler)
+    app.router.add_delete("/api/chat/{id}/stream", stop_handler)
