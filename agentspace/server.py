@@ -168,14 +168,22 @@ async def _finish_streams(app: web.Application) -> None:
     await asyncio.gather(*(conn.shutdown() for conn in connections))
 
 
-def run_server(config: Config, host: str | None = None, port: int | None = None) -> None:
-    """Serve until SIGINT or SIGTERM, then shut down gracefully."""
+def run_server(config: Config, host: str | None = None, port: int | None = None, reuse_port: bool = False) -> None:
+    """Serve until SIGINT or SIGTERM, then shut down gracefully. ``reuse_port``: share the port with the
+    other workers of ``agentspace serve --workers N`` (SO_REUSEPORT: the kernel spreads connections)."""
     configure_logging(config)
     register_configured_keys(config)
     name, factory = event_loop_factory(config["server"]["event_loop"])
     log.info("event loop: %s", name)
     with asyncio.Runner(loop_factory=factory) as runner:
-        runner.run(_serve(config, host or config["server"]["host"], config["server"]["port"] if port is None else port))
+        runner.run(
+            _serve(
+                config,
+                host or config["server"]["host"],
+                config["server"]["port"] if port is None else port,
+                reuse_port,
+            )
+        )
 
 
 def event_loop_factory(choice: str) -> tuple[str, Callable[[], asyncio.AbstractEventLoop] | None]:
@@ -196,7 +204,7 @@ def event_loop_factory(choice: str) -> tuple[str, Callable[[], asyncio.AbstractE
     return "uvloop", uvloop.new_event_loop
 
 
-async def _serve(config: Config, host: str, port: int) -> None:
+async def _serve(config: Config, host: str, port: int, reuse_port: bool = False) -> None:
     app = create_app(config)
     grace = float(config["server"]["shutdown_grace_seconds"])
     # keepalive_timeout is also how long a new connection may take to send its first request's headers
@@ -215,7 +223,9 @@ async def _serve(config: Config, host: str, port: int) -> None:
         assert runner.server is not None
         # Our own listener instead of web.TCPSite, for a protocol factory that caps open connections.
         cap = ConnectionCap(runner.server, int(config["server"]["max_connections"]))
-        listener = await asyncio.get_running_loop().create_server(cap, host, port, backlog=128)
+        listener = await asyncio.get_running_loop().create_server(
+            cap, host, port, backlog=128, reuse_port=reuse_port or None
+        )
         bound = listener.sockets[0].getsockname() if listener.sockets else (host, port)
         shown_host = f"[{bound[0]}]" if ":" in str(bound[0]) else bound[0]
         url = f"http://{shown_host}:{bound[1]}"

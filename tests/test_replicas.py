@@ -6,15 +6,19 @@ from __future__ import annotations
 
 import asyncio
 import json
+import signal
+import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
+from click.testing import CliRunner
 
+from agentspace.cli import main
 from agentspace.stores.postgres import PostgresDatabase
-from scripts.harness import GatewayProcess
+from scripts.harness import ROOT, GatewayProcess, child_env
 from tests.fakes import anthropic_upstream as fa
 from tests.scale_servers import Redis
 
@@ -176,3 +180,48 @@ async def test_sigkill_of_a_mid_stream_b_serves_and_the_lock_expires(
     rows = await usage_rows(pg_dsn)
     assert len(rows) == len({r["id"] for r in rows})
     assert sum(1 for r in rows if r["answered"]) == 2  # k2 and the retry of k1; A's record died with A
+
+
+async def test_serve_workers_share_one_port(
+    tmp_path: Path, fake_anthropic: Any, pg_dsn: str, redis_srv: Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``agentspace serve --workers 2``: two processes on one port (SO_REUSEPORT), every answer stored once."""
+    monkeypatch.setenv("AGENTSPACE_GATEWAY_TOKEN", TOKEN)
+    await _flush_redis(redis_srv)
+    storage = {"backend": "postgres", "dsn": pg_dsn, "redis_url": redis_srv.url}
+    layout = GatewayProcess(tmp_path / "data", fake_anthropic.url, storage=storage)  # writes the config
+    layout.data_dir.mkdir(parents=True)
+    with open(layout.log_path, "ab") as log:
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "agentspace", "serve", "--config", str(layout.config_path),
+            "--port", "0", "--workers", "2",
+            stdout=asyncio.subprocess.PIPE, stderr=log, env=child_env(layout.data_dir), cwd=ROOT,
+        )  # fmt: skip
+    try:
+        assert process.stdout is not None
+        urls = set()
+        while len(urls) < 1 or len([line for line in layout.log().splitlines() if "shared through Redis" in line]) < 2:
+            line = await asyncio.wait_for(process.stdout.readline(), 60)
+            if b"listening on" in line:
+                urls.add(line.split()[3].decode())
+        assert len(urls) == 1  # one port for both
+        [url] = urls
+        async with aiohttp.ClientSession(headers=HEADERS) as http:
+
+            async def one(n: int) -> str:
+                async with http.post(f"{url}/api/chat", json=chat_body(f"w{n}", f"q{n}")) as resp:
+                    assert resp.status == 200
+                    return text_of(await resp.read())
+
+            assert await asyncio.gather(*(one(n) for n in range(20))) == [fa.DEFAULT_TEXT] * 20
+        rows = await usage_rows(pg_dsn)
+        assert len(rows) == 20 and len({r["id"] for r in rows}) == 20
+    finally:
+        process.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(process.wait(), 60) == 0
+
+
+def test_workers_need_a_shared_backend(tmp_path: Path) -> None:
+    result = CliRunner().invoke(main, ["--data-dir", str(tmp_path / "d"), "serve", "--workers", "2"])
+    assert result.exit_code == 1
+    assert "--workers needs a storage backend several processes can share" in result.output
