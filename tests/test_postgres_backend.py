@@ -16,6 +16,7 @@ import pytest
 from agentspace.errors import StorageError
 from agentspace.stores.postgres import MIGRATIONS, PostgresDatabase, PostgresSessionStore, PostgresUsageStore
 from scripts.harness import GatewayProcess
+from tests.fakes import anthropic_upstream as fa
 from tests.scale_servers import Postgres, free_port
 from tests.test_storage_contract import record
 
@@ -135,3 +136,61 @@ def _chat(session_id: str, text: str) -> dict[str, Any]:
         "id": session_id,
         "messages": [{"id": f"m-{session_id}", "role": "user", "parts": [{"type": "text", "text": text}]}],
     }
+
+
+async def test_database_down_mid_load_loses_nothing_acknowledged(tmp_path: Path, fake_anthropic: Any) -> None:
+    """Chats while PostgreSQL stops and comes back: those that fail say so (STORAGE_ERROR), every answer a
+    client saw finish is stored with its usage record (retried writes included), none twice, and the
+    gateway serves again once the database is back."""
+    pg = Postgres()
+    server = GatewayProcess(tmp_path / "data", fake_anthropic.url, storage={"backend": "postgres", "dsn": pg.dsn})
+    for _ in range(40):
+        fake_anthropic.enqueue(fa.text_response(chunks=8).with_delay(0.1))
+    try:
+        url = await server.start()
+        headers = {"Authorization": f"Bearer {server.token}"}
+        async with aiohttp.ClientSession(headers=headers) as http:
+
+            async def one(n: int) -> tuple[str, int, bytes]:
+                await asyncio.sleep(n * 0.08)
+                async with http.post(f"{url}/api/chat", json=_chat(f"d{n}", f"q{n}")) as resp:
+                    return f"d{n}", resp.status, await resp.read()
+
+            async def outage() -> None:
+                await asyncio.sleep(1.0)
+                pg.stop()
+                await asyncio.sleep(1.5)
+                pg.start()
+
+            results, _ = await asyncio.gather(asyncio.gather(*(one(n) for n in range(40))), outage())
+            finished = [sid for sid, status, body in results if status == 200 and b'"type":"finish"' in body]
+            failed = [(sid, status, body) for sid, status, body in results if sid not in finished]
+            assert finished and failed  # the outage was felt, and not by everyone
+            for _sid, status, body in failed:  # a clear error: refused up front, or the stream says so
+                assert (status == 503 and b"STORAGE_ERROR" in body) or b"STORAGE_ERROR" in body, body[-300:]
+
+            # Writes refused during the outage are retried (every 5 s): wait for them, bounded.
+            async def stored(sid: str) -> bool:
+                async with http.get(f"{url}/api/sessions/{sid}") as resp:
+                    return resp.status == 200 and len((await resp.json())["session"]["messages"]) == 2
+
+            deadline = asyncio.get_running_loop().time() + 30
+            for sid in finished:
+                while not await stored(sid):
+                    assert asyncio.get_running_loop().time() < deadline, f"answer of {sid} lost"
+                    await asyncio.sleep(0.5)
+            async with http.post(f"{url}/api/chat", json=_chat("after", "hello")) as resp:
+                assert resp.status == 200 and b'"type":"finish"' in await resp.read()
+
+        db = PostgresDatabase(pg.dsn)
+        try:
+            async with db.connection() as conn:
+                rows = await conn.fetch("SELECT id, session_id FROM usage_records")
+        finally:
+            await db.aclose()
+        assert len(rows) == len({r["id"] for r in rows})  # nothing twice
+        assert {sid for sid in finished} <= {r["session_id"] for r in rows}  # every acknowledged call counted
+    finally:
+        if server.process is not None and server.process.returncode is None:
+            await server.terminate()
+        pg.close()
