@@ -23,7 +23,9 @@ def normalize(name: str) -> str:
 
 
 def declared(pyproject: Path) -> set[str]:
-    requirements = tomllib.loads(pyproject.read_text(encoding="utf-8"))["project"]["dependencies"]
+    project = tomllib.loads(pyproject.read_text(encoding="utf-8"))["project"]
+    # An extra declares what only its feature imports (``scale``: asyncpg for postgres, redis for replicas).
+    requirements = [*project["dependencies"], *project.get("optional-dependencies", {}).get("scale", [])]
     # A requirement's name ends where its extras, version or marker begin: "anthropic[aiohttp]>=2.15".
     return {normalize(re.split(r"[\s\[<>=!~;]", r, maxsplit=1)[0]) for r in requirements}
 
