@@ -39,7 +39,10 @@ def serve(state: CliState, host: str | None, port: int | None, workers: int, reu
 
     check_secrets(config.data_dir)  # a damaged or foreign secrets file stops here, in one line
     try:
-        run_server(config, host=config["server"]["host"], port=config["server"]["port"], reuse_port=reuse_port)
+        if reuse_port:  # a worker of --workers
+            run_server(config, host=config["server"]["host"], port=config["server"]["port"], reuse_port=True)
+        else:
+            run_server(config, host=config["server"]["host"], port=config["server"]["port"])
     except DataDirLocked as e:
         raise click.ClickException(str(e)) from None
     except StorageError as e:  # the storage backend cannot start: the database is unreachable, no dsn
