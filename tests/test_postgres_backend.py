@@ -194,3 +194,22 @@ async def test_database_down_mid_load_loses_nothing_acknowledged(tmp_path: Path,
         if server.process is not None and server.process.returncode is None:
             await server.terminate()
         pg.close()
+
+
+async def test_reports_per_client_and_of_one_client(pg_dsn: str) -> None:
+    """The client queries of the clients feature (SPEC 11), in SQL over the client index."""
+    db = PostgresDatabase(pg_dsn)
+    usage = PostgresUsageStore(db)
+    try:
+        for n, client in enumerate(["team-a", "team-a", "team-b", "ws", "http", None]):
+            await usage.append(record(n + 1, client=client))
+        report = await usage.areport(by="client")
+        assert list(report["perClient"]) == ["admin", "team-a", "team-b"]
+        assert report["perClient"]["admin"]["requestCount"] == 3
+        assert report["perClient"]["team-a"]["inputTokens"] == 10 + 20
+        only_a = await usage.areport(client="team-a")
+        assert only_a["grandTotal"]["requestCount"] == 2
+        assert [r["id"] for r in await usage.arecords(client="team-b")] == ["u3"]
+    finally:
+        await usage.aclose()
+        await db.aclose()

@@ -507,6 +507,15 @@ _SUMS = (
 )
 
 
+# The group label of each report kind (records of the gateway token, client "ws"/"http" or none, are the
+# admin's, as in ``stores.usage``).
+_LABELS = {
+    "model": "model",
+    "day": "to_char(ts AT TIME ZONE 'UTC', 'YYYY-MM-DD')",
+    "client": "CASE WHEN coalesce(client, '') IN ('', 'ws', 'http') THEN 'admin' ELSE client END",
+}
+
+
 class PostgresUsageStore:
     def __init__(self, db: PostgresDatabase, batch_size: int = BATCH_SIZE) -> None:
         self.db = db
@@ -600,7 +609,7 @@ class PostgresUsageStore:
                     self._partitions.discard(name)
         return sorted(dropped)
 
-    def _where(self, since: datetime | None, session_id: str | None) -> tuple[str, list[Any]]:
+    def _where(self, since: datetime | None, session_id: str | None, client: str | None) -> tuple[str, list[Any]]:
         clauses: list[str] = []
         args: list[Any] = []
         if since is not None:
@@ -609,20 +618,29 @@ class PostgresUsageStore:
         if session_id is not None:
             args.append(session_id)
             clauses.append(f"session_id = ${len(args)}")
+        if client is not None:
+            args.append(client)
+            clauses.append(f"client = ${len(args)}")
         return (" WHERE " + " AND ".join(clauses)) if clauses else "", args
 
     async def areport(
-        self, *, by: str = "model", since: datetime | None = None, session_id: str | None = None
+        self,
+        *,
+        by: str = "model",
+        since: datetime | None = None,
+        session_id: str | None = None,
+        client: str | None = None,
     ) -> dict[str, Any]:
-        """The report of ``stores.usage.usage_report``/``usage_by_day``, summed by the database."""
-        label = "model" if by == "model" else "to_char(ts AT TIME ZONE 'UTC', 'YYYY-MM-DD')"
-        where, args = self._where(since, session_id)
+        """The report of ``stores.usage.usage_report``/``usage_by_day`` (``by="client"``: totals per client,
+        records of the gateway token under "admin"), summed by the database."""
+        label = _LABELS[by]
+        where, args = self._where(since, session_id, client)
         async with self.db.connection() as conn:
             rows = await conn.fetch(f"SELECT {label} AS label, {_SUMS} FROM usage_records{where} GROUP BY 1", *args)
         groups: dict[str, dict[str, Any]] = {}
         grand = _totals()
         for row in rows:
-            label_value = str(row[0]) if by == "model" else ("unknown" if str(row[0]) == "1970-01-01" else str(row[0]))
+            label_value = "unknown" if by == "day" and str(row[0]) == "1970-01-01" else str(row[0])
             totals = _totals()
             values = list(row)[1:]
             for n, key in enumerate(_TOKEN_FIELDS):
@@ -638,11 +656,13 @@ class PostgresUsageStore:
                 grand[key] += totals[key]
         for totals in (*groups.values(), grand):
             totals["totalCost"] = round(totals["totalCost"], 10)
-        key = "perModel" if by == "model" else "perDay"
+        key = {"model": "perModel", "day": "perDay", "client": "perClient"}[by]
         return {key: dict(sorted(groups.items())), "grandTotal": grand, "damagedFiles": []}
 
-    async def arecords(self, *, since: datetime | None = None, session_id: str | None = None) -> list[dict[str, Any]]:
-        where, args = self._where(since, session_id)
+    async def arecords(
+        self, *, since: datetime | None = None, session_id: str | None = None, client: str | None = None
+    ) -> list[dict[str, Any]]:
+        where, args = self._where(since, session_id, client)
         async with self.db.connection() as conn:
             rows = await conn.fetch(f"SELECT record FROM usage_records{where} ORDER BY ts, id", *args)
         return [json.loads(r[0]) for r in rows]
