@@ -107,6 +107,11 @@ async def _join_cluster(gw: Registry) -> None:
         cluster = Cluster(str(url))
         await cluster.start(gw)
         gw.cluster = cluster
+        guard = getattr(gw, "guard", None)  # the clients feature's limits (SPEC 11), when present
+        if guard is not None:
+            from .redis_counters import RedisCounters
+
+            guard.counters = RedisCounters(cluster.redis)  # limits and budgets hold across replicas
         log.info("replica %s: streams, locks and aborts shared through Redis", cluster.replica_id)
     elif gw.storage is not None and gw.storage.shared:
         log.warning(
