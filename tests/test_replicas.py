@@ -225,3 +225,20 @@ def test_workers_need_a_shared_backend(tmp_path: Path) -> None:
     result = CliRunner().invoke(main, ["--data-dir", str(tmp_path / "d"), "serve", "--workers", "2"])
     assert result.exit_code == 1
     assert "--workers needs a storage backend several processes can share" in result.output
+
+
+async def test_delete_stops_the_running_answer_in_one_process(
+    make_client: Any, fake_anthropic: Any, auth_headers: dict[str, str]
+) -> None:
+    """``DELETE /api/chat/{id}/stream`` without Redis: the one process stops its own turn."""
+    client = await make_client()
+    fake_anthropic.enqueue(fa.text_response(SLOW, chunks=60).with_delay(0.1))
+    started = await client.post("/api/chat", json=chat_body("one"), headers=auth_headers)
+    assert started.status == 200
+    first = await started.content.readuntil(b"text-delta")
+    stop = await client.delete("/api/chat/one/stream", headers=auth_headers)
+    assert stop.status == 202 and await stop.json() == {"aborted": True}
+    body = first + await started.read()
+    assert len(text_of(body).split()) < 60 and body.endswith(b"data: [DONE]\n\n")
+    nothing = await client.delete("/api/chat/one/stream", headers=auth_headers)
+    assert nothing.status == 204

@@ -258,7 +258,18 @@ OPENAPI: dict[str, Any] = {
                     "400": _error("INVALID_MESSAGE: bad session id."),
                     **_AUTH_ERRORS,
                 },
-            }
+            },
+            "delete": {
+                "summary": "Stop the session's running answer, on whichever replica runs it; what was generated "
+                "is kept, marked aborted, and billed.",
+                "parameters": [_SESSION_ID],
+                "responses": {
+                    "202": _json({"type": "object", "properties": {"aborted": {"type": "boolean"}}}),
+                    "204": {"description": "No answer is streaming in this session."},
+                    "400": _error("INVALID_MESSAGE: bad session id."),
+                    **_AUTH_ERRORS,
+                },
+            },
         },
         "/api/sessions": {
             "get": {
