@@ -32,7 +32,12 @@ class PostgresBackend:
     name = "postgres"
 
     def open(self, config: Config) -> Storage:
-        from agentspace.stores.postgres import PostgresDatabase, PostgresSessionStore, PostgresUsageStore
+        from agentspace.stores.postgres import (
+            PostgresClientStore,
+            PostgresDatabase,
+            PostgresSessionStore,
+            PostgresUsageStore,
+        )
 
         settings = config["storage"]
         if not settings.get("dsn"):
@@ -48,6 +53,7 @@ class PostgresBackend:
             PostgresSessionStore(db),
             usage,
             sink=UsageStoreSink(usage, "postgres"),
+            clients=PostgresClientStore(db),
             uses_data_dir_lock=False,
             shared=True,
             database=db,
