@@ -36,6 +36,7 @@ LOCK_TTL_MS = 10_000  # how long a dead replica keeps its sessions busy at most
 RENEW_SECONDS = LOCK_TTL_MS / 1000 / 3
 STREAM_CAP = 100_000  # entries kept per running stream (a burst of deltas is one entry)
 STREAM_TTL_SECONDS = 3600  # a finished (or orphaned) stream stays resumable this long
+REDIS_CONNECTIONS = 32  # per replica; the abort listener holds one
 _END = b"end"
 
 # Deletes the lock only when it is still ours (a lock that expired and was taken since is another's).
@@ -67,8 +68,13 @@ class Cluster:
             raise StorageError("[storage] redis_url needs redis-py: pip install 'agentspace[scale]'.") from None
         self.url = url
         self.replica_id = replica_id or f"{socket.gethostname()}-{os.getpid()}-{new_id('')[:8]}"
-        # Any: redis-py's reply types are unions of every decoding; replies here are bytes.
-        self.redis: Any = aioredis.from_url(url, socket_connect_timeout=5, health_check_interval=30)
+        # Bounded: many streams publishing at once wait for a connection instead of each opening one (a
+        # connection storm on a busy machine ends in connect timeouts). Any: redis-py's reply types are
+        # unions of every decoding; replies here are bytes.
+        pool = aioredis.BlockingConnectionPool.from_url(
+            url, max_connections=REDIS_CONNECTIONS, timeout=10, socket_connect_timeout=5, health_check_interval=30
+        )
+        self.redis: Any = aioredis.Redis(connection_pool=pool)
         self._release = self.redis.register_script(_RELEASE)
         self._renew = self.redis.register_script(_RENEW)
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -206,3 +212,4 @@ class Cluster:
         if self._tasks:
             await asyncio.wait(list(self._tasks), timeout=10)
         await self.redis.aclose()
+        await self.redis.connection_pool.disconnect()

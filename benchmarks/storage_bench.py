@@ -146,19 +146,21 @@ def _env(home: Path) -> dict[str, str]:
     return env
 
 
-async def rps(replicas: int, dsn: str, redis_url: str, folder: Path, seconds: float, clients: int = 50) -> float:
+async def rps(replicas: int, dsn: str | None, redis_url: str, folder: Path, seconds: float, clients: int = 50) -> float:
+    """Chats per second; ``dsn`` None: the tinydb backend in one process (the reference)."""
     import aiohttp
 
-    home = folder / f"rps-{replicas}"
+    home = folder / f"rps-{replicas}-{'postgres' if dsn else 'tinydb'}"
     home.mkdir(parents=True, exist_ok=True)
     upstream_port, port = free_port(), free_port()
     upstream = subprocess.Popen(
         [sys.executable, "-m", "tests.fakes.anthropic_upstream", str(upstream_port)], cwd=ROOT, env=_env(home)
     )
     config = home / "config.toml"
+    storage = f'backend = "postgres"\ndsn = "{dsn}"\nredis_url = "{redis_url}"\n' if dsn else ""
     config.write_text(
-        f'[storage]\nbackend = "postgres"\ndsn = "{dsn}"\nredis_url = "{redis_url}"\ndata_dir = "{home}"\n'
-        '[models]\ndefault = "anthropic/claude-sonnet-4-5"\n[thinking]\nenabled = false\n'
+        f'[storage]\n{storage}data_dir = "{home}"\n'
+        '[models]\ndefault = "anthropic/claude-sonnet-4-6"\n[thinking]\nenabled = false\n'
         '[logging]\nlevel = "warning"\n[server]\nmessages_per_minute = 1000000\n'
         f'[providers.anthropic]\nbase_url = "http://127.0.0.1:{upstream_port}"\n'
     )
@@ -220,7 +222,7 @@ async def main() -> None:
     parser.add_argument("--skip-rps", action="store_true")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
-    sizes = [int(s) for s in args.sizes.split(",")]
+    sizes = [int(s) for s in args.sizes.split(",") if s]
     folder = Path(tempfile.mkdtemp(prefix="agentspace-storage-bench-"))
     results: dict[str, Any] = {"usage": [], "rps": []}
     try:
@@ -234,10 +236,16 @@ async def main() -> None:
                 if not args.json:
                     print(json.dumps(row), flush=True)
             if not args.skip_rps:
+                rate = await rps(1, None, redis.url, folder, args.seconds)
+                results["rps"].append({"replicas": 1, "backend": "tinydb", "clients": 50, "chats_per_s": rate})
+                if not args.json:
+                    print(json.dumps(results["rps"][-1]), flush=True)
                 for replicas in [int(r) for r in args.replicas.split(",")]:
                     dsn = await create_database(pg, f"rps{replicas}")
                     rate = await rps(replicas, dsn, redis.url, folder, args.seconds)
-                    results["rps"].append({"replicas": replicas, "clients": 50, "chats_per_s": rate})
+                    results["rps"].append(
+                        {"replicas": replicas, "backend": "postgres + redis", "clients": 50, "chats_per_s": rate}
+                    )
                     if not args.json:
                         print(json.dumps(results["rps"][-1]), flush=True)
     finally:
@@ -255,9 +263,9 @@ async def main() -> None:
             else:
                 print(f"| {row['records']:,} | {backend} | (not run: over --tinydb-max) | |")
     if results["rps"]:
-        print("\n| replicas | clients | chats/s |\n|---|---|---|")
+        print("\n| backend | replicas | clients | chats/s |\n|---|---|---|---|")
         for r in results["rps"]:
-            print(f"| {r['replicas']} | {r['clients']} | {r['chats_per_s']:,.0f} |")
+            print(f"| {r['backend']} | {r['replicas']} | {r['clients']} | {r['chats_per_s']:,.0f} |")
 
 
 if __name__ == "__main__":
