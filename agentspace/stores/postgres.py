@@ -138,7 +138,8 @@ def _unreachable(e: BaseException) -> StorageError:
 
 def _db_errors() -> tuple[type[BaseException], ...]:
     asyncpg = _asyncpg()
-    return (OSError, asyncio.TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError)
+    # InternalClientError: a connection broken mid-operation (the database went away) fails its release so.
+    return (OSError, asyncio.TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError, asyncpg.InternalClientError)
 
 
 def _clean(text: str | None) -> str | None:
