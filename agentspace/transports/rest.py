@@ -264,8 +264,8 @@ OPENAPI: dict[str, Any] = {
                 "is kept, marked aborted, and billed.",
                 "parameters": [_SESSION_ID],
                 "responses": {
-                    "202": _json({"type": "object", "properties": {"aborted": {"type": "boolean"}}}),
-                    "204": {"description": "No answer is streaming in this session."},
+                    "204": {"description": "The answer is being stopped."},
+                    "404": _error("NOT_FOUND: no answer is streaming in this session."),
                     "400": _error("INVALID_MESSAGE: bad session id."),
                     **_AUTH_ERRORS,
                 },

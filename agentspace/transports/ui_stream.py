@@ -342,15 +342,15 @@ async def _relay(request: web.Request, chunks: AsyncIterator[bytes]) -> web.Stre
 
 async def stop_handler(request: web.Request) -> web.Response:
     """Stop the session's running answer, on whichever replica runs it (what was generated is kept, marked
-    aborted, and billed); 204 when nothing is streaming."""
+    aborted, and billed): 204; 404 NOT_FOUND when nothing is streaming."""
     service = state.service(request.app)
     session_id = checked(request.match_info["id"], "id", session_id_problem)
     turn = service.active_turn(session_id)
-    if turn is not None:
+    if turn is not None and not turn.done:
         turn.abort()
     elif service.gw.cluster is None or not await service.gw.cluster.request_abort(session_id):
-        return web.Response(status=204)
-    return web.json_response({"aborted": True}, status=202)
+        raise ApiError("NOT_FOUND", f"No answer is streaming in session {session_id!r}.")
+    return web.Response(status=204)
 
 
 def setup_routes(app: web.Application) -> None:
