@@ -38,6 +38,11 @@ SCHEMA: dict[str, dict[str, tuple[tuple[type, ...], Any]]] = {
     },
     "storage": {
         "data_dir": ((str,), None),
+        "backend": ((str,), "tinydb"),
+        "dsn": ((str,), None),
+        "redis_url": ((str,), None),
+        "pool_size": ((int,), 10),
+        "statement_cache_size": ((int,), 100),
     },
     "models": {
         "default": ((str,), "anthropic/claude-sonnet-4-6"),

@@ -3,6 +3,9 @@
 Generated on first use (32 random bytes, URL-safe), stored in ``DATA_DIR/gateway-token`` with mode 0600,
 compared in constant time. ``agentspace token --rotate`` replaces the file; a running server notices the
 new file through ``TokenFile.current()`` and accepts only the new token from then on.
+
+Replicas (SPEC 13) agree on one token by sharing the file (one data directory) or through the environment:
+``AGENTSPACE_GATEWAY_TOKEN``, when set, is the token and the file is not used.
 """
 
 from __future__ import annotations
@@ -20,6 +23,8 @@ from .vault import KeyVault, ensure_private_dir, write_private_file
 log = logging.getLogger(__name__)
 
 TOKEN_FILE = "gateway-token"
+TOKEN_ENV = "AGENTSPACE_GATEWAY_TOKEN"
+MIN_ENV_TOKEN = 16  # characters: a short token in the environment is a mistake, not a secret
 
 
 def token_path(data_dir: str | os.PathLike[str]) -> Path:
@@ -98,7 +103,14 @@ class TokenFile:
 
     def __init__(self, data_dir: str | os.PathLike[str]) -> None:
         self.path = token_path(data_dir)
-        self._token = load_or_create_token(data_dir)
+        self._env = os.environ.get(TOKEN_ENV) or None
+        if self._env is not None:
+            if len(self._env) < MIN_ENV_TOKEN:
+                raise PrivateFileError(f"{TOKEN_ENV} is shorter than {MIN_ENV_TOKEN} characters; use a random token.")
+            register_secret(self._env)
+            self._token = self._env
+        else:
+            self._token = load_or_create_token(data_dir)
         self._stamp = self._stat()
 
     def _stat(self) -> tuple[int, int, int] | None:
@@ -109,6 +121,8 @@ class TokenFile:
         return (st.st_ino, st.st_mtime_ns, st.st_size)
 
     def current(self) -> str:
+        if self._env is not None:  # replicas configured through the environment
+            return self._env
         stamp = self._stat()
         if stamp is not None and stamp != self._stamp:
             self._stamp = stamp

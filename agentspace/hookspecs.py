@@ -20,6 +20,7 @@ if TYPE_CHECKING:
     from .observe import CallInfo, TurnInfo
     from .providers.base import Provider
     from .sinks import UsageSink
+    from .stores.base import StorageBackend
     from .types import ContextSectionBuilder, Tool, UsageRecord
 
 hookspec = pluggy.HookspecMarker("agentspace")
@@ -70,6 +71,16 @@ def register_usage_sinks(register: Callable[[UsageSink], None], config: Config) 
     """Register usage sinks. Every usage record (one per provider call) is sent to every sink.
 
     :param register: call with objects that have ``name`` and ``async record(record: UsageRecord)``.
+    :param config: the loaded configuration.
+    """
+
+
+@hookspec
+def register_storage_backends(register: Callable[[StorageBackend], None], config: Config) -> None:
+    """Register storage backends; ``[storage] backend`` chooses one by its ``name``.
+
+    :param register: call with objects that have ``name`` and ``open(config) -> agentspace.stores.base.Storage``
+        (a session store and a usage store speaking the protocols of ``agentspace.stores.base``).
     :param config: the loaded configuration.
     """
 

@@ -30,8 +30,7 @@ from .clients import ADMIN, Client, Clock, iso, period_bounds, utc_now
 from .errors import ApiError
 
 if TYPE_CHECKING:
-    from .stores.clients import ClientStore
-    from .stores.usage import UsageStore
+    from .stores.base import ClientStoreAPI, UsageStoreAPI
     from .types import ModelInfo, UsageRecord
 
 WINDOW_SECONDS = 60.0
@@ -193,8 +192,8 @@ class Guard:
 
     def __init__(
         self,
-        clients: ClientStore,
-        usage: UsageStore,
+        clients: ClientStoreAPI,
+        usage: UsageStoreAPI,
         model_info: Callable[[str], ModelInfo],
         counters: Counters | None = None,
         clock: Clock = utc_now,

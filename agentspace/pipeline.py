@@ -144,6 +144,8 @@ async def start_turn(gw: Registry, request: ChatRequest) -> Turn:
     }
     turn = Turn(gw, session_id, model, request.client, created, user_message["id"], request.endpoint)
     gw.active[session_id] = turn
+    if gw.cluster is not None:  # and across replicas (SPEC 13)
+        await _claim_across_replicas(gw, turn)
     # The user message is durable before the provider is called (SPEC 6).
     try:
         if session is None:
@@ -157,15 +159,35 @@ async def start_turn(gw: Registry, request: ChatRequest) -> Turn:
             await gw.sessions.append_message(session_id, user_message)
     except STORAGE_FAILURES:
         gw.active.pop(session_id, None)
+        if gw.cluster is not None:
+            await gw.cluster.release(turn)
         log.exception("storing the user message in session %s failed", session_id)
         raise ApiError(
             "STORAGE_ERROR", "The message could not be stored (the gateway's disk may be full); nothing was sent."
         ) from None
     except BaseException:
         gw.active.pop(session_id, None)
+        if gw.cluster is not None:
+            await gw.cluster.release(turn)
         raise
     turn.start(request.content, history)
+    if gw.cluster is not None:
+        gw.cluster.publish(turn)  # resumable and abortable from any replica; releases the lock at the end
     return turn
+
+
+async def _claim_across_replicas(gw: Registry, turn: Turn) -> None:
+    """The session's stream lock in Redis; STREAM_IN_PROGRESS when a turn on another replica holds it."""
+    assert gw.cluster is not None
+    try:
+        claimed = await gw.cluster.claim(turn)
+    except Exception:
+        gw.active.pop(turn.session_id, None)
+        log.exception("the stream lock of session %s could not be taken (Redis)", turn.session_id)
+        raise ApiError("SERVICE_UNAVAILABLE", "The gateway could not reach Redis; nothing was sent.") from None
+    if not claimed:
+        gw.active.pop(turn.session_id, None)
+        raise ApiError("STREAM_IN_PROGRESS", "This session is already streaming an answer; wait for it or abort it.")
 
 
 async def _has_usable_key(gw: Registry, model: str) -> bool:
@@ -430,6 +452,9 @@ class Turn:
         except Exception:
             log.exception("storing the answer in session %s failed", self.session_id)
             self._storage_failed = True
+        if self.gw.cluster is not None:
+            # Before any client sees the end: its next message may go to any replica, and must find it free.
+            await self.gw.cluster.release(self)
         if error is not None:
             self._publish(StreamError(*error))
         elif self._storage_failed:  # never reported as stored when it is not (SPEC 6)

@@ -22,6 +22,7 @@ DEFAULT_PLUGINS: tuple[str, ...] = (
     "agentspace.default_plugins.sections",
     "agentspace.default_plugins.response_format",
     "agentspace.default_plugins.tinydb_sink",
+    "agentspace.default_plugins.storage",
     "agentspace.providers.anthropic",
     "agentspace.providers.litellm",
 )

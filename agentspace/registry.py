@@ -26,11 +26,10 @@ from .sinks import UsageSink
 from .types import ContextSectionBuilder, ModelInfo, Tool, UsageRecord
 
 if TYPE_CHECKING:
+    from .cluster import Cluster
     from .limits import Guard, Reservation
     from .pipeline import Turn
-    from .stores.clients import ClientStore
-    from .stores.sessions import SessionStore
-    from .stores.usage import UsageStore
+    from .stores.base import ClientStoreAPI, SessionStoreAPI, Storage, UsageStoreAPI
 
 log = logging.getLogger(__name__)
 
@@ -43,8 +42,8 @@ class ModelNotFound(Exception):
 class Registry:
     config: Config
     pm: pluggy.PluginManager
-    sessions: SessionStore
-    usage: UsageStore
+    sessions: SessionStoreAPI
+    usage: UsageStoreAPI
     providers: list[Provider] = field(default_factory=list)
     section_builders: list[ContextSectionBuilder] = field(default_factory=list)
     tools: dict[str, Tool] = field(default_factory=dict)
@@ -55,23 +54,30 @@ class Registry:
     _model_info: LRU[str, ModelInfo] = field(default_factory=LRU)
     # Store writes that failed, retried until they succeed or the server stops.
     pending: PendingWrites = field(default_factory=PendingWrites)
+    # The backend ``[storage] backend`` chose (SPEC 13); None only for registries built by hand.
+    storage: Storage | None = None
+    # What replicas share through Redis ([storage] redis_url): stream locks, running streams, aborts.
+    cluster: Cluster | None = None
     # The clients (SPEC 11) and the checks before every provider call.
-    clients: ClientStore = field(init=False)
+    clients: ClientStoreAPI = field(init=False)
     guard: Guard = field(init=False)
 
     def __post_init__(self) -> None:
         from .limits import Guard
         from .stores.clients import ClientStore
 
-        self.clients = ClientStore(self.config.data_dir)
+        backend_clients = self.storage.clients if self.storage is not None else None
+        self.clients = backend_clients if backend_clients is not None else ClientStore(self.config.data_dir)
         self.guard = Guard(self.clients, self.usage, self.model_info)
 
     @classmethod
-    def create(cls, config: Config, pm: pluggy.PluginManager) -> Registry:
-        from .stores.sessions import SessionStore
-        from .stores.usage import UsageStore
+    def create(cls, config: Config, pm: pluggy.PluginManager, storage: Storage | None = None) -> Registry:
+        from .default_plugins.storage import open_storage
 
-        gw = cls(config, pm, SessionStore(config.data_dir), UsageStore(config.data_dir))
+        storage = storage or open_storage(config, pm)
+        gw = cls(config, pm, storage.sessions, storage.usage, storage=storage)
+        if storage.sink is not None:
+            gw.sinks.append(storage.sink)
         pm.hook.register_providers(register=gw.providers.append, config=config)
         pm.hook.register_context_sections(register=gw.section_builders.append, config=config)
         pm.hook.register_tools(register=gw._add_tool, config=config)
@@ -141,6 +147,8 @@ class Registry:
 
     async def aclose(self) -> None:
         await self.pending.aclose()  # the last try of writes that failed, before the stores close
+        if self.cluster is not None:
+            await self.cluster.aclose()  # after the turns: their locks are released
         plugins: list[tuple[str, object]] = [("usage sink", s) for s in self.sinks]
         plugins += [("provider", p) for p in self.providers]
         for kind, plugin in plugins:
@@ -152,3 +160,5 @@ class Registry:
                     log.exception("closing %s %r failed", kind, getattr(plugin, "name", plugin))
         await self.sessions.aclose()
         await self.usage.aclose()
+        if self.storage is not None:
+            await self.storage.aclose()

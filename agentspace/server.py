@@ -23,6 +23,7 @@ from . import pricing, security
 from .catalog import deprecation_message, is_retired
 from .config import Config, ConfigError
 from .connections import ConnectionCap
+from .default_plugins.storage import open_storage
 from .gateway_token import TokenFile, check_secrets
 from .logs import configure_logging
 from .plugins import get_plugin_manager
@@ -37,6 +38,10 @@ log = logging.getLogger(__name__)
 
 
 async def healthz(request: web.Request) -> web.Response:
+    gw = request.app.get(state.REGISTRY)
+    problem = await gw.storage.health() if gw is not None and gw.storage is not None else None
+    if problem is not None:  # a database the gateway cannot reach: not ready to serve (SPEC 13)
+        return web.json_response({"status": "unavailable", "storage": problem}, status=503)
     return web.json_response({"status": "ok"})
 
 
@@ -72,10 +77,14 @@ async def _maybe_await(value: object) -> None:
 
 def _gateway_context(config: Config, pm: pluggy.PluginManager) -> Callable[[web.Application], AsyncIterator[None]]:
     async def context(app: web.Application) -> AsyncIterator[None]:
-        lock = DataDirLock(config.data_dir)  # refuses a second server on the same data before binding
+        storage = open_storage(config, pm)
+        # Refuses a second server on the same data before binding; a shared database needs no such lock.
+        lock = DataDirLock(config.data_dir) if storage.uses_data_dir_lock else None
         try:
             app[security.TOKEN_FILE].current()  # create the token on first start
-            gw = Registry.create(config, pm)
+            await storage.start()
+            gw = Registry.create(config, pm, storage)
+            await _join_cluster(gw)
             check_default_model(gw)  # before anything binds: runs in runner.setup(), the site starts after
             app[state.REGISTRY] = gw
             for result in pm.hook.server_startup(app=app, config=config):
@@ -88,9 +97,33 @@ def _gateway_context(config: Config, pm: pluggy.PluginManager) -> Callable[[web.
                 await _maybe_await(result)
             await gw.aclose()
         finally:
-            lock.close()
+            if lock is not None:
+                lock.close()
 
     return context
+
+
+async def _join_cluster(gw: Registry) -> None:
+    """With ``[storage] redis_url``: share stream locks, running streams and aborts with the other replicas."""
+    url = gw.config["storage"]["redis_url"]
+    if url:
+        from .cluster import Cluster
+
+        cluster = Cluster(str(url))
+        await cluster.start(gw)
+        gw.cluster = cluster
+        guard = getattr(gw, "guard", None)  # the clients feature's limits (SPEC 11), when present
+        if guard is not None:
+            from .redis_counters import RedisCounters
+
+            guard.counters = RedisCounters(cluster.redis)  # limits and budgets hold across replicas
+        log.info("replica %s: streams, locks and aborts shared through Redis", cluster.replica_id)
+    elif gw.storage is not None and gw.storage.shared:
+        log.warning(
+            "storage %r without [storage] redis_url: run this gateway as ONE replica "
+            "(streams, locks and aborts are kept in this process)",
+            gw.storage.backend,
+        )
 
 
 def check_default_model(gw: Registry) -> None:
@@ -145,14 +178,22 @@ async def _finish_streams(app: web.Application) -> None:
     await asyncio.gather(*(conn.shutdown() for conn in connections))
 
 
-def run_server(config: Config, host: str | None = None, port: int | None = None) -> None:
-    """Serve until SIGINT or SIGTERM, then shut down gracefully."""
+def run_server(config: Config, host: str | None = None, port: int | None = None, reuse_port: bool = False) -> None:
+    """Serve until SIGINT or SIGTERM, then shut down gracefully. ``reuse_port``: share the port with the
+    other workers of ``agentspace serve --workers N`` (SO_REUSEPORT: the kernel spreads connections)."""
     configure_logging(config)
     register_configured_keys(config)
     name, factory = event_loop_factory(config["server"]["event_loop"])
     log.info("event loop: %s", name)
     with asyncio.Runner(loop_factory=factory) as runner:
-        runner.run(_serve(config, host or config["server"]["host"], config["server"]["port"] if port is None else port))
+        runner.run(
+            _serve(
+                config,
+                host or config["server"]["host"],
+                config["server"]["port"] if port is None else port,
+                reuse_port,
+            )
+        )
 
 
 def event_loop_factory(choice: str) -> tuple[str, Callable[[], asyncio.AbstractEventLoop] | None]:
@@ -173,7 +214,7 @@ def event_loop_factory(choice: str) -> tuple[str, Callable[[], asyncio.AbstractE
     return "uvloop", uvloop.new_event_loop
 
 
-async def _serve(config: Config, host: str, port: int) -> None:
+async def _serve(config: Config, host: str, port: int, reuse_port: bool = False) -> None:
     app = create_app(config)
     grace = float(config["server"]["shutdown_grace_seconds"])
     # keepalive_timeout is also how long a new connection may take to send its first request's headers
@@ -192,7 +233,9 @@ async def _serve(config: Config, host: str, port: int) -> None:
         assert runner.server is not None
         # Our own listener instead of web.TCPSite, for a protocol factory that caps open connections.
         cap = ConnectionCap(runner.server, int(config["server"]["max_connections"]))
-        listener = await asyncio.get_running_loop().create_server(cap, host, port, backlog=128)
+        listener = await asyncio.get_running_loop().create_server(
+            cap, host, port, backlog=128, reuse_port=reuse_port or None
+        )
         bound = listener.sockets[0].getsockname() if listener.sockets else (host, port)
         shown_host = f"[{bound[0]}]" if ":" in str(bound[0]) else bound[0]
         url = f"http://{shown_host}:{bound[1]}"

@@ -235,10 +235,12 @@ class Service:
 
     async def stop_answer(self, session_id: str) -> None:
         """Stop the caller's running answer in the session (``chat.abort``: what was generated is kept)."""
-        turn = self.active_turn(checked(session_id, "id", session_id_problem))
-        if turn is None or turn.done:
+        turn = await self.resumable_turn(checked(session_id, "id", session_id_problem))
+        if turn is not None and not turn.done:
+            turn.abort()
+        elif self.gw.cluster is None or not await self.gw.cluster.request_abort(session_id):
+            # Nothing streams here, nor (with Redis) on another replica.
             raise ApiError("NOT_FOUND", f"No answer is streaming in session {session_id!r}.")
-        turn.abort()
 
     async def rename_session(self, session_id: str, title: object) -> dict[str, Any]:
         """Give the caller's session a title; returns its summary."""

@@ -20,8 +20,9 @@ from agentspace.gateway_token import load_or_create_token
 from agentspace.plugins import create_plugin_manager
 from agentspace.server import create_app, event_loop_factory
 
-# The fakes' own fixtures: ``fake_anthropic`` and ``fake_openai`` (started upstreams on 127.0.0.1).
-pytest_plugins = ("tests.fakes.anthropic_upstream", "tests.fakes.openai_upstream")
+# The fakes' own fixtures: ``fake_anthropic`` and ``fake_openai`` (started upstreams on 127.0.0.1); real
+# PostgreSQL and Redis servers for the storage tests (``pg_server``, ``pg_dsn``, ``redis_srv``).
+pytest_plugins = ("tests.fakes.anthropic_upstream", "tests.fakes.openai_upstream", "tests.scale_servers")
 
 TEST_KEY = "sk-ant-test-0123456789abcdef"
 

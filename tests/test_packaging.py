@@ -25,7 +25,7 @@ def normalize(name: str) -> str:
 def declared(pyproject: Path) -> set[str]:
     project = tomllib.loads(pyproject.read_text(encoding="utf-8"))["project"]
     requirements = list(project["dependencies"])
-    # A runtime extra (``otel``) declares what the code imports when that feature is used; test and bench do not.
+    # A runtime extra (``otel``, ``scale``) declares what the code imports when that feature is used; test and bench do not.
     for extra, extra_requirements in project.get("optional-dependencies", {}).items():
         if extra not in ("test", "bench"):
             requirements += extra_requirements

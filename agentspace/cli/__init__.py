@@ -78,6 +78,7 @@ def _add_builtin_commands() -> None:
         plugins,
         serve,
         sessions,
+        storage_cmd,
         token_cmd,
         usage,
     )
@@ -93,6 +94,7 @@ def _add_builtin_commands() -> None:
         plugins.plugins,
         token_cmd.token,
         clients_cmd.clients,
+        storage_cmd.storage,
     ):
         main.add_command(command)
     from . import doctor

@@ -18,6 +18,27 @@ from .. import periods
 from .common import CliState, config_options, count, money, pass_state, table
 
 
+def _backend_reports(state: CliState, wanted: list[str], where: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """The reports of the configured storage backend (``[storage] backend``, e.g. postgres)."""
+    import asyncio
+
+    from ..default_plugins.storage import open_storage
+    from ..errors import StorageError
+
+    async def reports() -> dict[str, dict[str, Any]]:
+        storage = open_storage(state.config())
+        await storage.start()
+        try:
+            return {by: await storage.usage.areport(by=by, **where) for by in wanted}
+        finally:
+            await storage.aclose()
+
+    try:
+        return asyncio.run(reports())
+    except StorageError as e:
+        raise click.ClickException(e.message) from None
+
+
 def parse_since(value: str, now: datetime | None = None) -> datetime:
     try:
         return periods.parse_since(value, now)
@@ -68,11 +89,14 @@ def usage(
 
     since_dt = parse_since(since) if since else None
     by_model = by_model or not (by_day or by_client)
-    store = UsageStore(state.data_dir)
     where: dict[str, Any] = {"since": since_dt, "session_id": session_id, "client": client_name}
-    per_model = store.report(by="model", **where) if by_model else None
-    per_day = store.report(by="day", **where) if by_day else None
-    per_client = store.report(by="client", **where) if by_client else None
+    wanted = [by for by, asked in (("model", by_model), ("day", by_day), ("client", by_client)) if asked]
+    if state.config()["storage"]["backend"] != "tinydb":  # another backend answers through the storage interface
+        reports = _backend_reports(state, wanted, where)
+    else:
+        store = UsageStore(state.data_dir)
+        reports = {by: store.report(by=by, **where) for by in wanted}
+    per_model, per_day, per_client = reports.get("model"), reports.get("day"), reports.get("client")
     report = per_model or per_day or per_client or {}
     damaged: list[str] = report.get("damagedFiles", [])
     grand = report.get("grandTotal", {})

@@ -43,4 +43,6 @@ class TinyDBUsageSink:
 
 @hookimpl
 def register_usage_sinks(register: Callable[[UsageSink], None], config: Config) -> None:
+    if config["storage"]["backend"] != "tinydb":
+        return  # the chosen backend brings its own sink
     register(TinyDBUsageSink(lambda: UsageStore(config.data_dir)))

@@ -261,7 +261,18 @@ OPENAPI: dict[str, Any] = {
                     "400": _error("INVALID_MESSAGE: bad session id."),
                     **_AUTH_ERRORS,
                 },
-            }
+            },
+            "delete": {
+                "summary": "Stop the session's running answer, on whichever replica runs it; what was generated "
+                "is kept, marked aborted, and billed.",
+                "parameters": [_SESSION_ID],
+                "responses": {
+                    "204": {"description": "The answer is being stopped."},
+                    "404": _error("NOT_FOUND: no answer is streaming in this session."),
+                    "400": _error("INVALID_MESSAGE: bad session id."),
+                    **_AUTH_ERRORS,
+                },
+            },
         },
         "/api/sessions": {
             "get": {

@@ -11,6 +11,7 @@ none), which is what the SDK's ``resume`` option calls. Chunks carry only the fi
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
 from typing import Any
 
 from aiohttp import web
@@ -318,11 +319,29 @@ async def chat_handler(request: web.Request) -> web.StreamResponse:
 async def resume_handler(request: web.Request) -> web.StreamResponse:
     """Attach to the session's running answer from its first chunk; 204 when nothing is streaming."""
     service = state.service(request.app, security.caller(request))
-    turn = await service.resumable_turn(checked(request.match_info["id"], "id", session_id_problem))
+    session_id = checked(request.match_info["id"], "id", session_id_problem)
+    turn = await service.resumable_turn(session_id)
     if turn is None:
-        return web.Response(status=204)
+        cluster = service.gw.cluster
+        key = await cluster.running_stream(session_id) if cluster is not None else None
+        if cluster is None or key is None:
+            return web.Response(status=204)
+        return await _relay(request, cluster.follow(key, session_id))  # streaming on another replica
     # Only the request that started the answer may stop it by going away.
     return await stream_turn(request, turn, abort_on_disconnect=False)
+
+
+async def _relay(request: web.Request, chunks: AsyncIterator[bytes]) -> web.StreamResponse:
+    """Send a stream another replica publishes in Redis (the same bytes its own clients get)."""
+    response = _StreamResponse(headers=STREAM_HEADERS)
+    await response.prepare(request)
+    try:
+        async for data in chunks:
+            await response.write(data)
+    except ConnectionResetError:
+        return response
+    await response.write_eof()
+    return response
 
 
 def setup_routes(app: web.Application) -> None:

@@ -1,0 +1,77 @@
+"""``agentspace storage migrate --to DSN``: copy the tinydb data directory into PostgreSQL (SPEC 13).
+
+Resumable and idempotent: each session is copied in its own transaction and skipped when the database
+has it already; usage records go in batches keyed by their unique id, so records stored by an earlier
+(interrupted) run are not stored twice. A second run copies nothing. Sessions changed in the data
+directory after they were copied are not copied again: migrate once the tinydb server has stopped.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import click
+
+from .common import CliState, config_options, pass_state
+
+BATCH = 1000
+
+
+@click.group()
+def storage() -> None:
+    """Storage backends: move data between them."""
+
+
+@storage.command()
+@config_options
+@click.option("--to", "dsn", required=True, metavar="DSN", help="The PostgreSQL database, postgresql://user@host/db.")
+@pass_state
+def migrate(state: CliState, dsn: str) -> None:
+    """Copy the sessions and usage records of the data directory into PostgreSQL."""
+    import asyncio  # here: the other commands start without it
+
+    from ..errors import StorageError
+    from ..stores.sessions import SessionStore
+    from ..stores.usage import UsageStore
+
+    data_dir = state.data_dir
+    sessions = SessionStore(data_dir)
+    listing = sessions.listing_sync()
+    damaged: list[str] = []
+    records = list(UsageStore(data_dir).records(damaged=damaged))
+    for path in sorted(set(damaged + listing.damaged_files)):
+        click.echo(f"skipped (damaged): {path}", err=True)
+    try:
+        summary = asyncio.run(_copy(dsn, sessions, [s["id"] for s in listing.sessions], records))
+    except StorageError as e:
+        raise click.ClickException(e.message) from None
+    click.echo(
+        f"sessions: {summary['sessions']} copied, {summary['sessions_there']} already there; "
+        f"usage records: {summary['records']} copied, {summary['records_there']} already there"
+    )
+
+
+async def _copy(dsn: str, sessions: Any, session_ids: list[str], records: list[dict[str, Any]]) -> dict[str, int]:
+    from ..stores.postgres import PostgresDatabase, PostgresSessionStore, PostgresUsageStore
+
+    db = PostgresDatabase(dsn)
+    await db.start()
+    target_sessions, target_usage = PostgresSessionStore(db), PostgresUsageStore(db)
+    summary = dict.fromkeys(("sessions", "sessions_there", "records", "records_there"), 0)
+    try:
+        with click.progressbar(length=len(session_ids) + len(records), label="Copying", file=None) as bar:
+            for session_id in session_ids:
+                session = sessions.get_sync(session_id)
+                if session is not None:
+                    copied = await target_sessions.copy_in(session)
+                    summary["sessions" if copied else "sessions_there"] += 1
+                bar.update(1)
+            for start in range(0, len(records), BATCH):
+                batch = records[start : start + BATCH]
+                new = await target_usage.copy_in(batch)
+                summary["records"] += new
+                summary["records_there"] += len(batch) - new
+                bar.update(len(batch))
+    finally:
+        await db.aclose()
+    return summary

@@ -1,0 +1,215 @@
+"""What replicas share through Redis (``[storage] redis_url``, SPEC 13): what one process keeps in memory
+otherwise.
+
+- The stream lock: a session streams on one replica at a time. ``claim`` sets
+  ``agentspace:lock:<session>`` (``SET NX PX``) to ``<replica>:<turn>``; the owner renews it while the turn
+  runs and deletes it at the end (compare-and-delete, in Lua). A replica that dies stops renewing: the lock
+  expires after ``LOCK_TTL_MS`` and the session is free again. A claim refused is ``STREAM_IN_PROGRESS``.
+- Running streams: the owner publishes the turn's UI message stream (the bytes ``GET /api/chat/{id}/stream``
+  sends) to the Redis Stream ``agentspace:stream:<turn>``, capped at ``STREAM_CAP`` entries and expiring,
+  so a resume on any replica replays it from the start and follows it live.
+- Aborts: ``request_abort`` publishes the session id on ``agentspace:abort``; every replica listens, and
+  the one running that session's turn aborts it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING, Any
+
+from .types import new_id
+
+if TYPE_CHECKING:
+    from .pipeline import Turn
+    from .registry import Registry
+
+log = logging.getLogger(__name__)
+
+PREFIX = "agentspace"
+ABORT_CHANNEL = f"{PREFIX}:abort"
+LOCK_TTL_MS = 10_000  # how long a dead replica keeps its sessions busy at most
+RENEW_SECONDS = LOCK_TTL_MS / 1000 / 3
+STREAM_CAP = 100_000  # entries kept per running stream (a burst of deltas is one entry)
+STREAM_TTL_SECONDS = 3600  # a finished (or orphaned) stream stays resumable this long
+REDIS_CONNECTIONS = 32  # per replica; the abort listener holds one
+_END = b"end"
+
+# Deletes the lock only when it is still ours (a lock that expired and was taken since is another's).
+_RELEASE = """
+if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end
+return 0
+"""
+_RENEW = """
+if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('pexpire', KEYS[1], ARGV[2]) end
+return 0
+"""
+
+
+def lock_key(session_id: str) -> str:
+    return f"{PREFIX}:lock:{session_id}"
+
+
+def stream_key(turn_id: str) -> str:
+    return f"{PREFIX}:stream:{turn_id}"
+
+
+class Cluster:
+    def __init__(self, url: str, replica_id: str | None = None) -> None:
+        try:
+            import redis.asyncio as aioredis
+        except ImportError:
+            from .errors import StorageError
+
+            raise StorageError("[storage] redis_url needs redis-py: pip install 'agentspace[scale]'.") from None
+        self.url = url
+        self.replica_id = replica_id or f"{socket.gethostname()}-{os.getpid()}-{new_id('')[:8]}"
+        # Bounded: many streams publishing at once wait for a connection instead of each opening one (a
+        # connection storm on a busy machine ends in connect timeouts). Any: redis-py's reply types are
+        # unions of every decoding; replies here are bytes.
+        pool = aioredis.BlockingConnectionPool.from_url(
+            url, max_connections=REDIS_CONNECTIONS, timeout=10, socket_connect_timeout=5, health_check_interval=30
+        )
+        self.redis: Any = aioredis.Redis(connection_pool=pool)
+        self._release = self.redis.register_script(_RELEASE)
+        self._renew = self.redis.register_script(_RENEW)
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._listener: asyncio.Task[None] | None = None
+        self._gw: Registry | None = None
+
+    async def start(self, gw: Registry) -> None:
+        """Check Redis answers and listen for aborts meant for this replica's turns."""
+        from .errors import StorageError
+
+        try:
+            await self.redis.ping()
+        except Exception as e:  # noqa: BLE001 - redis-py raises its own ConnectionError, OSError, timeouts
+            raise StorageError(f"The gateway could not reach Redis at [storage] redis_url: {e}.") from e
+        self._gw = gw
+        pubsub = self.redis.pubsub()
+        await pubsub.subscribe(ABORT_CHANNEL)
+        self._listener = asyncio.create_task(self._listen(pubsub), name="agentspace-abort-listener")
+
+    async def _listen(self, pubsub: Any) -> None:
+        while True:
+            try:
+                message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
+            except asyncio.CancelledError:
+                await pubsub.aclose()
+                raise
+            except Exception:  # noqa: BLE001 - Redis gone for a moment: keep listening
+                log.warning("lost the Redis abort channel; reconnecting", exc_info=True)
+                await asyncio.sleep(1)
+                continue
+            if message is None or self._gw is None:
+                continue
+            session_id = message["data"].decode() if isinstance(message["data"], bytes) else str(message["data"])
+            turn = self._gw.active.get(session_id)
+            if turn is not None:
+                log.info("abort of session %s from another replica", session_id)
+                turn.abort()
+
+    # --- the stream lock --------------------------------------------------------------------------
+
+    async def claim(self, turn: Turn) -> bool:
+        """Take the session's lock for ``turn``; False when another turn (on any replica) holds it."""
+        value = f"{self.replica_id}:{turn.message_id}"
+        return bool(await self.redis.set(lock_key(turn.session_id), value, nx=True, px=LOCK_TTL_MS))
+
+    async def release(self, turn: Turn) -> None:
+        with contextlib.suppress(Exception):
+            await self._release(keys=[lock_key(turn.session_id)], args=[f"{self.replica_id}:{turn.message_id}"])
+
+    async def running_stream(self, session_id: str) -> str | None:
+        """The stream key of the turn streaming in ``session_id`` on some replica, or None."""
+        value = await self.redis.get(lock_key(session_id))
+        if value is None:
+            return None
+        return stream_key(value.decode().rsplit(":", 1)[1])
+
+    async def request_abort(self, session_id: str) -> bool:
+        """Ask the replica running the session's turn to abort it; False when none is streaming."""
+        if await self.redis.get(lock_key(session_id)) is None:
+            return False
+        await self.redis.publish(ABORT_CHANNEL, session_id)
+        return True
+
+    # --- publishing a running turn --------------------------------------------------------------
+
+    def publish(self, turn: Turn) -> None:
+        """Mirror ``turn`` into Redis until it ends, renewing its lock; the lock is released at the end."""
+        task = asyncio.create_task(self._publish(turn), name=f"publish-{turn.session_id}")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _publish(self, turn: Turn) -> None:
+        from .events import StreamEnd, StreamError
+        from .transports.ui_stream import UIMessageStreamEncoder
+
+        key = stream_key(turn.message_id)
+        renew = asyncio.create_task(self._keep_lock(turn))
+        encoder = UIMessageStreamEncoder()
+        try:
+            async for batch in turn.batches():
+                data = b"".join(map(encoder.encode, batch))
+                end = isinstance(batch[-1], (StreamEnd, StreamError))
+                fields: dict[str, bytes] = {"d": data}
+                if end:
+                    fields["e"] = _END
+                try:
+                    async with self.redis.pipeline(transaction=False) as pipe:
+                        pipe.xadd(key, fields, maxlen=STREAM_CAP, approximate=True)
+                        pipe.expire(key, STREAM_TTL_SECONDS)
+                        await pipe.execute()
+                except Exception:  # noqa: BLE001 - the turn goes on; resumes elsewhere miss this burst
+                    log.warning("could not publish the stream of session %s to Redis", turn.session_id, exc_info=True)
+        finally:
+            renew.cancel()
+            await self.release(turn)
+
+    async def _keep_lock(self, turn: Turn) -> None:
+        value = f"{self.replica_id}:{turn.message_id}"
+        while True:
+            await asyncio.sleep(RENEW_SECONDS)
+            try:
+                await self._renew(keys=[lock_key(turn.session_id)], args=[value, LOCK_TTL_MS])
+            except Exception:  # noqa: BLE001 - retried at the next renewal
+                log.warning("could not renew the stream lock of session %s", turn.session_id, exc_info=True)
+
+    async def follow(self, key: str, session_id: str) -> AsyncIterator[bytes]:
+        """The stream's chunks from its start, then live until its end; ends early when the lock of the
+        turn is gone without an end (its replica died)."""
+        last = "0-0"
+        quiet = 0  # empty reads in a row while the lock is gone
+        while True:
+            reply = await self.redis.xread({key: last}, count=100, block=1000)
+            if not reply:
+                # The owner releases the lock just before it publishes the end: give the end a moment.
+                quiet = quiet + 1 if await self.redis.get(lock_key(session_id)) is None else 0
+                if quiet >= 3 and not await self._ended(key):
+                    return  # the owner died mid-stream: nothing more will come
+                continue
+            for _, entries in reply:
+                for entry_id, fields in entries:
+                    last = entry_id
+                    yield fields[b"d"]
+                    if fields.get(b"e") == _END:
+                        return
+
+    async def _ended(self, key: str) -> bool:
+        entries = await self.redis.xrevrange(key, count=1)
+        return bool(entries) and entries[0][1].get(b"e") == _END
+
+    async def aclose(self) -> None:
+        if self._listener is not None:
+            self._listener.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._listener
+        if self._tasks:
+            await asyncio.wait(list(self._tasks), timeout=10)
+        await self.redis.aclose()
+        await self.redis.connection_pool.disconnect()

@@ -1,0 +1,186 @@
+"""Rate-limit windows and budget reservations in Redis (SPEC 11 and 13): the ``limits.Counters`` of a
+gateway with several replicas, so that a client's limits hold across all of them instead of once per
+process.
+
+Every operation is one Lua script, atomic in Redis, on Redis's own clock (``TIME``: the replicas'
+monotonic clocks differ), and every key expires:
+
+- windows: per client, sorted sets of requests and of token amounts over the last minute
+  (``agentspace:rl:*``), pruned on each use, expiring a minute after the last entry.
+- budgets: per client and period, ``agentspace:budget:<client>:<period>`` holds the period's spend. It is
+  loaded from the usage store (the database: the truth) on first use and again once it expires
+  (``SPEND_TTL_SECONDS``): that reload reconciles Redis with the database, and a spend lost with Redis is
+  read back. Reservations of calls in flight sit apart (``...:res`` amounts, ``...:resexp`` deadlines), so
+  a replica that dies mid-call leaves a reservation that expires (``RESERVATION_TTL_SECONDS``) instead of
+  holding the budget forever.
+"""
+
+from __future__ import annotations
+
+import importlib
+import itertools
+import os
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+PREFIX = "agentspace"
+WINDOW_MS = 60_000
+SPEND_TTL_SECONDS = 600  # the spend is re-read from the database this often at most
+RESERVATION_TTL_SECONDS = 900  # longer than any call: a reservation of a dead replica is dropped then
+
+_NOW = "local t = redis.call('TIME') local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)"
+
+# KEYS: requests zset, tokens zset. Returns {requests, tokens, ms until the oldest request leaves,
+# ms until the oldest token entry leaves}.
+_WINDOW = (
+    _NOW
+    + """
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - tonumber(ARGV[1]))
+redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now - tonumber(ARGV[1]))
+local requests = redis.call('ZCARD', KEYS[1])
+local tokens = 0
+for _, member in ipairs(redis.call('ZRANGE', KEYS[2], 0, -1)) do
+  tokens = tokens + tonumber(string.match(member, ':(%d+)$'))
+end
+local function free_in(key)
+  local oldest = redis.call('ZRANGE', key, 0, 0, 'WITHSCORES')
+  if oldest[2] then return tonumber(oldest[2]) + tonumber(ARGV[1]) - now end
+  return 0
+end
+return {requests, tokens, free_in(KEYS[1]), free_in(KEYS[2])}
+"""
+)
+
+# KEYS: zset; ARGV: member, window ms.
+_ADD = (
+    _NOW
+    + """
+redis.call('ZADD', KEYS[1], now, ARGV[1])
+redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[2]) + 1000)
+return 1
+"""
+)
+
+# KEYS: spend, reservations hash, reservation deadlines zset. Drops expired reservations; returns
+# {spend or false, reserved}.
+_STATE = """
+local now_t = redis.call('TIME')
+local now = tonumber(now_t[1])
+for _, id in ipairs(redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', now)) do
+  redis.call('HDEL', KEYS[2], id)
+  redis.call('ZREM', KEYS[3], id)
+end
+local reserved = 0
+for _, amount in ipairs(redis.call('HVALS', KEYS[2])) do reserved = reserved + tonumber(amount) end
+return {redis.call('GET', KEYS[1]), tostring(reserved)}
+"""
+
+# KEYS: spend, res, resexp; ARGV: budget, amount, reservation id, reservation ttl s.
+# Returns {admitted 1/0, spend, reserved} or {-1} when the spend is not loaded.
+_RESERVE = (
+    _STATE.replace("return {redis.call('GET', KEYS[1]), tostring(reserved)}", "")
+    + """
+local spend = redis.call('GET', KEYS[1])
+if not spend then return {-1} end
+spend = tonumber(spend)
+if spend + reserved >= tonumber(ARGV[1]) then return {0, tostring(spend), tostring(reserved)} end
+redis.call('HSET', KEYS[2], ARGV[3], ARGV[2])
+redis.call('ZADD', KEYS[3], now + tonumber(ARGV[4]), ARGV[3])
+redis.call('EXPIRE', KEYS[2], tonumber(ARGV[4]))
+redis.call('EXPIRE', KEYS[3], tonumber(ARGV[4]))
+return {1, tostring(spend), tostring(reserved)}
+"""
+)
+
+# KEYS: spend, res, resexp; ARGV: reservation id ('' for none), cost.
+_SETTLE = """
+if ARGV[1] ~= '' then
+  redis.call('HDEL', KEYS[2], ARGV[1])
+  redis.call('ZREM', KEYS[3], ARGV[1])
+end
+if redis.call('EXISTS', KEYS[1]) == 1 then redis.call('INCRBYFLOAT', KEYS[1], ARGV[2]) end
+return 1
+"""
+
+
+def _limits() -> Any:
+    # The dataclasses of the clients feature (agentspace.limits), looked up when used.
+    return importlib.import_module("agentspace.limits")
+
+
+class RedisCounters:
+    """``limits.Counters`` shared by every replica through Redis."""
+
+    def __init__(self, redis: Any) -> None:
+        self.redis = redis
+        self._window = redis.register_script(_WINDOW)
+        self._add = redis.register_script(_ADD)
+        self._state = redis.register_script(_STATE)
+        self._reserve = redis.register_script(_RESERVE)
+        self._settle = redis.register_script(_SETTLE)
+        self._ids = itertools.count()
+        self._prefix = f"{os.getpid()}-{id(self):x}"
+        self._reservation_ids: dict[int, str] = {}  # id(Reservation) -> its id in Redis, until settled
+
+    def _keys(self, client: str, period_key: str) -> list[str]:
+        base = f"{PREFIX}:budget:{client}:{period_key}"
+        return [base, base + ":res", base + ":resexp"]
+
+    async def window(self, client: str, now: float) -> Any:
+        requests, tokens, requests_ms, tokens_ms = await self._window(
+            keys=[f"{PREFIX}:rl:req:{client}", f"{PREFIX}:rl:tok:{client}"], args=[WINDOW_MS]
+        )
+        return _limits().Window(int(requests), int(tokens), max(0, requests_ms) / 1000, max(0, tokens_ms) / 1000)
+
+    async def add_request(self, client: str, now: float) -> None:
+        await self._add(keys=[f"{PREFIX}:rl:req:{client}"], args=[f"{self._prefix}-{next(self._ids)}", WINDOW_MS])
+
+    async def add_tokens(self, client: str, tokens: int, now: float) -> None:
+        if tokens > 0:
+            member = f"{self._prefix}-{next(self._ids)}:{int(tokens)}"
+            await self._add(keys=[f"{PREFIX}:rl:tok:{client}"], args=[member, WINDOW_MS])
+
+    async def _load(self, client: str, period_key: str, load_spend: Callable[[], Awaitable[float]]) -> None:
+        """The period's spend from the database, unless another replica loaded it meanwhile (SET NX)."""
+        spend = await load_spend()
+        await self.redis.set(self._keys(client, period_key)[0], repr(float(spend)), nx=True, ex=SPEND_TTL_SECONDS)
+
+    async def reserve(
+        self, client: str, period_key: str, budget: float, amount: float, load_spend: Callable[[], Awaitable[float]]
+    ) -> tuple[Any, float]:
+        reservation_id = f"{self._prefix}-{next(self._ids)}"
+        for _ in range(3):
+            reply = await self._reserve(
+                keys=self._keys(client, period_key),
+                args=[repr(budget), repr(amount), reservation_id, RESERVATION_TTL_SECONDS],
+            )
+            if int(reply[0]) == -1:
+                await self._load(client, period_key, load_spend)
+                continue
+            spend, reserved = float(reply[1]), float(reply[2])
+            if int(reply[0]) == 0:
+                return None, spend + reserved
+            reservation = _limits().Reservation(client, period_key, amount)
+            self._reservation_ids[id(reservation)] = reservation_id
+            return reservation, spend
+        raise RuntimeError("the budget spend could not be loaded into Redis")
+
+    async def spend(self, client: str, period_key: str, load_spend: Callable[[], Awaitable[float]]) -> float:
+        keys = self._keys(client, period_key)
+        spend, reserved = await self._state(keys=keys)
+        if spend is None:
+            await self._load(client, period_key, load_spend)
+            spend, reserved = await self._state(keys=keys)
+        return float(spend or 0.0) + float(reserved)
+
+    async def settle(self, reservation: Any, real_cost: float) -> None:
+        if reservation.settled:
+            return
+        reservation.settled = True
+        reservation_id = self._reservation_ids.pop(id(reservation), "")
+        await self._settle(
+            keys=self._keys(reservation.client, reservation.period_key), args=[reservation_id, repr(real_cost)]
+        )
+
+    async def add_spend(self, client: str, period_key: str, cost: float) -> None:
+        await self._settle(keys=self._keys(client, period_key), args=["", repr(cost)])

@@ -1,0 +1,183 @@
+"""The one storage interface (SPEC 13): what a backend provides, whatever keeps the data.
+
+A backend (``StorageBackend``) is registered by a plugin through ``register_storage_backends`` and chosen
+by ``[storage] backend``; the built-in ``tinydb`` (files in the data directory, one process) and
+``postgres`` (``[storage] dsn``, any number of replicas) are registered the same way
+(``agentspace.default_plugins.storage``). ``open(config)`` returns a ``Storage``: the session store and
+the usage store with its reports, both speaking the protocols below, plus the backend's own facts (does
+it need the data-directory lock, can several processes share it). ``tests/test_storage_contract.py`` runs
+one suite against every backend.
+
+Errors are the same everywhere: ``SessionExists``, ``SessionNotFound``, ``MessageNotFound``,
+``InvalidSessionId`` (``stores.sessions``), ``errors.SessionDamaged`` and ``errors.StorageError`` (the
+store could not be used: nothing was stored, the same call may be retried).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+
+if TYPE_CHECKING:
+    from ..config import Config
+    from ..sinks import UsageSink
+    from ..types import UsageRecord
+    from .sessions import Listing
+
+
+@runtime_checkable
+class SessionStoreAPI(Protocol):
+    """Sessions and their messages. A summary is ``id, title, model, createdAt, lastActivityAt,
+    messageCount, client``; ``get`` adds ``messages`` (oldest first)."""
+
+    async def create(
+        self,
+        *,
+        model: str,
+        session_id: str | None = None,
+        title: str | None = None,
+        client: str | None = None,
+        messages: Sequence[dict[str, Any]] = (),
+    ) -> dict[str, Any]: ...
+
+    async def get(self, session_id: str) -> dict[str, Any] | None: ...
+
+    async def exists(self, session_id: str) -> bool: ...
+
+    async def summaries(self) -> list[dict[str, Any]]: ...
+
+    async def listing(self) -> Listing: ...
+
+    async def append_message(self, session_id: str, message: dict[str, Any]) -> None: ...
+
+    async def update_message(self, session_id: str, message_id: str, changes: dict[str, Any]) -> None: ...
+
+    async def messages(self, session_id: str, limit: int | None = None) -> list[dict[str, Any]]: ...
+
+    async def set_title(self, session_id: str, title: str) -> None: ...
+
+    async def touch(self, session_id: str) -> None: ...
+
+    async def delete(self, session_id: str) -> bool: ...
+
+    async def flush(self) -> None: ...
+
+    async def aclose(self) -> None: ...
+
+
+@runtime_checkable
+class UsageStoreAPI(Protocol):
+    """Usage records (``UsageRecord.to_dict()``), append-only; a record whose id is stored already changes
+    nothing. ``append`` returns once the record is durable, and raises StorageError when it is not."""
+
+    async def append(self, record: UsageRecord) -> None: ...
+
+    async def areport(
+        self,
+        *,
+        by: str = "model",
+        since: datetime | None = None,
+        session_id: str | None = None,
+        client: str | None = None,
+    ) -> dict[str, Any]:
+        """The report ``by`` names (``stores.usage.REPORTS``: per model, day, client, session, day and model),
+        ``grandTotal`` and ``damagedFiles``; of one client's records when ``client`` is given."""
+        ...
+
+    async def arecords(
+        self, *, since: datetime | None = None, session_id: str | None = None, client: str | None = None
+    ) -> list[dict[str, Any]]: ...
+
+    async def flush(self) -> None: ...
+
+    async def aclose(self) -> None: ...
+
+
+@runtime_checkable
+class ClientStoreAPI(Protocol):
+    """The clients (SPEC 11): the async API of ``stores.clients.ClientStore`` (``Client`` objects of
+    ``agentspace.clients``; only key hashes are stored). ``add``/``rotate`` return the new key; ``update``
+    applies ``change(client)``; unknown names raise ``ClientNotFound``, a taken name ``ClientExists``."""
+
+    async def get_by_key(self, key: str) -> Any: ...
+
+    async def get_by_hash(self, key_hash: str) -> Any: ...
+
+    async def get(self, name: str) -> Any: ...
+
+    async def list(self) -> list[Any]: ...
+
+    async def add(self, client: Any) -> str: ...
+
+    async def update(self, name: str, change: Any) -> Any: ...
+
+    async def rotate(self, name: str) -> str: ...
+
+    async def remove(self, name: str) -> None: ...
+
+    def should_touch(self, name: str, monotonic_now: float) -> bool: ...
+
+    async def touch(self, name: str, when: datetime | None = None) -> None: ...
+
+
+@dataclass
+class Storage:
+    """What a backend opened for one server process (or one CLI command).
+
+    ``sink``: the usage sink that writes ``usage`` (None when a plugin registers it, as tinydb's does);
+    ``clients``: the backend's client store (None: the clients feature's own file store in the data
+    directory); ``uses_data_dir_lock``: only one process may use the data (tinydb); ``shared``: several
+    replicas may use it at once (then ``agentspace serve --workers N`` is allowed)."""
+
+    backend: str
+    sessions: SessionStoreAPI
+    usage: UsageStoreAPI
+    sink: UsageSink | None = None
+    clients: ClientStoreAPI | None = None
+    uses_data_dir_lock: bool = True
+    shared: bool = False
+    database: Database | None = None
+
+    async def start(self) -> None:
+        """Connect, migrate: what must happen before the first request."""
+        if self.database is not None:
+            await self.database.start()
+
+    async def health(self) -> str | None:
+        """None when the storage answers; else what is wrong (``/healthz`` answers 503 with it)."""
+        return await self.database.health() if self.database is not None else None
+
+    async def aclose(self) -> None:
+        """After the stores closed: the connections go."""
+        if self.database is not None:
+            await self.database.aclose()
+
+
+class Database(Protocol):
+    """A backend's connection to a database server, shared by its stores."""
+
+    async def start(self) -> None: ...
+
+    async def health(self) -> str | None: ...
+
+    async def aclose(self) -> None: ...
+
+
+class UsageStoreSink:
+    """A usage sink that writes every record into a usage store: what a backend without a sink plugin of
+    its own returns as ``Storage.sink``."""
+
+    def __init__(self, store: UsageStoreAPI, name: str) -> None:
+        self.store = store
+        self.name = name
+
+    async def record(self, record: UsageRecord) -> None:
+        await self.store.append(record)
+
+
+class StorageBackend(Protocol):
+    name: str
+
+    def open(self, config: Config) -> Storage: ...

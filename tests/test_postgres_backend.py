@@ -1,0 +1,217 @@
+"""What the postgres backend promises beyond the contract suite (SPEC 13): migrations once under a lock,
+retried batches that count nothing twice, retention by whole months, PgBouncer-safe settings, a clear
+error and a 503 ``/healthz`` when the database is unreachable, and recovery when it is back."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from agentspace.errors import StorageError
+from agentspace.stores.postgres import MIGRATIONS, PostgresDatabase, PostgresSessionStore, PostgresUsageStore
+from scripts.harness import GatewayProcess
+from tests.fakes import anthropic_upstream as fa
+from tests.scale_servers import Postgres, free_port
+from tests.test_storage_contract import record
+
+
+async def test_migrations_apply_once_when_replicas_start_together(pg_dsn: str) -> None:
+    dbs = [PostgresDatabase(pg_dsn, pool_size=2) for _ in range(4)]
+    try:
+        await asyncio.gather(*(db.start() for db in dbs))
+        assert {await db.schema_version() for db in dbs} == {MIGRATIONS[-1][0]}
+        async with dbs[0].connection() as conn:
+            applied = await conn.fetch("SELECT version FROM agentspace_migrations")
+        assert [r[0] for r in applied] == [v for v, _ in MIGRATIONS]
+    finally:
+        await asyncio.gather(*(db.aclose() for db in dbs))
+
+
+async def test_batches_and_retries_count_once_across_replicas(pg_dsn: str) -> None:
+    a, b = PostgresDatabase(pg_dsn), PostgresDatabase(pg_dsn, statement_cache_size=0)  # b: as behind PgBouncer
+    usage_a, usage_b = PostgresUsageStore(a, batch_size=50), PostgresUsageStore(b, batch_size=50)
+    try:
+        records = [record(n) for n in range(300)]
+        await asyncio.gather(*(usage_a.append(r) for r in records))
+        # The same records again, from the other replica (a retried batch): nothing doubles.
+        await asyncio.gather(*(usage_b.append(r) for r in records[::2]))
+        assert await usage_a.count() == 300
+        report = await usage_b.areport()
+        assert report["grandTotal"]["requestCount"] == 300
+        assert report["grandTotal"]["inputTokens"] == sum(10 * n for n in range(300))
+    finally:
+        await usage_a.aclose()
+        await usage_b.aclose()
+        await a.aclose()
+        await b.aclose()
+
+
+async def test_retention_drops_whole_months(pg_dsn: str) -> None:
+    db = PostgresDatabase(pg_dsn)
+    usage = PostgresUsageStore(db)
+    try:
+        for n, ts in enumerate(["2026-09-15T00:00:00.000Z", "2026-10-31T23:59:59.999Z", "2026-11-01T00:00:00.000Z"]):
+            await usage.append(record(n, timestamp=ts))
+        assert await usage.drop_usage_before(datetime(2026, 11, 15)) == [
+            "usage_records_2026_09",
+            "usage_records_2026_10",
+        ]
+        assert [r["timestamp"] for r in await usage.arecords()] == ["2026-11-01T00:00:00.000Z"]
+        await usage.append(record(7, timestamp="2026-10-02T00:00:00.000Z"))  # a late record: its month comes back
+        assert len(await usage.arecords()) == 2
+    finally:
+        await usage.aclose()
+        await db.aclose()
+
+
+async def test_unreachable_database_is_a_clear_storage_error() -> None:
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    db = PostgresDatabase(f"postgresql://postgres@127.0.0.1:{port}/agentspace", connect_timeout=2)
+    with pytest.raises(StorageError) as caught:
+        await db.start()
+    assert "could not use its database" in caught.value.message
+    assert await db.health() is not None
+    sessions = PostgresSessionStore(db)
+    with pytest.raises(StorageError):
+        await sessions.get("abc")
+
+
+async def test_serve_refuses_to_start_without_its_database(tmp_path: Path, fake_anthropic: Any) -> None:
+    dsn = f"postgresql://postgres@127.0.0.1:{free_port()}/agentspace"
+    server = GatewayProcess(tmp_path / "data", fake_anthropic.url, storage={"backend": "postgres", "dsn": dsn})
+    with pytest.raises(RuntimeError, match="did not start"):
+        await server.start()
+    assert server.process is not None
+    assert await server.process.wait() == 1
+    assert "could not use its database" in server.log() and "Traceback" not in server.log()
+
+
+async def test_healthz_503_while_the_database_is_down_and_chats_recover(tmp_path: Path, fake_anthropic: Any) -> None:
+    pg = Postgres()  # its own server: this test stops it
+    server = GatewayProcess(tmp_path / "data", fake_anthropic.url, storage={"backend": "postgres", "dsn": pg.dsn})
+    try:
+        url = await server.start()
+        headers = {"Authorization": f"Bearer {server.token}"}
+        async with aiohttp.ClientSession() as http:
+            async with http.get(url + "/healthz") as resp:
+                assert resp.status == 200
+            async with http.post(f"{url}/api/chat", json=_chat("s1", "hello"), headers=headers) as resp:
+                assert resp.status == 200, await resp.text()
+                await resp.read()
+
+            pg.stop()
+            async with http.get(url + "/healthz") as resp:
+                assert resp.status == 503
+                body = await resp.json()
+            assert body["status"] == "unavailable" and "could not use its database" in body["storage"]
+            async with http.post(f"{url}/api/chat", json=_chat("s2", "hello"), headers=headers) as resp:
+                assert resp.status == 503, await resp.text()
+                assert (await resp.json())["error"]["code"] == "STORAGE_ERROR"
+
+            pg.start()
+            async with http.get(url + "/healthz") as resp:
+                assert resp.status == 200
+            async with http.post(f"{url}/api/chat", json=_chat("s3", "hello"), headers=headers) as resp:
+                assert resp.status == 200
+                await resp.read()
+            async with http.get(f"{url}/api/usage", headers=headers) as resp:
+                report = await resp.json()
+        assert report["grandTotal"]["requestCount"] == 2
+    finally:
+        if server.process is not None and server.process.returncode is None:
+            await server.terminate()
+        pg.close()
+
+
+def _chat(session_id: str, text: str) -> dict[str, Any]:
+    return {
+        "id": session_id,
+        "messages": [{"id": f"m-{session_id}", "role": "user", "parts": [{"type": "text", "text": text}]}],
+    }
+
+
+async def test_database_down_mid_load_loses_nothing_acknowledged(tmp_path: Path, fake_anthropic: Any) -> None:
+    """Chats while PostgreSQL stops and comes back: those that fail say so (STORAGE_ERROR), every answer a
+    client saw finish is stored with its usage record (retried writes included), none twice, and the
+    gateway serves again once the database is back."""
+    pg = Postgres()
+    server = GatewayProcess(tmp_path / "data", fake_anthropic.url, storage={"backend": "postgres", "dsn": pg.dsn})
+    for _ in range(40):
+        fake_anthropic.enqueue(fa.text_response(chunks=8).with_delay(0.1))
+    try:
+        url = await server.start()
+        headers = {"Authorization": f"Bearer {server.token}"}
+        async with aiohttp.ClientSession(headers=headers) as http:
+
+            async def one(n: int) -> tuple[str, int, bytes]:
+                await asyncio.sleep(n * 0.08)
+                async with http.post(f"{url}/api/chat", json=_chat(f"d{n}", f"q{n}")) as resp:
+                    return f"d{n}", resp.status, await resp.read()
+
+            async def outage() -> None:
+                await asyncio.sleep(1.0)
+                pg.stop()
+                await asyncio.sleep(1.5)
+                pg.start()
+
+            results, _ = await asyncio.gather(asyncio.gather(*(one(n) for n in range(40))), outage())
+            finished = [sid for sid, status, body in results if status == 200 and b'"type":"finish"' in body]
+            failed = [(sid, status, body) for sid, status, body in results if sid not in finished]
+            assert finished and failed  # the outage was felt, and not by everyone
+            for _sid, status, body in failed:  # a clear error: refused up front, or the stream ends saying so
+                refused = status == 503 and b"STORAGE_ERROR" in body
+                ended = status == 200 and b'"type":"error"' in body and b"could not be stored" in body
+                assert refused or ended, body[-300:]
+
+            # Writes refused during the outage are retried (every 5 s): wait for them, bounded.
+            async def stored(sid: str) -> bool:
+                async with http.get(f"{url}/api/sessions/{sid}") as resp:
+                    return resp.status == 200 and len((await resp.json())["session"]["messages"]) == 2
+
+            deadline = asyncio.get_running_loop().time() + 30
+            for sid in finished:
+                while not await stored(sid):
+                    assert asyncio.get_running_loop().time() < deadline, f"answer of {sid} lost"
+                    await asyncio.sleep(0.5)
+            async with http.post(f"{url}/api/chat", json=_chat("after", "hello")) as resp:
+                assert resp.status == 200 and b'"type":"finish"' in await resp.read()
+
+        db = PostgresDatabase(pg.dsn)
+        try:
+            async with db.connection() as conn:
+                rows = await conn.fetch("SELECT id, session_id FROM usage_records")
+        finally:
+            await db.aclose()
+        assert len(rows) == len({r["id"] for r in rows})  # nothing twice
+        assert {sid for sid in finished} <= {r["session_id"] for r in rows}  # every acknowledged call counted
+    finally:
+        if server.process is not None and server.process.returncode is None:
+            await server.terminate()
+        pg.close()
+
+
+async def test_reports_per_client_and_of_one_client(pg_dsn: str) -> None:
+    """The client queries of the clients feature (SPEC 11), in SQL over the client index."""
+    db = PostgresDatabase(pg_dsn)
+    usage = PostgresUsageStore(db)
+    try:
+        for n, client in enumerate(["team-a", "team-a", "team-b", "ws", "http", None]):
+            await usage.append(record(n + 1, client=client))
+        report = await usage.areport(by="client")
+        assert list(report["perClient"]) == ["admin", "team-a", "team-b"]
+        assert report["perClient"]["admin"]["requestCount"] == 3
+        assert report["perClient"]["team-a"]["inputTokens"] == 10 + 20
+        only_a = await usage.areport(client="team-a")
+        assert only_a["grandTotal"]["requestCount"] == 2
+        assert [r["id"] for r in await usage.arecords(client="team-b")] == ["u3"]
+    finally:
+        await usage.aclose()
+        await db.aclose()

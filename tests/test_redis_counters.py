@@ -1,0 +1,96 @@
+"""Rate windows and budget reservations in Redis (``RedisCounters``), two replicas' counters on one real
+Redis: a client's limits and budget hold across both, reservations of a replica that died expire, and the
+spend is reloaded from the database when its copy in Redis expires."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import pytest
+
+from agentspace import redis_counters
+from agentspace.redis_counters import RedisCounters
+from tests.scale_servers import Redis
+
+pytest.importorskip("agentspace.limits")  # the clients feature (SPEC 11) defines what is counted
+
+
+@pytest.fixture
+async def replicas(redis_srv: Redis) -> AsyncIterator[list[RedisCounters]]:
+    import redis.asyncio as aioredis
+
+    clients = [aioredis.from_url(redis_srv.url) for _ in range(2)]
+    await clients[0].flushall()
+    yield [RedisCounters(c) for c in clients]
+    for c in clients:
+        await c.aclose()
+
+
+async def test_windows_count_across_replicas(replicas: list[RedisCounters]) -> None:
+    a, b = replicas
+    await asyncio.gather(*(r.add_request("team", 0.0) for r in (a, b, a, b, a)))
+    await a.add_tokens("team", 120, 0.0)
+    await b.add_tokens("team", 30, 0.0)
+    await b.add_tokens("other", 5, 0.0)
+    window = await b.window("team", 0.0)
+    assert (window.requests, window.tokens) == (5, 150)
+    assert 59 < window.requests_free_in <= 60 and 59 < window.tokens_free_in <= 60
+    assert (await a.window("nobody", 0.0)).requests == 0
+
+
+async def test_budget_holds_across_replicas(replicas: list[RedisCounters]) -> None:
+    loads = 0
+
+    async def load() -> float:
+        nonlocal loads
+        loads += 1
+        return 0.25  # spent earlier in the period, per the database
+
+    # 40 calls of at most $0.10 against a $1.00 budget, half on each replica, all at once.
+    results = await asyncio.gather(
+        *(replicas[n % 2].reserve("team", "month:2026-12", 1.0, 0.10, load) for n in range(40))
+    )
+    admitted = [r for r, _ in results if r is not None]
+    assert len(admitted) == 8  # 0.25 + 8 * 0.10 >= 1.00: the 9th is refused, on either replica
+    assert await replicas[1].spend("team", "month:2026-12", load) == pytest.approx(1.05)
+    for n, reservation in enumerate(admitted):  # settled where reserved, at the real (lower) cost
+        await replicas[n % 2].settle(reservation, 0.02)
+    assert await replicas[0].spend("team", "month:2026-12", load) == pytest.approx(0.25 + 8 * 0.02)
+    assert loads <= 2  # loaded once (a second replica may race the first; SET NX keeps one)
+    reservation, _ = await replicas[1].reserve("team", "month:2026-12", 1.0, 0.10, load)
+    assert reservation is not None
+
+
+async def test_a_dead_replicas_reservation_expires(
+    replicas: list[RedisCounters], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async def load() -> float:
+        return 0.0
+
+    monkeypatch.setattr(redis_counters, "RESERVATION_TTL_SECONDS", 1)
+    dead, alive = replicas
+    held, _ = await dead.reserve("team", "p", 1.0, 1.0, load)  # never settled: its replica died
+    assert held is not None
+    refused, spent = await alive.reserve("team", "p", 1.0, 0.10, load)
+    assert refused is None and spent == pytest.approx(1.0)
+    await asyncio.sleep(2.1)
+    admitted, _ = await alive.reserve("team", "p", 1.0, 0.10, load)
+    assert admitted is not None
+
+
+async def test_spend_is_reloaded_from_the_database_when_it_expires(
+    replicas: list[RedisCounters], monkeypatch: pytest.MonkeyPatch, redis_srv: Redis
+) -> None:
+    truth = {"spend": 0.5}
+
+    async def load() -> float:
+        return truth["spend"]
+
+    a, _ = replicas
+    assert await a.spend("team", "p", load) == pytest.approx(0.5)
+    truth["spend"] = 0.7  # the database knows more (records written while Redis was away)
+    await a.redis.expire("agentspace:budget:team:p", 0)
+    assert await a.spend("team", "p", load) == pytest.approx(0.7)
+    await a.add_spend("team", "p", 0.1)
+    assert await a.spend("team", "p", load) == pytest.approx(0.8)

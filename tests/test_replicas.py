@@ -1,0 +1,244 @@
+"""Two ``agentspace serve`` replicas on one PostgreSQL database and one Redis (SPEC 13), real processes
+against real servers: sessions, streams, locks and aborts work across them, and nothing is counted twice,
+also when one replica is killed mid-stream."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from click.testing import CliRunner
+
+from agentspace.cli import main
+from agentspace.stores.postgres import PostgresDatabase
+from scripts.harness import ROOT, GatewayProcess, child_env
+from tests.fakes import anthropic_upstream as fa
+from tests.scale_servers import Redis
+
+TOKEN = "replica-test-token-0123456789abcdef"
+SLOW = " ".join(f"w{n}" for n in range(60))
+
+
+@pytest.fixture
+async def replicas(
+    tmp_path: Path, fake_anthropic: Any, pg_dsn: str, redis_srv: Redis, monkeypatch: pytest.MonkeyPatch
+) -> AsyncIterator[list[GatewayProcess]]:
+    monkeypatch.setenv("AGENTSPACE_GATEWAY_TOKEN", TOKEN)  # the replicas agree on the token
+    await _flush_redis(redis_srv)
+    storage = {"backend": "postgres", "dsn": pg_dsn, "redis_url": redis_srv.url}
+    servers = [GatewayProcess(tmp_path / name, fake_anthropic.url, storage=storage) for name in ("a", "b")]
+    try:
+        await asyncio.gather(*(s.start() for s in servers))
+        yield servers
+    finally:
+        for server in servers:
+            if server.process is not None and server.process.returncode is None:
+                await server.terminate()
+
+
+async def _flush_redis(redis_srv: Redis) -> None:
+    import redis.asyncio as aioredis
+
+    client = aioredis.from_url(redis_srv.url)
+    await client.flushall()
+    await client.aclose()
+
+
+HEADERS = {"Authorization": f"Bearer {TOKEN}"}
+
+
+def chat_body(session_id: str, text: str = "hello") -> dict[str, Any]:
+    return {
+        "id": session_id,
+        "messages": [{"id": f"u-{text}", "role": "user", "parts": [{"type": "text", "text": text}]}],
+    }
+
+
+def text_of(body: bytes) -> str:
+    chunks = [json.loads(line[6:]) for line in body.decode().split("\n\n") if line.startswith("data: {")]
+    return "".join(c["delta"] for c in chunks if c["type"] == "text-delta")
+
+
+def finish_of(body: bytes) -> list[dict[str, Any]]:
+    chunks = [json.loads(line[6:]) for line in body.decode().split("\n\n") if line.startswith("data: {")]
+    return [c for c in chunks if c["type"] in ("finish", "error", "abort")]
+
+
+async def usage_rows(dsn: str) -> list[Any]:
+    db = PostgresDatabase(dsn)
+    try:
+        async with db.connection() as conn:
+            return list(await conn.fetch("SELECT id, is_error, answered FROM usage_records"))
+    finally:
+        await db.aclose()
+
+
+async def test_a_stream_on_a_is_busy_resumable_and_stoppable_on_b(
+    replicas: list[GatewayProcess], fake_anthropic: Any, pg_dsn: str
+) -> None:
+    a, b = replicas
+    fake_anthropic.enqueue(fa.text_response(SLOW, chunks=60).with_delay(0.1))
+    async with aiohttp.ClientSession(headers=HEADERS) as http:
+        started = await http.post(f"{a.url}/api/chat", json=chat_body("s1"))
+        assert started.status == 200
+        first = await started.content.readuntil(b"text-delta")
+        assert first
+
+        # Busy on B while A streams it.
+        async with http.post(f"{b.url}/api/chat", json=chat_body("s1", "again")) as busy:
+            assert busy.status == 409
+            assert (await busy.json())["error"]["code"] == "STREAM_IN_PROGRESS"
+
+        # Resumed on B from its first chunk; stopped from B.
+        resumed = await http.get(f"{b.url}/api/chat/s1/stream")
+        assert resumed.status == 200
+        resumed_first = await resumed.content.readuntil(b"text-delta")
+        assert b'"type":"start"' in resumed_first
+        async with http.delete(f"{b.url}/api/chat/s1/stream") as stop:
+            assert stop.status == 204
+        rest_a = first + await asyncio.wait_for(started.read(), 30)
+        rest_b = resumed_first + await asyncio.wait_for(resumed.read(), 30)
+        assert rest_b.endswith(b"data: [DONE]\n\n") and rest_a.endswith(b"data: [DONE]\n\n")
+        assert len(text_of(rest_a).split()) < 60  # stopped before the end
+        assert text_of(rest_b) == text_of(rest_a)  # B relayed the very stream A sent
+
+        # The session, written on A, reads on B: the answer is stored, marked aborted.
+        async with http.get(f"{b.url}/api/sessions/s1") as resp:
+            session = (await resp.json())["session"]
+        assert [m["role"] for m in session["messages"]] == ["user", "assistant"]
+        assert session["messages"][1].get("aborted") is True
+        # Free again: B takes the next turn; nothing is streaming any more.
+        async with http.post(f"{b.url}/api/chat", json=chat_body("s1", "more")) as resp:
+            assert resp.status == 200
+            assert text_of(await resp.read()) == fa.DEFAULT_TEXT
+        async with http.get(f"{a.url}/api/chat/s1/stream") as resp:
+            assert resp.status == 204
+    rows = await usage_rows(pg_dsn)
+    assert len(rows) == 2 and len({r["id"] for r in rows}) == 2
+
+
+async def test_fifty_clients_over_both_replicas_store_everything_once(
+    replicas: list[GatewayProcess], pg_dsn: str
+) -> None:
+    async with aiohttp.ClientSession(headers=HEADERS) as http:
+
+        async def one(n: int) -> str:
+            server = replicas[n % 2]
+            async with http.post(f"{server.url}/api/chat", json=chat_body(f"c{n}", f"q{n}")) as resp:
+                assert resp.status == 200
+                return text_of(await resp.read())
+
+        answers = await asyncio.gather(*(one(n) for n in range(50)))
+        assert answers == [fa.DEFAULT_TEXT] * 50
+        async with http.get(f"{replicas[0].url}/api/sessions") as resp:
+            listed = (await resp.json())["sessions"]
+        assert sorted(s["id"] for s in listed) == sorted(f"c{n}" for n in range(50))
+        assert all(s["messageCount"] == 2 for s in listed)
+        async with http.get(f"{replicas[1].url}/api/usage") as resp:
+            report = await resp.json()
+    assert report["grandTotal"]["requestCount"] == 50
+    rows = await usage_rows(pg_dsn)
+    assert len(rows) == 50 and len({r["id"] for r in rows}) == 50
+
+
+async def test_sigkill_of_a_mid_stream_b_serves_and_the_lock_expires(
+    replicas: list[GatewayProcess], fake_anthropic: Any, pg_dsn: str
+) -> None:
+    a, b = replicas
+    fake_anthropic.enqueue(fa.text_response(SLOW, chunks=60).with_delay(0.2))
+    async with aiohttp.ClientSession(headers=HEADERS) as http:
+        started = await http.post(f"{a.url}/api/chat", json=chat_body("k1"))
+        assert started.status == 200
+        await started.content.readuntil(b"text-delta")
+        await a.kill()  # SIGKILL: no shutdown, the lock is not released
+        started.close()
+
+        # B keeps serving other sessions at once.
+        async with http.post(f"{b.url}/api/chat", json=chat_body("k2")) as resp:
+            assert resp.status == 200 and text_of(await resp.read()) == fa.DEFAULT_TEXT
+        # The dead replica's session is busy until its lock expires, then B takes it.
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 30
+        while True:
+            async with http.post(f"{b.url}/api/chat", json=chat_body("k1", "retry")) as resp:
+                if resp.status == 200:
+                    assert text_of(await resp.read()) == fa.DEFAULT_TEXT
+                    break
+                assert resp.status == 409
+            assert loop.time() < deadline, "the lock of the killed replica never expired"
+            await asyncio.sleep(0.5)
+        # A resume of the dead stream on B ends instead of hanging.
+        async with http.get(f"{b.url}/api/chat/k1/stream") as resp:
+            assert resp.status == 204
+    rows = await usage_rows(pg_dsn)
+    assert len(rows) == len({r["id"] for r in rows})
+    assert sum(1 for r in rows if r["answered"]) == 2  # k2 and the retry of k1; A's record died with A
+
+
+async def test_serve_workers_share_one_port(
+    tmp_path: Path, fake_anthropic: Any, pg_dsn: str, redis_srv: Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``agentspace serve --workers 2``: two processes on one port (SO_REUSEPORT), every answer stored once."""
+    monkeypatch.setenv("AGENTSPACE_GATEWAY_TOKEN", TOKEN)
+    await _flush_redis(redis_srv)
+    storage = {"backend": "postgres", "dsn": pg_dsn, "redis_url": redis_srv.url}
+    layout = GatewayProcess(tmp_path / "data", fake_anthropic.url, storage=storage)  # writes the config
+    layout.data_dir.mkdir(parents=True)
+    with open(layout.log_path, "ab") as log:
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "agentspace", "serve", "--config", str(layout.config_path),
+            "--port", "0", "--workers", "2",
+            stdout=asyncio.subprocess.PIPE, stderr=log, env=child_env(layout.data_dir), cwd=ROOT,
+        )  # fmt: skip
+    try:
+        assert process.stdout is not None
+        urls = set()
+        while len(urls) < 1 or len([line for line in layout.log().splitlines() if "shared through Redis" in line]) < 2:
+            line = await asyncio.wait_for(process.stdout.readline(), 60)
+            if b"listening on" in line:
+                urls.add(line.split()[3].decode())
+        assert len(urls) == 1  # one port for both
+        [url] = urls
+        async with aiohttp.ClientSession(headers=HEADERS) as http:
+
+            async def one(n: int) -> str:
+                async with http.post(f"{url}/api/chat", json=chat_body(f"w{n}", f"q{n}")) as resp:
+                    assert resp.status == 200
+                    return text_of(await resp.read())
+
+            assert await asyncio.gather(*(one(n) for n in range(20))) == [fa.DEFAULT_TEXT] * 20
+        rows = await usage_rows(pg_dsn)
+        assert len(rows) == 20 and len({r["id"] for r in rows}) == 20
+    finally:
+        process.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(process.wait(), 60) == 0
+
+
+def test_workers_need_a_shared_backend(tmp_path: Path) -> None:
+    result = CliRunner().invoke(main, ["--data-dir", str(tmp_path / "d"), "serve", "--workers", "2"])
+    assert result.exit_code == 1
+    assert "--workers needs a storage backend several processes can share" in result.output
+
+
+async def test_delete_stops_the_running_answer_in_one_process(
+    make_client: Any, fake_anthropic: Any, auth_headers: dict[str, str]
+) -> None:
+    """``DELETE /api/chat/{id}/stream`` without Redis: the one process stops its own turn."""
+    client = await make_client()
+    fake_anthropic.enqueue(fa.text_response(SLOW, chunks=60).with_delay(0.1))
+    started = await client.post("/api/chat", json=chat_body("one"), headers=auth_headers)
+    assert started.status == 200
+    first = await started.content.readuntil(b"text-delta")
+    stop = await client.delete("/api/chat/one/stream", headers=auth_headers)
+    assert stop.status == 204
+    body = first + await started.read()
+    assert len(text_of(body).split()) < 60 and body.endswith(b"data: [DONE]\n\n")
+    nothing = await client.delete("/api/chat/one/stream", headers=auth_headers)
+    assert nothing.status == 404 and (await nothing.json())["error"]["code"] == "NOT_FOUND"
