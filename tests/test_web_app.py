@@ -90,10 +90,30 @@ class Gateway:
     def token(self) -> str:
         return (self.data_dir / "gateway-token").read_text(encoding="utf-8").strip()
 
-    def get(self, path: str) -> Any:
-        req = urllib.request.Request(self.url + path, headers={"Authorization": f"Bearer {self.token}"})
+    def get(self, path: str, key: str | None = None) -> Any:
+        return self.call("GET", path, key=key)
+
+    def call(self, method: str, path: str, body: Any = None, key: str | None = None) -> Any:
+        """An API call with the gateway token (or ``key``); the JSON answer (None when empty)."""
+        headers = {"Authorization": f"Bearer {key or self.token}"}
+        data = None if body is None else json.dumps(body).encode()
+        if data is not None:
+            headers["Content-Type"] = "application/json"
+        req = urllib.request.Request(self.url + path, data=data, headers=headers, method=method)
         with urllib.request.urlopen(req, timeout=10) as response:
             return json.loads(response.read() or b"null")
+
+    def chat(self, session_id: str, text: str, key: str | None = None) -> None:
+        """One turn over ``POST /api/chat`` (the AI SDK's request), read to its end."""
+        message = {"id": "m1", "role": "user", "parts": [{"type": "text", "text": text}]}
+        req = urllib.request.Request(
+            self.url + "/api/chat",
+            data=json.dumps({"id": session_id, "messages": [message]}).encode(),
+            headers={"Authorization": f"Bearer {key or self.token}", "Content-Type": "application/json"},
+            method="POST",
+        )
+        with urllib.request.urlopen(req, timeout=30) as response:
+            assert response.read().endswith(b"data: [DONE]\n\n")
 
     def has_route(self, path: str) -> bool:
         return path in self.get("/api/openapi.json")["paths"]
@@ -446,9 +466,38 @@ def test_dark_theme_follows_the_system(browser: Any, gateway: Gateway) -> None:
 
 
 def test_client_key_sees_only_its_own_sessions_and_no_clients_page(web: Page, gateway: Gateway) -> None:
-    if not gateway.has_route("/api/clients"):
-        pytest.skip("client keys and /api/clients come with the clients issue; this gateway has neither yet")
-    raise AssertionError("write this test against the clients API")  # pragma: no cover
+    key = gateway.call("POST", "/api/clients", {"name": "web-reader"})["key"]
+    gateway.fake.enqueue(
+        text_response("Admin answer.", usage={"input_tokens": 11, "output_tokens": 3}),
+        text_response("Client answer.", usage={"input_tokens": 23, "output_tokens": 5}),
+    )
+    gateway.chat("admin-only-session", "Admin secrets", key=gateway.token)
+    gateway.chat("reader-session", "Reader question", key=key)
+    assert "admin-only-session" not in [s["id"] for s in gateway.get("/api/sessions", key=key)["sessions"]]
+
+    page = web.sign_in(key)
+    page.locator("#sessions li[data-session='reader-session']").wait_for()
+    listed = page.locator("#sessions li").evaluate_all("ls => ls.map(l => l.dataset.session)")
+    assert listed == [s["id"] for s in gateway.get("/api/sessions", key=key)["sessions"]] == ["reader-session"]
+    assert page.get_by_role("link", name="Clients").count() == 0
+    page.goto(gateway.url + "/#/clients")
+    page.wait_for_selector("#prompt")  # no clients page for a client key: the chat instead
+    assert page.locator("#clients-list").count() == 0
+
+    page.get_by_role("link", name="Usage").click()
+    page.get_by_label("Range", exact=True).select_option("today")
+    page.wait_for_selector("#usage-body:not([aria-busy]) #card-totalCost")
+    today = datetime.now(UTC).strftime("%Y-%m-%d")
+    own = gateway.get(f"/api/usage?since={today}", key=key)
+    everyone = gateway.get(f"/api/usage?since={today}")
+    assert own["grandTotal"]["inputTokens"] == 23 and everyone["grandTotal"]["inputTokens"] > 23
+    for field in ("totalCost", "requestCount", "inputTokens", "outputTokens"):
+        shown = float(page.locator(f"#card-{field}").get_attribute("data-value"))
+        assert shown == pytest.approx(own["grandTotal"][field], abs=1e-12), field
+    clients = page.locator("table:has(caption:text('By client')) tbody tr")
+    assert clients.evaluate_all("rs => rs.map(r => r.dataset.key)") == ["web-reader"]
+    sessions = page.locator("table:has(caption:text('By session')) tbody tr")
+    assert sessions.evaluate_all("rs => rs.map(r => r.dataset.key)") == ["reader-session"]
 
 
 def test_clients_page_is_hidden_without_the_clients_api(web: Page, gateway: Gateway) -> None:
