@@ -452,6 +452,9 @@ def test_phone_layout_and_keyboard(browser: Any, gateway: Gateway) -> None:
     page.wait_for_selector("#usage-body:not([aria-busy]) #card-totalCost")
     assert page.evaluate("document.documentElement.scrollWidth <= window.innerWidth")
     screenshot(page, "usage-phone")
+    page.get_by_role("link", name="Clients").click()
+    page.get_by_role("heading", name="New client").wait_for()
+    assert page.evaluate("document.documentElement.scrollWidth <= window.innerWidth")
     web.check()
 
 
@@ -507,3 +510,84 @@ def test_clients_page_is_hidden_without_the_clients_api(web: Page, gateway: Gate
     assert page.get_by_role("link", name="Clients").count() == 0
     page.goto(gateway.url + "/#/clients")
     page.wait_for_selector("#prompt")  # falls back to the chat
+
+
+def _refused(gateway: Gateway, key: str) -> bool:
+    """Whether the gateway refuses ``key`` (401)."""
+    try:
+        gateway.get("/api/sessions", key=key)
+    except urllib.error.HTTPError as error:
+        return error.code == 401
+    return False
+
+
+def test_clients_page_creates_edits_rotates_and_removes_a_client(web: Page, gateway: Gateway) -> None:
+    page = web.sign_in()
+    page.get_by_role("link", name="Clients").click()
+    page.get_by_role("heading", name="New client").wait_for()
+    form = page.get_by_role("form", name="New client")
+    form.get_by_label("Name").fill("team-app")
+    form.get_by_label("Budget (USD, empty: none)").fill("2")
+    form.get_by_label("Budget period").select_option("week")
+    form.get_by_label("Requests per minute (empty: no limit)").fill("30")
+    form.get_by_label("Models (patterns, comma-separated; empty: all)").fill("anthropic/*")
+    form.get_by_role("button", name="Create").click()
+    key = page.locator("#new-key").inner_text()
+    assert key.startswith("as-")
+    page.get_by_role("button", name="Copy the key of team-app").click()
+    expect(page.get_by_role("button", name="Copy the key of team-app")).to_have_text("Copied")
+    assert page.evaluate("navigator.clipboard.readText()") == key
+    created = gateway.get("/api/clients/team-app")["client"]
+    assert created["budget"] == {"usd": 2, "period": "week"}
+    assert (created["rpm"], created["tpm"], created["models"]) == (30, None, ["anthropic/*"])
+    assert not _refused(gateway, key)
+    assert key not in json.dumps(gateway.get("/api/clients"))  # shown once: never in the list
+
+    # A name taken: the gateway's message, nothing created.
+    form.get_by_label("Name").fill("team-app")
+    form.get_by_role("button", name="Create").click()
+    expect(page.get_by_role("alert")).to_contain_text("exists already")
+    assert [e for e in web.console_errors if "400" not in e] == []  # Chromium logs the refused request
+    web.console_errors.clear()
+
+    # Spend against budget: the gateway's figure for the current week.
+    gateway.fake.enqueue(text_response("Spent.", usage={"input_tokens": 1000, "output_tokens": 200}))
+    gateway.chat("team-app-session", "Spend something", key=key)
+    page.reload()
+    row = page.locator("tr[data-client='team-app']")
+    spend = gateway.get("/api/clients/team-app")["client"]["spend"]["usd"]
+    assert spend > 0
+    assert float(row.locator("td[data-spend]").get_attribute("data-spend")) == pytest.approx(spend, abs=1e-12)
+    assert row.locator("meter").get_attribute("max") == "2" and "of $2.00 / week" in row.inner_text()
+
+    # Edit: a new budget and period, the rpm limit cleared, a tpm limit, every model.
+    row.get_by_role("button", name="Edit team-app").click()
+    edit = page.get_by_role("form", name="Edit team-app")
+    assert edit.get_by_label("Requests per minute (empty: no limit)").input_value() == "30"
+    edit.get_by_label("Budget (USD, empty: none)").fill("5")
+    edit.get_by_label("Budget period").select_option("month")
+    edit.get_by_label("Requests per minute (empty: no limit)").fill("")
+    edit.get_by_label("Tokens per minute (empty: no limit)").fill("1000")
+    edit.get_by_label("Models (patterns, comma-separated; empty: all)").fill("")
+    edit.get_by_role("button", name="Save").click()
+    expect(page.get_by_role("status")).to_contain_text("Saved team-app.")
+    edited = gateway.get("/api/clients/team-app")["client"]
+    assert edited["budget"] == {"usd": 5, "period": "month"}
+    assert (edited["rpm"], edited["tpm"], edited["models"]) == (None, 1000, [])
+    expect(row).to_contain_text("of $5.00 / month")
+    screenshot(page, "clients")
+
+    # Rotate: a new key, shown once; the old one is refused at once.
+    row.get_by_role("button", name="Rotate the key of team-app").click()
+    expect(page.locator("#new-key")).not_to_have_text(key)
+    new_key = page.locator("#new-key").inner_text()
+    assert new_key.startswith("as-") and _refused(gateway, key) and not _refused(gateway, new_key)
+
+    # Remove, after a confirmation; the key dies, the usage stays.
+    row.get_by_role("button", name="Remove team-app").click()
+    assert gateway.get("/api/clients/team-app")["client"]["name"] == "team-app"  # one click removes nothing
+    row.get_by_role("button", name="Confirm: remove team-app").click()
+    row.wait_for(state="detached")
+    assert "team-app" not in [c["name"] for c in gateway.get("/api/clients")["clients"]]
+    assert _refused(gateway, new_key)
+    assert "team-app" in gateway.get("/api/usage?by=client&since=30d")["perClient"]
