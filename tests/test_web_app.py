@@ -90,10 +90,30 @@ class Gateway:
     def token(self) -> str:
         return (self.data_dir / "gateway-token").read_text(encoding="utf-8").strip()
 
-    def get(self, path: str) -> Any:
-        req = urllib.request.Request(self.url + path, headers={"Authorization": f"Bearer {self.token}"})
+    def get(self, path: str, key: str | None = None) -> Any:
+        return self.call("GET", path, key=key)
+
+    def call(self, method: str, path: str, body: Any = None, key: str | None = None) -> Any:
+        """An API call with the gateway token (or ``key``); the JSON answer (None when empty)."""
+        headers = {"Authorization": f"Bearer {key or self.token}"}
+        data = None if body is None else json.dumps(body).encode()
+        if data is not None:
+            headers["Content-Type"] = "application/json"
+        req = urllib.request.Request(self.url + path, data=data, headers=headers, method=method)
         with urllib.request.urlopen(req, timeout=10) as response:
             return json.loads(response.read() or b"null")
+
+    def chat(self, session_id: str, text: str, key: str | None = None) -> None:
+        """One turn over ``POST /api/chat`` (the AI SDK's request), read to its end."""
+        message = {"id": "m1", "role": "user", "parts": [{"type": "text", "text": text}]}
+        req = urllib.request.Request(
+            self.url + "/api/chat",
+            data=json.dumps({"id": session_id, "messages": [message]}).encode(),
+            headers={"Authorization": f"Bearer {key or self.token}", "Content-Type": "application/json"},
+            method="POST",
+        )
+        with urllib.request.urlopen(req, timeout=30) as response:
+            assert response.read().endswith(b"data: [DONE]\n\n")
 
     def has_route(self, path: str) -> bool:
         return path in self.get("/api/openapi.json")["paths"]
@@ -432,6 +452,9 @@ def test_phone_layout_and_keyboard(browser: Any, gateway: Gateway) -> None:
     page.wait_for_selector("#usage-body:not([aria-busy]) #card-totalCost")
     assert page.evaluate("document.documentElement.scrollWidth <= window.innerWidth")
     screenshot(page, "usage-phone")
+    page.get_by_role("link", name="Clients").click()
+    page.get_by_role("heading", name="New client").wait_for()
+    assert page.evaluate("document.documentElement.scrollWidth <= window.innerWidth")
     web.check()
 
 
@@ -446,9 +469,38 @@ def test_dark_theme_follows_the_system(browser: Any, gateway: Gateway) -> None:
 
 
 def test_client_key_sees_only_its_own_sessions_and_no_clients_page(web: Page, gateway: Gateway) -> None:
-    if not gateway.has_route("/api/clients"):
-        pytest.skip("client keys and /api/clients come with the clients issue; this gateway has neither yet")
-    raise AssertionError("write this test against the clients API")  # pragma: no cover
+    key = gateway.call("POST", "/api/clients", {"name": "web-reader"})["key"]
+    gateway.fake.enqueue(
+        text_response("Admin answer.", usage={"input_tokens": 11, "output_tokens": 3}),
+        text_response("Client answer.", usage={"input_tokens": 23, "output_tokens": 5}),
+    )
+    gateway.chat("admin-only-session", "Admin secrets", key=gateway.token)
+    gateway.chat("reader-session", "Reader question", key=key)
+    assert "admin-only-session" not in [s["id"] for s in gateway.get("/api/sessions", key=key)["sessions"]]
+
+    page = web.sign_in(key)
+    page.locator("#sessions li[data-session='reader-session']").wait_for()
+    listed = page.locator("#sessions li").evaluate_all("ls => ls.map(l => l.dataset.session)")
+    assert listed == [s["id"] for s in gateway.get("/api/sessions", key=key)["sessions"]] == ["reader-session"]
+    assert page.get_by_role("link", name="Clients").count() == 0
+    page.goto(gateway.url + "/#/clients")
+    page.wait_for_selector("#prompt")  # no clients page for a client key: the chat instead
+    assert page.locator("#clients-list").count() == 0
+
+    page.get_by_role("link", name="Usage").click()
+    page.get_by_label("Range", exact=True).select_option("today")
+    page.wait_for_selector("#usage-body:not([aria-busy]) #card-totalCost")
+    today = datetime.now(UTC).strftime("%Y-%m-%d")
+    own = gateway.get(f"/api/usage?since={today}", key=key)
+    everyone = gateway.get(f"/api/usage?since={today}")
+    assert own["grandTotal"]["inputTokens"] == 23 and everyone["grandTotal"]["inputTokens"] > 23
+    for field in ("totalCost", "requestCount", "inputTokens", "outputTokens"):
+        shown = float(page.locator(f"#card-{field}").get_attribute("data-value"))
+        assert shown == pytest.approx(own["grandTotal"][field], abs=1e-12), field
+    clients = page.locator("table:has(caption:text('By client')) tbody tr")
+    assert clients.evaluate_all("rs => rs.map(r => r.dataset.key)") == ["web-reader"]
+    sessions = page.locator("table:has(caption:text('By session')) tbody tr")
+    assert sessions.evaluate_all("rs => rs.map(r => r.dataset.key)") == ["reader-session"]
 
 
 def test_clients_page_is_hidden_without_the_clients_api(web: Page, gateway: Gateway) -> None:
@@ -458,3 +510,84 @@ def test_clients_page_is_hidden_without_the_clients_api(web: Page, gateway: Gate
     assert page.get_by_role("link", name="Clients").count() == 0
     page.goto(gateway.url + "/#/clients")
     page.wait_for_selector("#prompt")  # falls back to the chat
+
+
+def _refused(gateway: Gateway, key: str) -> bool:
+    """Whether the gateway refuses ``key`` (401)."""
+    try:
+        gateway.get("/api/sessions", key=key)
+    except urllib.error.HTTPError as error:
+        return error.code == 401
+    return False
+
+
+def test_clients_page_creates_edits_rotates_and_removes_a_client(web: Page, gateway: Gateway) -> None:
+    page = web.sign_in()
+    page.get_by_role("link", name="Clients").click()
+    page.get_by_role("heading", name="New client").wait_for()
+    form = page.get_by_role("form", name="New client")
+    form.get_by_label("Name").fill("team-app")
+    form.get_by_label("Budget (USD, empty: none)").fill("2")
+    form.get_by_label("Budget period").select_option("week")
+    form.get_by_label("Requests per minute (empty: no limit)").fill("30")
+    form.get_by_label("Models (patterns, comma-separated; empty: all)").fill("anthropic/*")
+    form.get_by_role("button", name="Create").click()
+    key = page.locator("#new-key").inner_text()
+    assert key.startswith("as-")
+    page.get_by_role("button", name="Copy the key of team-app").click()
+    expect(page.get_by_role("button", name="Copy the key of team-app")).to_have_text("Copied")
+    assert page.evaluate("navigator.clipboard.readText()") == key
+    created = gateway.get("/api/clients/team-app")["client"]
+    assert created["budget"] == {"usd": 2, "period": "week"}
+    assert (created["rpm"], created["tpm"], created["models"]) == (30, None, ["anthropic/*"])
+    assert not _refused(gateway, key)
+    assert key not in json.dumps(gateway.get("/api/clients"))  # shown once: never in the list
+
+    # A name taken: the gateway's message, nothing created.
+    form.get_by_label("Name").fill("team-app")
+    form.get_by_role("button", name="Create").click()
+    expect(page.get_by_role("alert")).to_contain_text("exists already")
+    assert [e for e in web.console_errors if "400" not in e] == []  # Chromium logs the refused request
+    web.console_errors.clear()
+
+    # Spend against budget: the gateway's figure for the current week.
+    gateway.fake.enqueue(text_response("Spent.", usage={"input_tokens": 1000, "output_tokens": 200}))
+    gateway.chat("team-app-session", "Spend something", key=key)
+    page.reload()
+    row = page.locator("tr[data-client='team-app']")
+    spend = gateway.get("/api/clients/team-app")["client"]["spend"]["usd"]
+    assert spend > 0
+    assert float(row.locator("td[data-spend]").get_attribute("data-spend")) == pytest.approx(spend, abs=1e-12)
+    assert row.locator("meter").get_attribute("max") == "2" and "of $2.00 / week" in row.inner_text()
+
+    # Edit: a new budget and period, the rpm limit cleared, a tpm limit, every model.
+    row.get_by_role("button", name="Edit team-app").click()
+    edit = page.get_by_role("form", name="Edit team-app")
+    assert edit.get_by_label("Requests per minute (empty: no limit)").input_value() == "30"
+    edit.get_by_label("Budget (USD, empty: none)").fill("5")
+    edit.get_by_label("Budget period").select_option("month")
+    edit.get_by_label("Requests per minute (empty: no limit)").fill("")
+    edit.get_by_label("Tokens per minute (empty: no limit)").fill("1000")
+    edit.get_by_label("Models (patterns, comma-separated; empty: all)").fill("")
+    edit.get_by_role("button", name="Save").click()
+    expect(page.get_by_role("status")).to_contain_text("Saved team-app.")
+    edited = gateway.get("/api/clients/team-app")["client"]
+    assert edited["budget"] == {"usd": 5, "period": "month"}
+    assert (edited["rpm"], edited["tpm"], edited["models"]) == (None, 1000, [])
+    expect(row).to_contain_text("of $5.00 / month")
+    screenshot(page, "clients")
+
+    # Rotate: a new key, shown once; the old one is refused at once.
+    row.get_by_role("button", name="Rotate the key of team-app").click()
+    expect(page.locator("#new-key")).not_to_have_text(key)
+    new_key = page.locator("#new-key").inner_text()
+    assert new_key.startswith("as-") and _refused(gateway, key) and not _refused(gateway, new_key)
+
+    # Remove, after a confirmation; the key dies, the usage stays.
+    row.get_by_role("button", name="Remove team-app").click()
+    assert gateway.get("/api/clients/team-app")["client"]["name"] == "team-app"  # one click removes nothing
+    row.get_by_role("button", name="Confirm: remove team-app").click()
+    row.wait_for(state="detached")
+    assert "team-app" not in [c["name"] for c in gateway.get("/api/clients")["clients"]]
+    assert _refused(gateway, new_key)
+    assert "team-app" in gateway.get("/api/usage?by=client&since=30d")["perClient"]

@@ -1,101 +1,161 @@
 // The clients page (gateway token only): client keys with spend against budget; create (the key is shown
 // once), edit budget and limits, rotate, remove. Shown only when the gateway has /api/clients.
+// Shapes (agentspace/transports/clients_api.py): a client is {name, createdAt, lastUsedAt,
+// budget: {usd, period} | null, spend: {usd, periodStart, periodEnd}, rpm, tpm, models}; the settings sent
+// are {budgetUsd, period, rpm, tpm, models}, null clearing a limit.
 import { getJSON, request } from "./api.js";
 import { el } from "./markdown.js";
+
+const PERIODS = ["day", "week", "month", "total"];
 
 function field(id, label, attrs = {}) {
   return el("div", { class: "field" }, el("label", { for: id }, label), el("input", { id, name: id, ...attrs }));
 }
 
-function showKey(box, key) {
-  const copy = el("button", { type: "button", onclick: () => navigator.clipboard.writeText(key).then(() => (copy.textContent = "Copied")) }, "Copy");
+function usd(value) {
+  const n = Number(value || 0);
+  return `$${n.toFixed(n >= 1 || n === 0 ? 2 : 4)}`;
+}
+
+function when(iso) {
+  return iso ? iso.replace("T", " ").replace(/(\.\d+)?(Z|\+00:00)$/, " UTC") : "never";
+}
+
+function showKey(box, name, key) {
+  const copy = el("button", { type: "button", "aria-label": `Copy the key of ${name}` }, "Copy");
+  copy.addEventListener("click", async () => {
+    await navigator.clipboard.writeText(key);
+    copy.textContent = "Copied";
+  });
   box.replaceChildren(el("div", { class: "notice key-once", role: "status" },
-    el("strong", {}, "The new key (shown once): "), el("code", { id: "new-key" }, key), " ", copy));
+    el("strong", {}, `The key of ${name} (shown once, copy it now): `), el("code", { id: "new-key" }, key), " ", copy));
 }
 
-function limitsBody(form) {
-  const value = (id) => form.querySelector(`#${id}`).value.trim();
-  const body = {};
-  if (value("budget")) body.budget = Number(value("budget"));
-  if (value("period")) body.period = value("period");
-  if (value("rpm")) body.rpm = Number(value("rpm"));
-  if (value("tpm")) body.tpm = Number(value("tpm"));
-  if (value("models")) body.models = value("models").split(",").map((s) => s.trim()).filter(Boolean);
-  return body;
+function showError(box, error) {
+  box.replaceChildren(el("p", { class: "error", role: "alert" }, error.message));
 }
 
-function limitsFields(c = {}) {
+// The limit fields, ids prefixed so that the create and the edit form can be on the page together.
+function limitsFields(prefix, c = null) {
+  const period = c?.budget?.period ?? "month";
   return [
-    field("budget", "Budget (USD)", { type: "number", min: "0", step: "0.01", value: c.budget ?? "" }),
-    el("div", { class: "field" }, el("label", { for: "period" }, "Period"),
-      el("select", { id: "period", name: "period" }, ...["", "day", "week", "month", "total"].map((p) =>
-        el("option", { value: p, selected: (c.period || "") === p }, p || "(none)")))),
-    field("rpm", "Requests per minute", { type: "number", min: "0", value: c.rpm ?? "" }),
-    field("tpm", "Tokens per minute", { type: "number", min: "0", value: c.tpm ?? "" }),
-    field("models", "Models (patterns, comma-separated)", { value: (c.models || []).join(", ") }),
+    field(`${prefix}-budget`, "Budget (USD, empty: none)", { type: "number", min: "0", step: "0.01", value: c?.budget?.usd ?? "" }),
+    el("div", { class: "field" }, el("label", { for: `${prefix}-period` }, "Budget period"),
+      el("select", { id: `${prefix}-period`, name: "period" }, ...PERIODS.map((p) => el("option", { value: p, selected: p === period }, p)))),
+    field(`${prefix}-rpm`, "Requests per minute (empty: no limit)", { type: "number", min: "1", step: "1", value: c?.rpm ?? "" }),
+    field(`${prefix}-tpm`, "Tokens per minute (empty: no limit)", { type: "number", min: "1", step: "1", value: c?.tpm ?? "" }),
+    field(`${prefix}-models`, "Models (patterns, comma-separated; empty: all)", { value: (c?.models || []).join(", ") }),
   ];
 }
 
+// The settings of a form as /api/clients takes them: an empty field clears its limit (null).
+function settings(form, prefix) {
+  const value = (name) => form.querySelector(`#${prefix}-${name}`).value.trim();
+  const number = (name) => (value(name) === "" ? null : Number(value(name)));
+  return {
+    budgetUsd: number("budget"),
+    period: value("period"),
+    rpm: number("rpm"),
+    tpm: number("tpm"),
+    models: value("models").split(",").map((s) => s.trim()).filter(Boolean),
+  };
+}
+
+function spendCell(c) {
+  const spend = c.spend?.usd ?? 0;
+  if (!c.budget) return el("td", { "data-spend": spend }, `${usd(spend)} (no budget)`);
+  const { usd: budget, period } = c.budget;
+  const resets = c.spend?.periodEnd ? `, resets ${when(c.spend.periodEnd)}` : "";
+  return el("td", { "data-spend": spend, class: spend >= budget ? "error" : undefined },
+    el("meter", { min: 0, max: budget || 1, value: Math.min(spend, budget), "aria-label": `${c.name}: spend against budget` }),
+    ` ${usd(spend)} of ${usd(budget)} / ${period}${resets}`);
+}
+
 export async function clientsPage(main) {
-  const notice = el("div", { id: "client-notice" });
+  const notice = el("div", { id: "client-notice", "aria-live": "polite" });
   const list = el("div", { id: "clients-list" });
-  const name = field("name", "Name", { required: true, pattern: "[A-Za-z0-9_.-]+" });
-  const create = el("form", { class: "card client-form", "aria-label": "New client" }, el("h2", {}, "New client"), name, ...limitsFields(),
+  const editor = el("div", { id: "client-edit" });
+  const create = el("form", { class: "card client-form", "aria-label": "New client" }, el("h2", {}, "New client"),
+    field("new-name", "Name", { required: true, pattern: "[A-Za-z0-9][A-Za-z0-9._\\-]{0,63}", autocomplete: "off" }),
+    ...limitsFields("new"),
     el("button", { type: "submit", class: "primary" }, "Create"));
-  main.replaceChildren(el("h1", {}, "Clients"), notice, list, create);
+  main.replaceChildren(el("h1", {}, "Clients"), notice, list, editor, create);
+
+  // An action's error goes to the notice; the list is then read again from the gateway.
+  const act = async (action) => {
+    try {
+      await action();
+    } catch (e) {
+      showError(notice, e);
+    }
+    await refresh();
+  };
+
+  const editForm = (c) => {
+    const form = el("form", { class: "card client-form", "aria-label": `Edit ${c.name}` }, el("h2", {}, `Edit ${c.name}`),
+      ...limitsFields("edit", c),
+      el("div", { class: "toolbar" }, el("button", { type: "submit", class: "primary" }, "Save"),
+        el("button", { type: "button", onclick: () => editor.replaceChildren() }, "Cancel")));
+    form.addEventListener("submit", (event) => {
+      event.preventDefault();
+      act(async () => {
+        await request(`/api/clients/${encodeURIComponent(c.name)}`, { method: "PATCH", body: settings(form, "edit") });
+        editor.replaceChildren();
+        notice.replaceChildren(el("p", { role: "status" }, `Saved ${c.name}.`));
+      });
+    });
+    editor.replaceChildren(form);
+    form.querySelector("#edit-budget").focus();
+  };
+
+  const row = (c) => {
+    const path = `/api/clients/${encodeURIComponent(c.name)}`;
+    const edit = el("button", { type: "button", "aria-label": `Edit ${c.name}` }, "Edit");
+    const rotate = el("button", { type: "button", "aria-label": `Rotate the key of ${c.name}` }, "Rotate");
+    const remove = el("button", { type: "button", "aria-label": `Remove ${c.name}` }, "Remove");
+    edit.addEventListener("click", () => editForm(c));
+    rotate.addEventListener("click", () => act(async () => {
+      const data = await (await request(`${path}/rotate`, { method: "POST" })).json();
+      showKey(notice, c.name, data.key);
+    }));
+    remove.addEventListener("click", () => {
+      if (remove.dataset.confirm !== "1") { // a second click removes
+        remove.dataset.confirm = "1";
+        remove.textContent = "Confirm remove";
+        remove.setAttribute("aria-label", `Confirm: remove ${c.name}`);
+        return;
+      }
+      act(async () => {
+        await request(path, { method: "DELETE" });
+        notice.replaceChildren(el("p", { role: "status" }, `Removed ${c.name}; its usage stays in the reports.`));
+      });
+    });
+    const limits = [c.rpm ? `${c.rpm} rpm` : null, c.tpm ? `${c.tpm} tpm` : null].filter(Boolean).join(", ") || "none";
+    return el("tr", { "data-client": c.name }, el("th", { scope: "row" }, c.name),
+      spendCell(c),
+      el("td", {}, limits),
+      el("td", {}, (c.models || []).join(", ") || "all"),
+      el("td", {}, when(c.lastUsedAt)),
+      el("td", { class: "actions" }, edit, " ", rotate, " ", remove));
+  };
 
   const refresh = async () => {
     const { clients = [] } = await getJSON("/api/clients");
-    const rows = clients.map((c) => {
-      const spend = c.spend ?? c.spent ?? 0;
-      const budget = c.budget ?? null;
-      const meter = budget ? el("meter", { min: 0, max: budget, value: Math.min(spend, budget), "aria-label": `${c.name} spend` }) : null;
-      const rotate = el("button", { type: "button" }, "Rotate");
-      const remove = el("button", { type: "button" }, "Remove");
-      const edit = el("button", { type: "button" }, "Edit");
-      rotate.addEventListener("click", async () => {
-        const data = await (await request(`/api/clients/${encodeURIComponent(c.name)}/rotate`, { method: "POST" })).json();
-        showKey(notice, data.key);
-      });
-      remove.addEventListener("click", async () => {
-        if (remove.dataset.confirm !== "1") {
-          remove.dataset.confirm = "1";
-          remove.textContent = "Remove?";
-          return;
-        }
-        await request(`/api/clients/${encodeURIComponent(c.name)}`, { method: "DELETE" });
-        await refresh();
-      });
-      edit.addEventListener("click", () => {
-        const form = el("form", { class: "card client-form", "aria-label": `Edit ${c.name}` }, el("h2", {}, `Edit ${c.name}`), ...limitsFields(c),
-          el("button", { type: "submit", class: "primary" }, "Save"));
-        form.addEventListener("submit", async (event) => {
-          event.preventDefault();
-          await request(`/api/clients/${encodeURIComponent(c.name)}`, { method: "PATCH", body: limitsBody(form) });
-          await refresh();
-        });
-        list.append(form);
-      });
-      return el("tr", {}, el("th", { scope: "row" }, c.name),
-        el("td", {}, `$${Number(spend).toFixed(4)}${budget ? ` of $${budget} / ${c.period || "total"}` : ""}`, meter),
-        el("td", {}, [c.rpm ? `${c.rpm} rpm` : null, c.tpm ? `${c.tpm} tpm` : null].filter(Boolean).join(", ") || "—"),
-        el("td", {}, (c.models || []).join(", ") || "all"),
-        el("td", { class: "actions" }, edit, rotate, remove));
-    });
-    list.replaceChildren(el("div", { class: "table-wrap" }, el("table", {}, el("caption", {}, "Client keys"),
-      el("thead", {}, el("tr", {}, ...["Name", "Spend", "Limits", "Models", ""].map((h) => el("th", { scope: "col" }, h)))),
-      el("tbody", {}, ...rows))));
+    list.replaceChildren(clients.length
+      ? el("div", { class: "table-wrap" }, el("table", {}, el("caption", {}, "Client keys"),
+        el("thead", {}, el("tr", {}, ...["Name", "Spend in period", "Rate limits", "Models", "Last used", "Actions"].map((h) => el("th", { scope: "col" }, h)))),
+        el("tbody", {}, ...clients.map(row))))
+      : el("p", { class: "muted" }, "No clients yet: create one below. Its key signs in here and on every API."));
   };
-  create.addEventListener("submit", async (event) => {
+
+  create.addEventListener("submit", (event) => {
     event.preventDefault();
-    try {
-      const data = await (await request("/api/clients", { method: "POST", body: { name: create.querySelector("#name").value.trim(), ...limitsBody(create) } })).json();
-      showKey(notice, data.key);
+    const name = create.querySelector("#new-name").value.trim();
+    const body = settings(create, "new");
+    act(async () => {
+      await request("/api/clients", { method: "POST", body: { name, ...body } }).then((r) => r.json()).then((data) => showKey(notice, name, data.key));
       create.reset();
-      await refresh();
-    } catch (e) {
-      notice.replaceChildren(el("p", { class: "error", role: "alert" }, e.message));
-    }
+    });
   });
   await refresh();
 }

@@ -98,7 +98,8 @@ export async function usagePage(main, { sessions }) {
     from.hidden = fromLabel.hidden = range.value !== "custom";
     const since = encodeURIComponent(sinceOf(range.value, from.value));
     body.setAttribute("aria-busy", "true");
-    const [byModel, byDay, bySession] = await Promise.all(["model", "day-model", "session"].map((by) => getJSON(`/api/usage?by=${by}&since=${since}`)));
+    // A client key's reports hold its own records only (by=client too: one row, its own).
+    const [byModel, byDay, bySession, byClient] = await Promise.all(["model", "day-model", "session", "client"].map((by) => getJSON(`/api/usage?by=${by}&since=${since}`)));
     if (mine !== latest) return;
     report = byModel;
     const g = byModel.grandTotal;
@@ -111,7 +112,7 @@ export async function usagePage(main, { sessions }) {
         card("cacheReadTokens", "Cache read tokens", g.cacheReadTokens), card("cacheWriteTokens", "Cache write tokens", g.cacheWriteTokens)),
       chart(byDay.perDay),
       table("By model", "Model", byModel.perModel, byModel.grandTotal),
-      ...(byModel.perClient ? [table("By client", "Client", byModel.perClient)] : []),
+      table("By client", "Client", byClient.perClient),
       table("By session", "Session", bySession.perSession, null,
         (id) => (id === "none" ? "(no session)" : el("a", { href: `#/chat/${encodeURIComponent(id)}` }, titles[id] || id))));
     body.removeAttribute("aria-busy");
