@@ -1,7 +1,7 @@
 """The web app in a real browser: Playwright drives Debian's Chromium against a real ``agentspace serve``
 (one per module) whose Anthropic provider talks to the fake upstream, which streams slowly where a test
 needs to act mid-answer. Every page records its console and its requests: no console errors, and no
-request leaves the gateway's origin. The tests save a screenshot of each page into docs/screenshots/.
+request leaves the gateway's origin. The tests take a screenshot of each page (into docs/screenshots/ with AGENTSPACE_SCREENSHOTS=1).
 """
 
 from __future__ import annotations
@@ -10,9 +10,11 @@ import asyncio
 import csv
 import io
 import json
+import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import threading
 import urllib.request
 from collections.abc import Iterator
@@ -213,8 +215,11 @@ def web(browser: Any, gateway: Gateway) -> Iterator[Page]:
 
 
 def screenshot(page: Any, name: str) -> None:
-    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
-    page.screenshot(path=str(SCREENSHOTS / f"{name}.png"))
+    """Take the page's picture: into docs/screenshots/ with AGENTSPACE_SCREENSHOTS=1 (to refresh the README's),
+    else into a temporary folder, so that a test run leaves the work tree as it was."""
+    folder = SCREENSHOTS if os.environ.get("AGENTSPACE_SCREENSHOTS") == "1" else Path(tempfile.gettempdir())
+    folder.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(folder / f"agentspace-{name}.png" if folder != SCREENSHOTS else folder / f"{name}.png"))
 
 
 def slow_text(text: str, chunks: int, delay: float) -> FakeResponse:
