@@ -164,7 +164,12 @@ async def _stream(
             relay.feed(chunk)
             if not recorded and relay.ended:
                 # The last event (message_stop, or an error) waits for the record to be durable, as every
-                # answer's end does (SPEC 6): a client that reads its usage after the stream finds it.
+                # answer's end does (SPEC 6): a client that reads its usage after the stream finds it. What
+                # came before it in the same read goes first.
+                last = last_event_offset(chunk)
+                if last > 0:
+                    await resp.write(chunk[:last])
+                    chunk = chunk[last:]
                 recorded = True
                 await _record_stream(meter, relay.scanner, body, disconnected=False, cut=False)
             await resp.write(chunk)
@@ -196,6 +201,11 @@ async def _stream(
         return resp
     await resp.write_eof()
     return resp
+
+
+def last_event_offset(chunk: bytes) -> int:
+    """Where the stream's last event (``message_stop`` or ``error``) starts in ``chunk``; 0 if not in it."""
+    return max(chunk.rfind(b"event: message_stop"), chunk.rfind(b"event: error"), 0)
 
 
 class _Relay:
