@@ -17,7 +17,8 @@ from click.testing import CliRunner, Result
 from agentspace.cli import main
 from scripts.harness import GatewayProcess
 from tests.fakes import anthropic_upstream as fa
-from tests.test_replicas import chat_body, text_of
+from tests.scale_servers import Redis
+from tests.test_replicas import TOKEN, _flush_redis, chat_body, finish_of, text_of
 
 
 async def cli(*args: str) -> Result:
@@ -93,3 +94,86 @@ async def test_the_cli_says_when_the_database_is_unreachable(tmp_path: Path) -> 
         result = await cli(*args, "--config", str(config))
         assert result.exit_code == 1
         assert "Error:" in result.output and "Traceback" not in result.output
+
+
+# --- limits across two replicas -----------------------------------------------------------------
+
+
+@pytest.fixture
+async def two_replicas(
+    tmp_path: Path, fake_anthropic: Any, pg_dsn: str, redis_srv: Redis, monkeypatch: pytest.MonkeyPatch
+) -> AsyncIterator[list[GatewayProcess]]:
+    monkeypatch.setenv("AGENTSPACE_GATEWAY_TOKEN", TOKEN)  # the replicas agree on the token
+    await _flush_redis(redis_srv)
+    storage = {"backend": "postgres", "dsn": pg_dsn, "redis_url": redis_srv.url}
+    servers = [GatewayProcess(tmp_path / name, fake_anthropic.url, storage=storage) for name in ("a", "b")]
+    try:
+        await asyncio.gather(*(s.start() for s in servers))
+        yield servers
+    finally:
+        for server in servers:
+            if server.process is not None and server.process.returncode is None:
+                await server.terminate()
+
+
+async def post_chat(http: aiohttp.ClientSession, server: GatewayProcess, key: str, session_id: str) -> Any:
+    """One /api/chat call with a client key: (status, Retry-After, error code or the answer's text)."""
+    async with http.post(
+        f"{server.url}/api/chat", json=chat_body(session_id), headers={"Authorization": f"Bearer {key}"}
+    ) as resp:
+        if resp.status == 200:
+            body = await resp.read()
+            errors = [c for c in finish_of(body) if c["type"] == "error"]
+            return resp.status, None, errors[0] if errors else text_of(body)
+        return resp.status, resp.headers.get("Retry-After"), (await resp.json())["error"]["code"]
+
+
+async def test_a_rate_limit_holds_across_two_replicas(two_replicas: list[GatewayProcess]) -> None:
+    a, b = two_replicas
+    config = str(a.config_path)
+    key = (await cli_ok("clients", "add", "--config", config, "bot", "--rpm", "3")).splitlines()[0]
+    async with aiohttp.ClientSession() as http:
+        for n, server in enumerate((a, b, a)):
+            assert (await post_chat(http, server, key, f"r{n}"))[0] == 200
+        # The 4th request within the minute is refused on whichever replica gets it.
+        for n, server in enumerate((b, a)):
+            status, retry_after, code = await post_chat(http, server, key, f"over{n}")
+            assert (status, code) == (429, "RATE_LIMITED")
+            assert retry_after is not None and 1 <= int(retry_after) <= 60
+
+        # Concurrent requests over both replicas: the window admits no more than its limit either.
+        await cli_ok("clients", "add", "--config", config, "burst", "--rpm", "3")
+        burst = (await cli_ok("clients", "rotate", "--config", config, "burst")).splitlines()[0]
+        results = await asyncio.gather(*(post_chat(http, two_replicas[n % 2], burst, f"b{n}") for n in range(40)))
+    answered = [r for r in results if r[2] == fa.DEFAULT_TEXT]
+    # The others are refused: 429 before the stream starts, or the error in the stream when the check at the
+    # provider call (the one that counts the request) finds the window full.
+    refused = [r for r in results if r[0] == 429 or "3 requests per minute" in str(r[2])]
+    assert (len(answered), len(refused)) == (3, 37), results
+
+
+async def test_a_budget_holds_across_two_replicas(two_replicas: list[GatewayProcess], fake_anthropic: Any) -> None:
+    a, b = two_replicas
+    config = str(a.config_path)
+    key = (await cli_ok("clients", "add", "--config", config, "alice", "--budget", "1")).splitlines()[0]
+
+    async def spend() -> float:
+        shown = json.loads(await cli_ok("clients", "show", "--config", config, "alice", "--json"))
+        return float(shown["spend"]["usd"])
+
+    async with aiohttp.ClientSession() as http:
+        assert (await post_chat(http, a, key, "first"))[0] == 200
+        one_call = await spend()
+        assert one_call > 0
+        # Nearly spent: less than one call's cost left.
+        budget = one_call * 1.5
+        await cli_ok("clients", "set", "--config", config, "alice", "--budget", f"{budget:.12f}")
+        fake_anthropic.default = fa.text_response().with_delay(0.3)  # the calls overlap
+        results = await asyncio.gather(*(post_chat(http, two_replicas[n % 2], key, f"c{n}") for n in range(20)))
+    answered = [r for r in results if r[2] == fa.DEFAULT_TEXT]
+    # The others are refused: 429 before the stream starts, or the error in the stream when the reservation
+    # at the provider call finds the budget taken.
+    refused = [r for r in results if r[2] == "BUDGET_EXCEEDED" or "budget" in str(r[2])]
+    assert len(answered) + len(refused) == 20, results
+    assert len(answered) == 1  # the one admitted while spend + reservations < budget, on either replica
+    assert await spend() - budget <= one_call + 1e-12
