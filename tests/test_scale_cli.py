@@ -1,6 +1,7 @@
-"""The CLI and the limits on the PostgreSQL backend (SPEC 11, 13), real processes against real servers:
-``agentspace sessions`` and ``agentspace clients`` act on the configured database, not on the data
-directory's files; a client's rate limit and budget hold across two replicas sharing one Redis."""
+"""The CLI, the limits and the storage errors on the PostgreSQL backend (SPEC 11, 13), real processes
+against real servers: ``agentspace sessions`` and ``agentspace clients`` act on the configured database,
+not on the data directory's files; a client's rate limit and budget hold across two replicas sharing one
+Redis; a failed write names the database, not a disk."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from click.testing import CliRunner, Result
 from agentspace.cli import main
 from scripts.harness import GatewayProcess
 from tests.fakes import anthropic_upstream as fa
-from tests.scale_servers import Redis
+from tests.scale_servers import Postgres, Redis
 from tests.test_replicas import TOKEN, _flush_redis, chat_body, finish_of, text_of
 
 
@@ -177,3 +178,36 @@ async def test_a_budget_holds_across_two_replicas(two_replicas: list[GatewayProc
     assert len(answered) + len(refused) == 20, results
     assert len(answered) == 1  # the one admitted while spend + reservations < budget, on either replica
     assert await spend() - budget <= one_call + 1e-12
+
+
+# --- storage errors name the store --------------------------------------------------------------
+
+
+async def test_storage_errors_name_the_database_not_a_disk(tmp_path: Path, fake_anthropic: Any) -> None:
+    pg = Postgres()  # its own server: this test stops it
+    server = GatewayProcess(tmp_path / "data", fake_anthropic.url, storage={"backend": "postgres", "dsn": pg.dsn})
+    fake_anthropic.enqueue(fa.text_response(" ".join(f"w{n}" for n in range(20)), chunks=20).with_delay(0.1))
+    try:
+        url = await server.start()
+        async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {server.token}"}) as http:
+            # The database goes away mid-answer: the stream ends with STORAGE_ERROR naming the database.
+            async with http.post(f"{url}/api/chat", json=chat_body("mid")) as resp:
+                assert resp.status == 200
+                first = await resp.content.readuntil(b"text-delta")
+                await asyncio.to_thread(pg.stop)
+                body = first + await resp.read()
+            errors = [c for c in finish_of(body) if c["type"] == "error"]
+            assert len(errors) == 1, body[-500:]
+            text = errors[0]["errorText"]
+            assert "could not be stored" in text and "database" in text and "disk" not in text, text
+
+            # A new message while it is down: refused up front, naming the database too.
+            async with http.post(f"{url}/api/chat", json=chat_body("down")) as resp:
+                assert resp.status == 503
+                error = (await resp.json())["error"]
+            assert error["code"] == "STORAGE_ERROR"
+            assert "database" in error["message"] and "disk" not in error["message"], error
+    finally:
+        if server.process is not None and server.process.returncode is None:
+            await server.terminate()
+        pg.close()

@@ -6,7 +6,6 @@
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, TypeVar
 
@@ -24,6 +23,8 @@ def on_storage(state: CliState, work: Callable[[Storage], Awaitable[T]]) -> T:
     """``work(storage)`` run on the opened and started storage, which is closed afterwards.
 
     A storage that cannot be used (database unreachable, backend unknown) is a clean CLI error."""
+    import asyncio  # here, not at the top: ``agentspace usage`` on tinydb starts without it
+
     from ..default_plugins.storage import open_storage
     from ..errors import StorageError
 
