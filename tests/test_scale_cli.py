@@ -146,11 +146,24 @@ async def test_a_rate_limit_holds_across_two_replicas(two_replicas: list[Gateway
         await cli_ok("clients", "add", "--config", config, "burst", "--rpm", "3")
         burst = (await cli_ok("clients", "rotate", "--config", config, "burst")).splitlines()[0]
         results = await asyncio.gather(*(post_chat(http, two_replicas[n % 2], burst, f"b{n}") for n in range(40)))
-    answered = [r for r in results if r[2] == fa.DEFAULT_TEXT]
-    # The others are refused: 429 before the stream starts, or the error in the stream when the check at the
-    # provider call (the one that counts the request) finds the window full.
-    refused = [r for r in results if r[0] == 429 or "3 requests per minute" in str(r[2])]
-    assert (len(answered), len(refused)) == (3, 37), results
+        answered = [r for r in results if r[2] == fa.DEFAULT_TEXT]
+        # The others are refused: 429 before the stream starts, or the error in the stream when the check at
+        # the provider call (the one that counts the request) finds the window full.
+        refused = [r for r in results if r[0] == 429 or "3 requests per minute" in str(r[2])]
+        assert (len(answered), len(refused)) == (3, 37), results
+
+        # The same on /v1/messages, where little happens before the check: 60 calls at once.
+        key = (await cli_ok("clients", "add", "--config", config, "v1-burst", "--rpm", "3")).splitlines()[0]
+
+        async def message(n: int) -> int:
+            body = {"model": "claude-sonnet-4-5", "max_tokens": 16, "messages": [{"role": "user", "content": "hi"}]}
+            headers = {"x-api-key": key, "anthropic-version": "2023-06-01"}
+            async with http.post(f"{two_replicas[n % 2].url}/v1/messages", json=body, headers=headers) as resp:
+                await resp.read()
+                return resp.status
+
+        statuses = await asyncio.gather(*(message(n) for n in range(60)))
+    assert sorted(statuses) == [200] * 3 + [429] * 57, statuses
 
 
 async def test_a_budget_holds_across_two_replicas(two_replicas: list[GatewayProcess], fake_anthropic: Any) -> None:
