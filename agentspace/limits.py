@@ -65,6 +65,11 @@ class Counters(Protocol):
 
     def add_request(self, client: str, now: float) -> Awaitable[None]: ...
 
+    def take_request(self, client: str, now: float, limit: int) -> Awaitable[Window | None]:
+        """Count one request when fewer than ``limit`` are in the window, and return None; else count
+        nothing and return the window. Atomic: concurrent calls, on any replica, admit at most ``limit``."""
+        ...
+
     def add_tokens(self, client: str, tokens: int, now: float) -> Awaitable[None]: ...
 
     def reserve(
@@ -130,6 +135,14 @@ class InProcessCounters:
 
     async def add_request(self, client: str, now: float) -> None:
         self._get(client).requests.append(now)
+
+    async def take_request(self, client: str, now: float, limit: int) -> Window | None:
+        # No await between the count and the append: atomic on the event loop.
+        window = await self.window(client, now)
+        if window.requests >= limit:
+            return window
+        self._get(client).requests.append(now)
+        return None
 
     async def add_tokens(self, client: str, tokens: int, now: float) -> None:
         if tokens > 0:
@@ -274,7 +287,15 @@ class Guard:
             )
             if reservation is None:
                 raise self._over_budget(client, spent, end)
-        await self.counters.add_request(client.name, self.monotonic())
+        if client.rpm is None:
+            await self.counters.add_request(client.name, self.monotonic())
+        else:
+            # The check above is not atomic with the count: calls in flight together (on any replica) would
+            # all pass it. This one is, so at most ``rpm`` calls are admitted in a minute.
+            window = await self.counters.take_request(client.name, self.monotonic(), client.rpm)
+            if window is not None:
+                await self.release(reservation)
+                raise self._too_many_requests(client, window)
         return reservation
 
     async def _check_window(self, client: Client) -> None:
@@ -282,17 +303,20 @@ class Guard:
             return
         window = await self.counters.window(client.name, self.monotonic())
         if client.rpm is not None and window.requests >= client.rpm:
-            raise ApiError(
-                "RATE_LIMITED",
-                f"Client {client.name!r} may make {client.rpm} requests per minute; try again shortly.",
-                retry_after=math.ceil(max(window.requests_free_in, 0.001)),
-            )
+            raise self._too_many_requests(client, window)
         if client.tpm is not None and window.tokens >= client.tpm:
             raise ApiError(
                 "RATE_LIMITED",
                 f"Client {client.name!r} may use {client.tpm} tokens per minute; try again shortly.",
                 retry_after=math.ceil(max(window.tokens_free_in, 0.001)),
             )
+
+    def _too_many_requests(self, client: Client, window: Window) -> ApiError:
+        return ApiError(
+            "RATE_LIMITED",
+            f"Client {client.name!r} may make {client.rpm} requests per minute; try again shortly.",
+            retry_after=math.ceil(max(window.requests_free_in, 0.001)),
+        )
 
     def _over_budget(self, client: Client, spent: float, end: datetime | None) -> ApiError:
         budget = client.budget_usd or 0.0

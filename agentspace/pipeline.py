@@ -76,9 +76,16 @@ log = logging.getLogger(__name__)
 MAX_RETRY_WAIT_SECONDS = 30.0
 # Writes that fail with these are the store's (disk full, I/O error): kept in memory and retried.
 STORAGE_FAILURES = (StorageError, OSError)
-STORAGE_ERROR_MESSAGE = (
-    "The answer could not be stored (the gateway's disk may be full); it is kept in memory and the write retried."
-)
+STORAGE_ERROR_MESSAGE = "The answer could not be stored ({}); it is kept in memory and the write retried."
+
+
+def storage_problem(e: BaseException | None) -> str:
+    """What failed, for the client: a StorageError names its store (the database, the data directory, Redis);
+    a bare OSError is a write to the data directory's disk."""
+    if isinstance(e, StorageError) and e.message:
+        message = e.message.rstrip(".")
+        return message[0].lower() + message[1:]
+    return "the gateway's disk may be full"
 
 
 @dataclass
@@ -157,13 +164,13 @@ async def start_turn(gw: Registry, request: ChatRequest) -> Turn:
         else:
             history = session["messages"]
             await gw.sessions.append_message(session_id, user_message)
-    except STORAGE_FAILURES:
+    except STORAGE_FAILURES as e:
         gw.active.pop(session_id, None)
         if gw.cluster is not None:
             await gw.cluster.release(turn)
         log.exception("storing the user message in session %s failed", session_id)
         raise ApiError(
-            "STORAGE_ERROR", "The message could not be stored (the gateway's disk may be full); nothing was sent."
+            "STORAGE_ERROR", f"The message could not be stored ({storage_problem(e)}); nothing was sent."
         ) from None
     except BaseException:
         gw.active.pop(session_id, None)
@@ -298,6 +305,7 @@ class Turn:
         self._stop_reason: str | None = None
         self._stopped = asyncio.Event()  # ends a wait between retries early
         self._storage_failed = False  # a write of this turn failed: it ends with STORAGE_ERROR
+        self._storage_problem = storage_problem(None)  # what failed, for the client (the last failure's store)
         self.info = TurnInfo(self.message_id, session_id, model, client, endpoint)  # for the observation hooks
         self._ended: tuple[str, str | None] = ("aborted", None)  # finish reason and error code, for turn_finished
         self._held: Reservation | None = None  # the budget reservation of the step running now
@@ -458,7 +466,7 @@ class Turn:
         if error is not None:
             self._publish(StreamError(*error))
         elif self._storage_failed:  # never reported as stored when it is not (SPEC 6)
-            self._publish(StreamError("STORAGE_ERROR", STORAGE_ERROR_MESSAGE))
+            self._publish(StreamError("STORAGE_ERROR", STORAGE_ERROR_MESSAGE.format(self._storage_problem)))
         else:
             self._publish(StreamEnd("aborted" if aborted else finish_reason, total_usage, total_cost, aborted))
         self._ended = (finish_reason, error[0] if error else ("STORAGE_ERROR" if self._storage_failed else None))
@@ -683,8 +691,10 @@ class Turn:
             ttft_ms=(state.first_at - started) * 1000 if state.delivered else None,
         )
         notify(self.gw.pm.hook.provider_call_finished, call=call, record=record)
-        if await self.gw.record_usage(record, state.reservation):
+        failure = await self.gw.record_usage(record, state.reservation)
+        if failure is not None:
             self._storage_failed = True
+            self._storage_problem = storage_problem(failure)
 
     async def _store(
         self,
@@ -734,9 +744,10 @@ class Turn:
         started = time.monotonic()
         try:
             await write()
-        except STORAGE_FAILURES:
+        except STORAGE_FAILURES as e:
             log.exception("storing %s failed; retrying in the background", what)
             self._storage_failed = True
+            self._storage_problem = storage_problem(e)
             self.gw.pending.add(what, write)
         notify(self.gw.pm.hook.store_written, store="sessions", seconds=time.monotonic() - started)
 

@@ -61,6 +61,23 @@ return 1
 """
 )
 
+# KEYS: requests zset; ARGV: member, window ms, limit. Adds the request when fewer than the limit are in the
+# window: returns {1} then, else {0, requests, ms until the oldest request leaves}. One script: atomic.
+_TAKE = (
+    _NOW
+    + """
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - tonumber(ARGV[2]))
+local requests = redis.call('ZCARD', KEYS[1])
+if requests >= tonumber(ARGV[3]) then
+  local oldest = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
+  return {0, requests, tonumber(oldest[2]) + tonumber(ARGV[2]) - now}
+end
+redis.call('ZADD', KEYS[1], now, ARGV[1])
+redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[2]) + 1000)
+return {1}
+"""
+)
+
 # KEYS: spend, reservations hash, reservation deadlines zset. Drops expired reservations; returns
 # {spend or false, reserved}.
 _STATE = """
@@ -115,6 +132,7 @@ class RedisCounters:
         self.redis = redis
         self._window = redis.register_script(_WINDOW)
         self._add = redis.register_script(_ADD)
+        self._take = redis.register_script(_TAKE)
         self._state = redis.register_script(_STATE)
         self._reserve = redis.register_script(_RESERVE)
         self._settle = redis.register_script(_SETTLE)
@@ -134,6 +152,14 @@ class RedisCounters:
 
     async def add_request(self, client: str, now: float) -> None:
         await self._add(keys=[f"{PREFIX}:rl:req:{client}"], args=[f"{self._prefix}-{next(self._ids)}", WINDOW_MS])
+
+    async def take_request(self, client: str, now: float, limit: int) -> Any:
+        reply = await self._take(
+            keys=[f"{PREFIX}:rl:req:{client}"], args=[f"{self._prefix}-{next(self._ids)}", WINDOW_MS, limit]
+        )
+        if int(reply[0]) == 1:
+            return None
+        return _limits().Window(int(reply[1]), 0, max(0, int(reply[2])) / 1000, 0.0)
 
     async def add_tokens(self, client: str, tokens: int, now: float) -> None:
         if tokens > 0:

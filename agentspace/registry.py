@@ -117,19 +117,21 @@ class Registry:
 
     # --- usage ----------------------------------------------------------------------------------
 
-    async def record_usage(self, record: UsageRecord, reservation: Reservation | None = None) -> bool:
-        """Send one record to every sink, each write awaited; True when a sink's store failed. The record
-        then settles the call's ``reservation`` (its client's budget and minute, ``limits.Guard``).
+    async def record_usage(
+        self, record: UsageRecord, reservation: Reservation | None = None
+    ) -> StorageError | OSError | None:
+        """Send one record to every sink, each write awaited; the failure when a sink's store failed, else
+        None. The record then settles the call's ``reservation`` (its client's budget and minute, ``limits.Guard``).
 
         A sink whose store failed (``StorageError``, ``OSError``: disk full, I/O error) gets the record again
         later (``pending``); any other failure of a sink is logged and does not stop the others.
         """
-        failed = False
+        failed: StorageError | OSError | None = None
         for sink in self.sinks:
             started = time.monotonic()
             try:
                 await sink.record(record)
-            except (StorageError, OSError):
+            except (StorageError, OSError) as e:
                 log.exception(
                     "usage sink %r could not store record %s; retrying", getattr(sink, "name", sink), record.id
                 )
@@ -137,7 +139,7 @@ class Registry:
                     f"usage record {record.id} in sink {getattr(sink, 'name', sink)!r}",
                     functools.partial(sink.record, record),
                 )
-                failed = True
+                failed = e
             except Exception:
                 log.exception("usage sink %r failed", getattr(sink, "name", sink))
             store = f"usage:{getattr(sink, 'name', 'sink')}"

@@ -1,20 +1,26 @@
 """``agentspace clients``: client keys with their budgets, rate limits and model allowlists (SPEC 11).
 
-Works on the data directory directly; a running server sees the changes at once (it re-reads the clients
-file when it changes). A key is printed once, by ``add`` and ``rotate``; only its hash is stored.
+Works on the configured storage directly: the data directory's clients file (a running server re-reads it
+when it changes), or the backend's store (``[storage] backend = "postgres"``: every replica sees it). A key is printed once, by ``add`` and ``rotate``; only its hash is stored.
 """
 
 from __future__ import annotations
 
 import functools
 import json
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Iterable
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
 from .common import CliState, config_options, money, pass_state, table
+from .storage_access import on_storage
+
+if TYPE_CHECKING:
+    from ..stores.base import Storage
+
+T = TypeVar("T")
 
 NONE_WORDS = ("none", "off", "")
 
@@ -85,7 +91,11 @@ def _spend(state: CliState, client: Any, now: datetime) -> float:
     from ..stores.usage import UsageStore
 
     start, _ = period_bounds(client.period, now)
-    records = UsageStore(state.data_dir).records(since=start, client=client.name)
+    records: Iterable[dict[str, Any]]
+    if _on_backend(state):
+        records = on_storage(state, lambda storage: storage.usage.arecords(since=start, client=client.name))
+    else:
+        records = UsageStore(state.data_dir).records(since=start, client=client.name)
     return sum(float(r.get("totalCost") or 0.0) for r in records)
 
 
@@ -96,12 +106,53 @@ def _public(state: CliState, client: Any) -> dict[str, Any]:
     return client.public(_spend(state, client, now), now)
 
 
+def _on_backend(state: CliState) -> bool:
+    """Another backend than the data directory's files (e.g. postgres): go through the storage interface."""
+    return bool(state.config()["storage"]["backend"] != "tinydb")
+
+
 def _store(state: CliState) -> Any:
     from ..private_files import check_data_dir
     from ..stores.clients import ClientStore
 
+    if _on_backend(state):
+        return _BackendClients(state)
     check_data_dir(state.data_dir)
     return ClientStore(state.data_dir)
+
+
+class _BackendClients:
+    """The configured backend's client store behind the file store's sync API (one connection per call)."""
+
+    def __init__(self, state: CliState) -> None:
+        self.state = state
+
+    def _run(self, work: Callable[[Any], Awaitable[T]]) -> T:
+        def on(storage: Storage) -> Awaitable[T]:
+            from ..stores.clients import ClientStore
+
+            # A backend without a client store of its own keeps the clients in the data directory.
+            return work(storage.clients if storage.clients is not None else ClientStore(self.state.data_dir))
+
+        return on_storage(self.state, on)
+
+    def get_sync(self, name: str) -> Any:
+        return self._run(lambda store: store.get(name))
+
+    def list_sync(self) -> list[Any]:
+        return self._run(lambda store: store.list())
+
+    def add_sync(self, client: Any) -> str:
+        return self._run(lambda store: store.add(client))
+
+    def update_sync(self, name: str, change: Any) -> Any:
+        return self._run(lambda store: store.update(name, change))
+
+    def rotate_sync(self, name: str) -> str:
+        return self._run(lambda store: store.rotate(name))
+
+    def remove_sync(self, name: str) -> None:
+        self._run(lambda store: store.remove(name))
 
 
 def _no_client(name: str) -> click.ClickException:

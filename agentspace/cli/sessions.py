@@ -8,6 +8,7 @@ from typing import Any
 import click
 
 from .common import CliState, config_options, count, money, pass_state, table
+from .storage_access import on_storage
 
 
 def _store(state: CliState) -> Any:
@@ -16,14 +17,33 @@ def _store(state: CliState) -> Any:
     return SessionStore(state.data_dir)
 
 
-def _get(store: Any, session_id: str) -> dict[str, Any] | None:
+def _on_backend(state: CliState) -> bool:
+    """Another backend than the data directory's files (e.g. postgres): go through the storage interface."""
+    return bool(state.config()["storage"]["backend"] != "tinydb")
+
+
+def _listing(state: CliState) -> Any:
+    if _on_backend(state):
+        return on_storage(state, lambda storage: storage.sessions.listing())
+    return _store(state).listing_sync()
+
+
+def _get(state: CliState, session_id: str) -> dict[str, Any] | None:
     from ..errors import SessionDamaged
 
     try:
-        session: dict[str, Any] | None = store.get_sync(session_id)
+        if _on_backend(state):
+            return on_storage(state, lambda storage: storage.sessions.get(session_id))
+        session: dict[str, Any] | None = _store(state).get_sync(session_id)
     except SessionDamaged as e:
         raise click.ClickException(e.message) from None
     return session
+
+
+def _delete(state: CliState, session_id: str) -> bool:
+    if _on_backend(state):
+        return on_storage(state, lambda storage: storage.sessions.delete(session_id))
+    return bool(_store(state).delete_sync(session_id))
 
 
 def _not_found(session_id: str) -> click.ClickException:
@@ -47,7 +67,7 @@ def sessions() -> None:
 @pass_state
 def list_sessions(state: CliState, as_json: bool) -> None:
     """All sessions, most recently active first."""
-    listing = _store(state).listing_sync()
+    listing = _listing(state)
     items = listing.sessions  # most recently active first
     if listing.damaged_files:
         click.echo(
@@ -103,7 +123,7 @@ def _message_header(m: dict[str, Any]) -> str:
 @pass_state
 def show(state: CliState, session_id: str, as_json: bool) -> None:
     """One session with its messages."""
-    session = _get(_store(state), session_id)
+    session = _get(state, session_id)
     if session is None:
         raise _not_found(session_id)
     if as_json:
@@ -127,12 +147,11 @@ def show(state: CliState, session_id: str, as_json: bool) -> None:
 @pass_state
 def delete(state: CliState, session_id: str, yes: bool) -> None:
     """Delete a session and its messages (usage records are kept)."""
-    store = _store(state)
     if not yes:
-        summary = _get(store, session_id)
+        summary = _get(state, session_id)
         if summary is None:
             raise _not_found(session_id)
         click.confirm(f"Delete session {session_id} ({summary.get('messageCount', 0)} messages)?", abort=True)
-    if not store.delete_sync(session_id):
+    if not _delete(state, session_id):
         raise _not_found(session_id)
     click.echo(f"Deleted session {session_id}")
