@@ -208,3 +208,17 @@ async def test_usage_reports(storage: Storage) -> None:
         records[0] == record(2, model="openai/gpt-4o", timestamp="2026-12-01T00:00:00.000Z", session_id="s2").to_dict()
     )
     assert {r["id"] for r in await usage.arecords(since=datetime(2026, 12, 2))} == {"u4", "u5"}
+
+
+async def test_set_title_renames_and_keeps_the_messages(storage: Storage) -> None:
+    sessions = storage.sessions
+    await sessions.create(model="m/x", session_id="t", messages=[{"id": "u1", "role": "user", "content": "Hi"}])
+    await sessions.set_title("t", "A better title")
+    session = await sessions.get("t")
+    assert session is not None and session["title"] == "A better title"
+    assert [m["id"] for m in session["messages"]] == ["u1"]
+    assert [s["title"] for s in await sessions.summaries() if s["id"] == "t"] == ["A better title"]
+    with pytest.raises(SessionNotFound):
+        await sessions.set_title("nope", "x")
+    with pytest.raises(SessionNotFound):
+        await sessions.set_title("bad id", "x")

@@ -263,6 +263,18 @@ def _summary(row: Any) -> dict[str, Any]:
     }
 
 
+async def _bump(conn: Any, session_id: str, title: str | None = None) -> None:
+    """Set a session's last activity to now (and its title, when given); SessionNotFound when it is not there."""
+    found = _is_valid(session_id) and await conn.fetchval(
+        "UPDATE sessions SET title = coalesce($3, title), last_activity_at = $2 WHERE id = $1 RETURNING 1",
+        session_id,
+        now_iso(),
+        title,
+    )
+    if not found:
+        raise SessionNotFound(f"session {str(session_id)[:40]!r} not found")
+
+
 _SUMMARY_SQL = "SELECT id, title, model, created_at, last_activity_at, message_count, client FROM sessions"
 
 
@@ -372,14 +384,8 @@ class PostgresSessionStore:
     async def update_message(self, session_id: str, message_id: str, changes: dict[str, Any]) -> None:
         self._check_open()
         changes = json.loads(json.dumps(changes))
-        if not _is_valid(session_id):
-            raise SessionNotFound(f"session {str(session_id)[:40]!r} not found")
         async with self.db.transaction() as conn:
-            found = await conn.fetchval(
-                "UPDATE sessions SET last_activity_at = $2 WHERE id = $1 RETURNING 1", session_id, now_iso()
-            )
-            if found is None:
-                raise SessionNotFound(f"session {str(session_id)[:40]!r} not found")
+            await _bump(conn, session_id)
             rows = await conn.fetch(
                 "SELECT seq, body FROM messages WHERE session_id = $1 AND id = $2 FOR UPDATE", session_id, message_id
             )
@@ -408,28 +414,13 @@ class PostgresSessionStore:
 
     async def set_title(self, session_id: str, title: str) -> None:
         self._check_open()
-        if not _is_valid(session_id):
-            raise SessionNotFound(f"session {str(session_id)[:40]!r} not found")
         async with self.db.connection() as conn:
-            found = await conn.fetchval(
-                "UPDATE sessions SET title = $2, last_activity_at = $3 WHERE id = $1 RETURNING 1",
-                session_id,
-                title,
-                now_iso(),
-            )
-        if found is None:
-            raise SessionNotFound(f"session {str(session_id)[:40]!r} not found")
+            await _bump(conn, session_id, title)
 
     async def touch(self, session_id: str) -> None:
         self._check_open()
-        if not _is_valid(session_id):
-            raise SessionNotFound(f"session {str(session_id)[:40]!r} not found")
         async with self.db.connection() as conn:
-            found = await conn.fetchval(
-                "UPDATE sessions SET last_activity_at = $2 WHERE id = $1 RETURNING 1", session_id, now_iso()
-            )
-        if found is None:
-            raise SessionNotFound(f"session {str(session_id)[:40]!r} not found")
+            await _bump(conn, session_id)
 
     async def delete(self, session_id: str) -> bool:
         self._check_open()
