@@ -6,6 +6,7 @@ persistence; each on a free port of 127.0.0.1, stopped by its PID. Tests skip wh
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import pwd
@@ -15,8 +16,12 @@ import socket
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from scripts.harness import GatewayProcess
 
 
 def free_port() -> int:
@@ -181,6 +186,19 @@ def redis_server() -> Iterator[Redis]:
 
 # --- pytest fixtures (tests/conftest.py loads this module as a plugin) ---------------------------
 
+# The gateway token two replicas share (AGENTSPACE_GATEWAY_TOKEN).
+TOKEN = "replica-test-token-0123456789abcdef"
+
+
+async def flush_redis(redis_srv: Redis) -> None:
+    """Empty the session's Redis: each test of replicas starts from nothing."""
+    import redis.asyncio as aioredis
+
+    client = aioredis.from_url(redis_srv.url)
+    await client.flushall()
+    await client.aclose()
+
+
 try:
     import pytest
 except ImportError:  # imported by a benchmark, not by pytest
@@ -214,3 +232,21 @@ if pytest is not None:
             capture_output=True,
         )
         return f"postgresql://postgres@127.0.0.1:{pg_server.port}/{name}"
+
+    @pytest.fixture
+    async def replicas(
+        tmp_path: Path, fake_anthropic: Any, pg_dsn: str, redis_srv: Redis, monkeypatch: pytest.MonkeyPatch
+    ) -> AsyncIterator[list[GatewayProcess]]:
+        monkeypatch.setenv("AGENTSPACE_GATEWAY_TOKEN", TOKEN)  # the replicas agree on the token
+        await flush_redis(redis_srv)
+        from scripts.harness import GatewayProcess
+
+        storage = {"backend": "postgres", "dsn": pg_dsn, "redis_url": redis_srv.url}
+        servers = [GatewayProcess(tmp_path / name, fake_anthropic.url, storage=storage) for name in ("a", "b")]
+        try:
+            await asyncio.gather(*(s.start() for s in servers))
+            yield servers
+        finally:
+            for server in servers:
+                if server.process is not None and server.process.returncode is None:
+                    await server.terminate()

@@ -8,7 +8,6 @@ import asyncio
 import json
 import signal
 import sys
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -20,35 +19,9 @@ from agentspace.cli import main
 from agentspace.stores.postgres import PostgresDatabase
 from scripts.harness import ROOT, GatewayProcess, child_env
 from tests.fakes import anthropic_upstream as fa
-from tests.scale_servers import Redis
+from tests.scale_servers import TOKEN, Redis, flush_redis
 
-TOKEN = "replica-test-token-0123456789abcdef"
 SLOW = " ".join(f"w{n}" for n in range(60))
-
-
-@pytest.fixture
-async def replicas(
-    tmp_path: Path, fake_anthropic: Any, pg_dsn: str, redis_srv: Redis, monkeypatch: pytest.MonkeyPatch
-) -> AsyncIterator[list[GatewayProcess]]:
-    monkeypatch.setenv("AGENTSPACE_GATEWAY_TOKEN", TOKEN)  # the replicas agree on the token
-    await _flush_redis(redis_srv)
-    storage = {"backend": "postgres", "dsn": pg_dsn, "redis_url": redis_srv.url}
-    servers = [GatewayProcess(tmp_path / name, fake_anthropic.url, storage=storage) for name in ("a", "b")]
-    try:
-        await asyncio.gather(*(s.start() for s in servers))
-        yield servers
-    finally:
-        for server in servers:
-            if server.process is not None and server.process.returncode is None:
-                await server.terminate()
-
-
-async def _flush_redis(redis_srv: Redis) -> None:
-    import redis.asyncio as aioredis
-
-    client = aioredis.from_url(redis_srv.url)
-    await client.flushall()
-    await client.aclose()
 
 
 HEADERS = {"Authorization": f"Bearer {TOKEN}"}
@@ -187,7 +160,7 @@ async def test_serve_workers_share_one_port(
 ) -> None:
     """``agentspace serve --workers 2``: two processes on one port (SO_REUSEPORT), every answer stored once."""
     monkeypatch.setenv("AGENTSPACE_GATEWAY_TOKEN", TOKEN)
-    await _flush_redis(redis_srv)
+    await flush_redis(redis_srv)
     storage = {"backend": "postgres", "dsn": pg_dsn, "redis_url": redis_srv.url}
     layout = GatewayProcess(tmp_path / "data", fake_anthropic.url, storage=storage)  # writes the config
     layout.data_dir.mkdir(parents=True)

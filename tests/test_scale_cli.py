@@ -18,8 +18,8 @@ from click.testing import CliRunner, Result
 from agentspace.cli import main
 from scripts.harness import GatewayProcess
 from tests.fakes import anthropic_upstream as fa
-from tests.scale_servers import Postgres, Redis
-from tests.test_replicas import TOKEN, _flush_redis, chat_body, finish_of, text_of
+from tests.scale_servers import Postgres
+from tests.test_replicas import chat_body, finish_of, text_of
 
 
 async def cli(*args: str) -> Result:
@@ -100,23 +100,6 @@ async def test_the_cli_says_when_the_database_is_unreachable(tmp_path: Path) -> 
 # --- limits across two replicas -----------------------------------------------------------------
 
 
-@pytest.fixture
-async def two_replicas(
-    tmp_path: Path, fake_anthropic: Any, pg_dsn: str, redis_srv: Redis, monkeypatch: pytest.MonkeyPatch
-) -> AsyncIterator[list[GatewayProcess]]:
-    monkeypatch.setenv("AGENTSPACE_GATEWAY_TOKEN", TOKEN)  # the replicas agree on the token
-    await _flush_redis(redis_srv)
-    storage = {"backend": "postgres", "dsn": pg_dsn, "redis_url": redis_srv.url}
-    servers = [GatewayProcess(tmp_path / name, fake_anthropic.url, storage=storage) for name in ("a", "b")]
-    try:
-        await asyncio.gather(*(s.start() for s in servers))
-        yield servers
-    finally:
-        for server in servers:
-            if server.process is not None and server.process.returncode is None:
-                await server.terminate()
-
-
 async def post_chat(http: aiohttp.ClientSession, server: GatewayProcess, key: str, session_id: str) -> Any:
     """One /api/chat call with a client key: (status, Retry-After, error code or the answer's text)."""
     async with http.post(
@@ -129,8 +112,8 @@ async def post_chat(http: aiohttp.ClientSession, server: GatewayProcess, key: st
         return resp.status, resp.headers.get("Retry-After"), (await resp.json())["error"]["code"]
 
 
-async def test_a_rate_limit_holds_across_two_replicas(two_replicas: list[GatewayProcess]) -> None:
-    a, b = two_replicas
+async def test_a_rate_limit_holds_across_two_replicas(replicas: list[GatewayProcess]) -> None:
+    a, b = replicas
     config = str(a.config_path)
     key = (await cli_ok("clients", "add", "--config", config, "bot", "--rpm", "3")).splitlines()[0]
     async with aiohttp.ClientSession() as http:
@@ -145,7 +128,7 @@ async def test_a_rate_limit_holds_across_two_replicas(two_replicas: list[Gateway
         # Concurrent requests over both replicas: the window admits no more than its limit either.
         await cli_ok("clients", "add", "--config", config, "burst", "--rpm", "3")
         burst = (await cli_ok("clients", "rotate", "--config", config, "burst")).splitlines()[0]
-        results = await asyncio.gather(*(post_chat(http, two_replicas[n % 2], burst, f"b{n}") for n in range(40)))
+        results = await asyncio.gather(*(post_chat(http, replicas[n % 2], burst, f"b{n}") for n in range(40)))
         answered = [r for r in results if r[2] == fa.DEFAULT_TEXT]
         # The others are refused: 429 before the stream starts, or the error in the stream when the check at
         # the provider call (the one that counts the request) finds the window full.
@@ -158,7 +141,7 @@ async def test_a_rate_limit_holds_across_two_replicas(two_replicas: list[Gateway
         async def message(n: int) -> int:
             body = {"model": "claude-sonnet-4-5", "max_tokens": 16, "messages": [{"role": "user", "content": "hi"}]}
             headers = {"x-api-key": key, "anthropic-version": "2023-06-01"}
-            async with http.post(f"{two_replicas[n % 2].url}/v1/messages", json=body, headers=headers) as resp:
+            async with http.post(f"{replicas[n % 2].url}/v1/messages", json=body, headers=headers) as resp:
                 await resp.read()
                 return resp.status
 
@@ -166,8 +149,8 @@ async def test_a_rate_limit_holds_across_two_replicas(two_replicas: list[Gateway
     assert sorted(statuses) == [200] * 3 + [429] * 57, statuses
 
 
-async def test_a_budget_holds_across_two_replicas(two_replicas: list[GatewayProcess], fake_anthropic: Any) -> None:
-    a, b = two_replicas
+async def test_a_budget_holds_across_two_replicas(replicas: list[GatewayProcess], fake_anthropic: Any) -> None:
+    a, b = replicas
     config = str(a.config_path)
     key = (await cli_ok("clients", "add", "--config", config, "alice", "--budget", "1")).splitlines()[0]
 
@@ -183,7 +166,7 @@ async def test_a_budget_holds_across_two_replicas(two_replicas: list[GatewayProc
         budget = one_call * 1.5
         await cli_ok("clients", "set", "--config", config, "alice", "--budget", f"{budget:.12f}")
         fake_anthropic.default = fa.text_response().with_delay(0.3)  # the calls overlap
-        results = await asyncio.gather(*(post_chat(http, two_replicas[n % 2], key, f"c{n}") for n in range(20)))
+        results = await asyncio.gather(*(post_chat(http, replicas[n % 2], key, f"c{n}") for n in range(20)))
     answered = [r for r in results if r[2] == fa.DEFAULT_TEXT]
     # The others are refused: 429 before the stream starts, or the error in the stream when the reservation
     # at the provider call finds the budget taken.
