@@ -13,6 +13,7 @@ import os
 import re
 import signal
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -73,6 +74,7 @@ class GatewayProcess:
         self.process: asyncio.subprocess.Process | None = None
         self.url = ""
         self.load_plugins = ""  # the server's AGENTSPACE_LOAD_PLUGINS (none), e.g. "metrics,telemetry"
+        self.preexec_fn: Callable[[], None] | None = None  # run in the server's process before exec (limits)
 
     @property
     def token(self) -> str:
@@ -98,6 +100,7 @@ class GatewayProcess:
                 stderr=log,
                 env=child_env(self.data_dir, self.load_plugins),
                 cwd=ROOT,
+                preexec_fn=self.preexec_fn,
             )
         assert self.process.stdout is not None
         line = await asyncio.wait_for(self.process.stdout.readline(), timeout)

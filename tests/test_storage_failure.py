@@ -8,18 +8,16 @@ keeps the answer in memory and retries the write.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import resource
 import signal
-import sys
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
 
-from scripts.harness import ROOT, GatewayProcess, child_env
+from scripts.harness import GatewayProcess
 from tests.fakes import anthropic_upstream as fa
 
 # Small files (token, config, a short session, usage records, the log) stay under this; the answer does not.
@@ -34,37 +32,10 @@ def limit_file_size() -> None:
     resource.setrlimit(resource.RLIMIT_FSIZE, (FILE_SIZE_LIMIT, resource.RLIM_INFINITY))
 
 
-class LimitedGateway(GatewayProcess):
-    """``agentspace serve`` as GatewayProcess starts it, with the file size limit."""
-
-    async def start(self, timeout: float = 60.0) -> str:
-        self.data_dir.mkdir(parents=True, exist_ok=True)
-        with open(self.log_path, "ab") as log:
-            self.process = await asyncio.create_subprocess_exec(
-                sys.executable,
-                "-m",
-                "agentspace",
-                "serve",
-                "--config",
-                str(self.config_path),
-                "--port",
-                "0",
-                stdout=asyncio.subprocess.PIPE,
-                stderr=log,
-                env=child_env(self.data_dir),
-                cwd=ROOT,
-                preexec_fn=limit_file_size,
-            )
-        assert self.process.stdout is not None
-        line = await asyncio.wait_for(self.process.stdout.readline(), timeout)
-        assert b"listening on " in line, self.log()
-        self.url = line.split(b"listening on ", 1)[1].split()[0].decode()
-        return self.url
-
-
 @pytest.fixture
 async def server(tmp_path: Path, fake_anthropic: fa.FakeAnthropic) -> Any:
-    gateway = LimitedGateway(tmp_path / "data", fake_anthropic.url)
+    gateway = GatewayProcess(tmp_path / "data", fake_anthropic.url)
+    gateway.preexec_fn = limit_file_size
     await gateway.start()
     try:
         yield gateway
@@ -73,7 +44,7 @@ async def server(tmp_path: Path, fake_anthropic: fa.FakeAnthropic) -> Any:
 
 
 async def test_ws_answer_that_cannot_be_stored_ends_with_storage_error(
-    server: LimitedGateway, fake_anthropic: fa.FakeAnthropic
+    server: GatewayProcess, fake_anthropic: fa.FakeAnthropic
 ) -> None:
     fake_anthropic.enqueue(fa.text_response(LONG_ANSWER, chunks=20))
     headers = {"Authorization": f"Bearer {server.token}"}
@@ -104,7 +75,7 @@ async def test_ws_answer_that_cannot_be_stored_ends_with_storage_error(
 
 
 async def test_http_answer_that_cannot_be_stored_ends_with_storage_error(
-    server: LimitedGateway, fake_anthropic: fa.FakeAnthropic
+    server: GatewayProcess, fake_anthropic: fa.FakeAnthropic
 ) -> None:
     fake_anthropic.enqueue(fa.text_response(LONG_ANSWER, chunks=20))
     headers = {"Authorization": f"Bearer {server.token}"}
