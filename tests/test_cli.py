@@ -93,24 +93,15 @@ def usage_data(home: Path) -> None:
     write_segment(home, "2026-11-02", 0, [record(3, "anthropic/claude-sonnet-4-5", "2026-11-02")])
 
 
+# The text report's header row, word by word (two-word column names split in two).
+USAGE_TABLE_HEADER = "model requests errors input output cache read cache write total tokens cost".split()
+
+
 def test_usage_table(usage_data: None) -> None:
     result = invoke("usage", "--by-model")
     assert result.exit_code == 0
     lines = result.output.splitlines()
-    assert lines[0].split() == [
-        "model",
-        "requests",
-        "errors",
-        "input",
-        "output",
-        "cache",
-        "read",
-        "cache",
-        "write",
-        "total",
-        "tokens",
-        "cost",
-    ]
+    assert lines[0].split() == USAGE_TABLE_HEADER
     row = next(line for line in lines if line.startswith("anthropic/claude-sonnet-4-5"))
     assert row.split() == ["anthropic/claude-sonnet-4-5", "2", "0", "2,000", "400", "100", "20", "2,520", "$0.012000"]
     assert any(line.startswith("mystery/model*") for line in lines)

@@ -16,6 +16,7 @@ from agentspace.stores import UsageStore
 from agentspace.stores.usage import write_segment
 from agentspace.types import Cost, TokenUsage, UsageRecord, now_iso
 from tests.fakes.anthropic_upstream import error_status
+from tests.test_cli import USAGE_TABLE_HEADER
 from tests.test_ws import chat, connect, receive_after
 
 SONNET = "anthropic/claude-sonnet-4-5"
@@ -101,20 +102,7 @@ def test_text_report_total_row_shows_every_column(isolated_env: Path) -> None:
     result = CliRunner().invoke(cli, ["usage"])
     assert result.exit_code == 0, result.output
     lines = result.stdout.splitlines()
-    assert lines[0].split() == [
-        "model",
-        "requests",
-        "errors",
-        "input",
-        "output",
-        "cache",
-        "read",
-        "cache",
-        "write",
-        "total",
-        "tokens",
-        "cost",
-    ]
+    assert lines[0].split() == USAGE_TABLE_HEADER
     assert next(line for line in lines if line.startswith(MYSTERY + "*"))
     total = next(line for line in lines if line.startswith("TOTAL")).split()
     assert total == ["TOTAL", "5", "3", "360", "55", "0", "0", "415", "$0.000415"]
