@@ -25,6 +25,7 @@ if TYPE_CHECKING:
 
     from .client import GatewayConnection
 
+RECONNECT_SECONDS = 60.0  # a message typed while the gateway restarts waits this long for it
 HELP_LINE = "Enter sends · /new starts a new session · Ctrl-C stops an answer · Ctrl-D exits"
 HISTORY_FILE = "chat_history"  # in the data directory
 HISTORY_LENGTH = 1000  # lines kept in the file
@@ -130,7 +131,11 @@ class ChatSession:
         self.active, self.interrupts = frame["id"], 0
         ok = True
         try:
-            await self.gateway.send(frame)
+            await self.gateway.send(
+                frame,
+                patience=RECONNECT_SECONDS,
+                on_wait=lambda: printer.note("[the gateway is not answering; reconnecting…]", dim=True),
+            )
             async for reply in self.gateway.replies(frame["id"]):
                 kind = reply.get("type")
                 if kind == "session.created":
@@ -278,8 +283,6 @@ async def run_chat(url: str, token: str, session_id: str | None, model: str | No
 async def _converse(chat: ChatSession, stop: asyncio.Event, editor: LineEditor | None) -> int:
     import asyncio
 
-    from .client import ConnectionLost
-
     interactive = editor is not None
     lines: asyncio.Queue[str | None] = asyncio.Queue()
     want = threading.Event()
@@ -302,7 +305,7 @@ async def _converse(chat: ChatSession, stop: asyncio.Event, editor: LineEditor |
         sending = asyncio.ensure_future(chat.send(content))
         try:
             ok = await _until_stopped(sending, stop)
-        except ConnectionLost as e:
+        except click.ClickException as e:  # the connection was lost, or could not be made again
             click.secho(f"Error: {e.message}", err=True, fg="red")
             ok = False
             if not interactive:
@@ -331,7 +334,7 @@ async def _until_stopped(awaitable: Any, stop: asyncio.Event) -> Any:
 @click.command()
 @config_options
 @click.option("--session", "session_id", metavar="ID", help="Continue this session (default: start a new one).")
-@click.option("--model", "-m", help="Model id, e.g. anthropic/claude-sonnet-4-5 (default: the gateway's).")
+@click.option("--model", "-m", help="Model id, e.g. anthropic/claude-sonnet-4-6 (default: the gateway's).")
 @click.option("--url", envvar="AGENTSPACE_URL", help="Gateway WebSocket URL (default: from [server] of the config).")
 @click.option("--token", envvar="AGENTSPACE_TOKEN", help="Gateway token (default: the data directory's).")
 @pass_state
