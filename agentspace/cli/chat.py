@@ -27,6 +27,7 @@ if TYPE_CHECKING:
 
 RECONNECT_SECONDS = 60.0  # a message typed while the gateway restarts waits this long for it
 HELP_LINE = "Enter sends · /new starts a new session · Ctrl-C stops an answer · Ctrl-D exits"
+FALLBACK_NOTE = '* price unknown: costed at the fallback price; set [pricing."MODEL"] in the config for exact costs.'
 HISTORY_FILE = "chat_history"  # in the data directory
 HISTORY_LENGTH = 1000  # lines kept in the file
 
@@ -92,11 +93,15 @@ class _Printer:
         u = frame.get("usage") or {}
         reason = frame.get("finishReason")
         suffix = f" · {reason}" if reason and reason != "stop" else ""
+        # A model with no known price is costed at the configured fallback price: an estimate, said so.
+        guess = "*" if u.get("priceKnown") is False else ""
         self.note(
             f"[{u.get('inputTokens', 0)} in / {u.get('outputTokens', 0)} out tokens, "
-            f"{money(float(u.get('totalCost') or 0.0))}{suffix}]",
+            f"{money(float(u.get('totalCost') or 0.0))}{guess}{suffix}]",
             dim=True,
         )
+        if guess:
+            self.note(FALLBACK_NOTE, dim=True)
 
 
 class ChatSession:

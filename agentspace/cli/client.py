@@ -95,7 +95,11 @@ class GatewayConnection:
         token is reported here and not at the first message."""
         assert self._http is not None
         try:
-            ws = await self._http.ws_connect(self.url, max_msg_size=0)
+            # The header authenticates at the handshake (a proxy may log a refusal); the auth frame makes the
+            # gateway answer auth.ok or an error either way, so a wrong token is known before any message.
+            ws = await self._http.ws_connect(
+                self.url, headers={"Authorization": f"Bearer {self.token}"}, max_msg_size=0
+            )
         except aiohttp.WSServerHandshakeError as e:
             if e.status in (401, 403):
                 raise click.ClickException(self._refused(f"HTTP {e.status}")) from None
