@@ -21,7 +21,7 @@ import click
 import pluggy
 from aiohttp import web
 
-from . import pricing, security
+from . import alerts, pricing, security
 from .catalog import deprecation_message, is_retired
 from .config import Config, ConfigError
 from .connections import ConnectionCap
@@ -87,6 +87,7 @@ def _gateway_context(config: Config, pm: pluggy.PluginManager) -> Callable[[web.
             await storage.start()
             gw = Registry.create(config, pm, storage)
             await _join_cluster(gw)
+            alerts.install(gw)  # after the storage's sink: it reads the spend the record just added to
             check_default_model(gw)  # before anything binds: runs in runner.setup(), the site starts after
             app[state.REGISTRY] = gw
             for result in pm.hook.server_startup(app=app, config=config):

@@ -657,7 +657,9 @@ def test_phone_shows_the_chat_the_clients_actions_and_the_cost(browser: Any, gat
     for name in ("Edit phone-team", "Rotate the key of phone-team", "Remove phone-team"):
         box = row.get_by_role("button", name=name).bounding_box()
         assert box is not None and box["x"] >= 0 and box["x"] + box["width"] <= PHONE["width"], (name, box)
-    assert "Rate limits: 10 rpm" in row.inner_text()
+    limits = row.locator("td[data-label='Rate limits']")
+    assert limits.inner_text() == "10 rpm"
+    assert limits.evaluate("e => getComputedStyle(e, '::before').content") == '"Rate limits: "'  # a card's label
     assert page.evaluate("document.documentElement.scrollWidth <= window.innerWidth")
     screenshot(page, "clients-phone")
     gateway.call("DELETE", "/api/clients/phone-team")

@@ -180,7 +180,7 @@ export function renderMarkdown(source) {
       const aligns = cells(lines[i + 1]).map((c) => (/^:-+:$/.test(c) ? "center" : /-:$/.test(c) ? "right" : null));
       const row = (text, tag) =>
         el("tr", {}, cells(text).slice(0, aligns.length).map((cell, n) =>
-          el(tag, { style: aligns[n] ? `text-align: ${aligns[n]}` : undefined }, inline(cell))));
+          el(tag, { class: aligns[n] ? `align-${aligns[n]}` : undefined }, inline(cell))));
       const head = el("thead", {}, row(line, "th"));
       const body = el("tbody");
       i += 2;
