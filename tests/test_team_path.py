@@ -304,3 +304,20 @@ def test_ask_says_when_no_gateway_runs(tmp_path: Path) -> None:
     result = invoke("ask", "--url", "ws://127.0.0.1:9/gateway", "hi", env={"AGENTSPACE_HOME": str(tmp_path)})
     assert result.exit_code == 1 and "Cannot reach the gateway" in result.output
     assert os.environ.get("AGENTSPACE_GATEWAY_TOKEN") is None
+
+
+# --- 10. the benchmarks run without pytest --------------------------------------------------------
+
+
+def test_the_fake_upstreams_import_without_pytest() -> None:
+    """benchmarks/vs_litellm.py starts the fakes as scripts after a plain `pip install -e .`."""
+    import subprocess
+
+    code = (
+        "import sys; sys.modules['pytest'] = None; "  # importing pytest now fails, as where it is not installed
+        "import tests.fakes.anthropic_upstream, tests.fakes.openai_upstream; "
+        "sys.argv = ['vs_litellm.py', '--help']; import runpy; runpy.run_path('benchmarks/vs_litellm.py', run_name='__main__')"
+    )
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "usage:" in result.stdout
