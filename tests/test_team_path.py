@@ -321,3 +321,15 @@ def test_the_fake_upstreams_import_without_pytest() -> None:
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert "usage:" in result.stdout
+
+
+# --- 3. serve --workers without the config ---------------------------------------------------------
+
+
+def test_workers_without_a_config_say_the_config_is_missing(tmp_path: Path) -> None:
+    result = invoke("--data-dir", str(tmp_path / "d"), "serve", "--workers", "2")
+    assert result.exit_code == 1 and "no config file was given (--config FILE)" in result.output
+    config = tmp_path / "c.toml"
+    config.write_text('[storage]\nbackend = "tinydb"\n')
+    named = invoke("--data-dir", str(tmp_path / "d"), "serve", "--config", str(config), "--workers", "2")
+    assert named.exit_code == 1 and f"in {config}" in named.output
