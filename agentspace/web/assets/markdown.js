@@ -126,7 +126,8 @@ export function plainText(source) {
     .replace(/```[\w+#.-]*/g, " ")
     .replace(/!?\[([^\]]*)\]\([^)]*\)/g, "$1")
     .replace(/^\s{0,3}(#{1,6}\s+|>\s?|[-*+]\s+|\d+[.)]\s+)/gm, "")
-    .replace(/(\*\*|__|\*|_|`+|~~)(?=\S)([^]*?\S)\1/g, "$2")
+    .replace(/(\*\*|\*|`+|~~)(?=\S)([^]*?\S)\1/g, "$2")
+    .replace(/(^|\s)(__?)(?=\S)([^]*?\S)\2(?=\s|$|[,;:!?])/g, "$1$3") // _emphasis_, not snake_case
     .replace(/\|/g, " ")
     .replace(/\s+/g, " ")
     .trim();
