@@ -294,6 +294,12 @@ async def test_ask_streams_reads_stdin_and_takes_a_system_prompt(
     usage = json.loads((await run_cli("usage", "--json", env=env)).stdout)
     assert usage["grandTotal"]["totalTokens"] == 14  # one call, one record
 
+    # Without --model: the gateway's default (this CLI's own config would say claude-sonnet-4-6).
+    fake_anthropic.enqueue(text_response("Default."))
+    plain = await run_cli("ask", "--url", url, "Hi", env=env)
+    assert plain.exit_code == 0 and plain.stdout == "Default.\n", plain.output
+    assert fake_anthropic.requests[-1].body["model"] == "claude-sonnet-4-5"
+
     bad = await run_cli("ask", "--url", url, "--token", "wrong-token-0123456789", "hi", env=env)
     assert bad.exit_code == 1 and "refused the token" in bad.output
     nothing = await run_cli("ask", "--url", url, env=env, input="")

@@ -40,7 +40,16 @@ def _prompt(words: tuple[str, ...]) -> str:
     return text
 
 
-async def _ask(base: str, token: str, body: dict[str, Any]) -> int:
+async def _gateway_default(http: Any, base: str, headers: dict[str, str]) -> str | None:
+    """The model the gateway marks as its default (``GET /api/models``), or None."""
+    async with http.get(f"{base}/api/models", headers=headers) as response:
+        if response.status != 200:
+            raise click.ClickException(_failure(f"{base}/api/models", response.status, await response.text()))
+        models = (await response.json()).get("models") or []
+    return next((str(m["id"]) for m in models if m.get("default")), None)
+
+
+async def _ask(base: str, token: str, body: dict[str, Any], fallback_model: str) -> int:
     import aiohttp
 
     url = f"{base}/v1/chat/completions"
@@ -49,6 +58,8 @@ async def _ask(base: str, token: str, body: dict[str, Any]) -> int:
     wrote = False
     async with aiohttp.ClientSession(timeout=timeout) as http:
         try:
+            if not body.get("model"):  # the gateway's default, as `chat` gets it
+                body["model"] = await _gateway_default(http, base, headers) or fallback_model
             async with http.post(url, json=body, headers=headers) as response:
                 if response.status != 200:
                     raise click.ClickException(_failure(url, response.status, await response.text()))
@@ -104,9 +115,7 @@ def _failure(url: str, status: int, text: str) -> str:
 @click.command()
 @config_options
 @click.argument("prompt", nargs=-1)
-@click.option(
-    "--model", "-m", help="Model id, e.g. anthropic/claude-sonnet-4-6 (default: [models] default of the config)."
-)
+@click.option("--model", "-m", help="Model id, e.g. anthropic/claude-sonnet-4-6 (default: the gateway's).")
 @click.option("--system", "-s", "system", help="System prompt for this question.")
 @click.option("--url", envvar="AGENTSPACE_URL", help="Gateway URL, ws:// or http:// (default: where `serve` listens).")
 @click.option("--token", envvar="AGENTSPACE_TOKEN", help="Gateway token or client key (default: the server's).")
@@ -127,11 +136,12 @@ def ask(
         messages.append({"role": "system", "content": system})
     messages.append({"role": "user", "content": text})
     body: dict[str, Any] = {
-        "model": model or state.config()["models"]["default"],
+        "model": model,
         "messages": messages,
         "stream": True,
         "stream_options": {"include_usage": True},
     }
-    code = asyncio.run(_ask(http_base(url or default_url(state)), resolve_token(state, token), body))
+    base, key = http_base(url or default_url(state)), resolve_token(state, token)
+    code = asyncio.run(_ask(base, key, body, str(state.config()["models"]["default"])))
     if code:
         raise SystemExit(code)
