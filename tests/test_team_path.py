@@ -339,3 +339,25 @@ def test_workers_without_a_config_say_the_config_is_missing(tmp_path: Path) -> N
     config.write_text('[storage]\nbackend = "tinydb"\n')
     named = invoke("--data-dir", str(tmp_path / "d"), "serve", "--config", str(config), "--workers", "2")
     assert named.exit_code == 1 and f"in {config}" in named.output
+
+
+# --- 8. fallback-priced costs are marked, with the reason ------------------------------------------
+
+
+async def test_fallback_priced_costs_are_marked_in_chat_and_every_usage_table(
+    make_client: Any, fake_anthropic: Any, isolated_env: Path
+) -> None:
+    client = await make_client(providers={"anthropic": {"models": ["claude-in-house"]}})
+    url = str(client.make_url("/gateway")).replace("http://", "ws://")
+    env = {"AGENTSPACE_HOME": str(isolated_env)}
+    fake_anthropic.enqueue(text_response("Priced by guess.", usage={"input_tokens": 1000}))
+    chatted = await run_cli("chat", "--url", url, "--model", "anthropic/claude-in-house", input="hi\n", env=env)
+    assert chatted.exit_code == 0, chatted.output
+    cost_line = next(line for line in chatted.stderr.splitlines() if "out tokens" in line)
+    assert "*]" in cost_line and "* price unknown: costed at the fallback price" in chatted.stderr
+    for flag in ("--by-model", "--by-day", "--by-client"):
+        report = await run_cli("usage", flag, env=env)
+        assert report.exit_code == 0, report.output
+        assert "* price unknown" in report.stdout and any(
+            line.split()[0].endswith("*") for line in report.stdout.splitlines() if line.strip()
+        ), (flag, report.stdout)
