@@ -170,6 +170,12 @@ async def test_a_typod_model_is_model_not_found_with_a_suggestion_everywhere(
         headers=auth_headers,
     )
     assert r.status == 404 and "Did you mean 'openai/gpt-4o-mini'?" in (await r.json())["error"]["message"]
+    r = await client.post(  # an Anthropic model on the pass-through: answered before it goes upstream
+        "/v1/messages",
+        json={"model": "claude-sonet-4-6", "max_tokens": 10, "messages": [{"role": "user", "content": "hi"}]},
+        headers=auth_headers,
+    )
+    assert r.status == 404 and SUGGESTED in (await r.json())["error"]["message"]
 
     url = str(client.make_url("/gateway")).replace("http://", "ws://")
     chatted = await run_cli(
