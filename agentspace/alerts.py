@@ -2,7 +2,8 @@
 of the budget), so the ``budget_threshold`` hook runs, once per client, threshold and period.
 
 ``BudgetAlerts`` is a usage sink added after the storage's own: it sees each record once it is written, reads
-the client's spend for the period from the usage store (so every replica's records count), and claims each
+the client's spend for the period from the usage store (so every replica's records count; the record itself
+is added when the store does not hold it yet), and claims each
 threshold reached before calling the hook. The claim is what makes "once" hold: a Redis ``SET NX`` shared
 by the replicas when ``[storage] redis_url`` is set, else a small file in the data directory (one process
 per data directory then). The hook runs apart from the turn: a slow webhook delays no answer.
@@ -80,6 +81,8 @@ class BudgetAlerts:
         start, end = period_bounds(client.period, datetime.now(UTC))
         records = await self.gw.usage.arecords(since=start, client=client.name)
         spend = sum(float(r.get("totalCost") or 0.0) for r in records)
+        if not any(r.get("id") == record.id for r in records):  # sinks written out of order: count it anyway
+            spend += record.cost.total_cost
         for threshold in self.thresholds:
             if spend + 1e-12 < threshold * budget:
                 break
