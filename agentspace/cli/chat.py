@@ -340,8 +340,16 @@ async def _until_stopped(awaitable: Any, stop: asyncio.Event) -> Any:
 @config_options
 @click.option("--session", "session_id", metavar="ID", help="Continue this session (default: start a new one).")
 @click.option("--model", "-m", help="Model id, e.g. anthropic/claude-sonnet-4-6 (default: the gateway's).")
-@click.option("--url", envvar="AGENTSPACE_URL", help="Gateway WebSocket URL (default: from [server] of the config).")
-@click.option("--token", envvar="AGENTSPACE_TOKEN", help="Gateway token (default: the data directory's).")
+@click.option(
+    "--url",
+    envvar="AGENTSPACE_URL",
+    help="Gateway WebSocket URL (default: where `serve` last listened on this data directory, else [server]).",
+)
+@click.option(
+    "--token",
+    envvar="AGENTSPACE_TOKEN",
+    help="Gateway token or client key (default: AGENTSPACE_GATEWAY_TOKEN, else the data directory's).",
+)
 @pass_state
 def chat(state: CliState, session_id: str | None, model: str | None, url: str | None, token: str | None) -> None:
     """Chat with a running gateway: reads lines from the terminal or from stdin."""
