@@ -5,6 +5,8 @@ Shared by ``agentspace models`` and ``GET /api/models`` so both list the same mo
 
 from __future__ import annotations
 
+import difflib
+import functools
 import re
 from collections.abc import Iterable
 from datetime import date
@@ -138,3 +140,36 @@ def current_alternative(model: str, today: str | None = None) -> str | None:
         return None
     newer = sorted(c for c in candidates if c[0] > version)
     return newer[0][1] if newer else max(candidates)[1]
+
+
+@functools.lru_cache(maxsize=64)
+def _listed(prefix: str | None) -> tuple[str, ...]:
+    """The cost map's chat models (of one provider prefix, or all): fixed for the life of the process."""
+    return tuple(known_models(None if prefix is None else {prefix}))
+
+
+def suggestion(model: str, extra: Iterable[str] = ()) -> str:
+    """`` Did you mean 'x'?`` for the closest known model id (the cost map's and ``extra``), or ''."""
+    prefix = model.partition("/")[0]
+    candidates = [*extra, *(_listed(prefix) or _listed(None))]
+    close = difflib.get_close_matches(model, candidates, n=1, cutoff=0.75)
+    return f" Did you mean {close[0]!r}?" if close else ""
+
+
+def unknown_model(config: Config, model: str, extra: Iterable[str] = ()) -> str | None:
+    """Why ``model`` is a typo, or None: the cost map lists every model of the big providers, so a name of
+    such a provider that it lacks is unknown, unless the model goes to a custom endpoint (``base_url``) or
+    the config declares it (``[pricing]``, the provider's ``models``, the default or a fallback)."""
+    prefix, _, name = model.partition("/")
+    if not _listed(prefix) or model in config.pricing or cost_entry(model) is not None:
+        return None
+    settings = config.provider_settings(prefix)
+    if {model, name} & set(settings["models"]):
+        return None
+    # A base_url may be a self-hosted server with models of its own names; Anthropic's is a proxy of the
+    # same API (the same model names), so a name the cost map lacks is still a typo there.
+    if settings["base_url"] and prefix != "anthropic":
+        return None
+    if model == config["models"]["default"] or model in config["models"]["fallbacks"]:
+        return None
+    return f"Unknown model {model!r}.{suggestion(model, extra)} Run: agentspace models"

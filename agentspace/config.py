@@ -74,6 +74,11 @@ SCHEMA: dict[str, dict[str, tuple[tuple[type, ...], Any]]] = {
         "otlp_endpoint": ((str,), None),
         "capture_content": ((bool,), False),
     },
+    "alerts": {
+        "webhook_url": ((str,), None),
+        "thresholds": ((list,), [0.8, 1.0]),
+        "timeout_seconds": ((int, float), 10.0),
+    },
 }
 
 # Keys of each [providers.NAME] table.
@@ -242,6 +247,12 @@ def parse_config(raw: dict[str, Any], source: str = "<config>", base_dir: Path |
     for model, chain in values["models"]["fallbacks"].items():
         if not isinstance(chain, list) or not all(isinstance(m, str) for m in chain):
             raise ConfigError(source, f"models.fallbacks.{model}", "expected a list of model ids")
+
+    thresholds = values["alerts"]["thresholds"]
+    if not all(isinstance(t, int | float) and not isinstance(t, bool) and 0 < t <= 10 for t in thresholds):
+        raise ConfigError(
+            source, "alerts.thresholds", f"expected fractions of the budget such as [0.8, 1.0], got {thresholds!r}"
+        )
 
     known = set(SCHEMA) | {"providers", "pricing", "plugins"}
     for section in raw:

@@ -81,6 +81,17 @@ def load_or_create_token(data_dir: str | os.PathLike[str]) -> str:
     return token
 
 
+def env_token() -> str | None:
+    """The token replicas were given through the environment, or None (then the file is the token)."""
+    return os.environ.get(TOKEN_ENV) or None
+
+
+def client_token(data_dir: str | os.PathLike[str]) -> str:
+    """The token a server started from this environment and data directory accepts: the variable when
+    set (it wins over the file, as in ``TokenFile``), else the file's."""
+    return env_token() or load_or_create_token(data_dir)
+
+
 def rotate_token(data_dir: str | os.PathLike[str]) -> str:
     """Replace the token; the old one stops working as soon as running servers see the new file."""
     token = _new_token()
@@ -103,7 +114,7 @@ class TokenFile:
 
     def __init__(self, data_dir: str | os.PathLike[str]) -> None:
         self.path = token_path(data_dir)
-        self._env = os.environ.get(TOKEN_ENV) or None
+        self._env = env_token()
         if self._env is not None:
             if len(self._env) < MIN_ENV_TOKEN:
                 raise PrivateFileError(f"{TOKEN_ENV} is shorter than {MIN_ENV_TOKEN} characters; use a random token.")
@@ -135,6 +146,26 @@ class TokenFile:
                 self._token = token
                 log.info("gateway token changed; using the new one")
         return self._token
+
+
+ADDRESS_FILE = "server-address"  # the WebSocket URL the data directory's server last listened on
+
+
+def write_server_address(data_dir: str | os.PathLike[str], url: str) -> None:
+    write_private_file(Path(data_dir) / ADDRESS_FILE, url + "\n")
+
+
+def read_server_address(data_dir: str | os.PathLike[str]) -> str | None:
+    """The URL written by the last ``serve`` on this data directory (a wildcard bind becomes loopback)."""
+    try:
+        url = (Path(data_dir) / ADDRESS_FILE).read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError):
+        return None
+    if not url.startswith(("ws://", "wss://")):
+        return None
+    for wildcard in ("//0.0.0.0:", "//[::]:"):
+        url = url.replace(wildcard, "//127.0.0.1:")
+    return url
 
 
 def check_secrets(data_dir: str | os.PathLike[str]) -> None:

@@ -183,3 +183,29 @@ def store_written(store: str, seconds: float) -> None:
     :param store: which store: ``sessions`` or ``usage:<sink name>``.
     :param seconds: the time the write took, as its caller saw it.
     """
+
+
+@hookspec
+def budget_threshold(
+    client: str,
+    threshold: float,
+    spend_usd: float,
+    budget_usd: float,
+    period: str,
+    period_start: str | None,
+    period_end: str | None,
+    config: Config,
+) -> Awaitable[None] | None:
+    """A client's spend in its budget period reached ``threshold`` (a fraction of its budget, from
+    ``[alerts] thresholds``). Called once per client, threshold and period across every replica, right after
+    the usage record that reached it was written; may be ``async`` (it runs apart from the turn).
+
+    :param client: the client's name.
+    :param threshold: the fraction reached, e.g. 0.8 or 1.0.
+    :param spend_usd: the period's spend when it was reached.
+    :param budget_usd: the client's budget for the period.
+    :param period: ``day``, ``week``, ``month`` or ``total``.
+    :param period_start: ISO start of the period (None for ``total``).
+    :param period_end: ISO end of the period (None for ``total``).
+    :param config: the loaded configuration (``[alerts]``).
+    """

@@ -23,6 +23,7 @@ DEFAULT_PLUGINS: tuple[str, ...] = (
     "agentspace.default_plugins.response_format",
     "agentspace.default_plugins.tinydb_sink",
     "agentspace.default_plugins.storage",
+    "agentspace.default_plugins.alerts",
     "agentspace.providers.anthropic",
     "agentspace.providers.litellm",
 )

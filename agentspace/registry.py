@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 import pluggy
 
 from . import pricing
-from .catalog import deprecation_message
+from .catalog import deprecation_message, plugin_models, suggestion, unknown_model
 from .config import Config
 from .errors import StorageError
 from .lru import LRU
@@ -52,6 +52,7 @@ class Registry:
     active: dict[str, Turn] = field(default_factory=dict)
     # Bounded: model ids come from clients, and a provider may claim any id with its prefix.
     _model_info: LRU[str, ModelInfo] = field(default_factory=LRU)
+    _unknown: LRU[str, str | None] = field(default_factory=LRU)  # model -> why it is a typo (None: it is not)
     # Store writes that failed, retried until they succeed or the server stops.
     pending: PendingWrites = field(default_factory=PendingWrites)
     # The backend ``[storage] backend`` chose (SPEC 13); None only for registries built by hand.
@@ -97,8 +98,18 @@ class Registry:
             raise ModelNotFound(f"Model ids look like provider/model, e.g. anthropic/claude-sonnet-4-6; got {model!r}")
         for provider in self.providers:
             if provider.claims(model):
+                problem = self._unknown.get(model) if model in self._unknown else self._check_name(model)
+                if problem:
+                    raise ModelNotFound(problem)
                 return provider
-        raise ModelNotFound(f"No provider serves {model!r}. Run: agentspace models")
+        hint = suggestion(model, plugin_models(self.providers))
+        raise ModelNotFound(f"No provider serves {model!r}.{hint} Run: agentspace models")
+
+    def _check_name(self, model: str) -> str | None:
+        """A typo'd model is MODEL_NOT_FOUND with a suggestion, before a key or an upstream is asked."""
+        problem = unknown_model(self.config, model, plugin_models(self.providers))
+        self._unknown[model] = problem
+        return problem
 
     def model_info(self, model: str) -> ModelInfo:
         info = self._model_info.get(model)

@@ -7,9 +7,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import inspect
 import logging
+import os
 import signal
 import sys
 import weakref
@@ -19,12 +21,12 @@ import click
 import pluggy
 from aiohttp import web
 
-from . import pricing, security
+from . import alerts, pricing, security
 from .catalog import deprecation_message, is_retired
 from .config import Config, ConfigError
 from .connections import ConnectionCap
 from .default_plugins.storage import open_storage
-from .gateway_token import TokenFile, check_secrets
+from .gateway_token import TOKEN_ENV, TokenFile, check_secrets, write_server_address
 from .logs import configure_logging
 from .plugins import get_plugin_manager
 from .registry import ModelNotFound, Registry
@@ -85,6 +87,7 @@ def _gateway_context(config: Config, pm: pluggy.PluginManager) -> Callable[[web.
             await storage.start()
             gw = Registry.create(config, pm, storage)
             await _join_cluster(gw)
+            alerts.install(gw)  # after the storage's sink: it reads the spend the record just added to
             check_default_model(gw)  # before anything binds: runs in runner.setup(), the site starts after
             app[state.REGISTRY] = gw
             for result in pm.hook.server_startup(app=app, config=config):
@@ -240,7 +243,13 @@ async def _serve(config: Config, host: str, port: int, reuse_port: bool = False)
         shown_host = f"[{bound[0]}]" if ":" in str(bound[0]) else bound[0]
         url = f"http://{shown_host}:{bound[1]}"
         print(f"agentspace listening on {url}  (WebSocket: ws://{shown_host}:{bound[1]}/gateway)", flush=True)
-        print("Clients need the gateway token: run `agentspace token`.", flush=True)
+        if os.environ.get(TOKEN_ENV):
+            print(f"Clients need the gateway token: the value of {TOKEN_ENV}.", flush=True)
+        else:
+            print("Clients need the gateway token: run `agentspace token`.", flush=True)
+        # `agentspace chat` and `ask` dial the address this data directory's server last announced.
+        with contextlib.suppress(OSError):
+            write_server_address(config.data_dir, f"ws://{shown_host}:{bound[1]}/gateway")
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):

@@ -156,13 +156,19 @@ class TokenUsage:
 class Cost:
     input_cost: float = 0.0  # input + cache read + cache write
     output_cost: float = 0.0
+    # False when a model without a known price was costed at the configured fallback price (an estimate).
+    price_known: bool = True
 
     @property
     def total_cost(self) -> float:
         return self.input_cost + self.output_cost
 
     def __add__(self, other: Cost) -> Cost:
-        return Cost(self.input_cost + other.input_cost, self.output_cost + other.output_cost)
+        return Cost(
+            self.input_cost + other.input_cost,
+            self.output_cost + other.output_cost,
+            self.price_known and other.price_known,
+        )
 
 
 def usage_to_wire(usage: TokenUsage, cost: Cost) -> dict[str, Any]:
@@ -177,6 +183,7 @@ def usage_to_wire(usage: TokenUsage, cost: Cost) -> dict[str, Any]:
         "inputCost": round(cost.input_cost, 10),
         "outputCost": round(cost.output_cost, 10),
         "totalCost": round(cost.total_cost, 10),
+        "priceKnown": cost.price_known,
     }
 
 
@@ -270,6 +277,7 @@ class ModelInfo:
             )
             / m,
             output_cost=usage.output_tokens * self.output_per_mtok / m,
+            price_known=self.price_known,
         )
 
 

@@ -22,7 +22,7 @@ from agentspace.server import create_app, event_loop_factory
 
 # The fakes' own fixtures: ``fake_anthropic`` and ``fake_openai`` (started upstreams on 127.0.0.1); real
 # PostgreSQL and Redis servers for the storage tests (``pg_server``, ``pg_dsn``, ``redis_srv``).
-pytest_plugins = ("tests.fakes.anthropic_upstream", "tests.fakes.openai_upstream", "tests.scale_servers")
+pytest_plugins = ("tests.fakes.fixtures", "tests.scale_servers")
 
 TEST_KEY = "sk-ant-test-0123456789abcdef"
 

@@ -313,6 +313,9 @@ class FakeGateway:
             if msg.type != WSMsgType.TEXT:
                 continue
             frame = json.loads(msg.data)
+            if frame["type"] == "auth":  # as the gateway answers a connection its header authenticated
+                await ws.send_json({"type": "auth.ok", "requestId": frame["id"]})
+                continue
             self.received.append(frame)
             if frame["type"] == "chat.send":
                 asyncio.ensure_future(self.chat(ws, frame, aborted))

@@ -184,7 +184,11 @@ async def test_model_ids_of_real_providers_pass(client: TestClient, token: str, 
         "anthropic/" + "m" * (MAX_MODEL_ID - 10),
     ):
         resp = await client.get(f"/api/sessions/{session_id}/context", params={"model": model}, headers=auth_headers)
-        assert resp.status == 200 and (await resp.json())["model"] == model, await resp.text()
+        body = await resp.json()
+        if resp.status == 400:  # a name the price list lacks for its provider: a typo, said so
+            assert body["error"]["code"] == "MODEL_NOT_FOUND", body
+        else:
+            assert resp.status == 200 and body["model"] == model, body
     resp = await client.get(
         f"/api/sessions/{session_id}/context", params={"model": "z/" + "m" * (MAX_MODEL_ID - 2)}, headers=auth_headers
     )
@@ -199,7 +203,9 @@ async def test_bad_message_ids_are_refused(client: TestClient, auth_headers: dic
     assert (await client.get("/api/sessions/mid", headers=auth_headers)).status == 404
 
 
-async def test_the_model_info_cache_is_bounded(client: TestClient, token: str, auth_headers: dict[str, str]) -> None:
+async def test_the_model_info_cache_is_bounded(make_client: Any, token: str, auth_headers: dict[str, str]) -> None:
+    # A provider of the config's own (a custom endpoint): any model name it is asked for is measured.
+    client = await make_client(providers={"custom": {"base_url": "http://127.0.0.1:9"}})
     ws = await connect(client, token)
     session_id = (await chat(ws, "hi"))[0]["sessionId"]
     await ws.close()
@@ -207,10 +213,16 @@ async def test_the_model_info_cache_is_bounded(client: TestClient, token: str, a
     bound = gw._model_info.max_entries
     for i in range(bound + 20):
         resp = await client.get(
+            f"/api/sessions/{session_id}/context", params={"model": f"custom/m-{i}"}, headers=auth_headers
+        )
+        assert resp.status == 200, await resp.text()
+    assert len(gw._model_info) == bound
+    for i in range(bound + 20):  # typo'd names of a listed provider: the typo check's cache is bounded too
+        resp = await client.get(
             f"/api/sessions/{session_id}/context", params={"model": f"anthropic/m-{i}"}, headers=auth_headers
         )
-        assert resp.status == 200
-    assert len(gw._model_info) == bound
+        assert resp.status == 400
+    assert len(gw._unknown) == bound
 
 
 async def test_a_newline_from_upstream_cannot_forge_a_log_line(

@@ -500,6 +500,7 @@ def test_encoder_tool_events_and_part_switching() -> None:
                 "inputCost": 0.5,
                 "outputCost": 0.25,
                 "totalCost": 0.75,
+                "priceKnown": True,
             }
         },
     }

@@ -121,7 +121,7 @@ async def test_counters_equal_the_usage_records_after_a_mixed_run(
     while frames[-1]["type"] != "chat.stream.end":
         frames.append(await receive(ws))
     # WebSocket: refused before any call (no key for the model's provider).
-    assert (await chat(ws, "no key", request_id="r6", model="gemini/gemini-2.0-flash"))[-1]["code"] == "NO_API_KEY"
+    assert (await chat(ws, "no key", request_id="r6", model="gemini/gemini-2.5-flash"))[-1]["code"] == "NO_API_KEY"
     await ws.close()
 
     # POST /api/chat.

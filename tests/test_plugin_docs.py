@@ -168,6 +168,13 @@ async def call_hooks(pm: pluggy.PluginManager, plugin: types.ModuleType, config:
         pm.hook.turn_finished(turn=turn, finish_reason="stop", error=None)
     if "store_written" in hooks:
         pm.hook.store_written(store="sessions", seconds=0.002)
+    if "budget_threshold" in hooks:
+        for result in pm.hook.budget_threshold(
+            client="ci-bot", threshold=0.8, spend_usd=4.0, budget_usd=5.0, period="day",
+            period_start="2026-12-06T00:00:00Z", period_end="2026-12-07T00:00:00Z", config=config,
+        ):  # fmt: skip
+            if inspect.isawaitable(result):
+                await result
     if "server_startup" in hooks:
         app = web.Application()
         for hook in (pm.hook.server_startup, pm.hook.server_shutdown):

@@ -58,6 +58,7 @@ pytestmark = pytest.mark.skipif(
 SCREENSHOTS = ROOT / "docs" / "screenshots"
 DESKTOP = {"width": 1280, "height": 800}
 PHONE = {"width": 390, "height": 844}
+UNPRICED = "anthropic/claude-in-house"
 # Tools run in the served gateway: registered as a plugin before the CLI starts it.
 LAUNCH = (
     "import sys; from agentspace.plugins import get_plugin_manager; import tests.fixtures.web_app_tools as tools; "
@@ -134,7 +135,8 @@ def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
             "storage": {"data_dir": str(data_dir)},
             "models": {"default": "anthropic/claude-sonnet-4-5"},
             "thinking": {"enabled": False},
-            "providers.anthropic": {"base_url": fake.fake.url},
+            # claude-in-house: a model the config declares without a price (costed at the fallback price).
+            "providers.anthropic": {"base_url": fake.fake.url, "models": [UNPRICED.split("/", 1)[1]]},
         },
     )
     log = open(base / "serve.log", "wb")
@@ -596,3 +598,69 @@ def test_clients_page_creates_edits_rotates_and_removes_a_client(web: Page, gate
     assert "team-app" not in [c["name"] for c in gateway.get("/api/clients")["clients"]]
     assert _refused(gateway, new_key)
     assert "team-app" in gateway.get("/api/usage?by=client&since=30d")["perClient"]
+
+
+def test_markdown_tables_plain_titles_and_estimated_costs(web: Page, gateway: Gateway) -> None:
+    page = web.sign_in()
+    new_chat(page)
+    table = "Prices:\n\n| model | input | output |\n|:---|---:|:-:|\n| haiku | $1 | $5 |\n| sonnet \\| 4.6 | $3 | $15 |\n\nDone."
+    gateway.fake.enqueue(text_response(table, chunks=6))
+    send(page, "**Compare** the `prices` of [Claude](https://example.com)")
+    page.wait_for_selector("li.message.assistant[data-state=done] .meta")
+    rendered = answer(page).locator(".md .table-wrap table")
+    assert rendered.locator("thead th").all_inner_texts() == ["model", "input", "output"]
+    assert rendered.locator("tbody tr").count() == 2
+    assert rendered.locator("tbody tr").nth(1).locator("td").first.inner_text() == "sonnet | 4.6"
+    assert rendered.locator("tbody td").nth(1).evaluate("e => getComputedStyle(e).textAlign") == "right"
+    assert "Done." in answer(page).inner_text() and "|" not in answer(page).locator(".md > p").first.inner_text()
+    # The session's title (its first message) is shown as text, not as Markdown source.
+    link = page.locator("#sessions .session-link").first
+    expect(link).to_have_text("Compare the prices of Claude")
+    assert answer(page).locator(".meta .estimate").count() == 0  # a known price: no estimate marker
+
+    # A model with no known price: the cost is marked as an estimate, in the chat and in the usage tables.
+    new_chat(page)
+    page.get_by_label("Model", exact=True).select_option(UNPRICED)
+    gateway.fake.enqueue(text_response("Unpriced answer.", usage={"input_tokens": 1000, "output_tokens": 100}))
+    send(page, "On the in-house model")
+    page.wait_for_selector("li.message.assistant[data-state=done] .meta")
+    marker = answer(page).locator(".meta .estimate")
+    assert marker.inner_text() == "*" and "fallback price" in (marker.get_attribute("title") or "")
+    page.get_by_role("link", name="Usage").click()
+    page.get_by_label("Range", exact=True).select_option("today")
+    page.wait_for_selector("#usage-body:not([aria-busy]) #card-totalCost")
+    by_model = page.locator("table:has(caption:text('By model'))")
+    assert by_model.locator(f"tr[data-key='{UNPRICED}'] .estimate").count() == 1
+    assert by_model.locator("tr[data-key='anthropic/claude-sonnet-4-5'] .estimate").count() == 0
+    assert "fallback price" in page.locator(".table-wrap:has(caption:text('By model')) .footnote").inner_text()
+
+
+def test_phone_shows_the_chat_the_clients_actions_and_the_cost(browser: Any, gateway: Gateway) -> None:
+    gateway.call("POST", "/api/clients", {"name": "phone-team", "budgetUsd": 3, "rpm": 10, "models": ["anthropic/*"]})
+    gateway.chat("phone-session", "Something for the phone")
+    web = Page(browser, gateway, PHONE)
+    page = web.sign_in()
+    page.goto(gateway.url + "/#/chat/phone-session")
+    page.wait_for_selector("#context .stack .seg")
+    # The chat's header (top bar, model, context bar) leaves most of the screen to the conversation.
+    header = page.evaluate("document.getElementById('messages').getBoundingClientRect().top")
+    assert header <= 160, header
+    page.get_by_role("link", name="Usage").click()
+    page.wait_for_selector("#usage-body:not([aria-busy]) #card-totalCost")
+    for caption in ("By model", "By session"):
+        cost = page.locator(f"table:has(caption:text('{caption}')) tbody td[data-field=totalCost]").first
+        box = cost.bounding_box()
+        assert box is not None and box["x"] + box["width"] <= PHONE["width"], (caption, box)
+    page.get_by_role("link", name="Clients").click()
+    row = page.locator("tr[data-client='phone-team']")
+    row.wait_for()
+    for name in ("Edit phone-team", "Rotate the key of phone-team", "Remove phone-team"):
+        box = row.get_by_role("button", name=name).bounding_box()
+        assert box is not None and box["x"] >= 0 and box["x"] + box["width"] <= PHONE["width"], (name, box)
+    limits = row.locator("td[data-label='Rate limits']")
+    assert limits.inner_text() == "10 rpm"
+    assert limits.evaluate("e => getComputedStyle(e, '::before').content") == '"Rate limits: "'  # a card's label
+    assert page.evaluate("document.documentElement.scrollWidth <= window.innerWidth")
+    screenshot(page, "clients-phone")
+    gateway.call("DELETE", "/api/clients/phone-team")
+    web.check()

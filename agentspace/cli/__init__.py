@@ -70,6 +70,7 @@ def main(ctx: click.Context, config_path: str | None, data_dir: str | None) -> N
 
 def _add_builtin_commands() -> None:
     from . import (
+        ask,
         chat,
         clients_cmd,
         inspect_cmd,
@@ -86,6 +87,7 @@ def _add_builtin_commands() -> None:
     for command in (
         serve.serve,
         chat.chat,
+        ask.ask,
         inspect_cmd.inspect,
         usage.usage,
         sessions.sessions,

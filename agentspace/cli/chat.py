@@ -25,7 +25,9 @@ if TYPE_CHECKING:
 
     from .client import GatewayConnection
 
+RECONNECT_SECONDS = 60.0  # a message typed while the gateway restarts waits this long for it
 HELP_LINE = "Enter sends · /new starts a new session · Ctrl-C stops an answer · Ctrl-D exits"
+FALLBACK_NOTE = '* price unknown: costed at the fallback price; set [pricing."MODEL"] in the config for exact costs.'
 HISTORY_FILE = "chat_history"  # in the data directory
 HISTORY_LENGTH = 1000  # lines kept in the file
 
@@ -91,11 +93,15 @@ class _Printer:
         u = frame.get("usage") or {}
         reason = frame.get("finishReason")
         suffix = f" · {reason}" if reason and reason != "stop" else ""
+        # A model with no known price is costed at the configured fallback price: an estimate, said so.
+        guess = "*" if u.get("priceKnown") is False else ""
         self.note(
             f"[{u.get('inputTokens', 0)} in / {u.get('outputTokens', 0)} out tokens, "
-            f"{money(float(u.get('totalCost') or 0.0))}{suffix}]",
+            f"{money(float(u.get('totalCost') or 0.0))}{guess}{suffix}]",
             dim=True,
         )
+        if guess:
+            self.note(FALLBACK_NOTE, dim=True)
 
 
 class ChatSession:
@@ -130,7 +136,11 @@ class ChatSession:
         self.active, self.interrupts = frame["id"], 0
         ok = True
         try:
-            await self.gateway.send(frame)
+            await self.gateway.send(
+                frame,
+                patience=RECONNECT_SECONDS,
+                on_wait=lambda: printer.note("[the gateway is not answering; reconnecting…]", dim=True),
+            )
             async for reply in self.gateway.replies(frame["id"]):
                 kind = reply.get("type")
                 if kind == "session.created":
@@ -278,8 +288,6 @@ async def run_chat(url: str, token: str, session_id: str | None, model: str | No
 async def _converse(chat: ChatSession, stop: asyncio.Event, editor: LineEditor | None) -> int:
     import asyncio
 
-    from .client import ConnectionLost
-
     interactive = editor is not None
     lines: asyncio.Queue[str | None] = asyncio.Queue()
     want = threading.Event()
@@ -302,7 +310,7 @@ async def _converse(chat: ChatSession, stop: asyncio.Event, editor: LineEditor |
         sending = asyncio.ensure_future(chat.send(content))
         try:
             ok = await _until_stopped(sending, stop)
-        except ConnectionLost as e:
+        except click.ClickException as e:  # the connection was lost, or could not be made again
             click.secho(f"Error: {e.message}", err=True, fg="red")
             ok = False
             if not interactive:
@@ -331,9 +339,17 @@ async def _until_stopped(awaitable: Any, stop: asyncio.Event) -> Any:
 @click.command()
 @config_options
 @click.option("--session", "session_id", metavar="ID", help="Continue this session (default: start a new one).")
-@click.option("--model", "-m", help="Model id, e.g. anthropic/claude-sonnet-4-5 (default: the gateway's).")
-@click.option("--url", envvar="AGENTSPACE_URL", help="Gateway WebSocket URL (default: from [server] of the config).")
-@click.option("--token", envvar="AGENTSPACE_TOKEN", help="Gateway token (default: the data directory's).")
+@click.option("--model", "-m", help="Model id, e.g. anthropic/claude-sonnet-4-6 (default: the gateway's).")
+@click.option(
+    "--url",
+    envvar="AGENTSPACE_URL",
+    help="Gateway WebSocket URL (default: where `serve` last listened on this data directory, else [server]).",
+)
+@click.option(
+    "--token",
+    envvar="AGENTSPACE_TOKEN",
+    help="Gateway token or client key (default: AGENTSPACE_GATEWAY_TOKEN, else the data directory's).",
+)
 @pass_state
 def chat(state: CliState, session_id: str | None, model: str | None, url: str | None, token: str | None) -> None:
     """Chat with a running gateway: reads lines from the terminal or from stdin."""

@@ -19,11 +19,25 @@ from .common import CliState
 TERMINAL_TYPES = {"chat.stream.end", "context.inspection", "usage.report", "session.list.result", "auth.ok"}
 
 
+AUTH_TIMEOUT_SECONDS = 10.0
+
+
 class ConnectionLost(click.ClickException):
     pass
 
 
+class Unreachable(click.ClickException):
+    """No gateway answers at the URL (not running, restarting): worth retrying, unlike a refused token."""
+
+
 def default_url(state: CliState) -> str:
+    """The address the data directory's server announced when it started (``serve --port`` included), else
+    the config's ``[server]`` host and port."""
+    from ..gateway_token import read_server_address
+
+    announced = read_server_address(state.data_dir)
+    if announced:
+        return announced
     server = state.config()["server"]
     host = server["host"]
     if host in ("0.0.0.0", "::", ""):  # a wildcard bind is reached through loopback
@@ -36,9 +50,9 @@ def default_url(state: CliState) -> str:
 def resolve_token(state: CliState, token: str | None) -> str:
     if token:
         return token
-    from ..gateway_token import load_or_create_token
+    from ..gateway_token import client_token
 
-    return load_or_create_token(state.data_dir)
+    return client_token(state.data_dir)
 
 
 class GatewayConnection:
@@ -77,26 +91,73 @@ class GatewayConnection:
         return self._ws is None or self._ws.closed
 
     async def connect(self) -> None:
+        """Open the WebSocket and authenticate at once (an ``auth`` frame, answered ``auth.ok``), so a wrong
+        token is reported here and not at the first message."""
         assert self._http is not None
         try:
-            self._ws = await self._http.ws_connect(
+            # The header authenticates at the handshake (a proxy may log a refusal); the auth frame makes the
+            # gateway answer auth.ok or an error either way, so a wrong token is known before any message.
+            ws = await self._http.ws_connect(
                 self.url, headers={"Authorization": f"Bearer {self.token}"}, max_msg_size=0
             )
         except aiohttp.WSServerHandshakeError as e:
             if e.status in (401, 403):
-                raise click.ClickException(
-                    f"The gateway at {self.url} refused the token (HTTP {e.status}). Use the token of the "
-                    "server's data directory (agentspace token), or pass --token / AGENTSPACE_TOKEN."
-                ) from None
+                raise click.ClickException(self._refused(f"HTTP {e.status}")) from None
+            if e.status == 503:  # shutting down, or at its connection limit
+                raise Unreachable(f"The gateway at {self.url} is not accepting connections (HTTP 503).") from None
             raise click.ClickException(
                 f"WebSocket handshake with {self.url} failed (HTTP {e.status}). Is it an agentspace gateway?"
             ) from None
         except (aiohttp.ClientError, OSError) as e:
-            raise click.ClickException(
+            raise Unreachable(
                 f"Cannot connect to the gateway at {self.url} ({e}). Start it with: agentspace serve"
             ) from None
+        try:
+            await ws.send_json({"type": "auth", "id": "auth", "token": self.token})
+            reply = await ws.receive(timeout=AUTH_TIMEOUT_SECONDS)
+        except (aiohttp.ClientError, OSError, TimeoutError) as e:
+            await ws.close()
+            raise Unreachable(f"The gateway at {self.url} did not answer the authentication ({e}).") from None
+        frame: Any = None
+        if reply.type == aiohttp.WSMsgType.TEXT:
+            with contextlib.suppress(ValueError):
+                frame = json.loads(reply.data)
+        if not isinstance(frame, dict) or frame.get("type") != "auth.ok":
+            await ws.close()
+            if isinstance(frame, dict) and frame.get("code") == "RATE_LIMITED":
+                raise click.ClickException(f"[RATE_LIMITED] {frame.get('message')}")
+            if frame is None and reply.type != aiohttp.WSMsgType.TEXT:
+                raise Unreachable(f"The gateway at {self.url} closed the connection while authenticating.")
+            raise click.ClickException(self._refused(str((frame or {}).get("code") or "no auth.ok")))
+        self._ws = ws
         self._frames = asyncio.Queue()
-        self._reader = asyncio.create_task(self._read(self._ws, self._frames))
+        self._reader = asyncio.create_task(self._read(ws, self._frames))
+
+    def _refused(self, why: str) -> str:
+        return (
+            f"The gateway at {self.url} refused the token ({why}). Use the token the server accepts "
+            "(agentspace token, or AGENTSPACE_GATEWAY_TOKEN where the servers have it), or pass "
+            "--token / AGENTSPACE_TOKEN."
+        )
+
+    async def reconnect(self, patience: float, on_wait: Any = None) -> None:
+        """Connect again, retrying while the gateway is unreachable (a restart) for up to ``patience`` s."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + patience
+        delay = 0.2
+        told = False
+        while True:
+            try:
+                await self.connect()
+                return
+            except Unreachable:
+                if loop.time() + delay > deadline:
+                    raise
+                if on_wait is not None and not told:
+                    on_wait()
+                    told = True
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 2.0)
 
     @staticmethod
     async def _read(ws: aiohttp.ClientWebSocketResponse, frames: asyncio.Queue[dict[str, Any] | None]) -> None:
@@ -110,11 +171,17 @@ class GatewayConnection:
         finally:
             frames.put_nowait(None)
 
-    async def send(self, frame: dict[str, Any]) -> None:
+    async def send(self, frame: dict[str, Any], patience: float = 0.0, on_wait: Any = None) -> None:
+        """Send one frame; a closed socket is reopened first, waiting up to ``patience`` seconds for a
+        gateway that is restarting (``on_wait()`` is called once when it has to wait)."""
         if self.closed:
-            await self.connect()
+            await self.reconnect(patience, on_wait)
         assert self._ws is not None
-        await self._ws.send_json(frame)
+        try:
+            await self._ws.send_json(frame)
+        except (ConnectionResetError, aiohttp.ClientError):  # closed under us: once more on a new socket
+            await self.reconnect(patience, on_wait)
+            await self._ws.send_json(frame)
 
     async def replies(self, request_id: str) -> AsyncIterator[dict[str, Any]]:
         """Frames answering ``request_id``, up to and including its final one (or an ``error``)."""

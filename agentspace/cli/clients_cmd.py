@@ -51,8 +51,9 @@ def _settings(
         settings["rpm"] = _number(rpm, "--rpm", int)
     if tpm is not None:
         settings["tpm"] = _number(tpm, "--tpm", int)
-    if models is not None:
-        settings["models"] = [m.strip() for m in models.split(",") if m.strip()]
+    if models is not None:  # 'none' clears the allowlist (every model), as it clears the other limits
+        none = models.strip().lower() in NONE_WORDS
+        settings["models"] = [] if none else [m.strip() for m in models.split(",") if m.strip()]
     problems = settings_problems(settings)
     if problems:
         name, problem = next(iter(problems.items()))
@@ -78,7 +79,11 @@ def _limit_options(f: Any) -> Any:
         return f(*args, settings=_settings(budget, period, rpm, tpm, models), **kwargs)
 
     g: Any = with_settings
-    g = click.option("--models", metavar="PATTERN,...", help="Allowed models (wildcards: anthropic/claude-haiku-*).")(g)
+    g = click.option(
+        "--models",
+        metavar="PATTERN,...",
+        help="Allowed models (wildcards: anthropic/claude-haiku-*; 'none': every model).",
+    )(g)
     g = click.option("--tpm", metavar="N", help="Tokens per minute ('none': no limit).")(g)
     g = click.option("--rpm", metavar="N", help="Requests per minute ('none': no limit).")(g)
     g = click.option("--period", type=click.Choice(PERIODS), help="Budget period (UTC; default month).")(g)

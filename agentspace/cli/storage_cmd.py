@@ -1,4 +1,5 @@
-"""``agentspace storage migrate --to DSN``: copy the tinydb data directory into PostgreSQL (SPEC 13).
+"""``agentspace storage migrate --to DSN``: copy the tinydb data directory into PostgreSQL (SPEC 13): the
+sessions, the usage records and the client keys (their hashes: every key keeps working).
 
 Resumable and idempotent: each session is copied in its own transaction and skipped when the database
 has it already; usage records go in batches keyed by their unique id, so records stored by an earlier
@@ -27,10 +28,12 @@ def storage() -> None:
 @click.option("--to", "dsn", required=True, metavar="DSN", help="The PostgreSQL database, postgresql://user@host/db.")
 @pass_state
 def migrate(state: CliState, dsn: str) -> None:
-    """Copy the sessions and usage records of the data directory into PostgreSQL."""
+    """Copy the sessions, usage records and client keys of the data directory into PostgreSQL."""
     import asyncio  # here: the other commands start without it
 
     from ..errors import StorageError
+    from ..private_files import PrivateFileError
+    from ..stores.clients import ClientStore
     from ..stores.sessions import SessionStore
     from ..stores.usage import UsageStore
 
@@ -42,22 +45,30 @@ def migrate(state: CliState, dsn: str) -> None:
     for path in sorted(set(damaged + listing.damaged_files)):
         click.echo(f"skipped (damaged): {path}", err=True)
     try:
-        summary = asyncio.run(_copy(dsn, sessions, [s["id"] for s in listing.sessions], records))
+        clients = ClientStore(data_dir).list_sync()
+    except PrivateFileError as e:  # a clients file we may not trust is not copied into the database either
+        raise click.ClickException(e.message) from None
+    try:
+        summary = asyncio.run(_copy(dsn, sessions, [s["id"] for s in listing.sessions], records, clients))
     except StorageError as e:
         raise click.ClickException(e.message) from None
     click.echo(
         f"sessions: {summary['sessions']} copied, {summary['sessions_there']} already there; "
-        f"usage records: {summary['records']} copied, {summary['records_there']} already there"
+        f"usage records: {summary['records']} copied, {summary['records_there']} already there; "
+        f"clients: {summary['clients']} copied, {summary['clients_there']} already there"
     )
 
 
-async def _copy(dsn: str, sessions: Any, session_ids: list[str], records: list[dict[str, Any]]) -> dict[str, int]:
-    from ..stores.postgres import PostgresDatabase, PostgresSessionStore, PostgresUsageStore
+async def _copy(
+    dsn: str, sessions: Any, session_ids: list[str], records: list[dict[str, Any]], clients: list[Any]
+) -> dict[str, int]:
+    from ..stores.postgres import PostgresClientStore, PostgresDatabase, PostgresSessionStore, PostgresUsageStore
 
     db = PostgresDatabase(dsn)
     await db.start()
     target_sessions, target_usage = PostgresSessionStore(db), PostgresUsageStore(db)
-    summary = dict.fromkeys(("sessions", "sessions_there", "records", "records_there"), 0)
+    target_clients = PostgresClientStore(db)
+    summary = dict.fromkeys(("sessions", "sessions_there", "records", "records_there", "clients", "clients_there"), 0)
     try:
         with click.progressbar(length=len(session_ids) + len(records), label="Copying", file=None) as bar:
             for session_id in session_ids:
@@ -72,6 +83,8 @@ async def _copy(dsn: str, sessions: Any, session_ids: list[str], records: list[d
                 summary["records"] += new
                 summary["records_there"] += len(batch) - new
                 bar.update(len(batch))
+            for client in clients:
+                summary["clients" if await target_clients.copy_in(client) else "clients_there"] += 1
     finally:
         await db.aclose()
     return summary

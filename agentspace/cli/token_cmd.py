@@ -13,10 +13,16 @@ from .common import CliState, config_options, pass_state
 @pass_state
 def token(state: CliState, rotate: bool) -> None:
     """Print the gateway token (created on first use)."""
-    from ..gateway_token import load_or_create_token, rotate_token, token_path
+    from ..gateway_token import TOKEN_ENV, client_token, env_token, rotate_token, token_path
 
     data_dir = state.data_dir
-    if rotate:
+    if env_token() is not None:  # replicas started with the variable accept it, not the file
+        if rotate:
+            raise click.ClickException(
+                f"The token comes from {TOKEN_ENV}: set a new value there and restart the servers."
+            )
+        click.echo(env_token())
+    elif rotate:
         click.echo(rotate_token(data_dir))
         click.echo(
             f"New token written to {token_path(data_dir)}. Running servers accept only the new token "
@@ -24,4 +30,4 @@ def token(state: CliState, rotate: bool) -> None:
             err=True,
         )
     else:
-        click.echo(load_or_create_token(data_dir))
+        click.echo(client_token(data_dir))

@@ -125,11 +125,6 @@ def usage(
     if per_model is not None:
         rows = _rows(per_model["perModel"]) + [_row("TOTAL", grand)]
         click.echo(table(["model", *headers], rows, right))
-        if any(g.get("priceKnown") is False for g in per_model["perModel"].values()):
-            click.echo(
-                "\n* price unknown: costed at the fallback price ([models] fallback_*_per_mtok); "
-                'set [pricing."MODEL"] in the config for exact costs.'
-            )
     if per_day is not None:
         if per_model is not None:
             click.echo()
@@ -140,6 +135,15 @@ def usage(
             click.echo()
         rows = _rows(per_client["perClient"]) + [_row("TOTAL", grand)]
         click.echo(table(["client", *headers], rows, right))
+    # Any table's starred row (a model, or a day or client with such a model's calls) gets the footnote.
+    shown = [
+        r.get("perModel") or r.get("perDay") or r.get("perClient") or {} for r in (per_model, per_day, per_client) if r
+    ]
+    if any(g.get("priceKnown") is False for groups in shown for g in groups.values()):
+        click.echo(
+            "\n* price unknown: costed at the fallback price ([models] fallback_*_per_mtok); "
+            'set [pricing."MODEL"] in the config for exact costs.'
+        )
 
 
 def _warn_damaged(damaged: list[str]) -> None:

@@ -23,10 +23,12 @@ def check_shared(config: Config) -> None:
 
     storage = open_storage(config)
     if not storage.shared:
+        # The usual slip: the config with the postgres backend was not passed (serve --workers N alone).
+        which = "no config file was given (--config FILE)" if config.source == "<defaults>" else f"in {config.source}"
         raise click.ClickException(
             f"--workers needs a storage backend several processes can share; [storage] backend = "
-            f'"{storage.backend}" keeps its data in one process. Use backend = "postgres" (see README, '
-            '"Running several replicas").'
+            f'"{storage.backend}" ({which}) keeps its data in one process. Use backend = "postgres" (see README, '
+            '"Running several replicas", and docs/deploy.md).'
         )
     if not config["storage"]["redis_url"]:
         raise click.ClickException(

@@ -761,6 +761,18 @@ class PostgresClientStore:
             raise store.ClientExists(client.name)
         return str(key)
 
+    async def copy_in(self, client: Any) -> bool:
+        """Insert a stored client as it is, key hash included (``storage migrate``: its key keeps working);
+        False when a client of that name is there already (then nothing changes)."""
+        async with self.db.connection() as conn:
+            added = await conn.fetchval(
+                "INSERT INTO clients (name, key_hash, stored) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING RETURNING 1",
+                client.name,
+                client.key_hash,
+                json.dumps(client.to_stored()),
+            )
+        return added is not None
+
     async def update(self, name: str, change: Any) -> Any:
         """Apply ``change(client)`` to the stored client, under a row lock (replicas may update at once)."""
         _, store = _clients_feature()

@@ -471,7 +471,8 @@ OPENAPI: dict[str, Any] = {
             "Usage": {
                 "type": "object",
                 "properties": {k: _INT for k in _TOKEN_FIELDS}
-                | {k: _NUM for k in ("inputCost", "outputCost", "totalCost")},
+                | {k: _NUM for k in ("inputCost", "outputCost", "totalCost")}
+                | {"priceKnown": _BOOL},
             },
             "ContextInspection": {
                 "type": "object",

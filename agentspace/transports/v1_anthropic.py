@@ -70,6 +70,10 @@ async def messages(request: web.Request) -> web.StreamResponse:
         return parsed
     body, raw, model = parsed
     gw = gateway(request)
+    try:  # a typo'd name is answered here, with the closest known id, before it is admitted or sent upstream
+        gw.provider_for(model)
+    except ModelNotFound as e:
+        return _error(404, f"model: {e}")
     client = client_name(request)
     max_tokens = body.get("max_tokens")
     if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:

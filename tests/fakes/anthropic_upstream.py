@@ -48,7 +48,6 @@ from dataclasses import dataclass, field, replace
 from functools import cached_property
 from typing import Any
 
-import pytest
 from aiohttp import web
 
 from tests.fakes.server import FakeUpstream
@@ -647,13 +646,6 @@ async def started_fake_anthropic(
         yield fake
     finally:
         await fake.close()
-
-
-@pytest.fixture
-async def fake_anthropic() -> AsyncIterator[FakeAnthropic]:
-    """A started fake for one test: ``fake_anthropic.enqueue(...)``, ``fake_anthropic.url``, ``.requests``."""
-    async with started_fake_anthropic() as fake:
-        yield fake
 
 
 async def _serve(port: int, deltas: int | None) -> None:

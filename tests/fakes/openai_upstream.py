@@ -43,7 +43,6 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-import pytest
 from aiohttp import web
 
 from tests.fakes.server import FakeUpstream
@@ -401,13 +400,6 @@ async def started_fake_openai(
         yield fake
     finally:
         await fake.close()
-
-
-@pytest.fixture
-async def fake_openai() -> AsyncIterator[FakeOpenAI]:
-    """A started fake for one test: ``fake_openai.enqueue(...)``, ``fake_openai.url``, ``.requests``."""
-    async with started_fake_openai() as fake:
-        yield fake
 
 
 async def _serve(port: int) -> None:

@@ -48,3 +48,6 @@ export async function request(path, { method = "GET", body, key, signal } = {}) 
 export async function getJSON(path, options) {
   return (await request(path, options)).json();
 }
+
+// Shown where a cost was computed at the configured fallback price (the model has no known price).
+export const FALLBACK_NOTE = 'Estimate: no known price for this model, costed at the fallback price (set [pricing."MODEL"] for exact costs)';

@@ -1,7 +1,7 @@
 // The agentspace web app: sign-in, chat, usage and clients pages over the gateway's own HTTP API.
-import { ApiError, forgetKey, getJSON, getKey, request, setKey } from "./api.js";
+import { ApiError, FALLBACK_NOTE, forgetKey, getJSON, getKey, request, setKey } from "./api.js";
 import { applyChunk, fromStored, newAssistantMessage, readChunks } from "./stream.js";
-import { el, renderMarkdown, safeUrl } from "./markdown.js";
+import { el, plainText, renderMarkdown, safeUrl } from "./markdown.js";
 import { usagePage } from "./usage.js";
 import { clientsPage } from "./clients.js";
 
@@ -151,7 +151,7 @@ async function loadSessions() {
 
 function sessionItem(s) {
   const current = state.chat && state.chat.id === s.id;
-  const title = s.title || "New chat";
+  const title = plainText(s.title) || "New chat";
   const item = el("li", { class: current ? "current" : undefined, "data-session": s.id });
   const open = el("a", { href: `#/chat/${encodeURIComponent(s.id)}`, "aria-current": current ? "page" : undefined, class: "session-link" }, title);
   const rename = el("button", { type: "button", class: "icon", "aria-label": `Rename ${title}`, title: "Rename" }, "✎");
@@ -361,8 +361,13 @@ function renderFooter(message) {
   if (m.usage) {
     bits.push(`${count(m.usage.inputTokens)} in / ${count(m.usage.outputTokens)} out tokens`, money(m.usage.totalCost));
   }
+  // A model without a known price is costed at the configured fallback price: the cost is an estimate.
+  const estimated = m.usage && m.usage.priceKnown === false;
   if (m.ttftMs !== undefined && m.ttftMs !== null) bits.push(`TTFT ${Math.round(m.ttftMs)} ms`);
   const out = el("div", { class: "meta" }, bits.join(" · "));
+  if (estimated) {
+    out.append(el("abbr", { class: "estimate", title: FALLBACK_NOTE, "aria-label": FALLBACK_NOTE }, "*"));
+  }
   if (m.stopped) out.prepend(el("span", { class: "stopped" }, "stopped"), bits.length ? " · " : "");
   return out;
 }
@@ -541,7 +546,8 @@ async function loadContext() {
     el("li", { title: describe(s) }, el("span", { class: `swatch seg-${i % 8}`, "aria-hidden": "true" }), `${s.name} ${count(s.tokenEstimate)}`)));
   box.replaceChildren(
     el("div", { class: "context-head" }, el("strong", {}, "Next call"),
-      el("span", { class: "muted" }, ` ${count(total.tokenEstimate)} tokens · ${count(total.byteCount)} bytes · ${money(total.costEstimate)} (${inspection.model})`)),
+      el("span", { class: "muted" }, ` ${count(total.tokenEstimate)} tokens · ${money(total.costEstimate)}`),
+      el("span", { class: "muted context-detail" }, ` · ${count(total.byteCount)} bytes (${inspection.model})`)),
     bar, legend);
 }
 

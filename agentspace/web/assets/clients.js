@@ -131,18 +131,21 @@ export async function clientsPage(main) {
       });
     });
     const limits = [c.rpm ? `${c.rpm} rpm` : null, c.tpm ? `${c.tpm} tpm` : null].filter(Boolean).join(", ") || "none";
+    // data-label names each cell where a phone shows a row as a card (no header row in view).
+    const spend = spendCell(c);
+    spend.dataset.label = "Spend";
     return el("tr", { "data-client": c.name }, el("th", { scope: "row" }, c.name),
-      spendCell(c),
-      el("td", {}, limits),
-      el("td", {}, (c.models || []).join(", ") || "all"),
-      el("td", {}, when(c.lastUsedAt)),
+      spend,
+      el("td", { "data-label": "Rate limits" }, limits),
+      el("td", { "data-label": "Models" }, (c.models || []).join(", ") || "all"),
+      el("td", { "data-label": "Last used" }, when(c.lastUsedAt)),
       el("td", { class: "actions" }, edit, " ", rotate, " ", remove));
   };
 
   const refresh = async () => {
     const { clients = [] } = await getJSON("/api/clients");
     list.replaceChildren(clients.length
-      ? el("div", { class: "table-wrap" }, el("table", {}, el("caption", {}, "Client keys"),
+      ? el("div", { class: "table-wrap" }, el("table", { class: "clients-table" }, el("caption", {}, "Client keys"),
         el("thead", {}, el("tr", {}, ...["Name", "Spend in period", "Rate limits", "Models", "Last used", "Actions"].map((h) => el("th", { scope: "col" }, h)))),
         el("tbody", {}, ...clients.map(row))))
       : el("p", { class: "muted" }, "No clients yet: create one below. Its key signs in here and on every API."));

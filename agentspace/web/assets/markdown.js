@@ -112,6 +112,27 @@ export function inline(text) {
 
 // --- blocks ----------------------------------------------------------------------------------------
 
+const TABLE_DELIMITER = /^\s*\|?\s*:?-+:?\s*(\|\s*:?-+:?\s*)*\|?\s*$/;
+
+// The cells of a table row: split on pipes that are not escaped (\|), without the outer ones.
+function cells(line) {
+  const trimmed = line.trim().replace(/^\|/, "").replace(/(?<!\\)\|$/, "");
+  return trimmed.split(/(?<!\\)\|/).map((c) => c.trim().replace(/\\\|/g, "|"));
+}
+
+// Markdown as one line of plain text (session titles are the first words of a message, often markdown).
+export function plainText(source) {
+  return String(source ?? "")
+    .replace(/```[\w+#.-]*/g, " ")
+    .replace(/!?\[([^\]]*)\]\([^)]*\)/g, "$1")
+    .replace(/^\s{0,3}(#{1,6}\s+|>\s?|[-*+]\s+|\d+[.)]\s+)/gm, "")
+    .replace(/(\*\*|\*|`+|~~)(?=\S)([^]*?\S)\1/g, "$2")
+    .replace(/(^|\s)(__?)(?=\S)([^]*?\S)\2(?=\s|$|[,;:!?])/g, "$1$3") // _emphasis_, not snake_case
+    .replace(/\|/g, " ")
+    .replace(/\s+/g, " ")
+    .trim();
+}
+
 export function renderMarkdown(source) {
   const root = document.createDocumentFragment();
   const lines = source.replace(/\r\n?/g, "\n").split("\n");
@@ -152,6 +173,21 @@ export function renderMarkdown(source) {
       flush();
       root.append(el("hr"));
       i++;
+      continue;
+    }
+    // A table: a header row of cells between pipes, then a delimiter row (| --- | :-: |), then body rows.
+    if (line.includes("|") && i + 1 < lines.length && TABLE_DELIMITER.test(lines[i + 1])) {
+      flush();
+      const aligns = cells(lines[i + 1]).map((c) => (/^:-+:$/.test(c) ? "center" : /-:$/.test(c) ? "right" : null));
+      const row = (text, tag) =>
+        el("tr", {}, cells(text).slice(0, aligns.length).map((cell, n) =>
+          el(tag, { class: aligns[n] ? `align-${aligns[n]}` : undefined }, inline(cell))));
+      const head = el("thead", {}, row(line, "th"));
+      const body = el("tbody");
+      i += 2;
+      while (i < lines.length && lines[i].includes("|") && lines[i].trim()) body.append(row(lines[i++], "td"));
+      // Wide tables scroll inside their own box, not the page (a phone is 390 px wide).
+      root.append(el("div", { class: "table-wrap", tabindex: "0" }, el("table", {}, head, body)));
       continue;
     }
     if (/^\s*>/.test(line)) {

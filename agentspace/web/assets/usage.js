@@ -1,11 +1,12 @@
 // The usage page: the gateway's reports (GET /api/usage), shown as they are: nothing is summed here.
-import { getJSON } from "./api.js";
-import { el } from "./markdown.js";
+import { FALLBACK_NOTE, getJSON } from "./api.js";
+import { el, plainText } from "./markdown.js";
 
 const RANGES = [["today", "Today"], ["7d", "7 days"], ["30d", "30 days"], ["custom", "Custom"]];
+// Cost first: on a phone the table scrolls sideways, and the column that matters most stays in view.
 const COLUMNS = [
-  ["requestCount", "Requests"], ["errorCount", "Errors"], ["inputTokens", "Input"], ["outputTokens", "Output"],
-  ["cacheReadTokens", "Cache read"], ["cacheWriteTokens", "Cache write"], ["totalTokens", "Total tokens"], ["totalCost", "Cost (USD)"],
+  ["totalCost", "Cost (USD)"], ["requestCount", "Requests"], ["errorCount", "Errors"], ["inputTokens", "Input"], ["outputTokens", "Output"],
+  ["cacheReadTokens", "Cache read"], ["cacheWriteTokens", "Cache write"], ["totalTokens", "Total tokens"],
 ];
 const SVG = "http://www.w3.org/2000/svg";
 let current = { range: "7d", from: "" };
@@ -34,13 +35,16 @@ function table(caption, keyLabel, rows, total, linkOf) {
   const head = el("tr", {}, el("th", { scope: "col" }, keyLabel), ...COLUMNS.map(([, label]) => el("th", { scope: "col" }, label)));
   const body = Object.entries(rows).map(([key, totals]) =>
     el("tr", { "data-key": key },
-      el("th", { scope: "row" }, linkOf ? linkOf(key) : key),
+      el("th", { scope: "row" }, linkOf ? linkOf(key) : key,
+        totals.priceKnown === false ? el("abbr", { class: "estimate", title: FALLBACK_NOTE }, "*") : null),
       ...COLUMNS.map(([field]) => el("td", { "data-field": field, "data-value": totals[field] ?? "" }, fmt(field, totals[field])))));
   const foot = total
     ? el("tfoot", {}, el("tr", {}, el("th", { scope: "row" }, "Total"),
       ...COLUMNS.map(([field]) => el("td", { "data-field": field, "data-value": total[field] ?? "" }, fmt(field, total[field])))))
     : null;
-  return el("div", { class: "table-wrap" }, el("table", {}, el("caption", {}, caption), el("thead", {}, head), el("tbody", {}, ...body), foot));
+  const estimated = Object.values(rows).some((t) => t.priceKnown === false);
+  return el("div", { class: "table-wrap" }, el("table", {}, el("caption", {}, caption), el("thead", {}, head), el("tbody", {}, ...body), foot),
+    estimated ? el("p", { class: "muted footnote" }, `* ${FALLBACK_NOTE}.`) : null);
 }
 
 function chart(perDay) {
@@ -104,7 +108,7 @@ export async function usagePage(main, { sessions }) {
     report = byModel;
     const g = byModel.grandTotal;
     const card = (id, label, value) => el("div", { class: "stat card", id: `card-${id}`, "data-value": value ?? "" }, el("span", { class: "muted" }, label), el("strong", {}, fmt(id, value)));
-    const titles = Object.fromEntries(sessions.map((s) => [s.id, s.title]));
+    const titles = Object.fromEntries(sessions.map((s) => [s.id, plainText(s.title)]));
     body.replaceChildren(
       el("div", { class: "cards" },
         card("totalCost", "Cost", g.totalCost), card("requestCount", "Requests", g.requestCount), card("errorCount", "Errors", g.errorCount),

@@ -1,0 +1,148 @@
+"""Budget alerts: a client's spend in its budget period reached a threshold (``[alerts] thresholds``, fractions
+of the budget), so the ``budget_threshold`` hook runs, once per client, threshold and period.
+
+``BudgetAlerts`` is a usage sink added after the storage's own: it sees each record once it is written, reads
+the client's spend for the period from the usage store (so every replica's records count; the record itself
+is added when the store does not hold it yet), and claims each
+threshold reached before calling the hook. The claim is what makes "once" hold: a Redis ``SET NX`` shared
+by the replicas when ``[storage] redis_url`` is set, else a small file in the data directory (one process
+per data directory then). The hook runs apart from the turn: a slow webhook delays no answer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import threading
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from .clients import ADMIN, iso, period_bounds
+from .types import UsageRecord
+
+if TYPE_CHECKING:
+    from .registry import Registry
+
+log = logging.getLogger(__name__)
+
+SENT_FILE = "alerts-sent.json"  # in the data directory, without Redis
+REDIS_PREFIX = "agentspace:alert:"
+
+
+class SentAlerts:
+    """Alerts already sent, in a file of the data directory: survives a restart, pruned of ended periods."""
+
+    def __init__(self, data_dir: Path) -> None:
+        self.path = Path(data_dir) / SENT_FILE
+        self._lock = threading.Lock()
+        try:
+            self._sent: dict[str, str | None] = dict(json.loads(self.path.read_text(encoding="utf-8")))
+        except (OSError, ValueError, TypeError):
+            self._sent = {}
+
+    def claim(self, key: str, expires: datetime | None) -> bool:
+        from .vault import write_private_file
+
+        now = datetime.now(UTC)
+        with self._lock:
+            if key in self._sent:
+                return False
+            self._sent = {k: v for k, v in self._sent.items() if v is None or datetime.fromisoformat(v) > now}
+            self._sent[key] = None if expires is None else expires.isoformat()
+            write_private_file(self.path, json.dumps(self._sent))
+        return True
+
+
+class BudgetAlerts:
+    name = "budget-alerts"
+
+    def __init__(self, gw: Registry) -> None:
+        self.gw = gw
+        self.thresholds = sorted({float(t) for t in gw.config["alerts"]["thresholds"]})
+        self._file: SentAlerts | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def record(self, record: UsageRecord) -> None:
+        # Never fails the turn: the record is stored already, and an alert is not worth an error.
+        try:
+            await self._check(record)
+        except Exception:  # noqa: BLE001
+            log.exception("budget alerts: could not check the spend of client %r", record.client)
+
+    async def _check(self, record: UsageRecord) -> None:
+        if not self.thresholds or not record.client or record.client == ADMIN or record.cost.total_cost <= 0:
+            return
+        client = await self.gw.clients.get(record.client)
+        if client is None or not client.budget_usd or client.budget_usd <= 0:
+            return
+        budget = float(client.budget_usd)
+        start, end = period_bounds(client.period, datetime.now(UTC))
+        records = await self.gw.usage.arecords(since=start, client=client.name)
+        spend = sum(float(r.get("totalCost") or 0.0) for r in records)
+        if not any(r.get("id") == record.id for r in records):  # sinks written out of order: count it anyway
+            spend += record.cost.total_cost
+        for threshold in self.thresholds:
+            if spend + 1e-12 < threshold * budget:
+                break
+            key = f"{client.name}|{client.period}|{iso(start) or 'total'}|{threshold:g}"
+            if await self._claim(key, end):
+                self._notify(client.name, threshold, spend, budget, client.period, start, end)
+
+    async def _claim(self, key: str, end: datetime | None) -> bool:
+        expires = None if end is None else end + timedelta(days=1)
+        cluster = self.gw.cluster
+        if cluster is not None:
+            ttl = None if expires is None else max(60, int((expires - datetime.now(UTC)).total_seconds()))
+            return bool(await cluster.redis.set(REDIS_PREFIX + key, "1", nx=True, ex=ttl))
+        if self._file is None:
+            self._file = SentAlerts(self.gw.config.data_dir)
+        return await asyncio.to_thread(self._file.claim, key, expires)
+
+    def _notify(
+        self,
+        client: str,
+        threshold: float,
+        spend: float,
+        budget: float,
+        period: str,
+        start: datetime | None,
+        end: datetime | None,
+    ) -> None:
+        log.warning(
+            "client %r has used %.0f%% of its $%g %s budget ($%.4f)", client, threshold * 100, budget, period, spend
+        )
+        results = self.gw.pm.hook.budget_threshold(
+            client=client,
+            threshold=threshold,
+            spend_usd=round(spend, 10),
+            budget_usd=budget,
+            period=period,
+            period_start=iso(start),
+            period_end=iso(end),
+            config=self.gw.config,
+        )
+        for result in results:
+            if asyncio.iscoroutine(result) or isinstance(result, asyncio.Future):
+                task = asyncio.ensure_future(self._run(result))
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
+
+    @staticmethod
+    async def _run(awaitable: Any) -> None:
+        try:
+            await awaitable
+        except Exception:  # noqa: BLE001 - a plugin's failure is logged, never the gateway's
+            log.exception("budget_threshold hook failed")
+
+    async def drain(self) -> None:
+        """Wait for the hooks still running (tests, shutdown)."""
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+
+
+def install(gw: Registry) -> None:
+    """Add the alerts sink to a gateway whose config has thresholds."""
+    if gw.config["alerts"]["thresholds"]:
+        gw.sinks.append(BudgetAlerts(gw))

@@ -1,0 +1,369 @@
+"""The path from one user to a team, through the real interfaces: a served gateway (``agentspace serve`` in
+its own process, or the app on 127.0.0.1), the CLI through click's runner or as a subprocess, and a real
+PostgreSQL for ``storage migrate``.
+
+Replicas' token from the environment, client keys that survive ``storage migrate``, ``--models none``, a
+typo'd model answered MODEL_NOT_FOUND with a suggestion everywhere, ``chat`` across a server restart, with
+a wrong token and with ``serve --port``, and ``agentspace ask``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+from aiohttp.test_utils import TestClient
+from click.testing import CliRunner, Result
+
+from agentspace.cli import main
+from agentspace.stores.postgres import PostgresClientStore, PostgresDatabase
+from scripts.harness import ROOT, GatewayProcess, child_env
+from tests.fakes.anthropic_upstream import text_response
+
+ENV_TOKEN = "replica-token-0123456789abcdef"
+TYPO = "anthropic/claude-sonet-4-6"
+SUGGESTED = "Did you mean 'anthropic/claude-sonnet-4-6'?"
+
+
+def invoke(*args: str, env: dict[str, str] | None = None, input: str | None = None) -> Result:
+    return CliRunner().invoke(main, list(args), env=env, input=input)
+
+
+async def run_cli(*args: str, env: dict[str, str] | None = None, input: str | None = None) -> Result:
+    # The CLI runs its own event loop: a thread of its own while the test's loop keeps serving.
+    return await asyncio.to_thread(invoke, *args, env=env, input=input)
+
+
+async def served(tmp_path: Path, upstream_url: str, **sections: dict[str, Any]) -> GatewayProcess:
+    gateway = GatewayProcess(tmp_path / "data", upstream_url, **sections)
+    await gateway.start()
+    return gateway
+
+
+# --- 1. replicas: the token in the environment ---------------------------------------------------
+
+
+async def test_token_and_chat_follow_the_gateway_token_variable(
+    tmp_path: Path, fake_anthropic: Any, monkeypatch: Any
+) -> None:
+    monkeypatch.setenv("AGENTSPACE_GATEWAY_TOKEN", ENV_TOKEN)
+    gateway = await served(tmp_path, fake_anthropic.url)
+    try:
+        assert gateway.process is not None and gateway.process.stdout is not None
+        banner = (await gateway.process.stdout.readline()).decode()
+        assert "AGENTSPACE_GATEWAY_TOKEN" in banner and "run `agentspace token`" not in banner
+
+        env = {"AGENTSPACE_HOME": str(gateway.data_dir)}
+        printed = await run_cli("token", env=env)
+        assert printed.exit_code == 0 and printed.stdout.strip() == ENV_TOKEN
+        rotate = await run_cli("token", "--rotate", env=env)
+        assert rotate.exit_code == 1 and "AGENTSPACE_GATEWAY_TOKEN" in rotate.output
+
+        fake_anthropic.enqueue(text_response("Hello from the replica."))
+        # No --url, no --token: the address `serve --port 0` announced, the variable's token.
+        chatted = await run_cli("chat", env=env, input="hi\n")
+        assert chatted.exit_code == 0, chatted.output
+        assert "Hello from the replica." in chatted.stdout
+    finally:
+        await gateway.terminate()
+        await gateway.aclose()
+
+
+# --- 2. storage migrate keeps the client keys ----------------------------------------------------
+
+
+async def test_migrate_copies_client_keys_that_keep_working(
+    tmp_path: Path, fake_anthropic: Any, pg_dsn: str, monkeypatch: Any
+) -> None:
+    data_dir = tmp_path / "data"
+    monkeypatch.setenv("AGENTSPACE_HOME", str(data_dir))
+    added = await run_cli("clients", "add", "team-a", "--budget", "5", "--period", "day", "--models", "anthropic/*")
+    assert added.exit_code == 0, added.output
+    key = added.stdout.strip()
+    assert (await run_cli("clients", "add", "team-b")).exit_code == 0
+
+    first = await run_cli("storage", "migrate", "--to", pg_dsn)
+    assert first.exit_code == 0, first.output
+    assert "clients: 2 copied, 0 already there" in first.output
+    again = await run_cli("storage", "migrate", "--to", pg_dsn)
+    assert "clients: 0 copied, 2 already there" in again.output
+
+    config = tmp_path / "pg.toml"
+    config.write_text(f'[storage]\nbackend = "postgres"\ndsn = "{pg_dsn}"\ndata_dir = "{data_dir}"\n')
+    listed = await run_cli("clients", "list", "--config", str(config), "--json")
+    assert listed.exit_code == 0, listed.output
+    clients = {c["name"]: c for c in json.loads(listed.stdout)["clients"]}
+    assert set(clients) == {"team-a", "team-b"}
+    assert clients["team-a"]["budget"] == {"usd": 5.0, "period": "day"} and clients["team-a"]["models"] == [
+        "anthropic/*"
+    ]
+
+    db = PostgresDatabase(pg_dsn)
+    await db.start()
+    try:
+        assert (await PostgresClientStore(db).get_by_key(key)).name == "team-a"
+    finally:
+        await db.aclose()
+
+    # A gateway on the database lets team-a in with the key it had before.
+    gateway = await served(tmp_path, fake_anthropic.url, storage={"backend": "postgres", "dsn": pg_dsn})
+    try:
+        async with aiohttp.ClientSession() as http:
+            async with http.get(f"{gateway.url}/api/models", headers={"Authorization": f"Bearer {key}"}) as r:
+                assert r.status == 200
+            async with http.get(f"{gateway.url}/api/models", headers={"Authorization": "Bearer as-wrong"}) as r:
+                assert r.status == 401
+    finally:
+        await gateway.terminate()
+        await gateway.aclose()
+
+
+# --- 5. clients set --models none ----------------------------------------------------------------
+
+
+def test_models_none_clears_the_allowlist() -> None:
+    assert invoke("clients", "add", "team-a", "--models", "anthropic/claude-haiku-*").exit_code == 0
+    shown = json.loads(invoke("clients", "show", "team-a", "--json").stdout)
+    assert shown["models"] == ["anthropic/claude-haiku-*"]
+    changed = invoke("clients", "set", "team-a", "--models", "none")
+    assert changed.exit_code == 0, changed.output
+    assert json.loads(invoke("clients", "show", "team-a", "--json").stdout)["models"] == []
+    assert "every model" in invoke("clients", "set", "--help").stdout
+
+
+# --- 6. a typo'd model ---------------------------------------------------------------------------
+
+
+async def test_a_typod_model_is_model_not_found_with_a_suggestion_everywhere(
+    client: TestClient, auth_headers: dict[str, str], isolated_env: Path, monkeypatch: Any
+) -> None:
+    monkeypatch.delenv("ANTHROPIC_API_KEY")  # the typo is found before the key is looked for
+    async with client.ws_connect("/gateway", headers=auth_headers) as ws:
+        await ws.send_json({"type": "chat.send", "id": "1", "content": "hi", "model": TYPO})
+        frame = await ws.receive_json()
+    assert frame["type"] == "error" and frame["code"] == "MODEL_NOT_FOUND" and SUGGESTED in frame["message"]
+
+    body = {
+        "id": "s1",
+        "model": TYPO,
+        "messages": [{"id": "m1", "role": "user", "parts": [{"type": "text", "text": "hi"}]}],
+    }
+    r = await client.post("/api/chat", json=body, headers=auth_headers)
+    error = (await r.json())["error"]
+    assert r.status == 400 and error["code"] == "MODEL_NOT_FOUND" and SUGGESTED in error["message"]
+
+    r = await client.post(
+        "/v1/chat/completions",
+        json={"model": TYPO, "messages": [{"role": "user", "content": "hi"}]},
+        headers=auth_headers,
+    )
+    assert r.status == 404 and SUGGESTED in (await r.json())["error"]["message"]
+
+    r = await client.post(
+        "/v1/messages",
+        json={"model": "openai/gpt-4o-mni", "max_tokens": 10, "messages": [{"role": "user", "content": "hi"}]},
+        headers=auth_headers,
+    )
+    assert r.status == 404 and "Did you mean 'openai/gpt-4o-mini'?" in (await r.json())["error"]["message"]
+    r = await client.post(  # an Anthropic model on the pass-through: answered before it goes upstream
+        "/v1/messages",
+        json={"model": "claude-sonet-4-6", "max_tokens": 10, "messages": [{"role": "user", "content": "hi"}]},
+        headers=auth_headers,
+    )
+    assert r.status == 404 and SUGGESTED in (await r.json())["error"]["message"]
+
+    url = str(client.make_url("/gateway")).replace("http://", "ws://")
+    chatted = await run_cli(
+        "chat", "--url", url, "--model", TYPO, input="hi\n", env={"AGENTSPACE_HOME": str(isolated_env)}
+    )
+    assert chatted.exit_code == 1 and "MODEL_NOT_FOUND" in chatted.output and SUGGESTED in chatted.output
+    asked = await run_cli("ask", "--url", url, "--model", TYPO, "hi", env={"AGENTSPACE_HOME": str(isolated_env)})
+    assert asked.exit_code == 1 and SUGGESTED in asked.output
+
+
+async def test_known_and_declared_models_are_not_typos(make_client: Any, auth_headers: dict[str, str]) -> None:
+    client = await make_client(pricing={"anthropic/claude-next": {"input_per_mtok": 1.0, "output_per_mtok": 2.0}})
+    for model in ("anthropic/claude-haiku-4-5", "anthropic/claude-next"):
+        r = await client.post(
+            "/v1/chat/completions",
+            json={"model": model, "messages": [{"role": "user", "content": "hi"}]},
+            headers=auth_headers,
+        )
+        assert r.status == 200, (model, await r.text())
+
+
+# --- 9. chat: a restart, a wrong token ------------------------------------------------------------
+
+
+async def test_chat_refuses_a_wrong_token_before_the_first_message(client: TestClient, isolated_env: Path) -> None:
+    url = str(client.make_url("/gateway")).replace("http://", "ws://")
+    result = await run_cli("chat", "--url", url, "--token", "wrong-token-0123456789", input="hi\n")
+    assert result.exit_code == 1
+    assert "refused the token" in result.output and "Connected" not in result.output
+
+
+async def test_chat_survives_a_server_restart(tmp_path: Path, fake_anthropic: Any) -> None:
+    gateway = GatewayProcess(tmp_path / "data", fake_anthropic.url)
+    await gateway.start()
+    port = gateway.url.rsplit(":", 1)[1]
+    # The restarted server must come back on the same port: pin it in the config (`--port 0` is the harness's).
+    fake_anthropic.enqueue(text_response("First answer."), text_response("Second answer."))
+    chat = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "agentspace",
+        "chat",
+        "--url",
+        gateway.ws_url,
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env=child_env(gateway.data_dir),
+        cwd=ROOT,
+    )
+    assert chat.stdin is not None and chat.stdout is not None
+    try:
+        chat.stdin.write(b"one\n")
+        await chat.stdin.drain()
+        assert b"First answer." in await asyncio.wait_for(chat.stdout.readline(), 30)
+        assert await gateway.terminate() == 0
+        chat.stdin.write(b"two\n")  # typed while the gateway is down: it waits for it
+        await chat.stdin.drain()
+        await asyncio.sleep(1.0)
+        restarted = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "agentspace",
+            "serve",
+            "--config",
+            str(gateway.config_path),
+            "--port",
+            port,
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.DEVNULL,
+            env=child_env(gateway.data_dir),
+            cwd=ROOT,
+        )
+        try:
+            assert b"Second answer." in await asyncio.wait_for(chat.stdout.readline(), 60)
+            chat.stdin.close()
+            assert await asyncio.wait_for(chat.wait(), 30) == 0
+            assert chat.stderr is not None
+            assert "reconnecting" in (await chat.stderr.read()).decode()
+        finally:
+            restarted.terminate()
+            await restarted.wait()
+    finally:
+        if chat.returncode is None:
+            chat.kill()
+            await chat.wait()
+        await gateway.aclose()
+    assert len(fake_anthropic.requests) == 2
+    # Both messages went to one session: the second call carried the first exchange.
+    assert len(fake_anthropic.requests[-1].body["messages"]) == 3
+
+
+# --- ask ------------------------------------------------------------------------------------------
+
+
+async def test_ask_streams_reads_stdin_and_takes_a_system_prompt(
+    client: TestClient, fake_anthropic: Any, isolated_env: Path
+) -> None:
+    url = str(client.make_url("/gateway")).replace("http://", "ws://")
+    env = {"AGENTSPACE_HOME": str(isolated_env)}
+    fake_anthropic.enqueue(text_response("Forty-two.", usage={"input_tokens": 11}, delta_usages=[{"output_tokens": 3}]))
+    asked = await run_cli(
+        "ask",
+        "--url",
+        url,
+        "-m",
+        "anthropic/claude-haiku-4-5",
+        "--system",
+        "Be brief.",
+        "Summarise:",
+        input="the text\n",
+        env=env,
+    )
+    assert asked.exit_code == 0, asked.output
+    assert asked.stdout == "Forty-two.\n"
+    assert "11 in / 3 out tokens" in asked.stderr
+    request = fake_anthropic.requests[-1].body
+    assert request["model"] == "claude-haiku-4-5"
+    assert "Be brief." in json.dumps(request["system"])
+    assert request["messages"][-1]["content"][0]["text"] == "Summarise:\n\nthe text"
+
+    usage = json.loads((await run_cli("usage", "--json", env=env)).stdout)
+    assert usage["grandTotal"]["totalTokens"] == 14  # one call, one record
+
+    # Without --model: the gateway's default (this CLI's own config would say claude-sonnet-4-6).
+    fake_anthropic.enqueue(text_response("Default."))
+    plain = await run_cli("ask", "--url", url, "Hi", env=env)
+    assert plain.exit_code == 0 and plain.stdout == "Default.\n", plain.output
+    assert fake_anthropic.requests[-1].body["model"] == "claude-sonnet-4-5"
+
+    bad = await run_cli("ask", "--url", url, "--token", "wrong-token-0123456789", "hi", env=env)
+    assert bad.exit_code == 1 and "refused the token" in bad.output
+    nothing = await run_cli("ask", "--url", url, env=env, input="")
+    assert nothing.exit_code == 2
+
+
+def test_ask_says_when_no_gateway_runs(tmp_path: Path) -> None:
+    result = invoke("ask", "--url", "ws://127.0.0.1:9/gateway", "hi", env={"AGENTSPACE_HOME": str(tmp_path)})
+    assert result.exit_code == 1 and "Cannot reach the gateway" in result.output
+    assert os.environ.get("AGENTSPACE_GATEWAY_TOKEN") is None
+
+
+# --- 10. the benchmarks run without pytest --------------------------------------------------------
+
+
+def test_the_fake_upstreams_import_without_pytest() -> None:
+    """benchmarks/vs_litellm.py starts the fakes as scripts after a plain `pip install -e .`."""
+    import subprocess
+
+    code = (
+        "import sys; sys.modules['pytest'] = None; "  # importing pytest now fails, as where it is not installed
+        "import tests.fakes.anthropic_upstream, tests.fakes.openai_upstream; "
+        "sys.argv = ['vs_litellm.py', '--help']; import runpy; runpy.run_path('benchmarks/vs_litellm.py', run_name='__main__')"
+    )
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "usage:" in result.stdout
+
+
+# --- 3. serve --workers without the config ---------------------------------------------------------
+
+
+def test_workers_without_a_config_say_the_config_is_missing(tmp_path: Path) -> None:
+    result = invoke("--data-dir", str(tmp_path / "d"), "serve", "--workers", "2")
+    assert result.exit_code == 1 and "no config file was given (--config FILE)" in result.output
+    config = tmp_path / "c.toml"
+    config.write_text('[storage]\nbackend = "tinydb"\n')
+    named = invoke("--data-dir", str(tmp_path / "d"), "serve", "--config", str(config), "--workers", "2")
+    assert named.exit_code == 1 and f"in {config}" in named.output
+
+
+# --- 8. fallback-priced costs are marked, with the reason ------------------------------------------
+
+
+async def test_fallback_priced_costs_are_marked_in_chat_and_every_usage_table(
+    make_client: Any, fake_anthropic: Any, isolated_env: Path
+) -> None:
+    client = await make_client(providers={"anthropic": {"models": ["claude-in-house"]}})
+    url = str(client.make_url("/gateway")).replace("http://", "ws://")
+    env = {"AGENTSPACE_HOME": str(isolated_env)}
+    fake_anthropic.enqueue(text_response("Priced by guess.", usage={"input_tokens": 1000}))
+    chatted = await run_cli("chat", "--url", url, "--model", "anthropic/claude-in-house", input="hi\n", env=env)
+    assert chatted.exit_code == 0, chatted.output
+    cost_line = next(line for line in chatted.stderr.splitlines() if "out tokens" in line)
+    assert "*]" in cost_line and "* price unknown: costed at the fallback price" in chatted.stderr
+    for flag in ("--by-model", "--by-day", "--by-client"):
+        report = await run_cli("usage", flag, env=env)
+        assert report.exit_code == 0, report.output
+        assert "* price unknown" in report.stdout and any(
+            line.split()[0].endswith("*") for line in report.stdout.splitlines() if line.strip()
+        ), (flag, report.stdout)
