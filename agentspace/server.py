@@ -84,6 +84,7 @@ def _gateway_context(config: Config, pm: pluggy.PluginManager) -> Callable[[web.
             app[security.TOKEN_FILE].current()  # create the token on first start
             await storage.start()
             gw = Registry.create(config, pm, storage)
+            await gw.start()  # the usage sinks' start and queues
             await _join_cluster(gw)
             check_default_model(gw)  # before anything binds: runs in runner.setup(), the site starts after
             app[state.REGISTRY] = gw
