@@ -26,7 +26,7 @@ from .connections import ConnectionCap
 from .default_plugins.storage import open_storage
 from .gateway_token import TokenFile, check_secrets
 from .logs import configure_logging
-from .plugins import get_plugin_manager
+from .plugins import check_hooks, get_plugin_manager
 from .registry import ModelNotFound, Registry
 from .security import AuthFailures, security_middleware
 from .stores.clients import ClientStore
@@ -47,6 +47,7 @@ async def healthz(request: web.Request) -> web.Response:
 
 def create_app(config: Config, pm: pluggy.PluginManager | None = None) -> web.Application:
     pm = pm or get_plugin_manager()
+    check_hooks(pm)  # plugins registered after the manager was made: a misspelt hook stops the start
     app = web.Application(
         client_max_size=int(config["server"]["max_body_bytes"]),
         middlewares=[security_middleware(config)],
