@@ -17,13 +17,14 @@ import pluggy
 
 from . import pricing
 from .catalog import deprecation_message
-from .config import Config
+from .config import Config, ConfigError
 from .errors import StorageError
 from .lru import LRU
 from .observe import notify
 from .pending import PendingWrites
 from .providers.base import Provider, model_prefix
-from .sinks import SinkQueue, UsageSink, delivery, sink_name
+from .sink_queue import SinkQueue
+from .sinks import UsageSink, delivery, sink_name
 from .types import ContextSectionBuilder, ModelInfo, Tool, UsageRecord
 
 if TYPE_CHECKING:
@@ -85,6 +86,13 @@ class Registry:
         pm.hook.register_context_sections(register=gw.section_builders.append, config=config)
         pm.hook.register_tools(register=gw._add_tool, config=config)
         pm.hook.register_usage_sinks(register=gw.sinks.append, config=config)
+        for pattern in pricing.unserved_patterns(config, gw.providers):
+            raise ConfigError(
+                config.source,
+                f'pricing."{pattern}"',
+                f"no registered provider serves {pattern.partition('/')[0]!r} models, so the pattern matches "
+                "nothing (is the provider plugin installed? agentspace plugins)",
+            )
         return gw
 
     def _add_tool(self, tool: Tool) -> None:
@@ -104,9 +112,16 @@ class Registry:
         raise ModelNotFound(f"No provider serves {model!r}. Run: agentspace models")
 
     def model_info(self, model: str) -> ModelInfo:
+        """Price, limits and capabilities of ``model``: the one lookup for pricing, reservations, the context
+        window and the model lists (the cost map, then the provider's ``model_info``, then ``[pricing]``)."""
         info = self._model_info.get(model)
         if info is None:
-            info = self._model_info[model] = pricing.model_info(self.config, model)
+            try:
+                provided = pricing.provided_info(self.providers, model)
+            except Exception:  # a provider plugin's bug must not stop a call: the other sources still count
+                log.exception("the provider of %s could not describe it (its model_info)", model)
+                provided = {}
+            info = self._model_info[model] = pricing.model_info(self.config, model, provided)
             if not info.price_known:
                 log.warning('no price known for %s; using the fallback price (set [pricing."%s"])', model, model)
             note = deprecation_message(model, info.deprecation_date)

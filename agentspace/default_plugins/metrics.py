@@ -32,7 +32,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 
 from agentspace import pricing
 from agentspace.hookspecs import hookimpl
-from agentspace.sinks import live_queues
+from agentspace.sink_queue import live_queues
 
 if TYPE_CHECKING:
     from agentspace.config import Config
