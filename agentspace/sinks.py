@@ -41,6 +41,10 @@ class UsageSink(Protocol):
         ...
 
 
+# The methods a sink may define besides ``record``, each documented in docs/plugins.md.
+OPTIONAL_SINK_METHODS = ("start", "aclose")
+
+
 class DropRecord(Exception):
     """Raised by a sink's ``record`` for a record it can never take: logged, counted, not retried."""
 
