@@ -366,7 +366,8 @@ def test_config_option_on_token(other_config: tuple[Path, Path]) -> None:
     config, data = other_config
     result = run("token", "--config", str(config))
     assert result.exit_code == 0
-    assert result.output.strip() == (data / "gateway-token").read_text(encoding="utf-8").strip()
+    assert result.stdout.strip() == (data / "gateway-token").read_text(encoding="utf-8").strip()
+    assert result.stderr == f"agentspace: data directory {data} ([storage] data_dir in {config})\n"
 
 
 def test_config_option_on_plugins(other_config: tuple[Path, Path], tmp_path: Path) -> None:

@@ -128,3 +128,55 @@ def test_sections_of_the_installed_memory_and_skills_plugins(tmp_path: Path) -> 
     env = {**os.environ, "AGENTSPACE_LOAD_PLUGINS": "agentspace-memory,agentspace-skills"}
     done = subprocess.run([sys.executable, "-c", code, str(tmp_path)], env=env, capture_output=True, text=True)
     assert done.stdout.strip() == "['memory', 'skills', 'system_prompt']", done.stderr
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_token_uses_the_data_directory_serve_uses_and_says_which(tmp_path: Path) -> None:
+    """``agentspace token`` finds the data directory from AGENTSPACE_CONFIG like ``serve``: its token opens the
+    running server; it names the directory on stderr, also when no config was given."""
+    import time
+    import urllib.error
+    import urllib.request
+
+    data, port = tmp_path / "server-data", free_port()
+    config = tmp_path / "agentspace.toml"
+    config.write_text(f'[storage]\ndata_dir = "{data}"\n[server]\nport = {port}\n')
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AGENTSPACE_")}
+    env.update(AGENTSPACE_CONFIG=str(config), AGENTSPACE_HOME=str(tmp_path / "home"), AGENTSPACE_LOAD_PLUGINS="")
+    server = subprocess.Popen(
+        [sys.executable, "-m", "agentspace", "serve"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
+    try:
+        done = subprocess.run([sys.executable, "-m", "agentspace", "token"], env=env, capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr
+        assert done.stderr == f"agentspace: data directory {data} ([storage] data_dir in {config})\n"
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{port}/api/sessions", headers={"Authorization": f"Bearer {done.stdout.strip()}"}
+        )
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                with urllib.request.urlopen(request, timeout=5) as resp:
+                    assert resp.status == 200
+                break
+            except (urllib.error.URLError, ConnectionError):
+                assert server.poll() is None and time.monotonic() < deadline, "the server did not start"
+                time.sleep(0.2)
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+    del env["AGENTSPACE_CONFIG"]
+    done = subprocess.run([sys.executable, "-m", "agentspace", "token"], env=env, capture_output=True, text=True)
+    home = tmp_path / "home"
+    assert (
+        done.stderr == f"agentspace: data directory {home} (AGENTSPACE_HOME; no --config or AGENTSPACE_CONFIG given)\n"
+    )
+    assert done.stdout.strip() == (home / "gateway-token").read_text().strip()

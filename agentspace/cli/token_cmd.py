@@ -16,6 +16,7 @@ def token(state: CliState, rotate: bool) -> None:
     from ..gateway_token import load_or_create_token, rotate_token, token_path
 
     data_dir = state.data_dir
+    state.say_data_dir()
     if rotate:
         click.echo(rotate_token(data_dir))
         click.echo(
