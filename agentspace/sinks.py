@@ -1,9 +1,9 @@
 """Usage sinks receive every usage record (docs/plugins.md, ``register_usage_sinks``).
 
 The store of record (the built-in tinydb sink, or the one a storage backend brings) is awaited before a
-turn ends: it is the only write that can fail a turn. Every other sink is fed through a ``SinkQueue`` of
-its own (``sink_queue.SinkQueue``): a bounded queue and one worker task that calls the sink, retries with backoff and drains at
-shutdown, so a slow or failing sink never delays or changes what a client sees.
+turn ends: it is the only write that can fail a turn. Every other sink is fed through a queue of its own
+(``sink_queue.SinkQueue``): bounded, with one worker task that calls the sink, retries with backoff and
+drains at shutdown, so a slow or failing sink never delays or changes what a client sees.
 
 Delivery to a queued sink is at-least-once while the process lives: a record is retried until the sink
 takes it (or raises ``DropRecord``), also at shutdown for up to ``drain_seconds``. What is still queued

@@ -165,15 +165,15 @@ async def test_a_failing_webhook_changes_nothing_a_client_sees_and_loses_no_reco
 
     # What a client sees while the webhook works: the reference.
     good_frames, _ = await ws_turn(client, token, "warm up")
-    ok_times = [(await ws_turn(client, token, f"ok {i}"))[1] for i in range(5)]
-    await wait_until(lambda: _ready(len(webhook.received) == 6))
+    ok_times = [(await ws_turn(client, token, f"ok {i}"))[1] for i in range(7)]
+    await wait_until(lambda: _ready(len(webhook.received) == 8))
 
     if trouble == "down":
         await webhook.down()
     else:
         webhook.mode = trouble
     bad_frames, _ = await ws_turn(client, token, "while broken")
-    bad_times = [(await ws_turn(client, token, f"broken {i}"))[1] for i in range(5)]
+    bad_times = [(await ws_turn(client, token, f"broken {i}"))[1] for i in range(7)]
     # The same frames (ids and times aside), and chat.stream.end no later than 5 ms beyond the best healthy turn.
     assert shape(bad_frames) == shape(good_frames)
     assert bad_frames[-1]["type"] == "chat.stream.end"
@@ -200,7 +200,7 @@ async def test_a_failing_webhook_changes_nothing_a_client_sees_and_loses_no_reco
         await webhook.up()
     webhook.mode = "ok"
     stored = await stored_usage(client)
-    assert len(stored) == 14
+    assert len(stored) == 18
     await wait_until(lambda: _ready(webhook.ids() >= stored), timeout=20)
     if trouble != "slow":  # a slow POST answered after the client's timeout may arrive twice (at-least-once)
         assert len(webhook.received) == len(stored)
