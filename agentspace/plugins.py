@@ -46,6 +46,14 @@ def _selected() -> set[str] | None:
 
 
 def _load_entry_points(pm: pluggy.PluginManager) -> None:
+    try:
+        _load_selected(pm)
+    except pluggy.PluginValidationError as e:  # a hook's parameters misspelt: name the plugin, no traceback
+        name = pm.get_name(e.plugin) if pm.is_registered(e.plugin) else getattr(e.plugin, "__name__", e.plugin)
+        raise PluginHookError(e.plugin, f"plugin {name!r}: {e}") from None
+
+
+def _load_selected(pm: pluggy.PluginManager) -> None:
     wanted = _selected()
     if wanted is None:
         pm.load_setuptools_entrypoints(ENTRY_POINT_GROUP)

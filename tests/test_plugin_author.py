@@ -43,6 +43,24 @@ def installed_package(root: Path, name: str, module_text: str) -> dict[str, str]
     return env
 
 
+MISSPELT_PARAMETER = """
+from agentspace import hookimpl
+
+@hookimpl
+def register_tools(regster, config):  # the parameter is register
+    raise AssertionError("never called")
+"""
+
+
+def test_a_misspelt_hook_parameter_stops_the_start_naming_the_plugin(tmp_path: Path) -> None:
+    env = installed_package(tmp_path, "agentspace-typo2", MISSPELT_PARAMETER)
+    env["AGENTSPACE_HOME"] = str(tmp_path / "home")
+    done = subprocess.run([sys.executable, "-m", "agentspace", "plugins"], env=env, capture_output=True, text=True)
+    assert done.returncode == 1, done
+    assert "plugin 'agentspace_typo2'" in done.stderr and "regster" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
 @pytest.mark.parametrize("command", [["serve", "--port", "0"], ["plugins"], ["models"]])
 def test_a_misspelt_hook_stops_serve_and_the_cli_naming_plugin_and_hook(tmp_path: Path, command: list[str]) -> None:
     env = installed_package(tmp_path, "agentspace-typo", MISSPELT)
