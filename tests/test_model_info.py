@@ -196,3 +196,22 @@ def test_agentspace_models_lists_what_the_installed_echo_provider_says(
     models = {m["id"]: m for m in json.loads(result.stdout)}
     assert models["echo/reasoning"]["inputPerMTok"] == 0.5 and models["echo/reasoning"]["supportsVision"] is True
     assert "echo/*" not in models
+
+
+async def test_metrics_label_the_models_a_pricing_pattern_names(tmp_path: Path) -> None:
+    from agentspace.default_plugins import metrics
+
+    config = reverse_config(tmp_path, '[pricing."reverse/*"]\ninput_per_mtok = 1.0\n')
+    async with gateway_client(config, ReversePlugin(), metrics) as client:
+        resp = await client.post(
+            "/api/chat",
+            json={
+                "id": "c1",
+                "trigger": "submit-message",
+                "messages": [{"id": "u1", "role": "user", "parts": [{"type": "text", "text": "Hello"}]}],
+            },
+        )
+        body = await resp.text()
+        text = await (await client.get("/metrics")).text()
+    assert "olleH" in body, body
+    assert 'endpoint="http",model="reverse/small"} 1.0' in text  # labelled, not "other"

@@ -13,6 +13,7 @@ one of the first ``MAX_CLIENTS`` names seen, else ``other``; no session ids, no 
 
 from __future__ import annotations
 
+import fnmatch
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
@@ -31,6 +32,7 @@ from prometheus_client import (
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from agentspace import pricing
+from agentspace.config import is_pattern
 from agentspace.hookspecs import hookimpl
 from agentspace.sink_queue import live_queues
 
@@ -142,12 +144,14 @@ REGISTRY.register(SinkQueueCollector())
 _configured: set[str] = set()
 _labels: dict[str, str] = {}  # model -> its label; bounded: only known models and a capped number of others
 _clients: set[str] = set()
+_patterns: list[str] = []
 
 
 def model_label(model: str) -> str:
     label = _labels.get(model)
     if label is None:
-        label = model if model in _configured or pricing.cost_entry(model) is not None else OTHER
+        known = model in _configured or any(fnmatch.fnmatchcase(model, p) for p in _patterns)
+        label = model if known or pricing.cost_entry(model) is not None else OTHER
         if len(_labels) < 10_000:
             _labels[model] = label
     return label
@@ -169,7 +173,8 @@ def _remember_models(config: Config) -> None:
     _configured.add(str(models["default"]))
     for model, chain in models["fallbacks"].items():
         _configured.update([model, *chain])
-    _configured.update(config.pricing)
+    _configured.update(m for m in config.pricing if not is_pattern(m))
+    _patterns[:] = [m for m in config.pricing if is_pattern(m)]  # [pricing."ollama/*"]: its models are known
     for name, settings in config.providers.items():
         for model in settings["models"]:
             _configured.add(model if "/" in str(model) else f"{name}/{model}")
