@@ -17,7 +17,7 @@ from .events import (
 )
 from .hookspecs import hookimpl
 from .providers.base import Provider, ProviderRequest, ThinkingSettings
-from .sinks import UsageSink
+from .sinks import DropRecord, UsageSink
 from .tokens import count_tokens
 from .types import (
     ChatMessage,
@@ -27,6 +27,7 @@ from .types import (
     Cost,
     ModelInfo,
     Part,
+    PriceTier,
     ReasoningPart,
     SourcePart,
     TextPart,
@@ -57,6 +58,7 @@ __all__ = [
     "ProviderFinish",
     "ProviderError",
     "ModelInfo",
+    "PriceTier",
     "count_tokens",
     # messages
     "ChatMessage",
@@ -74,6 +76,7 @@ __all__ = [
     # usage (register_usage_sinks)
     "UsageRecord",
     "UsageSink",
+    "DropRecord",
     "TokenUsage",
     "Cost",
     "__version__",

@@ -12,8 +12,8 @@ from collections.abc import Iterable
 from datetime import date
 from typing import Any
 
-from .config import Config
-from .pricing import cost_entry, known_models, model_info
+from .config import Config, is_pattern
+from .pricing import cost_entry, known_models, model_info, provided_info
 from .vault import KeyVault, resolve_key
 
 # Providers whose cost-map models `--all` lists whether or not a key is set.
@@ -35,6 +35,7 @@ def plugin_models(providers: Iterable[Any]) -> dict[str, str]:
 
 def usable_models(config: Config, providers: Iterable[Any] = (), *, include_all: bool = False) -> list[dict[str, Any]]:
     """One dict per model (camelCase, as ``--json`` prints): the key-gated prefixes, plugin models, config."""
+    providers = list(providers)
     default = config["models"]["default"]
     candidates = set(MAIN_PROVIDERS) | set(config.providers) | set(KeyVault(config.data_dir).names())
     candidates.add(default.partition("/")[0])
@@ -44,7 +45,7 @@ def usable_models(config: Config, providers: Iterable[Any] = (), *, include_all:
     ids: dict[str, str] = {m: m.partition("/")[0] for m in known_models(prefixes)} if prefixes else {}
     for prefix in prefixes & set(config.providers):
         ids.update({m if "/" in m else f"{prefix}/{m}": prefix for m in config.provider_settings(prefix)["models"]})
-    for model in [*config.pricing, default, *config["models"]["fallbacks"]]:
+    for model in [*(m for m in config.pricing if not is_pattern(m)), default, *config["models"]["fallbacks"]]:
         if model.partition("/")[0] in prefixes:
             ids.setdefault(model, model.partition("/")[0])
     ids.update(plugin_models(providers))
@@ -53,7 +54,11 @@ def usable_models(config: Config, providers: Iterable[Any] = (), *, include_all:
     plugin_ids = set(plugin_models(providers))
     out = []
     for model_id, provider in sorted(ids.items()):
-        info = model_info(config, model_id)
+        try:
+            provided = provided_info(providers, model_id)
+        except Exception:  # listed with what the other sources know; the gateway logs the plugin's error
+            provided = {}
+        info = model_info(config, model_id, provided)
         deprecation = info.deprecation_date
         retired = is_retired(deprecation, today)
         # Past its date the model no longer answers; the configured default stays listed (flagged) so the
@@ -71,6 +76,8 @@ def usable_models(config: Config, providers: Iterable[Any] = (), *, include_all:
                 "contextWindow": info.context_window,
                 "supportsReasoning": info.supports_reasoning,
                 "supportsTools": info.supports_tools,
+                "supportsVision": info.supports_vision,
+                "maxOutputTokens": info.max_output_tokens,
                 "deprecationDate": deprecation,
                 "deprecated": retired,
                 "priceKnown": info.price_known,

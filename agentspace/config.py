@@ -91,16 +91,71 @@ PROVIDER_SCHEMA: dict[str, tuple[tuple[type, ...], Any]] = {
     "options": ((dict,), {}),
 }
 
-# Keys of each [pricing."MODEL"] table.
+# Keys of each [pricing."MODEL"] table, and of what a provider's ``model_info(model)`` returns.
 PRICING_SCHEMA: dict[str, tuple[tuple[type, ...], Any]] = {
     "input_per_mtok": ((int, float), None),
     "output_per_mtok": ((int, float), None),
     "cache_read_per_mtok": ((int, float), None),
     "cache_write_per_mtok": ((int, float), None),
     "context_window": ((int,), None),
+    "max_output_tokens": ((int,), None),
     "supports_reasoning": ((bool,), None),
     "supports_tools": ((bool,), None),
+    "supports_vision": ((bool,), None),
+    "deprecation_date": ((str,), None),
+    "long_context": ((list,), None),
 }
+# Keys of each table of ``long_context = [{above_input_tokens = 200000, input_per_mtok = 6, ...}]``.
+TIER_SCHEMA: dict[str, tuple[tuple[type, ...], Any]] = {
+    "above_input_tokens": ((int,), None),
+    "input_per_mtok": ((int, float), None),
+    "output_per_mtok": ((int, float), None),
+    "cache_read_per_mtok": ((int, float), None),
+    "cache_write_per_mtok": ((int, float), None),
+}
+# A [pricing] key with one of these is a pattern (fnmatch): "reverse/*", "openai/gpt-4o-*".
+PATTERN_CHARS = frozenset("*?[")
+
+
+def is_pattern(key: str) -> bool:
+    return not PATTERN_CHARS.isdisjoint(key)
+
+
+def pattern_problem(pattern: str) -> str | None:
+    """Why ``pattern`` cannot be a model pattern, or None: it needs a literal ``provider/`` and closed brackets."""
+    prefix, slash, rest = pattern.partition("/")
+    if not slash or not prefix or is_pattern(prefix):
+        return 'a pattern needs a literal provider prefix, like "reverse/*" or "openai/gpt-4o-*"'
+    if not rest:
+        return 'nothing after the provider prefix; to match every model of a provider write "PREFIX/*"'
+    depth = 0
+    for ch in rest:
+        if ch == "[":
+            if depth:
+                return "a '[' inside brackets"
+            depth = 1
+        elif ch == "]":
+            depth = 0
+    if depth:
+        return "an unclosed '['"
+    return None
+
+
+def validate_model_table(source: str, key: str, table: Any) -> dict[str, Any]:
+    """A ``[pricing."MODEL"]`` table (or a provider's model info): the keys it sets, checked; errors name
+    ``source`` and ``key``."""
+    checked = {k: v for k, v in _validate_table(source, key, table, PRICING_SCHEMA).items() if v is not None}
+    tiers = []
+    for i, tier in enumerate(checked.get("long_context", [])):
+        values = _validate_table(source, f"{key}.long_context[{i}]", tier, TIER_SCHEMA)
+        for required in ("above_input_tokens", "input_per_mtok", "output_per_mtok"):
+            if values[required] is None:
+                raise ConfigError(source, f"{key}.long_context[{i}].{required}", "missing (required in a tier)")
+        tiers.append(values)
+    if "long_context" in checked:
+        checked["long_context"] = sorted(tiers, key=lambda t: t["above_input_tokens"])
+    return checked
+
 
 CHOICES = {
     ("server", "event_loop"): ("auto", "uvloop", "asyncio"),
@@ -264,11 +319,10 @@ def parse_config(raw: dict[str, Any], source: str = "<config>", base_dir: Path |
         providers[name] = _validate_table(source, f"providers.{name}", table, PROVIDER_SCHEMA)
     pricing = {}
     for model, table in _table(source, "pricing", raw.get("pricing", {})).items():
-        pricing[model] = {
-            k: v
-            for k, v in _validate_table(source, f'pricing."{model}"', table, PRICING_SCHEMA).items()
-            if v is not None
-        }
+        problem = pattern_problem(model) if is_pattern(model) else None
+        if problem:
+            raise ConfigError(source, f'pricing."{model}"', f"malformed model pattern: {problem}")
+        pricing[model] = validate_model_table(source, f'pricing."{model}"', table)
     plugins = {
         name: _table(source, f"plugins.{name}", t)
         for name, t in _table(source, "plugins", raw.get("plugins", {})).items()

@@ -1,8 +1,8 @@
 """Context assembly and inspection (SPEC section 7).
 
-The context of a call is built from sections, in order: ``system_prompt``, ``memory``, ``skills`` (and any
-other plugin section), ``tools``, ``response_format``, ``history``, ``user_message``. The text sections form
-the system prompt; ``tools`` are the definitions sent; ``history`` and ``user_message`` are the messages.
+The context of a call is built from sections, in order: ``system_prompt``, the sections the installed plugins
+registered (``register_context_sections``, in registration order: e.g. ``memory``, ``skills``), ``tools``,
+``response_format``, ``history``, ``user_message``. The text sections form the system prompt; ``tools`` are the definitions sent; ``history`` and ``user_message`` are the messages.
 Inspection measures each section: UTF-8 bytes, a tiktoken estimate, and its cost at the input price.
 """
 
@@ -32,7 +32,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-SECTION_ORDER = ("system_prompt", "memory", "skills", "tools", "response_format", "history", "user_message")
+# The sections the core builds itself; a plugin section of one of these names is not sent.
+CORE_SECTIONS = ("system_prompt", "tools", "response_format", "history", "user_message")
 
 
 @dataclass(slots=True)
@@ -144,14 +145,15 @@ async def assemble(
     """Build what the next call sends. ``history`` is the stored messages, oldest first."""
     config = gateway.config
     request = ContextRequest(session_id=session_id, model=model, config=config, user_message=user_message)
-    texts: dict[str, str] = {}
-    extra: list[Section] = []
+    system_prompt = ""
+    texts: dict[str, str] = {}  # the plugins' sections, in registration order; one row per name
     for builder in gateway.section_builders:
         text = await _build(builder, request)
-        if builder.name in SECTION_ORDER:
+        if builder.name == "system_prompt":
+            system_prompt += text
+        elif builder.name not in CORE_SECTIONS:
             texts[builder.name] = texts.get(builder.name, "") + text
-        else:
-            extra.append(Section(builder.name, text))
+    extra = [Section(name, text) for name, text in texts.items()]
     formatting = gateway.pm.hook.formatting_prompt(config=config, model=model) or ""
 
     tools = list(gateway.tools.values())
@@ -165,16 +167,14 @@ async def assemble(
         messages.append(ChatMessage.user(user_message))
 
     sections = [
-        Section("system_prompt", texts.get("system_prompt", "")),
-        Section("memory", texts.get("memory", "")),
-        Section("skills", texts.get("skills", "")),
+        Section("system_prompt", system_prompt),
         *extra,
         Section("tools", tool_text),
         Section("response_format", formatting),
         Section("history", history_text),
         Section("user_message", user_message or ""),
     ]
-    system_names = {"system_prompt", "memory", "skills", "response_format"} | {s.name for s in extra}
+    system_names = {"system_prompt", "response_format"} | {s.name for s in extra}
     system = "\n\n".join(s.text for s in sections if s.name in system_names and s.text)
     return AssembledContext(model, system, messages, tools, sections)
 

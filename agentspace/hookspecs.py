@@ -70,6 +70,11 @@ def formatting_prompt(config: Config, model: str) -> str | None:
 def register_usage_sinks(register: Callable[[UsageSink], None], config: Config) -> None:
     """Register usage sinks. Every usage record (one per provider call) is sent to every sink.
 
+    Each sink gets the records from a queue of its own, after the turn's end was sent; an exception from
+    ``record`` makes the gateway retry the record with backoff (``agentspace.DropRecord``: never). A sink may
+    define ``async start()`` (server start) and ``async aclose()`` (shutdown, after its queue drained).
+    Delivery is at-least-once while the process lives (docs/plugins.md, "Delivery").
+
     :param register: call with objects that have ``name`` and ``async record(record: UsageRecord)``.
     :param config: the loaded configuration.
     """
@@ -175,8 +180,9 @@ def provider_call_finished(call: CallInfo, record: UsageRecord) -> None:
 
 @hookspec
 def store_written(store: str, seconds: float) -> None:
-    """A write the server waited for reached its store: the usage records (``usage:<sink name>``) and the
-    answers of turns (``sessions``). ``seconds`` is how long the caller waited, queueing included.
+    """A write the server waited for reached its store: the usage records of the store of record and the
+    metrics sink (``usage:<sink name>``; queued sinks are not waited for) and the answers of turns
+    (``sessions``). ``seconds`` is how long the caller waited, queueing included.
 
     Called on the event loop after every such write, failed ones too: keep it fast (no I/O).
 

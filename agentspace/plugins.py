@@ -7,11 +7,13 @@ plugins load; set it to an empty string to load none. Built-ins always load, but
 
 from __future__ import annotations
 
+import difflib
 import importlib
 import os
 from importlib.metadata import entry_points
 from typing import Any
 
+import click
 import pluggy
 
 from . import hookspecs
@@ -45,6 +47,14 @@ def _selected() -> set[str] | None:
 
 
 def _load_entry_points(pm: pluggy.PluginManager) -> None:
+    try:
+        _load_selected(pm)
+    except pluggy.PluginValidationError as e:  # a hook's parameters misspelt: name the plugin, no traceback
+        name = pm.get_name(e.plugin) if pm.is_registered(e.plugin) else getattr(e.plugin, "__name__", e.plugin)
+        raise PluginHookError(e.plugin, f"plugin {name!r}: {e}") from None
+
+
+def _load_selected(pm: pluggy.PluginManager) -> None:
     wanted = _selected()
     if wanted is None:
         pm.load_setuptools_entrypoints(ENTRY_POINT_GROUP)
@@ -66,7 +76,42 @@ def create_plugin_manager(*, load_entry_points: bool = True) -> pluggy.PluginMan
             if wanted is None or name in wanted:
                 pm.register(importlib.import_module(module_name), name=module_name)
         _load_entry_points(pm)
+    check_hooks(pm)
     return pm
+
+
+class PluginHookError(pluggy.PluginValidationError, click.ClickException):
+    """A plugin implements a hook agentspace does not have (a misspelt name): it would silently do nothing.
+    The CLI prints the message and exits 1; tests may catch it as ``pluggy.PluginValidationError``."""
+
+    def __init__(self, plugin: object, message: str) -> None:
+        # The MRO chains both: PluginValidationError keeps the plugin, ClickException (after it) the message.
+        pluggy.PluginValidationError.__init__(self, plugin, message)
+
+
+def check_hooks(pm: pluggy.PluginManager) -> None:
+    """Refuse to start with a ``@hookimpl`` no hookspec declares, naming each plugin and hook (with the
+    closest real hook name), like pluggy's ``check_pending`` but reporting all of them at once."""
+    known = [name for name, caller in vars(pm.hook).items() if not name.startswith("_") and caller.has_spec()]
+    problems: list[str] = []
+    culprit: object = None
+    for name, caller in vars(pm.hook).items():
+        if name.startswith("_") or caller.has_spec():
+            continue
+        for impl in caller.get_hookimpls():
+            if impl.optionalhook:
+                continue
+            culprit = impl.plugin
+            plugin = pm.get_name(impl.plugin) or impl.plugin_name
+            close = difflib.get_close_matches(name, known, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            problems.append(f"plugin {plugin!r} implements unknown hook {name!r}{hint}")
+    if problems:
+        raise PluginHookError(
+            culprit,
+            "; ".join(problems) + ". The hooks are listed in docs/plugins.md; "
+            "AGENTSPACE_LOAD_PLUGINS=name,... selects which installed plugins load.",
+        )
 
 
 _pm: pluggy.PluginManager | None = None

@@ -1,21 +1,26 @@
-"""Prices and capabilities from litellm's bundled model cost map, with config overrides.
+"""Prices and capabilities of models: litellm's bundled cost map, then what the model's provider says
+(its optional ``model_info(model)`` method), then the config's ``[pricing]``; each later source wins for the
+keys it sets (docs/plugins.md, "Model info").
 
-The map is read as a JSON file from litellm's package folder, never fetched and without importing
+``[pricing]`` keys are exact ids or patterns (``"reverse/*"``): the exact id wins, else the longest matching
+pattern. The map is read as a JSON file from litellm's package folder, never fetched and without importing
 litellm (which takes seconds). An unknown model gets the configured fallback price and ``price_known``
 False, so it is flagged in reports instead of silently costing zero.
 """
 
 from __future__ import annotations
 
+import fnmatch
 import importlib.util
 import json
 import logging
+from collections.abc import Iterable, Mapping
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from .config import Config
-from .types import ModelInfo
+from .config import Config, ConfigError, is_pattern, validate_model_table
+from .types import ModelInfo, PriceTier
 
 log = logging.getLogger(__name__)
 
@@ -59,10 +64,66 @@ def _per_mtok(entry: dict[str, Any], key: str, default: float = 0.0) -> float:
     return round(float(value) * 1_000_000, 9) if isinstance(value, (int, float)) else default
 
 
-def model_info(config: Config, model: str) -> ModelInfo:
-    """Price and capabilities for a model id; config ``[pricing."MODEL"]`` wins over the cost map."""
+def config_entry(config: Config, model: str) -> dict[str, Any]:
+    """The ``[pricing]`` table for ``model``: its exact id, else the longest pattern matching it, else {}."""
+    exact = config.pricing.get(model)
+    if exact is not None:
+        return exact
+    best: str | None = None
+    for key in config.pricing:
+        if is_pattern(key) and fnmatch.fnmatchcase(model, key) and (best is None or len(key) > len(best)):
+            best = key
+    return config.pricing[best] if best is not None else {}
+
+
+def provided_info(providers: Iterable[Any], model: str) -> dict[str, Any]:
+    """What the provider serving ``model`` says of it (its optional ``model_info(model)``), checked; {} when
+    it says nothing. A malformed answer raises ``ConfigError`` naming the provider."""
+    for provider in providers:
+        if not provider.claims(model):
+            continue
+        describe = getattr(provider, "model_info", None)
+        if not callable(describe):
+            return {}
+        answer = describe(model)
+        if answer is None:
+            return {}
+        if not isinstance(answer, Mapping):
+            name = getattr(provider, "name", type(provider).__name__)
+            raise ConfigError(f"provider {name!r}", f"model_info({model!r})", f"expected a dict, got {answer!r}")
+        return validate_model_table(f"provider {getattr(provider, 'name', '?')!r}", f"model_info({model!r})", answer)
+    return {}
+
+
+def _tiers_from_cost_map(entry: dict[str, Any]) -> tuple[PriceTier, ...]:
+    """``input_cost_per_token_above_200k_tokens`` and the like, as tiers."""
+    tiers = []
+    for key in entry:
+        if not (key.startswith("input_cost_per_token_above_") and key.endswith("k_tokens")):
+            continue
+        size = key.removeprefix("input_cost_per_token_above_").removesuffix("k_tokens")
+        if not size.isdigit():
+            continue
+        suffix = f"_above_{size}k_tokens"
+        tiers.append(
+            PriceTier(
+                above_input_tokens=int(size) * 1000,
+                input_per_mtok=_per_mtok(entry, key),
+                output_per_mtok=_per_mtok(
+                    entry, "output_cost_per_token" + suffix, _per_mtok(entry, "output_cost_per_token")
+                ),
+                cache_read_per_mtok=_per_mtok(entry, "cache_read_input_token_cost" + suffix) or None,
+                cache_write_per_mtok=_per_mtok(entry, "cache_creation_input_token_cost" + suffix) or None,
+            )
+        )
+    return tuple(sorted(tiers, key=lambda t: t.above_input_tokens))
+
+
+def model_info(config: Config, model: str, provided: Mapping[str, Any] | None = None) -> ModelInfo:
+    """Price and capabilities for a model id: the cost map, then ``provided`` (what the model's provider says
+    of it, ``provided_info``), then the config's ``[pricing]`` entry (``config_entry``)."""
     entry = _lookup(model) or {}
-    override = config.pricing.get(model, {})
+    override = {**(provided or {}), **config_entry(config, model)}
     known = bool(entry) and "input_cost_per_token" in entry or "input_per_mtok" in override
     fallback_in = float(config["models"]["fallback_input_per_mtok"])
     fallback_out = float(config["models"]["fallback_output_per_mtok"])
@@ -84,19 +145,54 @@ def model_info(config: Config, model: str) -> ModelInfo:
         supports_tools=bool(entry.get("supports_function_calling")),
         deprecation_date=entry.get("deprecation_date"),
         price_known=known,
+        supports_vision=bool(entry.get("supports_vision")),
+        long_context=_tiers_from_cost_map(entry),
     )
     for key in ("input_per_mtok", "output_per_mtok", "cache_read_per_mtok", "cache_write_per_mtok"):
         if key in override:
             setattr(info, key, float(override[key]))
     if "input_per_mtok" in override and "cache_read_per_mtok" not in override and not entry:
         info.cache_read_per_mtok = info.cache_write_per_mtok = info.input_per_mtok
-    if "context_window" in override:
-        info.context_window = override["context_window"]
-    if "supports_reasoning" in override:
-        info.supports_reasoning = override["supports_reasoning"]
-    if "supports_tools" in override:
-        info.supports_tools = override["supports_tools"]
+    for key in (
+        "context_window",
+        "max_output_tokens",
+        "supports_reasoning",
+        "supports_tools",
+        "supports_vision",
+        "deprecation_date",
+    ):
+        if key in override:
+            setattr(info, key, override[key])
+    if "long_context" in override:
+        info.long_context = tuple(_tier(t) for t in override["long_context"])
     return info
+
+
+def _tier(table: Mapping[str, Any]) -> PriceTier:
+    def price(key: str) -> float | None:
+        return None if table.get(key) is None else float(table[key])
+
+    return PriceTier(
+        above_input_tokens=int(table["above_input_tokens"]),
+        input_per_mtok=float(table["input_per_mtok"]),
+        output_per_mtok=float(table["output_per_mtok"]),
+        cache_read_per_mtok=price("cache_read_per_mtok"),
+        cache_write_per_mtok=price("cache_write_per_mtok"),
+    )
+
+
+def unserved_patterns(config: Config, providers: Iterable[Any]) -> list[str]:
+    """The ``[pricing]`` patterns whose provider prefix no registered provider serves (a config error)."""
+    providers = list(providers)
+    out = []
+    for key in config.pricing:
+        if not is_pattern(key):
+            continue
+        prefix = key.partition("/")[0]
+        sample = f"{prefix}/any-model"
+        if not any(p.claims(sample) for p in providers):
+            out.append(key)
+    return out
 
 
 def accepts_adaptive_thinking(model: str) -> bool:

@@ -6,6 +6,7 @@ Transports reach it through the service layer (``service.Service``); the pipelin
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
 import time
@@ -16,13 +17,14 @@ import pluggy
 
 from . import pricing
 from .catalog import deprecation_message, plugin_models, suggestion, unknown_model
-from .config import Config
+from .config import Config, ConfigError
 from .errors import StorageError
 from .lru import LRU
 from .observe import notify
 from .pending import PendingWrites
 from .providers.base import Provider, model_prefix
-from .sinks import UsageSink
+from .sink_queue import SinkQueue
+from .sinks import UsageSink, delivery, sink_name
 from .types import ContextSectionBuilder, ModelInfo, Tool, UsageRecord
 
 if TYPE_CHECKING:
@@ -48,6 +50,8 @@ class Registry:
     section_builders: list[ContextSectionBuilder] = field(default_factory=list)
     tools: dict[str, Tool] = field(default_factory=dict)
     sinks: list[UsageSink] = field(default_factory=list)
+    # The queues of the sinks that are not awaited (``sinks.delivery``), made at the first record or start.
+    sink_queues: dict[int, SinkQueue] = field(default_factory=dict)
     # session id -> the turn streaming in it; one at a time per session, across transports.
     active: dict[str, Turn] = field(default_factory=dict)
     # Bounded: model ids come from clients, and a provider may claim any id with its prefix.
@@ -83,6 +87,13 @@ class Registry:
         pm.hook.register_context_sections(register=gw.section_builders.append, config=config)
         pm.hook.register_tools(register=gw._add_tool, config=config)
         pm.hook.register_usage_sinks(register=gw.sinks.append, config=config)
+        for pattern in pricing.unserved_patterns(config, gw.providers):
+            raise ConfigError(
+                config.source,
+                f'pricing."{pattern}"',
+                f"no registered provider serves {pattern.partition('/')[0]!r} models, so the pattern matches "
+                "nothing (is the provider plugin installed? agentspace plugins)",
+            )
         return gw
 
     def _add_tool(self, tool: Tool) -> None:
@@ -112,9 +123,16 @@ class Registry:
         return problem
 
     def model_info(self, model: str) -> ModelInfo:
+        """Price, limits and capabilities of ``model``: the one lookup for pricing, reservations, the context
+        window and the model lists (the cost map, then the provider's ``model_info``, then ``[pricing]``)."""
         info = self._model_info.get(model)
         if info is None:
-            info = self._model_info[model] = pricing.model_info(self.config, model)
+            try:
+                provided = pricing.provided_info(self.providers, model)
+            except Exception:  # a provider plugin's bug must not stop a call: the other sources still count
+                log.exception("the provider of %s could not describe it (its model_info)", model)
+                provided = {}
+            info = self._model_info[model] = pricing.model_info(self.config, model, provided)
             if not info.price_known:
                 log.warning('no price known for %s; using the fallback price (set [pricing."%s"])', model, model)
             note = deprecation_message(model, info.deprecation_date)
@@ -128,41 +146,62 @@ class Registry:
 
     # --- usage ----------------------------------------------------------------------------------
 
+    def _queue(self, sink: UsageSink) -> SinkQueue:
+        queue = self.sink_queues.get(id(sink))
+        if queue is None:
+            queue = self.sink_queues[id(sink)] = SinkQueue(sink)
+        return queue
+
+    async def start(self) -> None:
+        """When the server starts: the queued sinks' ``start`` (open their clients) and workers."""
+        for sink in self.sinks:
+            if delivery(sink) == "queued":
+                await self._queue(sink).start()
+
     async def record_usage(
         self, record: UsageRecord, reservation: Reservation | None = None
     ) -> StorageError | OSError | None:
-        """Send one record to every sink, each write awaited; the failure when a sink's store failed, else
-        None. The record then settles the call's ``reservation`` (its client's budget and minute, ``limits.Guard``).
+        """Store one record and hand it to every other sink; the failure when the store of record failed,
+        else None. The record then settles the call's ``reservation`` (its client's budget and minute,
+        ``limits.Guard``).
 
-        A sink whose store failed (``StorageError``, ``OSError``: disk full, I/O error) gets the record again
-        later (``pending``); any other failure of a sink is logged and does not stop the others.
+        The store of record (``delivery = "record"``) is awaited; when it fails (``StorageError``,
+        ``OSError``: disk full, I/O error) the record is written again later (``pending``). ``inline``
+        sinks are awaited and their failures logged; every other sink gets the record through its own queue
+        (``sinks.SinkQueue``), so it neither delays nor fails the turn.
         """
         failed: StorageError | OSError | None = None
         for sink in self.sinks:
+            kind = delivery(sink)
+            if kind == "queued":
+                self._queue(sink).offer(record)
+                continue
             started = time.monotonic()
             try:
                 await sink.record(record)
             except (StorageError, OSError) as e:
-                log.exception(
-                    "usage sink %r could not store record %s; retrying", getattr(sink, "name", sink), record.id
-                )
+                if kind != "record":
+                    log.exception("usage sink %r failed", sink_name(sink))
+                    continue
+                log.exception("usage sink %r could not store record %s; retrying", sink_name(sink), record.id)
                 self.pending.add(
-                    f"usage record {record.id} in sink {getattr(sink, 'name', sink)!r}",
+                    f"usage record {record.id} in sink {sink_name(sink)!r}",
                     functools.partial(sink.record, record),
                 )
                 failed = e
             except Exception:
-                log.exception("usage sink %r failed", getattr(sink, "name", sink))
-            store = f"usage:{getattr(sink, 'name', 'sink')}"
-            notify(self.pm.hook.store_written, store=store, seconds=time.monotonic() - started)
+                log.exception("usage sink %r failed", sink_name(sink))
+            notify(self.pm.hook.store_written, store=f"usage:{sink_name(sink)}", seconds=time.monotonic() - started)
         await self.guard.settle(reservation, record)
         return failed
 
     async def aclose(self) -> None:
         await self.pending.aclose()  # the last try of writes that failed, before the stores close
+        # The queued sinks drain together (each for its own bounded time), then close.
+        await asyncio.gather(*(queue.aclose() for queue in self.sink_queues.values()))
         if self.cluster is not None:
             await self.cluster.aclose()  # after the turns: their locks are released
-        plugins: list[tuple[str, object]] = [("usage sink", s) for s in self.sinks]
+        plugins: list[tuple[str, object]] = [("usage sink", s) for s in self.sinks if delivery(s) != "queued"]
         plugins += [("provider", p) for p in self.providers]
         for kind, plugin in plugins:
             close = getattr(plugin, "aclose", None)

@@ -28,7 +28,7 @@ from .connections import ConnectionCap
 from .default_plugins.storage import open_storage
 from .gateway_token import TOKEN_ENV, TokenFile, check_secrets, write_server_address
 from .logs import configure_logging
-from .plugins import get_plugin_manager
+from .plugins import check_hooks, get_plugin_manager
 from .registry import ModelNotFound, Registry
 from .security import AuthFailures, security_middleware
 from .stores.clients import ClientStore
@@ -49,6 +49,7 @@ async def healthz(request: web.Request) -> web.Response:
 
 def create_app(config: Config, pm: pluggy.PluginManager | None = None) -> web.Application:
     pm = pm or get_plugin_manager()
+    check_hooks(pm)  # plugins registered after the manager was made: a misspelt hook stops the start
     app = web.Application(
         client_max_size=int(config["server"]["max_body_bytes"]),
         middlewares=[security_middleware(config)],
@@ -86,6 +87,7 @@ def _gateway_context(config: Config, pm: pluggy.PluginManager) -> Callable[[web.
             app[security.TOKEN_FILE].current()  # create the token on first start
             await storage.start()
             gw = Registry.create(config, pm, storage)
+            await gw.start()  # the usage sinks' start and queues
             await _join_cluster(gw)
             alerts.install(gw)  # after the storage's sink: it reads the spend the record just added to
             check_default_model(gw)  # before anything binds: runs in runner.setup(), the site starts after

@@ -28,7 +28,7 @@ from aiohttp.test_utils import TestClient, TestServer
 from . import hookspecs
 from .config import Config, ConfigError, parse_config
 from .gateway_token import load_or_create_token
-from .plugins import ENTRY_POINT_GROUP, create_plugin_manager, describe_plugins
+from .plugins import ENTRY_POINT_GROUP, check_hooks, create_plugin_manager, describe_plugins
 from .server import create_app
 
 __all__ = [
@@ -87,7 +87,7 @@ def plugin_manager(*plugins: object, builtins: bool = True) -> Iterator[pluggy.P
     for plugin in plugins:
         pm.register(plugin, name=_plugin_name(plugin))  # pluggy rejects a hook's unknown parameters here
     # A misspelt hook name would otherwise be ignored silently, and the plugin would do nothing.
-    pm.check_pending()
+    check_hooks(pm)
     try:
         yield pm
     finally:

@@ -249,9 +249,22 @@ class UsageRecord:
 # --- models -------------------------------------------------------------------------------------
 
 
+@dataclass(slots=True, frozen=True)
+class PriceTier:
+    """Long-context prices: once a call's input (input and cache tokens) exceeds ``above_input_tokens``, the
+    whole call is priced at these (as Anthropic and Google bill prompts above 200k tokens)."""
+
+    above_input_tokens: int
+    input_per_mtok: float
+    output_per_mtok: float
+    cache_read_per_mtok: float | None = None  # None: the tier's input price
+    cache_write_per_mtok: float | None = None
+
+
 @dataclass(slots=True)
 class ModelInfo:
-    """Price and capabilities of one ``provider/model`` id (litellm cost map + config overrides)."""
+    """Price and capabilities of one ``provider/model`` id: the litellm cost map, then what the provider
+    says of its models (its ``model_info`` method), then the config's ``[pricing]`` (docs/plugins.md)."""
 
     id: str
     provider: str
@@ -266,17 +279,34 @@ class ModelInfo:
     supports_tools: bool = False
     deprecation_date: str | None = None
     price_known: bool = True
+    supports_vision: bool = False
+    long_context: tuple[PriceTier, ...] = ()  # ascending ``above_input_tokens``
+
+    def tier(self, input_tokens: int) -> PriceTier | None:
+        """The long-context tier a call with ``input_tokens`` (input and cache tokens) is priced at, if any."""
+        chosen = None
+        for tier in self.long_context:
+            if input_tokens > tier.above_input_tokens:
+                chosen = tier
+        return chosen
 
     def cost(self, usage: TokenUsage) -> Cost:
         m = 1_000_000
+        prices = (self.input_per_mtok, self.output_per_mtok, self.cache_read_per_mtok, self.cache_write_per_mtok)
+        tier = self.tier(usage.input_tokens + usage.cache_read_tokens + usage.cache_write_tokens)
+        if tier is not None:
+            read = tier.cache_read_per_mtok if tier.cache_read_per_mtok is not None else tier.input_per_mtok
+            write = tier.cache_write_per_mtok if tier.cache_write_per_mtok is not None else tier.input_per_mtok
+            prices = (tier.input_per_mtok, tier.output_per_mtok, read, write)
+        input_price, output_price, read_price, write_price = prices
         return Cost(
             input_cost=(
-                usage.input_tokens * self.input_per_mtok
-                + usage.cache_read_tokens * self.cache_read_per_mtok
-                + usage.cache_write_tokens * self.cache_write_per_mtok
+                usage.input_tokens * input_price
+                + usage.cache_read_tokens * read_price
+                + usage.cache_write_tokens * write_price
             )
             / m,
-            output_cost=usage.output_tokens * self.output_per_mtok / m,
+            output_cost=usage.output_tokens * output_price / m,
             price_known=self.price_known,
         )
 

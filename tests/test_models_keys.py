@@ -355,7 +355,9 @@ def test_config_option_on_keys(other_config: tuple[Path, Path], isolated_env: Pa
     config, data = other_config
     assert run("keys", "add", "openai", "--config", str(config), input="sk-openai-test-key-000\n").exit_code == 0
     assert (data / "keys.json").exists() and not (isolated_env / "keys.json").exists()
-    assert "openai" in run("keys", "list", "--config", str(config)).output
+    listed = run("keys", "list", "--config", str(config))
+    assert "openai" in listed.stdout
+    assert listed.stderr == f"agentspace: data directory {data} ([storage] data_dir in {config})\n"
     assert "openai" not in run("keys", "list").output
     assert run("keys", "path", "--config", str(config)).output.strip() == str(data / "keys.json")
     assert run("keys", "remove", "openai", "--config", str(config)).exit_code == 0
@@ -366,7 +368,8 @@ def test_config_option_on_token(other_config: tuple[Path, Path]) -> None:
     config, data = other_config
     result = run("token", "--config", str(config))
     assert result.exit_code == 0
-    assert result.output.strip() == (data / "gateway-token").read_text(encoding="utf-8").strip()
+    assert result.stdout.strip() == (data / "gateway-token").read_text(encoding="utf-8").strip()
+    assert result.stderr == f"agentspace: data directory {data} ([storage] data_dir in {config})\n"
 
 
 def test_config_option_on_plugins(other_config: tuple[Path, Path], tmp_path: Path) -> None:

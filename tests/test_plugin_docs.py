@@ -33,6 +33,9 @@ from agentspace import (
     hookspecs,
 )
 from agentspace.observe import CallInfo, TurnInfo
+from agentspace.pricing import provided_info
+from agentspace.providers.base import OPTIONAL_PROVIDER_METHODS
+from agentspace.sinks import OPTIONAL_SINK_METHODS
 from agentspace.testing import make_config, plugin_manager
 from agentspace.types import new_id, now_iso
 
@@ -83,6 +86,26 @@ def test_section_headings_show_the_hook_signature() -> None:
             assert args == specs[name], f"## {name}({', '.join(args)}) should be ## {name}({', '.join(specs[name])})"
 
 
+@pytest.mark.parametrize(
+    "heading",
+    [f"Provider.{name}(" for name in OPTIONAL_PROVIDER_METHODS]
+    + [f"UsageSink.{name}(" for name in OPTIONAL_SINK_METHODS],
+)
+def test_every_optional_method_has_a_section_and_an_example(heading: str) -> None:
+    text = DOC.read_text(encoding="utf-8")
+    assert re.search(rf"^### {re.escape(heading)}", text, re.MULTILINE), f"docs/plugins.md: no '### {heading}...)'"
+    method = heading.split(".")[1].rstrip("(")
+    assert any(re.search(rf"^    (async )?def {method}\(", block, re.MULTILINE) for block in example_plugins()), (
+        f"no example plugin in docs/plugins.md defines {heading}"
+    )
+
+
+def test_the_wire_fields_a_plugin_meets_are_documented() -> None:
+    text = DOC.read_text(encoding="utf-8")
+    for field in ('"model"', "byteCount", "tokenEstimate", "costEstimate", "asyncio_mode", "DropRecord"):
+        assert field in text, field
+
+
 def test_hooks_found_by_inspecting_the_module_match() -> None:
     # Guards the pluggy-based listing above: a hookspec it missed would go undocumented silently.
     marked = {
@@ -118,6 +141,13 @@ async def exercise(hook: str, thing: Any, config: Config) -> None:
         events = [event async for event in thing.stream(request)]
         assert isinstance(events[-1], ProviderFinish)
         assert "".join(e.text for e in events if isinstance(e, TextDelta)) == events[-1].message.text
+        for listed in getattr(thing, "models", lambda: [])():
+            assert thing.claims(listed)
+            provided_info([thing], listed)  # a malformed answer raises ConfigError
+        if hasattr(thing, "missing_key"):
+            assert isinstance(await thing.missing_key(model, None, None), bool)
+        if hasattr(thing, "aclose"):
+            await thing.aclose()
     elif hook == "register_context_sections":
         text = thing.build(ContextRequest(session_id=None, model="ollama/llama3.2", config=config))
         assert isinstance(await text if inspect.isawaitable(text) else text, str)
@@ -127,6 +157,10 @@ async def exercise(hook: str, thing: Any, config: Config) -> None:
         json.dumps(output)  # results go to the model as JSON
     elif hook == "register_usage_sinks":
         usage = TokenUsage(1000, 100)
+        if hasattr(thing, "start"):  # a sink that talks to a server: started and closed, not fed a record
+            await thing.start()
+            await thing.aclose()
+            return
         await thing.record(
             UsageRecord(new_id(), now_iso(), "echo/echo", "echo", None, None, usage, Cost(1.0, 0.5), 10.0, "stop")
         )

@@ -76,6 +76,7 @@ PUBLIC_NAMES = {
     "agentspace.tokens": ["count_tokens"],
     "agentspace.types": [
         "ModelInfo",
+        "PriceTier",
         "ChatMessage",
         "Part",
         "TextPart",
@@ -91,7 +92,7 @@ PUBLIC_NAMES = {
         "TokenUsage",
         "Cost",
     ],
-    "agentspace.sinks": ["UsageSink"],
+    "agentspace.sinks": ["UsageSink", "DropRecord"],
 }
 
 

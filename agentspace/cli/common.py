@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -35,6 +36,24 @@ class CliState:
     @property
     def data_dir(self) -> Path:
         return self.config().data_dir
+
+    def data_dir_origin(self) -> str:
+        """Where ``data_dir`` came from, found as ``agentspace serve`` finds it: --data-dir, then the
+        config's ``[storage] data_dir`` (--config or AGENTSPACE_CONFIG), then AGENTSPACE_HOME, then the default."""
+        if self.data_dir_override:
+            return "--data-dir"
+        config = self.config()
+        if config["storage"]["data_dir"]:
+            return f"[storage] data_dir in {config.source}"
+        where = "AGENTSPACE_HOME" if os.environ.get("AGENTSPACE_HOME") else "the default"
+        if self.config_path is None:
+            return f"{where}; no --config or AGENTSPACE_CONFIG given"
+        return f"{where}; {config.source} sets no [storage] data_dir"
+
+    def say_data_dir(self) -> None:
+        """Tell (on stderr) which data directory the command uses, so that a token or key is never made in
+        another one than the server's without a word."""
+        click.echo(f"agentspace: data directory {self.data_dir} ({self.data_dir_origin()})", err=True)
 
 
 pass_state = click.make_pass_decorator(CliState, ensure=True)

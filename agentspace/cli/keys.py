@@ -45,6 +45,7 @@ def add(state: CliState, name: str) -> None:
     value = value.strip()
     if not value:
         raise click.ClickException("No key given; nothing was saved.")
+    state.say_data_dir()
     vault = KeyVault(state.data_dir)
     vault.set(name, value)
     click.echo(f"Saved key '{name}' to {vault.path}")
@@ -58,6 +59,7 @@ def list_keys(state: CliState) -> None:
     from ..vault import DEFAULT_ENV_VARS, KeyVault, env_var, key_name, mask
 
     config = state.config()
+    state.say_data_dir()
     stored = KeyVault(config.data_dir).masked()
     rows = [(name, value, "vault") for name, value in stored.items()]
     prefixes = sorted(set(DEFAULT_ENV_VARS) | set(config.providers) | set(stored))
@@ -81,6 +83,7 @@ def remove(state: CliState, name: str) -> None:
     """Delete the stored key NAME."""
     from ..vault import KeyVault
 
+    state.say_data_dir()
     if not KeyVault(state.data_dir).remove(name):
         raise click.ClickException(f"No key named '{name}' in the vault. See: agentspace keys list")
     click.echo(f"Removed key '{name}'")

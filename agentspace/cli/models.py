@@ -14,11 +14,13 @@ if TYPE_CHECKING:
 
 
 def _plugin_providers(config: Config) -> list[Any]:
-    from ..plugins import get_plugin_manager
+    from ..plugins import PluginHookError, get_plugin_manager
 
     providers: list[Any] = []
     try:
         get_plugin_manager().hook.register_providers(register=providers.append, config=config)
+    except PluginHookError:
+        raise  # a misspelt hook: the plugin would silently do nothing, so nothing starts
     except Exception as e:  # list what the cost map knows even when a plugin is broken
         click.secho(f"agentspace: provider plugins not loaded: {type(e).__name__}: {e}", err=True, fg="yellow")
     return providers

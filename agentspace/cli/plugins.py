@@ -1,21 +1,55 @@
-"""``agentspace plugins``: installed plugins and the hooks each implements, as JSON."""
+"""``agentspace plugins``: installed plugins and the hooks each implements, as JSON; ``plugins new`` writes
+a new plugin package."""
 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import click
 
 from .common import CliState, config_options, pass_state
 
 
-@click.command()
+@click.group(invoke_without_command=True)
 @config_options
 @click.option("--all", "include_builtins", is_flag=True, help="Include the built-in plugins.")
 @pass_state
-def plugins(state: CliState, include_builtins: bool) -> None:
-    """List installed plugins and their hooks (JSON)."""
+@click.pass_context
+def plugins(ctx: click.Context, state: CliState, include_builtins: bool) -> None:
+    """List installed plugins and their hooks (JSON); `plugins new` starts a plugin."""
+    if ctx.invoked_subcommand is not None:
+        return
     state.config()  # a broken config (e.g. a [plugins.NAME] table) is reported here, as by every command
     from ..plugins import describe_plugins, get_plugin_manager
 
     click.echo(json.dumps(describe_plugins(get_plugin_manager(), include_builtins=include_builtins), indent=2))
+
+
+@plugins.command(name="new")
+@click.argument("name")
+@click.option(
+    "--kind",
+    type=click.Choice(("provider", "sink", "section", "command", "route")),
+    required=True,
+    help="What the plugin adds.",
+)
+@click.option(
+    "--dir",
+    "parent",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=Path("."),
+    show_default=True,
+    help="Folder to write the package agentspace-NAME into.",
+)
+def new(name: str, kind: str, parent: Path) -> None:
+    """Write a plugin package agentspace-NAME (pyproject, module, tests, README) that installs and passes
+    its tests; its README says what to change."""
+    from ..scaffold import ScaffoldError, module_name, write_package
+
+    try:
+        root = write_package(name, kind, parent)
+    except ScaffoldError as e:
+        raise click.ClickException(str(e)) from None
+    click.echo(f"Wrote {root}/ ({kind} plugin {name!r}, module {module_name(name)}.py). Next:")
+    click.echo(f"  cd {root} && pip install -e '.[test]' && pytest && agentspace plugins")

@@ -22,7 +22,9 @@ def token(state: CliState, rotate: bool) -> None:
                 f"The token comes from {TOKEN_ENV}: set a new value there and restart the servers."
             )
         click.echo(env_token())
-    elif rotate:
+        return
+    state.say_data_dir()
+    if rotate:
         click.echo(rotate_token(data_dir))
         click.echo(
             f"New token written to {token_path(data_dir)}. Running servers accept only the new token "

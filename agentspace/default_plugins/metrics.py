@@ -13,7 +13,8 @@ one of the first ``MAX_CLIENTS`` names seen, else ``other``; no session ids, no 
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import fnmatch
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
 from aiohttp import web
@@ -28,9 +29,12 @@ from prometheus_client import (
     platform_collector,
     process_collector,
 )
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from agentspace import pricing
+from agentspace.config import is_pattern
 from agentspace.hookspecs import hookimpl
+from agentspace.sink_queue import live_queues
 
 if TYPE_CHECKING:
     from agentspace.config import Config
@@ -105,16 +109,49 @@ STORE_WRITES = Histogram(
     registry=REGISTRY,
 )
 
+
+class SinkQueueCollector:
+    """The queued usage sinks of this process (``agentspace.sinks.SinkQueue``), read at each scrape."""
+
+    def collect(self) -> Iterator[Metric]:
+        failures = CounterMetricFamily(
+            "agentspace_sink_failures",
+            "Calls of a usage sink's record that raised or timed out (each retry counts).",
+            labels=["sink"],
+        )
+        dropped = CounterMetricFamily(
+            "agentspace_sink_dropped",
+            "Usage records a sink never got: refused (DropRecord), its queue full, or left at shutdown.",
+            labels=["sink"],
+        )
+        depth = GaugeMetricFamily("agentspace_sink_queue_depth", "Usage records waiting for a sink.", labels=["sink"])
+        totals: dict[str, list[int]] = {}
+        for queue in live_queues():
+            t = totals.setdefault(queue.name, [0, 0, 0])
+            t[0] += queue.failures
+            t[1] += queue.dropped
+            t[2] += queue.depth
+        for name, (failed, lost, waiting) in sorted(totals.items()):
+            failures.add_metric([name], failed)
+            dropped.add_metric([name], lost)
+            depth.add_metric([name], waiting)
+        yield from (failures, dropped, depth)
+
+
+REGISTRY.register(SinkQueueCollector())
+
 # Models any loaded config names (default, fallbacks, prices, provider model lists): known, so labelled.
 _configured: set[str] = set()
 _labels: dict[str, str] = {}  # model -> its label; bounded: only known models and a capped number of others
 _clients: set[str] = set()
+_patterns: list[str] = []
 
 
 def model_label(model: str) -> str:
     label = _labels.get(model)
     if label is None:
-        label = model if model in _configured or pricing.cost_entry(model) is not None else OTHER
+        known = model in _configured or any(fnmatch.fnmatchcase(model, p) for p in _patterns)
+        label = model if known or pricing.cost_entry(model) is not None else OTHER
         if len(_labels) < 10_000:
             _labels[model] = label
     return label
@@ -136,7 +173,8 @@ def _remember_models(config: Config) -> None:
     _configured.add(str(models["default"]))
     for model, chain in models["fallbacks"].items():
         _configured.update([model, *chain])
-    _configured.update(config.pricing)
+    _configured.update(m for m in config.pricing if not is_pattern(m))
+    _patterns[:] = [m for m in config.pricing if is_pattern(m)]  # [pricing."ollama/*"]: its models are known
     for name, settings in config.providers.items():
         for model in settings["models"]:
             _configured.add(model if "/" in str(model) else f"{name}/{model}")
@@ -147,6 +185,7 @@ class MetricsSink:
     """Counts every usage record into the process's Prometheus registry."""
 
     name = "metrics"
+    delivery = "inline"  # counts in memory: called at once, so /metrics is up to date when a turn ends
 
     async def record(self, record: UsageRecord) -> None:
         model = model_label(record.model)

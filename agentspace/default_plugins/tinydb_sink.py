@@ -20,6 +20,7 @@ if TYPE_CHECKING:
 
 class TinyDBUsageSink:
     name = "tinydb"
+    delivery = "record"  # the store of record: awaited before the turn ends (agentspace.sinks)
 
     def __init__(self, store_factory: Callable[[], UsageStore]) -> None:
         self._store_factory = store_factory

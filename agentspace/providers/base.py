@@ -116,6 +116,10 @@ class Provider(Protocol):
     def stream(self, request: ProviderRequest) -> AsyncIterator[ProviderEvent]: ...
 
 
+# The methods a provider may define besides the protocol's, each documented in docs/plugins.md.
+OPTIONAL_PROVIDER_METHODS = ("models", "model_info", "missing_key", "aclose")
+
+
 async def lacks_key(provider: Provider, model: str, api_key: str | None, base_url: str | None) -> bool:
     """True when ``provider`` says a call to ``model`` needs a key that ``api_key`` does not supply."""
     check = getattr(provider, "missing_key", None)

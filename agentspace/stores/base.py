@@ -167,7 +167,9 @@ class Database(Protocol):
 
 class UsageStoreSink:
     """A usage sink that writes every record into a usage store: what a backend without a sink plugin of
-    its own returns as ``Storage.sink``."""
+    its own returns as ``Storage.sink``: the store of record, awaited before a turn ends."""
+
+    delivery = "record"
 
     def __init__(self, store: UsageStoreAPI, name: str) -> None:
         self.store = store

@@ -1,0 +1,159 @@
+"""The queue that feeds one usage sink (``agentspace.sinks``): bounded, one worker task, retries with backoff,
+a bounded drain at shutdown. Kept apart from ``sinks`` so that importing the public API stays light."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import weakref
+from collections import deque
+
+from .sinks import (
+    DRAIN_SECONDS,
+    LOG_EVERY_SECONDS,
+    QUEUE_SIZE,
+    RECORD_TIMEOUT_SECONDS,
+    RETRY_FIRST_SECONDS,
+    RETRY_MAX_SECONDS,
+    DropRecord,
+    UsageSink,
+    sink_name,
+)
+from .types import UsageRecord
+
+log = logging.getLogger(__name__)
+
+# The queues of this process, for the metrics plugin (``agentspace_sink_*``).
+_live: weakref.WeakSet[SinkQueue] = weakref.WeakSet()
+
+
+def live_queues() -> list[SinkQueue]:
+    return list(_live)
+
+
+class SinkQueue:
+    """One sink's queue and worker: records are delivered in order, each retried until the sink takes it."""
+
+    def __init__(self, sink: UsageSink) -> None:
+        self.sink = sink
+        self.name = sink_name(sink)
+        self.maxsize = int(getattr(sink, "queue_size", QUEUE_SIZE))
+        self.timeout = float(getattr(sink, "record_timeout_seconds", RECORD_TIMEOUT_SECONDS))
+        self.retry_max = float(getattr(sink, "retry_max_seconds", RETRY_MAX_SECONDS))
+        self.drain_seconds = float(getattr(sink, "drain_seconds", DRAIN_SECONDS))
+        self._records: deque[UsageRecord] = deque()
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._closed = False
+        self.delivered = 0
+        self.failures = 0  # calls of ``record`` that raised or timed out (each retry counts)
+        self.dropped = 0  # records this sink never got: DropRecord, a full queue, or left at shutdown
+        self._last_log = -LOG_EVERY_SECONDS
+        self._unlogged = 0
+        _live.add(self)
+
+    @property
+    def depth(self) -> int:
+        return len(self._records)
+
+    async def start(self) -> None:
+        start = getattr(self.sink, "start", None)
+        if start is not None:
+            try:
+                await start()
+            except Exception:  # the sink may recover; its records queue and are retried meanwhile
+                log.exception("usage sink %r failed to start", self.name)
+
+    def offer(self, record: UsageRecord) -> None:
+        """Queue ``record`` for the sink; never blocks, never raises."""
+        if self._closed or len(self._records) >= self.maxsize:
+            self.dropped += 1
+            self._warn("usage sink %r: queue full (%d records); dropped record %s", self.name, self.maxsize, record.id)
+            return
+        self._records.append(record)
+        self._idle.clear()
+        self._wake.set()
+        if self._task is None:
+            self._task = asyncio.create_task(self._run(), name=f"agentspace-sink-{self.name}")
+
+    async def _run(self) -> None:
+        backoff = 0.0
+        while True:
+            if not self._records:
+                self._idle.set()
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            record = self._records[0]
+            try:
+                await asyncio.wait_for(self.sink.record(record), self.timeout)
+            except DropRecord as e:
+                self._records.popleft()
+                self.dropped += 1
+                self._warn("usage sink %r refused record %s: %s (not retried)", self.name, record.id, e)
+            except Exception as e:
+                self.failures += 1
+                backoff = min(self.retry_max, backoff * 2 or RETRY_FIRST_SECONDS)
+                self._warn(
+                    "usage sink %r failed (%s: %s); record %s retried in %.1fs, %d waiting",
+                    self.name,
+                    type(e).__name__,
+                    e,
+                    record.id,
+                    backoff,
+                    len(self._records),
+                )
+                await asyncio.sleep(backoff)
+            else:
+                self._records.popleft()
+                self.delivered += 1
+                if backoff:
+                    log.info("usage sink %r works again; %d records waiting", self.name, len(self._records))
+                backoff = 0.0
+
+    def _warn(self, message: str, *args: object) -> None:
+        """Log at most once per ``LOG_EVERY_SECONDS``: a sink that is down fails for every record."""
+        now = time.monotonic()
+        if now - self._last_log < LOG_EVERY_SECONDS:
+            self._unlogged += 1
+            return
+        if self._unlogged:
+            message += " (%d more problems since the last message)"
+            args = (*args, self._unlogged)
+        self._last_log, self._unlogged = now, 0
+        log.warning(message, *args)
+
+    async def aclose(self, drain_seconds: float | None = None) -> None:
+        """Stop taking records, give the queue ``drain_seconds`` to empty, then close the sink."""
+        self._closed = True
+        wait = self.drain_seconds if drain_seconds is None else drain_seconds
+        if self._records:
+            try:
+                await asyncio.wait_for(self._idle.wait(), wait)
+            except TimeoutError:
+                pass
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+            self._task = None
+        if self._records:
+            self.dropped += len(self._records)
+            log.error(
+                "usage sink %r: %d records not delivered at shutdown (the store of record has them)",
+                self.name,
+                len(self._records),
+            )
+            self._records.clear()
+        close = getattr(self.sink, "aclose", None)
+        if close is not None:
+            try:
+                await close()
+            except Exception:
+                log.exception("closing usage sink %r failed", self.name)
+        _live.discard(self)

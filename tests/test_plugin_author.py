@@ -1,0 +1,200 @@
+"""What a third-party plugin author meets (docs/plugins.md): a misspelt hook stops ``serve`` and the CLI
+naming the plugin and the hook; the context sections are the ones registered, nothing hard-coded."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from typing import Any
+
+import pluggy
+import pytest
+
+from agentspace import ContextSection, hookimpl
+from agentspace.config import Config
+from agentspace.plugins import PluginHookError, check_hooks, create_plugin_manager
+from agentspace.testing import gateway_client, make_config, plugin_manager
+
+MISSPELT = """
+from agentspace import hookimpl
+
+@hookimpl
+def register_provider(register, config):  # the hook is register_providers
+    raise AssertionError("never called")
+"""
+
+
+def installed_package(root: Path, name: str, module_text: str) -> dict[str, str]:
+    """A package as pip installs it (module + dist-info with the entry point) on a PYTHONPATH entry; the
+    environment that makes a subprocess load it."""
+    site = root / "site"
+    site.mkdir(parents=True, exist_ok=True)
+    module = name.replace("-", "_")
+    (site / f"{module}.py").write_text(module_text)
+    dist = site / f"{module}-0.1.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: 0.1\n")
+    (dist / "entry_points.txt").write_text(f"[agentspace]\n{module} = {module}\n")
+    env = {k: v for k, v in os.environ.items() if k != "AGENTSPACE_LOAD_PLUGINS"}
+    env["PYTHONPATH"] = str(site)
+    return env
+
+
+MISSPELT_PARAMETER = """
+from agentspace import hookimpl
+
+@hookimpl
+def register_tools(regster, config):  # the parameter is register
+    raise AssertionError("never called")
+"""
+
+
+def test_a_misspelt_hook_parameter_stops_the_start_naming_the_plugin(tmp_path: Path) -> None:
+    env = installed_package(tmp_path, "agentspace-typo2", MISSPELT_PARAMETER)
+    env["AGENTSPACE_HOME"] = str(tmp_path / "home")
+    done = subprocess.run([sys.executable, "-m", "agentspace", "plugins"], env=env, capture_output=True, text=True)
+    assert done.returncode == 1, done
+    assert "plugin 'agentspace_typo2'" in done.stderr and "regster" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize("command", [["serve", "--port", "0"], ["plugins"], ["models"]])
+def test_a_misspelt_hook_stops_serve_and_the_cli_naming_plugin_and_hook(tmp_path: Path, command: list[str]) -> None:
+    env = installed_package(tmp_path, "agentspace-typo", MISSPELT)
+    env["AGENTSPACE_HOME"] = str(tmp_path / "home")
+    done = subprocess.run(
+        [sys.executable, "-m", "agentspace", *command], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 1, done
+    assert "plugin 'agentspace_typo' implements unknown hook 'register_provider'" in done.stderr
+    assert "did you mean 'register_providers'?" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_check_hooks_in_the_test_helpers_and_optional_hooks(tmp_path: Path) -> None:
+    class Typo:
+        @hookimpl
+        def server_startp(self, app: Any, config: Config) -> None: ...
+
+    with pytest.raises(pluggy.PluginValidationError, match="unknown hook 'server_startp'"), plugin_manager(Typo()):
+        pass
+
+    class Optional:  # a hook of a future agentspace, marked optional: allowed
+        @hookimpl(optionalhook=True)
+        def a_later_hook(self) -> None: ...
+
+    pm = create_plugin_manager(load_entry_points=False)
+    pm.register(Optional())
+    check_hooks(pm)
+    pm.register(Typo(), name="typo")
+    with pytest.raises(PluginHookError, match="plugin 'typo'"):
+        check_hooks(pm)
+
+
+class Notes:
+    @hookimpl
+    def register_context_sections(self, register: Any, config: Config) -> None:
+        register(ContextSection("notes", lambda request: "Remember the milk."))
+        register(ContextSection("glossary", lambda request: "LLM: a large language model."))
+
+
+async def inspected_sections(tmp_path: Path, upstream: Any, *plugins: object) -> tuple[list[str], dict[str, Any]]:
+    """One chat turn, then the context of the session's next call (``GET /api/sessions/ID/context``)."""
+    config = make_config(tmp_path, providers={"anthropic": {"base_url": upstream.url}})
+    async with gateway_client(config, *plugins) as client:
+        resp = await client.post(
+            "/api/chat",
+            json={
+                "id": "s1",
+                "trigger": "submit-message",
+                "messages": [{"id": "u1", "role": "user", "parts": [{"type": "text", "text": "Hi"}]}],
+            },
+        )
+        await resp.read()
+        reply = await (await client.get("/api/sessions/s1/context")).json()
+    return [s["name"] for s in reply["sections"]], reply
+
+
+async def test_inspect_lists_the_sections_that_are_registered(
+    tmp_path: Path, fake_anthropic: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("ANTHROPIC_API_KEY", "sk-ant-test-0123456789abcdef")
+    names, reply = await inspected_sections(tmp_path / "a", fake_anthropic, Notes())
+    assert names == ["system_prompt", "notes", "glossary", "tools", "response_format", "history", "user_message"]
+    notes = next(s for s in reply["sections"] if s["name"] == "notes")
+    assert notes["byteCount"] == len("Remember the milk.")
+    names, _ = await inspected_sections(tmp_path / "b", fake_anthropic)
+    assert "memory" not in names and "skills" not in names  # not installed: no rows
+    assert names == ["system_prompt", "tools", "response_format", "history", "user_message"]
+
+
+def test_sections_of_the_installed_memory_and_skills_plugins(tmp_path: Path) -> None:
+    code = textwrap.dedent(
+        """
+        from agentspace.plugins import create_plugin_manager
+        from agentspace.testing import make_config
+        import pathlib, sys
+        config = make_config(pathlib.Path(sys.argv[1]))
+        names = []
+        create_plugin_manager().hook.register_context_sections(register=lambda s: names.append(s.name), config=config)
+        print(sorted(set(names)))
+        """
+    )
+    env = {**os.environ, "AGENTSPACE_LOAD_PLUGINS": "agentspace-memory,agentspace-skills"}
+    done = subprocess.run([sys.executable, "-c", code, str(tmp_path)], env=env, capture_output=True, text=True)
+    assert done.stdout.strip() == "['memory', 'skills', 'system_prompt']", done.stderr
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_token_uses_the_data_directory_serve_uses_and_says_which(tmp_path: Path) -> None:
+    """``agentspace token`` finds the data directory from AGENTSPACE_CONFIG like ``serve``: its token opens the
+    running server; it names the directory on stderr, also when no config was given."""
+    import time
+    import urllib.error
+    import urllib.request
+
+    data, port = tmp_path / "server-data", free_port()
+    config = tmp_path / "agentspace.toml"
+    config.write_text(f'[storage]\ndata_dir = "{data}"\n[server]\nport = {port}\n')
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AGENTSPACE_")}
+    env.update(AGENTSPACE_CONFIG=str(config), AGENTSPACE_HOME=str(tmp_path / "home"), AGENTSPACE_LOAD_PLUGINS="")
+    server = subprocess.Popen(
+        [sys.executable, "-m", "agentspace", "serve"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
+    try:
+        done = subprocess.run([sys.executable, "-m", "agentspace", "token"], env=env, capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr
+        assert done.stderr == f"agentspace: data directory {data} ([storage] data_dir in {config})\n"
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{port}/api/sessions", headers={"Authorization": f"Bearer {done.stdout.strip()}"}
+        )
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                with urllib.request.urlopen(request, timeout=5) as resp:
+                    assert resp.status == 200
+                break
+            except (urllib.error.URLError, ConnectionError):
+                assert server.poll() is None and time.monotonic() < deadline, "the server did not start"
+                time.sleep(0.2)
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+    del env["AGENTSPACE_CONFIG"]
+    done = subprocess.run([sys.executable, "-m", "agentspace", "token"], env=env, capture_output=True, text=True)
+    home = tmp_path / "home"
+    assert (
+        done.stderr == f"agentspace: data directory {home} (AGENTSPACE_HOME; no --config or AGENTSPACE_CONFIG given)\n"
+    )
+    assert done.stdout.strip() == (home / "gateway-token").read_text().strip()

@@ -1,0 +1,272 @@
+"""Usage sinks other than the store of record are isolated from the answer (docs/plugins.md, "Delivery"):
+a webhook sink that is down, slow (5 s) or answering 500 changes nothing a WebSocket, ``/api/chat`` or
+``/v1`` client sees, does not delay ``chat.stream.end``, and gets every record once it recovers. Its
+failures are counted in ``/metrics``; at shutdown its queue drains (bounded)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient
+
+from agentspace import UsageRecord, hookimpl
+from agentspace.config import Config
+from agentspace.plugins import create_plugin_manager
+from agentspace.sinks import DropRecord
+from agentspace.transports import state
+from tests.conftest import wait_until
+from tests.fakes.anthropic_upstream import text_response
+from tests.test_http_chat import post_chat, read_all, user
+from tests.test_ws import chat, connect
+
+
+class Webhook:
+    """A real HTTP server on 127.0.0.1 taking usage records; ``mode`` is ``ok``, ``slow`` (5 s) or ``500``.
+    ``down()`` closes its port; ``up()`` opens it again on the same port."""
+
+    def __init__(self) -> None:
+        self.mode = "ok"
+        self.received: list[dict[str, Any]] = []
+        self.port = 0
+        self._runner: web.AppRunner | None = None
+
+    async def _post(self, request: web.Request) -> web.Response:
+        body = await request.json()
+        if self.mode == "slow":
+            await asyncio.sleep(5)
+        if self.mode == "500":
+            return web.Response(status=500, text="broken")
+        self.received.append(body)
+        return web.Response(status=204)
+
+    async def up(self) -> None:
+        app = web.Application()
+        app.router.add_post("/usage", self._post)
+        self._runner = web.AppRunner(app)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", self.port)
+        await site.start()
+        if not self.port:
+            self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+
+    async def down(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+    def ids(self) -> set[str]:
+        return {r["id"] for r in self.received}
+
+
+class WebhookSink:
+    """What a plugin author writes: POST each record as JSON; a non-2xx answer raises (and is retried)."""
+
+    name = "webhook"
+    retry_max_seconds = 0.5  # retry soon, so that the test sees the recovery quickly
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.session: aiohttp.ClientSession | None = None
+        self.started = self.closed = False
+
+    async def start(self) -> None:
+        self.session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10))
+        self.started = True
+
+    async def record(self, record: UsageRecord) -> None:
+        assert self.session is not None
+        async with self.session.post(self.url, json=record.to_dict()) as resp:
+            resp.raise_for_status()
+
+    async def aclose(self) -> None:
+        if self.session is not None:
+            await self.session.close()
+        self.closed = True
+
+
+class WebhookPlugin:
+    def __init__(self, sink: WebhookSink) -> None:
+        self.sink = sink
+
+    @hookimpl
+    def register_usage_sinks(self, register: Callable[[WebhookSink], None], config: Config) -> None:
+        register(self.sink)
+
+
+@pytest.fixture
+async def webhook() -> AsyncIterator[Webhook]:
+    hook = Webhook()
+    await hook.up()
+    yield hook
+    await hook.down()
+
+
+@pytest.fixture
+def with_sink(webhook: Webhook, monkeypatch: pytest.MonkeyPatch) -> WebhookSink:
+    monkeypatch.setenv("AGENTSPACE_LOAD_PLUGINS", "metrics")
+    return WebhookSink(f"http://127.0.0.1:{webhook.port}/usage")
+
+
+async def start_client(make_client: Any, *plugins: object) -> TestClient:
+    pm = create_plugin_manager()
+    for plugin in plugins:
+        pm.register(plugin)
+    return await make_client(pm=pm)
+
+
+async def stored_usage(client: TestClient) -> set[str]:
+    """The ids the store of record holds (read through the running gateway's usage store)."""
+    gw = client.server.app[state.REGISTRY]
+    return {r["id"] for r in await gw.usage.arecords()}
+
+
+async def ws_turn(client: TestClient, token: str, text: str) -> tuple[list[dict[str, Any]], float]:
+    """One WebSocket turn: its frames, and the seconds from chat.send to chat.stream.end."""
+    ws = await connect(client, token)
+    started = time.perf_counter()
+    frames = await chat(ws, text)
+    took = time.perf_counter() - started
+    await ws.close()
+    return frames, took
+
+
+def shape(frames: list[dict[str, Any]]) -> list[str]:
+    return [f["type"] for f in frames]
+
+
+async def metric(client: TestClient, headers: dict[str, str], name: str) -> float:
+    text = await (await client.get("/metrics", headers=headers)).text()
+    for line in text.splitlines():
+        if line.startswith(name + '{sink="webhook"}'):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+@pytest.mark.parametrize("trouble", ["down", "slow", "500"])
+async def test_a_failing_webhook_changes_nothing_a_client_sees_and_loses_no_record(
+    make_client: Any,
+    webhook: Webhook,
+    with_sink: WebhookSink,
+    token: str,
+    auth_headers: dict[str, str],
+    fake_anthropic: Any,
+    trouble: str,
+) -> None:
+    fake_anthropic.default = text_response("Fine, thanks", chunks=3)
+    client = await start_client(make_client, WebhookPlugin(with_sink))
+    assert with_sink.started  # start() ran when the server started
+
+    # What a client sees while the webhook works: the reference.
+    good_frames, _ = await ws_turn(client, token, "warm up")
+    ok_times = [(await ws_turn(client, token, f"ok {i}"))[1] for i in range(7)]
+    await wait_until(lambda: _ready(len(webhook.received) == 8))
+
+    if trouble == "down":
+        await webhook.down()
+    else:
+        webhook.mode = trouble
+    bad_frames, _ = await ws_turn(client, token, "while broken")
+    bad_times = [(await ws_turn(client, token, f"broken {i}"))[1] for i in range(7)]
+    # The same frames (ids and times aside), and chat.stream.end no later than 5 ms beyond the best healthy turn.
+    assert shape(bad_frames) == shape(good_frames)
+    assert bad_frames[-1]["type"] == "chat.stream.end"
+    assert min(bad_times) - min(ok_times) < 0.005, (ok_times, bad_times)
+
+    resp = await post_chat(client, auth_headers, "chat-http", user("Hi!"))
+    assert resp.status == 200
+    chunks = await read_all(resp)
+    assert not [c for c in chunks if isinstance(c, dict) and c["type"] == "error"]
+    resp = await client.post(
+        "/v1/chat/completions",
+        json={"model": "anthropic/claude-sonnet-4-5", "messages": [{"role": "user", "content": "Hi"}]},
+        headers=auth_headers,
+    )
+    assert resp.status == 200
+    assert (await resp.json())["choices"][0]["message"]["content"] == "Fine, thanks"
+
+    if trouble != "slow":  # a slow webhook does not fail: it only takes its time
+        await wait_until(lambda: _positive(metric(client, auth_headers, "agentspace_sink_failures_total")))
+    assert await metric(client, auth_headers, "agentspace_sink_queue_depth") > 0
+
+    # The webhook recovers: every record the store of record holds reaches it, none twice.
+    if trouble == "down":
+        await webhook.up()
+    webhook.mode = "ok"
+    stored = await stored_usage(client)
+    assert len(stored) == 18
+    await wait_until(lambda: _ready(webhook.ids() >= stored), timeout=20)
+    if trouble != "slow":  # a slow POST answered after the client's timeout may arrive twice (at-least-once)
+        assert len(webhook.received) == len(stored)
+    assert await metric(client, auth_headers, "agentspace_sink_queue_depth") == 0
+
+
+async def _ready(value: bool) -> bool:
+    return value
+
+
+async def _positive(value: Awaitable[float]) -> bool:
+    return await value > 0
+
+
+async def test_records_left_at_shutdown_drain_then_the_sink_closes(
+    make_client: Any, webhook: Webhook, with_sink: WebhookSink, token: str, fake_anthropic: Any
+) -> None:
+    webhook.mode = "500"
+    client = await start_client(make_client, WebhookPlugin(with_sink))
+    for i in range(3):
+        frames, _ = await ws_turn(client, token, f"turn {i}")
+        assert frames[-1]["type"] == "chat.stream.end"
+    webhook.mode = "ok"  # recovers while the server shuts down: the drain delivers what waits
+    started = time.monotonic()
+    await client.close()
+    assert time.monotonic() - started < 10
+    assert len(webhook.received) == 3
+    assert with_sink.closed
+
+
+async def test_a_refused_record_is_not_retried_and_a_broken_sink_never_reaches_the_client(
+    make_client: Any, token: str, auth_headers: dict[str, str], fake_anthropic: Any
+) -> None:
+    calls: list[str] = []
+
+    class Refusing:
+        name = "refusing"
+
+        async def record(self, record: UsageRecord) -> None:
+            calls.append(record.id)
+            raise DropRecord("no room for it")
+
+    class Refused(WebhookPlugin):
+        @hookimpl
+        def register_usage_sinks(self, register: Callable[[Any], None], config: Config) -> None:
+            register(Refusing())
+
+    # The issue's repro: a sink raising ConnectionRefusedError must not end the turn with STORAGE_ERROR.
+    class Down:
+        name = "down"
+        retry_max_seconds = 0.1
+
+        async def record(self, record: UsageRecord) -> None:
+            raise ConnectionRefusedError(111, "Connection refused")
+
+    class DownPlugin:
+        @hookimpl
+        def register_usage_sinks(self, register: Callable[[Any], None], config: Config) -> None:
+            register(Down())
+
+    client = await start_client(make_client, Refused(WebhookSink("")), DownPlugin())
+    frames, _ = await ws_turn(client, token, "Hi")
+    assert frames[-1]["type"] == "chat.stream.end", frames[-1]
+    assert not [f for f in frames if f["type"] == "error"]
+    await wait_until(lambda: _ready(len(calls) == 1))
+    await asyncio.sleep(0.3)
+    assert len(calls) == 1  # DropRecord: not retried
+    assert len(await stored_usage(client)) == 1
+    assert json.dumps(frames).count("STORAGE_ERROR") == 0
