@@ -452,7 +452,17 @@ async def test_writes_queued_together_share_one_sync(tmp_path: Path, monkeypatch
 
 
 def segment_files(data_dir: Path) -> list[str]:
-    return sorted(str(p.relative_to(data_dir / "usage")) for p in (data_dir / "usage").rglob("*.json"))
+    """The usage segments (earlier versions' ``.json`` and the log's ``.jsonl``), not the rollups."""
+    usage = data_dir / "usage"
+    return sorted(
+        str(p.relative_to(usage))
+        for p in usage.rglob("*.json*")
+        if p.parent.name != "rollups" and ".damaged-" not in p.name
+    )
+
+
+def log_records(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_bytes().splitlines()]
 
 
 async def test_usage_append_and_records(usage: UsageStore) -> None:
@@ -476,8 +486,8 @@ async def test_usage_segment_rollover(usage: UsageStore, tmp_path: Path) -> None
     day = usage_module._utc_day()
     for i in range(10):
         await usage.append(usage_record(i))
-    assert segment_files(tmp_path) == [f"{day}/00000.json", f"{day}/00001.json", f"{day}/00002.json"]
-    sizes = [len(json.loads((tmp_path / "usage" / f).read_text())["records"]) for f in segment_files(tmp_path)]
+    assert segment_files(tmp_path) == [f"{day}/00000.jsonl", f"{day}/00001.jsonl", f"{day}/00002.jsonl"]
+    sizes = [len(log_records(tmp_path / "usage" / f)) for f in segment_files(tmp_path)]
     assert sizes == [4, 4, 2]
     assert [r["id"] for r in usage.records()] == [f"u{i}" for i in range(10)]
 
@@ -492,7 +502,7 @@ async def test_usage_continues_the_last_segment_after_a_restart(tmp_path: Path) 
     for i in range(6, 9):
         await second.append(usage_record(i))
     await second.aclose()
-    assert segment_files(tmp_path) == [f"{day}/00000.json", f"{day}/00001.json", f"{day}/00002.json"]
+    assert segment_files(tmp_path) == [f"{day}/00000.jsonl", f"{day}/00001.jsonl", f"{day}/00002.jsonl"]
     assert [r["id"] for r in second.records()] == [f"u{i}" for i in range(9)]
 
 
@@ -504,7 +514,7 @@ async def test_usage_starts_a_new_folder_when_the_utc_day_changes(
     await usage.append(usage_record(2, timestamp="2030-01-01T23:59:59.999Z"))
     monkeypatch.setattr(usage_module, "_utc_day", lambda: "2030-01-02")
     await usage.append(usage_record(3, timestamp="2030-01-02T00:00:00.001Z"))
-    assert segment_files(tmp_path) == ["2030-01-01/00000.json", "2030-01-02/00000.json"]
+    assert segment_files(tmp_path) == ["2030-01-01/00000.jsonl", "2030-01-02/00000.jsonl"]
     since = datetime(2030, 1, 2, tzinfo=UTC)
     assert [r["id"] for r in usage.records(since=since)] == ["u3"]
     assert [r["id"] for r in usage.records(since=since.replace(tzinfo=None))] == ["u3"]  # naive is UTC
@@ -531,7 +541,7 @@ async def test_usage_since_skips_older_day_folders(tmp_path: Path, monkeypatch: 
     await store.aclose()
 
 
-async def test_usage_append_rewrites_only_the_current_segment(tmp_path: Path) -> None:
+async def test_usage_append_writes_only_a_new_segment_after_old_ones(tmp_path: Path) -> None:
     day = usage_module._utc_day()
     for n in range(3):
         write_segment(tmp_path, day, n, [usage_record(n * 10 + i).to_dict() for i in range(5)])
@@ -541,7 +551,11 @@ async def test_usage_append_rewrites_only_the_current_segment(tmp_path: Path) ->
     await store.append(usage_record(99))
     await store.aclose()
     after = {f: (tmp_path / "usage" / f).stat().st_mtime_ns for f in segment_files(tmp_path)}
-    assert {f for f in after if after[f] != before.get(f)} == {f"{day}/00003.json"}
+    # Earlier versions' segments are read, never appended to: the record starts the next segment, a log.
+    assert {f for f in after if after[f] != before.get(f)} == {f"{day}/00003.jsonl"}
+    assert [r["id"] for r in UsageStore(tmp_path).records()] == [
+        f"u{n * 10 + i}" for n in range(3) for i in range(5)
+    ] + ["u99"]
 
 
 async def test_usage_append_that_fails_changes_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -555,7 +569,7 @@ async def test_usage_append_that_fails_changes_nothing(tmp_path: Path, monkeypat
 
     def disk_full(fd: int, data: Any) -> int:
         calls.append(fd)
-        if len(calls) == 1:  # half the segment reaches the temp file, then the disk is full
+        if len(calls) == 1:  # half the line reaches the segment, then the disk is full
             real_write(fd, bytes(data)[: len(data) // 2])
             raise OSError(28, "No space left on device")
         return real_write(fd, data)
@@ -568,7 +582,7 @@ async def test_usage_append_that_fails_changes_nothing(tmp_path: Path, monkeypat
     await store.append(usage_record(3))
     await store.aclose()
     assert [r["id"] for r in UsageStore(tmp_path).records()] == ["u0", "u1", "u3"]
-    assert json.loads(path.read_bytes())  # whole JSON again
+    assert [r["id"] for r in log_records(path)] == ["u0", "u1", "u3"]  # whole lines only
 
 
 async def test_usage_store_closes(usage: UsageStore) -> None:

@@ -73,6 +73,7 @@ def parse_lines(raw: bytes, path: Path) -> tuple[list[Any], int]:
 
 
 def _line_ends(raw: bytes, count: int) -> list[int]:
+    """Where each of the first ``count`` lines ends (just past its newline)."""
     ends: list[int] = []
     position = 0
     for _ in range(count):
@@ -147,33 +148,43 @@ class AppendLog:
         self._fd: int | None = None
         self.size = 0  # bytes of complete lines written (what a reader finds once synced)
         self.synced = 0  # bytes known durable
-        self._ends: list[int] = []  # after open: where each entry read ends (for ``cut``)
 
     @property
     def is_open(self) -> bool:
         return self._fd is not None
 
-    def open(self, *, read: bool = True) -> list[Any]:
+    def open(
+        self, *, read: bool = True, create: bool = True, unfinished: Callable[[list[Any]], int] | None = None
+    ) -> list[Any]:
         """Open for appending (creating the file, 0600, when missing) and return its complete entries (``[]``
-        without ``read``). A torn tail is cut off with a warning. Raises StoreCorrupt (the file is not opened)."""
+        without ``read``). A torn tail is cut off with a warning.
+
+        ``unfinished(entries)``, for a store whose writes span several lines, checks the entries (raising
+        StoreCorrupt when they are damaged) and says how many of the last ones belong to a write that never
+        finished: those are cut off too and not returned. Nothing is cut before it returned, so a damaged
+        file is moved aside as it was found. Raises StoreCorrupt (the file is then not opened)."""
         if self._fd is not None:
             raise RuntimeError(f"{self.path} is open already")
         created = not self.path.exists()
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_APPEND | getattr(os, "O_BINARY", 0), 0o600)
+        flags = os.O_RDWR | os.O_APPEND | getattr(os, "O_BINARY", 0) | (os.O_CREAT if create else 0)
+        fd = os.open(self.path, flags, 0o600)
         try:
             entries: list[Any] = []
-            self._ends = []
             size = os.fstat(fd).st_size
             if read and size:
                 with open(fd, "rb", closefd=False) as f:
                     raw = f.read()
                 entries, torn = parse_lines(raw, self.path)
-                self._ends = _line_ends(raw, len(entries))
-                if torn:
-                    os.ftruncate(fd, len(raw) - torn)
+                drop = unfinished(entries) if unfinished is not None else 0
+                keep = len(raw) - torn
+                if drop:
+                    entries = entries[:-drop]
+                    keep = _line_ends(raw, len(entries))[-1] if entries else 0
+                if keep < len(raw):
+                    os.ftruncate(fd, keep)
                     os.fsync(fd)
-                    warn_torn(self.path, torn, cut=True)
-                    size = len(raw) - torn
+                    warn_torn(self.path, len(raw) - keep, cut=True)
+                    size = keep
             elif size:  # not read: still no torn tail may stay in front of our lines
                 size = self._cut_torn_tail(fd, size)
             if created:
@@ -183,17 +194,6 @@ class AppendLog:
             raise
         self._fd, self.size, self.synced = fd, size, size
         return entries
-
-    def cut(self, keep: int) -> None:
-        """Right after ``open``: cut the file back to its first ``keep`` entries (durably), for a store whose
-        own framing says the last complete lines belong to a write that never finished."""
-        fd = self._require()
-        size = self._ends[keep - 1] if keep else 0
-        if size < self.size:
-            os.ftruncate(fd, size)
-            os.fsync(fd)
-            self.size = self.synced = size
-        self._ends = self._ends[:keep]
 
     def _cut_torn_tail(self, fd: int, size: int) -> int:
         with open(fd, "rb", closefd=False) as f:

@@ -488,15 +488,18 @@ class SessionStore:
         if path.exists():
             self._prepare()
             log_ = AppendLog(path)
-            entries = log_.open()
-            try:
+            replayed: list[_Session] = []
+
+            def unfinished(entries: builtins.list[Any]) -> int:
                 session, dropped = _replay(entries, path)
-                if dropped:  # the unfinished write's entry goes too: the log ends with a complete write
-                    log_.cut(len(entries) - dropped)
-                    log.warning("%s: the last write never finished (a crash); cut off", path)
-            except BaseException:
-                log_.close()
-                raise
+                replayed.append(session)
+                return dropped
+
+            try:
+                log_.open(create=False, unfinished=unfinished)
+            except FileNotFoundError:  # deleted since (the CLI)
+                return None
+            session = replayed[0]
             with contextlib.suppress(FileNotFoundError):  # a conversion that crashed before removing it
                 os.unlink(self._legacy_path(session_id))
             session.log, session.size = log_, log_.size
