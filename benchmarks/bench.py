@@ -325,6 +325,7 @@ class Bench:
         self.gateway = ""
         self.pid = 0
         self.results: dict[str, Any] = {"requestsPerPhase": args.requests, "deltas": DELTAS, "phases": []}
+        self.extra_config = ""  # TOML appended to the gateway's config (e.g. a [chat] table)
 
     def spawn(self, argv: list[str]) -> subprocess.Popen[str]:
         log = open(self.root / f"process-{len(self.procs)}.log", "w")  # the server's log, kept off the table
@@ -350,6 +351,7 @@ class Bench:
         config.write_text(
             f'[server]\nmessages_per_minute = 1000000\n\n[storage]\ndata_dir = "{self.home}"\n\n'
             f'[models]\ndefault = "{MODEL}"\n\n[providers.anthropic]\nbase_url = "{self.upstream}"\n'
+            + self.extra_config
         )
         serve = [*self.cli, "serve", "--config", str(config), "--port", "0"]
         profile = self.args.profile
