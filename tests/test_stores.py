@@ -448,6 +448,57 @@ async def test_writes_queued_together_share_one_sync(tmp_path: Path, monkeypatch
         await store.aclose()
 
 
+async def test_recent_sessions_are_served_from_the_cache_the_writer_keeps(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from agentspace.stores import sessions as sessions_module
+
+    store = SessionStore(tmp_path)
+    try:
+        ids = [(await store.create(model="m"))["id"] for _ in range(3)]
+        for sid in ids:
+            await store.append_message(sid, {"id": "m1", "role": "user", "content": "x" * 1000})
+        # Damage behind the store's back: the cached sessions are not parsed again (the next turn's context and
+        # GET /api/sessions/{id} cost no parse), and the writer's own changes are in the cache.
+        path = tmp_path / "sessions" / f"{ids[0]}.jsonl"
+        path.write_bytes(b"garbage\n" + path.read_bytes())
+        await store.append_message(ids[0], {"id": "m2", "role": "assistant", "content": "y"})
+        assert [m["id"] for m in (await store.get(ids[0]))["messages"]] == ["m1", "m2"]
+        with pytest.raises(SessionDamaged):
+            SessionStore(tmp_path).get_sync(ids[0])  # what a fresh read finds
+        # Bounded: past the bytes it may hold, the least recent sessions are dropped and read again on use.
+        monkeypatch.setattr(sessions_module, "OPEN_BYTES", 2500)
+        await store.append_message(ids[1], {"role": "user", "content": "z"})
+        await store.append_message(ids[2], {"role": "user", "content": "z"})
+        assert ids[0] not in store._open and len(store._open) <= 2
+        with pytest.raises(SessionDamaged):
+            await store.get(ids[0])
+    finally:
+        await store.aclose()
+
+
+async def test_a_session_dropped_from_the_cache_mid_commit_keeps_its_write(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from agentspace.stores import sessions as sessions_module
+
+    monkeypatch.setattr(sessions_module, "OPEN_SESSIONS", 1)  # each write to another session evicts the last
+    store = SessionStore(tmp_path)
+    try:
+        ids = [(await store.create(model="m"))["id"] for _ in range(5)]
+        await asyncio.gather(
+            *(
+                store.append_message(sid, {"id": f"m{n}", "role": "user", "content": "x"})
+                for n in range(3)
+                for sid in ids
+            )
+        )
+    finally:
+        await store.aclose()
+    for sid in ids:
+        assert [m["id"] for m in SessionStore(tmp_path).get_sync(sid)["messages"]] == ["m0", "m1", "m2"]
+
+
 # --- usage --------------------------------------------------------------------------------------
 
 

@@ -148,6 +148,7 @@ class AppendLog:
         self._fd: int | None = None
         self.size = 0  # bytes of complete lines written (what a reader finds once synced)
         self.synced = 0  # bytes known durable
+        self._close_after_sync = False
 
     @property
     def is_open(self) -> bool:
@@ -235,14 +236,17 @@ class AppendLog:
         """Make every written line durable. On OSError everything not yet durable is cut off and the error
         raised (a failed fdatasync leaves no way to know what reached the disk)."""
         fd = self._require()
-        if self.synced == self.size:
-            return
         try:
-            os.fdatasync(fd) if hasattr(os, "fdatasync") else os.fsync(fd)
-        except BaseException:
-            self.rollback()
-            raise
-        self.synced = self.size
+            if self.synced != self.size:
+                try:
+                    os.fdatasync(fd) if hasattr(os, "fdatasync") else os.fsync(fd)
+                except BaseException:
+                    self.rollback()
+                    raise
+                self.synced = self.size
+        finally:
+            if self._close_after_sync:
+                self._close_now()
 
     def rollback(self) -> None:
         """Cut off everything written since the last successful sync."""
@@ -252,6 +256,15 @@ class AppendLog:
             self.size = self.synced
 
     def close(self) -> None:
+        """Close the file; with lines still waiting for their sync (a store dropping the log from a cache while
+        a group commit is under way), only once that sync ran."""
+        if self._fd is not None and self.synced != self.size:
+            self._close_after_sync = True
+        else:
+            self._close_now()
+
+    def _close_now(self) -> None:
+        self._close_after_sync = False
         if self._fd is not None:
             fd, self._fd = self._fd, None
             os.close(fd)
@@ -323,11 +336,11 @@ class GroupCommit:
                 continue
             outcomes.append((True, value))
             written.append(logs)
-        failed: dict[int, OSError] = {}
+        failed: dict[int, Exception] = {}
         for log_ in {id(log_): log_ for logs in written for log_ in logs}.values():
             try:
                 log_.sync()
-            except OSError as e:
+            except Exception as e:  # noqa: BLE001 - the writes of that log fail, the others stand
                 failed[id(log_)] = e
         if failed:
             for n, logs in enumerate(written):

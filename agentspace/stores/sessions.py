@@ -518,6 +518,10 @@ class SessionStore:
             self._open_bytes -= old.size
         self._open[session_id] = session
         self._open_bytes += session.size
+        self._evict()
+
+    def _evict(self) -> None:
+        """Drop the least recently used sessions past the cache's bounds (the most recent one stays)."""
         while len(self._open) > 1 and (len(self._open) > OPEN_SESSIONS or self._open_bytes > OPEN_BYTES):
             _, evicted = self._open.popitem(last=False)
             self._open_bytes -= evicted.size
@@ -572,6 +576,7 @@ class SessionStore:
         session.info, session.messages = info, messages
         self._open_bytes += written
         session.size += written
+        self._evict()
         return log_
 
     def _create(
