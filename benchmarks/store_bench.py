@@ -314,7 +314,7 @@ async def bench_postgres(rows: list[tuple[str, str, list[float]]], rng: random.R
         await usage.aclose()
         await db.aclose()
     finally:
-        server.stop()
+        server.close()
 
 
 def print_table(rows: list[tuple[str, str, list[float]]]) -> None:

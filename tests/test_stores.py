@@ -840,3 +840,26 @@ async def test_readers_always_see_consistent_data(tmp_path: Path) -> None:
         await writer_usage.aclose()
     assert not errors, errors[0]
     assert passes["n"] >= 5
+
+
+# --- clients: a tinydb database -------------------------------------------------------------------
+
+
+async def test_the_clients_file_is_a_tinydb_database_changed_through_tinydb(tmp_path: Path) -> None:
+    from agentspace.clients import Client
+    from agentspace.stores.clients import ClientStore
+    from agentspace.stores.tinydb_file import NamedTinyDB
+
+    store = ClientStore(tmp_path)
+    key = await store.add(Client("alice", "", now_iso(), rpm=10))
+    await store.add(Client("bob", "", now_iso()))
+    await store.update("alice", lambda c: setattr(c, "rpm", None))  # a field cleared: the document is replaced
+    await store.remove("bob")
+    db = NamedTinyDB(tmp_path / "clients.json")  # tinydb itself reads what the store wrote
+    [alice] = db.table("clients").all()
+    assert alice.doc_id == "alice" and alice["rpm"] is None
+    db.close()
+    assert (tmp_path / "clients.json").stat().st_mode & 0o777 == 0o600
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]  # written whole and atomically
+    found = await ClientStore(tmp_path).get_by_key(key)
+    assert found is not None and found.name == "alice"
