@@ -461,14 +461,14 @@ class Bench:
 
     async def usage_cli(self) -> None:
         """A cold ``agentspace usage --by-model`` (a new process) over 100k records in segments of the store's size."""
-        from agentspace.stores.usage import SEGMENT_SIZE, write_segment
+        from agentspace.stores.usage import SEGMENT_SIZE, write_log_segment
 
         home = self.root / "usage-home"
         rng = random.Random(7)
         day = time.strftime("%Y-%m-%d", time.gmtime())
         models = (MODEL, "anthropic/claude-haiku-4-5", "openai/gpt-4o", "gemini/gemini-2.5-pro")
         for number in range(USAGE_RECORDS // SEGMENT_SIZE):
-            write_segment(home, day, number, [_usage_record(rng, models, day) for _ in range(SEGMENT_SIZE)])
+            write_log_segment(home, day, number, [_usage_record(rng, models, day) for _ in range(SEGMENT_SIZE)])
         runs = []
         for _ in range(3):
             start = time.perf_counter()

@@ -17,6 +17,7 @@ from click.testing import CliRunner
 
 from agentspace.cli import main as cli
 from agentspace.stores import usage as usage_module
+from agentspace.stores.tinydb_file import read_tables
 from agentspace.stores.usage import REPORTS, UsageStore, write_log_segment, write_segment
 from agentspace.types import Cost, TokenUsage, UsageRecord
 
@@ -116,6 +117,8 @@ async def test_rollup_reports_equal_the_full_scan_on_random_data(
             for by, grouping in REPORTS.items():
                 scanned = {**grouping(store.records(**where)), "damagedFiles": []}
                 assert rounded(store.report(by=by, **where)) == rounded(scanned), (attempt, by, where)
+    for path in (tmp_path / "usage" / "rollups").iterdir():  # small whole files, in tinydb's layout like the rest
+        read_tables(path)
     assert sorted(p.name for p in (tmp_path / "usage" / "rollups").iterdir()) == [
         f"{d}.json" for d in [*DAYS, "2026-03-06"]
     ]

@@ -217,8 +217,7 @@ class UsageStore:
             if damaged is not None:
                 damaged += [str(folder / name) for name in sorted(names) if is_damaged_copy(name)]
             files = _segment_files(names)
-            rollup = self._read_rollup(day)
-            known = rollup.get("segments", {})
+            known = self._read_rollup(day)
             fresh: dict[str, Any] = {}
             for index, (_, name) in enumerate(files):
                 path = folder / name
@@ -249,7 +248,7 @@ class UsageStore:
                     if damaged is not None:
                         damaged.append(str(path))
                     if closed:
-                        fresh[name] = {"size": size, "damaged": True}
+                        fresh[name] = {"version": _ROLLUP_VERSION, "size": size, "damaged": True}
                     continue
                 if closed and entry is None:
                     fresh[name] = _rollup_entry(records, size)
@@ -262,19 +261,25 @@ class UsageStore:
         return groups
 
     def _read_rollup(self, day: str) -> dict[str, Any]:
+        """The day's rollups: ``{segment file name: entry}`` (a tinydb layout, table ``segments``)."""
         try:
             data = read_json(self.dir / ROLLUPS / f"{day}.json")
         except StoreCorrupt:
             return {}  # rebuilt from the segments
-        if not isinstance(data, dict) or data.get("version") != _ROLLUP_VERSION:
+        segments = data.get("segments") if isinstance(data, dict) else None
+        if not isinstance(segments, dict):
             return {}
-        return data
+        return {
+            name: entry
+            for name, entry in segments.items()
+            if isinstance(entry, dict) and entry.get("version") == _ROLLUP_VERSION
+        }
 
     def _save_rollup(self, day: str, segments: dict[str, Any]) -> None:
         """Save a day's rollups (best effort: a reader without write access just scans again next time)."""
         with contextlib.suppress(OSError):
             make_dirs(self.dir / ROLLUPS)
-            write_json_atomic(self.dir / ROLLUPS / f"{day}.json", {"version": _ROLLUP_VERSION, "segments": segments})
+            write_json_atomic(self.dir / ROLLUPS / f"{day}.json", {"segments": segments})
 
     async def areport(
         self,
@@ -512,7 +517,7 @@ def _rollup_entry(records: list[dict[str, Any]], size: int) -> dict[str, Any]:
     (a report ``since`` a later time scans the segment instead) and its groups."""
     first = min((str(r.get("timestamp") or "") for r in records), default=None)
     groups = [[*key, _totals_row(totals)] for key, totals in group_records(records).items()]
-    return {"size": size, "first": first, "groups": groups}
+    return {"version": _ROLLUP_VERSION, "size": size, "first": first, "groups": groups}
 
 
 def report_from_groups(by: str, groups: dict[GroupKey, dict[str, Any]]) -> dict[str, Any]:
