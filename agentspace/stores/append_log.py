@@ -27,8 +27,11 @@ Usage by a store (all of it on the store thread, ``store_thread``)::
 
 and from the event loop, several writes sharing one sync per file::
 
-    commit = GroupCommit()
-    result = await commit.run(work)    # work() runs on the store thread: it writes, returns (result, [logs])
+    result = await COMMIT.run(work)    # work() runs on the store thread: it writes, returns (result, [logs])
+
+``COMMIT`` is the process's one group commit, shared by every store: writes of different stores queued
+together (a session's message and a journal entry written for the same turn) ride on the same batch, and
+each file they touched is synced once.
 """
 
 from __future__ import annotations
@@ -351,3 +354,15 @@ class GroupCommit:
                     if on_failure is not None:
                         on_failure()
         return outcomes
+
+
+# The process's group commit (see the module's docstring); a forked child starts with a fresh one.
+COMMIT = GroupCommit()
+
+
+def _fresh_in_child() -> None:
+    global COMMIT
+    COMMIT = GroupCommit()
+
+
+os.register_at_fork(after_in_child=_fresh_in_child)

@@ -44,7 +44,8 @@ from typing import Any
 
 from ..errors import SessionDamaged
 from ..types import new_id, now_iso
-from .append_log import AppendLog, GroupCommit, encode_lines, read_entries, read_last_entry
+from . import append_log
+from .append_log import AppendLog, encode_lines, read_entries, read_last_entry
 from .atomic import (
     DAMAGED_MARK,
     StoreCorrupt,
@@ -229,7 +230,7 @@ class SessionStore:
         self._lock = threading.RLock()
         self._open: OrderedDict[str, _Session] = OrderedDict()
         self._open_bytes = 0
-        self._commit = GroupCommit()
+        self._commit = append_log.COMMIT
         self._damaged_ids: set[str] | None = None  # sessions whose file was moved aside; listed on first need
         self._prepared = False
         self._closed = False

@@ -32,7 +32,8 @@ from pathlib import Path
 from typing import Any
 
 from ..types import UsageRecord
-from .append_log import AppendLog, GroupCommit, encode_lines, parse_lines
+from . import append_log
+from .append_log import AppendLog, encode_lines, parse_lines
 from .atomic import (
     StoreCorrupt,
     is_damaged_copy,
@@ -129,7 +130,7 @@ class UsageStore:
         self.dir = Path(data_dir) / "usage"
         self.segment_size = segment_size
         self._closed = False
-        self._commit = GroupCommit()
+        self._commit = append_log.COMMIT
         # The segment being written: its day, number, log, record count and record ids.
         self._day: str | None = None
         self._number = 0
