@@ -36,7 +36,6 @@ each file they touched is synced once.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
 import logging
@@ -45,9 +44,12 @@ import threading
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from .atomic import StoreCorrupt, dump_json, fsync_dir
+
+if TYPE_CHECKING:  # asyncio only where writes run: the CLI's reports start faster without it
+    import asyncio
 
 log = logging.getLogger("agentspace.stores")
 
@@ -301,6 +303,8 @@ class GroupCommit:
     async def run(
         self, work: Callable[[], tuple[T, Sequence[AppendLog]]], on_failure: Callable[[], None] | None = None
     ) -> T:
+        import asyncio
+
         from .store_thread import storage_error, submit
 
         def guarded() -> tuple[Any, Sequence[AppendLog]]:
