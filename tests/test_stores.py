@@ -424,6 +424,8 @@ async def test_lines_lost_inside_a_session_log_are_damage_not_a_shorter_session(
     path.write_bytes(b"".join(lines[:1] + lines[2:]))  # the first message's line gone, its summary kept
     with pytest.raises(SessionDamaged):
         SessionStore(tmp_path).get_sync(sid)
+    # A listing reads summaries from the logs' ends; agentspace doctor reads them whole and names it.
+    assert SessionStore(tmp_path).listing_sync(whole=True).damaged_files == [str(path)]
 
 
 async def test_writes_queued_together_share_one_sync(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -340,9 +340,10 @@ class SessionStore:
     def summaries_sync(self) -> builtins.list[dict[str, Any]]:
         return self.listing_sync().sessions
 
-    def listing_sync(self) -> Listing:
+    def listing_sync(self, *, whole: bool = False) -> Listing:
         """Every session's summary, read from the end of its log (so a listing does not grow with the
-        sessions' sizes); legacy files read whole. Damaged files skipped and named (a warning logged)."""
+        sessions' sizes; ``whole``: every log read and checked whole, as ``agentspace doctor`` does); legacy
+        files read whole. Damaged files skipped and named (a warning logged)."""
         try:
             names = os.listdir(self.dir)
         except FileNotFoundError:
@@ -358,7 +359,7 @@ class SessionStore:
                 continue
             try:
                 if name.endswith(_LOG):
-                    summary = self._log_summary(name[: -len(_LOG)], path)
+                    summary = self._log_summary(name[: -len(_LOG)], path, whole)
                 elif name.endswith(_LEGACY):
                     session_id = name[: -len(_LEGACY)]
                     if name.endswith(_LEGACY_COPY) and _is_valid(name[: -len(_LEGACY_COPY)]):
@@ -380,10 +381,10 @@ class SessionStore:
         listing.sessions = _sorted(listing.sessions)
         return listing
 
-    def _log_summary(self, session_id: str, path: Path) -> dict[str, Any] | None:
+    def _log_summary(self, session_id: str, path: Path, whole: bool = False) -> dict[str, Any] | None:
         if not _is_valid(session_id):
             raise StoreCorrupt(path, "not a session file (its name is not a session id)")
-        entry = read_last_entry(path, _is_summary)
+        entry = None if whole else read_last_entry(path, _is_summary)
         if entry is None:  # none found from the end: read it whole to tell a deleted file from a damaged one
             session = self._read(session_id)
             return None if session is None else session.summary()
