@@ -325,6 +325,7 @@ class Bench:
         self.gateway = ""
         self.pid = 0
         self.results: dict[str, Any] = {"requestsPerPhase": args.requests, "deltas": DELTAS, "phases": []}
+        self.extra_config = ""  # TOML appended to the gateway's config (e.g. a [chat] table)
 
     def spawn(self, argv: list[str]) -> subprocess.Popen[str]:
         log = open(self.root / f"process-{len(self.procs)}.log", "w")  # the server's log, kept off the table
@@ -350,6 +351,7 @@ class Bench:
         config.write_text(
             f'[server]\nmessages_per_minute = 1000000\n\n[storage]\ndata_dir = "{self.home}"\n\n'
             f'[models]\ndefault = "{MODEL}"\n\n[providers.anthropic]\nbase_url = "{self.upstream}"\n'
+            + self.extra_config
         )
         serve = [*self.cli, "serve", "--config", str(config), "--port", "0"]
         profile = self.args.profile
@@ -459,14 +461,14 @@ class Bench:
 
     async def usage_cli(self) -> None:
         """A cold ``agentspace usage --by-model`` (a new process) over 100k records in segments of the store's size."""
-        from agentspace.stores.usage import SEGMENT_SIZE, write_segment
+        from agentspace.stores.usage import SEGMENT_SIZE, write_log_segment
 
         home = self.root / "usage-home"
         rng = random.Random(7)
         day = time.strftime("%Y-%m-%d", time.gmtime())
         models = (MODEL, "anthropic/claude-haiku-4-5", "openai/gpt-4o", "gemini/gemini-2.5-pro")
         for number in range(USAGE_RECORDS // SEGMENT_SIZE):
-            write_segment(home, day, number, [_usage_record(rng, models, day) for _ in range(SEGMENT_SIZE)])
+            write_log_segment(home, day, number, [_usage_record(rng, models, day) for _ in range(SEGMENT_SIZE)])
         runs = []
         for _ in range(3):
             start = time.perf_counter()

@@ -1,13 +1,18 @@
-"""Store write latency at growing sizes, listing 10k sessions, and cold `agentspace usage --by-model` at 100k records.
+"""Store write latency at growing sizes, listing 10k sessions, and usage reports over 100k and 1M records.
 
-    python benchmarks/store_bench.py [--data-dir DIR]
+    python benchmarks/store_bench.py [--data-dir DIR] [--postgres] [--skip-million]
 
-What it shows: a UsageStore.append costs the same at 1k, 10k and 100k stored records (it writes the one
-current segment, at most ``SEGMENT_SIZE`` records); a SessionStore.append_message the same however many
-sessions are stored, and more in a long session (the session's file is written whole); and what listing
-10k sessions and a cold usage report over 100k records cost without summary copies or totals caches.
-Every measured write is fsynced. Seeding is setup, not measured: usage history is written as whole
-segments (``write_segment``), sessions go through the store with fsync switched off.
+What it shows: a UsageStore.append costs the same at 1k, 10k and 100k stored records (it appends one line to
+the current segment); a SessionStore.append_message the same however many sessions are stored, and the same
+on an empty session and a 10 MB one (it appends two lines: the message and the summary); what listing 10k
+sessions costs (each session's summary read from the end of its log); and a usage report over 100k and 1M
+records spread over 30 days (rollups of closed segments plus the open one): in process, and as a cold
+``agentspace usage --by-model`` process, once the rollups exist (the first report, which writes them, is
+timed apart). ``--postgres`` adds the PostgreSQL backend's report (``areport(by="model")``, what
+``/api/usage?by=model`` runs) at 100k and 1M records, on a throwaway server (``tests/scale_servers.py``).
+
+Every measured write is durable (``fdatasync``). Seeding is setup, not measured: usage history is written
+as whole segments (``write_log_segment``), sessions go through the store with syncs switched off.
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from agentspace.stores import SessionStore, UsageStore, usage_report
-from agentspace.stores.usage import SEGMENT_SIZE, write_segment
+from agentspace.stores.usage import SEGMENT_SIZE, write_log_segment
 from agentspace.types import Cost, TokenUsage, UsageRecord, new_id, now_iso
 
 USAGE_LEVELS = (1_000, 10_000, 100_000)
@@ -36,6 +41,10 @@ BATCH = 25
 SESSIONS = 10_000
 SESSION_APPENDS = 300
 LONG_SESSION = 2_000  # messages in the long session: a write must not grow with them
+BIG_SESSION_BYTES = 10_000_000  # the 10 MB session a 1 KB message is appended to, against an empty one
+REPORT_LEVELS = (100_000, 1_000_000)
+REPORT_DAYS = 30
+CALLS_PER_SESSION = 200  # a report's groups: an agent session makes many calls, on one day, with one model
 MODELS = (
     "anthropic/claude-sonnet-4-5",
     "anthropic/claude-haiku-4-5",
@@ -77,19 +86,46 @@ async def timed(n: int, op: Callable[[int], Awaitable[Any]]) -> list[float]:
 
 @contextlib.contextmanager
 def no_fsync() -> Iterator[None]:
-    real = os.fsync
-    os.fsync = lambda fd: None
+    real, real_data = os.fsync, os.fdatasync
+    os.fsync = os.fdatasync = lambda fd: None
     try:
         yield
     finally:
-        os.fsync = real
+        os.fsync, os.fdatasync = real, real_data
 
 
 def seed_usage(data_dir: Path, total: int, rng: random.Random) -> None:
-    """``total`` records in full segments of today's folder: the writer's first append must look at them."""
+    """``total`` records in segments of today's folder (the last one partly full: the writer continues it)."""
     day = time.strftime("%Y-%m-%d", time.gmtime())
-    for number in range(total // SEGMENT_SIZE):
-        write_segment(data_dir, day, number, [usage_record(rng).to_dict() for _ in range(SEGMENT_SIZE)])
+    for number, start in enumerate(range(0, total, SEGMENT_SIZE)):
+        count = min(SEGMENT_SIZE, total - start)
+        write_log_segment(data_dir, day, number, [usage_record(rng).to_dict() for _ in range(count)])
+
+
+def history_records(total: int, rng: random.Random) -> Iterator[tuple[str, list[dict[str, Any]]]]:
+    """``total`` records over the last ``REPORT_DAYS`` days (today included), as (day, records) per segment.
+
+    Like a year of one busy developer's agent traffic: sessions of ``CALLS_PER_SESSION`` calls, each on one
+    day and one model."""
+    now = time.time()
+    per_day = total // REPORT_DAYS
+    for back in range(REPORT_DAYS - 1, -1, -1):
+        day_start = (int(now) // 86400 - back) * 86400
+        day = time.strftime("%Y-%m-%d", time.gmtime(day_start))
+        records = []
+        for n in range(per_day):
+            session = n // CALLS_PER_SESSION
+            second = (
+                min(day_start + n * 86400 // per_day, int(now) - 1) if back == 0 else day_start + n * 86400 // per_day
+            )
+            stamp = time.strftime("%Y-%m-%dT%H:%M:%S.000Z", time.gmtime(second))
+            record = usage_record(rng)
+            data = {**record.to_dict(), "timestamp": stamp, "sessionId": f"s{day}-{session}"}
+            data["model"] = MODELS[(session + back) % len(MODELS)]
+            data["endpoint"] = "ws"
+            records.append(data)
+        for start in range(0, len(records), SEGMENT_SIZE):
+            yield day, records[start : start + SEGMENT_SIZE]
 
 
 async def bench_usage(root: Path, rng: random.Random, rows: list[tuple[str, str, list[float]]]) -> Path:
@@ -145,7 +181,7 @@ async def bench_sessions(root: Path, rng: random.Random, rows: list[tuple[str, s
             await timed(SESSION_APPENDS, lambda i: store.append_message("s0", message)),
         )
     )
-    long_size = (data_dir / "sessions" / "long.json").stat().st_size
+    long_size = (data_dir / "sessions" / "long.jsonl").stat().st_size
     rows.append(
         (
             "SessionStore.append_message, long session",
@@ -156,22 +192,35 @@ async def bench_sessions(root: Path, rng: random.Random, rows: list[tuple[str, s
     rows.append(
         ("SessionStore.summaries (async)", f"{SESSIONS:,} sessions", await timed(3, lambda i: store.summaries()))
     )
+    # A 1 KB message on an empty session and on a 10 MB one, taking turns (the same load on both).
+    turn = "word " * 2000  # 10 KB
+    with no_fsync():
+        await store.create(model=MODELS[0], session_id="empty")
+        await store.create(
+            model=MODELS[0],
+            session_id="big",
+            messages=[{"role": "user", "content": turn} for _ in range(BIG_SESSION_BYTES // len(turn))],
+        )
+    big_size = (data_dir / "sessions" / "big.jsonl").stat().st_size
+    kilobyte = {"role": "user", "content": "x" * 1000}
+    empty_ms: list[float] = []
+    big_ms: list[float] = []
+    for _ in range(SESSION_APPENDS // BATCH):
+        empty_ms += await timed(BATCH, lambda i: store.append_message("empty", kilobyte))
+        big_ms += await timed(BATCH, lambda i: store.append_message("big", kilobyte))
+    rows.append(("SessionStore.append_message 1 KB, empty session", "0 messages", empty_ms))
+    rows.append(("SessionStore.append_message 1 KB, 10 MB session", f"{big_size / 1e6:.1f} MB", big_ms))
     await store.aclose()
     cold = SessionStore(data_dir)
     start = time.perf_counter()
     count = len(cold.summaries_sync())
-    assert count == SESSIONS + 1
+    assert count == SESSIONS + 3
     rows.append(("SessionStore.summaries_sync, cold", f"{SESSIONS:,} sessions", [(time.perf_counter() - start) * 1000]))
 
 
-def bench_reports(usage_dir: Path, rows: list[tuple[str, str, list[float]]]) -> str | None:
-    """In-process read + report, then the real CLI in a new process. Returns the CLI error, if any."""
-    existing = f"{USAGE_LEVELS[-1] + APPENDS:,} records"
-    start = time.perf_counter()
-    usage_report(UsageStore(usage_dir).records())
-    rows.append(("usage_report(UsageStore.records())", existing, [(time.perf_counter() - start) * 1000]))
-
-    env = {**os.environ, "AGENTSPACE_HOME": str(usage_dir), "AGENTSPACE_LOAD_PLUGINS": ""}
+def cold_cli_report(data_dir: Path) -> tuple[float, str | None]:
+    """``agentspace usage --by-model`` in a new process: its wall time in ms, or the error."""
+    env = {**os.environ, "AGENTSPACE_HOME": str(data_dir), "AGENTSPACE_LOAD_PLUGINS": ""}
     start = time.perf_counter()
     try:
         done = subprocess.run(
@@ -179,15 +228,93 @@ def bench_reports(usage_dir: Path, rows: list[tuple[str, str, list[float]]]) -> 
             env=env,
             capture_output=True,
             text=True,
-            timeout=120,
+            timeout=300,
         )
     except subprocess.TimeoutExpired:
-        return "`agentspace usage --by-model` did not finish within 120 s"
+        return 0.0, "`agentspace usage --by-model` did not finish within 300 s"
     elapsed = (time.perf_counter() - start) * 1000
     if done.returncode != 0:
-        return f"`agentspace usage --by-model` failed (exit {done.returncode}): {(done.stderr or done.stdout).strip()[-600:]}"
-    rows.append(("agentspace usage --by-model, cold process", existing, [elapsed]))
+        return (
+            0.0,
+            f"`agentspace usage --by-model` failed (exit {done.returncode}): {(done.stderr or done.stdout)[-600:]}",
+        )
+    return elapsed, None
+
+
+def cli_startup_ms(root: Path) -> float:
+    """The same command on an empty data directory: what a cold process costs before any record is read."""
+    empty = root / "empty"
+    empty.mkdir(exist_ok=True)
+    return min(cold_cli_report(empty)[0] for _ in range(3))
+
+
+def bench_reports(root: Path, rows: list[tuple[str, str, list[float]]], rng: random.Random) -> str | None:
+    """Reports over 100k and 1M records spread over 30 days: the first (writes the rollups), then in-process
+    and cold-process runs. Returns the CLI error, if any."""
+    rows.append(("agentspace usage --by-model, empty data dir", "0 records", [cli_startup_ms(root)]))
+    for total in REPORT_LEVELS:
+        data_dir = root / f"report-{total}"
+        for number, (day, records) in enumerate(history_records(total, rng)):
+            write_log_segment(data_dir, day, number, records)
+        os.sync()
+        label = f"{total:,} records, {REPORT_DAYS} days"
+        store = UsageStore(data_dir)
+        start = time.perf_counter()
+        first = store.report(by="model")
+        rows.append(("UsageStore.report, first (writes rollups)", label, [(time.perf_counter() - start) * 1000]))
+        assert first["grandTotal"]["requestCount"] == total // REPORT_DAYS * REPORT_DAYS
+        rows.append(
+            ("UsageStore.report (rollups + open segment)", label, timed_sync(5, lambda: store.report(by="model")))
+        )
+        start = time.perf_counter()
+        usage_report(store.records())
+        rows.append(("usage_report(records()), the full scan", label, [(time.perf_counter() - start) * 1000]))
+        cold: list[float] = []
+        for _ in range(3):
+            elapsed, error = cold_cli_report(data_dir)
+            if error:
+                return error
+            cold.append(elapsed)
+        rows.append(("agentspace usage --by-model, cold process", label, cold))
     return None
+
+
+def timed_sync(n: int, op: Callable[[], Any]) -> list[float]:
+    out = []
+    for _ in range(n):
+        start = time.perf_counter()
+        op()
+        out.append((time.perf_counter() - start) * 1000)
+    return out
+
+
+async def bench_postgres(rows: list[tuple[str, str, list[float]]], rng: random.Random) -> None:
+    """The PostgreSQL backend's report (what ``/api/usage?by=model`` runs) at 100k and 1M records."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    from agentspace.stores.postgres import PostgresDatabase, PostgresUsageStore
+    from tests.scale_servers import Postgres
+
+    server = Postgres()
+    try:
+        db = PostgresDatabase(server.dsn)
+        await db.start()
+        usage = PostgresUsageStore(db)
+        stored = 0
+        for total in REPORT_LEVELS:
+            started = time.perf_counter()
+            for _, records in history_records(total - stored, rng):
+                for start in range(0, len(records), 5000):
+                    await usage.copy_in(records[start : start + 5000])
+            stored = total
+            print(f"(seeded PostgreSQL to {total:,} records in {time.perf_counter() - started:.0f} s)", file=sys.stderr)
+            async with db.connection() as conn:
+                await conn.execute("VACUUM ANALYZE usage_rollups")
+            label = f"{total:,} records, {REPORT_DAYS} days"
+            rows.append(("postgres areport(by=model)", label, await timed(5, lambda i: usage.areport(by="model"))))
+        await usage.aclose()
+        await db.aclose()
+    finally:
+        server.close()
 
 
 def print_table(rows: list[tuple[str, str, list[float]]]) -> None:
@@ -207,18 +334,21 @@ def print_table(rows: list[tuple[str, str, list[float]]]) -> None:
 async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data-dir", type=Path, help="keep the generated data here (default: a temp folder, removed)")
+    parser.add_argument("--postgres", action="store_true", help="also the PostgreSQL report at 100k and 1M records")
     args = parser.parse_args()
     root = args.data_dir or Path(tempfile.mkdtemp(prefix="agentspace-bench-"))
     rng = random.Random(7)
     rows: list[tuple[str, str, list[float]]] = []
     try:
-        usage_dir = await bench_usage(root, rng, rows)
+        await bench_usage(root, rng, rows)
         await bench_sessions(root, rng, rows)
-        cli_error = bench_reports(usage_dir, rows)
+        cli_error = bench_reports(root, rows, rng)
+        if args.postgres:
+            await bench_postgres(rows, rng)
         print_table(rows)
         print(
-            f"\nUsage segments hold {SEGMENT_SIZE} records (the store's default); each level's {APPENDS} appends "
-            "start a new segment, so the figures cover every fill level of a segment."
+            f"\nUsage segments hold {SEGMENT_SIZE:,} records (the store's default); a report reads the rollups of "
+            "closed segments and scans the open one."
         )
         if cli_error:
             print(f"\n{cli_error}")

@@ -55,6 +55,13 @@ The numbers, per side, pooled over the rounds:
   judged on +TTFT p50 (>= 5x) and CPU-ms/chat (>= 4x), and fail when either side had a failed chat. A ratio
   reads ``-`` and its goal ``?`` when agentspace's figure is 0 or below (noise: rerun it).
 
+``--long-session`` runs the long-session case instead: one WebSocket session growing in ``LONG_TURN_BYTES``
+(25 KB) user turns to ``LONG_SESSION_BYTES`` (2 MB), the gateway sending the whole history each turn
+(``[chat] history_limit`` raised), while LiteLLM Proxy's ``/v1/chat/completions`` and the direct call are given
+the same messages in each request. Per size band (the first 10 turns, around 1 MB, the last 10 turns, at
+2 MB) it prints each side's TTFT p50 minus the direct call's at the same turn, and the ratio: what the session's
+size costs each proxy (agentspace reads and stores the session; LiteLLM parses and forwards the context).
+
 Exit status 1 when any chat failed. ``--json`` prints every figure as JSON instead of the tables (with the
 LiteLLM version and this tree's commit, to quote beside the figures).
 """
@@ -251,9 +258,17 @@ def _complete(start: float, ttft: float | None, text: list[str], ended: bool) ->
     return bench.Sample(ttft, time.perf_counter() - start, len(text))
 
 
-async def messages_chat(http: aiohttp.ClientSession, url: str, headers: dict[str, str], model: str) -> bench.Sample:
+async def messages_chat(
+    http: aiohttp.ClientSession,
+    url: str,
+    headers: dict[str, str],
+    model: str,
+    messages: list[dict[str, Any]] | None = None,
+) -> bench.Sample:
     """One streamed Anthropic Messages call, read to ``message_stop``."""
     body = {**bench.DIRECT_BODY, "model": model}
+    if messages is not None:
+        body["messages"] = messages
     start = time.perf_counter()
     ttft = None
     text: list[str] = []
@@ -277,13 +292,19 @@ async def messages_chat(http: aiohttp.ClientSession, url: str, headers: dict[str
     return _complete(start, ttft, text, ended)
 
 
-async def completions_chat(http: aiohttp.ClientSession, url: str, headers: dict[str, str], model: str) -> bench.Sample:
+async def completions_chat(
+    http: aiohttp.ClientSession,
+    url: str,
+    headers: dict[str, str],
+    model: str,
+    messages: list[dict[str, Any]] | None = None,
+) -> bench.Sample:
     """One streamed OpenAI Chat Completions call, read to ``[DONE]``."""
     body = {
         "model": model,
         "max_tokens": bench.DIRECT_BODY["max_tokens"],
         "stream": True,
-        "messages": [{"role": "user", "content": "Hello"}],
+        "messages": messages or [{"role": "user", "content": "Hello"}],
     }
     start = time.perf_counter()
     ttft = None
@@ -447,6 +468,149 @@ async def run(b: bench.Bench, args: argparse.Namespace, results: dict[str, Any])
                 await measure(side, pids, args)
         results["peakRssMiB"] = {name: bench.memory_mib(pid, "VmHWM") for name, pid in pids.items()}
     return sides
+
+
+# --- the long session ---------------------------------------------------------------------------
+
+LONG_TURN_BYTES = 25_000
+LONG_SESSION_BYTES = 2_000_000
+LONG_BAND = 10  # turns per size band
+
+
+def long_turn(n: int) -> str:
+    """A user turn of about ``LONG_TURN_BYTES``: different words each turn (nothing repeats between turns)."""
+    words = [f"w{n}x{i}" for i in range(LONG_TURN_BYTES // 8)]
+    return f"Turn {n}: " + " ".join(words)[: LONG_TURN_BYTES - 10]
+
+
+async def ws_session_chat(
+    ws: aiohttp.ClientWebSocketResponse, n: int, content: str, session_id: str | None
+) -> tuple[bench.Sample, str]:
+    """One ``chat.send`` in the session (a new one when ``session_id`` is None): its sample and session id."""
+    frame: dict[str, Any] = {"type": "chat.send", "id": f"long{n}", "content": content}
+    if session_id:
+        frame["sessionId"] = session_id
+    start = time.perf_counter()
+    await ws.send_str(json.dumps(frame))
+    ttft = None
+    text: list[str] = []
+    while True:
+        msg = await ws.receive()
+        if msg.type != aiohttp.WSMsgType.TEXT:
+            raise bench.ChatFailed(f"socket {msg.type.name}")
+        event = json.loads(msg.data)
+        kind = event["type"]
+        if kind == "chat.stream.start":
+            session_id = event["sessionId"]
+        elif kind == "chat.stream.delta":
+            if ttft is None:
+                ttft = time.perf_counter() - start
+            text.append(event["delta"])
+        elif kind == "chat.stream.end":
+            break
+        elif kind == "error":
+            raise bench.ChatFailed(f"{event['code']}: {event['message']}")
+    assert session_id is not None
+    return _complete(start, ttft, text, True), session_id
+
+
+async def run_long_session(b: bench.Bench, args: argparse.Namespace, results: dict[str, Any]) -> None:
+    from agentspace.gateway_token import load_or_create_token
+
+    b.extra_config = "\n[chat]\nhistory_limit = 10000\n"  # the whole session goes to the model each turn
+    b.start_upstream()
+    await b.start_gateway()
+    litellm, _ = await asyncio.to_thread(start_litellm, b, args.litellm_venv)
+    token = load_or_create_token(b.home)
+    ours = {"Authorization": f"Bearer {token}"}
+    lite = {"Authorization": f"Bearer {MASTER_KEY}"}
+    turns = LONG_SESSION_BYTES // LONG_TURN_BYTES
+    rows: list[dict[str, Any]] = []
+    connector = aiohttp.TCPConnector(limit=0)
+    async with (
+        aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=None)) as http,
+        http.ws_connect(f"{b.gateway}/gateway", headers=ours, max_msg_size=0) as ws,
+    ):
+        # Warm-up on every side (provider SDKs, pools), in a session of its own.
+        for n in range(5):
+            await ws_session_chat(ws, -n - 1, "Hello", None)
+            await completions_chat(http, f"{litellm}/v1/chat/completions", lite, PROXY_MODEL)
+            await messages_chat(http, f"{b.upstream}/v1/messages", bench.DIRECT_HEADERS, PROXY_MODEL)
+        history: list[dict[str, Any]] = []
+        session_id: str | None = None
+        for n in range(turns):
+            content = long_turn(n)
+            messages = [*history, {"role": "user", "content": content}]
+            samples: dict[str, float] = {}
+
+            async def ours_chat(n: int = n, content: str = content) -> bench.Sample:
+                nonlocal session_id
+                sample, session_id = await ws_session_chat(ws, n, content, session_id)
+                return sample
+
+            sides: list[tuple[str, Callable[[], Awaitable[bench.Sample]]]] = [
+                (
+                    "direct",
+                    lambda m=messages: messages_chat(
+                        http, f"{b.upstream}/v1/messages", bench.DIRECT_HEADERS, PROXY_MODEL, m
+                    ),
+                ),
+                (
+                    "litellm",
+                    lambda m=messages: completions_chat(http, f"{litellm}/v1/chat/completions", lite, PROXY_MODEL, m),
+                ),
+                ("agentspace", ours_chat),
+            ]
+            shift = n % len(sides)
+            for name, chat in sides[shift:] + sides[:shift]:  # rotated: drift hits every side
+                samples[name] = (await chat()).ttft * 1000
+            history = [*messages, {"role": "assistant", "content": bench.EXPECTED_TEXT}]
+            size = sum(len(m["content"]) for m in history)
+            rows.append({"turn": n + 1, "contextBytes": size, **samples})
+    bands = [
+        ("first 10 turns", rows[:LONG_BAND]),
+        ("around 1 MB", rows[turns // 2 - LONG_BAND // 2 : turns // 2 + LONG_BAND // 2]),
+        ("last 10 turns (2 MB)", rows[-LONG_BAND:]),
+    ]
+    summary = []
+    for label, band in bands:
+        added = {side: statistics.median(r[side] - r["direct"] for r in band) for side in ("agentspace", "litellm")}
+        summary.append(
+            {
+                "band": label,
+                "contextBytes": [band[0]["contextBytes"], band[-1]["contextBytes"]],
+                "directTtftMs": statistics.median(r["direct"] for r in band),
+                "addedTtftMs": added,
+                "ratio": _ratio(added["litellm"], added["agentspace"]),
+            }
+        )
+    results["longSession"] = {"turns": rows, "bands": summary}
+
+
+def print_long_session(results: dict[str, Any]) -> None:
+    print(
+        f"LiteLLM Proxy {results['litellmVersion']} vs agentspace {results['agentspaceCommit'] or ''}: one session "
+        f"growing in {LONG_TURN_BYTES // 1000} KB turns to {LONG_SESSION_BYTES / 1e6:g} MB, the same context to each\n"
+    )
+    rows: list[tuple[str, ...]] = [
+        ("size band", "context KB", "direct TTFT ms", "agentspace +TTFT ms", "litellm +TTFT ms", "ratio")
+    ]
+    for band in results["longSession"]["bands"]:
+        low, high = band["contextBytes"]
+        rows.append(
+            (
+                band["band"],
+                f"{low / 1000:.0f}-{high / 1000:.0f}",
+                _ms(band["directTtftMs"]),
+                _ms(band["addedTtftMs"]["agentspace"]),
+                _ms(band["addedTtftMs"]["litellm"]),
+                _x(band["ratio"]),
+            )
+        )
+    _table(rows)
+    print(
+        "(+TTFT: the side's TTFT minus the direct call's, per turn, median over the band; ratio = LiteLLM / agentspace)"
+    )
 
 
 # --- results ------------------------------------------------------------------------------------
@@ -616,6 +780,9 @@ def main() -> None:
         help="LiteLLM Proxy's own venv, installed there when missing (default .bench/litellm-venv)",
     )
     parser.add_argument("--litellm-spec", default="litellm[proxy]", help="what pip installs (default litellm[proxy])")
+    parser.add_argument(
+        "--long-session", action="store_true", help="the long-session case only (one session growing to 2 MB)"
+    )
     args = parser.parse_args()
     args.rounds = args.rounds or (2 if args.quick else 10)
     args.chats = args.chats or (10 if args.quick else 50)
@@ -634,6 +801,17 @@ def main() -> None:
     }
     root = Path(tempfile.mkdtemp(prefix="agentspace-vs-litellm-"))
     b = bench.Bench(argparse.Namespace(requests=args.chats, soak=0, quick=args.quick, json=False, profile=None), root)
+    if args.long_session:
+        try:
+            asyncio.run(run_long_session(b, args, results))
+        finally:
+            b.stop()
+            shutil.rmtree(root, ignore_errors=True)
+        if args.json:
+            print(json.dumps(results, indent=2))
+        else:
+            print_long_session(results)
+        return
     try:
         sides = asyncio.run(run(b, args, results))
     finally:

@@ -215,3 +215,34 @@ async def test_reports_per_client_and_of_one_client(pg_dsn: str) -> None:
     finally:
         await usage.aclose()
         await db.aclose()
+
+
+async def test_rollup_reports_equal_the_scan_of_the_records_on_random_data(pg_dsn: str) -> None:
+    # The rollups are kept in the inserts' transactions; every report, with every filter, must give what
+    # grouping the records themselves gives (stores.usage.REPORTS over arecords).
+    import random
+
+    from agentspace.stores.usage import REPORTS
+    from tests.test_usage_rollups import FILTERS, random_record, rounded
+
+    rng = random.Random(11)
+    db = PostgresDatabase(pg_dsn)
+    usage = PostgresUsageStore(db, batch_size=37)
+    try:
+        await db.start()
+        records = [random_record(rng, n, rng.choice(["2026-03-01", "2026-03-02", "2026-03-03"])) for n in range(600)]
+        for r in records:
+            r["model"] = r["model"] or "unknown"  # the table keeps "unknown" for a record without a model
+        await asyncio.gather(*(usage.append_dicts([r]) for r in records))
+        await usage.append_dicts(records[:100])  # retried: counted once, in the records and in the rollups
+        for where in FILTERS:
+            scanned_records = await usage.arecords(**where)
+            for by, grouping in REPORTS.items():
+                expected = {**grouping(scanned_records), "damagedFiles": []}
+                assert rounded(await usage.areport(by=by, **where)) == rounded(expected), (by, where)
+        async with db.connection() as conn:
+            groups = await conn.fetchval("SELECT count(*) FROM usage_rollups")
+        assert 0 < groups < len(records)
+    finally:
+        await usage.aclose()
+        await db.aclose()

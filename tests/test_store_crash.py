@@ -16,13 +16,15 @@ from pathlib import Path
 import pytest
 
 from agentspace.stores import SessionStore, UsageStore
+from agentspace.stores.append_log import parse_lines
 from agentspace.stores.tinydb_file import read_tables
 from agentspace.types import Cost, TokenUsage, UsageRecord, now_iso
 
 SESSION = "crash"
 
-# argv: data dir, run tag, and the system call to die in, as "replace:N" (the Nth os.replace: a fully written
-# and fsynced temp file never renamed, the worst moment of an atomic write), or "-" to run until killed.
+# argv: data dir, run tag, and where to die, or "-" to run until killed: "write:N" (the Nth os.write writes all
+# but its last 10 bytes: a record's line torn, or a message's line whole and the summary closing its write
+# torn), "halfwrite:N" (half of it), "fdatasync:N" (the lines written whole, never synced).
 CHILD = """
 import asyncio, os, signal, sys
 from pathlib import Path
@@ -31,12 +33,16 @@ from agentspace.types import Cost, TokenUsage, UsageRecord, now_iso
 
 data_dir, tag, die_in = Path(sys.argv[1]), sys.argv[2], sys.argv[3]
 if die_in != "-":
-    name, die_at = die_in.split(":")
+    how, die_at = die_in.split(":")
+    name = "write" if how.endswith("write") else how
     real, calls = getattr(os, name), [0]
 
     def dying(*args):
         calls[0] += 1
         if calls[0] == int(die_at):
+            if name == "write":
+                fd, data = args
+                real(fd, bytes(data)[: len(data) // 2 if how == "halfwrite" else len(data) - 10])
             os.kill(os.getpid(), signal.SIGKILL)
         return real(*args)
 
@@ -99,8 +105,10 @@ def run_child(data_dir: Path, tag: str, *, die_in: str = "-", kill_after: int = 
 
 def check_store(data_dir: Path, usage_ids: list[str], message_ids: list[str]) -> None:
     """What a reader finds after the crash: every file parses, and every reported write is there."""
-    for path in data_dir.rglob("*.json"):  # every file whole: writes are atomic
+    for path in data_dir.rglob("*.json"):  # every whole file whole: those writes are atomic
         read_tables(path)
+    for path in data_dir.rglob("*.jsonl"):  # every complete line of a log parses (a torn tail is not a line)
+        parse_lines(path.read_bytes(), path)
     stored_usage = [r["id"] for r in UsageStore(data_dir).records()]
     assert len(stored_usage) == len(set(stored_usage))
     assert set(usage_ids) <= set(stored_usage)
@@ -148,25 +156,44 @@ async def test_sigkill_at_random_moments_loses_no_reported_write(tmp_path: Path)
     await reopen_and_write(tmp_path, reported_usage, reported_messages)
 
 
-# The child's writes, each one os.replace: 1 creates the session; then loop k (from 1) writes its usage
-# segment (2k) and its message (2k + 1). Segments hold 5 records: loop 6 starts the second segment (12).
+def torn_files(data_dir: Path) -> list[Path]:
+    return [p for p in data_dir.rglob("*.jsonl") if p.stat().st_size and not p.read_bytes().endswith(b"\n")]
+
+
+# The child's writes, each one os.write: 1 creates the session (written whole, atomically); then loop k (from 1)
+# appends its usage record (2k) and its message with the summary closing it (2k + 1). Segments hold 5 records:
+# loop 6 starts the second segment (12). Each append's fdatasync: loop k's usage 2k - 1, its message 2k.
 @pytest.mark.parametrize(
     ("die_in", "unreported"),
     [
-        ("replace:2", "usage, first segment"),
-        ("replace:3", "message"),
-        ("replace:4", "usage"),
-        ("replace:5", "message"),
-        ("replace:12", "usage, new segment"),
-        ("replace:13", "message"),
+        ("write:2", "usage, first segment, line torn"),
+        ("write:3", "message written whole, its summary torn"),
+        ("halfwrite:3", "message torn"),
+        ("write:4", "usage"),
+        ("halfwrite:5", "message"),
+        ("write:12", "usage, new segment"),
+        ("write:13", "message"),
     ],
 )
 async def test_sigkill_inside_a_write(tmp_path: Path, die_in: str, unreported: str) -> None:
     usage_ids, message_ids = run_child(tmp_path, "d", die_in=die_in)
-    assert temp_files(tmp_path), "the child should have died with a temp file written"
+    assert torn_files(tmp_path), "the child should have died with a line half written"
     check_store(tmp_path, usage_ids, message_ids)
     stored_usage = [r["id"] for r in UsageStore(tmp_path).records()]
     stored_messages = [m["id"] for m in SessionStore(tmp_path).get_sync(SESSION)["messages"]]
     assert stored_usage == usage_ids  # the record being written when the child died is not there
     assert stored_messages == message_ids
+    await reopen_and_write(tmp_path, usage_ids, stored_messages)
+    assert torn_files(tmp_path) == []  # the new writer cut the torn tail off before appending
+
+
+@pytest.mark.parametrize("die_in", ["fdatasync:1", "fdatasync:2", "fdatasync:11", "fdatasync:12"])
+async def test_sigkill_between_a_write_and_its_sync(tmp_path: Path, die_in: str) -> None:
+    # The lines are whole in the page cache (a process kill keeps them): never reported, and at most that
+    # one write more than reported is found.
+    usage_ids, message_ids = run_child(tmp_path, "d", die_in=die_in)
+    check_store(tmp_path, usage_ids, message_ids)
+    stored_usage = [r["id"] for r in UsageStore(tmp_path).records()]
+    assert stored_usage[: len(usage_ids)] == usage_ids and len(stored_usage) - len(usage_ids) <= 1
+    stored_messages = [m["id"] for m in SessionStore(tmp_path).get_sync(SESSION)["messages"]]
     await reopen_and_write(tmp_path, usage_ids, stored_messages)

@@ -164,7 +164,7 @@ async def test_a_truncated_session_is_moved_aside_not_served_in_part(
         ],
     )
     await store.aclose()
-    path = isolated_env / "sessions" / "s_long.json"
+    path = isolated_env / "sessions" / "s_long.jsonl"
     raw = path.read_bytes()
     path.write_bytes(raw[: len(raw) // 2])
 

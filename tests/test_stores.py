@@ -19,7 +19,7 @@ from tinydb import TinyDB
 from agentspace import hookspecs
 from agentspace.config import parse_config
 from agentspace.default_plugins import tinydb_sink
-from agentspace.errors import StorageError
+from agentspace.errors import SessionDamaged, StorageError
 from agentspace.sinks import UsageSink
 from agentspace.stores import (
     DataDirLock,
@@ -100,7 +100,7 @@ async def test_create_returns_summary(sessions: SessionStore) -> None:
 async def test_create_with_id_and_title(sessions: SessionStore, tmp_path: Path) -> None:
     summary = await sessions.create(model="m", session_id="chat_1-A", title="Planning")
     assert summary["id"] == "chat_1-A" and summary["title"] == "Planning"
-    assert (tmp_path / "sessions" / "chat_1-A.json").is_file()
+    assert (tmp_path / "sessions" / "chat_1-A.jsonl").is_file()
     with pytest.raises(SessionExists):
         await sessions.create(model="m", session_id="chat_1-A")
 
@@ -241,7 +241,7 @@ async def test_delete(sessions: SessionStore, tmp_path: Path) -> None:
     assert await sessions.delete(sid) is False
     assert await sessions.get(sid) is None and not await sessions.exists(sid)
     assert [s["id"] for s in await sessions.summaries()] == [keep]
-    assert sorted(p.name for p in (tmp_path / "sessions").iterdir()) == [f"{keep}.json"]
+    assert sorted(p.name for p in (tmp_path / "sessions").iterdir()) == [f"{keep}.jsonl"]
 
 
 async def test_sync_methods_read_what_the_server_wrote(sessions: SessionStore, tmp_path: Path) -> None:
@@ -256,7 +256,7 @@ async def test_sync_methods_read_what_the_server_wrote(sessions: SessionStore, t
     assert await sessions.exists(sid) is False
     with pytest.raises(SessionNotFound):
         await sessions.append_message(sid, {"role": "user", "content": "again"})
-    assert cli.summaries_sync() == [] and not (tmp_path / "sessions" / f"{sid}.json").exists()
+    assert cli.summaries_sync() == [] and not (tmp_path / "sessions" / f"{sid}.jsonl").exists()
 
 
 async def test_sessions_survive_reopen(tmp_path: Path) -> None:
@@ -297,17 +297,17 @@ async def test_a_failed_write_leaves_the_last_good_state(
     if titled:
         await sessions.append_message(sid, {"id": "m1", "role": "user", "content": "kept"})
         kept = ["m1"]
-    path = sessions.dir / f"{sid}.json"
+    path = sessions.dir / f"{sid}.jsonl"
     before = path.read_bytes()
-    real_fsync = os.fsync
 
     def disk_full(fd: int) -> None:
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(os, "fsync", disk_full)
-    with pytest.raises(StorageError, match="No space"):
-        await sessions.append_message(sid, {"id": "m2", "role": "user", "content": "lost"})
-    monkeypatch.setattr(os, "fsync", real_fsync)
+    with monkeypatch.context() as patched:  # the sync fails: the lines written are cut off again
+        patched.setattr(os, "fsync", disk_full)
+        patched.setattr(os, "fdatasync", disk_full)
+        with pytest.raises(StorageError, match="No space"):
+            await sessions.append_message(sid, {"id": "m2", "role": "user", "content": "lost"})
     assert path.read_bytes() == before  # the file as it was
     got = await sessions.get(sid)  # and what the server holds in memory did not take the failed write either
     assert [m["id"] for m in got["messages"]] == kept and got["messageCount"] == len(kept)
@@ -343,15 +343,17 @@ async def test_writes_queued_together_run_in_order_and_fail_alone(tmp_path: Path
         await usage.aclose()
 
 
-async def test_every_write_replaces_the_session_file_whole(sessions: SessionStore, tmp_path: Path) -> None:
+async def test_a_message_is_appended_not_rewritten(sessions: SessionStore, tmp_path: Path) -> None:
     sid = (await sessions.create(model="m", messages=[{"id": "u1", "role": "user", "content": "Hi"}]))["id"]
-    path = sessions.dir / f"{sid}.json"
-    inode = path.stat().st_ino
+    path = sessions.dir / f"{sid}.jsonl"
+    inode, before = path.stat().st_ino, path.read_bytes()
     await tick()
     await sessions.append_message(sid, {"id": "a1", "role": "assistant", "content": "Hello", "completedAt": now_iso()})
-    assert path.stat().st_ino != inode  # a new file renamed over the old one: readers see one or the other
-    assert [m["id"] for m in TinyDB(path).table("messages").all()] == ["u1", "a1"]  # a tinydb file
-    stored = json.loads(path.read_bytes())["session"]["1"]
+    after = path.read_bytes()
+    assert path.stat().st_ino == inode and after.startswith(before)  # the same file, only grown
+    added = [json.loads(line) for line in after[len(before) :].splitlines()]
+    assert [list(entry) for entry in added] == [["message"], ["session"]]  # the message, the summary closing it
+    stored = added[-1]["session"]
     served = await sessions.get(sid)
     [listed] = SessionStore(tmp_path).summaries_sync()
     assert stored["messageCount"] == served["messageCount"] == listed["messageCount"] == 2
@@ -364,14 +366,156 @@ async def test_a_write_touches_only_its_own_session_file(sessions: SessionStore)
     await asyncio.sleep(0.02)  # coarse file clocks
     await sessions.append_message(ids[1], {"role": "user", "content": "x"})
     changed = {p.name for p in sessions.dir.iterdir() if p.stat().st_mtime_ns != before.get(p.name)}
-    assert changed == {f"{ids[1]}.json"}
+    assert changed == {f"{ids[1]}.jsonl"}
+
+
+async def test_a_session_of_an_earlier_version_is_read_and_converted_on_its_first_change(
+    sessions: SessionStore, tmp_path: Path
+) -> None:
+    legacy = sessions.dir / "s_old.json"
+    sessions.dir.mkdir(parents=True)
+    db = TinyDB(legacy)  # the earlier layout: a tinydb file, summary document and messages table
+    summary = {"id": "s_old", "title": "Old", "model": "m", "createdAt": "2026-01-01T00:00:00.000Z"}
+    db.table("session").insert({**summary, "lastActivityAt": summary["createdAt"], "messageCount": 1, "client": None})
+    db.table("messages").insert({"id": "u1", "role": "user", "content": "from before"})
+    db.close()
+    assert [s["id"] for s in SessionStore(tmp_path).summaries_sync()] == ["s_old"]
+    assert [m["id"] for m in (await sessions.get("s_old"))["messages"]] == ["u1"]
+    await sessions.append_message("s_old", {"id": "a1", "role": "assistant", "content": "still here"})
+    assert not legacy.exists() and (sessions.dir / "s_old.jsonl").is_file()
+    reread = SessionStore(tmp_path).get_sync("s_old")
+    assert reread is not None and [m["id"] for m in reread["messages"]] == ["u1", "a1"]
+    assert reread["title"] == "Old" and reread["messageCount"] == 2
+
+
+async def test_an_unfinished_write_is_dropped_with_a_warning_never_read_as_data(
+    sessions: SessionStore, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    sid = (await sessions.create(model="m", messages=[{"id": "u1", "role": "user", "content": "Hi"}]))["id"]
+    await sessions.append_message(sid, {"id": "a1", "role": "assistant", "content": "Hello"})
+    await sessions.aclose()
+    path = tmp_path / "sessions" / f"{sid}.jsonl"
+    good = path.read_bytes()
+    # What a crash leaves: a message line written whole, its summary cut in the middle.
+    message = b'{"message":{"id":"u2","role":"user","content":"never acknowledged"}}\n'
+    path.write_bytes(good + message + b'{"session":{"id":')
+    assert [m["id"] for m in SessionStore(tmp_path).get_sync(sid)["messages"]] == ["u1", "a1"]
+    [listed] = SessionStore(tmp_path).summaries_sync()
+    assert listed["messageCount"] == 2
+    writer = SessionStore(tmp_path)
+    try:
+        await writer.append_message(sid, {"id": "u3", "role": "user", "content": "after the crash"})
+    finally:
+        await writer.aclose()
+    assert path.read_bytes().startswith(good) and b"never acknowledged" not in path.read_bytes()
+    assert [m["id"] for m in SessionStore(tmp_path).get_sync(sid)["messages"]] == ["u1", "a1", "u3"]
+    assert any("never finished" in r.getMessage() and r.levelname == "WARNING" for r in caplog.records)
+
+
+async def test_lines_lost_inside_a_session_log_are_damage_not_a_shorter_session(
+    sessions: SessionStore, tmp_path: Path
+) -> None:
+    sid = (await sessions.create(model="m"))["id"]
+    for n in range(3):
+        await sessions.append_message(sid, {"id": f"m{n}", "role": "user", "content": f"message {n}"})
+    await sessions.aclose()
+    path = tmp_path / "sessions" / f"{sid}.jsonl"
+    lines = path.read_bytes().splitlines(keepends=True)
+    path.write_bytes(b"".join(lines[:1] + lines[2:]))  # the first message's line gone, its summary kept
+    with pytest.raises(SessionDamaged):
+        SessionStore(tmp_path).get_sync(sid)
+    # A listing reads summaries from the logs' ends; agentspace doctor reads them whole and names it.
+    assert SessionStore(tmp_path).listing_sync(whole=True).damaged_files == [str(path)]
+
+
+async def test_writes_queued_together_share_one_sync(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    syncs: list[int] = []
+    real = os.fdatasync
+
+    def counting(fd: int) -> None:
+        syncs.append(fd)
+        real(fd)
+
+    store = SessionStore(tmp_path)
+    try:
+        sid = (await store.create(model="m"))["id"]
+        monkeypatch.setattr(os, "fdatasync", counting)
+        await asyncio.gather(
+            *(store.append_message(sid, {"id": f"m{n}", "role": "user", "content": str(n)}) for n in range(20))
+        )
+        assert [m["id"] for m in await store.messages(sid)] == [f"m{n}" for n in range(20)]
+        # A sync per batch: the writes queued while the store thread syncs one batch make the next one.
+        assert 1 <= len(syncs) < 10
+    finally:
+        await store.aclose()
+
+
+async def test_recent_sessions_are_served_from_the_cache_the_writer_keeps(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from agentspace.stores import sessions as sessions_module
+
+    store = SessionStore(tmp_path)
+    try:
+        ids = [(await store.create(model="m"))["id"] for _ in range(3)]
+        for sid in ids:
+            await store.append_message(sid, {"id": "m1", "role": "user", "content": "x" * 1000})
+        # Damage behind the store's back: the cached sessions are not parsed again (the next turn's context and
+        # GET /api/sessions/{id} cost no parse), and the writer's own changes are in the cache.
+        path = tmp_path / "sessions" / f"{ids[0]}.jsonl"
+        path.write_bytes(b"garbage\n" + path.read_bytes())
+        await store.append_message(ids[0], {"id": "m2", "role": "assistant", "content": "y"})
+        assert [m["id"] for m in (await store.get(ids[0]))["messages"]] == ["m1", "m2"]
+        with pytest.raises(SessionDamaged):
+            SessionStore(tmp_path).get_sync(ids[0])  # what a fresh read finds
+        # Bounded: past the bytes it may hold, the least recent sessions are dropped and read again on use.
+        monkeypatch.setattr(sessions_module, "OPEN_BYTES", 2500)
+        await store.append_message(ids[1], {"role": "user", "content": "z"})
+        await store.append_message(ids[2], {"role": "user", "content": "z"})
+        assert ids[0] not in store._open and len(store._open) <= 2
+        with pytest.raises(SessionDamaged):
+            await store.get(ids[0])
+    finally:
+        await store.aclose()
+
+
+async def test_a_session_dropped_from_the_cache_mid_commit_keeps_its_write(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from agentspace.stores import sessions as sessions_module
+
+    monkeypatch.setattr(sessions_module, "OPEN_SESSIONS", 1)  # each write to another session evicts the last
+    store = SessionStore(tmp_path)
+    try:
+        ids = [(await store.create(model="m"))["id"] for _ in range(5)]
+        await asyncio.gather(
+            *(
+                store.append_message(sid, {"id": f"m{n}", "role": "user", "content": "x"})
+                for n in range(3)
+                for sid in ids
+            )
+        )
+    finally:
+        await store.aclose()
+    for sid in ids:
+        assert [m["id"] for m in SessionStore(tmp_path).get_sync(sid)["messages"]] == ["m0", "m1", "m2"]
 
 
 # --- usage --------------------------------------------------------------------------------------
 
 
 def segment_files(data_dir: Path) -> list[str]:
-    return sorted(str(p.relative_to(data_dir / "usage")) for p in (data_dir / "usage").rglob("*.json"))
+    """The usage segments (earlier versions' ``.json`` and the log's ``.jsonl``), not the rollups."""
+    usage = data_dir / "usage"
+    return sorted(
+        str(p.relative_to(usage))
+        for p in usage.rglob("*.json*")
+        if p.parent.name != "rollups" and ".damaged-" not in p.name
+    )
+
+
+def log_records(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_bytes().splitlines()]
 
 
 async def test_usage_append_and_records(usage: UsageStore) -> None:
@@ -395,8 +539,8 @@ async def test_usage_segment_rollover(usage: UsageStore, tmp_path: Path) -> None
     day = usage_module._utc_day()
     for i in range(10):
         await usage.append(usage_record(i))
-    assert segment_files(tmp_path) == [f"{day}/00000.json", f"{day}/00001.json", f"{day}/00002.json"]
-    sizes = [len(json.loads((tmp_path / "usage" / f).read_text())["records"]) for f in segment_files(tmp_path)]
+    assert segment_files(tmp_path) == [f"{day}/00000.jsonl", f"{day}/00001.jsonl", f"{day}/00002.jsonl"]
+    sizes = [len(log_records(tmp_path / "usage" / f)) for f in segment_files(tmp_path)]
     assert sizes == [4, 4, 2]
     assert [r["id"] for r in usage.records()] == [f"u{i}" for i in range(10)]
 
@@ -411,7 +555,7 @@ async def test_usage_continues_the_last_segment_after_a_restart(tmp_path: Path) 
     for i in range(6, 9):
         await second.append(usage_record(i))
     await second.aclose()
-    assert segment_files(tmp_path) == [f"{day}/00000.json", f"{day}/00001.json", f"{day}/00002.json"]
+    assert segment_files(tmp_path) == [f"{day}/00000.jsonl", f"{day}/00001.jsonl", f"{day}/00002.jsonl"]
     assert [r["id"] for r in second.records()] == [f"u{i}" for i in range(9)]
 
 
@@ -423,7 +567,7 @@ async def test_usage_starts_a_new_folder_when_the_utc_day_changes(
     await usage.append(usage_record(2, timestamp="2030-01-01T23:59:59.999Z"))
     monkeypatch.setattr(usage_module, "_utc_day", lambda: "2030-01-02")
     await usage.append(usage_record(3, timestamp="2030-01-02T00:00:00.001Z"))
-    assert segment_files(tmp_path) == ["2030-01-01/00000.json", "2030-01-02/00000.json"]
+    assert segment_files(tmp_path) == ["2030-01-01/00000.jsonl", "2030-01-02/00000.jsonl"]
     since = datetime(2030, 1, 2, tzinfo=UTC)
     assert [r["id"] for r in usage.records(since=since)] == ["u3"]
     assert [r["id"] for r in usage.records(since=since.replace(tzinfo=None))] == ["u3"]  # naive is UTC
@@ -450,7 +594,7 @@ async def test_usage_since_skips_older_day_folders(tmp_path: Path, monkeypatch: 
     await store.aclose()
 
 
-async def test_usage_append_rewrites_only_the_current_segment(tmp_path: Path) -> None:
+async def test_usage_append_writes_only_a_new_segment_after_old_ones(tmp_path: Path) -> None:
     day = usage_module._utc_day()
     for n in range(3):
         write_segment(tmp_path, day, n, [usage_record(n * 10 + i).to_dict() for i in range(5)])
@@ -460,7 +604,11 @@ async def test_usage_append_rewrites_only_the_current_segment(tmp_path: Path) ->
     await store.append(usage_record(99))
     await store.aclose()
     after = {f: (tmp_path / "usage" / f).stat().st_mtime_ns for f in segment_files(tmp_path)}
-    assert {f for f in after if after[f] != before.get(f)} == {f"{day}/00003.json"}
+    # Earlier versions' segments are read, never appended to: the record starts the next segment, a log.
+    assert {f for f in after if after[f] != before.get(f)} == {f"{day}/00003.jsonl"}
+    assert [r["id"] for r in UsageStore(tmp_path).records()] == [
+        f"u{n * 10 + i}" for n in range(3) for i in range(5)
+    ] + ["u99"]
 
 
 async def test_usage_append_that_fails_changes_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -474,7 +622,7 @@ async def test_usage_append_that_fails_changes_nothing(tmp_path: Path, monkeypat
 
     def disk_full(fd: int, data: Any) -> int:
         calls.append(fd)
-        if len(calls) == 1:  # half the segment reaches the temp file, then the disk is full
+        if len(calls) == 1:  # half the line reaches the segment, then the disk is full
             real_write(fd, bytes(data)[: len(data) // 2])
             raise OSError(28, "No space left on device")
         return real_write(fd, data)
@@ -487,7 +635,7 @@ async def test_usage_append_that_fails_changes_nothing(tmp_path: Path, monkeypat
     await store.append(usage_record(3))
     await store.aclose()
     assert [r["id"] for r in UsageStore(tmp_path).records()] == ["u0", "u1", "u3"]
-    assert json.loads(path.read_bytes())  # whole JSON again
+    assert [r["id"] for r in log_records(path)] == ["u0", "u1", "u3"]  # whole lines only
 
 
 async def test_usage_store_closes(usage: UsageStore) -> None:
@@ -694,3 +842,26 @@ async def test_readers_always_see_consistent_data(tmp_path: Path) -> None:
         await writer_usage.aclose()
     assert not errors, errors[0]
     assert passes["n"] >= 5
+
+
+# --- clients: a tinydb database -------------------------------------------------------------------
+
+
+async def test_the_clients_file_is_a_tinydb_database_changed_through_tinydb(tmp_path: Path) -> None:
+    from agentspace.clients import Client
+    from agentspace.stores.clients import ClientStore
+    from agentspace.stores.tinydb_file import NamedTinyDB
+
+    store = ClientStore(tmp_path)
+    key = await store.add(Client("alice", "", now_iso(), rpm=10))
+    await store.add(Client("bob", "", now_iso()))
+    await store.update("alice", lambda c: setattr(c, "rpm", None))  # a field cleared: the document is replaced
+    await store.remove("bob")
+    db = NamedTinyDB(tmp_path / "clients.json")  # tinydb itself reads what the store wrote
+    [alice] = db.table("clients").all()
+    assert alice.doc_id == "alice" and alice["rpm"] is None
+    db.close()
+    assert (tmp_path / "clients.json").stat().st_mode & 0o777 == 0o600
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]  # written whole and atomically
+    found = await ClientStore(tmp_path).get_by_key(key)
+    assert found is not None and found.name == "alice"

@@ -82,7 +82,7 @@ def doctor(state: CliState) -> None:
     data_dir = Path(state.data_dir)
     problems: list[str] = []
 
-    listing = SessionStore(data_dir).listing_sync()
+    listing = SessionStore(data_dir).listing_sync(whole=True)
     problems += [f"{path}: damaged session file (kept for inspection; not served)" for path in listing.damaged_files]
     click.echo(f"sessions: {len(listing.sessions)} readable, {len(listing.damaged_files)} damaged")
 

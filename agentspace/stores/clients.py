@@ -1,5 +1,6 @@
 """ClientStore: the clients (SPEC 11) in ``clients.json`` in the data directory (0600, written whole and
-atomically). Only key hashes are stored.
+atomically). Only key hashes are stored. The file is a tinydb database (``tinydb_file``): table ``clients``,
+one document per client keyed by its name; changes go through ``tinydb.TinyDB`` with an atomic storage.
 
 A running server sees changes made by the CLI (or another process) without a restart: every lookup checks
 the file (one ``stat``: inode, times, size, mode, owner) and re-reads it when it changed.
@@ -16,16 +17,20 @@ import json
 import logging
 import os
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, MutableMapping
 from datetime import datetime
+from functools import partial
 from pathlib import Path
 from typing import Any
+
+from tinydb.table import Document, Table
 
 from ..clients import Client, hash_key, new_key
 from ..private_files import PrivateFileError, read_private_file
 from ..types import now_iso
-from .atomic import StoreCorrupt, make_dirs, move_aside, write_json_atomic
+from .atomic import StoreCorrupt, make_dirs, move_aside
 from .store_thread import on_store_thread
+from .tinydb_file import AtomicStorage, NamedTinyDB
 
 try:
     import fcntl
@@ -35,6 +40,7 @@ except ImportError:  # Windows: writers in one process only are ordered
 log = logging.getLogger(__name__)
 
 FILE_NAME = "clients.json"
+TABLE = "clients"
 # The file says who may call the gateway: read only from a regular file of ours that others cannot write.
 FIX = "Check it, or move it away and add the clients again (agentspace clients add)."
 # Last use is written at most this often per client: a busy client must not rewrite the file per request.
@@ -130,8 +136,16 @@ class ClientStore:
         finally:
             os.close(fd)  # releases the lock
 
-    def _write(self) -> None:
-        write_json_atomic(self.path, {"clients": {c.name: c.to_stored() for c in self._clients.values()}})
+    def _table(self) -> Table:
+        """The clients table of the file, through tinydb (each change: the file read, changed, written whole)."""
+
+        def read(path: Path) -> Any:
+            text = read_private_file(path, FIX)
+            return json.loads(text) if text else None
+
+        return NamedTinyDB(self.path, storage=partial(AtomicStorage, reader=read)).table(TABLE)
+
+    def _written(self) -> None:
         self._stamp = _stamp(os.stat(self.path))
         self._by_hash = {c.key_hash: c for c in self._clients.values()}
 
@@ -145,7 +159,8 @@ class ClientStore:
             client.key_hash = hash_key(key)
             self._clients[client.name] = client
             try:
-                self._write()
+                self._table().insert(Document(client.to_stored(), doc_id=client.name))  # type: ignore[arg-type]
+                self._written()
             except BaseException:
                 self._stamp = None  # re-read: the file is as it was
                 raise
@@ -161,8 +176,15 @@ class ClientStore:
             client = Client.from_stored(current.to_stored())
             change(client)
             self._clients[name] = client
+            stored = client.to_stored()
+
+            def replace(document: MutableMapping[str, Any]) -> None:
+                document.clear()
+                document.update(stored)
+
             try:
-                self._write()
+                self._table().update(replace, doc_ids=[name])  # type: ignore[list-item]
+                self._written()
             except BaseException:
                 self._stamp = None
                 raise
@@ -185,7 +207,8 @@ class ClientStore:
                 raise ClientNotFound(name)
             del self._clients[name]
             try:
-                self._write()
+                self._table().remove(doc_ids=[name])  # type: ignore[list-item]
+                self._written()
             except BaseException:
                 self._stamp = None
                 raise

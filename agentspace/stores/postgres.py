@@ -26,7 +26,7 @@ import importlib
 import json
 import logging
 from collections.abc import AsyncIterator, Sequence
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 from ..errors import StorageError
@@ -41,7 +41,7 @@ from .sessions import (
     _title_from,
     validate_session_id,
 )
-from .usage import _COUNTS, _TOKEN_FIELDS, REPORTS, _totals
+from .usage import _COUNTS, _TOKEN_FIELDS, REPORTS, GroupKey, _merge, _totals, report_from_groups
 
 if TYPE_CHECKING:
     import asyncpg
@@ -108,6 +108,40 @@ MIGRATIONS: list[tuple[int, str]] = [
             key_hash text NOT NULL UNIQUE,
             stored text NOT NULL
         );
+        """,
+    ),
+    (
+        3,
+        # Usage rollups: the records' totals per (UTC day, model, client, session, endpoint), kept in the same
+        # transaction as the inserts (``_INSERT``), so reports read groups instead of records. '' stands for
+        # none (client, session, endpoint), as primary keys cannot hold NULL. Filled from what is stored.
+        """
+        CREATE TABLE usage_rollups (
+            day date NOT NULL,
+            model text NOT NULL,
+            client text NOT NULL,
+            session_id text NOT NULL,
+            endpoint text NOT NULL,
+            input_tokens bigint NOT NULL,
+            output_tokens bigint NOT NULL,
+            total_tokens bigint NOT NULL,
+            cache_read_tokens bigint NOT NULL,
+            cache_write_tokens bigint NOT NULL,
+            reasoning_tokens bigint NOT NULL,
+            total_cost double precision NOT NULL,
+            answered bigint NOT NULL,
+            errors bigint NOT NULL,
+            estimated bigint NOT NULL,
+            price_unknown boolean NOT NULL,
+            PRIMARY KEY (day, model, client, session_id, endpoint)
+        );
+        INSERT INTO usage_rollups
+        SELECT (ts AT TIME ZONE 'UTC')::date, model, coalesce(client, ''), coalesce(session_id, ''),
+               coalesce(record::json->>'endpoint', ''),
+               sum(input_tokens), sum(output_tokens), sum(total_tokens), sum(cache_read_tokens),
+               sum(cache_write_tokens), sum(reasoning_tokens), sum(total_cost), count(*) FILTER (WHERE answered),
+               count(*) FILTER (WHERE is_error), count(*) FILTER (WHERE estimated), bool_or(price_unknown)
+        FROM usage_records GROUP BY 1, 2, 3, 4, 5;
         """,
     ),
 ]
@@ -510,11 +544,28 @@ _COLUMNS = ("id", "ts", "model", "client", "session_id", *_TOKEN_COLUMNS.values(
 _TYPES = ("text", "timestamptz", "text", "text", "text", *["bigint"] * 6, "float8", "bool", "bool", "bool", "bool",
           "text")  # fmt: skip
 # One statement per batch: a column array per column (no per-row round trip, no named statement needed),
-# and the rows that were new counted.
+# the rows that were new counted, and their totals added to the rollups in the same statement (so in the
+# same transaction: a report never sees a record without its rollup, or the other way round). The rollup
+# rows are upserted in key order, so concurrent batches of replicas lock them in the same order.
+_ROLLUP_SUMS = (
+    "sum(input_tokens), sum(output_tokens), sum(total_tokens), sum(cache_read_tokens), sum(cache_write_tokens), "
+    "sum(reasoning_tokens), sum(total_cost), count(*) FILTER (WHERE answered), count(*) FILTER (WHERE is_error), "
+    "count(*) FILTER (WHERE estimated), bool_or(price_unknown)"
+)
+_ADDED = ("input_tokens", "output_tokens", "total_tokens", "cache_read_tokens", "cache_write_tokens",
+          "reasoning_tokens", "total_cost", "answered", "errors", "estimated")  # fmt: skip
 _INSERT = (
-    f"WITH new AS (INSERT INTO usage_records ({', '.join(_COLUMNS)}) "
-    f"SELECT * FROM unnest({', '.join(f'${n}::{t}[]' for n, t in enumerate(_TYPES, 1))}) "
-    "ON CONFLICT DO NOTHING RETURNING 1) SELECT count(*) FROM new"
+    f"WITH src AS (SELECT * FROM unnest({', '.join(f'${n}::{t}[]' for n, t in enumerate(_TYPES, 1))}, "
+    f"${len(_TYPES) + 1}::text[]) AS t({', '.join(_COLUMNS)}, endpoint)), "
+    f"new AS (INSERT INTO usage_records ({', '.join(_COLUMNS)}) SELECT {', '.join(_COLUMNS)} FROM src "
+    "ON CONFLICT DO NOTHING RETURNING id, ts), "
+    "added AS (INSERT INTO usage_rollups "
+    "SELECT (ts AT TIME ZONE 'UTC')::date, model, coalesce(client, ''), coalesce(session_id, ''), endpoint, "
+    f"{_ROLLUP_SUMS} FROM src JOIN new USING (id, ts) GROUP BY 1, 2, 3, 4, 5 ORDER BY 1, 2, 3, 4, 5 "
+    "ON CONFLICT (day, model, client, session_id, endpoint) DO UPDATE SET "
+    + ", ".join(f"{c} = usage_rollups.{c} + EXCLUDED.{c}" for c in _ADDED)
+    + ", price_unknown = usage_rollups.price_unknown OR EXCLUDED.price_unknown) "
+    "SELECT count(*) FROM new"
 )
 
 _SUMS = (
@@ -524,13 +575,26 @@ _SUMS = (
 )
 
 
-# The group label of each report kind (records of the gateway token, client "ws"/"http" or none, are the
-# admin's, as in ``stores.usage``).
-_LABELS = {
-    "model": "model",
-    "day": "to_char(ts AT TIME ZONE 'UTC', 'YYYY-MM-DD')",
-    "client": "CASE WHEN coalesce(client, '') IN ('', 'ws', 'http') THEN 'admin' ELSE client END",
+# The rollup columns each report groups by (the labels are made as ``stores.usage`` makes them: records of
+# the gateway token, client "ws"/"http" or none, are the admin's), and the same from the records.
+_REPORT_COLUMNS: dict[str, dict[str, str]] = {
+    "model": {"model": "model"},
+    "day": {"day": "day"},
+    "client": {"client": "client"},
+    "session": {"session": "session_id"},
+    "day-model": {"day": "day", "model": "model"},
 }
+_RECORD_KEYS = {
+    "day": "(ts AT TIME ZONE 'UTC')::date",
+    "model": "model",
+    "client": "coalesce(client, '')",
+    "session": "coalesce(session_id, '')",
+}
+_ROLLUP_TOTALS = (
+    "sum(input_tokens)::bigint, sum(output_tokens)::bigint, sum(total_tokens)::bigint, "
+    "sum(cache_read_tokens)::bigint, sum(cache_write_tokens)::bigint, sum(reasoning_tokens)::bigint, "
+    "sum(total_cost), sum(answered)::bigint, sum(errors)::bigint, sum(estimated)::bigint, bool_or(price_unknown)"
+)
 
 
 class PostgresUsageStore:
@@ -583,8 +647,9 @@ class PostgresUsageStore:
             return 0
         await self._ensure_partitions({_month_start(row[1]) for row in rows})
         columns = [list(column) for column in zip(*rows, strict=True)]
+        endpoints = [str(r.get("endpoint") or "") for r in records]
         async with self.db.transaction() as conn:
-            return int(await conn.fetchval(_INSERT, *columns))
+            return int(await conn.fetchval(_INSERT, *columns, endpoints))
 
     async def copy_in(self, records: Sequence[dict[str, Any]]) -> int:
         """Insert stored records (``to_dict()`` shape) at once, past the writer; how many were new."""
@@ -620,8 +685,14 @@ class PostgresUsageStore:
                     year, month = int(name[-7:-3]), int(name[-2:])
                 except ValueError:
                     continue
-                if _next_month(datetime(year, month, 1, tzinfo=UTC)) <= cutoff:
+                end = _next_month(datetime(year, month, 1, tzinfo=UTC))
+                if end <= cutoff:
                     await conn.execute(f"DROP TABLE {name}")
+                    await conn.execute(
+                        "DELETE FROM usage_rollups WHERE day >= $1 AND day < $2",
+                        datetime(year, month, 1).date(),
+                        end.date(),
+                    )
                     dropped.append(name)
                     self._partitions.discard(name)
         return sorted(dropped)
@@ -648,37 +719,62 @@ class PostgresUsageStore:
         session_id: str | None = None,
         client: str | None = None,
     ) -> dict[str, Any]:
-        """The report of ``stores.usage.usage_report``/``usage_by_day`` (``by="client"``: totals per client,
-        records of the gateway token under "admin"), summed by the database. The web app's groupings (by
-        session, by day and model) are summed from the records."""
-        if by not in _LABELS:
-            records = await self.arecords(since=since, session_id=session_id, client=client)
-            return {**REPORTS[by](records), "damagedFiles": []}
-        label = _LABELS[by]
-        where, args = self._where(since, session_id, client)
+        """The report ``by`` names (``stores.usage.REPORTS``), summed by the database from the rollups; when
+        ``since`` falls inside a day, that day's part from the records. Its time grows with the groups."""
+        if by not in REPORTS:
+            raise KeyError(by)
+        columns = _REPORT_COLUMNS[by]
+        since_utc = None if since is None else (since.replace(tzinfo=UTC) if since.tzinfo is None else since)
+        clauses: list[str] = []
+        args: list[Any] = []
+        partial_day = None
+        if since_utc is not None:
+            day = since_utc.astimezone(UTC).date()
+            midnight = datetime(day.year, day.month, day.day, tzinfo=UTC)
+            if since_utc > midnight:  # the day since starts in: from the records
+                partial_day = (since_utc, midnight + timedelta(days=1))
+                day += timedelta(days=1)
+            args.append(day)
+            clauses.append(f"day >= ${len(args)}")
+        for column, value in (("session_id", session_id), ("client", client)):
+            if value is not None:
+                args.append(value)
+                clauses.append(f"{column} = ${len(args)}")
+        where = (" WHERE " + " AND ".join(clauses)) if clauses else ""
+        keys = ", ".join(columns.values())
+        queries = [(f"SELECT {keys}, {_ROLLUP_TOTALS} FROM usage_rollups{where} GROUP BY {keys}", args)]
+        if partial_day is not None:
+            where, record_args = self._where(partial_day[0], session_id, client)
+            record_args.append(partial_day[1])
+            where += f" AND ts < ${len(record_args)}"
+            record_keys = ", ".join(_RECORD_KEYS[c] for c in columns)
+            queries.append(
+                (f"SELECT {record_keys}, {_SUMS} FROM usage_records{where} GROUP BY {record_keys}", record_args)
+            )
+        groups: dict[GroupKey, dict[str, Any]] = {}
         async with self.db.connection() as conn:
-            rows = await conn.fetch(f"SELECT {label} AS label, {_SUMS} FROM usage_records{where} GROUP BY 1", *args)
-        groups: dict[str, dict[str, Any]] = {}
-        grand = _totals()
-        for row in rows:
-            label_value = "unknown" if by == "day" and str(row[0]) == "1970-01-01" else str(row[0])
-            totals = _totals()
-            values = list(row)[1:]
-            for n, key in enumerate(_TOKEN_FIELDS):
-                totals[key] = int(values[n] or 0)
-            totals["totalCost"] = float(values[6] or 0.0)
-            for n, key in enumerate(_COUNTS):
-                totals[key] = int(values[7 + n] or 0)
-            if values[10]:
-                totals["priceKnown"] = False
-            groups[label_value] = totals
-        for totals in groups.values():
-            for key in (*_TOKEN_FIELDS, "totalCost", *_COUNTS):
-                grand[key] += totals[key]
-        for totals in (*groups.values(), grand):
-            totals["totalCost"] = round(totals["totalCost"], 10)
-        key = {"model": "perModel", "day": "perDay", "client": "perClient"}[by]
-        return {key: dict(sorted(groups.items())), "grandTotal": grand, "damagedFiles": []}
+            for query, query_args in queries:
+                for row in await conn.fetch(query, *query_args):
+                    named = dict(zip(columns, row, strict=False))
+                    day_value = named.get("day")
+                    key: GroupKey = (
+                        "" if day_value is None else ("unknown" if str(day_value) == "1970-01-01" else str(day_value)),
+                        named.get("model"),
+                        named.get("client"),
+                        named.get("session"),
+                        None,
+                    )
+                    values = list(row)[len(columns) :]
+                    totals = _totals()
+                    for n, field in enumerate(_TOKEN_FIELDS):
+                        totals[field] = int(values[n] or 0)
+                    totals["totalCost"] = float(values[6] or 0.0)
+                    for n, field in enumerate(_COUNTS):
+                        totals[field] = int(values[7 + n] or 0)
+                    if values[10]:
+                        totals["priceKnown"] = False
+                    _merge(groups, key, totals)
+        return {**report_from_groups(by, groups), "damagedFiles": []}
 
     async def arecords(
         self, *, since: datetime | None = None, session_id: str | None = None, client: str | None = None

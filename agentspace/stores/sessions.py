@@ -1,15 +1,28 @@
-"""SessionStore: conversations, one file per session.
+"""SessionStore: conversations, one append-only log per session.
 
-``data_dir/sessions/<id>.json`` is a tinydb file (``tinydb_file``): table ``session`` holds one document,
-the summary (id, title, model, createdAt, lastActivityAt, messageCount, client); table ``messages`` holds
-the messages in order. Every change writes the session's file whole and atomically, so a reader (the CLI,
-while the server writes) and a crash see the file before the change or after it, never between.
+``data_dir/sessions/<id>.jsonl`` is an ``append_log`` file. Its entries are ``{"message": {...}}`` (a message
+added), ``{"update": {"id": ..., "changes": {...}}}`` (changes merged into the messages with that id) and
+``{"session": {summary}}`` (id, title, model, createdAt, lastActivityAt, messageCount, client). Every write
+is one message or update entry, or none, followed by the summary, which closes it: adding a message
+appends two short lines whatever the session's size, and a listing reads only the last summary. A session
+is created whole and atomically (temp file, rename), so its file always starts with a complete write.
 
-The server's async methods run on the store thread (``store_thread``) and keep the sessions they touched
-parsed (the server is their only writer); the sync methods, for the CLI, read the files.
+Reading replays the log up to its last summary. After a crash the log may end in a torn line or in the
+entry of a write whose summary never made it: neither was acknowledged, so both are dropped (the writer
+cuts them off, with a warning). A summary whose ``messageCount`` does not match the messages replayed, more
+than one entry after the last summary, or no summary at all, is damage (truncation, lost lines).
+
+Sessions written by earlier versions, ``<id>.json`` (a tinydb file: table ``session`` with the summary,
+table ``messages``), are read as they are and converted to a log on their first change.
+
+The server's async methods run on the store thread (``store_thread``); writes go through a group commit
+(``append_log.GroupCommit``: writes queued together share one ``fdatasync``). The server keeps the sessions
+it used recently parsed, with their logs open, in a bounded cache (``OPEN_SESSIONS``, ``OPEN_BYTES``) that
+only its own writes change, so the next turn's context and ``GET /api/sessions/{id}`` parse nothing; the sync
+methods, for the CLI, read the files.
 
 A session file that does not parse was damaged outside agentspace: the server moves it aside
-(``<id>.json.damaged-<time>``, kept and logged) and that session answers SessionDamaged from then on;
+(``<id>.jsonl.damaged-<time>``, kept and logged) and that session answers SessionDamaged from then on;
 listings skip damaged files and name them.
 """
 
@@ -19,6 +32,7 @@ import builtins
 import contextlib
 import copy
 import json
+import logging
 import os
 import re
 import threading
@@ -30,7 +44,10 @@ from typing import Any
 
 from ..errors import SessionDamaged
 from ..types import new_id, now_iso
+from . import append_log
+from .append_log import AppendLog, encode_lines, read_entries, read_last_entry
 from .atomic import (
+    DAMAGED_MARK,
     StoreCorrupt,
     fsync_dir,
     is_damaged_copy,
@@ -38,18 +55,25 @@ from .atomic import (
     move_aside,
     remove_stale_temp_files,
     warn_skipped,
+    write_bytes_atomic,
 )
 from .store_thread import on_store_thread, read_in_thread
-from .tinydb_file import Tables, next_doc_id, read_tables, write_tables
+from .tinydb_file import Tables, read_tables
+
+log = logging.getLogger("agentspace.stores")
 
 SESSION_ID = re.compile(r"[A-Za-z0-9_-]{1,128}")
 TITLE_LENGTH = 60
-# Sessions the server keeps parsed in memory; older ones are re-read on next use.
+# Sessions the server keeps parsed in memory (at most this many, and this many bytes of their files);
+# older ones are re-read on next use.
 OPEN_SESSIONS = 256
+OPEN_BYTES = 256 * 1024 * 1024
 
 _SESSION = "session"
 _MESSAGES = "messages"
 _SUMMARY_KEYS = ("id", "title", "model", "createdAt", "lastActivityAt", "messageCount", "client")
+_LOG = ".jsonl"
+_LEGACY = ".json"
 # Summary copies an earlier version kept next to the sessions; ignored, and deleted with their session.
 _LEGACY_COPY = ".meta.json"
 
@@ -131,12 +155,82 @@ def _stored(message: dict[str, Any]) -> dict[str, Any]:
     return message
 
 
+@dataclass
+class _Session:
+    """A session as the server keeps it: its summary (without ``messageCount``), its messages, and the log
+    appended to (None until the first write after it was read: a legacy file is converted then)."""
+
+    info: dict[str, Any]
+    messages: builtins.list[dict[str, Any]]
+    log: AppendLog | None = None
+    legacy: bool = False
+    size: int = 0  # bytes on disk, for the cache's bound
+
+    def summary(self) -> dict[str, Any]:
+        return {**{key: self.info.get(key) for key in _SUMMARY_KEYS}, "messageCount": len(self.messages)}
+
+
+def _legacy_session(tables: Tables) -> _Session:
+    return _Session(dict(tables[_SESSION]["1"]), builtins.list(tables[_MESSAGES].values()), legacy=True)
+
+
+def _replay(entries: builtins.list[Any], path: Path) -> tuple[_Session, int]:
+    """A session log's entries replayed: the session as its last complete write left it, and how many entries
+    follow that write (0 or 1: a write that never finished, dropped). Raises StoreCorrupt."""
+    info: dict[str, Any] | None = None
+    messages: builtins.list[dict[str, Any]] = []
+    pending: builtins.list[tuple[str, Any]] = []
+    for entry in entries:
+        if not isinstance(entry, dict) or len(entry) != 1:
+            raise StoreCorrupt(path, "not a session log (an entry is not one of session/message/update)")
+        [(kind, value)] = entry.items()
+        if kind == "session":
+            if not isinstance(value, dict):
+                raise StoreCorrupt(path, "not a session log (a summary that is not an object)")
+            for op, op_value in pending:
+                _apply(messages, op, op_value, path)
+            pending = []
+            if value.get("messageCount") != len(messages):
+                raise StoreCorrupt(path, "entries are missing (the message count does not match the messages)")
+            info = value
+        elif kind in ("message", "update"):
+            pending.append((kind, value))
+        else:
+            raise StoreCorrupt(path, f"not a session log (unknown entry {kind!r})")
+    if info is None:
+        raise StoreCorrupt(path, "not a session log (no complete write: truncated or not a session)")
+    if len(pending) > 1:  # a write appends one message or update, then the summary
+        raise StoreCorrupt(path, f"{len(pending)} entries after the last complete write (truncated)")
+    info = {key: value for key, value in info.items() if key != "messageCount"}
+    return _Session(info, messages), len(pending)
+
+
+def _apply(messages: builtins.list[dict[str, Any]], op: str, value: Any, path: Path) -> None:
+    if not isinstance(value, dict):
+        raise StoreCorrupt(path, f"not a session log (a {op} that is not an object)")
+    if op == "message":
+        messages.append(value)
+        return
+    changes = value.get("changes")
+    if not isinstance(changes, dict):
+        raise StoreCorrupt(path, "not a session log (an update without changes)")
+    for n, message in enumerate(messages):
+        if message.get("id") == value.get("id"):
+            messages[n] = {**message, **changes}
+
+
+def _is_summary(entry: Any) -> bool:
+    return isinstance(entry, dict) and isinstance(entry.get("session"), dict)
+
+
 class SessionStore:
     def __init__(self, data_dir: Path) -> None:
         self.dir = Path(data_dir) / "sessions"
         # The sync methods may run next to the store thread (same process): one lock for both.
         self._lock = threading.RLock()
-        self._open: OrderedDict[str, Tables] = OrderedDict()
+        self._open: OrderedDict[str, _Session] = OrderedDict()
+        self._open_bytes = 0
+        self._commit = append_log.COMMIT
         self._damaged_ids: set[str] | None = None  # sessions whose file was moved aside; listed on first need
         self._prepared = False
         self._closed = False
@@ -178,15 +272,15 @@ class SessionStore:
     async def append_message(self, session_id: str, message: dict[str, Any]) -> None:
         """Store a message (``id`` and ``createdAt`` are filled in when absent). Raises SessionNotFound,
         SessionDamaged, or StorageError (then nothing was stored, and the same call can be retried)."""
-        await self._run(self._append, session_id, _stored(message))
+        await self._write(session_id, self._append, _stored(message))
 
     async def update_message(self, session_id: str, message_id: str, changes: dict[str, Any]) -> None:
         """Merge ``changes`` into a stored message. Raises SessionNotFound or MessageNotFound."""
-        await self._run(self._update, session_id, message_id, _detached(changes))
+        await self._write(session_id, self._update, message_id, _detached(changes))
 
     async def set_title(self, session_id: str, title: str) -> None:
         """Rename a session. Raises SessionNotFound."""
-        await self._run(self._set_title, session_id, title)
+        await self._write(session_id, self._set_title, title)
 
     async def messages(self, session_id: str, limit: int | None = None) -> builtins.list[dict[str, Any]]:
         """The last ``limit`` messages (all when None), oldest first; [] for an unknown session."""
@@ -194,7 +288,7 @@ class SessionStore:
 
     async def touch(self, session_id: str) -> None:
         """Set lastActivityAt to now. Raises SessionNotFound."""
-        await self._run(self._touch, session_id)
+        await self._write(session_id, self._touch)
 
     async def delete(self, session_id: str) -> bool:
         """Delete a session; False when there was none."""
@@ -214,67 +308,101 @@ class SessionStore:
             raise RuntimeError("the session store is closed")
         return await on_store_thread(fn, *args)
 
+    async def _write(self, session_id: str, change: Callable[..., Any], /, *args: Any) -> None:
+        """Run ``change`` (which appends to the session's log) in the next group commit: it returns once its
+        lines are durable. A failed sync drops the cached session: the next use reads what the disk has."""
+        if self._closed:
+            raise RuntimeError("the session store is closed")
+
+        def work() -> tuple[None, builtins.list[AppendLog]]:
+            with self._lock:
+                return None, [change(session_id, *args)]
+
+        await self._commit.run(work, on_failure=lambda: self._forget(session_id))
+
     # --- sync API (the CLI: no event loop, no cache) ------------------------------------------
 
     def get_sync(self, session_id: str) -> dict[str, Any] | None:
         """The summary plus ``messages``, or None. Raises SessionDamaged (the file is left where it is)."""
         if not _is_valid(session_id):
             return None
-        path = self._path(session_id)
         try:
-            tables = _checked(read_tables(path), path)
+            session = self._read(session_id)
         except StoreCorrupt as e:
             warn_skipped(e)
             raise SessionDamaged(session_id) from None
-        if tables is None:
+        if session is None:
             if session_id in self._scan_damaged_ids():
                 raise SessionDamaged(session_id)
             return None
-        return {**_summary(tables), "messages": builtins.list(tables[_MESSAGES].values())}
+        return {**session.summary(), "messages": session.messages}
 
     def summaries_sync(self) -> builtins.list[dict[str, Any]]:
         return self.listing_sync().sessions
 
-    def listing_sync(self) -> Listing:
-        """Every session file read; the damaged ones skipped and named (a warning logged for each)."""
+    def listing_sync(self, *, whole: bool = False) -> Listing:
+        """Every session's summary, read from the end of its log (so a listing does not grow with the
+        sessions' sizes; ``whole``: every log read and checked whole, as ``agentspace doctor`` does); legacy
+        files read whole. Damaged files skipped and named (a warning logged)."""
         try:
             names = os.listdir(self.dir)
         except FileNotFoundError:
             return Listing()
         listing = Listing()
+        logs = {name[: -len(_LOG)] for name in names if name.endswith(_LOG)}
         for name in sorted(names):
             path = self.dir / name
             if is_damaged_copy(name):
                 listing.damaged_files.append(str(path))
                 continue
-            if not name.endswith(".json") or name.startswith("."):  # temp files start with "."
-                continue
-            session_id = name[: -len(".json")]
-            if name.endswith(_LEGACY_COPY) and _is_valid(name[: -len(_LEGACY_COPY)]):
+            if name.startswith("."):  # temp files
                 continue
             try:
-                if not _is_valid(session_id):
-                    raise StoreCorrupt(path, "not a session file (its name is not a session id)")
-                tables = _checked(read_tables(path), path)
+                if name.endswith(_LOG):
+                    summary = self._log_summary(name[: -len(_LOG)], path, whole)
+                elif name.endswith(_LEGACY):
+                    session_id = name[: -len(_LEGACY)]
+                    if name.endswith(_LEGACY_COPY) and _is_valid(name[: -len(_LEGACY_COPY)]):
+                        continue
+                    if session_id in logs:  # converted; the writer removes the old file on next use
+                        continue
+                    if not _is_valid(session_id):
+                        raise StoreCorrupt(path, "not a session file (its name is not a session id)")
+                    tables = _checked(read_tables(path), path)
+                    summary = None if tables is None else _summary(tables)
+                else:
+                    continue
             except StoreCorrupt as e:
                 warn_skipped(e)
                 listing.damaged_files.append(str(path))
                 continue
-            if tables is not None:  # else deleted since listed
-                listing.sessions.append(_summary(tables))
+            if summary is not None:  # else deleted since listed
+                listing.sessions.append(summary)
         listing.sessions = _sorted(listing.sessions)
         return listing
+
+    def _log_summary(self, session_id: str, path: Path, whole: bool = False) -> dict[str, Any] | None:
+        if not _is_valid(session_id):
+            raise StoreCorrupt(path, "not a session file (its name is not a session id)")
+        entry = None if whole else read_last_entry(path, _is_summary)
+        if entry is None:  # none found from the end: read it whole to tell a deleted file from a damaged one
+            session = self._read(session_id)
+            return None if session is None else session.summary()
+        info = entry["session"]
+        return {key: info.get(key) for key in _SUMMARY_KEYS}
 
     def delete_sync(self, session_id: str) -> bool:
         if not _is_valid(session_id):
             return False
         with self._lock:
-            self._open.pop(session_id, None)
-            existed = True
-            try:
-                os.unlink(self._path(session_id))
-            except FileNotFoundError:
-                existed = False
+            self._forget(session_id)
+            existed = False
+            for path in (self._log_path(session_id), self._legacy_path(session_id)):
+                try:
+                    os.unlink(path)
+                    existed = True
+                except FileNotFoundError:
+                    pass
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.dir / f"{session_id}{_LEGACY_COPY}")
             if existed:
@@ -283,16 +411,37 @@ class SessionStore:
 
     # --- work done on the store thread --------------------------------------------------------
 
-    def _path(self, session_id: str) -> Path:
-        return self.dir / f"{session_id}.json"
+    def _log_path(self, session_id: str) -> Path:
+        return self.dir / f"{session_id}{_LOG}"
+
+    def _legacy_path(self, session_id: str) -> Path:
+        return self.dir / f"{session_id}{_LEGACY}"
+
+    def _read(self, session_id: str) -> _Session | None:
+        """A reader's view of the session (log first, else a legacy file), or None. Raises StoreCorrupt."""
+        path = self._log_path(session_id)
+        entries = read_entries(path)
+        if entries is not None:
+            session, dropped = _replay(entries, path)
+            if dropped:
+                log.warning("%s: the last write never finished (a crash); ignored", path)
+            return session
+        legacy = self._legacy_path(session_id)
+        tables = _checked(read_tables(legacy), legacy)
+        return None if tables is None else _legacy_session(tables)
 
     def _scan_damaged_ids(self) -> set[str]:
-        """Ids whose file was moved aside (``<id>.json.damaged-<time>``)."""
+        """Ids whose file was moved aside (``<id>.jsonl.damaged-<time>``, ``<id>.json.damaged-<time>``)."""
         try:
             names = os.listdir(self.dir)
         except FileNotFoundError:
             return set()
-        return {name.split(".json.damaged-")[0] for name in names if ".json.damaged-" in name}
+        return {
+            name.split(f"{suffix}{DAMAGED_MARK}")[0]
+            for name in names
+            for suffix in (_LOG, _LEGACY)
+            if f"{suffix}{DAMAGED_MARK}" in name
+        }
 
     def _is_damaged(self, session_id: str) -> bool:
         if self._damaged_ids is None:
@@ -306,55 +455,131 @@ class SessionStore:
             remove_stale_temp_files(self.dir)
             self._prepared = True
 
-    def _session(self, session_id: str) -> Tables | None:
-        """The session's tables (the cached copy: never change it in place), or None when it does not exist.
+    def _session(self, session_id: str) -> _Session | None:
+        """The session (the cached copy: never change it but through a write), or None when it does not exist.
 
-        A damaged file is moved aside and raises SessionDamaged."""
+        A session not cached is read and its log opened for appending (a torn tail or an unfinished write
+        cut off); a damaged file is moved aside and raises SessionDamaged."""
         if not _is_valid(session_id):
             return None
-        path = self._path(session_id)
-        tables = self._open.get(session_id)
-        if tables is not None:
+        session = self._open.get(session_id)
+        if session is not None:
             # The CLI may have deleted it since we cached it; a stat is far cheaper than a parse.
+            path = self._legacy_path(session_id) if session.legacy else self._log_path(session_id)
             if os.path.exists(path):
                 self._open.move_to_end(session_id)
-                return tables
-            del self._open[session_id]
+                return session
+            self._forget(session_id)
             return None
         try:
-            tables = _checked(read_tables(path), path)
+            session = self._load(session_id)
         except StoreCorrupt as e:
             move_aside(e)
             if self._damaged_ids is not None:
                 self._damaged_ids.add(session_id)
             raise SessionDamaged(session_id) from None
-        if tables is None:
+        if session is None:
             if self._is_damaged(session_id):
                 raise SessionDamaged(session_id)
             return None
-        self._remember(session_id, tables)
-        return tables
+        self._remember(session_id, session)
+        return session
 
-    def _remember(self, session_id: str, tables: Tables) -> None:
-        self._open[session_id] = tables
-        self._open.move_to_end(session_id)
-        while len(self._open) > OPEN_SESSIONS:
-            self._open.popitem(last=False)
+    def _load(self, session_id: str) -> _Session | None:
+        path = self._log_path(session_id)
+        if path.exists():
+            self._prepare()
+            log_ = AppendLog(path)
+            replayed: list[_Session] = []
 
-    def _require(self, session_id: str) -> Tables:
-        tables = self._session(session_id)
+            def unfinished(entries: builtins.list[Any]) -> int:
+                session, dropped = _replay(entries, path)
+                replayed.append(session)
+                return dropped
+
+            try:
+                log_.open(create=False, unfinished=unfinished)
+            except FileNotFoundError:  # deleted since (the CLI)
+                return None
+            session = replayed[0]
+            with contextlib.suppress(FileNotFoundError):  # a conversion that crashed before removing it
+                os.unlink(self._legacy_path(session_id))
+            session.log, session.size = log_, log_.size
+            return session
+        legacy = self._legacy_path(session_id)
+        tables = _checked(read_tables(legacy), legacy)
         if tables is None:
-            raise SessionNotFound(f"session {str(session_id)[:40]!r} not found")
-        return tables
+            return None
+        session = _legacy_session(tables)
+        session.size = legacy.stat().st_size
+        return session
 
-    def _write(self, session_id: str, info: dict[str, Any], messages: dict[str, dict[str, Any]]) -> None:
-        """Write the session whole; the cache changes only once the write succeeded (a failed write leaves
-        the store as it was, ready for the next one)."""
+    def _remember(self, session_id: str, session: _Session) -> None:
+        old = self._open.pop(session_id, None)
+        if old is not None:
+            self._open_bytes -= old.size
+        self._open[session_id] = session
+        self._open_bytes += session.size
+        self._evict()
+
+    def _evict(self) -> None:
+        """Drop the least recently used sessions past the cache's bounds (the most recent one stays)."""
+        while len(self._open) > 1 and (len(self._open) > OPEN_SESSIONS or self._open_bytes > OPEN_BYTES):
+            _, evicted = self._open.popitem(last=False)
+            self._open_bytes -= evicted.size
+            if evicted.log is not None:
+                evicted.log.close()
+
+    def _forget(self, session_id: str) -> None:
+        with self._lock:
+            session = self._open.pop(session_id, None)
+            if session is not None:
+                self._open_bytes -= session.size
+                if session.log is not None:
+                    session.log.close()
+
+    def _require(self, session_id: str) -> _Session:
+        session = self._session(session_id)
+        if session is None:
+            raise SessionNotFound(f"session {str(session_id)[:40]!r} not found")
+        return session
+
+    def _log_for(self, session_id: str, session: _Session) -> AppendLog:
+        """The session's log, open for appending; a legacy session converted first (its log written whole,
+        then the old file removed: a crash between leaves both, and the log wins)."""
+        if session.log is not None:
+            return session.log
         self._prepare()
-        info = {**info, "messageCount": len(messages)}
-        tables: Tables = {_SESSION: {"1": info}, _MESSAGES: messages}
-        write_tables(self._path(session_id), tables)
-        self._remember(session_id, tables)
+        path = self._log_path(session_id)
+        if session.legacy:
+            write_bytes_atomic(path, _log_bytes(session))
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self._legacy_path(session_id))
+            fsync_dir(self.dir)
+            session.legacy = False
+        log_ = AppendLog(path)
+        log_.open(read=False)
+        session.log = log_
+        return log_
+
+    def _append_entries(
+        self,
+        session_id: str,
+        session: _Session,
+        entry: dict[str, Any] | None,
+        info: dict[str, Any],
+        messages: builtins.list[dict[str, Any]],
+    ) -> AppendLog:
+        """Append one write (``entry``, then the summary that closes it); the cache changes only once the
+        lines are written (a failed write leaves the store as it was, ready for the next one)."""
+        log_ = self._log_for(session_id, session)
+        summary = {**{key: info.get(key) for key in _SUMMARY_KEYS}, "messageCount": len(messages)}
+        written = log_.write([entry, {"session": summary}] if entry is not None else [{"session": summary}])
+        session.info, session.messages = info, messages
+        self._open_bytes += written
+        session.size += written
+        self._evict()
+        return log_
 
     def _create(
         self, session_id: str, model: str, title: str | None, client: str | None, messages: Sequence[dict[str, Any]]
@@ -373,8 +598,14 @@ class SessionStore:
                 "lastActivityAt": now,
                 "client": client,
             }
-            self._write(session_id, info, {str(n): message for n, message in enumerate(messages, 1)})
-            return _summary(self._open[session_id])
+            session = _Session(info, builtins.list(messages))
+            # Written whole and atomically: a session file always starts with one complete write.
+            self._prepare()
+            payload = _log_bytes(session)
+            write_bytes_atomic(self._log_path(session_id), payload)
+            session.size = len(payload)
+            self._remember(session_id, session)
+            return session.summary()
 
     def _exists(self, session_id: str) -> bool:
         with self._lock:
@@ -382,52 +613,60 @@ class SessionStore:
 
     def _get(self, session_id: str) -> dict[str, Any] | None:
         with self._lock:
-            tables = self._session(session_id)
-            if tables is None:
+            session = self._session(session_id)
+            if session is None:
                 return None
-            return copy.deepcopy({**_summary(tables), "messages": builtins.list(tables[_MESSAGES].values())})
+            return {**session.summary(), "messages": copy.deepcopy(session.messages)}
 
     def _messages(self, session_id: str, limit: int | None) -> builtins.list[dict[str, Any]]:
         with self._lock:
-            tables = self._session(session_id)
-            if tables is None or (limit is not None and limit <= 0):
+            session = self._session(session_id)
+            if session is None or (limit is not None and limit <= 0):
                 return []
-            docs = builtins.list(tables[_MESSAGES].values())
+            docs = session.messages
             return copy.deepcopy(docs if limit is None else docs[-limit:])
 
-    def _append(self, session_id: str, message: dict[str, Any]) -> None:
-        with self._lock:
-            tables = self._require(session_id)
-            messages = tables[_MESSAGES]
-            info = dict(tables[_SESSION]["1"])
-            if not info.get("title") and message.get("role") == "user":
-                info["title"] = _title_from(message)
-            info["lastActivityAt"] = now_iso()
-            self._write(session_id, info, {**messages, str(next_doc_id(messages)): message})
+    def _append(self, session_id: str, message: dict[str, Any]) -> AppendLog:
+        session = self._require(session_id)
+        info = dict(session.info)
+        if not info.get("title") and message.get("role") == "user":
+            info["title"] = _title_from(message)
+        info["lastActivityAt"] = now_iso()
+        return self._append_entries(session_id, session, {"message": message}, info, [*session.messages, message])
 
-    def _update(self, session_id: str, message_id: str, changes: dict[str, Any]) -> None:
-        with self._lock:
-            tables = self._require(session_id)
-            messages = dict(tables[_MESSAGES])
-            doc_ids = [doc_id for doc_id, m in messages.items() if m.get("id") == message_id]
-            if not doc_ids:
-                raise MessageNotFound(f"message {str(message_id)[:40]!r} not found in session {session_id!r}")
-            for doc_id in doc_ids:
-                messages[doc_id] = {**messages[doc_id], **changes}
-            self._write(session_id, {**tables[_SESSION]["1"], "lastActivityAt": now_iso()}, messages)
+    def _update(self, session_id: str, message_id: str, changes: dict[str, Any]) -> AppendLog:
+        session = self._require(session_id)
+        messages = builtins.list(session.messages)
+        found = False
+        for n, message in enumerate(messages):
+            if message.get("id") == message_id:
+                messages[n] = {**message, **changes}
+                found = True
+        if not found:
+            raise MessageNotFound(f"message {str(message_id)[:40]!r} not found in session {session_id!r}")
+        info = {**session.info, "lastActivityAt": now_iso()}
+        entry = {"update": {"id": message_id, "changes": changes}}
+        return self._append_entries(session_id, session, entry, info, messages)
 
-    def _touch(self, session_id: str) -> None:
-        with self._lock:
-            tables = self._require(session_id)
-            self._write(session_id, {**tables[_SESSION]["1"], "lastActivityAt": now_iso()}, tables[_MESSAGES])
+    def _touch(self, session_id: str) -> AppendLog:
+        session = self._require(session_id)
+        info = {**session.info, "lastActivityAt": now_iso()}
+        return self._append_entries(session_id, session, None, info, session.messages)
 
-    def _set_title(self, session_id: str, title: str) -> None:
-        with self._lock:
-            tables = self._require(session_id)
-            self._write(
-                session_id, {**tables[_SESSION]["1"], "title": title, "lastActivityAt": now_iso()}, tables[_MESSAGES]
-            )
+    def _set_title(self, session_id: str, title: str) -> AppendLog:
+        session = self._require(session_id)
+        info = {**session.info, "title": title, "lastActivityAt": now_iso()}
+        return self._append_entries(session_id, session, None, info, session.messages)
 
     def _close_all(self) -> None:
         with self._lock:
+            for session in self._open.values():
+                if session.log is not None:
+                    session.log.close()
             self._open.clear()
+            self._open_bytes = 0
+
+
+def _log_bytes(session: _Session) -> bytes:
+    """A whole session log: its messages, then the summary that closes the write."""
+    return encode_lines([*({"message": m} for m in session.messages), {"session": session.summary()}])

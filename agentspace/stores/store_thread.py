@@ -10,7 +10,7 @@ import functools
 import os
 import threading
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, TypeVar
 
 from ..errors import StorageError
@@ -37,7 +37,12 @@ def _forget_in_child() -> None:
 os.register_at_fork(after_in_child=_forget_in_child)
 
 
-def _storage_error(e: OSError) -> StorageError:
+def submit(fn: Callable[..., T], /, *args: Any) -> Future[T]:
+    """Queue ``fn`` on the store thread (after everything queued before) without waiting for it."""
+    return _thread().submit(fn, *args)
+
+
+def storage_error(e: OSError) -> StorageError:
     return StorageError(f"The gateway could not use its data directory: {e.strerror or e}.")
 
 
@@ -54,7 +59,7 @@ async def on_store_thread(fn: Callable[..., T], /, *args: Any, **kwargs: Any) ->
     try:
         return await asyncio.shield(future)
     except OSError as e:
-        raise _storage_error(e) from e
+        raise storage_error(e) from e
 
 
 async def read_in_thread(fn: Callable[..., T], /, *args: Any) -> T:
@@ -67,4 +72,4 @@ async def read_in_thread(fn: Callable[..., T], /, *args: Any) -> T:
     try:
         return await asyncio.to_thread(fn, *args)
     except OSError as e:
-        raise _storage_error(e) from e
+        raise storage_error(e) from e

@@ -1,14 +1,22 @@
-"""Store files in tinydb's layout, ``{table: {doc id: document}}``, read and written whole.
+"""Small documents read and changed as a whole: files in tinydb's layout, ``{table: {doc id: document}}``.
 
-The stores keep their data as plain dicts in this layout and write a file whole and atomically on every
-change (``atomic.write_bytes_atomic``), so the files stay readable with ``tinydb.TinyDB`` and a reader never
-sees half a write.
+``AtomicStorage`` is a ``tinydb`` storage that writes the file whole and atomically on every change
+(``atomic.write_json_atomic``: temp file, fsync, rename, folder fsync), so a reader never sees half a write;
+``NamedTable`` keys documents by a name (a client's) instead of tinydb's numbers. The clients table goes
+through ``tinydb.TinyDB`` with both (``stores/clients.py``). High-rate data does not: session messages and
+usage records are appended to logs (``append_log``); ``read_tables`` reads the session and usage files of
+earlier versions, which used this layout.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from tinydb import TinyDB
+from tinydb.storages import Storage
+from tinydb.table import Table
 
 from .atomic import StoreCorrupt, read_json, write_json_atomic
 
@@ -35,3 +43,34 @@ def write_tables(path: Path, tables: Tables) -> None:
 def next_doc_id(docs: dict[str, Any]) -> int:
     """The id tinydb would give the next document of a table (its ids are the keys, as numbers)."""
     return max(map(int, docs), default=0) + 1
+
+
+class AtomicStorage(Storage):
+    """A tinydb storage: ``read`` gives the file's tables (None when there is no file; ``reader`` may check
+    the file first, e.g. its owner and mode), ``write`` replaces the file whole and atomically."""
+
+    def __init__(self, path: Path, reader: Callable[[Path], Any] | None = None) -> None:
+        self.path = Path(path)
+        self.reader = reader or read_json
+
+    def read(self) -> dict[str, dict[str, Any]] | None:
+        data = self.reader(self.path)
+        if data is not None and not isinstance(data, dict):
+            raise StoreCorrupt(self.path, "not a tinydb file ({table: {id: document}})")
+        return data
+
+    def write(self, data: dict[str, dict[str, Any]]) -> None:
+        write_json_atomic(self.path, data)
+
+
+class NamedTable(Table):
+    """A tinydb table whose documents are keyed by a name (``Document(value, doc_id=name)``)."""
+
+    document_id_class = str  # type: ignore[assignment]
+
+    def _get_next_id(self) -> Any:
+        raise ValueError("documents of a named table are inserted with their name as doc_id")
+
+
+class NamedTinyDB(TinyDB):
+    table_class = NamedTable

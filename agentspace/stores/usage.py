@@ -1,17 +1,28 @@
-"""UsageStore: usage records (``UsageRecord.to_dict()``) in bounded segment files, and the usage reports.
+"""UsageStore: usage records (``UsageRecord.to_dict()``) appended to bounded log segments, and the usage reports.
 
-Layout: ``data_dir/usage/<YYYY-MM-DD>/<NNNNN>.json``, one tinydb file (table ``records``) per segment. The
-writer keeps the current segment in memory and writes it whole and atomically with each new record, and
-starts the next segment when it holds ``segment_size`` records or the UTC day changes, so a write costs at
-most one bounded file however much is stored.
+Layout: ``data_dir/usage/<YYYY-MM-DD>/<NNNNN>.jsonl``, one ``append_log`` file per segment, one record per
+line. The writer appends each record (group commit: records stored together share one ``fdatasync``) and
+starts the next segment when the current one holds ``segment_size`` records or the UTC day changes, so no
+file grows without bound and a write costs one short line however much is stored. Segments written by
+earlier versions, ``<NNNNN>.json`` (a tinydb file, table ``records``), are read as they are; the writer
+never appends to them.
 
-A segment that does not parse was damaged outside agentspace: the writer moves it aside
-(``<NNNNN>.json.damaged-<time>``, kept and logged) and goes on in a fresh file; readers skip damaged
+A torn last line (a crash mid-write: never acknowledged) is cut off by the writer when it opens the segment
+and ignored by readers (silently: a line being written looks the same to them). A segment with a complete
+line that does not parse was damaged outside agentspace: the writer moves it aside
+(``<NNNNN>.jsonl.damaged-<time>``, kept and logged) and goes on in a fresh file; readers skip damaged
 segments and name them (``damagedFiles`` in the reports).
+
+Reports read rollups (``usage/rollups/<YYYY-MM-DD>.json``): for every closed segment (every segment of an
+earlier day, and those of today but the one being written), its records summed per (day, model, client,
+session, endpoint), written once, off the hot path, by the first report that needs them (whole and
+atomically), and trusted only while the segment has the size it had then. A report sums the rollups and
+scans only the open segment, so its time grows with the groups, not the records.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import time
@@ -21,22 +32,31 @@ from pathlib import Path
 from typing import Any
 
 from ..types import UsageRecord
+from . import append_log
+from .append_log import AppendLog, encode_lines, parse_lines
 from .atomic import (
     StoreCorrupt,
     is_damaged_copy,
     make_dirs,
     move_aside,
+    read_json,
     remove_stale_temp_files,
     warn_skipped,
+    write_bytes_atomic,
+    write_json_atomic,
 )
-from .store_thread import on_store_thread, read_in_thread
-from .tinydb_file import next_doc_id, read_tables, write_tables
+from .store_thread import read_in_thread
+from .tinydb_file import read_tables, write_tables
 
 _RECORDS = "records"
 _DAY = re.compile(r"\d{4}-\d{2}-\d{2}")
-_SEGMENT = re.compile(r"(\d+)\.json")
-# Records per segment: what one write of the current segment costs at most.
-SEGMENT_SIZE = 250
+_SEGMENT = re.compile(r"(\d+)\.jsonl?")
+_LOG = ".jsonl"
+ROLLUPS = "rollups"
+_ROLLUP_VERSION = 1
+# Records per segment: the most a writer reads when it opens the day's last segment, and the most a report
+# scans that no rollup covers.
+SEGMENT_SIZE = 10_000
 _TOKEN_FIELDS = ("inputTokens", "outputTokens", "totalTokens", "cacheReadTokens", "cacheWriteTokens", "reasoningTokens")
 
 
@@ -44,15 +64,22 @@ def _utc_day() -> str:
     return time.strftime("%Y-%m-%d", time.gmtime())
 
 
-def segment_path(data_dir: Path, day: str, number: int) -> Path:
-    return Path(data_dir) / "usage" / day / f"{number:05d}.json"
+def segment_path(data_dir: Path, day: str, number: int, *, legacy: bool = False) -> Path:
+    return Path(data_dir) / "usage" / day / f"{number:05d}.json{'' if legacy else 'l'}"
 
 
 def write_segment(data_dir: Path, day: str, number: int, records: list[dict[str, Any]]) -> None:
+    """Write a whole segment in the format of earlier versions (a tinydb file), for tests of old data."""
+    path = segment_path(data_dir, day, number, legacy=True)
+    make_dirs(path.parent)
+    write_tables(path, {_RECORDS: {str(n): record for n, record in enumerate(records, 1)}})
+
+
+def write_log_segment(data_dir: Path, day: str, number: int, records: list[dict[str, Any]]) -> None:
     """Write a whole segment in the store's format at once (seeds benchmarks and tests)."""
     path = segment_path(data_dir, day, number)
     make_dirs(path.parent)
-    write_tables(path, {_RECORDS: {str(n): record for n, record in enumerate(records, 1)}})
+    write_bytes_atomic(path, encode_lines(records))
 
 
 def _listdir(folder: Path) -> list[str]:
@@ -66,9 +93,34 @@ def _days(usage_dir: Path) -> list[str]:
     return sorted(name for name in _listdir(usage_dir) if _DAY.fullmatch(name))
 
 
+def _segment_files(names: Iterable[str]) -> list[tuple[int, str]]:
+    """(number, file name) of the segments, in order (numerically: past 99999 the names grow a digit)."""
+    return sorted((int(m.group(1)), m.group(0)) for m in map(_SEGMENT.fullmatch, names) if m)
+
+
 def _segments(names: Iterable[str]) -> list[int]:
-    """Segment numbers in order (numerically: past 99999 the names grow a digit)."""
-    return sorted(int(m.group(1)) for m in map(_SEGMENT.fullmatch, names) if m)
+    return [number for number, _ in _segment_files(names)]
+
+
+def read_segment(path: Path) -> list[dict[str, Any]]:
+    """A segment's records ([] when it is gone). Raises StoreCorrupt."""
+    if path.name.endswith(_LOG):
+        entries = _read_log(path) or []
+        if not all(isinstance(entry, dict) for entry in entries):
+            raise StoreCorrupt(path, "not a usage segment (a line is not a record)")
+        return entries
+    return list(((read_tables(path) or {}).get(_RECORDS) or {}).values())
+
+
+def _read_log(path: Path) -> list[Any] | None:
+    """A log segment's entries, the torn tail ignored without a warning: to a reader, the line the writer is
+    appending looks the same (the writer warns when it cuts a real one off)."""
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except FileNotFoundError:
+        return None
+    return parse_lines(raw, path)[0]
 
 
 class UsageStore:
@@ -78,10 +130,12 @@ class UsageStore:
         self.dir = Path(data_dir) / "usage"
         self.segment_size = segment_size
         self._closed = False
-        # The segment being written: its day, number and records (the file's ``records`` table).
+        self._commit = append_log.COMMIT
+        # The segment being written: its day, number, log, record count and record ids.
         self._day: str | None = None
         self._number = 0
-        self._records: dict[str, dict[str, Any]] = {}
+        self._log: AppendLog | None = None
+        self._count = 0
         self._ids: set[str] = set()
 
     async def append(self, record: UsageRecord) -> None:
@@ -89,7 +143,12 @@ class UsageStore:
         Raises StorageError when the write failed; the store is then as it was."""
         if self._closed:
             raise RuntimeError("the usage store is closed")
-        await on_store_thread(self._append, record.to_dict())
+        data = record.to_dict()
+
+        def work() -> tuple[None, list[AppendLog]]:
+            return None, self._append(data)
+
+        await self._commit.run(work, on_failure=lambda: self._forget(data))
 
     def records(
         self,
@@ -110,23 +169,16 @@ class UsageStore:
             names = _listdir(self.dir / day)
             if damaged is not None:
                 damaged += [str(self.dir / day / name) for name in sorted(names) if is_damaged_copy(name)]
-            for number in _segments(names):
-                path = segment_path(self.dir.parent, day, number)
+            for _, name in _segment_files(names):
+                path = self.dir / day / name
                 try:
-                    tables = read_tables(path)
+                    records = read_segment(path)
                 except StoreCorrupt as e:
                     warn_skipped(e)
                     if damaged is not None:
                         damaged.append(str(path))
                     continue
-                for record in ((tables or {}).get(_RECORDS) or {}).values():  # none: deleted since listed
-                    if since_iso is not None and record.get("timestamp", "") < since_iso:
-                        continue
-                    if session_id is not None and record.get("sessionId") != session_id:
-                        continue
-                    if client is not None and record.get("client") != client:
-                        continue
-                    yield record
+                yield from _matching(records, since_iso, session_id, client)
 
     def report(
         self,
@@ -136,13 +188,99 @@ class UsageStore:
         session_id: str | None = None,
         client: str | None = None,
     ) -> dict[str, Any]:
-        """``usage_report`` (``by="model"``), ``usage_by_day`` (``by="day"``) or ``usage_by_client``
-        (``by="client"``) of the records (of one client when ``client`` is given), with ``damagedFiles``:
-        the segments that could not be counted."""
+        """The report ``by`` names (``REPORTS``) of the records (of one client when ``client`` is given), with
+        ``damagedFiles``: the segments that could not be counted. Read from the rollups of closed segments
+        and the records of the open ones (``groups``)."""
+        if by not in REPORTS:
+            raise KeyError(by)
         damaged: list[str] = []
-        records = self.records(since=since, session_id=session_id, damaged=damaged, client=client)
-        grouping = REPORTS[by]
-        return {**grouping(records), "damagedFiles": damaged}
+        groups = self.groups(since=since, session_id=session_id, client=client, damaged=damaged)
+        return {**report_from_groups(by, groups), "damagedFiles": damaged}
+
+    def groups(
+        self,
+        *,
+        since: datetime | None = None,
+        session_id: str | None = None,
+        client: str | None = None,
+        damaged: list[str] | None = None,
+    ) -> dict[GroupKey, dict[str, Any]]:
+        """The records' totals per (day, model, client, session, endpoint): what ``records`` would give, summed.
+        Closed segments count through their rollups (built and saved here when missing or stale)."""
+        since_iso = _iso(since)
+        today = _utc_day()
+        groups: dict[GroupKey, dict[str, Any]] = {}
+        for day in _days(self.dir):
+            if since_iso is not None and day < since_iso[:10]:
+                continue
+            folder = self.dir / day
+            names = _listdir(folder)
+            if damaged is not None:
+                damaged += [str(folder / name) for name in sorted(names) if is_damaged_copy(name)]
+            files = _segment_files(names)
+            known = self._read_rollup(day)
+            fresh: dict[str, Any] = {}
+            for index, (_, name) in enumerate(files):
+                path = folder / name
+                try:
+                    size = path.stat().st_size
+                except FileNotFoundError:
+                    continue
+                closed = day < today or index < len(files) - 1 or not name.endswith(_LOG)
+                entry = known.get(name)
+                if not (closed and isinstance(entry, dict) and entry.get("size") == size):
+                    entry = None
+                usable = entry is not None and (since_iso is None or (entry.get("first") or "") >= since_iso)
+                if entry is not None and usable:
+                    fresh[name] = entry
+                    if entry.get("damaged"):
+                        if damaged is not None:
+                            damaged.append(str(path))
+                        continue
+                    for row in entry.get("groups", []):
+                        key = tuple(row[:5])
+                        if (session_id is None or key[3] == session_id) and (client is None or key[2] == client):
+                            _merge(groups, key, _totals_from_row(row[5]))
+                    continue
+                try:
+                    records = read_segment(path)
+                except StoreCorrupt as e:
+                    warn_skipped(e)
+                    if damaged is not None:
+                        damaged.append(str(path))
+                    if closed:
+                        fresh[name] = {"version": _ROLLUP_VERSION, "size": size, "damaged": True}
+                    continue
+                if closed and entry is None:
+                    fresh[name] = _rollup_entry(records, size)
+                elif entry is not None:
+                    fresh[name] = entry
+                for record in _matching(records, since_iso, session_id, client):
+                    _add_to(groups, record)
+            if fresh != known:
+                self._save_rollup(day, fresh)
+        return groups
+
+    def _read_rollup(self, day: str) -> dict[str, Any]:
+        """The day's rollups: ``{segment file name: entry}`` (a tinydb layout, table ``segments``)."""
+        try:
+            data = read_json(self.dir / ROLLUPS / f"{day}.json")
+        except StoreCorrupt:
+            return {}  # rebuilt from the segments
+        segments = data.get("segments") if isinstance(data, dict) else None
+        if not isinstance(segments, dict):
+            return {}
+        return {
+            name: entry
+            for name, entry in segments.items()
+            if isinstance(entry, dict) and entry.get("version") == _ROLLUP_VERSION
+        }
+
+    def _save_rollup(self, day: str, segments: dict[str, Any]) -> None:
+        """Save a day's rollups (best effort: a reader without write access just scans again next time)."""
+        with contextlib.suppress(OSError):
+            make_dirs(self.dir / ROLLUPS)
+            write_json_atomic(self.dir / ROLLUPS / f"{day}.json", {"segments": segments})
 
     async def areport(
         self,
@@ -162,51 +300,98 @@ class UsageStore:
         return await read_in_thread(lambda: list(self.records(since=since, session_id=session_id, client=client)))
 
     async def flush(self) -> None:
+        from .store_thread import on_store_thread
+
         await on_store_thread(lambda: None)
 
     async def aclose(self) -> None:
         if not self._closed:
+            from .store_thread import on_store_thread
+
             await self.flush()
+            await on_store_thread(self._close_log)
             self._closed = True
 
     # --- work done on the store thread --------------------------------------------------------
 
-    def _append(self, record: dict[str, Any]) -> None:
+    def _append(self, record: dict[str, Any]) -> list[AppendLog]:
         day = _utc_day()
-        if day != self._day:
+        if day != self._day or self._log is None:
             self._open_day(day)
-        elif len(self._records) >= self.segment_size:
-            self._start(day, self._number + 1, {})
+        elif self._count >= self.segment_size:
+            self._start(day, self._number + 1)
+        assert self._log is not None
         record_id = record.get("id")
         if record_id and record_id in self._ids:
-            return  # stored by an earlier try of this write
-        records = {**self._records, str(next_doc_id(self._records)): record}
-        write_tables(segment_path(self.dir.parent, day, self._number), {_RECORDS: records})
+            return []  # stored by an earlier try of this write
+        self._log.write([record])
         # Only once written: a failed write leaves the segment as it was, and the same record can be retried.
-        self._records = records
+        self._count += 1
         if record_id:
             self._ids.add(record_id)
+        return [self._log]
+
+    def _forget(self, record: dict[str, Any]) -> None:
+        """The sync of a written record failed (the log cut it off again): it is not stored."""
+        self._count -= 1
+        self._ids.discard(record.get("id") or "")
+
+    def _close_log(self) -> None:
+        if self._log is not None:
+            self._log.close()
+            self._log = None
 
     def _open_day(self, day: str) -> None:
         """Continue the day's last segment (a restarted server) or start its first one."""
+        self._close_log()
         folder = self.dir / day
         make_dirs(folder)
         remove_stale_temp_files(folder)
-        numbers = _segments(_listdir(folder))
-        number = numbers[-1] if numbers else 0
-        path = segment_path(self.dir.parent, day, number)
+        files = _segment_files(_listdir(folder))
+        if not files:
+            self._start(day, 0)
+            return
+        number, name = files[-1]
+        path = folder / name
+        if not name.endswith(_LOG):  # an earlier version's segment: checked, never appended to
+            try:
+                read_tables(path)
+            except StoreCorrupt as e:
+                move_aside(e)
+            self._start(day, number + 1)
+            return
+        log_ = AppendLog(path)
         try:
-            records = (read_tables(path) or {}).get(_RECORDS) or {}
+            entries = log_.open()
         except StoreCorrupt as e:
             move_aside(e)  # its name is free again: the fresh segment takes it
-            records = {}
-        if len(records) >= self.segment_size:
-            number, records = number + 1, {}
-        self._start(day, number, records)
+            self._start(day, number)
+            return
+        if len(entries) >= self.segment_size:
+            log_.close()
+            self._start(day, number + 1)
+            return
+        self._day, self._number, self._log, self._count = day, number, log_, len(entries)
+        self._ids = {r["id"] for r in entries if isinstance(r, dict) and r.get("id")}
 
-    def _start(self, day: str, number: int, records: dict[str, dict[str, Any]]) -> None:
-        self._day, self._number, self._records = day, number, records
-        self._ids = {r["id"] for r in records.values() if r.get("id")}
+    def _start(self, day: str, number: int) -> None:
+        self._close_log()
+        log_ = AppendLog(segment_path(self.dir.parent, day, number))
+        log_.open(read=False)
+        self._day, self._number, self._log, self._count, self._ids = day, number, log_, 0, set()
+
+
+def _matching(
+    records: Iterable[dict[str, Any]], since_iso: str | None, session_id: str | None, client: str | None
+) -> Iterator[dict[str, Any]]:
+    for record in records:
+        if since_iso is not None and record.get("timestamp", "") < since_iso:
+            continue
+        if session_id is not None and record.get("sessionId") != session_id:
+            continue
+        if client is not None and record.get("client") != client:
+            continue
+        yield record
 
 
 def _iso(since: datetime | None) -> str | None:
@@ -260,13 +445,107 @@ def _group(records: Iterable[dict[str, Any]], key: str, label: Callable[[dict[st
         if totals is None:
             totals = groups[name] = _totals()
         _add(totals, record)
+    return _finish(groups, key)
+
+
+def _finish(groups: dict[str, dict[str, Any]], key: str) -> dict[str, Any]:
     grand = _totals()
     for totals in groups.values():
-        for field in (*_TOKEN_FIELDS, "totalCost", *_COUNTS):
+        for field in _SUMMED:
             grand[field] += totals[field]
     for totals in (*groups.values(), grand):
         totals["totalCost"] = round(totals["totalCost"], 10)  # float sums carry noise below a nano-dollar
     return {key: dict(sorted(groups.items())), "grandTotal": grand}
+
+
+# --- groups: what rollups keep, and what every report can be made of -----------------------------
+
+# (day, model, client, session id, endpoint), the raw values of the records (None when absent).
+GroupKey = tuple[str, Any, Any, Any, Any]
+_SUMMED = (*_TOKEN_FIELDS, "totalCost", *_COUNTS)
+
+
+def group_key(record: dict[str, Any]) -> GroupKey:
+    return (
+        _day_label(record),
+        record.get("model"),
+        record.get("client"),
+        record.get("sessionId"),
+        record.get("endpoint"),
+    )
+
+
+def _add_to(groups: dict[GroupKey, dict[str, Any]], record: dict[str, Any]) -> None:
+    key = group_key(record)
+    totals = groups.get(key)
+    if totals is None:
+        totals = groups[key] = _totals()
+    _add(totals, record)
+
+
+def _merge(groups: dict[GroupKey, dict[str, Any]], key: GroupKey, totals: dict[str, Any]) -> None:
+    into = groups.get(key)
+    if into is None:
+        groups[key] = totals
+        return
+    for field in _SUMMED:
+        into[field] += totals[field]
+    if totals.get("priceKnown") is False:
+        into["priceKnown"] = False
+
+
+def group_records(records: Iterable[dict[str, Any]]) -> dict[GroupKey, dict[str, Any]]:
+    """The records' totals per group key."""
+    groups: dict[GroupKey, dict[str, Any]] = {}
+    for record in records:
+        _add_to(groups, record)
+    return groups
+
+
+def _totals_row(totals: dict[str, Any]) -> list[Any]:
+    return [*(totals[field] for field in _SUMMED), 0 if totals.get("priceKnown") is False else 1]
+
+
+def _totals_from_row(row: list[Any]) -> dict[str, Any]:
+    totals = dict(zip(_SUMMED, row, strict=False))
+    if not row[len(_SUMMED)]:
+        totals["priceKnown"] = False
+    return totals
+
+
+def _rollup_entry(records: list[dict[str, Any]], size: int) -> dict[str, Any]:
+    """A closed segment's rollup: its size (the rollup holds while the segment has it), its first timestamp
+    (a report ``since`` a later time scans the segment instead) and its groups."""
+    first = min((str(r.get("timestamp") or "") for r in records), default=None)
+    groups = [[*key, _totals_row(totals)] for key, totals in group_records(records).items()]
+    return {"version": _ROLLUP_VERSION, "size": size, "first": first, "groups": groups}
+
+
+def report_from_groups(by: str, groups: dict[GroupKey, dict[str, Any]]) -> dict[str, Any]:
+    """The report ``by`` names (``REPORTS``) computed from group totals instead of records."""
+    if by == "day-model":
+        per_day: dict[str, dict[str, dict[str, Any]]] = {}
+        for (day, model, *_), totals in groups.items():
+            _merge_named(per_day.setdefault(day, {}), str(model or "unknown"), totals)
+        grand = _finish({f"{d} {m}": t for d, models in per_day.items() for m, t in models.items()}, "x")
+        ordered = {day: dict(sorted(models.items())) for day, models in sorted(per_day.items())}
+        return {"perDay": ordered, "grandTotal": grand["grandTotal"]}
+    key, label = _LABELS[by]
+    named: dict[str, dict[str, Any]] = {}
+    for (day, model, client, session, _), totals in groups.items():
+        record = {"timestamp": day, "model": model, "client": client, "sessionId": session}
+        _merge_named(named, label(record), totals)
+    return _finish(named, key)
+
+
+def _merge_named(named: dict[str, dict[str, Any]], name: str, totals: dict[str, Any]) -> None:
+    into = named.get(name)
+    if into is None:
+        into = named[name] = _totals()
+    for field in _SUMMED:
+        into[field] += totals[field]
+    if totals.get("priceKnown") is False:
+        into["priceKnown"] = False
 
 
 def usage_report(records: Iterable[dict[str, Any]]) -> dict[str, Any]:
@@ -292,9 +571,13 @@ def usage_by_client(records: Iterable[dict[str, Any]]) -> dict[str, Any]:
     return _group(records, "perClient", _client_label)
 
 
+def _session_label(record: dict[str, Any]) -> str:
+    return str(record.get("sessionId") or "none")
+
+
 def usage_by_session(records: Iterable[dict[str, Any]]) -> dict[str, Any]:
     """Totals per session id (``"none"`` for calls outside a session): ``perSession`` and ``grandTotal``."""
-    return _group(records, "perSession", lambda record: str(record.get("sessionId") or "none"))
+    return _group(records, "perSession", _session_label)
 
 
 def usage_by_day_and_model(records: Iterable[dict[str, Any]]) -> dict[str, Any]:
@@ -315,4 +598,11 @@ REPORTS: dict[str, Callable[[Iterable[dict[str, Any]]], dict[str, Any]]] = {
     "client": usage_by_client,
     "session": usage_by_session,
     "day-model": usage_by_day_and_model,
+}
+
+_LABELS: dict[str, tuple[str, Callable[[dict[str, Any]], str]]] = {
+    "model": ("perModel", _model_label),
+    "day": ("perDay", _day_label),
+    "client": ("perClient", _client_label),
+    "session": ("perSession", _session_label),
 }

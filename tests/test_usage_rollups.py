@@ -1,0 +1,170 @@
+"""Usage reports from rollups equal the full scan of the records (on random data), and read only what is open.
+
+The embedded store: closed segments are summed once per (day, model, client, session, endpoint) into
+``usage/rollups/<day>.json``; a report adds the open segment's records. Every report, with every filter,
+must give what grouping every record gives."""
+
+from __future__ import annotations
+
+import json
+import random
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+from click.testing import CliRunner
+
+from agentspace.cli import main as cli
+from agentspace.stores import usage as usage_module
+from agentspace.stores.tinydb_file import read_tables
+from agentspace.stores.usage import REPORTS, UsageStore, write_log_segment, write_segment
+from agentspace.types import Cost, TokenUsage, UsageRecord
+
+MODELS = ["anthropic/claude-sonnet-4-5", "anthropic/claude-haiku-4-5", "openai/gpt-4o", None]
+CLIENTS = ["alice", "bob", "ws", "http", None]
+SESSIONS = ["s1", "s2", "s3", None]
+ENDPOINTS = ["ws", "/api/chat", "/v1/messages", None]
+DAYS = ["2026-03-01", "2026-03-02", "2026-03-03", "2026-03-05"]
+
+
+def random_record(rng: random.Random, n: int, day: str) -> dict[str, Any]:
+    inp, out = rng.randint(0, 5000), rng.randint(0, 800)
+    second = rng.randint(0, 86399)
+    # A few records land in the folder of the next day (written just after midnight, timed before it).
+    stamp = f"{day}T{second // 3600:02d}:{second // 60 % 60:02d}:{second % 60:02d}.{rng.randint(0, 999):03d}Z"
+    record: dict[str, Any] = {
+        "id": f"r{n}",
+        "timestamp": stamp,
+        "model": rng.choice(MODELS),
+        "provider": "p",
+        "sessionId": rng.choice(SESSIONS),
+        "client": rng.choice(CLIENTS),
+        "inputTokens": inp,
+        "outputTokens": out,
+        "cacheReadTokens": rng.choice([0, 0, rng.randint(0, 3000)]),
+        "cacheWriteTokens": rng.choice([0, rng.randint(0, 500)]),
+        "reasoningTokens": rng.choice([0, None, rng.randint(0, 200)]),
+        "totalTokens": inp + out,
+        "totalCost": rng.choice([0.0, inp * 3e-6 + out * 1.5e-5, None]),
+        "finishReason": rng.choice(["stop", "stop", "length", "error"]),
+        "estimated": rng.random() < 0.1,
+        "priceKnown": rng.random() > 0.05,
+        "error": rng.choice([None, None, None, "UPSTREAM_ERROR"]),
+        "answered": rng.random() > 0.1,
+        "endpoint": rng.choice(ENDPOINTS),
+    }
+    return record
+
+
+def seed(data_dir: Path, rng: random.Random) -> list[dict[str, Any]]:
+    """Past days in both formats (earlier versions' segments and logs), several segments each."""
+    records: list[dict[str, Any]] = []
+    n = 0
+    for d, day in enumerate(DAYS):
+        for number in range(3):
+            batch = [random_record(rng, n + i, DAYS[d - 1] if rng.random() < 0.05 and d else day) for i in range(40)]
+            n += len(batch)
+            (write_segment if (d + number) % 2 else write_log_segment)(data_dir, day, number, batch)
+            records += batch
+    return records
+
+
+def rounded(report: dict[str, Any]) -> Any:
+    """Float sums in another order differ below a nano-dollar: compare costs to 1e-9."""
+    if isinstance(report, dict):
+        return {k: round(v, 9) if k == "totalCost" else rounded(v) for k, v in report.items()}
+    return report
+
+
+FILTERS: list[dict[str, Any]] = [
+    {},
+    {"since": datetime(2026, 3, 2, tzinfo=UTC)},
+    {"since": datetime(2026, 3, 2, 13, 30, tzinfo=UTC)},  # inside a closed day: that day is scanned
+    {"session_id": "s2"},
+    {"client": "alice"},
+    {"client": "bob", "since": datetime(2026, 3, 3, tzinfo=UTC)},
+]
+
+
+@pytest.mark.parametrize("seed_number", [1, 2, 3])
+async def test_rollup_reports_equal_the_full_scan_on_random_data(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, seed_number: int
+) -> None:
+    rng = random.Random(seed_number)
+    seed(tmp_path, rng)
+    # Today: records through the real writer, three segments of 30: two closed, one open.
+    monkeypatch.setattr(usage_module, "_utc_day", lambda: "2026-03-06")
+    store = UsageStore(tmp_path, segment_size=30)
+    for n in range(75):
+        await store.append(
+            UsageRecord(
+                f"t{n}",
+                f"2026-03-06T0{n // 10}:00:00.000Z",
+                rng.choice(["m1", "m2"]),
+                "p",
+                rng.choice(SESSIONS),
+                rng.choice(CLIENTS),
+                TokenUsage(rng.randint(0, 99), rng.randint(0, 99)),
+                Cost(rng.random() / 1000, rng.random() / 1000),
+                1.0,
+                "stop",
+                endpoint=rng.choice(ENDPOINTS),
+            )
+        )
+    for attempt in ("builds the rollups", "reads them"):
+        for where in FILTERS:
+            for by, grouping in REPORTS.items():
+                scanned = {**grouping(store.records(**where)), "damagedFiles": []}
+                assert rounded(store.report(by=by, **where)) == rounded(scanned), (attempt, by, where)
+    for path in (tmp_path / "usage" / "rollups").iterdir():  # small whole files, in tinydb's layout like the rest
+        read_tables(path)
+    assert sorted(p.name for p in (tmp_path / "usage" / "rollups").iterdir()) == [
+        f"{d}.json" for d in [*DAYS, "2026-03-06"]
+    ]
+    await store.aclose()
+
+
+async def test_a_report_reads_only_the_open_segment_once_rollups_exist(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    rng = random.Random(5)
+    seed(tmp_path, rng)
+    monkeypatch.setattr(usage_module, "_utc_day", lambda: "2026-03-03")  # a seeded day is today
+    store = UsageStore(tmp_path)
+    first = store.report()
+    read: list[str] = []
+    real = usage_module.read_segment
+
+    def counting(path: Path) -> list[dict[str, Any]]:
+        read.append(f"{path.parent.name}/{path.name}")
+        return real(path)
+
+    monkeypatch.setattr(usage_module, "read_segment", counting)
+    assert store.report() == first
+    assert read == ["2026-03-03/00002.jsonl"]  # today's last segment, still being written
+
+    # A closed segment that changed after its rollup (here: rewritten by hand) is read again, not trusted.
+    path = tmp_path / "usage" / "2026-03-01" / "00000.jsonl"
+    raw = path.read_bytes()
+    path.write_bytes(raw.split(b"\n", 1)[1])  # its first record gone
+    read.clear()
+    after = store.report()
+    assert "2026-03-01/00000.jsonl" in read
+    assert after["grandTotal"] == REPORTS["model"](store.records())["grandTotal"] != first["grandTotal"]
+
+
+def test_the_cli_report_reads_rollups_and_names_damaged_segments(
+    isolated_env: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    rng = random.Random(9)
+    records = seed(isolated_env, rng)
+    bad = isolated_env / "usage" / "2026-03-02" / "00000.json"  # an earlier version's segment
+    bad.write_bytes(bad.read_bytes()[:-20])  # damaged: its records are not counted, the report says so
+    for _ in range(2):  # the first run builds the rollups (the damaged segment's too), the second reads them
+        result = CliRunner().invoke(cli, ["usage", "--json"])
+        assert result.exit_code == 0, result.output
+        report = json.loads(result.stdout)
+        assert report["damagedFiles"] == [str(bad)]
+        counted = [r for r in records if r["id"] not in {f"r{n}" for n in range(120, 160)}]
+        assert report["grandTotal"]["requestCount"] == sum(r["answered"] is not False for r in counted)
