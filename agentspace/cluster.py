@@ -10,6 +10,9 @@ otherwise.
   so a resume on any replica replays it from the start and follows it live.
 - Aborts: ``request_abort`` publishes the session id on ``agentspace:abort``; every replica listens, and
   the one running that session's turn aborts it.
+- Credentials: a key rotated or removed through ``/api/clients`` is announced on
+  ``agentspace:credentials``; every replica then checks its open WebSockets at once (and closes those
+  whose credential is gone) instead of at its next periodic check.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ import contextlib
 import logging
 import os
 import socket
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING, Any
 
 from .types import new_id
@@ -32,6 +35,7 @@ log = logging.getLogger(__name__)
 
 PREFIX = "agentspace"
 ABORT_CHANNEL = f"{PREFIX}:abort"
+CREDENTIALS_CHANNEL = f"{PREFIX}:credentials"
 LOCK_TTL_MS = 10_000  # how long a dead replica keeps its sessions busy at most
 RENEW_SECONDS = LOCK_TTL_MS / 1000 / 3
 STREAM_CAP = 100_000  # entries kept per running stream (a burst of deltas is one entry)
@@ -80,6 +84,8 @@ class Cluster:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._listener: asyncio.Task[None] | None = None
         self._gw: Registry | None = None
+        # Called when another replica (or this one) announces a rotated or removed credential.
+        self.on_credentials_changed: Callable[[], None] | None = None
 
     async def start(self, gw: Registry) -> None:
         """Check Redis answers and listen for aborts meant for this replica's turns."""
@@ -91,7 +97,7 @@ class Cluster:
             raise StorageError(f"The gateway could not reach Redis at [storage] redis_url: {e}.") from e
         self._gw = gw
         pubsub = self.redis.pubsub()
-        await pubsub.subscribe(ABORT_CHANNEL)
+        await pubsub.subscribe(ABORT_CHANNEL, CREDENTIALS_CHANNEL)
         self._listener = asyncio.create_task(self._listen(pubsub), name="agentspace-abort-listener")
 
     async def _listen(self, pubsub: Any) -> None:
@@ -106,6 +112,10 @@ class Cluster:
                 await asyncio.sleep(1)
                 continue
             if message is None or self._gw is None:
+                continue
+            if message["channel"] in (CREDENTIALS_CHANNEL, CREDENTIALS_CHANNEL.encode()):
+                if self.on_credentials_changed is not None:
+                    self.on_credentials_changed()
                 continue
             session_id = message["data"].decode() if isinstance(message["data"], bytes) else str(message["data"])
             turn = self._gw.active.get(session_id)
@@ -137,6 +147,19 @@ class Cluster:
             return False
         await self.redis.publish(ABORT_CHANNEL, session_id)
         return True
+
+    def announce_credentials_changed(self) -> None:
+        """Tell every replica to check its sockets' credentials now (fire and forget: each replica also
+        checks on its own every few seconds)."""
+        task = asyncio.create_task(self._announce(), name="announce-credentials")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _announce(self) -> None:
+        try:
+            await self.redis.publish(CREDENTIALS_CHANNEL, b"changed")
+        except Exception:  # noqa: BLE001 - the replicas' periodic checks still close the sockets
+            log.warning("could not announce a credential change through Redis", exc_info=True)
 
     # --- publishing a running turn --------------------------------------------------------------
 

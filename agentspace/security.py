@@ -111,24 +111,31 @@ ADMIN_PATHS = ("/api/clients",)
 _touches: set[asyncio.Task[None]] = set()
 
 
-async def token_caller(request: web.Request, token: str) -> str | None:
-    """Who ``token`` belongs to: "admin" for the gateway token, a client's name for its key, else None.
+async def credential_caller(app: web.Application, token: str) -> str | None:
+    """Who ``token`` belongs to now: "admin" for the gateway token, a client's name for its key, else None.
     The client store is read afresh when its file changed, so a rotated or removed key is refused at once."""
-    if token_ok(request, token):
+    if token_matches(app[TOKEN_FILE].current(), token):
         return ADMIN
     if not looks_like_key(token):
         return None
-    gw = request.app.get(state.REGISTRY)
+    gw = app.get(state.REGISTRY)
     if gw is None:
         return None
     client = await gw.clients.get_by_key(token)
-    if client is None:
-        return None
-    if gw.clients.should_touch(client.name, time.monotonic()):  # last use, written at most once a minute
-        task = asyncio.get_running_loop().create_task(_touch(gw.clients, client.name))
+    return None if client is None else client.name
+
+
+async def token_caller(request: web.Request, token: str) -> str | None:
+    """``credential_caller``, noting the client's last use."""
+    name = await credential_caller(request.app, token)
+    if name is None or name == ADMIN:
+        return name
+    gw = request.app[state.REGISTRY]
+    if gw.clients.should_touch(name, time.monotonic()):  # last use, written at most once a minute
+        task = asyncio.get_running_loop().create_task(_touch(gw.clients, name))
         _touches.add(task)
         task.add_done_callback(_touches.discard)
-    return client.name
+    return name
 
 
 async def _touch(clients: object, name: str) -> None:

@@ -57,6 +57,7 @@ def create_app(config: Config, pm: pluggy.PluginManager | None = None) -> web.Ap
     app[security.AUTH_FAILURES] = AuthFailures()
     app[state.WEBSOCKETS] = weakref.WeakSet()
     app[state.SHUTTING_DOWN] = asyncio.Event()
+    app[state.CREDENTIALS_CHANGED] = asyncio.Event()
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/gateway", ws.gateway_handler)
     ui_stream.setup_routes(app)
@@ -87,12 +88,16 @@ def _gateway_context(config: Config, pm: pluggy.PluginManager) -> Callable[[web.
             await _join_cluster(gw)
             check_default_model(gw)  # before anything binds: runs in runner.setup(), the site starts after
             app[state.REGISTRY] = gw
+            if gw.cluster is not None:  # another replica's rotation or removal closes sockets here too
+                gw.cluster.on_credentials_changed = app[state.CREDENTIALS_CHANGED].set
+            watcher = asyncio.create_task(ws.watch_credentials(app), name="agentspace-credentials")
             for result in pm.hook.server_startup(app=app, config=config):
                 await _maybe_await(result)
             # What start-up loaded lives as long as the server: out of the collector's sight, so that full
             # collections, which walk every tracked object, stay short (about 60 ms each before) while chats run.
             gc.freeze()
             yield
+            watcher.cancel()
             for result in pm.hook.server_shutdown(app=app, config=config):
                 await _maybe_await(result)
             await gw.aclose()

@@ -8,6 +8,7 @@ itself is ``agentspace.pipeline``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import struct
 import time
@@ -18,8 +19,10 @@ from aiohttp import WSCloseCode, WSMsgType, web
 
 from .. import events as ev
 from .. import security
+from ..clients import ADMIN, hash_key, looks_like_key
 from ..connections import PreAuthBudget
 from ..errors import ApiError
+from ..gateway_token import token_matches
 from ..pipeline import Turn
 from ..service import ChatInput, chat_request, invalid, parse_json, request_id_ok
 from ..types import compact_json, usage_to_wire
@@ -39,6 +42,12 @@ REFUSED_CLOSE_SECONDS = 1.0
 SHUTDOWN_FLUSH_SECONDS = 5.0
 # How often a burst written for a slow reader checks whether the socket's buffer has drained.
 DRAIN_POLL_SECONDS = 0.01
+# A socket whose key or gateway token was rotated or removed is closed with this code and reason.
+REVOKED_CLOSE_CODE = 4001
+REVOKED_REASON = b"credential revoked"
+# How often open sockets' credentials are checked against the current token and clients (a change made
+# through /api/clients, on this replica or, through Redis, on another, is checked at once).
+CREDENTIAL_CHECK_SECONDS = 1.0
 
 
 def _error_frame(request_id: Any, code: str, message: str) -> str:
@@ -59,9 +68,15 @@ def _text_frame(text: str) -> bytes:
 class Connection:
     """One client connection: at most one stream at a time."""
 
-    def __init__(self, request: web.Request, ws: web.WebSocketResponse, caller: str = "admin") -> None:
+    def __init__(
+        self, request: web.Request, ws: web.WebSocketResponse, caller: str = "admin", token: str | None = None
+    ) -> None:
         self.app = request.app
         self.caller = caller  # "admin" (the gateway token) or the client whose key authenticated
+        # The credential the socket authenticated with, checked again before every frame and every
+        # CREDENTIAL_CHECK_SECONDS: a rotated or removed one closes the socket.
+        self.token = token
+        self.revoked = False
         self.service = state.service(request.app, caller)
         self.config = self.service.gw.config
         self.ws = ws
@@ -105,6 +120,9 @@ class Connection:
             handler = self.HANDLERS.get(kind)
             if handler is None:
                 raise invalid({"type": f"unknown message type {kind[:40]!r}"})
+            if not await self.credential_valid():
+                await self.revoke(request_id)
+                return
             await handler(self, request_id, msg)
         except ApiError as e:
             await self.error(request_id, e.code, e.message)
@@ -279,6 +297,24 @@ class Connection:
         while transport.get_write_buffer_size() > high and not transport.is_closing():
             await asyncio.sleep(DRAIN_POLL_SECONDS)
 
+    async def credential_valid(self) -> bool:
+        """Whether the socket's credential still names its caller (not rotated, not removed)."""
+        return self.token is None or await security.credential_caller(self.app, self.token) == self.caller
+
+    async def revoke(self, request_id: Any = None) -> None:
+        """The credential was rotated or removed: refuse, and close with REVOKED_CLOSE_CODE. A running turn
+        goes on (stored and billed) as after any disconnect."""
+        if self.revoked:
+            return
+        self.revoked = True
+        log.info("websocket of %s closed: its credential was rotated or removed", self.caller)
+        try:
+            await self.error(request_id, "UNAUTHORIZED", "This connection's key or token was rotated or removed.")
+            async with asyncio.timeout(REFUSED_CLOSE_SECONDS):
+                await self.ws.close(code=REVOKED_CLOSE_CODE, message=REVOKED_REASON)
+        except (TimeoutError, ConnectionResetError, RuntimeError):
+            pass  # no close frame back in time: aiohttp has closed the socket
+
     async def shutdown(self) -> None:
         """The server is going away: let the turn's last frames go out, then close with GOING_AWAY (1001)."""
         if self.forwarder is not None:
@@ -303,12 +339,14 @@ async def gateway_handler(request: web.Request) -> web.StreamResponse:
         max_msg_size=4 * int(server["max_frame_bytes"]),
     )
     caller = await security.bearer_caller(request)
+    token = security.api_token(request) if caller is not None else None
     await ws.prepare(request)
     if caller is None:
-        caller = await _authenticate_first_frame(request, ws, float(server["auth_timeout_seconds"]))
-        if caller is None:
+        authenticated = await _authenticate_first_frame(request, ws, float(server["auth_timeout_seconds"]))
+        if authenticated is None:
             return ws
-    conn = Connection(request, ws, caller)
+        caller, token = authenticated
+    conn = Connection(request, ws, caller, token)
     request.app[state.WEBSOCKETS].add(conn)
     try:
         async for msg in ws:
@@ -324,9 +362,11 @@ async def gateway_handler(request: web.Request) -> web.StreamResponse:
     return ws
 
 
-async def _authenticate_first_frame(request: web.Request, ws: web.WebSocketResponse, timeout: float) -> str | None:
+async def _authenticate_first_frame(
+    request: web.Request, ws: web.WebSocketResponse, timeout: float
+) -> tuple[str, str] | None:
     """Browsers cannot set headers on a WebSocket: the first frame must be {"type": "auth", "token"}.
-    Returns the caller the token names, or None (refused and closed)."""
+    Returns the caller the token names and the token, or None (refused and closed)."""
     started = time.monotonic()
     budget = PreAuthBudget(request, PRE_AUTH_BUDGET_BYTES)
     try:
@@ -349,10 +389,10 @@ async def _authenticate_first_frame(request: web.Request, ws: web.WebSocketRespo
             request_id = frame.get("id") if request_id_ok(frame.get("id")) else None
             token = frame.get("token")
             who = await security.token_caller(request, token) if isinstance(token, str) else None
-            if frame.get("type") == "auth" and who is not None:
+            if frame.get("type") == "auth" and who is not None and isinstance(token, str):
                 budget.release()
                 await ws.send_str(compact_json({"type": "auth.ok", "requestId": request_id}))
-                return who
+                return who, token
     blocked = security.auth_blocked(request)
     security.auth_failed(request)
     log.info("websocket authentication failed from %s after %.2fs", request.remote, time.monotonic() - started)
@@ -374,3 +414,40 @@ async def _refuse(ws: web.WebSocketResponse, request_id: Any, message: str, code
             await ws.close(code=4401, message=b"unauthorized")
     except TimeoutError:
         pass  # no close frame back: aiohttp has closed the socket on the timeout (a client let in has no say)
+
+
+async def revoke_stale_credentials(app: web.Application) -> int:
+    """Close every open socket whose credential was rotated or removed; how many were closed. One look at
+    the token and one listing of the clients for all sockets (a database store answers one query)."""
+    conns = [c for c in app[state.WEBSOCKETS] if c.token is not None and not c.revoked and not c.ws.closed]
+    if not conns:
+        return 0
+    gw = app[state.REGISTRY]
+    current = app[security.TOKEN_FILE].current()
+    by_hash = {c.key_hash: c.name for c in await gw.clients.list()}
+    stale = [
+        c
+        for c in conns
+        if not (
+            token_matches(current, c.token)
+            if c.caller == ADMIN
+            else looks_like_key(c.token) and by_hash.get(hash_key(c.token)) == c.caller
+        )
+    ]
+    await asyncio.gather(*(c.revoke() for c in stale))
+    return len(stale)
+
+
+async def watch_credentials(app: web.Application) -> None:
+    """Runs while the server does: checks open sockets' credentials every CREDENTIAL_CHECK_SECONDS, and at
+    once when ``credentials_changed`` is called (an /api/clients change here, or on another replica)."""
+    changed = app[state.CREDENTIALS_CHANGED]
+    while True:
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(CREDENTIAL_CHECK_SECONDS):
+                await changed.wait()
+        changed.clear()
+        try:
+            await revoke_stale_credentials(app)
+        except Exception:  # noqa: BLE001 - a store that cannot answer now: the next round tries again
+            log.warning("could not check the open connections' credentials", exc_info=True)

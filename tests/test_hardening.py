@@ -1,0 +1,108 @@
+"""Credentials, limits and inputs (issue 27), through the real interfaces: the WebSocket, HTTP, the SDKs and
+the CLI (click's runner) against the real app and the fake upstreams."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+from aiohttp import WSMsgType
+from aiohttp.test_utils import TestClient
+
+from agentspace.transports import state
+from agentspace.transports.ws import REVOKED_CLOSE_CODE
+from tests.conftest import wait_until
+from tests.fakes.anthropic_upstream import FakeAnthropic, text_response
+from tests.test_clients import add_client, bearer, cli
+from tests.test_ws import chat, of, receive
+
+
+async def closed_with(ws: Any, timeout: float = 5.0) -> tuple[int | None, list[dict[str, Any]]]:
+    """Read until the socket closes: its close code and the frames before it."""
+    frames = []
+    while True:
+        msg = await ws.receive(timeout=timeout)
+        if msg.type == WSMsgType.TEXT:
+            frames.append(json.loads(msg.data))
+            continue
+        assert msg.type in (WSMsgType.CLOSE, WSMsgType.CLOSED, WSMsgType.CLOSING), msg
+        return ws.close_code, frames
+
+
+# --- 1. rotation and removal cut open sockets -----------------------------------------------------
+
+
+async def test_rotating_a_key_closes_its_open_sockets_at_once(client: TestClient, fake_anthropic: FakeAnthropic) -> None:
+    alice, bob = add_client("alice"), add_client("bob")
+    ws_alice = await client.ws_connect("/gateway", headers=bearer(alice))
+    assert of(await chat(ws_alice, "Hi"), "chat.stream.end")
+    ws_bob = await client.ws_connect("/gateway", headers=bearer(bob))
+    # first-frame auth (the browser's way) is tracked too
+    ws_first = await client.ws_connect("/gateway")
+    await ws_first.send_json({"type": "auth", "id": "a", "token": alice})
+    assert (await receive(ws_first))["type"] == "auth.ok"
+
+    cli("clients", "rotate", "alice")  # another process: the server sees the file change
+    code, _ = await closed_with(ws_alice)
+    assert code == REVOKED_CLOSE_CODE
+    assert (await closed_with(ws_first))[0] == REVOKED_CLOSE_CODE
+    # bob's socket is untouched
+    await ws_bob.send_json({"type": "session.list", "id": "l"})
+    assert (await receive(ws_bob))["type"] == "session.list.result"
+    await ws_bob.close()
+
+
+async def test_after_removal_no_frame_is_answered(client: TestClient, fake_anthropic: FakeAnthropic) -> None:
+    key = add_client("alice")
+    ws = await client.ws_connect("/gateway", headers=bearer(key))
+    assert of(await chat(ws, "Hi"), "chat.stream.end")
+    cli("clients", "remove", "alice")
+    # at once, before any periodic check: each frame checks the credential first
+    for frame in (
+        {"type": "session.list", "id": "l"},
+        {"type": "usage.query", "id": "u"},
+        {"type": "context.inspect", "id": "c", "sessionId": "x"},
+    ):
+        if ws.closed:
+            break
+        await ws.send_json(frame)
+    code, frames = await closed_with(ws)
+    assert code == REVOKED_CLOSE_CODE
+    assert all(f["type"] == "error" and f["code"] == "UNAUTHORIZED" for f in frames), frames
+
+
+async def test_gateway_token_rotation_closes_admin_sockets(client: TestClient, token: str) -> None:
+    ws = await client.ws_connect("/gateway", headers=bearer(token))
+    await ws.send_json({"type": "session.list", "id": "l"})
+    assert (await receive(ws))["type"] == "session.list.result"
+    new = cli("token", "--rotate").strip().splitlines()[-1].strip()
+    assert (await closed_with(ws))[0] == REVOKED_CLOSE_CODE
+    ws = await client.ws_connect("/gateway", headers=bearer(new))
+    await ws.send_json({"type": "session.list", "id": "l"})
+    assert (await receive(ws))["type"] == "session.list.result"
+    await ws.close()
+
+
+async def test_rotation_over_http_closes_at_once_and_a_running_turn_is_billed(
+    client: TestClient, fake_anthropic: FakeAnthropic, token: str
+) -> None:
+    key = add_client("alice")
+    fake_anthropic.enqueue(
+        text_response("part " * 20, chunks=20, delta_usages=[{"output_tokens": 20}]).with_delay(0.05)
+    )
+    ws = await client.ws_connect("/gateway", headers=bearer(key))
+    await ws.send_json({"type": "chat.send", "id": "r1", "content": "go"})
+    session_id = (await receive(ws))["sessionId"]
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    assert (await client.post("/api/clients/alice/rotate", headers=bearer(token))).status == 200
+    code, _ = await closed_with(ws)
+    assert code == REVOKED_CLOSE_CODE and loop.time() - started < 0.9  # not the periodic check: at once
+    gw = client.server.app[state.REGISTRY]
+
+    async def billed() -> bool:
+        return len(await gw.usage.arecords(session_id=session_id)) == 1
+
+    await wait_until(billed)
+    assert (await gw.usage.arecords(session_id=session_id))[0]["outputTokens"] == 20
