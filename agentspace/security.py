@@ -262,6 +262,8 @@ def security_middleware(config: Config) -> Middleware:
         if who is not None:
             if who != ADMIN and request.path.startswith(ADMIN_PATHS):
                 return error_response(403, "FORBIDDEN", "Only the gateway token may manage clients.")
+            if who != ADMIN and request.path == "/metrics":  # every client's names, tokens and cost
+                return error_response(403, "FORBIDDEN", "Only the gateway token may read /metrics.")
             request[CALLER_KEY] = who
             return await handler(request)
         blocked = auth_blocked(request)

@@ -7,9 +7,11 @@ import asyncio
 import json
 from typing import Any
 
+import pytest
 from aiohttp import WSMsgType
 from aiohttp.test_utils import TestClient
 
+from agentspace.plugins import create_plugin_manager
 from agentspace.transports import state
 from agentspace.transports.ws import REVOKED_CLOSE_CODE
 from tests.conftest import wait_until
@@ -33,7 +35,9 @@ async def closed_with(ws: Any, timeout: float = 5.0) -> tuple[int | None, list[d
 # --- 1. rotation and removal cut open sockets -----------------------------------------------------
 
 
-async def test_rotating_a_key_closes_its_open_sockets_at_once(client: TestClient, fake_anthropic: FakeAnthropic) -> None:
+async def test_rotating_a_key_closes_its_open_sockets_at_once(
+    client: TestClient, fake_anthropic: FakeAnthropic
+) -> None:
     alice, bob = add_client("alice"), add_client("bob")
     ws_alice = await client.ws_connect("/gateway", headers=bearer(alice))
     assert of(await chat(ws_alice, "Hi"), "chat.stream.end")
@@ -106,3 +110,16 @@ async def test_rotation_over_http_closes_at_once_and_a_running_turn_is_billed(
 
     await wait_until(billed)
     assert (await gw.usage.arecords(session_id=session_id))[0]["outputTokens"] == 20
+
+
+# --- 2. /metrics is the admin's ---------------------------------------------------------------
+
+
+async def test_a_client_key_cannot_read_metrics(make_client: Any, token: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("AGENTSPACE_LOAD_PLUGINS", "metrics")
+    client = await make_client(pm=create_plugin_manager())
+    key = add_client("alice")
+    resp = await client.get("/metrics", headers=bearer(key))
+    assert resp.status == 403 and (await resp.json())["error"]["code"] == "FORBIDDEN"
+    assert "agentspace_" not in await resp.text()
+    assert (await client.get("/metrics", headers=bearer(token))).status == 200
