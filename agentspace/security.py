@@ -28,7 +28,7 @@ from aiohttp.typedefs import Middleware
 from .clients import ADMIN, looks_like_key
 from .config import Config
 from .gateway_token import TokenFile, token_matches
-from .transports import state, v1_errors
+from .transports import bodies, state, v1_errors
 
 log = logging.getLogger(__name__)
 
@@ -265,7 +265,7 @@ def security_middleware(config: Config) -> Middleware:
             if who != ADMIN and request.path == "/metrics":  # every client's names, tokens and cost
                 return error_response(403, "FORBIDDEN", "Only the gateway token may read /metrics.")
             request[CALLER_KEY] = who
-            return await handler(request)
+            return await bodies.close_after(request, await handler(request))
         blocked = auth_blocked(request)
         if token is not None:
             auth_failed(request)

@@ -59,9 +59,14 @@ def parse_json(text: str | bytes, what: str = "the body") -> Any:
     """Decode JSON; ``INVALID_MESSAGE`` when it is not JSON, not UTF-8, or nested too deep to decode
     (``[`` x 3000 exhausts the decoder's recursion: a refusal, not a traceback)."""
     try:
-        return json.loads(text)
+        return json.loads(text, parse_constant=_no_constant)
     except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError
         raise invalid({"": f"{what} must be JSON (UTF-8, nested at most a few hundred levels)"}) from None
+
+
+def _no_constant(name: str) -> Any:
+    """``NaN``, ``Infinity`` and ``-Infinity``: Python's decoder takes them, JSON has no such numbers."""
+    raise ValueError(f"{name} is not JSON")
 
 
 def clean_text(text: str) -> str:

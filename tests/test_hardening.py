@@ -123,3 +123,61 @@ async def test_a_client_key_cannot_read_metrics(make_client: Any, token: str, mo
     assert resp.status == 403 and (await resp.json())["error"]["code"] == "FORBIDDEN"
     assert "agentspace_" not in await resp.text()
     assert (await client.get("/metrics", headers=bearer(token))).status == 200
+
+
+# --- 3, 8, 11. /v1 bodies: bounded while read, typed, never a 500 ---------------------------------
+
+
+async def post_raw(client: TestClient, path: str, key: str, data: bytes) -> tuple[int, dict[str, Any], Any]:
+    headers = {**bearer(key), "Content-Type": "application/json", "anthropic-version": "2023-06-01"}
+    async with client.post(path, data=data, headers=headers) as resp:
+        return resp.status, dict(resp.headers), await resp.json()
+
+
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/messages"])
+async def test_deep_malformed_and_mistyped_bodies_get_400_in_the_apis_shape(
+    client: TestClient, fake_anthropic: FakeAnthropic, path: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    key = add_client("alice")
+    anthropic_shape = path == "/v1/messages"
+    base = {"model": "anthropic/claude-sonnet-4-5", "max_tokens": 16, "messages": [{"role": "user", "content": "x"}]}
+    bodies = [
+        b"[" * 100_000 + b"]" * 100_000,  # too deep for the decoder
+        b'{"model": "anthropic/claude-sonnet-4-5", "messages": [',  # malformed
+        json.dumps({**base, "stream": "false"}).encode(),  # a string is not a boolean
+        json.dumps({**base, "max_tokens": "16"}).encode(),
+        json.dumps({**base, "temperature": True}).encode(),
+        b'{"model": "anthropic/claude-sonnet-4-5", "max_tokens": 16, "temperature": NaN, "messages": []}',
+    ]
+    for data in bodies:
+        status, _, body = await post_raw(client, path, key, data)
+        assert status == 400, (data[:80], body)
+        if anthropic_shape:
+            assert body["type"] == "error" and body["error"]["type"] == "invalid_request_error", body
+        else:
+            assert body["error"]["type"] == "invalid_request_error" and body["error"]["message"], body
+    assert not fake_anthropic.requests  # nothing reached the provider
+    # deep but decodable: answered (the field is not read), never a 500
+    deep = {**base, "metadata": {"a": json.loads("[" * 900 + "]" * 900)}}
+    status, _, body = await post_raw(client, path, key, json.dumps(deep).encode())
+    assert status in (200, 400), body
+    assert not [r for r in caplog.records if r.levelname == "ERROR" or r.exc_info], caplog.text
+
+
+async def test_a_container_bomb_is_refused_while_read_and_the_connection_closed(
+    client: TestClient, fake_anthropic: FakeAnthropic
+) -> None:
+    key = add_client("alice", "--models", "openai/*")
+    data = b'{"model": "anthropic/claude-sonnet-4-5", "messages": [' + b"{}," * (8 * 1024 * 1024) + b"{}]}"
+    status, headers, body = await post_raw(client, "/v1/chat/completions", key, data)
+    assert status == 400 and "objects and arrays" in body["error"]["message"]
+    assert headers.get("Connection", "").lower() == "close"  # the rest is not read
+    # a large body of text is read and decoded (off the event loop), then checked as usual
+    text = "word " * (3 * 1024 * 1024)
+    status, _, body = await post_raw(
+        client,
+        "/v1/chat/completions",
+        key,
+        json.dumps({"model": "anthropic/claude-sonnet-4-5", "messages": [{"role": "user", "content": text}]}).encode(),
+    )
+    assert status == 403 and body["error"]["code"] == "model_not_allowed", body

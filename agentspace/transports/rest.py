@@ -22,7 +22,7 @@ from .. import security
 from ..errors import ApiError
 from ..security import error_response
 from ..service import Service
-from . import clients_api, state, web_api
+from . import clients_api, state, v1_errors, web_api
 
 log = logging.getLogger(__name__)
 
@@ -112,10 +112,21 @@ async def errors_and_preflight(request: web.Request, handler: Handler) -> web.St
         if hdrs.ALLOW in e.headers:
             response.headers[hdrs.ALLOW] = e.headers[hdrs.ALLOW]
         return response
+    except RecursionError:
+        # Input nested deeper than the code that walks it can follow (JSON decodes to a few hundred
+        # levels, later steps may follow fewer): the caller's input, not our defect, and no traceback.
+        log.info("%s %s: input nested too deep", request.method, request.path)
+        message = "The request is nested too deep (at most a few hundred levels)."
+        if request.path.startswith("/v1/"):
+            return v1_errors.error_response(request, 400, message, code="invalid_request_error")
+        return api_error_response(ApiError("INVALID_MESSAGE", message))
     except Exception:
         # A defect of ours: logged with its traceback, answered as JSON without details.
         log.exception("%s %s failed", request.method, request.path)
-        return api_error_response(ApiError("INTERNAL_ERROR", "The gateway failed to handle this request; see its log."))
+        message = "The gateway failed to handle this request; see its log."
+        if request.path.startswith("/v1/"):  # the /v1 clients parse their own API's shape only
+            return v1_errors.error_response(request, 500, message)
+        return api_error_response(ApiError("INTERNAL_ERROR", message))
 
 
 def api_error_response(error: ApiError) -> web.Response:
