@@ -181,3 +181,33 @@ async def test_a_container_bomb_is_refused_while_read_and_the_connection_closed(
         json.dumps({"model": "anthropic/claude-sonnet-4-5", "messages": [{"role": "user", "content": text}]}).encode(),
     )
     assert status == 403 and body["error"]["code"] == "model_not_allowed", body
+
+
+# --- 4. stored data cannot drive the admin's terminal ----------------------------------------------
+
+EVIL = "\u001b]0;PWNED\u0007\u001b[31mred\u001b[0m\nforged row\r\u009b2J\u202eevil"
+
+
+def assert_inert(output: str, *, lines: bool = False) -> None:
+    """No control character reaches the terminal; unless ``lines`` (a message's text), no forged line."""
+    assert not any(c in output for c in "\u001b\u0007\r\u009b\u202e"), repr(output)
+    assert lines or not any(line.startswith("forged row") for line in output.splitlines()), output
+
+
+async def test_cli_output_escapes_control_characters_from_stored_data(
+    client: TestClient, fake_anthropic: FakeAnthropic, token: str
+) -> None:
+    ws = await client.ws_connect("/gateway", headers=bearer(token))
+    frames = await chat(ws, "Hi " + EVIL)
+    session_id = of(frames, "chat.stream.start")[0]["sessionId"]
+    await ws.close()
+    resp = await client.patch(f"/api/sessions/{session_id}", json={"title": EVIL}, headers=bearer(token))
+    assert resp.status == 200
+    listing = await asyncio.to_thread(cli, "sessions", "list")
+    assert_inert(listing)
+    assert "\\x1b]0;PWNED\\x07" in listing and len(listing.strip().splitlines()) == 3  # header, rule, one row
+    shown = await asyncio.to_thread(cli, "sessions", "show", session_id)
+    assert_inert(shown, lines=True)
+    assert "\\x1b]0;PWNED" in shown
+    # a client name cannot hold controls (refused), and the usage tables escape every cell
+    assert_inert(await asyncio.to_thread(cli, "usage", "--by-model", "--by-client"))

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
-from .common import CliState, config_options, money, pass_state, table
+from .common import CliState, config_options, money, pass_state, printable, table
 from .storage_access import on_storage
 
 if TYPE_CHECKING:
@@ -262,7 +262,7 @@ def show(state: CliState, name: str, as_json: bool) -> None:
         ("models", ", ".join(c["models"]) or "every model"),
     ]
     for label, value in lines:
-        click.echo(f"{label + ':':<11}{value}")
+        click.echo(f"{label + ':':<11}{printable(value)}")
 
 
 @clients.command("set")

@@ -15,7 +15,7 @@ from typing import Any
 import click
 
 from .. import periods
-from .common import CliState, config_options, count, money, pass_state, table
+from .common import CliState, config_options, count, money, pass_state, printable, table
 
 
 def _backend_reports(state: CliState, wanted: list[str], where: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -146,6 +146,6 @@ def _warn_damaged(damaged: list[str]) -> None:
     if damaged:
         click.echo(
             f"warning: {len(damaged)} damaged usage file(s) not counted (kept for inspection; "
-            f"see: agentspace doctor): {', '.join(damaged)}",
+            f"see: agentspace doctor): {printable(', '.join(damaged))}",
             err=True,
         )
