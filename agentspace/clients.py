@@ -10,6 +10,7 @@ from __future__ import annotations
 import fnmatch
 import hashlib
 import hmac
+import math
 import re
 import secrets
 from collections.abc import Callable
@@ -21,6 +22,10 @@ KEY_PREFIX = "as-"
 PERIODS = ("day", "week", "month", "total")
 ADMIN = "admin"  # the gateway token's caller name; no client may take it
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+# Limits are finite and in range: a budget or rate past these is a typo, and must still be stored, compared
+# and sent as JSON (which has no NaN or infinity).
+MAX_BUDGET_USD = 1e9
+MAX_RATE = 10**12
 
 Clock = Callable[[], datetime]
 
@@ -143,14 +148,19 @@ def settings_problems(settings: dict[str, Any]) -> dict[str, str]:
     """What is wrong with the limit settings of a client (``budgetUsd``, ``period``, ``rpm``, ``tpm``, ``models``)."""
     problems: dict[str, str] = {}
     budget = settings.get("budgetUsd")
-    if budget is not None and (isinstance(budget, bool) or not isinstance(budget, int | float) or budget < 0):
-        problems["budgetUsd"] = "must be a number of US dollars, 0 or more, or null"
+    if budget is not None and (
+        isinstance(budget, bool)
+        or not isinstance(budget, int | float)
+        or not math.isfinite(budget)  # NaN compares false with everything: no limit at all
+        or not 0 <= budget <= MAX_BUDGET_USD
+    ):
+        problems["budgetUsd"] = f"must be a number of US dollars from 0 to {MAX_BUDGET_USD:.0e}, or null"
     if "period" in settings and settings["period"] not in PERIODS:
         problems["period"] = "must be one of " + ", ".join(PERIODS)
     for name in ("rpm", "tpm"):
         value = settings.get(name)
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-            problems[name] = "must be a whole number, 1 or more, or null"
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_RATE):
+            problems[name] = f"must be a whole number from 1 to {MAX_RATE:.0e}, or null"
     models = settings.get("models")
     if models is not None and (
         not isinstance(models, list) or not all(isinstance(m, str) and m.strip() and len(m) <= 200 for m in models)

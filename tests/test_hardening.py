@@ -5,12 +5,16 @@ from __future__ import annotations
 
 import asyncio
 import json
+from pathlib import Path
 from typing import Any
 
 import pytest
 from aiohttp import WSMsgType
 from aiohttp.test_utils import TestClient
+from click.testing import CliRunner
 
+from agentspace.cli import main
+from agentspace.config import ConfigError, load_config
 from agentspace.plugins import create_plugin_manager
 from agentspace.transports import state
 from agentspace.transports.ws import REVOKED_CLOSE_CODE
@@ -211,3 +215,40 @@ async def test_cli_output_escapes_control_characters_from_stored_data(
     assert "\\x1b]0;PWNED" in shown
     # a client name cannot hold controls (refused), and the usage tables escape every cell
     assert_inert(await asyncio.to_thread(cli, "usage", "--by-model", "--by-client"))
+
+
+# --- 5. numbers are finite and in range ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("budget", ["nan", "inf", "-inf", "1e400", "-1", "1e12"])
+def test_cli_refuses_a_budget_that_is_not_a_finite_amount(budget: str) -> None:
+    result = CliRunner().invoke(main, ["clients", "add", "x", "--budget", budget])
+    assert result.exit_code == 2 and "--budget" in result.output, result.output
+    assert CliRunner().invoke(main, ["clients", "list", "--json"]).stdout.count('"name"') == 0
+
+
+async def test_api_clients_refuses_nan_and_infinity(client: TestClient, token: str) -> None:
+    for raw in (
+        b'{"name": "x", "budgetUsd": NaN}',
+        b'{"name": "x", "budgetUsd": Infinity}',
+        b'{"name": "x", "budgetUsd": 1e400}',
+        b'{"name": "x", "rpm": 1e400}',
+        b'{"name": "x", "tpm": 100000000000000000000}',
+    ):
+        resp = await client.post(
+            "/api/clients", data=raw, headers={**bearer(token), "Content-Type": "application/json"}
+        )
+        assert resp.status == 400, raw
+    add_client("ok", "--budget", "5")
+    resp = await client.patch("/api/clients/ok", data=b'{"budgetUsd": NaN}', headers=bearer(token))
+    assert resp.status == 400
+    listing = await client.get("/api/clients", headers=bearer(token))
+    assert json.loads(await listing.text(), parse_constant=lambda c: pytest.fail(c))["clients"][0]["budget"]["usd"] == 5
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-1.0"])
+def test_config_refuses_numbers_that_are_not_finite_or_negative(tmp_path: Path, value: str) -> None:
+    path = tmp_path / "agentspace.toml"
+    path.write_text(f"[server]\nheartbeat_seconds = {value}\n", encoding="utf-8")
+    with pytest.raises(ConfigError, match="heartbeat_seconds"):
+        load_config(str(path))
