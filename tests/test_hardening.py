@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 from aiohttp import WSMsgType
 from aiohttp.test_utils import TestClient
@@ -18,6 +20,7 @@ from agentspace.config import ConfigError, load_config
 from agentspace.plugins import create_plugin_manager
 from agentspace.transports import state
 from agentspace.transports.ws import REVOKED_CLOSE_CODE
+from scripts.harness import GatewayProcess
 from tests.conftest import wait_until
 from tests.fakes.anthropic_upstream import FakeAnthropic, text_response
 from tests.test_clients import add_client, bearer, cli
@@ -252,3 +255,54 @@ def test_config_refuses_numbers_that_are_not_finite_or_negative(tmp_path: Path, 
     path.write_text(f"[server]\nheartbeat_seconds = {value}\n", encoding="utf-8")
     with pytest.raises(ConfigError, match="heartbeat_seconds"):
         load_config(str(path))
+
+
+# --- 12. only configured providers are reachable ---------------------------------------------------
+
+
+@pytest.mark.parametrize("model", ["ollama/x", "llamafile/x", "lm_studio/x", "hosted_vllm/x"])
+async def test_an_unconfigured_local_provider_is_not_reachable(
+    client: TestClient, token: str, fake_anthropic: FakeAnthropic, model: str
+) -> None:
+    status, _, body = await post_raw(
+        client,
+        "/v1/chat/completions",
+        token,
+        json.dumps({"model": model, "messages": [{"role": "user", "content": "hi"}]}).encode(),
+    )
+    assert status == 404 and body["error"]["code"] == "model_not_found", body
+    ws = await client.ws_connect("/gateway", headers=bearer(token))
+    assert (await chat(ws, "hi", model=model))[-1]["code"] == "MODEL_NOT_FOUND"
+    await ws.close()
+
+
+# --- 14, 15. a missing provider key: 424 NO_API_KEY everywhere, at once ----------------------------
+
+
+async def test_a_missing_provider_key_is_424_on_every_api_and_known_without_litellm(tmp_path: Path) -> None:
+    upstream = FakeAnthropic()
+    await upstream.start()
+    gateway = GatewayProcess(tmp_path / "data", upstream.url)
+    try:
+        await gateway.start()
+        headers = {"Authorization": f"Bearer {gateway.token}", "anthropic-version": "2023-06-01"}
+        body = {"model": "openai/gpt-4o-mini", "max_tokens": 8, "messages": [{"role": "user", "content": "hi"}]}
+        async with aiohttp.ClientSession() as http:
+            started = time.monotonic()
+            async with http.post(gateway.url + "/v1/chat/completions", json=body, headers=headers) as resp:
+                openai_body = await resp.json()
+                assert resp.status == 424, openai_body
+            elapsed = time.monotonic() - started
+            assert openai_body["error"]["code"] == "no_api_key" and "keys add openai" in openai_body["error"]["message"]
+            async with http.post(gateway.url + "/v1/messages", json=body, headers=headers) as resp:
+                assert resp.status == 424 and (await resp.json())["error"]["type"] == "api_error"
+            async with http.ws_connect(gateway.ws_url, headers=headers) as ws:
+                await ws.send_json({"type": "chat.send", "id": "1", "content": "hi", "model": "openai/gpt-4o-mini"})
+                frame = json.loads((await ws.receive(timeout=10)).data)
+                assert frame["code"] == "NO_API_KEY"
+        # litellm (seconds to import) was not imported to find that out
+        assert elapsed < 1.0, elapsed
+        assert "litellm imported" not in gateway.log()
+    finally:
+        await gateway.aclose()
+        await upstream.close()
