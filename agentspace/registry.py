@@ -18,6 +18,7 @@ from . import pricing
 from .catalog import deprecation_message
 from .config import Config
 from .errors import StorageError
+from .logs import warn_limited
 from .lru import LRU
 from .observe import notify
 from .pending import PendingWrites
@@ -105,7 +106,13 @@ class Registry:
         if info is None:
             info = self._model_info[model] = pricing.model_info(self.config, model)
             if not info.price_known:
-                log.warning('no price known for %s; using the fallback price (set [pricing."%s"])', model, model)
+                warn_limited(
+                    log,
+                    "no-price",
+                    'no price known for %s; using the fallback price (set [pricing."%s"])',
+                    model,
+                    model,
+                )
             note = deprecation_message(model, info.deprecation_date)
             if note:
                 log.warning("%s", note)

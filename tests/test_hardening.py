@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 from pathlib import Path
 from typing import Any
 
 import aiohttp
+import anthropic
 import pytest
 from aiohttp import WSMsgType
 from aiohttp.test_utils import TestClient
@@ -306,3 +308,20 @@ async def test_a_missing_provider_key_is_424_on_every_api_and_known_without_lite
     finally:
         await gateway.aclose()
         await upstream.close()
+
+
+# --- 13. repeated warnings are rate-limited --------------------------------------------------------
+
+
+async def test_unknown_model_ids_log_one_warning_per_interval(
+    client: TestClient, token: str, fake_anthropic: FakeAnthropic, caplog: pytest.LogCaptureFixture
+) -> None:
+    api = anthropic.AsyncAnthropic(api_key=token, base_url=f"http://127.0.0.1:{client.port}", max_retries=0)
+    with caplog.at_level(logging.WARNING):
+        for i in range(30):
+            await api.messages.create(
+                model=f"claude-made-up-{i}", max_tokens=8, messages=[{"role": "user", "content": "hi"}]
+            )
+    lines = [r for r in caplog.records if "no price known" in r.getMessage()]
+    assert len(lines) <= 1, [r.getMessage() for r in lines]  # none when an earlier test logged it
+    assert len(await client.server.app[state.REGISTRY].usage.arecords()) == 30  # every call still counted
