@@ -81,6 +81,21 @@ def redact(text: str) -> str:
     return text
 
 
+def redact_bytes(data: bytes) -> bytes:
+    """``data`` (an upstream's answer relayed to a client) with every registered secret replaced: an
+    upstream that echoes the key it was sent must not hand the gateway's key to the caller."""
+    for secret in _secrets:
+        encoded = secret.encode("utf-8", "surrogatepass")
+        if encoded in data:
+            data = data.replace(encoded, REDACTED.encode())
+    return data
+
+
+def redact_headers(headers: dict[str, str]) -> dict[str, str]:
+    """Relayed headers with every registered secret replaced in their values."""
+    return {k: redact(v) for k, v in headers.items()}
+
+
 def _has_secret(text: str) -> bool:
     return any(secret in text for secret in _secrets)
 

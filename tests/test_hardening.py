@@ -7,6 +7,7 @@ import asyncio
 import json
 import logging
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -23,8 +24,8 @@ from agentspace.plugins import create_plugin_manager
 from agentspace.transports import state
 from agentspace.transports.ws import REVOKED_CLOSE_CODE
 from scripts.harness import GatewayProcess
-from tests.conftest import wait_until
-from tests.fakes.anthropic_upstream import FakeAnthropic, text_response
+from tests.conftest import TEST_KEY, wait_until
+from tests.fakes.anthropic_upstream import FakeAnthropic, error_status, text_response
 from tests.test_clients import add_client, bearer, cli
 from tests.test_ws import chat, of, receive
 
@@ -325,3 +326,21 @@ async def test_unknown_model_ids_log_one_warning_per_interval(
     lines = [r for r in caplog.records if "no price known" in r.getMessage()]
     assert len(lines) <= 1, [r.getMessage() for r in lines]  # none when an earlier test logged it
     assert len(await client.server.app[state.REGISTRY].usage.arecords()) == 30  # every call still counted
+
+
+# --- 7. the pass-through redacts configured secrets ------------------------------------------------
+
+
+async def test_the_pass_through_never_relays_the_gateways_key(
+    client: TestClient, token: str, fake_anthropic: FakeAnthropic
+) -> None:
+    echo = error_status(401, f"invalid x-api-key: {TEST_KEY}")
+    echo = replace(echo, headers={**echo.headers, "anthropic-echo": f"key={TEST_KEY}"})
+    fake_anthropic.enqueue(echo)
+    headers = {**bearer(token), "anthropic-version": "2023-06-01"}
+    body = {"model": "claude-sonnet-4-5", "max_tokens": 8, "messages": [{"role": "user", "content": "hi"}]}
+    async with client.post("/v1/messages", json=body, headers=headers) as resp:
+        text = await resp.text()
+        assert resp.status == 401 and "invalid x-api-key" in text
+        assert TEST_KEY not in text and TEST_KEY not in str(resp.headers)
+        assert resp.headers["anthropic-echo"] == "key=[redacted]"
