@@ -25,6 +25,7 @@ import socket
 from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING, Any
 
+from .logs import warn_limited
 from .types import new_id
 
 if TYPE_CHECKING:
@@ -107,8 +108,8 @@ class Cluster:
             except asyncio.CancelledError:
                 await pubsub.aclose()
                 raise
-            except Exception:  # noqa: BLE001 - Redis gone for a moment: keep listening
-                log.warning("lost the Redis abort channel; reconnecting", exc_info=True)
+            except Exception as e:  # noqa: BLE001 - Redis gone for a moment: keep listening
+                warn_limited(log, "redis-abort-channel", "lost the Redis abort channel; reconnecting: %r", e)
                 await asyncio.sleep(1)
                 continue
             if message is None or self._gw is None:
@@ -122,6 +123,17 @@ class Cluster:
             if turn is not None:
                 log.info("abort of session %s from another replica", session_id)
                 turn.abort()
+
+    async def health(self, timeout: float) -> str | None:
+        """None when Redis answers a PING within ``timeout``, else why not."""
+        try:
+            async with asyncio.timeout(timeout):
+                await self.redis.ping()
+        except TimeoutError:
+            return f"Redis did not answer within {timeout:g} s"
+        except Exception as e:  # noqa: BLE001 - redis-py's ConnectionError, OSError
+            return f"The gateway could not reach Redis at [storage] redis_url: {e}"
+        return None
 
     # --- the stream lock --------------------------------------------------------------------------
 

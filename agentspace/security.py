@@ -27,6 +27,7 @@ from aiohttp.typedefs import Middleware
 
 from .clients import ADMIN, looks_like_key
 from .config import Config
+from .errors import outage_error
 from .gateway_token import TokenFile, token_matches
 from .transports import bodies, state, v1_errors
 
@@ -258,7 +259,17 @@ def security_middleware(config: Config) -> Middleware:
             return await handler(request)  # scrapers without the token, when the operator opened it
         v1 = request.path.startswith("/v1/")  # the drop-in APIs answer in their own error shape
         token = api_token(request)
-        who = await token_caller(request, token) if token is not None else None
+        try:
+            who = await token_caller(request, token) if token is not None else None
+        except Exception as e:
+            # A client key is looked up in the store: a database down is a 503 in the API's own shape, as
+            # for the gateway token's requests, not a traceback and aiohttp's text/plain 500.
+            if (outage := outage_error(e)) is None:
+                raise
+            log.warning("%s %s: the caller could not be looked up: %s", request.method, request.path, outage.message)
+            if v1:
+                return v1_errors.error_response(request, 503, outage.message, headers={"Retry-After": "1"})
+            return error_response(503, outage.code, outage.message)
         if who is not None:
             if who != ADMIN and request.path.startswith(ADMIN_PATHS):
                 return error_response(403, "FORBIDDEN", "Only the gateway token may manage clients.")

@@ -37,12 +37,27 @@ from .vault import register_configured_keys
 log = logging.getLogger(__name__)
 
 
+# How long /healthz waits for Redis to answer a PING.
+HEALTH_REDIS_SECONDS = 2.0
+
+
 async def healthz(request: web.Request) -> web.Response:
+    """``{"status": "ok" | "unavailable"}``, with ``database`` and ``redis`` ("ok" or the reason) where the
+    gateway uses them; 503 when one cannot be reached (not ready to serve, SPEC 13)."""
     gw = request.app.get(state.REGISTRY)
-    problem = await gw.storage.health() if gw is not None and gw.storage is not None else None
-    if problem is not None:  # a database the gateway cannot reach: not ready to serve (SPEC 13)
-        return web.json_response({"status": "unavailable", "storage": problem}, status=503)
-    return web.json_response({"status": "ok"})
+    body: dict[str, str] = {"status": "ok"}
+    if gw is not None and gw.storage is not None:
+        problem = await gw.storage.health()
+        if problem is not None:
+            body.update(status="unavailable", storage=problem)
+        if gw.storage.shared:
+            body["database"] = problem or "ok"
+    if gw is not None and gw.cluster is not None:
+        problem = await gw.cluster.health(HEALTH_REDIS_SECONDS)
+        body["redis"] = problem or "ok"
+        if problem is not None:
+            body["status"] = "unavailable"
+    return web.json_response(body, status=200 if body["status"] == "ok" else 503)
 
 
 def create_app(config: Config, pm: pluggy.PluginManager | None = None) -> web.Application:

@@ -26,6 +26,7 @@ from agentspace.transports.ws import REVOKED_CLOSE_CODE
 from scripts.harness import GatewayProcess
 from tests.conftest import TEST_KEY, wait_until
 from tests.fakes.anthropic_upstream import FakeAnthropic, error_status, text_response
+from tests.scale_servers import Postgres, Redis
 from tests.test_clients import add_client, bearer, cli
 from tests.test_ws import chat, of, receive
 
@@ -344,3 +345,77 @@ async def test_the_pass_through_never_relays_the_gateways_key(
         assert resp.status == 401 and "invalid x-api-key" in text
         assert TEST_KEY not in text and TEST_KEY not in str(resp.headers)
         assert resp.headers["anthropic-echo"] == "key=[redacted]"
+
+
+# --- 18, 19. outages: 503 in each API's shape for every credential, /healthz says which -------------
+
+
+async def test_database_and_redis_outages_are_503s_in_each_apis_shape(tmp_path: Path, fake_anthropic: Any) -> None:
+    pg, redis_srv = Postgres(), Redis()  # their own servers: this test stops them
+    storage = {"backend": "postgres", "dsn": pg.dsn, "redis_url": redis_srv.url}
+    gateway = GatewayProcess(tmp_path / "data", fake_anthropic.url, storage=storage)
+    chat_body = {
+        "model": "anthropic/claude-sonnet-4-5",
+        "max_tokens": 8,
+        "messages": [{"role": "user", "content": "hi"}],
+    }
+    try:
+        await gateway.start()
+        admin = {"Authorization": f"Bearer {gateway.token}", "anthropic-version": "2023-06-01"}
+        async with aiohttp.ClientSession() as http:
+            async with http.get(gateway.url + "/healthz") as resp:
+                assert resp.status == 200 and await resp.json() == {"status": "ok", "database": "ok", "redis": "ok"}
+            async with http.post(gateway.url + "/api/clients", json={"name": "alice", "rpm": 100}, headers=admin) as r:
+                alice = {**bearer((await r.json())["key"]), "anthropic-version": "2023-06-01"}
+
+            async def expect_503(path: str, headers: dict[str, str], shape: str) -> None:
+                async with http.post(gateway.url + path, json=chat_body, headers=headers) as resp:
+                    assert resp.status == 503 and resp.content_type == "application/json", await resp.text()
+                    body = await resp.json()
+                if shape == "anthropic":
+                    assert body["type"] == "error" and body["error"]["message"], body
+                else:
+                    assert body["error"]["message"] and "type" in body["error"], body
+
+            redis_srv.close()
+            async with http.get(gateway.url + "/healthz") as resp:
+                health = await resp.json()
+                assert resp.status == 503 and health["database"] == "ok" and "Redis" in health["redis"], health
+            # alice's limits are counted in Redis (the gateway token has none: its /v1 calls need no Redis)
+            await expect_503("/v1/chat/completions", alice, "openai")
+            await expect_503("/v1/messages", alice, "anthropic")
+            for i, who in enumerate((alice, admin)):  # a chat takes its stream lock in Redis: the same 503
+                chat = {
+                    "id": f"s{i}",
+                    "messages": [{"id": f"m{i}", "role": "user", "parts": [{"type": "text", "text": "hi"}]}],
+                }
+                async with http.post(gateway.url + "/api/chat", json=chat, headers=who) as resp:
+                    assert resp.status == 503 and (await resp.json())["error"]["code"] == "SERVICE_UNAVAILABLE"
+
+            pg.stop()
+            async with http.get(gateway.url + "/healthz") as resp:
+                health = await resp.json()
+                assert resp.status == 503 and "database" in health["database"], health
+            # alice's key is looked up in the database (the gateway token's /v1 calls are answered, their
+            # records kept for the database's return)
+            await expect_503("/v1/chat/completions", alice, "openai")
+            await expect_503("/v1/messages", alice, "anthropic")
+            for who in (alice, admin):
+                async with http.get(gateway.url + "/api/sessions", headers=who) as resp:
+                    assert resp.status == 503 and (await resp.json())["error"]["code"] == "STORAGE_ERROR"
+            async with http.get(
+                gateway.url + "/gateway",
+                headers={
+                    **alice,
+                    "Connection": "Upgrade",
+                    "Upgrade": "websocket",
+                    "Sec-WebSocket-Version": "13",
+                    "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ==",
+                },
+            ) as resp:
+                assert resp.status == 503
+        assert not gateway.log_problems(), gateway.log_problems()
+    finally:
+        await gateway.aclose()
+        redis_srv.close()
+        pg.close()

@@ -19,7 +19,7 @@ from typing import Any
 from aiohttp import hdrs, web
 
 from .. import security
-from ..errors import ApiError
+from ..errors import ApiError, outage_error
 from ..security import error_response
 from ..service import Service
 from . import clients_api, state, v1_errors, web_api
@@ -120,7 +120,12 @@ async def errors_and_preflight(request: web.Request, handler: Handler) -> web.St
         if request.path.startswith("/v1/"):
             return v1_errors.error_response(request, 400, message, code="invalid_request_error")
         return api_error_response(ApiError("INVALID_MESSAGE", message))
-    except Exception:
+    except Exception as e:
+        if (outage := outage_error(e)) is not None:  # the database or Redis is down: 503, no traceback
+            log.warning("%s %s: %s (%r)", request.method, request.path, outage.message, e)
+            if request.path.startswith("/v1/"):
+                return v1_errors.error_response(request, 503, outage.message, headers={"Retry-After": "1"})
+            return api_error_response(outage)
         # A defect of ours: logged with its traceback, answered as JSON without details.
         log.exception("%s %s failed", request.method, request.path)
         message = "The gateway failed to handle this request; see its log."

@@ -21,8 +21,9 @@ from .. import events as ev
 from .. import security
 from ..clients import ADMIN, hash_key, looks_like_key
 from ..connections import PreAuthBudget
-from ..errors import ApiError
+from ..errors import ApiError, outage_error
 from ..gateway_token import token_matches
+from ..logs import warn_limited
 from ..pipeline import Turn
 from ..service import ChatInput, chat_request, invalid, parse_json, request_id_ok
 from ..types import compact_json, usage_to_wire
@@ -126,7 +127,11 @@ class Connection:
             await handler(self, request_id, msg)
         except ApiError as e:
             await self.error(request_id, e.code, e.message)
-        except Exception:
+        except Exception as e:
+            if (outage := outage_error(e)) is not None:  # the database or Redis is down: no traceback
+                log.warning("a %s frame: %s (%r)", kind if isinstance(kind, str) else "malformed", outage.message, e)
+                await self.error(request_id, outage.code, outage.message)
+                return
             # A defect of ours: logged with its traceback, answered without details, the connection kept.
             log.exception("handling a %s frame failed", kind if isinstance(kind, str) else "malformed")
             await self.error(request_id, "INTERNAL_ERROR", "The gateway failed to handle this message; see its log.")
@@ -338,7 +343,13 @@ async def gateway_handler(request: web.Request) -> web.StreamResponse:
         # PAYLOAD_TOO_LARGE and keep the connection.
         max_msg_size=4 * int(server["max_frame_bytes"]),
     )
-    caller = await security.bearer_caller(request)
+    try:
+        caller = await security.bearer_caller(request)
+    except Exception as e:
+        if (outage := outage_error(e)) is None:
+            raise
+        log.warning("websocket handshake: %s (%r)", outage.message, e)
+        return web.json_response({"error": {"code": outage.code, "message": outage.message}}, status=503)
     token = security.api_token(request) if caller is not None else None
     await ws.prepare(request)
     if caller is None:
@@ -388,7 +399,14 @@ async def _authenticate_first_frame(
         if isinstance(frame, dict):
             request_id = frame.get("id") if request_id_ok(frame.get("id")) else None
             token = frame.get("token")
-            who = await security.token_caller(request, token) if isinstance(token, str) else None
+            try:
+                who = await security.token_caller(request, token) if isinstance(token, str) else None
+            except Exception as e:
+                if (outage := outage_error(e)) is None:
+                    raise
+                log.warning("websocket authentication: %s (%r)", outage.message, e)
+                await _refuse(ws, request_id, outage.message, outage.code, close_code=WSCloseCode.TRY_AGAIN_LATER)
+                return None
             if frame.get("type") == "auth" and who is not None and isinstance(token, str):
                 budget.release()
                 await ws.send_str(compact_json({"type": "auth.ok", "requestId": request_id}))
@@ -407,11 +425,13 @@ async def _authenticate_first_frame(
     return None
 
 
-async def _refuse(ws: web.WebSocketResponse, request_id: Any, message: str, code: str = "UNAUTHORIZED") -> None:
+async def _refuse(
+    ws: web.WebSocketResponse, request_id: Any, message: str, code: str = "UNAUTHORIZED", close_code: int = 4401
+) -> None:
     await ws.send_str(_error_frame(request_id, code, message))
     try:
         async with asyncio.timeout(REFUSED_CLOSE_SECONDS):
-            await ws.close(code=4401, message=b"unauthorized")
+            await ws.close(code=close_code, message=b"unauthorized" if close_code == 4401 else b"try again later")
     except TimeoutError:
         pass  # no close frame back: aiohttp has closed the socket on the timeout (a client let in has no say)
 
@@ -449,5 +469,5 @@ async def watch_credentials(app: web.Application) -> None:
         changed.clear()
         try:
             await revoke_stale_credentials(app)
-        except Exception:  # noqa: BLE001 - a store that cannot answer now: the next round tries again
-            log.warning("could not check the open connections' credentials", exc_info=True)
+        except Exception as e:  # noqa: BLE001 - a store that cannot answer now: the next round tries again
+            warn_limited(log, "credential-check", "could not check the open connections' credentials: %r", e)
