@@ -43,14 +43,32 @@ STREAM_CAP = 100_000  # entries kept per running stream (a burst of deltas is on
 STREAM_TTL_SECONDS = 3600  # a finished (or orphaned) stream stays resumable this long
 REDIS_CONNECTIONS = 32  # per replica; the abort listener holds one
 _END = b"end"
+# How long one read of a followed stream may take (it blocks 1 s in Redis) before Redis counts as gone.
+FOLLOW_READ_SECONDS = 5.0
+
+
+def _error_chunk(message: str) -> bytes:
+    """The UI message stream's error part and its end, as a turn that failed sends them."""
+    from .events import StreamError
+    from .transports.ui_stream import UIMessageStreamEncoder
+
+    return UIMessageStreamEncoder().encode(StreamError("SERVICE_UNAVAILABLE", message))
+
 
 # Deletes the lock only when it is still ours (a lock that expired and was taken since is another's).
 _RELEASE = """
 if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end
 return 0
 """
+# Renews the lock while it is ours; takes it again when it is gone (Redis restarted, or lost it); 0 when
+# another turn holds it now.
 _RENEW = """
-if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('pexpire', KEYS[1], ARGV[2]) end
+local v = redis.call('get', KEYS[1])
+if v == ARGV[1] then return redis.call('pexpire', KEYS[1], ARGV[2]) end
+if not v then
+  redis.call('set', KEYS[1], ARGV[1], 'PX', ARGV[2])
+  return 2
+end
 return 0
 """
 
@@ -207,26 +225,44 @@ class Cluster:
             await self.release(turn)
 
     async def _keep_lock(self, turn: Turn) -> None:
+        """Renew the lock while the turn runs. A lock Redis lost (a restart) is taken again; a lock another
+        turn took meanwhile ends this turn (two answers must not write one session at once)."""
         value = f"{self.replica_id}:{turn.message_id}"
         while True:
             await asyncio.sleep(RENEW_SECONDS)
             try:
-                await self._renew(keys=[lock_key(turn.session_id)], args=[value, LOCK_TTL_MS])
-            except Exception:  # noqa: BLE001 - retried at the next renewal
-                log.warning("could not renew the stream lock of session %s", turn.session_id, exc_info=True)
+                renewed = await self._renew(keys=[lock_key(turn.session_id)], args=[value, LOCK_TTL_MS])
+            except Exception as e:  # noqa: BLE001 - retried at the next renewal
+                warn_limited(log, "renew-lock", "could not renew the stream lock of session %s: %r", turn.session_id, e)
+                continue
+            if renewed == 2:
+                log.warning("the stream lock of session %s was gone from Redis; taken again", turn.session_id)
+            elif not renewed:
+                log.warning("the stream lock of session %s is held by another turn; ending this one", turn.session_id)
+                turn.abort("lock lost")
+                return
 
     async def follow(self, key: str, session_id: str) -> AsyncIterator[bytes]:
-        """The stream's chunks from its start, then live until its end; ends early when the lock of the
-        turn is gone without an end (its replica died)."""
+        """The stream's chunks from its start, then live until its end. Ends with an error chunk when the
+        lock of the turn is gone without an end (its replica died) or Redis cannot be read."""
         last = "0-0"
         quiet = 0  # empty reads in a row while the lock is gone
         while True:
-            reply = await self.redis.xread({key: last}, count=100, block=1000)
+            try:
+                async with asyncio.timeout(FOLLOW_READ_SECONDS):
+                    reply = await self.redis.xread({key: last}, count=100, block=1000)
+                    if not reply:
+                        # The owner releases the lock just before it publishes the end: give the end a moment.
+                        quiet = quiet + 1 if await self.redis.get(lock_key(session_id)) is None else 0
+                        ended = quiet >= 3 and await self._ended(key)
+            except Exception as e:  # noqa: BLE001 - Redis gone: the resume says so and ends
+                warn_limited(log, "follow", "a resumed stream of session %s lost Redis: %r", session_id, e)
+                yield _error_chunk("The gateway lost the stream it was relaying (Redis); reload the session.")
+                return
             if not reply:
-                # The owner releases the lock just before it publishes the end: give the end a moment.
-                quiet = quiet + 1 if await self.redis.get(lock_key(session_id)) is None else 0
-                if quiet >= 3 and not await self._ended(key):
-                    return  # the owner died mid-stream: nothing more will come
+                if quiet >= 3 and not ended:
+                    yield _error_chunk("The replica streaming this answer stopped; reload the session.")
+                    return
                 continue
             for _, entries in reply:
                 for entry_id, fields in entries:

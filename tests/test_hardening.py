@@ -6,6 +6,9 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import shutil
+import socket
+import subprocess
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -26,6 +29,7 @@ from agentspace.transports.ws import REVOKED_CLOSE_CODE
 from scripts.harness import GatewayProcess
 from tests.conftest import TEST_KEY, wait_until
 from tests.fakes.anthropic_upstream import FakeAnthropic, error_status, text_response
+from tests.scale_servers import TOKEN as REPLICA_TOKEN
 from tests.scale_servers import Postgres, Redis
 from tests.test_clients import add_client, bearer, cli
 from tests.test_ws import chat, of, receive
@@ -419,3 +423,63 @@ async def test_database_and_redis_outages_are_503s_in_each_apis_shape(tmp_path: 
         await gateway.aclose()
         redis_srv.close()
         pg.close()
+
+
+# --- 16, 17. replicas fail safe when Redis restarts or dies ----------------------------------------
+
+
+def restart_redis(server: Redis) -> None:
+    """Stop Redis and start an empty one on the same port (no persistence: every key is gone)."""
+    server.close()
+    server.proc = subprocess.Popen(
+        [shutil.which("redis-server") or "redis-server", "--port", str(server.port), "--bind", "127.0.0.1"]
+        + ["--save", "", "--appendonly", "no"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 20
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", server.port), timeout=1).close()
+            return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+
+
+async def test_a_redis_restart_keeps_the_lock_and_a_dead_redis_ends_a_resume_with_an_error(
+    tmp_path: Path, fake_anthropic: FakeAnthropic, pg_dsn: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("AGENTSPACE_GATEWAY_TOKEN", REPLICA_TOKEN)
+    redis_srv = Redis()  # its own: this test restarts and stops it
+    storage = {"backend": "postgres", "dsn": pg_dsn, "redis_url": redis_srv.url}
+    a, b = (GatewayProcess(tmp_path / n, fake_anthropic.url, storage=storage) for n in ("a", "b"))
+    fake_anthropic.enqueue(text_response(" ".join(f"w{n}" for n in range(120)), chunks=120).with_delay(0.1))
+    chat_body = {"id": "s1", "messages": [{"id": "u1", "role": "user", "parts": [{"type": "text", "text": "hi"}]}]}
+    try:
+        await asyncio.gather(a.start(), b.start())
+        async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {REPLICA_TOKEN}"}) as http:
+            started = await http.post(f"{a.url}/api/chat", json=chat_body)
+            assert started.status == 200
+            await started.content.readuntil(b"text-delta")
+
+            await asyncio.to_thread(restart_redis, redis_srv)  # the lock is gone from Redis...
+            await asyncio.sleep(4.5)  # ...until A's next renewal takes it again
+            async with http.post(
+                f"{b.url}/api/chat", json={**chat_body, "messages": [{**chat_body["messages"][0], "id": "u2"}]}
+            ) as busy:
+                assert busy.status == 409, await busy.text()
+            resumed = await http.get(f"{b.url}/api/chat/s1/stream")
+            assert resumed.status == 200  # A still streams it: not 204
+
+            redis_srv.close()  # Redis dies while B relays: the resume ends, with an error, within seconds
+            began = time.monotonic()
+            tail = await asyncio.wait_for(resumed.read(), 30)
+            assert b'"type":"error"' in tail and tail.endswith(b"data: [DONE]\n\n"), tail[-300:]
+            assert time.monotonic() - began < 15
+            await asyncio.wait_for(started.read(), 60)  # A's own client gets its whole answer
+    finally:
+        for server in (a, b):
+            await server.aclose()
+        redis_srv.close()
