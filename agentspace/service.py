@@ -43,6 +43,11 @@ MAX_REQUEST_ID = 256
 _SURROGATE = re.compile("[\ud800-\udfff]")
 
 
+def session_owner(session: dict[str, Any]) -> str:
+    """The caller a stored session belongs to (sessions from before clients existed are the admin's)."""
+    return str(session.get("client") or ADMIN)
+
+
 def invalid(fields: dict[str, str]) -> ApiError:
     """An ``INVALID_MESSAGE`` naming each field that is wrong (``fields``: path -> what is wrong)."""
     return ApiError(
@@ -302,7 +307,17 @@ class Service:
             except ValueError as e:
                 raise invalid({paths[1]: str(e)}) from None
         client = None if self.caller == ADMIN else self.caller
+        if client is None and session_id is not None:
+            client = await self._session_owner(session_id)
         return await self.gw.usage.areport(by=by, since=when, session_id=session_id, client=client)
+
+    async def _session_owner(self, session_id: str) -> str | None:
+        """Whose session ``session_id`` is (None when no session has that id). Session ids name a session in
+        their caller's own namespace: another client's ``X-Agentspace-Session: <that id>`` files its usage
+        under its own (client, id), never in the owner's report of the session."""
+        session = await self.gw.sessions.get(session_id)
+        owner = None if session is None else session_owner(session)
+        return None if owner == ADMIN else owner  # the admin's: every record (older ones name no client)
 
     async def models(self) -> list[dict[str, Any]]:
         # The same list as `agentspace models --json`; it reads the vault and the cost map, so off the loop.

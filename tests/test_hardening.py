@@ -483,3 +483,32 @@ async def test_a_redis_restart_keeps_the_lock_and_a_dead_redis_ends_a_resume_wit
         for server in (a, b):
             await server.aclose()
         redis_srv.close()
+
+
+# --- 6. a session header cannot charge another client's session ------------------------------------
+
+
+async def test_a_session_header_cannot_charge_another_clients_session(
+    client: TestClient, token: str, fake_anthropic: FakeAnthropic
+) -> None:
+    alice, bob = add_client("alice"), add_client("bob")
+    ws = await client.ws_connect("/gateway", headers=bearer(bob))
+    bobs = of(await chat(ws, "Hi"), "chat.stream.start")[0]["sessionId"]
+    await ws.close()
+    api = anthropic.AsyncAnthropic(api_key=alice, base_url=f"http://127.0.0.1:{client.port}", max_retries=0)
+    for header in ("X-Agentspace-Session", "X-Claude-Code-Session-Id"):
+        await api.messages.create(
+            model="claude-sonnet-4-5",
+            max_tokens=8,
+            messages=[{"role": "user", "content": "hi"}],
+            extra_headers={header: bobs},
+        )
+    admin_view = await (await client.get(f"/api/usage?sessionId={bobs}", headers=bearer(token))).json()
+    assert admin_view["grandTotal"]["requestCount"] == 1  # bob's own call only
+    cli_view = json.loads(await asyncio.to_thread(cli, "usage", "--session", bobs, "--json"))
+    assert cli_view["grandTotal"]["requestCount"] == 1
+    bob_view = await (await client.get(f"/api/usage?sessionId={bobs}", headers=bearer(bob))).json()
+    assert bob_view["grandTotal"]["requestCount"] == 1
+    # alice sees her calls under the id she named, in her own namespace
+    alice_view = await (await client.get(f"/api/usage?sessionId={bobs}", headers=bearer(alice))).json()
+    assert alice_view["grandTotal"]["requestCount"] == 2

@@ -89,6 +89,8 @@ def usage(
 
     since_dt = parse_since(since) if since else None
     by_model = by_model or not (by_day or by_client)
+    if session_id is not None and client_name is None:
+        client_name = _session_owner(state, session_id)  # the owner's records of it, not others' of that id
     where: dict[str, Any] = {"since": since_dt, "session_id": session_id, "client": client_name}
     wanted = [by for by, asked in (("model", by_model), ("day", by_day), ("client", by_client)) if asked]
     if state.config()["storage"]["backend"] != "tinydb":  # another backend answers through the storage interface
@@ -140,6 +142,19 @@ def usage(
             click.echo()
         rows = _rows(per_client["perClient"]) + [_row("TOTAL", grand)]
         click.echo(table(["client", *headers], rows, right))
+
+
+def _session_owner(state: CliState, session_id: str) -> str | None:
+    """Whose session ``session_id`` is, or None when there is none of that id (or it cannot be read)."""
+    from ..service import session_owner
+    from .sessions import _get
+
+    try:
+        session = _get(state, session_id)
+    except (click.ClickException, ValueError, OSError):
+        return None
+    owner = None if session is None else session_owner(session)
+    return None if owner == "admin" else owner  # the admin's: every record (older ones name no client)
 
 
 def _warn_damaged(damaged: list[str]) -> None:
