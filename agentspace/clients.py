@@ -89,6 +89,20 @@ class Client:
     tpm: int | None = None
     models: list[str] = field(default_factory=list)  # fnmatch patterns; empty: every model
 
+    @property
+    def since(self) -> datetime | None:
+        """When this client was made: its identity with its name. A client removed and added again under the
+        same name is a new client, and owns nothing from before it (sessions, usage, spend)."""
+        try:
+            return datetime.fromisoformat(self.created_at) if self.created_at else None
+        except ValueError:
+            return None
+
+    def owns_since(self, created_at: Any) -> bool:
+        """Whether something stamped ``created_at`` (an ISO time) is this client's rather than an earlier
+        client's of the same name."""
+        return not self.created_at or not isinstance(created_at, str) or created_at >= self.created_at
+
     def key_matches(self, key: str) -> bool:
         return self.key_matches_hash(hash_key(key))
 

@@ -114,7 +114,7 @@ async def start_turn(gw: Registry, request: ChatRequest) -> Turn:
                 "STREAM_IN_PROGRESS", "This session is already streaming an answer; wait for it or abort it."
             )
         session = await gw.sessions.get(request.session_id)
-        if session is not None and not owns(request.client, session):
+        if session is not None and not await owns_now(gw, request.client, session):
             # Another client's session is not there for this one; a named new one cannot take its id.
             raise ApiError("SESSION_NOT_FOUND", f"No session {request.session_id!r}.")
         if session is None and not request.create_if_missing:
@@ -755,3 +755,13 @@ class Turn:
 def owns(caller: str, session: dict[str, Any]) -> bool:
     """Whether ``caller`` may see ``session``: the admin sees every session, a client its own (SPEC 11)."""
     return caller == "admin" or session.get("client") == caller
+
+
+async def owns_now(gw: Registry, caller: str, session: dict[str, Any]) -> bool:
+    """``owns``, and for a client: made since the client was (not an earlier, removed client's of that name)."""
+    if not owns(caller, session):
+        return False
+    if caller == "admin":
+        return True
+    client = await gw.clients.get(caller)
+    return client is None or client.owns_since(session.get("createdAt"))

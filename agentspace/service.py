@@ -23,7 +23,7 @@ from .clients import ADMIN
 from .context import inspect_session
 from .errors import ApiError
 from .periods import parse_since
-from .pipeline import ChatRequest, Turn, owns, start_turn
+from .pipeline import ChatRequest, Turn, owns_now, start_turn
 from .registry import ModelNotFound, Registry
 from .stores.sessions import SESSION_ID, TITLE_LENGTH, Listing, SessionNotFound
 from .stores.usage import REPORTS
@@ -220,7 +220,7 @@ class Service:
 
     async def _owned(self, session_id: str) -> dict[str, Any]:
         session = await self.gw.sessions.get(session_id)
-        if session is None or not owns(self.caller, session):
+        if session is None or not await owns_now(self.gw, self.caller, session):
             raise _not_found(session_id)
         return session
 
@@ -229,7 +229,15 @@ class Service:
         listing = await self.gw.sessions.listing()
         if self.caller == ADMIN:
             return listing
-        return Listing([s for s in listing.sessions if s.get("client") == self.caller], [])
+        client = await self.gw.clients.get(self.caller)
+        return Listing(
+            [
+                s
+                for s in listing.sessions
+                if s.get("client") == self.caller and (client is None or client.owns_since(s.get("createdAt")))
+            ],
+            [],
+        )
 
     async def get_session(self, session_id: str) -> dict[str, Any]:
         return await self._owned(checked(session_id, "id", session_id_problem))
@@ -309,6 +317,10 @@ class Service:
         client = None if self.caller == ADMIN else self.caller
         if client is None and session_id is not None:
             client = await self._session_owner(session_id)
+        if client is not None and self.caller != ADMIN:  # not an earlier client's of the same name
+            current = await self.gw.clients.get(client)
+            if current is not None and current.since is not None:
+                when = current.since if when is None else max(when, current.since)
         return await self.gw.usage.areport(by=by, since=when, session_id=session_id, client=client)
 
     async def _session_owner(self, session_id: str) -> str | None:

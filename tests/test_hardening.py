@@ -512,3 +512,34 @@ async def test_a_session_header_cannot_charge_another_clients_session(
     # alice sees her calls under the id she named, in her own namespace
     alice_view = await (await client.get(f"/api/usage?sessionId={bobs}", headers=bearer(alice))).json()
     assert alice_view["grandTotal"]["requestCount"] == 2
+
+
+# --- 10. a removed client's name, added again, is a new client --------------------------------------
+
+
+async def test_re_adding_a_removed_name_is_a_new_client_with_no_history(
+    client: TestClient, token: str, fake_anthropic: FakeAnthropic
+) -> None:
+    old = add_client("alice", "--budget", "5")
+    ws = await client.ws_connect("/gateway", headers=bearer(old))
+    session_id = of(await chat(ws, "Hi"), "chat.stream.start")[0]["sessionId"]
+    await ws.close()
+    cli("clients", "remove", "alice")
+    result = CliRunner().invoke(main, ["clients", "add", "alice", "--budget", "5"])
+    assert result.exit_code == 0 and "this is a new client" in result.stderr, result.stderr
+    new = result.stdout.strip()
+
+    assert (await (await client.get("/api/sessions", headers=bearer(new))).json())["sessions"] == []
+    assert (await client.get(f"/api/sessions/{session_id}", headers=bearer(new))).status == 404
+    ws = await client.ws_connect("/gateway", headers=bearer(new))
+    assert (await chat(ws, "mine?", sessionId=session_id))[-1]["code"] == "SESSION_NOT_FOUND"
+    await ws.send_json({"type": "usage.query", "id": "u"})
+    assert (await receive(ws))["grandTotal"]["requestCount"] == 0
+    await ws.close()
+    shown = json.loads(await asyncio.to_thread(cli, "clients", "show", "alice", "--json"))
+    assert shown["spend"]["usd"] == 0
+    listed = await (await client.get("/api/clients/alice", headers=bearer(token))).json()
+    assert listed["client"]["spend"]["usd"] == 0
+    # the earlier alice's usage stays in the admin's reports
+    report = await (await client.get("/api/usage?by=client", headers=bearer(token))).json()
+    assert report["perClient"]["alice"]["requestCount"] == 1
