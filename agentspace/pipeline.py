@@ -109,7 +109,12 @@ async def start_turn(gw: Registry, request: ChatRequest) -> Turn:
     """Validate, create the session if needed, store the user message, and start streaming."""
     session = None
     if request.session_id is not None:
-        if request.session_id in gw.active:
+        running = gw.active.get(request.session_id)
+        if running is not None:
+            if request.client != "admin" and running.client != request.client:
+                # Another client's session, streaming or not, is the same SESSION_NOT_FOUND: no probe tells
+                # whether it is live.
+                raise ApiError("SESSION_NOT_FOUND", f"No session {request.session_id!r}.")
             raise ApiError(
                 "STREAM_IN_PROGRESS", "This session is already streaming an answer; wait for it or abort it."
             )

@@ -32,6 +32,7 @@ from tests.fakes.anthropic_upstream import FakeAnthropic, error_status, text_res
 from tests.scale_servers import TOKEN as REPLICA_TOKEN
 from tests.scale_servers import Postgres, Redis
 from tests.test_clients import add_client, bearer, cli
+from tests.test_http_chat import post_chat
 from tests.test_ws import chat, of, receive
 
 
@@ -543,3 +544,27 @@ async def test_re_adding_a_removed_name_is_a_new_client_with_no_history(
     # the earlier alice's usage stays in the admin's reports
     report = await (await client.get("/api/usage?by=client", headers=bearer(token))).json()
     assert report["perClient"]["alice"]["requestCount"] == 1
+
+
+# --- 9. another client's session cannot be probed through /api/chat ----------------------------------
+
+
+async def test_another_clients_session_answers_the_same_streaming_or_not(
+    client: TestClient, fake_anthropic: FakeAnthropic
+) -> None:
+    alice, bob = add_client("alice"), add_client("bob")
+    fake_anthropic.enqueue(text_response("part " * 30, chunks=30).with_delay(0.05))
+    streaming = await post_chat(client, bearer(bob), "bobs-chat")
+    assert streaming.status == 200
+    await streaming.content.readuntil(b"text-delta")
+
+    async def alice_tries() -> tuple[int, str]:
+        async with await post_chat(client, bearer(alice), "bobs-chat") as resp:
+            return resp.status, (await resp.json())["error"]["code"]
+
+    while_streaming = await alice_tries()
+    await streaming.read()
+    assert while_streaming == await alice_tries() == (404, "SESSION_NOT_FOUND")
+    ws = await client.ws_connect("/gateway", headers=bearer(alice))
+    assert (await chat(ws, "x", sessionId="bobs-chat"))[-1]["code"] == "SESSION_NOT_FOUND"
+    await ws.close()
