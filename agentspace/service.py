@@ -12,6 +12,8 @@ here imports aiohttp: the ``/v1`` endpoints plug into the same functions.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import hashlib
 import json
 import re
 from collections.abc import Callable
@@ -181,8 +183,22 @@ def chat_request(
 MAX_TITLE_LENGTH = 4 * TITLE_LENGTH
 
 
+# Stored session ids are at most this long (stores.sessions.SESSION_ID).
+MAX_SESSION_ID = 128
+
+
+def scope_suffix(client: str) -> str:
+    """What a client's own session ids end with when stored (see ``Service.resolve``)."""
+    return "-c" + hashlib.sha256(client.encode()).hexdigest()[:10]
+
+
 class Service:
     """What a client may ask of the gateway, whichever transport it speaks.
+
+    Session ids are scoped to their caller: an id a client names (``/api/chat``'s ``id``, ``sessionId``)
+    names a session in its own namespace (``resolve``), stored as ``<id>-c<hash of the client>`` when it is
+    new; ids the gateway made (``s_...``), the admin's, and the client's sessions from before keep their ids.
+    Another client's id is then indistinguishable from a free one: it starts a new session of the caller's.
 
     ``shutting_down`` is set when shutdown begins: no new turn starts after it, on any transport.
     ``caller`` is who asks: "admin" (the gateway token) sees everything, a client (SPEC 11) its own sessions,
@@ -194,11 +210,39 @@ class Service:
         self.shutting_down = shutting_down
         self.caller = caller
 
+    async def resolve(self, session_id: str) -> str:
+        """The stored id of the session the caller names: the id itself for the admin, and for a client when
+        it names a session of its own (running or stored); else the client's scoped id."""
+        if self.caller == ADMIN:
+            return session_id
+        turn = self.gw.active.get(session_id)
+        if turn is not None and turn.client == self.caller:
+            return session_id
+        session = await self.gw.sessions.get(session_id)
+        if session is not None and await owns_now(self.gw, self.caller, session):
+            return session_id
+        suffix = scope_suffix(self.caller)
+        if len(session_id) + len(suffix) > MAX_SESSION_ID:
+            raise invalid({"id": f"a client's session ids are at most {MAX_SESSION_ID - len(suffix)} characters"})
+        return session_id + suffix
+
+    def visible(self, stored_id: str) -> str:
+        """The id the caller knows a stored session by (``resolve`` undone)."""
+        suffix = scope_suffix(self.caller) if self.caller != ADMIN else None
+        if suffix is not None and stored_id.endswith(suffix) and len(stored_id) > len(suffix):
+            return stored_id[: -len(suffix)]
+        return stored_id
+
+    def _shown(self, session: dict[str, Any]) -> dict[str, Any]:
+        return session if self.caller == ADMIN else {**session, "id": self.visible(str(session.get("id")))}
+
     async def start_chat(self, request: ChatRequest) -> Turn:
         if self.shutting_down.is_set():
             raise ApiError("SERVICE_UNAVAILABLE", SHUTTING_DOWN_MESSAGE)
         if request.client != self.caller:
             raise ApiError("FORBIDDEN", "A chat request must be made as its caller.")
+        if request.session_id is not None:
+            request = dataclasses.replace(request, session_id=await self.resolve(request.session_id))
         return await start_turn(self.gw, request)
 
     def active_turn(self, session_id: str) -> Turn | None:
@@ -208,6 +252,7 @@ class Service:
     async def resumable_turn(self, session_id: str) -> Turn | None:
         """The caller's running answer in the session, None when nothing streams; SESSION_NOT_FOUND for a
         session of another client."""
+        session_id = await self.resolve(session_id)
         turn = self.gw.active.get(session_id)
         if self.caller == ADMIN:
             return turn
@@ -219,7 +264,7 @@ class Service:
         return None
 
     async def _owned(self, session_id: str) -> dict[str, Any]:
-        session = await self.gw.sessions.get(session_id)
+        session = await self.gw.sessions.get(await self.resolve(session_id))
         if session is None or not await owns_now(self.gw, self.caller, session):
             raise _not_found(session_id)
         return session
@@ -232,7 +277,7 @@ class Service:
         client = await self.gw.clients.get(self.caller)
         return Listing(
             [
-                s
+                self._shown(s)
                 for s in listing.sessions
                 if s.get("client") == self.caller and (client is None or client.owns_since(s.get("createdAt")))
             ],
@@ -240,12 +285,12 @@ class Service:
         )
 
     async def get_session(self, session_id: str) -> dict[str, Any]:
-        return await self._owned(checked(session_id, "id", session_id_problem))
+        return self._shown(await self._owned(checked(session_id, "id", session_id_problem)))
 
     async def delete_session(self, session_id: str) -> None:
         checked(session_id, "id", session_id_problem)
         if self.caller != ADMIN:
-            await self._owned(session_id)
+            session_id = str((await self._owned(session_id))["id"])
         if session_id in self.gw.active:
             raise ApiError("STREAM_IN_PROGRESS", "This session is streaming an answer; wait for it to end.")
         if not await self.gw.sessions.delete(session_id):
@@ -256,13 +301,13 @@ class Service:
         turn = await self.resumable_turn(checked(session_id, "id", session_id_problem))
         if turn is not None and not turn.done:
             turn.abort()
-        elif self.gw.cluster is None or not await self.gw.cluster.request_abort(session_id):
+        elif self.gw.cluster is None or not await self.gw.cluster.request_abort(await self.resolve(session_id)):
             # Nothing streams here, nor (with Redis) on another replica.
             raise ApiError("NOT_FOUND", f"No answer is streaming in session {session_id!r}.")
 
     async def rename_session(self, session_id: str, title: object) -> dict[str, Any]:
         """Give the caller's session a title; returns its summary."""
-        await self._owned(checked(session_id, "id", session_id_problem))
+        session_id = str((await self._owned(checked(session_id, "id", session_id_problem)))["id"])
         if not isinstance(title, str) or not title.strip():
             raise invalid({"title": "required: a non-empty string"})
         title = " ".join(clean_text(title).split())
@@ -272,7 +317,7 @@ class Service:
             await self.gw.sessions.set_title(session_id, title)
         except SessionNotFound:
             raise _not_found(session_id) from None
-        session = await self._owned(session_id)
+        session = self._shown(await self._owned(session_id))
         return {k: v for k, v in session.items() if k != "messages"}
 
     async def inspect_context(
@@ -281,13 +326,13 @@ class Service:
         """What the next call in the session would send; ``model`` (if given) must be served by a provider."""
         session_id = checked(session_id, paths[0], session_id_problem)
         if self.caller != ADMIN:
-            await self._owned(session_id)
+            session_id = str((await self._owned(session_id))["id"])
         if model is not None:
             self.check_model(checked(model, paths[1], model_id_problem))
         inspection = await inspect_session(self.gw, session_id, model)
         if inspection is None:
-            raise _not_found(session_id)
-        return inspection
+            raise _not_found(self.visible(session_id))
+        return {**inspection, "sessionId": self.visible(session_id)}
 
     def check_model(self, model: str) -> None:
         try:
@@ -308,6 +353,10 @@ class Service:
             raise invalid({paths[2]: f"must be one of {', '.join(REPORTS)}"})
         if session_id is not None:
             checked(session_id, paths[0], session_id_problem)
+            if self.caller != ADMIN:  # a session of its own by that id; else a /v1 header's label as named
+                stored = await self.resolve(session_id)
+                if stored != session_id and await self.gw.sessions.exists(stored):
+                    session_id = stored
         when = None
         if since:
             try:

@@ -32,7 +32,7 @@ from tests.fakes.anthropic_upstream import FakeAnthropic, error_status, text_res
 from tests.scale_servers import TOKEN as REPLICA_TOKEN
 from tests.scale_servers import Postgres, Redis
 from tests.test_clients import add_client, bearer, cli
-from tests.test_http_chat import post_chat
+from tests.test_http_chat import post_chat, user
 from tests.test_ws import chat, of, receive
 
 
@@ -546,25 +546,43 @@ async def test_re_adding_a_removed_name_is_a_new_client_with_no_history(
     assert report["perClient"]["alice"]["requestCount"] == 1
 
 
-# --- 9. another client's session cannot be probed through /api/chat ----------------------------------
+# --- 9. session ids are scoped to their owner ----------------------------------------------------
 
 
-async def test_another_clients_session_answers_the_same_streaming_or_not(
-    client: TestClient, fake_anthropic: FakeAnthropic
+async def test_another_clients_session_id_is_a_free_one_and_cannot_be_taken(
+    client: TestClient, token: str, fake_anthropic: FakeAnthropic
 ) -> None:
     alice, bob = add_client("alice"), add_client("bob")
     fake_anthropic.enqueue(text_response("part " * 30, chunks=30).with_delay(0.05))
-    streaming = await post_chat(client, bearer(bob), "bobs-chat")
+    streaming = await post_chat(client, bearer(bob), "project-x")
     assert streaming.status == 200
     await streaming.content.readuntil(b"text-delta")
-
-    async def alice_tries() -> tuple[int, str]:
-        async with await post_chat(client, bearer(alice), "bobs-chat") as resp:
-            return resp.status, (await resp.json())["error"]["code"]
-
-    while_streaming = await alice_tries()
+    # while bob's answer streams, alice's "project-x" is her own new session, as a free id would be
+    async with await post_chat(client, bearer(alice), "project-x") as mine:
+        assert mine.status == 200 and b'"type":"finish"' in await mine.read()
     await streaming.read()
-    assert while_streaming == await alice_tries() == (404, "SESSION_NOT_FOUND")
+    async with await post_chat(client, bearer(alice), "project-x", user("again", "u2")) as again:
+        assert again.status == 200
+        await again.read()
+
+    async def session(key: str) -> dict[str, Any]:
+        resp = await client.get("/api/sessions/project-x", headers=bearer(key))
+        assert resp.status == 200
+        return (await resp.json())["session"]
+
+    bobs, alices = await session(bob), await session(alice)
+    assert bobs["id"] == alices["id"] == "project-x"  # each knows it by the name it chose
+    assert len(bobs["messages"]) == 2 and len(alices["messages"]) == 4  # nothing mixed
+    assert [s["id"] for s in (await (await client.get("/api/sessions", headers=bearer(alice))).json())["sessions"]] == [
+        "project-x"
+    ]
     ws = await client.ws_connect("/gateway", headers=bearer(alice))
-    assert (await chat(ws, "x", sessionId="bobs-chat"))[-1]["code"] == "SESSION_NOT_FOUND"
+    frames = await chat(ws, "over the socket", sessionId="project-x")
+    assert of(frames, "chat.stream.start")[0]["sessionId"] == "project-x"
+    await ws.send_json({"type": "context.inspect", "id": "c", "sessionId": "project-x"})
+    assert (await receive(ws))["sessionId"] == "project-x"
     await ws.close()
+    # the admin sees both, under their stored ids (<id>-c<hash of the client>)
+    admin_ids = {s["id"] for s in (await (await client.get("/api/sessions", headers=bearer(token))).json())["sessions"]}
+    assert len(admin_ids) == 2 and all(i.startswith("project-x-c") for i in admin_ids), admin_ids
+    assert len((await session(bob))["messages"]) == 2

@@ -241,7 +241,7 @@ class Connection:
                                         {
                                             "type": "session.created",
                                             "requestId": request_id,
-                                            "sessionId": event.session_id,
+                                            "sessionId": self.service.visible(event.session_id),
                                             "model": event.model,
                                         }
                                     )
@@ -251,7 +251,7 @@ class Connection:
                                     {
                                         "type": "chat.stream.start",
                                         "requestId": request_id,
-                                        "sessionId": event.session_id,
+                                        "sessionId": self.service.visible(event.session_id),
                                         "model": event.model,
                                     }
                                 )
