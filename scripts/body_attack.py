@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import statistics
 import sys
 import tempfile
 import time
@@ -63,9 +64,13 @@ async def run(bodies: int, mib: int) -> dict[str, object]:
             assert gateway.process is not None
             pid = gateway.process.pid
             async with aiohttp.ClientSession() as http:
-                for _ in range(5):  # warm up
-                    await (await http.get(gateway.url + "/healthz")).read()
-                await asyncio.sleep(0.5)
+                idle: list[float] = []  # the machine's own noise: /healthz with no attack
+                for _ in range(50):
+                    started = time.perf_counter()
+                    async with http.get(gateway.url + "/healthz") as resp:
+                        await resp.read()
+                    idle.append((time.perf_counter() - started) * 1000)
+                    await asyncio.sleep(0.02)
                 before = rss_mb(pid)
                 peak = before
                 latencies: list[float] = []
@@ -108,6 +113,9 @@ async def run(bodies: int, mib: int) -> dict[str, object]:
         "mib": mib,
         "statuses": sorted(statuses),
         "healthz_max_ms": round(max(latencies), 1),
+        "healthz_p50_ms": round(statistics.median(latencies), 1),
+        "healthz_p95_ms": round(statistics.quantiles(latencies, n=20)[-1], 1),
+        "healthz_idle_max_ms": round(max(idle[5:]), 1),
         "healthz_samples": len(latencies),
         "rss_before_mb": round(before, 1),
         "rss_growth_mb": round(peak - before, 1),
