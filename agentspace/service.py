@@ -370,7 +370,13 @@ class Service:
             current = await self.gw.clients.get(client)
             if current is not None and current.since is not None:
                 when = current.since if when is None else max(when, current.since)
-        return await self.gw.usage.areport(by=by, since=when, session_id=session_id, client=client)
+        report = await self.gw.usage.areport(by=by, since=when, session_id=session_id, client=client)
+        if self.caller != ADMIN and "perSession" in report:  # the ids the client knows its sessions by
+            per_session: dict[str, Any] = {}
+            for sid, totals in report["perSession"].items():
+                per_session.setdefault(self.visible(sid), totals)  # no clash: an owned id is never scoped again
+            report = {**report, "perSession": per_session}
+        return report
 
     async def _session_owner(self, session_id: str) -> str | None:
         """Whose session ``session_id`` is (None when no session has that id). Session ids name a session in
