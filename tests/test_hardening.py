@@ -590,3 +590,18 @@ async def test_another_clients_session_id_is_a_free_one_and_cannot_be_taken(
     admin_ids = {s["id"] for s in (await (await client.get("/api/sessions", headers=bearer(token))).json())["sessions"]}
     assert len(admin_ids) == 2 and all(i.startswith("project-x-c") for i in admin_ids), admin_ids
     assert len((await session(bob))["messages"]) == 2
+
+
+async def test_a_rotation_on_one_replica_closes_the_keys_sockets_on_the_other(replicas: list[GatewayProcess]) -> None:
+    a, b = replicas
+    admin = {"Authorization": f"Bearer {REPLICA_TOKEN}"}
+    async with aiohttp.ClientSession() as http:
+        async with http.post(a.url + "/api/clients", json={"name": "alice"}, headers=admin) as resp:
+            key = (await resp.json())["key"]
+        async with http.ws_connect(b.ws_url, headers=bearer(key)) as ws:
+            await ws.send_json({"type": "session.list", "id": "l"})
+            assert json.loads((await ws.receive(timeout=10)).data)["type"] == "session.list.result"
+            async with http.post(a.url + "/api/clients/alice/rotate", headers=admin) as resp:
+                assert resp.status == 200
+            code, _ = await closed_with(ws, timeout=10)
+            assert code == REVOKED_CLOSE_CODE
