@@ -196,9 +196,9 @@ class Service:
     """What a client may ask of the gateway, whichever transport it speaks.
 
     Session ids are scoped to their caller: an id a client names (``/api/chat``'s ``id``, ``sessionId``)
-    names a session in its own namespace (``resolve``), stored as ``<id>-c<hash of the client>`` when it is
-    new; ids the gateway made (``s_...``), the admin's, and the client's sessions from before keep their ids.
-    Another client's id is then indistinguishable from a free one: it starts a new session of the caller's.
+    names a session in its own namespace (``resolve``): stored as named while no one else has that id, else
+    as ``<id>-c<hash of the client>``, and shown to the client as ``<id>`` either way. Another client's id is
+    then indistinguishable from a free one: it starts (or continues) a session of the caller's own.
 
     ``shutting_down`` is set when shutdown begins: no new turn starts after it, on any transport.
     ``caller`` is who asks: "admin" (the gateway token) sees everything, a client (SPEC 11) its own sessions,
@@ -211,20 +211,33 @@ class Service:
         self.caller = caller
 
     async def resolve(self, session_id: str) -> str:
-        """The stored id of the session the caller names: the id itself for the admin, and for a client when
-        it names a session of its own (running or stored); else the client's scoped id."""
+        """The stored id of the session a caller names. The admin's ids are stored as they are. A client's
+        id names, in order: its own session of that id; its scoped session (``<id>-c<hash>``); the id itself
+        when no one has it (a new session, stored as named); else (another's) a new scoped session of its
+        own. The same id of two clients is thus never one session, and neither can tell the other's exists."""
         if self.caller == ADMIN:
             return session_id
-        turn = self.gw.active.get(session_id)
-        if turn is not None and turn.client == self.caller:
-            return session_id
-        session = await self.gw.sessions.get(session_id)
-        if session is not None and await owns_now(self.gw, self.caller, session):
-            return session_id
         suffix = scope_suffix(self.caller)
-        if len(session_id) + len(suffix) > MAX_SESSION_ID:
+        scoped = session_id + suffix
+        if await self._session_of_caller(session_id):
+            return session_id
+        if await self._session_of_caller(scoped):
+            return scoped
+        if session_id not in self.gw.active and not await self.gw.sessions.exists(session_id):
+            return session_id  # free: stored as named
+        if len(scoped) > MAX_SESSION_ID:
             raise invalid({"id": f"a client's session ids are at most {MAX_SESSION_ID - len(suffix)} characters"})
-        return session_id + suffix
+        return scoped
+
+    async def _session_of_caller(self, session_id: str) -> bool:
+        """Whether ``session_id`` is the caller's (running or stored)."""
+        if len(session_id) > MAX_SESSION_ID:
+            return False
+        turn = self.gw.active.get(session_id)
+        if turn is not None:
+            return turn.client == self.caller
+        session = await self.gw.sessions.get(session_id)
+        return session is not None and await owns_now(self.gw, self.caller, session)
 
     def visible(self, stored_id: str) -> str:
         """The id the caller knows a stored session by (``resolve`` undone)."""
