@@ -10,6 +10,7 @@ from __future__ import annotations
 import fnmatch
 import hashlib
 import hmac
+import math
 import re
 import secrets
 from collections.abc import Callable
@@ -21,6 +22,10 @@ KEY_PREFIX = "as-"
 PERIODS = ("day", "week", "month", "total")
 ADMIN = "admin"  # the gateway token's caller name; no client may take it
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+# Limits are finite and in range: a budget or rate past these is a typo, and must still be stored, compared
+# and sent as JSON (which has no NaN or infinity).
+MAX_BUDGET_USD = 1e9
+MAX_RATE = 10**12
 
 Clock = Callable[[], datetime]
 
@@ -84,6 +89,20 @@ class Client:
     tpm: int | None = None
     models: list[str] = field(default_factory=list)  # fnmatch patterns; empty: every model
 
+    @property
+    def since(self) -> datetime | None:
+        """When this client was made: its identity with its name. A client removed and added again under the
+        same name is a new client, and owns nothing from before it (sessions, usage, spend)."""
+        try:
+            return datetime.fromisoformat(self.created_at) if self.created_at else None
+        except ValueError:
+            return None
+
+    def owns_since(self, created_at: Any) -> bool:
+        """Whether something stamped ``created_at`` (an ISO time) is this client's rather than an earlier
+        client's of the same name."""
+        return not self.created_at or not isinstance(created_at, str) or created_at >= self.created_at
+
     def key_matches(self, key: str) -> bool:
         return self.key_matches_hash(hash_key(key))
 
@@ -143,14 +162,19 @@ def settings_problems(settings: dict[str, Any]) -> dict[str, str]:
     """What is wrong with the limit settings of a client (``budgetUsd``, ``period``, ``rpm``, ``tpm``, ``models``)."""
     problems: dict[str, str] = {}
     budget = settings.get("budgetUsd")
-    if budget is not None and (isinstance(budget, bool) or not isinstance(budget, int | float) or budget < 0):
-        problems["budgetUsd"] = "must be a number of US dollars, 0 or more, or null"
+    if budget is not None and (
+        isinstance(budget, bool)
+        or not isinstance(budget, int | float)
+        or not math.isfinite(budget)  # NaN compares false with everything: no limit at all
+        or not 0 <= budget <= MAX_BUDGET_USD
+    ):
+        problems["budgetUsd"] = f"must be a number of US dollars from 0 to {MAX_BUDGET_USD:.0e}, or null"
     if "period" in settings and settings["period"] not in PERIODS:
         problems["period"] = "must be one of " + ", ".join(PERIODS)
     for name in ("rpm", "tpm"):
         value = settings.get(name)
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-            problems[name] = "must be a whole number, 1 or more, or null"
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_RATE):
+            problems[name] = f"must be a whole number from 1 to {MAX_RATE:.0e}, or null"
     models = settings.get("models")
     if models is not None and (
         not isinstance(models, list) or not all(isinstance(m, str) and m.strip() and len(m) <= 200 for m in models)

@@ -10,6 +10,9 @@ otherwise.
   so a resume on any replica replays it from the start and follows it live.
 - Aborts: ``request_abort`` publishes the session id on ``agentspace:abort``; every replica listens, and
   the one running that session's turn aborts it.
+- Credentials: a key rotated or removed through ``/api/clients`` is announced on
+  ``agentspace:credentials``; every replica then checks its open WebSockets at once (and closes those
+  whose credential is gone) instead of at its next periodic check.
 """
 
 from __future__ import annotations
@@ -19,9 +22,10 @@ import contextlib
 import logging
 import os
 import socket
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING, Any
 
+from .logs import warn_limited
 from .types import new_id
 
 if TYPE_CHECKING:
@@ -32,20 +36,39 @@ log = logging.getLogger(__name__)
 
 PREFIX = "agentspace"
 ABORT_CHANNEL = f"{PREFIX}:abort"
+CREDENTIALS_CHANNEL = f"{PREFIX}:credentials"
 LOCK_TTL_MS = 10_000  # how long a dead replica keeps its sessions busy at most
 RENEW_SECONDS = LOCK_TTL_MS / 1000 / 3
 STREAM_CAP = 100_000  # entries kept per running stream (a burst of deltas is one entry)
 STREAM_TTL_SECONDS = 3600  # a finished (or orphaned) stream stays resumable this long
 REDIS_CONNECTIONS = 32  # per replica; the abort listener holds one
 _END = b"end"
+# How long one read of a followed stream may take (it blocks 1 s in Redis) before Redis counts as gone.
+FOLLOW_READ_SECONDS = 5.0
+
+
+def _error_chunk(message: str) -> bytes:
+    """The UI message stream's error part and its end, as a turn that failed sends them."""
+    from .events import StreamError
+    from .transports.ui_stream import UIMessageStreamEncoder
+
+    return UIMessageStreamEncoder().encode(StreamError("SERVICE_UNAVAILABLE", message))
+
 
 # Deletes the lock only when it is still ours (a lock that expired and was taken since is another's).
 _RELEASE = """
 if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end
 return 0
 """
+# Renews the lock while it is ours; takes it again when it is gone (Redis restarted, or lost it); 0 when
+# another turn holds it now.
 _RENEW = """
-if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('pexpire', KEYS[1], ARGV[2]) end
+local v = redis.call('get', KEYS[1])
+if v == ARGV[1] then return redis.call('pexpire', KEYS[1], ARGV[2]) end
+if not v then
+  redis.call('set', KEYS[1], ARGV[1], 'PX', ARGV[2])
+  return 2
+end
 return 0
 """
 
@@ -80,6 +103,8 @@ class Cluster:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._listener: asyncio.Task[None] | None = None
         self._gw: Registry | None = None
+        # Called when another replica (or this one) announces a rotated or removed credential.
+        self.on_credentials_changed: Callable[[], None] | None = None
 
     async def start(self, gw: Registry) -> None:
         """Check Redis answers and listen for aborts meant for this replica's turns."""
@@ -91,7 +116,7 @@ class Cluster:
             raise StorageError(f"The gateway could not reach Redis at [storage] redis_url: {e}.") from e
         self._gw = gw
         pubsub = self.redis.pubsub()
-        await pubsub.subscribe(ABORT_CHANNEL)
+        await pubsub.subscribe(ABORT_CHANNEL, CREDENTIALS_CHANNEL)
         self._listener = asyncio.create_task(self._listen(pubsub), name="agentspace-abort-listener")
 
     async def _listen(self, pubsub: Any) -> None:
@@ -101,17 +126,32 @@ class Cluster:
             except asyncio.CancelledError:
                 await pubsub.aclose()
                 raise
-            except Exception:  # noqa: BLE001 - Redis gone for a moment: keep listening
-                log.warning("lost the Redis abort channel; reconnecting", exc_info=True)
+            except Exception as e:  # noqa: BLE001 - Redis gone for a moment: keep listening
+                warn_limited(log, "redis-abort-channel", "lost the Redis abort channel; reconnecting: %r", e)
                 await asyncio.sleep(1)
                 continue
             if message is None or self._gw is None:
+                continue
+            if message["channel"] in (CREDENTIALS_CHANNEL, CREDENTIALS_CHANNEL.encode()):
+                if self.on_credentials_changed is not None:
+                    self.on_credentials_changed()
                 continue
             session_id = message["data"].decode() if isinstance(message["data"], bytes) else str(message["data"])
             turn = self._gw.active.get(session_id)
             if turn is not None:
                 log.info("abort of session %s from another replica", session_id)
                 turn.abort()
+
+    async def health(self, timeout: float) -> str | None:
+        """None when Redis answers a PING within ``timeout``, else why not."""
+        try:
+            async with asyncio.timeout(timeout):
+                await self.redis.ping()
+        except TimeoutError:
+            return f"Redis did not answer within {timeout:g} s"
+        except Exception as e:  # noqa: BLE001 - redis-py's ConnectionError, OSError
+            return f"The gateway could not reach Redis at [storage] redis_url: {e}"
+        return None
 
     # --- the stream lock --------------------------------------------------------------------------
 
@@ -137,6 +177,19 @@ class Cluster:
             return False
         await self.redis.publish(ABORT_CHANNEL, session_id)
         return True
+
+    def announce_credentials_changed(self) -> None:
+        """Tell every replica to check its sockets' credentials now (fire and forget: each replica also
+        checks on its own every few seconds)."""
+        task = asyncio.create_task(self._announce(), name="announce-credentials")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _announce(self) -> None:
+        try:
+            await self.redis.publish(CREDENTIALS_CHANNEL, b"changed")
+        except Exception:  # noqa: BLE001 - the replicas' periodic checks still close the sockets
+            log.warning("could not announce a credential change through Redis", exc_info=True)
 
     # --- publishing a running turn --------------------------------------------------------------
 
@@ -172,26 +225,44 @@ class Cluster:
             await self.release(turn)
 
     async def _keep_lock(self, turn: Turn) -> None:
+        """Renew the lock while the turn runs. A lock Redis lost (a restart) is taken again; a lock another
+        turn took meanwhile ends this turn (two answers must not write one session at once)."""
         value = f"{self.replica_id}:{turn.message_id}"
         while True:
             await asyncio.sleep(RENEW_SECONDS)
             try:
-                await self._renew(keys=[lock_key(turn.session_id)], args=[value, LOCK_TTL_MS])
-            except Exception:  # noqa: BLE001 - retried at the next renewal
-                log.warning("could not renew the stream lock of session %s", turn.session_id, exc_info=True)
+                renewed = await self._renew(keys=[lock_key(turn.session_id)], args=[value, LOCK_TTL_MS])
+            except Exception as e:  # noqa: BLE001 - retried at the next renewal
+                warn_limited(log, "renew-lock", "could not renew the stream lock of session %s: %r", turn.session_id, e)
+                continue
+            if renewed == 2:
+                log.warning("the stream lock of session %s was gone from Redis; taken again", turn.session_id)
+            elif not renewed:
+                log.warning("the stream lock of session %s is held by another turn; ending this one", turn.session_id)
+                turn.abort("lock lost")
+                return
 
     async def follow(self, key: str, session_id: str) -> AsyncIterator[bytes]:
-        """The stream's chunks from its start, then live until its end; ends early when the lock of the
-        turn is gone without an end (its replica died)."""
+        """The stream's chunks from its start, then live until its end. Ends with an error chunk when the
+        lock of the turn is gone without an end (its replica died) or Redis cannot be read."""
         last = "0-0"
         quiet = 0  # empty reads in a row while the lock is gone
         while True:
-            reply = await self.redis.xread({key: last}, count=100, block=1000)
+            try:
+                async with asyncio.timeout(FOLLOW_READ_SECONDS):
+                    reply = await self.redis.xread({key: last}, count=100, block=1000)
+                    if not reply:
+                        # The owner releases the lock just before it publishes the end: give the end a moment.
+                        quiet = quiet + 1 if await self.redis.get(lock_key(session_id)) is None else 0
+                        ended = quiet >= 3 and await self._ended(key)
+            except Exception as e:  # noqa: BLE001 - Redis gone: the resume says so and ends
+                warn_limited(log, "follow", "a resumed stream of session %s lost Redis: %r", session_id, e)
+                yield _error_chunk("The gateway lost the stream it was relaying (Redis); reload the session.")
+                return
             if not reply:
-                # The owner releases the lock just before it publishes the end: give the end a moment.
-                quiet = quiet + 1 if await self.redis.get(lock_key(session_id)) is None else 0
-                if quiet >= 3 and not await self._ended(key):
-                    return  # the owner died mid-stream: nothing more will come
+                if quiet >= 3 and not ended:
+                    yield _error_chunk("The replica streaming this answer stopped; reload the session.")
+                    return
                 continue
             for _, entries in reply:
                 for entry_id, fields in entries:

@@ -6,6 +6,7 @@ and a test keeps the two in step. Errors name the file, the key and what was exp
 
 from __future__ import annotations
 
+import math
 import os
 import tomllib
 from dataclasses import dataclass, field
@@ -192,6 +193,11 @@ def _check(source: str, key: str, value: Any, types: tuple[type, ...]) -> Any:
     ok = isinstance(value, types) and not (isinstance(value, bool) and bool not in types)
     if not ok:
         raise ConfigError(source, key, f"expected {_type_name(types)}, got {value!r}")
+    # TOML has nan and inf; no setting means them, and a NaN limit compares false with everything.
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(source, key, f"expected a finite number, got {value!r}")
+    if isinstance(value, int | float) and not isinstance(value, bool) and value < 0:
+        raise ConfigError(source, key, f"expected a number 0 or more, got {value!r}")
     return value
 
 

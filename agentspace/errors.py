@@ -85,3 +85,16 @@ class StorageError(ApiError):
         self, message: str = "The gateway could not store this; the answer is kept in memory and the write retried."
     ) -> None:
         super().__init__("STORAGE_ERROR", message)
+
+
+def outage_error(e: BaseException) -> ApiError | None:
+    """``SERVICE_UNAVAILABLE`` (503) for a dependency the gateway cannot reach now (the database, Redis, the
+    data directory), the same for every caller and every API; None for anything else (a defect of ours).
+    redis-py's errors are recognised by their module: redis is an optional dependency."""
+    if isinstance(e, StorageError):
+        return e  # STORAGE_ERROR, a 503 too, as the gateway token's requests get it
+    if type(e).__module__.startswith("redis."):
+        return ApiError("SERVICE_UNAVAILABLE", "The gateway could not reach Redis; try again in a moment.")
+    if isinstance(e, (OSError, TimeoutError)):
+        return ApiError("SERVICE_UNAVAILABLE", "The gateway could not reach its storage; try again in a moment.")
+    return None

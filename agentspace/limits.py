@@ -237,11 +237,14 @@ class Guard:
 
     def _period(self, client: Client) -> tuple[str, datetime | None, datetime | None]:
         start, end = period_bounds(client.period, self.clock())
-        return f"{client.period}:{iso(start)}", start, end
+        # The client's creation is part of the key: a client added again under a removed one's name has
+        # its own spend, in memory and in Redis.
+        return f"{client.period}:{iso(start)}:{client.created_at}", start, end
 
     def _loader(self, client: Client, start: datetime | None) -> Callable[[], Awaitable[float]]:
         async def load() -> float:
-            records = await self.usage.arecords(since=start, client=client.name)
+            since = client.since if start is None else max(start, client.since or start)
+            records = await self.usage.arecords(since=since, client=client.name)
             return sum(float(r.get("totalCost") or 0.0) for r in records)
 
         return load

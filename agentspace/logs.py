@@ -7,6 +7,9 @@ later writes it: ours, pytest's, or one a plugin adds.
 
 The server's handler writes one line per record: control characters in the message (a newline, a carriage
 return, a terminal escape) are escaped, so no value a client or an upstream sends can forge a log line.
+
+Warnings a client can cause over and over (a new unknown model id per request) go through ``warn_limited``:
+one line per kind of warning per interval, the next one saying how many were left out.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import logging
 import re
 import sys
 import threading
+import time
 from typing import Any
 
 from .config import Config
@@ -46,12 +50,50 @@ def register_secret(value: str | None) -> None:
             logging.setLogRecordFactory(_redacting_factory)
 
 
+WARN_INTERVAL_SECONDS = 60.0
+_warned: dict[str, tuple[float, int]] = {}  # key -> (when last logged, how many left out since)
+
+
+def warn_limited(
+    logger: logging.Logger, key: str, msg: str, *args: Any, interval: float = WARN_INTERVAL_SECONDS
+) -> bool:
+    """``logger.warning(msg, *args)`` at most once per ``interval`` for ``key`` (a kind of warning, not a
+    value a client chooses: the keys stay few). Returns whether it was logged."""
+    now = time.monotonic()
+    with _lock:
+        last, left_out = _warned.get(key, (None, 0))
+        if last is not None and now - last < interval:
+            _warned[key] = (last, left_out + 1)
+            return False
+        _warned[key] = (now, 0)
+    if left_out:
+        msg += " (%d more like it in the last %.0fs not logged)"
+        args = (*args, left_out, interval)
+    logger.warning(msg, *args)
+    return True
+
+
 def redact(text: str) -> str:
     """``text`` with every registered secret replaced."""
     for secret in _secrets:
         if secret in text:
             text = text.replace(secret, REDACTED)
     return text
+
+
+def redact_bytes(data: bytes) -> bytes:
+    """``data`` (an upstream's answer relayed to a client) with every registered secret replaced: an
+    upstream that echoes the key it was sent must not hand the gateway's key to the caller."""
+    for secret in _secrets:
+        encoded = secret.encode("utf-8", "surrogatepass")
+        if encoded in data:
+            data = data.replace(encoded, REDACTED.encode())
+    return data
+
+
+def redact_headers(headers: dict[str, str]) -> dict[str, str]:
+    """Relayed headers with every registered secret replaced in their values."""
+    return {k: redact(v) for k, v in headers.items()}
 
 
 def _has_secret(text: str) -> bool:

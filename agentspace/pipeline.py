@@ -109,12 +109,17 @@ async def start_turn(gw: Registry, request: ChatRequest) -> Turn:
     """Validate, create the session if needed, store the user message, and start streaming."""
     session = None
     if request.session_id is not None:
-        if request.session_id in gw.active:
+        running = gw.active.get(request.session_id)
+        if running is not None:
+            if request.client != "admin" and running.client != request.client:
+                # Another client's session, streaming or not, is the same SESSION_NOT_FOUND: no probe tells
+                # whether it is live.
+                raise ApiError("SESSION_NOT_FOUND", f"No session {request.session_id!r}.")
             raise ApiError(
                 "STREAM_IN_PROGRESS", "This session is already streaming an answer; wait for it or abort it."
             )
         session = await gw.sessions.get(request.session_id)
-        if session is not None and not owns(request.client, session):
+        if session is not None and not await owns_now(gw, request.client, session):
             # Another client's session is not there for this one; a named new one cannot take its id.
             raise ApiError("SESSION_NOT_FOUND", f"No session {request.session_id!r}.")
         if session is None and not request.create_if_missing:
@@ -188,9 +193,9 @@ async def _claim_across_replicas(gw: Registry, turn: Turn) -> None:
     assert gw.cluster is not None
     try:
         claimed = await gw.cluster.claim(turn)
-    except Exception:
+    except Exception as e:  # noqa: BLE001 - Redis down: a 503 that says so, no traceback (not our defect)
         gw.active.pop(turn.session_id, None)
-        log.exception("the stream lock of session %s could not be taken (Redis)", turn.session_id)
+        log.warning("the stream lock of session %s could not be taken (Redis): %r", turn.session_id, e)
         raise ApiError("SERVICE_UNAVAILABLE", "The gateway could not reach Redis; nothing was sent.") from None
     if not claimed:
         gw.active.pop(turn.session_id, None)
@@ -755,3 +760,13 @@ class Turn:
 def owns(caller: str, session: dict[str, Any]) -> bool:
     """Whether ``caller`` may see ``session``: the admin sees every session, a client its own (SPEC 11)."""
     return caller == "admin" or session.get("client") == caller
+
+
+async def owns_now(gw: Registry, caller: str, session: dict[str, Any]) -> bool:
+    """``owns``, and for a client: made since the client was (not an earlier, removed client's of that name)."""
+    if not owns(caller, session):
+        return False
+    if caller == "admin":
+        return True
+    client = await gw.clients.get(caller)
+    return client is None or client.owns_since(session.get("createdAt"))

@@ -19,6 +19,7 @@ from . import pricing
 from .catalog import deprecation_message, plugin_models, suggestion, unknown_model
 from .config import Config, ConfigError
 from .errors import StorageError
+from .logs import warn_limited
 from .lru import LRU
 from .observe import notify
 from .pending import PendingWrites
@@ -134,7 +135,13 @@ class Registry:
                 provided = {}
             info = self._model_info[model] = pricing.model_info(self.config, model, provided)
             if not info.price_known:
-                log.warning('no price known for %s; using the fallback price (set [pricing."%s"])', model, model)
+                warn_limited(
+                    log,
+                    "no-price",
+                    'no price known for %s; using the fallback price (set [pricing."%s"])',
+                    model,
+                    model,
+                )
             note = deprecation_message(model, info.deprecation_date)
             if note:
                 log.warning("%s", note)

@@ -27,8 +27,9 @@ from aiohttp.typedefs import Middleware
 
 from .clients import ADMIN, looks_like_key
 from .config import Config
+from .errors import outage_error
 from .gateway_token import TokenFile, token_matches
-from .transports import state, v1_errors
+from .transports import bodies, state, v1_errors
 
 log = logging.getLogger(__name__)
 
@@ -111,24 +112,31 @@ ADMIN_PATHS = ("/api/clients",)
 _touches: set[asyncio.Task[None]] = set()
 
 
-async def token_caller(request: web.Request, token: str) -> str | None:
-    """Who ``token`` belongs to: "admin" for the gateway token, a client's name for its key, else None.
+async def credential_caller(app: web.Application, token: str) -> str | None:
+    """Who ``token`` belongs to now: "admin" for the gateway token, a client's name for its key, else None.
     The client store is read afresh when its file changed, so a rotated or removed key is refused at once."""
-    if token_ok(request, token):
+    if token_matches(app[TOKEN_FILE].current(), token):
         return ADMIN
     if not looks_like_key(token):
         return None
-    gw = request.app.get(state.REGISTRY)
+    gw = app.get(state.REGISTRY)
     if gw is None:
         return None
     client = await gw.clients.get_by_key(token)
-    if client is None:
-        return None
-    if gw.clients.should_touch(client.name, time.monotonic()):  # last use, written at most once a minute
-        task = asyncio.get_running_loop().create_task(_touch(gw.clients, client.name))
+    return None if client is None else client.name
+
+
+async def token_caller(request: web.Request, token: str) -> str | None:
+    """``credential_caller``, noting the client's last use."""
+    name = await credential_caller(request.app, token)
+    if name is None or name == ADMIN:
+        return name
+    gw = request.app[state.REGISTRY]
+    if gw.clients.should_touch(name, time.monotonic()):  # last use, written at most once a minute
+        task = asyncio.get_running_loop().create_task(_touch(gw.clients, name))
         _touches.add(task)
         task.add_done_callback(_touches.discard)
-    return client.name
+    return name
 
 
 async def _touch(clients: object, name: str) -> None:
@@ -251,12 +259,24 @@ def security_middleware(config: Config) -> Middleware:
             return await handler(request)  # scrapers without the token, when the operator opened it
         v1 = request.path.startswith("/v1/")  # the drop-in APIs answer in their own error shape
         token = api_token(request)
-        who = await token_caller(request, token) if token is not None else None
+        try:
+            who = await token_caller(request, token) if token is not None else None
+        except Exception as e:
+            # A client key is looked up in the store: a database down is a 503 in the API's own shape, as
+            # for the gateway token's requests, not a traceback and aiohttp's text/plain 500.
+            if (outage := outage_error(e)) is None:
+                raise
+            log.warning("%s %s: the caller could not be looked up: %s", request.method, request.path, outage.message)
+            if v1:
+                return v1_errors.error_response(request, 503, outage.message, headers={"Retry-After": "1"})
+            return error_response(503, outage.code, outage.message)
         if who is not None:
             if who != ADMIN and request.path.startswith(ADMIN_PATHS):
                 return error_response(403, "FORBIDDEN", "Only the gateway token may manage clients.")
+            if who != ADMIN and request.path == "/metrics":  # every client's names, tokens and cost
+                return error_response(403, "FORBIDDEN", "Only the gateway token may read /metrics.")
             request[CALLER_KEY] = who
-            return await handler(request)
+            return await bodies.close_after(request, await handler(request))
         blocked = auth_blocked(request)
         if token is not None:
             auth_failed(request)

@@ -39,12 +39,27 @@ from .vault import register_configured_keys
 log = logging.getLogger(__name__)
 
 
+# How long /healthz waits for Redis to answer a PING.
+HEALTH_REDIS_SECONDS = 2.0
+
+
 async def healthz(request: web.Request) -> web.Response:
+    """``{"status": "ok" | "unavailable"}``, with ``database`` and ``redis`` ("ok" or the reason) where the
+    gateway uses them; 503 when one cannot be reached (not ready to serve, SPEC 13)."""
     gw = request.app.get(state.REGISTRY)
-    problem = await gw.storage.health() if gw is not None and gw.storage is not None else None
-    if problem is not None:  # a database the gateway cannot reach: not ready to serve (SPEC 13)
-        return web.json_response({"status": "unavailable", "storage": problem}, status=503)
-    return web.json_response({"status": "ok"})
+    body: dict[str, str] = {"status": "ok"}
+    if gw is not None and gw.storage is not None:
+        problem = await gw.storage.health()
+        if problem is not None:
+            body.update(status="unavailable", storage=problem)
+        if gw.storage.shared:
+            body["database"] = problem or "ok"
+    if gw is not None and gw.cluster is not None:
+        problem = await gw.cluster.health(HEALTH_REDIS_SECONDS)
+        body["redis"] = problem or "ok"
+        if problem is not None:
+            body["status"] = "unavailable"
+    return web.json_response(body, status=200 if body["status"] == "ok" else 503)
 
 
 def create_app(config: Config, pm: pluggy.PluginManager | None = None) -> web.Application:
@@ -60,6 +75,7 @@ def create_app(config: Config, pm: pluggy.PluginManager | None = None) -> web.Ap
     app[security.AUTH_FAILURES] = AuthFailures()
     app[state.WEBSOCKETS] = weakref.WeakSet()
     app[state.SHUTTING_DOWN] = asyncio.Event()
+    app[state.CREDENTIALS_CHANGED] = asyncio.Event()
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/gateway", ws.gateway_handler)
     ui_stream.setup_routes(app)
@@ -92,12 +108,16 @@ def _gateway_context(config: Config, pm: pluggy.PluginManager) -> Callable[[web.
             alerts.install(gw)  # after the storage's sink: it reads the spend the record just added to
             check_default_model(gw)  # before anything binds: runs in runner.setup(), the site starts after
             app[state.REGISTRY] = gw
+            if gw.cluster is not None:  # another replica's rotation or removal closes sockets here too
+                gw.cluster.on_credentials_changed = app[state.CREDENTIALS_CHANGED].set
+            watcher = asyncio.create_task(ws.watch_credentials(app), name="agentspace-credentials")
             for result in pm.hook.server_startup(app=app, config=config):
                 await _maybe_await(result)
             # What start-up loaded lives as long as the server: out of the collector's sight, so that full
             # collections, which walk every tracked object, stay short (about 60 ms each before) while chats run.
             gc.freeze()
             yield
+            watcher.cancel()
             for result in pm.hook.server_shutdown(app=app, config=config):
                 await _maybe_await(result)
             await gw.aclose()

@@ -12,6 +12,8 @@ here imports aiohttp: the ``/v1`` endpoints plug into the same functions.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import hashlib
 import json
 import re
 from collections.abc import Callable
@@ -23,7 +25,7 @@ from .clients import ADMIN
 from .context import inspect_session
 from .errors import ApiError
 from .periods import parse_since
-from .pipeline import ChatRequest, Turn, owns, start_turn
+from .pipeline import ChatRequest, Turn, owns_now, start_turn
 from .registry import ModelNotFound, Registry
 from .stores.sessions import SESSION_ID, TITLE_LENGTH, Listing, SessionNotFound
 from .stores.usage import REPORTS
@@ -43,6 +45,11 @@ MAX_REQUEST_ID = 256
 _SURROGATE = re.compile("[\ud800-\udfff]")
 
 
+def session_owner(session: dict[str, Any]) -> str:
+    """The caller a stored session belongs to (sessions from before clients existed are the admin's)."""
+    return str(session.get("client") or ADMIN)
+
+
 def invalid(fields: dict[str, str]) -> ApiError:
     """An ``INVALID_MESSAGE`` naming each field that is wrong (``fields``: path -> what is wrong)."""
     return ApiError(
@@ -59,9 +66,14 @@ def parse_json(text: str | bytes, what: str = "the body") -> Any:
     """Decode JSON; ``INVALID_MESSAGE`` when it is not JSON, not UTF-8, or nested too deep to decode
     (``[`` x 3000 exhausts the decoder's recursion: a refusal, not a traceback)."""
     try:
-        return json.loads(text)
+        return json.loads(text, parse_constant=_no_constant)
     except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError
         raise invalid({"": f"{what} must be JSON (UTF-8, nested at most a few hundred levels)"}) from None
+
+
+def _no_constant(name: str) -> Any:
+    """``NaN``, ``Infinity`` and ``-Infinity``: Python's decoder takes them, JSON has no such numbers."""
+    raise ValueError(f"{name} is not JSON")
 
 
 def clean_text(text: str) -> str:
@@ -171,8 +183,22 @@ def chat_request(
 MAX_TITLE_LENGTH = 4 * TITLE_LENGTH
 
 
+# Stored session ids are at most this long (stores.sessions.SESSION_ID).
+MAX_SESSION_ID = 128
+
+
+def scope_suffix(client: str) -> str:
+    """What a client's own session ids end with when stored (see ``Service.resolve``)."""
+    return "-c" + hashlib.sha256(client.encode()).hexdigest()[:10]
+
+
 class Service:
     """What a client may ask of the gateway, whichever transport it speaks.
+
+    Session ids are scoped to their caller: an id a client names (``/api/chat``'s ``id``, ``sessionId``)
+    names a session in its own namespace (``resolve``): stored as named while no one else has that id, else
+    as ``<id>-c<hash of the client>``, and shown to the client as ``<id>`` either way. Another client's id is
+    then indistinguishable from a free one: it starts (or continues) a session of the caller's own.
 
     ``shutting_down`` is set when shutdown begins: no new turn starts after it, on any transport.
     ``caller`` is who asks: "admin" (the gateway token) sees everything, a client (SPEC 11) its own sessions,
@@ -184,11 +210,52 @@ class Service:
         self.shutting_down = shutting_down
         self.caller = caller
 
+    async def resolve(self, session_id: str) -> str:
+        """The stored id of the session a caller names. The admin's ids are stored as they are. A client's
+        id names, in order: its own session of that id; its scoped session (``<id>-c<hash>``); the id itself
+        when no one has it (a new session, stored as named); else (another's) a new scoped session of its
+        own. The same id of two clients is thus never one session, and neither can tell the other's exists."""
+        if self.caller == ADMIN:
+            return session_id
+        suffix = scope_suffix(self.caller)
+        scoped = session_id + suffix
+        if await self._session_of_caller(session_id):
+            return session_id
+        if await self._session_of_caller(scoped):
+            return scoped
+        if session_id not in self.gw.active and not await self.gw.sessions.exists(session_id):
+            return session_id  # free: stored as named
+        if len(scoped) > MAX_SESSION_ID:
+            raise invalid({"id": f"a client's session ids are at most {MAX_SESSION_ID - len(suffix)} characters"})
+        return scoped
+
+    async def _session_of_caller(self, session_id: str) -> bool:
+        """Whether ``session_id`` is the caller's (running or stored)."""
+        if len(session_id) > MAX_SESSION_ID:
+            return False
+        turn = self.gw.active.get(session_id)
+        if turn is not None:
+            return turn.client == self.caller
+        session = await self.gw.sessions.get(session_id)
+        return session is not None and await owns_now(self.gw, self.caller, session)
+
+    def visible(self, stored_id: str) -> str:
+        """The id the caller knows a stored session by (``resolve`` undone)."""
+        suffix = scope_suffix(self.caller) if self.caller != ADMIN else None
+        if suffix is not None and stored_id.endswith(suffix) and len(stored_id) > len(suffix):
+            return stored_id[: -len(suffix)]
+        return stored_id
+
+    def _shown(self, session: dict[str, Any]) -> dict[str, Any]:
+        return session if self.caller == ADMIN else {**session, "id": self.visible(str(session.get("id")))}
+
     async def start_chat(self, request: ChatRequest) -> Turn:
         if self.shutting_down.is_set():
             raise ApiError("SERVICE_UNAVAILABLE", SHUTTING_DOWN_MESSAGE)
         if request.client != self.caller:
             raise ApiError("FORBIDDEN", "A chat request must be made as its caller.")
+        if request.session_id is not None:
+            request = dataclasses.replace(request, session_id=await self.resolve(request.session_id))
         return await start_turn(self.gw, request)
 
     def active_turn(self, session_id: str) -> Turn | None:
@@ -198,6 +265,7 @@ class Service:
     async def resumable_turn(self, session_id: str) -> Turn | None:
         """The caller's running answer in the session, None when nothing streams; SESSION_NOT_FOUND for a
         session of another client."""
+        session_id = await self.resolve(session_id)
         turn = self.gw.active.get(session_id)
         if self.caller == ADMIN:
             return turn
@@ -209,8 +277,8 @@ class Service:
         return None
 
     async def _owned(self, session_id: str) -> dict[str, Any]:
-        session = await self.gw.sessions.get(session_id)
-        if session is None or not owns(self.caller, session):
+        session = await self.gw.sessions.get(await self.resolve(session_id))
+        if session is None or not await owns_now(self.gw, self.caller, session):
             raise _not_found(session_id)
         return session
 
@@ -219,15 +287,23 @@ class Service:
         listing = await self.gw.sessions.listing()
         if self.caller == ADMIN:
             return listing
-        return Listing([s for s in listing.sessions if s.get("client") == self.caller], [])
+        client = await self.gw.clients.get(self.caller)
+        return Listing(
+            [
+                self._shown(s)
+                for s in listing.sessions
+                if s.get("client") == self.caller and (client is None or client.owns_since(s.get("createdAt")))
+            ],
+            [],
+        )
 
     async def get_session(self, session_id: str) -> dict[str, Any]:
-        return await self._owned(checked(session_id, "id", session_id_problem))
+        return self._shown(await self._owned(checked(session_id, "id", session_id_problem)))
 
     async def delete_session(self, session_id: str) -> None:
         checked(session_id, "id", session_id_problem)
         if self.caller != ADMIN:
-            await self._owned(session_id)
+            session_id = str((await self._owned(session_id))["id"])
         if session_id in self.gw.active:
             raise ApiError("STREAM_IN_PROGRESS", "This session is streaming an answer; wait for it to end.")
         if not await self.gw.sessions.delete(session_id):
@@ -238,13 +314,13 @@ class Service:
         turn = await self.resumable_turn(checked(session_id, "id", session_id_problem))
         if turn is not None and not turn.done:
             turn.abort()
-        elif self.gw.cluster is None or not await self.gw.cluster.request_abort(session_id):
+        elif self.gw.cluster is None or not await self.gw.cluster.request_abort(await self.resolve(session_id)):
             # Nothing streams here, nor (with Redis) on another replica.
             raise ApiError("NOT_FOUND", f"No answer is streaming in session {session_id!r}.")
 
     async def rename_session(self, session_id: str, title: object) -> dict[str, Any]:
         """Give the caller's session a title; returns its summary."""
-        await self._owned(checked(session_id, "id", session_id_problem))
+        session_id = str((await self._owned(checked(session_id, "id", session_id_problem)))["id"])
         if not isinstance(title, str) or not title.strip():
             raise invalid({"title": "required: a non-empty string"})
         title = " ".join(clean_text(title).split())
@@ -254,7 +330,7 @@ class Service:
             await self.gw.sessions.set_title(session_id, title)
         except SessionNotFound:
             raise _not_found(session_id) from None
-        session = await self._owned(session_id)
+        session = self._shown(await self._owned(session_id))
         return {k: v for k, v in session.items() if k != "messages"}
 
     async def inspect_context(
@@ -263,13 +339,13 @@ class Service:
         """What the next call in the session would send; ``model`` (if given) must be served by a provider."""
         session_id = checked(session_id, paths[0], session_id_problem)
         if self.caller != ADMIN:
-            await self._owned(session_id)
+            session_id = str((await self._owned(session_id))["id"])
         if model is not None:
             self.check_model(checked(model, paths[1], model_id_problem))
         inspection = await inspect_session(self.gw, session_id, model)
         if inspection is None:
-            raise _not_found(session_id)
-        return inspection
+            raise _not_found(self.visible(session_id))
+        return {**inspection, "sessionId": self.visible(session_id)}
 
     def check_model(self, model: str) -> None:
         try:
@@ -290,6 +366,10 @@ class Service:
             raise invalid({paths[2]: f"must be one of {', '.join(REPORTS)}"})
         if session_id is not None:
             checked(session_id, paths[0], session_id_problem)
+            if self.caller != ADMIN:  # a session of its own by that id; else a /v1 header's label as named
+                stored = await self.resolve(session_id)
+                if stored != session_id and await self.gw.sessions.exists(stored):
+                    session_id = stored
         when = None
         if since:
             try:
@@ -297,7 +377,27 @@ class Service:
             except ValueError as e:
                 raise invalid({paths[1]: str(e)}) from None
         client = None if self.caller == ADMIN else self.caller
-        return await self.gw.usage.areport(by=by, since=when, session_id=session_id, client=client)
+        if client is None and session_id is not None:
+            client = await self._session_owner(session_id)
+        if client is not None and self.caller != ADMIN:  # not an earlier client's of the same name
+            current = await self.gw.clients.get(client)
+            if current is not None and current.since is not None:
+                when = current.since if when is None else max(when, current.since)
+        report = await self.gw.usage.areport(by=by, since=when, session_id=session_id, client=client)
+        if self.caller != ADMIN and "perSession" in report:  # the ids the client knows its sessions by
+            per_session: dict[str, Any] = {}
+            for sid, totals in report["perSession"].items():
+                per_session.setdefault(self.visible(sid), totals)  # no clash: an owned id is never scoped again
+            report = {**report, "perSession": per_session}
+        return report
+
+    async def _session_owner(self, session_id: str) -> str | None:
+        """Whose session ``session_id`` is (None when no session has that id). Session ids name a session in
+        their caller's own namespace: another client's ``X-Agentspace-Session: <that id>`` files its usage
+        under its own (client, id), never in the owner's report of the session."""
+        session = await self.gw.sessions.get(session_id)
+        owner = None if session is None else session_owner(session)
+        return None if owner == ADMIN else owner  # the admin's: every record (older ones name no client)
 
     async def models(self) -> list[dict[str, Any]]:
         # The same list as `agentspace models --json`; it reads the vault and the cost map, so off the loop.

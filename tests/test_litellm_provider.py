@@ -112,8 +112,12 @@ def test_registers_a_catch_all_provider() -> None:
     litellm_provider.register_providers(registered.append, parse_config({}))
     (provider,) = registered
     assert provider.name == "litellm"
-    assert provider.claims("openai/gpt-4o-mini") and provider.claims("ollama/llama3.2")
-    assert not provider.claims("gpt-4o-mini")
+    assert provider.claims("openai/gpt-4o-mini") and not provider.claims("gpt-4o-mini")
+    # a local server only with its [providers.X] table (a client's model id must not reach a local port)
+    assert not provider.claims("ollama/llama3.2")
+    registered.clear()
+    litellm_provider.register_providers(registered.append, parse_config({"providers": {"ollama": {}}}))
+    assert registered[0].claims("ollama/llama3.2")
 
 
 def test_importing_the_plugin_does_not_import_litellm() -> None:

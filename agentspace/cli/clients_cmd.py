@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
-from .common import CliState, config_options, money, pass_state, table
+from .common import CliState, config_options, money, pass_state, printable, table
 from .storage_access import on_storage
 
 if TYPE_CHECKING:
@@ -91,11 +91,24 @@ def _limit_options(f: Any) -> Any:
     return g
 
 
+def _had_usage(state: CliState, name: str) -> bool:
+    """Whether usage was recorded under ``name`` before (a removed client's)."""
+    from ..stores.usage import UsageStore
+
+    try:
+        if _on_backend(state):
+            return bool(on_storage(state, lambda storage: storage.usage.arecords(client=name)))
+        return any(True for _ in UsageStore(state.data_dir).records(client=name))
+    except Exception:  # noqa: BLE001 - only a note: an unreadable store must not fail the add
+        return False
+
+
 def _spend(state: CliState, client: Any, now: datetime) -> float:
     from ..clients import period_bounds
     from ..stores.usage import UsageStore
 
     start, _ = period_bounds(client.period, now)
+    start = client.since if start is None else max(start, client.since or start)  # not an earlier namesake's
     records: Iterable[dict[str, Any]]
     if _on_backend(state):
         records = on_storage(state, lambda storage: storage.usage.arecords(since=start, client=client.name))
@@ -225,6 +238,12 @@ def add(state: CliState, name: str, settings: dict[str, Any]) -> None:
         raise click.ClickException(f"A client {name!r} exists already; see: agentspace clients show {name}") from None
     click.echo(key)
     click.echo(f"Client {name!r} added. The key above is shown once: give it to the client now.", err=True)
+    if _had_usage(state, name):
+        click.echo(
+            f"A removed client was called {name!r} before: this is a new client. It starts with no sessions, "
+            "usage or spend; the earlier one's stay in the reports under the name.",
+            err=True,
+        )
 
 
 @clients.command("list")
@@ -267,7 +286,7 @@ def show(state: CliState, name: str, as_json: bool) -> None:
         ("models", ", ".join(c["models"]) or "every model"),
     ]
     for label, value in lines:
-        click.echo(f"{label + ':':<11}{value}")
+        click.echo(f"{label + ':':<11}{printable(value)}")
 
 
 @clients.command("set")

@@ -1,8 +1,10 @@
-"""Shared CLI plumbing: the lazily loaded config, the data directory, and plain-text tables."""
+"""Shared CLI plumbing: the lazily loaded config, the data directory, plain-text tables, and ``printable``,
+which every line printing stored data goes through."""
 
 from __future__ import annotations
 
 import os
+import re
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -83,9 +85,33 @@ def config_options(f: F) -> F:
     return f
 
 
+# What must not reach a terminal raw from stored data (model ids, titles, names, message text): C0 controls
+# (ESC starts colour codes and title-setting OSC sequences, a newline forges a table row), DEL, C1 controls
+# (0x9b is a one-byte CSI), and the Unicode line separators and bidirectional overrides that reorder text.
+_UNPRINTABLE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+_NAMED = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def _escape(match: re.Match[str]) -> str:
+    c = match.group()
+    return _NAMED.get(c) or (f"\\x{ord(c):02x}" if ord(c) < 0x100 else f"\\u{ord(c):04x}")
+
+
+def _escape_keeping_lines(match: re.Match[str]) -> str:
+    return match.group() if match.group() == "\n" else _escape(match)
+
+
+def printable(value: Any, *, lines: bool = False) -> str:
+    """``value`` as text safe to print: every control character shown as an escape (``\\x1b``, ``\\n``).
+    ``lines=True`` keeps line breaks (a message's text printed on lines of its own)."""
+    text = "" if value is None else str(value)
+    return _UNPRINTABLE.sub(_escape_keeping_lines if lines else _escape, text)
+
+
 def table(headers: Sequence[str], rows: Sequence[Sequence[Any]], right: Sequence[int] = ()) -> str:
-    """An aligned plain-text table; columns listed in ``right`` (numbers) are right-aligned."""
-    cells = [[str(h) for h in headers]] + [["" if c is None else str(c) for c in row] for row in rows]
+    """An aligned plain-text table; columns listed in ``right`` (numbers) are right-aligned. Every cell goes
+    through ``printable``: stored data cannot add rows or send escapes."""
+    cells = [[printable(h) for h in headers]] + [[printable(c) for c in row] for row in rows]
     widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
 
     def line(row: list[str]) -> str:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import click
 
-from .common import CliState, pass_state
+from .common import CliState, pass_state, printable
 
 
 def _private(path: Path) -> str | None:
@@ -98,6 +98,6 @@ def doctor(state: CliState) -> None:
     if problems:
         click.echo(f"\n{len(problems)} problem(s) in {data_dir}:")
         for problem in problems:
-            click.echo(f"  {problem}")
+            click.echo(f"  {printable(problem)}")
         raise SystemExit(1)
     click.echo(f"\nNo problems found in {data_dir}.")

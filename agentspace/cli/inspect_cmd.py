@@ -7,7 +7,7 @@ from typing import Any
 
 import click
 
-from .common import CliState, config_options, count, money, new_id, pass_state, table
+from .common import CliState, config_options, count, money, new_id, pass_state, printable, table
 
 
 def _format(result: dict[str, Any]) -> str:
@@ -29,7 +29,7 @@ def _format(result: dict[str, Any]) -> str:
             money(float(totals.get("costEstimate") or 0.0)),
         )
     )
-    head = f"Session {result.get('sessionId')} · {result.get('model')} · context of the next call\n\n"
+    head = f"Session {printable(result.get('sessionId'))} · {printable(result.get('model'))} · context of the next call\n\n"
     return head + table(("section", "bytes", "tokens", "input cost"), rows, right=(1, 2, 3))
 
 

@@ -7,7 +7,7 @@ from typing import Any
 
 import click
 
-from .common import CliState, config_options, count, money, pass_state, table
+from .common import CliState, config_options, count, money, pass_state, printable, table
 from .storage_access import on_storage
 
 
@@ -72,7 +72,7 @@ def list_sessions(state: CliState, as_json: bool) -> None:
     if listing.damaged_files:
         click.echo(
             f"warning: {len(listing.damaged_files)} damaged file(s) in the sessions folder skipped (kept for "
-            f"inspection; see: agentspace doctor): {', '.join(listing.damaged_files)}",
+            f"inspection; see: agentspace doctor): {printable(', '.join(listing.damaged_files))}",
             err=True,
         )
     if as_json:
@@ -129,15 +129,15 @@ def show(state: CliState, session_id: str, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(session, indent=2))
         return
-    click.echo(f"{session['id']}  {session.get('title') or '(untitled)'}")
+    click.echo(f"{printable(session['id'])}  {printable(session.get('title') or '(untitled)')}")
     click.echo(
-        f"model {session.get('model') or '-'} · {session.get('messageCount', 0)} messages · "
+        f"model {printable(session.get('model') or '-')} · {session.get('messageCount', 0)} messages · "
         f"created {_when(session.get('createdAt'))} · last activity {_when(session.get('lastActivityAt'))}"
     )
     for m in session.get("messages", []):
         click.echo()
-        click.secho(_message_header(m), bold=True)
-        click.echo(m.get("content") or "")
+        click.secho(printable(_message_header(m)), bold=True)
+        click.echo(printable(m.get("content") or "", lines=True))
 
 
 @sessions.command("delete")

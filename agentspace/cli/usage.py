@@ -15,7 +15,7 @@ from typing import Any
 import click
 
 from .. import periods
-from .common import CliState, config_options, count, money, pass_state, table
+from .common import CliState, config_options, count, money, pass_state, printable, table
 
 
 def _backend_reports(state: CliState, wanted: list[str], where: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -89,6 +89,8 @@ def usage(
 
     since_dt = parse_since(since) if since else None
     by_model = by_model or not (by_day or by_client)
+    if session_id is not None and client_name is None:
+        client_name = _session_owner(state, session_id)  # the owner's records of it, not others' of that id
     where: dict[str, Any] = {"since": since_dt, "session_id": session_id, "client": client_name}
     wanted = [by for by, asked in (("model", by_model), ("day", by_day), ("client", by_client)) if asked]
     if state.config()["storage"]["backend"] != "tinydb":  # another backend answers through the storage interface
@@ -146,10 +148,23 @@ def usage(
         )
 
 
+def _session_owner(state: CliState, session_id: str) -> str | None:
+    """Whose session ``session_id`` is, or None when there is none of that id (or it cannot be read)."""
+    from ..service import session_owner
+    from .sessions import _get
+
+    try:
+        session = _get(state, session_id)
+    except (click.ClickException, ValueError, OSError):
+        return None
+    owner = None if session is None else session_owner(session)
+    return None if owner == "admin" else owner  # the admin's: every record (older ones name no client)
+
+
 def _warn_damaged(damaged: list[str]) -> None:
     if damaged:
         click.echo(
             f"warning: {len(damaged)} damaged usage file(s) not counted (kept for inspection; "
-            f"see: agentspace doctor): {', '.join(damaged)}",
+            f"see: agentspace doctor): {printable(', '.join(damaged))}",
             err=True,
         )

@@ -417,6 +417,8 @@ def whole_message(model: str, finish: ProviderFinish, usage: TokenUsage) -> dict
 
 def client_status(status: int | None, code: str) -> int:
     """The status an Anthropic client expects for a provider failure (its upstream status where there was one)."""
+    if code == "NO_API_KEY":
+        return 424  # the gateway's provider key, missing or refused upstream: never the caller's 401
     if status is not None and 400 <= status < 600:
         return status
     return STATUS_OF_CODE.get(code, 502)

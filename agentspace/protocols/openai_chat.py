@@ -75,15 +75,17 @@ def error_body(
 
 def client_status(status: int | None, code: str) -> int:
     """The status an OpenAI client expects for a provider failure (its upstream status where there was one)."""
+    if code == "NO_API_KEY":
+        return 424  # the gateway's provider key, not the caller's: a 401 would blame the caller's key
     if status == 529:
         return 503  # Anthropic's "overloaded": OpenAI clients know 503
     if status is not None and 400 <= status < 600:
         return status
-    return {"NO_API_KEY": 401, "RATE_LIMITED": 429, "MODEL_NOT_FOUND": 404, "INVALID_MESSAGE": 400}.get(code, 502)
+    return {"RATE_LIMITED": 429, "MODEL_NOT_FOUND": 404, "INVALID_MESSAGE": 400}.get(code, 502)
 
 
 def error_code(status: int) -> str | None:
-    return {401: "invalid_api_key", 404: "model_not_found", 429: "rate_limit_exceeded"}.get(status)
+    return {401: "invalid_api_key", 404: "model_not_found", 424: "no_api_key", 429: "rate_limit_exceeded"}.get(status)
 
 
 # --- requests ------------------------------------------------------------------------------------

@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import re
+import sys
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
@@ -130,6 +131,43 @@ def register_providers(register: Callable[[Provider], None], config: Config) -> 
 EXTRA_PREFIXES = frozenset(
     {"openrouter", "hosted_vllm", "lm_studio", "ollama_chat", "litellm_proxy", "llamafile", "vllm"}
 )
+# Servers on the operator's own machines or network (litellm's defaults are localhost ports): reachable only
+# with their [providers.PREFIX] table, so that a client's model id cannot make the gateway call a local port.
+LOCAL_PREFIXES = frozenset(
+    {
+        "ollama",
+        "ollama_chat",
+        "llamafile",
+        "vllm",
+        "hosted_vllm",
+        "lm_studio",
+        "litellm_proxy",
+        "xinference",
+        "oobabooga",
+        "triton",
+        "openai_like",
+        "custom_openai",
+        "petals",
+        "text-completion-openai",
+    }
+)
+# The environment variable litellm reads for a provider's key, where it is the one the gateway reads too
+# (``{PREFIX}_API_KEY``): with neither a key in the vault nor that variable, the key is missing, known
+# without importing litellm (seconds, the first time) on the request path.
+KEY_VARIABLES = {
+    prefix: f"{prefix.upper()}_API_KEY"
+    for prefix in (
+        "openai",
+        "gemini",
+        "mistral",
+        "groq",
+        "deepseek",
+        "xai",
+        "cohere",
+        "openrouter",
+        "deepinfra",
+    )
+}
 
 
 class LiteLLMProvider:
@@ -150,7 +188,8 @@ class LiteLLMProvider:
             from ..pricing import cost_map
 
             known = {str(entry.get("litellm_provider", "")) for entry in cost_map().values()}
-            self._prefixes = frozenset(known | set(self._config.providers) | EXTRA_PREFIXES)
+            configured = set(self._config.providers)
+            self._prefixes = frozenset(((known | EXTRA_PREFIXES) - LOCAL_PREFIXES) | configured)
         return prefix in self._prefixes
 
     async def missing_key(self, model: str, api_key: str | None, base_url: str | None) -> bool:
@@ -158,6 +197,10 @@ class LiteLLMProvider:
         environment variable supplies (local servers such as Ollama or vLLM need none)."""
         if api_key:
             return False
+        prefix = model.partition("/")[0]
+        variable = KEY_VARIABLES.get(prefix)
+        if variable is not None and not base_url and "litellm" not in sys.modules:
+            return not os.environ.get(variable)  # no import on the request path for the common providers
         litellm = await _load_litellm()
         # litellm's own table of what each provider needs; of those, only *_API_KEY names are keys (other
         # credentials, such as AWS profiles or Vertex projects, have sources it cannot see).

@@ -90,6 +90,7 @@ async def delete_client(request: web.Request) -> web.Response:
         await gw.clients.remove(request.match_info["name"])
     except ClientNotFound:
         raise ApiError("NOT_FOUND", f"No client {request.match_info['name']!r}.") from None
+    state.credentials_changed(request.app)  # its open sockets close now
     return web.Response(status=204)
 
 
@@ -100,6 +101,7 @@ async def rotate_client(request: web.Request) -> web.Response:
         key = await gw.clients.rotate(name)
     except ClientNotFound:
         raise ApiError("NOT_FOUND", f"No client {name!r}.") from None
+    state.credentials_changed(request.app)  # sockets opened with the old key close now
     return web.json_response({"client": await _public(gw, await _client(gw, name)), "key": key})
 
 

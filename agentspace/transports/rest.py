@@ -19,10 +19,10 @@ from typing import Any
 from aiohttp import hdrs, web
 
 from .. import security
-from ..errors import ApiError
+from ..errors import ApiError, outage_error
 from ..security import error_response
 from ..service import Service
-from . import clients_api, state, web_api
+from . import clients_api, state, v1_errors, web_api
 
 log = logging.getLogger(__name__)
 
@@ -112,10 +112,26 @@ async def errors_and_preflight(request: web.Request, handler: Handler) -> web.St
         if hdrs.ALLOW in e.headers:
             response.headers[hdrs.ALLOW] = e.headers[hdrs.ALLOW]
         return response
-    except Exception:
+    except RecursionError:
+        # Input nested deeper than the code that walks it can follow (JSON decodes to a few hundred
+        # levels, later steps may follow fewer): the caller's input, not our defect, and no traceback.
+        log.info("%s %s: input nested too deep", request.method, request.path)
+        message = "The request is nested too deep (at most a few hundred levels)."
+        if request.path.startswith("/v1/"):
+            return v1_errors.error_response(request, 400, message, code="invalid_request_error")
+        return api_error_response(ApiError("INVALID_MESSAGE", message))
+    except Exception as e:
+        if (outage := outage_error(e)) is not None:  # the database or Redis is down: 503, no traceback
+            log.warning("%s %s: %s (%r)", request.method, request.path, outage.message, e)
+            if request.path.startswith("/v1/"):
+                return v1_errors.error_response(request, 503, outage.message, headers={"Retry-After": "1"})
+            return api_error_response(outage)
         # A defect of ours: logged with its traceback, answered as JSON without details.
         log.exception("%s %s failed", request.method, request.path)
-        return api_error_response(ApiError("INTERNAL_ERROR", "The gateway failed to handle this request; see its log."))
+        message = "The gateway failed to handle this request; see its log."
+        if request.path.startswith("/v1/"):  # the /v1 clients parse their own API's shape only
+            return v1_errors.error_response(request, 500, message)
+        return api_error_response(ApiError("INTERNAL_ERROR", message))
 
 
 def api_error_response(error: ApiError) -> web.Response:

@@ -15,6 +15,16 @@ from ..service import Service
 REGISTRY = web.AppKey("registry", Registry)
 WEBSOCKETS = web.AppKey[weakref.WeakSet[Any]]("websockets")  # the open ws.Connection objects
 SHUTTING_DOWN = web.AppKey("shutting_down", asyncio.Event)  # set when shutdown begins: no new turns
+# Set when a key or the gateway token was rotated or removed: open sockets are checked at once.
+CREDENTIALS_CHANGED = web.AppKey("credentials_changed", asyncio.Event)
+
+
+def credentials_changed(app: web.Application) -> None:
+    """A key was rotated or removed here: check this replica's sockets now, and tell the other replicas."""
+    app[CREDENTIALS_CHANGED].set()
+    gw = app[REGISTRY]
+    if gw.cluster is not None:
+        gw.cluster.announce_credentials_changed()
 
 
 def service(app: web.Application, caller: str = "admin") -> Service:

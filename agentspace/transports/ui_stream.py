@@ -321,6 +321,7 @@ async def resume_handler(request: web.Request) -> web.StreamResponse:
     service = state.service(request.app, security.caller(request))
     session_id = checked(request.match_info["id"], "id", session_id_problem)
     turn = await service.resumable_turn(session_id)
+    session_id = await service.resolve(session_id)  # the stored id (a client's own namespace)
     if turn is None:
         cluster = service.gw.cluster
         key = await cluster.running_stream(session_id) if cluster is not None else None

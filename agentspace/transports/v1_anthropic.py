@@ -6,7 +6,6 @@ Anthropic models go through the pass-through (``agentspace.transports.v1_passthr
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 from aiohttp import web
@@ -19,13 +18,14 @@ from ..meter import Meter
 from ..protocols import anthropic_messages as am
 from ..registry import ModelNotFound
 from . import v1_passthrough as passthrough
+from .bodies import ANTHROPIC_FIELDS, BUSY_MESSAGE, BodyInvalid, GatewayBusy, type_problem
 from .v1_common import (
     BodyTooLarge,
     anthropic_model,
     client_name,
     gateway,
     provider_request,
-    read_body,
+    read_json_body,
     refusal,
     session_id,
     stream,
@@ -47,15 +47,17 @@ def _error(status: int, message: str) -> web.Response:
 async def _read_body(request: web.Request, unknown_hint: str = "") -> tuple[dict[str, Any], bytes, str] | web.Response:
     """The request's JSON body, its raw bytes and the gateway's id for its model, or the error response."""
     try:
-        raw = await read_body(request)
+        body, raw = await read_json_body(request)
     except BodyTooLarge as e:
         return _error(413, f"{e} (the gateway's limit for /v1 requests).")
-    try:
-        body = json.loads(raw)
-    except ValueError:
-        return _error(400, "There was an error parsing the body of your request: it is not JSON.")
+    except BodyInvalid as e:
+        return _error(400, f"There was an error parsing the body of your request: it is not JSON ({e}).")
+    except GatewayBusy:
+        return _error(503, BUSY_MESSAGE)
     if not isinstance(body, dict):
         return _error(400, "The request body must be a JSON object.")
+    if (problem := type_problem(body, ANTHROPIC_FIELDS)) is not None:
+        return _error(400, problem[1])
     if not isinstance(body.get("model"), str) or not body["model"]:
         return _error(400, "model: Field required")
     model = anthropic_model(body["model"])

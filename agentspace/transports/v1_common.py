@@ -20,7 +20,8 @@ from ..providers.base import ProviderRequest, ThinkingSettings
 from ..registry import Registry
 from ..types import ChatMessage, TokenUsage, Tool
 from ..vault import resolve_key
-from . import state, v1_errors
+from . import bodies, state, v1_errors
+from .bodies import BodyTooLarge
 
 # The upstream HTTP client of the pass-through: one connection pool per server, closed with the app.
 HTTP_CLIENT = web.AppKey("v1_http_client", aiohttp.ClientSession)
@@ -58,14 +59,13 @@ async def close_http_client(app: web.Application) -> None:
 PROVIDER_MAX_BODY_BYTES = 32 * 1024 * 1024
 
 
-class BodyTooLarge(Exception):
-    def __init__(self, limit: int) -> None:
-        super().__init__(f"The request body exceeds {limit} bytes.")
-        self.limit = limit
+def body_limit(request: web.Request) -> int:
+    return max(int(gateway(request).config["server"]["max_body_bytes"]), PROVIDER_MAX_BODY_BYTES)
 
 
 async def read_body(request: web.Request) -> bytes:
-    limit = max(int(gateway(request).config["server"]["max_body_bytes"]), PROVIDER_MAX_BODY_BYTES)
+    """The raw body, the limit enforced while reading (``bodies.BodyTooLarge``)."""
+    limit = body_limit(request)
     if request.content_length is not None and request.content_length > limit:
         raise BodyTooLarge(limit)
     chunks: list[bytes] = []
@@ -76,6 +76,12 @@ async def read_body(request: web.Request) -> bytes:
             raise BodyTooLarge(limit)
         chunks.append(chunk)
     return b"".join(chunks)
+
+
+async def read_json_body(request: web.Request) -> tuple[Any, bytes]:
+    """The decoded JSON body and its bytes (``bodies.read_json``: bounded while read, large ones decoded off
+    the loop). Raises ``BodyTooLarge``, ``BodyInvalid`` (a ValueError) or ``GatewayBusy``."""
+    return await bodies.read_json(request, body_limit(request))
 
 
 def gateway(request: web.Request) -> Registry:

@@ -7,8 +7,6 @@ client gets the usage chunk only when it sent ``stream_options.include_usage``.
 
 from __future__ import annotations
 
-import json
-
 from aiohttp import web
 
 from ..direct_call import DirectCall, request_input_tokens
@@ -19,13 +17,14 @@ from ..meter import Meter
 from ..protocols import openai_chat as oc
 from ..registry import ModelNotFound
 from ..types import compact_json
+from .bodies import BUSY_MESSAGE, OPENAI_FIELDS, BodyInvalid, GatewayBusy, type_problem
 from .v1_common import (
     BodyTooLarge,
     client_name,
     gateway,
     openai_model,
     provider_request,
-    read_body,
+    read_json_body,
     refusal,
     session_id,
     stream,
@@ -62,11 +61,15 @@ def _frame(chunk: dict[str, object]) -> bytes:
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:
     try:
-        body = json.loads(await read_body(request))
+        body, _ = await read_json_body(request)
     except BodyTooLarge as e:
         return _error(413, f"{e} (the gateway's limit for /v1 requests).")
-    except ValueError:
-        return _error(400, "We could not parse the JSON body of your request.")
+    except BodyInvalid as e:
+        return _error(400, f"We could not parse the JSON body of your request ({e}).")
+    except GatewayBusy:
+        return _error(503, BUSY_MESSAGE, headers={"Retry-After": "1"})
+    if isinstance(body, dict) and (problem := type_problem(body, OPENAI_FIELDS)) is not None:
+        return _error(400, problem[1], code="invalid_type", param=problem[0])
     try:
         parsed = oc.parse_request(body)
     except oc.RequestError as e:

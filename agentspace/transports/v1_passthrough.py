@@ -17,6 +17,7 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
+from ..logs import redact_bytes, redact_headers
 from ..meter import ALL_FIELDS, OUTPUT_FIELDS, Meter
 from ..protocols.anthropic_messages import (
     DEFAULT_VERSION,
@@ -64,7 +65,10 @@ def _query(request: web.Request) -> str:
 
 
 def relayed_headers(up: aiohttp.ClientResponse) -> dict[str, str]:
-    return {k: v for k, v in up.headers.items() if k.lower() in RELAYED_HEADERS or k.lower().startswith("anthropic-")}
+    """The upstream's headers a client gets, every configured secret redacted."""
+    return redact_headers(
+        {k: v for k, v in up.headers.items() if k.lower() in RELAYED_HEADERS or k.lower().startswith("anthropic-")}
+    )
 
 
 def upstream_body(body: dict[str, Any], raw: bytes, model: str) -> bytes:
@@ -106,7 +110,7 @@ async def messages(
             if up.status != 200:
                 data = await up.read()
                 await meter.record(TokenUsage(), "error", error=error_code_for_status(up.status), answered=False)
-                return web.Response(status=up.status, body=data, headers=relayed_headers(up))
+                return web.Response(status=up.status, body=redact_bytes(data), headers=relayed_headers(up))
             answered = True
             if not body.get("stream"):
                 return await _whole(up, body, meter)
@@ -296,7 +300,7 @@ async def count_tokens(
             data = await up.read()
             if up.status in (404, 405):
                 return None
-            return web.Response(status=up.status, body=data, headers=relayed_headers(up))
+            return web.Response(status=up.status, body=redact_bytes(data), headers=relayed_headers(up))
     except (aiohttp.ClientError, TimeoutError) as e:
         log.warning("Anthropic count_tokens: could not reach %s: %r", base_url, e)
         return None

@@ -8,6 +8,7 @@ itself is ``agentspace.pipeline``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import struct
 import time
@@ -18,8 +19,11 @@ from aiohttp import WSCloseCode, WSMsgType, web
 
 from .. import events as ev
 from .. import security
+from ..clients import ADMIN, hash_key, looks_like_key
 from ..connections import PreAuthBudget
-from ..errors import ApiError
+from ..errors import ApiError, outage_error
+from ..gateway_token import token_matches
+from ..logs import warn_limited
 from ..pipeline import Turn
 from ..service import ChatInput, chat_request, invalid, parse_json, request_id_ok
 from ..types import compact_json, usage_to_wire
@@ -39,6 +43,12 @@ REFUSED_CLOSE_SECONDS = 1.0
 SHUTDOWN_FLUSH_SECONDS = 5.0
 # How often a burst written for a slow reader checks whether the socket's buffer has drained.
 DRAIN_POLL_SECONDS = 0.01
+# A socket whose key or gateway token was rotated or removed is closed with this code and reason.
+REVOKED_CLOSE_CODE = 4001
+REVOKED_REASON = b"credential revoked"
+# How often open sockets' credentials are checked against the current token and clients (a change made
+# through /api/clients, on this replica or, through Redis, on another, is checked at once).
+CREDENTIAL_CHECK_SECONDS = 1.0
 
 
 def _error_frame(request_id: Any, code: str, message: str) -> str:
@@ -59,9 +69,15 @@ def _text_frame(text: str) -> bytes:
 class Connection:
     """One client connection: at most one stream at a time."""
 
-    def __init__(self, request: web.Request, ws: web.WebSocketResponse, caller: str = "admin") -> None:
+    def __init__(
+        self, request: web.Request, ws: web.WebSocketResponse, caller: str = "admin", token: str | None = None
+    ) -> None:
         self.app = request.app
         self.caller = caller  # "admin" (the gateway token) or the client whose key authenticated
+        # The credential the socket authenticated with, checked again before every frame and every
+        # CREDENTIAL_CHECK_SECONDS: a rotated or removed one closes the socket.
+        self.token = token
+        self.revoked = False
         self.service = state.service(request.app, caller)
         self.config = self.service.gw.config
         self.ws = ws
@@ -105,10 +121,17 @@ class Connection:
             handler = self.HANDLERS.get(kind)
             if handler is None:
                 raise invalid({"type": f"unknown message type {kind[:40]!r}"})
+            if not await self.credential_valid():
+                await self.revoke(request_id)
+                return
             await handler(self, request_id, msg)
         except ApiError as e:
             await self.error(request_id, e.code, e.message)
-        except Exception:
+        except Exception as e:
+            if (outage := outage_error(e)) is not None:  # the database or Redis is down: no traceback
+                log.warning("a %s frame: %s (%r)", kind if isinstance(kind, str) else "malformed", outage.message, e)
+                await self.error(request_id, outage.code, outage.message)
+                return
             # A defect of ours: logged with its traceback, answered without details, the connection kept.
             log.exception("handling a %s frame failed", kind if isinstance(kind, str) else "malformed")
             await self.error(request_id, "INTERNAL_ERROR", "The gateway failed to handle this message; see its log.")
@@ -218,7 +241,7 @@ class Connection:
                                         {
                                             "type": "session.created",
                                             "requestId": request_id,
-                                            "sessionId": event.session_id,
+                                            "sessionId": self.service.visible(event.session_id),
                                             "model": event.model,
                                         }
                                     )
@@ -228,7 +251,7 @@ class Connection:
                                     {
                                         "type": "chat.stream.start",
                                         "requestId": request_id,
-                                        "sessionId": event.session_id,
+                                        "sessionId": self.service.visible(event.session_id),
                                         "model": event.model,
                                     }
                                 )
@@ -279,6 +302,24 @@ class Connection:
         while transport.get_write_buffer_size() > high and not transport.is_closing():
             await asyncio.sleep(DRAIN_POLL_SECONDS)
 
+    async def credential_valid(self) -> bool:
+        """Whether the socket's credential still names its caller (not rotated, not removed)."""
+        return self.token is None or await security.credential_caller(self.app, self.token) == self.caller
+
+    async def revoke(self, request_id: Any = None) -> None:
+        """The credential was rotated or removed: refuse, and close with REVOKED_CLOSE_CODE. A running turn
+        goes on (stored and billed) as after any disconnect."""
+        if self.revoked:
+            return
+        self.revoked = True
+        log.info("websocket of %s closed: its credential was rotated or removed", self.caller)
+        try:
+            await self.error(request_id, "UNAUTHORIZED", "This connection's key or token was rotated or removed.")
+            async with asyncio.timeout(REFUSED_CLOSE_SECONDS):
+                await self.ws.close(code=REVOKED_CLOSE_CODE, message=REVOKED_REASON)
+        except (TimeoutError, ConnectionResetError, RuntimeError):
+            pass  # no close frame back in time: aiohttp has closed the socket
+
     async def shutdown(self) -> None:
         """The server is going away: let the turn's last frames go out, then close with GOING_AWAY (1001)."""
         if self.forwarder is not None:
@@ -302,13 +343,21 @@ async def gateway_handler(request: web.Request) -> web.StreamResponse:
         # PAYLOAD_TOO_LARGE and keep the connection.
         max_msg_size=4 * int(server["max_frame_bytes"]),
     )
-    caller = await security.bearer_caller(request)
+    try:
+        caller = await security.bearer_caller(request)
+    except Exception as e:
+        if (outage := outage_error(e)) is None:
+            raise
+        log.warning("websocket handshake: %s (%r)", outage.message, e)
+        return web.json_response({"error": {"code": outage.code, "message": outage.message}}, status=503)
+    token = security.api_token(request) if caller is not None else None
     await ws.prepare(request)
     if caller is None:
-        caller = await _authenticate_first_frame(request, ws, float(server["auth_timeout_seconds"]))
-        if caller is None:
+        authenticated = await _authenticate_first_frame(request, ws, float(server["auth_timeout_seconds"]))
+        if authenticated is None:
             return ws
-    conn = Connection(request, ws, caller)
+        caller, token = authenticated
+    conn = Connection(request, ws, caller, token)
     request.app[state.WEBSOCKETS].add(conn)
     try:
         async for msg in ws:
@@ -324,9 +373,11 @@ async def gateway_handler(request: web.Request) -> web.StreamResponse:
     return ws
 
 
-async def _authenticate_first_frame(request: web.Request, ws: web.WebSocketResponse, timeout: float) -> str | None:
+async def _authenticate_first_frame(
+    request: web.Request, ws: web.WebSocketResponse, timeout: float
+) -> tuple[str, str] | None:
     """Browsers cannot set headers on a WebSocket: the first frame must be {"type": "auth", "token"}.
-    Returns the caller the token names, or None (refused and closed)."""
+    Returns the caller the token names and the token, or None (refused and closed)."""
     started = time.monotonic()
     budget = PreAuthBudget(request, PRE_AUTH_BUDGET_BYTES)
     try:
@@ -348,11 +399,18 @@ async def _authenticate_first_frame(request: web.Request, ws: web.WebSocketRespo
         if isinstance(frame, dict):
             request_id = frame.get("id") if request_id_ok(frame.get("id")) else None
             token = frame.get("token")
-            who = await security.token_caller(request, token) if isinstance(token, str) else None
-            if frame.get("type") == "auth" and who is not None:
+            try:
+                who = await security.token_caller(request, token) if isinstance(token, str) else None
+            except Exception as e:
+                if (outage := outage_error(e)) is None:
+                    raise
+                log.warning("websocket authentication: %s (%r)", outage.message, e)
+                await _refuse(ws, request_id, outage.message, outage.code, close_code=WSCloseCode.TRY_AGAIN_LATER)
+                return None
+            if frame.get("type") == "auth" and who is not None and isinstance(token, str):
                 budget.release()
                 await ws.send_str(compact_json({"type": "auth.ok", "requestId": request_id}))
-                return who
+                return who, token
     blocked = security.auth_blocked(request)
     security.auth_failed(request)
     log.info("websocket authentication failed from %s after %.2fs", request.remote, time.monotonic() - started)
@@ -367,10 +425,49 @@ async def _authenticate_first_frame(request: web.Request, ws: web.WebSocketRespo
     return None
 
 
-async def _refuse(ws: web.WebSocketResponse, request_id: Any, message: str, code: str = "UNAUTHORIZED") -> None:
+async def _refuse(
+    ws: web.WebSocketResponse, request_id: Any, message: str, code: str = "UNAUTHORIZED", close_code: int = 4401
+) -> None:
     await ws.send_str(_error_frame(request_id, code, message))
     try:
         async with asyncio.timeout(REFUSED_CLOSE_SECONDS):
-            await ws.close(code=4401, message=b"unauthorized")
+            await ws.close(code=close_code, message=b"unauthorized" if close_code == 4401 else b"try again later")
     except TimeoutError:
         pass  # no close frame back: aiohttp has closed the socket on the timeout (a client let in has no say)
+
+
+async def revoke_stale_credentials(app: web.Application) -> int:
+    """Close every open socket whose credential was rotated or removed; how many were closed. One look at
+    the token and one listing of the clients for all sockets (a database store answers one query)."""
+    conns = [c for c in app[state.WEBSOCKETS] if c.token is not None and not c.revoked and not c.ws.closed]
+    if not conns:
+        return 0
+    gw = app[state.REGISTRY]
+    current = app[security.TOKEN_FILE].current()
+    by_hash = {c.key_hash: c.name for c in await gw.clients.list()}
+    stale = [
+        c
+        for c in conns
+        if not (
+            token_matches(current, c.token)
+            if c.caller == ADMIN
+            else looks_like_key(c.token) and by_hash.get(hash_key(c.token)) == c.caller
+        )
+    ]
+    await asyncio.gather(*(c.revoke() for c in stale))
+    return len(stale)
+
+
+async def watch_credentials(app: web.Application) -> None:
+    """Runs while the server does: checks open sockets' credentials every CREDENTIAL_CHECK_SECONDS, and at
+    once when ``credentials_changed`` is called (an /api/clients change here, or on another replica)."""
+    changed = app[state.CREDENTIALS_CHANGED]
+    while True:
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(CREDENTIAL_CHECK_SECONDS):
+                await changed.wait()
+        changed.clear()
+        try:
+            await revoke_stale_credentials(app)
+        except Exception as e:  # noqa: BLE001 - a store that cannot answer now: the next round tries again
+            warn_limited(log, "credential-check", "could not check the open connections' credentials: %r", e)

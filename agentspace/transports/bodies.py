@@ -1,0 +1,202 @@
+"""Reading and decoding large JSON bodies (the ``/v1`` routes) without letting one client take the process.
+
+- The size limit is enforced while reading (and from ``Content-Length`` before reading); the caller's
+  credential was checked by the security middleware before any of the body was read.
+- What a body costs once decoded depends on its containers more than on its bytes: ``[{},{},...]`` turns
+  3 bytes into an empty dict and a list slot, about 70 bytes. Objects and arrays are counted while reading
+  (every ``{`` and ``[``, those inside strings too: an upper bound), and a body past ``MAX_CONTAINERS`` is
+  refused before it is decoded.
+- The bytes of large bodies being read at once are bounded (``IN_FLIGHT_BYTES``): a large body waits for
+  its share before reading (unread, it stays in the socket: the kernel's buffer, then TCP back-pressure).
+- A body past ``OFF_LOOP_BYTES`` is decoded on a worker thread, so the event loop's other work (``/healthz``,
+  streams) is not queued behind it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+from typing import Any
+
+from aiohttp import web
+
+MAX_CONTAINERS = 1_000_000  # about 70 MB decoded at most
+OFF_LOOP_BYTES = 1024 * 1024
+IN_FLIGHT_BYTES = 96 * 1024 * 1024  # large bodies being read or decoded at once, per process
+WAIT_SECONDS = 30.0  # how long a large body waits for its share before 503
+
+
+class BodyTooLarge(Exception):
+    def __init__(self, limit: int) -> None:
+        super().__init__(f"The request body exceeds {limit} bytes.")
+        self.limit = limit
+
+
+class BodyInvalid(ValueError):
+    """Not JSON, not UTF-8, too many objects and arrays, or nested too deep to decode."""
+
+
+BUSY_MESSAGE = "The gateway is reading too many large requests at once; try again in a moment."
+
+
+class GatewayBusy(Exception):
+    """Too many large bodies in flight: try again in a moment."""
+
+
+class _Budget:
+    def __init__(self, total: int) -> None:
+        self.total = total
+        self.used = 0
+        self.changed = asyncio.Condition()
+
+    async def take(self, n: int) -> None:
+        n = min(n, self.total)
+        async with self.changed:
+            await asyncio.wait_for(self.changed.wait_for(lambda: self.used + n <= self.total), WAIT_SECONDS)
+            self.used += n
+
+    async def give(self, n: int) -> None:
+        async with self.changed:
+            self.used -= min(n, self.total)
+            self.changed.notify_all()
+
+
+_BUDGET = web.AppKey("body_budget", _Budget)
+# Set on a request refused before its body was read whole: the connection is closed after the answer
+# (``close_after``) instead of aiohttp reading and discarding the rest for up to 10 s ("lingering").
+UNREAD = web.RequestKey("body_unread", bool)
+
+
+def _budget(app: web.Application) -> _Budget:
+    budget = app.get(_BUDGET)
+    if budget is None:
+        budget = _Budget(IN_FLIGHT_BYTES)
+        app[_BUDGET] = budget
+    return budget
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def decode(raw: bytes) -> Any:
+    """``json.loads`` with a refusal (``BodyInvalid``) instead of a ``RecursionError`` for deep nesting, and
+    without the ``NaN`` / ``Infinity`` that Python's decoder accepts and JSON does not have."""
+    try:
+        return json.loads(raw, parse_constant=_no_constant)
+    except RecursionError:
+        raise BodyInvalid("nested too deep") from None
+    except ValueError as e:  # UnicodeDecodeError is a ValueError
+        raise BodyInvalid(str(e)) from None
+
+
+async def read_json(request: web.Request, limit: int) -> tuple[Any, bytes]:
+    """The decoded body and its bytes. Raises ``BodyTooLarge``, ``BodyInvalid`` or ``GatewayBusy``."""
+    declared = request.content_length
+    if declared is not None and declared > limit:
+        request[UNREAD] = True
+        raise BodyTooLarge(limit)
+    # Large or unknown sizes take their share of the in-flight budget first (a chunked body: the limit).
+    share = 0 if declared is not None and declared <= OFF_LOOP_BYTES else (declared or limit)
+    budget = _budget(request.app)
+    if share:
+        try:
+            await budget.take(share)
+        except TimeoutError:
+            raise GatewayBusy() from None
+    try:
+        chunks: list[bytes] = []
+        size = containers = 0
+        async for chunk in request.content.iter_any():
+            size += len(chunk)
+            if size > limit:
+                request[UNREAD] = True
+                raise BodyTooLarge(limit)
+            containers += chunk.count(b"{") + chunk.count(b"[")
+            if containers > MAX_CONTAINERS:
+                request[UNREAD] = True
+                raise BodyInvalid(f"more than {MAX_CONTAINERS} objects and arrays")
+            chunks.append(chunk)
+        raw = b"".join(chunks)
+        del chunks
+        body = await asyncio.to_thread(decode, raw) if size > OFF_LOOP_BYTES else decode(raw)
+        return body, raw
+    finally:
+        if share:
+            await budget.give(share)
+
+
+async def close_after(request: web.Request, response: web.StreamResponse) -> web.StreamResponse:
+    """Send the answer to a request whose body was left unread, then close the connection."""
+    if not request.get(UNREAD) or response.prepared:
+        return response
+    response.force_close()
+    await response.prepare(request)
+    await response.write_eof()
+    protocol = request.protocol
+    if protocol is not None:
+        protocol.force_close()  # aiohttp's RequestHandler; the answer is flushed
+    return response
+
+
+# The top-level fields of the /v1 requests whose type is checked before anything reads them: a string
+# "false" is not false (read by truthiness it would stream). Kind names as the APIs document them.
+_KINDS: dict[str, tuple[type, ...]] = {
+    "boolean": (bool,),
+    "string": (str,),
+    "integer": (int,),
+    "number": (int, float),
+    "array": (list,),
+    "object": (dict,),
+    "string or array": (str, list),
+    "string or object": (str, dict),
+}
+OPENAI_FIELDS = {
+    "model": "string",
+    "messages": "array",
+    "stream": "boolean",
+    "stream_options": "object",
+    "max_tokens": "integer",
+    "max_completion_tokens": "integer",
+    "temperature": "number",
+    "top_p": "number",
+    "stop": "string or array",
+    "tools": "array",
+    "tool_choice": "string or object",
+    "reasoning_effort": "string",
+    "n": "integer",
+    "seed": "integer",
+    "user": "string",
+    "metadata": "object",
+}
+ANTHROPIC_FIELDS = {
+    "model": "string",
+    "messages": "array",
+    "system": "string or array",
+    "stream": "boolean",
+    "max_tokens": "integer",
+    "temperature": "number",
+    "top_p": "number",
+    "top_k": "integer",
+    "stop_sequences": "array",
+    "tools": "array",
+    "tool_choice": "object",
+    "thinking": "object",
+    "metadata": "object",
+}
+
+
+def type_problem(body: dict[str, Any], fields: dict[str, str]) -> tuple[str, str] | None:
+    """The first field of ``body`` (present and not null) whose type is wrong: (field, "must be a KIND")."""
+    for name, kind in fields.items():
+        value = body.get(name)
+        if value is None:
+            continue
+        types = _KINDS[kind]
+        wrong = not isinstance(value, types) or (isinstance(value, bool) and bool not in types)
+        if not wrong and isinstance(value, float) and not math.isfinite(value):
+            wrong = True
+        if wrong:
+            return name, f"{name}: must be a{'n' if kind[0] in 'aeiou' else ''} {kind}"
+    return None

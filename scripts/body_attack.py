@@ -1,0 +1,154 @@
+"""The large-body attack on a real ``agentspace serve``: N concurrent ``/v1/chat/completions`` bodies of
+MiB mebibytes each, ``{"model": ..., "messages": [{},{},...]}``, from a client whose model is not allowed,
+while ``/healthz`` is polled every 20 ms. Prints the slowest ``/healthz`` answer, the server's RSS growth
+and the attack's statuses, as JSON.
+
+    python scripts/body_attack.py [--bodies 8] [--mib 32]
+
+Goal: ``healthz_max_ms`` under 100 and ``rss_growth_mb`` under 300 (docs: README, Hardening scripts).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import aiohttp
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from scripts.harness import GatewayProcess, child_env
+from tests.fakes.anthropic_upstream import FakeAnthropic
+
+
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def attack_body(mib: int) -> bytes:
+    head, tail = b'{"model":"anthropic/claude-sonnet-4-5","messages":[', b"]}"
+    n = (mib * 1024 * 1024 - len(head) - len(tail)) // 3 - 1  # just under the size limit
+    return head + b"{}," * n + b"{}" + tail
+
+
+async def run(bodies: int, mib: int) -> dict[str, object]:
+    upstream = FakeAnthropic()
+    await upstream.start()
+    with tempfile.TemporaryDirectory() as tmp:
+        data_dir = Path(tmp) / "data"
+        gateway = GatewayProcess(data_dir, upstream.url)
+        try:
+            await gateway.start()
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable,
+                "-m",
+                "agentspace",
+                "clients",
+                "add",
+                "mallory",
+                "--models",
+                "openai/gpt-4o-mini",
+                stdout=asyncio.subprocess.PIPE,
+                env=child_env(data_dir),
+            )
+            key = (await proc.communicate())[0].decode().strip()
+            assert gateway.process is not None
+            pid = gateway.process.pid
+            async with aiohttp.ClientSession() as http:
+                idle: list[float] = []  # the machine's own noise: /healthz with no attack
+                for _ in range(50):
+                    started = time.perf_counter()
+                    async with http.get(gateway.url + "/healthz") as resp:
+                        await resp.read()
+                    idle.append((time.perf_counter() - started) * 1000)
+                    await asyncio.sleep(0.02)
+                before = rss_mb(pid)
+                peak = before
+                latencies: list[float] = []
+                done = asyncio.Event()
+
+                async def poll() -> None:
+                    nonlocal peak
+                    while not done.is_set():
+                        started = time.perf_counter()
+                        async with http.get(gateway.url + "/healthz") as resp:
+                            await resp.read()
+                        latencies.append((time.perf_counter() - started) * 1000)
+                        peak = max(peak, rss_mb(pid))
+                        await asyncio.sleep(0.02)
+
+                poller = asyncio.create_task(poll())
+                # The attack runs in a process of its own: writing 256 MiB must not delay our own polls.
+                attacker = await asyncio.create_subprocess_exec(
+                    sys.executable,
+                    __file__,
+                    "--send",
+                    gateway.url,
+                    key,
+                    "--bodies",
+                    str(bodies),
+                    "--mib",
+                    str(mib),
+                    stdout=asyncio.subprocess.PIPE,
+                )
+                statuses = json.loads((await attacker.communicate())[0])
+                await asyncio.sleep(0.3)
+                done.set()
+                await poller
+                peak = max(peak, rss_mb(pid))
+        finally:
+            await gateway.aclose()
+            await upstream.close()
+    return {
+        "bodies": bodies,
+        "mib": mib,
+        "statuses": sorted(statuses),
+        "healthz_max_ms": round(max(latencies), 1),
+        "healthz_p50_ms": round(statistics.median(latencies), 1),
+        "healthz_p95_ms": round(statistics.quantiles(latencies, n=20)[-1], 1),
+        "healthz_idle_max_ms": round(max(idle[5:]), 1),
+        "healthz_samples": len(latencies),
+        "rss_before_mb": round(before, 1),
+        "rss_growth_mb": round(peak - before, 1),
+    }
+
+
+async def send(url: str, key: str, bodies: int, mib: int) -> list[int]:
+    body = attack_body(mib)
+    headers = {"Authorization": f"Bearer {key}", "Content-Type": "application/json"}
+    async with aiohttp.ClientSession() as http:
+
+        async def one() -> int:
+            try:
+                async with http.post(url + "/v1/chat/completions", data=body, headers=headers) as r:
+                    await r.read()
+                    return r.status
+            except aiohttp.ClientError:
+                return -1  # the connection closed under the upload
+
+        return sorted(await asyncio.gather(*(one() for _ in range(bodies))))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--bodies", type=int, default=8)
+    parser.add_argument("--mib", type=int, default=32)
+    parser.add_argument("--send", nargs=2, metavar=("URL", "KEY"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.send:
+        print(json.dumps(asyncio.run(send(*args.send, args.bodies, args.mib))))
+        return
+    print(json.dumps(asyncio.run(run(args.bodies, args.mib))))
+
+
+if __name__ == "__main__":
+    main()
