@@ -16,6 +16,7 @@ from typing import Any
 
 import aiohttp
 import anthropic
+import openai
 import pytest
 from aiohttp import WSMsgType
 from aiohttp.test_utils import TestClient
@@ -325,13 +326,17 @@ async def test_a_missing_provider_key_is_424_on_every_api_and_known_without_lite
 
 
 async def test_unknown_model_ids_log_one_warning_per_interval(
-    client: TestClient, token: str, fake_anthropic: FakeAnthropic, caplog: pytest.LogCaptureFixture
+    make_client: Any, token: str, fake_openai: Any, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    api = anthropic.AsyncAnthropic(api_key=token, base_url=f"http://127.0.0.1:{client.port}", max_retries=0)
+    # A provider with its own base_url serves ids the price list does not know (a typo check would refuse
+    # them elsewhere): each has no known price, and each would log its own warning without the rate limit.
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-test-openai")
+    client = await make_client(providers={"openai": {"base_url": fake_openai.url}})
+    api = openai.AsyncOpenAI(api_key=token, base_url=f"http://127.0.0.1:{client.port}/v1", max_retries=0)
     with caplog.at_level(logging.WARNING):
         for i in range(30):
-            await api.messages.create(
-                model=f"claude-made-up-{i}", max_tokens=8, messages=[{"role": "user", "content": "hi"}]
+            await api.chat.completions.create(
+                model=f"openai/made-up-{i}", max_tokens=8, messages=[{"role": "user", "content": "hi"}]
             )
     lines = [r for r in caplog.records if "no price known" in r.getMessage()]
     assert len(lines) <= 1, [r.getMessage() for r in lines]  # none when an earlier test logged it
