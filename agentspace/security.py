@@ -27,7 +27,7 @@ from aiohttp.typedefs import Middleware
 
 from .clients import ADMIN, looks_like_key
 from .config import Config
-from .errors import outage_error
+from .errors import StorageError, outage_error
 from .gateway_token import TokenFile, token_matches
 from .transports import bodies, state, v1_errors
 
@@ -142,6 +142,8 @@ async def token_caller(request: web.Request, token: str) -> str | None:
 async def _touch(clients: object, name: str) -> None:
     try:
         await clients.touch(name)  # type: ignore[attr-defined]
+    except StorageError as e:  # an outage, said once by the request path: no traceback
+        log.warning("could not record the last use of client %s: %s", name, e)
     except Exception:
         log.warning("could not record the last use of client %s", name, exc_info=True)
 
