@@ -237,6 +237,18 @@ def request_params(request: ProviderRequest) -> dict[str, Any]:
         params["stop_sequences"] = request.params["stop"]
     if request.tools:
         params["tools"] = [tool.definition() for tool in request.tools]
+        tool_choice = _tool_choice(request.params.get("tool_choice"), request.params.get("parallel_tool_calls"))
+        if tool_choice is not None:
+            params["tool_choice"] = tool_choice
+    response_format = request.params.get("response_format")
+    if isinstance(response_format, dict) and response_format.get("type") == "json_schema":
+        # Structured outputs: the answer's text is JSON valid against the schema.
+        schema = (response_format.get("json_schema") or {}).get("schema") or {"type": "object"}
+        params["output_config"] = {"format": {"type": "json_schema", "schema": schema}}
+    elif isinstance(response_format, dict) and response_format.get("type") == "json_object":
+        # The Messages API has no free-form JSON mode: the model is told to answer with one JSON object.
+        note = "Answer with one JSON object only: no prose, no code fence."
+        params["system"] = f"{request.system}\n\n{note}" if request.system else note
     thinking = request.thinking
     if thinking is not None:
         if thinking.adaptive:
@@ -253,6 +265,22 @@ def request_params(request: ProviderRequest) -> dict[str, Any]:
             params["thinking"] = {"type": "enabled", "budget_tokens": budget}
             params["max_tokens"] = max_tokens
     return params
+
+
+def _tool_choice(choice: Any, parallel: Any) -> dict[str, Any] | None:
+    """A /v1 client's OpenAI-shaped ``tool_choice`` and ``parallel_tool_calls`` as the Messages API's."""
+    out: dict[str, Any] | None = None
+    if choice == "auto":
+        out = {"type": "auto"}
+    elif choice == "required":
+        out = {"type": "any"}
+    elif choice == "none":
+        return {"type": "none"}
+    elif isinstance(choice, dict):
+        out = {"type": "tool", "name": str((choice.get("function") or {}).get("name") or choice.get("name") or "")}
+    if parallel is False:
+        out = {**(out or {"type": "auto"}), "disable_parallel_tool_use": True}
+    return out
 
 
 def to_api_messages(messages: list[ChatMessage]) -> list[dict[str, Any]]:
