@@ -168,7 +168,6 @@ async def test_length_is_incomplete(client: TestClient, token: str, fake_openai:
     ("extra", "param"),
     [
         ({"previous_response_id": "resp_1"}, "previous_response_id"),
-        ({"tools": [{"type": "web_search"}]}, "tools[0].type"),
         ({"input": [{"type": "item_reference", "id": "x"}]}, "input[0].type"),
         ({"input": [{"role": "user", "content": [{"type": "input_audio"}]}]}, "input[0].content[0].type"),
         ({"frobnicate": 1}, "frobnicate"),

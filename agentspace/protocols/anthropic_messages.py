@@ -259,15 +259,30 @@ def parse_request(body: dict[str, Any]) -> tuple[str, list[ChatMessage], list[To
         raise RequestError("system: must be a string or a list of text blocks")
     names: dict[str, str] = {}
     messages: list[ChatMessage] = []
+    extra_system: list[str] = []
     for i, m in enumerate(raw_messages):
-        if not isinstance(m, dict) or m.get("role") not in ("user", "assistant"):
-            raise RequestError(f"messages.{i}.role: must be 'user' or 'assistant'")
+        if not isinstance(m, dict) or m.get("role") not in ("user", "assistant", "system"):
+            raise RequestError(f"messages.{i}.role: must be 'user', 'assistant' or 'system'")
         content = m.get("content")
         blocks = [{"type": "text", "text": content}] if isinstance(content, str) else content
         if not isinstance(blocks, list):
             raise RequestError(f"messages.{i}.content: must be a string or a list of content blocks")
-        parts = [_part(b, names, f"messages.{i}.content.{j}") for j, b in enumerate(blocks)]
-        messages.append(ChatMessage(m["role"], [p for p in parts if p is not None]))
+        if m["role"] == "system":
+            # A system message in the conversation (Claude Code's mid-conversation system messages): its text
+            # joins the system prompt, the one place every provider takes instructions.
+            extra_system.extend(
+                str(b.get("text") or "") for b in blocks if isinstance(b, dict) and b.get("type") == "text"
+            )
+            continue
+        parts = [p for j, b in enumerate(blocks) if (p := _part(b, names, f"messages.{i}.content.{j}")) is not None]
+        if messages and messages[-1].role == m["role"]:  # around a system message, turns of one role meet
+            messages[-1].parts.extend(parts)
+        else:
+            messages.append(ChatMessage(m["role"], parts))
+    if extra_system:
+        system = "\n\n".join(s for s in (system, *extra_system) if s)
+    if not messages:
+        raise RequestError("messages: at least one user message is required")
     tools = []
     for i, t in enumerate(body.get("tools") or ()):
         if not isinstance(t, dict) or not isinstance(t.get("name"), str) or "input_schema" not in t:

@@ -52,7 +52,7 @@ STATEFUL_FIELDS = {
 }
 
 # Fields that are accepted and need nothing from the model: the gateway stores nothing (store), every call
-# is metered by the gateway itself (metadata, user, safety_identifier), the provider decides caching and
+# is metered by the gateway itself (metadata, client_metadata, user, safety_identifier), the provider decides caching and
 # service tiers (prompt_cache_key, service_tier), and ``include`` asks only for what is listed above.
 ACCEPTED_FIELDS = frozenset(
     {
@@ -80,6 +80,7 @@ ACCEPTED_FIELDS = frozenset(
         "background",
         "max_tool_calls",
         "top_logprobs",
+        "client_metadata",
         *STATEFUL_FIELDS,
     }
 )
@@ -253,19 +254,20 @@ def _arguments(raw: Any) -> Any:
 
 
 def _tools(raw: Any) -> list[Tool]:
-    """Function tools. Hosted tools (web_search, file_search, code_interpreter, ...) run on OpenAI's servers
-    and custom (free-form) tools have no counterpart elsewhere: they are refused by name."""
+    """The function tools. The others are not offered to the model: hosted tools (web_search, file_search,
+    code_interpreter, ...) run on OpenAI's servers, and custom (free-form) and namespace tools have no
+    counterpart in other providers' APIs. Codex sends some of each next to its function tools and works
+    with the function tools alone."""
     if raw is None:
         return []
     if not isinstance(raw, list):
         raise RequestError("tools", "tools must be an array")
     tools = []
     for i, t in enumerate(raw):
-        if not isinstance(t, dict) or t.get("type") != "function":
-            kind = t.get("type") if isinstance(t, dict) else None
-            raise RequestError(
-                f"tools[{i}].type", f"tools of type {kind!r} are not supported by this gateway; use function tools"
-            )
+        if not isinstance(t, dict):
+            raise RequestError(f"tools[{i}]", "each tool must be an object")
+        if t.get("type") != "function":
+            continue
         if not isinstance(t.get("name"), str):
             raise RequestError(f"tools[{i}].name", "a function tool needs a name")
         tools.append(
