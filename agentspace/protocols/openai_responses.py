@@ -415,9 +415,7 @@ def response_object(
         "incomplete_details": incomplete,
         "model": model,
         "output": output,
-        "output_text": "".join(
-            c["text"] for item in output if item["type"] == "message" for c in item["content"]
-        ),
+        "output_text": "".join(c["text"] for item in output if item["type"] == "message" for c in item["content"]),
         "usage": usage_body(usage),
         **_echo(body),
     }
@@ -586,9 +584,7 @@ class EventEncoder:
                 output_index=index,
                 item=_call_item(item_id, event.tool_call_id, event.name, "", "in_progress"),
             ),
-            self._event(
-                "response.function_call_arguments.delta", item_id=item_id, output_index=index, delta=arguments
-            ),
+            self._event("response.function_call_arguments.delta", item_id=item_id, output_index=index, delta=arguments),
             self._event(
                 "response.function_call_arguments.done",
                 item_id=item_id,
@@ -615,7 +611,9 @@ class EventEncoder:
             "output": self.output,
             "usage": usage_body(usage) if usage is not None else None,
         }
-        return [self._event("response.completed" if status == "completed" else "response.incomplete", response=response)]
+        return [
+            self._event("response.completed" if status == "completed" else "response.incomplete", response=response)
+        ]
 
     def failed(self, code: str, message: str) -> dict[str, Any]:
         """The last event of a stream the provider broke off."""

@@ -68,7 +68,14 @@ async def responses(request: web.Request) -> web.StreamResponse:
     except ModelNotFound as e:
         return _error(404, str(e), code="model_not_found", param="model")
     preq = provider_request(
-        gw, model, parsed.system, parsed.messages, parsed.tools, parsed.max_tokens, parsed.reasoning_budget, parsed.params
+        gw,
+        model,
+        parsed.system,
+        parsed.messages,
+        parsed.tools,
+        parsed.max_tokens,
+        parsed.reasoning_budget,
+        parsed.params,
     )
     client = client_name(request)
     try:  # the client's checks (SPEC 11)
