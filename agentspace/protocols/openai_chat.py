@@ -113,9 +113,80 @@ async def _never_called(arguments: dict[str, Any]) -> Any:
     raise RuntimeError("client tools are run by the client")  # /v1 endpoints never run tools
 
 
+# Every request field of the Chat Completions API reference is read, passed on, or refused (400 naming it):
+# - read and translated for every provider: below in parse_request;
+READ_FIELDS = frozenset(
+    {
+        "model",
+        "messages",
+        "stream",
+        "stream_options",
+        "max_tokens",
+        "max_completion_tokens",
+        "temperature",
+        "top_p",
+        "stop",
+        "tools",
+        "tool_choice",
+        "parallel_tool_calls",
+        "response_format",
+        "reasoning_effort",
+    }
+)
+# - passed on to the provider as they are (``ProviderRequest.params``); a provider whose API has no such
+#   parameter refuses the call with a 400 naming it;
+PASSED_ON_FIELDS = frozenset(
+    {"seed", "frequency_penalty", "presence_penalty", "logit_bias", "verbosity", "web_search_options"}
+)
+# - accepted, and nothing for the model: the gateway stores nothing upstream and keeps its own records
+#   (store, metadata, user, safety_identifier), and the provider decides caching, tiers and predicted
+#   output (prompt_cache_key, prompt_cache_retention, service_tier, prediction);
+ACCEPTED_FIELDS = frozenset(
+    {
+        "store",
+        "metadata",
+        "user",
+        "safety_identifier",
+        "prompt_cache_key",
+        "prompt_cache_retention",
+        "service_tier",
+        "prediction",
+    }
+)
+# - refused: what one streamed answer of text and tool calls cannot carry.
+REFUSED_FIELDS = {
+    "n": "n > 1 is not supported by this gateway: send one request per choice.",
+    "logprobs": "logprobs are not supported by this gateway.",
+    "top_logprobs": "top_logprobs are not supported by this gateway.",
+    "audio": "audio output is not supported by this gateway.",
+    "modalities": 'modalities other than ["text"] are not supported by this gateway.',
+    "functions": "functions (deprecated) is not supported by this gateway: use tools.",
+    "function_call": "function_call (deprecated) is not supported by this gateway: use tool_choice.",
+}
+
+
+def _refused(name: str, value: Any) -> bool:
+    """Whether a value of a refused field asks for something (the defaults are accepted)."""
+    if value is None or value is False:
+        return False
+    if name == "n":
+        return value != 1
+    if name == "top_logprobs":
+        return value != 0
+    if name == "modalities":
+        return value != ["text"]
+    return True
+
+
 def parse_request(body: Any) -> ParsedRequest:
     if not isinstance(body, dict):
         raise RequestError("body", "The request body must be a JSON object.")
+    for name, value in body.items():
+        if name in REFUSED_FIELDS:
+            if _refused(name, value):
+                raise RequestError(name, REFUSED_FIELDS[name])
+        elif name not in READ_FIELDS and name not in PASSED_ON_FIELDS and name not in ACCEPTED_FIELDS:
+            raise RequestError(name, f"{name} is not a Chat Completions parameter this gateway supports.")
     model = body.get("model")
     if not isinstance(model, str) or not model:
         raise RequestError("model", "you must provide a model parameter")
@@ -170,7 +241,18 @@ def parse_request(body: Any) -> ParsedRequest:
     if max_tokens is not None and (not isinstance(max_tokens, int) or max_tokens < 1):
         raise RequestError("max_tokens", "max_tokens must be a positive integer")
     effort = body.get("reasoning_effort")
+    if effort is not None and effort not in (*REASONING_BUDGETS, "none", "xhigh"):
+        raise RequestError("reasoning_effort", f"unsupported reasoning_effort {effort!r}")
     stop = body.get("stop")
+    params = sampling_params(
+        body.get("temperature"), body.get("top_p"), [stop] if isinstance(stop, str) else stop, "stop"
+    )
+    params.update(tool_params(body.get("tool_choice"), body.get("parallel_tool_calls"), bool(tools)))
+    if body.get("response_format") is not None:
+        response_format = check_response_format(body["response_format"], "response_format")
+        if response_format is not None:
+            params["response_format"] = response_format
+    params.update({name: body[name] for name in PASSED_ON_FIELDS if body.get(name) is not None})
     return ParsedRequest(
         model=model,
         system="\n\n".join(s for s in system if s),
@@ -179,11 +261,50 @@ def parse_request(body: Any) -> ParsedRequest:
         stream=bool(body.get("stream")),
         include_usage=bool((body.get("stream_options") or {}).get("include_usage")),
         max_tokens=max_tokens,
-        reasoning_budget=REASONING_BUDGETS.get(effort) if isinstance(effort, str) else None,
-        params=sampling_params(
-            body.get("temperature"), body.get("top_p"), [stop] if isinstance(stop, str) else stop, "stop"
-        ),
+        reasoning_budget=REASONING_BUDGETS.get("high" if effort == "xhigh" else effort) if effort else None,
+        params=params,
     )
+
+
+def tool_params(tool_choice: Any, parallel: Any, has_tools: bool) -> dict[str, Any]:
+    """``tool_choice`` (auto, none, required, or a named function) and ``parallel_tool_calls``, checked."""
+    params: dict[str, Any] = {}
+    if tool_choice is not None:
+        named = isinstance(tool_choice, dict) and tool_choice.get("type") == "function"
+        if named and not isinstance((tool_choice.get("function") or {}).get("name"), str):
+            named = False
+        if tool_choice not in ("auto", "none", "required") and not named:
+            raise RequestError(
+                "tool_choice", "tool_choice must be auto, none, required or {type: function, function: {name}}"
+            )
+        if has_tools:
+            params["tool_choice"] = tool_choice
+    if parallel is not None:
+        if not isinstance(parallel, bool):
+            raise RequestError("parallel_tool_calls", "parallel_tool_calls must be a boolean")
+        if has_tools:  # OpenAI refuses parallel_tool_calls without tools
+            params["parallel_tool_calls"] = parallel
+    return params
+
+
+def check_response_format(raw: Any, param: str) -> dict[str, Any] | None:
+    """A ``response_format`` checked (None for plain text): ``json_object``, or ``json_schema`` with its
+    ``name``, ``schema`` and ``strict``."""
+    if not isinstance(raw, dict):
+        raise RequestError(param, "response_format must be an object")
+    kind = raw.get("type")
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return {"type": "json_object"}
+    if kind == "json_schema":
+        spec = raw.get("json_schema")
+        if not isinstance(spec, dict) or not isinstance(spec.get("name"), str):
+            raise RequestError(f"{param}.json_schema", "a json_schema response_format needs json_schema.name")
+        if spec.get("schema") is not None and not isinstance(spec["schema"], dict):
+            raise RequestError(f"{param}.json_schema.schema", "the schema must be an object")
+        return {"type": "json_schema", "json_schema": spec}
+    raise RequestError(f"{param}.type", f"unsupported response_format type {kind!r}")
 
 
 def sampling_params(temperature: Any, top_p: Any, stop: Any, stop_name: str) -> dict[str, Any]:

@@ -39,6 +39,7 @@ from .openai_chat import (
     RequestError,
     _never_called,
     sampling_params,
+    tool_params,
 )
 
 ENCRYPTED_REASONING = "reasoning.encrypted_content"
@@ -125,13 +126,11 @@ def parse_request(body: Any) -> tuple[ParsedRequest, bool]:
     tools = _tools(body.get("tools"))
     params = sampling_params(body.get("temperature"), body.get("top_p"), None, "stop")
     tool_choice = body.get("tool_choice")
-    if tool_choice is not None:
-        params["tool_choice"] = _tool_choice(tool_choice)
-    if body.get("parallel_tool_calls") is not None:
-        if not isinstance(body["parallel_tool_calls"], bool):
-            raise RequestError("parallel_tool_calls", "parallel_tool_calls must be a boolean")
-        if tools:  # OpenAI refuses parallel_tool_calls without tools
-            params["parallel_tool_calls"] = body["parallel_tool_calls"]
+    params.update(
+        tool_params(
+            _tool_choice(tool_choice) if tool_choice is not None else None, body.get("parallel_tool_calls"), bool(tools)
+        )
+    )
     text = body.get("text")
     if text is not None:
         if not isinstance(text, dict):

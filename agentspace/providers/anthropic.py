@@ -223,6 +223,12 @@ async def _thinking_forms(client: AsyncAnthropic, model_name: str) -> tuple[bool
 # --- request ------------------------------------------------------------------------------------
 
 
+# A /v1 client's OpenAI parameters that the Messages API has no counterpart for: refused, not dropped.
+NOT_MESSAGES_PARAMS = frozenset(
+    {"seed", "frequency_penalty", "presence_penalty", "logit_bias", "verbosity", "web_search_options"}
+)
+
+
 def request_params(request: ProviderRequest) -> dict[str, Any]:
     """The Messages API parameters for ``request`` (always streamed; never a temperature)."""
     params: dict[str, Any] = {
@@ -233,6 +239,11 @@ def request_params(request: ProviderRequest) -> dict[str, Any]:
     }
     if request.system:
         params["system"] = request.system
+    refused = sorted(name for name in request.params if name in NOT_MESSAGES_PARAMS)
+    if refused:
+        raise ProviderError(
+            "INVALID_MESSAGE", f"{', '.join(refused)}: not supported by Anthropic's Messages API.", status=400
+        )
     if request.params.get("stop"):  # (a /v1 client's temperature and top_p: the Messages API takes neither)
         params["stop_sequences"] = request.params["stop"]
     if request.tools:

@@ -169,6 +169,13 @@ class LiteLLMProvider:
             # Checked here too for fallbacks and direct callers; litellm would retry a "Missing credentials" 500.
             raise ProviderError("NO_API_KEY", missing_key_message(request.prefix, self._config))
         litellm = await _load_litellm()
+        refused = unsupported_params(litellm, request)
+        if refused:
+            raise ProviderError(
+                "INVALID_MESSAGE",
+                f"{', '.join(refused)}: not supported by {request.model} (its provider's API has no such parameter).",
+                status=400,
+            )
         settings = self._config.provider_settings(request.prefix)
         kwargs: dict[str, Any] = {
             # [providers.PREFIX] options go to litellm as they are (api_version, extra_headers, temperature, ...).
@@ -282,6 +289,38 @@ class LiteLLMProvider:
         if calls and reason == "stop":  # some OpenAI-compatible servers (Ollama) end tool calls with "stop"
             reason = "tool-calls"
         yield ProviderFinish(reason, _token_usage(usage) if provider_sent_usage(response) else None, message.finish())
+
+
+# A /v1 client's parameters that change the answer: refused (not dropped) where the provider's API has none.
+# (temperature, top_p and stop are sampling hints every provider gets where its API takes them.)
+CHECKED_PARAMS = frozenset(
+    {
+        "response_format",
+        "tool_choice",
+        "parallel_tool_calls",
+        "seed",
+        "frequency_penalty",
+        "presence_penalty",
+        "logit_bias",
+        "verbosity",
+        "web_search_options",
+    }
+)
+
+
+def unsupported_params(litellm: ModuleType, request: ProviderRequest) -> list[str]:
+    """The checked parameters of ``request`` that litellm says its provider does not take (none when litellm
+    does not know the provider: an OpenAI-compatible server gets them all)."""
+    asked = sorted(name for name in request.params if name in CHECKED_PARAMS)
+    if not asked:
+        return []
+    try:
+        supported = litellm.get_supported_openai_params(model=request.model_name, custom_llm_provider=request.prefix)
+    except Exception:  # litellm raises for providers it has no table for
+        return []
+    if not supported:
+        return []
+    return [name for name in asked if name not in supported]
 
 
 # --- the stream -----------------------------------------------------------------------------------
