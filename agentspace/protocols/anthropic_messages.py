@@ -24,6 +24,7 @@ from ..events import (
 from ..tokens import count_tokens
 from ..types import (
     ChatMessage,
+    FilePart,
     Part,
     ReasoningPart,
     TextPart,
@@ -322,7 +323,24 @@ def _part(block: Any, names: dict[str, str], where: str) -> Part | None:
         return ToolResultPart(call_id, names.get(call_id, ""), content or "", bool(block.get("is_error")))
     if kind in ("thinking", "redacted_thinking"):
         return None  # another provider's signed thinking means nothing to this one
+    if kind in ("image", "document"):
+        return _file(block, kind, where)
     raise RequestError(f"{where}.type: {kind!r} blocks are only supported with Anthropic models here")
+
+
+def _file(block: dict[str, Any], kind: str, where: str) -> Part:
+    """An image or document block: base64 or URL sources (a plain-text document is its text)."""
+    raw = block.get("source")
+    source: dict[str, Any] = raw if isinstance(raw, dict) else {}
+    title = block.get("title") if isinstance(block.get("title"), str) else None
+    default_type = "image/png" if kind == "image" else "application/pdf"
+    if source.get("type") == "base64" and isinstance(source.get("data"), str):
+        return FilePart(str(source.get("media_type") or default_type), data=source["data"], filename=title)
+    if source.get("type") == "url" and isinstance(source.get("url"), str):
+        return FilePart(default_type, url=source["url"], filename=title)
+    if kind == "document" and source.get("type") == "text":
+        return TextPart(str(source.get("data") or ""))
+    raise RequestError(f"{where}.source: base64 and url sources work with this model (not {source.get('type')!r})")
 
 
 def _sse(name: str, data: dict[str, Any]) -> bytes:

@@ -25,6 +25,7 @@ from ..events import (
 )
 from ..types import (
     ChatMessage,
+    FilePart,
     Part,
     ReasoningPart,
     TextPart,
@@ -203,7 +204,7 @@ def parse_request(body: Any) -> ParsedRequest:
         if role in ("system", "developer"):
             system.append(_text(m.get("content"), f"messages[{i}].content"))
         elif role == "user":
-            _append(messages, "user", [TextPart(_text(m.get("content"), f"messages[{i}].content"))])
+            _append(messages, "user", user_parts(m.get("content"), f"messages[{i}].content"))
         elif role == "assistant":
             parts: list[Part] = []
             text = _text(m.get("content"), f"messages[{i}].content") if m.get("content") is not None else ""
@@ -348,6 +349,50 @@ def _text(content: Any, param: str) -> str:
                 )
         return "".join(texts)
     raise RequestError(param, "content must be a string or an array of content parts")
+
+
+def user_parts(content: Any, param: str) -> list[Part]:
+    """A user message's content as parts: text, images (``image_url``: a URL or a data URL) and documents
+    (``file`` with ``file_data``); audio and uploaded file ids are refused by name."""
+    if not isinstance(content, list):
+        return [TextPart(_text(content, param))]
+    parts: list[Part] = []
+    for j, part in enumerate(content):
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind == "text":
+            parts.append(TextPart(str(part.get("text") or "")))
+        elif kind == "image_url":
+            image = part.get("image_url")
+            url = image.get("url") if isinstance(image, dict) else image
+            parts.append(file_part(url, None, f"{param}[{j}].image_url.url", "image/png"))
+        elif kind == "file":
+            file = part.get("file") if isinstance(part.get("file"), dict) else {}
+            if not file.get("file_data"):
+                raise RequestError(
+                    f"{param}[{j}].file", "send files as file_data (a data URL): this gateway has no file storage"
+                )
+            parts.append(file_part(file["file_data"], file.get("filename"), f"{param}[{j}].file.file_data"))
+        else:
+            raise RequestError(
+                f"{param}[{j}].type", f"content parts of type {kind!r} are not supported by this gateway"
+            )
+    return parts
+
+
+def file_part(url: Any, filename: Any, param: str, url_media_type: str = "application/pdf") -> FilePart:
+    """A file from a ``data:`` URL (its media type and base64 data) or an http(s) URL."""
+    if not isinstance(url, str) or not url:
+        raise RequestError(param, "a URL or a data URL is required")
+    name = filename if isinstance(filename, str) else None
+    if url.startswith("data:"):
+        head, sep, data = url[5:].partition(",")
+        media_type, _, encoding = head.partition(";")
+        if not sep or encoding != "base64" or not media_type:
+            raise RequestError(param, "a data URL must be data:<media type>;base64,<data>")
+        return FilePart(media_type, data=data, filename=name)
+    if url.startswith(("https://", "http://")):
+        return FilePart(url_media_type, url=url, filename=name)
+    raise RequestError(param, "a file must be an http(s) URL or a data URL")
 
 
 def _arguments(raw: Any) -> Any:

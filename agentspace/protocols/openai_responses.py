@@ -38,6 +38,7 @@ from .openai_chat import (
     ParsedRequest,
     RequestError,
     _never_called,
+    file_part,
     sampling_params,
     tool_params,
 )
@@ -178,7 +179,9 @@ def _input_messages(raw: Any, system: list[str]) -> list[ChatMessage]:
             role = item.get("role")
             if role in ("system", "developer"):
                 system.append(_text(item.get("content"), f"{param}.content"))
-            elif role in ("user", "assistant"):
+            elif role == "user":
+                _append(messages, "user", _user_parts(item.get("content"), f"{param}.content"))
+            elif role == "assistant":
                 text = _text(item.get("content"), f"{param}.content")
                 if text:
                     _append(messages, role, [TextPart(text)])
@@ -219,6 +222,29 @@ def _append(messages: list[ChatMessage], role: str, parts: list[Part]) -> None:
         messages[-1].parts.extend(parts)
     else:
         messages.append(ChatMessage(role, parts))  # type: ignore[arg-type]
+
+
+def _user_parts(content: Any, param: str) -> list[Part]:
+    """A user message's content: text, images (``input_image``) and documents (``input_file``), each as a URL
+    or a data URL; uploaded file ids are refused (the gateway has no file storage)."""
+    if not isinstance(content, list):
+        return [TextPart(_text(content, param))]
+    parts: list[Part] = []
+    for j, part in enumerate(content):
+        kind = part.get("type") if isinstance(part, dict) else None
+        where = f"{param}[{j}]"
+        if kind == "input_image" and part.get("image_url"):
+            parts.append(file_part(part["image_url"], None, f"{where}.image_url", "image/png"))
+        elif kind == "input_file" and (part.get("file_data") or part.get("file_url")):
+            data = part.get("file_data")
+            if isinstance(data, str) and not data.startswith("data:"):
+                data = f"data:application/pdf;base64,{data}"  # the bare base64 form
+            parts.append(file_part(data or part.get("file_url"), part.get("filename"), f"{where}.file_data"))
+        elif kind in ("input_image", "input_file"):
+            raise RequestError(f"{where}.file_id", "send files as URLs or data URLs: this gateway has no file storage")
+        else:
+            parts.append(TextPart(_text([part], param)))
+    return parts
 
 
 TEXT_PARTS = ("input_text", "output_text", "text", "refusal", "summary_text", "reasoning_text")

@@ -329,6 +329,13 @@ def _to_api_block(part: Part) -> dict[str, Any] | None:
     if part.type == "tool-result":
         output = part.output if isinstance(part.output, str) else json.dumps(part.output)
         return {"type": "tool_result", "tool_use_id": part.tool_call_id, "content": output, "is_error": part.is_error}
+    if part.type == "file":
+        source = (
+            {"type": "url", "url": part.url}
+            if part.url
+            else {"type": "base64", "media_type": part.media_type, "data": part.data or ""}
+        )
+        return {"type": "image" if part.is_image else "document", "source": source}
     return None
 
 

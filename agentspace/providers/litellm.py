@@ -33,6 +33,7 @@ from ..hookspecs import hookimpl
 from ..pricing import accepts_adaptive_thinking
 from ..types import (
     ChatMessage,
+    FilePart,
     Part,
     ReasoningPart,
     SourcePart,
@@ -434,12 +435,18 @@ def to_openai_messages(request: ProviderRequest) -> list[dict[str, Any]]:
     for m in request.messages:
         if m.role == "user":
             text: list[str] = []
+            content: list[dict[str, Any]] = []  # with images or documents: content parts in order
             for p in m.parts:
                 if isinstance(p, ToolResultPart):
                     out.append({"role": "tool", "tool_call_id": p.tool_call_id, "content": _tool_output(p)})
                 elif isinstance(p, TextPart):
                     text.append(p.text)
-            if text:
+                    content.append({"type": "text", "text": p.text})
+                elif isinstance(p, FilePart):
+                    content.append(_file_content(p))
+            if len(content) > len(text):
+                out.append({"role": "user", "content": content})
+            elif text:
                 out.append({"role": "user", "content": "".join(text)})
             continue
         msg: dict[str, Any] = {
@@ -470,6 +477,16 @@ def to_openai_messages(request: ProviderRequest) -> list[dict[str, Any]]:
                 msg["thinking_blocks"] = blocks
         out.append(msg)
     return out
+
+
+def _file_content(part: FilePart) -> dict[str, Any]:
+    """An image or a document as a Chat Completions content part (litellm translates it for the provider)."""
+    if part.is_image:
+        return {"type": "image_url", "image_url": {"url": part.data_url()}}
+    file: dict[str, Any] = {"file_data": part.data_url()}
+    if part.filename:
+        file["filename"] = part.filename
+    return {"type": "file", "file": file}
 
 
 def _tool_output(part: ToolResultPart) -> str:
