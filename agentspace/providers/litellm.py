@@ -89,6 +89,8 @@ def _configure(module: ModuleType) -> ModuleType:
     module.suppress_debug_info = True  # type: ignore[attr-defined]  # no "Give Feedback / Get Help" banners on errors
     # Counting tokens for a provider that sent no usage must not download HuggingFace tokenizers.
     module.disable_hf_tokenizer_download = True  # type: ignore[attr-defined]
+    # No retries behind the caller's back: litellm's embedding path reads max_retries=0 as "the default" (2).
+    module.DEFAULT_MAX_RETRIES = 0  # type: ignore[attr-defined]
     return module
 
 
@@ -322,6 +324,34 @@ def unsupported_params(litellm: ModuleType, request: ProviderRequest) -> list[st
     if not supported:
         return []
     return [name for name in asked if name not in supported]
+
+
+async def embed(
+    config: Config, request: ProviderRequest, inputs: list[Any], options: dict[str, Any]
+) -> tuple[list[Any], TokenUsage | None]:
+    """Embeddings of ``inputs`` (strings or token arrays) through litellm: the vectors (lists of floats, or
+    base64 strings with ``encoding_format: base64``) and the usage the provider reported (None: none)."""
+    if await LiteLLMProvider(config).missing_key(request.model, request.api_key, request.base_url):
+        raise ProviderError("NO_API_KEY", missing_key_message(request.prefix, config))
+    litellm = await _load_litellm()
+    settings = config.provider_settings(request.prefix)
+    try:
+        response = await litellm.aembedding(
+            model=request.model,
+            input=inputs,
+            api_base=request.base_url,
+            api_key=request.api_key,
+            timeout=settings["timeout_seconds"],
+            num_retries=0,
+            max_retries=0,
+            **options,  # dimensions, encoding_format, user
+        )
+    except Exception as e:
+        raise _map_error(e, request, settings["key_name"] or request.prefix) from None
+    vectors = [item["embedding"] if isinstance(item, dict) else item.embedding for item in response.data]
+    usage = getattr(response, "usage", None)
+    prompt = getattr(usage, "prompt_tokens", None) if usage is not None else None
+    return vectors, TokenUsage(input_tokens=prompt) if isinstance(prompt, int) else None
 
 
 # --- the stream -----------------------------------------------------------------------------------
