@@ -43,7 +43,7 @@ ERROR_TYPES = {
     403: "invalid_request_error",
     404: "invalid_request_error",
     413: "invalid_request_error",
-    429: "rate_limit_exceeded",
+    429: "requests",  # OpenAI's type for a rate limit (its code: rate_limit_exceeded)
     500: "server_error",
     502: "server_error",
     503: "server_error",
@@ -64,6 +64,8 @@ REASONING_BUDGETS = {"minimal": 1024, "low": 2048, "medium": 8000, "high": 16000
 def error_body(
     status: int, message: str, *, code: str | None = None, error_type: str | None = None, param: str | None = None
 ) -> dict[str, Any]:
+    if error_type is None and code == "insufficient_quota":
+        error_type = code  # a spent budget: OpenAI's type and code for an exhausted quota
     return {
         "error": {
             "message": message,
