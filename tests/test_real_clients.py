@@ -22,6 +22,8 @@ from agentspace.stores.usage import UsageStore
 from scripts.harness import GatewayProcess
 from tests.fakes import anthropic_upstream as fa
 from tests.fakes import openai_upstream as fo
+from tests.test_v1_serve import README_URL, snippets
+from tests.test_v1_serve import run as run_snippet
 
 BIN = Path(__file__).resolve().parent / "clients" / "node_modules" / ".bin"
 TOOL_OUTPUT = "agentspace-tool-ok"
@@ -78,16 +80,11 @@ def base_env(home: Path) -> dict[str, str]:
 # --- Codex CLI ----------------------------------------------------------------------------------------
 
 
-CODEX_CONFIG = """\
-model = "openai/gpt-4o-mini"
-model_provider = "agentspace"
-
-[model_providers.agentspace]
-name = "agentspace"
-base_url = "{url}/v1"
-env_key = "AGENTSPACE_TOKEN"
-wire_api = "responses"
-"""
+def codex_config(url: str) -> str:
+    """The README's config.toml for Codex, pointed at ``url``."""
+    lang, code = snippets()["codex-config"]
+    assert lang == "toml"
+    return code.replace(README_URL, url)
 
 
 async def codex(server: GatewayProcess, tmp_path: Path, prompt: str) -> list[dict[str, Any]]:
@@ -95,7 +92,7 @@ async def codex(server: GatewayProcess, tmp_path: Path, prompt: str) -> list[dic
     binary = client_binary("codex", "@openai/codex")
     home = tmp_path / "codex-home"
     home.mkdir(exist_ok=True)
-    (home / "config.toml").write_text(CODEX_CONFIG.format(url=server.url), encoding="utf-8")
+    (home / "config.toml").write_text(codex_config(server.url), encoding="utf-8")
     work = tmp_path / "project"
     work.mkdir(exist_ok=True)
     env = {**base_env(tmp_path), "CODEX_HOME": str(home), "AGENTSPACE_TOKEN": server.token}
@@ -232,3 +229,18 @@ async def test_claude_code_on_an_openai_model(
     mine = [r for r in records(server) if r["sessionId"] == result["session_id"]]
     assert [(r["inputTokens"], r["outputTokens"]) for r in mine] == [(5000, 20), (5100, 3)]
     assert server.log_problems() == []
+
+
+# --- the README's other snippets --------------------------------------------------------------------
+
+
+async def test_readme_responses_and_parse_snippet(
+    server: GatewayProcess, fake_openai: fo.FakeOpenAI, fake_anthropic: fa.FakeAnthropic
+) -> None:
+    fake_openai.enqueue(fo.text_response("Hello from Responses", usage=fo.usage(11, 4)))
+    fake_anthropic.enqueue(fa.text_response('{"name": "Ada", "age": 36}', usage={"input_tokens": 77}))
+    out = await run_snippet(server, *snippets()["openai-responses"])
+    assert out.splitlines() == ["Hello from Responses", "name='Ada' age=36"]
+    assert "output_config" in fake_anthropic.requests[0].body
+    got = sorted((r["endpoint"], r["inputTokens"]) for r in records(server))
+    assert got == [("openai", 77), ("responses", 11)]

@@ -21,6 +21,7 @@ from agentspace.transports import state
 from tests.fakes import anthropic_upstream as fa
 from tests.fakes.anthropic_upstream import FakeAnthropic
 from tests.fakes.openai_upstream import FakeOpenAI, text_response, usage
+from tests.test_v1_serve import README_URL, snippets
 
 MESSAGES: list[Any] = [{"role": "user", "content": "Ada Lovelace, 36"}]
 TOOLS: list[Any] = [
@@ -161,17 +162,13 @@ async def test_a_parameter_the_provider_has_not_is_refused(
 
 
 async def test_llm_schema(client: TestClient, token: str, fake_openai: FakeOpenAI, tmp_path: Path) -> None:
-    """``llm --schema`` with the gateway as an OpenAI-compatible model (extra-openai-models.yaml)."""
+    """``llm --schema`` with the gateway as an OpenAI-compatible model (the README's extra-openai-models.yaml)."""
     home = tmp_path / "llm"
     home.mkdir()
-    (home / "extra-openai-models.yaml").write_text(
-        "- model_id: agentspace-gpt\n"
-        "  model_name: openai/gpt-4o-mini\n"
-        f"  api_base: http://127.0.0.1:{client.port}/v1\n"
-        "  api_key_name: agentspace\n"
-        "  supports_schema: true\n",
-        encoding="utf-8",
-    )
+    lang, models = snippets()["llm-models"]  # the README's extra-openai-models.yaml
+    assert lang == "yaml"
+    models = models.replace(README_URL, f"http://127.0.0.1:{client.port}")
+    (home / "extra-openai-models.yaml").write_text(models, encoding="utf-8")
     (home / "keys.json").write_text(json.dumps({"agentspace": token}), encoding="utf-8")
     fake_openai.enqueue(text_response('{"name": "Ada", "age": 36}', usage=usage(44, 11)))
     llm = Path(sys.executable).parent / "llm"
