@@ -108,3 +108,43 @@ async def test_responses_input_image_and_file(client: TestClient, token: str, fa
     (user,) = [m for m in fake_openai.requests[0].body["messages"] if m["role"] == "user"]
     assert [p["type"] for p in user["content"]] == ["text", "image_url", "file"]
     assert user["content"][2]["file"] == {"file_data": f"data:application/pdf;base64,{PDF}", "filename": "a.pdf"}
+
+
+async def test_messages_tool_result_with_a_screenshot_and_tool_choice(
+    client: TestClient, token: str, fake_openai: FakeOpenAI
+) -> None:
+    """What Claude Code sends after a tool that returned an image, on an OpenAI model."""
+    fake_openai.enqueue(text_response("A login page"))
+    api = anthropic.AsyncAnthropic(api_key=token, base_url=base_url(client), max_retries=0)
+    messages: list[Any] = [
+        {"role": "user", "content": "Take a screenshot"},
+        {"role": "assistant", "content": [{"type": "tool_use", "id": "toolu_1", "name": "shot", "input": {}}]},
+        {
+            "role": "user",
+            "content": [
+                {
+                    "type": "tool_result",
+                    "tool_use_id": "toolu_1",
+                    "content": [
+                        {"type": "text", "text": "saved"},
+                        {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": PNG}},
+                    ],
+                }
+            ],
+        },
+    ]
+    tools: list[Any] = [{"name": "shot", "description": "Screenshot", "input_schema": {"type": "object"}}]
+    await api.messages.create(
+        model="openai/gpt-4o-mini",
+        max_tokens=100,
+        messages=messages,
+        tools=tools,
+        tool_choice={"type": "any", "disable_parallel_tool_use": True},
+    )
+    sent = fake_openai.requests[0].body
+    assert [m["role"] for m in sent["messages"]] == ["user", "assistant", "tool", "user"]
+    assert sent["messages"][2] == {"role": "tool", "tool_call_id": "toolu_1", "content": "saved"}
+    assert sent["messages"][3]["content"] == [
+        {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{PNG}"}}
+    ]
+    assert sent["tool_choice"] == "required" and sent["parallel_tool_calls"] is False

@@ -275,7 +275,18 @@ def parse_request(body: dict[str, Any]) -> tuple[str, list[ChatMessage], list[To
                 str(b.get("text") or "") for b in blocks if isinstance(b, dict) and b.get("type") == "text"
             )
             continue
-        parts = [p for j, b in enumerate(blocks) if (p := _part(b, names, f"messages.{i}.content.{j}")) is not None]
+        parts: list[Part] = []
+        for j, b in enumerate(blocks):
+            part = _part(b, names, f"messages.{i}.content.{j}")
+            if part is not None:
+                parts.append(part)
+            if isinstance(part, ToolResultPart) and isinstance(b.get("content"), list):
+                # Images and documents in a tool result (a screenshot): after it, where every API takes them.
+                parts.extend(
+                    _file(c, str(c.get("type")), f"messages.{i}.content.{j}.content.{k}")
+                    for k, c in enumerate(b["content"])
+                    if isinstance(c, dict) and c.get("type") in ("image", "document")
+                )
         if messages and messages[-1].role == m["role"]:  # around a system message, turns of one role meet
             messages[-1].parts.extend(parts)
         else:
@@ -301,7 +312,33 @@ def parse_request(body: dict[str, Any]) -> tuple[str, list[ChatMessage], list[To
         )
     except ParamError as e:
         raise RequestError(f"{e.param}: {e.message}") from None
+    params.update(_tool_choice(body.get("tool_choice"), bool(tools)))
+    output_format = (
+        (body.get("output_config") or {}).get("format") if isinstance(body.get("output_config"), dict) else None
+    )
+    if isinstance(output_format, dict) and output_format.get("type") == "json_schema":
+        schema = {"name": "output", "schema": output_format.get("schema") or {}, "strict": True}
+        params["response_format"] = {"type": "json_schema", "json_schema": schema}
     return system, messages, tools, max_tokens, budget, params
+
+
+def _tool_choice(choice: Any, has_tools: bool) -> dict[str, Any]:
+    """Anthropic's ``tool_choice`` (with ``disable_parallel_tool_use``) in the OpenAI shape providers take."""
+    if not isinstance(choice, dict) or not has_tools:
+        return {}
+    kind = choice.get("type")
+    params: dict[str, Any] = {}
+    if kind in ("auto", "none"):
+        params["tool_choice"] = kind
+    elif kind == "any":
+        params["tool_choice"] = "required"
+    elif kind == "tool" and isinstance(choice.get("name"), str):
+        params["tool_choice"] = {"type": "function", "function": {"name": choice["name"]}}
+    else:
+        raise RequestError(f"tool_choice.type: unsupported tool_choice {kind!r}")
+    if choice.get("disable_parallel_tool_use") and kind != "none":
+        params["parallel_tool_calls"] = False
+    return params
 
 
 def _part(block: Any, names: dict[str, str], where: str) -> Part | None:
