@@ -87,7 +87,7 @@ def codex_config(url: str) -> str:
     return code.replace(README_URL, url)
 
 
-async def codex(server: GatewayProcess, tmp_path: Path, prompt: str) -> list[dict[str, Any]]:
+async def codex(server: GatewayProcess, tmp_path: Path, prompt: str, model: str | None = None) -> list[dict[str, Any]]:
     """``codex exec --json``: its JSONL events."""
     binary = client_binary("codex", "@openai/codex")
     home = tmp_path / "codex-home"
@@ -98,7 +98,7 @@ async def codex(server: GatewayProcess, tmp_path: Path, prompt: str) -> list[dic
     env = {**base_env(tmp_path), "CODEX_HOME": str(home), "AGENTSPACE_TOKEN": server.token}
     argv: list[str | Path] = [binary, "exec", "--json", "--skip-git-repo-check"]
     # The test machine may have no user namespaces for Codex's sandbox; the command it runs is an echo.
-    argv += ["--dangerously-bypass-approvals-and-sandbox", prompt]
+    argv += ["--dangerously-bypass-approvals-and-sandbox", *(["-m", model] if model else []), prompt]
     out = await run(argv, env, work)
     return [json.loads(line) for line in out.splitlines() if line.startswith("{")]
 
@@ -149,6 +149,25 @@ async def test_codex_tool_round_trip(server: GatewayProcess, fake_openai: fo.Fak
     got = [(r["endpoint"], r["inputTokens"], r["outputTokens"]) for r in records(server)]
     assert got == [("responses", 500, 30), ("responses", 700, 9)]
     assert len({r["sessionId"] for r in records(server)}) == 1
+    assert server.log_problems() == []
+
+
+async def test_codex_on_a_claude_model(
+    server: GatewayProcess, fake_anthropic: fa.FakeAnthropic, tmp_path: Path
+) -> None:
+    fake_anthropic.enqueue(
+        fa.tool_use_response(
+            "exec_command", {"cmd": f"echo {TOOL_OUTPUT}"}, id="toolu_cx_1", usage={"input_tokens": 900}
+        ),
+        fa.text_response("Claude ran it.", usage={"input_tokens": 950}),
+    )
+    events = await codex(server, tmp_path, "Run echo", "anthropic/claude-sonnet-4-6")
+    assert agent_messages(events)[-1] == "Claude ran it."
+    last = fake_anthropic.requests[-1].body["messages"]
+    results = [b for m in last for b in m["content"] if isinstance(b, dict) and b.get("type") == "tool_result"]
+    assert results[0]["tool_use_id"] == "toolu_cx_1" and TOOL_OUTPUT in results[0]["content"]
+    got = [(r["endpoint"], r["model"], r["inputTokens"]) for r in records(server)]
+    assert got == [("responses", "anthropic/claude-sonnet-4-6", 900), ("responses", "anthropic/claude-sonnet-4-6", 950)]
     assert server.log_problems() == []
 
 
