@@ -440,7 +440,6 @@ def response_object(
         "incomplete_details": incomplete,
         "model": model,
         "output": output,
-        "output_text": "".join(c["text"] for item in output if item["type"] == "message" for c in item["content"]),
         "usage": usage_body(usage),
         **_echo(body),
     }
