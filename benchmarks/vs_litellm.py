@@ -331,9 +331,10 @@ async def responses_chat(http: aiohttp.ClientSession, url: str, headers: dict[st
         if resp.status != 200:
             raise bench.ChatFailed(f"HTTP {resp.status}: {(await resp.text())[:200]}")
         async for line in resp.content:
-            if not line.startswith(b"data:"):
+            data = line[5:].strip()
+            if not line.startswith(b"data:") or data == b"[DONE]":  # LiteLLM ends with [DONE] as well
                 continue
-            event = json.loads(line[5:])
+            event = json.loads(data)
             kind = event.get("type")
             if kind == "response.output_text.delta":
                 if ttft is None:
