@@ -203,3 +203,43 @@ async def test_claude_model(client: TestClient, token: str, fake_anthropic: Fake
     assert sent["tool_choice"] == {"type": "any"}
     (record,) = await records(client)
     assert (record["endpoint"], record["inputTokens"], record["outputTokens"]) == ("responses", 25, 4)
+
+
+async def test_signed_reasoning_goes_back_with_the_tool_result(
+    client: TestClient, token: str, fake_anthropic: FakeAnthropic
+) -> None:
+    """As Codex runs a Claude model with reasoning: the stream's reasoning item carries the signature as
+    encrypted_content (asked with include), and the next turn sends it back, before the tool call."""
+    fake_anthropic.enqueue(
+        fa.message_response(
+            fa.thinking_block("Weather needs a tool."),
+            fa.tool_use_block("get_weather", {"city": "Paris"}, id="toolu_w"),
+            stop_reason="tool_use",
+        ),
+        fa.text_response("18 C in Paris"),
+    )
+    api = sdk(client, token)
+    first: list[Any] = [{"type": "message", "role": "user", "content": [{"type": "input_text", "text": "Weather?"}]}]
+    kwargs: dict[str, Any] = dict(
+        model="anthropic/claude-sonnet-4-6",
+        tools=TOOLS,
+        store=False,
+        include=["reasoning.encrypted_content"],
+        reasoning={"effort": "low", "summary": "auto"},
+    )
+    async with api.responses.stream(input=first, **kwargs) as s:
+        done = [e.item for e in [e async for e in s] if e.type == "response.output_item.done"]
+    # In the order Codex keeps them: the call, then the reasoning (done once its signature is known).
+    assert [item.type for item in done] == ["function_call", "reasoning"]
+    assert done[1].encrypted_content == fa.DEFAULT_SIGNATURE  # type: ignore[union-attr]
+    assert done[1].summary[0].text == "Weather needs a tool."  # type: ignore[union-attr]
+    history = [
+        *first,
+        *(item.model_dump(exclude_none=True) for item in done),
+        {"type": "function_call_output", "call_id": "toolu_w", "output": "18 C"},
+    ]
+    answer = await api.responses.create(input=history, **kwargs)
+    assert answer.output_text == "18 C in Paris"
+    assistant = fake_anthropic.requests[1].body["messages"][1]
+    assert [b["type"] for b in assistant["content"]] == ["thinking", "tool_use"]
+    assert assistant["content"][0]["signature"] == fa.DEFAULT_SIGNATURE

@@ -207,7 +207,15 @@ def _input_messages(raw: Any, system: list[str]) -> list[ChatMessage]:
             if isinstance(signature, str) and signature:
                 summary = "".join(str(s.get("text") or "") for s in item.get("summary") or () if isinstance(s, dict))
                 content = "".join(str(c.get("text") or "") for c in item.get("content") or () if isinstance(c, dict))
-                _append(messages, "assistant", [ReasoningPart(content or summary, signature=signature)])
+                part = ReasoningPart(content or summary, signature=signature)
+                last = messages[-1] if messages else None
+                if last is not None and last.role == "assistant":
+                    # A turn's reasoning goes before its text and calls (Anthropic checks the order), wherever
+                    # the client put the item (Codex: where its output_item.done came, at the answer's end).
+                    at = sum(1 for p in last.parts if isinstance(p, ReasoningPart))
+                    last.parts.insert(at, part)
+                else:
+                    _append(messages, "assistant", [part])
         else:
             raise RequestError(
                 f"{param}.type",
@@ -470,6 +478,7 @@ class EventEncoder:
         self._seq = 0
         self._open: dict[str, Any] | None = None  # the item being streamed
         self._text: list[str] = []
+        self._deferred: list[int] = []  # reasoning items whose output_item.done waits for the signatures
 
     def _event(self, kind: str, **fields: Any) -> dict[str, Any]:
         event = {"type": kind, "sequence_number": self._seq, **fields}
@@ -593,7 +602,12 @@ class EventEncoder:
                 ),
             ]
         self.output.append(done)
-        out.append(self._event("response.output_item.done", output_index=index, item=done))
+        if item["type"] == "reasoning" and self.encrypted:
+            # Its signature comes with the whole message: the item is done (with encrypted_content) at the end,
+            # since clients such as Codex keep the items of output_item.done for the next turn.
+            self._deferred.append(index)
+        else:
+            out.append(self._event("response.output_item.done", output_index=index, item=done))
         return out
 
     def _tool_call(self, event: ToolCallEvent) -> list[dict[str, Any]]:
@@ -628,6 +642,10 @@ class EventEncoder:
                     part = next(signed, None)
                     if part is not None and part.signature:
                         item["encrypted_content"] = part.signature
+        done = [
+            self._event("response.output_item.done", output_index=index, item=self.output[index])
+            for index in self._deferred
+        ]
         response = {
             **self.response,
             "status": status,
@@ -635,7 +653,7 @@ class EventEncoder:
             "output": self.output,
             "usage": usage_body(usage) if usage is not None else None,
         }
-        return [
+        return done + [
             self._event("response.completed" if status == "completed" else "response.incomplete", response=response)
         ]
 
