@@ -54,7 +54,12 @@ async def records(client: TestClient) -> list[dict[str, Any]]:
 async def test_create_whole(client: TestClient, token: str, fake_openai: FakeOpenAI) -> None:
     fake_openai.enqueue(text_response("Hello there", usage=usage(30, 7, cached=10)))
     response = await sdk(client, token).responses.create(
-        model=MODEL, instructions="Be terse.", input="Hi", store=False, extra_headers={"session-id": "codex-1"}
+        model=MODEL,
+        instructions="Be terse.",
+        input="Hi",
+        store=False,
+        prompt_cache_key="codex-1",
+        extra_headers={"session-id": "codex-1"},
     )
     assert response.output_text == "Hello there"
     assert response.status == "completed"
@@ -63,6 +68,7 @@ async def test_create_whole(client: TestClient, token: str, fake_openai: FakeOpe
     assert response.usage.input_tokens_details.cached_tokens == 10
     sent = fake_openai.requests[0].body
     assert sent["messages"] == [{"role": "system", "content": "Be terse."}, {"role": "user", "content": "Hi"}]
+    assert sent["prompt_cache_key"] == "codex-1" and "store" not in sent
     (record,) = await records(client)
     assert record["endpoint"] == "responses" and record["sessionId"] == "codex-1"
     assert (record["inputTokens"], record["cacheReadTokens"], record["outputTokens"]) == (20, 10, 7)

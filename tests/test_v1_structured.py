@@ -121,10 +121,18 @@ async def test_tool_choice_and_parallel_tool_calls_reach_the_upstream(
 
 async def test_passed_on_fields(client: TestClient, token: str, fake_openai: FakeOpenAI) -> None:
     await sdk(client, token).chat.completions.create(
-        model="openai/gpt-4o-mini", messages=MESSAGES, seed=7, presence_penalty=0.5, frequency_penalty=0.25
+        model="openai/gpt-4o-mini",
+        messages=MESSAGES,
+        seed=7,
+        presence_penalty=0.5,
+        frequency_penalty=0.25,
+        prompt_cache_key="thread-1",
+        user="ada",
+        metadata={"kept": "by the gateway"},
     )
     sent = fake_openai.requests[0].body
     assert (sent["seed"], sent["presence_penalty"], sent["frequency_penalty"]) == (7, 0.5, 0.25)
+    assert (sent["prompt_cache_key"], sent["user"]) == ("thread-1", "ada") and "metadata" not in sent
 
 
 @pytest.mark.parametrize(

@@ -141,21 +141,13 @@ READ_FIELDS = frozenset(
 PASSED_ON_FIELDS = frozenset(
     {"seed", "frequency_penalty", "presence_penalty", "logit_bias", "verbosity", "web_search_options"}
 )
-# - accepted, and nothing for the model: the gateway stores nothing upstream and keeps its own records
-#   (store, metadata, user, safety_identifier), and the provider decides caching, tiers and predicted
-#   output (prompt_cache_key, prompt_cache_retention, service_tier, prediction);
-ACCEPTED_FIELDS = frozenset(
-    {
-        "store",
-        "metadata",
-        "user",
-        "safety_identifier",
-        "prompt_cache_key",
-        "prompt_cache_retention",
-        "service_tier",
-        "prediction",
-    }
+# - hints that change no answer: passed on to providers whose API takes them (OpenAI's prompt cache routing,
+#   service tier, predicted output, end-user id, its own storing of completions), left out elsewhere;
+HINT_FIELDS = frozenset(
+    {"store", "user", "safety_identifier", "prompt_cache_key", "prompt_cache_retention", "service_tier", "prediction"}
 )
+# - accepted and kept by the gateway: metadata (the gateway keeps its own records of every call);
+ACCEPTED_FIELDS = frozenset({"metadata", *HINT_FIELDS})
 # - refused: what one streamed answer of text and tool calls cannot carry.
 REFUSED_FIELDS = {
     "n": "n > 1 is not supported by this gateway: send one request per choice.",
@@ -255,7 +247,7 @@ def parse_request(body: Any) -> ParsedRequest:
         response_format = check_response_format(body["response_format"], "response_format")
         if response_format is not None:
             params["response_format"] = response_format
-    params.update({name: body[name] for name in PASSED_ON_FIELDS if body.get(name) is not None})
+    params.update({name: body[name] for name in PASSED_ON_FIELDS | HINT_FIELDS if body.get(name) is not None})
     return ParsedRequest(
         model=model,
         system="\n\n".join(s for s in system if s),

@@ -54,8 +54,10 @@ STATEFUL_FIELDS = {
 }
 
 # Fields that are accepted and need nothing from the model: the gateway stores nothing (store), every call
-# is metered by the gateway itself (metadata, client_metadata, user, safety_identifier), the provider decides caching and
-# service tiers (prompt_cache_key, service_tier), and ``include`` asks only for what is listed above.
+# is metered by the gateway itself (metadata, client_metadata), the hints prompt_cache_key, service_tier,
+# user and safety_identifier go to providers whose API takes them, and ``include`` asks only for what is
+# listed above.
+HINT_FIELDS = ("prompt_cache_key", "service_tier", "user", "safety_identifier")
 ACCEPTED_FIELDS = frozenset(
     {
         "model",
@@ -126,6 +128,7 @@ def parse_request(body: Any) -> tuple[ParsedRequest, bool]:
 
     tools = _tools(body.get("tools"))
     params = sampling_params(body.get("temperature"), body.get("top_p"), None, "stop")
+    params.update({name: body[name] for name in HINT_FIELDS if body.get(name) is not None})
     tool_choice = body.get("tool_choice")
     params.update(
         tool_params(
