@@ -78,18 +78,27 @@ async def test_messages_image_and_pdf_to_an_openai_model(
     client: TestClient, token: str, fake_openai: FakeOpenAI
 ) -> None:
     fake_openai.enqueue(text_response("Both seen"))
-    api = anthropic.AsyncAnthropic(api_key=token, base_url=base_url(client), max_retries=0)
+    unknown_beta = {"anthropic-beta": "mid-conversation-system-2026-04-07,no-such-beta-2099-01-01"}  # ignored here
+    api = anthropic.AsyncAnthropic(
+        api_key=token, base_url=base_url(client), max_retries=0, default_headers=unknown_beta
+    )
     content: list[Any] = [
         {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": PNG}},
         {"type": "image", "source": {"type": "url", "url": "https://example.com/cat.jpg"}},
         {"type": "document", "source": {"type": "base64", "media_type": "application/pdf", "data": PDF}},
-        {"type": "text", "text": "What are these?"},
+        {"type": "text", "text": "What are these?", "cache_control": {"type": "ephemeral"}},
+    ]
+    messages: list[Any] = [
+        {"role": "user", "content": content},
+        {"role": "system", "content": "Answer in two words."},  # Claude Code's mid-conversation system message
     ]
     reply = await api.messages.create(
-        model="openai/gpt-4o-mini", max_tokens=100, messages=[{"role": "user", "content": content}]
+        model="openai/gpt-4o-mini", max_tokens=100, system="You are terse.", messages=messages
     )
     assert reply.content[0].text == "Both seen"  # type: ignore[union-attr]
-    (user,) = [m for m in fake_openai.requests[0].body["messages"] if m["role"] == "user"]
+    sent = fake_openai.requests[0].body["messages"]
+    assert sent[0] == {"role": "system", "content": "You are terse.\n\nAnswer in two words."}
+    (user,) = [m for m in sent if m["role"] == "user"]
     assert [p["type"] for p in user["content"]] == ["image_url", "image_url", "file", "text"]
     assert user["content"][0]["image_url"]["url"] == f"data:image/png;base64,{PNG}"
     assert user["content"][2]["file"]["file_data"] == f"data:application/pdf;base64,{PDF}"
