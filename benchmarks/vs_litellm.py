@@ -357,6 +357,7 @@ class Side:
     connect: Callable[[], Awaitable[Chat]]  # opens one client (a socket for ws), returns its chat function
     versus: str | None = None  # an agentspace side: the LiteLLM side it is compared with
     optional: bool = False  # left out, not failed, when the server does not serve it (404 on the first chat)
+    reconnect: bool = False  # new sockets before each batch (an idle socket misses the server's heartbeat)
     status: str = "ok"  # "ok", "failed" (its first chat failed: not measured) or "not served"
     workers: list[Chat] = field(default_factory=list)
     samples: list[bench.Sample] = field(default_factory=list)
@@ -407,7 +408,7 @@ def make_sides(http: aiohttp.ClientSession, upstream: str, litellm: str, gateway
             "litellm",
             plain(lambda: responses_chat(http, f"{litellm}/v1/responses", lite, PROXY_MODEL)),
         ),
-        Side("agentspace ws", "agentspace", ws_connect, versus="litellm /v1/chat/completions"),
+        Side("agentspace ws", "agentspace", ws_connect, versus="litellm /v1/chat/completions", reconnect=True),
         Side(
             "agentspace /api/chat",
             "agentspace",
@@ -462,6 +463,14 @@ async def warm_up(side: Side, args: argparse.Namespace) -> None:
 
 
 async def measure(side: Side, pids: dict[str, int], args: argparse.Namespace) -> None:
+    if side.reconnect:
+        # While the other sides ran, this side's sockets sat idle, answering no heartbeat ping (the server
+        # closes such a socket after [server] heartbeat_seconds): fresh ones, outside the measured chats.
+        for worker in side.workers:
+            client = getattr(worker, "__self__", None)
+            if isinstance(client, bench.WsClient):
+                await client.ws.close()
+        side.workers = [await side.connect() for _ in side.workers]
     pid = pids.get(side.server)
     if pid:
         await wait_idle(pid)
