@@ -70,8 +70,7 @@ class DirectCall:
         self._stream = provider.stream(self.request)
         try:
             self._first = await self._stream.__anext__()
-            self._answered = True
-            self.meter.first_output()
+            self._answered = True  # (the time to first output is the transport's: streams only)
         except StopAsyncIteration:
             await self._fail(ProviderError("LLM_ERROR", "The provider ended the stream without an answer."))
         except ProviderError as e:

@@ -55,8 +55,8 @@ def cost_entry(model: str, modes: tuple[str, ...] | None = None) -> dict[str, An
 
 
 def _lookup(model: str) -> dict[str, Any] | None:
-    """The cost-map entry of a model we can chat with."""
-    return cost_entry(model, ("chat", "responses"))
+    """The cost-map entry of a model we can chat with, or of an embedding model (/v1/embeddings prices it)."""
+    return cost_entry(model, ("chat", "responses", "embedding"))
 
 
 def _per_mtok(entry: dict[str, Any], key: str, default: float = 0.0) -> float:

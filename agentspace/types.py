@@ -72,7 +72,27 @@ class ToolResultPart:
     type: Literal["tool-result"] = "tool-result"
 
 
-Part = TextPart | ReasoningPart | SourcePart | ToolCallPart | ToolResultPart
+@dataclass(slots=True)
+class FilePart:
+    """An image or a document a /v1 client sent (``image/*``, ``application/pdf``): base64 ``data`` or a
+    ``url``. Each provider sends it in its API's own block."""
+
+    media_type: str
+    data: str | None = None
+    url: str | None = None
+    filename: str | None = None
+    type: Literal["file"] = "file"
+
+    @property
+    def is_image(self) -> bool:
+        return self.media_type.startswith("image/")
+
+    def data_url(self) -> str:
+        """The file as a URL: its own, or a ``data:`` URL of the base64 data."""
+        return self.url or f"data:{self.media_type};base64,{self.data or ''}"
+
+
+Part = TextPart | ReasoningPart | SourcePart | ToolCallPart | ToolResultPart | FilePart
 
 _PART_KEYS: dict[str, tuple[type, dict[str, str]]] = {
     "text": (TextPart, {"text": "text"}),
@@ -83,6 +103,7 @@ _PART_KEYS: dict[str, tuple[type, dict[str, str]]] = {
         ToolResultPart,
         {"tool_call_id": "toolCallId", "name": "name", "output": "output", "is_error": "isError"},
     ),
+    "file": (FilePart, {"media_type": "mediaType", "data": "data", "url": "url", "filename": "filename"}),
 }
 
 

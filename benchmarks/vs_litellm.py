@@ -28,17 +28,20 @@ The sides (a side = one way to send a streamed chat and see its first token and 
 - ``litellm /v1/messages``: LiteLLM Proxy's Anthropic Messages endpoint, streamed;
 - ``agentspace ws``: agentspace's WebSocket ``chat.send`` (one socket per client, a new session per chat);
 - ``agentspace /api/chat``: agentspace's ``POST /api/chat`` (UI message stream, a new session per chat);
-- ``agentspace /v1/messages`` and ``agentspace /v1/chat/completions``: the drop-in endpoints (SPEC 10), measured
-  when the gateway serves them (a 404 on the first chat marks them "not served" and they are left out).
+- ``agentspace /v1/messages``, ``agentspace /v1/chat/completions`` and ``agentspace /v1/responses``: the drop-in
+  endpoints (SPEC 10), measured when the gateway serves them (a 404 on the first chat marks them "not served"
+  and they are left out);
+- ``litellm /v1/responses``: LiteLLM Proxy's OpenAI Responses endpoint, streamed, stateless as Codex sends it.
 
 Each agentspace side is compared with one LiteLLM side: ws, ``/api/chat`` and ``/v1/chat/completions`` with
-LiteLLM's ``/v1/chat/completions``, ``/v1/messages`` with LiteLLM's ``/v1/messages``.
+LiteLLM's ``/v1/chat/completions``, ``/v1/messages`` with LiteLLM's ``/v1/messages``, ``/v1/responses`` with
+LiteLLM's ``/v1/responses``.
 
 How it measures: after warm-up chats on every side (the first one timed apart: it loads the provider SDKs),
 ``--rounds`` rounds each run ``--chats`` chats on every side in turn, ``--concurrency`` clients at a time
 (each one chat after the other); the order of the sides rotates every round, so the machine's drift spreads
 over all of them. Every chat's streamed text is checked: the whole answer (the text of all 50 deltas) and the
-stream's end (``message_stop``, ``[DONE]``, ``chat.stream.end``); a chat that is not complete counts as failed,
+stream's end (``message_stop``, ``[DONE]``, ``chat.stream.end``, ``response.completed``); a chat that is not complete counts as failed,
 never as fast.
 
 The numbers, per side, pooled over the rounds:
@@ -332,6 +335,39 @@ async def completions_chat(
     return _complete(start, ttft, text, ended)
 
 
+async def responses_chat(http: aiohttp.ClientSession, url: str, headers: dict[str, str], model: str) -> bench.Sample:
+    """One streamed OpenAI Responses call (as Codex sends it: stateless), read to ``response.completed``."""
+    body = {
+        "model": model,
+        "max_output_tokens": bench.DIRECT_BODY["max_tokens"],
+        "stream": True,
+        "store": False,
+        "input": [{"type": "message", "role": "user", "content": [{"type": "input_text", "text": "Hello"}]}],
+    }
+    start = time.perf_counter()
+    ttft = None
+    text: list[str] = []
+    ended = False
+    async with http.post(url, json=body, headers=headers) as resp:
+        if resp.status != 200:
+            raise bench.ChatFailed(f"HTTP {resp.status}: {(await resp.text())[:200]}")
+        async for line in resp.content:
+            data = line[5:].strip()
+            if not line.startswith(b"data:") or data == b"[DONE]":  # LiteLLM ends with [DONE] as well
+                continue
+            event = json.loads(data)
+            kind = event.get("type")
+            if kind == "response.output_text.delta":
+                if ttft is None:
+                    ttft = time.perf_counter() - start
+                text.append(event["delta"])
+            elif kind == "response.completed":
+                ended = True
+            elif kind in ("response.failed", "error"):
+                raise bench.ChatFailed(f"{kind}: {event}")
+    return _complete(start, ttft, text, ended)
+
+
 # --- sides --------------------------------------------------------------------------------------
 
 
@@ -342,6 +378,7 @@ class Side:
     connect: Callable[[], Awaitable[Chat]]  # opens one client (a socket for ws), returns its chat function
     versus: str | None = None  # an agentspace side: the LiteLLM side it is compared with
     optional: bool = False  # left out, not failed, when the server does not serve it (404 on the first chat)
+    reconnect: bool = False  # new sockets before each batch (an idle socket misses the server's heartbeat)
     status: str = "ok"  # "ok", "failed" (its first chat failed: not measured) or "not served"
     workers: list[Chat] = field(default_factory=list)
     samples: list[bench.Sample] = field(default_factory=list)
@@ -387,7 +424,12 @@ def make_sides(http: aiohttp.ClientSession, upstream: str, litellm: str, gateway
             "litellm",
             plain(lambda: messages_chat(http, f"{litellm}/v1/messages", {**lite, **version}, PROXY_MODEL)),
         ),
-        Side("agentspace ws", "agentspace", ws_connect, versus="litellm /v1/chat/completions"),
+        Side(
+            "litellm /v1/responses",
+            "litellm",
+            plain(lambda: responses_chat(http, f"{litellm}/v1/responses", lite, PROXY_MODEL)),
+        ),
+        Side("agentspace ws", "agentspace", ws_connect, versus="litellm /v1/chat/completions", reconnect=True),
         Side(
             "agentspace /api/chat",
             "agentspace",
@@ -406,6 +448,13 @@ def make_sides(http: aiohttp.ClientSession, upstream: str, litellm: str, gateway
             "agentspace",
             plain(lambda: completions_chat(http, f"{gateway}/v1/chat/completions", ours, bench.MODEL)),
             versus="litellm /v1/chat/completions",
+            optional=True,
+        ),
+        Side(
+            "agentspace /v1/responses",
+            "agentspace",
+            plain(lambda: responses_chat(http, f"{gateway}/v1/responses", ours, bench.MODEL)),
+            versus="litellm /v1/responses",
             optional=True,
         ),
     ]
@@ -435,6 +484,14 @@ async def warm_up(side: Side, args: argparse.Namespace) -> None:
 
 
 async def measure(side: Side, pids: dict[str, int], args: argparse.Namespace) -> None:
+    if side.reconnect:
+        # While the other sides ran, this side's sockets sat idle, answering no heartbeat ping (the server
+        # closes such a socket after [server] heartbeat_seconds): fresh ones, outside the measured chats.
+        for worker in side.workers:
+            client = getattr(worker, "__self__", None)
+            if isinstance(client, bench.WsClient):
+                await client.ws.close()
+        side.workers = [await side.connect() for _ in side.workers]
     pid = pids.get(side.server)
     if pid:
         await wait_idle(pid)

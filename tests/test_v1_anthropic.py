@@ -528,10 +528,10 @@ async def test_openai_model_through_messages_errors(openai_client: TestClient, t
     image = [
         {
             "role": "user",
-            "content": [{"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": "AAAA"}}],
+            "content": [{"type": "image", "source": {"type": "file", "file_id": "file_011CNha8iCJcU1wXNR6q4V8w"}}],
         }
     ]
-    with pytest.raises(anthropic.BadRequestError):
+    with pytest.raises(anthropic.BadRequestError):  # the Files API's ids: this gateway has no file storage
         await api.messages.create(model="openai/gpt-4o-mini", max_tokens=10, messages=image)  # type: ignore[arg-type]
     with pytest.raises(anthropic.NotFoundError):
         await api.messages.create(model="nosuchprovider/x", max_tokens=10, messages=MESSAGES)

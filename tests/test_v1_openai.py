@@ -211,10 +211,10 @@ async def test_unknown_model_and_unsupported_content(client: TestClient, token: 
     with pytest.raises(openai.NotFoundError) as raised:
         await api.chat.completions.create(model="no-such-model-xyz", messages=MESSAGES)
     assert raised.value.code == "model_not_found"
-    image = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}]}]
+    audio = [{"role": "user", "content": [{"type": "input_audio", "input_audio": {"data": "AAAA", "format": "wav"}}]}]
     with pytest.raises(openai.BadRequestError) as bad:
-        await api.chat.completions.create(model=MODEL, messages=image)  # type: ignore[arg-type]
-    assert "image_url" in bad.value.message
+        await api.chat.completions.create(model=MODEL, messages=audio)  # type: ignore[arg-type]
+    assert "input_audio" in bad.value.message
     with pytest.raises(openai.AuthenticationError):
         await sdk(client, "wrong").chat.completions.create(model=MODEL, messages=MESSAGES)
     assert fake_openai.requests == [] and await records(client) == []

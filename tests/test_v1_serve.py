@@ -69,7 +69,7 @@ async def test_readme_snippets_work_as_written(
     server: GatewayProcess, fake_anthropic: fa.FakeAnthropic, fake_openai: fo.FakeOpenAI
 ) -> None:
     blocks = snippets()
-    assert set(blocks) == {"openai-sdk", "anthropic-sdk", "claude-code", "curl"}
+    assert {"openai-sdk", "anthropic-sdk", "claude-code", "curl"} <= set(blocks)  # the others: test_real_clients
 
     fake_openai.enqueue(fo.text_response("Hello from OpenAI"))
     assert (await run(server, *blocks["openai-sdk"])).strip() == "Hello from OpenAI"

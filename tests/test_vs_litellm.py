@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
@@ -45,6 +46,21 @@ async def test_completions_client_counts_the_deltas_and_refuses_a_truncated_stre
         fake.enqueue(whole.cut_after(10, abort=False))  # no [DONE]
         with pytest.raises(bench.ChatFailed, match="incomplete answer"):
             await vs_litellm.completions_chat(http, url, headers, "gpt-4o")
+
+
+async def test_responses_client_reads_the_gateway_stream_and_refuses_a_failed_one(
+    make_client: Any, fake_anthropic: anthropic_upstream.FakeAnthropic, token: str
+) -> None:
+    whole = anthropic_upstream.text_response(ANSWER, chunks=bench.DELTAS)
+    fake_anthropic.enqueue(whole, whole.cut_after(20, abort=False))
+    client = await make_client()
+    async with aiohttp.ClientSession() as http:
+        url = f"http://127.0.0.1:{client.port}/v1/responses"
+        headers = {"Authorization": f"Bearer {token}"}
+        sample = await vs_litellm.responses_chat(http, url, headers, bench.MODEL)
+        assert sample.deltas == bench.DELTAS and 0 < sample.ttft <= sample.total
+        with pytest.raises(bench.ChatFailed, match="response.failed"):
+            await vs_litellm.responses_chat(http, url, headers, bench.MODEL)
 
 
 def _side(

@@ -24,6 +24,7 @@ from ..events import (
 from ..tokens import count_tokens
 from ..types import (
     ChatMessage,
+    FilePart,
     Part,
     ReasoningPart,
     TextPart,
@@ -259,15 +260,41 @@ def parse_request(body: dict[str, Any]) -> tuple[str, list[ChatMessage], list[To
         raise RequestError("system: must be a string or a list of text blocks")
     names: dict[str, str] = {}
     messages: list[ChatMessage] = []
+    extra_system: list[str] = []
     for i, m in enumerate(raw_messages):
-        if not isinstance(m, dict) or m.get("role") not in ("user", "assistant"):
-            raise RequestError(f"messages.{i}.role: must be 'user' or 'assistant'")
+        if not isinstance(m, dict) or m.get("role") not in ("user", "assistant", "system"):
+            raise RequestError(f"messages.{i}.role: must be 'user', 'assistant' or 'system'")
         content = m.get("content")
         blocks = [{"type": "text", "text": content}] if isinstance(content, str) else content
         if not isinstance(blocks, list):
             raise RequestError(f"messages.{i}.content: must be a string or a list of content blocks")
-        parts = [_part(b, names, f"messages.{i}.content.{j}") for j, b in enumerate(blocks)]
-        messages.append(ChatMessage(m["role"], [p for p in parts if p is not None]))
+        if m["role"] == "system":
+            # A system message in the conversation (Claude Code's mid-conversation system messages): its text
+            # joins the system prompt, the one place every provider takes instructions.
+            extra_system.extend(
+                str(b.get("text") or "") for b in blocks if isinstance(b, dict) and b.get("type") == "text"
+            )
+            continue
+        parts: list[Part] = []
+        for j, b in enumerate(blocks):
+            part = _part(b, names, f"messages.{i}.content.{j}")
+            if part is not None:
+                parts.append(part)
+            if isinstance(part, ToolResultPart) and isinstance(b.get("content"), list):
+                # Images and documents in a tool result (a screenshot): after it, where every API takes them.
+                parts.extend(
+                    _file(c, str(c.get("type")), f"messages.{i}.content.{j}.content.{k}")
+                    for k, c in enumerate(b["content"])
+                    if isinstance(c, dict) and c.get("type") in ("image", "document")
+                )
+        if messages and messages[-1].role == m["role"]:  # around a system message, turns of one role meet
+            messages[-1].parts.extend(parts)
+        else:
+            messages.append(ChatMessage(m["role"], parts))
+    if extra_system:
+        system = "\n\n".join(s for s in (system, *extra_system) if s)
+    if not messages:
+        raise RequestError("messages: at least one user message is required")
     tools = []
     for i, t in enumerate(body.get("tools") or ()):
         if not isinstance(t, dict) or not isinstance(t.get("name"), str) or "input_schema" not in t:
@@ -285,7 +312,33 @@ def parse_request(body: dict[str, Any]) -> tuple[str, list[ChatMessage], list[To
         )
     except ParamError as e:
         raise RequestError(f"{e.param}: {e.message}") from None
+    params.update(_tool_choice(body.get("tool_choice"), bool(tools)))
+    output_format = (
+        (body.get("output_config") or {}).get("format") if isinstance(body.get("output_config"), dict) else None
+    )
+    if isinstance(output_format, dict) and output_format.get("type") == "json_schema":
+        schema = {"name": "output", "schema": output_format.get("schema") or {}, "strict": True}
+        params["response_format"] = {"type": "json_schema", "json_schema": schema}
     return system, messages, tools, max_tokens, budget, params
+
+
+def _tool_choice(choice: Any, has_tools: bool) -> dict[str, Any]:
+    """Anthropic's ``tool_choice`` (with ``disable_parallel_tool_use``) in the OpenAI shape providers take."""
+    if not isinstance(choice, dict) or not has_tools:
+        return {}
+    kind = choice.get("type")
+    params: dict[str, Any] = {}
+    if kind in ("auto", "none"):
+        params["tool_choice"] = kind
+    elif kind == "any":
+        params["tool_choice"] = "required"
+    elif kind == "tool" and isinstance(choice.get("name"), str):
+        params["tool_choice"] = {"type": "function", "function": {"name": choice["name"]}}
+    else:
+        raise RequestError(f"tool_choice.type: unsupported tool_choice {kind!r}")
+    if choice.get("disable_parallel_tool_use") and kind != "none":
+        params["parallel_tool_calls"] = False
+    return params
 
 
 def _part(block: Any, names: dict[str, str], where: str) -> Part | None:
@@ -307,7 +360,24 @@ def _part(block: Any, names: dict[str, str], where: str) -> Part | None:
         return ToolResultPart(call_id, names.get(call_id, ""), content or "", bool(block.get("is_error")))
     if kind in ("thinking", "redacted_thinking"):
         return None  # another provider's signed thinking means nothing to this one
+    if kind in ("image", "document"):
+        return _file(block, kind, where)
     raise RequestError(f"{where}.type: {kind!r} blocks are only supported with Anthropic models here")
+
+
+def _file(block: dict[str, Any], kind: str, where: str) -> Part:
+    """An image or document block: base64 or URL sources (a plain-text document is its text)."""
+    raw = block.get("source")
+    source: dict[str, Any] = raw if isinstance(raw, dict) else {}
+    title = block.get("title") if isinstance(block.get("title"), str) else None
+    default_type = "image/png" if kind == "image" else "application/pdf"
+    if source.get("type") == "base64" and isinstance(source.get("data"), str):
+        return FilePart(str(source.get("media_type") or default_type), data=source["data"], filename=title)
+    if source.get("type") == "url" and isinstance(source.get("url"), str):
+        return FilePart(default_type, url=source["url"], filename=title)
+    if kind == "document" and source.get("type") == "text":
+        return TextPart(str(source.get("data") or ""))
+    raise RequestError(f"{where}.source: base64 and url sources work with this model (not {source.get('type')!r})")
 
 
 def _sse(name: str, data: dict[str, Any]) -> bytes:

@@ -25,6 +25,7 @@ from ..events import (
 )
 from ..types import (
     ChatMessage,
+    FilePart,
     Part,
     ReasoningPart,
     TextPart,
@@ -42,7 +43,7 @@ ERROR_TYPES = {
     403: "invalid_request_error",
     404: "invalid_request_error",
     413: "invalid_request_error",
-    429: "rate_limit_exceeded",
+    429: "requests",  # OpenAI's type for a rate limit (its code: rate_limit_exceeded)
     500: "server_error",
     502: "server_error",
     503: "server_error",
@@ -63,6 +64,8 @@ REASONING_BUDGETS = {"minimal": 1024, "low": 2048, "medium": 8000, "high": 16000
 def error_body(
     status: int, message: str, *, code: str | None = None, error_type: str | None = None, param: str | None = None
 ) -> dict[str, Any]:
+    if error_type is None and code == "insufficient_quota":
+        error_type = code  # a spent budget: OpenAI's type and code for an exhausted quota
     return {
         "error": {
             "message": message,
@@ -115,9 +118,72 @@ async def _never_called(arguments: dict[str, Any]) -> Any:
     raise RuntimeError("client tools are run by the client")  # /v1 endpoints never run tools
 
 
+# Every request field of the Chat Completions API reference is read, passed on, or refused (400 naming it):
+# - read and translated for every provider: below in parse_request;
+READ_FIELDS = frozenset(
+    {
+        "model",
+        "messages",
+        "stream",
+        "stream_options",
+        "max_tokens",
+        "max_completion_tokens",
+        "temperature",
+        "top_p",
+        "stop",
+        "tools",
+        "tool_choice",
+        "parallel_tool_calls",
+        "response_format",
+        "reasoning_effort",
+    }
+)
+# - passed on to the provider as they are (``ProviderRequest.params``); a provider whose API has no such
+#   parameter refuses the call with a 400 naming it;
+PASSED_ON_FIELDS = frozenset(
+    {"seed", "frequency_penalty", "presence_penalty", "logit_bias", "verbosity", "web_search_options"}
+)
+# - hints that change no answer: passed on to providers whose API takes them (OpenAI's prompt cache routing,
+#   service tier, predicted output, end-user id, its own storing of completions), left out elsewhere;
+HINT_FIELDS = frozenset(
+    {"store", "user", "safety_identifier", "prompt_cache_key", "prompt_cache_retention", "service_tier", "prediction"}
+)
+# - accepted and kept by the gateway: metadata (the gateway keeps its own records of every call);
+ACCEPTED_FIELDS = frozenset({"metadata", *HINT_FIELDS})
+# - refused: what one streamed answer of text and tool calls cannot carry.
+REFUSED_FIELDS = {
+    "n": "n > 1 is not supported by this gateway: send one request per choice.",
+    "logprobs": "logprobs are not supported by this gateway.",
+    "top_logprobs": "top_logprobs are not supported by this gateway.",
+    "audio": "audio output is not supported by this gateway.",
+    "modalities": 'modalities other than ["text"] are not supported by this gateway.',
+    "functions": "functions (deprecated) is not supported by this gateway: use tools.",
+    "function_call": "function_call (deprecated) is not supported by this gateway: use tool_choice.",
+}
+
+
+def _refused(name: str, value: Any) -> bool:
+    """Whether a value of a refused field asks for something (the defaults are accepted)."""
+    if value is None or value is False:
+        return False
+    if name == "n":
+        return value != 1
+    if name == "top_logprobs":
+        return value != 0
+    if name == "modalities":
+        return value != ["text"]
+    return True
+
+
 def parse_request(body: Any) -> ParsedRequest:
     if not isinstance(body, dict):
         raise RequestError("body", "The request body must be a JSON object.")
+    for name, value in body.items():
+        if name in REFUSED_FIELDS:
+            if _refused(name, value):
+                raise RequestError(name, REFUSED_FIELDS[name])
+        elif name not in READ_FIELDS and name not in PASSED_ON_FIELDS and name not in ACCEPTED_FIELDS:
+            raise RequestError(name, f"{name} is not a Chat Completions parameter this gateway supports.")
     model = body.get("model")
     if not isinstance(model, str) or not model:
         raise RequestError("model", "you must provide a model parameter")
@@ -134,7 +200,7 @@ def parse_request(body: Any) -> ParsedRequest:
         if role in ("system", "developer"):
             system.append(_text(m.get("content"), f"messages[{i}].content"))
         elif role == "user":
-            _append(messages, "user", [TextPart(_text(m.get("content"), f"messages[{i}].content"))])
+            _append(messages, "user", user_parts(m.get("content"), f"messages[{i}].content"))
         elif role == "assistant":
             parts: list[Part] = []
             text = _text(m.get("content"), f"messages[{i}].content") if m.get("content") is not None else ""
@@ -172,7 +238,18 @@ def parse_request(body: Any) -> ParsedRequest:
     if max_tokens is not None and (not isinstance(max_tokens, int) or max_tokens < 1):
         raise RequestError("max_tokens", "max_tokens must be a positive integer")
     effort = body.get("reasoning_effort")
+    if effort is not None and effort not in (*REASONING_BUDGETS, "none", "xhigh"):
+        raise RequestError("reasoning_effort", f"unsupported reasoning_effort {effort!r}")
     stop = body.get("stop")
+    params = sampling_params(
+        body.get("temperature"), body.get("top_p"), [stop] if isinstance(stop, str) else stop, "stop"
+    )
+    params.update(tool_params(body.get("tool_choice"), body.get("parallel_tool_calls"), bool(tools)))
+    if body.get("response_format") is not None:
+        response_format = check_response_format(body["response_format"], "response_format")
+        if response_format is not None:
+            params["response_format"] = response_format
+    params.update({name: body[name] for name in PASSED_ON_FIELDS | HINT_FIELDS if body.get(name) is not None})
     return ParsedRequest(
         model=model,
         system="\n\n".join(s for s in system if s),
@@ -181,11 +258,50 @@ def parse_request(body: Any) -> ParsedRequest:
         stream=bool(body.get("stream")),
         include_usage=bool((body.get("stream_options") or {}).get("include_usage")),
         max_tokens=max_tokens,
-        reasoning_budget=REASONING_BUDGETS.get(effort) if isinstance(effort, str) else None,
-        params=sampling_params(
-            body.get("temperature"), body.get("top_p"), [stop] if isinstance(stop, str) else stop, "stop"
-        ),
+        reasoning_budget=REASONING_BUDGETS.get("high" if effort == "xhigh" else effort) if effort else None,
+        params=params,
     )
+
+
+def tool_params(tool_choice: Any, parallel: Any, has_tools: bool) -> dict[str, Any]:
+    """``tool_choice`` (auto, none, required, or a named function) and ``parallel_tool_calls``, checked."""
+    params: dict[str, Any] = {}
+    if tool_choice is not None:
+        named = isinstance(tool_choice, dict) and tool_choice.get("type") == "function"
+        if named and not isinstance((tool_choice.get("function") or {}).get("name"), str):
+            named = False
+        if tool_choice not in ("auto", "none", "required") and not named:
+            raise RequestError(
+                "tool_choice", "tool_choice must be auto, none, required or {type: function, function: {name}}"
+            )
+        if has_tools:
+            params["tool_choice"] = tool_choice
+    if parallel is not None:
+        if not isinstance(parallel, bool):
+            raise RequestError("parallel_tool_calls", "parallel_tool_calls must be a boolean")
+        if has_tools:  # OpenAI refuses parallel_tool_calls without tools
+            params["parallel_tool_calls"] = parallel
+    return params
+
+
+def check_response_format(raw: Any, param: str) -> dict[str, Any] | None:
+    """A ``response_format`` checked (None for plain text): ``json_object``, or ``json_schema`` with its
+    ``name``, ``schema`` and ``strict``."""
+    if not isinstance(raw, dict):
+        raise RequestError(param, "response_format must be an object")
+    kind = raw.get("type")
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return {"type": "json_object"}
+    if kind == "json_schema":
+        spec = raw.get("json_schema")
+        if not isinstance(spec, dict) or not isinstance(spec.get("name"), str):
+            raise RequestError(f"{param}.json_schema", "a json_schema response_format needs json_schema.name")
+        if spec.get("schema") is not None and not isinstance(spec["schema"], dict):
+            raise RequestError(f"{param}.json_schema.schema", "the schema must be an object")
+        return {"type": "json_schema", "json_schema": spec}
+    raise RequestError(f"{param}.type", f"unsupported response_format type {kind!r}")
 
 
 def sampling_params(temperature: Any, top_p: Any, stop: Any, stop_name: str) -> dict[str, Any]:
@@ -229,6 +345,50 @@ def _text(content: Any, param: str) -> str:
                 )
         return "".join(texts)
     raise RequestError(param, "content must be a string or an array of content parts")
+
+
+def user_parts(content: Any, param: str) -> list[Part]:
+    """A user message's content as parts: text, images (``image_url``: a URL or a data URL) and documents
+    (``file`` with ``file_data``); audio and uploaded file ids are refused by name."""
+    if not isinstance(content, list):
+        return [TextPart(_text(content, param))]
+    parts: list[Part] = []
+    for j, part in enumerate(content):
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind == "text":
+            parts.append(TextPart(str(part.get("text") or "")))
+        elif kind == "image_url":
+            image = part.get("image_url")
+            url = image.get("url") if isinstance(image, dict) else image
+            parts.append(file_part(url, None, f"{param}[{j}].image_url.url", "image/png"))
+        elif kind == "file":
+            file = part.get("file") if isinstance(part.get("file"), dict) else {}
+            if not file.get("file_data"):
+                raise RequestError(
+                    f"{param}[{j}].file", "send files as file_data (a data URL): this gateway has no file storage"
+                )
+            parts.append(file_part(file["file_data"], file.get("filename"), f"{param}[{j}].file.file_data"))
+        else:
+            raise RequestError(
+                f"{param}[{j}].type", f"content parts of type {kind!r} are not supported by this gateway"
+            )
+    return parts
+
+
+def file_part(url: Any, filename: Any, param: str, url_media_type: str = "application/pdf") -> FilePart:
+    """A file from a ``data:`` URL (its media type and base64 data) or an http(s) URL."""
+    if not isinstance(url, str) or not url:
+        raise RequestError(param, "a URL or a data URL is required")
+    name = filename if isinstance(filename, str) else None
+    if url.startswith("data:"):
+        head, sep, data = url[5:].partition(",")
+        media_type, _, encoding = head.partition(";")
+        if not sep or encoding != "base64" or not media_type:
+            raise RequestError(param, "a data URL must be data:<media type>;base64,<data>")
+        return FilePart(media_type, data=data, filename=name)
+    if url.startswith(("https://", "http://")):
+        return FilePart(url_media_type, url=url, filename=name)
+    raise RequestError(param, "a file must be an http(s) URL or a data URL")
 
 
 def _arguments(raw: Any) -> Any:

@@ -223,6 +223,12 @@ async def _thinking_forms(client: AsyncAnthropic, model_name: str) -> tuple[bool
 # --- request ------------------------------------------------------------------------------------
 
 
+# A /v1 client's OpenAI parameters that the Messages API has no counterpart for: refused, not dropped.
+NOT_MESSAGES_PARAMS = frozenset(
+    {"seed", "frequency_penalty", "presence_penalty", "logit_bias", "verbosity", "web_search_options"}
+)
+
+
 def request_params(request: ProviderRequest) -> dict[str, Any]:
     """The Messages API parameters for ``request`` (always streamed; never a temperature)."""
     params: dict[str, Any] = {
@@ -233,10 +239,27 @@ def request_params(request: ProviderRequest) -> dict[str, Any]:
     }
     if request.system:
         params["system"] = request.system
+    refused = sorted(name for name in request.params if name in NOT_MESSAGES_PARAMS)
+    if refused:
+        raise ProviderError(
+            "INVALID_MESSAGE", f"{', '.join(refused)}: not supported by Anthropic's Messages API.", status=400
+        )
     if request.params.get("stop"):  # (a /v1 client's temperature and top_p: the Messages API takes neither)
         params["stop_sequences"] = request.params["stop"]
     if request.tools:
         params["tools"] = [tool.definition() for tool in request.tools]
+        tool_choice = _tool_choice(request.params.get("tool_choice"), request.params.get("parallel_tool_calls"))
+        if tool_choice is not None:
+            params["tool_choice"] = tool_choice
+    response_format = request.params.get("response_format")
+    if isinstance(response_format, dict) and response_format.get("type") == "json_schema":
+        # Structured outputs: the answer's text is JSON valid against the schema.
+        schema = (response_format.get("json_schema") or {}).get("schema") or {"type": "object"}
+        params["output_config"] = {"format": {"type": "json_schema", "schema": schema}}
+    elif isinstance(response_format, dict) and response_format.get("type") == "json_object":
+        # The Messages API has no free-form JSON mode: the model is told to answer with one JSON object.
+        note = "Answer with one JSON object only: no prose, no code fence."
+        params["system"] = f"{request.system}\n\n{note}" if request.system else note
     thinking = request.thinking
     if thinking is not None:
         if thinking.adaptive:
@@ -253,6 +276,22 @@ def request_params(request: ProviderRequest) -> dict[str, Any]:
             params["thinking"] = {"type": "enabled", "budget_tokens": budget}
             params["max_tokens"] = max_tokens
     return params
+
+
+def _tool_choice(choice: Any, parallel: Any) -> dict[str, Any] | None:
+    """A /v1 client's OpenAI-shaped ``tool_choice`` and ``parallel_tool_calls`` as the Messages API's."""
+    out: dict[str, Any] | None = None
+    if choice == "auto":
+        out = {"type": "auto"}
+    elif choice == "required":
+        out = {"type": "any"}
+    elif choice == "none":
+        return {"type": "none"}
+    elif isinstance(choice, dict):
+        out = {"type": "tool", "name": str((choice.get("function") or {}).get("name") or choice.get("name") or "")}
+    if parallel is False:
+        out = {**(out or {"type": "auto"}), "disable_parallel_tool_use": True}
+    return out
 
 
 def to_api_messages(messages: list[ChatMessage]) -> list[dict[str, Any]]:
@@ -290,6 +329,13 @@ def _to_api_block(part: Part) -> dict[str, Any] | None:
     if part.type == "tool-result":
         output = part.output if isinstance(part.output, str) else json.dumps(part.output)
         return {"type": "tool_result", "tool_use_id": part.tool_call_id, "content": output, "is_error": part.is_error}
+    if part.type == "file":
+        source = (
+            {"type": "url", "url": part.url}
+            if part.url
+            else {"type": "base64", "media_type": part.media_type, "data": part.data or ""}
+        )
+        return {"type": "image" if part.is_image else "document", "source": source}
     return None
 
 

@@ -34,6 +34,7 @@ from ..hookspecs import hookimpl
 from ..pricing import accepts_adaptive_thinking
 from ..types import (
     ChatMessage,
+    FilePart,
     Part,
     ReasoningPart,
     SourcePart,
@@ -89,6 +90,8 @@ def _configure(module: ModuleType) -> ModuleType:
     module.suppress_debug_info = True  # type: ignore[attr-defined]  # no "Give Feedback / Get Help" banners on errors
     # Counting tokens for a provider that sent no usage must not download HuggingFace tokenizers.
     module.disable_hf_tokenizer_download = True  # type: ignore[attr-defined]
+    # No retries behind the caller's back: litellm's embedding path reads max_retries=0 as "the default" (2).
+    module.DEFAULT_MAX_RETRIES = 0  # type: ignore[attr-defined]
     return module
 
 
@@ -212,6 +215,13 @@ class LiteLLMProvider:
             # Checked here too for fallbacks and direct callers; litellm would retry a "Missing credentials" 500.
             raise ProviderError("NO_API_KEY", missing_key_message(request.prefix, self._config))
         litellm = await _load_litellm()
+        refused = unsupported_params(litellm, request)
+        if refused:
+            raise ProviderError(
+                "INVALID_MESSAGE",
+                f"{', '.join(refused)}: not supported by {request.model} (its provider's API has no such parameter).",
+                status=400,
+            )
         settings = self._config.provider_settings(request.prefix)
         kwargs: dict[str, Any] = {
             # [providers.PREFIX] options go to litellm as they are (api_version, extra_headers, temperature, ...).
@@ -327,6 +337,66 @@ class LiteLLMProvider:
         yield ProviderFinish(reason, _token_usage(usage) if provider_sent_usage(response) else None, message.finish())
 
 
+# A /v1 client's parameters that change the answer: refused (not dropped) where the provider's API has none.
+# (temperature, top_p and stop are sampling hints every provider gets where its API takes them.)
+CHECKED_PARAMS = frozenset(
+    {
+        "response_format",
+        "tool_choice",
+        "parallel_tool_calls",
+        "seed",
+        "frequency_penalty",
+        "presence_penalty",
+        "logit_bias",
+        "verbosity",
+        "web_search_options",
+    }
+)
+
+
+def unsupported_params(litellm: ModuleType, request: ProviderRequest) -> list[str]:
+    """The checked parameters of ``request`` that litellm says its provider does not take (none when litellm
+    does not know the provider: an OpenAI-compatible server gets them all)."""
+    asked = sorted(name for name in request.params if name in CHECKED_PARAMS)
+    if not asked:
+        return []
+    try:
+        supported = litellm.get_supported_openai_params(model=request.model_name, custom_llm_provider=request.prefix)
+    except Exception:  # litellm raises for providers it has no table for
+        return []
+    if not supported:
+        return []
+    return [name for name in asked if name not in supported]
+
+
+async def embed(
+    config: Config, request: ProviderRequest, inputs: list[Any], options: dict[str, Any]
+) -> tuple[list[Any], TokenUsage | None]:
+    """Embeddings of ``inputs`` (strings or token arrays) through litellm: the vectors (lists of floats, or
+    base64 strings with ``encoding_format: base64``) and the usage the provider reported (None: none)."""
+    if await LiteLLMProvider(config).missing_key(request.model, request.api_key, request.base_url):
+        raise ProviderError("NO_API_KEY", missing_key_message(request.prefix, config))
+    litellm = await _load_litellm()
+    settings = config.provider_settings(request.prefix)
+    try:
+        response = await litellm.aembedding(
+            model=request.model,
+            input=inputs,
+            api_base=request.base_url,
+            api_key=request.api_key,
+            timeout=settings["timeout_seconds"],
+            num_retries=0,
+            max_retries=0,
+            **options,  # dimensions, encoding_format, user
+        )
+    except Exception as e:
+        raise _map_error(e, request, settings["key_name"] or request.prefix) from None
+    vectors = [item["embedding"] if isinstance(item, dict) else item.embedding for item in response.data]
+    usage = getattr(response, "usage", None)
+    prompt = getattr(usage, "prompt_tokens", None) if usage is not None else None
+    return vectors, TokenUsage(input_tokens=prompt) if isinstance(prompt, int) else None
+
+
 # --- the stream -----------------------------------------------------------------------------------
 
 
@@ -438,12 +508,18 @@ def to_openai_messages(request: ProviderRequest) -> list[dict[str, Any]]:
     for m in request.messages:
         if m.role == "user":
             text: list[str] = []
+            content: list[dict[str, Any]] = []  # with images or documents: content parts in order
             for p in m.parts:
                 if isinstance(p, ToolResultPart):
                     out.append({"role": "tool", "tool_call_id": p.tool_call_id, "content": _tool_output(p)})
                 elif isinstance(p, TextPart):
                     text.append(p.text)
-            if text:
+                    content.append({"type": "text", "text": p.text})
+                elif isinstance(p, FilePart):
+                    content.append(_file_content(p))
+            if len(content) > len(text):
+                out.append({"role": "user", "content": content})
+            elif text:
                 out.append({"role": "user", "content": "".join(text)})
             continue
         msg: dict[str, Any] = {
@@ -474,6 +550,16 @@ def to_openai_messages(request: ProviderRequest) -> list[dict[str, Any]]:
                 msg["thinking_blocks"] = blocks
         out.append(msg)
     return out
+
+
+def _file_content(part: FilePart) -> dict[str, Any]:
+    """An image or a document as a Chat Completions content part (litellm translates it for the provider)."""
+    if part.is_image:
+        return {"type": "image_url", "image_url": {"url": part.data_url()}}
+    file: dict[str, Any] = {"file_data": part.data_url()}
+    if part.filename:
+        file["filename"] = part.filename
+    return {"type": "file", "file": file}
 
 
 def _tool_output(part: ToolResultPart) -> str:

@@ -26,8 +26,8 @@ from .bodies import BodyTooLarge
 # The upstream HTTP client of the pass-through: one connection pool per server, closed with the app.
 HTTP_CLIENT = web.AppKey("v1_http_client", aiohttp.ClientSession)
 
-# Headers that attribute a call's usage to a session id.
-SESSION_HEADERS = ("X-Agentspace-Session", "X-Claude-Code-Session-Id")
+# Headers that attribute a call's usage to a session id (Codex sends session-id, older ones session_id).
+SESSION_HEADERS = ("X-Agentspace-Session", "X-Claude-Code-Session-Id", "session-id", "session_id")
 
 # The OpenAI error codes of the client checks (SPEC 11); Anthropic's shape has the type of the status only.
 REFUSAL_CODES = {
@@ -251,6 +251,7 @@ async def stream(
             frames = encode(event, recorded.usage if recorded is not None else None)
             if frames:
                 await resp.write(frames)
+                call.meter.first_output()  # the time to the first relayed output byte
         if end:
             await resp.write(end)
     except ProviderError as e:

@@ -173,6 +173,7 @@ async def _stream(
                 last = last_event_offset(chunk)
                 if last > 0:
                     await resp.write(chunk[:last])
+                    meter.first_output()  # also when the whole body came in this one read
                     chunk = chunk[last:]
                 recorded = True
                 await _record_stream(meter, relay.scanner, body, disconnected=False, cut=False)

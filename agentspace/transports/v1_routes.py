@@ -6,7 +6,7 @@ from typing import Any
 
 from aiohttp import web
 
-from . import rest, v1_anthropic, v1_models, v1_openai
+from . import rest, v1_anthropic, v1_embeddings, v1_models, v1_openai, v1_responses
 from .v1_common import close_http_client
 
 
@@ -14,6 +14,8 @@ def setup_routes(app: web.Application) -> None:
     app.router.add_post("/v1/messages", v1_anthropic.messages)
     app.router.add_post("/v1/messages/count_tokens", v1_anthropic.count_tokens)
     app.router.add_post("/v1/chat/completions", v1_openai.chat_completions)
+    app.router.add_post("/v1/responses", v1_responses.responses)
+    app.router.add_post("/v1/embeddings", v1_embeddings.embeddings)
     app.router.add_get("/v1/models", v1_models.list_models)
     app.on_cleanup.append(close_http_client)
     # /api/openapi.json documents every route.
@@ -56,6 +58,19 @@ OPENAPI_PATHS: dict[str, Any] = {
         "post": _v1_op(
             "OpenAI Chat Completions API, drop-in (stream and not), for every model.",
             "The usage chunk comes with `stream_options.include_usage`.",
+        )
+    },
+    "/v1/responses": {
+        "post": _v1_op(
+            "OpenAI Responses API, drop-in (stream and not), for every model; stateless.",
+            "Function tools, structured output (`text.format`), reasoning summaries; `previous_response_id` is "
+            "refused (the gateway stores no responses: send the whole `input`, with `store: false`).",
+        )
+    },
+    "/v1/embeddings": {
+        "post": _v1_op(
+            "OpenAI Embeddings API, drop-in, for every embedding model litellm serves.",
+            "Counted once per call: the input tokens, endpoint `embeddings`.",
         )
     },
     "/v1/models": {

@@ -1,4 +1,4 @@
-"""A fake OpenAI Chat Completions API on 127.0.0.1, speaking the real wire format over HTTP.
+"""A fake OpenAI Chat Completions API (and /v1/embeddings) on 127.0.0.1, speaking the real wire format over HTTP.
 
 Responses are scripted with the builders below and served in order (``default`` when the queue is empty)::
 
@@ -35,7 +35,9 @@ Run ``python -m tests.fakes.openai_upstream [PORT]`` to serve the default answer
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
+import struct
 import sys
 import time
 from collections.abc import AsyncIterator, Iterable, Sequence
@@ -285,6 +287,7 @@ class FakeOpenAI(FakeUpstream[FakeResponse]):
         super().__init__(default or text_response())
         self.api_key = api_key
         self.requests: list[RecordedRequest] = []
+        self.embedding_tokens: int | None = None  # the usage /v1/embeddings reports (None: one per word)
         self._created = int(time.time())
 
     @property
@@ -294,6 +297,43 @@ class FakeOpenAI(FakeUpstream[FakeResponse]):
     def routes(self, app: web.Application) -> None:
         app.router.add_post("/v1/chat/completions", self._chat)
         app.router.add_post("/chat/completions", self._chat)
+        app.router.add_post("/v1/embeddings", self._embeddings)
+        app.router.add_post("/embeddings", self._embeddings)
+
+    async def _embeddings(self, request: web.Request) -> web.Response:
+        """OpenAI's embeddings: a deterministic vector per input (``dimensions`` long, 8 by default), as floats
+        or base64 little-endian float32 (``encoding_format``); ``usage.prompt_tokens`` is
+        ``embedding_tokens`` when set, else one per word (or token id)."""
+        body, headers = await self.read(request)
+        self.requests.append(RecordedRequest(request.path, body, headers))
+        if self.api_key is not None and headers.get("authorization") != f"Bearer {self.api_key}":
+            return web.json_response(
+                error_body("Incorrect API key provided.", "invalid_request_error", "invalid_api_key"), status=401
+            )
+        script = self.next_response()
+        if script.status != 200:
+            return web.json_response(script.error or {}, status=script.status, headers=script.headers)
+        inputs = body.get("input")
+        inputs = [inputs] if isinstance(inputs, str) or (inputs and isinstance(inputs[0], int)) else inputs
+        size = int(body.get("dimensions") or 8)
+        data = []
+        for i, item in enumerate(inputs):
+            vector = [((hash(str(item)) >> (k % 32)) % 1000) / 1000 for k in range(size)]
+            encoded: Any = vector
+            if body.get("encoding_format") == "base64":
+                encoded = base64.b64encode(struct.pack(f"<{size}f", *vector)).decode()
+            data.append({"object": "embedding", "index": i, "embedding": encoded})
+        tokens = self.embedding_tokens
+        if tokens is None:
+            tokens = sum(len(item.split()) if isinstance(item, str) else len(item) for item in inputs)
+        return web.json_response(
+            {
+                "object": "list",
+                "data": data,
+                "model": body.get("model"),
+                "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+            }
+        )
 
     async def _chat(self, request: web.Request) -> web.StreamResponse:
         body, headers = await self.read(request)

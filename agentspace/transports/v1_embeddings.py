@@ -1,0 +1,116 @@
+"""``POST /v1/embeddings``: the OpenAI Embeddings API, drop-in, for every embedding model litellm serves.
+
+Behind the same client checks as every provider call (model allowlist, rate limits, budget), and metered
+once: the input tokens the provider reported (a local count where it reported none), priced from the cost
+map, endpoint ``embeddings``.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from aiohttp import web
+
+from ..errors import ApiError
+from ..events import ProviderError
+from ..meter import ALL_FIELDS, Meter
+from ..protocols.openai_chat import RequestError
+from ..providers import litellm as litellm_provider
+from ..registry import ModelNotFound
+from ..tokens import count_tokens
+from ..types import TokenUsage
+from .v1_common import BodyTooLarge, client_name, gateway, provider_request, read_body, refusal, session_id
+from .v1_openai import _error, _provider_error
+
+ENDPOINT = "embeddings"
+FIELDS = frozenset({"model", "input", "encoding_format", "dimensions", "user"})
+
+
+def parse(body: Any) -> tuple[str, list[Any], dict[str, Any]]:
+    """(model, inputs, options) of an embeddings request."""
+    if not isinstance(body, dict):
+        raise RequestError("body", "The request body must be a JSON object.")
+    for name in body:
+        if name not in FIELDS:
+            raise RequestError(name, f"{name} is not an Embeddings parameter this gateway supports.")
+    model = body.get("model")
+    if not isinstance(model, str) or not model:
+        raise RequestError("model", "you must provide a model parameter")
+    raw = body.get("input")
+    inputs = [raw] if isinstance(raw, str) else raw
+    if raw and isinstance(raw, list) and all(isinstance(t, int) for t in raw):
+        inputs = [raw]  # one input as token ids
+    if not isinstance(inputs, list) or not inputs:
+        raise RequestError("input", "input must be a string, an array of strings, or token arrays")
+    for i, item in enumerate(inputs):
+        if not (isinstance(item, str) or (isinstance(item, list) and all(isinstance(t, int) for t in item))):
+            raise RequestError(f"input[{i}]", "each input must be a string or an array of token ids")
+    options: dict[str, Any] = {}
+    fmt = body.get("encoding_format")
+    if fmt is not None:
+        if fmt not in ("float", "base64"):
+            raise RequestError("encoding_format", "encoding_format must be float or base64")
+        options["encoding_format"] = fmt
+    dimensions = body.get("dimensions")
+    if dimensions is not None:
+        if isinstance(dimensions, bool) or not isinstance(dimensions, int) or dimensions < 1:
+            raise RequestError("dimensions", "dimensions must be a positive integer")
+        options["dimensions"] = dimensions
+    if isinstance(body.get("user"), str):
+        options["user"] = body["user"]
+    return model, inputs, options
+
+
+def _local_tokens(inputs: list[Any]) -> int:
+    return sum(count_tokens(item) if isinstance(item, str) else len(item) for item in inputs)
+
+
+async def embeddings(request: web.Request) -> web.StreamResponse:
+    try:
+        body = json.loads(await read_body(request))
+    except BodyTooLarge as e:
+        return _error(413, f"{e} (the gateway's limit for /v1 requests).")
+    except ValueError:
+        return _error(400, "We could not parse the JSON body of your request.")
+    try:
+        name, inputs, options = parse(body)
+    except RequestError as e:
+        return _error(400, e.message, param=e.param)
+    gw = gateway(request)
+    model = name if "/" in name else f"openai/{name}"  # bare ids are OpenAI's (text-embedding-3-small)
+    try:
+        provider = gw.provider_for(model)
+    except ModelNotFound as e:
+        return _error(404, str(e), code="model_not_found", param="model")
+    if not isinstance(provider, litellm_provider.LiteLLMProvider):
+        return _error(400, f"{model} has no embeddings on this gateway.", param="model")
+    preq = provider_request(gw, model, "", [], [], None, None, {})
+    client = client_name(request)
+    try:
+        reservation = await gw.guard.admit(client, model, input_tokens=lambda: _local_tokens(inputs), max_tokens=0)
+    except ApiError as e:
+        return refusal(request, e)
+    meter = Meter(gw, model, session_id=session_id(request), client=client, endpoint=ENDPOINT, reservation=reservation)
+    try:
+        meter.begin()
+        try:
+            vectors, usage = await litellm_provider.embed(gw.config, preq, inputs, options)
+        except ProviderError as e:
+            await meter.record(TokenUsage(), "error", error=e.code, answered=False)
+            return _provider_error(e)
+        if usage is None:
+            await meter.record(TokenUsage(input_tokens=_local_tokens(inputs)), "stop", estimated_fields=ALL_FIELDS)
+        else:
+            await meter.record(usage, "stop")
+        tokens = meter.recorded.usage.input_tokens if meter.recorded is not None else 0
+        return web.json_response(
+            {
+                "object": "list",
+                "data": [{"object": "embedding", "index": i, "embedding": v} for i, v in enumerate(vectors)],
+                "model": name,
+                "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+            }
+        )
+    finally:
+        await gw.guard.release(reservation)

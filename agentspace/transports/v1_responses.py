@@ -1,0 +1,115 @@
+"""``POST /v1/responses``: the OpenAI Responses API (what Codex speaks), drop-in, for every model.
+
+Parses with ``protocols.openai_responses``, calls the model's provider through ``DirectCall`` (metered, one
+usage record, endpoint ``responses``), and encodes the provider's events as Responses stream events or one
+``response`` object. Stateless: the client sends the whole conversation (``store: false``). OpenAI models
+are called through Chat Completions upstream (litellm), like every other model.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from aiohttp import web
+
+from ..direct_call import DirectCall, request_input_tokens
+from ..errors import ApiError
+from ..events import ProviderError
+from ..logs import redact
+from ..meter import Meter
+from ..protocols import openai_chat as oc
+from ..protocols import openai_responses as orr
+from ..registry import ModelNotFound
+from ..types import compact_json
+from .v1_common import (
+    BodyTooLarge,
+    client_name,
+    gateway,
+    openai_model,
+    provider_request,
+    read_body,
+    refusal,
+    session_id,
+    stream,
+    whole,
+)
+from .v1_openai import STREAM_HEADERS, _error, _provider_error
+
+ENDPOINT = "responses"
+
+
+def _frame(event: dict[str, Any]) -> bytes:
+    return b"event: " + event["type"].encode() + b"\ndata: " + compact_json(event).encode() + b"\n\n"
+
+
+async def responses(request: web.Request) -> web.StreamResponse:
+    try:
+        body = json.loads(await read_body(request))
+    except BodyTooLarge as e:
+        return _error(413, f"{e} (the gateway's limit for /v1 requests).")
+    except ValueError:
+        return _error(400, "We could not parse the JSON body of your request.")
+    try:
+        parsed, encrypted = orr.parse_request(body)
+    except oc.RequestError as e:
+        return _error(400, e.message, param=e.param)
+    gw = gateway(request)
+    model = openai_model(parsed.model)
+    if model is None:
+        return _error(
+            404,
+            f"The model `{parsed.model}` does not exist. Use provider/model ids, e.g. openai/gpt-4o-mini.",
+            code="model_not_found",
+            param="model",
+        )
+    try:
+        gw.provider_for(model)
+    except ModelNotFound as e:
+        return _error(404, str(e), code="model_not_found", param="model")
+    preq = provider_request(
+        gw,
+        model,
+        parsed.system,
+        parsed.messages,
+        parsed.tools,
+        parsed.max_tokens,
+        parsed.reasoning_budget,
+        parsed.params,
+    )
+    client = client_name(request)
+    try:  # the client's checks (SPEC 11)
+        reservation = await gw.guard.admit(
+            client, model, input_tokens=lambda: request_input_tokens(preq), max_tokens=preq.max_tokens
+        )
+    except ApiError as e:
+        return refusal(request, e)
+    meter = Meter(gw, model, session_id=session_id(request), client=client, endpoint=ENDPOINT, reservation=reservation)
+    call = DirectCall(gw, preq, meter)
+    try:
+        try:
+            await call.start()
+        except ProviderError as e:
+            return _provider_error(e)
+        if not parsed.stream:
+            return await whole(
+                call,
+                lambda finish, usage: orr.response_object(body, parsed.model, finish, usage, encrypted),
+                _provider_error,
+            )
+        encoder = orr.EventEncoder(body, parsed.model, encrypted)
+
+        def failed(e: ProviderError) -> bytes:  # once the stream has begun, as OpenAI ends it
+            status = oc.client_status(e.status, e.code)
+            return _frame(encoder.failed(oc.error_code(status) or "server_error", redact(e.message)))
+
+        return await stream(
+            request,
+            call,
+            STREAM_HEADERS,
+            b"".join(_frame(e) for e in encoder.start()),
+            lambda event, usage: b"".join(_frame(e) for e in encoder.encode(event, usage)),
+            failed,
+        )
+    finally:
+        await gw.guard.release(reservation)

@@ -1,0 +1,251 @@
+"""``POST /v1/responses`` through the official ``openai`` SDK over real HTTP: SDK -> gateway -> litellm -> fake
+OpenAI upstream (Chat Completions), and the Anthropic SDK -> fake Anthropic for ``anthropic/*`` models."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import openai
+import pytest
+from aiohttp.test_utils import TestClient
+from pydantic import BaseModel
+
+from agentspace.transports import state
+from tests.fakes import anthropic_upstream as fa
+from tests.fakes.anthropic_upstream import FakeAnthropic
+from tests.fakes.openai_upstream import (
+    FakeOpenAI,
+    error_status,
+    text_response,
+    tool_call,
+    tool_calls_response,
+    usage,
+)
+
+MODEL = "openai/gpt-4o-mini"
+TOOLS: list[Any] = [
+    {
+        "type": "function",
+        "name": "get_weather",
+        "description": "The weather in a city",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+        "strict": True,
+    }
+]
+
+
+@pytest.fixture
+async def client(
+    make_client: Callable[..., Awaitable[TestClient]], fake_openai: FakeOpenAI, monkeypatch: pytest.MonkeyPatch
+) -> TestClient:
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-openai-test-0123456789")
+    return await make_client(providers={"openai": {"base_url": fake_openai.url}})
+
+
+def sdk(client: TestClient, token: str, **kwargs: Any) -> openai.AsyncOpenAI:
+    return openai.AsyncOpenAI(api_key=token, base_url=f"http://127.0.0.1:{client.port}/v1", max_retries=0, **kwargs)
+
+
+async def records(client: TestClient) -> list[dict[str, Any]]:
+    return await client.app[state.REGISTRY].usage.arecords()
+
+
+async def test_create_whole(client: TestClient, token: str, fake_openai: FakeOpenAI) -> None:
+    fake_openai.enqueue(text_response("Hello there", usage=usage(30, 7, cached=10)))
+    response = await sdk(client, token).responses.create(
+        model=MODEL,
+        instructions="Be terse.",
+        input="Hi",
+        store=False,
+        prompt_cache_key="codex-1",
+        extra_headers={"session-id": "codex-1"},
+    )
+    assert response.output_text == "Hello there"
+    assert response.status == "completed"
+    assert response.usage is not None
+    assert (response.usage.input_tokens, response.usage.output_tokens, response.usage.total_tokens) == (30, 7, 37)
+    assert response.usage.input_tokens_details.cached_tokens == 10
+    sent = fake_openai.requests[0].body
+    assert sent["messages"] == [{"role": "system", "content": "Be terse."}, {"role": "user", "content": "Hi"}]
+    assert sent["prompt_cache_key"] == "codex-1" and "store" not in sent
+    (record,) = await records(client)
+    assert record["endpoint"] == "responses" and record["sessionId"] == "codex-1"
+    assert (record["inputTokens"], record["cacheReadTokens"], record["outputTokens"]) == (20, 10, 7)
+    assert record["estimated"] is False and record["ttftMs"] is None
+
+
+async def test_stream_accumulated_by_the_sdk(client: TestClient, token: str, fake_openai: FakeOpenAI) -> None:
+    fake_openai.enqueue(
+        text_response("The answer is 42.", reasoning="Six times seven.", usage=usage(12, 9, reasoning=4))
+    )
+    api = sdk(client, token)
+    async with api.responses.stream(model=MODEL, input="Why?", reasoning={"effort": "low", "summary": "auto"}) as s:
+        kinds = [event.type async for event in s]
+        final = await s.get_final_response()
+    assert kinds[:2] == ["response.created", "response.in_progress"]
+    assert kinds[-1] == "response.completed"
+    assert "response.reasoning_summary_text.delta" in kinds and "response.output_text.delta" in kinds
+    assert final.output_text == "The answer is 42."
+    assert [item.type for item in final.output] == ["reasoning", "message"]
+    assert final.output[0].summary[0].text == "Six times seven."  # type: ignore[union-attr]
+    assert final.usage is not None and final.usage.output_tokens_details.reasoning_tokens == 4
+    (record,) = await records(client)
+    assert (record["inputTokens"], record["outputTokens"], record["reasoningTokens"]) == (12, 9, 4)
+    assert record["endpoint"] == "responses" and record["ttftMs"] is not None
+
+
+@pytest.mark.parametrize("stream", [True, False])
+async def test_function_call_round_trip(client: TestClient, token: str, fake_openai: FakeOpenAI, stream: bool) -> None:
+    fake_openai.enqueue(
+        tool_calls_response(
+            tool_call("call_a", "get_weather", {"city": "Paris"}),
+            tool_call("call_b", "get_weather", {"city": "Rome"}),
+            usage=usage(40, 15),
+        ),
+        text_response("Paris 18 C, Rome 22 C", usage=usage(60, 8)),
+    )
+    api = sdk(client, token)
+    first: list[dict[str, Any]] = [
+        {"type": "message", "role": "developer", "content": [{"type": "input_text", "text": "Use tools."}]},
+        {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "Weather?"}]},
+    ]
+    kwargs: dict[str, Any] = dict(
+        model=MODEL, input=first, tools=TOOLS, tool_choice="auto", parallel_tool_calls=True, store=False
+    )
+    if stream:
+        async with api.responses.stream(**kwargs) as s:
+            events = [e async for e in s]
+            response = await s.get_final_response()
+        deltas = [e.delta for e in events if e.type == "response.function_call_arguments.delta"]
+        assert deltas == ['{"city": "Paris"}', '{"city": "Rome"}']
+    else:
+        response = await api.responses.create(**kwargs)
+    calls = [item for item in response.output if item.type == "function_call"]
+    assert [(c.call_id, c.name, c.arguments) for c in calls] == [  # type: ignore[union-attr]
+        ("call_a", "get_weather", '{"city": "Paris"}'),
+        ("call_b", "get_weather", '{"city": "Rome"}'),
+    ]
+    sent = fake_openai.requests[0].body
+    assert sent["tool_choice"] == "auto" and sent["parallel_tool_calls"] is True
+    assert sent["tools"][0]["function"]["name"] == "get_weather"
+    assert sent["messages"][0] == {"role": "system", "content": "Use tools."}
+    second = [
+        *first,
+        *(c.model_dump(exclude_none=True) for c in calls),
+        {"type": "function_call_output", "call_id": "call_a", "output": "18 C"},
+        {"type": "function_call_output", "call_id": "call_b", "output": "22 C"},
+    ]
+    answer = await api.responses.create(model=MODEL, input=second, tools=TOOLS, store=False)
+    assert answer.output_text == "Paris 18 C, Rome 22 C"
+    sent = fake_openai.requests[1].body["messages"]
+    assert [m["role"] for m in sent] == ["system", "user", "assistant", "tool", "tool"]
+    assert [tc["id"] for tc in sent[2]["tool_calls"]] == ["call_a", "call_b"]
+    assert [(m["tool_call_id"], m["content"]) for m in sent[3:]] == [("call_a", "18 C"), ("call_b", "22 C")]
+    assert [(r["endpoint"], r["inputTokens"], r["outputTokens"]) for r in await records(client)] == [
+        ("responses", 40, 15),
+        ("responses", 60, 8),
+    ]
+
+
+class Person(BaseModel):
+    name: str
+    age: int
+
+
+async def test_structured_output_parse(client: TestClient, token: str, fake_openai: FakeOpenAI) -> None:
+    fake_openai.enqueue(text_response('{"name": "Ada", "age": 36}'))
+    parsed = await sdk(client, token).responses.parse(model=MODEL, input="Ada, 36", text_format=Person)
+    assert parsed.output_parsed == Person(name="Ada", age=36)
+    fmt = fake_openai.requests[0].body["response_format"]
+    assert fmt["type"] == "json_schema" and fmt["json_schema"]["name"] == "Person"
+    assert fmt["json_schema"]["strict"] is True and fmt["json_schema"]["schema"]["required"] == ["name", "age"]
+
+
+async def test_length_is_incomplete(client: TestClient, token: str, fake_openai: FakeOpenAI) -> None:
+    fake_openai.enqueue(text_response("Cut", finish_reason="length"))
+    response = await sdk(client, token).responses.create(model=MODEL, input="Long?", max_output_tokens=16)
+    assert response.status == "incomplete"
+    assert response.incomplete_details is not None and response.incomplete_details.reason == "max_output_tokens"
+    assert fake_openai.requests[0].body["max_tokens"] == 16
+
+
+@pytest.mark.parametrize(
+    ("extra", "param"),
+    [
+        ({"previous_response_id": "resp_1"}, "previous_response_id"),
+        ({"input": [{"type": "item_reference", "id": "x"}]}, "input[0].type"),
+        ({"input": [{"role": "user", "content": [{"type": "input_audio"}]}]}, "input[0].content[0].type"),
+        ({"frobnicate": 1}, "frobnicate"),
+    ],
+)
+async def test_refused_with_the_field_named(
+    client: TestClient, token: str, fake_openai: FakeOpenAI, extra: dict[str, Any], param: str
+) -> None:
+    with pytest.raises(openai.BadRequestError) as raised:
+        await sdk(client, token).responses.create(model=MODEL, input="Hi", extra_body=extra)
+    assert raised.value.param == param
+    assert raised.value.body["type"] == "invalid_request_error"  # type: ignore[index]
+    assert fake_openai.requests == [] and await records(client) == []
+
+
+async def test_upstream_error(client: TestClient, token: str, fake_openai: FakeOpenAI) -> None:
+    fake_openai.enqueue(error_status(429, "slow down", retry_after=3))
+    with pytest.raises(openai.RateLimitError) as raised:
+        await sdk(client, token).responses.create(model=MODEL, input="Hi")
+    assert raised.value.code == "rate_limit_exceeded"
+    (record,) = await records(client)
+    assert record["endpoint"] == "responses" and record["error"] == "RATE_LIMITED"
+
+
+async def test_claude_model(client: TestClient, token: str, fake_anthropic: FakeAnthropic) -> None:
+    fake_anthropic.enqueue(fa.text_response("Bonjour", usage={"input_tokens": 25}, delta_usages=[{"output_tokens": 4}]))
+    async with sdk(client, token).responses.stream(
+        model="anthropic/claude-sonnet-4-6", input="Hello", tools=TOOLS, tool_choice="required"
+    ) as s:
+        final = await s.get_final_response()
+    assert final.output_text == "Bonjour"
+    sent = fake_anthropic.requests[0].body
+    assert sent["tool_choice"] == {"type": "any"}
+    (record,) = await records(client)
+    assert (record["endpoint"], record["inputTokens"], record["outputTokens"]) == ("responses", 25, 4)
+
+
+async def test_signed_reasoning_goes_back_with_the_tool_result(
+    client: TestClient, token: str, fake_anthropic: FakeAnthropic
+) -> None:
+    """As Codex runs a Claude model with reasoning: the stream's reasoning item carries the signature as
+    encrypted_content (asked with include), and the next turn sends it back, before the tool call."""
+    fake_anthropic.enqueue(
+        fa.message_response(
+            fa.thinking_block("Weather needs a tool."),
+            fa.tool_use_block("get_weather", {"city": "Paris"}, id="toolu_w"),
+            stop_reason="tool_use",
+        ),
+        fa.text_response("18 C in Paris"),
+    )
+    api = sdk(client, token)
+    first: list[Any] = [{"type": "message", "role": "user", "content": [{"type": "input_text", "text": "Weather?"}]}]
+    kwargs: dict[str, Any] = dict(
+        model="anthropic/claude-sonnet-4-6",
+        tools=TOOLS,
+        store=False,
+        include=["reasoning.encrypted_content"],
+        reasoning={"effort": "low", "summary": "auto"},
+    )
+    async with api.responses.stream(input=first, **kwargs) as s:
+        done = [e.item for e in [e async for e in s] if e.type == "response.output_item.done"]
+    # In the order Codex keeps them: the call, then the reasoning (done once its signature is known).
+    assert [item.type for item in done] == ["function_call", "reasoning"]
+    assert done[1].encrypted_content == fa.DEFAULT_SIGNATURE  # type: ignore[union-attr]
+    assert done[1].summary[0].text == "Weather needs a tool."  # type: ignore[union-attr]
+    history = [
+        *first,
+        *(item.model_dump(exclude_none=True) for item in done),
+        {"type": "function_call_output", "call_id": "toolu_w", "output": "18 C"},
+    ]
+    answer = await api.responses.create(input=history, **kwargs)
+    assert answer.output_text == "18 C in Paris"
+    assistant = fake_anthropic.requests[1].body["messages"][1]
+    assert [b["type"] for b in assistant["content"]] == ["thinking", "tool_use"]
+    assert assistant["content"][0]["signature"] == fa.DEFAULT_SIGNATURE

@@ -1,0 +1,195 @@
+"""``/v1/chat/completions`` drops nothing silently: structured output (``response_format``), ``tool_choice`` and
+``parallel_tool_calls`` reach the upstream of OpenAI and Anthropic models, and what cannot be served is
+refused with a 400 naming the field. Driven by the official openai SDK (``.parse()``) and ``llm --schema``."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import sys
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import openai
+import pytest
+from aiohttp.test_utils import TestClient
+from pydantic import BaseModel
+
+from agentspace.transports import state
+from tests.fakes import anthropic_upstream as fa
+from tests.fakes.anthropic_upstream import FakeAnthropic
+from tests.fakes.openai_upstream import FakeOpenAI, text_response, usage
+from tests.test_v1_serve import README_URL, snippets
+
+MESSAGES: list[Any] = [{"role": "user", "content": "Ada Lovelace, 36"}]
+TOOLS: list[Any] = [
+    {"type": "function", "function": {"name": "lookup", "description": "Look up", "parameters": {"type": "object"}}}
+]
+
+
+class Person(BaseModel):
+    name: str
+    age: int
+
+
+@pytest.fixture
+async def client(
+    make_client: Callable[..., Awaitable[TestClient]], fake_openai: FakeOpenAI, monkeypatch: pytest.MonkeyPatch
+) -> TestClient:
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-openai-test-0123456789")
+    return await make_client(providers={"openai": {"base_url": fake_openai.url}})
+
+
+def sdk(client: TestClient, token: str) -> openai.AsyncOpenAI:
+    return openai.AsyncOpenAI(api_key=token, base_url=f"http://127.0.0.1:{client.port}/v1", max_retries=0)
+
+
+async def records(client: TestClient) -> list[dict[str, Any]]:
+    return await client.app[state.REGISTRY].usage.arecords()
+
+
+async def test_parse_on_an_openai_model(client: TestClient, token: str, fake_openai: FakeOpenAI) -> None:
+    fake_openai.enqueue(text_response('{"name": "Ada", "age": 36}', usage=usage(30, 9)))
+    completion = await sdk(client, token).chat.completions.parse(
+        model="openai/gpt-4o-mini", messages=MESSAGES, response_format=Person
+    )
+    assert completion.choices[0].message.parsed == Person(name="Ada", age=36)
+    sent = fake_openai.requests[0].body["response_format"]
+    assert sent["type"] == "json_schema" and sent["json_schema"]["strict"] is True
+    assert sent["json_schema"]["schema"]["properties"]["age"] == {"title": "Age", "type": "integer"}
+    (record,) = await records(client)
+    assert (record["inputTokens"], record["outputTokens"]) == (30, 9)
+
+
+async def test_parse_on_a_claude_model(client: TestClient, token: str, fake_anthropic: FakeAnthropic) -> None:
+    fake_anthropic.enqueue(fa.text_response('{"name": "Ada", "age": 36}'))
+    completion = await sdk(client, token).chat.completions.parse(
+        model="anthropic/claude-sonnet-4-6", messages=MESSAGES, response_format=Person
+    )
+    assert completion.choices[0].message.parsed == Person(name="Ada", age=36)
+    output_format = fake_anthropic.requests[0].body["output_config"]["format"]
+    assert output_format["type"] == "json_schema" and output_format["schema"]["required"] == ["name", "age"]
+
+
+@pytest.mark.parametrize("model", ["openai/gpt-4o-mini", "anthropic/claude-sonnet-4-6"])
+async def test_json_object(
+    client: TestClient, token: str, fake_openai: FakeOpenAI, fake_anthropic: FakeAnthropic, model: str
+) -> None:
+    fake_openai.enqueue(text_response('{"ok": true}'))
+    fake_anthropic.enqueue(fa.text_response('{"ok": true}'))
+    completion = await sdk(client, token).chat.completions.create(
+        model=model, messages=MESSAGES, response_format={"type": "json_object"}
+    )
+    assert json.loads(completion.choices[0].message.content or "") == {"ok": True}
+    if model.startswith("openai/"):
+        assert fake_openai.requests[0].body["response_format"] == {"type": "json_object"}
+    else:
+        assert "one JSON object" in fake_anthropic.requests[0].body["system"]
+
+
+@pytest.mark.parametrize(
+    ("choice", "anthropic_choice"),
+    [
+        ("auto", {"type": "auto", "disable_parallel_tool_use": True}),
+        ("required", {"type": "any", "disable_parallel_tool_use": True}),
+        ("none", {"type": "none"}),
+        (
+            {"type": "function", "function": {"name": "lookup"}},
+            {"type": "tool", "name": "lookup", "disable_parallel_tool_use": True},
+        ),
+    ],
+)
+async def test_tool_choice_and_parallel_tool_calls_reach_the_upstream(
+    client: TestClient,
+    token: str,
+    fake_openai: FakeOpenAI,
+    fake_anthropic: FakeAnthropic,
+    choice: Any,
+    anthropic_choice: dict[str, Any],
+) -> None:
+    api = sdk(client, token)
+    for model in ("openai/gpt-4o-mini", "anthropic/claude-sonnet-4-6"):
+        await api.chat.completions.create(
+            model=model, messages=MESSAGES, tools=TOOLS, tool_choice=choice, parallel_tool_calls=False
+        )
+    sent = fake_openai.requests[0].body
+    assert sent["tool_choice"] == choice and sent["parallel_tool_calls"] is False
+    assert fake_anthropic.requests[0].body["tool_choice"] == anthropic_choice
+
+
+async def test_passed_on_fields(client: TestClient, token: str, fake_openai: FakeOpenAI) -> None:
+    await sdk(client, token).chat.completions.create(
+        model="openai/gpt-4o-mini",
+        messages=MESSAGES,
+        seed=7,
+        presence_penalty=0.5,
+        frequency_penalty=0.25,
+        prompt_cache_key="thread-1",
+        user="ada",
+        metadata={"kept": "by the gateway"},
+    )
+    sent = fake_openai.requests[0].body
+    assert (sent["seed"], sent["presence_penalty"], sent["frequency_penalty"]) == (7, 0.5, 0.25)
+    assert (sent["prompt_cache_key"], sent["user"]) == ("thread-1", "ada") and "metadata" not in sent
+
+
+@pytest.mark.parametrize(
+    ("model", "fields", "param"),
+    [
+        ("openai/gpt-4o-mini", {"n": 2}, "n"),
+        ("openai/gpt-4o-mini", {"logprobs": True}, "logprobs"),
+        ("openai/gpt-4o-mini", {"top_logprobs": 3}, "top_logprobs"),
+        ("openai/gpt-4o-mini", {"modalities": ["text", "audio"]}, "modalities"),
+        ("openai/gpt-4o-mini", {"functions": [{"name": "f"}]}, "functions"),
+        ("openai/gpt-4o-mini", {"frobnicate": 1}, "frobnicate"),
+        ("openai/gpt-4o-mini", {"response_format": {"type": "yaml"}}, "response_format.type"),
+        ("openai/gpt-4o-mini", {"tools": TOOLS, "tool_choice": "sometimes"}, "tool_choice"),
+    ],
+)
+async def test_refused_with_the_field_named(
+    client: TestClient, token: str, fake_openai: FakeOpenAI, model: str, fields: dict[str, Any], param: str
+) -> None:
+    with pytest.raises(openai.BadRequestError) as raised:
+        await sdk(client, token).chat.completions.create(model=model, messages=MESSAGES, extra_body=fields)
+    assert raised.value.param == param and param.split(".")[0] in raised.value.message
+    assert raised.value.body["type"] == "invalid_request_error"  # type: ignore[index]
+    assert fake_openai.requests == [] and await records(client) == []
+
+
+async def test_a_parameter_the_provider_has_not_is_refused(
+    client: TestClient, token: str, fake_anthropic: FakeAnthropic
+) -> None:
+    with pytest.raises(openai.BadRequestError) as raised:
+        await sdk(client, token).chat.completions.create(model="anthropic/claude-sonnet-4-6", messages=MESSAGES, seed=7)
+    assert "seed" in raised.value.message
+    assert fake_anthropic.requests == []
+    (record,) = await records(client)
+    assert record["answered"] is False and record["totalTokens"] == 0
+
+
+async def test_llm_schema(client: TestClient, token: str, fake_openai: FakeOpenAI, tmp_path: Path) -> None:
+    """``llm --schema`` with the gateway as an OpenAI-compatible model (the README's extra-openai-models.yaml)."""
+    home = tmp_path / "llm"
+    home.mkdir()
+    lang, models = snippets()["llm-models"]  # the README's extra-openai-models.yaml
+    assert lang == "yaml"
+    models = models.replace(README_URL, f"http://127.0.0.1:{client.port}")
+    (home / "extra-openai-models.yaml").write_text(models, encoding="utf-8")
+    (home / "keys.json").write_text(json.dumps({"agentspace": token}), encoding="utf-8")
+    fake_openai.enqueue(text_response('{"name": "Ada", "age": 36}', usage=usage(44, 11)))
+    llm = Path(sys.executable).parent / "llm"
+    process = await asyncio.create_subprocess_exec(
+        llm, "-m", "agentspace-gpt", "--schema", "name, age int", "--no-log", "Ada Lovelace, 36",
+        env={**os.environ, "LLM_USER_PATH": str(home)},
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    out, err = await asyncio.wait_for(process.communicate(), 120)
+    assert process.returncode == 0, err.decode()
+    assert json.loads(out) == {"name": "Ada", "age": 36}
+    schema = fake_openai.requests[0].body["response_format"]["json_schema"]["schema"]
+    assert schema["properties"]["age"] == {"type": "integer"} and schema["required"] == ["name", "age"]
+    (record,) = await records(client)
+    assert (record["endpoint"], record["inputTokens"], record["outputTokens"]) == ("openai", 44, 11)

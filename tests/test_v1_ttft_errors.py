@@ -1,0 +1,90 @@
+"""``ttftMs`` is the time to the first relayed output byte on every stream (also a pass-through stream whose
+whole body arrives in one read) and null on whole answers; OpenAI-shaped errors carry type, code, message
+and param as OpenAI sends them."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import anthropic
+import openai
+import pytest
+from aiohttp.test_utils import TestClient
+
+from agentspace.transports import state
+from tests.fakes import anthropic_upstream as fa
+from tests.fakes.anthropic_upstream import FakeAnthropic
+from tests.fakes.openai_upstream import FakeOpenAI, error_status, text_response
+
+MESSAGES: list[Any] = [{"role": "user", "content": "Hello"}]
+
+
+@pytest.fixture
+async def client(
+    make_client: Callable[..., Awaitable[TestClient]], fake_openai: FakeOpenAI, monkeypatch: pytest.MonkeyPatch
+) -> TestClient:
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-openai-test-0123456789")
+    return await make_client(providers={"openai": {"base_url": fake_openai.url}})
+
+
+def url(client: TestClient) -> str:
+    return f"http://127.0.0.1:{client.port}"
+
+
+async def records(client: TestClient) -> list[dict[str, Any]]:
+    return await client.app[state.REGISTRY].usage.arecords()
+
+
+async def test_ttft_on_streams_only(
+    client: TestClient, token: str, fake_openai: FakeOpenAI, fake_anthropic: FakeAnthropic
+) -> None:
+    oa = openai.AsyncOpenAI(api_key=token, base_url=url(client) + "/v1", max_retries=0)
+    an = anthropic.AsyncAnthropic(api_key=token, base_url=url(client), max_retries=0)
+    fake_openai.enqueue(text_response("a"), text_response("b"), text_response("c"), text_response("d"))
+    await oa.chat.completions.create(model="openai/gpt-4o-mini", messages=MESSAGES)
+    async for _ in await oa.chat.completions.create(model="openai/gpt-4o-mini", messages=MESSAGES, stream=True):
+        pass
+    await oa.responses.create(model="openai/gpt-4o-mini", input="Hi")
+    async for _ in await oa.responses.create(model="openai/gpt-4o-mini", input="Hi", stream=True):
+        pass
+    # The fake Anthropic upstream writes a whole stream in one write: the relay gets it in one read.
+    fake_anthropic.enqueue(fa.text_response("e"), fa.text_response("f"))
+    await an.messages.create(model="claude-sonnet-4-6", max_tokens=10, messages=MESSAGES)
+    async with an.messages.stream(model="claude-sonnet-4-6", max_tokens=10, messages=MESSAGES) as s:
+        await s.get_final_message()
+    got = [(r["endpoint"], r["ttftMs"] is not None) for r in await records(client)]
+    assert got == [
+        ("openai", False),
+        ("openai", True),
+        ("responses", False),
+        ("responses", True),
+        ("anthropic", False),
+        ("anthropic", True),
+    ]
+    assert all(r["ttftMs"] is None or 0 <= r["ttftMs"] <= r["latencyMs"] for r in await records(client))
+
+
+@pytest.mark.parametrize(
+    ("status", "error_type", "code"),
+    [
+        (401, "invalid_request_error", "invalid_api_key"),
+        (404, "invalid_request_error", "model_not_found"),
+        (429, "requests", "rate_limit_exceeded"),
+        (500, "server_error", None),
+    ],
+)
+async def test_openai_error_shape(
+    client: TestClient, token: str, fake_openai: FakeOpenAI, status: int, error_type: str, code: str | None
+) -> None:
+    oa = openai.AsyncOpenAI(api_key=token, base_url=url(client) + "/v1", max_retries=0)
+    for call in (
+        lambda: oa.chat.completions.create(model="openai/gpt-4o-mini", messages=MESSAGES),
+        lambda: oa.responses.create(model="openai/gpt-4o-mini", input="Hi"),
+    ):
+        fake_openai.enqueue(error_status(status, "upstream says no"))
+        with pytest.raises(openai.APIStatusError) as raised:
+            await call()
+        body = raised.value.body
+        assert isinstance(body, dict) and set(body) == {"message", "type", "param", "code"}
+        assert (raised.value.status_code, body["type"], body["code"]) == (status, error_type, code)
