@@ -207,6 +207,8 @@ class UsageRecord:
     endpoint: str | None = None
     # Milliseconds from the call's start to its first streamed output; None when nothing was streamed.
     ttft_ms: float | None = None
+    # Why the gateway made the call when it was not the client's own request: "compact" (a session's summary).
+    purpose: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         u = self.usage
@@ -236,6 +238,7 @@ class UsageRecord:
             "attempts": self.attempts,
             "endpoint": self.endpoint,
             "ttftMs": None if self.ttft_ms is None else round(self.ttft_ms, 3),
+            "purpose": self.purpose,
         }
 
 

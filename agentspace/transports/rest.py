@@ -43,6 +43,9 @@ def _service(request: web.Request) -> Service:
 
 
 async def list_sessions(request: web.Request) -> web.Response:
+    if "q" in request.query:  # a search: the caller's sessions whose title or messages contain q
+        found = await _service(request).search_sessions(request.query["q"])
+        return web.json_response({"sessions": found, "damagedFiles": []})
     listing = await _service(request).list_sessions()
     return web.json_response({"sessions": listing.sessions, "damagedFiles": listing.damaged_files})
 
@@ -58,7 +61,23 @@ async def delete_session(request: web.Request) -> web.Response:
 
 async def session_context(request: web.Request) -> web.Response:
     model = request.query.get("model") or None
-    return web.json_response(await _service(request).inspect_context(request.match_info["id"], model))
+    draft = request.query.get("userMessage")
+    return web.json_response(
+        await _service(request).inspect_context(request.match_info["id"], model, user_message=draft)
+    )
+
+
+async def compact_session(request: web.Request) -> web.Response:
+    return web.json_response(await _service(request).compact_session(request.match_info["id"]))
+
+
+async def export_session(request: web.Request) -> web.Response:
+    session_id = request.match_info["id"]
+    fmt = request.query.get("format", "md")
+    document, media_type = await _service(request).export_session(session_id, fmt)
+    # A download (the web app's link): the file name is the session id, which is plain ASCII.
+    headers = {hdrs.CONTENT_DISPOSITION: f'attachment; filename="{session_id}.{fmt}"'}
+    return web.Response(text=document, headers={**headers, hdrs.CONTENT_TYPE: media_type})
 
 
 async def usage(request: web.Request) -> web.Response:
@@ -151,6 +170,8 @@ def setup_routes(app: web.Application) -> None:
     app.router.add_get("/api/sessions/{id}", get_session)
     app.router.add_delete("/api/sessions/{id}", delete_session)
     app.router.add_get("/api/sessions/{id}/context", session_context)
+    app.router.add_post("/api/sessions/{id}/compact", compact_session)
+    app.router.add_get("/api/sessions/{id}/export", export_session)
     app.router.add_get("/api/usage", usage)
     app.router.add_get("/api/models", models)
     app.router.add_get("/api/openapi.json", openapi)

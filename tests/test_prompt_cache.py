@@ -1,0 +1,147 @@
+"""Automatic prompt caching of gateway-kept sessions, measured against the fake Anthropic upstream's prompt
+cache (tests/fakes/anthropic_upstream.py, ``caching=True``), and the inspector's prediction of it."""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+from aiohttp.test_utils import TestClient
+
+from agentspace.pricing import model_info
+from tests.fakes.anthropic_upstream import text_response, tool_use_response
+from tests.test_ws import chat, connect, receive_after
+from tests.tool_plugins import WeatherTools
+
+MODEL = "anthropic/claude-sonnet-4-5"
+WORDS = "the quick brown fox jumps over a lazy dog while seven wizards quietly hex bold jumbo plans".split()
+
+
+def turn_text(turn: int, size: int = 10_000) -> str:
+    """About ``size`` bytes of prose, different for every turn."""
+    rng = random.Random(turn)
+    words: list[str] = [f"Turn {turn}:"]
+    while sum(len(w) + 1 for w in words) < size:
+        words.append(rng.choice(WORDS) + ("." if rng.random() < 0.08 else ""))
+    return " ".join(words)
+
+
+def breakpoints(body: dict[str, Any]) -> int:
+    count = sum(1 for t in body.get("tools") or [] if "cache_control" in t)
+    system = body.get("system")
+    if isinstance(system, list):
+        count += sum(1 for b in system if "cache_control" in b)
+    for m in body["messages"]:
+        if isinstance(m["content"], list):
+            count += sum(1 for b in m["content"] if "cache_control" in b)
+    return count
+
+
+async def test_twenty_turns_read_what_the_last_wrote(client: TestClient, token: str, fake_anthropic: Any) -> None:
+    fake_anthropic.caching = True
+    info = model_info(_config(client), MODEL)
+    ws = await connect(client, token)
+    session_id: str | None = None
+    billed: list[float] = []
+    uncached: list[float] = []
+    for turn in range(1, 21):
+        text = turn_text(turn)
+        predicted = None
+        if session_id is not None:
+            frame = {"type": "context.inspect", "id": f"i{turn}", "sessionId": session_id, "userMessage": text}
+            reply = await receive_after(ws, frame)
+            predicted = reply["totals"]
+            names = {s["name"]: s for s in reply["sections"]}
+            assert names["history"]["cache"] in ("read", "read+write")
+            assert names["user_message"]["cache"] == "write"
+            assert predicted["promptCache"] == "auto"
+        extra = {"sessionId": session_id} if session_id else {}
+        frames = await chat(ws, text, f"r{turn}", **extra)
+        end = frames[-1]
+        assert end["type"] == "chat.stream.end", end
+        session_id = frames[0]["sessionId"]
+        usage = end["usage"]
+        prompt = usage["inputTokens"] + usage["cacheReadTokens"] + usage["cacheWriteTokens"]
+        billed_input = usage["inputCost"]
+        billed.append(billed_input)
+        uncached.append(prompt * info.input_per_mtok / 1_000_000)
+        if turn > 1:
+            assert usage["cacheReadTokens"] > 0, usage  # read what the previous turn wrote
+            assert predicted is not None
+            print(turn, "prediction error", abs(predicted["costWithCache"] - billed_input) / billed_input)
+            assert abs(predicted["costWithCache"] - billed_input) <= 0.05 * billed_input, (turn, predicted, usage)
+            assert abs(predicted["costWithoutCache"] - uncached[-1]) <= 0.05 * uncached[-1]
+    body = fake_anthropic.requests[-1].body
+    assert 1 <= breakpoints(body) <= 4
+    print("cached/uncached input cost, turns 2-20:", sum(billed[1:]) / sum(uncached[1:]))
+    assert sum(billed[1:]) <= 0.25 * sum(uncached[1:]), (sum(billed[1:]), sum(uncached[1:]))
+    await ws.close()
+
+
+def _config(client: TestClient) -> Any:
+    from agentspace.transports import state
+
+    return client.app[state.REGISTRY].config
+
+
+async def test_off_sends_no_breakpoints_and_the_inspector_says_so(
+    make_client: Any, token: str, fake_anthropic: Any
+) -> None:
+    fake_anthropic.caching = True
+    client = await make_client(chat={"prompt_cache": "off"})
+    ws = await connect(client, token)
+    frames = await chat(ws, turn_text(1))
+    session_id = frames[0]["sessionId"]
+    frames = await chat(ws, turn_text(2), "r2", sessionId=session_id)
+    assert frames[-1]["usage"]["cacheReadTokens"] == 0
+    assert all(breakpoints(r.body) == 0 for r in fake_anthropic.requests)
+    reply = await receive_after(ws, {"type": "context.inspect", "id": "i", "sessionId": session_id})
+    totals = reply["totals"]
+    assert totals["promptCache"] == "off" and totals["cacheReadTokens"] == totals["cacheWriteTokens"] == 0
+    assert totals["costWithCache"] == totals["costWithoutCache"]
+    await ws.close()
+
+
+async def test_expired_cache_is_written_again_and_predicted(make_client: Any, token: str, fake_anthropic: Any) -> None:
+    fake_anthropic.caching = True
+    client = await make_client(chat={"prompt_cache_ttl": "1h"})
+    ws = await connect(client, token)
+    frames = await chat(ws, turn_text(1))
+    session_id = frames[0]["sessionId"]
+    ttls = {
+        b["cache_control"]["ttl"]
+        for m in fake_anthropic.requests[0].body["messages"]
+        for b in m["content"]
+        if "cache_control" in b
+    }
+    assert ttls == {"1h"}
+    fake_anthropic.advance(3601)  # the fake's cache expires; the inspector does not know, the bill shows it
+    frames = await chat(ws, turn_text(2), "r2", sessionId=session_id)
+    usage = frames[-1]["usage"]
+    assert usage["cacheReadTokens"] == 0 and usage["cacheWriteTokens"] > 0
+    await ws.close()
+
+
+async def test_tool_loop_steps_read_the_previous_step(
+    make_client: Any, token: str, fake_anthropic: Any, plugin_manager: Any
+) -> None:
+    fake_anthropic.caching = True
+    plugin_manager.register(WeatherTools())
+    client = await make_client(pm=plugin_manager)
+    ws = await connect(client, token)
+    fake_anthropic.enqueue(tool_use_response("get_weather", {"city": "Paris"}), text_response("Sunny."))
+    frames = await chat(ws, turn_text(1))
+    assert frames[-1]["type"] == "chat.stream.end", frames[-1]
+    first, second = fake_anthropic.requests[-2:]
+    assert "cache_control" in first.body["tools"][-1]
+    assert breakpoints(second.body) <= 4
+    usage = frames[-1]["usage"]  # both steps' usage: the second read what the first wrote
+    assert usage["cacheReadTokens"] > 0 and usage["cacheWriteTokens"] > 0
+    await ws.close()
+
+
+async def test_v1_requests_are_never_changed(client: TestClient, token: str, fake_anthropic: Any) -> None:
+    body = {"model": "claude-sonnet-4-5", "max_tokens": 50, "messages": [{"role": "user", "content": turn_text(1)}]}
+    response = await client.post("/v1/messages", json=body, headers={"Authorization": f"Bearer {token}"})
+    assert response.status == 200, await response.text()
+    assert breakpoints(fake_anthropic.requests[-1].body) == 0
