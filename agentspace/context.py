@@ -246,12 +246,20 @@ class CacheView:
     age_seconds: float | None
 
 
+# Tokenizers differ by tens of percent, not more: a ratio beyond these bounds says the report was partial
+# (a provider that leaves some input out), and is not trusted further than them.
+CALIBRATION_BOUNDS = (0.5, 2.0)
+
+
 def calibration(last_call: dict[str, Any] | None) -> float:
     """Reported over estimated prompt tokens of the previous call (1.0 when unknown)."""
     if not last_call:
         return 1.0
     reported, estimated = last_call.get("promptTokens") or 0, last_call.get("promptEstimate") or 0
-    return reported / estimated if reported > 0 and estimated > 0 else 1.0
+    if reported <= 0 or estimated <= 0:
+        return 1.0
+    low, high = CALIBRATION_BOUNDS
+    return min(high, max(low, reported / estimated))
 
 
 # Cache order: the provider caches tools, then the system prompt, then the messages.

@@ -297,7 +297,16 @@ OPENAPI: dict[str, Any] = {
         },
         "/api/sessions": {
             "get": {
-                "summary": "Sessions, most recent activity first.",
+                "summary": "Sessions, most recent activity first; with `q`, those whose title or messages contain it.",
+                "parameters": [
+                    {
+                        "name": "q",
+                        "in": "query",
+                        "schema": _STR,
+                        "description": "Search (case-insensitive): the caller's sessions whose title or message text "
+                        "contains this phrase, each with `match`, the text around the first hit.",
+                    }
+                ],
                 "responses": {
                     "200": _json(
                         {
@@ -346,10 +355,58 @@ OPENAPI: dict[str, Any] = {
                         "schema": _STR,
                         "description": "Measure for this model instead of the session's.",
                     },
+                    {
+                        "name": "userMessage",
+                        "in": "query",
+                        "schema": _STR,
+                        "description": "The message about to be sent, measured as the user_message section.",
+                    },
                 ],
                 "responses": {
                     "200": _json(_ref("ContextInspection")),
                     "400": _error("INVALID_MESSAGE or MODEL_NOT_FOUND."),
+                    **_AUTH_ERRORS,
+                    "404": _error("SESSION_NOT_FOUND"),
+                },
+            }
+        },
+        "/api/sessions/{id}/compact": {
+            "post": {
+                "summary": "Summarise every turn but the latest into the session's summary (billed, purpose compact).",
+                "parameters": [_SESSION_ID],
+                "responses": {
+                    "200": _json(
+                        {
+                            "type": "object",
+                            "properties": {
+                                "sessionId": _STR,
+                                "compacted": _BOOL,
+                                "summarizedMessages": _INT,
+                                "summary": _STR,
+                            },
+                        }
+                    ),
+                    "400": _error("INVALID_MESSAGE: bad session id."),
+                    **_AUTH_ERRORS,
+                    "404": _error("SESSION_NOT_FOUND"),
+                    "409": _error("STREAM_IN_PROGRESS: the session is streaming an answer."),
+                    "502": _error("LLM_ERROR: the summarising call failed."),
+                },
+            }
+        },
+        "/api/sessions/{id}/export": {
+            "get": {
+                "summary": "The session as a download: Markdown (`format=md`, default) or JSON (`format=json`).",
+                "parameters": [
+                    _SESSION_ID,
+                    {"name": "format", "in": "query", "schema": {"enum": ["md", "json"]}},
+                ],
+                "responses": {
+                    "200": {
+                        "description": "The document (Content-Disposition: attachment).",
+                        "content": {"text/markdown": {"schema": _STR}, "application/json": {"schema": _STR}},
+                    },
+                    "400": _error("INVALID_MESSAGE: bad session id or format."),
                     **_AUTH_ERRORS,
                     "404": _error("SESSION_NOT_FOUND"),
                 },
@@ -508,12 +565,26 @@ OPENAPI: dict[str, Any] = {
                                 "byteCount": _INT,
                                 "tokenEstimate": _INT,
                                 "costEstimate": _NUM,
+                                "cache": {"enum": ["read", "write", "read+write", "none"]},
+                                "cacheReadTokens": _INT,
+                                "cacheWriteTokens": _INT,
                             },
                         },
                     },
                     "totals": {
                         "type": "object",
-                        "properties": {"byteCount": _INT, "tokenEstimate": _INT, "costEstimate": _NUM},
+                        "properties": {
+                            "byteCount": _INT,
+                            "tokenEstimate": _INT,
+                            "costEstimate": _NUM,
+                            "promptCache": {"enum": ["auto", "off"]},
+                            "calibratedTokens": _INT,
+                            "cacheReadTokens": _INT,
+                            "cacheWriteTokens": _INT,
+                            "uncachedTokens": _INT,
+                            "costWithCache": _NUM,
+                            "costWithoutCache": _NUM,
+                        },
                     },
                 },
             },
