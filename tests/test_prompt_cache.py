@@ -21,8 +21,10 @@ def turn_text(turn: int, size: int = 10_000) -> str:
     """About ``size`` bytes of prose, different for every turn."""
     rng = random.Random(turn)
     words: list[str] = [f"Turn {turn}:"]
-    while sum(len(w) + 1 for w in words) < size:
+    length = len(words[0])
+    while length < size:
         words.append(rng.choice(WORDS) + ("." if rng.random() < 0.08 else ""))
+        length += len(words[-1]) + 1
     return " ".join(words)
 
 

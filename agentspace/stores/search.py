@@ -9,6 +9,7 @@ and a substring scan. The first search of a process reads every session once.
 from __future__ import annotations
 
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -59,30 +60,74 @@ async def search_sessions(
 ) -> list[dict[str, Any]]:
     """Summaries of the sessions (of ``client`` only, when given) whose title or messages contain ``query``,
     most recent activity first, each with ``match``: the text around the first hit."""
-    needle = query.strip().lower()
     index = _INDEXES.setdefault(store, {})
-    listing = await store.listing()
-    found: list[dict[str, Any]] = []
-    seen: set[str] = set()
-    for summary in listing.sessions:  # most recent activity first
+    search = _Search(index, query, client, limit)
+    for summary in (await store.listing()).sessions:  # most recent activity first
+        if search.wants(summary):
+            search.add(summary, await store.get(str(summary["id"])))
+        if search.full:
+            break
+    return search.done()
+
+
+def search_sessions_sync(
+    summaries: list[dict[str, Any]],
+    get: Callable[[str], dict[str, Any] | None],
+    query: str,
+    *,
+    client: str | None = None,
+    limit: int = 50,
+) -> list[dict[str, Any]]:
+    """``search_sessions`` for the CLI: the summaries listed, ``get`` reading one session."""
+    search = _Search({}, query, client, limit)
+    for summary in summaries:
+        if search.wants(summary):
+            search.add(summary, get(str(summary["id"])))
+        if search.full:
+            break
+    return search.done()
+
+
+class _Search:
+    """One search over summaries in order, reading a session only when the index lacks its current text."""
+
+    def __init__(self, index: dict[str, _Entry], query: str, client: str | None, limit: int) -> None:
+        self.index, self.client, self.limit = index, client, limit
+        self.needle = query.strip().lower()
+        self.found: list[dict[str, Any]] = []
+        self.seen: set[str] = set()
+        self.pending: dict[str, Any] | None = None
+
+    @property
+    def full(self) -> bool:
+        return len(self.found) >= self.limit
+
+    def wants(self, summary: dict[str, Any]) -> bool:
+        """Whether ``summary``'s session must be read (else it was matched from the index already)."""
         session_id = str(summary["id"])
-        seen.add(session_id)
-        if client is not None and summary.get("client") != client:
-            continue
-        entry = index.get(session_id)
-        stamp = _stamp(summary)
-        if entry is None or entry.stamp != stamp:
-            session = await store.get(session_id)
-            if session is None:
-                continue
-            original = _document(session)
-            entry = index[session_id] = _Entry(stamp, original.lower(), original)
-        at = entry.text.find(needle)
+        self.seen.add(session_id)
+        if self.client is not None and summary.get("client") != self.client:
+            return False
+        entry = self.index.get(session_id)
+        if entry is not None and entry.stamp == _stamp(summary):
+            self._match(summary, entry)
+            return False
+        return True
+
+    def add(self, summary: dict[str, Any], session: dict[str, Any] | None) -> None:
+        if session is None:
+            return
+        original = _document(session)
+        entry = self.index[str(summary["id"])] = _Entry(_stamp(summary), original.lower(), original)
+        self._match(summary, entry)
+
+    def _match(self, summary: dict[str, Any], entry: _Entry) -> None:
+        at = entry.text.find(self.needle)
         if at >= 0:
-            found.append({**summary, "match": _snippet(entry, at, len(needle))})
-            if len(found) >= limit:
-                break
-    if len(found) < limit:
-        for gone in set(index) - seen:  # deleted sessions
-            del index[gone]
-    return found
+            self.found.append({**summary, "match": _snippet(entry, at, len(self.needle))})
+
+    def done(self) -> list[dict[str, Any]]:
+        if not self.full:
+            for gone in set(self.index) - self.seen:  # deleted sessions
+                del self.index[gone]
+        return self.found
