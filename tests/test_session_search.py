@@ -4,11 +4,16 @@
 from __future__ import annotations
 
 import json
+import os
+import random
+import time
 from pathlib import Path
 from typing import Any
 
+import pytest
 from aiohttp.test_utils import TestClient
 
+from agentspace.transports import state
 from tests.fakes.anthropic_upstream import text_response
 from tests.test_cli_e2e import run_cli, ws_url
 from tests.test_ws import chat, connect, receive_after
@@ -127,3 +132,31 @@ async def test_cli_search_compact_and_inspect(
     inspected = await run_cli(["inspect", quantum, "--url", ws_url(client)], isolated_env)
     assert inspected.exit_code == 0, inspected.output
     assert "summary" in inspected.output and "Expected input cost" in inspected.output
+
+
+async def test_a_phrase_from_turn_3_of_1000_sessions_in_under_200_ms(
+    client: TestClient, auth_headers: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = client.app[state.REGISTRY].sessions
+    rng = random.Random(3)
+    words = "alpha beta gamma delta river stone cloud paper garden window lamp orbit".split()
+    with monkeypatch.context() as m:
+        m.setattr(os, "fsync", lambda fd: None)  # seeding is setup
+        target = ""
+        for n in range(1000):
+            messages = []
+            for turn in range(1, 11):
+                question = " ".join(rng.choice(words) for _ in range(100))
+                if n == 500 and turn == 3:
+                    question += " the violet heron counts backwards"
+                messages += [{"role": "user", "content": question}, {"role": "assistant", "content": question[::-1]}]
+            summary = await store.create(model="anthropic/claude-sonnet-4-6", messages=messages)
+            target = summary["id"] if n == 500 else target
+    timings = []
+    for _ in range(4):  # the first search of the process reads every session once
+        started = time.perf_counter()
+        response = await client.get("/api/sessions", params={"q": "Violet Heron"}, headers=auth_headers)
+        body = await response.json()
+        timings.append(time.perf_counter() - started)
+        assert [s["id"] for s in body["sessions"]] == [target]
+    assert min(timings[1:]) < 0.2, timings

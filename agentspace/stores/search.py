@@ -4,16 +4,26 @@ Works on any session store through its interface (``listing`` and ``get``), so e
 text of each session is kept in memory per store, lower-cased, with the summary it was read at; a session
 is read again only when its summary changed (a new message, a new title), so a search costs one listing
 and a substring scan. The first search of a process reads every session once.
+
+On the embedded store (``SessionStore``, one ``<id>.json`` file per session, replaced whole on every write)
+even the listing is skipped: a session is read again only when its file's (inode, size, mtime) changed, so
+a search costs one ``scandir`` and the substring scan (``benchmarks/search_bench.py``: 1,000 sessions).
 """
 
 from __future__ import annotations
 
+import asyncio
+import os
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
+from ..errors import SessionDamaged
 from .base import SessionStoreAPI
+from .sessions import SESSION_ID, SessionStore
+from .store_thread import read_in_thread
 
 SNIPPET = 60  # characters of context either side of a match
 
@@ -23,10 +33,12 @@ class _Entry:
     stamp: tuple[Any, ...]
     text: str  # what is searched: the title and every message's text, lower-cased
     original: str  # the same text as written, for snippets (same length as ``text`` where case maps 1:1)
+    summary: dict[str, Any] | None = None  # the session's summary (kept for the file-stamp path)
 
 
 # One index per store object, gone with the store.
 _INDEXES: weakref.WeakKeyDictionary[Any, dict[str, _Entry]] = weakref.WeakKeyDictionary()
+_LOCKS: weakref.WeakKeyDictionary[Any, asyncio.Lock] = weakref.WeakKeyDictionary()
 
 
 def message_text(message: dict[str, Any]) -> str:
@@ -55,11 +67,85 @@ def _snippet(entry: _Entry, at: int, length: int) -> str:
     return ("…" if start else "") + text + ("…" if end < len(source) else "")
 
 
+def _file_stamps(directory: Path) -> dict[str, tuple[int, int, int]]:
+    """Each session file's (inode, size, mtime): a write replaces the file, which changes at least one."""
+    stamps = {}
+    try:
+        entries = os.scandir(directory)
+    except FileNotFoundError:
+        return {}
+    with entries:
+        for entry in entries:
+            name = entry.name
+            if not name.endswith(".json") or name.startswith(".") or name.endswith(".meta.json"):
+                continue  # temp files, damaged copies, legacy summary copies
+            session_id = name[: -len(".json")]
+            if not SESSION_ID.fullmatch(session_id):
+                continue
+            try:
+                st = entry.stat()
+            except FileNotFoundError:
+                continue  # deleted since listed
+            stamps[session_id] = (st.st_ino, st.st_size, st.st_mtime_ns)
+    return stamps
+
+
+def _read_changed(store: SessionStore, index: dict[str, _Entry], stamps: dict[str, tuple[int, int, int]]) -> None:
+    for session_id, stamp in stamps.items():
+        entry = index.get(session_id)
+        if entry is not None and entry.stamp == stamp:
+            continue
+        try:
+            session = store.get_sync(session_id)
+        except SessionDamaged:
+            session = None
+        if session is None:
+            index.pop(session_id, None)
+            continue
+        original = _document(session)
+        summary = {k: v for k, v in session.items() if k != "messages"}
+        index[session_id] = _Entry(stamp, original.lower(), original, summary)
+    for gone in set(index) - set(stamps):
+        del index[gone]
+
+
+async def _search_files(store: SessionStore, query: str, client: str | None, limit: int) -> list[dict[str, Any]]:
+    index = _INDEXES.setdefault(store, {})
+
+    def refresh() -> None:
+        _read_changed(store, index, _file_stamps(store.dir))
+
+    # One refresh at a time: the index is changed on a worker thread while the loop may start another search.
+    lock = _LOCKS.setdefault(store, asyncio.Lock())
+    async with lock:
+        await read_in_thread(refresh)
+        return _scan(index, query, client, limit)
+
+
+def _scan(index: dict[str, _Entry], query: str, client: str | None, limit: int) -> list[dict[str, Any]]:
+    search = _Search(index, query, client, limit)
+    entries = [e for e in index.values() if e.summary is not None]
+    entries.sort(key=lambda e: _recency(e.summary or {}), reverse=True)
+    for entry in entries:
+        summary = entry.summary or {}
+        if client is None or summary.get("client") == client:
+            search.match(summary, entry)
+        if search.full:
+            break
+    return search.found
+
+
+def _recency(summary: dict[str, Any]) -> tuple[str, str, str]:
+    return (summary.get("lastActivityAt") or "", summary.get("createdAt") or "", str(summary.get("id")))
+
+
 async def search_sessions(
     store: SessionStoreAPI, query: str, *, client: str | None = None, limit: int = 50
 ) -> list[dict[str, Any]]:
     """Summaries of the sessions (of ``client`` only, when given) whose title or messages contain ``query``,
     most recent activity first, each with ``match``: the text around the first hit."""
+    if isinstance(store, SessionStore):
+        return await _search_files(store, query, client, limit)
     index = _INDEXES.setdefault(store, {})
     search = _Search(index, query, client, limit)
     for summary in (await store.listing()).sessions:  # most recent activity first
@@ -110,7 +196,7 @@ class _Search:
             return False
         entry = self.index.get(session_id)
         if entry is not None and entry.stamp == _stamp(summary):
-            self._match(summary, entry)
+            self.match(summary, entry)
             return False
         return True
 
@@ -119,9 +205,9 @@ class _Search:
             return
         original = _document(session)
         entry = self.index[str(summary["id"])] = _Entry(_stamp(summary), original.lower(), original)
-        self._match(summary, entry)
+        self.match(summary, entry)
 
-    def _match(self, summary: dict[str, Any], entry: _Entry) -> None:
+    def match(self, summary: dict[str, Any], entry: _Entry) -> None:
         at = entry.text.find(self.needle)
         if at >= 0:
             self.found.append({**summary, "match": _snippet(entry, at, len(self.needle))})
