@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, Literal
 
-from .prompt_cache import cache_ttl, plan, prefix_key
+from .prompt_cache import anthropic_family, cache_ttl, plan, prefix_key
 from .tokens import count_tokens
 from .types import (
     ChatMessage,
@@ -273,7 +273,7 @@ def _measure_cache(
     total = round(estimate_input_tokens(context) * ratio)
     key = prefix_key(context.system, [t.definition() for t in context.tools])
     # Only providers that need breakpoints get them (Anthropic's API); others are predicted without the cache.
-    ttl = cache.ttl if info.provider == "anthropic" else None
+    ttl = cache.ttl if info.provider == "anthropic" or anthropic_family(context.model) else None
     p = plan(
         total=total, model=context.model, ttl=ttl, last_call=cache.last_call, key=key, age_seconds=cache.age_seconds
     )

@@ -90,6 +90,32 @@ def add_breakpoints(params: dict[str, Any], ttl: str) -> None:
         _mark_last_block(messages[index], ttl)
 
 
+def add_chat_breakpoints(messages: list[dict[str, Any]], ttl: str) -> None:
+    """The same breakpoints in the Chat Completions messages litellm takes, for Anthropic-family models behind
+    litellm (Bedrock, Vertex AI, OpenRouter): litellm carries ``cache_control`` on content blocks and on tool
+    messages to those APIs. Tools come before the system prompt in their cache, so its mark covers them."""
+    system = next((m for m in messages if m.get("role") == "system"), None)
+    if system is not None and isinstance(system.get("content"), str):
+        system["content"] = [{"type": "text", "text": system["content"], "cache_control": _marker(ttl)}]
+    if not messages or messages[-1].get("role") == "system":
+        return
+    targets = [len(messages) - 1]
+    last_assistant = max((i for i, m in enumerate(messages) if m.get("role") == "assistant"), default=None)
+    if last_assistant and messages[last_assistant - 1].get("role") in ("user", "tool"):
+        targets.append(last_assistant - 1)
+    for index in targets:
+        message = messages[index]
+        if message.get("role") == "tool":
+            message["cache_control"] = _marker(ttl)
+        elif isinstance(message.get("content"), str):
+            message["content"] = [{"type": "text", "text": message["content"], "cache_control": _marker(ttl)}]
+
+
+def anthropic_family(model: str) -> bool:
+    """Claude behind another provider's API (litellm): it caches only what is marked."""
+    return "claude" in model.lower()
+
+
 def prefix_key(system: str, tools: list[dict[str, Any]]) -> str:
     """A short fingerprint of the system prompt and tools: the next call reads nothing if they changed."""
     data = json.dumps([system, tools], ensure_ascii=False, sort_keys=True).encode()

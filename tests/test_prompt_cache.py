@@ -3,6 +3,7 @@ cache (tests/fakes/anthropic_upstream.py, ``caching=True``), and the inspector's
 
 from __future__ import annotations
 
+import json
 import random
 from typing import Any
 
@@ -147,3 +148,24 @@ async def test_v1_requests_are_never_changed(client: TestClient, token: str, fak
     response = await client.post("/v1/messages", json=body, headers={"Authorization": f"Bearer {token}"})
     assert response.status == 200, await response.text()
     assert breakpoints(fake_anthropic.requests[-1].body) == 0
+
+
+async def test_claude_behind_litellm_gets_the_marks_and_openai_does_not(fake_openai: Any) -> None:
+    from agentspace.types import ChatMessage, TextPart
+    from tests.fakes.openai_upstream import stream_response, text_deltas
+    from tests.test_litellm_provider import collect, make_request
+
+    history = [
+        ChatMessage.user("first question"),
+        ChatMessage("assistant", [TextPart("first answer")]),
+        ChatMessage.user("second question"),
+    ]
+    fake_openai.enqueue(stream_response(text_deltas("ok")), stream_response(text_deltas("ok")))
+    claude = make_request(fake_openai, history, cache_ttl="5m")
+    claude.model = "openrouter/anthropic/claude-sonnet-4.5"
+    await collect(claude)
+    sent = fake_openai.requests[-1].body["messages"]
+    marked = [i for i, m in enumerate(sent) if isinstance(m["content"], list) and "cache_control" in m["content"][-1]]
+    assert marked == [0, 1, 3]  # system, the previous call's last message, the newest message
+    await collect(make_request(fake_openai, history, cache_ttl="5m"))  # gpt-4o-mini caches on its own
+    assert "cache_control" not in json.dumps(fake_openai.requests[-1].body)
