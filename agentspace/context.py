@@ -287,9 +287,10 @@ def _measure_cache(
         row["cacheReadTokens"], row["cacheWriteTokens"] = read, write
         row["cache"] = "read+write" if read and write else "read" if read else "write" if write else "none"
     m = 1_000_000
-    with_cache = (
-        p.read * info.cache_read_per_mtok + p.write * info.cache_write_per_mtok + p.uncached * info.input_per_mtok
-    ) / m
+    write_price = info.cache_write_per_mtok
+    if ttl == "1h" and info.cache_write_1h_per_mtok is not None:
+        write_price = info.cache_write_1h_per_mtok
+    with_cache = (p.read * info.cache_read_per_mtok + p.write * write_price + p.uncached * info.input_per_mtok) / m
     totals.update(
         {
             "promptCache": "off" if cache.ttl is None else "auto",

@@ -84,6 +84,8 @@ def model_info(config: Config, model: str) -> ModelInfo:
         supports_tools=bool(entry.get("supports_function_calling")),
         deprecation_date=entry.get("deprecation_date"),
         price_known=known,
+        cache_write_1h_per_mtok=_per_mtok(entry, "cache_creation_input_token_cost_above_1hr", 0.0) or None,
+        prompt_cache_min_tokens=entry.get("prompt_cache_min_tokens"),
     )
     for key in ("input_per_mtok", "output_per_mtok", "cache_read_per_mtok", "cache_write_per_mtok"):
         if key in override:

@@ -143,10 +143,11 @@ def plan(
     last_call: dict[str, Any] | None,
     key: str,
     age_seconds: float | None,
+    min_tokens: int | None = None,
 ) -> CachePlan:
     """The next call's reads and writes: it reads what the previous call cached (same system and tools, within
     the TTL) and writes the rest up to its newest message, if that prefix is long enough to be cached."""
-    if ttl is None or total < min_cacheable_tokens(model):
+    if ttl is None or total < (min_tokens or min_cacheable_tokens(model)):
         return CachePlan(total, 0, 0)
     read = 0
     if (

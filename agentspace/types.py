@@ -135,6 +135,8 @@ class TokenUsage:
     # ``estimated_fields`` names which (wire names, e.g. "outputTokens").
     estimated: bool = False
     estimated_fields: tuple[str, ...] = ()
+    # Of cache_write_tokens, those written for an hour (``ttl: "1h"``), priced higher than 5-minute writes.
+    cache_write_1h_tokens: int = 0
 
     @property
     def total_tokens(self) -> int:
@@ -149,6 +151,7 @@ class TokenUsage:
             self.reasoning_tokens + other.reasoning_tokens,
             self.estimated or other.estimated,
             tuple(dict.fromkeys(self.estimated_fields + other.estimated_fields)),
+            self.cache_write_1h_tokens + other.cache_write_1h_tokens,
         )
 
 
@@ -262,14 +265,20 @@ class ModelInfo:
     supports_tools: bool = False
     deprecation_date: str | None = None
     price_known: bool = True
+    # The price of a one-hour cache write (None: as a 5-minute one); the shortest prefix the model caches.
+    cache_write_1h_per_mtok: float | None = None
+    prompt_cache_min_tokens: int | None = None
 
     def cost(self, usage: TokenUsage) -> Cost:
         m = 1_000_000
+        hour = min(usage.cache_write_1h_tokens, usage.cache_write_tokens)
+        hour_price = self.cache_write_per_mtok if self.cache_write_1h_per_mtok is None else self.cache_write_1h_per_mtok
         return Cost(
             input_cost=(
                 usage.input_tokens * self.input_per_mtok
                 + usage.cache_read_tokens * self.cache_read_per_mtok
-                + usage.cache_write_tokens * self.cache_write_per_mtok
+                + (usage.cache_write_tokens - hour) * self.cache_write_per_mtok
+                + hour * hour_price
             )
             / m,
             output_cost=usage.output_tokens * self.output_per_mtok / m,

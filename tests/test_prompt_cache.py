@@ -105,22 +105,26 @@ async def test_off_sends_no_breakpoints_and_the_inspector_says_so(
     await ws.close()
 
 
-async def test_expired_cache_is_written_again_and_predicted(make_client: Any, token: str, fake_anthropic: Any) -> None:
+async def test_one_hour_writes_are_priced_as_such_and_expire(make_client: Any, token: str, fake_anthropic: Any) -> None:
     fake_anthropic.caching = True
     client = await make_client(chat={"prompt_cache_ttl": "1h"})
+    info = model_info(_config(client), MODEL)
+    assert info.cache_write_1h_per_mtok == 2 * info.input_per_mtok  # the cost map's one-hour price
     ws = await connect(client, token)
     frames = await chat(ws, turn_text(1))
     session_id = frames[0]["sessionId"]
-    ttls = {
-        b["cache_control"]["ttl"]
-        for m in fake_anthropic.requests[0].body["messages"]
-        for b in m["content"]
-        if "cache_control" in b
-    }
+    body = fake_anthropic.requests[0].body
+    ttls = {b["cache_control"]["ttl"] for m in body["messages"] for b in m["content"] if "cache_control" in b}
     assert ttls == {"1h"}
-    fake_anthropic.advance(3601)  # the fake's cache expires; the inspector does not know, the bill shows it
-    frames = await chat(ws, turn_text(2), "r2", sessionId=session_id)
     usage = frames[-1]["usage"]
+    expected = (usage["inputTokens"] * info.input_per_mtok + usage["cacheWriteTokens"] * 2 * info.input_per_mtok) / 1e6
+    assert usage["cacheWriteTokens"] > 0 and abs(usage["inputCost"] - expected) < 1e-9
+    frame = {"type": "context.inspect", "id": "i", "sessionId": session_id, "userMessage": turn_text(2)}
+    predicted = (await receive_after(ws, frame))["totals"]["costWithCache"]
+    billed = (await chat(ws, turn_text(2), "r2", sessionId=session_id))[-1]["usage"]["inputCost"]
+    assert abs(predicted - billed) <= 0.05 * billed, (predicted, billed)
+    fake_anthropic.advance(3601)  # the fake's cache expires; the next call writes it again
+    usage = (await chat(ws, turn_text(3), "r3", sessionId=session_id))[-1]["usage"]
     assert usage["cacheReadTokens"] == 0 and usage["cacheWriteTokens"] > 0
     await ws.close()
 
