@@ -185,3 +185,25 @@ async def _chat_once(client: TestClient, token: str, session_id: str, text: str)
     frames = await chat(ws, text, "once", sessionId=session_id)
     assert frames[-1]["type"] == "chat.stream.end", frames[-1]
     await ws.close()
+
+
+async def test_http_chat_refuses_with_the_numbers(
+    make_client: Any, auth_headers: dict[str, str], fake_anthropic: Any
+) -> None:
+    fake_anthropic.caching = True
+    client = await make_client(
+        {"chat": {"context_policy": "refuse", "history_limit": 10_000}, "pricing": {MODEL: {"context_window": 6_000}}}
+    )
+    texts = []
+    for turn in range(1, 20):
+        body = {
+            "id": "http-refused",
+            "messages": [
+                {"id": f"m{turn}", "role": "user", "parts": [{"type": "text", "text": turn_text(turn, 1000)}]}
+            ],
+        }
+        response = await client.post("/api/chat", json=body, headers=auth_headers)
+        texts.append(await response.text())
+        if '"type":"error"' in texts[-1]:
+            break
+    assert '"type":"error"' in texts[-1] and "takes 1904 (6000 in its window, minus 4096" in texts[-1], texts[-1][-400:]

@@ -173,3 +173,28 @@ async def test_claude_behind_litellm_gets_the_marks_and_openai_does_not(fake_ope
     assert marked == [0, 1, 3]  # system, the previous call's last message, the newest message
     await collect(make_request(fake_openai, history, cache_ttl="5m"))  # gpt-4o-mini caches on its own
     assert "cache_control" not in json.dumps(fake_openai.requests[-1].body)
+
+
+async def test_http_chat_turns_read_the_cache_and_the_rest_inspector_predicts(
+    client: TestClient, auth_headers: dict[str, str], fake_anthropic: Any
+) -> None:
+    fake_anthropic.caching = True
+    session_id = "http-cached"
+    billed = []
+    for turn in (1, 2, 3):
+        text = turn_text(turn)
+        if turn > 1:
+            # POST: a 10 KB draft does not fit in a URL
+            response = await client.post(
+                f"/api/sessions/{session_id}/context", json={"userMessage": text}, headers=auth_headers
+            )
+            predicted = (await response.json())["totals"]["costWithCache"]
+        message = {"id": f"m{turn}", "role": "user", "parts": [{"type": "text", "text": text}]}
+        response = await client.post("/api/chat", json={"id": session_id, "messages": [message]}, headers=auth_headers)
+        assert response.status == 200 and (await response.text()).endswith("data: [DONE]\n\n")
+        session = (await (await client.get(f"/api/sessions/{session_id}", headers=auth_headers)).json())["session"]
+        usage = session["messages"][-1]["usage"]
+        billed.append(usage["inputCost"])
+        if turn > 1:
+            assert usage["cacheReadTokens"] > 0
+            assert abs(predicted - usage["inputCost"]) <= 0.05 * usage["inputCost"]

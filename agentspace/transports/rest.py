@@ -67,6 +67,19 @@ async def session_context(request: web.Request) -> web.Response:
     )
 
 
+async def session_context_for_draft(request: web.Request) -> web.Response:
+    """The same, for a draft too long for a URL: ``{"model"?, "userMessage"?}`` in the body."""
+    from .ui_stream import read_json
+
+    body = await read_json(request)
+    if not isinstance(body, dict):
+        raise ApiError("INVALID_MESSAGE", "The body must be a JSON object.")
+    inspection = await _service(request).inspect_context(
+        request.match_info["id"], body.get("model"), paths=("id", "model"), user_message=body.get("userMessage")
+    )
+    return web.json_response(inspection)
+
+
 async def compact_session(request: web.Request) -> web.Response:
     return web.json_response(await _service(request).compact_session(request.match_info["id"]))
 
@@ -170,6 +183,7 @@ def setup_routes(app: web.Application) -> None:
     app.router.add_get("/api/sessions/{id}", get_session)
     app.router.add_delete("/api/sessions/{id}", delete_session)
     app.router.add_get("/api/sessions/{id}/context", session_context)
+    app.router.add_post("/api/sessions/{id}/context", session_context_for_draft)
     app.router.add_post("/api/sessions/{id}/compact", compact_session)
     app.router.add_get("/api/sessions/{id}/export", export_session)
     app.router.add_get("/api/usage", usage)
@@ -368,7 +382,24 @@ OPENAPI: dict[str, Any] = {
                     **_AUTH_ERRORS,
                     "404": _error("SESSION_NOT_FOUND"),
                 },
-            }
+            },
+            "post": {
+                "summary": "The same, for a message about to be sent that is too long for a URL.",
+                "parameters": [_SESSION_ID],
+                "requestBody": {
+                    "content": {
+                        "application/json": {
+                            "schema": {"type": "object", "properties": {"model": _STR, "userMessage": _STR}}
+                        }
+                    }
+                },
+                "responses": {
+                    "200": _json(_ref("ContextInspection")),
+                    "400": _error("INVALID_MESSAGE or MODEL_NOT_FOUND."),
+                    **_AUTH_ERRORS,
+                    "404": _error("SESSION_NOT_FOUND"),
+                },
+            },
         },
         "/api/sessions/{id}/compact": {
             "post": {
