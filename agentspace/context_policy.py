@@ -8,7 +8,7 @@ provider reported for the previous call) against the window: the cost map's ``ma
 - ``compact`` (default): the oldest turns are summarised by ``[chat] compact_model`` (default: the session's
   model). The summary is stored on the last summarised message (``summary``) and stands for everything up to
   there in every later call (the ``summary`` section); the call that wrote it is billed with purpose
-  ``compact``.
+  ``compact``. When that call fails, the turns are left out as ``truncate`` would (``compactError``).
 - ``truncate``: the oldest turns are left out of the call (``contextCut`` marks where); they stay stored.
 - ``refuse``: the turn fails with ``CONTEXT_TOO_LONG`` and the numbers.
 
@@ -105,6 +105,8 @@ async def fit_context(
         return ctx
     previous, _ = last_call(history)
     ratio = calibration(previous)
+    if _surely_fits(history, previous, content, ratio, window):
+        return ctx
     need = round(estimate_input_tokens(ctx) * ratio)
     if need <= window:
         return ctx
@@ -115,18 +117,38 @@ async def fit_context(
     cut = _cut_index(history, start, need - int(window * HEADROOM), ratio)
     if cut is None:
         raise too_long(turn.model, need, window, max_tokens)
-    if policy == "truncate":
-        mark: dict[str, Any] = {"contextCut": {"at": now_iso(), "tokens": need}}
-    else:
-        text = await summarise(gw, turn, summary, history[start : cut + 1])
-        mark = {"summary": {"text": text, "model": compact_model(gw, turn.model), "createdAt": now_iso()}}
+    mark: dict[str, Any] = {"contextCut": {"at": now_iso(), "tokens": need}}
+    if policy == "compact":
+        try:
+            text = await summarise(gw, turn, summary, history[start : cut + 1])
+            mark = {"summary": {"text": text, "model": compact_model(gw, turn.model), "createdAt": now_iso()}}
+        except ApiError as e:
+            # The turn still gets its answer: those turns are left out instead (a later cut summarises again).
+            log.warning("compacting session %s failed (%s); its oldest turns are left out", turn.session_id, e.code)
+            mark["contextCut"]["compactError"] = e.code
     await gw.sessions.update_message(turn.session_id, history[cut]["id"], mark)
-    history[cut] = {**history[cut], **mark}
+    history = [*history[:cut], {**history[cut], **mark}, *history[cut + 1 :]]
     ctx = await assemble(gw, session_id=turn.session_id, model=turn.model, user_message=content, history=history)
     need = round(estimate_input_tokens(ctx) * ratio)
     if need > window:  # the newest turn alone is too long
         raise too_long(turn.model, need, window, max_tokens)
     return ctx
+
+
+def _surely_fits(
+    history: list[dict[str, Any]], previous: dict[str, Any] | None, content: str, ratio: float, window: int
+) -> bool:
+    """What the previous call sent (as the provider counted it) plus what came after it clearly fits: the
+    whole context need not be counted (a long session would count every turn's full history otherwise)."""
+    if previous is None or not previous.get("promptTokens"):
+        return False
+    since = 0
+    for message in reversed(history):
+        if message.get("lastCall") is previous:
+            since += _message_tokens(message)  # the answer (and tool results) after that call
+            break
+        since += _message_tokens(message)
+    return int(previous["promptTokens"]) + (since + count_tokens(content)) * ratio < window * 0.8
 
 
 def compact_model(gw: Registry, model: str) -> str:
@@ -195,6 +217,9 @@ async def summarise(gw: Registry, turn: TurnLike, previous: str, messages: list[
     except ProviderError as e:
         await meter.record(reported or TokenUsage(), "error", error=e.code, answered=reported is not None)
         raise ApiError(e.code, f"The session could not be compacted: {e.message}") from None
+    except BaseException:  # cancelled (shutdown) or a defect: no record was made, the reservation goes back
+        await gw.guard.release(reservation)
+        raise
     assert finish is not None
     if finish.usage is not None:
         await meter.record(finish.usage, finish.finish_reason)

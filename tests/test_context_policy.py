@@ -5,6 +5,7 @@ REST, CLI); every summarising call is a usage record of its own (purpose ``compa
 from __future__ import annotations
 
 import json
+import os
 from typing import Any
 
 import pytest
@@ -46,8 +47,12 @@ async def long_session(client: TestClient, token: str, turns: int) -> tuple[str,
 
 
 @pytest.mark.parametrize("policy", ["compact", "truncate"])
-async def test_a_long_session_keeps_answering(make_client: Any, token: str, fake_anthropic: Any, policy: str) -> None:
+async def test_a_long_session_keeps_answering(
+    make_client: Any, token: str, fake_anthropic: Any, policy: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     fake_anthropic.caching = True  # the fake counts the real input, as the API does
+    # 1,800 durable writes are not what this test is about: the disk's flushes are skipped (as in the benchmarks).
+    monkeypatch.setattr(os, "fsync", lambda fd: None)
     client = await make_client(small_window(policy))
     session_id, ends = await long_session(client, token, TURNS)
     assert all(end["type"] == "chat.stream.end" for end in ends), [e for e in ends if e["type"] != "chat.stream.end"][
@@ -207,3 +212,22 @@ async def test_http_chat_refuses_with_the_numbers(
         if '"type":"error"' in texts[-1]:
             break
     assert '"type":"error"' in texts[-1] and "takes 1904 (6000 in its window, minus 4096" in texts[-1], texts[-1][-400:]
+
+
+async def test_a_failing_summary_leaves_the_oldest_turns_out_and_the_turn_answers(
+    make_client: Any, token: str, fake_anthropic: Any
+) -> None:
+    fake_anthropic.caching = True
+    client = await make_client(
+        {
+            "chat": {"history_limit": 10_000, "compact_model": "nowhere/summariser"},
+            "pricing": {MODEL: {"context_window": 8_000}},
+        }
+    )
+    session_id, ends = await long_session(client, token, 25)
+    assert all(end["type"] == "chat.stream.end" for end in ends)
+    assert max(_prompt_tokens(r) for r in fake_anthropic.requests) <= 8_000 - 4096
+    session = await client.app[state.REGISTRY].sessions.get(session_id)
+    cuts = [m["contextCut"] for m in session["messages"] if m.get("contextCut")]
+    assert cuts and all(c["compactError"] == "MODEL_NOT_FOUND" for c in cuts)
+    assert not any(m.get("summary") for m in session["messages"])
