@@ -23,7 +23,15 @@ import json
 import logging
 from typing import TYPE_CHECKING, Any, Protocol
 
-from .context import AssembledContext, assemble, calibration, estimate_input_tokens, history_start, last_call
+from .context import (
+    AssembledContext,
+    assemble,
+    calibration,
+    estimate_input_tokens,
+    history_start,
+    last_call,
+    message_text,
+)
 from .errors import ApiError
 from .events import ProviderError, ProviderFinish, TextDelta, UsageReport
 from .meter import ALL_FIELDS, Meter
@@ -105,7 +113,7 @@ async def fit_context(
         return ctx
     previous, _ = last_call(history)
     ratio = calibration(previous)
-    if _surely_fits(history, previous, content, ratio, window):
+    if _surely_fits(ctx, history, previous, content, ratio, window):
         return ctx
     need = round(estimate_input_tokens(ctx) * ratio)
     if need <= window:
@@ -135,20 +143,39 @@ async def fit_context(
     return ctx
 
 
+def _bytes(message: dict[str, Any]) -> int:
+    parts = message.get("parts")
+    text = json.dumps(parts, ensure_ascii=False) if parts else str(message.get("content") or "")
+    return len(text.encode())
+
+
 def _surely_fits(
-    history: list[dict[str, Any]], previous: dict[str, Any] | None, content: str, ratio: float, window: int
+    ctx: AssembledContext,
+    history: list[dict[str, Any]],
+    previous: dict[str, Any] | None,
+    content: str,
+    ratio: float,
+    window: int,
 ) -> bool:
-    """What the previous call sent (as the provider counted it) plus what came after it clearly fits: the
-    whole context need not be counted (a long session would count every turn's full history otherwise)."""
+    """Whether the context clearly fits without counting its tokens (this runs before every turn's first call):
+    UTF-8 bytes bound the token count from above. With a previous call, what it sent (as the provider counted
+    it) plus the bytes of what came after it; else the bytes of the whole context."""
+    limit = window * 0.8
     if previous is None or not previous.get("promptTokens"):
-        return False
-    since = 0
+        size = len(ctx.system.encode()) + sum(_bytes_of(m) for m in ctx.messages)
+        if ctx.tools:
+            size += len(json.dumps([t.definition() for t in ctx.tools], ensure_ascii=False).encode())
+        return size * ratio < limit
+    since = len(content.encode())
     for message in reversed(history):
+        since += _bytes(message)  # the answer of that call (and its tool results), anything after it
         if message.get("lastCall") is previous:
-            since += _message_tokens(message)  # the answer (and tool results) after that call
             break
-        since += _message_tokens(message)
-    return int(previous["promptTokens"]) + (since + count_tokens(content)) * ratio < window * 0.8
+    return int(previous["promptTokens"]) + since * ratio < limit
+
+
+def _bytes_of(message: ChatMessage) -> int:
+    return len(message_text(message).encode())
 
 
 def compact_model(gw: Registry, model: str) -> str:
