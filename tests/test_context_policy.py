@@ -11,8 +11,9 @@ from typing import Any
 import pytest
 from aiohttp.test_utils import TestClient
 
+from agentspace.context_policy import COMPACT_PROMPT
 from agentspace.transports import state
-from tests.fakes.anthropic_upstream import error_status, text_response
+from tests.fakes.anthropic_upstream import error_status, prompt_blocks, text_response
 from tests.test_prompt_cache import turn_text
 from tests.test_ws import chat, connect, receive_after
 
@@ -168,15 +169,11 @@ async def test_http_chat_compacts_too(
 
 
 def _compact_prompt() -> str:
-    from agentspace.context_policy import COMPACT_PROMPT
-
     return COMPACT_PROMPT
 
 
 def _prompt_tokens(request: Any) -> int:
-    from tests.fakes.anthropic_upstream import _prompt_blocks
-
-    return sum(tokens for _, tokens, _ in _prompt_blocks(request.body))
+    return sum(tokens for _, tokens, _ in prompt_blocks(request.body))
 
 
 async def _inspect(client: TestClient, token: str, session_id: str) -> dict[str, Any]:

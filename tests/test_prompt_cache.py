@@ -10,7 +10,11 @@ from typing import Any
 from aiohttp.test_utils import TestClient
 
 from agentspace.pricing import model_info
+from agentspace.transports import state
+from agentspace.types import ChatMessage, TextPart
 from tests.fakes.anthropic_upstream import text_response, tool_use_response
+from tests.fakes.openai_upstream import stream_response, text_deltas
+from tests.test_litellm_provider import collect, make_request
 from tests.test_ws import chat, connect, receive_after
 from tests.tool_plugins import WeatherTools
 
@@ -82,8 +86,6 @@ async def test_twenty_turns_read_what_the_last_wrote(client: TestClient, token: 
 
 
 def _config(client: TestClient) -> Any:
-    from agentspace.transports import state
-
     return client.app[state.REGISTRY].config
 
 
@@ -155,10 +157,6 @@ async def test_v1_requests_are_never_changed(client: TestClient, token: str, fak
 
 
 async def test_claude_behind_litellm_gets_the_marks_and_openai_does_not(fake_openai: Any) -> None:
-    from agentspace.types import ChatMessage, TextPart
-    from tests.fakes.openai_upstream import stream_response, text_deltas
-    from tests.test_litellm_provider import collect, make_request
-
     history = [
         ChatMessage.user("first question"),
         ChatMessage("assistant", [TextPart("first answer")]),

@@ -23,6 +23,7 @@ from ..errors import ApiError
 from ..security import error_response
 from ..service import Service
 from . import clients_api, state, web_api
+from .ui_stream import read_json
 
 log = logging.getLogger(__name__)
 
@@ -69,8 +70,6 @@ async def session_context(request: web.Request) -> web.Response:
 
 async def session_context_for_draft(request: web.Request) -> web.Response:
     """The same, for a draft too long for a URL: ``{"model"?, "userMessage"?}`` in the body."""
-    from .ui_stream import read_json
-
     body = await read_json(request)
     if not isinstance(body, dict):
         raise ApiError("INVALID_MESSAGE", "The body must be a JSON object.")

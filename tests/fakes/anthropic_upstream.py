@@ -482,7 +482,7 @@ def _block_text(block: Any) -> str:
     return json.dumps({k: v for k, v in block.items() if k != "cache_control"}, sort_keys=True)
 
 
-def _prompt_blocks(body: dict[str, Any]) -> list[tuple[str, int, dict[str, Any] | None]]:
+def prompt_blocks(body: dict[str, Any]) -> list[tuple[str, int, dict[str, Any] | None]]:
     """The request's prompt as (block fingerprint, tokens, cache_control) in cache order: tools, system, messages."""
     out: list[tuple[str, int, dict[str, Any] | None]] = []
     for tool in body.get("tools") or []:
@@ -513,7 +513,7 @@ class PromptCache:
         return time.monotonic() + self.offset
 
     def usage(self, body: dict[str, Any]) -> dict[str, Any]:
-        blocks = _prompt_blocks(body)
+        blocks = prompt_blocks(body)
         keys, totals, running, total = [], [], hashlib.sha256(), 0
         for fingerprint, tokens, _ in blocks:
             running.update(fingerprint.encode() + b"\0")
@@ -664,7 +664,7 @@ class FakeAnthropic(FakeUpstream[FakeResponse]):
                 )
             if body["max_tokens"] <= budget:
                 return 400, "invalid_request_error", "`max_tokens` must be greater than `thinking.budget_tokens`"
-        marked = sum(1 for b in _prompt_blocks(body) if b[2] is not None)
+        marked = sum(1 for b in prompt_blocks(body) if b[2] is not None)
         if marked > 4:
             return (
                 400,
