@@ -160,3 +160,19 @@ async def test_a_phrase_from_turn_3_of_1000_sessions_in_under_200_ms(
         timings.append(time.perf_counter() - started)
         assert [s["id"] for s in body["sessions"]] == [target]
     assert min(timings[1:]) < 0.2, timings
+
+
+async def test_search_and_compact_on_postgres(
+    make_client: Any, token: str, auth_headers: dict[str, str], fake_anthropic: Any, pg_dsn: str
+) -> None:
+    client = await make_client(storage={"backend": "postgres", "dsn": pg_dsn})
+    garden, quantum, bread = await make_sessions(client, token, fake_anthropic)
+    for _ in range(2):  # the second search answers from the index
+        body = await (await client.get("/api/sessions", params={"q": "flux capacitors"}, headers=auth_headers)).json()
+        assert [s["id"] for s in body["sessions"]] == [quantum]
+        assert "Quantum Flux capacitors" in body["sessions"][0]["match"]
+    fake_anthropic.enqueue(text_response("Bread was discussed."))
+    response = await client.post(f"/api/sessions/{bread}/compact", headers=auth_headers)
+    assert (await response.json())["compacted"] is True
+    records = await client.app[state.REGISTRY].usage.arecords(session_id=bread)
+    assert len(records) == 3  # two turns and the summary

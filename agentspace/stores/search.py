@@ -30,9 +30,11 @@ SNIPPET = 60  # characters of context either side of a match
 
 @dataclass(slots=True)
 class _Entry:
+    """A session as the index keeps it: only the lower-cased text (a snippet's case comes from the session,
+    read again for the hits only), so the index costs about the sessions' text size in memory."""
+
     stamp: tuple[Any, ...]
     text: str  # what is searched: the title and every message's text, lower-cased
-    original: str  # the same text as written, for snippets (same length as ``text`` where case maps 1:1)
     summary: dict[str, Any] | None = None  # the session's summary (kept for the file-stamp path)
 
 
@@ -60,8 +62,9 @@ def _document(session: dict[str, Any]) -> str:
     return "\n".join(texts)
 
 
-def _snippet(entry: _Entry, at: int, length: int) -> str:
-    source = entry.original if len(entry.original) == len(entry.text) else entry.text
+def _snippet(lowered: str, original: str | None, at: int, length: int) -> str:
+    """The text around a hit, in the session's own case where lower-casing kept every offset."""
+    source = original if original is not None and len(original) == len(lowered) else lowered
     start, end = max(0, at - SNIPPET), min(len(source), at + length + SNIPPET)
     text = " ".join(source[start:end].split())
     return ("…" if start else "") + text + ("…" if end < len(source) else "")
@@ -102,9 +105,8 @@ def _read_changed(store: SessionStore, index: dict[str, _Entry], stamps: dict[st
         if session is None:
             index.pop(session_id, None)
             continue
-        original = _document(session)
         summary = {k: v for k, v in session.items() if k != "messages"}
-        index[session_id] = _Entry(stamp, original.lower(), original, summary)
+        index[session_id] = _Entry(stamp, _document(session).lower(), summary)
     for gone in set(index) - set(stamps):
         del index[gone]
 
@@ -119,10 +121,21 @@ async def _search_files(store: SessionStore, query: str, client: str | None, lim
     lock = _LOCKS.setdefault(store, asyncio.Lock())
     async with lock:
         await read_in_thread(refresh)
-        return _scan(index, query, client, limit)
+        search = _scan(index, query, client, limit)
+    return await read_in_thread(search.done, _reader(store.get_sync))
 
 
-def _scan(index: dict[str, _Entry], query: str, client: str | None, limit: int) -> list[dict[str, Any]]:
+def _reader(get: Callable[[str], dict[str, Any] | None]) -> Callable[[str], dict[str, Any] | None]:
+    def read(session_id: str) -> dict[str, Any] | None:
+        try:
+            return get(session_id)
+        except SessionDamaged:
+            return None
+
+    return read
+
+
+def _scan(index: dict[str, _Entry], query: str, client: str | None, limit: int) -> _Search:
     search = _Search(index, query, client, limit)
     entries = [e for e in index.values() if e.summary is not None]
     entries.sort(key=lambda e: _recency(e.summary or {}), reverse=True)
@@ -132,7 +145,8 @@ def _scan(index: dict[str, _Entry], query: str, client: str | None, limit: int) 
             search.match(summary, entry)
         if search.full:
             break
-    return search.found
+    search.seen = set(index)
+    return search
 
 
 def _recency(summary: dict[str, Any]) -> tuple[str, str, str]:
@@ -153,7 +167,10 @@ async def search_sessions(
             search.add(summary, await store.get(str(summary["id"])))
         if search.full:
             break
-    return search.done()
+    originals = {}
+    for session_id in search.unread():  # hits matched from the index: their text in its own case
+        originals[session_id] = await store.get(session_id)
+    return search.done(originals.get)
 
 
 def search_sessions_sync(
@@ -171,7 +188,7 @@ def search_sessions_sync(
             search.add(summary, get(str(summary["id"])))
         if search.full:
             break
-    return search.done()
+    return search.done(get)
 
 
 class _Search:
@@ -180,13 +197,13 @@ class _Search:
     def __init__(self, index: dict[str, _Entry], query: str, client: str | None, limit: int) -> None:
         self.index, self.client, self.limit = index, client, limit
         self.needle = query.strip().lower()
-        self.found: list[dict[str, Any]] = []
+        # Hits in order: (summary, lower-cased text, offset, the original text when it was just read).
+        self.hits: list[tuple[dict[str, Any], str, int, str | None]] = []
         self.seen: set[str] = set()
-        self.pending: dict[str, Any] | None = None
 
     @property
     def full(self) -> bool:
-        return len(self.found) >= self.limit
+        return len(self.hits) >= self.limit
 
     def wants(self, summary: dict[str, Any]) -> bool:
         """Whether ``summary``'s session must be read (else it was matched from the index already)."""
@@ -204,16 +221,27 @@ class _Search:
         if session is None:
             return
         original = _document(session)
-        entry = self.index[str(summary["id"])] = _Entry(_stamp(summary), original.lower(), original)
-        self.match(summary, entry)
+        entry = self.index[str(summary["id"])] = _Entry(_stamp(summary), original.lower())
+        self.match(summary, entry, original)
 
-    def match(self, summary: dict[str, Any], entry: _Entry) -> None:
+    def match(self, summary: dict[str, Any], entry: _Entry, original: str | None = None) -> None:
         at = entry.text.find(self.needle)
         if at >= 0:
-            self.found.append({**summary, "match": _snippet(entry, at, len(self.needle))})
+            self.hits.append((summary, entry.text, at, original))
 
-    def done(self) -> list[dict[str, Any]]:
+    def unread(self) -> list[str]:
+        """The hits whose original text was not read by this search."""
+        return [str(summary["id"]) for summary, _, _, original in self.hits if original is None]
+
+    def done(self, get: Callable[[str], dict[str, Any] | None]) -> list[dict[str, Any]]:
+        """The results, each with its snippet (``get`` reads a hit's session for its original case)."""
         if not self.full:
             for gone in set(self.index) - self.seen:  # deleted sessions
                 del self.index[gone]
-        return self.found
+        found = []
+        for summary, lowered, at, original in self.hits:
+            if original is None:
+                session = get(str(summary["id"]))
+                original = _document(session) if session is not None else None
+            found.append({**summary, "match": _snippet(lowered, original, at, len(self.needle))})
+        return found
