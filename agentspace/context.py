@@ -272,10 +272,20 @@ def _measure_cache(
     ratio = calibration(cache.last_call)
     total = round(estimate_input_tokens(context) * ratio)
     key = prefix_key(context.system, [t.definition() for t in context.tools])
-    # Only providers that need breakpoints get them (Anthropic's API); others are predicted without the cache.
-    ttl = cache.ttl if info.provider == "anthropic" or anthropic_family(context.model) else None
+    # Anthropic's API caches what the breakpoints mark; providers that bill cached input lower but take no
+    # marks (OpenAI) cache every prompt on their own, whatever [chat] prompt_cache says.
+    marked = info.provider == "anthropic" or anthropic_family(context.model)
+    ttl = cache.ttl if marked else None
+    automatic = not marked and info.cache_read_per_mtok < info.input_per_mtok
     p = plan(
-        total=total, model=context.model, ttl=ttl, last_call=cache.last_call, key=key, age_seconds=cache.age_seconds
+        total=total,
+        model=context.model,
+        ttl=ttl,
+        last_call=cache.last_call,
+        key=key,
+        age_seconds=cache.age_seconds,
+        min_tokens=info.prompt_cache_min_tokens,
+        automatic=automatic,
     )
     measured = sum(r["tokenEstimate"] for r in rows) or 1
     read_left, write_left = p.read, p.write
@@ -293,7 +303,7 @@ def _measure_cache(
     with_cache = (p.read * info.cache_read_per_mtok + p.write * write_price + p.uncached * info.input_per_mtok) / m
     totals.update(
         {
-            "promptCache": "off" if cache.ttl is None else "auto",
+            "promptCache": "provider" if automatic else "off" if cache.ttl is None else "auto",
             "calibratedTokens": total,
             "cacheReadTokens": p.read,
             "cacheWriteTokens": p.write,

@@ -24,6 +24,9 @@ from typing import Any
 # Anthropic's limit on cache_control breakpoints per request.
 MAX_BREAKPOINTS = 4
 TTL_SECONDS = {"5m": 300.0, "1h": 3600.0}
+# OpenAI's automatic caching: prompts of at least 1,024 tokens, cached in blocks of 128.
+AUTOMATIC_MIN_TOKENS = 1024
+AUTOMATIC_BLOCK = 128
 
 # The shortest prefix each model caches (Anthropic's documentation); others: 1024 tokens.
 _MIN_TOKENS = (
@@ -144,9 +147,20 @@ def plan(
     key: str,
     age_seconds: float | None,
     min_tokens: int | None = None,
+    automatic: bool = False,
 ) -> CachePlan:
     """The next call's reads and writes: it reads what the previous call cached (same system and tools, within
-    the TTL) and writes the rest up to its newest message, if that prefix is long enough to be cached."""
+    the TTL) and writes the rest up to its newest message, if that prefix is long enough to be cached.
+
+    ``automatic``: a provider that caches every prompt on its own (OpenAI): nothing is written at a price,
+    and the next call reads the previous prompt, in blocks of 128 tokens, for about 5 minutes."""
+    if automatic:
+        if total < AUTOMATIC_MIN_TOKENS or not last_call or last_call.get("prefixKey") != key:
+            return CachePlan(total, 0, 0)
+        if age_seconds is None or age_seconds >= TTL_SECONDS["5m"]:
+            return CachePlan(total, 0, 0)
+        previous = min(int(last_call.get("promptTokens") or 0), total)
+        return CachePlan(total, previous // AUTOMATIC_BLOCK * AUTOMATIC_BLOCK, 0)
     if ttl is None or total < (min_tokens or min_cacheable_tokens(model)):
         return CachePlan(total, 0, 0)
     read = 0

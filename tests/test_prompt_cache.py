@@ -3,6 +3,8 @@ cache (tests/fakes/anthropic_upstream.py, ``caching=True``), and the inspector's
 
 from __future__ import annotations
 
+import asyncio
+import importlib
 import json
 import random
 from typing import Any
@@ -14,6 +16,8 @@ from agentspace.transports import state
 from agentspace.types import ChatMessage, TextPart
 from tests.fakes.anthropic_upstream import text_response, tool_use_response
 from tests.fakes.openai_upstream import stream_response, text_deltas
+from tests.fakes.openai_upstream import text_response as openai_text
+from tests.fakes.openai_upstream import usage as openai_usage
 from tests.test_litellm_provider import collect, make_request
 from tests.test_ws import chat, connect, receive_after
 from tests.tool_plugins import WeatherTools
@@ -196,3 +200,24 @@ async def test_http_chat_turns_read_the_cache_and_the_rest_inspector_predicts(
         if turn > 1:
             assert usage["cacheReadTokens"] > 0
             assert abs(predicted - usage["inputCost"]) <= 0.05 * usage["inputCost"]
+
+
+async def test_openai_caches_on_its_own_and_the_inspector_says_so(
+    make_client: Any, token: str, fake_openai: Any, monkeypatch: Any
+) -> None:
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-openai-test")
+    await asyncio.to_thread(importlib.import_module, "litellm")  # not inside a chat's receive timeout
+    client = await make_client(providers={"openai": {"base_url": fake_openai.url}})
+    fake_openai.enqueue(openai_text("Sure.", usage=openai_usage(3000, 5)))
+    ws = await connect(client, token)
+    frames = await chat(ws, turn_text(1), model="openai/gpt-4o-mini")
+    assert frames[-1]["type"] == "chat.stream.end", frames[-1]
+    assert "cache_control" not in json.dumps(fake_openai.requests[-1].body)
+    reply = await receive_after(ws, {"type": "context.inspect", "id": "i", "sessionId": frames[0]["sessionId"]})
+    totals = reply["totals"]
+    session = await client.app[state.REGISTRY].sessions.get(frames[0]["sessionId"])
+    print("LASTCALL", session["messages"][-1].get("lastCall"), session["messages"][-1].get("completedAt"))
+    assert totals["promptCache"] == "provider"
+    assert (totals["cacheReadTokens"], totals["cacheWriteTokens"]) == (2944, 0)  # 3,000 in blocks of 128
+    assert totals["costWithCache"] < totals["costWithoutCache"]
+    await ws.close()

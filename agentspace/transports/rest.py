@@ -607,7 +607,7 @@ OPENAPI: dict[str, Any] = {
                             "byteCount": _INT,
                             "tokenEstimate": _INT,
                             "costEstimate": _NUM,
-                            "promptCache": {"enum": ["auto", "off"]},
+                            "promptCache": {"enum": ["auto", "off", "provider"]},
                             "calibratedTokens": _INT,
                             "cacheReadTokens": _INT,
                             "cacheWriteTokens": _INT,
