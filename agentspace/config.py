@@ -60,6 +60,10 @@ SCHEMA: dict[str, dict[str, tuple[tuple[type, ...], Any]]] = {
         "on_disconnect": ((str,), "finish"),
         "idle_timeout_seconds": ((int, float), 120.0),
         "max_retries": ((int,), 2),
+        "prompt_cache": ((str,), "auto"),
+        "prompt_cache_ttl": ((str,), "5m"),
+        "context_policy": ((str,), "compact"),
+        "compact_model": ((str,), None),
     },
     "thinking": {
         "enabled": ((bool,), True),
@@ -161,6 +165,9 @@ def validate_model_table(source: str, key: str, table: Any) -> dict[str, Any]:
 CHOICES = {
     ("server", "event_loop"): ("auto", "uvloop", "asyncio"),
     ("chat", "on_disconnect"): ("finish", "abort"),
+    ("chat", "prompt_cache"): ("auto", "off"),
+    ("chat", "prompt_cache_ttl"): ("5m", "1h"),
+    ("chat", "context_policy"): ("compact", "truncate", "refuse"),
     ("logging", "level"): ("debug", "info", "warning", "error"),
 }
 

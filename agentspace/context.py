@@ -2,8 +2,18 @@
 
 The context of a call is built from sections, in order: ``system_prompt``, the sections the installed plugins
 registered (``register_context_sections``, in registration order: e.g. ``memory``, ``skills``), ``tools``,
-``response_format``, ``history``, ``user_message``. The text sections form the system prompt; ``tools`` are the definitions sent; ``history`` and ``user_message`` are the messages.
-Inspection measures each section: UTF-8 bytes, a tiktoken estimate, and its cost at the input price.
+``response_format``, ``summary`` (only in a compacted session), ``history``, ``user_message``. The text
+sections form the system prompt; ``tools`` are the definitions sent; ``history`` and ``user_message`` are the
+messages.
+
+The context-window policy (``context_policy.py``) leaves old messages out by marking the stored message where
+the call's history starts after: ``summary`` (compacted: its text stands for everything up to there) or
+``contextCut`` (truncated). The marked messages stay in the store.
+
+Inspection measures each section: UTF-8 bytes, a tiktoken estimate, and its cost at the input price; and
+what the next call will read from and write to the prompt cache (``prompt_cache.py``), with the expected
+cost with and without it. The estimate is calibrated by the previous call: the tokens the provider reported
+for it over what was estimated for it (``lastCall`` of the latest answer).
 """
 
 from __future__ import annotations
@@ -11,9 +21,12 @@ from __future__ import annotations
 import inspect
 import json
 import logging
+import time
 from dataclasses import dataclass
+from datetime import datetime
 from typing import TYPE_CHECKING, Any, Literal
 
+from .prompt_cache import anthropic_family, cache_ttl, plan, prefix_key
 from .tokens import count_tokens
 from .types import (
     ChatMessage,
@@ -32,8 +45,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+SUMMARY_HEADING = "Summary of the earlier part of this conversation:\n"
+
 # The sections the core builds itself; a plugin section of one of these names is not sent.
-CORE_SECTIONS = ("system_prompt", "tools", "response_format", "history", "user_message")
+CORE_SECTIONS = ("system_prompt", "tools", "response_format", "summary", "history", "user_message")
 
 
 @dataclass(slots=True)
@@ -49,6 +64,20 @@ class AssembledContext:
     messages: list[ChatMessage]
     tools: list[Tool]
     sections: list[Section]
+
+
+def history_start(stored: list[dict[str, Any]]) -> tuple[int, str]:
+    """Where the history of the next call starts (the index after the latest ``summary`` or ``contextCut`` mark)
+    and the summary text standing for what comes before ('' when there is none)."""
+    for i in range(len(stored) - 1, -1, -1):
+        message = stored[i]
+        summary = message.get("summary")
+        if isinstance(summary, dict):
+            return i + 1, str(summary.get("text") or "")
+        if message.get("contextCut"):
+            # A cut after a summary keeps the summary: the summarised turns are still represented.
+            return i + 1, history_start(stored[:i])[1]
+    return 0, ""
 
 
 def _has_output(message: dict[str, Any]) -> bool:
@@ -159,8 +188,9 @@ async def assemble(
     tools = list(gateway.tools.values())
     tool_text = json.dumps([t.definition() for t in tools], ensure_ascii=False) if tools else ""
 
+    start, summary = history_start(history)
     limit = config["chat"]["history_limit"]
-    recent = history[-limit:] if limit else []
+    recent = history[start:][-limit:] if limit else []
     messages = messages_from_store(recent)
     history_text = "\n".join(f"{m.role}: {message_text(m)}" for m in messages)
     if user_message is not None:
@@ -171,16 +201,21 @@ async def assemble(
         *extra,
         Section("tools", tool_text),
         Section("response_format", formatting),
+        *([Section("summary", SUMMARY_HEADING + summary)] if summary else []),
         Section("history", history_text),
         Section("user_message", user_message or ""),
     ]
-    system_names = {"system_prompt", "response_format"} | {s.name for s in extra}
+    system_names = {"system_prompt", "response_format", "summary"} | {s.name for s in extra}
     system = "\n\n".join(s.text for s in sections if s.name in system_names and s.text)
     return AssembledContext(model, system, messages, tools, sections)
 
 
-def measure(context: AssembledContext, info: ModelInfo) -> dict[str, Any]:
-    """The ``sections`` and ``totals`` of a ``context.inspection`` reply."""
+def measure(context: AssembledContext, info: ModelInfo, cache: CacheView | None = None) -> dict[str, Any]:
+    """The ``sections`` and ``totals`` of a ``context.inspection`` reply.
+
+    With ``cache`` (what the previous call left), each section also says whether the next call reads it from
+    the prompt cache or writes it there (``cache``: read, write, read+write, none; ``cacheReadTokens``,
+    ``cacheWriteTokens``), and the totals give the expected input cost with and without the cache."""
     rows: list[dict[str, Any]] = []
     for s in context.sections:
         tokens = count_tokens(s.text)
@@ -192,12 +227,107 @@ def measure(context: AssembledContext, info: ModelInfo) -> dict[str, Any]:
                 "costEstimate": round(tokens * info.input_per_mtok / 1_000_000, 10),
             }
         )
-    totals = {
+    totals: dict[str, Any] = {
         "byteCount": sum(r["byteCount"] for r in rows),
         "tokenEstimate": sum(r["tokenEstimate"] for r in rows),
         "costEstimate": round(sum(r["costEstimate"] for r in rows), 10),
     }
+    if cache is not None:
+        _measure_cache(context, info, cache, rows, totals)
     return {"sections": rows, "totals": totals}
+
+
+@dataclass(slots=True)
+class CacheView:
+    """What the inspector knows of the cache: the TTL in use (None: off) and the previous call's ``lastCall``
+    with its age in seconds."""
+
+    ttl: str | None
+    last_call: dict[str, Any] | None
+    age_seconds: float | None
+
+
+# Tokenizers differ by tens of percent, not more: a ratio beyond these bounds says the report was partial
+# (a provider that leaves some input out), and is not trusted further than them.
+CALIBRATION_BOUNDS = (0.5, 2.0)
+
+
+def calibration(last_call: dict[str, Any] | None) -> float:
+    """Reported over estimated prompt tokens of the previous call (1.0 when unknown)."""
+    if not last_call:
+        return 1.0
+    reported, estimated = last_call.get("promptTokens") or 0, last_call.get("promptEstimate") or 0
+    if reported <= 0 or estimated <= 0:
+        return 1.0
+    low, high = CALIBRATION_BOUNDS
+    return min(high, max(low, reported / estimated))
+
+
+# Cache order: the provider caches tools, then the system prompt, then the messages.
+_CACHE_ORDER = {"tools": 0, "history": 2, "user_message": 3}
+
+
+def _measure_cache(
+    context: AssembledContext, info: ModelInfo, cache: CacheView, rows: list[dict[str, Any]], totals: dict[str, Any]
+) -> None:
+    ratio = calibration(cache.last_call)
+    total = round(estimate_input_tokens(context) * ratio)
+    key = prefix_key(context.system, [t.definition() for t in context.tools])
+    # Anthropic's API caches what the breakpoints mark; providers that bill cached input lower but take no
+    # marks (OpenAI) cache every prompt on their own, whatever [chat] prompt_cache says.
+    marked = info.provider == "anthropic" or anthropic_family(context.model)
+    ttl = cache.ttl if marked else None
+    automatic = not marked and info.cache_read_per_mtok < info.input_per_mtok
+    p = plan(
+        total=total,
+        model=context.model,
+        ttl=ttl,
+        last_call=cache.last_call,
+        key=key,
+        age_seconds=cache.age_seconds,
+        min_tokens=info.prompt_cache_min_tokens,
+        automatic=automatic,
+    )
+    measured = sum(r["tokenEstimate"] for r in rows) or 1
+    read_left, write_left = p.read, p.write
+    for row in sorted(rows, key=lambda r: _CACHE_ORDER.get(r["name"], 1)):
+        tokens = round(row["tokenEstimate"] * total / measured)
+        read = min(tokens, read_left)
+        write = min(tokens - read, write_left)
+        read_left, write_left = read_left - read, write_left - write
+        row["cacheReadTokens"], row["cacheWriteTokens"] = read, write
+        row["cache"] = "read+write" if read and write else "read" if read else "write" if write else "none"
+    m = 1_000_000
+    write_price = info.cache_write_per_mtok
+    if ttl == "1h" and info.cache_write_1h_per_mtok is not None:
+        write_price = info.cache_write_1h_per_mtok
+    with_cache = (p.read * info.cache_read_per_mtok + p.write * write_price + p.uncached * info.input_per_mtok) / m
+    totals.update(
+        {
+            "promptCache": "provider" if automatic else "off" if cache.ttl is None else "auto",
+            "calibratedTokens": total,
+            "cacheReadTokens": p.read,
+            "cacheWriteTokens": p.write,
+            "uncachedTokens": p.uncached,
+            "costWithCache": round(with_cache, 10),
+            "costWithoutCache": round(total * info.input_per_mtok / m, 10),
+        }
+    )
+
+
+def last_call(stored: list[dict[str, Any]]) -> tuple[dict[str, Any] | None, float | None]:
+    """The latest answer's ``lastCall`` (what its last provider call sent and cached) and its age in seconds."""
+    for message in reversed(stored):
+        if message.get("role") == "assistant" and isinstance(message.get("lastCall"), dict):
+            age = None
+            done = message.get("completedAt")
+            if isinstance(done, str):
+                try:
+                    age = max(0.0, time.time() - datetime.fromisoformat(done.replace("Z", "+00:00")).timestamp())
+                except ValueError:
+                    pass
+            return message["lastCall"], age
+    return None, None
 
 
 def estimate_input_tokens(context: AssembledContext) -> int:
@@ -208,12 +338,17 @@ def estimate_input_tokens(context: AssembledContext) -> int:
     return count_tokens(text)
 
 
-async def inspect_session(gw: Registry, session_id: str, model: str | None = None) -> dict[str, Any] | None:
-    """What the next call in a session would send, measured per section (shared with the REST API)."""
+async def inspect_session(
+    gw: Registry, session_id: str, model: str | None = None, user_message: str | None = None
+) -> dict[str, Any] | None:
+    """What the next call in a session would send, measured per section (shared with the REST API);
+    ``user_message``: the message about to be sent (a draft), measured as the ``user_message`` section."""
     session = await gw.sessions.get(session_id) if await gw.sessions.exists(session_id) else None
     if session is None:
         return None
     model = model or session.get("model") or gw.default_model
     history = session.get("messages", [])
-    ctx = await assemble(gw, session_id=session_id, model=model, user_message=None, history=history)
-    return {"sessionId": session_id, "model": model, **measure(ctx, gw.model_info(model))}
+    ctx = await assemble(gw, session_id=session_id, model=model, user_message=user_message, history=history)
+    previous, age = last_call(history)
+    view = CacheView(cache_ttl(gw.config), previous, age)
+    return {"sessionId": session_id, "model": model, **measure(ctx, gw.model_info(model), view)}

@@ -50,6 +50,7 @@ def usage_record(
     attempts: int = 1,
     estimated_fields: Iterable[str] = (),
     ttft_ms: float | None = None,
+    purpose: str | None = None,
 ) -> UsageRecord:
     """The priced record of one provider call."""
     if not answered:
@@ -77,6 +78,7 @@ def usage_record(
         attempts=attempts,
         endpoint=endpoint,
         ttft_ms=ttft_ms,
+        purpose=purpose,
     )
 
 
@@ -108,6 +110,7 @@ class Meter:
         "first_at",
         "call",
         "reservation",
+        "purpose",
     )
 
     def __init__(
@@ -119,8 +122,10 @@ class Meter:
         client: str | None,
         endpoint: str | None,
         reservation: Reservation | None = None,
+        purpose: str | None = None,
     ) -> None:
         self.gw = gw
+        self.purpose = purpose  # a call the gateway made on its own account ("compact"), in the record
         self.model = model
         self.session_id = session_id
         self.client = client
@@ -180,6 +185,7 @@ class Meter:
             attempts=self.attempts,
             estimated_fields=estimated_fields,
             ttft_ms=None if self.first_at is None else (self.first_at - self.started) * 1000,
+            purpose=self.purpose,
         )
         notify(self.gw.pm.hook.provider_call_finished, call=self.call, record=self.recorded)
         return record_call(self.gw, self.recorded, self.reservation)

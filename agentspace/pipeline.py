@@ -27,6 +27,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from .context import AssembledContext, assemble, estimate_input_tokens
+from .context_policy import fit_context
 from .errors import ApiError, StorageError
 from .events import (
     ProviderError,
@@ -48,6 +49,7 @@ from .limits import Reservation
 from .logs import redact
 from .meter import usage_record
 from .observe import CallInfo, TurnInfo, notify
+from .prompt_cache import cache_ttl, prefix_key
 from .providers.base import ProviderRequest, ThinkingSettings, lacks_key
 from .registry import ModelNotFound, Registry
 from .stores import InvalidSessionId
@@ -314,6 +316,9 @@ class Turn:
         self.info = TurnInfo(self.message_id, session_id, model, client, endpoint)  # for the observation hooks
         self._ended: tuple[str, str | None] = ("aborted", None)  # finish reason and error code, for turn_finished
         self._held: Reservation | None = None  # the budget reservation of the step running now
+        # What the latest provider call sent and cached, stored with the answer (``lastCall``): the inspector
+        # predicts the next call's cache reads from it and calibrates its token estimates by it.
+        self._last_call: dict[str, Any] | None = None
 
     # --- publish / subscribe ---------------------------------------------------------------------
 
@@ -378,6 +383,8 @@ class Turn:
             ctx = await assemble(
                 self.gw, session_id=self.session_id, model=self.model, user_message=content, history=history
             )
+            # The context-window policy: compact, truncate or refuse (CONTEXT_TOO_LONG) a context too long.
+            ctx = await fit_context(self.gw, self, ctx, content, history)
             max_steps = int(self.gw.config["chat"]["max_steps"])
             seen_sources: set[str] = set()
             for step in range(max_steps):
@@ -439,6 +446,7 @@ class Turn:
                 cost = self.gw.model_info(answered_by).cost(usage)
                 total_usage, total_cost = total_usage + usage, total_cost + cost
                 call.answer = finish.message.text
+                self._note_call(ctx, usage)
                 await self._record(answered_by, usage, call_started, finish.finish_reason, state, None, call)
                 parts.extend(finish.message.parts)
                 finish_reason = finish.finish_reason
@@ -452,6 +460,8 @@ class Turn:
                 parts.extend(results)
                 ctx.messages.append(finish.message)
                 ctx.messages.append(ChatMessage("user", list(results)))
+        except ApiError as e:  # the context-window policy refused the call, or its summarising call failed
+            finish_reason, error = "error", (e.code, e.message)
         except Exception:
             log.exception("turn in session %s failed", self.session_id)
             finish_reason, error = "error", ("LLM_ERROR", "The gateway failed while answering; see the server log.")
@@ -478,6 +488,17 @@ class Turn:
         self.done = True
         self.gw.active.pop(self.session_id, None)
         self._wake()
+
+    def _note_call(self, ctx: AssembledContext, usage: TokenUsage) -> None:
+        """Remember what a finished call sent (``ctx`` as it was sent), as the provider counted it (``lastCall``)."""
+        if "inputTokens" in usage.estimated_fields:
+            return  # nothing reported: nothing to calibrate by
+        self._last_call = {
+            "promptTokens": usage.input_tokens + usage.cache_read_tokens + usage.cache_write_tokens,
+            "promptEstimate": estimate_input_tokens(ctx),
+            "cachedTokens": usage.cache_read_tokens + usage.cache_write_tokens,
+            "prefixKey": prefix_key(ctx.system, [t.definition() for t in ctx.tools]),
+        }
 
     async def _call_with_fallbacks(
         self, ctx: AssembledContext, state: _Step, seen_sources: set[str]
@@ -550,6 +571,7 @@ class Turn:
             api_key=resolve_key(gw.config, prefix),
             base_url=settings["base_url"],
             options=settings,
+            cache_ttl=cache_ttl(gw.config),
         )
         self._step_task = asyncio.create_task(self._consume(provider.stream(request), state, seen_sources))
         stop_watching = self._watch_idle(state)
@@ -731,6 +753,8 @@ class Turn:
         }
         if usage.estimated_fields:
             message["estimatedFields"] = list(usage.estimated_fields)
+        if self._last_call is not None:
+            message["lastCall"] = self._last_call
         if error is not None:
             message["error"] = {"code": error[0], "message": error[1]}
         sessions, session_id = self.gw.sessions, self.session_id

@@ -147,6 +147,8 @@ def model_info(config: Config, model: str, provided: Mapping[str, Any] | None = 
         price_known=known,
         supports_vision=bool(entry.get("supports_vision")),
         long_context=_tiers_from_cost_map(entry),
+        cache_write_1h_per_mtok=_per_mtok(entry, "cache_creation_input_token_cost_above_1hr", 0.0) or None,
+        prompt_cache_min_tokens=entry.get("prompt_cache_min_tokens"),
     )
     for key in ("input_per_mtok", "output_per_mtok", "cache_read_per_mtok", "cache_write_per_mtok"):
         if key in override:

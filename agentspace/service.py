@@ -23,10 +23,13 @@ from typing import Any
 from .catalog import usable_models
 from .clients import ADMIN
 from .context import inspect_session
+from .context_policy import compact_session
 from .errors import ApiError
+from .export import EXPORT_FORMATS, export_session
 from .periods import parse_since
 from .pipeline import ChatRequest, Turn, owns_now, start_turn
 from .registry import ModelNotFound, Registry
+from .stores.search import search_sessions
 from .stores.sessions import SESSION_ID, TITLE_LENGTH, Listing, SessionNotFound
 from .stores.usage import REPORTS
 
@@ -178,6 +181,18 @@ def chat_request(
 
 # --- the operations -----------------------------------------------------------------------------
 
+
+@dataclass
+class CompactFor:
+    """The session an on-demand compaction runs for (``context_policy.TurnLike``)."""
+
+    session_id: str
+    model: str
+    client: str
+    endpoint: str
+
+
+MAX_QUERY_LENGTH = 500
 
 # Longer than the titles made from a first message, still one line in a sidebar.
 MAX_TITLE_LENGTH = 4 * TITLE_LENGTH
@@ -334,18 +349,53 @@ class Service:
         return {k: v for k, v in session.items() if k != "messages"}
 
     async def inspect_context(
-        self, session_id: str | None, model: str | None = None, paths: tuple[str, str] = ("id", "model")
+        self,
+        session_id: str | None,
+        model: str | None = None,
+        paths: tuple[str, str] = ("id", "model"),
+        user_message: object = None,
     ) -> dict[str, Any]:
-        """What the next call in the session would send; ``model`` (if given) must be served by a provider."""
+        """What the next call in the session would send; ``model`` (if given) must be served by a provider;
+        ``user_message`` (if given) is the message about to be sent, measured with the rest."""
         session_id = checked(session_id, paths[0], session_id_problem)
         if self.caller != ADMIN:
             session_id = str((await self._owned(session_id))["id"])
         if model is not None:
             self.check_model(checked(model, paths[1], model_id_problem))
-        inspection = await inspect_session(self.gw, session_id, model)
+        if user_message is not None and not isinstance(user_message, str):
+            raise invalid({"userMessage": "must be a string"})
+        draft = clean_text(user_message) if isinstance(user_message, str) else None
+        inspection = await inspect_session(self.gw, session_id, model, draft)
         if inspection is None:
             raise _not_found(self.visible(session_id))
         return {**inspection, "sessionId": self.visible(session_id)}
+
+    async def compact_session(self, session_id: object) -> dict[str, Any]:
+        """Summarise every turn of the caller's session but the latest (``context_policy.compact_session``)."""
+        session_id = checked(session_id, "id", session_id_problem)
+        session = await self._owned(session_id)
+        if session_id in self.gw.active:
+            raise ApiError("STREAM_IN_PROGRESS", "This session is streaming an answer; wait for it to end.")
+        model = session.get("model") or self.gw.default_model
+        who = CompactFor(session_id, model, str(session.get("client") or self.caller), "compact")
+        return await compact_session(self.gw, who)
+
+    async def search_sessions(self, query: object, limit: int = 50) -> list[dict[str, Any]]:
+        """The caller's sessions whose title or messages contain ``query`` (case-insensitive), most recent first,
+        each with a ``match`` snippet."""
+        if not isinstance(query, str) or not query.strip():
+            raise invalid({"q": "required: a non-empty string"})
+        if len(query) > MAX_QUERY_LENGTH:
+            raise invalid({"q": f"at most {MAX_QUERY_LENGTH} characters"})
+        client = None if self.caller == ADMIN else self.caller
+        return await search_sessions(self.gw.sessions, clean_text(query), client=client, limit=limit)
+
+    async def export_session(self, session_id: object, fmt: object) -> tuple[str, str]:
+        """The caller's session as ``md`` or ``json``: (the document, its media type)."""
+        session = await self._owned(checked(session_id, "id", session_id_problem))
+        if fmt not in EXPORT_FORMATS:
+            raise invalid({"format": f"must be one of {', '.join(EXPORT_FORMATS)}"})
+        return export_session(session, str(fmt))
 
     def check_model(self, model: str) -> None:
         try:

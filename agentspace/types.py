@@ -156,6 +156,8 @@ class TokenUsage:
     # ``estimated_fields`` names which (wire names, e.g. "outputTokens").
     estimated: bool = False
     estimated_fields: tuple[str, ...] = ()
+    # Of cache_write_tokens, those written for an hour (``ttl: "1h"``), priced higher than 5-minute writes.
+    cache_write_1h_tokens: int = 0
 
     @property
     def total_tokens(self) -> int:
@@ -170,6 +172,7 @@ class TokenUsage:
             self.reasoning_tokens + other.reasoning_tokens,
             self.estimated or other.estimated,
             tuple(dict.fromkeys(self.estimated_fields + other.estimated_fields)),
+            self.cache_write_1h_tokens + other.cache_write_1h_tokens,
         )
 
 
@@ -235,6 +238,8 @@ class UsageRecord:
     endpoint: str | None = None
     # Milliseconds from the call's start to its first streamed output; None when nothing was streamed.
     ttft_ms: float | None = None
+    # Why the gateway made the call when it was not the client's own request: "compact" (a session's summary).
+    purpose: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         u = self.usage
@@ -264,6 +269,7 @@ class UsageRecord:
             "attempts": self.attempts,
             "endpoint": self.endpoint,
             "ttftMs": None if self.ttft_ms is None else round(self.ttft_ms, 3),
+            "purpose": self.purpose,
         }
 
 
@@ -302,6 +308,9 @@ class ModelInfo:
     price_known: bool = True
     supports_vision: bool = False
     long_context: tuple[PriceTier, ...] = ()  # ascending ``above_input_tokens``
+    # The price of a one-hour cache write (None: as a 5-minute one); the shortest prefix the model caches.
+    cache_write_1h_per_mtok: float | None = None
+    prompt_cache_min_tokens: int | None = None
 
     def tier(self, input_tokens: int) -> PriceTier | None:
         """The long-context tier a call with ``input_tokens`` (input and cache tokens) is priced at, if any."""
@@ -320,11 +329,14 @@ class ModelInfo:
             write = tier.cache_write_per_mtok if tier.cache_write_per_mtok is not None else tier.input_per_mtok
             prices = (tier.input_per_mtok, tier.output_per_mtok, read, write)
         input_price, output_price, read_price, write_price = prices
+        hour = min(usage.cache_write_1h_tokens, usage.cache_write_tokens)
+        hour_price = write_price if self.cache_write_1h_per_mtok is None else self.cache_write_1h_per_mtok
         return Cost(
             input_cost=(
                 usage.input_tokens * input_price
                 + usage.cache_read_tokens * read_price
-                + usage.cache_write_tokens * write_price
+                + (usage.cache_write_tokens - hour) * write_price
+                + hour * hour_price
             )
             / m,
             output_cost=usage.output_tokens * output_price / m,

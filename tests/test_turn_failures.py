@@ -55,8 +55,15 @@ def refusal(provider: str, kind: str) -> list[Any]:
 
 
 def user_turns(provider: str, body: dict[str, Any]) -> list[Any]:
-    """The user turns of an upstream request body, as the provider's wire format has them."""
-    return [m["content"] for m in body["messages"] if m["role"] == "user"]
+    """The user turns of an upstream request body, as the provider's wire format has them (without the prompt
+    cache's marks, tests/test_prompt_cache.py)."""
+
+    def unmarked(content: Any) -> Any:
+        if isinstance(content, list):
+            return [{k: v for k, v in block.items() if k != "cache_control"} for block in content]
+        return content
+
+    return [unmarked(m["content"]) for m in body["messages"] if m["role"] == "user"]
 
 
 def only_new_text(provider: str, text: str) -> list[Any]:

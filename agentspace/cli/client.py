@@ -16,7 +16,14 @@ import click
 
 from .common import CliState
 
-TERMINAL_TYPES = {"chat.stream.end", "context.inspection", "usage.report", "session.list.result", "auth.ok"}
+TERMINAL_TYPES = {
+    "chat.stream.end",
+    "context.inspection",
+    "usage.report",
+    "session.list.result",
+    "session.compacted",
+    "auth.ok",
+}
 
 
 AUTH_TIMEOUT_SECONDS = 10.0

@@ -17,6 +17,7 @@ def _format(result: dict[str, Any]) -> str:
             count(s.get("byteCount")),
             count(s.get("tokenEstimate")),
             money(float(s.get("costEstimate") or 0.0)),
+            s.get("cache", ""),
         )
         for s in result.get("sections", [])
     ]
@@ -27,10 +28,19 @@ def _format(result: dict[str, Any]) -> str:
             count(totals.get("byteCount")),
             count(totals.get("tokenEstimate")),
             money(float(totals.get("costEstimate") or 0.0)),
+            "",
         )
     )
     head = f"Session {printable(result.get('sessionId'))} · {printable(result.get('model'))} · context of the next call\n\n"
-    return head + table(("section", "bytes", "tokens", "input cost"), rows, right=(1, 2, 3))
+    out = head + table(("section", "bytes", "tokens", "input cost", "prompt cache"), rows, right=(1, 2, 3))
+    if "costWithCache" in totals:
+        out += (
+            f"\n\nPrompt cache {totals.get('promptCache')}: {count(totals.get('cacheReadTokens'))} tokens read, "
+            f"{count(totals.get('cacheWriteTokens'))} written, {count(totals.get('uncachedTokens'))} uncached."
+            f"\nExpected input cost: {money(float(totals['costWithCache']))} with the cache, "
+            f"{money(float(totals.get('costWithoutCache') or 0.0))} without."
+        )
+    return out
 
 
 async def _inspect(url: str, token: str, session_id: str, model: str | None) -> dict[str, Any]:

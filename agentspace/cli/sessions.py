@@ -1,4 +1,4 @@
-"""``agentspace sessions``: list, show and delete stored conversations."""
+"""``agentspace sessions``: list, show, search, export, compact and delete stored conversations."""
 
 from __future__ import annotations
 
@@ -58,7 +58,7 @@ def _when(iso: str | None) -> str:
 @click.group()
 @config_options
 def sessions() -> None:
-    """List, show and delete conversations."""
+    """List, show, search, export, compact and delete conversations."""
 
 
 @sessions.command("list")
@@ -155,3 +155,78 @@ def delete(state: CliState, session_id: str, yes: bool) -> None:
     if not _delete(state, session_id):
         raise _not_found(session_id)
     click.echo(f"Deleted session {session_id}")
+
+
+@sessions.command("search")
+@config_options
+@click.argument("text")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@pass_state
+def search(state: CliState, text: str, as_json: bool) -> None:
+    """Sessions whose title or messages contain TEXT (case-insensitive), most recently active first."""
+    from ..stores.search import search_sessions, search_sessions_sync
+
+    if not text.strip():
+        raise click.UsageError("TEXT must not be empty.")
+    if _on_backend(state):
+        found = on_storage(state, lambda storage: search_sessions(storage.sessions, text, limit=200))
+    else:
+        store = _store(state)
+        found = search_sessions_sync(store.listing_sync().sessions, store.get_sync, text, limit=200)
+    if as_json:
+        click.echo(json.dumps(found, indent=2))
+        return
+    if not found:
+        click.echo(f"No session contains {text!r}.")
+        return
+    rows = [
+        (s["id"], _when(s.get("lastActivityAt")), _clip(s.get("title") or "", 30), _clip(s["match"], 70)) for s in found
+    ]
+    click.echo(table(("id", "last activity (UTC)", "title", "match"), rows))
+
+
+@sessions.command("export")
+@config_options
+@click.argument("session_id", metavar="ID")
+@click.option("--format", "fmt", type=click.Choice(["md", "json"]), default="md", show_default=True)
+@click.option("--output", "-o", type=click.Path(dir_okay=False, writable=True), help="Write to this file.")
+@pass_state
+def export(state: CliState, session_id: str, fmt: str, output: str | None) -> None:
+    """A session as Markdown or JSON, on standard output or into a file."""
+    from ..export import export_session
+
+    session = _get(state, session_id)
+    if session is None:
+        raise _not_found(session_id)
+    document, _ = export_session(session, fmt)
+    if output is None:
+        click.echo(document, nl=False)
+        return
+    with open(output, "w", encoding="utf-8") as f:
+        f.write(document)
+    click.echo(f"Wrote {output}", err=True)
+
+
+@sessions.command("compact")
+@config_options
+@click.argument("session_id", metavar="ID")
+@click.option("--url", envvar="AGENTSPACE_URL", help="Gateway WebSocket URL (default: from [server] of the config).")
+@click.option("--token", envvar="AGENTSPACE_TOKEN", help="Gateway token (default: the data directory's).")
+@pass_state
+def compact(state: CliState, session_id: str, url: str | None, token: str | None) -> None:
+    """Summarise every turn of a session but the latest (asks the running gateway; the call is billed)."""
+    import asyncio
+
+    from .client import GatewayConnection, default_url, resolve_token
+    from .common import new_id
+
+    async def run(url: str, token: str) -> dict[str, Any]:
+        async with GatewayConnection(url, token) as gateway:
+            return await gateway.request({"type": "session.compact", "id": new_id(), "sessionId": session_id})
+
+    reply = asyncio.run(run(url or default_url(state), resolve_token(state, token)))
+    if not reply.get("compacted"):
+        click.echo(f"Nothing to compact in {session_id}: it has one turn or none since its last summary.")
+        return
+    click.echo(f"Compacted {session_id}: {reply['summarizedMessages']} messages summarised.\n")
+    click.echo(reply.get("summary") or "")

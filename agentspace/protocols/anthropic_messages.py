@@ -114,6 +114,9 @@ def update_usage(current: TokenUsage | None, usage: dict[str, Any]) -> TokenUsag
         out.cache_read_tokens = usage["cache_read_input_tokens"]
     if usage.get("cache_creation_input_tokens") is not None:
         out.cache_write_tokens = usage["cache_creation_input_tokens"]
+    creation = usage.get("cache_creation")
+    if isinstance(creation, dict) and creation.get("ephemeral_1h_input_tokens") is not None:
+        out.cache_write_1h_tokens = creation["ephemeral_1h_input_tokens"]  # priced as 1-hour writes
     details = usage.get("output_tokens_details")
     if isinstance(details, dict) and details.get("thinking_tokens") is not None:
         out.reasoning_tokens = details["thinking_tokens"]

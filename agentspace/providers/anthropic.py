@@ -28,6 +28,7 @@ from ..events import (
 from ..hookspecs import hookimpl
 from ..lru import LRU
 from ..pricing import accepts_adaptive_thinking
+from ..prompt_cache import add_breakpoints
 from ..protocols.anthropic_messages import update_usage
 from ..types import (
     ChatMessage,
@@ -275,6 +276,8 @@ def request_params(request: ProviderRequest) -> dict[str, Any]:
                     max_tokens, budget = limit, min(budget, limit - 1)
             params["thinking"] = {"type": "enabled", "budget_tokens": budget}
             params["max_tokens"] = max_tokens
+    if request.cache_ttl is not None:
+        add_breakpoints(params, request.cache_ttl)
     return params
 
 

@@ -84,6 +84,9 @@ class ProviderRequest:
     # Sampling parameters a /v1 client set: "temperature", "top_p", "stop" (a list of strings); each provider
     # passes on those its API takes.
     params: dict[str, Any] = field(default_factory=dict)
+    # Prompt caching for a session the gateway keeps: the TTL ("5m", "1h") of the breakpoints a provider that
+    # needs them places (agentspace.prompt_cache); None for /v1 requests and when caching is off.
+    cache_ttl: str | None = None
 
     @property
     def prefix(self) -> str:

@@ -32,6 +32,7 @@ from ..events import (
 )
 from ..hookspecs import hookimpl
 from ..pricing import accepts_adaptive_thinking
+from ..prompt_cache import add_chat_breakpoints, anthropic_family
 from ..types import (
     ChatMessage,
     FilePart,
@@ -241,6 +242,9 @@ class LiteLLMProvider:
             "drop_params": True,
             **request.params,  # a /v1 client's temperature, top_p, stop
         }
+        if request.cache_ttl is not None and anthropic_family(request.model):
+            # OpenAI, Gemini and others cache prefixes on their own; Claude only what is marked.
+            add_chat_breakpoints(kwargs["messages"], request.cache_ttl)
         if request.tools:
             kwargs["tools"] = [
                 {

@@ -23,6 +23,7 @@ from ..errors import ApiError, outage_error
 from ..security import error_response
 from ..service import Service
 from . import clients_api, state, v1_errors, web_api
+from .ui_stream import read_json
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +44,9 @@ def _service(request: web.Request) -> Service:
 
 
 async def list_sessions(request: web.Request) -> web.Response:
+    if "q" in request.query:  # a search: the caller's sessions whose title or messages contain q
+        found = await _service(request).search_sessions(request.query["q"])
+        return web.json_response({"sessions": found, "damagedFiles": []})
     listing = await _service(request).list_sessions()
     return web.json_response({"sessions": listing.sessions, "damagedFiles": listing.damaged_files})
 
@@ -58,7 +62,34 @@ async def delete_session(request: web.Request) -> web.Response:
 
 async def session_context(request: web.Request) -> web.Response:
     model = request.query.get("model") or None
-    return web.json_response(await _service(request).inspect_context(request.match_info["id"], model))
+    draft = request.query.get("userMessage")
+    return web.json_response(
+        await _service(request).inspect_context(request.match_info["id"], model, user_message=draft)
+    )
+
+
+async def session_context_for_draft(request: web.Request) -> web.Response:
+    """The same, for a draft too long for a URL: ``{"model"?, "userMessage"?}`` in the body."""
+    body = await read_json(request)
+    if not isinstance(body, dict):
+        raise ApiError("INVALID_MESSAGE", "The body must be a JSON object.")
+    inspection = await _service(request).inspect_context(
+        request.match_info["id"], body.get("model"), paths=("id", "model"), user_message=body.get("userMessage")
+    )
+    return web.json_response(inspection)
+
+
+async def compact_session(request: web.Request) -> web.Response:
+    return web.json_response(await _service(request).compact_session(request.match_info["id"]))
+
+
+async def export_session(request: web.Request) -> web.Response:
+    session_id = request.match_info["id"]
+    fmt = request.query.get("format", "md")
+    document, media_type = await _service(request).export_session(session_id, fmt)
+    # A download (the web app's link): the file name is the session id, which is plain ASCII.
+    headers = {hdrs.CONTENT_DISPOSITION: f'attachment; filename="{session_id}.{fmt}"'}
+    return web.Response(text=document, headers={**headers, hdrs.CONTENT_TYPE: media_type})
 
 
 async def usage(request: web.Request) -> web.Response:
@@ -167,6 +198,9 @@ def setup_routes(app: web.Application) -> None:
     app.router.add_get("/api/sessions/{id}", get_session)
     app.router.add_delete("/api/sessions/{id}", delete_session)
     app.router.add_get("/api/sessions/{id}/context", session_context)
+    app.router.add_post("/api/sessions/{id}/context", session_context_for_draft)
+    app.router.add_post("/api/sessions/{id}/compact", compact_session)
+    app.router.add_get("/api/sessions/{id}/export", export_session)
     app.router.add_get("/api/usage", usage)
     app.router.add_get("/api/models", models)
     app.router.add_get("/api/openapi.json", openapi)
@@ -292,7 +326,16 @@ OPENAPI: dict[str, Any] = {
         },
         "/api/sessions": {
             "get": {
-                "summary": "Sessions, most recent activity first.",
+                "summary": "Sessions, most recent activity first; with `q`, those whose title or messages contain it.",
+                "parameters": [
+                    {
+                        "name": "q",
+                        "in": "query",
+                        "schema": _STR,
+                        "description": "Search (case-insensitive): the caller's sessions whose title or message text "
+                        "contains this phrase, each with `match`, the text around the first hit.",
+                    }
+                ],
                 "responses": {
                     "200": _json(
                         {
@@ -341,10 +384,75 @@ OPENAPI: dict[str, Any] = {
                         "schema": _STR,
                         "description": "Measure for this model instead of the session's.",
                     },
+                    {
+                        "name": "userMessage",
+                        "in": "query",
+                        "schema": _STR,
+                        "description": "The message about to be sent, measured as the user_message section.",
+                    },
                 ],
                 "responses": {
                     "200": _json(_ref("ContextInspection")),
                     "400": _error("INVALID_MESSAGE or MODEL_NOT_FOUND."),
+                    **_AUTH_ERRORS,
+                    "404": _error("SESSION_NOT_FOUND"),
+                },
+            },
+            "post": {
+                "summary": "The same, for a message about to be sent that is too long for a URL.",
+                "parameters": [_SESSION_ID],
+                "requestBody": {
+                    "content": {
+                        "application/json": {
+                            "schema": {"type": "object", "properties": {"model": _STR, "userMessage": _STR}}
+                        }
+                    }
+                },
+                "responses": {
+                    "200": _json(_ref("ContextInspection")),
+                    "400": _error("INVALID_MESSAGE or MODEL_NOT_FOUND."),
+                    **_AUTH_ERRORS,
+                    "404": _error("SESSION_NOT_FOUND"),
+                },
+            },
+        },
+        "/api/sessions/{id}/compact": {
+            "post": {
+                "summary": "Summarise every turn but the latest into the session's summary (billed, purpose compact).",
+                "parameters": [_SESSION_ID],
+                "responses": {
+                    "200": _json(
+                        {
+                            "type": "object",
+                            "properties": {
+                                "sessionId": _STR,
+                                "compacted": _BOOL,
+                                "summarizedMessages": _INT,
+                                "summary": _STR,
+                            },
+                        }
+                    ),
+                    "400": _error("INVALID_MESSAGE: bad session id."),
+                    **_AUTH_ERRORS,
+                    "404": _error("SESSION_NOT_FOUND"),
+                    "409": _error("STREAM_IN_PROGRESS: the session is streaming an answer."),
+                    "502": _error("LLM_ERROR: the summarising call failed."),
+                },
+            }
+        },
+        "/api/sessions/{id}/export": {
+            "get": {
+                "summary": "The session as a download: Markdown (`format=md`, default) or JSON (`format=json`).",
+                "parameters": [
+                    _SESSION_ID,
+                    {"name": "format", "in": "query", "schema": {"enum": ["md", "json"]}},
+                ],
+                "responses": {
+                    "200": {
+                        "description": "The document (Content-Disposition: attachment).",
+                        "content": {"text/markdown": {"schema": _STR}, "application/json": {"schema": _STR}},
+                    },
+                    "400": _error("INVALID_MESSAGE: bad session id or format."),
                     **_AUTH_ERRORS,
                     "404": _error("SESSION_NOT_FOUND"),
                 },
@@ -504,12 +612,26 @@ OPENAPI: dict[str, Any] = {
                                 "byteCount": _INT,
                                 "tokenEstimate": _INT,
                                 "costEstimate": _NUM,
+                                "cache": {"enum": ["read", "write", "read+write", "none"]},
+                                "cacheReadTokens": _INT,
+                                "cacheWriteTokens": _INT,
                             },
                         },
                     },
                     "totals": {
                         "type": "object",
-                        "properties": {"byteCount": _INT, "tokenEstimate": _INT, "costEstimate": _NUM},
+                        "properties": {
+                            "byteCount": _INT,
+                            "tokenEstimate": _INT,
+                            "costEstimate": _NUM,
+                            "promptCache": {"enum": ["auto", "off", "provider"]},
+                            "calibratedTokens": _INT,
+                            "cacheReadTokens": _INT,
+                            "cacheWriteTokens": _INT,
+                            "uncachedTokens": _INT,
+                            "costWithCache": _NUM,
+                            "costWithoutCache": _NUM,
+                        },
                     },
                 },
             },

@@ -155,14 +155,26 @@ class Connection:
         self.turn.abort()
 
     async def on_context_inspect(self, request_id: Any, msg: dict[str, Any]) -> None:
-        reply = await self.service.inspect_context(msg.get("sessionId"), msg.get("model"), paths=("sessionId", "model"))
+        reply = await self.service.inspect_context(
+            msg.get("sessionId"), msg.get("model"), paths=("sessionId", "model"), user_message=msg.get("userMessage")
+        )
         await self.send({"type": "context.inspection", "requestId": request_id, **reply})
+
+    async def on_session_compact(self, request_id: Any, msg: dict[str, Any]) -> None:
+        reply = await self.service.compact_session(msg.get("sessionId"))
+        await self.send({"type": "session.compacted", "requestId": request_id, **reply})
 
     async def on_usage_query(self, request_id: Any, msg: dict[str, Any]) -> None:
         report = await self.service.usage(session_id=msg.get("sessionId"))
         await self.send({"type": "usage.report", "requestId": request_id, **report})
 
     async def on_session_list(self, request_id: Any, msg: dict[str, Any]) -> None:
+        if msg.get("query") is not None:  # a search: the matching sessions only, each with its ``match``
+            found = await self.service.search_sessions(msg.get("query"))
+            await self.send(
+                {"type": "session.list.result", "requestId": request_id, "sessions": found, "damagedFiles": []}
+            )
+            return
         listing = await self.service.list_sessions()
         await self.send(
             {
@@ -182,6 +194,7 @@ class Connection:
         "context.inspect": on_context_inspect,
         "usage.query": on_usage_query,
         "session.list": on_session_list,
+        "session.compact": on_session_compact,
         "auth": on_auth,
     }
 

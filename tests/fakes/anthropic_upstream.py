@@ -33,6 +33,14 @@ Like the real API, requests are checked first (``validate=False`` turns it off):
 ``budget_tokens >= 1024``, ``max_tokens > budget_tokens`` and no ``temperature`` other than 1. A rejected
 request is recorded but does not use up a queued response.
 
+With ``caching=True`` the fake keeps a prompt cache as the real API does and reports the request's own input
+(replacing the scripted counts): tokens are counted with ``fake_tokens`` (4 UTF-8 bytes a token, per content
+block); a ``cache_control`` breakpoint caches the prefix that ends there (tools, then system, then messages)
+for its ``ttl`` (5m or 1h) if it is at least the model's minimum (``MIN_CACHEABLE``), and a request reads the
+longest prefix cached within 20 blocks before one of its breakpoints. ``input_tokens`` is what follows the
+last breakpoint, ``cache_read_input_tokens`` what was read, ``cache_creation_input_tokens`` the rest up to the
+last breakpoint. ``fake.advance(seconds)`` moves its clock (for expiry); at most 4 breakpoints are accepted.
+
 Run ``python -m tests.fakes.anthropic_upstream [PORT] [--deltas N]`` to serve the default answer (or one of N text
 deltas) for manual tests and benchmarks.
 """
@@ -41,7 +49,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import hashlib
 import json
+import time
 from collections.abc import AsyncIterator, Iterable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field, replace
@@ -442,6 +452,109 @@ def model_object(
     }
 
 
+# --- prompt caching -----------------------------------------------------------------------------
+
+# The shortest prefix a model caches, as the real API has it (by model name prefix); others: 1024 tokens.
+MIN_CACHEABLE = {"claude-opus-4-5": 4096, "claude-haiku-4-5": 4096, "claude-3-5-haiku": 2048, "claude-3-haiku": 2048}
+CACHE_TTLS = {"5m": 300.0, "1h": 3600.0}
+LOOKBACK_BLOCKS = 20
+
+
+def fake_tokens(text: str) -> int:
+    """The fake's tokenizer: one token per 4 UTF-8 bytes, rounded up (deterministic, no vocabulary)."""
+    return -(-len(text.encode()) // 4)
+
+
+def _block_text(block: Any) -> str:
+    if isinstance(block, str):
+        return block
+    kind = block.get("type")
+    if kind == "text":
+        return str(block.get("text", ""))
+    if kind == "thinking":
+        return str(block.get("thinking", ""))
+    if kind == "tool_result":
+        content = block.get("content", "")
+        return content if isinstance(content, str) else json.dumps(content)
+    if kind == "tool_use":
+        return block.get("name", "") + json.dumps(block.get("input"))
+    return json.dumps({k: v for k, v in block.items() if k != "cache_control"}, sort_keys=True)
+
+
+def prompt_blocks(body: dict[str, Any]) -> list[tuple[str, int, dict[str, Any] | None]]:
+    """The request's prompt as (block fingerprint, tokens, cache_control) in cache order: tools, system, messages."""
+    out: list[tuple[str, int, dict[str, Any] | None]] = []
+    for tool in body.get("tools") or []:
+        plain = {k: v for k, v in tool.items() if k != "cache_control"}
+        text = json.dumps(plain, sort_keys=True)
+        out.append(("tool" + text, fake_tokens(text), tool.get("cache_control")))
+    system = body.get("system")
+    for block in [system] if isinstance(system, str) else system or []:
+        text = _block_text(block)
+        out.append(("system" + text, fake_tokens(text), None if isinstance(block, str) else block.get("cache_control")))
+    for message in body.get("messages") or []:
+        content = message.get("content")
+        for block in [content] if isinstance(content, str) else content or []:
+            text = _block_text(block)
+            control = None if isinstance(block, str) else block.get("cache_control")
+            out.append((message.get("role", "") + text, fake_tokens(text), control))
+    return out
+
+
+class PromptCache:
+    """Prefixes cached by earlier requests (fingerprint -> expiry), and the usage a request reports."""
+
+    def __init__(self) -> None:
+        self.entries: dict[str, float] = {}
+        self.offset = 0.0
+
+    def now(self) -> float:
+        return time.monotonic() + self.offset
+
+    def usage(self, body: dict[str, Any]) -> dict[str, Any]:
+        blocks = prompt_blocks(body)
+        keys, totals, running, total = [], [], hashlib.sha256(), 0
+        for fingerprint, tokens, _ in blocks:
+            running.update(fingerprint.encode() + b"\0")
+            keys.append(running.hexdigest())
+            total += tokens
+            totals.append(total)
+        name = str(body.get("model", ""))
+        minimum = next((n for prefix, n in MIN_CACHEABLE.items() if name.startswith(prefix)), 1024)
+        now = self.now()
+        breakpoints = [i for i, b in enumerate(blocks) if b[2] is not None and totals[i] >= minimum]
+        if not breakpoints:
+            return {"input_tokens": total, "cache_creation_input_tokens": 0, "cache_read_input_tokens": 0}
+        read_at = -1
+        for bp in breakpoints:
+            for j in range(bp, max(-1, bp - LOOKBACK_BLOCKS), -1):
+                if self.entries.get(keys[j], 0.0) > now:
+                    read_at = max(read_at, j)
+                    break
+        last = breakpoints[-1]
+        read = totals[read_at] if read_at >= 0 else 0
+        written = {"5m": 0, "1h": 0}
+        start = read
+        for bp in breakpoints:
+            control = blocks[bp][2] or {}
+            ttl = control.get("ttl", "5m")
+            if totals[bp] > start:
+                written[ttl] = written.get(ttl, 0) + totals[bp] - start
+                start = totals[bp]
+            self.entries[keys[bp]] = max(self.entries.get(keys[bp], 0.0), now + CACHE_TTLS.get(ttl, 300.0))
+        if read_at >= 0:  # a read refreshes the entry's lifetime
+            self.entries[keys[read_at]] = max(self.entries[keys[read_at]], now + 300.0)
+        return {
+            "input_tokens": total - totals[last],
+            "cache_creation_input_tokens": totals[last] - read,
+            "cache_read_input_tokens": read,
+            "cache_creation": {
+                "ephemeral_5m_input_tokens": written["5m"],
+                "ephemeral_1h_input_tokens": written["1h"],
+            },
+        }
+
+
 # --- the server ---------------------------------------------------------------------------------
 
 
@@ -455,9 +568,16 @@ class FakeAnthropic(FakeUpstream[FakeResponse]):
     """
 
     def __init__(
-        self, default: FakeResponse | None = None, *, api_key: str | None = None, validate: bool = True
+        self,
+        default: FakeResponse | None = None,
+        *,
+        api_key: str | None = None,
+        validate: bool = True,
+        caching: bool = False,
     ) -> None:
         super().__init__(default or text_response())
+        self.caching = caching
+        self.prompt_cache = PromptCache()
         self.api_key = api_key
         self.validate = validate
         self.requests: list[RecordedRequest] = []
@@ -470,6 +590,10 @@ class FakeAnthropic(FakeUpstream[FakeResponse]):
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
+
+    def advance(self, seconds: float) -> None:
+        """Move the prompt cache's clock forward (cached prefixes expire)."""
+        self.prompt_cache.offset += seconds
 
     def routes(self, app: web.Application) -> None:
         app.router.add_post("/v1/messages", self._messages)
@@ -499,6 +623,8 @@ class FakeAnthropic(FakeUpstream[FakeResponse]):
         script = self.next_response()
         if script.status != 200:
             return web.json_response(script.error or {}, status=script.status, headers=script.headers)
+        if self.caching and isinstance(body, dict):
+            script = _with_start_usage(script, self.prompt_cache.usage(body))
         model = body.get("model") if isinstance(body, dict) else None
         if not (isinstance(body, dict) and body.get("stream")):
             return web.json_response(_fold(script.events, model), headers=script.headers)
@@ -537,6 +663,13 @@ class FakeAnthropic(FakeUpstream[FakeResponse]):
                 )
             if body["max_tokens"] <= budget:
                 return 400, "invalid_request_error", "`max_tokens` must be greater than `thinking.budget_tokens`"
+        marked = sum(1 for b in prompt_blocks(body) if b[2] is not None)
+        if marked > 4:
+            return (
+                400,
+                "invalid_request_error",
+                f"A maximum of 4 blocks with cache_control may be provided. Found {marked}.",
+            )
         return None
 
     async def _stream(
@@ -605,6 +738,16 @@ class FakeAnthropic(FakeUpstream[FakeResponse]):
         )
 
 
+def _with_start_usage(script: FakeResponse, usage: dict[str, Any]) -> FakeResponse:
+    """``script`` with message_start's input counts replaced (what the prompt cache computed)."""
+    events = list(script.events)
+    if events and events[0][0] == "message_start" and isinstance(events[0][1], dict):
+        start = events[0][1]
+        message = {**start["message"], "usage": {**start["message"]["usage"], **usage}}
+        events[0] = ("message_start", {**start, "message": message})
+    return replace(script, events=tuple(events))
+
+
 def _fold(events: Iterable[Event], model: Any) -> dict[str, Any]:
     """A script folded into one non-streamed Message (``stream: false``)."""
     message: dict[str, Any] = {}
@@ -639,9 +782,9 @@ def _fold(events: Iterable[Event], model: Any) -> dict[str, Any]:
 
 @asynccontextmanager
 async def started_fake_anthropic(
-    default: FakeResponse | None = None, *, api_key: str | None = None, validate: bool = True
+    default: FakeResponse | None = None, *, api_key: str | None = None, validate: bool = True, caching: bool = False
 ) -> AsyncIterator[FakeAnthropic]:
-    fake = await FakeAnthropic(default, api_key=api_key, validate=validate).start()
+    fake = await FakeAnthropic(default, api_key=api_key, validate=validate, caching=caching).start()
     try:
         yield fake
     finally:

@@ -14,6 +14,7 @@ const state = {
   sessions: [],
   chat: null, // {id, messages, stored, streaming, stopping}
   sidebarOpen: false,
+  search: "", // the sidebar's search text ("" lists every session)
 };
 
 // --- formatting ------------------------------------------------------------------------------------
@@ -203,9 +204,46 @@ function sessionItem(s) {
 function renderSidebar() {
   const list = document.getElementById("sessions");
   if (!list) return;
+  if (state.search) return renderSearch(list);
   const shown = [...state.sessions];
   if (state.chat && !shown.some((s) => s.id === state.chat.id)) shown.unshift({ id: state.chat.id, title: null });
   list.replaceChildren(...shown.map(sessionItem));
+}
+
+// Sessions whose title or messages contain the search box's text (GET /api/sessions?q=), with the match.
+async function renderSearch(list) {
+  const query = state.search;
+  let found;
+  try {
+    found = (await getJSON(`/api/sessions?q=${encodeURIComponent(query)}`)).sessions || [];
+  } catch (e) {
+    list.replaceChildren(el("li", { class: "muted" }, `Search failed: ${e.message}`));
+    return;
+  }
+  if (state.search !== query) return; // a newer search is on its way
+  if (!found.length) {
+    list.replaceChildren(el("li", { class: "muted", role: "status" }, `No chat contains “${query}”.`));
+    return;
+  }
+  list.replaceChildren(...found.map((s) => {
+    const item = sessionItem(s);
+    item.classList.add("found");
+    item.append(el("span", { class: "match muted" }, s.match));
+    return item;
+  }));
+}
+
+function searchBox() {
+  const input = el("input", { type: "search", id: "session-search", placeholder: "Search chats", "aria-label": "Search chats", value: state.search || "" });
+  let timer = null;
+  input.addEventListener("input", () => {
+    clearTimeout(timer);
+    timer = setTimeout(() => {
+      state.search = input.value.trim();
+      renderSidebar();
+    }, 200);
+  });
+  return input;
 }
 
 function notify(text) {
@@ -278,6 +316,7 @@ async function chatPage(sessionId) {
   const toggle = el("button", { type: "button", class: "ghost sidebar-toggle", "aria-controls": "sidebar", "aria-expanded": String(state.sidebarOpen) }, "Chats");
   const sidebar = el("aside", { id: "sidebar", class: `sidebar${state.sidebarOpen ? " open" : ""}`, "aria-label": "Sessions" },
     el("button", { type: "button", class: "primary new-chat", onclick: () => { state.sidebarOpen = false; location.hash = `#/chat/${newId()}`; } }, "New chat"),
+    searchBox(),
     el("ul", { id: "sessions", class: "sessions" }));
   toggle.addEventListener("click", () => {
     state.sidebarOpen = !state.sidebarOpen;
@@ -534,21 +573,65 @@ async function loadContext() {
   }
   if (state.chat !== chat) return;
   const total = inspection.totals || {};
-  const describe = (s) => `${s.name}: ${count(s.byteCount)} bytes, ${count(s.tokenEstimate)} tokens, ${money(s.costEstimate)}`;
+  const cacheNote = { read: "read from the cache", write: "written to the cache", "read+write": "partly read from, partly written to the cache" };
+  const describe = (s) => `${s.name}: ${count(s.byteCount)} bytes, ${count(s.tokenEstimate)} tokens, ${money(s.costEstimate)}${cacheNote[s.cache] ? `, ${cacheNote[s.cache]}` : ""}`;
   const sections = (inspection.sections || []).filter((s) => s.byteCount > 0 || s.tokenEstimate > 0);
   const bar = el("div", { class: "stack", role: "list", "aria-label": "Sections of the next call" },
     ...sections.map((s, i) => {
-      const seg = el("div", { class: `seg seg-${i % 8}`, role: "listitem", tabindex: "0", title: describe(s), "aria-label": describe(s), "data-section": s.name });
+      const seg = el("div", { class: `seg seg-${i % 8}`, role: "listitem", tabindex: "0", title: describe(s), "aria-label": describe(s), "data-section": s.name, "data-cache": s.cache || "none" });
       seg.style.flexGrow = String(Math.max(s.tokenEstimate, 1));
       return seg;
     }));
+  const mark = { read: " ↺", write: " ✎", "read+write": " ↺✎" };
   const legend = el("ul", { class: "legend" }, ...sections.map((s, i) =>
-    el("li", { title: describe(s) }, el("span", { class: `swatch seg-${i % 8}`, "aria-hidden": "true" }), `${s.name} ${count(s.tokenEstimate)}`)));
+    el("li", { title: describe(s) }, el("span", { class: `swatch seg-${i % 8}`, "aria-hidden": "true" }), `${s.name} ${count(s.tokenEstimate)}${mark[s.cache] || ""}`)));
+  const cache = total.costWithCache === undefined ? null : el("p", { class: "cache-line", id: "cache-line" },
+    total.promptCache === "off"
+      ? `Prompt cache off: ${money(total.costWithoutCache)} input.`
+      : `Prompt cache: ${count(total.cacheReadTokens)} tokens read ↺, ${count(total.cacheWriteTokens)} written ✎ · ` +
+        `${money(total.costWithCache)} input with the cache, ${money(total.costWithoutCache)} without.`);
+  const compact = el("button", { type: "button", class: "ghost small", id: "compact" }, "Compact");
+  compact.addEventListener("click", () => compactChat(chat, compact));
+  const actions = el("span", { class: "context-actions" }, compact,
+    el("button", { type: "button", class: "ghost small", onclick: () => exportChat(chat, "md") }, "Export Markdown"),
+    el("button", { type: "button", class: "ghost small", onclick: () => exportChat(chat, "json") }, "Export JSON"));
   box.replaceChildren(
     el("div", { class: "context-head" }, el("strong", {}, "Next call"),
       el("span", { class: "muted" }, ` ${count(total.tokenEstimate)} tokens · ${money(total.costEstimate)}`),
-      el("span", { class: "muted context-detail" }, ` · ${count(total.byteCount)} bytes (${inspection.model})`)),
-    bar, legend);
+      el("span", { class: "muted context-detail" }, ` · ${count(total.byteCount)} bytes (${inspection.model})`),
+      actions),
+    bar, legend, cache);
+}
+
+// Summarise every turn but the latest into the session's summary (POST /api/sessions/{id}/compact).
+async function compactChat(chat, button) {
+  if (chat.streaming) return;
+  button.disabled = true;
+  button.textContent = "Compacting…";
+  try {
+    const result = await (await request(`/api/sessions/${encodeURIComponent(chat.id)}/compact`, { method: "POST" })).json();
+    notify(result.compacted ? `Compacted: ${result.summarizedMessages} messages summarised.` : "Nothing to compact yet.");
+  } catch (e) {
+    notify(`Compact failed: ${e.message}`);
+  }
+  if (state.chat === chat) loadContext();
+}
+
+// The session as a file: fetched with the key (a plain link would carry none), saved through a blob URL.
+async function exportChat(chat, format) {
+  let response;
+  try {
+    response = await request(`/api/sessions/${encodeURIComponent(chat.id)}/export?format=${format}`);
+  } catch (e) {
+    notify(`Export failed: ${e.message}`);
+    return;
+  }
+  const url = URL.createObjectURL(await response.blob());
+  const link = el("a", { href: url, download: `${chat.id}.${format}`, hidden: true });
+  document.body.append(link);
+  link.click();
+  link.remove();
+  setTimeout(() => URL.revokeObjectURL(url), 1000);
 }
 
 // --- start -----------------------------------------------------------------------------------------

@@ -1,0 +1,282 @@
+"""The context-window policy: what happens when a session's context would not fit the model's input window.
+
+Before a turn's first call the assembled context is measured (the local estimate, calibrated by what the
+provider reported for the previous call) against the window: the cost map's ``max_input_tokens`` (or
+``[pricing."MODEL"] context_window``) minus the output tokens requested. When it does not fit,
+``[chat] context_policy`` decides:
+
+- ``compact`` (default): the oldest turns are summarised by ``[chat] compact_model`` (default: the session's
+  model). The summary is stored on the last summarised message (``summary``) and stands for everything up to
+  there in every later call (the ``summary`` section); the call that wrote it is billed with purpose
+  ``compact``. When that call fails, the turns are left out as ``truncate`` would (``compactError``).
+- ``truncate``: the oldest turns are left out of the call (``contextCut`` marks where); they stay stored.
+- ``refuse``: the turn fails with ``CONTEXT_TOO_LONG`` and the numbers.
+
+A cut leaves the kept context at most half the window, so it stays where it is for many turns: the prefix
+the prompt cache holds does not move on every turn. ``compact_session`` compacts on demand (every turn but
+the latest).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import TYPE_CHECKING, Any, Protocol
+
+from .context import (
+    AssembledContext,
+    assemble,
+    calibration,
+    estimate_input_tokens,
+    history_start,
+    last_call,
+    message_text,
+)
+from .errors import ApiError
+from .events import ProviderError, ProviderFinish, TextDelta, UsageReport
+from .meter import ALL_FIELDS, Meter
+from .providers.base import ProviderRequest
+from .registry import ModelNotFound
+from .tokens import count_tokens
+from .types import ChatMessage, TokenUsage, now_iso
+from .vault import resolve_key
+
+if TYPE_CHECKING:
+    from .registry import Registry
+
+log = logging.getLogger(__name__)
+
+# After a cut, the kept context uses at most this share of the window.
+HEADROOM = 0.5
+COMPACT_MAX_TOKENS = 1024
+COMPACT_PURPOSE = "compact"
+COMPACT_PROMPT = (
+    "You summarise the earlier part of a conversation between a user and an assistant, so that the "
+    "conversation can go on without it. Keep every fact, decision, name, number, open question and piece of "
+    "code that later turns may need; leave out pleasantries. Write the summary only, in the conversation's "
+    "language."
+)
+
+
+class TurnLike(Protocol):
+    """What the policy needs of the turn it runs for (``pipeline.Turn``)."""
+
+    session_id: str
+    model: str
+    client: str
+    endpoint: str
+
+
+def _message_tokens(message: dict[str, Any]) -> int:
+    parts = message.get("parts")
+    return count_tokens(json.dumps(parts, ensure_ascii=False) if parts else str(message.get("content") or ""))
+
+
+def window_of(gw: Registry, model: str) -> tuple[int | None, int]:
+    """(the input tokens a call may send, or None when the window is unknown; the output tokens requested)."""
+    max_tokens = int(gw.config["chat"]["max_tokens"])
+    window = gw.model_info(model).context_window
+    return (max(0, int(window) - max_tokens) if window else None), max_tokens
+
+
+def too_long(model: str, need: int, window: int, max_tokens: int) -> ApiError:
+    return ApiError(
+        "CONTEXT_TOO_LONG",
+        f"The context of this call is about {need} tokens; {model} takes {window} "
+        f"({window + max_tokens} in its window, minus {max_tokens} for the answer). "
+        "Compact the session (agentspace sessions compact ID) or start a new one.",
+    )
+
+
+def _cut_index(history: list[dict[str, Any]], start: int, excess: int, ratio: float) -> int | None:
+    """The stored message to cut after (the end of a turn) so that at least ``excess`` tokens go; the last
+    possible one when no cut frees enough; None when there is no turn to leave out."""
+    removed, cut = 0.0, None
+    for i in range(start, len(history)):
+        removed += _message_tokens(history[i]) * ratio
+        ends_turn = history[i].get("role") == "assistant" and (
+            i + 1 == len(history) or history[i + 1].get("role") == "user"
+        )
+        if ends_turn and history[i].get("id"):
+            cut = i
+            if removed >= excess:
+                break
+    return cut
+
+
+async def fit_context(
+    gw: Registry, turn: TurnLike, ctx: AssembledContext, content: str, history: list[dict[str, Any]]
+) -> AssembledContext:
+    """``ctx``, or the context after the configured policy made it fit; ApiError CONTEXT_TOO_LONG when not."""
+    window, max_tokens = window_of(gw, turn.model)
+    if window is None:
+        return ctx
+    previous, _ = last_call(history)
+    ratio = calibration(previous)
+    if _surely_fits(ctx, history, previous, content, ratio, window):
+        return ctx
+    need = round(estimate_input_tokens(ctx) * ratio)
+    if need <= window:
+        return ctx
+    policy = gw.config["chat"]["context_policy"]
+    if policy == "refuse":
+        raise too_long(turn.model, need, window, max_tokens)
+    start, summary = history_start(history)
+    cut = _cut_index(history, start, need - int(window * HEADROOM), ratio)
+    if cut is None:
+        raise too_long(turn.model, need, window, max_tokens)
+    mark: dict[str, Any] = {"contextCut": {"at": now_iso(), "tokens": need}}
+    if policy == "compact":
+        try:
+            text = await summarise(gw, turn, summary, history[start : cut + 1])
+            mark = {"summary": {"text": text, "model": compact_model(gw, turn.model), "createdAt": now_iso()}}
+        except ApiError as e:
+            # The turn still gets its answer: those turns are left out instead (a later cut summarises again).
+            log.warning("compacting session %s failed (%s); its oldest turns are left out", turn.session_id, e.code)
+            mark["contextCut"]["compactError"] = e.code
+    await gw.sessions.update_message(turn.session_id, history[cut]["id"], mark)
+    history = [*history[:cut], {**history[cut], **mark}, *history[cut + 1 :]]
+    ctx = await assemble(gw, session_id=turn.session_id, model=turn.model, user_message=content, history=history)
+    need = round(estimate_input_tokens(ctx) * ratio)
+    if need > window:  # the newest turn alone is too long
+        raise too_long(turn.model, need, window, max_tokens)
+    return ctx
+
+
+def _bytes(message: dict[str, Any]) -> int:
+    parts = message.get("parts")
+    text = json.dumps(parts, ensure_ascii=False) if parts else str(message.get("content") or "")
+    return len(text.encode())
+
+
+def _surely_fits(
+    ctx: AssembledContext,
+    history: list[dict[str, Any]],
+    previous: dict[str, Any] | None,
+    content: str,
+    ratio: float,
+    window: int,
+) -> bool:
+    """Whether the context clearly fits without counting its tokens (this runs before every turn's first call):
+    UTF-8 bytes bound the token count from above. With a previous call, what it sent (as the provider counted
+    it) plus the bytes of what came after it; else the bytes of the whole context."""
+    limit = window * 0.8
+    if previous is None or not previous.get("promptTokens"):
+        size = len(ctx.system.encode()) + sum(_bytes_of(m) for m in ctx.messages)
+        if ctx.tools:
+            size += len(json.dumps([t.definition() for t in ctx.tools], ensure_ascii=False).encode())
+        return size * ratio < limit
+    since = len(content.encode())
+    for message in reversed(history):
+        since += _bytes(message)  # the answer of that call (and its tool results), anything after it
+        if message.get("lastCall") is previous:
+            break
+    return int(previous["promptTokens"]) + since * ratio < limit
+
+
+def _bytes_of(message: ChatMessage) -> int:
+    return len(message_text(message).encode())
+
+
+def compact_model(gw: Registry, model: str) -> str:
+    return str(gw.config["chat"]["compact_model"] or model)
+
+
+def transcript(messages: list[dict[str, Any]]) -> str:
+    """Stored messages as the text the summarising model reads."""
+    lines = []
+    for m in messages:
+        text = str(m.get("content") or "")
+        if not text and m.get("parts"):
+            text = json.dumps(m["parts"], ensure_ascii=False)
+        if text:
+            lines.append(f"{m.get('role', 'user')}: {text}")
+    return "\n\n".join(lines)
+
+
+async def summarise(gw: Registry, turn: TurnLike, previous: str, messages: list[dict[str, Any]]) -> str:
+    """The summarising call: one metered provider call (purpose ``compact``) through the same Meter and Guard
+    as every other call; its text is the new summary (covering ``previous`` too)."""
+    model = compact_model(gw, turn.model)
+    try:
+        provider = gw.provider_for(model)
+    except ModelNotFound as e:
+        raise ApiError("MODEL_NOT_FOUND", f"[chat] compact_model: {e}") from None
+    body = transcript(messages)
+    if previous:
+        body = f"Summary so far:\n{previous}\n\nThe conversation after it:\n{body}"
+    prefix = model.split("/", 1)[0]
+    settings = gw.config.provider_settings(prefix)
+    request = ProviderRequest(
+        model=model,
+        system=COMPACT_PROMPT,
+        messages=[ChatMessage.user(body)],
+        model_info=gw.model_info(model),
+        max_tokens=COMPACT_MAX_TOKENS,
+        api_key=resolve_key(gw.config, prefix),
+        base_url=settings["base_url"],
+        options=settings,
+    )
+    reservation = await gw.guard.admit(
+        turn.client, model, input_tokens=lambda: count_tokens(body), max_tokens=COMPACT_MAX_TOKENS
+    )
+    meter = Meter(
+        gw,
+        model,
+        session_id=turn.session_id,
+        client=turn.client,
+        endpoint=turn.endpoint,
+        reservation=reservation,
+        purpose=COMPACT_PURPOSE,
+    )
+    meter.begin(request.system, request.messages)
+    text: list[str] = []
+    reported: TokenUsage | None = None
+    finish: ProviderFinish | None = None
+    try:
+        async for event in provider.stream(request):
+            if isinstance(event, TextDelta):
+                text.append(event.text)
+            elif isinstance(event, UsageReport):
+                reported = event.usage
+            elif isinstance(event, ProviderFinish):
+                finish = event
+    except ProviderError as e:
+        await meter.record(reported or TokenUsage(), "error", error=e.code, answered=reported is not None)
+        raise ApiError(e.code, f"The session could not be compacted: {e.message}") from None
+    except BaseException:  # cancelled (shutdown) or a defect: no record was made, the reservation goes back
+        await gw.guard.release(reservation)
+        raise
+    assert finish is not None
+    if finish.usage is not None:
+        await meter.record(finish.usage, finish.finish_reason)
+    else:  # a provider that reports nothing: counted locally, and said so
+        usage = TokenUsage(input_tokens=count_tokens(COMPACT_PROMPT + body), output_tokens=count_tokens("".join(text)))
+        await meter.record(usage, finish.finish_reason, estimated_fields=ALL_FIELDS)
+    summary = "".join(text).strip()
+    if not summary:
+        raise ApiError("LLM_ERROR", "The session could not be compacted: the model wrote no summary.")
+    return summary
+
+
+async def compact_session(gw: Registry, turn: TurnLike) -> dict[str, Any]:
+    """Compact a session on demand: every turn but the latest goes into the summary."""
+    session = await gw.sessions.get(turn.session_id)
+    if session is None:
+        raise ApiError("SESSION_NOT_FOUND", f"No session {turn.session_id!r}.")
+    history = session.get("messages", [])
+    start, summary = history_start(history)
+    ends = [
+        i
+        for i in range(start, len(history))
+        if history[i].get("role") == "assistant"
+        and history[i].get("id")
+        and (i + 1 == len(history) or history[i + 1].get("role") == "user")
+    ]
+    if len(ends) < 2:
+        return {"sessionId": turn.session_id, "compacted": False, "summarizedMessages": 0}
+    cut = ends[-2]  # the latest turn stays as it is
+    text = await summarise(gw, turn, summary, history[start : cut + 1])
+    mark = {"summary": {"text": text, "model": compact_model(gw, turn.model), "createdAt": now_iso()}}
+    await gw.sessions.update_message(turn.session_id, history[cut]["id"], mark)
+    return {"sessionId": turn.session_id, "compacted": True, "summarizedMessages": cut + 1 - start, "summary": text}

@@ -1,0 +1,174 @@
+"""Automatic prompt caching for the sessions the gateway keeps (WebSocket, ``/api/chat``, each tool-loop step).
+
+A session resends its whole history on every call; the provider can cache that prefix. Anthropic caches
+what ends at a ``cache_control`` breakpoint (at most four per request, prefixes shorter than the model's
+minimum are not cached) and bills a read at 0.1x the input price, a 5-minute write at 1.25x. The breakpoints
+go where the prefix is stable:
+
+- the last tool definition and the end of the system prompt (they change only with the configuration);
+- the end of the previous call's last message (the user message, or the tool results, before the newest
+  answer): the prefix the previous call wrote, read back by this one whatever the length of the turn;
+- the end of the newest message: written now, read by the next call.
+
+``/v1`` requests are the client's own and are never changed (they do not go through the pipeline).
+This module also predicts, for the inspector, what the next call will read from and write to the cache.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from typing import Any
+
+# Anthropic's limit on cache_control breakpoints per request.
+MAX_BREAKPOINTS = 4
+TTL_SECONDS = {"5m": 300.0, "1h": 3600.0}
+# OpenAI's automatic caching: prompts of at least 1,024 tokens, cached in blocks of 128.
+AUTOMATIC_MIN_TOKENS = 1024
+AUTOMATIC_BLOCK = 128
+
+# The shortest prefix each model caches (Anthropic's documentation); others: 1024 tokens.
+_MIN_TOKENS = (
+    ("claude-opus-4-5", 4096),
+    ("claude-haiku-4-5", 4096),
+    ("claude-3-5-haiku", 2048),
+    ("claude-3-haiku", 2048),
+)
+
+
+def cache_ttl(config: Any) -> str | None:
+    """The TTL to mark prefixes with, or None when ``[chat] prompt_cache = "off"``."""
+    chat = config["chat"]
+    return None if chat["prompt_cache"] == "off" else str(chat["prompt_cache_ttl"])
+
+
+def min_cacheable_tokens(model: str) -> int:
+    name = model.split("/", 1)[-1]
+    for prefix, tokens in _MIN_TOKENS:
+        if name.startswith(prefix):
+            return tokens
+    return 1024
+
+
+def _marker(ttl: str) -> dict[str, str]:
+    # 5 minutes is the API's default; naming it anyway keeps the request explicit.
+    return {"type": "ephemeral", "ttl": ttl}
+
+
+def _mark_last_block(message: dict[str, Any], ttl: str) -> bool:
+    content = message.get("content")
+    if isinstance(content, str):
+        message["content"] = content = [{"type": "text", "text": content}]
+    for block in reversed(content or []):
+        if block.get("type") not in ("thinking", "redacted_thinking"):  # thinking blocks cannot be marked
+            block["cache_control"] = _marker(ttl)
+            return True
+    return False
+
+
+def add_breakpoints(params: dict[str, Any], ttl: str) -> None:
+    """Mark a Messages API request's stable prefix (in place), within ``MAX_BREAKPOINTS``."""
+    budget = MAX_BREAKPOINTS
+    tools = params.get("tools")
+    if tools:
+        tools[-1] = {**tools[-1], "cache_control": _marker(ttl)}
+        budget -= 1
+    system = params.get("system")
+    if system:
+        if isinstance(system, str):
+            params["system"] = [{"type": "text", "text": system, "cache_control": _marker(ttl)}]
+        else:
+            system[-1] = {**system[-1], "cache_control": _marker(ttl)}
+        budget -= 1
+    messages = params.get("messages") or []
+    targets = []
+    if messages:
+        targets.append(len(messages) - 1)
+        # The previous call ended with the user message before the newest assistant message.
+        last_assistant = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=None)
+        if last_assistant is not None and last_assistant > 0 and messages[last_assistant - 1]["role"] == "user":
+            targets.append(last_assistant - 1)
+    for index in targets[:budget]:
+        _mark_last_block(messages[index], ttl)
+
+
+def add_chat_breakpoints(messages: list[dict[str, Any]], ttl: str) -> None:
+    """The same breakpoints in the Chat Completions messages litellm takes, for Anthropic-family models behind
+    litellm (Bedrock, Vertex AI, OpenRouter): litellm carries ``cache_control`` on content blocks and on tool
+    messages to those APIs. Tools come before the system prompt in their cache, so its mark covers them."""
+    system = next((m for m in messages if m.get("role") == "system"), None)
+    if system is not None and isinstance(system.get("content"), str):
+        system["content"] = [{"type": "text", "text": system["content"], "cache_control": _marker(ttl)}]
+    if not messages or messages[-1].get("role") == "system":
+        return
+    targets = [len(messages) - 1]
+    last_assistant = max((i for i, m in enumerate(messages) if m.get("role") == "assistant"), default=None)
+    if last_assistant and messages[last_assistant - 1].get("role") in ("user", "tool"):
+        targets.append(last_assistant - 1)
+    for index in targets:
+        message = messages[index]
+        if message.get("role") == "tool":
+            message["cache_control"] = _marker(ttl)
+        elif isinstance(message.get("content"), str):
+            message["content"] = [{"type": "text", "text": message["content"], "cache_control": _marker(ttl)}]
+
+
+def anthropic_family(model: str) -> bool:
+    """Claude behind another provider's API (litellm): it caches only what is marked."""
+    return "claude" in model.lower()
+
+
+def prefix_key(system: str, tools: list[dict[str, Any]]) -> str:
+    """A short fingerprint of the system prompt and tools: the next call reads nothing if they changed."""
+    data = json.dumps([system, tools], ensure_ascii=False, sort_keys=True).encode()
+    return hashlib.sha256(data).hexdigest()[:16]
+
+
+@dataclass(slots=True)
+class CachePlan:
+    """What the next call will do with the cache, in (calibrated) tokens."""
+
+    total: int
+    read: int
+    write: int
+
+    @property
+    def uncached(self) -> int:
+        return max(0, self.total - self.read - self.write)
+
+
+def plan(
+    *,
+    total: int,
+    model: str,
+    ttl: str | None,
+    last_call: dict[str, Any] | None,
+    key: str,
+    age_seconds: float | None,
+    min_tokens: int | None = None,
+    automatic: bool = False,
+) -> CachePlan:
+    """The next call's reads and writes: it reads what the previous call cached (same system and tools, within
+    the TTL) and writes the rest up to its newest message, if that prefix is long enough to be cached.
+
+    ``automatic``: a provider that caches every prompt on its own (OpenAI): nothing is written at a price,
+    and the next call reads the previous prompt, in blocks of 128 tokens, for about 5 minutes."""
+    if automatic:
+        if total < AUTOMATIC_MIN_TOKENS or not last_call or last_call.get("prefixKey") != key:
+            return CachePlan(total, 0, 0)
+        if age_seconds is None or age_seconds >= TTL_SECONDS["5m"]:
+            return CachePlan(total, 0, 0)
+        previous = min(int(last_call.get("promptTokens") or 0), total)
+        return CachePlan(total, previous // AUTOMATIC_BLOCK * AUTOMATIC_BLOCK, 0)
+    if ttl is None or total < (min_tokens or min_cacheable_tokens(model)):
+        return CachePlan(total, 0, 0)
+    read = 0
+    if (
+        last_call
+        and last_call.get("prefixKey") == key
+        and age_seconds is not None
+        and age_seconds < TTL_SECONDS.get(ttl, 300.0)
+    ):
+        read = min(int(last_call.get("cachedTokens") or 0), total)
+    return CachePlan(total, read, total - read)

@@ -1,0 +1,247 @@
+"""Finding old conversations: a case-insensitive phrase search over session titles and message text.
+
+Works on any session store through its interface (``listing`` and ``get``), so every backend gets it. The
+text of each session is kept in memory per store, lower-cased, with the summary it was read at; a session
+is read again only when its summary changed (a new message, a new title), so a search costs one listing
+and a substring scan. The first search of a process reads every session once.
+
+On the embedded store (``SessionStore``, one ``<id>.json`` file per session, replaced whole on every write)
+even the listing is skipped: a session is read again only when its file's (inode, size, mtime) changed, so
+a search costs one ``scandir`` and the substring scan (``benchmarks/search_bench.py``: 1,000 sessions).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import weakref
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..errors import SessionDamaged
+from .base import SessionStoreAPI
+from .sessions import SESSION_ID, SessionStore
+from .store_thread import read_in_thread
+
+SNIPPET = 60  # characters of context either side of a match
+
+
+@dataclass(slots=True)
+class _Entry:
+    """A session as the index keeps it: only the lower-cased text (a snippet's case comes from the session,
+    read again for the hits only), so the index costs about the sessions' text size in memory."""
+
+    stamp: tuple[Any, ...]
+    text: str  # what is searched: the title and every message's text, lower-cased
+    summary: dict[str, Any] | None = None  # the session's summary (kept for the file-stamp path)
+
+
+# One index per store object, gone with the store.
+_INDEXES: weakref.WeakKeyDictionary[Any, dict[str, _Entry]] = weakref.WeakKeyDictionary()
+_LOCKS: weakref.WeakKeyDictionary[Any, asyncio.Lock] = weakref.WeakKeyDictionary()
+
+
+def message_text(message: dict[str, Any]) -> str:
+    """The searchable text of a stored message: its content, else its text and reasoning parts."""
+    content = message.get("content")
+    if isinstance(content, str) and content:
+        return content
+    parts = message.get("parts") or ()
+    return "\n".join(str(p.get("text") or "") for p in parts if isinstance(p, dict) and p.get("type") == "text")
+
+
+def _stamp(summary: dict[str, Any]) -> tuple[Any, ...]:
+    return (summary.get("lastActivityAt"), summary.get("messageCount"), summary.get("title"))
+
+
+def _document(session: dict[str, Any]) -> str:
+    texts = [str(session.get("title") or "")]
+    texts += [message_text(m) for m in session.get("messages", ())]
+    return "\n".join(texts)
+
+
+def _snippet(lowered: str, original: str | None, at: int, length: int) -> str:
+    """The text around a hit, in the session's own case where lower-casing kept every offset."""
+    source = original if original is not None and len(original) == len(lowered) else lowered
+    start, end = max(0, at - SNIPPET), min(len(source), at + length + SNIPPET)
+    text = " ".join(source[start:end].split())
+    return ("…" if start else "") + text + ("…" if end < len(source) else "")
+
+
+def _file_stamps(directory: Path) -> dict[str, tuple[int, int, int]]:
+    """Each session file's (inode, size, mtime): a write replaces the file, which changes at least one."""
+    stamps = {}
+    try:
+        entries = os.scandir(directory)
+    except FileNotFoundError:
+        return {}
+    with entries:
+        for entry in entries:
+            name = entry.name
+            if not name.endswith(".json") or name.startswith(".") or name.endswith(".meta.json"):
+                continue  # temp files, damaged copies, legacy summary copies
+            session_id = name[: -len(".json")]
+            if not SESSION_ID.fullmatch(session_id):
+                continue
+            try:
+                st = entry.stat()
+            except FileNotFoundError:
+                continue  # deleted since listed
+            stamps[session_id] = (st.st_ino, st.st_size, st.st_mtime_ns)
+    return stamps
+
+
+def _read_changed(store: SessionStore, index: dict[str, _Entry], stamps: dict[str, tuple[int, int, int]]) -> None:
+    for session_id, stamp in stamps.items():
+        entry = index.get(session_id)
+        if entry is not None and entry.stamp == stamp:
+            continue
+        try:
+            session = store.get_sync(session_id)
+        except SessionDamaged:
+            session = None
+        if session is None:
+            index.pop(session_id, None)
+            continue
+        summary = {k: v for k, v in session.items() if k != "messages"}
+        index[session_id] = _Entry(stamp, _document(session).lower(), summary)
+    for gone in set(index) - set(stamps):
+        del index[gone]
+
+
+async def _search_files(store: SessionStore, query: str, client: str | None, limit: int) -> list[dict[str, Any]]:
+    index = _INDEXES.setdefault(store, {})
+
+    def refresh() -> None:
+        _read_changed(store, index, _file_stamps(store.dir))
+
+    # One refresh at a time: the index is changed on a worker thread while the loop may start another search.
+    lock = _LOCKS.setdefault(store, asyncio.Lock())
+    async with lock:
+        await read_in_thread(refresh)
+        search = _scan(index, query, client, limit)
+    return await read_in_thread(search.done, _reader(store.get_sync))
+
+
+def _reader(get: Callable[[str], dict[str, Any] | None]) -> Callable[[str], dict[str, Any] | None]:
+    def read(session_id: str) -> dict[str, Any] | None:
+        try:
+            return get(session_id)
+        except SessionDamaged:
+            return None
+
+    return read
+
+
+def _scan(index: dict[str, _Entry], query: str, client: str | None, limit: int) -> _Search:
+    search = _Search(index, query, client, limit)
+    entries = [e for e in index.values() if e.summary is not None]
+    entries.sort(key=lambda e: _recency(e.summary or {}), reverse=True)
+    for entry in entries:
+        summary = entry.summary or {}
+        if client is None or summary.get("client") == client:
+            search.match(summary, entry)
+        if search.full:
+            break
+    search.seen = set(index)
+    return search
+
+
+def _recency(summary: dict[str, Any]) -> tuple[str, str, str]:
+    return (summary.get("lastActivityAt") or "", summary.get("createdAt") or "", str(summary.get("id")))
+
+
+async def search_sessions(
+    store: SessionStoreAPI, query: str, *, client: str | None = None, limit: int = 50
+) -> list[dict[str, Any]]:
+    """Summaries of the sessions (of ``client`` only, when given) whose title or messages contain ``query``,
+    most recent activity first, each with ``match``: the text around the first hit."""
+    if isinstance(store, SessionStore):
+        return await _search_files(store, query, client, limit)
+    index = _INDEXES.setdefault(store, {})
+    search = _Search(index, query, client, limit)
+    for summary in (await store.listing()).sessions:  # most recent activity first
+        if search.wants(summary):
+            search.add(summary, await store.get(str(summary["id"])))
+        if search.full:
+            break
+    originals = {}
+    for session_id in search.unread():  # hits matched from the index: their text in its own case
+        originals[session_id] = await store.get(session_id)
+    return search.done(originals.get)
+
+
+def search_sessions_sync(
+    summaries: list[dict[str, Any]],
+    get: Callable[[str], dict[str, Any] | None],
+    query: str,
+    *,
+    client: str | None = None,
+    limit: int = 50,
+) -> list[dict[str, Any]]:
+    """``search_sessions`` for the CLI: the summaries listed, ``get`` reading one session."""
+    search = _Search({}, query, client, limit)
+    for summary in summaries:
+        if search.wants(summary):
+            search.add(summary, get(str(summary["id"])))
+        if search.full:
+            break
+    return search.done(get)
+
+
+class _Search:
+    """One search over summaries in order, reading a session only when the index lacks its current text."""
+
+    def __init__(self, index: dict[str, _Entry], query: str, client: str | None, limit: int) -> None:
+        self.index, self.client, self.limit = index, client, limit
+        self.needle = query.strip().lower()
+        # Hits in order: (summary, lower-cased text, offset, the original text when it was just read).
+        self.hits: list[tuple[dict[str, Any], str, int, str | None]] = []
+        self.seen: set[str] = set()
+
+    @property
+    def full(self) -> bool:
+        return len(self.hits) >= self.limit
+
+    def wants(self, summary: dict[str, Any]) -> bool:
+        """Whether ``summary``'s session must be read (else it was matched from the index already)."""
+        session_id = str(summary["id"])
+        self.seen.add(session_id)
+        if self.client is not None and summary.get("client") != self.client:
+            return False
+        entry = self.index.get(session_id)
+        if entry is not None and entry.stamp == _stamp(summary):
+            self.match(summary, entry)
+            return False
+        return True
+
+    def add(self, summary: dict[str, Any], session: dict[str, Any] | None) -> None:
+        if session is None:
+            return
+        original = _document(session)
+        entry = self.index[str(summary["id"])] = _Entry(_stamp(summary), original.lower())
+        self.match(summary, entry, original)
+
+    def match(self, summary: dict[str, Any], entry: _Entry, original: str | None = None) -> None:
+        at = entry.text.find(self.needle)
+        if at >= 0:
+            self.hits.append((summary, entry.text, at, original))
+
+    def unread(self) -> list[str]:
+        """The hits whose original text was not read by this search."""
+        return [str(summary["id"]) for summary, _, _, original in self.hits if original is None]
+
+    def done(self, get: Callable[[str], dict[str, Any] | None]) -> list[dict[str, Any]]:
+        """The results, each with its snippet (``get`` reads a hit's session for its original case)."""
+        if not self.full:
+            for gone in set(self.index) - self.seen:  # deleted sessions
+                del self.index[gone]
+        found = []
+        for summary, lowered, at, original in self.hits:
+            if original is None:
+                session = get(str(summary["id"]))
+                original = _document(session) if session is not None else None
+            found.append({**summary, "match": _snippet(lowered, original, at, len(self.needle))})
+        return found

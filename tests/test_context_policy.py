@@ -1,0 +1,230 @@
+"""The context-window policy: a long session against a model whose window is 50k tokens keeps answering under
+``compact`` and ``truncate`` and gets CONTEXT_TOO_LONG under ``refuse``; compaction on demand (WebSocket,
+REST, CLI); every summarising call is a usage record of its own (purpose ``compact``)."""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import pytest
+from aiohttp.test_utils import TestClient
+
+from agentspace.context_policy import COMPACT_PROMPT
+from agentspace.transports import state
+from tests.fakes.anthropic_upstream import error_status, prompt_blocks, text_response
+from tests.test_prompt_cache import turn_text
+from tests.test_ws import chat, connect, receive_after
+
+MODEL = "anthropic/claude-sonnet-4-5"
+WINDOW = 50_000
+TURNS = 300
+
+
+def small_window(policy: str) -> dict[str, Any]:
+    return {
+        "chat": {"context_policy": policy, "history_limit": 10_000},
+        "pricing": {MODEL: {"context_window": WINDOW}},
+    }
+
+
+async def records(client: TestClient, session_id: str) -> list[dict[str, Any]]:
+    return await client.app[state.REGISTRY].usage.arecords(session_id=session_id)
+
+
+async def long_session(client: TestClient, token: str, turns: int) -> tuple[str, list[dict[str, Any]]]:
+    """``turns`` turns of about 1 KB each; the last frame of every turn."""
+    ws = await connect(client, token)
+    session_id = ""
+    ends = []
+    for turn in range(1, turns + 1):
+        extra = {"sessionId": session_id} if session_id else {}
+        frames = await chat(ws, turn_text(turn, 1000), f"r{turn}", **extra)
+        session_id = session_id or frames[0]["sessionId"]
+        ends.append(frames[-1])
+    await ws.close()
+    return session_id, ends
+
+
+@pytest.mark.parametrize("policy", ["compact", "truncate"])
+async def test_a_long_session_keeps_answering(
+    make_client: Any, token: str, fake_anthropic: Any, policy: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fake_anthropic.caching = True  # the fake counts the real input, as the API does
+    # 1,800 durable writes are not what this test is about: the disk's flushes are skipped (as in the benchmarks).
+    monkeypatch.setattr(os, "fsync", lambda fd: None)
+    client = await make_client(small_window(policy))
+    session_id, ends = await long_session(client, token, TURNS)
+    assert all(end["type"] == "chat.stream.end" for end in ends), [e for e in ends if e["type"] != "chat.stream.end"][
+        :1
+    ]
+    window = WINDOW - 4096
+    chat_calls = [r for r in fake_anthropic.requests if r.body.get("system") != _compact_prompt()]
+    sent = [_prompt_tokens(r) for r in chat_calls]
+    assert max(sent) <= window  # no call was ever larger than the window
+    session = await client.app[state.REGISTRY].sessions.get(session_id)
+    assert session is not None and len(session["messages"]) == 2 * TURNS  # nothing deleted
+    marks = [m for m in session["messages"] if m.get("summary" if policy == "compact" else "contextCut")]
+    assert marks, "the policy never ran"
+    usage = await records(client, session_id)
+    compactions = [r for r in usage if r.get("purpose") == "compact"]
+    summarising_calls = len(fake_anthropic.requests) - len(chat_calls)
+    if policy == "compact":
+        assert len(compactions) == summarising_calls == len(marks) >= 1
+        assert all(r["inputTokens"] > 0 for r in compactions)
+        reply = await _inspect(client, token, session_id)
+        assert "summary" in [s["name"] for s in reply["sections"]]
+    else:
+        assert compactions == [] and summarising_calls == 0
+    assert len(usage) == len(fake_anthropic.requests)  # one record per provider call
+
+
+async def test_refuse_says_context_too_long_with_the_numbers(make_client: Any, token: str, fake_anthropic: Any) -> None:
+    fake_anthropic.caching = True
+    client = await make_client(small_window("refuse"))
+    ws = await connect(client, token)
+    session_id, refused = "", None
+    for turn in range(1, TURNS + 1):
+        extra = {"sessionId": session_id} if session_id else {}
+        frames = await chat(ws, turn_text(turn, 1000), f"r{turn}", **extra)
+        session_id = session_id or frames[0]["sessionId"]
+        if frames[-1]["type"] == "error":
+            refused = frames[-1]
+            break
+    assert refused is not None and refused["code"] == "CONTEXT_TOO_LONG", refused
+    assert str(WINDOW - 4096) in refused["message"] and "4096" in refused["message"]
+    calls = len(fake_anthropic.requests)
+    frames = await chat(ws, turn_text(TURNS + 1, 1000), "again", sessionId=session_id)
+    assert frames[-1]["code"] == "CONTEXT_TOO_LONG" and len(fake_anthropic.requests) == calls  # nothing sent
+    # Compacting on demand makes the session usable again.
+    reply = await receive_after(ws, {"type": "session.compact", "id": "c1", "sessionId": session_id})
+    assert reply["type"] == "session.compacted" and reply["compacted"] is True, reply
+    frames = await chat(ws, "and now?", "after", sessionId=session_id)
+    assert frames[-1]["type"] == "chat.stream.end", frames[-1]
+    await ws.close()
+
+
+async def test_compact_on_demand_over_rest_and_cli(
+    client: TestClient, token: str, auth_headers: dict[str, str], fake_anthropic: Any
+) -> None:
+    ws = await connect(client, token)
+    frames = await chat(ws, "My name is Ada and I like prime numbers.")
+    session_id = frames[0]["sessionId"]
+    await chat(ws, "What is 7 times 6?", "r2", sessionId=session_id)
+    await ws.close()
+    fake_anthropic.enqueue(text_response("Ada likes prime numbers; asked 7x6."))
+    response = await client.post(f"/api/sessions/{session_id}/compact", headers=auth_headers)
+    body = await response.json()
+    assert response.status == 200 and body["compacted"] is True and body["summarizedMessages"] == 2, body
+    request = fake_anthropic.requests[-1].body
+    assert "Ada" in json.dumps(request["messages"]) and "cache_control" not in json.dumps(request)
+    reply = await _inspect(client, token, session_id)
+    summary = next(s for s in reply["sections"] if s["name"] == "summary")
+    assert summary["byteCount"] > len("Ada likes prime numbers")
+    # The next call sends the summary in the system prompt and the latest turn only.
+    await _chat_once(client, token, session_id, "Thanks")
+    sent = fake_anthropic.requests[-1].body
+    assert "Ada likes prime numbers" in json.dumps(sent["system"])
+    assert "My name is Ada" not in json.dumps(sent["messages"])
+    assert [r.get("purpose") for r in await records(client, session_id)].count("compact") == 1
+    # Nothing to compact: one turn stays as it is.
+    response = await client.post("/api/sessions/nope/compact", headers=auth_headers)
+    assert response.status == 404
+
+
+async def test_a_failed_summary_is_billed_as_an_error_and_the_turn_says_so(
+    make_client: Any, token: str, fake_anthropic: Any
+) -> None:
+    client = await make_client(chat={"max_retries": 0})
+    ws = await connect(client, token)
+    frames = await chat(ws, "first")
+    session_id = frames[0]["sessionId"]
+    await chat(ws, "second", "r2", sessionId=session_id)
+    fake_anthropic.enqueue(error_status(529))
+    reply = await receive_after(ws, {"type": "session.compact", "id": "c", "sessionId": session_id})
+    assert reply["type"] == "error" and reply["code"] == "LLM_ERROR"
+    compactions = [r for r in await records(client, session_id) if r.get("purpose") == "compact"]
+    assert len(compactions) == 1 and compactions[0]["error"] == "LLM_ERROR" and not compactions[0]["answered"]
+    await ws.close()
+
+
+async def test_http_chat_compacts_too(
+    make_client: Any, token: str, auth_headers: dict[str, str], fake_anthropic: Any
+) -> None:
+    fake_anthropic.caching = True
+    client = await make_client({"chat": {"history_limit": 10_000}, "pricing": {MODEL: {"context_window": 8_000}}})
+    session_id = "http-long"
+    for turn in range(1, 30):
+        body = {
+            "id": session_id,
+            "messages": [
+                {"id": f"m{turn}", "role": "user", "parts": [{"type": "text", "text": turn_text(turn, 1000)}]}
+            ],
+        }
+        response = await client.post("/api/chat", json=body, headers=auth_headers)
+        text = await response.text()
+        assert response.status == 200 and '"type":"finish"' in text, text[-300:]
+    assert [r.get("purpose") for r in await records(client, session_id)].count("compact") >= 1
+
+
+def _compact_prompt() -> str:
+    return COMPACT_PROMPT
+
+
+def _prompt_tokens(request: Any) -> int:
+    return sum(tokens for _, tokens, _ in prompt_blocks(request.body))
+
+
+async def _inspect(client: TestClient, token: str, session_id: str) -> dict[str, Any]:
+    response = await client.get(f"/api/sessions/{session_id}/context", headers={"Authorization": f"Bearer {token}"})
+    assert response.status == 200
+    return await response.json()
+
+
+async def _chat_once(client: TestClient, token: str, session_id: str, text: str) -> None:
+    ws = await connect(client, token)
+    frames = await chat(ws, text, "once", sessionId=session_id)
+    assert frames[-1]["type"] == "chat.stream.end", frames[-1]
+    await ws.close()
+
+
+async def test_http_chat_refuses_with_the_numbers(
+    make_client: Any, auth_headers: dict[str, str], fake_anthropic: Any
+) -> None:
+    fake_anthropic.caching = True
+    client = await make_client(
+        {"chat": {"context_policy": "refuse", "history_limit": 10_000}, "pricing": {MODEL: {"context_window": 6_000}}}
+    )
+    texts = []
+    for turn in range(1, 20):
+        body = {
+            "id": "http-refused",
+            "messages": [
+                {"id": f"m{turn}", "role": "user", "parts": [{"type": "text", "text": turn_text(turn, 1000)}]}
+            ],
+        }
+        response = await client.post("/api/chat", json=body, headers=auth_headers)
+        texts.append(await response.text())
+        if '"type":"error"' in texts[-1]:
+            break
+    assert '"type":"error"' in texts[-1] and "takes 1904 (6000 in its window, minus 4096" in texts[-1], texts[-1][-400:]
+
+
+async def test_a_failing_summary_leaves_the_oldest_turns_out_and_the_turn_answers(
+    make_client: Any, token: str, fake_anthropic: Any
+) -> None:
+    fake_anthropic.caching = True
+    client = await make_client(
+        {
+            "chat": {"history_limit": 10_000, "compact_model": "nowhere/summariser"},
+            "pricing": {MODEL: {"context_window": 8_000}},
+        }
+    )
+    session_id, ends = await long_session(client, token, 25)
+    assert all(end["type"] == "chat.stream.end" for end in ends)
+    assert max(_prompt_tokens(r) for r in fake_anthropic.requests) <= 8_000 - 4096
+    session = await client.app[state.REGISTRY].sessions.get(session_id)
+    cuts = [m["contextCut"] for m in session["messages"] if m.get("contextCut")]
+    assert cuts and all(c["compactError"] == "MODEL_NOT_FOUND" for c in cuts)
+    assert not any(m.get("summary") for m in session["messages"])

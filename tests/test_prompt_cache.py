@@ -1,0 +1,223 @@
+"""Automatic prompt caching of gateway-kept sessions, measured against the fake Anthropic upstream's prompt
+cache (tests/fakes/anthropic_upstream.py, ``caching=True``), and the inspector's prediction of it."""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import json
+import random
+from typing import Any
+
+from aiohttp.test_utils import TestClient
+
+from agentspace.pricing import model_info
+from agentspace.transports import state
+from agentspace.types import ChatMessage, TextPart
+from tests.fakes.anthropic_upstream import text_response, tool_use_response
+from tests.fakes.openai_upstream import stream_response, text_deltas
+from tests.fakes.openai_upstream import text_response as openai_text
+from tests.fakes.openai_upstream import usage as openai_usage
+from tests.test_litellm_provider import collect, make_request
+from tests.test_ws import chat, connect, receive_after
+from tests.tool_plugins import WeatherTools
+
+MODEL = "anthropic/claude-sonnet-4-5"
+WORDS = "the quick brown fox jumps over a lazy dog while seven wizards quietly hex bold jumbo plans".split()
+
+
+def turn_text(turn: int, size: int = 10_000) -> str:
+    """About ``size`` bytes of prose, different for every turn."""
+    rng = random.Random(turn)
+    words: list[str] = [f"Turn {turn}:"]
+    length = len(words[0])
+    while length < size:
+        words.append(rng.choice(WORDS) + ("." if rng.random() < 0.08 else ""))
+        length += len(words[-1]) + 1
+    return " ".join(words)
+
+
+def breakpoints(body: dict[str, Any]) -> int:
+    count = sum(1 for t in body.get("tools") or [] if "cache_control" in t)
+    system = body.get("system")
+    if isinstance(system, list):
+        count += sum(1 for b in system if "cache_control" in b)
+    for m in body["messages"]:
+        if isinstance(m["content"], list):
+            count += sum(1 for b in m["content"] if "cache_control" in b)
+    return count
+
+
+async def test_twenty_turns_read_what_the_last_wrote(client: TestClient, token: str, fake_anthropic: Any) -> None:
+    fake_anthropic.caching = True
+    info = model_info(_config(client), MODEL)
+    ws = await connect(client, token)
+    session_id: str | None = None
+    billed: list[float] = []
+    uncached: list[float] = []
+    for turn in range(1, 21):
+        text = turn_text(turn)
+        predicted = None
+        if session_id is not None:
+            frame = {"type": "context.inspect", "id": f"i{turn}", "sessionId": session_id, "userMessage": text}
+            reply = await receive_after(ws, frame)
+            predicted = reply["totals"]
+            names = {s["name"]: s for s in reply["sections"]}
+            assert names["history"]["cache"] in ("read", "read+write")
+            assert names["user_message"]["cache"] == "write"
+            assert predicted["promptCache"] == "auto"
+        extra = {"sessionId": session_id} if session_id else {}
+        frames = await chat(ws, text, f"r{turn}", **extra)
+        end = frames[-1]
+        assert end["type"] == "chat.stream.end", end
+        session_id = frames[0]["sessionId"]
+        usage = end["usage"]
+        prompt = usage["inputTokens"] + usage["cacheReadTokens"] + usage["cacheWriteTokens"]
+        billed_input = usage["inputCost"]
+        billed.append(billed_input)
+        uncached.append(prompt * info.input_per_mtok / 1_000_000)
+        if turn > 1:
+            assert usage["cacheReadTokens"] > 0, usage  # read what the previous turn wrote
+            assert predicted is not None
+            print(turn, "prediction error", abs(predicted["costWithCache"] - billed_input) / billed_input)
+            assert abs(predicted["costWithCache"] - billed_input) <= 0.05 * billed_input, (turn, predicted, usage)
+            assert abs(predicted["costWithoutCache"] - uncached[-1]) <= 0.05 * uncached[-1]
+    body = fake_anthropic.requests[-1].body
+    assert 1 <= breakpoints(body) <= 4
+    print("cached/uncached input cost, turns 2-20:", sum(billed[1:]) / sum(uncached[1:]))
+    assert sum(billed[1:]) <= 0.25 * sum(uncached[1:]), (sum(billed[1:]), sum(uncached[1:]))
+    await ws.close()
+
+
+def _config(client: TestClient) -> Any:
+    return client.app[state.REGISTRY].config
+
+
+async def test_off_sends_no_breakpoints_and_the_inspector_says_so(
+    make_client: Any, token: str, fake_anthropic: Any
+) -> None:
+    fake_anthropic.caching = True
+    client = await make_client(chat={"prompt_cache": "off"})
+    ws = await connect(client, token)
+    frames = await chat(ws, turn_text(1))
+    session_id = frames[0]["sessionId"]
+    frames = await chat(ws, turn_text(2), "r2", sessionId=session_id)
+    assert frames[-1]["usage"]["cacheReadTokens"] == 0
+    assert all(breakpoints(r.body) == 0 for r in fake_anthropic.requests)
+    reply = await receive_after(ws, {"type": "context.inspect", "id": "i", "sessionId": session_id})
+    totals = reply["totals"]
+    assert totals["promptCache"] == "off" and totals["cacheReadTokens"] == totals["cacheWriteTokens"] == 0
+    assert totals["costWithCache"] == totals["costWithoutCache"]
+    await ws.close()
+
+
+async def test_one_hour_writes_are_priced_as_such_and_expire(make_client: Any, token: str, fake_anthropic: Any) -> None:
+    fake_anthropic.caching = True
+    client = await make_client(chat={"prompt_cache_ttl": "1h"})
+    info = model_info(_config(client), MODEL)
+    assert info.cache_write_1h_per_mtok == 2 * info.input_per_mtok  # the cost map's one-hour price
+    ws = await connect(client, token)
+    frames = await chat(ws, turn_text(1))
+    session_id = frames[0]["sessionId"]
+    body = fake_anthropic.requests[0].body
+    ttls = {b["cache_control"]["ttl"] for m in body["messages"] for b in m["content"] if "cache_control" in b}
+    assert ttls == {"1h"}
+    usage = frames[-1]["usage"]
+    expected = (usage["inputTokens"] * info.input_per_mtok + usage["cacheWriteTokens"] * 2 * info.input_per_mtok) / 1e6
+    assert usage["cacheWriteTokens"] > 0 and abs(usage["inputCost"] - expected) < 1e-9
+    frame = {"type": "context.inspect", "id": "i", "sessionId": session_id, "userMessage": turn_text(2)}
+    predicted = (await receive_after(ws, frame))["totals"]["costWithCache"]
+    billed = (await chat(ws, turn_text(2), "r2", sessionId=session_id))[-1]["usage"]["inputCost"]
+    assert abs(predicted - billed) <= 0.05 * billed, (predicted, billed)
+    fake_anthropic.advance(3601)  # the fake's cache expires; the next call writes it again
+    usage = (await chat(ws, turn_text(3), "r3", sessionId=session_id))[-1]["usage"]
+    assert usage["cacheReadTokens"] == 0 and usage["cacheWriteTokens"] > 0
+    await ws.close()
+
+
+async def test_tool_loop_steps_read_the_previous_step(
+    make_client: Any, token: str, fake_anthropic: Any, plugin_manager: Any
+) -> None:
+    fake_anthropic.caching = True
+    plugin_manager.register(WeatherTools())
+    client = await make_client(pm=plugin_manager)
+    ws = await connect(client, token)
+    fake_anthropic.enqueue(tool_use_response("get_weather", {"city": "Paris"}), text_response("Sunny."))
+    frames = await chat(ws, turn_text(1))
+    assert frames[-1]["type"] == "chat.stream.end", frames[-1]
+    first, second = fake_anthropic.requests[-2:]
+    assert "cache_control" in first.body["tools"][-1]
+    assert breakpoints(second.body) <= 4
+    usage = frames[-1]["usage"]  # both steps' usage: the second read what the first wrote
+    assert usage["cacheReadTokens"] > 0 and usage["cacheWriteTokens"] > 0
+    await ws.close()
+
+
+async def test_v1_requests_are_never_changed(client: TestClient, token: str, fake_anthropic: Any) -> None:
+    body = {"model": "claude-sonnet-4-5", "max_tokens": 50, "messages": [{"role": "user", "content": turn_text(1)}]}
+    response = await client.post("/v1/messages", json=body, headers={"Authorization": f"Bearer {token}"})
+    assert response.status == 200, await response.text()
+    assert breakpoints(fake_anthropic.requests[-1].body) == 0
+
+
+async def test_claude_behind_litellm_gets_the_marks_and_openai_does_not(fake_openai: Any) -> None:
+    history = [
+        ChatMessage.user("first question"),
+        ChatMessage("assistant", [TextPart("first answer")]),
+        ChatMessage.user("second question"),
+    ]
+    fake_openai.enqueue(stream_response(text_deltas("ok")), stream_response(text_deltas("ok")))
+    claude = make_request(fake_openai, history, cache_ttl="5m")
+    claude.model = "openrouter/anthropic/claude-sonnet-4.5"
+    await collect(claude)
+    sent = fake_openai.requests[-1].body["messages"]
+    marked = [i for i, m in enumerate(sent) if isinstance(m["content"], list) and "cache_control" in m["content"][-1]]
+    assert marked == [0, 1, 3]  # system, the previous call's last message, the newest message
+    await collect(make_request(fake_openai, history, cache_ttl="5m"))  # gpt-4o-mini caches on its own
+    assert "cache_control" not in json.dumps(fake_openai.requests[-1].body)
+
+
+async def test_http_chat_turns_read_the_cache_and_the_rest_inspector_predicts(
+    client: TestClient, auth_headers: dict[str, str], fake_anthropic: Any
+) -> None:
+    fake_anthropic.caching = True
+    session_id = "http-cached"
+    billed = []
+    for turn in (1, 2, 3):
+        text = turn_text(turn)
+        if turn > 1:
+            # POST: a 10 KB draft does not fit in a URL
+            response = await client.post(
+                f"/api/sessions/{session_id}/context", json={"userMessage": text}, headers=auth_headers
+            )
+            predicted = (await response.json())["totals"]["costWithCache"]
+        message = {"id": f"m{turn}", "role": "user", "parts": [{"type": "text", "text": text}]}
+        response = await client.post("/api/chat", json={"id": session_id, "messages": [message]}, headers=auth_headers)
+        assert response.status == 200 and (await response.text()).endswith("data: [DONE]\n\n")
+        session = (await (await client.get(f"/api/sessions/{session_id}", headers=auth_headers)).json())["session"]
+        usage = session["messages"][-1]["usage"]
+        billed.append(usage["inputCost"])
+        if turn > 1:
+            assert usage["cacheReadTokens"] > 0
+            assert abs(predicted - usage["inputCost"]) <= 0.05 * usage["inputCost"]
+
+
+async def test_openai_caches_on_its_own_and_the_inspector_says_so(
+    make_client: Any, token: str, fake_openai: Any, monkeypatch: Any
+) -> None:
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-openai-test")
+    await asyncio.to_thread(importlib.import_module, "litellm")  # not inside a chat's receive timeout
+    client = await make_client(providers={"openai": {"base_url": fake_openai.url}})
+    fake_openai.enqueue(openai_text("Sure.", usage=openai_usage(3000, 5)))
+    ws = await connect(client, token)
+    frames = await chat(ws, turn_text(1), model="openai/gpt-4o-mini")
+    assert frames[-1]["type"] == "chat.stream.end", frames[-1]
+    assert "cache_control" not in json.dumps(fake_openai.requests[-1].body)
+    reply = await receive_after(ws, {"type": "context.inspect", "id": "i", "sessionId": frames[0]["sessionId"]})
+    totals = reply["totals"]
+    session = await client.app[state.REGISTRY].sessions.get(frames[0]["sessionId"])
+    print("LASTCALL", session["messages"][-1].get("lastCall"), session["messages"][-1].get("completedAt"))
+    assert totals["promptCache"] == "provider"
+    assert (totals["cacheReadTokens"], totals["cacheWriteTokens"]) == (2944, 0)  # 3,000 in blocks of 128
+    assert totals["costWithCache"] < totals["costWithoutCache"]
+    await ws.close()

@@ -1,0 +1,94 @@
+"""Sessions that last, in the web app (Chromium through Playwright against a real ``agentspace serve``, the
+fixtures of tests/test_web_app.py): the context bar's prompt-cache line and marks, the Compact button, the
+export downloads and the sidebar's search box."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from tests.fakes.anthropic_upstream import text_response
+from tests.test_prompt_cache import turn_text
+from tests.test_web_app import Gateway, Page, browser, expect, gateway, new_chat, send, session_id, web
+
+__all__ = ["browser", "gateway", "web"]  # the module's fixtures, as tests/test_web_app.py defines them
+
+
+def done_answers(page: object, n: int) -> None:
+    expect(page.locator("li.message.assistant[data-state=done] .meta")).to_have_count(n)  # type: ignore[attr-defined]
+
+
+def test_context_bar_shows_the_cache_and_compact_summarises(web: Page, gateway: Gateway) -> None:
+    gateway.fake.fake.caching = True
+    try:
+        page = web.sign_in()
+        new_chat(page)
+        gateway.fake.enqueue(text_response("First answer."), text_response("Second answer."))
+        send(page, turn_text(1, 6000))
+        done_answers(page, 1)
+        send(page, turn_text(2, 6000))
+        done_answers(page, 2)
+        sid = session_id(page)
+        line = page.locator("#cache-line")
+        expect(line).to_contain_text("Prompt cache:")
+        expect(line).to_contain_text("with the cache")
+        inspection = gateway.get(f"/api/sessions/{sid}/context?model=anthropic/claude-sonnet-4-5")
+        history = next(s for s in inspection["sections"] if s["name"] == "history")
+        assert history["cache"] in ("read", "read+write")
+        expect(page.locator("#context .seg[data-section=history]")).to_have_attribute("data-cache", history["cache"])
+        assert f"{inspection['totals']['cacheReadTokens']:,} tokens read" in line.inner_text()
+
+        gateway.fake.enqueue(text_response("The user sent two long passages of prose."))
+        page.get_by_role("button", name="Compact").click()
+        expect(page.locator("#notice")).to_have_text("Compacted: 2 messages summarised.")
+        expect(page.locator("#context .seg[data-section=summary]")).to_have_count(1)
+        stored = gateway.get(f"/api/sessions/{sid}")["session"]["messages"]
+        assert stored[1]["summary"]["text"] == "The user sent two long passages of prose."
+    finally:
+        gateway.fake.fake.caching = False
+
+
+def test_export_downloads_markdown_and_json(web: Page, gateway: Gateway, tmp_path: Path) -> None:
+    page = web.sign_in()
+    new_chat(page)
+    gateway.fake.enqueue(text_response("Exported answer."))
+    send(page, "Please export me")
+    done_answers(page, 1)
+    sid = session_id(page)
+    with page.expect_download() as info:
+        page.get_by_role("button", name="Export Markdown").click()
+    download = info.value
+    assert download.suggested_filename == f"{sid}.md"
+    path = tmp_path / "chat.md"
+    download.save_as(path)
+    text = path.read_text(encoding="utf-8")
+    assert text.startswith("# Please export me") and "Exported answer." in text
+    with page.expect_download() as info:
+        page.get_by_role("button", name="Export JSON").click()
+    info.value.save_as(tmp_path / "chat.json")
+    assert json.loads((tmp_path / "chat.json").read_text())["session"]["id"] == sid
+
+
+def test_sidebar_search_finds_message_text(web: Page, gateway: Gateway) -> None:
+    page = web.sign_in()
+    new_chat(page)
+    gateway.fake.enqueue(text_response("Noted."))
+    send(page, "The pelican ledger balances on Tuesdays")
+    done_answers(page, 1)
+    sid = session_id(page)
+    new_chat(page)
+    gateway.fake.enqueue(text_response("Sure."))
+    send(page, "Something else entirely")
+    done_answers(page, 1)
+    search = page.get_by_label("Search chats")
+    search.fill("PELICAN LEDGER")
+    expect(page.locator("#sessions li")).to_have_count(1)
+    found = page.locator("#sessions li.found")
+    expect(found).to_have_attribute("data-session", sid)
+    expect(found.locator(".match")).to_contain_text("pelican ledger balances")
+    search.fill("no chat says this")
+    expect(page.locator("#sessions li")).to_have_text("No chat contains “no chat says this”.")
+    search.fill("")
+    expect(page.locator("#sessions li.muted")).to_have_count(0)  # the whole list is back
+    expect(page.locator("#sessions li.found")).to_have_count(0)
+    assert page.locator("#sessions li").count() >= 2
