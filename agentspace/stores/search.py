@@ -5,8 +5,9 @@ text of each session is kept in memory per store, lower-cased, with the summary 
 is read again only when its summary changed (a new message, a new title), so a search costs one listing
 and a substring scan. The first search of a process reads every session once.
 
-On the embedded store (``SessionStore``, one ``<id>.json`` file per session, replaced whole on every write)
-even the listing is skipped: a session is read again only when its file's (inode, size, mtime) changed, so
+On the embedded store (``SessionStore``, one ``<id>.jsonl`` log per session, appended on every write; an
+``<id>.json`` of an earlier version until its first change) even the listing is skipped: a session is read
+again only when its file's (inode, size, mtime) changed, so
 a search costs one ``scandir`` and the substring scan (``benchmarks/search_bench.py``: 1,000 sessions).
 """
 
@@ -71,8 +72,9 @@ def _snippet(lowered: str, original: str | None, at: int, length: int) -> str:
 
 
 def _file_stamps(directory: Path) -> dict[str, tuple[int, int, int]]:
-    """Each session file's (inode, size, mtime): a write replaces the file, which changes at least one."""
-    stamps = {}
+    """Each session file's (inode, size, mtime): a write appends to the log (or replaces an earlier version's
+    file), which changes at least one."""
+    stamps: dict[str, tuple[int, int, int]] = {}
     try:
         entries = os.scandir(directory)
     except FileNotFoundError:
@@ -80,16 +82,24 @@ def _file_stamps(directory: Path) -> dict[str, tuple[int, int, int]]:
     with entries:
         for entry in entries:
             name = entry.name
-            if not name.endswith(".json") or name.startswith(".") or name.endswith(".meta.json"):
-                continue  # temp files, damaged copies, legacy summary copies
-            session_id = name[: -len(".json")]
+            if name.startswith(".") or name.endswith(".meta.json"):
+                continue  # temp files, legacy summary copies
+            if name.endswith(".jsonl"):
+                session_id = name[: -len(".jsonl")]
+            elif name.endswith(".json"):
+                session_id = name[: -len(".json")]  # an earlier version's file, until its first change
+            else:
+                continue  # damaged copies and the like
             if not SESSION_ID.fullmatch(session_id):
                 continue
             try:
                 st = entry.stat()
             except FileNotFoundError:
                 continue  # deleted since listed
-            stamps[session_id] = (st.st_ino, st.st_size, st.st_mtime_ns)
+            stamp = (st.st_ino, st.st_size, st.st_mtime_ns)
+            # Both files exist only between a conversion's write and its removal of the old one: either
+            # changes the stamp, so the session is read again.
+            stamps[session_id] = max(stamps.get(session_id, stamp), stamp)
     return stamps
 
 
