@@ -26,6 +26,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from .calls import ProviderCall, request_ceiling
 from .context import AssembledContext, assemble, estimate_input_tokens
 from .errors import ApiError, StorageError
 from .events import (
@@ -44,9 +45,7 @@ from .events import (
     ToolResultEvent,
     UsageReport,
 )
-from .limits import Reservation
 from .logs import redact
-from .meter import usage_record
 from .observe import CallInfo, TurnInfo, notify
 from .providers.base import ProviderRequest, ThinkingSettings, lacks_key
 from .registry import ModelNotFound, Registry
@@ -103,6 +102,8 @@ class ChatRequest:
     import_messages: list[dict[str, Any]] = field(default_factory=list)
     # The client's own id for the user message (AI SDK clients have one), else one is made.
     user_message_id: str | None = None
+    # The SHA-256 of the client key the caller authenticated with: each step checks it is still the key.
+    credential: str | None = None
 
 
 async def start_turn(gw: Registry, request: ChatRequest) -> Turn:
@@ -150,6 +151,7 @@ async def start_turn(gw: Registry, request: ChatRequest) -> Turn:
         "createdAt": now_iso(),
     }
     turn = Turn(gw, session_id, model, request.client, created, user_message["id"], request.endpoint)
+    turn.credential = request.credential
     gw.active[session_id] = turn
     if gw.cluster is not None:  # and across replicas (SPEC 13)
         await _claim_across_replicas(gw, turn)
@@ -213,21 +215,9 @@ async def _has_usable_key(gw: Registry, model: str) -> bool:
 
 async def _record_refusal(gw: Registry, model: str, request: ChatRequest, code: str) -> None:
     """The one usage record of a call refused before reaching the upstream: an error, never a request."""
-    await gw.record_usage(
-        usage_record(
-            gw,
-            model=model,
-            usage=TokenUsage(),
-            latency_ms=0.0,
-            finish_reason="error",
-            session_id=request.session_id,
-            client=request.client,
-            endpoint=request.endpoint,
-            error=code,
-            answered=False,
-            attempts=0,
-        )
-    )
+    call = ProviderCall(gw, model, session_id=request.session_id, client=request.client, endpoint=request.endpoint)
+    call.attempts = 0
+    await call.record(TokenUsage(), "error", error=code, answered=False)
 
 
 def retry_delay(error: ProviderError, attempt: int) -> float | None:
@@ -262,7 +252,8 @@ class _Step:
     reported: TokenUsage | None = None
     output_at_report: int = 0
     call: CallInfo | None = None  # the call as the observation hooks see it, started with its first attempt
-    reservation: Reservation | None = None  # the budget held for this step's call (limits.Guard)
+    # The step's provider call (calls.py): admitted, reserved and written ahead before its first attempt.
+    provider_call: ProviderCall | None = None
 
     def output_size(self) -> int:
         return len(self.text) + len(self.reasoning) + len(self.tool_calls)
@@ -308,7 +299,8 @@ class Turn:
         self._storage_problem = storage_problem(None)  # what failed, for the client (the last failure's store)
         self.info = TurnInfo(self.message_id, session_id, model, client, endpoint)  # for the observation hooks
         self._ended: tuple[str, str | None] = ("aborted", None)  # finish reason and error code, for turn_finished
-        self._held: Reservation | None = None  # the budget reservation of the step running now
+        self._held: ProviderCall | None = None  # the provider call of the step running now
+        self.credential: str | None = None  # the client key's SHA-256, checked again before each step
 
     # --- publish / subscribe ---------------------------------------------------------------------
 
@@ -376,18 +368,6 @@ class Turn:
             max_steps = int(self.gw.config["chat"]["max_steps"])
             seen_sources: set[str] = set()
             for step in range(max_steps):
-                try:  # the client's checks before each step: allowlist, rate limits, budget
-                    reservation = await self.gw.guard.admit(
-                        self.client,
-                        self.model,
-                        input_tokens=lambda: estimate_input_tokens(ctx),
-                        max_tokens=int(self.gw.config["chat"]["max_tokens"]),
-                    )
-                except ApiError as e:
-                    finish_reason, error = "error", (e.code, e.message)
-                    break
-                self._held = reservation
-                self._publish(StepStart(step))
                 call_started = time.monotonic()
                 call = CallInfo(
                     self.model,
@@ -400,7 +380,26 @@ class Turn:
                     messages=list(ctx.messages),
                     started=call_started,
                 )
-                state = _Step(call=call, reservation=reservation)
+                provider_call = ProviderCall(
+                    self.gw,
+                    self.model,
+                    session_id=self.session_id,
+                    client=self.client,
+                    endpoint=self.endpoint,
+                    credential=self.credential,
+                    call=call,
+                )
+                try:  # each step's checks at the moment of its call, its reservation, its pending entry
+                    input_tokens = estimate_input_tokens(ctx)
+                    await provider_call.admit(
+                        request_ceiling(self._request(ctx, self.model), input_tokens), input_tokens=input_tokens
+                    )
+                except ApiError as e:
+                    finish_reason, error = "error", (e.code, e.message)
+                    break
+                self._held = provider_call
+                self._publish(StepStart(step))
+                state = _Step(call=call, provider_call=provider_call)
                 try:
                     finish, answered_by = await self._call_with_fallbacks(ctx, state, seen_sources)
                 except (ProviderError, _Stopped) as e:
@@ -425,7 +424,7 @@ class Turn:
                     call.answer = "".join(state.text)
                     if state.attempts:  # no record for a call never made (stopped before it)
                         await self._record(answered_by, usage, call_started, reason, state, error and error[0], call)
-                    await self.gw.guard.release(state.reservation)
+                    await provider_call.release()
                     finish_reason = reason
                     break
                 if ttft_ms is None and state.delivered:
@@ -451,7 +450,8 @@ class Turn:
             log.exception("turn in session %s failed", self.session_id)
             finish_reason, error = "error", ("LLM_ERROR", "The gateway failed while answering; see the server log.")
         finally:
-            await self.gw.guard.release(self._held)  # a step that made no record gives its reservation back
+            if self._held is not None:  # a step that made no record gives its reservation back
+                await self._held.release()
         aborted = finish_reason == "aborted" or self._stop_reason == "shutdown"
         try:
             await self._store(
@@ -528,24 +528,7 @@ class Turn:
         if state.attempts == 1:  # a call stopped before its first attempt is no call: no hooks, no record
             notify(gw.pm.hook.provider_call_started, call=state.call)
         state.answered, state.reported, state.output_at_report = False, None, 0
-        info = gw.model_info(model)
-        prefix = model.split("/", 1)[0]
-        settings = gw.config.provider_settings(prefix)
-        thinking = None
-        if gw.config["thinking"]["enabled"]:  # the provider applies it only where the model supports it
-            thinking = ThinkingSettings(int(gw.config["thinking"]["budget_tokens"]), info.adaptive_thinking_only)
-        request = ProviderRequest(
-            model=model,
-            system=ctx.system,
-            messages=ctx.messages,
-            model_info=info,
-            max_tokens=int(gw.config["chat"]["max_tokens"]),
-            tools=ctx.tools,
-            thinking=thinking,
-            api_key=resolve_key(gw.config, prefix),
-            base_url=settings["base_url"],
-            options=settings,
-        )
+        request = self._request(ctx, model)
         self._step_task = asyncio.create_task(self._consume(provider.stream(request), state, seen_sources))
         stop_watching = self._watch_idle(state)
         try:
@@ -558,19 +541,47 @@ class Turn:
             stop_watching()
             self._step_task = None
 
+    def _request(self, ctx: AssembledContext, model: str) -> ProviderRequest:
+        """The request of one call to ``model``, as its provider gets it (and as its reservation counts it)."""
+        gw = self.gw
+        info = gw.model_info(model)
+        prefix = model.split("/", 1)[0]
+        settings = gw.config.provider_settings(prefix)
+        thinking = None
+        if gw.config["thinking"]["enabled"]:  # the provider applies it only where the model supports it
+            thinking = ThinkingSettings(int(gw.config["thinking"]["budget_tokens"]), info.adaptive_thinking_only)
+        return ProviderRequest(
+            model=model,
+            system=ctx.system,
+            messages=ctx.messages,
+            model_info=info,
+            max_tokens=int(gw.config["chat"]["max_tokens"]),
+            tools=ctx.tools,
+            thinking=thinking,
+            api_key=resolve_key(gw.config, prefix),
+            base_url=settings["base_url"],
+            options=settings,
+        )
+
     async def _consume(self, events: AsyncIterator[Any], state: _Step, seen_sources: set[str]) -> ProviderFinish:
         publish = self._publish
+        ledger = state.provider_call
+        assert ledger is not None
         state.last_event = time.monotonic()
         try:
             async for event in events:
                 now = time.monotonic()
                 state.last_event = now
-                state.answered = True
+                if not state.answered:
+                    state.answered = True
+                    ledger.answered()
                 kind = type(event)
                 if kind is TextDelta:
                     state.text.append(event.text)
+                    ledger.relayed(event.text)
                 elif kind is ReasoningDelta:
                     state.reasoning.append(event.text)
+                    ledger.relayed(event.text)
                 elif kind is SourceEvent:
                     if event.url in seen_sources:
                         continue
@@ -580,6 +591,7 @@ class Turn:
                     state.tool_calls.append(ToolCallPart(event.tool_call_id, event.name, event.input))
                 elif kind is UsageReport:
                     state.reported, state.output_at_report = event.usage, state.output_size()
+                    ledger.note(event.usage)
                     continue
                 elif kind is ProviderFinish:
                     event.message.parts.extend(p for p in state.parts if p not in event.message.parts)
@@ -676,25 +688,21 @@ class Turn:
     ) -> None:
         """The call's one usage record, durable in every sink before the turn goes on; a sink whose write
         failed keeps it for a retry (``gw.pending``), and the turn ends with STORAGE_ERROR."""
-        record = usage_record(
-            self.gw,
-            model=model,
-            usage=usage,
-            latency_ms=(time.monotonic() - started) * 1000,
-            finish_reason=finish_reason,
-            session_id=self.session_id,
-            client=self.client,
-            endpoint=self.endpoint,
+        provider_call = state.provider_call
+        assert provider_call is not None
+        provider_call.attempts = state.attempts
+        provider_call.started = started
+        await provider_call.record(
+            usage,
+            finish_reason,
             error=error,
             answered=state.answered,
-            attempts=state.attempts,
+            model=model,
             ttft_ms=(state.first_at - started) * 1000 if state.delivered else None,
         )
-        notify(self.gw.pm.hook.provider_call_finished, call=call, record=record)
-        failure = await self.gw.record_usage(record, state.reservation)
-        if failure is not None:
+        if provider_call.failure is not None:
             self._storage_failed = True
-            self._storage_problem = storage_problem(failure)
+            self._storage_problem = storage_problem(provider_call.failure)
 
     async def _store(
         self,

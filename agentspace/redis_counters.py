@@ -92,7 +92,8 @@ for _, amount in ipairs(redis.call('HVALS', KEYS[2])) do reserved = reserved + t
 return {redis.call('GET', KEYS[1]), tostring(reserved)}
 """
 
-# KEYS: spend, res, resexp; ARGV: budget, amount, reservation id, reservation ttl s.
+# KEYS: spend, res, resexp; ARGV: budget, amount, reservation id, reservation ttl s. Admits when spend +
+# reservations + amount fit the budget.
 # Returns {admitted 1/0, spend, reserved} or {-1} when the spend is not loaded.
 _RESERVE = (
     _STATE.replace("return {redis.call('GET', KEYS[1]), tostring(reserved)}", "")
@@ -100,7 +101,7 @@ _RESERVE = (
 local spend = redis.call('GET', KEYS[1])
 if not spend then return {-1} end
 spend = tonumber(spend)
-if spend + reserved >= tonumber(ARGV[1]) then return {0, tostring(spend), tostring(reserved)} end
+if spend + reserved + tonumber(ARGV[2]) > tonumber(ARGV[1]) * (1 + 1e-9) then return {0, tostring(spend), tostring(reserved)} end
 redis.call('HSET', KEYS[2], ARGV[3], ARGV[2])
 redis.call('ZADD', KEYS[3], now + tonumber(ARGV[4]), ARGV[3])
 redis.call('EXPIRE', KEYS[2], tonumber(ARGV[4]))

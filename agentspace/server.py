@@ -45,6 +45,15 @@ async def healthz(request: web.Request) -> web.Response:
     return web.json_response({"status": "ok"})
 
 
+async def recover_calls(gw: Registry) -> None:
+    from .calls import recovered_record
+    from .stores.ledger import recover
+
+    recovered = await recover(gw, recovered_record)
+    if recovered:
+        log.warning("posted %d usage records of calls a stopped process left unfinished (recovered: true)", recovered)
+
+
 def create_app(config: Config, pm: pluggy.PluginManager | None = None) -> web.Application:
     pm = pm or get_plugin_manager()
     app = web.Application(
@@ -84,6 +93,8 @@ def _gateway_context(config: Config, pm: pluggy.PluginManager) -> Callable[[web.
             app[security.TOKEN_FILE].current()  # create the token on first start
             await storage.start()
             gw = Registry.create(config, pm, storage)
+            gw.guard.shutting_down = app[state.SHUTTING_DOWN]  # no provider call is admitted once it is set
+            await recover_calls(gw)  # what a process that died mid-call left pending (docs/accounting.md)
             await _join_cluster(gw)
             check_default_model(gw)  # before anything binds: runs in runner.setup(), the site starts after
             app[state.REGISTRY] = gw

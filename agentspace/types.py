@@ -207,6 +207,9 @@ class UsageRecord:
     endpoint: str | None = None
     # Milliseconds from the call's start to its first streamed output; None when nothing was streamed.
     ttft_ms: float | None = None
+    # Posted after a restart from what the ledger had noted of a call its process did not finish
+    # (docs/accounting.md): the reported usage kept, the rest estimated (``estimatedFields``).
+    recovered: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         u = self.usage
@@ -236,6 +239,7 @@ class UsageRecord:
             "attempts": self.attempts,
             "endpoint": self.endpoint,
             "ttftMs": None if self.ttft_ms is None else round(self.ttft_ms, 3),
+            "recovered": self.recovered,
         }
 
 
