@@ -256,8 +256,10 @@ class Guard:
         key, start, _ = self._period(client)
         return await self.counters.spend(client.name, key, self._loader(client, start))
 
-    async def precheck(self, caller: str, model: str) -> None:
-        """The checks a request must pass before it is taken (stored, streamed); reserves nothing."""
+    async def precheck(self, caller: str, model: str, least_cost: float = 0.0) -> None:
+        """The checks a request must pass before it is taken (stored, streamed); reserves nothing.
+        ``least_cost``: what its first call will reserve at least (its output ceiling), so that a turn that
+        cannot be admitted is refused before anything is stored."""
         client = await self.client(caller)
         if client is None:
             return
@@ -270,6 +272,8 @@ class Guard:
             spent = await self.counters.spend(client.name, key, self._loader(client, start))
             if spent >= client.budget_usd:
                 raise self._over_budget(client, spent, end)
+            if least_cost and spent + least_cost > client.budget_usd * (1 + 1e-9):
+                raise self._over_budget(client, spent, end, least_cost)
 
     async def admit(
         self,

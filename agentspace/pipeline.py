@@ -26,7 +26,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from .calls import ProviderCall, request_ceiling
+from .calls import ProviderCall, ceiling_cost, request_ceiling
 from .context import AssembledContext, assemble, estimate_input_tokens
 from .errors import ApiError, StorageError
 from .events import (
@@ -128,7 +128,8 @@ async def start_turn(gw: Registry, request: ChatRequest) -> Turn:
         gw.provider_for(model)
     except ModelNotFound as e:
         raise ApiError("MODEL_NOT_FOUND", str(e)) from None
-    await gw.guard.precheck(request.client, model)  # allowlist, rate limits, budget: before anything is stored
+    # Allowlist, rate limits, budget (room for the first call's output at least): before anything is stored.
+    await gw.guard.precheck(request.client, model, least_output_cost(gw, model))
     if not await _has_usable_key(gw, model):
         await _record_refusal(gw, model, request, "NO_API_KEY")
         raise ApiError("NO_API_KEY", missing_key_message(model.split("/", 1)[0], gw.config))
@@ -183,6 +184,19 @@ async def start_turn(gw: Registry, request: ChatRequest) -> Turn:
     if gw.cluster is not None:
         gw.cluster.publish(turn)  # resumable and abortable from any replica; releases the lock at the end
     return turn
+
+
+def least_output_cost(gw: Registry, model: str) -> float:
+    """What a turn's first call reserves at least: the output it asks for, thinking included, priced."""
+    settings = gw.config.provider_settings(model.split("/", 1)[0])
+    thinking = None
+    info = gw.model_info(model)
+    if gw.config["thinking"]["enabled"]:
+        thinking = ThinkingSettings(int(gw.config["thinking"]["budget_tokens"]), info.adaptive_thinking_only)
+    request = ProviderRequest(
+        model, "", [], info, int(gw.config["chat"]["max_tokens"]), thinking=thinking, options=settings
+    )
+    return ceiling_cost(gw, model, request_ceiling(request, 0))
 
 
 async def _claim_across_replicas(gw: Registry, turn: Turn) -> None:

@@ -443,8 +443,8 @@ async def test_concurrent_calls_overshoot_a_budget_by_at_most_one_call(
     assert (await message(client, key)).content
     spent_before = await spend_of(client, "alice")
     one = reservation_of(client)
-    # Nearly spent: room for one call's reservation, not two.
-    budget = spent_before + one * 1.5
+    # Nearly spent: room for one call's reservation, and none left once that call has cost what the first did.
+    budget = spent_before + one + spent_before / 2
     cli("clients", "set", "alice", "--budget", f"{budget:.10f}")
     fake_anthropic.default = text_response().with_delay(0.3)  # the calls overlap
 
