@@ -256,11 +256,11 @@ class Guard:
         key, start, _ = self._period(client)
         return await self.counters.spend(client.name, key, self._loader(client, start))
 
-    async def precheck(self, caller: str, model: str, least_cost: float = 0.0) -> None:
+    async def precheck(self, caller: str, model: str, least_cost: float = 0.0, credential: str | None = None) -> None:
         """The checks a request must pass before it is taken (stored, streamed); reserves nothing.
         ``least_cost``: what its first call will reserve at least (its output ceiling), so that a turn that
         cannot be admitted is refused before anything is stored."""
-        client = await self.client(caller)
+        client = await self.client(caller, credential)
         if client is None:
             return
         await self.check_model(caller, model)

@@ -106,6 +106,9 @@ def token_ok(request: web.Request, token: str) -> bool:
 
 # The caller of an authenticated request: "admin" (the gateway token) or a client's name.
 CALLER_KEY = web.RequestKey("caller", str)
+# The SHA-256 of the client key a request authenticated with: a long-lived socket's calls check it is still
+# the client's key (limits.Guard).
+CREDENTIAL_KEY = web.RequestKey("credential", str)
 # Paths only the gateway token may use.
 ADMIN_PATHS = ("/api/clients",)
 _touches: set[asyncio.Task[None]] = set()
@@ -124,6 +127,7 @@ async def token_caller(request: web.Request, token: str) -> str | None:
     client = await gw.clients.get_by_key(token)
     if client is None:
         return None
+    request[CREDENTIAL_KEY] = client.key_hash
     if gw.clients.should_touch(client.name, time.monotonic()):  # last use, written at most once a minute
         task = asyncio.get_running_loop().create_task(_touch(gw.clients, client.name))
         _touches.add(task)

@@ -62,6 +62,7 @@ class Connection:
     def __init__(self, request: web.Request, ws: web.WebSocketResponse, caller: str = "admin") -> None:
         self.app = request.app
         self.caller = caller  # "admin" (the gateway token) or the client whose key authenticated
+        self.credential = request.get(security.CREDENTIAL_KEY)  # that key's SHA-256
         self.service = state.service(request.app, caller)
         self.config = self.service.gw.config
         self.ws = ws
@@ -119,6 +120,7 @@ class Connection:
             client=self.caller,
             endpoint="ws",
         )
+        request.credential = self.credential  # each call checks the key is still the client's
         if self.turn is not None and not self.turn.done:
             raise ApiError("STREAM_IN_PROGRESS", "This connection is already streaming; wait or send chat.abort.")
         turn = await self.service.start_chat(request)
