@@ -33,6 +33,7 @@ from .providers.base import ProviderRequest, upstream_output_tokens
 from .tokens import count_tokens
 from .types import (
     ChatMessage,
+    Cost,
     ReasoningPart,
     TextPart,
     TokenUsage,
@@ -232,6 +233,14 @@ def ceiling_cost(gw: Registry, model: str, ceiling: Ceiling) -> float:
 # --- the record ---------------------------------------------------------------------------------
 
 
+def price(gw: Registry, model: str, usage: TokenUsage) -> Cost:
+    """What ``usage`` costs at the model's rates, server-tool fees included."""
+    cost = gw.model_info(model).cost(usage)
+    if usage.server_tool_use:
+        cost.server_tool_cost = server_tool_cost(model, usage.server_tool_use)
+    return cost
+
+
 def _usage_record(
     gw: Registry,
     *,
@@ -260,6 +269,7 @@ def _usage_record(
         fields = ALL_FIELDS  # counted locally as a whole
     usage = replace(usage, estimated=bool(fields), estimated_fields=fields)
     info = gw.model_info(model)
+    cost = price(gw, model, usage)
     return UsageRecord(
         id=record_id,
         timestamp=timestamp or now_iso(),
@@ -268,7 +278,7 @@ def _usage_record(
         session_id=session_id,
         client=client,
         usage=usage,
-        cost=info.cost(usage),
+        cost=cost,
         latency_ms=latency_ms,
         finish_reason=finish_reason,
         price_known=info.price_known,
@@ -294,6 +304,7 @@ def recovered_record(gw: Registry, entry: dict[str, Any]) -> UsageRecord:
             cache_read_tokens=int(noted.get("cacheReadTokens") or 0),
             cache_write_tokens=int(noted.get("cacheWriteTokens") or 0),
             reasoning_tokens=int(noted.get("reasoningTokens") or 0),
+            server_tool_use=noted.get("serverToolUse") or None,
         )
     else:
         usage = TokenUsage(input_tokens=int(entry.get("inputTokens") or 0))
@@ -329,6 +340,7 @@ def usage_to_note(usage: TokenUsage, final: bool = False) -> dict[str, Any]:
         "cacheReadTokens": usage.cache_read_tokens,
         "cacheWriteTokens": usage.cache_write_tokens,
         "reasoningTokens": usage.reasoning_tokens,
+        "serverToolUse": usage.server_tool_use,
         "final": final,
     }
 

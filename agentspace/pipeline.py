@@ -26,7 +26,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from .calls import ProviderCall, ceiling_cost, request_ceiling
+from .calls import ProviderCall, ceiling_cost, price, request_ceiling
 from .context import AssembledContext, assemble, estimate_input_tokens
 from .errors import ApiError, StorageError
 from .events import (
@@ -424,7 +424,7 @@ class Turn:
                     # What the upstream reported so far, plus an estimate of the output it did not report;
                     # nothing when it never answered (refused, 5xx, connection refused, aborted before).
                     usage = self._partial_usage(ctx, state)
-                    cost = self.gw.model_info(answered_by).cost(usage)
+                    cost = price(self.gw, answered_by, usage)
                     total_usage, total_cost = total_usage + usage, total_cost + cost
                     stopped = isinstance(e, _Stopped) and self._stop_reason in ("aborted", "shutdown")
                     reason = "aborted" if stopped else "error"
@@ -444,7 +444,7 @@ class Turn:
                 if ttft_ms is None and state.delivered:
                     ttft_ms = (state.first_at - started) * 1000
                 usage = finish.usage if finish.usage is not None else self._partial_usage(ctx, state)
-                cost = self.gw.model_info(answered_by).cost(usage)
+                cost = price(self.gw, answered_by, usage)
                 total_usage, total_cost = total_usage + usage, total_cost + cost
                 call.answer = finish.message.text
                 await self._record(answered_by, usage, call_started, finish.finish_reason, state, None, call)

@@ -135,6 +135,8 @@ class TokenUsage:
     # ``estimated_fields`` names which (wire names, e.g. "outputTokens").
     estimated: bool = False
     estimated_fields: tuple[str, ...] = ()
+    # Server tools the upstream ran and bills per use (Anthropic's ``server_tool_use``): {"web_search": 3}.
+    server_tool_use: dict[str, int] | None = None
 
     @property
     def total_tokens(self) -> int:
@@ -149,20 +151,32 @@ class TokenUsage:
             self.reasoning_tokens + other.reasoning_tokens,
             self.estimated or other.estimated,
             tuple(dict.fromkeys(self.estimated_fields + other.estimated_fields)),
+            _merge_counts(self.server_tool_use, other.server_tool_use),
         )
+
+
+def _merge_counts(a: dict[str, int] | None, b: dict[str, int] | None) -> dict[str, int] | None:
+    if not a or not b:
+        return dict(a or b or {}) or None
+    return {k: a.get(k, 0) + b.get(k, 0) for k in {**a, **b}}
 
 
 @dataclass(slots=True)
 class Cost:
     input_cost: float = 0.0  # input + cache read + cache write
     output_cost: float = 0.0
+    server_tool_cost: float = 0.0  # fees per use of server tools (web search), on top of the tokens
 
     @property
     def total_cost(self) -> float:
-        return self.input_cost + self.output_cost
+        return self.input_cost + self.output_cost + self.server_tool_cost
 
     def __add__(self, other: Cost) -> Cost:
-        return Cost(self.input_cost + other.input_cost, self.output_cost + other.output_cost)
+        return Cost(
+            self.input_cost + other.input_cost,
+            self.output_cost + other.output_cost,
+            self.server_tool_cost + other.server_tool_cost,
+        )
 
 
 def usage_to_wire(usage: TokenUsage, cost: Cost) -> dict[str, Any]:
@@ -177,6 +191,7 @@ def usage_to_wire(usage: TokenUsage, cost: Cost) -> dict[str, Any]:
         "inputCost": round(cost.input_cost, 10),
         "outputCost": round(cost.output_cost, 10),
         "totalCost": round(cost.total_cost, 10),
+        **({"serverToolCost": round(cost.server_tool_cost, 10)} if cost.server_tool_cost else {}),
     }
 
 
@@ -229,6 +244,8 @@ class UsageRecord:
             "inputCost": self.cost.input_cost,
             "outputCost": self.cost.output_cost,
             "totalCost": self.cost.total_cost,
+            "serverToolUse": dict(u.server_tool_use or {}),
+            "serverToolCost": self.cost.server_tool_cost,
             "latencyMs": round(self.latency_ms, 3),
             "finishReason": self.finish_reason,
             "estimated": u.estimated,

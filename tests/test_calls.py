@@ -338,3 +338,37 @@ async def test_sigkill_mid_stream_then_restart_records_each_call_as_reported(
         assert record["totalCost"] > 0
     # The dead process's journal is gone once recovered; the restarted one stopped with nothing pending.
     assert list((data_dir / "ledger").glob("journal-*.jsonl")) == []
+
+
+# --- server tools ---------------------------------------------------------------------------------------
+
+
+async def test_server_tool_fees_are_recorded_reserved_and_counted(
+    make_client: Any, fake_anthropic: FakeAnthropic, token: str
+) -> None:
+    client = await make_client()
+    # Five web searches ($0.01 each) and a short answer: the fees are most of the call's cost.
+    searches = [fa.server_tool_use_block(f"query {i}", id=f"srvtoolu_{i}") for i in range(5)]
+    fake_anthropic.default = fa.message_response(*searches, fa.text_block("Found it.")).with_delay(0.05)
+    key = add_client("alice", "--budget", "0.08")
+    tools = [{"type": "web_search_20250305", "name": "web_search", "max_uses": 5}]
+    api = anthropic_sdk(client, key)
+    results = await asyncio.gather(
+        *(
+            api.messages.create(
+                model=MODEL, max_tokens=64, messages=[{"role": "user", "content": "Search"}], tools=tools
+            )  # type: ignore[list-item]
+            for _ in range(CALLS)
+        ),
+        return_exceptions=True,
+    )
+    assert sum(1 for r in results if not isinstance(r, BaseException)) == 1
+    (record,) = [r for r in await records(client) if r["answered"]]
+    assert record["serverToolUse"] == {"web_search": 5}
+    assert record["serverToolCost"] == pytest.approx(0.05)
+    assert record["totalCost"] == pytest.approx(record["inputCost"] + record["outputCost"] + 0.05)
+    answered, spent = await answered_and_spend(client, "alice")
+    assert answered == 1 and 0.05 < spent <= 0.08
+
+    report = await (await client.get("/api/usage?by=client", headers=bearer(token))).json()
+    assert report["perClient"]["alice"]["totalCost"] == pytest.approx(spent)
