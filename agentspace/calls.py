@@ -413,7 +413,7 @@ class ProviderCall:
         amount = None if ceiling is None else ceiling_cost(self.gw, self.model, ceiling)
         self.ceiling = ceiling
         self.reservation = await guard.admit(
-            self.client or "admin", self.model, cost=amount, credential=self.credential, count=ceiling is not None
+            self.client or "admin", self.model, cost=amount, credential=self.credential
         )
         if ceiling is None:
             return

@@ -20,6 +20,7 @@ Usage::
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
 import time
 from collections import deque
@@ -35,7 +36,12 @@ if TYPE_CHECKING:
     from .stores.base import ClientStoreAPI, UsageStoreAPI
     from .types import ModelInfo, UsageRecord
 
+log = logging.getLogger(__name__)
+
 WINDOW_SECONDS = 60.0
+COUNTERS_UNAVAILABLE = (
+    "The gateway could not reach Redis, where the clients' limits and budgets are counted; nothing was sent."
+)
 SHUTTING_DOWN_MESSAGE = "The gateway is shutting down; try again when it is back."
 
 
@@ -260,6 +266,15 @@ class Guard:
         """The checks a request must pass before it is taken (stored, streamed); reserves nothing.
         ``least_cost``: what its first call will reserve at least (its output ceiling), so that a turn that
         cannot be admitted is refused before anything is stored."""
+        try:
+            await self._precheck(caller, model, least_cost, credential)
+        except ApiError:
+            raise
+        except Exception:
+            log.exception("the client counters could not be reached")
+            raise ApiError("SERVICE_UNAVAILABLE", COUNTERS_UNAVAILABLE) from None
+
+    async def _precheck(self, caller: str, model: str, least_cost: float, credential: str | None) -> None:
         client = await self.client(caller, credential)
         if client is None:
             return
@@ -276,18 +291,28 @@ class Guard:
                 raise self._over_budget(client, spent, end, least_cost)
 
     async def admit(
+        self, caller: str, model: str, *, cost: float | None, credential: str | None = None
+    ) -> Reservation | None:
+        """Check one provider call at the moment it is made and, for a client with a budget, reserve ``cost``
+        (the most it can cost; None: a call billed nothing, e.g. count_tokens). Raises ApiError
+        (SERVICE_UNAVAILABLE, UNAUTHORIZED, MODEL_NOT_ALLOWED, RATE_LIMITED, BUDGET_EXCEEDED); counters that
+        cannot be reached (Redis) refuse: admission fails closed."""
+        try:
+            return await self._admit(caller, model, cost=cost, credential=credential)
+        except ApiError:
+            raise
+        except Exception:
+            log.exception("the client counters could not be reached")
+            raise ApiError("SERVICE_UNAVAILABLE", COUNTERS_UNAVAILABLE) from None
+
+    async def _admit(
         self,
         caller: str,
         model: str,
         *,
         cost: float | None,
         credential: str | None = None,
-        count: bool = True,
     ) -> Reservation | None:
-        """Check one provider call at the moment it is made and, for a client with a budget, reserve ``cost``
-        (the most it can cost; None: a call billed nothing, e.g. count_tokens). ``count`` False checks the
-        rate windows without counting a request. Raises ApiError (SERVICE_UNAVAILABLE, UNAUTHORIZED,
-        MODEL_NOT_ALLOWED, RATE_LIMITED, BUDGET_EXCEEDED)."""
         if self.shutting_down is not None and self.shutting_down.is_set():
             raise ApiError("SERVICE_UNAVAILABLE", SHUTTING_DOWN_MESSAGE)
         client = await self.client(caller, credential)
@@ -366,14 +391,17 @@ class Guard:
         for every client, with a budget or not, so that a spend read once stays current."""
         if record.client is None or record.client == ADMIN:
             return
-        await self.counters.add_tokens(record.client, record.usage.total_tokens, self.monotonic())
-        if reservation is not None:
-            await self.counters.settle(reservation, record.cost.total_cost)
-            return
-        client = await self.clients.get(record.client)
-        if client is not None and record.cost.total_cost:
-            key, _, _ = self._period(client)
-            await self.counters.add_spend(client.name, key, record.cost.total_cost)
+        try:
+            await self.counters.add_tokens(record.client, record.usage.total_tokens, self.monotonic())
+            if reservation is not None:
+                await self.counters.settle(reservation, record.cost.total_cost)
+                return
+            client = await self.clients.get(record.client)
+            if client is not None and record.cost.total_cost:
+                key, _, _ = self._period(client)
+                await self.counters.add_spend(client.name, key, record.cost.total_cost)
+        except Exception:  # the record is stored; Redis's copy of the spend is reloaded from the records
+            log.exception("settling usage record %s in the client counters failed", record.id)
 
     async def release(self, reservation: Reservation | None) -> None:
         """Give back a reservation that was not settled (a call stopped before it made a record)."""
