@@ -372,3 +372,35 @@ async def test_server_tool_fees_are_recorded_reserved_and_counted(
 
     report = await (await client.get("/api/usage?by=client", headers=bearer(token))).json()
     assert report["perClient"]["alice"]["totalCost"] == pytest.approx(spent)
+
+
+# --- Redis unreachable: admission fails closed ------------------------------------------------------------
+
+
+async def test_admission_fails_closed_while_redis_is_unreachable(
+    make_client: Any, fake_anthropic: FakeAnthropic
+) -> None:
+    from tests.scale_servers import Redis
+
+    redis = Redis()
+    try:
+        client = await make_client(storage={"redis_url": redis.url})
+        key = add_client("alice", "--budget", "5", "--rpm", "100")
+        assert of(await ws_chat(client, key), "chat.stream.end")
+        redis.close()  # Redis goes away: no limit or budget can be counted
+
+        with pytest.raises(anthropic.InternalServerError) as a:
+            await anthropic_sdk(client, key).messages.create(
+                model=MODEL, max_tokens=64, messages=[{"role": "user", "content": "Hi"}]
+            )
+        assert a.value.status_code == 503 and "could not reach Redis" in str(a.value)
+        with pytest.raises(openai.InternalServerError) as o:
+            await openai_sdk(client, key).chat.completions.create(
+                model="anthropic/" + MODEL, messages=[{"role": "user", "content": "Hi"}], max_tokens=64
+            )
+        assert o.value.status_code == 503
+        frames = await ws_chat(client, key)
+        assert frames[-1]["type"] == "error" and frames[-1]["code"] == "SERVICE_UNAVAILABLE"
+        assert len(fake_anthropic.requests) == 1  # nothing else went upstream
+    finally:
+        redis.close()
