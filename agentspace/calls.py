@@ -21,6 +21,7 @@ the most the request as sent upstream can cost (``Ceiling``), priced at the mode
 from __future__ import annotations
 
 import json
+import logging
 import time
 from collections.abc import Awaitable, Iterable
 from dataclasses import dataclass, field, replace
@@ -47,6 +48,8 @@ from .types import (
 if TYPE_CHECKING:
     from .limits import Reservation
     from .registry import Registry
+
+log = logging.getLogger(__name__)
 
 # The usage fields a record may have counted locally, in UsageRecord.to_dict's names.
 INPUT_FIELDS = ("inputTokens",)
@@ -292,8 +295,12 @@ def _usage_record(
 
 
 def recovered_record(gw: Registry, entry: dict[str, Any]) -> UsageRecord:
-    """The record of a call whose process died before it was posted (``stores/ledger.py``): the usage the
-    upstream reported kept, the output counted from what was relayed, a call never answered voided."""
+    """The record of a call whose process died before it was posted (``stores/ledger.py``): a record spooled
+    because the store refused it, as it was; else the usage the upstream reported kept, the output counted
+    from what was relayed, a call never answered voided."""
+    spooled = entry.get("record")
+    if isinstance(spooled, dict):
+        return _from_dict(spooled)
     noted = entry.get("usage")
     answered = bool(entry.get("answered")) or noted is not None
     fields: list[str] = []
@@ -330,6 +337,42 @@ def recovered_record(gw: Registry, entry: dict[str, Any]) -> UsageRecord:
         estimated_fields=fields,
         recovered=True,
         timestamp=str(entry.get("time") or now_iso()),
+    )
+
+
+def _from_dict(d: dict[str, Any]) -> UsageRecord:
+    """A record from its ``to_dict()`` form (the spool)."""
+    usage = TokenUsage(
+        int(d.get("inputTokens") or 0),
+        int(d.get("outputTokens") or 0),
+        int(d.get("cacheReadTokens") or 0),
+        int(d.get("cacheWriteTokens") or 0),
+        int(d.get("reasoningTokens") or 0),
+        bool(d.get("estimated")),
+        tuple(d.get("estimatedFields") or ()),
+        d.get("serverToolUse") or None,
+    )
+    cost = Cost(
+        float(d.get("inputCost") or 0.0), float(d.get("outputCost") or 0.0), float(d.get("serverToolCost") or 0.0)
+    )
+    return UsageRecord(
+        id=str(d["id"]),
+        timestamp=str(d["timestamp"]),
+        model=str(d["model"]),
+        provider=str(d.get("provider") or str(d["model"]).split("/", 1)[0]),
+        session_id=d.get("sessionId"),
+        client=d.get("client"),
+        usage=usage,
+        cost=cost,
+        latency_ms=float(d.get("latencyMs") or 0.0),
+        finish_reason=str(d.get("finishReason") or "other"),
+        price_known=d.get("priceKnown") is not False,
+        error=d.get("error"),
+        answered=d.get("answered") is not False,
+        attempts=int(d.get("attempts") or 1),
+        endpoint=d.get("endpoint"),
+        ttft_ms=d.get("ttftMs"),
+        recovered=bool(d.get("recovered")),
     )
 
 
@@ -533,10 +576,17 @@ class ProviderCall:
 
         async def post() -> UsageRecord:
             self.failure = await posted
-            if was_open and self.failure is None:
-                # A record kept for a retry (``gw.pending``) stays pending: a crash before the retry succeeds
-                # leaves it to the recovery.
+            if not was_open:
+                return record
+            if self.failure is None:
                 gw.ledger.closed(record.id)
+                return record
+            # The store refused it (kept in memory for a retry, ``gw.pending``): the local spool keeps it
+            # durably before the client sees the end, and the next start posts it if no retry did.
+            try:
+                await gw.ledger.spool(record.id, record.to_dict())
+            except Exception:
+                log.exception("spooling usage record %s failed; it is kept in memory only", record.id)
             return record
 
         return post()

@@ -9,6 +9,9 @@ with an exclusive ``flock`` while the process lives; one JSON line per event:
 - ``note``: what the upstream reported so far (``usage``), whether it answered, the output relayed
   (``relayedTokens``). Written with the next batch, without a sync of its own: a killed process's writes are
   in the kernel already.
+- ``spooled``: the call's whole usage record, when the store of record refused it (the database
+  unreachable, the disk full): synced before the client sees the end of its answer, kept until a retry
+  stores it, and posted as it is at the next start -- the replica's local spool.
 - ``closed``: the call's usage record is in the store of record (or the call was voided before it was sent).
 
 At start-up, every journal no live process holds (its lock is free) is read back: each entry still pending
@@ -84,6 +87,18 @@ class Ledger:
                 self._open.pop(entry["id"], None)  # not written: nothing to close
             raise
 
+    async def spool(self, entry_id: str, record: dict[str, Any]) -> None:
+        """Keep a record the store of record refused, durably (synced once awaited), until it is stored."""
+        entry = self._open.get(entry_id)
+        if entry is None or self.dir is None:
+            return
+        entry["record"] = record
+        self._lines.append(_line({"event": "spooled", "id": entry_id, "record": record}))
+        waiter = asyncio.get_running_loop().create_future()
+        self._waiters.append(waiter)
+        self._kick()
+        await asyncio.shield(waiter)
+
     def note(self, entry_id: str, *, soon: bool = True, **fields: Any) -> None:
         """What the call showed so far; written with the next batch (``soon``) or within a second."""
         entry = self._open.get(entry_id)
@@ -143,13 +158,8 @@ class Ledger:
                     waiter.set_result(None)
 
     def _rotation(self) -> bytes:
-        """The open entries, as the first lines of a fresh journal."""
-        out = []
-        for entry in self._open.values():
-            out.append(
-                _line({"event": "pending", **{k: v for k, v in entry.items() if k not in ("usage", "relayedTokens")}})
-            )
-        return b"".join(out)
+        """The open entries with what was noted and spooled, as the first lines of a fresh journal."""
+        return b"".join(_line({"event": "pending", **entry}) for entry in self._open.values())
 
     def _open_file(self) -> None:
         assert self.dir is not None
@@ -218,7 +228,7 @@ def read_journal(path: Path) -> list[dict[str, Any]]:
                 continue
             if kind == "pending":
                 entries[entry_id] = event
-            elif kind == "note" and entry_id in entries:
+            elif kind in ("note", "spooled") and entry_id in entries:
                 entries[entry_id].update(event)
             elif kind == "closed":
                 entries.pop(entry_id, None)
