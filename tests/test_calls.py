@@ -404,3 +404,60 @@ async def test_admission_fails_closed_while_redis_is_unreachable(
         assert len(fake_anthropic.requests) == 1  # nothing else went upstream
     finally:
         redis.close()
+
+
+# --- the database unreachable: the local spool ------------------------------------------------------------
+
+
+async def test_records_the_database_refused_survive_a_sigkill_in_the_spool(
+    tmp_path: Path, fake_anthropic: FakeAnthropic
+) -> None:
+    """The database stops; /v1 calls still end for their clients, their records synced to the replica's
+    spool; the replica is killed before the database returns; the next start posts every one of them."""
+    from tests.scale_servers import Postgres, pg_bindir
+
+    if pg_bindir() is None:
+        pytest.skip("PostgreSQL is not installed")
+    pg = Postgres()
+    data_dir = tmp_path / "data"
+    storage = {"backend": "postgres", "dsn": pg.dsn}
+    try:
+        server = GatewayProcess(data_dir, fake_anthropic.url, storage=storage)
+        try:
+            await server.start()
+            headers = {"Authorization": f"Bearer {server.token}", "anthropic-version": "2023-06-01"}
+            messages = [{"role": "user", "content": "Hi"}]
+            async with aiohttp.ClientSession() as http:
+                ok = await http.post(
+                    server.url + "/v1/messages",
+                    json={"model": MODEL, "max_tokens": 64, "messages": messages},
+                    headers=headers,
+                )
+                assert ok.status == 200
+                pg.stop()  # the database goes away
+                seen = []
+                for i in range(4):
+                    resp = await http.post(
+                        server.url + "/v1/chat/completions",
+                        json={"model": "anthropic/" + MODEL, "messages": messages, "max_tokens": 64, "user": str(i)},
+                        headers=headers,
+                    )
+                    assert resp.status == 200  # the client saw its call end successfully
+                    seen.append((await resp.json())["usage"]["prompt_tokens"])
+            await server.kill()  # before the database returns
+        finally:
+            await server.aclose()
+        pg.start()
+        restarted = GatewayProcess(data_dir, fake_anthropic.url, storage=storage)
+        try:
+            await restarted.start()
+            async with aiohttp.ClientSession() as http:
+                report = await (
+                    await http.get(restarted.url + "/api/usage", headers={"Authorization": f"Bearer {restarted.token}"})
+                ).json()
+        finally:
+            await restarted.aclose()
+        assert report["grandTotal"]["requestCount"] == 5, report
+        assert report["grandTotal"]["estimatedCount"] == 0  # the spooled records as they were, not estimates
+    finally:
+        pg.close()
