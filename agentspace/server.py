@@ -54,6 +54,17 @@ async def recover_calls(gw: Registry) -> None:
         log.warning("posted %d usage records of calls a stopped process left unfinished (recovered: true)", recovered)
 
 
+async def share_ledger(gw: Registry) -> None:
+    import os
+    import socket
+
+    from .calls import recovered_record
+    from .stores.ledger import share
+
+    replica = gw.cluster.replica_id if gw.cluster is not None else f"{socket.gethostname()}-{os.getpid()}"
+    await share(gw, recovered_record, f"{replica}-{os.urandom(3).hex()}")
+
+
 def create_app(config: Config, pm: pluggy.PluginManager | None = None) -> web.Application:
     pm = pm or get_plugin_manager()
     app = web.Application(
@@ -96,6 +107,7 @@ def _gateway_context(config: Config, pm: pluggy.PluginManager) -> Callable[[web.
             gw.guard.shutting_down = app[state.SHUTTING_DOWN]  # no provider call is admitted once it is set
             await recover_calls(gw)  # what a process that died mid-call left pending (docs/accounting.md)
             await _join_cluster(gw)
+            await share_ledger(gw)  # the postgres backend: pending entries shared, with leases
             check_default_model(gw)  # before anything binds: runs in runner.setup(), the site starts after
             app[state.REGISTRY] = gw
             for result in pm.hook.server_startup(app=app, config=config):

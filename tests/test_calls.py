@@ -412,8 +412,9 @@ async def test_admission_fails_closed_while_redis_is_unreachable(
 async def test_records_the_database_refused_survive_a_sigkill_in_the_spool(
     tmp_path: Path, fake_anthropic: FakeAnthropic
 ) -> None:
-    """The database stops; /v1 calls still end for their clients, their records synced to the replica's
-    spool; the replica is killed before the database returns; the next start posts every one of them."""
+    """The database stops while /v1 streams run: they still end for their clients, their records synced to
+    the replica's spool, and a new call is refused before anything is sent; the replica is killed before the
+    database returns; the next start posts every record the clients saw end."""
     from tests.scale_servers import Postgres, pg_bindir
 
     if pg_bindir() is None:
@@ -421,6 +422,7 @@ async def test_records_the_database_refused_survive_a_sigkill_in_the_spool(
     pg = Postgres()
     data_dir = tmp_path / "data"
     storage = {"backend": "postgres", "dsn": pg.dsn}
+    fake_anthropic.default = fa.text_response("tok " * 10, chunks=10).with_delay(0.3)
     try:
         server = GatewayProcess(data_dir, fake_anthropic.url, storage=storage)
         try:
@@ -428,22 +430,28 @@ async def test_records_the_database_refused_survive_a_sigkill_in_the_spool(
             headers = {"Authorization": f"Bearer {server.token}", "anthropic-version": "2023-06-01"}
             messages = [{"role": "user", "content": "Hi"}]
             async with aiohttp.ClientSession() as http:
-                ok = await http.post(
-                    server.url + "/v1/messages",
-                    json={"model": MODEL, "max_tokens": 64, "messages": messages},
-                    headers=headers,
-                )
-                assert ok.status == 200
-                pg.stop()  # the database goes away
-                seen = []
-                for i in range(4):
-                    resp = await http.post(
+                streams = [
+                    await http.post(
                         server.url + "/v1/chat/completions",
-                        json={"model": "anthropic/" + MODEL, "messages": messages, "max_tokens": 64, "user": str(i)},
+                        json={"model": "anthropic/" + MODEL, "messages": messages, "max_tokens": 64, "stream": True},
                         headers=headers,
                     )
-                    assert resp.status == 200  # the client saw its call end successfully
-                    seen.append((await resp.json())["usage"]["prompt_tokens"])
+                    for _ in range(4)
+                ]
+                for resp in streams:
+                    assert resp.status == 200
+                    await resp.content.readany()
+                pg.stop()  # the database goes away mid-stream
+                for resp in streams:
+                    body = await resp.read()
+                    assert body.endswith(b"data: [DONE]\n\n")  # the client saw its call end successfully
+                refused = await http.post(
+                    server.url + "/v1/chat/completions",
+                    json={"model": "anthropic/" + MODEL, "messages": messages, "max_tokens": 64},
+                    headers=headers,
+                )
+                assert refused.status == 503  # its pending entry cannot be written: nothing is sent
+            assert len(fake_anthropic.requests) == 4
             await server.kill()  # before the database returns
         finally:
             await server.aclose()
@@ -457,7 +465,7 @@ async def test_records_the_database_refused_survive_a_sigkill_in_the_spool(
                 ).json()
         finally:
             await restarted.aclose()
-        assert report["grandTotal"]["requestCount"] == 5, report
+        assert report["grandTotal"]["requestCount"] == 4, report
         assert report["grandTotal"]["estimatedCount"] == 0  # the spooled records as they were, not estimates
     finally:
         pg.close()

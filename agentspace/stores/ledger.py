@@ -37,6 +37,7 @@ except ImportError:  # Windows: journals are not shared by processes there (no `
 
 if TYPE_CHECKING:
     from ..registry import Registry
+    from .ledger_postgres import PostgresLedger
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +63,8 @@ class Ledger:
         self._waiters: list[asyncio.Future[None]] = []  # pending entries waiting for their sync
         self._flusher: asyncio.Task[None] | None = None
         self._timer: asyncio.TimerHandle | None = None
+        # With the postgres backend: the pending entries shared with the other replicas, under leases.
+        self.shared: PostgresLedger | None = None
 
     def __len__(self) -> int:
         return len(self._open)
@@ -81,6 +84,13 @@ class Ledger:
         self._waiters.append(waiter)
         self._kick()
         try:
+            if self.shared is not None:  # the shared row and the local line, written at the same time
+                try:
+                    await self.shared.pending(entry)
+                except BaseException:
+                    await asyncio.shield(waiter)
+                    self.closed(entry["id"], void=True)
+                    raise
             await asyncio.shield(waiter)
         except BaseException:
             if waiter.done() and not waiter.cancelled() and waiter.exception() is not None:
@@ -107,6 +117,8 @@ class Ledger:
         entry.update(fields)
         self._dirty.add(entry_id)
         self._schedule(0.0 if soon else NOTE_DELAY_SECONDS)
+        if self.shared is not None:
+            self.shared.note(entry_id, fields, soon)
 
     def closed(self, entry_id: str, *, void: bool = False) -> None:
         """The call is settled: its record is stored (or it was voided before it was sent)."""
@@ -115,6 +127,8 @@ class Ledger:
         self._dirty.discard(entry_id)
         self._lines.append(_line({"event": "closed", "id": entry_id, "void": void}))
         self._schedule(NOTE_DELAY_SECONDS)
+        if self.shared is not None:
+            self.shared.closed(entry_id)
 
     # --- writing ---
 
@@ -194,6 +208,11 @@ class Ledger:
 
     async def aclose(self) -> None:
         """At shutdown, after the calls: write what is left; a journal with nothing open is removed."""
+        if self.shared is not None:
+            try:
+                await self.shared.aclose()
+            except Exception:
+                log.exception("closing the shared ledger failed")
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
@@ -303,3 +322,31 @@ async def recover(gw: Registry, make_record: Callable[[Registry, dict[str, Any]]
         finally:
             os.close(fd)
     return posted
+
+
+async def share(gw: Registry, make_record: Callable[[Registry, dict[str, Any]], Any], replica: str) -> None:
+    """With the postgres backend: share the pending entries with the other replicas, under leases, and
+    recover the calls of replicas that died (``stores/ledger_postgres.py``)."""
+    from .postgres import PostgresDatabase
+
+    database = gw.storage.database if gw.storage is not None else None
+    if not isinstance(database, PostgresDatabase):
+        return
+    from .ledger_postgres import PostgresLedger
+
+    shared = PostgresLedger(database, replica)
+
+    async def recover_entry(entry: dict[str, Any]) -> bool:
+        record = make_record(gw, entry)
+        if await gw.record_usage(record) is not None:
+            return False
+        log.warning(
+            "recovered the usage of call %s (%s, client %s) left pending by a replica that stopped",
+            record.id,
+            record.model,
+            record.client,
+        )
+        return True
+
+    await shared.start(recover_entry)
+    gw.ledger.shared = shared
