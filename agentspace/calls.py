@@ -473,12 +473,15 @@ class ProviderCall:
                     "inputTokens": ceiling.input_tokens if input_tokens is None else input_tokens,
                 }
             )
-        except (StorageError, OSError):
+        except (StorageError, OSError) as e:
             await guard.release(self.reservation)
             self.reservation = None
+            problem = "the gateway's disk may be full"
+            if isinstance(e, StorageError) and e.message:  # it names its store (the database)
+                problem = e.message.rstrip(".")
+                problem = problem[0].lower() + problem[1:]
             raise ApiError(
-                "SERVICE_UNAVAILABLE",
-                "The gateway could not write its ledger (its disk may be full); nothing was sent.",
+                "STORAGE_ERROR", f"The call's ledger entry could not be stored ({problem}); nothing was sent."
             ) from None
         except BaseException:  # cancelled (the client left) while the entry was written
             self.gw.ledger.closed(self.id, void=True)
