@@ -23,7 +23,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Awaitable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
@@ -447,16 +447,24 @@ class ProviderCall:
 
     # --- admission ---
 
-    async def admit(self, ceiling: Ceiling | None, *, input_tokens: int | None = None) -> None:
+    async def admit(self, ceiling: Callable[[], Ceiling] | None) -> None:
         """The checks at the moment of the call (``limits.Guard.admit``: the server is not shutting down, the
         credential is still valid, the model allowlist, rpm/tpm, the budget with this call's reservation), then
-        the pending entry written ahead. ``ceiling`` None: admission only (count_tokens) -- nothing reserved,
-        no entry. Raises ApiError; then nothing is held."""
+        the pending entry written ahead. ``ceiling`` gives the request's ceiling, counted only when a budget
+        needs it (counting a long body costs milliseconds); None: admission only (count_tokens) -- nothing
+        reserved, no entry. Raises ApiError; then nothing is held."""
         guard = self.gw.guard
-        amount = None if ceiling is None else ceiling_cost(self.gw, self.model, ceiling)
-        self.ceiling = ceiling
+        amount: float | None = None
+
+        def cost() -> float:
+            nonlocal amount
+            assert ceiling is not None
+            self.ceiling = ceiling()
+            amount = ceiling_cost(self.gw, self.model, self.ceiling)
+            return amount
+
         self.reservation = await guard.admit(
-            self.client or "admin", self.model, cost=amount, credential=self.credential
+            self.client or "admin", self.model, cost=None if ceiling is None else cost, credential=self.credential
         )
         if ceiling is None:
             return
@@ -470,7 +478,7 @@ class ProviderCall:
                     "model": self.model,
                     "endpoint": self.endpoint,
                     "reservation": amount,
-                    "inputTokens": ceiling.input_tokens if input_tokens is None else input_tokens,
+                    "inputTokens": None if self.ceiling is None else self.ceiling.input_tokens,
                 }
             )
         except (StorageError, OSError) as e:

@@ -12,7 +12,7 @@ client -- with or without a budget, so a budget set later counts what was spent 
 
 Usage::
 
-    reservation = await gw.guard.admit(caller, model, cost=usd)   # ApiError
+    reservation = await gw.guard.admit(caller, model, cost=lambda: usd)   # ApiError
     ... the provider call; its record settles: await gw.guard.settle(reservation, record)
     await gw.guard.release(reservation)  # in a finally: a call that made no record settles at 0
 """
@@ -291,10 +291,10 @@ class Guard:
                 raise self._over_budget(client, spent, end, least_cost)
 
     async def admit(
-        self, caller: str, model: str, *, cost: float | None, credential: str | None = None
+        self, caller: str, model: str, *, cost: Callable[[], float] | None, credential: str | None = None
     ) -> Reservation | None:
-        """Check one provider call at the moment it is made and, for a client with a budget, reserve ``cost``
-        (the most it can cost; None: a call billed nothing, e.g. count_tokens). Raises ApiError
+        """Check one provider call at the moment it is made and, for a client with a budget, reserve ``cost()``
+        (the most it can cost, computed only then; None: a call billed nothing, e.g. count_tokens). Raises ApiError
         (SERVICE_UNAVAILABLE, UNAUTHORIZED, MODEL_NOT_ALLOWED, RATE_LIMITED, BUDGET_EXCEEDED); counters that
         cannot be reached (Redis) refuse: admission fails closed."""
         try:
@@ -310,7 +310,7 @@ class Guard:
         caller: str,
         model: str,
         *,
-        cost: float | None,
+        cost: Callable[[], float] | None,
         credential: str | None = None,
     ) -> Reservation | None:
         if self.shutting_down is not None and self.shutting_down.is_set():
@@ -325,11 +325,12 @@ class Guard:
         reservation = None
         if client.budget_usd is not None and cost is not None:
             key, start, end = self._period(client)
+            amount = cost()
             reservation, spent = await self.counters.reserve(
-                client.name, key, client.budget_usd, cost, self._loader(client, start)
+                client.name, key, client.budget_usd, amount, self._loader(client, start)
             )
             if reservation is None:
-                raise self._over_budget(client, spent, end, cost)
+                raise self._over_budget(client, spent, end, amount)
         if client.rpm is None:
             await self.counters.add_request(client.name, self.monotonic())
         else:

@@ -404,9 +404,8 @@ class Turn:
                     call=call,
                 )
                 try:  # each step's checks at the moment of its call, its reservation, its pending entry
-                    input_tokens = estimate_input_tokens(ctx)
                     await provider_call.admit(
-                        request_ceiling(self._request(ctx, self.model), input_tokens), input_tokens=input_tokens
+                        lambda: request_ceiling(self._request(ctx, self.model), estimate_input_tokens(ctx))
                     )
                 except ApiError as e:
                     finish_reason, error = "error", (e.code, e.message)

@@ -73,7 +73,7 @@ async def messages(request: web.Request) -> web.StreamResponse:
     meter = ProviderCall(gw, model, session_id=session_id(request), client=client_name(request), endpoint=ENDPOINT)
     if model.startswith("anthropic/"):
         try:  # the checks at the moment of the call, its reservation and its pending entry (calls.py)
-            await meter.admit(messages_body_ceiling(gw, model, body))
+            await meter.admit(lambda: messages_body_ceiling(gw, model, body))
         except ApiError as e:
             return refusal(request, e)
         try:
@@ -98,7 +98,7 @@ async def _translated(
         return _error(400, e.message)
     preq = provider_request(gw, model, system, messages_, tools, max_tokens, budget, params)
     try:
-        await meter.admit(request_ceiling(preq))
+        await meter.admit(lambda: request_ceiling(preq))
     except ApiError as e:
         return refusal(request, e)
     call = DirectCall(gw, preq, meter)

@@ -96,7 +96,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     )
     meter = ProviderCall(gw, model, session_id=session_id(request), client=client_name(request), endpoint=ENDPOINT)
     try:  # the checks at the moment of the call, its reservation and its pending entry (calls.py)
-        await meter.admit(request_ceiling(preq))
+        await meter.admit(lambda: request_ceiling(preq))
     except ApiError as e:
         return refusal(request, e)
     call = DirectCall(gw, preq, meter)
