@@ -51,10 +51,10 @@ async def test_budget_holds_across_replicas(replicas: list[RedisCounters]) -> No
     results = await asyncio.gather(
         *(replicas[n % 2].reserve("team", "month:2026-12", 1.0, 0.10, load) for n in range(40))
     )
-    admitted = [r for r, _ in results if r is not None]
+    admitted = [(n, r) for n, (r, _) in enumerate(results) if r is not None]
     assert len(admitted) == 7  # 0.25 + 8 * 0.10 > 1.00: the 8th does not fit, on either replica
     assert await replicas[1].spend("team", "month:2026-12", load) == pytest.approx(0.95)
-    for n, reservation in enumerate(admitted):  # settled where reserved, at the real (lower) cost
+    for n, reservation in admitted:  # settled where reserved, at the real (lower) cost
         await replicas[n % 2].settle(reservation, 0.02)
     assert await replicas[0].spend("team", "month:2026-12", load) == pytest.approx(0.25 + 7 * 0.02)
     assert loads <= 2  # loaded once (a second replica may race the first; SET NX keeps one)
