@@ -274,3 +274,44 @@ async def test_delete_stops_the_running_answer_in_one_process(
     assert len(text_of(body).split()) < 60 and body.endswith(b"data: [DONE]\n\n")
     nothing = await client.delete("/api/chat/one/stream", headers=auth_headers)
     assert nothing.status == 404 and (await nothing.json())["error"]["code"] == "NOT_FOUND"
+
+
+async def test_redis_losing_its_state_mid_stream_does_not_let_budgets_be_exceeded(
+    replicas: list[GatewayProcess], fake_anthropic: Any, redis_srv: Redis
+) -> None:
+    """Redis restarted without persistence while two calls stream: the reservations of the calls in flight
+    are rebuilt before any new reservation is admitted, so the budget holds."""
+    import redis.asyncio as aioredis
+
+    a, b = replicas
+    # Each call reports 1000 output tokens ($0.015) and takes about 4 s; max_tokens 1024 reserves ~$0.0154.
+    fake_anthropic.default = fa.text_response(
+        "tok " * 40, chunks=40, delta_usages=[{"output_tokens": 1000}]
+    ).with_delay(0.1)
+    async with aiohttp.ClientSession(headers=HEADERS) as http:
+        async with http.post(f"{a.url}/api/clients", json={"name": "team", "budgetUsd": 0.05}) as resp:
+            key = (await resp.json())["key"]
+        headers = {"Authorization": f"Bearer {key}", "anthropic-version": "2023-06-01"}
+        body = {
+            "model": "claude-sonnet-4-5",
+            "max_tokens": 1024,
+            "stream": True,
+            "messages": [{"role": "user", "content": "Hi"}],
+        }
+
+        async def call(server: GatewayProcess) -> int:
+            async with http.post(f"{server.url}/v1/messages", json=body, headers=headers) as resp:
+                await resp.read()
+                return resp.status
+
+        in_flight = [asyncio.ensure_future(call(s)) for s in (a, b)]
+        await asyncio.sleep(1.0)  # both admitted and streaming
+        redis = aioredis.from_url(redis_srv.url)
+        await redis.flushall()  # Redis lost its state, mid-stream
+        await redis.aclose()
+        after = await asyncio.gather(*(call(s) for s in (a, b, a)))
+        assert await asyncio.gather(*in_flight) == [200, 200]
+        assert all(status in (200, 503) for status in after), after
+        async with http.get(f"{b.url}/api/usage?by=client") as resp:
+            spent = (await resp.json())["perClient"]["team"]["totalCost"]
+    assert spent <= 0.05  # without the rebuild, the three calls after the loss were admitted: $0.075
