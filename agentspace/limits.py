@@ -262,7 +262,9 @@ class Guard:
         key, start, _ = self._period(client)
         return await self.counters.spend(client.name, key, self._loader(client, start))
 
-    async def precheck(self, caller: str, model: str, least_cost: float = 0.0, credential: str | None = None) -> None:
+    async def precheck(
+        self, caller: str, model: str, least_cost: Callable[[], float] | None = None, credential: str | None = None
+    ) -> None:
         """The checks a request must pass before it is taken (stored, streamed); reserves nothing.
         ``least_cost``: what its first call will reserve at least (its output ceiling), so that a turn that
         cannot be admitted is refused before anything is stored."""
@@ -274,7 +276,9 @@ class Guard:
             log.exception("the client counters could not be reached")
             raise ApiError("SERVICE_UNAVAILABLE", COUNTERS_UNAVAILABLE) from None
 
-    async def _precheck(self, caller: str, model: str, least_cost: float, credential: str | None) -> None:
+    async def _precheck(
+        self, caller: str, model: str, least_cost: Callable[[], float] | None, credential: str | None
+    ) -> None:
         client = await self.client(caller, credential)
         if client is None:
             return
@@ -287,8 +291,9 @@ class Guard:
             spent = await self.counters.spend(client.name, key, self._loader(client, start))
             if spent >= client.budget_usd:
                 raise self._over_budget(client, spent, end)
-            if least_cost and spent + least_cost > client.budget_usd * (1 + 1e-9):
-                raise self._over_budget(client, spent, end, least_cost)
+            least = least_cost() if least_cost is not None else 0.0
+            if least and spent + least > client.budget_usd * (1 + 1e-9):
+                raise self._over_budget(client, spent, end, least)
 
     async def admit(
         self, caller: str, model: str, *, cost: Callable[[], float] | None, credential: str | None = None

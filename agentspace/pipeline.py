@@ -129,7 +129,7 @@ async def start_turn(gw: Registry, request: ChatRequest) -> Turn:
     except ModelNotFound as e:
         raise ApiError("MODEL_NOT_FOUND", str(e)) from None
     # Allowlist, rate limits, budget (room for the first call's output at least): before anything is stored.
-    await gw.guard.precheck(request.client, model, least_output_cost(gw, model), request.credential)
+    await gw.guard.precheck(request.client, model, lambda: least_output_cost(gw, model), request.credential)
     if not await _has_usable_key(gw, model):
         await _record_refusal(gw, model, request, "NO_API_KEY")
         raise ApiError("NO_API_KEY", missing_key_message(model.split("/", 1)[0], gw.config))
