@@ -158,8 +158,12 @@ class Ledger:
             waiters, self._waiters = self._waiters, []
             rotate = self._rotation() if self._size > ROTATE_BYTES else None
             try:
-                # A thread of its own, not the store thread: a pending entry does not wait behind store writes.
-                await loop.run_in_executor(None, self._write, b"".join(lines), bool(waiters), rotate)
+                if waiters or rotate is not None or self._fd is None:
+                    # A sync (or a new file): on a thread, not the store thread -- a pending entry does not wait
+                    # behind store writes.
+                    await loop.run_in_executor(None, self._write, b"".join(lines), bool(waiters), rotate)
+                else:  # notes and closings: a few hundred bytes into the page cache, cheaper than a thread hop
+                    self._write(b"".join(lines), False, None)
             except Exception as e:
                 for waiter in waiters:
                     if not waiter.done():
