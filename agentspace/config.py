@@ -69,6 +69,10 @@ SCHEMA: dict[str, dict[str, tuple[tuple[type, ...], Any]]] = {
         "enabled": ((bool,), True),
         "budget_tokens": ((int,), 8000),
     },
+    "limits": {
+        "uncountable_input_tokens": ((int,), None),
+        "server_tool_max_uses": ((int,), 10),
+    },
     "logging": {
         "level": ((str,), "info"),
     },

@@ -23,6 +23,7 @@ import json
 import logging
 from typing import TYPE_CHECKING, Any, Protocol
 
+from .calls import ALL_FIELDS, ProviderCall, request_ceiling
 from .context import (
     AssembledContext,
     assemble,
@@ -34,7 +35,6 @@ from .context import (
 )
 from .errors import ApiError
 from .events import ProviderError, ProviderFinish, TextDelta, UsageReport
-from .meter import ALL_FIELDS, Meter
 from .providers.base import ProviderRequest
 from .registry import ModelNotFound
 from .tokens import count_tokens
@@ -195,8 +195,8 @@ def transcript(messages: list[dict[str, Any]]) -> str:
 
 
 async def summarise(gw: Registry, turn: TurnLike, previous: str, messages: list[dict[str, Any]]) -> str:
-    """The summarising call: one metered provider call (purpose ``compact``) through the same Meter and Guard
-    as every other call; its text is the new summary (covering ``previous`` too)."""
+    """The summarising call: one provider call (purpose ``compact``) through the same ``ProviderCall`` as
+    every other call; its text is the new summary (covering ``previous`` too)."""
     model = compact_model(gw, turn.model)
     try:
         provider = gw.provider_for(model)
@@ -217,42 +217,46 @@ async def summarise(gw: Registry, turn: TurnLike, previous: str, messages: list[
         base_url=settings["base_url"],
         options=settings,
     )
-    reservation = await gw.guard.admit(
-        turn.client, model, input_tokens=lambda: count_tokens(body), max_tokens=COMPACT_MAX_TOKENS
-    )
-    meter = Meter(
+    call = ProviderCall(
         gw,
         model,
         session_id=turn.session_id,
         client=turn.client,
         endpoint=turn.endpoint,
-        reservation=reservation,
+        credential=getattr(turn, "credential", None),
         purpose=COMPACT_PURPOSE,
     )
-    meter.begin(request.system, request.messages)
+    await call.admit(lambda: request_ceiling(request, count_tokens(COMPACT_PROMPT + body)))
+    call.begin(request.system, request.messages)
     text: list[str] = []
     reported: TokenUsage | None = None
     finish: ProviderFinish | None = None
     try:
-        async for event in provider.stream(request):
-            if isinstance(event, TextDelta):
-                text.append(event.text)
-            elif isinstance(event, UsageReport):
-                reported = event.usage
-            elif isinstance(event, ProviderFinish):
-                finish = event
-    except ProviderError as e:
-        await meter.record(reported or TokenUsage(), "error", error=e.code, answered=reported is not None)
-        raise ApiError(e.code, f"The session could not be compacted: {e.message}") from None
-    except BaseException:  # cancelled (shutdown) or a defect: no record was made, the reservation goes back
-        await gw.guard.release(reservation)
-        raise
-    assert finish is not None
-    if finish.usage is not None:
-        await meter.record(finish.usage, finish.finish_reason)
-    else:  # a provider that reports nothing: counted locally, and said so
-        usage = TokenUsage(input_tokens=count_tokens(COMPACT_PROMPT + body), output_tokens=count_tokens("".join(text)))
-        await meter.record(usage, finish.finish_reason, estimated_fields=ALL_FIELDS)
+        try:
+            async for event in provider.stream(request):
+                if not text and reported is None:
+                    call.answered()  # the upstream took the call: a recovery bills its input
+                if isinstance(event, TextDelta):
+                    text.append(event.text)
+                    call.relayed(event.text)
+                elif isinstance(event, UsageReport):
+                    reported = event.usage
+                    call.note(event.usage)
+                elif isinstance(event, ProviderFinish):
+                    finish = event
+        except ProviderError as e:
+            await call.record(reported or TokenUsage(), "error", error=e.code, answered=reported is not None)
+            raise ApiError(e.code, f"The session could not be compacted: {e.message}") from None
+        assert finish is not None
+        if finish.usage is not None:
+            await call.record(finish.usage, finish.finish_reason)
+        else:  # a provider that reports nothing: counted locally, and said so
+            usage = TokenUsage(
+                input_tokens=count_tokens(COMPACT_PROMPT + body), output_tokens=count_tokens("".join(text))
+            )
+            await call.record(usage, finish.finish_reason, estimated_fields=ALL_FIELDS)
+    finally:  # cancelled (shutdown) or a defect before the record: the reservation goes back
+        await call.release()
     summary = "".join(text).strip()
     if not summary:
         raise ApiError("LLM_ERROR", "The session could not be compacted: the model wrote no summary.")

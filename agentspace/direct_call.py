@@ -1,8 +1,18 @@
 """One stateless provider call for the drop-in ``/v1`` endpoints that translate (SPEC section 10).
 
 The client sends the whole conversation; no context section or gateway tool is added, and no tool is run:
-the provider's events go back to the client as they are, and the call is metered like every other one
-(``agentspace.meter``). Usage the provider reported is kept; what it did not report is counted locally.
+the provider's events go back to the client as they are, and the call goes through the one lifecycle of
+every provider call (``agentspace.calls.ProviderCall``: admitted and written ahead by the endpoint before
+``start``). Usage the provider reported is kept; what it did not report is counted locally.
+
+    call = ProviderCall(gw, model, session_id=..., client=caller, endpoint="openai")
+    await call.admit(request_ceiling(request))        # ApiError: answer the refusal
+    direct = DirectCall(gw, request, call)
+    try:
+        await direct.start()                           # ProviderError (recorded)
+        async for event in direct.events(): ...        # or direct.abort() when the client left
+    finally:
+        await call.release()
 """
 
 from __future__ import annotations
@@ -10,7 +20,9 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import AsyncIterator
+from dataclasses import replace
 
+from .calls import ALL_FIELDS, OUTPUT_FIELDS, ProviderCall, request_input_tokens
 from .events import (
     ProviderError,
     ProviderEvent,
@@ -18,29 +30,14 @@ from .events import (
     ReasoningDelta,
     TextDelta,
     ToolCallEvent,
+    UsageReport,
 )
-from .meter import ALL_FIELDS, OUTPUT_FIELDS, Meter
 from .providers.base import ProviderRequest
 from .registry import ModelNotFound, Registry
 from .tokens import count_tokens
-from .types import ReasoningPart, TextPart, TokenUsage, ToolCallPart, ToolResultPart, UsageRecord
+from .types import TokenUsage, UsageRecord
 
-
-def request_input_tokens(request: ProviderRequest) -> int:
-    """A local count of a request's input: system, messages and tool definitions."""
-    pieces = [request.system]
-    for message in request.messages:
-        for part in message.parts:
-            if isinstance(part, (TextPart, ReasoningPart)):
-                pieces.append(part.text)
-            elif isinstance(part, ToolCallPart):
-                pieces.append(json.dumps(part.input, default=str))
-            elif isinstance(part, ToolResultPart):
-                output = part.output
-                pieces.append(output if isinstance(output, str) else json.dumps(output, default=str))
-    if request.tools:
-        pieces.append(json.dumps([t.definition() for t in request.tools]))
-    return count_tokens("\n".join(p for p in pieces if p))
+__all__ = ["DirectCall", "request_input_tokens"]
 
 
 class DirectCall:
@@ -50,7 +47,7 @@ class DirectCall:
     durable before the client's stream ends), on an error, or on ``abort()`` when the client went away.
     """
 
-    def __init__(self, gw: Registry, request: ProviderRequest, meter: Meter) -> None:
+    def __init__(self, gw: Registry, request: ProviderRequest, meter: ProviderCall) -> None:
         self.gw = gw
         self.request = request
         self.meter = meter
@@ -58,6 +55,7 @@ class DirectCall:
         self._first: ProviderEvent | None = None
         self._output: list[str] = []  # what the model produced so far, for a local count
         self._answered = False  # the provider sent its first event
+        self._reported: TokenUsage | None = None  # the usage the provider last reported mid-stream
 
     async def start(self) -> None:
         """Send the request and wait for the first event; ProviderError (recorded) when the call failed
@@ -71,6 +69,7 @@ class DirectCall:
         try:
             self._first = await self._stream.__anext__()
             self._answered = True  # (the time to first output is the transport's: streams only)
+            self.meter.answered()
         except StopAsyncIteration:
             await self._fail(ProviderError("LLM_ERROR", "The provider ended the stream without an answer."))
         except ProviderError as e:
@@ -96,8 +95,13 @@ class DirectCall:
                 kind = type(event)
                 if kind is TextDelta or kind is ReasoningDelta:
                     self._output.append(event.text)  # type: ignore[union-attr]
+                    self.meter.relayed(event.text)  # type: ignore[union-attr]
                 elif kind is ToolCallEvent:
                     self._output.append(json.dumps(event.input, default=str))  # type: ignore[union-attr]
+                elif kind is UsageReport:
+                    reported: TokenUsage = event.usage  # type: ignore[union-attr,assignment]
+                    self._reported = reported
+                    self.meter.note(reported)
                 elif kind is ProviderFinish:
                     await self._record_finish(event)  # type: ignore[arg-type]
                     yield event
@@ -129,6 +133,8 @@ class DirectCall:
         output counted locally, else everything counted locally."""
         output = count_tokens("".join(self._output))
         reported = getattr(error, "usage", None)
+        if not isinstance(reported, TokenUsage) and self._reported is not None:
+            reported = replace(self._reported)  # what the upstream reported is never replaced by an estimate
         if isinstance(reported, TokenUsage):
             reported.output_tokens = max(reported.output_tokens, output)
             return reported, OUTPUT_FIELDS

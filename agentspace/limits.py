@@ -1,23 +1,26 @@
-"""The checks before every provider call (SPEC section 11): model allowlist, requests and tokens per
-minute, budget. One implementation, used by every transport and endpoint (``Guard``); the counters live
-behind one small interface (``Counters``) with an in-process implementation here.
+"""The checks before every provider call (SPEC section 11), made at the moment of the call: the server is
+not shutting down, the credential is still valid, the model allowlist, requests and tokens per minute, the
+budget. One implementation (``Guard``), called by ``calls.ProviderCall.admit`` for every transport and
+endpoint; the counters live behind one small interface (``Counters``) with an in-process implementation
+here and a Redis one in ``redis_counters.py``.
 
-Budget: a call is admitted while the period's spend plus the reservations of the calls in flight is below
-the budget; it then reserves its maximum cost (input estimate + ``max_tokens`` at the output price) until it
-settles with the real cost from the meter. Concurrent calls therefore overshoot a budget by at most one
-call's cost. The period's spend comes from the usage store (read once per client and period, then kept up
-to date by the settled costs), so a restart loses nothing; reservations only cover calls in flight.
+Budget (docs/accounting.md): a call reserves the most it can cost as sent upstream (``calls.Ceiling``) and
+is admitted only while posted spend + the reservations of the calls in flight + its own reservation fit the
+budget; its record settles the reservation with the real cost. The period's spend comes from the usage
+store (the posted entries), read once per client and period and then kept current by every record of the
+client -- with or without a budget, so a budget set later counts what was spent before it.
 
 Usage::
 
-    reservation = await gw.guard.admit(caller, model, input_tokens=lambda: n, max_tokens=m)  # ApiError
-    ... the provider call, metered; the meter settles: await gw.guard.settle(reservation, record)
+    reservation = await gw.guard.admit(caller, model, cost=lambda: usd)   # ApiError
+    ... the provider call; its record settles: await gw.guard.settle(reservation, record)
     await gw.guard.release(reservation)  # in a finally: a call that made no record settles at 0
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
 import time
 from collections import deque
@@ -33,7 +36,13 @@ if TYPE_CHECKING:
     from .stores.base import ClientStoreAPI, UsageStoreAPI
     from .types import ModelInfo, UsageRecord
 
+log = logging.getLogger(__name__)
+
 WINDOW_SECONDS = 60.0
+COUNTERS_UNAVAILABLE = (
+    "The gateway could not reach Redis, where the clients' limits and budgets are counted; nothing was sent."
+)
+SHUTTING_DOWN_MESSAGE = "The gateway is shutting down; try again when it is back."
 
 
 @dataclass
@@ -75,8 +84,8 @@ class Counters(Protocol):
     def reserve(
         self, client: str, period_key: str, budget: float, amount: float, load_spend: Callable[[], Awaitable[float]]
     ) -> Awaitable[tuple[Reservation | None, float]]:
-        """Admit and reserve ``amount`` when spend + reservations < budget: (reservation, spend); else
-        (None, spend + reservations). ``load_spend`` gives the period's spend when it is not known yet."""
+        """Admit and reserve ``amount`` when spend + reservations + amount <= budget: (reservation, spend);
+        else (None, spend + reservations). ``load_spend`` gives the period's spend when it is not known yet."""
         ...
 
     def spend(self, client: str, period_key: str, load_spend: Callable[[], Awaitable[float]]) -> Awaitable[float]:
@@ -167,7 +176,7 @@ class InProcessCounters:
     ) -> tuple[Reservation | None, float]:
         b = await self._budget(self._get(client), period_key, load_spend)
         # No await from the check to the reservation: concurrent calls see each other's reservations.
-        if b.spend + b.reserved >= budget:
+        if b.spend + b.reserved + amount > budget * (1 + 1e-9):
             return None, b.spend + b.reserved
         b.reserved += amount
         return Reservation(client, period_key, amount), b.spend
@@ -189,10 +198,6 @@ class InProcessCounters:
         b = self._get(client).budgets.get(period_key)
         if b is not None:  # not loaded yet: the load reads it from the store
             b.spend += cost
-
-
-def max_cost(info: ModelInfo, input_tokens: int, max_tokens: int) -> float:
-    return (input_tokens * info.input_per_mtok + max_tokens * info.output_per_mtok) / 1_000_000
 
 
 def usd(value: float) -> str:
@@ -217,14 +222,20 @@ class Guard:
         self.counters: Counters = counters or InProcessCounters()
         self.clock = clock  # UTC wall clock of budget periods (tests inject one)
         self.monotonic: Callable[[], float] = time.monotonic  # the rate windows' clock
+        # Set when shutdown begins (server.py): no new provider call is admitted after it, on any transport.
+        self.shutting_down: asyncio.Event | None = None
 
-    async def client(self, caller: str) -> Client | None:
-        """The caller's client; None for the admin. A client removed since is refused."""
+    async def client(self, caller: str, credential: str | None = None) -> Client | None:
+        """The caller's client, read from the store of record now; None for the admin. A client removed since,
+        or whose key was rotated since the caller authenticated with it (``credential``: its SHA-256), is
+        refused."""
         if caller == ADMIN:
             return None
         client = await self.clients.get(caller)
         if client is None:
             raise ApiError("UNAUTHORIZED", "This client key was removed; ask the gateway's admin for a new one.")
+        if credential is not None and not client.key_matches_hash(credential):
+            raise ApiError("UNAUTHORIZED", "This client key was rotated; use the new one.")
         return client
 
     async def check_model(self, caller: str, model: str) -> None:
@@ -254,9 +265,24 @@ class Guard:
         key, start, _ = self._period(client)
         return await self.counters.spend(client.name, key, self._loader(client, start))
 
-    async def precheck(self, caller: str, model: str) -> None:
-        """The checks a request must pass before it is taken (stored, streamed); reserves nothing."""
-        client = await self.client(caller)
+    async def precheck(
+        self, caller: str, model: str, least_cost: Callable[[], float] | None = None, credential: str | None = None
+    ) -> None:
+        """The checks a request must pass before it is taken (stored, streamed); reserves nothing.
+        ``least_cost``: what its first call will reserve at least (its output ceiling), so that a turn that
+        cannot be admitted is refused before anything is stored."""
+        try:
+            await self._precheck(caller, model, least_cost, credential)
+        except ApiError:
+            raise
+        except Exception:
+            log.exception("the client counters could not be reached")
+            raise ApiError("SERVICE_UNAVAILABLE", COUNTERS_UNAVAILABLE) from None
+
+    async def _precheck(
+        self, caller: str, model: str, least_cost: Callable[[], float] | None, credential: str | None
+    ) -> None:
+        client = await self.client(caller, credential)
         if client is None:
             return
         await self.check_model(caller, model)
@@ -268,13 +294,36 @@ class Guard:
             spent = await self.counters.spend(client.name, key, self._loader(client, start))
             if spent >= client.budget_usd:
                 raise self._over_budget(client, spent, end)
+            least = least_cost() if least_cost is not None else 0.0
+            if least and spent + least > client.budget_usd * (1 + 1e-9):
+                raise self._over_budget(client, spent, end, least)
 
     async def admit(
-        self, caller: str, model: str, *, input_tokens: Callable[[], int], max_tokens: int
+        self, caller: str, model: str, *, cost: Callable[[], float] | None, credential: str | None = None
     ) -> Reservation | None:
-        """Check one provider call and, for a client with a budget, reserve its maximum cost. Raises
-        ApiError (MODEL_NOT_ALLOWED, RATE_LIMITED, BUDGET_EXCEEDED)."""
-        client = await self.client(caller)
+        """Check one provider call at the moment it is made and, for a client with a budget, reserve ``cost()``
+        (the most it can cost, computed only then; None: a call billed nothing, e.g. count_tokens). Raises ApiError
+        (SERVICE_UNAVAILABLE, UNAUTHORIZED, MODEL_NOT_ALLOWED, RATE_LIMITED, BUDGET_EXCEEDED); counters that
+        cannot be reached (Redis) refuse: admission fails closed."""
+        try:
+            return await self._admit(caller, model, cost=cost, credential=credential)
+        except ApiError:
+            raise
+        except Exception:
+            log.exception("the client counters could not be reached")
+            raise ApiError("SERVICE_UNAVAILABLE", COUNTERS_UNAVAILABLE) from None
+
+    async def _admit(
+        self,
+        caller: str,
+        model: str,
+        *,
+        cost: Callable[[], float] | None,
+        credential: str | None = None,
+    ) -> Reservation | None:
+        if self.shutting_down is not None and self.shutting_down.is_set():
+            raise ApiError("SERVICE_UNAVAILABLE", SHUTTING_DOWN_MESSAGE)
+        client = await self.client(caller, credential)
         if client is None:
             return None
         await self.check_model(caller, model)
@@ -282,14 +331,14 @@ class Guard:
             return None
         await self._check_window(client)
         reservation = None
-        if client.budget_usd is not None:
+        if client.budget_usd is not None and cost is not None:
             key, start, end = self._period(client)
-            amount = max_cost(self.model_info(model), input_tokens(), max_tokens)
+            amount = cost()
             reservation, spent = await self.counters.reserve(
                 client.name, key, client.budget_usd, amount, self._loader(client, start)
             )
             if reservation is None:
-                raise self._over_budget(client, spent, end)
+                raise self._over_budget(client, spent, end, amount)
         if client.rpm is None:
             await self.counters.add_request(client.name, self.monotonic())
         else:
@@ -321,13 +370,24 @@ class Guard:
             retry_after=math.ceil(max(window.requests_free_in, 0.001)),
         )
 
-    def _over_budget(self, client: Client, spent: float, end: datetime | None) -> ApiError:
+    def _over_budget(self, client: Client, spent: float, end: datetime | None, cost: float | None = None) -> ApiError:
         budget = client.budget_usd or 0.0
         if end is None:
             when, retry = "it does not reset (period 'total'); the admin can raise it", None
         else:
             when = f"it resets at {iso(end)} UTC"
             retry = max(1.0, math.ceil((end - self.clock()).total_seconds()))
+        left = budget - spent
+        if cost is not None and left > 0:
+            # Room is left, but not for this call at its most: say so, and what would fit.
+            return ApiError(
+                "BUDGET_EXCEEDED",
+                f"Client {client.name!r} has {usd(left)} left of its {usd(budget)} {client.period} budget "
+                f"(spent {usd(spent)}, calls in flight included), and this call may cost up to {usd(cost)} as sent "
+                f"(its input, max_tokens and thinking budget at the model's prices): lower max_tokens or send "
+                f"less; {when}.",
+                retry_after=retry,
+            )
         return ApiError(
             "BUDGET_EXCEEDED",
             f"Client {client.name!r} has used its {usd(budget)} {client.period} budget "
@@ -336,17 +396,21 @@ class Guard:
         )
 
     async def settle(self, reservation: Reservation | None, record: UsageRecord) -> None:
-        """Account one usage record: its tokens in the client's minute, its cost against the budget."""
+        """Account one usage record: its tokens in the client's minute, its cost against the period's spend --
+        for every client, with a budget or not, so that a spend read once stays current."""
         if record.client is None or record.client == ADMIN:
             return
-        await self.counters.add_tokens(record.client, record.usage.total_tokens, self.monotonic())
-        if reservation is not None:
-            await self.counters.settle(reservation, record.cost.total_cost)
-            return
-        client = await self.clients.get(record.client)
-        if client is not None and client.budget_usd is not None and record.cost.total_cost:
-            key, _, _ = self._period(client)
-            await self.counters.add_spend(client.name, key, record.cost.total_cost)
+        try:
+            await self.counters.add_tokens(record.client, record.usage.total_tokens, self.monotonic())
+            if reservation is not None:
+                await self.counters.settle(reservation, record.cost.total_cost)
+                return
+            client = await self.clients.get(record.client)
+            if client is not None and record.cost.total_cost:
+                key, _, _ = self._period(client)
+                await self.counters.add_spend(client.name, key, record.cost.total_cost)
+        except Exception:  # the record is stored; Redis's copy of the spend is reloaded from the records
+            log.exception("settling usage record %s in the client counters failed", record.id)
 
     async def release(self, reservation: Reservation | None) -> None:
         """Give back a reservation that was not settled (a call stopped before it made a record)."""

@@ -26,6 +26,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from .calls import ProviderCall, ceiling_cost, price, request_ceiling
 from .context import AssembledContext, assemble, estimate_input_tokens
 from .context_policy import fit_context
 from .errors import ApiError, StorageError
@@ -45,9 +46,7 @@ from .events import (
     ToolResultEvent,
     UsageReport,
 )
-from .limits import Reservation
 from .logs import redact
-from .meter import usage_record
 from .observe import CallInfo, TurnInfo, notify
 from .prompt_cache import cache_ttl, prefix_key
 from .providers.base import ProviderRequest, ThinkingSettings, lacks_key
@@ -105,6 +104,8 @@ class ChatRequest:
     import_messages: list[dict[str, Any]] = field(default_factory=list)
     # The client's own id for the user message (AI SDK clients have one), else one is made.
     user_message_id: str | None = None
+    # The SHA-256 of the client key the caller authenticated with: each step checks it is still the key.
+    credential: str | None = None
 
 
 async def start_turn(gw: Registry, request: ChatRequest) -> Turn:
@@ -134,7 +135,8 @@ async def start_turn(gw: Registry, request: ChatRequest) -> Turn:
         gw.provider_for(model)
     except ModelNotFound as e:
         raise ApiError("MODEL_NOT_FOUND", str(e)) from None
-    await gw.guard.precheck(request.client, model)  # allowlist, rate limits, budget: before anything is stored
+    # Allowlist, rate limits, budget (room for the first call's output at least): before anything is stored.
+    await gw.guard.precheck(request.client, model, lambda: least_output_cost(gw, model), request.credential)
     if not await _has_usable_key(gw, model):
         await _record_refusal(gw, model, request, "NO_API_KEY")
         raise ApiError("NO_API_KEY", missing_key_message(model.split("/", 1)[0], gw.config))
@@ -157,6 +159,7 @@ async def start_turn(gw: Registry, request: ChatRequest) -> Turn:
         "createdAt": now_iso(),
     }
     turn = Turn(gw, session_id, model, request.client, created, user_message["id"], request.endpoint)
+    turn.credential = request.credential
     gw.active[session_id] = turn
     if gw.cluster is not None:  # and across replicas (SPEC 13)
         await _claim_across_replicas(gw, turn)
@@ -190,6 +193,19 @@ async def start_turn(gw: Registry, request: ChatRequest) -> Turn:
     return turn
 
 
+def least_output_cost(gw: Registry, model: str) -> float:
+    """What a turn's first call reserves at least: the output it asks for, thinking included, priced."""
+    settings = gw.config.provider_settings(model.split("/", 1)[0])
+    thinking = None
+    info = gw.model_info(model)
+    if gw.config["thinking"]["enabled"]:
+        thinking = ThinkingSettings(int(gw.config["thinking"]["budget_tokens"]), info.adaptive_thinking_only)
+    request = ProviderRequest(
+        model, "", [], info, int(gw.config["chat"]["max_tokens"]), thinking=thinking, options=settings
+    )
+    return ceiling_cost(gw, model, request_ceiling(request, 0))
+
+
 async def _claim_across_replicas(gw: Registry, turn: Turn) -> None:
     """The session's stream lock in Redis; STREAM_IN_PROGRESS when a turn on another replica holds it."""
     assert gw.cluster is not None
@@ -220,21 +236,9 @@ async def _has_usable_key(gw: Registry, model: str) -> bool:
 
 async def _record_refusal(gw: Registry, model: str, request: ChatRequest, code: str) -> None:
     """The one usage record of a call refused before reaching the upstream: an error, never a request."""
-    await gw.record_usage(
-        usage_record(
-            gw,
-            model=model,
-            usage=TokenUsage(),
-            latency_ms=0.0,
-            finish_reason="error",
-            session_id=request.session_id,
-            client=request.client,
-            endpoint=request.endpoint,
-            error=code,
-            answered=False,
-            attempts=0,
-        )
-    )
+    call = ProviderCall(gw, model, session_id=request.session_id, client=request.client, endpoint=request.endpoint)
+    call.attempts = 0
+    await call.record(TokenUsage(), "error", error=code, answered=False)
 
 
 def retry_delay(error: ProviderError, attempt: int) -> float | None:
@@ -269,7 +273,8 @@ class _Step:
     reported: TokenUsage | None = None
     output_at_report: int = 0
     call: CallInfo | None = None  # the call as the observation hooks see it, started with its first attempt
-    reservation: Reservation | None = None  # the budget held for this step's call (limits.Guard)
+    # The step's provider call (calls.py): admitted, reserved and written ahead before its first attempt.
+    provider_call: ProviderCall | None = None
 
     def output_size(self) -> int:
         return len(self.text) + len(self.reasoning) + len(self.tool_calls)
@@ -315,7 +320,8 @@ class Turn:
         self._storage_problem = storage_problem(None)  # what failed, for the client (the last failure's store)
         self.info = TurnInfo(self.message_id, session_id, model, client, endpoint)  # for the observation hooks
         self._ended: tuple[str, str | None] = ("aborted", None)  # finish reason and error code, for turn_finished
-        self._held: Reservation | None = None  # the budget reservation of the step running now
+        self._held: ProviderCall | None = None  # the provider call of the step running now
+        self.credential: str | None = None  # the client key's SHA-256, checked again before each step
         # What the latest provider call sent and cached, stored with the answer (``lastCall``): the inspector
         # predicts the next call's cache reads from it and calibrates its token estimates by it.
         self._last_call: dict[str, Any] | None = None
@@ -388,18 +394,6 @@ class Turn:
             max_steps = int(self.gw.config["chat"]["max_steps"])
             seen_sources: set[str] = set()
             for step in range(max_steps):
-                try:  # the client's checks before each step: allowlist, rate limits, budget
-                    reservation = await self.gw.guard.admit(
-                        self.client,
-                        self.model,
-                        input_tokens=lambda: estimate_input_tokens(ctx),
-                        max_tokens=int(self.gw.config["chat"]["max_tokens"]),
-                    )
-                except ApiError as e:
-                    finish_reason, error = "error", (e.code, e.message)
-                    break
-                self._held = reservation
-                self._publish(StepStart(step))
                 call_started = time.monotonic()
                 call = CallInfo(
                     self.model,
@@ -412,7 +406,25 @@ class Turn:
                     messages=list(ctx.messages),
                     started=call_started,
                 )
-                state = _Step(call=call, reservation=reservation)
+                provider_call = ProviderCall(
+                    self.gw,
+                    self.model,
+                    session_id=self.session_id,
+                    client=self.client,
+                    endpoint=self.endpoint,
+                    credential=self.credential,
+                    call=call,
+                )
+                try:  # each step's checks at the moment of its call, its reservation, its pending entry
+                    await provider_call.admit(
+                        lambda: request_ceiling(self._request(ctx, self.model), estimate_input_tokens(ctx))
+                    )
+                except ApiError as e:
+                    finish_reason, error = "error", (e.code, e.message)
+                    break
+                self._held = provider_call
+                self._publish(StepStart(step))
+                state = _Step(call=call, provider_call=provider_call)
                 try:
                     finish, answered_by = await self._call_with_fallbacks(ctx, state, seen_sources)
                 except (ProviderError, _Stopped) as e:
@@ -423,7 +435,7 @@ class Turn:
                     # What the upstream reported so far, plus an estimate of the output it did not report;
                     # nothing when it never answered (refused, 5xx, connection refused, aborted before).
                     usage = self._partial_usage(ctx, state)
-                    cost = self.gw.model_info(answered_by).cost(usage)
+                    cost = price(self.gw, answered_by, usage)
                     total_usage, total_cost = total_usage + usage, total_cost + cost
                     stopped = isinstance(e, _Stopped) and self._stop_reason in ("aborted", "shutdown")
                     reason = "aborted" if stopped else "error"
@@ -437,13 +449,13 @@ class Turn:
                     call.answer = "".join(state.text)
                     if state.attempts:  # no record for a call never made (stopped before it)
                         await self._record(answered_by, usage, call_started, reason, state, error and error[0], call)
-                    await self.gw.guard.release(state.reservation)
+                    await provider_call.release()
                     finish_reason = reason
                     break
                 if ttft_ms is None and state.delivered:
                     ttft_ms = (state.first_at - started) * 1000
                 usage = finish.usage if finish.usage is not None else self._partial_usage(ctx, state)
-                cost = self.gw.model_info(answered_by).cost(usage)
+                cost = price(self.gw, answered_by, usage)
                 total_usage, total_cost = total_usage + usage, total_cost + cost
                 call.answer = finish.message.text
                 self._note_call(ctx, usage)
@@ -466,7 +478,8 @@ class Turn:
             log.exception("turn in session %s failed", self.session_id)
             finish_reason, error = "error", ("LLM_ERROR", "The gateway failed while answering; see the server log.")
         finally:
-            await self.gw.guard.release(self._held)  # a step that made no record gives its reservation back
+            if self._held is not None:  # a step that made no record gives its reservation back
+                await self._held.release()
         aborted = finish_reason == "aborted" or self._stop_reason == "shutdown"
         try:
             await self._store(
@@ -554,25 +567,7 @@ class Turn:
         if state.attempts == 1:  # a call stopped before its first attempt is no call: no hooks, no record
             notify(gw.pm.hook.provider_call_started, call=state.call)
         state.answered, state.reported, state.output_at_report = False, None, 0
-        info = gw.model_info(model)
-        prefix = model.split("/", 1)[0]
-        settings = gw.config.provider_settings(prefix)
-        thinking = None
-        if gw.config["thinking"]["enabled"]:  # the provider applies it only where the model supports it
-            thinking = ThinkingSettings(int(gw.config["thinking"]["budget_tokens"]), info.adaptive_thinking_only)
-        request = ProviderRequest(
-            model=model,
-            system=ctx.system,
-            messages=ctx.messages,
-            model_info=info,
-            max_tokens=int(gw.config["chat"]["max_tokens"]),
-            tools=ctx.tools,
-            thinking=thinking,
-            api_key=resolve_key(gw.config, prefix),
-            base_url=settings["base_url"],
-            options=settings,
-            cache_ttl=cache_ttl(gw.config),
-        )
+        request = self._request(ctx, model)
         self._step_task = asyncio.create_task(self._consume(provider.stream(request), state, seen_sources))
         stop_watching = self._watch_idle(state)
         try:
@@ -585,19 +580,48 @@ class Turn:
             stop_watching()
             self._step_task = None
 
+    def _request(self, ctx: AssembledContext, model: str) -> ProviderRequest:
+        """The request of one call to ``model``, as its provider gets it (and as its reservation counts it)."""
+        gw = self.gw
+        info = gw.model_info(model)
+        prefix = model.split("/", 1)[0]
+        settings = gw.config.provider_settings(prefix)
+        thinking = None
+        if gw.config["thinking"]["enabled"]:  # the provider applies it only where the model supports it
+            thinking = ThinkingSettings(int(gw.config["thinking"]["budget_tokens"]), info.adaptive_thinking_only)
+        return ProviderRequest(
+            model=model,
+            system=ctx.system,
+            messages=ctx.messages,
+            model_info=info,
+            max_tokens=int(gw.config["chat"]["max_tokens"]),
+            tools=ctx.tools,
+            thinking=thinking,
+            api_key=resolve_key(gw.config, prefix),
+            base_url=settings["base_url"],
+            options=settings,
+            cache_ttl=cache_ttl(gw.config),
+        )
+
     async def _consume(self, events: AsyncIterator[Any], state: _Step, seen_sources: set[str]) -> ProviderFinish:
         publish = self._publish
+        ledger = state.provider_call
+        assert ledger is not None
         state.last_event = time.monotonic()
         try:
             async for event in events:
                 now = time.monotonic()
                 state.last_event = now
-                state.answered = True
+                if not state.answered:
+                    state.answered = True
+                    ledger.answered()
                 kind = type(event)
                 if kind is TextDelta:
                     state.text.append(event.text)
+                    ledger.relayed(event.text)
                 elif kind is ReasoningDelta:
                     state.reasoning.append(event.text)
+                    ledger.relayed(event.text)
                 elif kind is SourceEvent:
                     if event.url in seen_sources:
                         continue
@@ -607,6 +631,7 @@ class Turn:
                     state.tool_calls.append(ToolCallPart(event.tool_call_id, event.name, event.input))
                 elif kind is UsageReport:
                     state.reported, state.output_at_report = event.usage, state.output_size()
+                    ledger.note(event.usage)
                     continue
                 elif kind is ProviderFinish:
                     event.message.parts.extend(p for p in state.parts if p not in event.message.parts)
@@ -703,25 +728,21 @@ class Turn:
     ) -> None:
         """The call's one usage record, durable in every sink before the turn goes on; a sink whose write
         failed keeps it for a retry (``gw.pending``), and the turn ends with STORAGE_ERROR."""
-        record = usage_record(
-            self.gw,
-            model=model,
-            usage=usage,
-            latency_ms=(time.monotonic() - started) * 1000,
-            finish_reason=finish_reason,
-            session_id=self.session_id,
-            client=self.client,
-            endpoint=self.endpoint,
+        provider_call = state.provider_call
+        assert provider_call is not None
+        provider_call.attempts = state.attempts
+        provider_call.started = started
+        await provider_call.record(
+            usage,
+            finish_reason,
             error=error,
             answered=state.answered,
-            attempts=state.attempts,
+            model=model,
             ttft_ms=(state.first_at - started) * 1000 if state.delivered else None,
         )
-        notify(self.gw.pm.hook.provider_call_finished, call=call, record=record)
-        failure = await self.gw.record_usage(record, state.reservation)
-        if failure is not None:
+        if provider_call.failure is not None:
             self._storage_failed = True
-            self._storage_problem = storage_problem(failure)
+            self._storage_problem = storage_problem(provider_call.failure)
 
     async def _store(
         self,

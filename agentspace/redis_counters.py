@@ -10,23 +10,38 @@ monotonic clocks differ), and every key expires:
 - budgets: per client and period, ``agentspace:budget:<client>:<period>`` holds the period's spend. It is
   loaded from the usage store (the database: the truth) on first use and again once it expires
   (``SPEND_TTL_SECONDS``): that reload reconciles Redis with the database, and a spend lost with Redis is
-  read back. Reservations of calls in flight sit apart (``...:res`` amounts, ``...:resexp`` deadlines), so
-  a replica that dies mid-call leaves a reservation that expires (``RESERVATION_TTL_SECONDS``) instead of
-  holding the budget forever.
+  read back. Reservations of calls in flight sit apart (``...:res`` amounts, ``...:resexp`` deadlines) and
+  are leases: each replica renews those of its calls in flight every ``RENEW_SECONDS``, so a replica that
+  dies mid-call leaves reservations that lapse within ``RESERVATION_TTL_SECONDS`` instead of holding the
+  budget.
+- Redis losing its state (a restart without persistence): ``agentspace:epoch``, set when a replica first
+  uses Redis, is gone. The replica that notices starts a rebuild window (``REBUILD_SECONDS``, two renewals):
+  every replica puts back the reservations of its calls in flight at its next renewal, and meanwhile no
+  budget reservation is admitted (``SERVICE_UNAVAILABLE`` with Retry-After), so the spend is rebuilt from
+  the posted records and the pending reservations, never from the posted records alone.
 """
 
 from __future__ import annotations
 
+import asyncio
 import importlib
 import itertools
+import logging
 import os
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from .errors import ApiError
+
+log = logging.getLogger(__name__)
+
 PREFIX = "agentspace"
 WINDOW_MS = 60_000
 SPEND_TTL_SECONDS = 600  # the spend is re-read from the database this often at most
-RESERVATION_TTL_SECONDS = 900  # longer than any call: a reservation of a dead replica is dropped then
+RESERVATION_TTL_SECONDS = 30  # a lease: renewed while the call runs, lapses this long after its replica died
+RENEW_SECONDS = 5.0
+REBUILD_SECONDS = 2 * int(RENEW_SECONDS) + 1
+EPOCH_KEY = f"{PREFIX}:epoch"
 
 _NOW = "local t = redis.call('TIME') local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)"
 
@@ -92,15 +107,20 @@ for _, amount in ipairs(redis.call('HVALS', KEYS[2])) do reserved = reserved + t
 return {redis.call('GET', KEYS[1]), tostring(reserved)}
 """
 
-# KEYS: spend, res, resexp; ARGV: budget, amount, reservation id, reservation ttl s.
-# Returns {admitted 1/0, spend, reserved} or {-1} when the spend is not loaded.
+# KEYS: spend, res, resexp, epoch; ARGV: budget, amount, reservation id, reservation ttl s. Admits when spend +
+# reservations + amount fit the budget.
+# Returns {admitted 1/0, spend, reserved}, {-1} when the spend is not loaded, {-2} when Redis lost its state
+# (no epoch), {-3, seconds} while the reservations are being rebuilt.
 _RESERVE = (
     _STATE.replace("return {redis.call('GET', KEYS[1]), tostring(reserved)}", "")
     + """
+local epoch = redis.call('GET', KEYS[4])
+if not epoch then return {-2} end
+if tonumber(epoch) > now then return {-3, tonumber(epoch) - now} end
 local spend = redis.call('GET', KEYS[1])
 if not spend then return {-1} end
 spend = tonumber(spend)
-if spend + reserved >= tonumber(ARGV[1]) then return {0, tostring(spend), tostring(reserved)} end
+if spend + reserved + tonumber(ARGV[2]) > tonumber(ARGV[1]) * (1 + 1e-9) then return {0, tostring(spend), tostring(reserved)} end
 redis.call('HSET', KEYS[2], ARGV[3], ARGV[2])
 redis.call('ZADD', KEYS[3], now + tonumber(ARGV[4]), ARGV[3])
 redis.call('EXPIRE', KEYS[2], tonumber(ARGV[4]))
@@ -108,6 +128,23 @@ redis.call('EXPIRE', KEYS[3], tonumber(ARGV[4]))
 return {1, tostring(spend), tostring(reserved)}
 """
 )
+
+# KEYS: res, resexp; ARGV: reservation id, amount, ttl s. A lease renewed (or put back after Redis lost it).
+_RENEW = """
+local now = tonumber(redis.call('TIME')[1])
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+redis.call('ZADD', KEYS[2], now + tonumber(ARGV[3]), ARGV[1])
+redis.call('EXPIRE', KEYS[1], tonumber(ARGV[3]))
+redis.call('EXPIRE', KEYS[2], tonumber(ARGV[3]))
+return 1
+"""
+
+# KEYS: epoch; ARGV: rebuild seconds. Redis lost its state: the rebuild window starts (once, SET NX).
+_LOST = """
+if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+redis.call('SET', KEYS[1], tonumber(redis.call('TIME')[1]) + tonumber(ARGV[1]))
+return 1
+"""
 
 # KEYS: spend, res, resexp; ARGV: reservation id ('' for none), cost.
 _SETTLE = """
@@ -136,9 +173,33 @@ class RedisCounters:
         self._state = redis.register_script(_STATE)
         self._reserve = redis.register_script(_RESERVE)
         self._settle = redis.register_script(_SETTLE)
+        self._renew = redis.register_script(_RENEW)
+        self._lost = redis.register_script(_LOST)
         self._ids = itertools.count()
         self._prefix = f"{os.getpid()}-{id(self):x}"
         self._reservation_ids: dict[int, str] = {}  # id(Reservation) -> its id in Redis, until settled
+        # The reservations of this replica's calls in flight: id -> (budget keys, amount); their leases.
+        self._live: dict[str, tuple[list[str], float]] = {}
+        self._renewer: asyncio.Task[None] | None = None
+        self._epoch_set = False
+
+    async def _ensure_epoch(self) -> None:
+        """Mark Redis as holding the counters (once per replica); its absence later means the state was lost."""
+        if not self._epoch_set:
+            await self.redis.set(EPOCH_KEY, "0", nx=True)
+            self._epoch_set = True
+
+    async def _renew_all(self) -> None:
+        for reservation_id, (keys, amount) in list(self._live.items()):
+            await self._renew(keys=keys[1:], args=[reservation_id, repr(amount), RESERVATION_TTL_SECONDS])
+
+    async def _renew_forever(self) -> None:
+        while self._live:
+            await asyncio.sleep(RENEW_SECONDS)
+            try:
+                await self._renew_all()
+            except Exception as e:  # Redis away: the next renewal puts them back
+                log.warning("renewing the budget reservations in Redis failed: %r", e)
 
     def _keys(self, client: str, period_key: str) -> list[str]:
         base = f"{PREFIX}:budget:{client}:{period_key}"
@@ -174,20 +235,38 @@ class RedisCounters:
     async def reserve(
         self, client: str, period_key: str, budget: float, amount: float, load_spend: Callable[[], Awaitable[float]]
     ) -> tuple[Any, float]:
+        await self._ensure_epoch()
         reservation_id = f"{self._prefix}-{next(self._ids)}"
+        keys = self._keys(client, period_key)
         for _ in range(3):
             reply = await self._reserve(
-                keys=self._keys(client, period_key),
+                keys=[*keys, EPOCH_KEY],
                 args=[repr(budget), repr(amount), reservation_id, RESERVATION_TTL_SECONDS],
             )
             if int(reply[0]) == -1:
                 await self._load(client, period_key, load_spend)
                 continue
+            if int(reply[0]) == -2:  # Redis lost its state: rebuild, this replica's reservations first
+                if await self._lost(keys=[EPOCH_KEY], args=[REBUILD_SECONDS]):
+                    log.warning("Redis lost the budget counters; rebuilding them for %d s", REBUILD_SECONDS)
+                await self._renew_all()
+                continue
+            if int(reply[0]) == -3:
+                raise ApiError(
+                    "SERVICE_UNAVAILABLE",
+                    "The gateway is rebuilding its budget counters after Redis lost them; try again shortly.",
+                    retry_after=max(1, int(reply[1])),
+                )
             spend, reserved = float(reply[1]), float(reply[2])
             if int(reply[0]) == 0:
                 return None, spend + reserved
             reservation = _limits().Reservation(client, period_key, amount)
             self._reservation_ids[id(reservation)] = reservation_id
+            self._live[reservation_id] = (keys, amount)
+            if self._renewer is None or self._renewer.done():
+                self._renewer = asyncio.get_running_loop().create_task(
+                    self._renew_forever(), name="agentspace-reservation-leases"
+                )
             return reservation, spend
         raise RuntimeError("the budget spend could not be loaded into Redis")
 
@@ -204,6 +283,7 @@ class RedisCounters:
             return
         reservation.settled = True
         reservation_id = self._reservation_ids.pop(id(reservation), "")
+        self._live.pop(reservation_id, None)
         await self._settle(
             keys=self._keys(reservation.client, reservation.period_key), args=[reservation_id, repr(real_cost)]
         )

@@ -33,6 +33,7 @@ if TYPE_CHECKING:
     from .limits import Guard, Reservation
     from .pipeline import Turn
     from .stores.base import ClientStoreAPI, SessionStoreAPI, Storage, UsageStoreAPI
+    from .stores.ledger import Ledger
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +68,8 @@ class Registry:
     # The clients (SPEC 11) and the checks before every provider call.
     clients: ClientStoreAPI = field(init=False)
     guard: Guard = field(init=False)
+    # The write-ahead journal of the provider calls in flight (calls.py, stores/ledger.py).
+    ledger: Ledger = field(init=False)
 
     def __post_init__(self) -> None:
         from .limits import Guard
@@ -75,6 +78,9 @@ class Registry:
         backend_clients = self.storage.clients if self.storage is not None else None
         self.clients = backend_clients if backend_clients is not None else ClientStore(self.config.data_dir)
         self.guard = Guard(self.clients, self.usage, self.model_info)
+        from .stores.ledger import Ledger
+
+        self.ledger = Ledger(self.config.data_dir if self.storage is not None else None)
 
     @classmethod
     def create(cls, config: Config, pm: pluggy.PluginManager, storage: Storage | None = None) -> Registry:
@@ -206,6 +212,7 @@ class Registry:
         await self.pending.aclose()  # the last try of writes that failed, before the stores close
         # The queued sinks drain together (each for its own bounded time), then close.
         await asyncio.gather(*(queue.aclose() for queue in self.sink_queues.values()))
+        await self.ledger.aclose()
         if self.cluster is not None:
             await self.cluster.aclose()  # after the turns: their locks are released
         plugins: list[tuple[str, object]] = [("usage sink", s) for s in self.sinks if delivery(s) != "queued"]

@@ -25,7 +25,7 @@ from collections.abc import Awaitable, Callable
 from aiohttp import web
 from aiohttp.typedefs import Middleware
 
-from .clients import ADMIN, looks_like_key
+from .clients import ADMIN, hash_key, looks_like_key
 from .config import Config
 from .errors import StorageError, outage_error
 from .gateway_token import TokenFile, token_matches
@@ -107,6 +107,9 @@ def token_ok(request: web.Request, token: str) -> bool:
 
 # The caller of an authenticated request: "admin" (the gateway token) or a client's name.
 CALLER_KEY = web.RequestKey("caller", str)
+# The SHA-256 of the client key a request authenticated with: a long-lived socket's calls check it is still
+# the client's key (limits.Guard).
+CREDENTIAL_KEY = web.RequestKey("credential", str)
 # Paths only the gateway token may use.
 ADMIN_PATHS = ("/api/clients",)
 _touches: set[asyncio.Task[None]] = set()
@@ -131,6 +134,7 @@ async def token_caller(request: web.Request, token: str) -> str | None:
     name = await credential_caller(request.app, token)
     if name is None or name == ADMIN:
         return name
+    request[CREDENTIAL_KEY] = hash_key(token)  # checked again at each provider call (limits.Guard)
     gw = request.app[state.REGISTRY]
     if gw.clients.should_touch(name, time.monotonic()):  # last use, written at most once a minute
         task = asyncio.get_running_loop().create_task(_touch(gw.clients, name))

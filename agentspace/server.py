@@ -62,6 +62,26 @@ async def healthz(request: web.Request) -> web.Response:
     return web.json_response(body, status=200 if body["status"] == "ok" else 503)
 
 
+async def recover_calls(gw: Registry) -> None:
+    from .calls import recovered_record
+    from .stores.ledger import recover
+
+    recovered = await recover(gw, recovered_record)
+    if recovered:
+        log.warning("posted %d usage records of calls a stopped process left unfinished (recovered: true)", recovered)
+
+
+async def share_ledger(gw: Registry) -> None:
+    import os
+    import socket
+
+    from .calls import recovered_record
+    from .stores.ledger import share
+
+    replica = gw.cluster.replica_id if gw.cluster is not None else f"{socket.gethostname()}-{os.getpid()}"
+    await share(gw, recovered_record, f"{replica}-{os.urandom(3).hex()}")
+
+
 def create_app(config: Config, pm: pluggy.PluginManager | None = None) -> web.Application:
     pm = pm or get_plugin_manager()
     check_hooks(pm)  # plugins registered after the manager was made: a misspelt hook stops the start
@@ -104,7 +124,10 @@ def _gateway_context(config: Config, pm: pluggy.PluginManager) -> Callable[[web.
             await storage.start()
             gw = Registry.create(config, pm, storage)
             await gw.start()  # the usage sinks' start and queues
+            gw.guard.shutting_down = app[state.SHUTTING_DOWN]  # no provider call is admitted once it is set
+            await recover_calls(gw)  # what a process that died mid-call left pending (docs/accounting.md)
             await _join_cluster(gw)
+            await share_ledger(gw)  # the postgres backend: pending entries shared, with leases
             alerts.install(gw)  # after the storage's sink: it reads the spend the record just added to
             check_default_model(gw)  # before anything binds: runs in runner.setup(), the site starts after
             app[state.REGISTRY] = gw

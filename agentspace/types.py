@@ -158,6 +158,8 @@ class TokenUsage:
     estimated_fields: tuple[str, ...] = ()
     # Of cache_write_tokens, those written for an hour (``ttl: "1h"``), priced higher than 5-minute writes.
     cache_write_1h_tokens: int = 0
+    # Server tools the upstream ran and bills per use (Anthropic's ``server_tool_use``): {"web_search": 3}.
+    server_tool_use: dict[str, int] | None = None
 
     @property
     def total_tokens(self) -> int:
@@ -165,15 +167,22 @@ class TokenUsage:
 
     def __add__(self, other: TokenUsage) -> TokenUsage:
         return TokenUsage(
-            self.input_tokens + other.input_tokens,
-            self.output_tokens + other.output_tokens,
-            self.cache_read_tokens + other.cache_read_tokens,
-            self.cache_write_tokens + other.cache_write_tokens,
-            self.reasoning_tokens + other.reasoning_tokens,
-            self.estimated or other.estimated,
-            tuple(dict.fromkeys(self.estimated_fields + other.estimated_fields)),
-            self.cache_write_1h_tokens + other.cache_write_1h_tokens,
+            input_tokens=self.input_tokens + other.input_tokens,
+            output_tokens=self.output_tokens + other.output_tokens,
+            cache_read_tokens=self.cache_read_tokens + other.cache_read_tokens,
+            cache_write_tokens=self.cache_write_tokens + other.cache_write_tokens,
+            reasoning_tokens=self.reasoning_tokens + other.reasoning_tokens,
+            estimated=self.estimated or other.estimated,
+            estimated_fields=tuple(dict.fromkeys(self.estimated_fields + other.estimated_fields)),
+            cache_write_1h_tokens=self.cache_write_1h_tokens + other.cache_write_1h_tokens,
+            server_tool_use=_merge_counts(self.server_tool_use, other.server_tool_use),
         )
+
+
+def _merge_counts(a: dict[str, int] | None, b: dict[str, int] | None) -> dict[str, int] | None:
+    if not a or not b:
+        return dict(a or b or {}) or None
+    return {k: a.get(k, 0) + b.get(k, 0) for k in {**a, **b}}
 
 
 @dataclass(slots=True)
@@ -182,16 +191,18 @@ class Cost:
     output_cost: float = 0.0
     # False when a model without a known price was costed at the configured fallback price (an estimate).
     price_known: bool = True
+    server_tool_cost: float = 0.0  # fees per use of server tools (web search), on top of the tokens
 
     @property
     def total_cost(self) -> float:
-        return self.input_cost + self.output_cost
+        return self.input_cost + self.output_cost + self.server_tool_cost
 
     def __add__(self, other: Cost) -> Cost:
         return Cost(
-            self.input_cost + other.input_cost,
-            self.output_cost + other.output_cost,
-            self.price_known and other.price_known,
+            input_cost=self.input_cost + other.input_cost,
+            output_cost=self.output_cost + other.output_cost,
+            price_known=self.price_known and other.price_known,
+            server_tool_cost=self.server_tool_cost + other.server_tool_cost,
         )
 
 
@@ -208,6 +219,7 @@ def usage_to_wire(usage: TokenUsage, cost: Cost) -> dict[str, Any]:
         "outputCost": round(cost.output_cost, 10),
         "totalCost": round(cost.total_cost, 10),
         "priceKnown": cost.price_known,
+        **({"serverToolCost": round(cost.server_tool_cost, 10)} if cost.server_tool_cost else {}),
     }
 
 
@@ -240,6 +252,9 @@ class UsageRecord:
     ttft_ms: float | None = None
     # Why the gateway made the call when it was not the client's own request: "compact" (a session's summary).
     purpose: str | None = None
+    # Posted after a restart from what the ledger had noted of a call its process did not finish
+    # (docs/accounting.md): the reported usage kept, the rest estimated (``estimatedFields``).
+    recovered: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         u = self.usage
@@ -259,6 +274,8 @@ class UsageRecord:
             "inputCost": self.cost.input_cost,
             "outputCost": self.cost.output_cost,
             "totalCost": self.cost.total_cost,
+            "serverToolUse": dict(u.server_tool_use or {}),
+            "serverToolCost": self.cost.server_tool_cost,
             "latencyMs": round(self.latency_ms, 3),
             "finishReason": self.finish_reason,
             "estimated": u.estimated,
@@ -270,6 +287,7 @@ class UsageRecord:
             "endpoint": self.endpoint,
             "ttftMs": None if self.ttft_ms is None else round(self.ttft_ms, 3),
             "purpose": self.purpose,
+            "recovered": self.recovered,
         }
 
 

@@ -21,6 +21,7 @@ from aiohttp import WSMsgType
 from aiohttp.test_utils import TestClient
 from click.testing import CliRunner
 
+from agentspace.calls import ceiling_cost, messages_body_ceiling
 from agentspace.cli import main
 from agentspace.limits import usd
 from agentspace.plugins import create_plugin_manager
@@ -391,21 +392,33 @@ async def spend_of(client: TestClient, name: str) -> float:
     return sum(r["totalCost"] for r in await records(client) if r["client"] == name)
 
 
+def reservation_of(client: TestClient, **params: Any) -> float:
+    """What ``message(client, key, **params)`` reserves: the most it can cost as sent (calls.py)."""
+    gw = client.app[state.REGISTRY]
+    model = "anthropic/" + params.get("model", MODEL)
+    body = {"model": model, "max_tokens": 64, "messages": [{"role": "user", "content": "Hello"}], **params}
+    return ceiling_cost(gw, model, messages_body_ceiling(gw, model, body))
+
+
 async def test_budget_refuses_the_next_call_then_a_new_period_restores_it(
     client: TestClient, fake_anthropic: FakeAnthropic
 ) -> None:
-    key = add_client("alice", "--budget", "0.0002", "--period", "month")  # one call costs about $0.00012
+    one = reservation_of(client)  # about $0.00096; one call costs about $0.00012
+    budget = one * 1.2  # room for a second call (spent + its reservation), not a third
+    key = add_client("alice", "--budget", f"{budget:.10f}", "--period", "month")
     assert (await message(client, key)).content
-    assert of(await ws_chat(client, key), "chat.stream.end")  # still under: admitted
+    assert (await message(client, key)).content  # spent + this reservation still fit: admitted
     spent = await spend_of(client, "alice")
-    assert spent >= 0.0002
+    assert spent + one > budget
 
     with pytest.raises(anthropic.RateLimitError) as e:
         await message(client, key)
     text = str(e.value)
-    assert "BUDGET_EXCEEDED" in text and "$0.0002 month budget" in text
+    assert "BUDGET_EXCEEDED" in text and f"{usd(budget)} month budget" in text
+    assert f"has {usd(budget - spent)} left" in text and f"may cost up to {usd(one)} as sent" in text
     assert f"spent {usd(spent)}," in text and "resets at" in text and "UTC" in text
     assert e.value.response.headers["x-should-retry"] == "false"  # the SDKs do not retry it
+    # A turn reserves [chat] max_tokens with the thinking budget on top: far more than is left.
     resp = await post_chat(client, bearer(key), "c2")
     assert resp.status == 429 and (await resp.json())["error"]["code"] == "BUDGET_EXCEEDED"
     assert int(resp.headers["Retry-After"]) >= 1
@@ -413,7 +426,7 @@ async def test_budget_refuses_the_next_call_then_a_new_period_restores_it(
     assert error["code"] == "BUDGET_EXCEEDED"
     with pytest.raises(openai.RateLimitError):
         await openai_sdk(client, key).chat.completions.create(
-            model="anthropic/claude-sonnet-4-5", messages=[{"role": "user", "content": "Hi"}]
+            model="anthropic/claude-sonnet-4-5", messages=[{"role": "user", "content": "Hi"}], max_tokens=64
         )
 
     # next month (an injected clock): the budget is there again
@@ -428,26 +441,28 @@ async def test_concurrent_calls_overshoot_a_budget_by_at_most_one_call(
 ) -> None:
     key = add_client("alice", "--budget", "1")
     assert (await message(client, key)).content
-    one_call = await spend_of(client, "alice")
-    # Nearly spent: less than one call's cost left.
-    cli("clients", "set", "alice", "--budget", f"{one_call * 1.5:.10f}")
-    budget = one_call * 1.5
+    spent_before = await spend_of(client, "alice")
+    one = reservation_of(client)
+    # Nearly spent: room for one call's reservation, and none left once that call has cost what the first did.
+    budget = spent_before + one + spent_before / 2
+    cli("clients", "set", "alice", "--budget", f"{budget:.10f}")
     fake_anthropic.default = text_response().with_delay(0.3)  # the calls overlap
 
     results = await asyncio.gather(*(message(client, key) for _ in range(20)), return_exceptions=True)
     refused = [r for r in results if isinstance(r, anthropic.RateLimitError)]
     answered = [r for r in results if not isinstance(r, BaseException)]
     assert len(refused) + len(answered) == 20, results
-    assert len(answered) == 1  # the one admitted while spend + reservations < budget
+    assert len(answered) == 1  # the one admitted while spend + reservations + its own fit the budget
     spent = await spend_of(client, "alice")
-    assert spent - budget <= one_call + 1e-12
+    assert spent <= budget
 
 
 async def test_a_restart_keeps_the_spend(
     make_client: Callable[..., Awaitable[TestClient]], fake_anthropic: FakeAnthropic
 ) -> None:
-    key = add_client("alice", "--budget", "0.00005", "--period", "total")
     first = await make_client()
+    one = reservation_of(first)
+    key = add_client("alice", "--budget", f"{one * 1.05:.10f}", "--period", "total")
     assert (await message(first, key)).content
     await first.close()
 
@@ -456,7 +471,8 @@ async def test_a_restart_keeps_the_spend(
         await message(second, key)
     assert "does not reset" in str(e.value)
     listed = json.loads(cli("clients", "list", "--json"))["clients"][0]
-    assert listed["spend"]["usd"] > listed["budget"]["usd"]
+    assert listed["spend"]["usd"] + one > listed["budget"]["usd"]
+    assert listed["spend"]["usd"] == pytest.approx(await spend_of(second, "alice"))
 
 
 # --- secrets ------------------------------------------------------------------------------------

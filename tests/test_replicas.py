@@ -130,6 +130,7 @@ async def test_sigkill_of_a_mid_stream_b_serves_and_the_lock_expires(
         started = await http.post(f"{a.url}/api/chat", json=chat_body("k1"))
         assert started.status == 200
         await started.content.readuntil(b"text-delta")
+        await asyncio.sleep(0.5)  # the shared ledger has heard that the upstream answered
         await a.kill()  # SIGKILL: no shutdown, the lock is not released
         started.close()
 
@@ -150,9 +151,67 @@ async def test_sigkill_of_a_mid_stream_b_serves_and_the_lock_expires(
         # A resume of the dead stream on B ends instead of hanging.
         async with http.get(f"{b.url}/api/chat/k1/stream") as resp:
             assert resp.status == 204
-    rows = await usage_rows(pg_dsn)
+        # A's call is not lost with A: once its lease lapses, B posts it from the shared ledger.
+        deadline = loop.time() + 60
+        while True:
+            rows = await usage_rows(pg_dsn)
+            if sum(1 for r in rows if r["answered"]) == 3:  # k2, the retry of k1, and A's call recovered
+                break
+            assert loop.time() < deadline, "the dead replica's call was never recovered"
+            await asyncio.sleep(1)
     assert len(rows) == len({r["id"] for r in rows})
-    assert sum(1 for r in rows if r["answered"]) == 2  # k2 and the retry of k1; A's record died with A
+    recovered = [r for r in await recorded(pg_dsn) if r.get("recovered")]
+    assert len(recovered) == 1 and recovered[0]["endpoint"] == "http" and recovered[0]["inputTokens"] == 25
+
+
+async def recorded(dsn: str) -> list[dict[str, Any]]:
+    db = PostgresDatabase(dsn)
+    try:
+        async with db.connection() as conn:
+            return [json.loads(r["record"]) for r in await conn.fetch("SELECT record FROM usage_records")]
+    finally:
+        await db.aclose()
+
+
+async def test_a_replica_killed_mid_stream_its_calls_are_recovered_and_its_reservations_released(
+    replicas: list[GatewayProcess], fake_anthropic: Any, pg_dsn: str
+) -> None:
+    a, b = replicas
+    # message_start reports 5000 input tokens, then the stream stalls: the replica dies with the calls open.
+    fake_anthropic.default = fa.text_response("tok " * 80, chunks=80, usage={"input_tokens": 5000}).stall(120, after=20)
+    async with aiohttp.ClientSession(headers=HEADERS) as http:
+        async with http.post(f"{a.url}/api/clients", json={"name": "team", "budgetUsd": 1.0}) as resp:
+            key = (await resp.json())["key"]
+        client_headers = {"Authorization": f"Bearer {key}", "anthropic-version": "2023-06-01"}
+        body = {
+            "model": "claude-sonnet-4-5",
+            "max_tokens": 1024,
+            "stream": True,
+            "messages": [{"role": "user", "content": "Hi"}],
+        }
+        streams = [await http.post(f"{a.url}/v1/messages", json=body, headers=client_headers) for _ in range(3)]
+        for resp in streams:
+            assert resp.status == 200
+            await resp.content.readuntil(b"content_block_delta")
+        await asyncio.sleep(1.5)  # the notes reach the shared ledger within a second
+        await a.kill()
+        for resp in streams:
+            resp.close()
+
+        loop = asyncio.get_running_loop()
+        killed_at = loop.time()
+        while True:
+            records = [r for r in await recorded(pg_dsn) if r.get("client") == "team"]
+            async with http.get(f"{b.url}/api/clients/team") as resp:
+                spend = (await resp.json())["client"]["spend"]["usd"]
+            posted = sum(r["totalCost"] for r in records)
+            if len(records) == 3 and spend == pytest.approx(posted):  # recovered, and nothing held any more
+                break
+            assert loop.time() - killed_at < 60, (records, spend)
+            await asyncio.sleep(1)
+    for record in records:
+        assert record["recovered"] is True and record["inputTokens"] == 5000 and record["answered"] is True
+        assert record["estimatedFields"] == ["outputTokens"]
 
 
 async def test_serve_workers_share_one_port(
@@ -215,3 +274,44 @@ async def test_delete_stops_the_running_answer_in_one_process(
     assert len(text_of(body).split()) < 60 and body.endswith(b"data: [DONE]\n\n")
     nothing = await client.delete("/api/chat/one/stream", headers=auth_headers)
     assert nothing.status == 404 and (await nothing.json())["error"]["code"] == "NOT_FOUND"
+
+
+async def test_redis_losing_its_state_mid_stream_does_not_let_budgets_be_exceeded(
+    replicas: list[GatewayProcess], fake_anthropic: Any, redis_srv: Redis
+) -> None:
+    """Redis restarted without persistence while two calls stream: the reservations of the calls in flight
+    are rebuilt before any new reservation is admitted, so the budget holds."""
+    import redis.asyncio as aioredis
+
+    a, b = replicas
+    # Each call reports 1000 output tokens ($0.015) and takes about 4 s; max_tokens 1024 reserves ~$0.0154.
+    fake_anthropic.default = fa.text_response(
+        "tok " * 40, chunks=40, delta_usages=[{"output_tokens": 1000}]
+    ).with_delay(0.1)
+    async with aiohttp.ClientSession(headers=HEADERS) as http:
+        async with http.post(f"{a.url}/api/clients", json={"name": "team", "budgetUsd": 0.05}) as resp:
+            key = (await resp.json())["key"]
+        headers = {"Authorization": f"Bearer {key}", "anthropic-version": "2023-06-01"}
+        body = {
+            "model": "claude-sonnet-4-5",
+            "max_tokens": 1024,
+            "stream": True,
+            "messages": [{"role": "user", "content": "Hi"}],
+        }
+
+        async def call(server: GatewayProcess) -> int:
+            async with http.post(f"{server.url}/v1/messages", json=body, headers=headers) as resp:
+                await resp.read()
+                return resp.status
+
+        in_flight = [asyncio.ensure_future(call(s)) for s in (a, b)]
+        await asyncio.sleep(1.0)  # both admitted and streaming
+        redis = aioredis.from_url(redis_srv.url)
+        await redis.flushall()  # Redis lost its state, mid-stream
+        await redis.aclose()
+        after = await asyncio.gather(*(call(s) for s in (a, b, a)))
+        assert await asyncio.gather(*in_flight) == [200, 200]
+        assert all(status in (200, 503) for status in after), after
+        async with http.get(f"{b.url}/api/usage?by=client") as resp:
+            spent = (await resp.json())["perClient"]["team"]["totalCost"]
+    assert spent <= 0.05  # without the rebuild, the three calls after the loss were admitted: $0.075

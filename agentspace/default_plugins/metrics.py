@@ -69,6 +69,18 @@ TOKENS = Counter(
     registry=REGISTRY,
 )
 COST = Counter("agentspace_cost_usd", "Cost of provider calls in US dollars.", CALL_LABELS, registry=REGISTRY)
+SERVER_TOOLS = Counter(
+    "agentspace_server_tool_uses",
+    "Server tools the upstream ran and billed per use (web_search, web_fetch, code_execution).",
+    (*CALL_LABELS, "tool"),
+    registry=REGISTRY,
+)
+SERVER_TOOL_COST = Counter(
+    "agentspace_server_tool_cost_usd",
+    "Fees for server tools in US dollars (part of agentspace_cost_usd).",
+    CALL_LABELS,
+    registry=REGISTRY,
+)
 TTFT = Histogram(
     "agentspace_time_to_first_token_seconds",
     "From the start of a provider call to its first streamed output.",
@@ -205,6 +217,11 @@ class MetricsSink:
                 TOKENS.labels(*labels, kind).inc(value)
         if record.cost.total_cost:
             COST.labels(*labels).inc(record.cost.total_cost)
+        for tool, uses in (u.server_tool_use or {}).items():
+            if tool in ("web_search", "web_fetch", "code_execution"):  # a bounded label set
+                SERVER_TOOLS.labels(*labels, tool).inc(uses)
+        if record.cost.server_tool_cost:
+            SERVER_TOOL_COST.labels(*labels).inc(record.cost.server_tool_cost)
         if record.attempts > 1:
             RETRIES.labels(model).inc(record.attempts - 1)
         if record.attempts > 0:  # the call reached (or tried to reach) the upstream

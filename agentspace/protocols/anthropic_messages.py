@@ -120,6 +120,14 @@ def update_usage(current: TokenUsage | None, usage: dict[str, Any]) -> TokenUsag
     details = usage.get("output_tokens_details")
     if isinstance(details, dict) and details.get("thinking_tokens") is not None:
         out.reasoning_tokens = details["thinking_tokens"]
+    tools = usage.get("server_tool_use")
+    if isinstance(tools, dict):  # {"web_search_requests": 3, "web_fetch_requests": 1}: billed per use
+        counts = {
+            k.removesuffix("_requests"): int(v)
+            for k, v in tools.items()
+            if isinstance(v, int) and not isinstance(v, bool) and v > 0
+        }
+        out.server_tool_use = counts or None
     return out
 
 

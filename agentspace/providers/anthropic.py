@@ -45,6 +45,7 @@ from .base import (
     Provider,
     ProviderRequest,
     ThinkingSettings,
+    budget_max_tokens,
     retry_after_seconds,
 )
 from .sse import sse_events
@@ -266,14 +267,7 @@ def request_params(request: ProviderRequest) -> dict[str, Any]:
         if thinking.adaptive:
             params["thinking"] = {"type": "adaptive"}
         else:
-            budget = thinking.budget_tokens
-            max_tokens = request.max_tokens
-            if max_tokens <= budget:
-                # The budget is part of max_tokens; keep the configured room for the answer on top of it.
-                max_tokens = budget + request.max_tokens
-                limit = request.model_info.max_output_tokens
-                if limit and max_tokens > limit:
-                    max_tokens, budget = limit, min(budget, limit - 1)
+            max_tokens, budget = budget_max_tokens(request)  # the reservation counts the same (calls.py)
             params["thinking"] = {"type": "enabled", "budget_tokens": budget}
             params["max_tokens"] = max_tokens
     if request.cache_ttl is not None:

@@ -98,6 +98,28 @@ class ProviderRequest:
         return self.model.split("/", 1)[1] if "/" in self.model else self.model
 
 
+def budget_max_tokens(request: ProviderRequest) -> tuple[int, int]:
+    """``max_tokens`` and the thinking budget as the budget form of extended thinking sends them: the budget
+    is part of ``max_tokens``, so a budget at or above it gets the configured room for the answer on top,
+    within the model's output limit."""
+    assert request.thinking is not None
+    budget, max_tokens = request.thinking.budget_tokens, request.max_tokens
+    if max_tokens <= budget:
+        max_tokens = budget + request.max_tokens
+        limit = request.model_info.max_output_tokens
+        if limit and max_tokens > limit:
+            max_tokens, budget = limit, min(budget, limit - 1)
+    return max_tokens, budget
+
+
+def upstream_output_tokens(request: ProviderRequest) -> int:
+    """The most output tokens ``request`` asks the upstream for: ``max_tokens`` with the thinking budget as
+    the providers send it (the budget form is the larger one; adaptive thinking stays within ``max_tokens``)."""
+    if request.thinking is None or request.thinking.adaptive:
+        return request.max_tokens
+    return budget_max_tokens(request)[0]
+
+
 @runtime_checkable
 class Provider(Protocol):
     """A source of model output.

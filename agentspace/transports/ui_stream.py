@@ -312,7 +312,9 @@ async def chat_handler(request: web.Request) -> web.StreamResponse:
     # ApiErrors raised here are answered by the app's error middleware (rest.errors_and_preflight).
     caller = security.caller(request)
     service = state.service(request.app, caller)
-    turn = await service.start_chat(parse_chat_body(await read_json(request), caller))
+    chat = parse_chat_body(await read_json(request), caller)
+    chat.credential = request.get(security.CREDENTIAL_KEY)  # each step of the turn checks the key is still valid
+    turn = await service.start_chat(chat)
     return await stream_turn(request, turn, abort_on_disconnect=service.gw.config["chat"]["on_disconnect"] == "abort")
 
 

@@ -1,6 +1,6 @@
 """``POST /v1/messages`` and ``POST /v1/messages/count_tokens``: the Anthropic Messages API, drop-in.
 
-Anthropic models go through the pass-through (``agentspace.transports.v1_passthrough``); other models are translated
+Anthropic models go through the pass-through (the relay, ``agentspace.providers.anthropic_relay``); other models are translated
 (``agentspace.protocols.anthropic_messages``) and served by their provider. Errors use Anthropic's shape.
 """
 
@@ -10,14 +10,14 @@ from typing import Any
 
 from aiohttp import web
 
-from ..direct_call import DirectCall, request_input_tokens
+from ..calls import ProviderCall, messages_body_ceiling, request_ceiling, request_input_tokens
+from ..direct_call import DirectCall
 from ..errors import ApiError
 from ..events import ProviderError
 from ..logs import redact
-from ..meter import Meter
 from ..protocols import anthropic_messages as am
+from ..providers import anthropic_relay as relay
 from ..registry import ModelNotFound
-from . import v1_passthrough as passthrough
 from .bodies import ANTHROPIC_FIELDS, BUSY_MESSAGE, BodyInvalid, GatewayBusy, type_problem
 from .v1_common import (
     BodyTooLarge,
@@ -76,26 +76,22 @@ async def messages(request: web.Request) -> web.StreamResponse:
         gw.provider_for(model)
     except ModelNotFound as e:
         return _error(404, f"model: {e}")
-    client = client_name(request)
-    max_tokens = body.get("max_tokens")
-    if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
-        max_tokens = int(gw.config["chat"]["max_tokens"])
-    try:  # the client's checks (SPEC 11), the pass-through included
-        reservation = await gw.guard.admit(
-            client, model, input_tokens=lambda: am.local_input_tokens(body), max_tokens=max_tokens
-        )
-    except ApiError as e:
-        return refusal(request, e)
-    meter = Meter(gw, model, session_id=session_id(request), client=client, endpoint=ENDPOINT, reservation=reservation)
-    try:
-        if model.startswith("anthropic/"):
-            return await passthrough.messages(request, gw, body, raw, model, meter)
-        return await _translated(request, body, model, meter)
-    finally:
-        await gw.guard.release(reservation)
+    meter = ProviderCall(gw, model, session_id=session_id(request), client=client_name(request), endpoint=ENDPOINT)
+    if model.startswith("anthropic/"):
+        try:  # the checks at the moment of the call, its reservation and its pending entry (calls.py)
+            await meter.admit(lambda: messages_body_ceiling(gw, model, body))
+        except ApiError as e:
+            return refusal(request, e)
+        try:
+            return await relay.messages(request, gw, body, raw, model, meter)
+        finally:
+            await meter.release()
+    return await _translated(request, body, model, meter)
 
 
-async def _translated(request: web.Request, body: dict[str, Any], model: str, meter: Meter) -> web.StreamResponse:
+async def _translated(
+    request: web.Request, body: dict[str, Any], model: str, meter: ProviderCall
+) -> web.StreamResponse:
     """A model that is not Anthropic's: the request translated for its provider, its events translated back."""
     gw = meter.gw
     try:
@@ -106,14 +102,24 @@ async def _translated(request: web.Request, body: dict[str, Any], model: str, me
         system, messages_, tools, max_tokens, budget, params = am.parse_request(body)
     except am.RequestError as e:
         return _error(400, e.message)
-    call = DirectCall(gw, provider_request(gw, model, system, messages_, tools, max_tokens, budget, params), meter)
+    preq = provider_request(gw, model, system, messages_, tools, max_tokens, budget, params)
     try:
-        await call.start()
-    except ProviderError as e:
-        return _provider_error(e)
-    if not body.get("stream"):
-        return await whole(call, lambda finish, usage: am.whole_message(body["model"], finish, usage), _provider_error)
-    return await _stream(request, call, body["model"])
+        await meter.admit(lambda: request_ceiling(preq))
+    except ApiError as e:
+        return refusal(request, e)
+    call = DirectCall(gw, preq, meter)
+    try:
+        try:
+            await call.start()
+        except ProviderError as e:
+            return _provider_error(e)
+        if not body.get("stream"):
+            return await whole(
+                call, lambda finish, usage: am.whole_message(body["model"], finish, usage), _provider_error
+            )
+        return await _stream(request, call, body["model"])
+    finally:
+        await meter.release()
 
 
 def _provider_error(e: ProviderError) -> web.Response:
@@ -141,8 +147,14 @@ async def count_tokens(request: web.Request) -> web.StreamResponse:
         return parsed
     body, raw, model = parsed
     gw = gateway(request)
+    try:  # the same checks as a call (allowlist, rate limits, a valid key, not shutting down); nothing reserved
+        await ProviderCall(
+            gw, model, session_id=session_id(request), client=client_name(request), endpoint=ENDPOINT
+        ).admit(None)
+    except ApiError as e:
+        return refusal(request, e)
     if model.startswith("anthropic/"):
-        relayed = await passthrough.count_tokens(request, gw, body, raw, model)
+        relayed = await relay.count_tokens(request, gw, body, raw, model)
         if relayed is not None:
             return relayed
     # No count from the upstream: count locally, and say so.

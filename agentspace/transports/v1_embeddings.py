@@ -7,20 +7,28 @@ map, endpoint ``embeddings``.
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 from aiohttp import web
 
+from ..calls import ALL_FIELDS, Ceiling, ProviderCall
 from ..errors import ApiError
 from ..events import ProviderError
-from ..meter import ALL_FIELDS, Meter
 from ..protocols.openai_chat import RequestError
 from ..providers import litellm as litellm_provider
 from ..registry import ModelNotFound
 from ..tokens import count_tokens
 from ..types import TokenUsage
-from .v1_common import BodyTooLarge, client_name, gateway, provider_request, read_body, refusal, session_id
+from .bodies import BUSY_MESSAGE, BodyInvalid, GatewayBusy
+from .v1_common import (
+    BodyTooLarge,
+    client_name,
+    gateway,
+    provider_request,
+    read_json_body,
+    refusal,
+    session_id,
+)
 from .v1_openai import _error, _provider_error
 
 ENDPOINT = "embeddings"
@@ -68,11 +76,13 @@ def _local_tokens(inputs: list[Any]) -> int:
 
 async def embeddings(request: web.Request) -> web.StreamResponse:
     try:
-        body = json.loads(await read_body(request))
+        body, _ = await read_json_body(request)
     except BodyTooLarge as e:
         return _error(413, f"{e} (the gateway's limit for /v1 requests).")
-    except ValueError:
-        return _error(400, "We could not parse the JSON body of your request.")
+    except BodyInvalid as e:
+        return _error(400, f"We could not parse the JSON body of your request ({e}).")
+    except GatewayBusy:
+        return _error(503, BUSY_MESSAGE, headers={"Retry-After": "1"})
     try:
         name, inputs, options = parse(body)
     except RequestError as e:
@@ -86,12 +96,11 @@ async def embeddings(request: web.Request) -> web.StreamResponse:
     if not isinstance(provider, litellm_provider.LiteLLMProvider):
         return _error(400, f"{model} has no embeddings on this gateway.", param="model")
     preq = provider_request(gw, model, "", [], [], None, None, {})
-    client = client_name(request)
-    try:
-        reservation = await gw.guard.admit(client, model, input_tokens=lambda: _local_tokens(inputs), max_tokens=0)
+    meter = ProviderCall(gw, model, session_id=session_id(request), client=client_name(request), endpoint=ENDPOINT)
+    try:  # the checks at the moment of the call, its reservation (the input: embeddings write nothing back)
+        await meter.admit(lambda: Ceiling(_local_tokens(inputs), 0))
     except ApiError as e:
         return refusal(request, e)
-    meter = Meter(gw, model, session_id=session_id(request), client=client, endpoint=ENDPOINT, reservation=reservation)
     try:
         meter.begin()
         try:
@@ -113,4 +122,4 @@ async def embeddings(request: web.Request) -> web.StreamResponse:
             }
         )
     finally:
-        await gw.guard.release(reservation)
+        await meter.release()

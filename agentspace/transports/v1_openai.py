@@ -9,11 +9,11 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from ..direct_call import DirectCall, request_input_tokens
+from ..calls import ProviderCall, request_ceiling
+from ..direct_call import DirectCall
 from ..errors import ApiError
 from ..events import ProviderError
 from ..logs import redact
-from ..meter import Meter
 from ..protocols import openai_chat as oc
 from ..registry import ModelNotFound
 from ..types import compact_json
@@ -97,14 +97,11 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         parsed.reasoning_budget,
         parsed.params,
     )
-    client = client_name(request)
-    try:  # the client's checks (SPEC 11)
-        reservation = await gw.guard.admit(
-            client, model, input_tokens=lambda: request_input_tokens(preq), max_tokens=preq.max_tokens
-        )
+    meter = ProviderCall(gw, model, session_id=session_id(request), client=client_name(request), endpoint=ENDPOINT)
+    try:  # the checks at the moment of the call, its reservation and its pending entry (calls.py)
+        await meter.admit(lambda: request_ceiling(preq))
     except ApiError as e:
         return refusal(request, e)
-    meter = Meter(gw, model, session_id=session_id(request), client=client, endpoint=ENDPOINT, reservation=reservation)
     call = DirectCall(gw, preq, meter)
     try:
         try:
@@ -115,7 +112,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
             return await whole(call, lambda finish, usage: oc.completion(parsed.model, finish, usage), _provider_error)
         return await _stream(request, call, parsed.model, parsed.include_usage)
     finally:
-        await gw.guard.release(reservation)
+        await meter.release()
 
 
 def _stream_error(e: ProviderError) -> bytes:

@@ -8,27 +8,27 @@ are called through Chat Completions upstream (litellm), like every other model.
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 from aiohttp import web
 
-from ..direct_call import DirectCall, request_input_tokens
+from ..calls import ProviderCall, request_ceiling
+from ..direct_call import DirectCall
 from ..errors import ApiError
 from ..events import ProviderError
 from ..logs import redact
-from ..meter import Meter
 from ..protocols import openai_chat as oc
 from ..protocols import openai_responses as orr
 from ..registry import ModelNotFound
 from ..types import compact_json
+from .bodies import BUSY_MESSAGE, BodyInvalid, GatewayBusy
 from .v1_common import (
     BodyTooLarge,
     client_name,
     gateway,
     openai_model,
     provider_request,
-    read_body,
+    read_json_body,
     refusal,
     session_id,
     stream,
@@ -45,11 +45,13 @@ def _frame(event: dict[str, Any]) -> bytes:
 
 async def responses(request: web.Request) -> web.StreamResponse:
     try:
-        body = json.loads(await read_body(request))
+        body, _ = await read_json_body(request)
     except BodyTooLarge as e:
         return _error(413, f"{e} (the gateway's limit for /v1 requests).")
-    except ValueError:
-        return _error(400, "We could not parse the JSON body of your request.")
+    except BodyInvalid as e:
+        return _error(400, f"We could not parse the JSON body of your request ({e}).")
+    except GatewayBusy:
+        return _error(503, BUSY_MESSAGE, headers={"Retry-After": "1"})
     try:
         parsed, encrypted = orr.parse_request(body)
     except oc.RequestError as e:
@@ -77,14 +79,11 @@ async def responses(request: web.Request) -> web.StreamResponse:
         parsed.reasoning_budget,
         parsed.params,
     )
-    client = client_name(request)
-    try:  # the client's checks (SPEC 11)
-        reservation = await gw.guard.admit(
-            client, model, input_tokens=lambda: request_input_tokens(preq), max_tokens=preq.max_tokens
-        )
+    meter = ProviderCall(gw, model, session_id=session_id(request), client=client_name(request), endpoint=ENDPOINT)
+    try:  # the checks at the moment of the call, its reservation and its pending entry (calls.py)
+        await meter.admit(lambda: request_ceiling(preq))
     except ApiError as e:
         return refusal(request, e)
-    meter = Meter(gw, model, session_id=session_id(request), client=client, endpoint=ENDPOINT, reservation=reservation)
     call = DirectCall(gw, preq, meter)
     try:
         try:
@@ -112,4 +111,4 @@ async def responses(request: web.Request) -> web.StreamResponse:
             failed,
         )
     finally:
-        await gw.guard.release(reservation)
+        await meter.release()

@@ -78,6 +78,7 @@ class Connection:
         # CREDENTIAL_CHECK_SECONDS: a rotated or removed one closes the socket.
         self.token = token
         self.revoked = False
+        self.credential = request.get(security.CREDENTIAL_KEY)  # that key's SHA-256
         self.service = state.service(request.app, caller)
         self.config = self.service.gw.config
         self.ws = ws
@@ -142,6 +143,7 @@ class Connection:
             client=self.caller,
             endpoint="ws",
         )
+        request.credential = self.credential  # each call checks the key is still the client's
         if self.turn is not None and not self.turn.done:
             raise ApiError("STREAM_IN_PROGRESS", "This connection is already streaming; wait or send chat.abort.")
         turn = await self.service.start_chat(request)

@@ -237,7 +237,8 @@ def message_response(
 
     ``usage`` overrides fields of message_start's usage. ``delta_usages`` are the usage objects of one or more
     message_delta events (cumulative, like the API's; only the last carries ``stop_reason``); by default one
-    with an output count derived from the blocks. ``stop=False`` leaves out message_stop.
+    with an output count derived from the blocks and, when the model used server tools, their
+    ``server_tool_use`` counts (``{"web_search_requests": N}``). ``stop=False`` leaves out message_stop.
     """
     start_usage = {
         "input_tokens": 25,
@@ -267,6 +268,14 @@ def message_response(
         events.append(("content_block_stop", {"type": "content_block_stop", "index": index}))
     if delta_usages is None:
         delta_usages = [{"output_tokens": max(1, sum(len(b.deltas) for b in blocks))}]
+        # Like the API: the server tools the model used, counted in the final usage (billed per use).
+        server_tools: dict[str, int] = {}
+        for b in blocks:
+            if b.start.get("type") == "server_tool_use":
+                name = f"{b.start.get('name')}_requests"
+                server_tools[name] = server_tools.get(name, 0) + 1
+        if server_tools:
+            delta_usages[0]["server_tool_use"] = server_tools
     for i, delta_usage in enumerate(delta_usages):
         last = i == len(delta_usages) - 1
         delta = {"stop_reason": stop_reason if last else None, "stop_sequence": None}

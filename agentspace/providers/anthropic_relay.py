@@ -1,10 +1,13 @@
-"""The Anthropic pass-through of ``/v1/messages`` and ``/v1/messages/count_tokens`` (SPEC section 10).
+"""The Anthropic relay: the upstream side of the pass-through of ``/v1/messages`` and
+``/v1/messages/count_tokens`` (SPEC section 10), a provider call like every other (``calls.ProviderCall``,
+admitted and written ahead by the transport before it comes here).
 
 The client's body goes upstream as sent (only a ``anthropic/`` prefix is taken off the model id), with the
 client's ``anthropic-version`` and ``anthropic-beta`` headers and our key. The upstream's bytes come back
 as they arrive, unbuffered and unchanged, while ``UsageScanner`` reads the usage on the way; errors, before
 or inside the stream, reach the client with their status and body. A client that goes away stops the
-upstream request. Every call ends with exactly one usage record, made by the meter.
+upstream request. Usage the upstream reports (``message_start``) is noted in the ledger as it arrives, and
+the output relayed now and then, for a recovery after a crash. Every call ends with exactly one usage record.
 """
 
 from __future__ import annotations
@@ -17,8 +20,8 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
+from ..calls import ALL_FIELDS, OUTPUT_FIELDS, ProviderCall
 from ..logs import redact_bytes, redact_headers
-from ..meter import ALL_FIELDS, OUTPUT_FIELDS, Meter
 from ..protocols.anthropic_messages import (
     DEFAULT_VERSION,
     UsageScanner,
@@ -28,12 +31,12 @@ from ..protocols.anthropic_messages import (
     local_input_tokens,
     message_usage,
 )
-from ..providers.anthropic import FINISH_REASONS
-from ..providers.sse import SSEDecoder
 from ..registry import Registry
+from ..transports.v1_common import client_gone, http_client, watch_client
 from ..types import TokenUsage
 from ..vault import missing_key_message, resolve_key
-from .v1_common import client_gone, http_client, watch_client
+from .anthropic import FINISH_REASONS
+from .sse import SSEDecoder
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +86,7 @@ def _error(status: int, message: str, error_type: str | None = None) -> web.Resp
 
 
 async def messages(
-    request: web.Request, gw: Registry, body: dict[str, Any], raw: bytes, model: str, meter: Meter
+    request: web.Request, gw: Registry, body: dict[str, Any], raw: bytes, model: str, meter: ProviderCall
 ) -> web.StreamResponse:
     """Relay one Messages call to Anthropic and meter it."""
     meter.begin()
@@ -112,6 +115,7 @@ async def messages(
                 await meter.record(TokenUsage(), "error", error=error_code_for_status(up.status), answered=False)
                 return web.Response(status=up.status, body=redact_bytes(data), headers=relayed_headers(up))
             answered = True
+            meter.answered()
             if not body.get("stream"):
                 return await _whole(up, body, meter)
             return await _stream(request, up, body, meter)
@@ -130,7 +134,7 @@ async def messages(
         raise
 
 
-async def _whole(up: aiohttp.ClientResponse, body: dict[str, Any], meter: Meter) -> web.Response:
+async def _whole(up: aiohttp.ClientResponse, body: dict[str, Any], meter: ProviderCall) -> web.Response:
     try:
         data = await up.read()
     except (aiohttp.ClientError, TimeoutError) as e:
@@ -153,7 +157,7 @@ async def _whole(up: aiohttp.ClientResponse, body: dict[str, Any], meter: Meter)
 
 
 async def _stream(
-    request: web.Request, up: aiohttp.ClientResponse, body: dict[str, Any], meter: Meter
+    request: web.Request, up: aiohttp.ClientResponse, body: dict[str, Any], meter: ProviderCall
 ) -> web.StreamResponse:
     resp = web.StreamResponse(
         status=200, headers={**relayed_headers(up), "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
@@ -166,6 +170,7 @@ async def _stream(
         await resp.prepare(request)
         async for chunk in up.content.iter_any():
             relay.feed(chunk)
+            relay.note(meter)
             if not recorded and relay.ended:
                 # The last event (message_stop, or an error) waits for the record to be durable, as every
                 # answer's end does (SPEC 6): a client that reads its usage after the stream finds it. What
@@ -216,7 +221,7 @@ def last_event_offset(chunk: bytes) -> int:
 class _Relay:
     """What a relayed stream has shown so far: its events, read as the bytes go by, and how it ended."""
 
-    __slots__ = ("decoder", "scanner", "unreadable", "disconnected", "cut")
+    __slots__ = ("decoder", "scanner", "unreadable", "disconnected", "cut", "_noted", "_deltas_noted")
 
     def __init__(self) -> None:
         self.decoder = SSEDecoder()
@@ -224,6 +229,21 @@ class _Relay:
         self.unreadable = False
         self.disconnected = False
         self.cut = False
+        self._noted: tuple[int, ...] | None = None  # the usage last noted in the ledger
+        self._deltas_noted = 0
+
+    def note(self, call: ProviderCall) -> None:
+        """Into the ledger: reported usage as it arrives, the output relayed every so many deltas."""
+        usage = self.scanner.usage
+        if usage is not None:
+            seen = (usage.input_tokens, usage.output_tokens, usage.cache_read_tokens, usage.cache_write_tokens)
+            if seen != self._noted:
+                self._noted = seen
+                call.note(usage, final=self.scanner.final_delta)
+        deltas = len(self.scanner._deltas)
+        if deltas - self._deltas_noted >= 64:
+            self._deltas_noted = deltas
+            call.relayed_tokens(self.scanner.received_output_tokens())
 
     def feed(self, chunk: bytes) -> None:
         if self.unreadable:
@@ -252,7 +272,7 @@ class _Relay:
 
 
 async def _record_stream(
-    meter: Meter, scanner: UsageScanner, body: dict[str, Any], *, disconnected: bool, cut: bool
+    meter: ProviderCall, scanner: UsageScanner, body: dict[str, Any], *, disconnected: bool, cut: bool
 ) -> None:
     """The stream's one record: the reported usage, and local counts only for what was not reported."""
     if not scanner.started:  # an error event or a cut before message_start: the upstream never answered

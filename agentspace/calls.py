@@ -1,0 +1,622 @@
+"""Every provider call's one lifecycle (docs/accounting.md), whatever the endpoint.
+
+A ``ProviderCall`` is the only thing that admits, reserves, writes ahead and records a call to an upstream:
+the pipeline's steps (WebSocket and ``/api/chat``), the translated ``/v1`` calls (``direct_call.DirectCall``),
+the Anthropic relay (``providers/anthropic_relay.py``) and ``count_tokens`` (admission only)::
+
+    call = ProviderCall(gw, model, session_id=..., client=caller, endpoint="openai")
+    await call.admit(request_ceiling(gw, request))   # ApiError: refused; nothing was sent, nothing is held
+    ... the request goes upstream; call.begin() when it leaves
+    call.note(usage)                                  # usage the upstream reported mid-stream (message_start)
+    call.relayed(text)                                # output relayed so far (for a recovery's estimate)
+    await call.record(usage, "stop")                  # the call's one usage record, durable once awaited
+    await call.release()                              # in a finally: a call that made no record gives back
+                                                      # its reservation and closes its ledger entry
+
+The accounting rules live here only: a call the upstream never answered bills nothing; usage the upstream
+reported is kept as reported and ``estimated_fields`` names what was counted locally; the reservation is
+the most the request as sent upstream can cost (``Ceiling``), priced at the model's rates.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Any
+
+from .errors import ApiError, StorageError
+from .observe import CallInfo, notify
+from .pricing import cost_map
+from .providers.base import ProviderRequest, upstream_output_tokens
+from .tokens import count_tokens
+from .types import (
+    ChatMessage,
+    Cost,
+    ReasoningPart,
+    TextPart,
+    TokenUsage,
+    ToolCallPart,
+    ToolResultPart,
+    UsageRecord,
+    new_id,
+    now_iso,
+)
+
+if TYPE_CHECKING:
+    from .limits import Reservation
+    from .registry import Registry
+
+log = logging.getLogger(__name__)
+
+# The usage fields a record may have counted locally, in UsageRecord.to_dict's names.
+INPUT_FIELDS = ("inputTokens",)
+OUTPUT_FIELDS = ("outputTokens",)
+ALL_FIELDS = ("inputTokens", "outputTokens")
+
+# Anthropic's documented ceiling for one image: it is scaled down to about 1.15 megapixels, (w * h) / 750.
+IMAGE_TOKENS = 1600
+# A PDF page costs its text (1,500 to 3,000 tokens, Anthropic's figure) plus the page as an image.
+PDF_PAGE_TOKENS = 3000 + IMAGE_TOKENS
+# Prompts longer than this are priced at the long-context rates where the model has them.
+LONG_CONTEXT_TOKENS = 200_000
+# Anthropic's web search: $10 per 1,000 searches, when the cost map does not say.
+WEB_SEARCH_USD = 0.01
+
+
+# --- reservations -------------------------------------------------------------------------------
+
+
+@dataclass
+class Ceiling:
+    """The most a request as sent upstream can use: what its reservation prices."""
+
+    input_tokens: int
+    output_tokens: int
+    # Server tools the request lets the model use, and how often at most (``max_uses`` or the configured
+    # ceiling): {"web_search": 5}.
+    server_tool_uses: dict[str, int] = field(default_factory=dict)
+
+
+def request_input_tokens(request: ProviderRequest) -> int:
+    """A local count of a request's input: system, messages and tool definitions."""
+    pieces = [request.system]
+    for message in request.messages:
+        for part in message.parts:
+            if isinstance(part, (TextPart, ReasoningPart)):
+                pieces.append(part.text)
+            elif isinstance(part, ToolCallPart):
+                pieces.append(json.dumps(part.input, default=str))
+            elif isinstance(part, ToolResultPart):
+                output = part.output
+                pieces.append(output if isinstance(output, str) else json.dumps(output, default=str))
+    if request.tools:
+        pieces.append(json.dumps([t.definition() for t in request.tools]))
+    return count_tokens("\n".join(p for p in pieces if p))
+
+
+def request_ceiling(request: ProviderRequest, input_tokens: int | None = None) -> Ceiling:
+    """A ProviderRequest's ceiling: its input counted (or ``input_tokens`` when the caller counted it) and the
+    output tokens the provider will ask for, the thinking budget included."""
+    tokens = request_input_tokens(request) if input_tokens is None else input_tokens
+    return Ceiling(tokens, upstream_output_tokens(request))
+
+
+def uncountable_tokens(gw: Registry, model: str) -> int:
+    """What an input that cannot be counted here (a document or image behind a URL) may cost at most:
+    ``[limits] uncountable_input_tokens``, else the model's whole context window."""
+    configured = gw.config["limits"]["uncountable_input_tokens"]
+    if configured is not None:
+        return int(configured)
+    return int(gw.model_info(model).context_window or LONG_CONTEXT_TOKENS)
+
+
+def messages_body_ceiling(gw: Registry, model: str, body: dict[str, Any]) -> Ceiling:
+    """The ceiling of a Messages API body as it goes upstream (the pass-through): text counted, images and
+    PDFs by Anthropic's formulas, URL sources at the configured ceiling, ``max_tokens`` as sent (the thinking
+    budget is part of it), server tools at ``max_uses``."""
+    texts: list[str] = []
+    extra = 0
+    uncountable = 0
+
+    def block(value: Any) -> None:
+        nonlocal extra, uncountable
+        if isinstance(value, str):
+            texts.append(value)
+            return
+        if isinstance(value, list):
+            for item in value:
+                block(item)
+            return
+        if not isinstance(value, dict):
+            texts.append(str(value))
+            return
+        kind = value.get("type")
+        source = value.get("source")
+        if kind == "image":
+            extra += IMAGE_TOKENS
+        elif kind == "document" and isinstance(source, dict):
+            source_type = source.get("type")
+            if source_type == "text":
+                texts.append(str(source.get("data") or ""))
+            elif source_type == "content":
+                block(source.get("content"))
+            elif source_type == "base64":
+                extra += PDF_PAGE_TOKENS * max(1, _pdf_pages(str(source.get("data") or "")))
+            else:  # a URL or a file id: not here to count
+                uncountable += 1
+        elif kind in ("text", "thinking"):
+            texts.append(str(value.get("text") or value.get("thinking") or ""))
+        elif kind == "tool_result":
+            block(value.get("content") or "")
+        else:  # tool_use, server tool blocks and the like: their JSON
+            texts.append(json.dumps(value, default=str))
+
+    block(body.get("system") or "")
+    for message in body.get("messages") or ():
+        if isinstance(message, dict):
+            block(message.get("content") or "")
+    tools = body.get("tools")
+    if tools:
+        texts.append(json.dumps(tools, default=str))
+    input_tokens = count_tokens("\n".join(t for t in texts if t)) + extra
+    if uncountable:
+        input_tokens += uncountable * uncountable_tokens(gw, model)
+    max_tokens = body.get("max_tokens")
+    if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
+        max_tokens = int(gw.config["chat"]["max_tokens"])
+    return Ceiling(input_tokens, max_tokens, server_tool_uses(gw, tools))
+
+
+def _pdf_pages(data: str) -> int:
+    import base64
+    import binascii
+
+    try:
+        raw = base64.b64decode(data, validate=False)
+    except (binascii.Error, ValueError):
+        return 1
+    return raw.count(b"/Type /Page") - raw.count(b"/Type /Pages") or raw.count(b"/Type/Page") - raw.count(
+        b"/Type/Pages"
+    )
+
+
+def server_tool_uses(gw: Registry, tools: Any) -> dict[str, int]:
+    """The server tools of a Messages request (``web_search_*``, ``web_fetch_*``, ``code_execution_*``) and their
+    most uses: ``max_uses``, else ``[limits] server_tool_max_uses``."""
+    uses: dict[str, int] = {}
+    if not isinstance(tools, list):
+        return uses
+    ceiling = int(gw.config["limits"]["server_tool_max_uses"])
+    for tool in tools:
+        kind = tool.get("type") if isinstance(tool, dict) else None
+        if not isinstance(kind, str):
+            continue
+        for name in ("web_search", "web_fetch", "code_execution"):
+            if kind.startswith(name + "_"):
+                most = tool.get("max_uses")
+                count = most if isinstance(most, int) and not isinstance(most, bool) and most >= 0 else ceiling
+                uses[name] = uses.get(name, 0) + count
+    return uses
+
+
+def server_tool_price(model: str, tool: str) -> float:
+    """Dollars per use of a server tool: the cost map's ``search_context_cost_per_query`` for web search (its
+    highest tier), Anthropic's list price otherwise; web fetch and code execution bill their tokens only."""
+    if tool != "web_search":
+        return 0.0
+    entry = cost_map().get(model.split("/", 1)[1] if "/" in model else model) or {}
+    tiers = entry.get("search_context_cost_per_query")
+    if isinstance(tiers, dict) and tiers:
+        return max(float(v) for v in tiers.values())
+    return WEB_SEARCH_USD
+
+
+def server_tool_cost(model: str, uses: dict[str, int]) -> float:
+    return sum(server_tool_price(model, tool) * n for tool, n in uses.items())
+
+
+def ceiling_cost(gw: Registry, model: str, ceiling: Ceiling) -> float:
+    """The reservation: a ceiling priced at the model's rates, long-context tiers included."""
+    info = gw.model_info(model)
+    input_rate, output_rate = info.input_per_mtok / 1e6, info.output_per_mtok / 1e6
+    if ceiling.input_tokens > LONG_CONTEXT_TOKENS and not gw.config.pricing.get(model):
+        entry = cost_map().get(model.split("/", 1)[1] if "/" in model else model) or {}
+        input_rate = float(entry.get("input_cost_per_token_above_200k_tokens") or input_rate)
+        output_rate = float(entry.get("output_cost_per_token_above_200k_tokens") or output_rate)
+    return (
+        ceiling.input_tokens * input_rate
+        + ceiling.output_tokens * output_rate
+        + server_tool_cost(model, ceiling.server_tool_uses)
+    )
+
+
+# --- the record ---------------------------------------------------------------------------------
+
+
+def price(gw: Registry, model: str, usage: TokenUsage) -> Cost:
+    """What ``usage`` costs at the model's rates, server-tool fees included."""
+    cost = gw.model_info(model).cost(usage)
+    if usage.server_tool_use:
+        cost.server_tool_cost = server_tool_cost(model, usage.server_tool_use)
+    return cost
+
+
+def _usage_record(
+    gw: Registry,
+    *,
+    record_id: str,
+    model: str,
+    usage: TokenUsage,
+    latency_ms: float,
+    finish_reason: str,
+    session_id: str | None,
+    client: str | None,
+    endpoint: str | None,
+    error: str | None = None,
+    answered: bool = True,
+    attempts: int = 1,
+    estimated_fields: Iterable[str] = (),
+    ttft_ms: float | None = None,
+    recovered: bool = False,
+    timestamp: str | None = None,
+    purpose: str | None = None,
+) -> UsageRecord:
+    """The priced record of one provider call: the only place a UsageRecord is made."""
+    if not answered:
+        usage = TokenUsage()  # the upstream never answered: nothing to bill, whatever was counted
+        estimated_fields = ()
+    fields = tuple(estimated_fields) or usage.estimated_fields
+    if not fields and usage.estimated:
+        fields = ALL_FIELDS  # counted locally as a whole
+    usage = replace(usage, estimated=bool(fields), estimated_fields=fields)
+    info = gw.model_info(model)
+    cost = price(gw, model, usage)
+    return UsageRecord(
+        id=record_id,
+        timestamp=timestamp or now_iso(),
+        model=model,
+        provider=model.split("/", 1)[0],
+        session_id=session_id,
+        client=client,
+        usage=usage,
+        cost=cost,
+        latency_ms=latency_ms,
+        finish_reason=finish_reason,
+        price_known=info.price_known,
+        error=error,
+        answered=answered,
+        attempts=attempts,
+        endpoint=endpoint,
+        ttft_ms=ttft_ms,
+        recovered=recovered,
+        purpose=purpose,
+    )
+
+
+def recovered_record(gw: Registry, entry: dict[str, Any]) -> UsageRecord:
+    """The record of a call whose process died before it was posted (``stores/ledger.py``): a record spooled
+    because the store refused it, as it was; else the usage the upstream reported kept, the output counted
+    from what was relayed, a call never answered voided."""
+    spooled = entry.get("record")
+    if isinstance(spooled, dict):
+        return _from_dict(spooled)
+    noted = entry.get("usage")
+    answered = bool(entry.get("answered")) or noted is not None
+    fields: list[str] = []
+    if isinstance(noted, dict):
+        usage = TokenUsage(
+            input_tokens=int(noted.get("inputTokens") or 0),
+            output_tokens=int(noted.get("outputTokens") or 0),
+            cache_read_tokens=int(noted.get("cacheReadTokens") or 0),
+            cache_write_tokens=int(noted.get("cacheWriteTokens") or 0),
+            reasoning_tokens=int(noted.get("reasoningTokens") or 0),
+            server_tool_use=noted.get("serverToolUse") or None,
+        )
+    else:
+        usage = TokenUsage(input_tokens=int(entry.get("inputTokens") or 0))
+        fields.append("inputTokens")
+    relayed = int(entry.get("relayedTokens") or 0)
+    if relayed > usage.output_tokens:
+        usage.output_tokens = relayed
+        fields.append("outputTokens")
+    elif not isinstance(noted, dict) or not noted.get("final"):
+        fields.append("outputTokens")
+    return _usage_record(
+        gw,
+        record_id=str(entry["id"]),
+        model=str(entry["model"]),
+        usage=usage,
+        latency_ms=0.0,
+        finish_reason="error",
+        session_id=entry.get("sessionId"),
+        client=entry.get("client"),
+        endpoint=entry.get("endpoint"),
+        error="INTERRUPTED",
+        answered=answered,
+        estimated_fields=fields,
+        recovered=True,
+        timestamp=str(entry.get("time") or now_iso()),
+    )
+
+
+def _from_dict(d: dict[str, Any]) -> UsageRecord:
+    """A record from its ``to_dict()`` form (the spool)."""
+    usage = TokenUsage(
+        int(d.get("inputTokens") or 0),
+        int(d.get("outputTokens") or 0),
+        int(d.get("cacheReadTokens") or 0),
+        int(d.get("cacheWriteTokens") or 0),
+        int(d.get("reasoningTokens") or 0),
+        bool(d.get("estimated")),
+        tuple(d.get("estimatedFields") or ()),
+        server_tool_use=d.get("serverToolUse") or None,
+    )
+    cost = Cost(
+        input_cost=float(d.get("inputCost") or 0.0),
+        output_cost=float(d.get("outputCost") or 0.0),
+        price_known=d.get("priceKnown") is not False,
+        server_tool_cost=float(d.get("serverToolCost") or 0.0),
+    )
+    return UsageRecord(
+        id=str(d["id"]),
+        timestamp=str(d["timestamp"]),
+        model=str(d["model"]),
+        provider=str(d.get("provider") or str(d["model"]).split("/", 1)[0]),
+        session_id=d.get("sessionId"),
+        client=d.get("client"),
+        usage=usage,
+        cost=cost,
+        latency_ms=float(d.get("latencyMs") or 0.0),
+        finish_reason=str(d.get("finishReason") or "other"),
+        price_known=d.get("priceKnown") is not False,
+        error=d.get("error"),
+        answered=d.get("answered") is not False,
+        attempts=int(d.get("attempts") or 1),
+        endpoint=d.get("endpoint"),
+        ttft_ms=d.get("ttftMs"),
+        recovered=bool(d.get("recovered")),
+        purpose=d.get("purpose"),
+    )
+
+
+def usage_to_note(usage: TokenUsage, final: bool = False) -> dict[str, Any]:
+    return {
+        "inputTokens": usage.input_tokens,
+        "outputTokens": usage.output_tokens,
+        "cacheReadTokens": usage.cache_read_tokens,
+        "cacheWriteTokens": usage.cache_write_tokens,
+        "reasoningTokens": usage.reasoning_tokens,
+        "serverToolUse": usage.server_tool_use,
+        "final": final,
+    }
+
+
+# --- the call -----------------------------------------------------------------------------------
+
+
+class ProviderCall:
+    """One provider call: admitted, reserved, written ahead, observed, recorded once, settled."""
+
+    __slots__ = (
+        "gw",
+        "id",
+        "model",
+        "session_id",
+        "client",
+        "endpoint",
+        "credential",
+        "purpose",
+        "started",
+        "attempts",
+        "recorded",
+        "first_at",
+        "call",
+        "reservation",
+        "ceiling",
+        "failure",
+        "_open",
+        "_relayed_chars",
+        "_relayed_noted",
+    )
+
+    def __init__(
+        self,
+        gw: Registry,
+        model: str,
+        *,
+        session_id: str | None,
+        client: str | None,
+        endpoint: str | None,
+        credential: str | None = None,
+        call: CallInfo | None = None,
+        purpose: str | None = None,
+    ) -> None:
+        self.gw = gw
+        self.purpose = purpose  # a call the gateway made on its own account ("compact"), in the record
+        self.id = new_id("usage_")  # the ledger entry's id, and the record's
+        self.model = model
+        self.session_id = session_id
+        self.client = client
+        self.endpoint = endpoint
+        self.credential = credential  # the SHA-256 of the client key the caller authenticated with
+        self.started = time.monotonic()
+        self.attempts = 1
+        self.recorded: UsageRecord | None = None
+        self.reservation: Reservation | None = None  # the budget held for this call, settled by the record
+        self.ceiling: Ceiling | None = None
+        self.first_at: float | None = None  # when the first output was streamed (``first_output``)
+        self.call = call  # for the observation hooks, from ``begin`` (the pipeline makes its own)
+        self.failure: BaseException | None = None  # a sink's store refused the record (kept for a retry)
+        self._open = False  # a pending entry is in the ledger
+        self._relayed_chars = 0
+        self._relayed_noted = 0
+
+    # --- admission ---
+
+    async def admit(self, ceiling: Callable[[], Ceiling] | None) -> None:
+        """The checks at the moment of the call (``limits.Guard.admit``: the server is not shutting down, the
+        credential is still valid, the model allowlist, rpm/tpm, the budget with this call's reservation), then
+        the pending entry written ahead. ``ceiling`` gives the request's ceiling, counted only when a budget
+        needs it (counting a long body costs milliseconds); None: admission only (count_tokens) -- nothing
+        reserved, no entry. Raises ApiError; then nothing is held."""
+        guard = self.gw.guard
+        amount: float | None = None
+
+        def cost() -> float:
+            nonlocal amount
+            assert ceiling is not None
+            self.ceiling = ceiling()
+            amount = ceiling_cost(self.gw, self.model, self.ceiling)
+            return amount
+
+        self.reservation = await guard.admit(
+            self.client or "admin", self.model, cost=None if ceiling is None else cost, credential=self.credential
+        )
+        if ceiling is None:
+            return
+        try:
+            await self.gw.ledger.pending(
+                {
+                    "id": self.id,
+                    "time": now_iso(),
+                    "client": self.client,
+                    "sessionId": self.session_id,
+                    "model": self.model,
+                    "endpoint": self.endpoint,
+                    "reservation": amount,
+                    "inputTokens": None if self.ceiling is None else self.ceiling.input_tokens,
+                }
+            )
+        except (StorageError, OSError) as e:
+            await guard.release(self.reservation)
+            self.reservation = None
+            problem = "the gateway's disk may be full"
+            if isinstance(e, StorageError) and e.message:  # it names its store (the database)
+                problem = e.message.rstrip(".")
+                problem = problem[0].lower() + problem[1:]
+            raise ApiError(
+                "STORAGE_ERROR", f"The call's ledger entry could not be stored ({problem}); nothing was sent."
+            ) from None
+        except BaseException:  # cancelled (the client left) while the entry was written
+            self.gw.ledger.closed(self.id, void=True)
+            await guard.release(self.reservation)
+            self.reservation = None
+            raise
+        self._open = True
+
+    # --- observation ---
+
+    def begin(self, system: str | None = None, messages: list[ChatMessage] | None = None) -> None:
+        """The call goes to the upstream now: the observation hooks see it start, with its prompt when known
+        (once; ``record`` calls it too, so every record has a started call)."""
+        if self.call is None:
+            self.call = CallInfo(
+                self.model,
+                self.session_id,
+                self.client,
+                self.endpoint,
+                system=system,
+                messages=messages,
+                started=self.started,
+            )
+            notify(self.gw.pm.hook.provider_call_started, call=self.call)
+
+    def first_output(self) -> None:
+        """The call's first output reached the client: its time to first token."""
+        if self.first_at is None:
+            self.first_at = time.monotonic()
+
+    def answered(self) -> None:
+        """The upstream took the call (its first byte): a recovery bills its input even with no report."""
+        if self._open:
+            self.gw.ledger.note(self.id, answered=True)
+
+    def note(self, usage: TokenUsage, final: bool = False) -> None:
+        """Usage the upstream reported as it arrives (``message_start``, usage chunks): kept in the ledger,
+        written with the next batch, for a recovery."""
+        if self._open:
+            self.gw.ledger.note(self.id, usage=usage_to_note(usage, final), answered=True)
+
+    def relayed(self, text: str) -> None:
+        """Output relayed to the client; its size is noted now and then (a recovery's output estimate)."""
+        self._relayed_chars += len(text)
+        # A token is about four characters; a note every ~256 tokens keeps the writes few.
+        if self._open and self._relayed_chars - self._relayed_noted >= 1024:
+            self._relayed_noted = self._relayed_chars
+            self.gw.ledger.note(self.id, relayedTokens=self._relayed_chars // 4 + 1, answered=True, soon=False)
+
+    def relayed_tokens(self, tokens: int) -> None:
+        """Output relayed so far, counted by the caller (the Anthropic relay counts its deltas)."""
+        if self._open:
+            self.gw.ledger.note(self.id, relayedTokens=tokens, answered=True, soon=False)
+
+    # --- the one record ---
+
+    def record(
+        self,
+        usage: TokenUsage,
+        finish_reason: str,
+        *,
+        error: str | None = None,
+        answered: bool = True,
+        estimated_fields: Iterable[str] = (),
+        model: str | None = None,
+        ttft_ms: float | None = None,
+    ) -> Awaitable[UsageRecord]:
+        """Make the call's record, post it to the sinks (the store of record first) and close the ledger entry;
+        await the result for durability. Once per call."""
+        if self.recorded is not None:
+            raise RuntimeError("a provider call makes exactly one usage record")
+        self.begin()
+        if ttft_ms is None and self.first_at is not None:
+            ttft_ms = (self.first_at - self.started) * 1000
+        self.recorded = record = _usage_record(
+            self.gw,
+            record_id=self.id,
+            model=model or self.model,
+            usage=usage,
+            latency_ms=(time.monotonic() - self.started) * 1000,
+            finish_reason=finish_reason,
+            session_id=self.session_id,
+            client=self.client,
+            endpoint=self.endpoint,
+            error=error,
+            answered=answered,
+            attempts=self.attempts,
+            estimated_fields=estimated_fields,
+            ttft_ms=ttft_ms,
+            purpose=self.purpose,
+        )
+        notify(self.gw.pm.hook.provider_call_finished, call=self.call, record=record)
+        posted = self.gw.record_usage(record, self.reservation)
+        gw, was_open = self.gw, self._open
+        self._open = False
+
+        async def post() -> UsageRecord:
+            self.failure = await posted
+            if not was_open:
+                return record
+            if self.failure is None:
+                gw.ledger.closed(record.id)
+                return record
+            # The store refused it (kept in memory for a retry, ``gw.pending``): the local spool keeps it
+            # durably before the client sees the end, and the next start posts it if no retry did.
+            try:
+                await gw.ledger.spool(record.id, record.to_dict())
+            except Exception:
+                log.exception("spooling usage record %s failed; it is kept in memory only", record.id)
+            return record
+
+        return post()
+
+    async def release(self) -> None:
+        """In a finally: a call that made no record (stopped before it was sent) gives back its reservation
+        and voids its ledger entry."""
+        if self.recorded is None:
+            await self.gw.guard.release(self.reservation)
+            if self._open:
+                self._open = False
+                self.gw.ledger.closed(self.id, void=True)

@@ -1,0 +1,356 @@
+"""The ledger's write-ahead journal (docs/accounting.md): a pending entry for every provider call, durable
+before the request leaves, so that a process that dies mid-call leaves what it owes behind.
+
+One append-only file per server process, ``<data dir>/ledger/journal-<pid>-<random>.jsonl`` (0600), held
+with an exclusive ``flock`` while the process lives; one JSON line per event:
+
+- ``pending``: id, time, client, session, model, endpoint, reservation, input tokens counted here. Written
+  and ``fdatasync``ed before the call goes upstream; concurrent calls share one sync (group commit).
+- ``note``: what the upstream reported so far (``usage``), whether it answered, the output relayed
+  (``relayedTokens``). Written with the next batch, without a sync of its own: a killed process's writes are
+  in the kernel already.
+- ``spooled``: the call's whole usage record, when the store of record refused it (the database
+  unreachable, the disk full): synced before the client sees the end of its answer, kept until a retry
+  stores it, and posted as it is at the next start -- the replica's local spool.
+- ``closed``: the call's usage record is in the store of record (or the call was voided before it was sent).
+
+At start-up, every journal no live process holds (its lock is free) is read back: each entry still pending
+whose record is not in the usage store is posted from what was noted (``calls.recovered_record``), then the
+journal is deleted. A journal grown past ``ROTATE_BYTES`` is rewritten with the entries still open.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+from collections.abc import Callable
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+try:
+    import fcntl
+except ImportError:  # Windows: journals are not shared by processes there (no `serve --workers`)
+    fcntl = None  # type: ignore[assignment]
+
+if TYPE_CHECKING:
+    from ..registry import Registry
+    from .ledger_postgres import PostgresLedger
+
+log = logging.getLogger(__name__)
+
+ROTATE_BYTES = 4 * 1024 * 1024
+NOTE_DELAY_SECONDS = 1.0  # how long a note of the output relayed may wait for the next batch
+
+
+def _line(event: dict[str, Any]) -> bytes:
+    return json.dumps(event, ensure_ascii=False, separators=(",", ":")).encode() + b"\n"
+
+
+class Ledger:
+    """The journal of this process; a no-op without a data directory (a registry built by hand)."""
+
+    def __init__(self, data_dir: Path | None) -> None:
+        self.dir = None if data_dir is None else Path(data_dir) / "ledger"
+        self.path: Path | None = None
+        self._fd: int | None = None
+        self._size = 0
+        self._open: dict[str, dict[str, Any]] = {}  # id -> the pending entry with its notes
+        self._lines: list[bytes] = []  # waiting for the next write
+        self._dirty: set[str] = set()  # ids with notes not written yet
+        self._waiters: list[asyncio.Future[None]] = []  # pending entries waiting for their sync
+        self._flusher: asyncio.Task[None] | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        # With the postgres backend: the pending entries shared with the other replicas, under leases.
+        self.shared: PostgresLedger | None = None
+
+    def __len__(self) -> int:
+        return len(self._open)
+
+    def open_entries(self) -> list[dict[str, Any]]:
+        return [dict(e) for e in self._open.values()]
+
+    # --- the events ---
+
+    async def pending(self, entry: dict[str, Any]) -> None:
+        """Write ahead: durable once awaited. Raises StorageError / OSError when the disk refuses."""
+        if self.dir is None:
+            return
+        self._open[entry["id"]] = dict(entry)
+        self._lines.append(_line({"event": "pending", **entry}))
+        waiter = asyncio.get_running_loop().create_future()
+        self._waiters.append(waiter)
+        self._kick()
+        try:
+            if self.shared is not None:  # the shared row and the local line, written at the same time
+                try:
+                    await self.shared.pending(entry)
+                except BaseException:
+                    await asyncio.shield(waiter)
+                    self.closed(entry["id"], void=True)
+                    raise
+            await asyncio.shield(waiter)
+        except BaseException:
+            if waiter.done() and not waiter.cancelled() and waiter.exception() is not None:
+                self._open.pop(entry["id"], None)  # not written: nothing to close
+            raise
+
+    async def spool(self, entry_id: str, record: dict[str, Any]) -> None:
+        """Keep a record the store of record refused, durably (synced once awaited), until it is stored."""
+        entry = self._open.get(entry_id)
+        if entry is None or self.dir is None:
+            return
+        entry["record"] = record
+        self._lines.append(_line({"event": "spooled", "id": entry_id, "record": record}))
+        waiter = asyncio.get_running_loop().create_future()
+        self._waiters.append(waiter)
+        self._kick()
+        await asyncio.shield(waiter)
+
+    def note(self, entry_id: str, *, soon: bool = True, **fields: Any) -> None:
+        """What the call showed so far; written with the next batch (``soon``) or within a second."""
+        entry = self._open.get(entry_id)
+        if entry is None:
+            return
+        entry.update(fields)
+        self._dirty.add(entry_id)
+        self._schedule(0.0 if soon else NOTE_DELAY_SECONDS)
+        if self.shared is not None:
+            self.shared.note(entry_id, fields, soon)
+
+    def closed(self, entry_id: str, *, void: bool = False) -> None:
+        """The call is settled: its record is stored (or it was voided before it was sent)."""
+        if self._open.pop(entry_id, None) is None:
+            return
+        self._dirty.discard(entry_id)
+        self._lines.append(_line({"event": "closed", "id": entry_id, "void": void}))
+        self._schedule(NOTE_DELAY_SECONDS)
+        if self.shared is not None:
+            self.shared.closed(entry_id)
+
+    # --- writing ---
+
+    def _schedule(self, delay: float) -> None:
+        if delay <= 0:
+            self._kick()
+        elif self._timer is None and (self._flusher is None or self._flusher.done()):
+            self._timer = asyncio.get_running_loop().call_later(delay, self._kick)
+
+    def _kick(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self._flusher is None or self._flusher.done():
+            self._flusher = asyncio.get_running_loop().create_task(self._flush(), name="agentspace-ledger")
+
+    async def _flush(self) -> None:
+        loop = asyncio.get_running_loop()
+        while self._lines or self._dirty:
+            lines, self._lines = self._lines, []
+            for entry_id in self._dirty:
+                entry = self._open.get(entry_id)
+                if entry is not None:
+                    note: dict[str, Any] = {k: entry[k] for k in ("usage", "answered", "relayedTokens") if k in entry}
+                    lines.append(_line({"event": "note", "id": entry_id, **note}))
+            self._dirty.clear()
+            waiters, self._waiters = self._waiters, []
+            rotate = self._rotation() if self._size > ROTATE_BYTES else None
+            try:
+                if waiters or rotate is not None or self._fd is None:
+                    # A sync (or a new file): on a thread, not the store thread -- a pending entry does not wait
+                    # behind store writes.
+                    await loop.run_in_executor(None, self._write, b"".join(lines), bool(waiters), rotate)
+                else:  # notes and closings: a few hundred bytes into the page cache, cheaper than a thread hop
+                    self._write(b"".join(lines), False, None)
+            except Exception as e:
+                for waiter in waiters:
+                    if not waiter.done():
+                        waiter.set_exception(e)
+                if not waiters:
+                    log.warning("the ledger journal could not be written: %r", e)
+                continue
+            for waiter in waiters:
+                if not waiter.done():
+                    waiter.set_result(None)
+
+    def _rotation(self) -> bytes:
+        """The open entries with what was noted and spooled, as the first lines of a fresh journal."""
+        return b"".join(_line({"event": "pending", **entry}) for entry in self._open.values())
+
+    def _open_file(self) -> None:
+        assert self.dir is not None
+        self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        path = self.dir / f"journal-{os.getpid()}-{os.urandom(4).hex()}.jsonl"
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_EXCL, 0o600)
+        if fcntl is not None:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # held while this process lives
+        old_fd, old_path = self._fd, self.path
+        self._fd, self.path, self._size = fd, path, 0
+        if old_fd is not None:
+            os.close(old_fd)
+        if old_path is not None:
+            old_path.unlink(missing_ok=True)
+
+    def _write(self, data: bytes, sync: bool, rotate: bytes | None) -> None:
+        if rotate is not None and self._fd is not None:
+            # Reopen: the open entries first, then this batch; the old journal goes once the new one is synced.
+            self._open_file()
+            data = rotate + data
+            sync = True
+        if self._fd is None:
+            self._open_file()
+        assert self._fd is not None
+        view = memoryview(data)
+        while view:
+            written = os.write(self._fd, view)
+            view = view[written:]
+        self._size += len(data)
+        if sync:
+            (getattr(os, "fdatasync", None) or os.fsync)(self._fd)
+
+    async def aclose(self) -> None:
+        """At shutdown, after the calls: write what is left; a journal with nothing open is removed."""
+        if self.shared is not None:
+            try:
+                await self.shared.aclose()
+            except Exception:
+                log.exception("closing the shared ledger failed")
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self._lines or self._dirty:
+            self._kick()
+        if self._flusher is not None:
+            try:
+                await self._flusher
+            except Exception:
+                log.exception("the ledger journal could not be written at shutdown")
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+            if not self._open and self.path is not None:
+                self.path.unlink(missing_ok=True)
+
+
+# --- recovery -----------------------------------------------------------------------------------
+
+
+def read_journal(path: Path) -> list[dict[str, Any]]:
+    """The entries of a journal still pending at its end, each with its notes; a torn last line is skipped."""
+    entries: dict[str, dict[str, Any]] = {}
+    with path.open("rb") as f:
+        for raw in f:
+            try:
+                event = json.loads(raw)
+            except ValueError:
+                continue  # a line cut by the crash: written after the last sync, so no call went out on it
+            kind, entry_id = event.pop("event", None), event.get("id")
+            if not isinstance(entry_id, str):
+                continue
+            if kind == "pending":
+                entries[entry_id] = event
+            elif kind in ("note", "spooled") and entry_id in entries:
+                entries[entry_id].update(event)
+            elif kind == "closed":
+                entries.pop(entry_id, None)
+    return list(entries.values())
+
+
+def _claim_dead(directory: Path, own: Path | None) -> list[tuple[Path, int]]:
+    """The journals whose process is gone, each locked now by this one (so two replicas on one data directory
+    do not recover the same journal)."""
+    dead = []
+    for path in sorted(directory.glob("journal-*.jsonl")):
+        if path == own:
+            continue
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except FileNotFoundError:
+            continue
+        if fcntl is not None:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)  # its process is alive
+                continue
+        dead.append((path, fd))
+    return dead
+
+
+def _since(entries: list[dict[str, Any]]) -> datetime | None:
+    times = []
+    for entry in entries:
+        try:
+            times.append(datetime.fromisoformat(str(entry["time"]).replace("Z", "+00:00")))
+        except (KeyError, ValueError):
+            return None
+    return min(times) - timedelta(minutes=5) if times else None
+
+
+async def recover(gw: Registry, make_record: Callable[[Registry, dict[str, Any]], Any]) -> int:
+    """Post every call a dead process left pending (``make_record``: ``calls.recovered_record``); returns
+    how many. A journal is deleted once each of its entries is in the usage store."""
+    ledger = gw.ledger
+    if ledger.dir is None or not ledger.dir.is_dir():
+        return 0
+    loop = asyncio.get_running_loop()
+    claimed = await loop.run_in_executor(None, _claim_dead, ledger.dir, ledger.path)
+    posted = 0
+    for path, fd in claimed:
+        try:
+            entries = await loop.run_in_executor(None, read_journal, path)
+            stored = set()
+            if entries:
+                stored = {r.get("id") for r in await gw.usage.arecords(since=_since(entries))}
+            complete = True
+            for entry in entries:
+                if entry.get("id") in stored:
+                    continue  # recorded; the process died before it wrote `closed`
+                record = make_record(gw, entry)
+                if await gw.record_usage(record) is not None:
+                    complete = False  # kept for a retry; the journal stays for the next start
+                    continue
+                posted += 1
+                log.warning(
+                    "recovered the usage of call %s (%s, client %s) left pending by a process that stopped",
+                    record.id,
+                    record.model,
+                    record.client,
+                )
+            if complete:
+                path.unlink(missing_ok=True)
+        except Exception:
+            log.exception("recovering the ledger journal %s failed; it is kept", path.name)
+        finally:
+            os.close(fd)
+    return posted
+
+
+async def share(gw: Registry, make_record: Callable[[Registry, dict[str, Any]], Any], replica: str) -> None:
+    """With the postgres backend: share the pending entries with the other replicas, under leases, and
+    recover the calls of replicas that died (``stores/ledger_postgres.py``)."""
+    from .postgres import PostgresDatabase
+
+    database = gw.storage.database if gw.storage is not None else None
+    if not isinstance(database, PostgresDatabase):
+        return
+    from .ledger_postgres import PostgresLedger
+
+    shared = PostgresLedger(database, replica)
+
+    async def recover_entry(entry: dict[str, Any]) -> bool:
+        record = make_record(gw, entry)
+        if await gw.record_usage(record) is not None:
+            return False
+        log.warning(
+            "recovered the usage of call %s (%s, client %s) left pending by a replica that stopped",
+            record.id,
+            record.model,
+            record.client,
+        )
+        return True
+
+    await shared.start(recover_entry)
+    gw.ledger.shared = shared
