@@ -259,6 +259,7 @@ def _usage_record(
     ttft_ms: float | None = None,
     recovered: bool = False,
     timestamp: str | None = None,
+    deployment: str | None = None,
 ) -> UsageRecord:
     """The priced record of one provider call: the only place a UsageRecord is made."""
     if not answered:
@@ -288,6 +289,7 @@ def _usage_record(
         endpoint=endpoint,
         ttft_ms=ttft_ms,
         recovered=recovered,
+        deployment=deployment,
     )
 
 
@@ -330,6 +332,7 @@ def recovered_record(gw: Registry, entry: dict[str, Any]) -> UsageRecord:
         estimated_fields=fields,
         recovered=True,
         timestamp=str(entry.get("time") or now_iso()),
+        deployment=entry.get("deployment"),
     )
 
 
@@ -367,6 +370,7 @@ class ProviderCall:
         "reservation",
         "ceiling",
         "failure",
+        "deployment",
         "_open",
         "_relayed_chars",
         "_relayed_noted",
@@ -398,6 +402,7 @@ class ProviderCall:
         self.first_at: float | None = None  # when the first output was streamed (``first_output``)
         self.call = call  # for the observation hooks, from ``begin`` (the pipeline makes its own)
         self.failure: BaseException | None = None  # a sink's store refused the record (kept for a retry)
+        self.deployment: str | None = None  # the model group's deployment this attempt went to (routing.py)
         self._open = False  # a pending entry is in the ledger
         self._relayed_chars = 0
         self._relayed_noted = 0
@@ -426,6 +431,7 @@ class ProviderCall:
                     "sessionId": self.session_id,
                     "model": self.model,
                     "endpoint": self.endpoint,
+                    "deployment": self.deployment,
                     "reservation": amount,
                     "inputTokens": ceiling.input_tokens if input_tokens is None else input_tokens,
                 }
@@ -525,6 +531,7 @@ class ProviderCall:
             attempts=self.attempts,
             estimated_fields=estimated_fields,
             ttft_ms=ttft_ms,
+            deployment=self.deployment,
         )
         notify(self.gw.pm.hook.provider_call_finished, call=self.call, record=record)
         posted = self.gw.record_usage(record, self.reservation)

@@ -19,6 +19,7 @@ from ..logs import redact
 from ..protocols import anthropic_messages as am
 from ..providers import anthropic_relay as relay
 from ..registry import ModelNotFound
+from ..routed_call import start_direct
 from .v1_common import (
     BodyTooLarge,
     anthropic_model,
@@ -58,7 +59,8 @@ async def _read_body(request: web.Request, unknown_hint: str = "") -> tuple[dict
         return _error(400, "The request body must be a JSON object.")
     if not isinstance(body.get("model"), str) or not body["model"]:
         return _error(400, "model: Field required")
-    model = anthropic_model(body["model"])
+    # A model group (routing.py) is named as configured; other ids as the SDK names them.
+    model = body["model"] if gateway(request).router.group(body["model"]) else anthropic_model(body["model"])
     if model is None:
         return _error(404, f"model: {body['model']}{unknown_hint}")
     return body, raw, model
@@ -104,7 +106,7 @@ async def _translated(
     call = DirectCall(gw, preq, meter)
     try:
         try:
-            await call.start()
+            call = await start_direct(gw, preq, meter)
         except ProviderError as e:
             return _provider_error(e)
         if not body.get("stream"):
@@ -114,6 +116,8 @@ async def _translated(
         return await _stream(request, call, body["model"])
     finally:
         await meter.release()
+        if call.meter is not meter:  # a model group's attempt that answered
+            await call.meter.release()
 
 
 def _provider_error(e: ProviderError) -> web.Response:

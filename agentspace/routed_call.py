@@ -1,0 +1,163 @@
+"""A ``/v1`` call to a model group (routing.py): ``DirectCall`` over the group's deployments.
+
+``start`` tries the deployments in the order the group's strategy gives until one sends its first event;
+nothing has been written to the client before that, so a failed attempt moves on unseen. Each attempt is a
+provider call of its own (``calls.ProviderCall``): the first is the one the endpoint admitted, the next ones
+are admitted here, and a failed one is recorded with ``answered: false``. Then the group's fallbacks.
+
+    call = await start_direct(gw, request, meter)   # ProviderError: every attempt failed (all recorded)
+    try: ... call.events() ...
+    finally: await meter.release(); await call.meter.release()
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+
+from .calls import ProviderCall, request_ceiling
+from .direct_call import DirectCall
+from .errors import ApiError
+from .events import ProviderError, ProviderEvent, ProviderFinish
+from .providers.base import ProviderRequest
+from .registry import Registry
+from .routing import Deployment, Group, all_cooling_error, deployment_request, moves_on
+from .types import UsageRecord
+
+
+class RoutedCall(DirectCall):
+    """A DirectCall on one deployment: its end (or abort) tells the group's state."""
+
+    def __init__(self, gw: Registry, request: ProviderRequest, meter: ProviderCall, dep: Deployment) -> None:
+        super().__init__(gw, request, meter)
+        self.deployment = dep
+        self._open = True
+
+    async def _done(self, tokens: int) -> None:
+        if self._open:
+            self._open = False
+            meter = self.meter
+            ttft = (meter.first_at - meter.started) * 1000 if meter.first_at is not None else None
+            await self.gw.router.state.done(self.deployment.id, tokens, ttft)
+
+    async def events(self) -> AsyncIterator[ProviderEvent]:
+        tokens = 0
+        try:
+            async for event in super().events():
+                if isinstance(event, ProviderFinish) and event.usage is not None:
+                    tokens = event.usage.input_tokens + event.usage.output_tokens
+                yield event
+        finally:
+            await self._done(tokens)
+
+    async def abort(self) -> UsageRecord | None:
+        try:
+            return await super().abort()
+        finally:
+            await self._done(0)
+
+
+async def start_direct(gw: Registry, request: ProviderRequest, meter: ProviderCall) -> DirectCall:
+    """Start ``request`` (admitted as ``meter``): a plain DirectCall for a model, over the deployments for a
+    group. The returned call's ``meter`` is the attempt that answered; the caller releases it and ``meter``."""
+    group = gw.router.group(request.model)
+    if group is None:
+        call = DirectCall(gw, request, meter)
+        await call.start()
+        return call
+    return await _start_group(gw, request, meter, group, [])
+
+
+async def _start_group(
+    gw: Registry, request: ProviderRequest, meter: ProviderCall, group: Group, seen: list[str]
+) -> DirectCall:
+    router = gw.router
+    seen.append(group.name)
+    deployments, cooling_until = await router.order(group)
+    last: ProviderError | None = None
+    current: ProviderCall | None = meter
+    for dep in deployments:
+        if not await router.state.take(dep.id, dep.rpm):
+            continue
+        try:
+            current = current or await _next_meter(gw, request, meter)
+        except BaseException:
+            await router.state.done(dep.id, 0, None)
+            raise
+        current.model, current.deployment = dep.model, dep.id  # the record prices the deployment's model
+        call = RoutedCall(gw, deployment_request(gw, request, dep), current, dep)
+        try:
+            await call.start()
+            return call
+        except ProviderError as e:
+            cooldown = e.retry_after if e.retry_after is not None else group.cooldown_seconds
+            await router.state.failed(dep.id, e.code, group.allowed_fails, cooldown)
+            call._open = False
+            if not moves_on(e):
+                raise
+            last = e
+        except BaseException:
+            await call._done(0)
+            raise
+        if current is not meter:
+            await current.release()
+        current = None
+    for fallback in group.fallbacks:
+        if fallback in seen:
+            continue
+        try:
+            current = current or await _next_meter(gw, request, meter)
+            inner = router.group(fallback)
+            if inner is not None:
+                return await _start_group(gw, request, current, inner, seen)
+            try:
+                await gw.guard.check_model(current.client or "admin", fallback)
+            except ApiError:
+                continue
+            current.model = fallback
+            fallback_request = _model_request(gw, request, fallback)
+            plain = DirectCall(gw, fallback_request, current)
+            await plain.start()
+            return plain
+        except ProviderError as e:
+            last = e
+            current = None
+    if current is not None and current is not meter:
+        await current.release()  # admitted for a fallback the client may not use
+    raise last or all_cooling_error(group, cooling_until)
+
+
+async def _next_meter(gw: Registry, request: ProviderRequest, first: ProviderCall) -> ProviderCall:
+    """The provider call of the next attempt, admitted like the first (ProviderError when refused)."""
+    meter = ProviderCall(
+        gw,
+        request.model,
+        session_id=first.session_id,
+        client=first.client,
+        endpoint=first.endpoint,
+        credential=first.credential,
+    )
+    meter.started = time.monotonic()
+    try:
+        await meter.admit(request_ceiling(request))
+    except ApiError as e:
+        raise ProviderError(e.code, e.message, status=429 if e.code == "RATE_LIMITED" else 403) from None
+    return meter
+
+
+def _model_request(gw: Registry, request: ProviderRequest, model: str) -> ProviderRequest:
+    """``request`` for a fallback model outside any group, with that provider's key and settings."""
+    from dataclasses import replace
+
+    from .vault import resolve_key
+
+    prefix = model.split("/", 1)[0]
+    settings = gw.config.provider_settings(prefix)
+    return replace(
+        request,
+        model=model,
+        model_info=gw.model_info(model),
+        api_key=resolve_key(gw.config, prefix),
+        base_url=settings["base_url"],
+        options=settings,
+    )
