@@ -18,11 +18,13 @@ from collections.abc import AsyncIterator
 from .calls import ProviderCall, request_ceiling
 from .direct_call import DirectCall
 from .errors import ApiError
-from .events import ProviderError, ProviderEvent, ProviderFinish
+from .events import ProviderError, ProviderEvent, ProviderFinish, ReasoningDelta, TextDelta, ToolCallEvent
 from .providers.base import ProviderRequest
 from .registry import Registry
 from .routing import Deployment, Group, all_cooling_error, deployment_request, moves_on
 from .types import UsageRecord
+
+OUTPUT_EVENTS = (TextDelta, ReasoningDelta, ToolCallEvent)
 
 
 class RoutedCall(DirectCall):
@@ -32,20 +34,23 @@ class RoutedCall(DirectCall):
         super().__init__(gw, request, meter)
         self.deployment = dep
         self._open = True
+        self._first_token = 0.0
 
     async def _done(self, tokens: int) -> None:
         if self._open:
             self._open = False
-            meter = self.meter
-            ttft = (meter.first_at - meter.started) * 1000 if meter.first_at is not None else None
+            ttft = (self._first_token - self.meter.started) * 1000 if self._first_token else None
             await self.gw.router.state.done(self.deployment.id, tokens, ttft)
 
     async def events(self) -> AsyncIterator[ProviderEvent]:
         tokens = 0
         try:
             async for event in super().events():
-                if isinstance(event, ProviderFinish) and event.usage is not None:
-                    tokens = event.usage.input_tokens + event.usage.output_tokens
+                kind = type(event)
+                if not self._first_token and kind in OUTPUT_EVENTS:
+                    self._first_token = time.monotonic()  # the deployment's TTFT: its first output, not its headers
+                elif kind is ProviderFinish and event.usage is not None:  # type: ignore[union-attr]
+                    tokens = event.usage.input_tokens + event.usage.output_tokens  # type: ignore[union-attr]
                 yield event
         finally:
             await self._done(tokens)

@@ -279,12 +279,13 @@ def ema(average: float, value: float) -> float:
 def moves_on(error: ProviderError) -> bool:
     """Whether a call that failed this way before its first byte goes to another deployment, the failure
     counted against this one: rate limited (429), overloaded (529), a server error or a timeout, the
-    connection refused, or a key the upstream refused (401, 403). A request the upstream found wrong (400)
+    connection refused or broken, or a key missing or refused (401, 403). A request the upstream found wrong (400)
     would fail everywhere: it is answered as it is."""
     status = error.status
     if status is not None:
         return status in (401, 403, 408, 429) or status >= 500
-    return error.retryable or error.code in ("RATE_LIMITED", "OVERLOADED", "TIMEOUT", "UPSTREAM_ERROR")
+    # No status: the connection failed, timed out or broke before the first token, or the key is missing.
+    return error.code != "INVALID_MESSAGE"
 
 
 class Router:
