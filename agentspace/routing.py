@@ -380,3 +380,45 @@ def deployment_request(gw: Registry, request: ProviderRequest, dep: Deployment) 
         base_url=dep.base_url or settings["base_url"],
         options=settings,
     )
+
+
+# --- what the deployments page shows ----------------------------------------------------------------
+
+
+async def deployment_states(router: Router) -> list[dict[str, Any]]:
+    """Each deployment's state now (``GET /api/deployments``): active or cooling down until when, calls in
+    flight, the minute's requests and tokens against its limits, its TTFT average and its recent errors."""
+    from datetime import UTC, datetime
+
+    def iso(t: float) -> str:
+        return datetime.fromtimestamp(t, UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+    deployments = list(router.deployments.values())
+    loads = await router.state.loads([d.id for d in deployments])
+    now = time.time()
+    out = []
+    for dep, load in zip(deployments, loads, strict=True):
+        group = router.groups[dep.group]
+        out.append(
+            {
+                "id": dep.id,
+                "group": dep.group,
+                "name": dep.name,
+                "model": dep.model,
+                "key": dep.key,
+                "baseUrl": dep.base_url,
+                "weight": dep.weight,
+                "strategy": group.strategy,
+                "state": "cooling" if load.cooled_until else "active",
+                "coolingUntil": iso(load.cooled_until) if load.cooled_until else None,
+                "coolingSeconds": round(max(0.0, load.cooled_until - now), 1) if load.cooled_until else 0.0,
+                "inFlight": load.in_flight,
+                "requestsLastMinute": load.requests,
+                "rpm": dep.rpm,
+                "tokensLastMinute": load.tokens,
+                "tpm": dep.tpm,
+                "latencyMs": None if load.latency_ms is None else round(load.latency_ms, 1),
+                "recentErrors": [{"time": iso(t), "code": code} for t, code in reversed(load.errors)],
+            }
+        )
+    return out

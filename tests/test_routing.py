@@ -13,7 +13,9 @@ from typing import Any
 import openai
 import pytest
 from aiohttp.test_utils import TestClient
+from click.testing import CliRunner
 
+from agentspace.cli import main
 from agentspace.config import ConfigError, parse_config
 from agentspace.transports import state
 from agentspace.vault import KeyVault
@@ -108,8 +110,6 @@ async def test_429_with_retry_after_cools_the_deployment(
         chunks = await read_all(resp)
         assert chunks[-1] == DONE
         assert not [c for c in chunks if isinstance(c, dict) and c.get("type") == "error"], chunks
-        if len(fakes[1].requests) == 1 and i < 99:
-            continue
     # Whatever the draws, the 429 deployment got one call at most: the first one sent to it cooled it for 30s.
     assert len(fakes[1].requests) <= 1
     assert len(fakes[0].requests) == 100
@@ -120,10 +120,19 @@ async def test_429_with_retry_after_cools_the_deployment(
     assert len(failed) == len(fakes[1].requests)
     for r in failed:  # the failed attempt: its own record, nothing billed
         assert r["deployment"] == "claude/team-2" and r["error"] == "RATE_LIMITED" and r["totalCost"] == 0
+    # Reports per deployment: /api/usage?by=deployment and `agentspace usage --by-deployment`.
+    resp = await client.get("/api/usage?by=deployment", headers=auth_headers)
+    per = (await resp.json())["perDeployment"]
+    assert per["claude/team-1"]["requestCount"] == 100
+    result = CliRunner().invoke(main, ["usage", "--by-deployment", "--json"], catch_exceptions=False)
+    assert json.loads(result.output)["perDeployment"]["claude/team-1"]["requestCount"] == 100
+    table = CliRunner().invoke(main, ["usage", "--by-deployment"]).output
+    assert "claude/team-1" in table and "deployment" in table
     state = await deployments(client, auth_headers)
+    assert state["claude/team-1"]["state"] == "active" and state["claude/team-1"]["inFlight"] == 0
     if fakes[1].requests:
         cooled = state["claude/team-2"]
-        assert cooled["state"] == "cooling" and 25 <= cooled["coolingSeconds"] <= 30
+        assert cooled["state"] == "cooling" and 0 < cooled["coolingSeconds"] <= 30
         assert cooled["recentErrors"][0]["code"] == "RATE_LIMITED"
 
 
@@ -354,6 +363,16 @@ def test_group_config_is_validated(tmp_path: Path) -> None:
         {"models": {"groups": {"g": {"deployments": [{"model": MODEL, "key": "a"}, {"model": MODEL, "key": "a"}]}}}}
     )
     assert [d.id for d in config.groups["g"].deployments] == ["g/a", "g/a-2"]
+
+
+async def test_deployments_route_is_the_gateway_tokens(
+    routed: Callable[..., Awaitable[TestClient]], fakes: list[fa.FakeAnthropic]
+) -> None:
+    key = CliRunner().invoke(main, ["clients", "add", "alice"], catch_exceptions=False).stdout.strip()
+    client = await routed(group(fakes))
+    assert (await client.get("/api/deployments")).status == 401
+    resp = await client.get("/api/deployments", headers={"Authorization": f"Bearer {key}"})
+    assert resp.status == 403
 
 
 async def deployments(client: TestClient, headers: dict[str, str]) -> dict[str, Any]:
