@@ -379,3 +379,56 @@ async def deployments(client: TestClient, headers: dict[str, str]) -> dict[str, 
     resp = await client.get("/api/deployments", headers=headers)
     assert resp.status == 200
     return {d["id"]: d for d in (await resp.json())["deployments"]}
+
+
+async def test_a_429_cools_the_deployment_on_every_replica(
+    tmp_path: Path,
+    fakes: list[fa.FakeAnthropic],
+    fake_anthropic: fa.FakeAnthropic,
+    pg_dsn: str,
+    redis_srv: Any,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Two `agentspace serve` replicas on one PostgreSQL and one Redis: the deployment that answered 429 with
+    Retry-After: 30 to one of them gets no call from either during the cooldown."""
+    from scripts.harness import GatewayProcess
+    from tests.scale_servers import TOKEN, flush_redis
+
+    monkeypatch.setenv("AGENTSPACE_GATEWAY_TOKEN", TOKEN)
+    await flush_redis(redis_srv)
+    fakes[1].default = fa.error_status(429, retry_after=30)
+    deployments_ = [{"model": MODEL, "key": f"team-{i + 1}", "base_url": fakes[i].url, "weight": 1} for i in range(2)]
+    storage = {"backend": "postgres", "dsn": pg_dsn, "redis_url": redis_srv.url}
+    servers = []
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir(mode=0o700)
+        vault = KeyVault(tmp_path / name)
+        for key_name, key in KEYS.items():
+            vault.set(key_name, key)
+        servers.append(
+            GatewayProcess(
+                tmp_path / name,
+                fake_anthropic.url,
+                storage=storage,
+                **{'models.groups."claude"': {"deployments": deployments_, "allowed_fails": 0}},
+            )
+        )
+    try:
+        await asyncio.gather(*(s.start() for s in servers))
+        apis = [openai.AsyncOpenAI(api_key=TOKEN, base_url=f"{s.url}/v1", max_retries=0) for s in servers]
+
+        async def one(n: int) -> str:
+            reply = await apis[n % 2].chat.completions.create(
+                model="claude", messages=[{"role": "user", "content": "Hi"}]
+            )
+            return reply.choices[0].message.content or ""
+
+        answers = [await one(n) for n in range(100)]
+        assert answers == [fa.DEFAULT_TEXT] * 100
+        assert len(fakes[1].requests) == 1 and len(fakes[0].requests) == 100
+        for api in apis:
+            await api.close()
+    finally:
+        for server in servers:
+            if server.process is not None and server.process.returncode is None:
+                await server.terminate()
