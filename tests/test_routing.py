@@ -432,3 +432,30 @@ async def test_a_429_cools_the_deployment_on_every_replica(
         for server in servers:
             if server.process is not None and server.process.returncode is None:
                 await server.terminate()
+
+
+async def test_metrics_count_calls_per_deployment(
+    routed: Callable[..., Awaitable[TestClient]],
+    fakes: list[fa.FakeAnthropic],
+    token: str,
+    auth_headers: dict[str, str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from agentspace.plugins import create_plugin_manager
+    from tests.test_metrics import delta, scrape
+
+    monkeypatch.setenv("AGENTSPACE_LOAD_PLUGINS", "metrics")
+    fakes[0].default = fa.error_status(529)
+    client = await routed(group(fakes, weights=[1000, 1], cooldown_seconds=0), pm=create_plugin_manager())
+    before = await scrape(client, auth_headers)
+    api = sdk(client, token)
+    for _ in range(3):
+        await api.chat.completions.create(model="claude", messages=[{"role": "user", "content": "Hi"}])
+    after = await scrape(client, auth_headers)
+    calls = delta(after, before, "agentspace_deployment_calls_total")
+    assert calls == {
+        (("deployment", "claude/team-1"), ("outcome", "LLM_ERROR")): 3,
+        (("deployment", "claude/team-2"), ("outcome", "answered")): 3,
+    }
+    assert not delta(after, before, "agentspace_fallbacks_total")  # a group's deployment is no fallback
+    await api.close()
