@@ -459,3 +459,12 @@ async def test_metrics_count_calls_per_deployment(
     }
     assert not delta(after, before, "agentspace_fallbacks_total")  # a group's deployment is no fallback
     await api.close()
+
+
+def test_keys_add_with_a_name_stores_a_named_entry(isolated_env: Path) -> None:
+    result = CliRunner().invoke(main, ["keys", "add", "anthropic", "--name", "team-2"], input="sk-ant-second\n")
+    assert result.exit_code == 0, result.output
+    assert KeyVault(isolated_env).get("team-2") == "sk-ant-second"
+    assert KeyVault(isolated_env).get("anthropic") is None
+    bad = CliRunner().invoke(main, ["keys", "add", "anthropic", "--name", "no spaces"], input="x\n")
+    assert bad.exit_code != 0 and "--name" in bad.output
