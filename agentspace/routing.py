@@ -192,6 +192,7 @@ class _Local:
     in_flight: int = 0
     requests: deque[float] = field(default_factory=deque)
     tokens: deque[tuple[float, int]] = field(default_factory=deque)
+    token_sum: int = 0  # of ``tokens``, kept as they come and go (no sum over the minute per call)
     fails: deque[float] = field(default_factory=deque)
     latency_ms: float | None = None
     errors: deque[tuple[float, str]] = field(default_factory=lambda: deque(maxlen=RECENT_ERRORS))
@@ -215,7 +216,7 @@ class LocalRouteState:
         while dep.requests and dep.requests[0] <= edge:
             dep.requests.popleft()
         while dep.tokens and dep.tokens[0][0] <= edge:
-            dep.tokens.popleft()
+            dep.token_sum -= dep.tokens.popleft()[1]
         while dep.fails and dep.fails[0] <= edge:
             dep.fails.popleft()
 
@@ -230,7 +231,7 @@ class LocalRouteState:
                     dep.cooled_until if dep.cooled_until > now else 0.0,
                     dep.in_flight,
                     len(dep.requests),
-                    sum(n for _, n in dep.tokens),
+                    dep.token_sum,
                     dep.latency_ms,
                     list(dep.errors),
                 )
@@ -252,6 +253,7 @@ class LocalRouteState:
         dep.in_flight = max(0, dep.in_flight - 1)
         if tokens > 0:
             dep.tokens.append((time.time(), tokens))
+            dep.token_sum += tokens
         if ttft_ms is not None:
             dep.latency_ms = ttft_ms if dep.latency_ms is None else ema(dep.latency_ms, ttft_ms)
 
