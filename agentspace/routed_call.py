@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import AsyncIterator
+from typing import Any
 
 from .calls import ProviderCall, request_ceiling
 from .direct_call import DirectCall
@@ -165,4 +166,93 @@ def _model_request(gw: Registry, request: ProviderRequest, model: str) -> Provid
         api_key=resolve_key(gw.config, prefix),
         base_url=settings["base_url"],
         options=settings,
+    )
+
+
+# --- the Anthropic pass-through ---------------------------------------------------------------------
+
+
+def relays(group: Group) -> bool:
+    """Whether ``/v1/messages`` passes a group's calls through as they are: all its deployments are Anthropic's."""
+    return all(d.model.startswith("anthropic/") for d in group.deployments)
+
+
+async def relay_group(
+    request: Any, gw: Registry, body: dict[str, Any], raw: bytes, meter: ProviderCall, group: Group
+) -> Any:
+    """The pass-through over a group's deployments (``relays``): each attempt relayed with its deployment's key
+    and base_url; an answer that failed before anything was written to the client (an error status, or no
+    connection) moves to the next deployment. The group's fallbacks are not tried here (their providers may
+    not speak the Messages API): the last failure is answered. Returns the response; the caller releases
+    ``meter``."""
+    from aiohttp import web
+
+    from .calls import messages_body_ceiling
+    from .providers import anthropic_relay as relay
+    from .providers.base import retry_after_seconds
+    from .routing import deployment_key
+
+    router = gw.router
+    deployments, cooling_until = await router.order(group)
+    current: ProviderCall | None = meter
+    response: web.StreamResponse | None = None
+    for dep in deployments:
+        if not await router.state.take(dep.id, dep.rpm):
+            continue
+        try:
+            if current is None:
+                current = ProviderCall(
+                    gw,
+                    group.name,
+                    session_id=meter.session_id,
+                    client=meter.client,
+                    endpoint=meter.endpoint,
+                    credential=meter.credential,
+                )
+                try:
+                    await current.admit(messages_body_ceiling(gw, group.name, body))
+                except ApiError:
+                    await router.state.done(dep.id, 0, None)
+                    break  # refused now (budget, rate): the last failure is the answer
+            current.model, current.deployment = dep.model, dep.id
+            response = await relay.messages(
+                request,
+                gw,
+                body,
+                raw,
+                dep.model,
+                current,
+                key=deployment_key(gw.config, dep),
+                base_url=dep.base_url or gw.config.provider_settings("anthropic")["base_url"],
+            )
+        except BaseException:
+            await router.state.done(dep.id, 0, None)
+            raise
+        status = response.status
+        if response.prepared or status == 200:
+            usage = current.recorded.usage if current.recorded is not None else None
+            ttft = (current.first_at - current.started) * 1000 if current.first_at is not None else None
+            await router.state.done(dep.id, usage.input_tokens + usage.output_tokens if usage else 0, ttft)
+            return response
+        error = ProviderError(
+            "RATE_LIMITED" if status == 429 else "LLM_ERROR",
+            f"HTTP {status}",
+            status=status,
+            retry_after=retry_after_seconds(response.headers),
+        )
+        cooldown = error.retry_after if error.retry_after is not None else group.cooldown_seconds
+        await router.state.failed(dep.id, error.code, group.allowed_fails, cooldown)
+        if not moves_on(error) and status != 424:  # 424: the deployment's key is not in the vault
+            return response
+        if current is not meter:
+            await current.release()
+        current = None
+    if current is not None and current is not meter:
+        await current.release()
+    if response is not None:
+        return response
+    error = all_cooling_error(group, cooling_until)
+    headers = {"retry-after": f"{error.retry_after:.0f}"} if error.retry_after is not None else None
+    return web.json_response(
+        {"type": "error", "error": {"type": "rate_limit_error", "message": error.message}}, status=429, headers=headers
     )

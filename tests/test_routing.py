@@ -468,3 +468,33 @@ def test_keys_add_with_a_name_stores_a_named_entry(isolated_env: Path) -> None:
     assert KeyVault(isolated_env).get("anthropic") is None
     bad = CliRunner().invoke(main, ["keys", "add", "anthropic", "--name", "no spaces"], input="x\n")
     assert bad.exit_code != 0 and "--name" in bad.output
+
+
+async def test_anthropic_pass_through_over_a_group(
+    routed: Callable[..., Awaitable[TestClient]], fakes: list[fa.FakeAnthropic], token: str
+) -> None:
+    """/v1/messages with a group of Anthropic deployments: passed through with each deployment's key, moved
+    on a 429 before anything was written, one clean stream for the client (the anthropic SDK)."""
+    import anthropic
+
+    fakes[0].default = fa.error_status(429, retry_after=30)
+    client = await routed(group(fakes, weights=[1000, 1], allowed_fails=0))
+    sdk_ = anthropic.AsyncAnthropic(api_key=token, base_url=f"http://127.0.0.1:{client.port}", max_retries=0)
+    async with sdk_.messages.stream(
+        model="claude", max_tokens=100, messages=[{"role": "user", "content": "Hi"}]
+    ) as stream:
+        text = "".join([t async for t in stream.text_stream])
+    assert text == fa.DEFAULT_TEXT
+    assert [r.api_key for r in fakes[0].requests] == [KEYS["team-1"]]
+    assert [r.api_key for r in fakes[1].requests] == [KEYS["team-2"]]
+    assert fakes[1].requests[0].body["model"] == "claude-sonnet-4-5"  # the deployment's model, upstream's id
+    again = await sdk_.messages.create(model="claude", max_tokens=100, messages=[{"role": "user", "content": "Hi"}])
+    assert again.content[0].text == fa.DEFAULT_TEXT  # type: ignore[union-attr]
+    assert len(fakes[0].requests) == 1  # cooling down: not asked again
+    recs = await records(client)
+    assert sorted((r["deployment"], r["answered"]) for r in recs) == [
+        ("claude/team-1", False),
+        ("claude/team-2", True),
+        ("claude/team-2", True),
+    ]
+    await sdk_.close()

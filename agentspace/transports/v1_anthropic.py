@@ -19,7 +19,7 @@ from ..logs import redact
 from ..protocols import anthropic_messages as am
 from ..providers import anthropic_relay as relay
 from ..registry import ModelNotFound
-from ..routed_call import start_direct
+from ..routed_call import relay_group, relays, start_direct
 from .v1_common import (
     BodyTooLarge,
     anthropic_model,
@@ -73,6 +73,16 @@ async def messages(request: web.Request) -> web.StreamResponse:
     body, raw, model = parsed
     gw = gateway(request)
     meter = ProviderCall(gw, model, session_id=session_id(request), client=client_name(request), endpoint=ENDPOINT)
+    group = gw.router.group(model)
+    if group is not None and relays(group):  # a group of Anthropic deployments: passed through, routed
+        try:
+            await meter.admit(messages_body_ceiling(gw, model, body))
+        except ApiError as e:
+            return refusal(request, e)
+        try:
+            return await relay_group(request, gw, body, raw, meter, group)
+        finally:
+            await meter.release()
     if model.startswith("anthropic/"):
         try:  # the checks at the moment of the call, its reservation and its pending entry (calls.py)
             await meter.admit(messages_body_ceiling(gw, model, body))
