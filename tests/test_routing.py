@@ -273,6 +273,22 @@ async def test_rpm_of_a_deployment_is_honoured(
     await api.close()
 
 
+async def test_tpm_of_a_deployment_is_honoured(
+    routed: Callable[..., Awaitable[TestClient]], fakes: list[fa.FakeAnthropic], token: str
+) -> None:
+    fakes[0].default = fa.text_response("counted", usage={"input_tokens": 60, "output_tokens": 40})
+    client = await routed(group(fakes, weights=[1000, 1], extra=[{"tpm": 250}]))
+    api = sdk(client, token)
+    for _ in range(6):
+        await api.chat.completions.create(model="claude", messages=[{"role": "user", "content": "Hi"}])
+    # Calls go to team-1 until its minute holds 250 tokens (as the upstream reported them), then to team-2.
+    recs = [r for r in await records(client) if r["deployment"] == "claude/team-1"]
+    per_call = recs[0]["inputTokens"] + recs[0]["outputTokens"]
+    assert per_call >= 60 and len(fakes[0].requests) == -(-250 // per_call)
+    assert len(fakes[0].requests) + len(fakes[1].requests) == 6 and fakes[1].requests
+    await api.close()
+
+
 async def test_lowest_latency_prefers_the_faster_deployment(
     routed: Callable[..., Awaitable[TestClient]], fakes: list[fa.FakeAnthropic], token: str
 ) -> None:
