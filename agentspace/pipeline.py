@@ -532,7 +532,11 @@ class Turn:
             if not await router.state.take(dep.id, dep.rpm):
                 continue  # another call took its minute's last request meanwhile
             if state.attempts:
-                await self._begin_anew(ctx, state, last)
+                try:
+                    await self._begin_anew(ctx, state, last)
+                except BaseException:  # refused (budget, rate) or stopped: the deployment was not called
+                    await router.state.done(dep.id, 0, None)
+                    raise
             finish = await self._call_deployment(ctx, state, seen_sources, group, dep)
             if isinstance(finish, ProviderFinish):
                 return finish, dep.model
