@@ -514,3 +514,25 @@ async def test_anthropic_pass_through_over_a_group(
         ("claude/team-2", True),
     ]
     await sdk_.close()
+
+
+async def test_a_clients_budget_sees_every_attempt_settled(
+    routed: Callable[..., Awaitable[TestClient]], fakes: list[fa.FakeAnthropic], auth_headers: dict[str, str]
+) -> None:
+    """A client key on a group: the failed attempt bills nothing and holds nothing; the spend is the answer's."""
+    key = CliRunner().invoke(main, ["clients", "add", "alice", "--budget", "5"], catch_exceptions=False)
+    key_ = key.stdout.strip()
+    fakes[0].default = fa.error_status(503)
+    client = await routed(group(fakes, weights=[1000, 1], cooldown_seconds=0))
+    chunks = await read_all(
+        await post_chat(client, {"Authorization": f"Bearer {key_}"}, "c1", user("Hi"), model="claude")
+    )
+    assert chunks[-1] == DONE
+    recs = await records(client)
+    assert sorted((r["deployment"], r["answered"], r["client"]) for r in recs) == [
+        ("claude/team-1", False, "alice"),
+        ("claude/team-2", True, "alice"),
+    ]
+    resp = await client.get("/api/clients/alice", headers=auth_headers)
+    spend = (await resp.json())["client"]["spend"]["usd"]
+    assert spend == pytest.approx(sum(r["totalCost"] for r in recs)) and spend > 0
