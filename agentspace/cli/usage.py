@@ -86,7 +86,7 @@ def usage(
     since: str | None,
     as_json: bool,
 ) -> None:
-    """Token usage and cost, per model, per day or per client."""
+    """Token usage and cost, per model, per day, per client or per deployment of the model groups."""
     from ..stores.usage import UsageStore
 
     since_dt = parse_since(since) if since else None
