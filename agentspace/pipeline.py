@@ -573,11 +573,14 @@ class Turn:
         try:
             finish = await self._call(ctx, state, seen_sources, dep.model, dep)
         except ProviderError as e:
+            if not moves_on(e):  # the request's own fault (a 400): not counted against the deployment
+                await state_.done(dep.id, 0, None)
+                raise
             cooldown = e.retry_after if e.retry_after is not None else group.cooldown_seconds
             until = await state_.failed(dep.id, e.code, group.allowed_fails, cooldown)
             if until is not None:
                 log.warning("%s cooled down for %.0fs after %s", dep.id, cooldown, e.code)
-            if state.delivered or not moves_on(e) or self._stop_reason:
+            if state.delivered or self._stop_reason:
                 raise
             return e
         except BaseException:

@@ -96,11 +96,12 @@ async def _start_group(
             await call.start()
             return call
         except ProviderError as e:
+            call._open = False
+            if not moves_on(e):  # the request's own fault (a 400): not counted against the deployment
+                await router.state.done(dep.id, 0, None)
+                raise
             cooldown = e.retry_after if e.retry_after is not None else group.cooldown_seconds
             await router.state.failed(dep.id, e.code, group.allowed_fails, cooldown)
-            call._open = False
-            if not moves_on(e):
-                raise
             last = e
         except BaseException:
             await call._done(0)
@@ -240,10 +241,11 @@ async def relay_group(
             status=status,
             retry_after=retry_after_seconds(response.headers),
         )
+        if not moves_on(error) and status != 424:  # 424: the deployment's key is not in the vault
+            await router.state.done(dep.id, 0, None)  # the request's own fault: not counted against it
+            return response
         cooldown = error.retry_after if error.retry_after is not None else group.cooldown_seconds
         await router.state.failed(dep.id, error.code, group.allowed_fails, cooldown)
-        if not moves_on(error) and status != 424:  # 424: the deployment's key is not in the vault
-            return response
         if current is not meter:
             await current.release()
         current = None

@@ -298,10 +298,6 @@ class Router:
         self.state: RouteState = state or LocalRouteState()
         self.deployments = {d.id: d for g in groups.values() for d in g.deployments}
 
-    @classmethod
-    def from_config(cls, config: Config) -> Router:
-        return cls(config.groups)
-
     def group(self, model: str) -> Group | None:
         return self.groups.get(model) if self.groups else None
 
@@ -328,9 +324,6 @@ class Router:
         else:
             return weighted_shuffle([d for d, _ in ready]), soonest
         return [d for d, _ in ready], soonest
-
-    def fallbacks(self, group: Group) -> tuple[str, ...]:
-        return group.fallbacks
 
 
 def weighted_shuffle(deployments: list[Deployment]) -> list[Deployment]:

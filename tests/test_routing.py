@@ -536,3 +536,22 @@ async def test_a_clients_budget_sees_every_attempt_settled(
     resp = await client.get("/api/clients/alice", headers=auth_headers)
     spend = (await resp.json())["client"]["spend"]["usd"]
     assert spend == pytest.approx(sum(r["totalCost"] for r in recs)) and spend > 0
+
+
+async def test_a_bad_request_does_not_cool_a_deployment(
+    routed: Callable[..., Awaitable[TestClient]], fakes: list[fa.FakeAnthropic], token: str, auth_headers: Any
+) -> None:
+    """A 400 is the request's fault: answered as it is, not moved, and not counted against the deployment."""
+    fakes[0].enqueue(fa.error_status(400), fa.error_status(400))
+    client = await routed(group(fakes, weights=[1000, 1], allowed_fails=0))
+    api = sdk(client, token)
+    with pytest.raises(openai.BadRequestError):
+        await api.chat.completions.create(model="claude", messages=[{"role": "user", "content": "Hi"}])
+    frames = await read_all(await post_chat(client, auth_headers, "c1", user("Hi"), model="claude"))
+    assert [c for c in frames if isinstance(c, dict) and c.get("type") == "error"]
+    assert not fakes[1].requests  # not moved
+    state = await deployments(client, auth_headers)
+    assert state["claude/team-1"]["state"] == "active" and state["claude/team-1"]["inFlight"] == 0
+    reply = await api.chat.completions.create(model="claude", messages=[{"role": "user", "content": "Hi"}])
+    assert reply.choices[0].message.content == fa.DEFAULT_TEXT and len(fakes[0].requests) == 3
+    await api.close()
