@@ -128,6 +128,8 @@ async def _start_group(
             return plain
         except ProviderError as e:
             last = e
+            if current is not None and current is not meter:
+                await current.release()  # recorded already, or never used (an inner group all cooling down)
             current = None
     if current is not None and current is not meter:
         await current.release()  # admitted for a fallback the client may not use
