@@ -4,8 +4,8 @@ windows are the deployment's, not a replica's share of it.
 
 Every operation is one Lua script, atomic in Redis, on Redis's own clock (``TIME``), and every key expires.
 Per deployment (``agentspace:route:<id>:*``): ``cool`` (the end of its cooldown, expiring with it),
-``inflight`` (a counter; refreshed on use, so a replica that died mid-call leaves a count that expires
-rather than one that stays), ``req``/``tok``/``fails`` (sorted sets over the last minute), ``lat`` (the TTFT
+``inflight`` (a counter whose expiry each call renews: the calls of a replica that died mid-call stay counted
+until the deployment has been idle for ``INFLIGHT_TTL_SECONDS``), ``req``/``tok``/``fails`` (sorted sets over the last minute), ``lat`` (the TTFT
 average) and ``errors`` (the last few, newest first).
 """
 
