@@ -5,7 +5,7 @@ the pipeline's steps (WebSocket and ``/api/chat``), the translated ``/v1`` calls
 the Anthropic relay (``providers/anthropic_relay.py``) and ``count_tokens`` (admission only)::
 
     call = ProviderCall(gw, model, session_id=..., client=caller, endpoint="openai")
-    await call.admit(request_ceiling(gw, request))   # ApiError: refused; nothing was sent, nothing is held
+    await call.admit(lambda: request_ceiling(request)) # ApiError: refused; nothing was sent, nothing is held
     ... the request goes upstream; call.begin() when it leaves
     call.note(usage)                                  # usage the upstream reported mid-stream (message_start)
     call.relayed(text)                                # output relayed so far (for a recovery's estimate)
@@ -263,6 +263,7 @@ def _usage_record(
     recovered: bool = False,
     timestamp: str | None = None,
     purpose: str | None = None,
+    deployment: str | None = None,
 ) -> UsageRecord:
     """The priced record of one provider call: the only place a UsageRecord is made."""
     if not answered:
@@ -293,6 +294,7 @@ def _usage_record(
         ttft_ms=ttft_ms,
         recovered=recovered,
         purpose=purpose,
+        deployment=deployment,
     )
 
 
@@ -339,6 +341,7 @@ def recovered_record(gw: Registry, entry: dict[str, Any]) -> UsageRecord:
         estimated_fields=fields,
         recovered=True,
         timestamp=str(entry.get("time") or now_iso()),
+        deployment=entry.get("deployment"),
     )
 
 
@@ -417,6 +420,7 @@ class ProviderCall:
         "reservation",
         "ceiling",
         "failure",
+        "deployment",
         "_open",
         "_relayed_chars",
         "_relayed_noted",
@@ -450,6 +454,7 @@ class ProviderCall:
         self.first_at: float | None = None  # when the first output was streamed (``first_output``)
         self.call = call  # for the observation hooks, from ``begin`` (the pipeline makes its own)
         self.failure: BaseException | None = None  # a sink's store refused the record (kept for a retry)
+        self.deployment: str | None = None  # the model group's deployment this attempt went to (routing.py)
         self._open = False  # a pending entry is in the ledger
         self._relayed_chars = 0
         self._relayed_noted = 0
@@ -486,6 +491,7 @@ class ProviderCall:
                     "sessionId": self.session_id,
                     "model": self.model,
                     "endpoint": self.endpoint,
+                    "deployment": self.deployment,
                     "reservation": amount,
                     "inputTokens": None if self.ceiling is None else self.ceiling.input_tokens,
                 }
@@ -589,6 +595,7 @@ class ProviderCall:
             estimated_fields=estimated_fields,
             ttft_ms=ttft_ms,
             purpose=self.purpose,
+            deployment=self.deployment,
         )
         notify(self.gw.pm.hook.provider_call_finished, call=self.call, record=record)
         posted = self.gw.record_usage(record, self.reservation)

@@ -84,6 +84,33 @@ def usable_models(config: Config, providers: Iterable[Any] = (), *, include_all:
                 "default": model_id == default,
             }
         )
+    return [*group_models(config), *out]
+
+
+def group_models(config: Config) -> list[dict[str, Any]]:
+    """The model groups (``[models.groups]``): priced and described by their dearest deployment, which is
+    what a call to the group reserves; ``deployments`` names what serves it."""
+    out = []
+    for name, group in sorted(config.groups.items()):
+        infos = [model_info(config, d.model) for d in group.deployments]
+        info = max(infos, key=lambda i: (i.output_per_mtok, i.input_per_mtok))
+        out.append(
+            {
+                "id": name,
+                "provider": "group",
+                "inputPerMTok": info.input_per_mtok,
+                "outputPerMTok": info.output_per_mtok,
+                "contextWindow": min((i.context_window for i in infos if i.context_window), default=None),
+                "supportsReasoning": all(i.supports_reasoning for i in infos),
+                "supportsTools": all(i.supports_tools for i in infos),
+                "deprecationDate": None,
+                "deprecated": False,
+                "priceKnown": all(i.price_known for i in infos),
+                "default": name == config["models"]["default"],
+                "deployments": [d.id for d in group.deployments],
+                "strategy": group.strategy,
+            }
+        )
     return out
 
 

@@ -50,6 +50,8 @@ SCHEMA: dict[str, dict[str, tuple[tuple[type, ...], Any]]] = {
         "fallback_input_per_mtok": ((int, float), 15.0),
         "fallback_output_per_mtok": ((int, float), 75.0),
         "fallbacks": ((dict,), {}),
+        # Model groups over several deployments (agentspace/routing.py), validated by routing.parse_groups.
+        "groups": ((dict,), {}),
     },
     "chat": {
         "system_prompt": ((str,), "You are a helpful assistant."),
@@ -238,6 +240,8 @@ class Config:
     plugins: dict[str, dict[str, Any]] = field(default_factory=dict)
     source: str = "<defaults>"
     base_dir: Path = field(default_factory=Path.cwd)
+    # name -> routing.Group: the model groups of ``[models.groups]``.
+    groups: dict[str, Any] = field(default_factory=dict)
 
     def __getitem__(self, section: str) -> dict[str, Any]:
         return self.values[section]
@@ -344,7 +348,10 @@ def parse_config(raw: dict[str, Any], source: str = "<config>", base_dir: Path |
         name: _table(source, f"plugins.{name}", t)
         for name, t in _table(source, "plugins", raw.get("plugins", {})).items()
     }
-    return Config(values, providers, pricing, plugins, source, base_dir or Path.cwd())
+    from .routing import parse_groups
+
+    groups = parse_groups(source, values["models"]["groups"])
+    return Config(values, providers, pricing, plugins, source, base_dir or Path.cwd(), groups)
 
 
 def _table(source: str, key: str, value: Any) -> dict[str, Any]:

@@ -6,7 +6,7 @@ every provider call (``agentspace.calls.ProviderCall``: admitted and written ahe
 ``start``). Usage the provider reported is kept; what it did not report is counted locally.
 
     call = ProviderCall(gw, model, session_id=..., client=caller, endpoint="openai")
-    await call.admit(request_ceiling(request))        # ApiError: answer the refusal
+    await call.admit(lambda: request_ceiling(request)) # ApiError: answer the refusal
     direct = DirectCall(gw, request, call)
     try:
         await direct.start()                           # ProviderError (recorded)

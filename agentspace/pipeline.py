@@ -51,6 +51,7 @@ from .observe import CallInfo, TurnInfo, notify
 from .prompt_cache import cache_ttl, prefix_key
 from .providers.base import ProviderRequest, ThinkingSettings, lacks_key
 from .registry import ModelNotFound, Registry
+from .routing import Deployment, Group, all_cooling_error, deployment_key, deployment_request, moves_on
 from .stores import InvalidSessionId
 from .stores.sessions import validate_session_id
 from .tokens import count_tokens
@@ -221,7 +222,16 @@ async def _claim_across_replicas(gw: Registry, turn: Turn) -> None:
 
 
 async def _has_usable_key(gw: Registry, model: str) -> bool:
-    """Whether ``model``, or one of its fallbacks, has the API key its provider needs."""
+    """Whether ``model``, or one of its fallbacks, has the API key its provider needs (a model group: one of
+    its deployments or fallbacks)."""
+    group = gw.router.group(model)
+    if group is not None:
+        for dep in group.deployments:
+            provider = gw.provider_for(dep.model)
+            base_url = dep.base_url or gw.config.provider_settings(dep.model.split("/", 1)[0])["base_url"]
+            if not await lacks_key(provider, dep.model, deployment_key(gw.config, dep), base_url):
+                return True
+        return any([await _has_usable_key(gw, m) for m in group.fallbacks if m != model])
     for candidate in [model, *gw.config["models"]["fallbacks"].get(model, [])]:
         try:
             provider = gw.provider_for(candidate)
@@ -263,6 +273,7 @@ class _Step:
     parts: list[Part] = field(default_factory=list)
     tool_calls: list[ToolCallPart] = field(default_factory=list)
     model: str = ""  # the model being called: the requested one or a fallback
+    swaps: int = 0  # provider calls this step began anew (a model group's next deployment)
     delivered: bool = False  # something reached the client: no more retries or fallbacks
     first_at: float = 0.0
     last_event: float = 0.0
@@ -446,10 +457,11 @@ class Turn:
                         error = ("LLM_ERROR", "The model stopped sending data (idle timeout).")
                     elif self._stop_reason == "shutdown":
                         error = None  # stored as aborted; the server is going away
+                    call = state.call or call  # a model group's step may have begun a new call
                     call.answer = "".join(state.text)
                     if state.attempts:  # no record for a call never made (stopped before it)
                         await self._record(answered_by, usage, call_started, reason, state, error and error[0], call)
-                    await provider_call.release()
+                    await (state.provider_call or provider_call).release()
                     finish_reason = reason
                     break
                 if ttft_ms is None and state.delivered:
@@ -457,6 +469,7 @@ class Turn:
                 usage = finish.usage if finish.usage is not None else self._partial_usage(ctx, state)
                 cost = price(self.gw, answered_by, usage)
                 total_usage, total_cost = total_usage + usage, total_cost + cost
+                call = state.call or call
                 call.answer = finish.message.text
                 self._note_call(ctx, usage)
                 await self._record(answered_by, usage, call_started, finish.finish_reason, state, None, call)
@@ -516,6 +529,9 @@ class Turn:
     async def _call_with_fallbacks(
         self, ctx: AssembledContext, state: _Step, seen_sources: set[str]
     ) -> tuple[ProviderFinish, str]:
+        group = self.gw.router.group(self.model)
+        if group is not None:
+            return await self._call_group(ctx, state, seen_sources, group, [])
         fallbacks = self.gw.config["models"]["fallbacks"].get(self.model, [])
         chain = [self.model, *[m for m in fallbacks if await self._may_use(m)]]
         for i, model in enumerate(chain):
@@ -527,6 +543,103 @@ class Turn:
                     raise
                 log.warning("%s failed before the first token (%s); falling back to %s", model, e.code, chain[i + 1])
         raise AssertionError("unreachable")
+
+    async def _call_group(
+        self, ctx: AssembledContext, state: _Step, seen_sources: set[str], group: Group, seen: list[str]
+    ) -> tuple[ProviderFinish, str]:
+        """A call to a model group: its deployments in the order its strategy gives, each attempt its own
+        provider call, while nothing reached the client; then the group's fallbacks (routing.py)."""
+        router = self.gw.router
+        seen.append(group.name)
+        deployments, cooling_until = await router.order(group)
+        last: ProviderError | None = None
+        for dep in deployments:
+            if not await router.state.take(dep.id, dep.rpm):
+                continue  # another call took its minute's last request meanwhile
+            if state.attempts:
+                try:
+                    await self._begin_anew(ctx, state, last)
+                except BaseException:  # refused (budget, rate) or stopped: the deployment was not called
+                    await router.state.done(dep.id, 0, None)
+                    raise
+            finish = await self._call_deployment(ctx, state, seen_sources, group, dep)
+            if isinstance(finish, ProviderFinish):
+                return finish, dep.model
+            last = finish
+            log.warning("%s failed before the first token (%s); trying the next deployment", dep.id, finish.code)
+        for fallback in group.fallbacks:
+            if fallback in seen or not await self._may_use(fallback):
+                continue
+            if state.attempts:
+                await self._begin_anew(ctx, state, last)
+            inner = self.gw.router.group(fallback)
+            try:
+                if inner is not None:
+                    return await self._call_group(ctx, state, seen_sources, inner, seen)
+                state.model = fallback
+                state.provider_call.deployment = None  # type: ignore[union-attr]
+                return await self._call_with_retries(ctx, state, seen_sources, fallback), fallback
+            except ProviderError as e:
+                if state.delivered:
+                    raise
+                last = e
+        raise last or all_cooling_error(group, cooling_until)
+
+    async def _call_deployment(
+        self, ctx: AssembledContext, state: _Step, seen_sources: set[str], group: Group, dep: Deployment
+    ) -> ProviderFinish | ProviderError:
+        """One attempt on ``dep`` (taken in its state already): its finish, or the error it failed with before
+        the first token (counted against it); raised when the call cannot move on."""
+        state_ = self.gw.router.state
+        state.model = dep.model
+        assert state.provider_call is not None
+        state.provider_call.deployment = dep.id
+        started = time.monotonic()
+        try:
+            finish = await self._call(ctx, state, seen_sources, dep.model, dep)
+        except ProviderError as e:
+            if not moves_on(e):  # the request's own fault (a 400): not counted against the deployment
+                await state_.done(dep.id, 0, None)
+                raise
+            cooldown = e.retry_after if e.retry_after is not None else group.cooldown_seconds
+            until = await state_.failed(dep.id, e.code, group.allowed_fails, cooldown)
+            if until is not None:
+                log.warning("%s cooled down for %.0fs after %s", dep.id, cooldown, e.code)
+            if state.delivered or self._stop_reason:
+                raise
+            return e
+        except BaseException:
+            await state_.done(dep.id, 0, None)
+            raise
+        usage = finish.usage
+        ttft = (state.first_at - started) * 1000 if state.delivered else None
+        await state_.done(dep.id, usage.input_tokens + usage.output_tokens if usage else 0, ttft)
+        return finish
+
+    async def _begin_anew(self, ctx: AssembledContext, state: _Step, failed: ProviderError | None) -> None:
+        """The step's failed attempt gets its record (nothing reached the client), and the next attempt a
+        provider call of its own: admitted, reserved and written ahead like the first."""
+        old = state.provider_call
+        assert old is not None and state.call is not None
+        error = failed.code if failed is not None else "LLM_ERROR"
+        await self._record(state.model, self._partial_usage(ctx, state), old.started, "error", state, error, state.call)
+        state.attempts, state.swaps = 0, state.swaps + 1
+        call = replace(state.call, id=new_id("call_"), started=time.monotonic(), answer=None, state={})
+        new = ProviderCall(
+            self.gw,
+            self.model,
+            session_id=self.session_id,
+            client=self.client,
+            endpoint=self.endpoint,
+            credential=self.credential,
+            call=call,
+        )
+        try:
+            await new.admit(lambda: request_ceiling(self._request(ctx, self.model), estimate_input_tokens(ctx)))
+        except ApiError as e:
+            raise ProviderError(e.code, e.message) from None
+        state.provider_call = self._held = new
+        state.call = call
 
     async def _may_use(self, model: str) -> bool:
         """Whether the turn's client may use ``model`` (a fallback it may not use is skipped)."""
@@ -555,7 +668,9 @@ class Turn:
                 except TimeoutError:
                     pass
 
-    async def _call(self, ctx: AssembledContext, state: _Step, seen_sources: set[str], model: str) -> ProviderFinish:
+    async def _call(
+        self, ctx: AssembledContext, state: _Step, seen_sources: set[str], model: str, dep: Deployment | None = None
+    ) -> ProviderFinish:
         if self._stop_reason is not None:  # stopped between steps, retries or before the first call
             raise _Stopped(self._stop_reason)
         gw = self.gw
@@ -568,6 +683,8 @@ class Turn:
             notify(gw.pm.hook.provider_call_started, call=state.call)
         state.answered, state.reported, state.output_at_report = False, None, 0
         request = self._request(ctx, model)
+        if dep is not None:
+            request = deployment_request(gw, request, dep)
         self._step_task = asyncio.create_task(self._consume(provider.stream(request), state, seen_sources))
         stop_watching = self._watch_idle(state)
         try:
@@ -731,14 +848,15 @@ class Turn:
         provider_call = state.provider_call
         assert provider_call is not None
         provider_call.attempts = state.attempts
-        provider_call.started = started
+        if not state.swaps:  # a call begun anew (a group's next deployment) started when it was made
+            provider_call.started = started
         await provider_call.record(
             usage,
             finish_reason,
             error=error,
             answered=state.answered,
             model=model,
-            ttft_ms=(state.first_at - started) * 1000 if state.delivered else None,
+            ttft_ms=(state.first_at - provider_call.started) * 1000 if state.delivered else None,
         )
         if provider_call.failure is not None:
             self._storage_failed = True

@@ -32,6 +32,7 @@ if TYPE_CHECKING:
     from .cluster import Cluster
     from .limits import Guard, Reservation
     from .pipeline import Turn
+    from .routing import Router
     from .stores.base import ClientStoreAPI, SessionStoreAPI, Storage, UsageStoreAPI
     from .stores.ledger import Ledger
 
@@ -70,9 +71,12 @@ class Registry:
     guard: Guard = field(init=False)
     # The write-ahead journal of the provider calls in flight (calls.py, stores/ledger.py).
     ledger: Ledger = field(init=False)
+    # The model groups and the state their choices read (routing.py).
+    router: Router = field(init=False)
 
     def __post_init__(self) -> None:
         from .limits import Guard
+        from .routing import Router
         from .stores.clients import ClientStore
 
         backend_clients = self.storage.clients if self.storage is not None else None
@@ -81,6 +85,7 @@ class Registry:
         from .stores.ledger import Ledger
 
         self.ledger = Ledger(self.config.data_dir if self.storage is not None else None)
+        self.router = Router(self.config.groups)
 
     @classmethod
     def create(cls, config: Config, pm: pluggy.PluginManager, storage: Storage | None = None) -> Registry:
@@ -111,7 +116,11 @@ class Registry:
     # --- models ---------------------------------------------------------------------------------
 
     def provider_for(self, model: str) -> Provider:
-        """The provider serving ``model``; raises ModelNotFound with a message for the client."""
+        """The provider serving ``model``; raises ModelNotFound with a message for the client. A model group is
+        served by its first deployment's provider (each call picks its deployment, ``routing.py``)."""
+        group = self.router.group(model)
+        if group is not None:
+            return self.provider_for(group.deployments[0].model)
         if "/" not in model or not model_prefix(model) or model.endswith("/"):
             raise ModelNotFound(f"Model ids look like provider/model, e.g. anthropic/claude-sonnet-4-6; got {model!r}")
         for provider in self.providers:
@@ -132,6 +141,11 @@ class Registry:
     def model_info(self, model: str) -> ModelInfo:
         """Price, limits and capabilities of ``model``: the one lookup for pricing, reservations, the context
         window and the model lists (the cost map, then the provider's ``model_info``, then ``[pricing]``)."""
+        group = self.router.group(model)
+        if group is not None:
+            # A call to a group reserves at its dearest deployment; the record prices the one that answered.
+            infos = [self.model_info(d.model) for d in group.deployments]
+            return max(infos, key=lambda i: (i.output_per_mtok, i.input_per_mtok))
         info = self._model_info.get(model)
         if info is None:
             try:

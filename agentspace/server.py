@@ -165,6 +165,9 @@ async def _join_cluster(gw: Registry) -> None:
             from .redis_counters import RedisCounters
 
             guard.counters = RedisCounters(cluster.redis)  # limits and budgets hold across replicas
+        from .redis_routing import RedisRouteState
+
+        gw.router.state = RedisRouteState(cluster.redis)  # one replica's 429 cools a deployment for all
         log.info("replica %s: streams, locks and aborts shared through Redis", cluster.replica_id)
     elif gw.storage is not None and gw.storage.shared:
         log.warning(

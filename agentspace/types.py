@@ -255,6 +255,8 @@ class UsageRecord:
     # Posted after a restart from what the ledger had noted of a call its process did not finish
     # (docs/accounting.md): the reported usage kept, the rest estimated (``estimatedFields``).
     recovered: bool = False
+    # The deployment of a model group that served the call (``group/name``, agentspace/routing.py).
+    deployment: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         u = self.usage
@@ -288,6 +290,7 @@ class UsageRecord:
             "ttftMs": None if self.ttft_ms is None else round(self.ttft_ms, 3),
             "purpose": self.purpose,
             "recovered": self.recovered,
+            "deployment": self.deployment,
         }
 
 

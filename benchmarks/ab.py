@@ -14,6 +14,8 @@ Make TREE_A with ``git worktree add /tmp/base <commit>``. ``python benchmarks/ab
 B's Anthropic calls as plain aiohttp requests instead of through the SDK (``benchmarks/without_sdk.py``): the
 difference is what the SDK costs per call. ``python benchmarks/ab.py . . --b-plugins metrics`` loads the
 metrics plugin in B's gateway only (``AGENTSPACE_LOAD_PLUGINS``; A loads none): the difference is what it adds.
+``python benchmarks/ab.py . . --b-routed`` has B's chats ask for a model group of two deployments of the same
+model (``[models.groups]``, docs/routing.md): the difference is what routing adds to a call.
 """
 
 from __future__ import annotations
@@ -96,6 +98,7 @@ async def run_half(
                     json=False,
                     profile=None,
                     plugins=args.a_plugins if name == "A" else args.b_plugins,
+                    routed=name == "B" and args.b_routed,
                 ),
                 scratch,
                 code=Path(tree).resolve(),
@@ -139,6 +142,9 @@ def main() -> None:
         "--b-without-sdk",
         action="store_true",
         help="B's Anthropic calls without the SDK (benchmarks/without_sdk.py): what the SDK costs",
+    )
+    parser.add_argument(
+        "--b-routed", action="store_true", help="B's chats ask for a model group (routing): what routing adds"
     )
     parser.add_argument("--a-plugins", default="", help="AGENTSPACE_LOAD_PLUGINS of A's gateway (default: none)")
     parser.add_argument(

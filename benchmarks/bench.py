@@ -53,6 +53,12 @@ SOAK_SECONDS = 600.0
 CHAT_TIMEOUT = 30.0
 USAGE_RECORDS = 100_000
 MODEL = "anthropic/claude-sonnet-4-5"
+# A model group of two deployments of MODEL on the same upstream: what routing adds to a call.
+ROUTED = "routed"
+ROUTED_GROUP = (
+    f'\n[models.groups."{ROUTED}"]\n'
+    f'deployments = [{{ model = "{MODEL}", name = "one" }}, {{ model = "{MODEL}", name = "two" }}]\n'
+)
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
@@ -319,6 +325,8 @@ class Bench:
         self.code = code  # the source tree whose gateway (and fake upstream) runs
         self.cli = cli  # how the gateway's CLI is run (gateway_cli)
         self.plugins = getattr(args, "plugins", "")  # the gateway's AGENTSPACE_LOAD_PLUGINS
+        # A model group the chats ask for instead of MODEL (benchmarks/ab.py --b-routed): its TOML table.
+        self.routed = getattr(args, "routed", False)
         self.home = root / "home"
         self.procs: list[subprocess.Popen[str]] = []
         self.upstream = ""
@@ -350,7 +358,9 @@ class Bench:
         # The per-connection message rate limit is raised: one benchmark socket sends hundreds of chats a minute.
         config.write_text(
             f'[server]\nmessages_per_minute = 1000000\n\n[storage]\ndata_dir = "{self.home}"\n\n'
-            f'[models]\ndefault = "{MODEL}"\n\n[providers.anthropic]\nbase_url = "{self.upstream}"\n'
+            f'[models]\ndefault = "{ROUTED if self.routed else MODEL}"\n\n'
+            f'[providers.anthropic]\nbase_url = "{self.upstream}"\n'
+            + (ROUTED_GROUP if self.routed else "")
             + self.extra_config
         )
         serve = [*self.cli, "serve", "--config", str(config), "--port", "0"]

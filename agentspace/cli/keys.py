@@ -27,19 +27,29 @@ def keys() -> None:
 @keys.command("add")
 @config_options
 @click.argument("name")
+@click.option(
+    "--name",
+    "entry",
+    metavar="ENTRY",
+    help="Store it as the vault entry ENTRY instead (another key of the provider, for a model group's deployment).",
+)
 @pass_state
-def add(state: CliState, name: str) -> None:
+def add(state: CliState, name: str, entry: str | None) -> None:
     """Store the key NAME (a provider prefix such as anthropic or openai).
 
     On a terminal the key is asked for without echo; otherwise one line is read from stdin:
-    `printf %s "$KEY" | agentspace keys add openai`.
+    `printf %s "$KEY" | agentspace keys add openai`. With `--name team-2` it is stored as the entry team-2,
+    which a deployment of a model group names (`key = "team-2"`, docs/routing.md).
     """
     from ..vault import KeyVault
 
-    if not NAME_RE.match(name):
-        raise click.BadParameter("use letters, digits, '-', '_' or '.' (e.g. anthropic)", param_hint="NAME")
+    for value_, hint in ((name, "NAME"), (entry, "--name")):
+        if value_ is not None and not NAME_RE.match(value_):
+            raise click.BadParameter("use letters, digits, '-', '_' or '.' (e.g. anthropic)", param_hint=hint)
+    provider, name = name, entry or name
     if stdin_is_terminal():
-        value = click.prompt(f"API key for {name}", hide_input=True, default="", show_default=False)
+        label = name if name == provider else f"{provider} ({name})"
+        value = click.prompt(f"API key for {label}", hide_input=True, default="", show_default=False)
     else:
         value = sys.stdin.readline()
     value = value.strip()

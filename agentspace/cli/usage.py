@@ -69,6 +69,7 @@ def _row(label: str, g: dict[str, Any]) -> list[str]:
 @click.option("--by-model", is_flag=True, help="Totals per model (the default).")
 @click.option("--by-day", is_flag=True, help="Totals per day (UTC).")
 @click.option("--by-client", is_flag=True, help="Totals per client (admin: the gateway token).")
+@click.option("--by-deployment", is_flag=True, help="Totals per deployment of the model groups.")
 @click.option("--client", "client_name", metavar="NAME", help="Only this client's records.")
 @click.option("--session", "session_id", metavar="ID", help="Only this session.")
 @click.option("--since", metavar="WHEN", help="Only records since 30m, 24h, 7d, 2w ago or a date (2026-11-01).")
@@ -79,27 +80,30 @@ def usage(
     by_model: bool,
     by_day: bool,
     by_client: bool,
+    by_deployment: bool,
     client_name: str | None,
     session_id: str | None,
     since: str | None,
     as_json: bool,
 ) -> None:
-    """Token usage and cost, per model, per day or per client."""
+    """Token usage and cost, per model, per day, per client or per deployment of the model groups."""
     from ..stores.usage import UsageStore
 
     since_dt = parse_since(since) if since else None
-    by_model = by_model or not (by_day or by_client)
+    by_model = by_model or not (by_day or by_client or by_deployment)
     if session_id is not None and client_name is None:
         client_name = _session_owner(state, session_id)  # the owner's records of it, not others' of that id
     where: dict[str, Any] = {"since": since_dt, "session_id": session_id, "client": client_name}
-    wanted = [by for by, asked in (("model", by_model), ("day", by_day), ("client", by_client)) if asked]
+    asked_for = (("model", by_model), ("day", by_day), ("client", by_client), ("deployment", by_deployment))
+    wanted = [by for by, asked in asked_for if asked]
     if state.config()["storage"]["backend"] != "tinydb":  # another backend answers through the storage interface
         reports = _backend_reports(state, wanted, where)
     else:
         store = UsageStore(state.data_dir)
         reports = {by: store.report(by=by, **where) for by in wanted}
     per_model, per_day, per_client = reports.get("model"), reports.get("day"), reports.get("client")
-    report = per_model or per_day or per_client or {}
+    per_deployment = reports.get("deployment")
+    report = per_model or per_day or per_client or per_deployment or {}
     damaged: list[str] = report.get("damagedFiles", [])
     grand = report.get("grandTotal", {})
 
@@ -111,6 +115,8 @@ def usage(
             out["perDay"] = per_day["perDay"]
         if per_client is not None:
             out["perClient"] = per_client["perClient"]
+        if per_deployment is not None:
+            out["perDeployment"] = per_deployment["perDeployment"]
         out["grandTotal"] = grand
         out["damagedFiles"] = damaged
         click.echo(json.dumps(out, indent=2))
@@ -137,9 +143,16 @@ def usage(
             click.echo()
         rows = _rows(per_client["perClient"]) + [_row("TOTAL", grand)]
         click.echo(table(["client", *headers], rows, right))
+    if per_deployment is not None:
+        if per_model is not None or per_day is not None or per_client is not None:
+            click.echo()
+        rows = _rows(per_deployment["perDeployment"]) + [_row("TOTAL", grand)]
+        click.echo(table(["deployment", *headers], rows, right))
     # Any table's starred row (a model, or a day or client with such a model's calls) gets the footnote.
     shown = [
-        r.get("perModel") or r.get("perDay") or r.get("perClient") or {} for r in (per_model, per_day, per_client) if r
+        r.get("perModel") or r.get("perDay") or r.get("perClient") or r.get("perDeployment") or {}
+        for r in (per_model, per_day, per_client, per_deployment)
+        if r
     ]
     if any(g.get("priceKnown") is False for groups in shown for g in groups.values()):
         click.echo(

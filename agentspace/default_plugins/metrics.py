@@ -113,6 +113,12 @@ FALLBACKS = Counter(
     ("model", "fallback"),
     registry=REGISTRY,
 )
+DEPLOYMENT_CALLS = Counter(
+    "agentspace_deployment_calls",
+    "Provider calls per deployment of a model group ([models.groups]), answered or failed with an error code.",
+    ("deployment", "outcome"),
+    registry=REGISTRY,
+)
 STORE_WRITES = Histogram(
     "agentspace_store_write_seconds",
     "Store writes the server waited for: sessions, usage:<sink>.",
@@ -157,6 +163,7 @@ _configured: set[str] = set()
 _labels: dict[str, str] = {}  # model -> its label; bounded: only known models and a capped number of others
 _clients: set[str] = set()
 _patterns: list[str] = []
+_deployments: set[str] = set()  # the configured deployments' ids: the only values of the deployment label
 
 
 def model_label(model: str) -> str:
@@ -187,6 +194,9 @@ def _remember_models(config: Config) -> None:
         _configured.update([model, *chain])
     _configured.update(m for m in config.pricing if not is_pattern(m))
     _patterns[:] = [m for m in config.pricing if is_pattern(m)]  # [pricing."ollama/*"]: its models are known
+    for name, group in config.groups.items():
+        _configured.update([name, *group.fallbacks])
+        _deployments.update(d.id for d in group.deployments)
     for name, settings in config.providers.items():
         for model in settings["models"]:
             _configured.add(model if "/" in str(model) else f"{name}/{model}")
@@ -207,6 +217,10 @@ class MetricsSink:
             REQUESTS.labels(*labels).inc()
         if record.error:
             ERRORS.labels(*labels, record.error).inc()
+        if record.deployment is not None:
+            deployment = record.deployment if record.deployment in _deployments else OTHER
+            outcome = "answered" if record.answered is not False and not record.error else record.error or "error"
+            DEPLOYMENT_CALLS.labels(deployment, outcome).inc()
         u = record.usage
         for kind, value in zip(
             TOKEN_KINDS,
@@ -266,7 +280,7 @@ def provider_call_started(call: CallInfo) -> None:
 def provider_call_finished(call: CallInfo, record: UsageRecord) -> None:
     if call.turn is None:
         STREAMS.labels(call.endpoint or "").dec()
-    if record.model != call.model:
+    if record.model != call.model and record.deployment is None:  # a group's deployment is no fallback
         FALLBACKS.labels(model_label(call.model), model_label(record.model)).inc()
 
 

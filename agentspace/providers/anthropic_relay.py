@@ -86,16 +86,26 @@ def _error(status: int, message: str, error_type: str | None = None) -> web.Resp
 
 
 async def messages(
-    request: web.Request, gw: Registry, body: dict[str, Any], raw: bytes, model: str, meter: ProviderCall
+    request: web.Request,
+    gw: Registry,
+    body: dict[str, Any],
+    raw: bytes,
+    model: str,
+    meter: ProviderCall,
+    *,
+    key: str | None = None,
+    base_url: str | None = None,
 ) -> web.StreamResponse:
-    """Relay one Messages call to Anthropic and meter it."""
+    """Relay one Messages call to Anthropic and meter it (with ``key`` and ``base_url`` when a model group's
+    deployment gives them, routed_call.relay_group)."""
     meter.begin()
-    key = resolve_key(gw.config, "anthropic")
+    key = key or resolve_key(gw.config, "anthropic")
     if not key:
         await meter.record(TokenUsage(), "error", error="NO_API_KEY", answered=False)
         return _error(424, missing_key_message("anthropic", gw.config))
 
-    base_url, read_timeout = upstream(gw)
+    default_url, read_timeout = upstream(gw)
+    base_url = (base_url or default_url).rstrip("/")
     answered = False
     try:
         try:

@@ -591,6 +591,12 @@ def usage_by_day_and_model(records: Iterable[dict[str, Any]]) -> dict[str, Any]:
     return {"perDay": per_day, "grandTotal": grouped["grandTotal"]}
 
 
+def usage_by_deployment(records: Iterable[dict[str, Any]]) -> dict[str, Any]:
+    """Totals per deployment of a model group (``group/name``, agentspace/routing.py; ``"none"`` for calls
+    to a model outside any group): ``perDeployment`` and ``grandTotal``."""
+    return _group(records, "perDeployment", lambda record: str(record.get("deployment") or "none"))
+
+
 # ``by`` of the usage reports (CLI, ``/api/usage``): the function that groups the records.
 REPORTS: dict[str, Callable[[Iterable[dict[str, Any]]], dict[str, Any]]] = {
     "model": usage_report,
@@ -598,6 +604,7 @@ REPORTS: dict[str, Callable[[Iterable[dict[str, Any]]], dict[str, Any]]] = {
     "client": usage_by_client,
     "session": usage_by_session,
     "day-model": usage_by_day_and_model,
+    "deployment": usage_by_deployment,
 }
 
 _LABELS: dict[str, tuple[str, Callable[[dict[str, Any]], str]]] = {

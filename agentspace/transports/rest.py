@@ -19,7 +19,9 @@ from typing import Any
 from aiohttp import hdrs, web
 
 from .. import security
+from ..clients import ADMIN
 from ..errors import ApiError, outage_error
+from ..routing import deployment_states
 from ..security import error_response
 from ..service import Service
 from . import clients_api, state, v1_errors, web_api
@@ -102,6 +104,14 @@ async def usage(request: web.Request) -> web.Response:
 
 async def models(request: web.Request) -> web.Response:
     return web.json_response({"models": await _service(request).models()})
+
+
+async def deployments(request: web.Request) -> web.Response:
+    """The state of every deployment of the model groups (routing.py): the gateway token only."""
+    if security.caller(request) != ADMIN:
+        raise ApiError("FORBIDDEN", "The deployments are shown to the gateway token only.")
+    router = request.app[state.REGISTRY].router
+    return web.json_response({"deployments": await deployment_states(router)})
 
 
 async def openapi(request: web.Request) -> web.Response:
@@ -203,6 +213,7 @@ def setup_routes(app: web.Application) -> None:
     app.router.add_get("/api/sessions/{id}/export", export_session)
     app.router.add_get("/api/usage", usage)
     app.router.add_get("/api/models", models)
+    app.router.add_get("/api/deployments", deployments)
     app.router.add_get("/api/openapi.json", openapi)
 
 
@@ -462,7 +473,14 @@ OPENAPI: dict[str, Any] = {
             "get": {
                 "summary": "Tokens and cost per model (the usage.report shape), per UTC day or per client; a client key gets its own.",
                 "parameters": [
-                    {"name": "by", "in": "query", "schema": {"enum": ["model", "day", "client"], "default": "model"}},
+                    {
+                        "name": "by",
+                        "in": "query",
+                        "schema": {
+                            "enum": ["model", "day", "client", "session", "day-model", "deployment"],
+                            "default": "model",
+                        },
+                    },
                     {"name": "sessionId", "in": "query", "schema": _STR},
                     {
                         "name": "since",
@@ -487,6 +505,21 @@ OPENAPI: dict[str, Any] = {
                             "type": "object",
                             "required": ["models"],
                             "properties": {"models": {"type": "array", "items": _ref("Model")}},
+                        }
+                    ),
+                    **_AUTH_ERRORS,
+                },
+            }
+        },
+        "/api/deployments": {
+            "get": {
+                "summary": "Each deployment of the model groups: active or cooling down, in flight, errors, latency.",
+                "responses": {
+                    "200": _json(
+                        {
+                            "type": "object",
+                            "required": ["deployments"],
+                            "properties": {"deployments": {"type": "array", "items": {"type": "object"}}},
                         }
                     ),
                     **_AUTH_ERRORS,

@@ -18,6 +18,7 @@ from ..logs import redact
 from ..protocols import anthropic_messages as am
 from ..providers import anthropic_relay as relay
 from ..registry import ModelNotFound
+from ..routed_call import relay_group, relays, start_direct
 from .bodies import ANTHROPIC_FIELDS, BUSY_MESSAGE, BodyInvalid, GatewayBusy, type_problem
 from .v1_common import (
     BodyTooLarge,
@@ -60,7 +61,8 @@ async def _read_body(request: web.Request, unknown_hint: str = "") -> tuple[dict
         return _error(400, problem[1])
     if not isinstance(body.get("model"), str) or not body["model"]:
         return _error(400, "model: Field required")
-    model = anthropic_model(body["model"])
+    # A model group (routing.py) is named as configured; other ids as the SDK names them.
+    model = body["model"] if gateway(request).router.group(body["model"]) else anthropic_model(body["model"])
     if model is None:
         return _error(404, f"model: {body['model']}{unknown_hint}")
     return body, raw, model
@@ -77,6 +79,16 @@ async def messages(request: web.Request) -> web.StreamResponse:
     except ModelNotFound as e:
         return _error(404, f"model: {e}")
     meter = ProviderCall(gw, model, session_id=session_id(request), client=client_name(request), endpoint=ENDPOINT)
+    group = gw.router.group(model)
+    if group is not None and relays(group):  # a group of Anthropic deployments: passed through, routed
+        try:
+            await meter.admit(lambda: messages_body_ceiling(gw, model, body))
+        except ApiError as e:
+            return refusal(request, e)
+        try:
+            return await relay_group(request, gw, body, raw, meter, group)
+        finally:
+            await meter.release()
     if model.startswith("anthropic/"):
         try:  # the checks at the moment of the call, its reservation and its pending entry (calls.py)
             await meter.admit(lambda: messages_body_ceiling(gw, model, body))
@@ -110,7 +122,7 @@ async def _translated(
     call = DirectCall(gw, preq, meter)
     try:
         try:
-            await call.start()
+            call = await start_direct(gw, preq, meter)
         except ProviderError as e:
             return _provider_error(e)
         if not body.get("stream"):
@@ -120,6 +132,8 @@ async def _translated(
         return await _stream(request, call, body["model"])
     finally:
         await meter.release()
+        if call.meter is not meter:  # a model group's attempt that answered
+            await call.meter.release()
 
 
 def _provider_error(e: ProviderError) -> web.Response:

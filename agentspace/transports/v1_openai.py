@@ -16,6 +16,7 @@ from ..events import ProviderError
 from ..logs import redact
 from ..protocols import openai_chat as oc
 from ..registry import ModelNotFound
+from ..routed_call import start_direct
 from ..types import compact_json
 from .bodies import BUSY_MESSAGE, OPENAI_FIELDS, BodyInvalid, GatewayBusy, type_problem
 from .v1_common import (
@@ -75,7 +76,8 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     except oc.RequestError as e:
         return _error(400, e.message, param=e.param)
     gw = gateway(request)
-    model = openai_model(parsed.model)
+    # A model group (routing.py) is named as configured; other ids as the SDKs name them.
+    model = parsed.model if gw.router.group(parsed.model) else openai_model(parsed.model)
     if model is None:
         return _error(
             404,
@@ -105,7 +107,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     call = DirectCall(gw, preq, meter)
     try:
         try:
-            await call.start()
+            call = await start_direct(gw, preq, meter)
         except ProviderError as e:
             return _provider_error(e)
         if not parsed.stream:
@@ -113,6 +115,8 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         return await _stream(request, call, parsed.model, parsed.include_usage)
     finally:
         await meter.release()
+        if call.meter is not meter:  # a model group's attempt that answered
+            await call.meter.release()
 
 
 def _stream_error(e: ProviderError) -> bytes:

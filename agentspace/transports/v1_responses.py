@@ -20,6 +20,7 @@ from ..logs import redact
 from ..protocols import openai_chat as oc
 from ..protocols import openai_responses as orr
 from ..registry import ModelNotFound
+from ..routed_call import start_direct
 from ..types import compact_json
 from .bodies import BUSY_MESSAGE, BodyInvalid, GatewayBusy
 from .v1_common import (
@@ -57,7 +58,7 @@ async def responses(request: web.Request) -> web.StreamResponse:
     except oc.RequestError as e:
         return _error(400, e.message, param=e.param)
     gw = gateway(request)
-    model = openai_model(parsed.model)
+    model = parsed.model if gw.router.group(parsed.model) else openai_model(parsed.model)
     if model is None:
         return _error(
             404,
@@ -87,7 +88,7 @@ async def responses(request: web.Request) -> web.StreamResponse:
     call = DirectCall(gw, preq, meter)
     try:
         try:
-            await call.start()
+            call = await start_direct(gw, preq, meter)  # a model group's deployments in turn (routing.py)
         except ProviderError as e:
             return _provider_error(e)
         if not parsed.stream:
@@ -112,3 +113,5 @@ async def responses(request: web.Request) -> web.StreamResponse:
         )
     finally:
         await meter.release()
+        if call.meter is not meter:  # a model group's attempt that answered
+            await call.meter.release()

@@ -4,6 +4,7 @@ import { applyChunk, fromStored, newAssistantMessage, readChunks } from "./strea
 import { el, plainText, renderMarkdown, safeUrl } from "./markdown.js";
 import { usagePage } from "./usage.js";
 import { clientsPage } from "./clients.js";
+import { deploymentsPage } from "./deployments.js";
 
 const root = document.getElementById("app");
 const state = {
@@ -121,12 +122,18 @@ function shell(page, content) {
   const nav = el("nav", { "aria-label": "Pages" },
     link("#/chat", "chat", "Chat"),
     link("#/usage", "usage", "Usage"),
-    state.admin && state.hasClients ? link("#/clients", "clients", "Clients") : null);
+    state.admin && state.hasClients ? link("#/clients", "clients", "Clients") : null,
+    state.admin && hasGroups() ? link("#/deployments", "deployments", "Deployments") : null);
   const header = el("header", { class: "topbar" },
     el("span", { class: "brand" }, "agentspace"),
     nav,
     el("button", { type: "button", class: "ghost", onclick: signOut }, "Sign out"));
   root.replaceChildren(header, el("main", { id: "main", class: `page page-${page}` }, content));
+}
+
+// Model groups ([models.groups]) are listed among the models with provider "group".
+function hasGroups() {
+  return (state.models || []).some((m) => m.provider === "group");
 }
 
 async function route() {
@@ -136,6 +143,10 @@ async function route() {
   if (page === "usage") {
     shell("usage", el("p", { class: "muted" }, "Loading usage…"));
     return usagePage(document.getElementById("main"), { sessions: state.sessions });
+  }
+  if (page === "deployments" && state.admin && hasGroups()) {
+    shell("deployments", el("p", { class: "muted" }, "Loading deployments…"));
+    return deploymentsPage(document.getElementById("main"));
   }
   if (page === "clients" && state.admin && state.hasClients) {
     shell("clients", el("p", { class: "muted" }, "Loading clients…"));

@@ -1,0 +1,262 @@
+"""A ``/v1`` call to a model group (routing.py): ``DirectCall`` over the group's deployments.
+
+``start`` tries the deployments in the order the group's strategy gives until one sends its first event;
+nothing has been written to the client before that, so a failed attempt moves on unseen. Each attempt is a
+provider call of its own (``calls.ProviderCall``): the first is the one the endpoint admitted, the next ones
+are admitted here, and a failed one is recorded with ``answered: false``. Then the group's fallbacks.
+
+    call = await start_direct(gw, request, meter)   # ProviderError: every attempt failed (all recorded)
+    try: ... call.events() ...
+    finally: await meter.release(); await call.meter.release()
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from .calls import ProviderCall, request_ceiling
+from .direct_call import DirectCall
+from .errors import ApiError
+from .events import ProviderError, ProviderEvent, ProviderFinish, ReasoningDelta, TextDelta, ToolCallEvent
+from .providers.base import ProviderRequest
+from .registry import Registry
+from .routing import Deployment, Group, all_cooling_error, deployment_request, moves_on
+from .types import UsageRecord
+
+OUTPUT_EVENTS = (TextDelta, ReasoningDelta, ToolCallEvent)
+
+
+class RoutedCall(DirectCall):
+    """A DirectCall on one deployment: its end (or abort) tells the group's state."""
+
+    def __init__(self, gw: Registry, request: ProviderRequest, meter: ProviderCall, dep: Deployment) -> None:
+        super().__init__(gw, request, meter)
+        self.deployment = dep
+        self._open = True
+        self._first_token = 0.0
+
+    async def _done(self, tokens: int) -> None:
+        if self._open:
+            self._open = False
+            ttft = (self._first_token - self.meter.started) * 1000 if self._first_token else None
+            await self.gw.router.state.done(self.deployment.id, tokens, ttft)
+
+    async def events(self) -> AsyncIterator[ProviderEvent]:
+        tokens = 0
+        try:
+            async for event in super().events():
+                kind = type(event)
+                if not self._first_token and kind in OUTPUT_EVENTS:
+                    self._first_token = time.monotonic()  # the deployment's TTFT: its first output, not its headers
+                elif kind is ProviderFinish and event.usage is not None:  # type: ignore[union-attr]
+                    tokens = event.usage.input_tokens + event.usage.output_tokens  # type: ignore[union-attr]
+                yield event
+        finally:
+            await self._done(tokens)
+
+    async def abort(self) -> UsageRecord | None:
+        try:
+            return await super().abort()
+        finally:
+            await self._done(0)
+
+
+async def start_direct(gw: Registry, request: ProviderRequest, meter: ProviderCall) -> DirectCall:
+    """Start ``request`` (admitted as ``meter``): a plain DirectCall for a model, over the deployments for a
+    group. The returned call's ``meter`` is the attempt that answered; the caller releases it and ``meter``."""
+    group = gw.router.group(request.model)
+    if group is None:
+        call = DirectCall(gw, request, meter)
+        await call.start()
+        return call
+    return await _start_group(gw, request, meter, group, [])
+
+
+async def _start_group(
+    gw: Registry, request: ProviderRequest, meter: ProviderCall, group: Group, seen: list[str]
+) -> DirectCall:
+    router = gw.router
+    seen.append(group.name)
+    deployments, cooling_until = await router.order(group)
+    last: ProviderError | None = None
+    current: ProviderCall | None = meter
+    for dep in deployments:
+        if not await router.state.take(dep.id, dep.rpm):
+            continue
+        try:
+            current = current or await _next_meter(gw, request, meter)
+        except BaseException:
+            await router.state.done(dep.id, 0, None)
+            raise
+        current.model, current.deployment = dep.model, dep.id  # the record prices the deployment's model
+        call = RoutedCall(gw, deployment_request(gw, request, dep), current, dep)
+        try:
+            await call.start()
+            return call
+        except ProviderError as e:
+            call._open = False
+            if not moves_on(e):  # the request's own fault (a 400): not counted against the deployment
+                await router.state.done(dep.id, 0, None)
+                raise
+            cooldown = e.retry_after if e.retry_after is not None else group.cooldown_seconds
+            await router.state.failed(dep.id, e.code, group.allowed_fails, cooldown)
+            last = e
+        except BaseException:
+            await call._done(0)
+            raise
+        if current is not meter:
+            await current.release()
+        current = None
+    for fallback in group.fallbacks:
+        if fallback in seen:
+            continue
+        try:
+            current = current or await _next_meter(gw, request, meter)
+            inner = router.group(fallback)
+            if inner is not None:
+                return await _start_group(gw, request, current, inner, seen)
+            try:
+                await gw.guard.check_model(current.client or "admin", fallback)
+            except ApiError:
+                continue
+            current.model = fallback
+            fallback_request = _model_request(gw, request, fallback)
+            plain = DirectCall(gw, fallback_request, current)
+            await plain.start()
+            return plain
+        except ProviderError as e:
+            last = e
+            if current is not None and current is not meter:
+                await current.release()  # recorded already, or never used (an inner group all cooling down)
+            current = None
+    if current is not None and current is not meter:
+        await current.release()  # admitted for a fallback the client may not use
+    raise last or all_cooling_error(group, cooling_until)
+
+
+async def _next_meter(gw: Registry, request: ProviderRequest, first: ProviderCall) -> ProviderCall:
+    """The provider call of the next attempt, admitted like the first (ProviderError when refused)."""
+    meter = ProviderCall(
+        gw,
+        request.model,
+        session_id=first.session_id,
+        client=first.client,
+        endpoint=first.endpoint,
+        credential=first.credential,
+    )
+    meter.started = time.monotonic()
+    try:
+        await meter.admit(lambda: request_ceiling(request))
+    except ApiError as e:
+        raise ProviderError(e.code, e.message, status=429 if e.code == "RATE_LIMITED" else 403) from None
+    return meter
+
+
+def _model_request(gw: Registry, request: ProviderRequest, model: str) -> ProviderRequest:
+    """``request`` for a fallback model outside any group, with that provider's key and settings."""
+    from dataclasses import replace
+
+    from .vault import resolve_key
+
+    prefix = model.split("/", 1)[0]
+    settings = gw.config.provider_settings(prefix)
+    return replace(
+        request,
+        model=model,
+        model_info=gw.model_info(model),
+        api_key=resolve_key(gw.config, prefix),
+        base_url=settings["base_url"],
+        options=settings,
+    )
+
+
+# --- the Anthropic pass-through ---------------------------------------------------------------------
+
+
+def relays(group: Group) -> bool:
+    """Whether ``/v1/messages`` passes a group's calls through as they are: all its deployments are Anthropic's."""
+    return all(d.model.startswith("anthropic/") for d in group.deployments)
+
+
+async def relay_group(
+    request: Any, gw: Registry, body: dict[str, Any], raw: bytes, meter: ProviderCall, group: Group
+) -> Any:
+    """The pass-through over a group's deployments (``relays``): each attempt relayed with its deployment's key
+    and base_url; an answer that failed before anything was written to the client (an error status, or no
+    connection) moves to the next deployment. The group's fallbacks are not tried here (their providers may
+    not speak the Messages API): the last failure is answered. Returns the response; the caller releases
+    ``meter``."""
+    from aiohttp import web
+
+    from .calls import messages_body_ceiling
+    from .providers import anthropic_relay as relay
+    from .providers.base import retry_after_seconds
+    from .routing import deployment_key
+
+    router = gw.router
+    deployments, cooling_until = await router.order(group)
+    current: ProviderCall | None = meter
+    response: web.StreamResponse | None = None
+    for dep in deployments:
+        if not await router.state.take(dep.id, dep.rpm):
+            continue
+        try:
+            if current is None:
+                current = ProviderCall(
+                    gw,
+                    group.name,
+                    session_id=meter.session_id,
+                    client=meter.client,
+                    endpoint=meter.endpoint,
+                    credential=meter.credential,
+                )
+                try:
+                    await current.admit(lambda: messages_body_ceiling(gw, group.name, body))
+                except ApiError:
+                    await router.state.done(dep.id, 0, None)
+                    break  # refused now (budget, rate): the last failure is the answer
+            current.model, current.deployment = dep.model, dep.id
+            response = await relay.messages(
+                request,
+                gw,
+                body,
+                raw,
+                dep.model,
+                current,
+                key=deployment_key(gw.config, dep),
+                base_url=dep.base_url or gw.config.provider_settings("anthropic")["base_url"],
+            )
+        except BaseException:
+            await router.state.done(dep.id, 0, None)
+            raise
+        status = response.status
+        if response.prepared or status == 200:
+            usage = current.recorded.usage if current.recorded is not None else None
+            ttft = (current.first_at - current.started) * 1000 if current.first_at is not None else None
+            await router.state.done(dep.id, usage.input_tokens + usage.output_tokens if usage else 0, ttft)
+            return response
+        error = ProviderError(
+            "RATE_LIMITED" if status == 429 else "LLM_ERROR",
+            f"HTTP {status}",
+            status=status,
+            retry_after=retry_after_seconds(response.headers),
+        )
+        if not moves_on(error) and status != 424:  # 424: the deployment's key is not in the vault
+            await router.state.done(dep.id, 0, None)  # the request's own fault: not counted against it
+            return response
+        cooldown = error.retry_after if error.retry_after is not None else group.cooldown_seconds
+        await router.state.failed(dep.id, error.code, group.allowed_fails, cooldown)
+        if current is not meter:
+            await current.release()
+        current = None
+    if current is not None and current is not meter:
+        await current.release()
+    if response is not None:
+        return response
+    error = all_cooling_error(group, cooling_until)
+    headers = {"retry-after": f"{error.retry_after:.0f}"} if error.retry_after is not None else None
+    return web.json_response(
+        {"type": "error", "error": {"type": "rate_limit_error", "message": error.message}}, status=429, headers=headers
+    )

@@ -1,0 +1,419 @@
+"""Model groups: one name a client asks for, served by several deployments (docs/routing.md).
+
+A group (``[models.groups."NAME"]``) lists deployments: a provider model id, the vault entry holding its key,
+an optional ``base_url``, a weight and optional rpm/tpm limits. Each call to the group picks one deployment
+by the group's strategy among those that are not cooling down and have room in their minute; a deployment
+that fails before its first byte was relayed (429, 529, 5xx, a timeout, a refused key) is counted, cooled
+down past ``allowed_fails`` failures in a minute, and the call moves to the next deployment, then to the
+group's fallbacks. Every attempt is its own provider call (``calls.ProviderCall``): its own ledger entry and
+usage record, a failed one with ``answered: false``.
+
+The state the choice reads (cooldowns, calls in flight, the deployments' minute windows, latency) is behind
+``RouteState``: in this process by default, in Redis (``redis_routing.py``) when ``[storage] redis_url`` is
+set, so that one replica's 429 cools the deployment for all of them.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Any, Protocol
+
+from .events import ProviderError
+
+if TYPE_CHECKING:
+    from .config import Config
+    from .providers.base import ProviderRequest
+    from .registry import Registry
+
+STRATEGIES = ("weighted", "least-busy", "lowest-latency")
+WINDOW_SECONDS = 60.0
+# The weight of the newest TTFT in a deployment's moving average.
+LATENCY_ALPHA = 0.2
+# Errors kept per deployment for the deployments page.
+RECENT_ERRORS = 10
+
+DEPLOYMENT_KEYS: dict[str, tuple[tuple[type, ...], Any]] = {
+    "model": ((str,), None),
+    "key": ((str,), None),
+    "base_url": ((str,), None),
+    "weight": ((int, float), 1),
+    "rpm": ((int,), None),
+    "tpm": ((int,), None),
+    "name": ((str,), None),
+}
+GROUP_KEYS: dict[str, tuple[tuple[type, ...], Any]] = {
+    "deployments": ((list,), None),
+    "strategy": ((str,), "weighted"),
+    "fallbacks": ((list,), []),
+    "allowed_fails": ((int,), 0),
+    "cooldown_seconds": ((int, float), 30.0),
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Deployment:
+    group: str
+    name: str  # unique in its group
+    model: str  # provider/model, as a provider serves it
+    key: str | None  # the vault entry of its API key; None: the provider's own key
+    base_url: str | None
+    weight: float
+    rpm: int | None
+    tpm: int | None
+
+    @property
+    def id(self) -> str:
+        """``group/name``: how records, metrics and the deployments page name it."""
+        return f"{self.group}/{self.name}"
+
+
+@dataclass(frozen=True, slots=True)
+class Group:
+    name: str
+    deployments: tuple[Deployment, ...]
+    strategy: str
+    fallbacks: tuple[str, ...]
+    allowed_fails: int
+    cooldown_seconds: float
+
+
+def parse_groups(source: str, table: Any) -> dict[str, Group]:
+    """``[models.groups]`` validated; a ConfigError names the key and what was expected."""
+    from .config import ConfigError, _check
+
+    groups: dict[str, Group] = {}
+    if not isinstance(table, dict):
+        raise ConfigError(source, "models.groups", f"expected a table, got {table!r}")
+    for name, raw in table.items():
+        where = f'models.groups."{name}"'
+        if not isinstance(raw, dict):
+            raise ConfigError(source, where, f"expected a table, got {raw!r}")
+        values = {k: d for k, (_, d) in GROUP_KEYS.items()}
+        for key, value in raw.items():
+            if key not in GROUP_KEYS:
+                raise ConfigError(source, f"{where}.{key}", f"unknown key (known keys: {', '.join(GROUP_KEYS)})")
+            values[key] = _check(source, f"{where}.{key}", value, GROUP_KEYS[key][0])
+        if not values["deployments"]:
+            raise ConfigError(source, f"{where}.deployments", "expected a list of at least one deployment")
+        if values["strategy"] not in STRATEGIES:
+            raise ConfigError(
+                source, f"{where}.strategy", f"expected one of {', '.join(STRATEGIES)}, got {values['strategy']!r}"
+            )
+        if not all(isinstance(m, str) for m in values["fallbacks"]):
+            raise ConfigError(source, f"{where}.fallbacks", "expected a list of model or group names")
+        if values["allowed_fails"] < 0:
+            raise ConfigError(source, f"{where}.allowed_fails", f"expected 0 or more, got {values['allowed_fails']}")
+        if values["cooldown_seconds"] < 0:
+            raise ConfigError(
+                source, f"{where}.cooldown_seconds", f"expected 0 or more, got {values['cooldown_seconds']}"
+            )
+        deployments: list[Deployment] = []
+        for i, entry in enumerate(values["deployments"]):
+            at = f"{where}.deployments[{i}]"
+            if not isinstance(entry, dict):
+                raise ConfigError(source, at, f"expected a table {{model, key, ...}}, got {entry!r}")
+            d = {k: default for k, (_, default) in DEPLOYMENT_KEYS.items()}
+            for key, value in entry.items():
+                if key not in DEPLOYMENT_KEYS:
+                    raise ConfigError(source, f"{at}.{key}", f"unknown key (known keys: {', '.join(DEPLOYMENT_KEYS)})")
+                d[key] = _check(source, f"{at}.{key}", value, DEPLOYMENT_KEYS[key][0])
+            model = d["model"]
+            if not model or "/" not in model or model.endswith("/"):
+                raise ConfigError(source, f"{at}.model", f"expected a provider/model id, got {model!r}")
+            if d["weight"] <= 0:
+                raise ConfigError(source, f"{at}.weight", f"expected a positive number, got {d['weight']}")
+            for limit in ("rpm", "tpm"):
+                if d[limit] is not None and d[limit] < 1:
+                    raise ConfigError(source, f"{at}.{limit}", f"expected a positive integer, got {d[limit]}")
+            label = d["name"] or d["key"] or model.split("/", 1)[0]
+            if any(x.name == label for x in deployments):
+                if d["name"]:
+                    raise ConfigError(source, f"{at}.name", f"two deployments are named {label!r}")
+                label = f"{label}-{i + 1}"
+            deployments.append(
+                Deployment(name, label, model, d["key"], d["base_url"], float(d["weight"]), d["rpm"], d["tpm"])
+            )
+        groups[name] = Group(
+            name,
+            tuple(deployments),
+            values["strategy"],
+            tuple(values["fallbacks"]),
+            int(values["allowed_fails"]),
+            float(values["cooldown_seconds"]),
+        )
+    for group in groups.values():
+        if group.name in group.fallbacks:
+            raise ConfigError(source, f'models.groups."{group.name}".fallbacks', "a group cannot fall back to itself")
+    return groups
+
+
+# --- state ---------------------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class Load:
+    """What the choice reads of one deployment, now."""
+
+    cooled_until: float = 0.0  # wall-clock seconds; 0: active
+    in_flight: int = 0
+    requests: int = 0  # in the last minute
+    tokens: int = 0  # in the last minute
+    latency_ms: float | None = None  # moving average of TTFT
+    errors: list[tuple[float, str]] = field(default_factory=list)  # (wall-clock time, code), newest last
+
+
+class RouteState(Protocol):
+    """Where cooldowns, calls in flight and the per-deployment minute windows live."""
+
+    async def loads(self, ids: Sequence[str]) -> list[Load]: ...
+
+    async def take(self, id: str, rpm: int | None) -> bool:
+        """One more call in flight and one more request in the minute; False (nothing taken) when the minute
+        already holds ``rpm`` requests."""
+        ...
+
+    async def done(self, id: str, tokens: int, ttft_ms: float | None) -> None:
+        """The call ended (answered): one fewer in flight, its tokens in the minute, its TTFT averaged."""
+        ...
+
+    async def failed(self, id: str, code: str, allowed_fails: int, cooldown: float) -> float | None:
+        """The call failed: one fewer in flight, the failure counted; past ``allowed_fails`` in a minute the
+        deployment cools down for ``cooldown`` seconds: its end (wall clock) is returned then."""
+        ...
+
+
+@dataclass(slots=True)
+class _Local:
+    cooled_until: float = 0.0
+    in_flight: int = 0
+    requests: deque[float] = field(default_factory=deque)
+    tokens: deque[tuple[float, int]] = field(default_factory=deque)
+    token_sum: int = 0  # of ``tokens``, kept as they come and go (no sum over the minute per call)
+    fails: deque[float] = field(default_factory=deque)
+    latency_ms: float | None = None
+    errors: deque[tuple[float, str]] = field(default_factory=lambda: deque(maxlen=RECENT_ERRORS))
+
+
+class LocalRouteState:
+    """``RouteState`` of one process."""
+
+    def __init__(self) -> None:
+        self._deps: dict[str, _Local] = {}
+
+    def _get(self, id: str) -> _Local:
+        dep = self._deps.get(id)
+        if dep is None:
+            dep = self._deps[id] = _Local()
+        return dep
+
+    @staticmethod
+    def _prune(dep: _Local, now: float) -> None:
+        edge = now - WINDOW_SECONDS
+        while dep.requests and dep.requests[0] <= edge:
+            dep.requests.popleft()
+        while dep.tokens and dep.tokens[0][0] <= edge:
+            dep.token_sum -= dep.tokens.popleft()[1]
+        while dep.fails and dep.fails[0] <= edge:
+            dep.fails.popleft()
+
+    async def loads(self, ids: Sequence[str]) -> list[Load]:
+        now = time.time()
+        out = []
+        for id in ids:
+            dep = self._get(id)
+            self._prune(dep, now)
+            out.append(
+                Load(
+                    dep.cooled_until if dep.cooled_until > now else 0.0,
+                    dep.in_flight,
+                    len(dep.requests),
+                    dep.token_sum,
+                    dep.latency_ms,
+                    list(dep.errors),
+                )
+            )
+        return out
+
+    async def take(self, id: str, rpm: int | None) -> bool:
+        now = time.time()
+        dep = self._get(id)
+        self._prune(dep, now)
+        if rpm is not None and len(dep.requests) >= rpm:
+            return False
+        dep.requests.append(now)
+        dep.in_flight += 1
+        return True
+
+    async def done(self, id: str, tokens: int, ttft_ms: float | None) -> None:
+        dep = self._get(id)
+        dep.in_flight = max(0, dep.in_flight - 1)
+        if tokens > 0:
+            dep.tokens.append((time.time(), tokens))
+            dep.token_sum += tokens
+        if ttft_ms is not None:
+            dep.latency_ms = ttft_ms if dep.latency_ms is None else ema(dep.latency_ms, ttft_ms)
+
+    async def failed(self, id: str, code: str, allowed_fails: int, cooldown: float) -> float | None:
+        now = time.time()
+        dep = self._get(id)
+        dep.in_flight = max(0, dep.in_flight - 1)
+        dep.errors.append((now, code))
+        self._prune(dep, now)
+        dep.fails.append(now)
+        if len(dep.fails) > allowed_fails and cooldown > 0:
+            dep.fails.clear()
+            dep.cooled_until = max(dep.cooled_until, now + cooldown)
+            return dep.cooled_until
+        return None
+
+
+def ema(average: float, value: float) -> float:
+    return (1 - LATENCY_ALPHA) * average + LATENCY_ALPHA * value
+
+
+# --- the choice -----------------------------------------------------------------------------------
+
+
+def moves_on(error: ProviderError) -> bool:
+    """Whether a call that failed this way before its first byte goes to another deployment, the failure
+    counted against this one: rate limited (429), overloaded (529), a server error or a timeout, the
+    connection refused or broken, or a key missing or refused (401, 403). A request the upstream found wrong (400)
+    would fail everywhere: it is answered as it is."""
+    status = error.status
+    if status is not None:
+        return status in (401, 403, 408, 429) or status >= 500
+    # No status: the connection failed, timed out or broke before the first token, or the key is missing.
+    return error.code != "INVALID_MESSAGE"
+
+
+class Router:
+    """The groups of the configuration and the state their choices read."""
+
+    def __init__(self, groups: dict[str, Group], state: RouteState | None = None) -> None:
+        self.groups = groups
+        self.state: RouteState = state or LocalRouteState()
+        self.deployments = {d.id: d for g in groups.values() for d in g.deployments}
+
+    def group(self, model: str) -> Group | None:
+        return self.groups.get(model) if self.groups else None
+
+    async def order(self, group: Group) -> tuple[list[Deployment], float | None]:
+        """The group's deployments that may take a call now, best first by the group's strategy, and when
+        none may: the earliest end of a cooldown (None when they are full for their rpm/tpm instead)."""
+        loads = await self.state.loads([d.id for d in group.deployments])
+        ready: list[tuple[Deployment, Load]] = []
+        soonest: float | None = None
+        for dep, load in zip(group.deployments, loads, strict=True):
+            if load.cooled_until:
+                soonest = load.cooled_until if soonest is None else min(soonest, load.cooled_until)
+                continue
+            if (dep.rpm is not None and load.requests >= dep.rpm) or (dep.tpm is not None and load.tokens >= dep.tpm):
+                continue
+            ready.append((dep, load))
+        if group.strategy == "least-busy":
+            random.shuffle(ready)  # ties broken at random, not always towards the first
+            ready.sort(key=lambda x: x[1].in_flight)
+        elif group.strategy == "lowest-latency":
+            random.shuffle(ready)
+            # Deployments not measured yet go first: they get their measurement.
+            ready.sort(key=lambda x: -1.0 if x[1].latency_ms is None else x[1].latency_ms)
+        else:
+            return weighted_shuffle([d for d, _ in ready]), soonest
+        return [d for d, _ in ready], soonest
+
+
+def weighted_shuffle(deployments: list[Deployment]) -> list[Deployment]:
+    """An order drawn by weight: the first is deployment i with probability weight_i / sum (Efraimidis-Spirakis)."""
+    if len(deployments) < 2:
+        return deployments
+    return sorted(deployments, key=lambda d: random.random() ** (1.0 / d.weight), reverse=True)
+
+
+def all_cooling_error(group: Group, until: float | None) -> ProviderError:
+    """Every deployment of ``group`` is cooling down or full for its minute."""
+    if until is not None:
+        wait = max(0.0, until - time.time())
+        return ProviderError(
+            "RATE_LIMITED",
+            f"Every deployment of {group.name!r} is cooling down; try again in {wait:.0f}s.",
+            retry_after=wait,
+            status=429,
+        )
+    return ProviderError(
+        "RATE_LIMITED", f"Every deployment of {group.name!r} is at its rate limit; try again shortly.", status=429
+    )
+
+
+# --- requests -------------------------------------------------------------------------------------
+
+
+def deployment_key(config: Config, dep: Deployment) -> str | None:
+    """A deployment's API key: its vault entry, else (no ``key`` given) the provider's own key."""
+    from .logs import register_secret
+    from .vault import KeyVault, resolve_key
+
+    if dep.key is None:
+        return resolve_key(config, dep.model.split("/", 1)[0])
+    key = KeyVault(config.data_dir).get(dep.key)
+    register_secret(key)
+    return key
+
+
+def deployment_request(gw: Registry, request: ProviderRequest, dep: Deployment) -> ProviderRequest:
+    """``request`` (made for the group) as ``dep`` gets it: its model, key, base_url and provider options."""
+    settings = gw.config.provider_settings(dep.model.split("/", 1)[0])
+    info = gw.model_info(dep.model)
+    return replace(
+        request,
+        model=dep.model,
+        model_info=info,
+        api_key=deployment_key(gw.config, dep),
+        base_url=dep.base_url or settings["base_url"],
+        options=settings,
+    )
+
+
+# --- what the deployments page shows ----------------------------------------------------------------
+
+
+async def deployment_states(router: Router) -> list[dict[str, Any]]:
+    """Each deployment's state now (``GET /api/deployments``): active or cooling down until when, calls in
+    flight, the minute's requests and tokens against its limits, its TTFT average and its recent errors."""
+    from datetime import UTC, datetime
+
+    def iso(t: float) -> str:
+        return datetime.fromtimestamp(t, UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+    deployments = list(router.deployments.values())
+    loads = await router.state.loads([d.id for d in deployments])
+    now = time.time()
+    out = []
+    for dep, load in zip(deployments, loads, strict=True):
+        group = router.groups[dep.group]
+        out.append(
+            {
+                "id": dep.id,
+                "group": dep.group,
+                "name": dep.name,
+                "model": dep.model,
+                "key": dep.key,
+                "baseUrl": dep.base_url,
+                "weight": dep.weight,
+                "strategy": group.strategy,
+                "state": "cooling" if load.cooled_until else "active",
+                "coolingUntil": iso(load.cooled_until) if load.cooled_until else None,
+                "coolingSeconds": round(max(0.0, load.cooled_until - now), 1) if load.cooled_until else 0.0,
+                "inFlight": load.in_flight,
+                "requestsLastMinute": load.requests,
+                "rpm": dep.rpm,
+                "tokensLastMinute": load.tokens,
+                "tpm": dep.tpm,
+                "latencyMs": None if load.latency_ms is None else round(load.latency_ms, 1),
+                "recentErrors": [{"time": iso(t), "code": code} for t, code in reversed(load.errors)],
+            }
+        )
+    return out

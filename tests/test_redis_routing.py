@@ -1,0 +1,75 @@
+"""The model groups' state in Redis (``RedisRouteState``), two replicas' states on one real Redis: calls in
+flight, the per-deployment minute windows, cooldowns, latency and errors are the deployment's, seen alike
+from both; and the in-process state (``LocalRouteState``) answers the same sequence the same way."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+
+from agentspace.redis_routing import RedisRouteState
+from agentspace.routing import LocalRouteState
+from tests.scale_servers import Redis
+
+DEP = "claude/team-1"
+
+
+@pytest.fixture
+async def replicas(redis_srv: Redis) -> AsyncIterator[list[RedisRouteState]]:
+    import redis.asyncio as aioredis
+
+    clients = [aioredis.from_url(redis_srv.url) for _ in range(2)]
+    await clients[0].flushall()
+    yield [RedisRouteState(c) for c in clients]
+    for c in clients:
+        await c.aclose()
+
+
+async def test_in_flight_and_rpm_are_the_deployments(replicas: list[RedisRouteState]) -> None:
+    a, b = replicas
+    # 10 calls at once, half on each replica, against an rpm of 6: six are taken, whichever replica.
+    taken = await asyncio.gather(*(replicas[n % 2].take(DEP, 6) for n in range(10)))
+    assert sum(taken) == 6
+    (load,) = await b.loads([DEP])
+    assert load.in_flight == 6 and load.requests == 6
+    await a.done(DEP, 120, 50.0)
+    await b.done(DEP, 80, 100.0)
+    (load,) = await a.loads([DEP])
+    assert load.in_flight == 4 and load.tokens == 200
+    assert load.latency_ms == pytest.approx(0.8 * 50 + 0.2 * 100)  # the moving average, across replicas
+
+
+async def test_a_cooldown_begun_on_one_replica_holds_on_the_other(replicas: list[RedisRouteState]) -> None:
+    a, b = replicas
+    assert await a.take(DEP, None) and await b.take(DEP, None)
+    assert await a.failed(DEP, "RATE_LIMITED", 1, 30.0) is None  # one failure allowed in the minute
+    until = await b.failed(DEP, "OVERLOADED", 1, 30.0)
+    assert until is not None and 29 <= until - time.time() <= 31
+    for state in (a, b):
+        (load,) = await state.loads([DEP])
+        assert load.cooled_until == pytest.approx(until, abs=0.01) and load.in_flight == 0
+        assert [code for _, code in load.errors] == ["RATE_LIMITED", "OVERLOADED"]  # oldest first
+
+
+async def test_a_short_cooldown_ends(replicas: list[RedisRouteState]) -> None:
+    a, b = replicas
+    assert await a.failed(DEP, "LLM_ERROR", 0, 0.2) is not None
+    assert (await b.loads([DEP]))[0].cooled_until
+    await asyncio.sleep(0.3)
+    assert (await b.loads([DEP]))[0].cooled_until == 0.0
+
+
+@pytest.mark.parametrize("kind", ["local", "redis"])
+async def test_both_states_agree(kind: str, replicas: list[RedisRouteState]) -> None:
+    state: Any = LocalRouteState() if kind == "local" else replicas[0]
+    assert await state.take(DEP, 2) and await state.take(DEP, 2)
+    assert not await state.take(DEP, 2)  # the minute is full
+    await state.done(DEP, 10, None)
+    assert await state.failed(DEP, "RATE_LIMITED", 0, 5.0) is not None
+    (load,) = await state.loads([DEP])
+    assert (load.in_flight, load.requests, load.tokens, load.latency_ms) == (0, 2, 10, None)
+    assert load.cooled_until > time.time() and [c for _, c in load.errors] == ["RATE_LIMITED"]

@@ -1,0 +1,557 @@
+"""Model groups over several deployments (agentspace/routing.py, docs/routing.md), through the real
+interface: the openai SDK against /v1, POST /api/chat, the WebSocket; two or three fake Anthropic upstreams
+on 127.0.0.1, each a deployment with its own key from the vault."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import openai
+import pytest
+from aiohttp.test_utils import TestClient
+from click.testing import CliRunner
+
+from agentspace.cli import main
+from agentspace.config import ConfigError, parse_config
+from agentspace.transports import state
+from agentspace.vault import KeyVault
+from tests.fakes import anthropic_upstream as fa
+from tests.test_http_chat import DONE, post_chat, read_all, user
+
+MODEL = "anthropic/claude-sonnet-4-5"
+KEYS = {"team-1": "sk-ant-team1-0123456789abcdef", "team-2": "sk-ant-team2-0123456789abcdef"}
+KEYS["team-3"] = "sk-ant-team3-0123456789abcdef"
+
+
+@pytest.fixture
+async def fakes() -> AsyncIterator[list[fa.FakeAnthropic]]:
+    """Three fake Anthropic upstreams; the one at index i accepts only key team-(i+1)."""
+    started = []
+    for i in range(3):
+        started.append(await fa.FakeAnthropic(api_key=KEYS[f"team-{i + 1}"]).start())
+    try:
+        yield started
+    finally:
+        for fake in started:
+            await fake.close()
+
+
+def group(fakes: list[fa.FakeAnthropic], n: int = 2, **settings: Any) -> dict[str, Any]:
+    weights = settings.pop("weights", [1] * n)
+    deployments = [
+        {"model": MODEL, "key": f"team-{i + 1}", "base_url": fakes[i].url, "weight": weights[i]} for i in range(n)
+    ]
+    for i, extra in enumerate(settings.pop("extra", [])):
+        deployments[i].update(extra)
+    return {"models": {"groups": {"claude": {"deployments": deployments, **settings}}}}
+
+
+@pytest.fixture
+async def routed(
+    make_client: Callable[..., Awaitable[TestClient]], isolated_env: Path
+) -> Callable[..., Awaitable[TestClient]]:
+    vault = KeyVault(isolated_env)
+    for name, key in KEYS.items():
+        vault.set(name, key)
+    return make_client
+
+
+def sdk(client: TestClient, token: str) -> openai.AsyncOpenAI:
+    return openai.AsyncOpenAI(api_key=token, base_url=f"http://127.0.0.1:{client.port}/v1", max_retries=0)
+
+
+def registry(client: TestClient) -> Any:
+    return client.server.app[state.REGISTRY]
+
+
+async def records(client: TestClient) -> list[dict[str, Any]]:
+    return await registry(client).usage.arecords()
+
+
+async def test_weights_three_to_one_over_400_calls(
+    routed: Callable[..., Awaitable[TestClient]], fakes: list[fa.FakeAnthropic], token: str
+) -> None:
+    client = await routed(group(fakes, weights=[3, 1]))
+    api = sdk(client, token)
+
+    async def one() -> None:
+        reply = await api.chat.completions.create(model="claude", messages=[{"role": "user", "content": "Hi"}])
+        assert reply.choices[0].message.content
+
+    for _ in range(20):
+        await asyncio.gather(*(one() for _ in range(20)))
+    first, second = len(fakes[0].requests), len(fakes[1].requests)
+    assert first + second == 400
+    assert abs(first / 400 - 0.75) <= 0.05, (first, second)
+    # Each deployment's key went to its own upstream (the fakes refuse any other with a 401).
+    assert {r.api_key for r in fakes[0].requests} == {KEYS["team-1"]}
+    assert {r.api_key for r in fakes[1].requests} == {KEYS["team-2"]}
+    recs = await records(client)
+    assert len(recs) == 400 and all(r["answered"] for r in recs)
+    by = {d: sum(1 for r in recs if r["deployment"] == d) for d in ("claude/team-1", "claude/team-2")}
+    assert by == {"claude/team-1": first, "claude/team-2": second}
+    assert {r["model"] for r in recs} == {MODEL}  # priced as the deployment's model
+    await api.close()
+
+
+async def test_429_with_retry_after_cools_the_deployment(
+    routed: Callable[..., Awaitable[TestClient]],
+    fakes: list[fa.FakeAnthropic],
+    auth_headers: dict[str, str],
+) -> None:
+    fakes[1].default = fa.error_status(429, retry_after=30)
+    client = await routed(group(fakes, allowed_fails=0))
+    for i in range(100):
+        resp = await post_chat(client, auth_headers, f"chat{i}", user("Hi"), model="claude")
+        chunks = await read_all(resp)
+        assert chunks[-1] == DONE
+        assert not [c for c in chunks if isinstance(c, dict) and c.get("type") == "error"], chunks
+    # Whatever the draws, the 429 deployment got one call at most: the first one sent to it cooled it for 30s.
+    assert len(fakes[1].requests) <= 1
+    assert len(fakes[0].requests) == 100
+    recs = await records(client)
+    answered = [r for r in recs if r["answered"]]
+    failed = [r for r in recs if not r["answered"]]
+    assert len(answered) == 100 and all(r["deployment"] == "claude/team-1" for r in answered)
+    assert len(failed) == len(fakes[1].requests)
+    for r in failed:  # the failed attempt: its own record, nothing billed
+        assert r["deployment"] == "claude/team-2" and r["error"] == "RATE_LIMITED" and r["totalCost"] == 0
+    # Reports per deployment: /api/usage?by=deployment and `agentspace usage --by-deployment`.
+    resp = await client.get("/api/usage?by=deployment", headers=auth_headers)
+    per = (await resp.json())["perDeployment"]
+    assert per["claude/team-1"]["requestCount"] == 100
+    result = CliRunner().invoke(main, ["usage", "--by-deployment", "--json"], catch_exceptions=False)
+    assert json.loads(result.output)["perDeployment"]["claude/team-1"]["requestCount"] == 100
+    table = CliRunner().invoke(main, ["usage", "--by-deployment"]).output
+    assert "claude/team-1" in table and "deployment" in table
+    state = await deployments(client, auth_headers)
+    assert state["claude/team-1"]["state"] == "active" and state["claude/team-1"]["inFlight"] == 0
+    if fakes[1].requests:
+        cooled = state["claude/team-2"]
+        assert cooled["state"] == "cooling" and 0 < cooled["coolingSeconds"] <= 30
+        assert cooled["recentErrors"][0]["code"] == "RATE_LIMITED"
+
+
+async def test_429_every_time_it_is_chosen(
+    routed: Callable[..., Awaitable[TestClient]], fakes: list[fa.FakeAnthropic], token: str
+) -> None:
+    """The 429 deployment weighs 1000 times the other: it is chosen first, and cooled after its first 429."""
+    fakes[0].default = fa.error_status(429, retry_after=30)
+    client = await routed(group(fakes, weights=[1000, 1], allowed_fails=0))
+    api = sdk(client, token)
+    for _ in range(100):
+        reply = await api.chat.completions.create(model="claude", messages=[{"role": "user", "content": "Hi"}])
+        assert reply.choices[0].message.content == fa.DEFAULT_TEXT
+    assert len(fakes[0].requests) == 1 and len(fakes[1].requests) == 100
+    recs = await records(client)
+    assert sum(1 for r in recs if not r["answered"]) == 1 and sum(1 for r in recs if r["answered"]) == 100
+    await api.close()
+
+
+async def test_allowed_fails_counts_before_the_cooldown(
+    routed: Callable[..., Awaitable[TestClient]], fakes: list[fa.FakeAnthropic], token: str
+) -> None:
+    fakes[0].default = fa.error_status(529)
+    client = await routed(group(fakes, weights=[1000, 1], allowed_fails=2, cooldown_seconds=60))
+    api = sdk(client, token)
+    for _ in range(10):
+        await api.chat.completions.create(model="claude", messages=[{"role": "user", "content": "Hi"}])
+    assert len(fakes[0].requests) == 3  # two failures allowed in a minute; the third cools it down
+    await api.close()
+
+
+async def test_stream_failing_before_its_first_byte_moves(
+    routed: Callable[..., Awaitable[TestClient]], fakes: list[fa.FakeAnthropic], token: str
+) -> None:
+    fakes[0].default = fa.error_status(529)
+    client = await routed(group(fakes, weights=[1000, 1], cooldown_seconds=0))
+    api = sdk(client, token)
+    stream = await api.chat.completions.create(
+        model="claude", messages=[{"role": "user", "content": "Hi"}], stream=True
+    )
+    text = "".join([c.choices[0].delta.content or "" async for c in stream if c.choices])
+    assert text == fa.DEFAULT_TEXT  # one clean answer
+    assert len(fakes[0].requests) == 1 and len(fakes[1].requests) == 1
+    recs = sorted(await records(client), key=lambda r: r["answered"])
+    assert [(r["deployment"], r["answered"], r["error"]) for r in recs] == [
+        ("claude/team-1", False, "LLM_ERROR"),
+        ("claude/team-2", True, None),
+    ]
+    await api.close()
+
+
+async def test_pipeline_stream_cut_after_message_start_moves(
+    routed: Callable[..., Awaitable[TestClient]], fakes: list[fa.FakeAnthropic], auth_headers: dict[str, str]
+) -> None:
+    """The upstream answered (message_start: its input is billed) but no token reached the client: moved."""
+    fakes[0].default = fa.text_response("lost").cut_after(1)
+    client = await routed(group(fakes, weights=[1000, 1], cooldown_seconds=0))
+    chunks = await read_all(await post_chat(client, auth_headers, "c1", user("Hi"), model="claude"))
+    text = "".join(c["delta"] for c in chunks if isinstance(c, dict) and c.get("type") == "text-delta")
+    assert text == fa.DEFAULT_TEXT and not [c for c in chunks if isinstance(c, dict) and c.get("type") == "error"]
+    recs = await records(client)
+    assert sorted((r["deployment"], r["error"] is None) for r in recs) == [
+        ("claude/team-1", False),
+        ("claude/team-2", True),
+    ]
+    failed = next(r for r in recs if r["deployment"] == "claude/team-1")
+    assert failed["answered"] and failed["inputTokens"] > 0  # what the upstream reported is kept
+
+
+async def test_stream_failing_after_its_first_byte_is_not_moved(
+    routed: Callable[..., Awaitable[TestClient]], fakes: list[fa.FakeAnthropic], token: str, auth_headers: Any
+) -> None:
+    chunks = ["alpha ", "beta ", "gamma ", "delta "]
+    fakes[0].default = fa.text_response("".join(chunks), chunks=chunks).cut_after(5)
+    client = await routed(group(fakes, weights=[1000, 1], cooldown_seconds=0))
+    api = sdk(client, token)
+    stream = await api.chat.completions.create(
+        model="claude", messages=[{"role": "user", "content": "Hi"}], stream=True
+    )
+    got = []
+    with pytest.raises(openai.APIError):
+        async for c in stream:
+            if c.choices:
+                got.append(c.choices[0].delta.content or "")
+    assert "".join(got) == "alpha beta "
+    # The pipeline (/api/chat) alike: the partial answer and an error, no second deployment.
+    resp = await post_chat(client, auth_headers, "c1", user("Hi"), model="claude")
+    frames = await read_all(resp)
+    assert [c["errorText"] for c in frames if isinstance(c, dict) and c.get("type") == "error"]
+    assert len(fakes[0].requests) == 2 and not fakes[1].requests
+    recs = await records(client)
+    assert len(recs) == 2 and {r["deployment"] for r in recs} == {"claude/team-1"}
+    assert all(r["answered"] and r["error"] for r in recs)
+    await api.close()
+
+
+async def test_least_busy_under_40_concurrent_slow_streams(
+    routed: Callable[..., Awaitable[TestClient]], fakes: list[fa.FakeAnthropic], token: str
+) -> None:
+    slow = fa.text_response("one two three four five six", chunks=6).with_delay(0.05)
+    for fake in fakes[:2]:
+        fake.default = slow
+    client = await routed(group(fakes, strategy="least-busy"))
+    router = registry(client).router
+    api = sdk(client, token)
+    spread: list[int] = []
+
+    async def one() -> str:
+        stream = await api.chat.completions.create(
+            model="claude", messages=[{"role": "user", "content": "Hi"}], stream=True
+        )
+        return "".join([c.choices[0].delta.content or "" async for c in stream if c.choices])
+
+    async def watch() -> None:
+        while True:
+            loads = await router.state.loads(["claude/team-1", "claude/team-2"])
+            if loads[0].in_flight + loads[1].in_flight == 40:  # all of them streaming (not the last ones ending)
+                spread.append(abs(loads[0].in_flight - loads[1].in_flight))
+            await asyncio.sleep(0.01)
+
+    watcher = asyncio.create_task(watch())
+    answers = await asyncio.gather(*(one() for _ in range(40)))
+    watcher.cancel()
+    assert set(answers) == {"one two three four five six"}
+    assert len(fakes[0].requests) == len(fakes[1].requests) == 20
+    assert spread and max(spread) <= 1, max(spread)
+    await api.close()
+
+
+async def test_rpm_of_a_deployment_is_honoured(
+    routed: Callable[..., Awaitable[TestClient]], fakes: list[fa.FakeAnthropic], token: str
+) -> None:
+    client = await routed(group(fakes, weights=[1000, 1], extra=[{"rpm": 5}]))
+    api = sdk(client, token)
+    for _ in range(12):
+        await api.chat.completions.create(model="claude", messages=[{"role": "user", "content": "Hi"}])
+    assert len(fakes[0].requests) == 5 and len(fakes[1].requests) == 7
+    await api.close()
+
+
+async def test_tpm_of_a_deployment_is_honoured(
+    routed: Callable[..., Awaitable[TestClient]], fakes: list[fa.FakeAnthropic], token: str
+) -> None:
+    fakes[0].default = fa.text_response("counted", usage={"input_tokens": 60, "output_tokens": 40})
+    client = await routed(group(fakes, weights=[1000, 1], extra=[{"tpm": 250}]))
+    api = sdk(client, token)
+    for _ in range(6):
+        await api.chat.completions.create(model="claude", messages=[{"role": "user", "content": "Hi"}])
+    # Calls go to team-1 until its minute holds 250 tokens (as the upstream reported them), then to team-2.
+    recs = [r for r in await records(client) if r["deployment"] == "claude/team-1"]
+    per_call = recs[0]["inputTokens"] + recs[0]["outputTokens"]
+    assert per_call >= 60 and len(fakes[0].requests) == -(-250 // per_call)
+    assert len(fakes[0].requests) + len(fakes[1].requests) == 6 and fakes[1].requests
+    await api.close()
+
+
+async def test_lowest_latency_prefers_the_faster_deployment(
+    routed: Callable[..., Awaitable[TestClient]], fakes: list[fa.FakeAnthropic], token: str
+) -> None:
+    fakes[0].default = fa.text_response("slow").with_delay(0.03)
+    client = await routed(group(fakes, strategy="lowest-latency"))
+    api = sdk(client, token)
+    for _ in range(20):
+        stream = await api.chat.completions.create(
+            model="claude", messages=[{"role": "user", "content": "Hi"}], stream=True
+        )
+        [c async for c in stream]
+    # Each is measured once (unmeasured deployments go first), then the faster one takes the rest.
+    assert len(fakes[0].requests) == 1 and len(fakes[1].requests) == 19
+    await api.close()
+
+
+async def test_fallbacks_after_every_deployment_and_models_list(
+    routed: Callable[..., Awaitable[TestClient]],
+    fakes: list[fa.FakeAnthropic],
+    token: str,
+    fake_anthropic: fa.FakeAnthropic,
+    auth_headers: dict[str, str],
+) -> None:
+    for fake in fakes[:2]:
+        fake.default = fa.error_status(500)
+    fake_anthropic.default = fa.text_response("from the fallback")
+    client = await routed(group(fakes, fallbacks=["anthropic/claude-haiku-4-5"]))
+    api = sdk(client, token)
+    reply = await api.chat.completions.create(model="claude", messages=[{"role": "user", "content": "Hi"}])
+    assert reply.choices[0].message.content == "from the fallback"
+    recs = await records(client)
+    assert sorted((r["deployment"] or "-", r["answered"]) for r in recs) == [
+        ("-", True),
+        ("claude/team-1", False),
+        ("claude/team-2", False),
+    ]
+    # Now both are cooling down: the fallback straight away, no upstream of the group asked.
+    await api.chat.completions.create(model="claude", messages=[{"role": "user", "content": "Hi"}])
+    assert len(fakes[0].requests) == len(fakes[1].requests) == 1
+    ids = [m.id for m in (await api.models.list()).data]
+    assert "claude" in ids
+    resp = await client.get("/api/models", headers=auth_headers)
+    listed = {m["id"]: m for m in (await resp.json())["models"]}
+    assert listed["claude"]["deployments"] == ["claude/team-1", "claude/team-2"]
+    await api.close()
+
+
+async def test_every_deployment_cooling_without_fallbacks(
+    routed: Callable[..., Awaitable[TestClient]], fakes: list[fa.FakeAnthropic], token: str
+) -> None:
+    fakes[0].default = fa.error_status(429, retry_after=30)
+    client = await routed(group(fakes, n=1))
+    api = sdk(client, token)
+    for _ in range(2):
+        with pytest.raises(openai.RateLimitError):
+            await api.chat.completions.create(model="claude", messages=[{"role": "user", "content": "Hi"}])
+    assert len(fakes[0].requests) == 1  # the second call did not reach the cooling deployment
+    await api.close()
+
+
+async def test_websocket_turn_on_a_group(
+    routed: Callable[..., Awaitable[TestClient]], fakes: list[fa.FakeAnthropic], token: str
+) -> None:
+    client = await routed(group(fakes))
+    ws = await client.ws_connect("/gateway", headers={"Authorization": f"Bearer {token}"})
+    await ws.send_json({"type": "chat.send", "id": "1", "content": "Hi", "model": "claude"})
+    frames = []
+    while not frames or frames[-1]["type"] not in ("chat.stream.end", "error"):
+        frames.append(json.loads((await ws.receive()).data))
+    assert frames[-1]["type"] == "chat.stream.end"
+    assert "".join(f["delta"] for f in frames if f["type"] == "chat.stream.delta") == fa.DEFAULT_TEXT
+    await ws.close()
+
+
+def test_group_config_is_validated(tmp_path: Path) -> None:
+    def bad(groups: dict[str, Any]) -> str:
+        with pytest.raises(ConfigError) as e:
+            parse_config({"models": {"groups": groups}}, "<test>")
+        return str(e.value.message)
+
+    assert "deployments" in bad({"g": {"strategy": "weighted"}})
+    assert "strategy" in bad({"g": {"deployments": [{"model": MODEL}], "strategy": "random"}})
+    assert "provider/model" in bad({"g": {"deployments": [{"model": "claude"}]}})
+    assert "weight" in bad({"g": {"deployments": [{"model": MODEL, "weight": 0}]}})
+    assert "unknown key" in bad({"g": {"deployments": [{"model": MODEL, "keys": "x"}]}})
+    assert "itself" in bad({"g": {"deployments": [{"model": MODEL}], "fallbacks": ["g"]}})
+    config = parse_config(
+        {"models": {"groups": {"g": {"deployments": [{"model": MODEL, "key": "a"}, {"model": MODEL, "key": "a"}]}}}}
+    )
+    assert [d.id for d in config.groups["g"].deployments] == ["g/a", "g/a-2"]
+
+
+async def test_deployments_route_is_the_gateway_tokens(
+    routed: Callable[..., Awaitable[TestClient]], fakes: list[fa.FakeAnthropic]
+) -> None:
+    key = CliRunner().invoke(main, ["clients", "add", "alice"], catch_exceptions=False).stdout.strip()
+    client = await routed(group(fakes))
+    assert (await client.get("/api/deployments")).status == 401
+    resp = await client.get("/api/deployments", headers={"Authorization": f"Bearer {key}"})
+    assert resp.status == 403
+
+
+async def deployments(client: TestClient, headers: dict[str, str]) -> dict[str, Any]:
+    resp = await client.get("/api/deployments", headers=headers)
+    assert resp.status == 200
+    return {d["id"]: d for d in (await resp.json())["deployments"]}
+
+
+async def test_a_429_cools_the_deployment_on_every_replica(
+    tmp_path: Path,
+    fakes: list[fa.FakeAnthropic],
+    fake_anthropic: fa.FakeAnthropic,
+    pg_dsn: str,
+    redis_srv: Any,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Two `agentspace serve` replicas on one PostgreSQL and one Redis: the deployment that answered 429 with
+    Retry-After: 30 to one of them gets no call from either during the cooldown."""
+    from scripts.harness import GatewayProcess
+    from tests.scale_servers import TOKEN, flush_redis
+
+    monkeypatch.setenv("AGENTSPACE_GATEWAY_TOKEN", TOKEN)
+    await flush_redis(redis_srv)
+    fakes[1].default = fa.error_status(429, retry_after=30)
+    deployments_ = [{"model": MODEL, "key": f"team-{i + 1}", "base_url": fakes[i].url, "weight": 1} for i in range(2)]
+    storage = {"backend": "postgres", "dsn": pg_dsn, "redis_url": redis_srv.url}
+    servers = []
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir(mode=0o700)
+        vault = KeyVault(tmp_path / name)
+        for key_name, key in KEYS.items():
+            vault.set(key_name, key)
+        servers.append(
+            GatewayProcess(
+                tmp_path / name,
+                fake_anthropic.url,
+                storage=storage,
+                **{'models.groups."claude"': {"deployments": deployments_, "allowed_fails": 0}},
+            )
+        )
+    try:
+        await asyncio.gather(*(s.start() for s in servers))
+        apis = [openai.AsyncOpenAI(api_key=TOKEN, base_url=f"{s.url}/v1", max_retries=0) for s in servers]
+
+        async def one(n: int) -> str:
+            reply = await apis[n % 2].chat.completions.create(
+                model="claude", messages=[{"role": "user", "content": "Hi"}]
+            )
+            return reply.choices[0].message.content or ""
+
+        answers = [await one(n) for n in range(100)]
+        assert answers == [fa.DEFAULT_TEXT] * 100
+        assert len(fakes[1].requests) == 1 and len(fakes[0].requests) == 100
+        for api in apis:
+            await api.close()
+    finally:
+        for server in servers:
+            if server.process is not None and server.process.returncode is None:
+                await server.terminate()
+
+
+async def test_metrics_count_calls_per_deployment(
+    routed: Callable[..., Awaitable[TestClient]],
+    fakes: list[fa.FakeAnthropic],
+    token: str,
+    auth_headers: dict[str, str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from agentspace.plugins import create_plugin_manager
+    from tests.test_metrics import delta, scrape
+
+    monkeypatch.setenv("AGENTSPACE_LOAD_PLUGINS", "metrics")
+    fakes[0].default = fa.error_status(529)
+    client = await routed(group(fakes, weights=[1000, 1], cooldown_seconds=0), pm=create_plugin_manager())
+    before = await scrape(client, auth_headers)
+    api = sdk(client, token)
+    for _ in range(3):
+        await api.chat.completions.create(model="claude", messages=[{"role": "user", "content": "Hi"}])
+    after = await scrape(client, auth_headers)
+    calls = delta(after, before, "agentspace_deployment_calls_total")
+    assert calls == {
+        (("deployment", "claude/team-1"), ("outcome", "LLM_ERROR")): 3,
+        (("deployment", "claude/team-2"), ("outcome", "answered")): 3,
+    }
+    assert not delta(after, before, "agentspace_fallbacks_total")  # a group's deployment is no fallback
+    await api.close()
+
+
+def test_keys_add_with_a_name_stores_a_named_entry(isolated_env: Path) -> None:
+    result = CliRunner().invoke(main, ["keys", "add", "anthropic", "--name", "team-2"], input="sk-ant-second\n")
+    assert result.exit_code == 0, result.output
+    assert KeyVault(isolated_env).get("team-2") == "sk-ant-second"
+    assert KeyVault(isolated_env).get("anthropic") is None
+    bad = CliRunner().invoke(main, ["keys", "add", "anthropic", "--name", "no spaces"], input="x\n")
+    assert bad.exit_code != 0 and "--name" in bad.output
+
+
+async def test_anthropic_pass_through_over_a_group(
+    routed: Callable[..., Awaitable[TestClient]], fakes: list[fa.FakeAnthropic], token: str
+) -> None:
+    """/v1/messages with a group of Anthropic deployments: passed through with each deployment's key, moved
+    on a 429 before anything was written, one clean stream for the client (the anthropic SDK)."""
+    import anthropic
+
+    fakes[0].default = fa.error_status(429, retry_after=30)
+    client = await routed(group(fakes, weights=[1000, 1], allowed_fails=0))
+    sdk_ = anthropic.AsyncAnthropic(api_key=token, base_url=f"http://127.0.0.1:{client.port}", max_retries=0)
+    async with sdk_.messages.stream(
+        model="claude", max_tokens=100, messages=[{"role": "user", "content": "Hi"}]
+    ) as stream:
+        text = "".join([t async for t in stream.text_stream])
+    assert text == fa.DEFAULT_TEXT
+    assert [r.api_key for r in fakes[0].requests] == [KEYS["team-1"]]
+    assert [r.api_key for r in fakes[1].requests] == [KEYS["team-2"]]
+    assert fakes[1].requests[0].body["model"] == "claude-sonnet-4-5"  # the deployment's model, upstream's id
+    again = await sdk_.messages.create(model="claude", max_tokens=100, messages=[{"role": "user", "content": "Hi"}])
+    assert again.content[0].text == fa.DEFAULT_TEXT  # type: ignore[union-attr]
+    assert len(fakes[0].requests) == 1  # cooling down: not asked again
+    recs = await records(client)
+    assert sorted((r["deployment"], r["answered"]) for r in recs) == [
+        ("claude/team-1", False),
+        ("claude/team-2", True),
+        ("claude/team-2", True),
+    ]
+    await sdk_.close()
+
+
+async def test_a_clients_budget_sees_every_attempt_settled(
+    routed: Callable[..., Awaitable[TestClient]], fakes: list[fa.FakeAnthropic], auth_headers: dict[str, str]
+) -> None:
+    """A client key on a group: the failed attempt bills nothing and holds nothing; the spend is the answer's."""
+    key = CliRunner().invoke(main, ["clients", "add", "alice", "--budget", "5"], catch_exceptions=False)
+    key_ = key.stdout.strip()
+    fakes[0].default = fa.error_status(503)
+    client = await routed(group(fakes, weights=[1000, 1], cooldown_seconds=0))
+    chunks = await read_all(
+        await post_chat(client, {"Authorization": f"Bearer {key_}"}, "c1", user("Hi"), model="claude")
+    )
+    assert chunks[-1] == DONE
+    recs = await records(client)
+    assert sorted((r["deployment"], r["answered"], r["client"]) for r in recs) == [
+        ("claude/team-1", False, "alice"),
+        ("claude/team-2", True, "alice"),
+    ]
+    resp = await client.get("/api/clients/alice", headers=auth_headers)
+    spend = (await resp.json())["client"]["spend"]["usd"]
+    assert spend == pytest.approx(sum(r["totalCost"] for r in recs)) and spend > 0
+
+
+async def test_a_bad_request_does_not_cool_a_deployment(
+    routed: Callable[..., Awaitable[TestClient]], fakes: list[fa.FakeAnthropic], token: str, auth_headers: Any
+) -> None:
+    """A 400 is the request's fault: answered as it is, not moved, and not counted against the deployment."""
+    fakes[0].enqueue(fa.error_status(400), fa.error_status(400))
+    client = await routed(group(fakes, weights=[1000, 1], allowed_fails=0))
+    api = sdk(client, token)
+    with pytest.raises(openai.BadRequestError):
+        await api.chat.completions.create(model="claude", messages=[{"role": "user", "content": "Hi"}])
+    frames = await read_all(await post_chat(client, auth_headers, "c1", user("Hi"), model="claude"))
+    assert [c for c in frames if isinstance(c, dict) and c.get("type") == "error"]
+    assert not fakes[1].requests  # not moved
+    state = await deployments(client, auth_headers)
+    assert state["claude/team-1"]["state"] == "active" and state["claude/team-1"]["inFlight"] == 0
+    reply = await api.chat.completions.create(model="claude", messages=[{"role": "user", "content": "Hi"}])
+    assert reply.choices[0].message.content == fa.DEFAULT_TEXT and len(fakes[0].requests) == 3
+    await api.close()

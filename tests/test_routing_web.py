@@ -1,0 +1,95 @@
+"""The web app's deployments page in a real browser (Playwright, Chromium) against a real ``agentspace
+serve`` with a model group over two fake Anthropic upstreams, one of which answers 429 with Retry-After."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from agentspace.vault import KeyVault
+from scripts.harness import ROOT, child_env, write_config
+from tests.fakes.anthropic_upstream import error_status
+from tests.test_web_app import CHROMIUM, LAUNCH, Gateway, Page, ThreadedFake, playwright_api
+
+pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="Chromium not found: apt-get install chromium")
+
+
+@pytest.fixture(scope="module")
+def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
+    fakes = [ThreadedFake(), ThreadedFake()]
+    fakes[1].loop.call_soon_threadsafe(setattr, fakes[1].fake, "default", error_status(429, retry_after=30))
+    base = tmp_path_factory.mktemp("web-routing")
+    data_dir = base / "data"
+    data_dir.mkdir(mode=0o700)
+    vault = KeyVault(data_dir)
+    vault.set("team-1", "sk-ant-team1-0123456789abcdef")
+    vault.set("team-2", "sk-ant-team2-0123456789abcdef")
+    deployments = [
+        # team-2 weighs 1000 times team-1: the first call goes to it, gets the 429, and it is cooled down.
+        {"model": "anthropic/claude-sonnet-4-5", "key": f"team-{i + 1}", "base_url": f.fake.url, "weight": 1000**i}
+        for i, f in enumerate(fakes)
+    ]
+    config = base / "agentspace.toml"
+    write_config(
+        config,
+        {
+            "storage": {"data_dir": str(data_dir)},
+            "models": {"default": "claude"},
+            "thinking": {"enabled": False},
+            'models.groups."claude"': {"deployments": deployments, "allowed_fails": 0},
+        },
+    )
+    log = open(base / "serve.log", "wb")
+    proc = subprocess.Popen(
+        [sys.executable, "-c", LAUNCH, "serve", "--config", str(config), "--port", "0"],
+        stdout=subprocess.PIPE,
+        stderr=log,
+        env=child_env(data_dir),
+        cwd=ROOT,
+    )
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline().decode()
+        assert "listening on http://" in line, (line, (base / "serve.log").read_text())
+        yield Gateway(line.split("listening on ")[1].split()[0], data_dir, config, fakes[0])
+    finally:
+        proc.terminate()
+        proc.wait(30)
+        log.close()
+        for fake in fakes:
+            fake.close()
+
+
+@pytest.fixture(scope="module")
+def browser(gateway: Gateway) -> Iterator[Any]:
+    with playwright_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu"])
+        yield browser
+        browser.close()
+
+
+def test_deployments_page_shows_the_cooling_deployment(browser: Any, gateway: Gateway) -> None:
+    for n in range(3):
+        gateway.chat(f"s{n}", "Hi")
+    states = {d["id"]: d for d in gateway.get("/api/deployments")["deployments"]}
+    web = Page(browser, gateway)
+    page = web.sign_in()
+    page.get_by_role("link", name="Deployments").click()
+    page.locator("#deployments-list tbody tr").first.wait_for()
+    rows = page.locator("#deployments-list tbody tr")
+    assert rows.evaluate_all("rs => rs.map(r => r.dataset.deployment)") == ["claude/team-1", "claude/team-2"]
+    shown = page.locator("tr[data-deployment='claude/team-1'] td[data-state]").get_attribute("data-state")
+    assert shown == states["claude/team-1"]["state"] == "active"
+    cell = page.locator("tr[data-deployment='claude/team-2'] td[data-state]")
+    assert cell.get_attribute("data-state") == states["claude/team-2"]["state"] == "cooling"
+    assert "cooling down until" in cell.inner_text()
+    assert "RATE_LIMITED" in page.locator("tr[data-deployment='claude/team-2']").inner_text()
+    web.check()
+    # A client key sees no deployments page.
+    key = gateway.call("POST", "/api/clients", {"name": "reader"})["key"]
+    page = Page(browser, gateway).sign_in(key)
+    assert page.get_by_role("link", name="Deployments").count() == 0
