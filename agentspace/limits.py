@@ -30,7 +30,8 @@ from datetime import datetime
 from typing import TYPE_CHECKING, Protocol
 
 from .clients import ADMIN, Client, Clock, iso, period_bounds, utc_now
-from .errors import ApiError
+from .errors import ApiError, outage_error
+from .logs import warn_limited
 
 if TYPE_CHECKING:
     from .stores.base import ClientStoreAPI, UsageStoreAPI
@@ -205,6 +206,15 @@ def usd(value: float) -> str:
     return "$" + (f"{value:.6f}".rstrip("0").rstrip(".") or "0")
 
 
+def _counters_failed(e: Exception) -> None:
+    """Say why the counters failed: an outage (Redis or the database unreachable) in one line, a defect of
+    ours with its traceback."""
+    if outage_error(e) is not None:
+        warn_limited(log, "counters-unreachable", "the client counters could not be reached: %r", e)
+    else:
+        log.exception("the client counters could not be reached")
+
+
 class Guard:
     """The one place the checks are made, for every transport and endpoint."""
 
@@ -275,8 +285,8 @@ class Guard:
             await self._precheck(caller, model, least_cost, credential)
         except ApiError:
             raise
-        except Exception:
-            log.exception("the client counters could not be reached")
+        except Exception as e:
+            _counters_failed(e)
             raise ApiError("SERVICE_UNAVAILABLE", COUNTERS_UNAVAILABLE) from None
 
     async def _precheck(
@@ -309,8 +319,8 @@ class Guard:
             return await self._admit(caller, model, cost=cost, credential=credential)
         except ApiError:
             raise
-        except Exception:
-            log.exception("the client counters could not be reached")
+        except Exception as e:
+            _counters_failed(e)
             raise ApiError("SERVICE_UNAVAILABLE", COUNTERS_UNAVAILABLE) from None
 
     async def _admit(

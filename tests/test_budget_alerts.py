@@ -22,6 +22,9 @@ from tests.fakes.anthropic_upstream import text_response
 from tests.scale_servers import flush_redis
 
 BUDGET = 0.01  # USD a day; anthropic/claude-sonnet-4-5 input costs $3 per MTok: 2000 tokens are $0.006
+# A call is admitted only while its reservation (its input and max_tokens at the model's prices) still fits
+# the budget: small answers keep it below what is left, so the spend can cross each threshold.
+SMALL_ANSWERS = {"max_tokens": 16}
 
 
 class Receiver:
@@ -60,7 +63,9 @@ def spend(input_tokens: int) -> Any:
 async def test_each_threshold_alerts_once_per_period(
     make_client: Any, fake_anthropic: Any, receiver: Receiver, auth_headers: dict[str, str], isolated_env: Path
 ) -> None:
-    client: TestClient = await make_client(alerts={"webhook_url": receiver.url, "thresholds": [0.5, 1.0]})
+    client: TestClient = await make_client(
+        alerts={"webhook_url": receiver.url, "thresholds": [0.5, 1.0]}, chat=SMALL_ANSWERS, thinking={"enabled": False}
+    )
     r = await client.post(
         "/api/clients", json={"name": "team-a", "budgetUsd": BUDGET, "period": "day"}, headers=auth_headers
     )
@@ -106,7 +111,10 @@ async def test_two_replicas_send_each_threshold_once(
     await flush_redis(redis_srv)
     storage = {"backend": "postgres", "dsn": pg_dsn, "redis_url": redis_srv.url}
     alerts = {"webhook_url": receiver.url, "thresholds": [0.5, 1.0]}
-    servers = [GatewayProcess(tmp_path / name, fake_anthropic.url, storage=storage, alerts=alerts) for name in "ab"]
+    servers = [
+        GatewayProcess(tmp_path / name, fake_anthropic.url, storage=storage, alerts=alerts, chat=SMALL_ANSWERS)
+        for name in "ab"
+    ]
     try:
         await asyncio.gather(*(s.start() for s in servers))
         admin = {"Authorization": "Bearer replica-token-0123456789abcdef"}

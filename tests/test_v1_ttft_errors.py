@@ -66,16 +66,23 @@ async def test_ttft_on_streams_only(
 
 
 @pytest.mark.parametrize(
-    ("status", "error_type", "code"),
+    ("status", "error_type", "code", "answered"),
     [
-        (401, "invalid_request_error", "invalid_api_key"),
-        (404, "invalid_request_error", "model_not_found"),
-        (429, "requests", "rate_limit_exceeded"),
-        (500, "server_error", None),
+        # The provider refusing the gateway's key is the gateway's problem, not the caller's: 424, never 401.
+        (401, "server_error", "no_api_key", 424),
+        (404, "invalid_request_error", "model_not_found", 404),
+        (429, "requests", "rate_limit_exceeded", 429),
+        (500, "server_error", None, 500),
     ],
 )
 async def test_openai_error_shape(
-    client: TestClient, token: str, fake_openai: FakeOpenAI, status: int, error_type: str, code: str | None
+    client: TestClient,
+    token: str,
+    fake_openai: FakeOpenAI,
+    status: int,
+    error_type: str,
+    code: str | None,
+    answered: int,
 ) -> None:
     oa = openai.AsyncOpenAI(api_key=token, base_url=url(client) + "/v1", max_retries=0)
     for call in (
@@ -87,4 +94,4 @@ async def test_openai_error_shape(
             await call()
         body = raised.value.body
         assert isinstance(body, dict) and set(body) == {"message", "type", "param", "code"}
-        assert (raised.value.status_code, body["type"], body["code"]) == (status, error_type, code)
+        assert (raised.value.status_code, body["type"], body["code"]) == (answered, error_type, code)

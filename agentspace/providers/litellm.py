@@ -83,8 +83,16 @@ async def _load_litellm() -> ModuleType:
         os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
         # Concurrent first calls are safe: Python's import lock makes the later threads wait for the first.
         # (Or waits for the import that server_startup began in the background.)
+        _import_httpx_here()
         _litellm = _configure(await asyncio.to_thread(importlib.import_module, "litellm"))
     return _litellm
+
+
+def _import_httpx_here() -> None:
+    """Import httpx in this thread before litellm is imported in another: the openai and anthropic SDKs look
+    for a loaded httpx in ``sys.modules`` on every request, and one half-imported by another thread fails
+    them ("partially initialized module 'httpx'")."""
+    importlib.import_module("httpx")
 
 
 def _configure(module: ModuleType) -> ModuleType:
@@ -104,6 +112,7 @@ def server_startup(app: Any, config: Config) -> None:
     # which does not run this hook.
     if litellm_usable(config):
         os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")  # never fetch the cost map at import
+        _import_httpx_here()
         threading.Thread(target=_import_in_background, name="agentspace-import-litellm", daemon=True).start()
 
 

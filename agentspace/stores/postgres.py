@@ -583,12 +583,14 @@ _REPORT_COLUMNS: dict[str, dict[str, str]] = {
     "client": {"client": "client"},
     "session": {"session": "session_id"},
     "day-model": {"day": "day", "model": "model"},
+    "deployment": {"deployment": "deployment"},  # not in the rollups: summed from the records
 }
 _RECORD_KEYS = {
     "day": "(ts AT TIME ZONE 'UTC')::date",
     "model": "model",
     "client": "coalesce(client, '')",
     "session": "coalesce(session_id, '')",
+    "deployment": "coalesce(record::json->>'deployment', '')",
 }
 _ROLLUP_TOTALS = (
     "sum(input_tokens)::bigint, sum(output_tokens)::bigint, sum(total_tokens)::bigint, "
@@ -743,6 +745,11 @@ class PostgresUsageStore:
         where = (" WHERE " + " AND ".join(clauses)) if clauses else ""
         keys = ", ".join(columns.values())
         queries = [(f"SELECT {keys}, {_ROLLUP_TOTALS} FROM usage_rollups{where} GROUP BY {keys}", args)]
+        if by == "deployment":  # the deployments of model groups (routing.py) are read from the records
+            partial_day = None
+            where, record_args = self._where(since_utc, session_id, client)
+            record_keys = _RECORD_KEYS["deployment"]
+            queries = [(f"SELECT {record_keys}, {_SUMS} FROM usage_records{where} GROUP BY 1", record_args)]
         if partial_day is not None:
             where, record_args = self._where(partial_day[0], session_id, client)
             record_args.append(partial_day[1])
@@ -763,6 +770,7 @@ class PostgresUsageStore:
                         named.get("client"),
                         named.get("session"),
                         None,
+                        named.get("deployment") or None,
                     )
                     values = list(row)[len(columns) :]
                     totals = _totals()

@@ -53,7 +53,7 @@ _DAY = re.compile(r"\d{4}-\d{2}-\d{2}")
 _SEGMENT = re.compile(r"(\d+)\.jsonl?")
 _LOG = ".jsonl"
 ROLLUPS = "rollups"
-_ROLLUP_VERSION = 1
+_ROLLUP_VERSION = 2  # 2: the deployment of a model group is part of the group key
 # Records per segment: the most a writer reads when it opens the day's last segment, and the most a report
 # scans that no rollup covers.
 SEGMENT_SIZE = 10_000
@@ -238,9 +238,9 @@ class UsageStore:
                             damaged.append(str(path))
                         continue
                     for row in entry.get("groups", []):
-                        key = tuple(row[:5])
+                        key = tuple(row[:6])
                         if (session_id is None or key[3] == session_id) and (client is None or key[2] == client):
-                            _merge(groups, key, _totals_from_row(row[5]))
+                            _merge(groups, key, _totals_from_row(row[6]))
                     continue
                 try:
                     records = read_segment(path)
@@ -460,8 +460,8 @@ def _finish(groups: dict[str, dict[str, Any]], key: str) -> dict[str, Any]:
 
 # --- groups: what rollups keep, and what every report can be made of -----------------------------
 
-# (day, model, client, session id, endpoint), the raw values of the records (None when absent).
-GroupKey = tuple[str, Any, Any, Any, Any]
+# (day, model, client, session id, endpoint, deployment), the raw values of the records (None when absent).
+GroupKey = tuple[str, Any, Any, Any, Any, Any]
 _SUMMED = (*_TOKEN_FIELDS, "totalCost", *_COUNTS)
 
 
@@ -472,6 +472,7 @@ def group_key(record: dict[str, Any]) -> GroupKey:
         record.get("client"),
         record.get("sessionId"),
         record.get("endpoint"),
+        record.get("deployment"),
     )
 
 
@@ -532,8 +533,8 @@ def report_from_groups(by: str, groups: dict[GroupKey, dict[str, Any]]) -> dict[
         return {"perDay": ordered, "grandTotal": grand["grandTotal"]}
     key, label = _LABELS[by]
     named: dict[str, dict[str, Any]] = {}
-    for (day, model, client, session, _), totals in groups.items():
-        record = {"timestamp": day, "model": model, "client": client, "sessionId": session}
+    for (day, model, client, session, _, deployment), totals in groups.items():
+        record = {"timestamp": day, "model": model, "client": client, "sessionId": session, "deployment": deployment}
         _merge_named(named, label(record), totals)
     return _finish(named, key)
 
@@ -612,4 +613,5 @@ _LABELS: dict[str, tuple[str, Callable[[dict[str, Any]], str]]] = {
     "day": ("perDay", _day_label),
     "client": ("perClient", _client_label),
     "session": ("perSession", _session_label),
+    "deployment": ("perDeployment", lambda record: str(record.get("deployment") or "none")),
 }

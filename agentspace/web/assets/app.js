@@ -604,8 +604,8 @@ async function loadContext() {
   const compact = el("button", { type: "button", class: "ghost small", id: "compact" }, "Compact");
   compact.addEventListener("click", () => compactChat(chat, compact));
   const actions = el("span", { class: "context-actions" }, compact,
-    el("button", { type: "button", class: "ghost small", onclick: () => exportChat(chat, "md") }, "Export Markdown"),
-    el("button", { type: "button", class: "ghost small", onclick: () => exportChat(chat, "json") }, "Export JSON"));
+    el("button", { type: "button", class: "ghost small export", onclick: () => exportChat(chat, "md") }, "Export Markdown"),
+    el("button", { type: "button", class: "ghost small export", onclick: () => exportChat(chat, "json") }, "Export JSON"));
   box.replaceChildren(
     el("div", { class: "context-head" }, el("strong", {}, "Next call"),
       el("span", { class: "muted" }, ` ${count(total.tokenEstimate)} tokens · ${money(total.costEstimate)}`),
