@@ -290,14 +290,15 @@ async def _serve(config: Config, host: str, port: int, reuse_port: bool = False)
         bound = listener.sockets[0].getsockname() if listener.sockets else (host, port)
         shown_host = f"[{bound[0]}]" if ":" in str(bound[0]) else bound[0]
         url = f"http://{shown_host}:{bound[1]}"
+        # `agentspace chat` and `ask` dial the address this data directory's server last announced: written
+        # before the banner, so that whoever waits for the banner finds it.
+        with contextlib.suppress(OSError):
+            write_server_address(config.data_dir, f"ws://{shown_host}:{bound[1]}/gateway")
         print(f"agentspace listening on {url}  (WebSocket: ws://{shown_host}:{bound[1]}/gateway)", flush=True)
         if os.environ.get(TOKEN_ENV):
             print(f"Clients need the gateway token: the value of {TOKEN_ENV}.", flush=True)
         else:
             print("Clients need the gateway token: run `agentspace token`.", flush=True)
-        # `agentspace chat` and `ask` dial the address this data directory's server last announced.
-        with contextlib.suppress(OSError):
-            write_server_address(config.data_dir, f"ws://{shown_host}:{bound[1]}/gateway")
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
