@@ -10,7 +10,7 @@ from typing import Any
 
 from aiohttp import web
 
-from ..calls import ProviderCall, messages_body_ceiling, request_ceiling, request_input_tokens
+from ..calls import ProviderCall, messages_body_ceiling, request_input_tokens
 from ..direct_call import DirectCall
 from ..errors import ApiError
 from ..events import ProviderError
@@ -18,7 +18,7 @@ from ..logs import redact
 from ..protocols import anthropic_messages as am
 from ..providers import anthropic_relay as relay
 from ..registry import ModelNotFound
-from ..routed_call import relay_group, relays, start_direct
+from ..routed_call import relay_group, relays
 from .bodies import ANTHROPIC_FIELDS, BUSY_MESSAGE, BodyInvalid, GatewayBusy, type_problem
 from .v1_common import (
     BodyTooLarge,
@@ -30,6 +30,7 @@ from .v1_common import (
     refusal,
     session_id,
     stream,
+    translated,
     whole,
 )
 
@@ -115,25 +116,15 @@ async def _translated(
     except am.RequestError as e:
         return _error(400, e.message)
     preq = provider_request(gw, model, system, messages_, tools, max_tokens, budget, params)
-    try:
-        await meter.admit(lambda: request_ceiling(preq))
-    except ApiError as e:
-        return refusal(request, e)
-    call = DirectCall(gw, preq, meter)
-    try:
-        try:
-            call = await start_direct(gw, preq, meter)
-        except ProviderError as e:
-            return _provider_error(e)
+
+    async def answer(call: DirectCall) -> web.StreamResponse:
         if not body.get("stream"):
             return await whole(
                 call, lambda finish, usage: am.whole_message(body["model"], finish, usage), _provider_error
             )
         return await _stream(request, call, body["model"])
-    finally:
-        await meter.release()
-        if call.meter is not meter:  # a model group's attempt that answered
-            await call.meter.release()
+
+    return await translated(request, meter, preq, _provider_error, answer)
 
 
 def _provider_error(e: ProviderError) -> web.Response:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import math
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from functools import lru_cache
 from typing import Any
 
@@ -13,11 +13,13 @@ import aiohttp
 from aiohttp import web
 
 from .. import security
+from ..calls import ProviderCall, request_ceiling
 from ..direct_call import DirectCall
 from ..errors import ApiError
 from ..events import ProviderError, ProviderEvent, ProviderFinish
 from ..providers.base import ProviderRequest, ThinkingSettings
 from ..registry import Registry
+from ..routed_call import start_direct
 from ..types import ChatMessage, TokenUsage, Tool
 from ..vault import resolve_key
 from . import bodies, state, v1_errors
@@ -270,3 +272,30 @@ async def stream(
         stop_watching()
     await resp.write_eof()
     return resp
+
+
+async def translated(
+    request: web.Request,
+    meter: ProviderCall,
+    preq: ProviderRequest,
+    provider_error: Callable[[ProviderError], web.Response],
+    answer: Callable[[DirectCall], Awaitable[web.StreamResponse]],
+) -> web.StreamResponse:
+    """One translated ``/v1`` call (docs/accounting.md): admitted, reserved and written ahead as ``meter``,
+    started on its model or over a model group's deployments, answered by ``answer`` in the API's shape;
+    every provider call it made is settled, whatever happened."""
+    try:
+        await meter.admit(lambda: request_ceiling(preq))
+    except ApiError as e:
+        return refusal(request, e)
+    call: DirectCall | None = None
+    try:
+        try:
+            call = await start_direct(meter.gw, preq, meter)
+        except ProviderError as e:
+            return provider_error(e)
+        return await answer(call)
+    finally:
+        await meter.release()
+        if call is not None and call.meter is not meter:  # a model group's attempt that answered
+            await call.meter.release()

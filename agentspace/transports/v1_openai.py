@@ -9,14 +9,12 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from ..calls import ProviderCall, request_ceiling
+from ..calls import ProviderCall
 from ..direct_call import DirectCall
-from ..errors import ApiError
 from ..events import ProviderError
 from ..logs import redact
 from ..protocols import openai_chat as oc
 from ..registry import ModelNotFound
-from ..routed_call import start_direct
 from ..types import compact_json
 from .bodies import BUSY_MESSAGE, OPENAI_FIELDS, BodyInvalid, GatewayBusy, type_problem
 from .v1_common import (
@@ -26,9 +24,9 @@ from .v1_common import (
     openai_model,
     provider_request,
     read_json_body,
-    refusal,
     session_id,
     stream,
+    translated,
     whole,
 )
 
@@ -100,23 +98,13 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         parsed.params,
     )
     meter = ProviderCall(gw, model, session_id=session_id(request), client=client_name(request), endpoint=ENDPOINT)
-    try:  # the checks at the moment of the call, its reservation and its pending entry (calls.py)
-        await meter.admit(lambda: request_ceiling(preq))
-    except ApiError as e:
-        return refusal(request, e)
-    call = DirectCall(gw, preq, meter)
-    try:
-        try:
-            call = await start_direct(gw, preq, meter)
-        except ProviderError as e:
-            return _provider_error(e)
+
+    async def answer(call: DirectCall) -> web.StreamResponse:
         if not parsed.stream:
             return await whole(call, lambda finish, usage: oc.completion(parsed.model, finish, usage), _provider_error)
         return await _stream(request, call, parsed.model, parsed.include_usage)
-    finally:
-        await meter.release()
-        if call.meter is not meter:  # a model group's attempt that answered
-            await call.meter.release()
+
+    return await translated(request, meter, preq, _provider_error, answer)
 
 
 def _stream_error(e: ProviderError) -> bytes:

@@ -12,15 +12,13 @@ from typing import Any
 
 from aiohttp import web
 
-from ..calls import ProviderCall, request_ceiling
+from ..calls import ProviderCall
 from ..direct_call import DirectCall
-from ..errors import ApiError
 from ..events import ProviderError
 from ..logs import redact
 from ..protocols import openai_chat as oc
 from ..protocols import openai_responses as orr
 from ..registry import ModelNotFound
-from ..routed_call import start_direct
 from ..types import compact_json
 from .bodies import BUSY_MESSAGE, BodyInvalid, GatewayBusy
 from .v1_common import (
@@ -30,9 +28,9 @@ from .v1_common import (
     openai_model,
     provider_request,
     read_json_body,
-    refusal,
     session_id,
     stream,
+    translated,
     whole,
 )
 from .v1_openai import STREAM_HEADERS, _error, _provider_error
@@ -81,16 +79,8 @@ async def responses(request: web.Request) -> web.StreamResponse:
         parsed.params,
     )
     meter = ProviderCall(gw, model, session_id=session_id(request), client=client_name(request), endpoint=ENDPOINT)
-    try:  # the checks at the moment of the call, its reservation and its pending entry (calls.py)
-        await meter.admit(lambda: request_ceiling(preq))
-    except ApiError as e:
-        return refusal(request, e)
-    call = DirectCall(gw, preq, meter)
-    try:
-        try:
-            call = await start_direct(gw, preq, meter)  # a model group's deployments in turn (routing.py)
-        except ProviderError as e:
-            return _provider_error(e)
+
+    async def answer(call: DirectCall) -> web.StreamResponse:
         if not parsed.stream:
             return await whole(
                 call,
@@ -111,7 +101,5 @@ async def responses(request: web.Request) -> web.StreamResponse:
             lambda event, usage: b"".join(_frame(e) for e in encoder.encode(event, usage)),
             failed,
         )
-    finally:
-        await meter.release()
-        if call.meter is not meter:  # a model group's attempt that answered
-            await call.meter.release()
+
+    return await translated(request, meter, preq, _provider_error, answer)
