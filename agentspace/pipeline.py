@@ -685,6 +685,8 @@ class Turn:
         request = self._request(ctx, model)
         if dep is not None:
             request = deployment_request(gw, request, dep)
+        # The idle clock starts now, not when the task first runs: on a loaded machine a timer may fire first.
+        state.last_event = time.monotonic()
         self._step_task = asyncio.create_task(self._consume(provider.stream(request), state, seen_sources))
         stop_watching = self._watch_idle(state)
         try:
