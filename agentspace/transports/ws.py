@@ -39,6 +39,9 @@ PRE_AUTH_MAX_BYTES = 4096
 PRE_AUTH_BUDGET_BYTES = 4 * PRE_AUTH_MAX_BYTES
 # How long a refused client has to answer our close frame before its socket is closed anyway.
 REFUSED_CLOSE_SECONDS = 1.0
+# An authenticated client whose credential was revoked gets longer: on a busy machine a second is not
+# enough to read the close frame, and it would see an abnormal closure (1006) instead of REVOKED_CLOSE_CODE.
+REVOKED_CLOSE_SECONDS = 5.0
 # At shutdown, how long a connection's last frames (the end of its turn) may take to go out.
 SHUTDOWN_FLUSH_SECONDS = 5.0
 # How often a burst written for a slow reader checks whether the socket's buffer has drained.
@@ -330,7 +333,7 @@ class Connection:
         log.info("websocket of %s closed: its credential was rotated or removed", self.caller)
         try:
             await self.error(request_id, "UNAUTHORIZED", "This connection's key or token was rotated or removed.")
-            async with asyncio.timeout(REFUSED_CLOSE_SECONDS):
+            async with asyncio.timeout(REVOKED_CLOSE_SECONDS):
                 await self.ws.close(code=REVOKED_CLOSE_CODE, message=REVOKED_REASON)
         except (TimeoutError, ConnectionResetError, RuntimeError):
             pass  # no close frame back in time: aiohttp has closed the socket
