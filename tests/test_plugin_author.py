@@ -3,6 +3,7 @@ naming the plugin and the hook; the context sections are the ones registered, no
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -198,3 +199,40 @@ def test_token_uses_the_data_directory_serve_uses_and_says_which(tmp_path: Path)
         done.stderr == f"agentspace: data directory {home} (AGENTSPACE_HOME; no --config or AGENTSPACE_CONFIG given)\n"
     )
     assert done.stdout.strip() == (home / "gateway-token").read_text().strip()
+
+
+def test_every_command_reading_the_data_directory_names_it_on_a_terminal(tmp_path: Path) -> None:
+    """On a terminal, the commands that read the data directory (usage, sessions, clients, ...) name it on
+    stderr; their standard output stays machine-readable (``--json``)."""
+    import pty
+
+    data = tmp_path / "data"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AGENTSPACE_")}
+    env.update(AGENTSPACE_HOME=str(data), AGENTSPACE_LOAD_PLUGINS="", LITELLM_LOCAL_MODEL_COST_MAP="True")
+    for args in (["usage", "--json"], ["sessions", "list"], ["clients", "list"]):
+        master, terminal = pty.openpty()
+        try:
+            done = subprocess.run(
+                [sys.executable, "-m", "agentspace", *args],
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=terminal,
+                timeout=120,
+            )
+            os.close(terminal)
+            said = b""
+            while True:
+                try:
+                    chunk = os.read(master, 65536)
+                except OSError:  # the terminal's other end is closed: all was read
+                    break
+                if not chunk:
+                    break
+                said += chunk
+        finally:
+            os.close(master)
+        assert done.returncode == 0, (args, said)
+        assert f"agentspace: data directory {data} (AGENTSPACE_HOME".encode() in said, (args, said)
+        assert b"data directory" not in done.stdout, args
+        if "--json" in args:
+            assert "grandTotal" in json.loads(done.stdout)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import re
+import sys
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -25,6 +26,7 @@ class CliState:
     config_path: str | None = None
     data_dir_override: str | None = None
     _config: Config | None = None
+    _said: bool = False  # the data directory was named on stderr
 
     def config(self) -> Config:
         if self._config is None:
@@ -37,6 +39,10 @@ class CliState:
 
     @property
     def data_dir(self) -> Path:
+        """The data directory, found as ``serve`` finds it; named on stderr when that is a terminal (a person
+        sees which one a command read; a script's output stays as it was)."""
+        if not self._said and sys.stderr.isatty():
+            self.say_data_dir()
         return self.config().data_dir
 
     def data_dir_origin(self) -> str:
@@ -54,8 +60,11 @@ class CliState:
 
     def say_data_dir(self) -> None:
         """Tell (on stderr) which data directory the command uses, so that a token or key is never made in
-        another one than the server's without a word."""
-        click.echo(f"agentspace: data directory {self.data_dir} ({self.data_dir_origin()})", err=True)
+        another one than the server's without a word. Once per command."""
+        if self._said:
+            return
+        self._said = True
+        click.echo(f"agentspace: data directory {self.config().data_dir} ({self.data_dir_origin()})", err=True)
 
 
 pass_state = click.make_pass_decorator(CliState, ensure=True)
