@@ -33,7 +33,8 @@ MIN_SECRET_LENGTH = 8
 _CONTROL = re.compile("[\x00-\x08\x0a-\x1f\x7f-\x9f\u2028\u2029\ud800-\udfff]")
 _SHORT_ESCAPES = {"\n": "\\n", "\r": "\\r"}
 
-_secrets: frozenset[str] = frozenset()
+# Longest first: a secret that contains another (a key and its prefix) is replaced whole, never in part.
+_secrets: tuple[str, ...] = ()
 _lock = threading.Lock()
 _base_factory: Any = None
 
@@ -44,7 +45,7 @@ def register_secret(value: str | None) -> None:
     if not value or len(value) < MIN_SECRET_LENGTH or value in _secrets:
         return
     with _lock:
-        _secrets = _secrets | {value}
+        _secrets = tuple(sorted({*_secrets, value}, key=len, reverse=True))
         if _base_factory is None:
             _base_factory = logging.getLogRecordFactory()
             logging.setLogRecordFactory(_redacting_factory)
