@@ -744,12 +744,13 @@ class PostgresUsageStore:
                 clauses.append(f"{column} = ${len(args)}")
         where = (" WHERE " + " AND ".join(clauses)) if clauses else ""
         keys = ", ".join(columns.values())
-        queries = [(f"SELECT {keys}, {_ROLLUP_TOTALS} FROM usage_rollups{where} GROUP BY {keys}", args)]
         if by == "deployment":  # the deployments of model groups (routing.py) are read from the records
             partial_day = None
             where, record_args = self._where(since_utc, session_id, client)
             record_keys = _RECORD_KEYS["deployment"]
             queries = [(f"SELECT {record_keys}, {_SUMS} FROM usage_records{where} GROUP BY 1", record_args)]
+        else:
+            queries = [(f"SELECT {keys}, {_ROLLUP_TOTALS} FROM usage_rollups{where} GROUP BY {keys}", args)]
         if partial_day is not None:
             where, record_args = self._where(partial_day[0], session_id, client)
             record_args.append(partial_day[1])

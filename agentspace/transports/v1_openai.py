@@ -14,7 +14,7 @@ from ..direct_call import DirectCall
 from ..events import ProviderError
 from ..logs import redact
 from ..protocols import openai_chat as oc
-from ..registry import ModelNotFound
+from ..registry import ModelNotFound, Registry
 from ..types import compact_json
 from .bodies import BUSY_MESSAGE, OPENAI_FIELDS, BodyInvalid, GatewayBusy, type_problem
 from .v1_common import (
@@ -54,6 +54,24 @@ def _provider_error(e: ProviderError) -> web.Response:
     return _error(status, redact(e.message), code=oc.error_code(status), headers=headers)
 
 
+def served_model(gw: Registry, name: str) -> str | web.Response:
+    """The gateway's id for the model an OpenAI-shaped request names (a model group as configured, other ids
+    as the SDKs name them), or the 404 in OpenAI's shape when nothing serves it."""
+    model = name if gw.router.group(name) else openai_model(name)
+    if model is None:
+        return _error(
+            404,
+            f"The model `{name}` does not exist. Use provider/model ids, e.g. openai/gpt-4o-mini.",
+            code="model_not_found",
+            param="model",
+        )
+    try:
+        gw.provider_for(model)
+    except ModelNotFound as e:
+        return _error(404, str(e), code="model_not_found", param="model")
+    return model
+
+
 def _frame(chunk: dict[str, object]) -> bytes:
     return b"data: " + compact_json(chunk).encode() + b"\n\n"
 
@@ -74,19 +92,9 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     except oc.RequestError as e:
         return _error(400, e.message, param=e.param)
     gw = gateway(request)
-    # A model group (routing.py) is named as configured; other ids as the SDKs name them.
-    model = parsed.model if gw.router.group(parsed.model) else openai_model(parsed.model)
-    if model is None:
-        return _error(
-            404,
-            f"The model `{parsed.model}` does not exist. Use provider/model ids, e.g. openai/gpt-4o-mini.",
-            code="model_not_found",
-            param="model",
-        )
-    try:
-        gw.provider_for(model)
-    except ModelNotFound as e:
-        return _error(404, str(e), code="model_not_found", param="model")
+    model = served_model(gw, parsed.model)
+    if isinstance(model, web.Response):
+        return model
     preq = provider_request(
         gw,
         model,

@@ -18,14 +18,12 @@ from ..events import ProviderError
 from ..logs import redact
 from ..protocols import openai_chat as oc
 from ..protocols import openai_responses as orr
-from ..registry import ModelNotFound
 from ..types import compact_json
 from .bodies import BUSY_MESSAGE, BodyInvalid, GatewayBusy
 from .v1_common import (
     BodyTooLarge,
     client_name,
     gateway,
-    openai_model,
     provider_request,
     read_json_body,
     session_id,
@@ -33,7 +31,7 @@ from .v1_common import (
     translated,
     whole,
 )
-from .v1_openai import STREAM_HEADERS, _error, _provider_error
+from .v1_openai import STREAM_HEADERS, _error, _provider_error, served_model
 
 ENDPOINT = "responses"
 
@@ -56,18 +54,9 @@ async def responses(request: web.Request) -> web.StreamResponse:
     except oc.RequestError as e:
         return _error(400, e.message, param=e.param)
     gw = gateway(request)
-    model = parsed.model if gw.router.group(parsed.model) else openai_model(parsed.model)
-    if model is None:
-        return _error(
-            404,
-            f"The model `{parsed.model}` does not exist. Use provider/model ids, e.g. openai/gpt-4o-mini.",
-            code="model_not_found",
-            param="model",
-        )
-    try:
-        gw.provider_for(model)
-    except ModelNotFound as e:
-        return _error(404, str(e), code="model_not_found", param="model")
+    model = served_model(gw, parsed.model)
+    if isinstance(model, web.Response):
+        return model
     preq = provider_request(
         gw,
         model,
