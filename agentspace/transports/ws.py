@@ -81,6 +81,9 @@ class Connection:
         # CREDENTIAL_CHECK_SECONDS: a rotated or removed one closes the socket.
         self.token = token
         self.revoked = False
+        # Set once a revocation's close frame went out: the handler waits for it before it returns, or the
+        # connection would be closed under the frame and the client see 1006 instead of REVOKED_CLOSE_CODE.
+        self.revoke_done = asyncio.Event()
         self.credential = request.get(security.CREDENTIAL_KEY)  # that key's SHA-256
         self.service = state.service(request.app, caller)
         self.config = self.service.gw.config
@@ -339,6 +342,8 @@ class Connection:
                 await self.ws.close(code=REVOKED_CLOSE_CODE, message=REVOKED_REASON)
         except (TimeoutError, ConnectionResetError, RuntimeError):
             pass  # no close frame back in time: aiohttp has closed the socket
+        finally:
+            self.revoke_done.set()
 
     async def shutdown(self) -> None:
         """The server is going away: let the turn's last frames go out, then close with GOING_AWAY (1001)."""
@@ -388,6 +393,10 @@ async def gateway_handler(request: web.Request) -> web.StreamResponse:
             elif msg.type == WSMsgType.ERROR:
                 log.info("websocket closed with error: %s", ws.exception())
     finally:
+        if conn.revoked:  # revoked from the watcher while this handler read: its close frame goes out first
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(REVOKED_CLOSE_SECONDS + 1):
+                    await conn.revoke_done.wait()
         request.app[state.WEBSOCKETS].discard(conn)
         await conn.closed()
     return ws
