@@ -132,6 +132,7 @@ class StreamEnd:
     usage: TokenUsage
     cost: Cost
     aborted: bool = False
+    ttft_ms: float | None = None  # time to the turn's first token, when one came
 
 
 @dataclass(slots=True)

@@ -509,7 +509,7 @@ class Turn:
         elif self._storage_failed:  # never reported as stored when it is not (SPEC 6)
             self._publish(StreamError("STORAGE_ERROR", STORAGE_ERROR_MESSAGE.format(self._storage_problem)))
         else:
-            self._publish(StreamEnd("aborted" if aborted else finish_reason, total_usage, total_cost, aborted))
+            self._publish(StreamEnd("aborted" if aborted else finish_reason, total_usage, total_cost, aborted, ttft_ms))
         self._ended = (finish_reason, error[0] if error else ("STORAGE_ERROR" if self._storage_failed else None))
         self.done = True
         self.gw.active.pop(self.session_id, None)

@@ -150,6 +150,7 @@ async def test_text_answer_headers_chunks_and_storage(
     assert finish["finishReason"] == "stop"
     usage = finish["messageMetadata"]["usage"]
     assert (usage["inputTokens"], usage["outputTokens"], usage["totalTokens"]) == (31, 7, 38)
+    assert finish["messageMetadata"]["ttftMs"] > 0  # the footer's TTFT, without reloading the session
     assert usage["totalCost"] == pytest.approx((31 * 3 + 7 * 15) / 1e6)
 
     # the chat id named the session; the message id is the stored answer's

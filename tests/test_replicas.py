@@ -299,13 +299,17 @@ async def test_redis_losing_its_state_mid_stream_does_not_let_budgets_be_exceede
             "messages": [{"role": "user", "content": "Hi"}],
         }
 
-        async def call(server: GatewayProcess) -> int:
+        async def call(server: GatewayProcess, admitted: asyncio.Event | None = None) -> int:
             async with http.post(f"{server.url}/v1/messages", json=body, headers=headers) as resp:
+                if admitted is not None:
+                    admitted.set()  # the answer's headers follow the admission
                 await resp.read()
                 return resp.status
 
-        in_flight = [asyncio.ensure_future(call(s)) for s in (a, b)]
-        await asyncio.sleep(1.0)  # both admitted and streaming
+        admitted = [asyncio.Event(), asyncio.Event()]
+        in_flight = [asyncio.ensure_future(call(s, e)) for s, e in zip((a, b), admitted, strict=True)]
+        # Both admitted and streaming (a fixed sleep let a loaded machine admit the second after the loss).
+        await asyncio.wait_for(asyncio.gather(*(e.wait() for e in admitted)), 30)
         redis = aioredis.from_url(redis_srv.url)
         await redis.flushall()  # Redis lost its state, mid-stream
         await redis.aclose()

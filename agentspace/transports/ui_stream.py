@@ -141,13 +141,10 @@ class UIMessageStreamEncoder:
             if event.aborted:
                 out.append({"type": "abort"})
             reason = event.finish_reason if event.finish_reason in SDK_FINISH_REASONS else "other"
-            out.append(
-                {
-                    "type": "finish",
-                    "finishReason": reason,
-                    "messageMetadata": {"usage": usage_to_wire(event.usage, event.cost)},
-                }
-            )
+            metadata: dict[str, Any] = {"usage": usage_to_wire(event.usage, event.cost)}
+            if event.ttft_ms is not None:
+                metadata["ttftMs"] = round(event.ttft_ms, 3)
+            out.append({"type": "finish", "finishReason": reason, "messageMetadata": metadata})
         elif isinstance(event, ev.StreamError):
             self._end_open(out)
             out.append({"type": "error", "errorText": event.message})

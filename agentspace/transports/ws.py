@@ -81,9 +81,11 @@ class Connection:
         # CREDENTIAL_CHECK_SECONDS: a rotated or removed one closes the socket.
         self.token = token
         self.revoked = False
-        # Set once a revocation's close frame went out: the handler waits for it before it returns, or the
-        # connection would be closed under the frame and the client see 1006 instead of REVOKED_CLOSE_CODE.
-        self.revoke_done = asyncio.Event()
+        self.revoked_request_id: Any = None
+        # The handler's task, and whether it is waiting for the client's next frame: a revocation wakes it
+        # there, and the handler itself closes the socket (see ``close_revoked``).
+        self.handler_task: asyncio.Task[Any] | None = None
+        self.reading = False
         self.credential = request.get(security.CREDENTIAL_KEY)  # that key's SHA-256
         self.service = state.service(request.app, caller)
         self.config = self.service.gw.config
@@ -129,7 +131,7 @@ class Connection:
             if handler is None:
                 raise invalid({"type": f"unknown message type {kind[:40]!r}"})
             if not await self.credential_valid():
-                await self.revoke(request_id)
+                self.revoke(request_id)
                 return
             await handler(self, request_id, msg)
         except ApiError as e:
@@ -315,6 +317,8 @@ class Connection:
             raise ConnectionResetError("the connection's credential was revoked")
         if len(frames) == 1 or ws.compress or transport is None:
             for frame in frames:
+                if self.revoked:
+                    raise ConnectionResetError("the connection's credential was revoked")
                 await ws.send_str(frame)
             return
         if ws.closed or transport.is_closing():
@@ -329,21 +333,30 @@ class Connection:
         """Whether the socket's credential still names its caller (not rotated, not removed)."""
         return self.token is None or await security.credential_caller(self.app, self.token) == self.caller
 
-    async def revoke(self, request_id: Any = None) -> None:
-        """The credential was rotated or removed: refuse, and close with REVOKED_CLOSE_CODE. A running turn
-        goes on (stored and billed) as after any disconnect."""
+    def revoke(self, request_id: Any = None) -> None:
+        """The credential was rotated or removed: nothing more goes out but the refusal and the close frame,
+        which the handler sends (``close_revoked``), woken from its read if it is waiting for a frame. A
+        running turn goes on (stored and billed) as after any disconnect."""
         if self.revoked:
             return
-        self.revoked = True
+        self.revoked, self.revoked_request_id = True, request_id
         log.info("websocket of %s closed: its credential was rotated or removed", self.caller)
+        if self.reading and self.handler_task is not None:
+            self.handler_task.cancel()
+
+    async def close_revoked(self) -> None:
+        """Refuse and close with REVOKED_CLOSE_CODE, from the handler's own task: aiohttp then waits for the
+        client's close frame before it drops the connection. Closed from another task while the handler
+        reads, aiohttp drops it at once, and a client still answering our close frame (aiohttp's own
+        client, for one) reports an abnormal closure (1006) instead of REVOKED_CLOSE_CODE."""
         try:
-            await self.error(request_id, "UNAUTHORIZED", "This connection's key or token was rotated or removed.")
+            if not self.ws.closed:
+                message = "This connection's key or token was rotated or removed."
+                await self.ws.send_str(_error_frame(self.revoked_request_id, "UNAUTHORIZED", message))
             async with asyncio.timeout(REVOKED_CLOSE_SECONDS):
                 await self.ws.close(code=REVOKED_CLOSE_CODE, message=REVOKED_REASON)
         except (TimeoutError, ConnectionResetError, RuntimeError):
             pass  # no close frame back in time: aiohttp has closed the socket
-        finally:
-            self.revoke_done.set()
 
     async def shutdown(self) -> None:
         """The server is going away: let the turn's last frames go out, then close with GOING_AWAY (1001)."""
@@ -383,20 +396,31 @@ async def gateway_handler(request: web.Request) -> web.StreamResponse:
             return ws
         caller, token = authenticated
     conn = Connection(request, ws, caller, token)
+    conn.handler_task = asyncio.current_task()
     request.app[state.WEBSOCKETS].add(conn)
     try:
-        async for msg in ws:
+        while not conn.revoked:
+            conn.reading = True
+            try:
+                msg = await ws.receive()
+            except asyncio.CancelledError:
+                task = asyncio.current_task()
+                if not conn.revoked or task is None or task.uncancel() > 0:
+                    raise  # not (only) the revocation's wake-up: the server is going away
+                break
+            finally:
+                conn.reading = False
+            if msg.type in (WSMsgType.CLOSE, WSMsgType.CLOSING, WSMsgType.CLOSED):
+                break
             if msg.type == WSMsgType.TEXT:
                 await conn.handle_frame(msg.data)
             elif msg.type == WSMsgType.BINARY:
                 await conn.error(None, "INVALID_MESSAGE", "Binary frames are not supported; send JSON text frames.")
             elif msg.type == WSMsgType.ERROR:
                 log.info("websocket closed with error: %s", ws.exception())
+        if conn.revoked:
+            await conn.close_revoked()
     finally:
-        if conn.revoked:  # revoked from the watcher while this handler read: its close frame goes out first
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(REVOKED_CLOSE_SECONDS + 1):
-                    await conn.revoke_done.wait()
         request.app[state.WEBSOCKETS].discard(conn)
         await conn.closed()
     return ws
@@ -483,7 +507,8 @@ async def revoke_stale_credentials(app: web.Application) -> int:
             else looks_like_key(c.token) and by_hash.get(hash_key(c.token)) == c.caller
         )
     ]
-    await asyncio.gather(*(c.revoke() for c in stale))
+    for conn in stale:
+        conn.revoke()
     return len(stale)
 
 
