@@ -189,8 +189,7 @@ async def assemble(
     tool_text = json.dumps([t.definition() for t in tools], ensure_ascii=False) if tools else ""
 
     start, summary = history_start(history)
-    limit = config["chat"]["history_limit"]
-    recent = history[start:][-limit:] if limit else []
+    recent = history_window(history[start:], config["chat"]["history_limit"])
     messages = messages_from_store(recent)
     history_text = "\n".join(f"{m.role}: {message_text(m)}" for m in messages)
     if user_message is not None:
@@ -208,6 +207,19 @@ async def assemble(
     system_names = {"system_prompt", "response_format", "summary"} | {s.name for s in extra}
     system = "\n\n".join(s.text for s in sections if s.name in system_names and s.text)
     return AssembledContext(model, system, messages, tools, sections)
+
+
+def history_window(messages: list[dict[str, Any]], limit: int) -> list[dict[str, Any]]:
+    """The newest messages, at most ``limit``, cut in steps of half the limit: the first message sent then
+    stays the same for many turns and the prompt cache keeps reading the prefix (a window that slid by one
+    message each turn would change the prefix, and rewrite the cache, on every turn)."""
+    if limit <= 0:
+        return []
+    excess = len(messages) - limit
+    if excess <= 0:
+        return messages
+    step = max(1, limit // 2)
+    return messages[-(-excess // step) * step :]
 
 
 def measure(context: AssembledContext, info: ModelInfo, cache: CacheView | None = None) -> dict[str, Any]:

@@ -221,3 +221,31 @@ async def test_openai_caches_on_its_own_and_the_inspector_says_so(
     assert (totals["cacheReadTokens"], totals["cacheWriteTokens"]) == (2944, 0)  # 3,000 in blocks of 128
     assert totals["costWithCache"] < totals["costWithoutCache"]
     await ws.close()
+
+
+async def test_a_history_limit_cuts_in_steps_so_the_cache_keeps_reading(
+    make_client: Any, token: str, fake_anthropic: Any
+) -> None:
+    """With ``[chat] history_limit`` 8 the first message sent moves every 4 messages (2 turns), not every
+    turn: between cuts each turn reads the previous turn's prefix from the cache."""
+    fake_anthropic.caching = True
+    client = await make_client({"chat": {"history_limit": 8}})
+    ws = await connect(client, token)
+    session_id: str | None = None
+    firsts: list[str] = []
+    reads: list[int] = []
+    for turn in range(1, 15):
+        extra = {"sessionId": session_id} if session_id else {}
+        frames = await chat(ws, turn_text(turn, 6_000), f"r{turn}", **extra)
+        assert frames[-1]["type"] == "chat.stream.end", frames[-1]
+        session_id = frames[0]["sessionId"]
+        reads.append(frames[-1]["usage"]["cacheReadTokens"])
+        sent = fake_anthropic.requests[-1].body["messages"]
+        assert len(sent) <= 8 + 1  # the window and the new message
+        first = sent[0]["content"]
+        firsts.append(json.dumps(first)[:40])
+    # Turns 1-4 send the whole session; from turn 5 (9 messages before it) the window moves in steps.
+    changes = sum(1 for a, b in zip(firsts[4:], firsts[5:], strict=False) if a != b)
+    assert changes <= 5, firsts  # a sliding window would change the first message on all 9 turns
+    steady = [r for i, r in enumerate(reads[1:], start=1) if firsts[i] == firsts[i - 1]]
+    assert steady and all(r > 0 for r in steady), reads
