@@ -94,7 +94,7 @@ def usage_data(home: Path) -> None:
 
 
 # The text report's header row, word by word (two-word column names split in two).
-USAGE_TABLE_HEADER = "model requests errors input output cache read cache write total tokens cost".split()
+USAGE_TABLE_HEADER = "model requests errors input output cache read cache write total tokens server tools cost".split()
 
 
 def test_usage_table(usage_data: None) -> None:
@@ -103,7 +103,18 @@ def test_usage_table(usage_data: None) -> None:
     lines = result.output.splitlines()
     assert lines[0].split() == USAGE_TABLE_HEADER
     row = next(line for line in lines if line.startswith("anthropic/claude-sonnet-4-5"))
-    assert row.split() == ["anthropic/claude-sonnet-4-5", "2", "0", "2,000", "400", "100", "20", "2,520", "$0.012000"]
+    assert row.split() == [
+        "anthropic/claude-sonnet-4-5",
+        "2",
+        "0",
+        "2,000",
+        "400",
+        "100",
+        "20",
+        "2,520",
+        "-",
+        "$0.012000",
+    ]
     assert any(line.startswith("mystery/model*") for line in lines)
     assert any(line.startswith("TOTAL") and line.endswith("$0.018000") for line in lines)
     assert "* price unknown" in result.output

@@ -243,6 +243,94 @@ async def test_rollup_reports_equal_the_scan_of_the_records_on_random_data(pg_ds
         async with db.connection() as conn:
             groups = await conn.fetchval("SELECT count(*) FROM usage_rollups")
         assert 0 < groups < len(records)
+        grand = (await usage.areport())["grandTotal"]
+        assert grand["serverToolCost"] > 0 and grand["serverToolUses"] > 0  # the fees were there to be summed
+    finally:
+        await usage.aclose()
+        await db.aclose()
+
+
+async def test_the_migration_to_server_tool_fees_recomputes_them_from_the_stored_records(
+    pg_dsn: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A database of the version before server-tool fees had their own columns: its records (whose JSON has
+    ``serverToolCost`` and ``serverToolUse``) and rollups get the fees and uses, and every report equals the
+    scan of the records, for the records stored before the migration and after it."""
+    import json
+    import random
+
+    from agentspace.stores import postgres
+    from agentspace.stores.usage import REPORTS
+    from tests.test_usage_rollups import FILTERS, random_record, rounded
+
+    rng = random.Random(12)
+    records = [random_record(rng, n, rng.choice(["2026-03-01", "2026-03-02", "2026-03-03"])) for n in range(300)]
+    for r in records:
+        r["model"] = r["model"] or "unknown"
+    before = [v for v in MIGRATIONS if v[0] < 4]
+    monkeypatch.setattr(postgres, "MIGRATIONS", before[:2])
+    old = PostgresDatabase(pg_dsn)
+    try:
+        await old.start()
+        async with old.transaction() as conn:  # the records as version 3 stored them, then its rollups
+            await conn.execute(
+                "CREATE TABLE usage_records_2026_03 PARTITION OF usage_records "
+                "FOR VALUES FROM ('2026-03-01') TO ('2026-04-01')"
+            )
+            await conn.executemany(
+                "INSERT INTO usage_records VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, "
+                "$15, $16, $17)",
+                [
+                    (
+                        r["id"],
+                        postgres.parse_time(r["timestamp"]),
+                        r["model"],
+                        r["client"],
+                        r["sessionId"],
+                        *(int(r.get(k) or 0) for k in postgres._TOKEN_COLUMNS),
+                        float(r["totalCost"] or 0.0),
+                        r["answered"] is not False,
+                        bool(r["error"]) or r["finishReason"] == "error",
+                        bool(r["estimated"]),
+                        r["priceKnown"] is False,
+                        json.dumps(r),
+                    )
+                    for r in records
+                ],
+            )
+        monkeypatch.setattr(postgres, "MIGRATIONS", before)
+        await old.aclose()
+        old = PostgresDatabase(pg_dsn)
+        await old.start()  # migration 3: the rollups, without the fees
+        assert await old.schema_version() == 3
+    finally:
+        await old.aclose()
+
+    monkeypatch.undo()
+    db = PostgresDatabase(pg_dsn)
+    usage = PostgresUsageStore(db)
+    try:
+        await db.start()
+        assert await db.schema_version() == MIGRATIONS[-1][0]
+        later = [random_record(rng, n, "2026-03-03") for n in range(300, 400)]
+        for r in later:
+            r["model"] = r["model"] or "unknown"
+        await usage.append_dicts(later)
+        for where in FILTERS:
+            scanned = await usage.arecords(**where)
+            for by, grouping in REPORTS.items():
+                expected = {**grouping(scanned), "damagedFiles": []}
+                assert rounded(await usage.areport(by=by, **where)) == rounded(expected), (by, where)
+        grand = (await usage.areport())["grandTotal"]
+        everything = records + later
+        assert grand["serverToolCost"] == pytest.approx(sum(r.get("serverToolCost") or 0.0 for r in everything))
+        assert grand["serverToolUses"] == sum(sum((r.get("serverToolUse") or {}).values()) for r in everything) > 0
+        async with db.connection() as conn:  # the rollups of the records before the migration have them
+            migrated = await conn.fetchval("SELECT sum(server_tool_cost) FROM usage_rollups WHERE day < '2026-03-03'")
+        assert migrated == pytest.approx(
+            sum(r.get("serverToolCost") or 0.0 for r in records if r["timestamp"] < "2026-03-03")
+        )
+        assert migrated > 0
     finally:
         await usage.aclose()
         await db.aclose()

@@ -105,7 +105,7 @@ def test_text_report_total_row_shows_every_column(isolated_env: Path) -> None:
     assert lines[0].split() == USAGE_TABLE_HEADER
     assert next(line for line in lines if line.startswith(MYSTERY + "*"))
     total = next(line for line in lines if line.startswith("TOTAL")).split()
-    assert total == ["TOTAL", "5", "3", "360", "55", "0", "0", "415", "$0.000415"]
+    assert total == ["TOTAL", "5", "3", "360", "55", "0", "0", "415", "-", "$0.000415"]
     assert "* price unknown" in result.stdout
     day = CliRunner().invoke(cli, ["usage", "--by-day"]).stdout.splitlines()
     assert next(line for line in day if line.startswith("TOTAL")).split() == total

@@ -666,6 +666,8 @@ def test_usage_report() -> None:
         "cacheWriteTokens": 2,
         "reasoningTokens": 6,
         "totalCost": 0.006,
+        "serverToolCost": 0.0,
+        "serverToolUses": 0,
         "requestCount": 2,
         "errorCount": 0,
         "estimatedCount": 1,

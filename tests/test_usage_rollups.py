@@ -54,6 +54,11 @@ def random_record(rng: random.Random, n: int, day: str) -> dict[str, Any]:
         "answered": rng.random() > 0.1,
         "endpoint": rng.choice(ENDPOINTS),
     }
+    if rng.random() < 0.3:  # server tools (web search, web fetch): their fees, part of the total, and uses
+        uses = {tool: rng.randint(1, 5) for tool in rng.sample(["web_search", "web_fetch"], rng.randint(1, 2))}
+        record["serverToolUse"] = uses
+        record["serverToolCost"] = uses.get("web_search", 0) * 0.01
+        record["totalCost"] = (record["totalCost"] or 0.0) + record["serverToolCost"]
     return record
 
 
@@ -73,7 +78,7 @@ def seed(data_dir: Path, rng: random.Random) -> list[dict[str, Any]]:
 def rounded(report: dict[str, Any]) -> Any:
     """Float sums in another order differ below a nano-dollar: compare costs to 1e-9."""
     if isinstance(report, dict):
-        return {k: round(v, 9) if k == "totalCost" else rounded(v) for k, v in report.items()}
+        return {k: round(v, 9) if k in ("totalCost", "serverToolCost") else rounded(v) for k, v in report.items()}
     return report
 
 
@@ -97,6 +102,7 @@ async def test_rollup_reports_equal_the_full_scan_on_random_data(
     monkeypatch.setattr(usage_module, "_utc_day", lambda: "2026-03-06")
     store = UsageStore(tmp_path, segment_size=30)
     for n in range(75):
+        searches = rng.choice([0, 0, rng.randint(1, 4)])
         await store.append(
             UsageRecord(
                 f"t{n}",
@@ -105,8 +111,8 @@ async def test_rollup_reports_equal_the_full_scan_on_random_data(
                 "p",
                 rng.choice(SESSIONS),
                 rng.choice(CLIENTS),
-                TokenUsage(rng.randint(0, 99), rng.randint(0, 99)),
-                Cost(rng.random() / 1000, rng.random() / 1000),
+                TokenUsage(rng.randint(0, 99), rng.randint(0, 99), server_tool_use={"web_search": searches} or None),
+                Cost(rng.random() / 1000, rng.random() / 1000, server_tool_cost=searches * 0.01),
                 1.0,
                 "stop",
                 endpoint=rng.choice(ENDPOINTS),
@@ -117,6 +123,12 @@ async def test_rollup_reports_equal_the_full_scan_on_random_data(
             for by, grouping in REPORTS.items():
                 scanned = {**grouping(store.records(**where)), "damagedFiles": []}
                 assert rounded(store.report(by=by, **where)) == rounded(scanned), (attempt, by, where)
+    # Server-tool fees and uses were there to be summed (old days' records and today's through the writer).
+    records = list(store.records())
+    grand = store.report()["grandTotal"]
+    assert grand["serverToolCost"] == pytest.approx(sum(r.get("serverToolCost") or 0.0 for r in records))
+    assert grand["serverToolUses"] == sum(sum((r.get("serverToolUse") or {}).values()) for r in records)
+    assert grand["serverToolCost"] > 0 and any(r["id"].startswith("t") and r["serverToolCost"] for r in records)
     for path in (tmp_path / "usage" / "rollups").iterdir():  # small whole files, in tinydb's layout like the rest
         read_tables(path)
     assert sorted(p.name for p in (tmp_path / "usage" / "rollups").iterdir()) == [
@@ -168,3 +180,36 @@ def test_the_cli_report_reads_rollups_and_names_damaged_segments(
         assert report["damagedFiles"] == [str(bad)]
         counted = [r for r in records if r["id"] not in {f"r{n}" for n in range(120, 160)}]
         assert report["grandTotal"]["requestCount"] == sum(r["answered"] is not False for r in counted)
+
+
+def test_rollups_of_an_earlier_version_are_rebuilt_with_the_server_tool_fees(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Rollups written before server-tool fees were summed (version 2: no fee, no uses in a group's totals)
+    # are not trusted: the first report rebuilds them from the segments and counts the fees.
+    rng = random.Random(4)
+    seed(tmp_path, rng)
+    monkeypatch.setattr(usage_module, "_utc_day", lambda: "2026-03-06")
+    store = UsageStore(tmp_path)
+    rollups = tmp_path / "usage" / "rollups"
+    rollups.mkdir(parents=True)
+    version_2 = (*usage_module._TOKEN_FIELDS, "totalCost", *usage_module._COUNTS)  # a group's totals then
+    for day in DAYS:
+        segments = {}
+        for path in sorted((tmp_path / "usage" / day).iterdir()):
+            records = usage_module.read_segment(path)
+            groups = [
+                [*key, [*(t[f] for f in version_2), 0 if t.get("priceKnown") is False else 1]]
+                for key, t in usage_module.group_records(records).items()
+            ]
+            first = min(str(r.get("timestamp") or "") for r in records)
+            segments[path.name] = {"version": 2, "size": path.stat().st_size, "first": first, "groups": groups}
+        (rollups / f"{day}.json").write_text(json.dumps({"segments": segments}))
+
+    report = store.report(by="day")
+    assert rounded(report) == rounded({**REPORTS["day"](store.records()), "damagedFiles": []})
+    assert report["grandTotal"]["serverToolCost"] > 0 and report["grandTotal"]["serverToolUses"] > 0
+    for day in DAYS:  # saved again, in the current version, and read from then on
+        saved = json.loads((rollups / f"{day}.json").read_text())["segments"]
+        assert {entry["version"] for entry in saved.values()} == {usage_module._ROLLUP_VERSION} != {2}
+    assert rounded(store.report(by="day")) == rounded(report)

@@ -2,7 +2,8 @@
 
 Reads the store directly, so it works while the server runs. ``--json`` prints the shape of the
 WebSocket ``usage.report`` (``perModel``, ``grandTotal``, ``damagedFiles``; ``perDay`` with ``--by-day``,
-``perClient`` with ``--by-client``).
+``perClient`` with ``--by-client``). The fees of server tools (web search, ...: ``serverToolCost``, with
+``serverToolUses``) have a column of their own, next to the cost, which includes them.
 Damaged usage files are skipped and named on stderr.
 """
 
@@ -60,8 +61,15 @@ def _row(label: str, g: dict[str, Any]) -> list[str]:
         count(g.get("cacheReadTokens")),
         count(g.get("cacheWriteTokens")),
         count(g.get("totalTokens")),
+        _server_tools(g),
         money(float(g.get("totalCost") or 0.0)),
     ]
+
+
+def _server_tools(g: dict[str, Any]) -> str:
+    """The server-tool fees and, in brackets, the uses they paid for; "-" when there were none."""
+    fee, uses = float(g.get("serverToolCost") or 0.0), int(g.get("serverToolUses") or 0)
+    return f"{money(fee)} ({count(uses)})" if fee or uses else "-"
 
 
 @click.command()
@@ -128,8 +136,11 @@ def usage(
         scope = "".join([f" for session {session_id}" if session_id else "", f" since {since}" if since else ""])
         click.echo(f"No usage recorded{scope}.")
         return
-    headers = ["requests", "errors", "input", "output", "cache read", "cache write", "total tokens", "cost"]
-    right = range(1, 9)
+    headers = [
+        *("requests", "errors", "input", "output", "cache read", "cache write", "total tokens"),
+        *("server tools", "cost"),  # the cost includes the server-tool fees
+    ]
+    right = range(1, 10)
     if per_model is not None:
         rows = _rows(per_model["perModel"]) + [_row("TOTAL", grand)]
         click.echo(table(["model", *headers], rows, right))

@@ -41,7 +41,7 @@ from .sessions import (
     _title_from,
     validate_session_id,
 )
-from .usage import _COUNTS, _TOKEN_FIELDS, REPORTS, GroupKey, _merge, _totals, report_from_groups
+from .usage import _COUNTS, _TOKEN_FIELDS, REPORTS, GroupKey, _merge, _totals, report_from_groups, server_tool_uses
 
 if TYPE_CHECKING:
     import asyncpg
@@ -142,6 +142,36 @@ MIGRATIONS: list[tuple[int, str]] = [
                sum(cache_write_tokens), sum(reasoning_tokens), sum(total_cost), count(*) FILTER (WHERE answered),
                count(*) FILTER (WHERE is_error), count(*) FILTER (WHERE estimated), bool_or(price_unknown)
         FROM usage_records GROUP BY 1, 2, 3, 4, 5;
+        """,
+    ),
+    (
+        4,
+        # Server-tool fees (web search, ...: part of total_cost) and their uses, a column of their own in the
+        # reports: on the records, recomputed from the stored ones (the JSON keeps ``serverToolCost`` and
+        # ``serverToolUse``), and on the rollups, summed from those records.
+        """
+        ALTER TABLE usage_records ADD COLUMN server_tool_cost double precision NOT NULL DEFAULT 0,
+            ADD COLUMN server_tool_uses bigint NOT NULL DEFAULT 0;
+        UPDATE usage_records SET
+            server_tool_cost = coalesce((record::json->>'serverToolCost')::double precision, 0),
+            server_tool_uses = (
+                SELECT coalesce(sum(value::text::bigint), 0)
+                FROM json_each(CASE WHEN json_typeof(record::json->'serverToolUse') = 'object'
+                                    THEN record::json->'serverToolUse' END)
+                WHERE json_typeof(value) = 'number' AND value::text ~ '^-?[0-9]+$'
+            )
+        WHERE record LIKE '%"serverTool%';
+        ALTER TABLE usage_rollups ADD COLUMN server_tool_cost double precision NOT NULL DEFAULT 0,
+            ADD COLUMN server_tool_uses bigint NOT NULL DEFAULT 0;
+        UPDATE usage_rollups r SET server_tool_cost = s.cost, server_tool_uses = s.uses
+        FROM (
+            SELECT (ts AT TIME ZONE 'UTC')::date AS day, model, coalesce(client, '') AS client,
+                   coalesce(session_id, '') AS session_id, coalesce(record::json->>'endpoint', '') AS endpoint,
+                   sum(server_tool_cost) AS cost, sum(server_tool_uses) AS uses
+            FROM usage_records WHERE server_tool_cost <> 0 OR server_tool_uses <> 0 GROUP BY 1, 2, 3, 4, 5
+        ) s
+        WHERE r.day = s.day AND r.model = s.model AND r.client = s.client AND r.session_id = s.session_id
+            AND r.endpoint = s.endpoint;
         """,
     ),
 ]
@@ -535,14 +565,16 @@ def _row(record: dict[str, Any]) -> tuple[Any, ...]:
         bool(record.get("error")) or record.get("finishReason") == "error",
         bool(record.get("estimated")),
         record.get("priceKnown") is False,
+        float(record.get("serverToolCost") or 0.0),
+        server_tool_uses(record),
         json.dumps(record),
     )
 
 
 _COLUMNS = ("id", "ts", "model", "client", "session_id", *_TOKEN_COLUMNS.values(), "total_cost", "answered",
-            "is_error", "estimated", "price_unknown", "record")  # fmt: skip
+            "is_error", "estimated", "price_unknown", "server_tool_cost", "server_tool_uses", "record")  # fmt: skip
 _TYPES = ("text", "timestamptz", "text", "text", "text", *["bigint"] * 6, "float8", "bool", "bool", "bool", "bool",
-          "text")  # fmt: skip
+          "float8", "bigint", "text")  # fmt: skip
 # One statement per batch: a column array per column (no per-row round trip, no named statement needed),
 # the rows that were new counted, and their totals added to the rollups in the same statement (so in the
 # same transaction: a report never sees a record without its rollup, or the other way round). The rollup
@@ -550,10 +582,11 @@ _TYPES = ("text", "timestamptz", "text", "text", "text", *["bigint"] * 6, "float
 _ROLLUP_SUMS = (
     "sum(input_tokens), sum(output_tokens), sum(total_tokens), sum(cache_read_tokens), sum(cache_write_tokens), "
     "sum(reasoning_tokens), sum(total_cost), count(*) FILTER (WHERE answered), count(*) FILTER (WHERE is_error), "
-    "count(*) FILTER (WHERE estimated), bool_or(price_unknown)"
+    "count(*) FILTER (WHERE estimated), bool_or(price_unknown), sum(server_tool_cost), sum(server_tool_uses)"
 )
 _ADDED = ("input_tokens", "output_tokens", "total_tokens", "cache_read_tokens", "cache_write_tokens",
-          "reasoning_tokens", "total_cost", "answered", "errors", "estimated")  # fmt: skip
+          "reasoning_tokens", "total_cost", "answered", "errors", "estimated", "server_tool_cost",
+          "server_tool_uses")  # fmt: skip
 _INSERT = (
     f"WITH src AS (SELECT * FROM unnest({', '.join(f'${n}::{t}[]' for n, t in enumerate(_TYPES, 1))}, "
     f"${len(_TYPES) + 1}::text[]) AS t({', '.join(_COLUMNS)}, endpoint)), "
@@ -571,7 +604,8 @@ _INSERT = (
 _SUMS = (
     ", ".join(f"sum({column})::bigint" for column in _TOKEN_COLUMNS.values())
     + ", sum(total_cost), count(*) FILTER (WHERE answered), count(*) FILTER (WHERE is_error),"
-    " count(*) FILTER (WHERE estimated), bool_or(price_unknown)"
+    " count(*) FILTER (WHERE estimated), bool_or(price_unknown), sum(server_tool_cost),"
+    " sum(server_tool_uses)::bigint"
 )
 
 
@@ -595,7 +629,8 @@ _RECORD_KEYS = {
 _ROLLUP_TOTALS = (
     "sum(input_tokens)::bigint, sum(output_tokens)::bigint, sum(total_tokens)::bigint, "
     "sum(cache_read_tokens)::bigint, sum(cache_write_tokens)::bigint, sum(reasoning_tokens)::bigint, "
-    "sum(total_cost), sum(answered)::bigint, sum(errors)::bigint, sum(estimated)::bigint, bool_or(price_unknown)"
+    "sum(total_cost), sum(answered)::bigint, sum(errors)::bigint, sum(estimated)::bigint, bool_or(price_unknown), "
+    "sum(server_tool_cost), sum(server_tool_uses)::bigint"
 )
 
 
@@ -782,6 +817,8 @@ class PostgresUsageStore:
                         totals[field] = int(values[7 + n] or 0)
                     if values[10]:
                         totals["priceKnown"] = False
+                    totals["serverToolCost"] = float(values[11] or 0.0)
+                    totals["serverToolUses"] = int(values[12] or 0)
                     _merge(groups, key, totals)
         return {**report_from_groups(by, groups), "damagedFiles": []}
 

@@ -53,7 +53,8 @@ _DAY = re.compile(r"\d{4}-\d{2}-\d{2}")
 _SEGMENT = re.compile(r"(\d+)\.jsonl?")
 _LOG = ".jsonl"
 ROLLUPS = "rollups"
-_ROLLUP_VERSION = 2  # 2: the deployment of a model group is part of the group key
+# 2: the deployment of a model group is part of the group key; 3: server-tool fees and uses are summed
+_ROLLUP_VERSION = 3
 # Records per segment: the most a writer reads when it opens the day's last segment, and the most a report
 # scans that no rollup covers.
 SEGMENT_SIZE = 10_000
@@ -406,10 +407,19 @@ def _iso(since: datetime | None) -> str | None:
 
 
 _COUNTS = ("requestCount", "errorCount", "estimatedCount")
+# The fees of server tools (web search, ...; part of ``totalCost``) and how many uses they paid for: a column
+# of their own in every report.
+_SERVER_TOOL_FIELDS = ("serverToolCost", "serverToolUses")
 
 
 def _totals() -> dict[str, Any]:
-    return {**dict.fromkeys(_TOKEN_FIELDS, 0), "totalCost": 0.0, **dict.fromkeys(_COUNTS, 0)}
+    return {
+        **dict.fromkeys(_TOKEN_FIELDS, 0),
+        "totalCost": 0.0,
+        "serverToolCost": 0.0,
+        "serverToolUses": 0,
+        **dict.fromkeys(_COUNTS, 0),
+    }
 
 
 def _is_error(record: dict[str, Any]) -> bool:
@@ -422,11 +432,21 @@ def _add(totals: dict[str, Any], record: dict[str, Any]) -> None:
     for key in _TOKEN_FIELDS:
         totals[key] += record.get(key) or 0
     totals["totalCost"] += record.get("totalCost") or 0.0
+    totals["serverToolCost"] += record.get("serverToolCost") or 0.0
+    totals["serverToolUses"] += server_tool_uses(record)
     totals["requestCount"] += record.get("answered") is not False
     totals["errorCount"] += _is_error(record)
     totals["estimatedCount"] += bool(record.get("estimated"))
     if record.get("priceKnown") is False:  # costed at the fallback price: the report says so
         totals["priceKnown"] = False
+
+
+def server_tool_uses(record: dict[str, Any]) -> int:
+    """How many server-tool uses a record paid for (``serverToolUse``: {"web_search": 3, ...})."""
+    uses = record.get("serverToolUse")
+    if not isinstance(uses, dict):
+        return 0
+    return sum(n for n in uses.values() if isinstance(n, int) and not isinstance(n, bool))
 
 
 def _model_label(record: dict[str, Any]) -> str:
@@ -454,7 +474,8 @@ def _finish(groups: dict[str, dict[str, Any]], key: str) -> dict[str, Any]:
         for field in _SUMMED:
             grand[field] += totals[field]
     for totals in (*groups.values(), grand):
-        totals["totalCost"] = round(totals["totalCost"], 10)  # float sums carry noise below a nano-dollar
+        for field in ("totalCost", "serverToolCost"):  # float sums carry noise below a nano-dollar
+            totals[field] = round(totals[field], 10)
     return {key: dict(sorted(groups.items())), "grandTotal": grand}
 
 
@@ -462,7 +483,7 @@ def _finish(groups: dict[str, dict[str, Any]], key: str) -> dict[str, Any]:
 
 # (day, model, client, session id, endpoint, deployment), the raw values of the records (None when absent).
 GroupKey = tuple[str, Any, Any, Any, Any, Any]
-_SUMMED = (*_TOKEN_FIELDS, "totalCost", *_COUNTS)
+_SUMMED = (*_TOKEN_FIELDS, "totalCost", *_SERVER_TOOL_FIELDS, *_COUNTS)
 
 
 def group_key(record: dict[str, Any]) -> GroupKey:

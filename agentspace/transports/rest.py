@@ -257,7 +257,13 @@ _TOKEN_FIELDS = (
 )
 _TOTALS = {
     "type": "object",
-    "properties": {k: _INT for k in (*_TOKEN_FIELDS, "requestCount", "estimatedCount")} | {"totalCost": _NUM},
+    "properties": {k: _INT for k in (*_TOKEN_FIELDS, "requestCount", "errorCount", "estimatedCount")}
+    | {
+        "totalCost": {**_NUM, "description": "USD, the server-tool fees included."},
+        "serverToolCost": {**_NUM, "description": "USD: the per-use fees of server tools (web search, ...)."},
+        "serverToolUses": {**_INT, "description": "Server-tool uses the fees paid for."},
+        "priceKnown": {**_BOOL, "description": "false: some calls were costed at the fallback price."},
+    },
 }
 
 OPENAPI: dict[str, Any] = {

@@ -3,9 +3,10 @@ import { FALLBACK_NOTE, getJSON } from "./api.js";
 import { el, plainText } from "./markdown.js";
 
 const RANGES = [["today", "Today"], ["7d", "7 days"], ["30d", "30 days"], ["custom", "Custom"]];
-// Cost first: on a phone the table scrolls sideways, and the column that matters most stays in view.
+// Cost first: on a phone the table scrolls sideways, and the column that matters most stays in view. The
+// cost includes the server-tool fees (web search, ...), which have their own column next to it.
 const COLUMNS = [
-  ["totalCost", "Cost (USD)"], ["requestCount", "Requests"], ["errorCount", "Errors"], ["inputTokens", "Input"], ["outputTokens", "Output"],
+  ["totalCost", "Cost (USD)"], ["serverToolCost", "Server tools (USD)"], ["requestCount", "Requests"], ["errorCount", "Errors"], ["inputTokens", "Input"], ["outputTokens", "Output"],
   ["cacheReadTokens", "Cache read"], ["cacheWriteTokens", "Cache write"], ["totalTokens", "Total tokens"],
 ];
 const SVG = "http://www.w3.org/2000/svg";
@@ -13,7 +14,7 @@ let current = { range: "7d", from: "" };
 
 function fmt(key, value) {
   if (value === undefined || value === null) return "—";
-  if (key === "totalCost") return `$${Number(value).toFixed(Number(value) >= 1 ? 2 : 6)}`;
+  if (key === "totalCost" || key === "serverToolCost") return `$${Number(value).toFixed(Number(value) >= 1 ? 2 : 6)}`;
   return Number(value).toLocaleString("en-US");
 }
 
@@ -31,16 +32,23 @@ function svg(tag, attrs = {}, ...children) {
   return node;
 }
 
+// A cell of the table; the server-tool fee says how many uses it paid for.
+function cell(field, totals) {
+  const uses = field === "serverToolCost" ? totals.serverToolUses || 0 : 0;
+  return el("td", { "data-field": field, "data-value": totals[field] ?? "", ...(uses ? { "data-uses": uses, title: `${uses} server-tool uses` } : {}) },
+    fmt(field, totals[field]), uses ? el("span", { class: "muted" }, ` (${uses})`) : null);
+}
+
 function table(caption, keyLabel, rows, total, linkOf) {
   const head = el("tr", {}, el("th", { scope: "col" }, keyLabel), ...COLUMNS.map(([, label]) => el("th", { scope: "col" }, label)));
   const body = Object.entries(rows).map(([key, totals]) =>
     el("tr", { "data-key": key },
       el("th", { scope: "row" }, linkOf ? linkOf(key) : key,
         totals.priceKnown === false ? el("abbr", { class: "estimate", title: FALLBACK_NOTE }, "*") : null),
-      ...COLUMNS.map(([field]) => el("td", { "data-field": field, "data-value": totals[field] ?? "" }, fmt(field, totals[field])))));
+      ...COLUMNS.map(([field]) => cell(field, totals))));
   const foot = total
     ? el("tfoot", {}, el("tr", {}, el("th", { scope: "row" }, "Total"),
-      ...COLUMNS.map(([field]) => el("td", { "data-field": field, "data-value": total[field] ?? "" }, fmt(field, total[field])))))
+      ...COLUMNS.map(([field]) => cell(field, total))))
     : null;
   const estimated = Object.values(rows).some((t) => t.priceKnown === false);
   return el("div", { class: "table-wrap" }, el("table", {}, el("caption", {}, caption), el("thead", {}, head), el("tbody", {}, ...body), foot),
@@ -111,7 +119,7 @@ export async function usagePage(main, { sessions }) {
     const titles = Object.fromEntries(sessions.map((s) => [s.id, plainText(s.title)]));
     body.replaceChildren(
       el("div", { class: "cards" },
-        card("totalCost", "Cost", g.totalCost), card("requestCount", "Requests", g.requestCount), card("errorCount", "Errors", g.errorCount),
+        card("totalCost", "Cost", g.totalCost), card("serverToolCost", "Server tools", g.serverToolCost), card("requestCount", "Requests", g.requestCount), card("errorCount", "Errors", g.errorCount),
         card("inputTokens", "Input tokens", g.inputTokens), card("outputTokens", "Output tokens", g.outputTokens),
         card("cacheReadTokens", "Cache read tokens", g.cacheReadTokens), card("cacheWriteTokens", "Cache write tokens", g.cacheWriteTokens)),
       chart(byDay.perDay),
