@@ -28,6 +28,7 @@ from agentspace.plugins import create_plugin_manager
 from agentspace.transports import state
 from agentspace.transports import ws as ws_module
 from agentspace.transports.ws import REVOKED_CLOSE_CODE
+from agentspace.types import Cost, TokenUsage, UsageRecord, now_iso
 from scripts.harness import GatewayProcess
 from tests.conftest import TEST_KEY, wait_until
 from tests.fakes.anthropic_upstream import FakeAnthropic, error_status, text_response
@@ -603,6 +604,45 @@ async def test_a_session_header_cannot_charge_another_clients_session(
     # alice sees her calls under the id she named, in her own namespace
     alice_view = await (await client.get(f"/api/usage?sessionId={bobs}", headers=bearer(alice))).json()
     assert alice_view["grandTotal"]["requestCount"] == 2
+
+
+async def test_a_gateway_token_session_shows_only_the_gateway_tokens_records(
+    client: TestClient, token: str, fake_anthropic: FakeAnthropic
+) -> None:
+    alice = add_client("alice")
+    async with await post_chat(client, bearer(token), "project-x") as resp:
+        await resp.read()
+    # a record of the gateway token's from before records named their client
+    gw = client.server.app[state.REGISTRY]
+    older = UsageRecord(
+        "older-1", now_iso(), "anthropic/claude-sonnet-4-5", "anthropic", "project-x", None,
+        TokenUsage(10, 5), Cost(0.001, 0.001), 5.0, "stop", endpoint="ws",
+    )  # fmt: skip
+    await gw.usage.append(older)
+    # alice names the same id: a /v1 label of her own, and her own session on /api/chat (scoped to her)
+    api = anthropic.AsyncAnthropic(api_key=alice, base_url=f"http://127.0.0.1:{client.port}", max_retries=0)
+    await api.messages.create(
+        model="claude-sonnet-4-5",
+        max_tokens=8,
+        messages=[{"role": "user", "content": "hi"}],
+        extra_headers={"X-Agentspace-Session": "project-x"},
+    )
+    async with await post_chat(client, bearer(alice), "project-x") as resp:
+        await resp.read()
+
+    async def usage(key: str, session_id: str) -> dict[str, Any]:
+        return await (await client.get(f"/api/usage?sessionId={session_id}", headers=bearer(key))).json()
+
+    # the gateway token's session: its chat and the older record, none of alice's calls under that id
+    assert (await usage(token, "project-x"))["grandTotal"]["requestCount"] == 2
+    cli_view = json.loads(await asyncio.to_thread(cli, "usage", "--session", "project-x", "--json"))
+    assert cli_view["grandTotal"]["requestCount"] == 2
+    # alice's session of the same visible id: her chat only, none of the gateway token's records
+    alices = await usage(alice, "project-x")
+    assert alices["grandTotal"]["requestCount"] == 1
+    scoped = {s["id"] for s in (await (await client.get("/api/sessions", headers=bearer(token))).json())["sessions"]}
+    (alices_stored,) = scoped - {"project-x"}
+    assert (await usage(token, alices_stored))["grandTotal"]["requestCount"] == 1  # the admin sees it as hers
 
 
 # --- 10. a removed client's name, added again, is a new client --------------------------------------
