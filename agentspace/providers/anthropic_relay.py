@@ -90,15 +90,20 @@ def _error(status: int, message: str, error_type: str | None = None) -> web.Resp
     return web.json_response(error_body(status, message, error_type), status=status)
 
 
-def key_refused(gw: Registry, status: int, data: bytes) -> web.Response:
+def key_refused(gw: Registry, base_url: str, status: int, data: bytes) -> web.Response:
     """Anthropic refused the gateway's key: 424 in the Anthropic shape, as a missing key is, and logged with
-    the upstream's reason (redacted)."""
+    the upstream's reason (redacted), once a minute per upstream (each deployment of a model group its own)."""
     try:
         reason = str(json.loads(data)["error"]["message"])[:300]
     except (ValueError, KeyError, TypeError):
         reason = data[:300].decode("utf-8", "replace")
     warn_limited(
-        log, "anthropic-key-refused", "Anthropic refused the gateway's API key (HTTP %d): %s", status, redact(reason)
+        log,
+        f"anthropic-key-refused {base_url}",
+        "Anthropic at %s refused the gateway's API key (HTTP %d): %s",
+        base_url,
+        status,
+        redact(reason),
     )
     name = key_name(gw.config, "anthropic")
     return _error(424, f"Anthropic refused the gateway's API key (HTTP {status}). Run: agentspace keys add {name}")
@@ -143,7 +148,7 @@ async def messages(
                 data = await up.read()
                 await meter.record(TokenUsage(), "error", error=error_code_for_status(up.status), answered=False)
                 if up.status in KEY_REFUSED:
-                    return key_refused(gw, up.status, data)
+                    return key_refused(gw, base_url, up.status, data)
                 return web.Response(status=up.status, body=redact_bytes(data), headers=relayed_headers(up))
             answered = True
             meter.answered()
@@ -353,7 +358,7 @@ async def count_tokens(
             if up.status in (404, 405):
                 return None
             if up.status in KEY_REFUSED:
-                return key_refused(gw, up.status, data)
+                return key_refused(gw, base_url, up.status, data)
             return web.Response(status=up.status, body=redact_bytes(data), headers=relayed_headers(up))
     except (aiohttp.ClientError, TimeoutError) as e:
         log.warning("Anthropic count_tokens: could not reach %s: %r", base_url, e)
