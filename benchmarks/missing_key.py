@@ -7,7 +7,7 @@ litellm) and, for each model below, sends ``--requests`` calls to ``/v1/chat/com
 ``chat.send`` frames over one WebSocket, each answered ``NO_API_KEY`` (424). Prints the latency per model and
 route (first call, median, p95, max, in ms) and whether the server's log shows an import of litellm (the
 litellm provider logs each one it makes on the request path). The first call of each model is the one that
-used to import litellm (seconds).
+used to import litellm (seconds). Measured once the server is idle after its start (scripts/body_attack.py).
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -25,6 +26,7 @@ import aiohttp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from scripts.body_attack import settled  # noqa: E402
 from scripts.harness import GatewayProcess  # noqa: E402
 
 MODELS = (
@@ -54,6 +56,9 @@ async def run(requests: int) -> None:
         gateway = GatewayProcess(Path(tmp) / "data", "http://127.0.0.1:9")  # no Anthropic call is made
         await gateway.start()
         try:
+            assert gateway.process is not None
+            await settled(gateway.process.pid)  # start-up's background import of the Anthropic SDK done
+            print(f"load average {os.getloadavg()[0]:.1f}")
             headers = {"Authorization": f"Bearer {gateway.token}"}
             async with aiohttp.ClientSession() as http:
                 for model in MODELS:
