@@ -444,10 +444,10 @@ class Service:
     async def _session_owner(self, session_id: str) -> str | None:
         """Whose session ``session_id`` is (None when no session has that id). Session ids name a session in
         their caller's own namespace: another client's ``X-Agentspace-Session: <that id>`` files its usage
-        under its own (client, id), never in the owner's report of the session."""
+        under its own (client, id), never in the owner's report of the session. The gateway token's session
+        shows its records and those that name no client (older ones), not a client's of the same id."""
         session = await self.gw.sessions.get(session_id)
-        owner = None if session is None else session_owner(session)
-        return None if owner == ADMIN else owner  # the admin's: every record (older ones name no client)
+        return None if session is None else session_owner(session)
 
     async def models(self) -> list[dict[str, Any]]:
         # The same list as `agentspace models --json`; it reads the vault and the cost map, so off the loop.

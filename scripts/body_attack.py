@@ -1,9 +1,13 @@
 """The large-body attack on a real ``agentspace serve``: N concurrent ``/v1/chat/completions`` bodies of
 MiB mebibytes each, ``{"model": ..., "messages": [{},{},...]}``, from a client whose model is not allowed,
-while ``/healthz`` is polled every 20 ms. Prints the slowest ``/healthz`` answer, the server's RSS growth
-and the attack's statuses, as JSON.
+while ``/healthz`` is polled every 20 ms. Prints the slowest ``/healthz`` answer (and the slowest with no
+attack, the machine's own noise), the server's CPU time during the attack (its event loop's thread and all),
+the load average, the server's RSS growth and the attack's statuses, as JSON.
 
     python scripts/body_attack.py [--bodies 8] [--mib 32]
+
+The measures start once the server is idle after its start (``settled``): the Anthropic SDK it imports in
+the background then holds the interpreter lock, which a fresh server's ``/healthz`` feels whatever the load.
 
 Goal: ``healthz_max_ms`` under 100 and ``rss_growth_mb`` under 300 (docs: README, Hardening scripts).
 """
@@ -13,6 +17,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -32,6 +37,27 @@ def rss_mb(pid: int) -> float:
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) / 1024
     return 0.0
+
+
+def cpu_ms(pid: int) -> tuple[float, float]:
+    """The server's CPU time (user + system, ms): its event loop's thread (the main one), and all its threads."""
+    ticks = os.sysconf("SC_CLK_TCK")
+
+    def of(stat: Path) -> float:
+        fields = stat.read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) * 1000 / ticks
+
+    return of(Path(f"/proc/{pid}/task/{pid}/stat")), of(Path(f"/proc/{pid}/stat"))
+
+
+async def settled(pid: int, timeout: float = 60.0) -> None:
+    """Wait until the server is idle: under 5 ms of CPU in each of three 200 ms windows in a row."""
+    deadline, quiet = time.monotonic() + timeout, 0
+    last = cpu_ms(pid)[1]
+    while quiet < 3 and time.monotonic() < deadline:
+        await asyncio.sleep(0.2)
+        now = cpu_ms(pid)[1]
+        quiet, last = (quiet + 1 if now - last < 5 else 0), now
 
 
 def attack_body(mib: int) -> bytes:
@@ -63,6 +89,7 @@ async def run(bodies: int, mib: int) -> dict[str, object]:
             key = (await proc.communicate())[0].decode().strip()
             assert gateway.process is not None
             pid = gateway.process.pid
+            await settled(pid)  # start-up's background imports (the SDK) done: they would hold the GIL
             async with aiohttp.ClientSession() as http:
                 idle: list[float] = []  # the machine's own noise: /healthz with no attack
                 for _ in range(50):
@@ -73,6 +100,8 @@ async def run(bodies: int, mib: int) -> dict[str, object]:
                     await asyncio.sleep(0.02)
                 before = rss_mb(pid)
                 peak = before
+                loop_cpu, all_cpu = cpu_ms(pid)
+                attack_started = time.perf_counter()
                 latencies: list[float] = []
                 done = asyncio.Event()
 
@@ -101,6 +130,8 @@ async def run(bodies: int, mib: int) -> dict[str, object]:
                     stdout=asyncio.subprocess.PIPE,
                 )
                 statuses = json.loads((await attacker.communicate())[0])
+                attack_ms = (time.perf_counter() - attack_started) * 1000
+                loop_cpu, all_cpu = (after - earlier for after, earlier in zip(cpu_ms(pid), (loop_cpu, all_cpu)))
                 await asyncio.sleep(0.3)
                 done.set()
                 await poller
@@ -117,6 +148,10 @@ async def run(bodies: int, mib: int) -> dict[str, object]:
         "healthz_p95_ms": round(statistics.quantiles(latencies, n=20)[-1], 1),
         "healthz_idle_max_ms": round(max(idle[5:]), 1),
         "healthz_samples": len(latencies),
+        "attack_ms": round(attack_ms),
+        "server_loop_cpu_ms": round(loop_cpu),  # the event loop's thread: what could have delayed /healthz
+        "server_cpu_ms": round(all_cpu),
+        "load_average": os.getloadavg()[0],
         "rss_before_mb": round(before, 1),
         "rss_growth_mb": round(peak - before, 1),
     }

@@ -419,6 +419,7 @@ async def test_missing_key_fails_before_any_request(provider: AnthropicProvider,
     "response, code, retryable, status, retry_after, says",
     [
         (error_status(401, "invalid x-api-key"), "NO_API_KEY", False, 401, None, "Run: agentspace keys add anthropic"),
+        (error_status(403, "permission denied"), "NO_API_KEY", False, 403, None, "Run: agentspace keys add anthropic"),
         (
             error_status(429, "Number of request tokens has exceeded your rate limit", retry_after=7),
             "RATE_LIMITED",

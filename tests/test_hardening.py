@@ -28,6 +28,7 @@ from agentspace.plugins import create_plugin_manager
 from agentspace.transports import state
 from agentspace.transports import ws as ws_module
 from agentspace.transports.ws import REVOKED_CLOSE_CODE
+from agentspace.types import Cost, TokenUsage, UsageRecord, now_iso
 from scripts.harness import GatewayProcess
 from tests.conftest import TEST_KEY, wait_until
 from tests.fakes.anthropic_upstream import FakeAnthropic, error_status, text_response
@@ -293,6 +294,21 @@ async def test_an_unconfigured_local_provider_is_not_reachable(
 # --- 14, 15. a missing provider key: 424 NO_API_KEY everywhere, at once ----------------------------
 
 
+# Less common providers too: litellm_keys.py knows where litellm looks for each one's key.
+MISSING_KEY_MODELS = (
+    "openai/gpt-4o-mini",
+    "groq/openai/gpt-oss-120b",
+    "mistral/mistral-small-latest",
+    "deepseek/deepseek-chat",
+    "together_ai/meta-llama/Llama-3.3-70B-Instruct-Turbo",
+    "openrouter/openai/gpt-4o-mini",
+    "cohere/command-r-08-2024",
+    "xai/grok-4.20-0309-reasoning",
+    "perplexity/sonar",
+    "fireworks_ai/accounts/fireworks/models/deepseek-r1",
+)
+
+
 async def test_a_missing_provider_key_is_424_on_every_api_and_known_without_litellm(tmp_path: Path) -> None:
     upstream = FakeAnthropic()
     await upstream.start()
@@ -300,22 +316,22 @@ async def test_a_missing_provider_key_is_424_on_every_api_and_known_without_lite
     try:
         await gateway.start()
         headers = {"Authorization": f"Bearer {gateway.token}", "anthropic-version": "2023-06-01"}
-        body = {"model": "openai/gpt-4o-mini", "max_tokens": 8, "messages": [{"role": "user", "content": "hi"}]}
         async with aiohttp.ClientSession() as http:
-            started = time.monotonic()
-            async with http.post(gateway.url + "/v1/chat/completions", json=body, headers=headers) as resp:
-                openai_body = await resp.json()
-                assert resp.status == 424, openai_body
-            elapsed = time.monotonic() - started
-            assert openai_body["error"]["code"] == "no_api_key" and "keys add openai" in openai_body["error"]["message"]
-            async with http.post(gateway.url + "/v1/messages", json=body, headers=headers) as resp:
-                assert resp.status == 424 and (await resp.json())["error"]["type"] == "api_error"
-            async with http.ws_connect(gateway.ws_url, headers=headers) as ws:
-                await ws.send_json({"type": "chat.send", "id": "1", "content": "hi", "model": "openai/gpt-4o-mini"})
-                frame = json.loads((await ws.receive(timeout=10)).data)
-                assert frame["code"] == "NO_API_KEY"
-        # litellm (seconds to import) was not imported to find that out
-        assert elapsed < 1.0, elapsed
+            for model in MISSING_KEY_MODELS:
+                body = {"model": model, "max_tokens": 8, "messages": [{"role": "user", "content": "hi"}]}
+                prefix = model.split("/")[0]
+                async with http.post(gateway.url + "/v1/chat/completions", json=body, headers=headers) as resp:
+                    openai_body = await resp.json()
+                    assert resp.status == 424, (model, openai_body)
+                error = openai_body["error"]
+                assert error["code"] == "no_api_key" and f"keys add {prefix}" in error["message"], error
+                async with http.post(gateway.url + "/v1/messages", json=body, headers=headers) as resp:
+                    assert resp.status == 424 and (await resp.json())["error"]["type"] == "api_error"
+                async with http.ws_connect(gateway.ws_url, headers=headers) as ws:
+                    await ws.send_json({"type": "chat.send", "id": "1", "content": "hi", "model": model})
+                    frame = json.loads((await ws.receive(timeout=10)).data)
+                    assert frame["code"] == "NO_API_KEY", (model, frame)
+        # litellm (seconds to import) was not imported to find that out: it logs every import it does
         assert "litellm imported" not in gateway.log()
     finally:
         await gateway.aclose()
@@ -349,16 +365,82 @@ async def test_unknown_model_ids_log_one_warning_per_interval(
 async def test_the_pass_through_never_relays_the_gateways_key(
     client: TestClient, token: str, fake_anthropic: FakeAnthropic
 ) -> None:
-    echo = error_status(401, f"invalid x-api-key: {TEST_KEY}")
-    echo = replace(echo, headers={**echo.headers, "anthropic-echo": f"key={TEST_KEY}"})
-    fake_anthropic.enqueue(echo)
     headers = {**bearer(token), "anthropic-version": "2023-06-01"}
     body = {"model": "claude-sonnet-4-5", "max_tokens": 8, "messages": [{"role": "user", "content": "hi"}]}
-    async with client.post("/v1/messages", json=body, headers=headers) as resp:
-        text = await resp.text()
-        assert resp.status == 401 and "invalid x-api-key" in text
-        assert TEST_KEY not in text and TEST_KEY not in str(resp.headers)
-        assert resp.headers["anthropic-echo"] == "key=[redacted]"
+    for status, says in ((400, "header x-api-key"), (401, "refused the gateway's API key")):
+        echo = error_status(status, f"header x-api-key: {TEST_KEY}")
+        echo = replace(echo, headers={**echo.headers, "anthropic-echo": f"key={TEST_KEY}"})
+        fake_anthropic.enqueue(echo)
+        async with client.post("/v1/messages", json=body, headers=headers) as resp:
+            text = await resp.text()
+            assert resp.status == (424 if status == 401 else status) and says in text, text
+            assert TEST_KEY not in text and TEST_KEY not in str(resp.headers)
+            if status == 400:
+                assert resp.headers["anthropic-echo"] == "key=[redacted]"
+
+
+# --- a provider key the upstream refuses: the gateway's problem, 424 on every API -------------------
+
+
+async def test_the_gateways_key_refused_upstream_is_424_on_every_api_never_401(
+    make_client: Any,
+    token: str,
+    fake_anthropic: FakeAnthropic,
+    fake_openai: Any,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import tests.fakes.openai_upstream as fo
+
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-test-openai-refused")
+    client = await make_client(providers={"openai": {"base_url": fake_openai.url}})
+    fake_anthropic.api_key = "sk-ant-the-one-anthropic-knows"  # so the gateway's (TEST_KEY) gets a 401
+    fake_openai.default = fo.error_status(401, "Incorrect API key provided")
+    port = client.port
+    messages = [{"role": "user", "content": "hi"}]
+    refused = "Anthropic refused the gateway's API key (HTTP 401). Run: agentspace keys add anthropic"
+
+    # the pass-through, streamed or not, and its token count: the anthropic SDK's shape, never AuthenticationError
+    ant = anthropic.AsyncAnthropic(api_key=token, base_url=f"http://127.0.0.1:{port}", max_retries=0)
+    for stream in (False, True):
+        with caplog.at_level(logging.WARNING), pytest.raises(anthropic.APIStatusError) as raised:
+            await ant.messages.create(model="claude-sonnet-4-5", max_tokens=8, messages=messages, stream=stream)
+        assert not isinstance(raised.value, anthropic.AuthenticationError)
+        assert raised.value.status_code == 424 and raised.value.body == {
+            "type": "error",
+            "error": {"type": "api_error", "message": refused},
+        }
+    with pytest.raises(anthropic.APIStatusError) as raised:
+        await ant.messages.count_tokens(model="claude-sonnet-4-5", messages=messages)  # type: ignore[arg-type]
+    assert raised.value.status_code == 424 and TEST_KEY not in str(raised.value.body)
+    logged = [r.getMessage() for r in caplog.records if "refused the gateway's API key" in r.getMessage()]
+    assert logged and "invalid x-api-key" in logged[0] and TEST_KEY not in logged[0]
+
+    # the translated endpoints: an Anthropic model over the OpenAI APIs, an OpenAI embedding model
+    oai = openai.AsyncOpenAI(api_key=token, base_url=f"http://127.0.0.1:{port}/v1", max_retries=0)
+    for call in (
+        lambda: oai.chat.completions.create(model="anthropic/claude-sonnet-4-5", messages=messages),  # type: ignore[arg-type]
+        lambda: oai.chat.completions.create(model="anthropic/claude-sonnet-4-5", messages=messages, stream=True),  # type: ignore[arg-type]
+        lambda: oai.responses.create(model="anthropic/claude-sonnet-4-5", input="hi"),
+        lambda: oai.embeddings.create(model="openai/text-embedding-3-small", input="hi"),
+    ):
+        with pytest.raises(openai.APIStatusError) as oraised:
+            await call()
+        assert not isinstance(oraised.value, openai.AuthenticationError)
+        assert oraised.value.status_code == 424 and oraised.value.code == "no_api_key", oraised.value.body
+
+    # the WebSocket's error frame and /api/chat's error chunk
+    ws = await client.ws_connect("/gateway", headers=bearer(token))
+    frames = await chat(ws, "hi")
+    assert frames[-1]["type"] == "error" and frames[-1]["code"] == "NO_API_KEY", frames
+    assert "keys add anthropic" in frames[-1]["message"]
+    await ws.close()
+    async with await post_chat(client, bearer(token), "refused") as resp:
+        text = (await resp.read()).decode()
+        assert '"type":"error"' in text and "keys add anthropic" in text and TEST_KEY not in text
+
+    records = await client.server.app[state.REGISTRY].usage.arecords()
+    assert [r["error"] for r in records] == ["NO_API_KEY"] * 8  # one record per call, none answered
 
 
 # --- 18, 19. outages: 503 in each API's shape for every credential, /healthz says which -------------
@@ -522,6 +604,45 @@ async def test_a_session_header_cannot_charge_another_clients_session(
     # alice sees her calls under the id she named, in her own namespace
     alice_view = await (await client.get(f"/api/usage?sessionId={bobs}", headers=bearer(alice))).json()
     assert alice_view["grandTotal"]["requestCount"] == 2
+
+
+async def test_a_gateway_token_session_shows_only_the_gateway_tokens_records(
+    client: TestClient, token: str, fake_anthropic: FakeAnthropic
+) -> None:
+    alice = add_client("alice")
+    async with await post_chat(client, bearer(token), "project-x") as resp:
+        await resp.read()
+    # a record of the gateway token's from before records named their client
+    gw = client.server.app[state.REGISTRY]
+    older = UsageRecord(
+        "older-1", now_iso(), "anthropic/claude-sonnet-4-5", "anthropic", "project-x", None,
+        TokenUsage(10, 5), Cost(0.001, 0.001), 5.0, "stop", endpoint="ws",
+    )  # fmt: skip
+    await gw.usage.append(older)
+    # alice names the same id: a /v1 label of her own, and her own session on /api/chat (scoped to her)
+    api = anthropic.AsyncAnthropic(api_key=alice, base_url=f"http://127.0.0.1:{client.port}", max_retries=0)
+    await api.messages.create(
+        model="claude-sonnet-4-5",
+        max_tokens=8,
+        messages=[{"role": "user", "content": "hi"}],
+        extra_headers={"X-Agentspace-Session": "project-x"},
+    )
+    async with await post_chat(client, bearer(alice), "project-x") as resp:
+        await resp.read()
+
+    async def usage(key: str, session_id: str) -> dict[str, Any]:
+        return await (await client.get(f"/api/usage?sessionId={session_id}", headers=bearer(key))).json()
+
+    # the gateway token's session: its chat and the older record, none of alice's calls under that id
+    assert (await usage(token, "project-x"))["grandTotal"]["requestCount"] == 2
+    cli_view = json.loads(await asyncio.to_thread(cli, "usage", "--session", "project-x", "--json"))
+    assert cli_view["grandTotal"]["requestCount"] == 2
+    # alice's session of the same visible id: her chat only, none of the gateway token's records
+    alices = await usage(alice, "project-x")
+    assert alices["grandTotal"]["requestCount"] == 1
+    scoped = {s["id"] for s in (await (await client.get("/api/sessions", headers=bearer(token))).json())["sessions"]}
+    (alices_stored,) = scoped - {"project-x"}
+    assert (await usage(token, alices_stored))["grandTotal"]["requestCount"] == 1  # the admin sees it as hers
 
 
 # --- 10. a removed client's name, added again, is a new client --------------------------------------

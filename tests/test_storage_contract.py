@@ -210,6 +210,24 @@ async def test_usage_reports(storage: Storage) -> None:
     assert {r["id"] for r in await usage.arecords(since=datetime(2026, 12, 2))} == {"u4", "u5"}
 
 
+async def test_the_admins_records_include_those_that_name_no_client(storage: Storage) -> None:
+    # Records of the gateway token from before records named their client name none (or "ws"/"http"): a
+    # filter on "admin" (the gateway token's session) takes them, a client's filter never does.
+    usage = storage.usage
+    for n, client in enumerate((None, "ws", "http", "admin", "alice"), start=1):
+        await usage.append(record(n, session_id="x", client=client))
+    await usage.append(record(6, session_id="y"))
+    for since in (None, datetime(2026, 12, 3, 9, 0)):  # from the rollups; that day's part from the records
+        admin = await usage.areport(session_id="x", client="admin", since=since)
+        assert admin["grandTotal"]["requestCount"] == 4, since
+        alice = await usage.areport(session_id="x", client="alice", since=since)
+        assert alice["grandTotal"]["requestCount"] == 1 and alice["grandTotal"]["inputTokens"] == 50
+    assert sorted(r["id"] for r in await usage.arecords(session_id="x", client="admin")) == ["u1", "u2", "u3", "u4"]
+    assert len(await usage.arecords(client="admin")) == 5
+    by_client = await usage.areport(by="client", session_id="x", client="admin")
+    assert set(by_client["perClient"]) == {"admin"}
+
+
 async def test_set_title_renames_and_keeps_the_messages(storage: Storage) -> None:
     sessions = storage.sessions
     await sessions.create(model="m/x", session_id="t", messages=[{"id": "u1", "role": "user", "content": "Hi"}])

@@ -181,8 +181,8 @@ def _session_owner(state: CliState, session_id: str) -> str | None:
         session = _get(state, session_id)
     except (click.ClickException, ValueError, OSError):
         return None
-    owner = None if session is None else session_owner(session)
-    return None if owner == "admin" else owner  # the admin's: every record (older ones name no client)
+    # The gateway token's ("admin"): its records and those naming no client (older ones), no client's.
+    return None if session is None else session_owner(session)
 
 
 def _warn_damaged(damaged: list[str]) -> None:

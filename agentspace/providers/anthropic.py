@@ -468,8 +468,8 @@ def _status_error(e: APIStatusError, api_key: str) -> ProviderError:
     """An HTTP error status (before streaming) as a ProviderError that tells the user what to do."""
     status = e.status_code
     detail = _upstream_message(e.api_message, api_key)
-    if status == 401:
-        return ProviderError("NO_API_KEY", REJECTED_KEY_MESSAGE, status=401)
+    if status in (401, 403):  # the gateway's key refused (or not allowed this model): never the caller's fault
+        return ProviderError("NO_API_KEY", REJECTED_KEY_MESSAGE, status=status)
     if status == 429:
         return ProviderError(
             "RATE_LIMITED",

@@ -5,7 +5,9 @@ admitted and written ahead by the transport before it comes here).
 The client's body goes upstream as sent (only a ``anthropic/`` prefix is taken off the model id), with the
 client's ``anthropic-version`` and ``anthropic-beta`` headers and our key. The upstream's bytes come back
 as they arrive, unbuffered and unchanged, while ``UsageScanner`` reads the usage on the way; errors, before
-or inside the stream, reach the client with their status and body. A client that goes away stops the
+or inside the stream, reach the client with their status and body (every configured secret redacted), but for
+the gateway's own key refused (401, 403): that is the gateway's problem, answered as a missing key is (424),
+never a 401 that blames the caller's credential. A client that goes away stops the
 upstream request. Usage the upstream reports (``message_start``) is noted in the ledger as it arrives, and
 the output relayed now and then, for a recovery after a crash. Every call ends with exactly one usage record.
 """
@@ -21,7 +23,7 @@ import aiohttp
 from aiohttp import web
 
 from ..calls import ALL_FIELDS, OUTPUT_FIELDS, ProviderCall
-from ..logs import redact_bytes, redact_headers
+from ..logs import redact, redact_bytes, redact_headers, warn_limited
 from ..protocols.anthropic_messages import (
     DEFAULT_VERSION,
     UsageScanner,
@@ -34,7 +36,7 @@ from ..protocols.anthropic_messages import (
 from ..registry import Registry
 from ..transports.v1_common import client_gone, http_client, watch_client
 from ..types import TokenUsage
-from ..vault import missing_key_message, resolve_key
+from ..vault import key_name, missing_key_message, resolve_key
 from .anthropic import FINISH_REASONS
 from .sse import SSEDecoder
 
@@ -45,6 +47,9 @@ DEFAULT_BASE_URL = "https://api.anthropic.com"
 RELAYED_HEADERS = frozenset({"content-type", "request-id", "retry-after", "retry-after-ms", "x-should-retry"})
 # Request headers of the client that go upstream.
 FORWARDED_HEADERS = ("anthropic-version", "anthropic-beta")
+# Upstream statuses that refuse the key sent: always the gateway's (a caller's x-api-key is its gateway credential,
+# never sent upstream), so never relayed as they are (Claude Code answers a 401 by sending its user to /login).
+KEY_REFUSED = frozenset({401, 403})
 
 
 def upstream(gw: Registry) -> tuple[str, float]:
@@ -85,6 +90,25 @@ def _error(status: int, message: str, error_type: str | None = None) -> web.Resp
     return web.json_response(error_body(status, message, error_type), status=status)
 
 
+def key_refused(gw: Registry, base_url: str, status: int, data: bytes) -> web.Response:
+    """Anthropic refused the gateway's key: 424 in the Anthropic shape, as a missing key is, and logged with
+    the upstream's reason (redacted), once a minute per upstream (each deployment of a model group its own)."""
+    try:
+        reason = str(json.loads(data)["error"]["message"])[:300]
+    except (ValueError, KeyError, TypeError):
+        reason = data[:300].decode("utf-8", "replace")
+    warn_limited(
+        log,
+        f"anthropic-key-refused {base_url}",
+        "Anthropic at %s refused the gateway's API key (HTTP %d): %s",
+        base_url,
+        status,
+        redact(reason),
+    )
+    name = key_name(gw.config, "anthropic")
+    return _error(424, f"Anthropic refused the gateway's API key (HTTP {status}). Run: agentspace keys add {name}")
+
+
 async def messages(
     request: web.Request,
     gw: Registry,
@@ -123,6 +147,8 @@ async def messages(
             if up.status != 200:
                 data = await up.read()
                 await meter.record(TokenUsage(), "error", error=error_code_for_status(up.status), answered=False)
+                if up.status in KEY_REFUSED:
+                    return key_refused(gw, base_url, up.status, data)
                 return web.Response(status=up.status, body=redact_bytes(data), headers=relayed_headers(up))
             answered = True
             meter.answered()
@@ -315,7 +341,7 @@ async def count_tokens(
     request: web.Request, gw: Registry, body: dict[str, Any], raw: bytes, model: str
 ) -> web.Response | None:
     """Anthropic's own count; None when it has none to give (no key, no such endpoint, unreachable), so the
-    caller counts locally. Other upstream errors are relayed as they are."""
+    caller counts locally. A refused key is 424 (``key_refused``); other upstream errors are relayed, redacted."""
     key = resolve_key(gw.config, "anthropic")
     if not key:
         return None
@@ -331,6 +357,8 @@ async def count_tokens(
             data = await up.read()
             if up.status in (404, 405):
                 return None
+            if up.status in KEY_REFUSED:
+                return key_refused(gw, base_url, up.status, data)
             return web.Response(status=up.status, body=redact_bytes(data), headers=relayed_headers(up))
     except (aiohttp.ClientError, TimeoutError) as e:
         log.warning("Anthropic count_tokens: could not reach %s: %r", base_url, e)

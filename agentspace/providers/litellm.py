@@ -59,6 +59,7 @@ from .litellm_internals import (
     response_headers,
     unwrap_stream_failure,
 )
+from .litellm_keys import key_missing
 
 if TYPE_CHECKING:
     from ..config import Config
@@ -84,7 +85,10 @@ async def _load_litellm() -> ModuleType:
         # Concurrent first calls are safe: Python's import lock makes the later threads wait for the first.
         # (Or waits for the import that server_startup began in the background.)
         _import_httpx_here()
+        started, loaded = time.monotonic(), "litellm" in sys.modules
         _litellm = _configure(await asyncio.to_thread(importlib.import_module, "litellm"))
+        if not loaded:  # what a caller waited for (also the tests' evidence that a request path needs litellm)
+            log.info("litellm imported on the request path in %.1fs", time.monotonic() - started)
     return _litellm
 
 
@@ -164,23 +168,6 @@ LOCAL_PREFIXES = frozenset(
         "text-completion-openai",
     }
 )
-# The environment variable litellm reads for a provider's key, where it is the one the gateway reads too
-# (``{PREFIX}_API_KEY``): with neither a key in the vault nor that variable, the key is missing, known
-# without importing litellm (seconds, the first time) on the request path.
-KEY_VARIABLES = {
-    prefix: f"{prefix.upper()}_API_KEY"
-    for prefix in (
-        "openai",
-        "gemini",
-        "mistral",
-        "groq",
-        "deepseek",
-        "xai",
-        "cohere",
-        "openrouter",
-        "deepinfra",
-    )
-}
 
 
 class LiteLLMProvider:
@@ -210,15 +197,16 @@ class LiteLLMProvider:
         environment variable supplies (local servers such as Ollama or vLLM need none)."""
         if api_key:
             return False
-        prefix = model.partition("/")[0]
-        variable = KEY_VARIABLES.get(prefix)
-        if variable is not None and not base_url and "litellm" not in sys.modules:
-            return not os.environ.get(variable)  # no import on the request path for the common providers
-        litellm = await _load_litellm()
+        # litellm's own answer, read from it once (litellm_keys.py, scripts/provider_keys.py): no import of
+        # litellm (seconds) on the request path. base_url does not change it: only *_API_KEY names count.
+        missing = key_missing(model.partition("/")[0])
+        if missing is not None:
+            return missing
+        litellm = await _load_litellm()  # a prefix the table does not know: ask litellm itself
         # litellm's own table of what each provider needs; of those, only *_API_KEY names are keys (other
         # credentials, such as AWS profiles or Vertex projects, have sources it cannot see).
-        missing = litellm.validate_environment(model=model, api_key=None, api_base=base_url)["missing_keys"]
-        return any(name.endswith("_API_KEY") for name in missing)
+        names = litellm.validate_environment(model=model, api_key=None, api_base=base_url)["missing_keys"]
+        return any(name.endswith("_API_KEY") for name in names)
 
     async def stream(self, request: ProviderRequest) -> AsyncIterator[ProviderEvent]:
         if await self.missing_key(request.model, request.api_key, request.base_url):

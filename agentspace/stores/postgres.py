@@ -41,7 +41,17 @@ from .sessions import (
     _title_from,
     validate_session_id,
 )
-from .usage import _COUNTS, _TOKEN_FIELDS, REPORTS, GroupKey, _merge, _totals, report_from_groups, server_tool_uses
+from .usage import (
+    _COUNTS,
+    _TOKEN_FIELDS,
+    ADMIN_LEGACY_CLIENTS,
+    REPORTS,
+    GroupKey,
+    _merge,
+    _totals,
+    report_from_groups,
+    server_tool_uses,
+)
 
 if TYPE_CHECKING:
     import asyncpg
@@ -626,6 +636,14 @@ _RECORD_KEYS = {
     "session": "coalesce(session_id, '')",
     "deployment": "coalesce(record::json->>'deployment', '')",
 }
+
+
+def _client_clause(column: str, client: str, args: list[Any]) -> str:
+    """The records of ``client``; of "admin", also those that name no client (``stores.usage.owner``)."""
+    args.append([client, *ADMIN_LEGACY_CLIENTS] if client == "admin" else [client])
+    return f"{column} = ANY(${len(args)}::text[])"
+
+
 _ROLLUP_TOTALS = (
     "sum(input_tokens)::bigint, sum(output_tokens)::bigint, sum(total_tokens)::bigint, "
     "sum(cache_read_tokens)::bigint, sum(cache_write_tokens)::bigint, sum(reasoning_tokens)::bigint, "
@@ -744,8 +762,7 @@ class PostgresUsageStore:
             args.append(session_id)
             clauses.append(f"session_id = ${len(args)}")
         if client is not None:
-            args.append(client)
-            clauses.append(f"client = ${len(args)}")
+            clauses.append(_client_clause("coalesce(client, '')", client, args))
         return (" WHERE " + " AND ".join(clauses)) if clauses else "", args
 
     async def areport(
@@ -773,10 +790,11 @@ class PostgresUsageStore:
                 day += timedelta(days=1)
             args.append(day)
             clauses.append(f"day >= ${len(args)}")
-        for column, value in (("session_id", session_id), ("client", client)):
-            if value is not None:
-                args.append(value)
-                clauses.append(f"{column} = ${len(args)}")
+        if session_id is not None:
+            args.append(session_id)
+            clauses.append(f"session_id = ${len(args)}")
+        if client is not None:
+            clauses.append(_client_clause("client", client, args))
         where = (" WHERE " + " AND ".join(clauses)) if clauses else ""
         keys = ", ".join(columns.values())
         if by == "deployment":  # the deployments of model groups (routing.py) are read from the records

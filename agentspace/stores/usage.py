@@ -240,7 +240,7 @@ class UsageStore:
                         continue
                     for row in entry.get("groups", []):
                         key = tuple(row[:6])
-                        if (session_id is None or key[3] == session_id) and (client is None or key[2] == client):
+                        if (session_id is None or key[3] == session_id) and (client is None or owner(key[2]) == client):
                             _merge(groups, key, _totals_from_row(row[6]))
                     continue
                 try:
@@ -390,7 +390,7 @@ def _matching(
             continue
         if session_id is not None and record.get("sessionId") != session_id:
             continue
-        if client is not None and record.get("client") != client:
+        if client is not None and owner(record.get("client")) != client:
             continue
         yield record
 
@@ -582,10 +582,18 @@ def usage_by_day(records: Iterable[dict[str, Any]]) -> dict[str, Any]:
     return _group(records, "perDay", _day_label)
 
 
+# What older records of the gateway token name as their client (or they name none).
+ADMIN_LEGACY_CLIENTS = ("", "ws", "http")
+
+
+def owner(client: object) -> str:
+    """Whose a record is: its client, or "admin" (the gateway token) for records from before clients existed,
+    which name none (or "ws"/"http"). A ``client`` filter of "admin" matches those too."""
+    return str(client) if client and client not in ADMIN_LEGACY_CLIENTS else "admin"
+
+
 def _client_label(record: dict[str, Any]) -> str:
-    # Records from before clients existed (or of the gateway token) count under the admin.
-    client = record.get("client")
-    return str(client) if client and client not in ("ws", "http") else "admin"
+    return owner(record.get("client"))
 
 
 def usage_by_client(records: Iterable[dict[str, Any]]) -> dict[str, Any]:

@@ -620,6 +620,8 @@ class FakeAnthropic(FakeUpstream[FakeResponse]):
             return web.json_response(error_body("not_found_error", "Not Found"), status=404)
         if recorded.api_key is None:
             return web.json_response(error_body("authentication_error", "x-api-key header is required"), status=401)
+        if self.api_key is not None and recorded.api_key != self.api_key:
+            return web.json_response(error_body("authentication_error", "invalid x-api-key"), status=401)
         return web.json_response({"input_tokens": self.count_tokens})
 
     async def _messages(self, request: web.Request) -> web.StreamResponse:
