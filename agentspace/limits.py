@@ -34,7 +34,7 @@ from .errors import ApiError, outage_error
 from .logs import warn_limited
 
 if TYPE_CHECKING:
-    from .stores.base import ClientStoreAPI, UsageStoreAPI
+    from .storage.protocols import ClientStoreAPI, UsageStoreAPI
     from .types import ModelInfo, UsageRecord
 
 log = logging.getLogger(__name__)

@@ -29,9 +29,9 @@ from .export import EXPORT_FORMATS, export_session
 from .periods import parse_since
 from .pipeline import ChatRequest, Turn, owns_now, start_turn
 from .registry import ModelNotFound, Registry
-from .stores.search import search_sessions
-from .stores.sessions import SESSION_ID, TITLE_LENGTH, Listing, SessionNotFound
-from .stores.usage import REPORTS
+from .storage.embedded.sessions import SESSION_ID, TITLE_LENGTH, Listing, SessionNotFound
+from .storage.embedded.usage import REPORTS
+from .storage.search import search_sessions
 
 SHUTTING_DOWN_MESSAGE = "The gateway is shutting down; try again when it is back."
 
@@ -198,7 +198,7 @@ MAX_QUERY_LENGTH = 500
 MAX_TITLE_LENGTH = 4 * TITLE_LENGTH
 
 
-# Stored session ids are at most this long (stores.sessions.SESSION_ID).
+# Stored session ids are at most this long (storage.embedded.sessions.SESSION_ID).
 MAX_SESSION_ID = 128
 
 
@@ -410,7 +410,7 @@ class Service:
         by: str = "model",
         paths: tuple[str, str, str] = ("sessionId", "since", "by"),
     ) -> dict[str, Any]:
-        """Tokens and cost per model (the ``usage.report`` shape), or grouped as ``by`` says (``stores.usage.REPORTS``);
+        """Tokens and cost per model (the ``usage.report`` shape), or grouped as ``by`` says (``storage.embedded.usage.REPORTS``);
         a client gets its own records only."""
         if by not in REPORTS:
             raise invalid({paths[2]: f"must be one of {', '.join(REPORTS)}"})

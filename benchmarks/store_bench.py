@@ -31,8 +31,8 @@ from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from agentspace.stores import SessionStore, UsageStore, usage_report
-from agentspace.stores.usage import SEGMENT_SIZE, write_log_segment
+from agentspace.storage import SessionStore, UsageStore, usage_report
+from agentspace.storage.embedded.usage import SEGMENT_SIZE, write_log_segment
 from agentspace.types import Cost, TokenUsage, UsageRecord, new_id, now_iso
 
 USAGE_LEVELS = (1_000, 10_000, 100_000)
@@ -291,7 +291,7 @@ def timed_sync(n: int, op: Callable[[], Any]) -> list[float]:
 async def bench_postgres(rows: list[tuple[str, str, list[float]]], rng: random.Random) -> None:
     """The PostgreSQL backend's report (what ``/api/usage?by=model`` runs) at 100k and 1M records."""
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-    from agentspace.stores.postgres import PostgresDatabase, PostgresUsageStore
+    from agentspace.storage.postgres.stores import PostgresDatabase, PostgresUsageStore
     from tests.scale_servers import Postgres
 
     server = Postgres()

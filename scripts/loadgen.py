@@ -190,8 +190,8 @@ def summarize(requests: list[Request], seconds: float) -> dict[str, Any]:
 def stored_counts(data_dir: Path) -> tuple[dict[str, int], dict[str, int]]:
     """Per session: assistant messages and usage records, read with the stores' sync API (as the CLI does)."""
     sys.path.insert(0, str(ROOT))
-    from agentspace.stores.sessions import SessionStore
-    from agentspace.stores.usage import UsageStore
+    from agentspace.storage.embedded.sessions import SessionStore
+    from agentspace.storage.embedded.usage import UsageStore
 
     sessions = SessionStore(data_dir)
     messages = {}

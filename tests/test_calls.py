@@ -18,7 +18,7 @@ import openai
 import pytest
 from aiohttp.test_utils import TestClient
 
-from agentspace.stores.usage import UsageStore
+from agentspace.storage.embedded.usage import UsageStore
 from scripts.harness import GatewayProcess
 from tests.fakes import anthropic_upstream as fa
 from tests.fakes.anthropic_upstream import FakeAnthropic

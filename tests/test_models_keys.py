@@ -22,8 +22,8 @@ from click.testing import CliRunner
 from agentspace.cli import main
 from agentspace.config import load_config, parse_config
 from agentspace.pricing import cost_map
-from agentspace.stores.sessions import SessionStore
-from agentspace.stores.usage import write_segment
+from agentspace.storage.embedded.sessions import SessionStore
+from agentspace.storage.embedded.usage import write_segment
 from agentspace.transports import state
 from scripts.harness import GatewayProcess, child_env
 from tests.fakes.anthropic_upstream import error_status

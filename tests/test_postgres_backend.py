@@ -14,7 +14,7 @@ import aiohttp
 import pytest
 
 from agentspace.errors import StorageError
-from agentspace.stores.postgres import MIGRATIONS, PostgresDatabase, PostgresSessionStore, PostgresUsageStore
+from agentspace.storage.postgres.stores import MIGRATIONS, PostgresDatabase, PostgresSessionStore, PostgresUsageStore
 from scripts.harness import GatewayProcess
 from tests.fakes import anthropic_upstream as fa
 from tests.scale_servers import Postgres, free_port
@@ -219,10 +219,10 @@ async def test_reports_per_client_and_of_one_client(pg_dsn: str) -> None:
 
 async def test_rollup_reports_equal_the_scan_of_the_records_on_random_data(pg_dsn: str) -> None:
     # The rollups are kept in the inserts' transactions; every report, with every filter, must give what
-    # grouping the records themselves gives (stores.usage.REPORTS over arecords).
+    # grouping the records themselves gives (storage.embedded.usage.REPORTS over arecords).
     import random
 
-    from agentspace.stores.usage import REPORTS
+    from agentspace.storage.embedded.usage import REPORTS
     from tests.test_usage_rollups import FILTERS, random_record, rounded
 
     rng = random.Random(11)

@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from agentspace.stores.usage import UsageStore
+from agentspace.storage.embedded.usage import UsageStore
 from scripts.harness import GatewayProcess
 from tests.fakes import anthropic_upstream as fa
 from tests.fakes import openai_upstream as fo

@@ -11,8 +11,8 @@ from typing import Any
 import aiohttp
 import pytest
 
-from agentspace.stores.sessions import SessionStore
-from agentspace.stores.usage import UsageStore
+from agentspace.storage.embedded.sessions import SessionStore
+from agentspace.storage.embedded.usage import UsageStore
 from scripts.harness import GatewayProcess
 from tests.fakes import anthropic_upstream as fa
 

@@ -16,8 +16,8 @@ import pytest
 from agentspace.config import parse_config
 from agentspace.default_plugins.storage import open_storage
 from agentspace.plugins import create_plugin_manager
-from agentspace.stores import InvalidSessionId, MessageNotFound, SessionExists, SessionNotFound
-from agentspace.stores.base import SessionStoreAPI, Storage, UsageStoreAPI
+from agentspace.storage import InvalidSessionId, MessageNotFound, SessionExists, SessionNotFound
+from agentspace.storage.protocols import SessionStoreAPI, Storage, UsageStoreAPI
 from agentspace.types import Cost, TokenUsage, UsageRecord
 
 BACKENDS = ["tinydb", "postgres"]

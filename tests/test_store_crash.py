@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from agentspace.stores import SessionStore, UsageStore
-from agentspace.stores.append_log import parse_lines
-from agentspace.stores.tinydb_file import read_tables
+from agentspace.storage import SessionStore, UsageStore
+from agentspace.storage.embedded.append_log import parse_lines
+from agentspace.storage.embedded.tinydb_file import read_tables
 from agentspace.types import Cost, TokenUsage, UsageRecord, now_iso
 
 SESSION = "crash"
@@ -28,7 +28,7 @@ SESSION = "crash"
 CHILD = """
 import asyncio, os, signal, sys
 from pathlib import Path
-from agentspace.stores import SessionStore, UsageStore
+from agentspace.storage import SessionStore, UsageStore
 from agentspace.types import Cost, TokenUsage, UsageRecord, now_iso
 
 data_dir, tag, die_in = Path(sys.argv[1]), sys.argv[2], sys.argv[3]

@@ -17,8 +17,8 @@ from aiohttp.test_utils import TestClient
 from click.testing import CliRunner
 
 from agentspace.cli import main as cli
-from agentspace.stores import SessionStore, UsageStore
-from agentspace.stores.usage import write_segment
+from agentspace.storage import SessionStore, UsageStore
+from agentspace.storage.embedded.usage import write_segment
 from agentspace.transports import state as STATE
 from agentspace.types import Cost, TokenUsage, UsageRecord, now_iso
 from tests.test_http_chat import post_chat, user
@@ -184,7 +184,7 @@ FULL_DISK = """
 import asyncio, json, resource, signal, sys
 from pathlib import Path
 from agentspace.errors import StorageError
-from agentspace.stores import SessionStore, UsageStore
+from agentspace.storage import SessionStore, UsageStore
 from agentspace.types import Cost, TokenUsage, UsageRecord, now_iso
 
 data_dir = Path(sys.argv[1])

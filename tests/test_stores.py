@@ -21,7 +21,7 @@ from agentspace.config import parse_config
 from agentspace.default_plugins import tinydb_sink
 from agentspace.errors import SessionDamaged, StorageError
 from agentspace.sinks import UsageSink
-from agentspace.stores import (
+from agentspace.storage import (
     DataDirLock,
     DataDirLocked,
     InvalidSessionId,
@@ -34,10 +34,10 @@ from agentspace.stores import (
     usage_by_day,
     usage_report,
 )
-from agentspace.stores import usage as usage_module
-from agentspace.stores.atomic import remove_stale_temp_files, write_json_atomic
-from agentspace.stores.tinydb_file import read_tables
-from agentspace.stores.usage import write_segment
+from agentspace.storage.embedded import usage as usage_module
+from agentspace.storage.atomic import remove_stale_temp_files, write_json_atomic
+from agentspace.storage.embedded.tinydb_file import read_tables
+from agentspace.storage.embedded.usage import write_segment
 from agentspace.types import Cost, TokenUsage, UsageRecord, now_iso
 
 SUMMARY_KEYS = {"id", "title", "model", "createdAt", "lastActivityAt", "messageCount", "client"}
@@ -453,7 +453,7 @@ async def test_writes_queued_together_share_one_sync(tmp_path: Path, monkeypatch
 async def test_recent_sessions_are_served_from_the_cache_the_writer_keeps(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from agentspace.stores import sessions as sessions_module
+    from agentspace.storage.embedded import sessions as sessions_module
 
     store = SessionStore(tmp_path)
     try:
@@ -482,7 +482,7 @@ async def test_recent_sessions_are_served_from_the_cache_the_writer_keeps(
 async def test_a_session_dropped_from_the_cache_mid_commit_keeps_its_write(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from agentspace.stores import sessions as sessions_module
+    from agentspace.storage.embedded import sessions as sessions_module
 
     monkeypatch.setattr(sessions_module, "OPEN_SESSIONS", 1)  # each write to another session evicts the last
     store = SessionStore(tmp_path)
@@ -746,7 +746,7 @@ def test_stale_temp_files_of_dead_writers_are_removed(tmp_path: Path) -> None:
 HOLD_LOCK = """
 import sys
 from pathlib import Path
-from agentspace.stores import DataDirLock
+from agentspace.storage import DataDirLock
 lock = DataDirLock(Path(sys.argv[1]))
 print("locked", flush=True)
 sys.stdin.read()
@@ -849,8 +849,8 @@ async def test_readers_always_see_consistent_data(tmp_path: Path) -> None:
 
 async def test_the_clients_file_is_a_tinydb_database_changed_through_tinydb(tmp_path: Path) -> None:
     from agentspace.clients import Client
-    from agentspace.stores.clients import ClientStore
-    from agentspace.stores.tinydb_file import NamedTinyDB
+    from agentspace.storage.embedded.clients import ClientStore
+    from agentspace.storage.embedded.tinydb_file import NamedTinyDB
 
     store = ClientStore(tmp_path)
     key = await store.add(Client("alice", "", now_iso(), rpm=10))

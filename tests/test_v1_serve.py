@@ -15,7 +15,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from agentspace.stores.usage import UsageStore
+from agentspace.storage.embedded.usage import UsageStore
 from scripts.harness import TEST_KEY, GatewayProcess, child_env
 from tests.conftest import wait_until
 from tests.fakes import anthropic_upstream as fa

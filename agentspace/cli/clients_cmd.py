@@ -18,7 +18,7 @@ from .common import CliState, config_options, money, pass_state, printable, tabl
 from .storage_access import on_storage
 
 if TYPE_CHECKING:
-    from ..stores.base import Storage
+    from ..storage.protocols import Storage
 
 T = TypeVar("T")
 
@@ -93,7 +93,7 @@ def _limit_options(f: Any) -> Any:
 
 def _had_usage(state: CliState, name: str) -> bool:
     """Whether usage was recorded under ``name`` before (a removed client's)."""
-    from ..stores.usage import UsageStore
+    from ..storage.embedded.usage import UsageStore
 
     try:
         if _on_backend(state):
@@ -105,7 +105,7 @@ def _had_usage(state: CliState, name: str) -> bool:
 
 def _spend(state: CliState, client: Any, now: datetime) -> float:
     from ..clients import period_bounds
-    from ..stores.usage import UsageStore
+    from ..storage.embedded.usage import UsageStore
 
     start, _ = period_bounds(client.period, now)
     start = client.since if start is None else max(start, client.since or start)  # not an earlier namesake's
@@ -131,7 +131,7 @@ def _on_backend(state: CliState) -> bool:
 
 def _store(state: CliState) -> Any:
     from ..private_files import check_data_dir
-    from ..stores.clients import ClientStore
+    from ..storage.embedded.clients import ClientStore
 
     if _on_backend(state):
         return _BackendClients(state)
@@ -147,7 +147,7 @@ class _BackendClients:
 
     def _run(self, work: Callable[[Any], Awaitable[T]]) -> T:
         def on(storage: Storage) -> Awaitable[T]:
-            from ..stores.clients import ClientStore
+            from ..storage.embedded.clients import ClientStore
 
             # A backend without a client store of its own keeps the clients in the data directory.
             return work(storage.clients if storage.clients is not None else ClientStore(self.state.data_dir))
@@ -186,7 +186,7 @@ def _get(store: Any, name: str) -> Any:
 
 def _on_client(name: str, action: Callable[[], Any]) -> Any:
     """``action``'s result; a client that does not exist is a clear error."""
-    from ..stores.clients import ClientNotFound
+    from ..storage.embedded.clients import ClientNotFound
 
     try:
         return action()
@@ -225,7 +225,7 @@ def clients() -> None:
 def add(state: CliState, name: str, settings: dict[str, Any]) -> None:
     """Add a client and print its key (shown this once)."""
     from ..clients import Client, apply_settings, name_problem
-    from ..stores.clients import ClientExists
+    from ..storage.embedded.clients import ClientExists
     from ..types import now_iso
 
     if (problem := name_problem(name)) is not None:

@@ -75,8 +75,8 @@ def _check_token(path: Path) -> list[str]:
 def doctor(state: CliState) -> None:
     """Check the stores and the secrets files; exit 1 when something is wrong."""
     from ..gateway_token import token_path
-    from ..stores.sessions import SessionStore
-    from ..stores.usage import UsageStore
+    from ..storage.embedded.sessions import SessionStore
+    from ..storage.embedded.usage import UsageStore
     from ..vault import KEYS_FILE
 
     data_dir = Path(state.data_dir)

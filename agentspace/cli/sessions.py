@@ -12,7 +12,7 @@ from .storage_access import on_storage
 
 
 def _store(state: CliState) -> Any:
-    from ..stores.sessions import SessionStore
+    from ..storage.embedded.sessions import SessionStore
 
     return SessionStore(state.data_dir)
 
@@ -164,7 +164,7 @@ def delete(state: CliState, session_id: str, yes: bool) -> None:
 @pass_state
 def search(state: CliState, text: str, as_json: bool) -> None:
     """Sessions whose title or messages contain TEXT (case-insensitive), most recently active first."""
-    from ..stores.search import search_sessions, search_sessions_sync
+    from ..storage.search import search_sessions, search_sessions_sync
 
     if not text.strip():
         raise click.UsageError("TEXT must not be empty.")

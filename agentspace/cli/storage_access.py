@@ -14,7 +14,7 @@ import click
 from .common import CliState
 
 if TYPE_CHECKING:
-    from ..stores.base import Storage
+    from ..storage.protocols import Storage
 
 T = TypeVar("T")
 

@@ -33,9 +33,9 @@ def migrate(state: CliState, dsn: str) -> None:
 
     from ..errors import StorageError
     from ..private_files import PrivateFileError
-    from ..stores.clients import ClientStore
-    from ..stores.sessions import SessionStore
-    from ..stores.usage import UsageStore
+    from ..storage.embedded.clients import ClientStore
+    from ..storage.embedded.sessions import SessionStore
+    from ..storage.embedded.usage import UsageStore
 
     data_dir = state.data_dir
     sessions = SessionStore(data_dir)
@@ -62,7 +62,12 @@ def migrate(state: CliState, dsn: str) -> None:
 async def _copy(
     dsn: str, sessions: Any, session_ids: list[str], records: list[dict[str, Any]], clients: list[Any]
 ) -> dict[str, int]:
-    from ..stores.postgres import PostgresClientStore, PostgresDatabase, PostgresSessionStore, PostgresUsageStore
+    from ..storage.postgres.stores import (
+        PostgresClientStore,
+        PostgresDatabase,
+        PostgresSessionStore,
+        PostgresUsageStore,
+    )
 
     db = PostgresDatabase(dsn)
     await db.start()

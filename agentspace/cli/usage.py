@@ -87,7 +87,7 @@ def usage(
     as_json: bool,
 ) -> None:
     """Token usage and cost, per model, per day, per client or per deployment of the model groups."""
-    from ..stores.usage import UsageStore
+    from ..storage.embedded.usage import UsageStore
 
     since_dt = parse_since(since) if since else None
     by_model = by_model or not (by_day or by_client or by_deployment)

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 
 from agentspace.errors import StorageError
 from agentspace.hookspecs import hookimpl
-from agentspace.stores.base import Storage, StorageBackend, UsageStoreSink
+from agentspace.storage.protocols import Storage, StorageBackend, UsageStoreSink
 
 if TYPE_CHECKING:
     from agentspace.config import Config
@@ -22,8 +22,8 @@ class TinyDBBackend:
     name = "tinydb"
 
     def open(self, config: Config) -> Storage:
-        from agentspace.stores.sessions import SessionStore
-        from agentspace.stores.usage import UsageStore
+        from agentspace.storage.embedded.sessions import SessionStore
+        from agentspace.storage.embedded.usage import UsageStore
 
         return Storage("tinydb", SessionStore(config.data_dir), UsageStore(config.data_dir))
 
@@ -32,7 +32,7 @@ class PostgresBackend:
     name = "postgres"
 
     def open(self, config: Config) -> Storage:
-        from agentspace.stores.postgres import (
+        from agentspace.storage.postgres.stores import (
             PostgresClientStore,
             PostgresDatabase,
             PostgresSessionStore,

@@ -10,7 +10,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from agentspace.hookspecs import hookimpl
-from agentspace.stores.usage import UsageStore
+from agentspace.storage.embedded.usage import UsageStore
 from agentspace.types import UsageRecord
 
 if TYPE_CHECKING:

@@ -22,9 +22,9 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import SessionDamaged
-from .base import SessionStoreAPI
-from .sessions import SESSION_ID, SessionStore
-from .store_thread import read_in_thread
+from .embedded.sessions import SESSION_ID, SessionStore
+from .embedded.store_thread import read_in_thread
+from .protocols import SessionStoreAPI
 
 SNIPPET = 60  # characters of context either side of a match
 

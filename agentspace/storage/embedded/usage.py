@@ -31,10 +31,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from ..types import UsageRecord
-from . import append_log
-from .append_log import AppendLog, encode_lines, parse_lines
-from .atomic import (
+from ...types import UsageRecord
+from ..atomic import (
     StoreCorrupt,
     is_damaged_copy,
     make_dirs,
@@ -45,6 +43,8 @@ from .atomic import (
     write_bytes_atomic,
     write_json_atomic,
 )
+from . import append_log
+from .append_log import AppendLog, encode_lines, parse_lines
 from .store_thread import read_in_thread
 from .tinydb_file import read_tables, write_tables
 

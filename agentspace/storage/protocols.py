@@ -24,7 +24,7 @@ if TYPE_CHECKING:
     from ..config import Config
     from ..sinks import UsageSink
     from ..types import UsageRecord
-    from .sessions import Listing
+    from .embedded.sessions import Listing
 
 
 @runtime_checkable

@@ -18,7 +18,7 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from .postgres import PostgresDatabase
+from .stores import PostgresDatabase
 
 log = logging.getLogger(__name__)
 

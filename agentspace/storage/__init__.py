@@ -7,7 +7,7 @@
 
 from .atomic import StoreCorrupt
 from .datadir_lock import DataDirLock, DataDirLocked
-from .sessions import (
+from .embedded.sessions import (
     InvalidSessionId,
     Listing,
     MessageNotFound,
@@ -15,7 +15,7 @@ from .sessions import (
     SessionNotFound,
     SessionStore,
 )
-from .usage import UsageStore, usage_by_day, usage_report
+from .embedded.usage import UsageStore, usage_by_day, usage_report
 
 __all__ = [
     "DataDirLock",

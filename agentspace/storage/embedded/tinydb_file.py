@@ -18,7 +18,7 @@ from tinydb import TinyDB
 from tinydb.storages import Storage
 from tinydb.table import Table
 
-from .atomic import StoreCorrupt, read_json, write_json_atomic
+from ..atomic import StoreCorrupt, read_json, write_json_atomic
 
 Tables = dict[str, dict[str, dict[str, Any]]]
 

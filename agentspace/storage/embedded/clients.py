@@ -25,10 +25,10 @@ from typing import Any
 
 from tinydb.table import Document, Table
 
-from ..clients import Client, hash_key, new_key
-from ..private_files import PrivateFileError, read_private_file
-from ..types import now_iso
-from .atomic import StoreCorrupt, make_dirs, move_aside
+from ...clients import Client, hash_key, new_key
+from ...private_files import PrivateFileError, read_private_file
+from ...types import now_iso
+from ..atomic import StoreCorrupt, make_dirs, move_aside
 from .store_thread import on_store_thread
 from .tinydb_file import AtomicStorage, NamedTinyDB
 

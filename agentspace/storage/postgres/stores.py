@@ -29,9 +29,9 @@ from collections.abc import AsyncIterator, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
-from ..errors import StorageError
-from ..types import UsageRecord, new_id, now_iso
-from .sessions import (
+from ...errors import StorageError
+from ...types import UsageRecord, new_id, now_iso
+from ..embedded.sessions import (
     Listing,
     MessageNotFound,
     SessionExists,
@@ -41,7 +41,7 @@ from .sessions import (
     _title_from,
     validate_session_id,
 )
-from .usage import _COUNTS, _TOKEN_FIELDS, REPORTS, GroupKey, _merge, _totals, report_from_groups
+from ..embedded.usage import _COUNTS, _TOKEN_FIELDS, REPORTS, GroupKey, _merge, _totals, report_from_groups
 
 if TYPE_CHECKING:
     import asyncpg
@@ -811,8 +811,8 @@ class PostgresUsageStore:
 
 
 def _clients_feature() -> tuple[Any, Any]:
-    """``agentspace.clients`` and ``agentspace.stores.clients`` (the clients feature, SPEC 11)."""
-    return importlib.import_module("agentspace.clients"), importlib.import_module("agentspace.stores.clients")
+    """``agentspace.clients`` and ``agentspace.storage.embedded.clients`` (the clients feature, SPEC 11)."""
+    return importlib.import_module("agentspace.clients"), importlib.import_module("agentspace.storage.embedded.clients")
 
 
 class PostgresClientStore:

@@ -37,7 +37,7 @@ except ImportError:  # Windows: journals are not shared by processes there (no `
 
 if TYPE_CHECKING:
     from ..registry import Registry
-    from .ledger_postgres import PostgresLedger
+    from .postgres.ledger import PostgresLedger
 
 log = logging.getLogger(__name__)
 
@@ -331,12 +331,12 @@ async def recover(gw: Registry, make_record: Callable[[Registry, dict[str, Any]]
 async def share(gw: Registry, make_record: Callable[[Registry, dict[str, Any]], Any], replica: str) -> None:
     """With the postgres backend: share the pending entries with the other replicas, under leases, and
     recover the calls of replicas that died (``stores/ledger_postgres.py``)."""
-    from .postgres import PostgresDatabase
+    from .postgres.stores import PostgresDatabase
 
     database = gw.storage.database if gw.storage is not None else None
     if not isinstance(database, PostgresDatabase):
         return
-    from .ledger_postgres import PostgresLedger
+    from .postgres.ledger import PostgresLedger
 
     shared = PostgresLedger(database, replica)
 

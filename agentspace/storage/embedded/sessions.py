@@ -42,11 +42,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..errors import SessionDamaged
-from ..types import new_id, now_iso
-from . import append_log
-from .append_log import AppendLog, encode_lines, read_entries, read_last_entry
-from .atomic import (
+from ...errors import SessionDamaged
+from ...types import new_id, now_iso
+from ..atomic import (
     DAMAGED_MARK,
     StoreCorrupt,
     fsync_dir,
@@ -57,10 +55,12 @@ from .atomic import (
     warn_skipped,
     write_bytes_atomic,
 )
+from . import append_log
+from .append_log import AppendLog, encode_lines, read_entries, read_last_entry
 from .store_thread import on_store_thread, read_in_thread
 from .tinydb_file import Tables, read_tables
 
-log = logging.getLogger("agentspace.stores")
+log = logging.getLogger("agentspace.storage")
 
 SESSION_ID = re.compile(r"[A-Za-z0-9_-]{1,128}")
 TITLE_LENGTH = 60
