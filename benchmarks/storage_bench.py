@@ -38,7 +38,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from agentspace.storage.embedded.usage import SEGMENT_SIZE, UsageStore, write_segment  # noqa: E402
-from agentspace.storage.postgres.stores import PostgresDatabase, PostgresUsageStore  # noqa: E402
+from agentspace.storage.postgres import PostgresDatabase, PostgresUsageStore  # noqa: E402
 from agentspace.types import Cost, TokenUsage, UsageRecord  # noqa: E402
 from tests.scale_servers import free_port, postgres_server, redis_server  # noqa: E402
 

@@ -291,7 +291,7 @@ def timed_sync(n: int, op: Callable[[], Any]) -> list[float]:
 async def bench_postgres(rows: list[tuple[str, str, list[float]]], rng: random.Random) -> None:
     """The PostgreSQL backend's report (what ``/api/usage?by=model`` runs) at 100k and 1M records."""
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-    from agentspace.storage.postgres.stores import PostgresDatabase, PostgresUsageStore
+    from agentspace.storage.postgres import PostgresDatabase, PostgresUsageStore
     from tests.scale_servers import Postgres
 
     server = Postgres()

@@ -14,7 +14,7 @@ import aiohttp
 import pytest
 
 from agentspace.errors import StorageError
-from agentspace.storage.postgres.stores import MIGRATIONS, PostgresDatabase, PostgresSessionStore, PostgresUsageStore
+from agentspace.storage.postgres import MIGRATIONS, PostgresDatabase, PostgresSessionStore, PostgresUsageStore
 from scripts.harness import GatewayProcess
 from tests.fakes import anthropic_upstream as fa
 from tests.scale_servers import Postgres, free_port

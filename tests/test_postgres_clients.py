@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from agentspace.storage.postgres.stores import PostgresClientStore, PostgresDatabase
+from agentspace.storage.postgres import PostgresClientStore, PostgresDatabase
 
 clients = pytest.importorskip("agentspace.clients")  # the clients feature defines the Client
 store_module = pytest.importorskip("agentspace.storage.embedded.clients")

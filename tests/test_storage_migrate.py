@@ -13,7 +13,7 @@ from click.testing import CliRunner
 from agentspace.cli import main
 from agentspace.storage.embedded.sessions import SessionStore
 from agentspace.storage.embedded.usage import write_segment
-from agentspace.storage.postgres.stores import PostgresDatabase, PostgresSessionStore, PostgresUsageStore
+from agentspace.storage.postgres import PostgresDatabase, PostgresSessionStore, PostgresUsageStore
 from tests.test_storage_contract import record
 
 

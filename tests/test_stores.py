@@ -34,8 +34,8 @@ from agentspace.storage import (
     usage_by_day,
     usage_report,
 )
-from agentspace.storage.embedded import usage as usage_module
 from agentspace.storage.atomic import remove_stale_temp_files, write_json_atomic
+from agentspace.storage.embedded import usage as usage_module
 from agentspace.storage.embedded.tinydb_file import read_tables
 from agentspace.storage.embedded.usage import write_segment
 from agentspace.types import Cost, TokenUsage, UsageRecord, now_iso

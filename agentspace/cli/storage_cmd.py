@@ -62,7 +62,7 @@ def migrate(state: CliState, dsn: str) -> None:
 async def _copy(
     dsn: str, sessions: Any, session_ids: list[str], records: list[dict[str, Any]], clients: list[Any]
 ) -> dict[str, int]:
-    from ..storage.postgres.stores import (
+    from ..storage.postgres import (
         PostgresClientStore,
         PostgresDatabase,
         PostgresSessionStore,

@@ -32,7 +32,7 @@ class PostgresBackend:
     name = "postgres"
 
     def open(self, config: Config) -> Storage:
-        from agentspace.storage.postgres.stores import (
+        from agentspace.storage.postgres import (
             PostgresClientStore,
             PostgresDatabase,
             PostgresSessionStore,

@@ -331,7 +331,7 @@ async def recover(gw: Registry, make_record: Callable[[Registry, dict[str, Any]]
 async def share(gw: Registry, make_record: Callable[[Registry, dict[str, Any]], Any], replica: str) -> None:
     """With the postgres backend: share the pending entries with the other replicas, under leases, and
     recover the calls of replicas that died (``stores/ledger_postgres.py``)."""
-    from .postgres.stores import PostgresDatabase
+    from .postgres import PostgresDatabase
 
     database = gw.storage.database if gw.storage is not None else None
     if not isinstance(database, PostgresDatabase):

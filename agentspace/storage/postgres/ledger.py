@@ -18,7 +18,7 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from .stores import PostgresDatabase
+from .database import PostgresDatabase
 
 log = logging.getLogger(__name__)
 
