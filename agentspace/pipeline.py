@@ -53,7 +53,7 @@ from .providers.base import ProviderRequest, ThinkingSettings, lacks_key
 from .registry import ModelNotFound, Registry
 from .routing import Deployment, Group, all_cooling_error, deployment_key, deployment_request, moves_on
 from .storage import InvalidSessionId
-from .storage.embedded.sessions import validate_session_id
+from .storage.shapes import validate_session_id
 from .tokens import count_tokens
 from .types import (
     ChatMessage,

@@ -29,9 +29,10 @@ from .export import EXPORT_FORMATS, export_session
 from .periods import parse_since
 from .pipeline import ChatRequest, Turn, owns_now, start_turn
 from .registry import ModelNotFound, Registry
-from .storage.embedded.sessions import SESSION_ID, TITLE_LENGTH, Listing, SessionNotFound
-from .storage.embedded.usage import REPORTS
+from .storage.errors import SessionNotFound
+from .storage.reports import REPORTS
 from .storage.search import search_sessions
+from .storage.shapes import SESSION_ID, TITLE_LENGTH, Listing
 
 SHUTTING_DOWN_MESSAGE = "The gateway is shutting down; try again when it is back."
 

@@ -222,7 +222,7 @@ async def test_rollup_reports_equal_the_scan_of_the_records_on_random_data(pg_ds
     # grouping the records themselves gives (storage.embedded.usage.REPORTS over arecords).
     import random
 
-    from agentspace.storage.embedded.usage import REPORTS
+    from agentspace.storage.reports import REPORTS
     from tests.test_usage_rollups import FILTERS, random_record, rounded
 
     rng = random.Random(11)

@@ -18,7 +18,8 @@ from click.testing import CliRunner
 from agentspace.cli import main as cli
 from agentspace.storage.embedded import usage as usage_module
 from agentspace.storage.embedded.tinydb_file import read_tables
-from agentspace.storage.embedded.usage import REPORTS, UsageStore, write_log_segment, write_segment
+from agentspace.storage.embedded.usage import UsageStore, write_log_segment, write_segment
+from agentspace.storage.reports import REPORTS
 from agentspace.types import Cost, TokenUsage, UsageRecord
 
 MODELS = ["anthropic/claude-sonnet-4-5", "anthropic/claude-haiku-4-5", "openai/gpt-4o", None]

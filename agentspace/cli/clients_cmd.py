@@ -186,7 +186,7 @@ def _get(store: Any, name: str) -> Any:
 
 def _on_client(name: str, action: Callable[[], Any]) -> Any:
     """``action``'s result; a client that does not exist is a clear error."""
-    from ..storage.embedded.clients import ClientNotFound
+    from ..storage.errors import ClientNotFound
 
     try:
         return action()
@@ -225,7 +225,7 @@ def clients() -> None:
 def add(state: CliState, name: str, settings: dict[str, Any]) -> None:
     """Add a client and print its key (shown this once)."""
     from ..clients import Client, apply_settings, name_problem
-    from ..storage.embedded.clients import ClientExists
+    from ..storage.errors import ClientExists
     from ..types import now_iso
 
     if (problem := name_problem(name)) is not None:

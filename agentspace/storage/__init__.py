@@ -7,15 +7,11 @@
 
 from .atomic import StoreCorrupt
 from .datadir_lock import DataDirLock, DataDirLocked
-from .embedded.sessions import (
-    InvalidSessionId,
-    Listing,
-    MessageNotFound,
-    SessionExists,
-    SessionNotFound,
-    SessionStore,
-)
-from .embedded.usage import UsageStore, usage_by_day, usage_report
+from .embedded.sessions import SessionStore
+from .embedded.usage import UsageStore
+from .errors import InvalidSessionId, MessageNotFound, SessionExists, SessionNotFound
+from .reports import usage_by_day, usage_report
+from .shapes import Listing
 
 __all__ = [
     "DataDirLock",

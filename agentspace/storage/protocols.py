@@ -24,7 +24,7 @@ if TYPE_CHECKING:
     from ..config import Config
     from ..sinks import UsageSink
     from ..types import UsageRecord
-    from .embedded.sessions import Listing
+    from .shapes import Listing
 
 
 @runtime_checkable

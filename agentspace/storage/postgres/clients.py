@@ -4,24 +4,21 @@ from __future__ import annotations
 
 import builtins
 import contextlib
-import importlib
 import json
 import logging
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
+from ...clients import Client, hash_key, new_key
 from ...types import now_iso
+from ..errors import ClientExists, ClientNotFound
+from ..shapes import TOUCH_INTERVAL_SECONDS
 from .database import PostgresDatabase
 
 if TYPE_CHECKING:
     pass
 
 log = logging.getLogger(__name__)
-
-
-def _clients_feature() -> tuple[Any, Any]:
-    """``agentspace.clients`` and ``agentspace.storage.embedded.clients`` (the clients feature, SPEC 11)."""
-    return importlib.import_module("agentspace.clients"), importlib.import_module("agentspace.storage.embedded.clients")
 
 
 class PostgresClientStore:
@@ -33,12 +30,10 @@ class PostgresClientStore:
         self._touched: dict[str, float] = {}
 
     def _client(self, stored: str) -> Any:
-        clients, _ = _clients_feature()
-        return clients.Client.from_stored(json.loads(stored))
+        return Client.from_stored(json.loads(stored))
 
     async def get_by_key(self, key: str) -> Any:
-        clients, _ = _clients_feature()
-        return await self.get_by_hash(clients.hash_key(key))
+        return await self.get_by_hash(hash_key(key))
 
     async def get_by_hash(self, key_hash: str) -> Any:
         async with self.db.connection() as conn:
@@ -60,9 +55,8 @@ class PostgresClientStore:
 
     async def add(self, client: Any) -> str:
         """Store a new client (``client.key_hash`` is replaced); its key, the only time it is shown."""
-        clients, store = _clients_feature()
-        key = clients.new_key()
-        client.key_hash = clients.hash_key(key)
+        key = new_key()
+        client.key_hash = hash_key(key)
         async with self.db.connection() as conn:
             added = await conn.fetchval(
                 "INSERT INTO clients (name, key_hash, stored) VALUES ($1, $2, $3) "
@@ -72,7 +66,7 @@ class PostgresClientStore:
                 json.dumps(client.to_stored()),
             )
         if added is None:
-            raise store.ClientExists(client.name)
+            raise ClientExists(client.name)
         return str(key)
 
     async def copy_in(self, client: Any) -> bool:
@@ -89,11 +83,10 @@ class PostgresClientStore:
 
     async def update(self, name: str, change: Any) -> Any:
         """Apply ``change(client)`` to the stored client, under a row lock (replicas may update at once)."""
-        _, store = _clients_feature()
         async with self.db.transaction() as conn:
             stored = await conn.fetchval("SELECT stored FROM clients WHERE name = $1 FOR UPDATE", name)
             if stored is None:
-                raise store.ClientNotFound(name)
+                raise ClientNotFound(name)
             client = self._client(stored)
             change(client)
             await conn.execute(
@@ -105,36 +98,32 @@ class PostgresClientStore:
         return client
 
     async def rotate(self, name: str) -> str:
-        clients, _ = _clients_feature()
-        key = clients.new_key()
+        key = new_key()
 
         def change(client: Any) -> None:
-            client.key_hash = clients.hash_key(key)
+            client.key_hash = hash_key(key)
 
         await self.update(name, change)
         return str(key)
 
     async def remove(self, name: str) -> None:
-        _, store = _clients_feature()
         async with self.db.connection() as conn:
             if await conn.fetchval("DELETE FROM clients WHERE name = $1 RETURNING 1", name) is None:
-                raise store.ClientNotFound(name)
+                raise ClientNotFound(name)
 
     def should_touch(self, name: str, monotonic_now: float) -> bool:
         """Whether last use is due to be written (at most once per the clients store's interval)."""
-        _, store = _clients_feature()
         last = self._touched.get(name)
-        if last is not None and monotonic_now - last < store.TOUCH_INTERVAL_SECONDS:
+        if last is not None and monotonic_now - last < TOUCH_INTERVAL_SECONDS:
             return False
         self._touched[name] = monotonic_now
         return True
 
     async def touch(self, name: str, when: datetime | None = None) -> None:
-        _, store = _clients_feature()
         stamp = now_iso() if when is None else when.isoformat()
 
         def change(client: Any) -> None:
             client.last_used_at = stamp
 
-        with contextlib.suppress(store.ClientNotFound):
+        with contextlib.suppress(ClientNotFound):
             await self.update(name, change)

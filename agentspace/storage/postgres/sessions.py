@@ -9,16 +9,8 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from ...types import new_id, now_iso
-from ..embedded.sessions import (
-    Listing,
-    MessageNotFound,
-    SessionExists,
-    SessionNotFound,
-    _is_valid,
-    _stored,
-    _title_from,
-    validate_session_id,
-)
+from ..errors import MessageNotFound, SessionExists, SessionNotFound
+from ..shapes import Listing, is_valid_session_id, stored_message, title_from, validate_session_id
 from .database import PostgresDatabase, clean_text, load_asyncpg
 
 if TYPE_CHECKING:
@@ -41,7 +33,7 @@ def _summary(row: Any) -> dict[str, Any]:
 
 async def _bump(conn: Any, session_id: str, title: str | None = None) -> None:
     """Set a session's last activity to now (and its title, when given); SessionNotFound when it is not there."""
-    found = _is_valid(session_id) and await conn.fetchval(
+    found = is_valid_session_id(session_id) and await conn.fetchval(
         "UPDATE sessions SET title = coalesce($3, title), last_activity_at = $2 WHERE id = $1 RETURNING 1",
         session_id,
         now_iso(),
@@ -74,9 +66,9 @@ class PostgresSessionStore:
     ) -> dict[str, Any]:
         self._check_open()
         session_id = validate_session_id(session_id) if session_id is not None else new_id("s_")
-        stored = [_stored(m) for m in messages]
+        stored = [stored_message(m) for m in messages]
         if title is None:
-            title = next((t for m in stored if m.get("role") == "user" and (t := _title_from(m))), None)
+            title = next((t for m in stored if m.get("role") == "user" and (t := title_from(m))), None)
         now = now_iso()
         asyncpg = load_asyncpg()
         try:
@@ -103,7 +95,7 @@ class PostgresSessionStore:
 
     async def get(self, session_id: str) -> dict[str, Any] | None:
         self._check_open()
-        if not _is_valid(session_id):
+        if not is_valid_session_id(session_id):
             return None
         async with self.db.connection() as conn:
             row = await conn.fetchrow(_SUMMARY_SQL + " WHERE id = $1", session_id)
@@ -114,7 +106,7 @@ class PostgresSessionStore:
 
     async def exists(self, session_id: str) -> bool:
         self._check_open()
-        if not _is_valid(session_id):
+        if not is_valid_session_id(session_id):
             return False
         async with self.db.connection() as conn:
             return bool(await conn.fetchval("SELECT EXISTS (SELECT 1 FROM sessions WHERE id = $1)", session_id))
@@ -130,10 +122,10 @@ class PostgresSessionStore:
 
     async def append_message(self, session_id: str, message: dict[str, Any]) -> None:
         self._check_open()
-        message = _stored(message)
-        if not _is_valid(session_id):
+        message = stored_message(message)
+        if not is_valid_session_id(session_id):
             raise SessionNotFound(f"session {str(session_id)[:40]!r} not found")
-        title = _title_from(message) if message.get("role") == "user" else None
+        title = title_from(message) if message.get("role") == "user" else None
         async with self.db.transaction() as conn:
             # The row lock on the session orders concurrent appends.
             count = await conn.fetchval(
@@ -174,7 +166,7 @@ class PostgresSessionStore:
 
     async def messages(self, session_id: str, limit: int | None = None) -> builtins.list[dict[str, Any]]:
         self._check_open()
-        if not _is_valid(session_id) or (limit is not None and limit <= 0):
+        if not is_valid_session_id(session_id) or (limit is not None and limit <= 0):
             return []
         async with self.db.connection() as conn:
             if limit is None:
@@ -200,7 +192,7 @@ class PostgresSessionStore:
 
     async def delete(self, session_id: str) -> bool:
         self._check_open()
-        if not _is_valid(session_id):
+        if not is_valid_session_id(session_id):
             return False
         async with self.db.connection() as conn:
             return await conn.fetchval("DELETE FROM sessions WHERE id = $1 RETURNING 1", session_id) is not None

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 from ...errors import StorageError
 from ...types import UsageRecord, new_id
-from ..embedded.usage import _COUNTS, _TOKEN_FIELDS, REPORTS, GroupKey, _merge, _totals, report_from_groups
+from ..reports import COUNTS, REPORTS, TOKEN_FIELDS, GroupKey, empty_totals, merge, report_from_groups
 from .database import PostgresDatabase, clean_text, unreachable
 from .migrations import MIGRATION_LOCK
 
@@ -31,7 +31,7 @@ _TOKEN_COLUMNS = {
     "cacheWriteTokens": "cache_write_tokens",
     "reasoningTokens": "reasoning_tokens",
 }
-assert tuple(_TOKEN_COLUMNS) == _TOKEN_FIELDS
+assert tuple(_TOKEN_COLUMNS) == TOKEN_FIELDS
 
 
 def parse_time(value: object) -> datetime:
@@ -65,7 +65,7 @@ def _row(record: dict[str, Any]) -> tuple[Any, ...]:
         clean_text(str(record.get("model") or "unknown")),
         clean_text(record.get("client")),
         clean_text(record.get("sessionId")),
-        *(int(record.get(key) or 0) for key in _TOKEN_FIELDS),
+        *(int(record.get(key) or 0) for key in TOKEN_FIELDS),
         float(record.get("totalCost") or 0.0),
         record.get("answered") is not False,
         bool(record.get("error")) or record.get("finishReason") == "error",
@@ -310,15 +310,15 @@ class PostgresUsageStore:
                         named.get("deployment") or None,
                     )
                     values = list(row)[len(columns) :]
-                    totals = _totals()
-                    for n, field in enumerate(_TOKEN_FIELDS):
+                    totals = empty_totals()
+                    for n, field in enumerate(TOKEN_FIELDS):
                         totals[field] = int(values[n] or 0)
                     totals["totalCost"] = float(values[6] or 0.0)
-                    for n, field in enumerate(_COUNTS):
+                    for n, field in enumerate(COUNTS):
                         totals[field] = int(values[7 + n] or 0)
                     if values[10]:
                         totals["priceKnown"] = False
-                    _merge(groups, key, totals)
+                    merge(groups, key, totals)
         return {**report_from_groups(by, groups), "damagedFiles": []}
 
     async def arecords(
