@@ -1,8 +1,9 @@
-"""The tinydb stores: sessions, usage segments, reports, the sink plugin, atomic files and the data-dir lock."""
+"""The tinydb stores: sessions, usage segments, reports, one usage store per server, atomic files and the data-dir lock."""
 
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import os
 import subprocess
@@ -12,15 +13,12 @@ from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
-import pluggy
 import pytest
+from aiohttp.test_utils import TestClient
 from tinydb import TinyDB
 
-from agentspace import hookspecs
-from agentspace.config import parse_config
-from agentspace.default_plugins import tinydb_sink
 from agentspace.errors import SessionDamaged, StorageError
-from agentspace.sinks import UsageSink
+from agentspace.sinks import delivery, sink_name
 from agentspace.storage import (
     DataDirLock,
     DataDirLocked,
@@ -38,6 +36,8 @@ from agentspace.storage.atomic import remove_stale_temp_files, write_json_atomic
 from agentspace.storage.embedded import usage as usage_module
 from agentspace.storage.embedded.tinydb_file import read_tables
 from agentspace.storage.embedded.usage import write_segment
+from agentspace.storage.protocols import UsageStoreSink
+from agentspace.transports import state as STATE
 from agentspace.types import Cost, TokenUsage, UsageRecord, now_iso
 
 SUMMARY_KEYS = {"id", "title", "model", "createdAt", "lastActivityAt", "messageCount", "client"}
@@ -688,27 +688,30 @@ def test_usage_report() -> None:
     assert empty["perModel"] == {} and empty["grandTotal"]["requestCount"] == 0
 
 
-# --- the sink plugin ----------------------------------------------------------------------------
+# --- one usage store per process ---------------------------------------------------------------
 
 
-async def test_tinydb_sink_plugin(tmp_path: Path) -> None:
-    pm = pluggy.PluginManager("agentspace")
-    pm.add_hookspecs(hookspecs)
-    pm.register(tinydb_sink)
-    sinks: list[Any] = []
-    config = parse_config({"storage": {"data_dir": str(tmp_path)}})
-    pm.hook.register_usage_sinks(register=sinks.append, config=config)
-    [sink] = sinks
-    assert isinstance(sink, UsageSink) and sink.name == "tinydb"
-    assert not (tmp_path / "usage").exists()  # opened lazily
-    await sink.record(usage_record(1))
-    await sink.record(usage_record(2))
-    store = sink.store
-    assert store is sink.store
-    assert [r["id"] for r in await store.arecords()] == ["u1", "u2"]
-    await sink.aclose()
-    await sink.aclose()
-    assert [r["id"] for r in UsageStore(tmp_path).records()] == ["u1", "u2"]
+async def test_the_server_keeps_one_usage_store_whose_sink_records_into_it(
+    client: TestClient, auth_headers: dict[str, str]
+) -> None:
+    """The embedded backend's sink of record writes into the store the reports and the guard read: the
+    server opens one UsageStore for its data directory, not one for the sink and another for the reports."""
+    gw = client.server.app[STATE.REGISTRY]
+    response = await client.post(
+        "/api/chat",
+        json={"id": "s_one", "messages": [{"id": "u1", "role": "user", "parts": [{"type": "text", "text": "hi"}]}]},
+        headers=auth_headers,
+    )
+    assert response.status == 200
+    await response.read()
+    [sink] = [s for s in gw.sinks if delivery(s) == "record"]
+    assert isinstance(sink, UsageStoreSink) and sink.store is gw.usage and sink_name(sink) == "tinydb"
+    gc.unfreeze()  # the server froze what start-up made (server.py): in the collector's sight again
+    opened = [o for o in gc.get_objects() if isinstance(o, UsageStore) and o.dir == gw.usage.dir]
+    assert opened == [gw.usage]
+    [record] = await gw.usage.arecords(session_id="s_one")
+    usage = await (await client.get("/api/usage", headers=auth_headers)).json()
+    assert usage["grandTotal"]["requestCount"] == 1 and record["sessionId"] == "s_one"
 
 
 # --- files --------------------------------------------------------------------------------------

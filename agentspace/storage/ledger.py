@@ -37,7 +37,7 @@ except ImportError:  # Windows: journals are not shared by processes there (no `
 
 if TYPE_CHECKING:
     from ..registry import Registry
-    from .postgres.ledger import PostgresLedger
+    from .protocols import SharedLedger
 
 log = logging.getLogger(__name__)
 
@@ -63,8 +63,8 @@ class Ledger:
         self._waiters: list[asyncio.Future[None]] = []  # pending entries waiting for their sync
         self._flusher: asyncio.Task[None] | None = None
         self._timer: asyncio.TimerHandle | None = None
-        # With the postgres backend: the pending entries shared with the other replicas, under leases.
-        self.shared: PostgresLedger | None = None
+        # With a shared backend (postgres): the pending entries shared with the other replicas, under leases.
+        self.shared: SharedLedger | None = None
 
     def __len__(self) -> int:
         return len(self._open)
@@ -329,16 +329,12 @@ async def recover(gw: Registry, make_record: Callable[[Registry, dict[str, Any]]
 
 
 async def share(gw: Registry, make_record: Callable[[Registry, dict[str, Any]], Any], replica: str) -> None:
-    """With the postgres backend: share the pending entries with the other replicas, under leases, and
-    recover the calls of replicas that died (``stores/ledger_postgres.py``)."""
-    from .postgres import PostgresDatabase
-
-    database = gw.storage.database if gw.storage is not None else None
-    if not isinstance(database, PostgresDatabase):
+    """With a backend whose replicas share a ledger (``Storage.shared_ledger``: postgres): share the pending
+    entries with the other replicas, under leases, and recover the calls of replicas that died."""
+    open_shared = gw.storage.shared_ledger if gw.storage is not None else None
+    if open_shared is None:
         return
-    from .postgres.ledger import PostgresLedger
-
-    shared = PostgresLedger(database, replica)
+    shared = open_shared(replica)
 
     async def recover_entry(entry: dict[str, Any]) -> bool:
         record = make_record(gw, entry)

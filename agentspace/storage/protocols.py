@@ -15,7 +15,7 @@ store could not be used: nothing was stored, the same call may be retried).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
@@ -122,14 +122,32 @@ class ClientStoreAPI(Protocol):
     async def touch(self, name: str, when: datetime | None = None) -> None: ...
 
 
+class SharedLedger(Protocol):
+    """The pending entries of the provider calls in flight, shared by the replicas of one database under
+    leases (``storage/ledger.py`` writes each entry here as well as in its own journal)."""
+
+    async def start(self, recover: Callable[[dict[str, Any]], Awaitable[bool]]) -> None: ...
+
+    async def pending(self, entry: dict[str, Any]) -> None: ...
+
+    def note(self, entry_id: str, fields: dict[str, Any], soon: bool = True) -> None: ...
+
+    def closed(self, entry_id: str) -> None: ...
+
+    async def flush(self) -> None: ...
+
+    async def aclose(self) -> None: ...
+
+
 @dataclass
 class Storage:
     """What a backend opened for one server process (or one CLI command).
 
-    ``sink``: the usage sink that writes ``usage`` (None when a plugin registers it, as tinydb's does);
+    ``sink``: the usage sink that writes into ``usage``, the store of record (None when a plugin registers it);
     ``clients``: the backend's client store (None: the clients feature's own file store in the data
     directory); ``uses_data_dir_lock``: only one process may use the data (tinydb); ``shared``: several
-    replicas may use it at once (then ``agentspace serve --workers N`` is allowed)."""
+    replicas may use it at once (then ``agentspace serve --workers N`` is allowed); ``shared_ledger``: opens,
+    for one replica, the ledger the replicas share (None: each process's journal is all there is)."""
 
     backend: str
     sessions: SessionStoreAPI
@@ -139,6 +157,7 @@ class Storage:
     uses_data_dir_lock: bool = True
     shared: bool = False
     database: Database | None = None
+    shared_ledger: Callable[[str], SharedLedger] | None = None
 
     async def start(self) -> None:
         """Connect, migrate: what must happen before the first request."""

@@ -17,10 +17,54 @@ of replicas share. Needs the ``scale`` extra (asyncpg).
   refuses ``\\u0000``).
 """
 
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from ...errors import StorageError
+from ..protocols import Storage, UsageStoreSink
 from .clients import PostgresClientStore
 from .database import PostgresDatabase
+from .ledger import PostgresLedger
 from .migrations import MIGRATIONS
 from .sessions import PostgresSessionStore
 from .usage import PostgresUsageStore
 
-__all__ = ["MIGRATIONS", "PostgresClientStore", "PostgresDatabase", "PostgresSessionStore", "PostgresUsageStore"]
+if TYPE_CHECKING:
+    from ...config import Config
+
+__all__ = [
+    "MIGRATIONS",
+    "PostgresBackend",
+    "PostgresClientStore",
+    "PostgresDatabase",
+    "PostgresLedger",
+    "PostgresSessionStore",
+    "PostgresUsageStore",
+]
+
+
+class PostgresBackend:
+    name = "postgres"
+
+    def open(self, config: Config) -> Storage:
+        settings = config["storage"]
+        if not settings.get("dsn"):
+            raise StorageError('[storage] backend = "postgres" needs [storage] dsn = "postgresql://..."')
+        db = PostgresDatabase(
+            str(settings["dsn"]),
+            pool_size=int(settings["pool_size"]),
+            statement_cache_size=int(settings["statement_cache_size"]),
+        )
+        usage = PostgresUsageStore(db)
+        return Storage(
+            self.name,
+            PostgresSessionStore(db),
+            usage,
+            sink=UsageStoreSink(usage, self.name),
+            clients=PostgresClientStore(db),
+            uses_data_dir_lock=False,
+            shared=True,
+            database=db,
+            shared_ledger=lambda replica: PostgresLedger(db, replica),
+        )
