@@ -434,7 +434,7 @@ class Service:
             current = await self.gw.clients.get(client)
             if current is not None and current.since is not None:
                 when = current.since if when is None else max(when, current.since)
-        report = await self.gw.usage.areport(by=by, since=when, session_id=session_id, client=client)
+        report = await self.gw.usage.report(by=by, since=when, session_id=session_id, client=client)
         if self.caller != ADMIN and "perSession" in report:  # the ids the client knows its sessions by
             per_session: dict[str, Any] = {}
             for sid, totals in report["perSession"].items():

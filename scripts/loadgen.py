@@ -198,5 +198,5 @@ def stored_counts(data_dir: Path) -> tuple[dict[str, int], dict[str, int]]:
     for summary in sessions.summaries_sync():
         session = sessions.get_sync(summary["id"]) or {"messages": []}
         messages[summary["id"]] = sum(m["role"] == "assistant" for m in session["messages"])
-    records = Counter(str(r.get("sessionId")) for r in UsageStore(data_dir).records())
+    records = Counter(str(r.get("sessionId")) for r in UsageStore(data_dir).records_sync())
     return messages, dict(records)

@@ -48,7 +48,7 @@ async def _keyless_client(make_client: Any, monkeypatch: pytest.MonkeyPatch, fak
 async def _records(client: TestClient) -> list[dict[str, Any]]:
     gw = client.server.app[state.REGISTRY]
     await gw.usage.flush()
-    return list(await gw.usage.arecords())
+    return list(await gw.usage.records())
 
 
 def _assert_one_refusal(records: list[dict[str, Any]], model: str) -> None:

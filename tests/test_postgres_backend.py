@@ -42,7 +42,7 @@ async def test_batches_and_retries_count_once_across_replicas(pg_dsn: str) -> No
         # The same records again, from the other replica (a retried batch): nothing doubles.
         await asyncio.gather(*(usage_b.append(r) for r in records[::2]))
         assert await usage_a.count() == 300
-        report = await usage_b.areport()
+        report = await usage_b.report()
         assert report["grandTotal"]["requestCount"] == 300
         assert report["grandTotal"]["inputTokens"] == sum(10 * n for n in range(300))
     finally:
@@ -62,9 +62,9 @@ async def test_retention_drops_whole_months(pg_dsn: str) -> None:
             "usage_records_2026_09",
             "usage_records_2026_10",
         ]
-        assert [r["timestamp"] for r in await usage.arecords()] == ["2026-11-01T00:00:00.000Z"]
+        assert [r["timestamp"] for r in await usage.records()] == ["2026-11-01T00:00:00.000Z"]
         await usage.append(record(7, timestamp="2026-10-02T00:00:00.000Z"))  # a late record: its month comes back
-        assert len(await usage.arecords()) == 2
+        assert len(await usage.records()) == 2
     finally:
         await usage.aclose()
         await db.aclose()
@@ -205,13 +205,13 @@ async def test_reports_per_client_and_of_one_client(pg_dsn: str) -> None:
     try:
         for n, client in enumerate(["team-a", "team-a", "team-b", "ws", "http", None]):
             await usage.append(record(n + 1, client=client))
-        report = await usage.areport(by="client")
+        report = await usage.report(by="client")
         assert list(report["perClient"]) == ["admin", "team-a", "team-b"]
         assert report["perClient"]["admin"]["requestCount"] == 3
         assert report["perClient"]["team-a"]["inputTokens"] == 10 + 20
-        only_a = await usage.areport(client="team-a")
+        only_a = await usage.report(client="team-a")
         assert only_a["grandTotal"]["requestCount"] == 2
-        assert [r["id"] for r in await usage.arecords(client="team-b")] == ["u3"]
+        assert [r["id"] for r in await usage.records(client="team-b")] == ["u3"]
     finally:
         await usage.aclose()
         await db.aclose()
@@ -219,7 +219,7 @@ async def test_reports_per_client_and_of_one_client(pg_dsn: str) -> None:
 
 async def test_rollup_reports_equal_the_scan_of_the_records_on_random_data(pg_dsn: str) -> None:
     # The rollups are kept in the inserts' transactions; every report, with every filter, must give what
-    # grouping the records themselves gives (storage.embedded.usage.REPORTS over arecords).
+    # grouping the records themselves gives (storage.embedded.usage.REPORTS over records).
     import random
 
     from agentspace.storage.reports import REPORTS
@@ -236,10 +236,10 @@ async def test_rollup_reports_equal_the_scan_of_the_records_on_random_data(pg_ds
         await asyncio.gather(*(usage.append_dicts([r]) for r in records))
         await usage.append_dicts(records[:100])  # retried: counted once, in the records and in the rollups
         for where in FILTERS:
-            scanned_records = await usage.arecords(**where)
+            scanned_records = await usage.records(**where)
             for by, grouping in REPORTS.items():
                 expected = {**grouping(scanned_records), "damagedFiles": []}
-                assert rounded(await usage.areport(by=by, **where)) == rounded(expected), (by, where)
+                assert rounded(await usage.report(by=by, **where)) == rounded(expected), (by, where)
         async with db.connection() as conn:
             groups = await conn.fetchval("SELECT count(*) FROM usage_rollups")
         assert 0 < groups < len(records)

@@ -54,7 +54,7 @@ async def server(
 
 
 def records(server: GatewayProcess) -> list[dict[str, Any]]:
-    return list(UsageStore(server.data_dir).records())
+    return list(UsageStore(server.data_dir).records_sync())
 
 
 async def run(argv: list[str | Path], env: dict[str, str], cwd: Path) -> str:

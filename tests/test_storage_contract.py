@@ -165,9 +165,9 @@ async def test_usage_append_is_idempotent_by_id(storage: Storage) -> None:
     await usage.append(record(1))  # a retried write
     await asyncio.gather(*(usage.append(record(n)) for n in range(2, 12)))
     await asyncio.gather(*(usage.append(record(n)) for n in range(2, 12)))
-    report = await usage.areport()
+    report = await usage.report()
     assert report["grandTotal"]["requestCount"] == 11
-    assert len(await usage.arecords()) == 11
+    assert len(await usage.records()) == 11
 
 
 async def test_usage_reports(storage: Storage) -> None:
@@ -178,7 +178,7 @@ async def test_usage_reports(storage: Storage) -> None:
     await usage.append(record(4, error="STREAM_INTERRUPTED", timestamp="2026-12-02T01:00:00.000Z", estimated=True))
     await usage.append(record(5, model="zz/unpriced", price_known=False, timestamp="2026-12-02T02:00:00.000Z"))
 
-    by_model = await usage.areport()
+    by_model = await usage.report()
     assert sorted(by_model["perModel"]) == ["anthropic/claude-sonnet-4-6", "openai/gpt-4o", "zz/unpriced"]
     sonnet = by_model["perModel"]["anthropic/claude-sonnet-4-6"]
     assert sonnet["requestCount"] == 2 and sonnet["errorCount"] == 2 and sonnet["estimatedCount"] == 1
@@ -191,23 +191,23 @@ async def test_usage_reports(storage: Storage) -> None:
     assert grand["inputTokens"] == 10 * (1 + 2 + 4 + 5)
     assert by_model["damagedFiles"] == []
 
-    by_day = await usage.areport(by="day")
+    by_day = await usage.report(by="day")
     assert list(by_day["perDay"]) == ["2026-11-30", "2026-12-01", "2026-12-02"]
     assert by_day["perDay"]["2026-12-01"]["requestCount"] == 1
     assert by_day["perDay"]["2026-12-01"]["errorCount"] == 1
     assert by_day["grandTotal"] == grand
 
-    since = await usage.areport(since=datetime(2026, 12, 1, 0, 30))
+    since = await usage.report(since=datetime(2026, 12, 1, 0, 30))
     assert since["grandTotal"]["errorCount"] == 2 and since["grandTotal"]["requestCount"] == 2
-    only_s2 = await usage.areport(session_id="s2")
+    only_s2 = await usage.report(session_id="s2")
     assert list(only_s2["perModel"]) == ["openai/gpt-4o"]
 
-    records = await usage.arecords(session_id="s2")
+    records = await usage.records(session_id="s2")
     assert [r["id"] for r in records] == ["u2"]
     assert (
         records[0] == record(2, model="openai/gpt-4o", timestamp="2026-12-01T00:00:00.000Z", session_id="s2").to_dict()
     )
-    assert {r["id"] for r in await usage.arecords(since=datetime(2026, 12, 2))} == {"u4", "u5"}
+    assert {r["id"] for r in await usage.records(since=datetime(2026, 12, 2))} == {"u4", "u5"}
 
 
 async def test_set_title_renames_and_keeps_the_messages(storage: Storage) -> None:

@@ -337,7 +337,7 @@ async def test_writes_queued_together_run_in_order_and_fail_alone(tmp_path: Path
             await missing
         stored = SessionStore(tmp_path).get_sync("s1")
         assert stored is not None and [m["content"] for m in stored["messages"]] == [str(n) for n in range(21)]
-        assert [r["id"] for r in UsageStore(tmp_path).records()] == [f"u{n}" for n in range(20)]
+        assert [r["id"] for r in UsageStore(tmp_path).records_sync()] == [f"u{n}" for n in range(20)]
     finally:
         await sessions.aclose()
         await usage.aclose()
@@ -521,16 +521,16 @@ def log_records(path: Path) -> list[dict[str, Any]]:
 async def test_usage_append_and_records(usage: UsageStore) -> None:
     await usage.append(usage_record(1))
     await usage.append(usage_record(2, session_id="s2"))
-    records = list(usage.records())
+    records = list(usage.records_sync())
     assert [r["id"] for r in records] == ["u1", "u2"]
     assert records[0] == usage_record(1, timestamp=records[0]["timestamp"]).to_dict()
-    assert [r["id"] for r in usage.records(session_id="s2")] == ["u2"]
-    assert [r["id"] for r in await usage.arecords(session_id="s1")] == ["u1"]
+    assert [r["id"] for r in usage.records_sync(session_id="s2")] == ["u2"]
+    assert [r["id"] for r in await usage.records(session_id="s1")] == ["u1"]
 
 
 async def test_usage_records_when_nothing_is_stored(tmp_path: Path) -> None:
     store = UsageStore(tmp_path)
-    assert list(store.records()) == [] and await store.arecords() == []
+    assert list(store.records_sync()) == [] and await store.records() == []
     await store.aclose()
     assert not (tmp_path / "usage").exists()
 
@@ -542,7 +542,7 @@ async def test_usage_segment_rollover(usage: UsageStore, tmp_path: Path) -> None
     assert segment_files(tmp_path) == [f"{day}/00000.jsonl", f"{day}/00001.jsonl", f"{day}/00002.jsonl"]
     sizes = [len(log_records(tmp_path / "usage" / f)) for f in segment_files(tmp_path)]
     assert sizes == [4, 4, 2]
-    assert [r["id"] for r in usage.records()] == [f"u{i}" for i in range(10)]
+    assert [r["id"] for r in usage.records_sync()] == [f"u{i}" for i in range(10)]
 
 
 async def test_usage_continues_the_last_segment_after_a_restart(tmp_path: Path) -> None:
@@ -556,7 +556,7 @@ async def test_usage_continues_the_last_segment_after_a_restart(tmp_path: Path) 
         await second.append(usage_record(i))
     await second.aclose()
     assert segment_files(tmp_path) == [f"{day}/00000.jsonl", f"{day}/00001.jsonl", f"{day}/00002.jsonl"]
-    assert [r["id"] for r in second.records()] == [f"u{i}" for i in range(9)]
+    assert [r["id"] for r in second.records_sync()] == [f"u{i}" for i in range(9)]
 
 
 async def test_usage_starts_a_new_folder_when_the_utc_day_changes(
@@ -569,8 +569,8 @@ async def test_usage_starts_a_new_folder_when_the_utc_day_changes(
     await usage.append(usage_record(3, timestamp="2030-01-02T00:00:00.001Z"))
     assert segment_files(tmp_path) == ["2030-01-01/00000.jsonl", "2030-01-02/00000.jsonl"]
     since = datetime(2030, 1, 2, tzinfo=UTC)
-    assert [r["id"] for r in usage.records(since=since)] == ["u3"]
-    assert [r["id"] for r in usage.records(since=since.replace(tzinfo=None))] == ["u3"]  # naive is UTC
+    assert [r["id"] for r in usage.records_sync(since=since)] == ["u3"]
+    assert [r["id"] for r in usage.records_sync(since=since.replace(tzinfo=None))] == ["u3"]  # naive is UTC
 
 
 async def test_usage_since_skips_older_day_folders(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -587,9 +587,9 @@ async def test_usage_since_skips_older_day_folders(tmp_path: Path, monkeypatch: 
     )
     store = UsageStore(tmp_path)
     since = datetime(2020, 1, 5, 12, tzinfo=timezone(timedelta(hours=2)))  # 10:00 UTC
-    assert [r["id"] for r in store.records(since=since)] == ["u3"]
+    assert [r["id"] for r in store.records_sync(since=since)] == ["u3"]
     damaged: list[str] = []
-    assert [r["id"] for r in store.records(damaged=damaged)] == ["u2", "u3"]  # the damaged segment is skipped
+    assert [r["id"] for r in store.records_sync(damaged=damaged)] == ["u2", "u3"]  # the damaged segment is skipped
     assert damaged == [str(tmp_path / "usage" / "2020-01-01" / "00000.json")]
     await store.aclose()
 
@@ -606,7 +606,7 @@ async def test_usage_append_writes_only_a_new_segment_after_old_ones(tmp_path: P
     after = {f: (tmp_path / "usage" / f).stat().st_mtime_ns for f in segment_files(tmp_path)}
     # Earlier versions' segments are read, never appended to: the record starts the next segment, a log.
     assert {f for f in after if after[f] != before.get(f)} == {f"{day}/00003.jsonl"}
-    assert [r["id"] for r in UsageStore(tmp_path).records()] == [
+    assert [r["id"] for r in UsageStore(tmp_path).records_sync()] == [
         f"u{n * 10 + i}" for n in range(3) for i in range(5)
     ] + ["u99"]
 
@@ -634,7 +634,7 @@ async def test_usage_append_that_fails_changes_nothing(tmp_path: Path, monkeypat
     assert path.read_bytes() == before
     await store.append(usage_record(3))
     await store.aclose()
-    assert [r["id"] for r in UsageStore(tmp_path).records()] == ["u0", "u1", "u3"]
+    assert [r["id"] for r in UsageStore(tmp_path).records_sync()] == ["u0", "u1", "u3"]
     assert [r["id"] for r in log_records(path)] == ["u0", "u1", "u3"]  # whole lines only
 
 
@@ -644,7 +644,7 @@ async def test_usage_store_closes(usage: UsageStore) -> None:
     await usage.aclose()
     with pytest.raises(RuntimeError):
         await usage.append(usage_record(2))
-    assert [r["id"] for r in usage.records()] == ["u1"]  # sync reads need no worker
+    assert [r["id"] for r in usage.records_sync()] == ["u1"]  # sync reads need no worker
     with pytest.raises(ValueError):
         UsageStore(usage.dir.parent, segment_size=0)
 
@@ -709,7 +709,7 @@ async def test_the_server_keeps_one_usage_store_whose_sink_records_into_it(
     gc.unfreeze()  # the server froze what start-up made (server.py): in the collector's sight again
     opened = [o for o in gc.get_objects() if isinstance(o, UsageStore) and o.dir == gw.usage.dir]
     assert opened == [gw.usage]
-    [record] = await gw.usage.arecords(session_id="s_one")
+    [record] = await gw.usage.records(session_id="s_one")
     usage = await (await client.get("/api/usage", headers=auth_headers)).json()
     assert usage["grandTotal"]["requestCount"] == 1 and record["sessionId"] == "s_one"
 
@@ -807,7 +807,7 @@ async def test_readers_always_see_consistent_data(tmp_path: Path) -> None:
         try:
             while not stop.is_set():
                 floor = acknowledged["usage"]
-                ids = [r["id"] for r in cli_usage.records()]
+                ids = [r["id"] for r in cli_usage.records_sync()]
                 assert len(ids) == len(set(ids)) and len(ids) >= floor >= 0 and len(ids) >= last_usage
                 last_usage = len(ids)
                 for summary in cli_sessions.summaries_sync():

@@ -116,8 +116,8 @@ async def test_rollup_reports_equal_the_full_scan_on_random_data(
     for attempt in ("builds the rollups", "reads them"):
         for where in FILTERS:
             for by, grouping in REPORTS.items():
-                scanned = {**grouping(store.records(**where)), "damagedFiles": []}
-                assert rounded(store.report(by=by, **where)) == rounded(scanned), (attempt, by, where)
+                scanned = {**grouping(store.records_sync(**where)), "damagedFiles": []}
+                assert rounded(store.report_sync(by=by, **where)) == rounded(scanned), (attempt, by, where)
     for path in (tmp_path / "usage" / "rollups").iterdir():  # small whole files, in tinydb's layout like the rest
         read_tables(path)
     assert sorted(p.name for p in (tmp_path / "usage" / "rollups").iterdir()) == [
@@ -133,7 +133,7 @@ async def test_a_report_reads_only_the_open_segment_once_rollups_exist(
     seed(tmp_path, rng)
     monkeypatch.setattr(usage_module, "_utc_day", lambda: "2026-03-03")  # a seeded day is today
     store = UsageStore(tmp_path)
-    first = store.report()
+    first = store.report_sync()
     read: list[str] = []
     real = usage_module.read_segment
 
@@ -142,7 +142,7 @@ async def test_a_report_reads_only_the_open_segment_once_rollups_exist(
         return real(path)
 
     monkeypatch.setattr(usage_module, "read_segment", counting)
-    assert store.report() == first
+    assert store.report_sync() == first
     assert read == ["2026-03-03/00002.jsonl"]  # today's last segment, still being written
 
     # A closed segment that changed after its rollup (here: rewritten by hand) is read again, not trusted.
@@ -150,9 +150,9 @@ async def test_a_report_reads_only_the_open_segment_once_rollups_exist(
     raw = path.read_bytes()
     path.write_bytes(raw.split(b"\n", 1)[1])  # its first record gone
     read.clear()
-    after = store.report()
+    after = store.report_sync()
     assert "2026-03-01/00000.jsonl" in read
-    assert after["grandTotal"] == REPORTS["model"](store.records())["grandTotal"] != first["grandTotal"]
+    assert after["grandTotal"] == REPORTS["model"](store.records_sync())["grandTotal"] != first["grandTotal"]
 
 
 def test_the_cli_report_reads_rollups_and_names_damaged_segments(

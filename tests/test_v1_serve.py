@@ -62,7 +62,7 @@ async def run(server: GatewayProcess, lang: str, code: str) -> str:
 
 
 def records(server: GatewayProcess) -> list[dict[str, Any]]:
-    return list(UsageStore(server.data_dir).records())
+    return list(UsageStore(server.data_dir).records_sync())
 
 
 async def test_readme_snippets_work_as_written(

@@ -97,8 +97,8 @@ def _had_usage(state: CliState, name: str) -> bool:
 
     try:
         if _on_backend(state):
-            return bool(on_storage(state, lambda storage: storage.usage.arecords(client=name)))
-        return any(True for _ in UsageStore(state.data_dir).records(client=name))
+            return bool(on_storage(state, lambda storage: storage.usage.records(client=name)))
+        return any(True for _ in UsageStore(state.data_dir).records_sync(client=name))
     except Exception:  # noqa: BLE001 - only a note: an unreadable store must not fail the add
         return False
 
@@ -111,9 +111,9 @@ def _spend(state: CliState, client: Any, now: datetime) -> float:
     start = client.since if start is None else max(start, client.since or start)  # not an earlier namesake's
     records: Iterable[dict[str, Any]]
     if _on_backend(state):
-        records = on_storage(state, lambda storage: storage.usage.arecords(since=start, client=client.name))
+        records = on_storage(state, lambda storage: storage.usage.records(since=start, client=client.name))
     else:
-        records = UsageStore(state.data_dir).records(since=start, client=client.name)
+        records = UsageStore(state.data_dir).records_sync(since=start, client=client.name)
     return sum(float(r.get("totalCost") or 0.0) for r in records)
 
 

@@ -87,7 +87,7 @@ def doctor(state: CliState) -> None:
     click.echo(f"sessions: {len(listing.sessions)} readable, {len(listing.damaged_files)} damaged")
 
     damaged: list[str] = []
-    count = sum(1 for _ in UsageStore(data_dir).records(damaged=damaged))
+    count = sum(1 for _ in UsageStore(data_dir).records_sync(damaged=damaged))
     problems += [f"{path}: damaged usage segment (kept for inspection; not counted)" for path in damaged]
     click.echo(f"usage: {count:,} records readable, {len(damaged)} damaged files")
 

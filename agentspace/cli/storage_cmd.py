@@ -41,7 +41,7 @@ def migrate(state: CliState, dsn: str) -> None:
     sessions = SessionStore(data_dir)
     listing = sessions.listing_sync()
     damaged: list[str] = []
-    records = list(UsageStore(data_dir).records(damaged=damaged))
+    records = list(UsageStore(data_dir).records_sync(damaged=damaged))
     for path in sorted(set(damaged + listing.damaged_files)):
         click.echo(f"skipped (damaged): {path}", err=True)
     try:

@@ -29,7 +29,7 @@ def _backend_reports(state: CliState, wanted: list[str], where: dict[str, Any]) 
         storage = open_storage(state.config())
         await storage.start()
         try:
-            return {by: await storage.usage.areport(by=by, **where) for by in wanted}
+            return {by: await storage.usage.report(by=by, **where) for by in wanted}
         finally:
             await storage.aclose()
 
@@ -100,7 +100,7 @@ def usage(
         reports = _backend_reports(state, wanted, where)
     else:
         store = UsageStore(state.data_dir)
-        reports = {by: store.report(by=by, **where) for by in wanted}
+        reports = {by: store.report_sync(by=by, **where) for by in wanted}
     per_model, per_day, per_client = reports.get("model"), reports.get("day"), reports.get("client")
     per_deployment = reports.get("deployment")
     report = per_model or per_day or per_client or per_deployment or {}

@@ -303,7 +303,7 @@ async def recover(gw: Registry, make_record: Callable[[Registry, dict[str, Any]]
             entries = await loop.run_in_executor(None, read_journal, path)
             stored = set()
             if entries:
-                stored = {r.get("id") for r in await gw.usage.arecords(since=_since(entries))}
+                stored = {r.get("id") for r in await gw.usage.records(since=_since(entries))}
             complete = True
             for entry in entries:
                 if entry.get("id") in stored:

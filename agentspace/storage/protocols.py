@@ -74,7 +74,7 @@ class UsageStoreAPI(Protocol):
 
     async def append(self, record: UsageRecord) -> None: ...
 
-    async def areport(
+    async def report(
         self,
         *,
         by: str = "model",
@@ -86,7 +86,7 @@ class UsageStoreAPI(Protocol):
         ``grandTotal`` and ``damagedFiles``; of one client's records when ``client`` is given."""
         ...
 
-    async def arecords(
+    async def records(
         self, *, since: datetime | None = None, session_id: str | None = None, client: str | None = None
     ) -> list[dict[str, Any]]: ...
 

@@ -150,7 +150,7 @@ class UsageStore:
 
         await self._commit.run(work, on_failure=lambda: self._forget(data))
 
-    def records(
+    def records_sync(
         self,
         *,
         since: datetime | None = None,
@@ -180,7 +180,7 @@ class UsageStore:
                     continue
                 yield from _matching(records, since_iso, session_id, client)
 
-    def report(
+    def report_sync(
         self,
         *,
         by: str = "model",
@@ -194,10 +194,10 @@ class UsageStore:
         if by not in REPORTS:
             raise KeyError(by)
         damaged: list[str] = []
-        groups = self.groups(since=since, session_id=session_id, client=client, damaged=damaged)
+        groups = self.groups_sync(since=since, session_id=session_id, client=client, damaged=damaged)
         return {**report_from_groups(by, groups), "damagedFiles": damaged}
 
-    def groups(
+    def groups_sync(
         self,
         *,
         since: datetime | None = None,
@@ -282,7 +282,7 @@ class UsageStore:
             make_dirs(self.dir / ROLLUPS)
             write_json_atomic(self.dir / ROLLUPS / f"{day}.json", {"segments": segments})
 
-    async def areport(
+    async def report(
         self,
         *,
         by: str = "model",
@@ -291,13 +291,13 @@ class UsageStore:
         client: str | None = None,
     ) -> dict[str, Any]:
         """``report`` run off the event loop (and off the store thread: writes do not wait for it)."""
-        return await read_in_thread(lambda: self.report(by=by, since=since, session_id=session_id, client=client))
+        return await read_in_thread(lambda: self.report_sync(by=by, since=since, session_id=session_id, client=client))
 
-    async def arecords(
+    async def records(
         self, *, since: datetime | None = None, session_id: str | None = None, client: str | None = None
     ) -> list[dict[str, Any]]:
         """``records`` run off the event loop (and off the store thread: writes do not wait for it)."""
-        return await read_in_thread(lambda: list(self.records(since=since, session_id=session_id, client=client)))
+        return await read_in_thread(lambda: list(self.records_sync(since=since, session_id=session_id, client=client)))
 
     async def flush(self) -> None:
         from .store_thread import on_store_thread

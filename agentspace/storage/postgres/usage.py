@@ -249,7 +249,7 @@ class PostgresUsageStore:
             clauses.append(f"client = ${len(args)}")
         return (" WHERE " + " AND ".join(clauses)) if clauses else "", args
 
-    async def areport(
+    async def report(
         self,
         *,
         by: str = "model",
@@ -321,7 +321,7 @@ class PostgresUsageStore:
                     merge(groups, key, totals)
         return {**report_from_groups(by, groups), "damagedFiles": []}
 
-    async def arecords(
+    async def records(
         self, *, since: datetime | None = None, session_id: str | None = None, client: str | None = None
     ) -> list[dict[str, Any]]:
         where, args = self._where(since, session_id, client)
