@@ -20,11 +20,10 @@ if TYPE_CHECKING:
 
 @hookimpl
 def register_storage_backends(register: Callable[[StorageBackend], None], config: Config) -> None:
-    from agentspace.storage.embedded import EmbeddedBackend
-    from agentspace.storage.postgres import PostgresBackend
+    from agentspace.storage.backends import builtin_backends
 
-    register(EmbeddedBackend())
-    register(PostgresBackend())
+    for backend in builtin_backends():
+        register(backend)
 
 
 def open_storage(config: Config, pm: object | None = None) -> Storage:

@@ -15,7 +15,7 @@ store could not be used: nothing was stored, the same call may be retried).
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
@@ -120,6 +120,50 @@ class ClientStoreAPI(Protocol):
     def should_touch(self, name: str, monotonic_now: float) -> bool: ...
 
     async def touch(self, name: str, when: datetime | None = None) -> None: ...
+
+
+# A store whose data a command can read without an event loop (files in the data directory) also speaks
+# the sync protocol of its kind; the CLI asks ``isinstance`` and never the backend's name.
+
+
+@runtime_checkable
+class SessionStoreSync(Protocol):
+    def get_sync(self, session_id: str) -> dict[str, Any] | None: ...
+
+    def listing_sync(self) -> Listing: ...
+
+    def delete_sync(self, session_id: str) -> bool: ...
+
+
+@runtime_checkable
+class UsageStoreSync(Protocol):
+    def report_sync(
+        self,
+        *,
+        by: str = "model",
+        since: datetime | None = None,
+        session_id: str | None = None,
+        client: str | None = None,
+    ) -> dict[str, Any]: ...
+
+    def records_sync(
+        self, *, since: datetime | None = None, session_id: str | None = None, client: str | None = None
+    ) -> Iterable[dict[str, Any]]: ...
+
+
+@runtime_checkable
+class ClientStoreSync(Protocol):
+    def get_sync(self, name: str) -> Any: ...
+
+    def list_sync(self) -> list[Any]: ...
+
+    def add_sync(self, client: Any) -> str: ...
+
+    def update_sync(self, name: str, change: Any) -> Any: ...
+
+    def rotate_sync(self, name: str) -> str: ...
+
+    def remove_sync(self, name: str) -> None: ...
 
 
 class SharedLedger(Protocol):
