@@ -1,8 +1,12 @@
-"""Crash-safe stores: sessions and usage records as tinydb files under the data directory.
+"""Storage: where sessions, usage records, clients and the ledger live, behind one interface.
 
-``atomic`` (whole-file atomic writes, damaged files moved aside), ``tinydb_file`` (the file layout),
-``store_thread`` (where the file work runs), ``datadir_lock`` (one server per data directory),
-``sessions`` and ``usage`` (the stores and the usage reports).
+``protocols`` (the store protocols and ``Storage``, what a backend opens), ``shapes`` (the stored
+documents as ``TypedDict``s, and the rules every backend shares: session ids, titles), ``errors`` (raised
+the same by every backend), ``reports`` (the usage reports), ``backends`` (the built-in backends by name),
+``ledger`` (each process's write-ahead journal), ``search`` (session search over any store), ``atomic``
+(whole-file atomic writes, damaged files moved aside) and ``datadir_lock`` (one server per data directory).
+One subpackage per backend, split by job: ``embedded`` (the ``tinydb`` backend: files in the data
+directory) and ``postgres``; neither imports the other (``tests/test_storage_layout.py``).
 """
 
 from .atomic import StoreCorrupt

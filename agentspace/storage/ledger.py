@@ -38,6 +38,7 @@ except ImportError:  # Windows: journals are not shared by processes there (no `
 if TYPE_CHECKING:
     from ..registry import Registry
     from .protocols import SharedLedger
+    from .shapes import LedgerEntry
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +75,7 @@ class Ledger:
 
     # --- the events ---
 
-    async def pending(self, entry: dict[str, Any]) -> None:
+    async def pending(self, entry: LedgerEntry) -> None:
         """Write ahead: durable once awaited. Raises StorageError / OSError when the disk refuses."""
         if self.dir is None:
             return

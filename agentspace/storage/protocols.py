@@ -9,7 +9,7 @@ it need the data-directory lock, can several processes share it). ``tests/test_s
 one suite against every backend.
 
 Errors are the same everywhere: ``SessionExists``, ``SessionNotFound``, ``MessageNotFound``,
-``InvalidSessionId`` (``stores.sessions``), ``errors.SessionDamaged`` and ``errors.StorageError`` (the
+``InvalidSessionId`` (``storage.errors``), ``errors.SessionDamaged`` and ``errors.StorageError`` (the
 store could not be used: nothing was stored, the same call may be retried).
 """
 
@@ -21,16 +21,17 @@ from datetime import datetime
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 if TYPE_CHECKING:
+    from ..clients import Client
     from ..config import Config
     from ..sinks import UsageSink
     from ..types import UsageRecord
-    from .shapes import Listing
+    from .shapes import LedgerEntry, Listing
 
 
 @runtime_checkable
 class SessionStoreAPI(Protocol):
-    """Sessions and their messages. A summary is ``id, title, model, createdAt, lastActivityAt,
-    messageCount, client``; ``get`` adds ``messages`` (oldest first)."""
+    """Sessions and their messages: a summary is a ``shapes.SessionSummary``, ``get`` gives a
+    ``shapes.StoredSession`` (the summary and its ``messages``, oldest first, each a ``shapes.StoredMessage``)."""
 
     async def create(
         self,
@@ -69,8 +70,9 @@ class SessionStoreAPI(Protocol):
 
 @runtime_checkable
 class UsageStoreAPI(Protocol):
-    """Usage records (``UsageRecord.to_dict()``), append-only; a record whose id is stored already changes
-    nothing. ``append`` returns once the record is durable, and raises StorageError when it is not."""
+    """Usage records (``shapes.StoredUsageRecord``: ``UsageRecord.to_dict()``), append-only; a record whose id
+    is stored already changes nothing. ``append`` returns once the record is durable, and raises StorageError
+    when it is not. ``report`` gives a ``shapes.UsageReport``."""
 
     async def append(self, record: UsageRecord) -> None: ...
 
@@ -82,7 +84,7 @@ class UsageStoreAPI(Protocol):
         session_id: str | None = None,
         client: str | None = None,
     ) -> dict[str, Any]:
-        """The report ``by`` names (``stores.usage.REPORTS``: per model, day, client, session, day and model),
+        """The report ``by`` names (``storage.reports.REPORTS``: per model, day, client, session, day and model),
         ``grandTotal`` and ``damagedFiles``; of one client's records when ``client`` is given."""
         ...
 
@@ -97,21 +99,21 @@ class UsageStoreAPI(Protocol):
 
 @runtime_checkable
 class ClientStoreAPI(Protocol):
-    """The clients (SPEC 11): the async API of ``stores.clients.ClientStore`` (``Client`` objects of
+    """The clients (SPEC 11): the async API of ``storage.embedded.clients.ClientStore`` (``Client`` objects of
     ``agentspace.clients``; only key hashes are stored). ``add``/``rotate`` return the new key; ``update``
     applies ``change(client)``; unknown names raise ``ClientNotFound``, a taken name ``ClientExists``."""
 
-    async def get_by_key(self, key: str) -> Any: ...
+    async def get_by_key(self, key: str) -> Client | None: ...
 
-    async def get_by_hash(self, key_hash: str) -> Any: ...
+    async def get_by_hash(self, key_hash: str) -> Client | None: ...
 
-    async def get(self, name: str) -> Any: ...
+    async def get(self, name: str) -> Client | None: ...
 
-    async def list(self) -> list[Any]: ...
+    async def list(self) -> list[Client]: ...
 
-    async def add(self, client: Any) -> str: ...
+    async def add(self, client: Client) -> str: ...
 
-    async def update(self, name: str, change: Any) -> Any: ...
+    async def update(self, name: str, change: Callable[[Client], None]) -> Client: ...
 
     async def rotate(self, name: str) -> str: ...
 
@@ -153,13 +155,13 @@ class UsageStoreSync(Protocol):
 
 @runtime_checkable
 class ClientStoreSync(Protocol):
-    def get_sync(self, name: str) -> Any: ...
+    def get_sync(self, name: str) -> Client | None: ...
 
-    def list_sync(self) -> list[Any]: ...
+    def list_sync(self) -> list[Client]: ...
 
-    def add_sync(self, client: Any) -> str: ...
+    def add_sync(self, client: Client) -> str: ...
 
-    def update_sync(self, name: str, change: Any) -> Any: ...
+    def update_sync(self, name: str, change: Callable[[Client], None]) -> Client: ...
 
     def rotate_sync(self, name: str) -> str: ...
 
@@ -172,7 +174,7 @@ class SharedLedger(Protocol):
 
     async def start(self, recover: Callable[[dict[str, Any]], Awaitable[bool]]) -> None: ...
 
-    async def pending(self, entry: dict[str, Any]) -> None: ...
+    async def pending(self, entry: LedgerEntry) -> None: ...
 
     def note(self, entry_id: str, fields: dict[str, Any], soon: bool = True) -> None: ...
 

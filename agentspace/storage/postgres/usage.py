@@ -111,7 +111,7 @@ _SUMS = (
 )
 
 
-# The rollup columns each report groups by (the labels are made as ``stores.usage`` makes them: records of
+# The rollup columns each report groups by (the labels are made as ``storage.reports`` makes them: records of
 # the gateway token, client "ws"/"http" or none, are the admin's), and the same from the records.
 _REPORT_COLUMNS: dict[str, dict[str, str]] = {
     "model": {"model": "model"},
@@ -257,7 +257,7 @@ class PostgresUsageStore:
         session_id: str | None = None,
         client: str | None = None,
     ) -> dict[str, Any]:
-        """The report ``by`` names (``stores.usage.REPORTS``), summed by the database from the rollups; when
+        """The report ``by`` names (``storage.reports.REPORTS``), summed by the database from the rollups; when
         ``since`` falls inside a day, that day's part from the records. Its time grows with the groups."""
         if by not in REPORTS:
             raise KeyError(by)
