@@ -13,11 +13,23 @@ from pathlib import Path
 
 import pytest
 
+from agentspace.clients import Client
 from agentspace.config import parse_config
 from agentspace.default_plugins.storage import open_storage
 from agentspace.plugins import create_plugin_manager
 from agentspace.storage import InvalidSessionId, MessageNotFound, SessionExists, SessionNotFound
-from agentspace.storage.protocols import SessionStoreAPI, Storage, UsageStoreAPI
+from agentspace.storage.errors import ClientExists, ClientNotFound
+from agentspace.storage.protocols import (
+    ClientStoreAPI,
+    ClientStoreSync,
+    SessionStoreAPI,
+    SessionStoreSync,
+    Storage,
+    UsageStoreAPI,
+    UsageStoreSink,
+    UsageStoreSync,
+)
+from agentspace.storage.shapes import SessionSummary, StoredUsageRecord
 from agentspace.types import Cost, TokenUsage, UsageRecord
 
 BACKENDS = ["tinydb", "postgres"]
@@ -70,7 +82,73 @@ def record(
 async def test_backends_speak_the_protocols(storage: Storage) -> None:
     assert isinstance(storage.sessions, SessionStoreAPI)
     assert isinstance(storage.usage, UsageStoreAPI)
+    assert isinstance(storage.clients, ClientStoreAPI)
+    # The sink of record writes into the storage's own usage store: one usage store per process.
+    assert isinstance(storage.sink, UsageStoreSink) and storage.sink.store is storage.usage
+    assert (storage.shared_ledger is not None) == storage.shared  # replicas that share data share the ledger
     assert await storage.health() is None
+
+
+async def test_stored_documents_have_the_shapes_the_typed_dicts_name(storage: Storage) -> None:
+    summary = await storage.sessions.create(model="m/x", session_id="shape")
+    assert set(summary) == set(SessionSummary.__annotations__)
+    session = await storage.sessions.get("shape")
+    assert session is not None and set(session) == {*SessionSummary.__annotations__, "messages"}
+    await storage.usage.append(record(1))
+    [stored] = await storage.usage.records()
+    assert set(stored) == set(StoredUsageRecord.__annotations__)
+
+
+async def test_the_client_store(storage: Storage) -> None:
+    clients = storage.clients
+    assert clients is not None
+    key = await clients.add(Client(name="team", key_hash="", created_at="2026-12-03T00:00:00.000Z", budget_usd=5.0))
+    with pytest.raises(ClientExists):
+        await clients.add(Client(name="team", key_hash="", created_at="2026-12-03T00:00:00.000Z"))
+    found = await clients.get_by_key(key)
+    assert found is not None and found.name == "team" and found.budget_usd == 5.0 and found.key_hash != key
+    assert await clients.get_by_hash(found.key_hash) == found and await clients.get_by_key(key + "x") is None
+
+    def raise_budget(client: Client) -> None:
+        client.budget_usd = 9.0
+
+    assert (await clients.update("team", raise_budget)).budget_usd == 9.0
+    new_key = await clients.rotate("team")
+    assert await clients.get_by_key(key) is None and (await clients.get_by_key(new_key) or found).name == "team"
+    assert clients.should_touch("team", 100.0) and not clients.should_touch("team", 101.0)
+    await clients.touch("team")
+    assert (await clients.get("team") or found).last_used_at
+    assert [c.name for c in await clients.list()] == ["team"]
+    await clients.remove("team")
+    with pytest.raises(ClientNotFound):
+        await clients.remove("team")
+    with pytest.raises(ClientNotFound):
+        await clients.update("team", raise_budget)
+    assert await clients.list() == [] and await clients.get("team") is None
+
+
+async def test_a_store_that_reads_without_an_event_loop_answers_as_its_async_api(storage: Storage) -> None:
+    """What the CLI reads through the sync protocols is what the server reads through the async ones."""
+    await storage.sessions.create(model="m/x", session_id="s1", messages=[{"role": "user", "content": "hi"}])
+    for n in (1, 2):
+        await storage.usage.append(record(n, client="team"))
+    await storage.usage.flush()
+    sessions, usage, clients = storage.sessions, storage.usage, storage.clients
+    if isinstance(sessions, SessionStoreSync):
+        assert sessions.get_sync("s1") == await sessions.get("s1")
+        assert sessions.listing_sync() == await sessions.listing()
+    if isinstance(usage, UsageStoreSync):
+        assert list(usage.records_sync(client="team")) == await usage.records(client="team")
+        for by in ("model", "day", "client"):
+            assert usage.report_sync(by=by) == await usage.report(by=by)
+    if isinstance(clients, ClientStoreSync):
+        await clients.add(Client(name="team", key_hash="", created_at="2026-12-03T00:00:00.000Z"))
+        assert clients.list_sync() == await clients.list()
+    # The embedded backend's files are read without an event loop; a database is not.
+    speaks = [
+        isinstance(s, p) for s, p in ((sessions, SessionStoreSync), (usage, UsageStoreSync), (clients, ClientStoreSync))
+    ]
+    assert speaks == [storage.uses_data_dir_lock] * 3
 
 
 async def test_create_get_exists(storage: Storage) -> None:
