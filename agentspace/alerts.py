@@ -79,7 +79,7 @@ class BudgetAlerts:
             return
         budget = float(client.budget_usd)
         start, end = period_bounds(client.period, datetime.now(UTC))
-        records = await self.gw.usage.arecords(since=start, client=client.name)
+        records = await self.gw.usage.records(since=start, client=client.name)
         spend = sum(float(r.get("totalCost") or 0.0) for r in records)
         if not any(r.get("id") == record.id for r in records):  # sinks written out of order: count it anyway
             spend += record.cost.total_cost

@@ -299,7 +299,7 @@ def _usage_record(
 
 
 def recovered_record(gw: Registry, entry: dict[str, Any]) -> UsageRecord:
-    """The record of a call whose process died before it was posted (``stores/ledger.py``): a record spooled
+    """The record of a call whose process died before it was posted (``storage/ledger.py``): a record spooled
     because the store refused it, as it was; else the usage the upstream reported kept, the output counted
     from what was relayed, a call never answered voided."""
     spooled = entry.get("record")

@@ -20,7 +20,7 @@ if TYPE_CHECKING:
     from .observe import CallInfo, TurnInfo
     from .providers.base import Provider
     from .sinks import UsageSink
-    from .stores.base import StorageBackend
+    from .storage.protocols import StorageBackend
     from .types import ContextSectionBuilder, Tool, UsageRecord
 
 hookspec = pluggy.HookspecMarker("agentspace")
@@ -84,8 +84,8 @@ def register_usage_sinks(register: Callable[[UsageSink], None], config: Config) 
 def register_storage_backends(register: Callable[[StorageBackend], None], config: Config) -> None:
     """Register storage backends; ``[storage] backend`` chooses one by its ``name``.
 
-    :param register: call with objects that have ``name`` and ``open(config) -> agentspace.stores.base.Storage``
-        (a session store and a usage store speaking the protocols of ``agentspace.stores.base``).
+    :param register: call with objects that have ``name`` and ``open(config) -> agentspace.storage.protocols.Storage``
+        (a session store and a usage store speaking the protocols of ``agentspace.storage.protocols``).
     :param config: the loaded configuration.
     """
 

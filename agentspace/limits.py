@@ -34,7 +34,7 @@ from .errors import ApiError, outage_error
 from .logs import warn_limited
 
 if TYPE_CHECKING:
-    from .stores.base import ClientStoreAPI, UsageStoreAPI
+    from .storage.protocols import ClientStoreAPI, UsageStoreAPI
     from .types import ModelInfo, UsageRecord
 
 log = logging.getLogger(__name__)
@@ -265,7 +265,7 @@ class Guard:
     def _loader(self, client: Client, start: datetime | None) -> Callable[[], Awaitable[float]]:
         async def load() -> float:
             since = client.since if start is None else max(start, client.since or start)
-            records = await self.usage.arecords(since=since, client=client.name)
+            records = await self.usage.records(since=since, client=client.name)
             return sum(float(r.get("totalCost") or 0.0) for r in records)
 
         return load

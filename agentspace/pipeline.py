@@ -52,8 +52,8 @@ from .prompt_cache import cache_ttl, prefix_key
 from .providers.base import ProviderRequest, ThinkingSettings, lacks_key
 from .registry import ModelNotFound, Registry
 from .routing import Deployment, Group, all_cooling_error, deployment_key, deployment_request, moves_on
-from .stores import InvalidSessionId
-from .stores.sessions import validate_session_id
+from .storage import InvalidSessionId
+from .storage.shapes import validate_session_id
 from .tokens import count_tokens
 from .types import (
     ChatMessage,

@@ -23,7 +23,6 @@ from . import hookspecs
 DEFAULT_PLUGINS: tuple[str, ...] = (
     "agentspace.default_plugins.sections",
     "agentspace.default_plugins.response_format",
-    "agentspace.default_plugins.tinydb_sink",
     "agentspace.default_plugins.storage",
     "agentspace.default_plugins.alerts",
     "agentspace.providers.anthropic",

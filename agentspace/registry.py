@@ -33,8 +33,8 @@ if TYPE_CHECKING:
     from .limits import Guard, Reservation
     from .pipeline import Turn
     from .routing import Router
-    from .stores.base import ClientStoreAPI, SessionStoreAPI, Storage, UsageStoreAPI
-    from .stores.ledger import Ledger
+    from .storage.ledger import Ledger
+    from .storage.protocols import ClientStoreAPI, SessionStoreAPI, Storage, UsageStoreAPI
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +69,7 @@ class Registry:
     # The clients (SPEC 11) and the checks before every provider call.
     clients: ClientStoreAPI = field(init=False)
     guard: Guard = field(init=False)
-    # The write-ahead journal of the provider calls in flight (calls.py, stores/ledger.py).
+    # The write-ahead journal of the provider calls in flight (calls.py, storage/ledger.py).
     ledger: Ledger = field(init=False)
     # The model groups and the state their choices read (routing.py).
     router: Router = field(init=False)
@@ -77,12 +77,12 @@ class Registry:
     def __post_init__(self) -> None:
         from .limits import Guard
         from .routing import Router
-        from .stores.clients import ClientStore
+        from .storage.embedded.clients import ClientStore
 
         backend_clients = self.storage.clients if self.storage is not None else None
         self.clients = backend_clients if backend_clients is not None else ClientStore(self.config.data_dir)
         self.guard = Guard(self.clients, self.usage, self.model_info)
-        from .stores.ledger import Ledger
+        from .storage.ledger import Ledger
 
         self.ledger = Ledger(self.config.data_dir if self.storage is not None else None)
         self.router = Router(self.config.groups)

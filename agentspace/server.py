@@ -31,8 +31,8 @@ from .logs import configure_logging
 from .plugins import check_hooks, get_plugin_manager
 from .registry import ModelNotFound, Registry
 from .security import AuthFailures, security_middleware
-from .stores.clients import ClientStore
-from .stores.datadir_lock import DataDirLock
+from .storage.datadir_lock import DataDirLock
+from .storage.embedded.clients import ClientStore
 from .transports import clients_api, rest, state, ui_stream, v1_routes, web_app, ws
 from .vault import register_configured_keys
 
@@ -64,7 +64,7 @@ async def healthz(request: web.Request) -> web.Response:
 
 async def recover_calls(gw: Registry) -> None:
     from .calls import recovered_record
-    from .stores.ledger import recover
+    from .storage.ledger import recover
 
     recovered = await recover(gw, recovered_record)
     if recovered:
@@ -76,7 +76,7 @@ async def share_ledger(gw: Registry) -> None:
     import socket
 
     from .calls import recovered_record
-    from .stores.ledger import share
+    from .storage.ledger import share
 
     replica = gw.cluster.replica_id if gw.cluster is not None else f"{socket.gethostname()}-{os.getpid()}"
     await share(gw, recovered_record, f"{replica}-{os.urandom(3).hex()}")

@@ -29,9 +29,10 @@ from .export import EXPORT_FORMATS, export_session
 from .periods import parse_since
 from .pipeline import ChatRequest, Turn, owns_now, start_turn
 from .registry import ModelNotFound, Registry
-from .stores.search import search_sessions
-from .stores.sessions import SESSION_ID, TITLE_LENGTH, Listing, SessionNotFound
-from .stores.usage import REPORTS
+from .storage.errors import SessionNotFound
+from .storage.reports import REPORTS
+from .storage.search import search_sessions
+from .storage.shapes import SESSION_ID, TITLE_LENGTH, Listing
 
 SHUTTING_DOWN_MESSAGE = "The gateway is shutting down; try again when it is back."
 
@@ -198,7 +199,7 @@ MAX_QUERY_LENGTH = 500
 MAX_TITLE_LENGTH = 4 * TITLE_LENGTH
 
 
-# Stored session ids are at most this long (stores.sessions.SESSION_ID).
+# Stored session ids are at most this long (storage.embedded.sessions.SESSION_ID).
 MAX_SESSION_ID = 128
 
 
@@ -410,7 +411,7 @@ class Service:
         by: str = "model",
         paths: tuple[str, str, str] = ("sessionId", "since", "by"),
     ) -> dict[str, Any]:
-        """Tokens and cost per model (the ``usage.report`` shape), or grouped as ``by`` says (``stores.usage.REPORTS``);
+        """Tokens and cost per model (the ``usage.report`` shape), or grouped as ``by`` says (``storage.embedded.usage.REPORTS``);
         a client gets its own records only."""
         if by not in REPORTS:
             raise invalid({paths[2]: f"must be one of {', '.join(REPORTS)}"})
@@ -433,7 +434,7 @@ class Service:
             current = await self.gw.clients.get(client)
             if current is not None and current.since is not None:
                 when = current.since if when is None else max(when, current.since)
-        report = await self.gw.usage.areport(by=by, since=when, session_id=session_id, client=client)
+        report = await self.gw.usage.report(by=by, since=when, session_id=session_id, client=client)
         if self.caller != ADMIN and "perSession" in report:  # the ids the client knows its sessions by
             per_session: dict[str, Any] = {}
             for sid, totals in report["perSession"].items():

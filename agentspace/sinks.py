@@ -1,6 +1,6 @@
 """Usage sinks receive every usage record (docs/plugins.md, ``register_usage_sinks``).
 
-The store of record (the built-in tinydb sink, or the one a storage backend brings) is awaited before a
+The store of record (the sink the storage backend brings: it writes into the backend's usage store) is awaited before a
 turn ends: it is the only write that can fail a turn. Every other sink is fed through a queue of its own
 (``sink_queue.SinkQueue``): bounded, with one worker task that calls the sink, retries with backoff and
 drains at shutdown, so a slow or failing sink never delays or changes what a client sees.

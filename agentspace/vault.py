@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 from .logs import register_secret
 from .private_files import PrivateFileError, read_private_file
 from .providers.base import display_name
-from .stores.atomic import write_bytes_atomic
+from .storage.atomic import write_bytes_atomic
 
 if TYPE_CHECKING:
     from .config import Config
@@ -35,7 +35,7 @@ def ensure_private_dir(path: Path) -> None:
 
 
 def write_private_file(path: Path, text: str) -> None:
-    """Write ``text`` with mode 0600 through the one atomic writer (``stores.atomic.write_bytes_atomic``).
+    """Write ``text`` with mode 0600 through the one atomic writer (``storage.atomic.write_bytes_atomic``).
 
     A crash leaves either the old or the new file, never a half-written one, and the secret is never
     readable by others, not even for a moment (the temp file is created 0600).

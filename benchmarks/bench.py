@@ -150,7 +150,7 @@ def machine_speed(folder: Path) -> dict[str, float]:
     """How fast this machine is right now, for comparing runs: the same figures differ by half between runs
     on a shared virtual machine. CPU-ms of a fixed pure-Python loop, and of one fsynced atomic file write
     (what each of a chat's three store writes costs with nothing else running), medians of a few tries."""
-    from agentspace.stores.files import write_bytes_atomic
+    from agentspace.storage.atomic import write_bytes_atomic
 
     def python_loop() -> None:
         total = 0
@@ -471,7 +471,7 @@ class Bench:
 
     async def usage_cli(self) -> None:
         """A cold ``agentspace usage --by-model`` (a new process) over 100k records in segments of the store's size."""
-        from agentspace.stores.usage import SEGMENT_SIZE, write_log_segment
+        from agentspace.storage.embedded.usage import SEGMENT_SIZE, write_log_segment
 
         home = self.root / "usage-home"
         rng = random.Random(7)

@@ -4,7 +4,7 @@
 
 Seeds SESSIONS sessions of TURNS turns (a ~600-byte question and a ~600-byte answer each) through the
 SessionStore, with fsync switched off (setup, not measured), hides a unique phrase in turn 3 of one of them,
-then times ``stores.search.search_sessions`` as the server runs it (``GET /api/sessions?q=``): the first
+then times ``storage.search.search_sessions`` as the server runs it (``GET /api/sessions?q=``): the first
 search of a process (every session read once), then warm searches (one listing and a substring scan), and a
 search right after a new message in one session (that session is read again). Prints milliseconds.
 """
@@ -20,8 +20,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from agentspace.stores import SessionStore
-from agentspace.stores.search import search_sessions
+from agentspace.storage import SessionStore
+from agentspace.storage.search import search_sessions
 
 WORDS = "alpha beta gamma delta river stone cloud paper garden window lamp orbit".split()
 PHRASE = "the violet heron counts backwards"

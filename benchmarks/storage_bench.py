@@ -13,7 +13,7 @@ the table says so.
 - append: ``UsageStore.append`` (tinydb: one segment file written and fsynced per record) and
   ``PostgresUsageStore.append`` (batched: 1000 concurrent callers, each returning once its batch committed),
   records per second, measured over a fresh store after the seeding.
-- report: ``areport(by="model")`` over the seeded records (tinydb reads every segment; PostgreSQL
+- report: ``report(by="model")`` over the seeded records (tinydb reads every segment; PostgreSQL
   aggregates in SQL), seconds.
 - rps: 50 clients chatting over HTTP (``POST /api/chat``) against a fake upstream with zero latency,
   completed chats per second, for each replica count.
@@ -37,8 +37,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from agentspace.stores.postgres import PostgresDatabase, PostgresUsageStore  # noqa: E402
-from agentspace.stores.usage import SEGMENT_SIZE, UsageStore, write_segment  # noqa: E402
+from agentspace.storage.embedded.usage import SEGMENT_SIZE, UsageStore, write_segment  # noqa: E402
+from agentspace.storage.postgres import PostgresDatabase, PostgresUsageStore  # noqa: E402
 from agentspace.types import Cost, TokenUsage, UsageRecord  # noqa: E402
 from tests.scale_servers import free_port, postgres_server, redis_server  # noqa: E402
 
@@ -79,7 +79,7 @@ async def tinydb_numbers(size: int, folder: Path, append_count: int) -> dict[str
 
     store = UsageStore(data_dir)
     started = time.perf_counter()
-    report = await store.areport(by="model")
+    report = await store.report(by="model")
     report_s = time.perf_counter() - started
     assert report["grandTotal"]["requestCount"] == size
 
@@ -108,7 +108,7 @@ async def postgres_numbers(size: int, dsn: str, append_count: int) -> dict[str, 
     seed_s = time.perf_counter() - started
 
     started = time.perf_counter()
-    report = await store.areport(by="model")
+    report = await store.report(by="model")
     report_s = time.perf_counter() - started
     assert report["grandTotal"]["requestCount"] == size, report["grandTotal"]
 

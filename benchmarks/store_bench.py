@@ -8,7 +8,7 @@ on an empty session and a 10 MB one (it appends two lines: the message and the s
 sessions costs (each session's summary read from the end of its log); and a usage report over 100k and 1M
 records spread over 30 days (rollups of closed segments plus the open one): in process, and as a cold
 ``agentspace usage --by-model`` process, once the rollups exist (the first report, which writes them, is
-timed apart). ``--postgres`` adds the PostgreSQL backend's report (``areport(by="model")``, what
+timed apart). ``--postgres`` adds the PostgreSQL backend's report (``report(by="model")``, what
 ``/api/usage?by=model`` runs) at 100k and 1M records, on a throwaway server (``tests/scale_servers.py``).
 
 Every measured write is durable (``fdatasync``). Seeding is setup, not measured: usage history is written
@@ -31,8 +31,8 @@ from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from agentspace.stores import SessionStore, UsageStore, usage_report
-from agentspace.stores.usage import SEGMENT_SIZE, write_log_segment
+from agentspace.storage import SessionStore, UsageStore, usage_report
+from agentspace.storage.embedded.usage import SEGMENT_SIZE, write_log_segment
 from agentspace.types import Cost, TokenUsage, UsageRecord, new_id, now_iso
 
 USAGE_LEVELS = (1_000, 10_000, 100_000)
@@ -260,14 +260,14 @@ def bench_reports(root: Path, rows: list[tuple[str, str, list[float]]], rng: ran
         label = f"{total:,} records, {REPORT_DAYS} days"
         store = UsageStore(data_dir)
         start = time.perf_counter()
-        first = store.report(by="model")
+        first = store.report_sync(by="model")
         rows.append(("UsageStore.report, first (writes rollups)", label, [(time.perf_counter() - start) * 1000]))
         assert first["grandTotal"]["requestCount"] == total // REPORT_DAYS * REPORT_DAYS
         rows.append(
-            ("UsageStore.report (rollups + open segment)", label, timed_sync(5, lambda: store.report(by="model")))
+            ("UsageStore.report (rollups + open segment)", label, timed_sync(5, lambda: store.report_sync(by="model")))
         )
         start = time.perf_counter()
-        usage_report(store.records())
+        usage_report(store.records_sync())
         rows.append(("usage_report(records()), the full scan", label, [(time.perf_counter() - start) * 1000]))
         cold: list[float] = []
         for _ in range(3):
@@ -291,7 +291,7 @@ def timed_sync(n: int, op: Callable[[], Any]) -> list[float]:
 async def bench_postgres(rows: list[tuple[str, str, list[float]]], rng: random.Random) -> None:
     """The PostgreSQL backend's report (what ``/api/usage?by=model`` runs) at 100k and 1M records."""
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-    from agentspace.stores.postgres import PostgresDatabase, PostgresUsageStore
+    from agentspace.storage.postgres import PostgresDatabase, PostgresUsageStore
     from tests.scale_servers import Postgres
 
     server = Postgres()
@@ -310,7 +310,7 @@ async def bench_postgres(rows: list[tuple[str, str, list[float]]], rng: random.R
             async with db.connection() as conn:
                 await conn.execute("VACUUM ANALYZE usage_rollups")
             label = f"{total:,} records, {REPORT_DAYS} days"
-            rows.append(("postgres areport(by=model)", label, await timed(5, lambda i: usage.areport(by="model"))))
+            rows.append(("postgres report(by=model)", label, await timed(5, lambda i: usage.report(by="model"))))
         await usage.aclose()
         await db.aclose()
     finally:

@@ -29,8 +29,8 @@ from harness import ROOT, GatewayProcess, child_env
 from load_test import GATEWAY_SETTINGS
 from loadgen import ChaosUpstream, Load, Request, stored_counts, summarize
 
-from agentspace.stores.atomic import StoreCorrupt
-from agentspace.stores.tinydb_file import read_tables
+from agentspace.storage.atomic import StoreCorrupt
+from agentspace.storage.embedded.tinydb_file import read_tables
 
 
 async def load_then_kill(server: GatewayProcess, concurrency: int, after: float) -> list[Request]:

@@ -190,13 +190,13 @@ def summarize(requests: list[Request], seconds: float) -> dict[str, Any]:
 def stored_counts(data_dir: Path) -> tuple[dict[str, int], dict[str, int]]:
     """Per session: assistant messages and usage records, read with the stores' sync API (as the CLI does)."""
     sys.path.insert(0, str(ROOT))
-    from agentspace.stores.sessions import SessionStore
-    from agentspace.stores.usage import UsageStore
+    from agentspace.storage.embedded.sessions import SessionStore
+    from agentspace.storage.embedded.usage import UsageStore
 
     sessions = SessionStore(data_dir)
     messages = {}
     for summary in sessions.summaries_sync():
         session = sessions.get_sync(summary["id"]) or {"messages": []}
         messages[summary["id"]] = sum(m["role"] == "assistant" for m in session["messages"])
-    records = Counter(str(r.get("sessionId")) for r in UsageStore(data_dir).records())
+    records = Counter(str(r.get("sessionId")) for r in UsageStore(data_dir).records_sync())
     return messages, dict(records)

@@ -52,7 +52,7 @@ async def app(
 
 
 async def records_of(client: TestClient, session_id: str) -> list[dict[str, Any]]:
-    return await client.server.app[STATE.REGISTRY].usage.arecords(session_id=session_id)
+    return await client.server.app[STATE.REGISTRY].usage.records(session_id=session_id)
 
 
 async def last_message(client: TestClient, session_id: str) -> dict[str, Any]:
@@ -120,7 +120,7 @@ async def test_http_disconnect_with_abort_keeps_the_reported_input(
     gw = client.server.app[STATE.REGISTRY]
 
     async def stored() -> bool:
-        return "chat1" not in gw.active and len(await gw.usage.arecords(session_id="chat1")) == 1
+        return "chat1" not in gw.active and len(await gw.usage.records(session_id="chat1")) == 1
 
     await wait_until(stored)
     (record,) = await records_of(client, "chat1")

@@ -1,4 +1,4 @@
-"""The append-only log primitive (stores/append_log.py): its rules, on real files."""
+"""The append-only log primitive (storage/embedded/append_log.py): its rules, on real files."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ from typing import Any
 import pytest
 
 from agentspace.errors import StorageError
-from agentspace.stores.append_log import COMMIT, AppendLog, read_entries, read_last_entry
-from agentspace.stores.atomic import StoreCorrupt
+from agentspace.storage.atomic import StoreCorrupt
+from agentspace.storage.embedded.append_log import COMMIT, AppendLog, read_entries, read_last_entry
 
 
 def test_the_last_matching_entry_is_found_from_the_end_across_chunks(tmp_path: Path) -> None:

@@ -28,6 +28,6 @@ def named_paths() -> list[str]:
 
 def test_every_path_in_the_layout_exists() -> None:
     paths = named_paths()
-    assert "agentspace/pipeline.py" in paths and "agentspace/stores/sessions.py" in paths
+    assert "agentspace/pipeline.py" in paths and "agentspace/storage/embedded/sessions.py" in paths
     missing = [p for p in paths if not (ROOT / p).exists()]
     assert missing == []

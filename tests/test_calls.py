@@ -18,7 +18,7 @@ import openai
 import pytest
 from aiohttp.test_utils import TestClient
 
-from agentspace.stores.usage import UsageStore
+from agentspace.storage.embedded.usage import UsageStore
 from scripts.harness import GatewayProcess
 from tests.fakes import anthropic_upstream as fa
 from tests.fakes.anthropic_upstream import FakeAnthropic
@@ -322,14 +322,14 @@ async def test_sigkill_mid_stream_then_restart_records_each_call_as_reported(
     finally:
         await server.aclose()
 
-    assert list(UsageStore(data_dir).records()) == []  # nothing was posted before the kill
+    assert list(UsageStore(data_dir).records_sync()) == []  # nothing was posted before the kill
     restarted = GatewayProcess(data_dir, fake_anthropic.url)
     try:
         await restarted.start()
         await restarted.wait_for_log("recovered")
     finally:
         await restarted.aclose()
-    found = list(UsageStore(data_dir).records())
+    found = list(UsageStore(data_dir).records_sync())
     assert sorted(r["endpoint"] for r in found) == ["anthropic", "http", "openai", "ws"]
     for record in found:
         assert record["recovered"] is True and record["inputTokens"] == 5000, record

@@ -28,8 +28,8 @@ from agentspace.cli import main
 from agentspace.cli.usage import parse_since
 from agentspace.gateway_token import load_or_create_token
 from agentspace.plugins import get_plugin_manager
-from agentspace.stores.sessions import SessionStore
-from agentspace.stores.usage import write_segment
+from agentspace.storage.embedded.sessions import SessionStore
+from agentspace.storage.embedded.usage import write_segment
 
 
 @pytest.fixture(autouse=True)

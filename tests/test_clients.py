@@ -67,7 +67,7 @@ def openai_sdk(client: TestClient, key: str) -> openai.AsyncOpenAI:
 
 
 async def records(client: TestClient) -> list[dict[str, Any]]:
-    return await client.app[state.REGISTRY].usage.arecords()
+    return await client.app[state.REGISTRY].usage.records()
 
 
 async def ws_chat(client: TestClient, key: str, content: str = "Hi", **extra: Any) -> list[dict[str, Any]]:

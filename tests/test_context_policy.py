@@ -30,7 +30,7 @@ def small_window(policy: str) -> dict[str, Any]:
 
 
 async def records(client: TestClient, session_id: str) -> list[dict[str, Any]]:
-    return await client.app[state.REGISTRY].usage.arecords(session_id=session_id)
+    return await client.app[state.REGISTRY].usage.records(session_id=session_id)
 
 
 async def long_session(client: TestClient, token: str, turns: int) -> tuple[str, list[dict[str, Any]]]:

@@ -112,7 +112,7 @@ async def setup(
 
         async def stored(outcome: Outcome, session_id: str) -> Outcome:
             outcome.message = (await gw.sessions.get(session_id))["messages"][-1]
-            outcome.records = await gw.usage.arecords(session_id=session_id)
+            outcome.records = await gw.usage.records(session_id=session_id)
             return outcome
 
         async def ws_chat(content: str, model: str | None) -> Outcome:

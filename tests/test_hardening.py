@@ -128,10 +128,10 @@ async def test_rotation_over_http_closes_at_once_and_a_running_turn_is_billed(
     gw = client.server.app[state.REGISTRY]
 
     async def billed() -> bool:
-        return len(await gw.usage.arecords(session_id=session_id)) == 1
+        return len(await gw.usage.records(session_id=session_id)) == 1
 
     await wait_until(billed)
-    assert (await gw.usage.arecords(session_id=session_id))[0]["outputTokens"] == 20
+    assert (await gw.usage.records(session_id=session_id))[0]["outputTokens"] == 20
 
 
 # --- 2. /metrics is the admin's ---------------------------------------------------------------
@@ -356,7 +356,7 @@ async def test_unknown_model_ids_log_one_warning_per_interval(
             )
     lines = [r for r in caplog.records if "no price known" in r.getMessage()]
     assert len(lines) <= 1, [r.getMessage() for r in lines]  # none when an earlier test logged it
-    assert len(await client.server.app[state.REGISTRY].usage.arecords()) == 30  # every call still counted
+    assert len(await client.server.app[state.REGISTRY].usage.records()) == 30  # every call still counted
 
 
 # --- 7. the pass-through redacts configured secrets ------------------------------------------------
@@ -439,7 +439,7 @@ async def test_the_gateways_key_refused_upstream_is_424_on_every_api_never_401(
         text = (await resp.read()).decode()
         assert '"type":"error"' in text and "keys add anthropic" in text and TEST_KEY not in text
 
-    records = await client.server.app[state.REGISTRY].usage.arecords()
+    records = await client.server.app[state.REGISTRY].usage.records()
     assert [r["error"] for r in records] == ["NO_API_KEY"] * 8  # one record per call, none answered
 
 

@@ -146,7 +146,7 @@ async def test_counters_equal_the_usage_records_after_a_mixed_run(
 
     gw = client.server.app[STATE.REGISTRY]
     await wait_until(lambda: _idle(gw))
-    records = await gw.usage.arecords()
+    records = await gw.usage.records()
     after = await scrape(client, auth_headers)
     assert {r["endpoint"] for r in records} >= {"ws", "http", "anthropic", "openai"}
 

@@ -133,7 +133,7 @@ async def records(config: Config, plugin: ReversePlugin) -> list[dict[str, Any]]
             },
         )
         assert "olleH" in await resp.text()
-        return list(await client.server.app[state.REGISTRY].usage.arecords())
+        return list(await client.server.app[state.REGISTRY].usage.records())
 
 
 async def test_usage_records_are_priced_by_the_provider_with_its_long_context_tier(tmp_path: Path) -> None:

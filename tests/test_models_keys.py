@@ -22,8 +22,8 @@ from click.testing import CliRunner
 from agentspace.cli import main
 from agentspace.config import load_config, parse_config
 from agentspace.pricing import cost_map
-from agentspace.stores.sessions import SessionStore
-from agentspace.stores.usage import write_segment
+from agentspace.storage.embedded.sessions import SessionStore
+from agentspace.storage.embedded.usage import write_segment
 from agentspace.transports import state
 from scripts.harness import GatewayProcess, child_env
 from tests.fakes.anthropic_upstream import error_status
@@ -48,7 +48,7 @@ async def _keyless_client(make_client: Any, monkeypatch: pytest.MonkeyPatch, fak
 async def _records(client: TestClient) -> list[dict[str, Any]]:
     gw = client.server.app[state.REGISTRY]
     await gw.usage.flush()
-    return list(await gw.usage.arecords())
+    return list(await gw.usage.records())
 
 
 def _assert_one_refusal(records: list[dict[str, Any]], model: str) -> None:

@@ -14,7 +14,7 @@ import aiohttp
 import pytest
 
 from agentspace.errors import StorageError
-from agentspace.stores.postgres import MIGRATIONS, PostgresDatabase, PostgresSessionStore, PostgresUsageStore
+from agentspace.storage.postgres import MIGRATIONS, PostgresDatabase, PostgresSessionStore, PostgresUsageStore
 from scripts.harness import GatewayProcess
 from tests.fakes import anthropic_upstream as fa
 from tests.scale_servers import Postgres, free_port
@@ -42,7 +42,7 @@ async def test_batches_and_retries_count_once_across_replicas(pg_dsn: str) -> No
         # The same records again, from the other replica (a retried batch): nothing doubles.
         await asyncio.gather(*(usage_b.append(r) for r in records[::2]))
         assert await usage_a.count() == 300
-        report = await usage_b.areport()
+        report = await usage_b.report()
         assert report["grandTotal"]["requestCount"] == 300
         assert report["grandTotal"]["inputTokens"] == sum(10 * n for n in range(300))
     finally:
@@ -62,9 +62,9 @@ async def test_retention_drops_whole_months(pg_dsn: str) -> None:
             "usage_records_2026_09",
             "usage_records_2026_10",
         ]
-        assert [r["timestamp"] for r in await usage.arecords()] == ["2026-11-01T00:00:00.000Z"]
+        assert [r["timestamp"] for r in await usage.records()] == ["2026-11-01T00:00:00.000Z"]
         await usage.append(record(7, timestamp="2026-10-02T00:00:00.000Z"))  # a late record: its month comes back
-        assert len(await usage.arecords()) == 2
+        assert len(await usage.records()) == 2
     finally:
         await usage.aclose()
         await db.aclose()
@@ -205,13 +205,13 @@ async def test_reports_per_client_and_of_one_client(pg_dsn: str) -> None:
     try:
         for n, client in enumerate(["team-a", "team-a", "team-b", "ws", "http", None]):
             await usage.append(record(n + 1, client=client))
-        report = await usage.areport(by="client")
+        report = await usage.report(by="client")
         assert list(report["perClient"]) == ["admin", "team-a", "team-b"]
         assert report["perClient"]["admin"]["requestCount"] == 3
         assert report["perClient"]["team-a"]["inputTokens"] == 10 + 20
-        only_a = await usage.areport(client="team-a")
+        only_a = await usage.report(client="team-a")
         assert only_a["grandTotal"]["requestCount"] == 2
-        assert [r["id"] for r in await usage.arecords(client="team-b")] == ["u3"]
+        assert [r["id"] for r in await usage.records(client="team-b")] == ["u3"]
     finally:
         await usage.aclose()
         await db.aclose()
@@ -219,10 +219,10 @@ async def test_reports_per_client_and_of_one_client(pg_dsn: str) -> None:
 
 async def test_rollup_reports_equal_the_scan_of_the_records_on_random_data(pg_dsn: str) -> None:
     # The rollups are kept in the inserts' transactions; every report, with every filter, must give what
-    # grouping the records themselves gives (stores.usage.REPORTS over arecords).
+    # grouping the records themselves gives (storage.embedded.usage.REPORTS over records).
     import random
 
-    from agentspace.stores.usage import REPORTS
+    from agentspace.storage.reports import REPORTS
     from tests.test_usage_rollups import FILTERS, random_record, rounded
 
     rng = random.Random(11)
@@ -236,14 +236,14 @@ async def test_rollup_reports_equal_the_scan_of_the_records_on_random_data(pg_ds
         await asyncio.gather(*(usage.append_dicts([r]) for r in records))
         await usage.append_dicts(records[:100])  # retried: counted once, in the records and in the rollups
         for where in FILTERS:
-            scanned_records = await usage.arecords(**where)
+            scanned_records = await usage.records(**where)
             for by, grouping in REPORTS.items():
                 expected = {**grouping(scanned_records), "damagedFiles": []}
-                assert rounded(await usage.areport(by=by, **where)) == rounded(expected), (by, where)
+                assert rounded(await usage.report(by=by, **where)) == rounded(expected), (by, where)
         async with db.connection() as conn:
             groups = await conn.fetchval("SELECT count(*) FROM usage_rollups")
         assert 0 < groups < len(records)
-        grand = (await usage.areport())["grandTotal"]
+        grand = (await usage.report())["grandTotal"]
         assert grand["serverToolCost"] > 0 and grand["serverToolUses"] > 0  # the fees were there to be summed
     finally:
         await usage.aclose()
@@ -259,8 +259,9 @@ async def test_the_migration_to_server_tool_fees_recomputes_them_from_the_stored
     import json
     import random
 
-    from agentspace.stores import postgres
-    from agentspace.stores.usage import REPORTS
+    from agentspace.storage.postgres import database
+    from agentspace.storage.postgres import usage as postgres
+    from agentspace.storage.reports import REPORTS
     from tests.test_usage_rollups import FILTERS, random_record, rounded
 
     rng = random.Random(12)
@@ -268,7 +269,7 @@ async def test_the_migration_to_server_tool_fees_recomputes_them_from_the_stored
     for r in records:
         r["model"] = r["model"] or "unknown"
     before = [v for v in MIGRATIONS if v[0] < 4]
-    monkeypatch.setattr(postgres, "MIGRATIONS", before[:2])
+    monkeypatch.setattr(database, "MIGRATIONS", before[:2])
     old = PostgresDatabase(pg_dsn)
     try:
         await old.start()
@@ -298,7 +299,7 @@ async def test_the_migration_to_server_tool_fees_recomputes_them_from_the_stored
                     for r in records
                 ],
             )
-        monkeypatch.setattr(postgres, "MIGRATIONS", before)
+        monkeypatch.setattr(database, "MIGRATIONS", before)
         await old.aclose()
         old = PostgresDatabase(pg_dsn)
         await old.start()  # migration 3: the rollups, without the fees
@@ -317,11 +318,11 @@ async def test_the_migration_to_server_tool_fees_recomputes_them_from_the_stored
             r["model"] = r["model"] or "unknown"
         await usage.append_dicts(later)
         for where in FILTERS:
-            scanned = await usage.arecords(**where)
+            scanned = await usage.records(**where)
             for by, grouping in REPORTS.items():
                 expected = {**grouping(scanned), "damagedFiles": []}
-                assert rounded(await usage.areport(by=by, **where)) == rounded(expected), (by, where)
-        grand = (await usage.areport())["grandTotal"]
+                assert rounded(await usage.report(by=by, **where)) == rounded(expected), (by, where)
+        grand = (await usage.report())["grandTotal"]
         everything = records + later
         assert grand["serverToolCost"] == pytest.approx(sum(r.get("serverToolCost") or 0.0 for r in everything))
         assert grand["serverToolUses"] == sum(sum((r.get("serverToolUse") or {}).values()) for r in everything) > 0

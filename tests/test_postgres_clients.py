@@ -7,10 +7,10 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from agentspace.stores.postgres import PostgresClientStore, PostgresDatabase
+from agentspace.storage.postgres import PostgresClientStore, PostgresDatabase
 
 clients = pytest.importorskip("agentspace.clients")  # the clients feature defines the Client
-store_module = pytest.importorskip("agentspace.stores.clients")
+store_module = pytest.importorskip("agentspace.storage.embedded.clients")
 
 
 @pytest.fixture

@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from agentspace.stores.usage import UsageStore
+from agentspace.storage.embedded.usage import UsageStore
 from scripts.harness import GatewayProcess
 from tests.fakes import anthropic_upstream as fa
 from tests.fakes import openai_upstream as fo
@@ -54,7 +54,7 @@ async def server(
 
 
 def records(server: GatewayProcess) -> list[dict[str, Any]]:
-    return list(UsageStore(server.data_dir).records())
+    return list(UsageStore(server.data_dir).records_sync())
 
 
 async def run(argv: list[str | Path], env: dict[str, str], cwd: Path) -> str:

@@ -16,7 +16,7 @@ import pytest
 from click.testing import CliRunner
 
 from agentspace.cli import main
-from agentspace.stores.postgres import PostgresDatabase
+from agentspace.storage.postgres import PostgresDatabase
 from scripts.harness import ROOT, GatewayProcess, child_env
 from tests.fakes import anthropic_upstream as fa
 from tests.scale_servers import TOKEN, Redis, flush_redis

@@ -12,8 +12,8 @@ from aiohttp.test_utils import TestClient
 from click.testing import CliRunner
 
 from agentspace.cli import main as cli
-from agentspace.stores import UsageStore
-from agentspace.stores.usage import write_segment
+from agentspace.storage import UsageStore
+from agentspace.storage.embedded.usage import write_segment
 from agentspace.types import Cost, TokenUsage, UsageRecord, now_iso
 from tests.fakes.anthropic_upstream import error_status
 from tests.test_cli import USAGE_TABLE_HEADER

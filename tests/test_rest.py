@@ -11,7 +11,7 @@ import pytest
 from aiohttp.test_utils import TestClient
 
 from agentspace import ContextSection, hookimpl
-from agentspace.stores import SessionStore
+from agentspace.storage import SessionStore
 from agentspace.transports import state as STATE
 from tests.fakes.anthropic_upstream import text_response
 from tests.test_http_chat import post_chat, read_all, user

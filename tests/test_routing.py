@@ -70,7 +70,7 @@ def registry(client: TestClient) -> Any:
 
 
 async def records(client: TestClient) -> list[dict[str, Any]]:
-    return await registry(client).usage.arecords()
+    return await registry(client).usage.records()
 
 
 async def test_weights_three_to_one_over_400_calls(

@@ -21,7 +21,7 @@ from click.testing import CliRunner
 
 from agentspace.cli import main as cli
 from agentspace.cli.common import money
-from agentspace.stores.usage import REPORTS
+from agentspace.storage.reports import REPORTS
 from scripts.harness import ROOT, child_env, write_config
 from tests.fakes import anthropic_upstream as fa
 from tests.test_web_app import CHROMIUM, Gateway, Page, ThreadedFake, playwright_api
@@ -102,7 +102,7 @@ def stored_records(gateway: Gateway) -> list[dict[str, Any]]:
         storage = open_storage(load_config(gateway.config))
         await storage.start()
         try:
-            return await storage.usage.arecords()
+            return await storage.usage.records()
         finally:
             await storage.aclose()
 

@@ -174,5 +174,5 @@ async def test_search_and_compact_on_postgres(
     fake_anthropic.enqueue(text_response("Bread was discussed."))
     response = await client.post(f"/api/sessions/{bread}/compact", headers=auth_headers)
     assert (await response.json())["compacted"] is True
-    records = await client.app[state.REGISTRY].usage.arecords(session_id=bread)
+    records = await client.app[state.REGISTRY].usage.records(session_id=bread)
     assert len(records) == 3  # two turns and the summary

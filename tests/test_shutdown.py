@@ -11,8 +11,8 @@ from typing import Any
 import aiohttp
 import pytest
 
-from agentspace.stores.sessions import SessionStore
-from agentspace.stores.usage import UsageStore
+from agentspace.storage.embedded.sessions import SessionStore
+from agentspace.storage.embedded.usage import UsageStore
 from scripts.harness import GatewayProcess
 from tests.fakes import anthropic_upstream as fa
 
@@ -90,7 +90,7 @@ async def test_sigterm_finishes_within_grace_and_stores_the_rest_as_aborted(
     assert 0 < len(partial["content"]) < len(SLOW) and SLOW.startswith(partial["content"])
     received = "".join(f["delta"] for f in slow_frames if f["type"] == "chat.stream.delta")
     assert partial["content"] == received  # what the client saw is what was stored
-    assert [(r["finishReason"], r["outputTokens"]) for r in usage.records(session_id=fast_id)] == [("stop", 8)]
-    (record,) = usage.records(session_id=slow_id)
+    assert [(r["finishReason"], r["outputTokens"]) for r in usage.records_sync(session_id=fast_id)] == [("stop", 8)]
+    (record,) = usage.records_sync(session_id=slow_id)
     assert record["finishReason"] == "aborted" and record["estimated"] is True and record["outputTokens"] > 0
     assert len(sessions.summaries_sync()) == 2  # the late request created nothing

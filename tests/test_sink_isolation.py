@@ -124,7 +124,7 @@ async def start_client(make_client: Any, *plugins: object) -> TestClient:
 async def stored_usage(client: TestClient) -> set[str]:
     """The ids the store of record holds (read through the running gateway's usage store)."""
     gw = client.server.app[state.REGISTRY]
-    return {r["id"] for r in await gw.usage.arecords()}
+    return {r["id"] for r in await gw.usage.records()}
 
 
 async def ws_turn(client: TestClient, token: str, text: str) -> tuple[list[dict[str, Any]], float]:

@@ -13,11 +13,23 @@ from pathlib import Path
 
 import pytest
 
+from agentspace.clients import Client
 from agentspace.config import parse_config
 from agentspace.default_plugins.storage import open_storage
 from agentspace.plugins import create_plugin_manager
-from agentspace.stores import InvalidSessionId, MessageNotFound, SessionExists, SessionNotFound
-from agentspace.stores.base import SessionStoreAPI, Storage, UsageStoreAPI
+from agentspace.storage import InvalidSessionId, MessageNotFound, SessionExists, SessionNotFound
+from agentspace.storage.errors import ClientExists, ClientNotFound
+from agentspace.storage.protocols import (
+    ClientStoreAPI,
+    ClientStoreSync,
+    SessionStoreAPI,
+    SessionStoreSync,
+    Storage,
+    UsageStoreAPI,
+    UsageStoreSink,
+    UsageStoreSync,
+)
+from agentspace.storage.shapes import SessionSummary, StoredUsageRecord
 from agentspace.types import Cost, TokenUsage, UsageRecord
 
 BACKENDS = ["tinydb", "postgres"]
@@ -70,7 +82,73 @@ def record(
 async def test_backends_speak_the_protocols(storage: Storage) -> None:
     assert isinstance(storage.sessions, SessionStoreAPI)
     assert isinstance(storage.usage, UsageStoreAPI)
+    assert isinstance(storage.clients, ClientStoreAPI)
+    # The sink of record writes into the storage's own usage store: one usage store per process.
+    assert isinstance(storage.sink, UsageStoreSink) and storage.sink.store is storage.usage
+    assert (storage.shared_ledger is not None) == storage.shared  # replicas that share data share the ledger
     assert await storage.health() is None
+
+
+async def test_stored_documents_have_the_shapes_the_typed_dicts_name(storage: Storage) -> None:
+    summary = await storage.sessions.create(model="m/x", session_id="shape")
+    assert set(summary) == set(SessionSummary.__annotations__)
+    session = await storage.sessions.get("shape")
+    assert session is not None and set(session) == {*SessionSummary.__annotations__, "messages"}
+    await storage.usage.append(record(1))
+    [stored] = await storage.usage.records()
+    assert set(stored) == set(StoredUsageRecord.__annotations__)
+
+
+async def test_the_client_store(storage: Storage) -> None:
+    clients = storage.clients
+    assert clients is not None
+    key = await clients.add(Client(name="team", key_hash="", created_at="2026-12-03T00:00:00.000Z", budget_usd=5.0))
+    with pytest.raises(ClientExists):
+        await clients.add(Client(name="team", key_hash="", created_at="2026-12-03T00:00:00.000Z"))
+    found = await clients.get_by_key(key)
+    assert found is not None and found.name == "team" and found.budget_usd == 5.0 and found.key_hash != key
+    assert await clients.get_by_hash(found.key_hash) == found and await clients.get_by_key(key + "x") is None
+
+    def raise_budget(client: Client) -> None:
+        client.budget_usd = 9.0
+
+    assert (await clients.update("team", raise_budget)).budget_usd == 9.0
+    new_key = await clients.rotate("team")
+    assert await clients.get_by_key(key) is None and (await clients.get_by_key(new_key) or found).name == "team"
+    assert clients.should_touch("team", 100.0) and not clients.should_touch("team", 101.0)
+    await clients.touch("team")
+    assert (await clients.get("team") or found).last_used_at
+    assert [c.name for c in await clients.list()] == ["team"]
+    await clients.remove("team")
+    with pytest.raises(ClientNotFound):
+        await clients.remove("team")
+    with pytest.raises(ClientNotFound):
+        await clients.update("team", raise_budget)
+    assert await clients.list() == [] and await clients.get("team") is None
+
+
+async def test_a_store_that_reads_without_an_event_loop_answers_as_its_async_api(storage: Storage) -> None:
+    """What the CLI reads through the sync protocols is what the server reads through the async ones."""
+    await storage.sessions.create(model="m/x", session_id="s1", messages=[{"role": "user", "content": "hi"}])
+    for n in (1, 2):
+        await storage.usage.append(record(n, client="team"))
+    await storage.usage.flush()
+    sessions, usage, clients = storage.sessions, storage.usage, storage.clients
+    if isinstance(sessions, SessionStoreSync):
+        assert sessions.get_sync("s1") == await sessions.get("s1")
+        assert sessions.listing_sync() == await sessions.listing()
+    if isinstance(usage, UsageStoreSync):
+        assert list(usage.records_sync(client="team")) == await usage.records(client="team")
+        for by in ("model", "day", "client"):
+            assert usage.report_sync(by=by) == await usage.report(by=by)
+    if isinstance(clients, ClientStoreSync):
+        await clients.add(Client(name="team", key_hash="", created_at="2026-12-03T00:00:00.000Z"))
+        assert clients.list_sync() == await clients.list()
+    # The embedded backend's files are read without an event loop; a database is not.
+    speaks = [
+        isinstance(s, p) for s, p in ((sessions, SessionStoreSync), (usage, UsageStoreSync), (clients, ClientStoreSync))
+    ]
+    assert speaks == [storage.uses_data_dir_lock] * 3
 
 
 async def test_create_get_exists(storage: Storage) -> None:
@@ -165,9 +243,9 @@ async def test_usage_append_is_idempotent_by_id(storage: Storage) -> None:
     await usage.append(record(1))  # a retried write
     await asyncio.gather(*(usage.append(record(n)) for n in range(2, 12)))
     await asyncio.gather(*(usage.append(record(n)) for n in range(2, 12)))
-    report = await usage.areport()
+    report = await usage.report()
     assert report["grandTotal"]["requestCount"] == 11
-    assert len(await usage.arecords()) == 11
+    assert len(await usage.records()) == 11
 
 
 async def test_usage_reports(storage: Storage) -> None:
@@ -178,7 +256,7 @@ async def test_usage_reports(storage: Storage) -> None:
     await usage.append(record(4, error="STREAM_INTERRUPTED", timestamp="2026-12-02T01:00:00.000Z", estimated=True))
     await usage.append(record(5, model="zz/unpriced", price_known=False, timestamp="2026-12-02T02:00:00.000Z"))
 
-    by_model = await usage.areport()
+    by_model = await usage.report()
     assert sorted(by_model["perModel"]) == ["anthropic/claude-sonnet-4-6", "openai/gpt-4o", "zz/unpriced"]
     sonnet = by_model["perModel"]["anthropic/claude-sonnet-4-6"]
     assert sonnet["requestCount"] == 2 and sonnet["errorCount"] == 2 and sonnet["estimatedCount"] == 1
@@ -191,23 +269,23 @@ async def test_usage_reports(storage: Storage) -> None:
     assert grand["inputTokens"] == 10 * (1 + 2 + 4 + 5)
     assert by_model["damagedFiles"] == []
 
-    by_day = await usage.areport(by="day")
+    by_day = await usage.report(by="day")
     assert list(by_day["perDay"]) == ["2026-11-30", "2026-12-01", "2026-12-02"]
     assert by_day["perDay"]["2026-12-01"]["requestCount"] == 1
     assert by_day["perDay"]["2026-12-01"]["errorCount"] == 1
     assert by_day["grandTotal"] == grand
 
-    since = await usage.areport(since=datetime(2026, 12, 1, 0, 30))
+    since = await usage.report(since=datetime(2026, 12, 1, 0, 30))
     assert since["grandTotal"]["errorCount"] == 2 and since["grandTotal"]["requestCount"] == 2
-    only_s2 = await usage.areport(session_id="s2")
+    only_s2 = await usage.report(session_id="s2")
     assert list(only_s2["perModel"]) == ["openai/gpt-4o"]
 
-    records = await usage.arecords(session_id="s2")
+    records = await usage.records(session_id="s2")
     assert [r["id"] for r in records] == ["u2"]
     assert (
         records[0] == record(2, model="openai/gpt-4o", timestamp="2026-12-01T00:00:00.000Z", session_id="s2").to_dict()
     )
-    assert {r["id"] for r in await usage.arecords(since=datetime(2026, 12, 2))} == {"u4", "u5"}
+    assert {r["id"] for r in await usage.records(since=datetime(2026, 12, 2))} == {"u4", "u5"}
 
 
 async def test_the_admins_records_include_those_that_name_no_client(storage: Storage) -> None:
@@ -218,13 +296,13 @@ async def test_the_admins_records_include_those_that_name_no_client(storage: Sto
         await usage.append(record(n, session_id="x", client=client))
     await usage.append(record(6, session_id="y"))
     for since in (None, datetime(2026, 12, 3, 9, 0)):  # from the rollups; that day's part from the records
-        admin = await usage.areport(session_id="x", client="admin", since=since)
+        admin = await usage.report(session_id="x", client="admin", since=since)
         assert admin["grandTotal"]["requestCount"] == 4, since
-        alice = await usage.areport(session_id="x", client="alice", since=since)
+        alice = await usage.report(session_id="x", client="alice", since=since)
         assert alice["grandTotal"]["requestCount"] == 1 and alice["grandTotal"]["inputTokens"] == 50
-    assert sorted(r["id"] for r in await usage.arecords(session_id="x", client="admin")) == ["u1", "u2", "u3", "u4"]
-    assert len(await usage.arecords(client="admin")) == 5
-    by_client = await usage.areport(by="client", session_id="x", client="admin")
+    assert sorted(r["id"] for r in await usage.records(session_id="x", client="admin")) == ["u1", "u2", "u3", "u4"]
+    assert len(await usage.records(client="admin")) == 5
+    by_client = await usage.report(by="client", session_id="x", client="admin")
     assert set(by_client["perClient"]) == {"admin"}
 
 

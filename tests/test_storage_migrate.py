@@ -11,9 +11,9 @@ from typing import Any
 from click.testing import CliRunner
 
 from agentspace.cli import main
-from agentspace.stores.postgres import PostgresDatabase, PostgresSessionStore, PostgresUsageStore
-from agentspace.stores.sessions import SessionStore
-from agentspace.stores.usage import write_segment
+from agentspace.storage.embedded.sessions import SessionStore
+from agentspace.storage.embedded.usage import write_segment
+from agentspace.storage.postgres import PostgresDatabase, PostgresSessionStore, PostgresUsageStore
 from tests.test_storage_contract import record
 
 

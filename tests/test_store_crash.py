@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from agentspace.stores import SessionStore, UsageStore
-from agentspace.stores.append_log import parse_lines
-from agentspace.stores.tinydb_file import read_tables
+from agentspace.storage import SessionStore, UsageStore
+from agentspace.storage.embedded.append_log import parse_lines
+from agentspace.storage.embedded.tinydb_file import read_tables
 from agentspace.types import Cost, TokenUsage, UsageRecord, now_iso
 
 SESSION = "crash"
@@ -28,7 +28,7 @@ SESSION = "crash"
 CHILD = """
 import asyncio, os, signal, sys
 from pathlib import Path
-from agentspace.stores import SessionStore, UsageStore
+from agentspace.storage import SessionStore, UsageStore
 from agentspace.types import Cost, TokenUsage, UsageRecord, now_iso
 
 data_dir, tag, die_in = Path(sys.argv[1]), sys.argv[2], sys.argv[3]
@@ -109,7 +109,7 @@ def check_store(data_dir: Path, usage_ids: list[str], message_ids: list[str]) ->
         read_tables(path)
     for path in data_dir.rglob("*.jsonl"):  # every complete line of a log parses (a torn tail is not a line)
         parse_lines(path.read_bytes(), path)
-    stored_usage = [r["id"] for r in UsageStore(data_dir).records()]
+    stored_usage = [r["id"] for r in UsageStore(data_dir).records_sync()]
     assert len(stored_usage) == len(set(stored_usage))
     assert set(usage_ids) <= set(stored_usage)
     session = SessionStore(data_dir).get_sync(SESSION)
@@ -130,10 +130,10 @@ async def reopen_and_write(data_dir: Path, usage_ids: list[str], message_ids: li
     """A new writer opens cleanly, removes the dead writer's temp files and keeps appending."""
     sessions, usage = SessionStore(data_dir), UsageStore(data_dir, segment_size=5)
     try:
-        before = len(list(usage.records()))
+        before = len(list(usage.records_sync()))
         await usage.append(UsageRecord("after", now_iso(), "m", "p", SESSION, None, TokenUsage(), Cost(), 1.0, "stop"))
         await sessions.append_message(SESSION, {"id": "after", "role": "user", "content": "after the crash"})
-        assert len(await usage.arecords()) == before + 1
+        assert len(await usage.records()) == before + 1
         messages = [m["id"] for m in await sessions.messages(SESSION)]
         assert messages[-1] == "after" and messages[: len(message_ids)] == message_ids
     finally:
@@ -179,7 +179,7 @@ async def test_sigkill_inside_a_write(tmp_path: Path, die_in: str, unreported: s
     usage_ids, message_ids = run_child(tmp_path, "d", die_in=die_in)
     assert torn_files(tmp_path), "the child should have died with a line half written"
     check_store(tmp_path, usage_ids, message_ids)
-    stored_usage = [r["id"] for r in UsageStore(tmp_path).records()]
+    stored_usage = [r["id"] for r in UsageStore(tmp_path).records_sync()]
     stored_messages = [m["id"] for m in SessionStore(tmp_path).get_sync(SESSION)["messages"]]
     assert stored_usage == usage_ids  # the record being written when the child died is not there
     assert stored_messages == message_ids
@@ -193,7 +193,7 @@ async def test_sigkill_between_a_write_and_its_sync(tmp_path: Path, die_in: str)
     # one write more than reported is found.
     usage_ids, message_ids = run_child(tmp_path, "d", die_in=die_in)
     check_store(tmp_path, usage_ids, message_ids)
-    stored_usage = [r["id"] for r in UsageStore(tmp_path).records()]
+    stored_usage = [r["id"] for r in UsageStore(tmp_path).records_sync()]
     assert stored_usage[: len(usage_ids)] == usage_ids and len(stored_usage) - len(usage_ids) <= 1
     stored_messages = [m["id"] for m in SessionStore(tmp_path).get_sync(SESSION)["messages"]]
     await reopen_and_write(tmp_path, usage_ids, stored_messages)

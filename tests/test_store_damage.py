@@ -17,8 +17,8 @@ from aiohttp.test_utils import TestClient
 from click.testing import CliRunner
 
 from agentspace.cli import main as cli
-from agentspace.stores import SessionStore, UsageStore
-from agentspace.stores.usage import write_segment
+from agentspace.storage import SessionStore, UsageStore
+from agentspace.storage.embedded.usage import write_segment
 from agentspace.transports import state as STATE
 from agentspace.types import Cost, TokenUsage, UsageRecord, now_iso
 from tests.test_http_chat import post_chat, user
@@ -70,7 +70,7 @@ async def test_a_damaged_usage_segment_does_not_stop_counting(
     assert moved.name.startswith("00000.json.damaged-") and moved.read_bytes() == bytes(raw)
     errors = [r for r in caplog.records if r.levelname == "ERROR" and str(moved) in r.getMessage()]
     assert len(errors) == 1
-    assert len(await client.server.app[STATE.REGISTRY].usage.arecords()) == 20
+    assert len(await client.server.app[STATE.REGISTRY].usage.records()) == 20
 
     resp = await client.get("/api/usage", headers=auth_headers)
     assert resp.status == 200
@@ -184,7 +184,7 @@ FULL_DISK = """
 import asyncio, json, resource, signal, sys
 from pathlib import Path
 from agentspace.errors import StorageError
-from agentspace.stores import SessionStore, UsageStore
+from agentspace.storage import SessionStore, UsageStore
 from agentspace.types import Cost, TokenUsage, UsageRecord, now_iso
 
 data_dir = Path(sys.argv[1])
@@ -235,7 +235,7 @@ def test_a_failed_write_raises_storage_error_and_the_store_stays_usable(tmp_path
     out = json.loads(done.stdout)
     assert out["usage_error"][0] == "STORAGE_ERROR" and "too large" in out["usage_error"][1]
     assert out["message_error"][0] == "STORAGE_ERROR"
-    stored_usage = [r["id"] for r in UsageStore(tmp_path).records()]
+    stored_usage = [r["id"] for r in UsageStore(tmp_path).records_sync()]
     assert stored_usage == [f"u{n}" for n in range(out["usage"] + 1)]  # the acknowledged ones, then the retry
     session = SessionStore(tmp_path).get_sync("s1")
     assert session is not None

@@ -1,8 +1,9 @@
-"""The tinydb stores: sessions, usage segments, reports, the sink plugin, atomic files and the data-dir lock."""
+"""The tinydb stores: sessions, usage segments, reports, one usage store per server, atomic files and the data-dir lock."""
 
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import os
 import subprocess
@@ -12,16 +13,13 @@ from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
-import pluggy
 import pytest
+from aiohttp.test_utils import TestClient
 from tinydb import TinyDB
 
-from agentspace import hookspecs
-from agentspace.config import parse_config
-from agentspace.default_plugins import tinydb_sink
 from agentspace.errors import SessionDamaged, StorageError
-from agentspace.sinks import UsageSink
-from agentspace.stores import (
+from agentspace.sinks import delivery, sink_name
+from agentspace.storage import (
     DataDirLock,
     DataDirLocked,
     InvalidSessionId,
@@ -34,10 +32,12 @@ from agentspace.stores import (
     usage_by_day,
     usage_report,
 )
-from agentspace.stores import usage as usage_module
-from agentspace.stores.atomic import remove_stale_temp_files, write_json_atomic
-from agentspace.stores.tinydb_file import read_tables
-from agentspace.stores.usage import write_segment
+from agentspace.storage.atomic import remove_stale_temp_files, write_json_atomic
+from agentspace.storage.embedded import usage as usage_module
+from agentspace.storage.embedded.tinydb_file import read_tables
+from agentspace.storage.embedded.usage import write_segment
+from agentspace.storage.protocols import UsageStoreSink
+from agentspace.transports import state as STATE
 from agentspace.types import Cost, TokenUsage, UsageRecord, now_iso
 
 SUMMARY_KEYS = {"id", "title", "model", "createdAt", "lastActivityAt", "messageCount", "client"}
@@ -337,7 +337,7 @@ async def test_writes_queued_together_run_in_order_and_fail_alone(tmp_path: Path
             await missing
         stored = SessionStore(tmp_path).get_sync("s1")
         assert stored is not None and [m["content"] for m in stored["messages"]] == [str(n) for n in range(21)]
-        assert [r["id"] for r in UsageStore(tmp_path).records()] == [f"u{n}" for n in range(20)]
+        assert [r["id"] for r in UsageStore(tmp_path).records_sync()] == [f"u{n}" for n in range(20)]
     finally:
         await sessions.aclose()
         await usage.aclose()
@@ -453,7 +453,7 @@ async def test_writes_queued_together_share_one_sync(tmp_path: Path, monkeypatch
 async def test_recent_sessions_are_served_from_the_cache_the_writer_keeps(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from agentspace.stores import sessions as sessions_module
+    from agentspace.storage.embedded import sessions as sessions_module
 
     store = SessionStore(tmp_path)
     try:
@@ -482,7 +482,7 @@ async def test_recent_sessions_are_served_from_the_cache_the_writer_keeps(
 async def test_a_session_dropped_from_the_cache_mid_commit_keeps_its_write(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from agentspace.stores import sessions as sessions_module
+    from agentspace.storage.embedded import sessions as sessions_module
 
     monkeypatch.setattr(sessions_module, "OPEN_SESSIONS", 1)  # each write to another session evicts the last
     store = SessionStore(tmp_path)
@@ -521,16 +521,16 @@ def log_records(path: Path) -> list[dict[str, Any]]:
 async def test_usage_append_and_records(usage: UsageStore) -> None:
     await usage.append(usage_record(1))
     await usage.append(usage_record(2, session_id="s2"))
-    records = list(usage.records())
+    records = list(usage.records_sync())
     assert [r["id"] for r in records] == ["u1", "u2"]
     assert records[0] == usage_record(1, timestamp=records[0]["timestamp"]).to_dict()
-    assert [r["id"] for r in usage.records(session_id="s2")] == ["u2"]
-    assert [r["id"] for r in await usage.arecords(session_id="s1")] == ["u1"]
+    assert [r["id"] for r in usage.records_sync(session_id="s2")] == ["u2"]
+    assert [r["id"] for r in await usage.records(session_id="s1")] == ["u1"]
 
 
 async def test_usage_records_when_nothing_is_stored(tmp_path: Path) -> None:
     store = UsageStore(tmp_path)
-    assert list(store.records()) == [] and await store.arecords() == []
+    assert list(store.records_sync()) == [] and await store.records() == []
     await store.aclose()
     assert not (tmp_path / "usage").exists()
 
@@ -542,7 +542,7 @@ async def test_usage_segment_rollover(usage: UsageStore, tmp_path: Path) -> None
     assert segment_files(tmp_path) == [f"{day}/00000.jsonl", f"{day}/00001.jsonl", f"{day}/00002.jsonl"]
     sizes = [len(log_records(tmp_path / "usage" / f)) for f in segment_files(tmp_path)]
     assert sizes == [4, 4, 2]
-    assert [r["id"] for r in usage.records()] == [f"u{i}" for i in range(10)]
+    assert [r["id"] for r in usage.records_sync()] == [f"u{i}" for i in range(10)]
 
 
 async def test_usage_continues_the_last_segment_after_a_restart(tmp_path: Path) -> None:
@@ -556,7 +556,7 @@ async def test_usage_continues_the_last_segment_after_a_restart(tmp_path: Path) 
         await second.append(usage_record(i))
     await second.aclose()
     assert segment_files(tmp_path) == [f"{day}/00000.jsonl", f"{day}/00001.jsonl", f"{day}/00002.jsonl"]
-    assert [r["id"] for r in second.records()] == [f"u{i}" for i in range(9)]
+    assert [r["id"] for r in second.records_sync()] == [f"u{i}" for i in range(9)]
 
 
 async def test_usage_starts_a_new_folder_when_the_utc_day_changes(
@@ -569,8 +569,8 @@ async def test_usage_starts_a_new_folder_when_the_utc_day_changes(
     await usage.append(usage_record(3, timestamp="2030-01-02T00:00:00.001Z"))
     assert segment_files(tmp_path) == ["2030-01-01/00000.jsonl", "2030-01-02/00000.jsonl"]
     since = datetime(2030, 1, 2, tzinfo=UTC)
-    assert [r["id"] for r in usage.records(since=since)] == ["u3"]
-    assert [r["id"] for r in usage.records(since=since.replace(tzinfo=None))] == ["u3"]  # naive is UTC
+    assert [r["id"] for r in usage.records_sync(since=since)] == ["u3"]
+    assert [r["id"] for r in usage.records_sync(since=since.replace(tzinfo=None))] == ["u3"]  # naive is UTC
 
 
 async def test_usage_since_skips_older_day_folders(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -587,9 +587,9 @@ async def test_usage_since_skips_older_day_folders(tmp_path: Path, monkeypatch: 
     )
     store = UsageStore(tmp_path)
     since = datetime(2020, 1, 5, 12, tzinfo=timezone(timedelta(hours=2)))  # 10:00 UTC
-    assert [r["id"] for r in store.records(since=since)] == ["u3"]
+    assert [r["id"] for r in store.records_sync(since=since)] == ["u3"]
     damaged: list[str] = []
-    assert [r["id"] for r in store.records(damaged=damaged)] == ["u2", "u3"]  # the damaged segment is skipped
+    assert [r["id"] for r in store.records_sync(damaged=damaged)] == ["u2", "u3"]  # the damaged segment is skipped
     assert damaged == [str(tmp_path / "usage" / "2020-01-01" / "00000.json")]
     await store.aclose()
 
@@ -606,7 +606,7 @@ async def test_usage_append_writes_only_a_new_segment_after_old_ones(tmp_path: P
     after = {f: (tmp_path / "usage" / f).stat().st_mtime_ns for f in segment_files(tmp_path)}
     # Earlier versions' segments are read, never appended to: the record starts the next segment, a log.
     assert {f for f in after if after[f] != before.get(f)} == {f"{day}/00003.jsonl"}
-    assert [r["id"] for r in UsageStore(tmp_path).records()] == [
+    assert [r["id"] for r in UsageStore(tmp_path).records_sync()] == [
         f"u{n * 10 + i}" for n in range(3) for i in range(5)
     ] + ["u99"]
 
@@ -634,7 +634,7 @@ async def test_usage_append_that_fails_changes_nothing(tmp_path: Path, monkeypat
     assert path.read_bytes() == before
     await store.append(usage_record(3))
     await store.aclose()
-    assert [r["id"] for r in UsageStore(tmp_path).records()] == ["u0", "u1", "u3"]
+    assert [r["id"] for r in UsageStore(tmp_path).records_sync()] == ["u0", "u1", "u3"]
     assert [r["id"] for r in log_records(path)] == ["u0", "u1", "u3"]  # whole lines only
 
 
@@ -644,7 +644,7 @@ async def test_usage_store_closes(usage: UsageStore) -> None:
     await usage.aclose()
     with pytest.raises(RuntimeError):
         await usage.append(usage_record(2))
-    assert [r["id"] for r in usage.records()] == ["u1"]  # sync reads need no worker
+    assert [r["id"] for r in usage.records_sync()] == ["u1"]  # sync reads need no worker
     with pytest.raises(ValueError):
         UsageStore(usage.dir.parent, segment_size=0)
 
@@ -690,27 +690,30 @@ def test_usage_report() -> None:
     assert empty["perModel"] == {} and empty["grandTotal"]["requestCount"] == 0
 
 
-# --- the sink plugin ----------------------------------------------------------------------------
+# --- one usage store per process ---------------------------------------------------------------
 
 
-async def test_tinydb_sink_plugin(tmp_path: Path) -> None:
-    pm = pluggy.PluginManager("agentspace")
-    pm.add_hookspecs(hookspecs)
-    pm.register(tinydb_sink)
-    sinks: list[Any] = []
-    config = parse_config({"storage": {"data_dir": str(tmp_path)}})
-    pm.hook.register_usage_sinks(register=sinks.append, config=config)
-    [sink] = sinks
-    assert isinstance(sink, UsageSink) and sink.name == "tinydb"
-    assert not (tmp_path / "usage").exists()  # opened lazily
-    await sink.record(usage_record(1))
-    await sink.record(usage_record(2))
-    store = sink.store
-    assert store is sink.store
-    assert [r["id"] for r in await store.arecords()] == ["u1", "u2"]
-    await sink.aclose()
-    await sink.aclose()
-    assert [r["id"] for r in UsageStore(tmp_path).records()] == ["u1", "u2"]
+async def test_the_server_keeps_one_usage_store_whose_sink_records_into_it(
+    client: TestClient, auth_headers: dict[str, str]
+) -> None:
+    """The embedded backend's sink of record writes into the store the reports and the guard read: the
+    server opens one UsageStore for its data directory, not one for the sink and another for the reports."""
+    gw = client.server.app[STATE.REGISTRY]
+    response = await client.post(
+        "/api/chat",
+        json={"id": "s_one", "messages": [{"id": "u1", "role": "user", "parts": [{"type": "text", "text": "hi"}]}]},
+        headers=auth_headers,
+    )
+    assert response.status == 200
+    await response.read()
+    [sink] = [s for s in gw.sinks if delivery(s) == "record"]
+    assert isinstance(sink, UsageStoreSink) and sink.store is gw.usage and sink_name(sink) == "tinydb"
+    gc.unfreeze()  # the server froze what start-up made (server.py): in the collector's sight again
+    opened = [o for o in gc.get_objects() if isinstance(o, UsageStore) and o.dir == gw.usage.dir]
+    assert opened == [gw.usage]
+    [record] = await gw.usage.records(session_id="s_one")
+    usage = await (await client.get("/api/usage", headers=auth_headers)).json()
+    assert usage["grandTotal"]["requestCount"] == 1 and record["sessionId"] == "s_one"
 
 
 # --- files --------------------------------------------------------------------------------------
@@ -748,7 +751,7 @@ def test_stale_temp_files_of_dead_writers_are_removed(tmp_path: Path) -> None:
 HOLD_LOCK = """
 import sys
 from pathlib import Path
-from agentspace.stores import DataDirLock
+from agentspace.storage import DataDirLock
 lock = DataDirLock(Path(sys.argv[1]))
 print("locked", flush=True)
 sys.stdin.read()
@@ -806,7 +809,7 @@ async def test_readers_always_see_consistent_data(tmp_path: Path) -> None:
         try:
             while not stop.is_set():
                 floor = acknowledged["usage"]
-                ids = [r["id"] for r in cli_usage.records()]
+                ids = [r["id"] for r in cli_usage.records_sync()]
                 assert len(ids) == len(set(ids)) and len(ids) >= floor >= 0 and len(ids) >= last_usage
                 last_usage = len(ids)
                 for summary in cli_sessions.summaries_sync():
@@ -851,8 +854,8 @@ async def test_readers_always_see_consistent_data(tmp_path: Path) -> None:
 
 async def test_the_clients_file_is_a_tinydb_database_changed_through_tinydb(tmp_path: Path) -> None:
     from agentspace.clients import Client
-    from agentspace.stores.clients import ClientStore
-    from agentspace.stores.tinydb_file import NamedTinyDB
+    from agentspace.storage.embedded.clients import ClientStore
+    from agentspace.storage.embedded.tinydb_file import NamedTinyDB
 
     store = ClientStore(tmp_path)
     key = await store.add(Client("alice", "", now_iso(), rpm=10))

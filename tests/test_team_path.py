@@ -21,7 +21,7 @@ from aiohttp.test_utils import TestClient
 from click.testing import CliRunner, Result
 
 from agentspace.cli import main
-from agentspace.stores.postgres import PostgresClientStore, PostgresDatabase
+from agentspace.storage.postgres import PostgresClientStore, PostgresDatabase
 from scripts.harness import ROOT, GatewayProcess, child_env
 from tests.fakes.anthropic_upstream import text_response
 

@@ -101,7 +101,7 @@ async def test_a_plain_chat_is_one_call_span_under_the_turn_span(
     assert a["gen_ai.request.model"] == MODEL and a["gen_ai.response.model"] == MODEL
     assert a["gen_ai.response.finish_reasons"] == ("stop",)
     assert a["gen_ai.usage.input_tokens"] == 30 + 7 + 4  # cached tokens included
-    (record,) = await client.server.app[STATE.REGISTRY].usage.arecords(session_id=session_id)
+    (record,) = await client.server.app[STATE.REGISTRY].usage.records(session_id=session_id)
     assert a["gen_ai.usage.output_tokens"] == record["outputTokens"] > 0
     assert a["agentspace.cost_usd"] == record["totalCost"] and a["agentspace.usage_record_id"] == record["id"]
     assert a["gen_ai.conversation.id"] == session_id

@@ -97,7 +97,7 @@ async def test_litellm_tool_loop_over_websocket(openai_client: TestClient, token
     tool_messages = [m for m in second["messages"] if m["role"] == "tool"]
     assert {m["tool_call_id"] for m in tool_messages} == {"call_1", "call_2"}
     assert {t["function"]["name"] for t in second["tools"]} == {"add", "explode", "clock"}
-    records = await openai_client.server.app[state.REGISTRY].usage.arecords(session_id=frames[0]["sessionId"])
+    records = await openai_client.server.app[state.REGISTRY].usage.records(session_id=frames[0]["sessionId"])
     assert [r["model"] for r in records] == [MODEL] * 3 and not any(r["estimated"] for r in records)
 
     # the tools section measures exactly the definitions that were sent

@@ -76,7 +76,7 @@ async def check_failed_turn_is_marked(client: TestClient, session_id: str, code:
     assert failed_user["role"] == "user" and failed_user["content"] == HUGE
     assert failed_user["error"]["code"] == code == failed_answer["error"]["code"]
     assert failed_answer["content"] == "" and failed_answer["finishReason"] == "error"
-    (record,) = await gw.usage.arecords(session_id=session_id)
+    (record,) = await gw.usage.records(session_id=session_id)
     # The upstream never answered: an error, not a request, and it bills nothing (issue 14 items 3 and 4).
     assert (record["answered"], record["error"], record["attempts"]) == (False, code, attempts)
     assert (record["inputTokens"], record["outputTokens"], record["totalCost"], record["estimated"]) == (0, 0, 0, False)
@@ -188,7 +188,7 @@ async def test_connection_refused_is_an_unanswered_error(
         await ws.close()
     assert frames[-1]["type"] == "error"
     session_id = of(frames, "chat.stream.start")[0]["sessionId"]
-    (record,) = await client.server.app[STATE.REGISTRY].usage.arecords(session_id=session_id)
+    (record,) = await client.server.app[STATE.REGISTRY].usage.records(session_id=session_id)
     assert (record["answered"], record["error"], record["attempts"]) == (False, "LLM_ERROR", RETRIES + 1)
     assert (record["totalTokens"], record["totalCost"]) == (0, 0)
 

@@ -16,9 +16,11 @@ import pytest
 from click.testing import CliRunner
 
 from agentspace.cli import main as cli
-from agentspace.stores import usage as usage_module
-from agentspace.stores.tinydb_file import read_tables
-from agentspace.stores.usage import REPORTS, UsageStore, write_log_segment, write_segment
+from agentspace.storage import reports
+from agentspace.storage.embedded import usage as usage_module
+from agentspace.storage.embedded.tinydb_file import read_tables
+from agentspace.storage.embedded.usage import UsageStore, write_log_segment, write_segment
+from agentspace.storage.reports import REPORTS
 from agentspace.types import Cost, TokenUsage, UsageRecord
 
 MODELS = ["anthropic/claude-sonnet-4-5", "anthropic/claude-haiku-4-5", "openai/gpt-4o", None]
@@ -121,11 +123,11 @@ async def test_rollup_reports_equal_the_full_scan_on_random_data(
     for attempt in ("builds the rollups", "reads them"):
         for where in FILTERS:
             for by, grouping in REPORTS.items():
-                scanned = {**grouping(store.records(**where)), "damagedFiles": []}
-                assert rounded(store.report(by=by, **where)) == rounded(scanned), (attempt, by, where)
+                scanned = {**grouping(store.records_sync(**where)), "damagedFiles": []}
+                assert rounded(store.report_sync(by=by, **where)) == rounded(scanned), (attempt, by, where)
     # Server-tool fees and uses were there to be summed (old days' records and today's through the writer).
-    records = list(store.records())
-    grand = store.report()["grandTotal"]
+    records = list(store.records_sync())
+    grand = store.report_sync()["grandTotal"]
     assert grand["serverToolCost"] == pytest.approx(sum(r.get("serverToolCost") or 0.0 for r in records))
     assert grand["serverToolUses"] == sum(sum((r.get("serverToolUse") or {}).values()) for r in records)
     assert grand["serverToolCost"] > 0 and any(r["id"].startswith("t") and r["serverToolCost"] for r in records)
@@ -144,7 +146,7 @@ async def test_a_report_reads_only_the_open_segment_once_rollups_exist(
     seed(tmp_path, rng)
     monkeypatch.setattr(usage_module, "_utc_day", lambda: "2026-03-03")  # a seeded day is today
     store = UsageStore(tmp_path)
-    first = store.report()
+    first = store.report_sync()
     read: list[str] = []
     real = usage_module.read_segment
 
@@ -153,7 +155,7 @@ async def test_a_report_reads_only_the_open_segment_once_rollups_exist(
         return real(path)
 
     monkeypatch.setattr(usage_module, "read_segment", counting)
-    assert store.report() == first
+    assert store.report_sync() == first
     assert read == ["2026-03-03/00002.jsonl"]  # today's last segment, still being written
 
     # A closed segment that changed after its rollup (here: rewritten by hand) is read again, not trusted.
@@ -161,9 +163,9 @@ async def test_a_report_reads_only_the_open_segment_once_rollups_exist(
     raw = path.read_bytes()
     path.write_bytes(raw.split(b"\n", 1)[1])  # its first record gone
     read.clear()
-    after = store.report()
+    after = store.report_sync()
     assert "2026-03-01/00000.jsonl" in read
-    assert after["grandTotal"] == REPORTS["model"](store.records())["grandTotal"] != first["grandTotal"]
+    assert after["grandTotal"] == REPORTS["model"](store.records_sync())["grandTotal"] != first["grandTotal"]
 
 
 def test_the_cli_report_reads_rollups_and_names_damaged_segments(
@@ -193,23 +195,23 @@ def test_rollups_of_an_earlier_version_are_rebuilt_with_the_server_tool_fees(
     store = UsageStore(tmp_path)
     rollups = tmp_path / "usage" / "rollups"
     rollups.mkdir(parents=True)
-    version_2 = (*usage_module._TOKEN_FIELDS, "totalCost", *usage_module._COUNTS)  # a group's totals then
+    version_2 = (*reports.TOKEN_FIELDS, "totalCost", *reports.COUNTS)  # a group's totals then
     for day in DAYS:
         segments = {}
         for path in sorted((tmp_path / "usage" / day).iterdir()):
             records = usage_module.read_segment(path)
             groups = [
                 [*key, [*(t[f] for f in version_2), 0 if t.get("priceKnown") is False else 1]]
-                for key, t in usage_module.group_records(records).items()
+                for key, t in reports.group_records(records).items()
             ]
             first = min(str(r.get("timestamp") or "") for r in records)
             segments[path.name] = {"version": 2, "size": path.stat().st_size, "first": first, "groups": groups}
         (rollups / f"{day}.json").write_text(json.dumps({"segments": segments}))
 
-    report = store.report(by="day")
-    assert rounded(report) == rounded({**REPORTS["day"](store.records()), "damagedFiles": []})
+    report = store.report_sync(by="day")
+    assert rounded(report) == rounded({**REPORTS["day"](store.records_sync()), "damagedFiles": []})
     assert report["grandTotal"]["serverToolCost"] > 0 and report["grandTotal"]["serverToolUses"] > 0
     for day in DAYS:  # saved again, in the current version, and read from then on
         saved = json.loads((rollups / f"{day}.json").read_text())["segments"]
         assert {entry["version"] for entry in saved.values()} == {usage_module._ROLLUP_VERSION} != {2}
-    assert rounded(store.report(by="day")) == rounded(report)
+    assert rounded(store.report_sync(by="day")) == rounded(report)

@@ -44,7 +44,7 @@ def direct(fake: FakeAnthropic) -> anthropic.AsyncAnthropic:
 
 
 async def records(client: TestClient, session_id: str | None = None) -> list[dict[str, Any]]:
-    return await client.app[state.REGISTRY].usage.arecords(session_id=session_id)
+    return await client.app[state.REGISTRY].usage.records(session_id=session_id)
 
 
 async def stream_events(api: anthropic.AsyncAnthropic, **params: Any) -> tuple[list[dict[str, Any]], dict[str, Any]]:

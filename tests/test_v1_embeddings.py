@@ -29,7 +29,7 @@ def sdk(client: TestClient, token: str) -> openai.AsyncOpenAI:
 
 
 async def records(client: TestClient) -> list[dict[str, Any]]:
-    return await client.app[state.REGISTRY].usage.arecords()
+    return await client.app[state.REGISTRY].usage.records()
 
 
 @pytest.mark.parametrize("model", [MODEL, "text-embedding-3-small"])

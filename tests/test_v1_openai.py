@@ -42,7 +42,7 @@ def sdk(client: TestClient, token: str, **kwargs: Any) -> openai.AsyncOpenAI:
 
 
 async def records(client: TestClient) -> list[dict[str, Any]]:
-    return await client.app[state.REGISTRY].usage.arecords()
+    return await client.app[state.REGISTRY].usage.records()
 
 
 async def chunks_of(stream: Any) -> list[dict[str, Any]]:

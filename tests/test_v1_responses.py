@@ -48,7 +48,7 @@ def sdk(client: TestClient, token: str, **kwargs: Any) -> openai.AsyncOpenAI:
 
 
 async def records(client: TestClient) -> list[dict[str, Any]]:
-    return await client.app[state.REGISTRY].usage.arecords()
+    return await client.app[state.REGISTRY].usage.records()
 
 
 async def test_create_whole(client: TestClient, token: str, fake_openai: FakeOpenAI) -> None:

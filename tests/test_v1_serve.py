@@ -15,7 +15,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from agentspace.stores.usage import UsageStore
+from agentspace.storage.embedded.usage import UsageStore
 from scripts.harness import TEST_KEY, GatewayProcess, child_env
 from tests.conftest import wait_until
 from tests.fakes import anthropic_upstream as fa
@@ -62,7 +62,7 @@ async def run(server: GatewayProcess, lang: str, code: str) -> str:
 
 
 def records(server: GatewayProcess) -> list[dict[str, Any]]:
-    return list(UsageStore(server.data_dir).records())
+    return list(UsageStore(server.data_dir).records_sync())
 
 
 async def test_readme_snippets_work_as_written(

@@ -47,7 +47,7 @@ def sdk(client: TestClient, token: str) -> openai.AsyncOpenAI:
 
 
 async def records(client: TestClient) -> list[dict[str, Any]]:
-    return await client.app[state.REGISTRY].usage.arecords()
+    return await client.app[state.REGISTRY].usage.records()
 
 
 async def test_parse_on_an_openai_model(client: TestClient, token: str, fake_openai: FakeOpenAI) -> None:

@@ -33,7 +33,7 @@ def url(client: TestClient) -> str:
 
 
 async def records(client: TestClient) -> list[dict[str, Any]]:
-    return await client.app[state.REGISTRY].usage.arecords()
+    return await client.app[state.REGISTRY].usage.records()
 
 
 async def test_ttft_on_streams_only(

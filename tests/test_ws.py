@@ -293,7 +293,7 @@ async def test_abort_stores_partial_and_bills(
     stored = (await gw.sessions.get(session_id))["messages"][-1]
     assert stored["aborted"] is True and stored["role"] == "assistant"
     assert stored["content"].startswith("word word")
-    records = await gw.usage.arecords(session_id=session_id)
+    records = await gw.usage.records(session_id=session_id)
     assert len(records) == 1 and records[0]["estimated"] is True and records[0]["outputTokens"] > 0
     await ws.close()
 
@@ -317,7 +317,7 @@ async def test_disconnect_does_not_stop_generation(client: TestClient, token: st
     stored = (await gw.sessions.get(session_id))["messages"][-1]
     assert stored["content"] == "part " * 20 and stored["aborted"] is False
     assert stored["finishReason"] == "stop" and stored["usage"]["outputTokens"] == 20
-    records = await gw.usage.arecords(session_id=session_id)
+    records = await gw.usage.records(session_id=session_id)
     assert [r["outputTokens"] for r in records] == [20] and records[0]["estimated"] is False
 
 
@@ -415,7 +415,7 @@ async def test_tool_loop(make_client: Any, token: str, fake_anthropic: Any) -> N
     assert second["messages"][-1]["content"][0]["type"] == "tool_result"
     assert {t["name"] for t in second["tools"]} == {"get_weather", "broken"}
     gw = client.server.app[STATE.REGISTRY]
-    assert len(await gw.usage.arecords(session_id=frames[0]["sessionId"])) == 3
+    assert len(await gw.usage.records(session_id=frames[0]["sessionId"])) == 3
     await ws.close()
 
 
@@ -446,7 +446,7 @@ async def test_refused_call_is_recorded_with_zero_tokens(make_client: Any, token
     ws = await connect(client, token)
     frames = await chat(ws, "hi")
     assert frames[-1]["code"] == "RATE_LIMITED"
-    records = await client.server.app[STATE.REGISTRY].usage.arecords(session_id=frames[0]["sessionId"])
+    records = await client.server.app[STATE.REGISTRY].usage.records(session_id=frames[0]["sessionId"])
     assert [
         (r["inputTokens"], r["outputTokens"], r["totalCost"], r["estimated"], r["finishReason"]) for r in records
     ] == [(0, 0, 0, False, "error")]

@@ -15,10 +15,10 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import click
 
 from .common import CliState, config_options, money, pass_state, printable, table
-from .storage_access import on_storage
+from .storage_access import cli_storage, on_storage
 
 if TYPE_CHECKING:
-    from ..stores.base import Storage
+    from ..storage.protocols import Storage
 
 T = TypeVar("T")
 
@@ -93,27 +93,29 @@ def _limit_options(f: Any) -> Any:
 
 def _had_usage(state: CliState, name: str) -> bool:
     """Whether usage was recorded under ``name`` before (a removed client's)."""
-    from ..stores.usage import UsageStore
+    from ..storage.protocols import UsageStoreSync
 
     try:
-        if _on_backend(state):
-            return bool(on_storage(state, lambda storage: storage.usage.arecords(client=name)))
-        return any(True for _ in UsageStore(state.data_dir).records(client=name))
+        store = cli_storage(state).usage
+        if isinstance(store, UsageStoreSync):
+            return any(True for _ in store.records_sync(client=name))
+        return bool(on_storage(state, lambda storage: storage.usage.records(client=name)))
     except Exception:  # noqa: BLE001 - only a note: an unreadable store must not fail the add
         return False
 
 
 def _spend(state: CliState, client: Any, now: datetime) -> float:
     from ..clients import period_bounds
-    from ..stores.usage import UsageStore
+    from ..storage.protocols import UsageStoreSync
 
     start, _ = period_bounds(client.period, now)
     start = client.since if start is None else max(start, client.since or start)  # not an earlier namesake's
     records: Iterable[dict[str, Any]]
-    if _on_backend(state):
-        records = on_storage(state, lambda storage: storage.usage.arecords(since=start, client=client.name))
+    store = cli_storage(state).usage
+    if isinstance(store, UsageStoreSync):
+        records = store.records_sync(since=start, client=client.name)
     else:
-        records = UsageStore(state.data_dir).records(since=start, client=client.name)
+        records = on_storage(state, lambda storage: storage.usage.records(since=start, client=client.name))
     return sum(float(r.get("totalCost") or 0.0) for r in records)
 
 
@@ -124,19 +126,18 @@ def _public(state: CliState, client: Any) -> dict[str, Any]:
     return client.public(_spend(state, client, now), now)
 
 
-def _on_backend(state: CliState) -> bool:
-    """Another backend than the data directory's files (e.g. postgres): go through the storage interface."""
-    return bool(state.config()["storage"]["backend"] != "tinydb")
-
-
 def _store(state: CliState) -> Any:
     from ..private_files import check_data_dir
-    from ..stores.clients import ClientStore
+    from ..storage.embedded.clients import ClientStore
+    from ..storage.protocols import ClientStoreSync
 
-    if _on_backend(state):
+    # A backend without a client store of its own keeps the clients in the data directory.
+    clients = cli_storage(state).clients
+    store = clients if clients is not None else ClientStore(state.data_dir)
+    if not isinstance(store, ClientStoreSync):
         return _BackendClients(state)
     check_data_dir(state.data_dir)
-    return ClientStore(state.data_dir)
+    return store
 
 
 class _BackendClients:
@@ -147,7 +148,7 @@ class _BackendClients:
 
     def _run(self, work: Callable[[Any], Awaitable[T]]) -> T:
         def on(storage: Storage) -> Awaitable[T]:
-            from ..stores.clients import ClientStore
+            from ..storage.embedded.clients import ClientStore
 
             # A backend without a client store of its own keeps the clients in the data directory.
             return work(storage.clients if storage.clients is not None else ClientStore(self.state.data_dir))
@@ -186,7 +187,7 @@ def _get(store: Any, name: str) -> Any:
 
 def _on_client(name: str, action: Callable[[], Any]) -> Any:
     """``action``'s result; a client that does not exist is a clear error."""
-    from ..stores.clients import ClientNotFound
+    from ..storage.errors import ClientNotFound
 
     try:
         return action()
@@ -225,7 +226,7 @@ def clients() -> None:
 def add(state: CliState, name: str, settings: dict[str, Any]) -> None:
     """Add a client and print its key (shown this once)."""
     from ..clients import Client, apply_settings, name_problem
-    from ..stores.clients import ClientExists
+    from ..storage.errors import ClientExists
     from ..types import now_iso
 
     if (problem := name_problem(name)) is not None:

@@ -75,8 +75,8 @@ def _check_token(path: Path) -> list[str]:
 def doctor(state: CliState) -> None:
     """Check the stores and the secrets files; exit 1 when something is wrong."""
     from ..gateway_token import token_path
-    from ..stores.sessions import SessionStore
-    from ..stores.usage import UsageStore
+    from ..storage.embedded.sessions import SessionStore
+    from ..storage.embedded.usage import UsageStore
     from ..vault import KEYS_FILE
 
     data_dir = Path(state.data_dir)
@@ -87,7 +87,7 @@ def doctor(state: CliState) -> None:
     click.echo(f"sessions: {len(listing.sessions)} readable, {len(listing.damaged_files)} damaged")
 
     damaged: list[str] = []
-    count = sum(1 for _ in UsageStore(data_dir).records(damaged=damaged))
+    count = sum(1 for _ in UsageStore(data_dir).records_sync(damaged=damaged))
     problems += [f"{path}: damaged usage segment (kept for inspection; not counted)" for path in damaged]
     click.echo(f"usage: {count:,} records readable, {len(damaged)} damaged files")
 

@@ -35,7 +35,7 @@ def serve(state: CliState, host: str | None, port: int | None, workers: int, reu
     from ..errors import StorageError
     from ..gateway_token import check_secrets
     from ..server import run_server  # aiohttp and the providers load only when serving
-    from ..stores.datadir_lock import DataDirLocked
+    from ..storage.datadir_lock import DataDirLocked
 
     check_secrets(config.data_dir)  # a damaged or foreign secrets file stops here, in one line
     try:

@@ -3,47 +3,49 @@
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from .common import CliState, config_options, count, money, pass_state, printable, table
-from .storage_access import on_storage
+from .storage_access import cli_storage, on_storage
+
+if TYPE_CHECKING:
+    from ..storage.protocols import SessionStoreSync
 
 
-def _store(state: CliState) -> Any:
-    from ..stores.sessions import SessionStore
+def _sync_sessions(state: CliState) -> SessionStoreSync | None:
+    """The session store when it can be read without an event loop (the data directory's files)."""
+    from ..storage.protocols import SessionStoreSync
 
-    return SessionStore(state.data_dir)
-
-
-def _on_backend(state: CliState) -> bool:
-    """Another backend than the data directory's files (e.g. postgres): go through the storage interface."""
-    return bool(state.config()["storage"]["backend"] != "tinydb")
+    sessions = cli_storage(state).sessions
+    return sessions if isinstance(sessions, SessionStoreSync) else None
 
 
 def _listing(state: CliState) -> Any:
-    if _on_backend(state):
-        return on_storage(state, lambda storage: storage.sessions.listing())
-    return _store(state).listing_sync()
+    store = _sync_sessions(state)
+    if store is not None:
+        return store.listing_sync()
+    return on_storage(state, lambda storage: storage.sessions.listing())
 
 
 def _get(state: CliState, session_id: str) -> dict[str, Any] | None:
     from ..errors import SessionDamaged
 
     try:
-        if _on_backend(state):
-            return on_storage(state, lambda storage: storage.sessions.get(session_id))
-        session: dict[str, Any] | None = _store(state).get_sync(session_id)
+        store = _sync_sessions(state)
+        if store is not None:
+            return store.get_sync(session_id)
+        return on_storage(state, lambda storage: storage.sessions.get(session_id))
     except SessionDamaged as e:
         raise click.ClickException(e.message) from None
-    return session
 
 
 def _delete(state: CliState, session_id: str) -> bool:
-    if _on_backend(state):
-        return on_storage(state, lambda storage: storage.sessions.delete(session_id))
-    return bool(_store(state).delete_sync(session_id))
+    store = _sync_sessions(state)
+    if store is not None:
+        return store.delete_sync(session_id)
+    return on_storage(state, lambda storage: storage.sessions.delete(session_id))
 
 
 def _not_found(session_id: str) -> click.ClickException:
@@ -164,15 +166,15 @@ def delete(state: CliState, session_id: str, yes: bool) -> None:
 @pass_state
 def search(state: CliState, text: str, as_json: bool) -> None:
     """Sessions whose title or messages contain TEXT (case-insensitive), most recently active first."""
-    from ..stores.search import search_sessions, search_sessions_sync
+    from ..storage.search import search_sessions, search_sessions_sync
 
     if not text.strip():
         raise click.UsageError("TEXT must not be empty.")
-    if _on_backend(state):
-        found = on_storage(state, lambda storage: search_sessions(storage.sessions, text, limit=200))
-    else:
-        store = _store(state)
+    store = _sync_sessions(state)
+    if store is not None:
         found = search_sessions_sync(store.listing_sync().sessions, store.get_sync, text, limit=200)
+    else:
+        found = on_storage(state, lambda storage: search_sessions(storage.sessions, text, limit=200))
     if as_json:
         click.echo(json.dumps(found, indent=2))
         return

@@ -1,7 +1,10 @@
 """The configured storage backend (``[storage] backend``) for one CLI command.
 
-``sessions`` and ``clients`` read and write through the same storage interface the server uses, so with
-``backend = "postgres"`` they see the database, not the data directory's files.
+The commands read and write through the same storage interface the server uses, so with
+``backend = "postgres"`` they see the database, not the data directory's files. A store that can be read
+without an event loop (the embedded backend's files) says so by speaking the sync protocols of
+``storage.protocols`` (``SessionStoreSync``, ``UsageStoreSync``, ``ClientStoreSync``): the command then
+reads it directly, without starting asyncio.
 """
 
 from __future__ import annotations
@@ -14,22 +17,39 @@ import click
 from .common import CliState
 
 if TYPE_CHECKING:
-    from ..stores.base import Storage
+    from ..storage.protocols import Storage
 
 T = TypeVar("T")
+
+
+def cli_storage(state: CliState) -> Storage:
+    """The configured backend's storage, opened (nothing is connected or read yet). The built-in backends
+    open without loading the plugins, which a command would wait for; a backend a plugin registers loads them."""
+    from ..errors import StorageError
+    from ..storage.backends import builtin_backend
+
+    config = state.config()
+    backend = builtin_backend(str(config["storage"]["backend"]))
+    try:
+        if backend is not None:
+            return backend.open(config)
+        from ..default_plugins.storage import open_storage
+
+        return open_storage(config)
+    except StorageError as e:
+        raise click.ClickException(e.message) from None
 
 
 def on_storage(state: CliState, work: Callable[[Storage], Awaitable[T]]) -> T:
     """``work(storage)`` run on the opened and started storage, which is closed afterwards.
 
     A storage that cannot be used (database unreachable, backend unknown) is a clean CLI error."""
-    import asyncio  # here, not at the top: ``agentspace usage`` on tinydb starts without it
+    import asyncio  # here, not at the top: a command on the embedded backend starts without it
 
-    from ..default_plugins.storage import open_storage
     from ..errors import StorageError
 
     async def run() -> T:
-        storage = open_storage(state.config())
+        storage = cli_storage(state)
         try:
             await storage.start()
             return await work(storage)

@@ -33,15 +33,15 @@ def migrate(state: CliState, dsn: str) -> None:
 
     from ..errors import StorageError
     from ..private_files import PrivateFileError
-    from ..stores.clients import ClientStore
-    from ..stores.sessions import SessionStore
-    from ..stores.usage import UsageStore
+    from ..storage.embedded.clients import ClientStore
+    from ..storage.embedded.sessions import SessionStore
+    from ..storage.embedded.usage import UsageStore
 
     data_dir = state.data_dir
     sessions = SessionStore(data_dir)
     listing = sessions.listing_sync()
     damaged: list[str] = []
-    records = list(UsageStore(data_dir).records(damaged=damaged))
+    records = list(UsageStore(data_dir).records_sync(damaged=damaged))
     for path in sorted(set(damaged + listing.damaged_files)):
         click.echo(f"skipped (damaged): {path}", err=True)
     try:
@@ -62,7 +62,12 @@ def migrate(state: CliState, dsn: str) -> None:
 async def _copy(
     dsn: str, sessions: Any, session_ids: list[str], records: list[dict[str, Any]], clients: list[Any]
 ) -> dict[str, int]:
-    from ..stores.postgres import PostgresClientStore, PostgresDatabase, PostgresSessionStore, PostgresUsageStore
+    from ..storage.postgres import (
+        PostgresClientStore,
+        PostgresDatabase,
+        PostgresSessionStore,
+        PostgresUsageStore,
+    )
 
     db = PostgresDatabase(dsn)
     await db.start()

@@ -17,27 +17,7 @@ import click
 
 from .. import periods
 from .common import CliState, config_options, count, money, pass_state, printable, table
-
-
-def _backend_reports(state: CliState, wanted: list[str], where: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    """The reports of the configured storage backend (``[storage] backend``, e.g. postgres)."""
-    import asyncio
-
-    from ..default_plugins.storage import open_storage
-    from ..errors import StorageError
-
-    async def reports() -> dict[str, dict[str, Any]]:
-        storage = open_storage(state.config())
-        await storage.start()
-        try:
-            return {by: await storage.usage.areport(by=by, **where) for by in wanted}
-        finally:
-            await storage.aclose()
-
-    try:
-        return asyncio.run(reports())
-    except StorageError as e:
-        raise click.ClickException(e.message) from None
+from .storage_access import cli_storage, on_storage
 
 
 def parse_since(value: str, now: datetime | None = None) -> datetime:
@@ -95,7 +75,7 @@ def usage(
     as_json: bool,
 ) -> None:
     """Token usage and cost, per model, per day, per client or per deployment of the model groups."""
-    from ..stores.usage import UsageStore
+    from ..storage.protocols import Storage, UsageStoreSync
 
     since_dt = parse_since(since) if since else None
     by_model = by_model or not (by_day or by_client or by_deployment)
@@ -104,11 +84,15 @@ def usage(
     where: dict[str, Any] = {"since": since_dt, "session_id": session_id, "client": client_name}
     asked_for = (("model", by_model), ("day", by_day), ("client", by_client), ("deployment", by_deployment))
     wanted = [by for by, asked in asked_for if asked]
-    if state.config()["storage"]["backend"] != "tinydb":  # another backend answers through the storage interface
-        reports = _backend_reports(state, wanted, where)
+    store = cli_storage(state).usage
+    if isinstance(store, UsageStoreSync):  # files: read here, without an event loop
+        reports = {by: store.report_sync(by=by, **where) for by in wanted}
     else:
-        store = UsageStore(state.data_dir)
-        reports = {by: store.report(by=by, **where) for by in wanted}
+
+        async def backend_reports(storage: Storage) -> dict[str, dict[str, Any]]:
+            return {by: await storage.usage.report(by=by, **where) for by in wanted}
+
+        reports = on_storage(state, backend_reports)
     per_model, per_day, per_client = reports.get("model"), reports.get("day"), reports.get("client")
     per_deployment = reports.get("deployment")
     report = per_model or per_day or per_client or per_deployment or {}

@@ -1,8 +1,8 @@
 """The built-in storage backends, registered as any plugin's would be (``register_storage_backends``).
 
-``tinydb``: files in the data directory, one server process (the data-directory lock); its usage records
-are written by the ``tinydb_sink`` plugin. ``postgres``: one database (``[storage] dsn``) shared by any
-number of replicas; needs the ``scale`` extra.
+``tinydb`` (``agentspace.storage.embedded``): files in the data directory, one server process (the
+data-directory lock). ``postgres`` (``agentspace.storage.postgres``): one database (``[storage] dsn``) shared
+by any number of replicas; needs the ``scale`` extra.
 """
 
 from __future__ import annotations
@@ -12,58 +12,18 @@ from typing import TYPE_CHECKING
 
 from agentspace.errors import StorageError
 from agentspace.hookspecs import hookimpl
-from agentspace.stores.base import Storage, StorageBackend, UsageStoreSink
+from agentspace.storage.protocols import Storage, StorageBackend
 
 if TYPE_CHECKING:
     from agentspace.config import Config
 
 
-class TinyDBBackend:
-    name = "tinydb"
-
-    def open(self, config: Config) -> Storage:
-        from agentspace.stores.sessions import SessionStore
-        from agentspace.stores.usage import UsageStore
-
-        return Storage("tinydb", SessionStore(config.data_dir), UsageStore(config.data_dir))
-
-
-class PostgresBackend:
-    name = "postgres"
-
-    def open(self, config: Config) -> Storage:
-        from agentspace.stores.postgres import (
-            PostgresClientStore,
-            PostgresDatabase,
-            PostgresSessionStore,
-            PostgresUsageStore,
-        )
-
-        settings = config["storage"]
-        if not settings.get("dsn"):
-            raise StorageError('[storage] backend = "postgres" needs [storage] dsn = "postgresql://..."')
-        db = PostgresDatabase(
-            str(settings["dsn"]),
-            pool_size=int(settings["pool_size"]),
-            statement_cache_size=int(settings["statement_cache_size"]),
-        )
-        usage = PostgresUsageStore(db)
-        return Storage(
-            "postgres",
-            PostgresSessionStore(db),
-            usage,
-            sink=UsageStoreSink(usage, "postgres"),
-            clients=PostgresClientStore(db),
-            uses_data_dir_lock=False,
-            shared=True,
-            database=db,
-        )
-
-
 @hookimpl
 def register_storage_backends(register: Callable[[StorageBackend], None], config: Config) -> None:
-    register(TinyDBBackend())
-    register(PostgresBackend())
+    from agentspace.storage.backends import builtin_backends
+
+    for backend in builtin_backends():
+        register(backend)
 
 
 def open_storage(config: Config, pm: object | None = None) -> Storage:

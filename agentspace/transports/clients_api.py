@@ -16,7 +16,7 @@ from ..clients import Client, apply_settings, name_problem, settings_problems
 from ..errors import ApiError
 from ..registry import Registry
 from ..service import invalid, parse_json
-from ..stores.clients import ClientExists, ClientNotFound
+from ..storage.errors import ClientExists, ClientNotFound
 from ..types import now_iso
 from . import state
 

@@ -31,22 +31,18 @@ from __future__ import annotations
 import builtins
 import contextlib
 import copy
-import json
 import logging
 import os
-import re
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..errors import SessionDamaged
-from ..types import new_id, now_iso
-from . import append_log
-from .append_log import AppendLog, encode_lines, read_entries, read_last_entry
-from .atomic import (
+from ...errors import SessionDamaged
+from ...types import new_id, now_iso
+from ..atomic import (
     DAMAGED_MARK,
     StoreCorrupt,
     fsync_dir,
@@ -57,13 +53,22 @@ from .atomic import (
     warn_skipped,
     write_bytes_atomic,
 )
+from ..errors import MessageNotFound, SessionExists, SessionNotFound
+from ..shapes import (
+    Listing,
+    detached,
+    is_valid_session_id,
+    stored_message,
+    title_from,
+    validate_session_id,
+)
+from . import append_log
+from .append_log import AppendLog, encode_lines, read_entries, read_last_entry
 from .store_thread import on_store_thread, read_in_thread
 from .tinydb_file import Tables, read_tables
 
-log = logging.getLogger("agentspace.stores")
+log = logging.getLogger("agentspace.storage")
 
-SESSION_ID = re.compile(r"[A-Za-z0-9_-]{1,128}")
-TITLE_LENGTH = 60
 # Sessions the server keeps parsed in memory (at most this many, and this many bytes of their files);
 # older ones are re-read on next use.
 OPEN_SESSIONS = 256
@@ -76,43 +81,6 @@ _LOG = ".jsonl"
 _LEGACY = ".json"
 # Summary copies an earlier version kept next to the sessions; ignored, and deleted with their session.
 _LEGACY_COPY = ".meta.json"
-
-
-class InvalidSessionId(ValueError):
-    """A session id that is not 1-128 characters of A-Z a-z 0-9 _ - (it is used as a file name)."""
-
-
-class SessionExists(ValueError):
-    """``create`` with the id of an existing session."""
-
-
-class SessionNotFound(LookupError):
-    """A change to a session that does not exist (or whose id is invalid, so cannot exist)."""
-
-
-class MessageNotFound(LookupError):
-    """``update_message`` with an id no message of the session has."""
-
-
-@dataclass
-class Listing:
-    """Every readable session's summary, most recent activity first, and the files in ``sessions/`` that
-    are damaged (moved aside, or not readable as a session)."""
-
-    sessions: builtins.list[dict[str, Any]] = field(default_factory=list)
-    damaged_files: builtins.list[str] = field(default_factory=list)
-
-
-def validate_session_id(session_id: object) -> str:
-    if isinstance(session_id, str) and SESSION_ID.fullmatch(session_id):
-        return session_id
-    raise InvalidSessionId(
-        f"invalid session id {str(session_id)[:40]!r}: use 1-128 characters from A-Z, a-z, 0-9, '_' and '-'"
-    )
-
-
-def _is_valid(session_id: object) -> bool:
-    return isinstance(session_id, str) and SESSION_ID.fullmatch(session_id) is not None
 
 
 def _summary(tables: Tables) -> dict[str, Any]:
@@ -129,30 +97,8 @@ def _checked(tables: Tables | None, path: Path) -> Tables | None:
     return tables
 
 
-def _title_from(message: dict[str, Any]) -> str | None:
-    content = message.get("content")
-    if not isinstance(content, str) or not content.strip():
-        parts = message.get("parts") or []
-        content = "".join(p.get("text", "") for p in parts if isinstance(p, dict) and p.get("type") == "text")
-    title = " ".join(content.split())[:TITLE_LENGTH].rstrip()
-    return title or None
-
-
 def _sorted(summaries: builtins.list[dict[str, Any]]) -> builtins.list[dict[str, Any]]:
     return sorted(summaries, key=lambda s: (s["lastActivityAt"] or "", s["createdAt"] or "", s["id"]), reverse=True)
-
-
-def _detached(data: Any) -> Any:
-    """A JSON-only deep copy: callers can't change the cache through it, and bad values fail here."""
-    return json.loads(json.dumps(data))
-
-
-def _stored(message: dict[str, Any]) -> dict[str, Any]:
-    """A message as it is stored: a snapshot, ``id`` and ``createdAt`` filled in when absent."""
-    message = _detached(message)
-    message.setdefault("id", new_id("msg_"))
-    message.setdefault("createdAt", now_iso())
-    return message
 
 
 @dataclass
@@ -250,7 +196,7 @@ class SessionStore:
 
         Raises InvalidSessionId, SessionExists or SessionDamaged (the id's file was moved aside)."""
         session_id = validate_session_id(session_id) if session_id is not None else new_id("s_")
-        return await self._run(self._create, session_id, model, title, client, [_stored(m) for m in messages])
+        return await self._run(self._create, session_id, model, title, client, [stored_message(m) for m in messages])
 
     async def get(self, session_id: str) -> dict[str, Any] | None:
         """The summary plus ``messages``, or None. Raises SessionDamaged."""
@@ -272,11 +218,11 @@ class SessionStore:
     async def append_message(self, session_id: str, message: dict[str, Any]) -> None:
         """Store a message (``id`` and ``createdAt`` are filled in when absent). Raises SessionNotFound,
         SessionDamaged, or StorageError (then nothing was stored, and the same call can be retried)."""
-        await self._write(session_id, self._append, _stored(message))
+        await self._write(session_id, self._append, stored_message(message))
 
     async def update_message(self, session_id: str, message_id: str, changes: dict[str, Any]) -> None:
         """Merge ``changes`` into a stored message. Raises SessionNotFound or MessageNotFound."""
-        await self._write(session_id, self._update, message_id, _detached(changes))
+        await self._write(session_id, self._update, message_id, detached(changes))
 
     async def set_title(self, session_id: str, title: str) -> None:
         """Rename a session. Raises SessionNotFound."""
@@ -324,7 +270,7 @@ class SessionStore:
 
     def get_sync(self, session_id: str) -> dict[str, Any] | None:
         """The summary plus ``messages``, or None. Raises SessionDamaged (the file is left where it is)."""
-        if not _is_valid(session_id):
+        if not is_valid_session_id(session_id):
             return None
         try:
             session = self._read(session_id)
@@ -362,11 +308,11 @@ class SessionStore:
                     summary = self._log_summary(name[: -len(_LOG)], path, whole)
                 elif name.endswith(_LEGACY):
                     session_id = name[: -len(_LEGACY)]
-                    if name.endswith(_LEGACY_COPY) and _is_valid(name[: -len(_LEGACY_COPY)]):
+                    if name.endswith(_LEGACY_COPY) and is_valid_session_id(name[: -len(_LEGACY_COPY)]):
                         continue
                     if session_id in logs:  # converted; the writer removes the old file on next use
                         continue
-                    if not _is_valid(session_id):
+                    if not is_valid_session_id(session_id):
                         raise StoreCorrupt(path, "not a session file (its name is not a session id)")
                     tables = _checked(read_tables(path), path)
                     summary = None if tables is None else _summary(tables)
@@ -382,7 +328,7 @@ class SessionStore:
         return listing
 
     def _log_summary(self, session_id: str, path: Path, whole: bool = False) -> dict[str, Any] | None:
-        if not _is_valid(session_id):
+        if not is_valid_session_id(session_id):
             raise StoreCorrupt(path, "not a session file (its name is not a session id)")
         entry = None if whole else read_last_entry(path, _is_summary)
         if entry is None:  # none found from the end: read it whole to tell a deleted file from a damaged one
@@ -392,7 +338,7 @@ class SessionStore:
         return {key: info.get(key) for key in _SUMMARY_KEYS}
 
     def delete_sync(self, session_id: str) -> bool:
-        if not _is_valid(session_id):
+        if not is_valid_session_id(session_id):
             return False
         with self._lock:
             self._forget(session_id)
@@ -460,7 +406,7 @@ class SessionStore:
 
         A session not cached is read and its log opened for appending (a torn tail or an unfinished write
         cut off); a damaged file is moved aside and raises SessionDamaged."""
-        if not _is_valid(session_id):
+        if not is_valid_session_id(session_id):
             return None
         session = self._open.get(session_id)
         if session is not None:
@@ -589,7 +535,7 @@ class SessionStore:
                 raise SessionExists(f"session {session_id!r} already exists")
             now = now_iso()
             if title is None:
-                title = next((t for m in messages if m.get("role") == "user" and (t := _title_from(m))), None)
+                title = next((t for m in messages if m.get("role") == "user" and (t := title_from(m))), None)
             info = {
                 "id": session_id,
                 "title": title,
@@ -630,7 +576,7 @@ class SessionStore:
         session = self._require(session_id)
         info = dict(session.info)
         if not info.get("title") and message.get("role") == "user":
-            info["title"] = _title_from(message)
+            info["title"] = title_from(message)
         info["lastActivityAt"] = now_iso()
         return self._append_entries(session_id, session, {"message": message}, info, [*session.messages, message])
 

@@ -46,12 +46,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from .atomic import StoreCorrupt, dump_json, fsync_dir
+from ..atomic import StoreCorrupt, dump_json, fsync_dir
 
 if TYPE_CHECKING:  # asyncio only where writes run: the CLI's reports start faster without it
     import asyncio
 
-log = logging.getLogger("agentspace.stores")
+log = logging.getLogger("agentspace.storage")
 
 T = TypeVar("T")
 

@@ -26,15 +26,13 @@ import contextlib
 import os
 import re
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from ..types import UsageRecord
-from . import append_log
-from .append_log import AppendLog, encode_lines, parse_lines
-from .atomic import (
+from ...types import UsageRecord
+from ..atomic import (
     StoreCorrupt,
     is_damaged_copy,
     make_dirs,
@@ -45,6 +43,9 @@ from .atomic import (
     write_bytes_atomic,
     write_json_atomic,
 )
+from ..reports import REPORTS, SUMMED, GroupKey, add_to, group_records, merge, owner, report_from_groups
+from . import append_log
+from .append_log import AppendLog, encode_lines, parse_lines
 from .store_thread import read_in_thread
 from .tinydb_file import read_tables, write_tables
 
@@ -58,7 +59,6 @@ _ROLLUP_VERSION = 3
 # Records per segment: the most a writer reads when it opens the day's last segment, and the most a report
 # scans that no rollup covers.
 SEGMENT_SIZE = 10_000
-_TOKEN_FIELDS = ("inputTokens", "outputTokens", "totalTokens", "cacheReadTokens", "cacheWriteTokens", "reasoningTokens")
 
 
 def _utc_day() -> str:
@@ -151,7 +151,7 @@ class UsageStore:
 
         await self._commit.run(work, on_failure=lambda: self._forget(data))
 
-    def records(
+    def records_sync(
         self,
         *,
         since: datetime | None = None,
@@ -181,7 +181,7 @@ class UsageStore:
                     continue
                 yield from _matching(records, since_iso, session_id, client)
 
-    def report(
+    def report_sync(
         self,
         *,
         by: str = "model",
@@ -195,10 +195,10 @@ class UsageStore:
         if by not in REPORTS:
             raise KeyError(by)
         damaged: list[str] = []
-        groups = self.groups(since=since, session_id=session_id, client=client, damaged=damaged)
+        groups = self.groups_sync(since=since, session_id=session_id, client=client, damaged=damaged)
         return {**report_from_groups(by, groups), "damagedFiles": damaged}
 
-    def groups(
+    def groups_sync(
         self,
         *,
         since: datetime | None = None,
@@ -241,7 +241,7 @@ class UsageStore:
                     for row in entry.get("groups", []):
                         key = tuple(row[:6])
                         if (session_id is None or key[3] == session_id) and (client is None or owner(key[2]) == client):
-                            _merge(groups, key, _totals_from_row(row[6]))
+                            merge(groups, key, _totals_from_row(row[6]))
                     continue
                 try:
                     records = read_segment(path)
@@ -257,7 +257,7 @@ class UsageStore:
                 elif entry is not None:
                     fresh[name] = entry
                 for record in _matching(records, since_iso, session_id, client):
-                    _add_to(groups, record)
+                    add_to(groups, record)
             if fresh != known:
                 self._save_rollup(day, fresh)
         return groups
@@ -283,7 +283,7 @@ class UsageStore:
             make_dirs(self.dir / ROLLUPS)
             write_json_atomic(self.dir / ROLLUPS / f"{day}.json", {"segments": segments})
 
-    async def areport(
+    async def report(
         self,
         *,
         by: str = "model",
@@ -292,13 +292,13 @@ class UsageStore:
         client: str | None = None,
     ) -> dict[str, Any]:
         """``report`` run off the event loop (and off the store thread: writes do not wait for it)."""
-        return await read_in_thread(lambda: self.report(by=by, since=since, session_id=session_id, client=client))
+        return await read_in_thread(lambda: self.report_sync(by=by, since=since, session_id=session_id, client=client))
 
-    async def arecords(
+    async def records(
         self, *, since: datetime | None = None, session_id: str | None = None, client: str | None = None
     ) -> list[dict[str, Any]]:
         """``records`` run off the event loop (and off the store thread: writes do not wait for it)."""
-        return await read_in_thread(lambda: list(self.records(since=since, session_id=session_id, client=client)))
+        return await read_in_thread(lambda: list(self.records_sync(since=since, session_id=session_id, client=client)))
 
     async def flush(self) -> None:
         from .store_thread import on_store_thread
@@ -403,134 +403,13 @@ def _iso(since: datetime | None) -> str | None:
     return since_utc.strftime("%Y-%m-%dT%H:%M:%S.") + f"{since_utc.microsecond // 1000:03d}Z"
 
 
-# --- reports ------------------------------------------------------------------------------------
-
-
-_COUNTS = ("requestCount", "errorCount", "estimatedCount")
-# The fees of server tools (web search, ...; part of ``totalCost``) and how many uses they paid for: a column
-# of their own in every report.
-_SERVER_TOOL_FIELDS = ("serverToolCost", "serverToolUses")
-
-
-def _totals() -> dict[str, Any]:
-    return {
-        **dict.fromkeys(_TOKEN_FIELDS, 0),
-        "totalCost": 0.0,
-        "serverToolCost": 0.0,
-        "serverToolUses": 0,
-        **dict.fromkeys(_COUNTS, 0),
-    }
-
-
-def _is_error(record: dict[str, Any]) -> bool:
-    # The finish reason too: records written before the ``error`` field have only that.
-    return bool(record.get("error")) or record.get("finishReason") == "error"
-
-
-def _add(totals: dict[str, Any], record: dict[str, Any]) -> None:
-    """Count one record: a request when the upstream answered it, an error when it ended in one."""
-    for key in _TOKEN_FIELDS:
-        totals[key] += record.get(key) or 0
-    totals["totalCost"] += record.get("totalCost") or 0.0
-    totals["serverToolCost"] += record.get("serverToolCost") or 0.0
-    totals["serverToolUses"] += server_tool_uses(record)
-    totals["requestCount"] += record.get("answered") is not False
-    totals["errorCount"] += _is_error(record)
-    totals["estimatedCount"] += bool(record.get("estimated"))
-    if record.get("priceKnown") is False:  # costed at the fallback price: the report says so
-        totals["priceKnown"] = False
-
-
-def server_tool_uses(record: dict[str, Any]) -> int:
-    """How many server-tool uses a record paid for (``serverToolUse``: {"web_search": 3, ...})."""
-    uses = record.get("serverToolUse")
-    if not isinstance(uses, dict):
-        return 0
-    return sum(n for n in uses.values() if isinstance(n, int) and not isinstance(n, bool))
-
-
-def _model_label(record: dict[str, Any]) -> str:
-    return str(record.get("model") or "unknown")
-
-
-def _day_label(record: dict[str, Any]) -> str:
-    return str(record.get("timestamp") or "")[:10] or "unknown"
-
-
-def _group(records: Iterable[dict[str, Any]], key: str, label: Callable[[dict[str, Any]], str]) -> dict[str, Any]:
-    groups: dict[str, dict[str, Any]] = {}
-    for record in records:
-        name = label(record)
-        totals = groups.get(name)
-        if totals is None:
-            totals = groups[name] = _totals()
-        _add(totals, record)
-    return _finish(groups, key)
-
-
-def _finish(groups: dict[str, dict[str, Any]], key: str) -> dict[str, Any]:
-    grand = _totals()
-    for totals in groups.values():
-        for field in _SUMMED:
-            grand[field] += totals[field]
-    for totals in (*groups.values(), grand):
-        for field in ("totalCost", "serverToolCost"):  # float sums carry noise below a nano-dollar
-            totals[field] = round(totals[field], 10)
-    return {key: dict(sorted(groups.items())), "grandTotal": grand}
-
-
-# --- groups: what rollups keep, and what every report can be made of -----------------------------
-
-# (day, model, client, session id, endpoint, deployment), the raw values of the records (None when absent).
-GroupKey = tuple[str, Any, Any, Any, Any, Any]
-_SUMMED = (*_TOKEN_FIELDS, "totalCost", *_SERVER_TOOL_FIELDS, *_COUNTS)
-
-
-def group_key(record: dict[str, Any]) -> GroupKey:
-    return (
-        _day_label(record),
-        record.get("model"),
-        record.get("client"),
-        record.get("sessionId"),
-        record.get("endpoint"),
-        record.get("deployment"),
-    )
-
-
-def _add_to(groups: dict[GroupKey, dict[str, Any]], record: dict[str, Any]) -> None:
-    key = group_key(record)
-    totals = groups.get(key)
-    if totals is None:
-        totals = groups[key] = _totals()
-    _add(totals, record)
-
-
-def _merge(groups: dict[GroupKey, dict[str, Any]], key: GroupKey, totals: dict[str, Any]) -> None:
-    into = groups.get(key)
-    if into is None:
-        groups[key] = totals
-        return
-    for field in _SUMMED:
-        into[field] += totals[field]
-    if totals.get("priceKnown") is False:
-        into["priceKnown"] = False
-
-
-def group_records(records: Iterable[dict[str, Any]]) -> dict[GroupKey, dict[str, Any]]:
-    """The records' totals per group key."""
-    groups: dict[GroupKey, dict[str, Any]] = {}
-    for record in records:
-        _add_to(groups, record)
-    return groups
-
-
 def _totals_row(totals: dict[str, Any]) -> list[Any]:
-    return [*(totals[field] for field in _SUMMED), 0 if totals.get("priceKnown") is False else 1]
+    return [*(totals[field] for field in SUMMED), 0 if totals.get("priceKnown") is False else 1]
 
 
 def _totals_from_row(row: list[Any]) -> dict[str, Any]:
-    totals = dict(zip(_SUMMED, row, strict=False))
-    if not row[len(_SUMMED)]:
+    totals = dict(zip(SUMMED, row, strict=False))
+    if not row[len(SUMMED)]:
         totals["priceKnown"] = False
     return totals
 
@@ -541,106 +420,3 @@ def _rollup_entry(records: list[dict[str, Any]], size: int) -> dict[str, Any]:
     first = min((str(r.get("timestamp") or "") for r in records), default=None)
     groups = [[*key, _totals_row(totals)] for key, totals in group_records(records).items()]
     return {"version": _ROLLUP_VERSION, "size": size, "first": first, "groups": groups}
-
-
-def report_from_groups(by: str, groups: dict[GroupKey, dict[str, Any]]) -> dict[str, Any]:
-    """The report ``by`` names (``REPORTS``) computed from group totals instead of records."""
-    if by == "day-model":
-        per_day: dict[str, dict[str, dict[str, Any]]] = {}
-        for (day, model, *_), totals in groups.items():
-            _merge_named(per_day.setdefault(day, {}), str(model or "unknown"), totals)
-        grand = _finish({f"{d} {m}": t for d, models in per_day.items() for m, t in models.items()}, "x")
-        ordered = {day: dict(sorted(models.items())) for day, models in sorted(per_day.items())}
-        return {"perDay": ordered, "grandTotal": grand["grandTotal"]}
-    key, label = _LABELS[by]
-    named: dict[str, dict[str, Any]] = {}
-    for (day, model, client, session, _, deployment), totals in groups.items():
-        record = {"timestamp": day, "model": model, "client": client, "sessionId": session, "deployment": deployment}
-        _merge_named(named, label(record), totals)
-    return _finish(named, key)
-
-
-def _merge_named(named: dict[str, dict[str, Any]], name: str, totals: dict[str, Any]) -> None:
-    into = named.get(name)
-    if into is None:
-        into = named[name] = _totals()
-    for field in _SUMMED:
-        into[field] += totals[field]
-    if totals.get("priceKnown") is False:
-        into["priceKnown"] = False
-
-
-def usage_report(records: Iterable[dict[str, Any]]) -> dict[str, Any]:
-    """The ``usage.report`` shape (SPEC 3): ``perModel`` and ``grandTotal``, with extra token kinds,
-    ``requestCount`` (calls the upstream answered), ``errorCount`` and ``priceKnown: false`` on a model
-    priced by the fallback."""
-    return _group(records, "perModel", _model_label)
-
-
-def usage_by_day(records: Iterable[dict[str, Any]]) -> dict[str, Any]:
-    """Totals per UTC day of the record's timestamp: ``perDay`` and ``grandTotal``."""
-    return _group(records, "perDay", _day_label)
-
-
-# What older records of the gateway token name as their client (or they name none).
-ADMIN_LEGACY_CLIENTS = ("", "ws", "http")
-
-
-def owner(client: object) -> str:
-    """Whose a record is: its client, or "admin" (the gateway token) for records from before clients existed,
-    which name none (or "ws"/"http"). A ``client`` filter of "admin" matches those too."""
-    return str(client) if client and client not in ADMIN_LEGACY_CLIENTS else "admin"
-
-
-def _client_label(record: dict[str, Any]) -> str:
-    return owner(record.get("client"))
-
-
-def usage_by_client(records: Iterable[dict[str, Any]]) -> dict[str, Any]:
-    """Totals per client (SPEC 11): ``perClient`` and ``grandTotal``."""
-    return _group(records, "perClient", _client_label)
-
-
-def _session_label(record: dict[str, Any]) -> str:
-    return str(record.get("sessionId") or "none")
-
-
-def usage_by_session(records: Iterable[dict[str, Any]]) -> dict[str, Any]:
-    """Totals per session id (``"none"`` for calls outside a session): ``perSession`` and ``grandTotal``."""
-    return _group(records, "perSession", _session_label)
-
-
-def usage_by_day_and_model(records: Iterable[dict[str, Any]]) -> dict[str, Any]:
-    """Totals per UTC day and, within it, per model (the web app's stacked chart): ``perDay`` maps a day to
-    ``{MODEL: totals}``; ``grandTotal`` as in the other reports."""
-    grouped = _group(records, "perDay", lambda record: f"{_day_label(record)} {_model_label(record)}")
-    per_day: dict[str, dict[str, Any]] = {}
-    for key, totals in grouped["perDay"].items():
-        day, _, model = key.partition(" ")
-        per_day.setdefault(day, {})[model] = totals
-    return {"perDay": per_day, "grandTotal": grouped["grandTotal"]}
-
-
-def usage_by_deployment(records: Iterable[dict[str, Any]]) -> dict[str, Any]:
-    """Totals per deployment of a model group (``group/name``, agentspace/routing.py; ``"none"`` for calls
-    to a model outside any group): ``perDeployment`` and ``grandTotal``."""
-    return _group(records, "perDeployment", lambda record: str(record.get("deployment") or "none"))
-
-
-# ``by`` of the usage reports (CLI, ``/api/usage``): the function that groups the records.
-REPORTS: dict[str, Callable[[Iterable[dict[str, Any]]], dict[str, Any]]] = {
-    "model": usage_report,
-    "day": usage_by_day,
-    "client": usage_by_client,
-    "session": usage_by_session,
-    "day-model": usage_by_day_and_model,
-    "deployment": usage_by_deployment,
-}
-
-_LABELS: dict[str, tuple[str, Callable[[dict[str, Any]], str]]] = {
-    "model": ("perModel", _model_label),
-    "day": ("perDay", _day_label),
-    "client": ("perClient", _client_label),
-    "session": ("perSession", _session_label),
-    "deployment": ("perDeployment", lambda record: str(record.get("deployment") or "none")),
-}

@@ -22,9 +22,10 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import SessionDamaged
-from .base import SessionStoreAPI
-from .sessions import SESSION_ID, SessionStore
-from .store_thread import read_in_thread
+from .embedded.sessions import SessionStore
+from .embedded.store_thread import read_in_thread
+from .protocols import SessionStoreAPI
+from .shapes import SESSION_ID
 
 SNIPPET = 60  # characters of context either side of a match
 

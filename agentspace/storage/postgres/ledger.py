@@ -16,9 +16,12 @@ import asyncio
 import json
 import logging
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from .postgres import PostgresDatabase
+from .database import PostgresDatabase
+
+if TYPE_CHECKING:
+    from ..shapes import LedgerEntry
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +61,7 @@ class PostgresLedger:
             await conn.execute(_CREATE)
         self._task = asyncio.get_running_loop().create_task(self._run(recover), name="agentspace-ledger-leases")
 
-    async def pending(self, entry: dict[str, Any]) -> None:
+    async def pending(self, entry: LedgerEntry) -> None:
         """The pending row, committed once awaited; StorageError when the database cannot take it."""
         async with self.db.connection() as conn:
             await conn.execute(

@@ -9,28 +9,29 @@ it need the data-directory lock, can several processes share it). ``tests/test_s
 one suite against every backend.
 
 Errors are the same everywhere: ``SessionExists``, ``SessionNotFound``, ``MessageNotFound``,
-``InvalidSessionId`` (``stores.sessions``), ``errors.SessionDamaged`` and ``errors.StorageError`` (the
+``InvalidSessionId`` (``storage.errors``), ``errors.SessionDamaged`` and ``errors.StorageError`` (the
 store could not be used: nothing was stored, the same call may be retried).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 if TYPE_CHECKING:
+    from ..clients import Client
     from ..config import Config
     from ..sinks import UsageSink
     from ..types import UsageRecord
-    from .sessions import Listing
+    from .shapes import LedgerEntry, Listing
 
 
 @runtime_checkable
 class SessionStoreAPI(Protocol):
-    """Sessions and their messages. A summary is ``id, title, model, createdAt, lastActivityAt,
-    messageCount, client``; ``get`` adds ``messages`` (oldest first)."""
+    """Sessions and their messages: a summary is a ``shapes.SessionSummary``, ``get`` gives a
+    ``shapes.StoredSession`` (the summary and its ``messages``, oldest first, each a ``shapes.StoredMessage``)."""
 
     async def create(
         self,
@@ -69,12 +70,13 @@ class SessionStoreAPI(Protocol):
 
 @runtime_checkable
 class UsageStoreAPI(Protocol):
-    """Usage records (``UsageRecord.to_dict()``), append-only; a record whose id is stored already changes
-    nothing. ``append`` returns once the record is durable, and raises StorageError when it is not."""
+    """Usage records (``shapes.StoredUsageRecord``: ``UsageRecord.to_dict()``), append-only; a record whose id
+    is stored already changes nothing. ``append`` returns once the record is durable, and raises StorageError
+    when it is not. ``report`` gives a ``shapes.UsageReport``."""
 
     async def append(self, record: UsageRecord) -> None: ...
 
-    async def areport(
+    async def report(
         self,
         *,
         by: str = "model",
@@ -82,11 +84,11 @@ class UsageStoreAPI(Protocol):
         session_id: str | None = None,
         client: str | None = None,
     ) -> dict[str, Any]:
-        """The report ``by`` names (``stores.usage.REPORTS``: per model, day, client, session, day and model),
+        """The report ``by`` names (``storage.reports.REPORTS``: per model, day, client, session, day and model),
         ``grandTotal`` and ``damagedFiles``; of one client's records when ``client`` is given."""
         ...
 
-    async def arecords(
+    async def records(
         self, *, since: datetime | None = None, session_id: str | None = None, client: str | None = None
     ) -> list[dict[str, Any]]: ...
 
@@ -97,21 +99,21 @@ class UsageStoreAPI(Protocol):
 
 @runtime_checkable
 class ClientStoreAPI(Protocol):
-    """The clients (SPEC 11): the async API of ``stores.clients.ClientStore`` (``Client`` objects of
+    """The clients (SPEC 11): the async API of ``storage.embedded.clients.ClientStore`` (``Client`` objects of
     ``agentspace.clients``; only key hashes are stored). ``add``/``rotate`` return the new key; ``update``
     applies ``change(client)``; unknown names raise ``ClientNotFound``, a taken name ``ClientExists``."""
 
-    async def get_by_key(self, key: str) -> Any: ...
+    async def get_by_key(self, key: str) -> Client | None: ...
 
-    async def get_by_hash(self, key_hash: str) -> Any: ...
+    async def get_by_hash(self, key_hash: str) -> Client | None: ...
 
-    async def get(self, name: str) -> Any: ...
+    async def get(self, name: str) -> Client | None: ...
 
-    async def list(self) -> list[Any]: ...
+    async def list(self) -> list[Client]: ...
 
-    async def add(self, client: Any) -> str: ...
+    async def add(self, client: Client) -> str: ...
 
-    async def update(self, name: str, change: Any) -> Any: ...
+    async def update(self, name: str, change: Callable[[Client], None]) -> Client: ...
 
     async def rotate(self, name: str) -> str: ...
 
@@ -122,14 +124,76 @@ class ClientStoreAPI(Protocol):
     async def touch(self, name: str, when: datetime | None = None) -> None: ...
 
 
+# A store whose data a command can read without an event loop (files in the data directory) also speaks
+# the sync protocol of its kind; the CLI asks ``isinstance`` and never the backend's name.
+
+
+@runtime_checkable
+class SessionStoreSync(Protocol):
+    def get_sync(self, session_id: str) -> dict[str, Any] | None: ...
+
+    def listing_sync(self) -> Listing: ...
+
+    def delete_sync(self, session_id: str) -> bool: ...
+
+
+@runtime_checkable
+class UsageStoreSync(Protocol):
+    def report_sync(
+        self,
+        *,
+        by: str = "model",
+        since: datetime | None = None,
+        session_id: str | None = None,
+        client: str | None = None,
+    ) -> dict[str, Any]: ...
+
+    def records_sync(
+        self, *, since: datetime | None = None, session_id: str | None = None, client: str | None = None
+    ) -> Iterable[dict[str, Any]]: ...
+
+
+@runtime_checkable
+class ClientStoreSync(Protocol):
+    def get_sync(self, name: str) -> Client | None: ...
+
+    def list_sync(self) -> list[Client]: ...
+
+    def add_sync(self, client: Client) -> str: ...
+
+    def update_sync(self, name: str, change: Callable[[Client], None]) -> Client: ...
+
+    def rotate_sync(self, name: str) -> str: ...
+
+    def remove_sync(self, name: str) -> None: ...
+
+
+class SharedLedger(Protocol):
+    """The pending entries of the provider calls in flight, shared by the replicas of one database under
+    leases (``storage/ledger.py`` writes each entry here as well as in its own journal)."""
+
+    async def start(self, recover: Callable[[dict[str, Any]], Awaitable[bool]]) -> None: ...
+
+    async def pending(self, entry: LedgerEntry) -> None: ...
+
+    def note(self, entry_id: str, fields: dict[str, Any], soon: bool = True) -> None: ...
+
+    def closed(self, entry_id: str) -> None: ...
+
+    async def flush(self) -> None: ...
+
+    async def aclose(self) -> None: ...
+
+
 @dataclass
 class Storage:
     """What a backend opened for one server process (or one CLI command).
 
-    ``sink``: the usage sink that writes ``usage`` (None when a plugin registers it, as tinydb's does);
+    ``sink``: the usage sink that writes into ``usage``, the store of record (None when a plugin registers it);
     ``clients``: the backend's client store (None: the clients feature's own file store in the data
     directory); ``uses_data_dir_lock``: only one process may use the data (tinydb); ``shared``: several
-    replicas may use it at once (then ``agentspace serve --workers N`` is allowed)."""
+    replicas may use it at once (then ``agentspace serve --workers N`` is allowed); ``shared_ledger``: opens,
+    for one replica, the ledger the replicas share (None: each process's journal is all there is)."""
 
     backend: str
     sessions: SessionStoreAPI
@@ -139,6 +203,7 @@ class Storage:
     uses_data_dir_lock: bool = True
     shared: bool = False
     database: Database | None = None
+    shared_ledger: Callable[[str], SharedLedger] | None = None
 
     async def start(self) -> None:
         """Connect, migrate: what must happen before the first request."""

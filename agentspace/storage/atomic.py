@@ -25,7 +25,7 @@ from typing import Any
 
 from ..types import compact_json
 
-log = logging.getLogger("agentspace.stores")
+log = logging.getLogger("agentspace.storage")
 
 # ".<target name>.<pid>.<number>.tmp": the pid tells a crashed writer's leftovers from a live one's.
 _TEMP_NAME = re.compile(r"^\..+\.(\d+)\.\d+\.tmp$")

@@ -37,7 +37,8 @@ except ImportError:  # Windows: journals are not shared by processes there (no `
 
 if TYPE_CHECKING:
     from ..registry import Registry
-    from .ledger_postgres import PostgresLedger
+    from .protocols import SharedLedger
+    from .shapes import LedgerEntry
 
 log = logging.getLogger(__name__)
 
@@ -63,8 +64,8 @@ class Ledger:
         self._waiters: list[asyncio.Future[None]] = []  # pending entries waiting for their sync
         self._flusher: asyncio.Task[None] | None = None
         self._timer: asyncio.TimerHandle | None = None
-        # With the postgres backend: the pending entries shared with the other replicas, under leases.
-        self.shared: PostgresLedger | None = None
+        # With a shared backend (postgres): the pending entries shared with the other replicas, under leases.
+        self.shared: SharedLedger | None = None
 
     def __len__(self) -> int:
         return len(self._open)
@@ -74,7 +75,7 @@ class Ledger:
 
     # --- the events ---
 
-    async def pending(self, entry: dict[str, Any]) -> None:
+    async def pending(self, entry: LedgerEntry) -> None:
         """Write ahead: durable once awaited. Raises StorageError / OSError when the disk refuses."""
         if self.dir is None:
             return
@@ -303,7 +304,7 @@ async def recover(gw: Registry, make_record: Callable[[Registry, dict[str, Any]]
             entries = await loop.run_in_executor(None, read_journal, path)
             stored = set()
             if entries:
-                stored = {r.get("id") for r in await gw.usage.arecords(since=_since(entries))}
+                stored = {r.get("id") for r in await gw.usage.records(since=_since(entries))}
             complete = True
             for entry in entries:
                 if entry.get("id") in stored:
@@ -329,16 +330,12 @@ async def recover(gw: Registry, make_record: Callable[[Registry, dict[str, Any]]
 
 
 async def share(gw: Registry, make_record: Callable[[Registry, dict[str, Any]], Any], replica: str) -> None:
-    """With the postgres backend: share the pending entries with the other replicas, under leases, and
-    recover the calls of replicas that died (``stores/ledger_postgres.py``)."""
-    from .postgres import PostgresDatabase
-
-    database = gw.storage.database if gw.storage is not None else None
-    if not isinstance(database, PostgresDatabase):
+    """With a backend whose replicas share a ledger (``Storage.shared_ledger``: postgres): share the pending
+    entries with the other replicas, under leases, and recover the calls of replicas that died."""
+    open_shared = gw.storage.shared_ledger if gw.storage is not None else None
+    if open_shared is None:
         return
-    from .ledger_postgres import PostgresLedger
-
-    shared = PostgresLedger(database, replica)
+    shared = open_shared(replica)
 
     async def recover_entry(entry: dict[str, Any]) -> bool:
         record = make_record(gw, entry)

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, TypeVar
 
-from ..errors import StorageError
+from ...errors import StorageError
 
 T = TypeVar("T")
 

@@ -25,10 +25,12 @@ from typing import Any
 
 from tinydb.table import Document, Table
 
-from ..clients import Client, hash_key, new_key
-from ..private_files import PrivateFileError, read_private_file
-from ..types import now_iso
-from .atomic import StoreCorrupt, make_dirs, move_aside
+from ...clients import Client, hash_key, new_key
+from ...private_files import PrivateFileError, read_private_file
+from ...types import now_iso
+from ..atomic import StoreCorrupt, make_dirs, move_aside
+from ..errors import ClientExists, ClientNotFound
+from ..shapes import TOUCH_INTERVAL_SECONDS
 from .store_thread import on_store_thread
 from .tinydb_file import AtomicStorage, NamedTinyDB
 
@@ -43,21 +45,11 @@ FILE_NAME = "clients.json"
 TABLE = "clients"
 # The file says who may call the gateway: read only from a regular file of ours that others cannot write.
 FIX = "Check it, or move it away and add the clients again (agentspace clients add)."
-# Last use is written at most this often per client: a busy client must not rewrite the file per request.
-TOUCH_INTERVAL_SECONDS = 60.0
 
 
 def _stamp(st: os.stat_result) -> tuple[int, ...]:
     """What changes when the file is replaced, written, or has its owner or mode changed."""
     return (st.st_ino, st.st_mtime_ns, st.st_ctime_ns, st.st_size, st.st_mode, st.st_uid)
-
-
-class ClientExists(ValueError):
-    pass
-
-
-class ClientNotFound(KeyError):
-    pass
 
 
 class ClientStore:

@@ -3,7 +3,7 @@
 ``AtomicStorage`` is a ``tinydb`` storage that writes the file whole and atomically on every change
 (``atomic.write_json_atomic``: temp file, fsync, rename, folder fsync), so a reader never sees half a write;
 ``NamedTable`` keys documents by a name (a client's) instead of tinydb's numbers. The clients table goes
-through ``tinydb.TinyDB`` with both (``stores/clients.py``). High-rate data does not: session messages and
+through ``tinydb.TinyDB`` with both (``embedded/clients.py``). High-rate data does not: session messages and
 usage records are appended to logs (``append_log``); ``read_tables`` reads the session and usage files of
 earlier versions, which used this layout.
 """
@@ -18,7 +18,7 @@ from tinydb import TinyDB
 from tinydb.storages import Storage
 from tinydb.table import Table
 
-from .atomic import StoreCorrupt, read_json, write_json_atomic
+from ..atomic import StoreCorrupt, read_json, write_json_atomic
 
 Tables = dict[str, dict[str, dict[str, Any]]]
 

@@ -1,0 +1,130 @@
+"""The postgres backend's schema: versioned migrations, applied at start in one transaction holding an
+advisory lock, so replicas starting together apply each exactly once."""
+
+from __future__ import annotations
+
+# Any fixed 64-bit number: the advisory lock the migrations run under.
+MIGRATION_LOCK = 0x61676E7473706163
+
+MIGRATIONS: list[tuple[int, str]] = [
+    (
+        1,
+        """
+        CREATE TABLE sessions (
+            id text PRIMARY KEY,
+            title text,
+            model text,
+            created_at text NOT NULL,
+            last_activity_at text NOT NULL,
+            message_count integer NOT NULL DEFAULT 0,
+            client text
+        );
+        CREATE INDEX sessions_activity ON sessions (last_activity_at DESC, created_at DESC, id DESC);
+        CREATE TABLE messages (
+            session_id text NOT NULL REFERENCES sessions (id) ON DELETE CASCADE,
+            seq integer NOT NULL,
+            id text NOT NULL,
+            body text NOT NULL,
+            PRIMARY KEY (session_id, seq)
+        );
+        CREATE INDEX messages_id ON messages (session_id, id);
+        CREATE TABLE usage_records (
+            id text NOT NULL,
+            ts timestamptz NOT NULL,
+            model text NOT NULL,
+            client text,
+            session_id text,
+            input_tokens bigint NOT NULL,
+            output_tokens bigint NOT NULL,
+            total_tokens bigint NOT NULL,
+            cache_read_tokens bigint NOT NULL,
+            cache_write_tokens bigint NOT NULL,
+            reasoning_tokens bigint NOT NULL,
+            total_cost double precision NOT NULL,
+            answered boolean NOT NULL,
+            is_error boolean NOT NULL,
+            estimated boolean NOT NULL,
+            price_unknown boolean NOT NULL,
+            record text NOT NULL,
+            PRIMARY KEY (ts, id)
+        ) PARTITION BY RANGE (ts);
+        CREATE INDEX usage_model ON usage_records (model, ts);
+        CREATE INDEX usage_client ON usage_records (client, ts);
+        CREATE INDEX usage_session ON usage_records (session_id, ts);
+        """,
+    ),
+    (
+        2,
+        """
+        CREATE TABLE clients (
+            name text PRIMARY KEY,
+            key_hash text NOT NULL UNIQUE,
+            stored text NOT NULL
+        );
+        """,
+    ),
+    (
+        3,
+        # Usage rollups: the records' totals per (UTC day, model, client, session, endpoint), kept in the same
+        # transaction as the inserts (``_INSERT``), so reports read groups instead of records. '' stands for
+        # none (client, session, endpoint), as primary keys cannot hold NULL. Filled from what is stored.
+        """
+        CREATE TABLE usage_rollups (
+            day date NOT NULL,
+            model text NOT NULL,
+            client text NOT NULL,
+            session_id text NOT NULL,
+            endpoint text NOT NULL,
+            input_tokens bigint NOT NULL,
+            output_tokens bigint NOT NULL,
+            total_tokens bigint NOT NULL,
+            cache_read_tokens bigint NOT NULL,
+            cache_write_tokens bigint NOT NULL,
+            reasoning_tokens bigint NOT NULL,
+            total_cost double precision NOT NULL,
+            answered bigint NOT NULL,
+            errors bigint NOT NULL,
+            estimated bigint NOT NULL,
+            price_unknown boolean NOT NULL,
+            PRIMARY KEY (day, model, client, session_id, endpoint)
+        );
+        INSERT INTO usage_rollups
+        SELECT (ts AT TIME ZONE 'UTC')::date, model, coalesce(client, ''), coalesce(session_id, ''),
+               coalesce(record::json->>'endpoint', ''),
+               sum(input_tokens), sum(output_tokens), sum(total_tokens), sum(cache_read_tokens),
+               sum(cache_write_tokens), sum(reasoning_tokens), sum(total_cost), count(*) FILTER (WHERE answered),
+               count(*) FILTER (WHERE is_error), count(*) FILTER (WHERE estimated), bool_or(price_unknown)
+        FROM usage_records GROUP BY 1, 2, 3, 4, 5;
+        """,
+    ),
+    (
+        4,
+        # Server-tool fees (web search, ...: part of total_cost) and their uses, a column of their own in the
+        # reports: on the records, recomputed from the stored ones (the JSON keeps ``serverToolCost`` and
+        # ``serverToolUse``), and on the rollups, summed from those records.
+        """
+        ALTER TABLE usage_records ADD COLUMN server_tool_cost double precision NOT NULL DEFAULT 0,
+            ADD COLUMN server_tool_uses bigint NOT NULL DEFAULT 0;
+        UPDATE usage_records SET
+            server_tool_cost = coalesce((record::json->>'serverToolCost')::double precision, 0),
+            server_tool_uses = (
+                SELECT coalesce(sum(value::text::bigint), 0)
+                FROM json_each(CASE WHEN json_typeof(record::json->'serverToolUse') = 'object'
+                                    THEN record::json->'serverToolUse' END)
+                WHERE json_typeof(value) = 'number' AND value::text ~ '^-?[0-9]+$'
+            )
+        WHERE record LIKE '%"serverTool%';
+        ALTER TABLE usage_rollups ADD COLUMN server_tool_cost double precision NOT NULL DEFAULT 0,
+            ADD COLUMN server_tool_uses bigint NOT NULL DEFAULT 0;
+        UPDATE usage_rollups r SET server_tool_cost = s.cost, server_tool_uses = s.uses
+        FROM (
+            SELECT (ts AT TIME ZONE 'UTC')::date AS day, model, coalesce(client, '') AS client,
+                   coalesce(session_id, '') AS session_id, coalesce(record::json->>'endpoint', '') AS endpoint,
+                   sum(server_tool_cost) AS cost, sum(server_tool_uses) AS uses
+            FROM usage_records WHERE server_tool_cost <> 0 OR server_tool_uses <> 0 GROUP BY 1, 2, 3, 4, 5
+        ) s
+        WHERE r.day = s.day AND r.model = s.model AND r.client = s.client AND r.session_id = s.session_id
+            AND r.endpoint = s.endpoint;
+        """,
+    ),
+]
