@@ -41,9 +41,22 @@ def _get(state: CliState, session_id: str) -> dict[str, Any] | None:
 
 
 def _delete(state: CliState, session_id: str) -> bool:
+    """Delete a session and the files no other session uses (docs/attachments.md)."""
+    from ..stores.blobs import FileBlobStore
+
     if _on_backend(state):
-        return on_storage(state, lambda storage: storage.sessions.delete(session_id))
-    return bool(_store(state).delete_sync(session_id))
+
+        async def delete(storage: Any) -> bool:
+            deleted = bool(await storage.sessions.delete(session_id))
+            if deleted:
+                await (storage.blobs or FileBlobStore(state.data_dir)).release(session_id)
+            return deleted
+
+        return bool(on_storage(state, delete))
+    deleted = bool(_store(state).delete_sync(session_id))
+    if deleted:
+        FileBlobStore(state.data_dir).release_sync(session_id)
+    return deleted
 
 
 def _not_found(session_id: str) -> click.ClickException:

@@ -32,6 +32,7 @@ class PostgresBackend:
     name = "postgres"
 
     def open(self, config: Config) -> Storage:
+        from agentspace.stores.blobs_postgres import PostgresBlobStore
         from agentspace.stores.postgres import (
             PostgresClientStore,
             PostgresDatabase,
@@ -54,6 +55,7 @@ class PostgresBackend:
             usage,
             sink=UsageStoreSink(usage, "postgres"),
             clients=PostgresClientStore(db),
+            blobs=PostgresBlobStore(db),
             uses_data_dir_lock=False,
             shared=True,
             database=db,

@@ -24,6 +24,7 @@ if TYPE_CHECKING:
     from ..config import Config
     from ..sinks import UsageSink
     from ..types import UsageRecord
+    from .blobs import BlobStoreAPI
     from .sessions import Listing
 
 
@@ -139,6 +140,8 @@ class Storage:
     uses_data_dir_lock: bool = True
     shared: bool = False
     database: Database | None = None
+    # The bytes of the sessions' files (None: the file blob store in the data directory, stores/blobs.py).
+    blobs: BlobStoreAPI | None = None
 
     async def start(self) -> None:
         """Connect, migrate: what must happen before the first request."""

@@ -144,6 +144,19 @@ MIGRATIONS: list[tuple[int, str]] = [
         FROM usage_records GROUP BY 1, 2, 3, 4, 5;
         """,
     ),
+    (
+        4,
+        # The bytes of the sessions' files, once per SHA-256, and the sessions using each (stores/blobs_postgres.py).
+        """
+        CREATE TABLE blobs (sha256 text PRIMARY KEY, size bigint NOT NULL, data bytea NOT NULL);
+        CREATE TABLE blob_refs (
+            sha256 text NOT NULL REFERENCES blobs ON DELETE CASCADE,
+            session_id text NOT NULL,
+            PRIMARY KEY (sha256, session_id)
+        );
+        CREATE INDEX blob_refs_session ON blob_refs (session_id);
+        """,
+    ),
 ]
 
 _TOKEN_COLUMNS = {

@@ -17,8 +17,8 @@ from typing import Any
 
 from aiohttp import WSCloseCode, WSMsgType, web
 
+from .. import attachments, security
 from .. import events as ev
-from .. import security
 from ..clients import ADMIN, hash_key, looks_like_key
 from ..connections import PreAuthBudget
 from ..errors import ApiError, outage_error
@@ -26,7 +26,7 @@ from ..gateway_token import token_matches
 from ..logs import warn_limited
 from ..pipeline import Turn
 from ..service import ChatInput, chat_request, invalid, parse_json, request_id_ok
-from ..types import compact_json, usage_to_wire
+from ..types import FilePart, compact_json, usage_to_wire
 from . import state
 from .fences import FenceTracker
 
@@ -52,6 +52,29 @@ REVOKED_REASON = b"credential revoked"
 # How often open sockets' credentials are checked against the current token and clients (a change made
 # through /api/clients, on this replica or, through Redis, on another, is checked at once).
 CREDENTIAL_CHECK_SECONDS = 1.0
+
+
+def _attachments(value: Any) -> list[FilePart]:
+    """``chat.send``'s ``attachments``: ``[{mediaType, data (base64) | url, filename?}]`` (docs/attachments.md)."""
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise invalid({"attachments": "must be an array of {mediaType, data or url, filename?}"})
+    files = []
+    for i, item in enumerate(value):
+        path = f"attachments[{i}]"
+        if not isinstance(item, dict):
+            raise invalid({path: "must be an object {mediaType, data or url, filename?}"})
+        unknown = sorted(set(item) - {"mediaType", "data", "url", "filename"})
+        if unknown:
+            raise invalid(
+                {f"{path}.{unknown[0]}"[:120]: "is not a field of an attachment (mediaType, data, url, filename)"}
+            )
+        if item.get("data") is not None:
+            files.append(attachments.from_base64(item.get("mediaType"), item["data"], item.get("filename"), path))
+        else:
+            files.append(attachments.from_url(item.get("url"), item.get("mediaType"), item.get("filename"), path))
+    return files
 
 
 def _error_frame(request_id: Any, code: str, message: str) -> str:
@@ -148,6 +171,7 @@ class Connection:
             ChatInput(msg.get("content"), msg.get("sessionId"), msg.get("model"), paths={"session_id": "sessionId"}),
             client=self.caller,
             endpoint="ws",
+            files=_attachments(msg.get("attachments")),
         )
         request.credential = self.credential  # each call checks the key is still the client's
         if self.turn is not None and not self.turn.done:
