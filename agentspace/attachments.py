@@ -342,9 +342,11 @@ def raw_bytes(part: FilePart) -> bytes:
         return b""
 
 
-def tokens(part: FilePart) -> int:
-    """What a file costs a call, at most: images by Anthropic's formula, PDFs at ``PDF_PAGE_TOKENS`` a page."""
+def tokens(part: FilePart, *, ceiling: bool = False) -> int:
+    """What a file costs a call: images by Anthropic's formula, PDFs at ``PDF_PAGE_TOKENS`` a page. With
+    ``ceiling`` (a reservation, whatever the provider) every image counts ``IMAGE_TOKENS``: other providers
+    bill small images more than Anthropic does (OpenAI at least 85 + 170 a tile, Gemini 258 an image)."""
     raw = raw_bytes(part)
     if part.is_image:
-        return image_tokens(raw) if raw else IMAGE_TOKENS
+        return IMAGE_TOKENS if ceiling or not raw else image_tokens(raw)
     return PDF_PAGE_TOKENS * pdf_pages(raw)

@@ -93,7 +93,7 @@ def request_input_tokens(request: ProviderRequest) -> int:
                 output = part.output
                 pieces.append(output if isinstance(output, str) else json.dumps(output, default=str))
             elif isinstance(part, FilePart):  # images and PDFs by Anthropic's formulas (agentspace/attachments.py)
-                files += attachments.tokens(part)
+                files += attachments.tokens(part, ceiling=True)
     if request.tools:
         pieces.append(json.dumps([t.definition() for t in request.tools]))
     return count_tokens("\n".join(p for p in pieces if p)) + files

@@ -369,12 +369,15 @@ def last_call(stored: list[dict[str, Any]]) -> tuple[dict[str, Any] | None, floa
     return None, None
 
 
-def estimate_input_tokens(context: AssembledContext) -> int:
-    """Local count of what a call sends, for usage records when the provider reported none."""
+def estimate_input_tokens(context: AssembledContext, *, ceiling: bool = False) -> int:
+    """Local count of what a call sends, for usage records when the provider reported none; with ``ceiling``
+    (a reservation) files count at their most (``attachments.tokens``)."""
     text = context.system + "\n".join(message_text(m) for m in context.messages)
     if context.tools:
         text += json.dumps([t.definition() for t in context.tools], ensure_ascii=False)
-    files = sum(attachments.tokens(p) for m in context.messages for p in m.parts if isinstance(p, FilePart))
+    files = sum(
+        attachments.tokens(p, ceiling=ceiling) for m in context.messages for p in m.parts if isinstance(p, FilePart)
+    )
     return count_tokens(text) + files
 
 

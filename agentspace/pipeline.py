@@ -444,7 +444,9 @@ class Turn:
                 )
                 try:  # each step's checks at the moment of its call, its reservation, its pending entry
                     await provider_call.admit(
-                        lambda: request_ceiling(self._request(ctx, self.model), estimate_input_tokens(ctx))
+                        lambda: request_ceiling(
+                            self._request(ctx, self.model), estimate_input_tokens(ctx, ceiling=True)
+                        )
                     )
                 except ApiError as e:
                     finish_reason, error = "error", (e.code, e.message)
@@ -651,7 +653,9 @@ class Turn:
             call=call,
         )
         try:
-            await new.admit(lambda: request_ceiling(self._request(ctx, self.model), estimate_input_tokens(ctx)))
+            await new.admit(
+                lambda: request_ceiling(self._request(ctx, self.model), estimate_input_tokens(ctx, ceiling=True))
+            )
         except ApiError as e:
             raise ProviderError(e.code, e.message) from None
         state.provider_call = self._held = new

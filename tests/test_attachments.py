@@ -329,3 +329,28 @@ def test_image_token_estimates() -> None:
     assert attachments.image_tokens(png(4000, 3000)) == attachments.IMAGE_TOKENS
     assert attachments.image_tokens(b"not an image") == attachments.IMAGE_TOKENS
     assert attachments.pdf_pages(pdf(4)) == 4
+    # A reservation counts every image at the ceiling, whatever the provider bills for it.
+    small = attachments.from_bytes("image/png", png(20, 20))
+    assert attachments.tokens(small) == 1 and attachments.tokens(small, ceiling=True) == attachments.IMAGE_TOKENS
+    document = attachments.from_bytes("application/pdf", pdf(3))
+    assert attachments.tokens(document) == attachments.tokens(document, ceiling=True) == 3 * 4600
+
+
+async def test_the_reservation_counts_the_files(gateway: Any, token: str, fake_anthropic: Any) -> None:
+    # Thinking off: a turn reserves its input plus max_tokens (4096) of output, $0.06 at $15/MTok.
+    client = await gateway(thinking={"enabled": False})
+    created = await client.post(
+        "/api/clients", headers={"Authorization": f"Bearer {token}"}, json={"name": "team", "budgetUsd": 0.15}
+    )
+    key = (await created.json())["key"]
+    headers = {"Authorization": f"Bearer {key}"}
+    fake_anthropic.enqueue(text_response("Fine."))
+    chunks = await read_all(await post_chat(client, headers, "budget", file_message("hi", ("image/png", png(20, 20)))))
+    assert not [c for c in chunks if isinstance(c, dict) and c["type"] == "error"], chunks
+    # 20 pages at 4,600 tokens, $0.28 at $3/MTok: past the budget before anything is sent.
+    chunks = await read_all(
+        await post_chat(client, headers, "budget2", file_message("read", ("application/pdf", pdf(20))))
+    )
+    errors = [c for c in chunks if isinstance(c, dict) and c["type"] == "error"]
+    assert errors and "budget" in errors[0]["errorText"].lower(), chunks
+    assert len(fake_anthropic.requests) == 1
