@@ -714,7 +714,6 @@ def test_attach_by_file_input_paste_and_drop_previews_and_inspect(web: Page, gat
     assert user.locator("img.file-preview").evaluate("img => img.naturalWidth") == 120
     expect(user.locator(".file-chip")).to_contain_text("report.pdf")
     page.locator("#context .seg[data-section=attachments]").wait_for()
-    screenshot(page, "attachments")
 
     # The CLI in a process of its own: Playwright's loop runs in this thread.
     run = subprocess.run(
