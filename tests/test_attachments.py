@@ -189,6 +189,11 @@ async def test_refusals_make_no_upstream_call(
     # The same refusals over the WebSocket, as error frames.
     ws = await connect(client, token)
     frames = await chat(
+        ws, "look", "r0", attachments=[{"mediaType": "image/png", "data": base64.b64encode(big).decode()}]
+    )
+    assert frames[-1]["type"] == "error" and frames[-1]["code"] == "PAYLOAD_TOO_LARGE", frames[-1]
+    assert "max_file_bytes" in frames[-1]["message"]
+    frames = await chat(
         ws, "look", attachments=[{"mediaType": "text/x-script", "data": base64.b64encode(b"echo").decode()}]
     )
     assert frames[-1]["type"] == "error" and frames[-1]["code"] == "UNSUPPORTED_MEDIA_TYPE"

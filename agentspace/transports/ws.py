@@ -54,6 +54,25 @@ REVOKED_REASON = b"credential revoked"
 CREDENTIAL_CHECK_SECONDS = 1.0
 
 
+# Frames larger than this are decoded on a worker thread.
+LARGE_FRAME = 1024 * 1024
+
+
+def frame_limit(config: Any) -> int:
+    """The largest frame read: ``[server] max_frame_bytes``, plus for a ``chat.send`` its attachments' base64
+    data up to ``[attachments] max_session_bytes`` (as ``POST /api/chat`` bodies)."""
+    return int(config["server"]["max_frame_bytes"]) + -(-int(config["attachments"]["max_session_bytes"]) * 4 // 3)
+
+
+def _attachment_bytes(msg: dict[str, Any]) -> int:
+    items = msg.get("attachments")
+    return sum(
+        len(item["data"])
+        for item in (items if isinstance(items, list) else ())
+        if isinstance(item, dict) and isinstance(item.get("data"), str)
+    )
+
+
 def _attachments(value: Any) -> list[FilePart]:
     """``chat.send``'s ``attachments``: ``[{mediaType, data (base64) | url, filename?}]`` (docs/attachments.md)."""
     if value is None:
@@ -132,14 +151,24 @@ class Connection:
         """Parse and dispatch one frame. Every ApiError, wherever raised, is answered here as an error frame."""
         request_id = kind = None
         try:
-            if len(data.encode("utf-8")) > self.config["server"]["max_frame_bytes"]:
+            size = len(data.encode("utf-8"))
+            limit = self.config["server"]["max_frame_bytes"]
+            if size > frame_limit(self.config):
                 raise ApiError("PAYLOAD_TOO_LARGE", "Frame too large; the limit is [server] max_frame_bytes.")
             if not self.limiter():
                 raise ApiError("RATE_LIMITED", "Too many messages; slow down.")
-            msg = parse_json(data, "a frame")
+            # A frame with attachments may be large: decoded off the loop.
+            msg = (
+                await asyncio.to_thread(parse_json, data, "a frame")
+                if size > LARGE_FRAME
+                else parse_json(data, "a frame")
+            )
             if not isinstance(msg, dict):
                 raise invalid({"": "Frames must be JSON objects."})
             kind = msg.get("type")
+            if size > limit and (kind != "chat.send" or size - _attachment_bytes(msg) > limit):
+                # Only a chat.send passes max_frame_bytes, by its attachments' data (docs/attachments.md).
+                raise ApiError("PAYLOAD_TOO_LARGE", "Frame too large; the limit is [server] max_frame_bytes.")
             if request_id_ok(msg.get("id")):
                 request_id = msg["id"]
             elif "id" in msg and msg["id"] is not None:
@@ -389,8 +418,8 @@ async def gateway_handler(request: web.Request) -> web.StreamResponse:
     ws = web.WebSocketResponse(
         heartbeat=float(server["heartbeat_seconds"]),
         # aiohttp closes the socket (1009) past this; between the configured limit and this we answer
-        # PAYLOAD_TOO_LARGE and keep the connection.
-        max_msg_size=4 * int(server["max_frame_bytes"]),
+        # PAYLOAD_TOO_LARGE and keep the connection. Only authenticated clients get past 16 KiB (PreAuthBudget).
+        max_msg_size=max(4 * int(server["max_frame_bytes"]), frame_limit(config)),
     )
     try:
         caller = await security.bearer_caller(request)
