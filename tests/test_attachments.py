@@ -359,3 +359,30 @@ async def test_the_reservation_counts_the_files(gateway: Any, token: str, fake_a
     errors = [c for c in chunks if isinstance(c, dict) and c["type"] == "error"]
     assert errors and "budget" in errors[0]["errorText"].lower(), chunks
     assert len(fake_anthropic.requests) == 1
+
+
+async def test_other_providers_get_litellm_image_and_file_content(
+    gateway: Any, auth_headers: dict[str, str], fake_openai: Any, monkeypatch: Any
+) -> None:
+    from tests.fakes import openai_upstream as fo
+
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-openai-test-0123456789")
+    client = await gateway(providers={"openai": {"base_url": fake_openai.url}})
+    image, document = png(50, 40), pdf(1)
+    fake_openai.enqueue(fo.text_response("Seen."), fo.text_response("Again."))
+    message = file_message("Look", ("image/png", image), ("application/pdf", document))
+    resp = await post_chat(client, auth_headers, "oa", message, model="openai/gpt-4o-mini")
+    assert resp.status == 200
+    await read_all(resp)
+    content = fake_openai.requests[0].body["messages"][-1]["content"]
+    assert content[0] == {"type": "text", "text": "Look"}
+    assert content[1] == {"type": "image_url", "image_url": {"url": data_url("image/png", image)}}
+    assert content[2]["type"] == "file" and content[2]["file"]["file_data"] == data_url("application/pdf", document)
+    # The next turn resends both in the history.
+    await read_all(
+        await post_chat(
+            client, auth_headers, "oa", {"id": "u2", "role": "user", "parts": [{"type": "text", "text": "More?"}]}
+        )
+    )
+    first_user = fake_openai.requests[1].body["messages"][1]
+    assert [c["type"] for c in first_user["content"]] == ["text", "image_url", "file"]
