@@ -386,3 +386,57 @@ async def test_other_providers_get_litellm_image_and_file_content(
     )
     first_user = fake_openai.requests[1].body["messages"][1]
     assert [c["type"] for c in first_user["content"]] == ["text", "image_url", "file"]
+
+
+def test_storage_migrate_copies_the_files_and_sessions_delete_releases_them(tmp_path: Any, pg_dsn: str) -> None:
+    from click.testing import CliRunner
+
+    from agentspace.cli import main
+    from agentspace.stores.blobs import FileBlobStore
+    from agentspace.stores.blobs_postgres import PostgresBlobStore
+    from agentspace.stores.postgres import PostgresDatabase, PostgresSessionStore
+    from agentspace.stores.sessions import SessionStore
+
+    data_dir = tmp_path / "data"
+    image = attachments.from_bytes("image/png", png(16, 16), "a.png")
+
+    async def seed() -> None:
+        sessions = SessionStore(data_dir)
+        message = {"id": "q", "role": "user", "content": "see", "parts": [attachments.stored_part(image)]}
+        await sessions.create(model="anthropic/claude-sonnet-4-5", session_id="pic", client="cli", messages=[message])
+        await sessions.aclose()
+        await FileBlobStore(data_dir).put(str(image.sha256), png(16, 16), "pic")
+
+    asyncio.run(seed())
+    result = CliRunner().invoke(main, ["--data-dir", str(data_dir), "storage", "migrate", "--to", pg_dsn])
+    assert result.exit_code == 0, result.output
+    assert "files: 1 copied" in result.output
+
+    async def copied() -> tuple[bytes | None, list[str], dict[str, Any] | None]:
+        db = PostgresDatabase(pg_dsn)
+        await db.start()
+        try:
+            blobs = PostgresBlobStore(db)
+            session = await PostgresSessionStore(db).get("pic")
+            return await blobs.get(str(image.sha256)), await blobs.sessions_of(str(image.sha256)), session
+        finally:
+            await db.aclose()
+
+    data, users, session = asyncio.run(copied())
+    assert data == png(16, 16) and users == ["pic"]
+    assert session is not None and session["messages"][0]["parts"][0]["sha256"] == image.sha256
+
+    # agentspace sessions delete (the data directory): the blob no other session uses goes with it.
+    result = CliRunner().invoke(main, ["--data-dir", str(data_dir), "sessions", "delete", "pic", "--yes"])
+    assert result.exit_code == 0, result.output
+    assert FileBlobStore(data_dir).hashes_sync() == []
+
+
+async def test_markdown_export_names_the_files(
+    client: TestClient, auth_headers: dict[str, str], fake_anthropic: Any
+) -> None:
+    image = png(10, 10)
+    fake_anthropic.enqueue(text_response("Ok."))
+    await read_all(await post_chat(client, auth_headers, "exp", file_message("see", ("image/png", image))))
+    text = await (await client.get("/api/sessions/exp/export?format=md", headers=auth_headers)).text()
+    assert f"Attached: `f0` (image/png, {len(image)} bytes)" in text
