@@ -440,3 +440,22 @@ async def test_markdown_export_names_the_files(
     await read_all(await post_chat(client, auth_headers, "exp", file_message("see", ("image/png", image))))
     text = await (await client.get("/api/sessions/exp/export?format=md", headers=auth_headers)).text()
     assert f"Attached: `f0` (image/png, {len(image)} bytes)" in text
+
+
+async def test_a_new_session_imports_the_files_of_earlier_messages(
+    client: TestClient, auth_headers: dict[str, str], fake_anthropic: Any
+) -> None:
+    image = png(30, 20, seed=7)
+    earlier = file_message("Here is a picture", ("image/png", image), id="u0")
+    answer = {"id": "a0", "role": "assistant", "parts": [{"type": "text", "text": "Nice picture."}]}
+    latest = {"id": "u1", "role": "user", "parts": [{"type": "text", "text": "What colour was it?"}]}
+    fake_anthropic.enqueue(text_response("Striped."))
+    await read_all(await post_chat(client, auth_headers, "imported", earlier, answer, latest))
+    [sent] = blocks(fake_anthropic.requests[0], "image")
+    assert base64.b64decode(sent["source"]["data"]) == image
+    session = (await (await client.get("/api/sessions/imported", headers=auth_headers)).json())["session"]
+    [part] = [p for p in session["messages"][0]["parts"] if p["type"] == "file"]
+    assert (
+        part["url"] == data_url("image/png", image)
+        and part["sha256"] == attachments.from_bytes("image/png", image).sha256
+    )
