@@ -175,6 +175,8 @@ def _surely_fits(
             size += len(json.dumps([t.definition() for t in ctx.tools], ensure_ascii=False).encode())
         return size * ratio < limit
     since = len(content.encode())
+    if ctx.messages and ctx.messages[-1].role == "user":  # the files the new message attaches
+        since += sum(attachments.tokens(p) for p in ctx.messages[-1].parts if isinstance(p, FilePart))
     for message in reversed(history):
         since += _bytes(message)  # the answer of that call (and its tool results), anything after it
         if message.get("lastCall") is previous:

@@ -459,3 +459,21 @@ async def test_a_new_session_imports_the_files_of_earlier_messages(
         part["url"] == data_url("image/png", image)
         and part["sha256"] == attachments.from_bytes("image/png", image).sha256
     )
+
+
+async def test_the_context_policy_counts_a_new_turns_files(
+    make_client: Any, auth_headers: dict[str, str], fake_anthropic: Any
+) -> None:
+    client = await make_client(
+        chat={"context_policy": "refuse"},
+        thinking={"enabled": False},
+        pricing={"anthropic/claude-sonnet-4-5": {"context_window": 20_000}},
+    )
+    fake_anthropic.enqueue(text_response("Hello."))
+    await read_all(await post_chat(client, auth_headers, "window", file_message("hi")))
+    # 5 pages at 4,600 tokens: past the 20,000-token window (less max_tokens), after a call that fitted.
+    message = file_message("read this", ("application/pdf", pdf(5)), id="u2")
+    chunks = await read_all(await post_chat(client, auth_headers, "window", message))
+    errors = [c for c in chunks if isinstance(c, dict) and c["type"] == "error"]
+    assert errors and "context" in errors[0]["errorText"].lower(), chunks
+    assert len(fake_anthropic.requests) == 1
