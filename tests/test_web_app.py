@@ -668,6 +668,12 @@ def test_phone_shows_the_chat_the_clients_actions_and_the_cost(browser: Any, gat
 
 
 def test_attach_by_file_input_paste_and_drop_previews_and_inspect(web: Page, gateway: Gateway) -> None:
+    attach_and_inspect(web, gateway)
+
+
+def attach_and_inspect(web: Page, gateway: Gateway) -> None:
+    """A PNG by the file input, a PDF pasted, a PNG dropped (and removed): the upstream gets both, the history
+    shows them after a reload, ``agentspace inspect`` their estimate (tests/test_web_attachments.py: PostgreSQL)."""
     from tests.test_attachments import pdf, png
 
     page = web.sign_in()
