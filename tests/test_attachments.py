@@ -477,3 +477,23 @@ async def test_the_context_policy_counts_a_new_turns_files(
     errors = [c for c in chunks if isinstance(c, dict) and c["type"] == "error"]
     assert errors and "context" in errors[0]["errorText"].lower(), chunks
     assert len(fake_anthropic.requests) == 1
+
+
+async def test_capabilities_come_from_the_config_for_models_the_cost_map_does_not_know(
+    make_client: Any, auth_headers: dict[str, str], fake_anthropic: Any, isolated_env: Any
+) -> None:
+    model = "anthropic/claude-in-house"
+    client = await make_client(
+        providers={"anthropic": {"base_url": fake_anthropic.url, "models": ["claude-in-house"]}},
+        pricing={model: {"input_per_mtok": 1.0, "output_per_mtok": 2.0, "supports_vision": True}},
+    )
+    fake_anthropic.enqueue(text_response("Seen."))
+    message = file_message("look", ("image/png", png(8, 8)))
+    await read_all(await post_chat(client, auth_headers, "inhouse", message, model=model))
+    assert len(blocks(fake_anthropic.requests[0], "image")) == 1
+    # It takes images, not PDFs: the cost map knows nothing of it and the config says nothing of PDFs.
+    resp = await post_chat(
+        client, auth_headers, "inhouse2", file_message("read", ("application/pdf", pdf(1))), model=model
+    )
+    assert resp.status == 400 and "does not take PDF" in (await resp.json())["error"]["message"]
+    assert len(fake_anthropic.requests) == 1
