@@ -497,3 +497,22 @@ async def test_capabilities_come_from_the_config_for_models_the_cost_map_does_no
     )
     assert resp.status == 400 and "does not take PDF" in (await resp.json())["error"]["message"]
     assert len(fake_anthropic.requests) == 1
+
+
+async def test_a_message_of_files_only(client: TestClient, token: str, fake_anthropic: Any) -> None:
+    fake_anthropic.enqueue(text_response("A picture."))
+    ws = await connect(client, token)
+    image = png(9, 9)
+    frames = await chat(ws, "", attachments=[{"mediaType": "image/png", "data": base64.b64encode(image).decode()}])
+    assert frames[-1]["type"] == "chat.stream.end", frames[-1]
+    # One user turn holding the image alone: no empty text block (the API refuses those).
+    content = fake_anthropic.requests[0].body["messages"][-1]["content"]
+    assert [{k: v for k, v in b.items() if k != "cache_control"} for b in content] == [
+        {
+            "type": "image",
+            "source": {"type": "base64", "media_type": "image/png", "data": base64.b64encode(image).decode()},
+        }
+    ]
+    frames = await chat(ws, "  ", "r2")
+    assert frames[-1]["type"] == "error" and frames[-1]["code"] == "INVALID_MESSAGE"  # no text, no files
+    await ws.close()
