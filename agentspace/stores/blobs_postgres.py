@@ -35,6 +35,9 @@ class PostgresBlobStore:
             hashes = [r["sha256"] for r in rows]
             if not hashes:
                 return []
+            # Locked first: a put of the same blob for another session commits before the check below, which
+            # then sees its reference (each statement reads what was committed before it began).
+            await conn.execute("SELECT 1 FROM blobs WHERE sha256 = ANY($1::text[]) FOR UPDATE", hashes)
             gone = await conn.fetch(
                 "DELETE FROM blobs b WHERE sha256 = ANY($1::text[]) "
                 "AND NOT EXISTS (SELECT 1 FROM blob_refs r WHERE r.sha256 = b.sha256) RETURNING sha256",
