@@ -129,6 +129,24 @@ def _too_large(part: FilePart, size: int, limit: int) -> ApiError:
     )
 
 
+# How the files of the default media types start: a mismatch is refused here rather than by the upstream.
+SIGNATURES: dict[str, tuple[bytes, ...]] = {
+    "image/png": (b"\x89PNG\r\n\x1a\n",),
+    "image/jpeg": (b"\xff\xd8\xff",),
+    "image/gif": (b"GIF87a", b"GIF89a"),
+    "application/pdf": (b"%PDF-",),
+}
+
+
+def looks_like(part: FilePart) -> bool:
+    """Whether a part's bytes start as its media type's files do (True for types without a known signature)."""
+    head = raw_bytes(FilePart(part.media_type, data=(part.data or "")[:24]))
+    if part.media_type == "image/webp":
+        return head[:4] == b"RIFF" and head[8:12] == b"WEBP"
+    signatures = SIGNATURES.get(part.media_type)
+    return signatures is None or head.startswith(signatures)
+
+
 def stored_files(messages: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
     """The file parts of stored messages."""
     return [p for m in messages for p in m.get("parts") or () if isinstance(p, dict) and p.get("type") == "file"]
@@ -175,6 +193,11 @@ async def prepare(
         check_model(gw, model, [p.media_type for p in files])
     for part in files:
         ready.append(await fetch(gw, part) if part.url is not None and part.data is None else part)
+    for part in ready:
+        if not looks_like(part):
+            raise ApiError(
+                "INVALID_MESSAGE", f"The file {_name(part)} is not {part.media_type}: its bytes do not start as one."
+            )
     total = sum(int(p.get("size") or 0) for p in earlier) + sum(p.size or 0 for p in ready)
     limit = int(settings["max_session_bytes"])
     if total > limit:

@@ -516,3 +516,12 @@ async def test_a_message_of_files_only(client: TestClient, token: str, fake_anth
     frames = await chat(ws, "  ", "r2")
     assert frames[-1]["type"] == "error" and frames[-1]["code"] == "INVALID_MESSAGE"  # no text, no files
     await ws.close()
+
+
+async def test_a_file_that_is_not_what_it_says_is_refused(
+    client: TestClient, auth_headers: dict[str, str], fake_anthropic: Any
+) -> None:
+    resp = await post_chat(client, auth_headers, "liar", file_message("look", ("image/png", pdf(1))))
+    assert resp.status == 400
+    assert "is not image/png" in (await resp.json())["error"]["message"]
+    assert fake_anthropic.requests == []
