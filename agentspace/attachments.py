@@ -10,6 +10,7 @@ back into the parts of a call. ``tokens`` estimates what a file costs a call: th
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import hashlib
@@ -30,6 +31,20 @@ IMAGE_TOKEN_PIXELS = 750
 IMAGE_MAX_EDGE = 1568
 # A PDF page: its text (Anthropic: 1,500 to 3,000 tokens) at the upper figure, plus the page as an image.
 PDF_PAGE_TOKENS = 3000 + IMAGE_TOKENS
+
+
+# Files larger than this are encoded and decoded on a worker thread: the event loop keeps serving.
+OFF_LOOP_BYTES = 1024 * 1024
+
+
+async def b64encode(raw: bytes) -> str:
+    if len(raw) > OFF_LOOP_BYTES:
+        return await asyncio.to_thread(lambda: base64.b64encode(raw).decode("ascii"))
+    return base64.b64encode(raw).decode("ascii")
+
+
+async def b64decode(data: str) -> bytes:
+    return await asyncio.to_thread(base64.b64decode, data) if len(data) > OFF_LOOP_BYTES else base64.b64decode(data)
 
 
 def _invalid(path: str, problem: str) -> ApiError:
@@ -57,7 +72,9 @@ def from_base64(media_type: Any, data: Any, filename: Any, path: str) -> FilePar
         raw = base64.b64decode(data, validate=True)
     except (binascii.Error, ValueError):
         raise _invalid(f"{path}.data", "must be base64") from None
-    return from_bytes(media_type, raw, filename if isinstance(filename, str) and filename else None)
+    name = filename if isinstance(filename, str) and filename else None
+    # The client's base64 (validated: nothing but the alphabet) is sent as it came, not encoded again.
+    return FilePart(media_type.lower(), data=data, filename=name, size=len(raw), sha256=hashlib.sha256(raw).hexdigest())
 
 
 def from_data_url(url: str, media_type: Any, filename: Any, path: str) -> FilePart:
@@ -214,7 +231,7 @@ async def keep(gw: Registry, session_id: str, files: Sequence[FilePart]) -> list
     stored = []
     for part in files:
         assert part.sha256 is not None and part.data is not None
-        await gw.blobs.put(part.sha256, base64.b64decode(part.data), session_id)
+        await gw.blobs.put(part.sha256, await b64decode(part.data), session_id)
         stored.append(stored_part(part))
     return stored
 
@@ -274,7 +291,7 @@ async def load(gw: Registry, messages: Iterable[ChatMessage]) -> None:
                         raise ApiError(
                             "STORAGE_ERROR", f"The file {_name(part)} of this session is missing from the blob store."
                         )
-                    cache[part.sha256] = base64.b64encode(raw).decode("ascii")
+                    cache[part.sha256] = await b64encode(raw)
                 part.data = cache[part.sha256]
 
 
@@ -295,7 +312,7 @@ async def with_urls(gw: Registry, session: dict[str, Any]) -> dict[str, Any]:
             if isinstance(p, dict) and p.get("type") == "file" and p.get("sha256") and not p.get("url"):
                 raw = await gw.blobs.get(str(p["sha256"]))
                 if raw is not None:
-                    p = {**p, "url": f"data:{p.get('mediaType')};base64," + base64.b64encode(raw).decode("ascii")}
+                    p = {**p, "url": f"data:{p.get('mediaType')};base64," + await b64encode(raw)}
             new_parts.append(p)
         out.append({**message, "parts": new_parts})
     return {**session, "messages": out}
@@ -365,11 +382,34 @@ def raw_bytes(part: FilePart) -> bytes:
         return b""
 
 
+# What was measured of a file (image tokens or PDF pages) by SHA-256: a session's files are measured several
+# times a turn (the policy, the reservation, the inspector), and decoding them each time would cost.
+_MEASURED: dict[str, int] = {}
+_MEASURED_MAX = 4096
+
+
+def _measure(part: FilePart) -> int:
+    """An image's tokens by the formula, or a PDF's pages."""
+    if part.sha256 and part.sha256 in _MEASURED:
+        return _MEASURED[part.sha256]
+    raw = raw_bytes(part)
+    value = (image_tokens(raw) if raw else IMAGE_TOKENS) if part.is_image else pdf_pages(raw)
+    if part.sha256 and raw:
+        if len(_MEASURED) >= _MEASURED_MAX:
+            _MEASURED.clear()
+        _MEASURED[part.sha256] = value
+    return value
+
+
+def pages(part: FilePart) -> int:
+    """The pages of a PDF part."""
+    return _measure(part)
+
+
 def tokens(part: FilePart, *, ceiling: bool = False) -> int:
     """What a file costs a call: images by Anthropic's formula, PDFs at ``PDF_PAGE_TOKENS`` a page. With
     ``ceiling`` (a reservation, whatever the provider) every image counts ``IMAGE_TOKENS``: other providers
     bill small images more than Anthropic does (OpenAI at least 85 + 170 a tile, Gemini 258 an image)."""
-    raw = raw_bytes(part)
     if part.is_image:
-        return IMAGE_TOKENS if ceiling or not raw else image_tokens(raw)
-    return PDF_PAGE_TOKENS * pdf_pages(raw)
+        return IMAGE_TOKENS if ceiling else _measure(part)
+    return PDF_PAGE_TOKENS * _measure(part)

@@ -235,7 +235,7 @@ def attachments_section(files: Sequence[FilePart]) -> Section:
             "mediaType": f.media_type,
             "byteCount": f.size or 0,
             "tokenEstimate": attachments.tokens(f),
-            **({"pages": attachments.pdf_pages(attachments.raw_bytes(f))} if not f.is_image else {}),
+            **({"pages": attachments.pages(f)} if not f.is_image else {}),
         }
         for f in files
     ]

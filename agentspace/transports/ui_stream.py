@@ -383,7 +383,12 @@ async def chat_handler(request: web.Request) -> web.StreamResponse:
     # ApiErrors raised here are answered by the app's error middleware (rest.errors_and_preflight).
     caller = security.caller(request)
     service = state.service(request.app, caller)
-    chat = parse_chat_body(await read_chat_json(request), caller)
+    body = await read_chat_json(request)
+    # Decoding and hashing large files (attachments.py) runs on a worker thread.
+    if _file_data_bytes(body) > attachments.OFF_LOOP_BYTES:
+        chat = await asyncio.to_thread(parse_chat_body, body, caller)
+    else:
+        chat = parse_chat_body(body, caller)
     chat.credential = request.get(security.CREDENTIAL_KEY)  # each step of the turn checks the key is still valid
     turn = await service.start_chat(chat)
     return await stream_turn(request, turn, abort_on_disconnect=service.gw.config["chat"]["on_disconnect"] == "abort")

@@ -200,7 +200,11 @@ class Connection:
             ChatInput(msg.get("content"), msg.get("sessionId"), msg.get("model"), paths={"session_id": "sessionId"}),
             client=self.caller,
             endpoint="ws",
-            files=_attachments(msg.get("attachments")),
+            files=(
+                await asyncio.to_thread(_attachments, msg.get("attachments"))
+                if _attachment_bytes(msg) > attachments.OFF_LOOP_BYTES
+                else _attachments(msg.get("attachments"))
+            ),
         )
         request.credential = self.credential  # each call checks the key is still the client's
         if self.turn is not None and not self.turn.done:
