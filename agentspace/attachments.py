@@ -1,9 +1,9 @@
 """Images and documents in the gateway's own sessions (docs/attachments.md).
 
 Every transport turns what a client attached into ``FilePart``s (``from_data_url``, ``from_base64``, or a URL
-part that ``fetch`` downloads when ``[chat] fetch_urls`` allows it); ``accept`` checks them against
-``[attachments]`` and the model before anything is stored or sent, and keeps their bytes in the blob store
-(``stores/blobs.py``) by SHA-256. Stored messages hold the parts without their data; ``load`` puts the bytes
+part that ``fetch`` downloads when ``[chat] fetch_urls`` allows it); ``prepare`` checks them against
+``[attachments]`` and the model before anything is stored or sent, and ``keep`` puts their bytes in the blob
+store (``stores/blobs.py``) by SHA-256. Stored messages hold the parts without their data; ``load`` puts the bytes
 back into the parts of a call. ``tokens`` estimates what a file costs a call: the inspector's
 ``attachments`` section and the reservation of every call that sends it.
 """
@@ -25,7 +25,8 @@ if TYPE_CHECKING:
     from .registry import Registry
 
 # Anthropic's documented image cost: (width * height) / 750 tokens, after the image is scaled to fit
-# 1568 px on its long side and about 1.15 megapixels: so at most about 1,600 tokens (calls.IMAGE_TOKENS).
+# 1568 px on its long side and about 1.15 megapixels: so at most about 1,600 tokens, what a reservation counts
+# for any image (calls.py, the /v1 bodies too).
 IMAGE_TOKENS = 1600
 IMAGE_TOKEN_PIXELS = 750
 IMAGE_MAX_EDGE = 1568
@@ -132,7 +133,10 @@ async def fetch(gw: Registry, part: FilePart) -> FilePart:
     except (aiohttp.ClientError, TimeoutError) as e:
         what = "did not finish in time" if isinstance(e, TimeoutError) else "failed"
         raise ApiError("INVALID_MESSAGE", f"Fetching the file {part.url!r} {what}.") from None
-    return from_bytes(part.media_type, b"".join(chunks), part.filename)
+    raw = b"".join(chunks)
+    if len(raw) > OFF_LOOP_BYTES:
+        return await asyncio.to_thread(from_bytes, part.media_type, raw, part.filename)
+    return from_bytes(part.media_type, raw, part.filename)
 
 
 def _name(part: FilePart) -> str:
