@@ -27,6 +27,8 @@ from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
+from . import attachments
+from .attachments import IMAGE_TOKENS, PDF_PAGE_TOKENS
 from .errors import ApiError, StorageError
 from .observe import CallInfo, notify
 from .pricing import cost_map
@@ -35,6 +37,7 @@ from .tokens import count_tokens
 from .types import (
     ChatMessage,
     Cost,
+    FilePart,
     ReasoningPart,
     TextPart,
     TokenUsage,
@@ -56,10 +59,6 @@ INPUT_FIELDS = ("inputTokens",)
 OUTPUT_FIELDS = ("outputTokens",)
 ALL_FIELDS = ("inputTokens", "outputTokens")
 
-# Anthropic's documented ceiling for one image: it is scaled down to about 1.15 megapixels, (w * h) / 750.
-IMAGE_TOKENS = 1600
-# A PDF page costs its text (1,500 to 3,000 tokens, Anthropic's figure) plus the page as an image.
-PDF_PAGE_TOKENS = 3000 + IMAGE_TOKENS
 # Prompts longer than this are priced at the long-context rates where the model has them.
 LONG_CONTEXT_TOKENS = 200_000
 # Anthropic's web search: $10 per 1,000 searches, when the cost map does not say.
@@ -83,6 +82,7 @@ class Ceiling:
 def request_input_tokens(request: ProviderRequest) -> int:
     """A local count of a request's input: system, messages and tool definitions."""
     pieces = [request.system]
+    files = 0
     for message in request.messages:
         for part in message.parts:
             if isinstance(part, (TextPart, ReasoningPart)):
@@ -92,9 +92,11 @@ def request_input_tokens(request: ProviderRequest) -> int:
             elif isinstance(part, ToolResultPart):
                 output = part.output
                 pieces.append(output if isinstance(output, str) else json.dumps(output, default=str))
+            elif isinstance(part, FilePart):  # images and PDFs by Anthropic's formulas (agentspace/attachments.py)
+                files += attachments.tokens(part, ceiling=True)
     if request.tools:
         pieces.append(json.dumps([t.definition() for t in request.tools]))
-    return count_tokens("\n".join(p for p in pieces if p))
+    return count_tokens("\n".join(p for p in pieces if p)) + files
 
 
 def request_ceiling(request: ProviderRequest, input_tokens: int | None = None) -> Ceiling:

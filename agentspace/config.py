@@ -66,6 +66,15 @@ SCHEMA: dict[str, dict[str, tuple[tuple[type, ...], Any]]] = {
         "prompt_cache_ttl": ((str,), "5m"),
         "context_policy": ((str,), "compact"),
         "compact_model": ((str,), None),
+        # Whether /api/chat fetches the http(s) URLs of file parts (docs/attachments.md); off: a 400.
+        "fetch_urls": ((bool,), False),
+    },
+    # Images and documents in sessions (docs/attachments.md).
+    "attachments": {
+        "max_file_bytes": ((int,), 20 * 1024 * 1024),
+        "max_session_bytes": ((int,), 100 * 1024 * 1024),
+        "media_types": ((list,), ["image/png", "image/jpeg", "image/gif", "image/webp", "application/pdf"]),
+        "fetch_timeout_seconds": ((int, float), 10.0),
     },
     "thinking": {
         "enabled": ((bool,), True),
@@ -113,6 +122,7 @@ PRICING_SCHEMA: dict[str, tuple[tuple[type, ...], Any]] = {
     "supports_reasoning": ((bool,), None),
     "supports_tools": ((bool,), None),
     "supports_vision": ((bool,), None),
+    "supports_pdf_input": ((bool,), None),
     "deprecation_date": ((str,), None),
     "long_context": ((list,), None),
 }

@@ -22,15 +22,18 @@ import inspect
 import json
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, Literal
 
+from . import attachments
 from .prompt_cache import anthropic_family, cache_ttl, plan, prefix_key
 from .tokens import count_tokens
 from .types import (
     ChatMessage,
     ContextRequest,
+    FilePart,
     ModelInfo,
     ReasoningPart,
     TextPart,
@@ -48,13 +51,17 @@ log = logging.getLogger(__name__)
 SUMMARY_HEADING = "Summary of the earlier part of this conversation:\n"
 
 # The sections the core builds itself; a plugin section of one of these names is not sent.
-CORE_SECTIONS = ("system_prompt", "tools", "response_format", "summary", "history", "user_message")
+CORE_SECTIONS = ("system_prompt", "tools", "response_format", "summary", "attachments", "history", "user_message")
 
 
 @dataclass(slots=True)
 class Section:
     name: str
     text: str
+    # A section that is not text (``attachments``): its tokens and bytes as counted by its own rules.
+    tokens: int | None = None
+    byte_count: int | None = None
+    files: list[dict[str, Any]] | None = None
 
 
 @dataclass(slots=True)
@@ -170,8 +177,10 @@ async def assemble(
     model: str,
     user_message: str | None,
     history: list[dict[str, Any]],
+    user_files: Sequence[FilePart] = (),
 ) -> AssembledContext:
-    """Build what the next call sends. ``history`` is the stored messages, oldest first."""
+    """Build what the next call sends. ``history`` is the stored messages, oldest first; ``user_files``: the
+    images and documents the user message attaches (with their bytes)."""
     config = gateway.config
     request = ContextRequest(session_id=session_id, model=model, config=config, user_message=user_message)
     system_prompt = ""
@@ -192,8 +201,15 @@ async def assemble(
     recent = history_window(history[start:], config["chat"]["history_limit"])
     messages = messages_from_store(recent)
     history_text = "\n".join(f"{m.role}: {message_text(m)}" for m in messages)
-    if user_message is not None:
-        messages.append(ChatMessage.user(user_message))
+    # The session's earlier files are resent with their messages (a cached prefix): their bytes come back
+    # from the blob store.
+    await attachments.load(gateway, messages)
+    if user_message is not None or user_files:
+        new = ChatMessage.user(user_message or "")
+        if user_files:
+            new.parts = [p for p in new.parts if user_message] + list(user_files)
+        messages.append(new)
+    files = [p for m in messages for p in m.parts if isinstance(p, FilePart)]
 
     sections = [
         Section("system_prompt", system_prompt),
@@ -201,6 +217,7 @@ async def assemble(
         Section("tools", tool_text),
         Section("response_format", formatting),
         *([Section("summary", SUMMARY_HEADING + summary)] if summary else []),
+        *([attachments_section(files)] if files else []),
         Section("history", history_text),
         Section("user_message", user_message or ""),
     ]
@@ -222,6 +239,27 @@ def history_window(messages: list[dict[str, Any]], limit: int) -> list[dict[str,
     return messages[-(-excess // step) * step :]
 
 
+def attachments_section(files: Sequence[FilePart]) -> Section:
+    """The ``attachments`` row: each file with its estimate (``attachments.tokens``), their sum."""
+    rows: list[dict[str, Any]] = [
+        {
+            "name": f.filename,
+            "mediaType": f.media_type,
+            "byteCount": f.size or 0,
+            "tokenEstimate": attachments.tokens(f),
+            **({"pages": attachments.pages(f)} if not f.is_image else {}),
+        }
+        for f in files
+    ]
+    return Section(
+        "attachments",
+        "",
+        tokens=sum(int(r["tokenEstimate"]) for r in rows),
+        byte_count=sum(int(r["byteCount"]) for r in rows),
+        files=rows,
+    )
+
+
 def measure(context: AssembledContext, info: ModelInfo, cache: CacheView | None = None) -> dict[str, Any]:
     """The ``sections`` and ``totals`` of a ``context.inspection`` reply.
 
@@ -230,13 +268,14 @@ def measure(context: AssembledContext, info: ModelInfo, cache: CacheView | None 
     ``cacheWriteTokens``), and the totals give the expected input cost with and without the cache."""
     rows: list[dict[str, Any]] = []
     for s in context.sections:
-        tokens = count_tokens(s.text)
+        tokens = count_tokens(s.text) if s.tokens is None else s.tokens
         rows.append(
             {
                 "name": s.name,
-                "byteCount": len(s.text.encode("utf-8")),
+                "byteCount": len(s.text.encode("utf-8")) if s.byte_count is None else s.byte_count,
                 "tokenEstimate": tokens,
                 "costEstimate": round(tokens * info.input_per_mtok / 1_000_000, 10),
+                **({"files": s.files} if s.files is not None else {}),
             }
         )
     totals: dict[str, Any] = {
@@ -276,7 +315,7 @@ def calibration(last_call: dict[str, Any] | None) -> float:
 
 
 # Cache order: the provider caches tools, then the system prompt, then the messages.
-_CACHE_ORDER = {"tools": 0, "history": 2, "user_message": 3}
+_CACHE_ORDER = {"tools": 0, "attachments": 2, "history": 2, "user_message": 3}
 
 
 def _measure_cache(
@@ -342,12 +381,16 @@ def last_call(stored: list[dict[str, Any]]) -> tuple[dict[str, Any] | None, floa
     return None, None
 
 
-def estimate_input_tokens(context: AssembledContext) -> int:
-    """Local count of what a call sends, for usage records when the provider reported none."""
+def estimate_input_tokens(context: AssembledContext, *, ceiling: bool = False) -> int:
+    """Local count of what a call sends, for usage records when the provider reported none; with ``ceiling``
+    (a reservation) files count at their most (``attachments.tokens``)."""
     text = context.system + "\n".join(message_text(m) for m in context.messages)
     if context.tools:
         text += json.dumps([t.definition() for t in context.tools], ensure_ascii=False)
-    return count_tokens(text)
+    files = sum(
+        attachments.tokens(p, ceiling=ceiling) for m in context.messages for p in m.parts if isinstance(p, FilePart)
+    )
+    return count_tokens(text) + files
 
 
 async def inspect_session(

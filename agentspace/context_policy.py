@@ -23,6 +23,7 @@ import json
 import logging
 from typing import TYPE_CHECKING, Any, Protocol
 
+from . import attachments
 from .calls import ALL_FIELDS, ProviderCall, request_ceiling
 from .context import (
     AssembledContext,
@@ -38,7 +39,7 @@ from .events import ProviderError, ProviderFinish, TextDelta, UsageReport
 from .providers.base import ProviderRequest
 from .registry import ModelNotFound
 from .tokens import count_tokens
-from .types import ChatMessage, TokenUsage, now_iso
+from .types import ChatMessage, FilePart, TokenUsage, now_iso
 from .vault import resolve_key
 
 if TYPE_CHECKING:
@@ -136,7 +137,14 @@ async def fit_context(
             mark["contextCut"]["compactError"] = e.code
     await gw.sessions.update_message(turn.session_id, history[cut]["id"], mark)
     history = [*history[:cut], {**history[cut], **mark}, *history[cut + 1 :]]
-    ctx = await assemble(gw, session_id=turn.session_id, model=turn.model, user_message=content, history=history)
+    ctx = await assemble(
+        gw,
+        session_id=turn.session_id,
+        model=turn.model,
+        user_message=content,
+        history=history,
+        user_files=getattr(turn, "files", ()),
+    )
     need = round(estimate_input_tokens(ctx) * ratio)
     if need > window:  # the newest turn alone is too long
         raise too_long(turn.model, need, window, max_tokens)
@@ -167,6 +175,8 @@ def _surely_fits(
             size += len(json.dumps([t.definition() for t in ctx.tools], ensure_ascii=False).encode())
         return size * ratio < limit
     since = len(content.encode())
+    if ctx.messages and ctx.messages[-1].role == "user":  # the files the new message attaches
+        since += sum(attachments.tokens(p) for p in ctx.messages[-1].parts if isinstance(p, FilePart))
     for message in reversed(history):
         since += _bytes(message)  # the answer of that call (and its tool results), anything after it
         if message.get("lastCall") is previous:
@@ -175,7 +185,9 @@ def _surely_fits(
 
 
 def _bytes_of(message: ChatMessage) -> int:
-    return len(message_text(message).encode())
+    # A file counts its token estimate (its bytes say nothing of what it costs).
+    files = sum(attachments.tokens(p) for p in message.parts if isinstance(p, FilePart))
+    return len(message_text(message).encode()) + files
 
 
 def compact_model(gw: Registry, model: str) -> str:

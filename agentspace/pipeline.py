@@ -26,6 +26,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from . import attachments
 from .calls import ProviderCall, ceiling_cost, price, request_ceiling
 from .context import AssembledContext, assemble, estimate_input_tokens
 from .context_policy import fit_context
@@ -58,6 +59,7 @@ from .tokens import count_tokens
 from .types import (
     ChatMessage,
     Cost,
+    FilePart,
     Part,
     ReasoningPart,
     SourcePart,
@@ -107,6 +109,8 @@ class ChatRequest:
     user_message_id: str | None = None
     # The SHA-256 of the client key the caller authenticated with: each step checks it is still the key.
     credential: str | None = None
+    # Images and documents the user message attaches (agentspace/attachments.py).
+    files: list[FilePart] = field(default_factory=list)
 
 
 async def start_turn(gw: Registry, request: ChatRequest) -> Turn:
@@ -141,6 +145,10 @@ async def start_turn(gw: Registry, request: ChatRequest) -> Turn:
     if not await _has_usable_key(gw, model):
         await _record_refusal(gw, model, request, "NO_API_KEY")
         raise ApiError("NO_API_KEY", missing_key_message(model.split("/", 1)[0], gw.config))
+    # Media types, sizes and what the model reads: refused here, before anything is stored or sent.
+    files = await attachments.prepare(
+        gw, model, session["messages"] if session else request.import_messages, request.files
+    )
 
     created = session is None
     session_id = (request.session_id or new_id("s_")) if session is None else session["id"]
@@ -156,18 +164,20 @@ async def start_turn(gw: Registry, request: ChatRequest) -> Turn:
         "id": request.user_message_id or new_id("msg_"),
         "role": "user",
         "content": request.content,
-        "parts": [{"type": "text", "text": request.content}],
+        "parts": [{"type": "text", "text": request.content}] if request.content or not files else [],
         "createdAt": now_iso(),
     }
     turn = Turn(gw, session_id, model, request.client, created, user_message["id"], request.endpoint)
     turn.credential = request.credential
+    turn.files = files
     gw.active[session_id] = turn
     if gw.cluster is not None:  # and across replicas (SPEC 13)
         await _claim_across_replicas(gw, turn)
     # The user message is durable before the provider is called (SPEC 6).
     try:
+        user_message["parts"] += await attachments.keep(gw, session_id, files)
         if session is None:
-            history = list(request.import_messages)
+            history = await attachments.keep_imported(gw, session_id, request.import_messages)
             # A new session is written once, with its first messages.
             await gw.sessions.create(
                 model=model, session_id=session_id, client=request.client, messages=[*history, user_message]
@@ -336,6 +346,7 @@ class Turn:
         # What the latest provider call sent and cached, stored with the answer (``lastCall``): the inspector
         # predicts the next call's cache reads from it and calibrates its token estimates by it.
         self._last_call: dict[str, Any] | None = None
+        self.files: list[FilePart] = []  # what the user message attaches, with its bytes
 
     # --- publish / subscribe ---------------------------------------------------------------------
 
@@ -398,7 +409,12 @@ class Turn:
         answered_by = self.model
         try:
             ctx = await assemble(
-                self.gw, session_id=self.session_id, model=self.model, user_message=content, history=history
+                self.gw,
+                session_id=self.session_id,
+                model=self.model,
+                user_message=content,
+                history=history,
+                user_files=self.files,
             )
             # The context-window policy: compact, truncate or refuse (CONTEXT_TOO_LONG) a context too long.
             ctx = await fit_context(self.gw, self, ctx, content, history)
@@ -428,7 +444,9 @@ class Turn:
                 )
                 try:  # each step's checks at the moment of its call, its reservation, its pending entry
                     await provider_call.admit(
-                        lambda: request_ceiling(self._request(ctx, self.model), estimate_input_tokens(ctx))
+                        lambda: request_ceiling(
+                            self._request(ctx, self.model), estimate_input_tokens(ctx, ceiling=True)
+                        )
                     )
                 except ApiError as e:
                     finish_reason, error = "error", (e.code, e.message)
@@ -635,7 +653,9 @@ class Turn:
             call=call,
         )
         try:
-            await new.admit(lambda: request_ceiling(self._request(ctx, self.model), estimate_input_tokens(ctx)))
+            await new.admit(
+                lambda: request_ceiling(self._request(ctx, self.model), estimate_input_tokens(ctx, ceiling=True))
+            )
         except ApiError as e:
             raise ProviderError(e.code, e.message) from None
         state.provider_call = self._held = new

@@ -146,6 +146,7 @@ def model_info(config: Config, model: str, provided: Mapping[str, Any] | None = 
         deprecation_date=entry.get("deprecation_date"),
         price_known=known,
         supports_vision=bool(entry.get("supports_vision")),
+        supports_pdf_input=bool(entry.get("supports_pdf_input")),
         long_context=_tiers_from_cost_map(entry),
         cache_write_1h_per_mtok=_per_mtok(entry, "cache_creation_input_token_cost_above_1hr", 0.0) or None,
         prompt_cache_min_tokens=entry.get("prompt_cache_min_tokens"),
@@ -161,6 +162,7 @@ def model_info(config: Config, model: str, provided: Mapping[str, Any] | None = 
         "supports_reasoning",
         "supports_tools",
         "supports_vision",
+        "supports_pdf_input",
         "deprecation_date",
     ):
         if key in override:

@@ -34,7 +34,7 @@ if TYPE_CHECKING:
     from .pipeline import Turn
     from .routing import Router
     from .storage.ledger import Ledger
-    from .storage.protocols import ClientStoreAPI, SessionStoreAPI, Storage, UsageStoreAPI
+    from .storage.protocols import BlobStoreAPI, ClientStoreAPI, SessionStoreAPI, Storage, UsageStoreAPI
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +73,8 @@ class Registry:
     ledger: Ledger = field(init=False)
     # The model groups and the state their choices read (routing.py).
     router: Router = field(init=False)
+    # The bytes of the files sessions hold, by SHA-256 (attachments.py).
+    blobs: BlobStoreAPI = field(init=False)
 
     def __post_init__(self) -> None:
         from .limits import Guard
@@ -86,6 +88,10 @@ class Registry:
 
         self.ledger = Ledger(self.config.data_dir if self.storage is not None else None)
         self.router = Router(self.config.groups)
+        from .storage.embedded.blobs import FileBlobStore
+
+        backend_blobs = self.storage.blobs if self.storage is not None else None
+        self.blobs = backend_blobs if backend_blobs is not None else FileBlobStore(self.config.data_dir)
 
     @classmethod
     def create(cls, config: Config, pm: pluggy.PluginManager, storage: Storage | None = None) -> Registry:

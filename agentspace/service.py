@@ -20,6 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from . import attachments
 from .catalog import usable_models
 from .clients import ADMIN
 from .context import inspect_session
@@ -33,6 +34,7 @@ from .storage.errors import SessionNotFound
 from .storage.reports import REPORTS
 from .storage.search import search_sessions
 from .storage.shapes import SESSION_ID, TITLE_LENGTH, Listing
+from .types import FilePart
 
 SHUTTING_DOWN_MESSAGE = "The gateway is shutting down; try again when it is back."
 
@@ -154,12 +156,14 @@ def chat_request(
     endpoint: str = "ws",
     create_if_missing: bool = False,
     history: list[dict[str, Any]] | None = None,
+    files: list[FilePart] | None = None,
 ) -> ChatRequest:
-    """Check a chat request's fields, the one validator for every transport; every problem is a field error."""
+    """Check a chat request's fields, the one validator for every transport; every problem is a field error.
+    ``files``: what the message attaches (``attachments.py``); with files, the text may be empty."""
     errors: dict[str, str] = {}
     if not isinstance(chat.content, str):
         errors[chat.path("content")] = "required: a string"
-    elif not chat.content.strip():
+    elif not chat.content.strip() and not files:
         errors[chat.path("content")] = "must not be empty"
     optional = (("session_id", session_id_problem), ("model", model_id_problem), ("message_id", message_id_problem))
     for name, problem in optional:
@@ -177,6 +181,7 @@ def chat_request(
         create_if_missing=create_if_missing,
         import_messages=history or [],
         user_message_id=chat.message_id,
+        files=list(files or []),
     )
 
 
@@ -314,7 +319,9 @@ class Service:
         )
 
     async def get_session(self, session_id: str) -> dict[str, Any]:
-        return self._shown(await self._owned(checked(session_id, "id", session_id_problem)))
+        """The session with its messages; file parts carry their bytes as a ``data:`` URL (``url``)."""
+        session = await self._owned(checked(session_id, "id", session_id_problem))
+        return self._shown(await attachments.with_urls(self.gw, session))
 
     async def delete_session(self, session_id: str) -> None:
         checked(session_id, "id", session_id_problem)
@@ -324,6 +331,7 @@ class Service:
             raise ApiError("STREAM_IN_PROGRESS", "This session is streaming an answer; wait for it to end.")
         if not await self.gw.sessions.delete(session_id):
             raise _not_found(session_id)
+        await self.gw.blobs.release(session_id)  # the files no other session uses go with it
 
     async def stop_answer(self, session_id: str) -> None:
         """Stop the caller's running answer in the session (``chat.abort``: what was generated is kept)."""

@@ -74,13 +74,18 @@ class ToolResultPart:
 
 @dataclass(slots=True)
 class FilePart:
-    """An image or a document a /v1 client sent (``image/*``, ``application/pdf``): base64 ``data`` or a
-    ``url``. Each provider sends it in its API's own block."""
+    """An image or a document (``image/*``, ``application/pdf``): base64 ``data`` or a ``url``. Each provider
+    sends it in its API's own block.
+
+    In a session (docs/attachments.md) the part is stored with its ``size`` and ``sha256`` and without its
+    data: the bytes are kept once in the blob store and put back in ``data`` when a call sends them."""
 
     media_type: str
     data: str | None = None
     url: str | None = None
     filename: str | None = None
+    size: int | None = None
+    sha256: str | None = None
     type: Literal["file"] = "file"
 
     @property
@@ -103,7 +108,17 @@ _PART_KEYS: dict[str, tuple[type, dict[str, str]]] = {
         ToolResultPart,
         {"tool_call_id": "toolCallId", "name": "name", "output": "output", "is_error": "isError"},
     ),
-    "file": (FilePart, {"media_type": "mediaType", "data": "data", "url": "url", "filename": "filename"}),
+    "file": (
+        FilePart,
+        {
+            "media_type": "mediaType",
+            "data": "data",
+            "url": "url",
+            "filename": "filename",
+            "size": "size",
+            "sha256": "sha256",
+        },
+    ),
 }
 
 
@@ -328,6 +343,7 @@ class ModelInfo:
     deprecation_date: str | None = None
     price_known: bool = True
     supports_vision: bool = False
+    supports_pdf_input: bool = False
     long_context: tuple[PriceTier, ...] = ()  # ascending ``above_input_tokens``
     # The price of a one-hour cache write (None: as a 5-minute one); the shortest prefix the model caches.
     cache_write_1h_per_mtok: float | None = None

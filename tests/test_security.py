@@ -198,7 +198,10 @@ async def test_rotation_takes_effect_without_a_restart(client: TestClient, token
 
 
 async def test_frame_and_body_limits(make_client: Any, token: str, auth_headers: dict[str, str]) -> None:
-    client = await make_client(server={"max_frame_bytes": 1000, "max_body_bytes": 2000})
+    # No room for attachments: past 4x max_frame_bytes a frame closes the socket.
+    client = await make_client(
+        server={"max_frame_bytes": 1000, "max_body_bytes": 2000}, attachments={"max_session_bytes": 0}
+    )
     ws = await connect(client, token)
     await ws.send_json({"type": "chat.send", "id": "big", "content": "x" * 1500})
     assert (await receive(ws))["code"] == "PAYLOAD_TOO_LARGE"

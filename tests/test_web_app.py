@@ -7,6 +7,7 @@ request leaves the gateway's origin. The tests take a screenshot of each page (i
 from __future__ import annotations
 
 import asyncio
+import base64
 import csv
 import io
 import json
@@ -664,3 +665,83 @@ def test_phone_shows_the_chat_the_clients_actions_and_the_cost(browser: Any, gat
     screenshot(page, "clients-phone")
     gateway.call("DELETE", "/api/clients/phone-team")
     web.check()
+
+
+def test_attach_by_file_input_paste_and_drop_previews_and_inspect(web: Page, gateway: Gateway) -> None:
+    attach_and_inspect(web, gateway)
+
+
+def attach_and_inspect(web: Page, gateway: Gateway) -> None:
+    """A PNG by the file input, a PDF pasted, a PNG dropped (and removed): the upstream gets both, the history
+    shows them after a reload, ``agentspace inspect`` their estimate (tests/test_web_attachments.py: PostgreSQL)."""
+    from tests.test_attachments import pdf, png
+
+    page = web.sign_in()
+    new_chat(page)
+    image, document, dropped = png(120, 60), pdf(2), png(30, 30, seed=9)
+    page.set_input_files("#attach-input", files=[{"name": "chart.png", "mimeType": "image/png", "buffer": image}])
+    expect(page.locator("#attachments img.file-preview")).to_have_count(1)
+    # Paste a PDF into the prompt, then drop an image on the composer: what a browser dispatches.
+    make_file = (
+        "([b64, name, type]) => { const bytes = Uint8Array.from(atob(b64), (c) => c.charCodeAt(0));"
+        " const dt = new DataTransfer(); dt.items.add(new File([bytes], name, { type })); return dt; }"
+    )
+    page.evaluate(
+        f"(args) => document.getElementById('prompt').dispatchEvent(new ClipboardEvent('paste',"
+        f" {{ clipboardData: ({make_file})(args), bubbles: true, cancelable: true }}))",
+        [base64.b64encode(document).decode(), "report.pdf", "application/pdf"],
+    )
+    page.evaluate(
+        f"(args) => document.querySelector('form.composer').dispatchEvent(new DragEvent('drop',"
+        f" {{ dataTransfer: ({make_file})(args), bubbles: true, cancelable: true }}))",
+        [base64.b64encode(dropped).decode(), "dot.png", "image/png"],
+    )
+    expect(page.locator("#attachments li")).to_have_count(3)
+    # One is removed again before sending.
+    page.get_by_role("button", name="Remove dot.png").click()
+    expect(page.locator("#attachments li")).to_have_count(2)
+
+    before = len(gateway.fake.fake.requests)
+    gateway.fake.enqueue(text_response("A chart and a two-page report."))
+    send(page, "What do these show?")
+    expect(page.locator("li.message.assistant[data-state=done]").last).to_contain_text("two-page report")
+    expect(page.locator("#attachments li")).to_have_count(0)
+    [request] = gateway.fake.fake.requests[before:]
+    content = request.body["messages"][-1]["content"]
+    assert [b["type"] for b in content] == ["text", "image", "document"]
+    assert base64.b64decode(content[1]["source"]["data"]) == image
+    assert base64.b64decode(content[2]["source"]["data"]) == document
+
+    # The history shows the previews after a reload (from GET /api/sessions/{id}).
+    sid = session_id(page)
+    page.reload()
+    user = page.locator("li.message.user").last
+    expect(user.locator("img.file-preview")).to_have_count(1)
+    assert user.locator("img.file-preview").evaluate("img => img.naturalWidth") == 120
+    expect(user.locator(".file-chip")).to_contain_text("report.pdf")
+    page.locator("#context .seg[data-section=attachments]").wait_for()
+
+    # The CLI in a process of its own: Playwright's loop runs in this thread.
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "from agentspace.cli import main; main()",
+            "--config",
+            str(gateway.config),
+            "inspect",
+            sid,
+        ],
+        capture_output=True,
+        text=True,
+        env=child_env(gateway.data_dir),
+        cwd=ROOT,
+        timeout=60,
+    )
+    assert run.returncode == 0, run.stderr
+    result = run
+    image_tokens, pdf_tokens = round(120 * 60 / 750), 2 * 4600
+    assert f"chart.png image/png, {len(image)} bytes: {image_tokens} tokens" in result.stdout
+    assert f"report.pdf application/pdf, {len(document):,} bytes, 2 pages: {pdf_tokens:,} tokens" in result.stdout
+    row = next(line for line in result.stdout.splitlines() if line.startswith("attachments"))
+    assert f"{image_tokens + pdf_tokens:,}" in row

@@ -40,6 +40,14 @@ def _format(result: dict[str, Any]) -> str:
             f"\nExpected input cost: {money(float(totals['costWithCache']))} with the cache, "
             f"{money(float(totals.get('costWithoutCache') or 0.0))} without."
         )
+    files = [f for s in result.get("sections", []) if s.get("name") == "attachments" for f in s.get("files") or ()]
+    if files:  # images by (width x height) / 750 tokens, PDFs by pages (docs/attachments.md)
+        out += "\n\nAttachments:\n" + "\n".join(
+            f"  {printable(f.get('name') or '(unnamed)')} {printable(f.get('mediaType'))}, {count(f.get('byteCount'))} bytes"
+            + (f", {count(f.get('pages'))} pages" if f.get("pages") else "")
+            + f": {count(f.get('tokenEstimate'))} tokens"
+            for f in files
+        )
     return out
 
 

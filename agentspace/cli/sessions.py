@@ -42,10 +42,23 @@ def _get(state: CliState, session_id: str) -> dict[str, Any] | None:
 
 
 def _delete(state: CliState, session_id: str) -> bool:
+    """Delete a session and the files no other session uses (docs/attachments.md)."""
+    from ..storage.embedded.blobs import FileBlobStore
+
     store = _sync_sessions(state)
     if store is not None:
-        return store.delete_sync(session_id)
-    return on_storage(state, lambda storage: storage.sessions.delete(session_id))
+        deleted = bool(store.delete_sync(session_id))
+        if deleted:
+            FileBlobStore(state.data_dir).release_sync(session_id)
+        return deleted
+
+    async def delete(storage: Any) -> bool:
+        deleted = bool(await storage.sessions.delete(session_id))
+        if deleted:
+            await (storage.blobs or FileBlobStore(state.data_dir)).release(session_id)
+        return deleted
+
+    return bool(on_storage(state, delete))
 
 
 def _not_found(session_id: str) -> click.ClickException:

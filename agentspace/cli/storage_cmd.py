@@ -55,14 +55,17 @@ def migrate(state: CliState, dsn: str) -> None:
     click.echo(
         f"sessions: {summary['sessions']} copied, {summary['sessions_there']} already there; "
         f"usage records: {summary['records']} copied, {summary['records_there']} already there; "
-        f"clients: {summary['clients']} copied, {summary['clients_there']} already there"
+        f"clients: {summary['clients']} copied, {summary['clients_there']} already there; "
+        f"files: {summary['files']} copied"
     )
 
 
 async def _copy(
     dsn: str, sessions: Any, session_ids: list[str], records: list[dict[str, Any]], clients: list[Any]
 ) -> dict[str, int]:
+    from ..storage.embedded.blobs import FileBlobStore
     from ..storage.postgres import (
+        PostgresBlobStore,
         PostgresClientStore,
         PostgresDatabase,
         PostgresSessionStore,
@@ -73,7 +76,10 @@ async def _copy(
     await db.start()
     target_sessions, target_usage = PostgresSessionStore(db), PostgresUsageStore(db)
     target_clients = PostgresClientStore(db)
-    summary = dict.fromkeys(("sessions", "sessions_there", "records", "records_there", "clients", "clients_there"), 0)
+    source_blobs, target_blobs = FileBlobStore(sessions.dir.parent), PostgresBlobStore(db)
+    summary = dict.fromkeys(
+        ("sessions", "sessions_there", "records", "records_there", "clients", "clients_there", "files"), 0
+    )
     try:
         with click.progressbar(length=len(session_ids) + len(records), label="Copying", file=None) as bar:
             for session_id in session_ids:
@@ -81,6 +87,7 @@ async def _copy(
                 if session is not None:
                     copied = await target_sessions.copy_in(session)
                     summary["sessions" if copied else "sessions_there"] += 1
+                    summary["files"] += await _copy_files(session, source_blobs, target_blobs)
                 bar.update(1)
             for start in range(0, len(records), BATCH):
                 batch = records[start : start + BATCH]
@@ -93,3 +100,17 @@ async def _copy(
     finally:
         await db.aclose()
     return summary
+
+
+async def _copy_files(session: dict[str, Any], source: Any, target: Any) -> int:
+    """Copy the blobs of a session's files (attachments.py) with its reference; how many it has."""
+    from ..attachments import stored_files
+
+    count = 0
+    for part in stored_files(session.get("messages") or []):
+        sha256 = part.get("sha256")
+        data = source.get_sync(str(sha256)) if sha256 else None
+        if data is not None:
+            await target.put(str(sha256), data, str(session["id"]))
+            count += 1
+    return count

@@ -204,6 +204,8 @@ class Storage:
     shared: bool = False
     database: Database | None = None
     shared_ledger: Callable[[str], SharedLedger] | None = None
+    # The bytes of the sessions' files (None: the file blob store in the data directory, storage/embedded/blobs.py).
+    blobs: BlobStoreAPI | None = None
 
     async def start(self) -> None:
         """Connect, migrate: what must happen before the first request."""
@@ -248,3 +250,20 @@ class StorageBackend(Protocol):
     name: str
 
     def open(self, config: Config) -> Storage: ...
+
+
+@runtime_checkable
+class BlobStoreAPI(Protocol):
+    """Content-addressed bytes with the sessions that use them."""
+
+    async def put(self, sha256: str, data: bytes, session_id: str) -> None:
+        """Keep ``data`` (whose hash is ``sha256``) for ``session_id``; durable once awaited."""
+
+    async def get(self, sha256: str) -> bytes | None: ...
+
+    async def release(self, session_id: str) -> list[str]:
+        """Forget every blob ``session_id`` used; delete those no other session uses (their hashes)."""
+
+    async def hashes(self) -> list[str]: ...
+
+    async def sessions_of(self, sha256: str) -> list[str]: ...

@@ -313,7 +313,8 @@ OPENAPI: dict[str, Any] = {
                     "400": _error("INVALID_MESSAGE (with `fields: [{path, message}]`) or MODEL_NOT_FOUND."),
                     **_AUTH_ERRORS,
                     "409": _error("STREAM_IN_PROGRESS: the session is already streaming an answer."),
-                    "413": _error("PAYLOAD_TOO_LARGE: the body exceeds [server] max_body_bytes."),
+                    "413": _error("PAYLOAD_TOO_LARGE: the body exceeds [server] max_body_bytes, or a file its limits."),
+                    "415": _error("UNSUPPORTED_MEDIA_TYPE: a file of a type [attachments] media_types leaves out."),
                     "503": _error("SERVICE_UNAVAILABLE: the gateway is shutting down."),
                 },
             }
@@ -579,7 +580,18 @@ OPENAPI: dict[str, Any] = {
                     "role": {"enum": ["user", "assistant", "system"]},
                     "parts": {
                         "type": "array",
-                        "items": {"type": "object", "required": ["type"], "properties": {"type": _STR, "text": _STR}},
+                        "items": {
+                            "type": "object",
+                            "required": ["type"],
+                            # file: {mediaType, url (data: or http(s)), filename?}: docs/attachments.md
+                            "properties": {
+                                "type": _STR,
+                                "text": _STR,
+                                "mediaType": _STR,
+                                "url": _STR,
+                                "filename": _STR,
+                            },
+                        },
                     },
                     "metadata": {},
                 },
@@ -615,7 +627,12 @@ OPENAPI: dict[str, Any] = {
                             "type": "object",
                             "required": ["type"],
                             "properties": {
-                                "type": {"enum": ["text", "reasoning", "source", "tool-call", "tool-result"]}
+                                "type": {"enum": ["text", "reasoning", "source", "tool-call", "tool-result", "file"]},
+                                # file parts: mediaType, filename, size, sha256, and url (a data: URL)
+                                "mediaType": _STR,
+                                "url": _STR,
+                                "size": _INT,
+                                "sha256": _STR,
                             },
                         },
                     },

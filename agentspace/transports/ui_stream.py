@@ -16,8 +16,8 @@ from typing import Any
 
 from aiohttp import web
 
+from .. import attachments, security
 from .. import events as ev
-from .. import security
 from ..errors import ApiError
 from ..pipeline import ChatRequest, Turn
 from ..service import (
@@ -31,8 +31,8 @@ from ..service import (
     parse_json,
     session_id_problem,
 )
-from ..types import compact_json, new_id, now_iso, usage_to_wire
-from . import state
+from ..types import FilePart, compact_json, new_id, now_iso, usage_to_wire
+from . import bodies, state
 
 STREAM_HEADERS = {
     "Content-Type": "text/event-stream",
@@ -48,6 +48,12 @@ SDK_FINISH_REASONS = frozenset({"stop", "length", "content-filter", "tool-calls"
 
 ROLES = ("user", "assistant", "system")
 TRIGGERS = ("submit-message", "regenerate-message")
+# The UI message part types the AI SDK sends (``tool-<name>`` and ``data-<name>`` by prefix). A user message
+# may carry text and files; the rest only come back in earlier assistant messages, which the store's copy
+# replaces. Any other type is refused, naming it: nothing a client sends is dropped unseen.
+PART_TYPES = ("text", "reasoning", "file", "source-url", "source-document", "step-start", "dynamic-tool")
+PART_PREFIXES = ("tool-", "data-")
+USER_PART_TYPES = ("text", "file")
 
 
 class _StreamResponse(web.StreamResponse):
@@ -163,6 +169,40 @@ class UIMessageStreamEncoder:
 # --- requests -----------------------------------------------------------------------------------
 
 
+async def read_chat_json(request: web.Request) -> Any:
+    """The body of ``POST /api/chat``: ``[server] max_body_bytes`` for all but its files' data, which may add
+    up to the ``[attachments] max_session_bytes`` of a session (base64: 4/3 of it), as ``useChat`` resends
+    the whole conversation."""
+    config = request.app[state.REGISTRY].config
+    base = int(config["server"]["max_body_bytes"])
+    limit = base + -(-int(config["attachments"]["max_session_bytes"]) * 4 // 3)
+    try:
+        body, raw = await bodies.read_json(request, limit)
+    except bodies.BodyTooLarge:
+        raise ApiError("PAYLOAD_TOO_LARGE", f"Request body too large; the limit is {limit} bytes.") from None
+    except bodies.BodyInvalid:
+        raise invalid({"": "the body must be JSON (UTF-8, nested at most a few hundred levels)"}) from None
+    except bodies.GatewayBusy:
+        raise ApiError("SERVICE_UNAVAILABLE", bodies.BUSY_MESSAGE) from None
+    if len(raw) - _file_data_bytes(body) > base:
+        raise ApiError(
+            "PAYLOAD_TOO_LARGE", f"Request body too large; the limit is {base} bytes ([server] max_body_bytes)."
+        )
+    return body
+
+
+def _file_data_bytes(body: Any) -> int:
+    """The bytes of the ``data:`` URLs of a chat body's file parts."""
+    messages = body.get("messages") if isinstance(body, dict) else None
+    total = 0
+    for message in messages if isinstance(messages, list) else ():
+        parts = message.get("parts") if isinstance(message, dict) else None
+        for part in parts if isinstance(parts, list) else ():
+            if isinstance(part, dict) and part.get("type") == "file" and isinstance(part.get("url"), str):
+                total += len(part["url"]) if part["url"].startswith("data:") else 0
+    return total
+
+
 async def read_json(request: web.Request) -> Any:
     """The JSON body; 413 past ``[server] max_body_bytes`` (the app's client_max_size), 400 if not JSON."""
     try:
@@ -197,9 +237,30 @@ def _message_errors(i: int, message: Any) -> dict[str, str]:
         where = f"{path}.parts[{j}]"
         if not isinstance(part, dict) or not isinstance(part.get("type"), str):
             errors[where] = "must be an object with a string 'type'"
+        elif part["type"] not in PART_TYPES and not part["type"].startswith(PART_PREFIXES):
+            errors[f"{where}.type"] = f"part type {part['type'][:60]!r} is not handled by this gateway"
         elif part["type"] in ("text", "reasoning") and not isinstance(part.get("text"), str):
             errors[f"{where}.text"] = "must be a string"
     return errors
+
+
+def _user_parts_errors(i: int, message: dict[str, Any]) -> dict[str, str]:
+    """The parts of the user message being answered: text and files only."""
+    return {
+        f"messages[{i}].parts[{j}].type": f"part type {part['type'][:60]!r} is not handled in a user message "
+        f"(only {', '.join(USER_PART_TYPES)})"
+        for j, part in enumerate(message["parts"])
+        if part["type"] not in USER_PART_TYPES
+    }
+
+
+def _files(i: int, message: dict[str, Any]) -> list[FilePart]:
+    """The file parts of UI message ``i`` (data: URLs decoded, http(s) URLs to fetch)."""
+    return [
+        attachments.from_url(part.get("url"), part.get("mediaType"), part.get("filename"), f"messages[{i}].parts[{j}]")
+        for j, part in enumerate(message["parts"])
+        if part["type"] == "file"
+    ]
 
 
 def parse_chat_body(body: Any, caller: str = "admin") -> ChatRequest:
@@ -232,6 +293,9 @@ def parse_chat_body(body: Any, caller: str = "admin") -> ChatRequest:
     last_user = next((i for i in range(len(messages) - 1, -1, -1) if messages[i]["role"] == "user"), None)
     if last_user is None:
         raise invalid({"messages": "no user message to answer"})
+    if errors := _user_parts_errors(last_user, messages[last_user]):
+        raise invalid(errors)
+    files = _files(last_user, messages[last_user])
     chat = ChatInput(
         _text(messages[last_user]),
         session_id,
@@ -245,28 +309,35 @@ def parse_chat_body(body: Any, caller: str = "admin") -> ChatRequest:
     )
     # A stateless client sends the whole conversation; the store's copy wins once the session exists.
     return chat_request(
-        chat, client=caller, endpoint="http", create_if_missing=True, history=_stored_history(messages[:last_user])
+        chat,
+        client=caller,
+        endpoint="http",
+        create_if_missing=True,
+        history=_stored_history(messages[:last_user]),
+        files=files,
     )
 
 
 def _stored_history(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Earlier UI messages in stored form: text only. The system prompt is the gateway's, and reasoning
-    or tool parts from a client cannot be sent back upstream (Anthropic requires its own signatures)."""
+    """Earlier UI messages in stored form: text, and the files of user messages (with their data, which the
+    turn moves into the blob store). The system prompt is the gateway's, and reasoning or tool parts from a
+    client cannot be sent back upstream (Anthropic requires its own signatures)."""
     out = []
-    for message in messages:
+    for i, message in enumerate(messages):
         # Lone surrogates become U+FFFD, as in the new message (service.clean_text).
-        parts = [
-            {"type": "text", "text": clean_text(p["text"])}
-            for p in message["parts"]
-            if p["type"] == "text" and p["text"]
-        ]
+        parts: list[dict[str, Any]] = []
+        for p in message["parts"]:
+            if p["type"] == "text" and p["text"]:
+                parts.append({"type": "text", "text": clean_text(p["text"])})
+        if message["role"] == "user":
+            parts += [attachments.imported_part(f) for f in _files(i, message)]
         if message["role"] == "system" or not parts:
             continue
         out.append(
             {
                 "id": message.get("id") or new_id("msg_"),
                 "role": message["role"],
-                "content": "".join(p["text"] for p in parts),
+                "content": "".join(p.get("text", "") for p in parts),
                 "parts": parts,
                 "createdAt": now_iso(),
             }
@@ -309,7 +380,12 @@ async def chat_handler(request: web.Request) -> web.StreamResponse:
     # ApiErrors raised here are answered by the app's error middleware (rest.errors_and_preflight).
     caller = security.caller(request)
     service = state.service(request.app, caller)
-    chat = parse_chat_body(await read_json(request), caller)
+    body = await read_chat_json(request)
+    # Decoding and hashing large files (attachments.py) runs on a worker thread.
+    if _file_data_bytes(body) > attachments.OFF_LOOP_BYTES:
+        chat = await asyncio.to_thread(parse_chat_body, body, caller)
+    else:
+        chat = parse_chat_body(body, caller)
     chat.credential = request.get(security.CREDENTIAL_KEY)  # each step of the turn checks the key is still valid
     turn = await service.start_chat(chat)
     return await stream_turn(request, turn, abort_on_disconnect=service.gw.config["chat"]["on_disconnect"] == "abort")

@@ -7,7 +7,8 @@ and a new release is fetched at once: ``index.html`` is never cached and names t
 app's ES modules import each other by relative URL, so they all share the versioned folder.
 
 The Content-Security-Policy allows nothing from outside the gateway: scripts, styles, images and
-connections from our own origin only, no inline script, no frames.
+connections from our own origin only (images also as ``data:`` URLs: the previews of attached files), no
+inline script, no frames.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ WEB_DIR = Path(str(files("agentspace") / "web"))
 ASSETS_DIR = WEB_DIR / "assets"
 
 CSP = (
-    "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self'; connect-src 'self'; "
+    "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self'; "
     "font-src 'self'; object-src 'none'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'"
 )
 COMMON_HEADERS = {

@@ -17,8 +17,8 @@ from typing import Any
 
 from aiohttp import WSCloseCode, WSMsgType, web
 
+from .. import attachments, security
 from .. import events as ev
-from .. import security
 from ..clients import ADMIN, hash_key, looks_like_key
 from ..connections import PreAuthBudget
 from ..errors import ApiError, outage_error
@@ -26,7 +26,7 @@ from ..gateway_token import token_matches
 from ..logs import warn_limited
 from ..pipeline import Turn
 from ..service import ChatInput, chat_request, invalid, parse_json, request_id_ok
-from ..types import compact_json, usage_to_wire
+from ..types import FilePart, compact_json, usage_to_wire
 from . import state
 from .fences import FenceTracker
 
@@ -52,6 +52,48 @@ REVOKED_REASON = b"credential revoked"
 # How often open sockets' credentials are checked against the current token and clients (a change made
 # through /api/clients, on this replica or, through Redis, on another, is checked at once).
 CREDENTIAL_CHECK_SECONDS = 1.0
+
+
+# Frames larger than this are decoded on a worker thread.
+LARGE_FRAME = 1024 * 1024
+
+
+def frame_limit(config: Any) -> int:
+    """The largest frame read: ``[server] max_frame_bytes``, plus for a ``chat.send`` its attachments' base64
+    data up to ``[attachments] max_session_bytes`` (as ``POST /api/chat`` bodies)."""
+    return int(config["server"]["max_frame_bytes"]) + -(-int(config["attachments"]["max_session_bytes"]) * 4 // 3)
+
+
+def _attachment_bytes(msg: dict[str, Any]) -> int:
+    items = msg.get("attachments")
+    return sum(
+        len(item["data"])
+        for item in (items if isinstance(items, list) else ())
+        if isinstance(item, dict) and isinstance(item.get("data"), str)
+    )
+
+
+def _attachments(value: Any) -> list[FilePart]:
+    """``chat.send``'s ``attachments``: ``[{mediaType, data (base64) | url, filename?}]`` (docs/attachments.md)."""
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise invalid({"attachments": "must be an array of {mediaType, data or url, filename?}"})
+    files = []
+    for i, item in enumerate(value):
+        path = f"attachments[{i}]"
+        if not isinstance(item, dict):
+            raise invalid({path: "must be an object {mediaType, data or url, filename?}"})
+        unknown = sorted(set(item) - {"mediaType", "data", "url", "filename"})
+        if unknown:
+            raise invalid(
+                {f"{path}.{unknown[0]}"[:120]: "is not a field of an attachment (mediaType, data, url, filename)"}
+            )
+        if item.get("data") is not None:
+            files.append(attachments.from_base64(item.get("mediaType"), item["data"], item.get("filename"), path))
+        else:
+            files.append(attachments.from_url(item.get("url"), item.get("mediaType"), item.get("filename"), path))
+    return files
 
 
 def _error_frame(request_id: Any, code: str, message: str) -> str:
@@ -111,14 +153,24 @@ class Connection:
         """Parse and dispatch one frame. Every ApiError, wherever raised, is answered here as an error frame."""
         request_id = kind = None
         try:
-            if len(data.encode("utf-8")) > self.config["server"]["max_frame_bytes"]:
+            size = len(data.encode("utf-8"))
+            limit = self.config["server"]["max_frame_bytes"]
+            if size > frame_limit(self.config):
                 raise ApiError("PAYLOAD_TOO_LARGE", "Frame too large; the limit is [server] max_frame_bytes.")
             if not self.limiter():
                 raise ApiError("RATE_LIMITED", "Too many messages; slow down.")
-            msg = parse_json(data, "a frame")
+            # A frame with attachments may be large: decoded off the loop.
+            msg = (
+                await asyncio.to_thread(parse_json, data, "a frame")
+                if size > LARGE_FRAME
+                else parse_json(data, "a frame")
+            )
             if not isinstance(msg, dict):
                 raise invalid({"": "Frames must be JSON objects."})
             kind = msg.get("type")
+            if size > limit and (kind != "chat.send" or size - _attachment_bytes(msg) > limit):
+                # Only a chat.send passes max_frame_bytes, by its attachments' data (docs/attachments.md).
+                raise ApiError("PAYLOAD_TOO_LARGE", "Frame too large; the limit is [server] max_frame_bytes.")
             if request_id_ok(msg.get("id")):
                 request_id = msg["id"]
             elif "id" in msg and msg["id"] is not None:
@@ -150,6 +202,11 @@ class Connection:
             ChatInput(msg.get("content"), msg.get("sessionId"), msg.get("model"), paths={"session_id": "sessionId"}),
             client=self.caller,
             endpoint="ws",
+            files=(
+                await asyncio.to_thread(_attachments, msg.get("attachments"))
+                if _attachment_bytes(msg) > attachments.OFF_LOOP_BYTES
+                else _attachments(msg.get("attachments"))
+            ),
         )
         request.credential = self.credential  # each call checks the key is still the client's
         if self.turn is not None and not self.turn.done:
@@ -378,8 +435,8 @@ async def gateway_handler(request: web.Request) -> web.StreamResponse:
     ws = web.WebSocketResponse(
         heartbeat=float(server["heartbeat_seconds"]),
         # aiohttp closes the socket (1009) past this; between the configured limit and this we answer
-        # PAYLOAD_TOO_LARGE and keep the connection.
-        max_msg_size=4 * int(server["max_frame_bytes"]),
+        # PAYLOAD_TOO_LARGE and keep the connection. Only authenticated clients get past 16 KiB (PreAuthBudget).
+        max_msg_size=max(4 * int(server["max_frame_bytes"]), frame_limit(config)),
     )
     try:
         caller = await security.bearer_caller(request)

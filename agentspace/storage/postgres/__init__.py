@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING
 
 from ...errors import StorageError
 from ..protocols import Storage, UsageStoreSink
+from .blobs import PostgresBlobStore
 from .clients import PostgresClientStore
 from .database import PostgresDatabase
 from .ledger import PostgresLedger
@@ -36,6 +37,7 @@ if TYPE_CHECKING:
 __all__ = [
     "MIGRATIONS",
     "PostgresBackend",
+    "PostgresBlobStore",
     "PostgresClientStore",
     "PostgresDatabase",
     "PostgresLedger",
@@ -63,6 +65,7 @@ class PostgresBackend:
             usage,
             sink=UsageStoreSink(usage, self.name),
             clients=PostgresClientStore(db),
+            blobs=PostgresBlobStore(db),
             uses_data_dir_lock=False,
             shared=True,
             database=db,

@@ -127,4 +127,17 @@ MIGRATIONS: list[tuple[int, str]] = [
             AND r.endpoint = s.endpoint;
         """,
     ),
+    (
+        5,
+        # The bytes of the sessions' files, once per SHA-256, and the sessions using each (storage/postgres/blobs.py).
+        """
+        CREATE TABLE blobs (sha256 text PRIMARY KEY, size bigint NOT NULL, data bytea NOT NULL);
+        CREATE TABLE blob_refs (
+            sha256 text NOT NULL REFERENCES blobs ON DELETE CASCADE,
+            session_id text NOT NULL,
+            PRIMARY KEY (sha256, session_id)
+        );
+        CREATE INDEX blob_refs_session ON blob_refs (session_id);
+        """,
+    ),
 ]

@@ -303,12 +303,41 @@ async function chatPage(sessionId) {
   const defaultModel = (state.models.find((m) => m.default) || state.models[0] || {}).id || null;
   state.model = (stored && stored.model) || state.model || defaultModel;
 
-  const textarea = el("textarea", { id: "prompt", name: "prompt", rows: 3, placeholder: "Message (Enter sends, Shift+Enter adds a line)" });
+  const textarea = el("textarea", { id: "prompt", name: "prompt", rows: 3, placeholder: "Message (Enter sends, Shift+Enter adds a line; paste or drop images and PDFs)" });
   const sendButton = el("button", { type: "submit", class: "primary", id: "send" }, "Send");
   const stopButton = el("button", { type: "button", id: "stop", hidden: true }, "Stop");
+  // Images and PDFs go with the next message (docs/attachments.md): the attach button, paste, or a drop.
+  chat.attachments = [];
+  const fileInput = el("input", { type: "file", id: "attach-input", multiple: true, accept: ATTACHABLE.join(","), hidden: true, "aria-label": "Attach files" });
+  const attachButton = el("button", { type: "button", id: "attach", class: "ghost", title: "Attach images or PDFs" }, "Attach");
+  attachButton.addEventListener("click", () => fileInput.click());
+  fileInput.addEventListener("change", () => {
+    addAttachments(chat, [...fileInput.files]);
+    fileInput.value = "";
+  });
+  textarea.addEventListener("paste", (event) => {
+    const files = [...(event.clipboardData ? event.clipboardData.files : [])];
+    if (!files.length) return;
+    event.preventDefault();
+    addAttachments(chat, files);
+  });
   const composer = el("form", { class: "composer", "aria-label": "Send a message" },
-    el("label", { for: "prompt", class: "visually-hidden" }, "Message"), textarea,
-    el("div", { class: "composer-buttons" }, stopButton, sendButton));
+    el("label", { for: "prompt", class: "visually-hidden" }, "Message"),
+    el("div", { class: "composer-input" }, el("ul", { id: "attachments", class: "attachments", "aria-label": "Attachments" }), textarea),
+    el("div", { class: "composer-buttons" }, fileInput, attachButton, stopButton, sendButton));
+  composer.addEventListener("dragover", (event) => {
+    if (event.dataTransfer && [...event.dataTransfer.types].includes("Files")) {
+      event.preventDefault();
+      composer.classList.add("dropping");
+    }
+  });
+  composer.addEventListener("dragleave", () => composer.classList.remove("dropping"));
+  composer.addEventListener("drop", (event) => {
+    composer.classList.remove("dropping");
+    if (!event.dataTransfer || !event.dataTransfer.files.length) return;
+    event.preventDefault();
+    addAttachments(chat, [...event.dataTransfer.files]);
+  });
   textarea.addEventListener("keydown", (event) => {
     if (event.key === "Enter" && !event.shiftKey && !event.isComposing) {
       event.preventDefault();
@@ -318,9 +347,12 @@ async function chatPage(sessionId) {
   composer.addEventListener("submit", (event) => {
     event.preventDefault();
     const text = textarea.value;
-    if (!text.trim() || chat.streaming) return;
+    if ((!text.trim() && !chat.attachments.length) || chat.streaming) return;
     textarea.value = "";
-    send(chat, text);
+    const files = chat.attachments;
+    chat.attachments = [];
+    renderAttachments(chat);
+    send(chat, text, files);
   });
   stopButton.addEventListener("click", () => stop(chat));
 
@@ -395,6 +427,43 @@ function renderPart(part) {
   return null;
 }
 
+const ATTACHABLE = ["image/png", "image/jpeg", "image/gif", "image/webp", "application/pdf"];
+
+// Files read as data: URLs, the AI SDK's file parts; the gateway checks types and sizes.
+function addAttachments(chat, files) {
+  for (const file of files) {
+    const reader = new FileReader();
+    reader.addEventListener("load", () => {
+      if (state.chat !== chat) return;
+      chat.attachments.push({ type: "file", mediaType: file.type || "application/octet-stream", filename: file.name, size: file.size, url: reader.result });
+      renderAttachments(chat);
+    });
+    reader.addEventListener("error", () => notify(`Could not read ${file.name}.`));
+    reader.readAsDataURL(file);
+  }
+}
+
+function renderAttachments(chat) {
+  const list = document.getElementById("attachments");
+  if (state.chat !== chat || !list) return;
+  list.replaceChildren(...chat.attachments.map((file, i) =>
+    el("li", { class: "attachment" }, filePreview(file),
+      el("button", { type: "button", class: "ghost remove", "aria-label": `Remove ${file.filename}`, onclick: () => {
+        chat.attachments.splice(i, 1);
+        renderAttachments(chat);
+      } }, "×"))));
+}
+
+// An image as a thumbnail, a document as its name and size.
+function filePreview(part) {
+  const name = part.filename || part.mediaType;
+  if (part.mediaType && part.mediaType.startsWith("image/") && part.url && part.url.startsWith("data:")) {
+    return el("img", { class: "file-preview", src: part.url, alt: name, title: name });
+  }
+  const kind = part.mediaType === "application/pdf" ? "PDF" : "File";
+  return el("span", { class: "file-chip", title: part.mediaType }, el("strong", {}, kind), ` ${name}${part.size ? ` (${count(Math.ceil(part.size / 1024))} KB)` : ""}`);
+}
+
 function renderSources(parts) {
   const sources = parts.filter((p) => p.type === "source-url");
   if (!sources.length) return null;
@@ -425,7 +494,10 @@ function renderFooter(message) {
 function renderMessage(message) {
   const li = el("li", { class: `message ${message.role}`, "data-id": message.id, "data-state": message.state });
   if (message.role === "user") {
-    li.append(el("div", { class: "bubble" }, message.parts.filter((p) => p.type === "text").map((p) => p.text).join("")));
+    const files = message.parts.filter((p) => p.type === "file");
+    if (files.length) li.append(el("div", { class: "files" }, ...files.map(filePreview)));
+    const text = message.parts.filter((p) => p.type === "text").map((p) => p.text).join("");
+    if (text || !files.length) li.append(el("div", { class: "bubble" }, text));
     if (message.metadata && message.metadata.error) li.append(el("p", { class: "error" }, message.metadata.error));
     return li;
   }
@@ -467,17 +539,24 @@ function scheduleRender(chat, message) {
   });
 }
 
-function toUIMessage(message) {
-  return { id: message.id, role: message.role, parts: message.parts.filter((p) => p.type === "text").map((p) => ({ type: "text", text: p.text })) };
+// Earlier messages go as text (the gateway keeps the session, files included); the new one with its files.
+function toUIMessage(message, withFiles) {
+  const parts = message.parts.filter((p) => p.type === "text").map((p) => ({ type: "text", text: p.text }));
+  if (withFiles) {
+    for (const p of message.parts) if (p.type === "file") parts.push({ type: "file", mediaType: p.mediaType, filename: p.filename, url: p.url });
+  }
+  return { id: message.id, role: message.role, parts };
 }
 
-async function send(chat, text) {
-  const user = { id: `msg_${newId()}`, role: "user", parts: [{ type: "text", text }], metadata: {}, state: "done" };
+async function send(chat, text, files = []) {
+  const parts = text ? [{ type: "text", text }] : [];
+  const user = { id: `msg_${newId()}`, role: "user", parts: [...parts, ...files], metadata: {}, state: "done" };
   chat.messages.push(user);
   renderMessages(chat);
   notify("");
   // The body of the AI SDK's default transport (DefaultChatTransport), plus the model picked.
-  const body = { id: chat.id, messages: chat.messages.map(toUIMessage), trigger: "submit-message", model: state.model || undefined };
+  const messages = chat.messages.map((m) => toUIMessage(m, m === user));
+  const body = { id: chat.id, messages, trigger: "submit-message", model: state.model || undefined };
   const message = newAssistantMessage(`pending_${newId()}`);
   chat.messages.push(message);
   chat.streaming = message;

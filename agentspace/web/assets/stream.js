@@ -92,6 +92,7 @@ export function fromStored(stored) {
   for (const p of stored.parts || []) {
     if (p.type === "text" || p.type === "reasoning") parts.push({ type: p.type, text: p.text || "", state: "done" });
     else if (p.type === "source") parts.push({ type: "source-url", url: p.url, title: p.title });
+    else if (p.type === "file") parts.push({ type: "file", mediaType: p.mediaType, url: p.url, filename: p.filename, size: p.size });
     else if (p.type === "tool-call")
       parts.push({ type: "tool", toolCallId: p.toolCallId, toolName: p.name, input: p.input, state: "input-available" });
     else if (p.type === "tool-result") {

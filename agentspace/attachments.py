@@ -1,0 +1,419 @@
+"""Images and documents in the gateway's own sessions (docs/attachments.md).
+
+Every transport turns what a client attached into ``FilePart``s (``from_data_url``, ``from_base64``, or a URL
+part that ``fetch`` downloads when ``[chat] fetch_urls`` allows it); ``prepare`` checks them against
+``[attachments]`` and the model before anything is stored or sent, and ``keep`` puts their bytes in the blob
+store (``storage/embedded/blobs.py``) by SHA-256. Stored messages hold the parts without their data; ``load`` puts the bytes
+back into the parts of a call. ``tokens`` estimates what a file costs a call: the inspector's
+``attachments`` section and the reservation of every call that sends it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import hashlib
+import struct
+from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING, Any
+
+from .errors import ApiError
+from .types import ChatMessage, FilePart
+
+if TYPE_CHECKING:
+    from .registry import Registry
+
+# Anthropic's documented image cost: (width * height) / 750 tokens, after the image is scaled to fit
+# 1568 px on its long side and about 1.15 megapixels: so at most about 1,600 tokens, what a reservation counts
+# for any image (calls.py, the /v1 bodies too).
+IMAGE_TOKENS = 1600
+IMAGE_TOKEN_PIXELS = 750
+IMAGE_MAX_EDGE = 1568
+# A PDF page: its text (Anthropic: 1,500 to 3,000 tokens) at the upper figure, plus the page as an image.
+PDF_PAGE_TOKENS = 3000 + IMAGE_TOKENS
+
+
+# Files larger than this are encoded and decoded on a worker thread: the event loop keeps serving.
+OFF_LOOP_BYTES = 1024 * 1024
+
+
+async def b64encode(raw: bytes) -> str:
+    if len(raw) > OFF_LOOP_BYTES:
+        return await asyncio.to_thread(lambda: base64.b64encode(raw).decode("ascii"))
+    return base64.b64encode(raw).decode("ascii")
+
+
+async def b64decode(data: str) -> bytes:
+    return await asyncio.to_thread(base64.b64decode, data) if len(data) > OFF_LOOP_BYTES else base64.b64decode(data)
+
+
+def _invalid(path: str, problem: str) -> ApiError:
+    return ApiError("INVALID_MESSAGE", f"{path}: {problem}", {path: problem})
+
+
+def from_bytes(media_type: str, raw: bytes, filename: str | None = None) -> FilePart:
+    """A file part of these bytes, with its size and hash (the data base64-encoded, for the providers)."""
+    return FilePart(
+        media_type.lower(),
+        data=base64.b64encode(raw).decode("ascii"),
+        filename=filename,
+        size=len(raw),
+        sha256=hashlib.sha256(raw).hexdigest(),
+    )
+
+
+def from_base64(media_type: Any, data: Any, filename: Any, path: str) -> FilePart:
+    """A file part of base64 ``data``; ``INVALID_MESSAGE`` naming ``path`` when it is not base64."""
+    if not isinstance(media_type, str) or "/" not in media_type:
+        raise _invalid(f"{path}.mediaType", "required: a media type such as image/png")
+    if not isinstance(data, str) or not data:
+        raise _invalid(f"{path}.data", "required: the file's bytes, base64-encoded")
+    try:
+        raw = base64.b64decode(data, validate=True)
+    except (binascii.Error, ValueError):
+        raise _invalid(f"{path}.data", "must be base64") from None
+    name = filename if isinstance(filename, str) and filename else None
+    # The client's base64 (validated: nothing but the alphabet) is sent as it came, not encoded again.
+    return FilePart(media_type.lower(), data=data, filename=name, size=len(raw), sha256=hashlib.sha256(raw).hexdigest())
+
+
+def from_data_url(url: str, media_type: Any, filename: Any, path: str) -> FilePart:
+    """A file part of a ``data:<type>;base64,<data>`` URL (the AI SDK's file parts)."""
+    head, sep, data = url.partition(",")
+    if not sep or not head.startswith("data:") or not head.endswith(";base64"):
+        raise _invalid(f"{path}.url", "must be a data: URL with base64 data, or an http(s) URL")
+    declared = head[5:-7] or None
+    return from_base64(media_type if isinstance(media_type, str) else declared, data, filename, path)
+
+
+def from_url(url: Any, media_type: Any, filename: Any, path: str) -> FilePart:
+    """A file part of a ``data:`` URL, or one whose http(s) URL ``fetch`` downloads later."""
+    if not isinstance(url, str) or not url:
+        raise _invalid(f"{path}.url", "required: a data: or http(s) URL")
+    if url.startswith("data:"):
+        return from_data_url(url, media_type, filename, path)
+    if not url.startswith(("http://", "https://")):
+        raise _invalid(f"{path}.url", "must be a data: URL with base64 data, or an http(s) URL")
+    if not isinstance(media_type, str) or "/" not in media_type:
+        raise _invalid(f"{path}.mediaType", "required: a media type such as image/png")
+    return FilePart(media_type.lower(), url=url, filename=filename if isinstance(filename, str) and filename else None)
+
+
+async def fetch(gw: Registry, part: FilePart) -> FilePart:
+    """The file behind ``part.url``, downloaded within ``[attachments] max_file_bytes`` and
+    ``fetch_timeout_seconds``; refused unless ``[chat] fetch_urls`` is on."""
+    import aiohttp
+
+    if not gw.config["chat"]["fetch_urls"]:
+        raise ApiError(
+            "INVALID_MESSAGE",
+            "File parts with an http(s) URL are not fetched by this gateway ([chat] fetch_urls = false); "
+            "send the file as a data: URL.",
+        )
+    limit = int(gw.config["attachments"]["max_file_bytes"])
+    timeout = aiohttp.ClientTimeout(total=float(gw.config["attachments"]["fetch_timeout_seconds"]))
+    assert part.url is not None
+    try:
+        async with (
+            aiohttp.ClientSession(timeout=timeout) as session,
+            session.get(part.url, allow_redirects=True, max_redirects=3) as response,
+        ):
+            if response.status != 200:
+                raise ApiError("INVALID_MESSAGE", f"Fetching the file {part.url!r} failed: HTTP {response.status}.")
+            if response.content_length is not None and response.content_length > limit:
+                raise _too_large(part, response.content_length, limit)
+            chunks: list[bytes] = []
+            size = 0
+            async for chunk in response.content.iter_any():
+                size += len(chunk)
+                if size > limit:
+                    raise _too_large(part, size, limit)
+                chunks.append(chunk)
+    except (aiohttp.ClientError, TimeoutError) as e:
+        what = "did not finish in time" if isinstance(e, TimeoutError) else "failed"
+        raise ApiError("INVALID_MESSAGE", f"Fetching the file {part.url!r} {what}.") from None
+    raw = b"".join(chunks)
+    if len(raw) > OFF_LOOP_BYTES:
+        return await asyncio.to_thread(from_bytes, part.media_type, raw, part.filename)
+    return from_bytes(part.media_type, raw, part.filename)
+
+
+def _name(part: FilePart) -> str:
+    return repr(part.filename) if part.filename else f"of type {part.media_type}"
+
+
+def _too_large(part: FilePart, size: int, limit: int) -> ApiError:
+    return ApiError(
+        "PAYLOAD_TOO_LARGE",
+        f"The file {_name(part)} is {size} bytes; the limit is {limit} bytes per file ([attachments] max_file_bytes).",
+    )
+
+
+# How the files of the default media types start: a mismatch is refused here rather than by the upstream.
+SIGNATURES: dict[str, tuple[bytes, ...]] = {
+    "image/png": (b"\x89PNG\r\n\x1a\n",),
+    "image/jpeg": (b"\xff\xd8\xff",),
+    "image/gif": (b"GIF87a", b"GIF89a"),
+    "application/pdf": (b"%PDF-",),
+}
+
+
+def looks_like(part: FilePart) -> bool:
+    """Whether a part's bytes start as its media type's files do (True for types without a known signature)."""
+    head = raw_bytes(FilePart(part.media_type, data=(part.data or "")[:24]))
+    if part.media_type == "image/webp":
+        return head[:4] == b"RIFF" and head[8:12] == b"WEBP"
+    signatures = SIGNATURES.get(part.media_type)
+    return signatures is None or head.startswith(signatures)
+
+
+def stored_files(messages: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The file parts of stored messages."""
+    return [p for m in messages for p in m.get("parts") or () if isinstance(p, dict) and p.get("type") == "file"]
+
+
+def check_model(gw: Registry, model: str, media_types: Iterable[str]) -> None:
+    """Refuse (before any call) a model that cannot read one of these media types: ``supports_vision`` and
+    ``supports_pdf_input`` of the cost map or of the model's provider (``model_info``)."""
+    info = gw.model_info(model)
+    for media_type in sorted(set(media_types)):
+        if media_type.startswith("image/") and not info.supports_vision:
+            raise ApiError(
+                "INVALID_MESSAGE",
+                f"The model {model!r} does not take images ({media_type}); choose a model with vision.",
+            )
+        if media_type == "application/pdf" and not info.supports_pdf_input:
+            raise ApiError("INVALID_MESSAGE", f"The model {model!r} does not take PDF documents; choose another model.")
+
+
+async def prepare(
+    gw: Registry, model: str, history: Sequence[dict[str, Any]], files: Sequence[FilePart], *, check: bool = True
+) -> list[FilePart]:
+    """The files a user message attaches, checked against ``[attachments]`` and the model (which must also read
+    the session's earlier files: they are resent), URLs fetched. Raises ``ApiError``; nothing is kept yet."""
+    earlier = stored_files(history)
+    if check and earlier:
+        check_model(gw, model, [str(p.get("mediaType")) for p in earlier])
+    if not files:
+        return []
+    settings = gw.config["attachments"]
+    allowed = [str(t).lower() for t in settings["media_types"]]
+    per_file = int(settings["max_file_bytes"])
+    ready: list[FilePart] = []
+    for part in files:
+        if part.media_type not in allowed:
+            raise ApiError(
+                "UNSUPPORTED_MEDIA_TYPE",
+                f"The file {_name(part)} has media type {part.media_type!r}; this gateway takes "
+                f"{', '.join(allowed) or 'no files'} ([attachments] media_types).",
+            )
+        if (part.size or 0) > per_file:
+            raise _too_large(part, part.size or 0, per_file)
+    if check:
+        check_model(gw, model, [p.media_type for p in files])
+    for part in files:
+        ready.append(await fetch(gw, part) if part.url is not None and part.data is None else part)
+    for part in ready:
+        if not looks_like(part):
+            raise ApiError(
+                "INVALID_MESSAGE", f"The file {_name(part)} is not {part.media_type}: its bytes do not start as one."
+            )
+    total = sum(int(p.get("size") or 0) for p in earlier) + sum(p.size or 0 for p in ready)
+    limit = int(settings["max_session_bytes"])
+    if total > limit:
+        raise ApiError(
+            "PAYLOAD_TOO_LARGE",
+            f"The session's files would take {total} bytes; the limit is {limit} bytes per session "
+            "([attachments] max_session_bytes).",
+        )
+    return ready
+
+
+async def keep(gw: Registry, session_id: str, files: Sequence[FilePart]) -> list[dict[str, Any]]:
+    """Keep the bytes of ``prepare``d files for ``session_id`` in the blob store; their parts as stored."""
+    stored = []
+    for part in files:
+        assert part.sha256 is not None and part.data is not None
+        await gw.blobs.put(part.sha256, await b64decode(part.data), session_id)
+        stored.append(stored_part(part))
+    return stored
+
+
+def imported_part(part: FilePart) -> dict[str, Any]:
+    """A file of an earlier message a client sent for a new session (``/api/chat``): stored form with its
+    data (or its URL), which ``keep_imported`` moves into the blob store."""
+    if part.data is None:
+        return {"type": "file", "mediaType": part.media_type, "url": part.url, "filename": part.filename}
+    return {**stored_part(part), "data": part.data}
+
+
+async def keep_imported(gw: Registry, session_id: str, messages: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Imported messages with their files' bytes in the blob store (URLs fetched), checked as ``prepare`` does."""
+    out = []
+    for message in messages:
+        raw_files = [p for p in message.get("parts") or () if p.get("type") == "file"]
+        if not raw_files:
+            out.append(message)
+            continue
+        parts = [p for p in message["parts"] if p.get("type") != "file"]
+        files = [
+            FilePart(
+                str(p["mediaType"]),
+                data=p.get("data"),
+                url=p.get("url"),
+                filename=p.get("filename"),
+                size=p.get("size"),
+                sha256=p.get("sha256"),
+            )
+            for p in raw_files
+        ]
+        parts += await keep(gw, session_id, await prepare(gw, "", [], files, check=False))
+        out.append({**message, "parts": parts})
+    return out
+
+
+def stored_part(part: FilePart) -> dict[str, Any]:
+    """A file part as a session stores it: no data."""
+    out: dict[str, Any] = {"type": "file", "mediaType": part.media_type}
+    if part.filename:
+        out["filename"] = part.filename
+    out["size"] = part.size
+    out["sha256"] = part.sha256
+    return out
+
+
+async def load(gw: Registry, messages: Iterable[ChatMessage]) -> None:
+    """Put the bytes back into the file parts a call sends (read once per blob)."""
+    cache: dict[str, str] = {}
+    for message in messages:
+        for part in message.parts:
+            if isinstance(part, FilePart) and part.data is None and part.url is None and part.sha256:
+                if part.sha256 not in cache:
+                    raw = await gw.blobs.get(part.sha256)
+                    if raw is None:
+                        raise ApiError(
+                            "STORAGE_ERROR", f"The file {_name(part)} of this session is missing from the blob store."
+                        )
+                    cache[part.sha256] = await b64encode(raw)
+                part.data = cache[part.sha256]
+
+
+async def with_urls(gw: Registry, session: dict[str, Any]) -> dict[str, Any]:
+    """A stored session whose file parts carry their bytes as ``url`` (a ``data:`` URL), as the AI SDK's
+    file parts do: what ``GET /api/sessions/{id}`` returns, so a reloaded chat shows the files."""
+    messages = session.get("messages")
+    if not isinstance(messages, list) or not stored_files(messages):
+        return session
+    out = []
+    for message in messages:
+        parts = message.get("parts") or []
+        if not any(isinstance(p, dict) and p.get("type") == "file" and p.get("sha256") for p in parts):
+            out.append(message)
+            continue
+        new_parts = []
+        for p in parts:
+            if isinstance(p, dict) and p.get("type") == "file" and p.get("sha256") and not p.get("url"):
+                raw = await gw.blobs.get(str(p["sha256"]))
+                if raw is not None:
+                    p = {**p, "url": f"data:{p.get('mediaType')};base64," + await b64encode(raw)}
+            new_parts.append(p)
+        out.append({**message, "parts": new_parts})
+    return {**session, "messages": out}
+
+
+# --- token estimates -------------------------------------------------------------------------------
+
+
+def image_size(raw: bytes) -> tuple[int, int] | None:
+    """(width, height) of a PNG, GIF, JPEG or WebP image from its header, None when it cannot be read."""
+    try:
+        if raw[:8] == b"\x89PNG\r\n\x1a\n":
+            return struct.unpack(">II", raw[16:24])
+        if raw[:6] in (b"GIF87a", b"GIF89a"):
+            return struct.unpack("<HH", raw[6:10])
+        if raw[:4] == b"RIFF" and raw[8:12] == b"WEBP":
+            kind = raw[12:16]
+            if kind == b"VP8 ":
+                w, h = struct.unpack("<HH", raw[26:30])
+                return w & 0x3FFF, h & 0x3FFF
+            if kind == b"VP8L":
+                bits = int.from_bytes(raw[21:25], "little")
+                return (bits & 0x3FFF) + 1, ((bits >> 14) & 0x3FFF) + 1
+            if kind == b"VP8X":
+                return int.from_bytes(raw[24:27], "little") + 1, int.from_bytes(raw[27:30], "little") + 1
+        if raw[:2] == b"\xff\xd8":
+            i = 2
+            while i + 9 < len(raw):
+                if raw[i] != 0xFF:
+                    return None
+                marker = raw[i + 1]
+                length = struct.unpack(">H", raw[i + 2 : i + 4])[0]
+                if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
+                    h, w = struct.unpack(">HH", raw[i + 5 : i + 9])
+                    return w, h
+                i += 2 + length
+    except struct.error:
+        return None
+    return None
+
+
+def image_tokens(raw: bytes) -> int:
+    """Anthropic's formula: (width * height) / 750 after scaling to the long-edge and megapixel limits
+    (at most ``IMAGE_TOKENS``); ``IMAGE_TOKENS`` when the size cannot be read."""
+    size = image_size(raw)
+    if size is None or not size[0] or not size[1]:
+        return IMAGE_TOKENS
+    w, h = size
+    scale = min(1.0, IMAGE_MAX_EDGE / max(w, h))
+    return max(1, min(IMAGE_TOKENS, round(w * scale * h * scale / IMAGE_TOKEN_PIXELS)))
+
+
+def pdf_pages(raw: bytes) -> int:
+    """The pages of a PDF, counted from its page objects (at least 1)."""
+    pages = raw.count(b"/Type /Page") - raw.count(b"/Type /Pages")
+    pages = pages or raw.count(b"/Type/Page") - raw.count(b"/Type/Pages")
+    return max(1, pages)
+
+
+def raw_bytes(part: FilePart) -> bytes:
+    """The bytes of a part's base64 data (b'' when it has none)."""
+    if not part.data:
+        return b""
+    try:
+        return base64.b64decode(part.data)
+    except (binascii.Error, ValueError):
+        return b""
+
+
+# What was measured of a file (image tokens or PDF pages) by SHA-256: a session's files are measured several
+# times a turn (the policy, the reservation, the inspector), and decoding them each time would cost.
+_MEASURED: dict[str, int] = {}
+_MEASURED_MAX = 4096
+
+
+def _measure(part: FilePart) -> int:
+    """An image's tokens by the formula, or a PDF's pages."""
+    if part.sha256 and part.sha256 in _MEASURED:
+        return _MEASURED[part.sha256]
+    raw = raw_bytes(part)
+    value = (image_tokens(raw) if raw else IMAGE_TOKENS) if part.is_image else pdf_pages(raw)
+    if part.sha256 and raw:
+        if len(_MEASURED) >= _MEASURED_MAX:
+            _MEASURED.clear()
+        _MEASURED[part.sha256] = value
+    return value
+
+
+def pages(part: FilePart) -> int:
+    """The pages of a PDF part."""
+    return _measure(part)
+
+
+def tokens(part: FilePart, *, ceiling: bool = False) -> int:
+    """What a file costs a call: images by Anthropic's formula, PDFs at ``PDF_PAGE_TOKENS`` a page. With
+    ``ceiling`` (a reservation, whatever the provider) every image counts ``IMAGE_TOKENS``: other providers
+    bill small images more than Anthropic does (OpenAI at least 85 + 170 a tile, Gemini 258 an image)."""
+    if part.is_image:
+        return IMAGE_TOKENS if ceiling else _measure(part)
+    return PDF_PAGE_TOKENS * _measure(part)
