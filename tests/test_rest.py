@@ -149,10 +149,14 @@ async def test_openapi_documents_every_route(client: TestClient, auth_headers: d
     assert documented == served
     for path, ops in doc["paths"].items():
         for op in ops.values():
-            params = {p["name"] for p in op.get("parameters", []) if p["in"] == "path"}
+            declared = op.get("parameters", [])  # shared ones are references to the document's components
+            declared = [
+                doc["components"]["parameters"][p["$ref"].rsplit("/", 1)[1]] if "$ref" in p else p for p in declared
+            ]
+            params = {p["name"] for p in declared if p["in"] == "path"}
             assert params == set(re.findall(r"{(\w+)}", path)), path
-    refs = set(re.findall(r'"#/components/schemas/(\w+)"', str(doc).replace("'", '"')))
-    assert refs <= set(doc["components"]["schemas"])
+    refs = set(re.findall(r'"#/components/(\w+)/(\w+)"', str(doc).replace("'", '"')))
+    assert all(name in doc["components"][kind] for kind, name in refs)
 
 
 async def test_healthz_and_json_errors(client: TestClient, auth_headers: dict[str, str]) -> None:

@@ -345,8 +345,3 @@ async def _relay(request: web.Request, chunks: AsyncIterator[bytes]) -> web.Stre
         return response
     await response.write_eof()
     return response
-
-
-def setup_routes(app: web.Application) -> None:
-    app.router.add_post("/api/chat", chat_handler)
-    app.router.add_get("/api/chat/{id}/stream", resume_handler)

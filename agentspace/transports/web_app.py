@@ -19,8 +19,6 @@ from pathlib import Path
 
 from aiohttp import web
 
-from . import web_api
-
 WEB_DIR = Path(str(files("agentspace") / "web"))
 ASSETS_DIR = WEB_DIR / "assets"
 
@@ -73,10 +71,3 @@ class WebApp:
         content_type = TYPES.get(Path(name).suffix) or mimetypes.guess_type(name)[0] or "application/octet-stream"
         headers = {**COMMON_HEADERS, "Cache-Control": "public, max-age=31536000, immutable"}
         return web.Response(body=body, headers={**headers, "Content-Type": content_type})
-
-
-def setup_routes(app: web.Application) -> None:
-    site = WebApp()
-    app.router.add_get("/", site.index_handler)
-    app.router.add_get("/assets/{version}/{name:.+}", site.asset_handler)
-    web_api.setup_routes(app)
