@@ -1,4 +1,4 @@
-"""Clients (SPEC section 11): named keys, each with an optional budget, rate limits and model allowlist.
+"""Clients (README.md#teams-and-budgets): named keys, each with an optional budget, rate limits and model allowlist.
 
 A key is shown once, when it is made or rotated; only its SHA-256 is stored. A key carries 32 random bytes,
 so a plain hash is enough (no salt or slow hash: there is nothing to guess from it), and it is compared in

@@ -1,6 +1,6 @@
-"""Authentication, origin and host checks, and rate limits (SPEC section 9).
+"""Authentication, origin and host checks, and rate limits (docs/protocol.md#authentication).
 
-- Every route but ``/healthz`` needs the gateway token or a client key (SPEC 11), compared in constant
+- Every route but ``/healthz`` needs the gateway token or a client key, compared in constant
   time. The caller (``admin`` for the gateway token, else the client's name) is resolved once per request
   and put on the request (``caller(request)``); admin routes (``/api/clients``) answer 403 to a client.
 - Requests carrying an ``Origin`` outside ``[server] allowed_origins`` are refused (a web page on another

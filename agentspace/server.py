@@ -130,7 +130,7 @@ async def _join_cluster(gw: Registry) -> None:
         cluster = Cluster(str(url))
         await cluster.start(gw)
         gw.cluster = cluster
-        guard = getattr(gw, "guard", None)  # the clients feature's limits (SPEC 11), when present
+        guard = getattr(gw, "guard", None)  # the clients feature's limits (README.md#teams-and-budgets), when present
         if guard is not None:
             from .redis_counters import RedisCounters
 

@@ -216,7 +216,7 @@ class Service:
     then indistinguishable from a free one: it starts (or continues) a session of the caller's own.
 
     ``shutting_down`` is set when shutdown begins: no new turn starts after it, on any transport.
-    ``caller`` is who asks: "admin" (the gateway token) sees everything, a client (SPEC 11) its own sessions,
+    ``caller`` is who asks: "admin" (the gateway token) sees everything, a client its own sessions,
     its own usage and the models it may use; another client's session is ``SESSION_NOT_FOUND``.
     """
 

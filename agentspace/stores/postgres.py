@@ -1,4 +1,4 @@
-"""The PostgreSQL backend (SPEC 13): sessions, messages and usage records in one database that any number
+"""The PostgreSQL backend (docs/deploy.md): sessions, messages and usage records in one database that any number
 of replicas share. Needs the ``scale`` extra (asyncpg).
 
 - Connections: one bounded asyncpg pool per process (``[storage] pool_size``). An unreachable database
@@ -811,12 +811,12 @@ class PostgresUsageStore:
 
 
 def _clients_feature() -> tuple[Any, Any]:
-    """``agentspace.clients`` and ``agentspace.stores.clients`` (the clients feature, SPEC 11)."""
+    """``agentspace.clients`` and ``agentspace.stores.clients`` (the clients feature, README.md#teams-and-budgets)."""
     return importlib.import_module("agentspace.clients"), importlib.import_module("agentspace.stores.clients")
 
 
 class PostgresClientStore:
-    """The clients (SPEC 11) in the database: the async API of ``stores.clients.ClientStore``, one row per
+    """The clients in the database: the async API of ``stores.clients.ClientStore``, one row per
     client (its stored form as JSON; only the key's hash), shared by every replica."""
 
     def __init__(self, db: PostgresDatabase) -> None:

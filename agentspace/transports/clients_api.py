@@ -1,4 +1,4 @@
-"""``/api/clients``: the clients (SPEC 11) over HTTP, for the gateway token only (the security middleware
+"""``/api/clients``: the clients over HTTP, for the gateway token only (the security middleware
 answers 403 to a client key). The same operations as ``agentspace clients``; a key is in the answer of
 ``POST /api/clients`` and ``POST /api/clients/{name}/rotate`` only, and no answer carries a key hash.
 

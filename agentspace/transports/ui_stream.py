@@ -1,4 +1,4 @@
-"""``POST /api/chat``: the Vercel AI SDK UI message stream, protocol v1 (SPEC section 4).
+"""``POST /api/chat``: the Vercel AI SDK UI message stream, protocol v1 (docs/protocol.md#the-ui-message-stream).
 
 ``useChat`` with its default transport (``DefaultChatTransport``) works against this unchanged: the body is
 ``{id, messages: UIMessage[], model?, trigger?}``, the answer is server-sent events ``data: <chunk JSON>``

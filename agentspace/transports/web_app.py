@@ -1,4 +1,4 @@
-"""The web app (SPEC section 12): ``/`` and ``/assets/<version>/<file>``, static files from ``agentspace/web``.
+"""The web app (README.md#web-app): ``/`` and ``/assets/<version>/<file>``, static files from ``agentspace/web``.
 
 The page holds no secret and needs no token to load; it signs in with the gateway token (or a client key)
 itself and sends it as ``Authorization: Bearer`` on every API call (the security middleware lets ``/`` and
