@@ -103,9 +103,6 @@ class Client:
         client's of the same name."""
         return not self.created_at or not isinstance(created_at, str) or created_at >= self.created_at
 
-    def key_matches(self, key: str) -> bool:
-        return self.key_matches_hash(hash_key(key))
-
     def key_matches_hash(self, key_hash: str) -> bool:
         return hmac.compare_digest(self.key_hash, key_hash)
 

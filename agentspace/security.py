@@ -100,11 +100,6 @@ TOKEN_FILE = web.AppKey("token_file", TokenFile)
 AUTH_FAILURES = web.AppKey("auth_failures", AuthFailures)
 
 
-def token_ok(request: web.Request, token: str) -> bool:
-    """Whether ``token`` is the current gateway token (the right token is accepted even from a blocked source)."""
-    return token_matches(request.app[TOKEN_FILE].current(), token)
-
-
 # The caller of an authenticated request: "admin" (the gateway token) or a client's name.
 CALLER_KEY = web.RequestKey("caller", str)
 # The SHA-256 of the client key a request authenticated with: a long-lived socket's calls check it is still

@@ -273,10 +273,6 @@ class Service:
             request = dataclasses.replace(request, session_id=await self.resolve(request.session_id))
         return await start_turn(self.gw, request)
 
-    def active_turn(self, session_id: str) -> Turn | None:
-        turn = self.gw.active.get(session_id)
-        return turn if turn is not None and (self.caller == ADMIN or turn.client == self.caller) else None
-
     async def resumable_turn(self, session_id: str) -> Turn | None:
         """The caller's running answer in the session, None when nothing streams; SESSION_NOT_FOUND for a
         session of another client."""

@@ -20,7 +20,6 @@ from pathlib import Path
 from aiohttp import web
 
 WEB_DIR = Path(str(files("agentspace") / "web"))
-ASSETS_DIR = WEB_DIR / "assets"
 
 CSP = (
     "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self'; connect-src 'self'; "
