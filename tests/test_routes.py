@@ -148,6 +148,9 @@ def test_documented_enums_are_the_codes() -> None:
     schemas = doc["components"]["schemas"]
     # /api/usage?by=: every report, each with its documented answer
     assert _enums(doc, "by") == [list(REPORTS)]
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    row = re.search(r"`GET /api/usage\?by=([\w|\\-]+)", readme)  # the README's table lists them all too
+    assert row is not None and row[1].split("\\|") == list(REPORTS)
     assert sorted(s["x-by"] for s in schemas.values() if "x-by" in s) == sorted(REPORTS)
     usage_answer = operations(doc)[("get", "/api/usage")]["responses"]["200"]["content"]["application/json"]
     assert {ref["$ref"].rsplit("/", 1)[1] for ref in usage_answer["schema"]["anyOf"]} == {

@@ -82,8 +82,8 @@ class UsageStoreAPI(Protocol):
         session_id: str | None = None,
         client: str | None = None,
     ) -> dict[str, Any]:
-        """The report ``by`` names (``stores.usage.REPORTS``: per model, day, client, session, day and model),
-        ``grandTotal`` and ``damagedFiles``; of one client's records when ``client`` is given."""
+        """The report ``by`` names (``stores.usage.REPORTS``: per model, day, client, session, day and model,
+        deployment) with ``grandTotal`` and ``damagedFiles``; of one client's records when ``client`` is given."""
         ...
 
     async def arecords(
