@@ -1,10 +1,14 @@
 """The code and the docs cite the repository's own documents: no "SPEC" (a document the repository does not
-have), and every ``docs/NAME.md#section`` or ``README.md#section`` a module or a document cites exists."""
+have), and every ``docs/NAME.md#section`` or ``README.md#section`` a module or a document cites exists. The
+documented choices of the settings are the code's."""
 
 from __future__ import annotations
 
 import re
 from pathlib import Path
+
+from agentspace.config import CHOICES
+from agentspace.context_policy import COMPACT_PURPOSE
 
 ROOT = Path(__file__).resolve().parent.parent
 TEXT = {".py", ".md", ".yaml", ".toml", ".js", ".css", ".html", ".txt"}
@@ -49,3 +53,19 @@ def test_every_cited_section_exists() -> None:
                 f"{p.relative_to(ROOT)} cites {target}#{anchor}, which has no such section"
             )
     assert cited >= 5
+
+
+def test_documented_choices_are_the_codes() -> None:
+    """Each setting with a fixed set of values: config.example.toml's comment above it names every value;
+    the context-window policies and the compaction call's purpose are named in docs/sessions.md."""
+    example = (ROOT / "config.example.toml").read_text(encoding="utf-8")
+    for (section, key), choices in CHOICES.items():
+        block = re.search(rf"^\[{section}\]\n(.*?)(?=^\[|\Z)", example, re.MULTILINE | re.DOTALL)
+        assert block is not None, section
+        comment = re.search(rf"((?:^#.*\n)+)(?:^# )?{key} = ", block[1], re.MULTILINE)
+        assert comment is not None, f"[{section}] {key}: no comment above it"
+        missing = [c for c in choices if f'"{c}"' not in comment[1]]
+        assert not missing, f"config.example.toml [{section}] {key} does not name {missing}"
+    sessions = (ROOT / "docs" / "sessions.md").read_text(encoding="utf-8")
+    assert all(f"- `{policy}`" in sessions for policy in CHOICES[("chat", "context_policy")])
+    assert f'`purpose: "{COMPACT_PURPOSE}"`' in sessions
