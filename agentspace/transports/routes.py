@@ -17,7 +17,6 @@ from importlib.resources import files
 from typing import Any
 
 import pluggy
-import yaml
 from aiohttp import web
 
 from ..config import Config
@@ -41,7 +40,8 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 class Auth(enum.StrEnum):
-    """Who may call a route; ``security.security_middleware`` enforces it (``/api/deployments`` in its handler)."""
+    """Who may call a route. ``security.security_middleware`` enforces it by path (``/api/deployments`` in its
+    handler); tests/test_routes.py checks that what it enforces is this column."""
 
     NONE = "none"  # no credential: the health check, the web app's page and files
     SELF = "self"  # the handler authenticates: the WebSocket takes the header or a first auth frame
@@ -115,7 +115,9 @@ def install(app: web.Application, config: Config, pm: pluggy.PluginManager) -> N
 
 @functools.cache
 def document() -> dict[str, Any]:
-    """``agentspace/openapi.yaml``, read once."""
+    """``agentspace/openapi.yaml``, read once, when first asked for (yaml is not imported before)."""
+    import yaml
+
     text = (files("agentspace") / "openapi.yaml").read_text(encoding="utf-8")
     loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
     doc: dict[str, Any] = yaml.load(text, Loader=loader)
