@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import jsonschema
+import openapi_spec_validator
 import pytest
 from aiohttp.test_utils import TestClient
 from click.testing import CliRunner
@@ -64,6 +65,7 @@ async def test_every_route_is_in_the_table_and_documented_methods_and_auth_inclu
     with_metrics: TestClient, auth_headers: dict[str, str]
 ) -> None:
     doc = routes.document()
+    openapi_spec_validator.validate(doc)  # a valid OpenAPI 3.1 document
     documented = operations(doc)
     served = routes.served_operations(with_metrics.server.app)
     assert set(documented) == served
