@@ -1,4 +1,4 @@
-"""The REST API (SPEC section 4): sessions, context, usage, models, the OpenAPI document, JSON errors, CORS."""
+"""The REST API (docs/protocol.md#http-api): sessions, context, usage, models, the OpenAPI document, JSON errors, CORS."""
 
 from __future__ import annotations
 
@@ -272,7 +272,7 @@ async def test_the_user_message_is_on_disk_while_the_model_works(
     assert on_disk is not None, "the user message was not written while the model worked"
     assert [m["content"] for m in on_disk["messages"]] == ["Keep this"]
     while not fake_anthropic.requests and asyncio.get_running_loop().time() < deadline:
-        await asyncio.sleep(0.02)  # the write comes first (SPEC 6), the provider call right after it
+        await asyncio.sleep(0.02)  # the write comes first, the provider call right after it
     assert len(fake_anthropic.requests) == 1 and not resp.content.at_eof()  # no token yet: still answering
     await read_all(resp)
     assert [m["role"] for m in SessionStore(isolated_env).get_sync("durable")["messages"]] == ["user", "assistant"]
