@@ -5,6 +5,7 @@ auth included; the documented enums are the code's; real answers match the docum
 from __future__ import annotations
 
 import dataclasses
+import json
 import re
 import typing
 from collections.abc import Awaitable, Callable, Iterator
@@ -191,7 +192,11 @@ async def test_answers_match_the_documented_schemas(
     fake_anthropic.enqueue(text_response("Answer.", usage={"input_tokens": 10}, delta_usages=[{"output_tokens": 4}]))
     body = {"id": "demo", "messages": [{"id": "u1", "role": "user", "parts": [{"type": "text", "text": "Hi"}]}]}
     resp = await client.post("/api/chat", json=body, headers=auth_headers)
-    assert resp.status == 200 and (await resp.text()).endswith("data: [DONE]\n\n")
+    stream = await resp.text()
+    assert resp.status == 200 and stream.endswith("data: [DONE]\n\n")
+    finish = json.loads(next(line for line in stream.splitlines() if line.startswith('data: {"type":"finish"'))[6:])
+    usage_schema = {"$ref": "#/components/schemas/Usage", "components": doc["components"]}
+    jsonschema.Draft202012Validator(usage_schema).validate(finish["messageMetadata"]["usage"])
 
     async def check(method: str, path: str, url: str, status: int = 200) -> Any:
         resp = await client.request(method.upper(), url, headers=auth_headers)
