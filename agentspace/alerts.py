@@ -136,11 +136,6 @@ class BudgetAlerts:
         except Exception:  # noqa: BLE001 - a plugin's failure is logged, never the gateway's
             log.exception("budget_threshold hook failed")
 
-    async def drain(self) -> None:
-        """Wait for the hooks still running (tests, shutdown)."""
-        if self._tasks:
-            await asyncio.gather(*self._tasks, return_exceptions=True)
-
 
 def install(gw: Registry) -> None:
     """Add the alerts sink to a gateway whose config has thresholds."""

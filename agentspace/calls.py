@@ -55,7 +55,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 # The usage fields a record may have counted locally, in UsageRecord.to_dict's names.
-INPUT_FIELDS = ("inputTokens",)
 OUTPUT_FIELDS = ("outputTokens",)
 ALL_FIELDS = ("inputTokens", "outputTokens")
 

@@ -1,4 +1,4 @@
-"""Clients (SPEC section 11): named keys, each with an optional budget, rate limits and model allowlist.
+"""Clients (README.md#teams-and-budgets): named keys, each with an optional budget, rate limits and model allowlist.
 
 A key is shown once, when it is made or rotated; only its SHA-256 is stored. A key carries 32 random bytes,
 so a plain hash is enough (no salt or slow hash: there is nothing to guess from it), and it is compared in
@@ -102,9 +102,6 @@ class Client:
         """Whether something stamped ``created_at`` (an ISO time) is this client's rather than an earlier
         client's of the same name."""
         return not self.created_at or not isinstance(created_at, str) or created_at >= self.created_at
-
-    def key_matches(self, key: str) -> bool:
-        return self.key_matches_hash(hash_key(key))
 
     def key_matches_hash(self, key_hash: str) -> bool:
         return hmac.compare_digest(self.key_hash, key_hash)

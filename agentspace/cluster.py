@@ -1,4 +1,4 @@
-"""What replicas share through Redis (``[storage] redis_url``, SPEC 13): what one process keeps in memory
+"""What replicas share through Redis (``[storage] redis_url``, README.md): what one process keeps in memory
 otherwise.
 
 - The stream lock: a session streams on one replica at a time. ``claim`` sets

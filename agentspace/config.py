@@ -1,4 +1,4 @@
-"""Configuration: a TOML file (SPEC section 1a), validated against one schema, with defaults.
+"""Configuration: a TOML file (README.md#configuration), validated against one schema, with defaults.
 
 Every key, its type and default is listed in ``SCHEMA``; ``config.example.toml`` documents the same keys
 and a test keeps the two in step. Errors name the file, the key and what was expected.

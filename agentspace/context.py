@@ -1,4 +1,4 @@
-"""Context assembly and inspection (SPEC section 7).
+"""Context assembly and inspection (docs/sessions.md#what-the-inspector-shows).
 
 The context of a call is built from sections, in order: ``system_prompt``, the sections the installed plugins
 registered (``register_context_sections``, in registration order: e.g. ``memory``, ``skills``), ``tools``,

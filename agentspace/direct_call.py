@@ -1,4 +1,4 @@
-"""One stateless provider call for the drop-in ``/v1`` endpoints that translate (SPEC section 10).
+"""One stateless provider call for the drop-in ``/v1`` endpoints that translate (docs/protocol.md).
 
 The client sends the whole conversation; no context section or gateway tool is added, and no tool is run:
 the provider's events go back to the client as they are, and the call goes through the one lifecycle of

@@ -38,7 +38,7 @@ def http_status(code: str) -> int:
 
 
 class ApiError(Exception):
-    """A request refused or failed, with a protocol error code (SPEC 3) and a message for the client.
+    """A request refused or failed, with a protocol error code (docs/protocol.md#errors) and a message for the client.
 
     ``fields`` maps a request field to what is wrong with it (validation errors); ``retry_after`` is in
     seconds, for ``RATE_LIMITED`` and ``BUDGET_EXCEEDED``.

@@ -1,4 +1,4 @@
-"""The one internal event stream (SPEC section 5).
+"""The one internal event stream (docs/architecture.md).
 
 Providers yield ``ProviderEvent``s for one model call. The pipeline turns one or more calls (the tool loop)
 into ``StreamEvent``s, which the WebSocket and SSE transports only encode.
@@ -59,7 +59,7 @@ class UsageReport:
 
     Cumulative: a later report replaces an earlier one. A call that fails or is aborted before its
     ``ProviderFinish`` is billed with the last report, and only the output streamed after it is estimated
-    (SPEC 6: what the upstream reported is never replaced by an estimate). Optional for providers.
+    (docs/accounting.md: what the upstream reported is never replaced by an estimate). Optional for providers.
     """
 
     usage: TokenUsage

@@ -1,10 +1,10 @@
-"""The gateway token: every client but ``/healthz`` must present it (SPEC section 9).
+"""The gateway token: every client but ``/healthz`` must present it (docs/protocol.md#authentication).
 
 Generated on first use (32 random bytes, URL-safe), stored in ``DATA_DIR/gateway-token`` with mode 0600,
 compared in constant time. ``agentspace token --rotate`` replaces the file; a running server notices the
 new file through ``TokenFile.current()`` and accepts only the new token from then on.
 
-Replicas (SPEC 13) agree on one token by sharing the file (one data directory) or through the environment:
+Replicas agree on one token by sharing the file (one data directory) or through the environment:
 ``AGENTSPACE_GATEWAY_TOKEN``, when set, is the token and the file is not used.
 """
 

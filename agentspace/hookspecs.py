@@ -1,4 +1,4 @@
-"""Every extension point of agentspace (SPEC section 8), in one place.
+"""Every extension point of agentspace (docs/plugins.md), in one place.
 
 Plugins implement these with ``@agentspace.hookimpl``. Hooks named ``register_<thing>`` receive a
 ``register`` callback and call it once per thing they provide, so one plugin can add several.

@@ -1,4 +1,4 @@
-"""The checks before every provider call (SPEC section 11), made at the moment of the call: the server is
+"""The checks before every provider call (README.md#teams-and-budgets), made at the moment of the call: the server is
 not shutting down, the credential is still valid, the model allowlist, requests and tokens per minute, the
 budget. One implementation (``Guard``), called by ``calls.ProviderCall.admit`` for every transport and
 endpoint; the counters live behind one small interface (``Counters``) with an in-process implementation

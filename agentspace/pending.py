@@ -1,7 +1,7 @@
 """Writes the stores refused (disk full, I/O error), kept in memory and retried.
 
 A turn whose answer or usage record could not be stored ends with ``STORAGE_ERROR`` instead of reporting
-success (SPEC 6), and hands the write here: it is retried every few seconds, and once more at shutdown,
+success (docs/architecture.md), and hands the write here: it is retried every few seconds, and once more at shutdown,
 until it succeeds or the server stops (then what is left is logged as lost).
 """
 

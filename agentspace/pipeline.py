@@ -1,11 +1,11 @@
-"""The one streaming pipeline (SPEC section 5).
+"""The one streaming pipeline (docs/architecture.md).
 
 ``start_turn`` checks a chat request, stores the user message and starts a ``Turn``: an asyncio task that
 assembles the context, calls the provider (retrying and falling back before the first token), runs the
 tool loop up to ``max_steps``, records one usage record per provider call, stores the assistant message,
 and publishes ``StreamEvent``s. A plain chat is a loop of one step.
 
-Durability (SPEC 6): the user message is stored (awaited) before the provider is called; the usage
+Durability (docs/architecture.md): the user message is stored (awaited) before the provider is called; the usage
 records and the answer are stored before the end of the stream is published. A write that fails is not
 reported as success: the turn ends with ``STORAGE_ERROR`` and the write is kept and retried
 (``gw.pending``).
@@ -97,7 +97,7 @@ class ChatRequest:
     content: str
     session_id: str | None = None
     model: str | None = None
-    # Who asks: a client's name (SPEC 11), "admin" for the gateway token; the session's owner.
+    # Who asks: a client's name (README.md#teams-and-budgets), "admin" for the gateway token; the session's owner.
     client: str = "admin"
     # Where the request came in: "ws" or "http" (the usage records' ``endpoint``).
     endpoint: str = "ws"
@@ -171,9 +171,9 @@ async def start_turn(gw: Registry, request: ChatRequest) -> Turn:
     turn.credential = request.credential
     turn.files = files
     gw.active[session_id] = turn
-    if gw.cluster is not None:  # and across replicas (SPEC 13)
+    if gw.cluster is not None:  # and across replicas (README.md#running-several-replicas)
         await _claim_across_replicas(gw, turn)
-    # The user message is durable before the provider is called (SPEC 6).
+    # The user message is durable before the provider is called (docs/architecture.md, contracts).
     try:
         user_message["parts"] += await attachments.keep(gw, session_id, files)
         if session is None:
@@ -524,7 +524,7 @@ class Turn:
             await self.gw.cluster.release(self)
         if error is not None:
             self._publish(StreamError(*error))
-        elif self._storage_failed:  # never reported as stored when it is not (SPEC 6)
+        elif self._storage_failed:  # never reported as stored when it is not (docs/protocol.md#errors)
             self._publish(StreamError("STORAGE_ERROR", STORAGE_ERROR_MESSAGE.format(self._storage_problem)))
         else:
             self._publish(StreamEnd("aborted" if aborted else finish_reason, total_usage, total_cost, aborted, ttft_ms))
@@ -943,7 +943,7 @@ class Turn:
 
 
 def owns(caller: str, session: dict[str, Any]) -> bool:
-    """Whether ``caller`` may see ``session``: the admin sees every session, a client its own (SPEC 11)."""
+    """Whether ``caller`` may see ``session``: the admin sees every session, a client its own."""
     return caller == "admin" or session.get("client") == caller
 
 

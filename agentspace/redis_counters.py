@@ -1,4 +1,4 @@
-"""Rate-limit windows and budget reservations in Redis (SPEC 11 and 13): the ``limits.Counters`` of a
+"""Rate-limit windows and budget reservations in Redis (README.md): the ``limits.Counters`` of a
 gateway with several replicas, so that a client's limits hold across all of them instead of once per
 process.
 

@@ -62,11 +62,11 @@ class Registry:
     _unknown: LRU[str, str | None] = field(default_factory=LRU)  # model -> why it is a typo (None: it is not)
     # Store writes that failed, retried until they succeed or the server stops.
     pending: PendingWrites = field(default_factory=PendingWrites)
-    # The backend ``[storage] backend`` chose (SPEC 13); None only for registries built by hand.
+    # The backend ``[storage] backend`` chose; None only for registries built by hand.
     storage: Storage | None = None
     # What replicas share through Redis ([storage] redis_url): stream locks, running streams, aborts.
     cluster: Cluster | None = None
-    # The clients (SPEC 11) and the checks before every provider call.
+    # The clients (README.md#teams-and-budgets) and the checks before every provider call.
     clients: ClientStoreAPI = field(init=False)
     guard: Guard = field(init=False)
     # The write-ahead journal of the provider calls in flight (calls.py, storage/ledger.py).

@@ -1,6 +1,6 @@
-"""Authentication, origin and host checks, and rate limits (SPEC section 9).
+"""Authentication, origin and host checks, and rate limits (docs/protocol.md#authentication).
 
-- Every route but ``/healthz`` needs the gateway token or a client key (SPEC 11), compared in constant
+- Every route but ``/healthz`` needs the gateway token or a client key, compared in constant
   time. The caller (``admin`` for the gateway token, else the client's name) is resolved once per request
   and put on the request (``caller(request)``); admin routes (``/api/clients``) answer 403 to a client.
 - Requests carrying an ``Origin`` outside ``[server] allowed_origins`` are refused (a web page on another
@@ -98,11 +98,6 @@ class AuthFailures:
 # The app's gateway token and failed-auth table (aiohttp AppKeys, owned here).
 TOKEN_FILE = web.AppKey("token_file", TokenFile)
 AUTH_FAILURES = web.AppKey("auth_failures", AuthFailures)
-
-
-def token_ok(request: web.Request, token: str) -> bool:
-    """Whether ``token`` is the current gateway token (the right token is accepted even from a blocked source)."""
-    return token_matches(request.app[TOKEN_FILE].current(), token)
 
 
 # The caller of an authenticated request: "admin" (the gateway token) or a client's name.

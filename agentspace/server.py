@@ -33,33 +33,10 @@ from .registry import ModelNotFound, Registry
 from .security import AuthFailures, security_middleware
 from .storage.datadir_lock import DataDirLock
 from .storage.embedded.clients import ClientStore
-from .transports import clients_api, rest, state, ui_stream, v1_routes, web_app, ws
+from .transports import routes, state, ws
 from .vault import register_configured_keys
 
 log = logging.getLogger(__name__)
-
-
-# How long /healthz waits for Redis to answer a PING.
-HEALTH_REDIS_SECONDS = 2.0
-
-
-async def healthz(request: web.Request) -> web.Response:
-    """``{"status": "ok" | "unavailable"}``, with ``database`` and ``redis`` ("ok" or the reason) where the
-    gateway uses them; 503 when one cannot be reached (not ready to serve, SPEC 13)."""
-    gw = request.app.get(state.REGISTRY)
-    body: dict[str, str] = {"status": "ok"}
-    if gw is not None and gw.storage is not None:
-        problem = await gw.storage.health()
-        if problem is not None:
-            body.update(status="unavailable", storage=problem)
-        if gw.storage.shared:
-            body["database"] = problem or "ok"
-    if gw is not None and gw.cluster is not None:
-        problem = await gw.cluster.health(HEALTH_REDIS_SECONDS)
-        body["redis"] = problem or "ok"
-        if problem is not None:
-            body["status"] = "unavailable"
-    return web.json_response(body, status=200 if body["status"] == "ok" else 503)
 
 
 async def recover_calls(gw: Registry) -> None:
@@ -96,14 +73,7 @@ def create_app(config: Config, pm: pluggy.PluginManager | None = None) -> web.Ap
     app[state.WEBSOCKETS] = weakref.WeakSet()
     app[state.SHUTTING_DOWN] = asyncio.Event()
     app[state.CREDENTIALS_CHANGED] = asyncio.Event()
-    app.router.add_get("/healthz", healthz)
-    app.router.add_get("/gateway", ws.gateway_handler)
-    ui_stream.setup_routes(app)
-    rest.setup_routes(app)
-    clients_api.setup_routes(app)  # /api/clients, the gateway token only (SPEC 11)
-    v1_routes.setup_routes(app)  # the drop-in provider APIs (SPEC 10)
-    pm.hook.register_routes(app=app, config=config)  # plugins' routes (the built-in /metrics)
-    web_app.setup_routes(app)  # the web app at / (SPEC 12)
+    routes.install(app, config, pm)  # every route, the plugins' too (transports/routes.py)
     app.cleanup_ctx.append(_gateway_context(config, pm))
     app.on_shutdown.append(_finish_streams)
     return app
@@ -160,7 +130,7 @@ async def _join_cluster(gw: Registry) -> None:
         cluster = Cluster(str(url))
         await cluster.start(gw)
         gw.cluster = cluster
-        guard = getattr(gw, "guard", None)  # the clients feature's limits (SPEC 11), when present
+        guard = getattr(gw, "guard", None)  # the clients feature's limits (README.md#teams-and-budgets), when present
         if guard is not None:
             from .redis_counters import RedisCounters
 

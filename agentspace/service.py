@@ -222,7 +222,7 @@ class Service:
     then indistinguishable from a free one: it starts (or continues) a session of the caller's own.
 
     ``shutting_down`` is set when shutdown begins: no new turn starts after it, on any transport.
-    ``caller`` is who asks: "admin" (the gateway token) sees everything, a client (SPEC 11) its own sessions,
+    ``caller`` is who asks: "admin" (the gateway token) sees everything, a client its own sessions,
     its own usage and the models it may use; another client's session is ``SESSION_NOT_FOUND``.
     """
 
@@ -278,10 +278,6 @@ class Service:
         if request.session_id is not None:
             request = dataclasses.replace(request, session_id=await self.resolve(request.session_id))
         return await start_turn(self.gw, request)
-
-    def active_turn(self, session_id: str) -> Turn | None:
-        turn = self.gw.active.get(session_id)
-        return turn if turn is not None and (self.caller == ADMIN or turn.client == self.caller) else None
 
     async def resumable_turn(self, session_id: str) -> Turn | None:
         """The caller's running answer in the session, None when nothing streams; SESSION_NOT_FOUND for a

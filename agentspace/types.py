@@ -1,6 +1,6 @@
 """The data types every part of agentspace shares: messages, usage, models, tools, context sections.
 
-Wire and store formats are camelCase JSON (SPEC sections 3, 4 and 6); Python code uses these typed objects
+Wire and store formats are camelCase JSON (docs/protocol.md); Python code uses these typed objects
 and converts at the edges (``to_dict``, ``part_to_dict``/``part_from_dict``).
 """
 
@@ -240,7 +240,7 @@ def usage_to_wire(usage: TokenUsage, cost: Cost) -> dict[str, Any]:
 
 @dataclass(slots=True)
 class UsageRecord:
-    """Exactly one per provider call (SPEC section 6). Stored and sent to every usage sink."""
+    """Exactly one per provider call (docs/accounting.md). Stored and sent to every usage sink."""
 
     id: str
     timestamp: str

@@ -1,4 +1,4 @@
-"""Storage backends side by side (SPEC 13): usage append throughput and `usage --by-model` report time at
+"""Storage backends side by side: usage append throughput and `usage --by-model` report time at
 100k and 1M records, PostgreSQL vs tinydb; requests per second at 50 clients with 1, 2 and 4 replicas
 (`agentspace serve --workers N` on PostgreSQL + Redis).
 

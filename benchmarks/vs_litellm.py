@@ -29,7 +29,7 @@ The sides (a side = one way to send a streamed chat and see its first token and 
 - ``agentspace ws``: agentspace's WebSocket ``chat.send`` (one socket per client, a new session per chat);
 - ``agentspace /api/chat``: agentspace's ``POST /api/chat`` (UI message stream, a new session per chat);
 - ``agentspace /v1/messages``, ``agentspace /v1/chat/completions`` and ``agentspace /v1/responses``: the drop-in
-  endpoints (SPEC 10), measured when the gateway serves them (a 404 on the first chat marks them "not served"
+  endpoints (docs/protocol.md), measured when the gateway serves them (a 404 on the first chat marks them "not served"
   and they are left out);
 - ``litellm /v1/responses``: LiteLLM Proxy's OpenAI Responses endpoint, streamed, stateless as Codex sends it.
 

@@ -3,7 +3,7 @@
     python benchmarks/without_sdk.py serve --config FILE ...     (the agentspace CLI, with this plugin)
     python benchmarks/ab.py . . --b-without-sdk                  (the same tree, with and without the SDK)
 
-SPEC: the built-in Anthropic provider uses the official SDK, and it does. This plugin's provider claims the same
+The built-in Anthropic provider uses the official SDK (README.md). This plugin's provider claims the same
 ``anthropic/...`` ids ahead of it (registered later, so pluggy asks it first) and differs in one thing only:
 the streamed Messages request is one plain aiohttp POST instead of ``client.messages...create``; the request
 parameters, the SSE decoding and the event mapping are the built-in's own functions. The difference between

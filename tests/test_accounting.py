@@ -1,4 +1,4 @@
-"""What the upstream reported is never replaced by an estimate (issue 14 item 3, SPEC 6).
+"""What the upstream reported is never replaced by an estimate (issue 14 item 3, docs/accounting.md).
 
 A stream cut, aborted or left by its client after ``message_start`` keeps the input and cache tokens the
 upstream reported, and only the output it did not report is counted locally (``estimatedFields``). A call

@@ -1,7 +1,7 @@
 """The CLI as a user sees it: usage, sessions, models, and the chat/inspect clients of a gateway.
 
 ``chat`` and ``inspect`` talk to a small aiohttp WebSocket server started here, which speaks the
-protocol of SPEC section 3 with canned replies (the real server has its own end-to-end tests).
+protocol of docs/protocol.md with canned replies (the real server has its own end-to-end tests).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Clients (issue 18, SPEC 11): keys, isolation, attribution, allowlists, rate limits and budgets, through
+"""Clients (issue 18): keys, isolation, attribution, allowlists, rate limits and budgets, through
 the real interfaces: the CLI (CliRunner), the WebSocket, POST /api/chat, /v1/messages with the anthropic
 SDK and /v1/chat/completions with the openai SDK, against the fake upstreams."""
 

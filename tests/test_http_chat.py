@@ -1,4 +1,4 @@
-"""POST /api/chat and GET /api/chat/{id}/stream (SPEC section 4): the AI SDK UI message stream, end to end
+"""POST /api/chat and GET /api/chat/{id}/stream (docs/protocol.md): the AI SDK UI message stream, end to end
 against the real app and the fake Anthropic upstream, plus unit tests of the chunk encoder."""
 
 from __future__ import annotations
@@ -162,7 +162,7 @@ async def test_text_answer_headers_chunks_and_storage(
     records = (await (await client.get("/api/usage?sessionId=chat1", headers=auth_headers)).json())["grandTotal"]
     assert records["requestCount"] == 1
     sessions = (await (await client.get("/api/sessions", headers=auth_headers)).json())["sessions"]
-    assert sessions[0]["id"] == "chat1" and sessions[0]["client"] == "admin"  # the owner (SPEC 11): the gateway token
+    assert sessions[0]["id"] == "chat1" and sessions[0]["client"] == "admin"  # the owner: the gateway token
 
 
 async def test_a_model_slow_to_start_still_gets_the_stream_started(

@@ -1,4 +1,4 @@
-"""GET /metrics (issue 21, SPEC 14): the built-in metrics plugin counts every provider call as the usage
+"""GET /metrics (issue 21): the built-in metrics plugin counts every provider call as the usage
 store does, over every transport and endpoint (WebSocket, /api/chat, /v1/messages pass-through and
 translated, /v1/chat/completions), errors, aborts, retries, fallbacks and a tool loop included; the
 histograms hold the observations; the route needs the token unless ``[metrics] public``; the plugin can be

@@ -1,4 +1,4 @@
-"""What the postgres backend promises beyond the contract suite (SPEC 13): migrations once under a lock,
+"""What the postgres backend promises beyond the contract suite: migrations once under a lock,
 retried batches that count nothing twice, retention by whole months, PgBouncer-safe settings, a clear
 error and a 503 ``/healthz`` when the database is unreachable, and recovery when it is back."""
 
@@ -199,7 +199,7 @@ async def test_database_down_mid_load_loses_nothing_acknowledged(tmp_path: Path,
 
 
 async def test_reports_per_client_and_of_one_client(pg_dsn: str) -> None:
-    """The client queries of the clients feature (SPEC 11), in SQL over the client index."""
+    """The client queries of the clients feature, in SQL over the client index."""
     db = PostgresDatabase(pg_dsn)
     usage = PostgresUsageStore(db)
     try:

@@ -1,4 +1,4 @@
-"""The clients (SPEC 11) in PostgreSQL: the client store's API on a real database, shared by replicas."""
+"""The clients in PostgreSQL: the client store's API on a real database, shared by replicas."""
 
 from __future__ import annotations
 

@@ -13,7 +13,7 @@ from agentspace import redis_counters
 from agentspace.redis_counters import RedisCounters
 from tests.scale_servers import Redis
 
-pytest.importorskip("agentspace.limits")  # the clients feature (SPEC 11) defines what is counted
+pytest.importorskip("agentspace.limits")  # the clients feature defines what is counted
 
 
 @pytest.fixture

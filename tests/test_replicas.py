@@ -1,4 +1,4 @@
-"""Two ``agentspace serve`` replicas on one PostgreSQL database and one Redis (SPEC 13), real processes
+"""Two ``agentspace serve`` replicas on one PostgreSQL database and one Redis (README.md#running-several-replicas), real processes
 against real servers: sessions, streams, locks and aborts work across them, and nothing is counted twice,
 also when one replica is killed mid-stream."""
 

@@ -1,4 +1,4 @@
-"""The CLI, the limits and the storage errors on the PostgreSQL backend (SPEC 11, 13), real processes
+"""The CLI, the limits and the storage errors on the PostgreSQL backend (docs/deploy.md), real processes
 against real servers: ``agentspace sessions`` and ``agentspace clients`` act on the configured database,
 not on the data directory's files; a client's rate limit and budget hold across two replicas sharing one
 Redis; a failed write names the database, not a disk."""

@@ -1,4 +1,4 @@
-"""SPEC section 9 and what local agent gateways got wrong before: origin and host checks (DNS rebinding),
+"""docs/protocol.md#authentication and what local agent gateways got wrong before: origin and host checks (DNS rebinding),
 authentication limits, rate limits, token rotation, dead connections, and secrets kept out of logs,
 errors, frames and stored files."""
 

@@ -1,4 +1,4 @@
-"""The storage contract (SPEC 13): one suite, run unchanged against every storage backend.
+"""The storage contract (the stores' protocols): one suite, run unchanged against every storage backend.
 
 Each test gets a ``storage`` opened through the backend hook as the server opens it: tinydb in a fresh
 data directory, postgres in a fresh database on a real PostgreSQL server (tests/scale_servers.py).

@@ -1,4 +1,4 @@
-"""A failed write is never reported as success (issue 15 item 4, pipeline side; SPEC 6).
+"""A failed write is never reported as success (issue 15 item 4, pipeline side).
 
 A real ``agentspace serve`` whose files may not grow past a size limit (``RLIMIT_FSIZE``, with SIGXFSZ
 ignored so that writes fail with EFBIG as on a full disk): the user message fits, a long answer does not.

@@ -1,4 +1,4 @@
-"""OpenTelemetry spans (issue 21, SPEC 14) from the built-in telemetry plugin, captured with the SDK's
+"""OpenTelemetry spans (issue 21) from the built-in telemetry plugin, captured with the SDK's
 in-memory exporter: one ``chat {model}`` span per provider call with the GenAI attributes, the child of one
 ``invoke_agent agentspace`` span per turn; a tool loop and a failed call; prompt and answer text only with
 ``[telemetry] capture_content``; the /v1 calls traced too.

@@ -1,4 +1,4 @@
-"""A failed turn does not break its session (issue 14 item 1, SPEC 6), and its call is recorded as an error.
+"""A failed turn does not break its session (issue 14 item 1), and its call is recorded as an error.
 
 The upstream refuses the first call (500 after every retry, or 400 "prompt is too long"): the failed user
 message stays stored, marked with the error, and the next message goes upstream as its own user turn, with

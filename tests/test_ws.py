@@ -1,4 +1,4 @@
-"""The WebSocket protocol (SPEC section 3) end to end: aiohttp's WebSocket client against the real app,
+"""The WebSocket protocol (docs/protocol.md) end to end: aiohttp's WebSocket client against the real app,
 the real anthropic SDK against the fake Anthropic upstream over HTTP."""
 
 from __future__ import annotations

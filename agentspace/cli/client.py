@@ -1,4 +1,4 @@
-"""A small client of the gateway's WebSocket protocol (SPEC section 3), shared by ``chat`` and ``inspect``.
+"""A small client of the gateway's WebSocket protocol (docs/protocol.md), shared by ``chat`` and ``inspect``.
 
 Only imported inside those commands: it pulls in aiohttp.
 """

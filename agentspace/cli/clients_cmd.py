@@ -1,4 +1,4 @@
-"""``agentspace clients``: client keys with their budgets, rate limits and model allowlists (SPEC 11).
+"""``agentspace clients``: client keys with their budgets, rate limits and model allowlists.
 
 Works on the configured storage directly: the data directory's clients file (a running server re-reads it
 when it changes), or the backend's store (``[storage] backend = "postgres"``: every replica sees it). A key is printed once, by ``add`` and ``rotate``; only its hash is stored.

@@ -1,4 +1,4 @@
-"""``agentspace storage migrate --to DSN``: copy the tinydb data directory into PostgreSQL (SPEC 13): the
+"""``agentspace storage migrate --to DSN``: copy the tinydb data directory into PostgreSQL (docs/deploy.md): the
 sessions, the usage records and the client keys (their hashes: every key keeps working).
 
 Resumable and idempotent: each session is copied in its own transaction and skipped when the database

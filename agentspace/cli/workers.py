@@ -1,5 +1,5 @@
 """``agentspace serve --workers N``: N server processes on one port (SO_REUSEPORT), one machine's cores
-serving one gateway. Each worker is a replica (SPEC 13): allowed only when the storage backend is shared
+serving one gateway. Each worker is a replica: allowed only when the storage backend is shared
 by several processes and Redis shares streams, locks and aborts between them."""
 
 from __future__ import annotations

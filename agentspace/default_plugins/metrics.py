@@ -1,4 +1,4 @@
-"""The built-in metrics plugin: ``GET /metrics`` in the Prometheus text format (SPEC section 14).
+"""The built-in metrics plugin: ``GET /metrics`` in the Prometheus text format (README.md#metrics-and-traces).
 
 A plugin like any other (left out when ``AGENTSPACE_LOAD_PLUGINS`` is set and does not name ``metrics``).
 The request, error, token and cost counters and the two latency histograms are fed from the usage records:

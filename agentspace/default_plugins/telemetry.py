@@ -1,4 +1,4 @@
-"""The built-in telemetry plugin: OpenTelemetry spans for turns and provider calls (SPEC section 14).
+"""The built-in telemetry plugin: OpenTelemetry spans for turns and provider calls (README.md#metrics-and-traces).
 
 Off by default. It traces when ``[telemetry] otlp_endpoint`` is set (spans go there over OTLP/HTTP; needs
 ``pip install 'agentspace[otel]'``), or when the process running the gateway has installed an OpenTelemetry

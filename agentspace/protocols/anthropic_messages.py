@@ -138,7 +138,7 @@ class UsageScanner:
     if the output has to be estimated (the stream ended before its final ``message_delta``).
     """
 
-    __slots__ = ("usage", "started", "final_delta", "complete", "stop_reason", "error_type", "error_message", "_deltas")
+    __slots__ = ("usage", "started", "final_delta", "complete", "stop_reason", "error_type", "_deltas")
 
     def __init__(self) -> None:
         self.usage: TokenUsage | None = None
@@ -147,7 +147,6 @@ class UsageScanner:
         self.complete = False  # message_stop seen
         self.stop_reason: str | None = None
         self.error_type: str | None = None
-        self.error_message: str | None = None
         self._deltas: list[str] = []
 
     def feed(self, events: Iterable[tuple[str | None, str]]) -> None:
@@ -172,7 +171,6 @@ class UsageScanner:
             elif name == "error":
                 error = json.loads(data).get("error") or {}
                 self.error_type = str(error.get("type") or "api_error")
-                self.error_message = str(error.get("message") or "")
 
     def received_output_tokens(self) -> int:
         """A local count of the output received so far (text, thinking and tool input pieces)."""

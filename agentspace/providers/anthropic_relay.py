@@ -1,5 +1,5 @@
 """The Anthropic relay: the upstream side of the pass-through of ``/v1/messages`` and
-``/v1/messages/count_tokens`` (SPEC section 10), a provider call like every other (``calls.ProviderCall``,
+``/v1/messages/count_tokens`` (docs/protocol.md), a provider call like every other (``calls.ProviderCall``,
 admitted and written ahead by the transport before it comes here).
 
 The client's body goes upstream as sent (only a ``anthropic/`` prefix is taken off the model id), with the
@@ -209,7 +209,7 @@ async def _stream(
             relay.note(meter)
             if not recorded and relay.ended:
                 # The last event (message_stop, or an error) waits for the record to be durable, as every
-                # answer's end does (SPEC 6): a client that reads its usage after the stream finds it. What
+                # answer's end does (docs/accounting.md): a client that reads its usage after the stream finds it. What
                 # came before it in the same read goes first.
                 last = last_event_offset(chunk)
                 if last > 0:

@@ -1,4 +1,4 @@
-"""The one storage interface (SPEC 13): what a backend provides, whatever keeps the data.
+"""The one storage interface (README.md#running-several-replicas): what a backend provides, whatever keeps the data.
 
 A backend (``StorageBackend``) is registered by a plugin through ``register_storage_backends`` and chosen
 by ``[storage] backend``; the built-in ``tinydb`` (files in the data directory, one process) and
@@ -99,7 +99,7 @@ class UsageStoreAPI(Protocol):
 
 @runtime_checkable
 class ClientStoreAPI(Protocol):
-    """The clients (SPEC 11): the async API of ``storage.embedded.clients.ClientStore`` (``Client`` objects of
+    """The clients (README.md#teams-and-budgets): the async API of ``storage.embedded.clients.ClientStore`` (``Client`` objects of
     ``agentspace.clients``; only key hashes are stored). ``add``/``rotate`` return the new key; ``update``
     applies ``change(client)``; unknown names raise ``ClientNotFound``, a taken name ``ClientExists``."""
 

@@ -160,7 +160,7 @@ def _merge_named(named: dict[str, dict[str, Any]], name: str, totals: dict[str, 
 
 
 def usage_report(records: Iterable[dict[str, Any]]) -> dict[str, Any]:
-    """The ``usage.report`` shape (SPEC 3): ``perModel`` and ``grandTotal``, with extra token kinds,
+    """The ``usage.report`` shape (docs/protocol.md): ``perModel`` and ``grandTotal``, with extra token kinds,
     ``requestCount`` (calls the upstream answered), ``errorCount`` and ``priceKnown: false`` on a model
     priced by the fallback."""
     return _group(records, "perModel", _model_label)
@@ -186,7 +186,7 @@ def _client_label(record: dict[str, Any]) -> str:
 
 
 def usage_by_client(records: Iterable[dict[str, Any]]) -> dict[str, Any]:
-    """Totals per client (SPEC 11): ``perClient`` and ``grandTotal``."""
+    """Totals per client (README.md#teams-and-budgets): ``perClient`` and ``grandTotal``."""
     return _group(records, "perClient", _client_label)
 
 

@@ -1,4 +1,4 @@
-"""``POST /api/chat``: the Vercel AI SDK UI message stream, protocol v1 (SPEC section 4).
+"""``POST /api/chat``: the Vercel AI SDK UI message stream, protocol v1 (docs/protocol.md#the-ui-message-stream).
 
 ``useChat`` with its default transport (``DefaultChatTransport``) works against this unchanged: the body is
 ``{id, messages: UIMessage[], model?, trigger?}``, the answer is server-sent events ``data: <chunk JSON>``
@@ -418,8 +418,3 @@ async def _relay(request: web.Request, chunks: AsyncIterator[bytes]) -> web.Stre
         return response
     await response.write_eof()
     return response
-
-
-def setup_routes(app: web.Application) -> None:
-    app.router.add_post("/api/chat", chat_handler)
-    app.router.add_get("/api/chat/{id}/stream", resume_handler)

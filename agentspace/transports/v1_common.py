@@ -1,4 +1,4 @@
-"""What the drop-in ``/v1`` endpoints share (SPEC section 10): routes, errors in each API's own shape,
+"""What the drop-in ``/v1`` endpoints share (docs/protocol.md): routes, errors in each API's own shape,
 session attribution, model ids, and the HTTP client the Anthropic pass-through relays through."""
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ HTTP_CLIENT = web.AppKey("v1_http_client", aiohttp.ClientSession)
 # Headers that attribute a call's usage to a session id (Codex sends session-id, older ones session_id).
 SESSION_HEADERS = ("X-Agentspace-Session", "X-Claude-Code-Session-Id", "session-id", "session_id")
 
-# The OpenAI error codes of the client checks (SPEC 11); Anthropic's shape has the type of the status only.
+# The OpenAI error codes of the client checks; Anthropic's shape has the type of the status only.
 REFUSAL_CODES = {
     "MODEL_NOT_ALLOWED": "model_not_allowed",
     "RATE_LIMITED": "rate_limit_exceeded",
@@ -99,7 +99,7 @@ def session_id(request: web.Request) -> str | None:
 
 
 def client_name(request: web.Request) -> str:
-    """Who made the call: "admin" for the gateway token, else the client whose key it is (SPEC 11)."""
+    """Who made the call: "admin" for the gateway token, else the client whose key it is."""
     return security.caller(request)
 
 

@@ -1,5 +1,5 @@
 """``GET /v1/models``: the models the caller may use (usable keys, provider plugins, the config), in
-OpenAI's list shape, or Anthropic's when the request carries ``anthropic-version`` (SPEC 10).
+OpenAI's list shape, or Anthropic's when the request carries ``anthropic-version``.
 
 The ids are the ones the /v1 endpoints take: ``provider/model`` for OpenAI clients; for Anthropic clients
 a bare ``claude-*`` id for Anthropic's models (what Claude Code and the SDK expect) and ``provider/model``

@@ -1,4 +1,4 @@
-"""``POST /v1/chat/completions``: the OpenAI Chat Completions API, drop-in, for every model (SPEC 10).
+"""``POST /v1/chat/completions``: the OpenAI Chat Completions API, drop-in, for every model (docs/protocol.md).
 
 Parses with ``protocols.openai_chat``, calls the model's provider through ``DirectCall`` (metered, one
 usage record), encodes the provider's events as chunks. The provider is always asked for usage; the

@@ -1,4 +1,4 @@
-"""The web app (SPEC section 12): ``/`` and ``/assets/<version>/<file>``, static files from ``agentspace/web``.
+"""The web app (README.md#web-app): ``/`` and ``/assets/<version>/<file>``, static files from ``agentspace/web``.
 
 The page holds no secret and needs no token to load; it signs in with the gateway token (or a client key)
 itself and sends it as ``Authorization: Bearer`` on every API call (the security middleware lets ``/`` and
@@ -20,10 +20,7 @@ from pathlib import Path
 
 from aiohttp import web
 
-from . import web_api
-
 WEB_DIR = Path(str(files("agentspace") / "web"))
-ASSETS_DIR = WEB_DIR / "assets"
 
 CSP = (
     "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self'; "
@@ -74,10 +71,3 @@ class WebApp:
         content_type = TYPES.get(Path(name).suffix) or mimetypes.guess_type(name)[0] or "application/octet-stream"
         headers = {**COMMON_HEADERS, "Cache-Control": "public, max-age=31536000, immutable"}
         return web.Response(body=body, headers={**headers, "Content-Type": content_type})
-
-
-def setup_routes(app: web.Application) -> None:
-    site = WebApp()
-    app.router.add_get("/", site.index_handler)
-    app.router.add_get("/assets/{version}/{name:.+}", site.asset_handler)
-    web_api.setup_routes(app)

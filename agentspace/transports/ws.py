@@ -1,4 +1,4 @@
-"""The WebSocket protocol at ``/gateway`` (SPEC section 3).
+"""The WebSocket protocol at ``/gateway`` (docs/protocol.md#the-websocket-protocol).
 
 JSON text frames; every client message has ``type`` and ``id``, every reply carries ``requestId``. This
 module parses frames, dispatches them, and encodes the pipeline's events as frames. The chat logic

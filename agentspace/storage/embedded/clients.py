@@ -1,4 +1,4 @@
-"""ClientStore: the clients (SPEC 11) in ``clients.json`` in the data directory (0600, written whole and
+"""ClientStore: the clients in ``clients.json`` in the data directory (0600, written whole and
 atomically). Only key hashes are stored. The file is a tinydb database (``tinydb_file``): table ``clients``,
 one document per client keyed by its name; changes go through ``tinydb.TinyDB`` with an atomic storage.
 

@@ -1,4 +1,4 @@
-"""The PostgreSQL backend (SPEC 13): sessions, messages and usage records in one database that any number
+"""The PostgreSQL backend (docs/deploy.md): sessions, messages and usage records in one database that any number
 of replicas share. Needs the ``scale`` extra (asyncpg).
 
 - Connections: one bounded asyncpg pool per process (``[storage] pool_size``). An unreachable database

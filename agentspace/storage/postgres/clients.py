@@ -23,7 +23,7 @@ log = logging.getLogger(__name__)
 
 
 class PostgresClientStore:
-    """The clients (SPEC 11) in the database: the async API of ``storage.embedded.clients.ClientStore``, one row per
+    """The clients (README.md#teams-and-budgets) in the database: the async API of ``storage.embedded.clients.ClientStore``, one row per
     client (its stored form as JSON; only the key's hash), shared by every replica."""
 
     def __init__(self, db: PostgresDatabase) -> None:
