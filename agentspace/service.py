@@ -27,7 +27,7 @@ from .context_policy import compact_session
 from .errors import ApiError
 from .export import EXPORT_FORMATS, export_session
 from .periods import parse_since
-from .pipeline import ChatRequest, Turn, owns_now, start_turn
+from .pipeline import ChatRequest, Turn, owns_now, running, start_turn
 from .registry import ModelNotFound, Registry
 from .stores.search import search_sessions
 from .stores.sessions import SESSION_ID, TITLE_LENGTH, Listing, SessionNotFound
@@ -238,7 +238,7 @@ class Service:
             return session_id
         if await self._session_of_caller(scoped):
             return scoped
-        if session_id not in self.gw.active and not await self.gw.sessions.exists(session_id):
+        if session_id not in self.gw.locks and not await self.gw.sessions.exists(session_id):
             return session_id  # free: stored as named
         if len(scoped) > MAX_SESSION_ID:
             raise invalid({"id": f"a client's session ids are at most {MAX_SESSION_ID - len(suffix)} characters"})
@@ -248,7 +248,7 @@ class Service:
         """Whether ``session_id`` is the caller's (running or stored)."""
         if len(session_id) > MAX_SESSION_ID:
             return False
-        turn = self.gw.active.get(session_id)
+        turn = running(self.gw, session_id)
         if turn is not None:
             return turn.client == self.caller
         session = await self.gw.sessions.get(session_id)
@@ -274,14 +274,14 @@ class Service:
         return await start_turn(self.gw, request)
 
     def active_turn(self, session_id: str) -> Turn | None:
-        turn = self.gw.active.get(session_id)
+        turn = running(self.gw, session_id)
         return turn if turn is not None and (self.caller == ADMIN or turn.client == self.caller) else None
 
     async def resumable_turn(self, session_id: str) -> Turn | None:
         """The caller's running answer in the session, None when nothing streams; SESSION_NOT_FOUND for a
         session of another client."""
         session_id = await self.resolve(session_id)
-        turn = self.gw.active.get(session_id)
+        turn = running(self.gw, session_id)
         if self.caller == ADMIN:
             return turn
         if turn is not None:
@@ -319,7 +319,7 @@ class Service:
         checked(session_id, "id", session_id_problem)
         if self.caller != ADMIN:
             session_id = str((await self._owned(session_id))["id"])
-        if session_id in self.gw.active:
+        if session_id in self.gw.locks:
             raise ApiError("STREAM_IN_PROGRESS", "This session is streaming an answer; wait for it to end.")
         if not await self.gw.sessions.delete(session_id):
             raise _not_found(session_id)
@@ -374,7 +374,7 @@ class Service:
         """Summarise every turn of the caller's session but the latest (``context_policy.compact_session``)."""
         session_id = checked(session_id, "id", session_id_problem)
         session = await self._owned(session_id)
-        if session_id in self.gw.active:
+        if session_id in self.gw.locks:
             raise ApiError("STREAM_IN_PROGRESS", "This session is streaming an answer; wait for it to end.")
         model = session.get("model") or self.gw.default_model
         who = CompactFor(session_id, model, str(session.get("client") or self.caller), "compact")

@@ -120,7 +120,7 @@ async def test_http_disconnect_with_abort_keeps_the_reported_input(
     gw = client.server.app[STATE.REGISTRY]
 
     async def stored() -> bool:
-        return "chat1" not in gw.active and len(await gw.usage.arecords(session_id="chat1")) == 1
+        return "chat1" not in gw.locks and len(await gw.usage.arecords(session_id="chat1")) == 1
 
     await wait_until(stored)
     (record,) = await records_of(client, "chat1")
