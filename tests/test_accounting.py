@@ -23,8 +23,8 @@ from agentspace.transports import state as STATE
 from tests.conftest import wait_until
 from tests.fakes import anthropic_upstream as fa
 from tests.fakes import openai_upstream as fo
-from tests.test_http_chat import post_chat, user
-from tests.test_ws import chat, connect, of, receive
+from tests.support.ui_stream import post_chat, user
+from tests.support.ws import chat, connect, of, receive
 
 ANTHROPIC = "anthropic/claude-sonnet-4-5"
 OPENAI = "openai/gpt-4o-mini"

@@ -17,8 +17,8 @@ from agentspace.logs import configure_logging
 from agentspace.service import MAX_MODEL_ID
 from agentspace.transports import state as STATE
 from tests.fakes.openai_upstream import FakeOpenAI, error_status
-from tests.test_http_chat import assistant, post_chat, read_all, user
-from tests.test_ws import chat, connect, receive, receive_after
+from tests.support.ui_stream import assistant, post_chat, read_all, user
+from tests.support.ws import chat, connect, receive, receive_after
 
 CUT_EMOJI = "cut \ud83d here"  # what JSON.stringify gives for a string cut between an emoji's two halves
 REPLACED = "cut \ufffd here"

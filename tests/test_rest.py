@@ -14,7 +14,7 @@ from agentspace import ContextSection, hookimpl
 from agentspace.stores import SessionStore
 from agentspace.transports import state as STATE
 from tests.fakes.anthropic_upstream import text_response
-from tests.test_http_chat import post_chat, read_all, user
+from tests.support.ui_stream import post_chat, read_all, user
 
 ORIGIN = "http://app.example"
 
