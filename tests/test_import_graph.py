@@ -129,3 +129,16 @@ def test_no_import_circle_inside_agentspace() -> None:
     graph = import_graph()
     found = cycles(graph)
     assert not found, "import circles:\n" + "\n\n".join(describe(graph, c) for c in found)
+
+
+def test_transports_reach_the_gateway_through_the_service() -> None:
+    """Each transport parses, calls ``service.Service`` and encodes: none but ``transports/state.py`` (which
+    makes the Service of a request) imports the registry or reads it from the app."""
+    graph = import_graph()
+    reaching = []
+    for name, path in sorted(module_names().items()):
+        if not name.startswith("agentspace.transports.") or name == "agentspace.transports.state":
+            continue
+        if "agentspace.registry" in graph[name] or "REGISTRY]" in path.read_text(encoding="utf-8"):
+            reaching.append(name)
+    assert reaching == []

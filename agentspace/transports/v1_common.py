@@ -17,11 +17,9 @@ from ..calls import ProviderCall, request_ceiling
 from ..direct_call import DirectCall
 from ..errors import ApiError
 from ..events import ProviderError, ProviderEvent, ProviderFinish
-from ..providers.base import ProviderRequest, ThinkingSettings
-from ..registry import Registry
-from ..routed_call import start_direct
-from ..types import ChatMessage, TokenUsage, Tool
-from ..vault import resolve_key
+from ..providers.base import ProviderRequest
+from ..service import Service
+from ..types import TokenUsage
 from . import bodies, state, v1_errors
 from .bodies import BodyTooLarge
 
@@ -62,7 +60,7 @@ PROVIDER_MAX_BODY_BYTES = 32 * 1024 * 1024
 
 
 def body_limit(request: web.Request) -> int:
-    return max(int(gateway(request).config["server"]["max_body_bytes"]), PROVIDER_MAX_BODY_BYTES)
+    return max(int(service(request).config["server"]["max_body_bytes"]), PROVIDER_MAX_BODY_BYTES)
 
 
 async def read_body(request: web.Request) -> bytes:
@@ -86,8 +84,9 @@ async def read_json_body(request: web.Request) -> tuple[Any, bytes]:
     return await bodies.read_json(request, body_limit(request))
 
 
-def gateway(request: web.Request) -> Registry:
-    return request.app[state.REGISTRY]
+def service(request: web.Request) -> Service:
+    """The service layer for the request's caller: every /v1 endpoint reaches the gateway through it."""
+    return state.service(request.app, client_name(request))
 
 
 def session_id(request: web.Request) -> str | None:
@@ -148,38 +147,6 @@ def _bare_model_prefixes() -> dict[str, str]:
         if "/" not in key and provider and entry.get("mode") == "chat":
             out[key] = "openai" if provider == "text-completion-openai" else provider
     return out
-
-
-def provider_request(
-    gw: Registry,
-    model: str,
-    system: str,
-    messages: list[ChatMessage],
-    tools: list[Tool],
-    max_tokens: int | None,
-    reasoning_budget: int | None,
-    params: dict[str, Any],
-) -> ProviderRequest:
-    """A ProviderRequest of exactly what the client sent: no context section, no gateway tool."""
-    prefix = model.split("/", 1)[0]
-    settings = gw.config.provider_settings(prefix)
-    info = gw.model_info(model)
-    thinking = None
-    if reasoning_budget is not None:  # the provider applies it only where the model supports it
-        thinking = ThinkingSettings(reasoning_budget, info.adaptive_thinking_only)
-    return ProviderRequest(
-        model=model,
-        system=system,
-        messages=messages,
-        model_info=info,
-        max_tokens=max_tokens or int(gw.config["chat"]["max_tokens"]),
-        tools=tools,
-        thinking=thinking,
-        api_key=resolve_key(gw.config, prefix),
-        base_url=settings["base_url"],
-        options=settings,
-        params=params,
-    )
 
 
 def client_gone(request: web.Request) -> bool:
@@ -276,6 +243,7 @@ async def stream(
 
 async def translated(
     request: web.Request,
+    service: Service,
     meter: ProviderCall,
     preq: ProviderRequest,
     provider_error: Callable[[ProviderError], web.Response],
@@ -291,7 +259,7 @@ async def translated(
     call: DirectCall | None = None
     try:
         try:
-            call = await start_direct(meter.gw, preq, meter)
+            call = await service.start_call(meter, preq)
         except ProviderError as e:
             return provider_error(e)
         return await answer(call)
