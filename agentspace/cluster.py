@@ -23,9 +23,10 @@ import logging
 import os
 import socket
 from collections.abc import AsyncIterator, Callable
-from typing import Any
+from typing import Any, Protocol
 
 from .errors import ApiError
+from .events import StreamEnd, StreamError, StreamEvent
 from .logs import warn_limited
 from .session_locks import STREAM_IN_PROGRESS_MESSAGE, InProcessLocks, RunningTurn, SessionLocks
 from .types import new_id
@@ -45,12 +46,11 @@ _END = b"end"
 FOLLOW_READ_SECONDS = 5.0
 
 
-def _error_chunk(message: str) -> bytes:
-    """The UI message stream's error part and its end, as a turn that failed sends them."""
-    from .events import StreamError
-    from .transports.ui_stream import UIMessageStreamEncoder
+class StreamEncoder(Protocol):
+    """How a running turn's events are published: the UI message stream's encoder
+    (``transports/ui_stream.UIMessageStreamEncoder``, given by the app: a resume relays its bytes as they are)."""
 
-    return UIMessageStreamEncoder().encode(StreamError("SERVICE_UNAVAILABLE", message))
+    def encode(self, event: StreamEvent) -> bytes: ...
 
 
 # Deletes the lock only when it is still ours (a lock that expired and was taken since is another's).
@@ -85,6 +85,8 @@ class Cluster:
         url: str,
         replica_id: str | None = None,
         on_credentials_changed: Callable[[], None] | None = None,
+        *,
+        encoder: Callable[[], StreamEncoder],
     ) -> None:
         try:
             import redis.asyncio as aioredis
@@ -108,6 +110,7 @@ class Cluster:
         self._locks: SessionLocks | None = None
         # Called when another replica (or this one) announces a rotated or removed credential.
         self.on_credentials_changed = on_credentials_changed
+        self.encoder = encoder
 
     async def start(self, locks: SessionLocks) -> None:
         """Check Redis answers and listen for aborts meant for this replica's turns."""
@@ -203,12 +206,9 @@ class Cluster:
         task.add_done_callback(self._tasks.discard)
 
     async def _publish(self, turn: RunningTurn) -> None:
-        from .events import StreamEnd, StreamError
-        from .transports.ui_stream import UIMessageStreamEncoder
-
         key = stream_key(turn.message_id)
         renew = asyncio.create_task(self._keep_lock(turn))
-        encoder = UIMessageStreamEncoder()
+        encoder = self.encoder()
         try:
             async for batch in turn.batches():
                 data = b"".join(map(encoder.encode, batch))
@@ -260,11 +260,11 @@ class Cluster:
                         ended = quiet >= 3 and await self._ended(key)
             except Exception as e:  # noqa: BLE001 - Redis gone: the resume says so and ends
                 warn_limited(log, "follow", "a resumed stream of session %s lost Redis: %r", session_id, e)
-                yield _error_chunk("The gateway lost the stream it was relaying (Redis); reload the session.")
+                yield self._error_chunk("The gateway lost the stream it was relaying (Redis); reload the session.")
                 return
             if not reply:
                 if quiet >= 3 and not ended:
-                    yield _error_chunk("The replica streaming this answer stopped; reload the session.")
+                    yield self._error_chunk("The replica streaming this answer stopped; reload the session.")
                     return
                 continue
             for _, entries in reply:
@@ -273,6 +273,10 @@ class Cluster:
                     yield fields[b"d"]
                     if fields.get(b"e") == _END:
                         return
+
+    def _error_chunk(self, message: str) -> bytes:
+        """The stream's error part and its end, as a turn that failed sends them."""
+        return self.encoder().encode(StreamError("SERVICE_UNAVAILABLE", message))
 
     async def _ended(self, key: str) -> bool:
         entries = await self.redis.xrevrange(key, count=1)

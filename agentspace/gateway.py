@@ -17,7 +17,7 @@ import pluggy
 
 from . import pricing
 from .alerts import BudgetAlerts
-from .cluster import Cluster, RedisSessionLocks
+from .cluster import Cluster, RedisSessionLocks, StreamEncoder
 from .config import Config, ConfigError
 from .limits import Counters, Guard, InProcessCounters
 from .pending import PendingWrites
@@ -68,9 +68,12 @@ async def assemble(
     *,
     shutting_down: asyncio.Event | None = None,
     on_credentials_changed: Callable[[], None] | None = None,
+    stream_encoder: Callable[[], StreamEncoder] | None = None,
 ) -> Registry:
     """The gateway over a started ``storage``. ``shutting_down``: once set, no provider call is admitted;
-    ``on_credentials_changed``: called when a replica announces a rotated or removed client key."""
+    ``on_credentials_changed``: called when a replica announces a rotated or removed client key;
+    ``stream_encoder``: makes the encoder of the streams published for resumes on other replicas (needed
+    with ``[storage] redis_url``)."""
     plugins = registered(config, pm, storage)
     cluster: Cluster | None = None
     counters: Counters = InProcessCounters()
@@ -80,7 +83,10 @@ async def assemble(
         from .redis_counters import RedisCounters
         from .redis_routing import RedisRouteState
 
-        cluster = Cluster(str(config["storage"]["redis_url"]), on_credentials_changed=on_credentials_changed)
+        if stream_encoder is None:
+            raise ValueError("[storage] redis_url: the replicas' shared streams need a stream_encoder")
+        url = str(config["storage"]["redis_url"])
+        cluster = Cluster(url, on_credentials_changed=on_credentials_changed, encoder=stream_encoder)
         counters = RedisCounters(cluster.redis)  # limits and budgets hold across replicas
         route_state = RedisRouteState(cluster.redis)  # one replica's 429 cools a deployment for all
         locks = RedisSessionLocks(cluster)  # a session streams on one replica at a time

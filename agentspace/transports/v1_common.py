@@ -9,7 +9,6 @@ from collections.abc import Awaitable, Callable
 from functools import lru_cache
 from typing import Any
 
-import aiohttp
 from aiohttp import web
 
 from .. import security
@@ -18,13 +17,11 @@ from ..direct_call import DirectCall
 from ..errors import ApiError
 from ..events import ProviderError, ProviderEvent, ProviderFinish
 from ..providers.base import ProviderRequest
+from ..providers.upstream_http import watch_client
 from ..service import Service
 from ..types import TokenUsage
 from . import bodies, state, v1_errors
 from .bodies import BodyTooLarge
-
-# The upstream HTTP client of the pass-through: one connection pool per server, closed with the app.
-HTTP_CLIENT = web.AppKey("v1_http_client", aiohttp.ClientSession)
 
 # Headers that attribute a call's usage to a session id (Codex sends session-id, older ones session_id).
 SESSION_HEADERS = ("X-Agentspace-Session", "X-Claude-Code-Session-Id", "session-id", "session_id")
@@ -36,21 +33,6 @@ REFUSAL_CODES = {
     "BUDGET_EXCEEDED": "insufficient_quota",
     "UNAUTHORIZED": "invalid_api_key",
 }
-
-
-def http_client(app: web.Application) -> aiohttp.ClientSession:
-    client = app.get(HTTP_CLIENT)
-    if client is None or client.closed:
-        # No total timeout: a long answer streams as long as it keeps sending (each read has its own limit).
-        client = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None), auto_decompress=True)
-        app[HTTP_CLIENT] = client
-    return client
-
-
-async def close_http_client(app: web.Application) -> None:
-    client = app.get(HTTP_CLIENT)
-    if client is not None:
-        await client.close()
 
 
 # The body size the /v1 endpoints take: the larger of [server] max_body_bytes and Anthropic's own request
@@ -147,32 +129,6 @@ def _bare_model_prefixes() -> dict[str, str]:
         if "/" not in key and provider and entry.get("mode") == "chat":
             out[key] = "openai" if provider == "text-completion-openai" else provider
     return out
-
-
-def client_gone(request: web.Request) -> bool:
-    transport = request.transport
-    return transport is None or transport.is_closing()
-
-
-# How often a stream checks that its client is still there while the upstream sends nothing.
-DISCONNECT_CHECK_SECONDS = 0.5
-
-
-def watch_client(request: web.Request, on_gone: Callable[[], object]) -> Callable[[], None]:
-    """Call ``on_gone`` once the client has gone, also while the upstream sends nothing (a write to a
-    closed client fails, but only when there is something to write). Returns what stops watching."""
-    loop = asyncio.get_running_loop()
-    timer: asyncio.TimerHandle
-
-    def check() -> None:
-        nonlocal timer
-        if client_gone(request):
-            on_gone()
-        else:
-            timer = loop.call_later(DISCONNECT_CHECK_SECONDS, check)
-
-    timer = loop.call_later(DISCONNECT_CHECK_SECONDS, check)
-    return lambda: timer.cancel()
 
 
 async def whole(

@@ -6,8 +6,8 @@ from typing import Any
 
 from aiohttp import web
 
+from ..providers.upstream_http import close_http_client
 from . import rest, v1_anthropic, v1_embeddings, v1_models, v1_openai, v1_responses
-from .v1_common import close_http_client
 
 
 def setup_routes(app: web.Application) -> None:
