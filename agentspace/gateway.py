@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
+from types import MappingProxyType
 
 import pluggy
 
@@ -58,7 +59,7 @@ def registered(config: Config, pm: pluggy.PluginManager, storage: Storage) -> Pl
             f"no registered provider serves {pattern.partition('/')[0]!r} models, so the pattern matches "
             "nothing (is the provider plugin installed? agentspace plugins)",
         )
-    return Plugins(tuple(providers), tuple(sections), tools, tuple(sinks))
+    return Plugins(tuple(providers), tuple(sections), MappingProxyType(tools), tuple(sinks))
 
 
 async def assemble(
