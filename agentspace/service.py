@@ -1,12 +1,14 @@
-"""The operations every transport offers, once: sessions, usage, models, context inspection and chat start.
+"""The one door: the operations every transport offers, once: chat start, sessions, usage, models, context
+inspection, clients, and the ``/v1`` endpoints' provider calls.
 
-Transports (the WebSocket at ``/gateway``, ``POST /api/chat``, the REST routes) parse their wire format,
-call this module and encode the answer. Everything refused here is an ``ApiError`` with a protocol code;
+Transports (the WebSocket at ``/gateway``, ``POST /api/chat``, the REST routes, ``/api/clients``, the web app's
+routes and every ``/v1`` endpoint) parse their wire format, call this module and encode the answer; none reads
+the registry itself (``tests/test_import_graph.py``). Everything refused here is an ``ApiError`` with a protocol code;
 each transport turns it into its own wire error in one place (``errors.HTTP_STATUS`` gives HTTP statuses).
 
 Input is checked here, at the edge, before it reaches the stores or a log line: ids have a length limit and
 a character set, and JSON is parsed by ``parse_json``, which refuses nesting too deep to decode. Nothing
-here imports aiohttp: the ``/v1`` endpoints plug into the same functions.
+here imports aiohttp.
 """
 
 from __future__ import annotations
