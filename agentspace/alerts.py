@@ -23,7 +23,11 @@ from .clients import ADMIN, iso, period_bounds
 from .types import UsageRecord
 
 if TYPE_CHECKING:
-    from .registry import Registry
+    import pluggy
+
+    from .cluster import Cluster
+    from .config import Config
+    from .storage.protocols import ClientStoreAPI, UsageStoreAPI
 
 log = logging.getLogger(__name__)
 
@@ -58,9 +62,16 @@ class SentAlerts:
 class BudgetAlerts:
     name = "budget-alerts"
 
-    def __init__(self, gw: Registry) -> None:
-        self.gw = gw
-        self.thresholds = sorted({float(t) for t in gw.config["alerts"]["thresholds"]})
+    def __init__(
+        self,
+        config: Config,
+        pm: pluggy.PluginManager,
+        clients: ClientStoreAPI,
+        usage: UsageStoreAPI,
+        cluster: Cluster | None,
+    ) -> None:
+        self.config, self.pm, self.clients, self.usage, self.cluster = config, pm, clients, usage, cluster
+        self.thresholds = sorted({float(t) for t in config["alerts"]["thresholds"]})
         self._file: SentAlerts | None = None
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -74,12 +85,12 @@ class BudgetAlerts:
     async def _check(self, record: UsageRecord) -> None:
         if not self.thresholds or not record.client or record.client == ADMIN or record.cost.total_cost <= 0:
             return
-        client = await self.gw.clients.get(record.client)
+        client = await self.clients.get(record.client)
         if client is None or not client.budget_usd or client.budget_usd <= 0:
             return
         budget = float(client.budget_usd)
         start, end = period_bounds(client.period, datetime.now(UTC))
-        records = await self.gw.usage.records(since=start, client=client.name)
+        records = await self.usage.records(since=start, client=client.name)
         spend = sum(float(r.get("totalCost") or 0.0) for r in records)
         if not any(r.get("id") == record.id for r in records):  # sinks written out of order: count it anyway
             spend += record.cost.total_cost
@@ -92,12 +103,12 @@ class BudgetAlerts:
 
     async def _claim(self, key: str, end: datetime | None) -> bool:
         expires = None if end is None else end + timedelta(days=1)
-        cluster = self.gw.cluster
+        cluster = self.cluster
         if cluster is not None:
             ttl = None if expires is None else max(60, int((expires - datetime.now(UTC)).total_seconds()))
             return bool(await cluster.redis.set(REDIS_PREFIX + key, "1", nx=True, ex=ttl))
         if self._file is None:
-            self._file = SentAlerts(self.gw.config.data_dir)
+            self._file = SentAlerts(self.config.data_dir)
         return await asyncio.to_thread(self._file.claim, key, expires)
 
     def _notify(
@@ -113,7 +124,7 @@ class BudgetAlerts:
         log.warning(
             "client %r has used %.0f%% of its $%g %s budget ($%.4f)", client, threshold * 100, budget, period, spend
         )
-        results = self.gw.pm.hook.budget_threshold(
+        results = self.pm.hook.budget_threshold(
             client=client,
             threshold=threshold,
             spend_usd=round(spend, 10),
@@ -121,7 +132,7 @@ class BudgetAlerts:
             period=period,
             period_start=iso(start),
             period_end=iso(end),
-            config=self.gw.config,
+            config=self.config,
         )
         for result in results:
             if asyncio.iscoroutine(result) or isinstance(result, asyncio.Future):
@@ -135,9 +146,3 @@ class BudgetAlerts:
             await awaitable
         except Exception:  # noqa: BLE001 - a plugin's failure is logged, never the gateway's
             log.exception("budget_threshold hook failed")
-
-
-def install(gw: Registry) -> None:
-    """Add the alerts sink to a gateway whose config has thresholds."""
-    if gw.config["alerts"]["thresholds"]:
-        gw.sinks.append(BudgetAlerts(gw))

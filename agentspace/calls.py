@@ -599,7 +599,7 @@ class ProviderCall:
             deployment=self.deployment,
         )
         notify(self.gw.pm.hook.provider_call_finished, call=self.call, record=record)
-        posted = self.gw.record_usage(record, self.reservation)
+        posted = self.gw.recorder.record(record, self.reservation)
         gw, was_open = self.gw, self._open
         self._open = False
 

@@ -23,14 +23,13 @@ import logging
 import os
 import socket
 from collections.abc import AsyncIterator, Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
+from .errors import ApiError
+from .events import StreamEnd, StreamError, StreamEvent
 from .logs import warn_limited
+from .session_locks import STREAM_IN_PROGRESS_MESSAGE, InProcessLocks, RunningTurn, SessionLocks
 from .types import new_id
-
-if TYPE_CHECKING:
-    from .pipeline import Turn
-    from .registry import Registry
 
 log = logging.getLogger(__name__)
 
@@ -47,12 +46,11 @@ _END = b"end"
 FOLLOW_READ_SECONDS = 5.0
 
 
-def _error_chunk(message: str) -> bytes:
-    """The UI message stream's error part and its end, as a turn that failed sends them."""
-    from .events import StreamError
-    from .transports.ui_stream import UIMessageStreamEncoder
+class StreamEncoder(Protocol):
+    """How a running turn's events are published: the UI message stream's encoder
+    (``transports/ui_stream.UIMessageStreamEncoder``, given by the app: a resume relays its bytes as they are)."""
 
-    return UIMessageStreamEncoder().encode(StreamError("SERVICE_UNAVAILABLE", message))
+    def encode(self, event: StreamEvent) -> bytes: ...
 
 
 # Deletes the lock only when it is still ours (a lock that expired and was taken since is another's).
@@ -82,7 +80,14 @@ def stream_key(turn_id: str) -> str:
 
 
 class Cluster:
-    def __init__(self, url: str, replica_id: str | None = None) -> None:
+    def __init__(
+        self,
+        url: str,
+        replica_id: str | None = None,
+        on_credentials_changed: Callable[[], None] | None = None,
+        *,
+        encoder: Callable[[], StreamEncoder],
+    ) -> None:
         try:
             import redis.asyncio as aioredis
         except ImportError:
@@ -102,11 +107,12 @@ class Cluster:
         self._renew = self.redis.register_script(_RENEW)
         self._tasks: set[asyncio.Task[Any]] = set()
         self._listener: asyncio.Task[None] | None = None
-        self._gw: Registry | None = None
+        self._locks: SessionLocks | None = None
         # Called when another replica (or this one) announces a rotated or removed credential.
-        self.on_credentials_changed: Callable[[], None] | None = None
+        self.on_credentials_changed = on_credentials_changed
+        self.encoder = encoder
 
-    async def start(self, gw: Registry) -> None:
+    async def start(self, locks: SessionLocks) -> None:
         """Check Redis answers and listen for aborts meant for this replica's turns."""
         from .errors import StorageError
 
@@ -114,7 +120,7 @@ class Cluster:
             await self.redis.ping()
         except Exception as e:  # noqa: BLE001 - redis-py raises its own ConnectionError, OSError, timeouts
             raise StorageError(f"The gateway could not reach Redis at [storage] redis_url: {e}.") from e
-        self._gw = gw
+        self._locks = locks
         pubsub = self.redis.pubsub()
         await pubsub.subscribe(ABORT_CHANNEL, CREDENTIALS_CHANNEL)
         self._listener = asyncio.create_task(self._listen(pubsub), name="agentspace-abort-listener")
@@ -130,14 +136,14 @@ class Cluster:
                 warn_limited(log, "redis-abort-channel", "lost the Redis abort channel; reconnecting: %r", e)
                 await asyncio.sleep(1)
                 continue
-            if message is None or self._gw is None:
+            if message is None or self._locks is None:
                 continue
             if message["channel"] in (CREDENTIALS_CHANNEL, CREDENTIALS_CHANNEL.encode()):
                 if self.on_credentials_changed is not None:
                     self.on_credentials_changed()
                 continue
             session_id = message["data"].decode() if isinstance(message["data"], bytes) else str(message["data"])
-            turn = self._gw.active.get(session_id)
+            turn = self._locks.get(session_id)
             if turn is not None:
                 log.info("abort of session %s from another replica", session_id)
                 turn.abort()
@@ -155,12 +161,12 @@ class Cluster:
 
     # --- the stream lock --------------------------------------------------------------------------
 
-    async def claim(self, turn: Turn) -> bool:
+    async def claim(self, turn: RunningTurn) -> bool:
         """Take the session's lock for ``turn``; False when another turn (on any replica) holds it."""
         value = f"{self.replica_id}:{turn.message_id}"
         return bool(await self.redis.set(lock_key(turn.session_id), value, nx=True, px=LOCK_TTL_MS))
 
-    async def release(self, turn: Turn) -> None:
+    async def release(self, turn: RunningTurn) -> None:
         with contextlib.suppress(Exception):
             await self._release(keys=[lock_key(turn.session_id)], args=[f"{self.replica_id}:{turn.message_id}"])
 
@@ -193,19 +199,16 @@ class Cluster:
 
     # --- publishing a running turn --------------------------------------------------------------
 
-    def publish(self, turn: Turn) -> None:
+    def publish(self, turn: RunningTurn) -> None:
         """Mirror ``turn`` into Redis until it ends, renewing its lock; the lock is released at the end."""
         task = asyncio.create_task(self._publish(turn), name=f"publish-{turn.session_id}")
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _publish(self, turn: Turn) -> None:
-        from .events import StreamEnd, StreamError
-        from .transports.ui_stream import UIMessageStreamEncoder
-
+    async def _publish(self, turn: RunningTurn) -> None:
         key = stream_key(turn.message_id)
         renew = asyncio.create_task(self._keep_lock(turn))
-        encoder = UIMessageStreamEncoder()
+        encoder = self.encoder()
         try:
             async for batch in turn.batches():
                 data = b"".join(map(encoder.encode, batch))
@@ -224,7 +227,7 @@ class Cluster:
             renew.cancel()
             await self.release(turn)
 
-    async def _keep_lock(self, turn: Turn) -> None:
+    async def _keep_lock(self, turn: RunningTurn) -> None:
         """Renew the lock while the turn runs. A lock Redis lost (a restart) is taken again; a lock another
         turn took meanwhile ends this turn (two answers must not write one session at once)."""
         value = f"{self.replica_id}:{turn.message_id}"
@@ -257,11 +260,11 @@ class Cluster:
                         ended = quiet >= 3 and await self._ended(key)
             except Exception as e:  # noqa: BLE001 - Redis gone: the resume says so and ends
                 warn_limited(log, "follow", "a resumed stream of session %s lost Redis: %r", session_id, e)
-                yield _error_chunk("The gateway lost the stream it was relaying (Redis); reload the session.")
+                yield self._error_chunk("The gateway lost the stream it was relaying (Redis); reload the session.")
                 return
             if not reply:
                 if quiet >= 3 and not ended:
-                    yield _error_chunk("The replica streaming this answer stopped; reload the session.")
+                    yield self._error_chunk("The replica streaming this answer stopped; reload the session.")
                     return
                 continue
             for _, entries in reply:
@@ -270,6 +273,10 @@ class Cluster:
                     yield fields[b"d"]
                     if fields.get(b"e") == _END:
                         return
+
+    def _error_chunk(self, message: str) -> bytes:
+        """The stream's error part and its end, as a turn that failed sends them."""
+        return self.encoder().encode(StreamError("SERVICE_UNAVAILABLE", message))
 
     async def _ended(self, key: str) -> bool:
         entries = await self.redis.xrevrange(key, count=1)
@@ -284,3 +291,26 @@ class Cluster:
             await asyncio.wait(list(self._tasks), timeout=10)
         await self.redis.aclose()
         await self.redis.connection_pool.disconnect()
+
+
+class RedisSessionLocks(InProcessLocks):
+    """The session locks shared by replicas: held here and in Redis (``Cluster.claim``)."""
+
+    def __init__(self, cluster: Cluster) -> None:
+        super().__init__()
+        self.cluster = cluster
+
+    async def claim(self, turn: RunningTurn) -> None:
+        self.hold(turn)  # before the first await: a second request here is refused at once
+        try:
+            claimed = await self.cluster.claim(turn)
+        except Exception as e:  # noqa: BLE001 - Redis down: a 503 that says so, no traceback (not our defect)
+            self.forget(turn)
+            log.warning("the stream lock of session %s could not be taken (Redis): %r", turn.session_id, e)
+            raise ApiError("SERVICE_UNAVAILABLE", "The gateway could not reach Redis; nothing was sent.") from None
+        if not claimed:
+            self.forget(turn)
+            raise ApiError("STREAM_IN_PROGRESS", STREAM_IN_PROGRESS_MESSAGE)
+
+    async def release(self, turn: RunningTurn) -> None:
+        await self.cluster.release(turn)

@@ -225,6 +225,7 @@ class Guard:
         model_info: Callable[[str], ModelInfo],
         counters: Counters | None = None,
         clock: Clock = utc_now,
+        shutting_down: asyncio.Event | None = None,
     ) -> None:
         self.clients = clients
         self.usage = usage
@@ -233,7 +234,7 @@ class Guard:
         self.clock = clock  # UTC wall clock of budget periods (tests inject one)
         self.monotonic: Callable[[], float] = time.monotonic  # the rate windows' clock
         # Set when shutdown begins (server.py): no new provider call is admitted after it, on any transport.
-        self.shutting_down: asyncio.Event | None = None
+        self.shutting_down = shutting_down
 
     async def client(self, caller: str, credential: str | None = None) -> Client | None:
         """The caller's client, read from the store of record now; None for the admin. A client removed since,

@@ -24,7 +24,7 @@ import random
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, cast
 
 from . import attachments
 from .calls import ProviderCall, ceiling_cost, price, request_ceiling
@@ -53,6 +53,7 @@ from .prompt_cache import cache_ttl, prefix_key
 from .providers.base import ProviderRequest, ThinkingSettings, lacks_key
 from .registry import ModelNotFound, Registry
 from .routing import Deployment, Group, all_cooling_error, deployment_key, deployment_request, moves_on
+from .session_locks import STREAM_IN_PROGRESS_MESSAGE
 from .storage import InvalidSessionId
 from .storage.shapes import validate_session_id
 from .tokens import count_tokens
@@ -117,9 +118,9 @@ async def start_turn(gw: Registry, request: ChatRequest) -> Turn:
     """Validate, create the session if needed, store the user message, and start streaming."""
     session = None
     if request.session_id is not None:
-        running = gw.active.get(request.session_id)
-        if running is not None:
-            if request.client != "admin" and running.client != request.client:
+        streaming = gw.locks.get(request.session_id)
+        if streaming is not None:
+            if request.client != "admin" and streaming.client != request.client:
                 # Another client's session, streaming or not, is the same SESSION_NOT_FOUND: no probe tells
                 # whether it is live.
                 raise ApiError("SESSION_NOT_FOUND", f"No session {request.session_id!r}.")
@@ -158,8 +159,8 @@ async def start_turn(gw: Registry, request: ChatRequest) -> Turn:
         raise ApiError("INVALID_MESSAGE", str(e)) from None
     # Checked and claimed with no await in between: a concurrent request for the same session (a first one
     # with the same client-chosen id included) is refused here, before it writes anything.
-    if session_id in gw.active:
-        raise ApiError("STREAM_IN_PROGRESS", "This session is already streaming an answer; wait for it or abort it.")
+    if session_id in gw.locks:
+        raise ApiError("STREAM_IN_PROGRESS", STREAM_IN_PROGRESS_MESSAGE)
     user_message: dict[str, Any] = {
         "id": request.user_message_id or new_id("msg_"),
         "role": "user",
@@ -170,9 +171,7 @@ async def start_turn(gw: Registry, request: ChatRequest) -> Turn:
     turn = Turn(gw, session_id, model, request.client, created, user_message["id"], request.endpoint)
     turn.credential = request.credential
     turn.files = files
-    gw.active[session_id] = turn
-    if gw.cluster is not None:  # and across replicas (README.md#running-several-replicas)
-        await _claim_across_replicas(gw, turn)
+    await gw.locks.claim(turn)  # here, and across replicas (README.md#running-several-replicas)
     # The user message is durable before the provider is called (docs/architecture.md, contracts).
     try:
         user_message["parts"] += await attachments.keep(gw, session_id, files)
@@ -186,22 +185,25 @@ async def start_turn(gw: Registry, request: ChatRequest) -> Turn:
             history = session["messages"]
             await gw.sessions.append_message(session_id, user_message)
     except STORAGE_FAILURES as e:
-        gw.active.pop(session_id, None)
-        if gw.cluster is not None:
-            await gw.cluster.release(turn)
+        await gw.locks.release(turn)
+        gw.locks.forget(turn)
         log.exception("storing the user message in session %s failed", session_id)
         raise ApiError(
             "STORAGE_ERROR", f"The message could not be stored ({storage_problem(e)}); nothing was sent."
         ) from None
     except BaseException:
-        gw.active.pop(session_id, None)
-        if gw.cluster is not None:
-            await gw.cluster.release(turn)
+        await gw.locks.release(turn)
+        gw.locks.forget(turn)
         raise
     turn.start(request.content, history)
     if gw.cluster is not None:
         gw.cluster.publish(turn)  # resumable and abortable from any replica; releases the lock at the end
     return turn
+
+
+def running(gw: Registry, session_id: str) -> Turn | None:
+    """The turn streaming in ``session_id`` in this process, or None (the locks hold ``Turn``s only)."""
+    return cast("Turn | None", gw.locks.get(session_id))
 
 
 def least_output_cost(gw: Registry, model: str) -> float:
@@ -215,20 +217,6 @@ def least_output_cost(gw: Registry, model: str) -> float:
         model, "", [], info, int(gw.config["chat"]["max_tokens"]), thinking=thinking, options=settings
     )
     return ceiling_cost(gw, model, request_ceiling(request, 0))
-
-
-async def _claim_across_replicas(gw: Registry, turn: Turn) -> None:
-    """The session's stream lock in Redis; STREAM_IN_PROGRESS when a turn on another replica holds it."""
-    assert gw.cluster is not None
-    try:
-        claimed = await gw.cluster.claim(turn)
-    except Exception as e:  # noqa: BLE001 - Redis down: a 503 that says so, no traceback (not our defect)
-        gw.active.pop(turn.session_id, None)
-        log.warning("the stream lock of session %s could not be taken (Redis): %r", turn.session_id, e)
-        raise ApiError("SERVICE_UNAVAILABLE", "The gateway could not reach Redis; nothing was sent.") from None
-    if not claimed:
-        gw.active.pop(turn.session_id, None)
-        raise ApiError("STREAM_IN_PROGRESS", "This session is already streaming an answer; wait for it or abort it.")
 
 
 async def _has_usable_key(gw: Registry, model: str) -> bool:
@@ -519,9 +507,8 @@ class Turn:
         except Exception:
             log.exception("storing the answer in session %s failed", self.session_id)
             self._storage_failed = True
-        if self.gw.cluster is not None:
-            # Before any client sees the end: its next message may go to any replica, and must find it free.
-            await self.gw.cluster.release(self)
+        # Before any client sees the end: its next message may go to any replica, and must find it free.
+        await self.gw.locks.release(self)
         if error is not None:
             self._publish(StreamError(*error))
         elif self._storage_failed:  # never reported as stored when it is not (docs/protocol.md#errors)
@@ -530,7 +517,7 @@ class Turn:
             self._publish(StreamEnd("aborted" if aborted else finish_reason, total_usage, total_cost, aborted, ttft_ms))
         self._ended = (finish_reason, error[0] if error else ("STORAGE_ERROR" if self._storage_failed else None))
         self.done = True
-        self.gw.active.pop(self.session_id, None)
+        self.gw.locks.forget(self)
         self._wake()
 
     def _note_call(self, ctx: AssembledContext, usage: TokenUsage) -> None:

@@ -1,15 +1,14 @@
 """The registry of one server process: what the plugins registered (providers, context sections, tools,
-usage sinks), the stores, the turns streaming now, and the writes waiting for a retry.
+usage sinks), the stores, the checks before each call, the session locks, the ledger and the model lookup.
 
+It is assembled once, at start, by the composition root (``gateway.assemble``) and never changed afterwards.
 Transports reach it through the service layer (``service.Service``); the pipeline runs turns against it.
 """
 
 from __future__ import annotations
 
-import asyncio
-import functools
 import logging
-import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -17,22 +16,20 @@ import pluggy
 
 from . import pricing
 from .catalog import deprecation_message, plugin_models, suggestion, unknown_model
-from .config import Config, ConfigError
-from .errors import StorageError
+from .config import Config
 from .logs import warn_limited
 from .lru import LRU
-from .observe import notify
 from .pending import PendingWrites
 from .providers.base import Provider, model_prefix
-from .sink_queue import SinkQueue
-from .sinks import UsageSink, delivery, sink_name
-from .types import ContextSectionBuilder, ModelInfo, Tool, UsageRecord
+from .sinks import UsageSink, delivery
+from .types import ContextSectionBuilder, ModelInfo, Tool
 
 if TYPE_CHECKING:
     from .cluster import Cluster
-    from .limits import Guard, Reservation
-    from .pipeline import Turn
+    from .limits import Guard
+    from .recording import Recorder
     from .routing import Router
+    from .session_locks import SessionLocks
     from .storage.ledger import Ledger
     from .storage.protocols import BlobStoreAPI, ClientStoreAPI, SessionStoreAPI, Storage, UsageStoreAPI
 
@@ -43,83 +40,26 @@ class ModelNotFound(Exception):
     pass
 
 
-@dataclass
-class Registry:
-    config: Config
-    pm: pluggy.PluginManager
-    sessions: SessionStoreAPI
-    usage: UsageStoreAPI
-    providers: list[Provider] = field(default_factory=list)
-    section_builders: list[ContextSectionBuilder] = field(default_factory=list)
-    tools: dict[str, Tool] = field(default_factory=dict)
-    sinks: list[UsageSink] = field(default_factory=list)
-    # The queues of the sinks that are not awaited (``sinks.delivery``), made at the first record or start.
-    sink_queues: dict[int, SinkQueue] = field(default_factory=dict)
-    # session id -> the turn streaming in it; one at a time per session, across transports.
-    active: dict[str, Turn] = field(default_factory=dict)
-    # Bounded: model ids come from clients, and a provider may claim any id with its prefix.
-    _model_info: LRU[str, ModelInfo] = field(default_factory=LRU)
-    _unknown: LRU[str, str | None] = field(default_factory=LRU)  # model -> why it is a typo (None: it is not)
-    # Store writes that failed, retried until they succeed or the server stops.
-    pending: PendingWrites = field(default_factory=PendingWrites)
-    # The backend ``[storage] backend`` chose; None only for registries built by hand.
-    storage: Storage | None = None
-    # What replicas share through Redis ([storage] redis_url): stream locks, running streams, aborts.
-    cluster: Cluster | None = None
-    # The clients (README.md#teams-and-budgets) and the checks before every provider call.
-    clients: ClientStoreAPI = field(init=False)
-    guard: Guard = field(init=False)
-    # The write-ahead journal of the provider calls in flight (calls.py, storage/ledger.py).
-    ledger: Ledger = field(init=False)
-    # The model groups and the state their choices read (routing.py).
-    router: Router = field(init=False)
-    # The bytes of the files sessions hold, by SHA-256 (attachments.py).
-    blobs: BlobStoreAPI = field(init=False)
+@dataclass(frozen=True)
+class Plugins:
+    """What the plugins registered at start (``register_*`` hooks), never changed afterwards."""
 
-    def __post_init__(self) -> None:
-        from .limits import Guard
-        from .routing import Router
-        from .storage.embedded.clients import ClientStore
+    providers: tuple[Provider, ...] = ()
+    section_builders: tuple[ContextSectionBuilder, ...] = ()
+    tools: Mapping[str, Tool] = field(default_factory=dict)
+    sinks: tuple[UsageSink, ...] = ()
 
-        backend_clients = self.storage.clients if self.storage is not None else None
-        self.clients = backend_clients if backend_clients is not None else ClientStore(self.config.data_dir)
-        self.guard = Guard(self.clients, self.usage, self.model_info)
-        from .storage.ledger import Ledger
 
-        self.ledger = Ledger(self.config.data_dir if self.storage is not None else None)
-        self.router = Router(self.config.groups)
-        from .storage.embedded.blobs import FileBlobStore
+class Models:
+    """Which provider serves a model, and its price, limits and capabilities."""
 
-        backend_blobs = self.storage.blobs if self.storage is not None else None
-        self.blobs = backend_blobs if backend_blobs is not None else FileBlobStore(self.config.data_dir)
-
-    @classmethod
-    def create(cls, config: Config, pm: pluggy.PluginManager, storage: Storage | None = None) -> Registry:
-        from .default_plugins.storage import open_storage
-
-        storage = storage or open_storage(config, pm)
-        gw = cls(config, pm, storage.sessions, storage.usage, storage=storage)
-        if storage.sink is not None:
-            gw.sinks.append(storage.sink)
-        pm.hook.register_providers(register=gw.providers.append, config=config)
-        pm.hook.register_context_sections(register=gw.section_builders.append, config=config)
-        pm.hook.register_tools(register=gw._add_tool, config=config)
-        pm.hook.register_usage_sinks(register=gw.sinks.append, config=config)
-        for pattern in pricing.unserved_patterns(config, gw.providers):
-            raise ConfigError(
-                config.source,
-                f'pricing."{pattern}"',
-                f"no registered provider serves {pattern.partition('/')[0]!r} models, so the pattern matches "
-                "nothing (is the provider plugin installed? agentspace plugins)",
-            )
-        return gw
-
-    def _add_tool(self, tool: Tool) -> None:
-        if tool.name in self.tools:
-            log.warning("tool %r registered twice; the later registration wins", tool.name)
-        self.tools[tool.name] = tool
-
-    # --- models ---------------------------------------------------------------------------------
+    def __init__(self, config: Config, providers: tuple[Provider, ...], router: Router) -> None:
+        self.config = config
+        self.providers = providers
+        self.router = router
+        # Bounded: model ids come from clients, and a provider may claim any id with its prefix.
+        self._model_info: LRU[str, ModelInfo] = LRU()
+        self._unknown: LRU[str, str | None] = LRU()  # model -> why it is a typo (None: it is not)
 
     def provider_for(self, model: str) -> Provider:
         """The provider serving ``model``; raises ModelNotFound with a message for the client. A model group is
@@ -177,65 +117,65 @@ class Registry:
     def default_model(self) -> str:
         return str(self.config["models"]["default"])
 
-    # --- usage ----------------------------------------------------------------------------------
 
-    def _queue(self, sink: UsageSink) -> SinkQueue:
-        queue = self.sink_queues.get(id(sink))
-        if queue is None:
-            queue = self.sink_queues[id(sink)] = SinkQueue(sink)
-        return queue
+@dataclass(frozen=True, eq=False)
+class Registry:
+    config: Config
+    pm: pluggy.PluginManager
+    # The backend ``[storage] backend`` chose (docs/deploy.md) and its stores.
+    storage: Storage
+    sessions: SessionStoreAPI
+    usage: UsageStoreAPI
+    clients: ClientStoreAPI
+    # The bytes of the files sessions hold, by SHA-256 (attachments.py).
+    blobs: BlobStoreAPI
+    plugins: Plugins
+    models: Models
+    # The checks before every provider call (README.md#teams-and-budgets).
+    guard: Guard
+    # The write-ahead journal of the provider calls in flight (calls.py, storage/ledger.py).
+    ledger: Ledger
+    # Where each usage record goes (the sinks), and the writes waiting for a retry.
+    recorder: Recorder
+    # The model groups and the state their choices read (routing.py).
+    router: Router
+    # The turns streaming now, one per session, across transports (and replicas).
+    locks: SessionLocks
+    # What replicas share through Redis ([storage] redis_url): stream locks, running streams, aborts.
+    cluster: Cluster | None = None
 
-    async def start(self) -> None:
-        """When the server starts: the queued sinks' ``start`` (open their clients) and workers."""
-        for sink in self.sinks:
-            if delivery(sink) == "queued":
-                await self._queue(sink).start()
+    @property
+    def providers(self) -> tuple[Provider, ...]:
+        return self.plugins.providers
 
-    async def record_usage(
-        self, record: UsageRecord, reservation: Reservation | None = None
-    ) -> StorageError | OSError | None:
-        """Store one record and hand it to every other sink; the failure when the store of record failed,
-        else None. The record then settles the call's ``reservation`` (its client's budget and minute,
-        ``limits.Guard``).
+    @property
+    def section_builders(self) -> tuple[ContextSectionBuilder, ...]:
+        return self.plugins.section_builders
 
-        The store of record (``delivery = "record"``) is awaited; when it fails (``StorageError``,
-        ``OSError``: disk full, I/O error) the record is written again later (``pending``). ``inline``
-        sinks are awaited and their failures logged; every other sink gets the record through its own queue
-        (``sinks.SinkQueue``), so it neither delays nor fails the turn.
-        """
-        failed: StorageError | OSError | None = None
-        for sink in self.sinks:
-            kind = delivery(sink)
-            if kind == "queued":
-                self._queue(sink).offer(record)
-                continue
-            started = time.monotonic()
-            try:
-                await sink.record(record)
-            except (StorageError, OSError) as e:
-                if kind != "record":
-                    log.exception("usage sink %r failed", sink_name(sink))
-                    continue
-                log.exception("usage sink %r could not store record %s; retrying", sink_name(sink), record.id)
-                self.pending.add(
-                    f"usage record {record.id} in sink {sink_name(sink)!r}",
-                    functools.partial(sink.record, record),
-                )
-                failed = e
-            except Exception:
-                log.exception("usage sink %r failed", sink_name(sink))
-            notify(self.pm.hook.store_written, store=f"usage:{sink_name(sink)}", seconds=time.monotonic() - started)
-        await self.guard.settle(reservation, record)
-        return failed
+    @property
+    def tools(self) -> Mapping[str, Tool]:
+        return self.plugins.tools
+
+    @property
+    def pending(self) -> PendingWrites:
+        return self.recorder.pending
+
+    def provider_for(self, model: str) -> Provider:
+        return self.models.provider_for(model)
+
+    def model_info(self, model: str) -> ModelInfo:
+        return self.models.model_info(model)
+
+    @property
+    def default_model(self) -> str:
+        return self.models.default_model
 
     async def aclose(self) -> None:
-        await self.pending.aclose()  # the last try of writes that failed, before the stores close
-        # The queued sinks drain together (each for its own bounded time), then close.
-        await asyncio.gather(*(queue.aclose() for queue in self.sink_queues.values()))
+        await self.recorder.aclose()  # the last try of writes that failed, before the stores close
         await self.ledger.aclose()
         if self.cluster is not None:
             await self.cluster.aclose()  # after the turns: their locks are released
-        plugins: list[tuple[str, object]] = [("usage sink", s) for s in self.sinks if delivery(s) != "queued"]
+        plugins: list[tuple[str, object]] = [("usage sink", s) for s in self.recorder.sinks if delivery(s) != "queued"]
         plugins += [("provider", p) for p in self.providers]
         for kind, plugin in plugins:
             close = getattr(plugin, "aclose", None)
@@ -246,5 +186,4 @@ class Registry:
                     log.exception("closing %s %r failed", kind, getattr(plugin, "name", plugin))
         await self.sessions.aclose()
         await self.usage.aclose()
-        if self.storage is not None:
-            await self.storage.aclose()
+        await self.storage.aclose()

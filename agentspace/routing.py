@@ -27,7 +27,7 @@ from .events import ProviderError
 if TYPE_CHECKING:
     from .config import Config
     from .providers.base import ProviderRequest
-    from .registry import Registry
+    from .types import ModelInfo
 
 STRATEGIES = ("weighted", "least-busy", "lowest-latency")
 WINDOW_SECONDS = 60.0
@@ -363,7 +363,16 @@ def deployment_key(config: Config, dep: Deployment) -> str | None:
     return key
 
 
-def deployment_request(gw: Registry, request: ProviderRequest, dep: Deployment) -> ProviderRequest:
+class ModelSource(Protocol):
+    """What a deployment's request is made from (``registry.Registry``)."""
+
+    @property
+    def config(self) -> Config: ...
+
+    def model_info(self, model: str) -> ModelInfo: ...
+
+
+def deployment_request(gw: ModelSource, request: ProviderRequest, dep: Deployment) -> ProviderRequest:
     """``request`` (made for the group) as ``dep`` gets it: its model, key, base_url and provider options."""
     settings = gw.config.provider_settings(dep.model.split("/", 1)[0])
     info = gw.model_info(dep.model)

@@ -21,11 +21,12 @@ import click
 import pluggy
 from aiohttp import web
 
-from . import alerts, pricing, security
+from . import pricing, security
 from .catalog import deprecation_message, is_retired
 from .config import Config, ConfigError
 from .connections import ConnectionCap
 from .default_plugins.storage import open_storage
+from .gateway import assemble
 from .gateway_token import TOKEN_ENV, TokenFile, check_secrets, write_server_address
 from .logs import configure_logging
 from .plugins import check_hooks, get_plugin_manager
@@ -33,7 +34,7 @@ from .registry import ModelNotFound, Registry
 from .security import AuthFailures, security_middleware
 from .storage.datadir_lock import DataDirLock
 from .storage.embedded.clients import ClientStore
-from .transports import routes, state, ws
+from .transports import routes, state, ui_stream, ws
 from .vault import register_configured_keys
 
 log = logging.getLogger(__name__)
@@ -92,17 +93,19 @@ def _gateway_context(config: Config, pm: pluggy.PluginManager) -> Callable[[web.
         try:
             app[security.TOKEN_FILE].current()  # create the token on first start
             await storage.start()
-            gw = Registry.create(config, pm, storage)
-            await gw.start()  # the usage sinks' start and queues
-            gw.guard.shutting_down = app[state.SHUTTING_DOWN]  # no provider call is admitted once it is set
+            gw = await assemble(
+                config,
+                pm,
+                storage,
+                shutting_down=app[state.SHUTTING_DOWN],  # no provider call is admitted once it is set
+                on_credentials_changed=app[state.CREDENTIALS_CHANGED].set,  # another replica's rotation or removal
+                stream_encoder=ui_stream.UIMessageStreamEncoder,  # what a resume on another replica relays
+            )
+            await gw.recorder.start()  # the usage sinks' start and queues
             await recover_calls(gw)  # what a process that died mid-call left pending (docs/accounting.md)
-            await _join_cluster(gw)
             await share_ledger(gw)  # the postgres backend: pending entries shared, with leases
-            alerts.install(gw)  # after the storage's sink: it reads the spend the record just added to
             check_default_model(gw)  # before anything binds: runs in runner.setup(), the site starts after
             app[state.REGISTRY] = gw
-            if gw.cluster is not None:  # another replica's rotation or removal closes sockets here too
-                gw.cluster.on_credentials_changed = app[state.CREDENTIALS_CHANGED].set
             watcher = asyncio.create_task(ws.watch_credentials(app), name="agentspace-credentials")
             for result in pm.hook.server_startup(app=app, config=config):
                 await _maybe_await(result)
@@ -119,32 +122,6 @@ def _gateway_context(config: Config, pm: pluggy.PluginManager) -> Callable[[web.
                 lock.close()
 
     return context
-
-
-async def _join_cluster(gw: Registry) -> None:
-    """With ``[storage] redis_url``: share stream locks, running streams and aborts with the other replicas."""
-    url = gw.config["storage"]["redis_url"]
-    if url:
-        from .cluster import Cluster
-
-        cluster = Cluster(str(url))
-        await cluster.start(gw)
-        gw.cluster = cluster
-        guard = getattr(gw, "guard", None)  # the clients feature's limits (README.md#teams-and-budgets), when present
-        if guard is not None:
-            from .redis_counters import RedisCounters
-
-            guard.counters = RedisCounters(cluster.redis)  # limits and budgets hold across replicas
-        from .redis_routing import RedisRouteState
-
-        gw.router.state = RedisRouteState(cluster.redis)  # one replica's 429 cools a deployment for all
-        log.info("replica %s: streams, locks and aborts shared through Redis", cluster.replica_id)
-    elif gw.storage is not None and gw.storage.shared:
-        log.warning(
-            "storage %r without [storage] redis_url: run this gateway as ONE replica "
-            "(streams, locks and aborts are kept in this process)",
-            gw.storage.backend,
-        )
 
 
 def check_default_model(gw: Registry) -> None:
@@ -185,7 +162,7 @@ async def _finish_streams(app: web.Application) -> None:
         return
     app[state.SHUTTING_DOWN].set()  # open connections may not start new turns meanwhile
     gw = app[state.REGISTRY]
-    turns = [t for t in gw.active.values() if t.task is not None]
+    turns = [t for t in gw.locks.turns() if t.task is not None]
     if turns:
         grace = float(gw.config["server"]["shutdown_grace_seconds"])
         log.info("waiting up to %.0fs for %d running stream(s)", grace, len(turns))

@@ -1,12 +1,14 @@
-"""The operations every transport offers, once: sessions, usage, models, context inspection and chat start.
+"""The one door: the operations every transport offers, once: chat start, sessions, usage, models, context
+inspection, clients, and the ``/v1`` endpoints' provider calls.
 
-Transports (the WebSocket at ``/gateway``, ``POST /api/chat``, the REST routes) parse their wire format,
-call this module and encode the answer. Everything refused here is an ``ApiError`` with a protocol code;
+Transports (the WebSocket at ``/gateway``, ``POST /api/chat``, the REST routes, ``/api/clients``, the web app's
+routes and every ``/v1`` endpoint) parse their wire format, call this module and encode the answer; none reads
+the registry itself (``tests/test_import_graph.py``). Everything refused here is an ``ApiError`` with a protocol code;
 each transport turns it into its own wire error in one place (``errors.HTTP_STATUS`` gives HTTP statuses).
 
 Input is checked here, at the edge, before it reaches the stores or a log line: ids have a length limit and
 a character set, and JSON is parsed by ``parse_json``, which refuses nesting too deep to decode. Nothing
-here imports aiohttp: the ``/v1`` endpoints plug into the same functions.
+here imports aiohttp.
 """
 
 from __future__ import annotations
@@ -16,25 +18,32 @@ import dataclasses
 import hashlib
 import json
 import re
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from . import attachments
+from .calls import Ceiling, ProviderCall, messages_body_ceiling
 from .catalog import usable_models
-from .clients import ADMIN
+from .clients import ADMIN, Client, apply_settings, name_problem, settings_problems
+from .config import Config
 from .context import inspect_session
 from .context_policy import compact_session
+from .direct_call import DirectCall
 from .errors import ApiError
 from .export import EXPORT_FORMATS, export_session
 from .periods import parse_since
-from .pipeline import ChatRequest, Turn, owns_now, start_turn
+from .pipeline import ChatRequest, Turn, owns_now, running, start_turn
+from .providers.base import Provider, ProviderRequest, ThinkingSettings
 from .registry import ModelNotFound, Registry
-from .storage.errors import SessionNotFound
+from .routed_call import start_direct
+from .routing import Group, deployment_states
+from .storage.errors import ClientExists, ClientNotFound, SessionNotFound
 from .storage.reports import REPORTS
 from .storage.search import search_sessions
 from .storage.shapes import SESSION_ID, TITLE_LENGTH, Listing
-from .types import FilePart
+from .types import ChatMessage, FilePart, Tool, now_iso
+from .vault import resolve_key
 
 SHUTTING_DOWN_MESSAGE = "The gateway is shutting down; try again when it is back."
 
@@ -231,6 +240,11 @@ class Service:
         self.shutting_down = shutting_down
         self.caller = caller
 
+    @property
+    def config(self) -> Config:
+        """The gateway's settings (what the transports read: body limits, origins, disconnect policy)."""
+        return self.gw.config
+
     async def resolve(self, session_id: str) -> str:
         """The stored id of the session a caller names. The admin's ids are stored as they are. A client's
         id names, in order: its own session of that id; its scoped session (``<id>-c<hash>``); the id itself
@@ -244,7 +258,7 @@ class Service:
             return session_id
         if await self._session_of_caller(scoped):
             return scoped
-        if session_id not in self.gw.active and not await self.gw.sessions.exists(session_id):
+        if session_id not in self.gw.locks and not await self.gw.sessions.exists(session_id):
             return session_id  # free: stored as named
         if len(scoped) > MAX_SESSION_ID:
             raise invalid({"id": f"a client's session ids are at most {MAX_SESSION_ID - len(suffix)} characters"})
@@ -254,7 +268,7 @@ class Service:
         """Whether ``session_id`` is the caller's (running or stored)."""
         if len(session_id) > MAX_SESSION_ID:
             return False
-        turn = self.gw.active.get(session_id)
+        turn = running(self.gw, session_id)
         if turn is not None:
             return turn.client == self.caller
         session = await self.gw.sessions.get(session_id)
@@ -283,7 +297,7 @@ class Service:
         """The caller's running answer in the session, None when nothing streams; SESSION_NOT_FOUND for a
         session of another client."""
         session_id = await self.resolve(session_id)
-        turn = self.gw.active.get(session_id)
+        turn = running(self.gw, session_id)
         if self.caller == ADMIN:
             return turn
         if turn is not None:
@@ -292,6 +306,15 @@ class Service:
             return turn
         await self._owned(session_id)
         return None
+
+    async def stream_elsewhere(self, stored_id: str) -> AsyncIterator[bytes] | None:
+        """The UI message stream of the answer running in the session on another replica (Redis), from its
+        first chunk, or None when none is."""
+        cluster = self.gw.cluster
+        key = await cluster.running_stream(stored_id) if cluster is not None else None
+        if cluster is None or key is None:
+            return None
+        return cluster.follow(key, stored_id)
 
     async def _owned(self, session_id: str) -> dict[str, Any]:
         session = await self.gw.sessions.get(await self.resolve(session_id))
@@ -323,7 +346,7 @@ class Service:
         checked(session_id, "id", session_id_problem)
         if self.caller != ADMIN:
             session_id = str((await self._owned(session_id))["id"])
-        if session_id in self.gw.active:
+        if session_id in self.gw.locks:
             raise ApiError("STREAM_IN_PROGRESS", "This session is streaming an answer; wait for it to end.")
         if not await self.gw.sessions.delete(session_id):
             raise _not_found(session_id)
@@ -379,7 +402,7 @@ class Service:
         """Summarise every turn of the caller's session but the latest (``context_policy.compact_session``)."""
         session_id = checked(session_id, "id", session_id_problem)
         session = await self._owned(session_id)
-        if session_id in self.gw.active:
+        if session_id in self.gw.locks:
             raise ApiError("STREAM_IN_PROGRESS", "This session is streaming an answer; wait for it to end.")
         model = session.get("model") or self.gw.default_model
         who = CompactFor(session_id, model, str(session.get("client") or self.caller), "compact")
@@ -461,6 +484,163 @@ class Service:
         if client is None:
             return models
         return [m for m in models if client.model_allowed(str(m.get("id")))]
+
+    # --- the /v1 endpoints: one stateless provider call each ------------------------------------
+
+    def group(self, model: str) -> Group | None:
+        """The model group named ``model`` ([models.groups]), or None."""
+        return self.gw.router.group(model)
+
+    def provider(self, model: str) -> Provider:
+        """The provider serving ``model``; ``MODEL_NOT_FOUND`` (with the closest known id) when none does."""
+        try:
+            return self.gw.provider_for(model)
+        except ModelNotFound as e:
+            raise ApiError("MODEL_NOT_FOUND", str(e)) from None
+
+    def provider_request(
+        self,
+        model: str,
+        system: str,
+        messages: list[ChatMessage],
+        tools: list[Tool],
+        max_tokens: int | None,
+        reasoning_budget: int | None,
+        params: dict[str, Any],
+    ) -> ProviderRequest:
+        """A ProviderRequest of exactly what the client sent: no context section, no gateway tool."""
+        gw = self.gw
+        prefix = model.split("/", 1)[0]
+        settings = gw.config.provider_settings(prefix)
+        info = gw.model_info(model)
+        thinking = None
+        if reasoning_budget is not None:  # the provider applies it only where the model supports it
+            thinking = ThinkingSettings(reasoning_budget, info.adaptive_thinking_only)
+        return ProviderRequest(
+            model=model,
+            system=system,
+            messages=messages,
+            model_info=info,
+            max_tokens=max_tokens or int(gw.config["chat"]["max_tokens"]),
+            tools=tools,
+            thinking=thinking,
+            api_key=resolve_key(gw.config, prefix),
+            base_url=settings["base_url"],
+            options=settings,
+            params=params,
+        )
+
+    def provider_call(self, model: str, session_id: str | None, endpoint: str) -> ProviderCall:
+        """The caller's call to ``model`` (``calls.ProviderCall``: admitted, reserved, written ahead, one usage
+        record); ``session_id`` is the label the client sent, if any."""
+        return ProviderCall(self.gw, model, session_id=session_id, client=self.caller, endpoint=endpoint)
+
+    def messages_ceiling(self, model: str, body: dict[str, Any]) -> Ceiling:
+        """The most a Messages API ``body`` relayed as it is may cost (its reservation)."""
+        return messages_body_ceiling(self.gw, model, body)
+
+    async def start_call(self, call: ProviderCall, request: ProviderRequest) -> DirectCall:
+        """Start an admitted call on its model, or over a model group's deployments (``routed_call.py``)."""
+        return await start_direct(self.gw, request, call)
+
+    # --- the model groups' deployments, clients and credentials: the gateway token only ---------
+
+    def _admin_only(self, what: str) -> None:
+        if self.caller != ADMIN:
+            raise ApiError("FORBIDDEN", f"{what} are shown to the gateway token only.")
+
+    async def deployments(self) -> list[dict[str, Any]]:
+        """The state of every deployment of the model groups (routing.py)."""
+        self._admin_only("The deployments")
+        return await deployment_states(self.gw.router)
+
+    async def _public(self, client: Client) -> dict[str, Any]:
+        return client.public(await self.gw.guard.spend(client), self.gw.guard.clock())
+
+    async def _client(self, name: str) -> Client:
+        client = await self.gw.clients.get(name)
+        if client is None:
+            raise ApiError("NOT_FOUND", f"No client {name!r}.")
+        return client
+
+    async def list_clients(self) -> list[dict[str, Any]]:
+        """Every client with its spend in the current period (no key, no key hash)."""
+        self._admin_only("The clients")
+        return [await self._public(c) for c in await self.gw.clients.list()]
+
+    async def get_client(self, name: str) -> dict[str, Any]:
+        self._admin_only("The clients")
+        return await self._public(await self._client(name))
+
+    async def add_client(self, settings: object) -> tuple[dict[str, Any], str]:
+        """Add a client named in ``settings``; the client and its key (shown this once: only its hash is kept)."""
+        self._admin_only("The clients")
+        body = client_settings(settings)
+        name = body.pop("name", None)
+        if (problem := name_problem(name)) is not None:
+            raise invalid({"name": problem})
+        client = Client(name=name, key_hash="", created_at=now_iso())
+        apply_settings(client, body)
+        try:
+            key = await self.gw.clients.add(client)
+        except ClientExists:
+            raise ApiError("INVALID_MESSAGE", f"A client {name!r} exists already.", {"name": "taken"}) from None
+        return await self._public(client), key
+
+    async def update_client(self, name: str, settings: object) -> dict[str, Any]:
+        """Change a client's budget, period, rate limits or models (null clears a limit)."""
+        self._admin_only("The clients")
+        body = client_settings(settings)
+        if "name" in body:
+            raise invalid({"name": "a client cannot be renamed; add a new one"})
+        try:
+            client = await self.gw.clients.update(name, lambda c: apply_settings(c, body))
+        except ClientNotFound:
+            raise ApiError("NOT_FOUND", f"No client {name!r}.") from None
+        return await self._public(client)
+
+    async def remove_client(self, name: str) -> None:
+        """Remove a client: its key stops working (its open sockets close: ``credentials_changed``)."""
+        self._admin_only("The clients")
+        try:
+            await self.gw.clients.remove(name)
+        except ClientNotFound:
+            raise ApiError("NOT_FOUND", f"No client {name!r}.") from None
+        self.credentials_changed()
+
+    async def rotate_client(self, name: str) -> tuple[dict[str, Any], str]:
+        """A new key for the client (returned, once); the old one is refused from now on."""
+        self._admin_only("The clients")
+        try:
+            key = await self.gw.clients.rotate(name)
+        except ClientNotFound:
+            raise ApiError("NOT_FOUND", f"No client {name!r}.") from None
+        self.credentials_changed()
+        return await self._public(await self._client(name)), key
+
+    def credentials_changed(self) -> None:
+        """A key was rotated or removed: tell the other replicas (this one's sockets: the transport's part)."""
+        if self.gw.cluster is not None:
+            self.gw.cluster.announce_credentials_changed()
+
+    async def key_holders(self) -> dict[str, str]:
+        """The hash of each client key -> its client's name (which open sockets still hold a valid key)."""
+        return {c.key_hash: c.name for c in await self.gw.clients.list()}
+
+
+CLIENT_SETTINGS = ("budgetUsd", "period", "rpm", "tpm", "models")
+
+
+def client_settings(body: object) -> dict[str, Any]:
+    """A client's settings as a request body gives them (``clients.settings_problems``), ``name`` allowed."""
+    if not isinstance(body, dict):
+        raise invalid({"": "the body must be a JSON object"})
+    unknown = [k for k in body if k not in (*CLIENT_SETTINGS, "name")]
+    if unknown:
+        raise invalid({k: f"unknown field; expected one of {', '.join(CLIENT_SETTINGS)}" for k in unknown})
+    if problems := settings_problems(body):
+        raise invalid(problems)
+    return dict(body)
 
 
 def _not_found(session_id: str) -> ApiError:

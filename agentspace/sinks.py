@@ -54,7 +54,7 @@ def sink_name(sink: object) -> str:
 
 
 def delivery(sink: object) -> str:
-    """How the registry calls ``sink``: ``record`` (the store of record: awaited, its failure fails the turn),
+    """How ``recording.Recorder`` calls ``sink``: ``record`` (the store of record: awaited, its failure fails the turn),
     ``inline`` (awaited, never fails a turn: for sinks that only count in memory, like the metrics one) or
     ``queued`` (the default: a ``SinkQueue``)."""
     value = getattr(sink, "delivery", "queued")

@@ -23,8 +23,8 @@ from agentspace.transports import state as STATE
 from tests.conftest import wait_until
 from tests.fakes import anthropic_upstream as fa
 from tests.fakes import openai_upstream as fo
-from tests.test_http_chat import post_chat, user
-from tests.test_ws import chat, connect, of, receive
+from tests.support.ui_stream import post_chat, user
+from tests.support.ws import chat, connect, of, receive
 
 ANTHROPIC = "anthropic/claude-sonnet-4-5"
 OPENAI = "openai/gpt-4o-mini"
@@ -120,7 +120,7 @@ async def test_http_disconnect_with_abort_keeps_the_reported_input(
     gw = client.server.app[STATE.REGISTRY]
 
     async def stored() -> bool:
-        return "chat1" not in gw.active and len(await gw.usage.records(session_id="chat1")) == 1
+        return "chat1" not in gw.locks and len(await gw.usage.records(session_id="chat1")) == 1
 
     await wait_until(stored)
     (record,) = await records_of(client, "chat1")

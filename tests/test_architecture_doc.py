@@ -31,3 +31,25 @@ def test_every_path_in_the_layout_exists() -> None:
     assert "agentspace/pipeline.py" in paths and "agentspace/storage/embedded/sessions.py" in paths
     missing = [p for p in paths if not (ROOT / p).exists()]
     assert missing == []
+
+
+def test_every_module_is_in_the_layout() -> None:
+    """A module added without a line in the layout is found here (the commands of cli/ share one line)."""
+    named = set(named_paths())
+    package = ROOT / "agentspace"
+    missing = [
+        str(p.relative_to(ROOT))
+        for p in sorted(package.rglob("*.py"))
+        if p.parent != package / "cli"
+        and p.name not in ("__init__.py", "__main__.py")
+        and str(p.relative_to(ROOT)) not in named
+    ]
+    assert missing == []
+
+
+def test_the_layers_name_modules_that_exist() -> None:
+    text = (ROOT / "docs" / "architecture.md").read_text(encoding="utf-8")
+    layers = text.split("## Layers", 1)[1].split("## ", 1)[0]
+    for name in re.findall(r"`([a-z_]+(?:/[a-z_]+)?)(?:/\*)?`", layers):
+        path = ROOT / "agentspace" / name
+        assert path.with_suffix(".py").exists() or path.is_dir(), name

@@ -22,9 +22,9 @@ from agentspace.storage.embedded.usage import UsageStore
 from scripts.harness import GatewayProcess
 from tests.fakes import anthropic_upstream as fa
 from tests.fakes.anthropic_upstream import FakeAnthropic
+from tests.support.ui_stream import post_chat, read_all
+from tests.support.ws import of
 from tests.test_clients import add_client, anthropic_sdk, bearer, cli, openai_sdk, records, spend_of, ws_chat
-from tests.test_http_chat import post_chat, read_all
-from tests.test_ws import of
 
 MODEL = "claude-sonnet-4-5"
 CALLS = 30
@@ -204,7 +204,7 @@ async def test_a_key_rotated_is_refused_at_the_next_call_of_an_open_socket(
     key = add_client("alice")
     ws = await client.ws_connect("/gateway", headers=bearer(key))
     try:
-        from tests.test_ws import chat
+        from tests.support.ws import chat
 
         assert of(await chat(ws, "Hi"), "chat.stream.end")
         cli("clients", "rotate", "alice")

@@ -30,8 +30,8 @@ from tests.conftest import wait_until
 from tests.fakes.anthropic_upstream import FakeAnthropic, text_response, tool_use_response
 from tests.fakes.openai_upstream import FakeOpenAI
 from tests.fakes.openai_upstream import text_response as openai_text
-from tests.test_http_chat import post_chat, read_all
-from tests.test_ws import chat, of, receive
+from tests.support.ui_stream import post_chat, read_all
+from tests.support.ws import chat, of, receive
 from tests.tool_plugins import WeatherTools
 
 MODEL = "claude-sonnet-4-5"

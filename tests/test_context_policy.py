@@ -14,8 +14,8 @@ from aiohttp.test_utils import TestClient
 from agentspace.context_policy import COMPACT_PROMPT
 from agentspace.transports import state
 from tests.fakes.anthropic_upstream import error_status, prompt_blocks, text_response
+from tests.support.ws import chat, connect, receive_after
 from tests.test_prompt_cache import turn_text
-from tests.test_ws import chat, connect, receive_after
 
 MODEL = "anthropic/claude-sonnet-4-5"
 WINDOW = 50_000

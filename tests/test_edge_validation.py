@@ -17,8 +17,8 @@ from agentspace.logs import configure_logging
 from agentspace.service import MAX_MODEL_ID
 from agentspace.transports import state as STATE
 from tests.fakes.openai_upstream import FakeOpenAI, error_status
-from tests.test_http_chat import assistant, post_chat, read_all, user
-from tests.test_ws import chat, connect, receive, receive_after
+from tests.support.ui_stream import assistant, post_chat, read_all, user
+from tests.support.ws import chat, connect, receive, receive_after
 
 CUT_EMOJI = "cut \ud83d here"  # what JSON.stringify gives for a string cut between an emoji's two halves
 REPLACED = "cut \ufffd here"
@@ -209,20 +209,20 @@ async def test_the_model_info_cache_is_bounded(make_client: Any, token: str, aut
     ws = await connect(client, token)
     session_id = (await chat(ws, "hi"))[0]["sessionId"]
     await ws.close()
-    gw = client.app[STATE.REGISTRY]
-    bound = gw._model_info.max_entries
+    models = client.app[STATE.REGISTRY].models  # the model lookup (registry.Models) and its caches
+    bound = models._model_info.max_entries
     for i in range(bound + 20):
         resp = await client.get(
             f"/api/sessions/{session_id}/context", params={"model": f"custom/m-{i}"}, headers=auth_headers
         )
         assert resp.status == 200, await resp.text()
-    assert len(gw._model_info) == bound
+    assert len(models._model_info) == bound
     for i in range(bound + 20):  # typo'd names of a listed provider: the typo check's cache is bounded too
         resp = await client.get(
             f"/api/sessions/{session_id}/context", params={"model": f"anthropic/m-{i}"}, headers=auth_headers
         )
         assert resp.status == 400
-    assert len(gw._unknown) == bound
+    assert len(models._unknown) == bound
 
 
 async def test_a_newline_from_upstream_cannot_forge_a_log_line(

@@ -20,8 +20,8 @@ from agentspace.transports import state as STATE
 from tests.conftest import TEST_KEY
 from tests.fakes import anthropic_upstream as fa
 from tests.fakes import openai_upstream as fo
-from tests.test_http_chat import DONE, post_chat, read_all, user
-from tests.test_ws import chat, connect, of
+from tests.support.ui_stream import DONE, post_chat, read_all, user
+from tests.support.ws import chat, connect, of
 
 ANTHROPIC = "anthropic/claude-sonnet-4-5"
 OPENAI = "openai/gpt-4o-mini"

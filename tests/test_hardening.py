@@ -34,9 +34,9 @@ from tests.conftest import TEST_KEY, wait_until
 from tests.fakes.anthropic_upstream import FakeAnthropic, error_status, text_response
 from tests.scale_servers import TOKEN as REPLICA_TOKEN
 from tests.scale_servers import Postgres, Redis
+from tests.support.ui_stream import post_chat, user
+from tests.support.ws import chat, of, receive
 from tests.test_clients import add_client, bearer, cli
-from tests.test_http_chat import post_chat, user
-from tests.test_ws import chat, of, receive
 
 
 async def closed_with(ws: Any, timeout: float = 5.0) -> tuple[int | None, list[dict[str, Any]]]:

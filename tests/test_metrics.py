@@ -28,8 +28,8 @@ from agentspace.transports import state as STATE
 from tests.conftest import wait_until
 from tests.fakes import anthropic_upstream as fa
 from tests.fakes import openai_upstream as fo
-from tests.test_http_chat import post_chat, read_all, user
-from tests.test_ws import chat, connect, of, receive
+from tests.support.ui_stream import post_chat, read_all, user
+from tests.support.ws import chat, connect, of, receive
 from tests.tool_plugins import WeatherTools
 
 ANTHROPIC = "anthropic/claude-sonnet-4-5"
@@ -212,7 +212,7 @@ def user_msg() -> dict[str, Any]:
 
 
 async def _idle(gw: Any) -> bool:
-    return not gw.active
+    return not gw.locks
 
 
 async def test_streams_in_flight_counts_turns_and_v1_calls(
@@ -242,7 +242,7 @@ async def test_streams_in_flight_counts_turns_and_v1_calls(
 
     async def settled() -> bool:
         samples = await scrape(client, auth_headers)
-        return not gw.active and all(v == 0 for (n, _), v in samples.items() if n == "agentspace_streams_in_flight")
+        return not gw.locks and all(v == 0 for (n, _), v in samples.items() if n == "agentspace_streams_in_flight")
 
     await wait_until(settled)
 

@@ -27,8 +27,8 @@ from agentspace.storage.embedded.usage import write_segment
 from agentspace.transports import state
 from scripts.harness import GatewayProcess, child_env
 from tests.fakes.anthropic_upstream import error_status
-from tests.test_http_chat import post_chat
-from tests.test_ws import chat, connect
+from tests.support.ui_stream import post_chat
+from tests.support.ws import chat, connect
 
 # --- issue 14 item 2: a missing key is NO_API_KEY at once, for every provider -----------------------
 

@@ -18,8 +18,8 @@ from tests.fakes.anthropic_upstream import text_response, tool_use_response
 from tests.fakes.openai_upstream import stream_response, text_deltas
 from tests.fakes.openai_upstream import text_response as openai_text
 from tests.fakes.openai_upstream import usage as openai_usage
+from tests.support.ws import chat, connect, receive_after
 from tests.test_litellm_provider import collect, make_request
-from tests.test_ws import chat, connect, receive_after
 from tests.tool_plugins import WeatherTools
 
 MODEL = "anthropic/claude-sonnet-4-5"

@@ -16,8 +16,8 @@ from agentspace.storage import UsageStore
 from agentspace.storage.embedded.usage import write_segment
 from agentspace.types import Cost, TokenUsage, UsageRecord, now_iso
 from tests.fakes.anthropic_upstream import error_status
+from tests.support.ws import chat, connect, receive_after
 from tests.test_cli import USAGE_TABLE_HEADER
-from tests.test_ws import chat, connect, receive_after
 
 SONNET = "anthropic/claude-sonnet-4-5"
 MYSTERY = "mystery/model"

@@ -14,7 +14,7 @@ from agentspace import ContextSection, hookimpl
 from agentspace.storage import SessionStore
 from agentspace.transports import state as STATE
 from tests.fakes.anthropic_upstream import text_response
-from tests.test_http_chat import post_chat, read_all, user
+from tests.support.ui_stream import post_chat, read_all, user
 
 ORIGIN = "http://app.example"
 
@@ -214,7 +214,7 @@ async def test_delete_refused_while_streaming(
     fake_anthropic.enqueue(text_response("slow " * 10, chunks=10).with_delay(0.05))
     resp = await post_chat(client, auth_headers, "streaming", user("go"))
     gw = client.server.app[STATE.REGISTRY]
-    assert "streaming" in gw.active
+    assert "streaming" in gw.locks
     deleted = await client.delete("/api/sessions/streaming", headers=auth_headers)
     assert deleted.status == 409 and (await deleted.json())["error"]["code"] == "STREAM_IN_PROGRESS"
     await read_all(resp)

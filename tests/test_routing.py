@@ -21,7 +21,7 @@ from agentspace.config import ConfigError, parse_config
 from agentspace.transports import state
 from agentspace.vault import KeyVault
 from tests.fakes import anthropic_upstream as fa
-from tests.test_http_chat import DONE, post_chat, read_all, user
+from tests.support.ui_stream import DONE, post_chat, read_all, user
 
 MODEL = "anthropic/claude-sonnet-4-5"
 KEYS = {"team-1": "sk-ant-team1-0123456789abcdef", "team-2": "sk-ant-team2-0123456789abcdef"}

@@ -25,8 +25,8 @@ from agentspace.vault import KeyVault
 from tests.conftest import wait_until
 from tests.fakes import anthropic_upstream as fa
 from tests.fakes import openai_upstream as fo
-from tests.test_http_chat import post_chat, read_all, user
-from tests.test_ws import chat, connect, receive
+from tests.support.ui_stream import post_chat, read_all, user
+from tests.support.ws import chat, connect, receive
 
 ALLOWED = "http://app.example"
 

@@ -9,7 +9,7 @@ import pytest
 from aiohttp.test_utils import TestClient
 
 from agentspace.transports import state as STATE
-from tests.test_ws import chat, connect, receive_after
+from tests.support.ws import chat, connect, receive_after
 
 
 async def post_chat(client: TestClient, headers: dict[str, str], session_id: str, text: str, **extra: Any) -> Any:

@@ -15,8 +15,8 @@ from aiohttp.test_utils import TestClient
 
 from agentspace.transports import state
 from tests.fakes.anthropic_upstream import text_response
+from tests.support.ws import chat, connect, receive_after
 from tests.test_cli_e2e import run_cli, ws_url
-from tests.test_ws import chat, connect, receive_after
 
 
 async def make_sessions(client: TestClient, token: str, fake_anthropic: Any) -> list[str]:

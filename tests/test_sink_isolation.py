@@ -23,8 +23,8 @@ from agentspace.sinks import DropRecord
 from agentspace.transports import state
 from tests.conftest import wait_until
 from tests.fakes.anthropic_upstream import text_response
-from tests.test_http_chat import post_chat, read_all, user
-from tests.test_ws import chat, connect
+from tests.support.ui_stream import post_chat, read_all, user
+from tests.support.ws import chat, connect
 
 
 class Webhook:

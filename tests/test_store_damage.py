@@ -21,8 +21,8 @@ from agentspace.storage import SessionStore, UsageStore
 from agentspace.storage.embedded.usage import write_segment
 from agentspace.transports import state as STATE
 from agentspace.types import Cost, TokenUsage, UsageRecord, now_iso
-from tests.test_http_chat import post_chat, user
-from tests.test_ws import chat, connect, receive_after
+from tests.support.ui_stream import post_chat, user
+from tests.support.ws import chat, connect, receive_after
 
 
 def record(n: int) -> dict[str, Any]:

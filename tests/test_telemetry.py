@@ -26,7 +26,7 @@ from opentelemetry.trace import SpanKind, StatusCode
 from agentspace.plugins import create_plugin_manager
 from agentspace.transports import state as STATE
 from tests.fakes import anthropic_upstream as fa
-from tests.test_ws import chat, connect
+from tests.support.ws import chat, connect
 from tests.tool_plugins import WeatherTools
 
 MODEL = "anthropic/claude-sonnet-4-5"

@@ -20,9 +20,9 @@ from tests.fakes.openai_upstream import (
     tool_calls_response,
     usage,
 )
-from tests.test_http_chat import check_protocol, post_chat, read_all, types, user
-from tests.test_http_chat import of as chunks_of
-from tests.test_ws import chat, connect, of
+from tests.support.ui_stream import check_protocol, post_chat, read_all, types, user
+from tests.support.ui_stream import of as chunks_of
+from tests.support.ws import chat, connect, of
 
 MODEL = "openai/gpt-4o-mini"
 

@@ -10,7 +10,7 @@ from typing import Any
 
 import aiohttp
 import pytest
-from aiohttp import WSMsgType, web
+from aiohttp import WSMsgType
 from aiohttp.test_utils import TestClient
 from click.testing import CliRunner
 
@@ -26,33 +26,8 @@ from tests.fakes.anthropic_upstream import (
     thinking_response,
     tool_use_response,
 )
+from tests.support.ws import chat, connect, of, receive, receive_after
 from tests.tool_plugins import WeatherTools
-
-
-async def connect(client: TestClient, token: str) -> web.WebSocketResponse:
-    return await client.ws_connect("/gateway", headers={"Authorization": f"Bearer {token}"})
-
-
-async def receive(ws: Any, timeout: float = 10.0) -> dict[str, Any]:
-    msg = await ws.receive(timeout=timeout)
-    assert msg.type == WSMsgType.TEXT, msg
-    return json.loads(msg.data)
-
-
-async def chat(ws: Any, content: str, request_id: str = "r1", **extra: Any) -> list[dict[str, Any]]:
-    """Send chat.send and collect frames up to chat.stream.end or an error."""
-    await ws.send_json({"type": "chat.send", "id": request_id, "content": content, **extra})
-    frames = []
-    while True:
-        frame = await receive(ws)
-        frames.append(frame)
-        if frame["type"] in ("chat.stream.end", "error"):
-            return frames
-
-
-def of(frames: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
-    return [f for f in frames if f["type"] == kind]
-
 
 # --- authentication -----------------------------------------------------------------------------
 
@@ -197,11 +172,6 @@ async def test_malformed_frames_keep_connection_usable(make_client: Any, token: 
     await ws.send_json({"type": "session.list", "id": "ok"})
     assert (await receive(ws))["type"] == "session.list.result"
     await ws.close()
-
-
-async def receive_after(ws: Any, frame: dict[str, Any]) -> dict[str, Any]:
-    await ws.send_json(frame)
-    return await receive(ws)
 
 
 async def test_unknown_session_and_model(client: TestClient, token: str) -> None:

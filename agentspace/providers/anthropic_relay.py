@@ -34,11 +34,11 @@ from ..protocols.anthropic_messages import (
     message_usage,
 )
 from ..registry import Registry
-from ..transports.v1_common import client_gone, http_client, watch_client
 from ..types import TokenUsage
 from ..vault import key_name, missing_key_message, resolve_key
 from .anthropic import FINISH_REASONS
 from .sse import SSEDecoder
+from .upstream_http import client_gone, http_client, watch_client
 
 log = logging.getLogger(__name__)
 

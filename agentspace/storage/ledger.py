@@ -28,7 +28,7 @@ import os
 from collections.abc import Callable
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 try:
     import fcntl
@@ -36,8 +36,8 @@ except ImportError:  # Windows: journals are not shared by processes there (no `
     fcntl = None  # type: ignore[assignment]
 
 if TYPE_CHECKING:
-    from ..registry import Registry
-    from .protocols import SharedLedger
+    from ..recording import Recorder
+    from .protocols import SharedLedger, Storage, UsageStoreAPI
     from .shapes import LedgerEntry
 
 log = logging.getLogger(__name__)
@@ -290,7 +290,26 @@ def _since(entries: list[dict[str, Any]]) -> datetime | None:
     return min(times) - timedelta(minutes=5) if times else None
 
 
-async def recover(gw: Registry, make_record: Callable[[Registry, dict[str, Any]], Any]) -> int:
+class Gateway(Protocol):
+    """What recovery needs of the gateway (``registry.Registry``)."""
+
+    @property
+    def ledger(self) -> Ledger: ...
+
+    @property
+    def usage(self) -> UsageStoreAPI: ...
+
+    @property
+    def storage(self) -> Storage: ...
+
+    @property
+    def recorder(self) -> Recorder: ...
+
+
+G = TypeVar("G", bound=Gateway)
+
+
+async def recover(gw: G, make_record: Callable[[G, dict[str, Any]], Any]) -> int:
     """Post every call a dead process left pending (``make_record``: ``calls.recovered_record``); returns
     how many. A journal is deleted once each of its entries is in the usage store."""
     ledger = gw.ledger
@@ -310,7 +329,7 @@ async def recover(gw: Registry, make_record: Callable[[Registry, dict[str, Any]]
                 if entry.get("id") in stored:
                     continue  # recorded; the process died before it wrote `closed`
                 record = make_record(gw, entry)
-                if await gw.record_usage(record) is not None:
+                if await gw.recorder.record(record) is not None:
                     complete = False  # kept for a retry; the journal stays for the next start
                     continue
                 posted += 1
@@ -329,7 +348,7 @@ async def recover(gw: Registry, make_record: Callable[[Registry, dict[str, Any]]
     return posted
 
 
-async def share(gw: Registry, make_record: Callable[[Registry, dict[str, Any]], Any], replica: str) -> None:
+async def share(gw: G, make_record: Callable[[G, dict[str, Any]], Any], replica: str) -> None:
     """With a backend whose replicas share a ledger (``Storage.shared_ledger``: postgres): share the pending
     entries with the other replicas, under leases, and recover the calls of replicas that died."""
     open_shared = gw.storage.shared_ledger if gw.storage is not None else None
@@ -339,7 +358,7 @@ async def share(gw: Registry, make_record: Callable[[Registry, dict[str, Any]], 
 
     async def recover_entry(entry: dict[str, Any]) -> bool:
         record = make_record(gw, entry)
-        if await gw.record_usage(record) is not None:
+        if await gw.recorder.record(record) is not None:
             return False
         log.warning(
             "recovered the usage of call %s (%s, client %s) left pending by a replica that stopped",

@@ -19,9 +19,7 @@ from typing import Any
 from aiohttp import hdrs, web
 
 from .. import security
-from ..clients import ADMIN
 from ..errors import ApiError, outage_error
-from ..routing import deployment_states
 from ..security import error_response
 from ..service import Service
 from . import state, v1_errors
@@ -108,10 +106,7 @@ async def models(request: web.Request) -> web.Response:
 
 async def deployments(request: web.Request) -> web.Response:
     """The state of every deployment of the model groups (routing.py): the gateway token only."""
-    if security.caller(request) != ADMIN:
-        raise ApiError("FORBIDDEN", "The deployments are shown to the gateway token only.")
-    router = request.app[state.REGISTRY].router
-    return web.json_response({"deployments": await deployment_states(router)})
+    return web.json_response({"deployments": await _service(request).deployments()})
 
 
 # --- errors and CORS ----------------------------------------------------------------------------
@@ -185,7 +180,7 @@ def api_error_response(error: ApiError) -> web.Response:
 
 def _cors_origin(request: web.Request) -> str | None:
     origin = request.headers.get(hdrs.ORIGIN)
-    return origin if origin and origin in request.app[state.REGISTRY].config["server"]["allowed_origins"] else None
+    return origin if origin and origin in state.config(request.app)["server"]["allowed_origins"] else None
 
 
 async def _cors_headers(request: web.Request, response: web.StreamResponse) -> None:

@@ -20,6 +20,7 @@ import pluggy
 from aiohttp import web
 
 from ..config import Config
+from ..providers.upstream_http import close_http_client
 from . import (
     clients_api,
     health,
@@ -34,7 +35,6 @@ from . import (
     web_app,
     ws,
 )
-from .v1_common import close_http_client
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 

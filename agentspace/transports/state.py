@@ -8,6 +8,7 @@ from typing import Any
 
 from aiohttp import web
 
+from ..config import Config
 from ..registry import Registry
 from ..service import Service
 
@@ -19,12 +20,9 @@ SHUTTING_DOWN = web.AppKey("shutting_down", asyncio.Event)  # set when shutdown 
 CREDENTIALS_CHANGED = web.AppKey("credentials_changed", asyncio.Event)
 
 
-def credentials_changed(app: web.Application) -> None:
-    """A key was rotated or removed here: check this replica's sockets now, and tell the other replicas."""
-    app[CREDENTIALS_CHANGED].set()
-    gw = app[REGISTRY]
-    if gw.cluster is not None:
-        gw.cluster.announce_credentials_changed()
+def config(app: web.Application) -> Config:
+    """The gateway's settings (what the transports read before a request reaches the service)."""
+    return app[REGISTRY].config
 
 
 def service(app: web.Application, caller: str = "admin") -> Service:

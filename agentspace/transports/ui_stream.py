@@ -208,7 +208,7 @@ async def read_json(request: web.Request) -> Any:
     try:
         raw = await request.read()
     except web.HTTPRequestEntityTooLarge:
-        limit = request.app[state.REGISTRY].config["server"]["max_body_bytes"]
+        limit = state.config(request.app)["server"]["max_body_bytes"]
         raise ApiError(
             "PAYLOAD_TOO_LARGE", f"Request body too large; the limit is {limit} bytes ([server] max_body_bytes)."
         ) from None
@@ -388,7 +388,7 @@ async def chat_handler(request: web.Request) -> web.StreamResponse:
         chat = parse_chat_body(body, caller)
     chat.credential = request.get(security.CREDENTIAL_KEY)  # each step of the turn checks the key is still valid
     turn = await service.start_chat(chat)
-    return await stream_turn(request, turn, abort_on_disconnect=service.gw.config["chat"]["on_disconnect"] == "abort")
+    return await stream_turn(request, turn, abort_on_disconnect=service.config["chat"]["on_disconnect"] == "abort")
 
 
 async def resume_handler(request: web.Request) -> web.StreamResponse:
@@ -398,11 +398,10 @@ async def resume_handler(request: web.Request) -> web.StreamResponse:
     turn = await service.resumable_turn(session_id)
     session_id = await service.resolve(session_id)  # the stored id (a client's own namespace)
     if turn is None:
-        cluster = service.gw.cluster
-        key = await cluster.running_stream(session_id) if cluster is not None else None
-        if cluster is None or key is None:
+        chunks = await service.stream_elsewhere(session_id)
+        if chunks is None:
             return web.Response(status=204)
-        return await _relay(request, cluster.follow(key, session_id))  # streaming on another replica
+        return await _relay(request, chunks)  # streaming on another replica
     # Only the request that started the answer may stop it by going away.
     return await stream_turn(request, turn, abort_on_disconnect=False)
 

@@ -10,24 +10,22 @@ from typing import Any
 
 from aiohttp import web
 
-from ..calls import ProviderCall, messages_body_ceiling, request_input_tokens
+from ..calls import ProviderCall, request_input_tokens
 from ..direct_call import DirectCall
 from ..errors import ApiError
 from ..events import ProviderError
 from ..logs import redact
 from ..protocols import anthropic_messages as am
 from ..providers import anthropic_relay as relay
-from ..registry import ModelNotFound
 from ..routed_call import relay_group, relays
+from ..service import Service
 from .bodies import ANTHROPIC_FIELDS, BUSY_MESSAGE, BodyInvalid, GatewayBusy, type_problem
 from .v1_common import (
     BodyTooLarge,
     anthropic_model,
-    client_name,
-    gateway,
-    provider_request,
     read_json_body,
     refusal,
+    service,
     session_id,
     stream,
     translated,
@@ -63,7 +61,7 @@ async def _read_body(request: web.Request, unknown_hint: str = "") -> tuple[dict
     if not isinstance(body.get("model"), str) or not body["model"]:
         return _error(400, "model: Field required")
     # A model group (routing.py) is named as configured; other ids as the SDK names them.
-    model = body["model"] if gateway(request).router.group(body["model"]) else anthropic_model(body["model"])
+    model = body["model"] if service(request).group(body["model"]) else anthropic_model(body["model"])
     if model is None:
         return _error(404, f"model: {body['model']}{unknown_hint}")
     return body, raw, model
@@ -74,48 +72,47 @@ async def messages(request: web.Request) -> web.StreamResponse:
     if isinstance(parsed, web.Response):
         return parsed
     body, raw, model = parsed
-    gw = gateway(request)
+    v1 = service(request)
     try:  # a typo'd name is answered here, with the closest known id, before it is admitted or sent upstream
-        gw.provider_for(model)
-    except ModelNotFound as e:
-        return _error(404, f"model: {e}")
-    meter = ProviderCall(gw, model, session_id=session_id(request), client=client_name(request), endpoint=ENDPOINT)
-    group = gw.router.group(model)
+        v1.provider(model)
+    except ApiError as e:
+        return _error(404, f"model: {e.message}")
+    meter = v1.provider_call(model, session_id(request), ENDPOINT)
+    group = v1.group(model)
     if group is not None and relays(group):  # a group of Anthropic deployments: passed through, routed
         try:
-            await meter.admit(lambda: messages_body_ceiling(gw, model, body))
+            await meter.admit(lambda: v1.messages_ceiling(model, body))
         except ApiError as e:
             return refusal(request, e)
         try:
-            return await relay_group(request, gw, body, raw, meter, group)
+            return await relay_group(request, meter.gw, body, raw, meter, group)
         finally:
             await meter.release()
     if model.startswith("anthropic/"):
         try:  # the checks at the moment of the call, its reservation and its pending entry (calls.py)
-            await meter.admit(lambda: messages_body_ceiling(gw, model, body))
+            await meter.admit(lambda: v1.messages_ceiling(model, body))
         except ApiError as e:
             return refusal(request, e)
         try:
-            return await relay.messages(request, gw, body, raw, model, meter)
+            return await relay.messages(request, meter.gw, body, raw, model, meter)
         finally:
             await meter.release()
-    return await _translated(request, body, model, meter)
+    return await _translated(request, v1, body, model, meter)
 
 
 async def _translated(
-    request: web.Request, body: dict[str, Any], model: str, meter: ProviderCall
+    request: web.Request, v1: Service, body: dict[str, Any], model: str, meter: ProviderCall
 ) -> web.StreamResponse:
     """A model that is not Anthropic's: the request translated for its provider, its events translated back."""
-    gw = meter.gw
     try:
-        gw.provider_for(model)
-    except ModelNotFound as e:
-        return _error(404, f"model: {e}")
+        v1.provider(model)
+    except ApiError as e:
+        return _error(404, f"model: {e.message}")
     try:
         system, messages_, tools, max_tokens, budget, params = am.parse_request(body)
     except am.RequestError as e:
         return _error(400, e.message)
-    preq = provider_request(gw, model, system, messages_, tools, max_tokens, budget, params)
+    preq = v1.provider_request(model, system, messages_, tools, max_tokens, budget, params)
 
     async def answer(call: DirectCall) -> web.StreamResponse:
         if not body.get("stream"):
@@ -124,7 +121,7 @@ async def _translated(
             )
         return await _stream(request, call, body["model"])
 
-    return await translated(request, meter, preq, _provider_error, answer)
+    return await translated(request, v1, meter, preq, _provider_error, answer)
 
 
 def _provider_error(e: ProviderError) -> web.Response:
@@ -151,15 +148,13 @@ async def count_tokens(request: web.Request) -> web.StreamResponse:
     if isinstance(parsed, web.Response):
         return parsed
     body, raw, model = parsed
-    gw = gateway(request)
+    call = service(request).provider_call(model, session_id(request), ENDPOINT)
     try:  # the same checks as a call (allowlist, rate limits, a valid key, not shutting down); nothing reserved
-        await ProviderCall(
-            gw, model, session_id=session_id(request), client=client_name(request), endpoint=ENDPOINT
-        ).admit(None)
+        await call.admit(None)
     except ApiError as e:
         return refusal(request, e)
     if model.startswith("anthropic/"):
-        relayed = await relay.count_tokens(request, gw, body, raw, model)
+        relayed = await relay.count_tokens(request, call.gw, body, raw, model)
         if relayed is not None:
             return relayed
     # No count from the upstream: count locally, and say so.

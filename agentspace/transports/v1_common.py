@@ -9,7 +9,6 @@ from collections.abc import Awaitable, Callable
 from functools import lru_cache
 from typing import Any
 
-import aiohttp
 from aiohttp import web
 
 from .. import security
@@ -17,16 +16,12 @@ from ..calls import ProviderCall, request_ceiling
 from ..direct_call import DirectCall
 from ..errors import ApiError
 from ..events import ProviderError, ProviderEvent, ProviderFinish
-from ..providers.base import ProviderRequest, ThinkingSettings
-from ..registry import Registry
-from ..routed_call import start_direct
-from ..types import ChatMessage, TokenUsage, Tool
-from ..vault import resolve_key
+from ..providers.base import ProviderRequest
+from ..providers.upstream_http import watch_client
+from ..service import Service
+from ..types import TokenUsage
 from . import bodies, state, v1_errors
 from .bodies import BodyTooLarge
-
-# The upstream HTTP client of the pass-through: one connection pool per server, closed with the app.
-HTTP_CLIENT = web.AppKey("v1_http_client", aiohttp.ClientSession)
 
 # Headers that attribute a call's usage to a session id (Codex sends session-id, older ones session_id).
 SESSION_HEADERS = ("X-Agentspace-Session", "X-Claude-Code-Session-Id", "session-id", "session_id")
@@ -40,21 +35,6 @@ REFUSAL_CODES = {
 }
 
 
-def http_client(app: web.Application) -> aiohttp.ClientSession:
-    client = app.get(HTTP_CLIENT)
-    if client is None or client.closed:
-        # No total timeout: a long answer streams as long as it keeps sending (each read has its own limit).
-        client = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None), auto_decompress=True)
-        app[HTTP_CLIENT] = client
-    return client
-
-
-async def close_http_client(app: web.Application) -> None:
-    client = app.get(HTTP_CLIENT)
-    if client is not None:
-        await client.close()
-
-
 # The body size the /v1 endpoints take: the larger of [server] max_body_bytes and Anthropic's own request
 # limit, since Claude Code's requests (a long session's whole history, images) pass 1 MiB routinely. Only
 # authenticated clients get this far: the token is checked before the body is read.
@@ -62,7 +42,7 @@ PROVIDER_MAX_BODY_BYTES = 32 * 1024 * 1024
 
 
 def body_limit(request: web.Request) -> int:
-    return max(int(gateway(request).config["server"]["max_body_bytes"]), PROVIDER_MAX_BODY_BYTES)
+    return max(int(service(request).config["server"]["max_body_bytes"]), PROVIDER_MAX_BODY_BYTES)
 
 
 async def read_body(request: web.Request) -> bytes:
@@ -86,8 +66,9 @@ async def read_json_body(request: web.Request) -> tuple[Any, bytes]:
     return await bodies.read_json(request, body_limit(request))
 
 
-def gateway(request: web.Request) -> Registry:
-    return request.app[state.REGISTRY]
+def service(request: web.Request) -> Service:
+    """The service layer for the request's caller: every /v1 endpoint reaches the gateway through it."""
+    return state.service(request.app, client_name(request))
 
 
 def session_id(request: web.Request) -> str | None:
@@ -148,64 +129,6 @@ def _bare_model_prefixes() -> dict[str, str]:
         if "/" not in key and provider and entry.get("mode") == "chat":
             out[key] = "openai" if provider == "text-completion-openai" else provider
     return out
-
-
-def provider_request(
-    gw: Registry,
-    model: str,
-    system: str,
-    messages: list[ChatMessage],
-    tools: list[Tool],
-    max_tokens: int | None,
-    reasoning_budget: int | None,
-    params: dict[str, Any],
-) -> ProviderRequest:
-    """A ProviderRequest of exactly what the client sent: no context section, no gateway tool."""
-    prefix = model.split("/", 1)[0]
-    settings = gw.config.provider_settings(prefix)
-    info = gw.model_info(model)
-    thinking = None
-    if reasoning_budget is not None:  # the provider applies it only where the model supports it
-        thinking = ThinkingSettings(reasoning_budget, info.adaptive_thinking_only)
-    return ProviderRequest(
-        model=model,
-        system=system,
-        messages=messages,
-        model_info=info,
-        max_tokens=max_tokens or int(gw.config["chat"]["max_tokens"]),
-        tools=tools,
-        thinking=thinking,
-        api_key=resolve_key(gw.config, prefix),
-        base_url=settings["base_url"],
-        options=settings,
-        params=params,
-    )
-
-
-def client_gone(request: web.Request) -> bool:
-    transport = request.transport
-    return transport is None or transport.is_closing()
-
-
-# How often a stream checks that its client is still there while the upstream sends nothing.
-DISCONNECT_CHECK_SECONDS = 0.5
-
-
-def watch_client(request: web.Request, on_gone: Callable[[], object]) -> Callable[[], None]:
-    """Call ``on_gone`` once the client has gone, also while the upstream sends nothing (a write to a
-    closed client fails, but only when there is something to write). Returns what stops watching."""
-    loop = asyncio.get_running_loop()
-    timer: asyncio.TimerHandle
-
-    def check() -> None:
-        nonlocal timer
-        if client_gone(request):
-            on_gone()
-        else:
-            timer = loop.call_later(DISCONNECT_CHECK_SECONDS, check)
-
-    timer = loop.call_later(DISCONNECT_CHECK_SECONDS, check)
-    return lambda: timer.cancel()
 
 
 async def whole(
@@ -276,6 +199,7 @@ async def stream(
 
 async def translated(
     request: web.Request,
+    service: Service,
     meter: ProviderCall,
     preq: ProviderRequest,
     provider_error: Callable[[ProviderError], web.Response],
@@ -291,7 +215,7 @@ async def translated(
     call: DirectCall | None = None
     try:
         try:
-            call = await start_direct(meter.gw, preq, meter)
+            call = await service.start_call(meter, preq)
         except ProviderError as e:
             return provider_error(e)
         return await answer(call)

@@ -11,22 +11,19 @@ from typing import Any
 
 from aiohttp import web
 
-from ..calls import ALL_FIELDS, Ceiling, ProviderCall
+from ..calls import ALL_FIELDS, Ceiling
 from ..errors import ApiError
 from ..events import ProviderError
 from ..protocols.openai_chat import RequestError
 from ..providers import litellm as litellm_provider
-from ..registry import ModelNotFound
 from ..tokens import count_tokens
 from ..types import TokenUsage
 from .bodies import BUSY_MESSAGE, BodyInvalid, GatewayBusy
 from .v1_common import (
     BodyTooLarge,
-    client_name,
-    gateway,
-    provider_request,
     read_json_body,
     refusal,
+    service,
     session_id,
 )
 from .v1_openai import _error, _provider_error
@@ -87,16 +84,16 @@ async def embeddings(request: web.Request) -> web.StreamResponse:
         name, inputs, options = parse(body)
     except RequestError as e:
         return _error(400, e.message, param=e.param)
-    gw = gateway(request)
+    v1 = service(request)
     model = name if "/" in name else f"openai/{name}"  # bare ids are OpenAI's (text-embedding-3-small)
     try:
-        provider = gw.provider_for(model)
-    except ModelNotFound as e:
-        return _error(404, str(e), code="model_not_found", param="model")
+        provider = v1.provider(model)
+    except ApiError as e:
+        return _error(404, e.message, code="model_not_found", param="model")
     if not isinstance(provider, litellm_provider.LiteLLMProvider):
         return _error(400, f"{model} has no embeddings on this gateway.", param="model")
-    preq = provider_request(gw, model, "", [], [], None, None, {})
-    meter = ProviderCall(gw, model, session_id=session_id(request), client=client_name(request), endpoint=ENDPOINT)
+    preq = v1.provider_request(model, "", [], [], None, None, {})
+    meter = v1.provider_call(model, session_id(request), ENDPOINT)
     try:  # the checks at the moment of the call, its reservation (the input: embeddings write nothing back)
         await meter.admit(lambda: Ceiling(_local_tokens(inputs), 0))
     except ApiError as e:
@@ -104,7 +101,7 @@ async def embeddings(request: web.Request) -> web.StreamResponse:
     try:
         meter.begin()
         try:
-            vectors, usage = await litellm_provider.embed(gw.config, preq, inputs, options)
+            vectors, usage = await litellm_provider.embed(v1.config, preq, inputs, options)
         except ProviderError as e:
             await meter.record(TokenUsage(), "error", error=e.code, answered=False)
             return _provider_error(e)

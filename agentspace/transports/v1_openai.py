@@ -9,21 +9,19 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from ..calls import ProviderCall
 from ..direct_call import DirectCall
+from ..errors import ApiError
 from ..events import ProviderError
 from ..logs import redact
 from ..protocols import openai_chat as oc
-from ..registry import ModelNotFound, Registry
+from ..service import Service
 from ..types import compact_json
 from .bodies import BUSY_MESSAGE, OPENAI_FIELDS, BodyInvalid, GatewayBusy, type_problem
 from .v1_common import (
     BodyTooLarge,
-    client_name,
-    gateway,
     openai_model,
-    provider_request,
     read_json_body,
+    service,
     session_id,
     stream,
     translated,
@@ -54,10 +52,10 @@ def _provider_error(e: ProviderError) -> web.Response:
     return _error(status, redact(e.message), code=oc.error_code(status), headers=headers)
 
 
-def served_model(gw: Registry, name: str) -> str | web.Response:
+def served_model(service: Service, name: str) -> str | web.Response:
     """The gateway's id for the model an OpenAI-shaped request names (a model group as configured, other ids
     as the SDKs name them), or the 404 in OpenAI's shape when nothing serves it."""
-    model = name if gw.router.group(name) else openai_model(name)
+    model = name if service.group(name) else openai_model(name)
     if model is None:
         return _error(
             404,
@@ -66,9 +64,9 @@ def served_model(gw: Registry, name: str) -> str | web.Response:
             param="model",
         )
     try:
-        gw.provider_for(model)
-    except ModelNotFound as e:
-        return _error(404, str(e), code="model_not_found", param="model")
+        service.provider(model)
+    except ApiError as e:
+        return _error(404, e.message, code="model_not_found", param="model")
     return model
 
 
@@ -91,12 +89,11 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         parsed = oc.parse_request(body)
     except oc.RequestError as e:
         return _error(400, e.message, param=e.param)
-    gw = gateway(request)
-    model = served_model(gw, parsed.model)
+    v1 = service(request)
+    model = served_model(v1, parsed.model)
     if isinstance(model, web.Response):
         return model
-    preq = provider_request(
-        gw,
+    preq = v1.provider_request(
         model,
         parsed.system,
         parsed.messages,
@@ -105,14 +102,14 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         parsed.reasoning_budget,
         parsed.params,
     )
-    meter = ProviderCall(gw, model, session_id=session_id(request), client=client_name(request), endpoint=ENDPOINT)
+    meter = v1.provider_call(model, session_id(request), ENDPOINT)
 
     async def answer(call: DirectCall) -> web.StreamResponse:
         if not parsed.stream:
             return await whole(call, lambda finish, usage: oc.completion(parsed.model, finish, usage), _provider_error)
         return await _stream(request, call, parsed.model, parsed.include_usage)
 
-    return await translated(request, meter, preq, _provider_error, answer)
+    return await translated(request, v1, meter, preq, _provider_error, answer)
 
 
 def _stream_error(e: ProviderError) -> bytes:

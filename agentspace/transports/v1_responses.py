@@ -12,7 +12,6 @@ from typing import Any
 
 from aiohttp import web
 
-from ..calls import ProviderCall
 from ..direct_call import DirectCall
 from ..events import ProviderError
 from ..logs import redact
@@ -22,10 +21,8 @@ from ..types import compact_json
 from .bodies import BUSY_MESSAGE, BodyInvalid, GatewayBusy
 from .v1_common import (
     BodyTooLarge,
-    client_name,
-    gateway,
-    provider_request,
     read_json_body,
+    service,
     session_id,
     stream,
     translated,
@@ -53,12 +50,11 @@ async def responses(request: web.Request) -> web.StreamResponse:
         parsed, encrypted = orr.parse_request(body)
     except oc.RequestError as e:
         return _error(400, e.message, param=e.param)
-    gw = gateway(request)
-    model = served_model(gw, parsed.model)
+    v1 = service(request)
+    model = served_model(v1, parsed.model)
     if isinstance(model, web.Response):
         return model
-    preq = provider_request(
-        gw,
+    preq = v1.provider_request(
         model,
         parsed.system,
         parsed.messages,
@@ -67,7 +63,7 @@ async def responses(request: web.Request) -> web.StreamResponse:
         parsed.reasoning_budget,
         parsed.params,
     )
-    meter = ProviderCall(gw, model, session_id=session_id(request), client=client_name(request), endpoint=ENDPOINT)
+    meter = v1.provider_call(model, session_id(request), ENDPOINT)
 
     async def answer(call: DirectCall) -> web.StreamResponse:
         if not parsed.stream:
@@ -91,4 +87,4 @@ async def responses(request: web.Request) -> web.StreamResponse:
             failed,
         )
 
-    return await translated(request, meter, preq, _provider_error, answer)
+    return await translated(request, v1, meter, preq, _provider_error, answer)

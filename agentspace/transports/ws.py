@@ -130,7 +130,7 @@ class Connection:
         self.reading = False
         self.credential = request.get(security.CREDENTIAL_KEY)  # that key's SHA-256
         self.service = state.service(request.app, caller)
-        self.config = self.service.gw.config
+        self.config = self.service.config
         self.ws = ws
         self.turn: Turn | None = None
         self.turn_request_id: Any = None
@@ -430,7 +430,7 @@ class Connection:
 
 
 async def gateway_handler(request: web.Request) -> web.StreamResponse:
-    config = request.app[state.REGISTRY].config
+    config = state.config(request.app)
     server = config["server"]
     ws = web.WebSocketResponse(
         heartbeat=float(server["heartbeat_seconds"]),
@@ -552,9 +552,8 @@ async def revoke_stale_credentials(app: web.Application) -> int:
     conns = [c for c in app[state.WEBSOCKETS] if c.token is not None and not c.revoked and not c.ws.closed]
     if not conns:
         return 0
-    gw = app[state.REGISTRY]
     current = app[security.TOKEN_FILE].current()
-    by_hash = {c.key_hash: c.name for c in await gw.clients.list()}
+    by_hash = await state.service(app).key_holders()
     stale = [
         c
         for c in conns

@@ -1,0 +1,128 @@
+"""The composition root: the gateway of one server process, assembled once at start.
+
+``assemble`` opens nothing itself (the storage is opened and started by the caller) and builds, in order:
+what the plugins registered (a frozen ``registry.Plugins``), the Redis connection the replicas share when
+``[storage] redis_url`` is set, the counters, route state and session locks (in this process, or in Redis),
+the model lookup, the checks before each call (``limits.Guard``), the usage sinks and the ledger. Nothing is
+attached to the ``Registry`` afterwards.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from types import MappingProxyType
+
+import pluggy
+
+from . import pricing
+from .alerts import BudgetAlerts
+from .cluster import Cluster, RedisSessionLocks, StreamEncoder
+from .config import Config, ConfigError
+from .limits import Counters, Guard, InProcessCounters
+from .pending import PendingWrites
+from .providers.base import Provider
+from .recording import Recorder
+from .registry import Models, Plugins, Registry
+from .routing import LocalRouteState, Router, RouteState
+from .session_locks import InProcessLocks, SessionLocks
+from .sinks import UsageSink
+from .storage.embedded.blobs import FileBlobStore
+from .storage.embedded.clients import ClientStore
+from .storage.ledger import Ledger
+from .storage.protocols import Storage
+from .types import ContextSectionBuilder, Tool
+
+log = logging.getLogger(__name__)
+
+
+def registered(config: Config, pm: pluggy.PluginManager, storage: Storage) -> Plugins:
+    """What the plugins register (providers, context sections, tools, usage sinks), asked once."""
+    providers: list[Provider] = []
+    sections: list[ContextSectionBuilder] = []
+    tools: dict[str, Tool] = {}
+    sinks: list[UsageSink] = [storage.sink] if storage.sink is not None else []
+
+    def add_tool(tool: Tool) -> None:
+        if tool.name in tools:
+            log.warning("tool %r registered twice; the later registration wins", tool.name)
+        tools[tool.name] = tool
+
+    pm.hook.register_providers(register=providers.append, config=config)
+    pm.hook.register_context_sections(register=sections.append, config=config)
+    pm.hook.register_tools(register=add_tool, config=config)
+    pm.hook.register_usage_sinks(register=sinks.append, config=config)
+    for pattern in pricing.unserved_patterns(config, providers):
+        raise ConfigError(
+            config.source,
+            f'pricing."{pattern}"',
+            f"no registered provider serves {pattern.partition('/')[0]!r} models, so the pattern matches "
+            "nothing (is the provider plugin installed? agentspace plugins)",
+        )
+    return Plugins(tuple(providers), tuple(sections), MappingProxyType(tools), tuple(sinks))
+
+
+async def assemble(
+    config: Config,
+    pm: pluggy.PluginManager,
+    storage: Storage,
+    *,
+    shutting_down: asyncio.Event | None = None,
+    on_credentials_changed: Callable[[], None] | None = None,
+    stream_encoder: Callable[[], StreamEncoder] | None = None,
+) -> Registry:
+    """The gateway over a started ``storage``. ``shutting_down``: once set, no provider call is admitted;
+    ``on_credentials_changed``: called when a replica announces a rotated or removed client key;
+    ``stream_encoder``: makes the encoder of the streams published for resumes on other replicas (needed
+    with ``[storage] redis_url``)."""
+    plugins = registered(config, pm, storage)
+    cluster: Cluster | None = None
+    counters: Counters = InProcessCounters()
+    route_state: RouteState = LocalRouteState()
+    locks: SessionLocks = InProcessLocks()
+    if config["storage"]["redis_url"]:
+        from .redis_counters import RedisCounters
+        from .redis_routing import RedisRouteState
+
+        if stream_encoder is None:
+            raise ValueError("[storage] redis_url: the replicas' shared streams need a stream_encoder")
+        url = str(config["storage"]["redis_url"])
+        cluster = Cluster(url, on_credentials_changed=on_credentials_changed, encoder=stream_encoder)
+        counters = RedisCounters(cluster.redis)  # limits and budgets hold across replicas
+        route_state = RedisRouteState(cluster.redis)  # one replica's 429 cools a deployment for all
+        locks = RedisSessionLocks(cluster)  # a session streams on one replica at a time
+    elif storage.shared:
+        log.warning(
+            "storage %r without [storage] redis_url: run this gateway as ONE replica "
+            "(streams, locks and aborts are kept in this process)",
+            storage.backend,
+        )
+    router = Router(config.groups, route_state)
+    models = Models(config, plugins.providers, router)
+    clients = storage.clients if storage.clients is not None else ClientStore(config.data_dir)
+    guard = Guard(clients, storage.usage, models.model_info, counters, shutting_down=shutting_down)
+    sinks = list(plugins.sinks)
+    if config["alerts"]["thresholds"]:  # after the storage's sink: it reads the spend the record just added to
+        sinks.append(BudgetAlerts(config, pm, clients, storage.usage, cluster))
+    gw = Registry(
+        config=config,
+        pm=pm,
+        storage=storage,
+        sessions=storage.sessions,
+        usage=storage.usage,
+        clients=clients,
+        blobs=storage.blobs if storage.blobs is not None else FileBlobStore(config.data_dir),
+        plugins=plugins,
+        models=models,
+        guard=guard,
+        ledger=Ledger(config.data_dir),
+        recorder=Recorder(sinks, pm, guard, PendingWrites()),
+        router=router,
+        locks=locks,
+        cluster=cluster,
+    )
+    if cluster is not None:
+        await cluster.start(locks)  # Redis answers; aborts for this replica's turns are heard
+        log.info("replica %s: streams, locks and aborts shared through Redis", cluster.replica_id)
+    return gw
