@@ -173,7 +173,7 @@ async def read_chat_json(request: web.Request) -> Any:
     """The body of ``POST /api/chat``: ``[server] max_body_bytes`` for all but its files' data, which may add
     up to the ``[attachments] max_session_bytes`` of a session (base64: 4/3 of it), as ``useChat`` resends
     the whole conversation."""
-    config = request.app[state.REGISTRY].config
+    config = state.config(request.app)
     base = int(config["server"]["max_body_bytes"])
     limit = base + -(-int(config["attachments"]["max_session_bytes"]) * 4 // 3)
     try:
