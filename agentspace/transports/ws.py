@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import struct
 import time
 from collections.abc import Callable
 from typing import Any
@@ -44,8 +43,6 @@ REFUSED_CLOSE_SECONDS = 1.0
 REVOKED_CLOSE_SECONDS = 5.0
 # At shutdown, how long a connection's last frames (the end of its turn) may take to go out.
 SHUTDOWN_FLUSH_SECONDS = 5.0
-# How often a burst written for a slow reader checks whether the socket's buffer has drained.
-DRAIN_POLL_SECONDS = 0.01
 # A socket whose key or gateway token was rotated or removed is closed with this code and reason.
 REVOKED_CLOSE_CODE = 4001
 REVOKED_REASON = b"credential revoked"
@@ -56,17 +53,6 @@ CREDENTIAL_CHECK_SECONDS = 1.0
 
 def _error_frame(request_id: Any, code: str, message: str) -> str:
     return compact_json({"type": "error", "requestId": request_id, "code": code, "message": message})
-
-
-def _text_frame(text: str) -> bytes:
-    """An unmasked, unfragmented, uncompressed WebSocket text frame (RFC 6455 5.2), as a server sends it."""
-    payload = text.encode("utf-8")
-    n = len(payload)
-    if n < 126:
-        return bytes((0x81, n)) + payload
-    if n < 65536:
-        return struct.pack("!BBH", 0x81, 126, n) + payload
-    return struct.pack("!BBQ", 0x81, 127, n) + payload
 
 
 class Connection:
@@ -92,8 +78,6 @@ class Connection:
         self.turn_request_id: Any = None
         self.forwarder: asyncio.Task[None] | None = None
         self.limiter = security.message_limiter(self.config)
-        # The connection's socket, shared with aiohttp's frame writer (both write whole frames, in call order).
-        self.transport = request.transport
 
     async def send(self, obj: dict[str, Any]) -> None:
         if not self.ws.closed:
@@ -209,7 +193,7 @@ class Connection:
     # --- encoding the pipeline's events ---------------------------------------------------------
 
     async def forward(self, turn: Turn, request_id: Any) -> None:
-        """Encode the turn's events as frames until it ends or the socket closes, a burst per socket write."""
+        """Encode the turn's events as frames until it ends or the socket closes, a batch at a time."""
         fences = FenceTracker()
         rid = compact_json(request_id)
         try:
@@ -219,7 +203,7 @@ class Connection:
                 frames: list[str] = []
                 add = frames.append
                 for event in batch:
-                    match event:
+                    match event:  # the deltas, by far the most frequent, encoded here
                         case ev.TextDelta(text=text):
                             for piece, content_type in fences.feed(text):
                                 add(
@@ -227,103 +211,104 @@ class Connection:
                                 )
                         case ev.ReasoningDelta(text=text):
                             add(f'{{"type":"chat.stream.reasoning","requestId":{rid},"delta":{compact_json(text)}}}')
-                        case ev.SourceEvent(url=url, title=title):
-                            source = {"url": url} if title is None else {"url": url, "title": title}
-                            add(compact_json({"type": "chat.stream.source", "requestId": request_id, "source": source}))
-                        case ev.ToolCallEvent():
-                            add(
-                                compact_json(
-                                    {
-                                        "type": "chat.stream.tool_call",
-                                        "requestId": request_id,
-                                        "toolCallId": event.tool_call_id,
-                                        "name": event.name,
-                                        "input": event.input,
-                                    }
-                                )
-                            )
-                        case ev.ToolResultEvent():
-                            add(
-                                compact_json(
-                                    {
-                                        "type": "chat.stream.tool_result",
-                                        "requestId": request_id,
-                                        "toolCallId": event.tool_call_id,
-                                        "name": event.name,
-                                        "output": event.output,
-                                        "isError": event.is_error,
-                                    }
-                                )
-                            )
-                        case ev.StreamStart():
-                            if event.session_created:
-                                add(
-                                    compact_json(
-                                        {
-                                            "type": "session.created",
-                                            "requestId": request_id,
-                                            "sessionId": self.service.visible(event.session_id),
-                                            "model": event.model,
-                                        }
-                                    )
-                                )
-                            add(
-                                compact_json(
-                                    {
-                                        "type": "chat.stream.start",
-                                        "requestId": request_id,
-                                        "sessionId": self.service.visible(event.session_id),
-                                        "model": event.model,
-                                    }
-                                )
-                            )
-                        case ev.StreamEnd() | ev.StreamError():
-                            for piece, content_type in fences.flush():
-                                add(
-                                    compact_json(
-                                        {
-                                            "type": "chat.stream.delta",
-                                            "requestId": request_id,
-                                            "delta": piece,
-                                            "contentType": content_type,
-                                        }
-                                    )
-                                )
-                            if isinstance(event, ev.StreamEnd):
-                                add(
-                                    compact_json(
-                                        {
-                                            "type": "chat.stream.end",
-                                            "requestId": request_id,
-                                            "finishReason": event.finish_reason,
-                                            "usage": usage_to_wire(event.usage, event.cost),
-                                        }
-                                    )
-                                )
-                            else:
-                                add(_error_frame(request_id, event.code, event.message))
+                        case _:
+                            frames += self._frames(event, request_id, fences)
                 if frames:
                     await self.send_frames(frames)
         except (ConnectionResetError, RuntimeError):
             pass  # the client went away; the turn goes on without it
 
+    def _frames(self, event: ev.StreamEvent, request_id: Any, fences: FenceTracker) -> list[str]:
+        """The frames of an event other than a delta."""
+        match event:
+            case ev.SourceEvent(url=url, title=title):
+                source = {"url": url} if title is None else {"url": url, "title": title}
+                return [compact_json({"type": "chat.stream.source", "requestId": request_id, "source": source})]
+            case ev.ToolCallEvent():
+                return [
+                    compact_json(
+                        {
+                            "type": "chat.stream.tool_call",
+                            "requestId": request_id,
+                            "toolCallId": event.tool_call_id,
+                            "name": event.name,
+                            "input": event.input,
+                        }
+                    )
+                ]
+            case ev.ToolResultEvent():
+                return [
+                    compact_json(
+                        {
+                            "type": "chat.stream.tool_result",
+                            "requestId": request_id,
+                            "toolCallId": event.tool_call_id,
+                            "name": event.name,
+                            "output": event.output,
+                            "isError": event.is_error,
+                        }
+                    )
+                ]
+            case ev.StreamStart():
+                return self._start_frames(event, request_id)
+            case ev.StreamEnd() | ev.StreamError():
+                return self._end_frames(event, request_id, fences)
+        return []
+
+    def _start_frames(self, event: ev.StreamStart, request_id: Any) -> list[str]:
+        frames: list[str] = []
+        if event.session_created:
+            frames.append(
+                compact_json(
+                    {
+                        "type": "session.created",
+                        "requestId": request_id,
+                        "sessionId": self.service.visible(event.session_id),
+                        "model": event.model,
+                    }
+                )
+            )
+        frames.append(
+            compact_json(
+                {
+                    "type": "chat.stream.start",
+                    "requestId": request_id,
+                    "sessionId": self.service.visible(event.session_id),
+                    "model": event.model,
+                }
+            )
+        )
+        return frames
+
+    def _end_frames(self, event: ev.StreamEnd | ev.StreamError, request_id: Any, fences: FenceTracker) -> list[str]:
+        """The text held back by the fence tracker, then the end or the error."""
+        frames = [
+            compact_json(
+                {"type": "chat.stream.delta", "requestId": request_id, "delta": piece, "contentType": content_type}
+            )
+            for piece, content_type in fences.flush()
+        ]
+        if isinstance(event, ev.StreamEnd):
+            frames.append(
+                compact_json(
+                    {
+                        "type": "chat.stream.end",
+                        "requestId": request_id,
+                        "finishReason": event.finish_reason,
+                        "usage": usage_to_wire(event.usage, event.cost),
+                    }
+                )
+            )
+        else:
+            frames.append(_error_frame(request_id, event.code, event.message))
+        return frames
+
     async def send_frames(self, frames: list[str]) -> None:
-        """Send text frames in order. Uncompressed, a burst goes out in one socket write instead of one write
-        per frame: a send on loopback costs about 20 µs of CPU, over a millisecond for a 50-delta answer."""
-        ws, transport = self.ws, self.transport
-        if self.revoked:  # the close frame is on its way: nothing may follow it (the turn goes on unseen)
-            raise ConnectionResetError("the connection's credential was revoked")
-        if len(frames) == 1 or ws.compress or transport is None:
-            for frame in frames:
-                await ws.send_str(frame)
-            return
-        if ws.closed or transport.is_closing():
-            raise ConnectionResetError("the WebSocket is closed")
-        transport.write(b"".join(map(_text_frame, frames)))
-        # Flow control for a client that reads slowly: wait while the kernel and asyncio hold a full buffer.
-        high = transport.get_write_buffer_limits()[1]
-        while transport.get_write_buffer_size() > high and not transport.is_closing():
-            await asyncio.sleep(DRAIN_POLL_SECONDS)
+        """Send text frames in order, through aiohttp (once the close frame is out it refuses any other)."""
+        for frame in frames:
+            if self.revoked:  # the close frame is on its way: nothing may follow it (the turn goes on unseen)
+                raise ConnectionResetError("the connection's credential was revoked")
+            await self.ws.send_str(frame)
 
     async def credential_valid(self) -> bool:
         """Whether the socket's credential still names its caller (not rotated, not removed)."""
