@@ -118,57 +118,66 @@ def messages_body_ceiling(gw: Registry, model: str, body: dict[str, Any]) -> Cei
     """The ceiling of a Messages API body as it goes upstream (the pass-through): text counted, images and
     PDFs by Anthropic's formulas, URL sources at the configured ceiling, ``max_tokens`` as sent (the thinking
     budget is part of it), server tools at ``max_uses``."""
-    texts: list[str] = []
-    extra = 0
-    uncountable = 0
-
-    def block(value: Any) -> None:
-        nonlocal extra, uncountable
-        if isinstance(value, str):
-            texts.append(value)
-            return
-        if isinstance(value, list):
-            for item in value:
-                block(item)
-            return
-        if not isinstance(value, dict):
-            texts.append(str(value))
-            return
-        kind = value.get("type")
-        source = value.get("source")
-        if kind == "image":
-            extra += IMAGE_TOKENS
-        elif kind == "document" and isinstance(source, dict):
-            source_type = source.get("type")
-            if source_type == "text":
-                texts.append(str(source.get("data") or ""))
-            elif source_type == "content":
-                block(source.get("content"))
-            elif source_type == "base64":
-                extra += PDF_PAGE_TOKENS * max(1, _pdf_pages(str(source.get("data") or "")))
-            else:  # a URL or a file id: not here to count
-                uncountable += 1
-        elif kind in ("text", "thinking"):
-            texts.append(str(value.get("text") or value.get("thinking") or ""))
-        elif kind == "tool_result":
-            block(value.get("content") or "")
-        else:  # tool_use, server tool blocks and the like: their JSON
-            texts.append(json.dumps(value, default=str))
-
-    block(body.get("system") or "")
+    tally = _BlockTally()
+    tally.block(body.get("system") or "")
     for message in body.get("messages") or ():
         if isinstance(message, dict):
-            block(message.get("content") or "")
+            tally.block(message.get("content") or "")
     tools = body.get("tools")
     if tools:
-        texts.append(json.dumps(tools, default=str))
-    input_tokens = count_tokens("\n".join(t for t in texts if t)) + extra
-    if uncountable:
-        input_tokens += uncountable * uncountable_tokens(gw, model)
+        tally.texts.append(json.dumps(tools, default=str))
+    input_tokens = count_tokens("\n".join(t for t in tally.texts if t)) + tally.extra
+    if tally.uncountable:
+        input_tokens += tally.uncountable * uncountable_tokens(gw, model)
     max_tokens = body.get("max_tokens")
     if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
         max_tokens = int(gw.config["chat"]["max_tokens"])
     return Ceiling(input_tokens, max_tokens, server_tool_uses(gw, tools))
+
+
+class _BlockTally:
+    """What Messages API content costs: its texts (to count), the tokens of images and PDFs, and how many
+    sources are behind a URL or a file id."""
+
+    def __init__(self) -> None:
+        self.texts: list[str] = []
+        self.extra = 0
+        self.uncountable = 0
+
+    def block(self, value: Any) -> None:
+        if isinstance(value, str):
+            self.texts.append(value)
+            return
+        if isinstance(value, list):
+            for item in value:
+                self.block(item)
+            return
+        if not isinstance(value, dict):
+            self.texts.append(str(value))
+            return
+        kind = value.get("type")
+        source = value.get("source")
+        if kind == "image":
+            self.extra += IMAGE_TOKENS
+        elif kind == "document" and isinstance(source, dict):
+            self._document(source)
+        elif kind in ("text", "thinking"):
+            self.texts.append(str(value.get("text") or value.get("thinking") or ""))
+        elif kind == "tool_result":
+            self.block(value.get("content") or "")
+        else:  # tool_use, server tool blocks and the like: their JSON
+            self.texts.append(json.dumps(value, default=str))
+
+    def _document(self, source: dict[str, Any]) -> None:
+        source_type = source.get("type")
+        if source_type == "text":
+            self.texts.append(str(source.get("data") or ""))
+        elif source_type == "content":
+            self.block(source.get("content"))
+        elif source_type == "base64":
+            self.extra += PDF_PAGE_TOKENS * max(1, _pdf_pages(str(source.get("data") or "")))
+        else:  # a URL or a file id: not here to count
+            self.uncountable += 1
 
 
 def _pdf_pages(data: str) -> int:

@@ -297,25 +297,35 @@ def parse_config(raw: dict[str, Any], source: str = "<config>", base_dir: Path |
     values: dict[str, dict[str, Any]] = {}
     for section, schema in SCHEMA.items():
         values[section] = _validate_table(source, section, raw.get(section, {}), schema)
+    _check_values(source, values)
+
+    known = set(SCHEMA) | {"providers", "pricing", "plugins"}
+    for section in raw:
+        if section not in known:
+            raise ConfigError(source, section, f"unknown section (known: {', '.join(sorted(known))})")
+
+    providers = {}
+    for name, table in _table(source, "providers", raw.get("providers", {})).items():
+        providers[name] = _validate_table(source, f"providers.{name}", table, PROVIDER_SCHEMA)
+    pricing = _pricing(source, raw.get("pricing", {}))
+    plugins = {
+        name: _table(source, f"plugins.{name}", t)
+        for name, t in _table(source, "plugins", raw.get("plugins", {})).items()
+    }
+    from .routing import parse_groups
+
+    groups = parse_groups(source, values["models"]["groups"])
+    return Config(values, providers, pricing, plugins, source, base_dir or Path.cwd(), groups)
+
+
+def _check_values(source: str, values: dict[str, dict[str, Any]]) -> None:
+    """The checks of values a type alone does not make: choices, ranges, lists of model ids."""
     for (section, key), choices in CHOICES.items():
         if values[section][key] not in choices:
             raise ConfigError(
                 source, f"{section}.{key}", f"expected one of {', '.join(choices)}, got {values[section][key]!r}"
             )
-    for key in ("port",):
-        port = values["server"][key]
-        if not 0 <= port <= 65535:
-            raise ConfigError(source, "server.port", f"expected a port number 0-65535, got {port}")
-    if values["server"]["max_connections"] < 1:
-        raise ConfigError(
-            source, "server.max_connections", f"expected a positive integer, got {values['server']['max_connections']}"
-        )
-    if values["server"]["header_timeout_seconds"] <= 0:
-        raise ConfigError(
-            source,
-            "server.header_timeout_seconds",
-            f"expected a positive number, got {values['server']['header_timeout_seconds']}",
-        )
+    _check_server(source, values["server"])
     for section, key in (
         ("chat", "history_limit"),
         ("chat", "max_steps"),
@@ -340,28 +350,32 @@ def parse_config(raw: dict[str, Any], source: str = "<config>", base_dir: Path |
             source, "alerts.thresholds", f"expected fractions of the budget such as [0.8, 1.0], got {thresholds!r}"
         )
 
-    known = set(SCHEMA) | {"providers", "pricing", "plugins"}
-    for section in raw:
-        if section not in known:
-            raise ConfigError(source, section, f"unknown section (known: {', '.join(sorted(known))})")
 
-    providers = {}
-    for name, table in _table(source, "providers", raw.get("providers", {})).items():
-        providers[name] = _validate_table(source, f"providers.{name}", table, PROVIDER_SCHEMA)
+def _check_server(source: str, server: dict[str, Any]) -> None:
+    for key in ("port",):
+        port = server[key]
+        if not 0 <= port <= 65535:
+            raise ConfigError(source, "server.port", f"expected a port number 0-65535, got {port}")
+    if server["max_connections"] < 1:
+        raise ConfigError(
+            source, "server.max_connections", f"expected a positive integer, got {server['max_connections']}"
+        )
+    if server["header_timeout_seconds"] <= 0:
+        raise ConfigError(
+            source,
+            "server.header_timeout_seconds",
+            f"expected a positive number, got {server['header_timeout_seconds']}",
+        )
+
+
+def _pricing(source: str, raw: Any) -> dict[str, Any]:
     pricing = {}
-    for model, table in _table(source, "pricing", raw.get("pricing", {})).items():
+    for model, table in _table(source, "pricing", raw).items():
         problem = pattern_problem(model) if is_pattern(model) else None
         if problem:
             raise ConfigError(source, f'pricing."{model}"', f"malformed model pattern: {problem}")
         pricing[model] = validate_model_table(source, f'pricing."{model}"', table)
-    plugins = {
-        name: _table(source, f"plugins.{name}", t)
-        for name, t in _table(source, "plugins", raw.get("plugins", {})).items()
-    }
-    from .routing import parse_groups
-
-    groups = parse_groups(source, values["models"]["groups"])
-    return Config(values, providers, pricing, plugins, source, base_dir or Path.cwd(), groups)
+    return pricing
 
 
 def _table(source: str, key: str, value: Any) -> dict[str, Any]:

@@ -116,36 +116,8 @@ class ChatRequest:
 
 async def start_turn(gw: Registry, request: ChatRequest) -> Turn:
     """Validate, create the session if needed, store the user message, and start streaming."""
-    session = None
-    if request.session_id is not None:
-        streaming = gw.locks.get(request.session_id)
-        if streaming is not None:
-            if request.client != "admin" and streaming.client != request.client:
-                # Another client's session, streaming or not, is the same SESSION_NOT_FOUND: no probe tells
-                # whether it is live.
-                raise ApiError("SESSION_NOT_FOUND", f"No session {request.session_id!r}.")
-            raise ApiError(
-                "STREAM_IN_PROGRESS", "This session is already streaming an answer; wait for it or abort it."
-            )
-        session = await gw.sessions.get(request.session_id)
-        if session is not None and not await owns_now(gw, request.client, session):
-            # Another client's session is not there for this one; a named new one cannot take its id.
-            raise ApiError("SESSION_NOT_FOUND", f"No session {request.session_id!r}.")
-        if session is None and not request.create_if_missing:
-            raise ApiError(
-                "SESSION_NOT_FOUND", f"No session {request.session_id!r}. Omit sessionId to start a new one."
-            )
-
-    model = request.model or (session or {}).get("model") or gw.default_model
-    try:
-        gw.provider_for(model)
-    except ModelNotFound as e:
-        raise ApiError("MODEL_NOT_FOUND", str(e)) from None
-    # Allowlist, rate limits, budget (room for the first call's output at least): before anything is stored.
-    await gw.guard.precheck(request.client, model, lambda: least_output_cost(gw, model), request.credential)
-    if not await _has_usable_key(gw, model):
-        await _record_refusal(gw, model, request, "NO_API_KEY")
-        raise ApiError("NO_API_KEY", missing_key_message(model.split("/", 1)[0], gw.config))
+    session = await _existing_session(gw, request)
+    model = await _admitted_model(gw, request, session)
     # Media types, sizes and what the model reads: refused here, before anything is stored or sent.
     files = await attachments.prepare(
         gw, model, session["messages"] if session else request.import_messages, request.files
@@ -206,6 +178,41 @@ def running(gw: Registry, session_id: str) -> Turn | None:
     return cast("Turn | None", gw.locks.get(session_id))
 
 
+async def _existing_session(gw: Registry, request: ChatRequest) -> dict[str, Any] | None:
+    """The session the request names, when it is the caller's and not streaming; None for a new one."""
+    if request.session_id is None:
+        return None
+    streaming = gw.locks.get(request.session_id)
+    if streaming is not None:
+        if request.client != "admin" and streaming.client != request.client:
+            # Another client's session, streaming or not, is the same SESSION_NOT_FOUND: no probe tells
+            # whether it is live.
+            raise ApiError("SESSION_NOT_FOUND", f"No session {request.session_id!r}.")
+        raise ApiError("STREAM_IN_PROGRESS", STREAM_IN_PROGRESS_MESSAGE)
+    session = await gw.sessions.get(request.session_id)
+    if session is not None and not await owns_now(gw, request.client, session):
+        # Another client's session is not there for this one; a named new one cannot take its id.
+        raise ApiError("SESSION_NOT_FOUND", f"No session {request.session_id!r}.")
+    if session is None and not request.create_if_missing:
+        raise ApiError("SESSION_NOT_FOUND", f"No session {request.session_id!r}. Omit sessionId to start a new one.")
+    return session
+
+
+async def _admitted_model(gw: Registry, request: ChatRequest, session: dict[str, Any] | None) -> str:
+    """The model the turn uses, once it is known, allowed and has a key: before anything is stored."""
+    model = request.model or (session or {}).get("model") or gw.default_model
+    try:
+        gw.provider_for(model)
+    except ModelNotFound as e:
+        raise ApiError("MODEL_NOT_FOUND", str(e)) from None
+    # Allowlist, rate limits, budget (room for the first call's output at least): before anything is stored.
+    await gw.guard.precheck(request.client, model, lambda: least_output_cost(gw, model), request.credential)
+    if not await _has_usable_key(gw, model):
+        await _record_refusal(gw, model, request, "NO_API_KEY")
+        raise ApiError("NO_API_KEY", missing_key_message(model.split("/", 1)[0], gw.config))
+    return model
+
+
 def least_output_cost(gw: Registry, model: str) -> float:
     """What a turn's first call reserves at least: the output it asks for, thinking included, priced."""
     settings = gw.config.provider_settings(model.split("/", 1)[0])
@@ -256,6 +263,20 @@ def retry_delay(error: ProviderError, attempt: int) -> float | None:
     if error.retry_after is not None:
         return error.retry_after if error.retry_after <= MAX_RETRY_WAIT_SECONDS else None
     return min(0.5 * 2**attempt * (0.5 + random.random()), MAX_RETRY_WAIT_SECONDS)
+
+
+@dataclass(slots=True)
+class _Tally:
+    """What a turn's steps add up to: its answer's parts, usage and cost, how it ended, and its TTFT."""
+
+    started: float  # time.monotonic() at the turn's start
+    answered_by: str  # the model that answered last (a fallback's, when one answered)
+    parts: list[Part] = field(default_factory=list)
+    usage: TokenUsage = field(default_factory=TokenUsage)
+    cost: Cost = field(default_factory=Cost)
+    finish_reason: str = "stop"
+    error: tuple[str, str] | None = None
+    ttft_ms: float | None = None
 
 
 class _Stopped(Exception):
@@ -388,13 +409,9 @@ class Turn:
     # --- the turn -------------------------------------------------------------------------------
 
     async def _run(self, content: str, history: list[dict[str, Any]]) -> None:
-        started = time.monotonic()
+        tally = _Tally(started=time.monotonic(), answered_by=self.model)
         created_at = now_iso()
         self._publish(StreamStart(self.session_id, self.model, self.message_id, self.session_created))
-        parts: list[Part] = []
-        total_usage, total_cost = TokenUsage(), Cost()
-        finish_reason, error, ttft_ms = "stop", None, None
-        answered_by = self.model
         try:
             ctx = await assemble(
                 self.gw,
@@ -409,100 +426,135 @@ class Turn:
             max_steps = int(self.gw.config["chat"]["max_steps"])
             seen_sources: set[str] = set()
             for step in range(max_steps):
-                call_started = time.monotonic()
-                call = CallInfo(
-                    self.model,
-                    self.session_id,
-                    self.client,
-                    self.endpoint,
-                    turn=self.info,
-                    step=step,
-                    system=ctx.system,
-                    messages=list(ctx.messages),
-                    started=call_started,
-                )
-                provider_call = ProviderCall(
-                    self.gw,
-                    self.model,
-                    session_id=self.session_id,
-                    client=self.client,
-                    endpoint=self.endpoint,
-                    credential=self.credential,
-                    call=call,
-                )
-                try:  # each step's checks at the moment of its call, its reservation, its pending entry
-                    await provider_call.admit(
-                        lambda: request_ceiling(
-                            self._request(ctx, self.model), estimate_input_tokens(ctx, ceiling=True)
-                        )
-                    )
-                except ApiError as e:
-                    finish_reason, error = "error", (e.code, e.message)
+                if not await self._step(ctx, step, seen_sources, tally):
                     break
-                self._held = provider_call
-                self._publish(StepStart(step))
-                state = _Step(call=call, provider_call=provider_call)
-                try:
-                    finish, answered_by = await self._call_with_fallbacks(ctx, state, seen_sources)
-                except (ProviderError, _Stopped) as e:
-                    answered_by = state.model  # the model whose call failed, possibly a fallback
-                    if ttft_ms is None and state.delivered:
-                        ttft_ms = (state.first_at - started) * 1000
-                    parts.extend(state.partial_parts())
-                    # What the upstream reported so far, plus an estimate of the output it did not report;
-                    # nothing when it never answered (refused, 5xx, connection refused, aborted before).
-                    usage = self._partial_usage(ctx, state)
-                    cost = price(self.gw, answered_by, usage)
-                    total_usage, total_cost = total_usage + usage, total_cost + cost
-                    stopped = isinstance(e, _Stopped) and self._stop_reason in ("aborted", "shutdown")
-                    reason = "aborted" if stopped else "error"
-                    if isinstance(e, ProviderError):
-                        # Providers scrub their own key; an upstream message may still quote another secret.
-                        error = (e.code, redact(e.message))
-                    elif self._stop_reason == "idle":
-                        error = ("LLM_ERROR", "The model stopped sending data (idle timeout).")
-                    elif self._stop_reason == "shutdown":
-                        error = None  # stored as aborted; the server is going away
-                    call = state.call or call  # a model group's step may have begun a new call
-                    call.answer = "".join(state.text)
-                    if state.attempts:  # no record for a call never made (stopped before it)
-                        await self._record(answered_by, usage, call_started, reason, state, error and error[0], call)
-                    await (state.provider_call or provider_call).release()
-                    finish_reason = reason
-                    break
-                if ttft_ms is None and state.delivered:
-                    ttft_ms = (state.first_at - started) * 1000
-                usage = finish.usage if finish.usage is not None else self._partial_usage(ctx, state)
-                cost = price(self.gw, answered_by, usage)
-                total_usage, total_cost = total_usage + usage, total_cost + cost
-                call = state.call or call
-                call.answer = finish.message.text
-                self._note_call(ctx, usage)
-                await self._record(answered_by, usage, call_started, finish.finish_reason, state, None, call)
-                parts.extend(finish.message.parts)
-                finish_reason = finish.finish_reason
-                calls = [p for p in finish.message.parts if isinstance(p, ToolCallPart)]
-                if finish_reason != "tool-calls" or not calls:
-                    self._publish(StepFinish(step, finish_reason, usage, cost))
-                    break
-                # Tool results belong to the step that called the tools (as in the AI SDK's own streams).
-                results = await self._run_tools(calls)
-                self._publish(StepFinish(step, finish_reason, usage, cost))
-                parts.extend(results)
-                ctx.messages.append(finish.message)
-                ctx.messages.append(ChatMessage("user", list(results)))
         except ApiError as e:  # the context-window policy refused the call, or its summarising call failed
-            finish_reason, error = "error", (e.code, e.message)
+            tally.finish_reason, tally.error = "error", (e.code, e.message)
         except Exception:
             log.exception("turn in session %s failed", self.session_id)
-            finish_reason, error = "error", ("LLM_ERROR", "The gateway failed while answering; see the server log.")
+            tally.finish_reason = "error"
+            tally.error = ("LLM_ERROR", "The gateway failed while answering; see the server log.")
         finally:
             if self._held is not None:  # a step that made no record gives its reservation back
                 await self._held.release()
+        await self._finish(tally, created_at)
+
+    async def _step(self, ctx: AssembledContext, step: int, seen_sources: set[str], tally: _Tally) -> bool:
+        """One step: a provider call (with its retries and fallbacks), then the tools it called. Whether
+        another step follows (the model called tools)."""
+        call_started = time.monotonic()
+        call = CallInfo(
+            self.model,
+            self.session_id,
+            self.client,
+            self.endpoint,
+            turn=self.info,
+            step=step,
+            system=ctx.system,
+            messages=list(ctx.messages),
+            started=call_started,
+        )
+        provider_call = ProviderCall(
+            self.gw,
+            self.model,
+            session_id=self.session_id,
+            client=self.client,
+            endpoint=self.endpoint,
+            credential=self.credential,
+            call=call,
+        )
+        try:  # each step's checks at the moment of its call, its reservation, its pending entry
+            await provider_call.admit(
+                lambda: request_ceiling(self._request(ctx, self.model), estimate_input_tokens(ctx, ceiling=True))
+            )
+        except ApiError as e:
+            tally.finish_reason, tally.error = "error", (e.code, e.message)
+            return False
+        self._held = provider_call
+        self._publish(StepStart(step))
+        state = _Step(call=call, provider_call=provider_call)
+        try:
+            finish, tally.answered_by = await self._call_with_fallbacks(ctx, state, seen_sources)
+        except (ProviderError, _Stopped) as e:
+            await self._step_failed(e, ctx, state, call, provider_call, call_started, tally)
+            return False
+        if tally.ttft_ms is None and state.delivered:
+            tally.ttft_ms = (state.first_at - tally.started) * 1000
+        usage = finish.usage if finish.usage is not None else self._partial_usage(ctx, state)
+        cost = price(self.gw, tally.answered_by, usage)
+        tally.usage, tally.cost = tally.usage + usage, tally.cost + cost
+        call = state.call or call
+        call.answer = finish.message.text
+        self._note_call(ctx, usage)
+        await self._record(tally.answered_by, usage, call_started, finish.finish_reason, state, None, call)
+        tally.parts.extend(finish.message.parts)
+        tally.finish_reason = finish.finish_reason
+        calls = [p for p in finish.message.parts if isinstance(p, ToolCallPart)]
+        if tally.finish_reason != "tool-calls" or not calls:
+            self._publish(StepFinish(step, tally.finish_reason, usage, cost))
+            return False
+        # Tool results belong to the step that called the tools (as in the AI SDK's own streams).
+        results = await self._run_tools(calls)
+        self._publish(StepFinish(step, tally.finish_reason, usage, cost))
+        tally.parts.extend(results)
+        ctx.messages.append(finish.message)
+        ctx.messages.append(ChatMessage("user", list(results)))
+        return True
+
+    async def _step_failed(
+        self,
+        e: ProviderError | _Stopped,
+        ctx: AssembledContext,
+        state: _Step,
+        call: CallInfo,
+        provider_call: ProviderCall,
+        call_started: float,
+        tally: _Tally,
+    ) -> None:
+        """The step's call failed or was stopped: what it produced is kept, billed and recorded, and the turn
+        ends with its error (or as aborted)."""
+        tally.answered_by = state.model  # the model whose call failed, possibly a fallback
+        if tally.ttft_ms is None and state.delivered:
+            tally.ttft_ms = (state.first_at - tally.started) * 1000
+        tally.parts.extend(state.partial_parts())
+        # What the upstream reported so far, plus an estimate of the output it did not report;
+        # nothing when it never answered (refused, 5xx, connection refused, aborted before).
+        usage = self._partial_usage(ctx, state)
+        cost = price(self.gw, tally.answered_by, usage)
+        tally.usage, tally.cost = tally.usage + usage, tally.cost + cost
+        stopped = isinstance(e, _Stopped) and self._stop_reason in ("aborted", "shutdown")
+        reason = "aborted" if stopped else "error"
+        if isinstance(e, ProviderError):
+            # Providers scrub their own key; an upstream message may still quote another secret.
+            tally.error = (e.code, redact(e.message))
+        elif self._stop_reason == "idle":
+            tally.error = ("LLM_ERROR", "The model stopped sending data (idle timeout).")
+        elif self._stop_reason == "shutdown":
+            tally.error = None  # stored as aborted; the server is going away
+        error = tally.error
+        call = state.call or call  # a model group's step may have begun a new call
+        call.answer = "".join(state.text)
+        if state.attempts:  # no record for a call never made (stopped before it)
+            await self._record(tally.answered_by, usage, call_started, reason, state, error and error[0], call)
+        await (state.provider_call or provider_call).release()
+        tally.finish_reason = reason
+
+    async def _finish(self, tally: _Tally, created_at: str) -> None:
+        """Store the answer, free the session, and send the end (or the error) to the clients."""
+        finish_reason, error = tally.finish_reason, tally.error
         aborted = finish_reason == "aborted" or self._stop_reason == "shutdown"
         try:
             await self._store(
-                parts, total_usage, total_cost, finish_reason, started, created_at, ttft_ms, aborted, error, answered_by
+                tally.parts,
+                tally.usage,
+                tally.cost,
+                finish_reason,
+                tally.started,
+                created_at,
+                tally.ttft_ms,
+                aborted,
+                error,
+                tally.answered_by,
             )
         except Exception:
             log.exception("storing the answer in session %s failed", self.session_id)
@@ -514,7 +566,9 @@ class Turn:
         elif self._storage_failed:  # never reported as stored when it is not (docs/protocol.md#errors)
             self._publish(StreamError("STORAGE_ERROR", STORAGE_ERROR_MESSAGE.format(self._storage_problem)))
         else:
-            self._publish(StreamEnd("aborted" if aborted else finish_reason, total_usage, total_cost, aborted, ttft_ms))
+            self._publish(
+                StreamEnd("aborted" if aborted else finish_reason, tally.usage, tally.cost, aborted, tally.ttft_ms)
+            )
         self._ended = (finish_reason, error[0] if error else ("STORAGE_ERROR" if self._storage_failed else None))
         self.done = True
         self.gw.locks.forget(self)

@@ -83,72 +83,78 @@ class Group:
 
 def parse_groups(source: str, table: Any) -> dict[str, Group]:
     """``[models.groups]`` validated; a ConfigError names the key and what was expected."""
-    from .config import ConfigError, _check
+    from .config import ConfigError
 
-    groups: dict[str, Group] = {}
     if not isinstance(table, dict):
         raise ConfigError(source, "models.groups", f"expected a table, got {table!r}")
-    for name, raw in table.items():
-        where = f'models.groups."{name}"'
-        if not isinstance(raw, dict):
-            raise ConfigError(source, where, f"expected a table, got {raw!r}")
-        values = {k: d for k, (_, d) in GROUP_KEYS.items()}
-        for key, value in raw.items():
-            if key not in GROUP_KEYS:
-                raise ConfigError(source, f"{where}.{key}", f"unknown key (known keys: {', '.join(GROUP_KEYS)})")
-            values[key] = _check(source, f"{where}.{key}", value, GROUP_KEYS[key][0])
-        if not values["deployments"]:
-            raise ConfigError(source, f"{where}.deployments", "expected a list of at least one deployment")
-        if values["strategy"] not in STRATEGIES:
-            raise ConfigError(
-                source, f"{where}.strategy", f"expected one of {', '.join(STRATEGIES)}, got {values['strategy']!r}"
-            )
-        if not all(isinstance(m, str) for m in values["fallbacks"]):
-            raise ConfigError(source, f"{where}.fallbacks", "expected a list of model or group names")
-        if values["allowed_fails"] < 0:
-            raise ConfigError(source, f"{where}.allowed_fails", f"expected 0 or more, got {values['allowed_fails']}")
-        if values["cooldown_seconds"] < 0:
-            raise ConfigError(
-                source, f"{where}.cooldown_seconds", f"expected 0 or more, got {values['cooldown_seconds']}"
-            )
-        deployments: list[Deployment] = []
-        for i, entry in enumerate(values["deployments"]):
-            at = f"{where}.deployments[{i}]"
-            if not isinstance(entry, dict):
-                raise ConfigError(source, at, f"expected a table {{model, key, ...}}, got {entry!r}")
-            d = {k: default for k, (_, default) in DEPLOYMENT_KEYS.items()}
-            for key, value in entry.items():
-                if key not in DEPLOYMENT_KEYS:
-                    raise ConfigError(source, f"{at}.{key}", f"unknown key (known keys: {', '.join(DEPLOYMENT_KEYS)})")
-                d[key] = _check(source, f"{at}.{key}", value, DEPLOYMENT_KEYS[key][0])
-            model = d["model"]
-            if not model or "/" not in model or model.endswith("/"):
-                raise ConfigError(source, f"{at}.model", f"expected a provider/model id, got {model!r}")
-            if d["weight"] <= 0:
-                raise ConfigError(source, f"{at}.weight", f"expected a positive number, got {d['weight']}")
-            for limit in ("rpm", "tpm"):
-                if d[limit] is not None and d[limit] < 1:
-                    raise ConfigError(source, f"{at}.{limit}", f"expected a positive integer, got {d[limit]}")
-            label = d["name"] or d["key"] or model.split("/", 1)[0]
-            if any(x.name == label for x in deployments):
-                if d["name"]:
-                    raise ConfigError(source, f"{at}.name", f"two deployments are named {label!r}")
-                label = f"{label}-{i + 1}"
-            deployments.append(
-                Deployment(name, label, model, d["key"], d["base_url"], float(d["weight"]), d["rpm"], d["tpm"])
-            )
-        groups[name] = Group(
-            name,
-            tuple(deployments),
-            values["strategy"],
-            tuple(values["fallbacks"]),
-            int(values["allowed_fails"]),
-            float(values["cooldown_seconds"]),
-        )
+    groups = {name: _parse_group(source, name, raw) for name, raw in table.items()}
     for group in groups.values():
         if group.name in group.fallbacks:
             raise ConfigError(source, f'models.groups."{group.name}".fallbacks', "a group cannot fall back to itself")
     return groups
+
+
+def _parse_group(source: str, name: str, raw: Any) -> Group:
+    from .config import ConfigError, _check
+
+    where = f'models.groups."{name}"'
+    if not isinstance(raw, dict):
+        raise ConfigError(source, where, f"expected a table, got {raw!r}")
+    values = {k: d for k, (_, d) in GROUP_KEYS.items()}
+    for key, value in raw.items():
+        if key not in GROUP_KEYS:
+            raise ConfigError(source, f"{where}.{key}", f"unknown key (known keys: {', '.join(GROUP_KEYS)})")
+        values[key] = _check(source, f"{where}.{key}", value, GROUP_KEYS[key][0])
+    if not values["deployments"]:
+        raise ConfigError(source, f"{where}.deployments", "expected a list of at least one deployment")
+    if values["strategy"] not in STRATEGIES:
+        raise ConfigError(
+            source, f"{where}.strategy", f"expected one of {', '.join(STRATEGIES)}, got {values['strategy']!r}"
+        )
+    if not all(isinstance(m, str) for m in values["fallbacks"]):
+        raise ConfigError(source, f"{where}.fallbacks", "expected a list of model or group names")
+    if values["allowed_fails"] < 0:
+        raise ConfigError(source, f"{where}.allowed_fails", f"expected 0 or more, got {values['allowed_fails']}")
+    if values["cooldown_seconds"] < 0:
+        raise ConfigError(source, f"{where}.cooldown_seconds", f"expected 0 or more, got {values['cooldown_seconds']}")
+    deployments: list[Deployment] = []
+    for i, entry in enumerate(values["deployments"]):
+        deployments.append(_parse_deployment(source, name, f"{where}.deployments[{i}]", i, entry, deployments))
+    return Group(
+        name,
+        tuple(deployments),
+        values["strategy"],
+        tuple(values["fallbacks"]),
+        int(values["allowed_fails"]),
+        float(values["cooldown_seconds"]),
+    )
+
+
+def _parse_deployment(source: str, group: str, at: str, i: int, entry: Any, before: list[Deployment]) -> Deployment:
+    """The ``i``-th deployment of ``group``, named apart from the ones ``before`` it."""
+    from .config import ConfigError, _check
+
+    if not isinstance(entry, dict):
+        raise ConfigError(source, at, f"expected a table {{model, key, ...}}, got {entry!r}")
+    d = {k: default for k, (_, default) in DEPLOYMENT_KEYS.items()}
+    for key, value in entry.items():
+        if key not in DEPLOYMENT_KEYS:
+            raise ConfigError(source, f"{at}.{key}", f"unknown key (known keys: {', '.join(DEPLOYMENT_KEYS)})")
+        d[key] = _check(source, f"{at}.{key}", value, DEPLOYMENT_KEYS[key][0])
+    model = d["model"]
+    if not model or "/" not in model or model.endswith("/"):
+        raise ConfigError(source, f"{at}.model", f"expected a provider/model id, got {model!r}")
+    if d["weight"] <= 0:
+        raise ConfigError(source, f"{at}.weight", f"expected a positive number, got {d['weight']}")
+    for limit in ("rpm", "tpm"):
+        if d[limit] is not None and d[limit] < 1:
+            raise ConfigError(source, f"{at}.{limit}", f"expected a positive integer, got {d[limit]}")
+    label = d["name"] or d["key"] or model.split("/", 1)[0]
+    if any(x.name == label for x in before):
+        if d["name"]:
+            raise ConfigError(source, f"{at}.name", f"two deployments are named {label!r}")
+        label = f"{label}-{i + 1}"
+    return Deployment(group, label, model, d["key"], d["base_url"], float(d["weight"]), d["rpm"], d["tpm"])
 
 
 # --- state ---------------------------------------------------------------------------------------

@@ -252,50 +252,64 @@ def security_middleware(config: Config) -> Middleware:
             return error_response(403, "FORBIDDEN", "Host not allowed; add it to [server] allowed_hosts.")
         if not origin_allowed(config, request):
             return error_response(403, "FORBIDDEN", "Origin not allowed; add it to [server] allowed_origins.")
-        if request.path == "/healthz" or request.path == "/gateway" or request.method == "OPTIONS":
-            return await handler(request)  # /gateway authenticates itself (header or first frame)
-        if request.method in ("GET", "HEAD") and (request.path == "/" or request.path.startswith("/assets/")):
-            return await handler(request)  # the web app's page and files: no secret; it signs in itself
-        if request.path == "/metrics" and config["metrics"]["public"]:
-            return await handler(request)  # scrapers without the token, when the operator opened it
-        v1 = request.path.startswith("/v1/")  # the drop-in APIs answer in their own error shape
+        if _open_without_token(config, request):
+            return await handler(request)
         token = api_token(request)
         try:
             who = await token_caller(request, token) if token is not None else None
         except Exception as e:
-            # A client key is looked up in the store: a database down is a 503 in the API's own shape, as
-            # for the gateway token's requests, not a traceback and aiohttp's text/plain 500.
-            if (outage := outage_error(e)) is None:
-                raise
-            log.warning("%s %s: the caller could not be looked up: %s", request.method, request.path, outage.message)
-            if v1:
-                return v1_errors.error_response(request, 503, outage.message, headers={"Retry-After": "1"})
-            return error_response(503, outage.code, outage.message)
-        if who is not None:
-            if who != ADMIN and request.path.startswith(ADMIN_PATHS):
-                return error_response(403, "FORBIDDEN", "Only the gateway token may manage clients.")
-            if who != ADMIN and request.path == "/metrics":  # every client's names, tokens and cost
-                return error_response(403, "FORBIDDEN", "Only the gateway token may read /metrics.")
-            request[CALLER_KEY] = who
-            return await bodies.close_after(request, await handler(request))
-        blocked = auth_blocked(request)
-        if token is not None:
-            auth_failed(request)
-        if blocked:
-            if v1:
-                return _v1_error(request, 429, "Too many failed authentications; try again later.")
-            return error_response(429, "RATE_LIMITED", "Too many failed authentications; try again later.")
-        if v1:
-            return _v1_error(
-                request,
-                401,
-                "Send the gateway token as x-api-key or Authorization: Bearer; run 'agentspace token' to see it.",
-            )
-        return error_response(
-            401, "UNAUTHORIZED", "Send Authorization: Bearer <token>; run 'agentspace token' to see it."
-        )
+            return _lookup_failed(request, e)
+        if who is None:
+            return _unauthenticated(request, token)
+        if who != ADMIN and request.path.startswith(ADMIN_PATHS):
+            return error_response(403, "FORBIDDEN", "Only the gateway token may manage clients.")
+        if who != ADMIN and request.path == "/metrics":  # every client's names, tokens and cost
+            return error_response(403, "FORBIDDEN", "Only the gateway token may read /metrics.")
+        request[CALLER_KEY] = who
+        return await bodies.close_after(request, await handler(request))
 
     return middleware
+
+
+def _open_without_token(config: Config, request: web.Request) -> bool:
+    """Whether the request's path is served without the token (the middleware's later checks skipped)."""
+    if request.path == "/healthz" or request.path == "/gateway" or request.method == "OPTIONS":
+        return True  # /gateway authenticates itself (header or first frame)
+    if request.method in ("GET", "HEAD") and (request.path == "/" or request.path.startswith("/assets/")):
+        return True  # the web app's page and files: no secret; it signs in itself
+    # Scrapers without the token, when the operator opened /metrics.
+    return request.path == "/metrics" and bool(config["metrics"]["public"])
+
+
+def _lookup_failed(request: web.Request, e: Exception) -> web.Response:
+    """The caller could not be looked up: a store outage is a 503; anything else is raised again."""
+    # A client key is looked up in the store: a database down is a 503 in the API's own shape, as
+    # for the gateway token's requests, not a traceback and aiohttp's text/plain 500.
+    if (outage := outage_error(e)) is None:
+        raise e
+    log.warning("%s %s: the caller could not be looked up: %s", request.method, request.path, outage.message)
+    if request.path.startswith("/v1/"):  # the drop-in APIs answer in their own error shape
+        return v1_errors.error_response(request, 503, outage.message, headers={"Retry-After": "1"})
+    return error_response(503, outage.code, outage.message)
+
+
+def _unauthenticated(request: web.Request, token: str | None) -> web.Response:
+    """No token or a wrong one: 401, or 429 once the address failed too often (a wrong token counts)."""
+    v1 = request.path.startswith("/v1/")  # the drop-in APIs answer in their own error shape
+    blocked = auth_blocked(request)
+    if token is not None:
+        auth_failed(request)
+    if blocked:
+        if v1:
+            return _v1_error(request, 429, "Too many failed authentications; try again later.")
+        return error_response(429, "RATE_LIMITED", "Too many failed authentications; try again later.")
+    if v1:
+        return _v1_error(
+            request,
+            401,
+            "Send the gateway token as x-api-key or Authorization: Bearer; run 'agentspace token' to see it.",
+        )
+    return error_response(401, "UNAUTHORIZED", "Send Authorization: Bearer <token>; run 'agentspace token' to see it.")
 
 
 def _v1_error(request: web.Request, status: int, message: str) -> web.Response:

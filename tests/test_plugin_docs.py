@@ -188,6 +188,11 @@ async def call_hooks(pm: pluggy.PluginManager, plugin: types.ModuleType, config:
         app = web.Application()
         pm.hook.register_routes(app=app, config=config)
         assert list(app.router.routes())
+    await call_event_hooks(pm, hooks, config)
+
+
+async def call_event_hooks(pm: pluggy.PluginManager, hooks: set[str], config: Config) -> None:
+    """Call the hooks that tell a plugin what happened (turns, calls, writes, budgets, start and stop)."""
     if hooks & {"turn_started", "turn_finished", "provider_call_started", "provider_call_finished"}:
         turn = TurnInfo("msg_1", "s_1", "echo/echo", "ws", "ws")
         call = CallInfo(

@@ -93,26 +93,12 @@ def usage(
             return {by: await storage.usage.report(by=by, **where) for by in wanted}
 
         reports = on_storage(state, backend_reports)
-    per_model, per_day, per_client = reports.get("model"), reports.get("day"), reports.get("client")
-    per_deployment = reports.get("deployment")
-    report = per_model or per_day or per_client or per_deployment or {}
+    report = next((reports[by] for by in GROUPINGS if reports.get(by)), {})
     damaged: list[str] = report.get("damagedFiles", [])
     grand = report.get("grandTotal", {})
 
     if as_json:
-        out: dict[str, Any] = {}
-        if per_model is not None:
-            out["perModel"] = per_model["perModel"]
-        if per_day is not None:
-            out["perDay"] = per_day["perDay"]
-        if per_client is not None:
-            out["perClient"] = per_client["perClient"]
-        if per_deployment is not None:
-            out["perDeployment"] = per_deployment["perDeployment"]
-        out["grandTotal"] = grand
-        out["damagedFiles"] = damaged
-        click.echo(json.dumps(out, indent=2))
-        _warn_damaged(damaged)
+        _print_json(reports, grand, damaged)
         return
 
     _warn_damaged(damaged)
@@ -120,36 +106,39 @@ def usage(
         scope = "".join([f" for session {session_id}" if session_id else "", f" since {since}" if since else ""])
         click.echo(f"No usage recorded{scope}.")
         return
+    _print_tables(reports, grand)
+
+
+# Each grouping (the first column's header) and the key of its groups in a report, in the order printed.
+GROUPINGS = {"model": "perModel", "day": "perDay", "client": "perClient", "deployment": "perDeployment"}
+
+
+def _print_json(reports: dict[str, Any], grand: dict[str, Any], damaged: list[str]) -> None:
+    out: dict[str, Any] = {GROUPINGS[by]: reports[by][GROUPINGS[by]] for by in GROUPINGS if by in reports}
+    out["grandTotal"] = grand
+    out["damagedFiles"] = damaged
+    click.echo(json.dumps(out, indent=2))
+    _warn_damaged(damaged)
+
+
+def _print_tables(reports: dict[str, Any], grand: dict[str, Any]) -> None:
+    """One table per grouping asked for (model, day, client, deployment, in that order), blank lines between."""
     headers = [
         *("requests", "errors", "input", "output", "cache read", "cache write", "total tokens"),
         *("server tools", "cost"),  # the cost includes the server-tool fees
     ]
     right = range(1, 10)
-    if per_model is not None:
-        rows = _rows(per_model["perModel"]) + [_row("TOTAL", grand)]
-        click.echo(table(["model", *headers], rows, right))
-    if per_day is not None:
-        if per_model is not None:
+    shown = [by for by in GROUPINGS if by in reports]
+    for i, by in enumerate(shown):
+        groups = reports[by][GROUPINGS[by]]
+        if by == "day":
+            groups = dict(sorted(groups.items()))
+        if i:
             click.echo()
-        rows = _rows(dict(sorted(per_day["perDay"].items()))) + [_row("TOTAL", grand)]
-        click.echo(table(["day", *headers], rows, right))
-    if per_client is not None:
-        if per_model is not None or per_day is not None:
-            click.echo()
-        rows = _rows(per_client["perClient"]) + [_row("TOTAL", grand)]
-        click.echo(table(["client", *headers], rows, right))
-    if per_deployment is not None:
-        if per_model is not None or per_day is not None or per_client is not None:
-            click.echo()
-        rows = _rows(per_deployment["perDeployment"]) + [_row("TOTAL", grand)]
-        click.echo(table(["deployment", *headers], rows, right))
+        rows = _rows(groups) + [_row("TOTAL", grand)]
+        click.echo(table([by, *headers], rows, right))
     # Any table's starred row (a model, or a day or client with such a model's calls) gets the footnote.
-    shown = [
-        r.get("perModel") or r.get("perDay") or r.get("perClient") or r.get("perDeployment") or {}
-        for r in (per_model, per_day, per_client, per_deployment)
-        if r
-    ]
-    if any(g.get("priceKnown") is False for groups in shown for g in groups.values()):
+    if any(g.get("priceKnown") is False for by in shown for g in reports[by].get(GROUPINGS[by], {}).values()):
         click.echo(
             "\n* price unknown: costed at the fallback price ([models] fallback_*_per_mtok); "
             'set [pricing."MODEL"] in the config for exact costs.'

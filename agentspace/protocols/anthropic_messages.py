@@ -260,13 +260,31 @@ def parse_request(body: dict[str, Any]) -> tuple[str, list[ChatMessage], list[To
     raw_messages = body.get("messages")
     if not isinstance(raw_messages, list) or not raw_messages:
         raise RequestError("messages: Field required (a non-empty list)")
-    system = body.get("system") or ""
+    system = _system(body.get("system") or "")
+    messages, extra_system = _messages(raw_messages)
+    if extra_system:
+        system = "\n\n".join(s for s in (system, *extra_system) if s)
+    if not messages:
+        raise RequestError("messages: at least one user message is required")
+    tools = _tools(body.get("tools") or ())
+    thinking = body.get("thinking") or {}
+    budget = None
+    if isinstance(thinking, dict) and thinking.get("type") in ("enabled", "adaptive"):
+        budget = int(thinking.get("budget_tokens") or 8000)
+    return system, messages, tools, max_tokens, budget, _params(body, bool(tools))
+
+
+def _system(system: Any) -> str:
+    """The ``system`` field: a string, or the text of its text blocks."""
     if isinstance(system, list):
-        system = "\n\n".join(
-            str(b.get("text") or "") for b in system if isinstance(b, dict) and b.get("type") == "text"
-        )
-    elif not isinstance(system, str):
+        return "\n\n".join(str(b.get("text") or "") for b in system if isinstance(b, dict) and b.get("type") == "text")
+    if not isinstance(system, str):
         raise RequestError("system: must be a string or a list of text blocks")
+    return system
+
+
+def _messages(raw_messages: list[Any]) -> tuple[list[ChatMessage], list[str]]:
+    """The conversation, and the texts of the system messages in it."""
     names: dict[str, str] = {}
     messages: list[ChatMessage] = []
     extra_system: list[str] = []
@@ -284,51 +302,57 @@ def parse_request(body: dict[str, Any]) -> tuple[str, list[ChatMessage], list[To
                 str(b.get("text") or "") for b in blocks if isinstance(b, dict) and b.get("type") == "text"
             )
             continue
-        parts: list[Part] = []
-        for j, b in enumerate(blocks):
-            part = _part(b, names, f"messages.{i}.content.{j}")
-            if part is not None:
-                parts.append(part)
-            if isinstance(part, ToolResultPart) and isinstance(b.get("content"), list):
-                # Images and documents in a tool result (a screenshot): after it, where every API takes them.
-                parts.extend(
-                    _file(c, str(c.get("type")), f"messages.{i}.content.{j}.content.{k}")
-                    for k, c in enumerate(b["content"])
-                    if isinstance(c, dict) and c.get("type") in ("image", "document")
-                )
+        parts = _message_parts(blocks, names, f"messages.{i}.content")
         if messages and messages[-1].role == m["role"]:  # around a system message, turns of one role meet
             messages[-1].parts.extend(parts)
         else:
             messages.append(ChatMessage(m["role"], parts))
-    if extra_system:
-        system = "\n\n".join(s for s in (system, *extra_system) if s)
-    if not messages:
-        raise RequestError("messages: at least one user message is required")
+    return messages, extra_system
+
+
+def _message_parts(blocks: list[Any], names: dict[str, str], where: str) -> list[Part]:
+    parts: list[Part] = []
+    for j, b in enumerate(blocks):
+        part = _part(b, names, f"{where}.{j}")
+        if part is not None:
+            parts.append(part)
+        if isinstance(part, ToolResultPart) and isinstance(b.get("content"), list):
+            # Images and documents in a tool result (a screenshot): after it, where every API takes them.
+            parts.extend(
+                _file(c, str(c.get("type")), f"{where}.{j}.content.{k}")
+                for k, c in enumerate(b["content"])
+                if isinstance(c, dict) and c.get("type") in ("image", "document")
+            )
+    return parts
+
+
+def _tools(raw_tools: Any) -> list[Tool]:
     tools = []
-    for i, t in enumerate(body.get("tools") or ()):
+    for i, t in enumerate(raw_tools):
         if not isinstance(t, dict) or not isinstance(t.get("name"), str) or "input_schema" not in t:
             raise RequestError(
                 f"tools.{i}: only client tools ({{name, description, input_schema}}) work with this model"
             )
         tools.append(Tool(t["name"], str(t.get("description") or ""), t["input_schema"], _never_called))
-    thinking = body.get("thinking") or {}
-    budget = None
-    if isinstance(thinking, dict) and thinking.get("type") in ("enabled", "adaptive"):
-        budget = int(thinking.get("budget_tokens") or 8000)
+    return tools
+
+
+def _params(body: dict[str, Any], has_tools: bool) -> dict[str, Any]:
+    """Sampling parameters, tool choice and structured output, in the OpenAI shape providers take."""
     try:
         params = sampling_params(
             body.get("temperature"), body.get("top_p"), body.get("stop_sequences"), "stop_sequences"
         )
     except ParamError as e:
         raise RequestError(f"{e.param}: {e.message}") from None
-    params.update(_tool_choice(body.get("tool_choice"), bool(tools)))
+    params.update(_tool_choice(body.get("tool_choice"), has_tools))
     output_format = (
         (body.get("output_config") or {}).get("format") if isinstance(body.get("output_config"), dict) else None
     )
     if isinstance(output_format, dict) and output_format.get("type") == "json_schema":
         schema = {"name": "output", "schema": output_format.get("schema") or {}, "strict": True}
         params["response_format"] = {"type": "json_schema", "json_schema": schema}
-    return system, messages, tools, max_tokens, budget, params
+    return params
 
 
 def _tool_choice(choice: Any, has_tools: bool) -> dict[str, Any]:

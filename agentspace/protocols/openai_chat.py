@@ -178,18 +178,50 @@ def _refused(name: str, value: Any) -> bool:
 def parse_request(body: Any) -> ParsedRequest:
     if not isinstance(body, dict):
         raise RequestError("body", "The request body must be a JSON object.")
-    for name, value in body.items():
-        if name in REFUSED_FIELDS:
-            if _refused(name, value):
-                raise RequestError(name, REFUSED_FIELDS[name])
-        elif name not in READ_FIELDS and name not in PASSED_ON_FIELDS and name not in ACCEPTED_FIELDS:
-            raise RequestError(name, f"{name} is not a Chat Completions parameter this gateway supports.")
+    _check_fields(body)
     model = body.get("model")
     if not isinstance(model, str) or not model:
         raise RequestError("model", "you must provide a model parameter")
     raw_messages = body.get("messages")
     if not isinstance(raw_messages, list) or not raw_messages:
         raise RequestError("messages", "messages must be a non-empty array")
+    system, messages = _messages(raw_messages)
+    tools = _tools(body.get("tools") or ())
+    max_tokens = body.get("max_completion_tokens") or body.get("max_tokens")
+    if max_tokens is not None and (not isinstance(max_tokens, int) or max_tokens < 1):
+        raise RequestError("max_tokens", "max_tokens must be a positive integer")
+    reasoning_budget = _reasoning_budget(body.get("reasoning_effort"))
+    return ParsedRequest(
+        model=model,
+        system="\n\n".join(s for s in system if s),
+        messages=messages,
+        tools=tools,
+        stream=bool(body.get("stream")),
+        include_usage=bool((body.get("stream_options") or {}).get("include_usage")),
+        max_tokens=max_tokens,
+        reasoning_budget=reasoning_budget,
+        params=_params(body, bool(tools)),
+    )
+
+
+def _reasoning_budget(effort: Any) -> int | None:
+    if effort is not None and effort not in (*REASONING_BUDGETS, "none", "xhigh"):
+        raise RequestError("reasoning_effort", f"unsupported reasoning_effort {effort!r}")
+    return REASONING_BUDGETS.get("high" if effort == "xhigh" else effort) if effort else None
+
+
+def _check_fields(body: dict[str, Any]) -> None:
+    """Refuse the fields this gateway does not support, and the refused ones set to more than their default."""
+    for name, value in body.items():
+        if name in REFUSED_FIELDS:
+            if _refused(name, value):
+                raise RequestError(name, REFUSED_FIELDS[name])
+        elif name not in READ_FIELDS and name not in PASSED_ON_FIELDS and name not in ACCEPTED_FIELDS:
+            raise RequestError(name, f"{name} is not a Chat Completions parameter this gateway supports.")
+
+
+def _messages(raw_messages: list[Any]) -> tuple[list[str], list[ChatMessage]]:
+    """The system texts and the conversation of ``messages``."""
     system: list[str] = []
     messages: list[ChatMessage] = []
     names: dict[str, str] = {}  # tool call id -> tool name, for the tool results
@@ -202,17 +234,7 @@ def parse_request(body: Any) -> ParsedRequest:
         elif role == "user":
             _append(messages, "user", user_parts(m.get("content"), f"messages[{i}].content"))
         elif role == "assistant":
-            parts: list[Part] = []
-            text = _text(m.get("content"), f"messages[{i}].content") if m.get("content") is not None else ""
-            if text:
-                parts.append(TextPart(text))
-            for j, call in enumerate(m.get("tool_calls") or ()):
-                fn = call.get("function") if isinstance(call, dict) else None
-                if not isinstance(fn, dict) or not isinstance(call.get("id"), str):
-                    raise RequestError(f"messages[{i}].tool_calls[{j}]", "a tool call needs an id and a function")
-                names[call["id"]] = str(fn.get("name") or "")
-                parts.append(ToolCallPart(call["id"], names[call["id"]], _arguments(fn.get("arguments"))))
-            _append(messages, "assistant", parts)
+            _append(messages, "assistant", _assistant_parts(m, i, names))
         elif role == "tool":
             call_id = m.get("tool_call_id")
             if not isinstance(call_id, str):
@@ -221,8 +243,27 @@ def parse_request(body: Any) -> ParsedRequest:
             _append(messages, "user", [ToolResultPart(call_id, names.get(call_id, ""), output)])
         else:
             raise RequestError(f"messages[{i}].role", f"unsupported role {role!r}")
+    return system, messages
+
+
+def _assistant_parts(m: dict[str, Any], i: int, names: dict[str, str]) -> list[Part]:
+    """An assistant message's text and tool calls (whose names go into ``names``)."""
+    parts: list[Part] = []
+    text = _text(m.get("content"), f"messages[{i}].content") if m.get("content") is not None else ""
+    if text:
+        parts.append(TextPart(text))
+    for j, call in enumerate(m.get("tool_calls") or ()):
+        fn = call.get("function") if isinstance(call, dict) else None
+        if not isinstance(fn, dict) or not isinstance(call.get("id"), str):
+            raise RequestError(f"messages[{i}].tool_calls[{j}]", "a tool call needs an id and a function")
+        names[call["id"]] = str(fn.get("name") or "")
+        parts.append(ToolCallPart(call["id"], names[call["id"]], _arguments(fn.get("arguments"))))
+    return parts
+
+
+def _tools(raw_tools: Any) -> list[Tool]:
     tools = []
-    for i, t in enumerate(body.get("tools") or ()):
+    for i, t in enumerate(raw_tools):
         fn = t.get("function") if isinstance(t, dict) else None
         if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
             raise RequestError(f"tools[{i}]", "tools must be {type: function, function: {name, parameters}}")
@@ -234,33 +275,22 @@ def parse_request(body: Any) -> ParsedRequest:
                 _never_called,
             )
         )
-    max_tokens = body.get("max_completion_tokens") or body.get("max_tokens")
-    if max_tokens is not None and (not isinstance(max_tokens, int) or max_tokens < 1):
-        raise RequestError("max_tokens", "max_tokens must be a positive integer")
-    effort = body.get("reasoning_effort")
-    if effort is not None and effort not in (*REASONING_BUDGETS, "none", "xhigh"):
-        raise RequestError("reasoning_effort", f"unsupported reasoning_effort {effort!r}")
+    return tools
+
+
+def _params(body: dict[str, Any], has_tools: bool) -> dict[str, Any]:
+    """The parameters that go to the provider: sampling, tool choice, response format and the passed-on ones."""
     stop = body.get("stop")
     params = sampling_params(
         body.get("temperature"), body.get("top_p"), [stop] if isinstance(stop, str) else stop, "stop"
     )
-    params.update(tool_params(body.get("tool_choice"), body.get("parallel_tool_calls"), bool(tools)))
+    params.update(tool_params(body.get("tool_choice"), body.get("parallel_tool_calls"), has_tools))
     if body.get("response_format") is not None:
         response_format = check_response_format(body["response_format"], "response_format")
         if response_format is not None:
             params["response_format"] = response_format
     params.update({name: body[name] for name in PASSED_ON_FIELDS | HINT_FIELDS if body.get(name) is not None})
-    return ParsedRequest(
-        model=model,
-        system="\n\n".join(s for s in system if s),
-        messages=messages,
-        tools=tools,
-        stream=bool(body.get("stream")),
-        include_usage=bool((body.get("stream_options") or {}).get("include_usage")),
-        max_tokens=max_tokens,
-        reasoning_budget=REASONING_BUDGETS.get("high" if effort == "xhigh" else effort) if effort else None,
-        params=params,
-    )
+    return params
 
 
 def tool_params(tool_choice: Any, parallel: Any, has_tools: bool) -> dict[str, Any]:

@@ -97,18 +97,7 @@ def parse_request(body: Any) -> tuple[ParsedRequest, bool]:
     """The request, and whether the client asked for reasoning's ``encrypted_content``."""
     if not isinstance(body, dict):
         raise RequestError("body", "The request body must be a JSON object.")
-    for name in body:
-        if name not in ACCEPTED_FIELDS:
-            raise RequestError(name, f"{name} is not supported by this gateway.")
-    for name, message in STATEFUL_FIELDS.items():
-        if body.get(name):
-            raise RequestError(name, message)
-    if body.get("background"):
-        raise RequestError("background", "background responses are not supported: this gateway stores no responses.")
-    if body.get("top_logprobs"):
-        raise RequestError("top_logprobs", "top_logprobs is not supported on /v1/responses by this gateway.")
-    if body.get("truncation") not in (None, "disabled"):
-        raise RequestError("truncation", "only truncation: disabled is supported; the gateway never drops input.")
+    _check_fields(body)
     model = body.get("model")
     if not isinstance(model, str) or not model:
         raise RequestError("model", "you must provide a model parameter")
@@ -127,12 +116,48 @@ def parse_request(body: Any) -> tuple[ParsedRequest, bool]:
         raise RequestError("input", "input must hold at least one user message or function call output")
 
     tools = _tools(body.get("tools"))
+    params = _params(body, bool(tools))
+    max_tokens = body.get("max_output_tokens")
+    if max_tokens is not None and (isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1):
+        raise RequestError("max_output_tokens", "max_output_tokens must be a positive integer")
+    parsed = ParsedRequest(
+        model=model,
+        system="\n\n".join(s for s in system if s),
+        messages=messages,
+        tools=tools,
+        stream=bool(body.get("stream")),
+        include_usage=True,
+        max_tokens=max_tokens,
+        reasoning_budget=_reasoning_budget(body.get("reasoning") or {}),
+        params=params,
+    )
+    return parsed, ENCRYPTED_REASONING in include
+
+
+def _check_fields(body: dict[str, Any]) -> None:
+    """Refuse the fields this gateway does not support, and the stateful ones (it stores no responses)."""
+    for name in body:
+        if name not in ACCEPTED_FIELDS:
+            raise RequestError(name, f"{name} is not supported by this gateway.")
+    for name, message in STATEFUL_FIELDS.items():
+        if body.get(name):
+            raise RequestError(name, message)
+    if body.get("background"):
+        raise RequestError("background", "background responses are not supported: this gateway stores no responses.")
+    if body.get("top_logprobs"):
+        raise RequestError("top_logprobs", "top_logprobs is not supported on /v1/responses by this gateway.")
+    if body.get("truncation") not in (None, "disabled"):
+        raise RequestError("truncation", "only truncation: disabled is supported; the gateway never drops input.")
+
+
+def _params(body: dict[str, Any], has_tools: bool) -> dict[str, Any]:
+    """The parameters that go to the provider: sampling, hints, tool choice and the text format."""
     params = sampling_params(body.get("temperature"), body.get("top_p"), None, "stop")
     params.update({name: body[name] for name in HINT_FIELDS if body.get(name) is not None})
     tool_choice = body.get("tool_choice")
     params.update(
         tool_params(
-            _tool_choice(tool_choice) if tool_choice is not None else None, body.get("parallel_tool_calls"), bool(tools)
+            _tool_choice(tool_choice) if tool_choice is not None else None, body.get("parallel_tool_calls"), has_tools
         )
     )
     text = body.get("text")
@@ -142,28 +167,16 @@ def parse_request(body: Any) -> tuple[ParsedRequest, bool]:
         response_format = _text_format(text.get("format"))
         if response_format is not None:
             params["response_format"] = response_format
-    max_tokens = body.get("max_output_tokens")
-    if max_tokens is not None and (isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1):
-        raise RequestError("max_output_tokens", "max_output_tokens must be a positive integer")
-    reasoning = body.get("reasoning") or {}
+    return params
+
+
+def _reasoning_budget(reasoning: Any) -> int | None:
     if not isinstance(reasoning, dict):
         raise RequestError("reasoning", "reasoning must be an object")
     effort = reasoning.get("effort")
     if effort is not None and effort not in (*REASONING_BUDGETS, "none", "xhigh"):
         raise RequestError("reasoning.effort", f"unsupported reasoning effort {effort!r}")
-    budget = REASONING_BUDGETS.get("high" if effort == "xhigh" else effort) if isinstance(effort, str) else None
-    parsed = ParsedRequest(
-        model=model,
-        system="\n\n".join(s for s in system if s),
-        messages=messages,
-        tools=tools,
-        stream=bool(body.get("stream")),
-        include_usage=True,
-        max_tokens=max_tokens,
-        reasoning_budget=budget,
-        params=params,
-    )
-    return parsed, ENCRYPTED_REASONING in include
+    return REASONING_BUDGETS.get("high" if effort == "xhigh" else effort) if isinstance(effort, str) else None
 
 
 def _input_messages(raw: Any, system: list[str]) -> list[ChatMessage]:
@@ -179,17 +192,7 @@ def _input_messages(raw: Any, system: list[str]) -> list[ChatMessage]:
             raise RequestError(param, "each input item must be an object")
         kind = item.get("type") or ("message" if "role" in item else None)
         if kind == "message":
-            role = item.get("role")
-            if role in ("system", "developer"):
-                system.append(_text(item.get("content"), f"{param}.content"))
-            elif role == "user":
-                _append(messages, "user", _user_parts(item.get("content"), f"{param}.content"))
-            elif role == "assistant":
-                text = _text(item.get("content"), f"{param}.content")
-                if text:
-                    _append(messages, role, [TextPart(text)])
-            else:
-                raise RequestError(f"{param}.role", f"unsupported role {role!r}")
+            _input_message(item, param, messages, system)
         elif kind == "function_call":
             call_id, name = item.get("call_id"), item.get("name")
             if not isinstance(call_id, str) or not isinstance(name, str):
@@ -204,21 +207,7 @@ def _input_messages(raw: Any, system: list[str]) -> list[ChatMessage]:
             text = output if isinstance(output, str) else _text(output, f"{param}.output")
             _append(messages, "user", [ToolResultPart(call_id, names.get(call_id, ""), text)])
         elif kind == "reasoning":
-            # Only signed reasoning goes back to the model (Anthropic checks it); a summary alone is the
-            # model's own note to the client, which no provider takes back.
-            signature = item.get("encrypted_content")
-            if isinstance(signature, str) and signature:
-                summary = "".join(str(s.get("text") or "") for s in item.get("summary") or () if isinstance(s, dict))
-                content = "".join(str(c.get("text") or "") for c in item.get("content") or () if isinstance(c, dict))
-                part = ReasoningPart(content or summary, signature=signature)
-                last = messages[-1] if messages else None
-                if last is not None and last.role == "assistant":
-                    # A turn's reasoning goes before its text and calls (Anthropic checks the order), wherever
-                    # the client put the item (Codex: where its output_item.done came, at the answer's end).
-                    at = sum(1 for p in last.parts if isinstance(p, ReasoningPart))
-                    last.parts.insert(at, part)
-                else:
-                    _append(messages, "assistant", [part])
+            _input_reasoning(item, messages)
         else:
             raise RequestError(
                 f"{param}.type",
@@ -226,6 +215,38 @@ def _input_messages(raw: Any, system: list[str]) -> list[ChatMessage]:
                 "(it takes message, function_call, function_call_output and reasoning items)",
             )
     return messages
+
+
+def _input_message(item: dict[str, Any], param: str, messages: list[ChatMessage], system: list[str]) -> None:
+    role = item.get("role")
+    if role in ("system", "developer"):
+        system.append(_text(item.get("content"), f"{param}.content"))
+    elif role == "user":
+        _append(messages, "user", _user_parts(item.get("content"), f"{param}.content"))
+    elif role == "assistant":
+        text = _text(item.get("content"), f"{param}.content")
+        if text:
+            _append(messages, role, [TextPart(text)])
+    else:
+        raise RequestError(f"{param}.role", f"unsupported role {role!r}")
+
+
+def _input_reasoning(item: dict[str, Any], messages: list[ChatMessage]) -> None:
+    # Only signed reasoning goes back to the model (Anthropic checks it); a summary alone is the
+    # model's own note to the client, which no provider takes back.
+    signature = item.get("encrypted_content")
+    if isinstance(signature, str) and signature:
+        summary = "".join(str(s.get("text") or "") for s in item.get("summary") or () if isinstance(s, dict))
+        content = "".join(str(c.get("text") or "") for c in item.get("content") or () if isinstance(c, dict))
+        part = ReasoningPart(content or summary, signature=signature)
+        last = messages[-1] if messages else None
+        if last is not None and last.role == "assistant":
+            # A turn's reasoning goes before its text and calls (Anthropic checks the order), wherever
+            # the client put the item (Codex: where its output_item.done came, at the answer's end).
+            at = sum(1 for p in last.parts if isinstance(p, ReasoningPart))
+            last.parts.insert(at, part)
+        else:
+            _append(messages, "assistant", [part])
 
 
 def _append(messages: list[ChatMessage], role: str, parts: list[Part]) -> None:

@@ -375,35 +375,9 @@ class _StreamState:
     def handle(self, name: str | None, data: str) -> list[ProviderEvent]:
         """The events for one SSE event (mostly none or one)."""
         if name == "content_block_delta":  # by far the most frequent: checked first
-            event = json.loads(data)
-            delta = event["delta"]
-            kind = delta["type"]
-            if kind == "text_delta":
-                text = delta["text"]
-                self.blocks[event["index"]].pieces.append(text)
-                return [TextDelta(text)]
-            if kind == "thinking_delta":
-                text = delta["thinking"]
-                self.blocks[event["index"]].pieces.append(text)
-                return [ReasoningDelta(text)]
-            if kind == "input_json_delta":
-                self.blocks[event["index"]].pieces.append(delta["partial_json"])
-            elif kind == "signature_delta":
-                self.blocks[event["index"]].signature = delta["signature"]
-            elif kind == "citations_delta":
-                citation = delta["citation"]
-                # Only web citations have a URL; document citations (char_location, ...) point into the request.
-                if citation["type"] == "web_search_result_location":
-                    return self._source(citation["url"], citation.get("title"))
-            return []
+            return self._delta(json.loads(data))
         if name == "content_block_start":
-            event = json.loads(data)
-            block = _Block(event["content_block"])
-            self.blocks[event["index"]] = block
-            if block.type == "web_search_tool_result" and isinstance(block.start["content"], list):
-                # (On a failed search, content is an error object instead of a list of results.)
-                return [e for r in block.start["content"] for e in self._source(r["url"], r.get("title"))]
-            return []
+            return self._start_block(json.loads(data))
         if name == "content_block_stop":
             return self._stop_block(self.blocks[json.loads(data)["index"]])
         if name == "message_delta":
@@ -422,6 +396,36 @@ class _StreamState:
         if name == "error":
             raise _stream_error(json.loads(data).get("error") or {})
         return []  # ping, and event types added to the API later
+
+    def _delta(self, event: dict[str, Any]) -> list[ProviderEvent]:
+        delta = event["delta"]
+        kind = delta["type"]
+        if kind == "text_delta":
+            text = delta["text"]
+            self.blocks[event["index"]].pieces.append(text)
+            return [TextDelta(text)]
+        if kind == "thinking_delta":
+            text = delta["thinking"]
+            self.blocks[event["index"]].pieces.append(text)
+            return [ReasoningDelta(text)]
+        if kind == "input_json_delta":
+            self.blocks[event["index"]].pieces.append(delta["partial_json"])
+        elif kind == "signature_delta":
+            self.blocks[event["index"]].signature = delta["signature"]
+        elif kind == "citations_delta":
+            citation = delta["citation"]
+            # Only web citations have a URL; document citations (char_location, ...) point into the request.
+            if citation["type"] == "web_search_result_location":
+                return self._source(citation["url"], citation.get("title"))
+        return []
+
+    def _start_block(self, event: dict[str, Any]) -> list[ProviderEvent]:
+        block = _Block(event["content_block"])
+        self.blocks[event["index"]] = block
+        if block.type == "web_search_tool_result" and isinstance(block.start["content"], list):
+            # (On a failed search, content is an error object instead of a list of results.)
+            return [e for r in block.start["content"] for e in self._source(r["url"], r.get("title"))]
+        return []
 
     def _source(self, url: str, title: str | None) -> list[ProviderEvent]:
         if url in self.seen_urls:

@@ -17,7 +17,7 @@ import re
 import sys
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
@@ -209,6 +209,27 @@ class LiteLLMProvider:
         return any(name.endswith("_API_KEY") for name in names)
 
     async def stream(self, request: ProviderRequest) -> AsyncIterator[ProviderEvent]:
+        litellm = await self._checked_litellm(request)
+        settings = self._config.provider_settings(request.prefix)
+        kwargs = _completion_kwargs(request, settings)
+        reader = _ChunkReader()
+        response: Any = None
+        try:
+            response = await litellm.acompletion(**kwargs)
+            async for chunk in response:
+                for event in reader.feed(chunk):
+                    yield event
+        except Exception as e:
+            raise _map_error(e, request, settings["key_name"] or request.prefix) from None
+        finally:
+            # Also when the consumer stops early (abort): close the upstream connection, ending generation.
+            if response is not None:
+                await response.aclose()
+        for event in reader.finish(response):
+            yield event
+
+    async def _checked_litellm(self, request: ProviderRequest) -> ModuleType:
+        """litellm, once the request is known to have its key and only parameters its provider takes."""
         if await self.missing_key(request.model, request.api_key, request.base_url):
             # Checked here too for fallbacks and direct callers; litellm would retry a "Missing credentials" 500.
             raise ProviderError("NO_API_KEY", missing_key_message(request.prefix, self._config))
@@ -220,122 +241,135 @@ class LiteLLMProvider:
                 f"{', '.join(refused)}: not supported by {request.model} (its provider's API has no such parameter).",
                 status=400,
             )
-        settings = self._config.provider_settings(request.prefix)
-        kwargs: dict[str, Any] = {
-            # [providers.PREFIX] options go to litellm as they are (api_version, extra_headers, temperature, ...).
-            **settings["options"],
-            "model": request.model,
-            "messages": to_openai_messages(request),
-            "stream": True,
-            "stream_options": {"include_usage": True},
-            "api_base": request.base_url,
-            "api_key": request.api_key,
-            "max_tokens": request.max_tokens,
-            "timeout": settings["timeout_seconds"],
-            # The pipeline retries (before the first token only); litellm and the SDKs under it must not.
-            "num_retries": 0,
-            "max_retries": 0,
-            # Providers that reject a parameter (stream_options, thinking, ...) get it dropped, not a 400.
-            "drop_params": True,
-            **request.params,  # a /v1 client's temperature, top_p, stop
-        }
-        if request.cache_ttl is not None and anthropic_family(request.model):
-            # OpenAI, Gemini and others cache prefixes on their own; Claude only what is marked.
-            add_chat_breakpoints(kwargs["messages"], request.cache_ttl)
-        if request.tools:
-            kwargs["tools"] = [
-                {
-                    "type": "function",
-                    "function": {"name": t.name, "description": t.description, "parameters": t.input_schema},
-                }
-                for t in request.tools
-            ]
-        if request.thinking is not None and request.model_info.supports_reasoning:
-            # Adaptive wherever the model takes it (the budget form is deprecated for those models).
-            kwargs["thinking"] = (
-                {"type": "adaptive"}
-                if request.thinking.adaptive or accepts_adaptive_thinking(request.model)
-                else {"type": "enabled", "budget_tokens": request.thinking.budget_tokens}
-            )
+        return litellm
 
-        message = _MessageBuilder()
-        calls: dict[int, list[Any]] = {}  # index -> [id, name, argument pieces]
-        seen_urls: set[str] = set()
-        finish_reason: str | None = None
-        usage: Any = None
-        response: Any = None
-        try:
-            response = await litellm.acompletion(**kwargs)
-            async for chunk in response:
-                choices = chunk.choices
-                if choices:
-                    choice = choices[0]
-                    delta = choice.delta
-                    if delta is not None:
-                        reasoning = getattr(delta, "reasoning_content", None)
-                        if reasoning:
-                            message.add_reasoning(reasoning)
-                            yield ReasoningDelta(reasoning)
-                        blocks = getattr(delta, "thinking_blocks", None)
-                        if blocks:
-                            # Anthropic-family models: the text also came as reasoning_content; keep signatures.
-                            for text in message.add_thinking_blocks(blocks, reasoning is None):
-                                yield ReasoningDelta(text)
-                        content = delta.content
-                        if content:
-                            message.add_text(content)
-                            yield TextDelta(content)
-                        if delta.tool_calls:
-                            for tc in delta.tool_calls:
-                                call = calls.get(tc.index)
-                                if call is None:
-                                    call = calls[tc.index] = [None, None, []]
-                                call[0] = call[0] or tc.id
-                                fn = tc.function
-                                if fn is not None:
-                                    call[1] = call[1] or fn.name
-                                    if fn.arguments:
-                                        call[2].append(fn.arguments)
-                        annotations = getattr(delta, "annotations", None)
-                        if annotations:
-                            for source in _annotation_sources(annotations):
-                                if source.url not in seen_urls:
-                                    seen_urls.add(source.url)
-                                    message.add_source(source)
-                                    yield source
-                    if choice.finish_reason:
-                        finish_reason = choice.finish_reason
-                citations = getattr(chunk, "citations", None)  # Perplexity: a list of URLs on the chunk
-                if citations:
-                    for url in citations:
-                        if isinstance(url, str) and url not in seen_urls:
-                            seen_urls.add(url)
-                            source = SourceEvent(url)
-                            message.add_source(source)
-                            yield source
-                chunk_usage = getattr(chunk, "usage", None)
-                if chunk_usage is not None:
-                    usage = chunk_usage
-        except Exception as e:
-            raise _map_error(e, request, settings["key_name"] or request.prefix) from None
-        finally:
-            # Also when the consumer stops early (abort): close the upstream connection, ending generation.
-            if response is not None:
-                await response.aclose()
 
+def _completion_kwargs(request: ProviderRequest, settings: Any) -> dict[str, Any]:
+    """The arguments of ``litellm.acompletion`` for ``request`` under its provider's ``settings``."""
+    kwargs: dict[str, Any] = {
+        # [providers.PREFIX] options go to litellm as they are (api_version, extra_headers, temperature, ...).
+        **settings["options"],
+        "model": request.model,
+        "messages": to_openai_messages(request),
+        "stream": True,
+        "stream_options": {"include_usage": True},
+        "api_base": request.base_url,
+        "api_key": request.api_key,
+        "max_tokens": request.max_tokens,
+        "timeout": settings["timeout_seconds"],
+        # The pipeline retries (before the first token only); litellm and the SDKs under it must not.
+        "num_retries": 0,
+        "max_retries": 0,
+        # Providers that reject a parameter (stream_options, thinking, ...) get it dropped, not a 400.
+        "drop_params": True,
+        **request.params,  # a /v1 client's temperature, top_p, stop
+    }
+    if request.cache_ttl is not None and anthropic_family(request.model):
+        # OpenAI, Gemini and others cache prefixes on their own; Claude only what is marked.
+        add_chat_breakpoints(kwargs["messages"], request.cache_ttl)
+    if request.tools:
+        kwargs["tools"] = [
+            {
+                "type": "function",
+                "function": {"name": t.name, "description": t.description, "parameters": t.input_schema},
+            }
+            for t in request.tools
+        ]
+    if request.thinking is not None and request.model_info.supports_reasoning:
+        # Adaptive wherever the model takes it (the budget form is deprecated for those models).
+        kwargs["thinking"] = (
+            {"type": "adaptive"}
+            if request.thinking.adaptive or accepts_adaptive_thinking(request.model)
+            else {"type": "enabled", "budget_tokens": request.thinking.budget_tokens}
+        )
+    return kwargs
+
+
+class _ChunkReader:
+    """Turns litellm's streamed chunks into our events while it collects the assistant message, the tool
+    calls (whose arguments arrive in pieces), the finish reason and the usage."""
+
+    def __init__(self) -> None:
+        self.message = _MessageBuilder()
+        self.calls: dict[int, list[Any]] = {}  # index -> [id, name, argument pieces]
+        self.seen_urls: set[str] = set()
+        self.finish_reason: str | None = None
+        self.usage: Any = None
+
+    def feed(self, chunk: Any) -> Iterator[ProviderEvent]:
+        choices = chunk.choices
+        if choices:
+            choice = choices[0]
+            if choice.delta is not None:
+                yield from self._delta(choice.delta)
+            if choice.finish_reason:
+                self.finish_reason = choice.finish_reason
+        citations = getattr(chunk, "citations", None)  # Perplexity: a list of URLs on the chunk
+        if citations:
+            for url in citations:
+                if isinstance(url, str):
+                    yield from self._source(SourceEvent(url))
+        chunk_usage = getattr(chunk, "usage", None)
+        if chunk_usage is not None:
+            self.usage = chunk_usage
+
+    def _delta(self, delta: Any) -> Iterator[ProviderEvent]:
+        message = self.message
+        reasoning = getattr(delta, "reasoning_content", None)
+        if reasoning:
+            message.add_reasoning(reasoning)
+            yield ReasoningDelta(reasoning)
+        blocks = getattr(delta, "thinking_blocks", None)
+        if blocks:
+            # Anthropic-family models: the text also came as reasoning_content; keep signatures.
+            for text in message.add_thinking_blocks(blocks, reasoning is None):
+                yield ReasoningDelta(text)
+        content = delta.content
+        if content:
+            message.add_text(content)
+            yield TextDelta(content)
+        if delta.tool_calls:
+            self._tool_call_pieces(delta.tool_calls)
+        annotations = getattr(delta, "annotations", None)
+        if annotations:
+            for source in _annotation_sources(annotations):
+                yield from self._source(source)
+
+    def _tool_call_pieces(self, tool_calls: list[Any]) -> None:
+        for tc in tool_calls:
+            call = self.calls.get(tc.index)
+            if call is None:
+                call = self.calls[tc.index] = [None, None, []]
+            call[0] = call[0] or tc.id
+            fn = tc.function
+            if fn is not None:
+                call[1] = call[1] or fn.name
+                if fn.arguments:
+                    call[2].append(fn.arguments)
+
+    def _source(self, source: SourceEvent) -> Iterator[SourceEvent]:
+        """Each cited URL once."""
+        if source.url not in self.seen_urls:
+            self.seen_urls.add(source.url)
+            self.message.add_source(source)
+            yield source
+
+    def finish(self, response: Any) -> Iterator[ProviderEvent]:
+        """The tool calls and the finish, once the stream ended."""
         # litellm papers over a stream that ended early with a made-up "stop"; its own state says whether the
         # provider sent a finish reason at all.
-        if finish_reason is None or not provider_finished(response):
+        if self.finish_reason is None or not provider_finished(response):
             raise ProviderError("LLM_ERROR", INCOMPLETE_MESSAGE, retryable=True)
-        for index in sorted(calls):
-            tool_id, name, pieces = calls[index]
+        for index in sorted(self.calls):
+            tool_id, name, pieces = self.calls[index]
             event = ToolCallEvent(tool_id or f"call_{index}", name or "", _parse_arguments("".join(pieces)))
-            message.add_tool_call(event)
+            self.message.add_tool_call(event)
             yield event
-        reason = _FINISH_REASONS.get(finish_reason, "other")
-        if calls and reason == "stop":  # some OpenAI-compatible servers (Ollama) end tool calls with "stop"
+        reason = _FINISH_REASONS.get(self.finish_reason, "other")
+        if self.calls and reason == "stop":  # some OpenAI-compatible servers (Ollama) end tool calls with "stop"
             reason = "tool-calls"
-        yield ProviderFinish(reason, _token_usage(usage) if provider_sent_usage(response) else None, message.finish())
+        usage = _token_usage(self.usage) if provider_sent_usage(response) else None
+        yield ProviderFinish(reason, usage, self.message.finish())
 
 
 # A /v1 client's parameters that change the answer: refused (not dropped) where the provider's API has none.

@@ -56,13 +56,6 @@ PART_PREFIXES = ("tool-", "data-")
 USER_PART_TYPES = ("text", "file")
 
 
-class _StreamResponse(web.StreamResponse):
-    # The headers go out with the first chunk (the start, which is ready at once): one send and one wake-up of
-    # the client instead of two before the first token (about 0.2 ms of added TTFT, benchmarks/bench.py).
-    # aiohttp's own switch (its non-streaming responses turn it off); were it renamed, headers go out alone again.
-    _send_headers_immediately = False
-
-
 def _frame(chunk: dict[str, Any]) -> bytes:
     return b"data: " + compact_json(chunk).encode() + b"\n\n"
 
@@ -350,7 +343,7 @@ def _stored_history(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 async def stream_turn(request: web.Request, turn: Turn, *, abort_on_disconnect: bool) -> web.StreamResponse:
     """Send the turn's events (from its start, then live) as a UI message stream."""
-    response = _StreamResponse(headers=STREAM_HEADERS)
+    response = web.StreamResponse(headers=STREAM_HEADERS)
     encoder = UIMessageStreamEncoder()
     try:
         await response.prepare(request)
@@ -408,7 +401,7 @@ async def resume_handler(request: web.Request) -> web.StreamResponse:
 
 async def _relay(request: web.Request, chunks: AsyncIterator[bytes]) -> web.StreamResponse:
     """Send a stream another replica publishes in Redis (the same bytes its own clients get)."""
-    response = _StreamResponse(headers=STREAM_HEADERS)
+    response = web.StreamResponse(headers=STREAM_HEADERS)
     await response.prepare(request)
     try:
         async for data in chunks:

@@ -29,7 +29,7 @@ import time
 from collections.abc import Iterable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from ...types import UsageRecord
 from ..atomic import (
@@ -211,56 +211,39 @@ class UsageStore:
         since_iso = _iso(since)
         today = _utc_day()
         groups: dict[GroupKey, dict[str, Any]] = {}
+        query = _Query(since_iso, session_id, client)
         for day in _days(self.dir):
             if since_iso is not None and day < since_iso[:10]:
                 continue
-            folder = self.dir / day
-            names = _listdir(folder)
-            if damaged is not None:
-                damaged += [str(folder / name) for name in sorted(names) if is_damaged_copy(name)]
-            files = _segment_files(names)
-            known = self._read_rollup(day)
-            fresh: dict[str, Any] = {}
-            for index, (_, name) in enumerate(files):
-                path = folder / name
-                try:
-                    size = path.stat().st_size
-                except FileNotFoundError:
-                    continue
-                closed = day < today or index < len(files) - 1 or not name.endswith(_LOG)
-                entry = known.get(name)
-                if not (closed and isinstance(entry, dict) and entry.get("size") == size):
-                    entry = None
-                usable = entry is not None and (since_iso is None or (entry.get("first") or "") >= since_iso)
-                if entry is not None and usable:
-                    fresh[name] = entry
-                    if entry.get("damaged"):
-                        if damaged is not None:
-                            damaged.append(str(path))
-                        continue
-                    for row in entry.get("groups", []):
-                        key = tuple(row[:6])
-                        if (session_id is None or key[3] == session_id) and (client is None or owner(key[2]) == client):
-                            merge(groups, key, _totals_from_row(row[6]))
-                    continue
-                try:
-                    records = read_segment(path)
-                except StoreCorrupt as e:
-                    warn_skipped(e)
-                    if damaged is not None:
-                        damaged.append(str(path))
-                    if closed:
-                        fresh[name] = {"version": _ROLLUP_VERSION, "size": size, "damaged": True}
-                    continue
-                if closed and entry is None:
-                    fresh[name] = _rollup_entry(records, size)
-                elif entry is not None:
-                    fresh[name] = entry
-                for record in _matching(records, since_iso, session_id, client):
-                    add_to(groups, record)
-            if fresh != known:
-                self._save_rollup(day, fresh)
+            self._count_day(day, day < today, query, groups, damaged)
         return groups
+
+    def _count_day(
+        self, day: str, past: bool, query: _Query, groups: dict[GroupKey, dict[str, Any]], damaged: list[str] | None
+    ) -> None:
+        """Add a day's matching records to ``groups``, and save its rollups if they changed."""
+        folder = self.dir / day
+        names = _listdir(folder)
+        if damaged is not None:
+            damaged += [str(folder / name) for name in sorted(names) if is_damaged_copy(name)]
+        files = _segment_files(names)
+        known = self._read_rollup(day)
+        fresh: dict[str, Any] = {}
+        for index, (_, name) in enumerate(files):
+            path = folder / name
+            try:
+                size = path.stat().st_size
+            except FileNotFoundError:
+                continue
+            closed = past or index < len(files) - 1 or not name.endswith(_LOG)
+            entry = known.get(name)
+            if not (closed and isinstance(entry, dict) and entry.get("size") == size):
+                entry = None
+            kept = _count_segment(path, size, closed, entry, query, groups, damaged)
+            if kept is not None:
+                fresh[name] = kept
+        if fresh != known:
+            self._save_rollup(day, fresh)
 
     def _read_rollup(self, day: str) -> dict[str, Any]:
         """The day's rollups: ``{segment file name: entry}`` (a tinydb layout, table ``segments``)."""
@@ -380,6 +363,55 @@ class UsageStore:
         log_ = AppendLog(segment_path(self.dir.parent, day, number))
         log_.open(read=False)
         self._day, self._number, self._log, self._count, self._ids = day, number, log_, 0, set()
+
+
+class _Query(NamedTuple):
+    since_iso: str | None
+    session_id: str | None
+    client: str | None
+
+
+def _count_segment(
+    path: Path,
+    size: int,
+    closed: bool,
+    entry: dict[str, Any] | None,
+    query: _Query,
+    groups: dict[GroupKey, dict[str, Any]],
+    damaged: list[str] | None,
+) -> dict[str, Any] | None:
+    """Add a segment's matching records to ``groups``, through its rollup ``entry`` where that covers the query;
+    the rollup entry to keep for the segment (None: none, it is still written to)."""
+    since_iso, session_id, client = query
+    usable = entry is not None and (since_iso is None or (entry.get("first") or "") >= since_iso)
+    if entry is not None and usable:
+        if entry.get("damaged"):
+            if damaged is not None:
+                damaged.append(str(path))
+            return entry
+        _count_rollup(entry, session_id, client, groups)
+        return entry
+    try:
+        records = read_segment(path)
+    except StoreCorrupt as e:
+        warn_skipped(e)
+        if damaged is not None:
+            damaged.append(str(path))
+        return {"version": _ROLLUP_VERSION, "size": size, "damaged": True} if closed else None
+    for record in _matching(records, since_iso, session_id, client):
+        add_to(groups, record)
+    if closed and entry is None:
+        return _rollup_entry(records, size)
+    return entry
+
+
+def _count_rollup(
+    entry: dict[str, Any], session_id: str | None, client: str | None, groups: dict[GroupKey, dict[str, Any]]
+) -> None:
+    for row in entry.get("groups", []):
+        key = tuple(row[:6])
+        if (session_id is None or key[3] == session_id) and (client is None or owner(key[2]) == client):
+            merge(groups, key, _totals_from_row(row[6]))
 
 
 def _matching(
