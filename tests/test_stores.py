@@ -706,7 +706,7 @@ async def test_the_server_keeps_one_usage_store_whose_sink_records_into_it(
     )
     assert response.status == 200
     await response.read()
-    [sink] = [s for s in gw.sinks if delivery(s) == "record"]
+    [sink] = [s for s in gw.recorder.sinks if delivery(s) == "record"]
     assert isinstance(sink, UsageStoreSink) and sink.store is gw.usage and sink_name(sink) == "tinydb"
     gc.unfreeze()  # the server froze what start-up made (server.py): in the collector's sight again
     opened = [o for o in gc.get_objects() if isinstance(o, UsageStore) and o.dir == gw.usage.dir]

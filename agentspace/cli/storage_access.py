@@ -9,6 +9,7 @@ reads it directly, without starting asyncio.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, TypeVar
 
@@ -32,12 +33,16 @@ def cli_storage(state: CliState) -> Storage:
     backend = builtin_backend(str(config["storage"]["backend"]))
     try:
         if backend is not None:
-            return backend.open(config)
-        from ..default_plugins.storage import open_storage
+            storage = backend.open(config)
+        else:
+            from ..default_plugins.storage import open_storage
 
-        return open_storage(config)
+            storage = open_storage(config)
     except StorageError as e:
         raise click.ClickException(e.message) from None
+    if storage.uses_data_dir_lock and sys.stderr.isatty():
+        state.say_data_dir()  # a person sees which data directory the command reads
+    return storage
 
 
 def on_storage(state: CliState, work: Callable[[Storage], Awaitable[T]]) -> T:
