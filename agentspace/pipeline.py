@@ -164,17 +164,19 @@ async def start_turn(gw: Registry, request: ChatRequest) -> Turn:
     gw.active[session_id] = turn
     if gw.cluster is not None:  # and across replicas (SPEC 13)
         await _claim_across_replicas(gw, turn)
-    # The user message is durable before the provider is called (SPEC 6).
+    # The user message is written now (a disk that refuses it refuses the turn) and durable before the provider
+    # is called: its sync waits for the call's pending ledger entry, the two synced side by side
+    # (ProviderCall.admit, docs/accounting.md).
     try:
         if session is None:
             history = list(request.import_messages)
             # A new session is written once, with its first messages.
             await gw.sessions.create(
-                model=model, session_id=session_id, client=request.client, messages=[*history, user_message]
+                model=model, session_id=session_id, client=request.client, messages=[*history, user_message], sync=False
             )
         else:
             history = session["messages"]
-            await gw.sessions.append_message(session_id, user_message)
+            await gw.sessions.append_message(session_id, user_message, sync=False)
     except STORAGE_FAILURES as e:
         gw.active.pop(session_id, None)
         if gw.cluster is not None:

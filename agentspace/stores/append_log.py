@@ -6,6 +6,9 @@ The high-rate stores (session messages, usage records) append instead of rewriti
 - An entry is one JSON value on one line (compact JSON, so never a raw newline inside), ending in ``\\n``.
   ``AppendLog.write`` appends the lines of its entries with one ``os.write`` on a file opened ``O_APPEND``
   (created 0600, its folder fsynced when the file is new).
+- ``AppendLog.create`` makes a new file with its first write whole (a temp file renamed into place, no sync
+  yet: a kill leaves the file complete or absent); its first ``sync`` makes the file and its folder durable,
+  so a new file costs no more syncs than an append and shares the group commit with the writes beside it.
 - An entry is durable once ``AppendLog.sync`` (``fdatasync``) returned; nothing may be acknowledged before.
   ``GroupCommit`` gives the writes queued together on the store thread one sync per file between them.
 - After a crash the file may end in part of a line (a write that was never synced, so never acknowledged):
@@ -46,7 +49,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from .atomic import StoreCorrupt, dump_json, fsync_dir
+from .atomic import StoreCorrupt, dump_json, fsync_dir, open_temp
 
 if TYPE_CHECKING:  # asyncio only where writes run: the CLI's reports start faster without it
     import asyncio
@@ -153,7 +156,30 @@ class AppendLog:
         self._fd: int | None = None
         self.size = 0  # bytes of complete lines written (what a reader finds once synced)
         self.synced = 0  # bytes known durable
+        self.failures = 0  # syncs that failed (their lines cut off): a write made before one is not durable
+        self._new = False  # created by ``create`` and not synced yet: the folder's entry is not durable either
         self._close_after_sync = False
+
+    @classmethod
+    def create(cls, path: Path, payload: bytes) -> AppendLog:
+        """A new file holding ``payload`` (lines already encoded), open for appending; durable, with its entry in
+        the folder, once ``sync`` returned. Written to a temp file renamed into place (over any file of that
+        name: the caller checked there is none), so a process killed at any moment leaves it whole or absent.
+        Raises OSError with nothing left behind."""
+        tmp, fd = open_temp(path, os.O_RDWR | os.O_APPEND)
+        try:
+            view = memoryview(payload)
+            while view:
+                view = view[os.write(fd, view) :]
+            os.replace(tmp, path)
+        except BaseException:
+            os.close(fd)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            raise
+        log_ = cls(path)
+        log_._fd, log_.size, log_._new = fd, len(payload), True
+        return log_
 
     @property
     def is_open(self) -> bool:
@@ -242,10 +268,16 @@ class AppendLog:
         raised (a failed fdatasync leaves no way to know what reached the disk)."""
         fd = self._require()
         try:
-            if self.synced != self.size:
+            if self.synced != self.size or self._new:
                 try:
-                    os.fdatasync(fd) if hasattr(os, "fdatasync") else os.fsync(fd)
+                    if self._new:  # a new file: its inode whole (fsync), then its name in the folder
+                        os.fsync(fd)
+                        fsync_dir(self.path.parent)
+                        self._new = False
+                    else:
+                        os.fdatasync(fd) if hasattr(os, "fdatasync") else os.fsync(fd)
                 except BaseException:
+                    self.failures += 1
                     self.rollback()
                     raise
                 self.synced = self.size

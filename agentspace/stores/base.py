@@ -15,7 +15,7 @@ store could not be used: nothing was stored, the same call may be retried).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
@@ -40,6 +40,7 @@ class SessionStoreAPI(Protocol):
         title: str | None = None,
         client: str | None = None,
         messages: Sequence[dict[str, Any]] = (),
+        sync: bool = True,
     ) -> dict[str, Any]: ...
 
     async def get(self, session_id: str) -> dict[str, Any] | None: ...
@@ -50,7 +51,10 @@ class SessionStoreAPI(Protocol):
 
     async def listing(self) -> Listing: ...
 
-    async def append_message(self, session_id: str, message: dict[str, Any]) -> None: ...
+    async def append_message(self, session_id: str, message: dict[str, Any], *, sync: bool = True) -> None: ...
+
+    def awaiting_sync(self, session_id: str | None) -> Awaitable[None] | None:
+        """``sync=False`` writes are visible at once and durable once this (when not None) was awaited."""
 
     async def update_message(self, session_id: str, message_id: str, changes: dict[str, Any]) -> None: ...
 

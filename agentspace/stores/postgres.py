@@ -25,7 +25,7 @@ import contextlib
 import importlib
 import json
 import logging
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
@@ -329,6 +329,7 @@ class PostgresSessionStore:
         title: str | None = None,
         client: str | None = None,
         messages: Sequence[dict[str, Any]] = (),
+        sync: bool = True,  # a transaction is durable once committed: no write waits for a later sync
     ) -> dict[str, Any]:
         self._check_open()
         session_id = validate_session_id(session_id) if session_id is not None else new_id("s_")
@@ -380,13 +381,16 @@ class PostgresSessionStore:
     async def summaries(self) -> builtins.list[dict[str, Any]]:
         return (await self.listing()).sessions
 
+    def awaiting_sync(self, session_id: str | None) -> Awaitable[None] | None:
+        return None  # every write is committed before it returns
+
     async def listing(self) -> Listing:
         self._check_open()
         async with self.db.connection() as conn:
             rows = await conn.fetch(_SUMMARY_SQL + " ORDER BY last_activity_at DESC, created_at DESC, id DESC")
         return Listing(sessions=[_summary(r) for r in rows])
 
-    async def append_message(self, session_id: str, message: dict[str, Any]) -> None:
+    async def append_message(self, session_id: str, message: dict[str, Any], *, sync: bool = True) -> None:
         self._check_open()
         message = _stored(message)
         if not _is_valid(session_id):

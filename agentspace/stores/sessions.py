@@ -5,7 +5,10 @@ added), ``{"update": {"id": ..., "changes": {...}}}`` (changes merged into the m
 ``{"session": {summary}}`` (id, title, model, createdAt, lastActivityAt, messageCount, client). Every write
 is one message or update entry, or none, followed by the summary, which closes it: adding a message
 appends two short lines whatever the session's size, and a listing reads only the last summary. A session
-is created whole and atomically (temp file, rename), so its file always starts with a complete write.
+is created whole (``AppendLog.create``: temp file, rename; synced with the group commit like an append), so
+its file always starts with a complete write. An empty file is a creation whose sync never finished (the
+machine stopped, or the sync failed): never acknowledged, so the session does not exist (the writer removes
+the file, with a warning).
 
 Reading replays the log up to its last summary. After a crash the log may end in a torn line or in the
 entry of a write whose summary never made it: neither was acknowledged, so both are dropped (the writer
@@ -20,6 +23,10 @@ The server's async methods run on the store thread (``store_thread``); writes go
 it used recently parsed, with their logs open, in a bounded cache (``OPEN_SESSIONS``, ``OPEN_BYTES``) that
 only its own writes change, so the next turn's context and ``GET /api/sessions/{id}`` parse nothing; the sync
 methods, for the CLI, read the files.
+
+A turn writes its user message with ``sync=False`` (``create``, ``append_message``): written at once (a disk
+that refuses it refuses the turn), made durable by ``awaiting_sync`` together with the call's pending ledger
+entry, before the request leaves (``calls.ProviderCall.admit``): one sync point for both, not two in a row.
 
 A session file that does not parse was damaged outside agentspace: the server moves it aside
 (``<id>.jsonl.damaged-<time>``, kept and logged) and that session answers SessionDamaged from then on;
@@ -37,12 +44,12 @@ import os
 import re
 import threading
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..errors import SessionDamaged
+from ..errors import SessionDamaged, StorageError
 from ..types import new_id, now_iso
 from . import append_log
 from .append_log import AppendLog, encode_lines, read_entries, read_last_entry
@@ -232,6 +239,9 @@ class SessionStore:
         self._open_bytes = 0
         self._commit = append_log.COMMIT
         self._damaged_ids: set[str] | None = None  # sessions whose file was moved aside; listed on first need
+        # Writes made with sync=False and not known durable yet: session id -> its log, the end of the write, and
+        # the log's failed syncs then (a failure since cut the write off).
+        self._unsynced: dict[str, tuple[AppendLog, int, int]] = {}
         self._prepared = False
         self._closed = False
 
@@ -245,12 +255,17 @@ class SessionStore:
         title: str | None = None,
         client: str | None = None,
         messages: Sequence[dict[str, Any]] = (),
+        sync: bool = True,
     ) -> dict[str, Any]:
-        """Create a session (a new id unless one is given) holding ``messages`` and return its summary.
+        """Create a session (a new id unless one is given) holding ``messages`` and return its summary; durable
+        once returned, or with ``sync=False`` once ``awaiting_sync`` returned.
 
         Raises InvalidSessionId, SessionExists or SessionDamaged (the id's file was moved aside)."""
         session_id = validate_session_id(session_id) if session_id is not None else new_id("s_")
-        return await self._run(self._create, session_id, model, title, client, [_stored(m) for m in messages])
+        summary: dict[str, Any] = await self._write(
+            session_id, self._create, model, title, client, [_stored(m) for m in messages], sync=sync
+        )
+        return summary
 
     async def get(self, session_id: str) -> dict[str, Any] | None:
         """The summary plus ``messages``, or None. Raises SessionDamaged."""
@@ -269,10 +284,33 @@ class SessionStore:
             raise RuntimeError("the session store is closed")
         return await read_in_thread(self.listing_sync)
 
-    async def append_message(self, session_id: str, message: dict[str, Any]) -> None:
-        """Store a message (``id`` and ``createdAt`` are filled in when absent). Raises SessionNotFound,
-        SessionDamaged, or StorageError (then nothing was stored, and the same call can be retried)."""
-        await self._write(session_id, self._append, _stored(message))
+    async def append_message(self, session_id: str, message: dict[str, Any], *, sync: bool = True) -> None:
+        """Store a message (``id`` and ``createdAt`` are filled in when absent); durable once returned, or with
+        ``sync=False`` once ``awaiting_sync`` returned. Raises SessionNotFound, SessionDamaged, or StorageError
+        (then nothing was stored, and the same call can be retried)."""
+        await self._write(session_id, self._append, _stored(message), sync=sync)
+
+    def awaiting_sync(self, session_id: str | None) -> Awaitable[None] | None:
+        """The sync of the session's writes made with ``sync=False`` (they are durable once it is awaited;
+        StorageError when they cannot be), or None when none waits for it."""
+        waiting = None if session_id is None else self._unsynced.get(session_id)
+        if session_id is None or waiting is None:
+            return None
+        log_, end, failures = waiting
+        if log_.synced >= end and log_.failures == failures:
+            self._unsynced.pop(session_id, None)  # synced since, by a write beside it
+            return None
+        return self._sync_written(session_id, log_, end, failures)
+
+    async def _sync_written(self, session_id: str, log_: AppendLog, end: int, failures: int) -> None:
+        def work() -> tuple[None, builtins.list[AppendLog]]:
+            return None, [log_] if log_.is_open else []
+
+        await self._commit.run(work, on_failure=lambda: self._forget(session_id))
+        if self._unsynced.get(session_id, (None,))[0] is log_:
+            self._unsynced.pop(session_id, None)
+        if log_.failures != failures or log_.synced < end:  # cut off by a sync that failed meanwhile
+            raise StorageError("The gateway could not use its data directory: a write to it failed.")
 
     async def update_message(self, session_id: str, message_id: str, changes: dict[str, Any]) -> None:
         """Merge ``changes`` into a stored message. Raises SessionNotFound or MessageNotFound."""
@@ -308,17 +346,28 @@ class SessionStore:
             raise RuntimeError("the session store is closed")
         return await on_store_thread(fn, *args)
 
-    async def _write(self, session_id: str, change: Callable[..., Any], /, *args: Any) -> None:
-        """Run ``change`` (which appends to the session's log) in the next group commit: it returns once its
-        lines are durable. A failed sync drops the cached session: the next use reads what the disk has."""
+    async def _write(self, session_id: str, change: Callable[..., Any], /, *args: Any, sync: bool = True) -> Any:
+        """Run ``change`` (which appends to the session's log and returns the log, or a result and the log) in
+        the next group commit: it returns once its lines are durable. A failed sync drops the cached session:
+        the next use reads what the disk has. ``sync=False``: written now, synced by ``awaiting_sync``."""
         if self._closed:
             raise RuntimeError("the session store is closed")
 
-        def work() -> tuple[None, builtins.list[AppendLog]]:
+        def work() -> tuple[Any, builtins.list[AppendLog]]:
             with self._lock:
-                return None, [change(session_id, *args)]
+                done = change(session_id, *args)
+                result, log_ = done if isinstance(done, tuple) else (None, done)
+                if not sync:
+                    self._unsynced[session_id] = (log_, log_.size, log_.failures)
+                    return result, []
+                waiting = self._unsynced.get(session_id)
+                if waiting is not None and waiting[0] is not log_:  # an earlier log of the session (evicted)
+                    return result, [log_, waiting[0]]
+                return result, [log_]
 
-        await self._commit.run(work, on_failure=lambda: self._forget(session_id))
+        if not sync:
+            return await self._run(lambda: work()[0])
+        return await self._commit.run(work, on_failure=lambda: self._forget(session_id))
 
     # --- sync API (the CLI: no event loop, no cache) ------------------------------------------
 
@@ -396,6 +445,7 @@ class SessionStore:
             return False
         with self._lock:
             self._forget(session_id)
+            self._unsynced.pop(session_id, None)
             existed = False
             for path in (self._log_path(session_id), self._legacy_path(session_id)):
                 try:
@@ -421,6 +471,9 @@ class SessionStore:
         """A reader's view of the session (log first, else a legacy file), or None. Raises StoreCorrupt."""
         path = self._log_path(session_id)
         entries = read_entries(path)
+        if entries == [] and _is_empty(path):
+            _warn_empty(path)
+            return None
         if entries is not None:
             session, dropped = _replay(entries, path)
             if dropped:
@@ -487,6 +540,10 @@ class SessionStore:
 
     def _load(self, session_id: str) -> _Session | None:
         path = self._log_path(session_id)
+        if _is_empty(path):
+            _warn_empty(path, removed=True)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
         if path.exists():
             self._prepare()
             log_ = AppendLog(path)
@@ -583,7 +640,7 @@ class SessionStore:
 
     def _create(
         self, session_id: str, model: str, title: str | None, client: str | None, messages: Sequence[dict[str, Any]]
-    ) -> dict[str, Any]:
+    ) -> tuple[dict[str, Any], AppendLog]:
         with self._lock:
             if self._session(session_id) is not None:
                 raise SessionExists(f"session {session_id!r} already exists")
@@ -599,13 +656,13 @@ class SessionStore:
                 "client": client,
             }
             session = _Session(info, builtins.list(messages))
-            # Written whole and atomically: a session file always starts with one complete write.
+            # Written whole: a session file always starts with one complete write (durable with the group commit).
             self._prepare()
             payload = _log_bytes(session)
-            write_bytes_atomic(self._log_path(session_id), payload)
+            session.log = AppendLog.create(self._log_path(session_id), payload)
             session.size = len(payload)
             self._remember(session_id, session)
-            return session.summary()
+            return session.summary(), session.log
 
     def _exists(self, session_id: str) -> bool:
         with self._lock:
@@ -665,6 +722,18 @@ class SessionStore:
                     session.log.close()
             self._open.clear()
             self._open_bytes = 0
+
+
+def _is_empty(path: Path) -> bool:
+    try:
+        return os.stat(path).st_size == 0
+    except FileNotFoundError:
+        return False
+
+
+def _warn_empty(path: Path, removed: bool = False) -> None:
+    what = "removed" if removed else "ignored"
+    log.warning("%s: an empty session file (its creation never became durable: never acknowledged) %s", path, what)
 
 
 def _log_bytes(session: _Session) -> bytes:
