@@ -71,7 +71,17 @@ def parse_lines(raw: bytes, path: Path) -> tuple[list[Any], int]:
 
     Raises StoreCorrupt when a complete line is not JSON."""
     end = raw.rfind(b"\n") + 1
-    entries: list[Any] = []
+    if end:
+        # One parse of the lines as one JSON array: half the time of a parse per line. Taken only when it finds
+        # exactly one value per line; anything else (damage) is parsed line by line below, to name the line.
+        try:
+            entries: list[Any] = json.loads(b"[" + raw[: end - 1].replace(b"\n", b",") + b"]")
+        except ValueError:
+            pass
+        else:
+            if len(entries) == raw.count(b"\n", 0, end):
+                return entries, len(raw) - end
+    entries = []
     for number, line in enumerate(raw[:end].split(b"\n")[:-1], 1):
         try:
             entries.append(json.loads(line))
