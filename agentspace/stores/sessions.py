@@ -367,7 +367,11 @@ class SessionStore:
 
         if not sync:
             return await self._run(lambda: work()[0])
-        return await self._commit.run(work, on_failure=lambda: self._forget(session_id))
+        result = await self._commit.run(work, on_failure=lambda: self._forget(session_id))
+        waiting = self._unsynced.get(session_id)
+        if waiting is not None and waiting[0].synced >= waiting[1] and waiting[0].failures == waiting[2]:
+            self._unsynced.pop(session_id, None)  # synced by this write (a turn that made no call)
+        return result
 
     # --- sync API (the CLI: no event loop, no cache) ------------------------------------------
 
