@@ -34,7 +34,8 @@ and from the event loop, several writes sharing one sync per file::
 
 ``COMMIT`` is the process's one group commit, shared by every store: writes of different stores queued
 together (a session's message and a journal entry written for the same turn) ride on the same batch, and
-each file they touched is synced once.
+each file they touched is synced once; the files' syncs run side by side (threads), so that the file system
+commits them together, and the folder of the new files among them is synced once for all of them.
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ import logging
 import os
 import threading
 from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -273,16 +275,23 @@ class AppendLog:
         self.size += len(payload)
         return len(payload)
 
-    def sync(self) -> None:
+    @property
+    def is_new(self) -> bool:
+        """Created by ``create`` and never synced: its entry in the folder is not durable yet."""
+        return self._new
+
+    def sync(self, *, folder: bool = True) -> None:
         """Make every written line durable. On OSError everything not yet durable is cut off and the error
-        raised (a failed fdatasync leaves no way to know what reached the disk)."""
+        raised (a failed fdatasync leaves no way to know what reached the disk). ``folder=False``: a new file's
+        folder is the caller's to sync (a group commit syncs a folder once for every new file in it)."""
         fd = self._require()
         try:
             if self.synced != self.size or self._new:
                 try:
                     if self._new:  # a new file: its inode whole (fsync), then its name in the folder
                         os.fsync(fd)
-                        fsync_dir(self.path.parent)
+                        if folder:
+                            fsync_dir(self.path.parent)
                         self._new = False
                     else:
                         os.fdatasync(fd) if hasattr(os, "fdatasync") else os.fsync(fd)
@@ -386,11 +395,32 @@ class GroupCommit:
             outcomes.append((True, value))
             written.append(logs)
         failed: dict[int, Exception] = {}
-        for log_ in {id(log_): log_ for logs in written for log_ in logs}.values():
+        logs = list({id(log_): log_ for logs in written for log_ in logs}.values())
+        folders: dict[Path, list[AppendLog]] = {}
+        for log_ in logs:
+            if log_.is_new:
+                folders.setdefault(log_.path.parent, []).append(log_)
+
+        def sync(log_: AppendLog) -> None:
             try:
-                log_.sync()
+                log_.sync(folder=False)
             except Exception as e:  # noqa: BLE001 - the writes of that log fail, the others stand
                 failed[id(log_)] = e
+
+        if len(logs) > 1:  # side by side: the file system commits syncs that wait together at once
+            list(_sync_threads().map(sync, logs))
+        elif logs:
+            sync(logs[0])
+        for folder, new in folders.items():  # once per folder for the new files in it, after their syncs
+            done = [log_ for log_ in new if id(log_) not in failed]
+            if not done:
+                continue
+            try:
+                fsync_dir(folder)
+            except Exception as e:  # noqa: BLE001 - the new files of that folder fail, the others stand
+                for log_ in done:
+                    log_.failures += 1
+                    failed[id(log_)] = e
         if failed:
             for n, logs in enumerate(written):
                 error = next((failed[id(log_)] for log_ in logs if id(log_) in failed), None)
@@ -404,11 +434,24 @@ class GroupCommit:
 
 # The process's group commit (see the module's docstring); a forked child starts with a fresh one.
 COMMIT = GroupCommit()
+_SYNC_THREADS = 8
+_sync_pool: ThreadPoolExecutor | None = None
+_sync_pool_lock = threading.Lock()
+
+
+def _sync_threads() -> ThreadPoolExecutor:
+    """Threads for the syncs of one batch's files, which wait on the disk side by side."""
+    global _sync_pool
+    with _sync_pool_lock:
+        if _sync_pool is None:
+            _sync_pool = ThreadPoolExecutor(max_workers=_SYNC_THREADS, thread_name_prefix="agentspace-sync")
+        return _sync_pool
 
 
 def _fresh_in_child() -> None:
-    global COMMIT
+    global COMMIT, _sync_pool
     COMMIT = GroupCommit()
+    _sync_pool = None  # a forked child has no threads: it starts its own on first use
 
 
 os.register_at_fork(after_in_child=_fresh_in_child)
