@@ -496,7 +496,7 @@ class ProviderCall:
                 "inputTokens": None if self.ceiling is None else self.ceiling.input_tokens,
             }
         )
-        # The turn's user message, written but not yet synced (pipeline.start_turn): synced beside the entry.
+        # The turn's user message (pipeline.start_turn), its sync under way: durable too before the request leaves.
         message = self.gw.sessions.awaiting_sync(self.session_id)
         what = "call's ledger entry"
         try:

@@ -165,8 +165,8 @@ async def start_turn(gw: Registry, request: ChatRequest) -> Turn:
     if gw.cluster is not None:  # and across replicas (SPEC 13)
         await _claim_across_replicas(gw, turn)
     # The user message is written now (a disk that refuses it refuses the turn) and durable before the provider
-    # is called: its sync waits for the call's pending ledger entry, the two synced side by side
-    # (ProviderCall.admit, docs/accounting.md).
+    # is called: its sync runs in the background, beside the context's assembly and the call's pending ledger
+    # entry, and the call waits for both (ProviderCall.admit, docs/accounting.md).
     try:
         if session is None:
             history = list(request.import_messages)

@@ -170,6 +170,9 @@ async def test_writes_without_sync_are_visible_and_synced_by_awaiting_sync(
     size = path.stat().st_size
     await sessions.append_message(sid, {"id": "a2", "role": "assistant", "content": "yes"})  # synced: both durable
     assert path.stat().st_size > size
+    waiting = sessions.awaiting_sync(sid)  # the sync of u2, started when it was written: done, or about to be
+    if waiting is not None:
+        await waiting
     assert sessions.awaiting_sync(sid) is None
 
 

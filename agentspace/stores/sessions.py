@@ -25,8 +25,10 @@ only its own writes change, so the next turn's context and ``GET /api/sessions/{
 methods, for the CLI, read the files.
 
 A turn writes its user message with ``sync=False`` (``create``, ``append_message``): written at once (a disk
-that refuses it refuses the turn), made durable by ``awaiting_sync`` together with the call's pending ledger
-entry, before the request leaves (``calls.ProviderCall.admit``): one sync point for both, not two in a row.
+that refuses it refuses the turn), its sync started at once in the background; the call's pending ledger
+entry is synced beside it, and the request leaves once both are durable (``awaiting_sync``, awaited by
+``calls.ProviderCall.admit``): the syncs overlap each other and the turn's context assembly, not one after
+the other.
 
 A session file that does not parse was damaged outside agentspace: the server moves it aside
 (``<id>.jsonl.damaged-<time>``, kept and logged) and that session answers SessionDamaged from then on;
@@ -35,6 +37,7 @@ listings skip damaged files and name them.
 
 from __future__ import annotations
 
+import asyncio
 import builtins
 import contextlib
 import copy
@@ -239,9 +242,8 @@ class SessionStore:
         self._open_bytes = 0
         self._commit = append_log.COMMIT
         self._damaged_ids: set[str] | None = None  # sessions whose file was moved aside; listed on first need
-        # Writes made with sync=False and not known durable yet: session id -> its log, the end of the write, and
-        # the log's failed syncs then (a failure since cut the write off).
-        self._unsynced: dict[str, tuple[AppendLog, int, int]] = {}
+        # The syncs of writes made with sync=False (session id -> the sync, started when the write returned).
+        self._unsynced: dict[str, asyncio.Future[None]] = {}
         self._prepared = False
         self._closed = False
 
@@ -291,24 +293,18 @@ class SessionStore:
         await self._write(session_id, self._append, _stored(message), sync=sync)
 
     def awaiting_sync(self, session_id: str | None) -> Awaitable[None] | None:
-        """The sync of the session's writes made with ``sync=False`` (they are durable once it is awaited;
-        StorageError when they cannot be), or None when none waits for it."""
-        waiting = None if session_id is None else self._unsynced.get(session_id)
-        if session_id is None or waiting is None:
+        """The sync of the session's writes made with ``sync=False``, started when they were written: they are
+        durable once it is awaited (StorageError when they cannot be). None when none waits for it."""
+        sync = None if session_id is None else self._unsynced.pop(session_id, None)
+        if sync is None or (sync.done() and not sync.cancelled() and sync.exception() is None):
             return None
-        log_, end, failures = waiting
-        if log_.synced >= end and log_.failures == failures:
-            self._unsynced.pop(session_id, None)  # synced since, by a write beside it
-            return None
-        return self._sync_written(session_id, log_, end, failures)
+        return asyncio.shield(sync)
 
     async def _sync_written(self, session_id: str, log_: AppendLog, end: int, failures: int) -> None:
         def work() -> tuple[None, builtins.list[AppendLog]]:
             return None, [log_] if log_.is_open else []
 
         await self._commit.run(work, on_failure=lambda: self._forget(session_id))
-        if self._unsynced.get(session_id, (None,))[0] is log_:
-            self._unsynced.pop(session_id, None)
         if log_.failures != failures or log_.synced < end:  # cut off by a sync that failed meanwhile
             raise StorageError("The gateway could not use its data directory: a write to it failed.")
 
@@ -349,28 +345,36 @@ class SessionStore:
     async def _write(self, session_id: str, change: Callable[..., Any], /, *args: Any, sync: bool = True) -> Any:
         """Run ``change`` (which appends to the session's log and returns the log, or a result and the log) in
         the next group commit: it returns once its lines are durable. A failed sync drops the cached session:
-        the next use reads what the disk has. ``sync=False``: written now, synced by ``awaiting_sync``."""
+        the next use reads what the disk has. ``sync=False``: returns once written; the sync starts at once,
+        and ``awaiting_sync`` waits for it."""
         if self._closed:
             raise RuntimeError("the session store is closed")
 
-        def work() -> tuple[Any, builtins.list[AppendLog]]:
+        def written() -> tuple[Any, AppendLog]:
             with self._lock:
                 done = change(session_id, *args)
-                result, log_ = done if isinstance(done, tuple) else (None, done)
-                if not sync:
-                    self._unsynced[session_id] = (log_, log_.size, log_.failures)
-                    return result, []
-                waiting = self._unsynced.get(session_id)
-                if waiting is not None and waiting[0] is not log_:  # an earlier log of the session (evicted)
-                    return result, [log_, waiting[0]]
+                return done if isinstance(done, tuple) else (None, done)
+
+        if sync:
+
+            def work() -> tuple[Any, builtins.list[AppendLog]]:
+                result, log_ = written()
                 return result, [log_]
 
-        if not sync:
-            return await self._run(lambda: work()[0])
-        result = await self._commit.run(work, on_failure=lambda: self._forget(session_id))
-        waiting = self._unsynced.get(session_id)
-        if waiting is not None and waiting[0].synced >= waiting[1] and waiting[0].failures == waiting[2]:
-            self._unsynced.pop(session_id, None)  # synced by this write (a turn that made no call)
+            result = await self._commit.run(work, on_failure=lambda: self._forget(session_id))
+            waiting = self._unsynced.get(session_id)
+            if waiting is not None and waiting.done():
+                self._unsynced.pop(session_id, None)  # a turn that made no call: nothing waits for it any more
+            return result
+
+        def write() -> tuple[Any, AppendLog, int, int]:
+            result, log_ = written()
+            return result, log_, log_.size, log_.failures
+
+        result, log_, end, failures = await self._run(write)
+        background = asyncio.ensure_future(self._sync_written(session_id, log_, end, failures))
+        background.add_done_callback(_retrieved)  # a failure nobody awaits (no call followed) is not an error
+        self._unsynced[session_id] = background
         return result
 
     # --- sync API (the CLI: no event loop, no cache) ------------------------------------------
@@ -726,6 +730,11 @@ class SessionStore:
                     session.log.close()
             self._open.clear()
             self._open_bytes = 0
+
+
+def _retrieved(future: asyncio.Future[None]) -> None:
+    if not future.cancelled():
+        future.exception()
 
 
 def _is_empty(path: Path) -> bool:
