@@ -20,6 +20,7 @@ the most the request as sent upstream can cost (``Ceiling``), priced at the mode
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
@@ -492,30 +493,40 @@ class ProviderCall:
         )
         if ceiling is None:
             return
+        pending = self.gw.ledger.pending(
+            {
+                "id": self.id,
+                "time": now_iso(),
+                "client": self.client,
+                "sessionId": self.session_id,
+                "model": self.model,
+                "endpoint": self.endpoint,
+                "deployment": self.deployment,
+                "reservation": amount,
+                "inputTokens": None if self.ceiling is None else self.ceiling.input_tokens,
+            }
+        )
+        # The turn's user message (pipeline.start_turn), its sync under way: durable too before the request leaves.
+        message = self.gw.sessions.awaiting_sync(self.session_id)
+        what = "call's ledger entry"
         try:
-            await self.gw.ledger.pending(
-                {
-                    "id": self.id,
-                    "time": now_iso(),
-                    "client": self.client,
-                    "sessionId": self.session_id,
-                    "model": self.model,
-                    "endpoint": self.endpoint,
-                    "deployment": self.deployment,
-                    "reservation": amount,
-                    "inputTokens": None if self.ceiling is None else self.ceiling.input_tokens,
-                }
-            )
+            if message is None:
+                await pending
+            else:
+                outcomes = await asyncio.gather(pending, message, return_exceptions=True)
+                for outcome, name in zip(outcomes, ("call's ledger entry", "message"), strict=True):
+                    if isinstance(outcome, BaseException):
+                        what = name
+                        raise outcome
         except (StorageError, OSError) as e:
+            self.gw.ledger.closed(self.id, void=True)  # when the message failed, the entry was written
             await guard.release(self.reservation)
             self.reservation = None
             problem = "the gateway's disk may be full"
             if isinstance(e, StorageError) and e.message:  # it names its store (the database)
                 problem = e.message.rstrip(".")
                 problem = problem[0].lower() + problem[1:]
-            raise ApiError(
-                "STORAGE_ERROR", f"The call's ledger entry could not be stored ({problem}); nothing was sent."
-            ) from None
+            raise ApiError("STORAGE_ERROR", f"The {what} could not be stored ({problem}); nothing was sent.") from None
         except BaseException:  # cancelled (the client left) while the entry was written
             self.gw.ledger.closed(self.id, void=True)
             await guard.release(self.reservation)

@@ -312,9 +312,11 @@ def parse_config(raw: dict[str, Any], source: str = "<config>", base_dir: Path |
         name: _table(source, f"plugins.{name}", t)
         for name, t in _table(source, "plugins", raw.get("plugins", {})).items()
     }
-    from .routing import parse_groups
+    groups = {}
+    if values["models"]["groups"] != {}:  # routing (and the provider events it imports) only when configured
+        from .routing import parse_groups
 
-    groups = parse_groups(source, values["models"]["groups"])
+        groups = parse_groups(source, values["models"]["groups"])
     return Config(values, providers, pricing, plugins, source, base_dir or Path.cwd(), groups)
 
 

@@ -144,18 +144,24 @@ async def start_turn(gw: Registry, request: ChatRequest) -> Turn:
     turn.credential = request.credential
     turn.files = files
     await gw.locks.claim(turn)  # here, and across replicas (README.md#running-several-replicas)
-    # The user message is durable before the provider is called (docs/architecture.md, contracts).
+    # The user message is written now (a disk that refuses it refuses the turn) and durable before the provider
+    # is called: its sync runs in the background, beside the context's assembly and the call's pending ledger
+    # entry, and the call waits for both (ProviderCall.admit, docs/accounting.md).
     try:
         user_message["parts"] += await attachments.keep(gw, session_id, files)
         if session is None:
             history = await attachments.keep_imported(gw, session_id, request.import_messages)
             # A new session is written once, with its first messages.
             await gw.sessions.create(
-                model=model, session_id=session_id, client=request.client, messages=[*history, user_message]
+                model=model,
+                session_id=session_id,
+                client=request.client,
+                messages=[*history, user_message],
+                sync=False,
             )
         else:
             history = session["messages"]
-            await gw.sessions.append_message(session_id, user_message)
+            await gw.sessions.append_message(session_id, user_message, sync=False)
     except STORAGE_FAILURES as e:
         await gw.locks.release(turn)
         gw.locks.forget(turn)

@@ -1,6 +1,6 @@
 """Compare two source trees of the gateway with their chats interleaved, so that the machine's drift hits both.
 
-    python benchmarks/ab.py TREE_A TREE_B [--transport ws|http] [--rounds 24] [--chats 60]
+    python benchmarks/ab.py TREE_A TREE_B [--transport ws|http] [--rounds 24] [--chats 60] [--clients 1]
 
 On a shared virtual machine the same build measures up to 60% apart from one minute to the next, more than
 most single changes are worth. This runs both trees' gateways (each with its own fake upstream, from
@@ -38,12 +38,12 @@ WARMUP_CHATS = 150
 
 
 async def side_client(
-    http: aiohttp.ClientSession, b: bench.Bench, transport: str
+    http: aiohttp.ClientSession, b: bench.Bench, transport: str, warm_up: bool = True
 ) -> Callable[[], Awaitable[bench.Sample]]:
     from agentspace.gateway_token import load_or_create_token
 
     headers = {"Authorization": f"Bearer {load_or_create_token(b.home)}"}
-    for _ in range(WARMUP_CHATS):  # the SDK loaded, the pools and caches warm
+    for _ in range(WARMUP_CHATS if warm_up else 0):  # the SDK loaded, the pools and caches warm
         await bench.http_chat(http, b.gateway, headers)
     if transport == "http":
         return lambda: bench.http_chat(http, b.gateway, headers)
@@ -53,7 +53,7 @@ async def side_client(
 
 async def run(args: argparse.Namespace) -> int:
     results: dict[str, dict[str, list[float]]] = {
-        name: {"ttft": [], "cpu": [], "loop": [], "store": []} for name in "AB"
+        name: {"ttft": [], "cpu": [], "loop": [], "store": [], "rate": []} for name in "AB"
     }
     trees = {"A": args.tree_a, "B": args.tree_b}
     # Half the rounds with A's processes started first, half with B's: the side started second has measured
@@ -71,12 +71,15 @@ async def run(args: argparse.Namespace) -> int:
             tree += f" (plugins: {plugins})"
         print(
             f"{name} {tree}: added TTFT p50 {statistics.median(r['ttft']):.2f} ms, CPU {statistics.median(r['cpu']):.2f}"
-            f" ms per chat (loop {statistics.median(r['loop']):.2f}, store {statistics.median(r['store']):.2f})"
+            f" ms per chat (loop {statistics.median(r['loop']):.2f}, store {statistics.median(r['store']):.2f}),"
+            f" {statistics.median(r['rate']):.1f} chats/s with {args.clients} client(s)"
         )
-    for key, label in (("ttft", "added TTFT"), ("cpu", "CPU per chat")):
+    for key, label in (("ttft", "added TTFT"), ("cpu", "CPU per chat"), ("rate", "chats/s")):
         diffs = [b_ - a_ for a_, b_ in zip(results["A"][key], results["B"][key])]
+        unit = "" if key == "rate" else " ms"
         print(
-            f"B - A, {label}: {statistics.median(diffs):+.2f} ms (B lower in {sum(d < 0 for d in diffs)} of {len(diffs)} rounds)"
+            f"B - A, {label}: {statistics.median(diffs):+.2f}{unit} "
+            f"(B lower in {sum(d < 0 for d in diffs)} of {len(diffs)} rounds)"
         )
     return 0
 
@@ -108,12 +111,15 @@ async def run_half(
             b.start_upstream()
             await b.start_gateway()
         async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as http:
-            clients = {name: await side_client(http, b, args.transport) for name, (b, _) in sides.items()}
+            clients = {
+                name: [await side_client(http, b, args.transport, n == 0) for n in range(args.clients)]
+                for name, (b, _) in sides.items()
+            }
             for round_ in range(rounds):
                 for name in ("A", "B") if round_ % 2 == 0 else ("B", "A"):
                     b = sides[name][0]
                     direct = await bench.run_phase([lambda: bench.direct_chat(http, b.upstream)], 60, 10)
-                    await b.measure(args.transport, 1, direct, [clients[name]])
+                    await b.measure(args.transport, args.clients, direct, clients[name])
                     phase = b.results["phases"][-1]
                     if phase["errors"]:
                         print(f"{name}: {phase['errors']} failed chats, first: {phase['firstError']}", file=sys.stderr)
@@ -124,6 +130,7 @@ async def run_half(
                     r["cpu"].append(phase["cpuMsPerChat"])
                     r["loop"].append(by_thread["loopUser"] + by_thread["loopSystem"])
                     r["store"].append(by_thread["otherUser"] + by_thread["otherSystem"])
+                    r["rate"].append(phase["requestsPerSecond"])
     finally:
         for b, scratch in sides.values():
             b.stop()
@@ -138,6 +145,7 @@ def main() -> None:
     parser.add_argument("--transport", choices=("ws", "http"), default="ws")
     parser.add_argument("--rounds", type=int, default=24)
     parser.add_argument("--chats", type=int, default=60, help="chats per tree per round")
+    parser.add_argument("--clients", type=int, default=1, help="clients per tree at a time (chats/s at N clients)")
     parser.add_argument(
         "--b-without-sdk",
         action="store_true",

@@ -1,6 +1,6 @@
 """Store write latency at growing sizes, listing 10k sessions, and usage reports over 100k and 1M records.
 
-    python benchmarks/store_bench.py [--data-dir DIR] [--postgres] [--skip-million]
+    python benchmarks/store_bench.py [--data-dir DIR] [--postgres] [--reports-only]
 
 What it shows: a UsageStore.append costs the same at 1k, 10k and 100k stored records (it appends one line to
 the current segment); a SessionStore.append_message the same however many sessions are stored, and the same
@@ -8,7 +8,9 @@ on an empty session and a 10 MB one (it appends two lines: the message and the s
 sessions costs (each session's summary read from the end of its log); and a usage report over 100k and 1M
 records spread over 30 days (rollups of closed segments plus the open one): in process, and as a cold
 ``agentspace usage --by-model`` process, once the rollups exist (the first report, which writes them, is
-timed apart). ``--postgres`` adds the PostgreSQL backend's report (``report(by="model")``, what
+timed apart; wall time, and the process's CPU time, which a loaded machine inflates less; the package is
+byte-compiled first, as an install does, so that no run compiles it). ``--reports-only`` runs the reports
+alone (no write latencies). ``--postgres`` adds the PostgreSQL backend's report (``report(by="model")``, what
 ``/api/usage?by=model`` runs) at 100k and 1M records, on a throwaway server (``tests/scale_servers.py``).
 
 Every measured write is durable (``fdatasync``). Seeding is setup, not measured: usage history is written
@@ -19,9 +21,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import compileall
 import contextlib
 import os
 import random
+import resource
 import shutil
 import subprocess
 import sys
@@ -218,9 +222,10 @@ async def bench_sessions(root: Path, rng: random.Random, rows: list[tuple[str, s
     rows.append(("SessionStore.summaries_sync, cold", f"{SESSIONS:,} sessions", [(time.perf_counter() - start) * 1000]))
 
 
-def cold_cli_report(data_dir: Path) -> tuple[float, str | None]:
-    """``agentspace usage --by-model`` in a new process: its wall time in ms, or the error."""
+def cold_cli_report(data_dir: Path) -> tuple[float, str | None, float]:
+    """``agentspace usage --by-model`` in a new process: its wall time in ms, or the error, and its CPU ms."""
     env = {**os.environ, "AGENTSPACE_HOME": str(data_dir), "AGENTSPACE_LOAD_PLUGINS": ""}
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
     try:
         done = subprocess.run(
@@ -231,27 +236,37 @@ def cold_cli_report(data_dir: Path) -> tuple[float, str | None]:
             timeout=300,
         )
     except subprocess.TimeoutExpired:
-        return 0.0, "`agentspace usage --by-model` did not finish within 300 s"
+        return 0.0, "`agentspace usage --by-model` did not finish within 300 s", 0.0
     elapsed = (time.perf_counter() - start) * 1000
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime) * 1000
     if done.returncode != 0:
         return (
             0.0,
             f"`agentspace usage --by-model` failed (exit {done.returncode}): {(done.stderr or done.stdout)[-600:]}",
+            cpu,
         )
-    return elapsed, None
+    return elapsed, None, cpu
 
 
-def cli_startup_ms(root: Path) -> float:
-    """The same command on an empty data directory: what a cold process costs before any record is read."""
+def cli_startup_ms(root: Path) -> tuple[float, float]:
+    """The same command on an empty data directory: what a cold process costs before any record is read (wall
+    and CPU ms, the best of 5)."""
     empty = root / "empty"
     empty.mkdir(exist_ok=True)
-    return min(cold_cli_report(empty)[0] for _ in range(3))
+    runs = [cold_cli_report(empty) for _ in range(5)]
+    return min(r[0] for r in runs), min(r[2] for r in runs)
 
 
 def bench_reports(root: Path, rows: list[tuple[str, str, list[float]]], rng: random.Random) -> str | None:
     """Reports over 100k and 1M records spread over 30 days: the first (writes the rollups), then in-process
     and cold-process runs. Returns the CLI error, if any."""
-    rows.append(("agentspace usage --by-model, empty data dir", "0 records", [cli_startup_ms(root)]))
+    # Byte-compiled as an install leaves it (PYTHONDONTWRITEBYTECODE, set on some machines, would otherwise make
+    # every cold run compile the package anew).
+    compileall.compile_dir(Path(__file__).resolve().parent.parent / "agentspace", quiet=1)
+    wall, cpu = cli_startup_ms(root)
+    rows.append(("agentspace usage --by-model, empty data dir", "0 records", [wall]))
+    rows.append(("  the same, CPU time of the process", "0 records", [cpu]))
     for total in REPORT_LEVELS:
         data_dir = root / f"report-{total}"
         for number, (day, records) in enumerate(history_records(total, rng)):
@@ -270,12 +285,15 @@ def bench_reports(root: Path, rows: list[tuple[str, str, list[float]]], rng: ran
         usage_report(store.records_sync())
         rows.append(("usage_report(records()), the full scan", label, [(time.perf_counter() - start) * 1000]))
         cold: list[float] = []
-        for _ in range(3):
-            elapsed, error = cold_cli_report(data_dir)
+        cpu: list[float] = []
+        for _ in range(5):
+            elapsed, error, used = cold_cli_report(data_dir)
             if error:
                 return error
             cold.append(elapsed)
+            cpu.append(used)
         rows.append(("agentspace usage --by-model, cold process", label, cold))
+        rows.append(("  the same, CPU time of the process", label, cpu))
     return None
 
 
@@ -335,13 +353,15 @@ async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data-dir", type=Path, help="keep the generated data here (default: a temp folder, removed)")
     parser.add_argument("--postgres", action="store_true", help="also the PostgreSQL report at 100k and 1M records")
+    parser.add_argument("--reports-only", action="store_true", help="only the usage reports (no write latencies)")
     args = parser.parse_args()
     root = args.data_dir or Path(tempfile.mkdtemp(prefix="agentspace-bench-"))
     rng = random.Random(7)
     rows: list[tuple[str, str, list[float]]] = []
     try:
-        await bench_usage(root, rng, rows)
-        await bench_sessions(root, rng, rows)
+        if not args.reports_only:
+            await bench_usage(root, rng, rows)
+            await bench_sessions(root, rng, rows)
         cli_error = bench_reports(root, rows, rng)
         if args.postgres:
             await bench_postgres(rows, rng)

@@ -1,7 +1,7 @@
 """agentspace side by side with LiteLLM Proxy: the same streamed chats, the same fake upstream, one run.
 
     python benchmarks/vs_litellm.py [--quick] [--json] [--concurrency N] [--rounds N] [--chats N]
-                                    [--litellm-venv DIR] [--litellm-spec SPEC]
+                                    [--litellm-venv DIR] [--litellm-spec SPEC] [--throughput CLIENTS]
 
 The performance goals are ratios measured here: agentspace's added time to first token at least 5x lower,
 and its CPU per chat at least 4x lower, than LiteLLM Proxy's, for each of agentspace's ways in. Run it on a
@@ -57,6 +57,11 @@ The numbers, per side, pooled over the rounds:
 - ``ratio``: LiteLLM's figure divided by agentspace's, for +TTFT p50, +TTFT p95 and CPU-ms/chat; the goals are
   judged on +TTFT p50 (>= 5x) and CPU-ms/chat (>= 4x), and fail when either side had a failed chat. A ratio
   reads ``-`` and its goal ``?`` when agentspace's figure is 0 or below (noise: rerun it).
+
+``--throughput CLIENTS`` measures chats per second with CLIENTS clients per side at a time (50 for the goal:
+agentspace's WebSocket at least 6x LiteLLM Proxy's chats per second), on the direct, LiteLLM
+``/v1/chat/completions``, agentspace ws and ``/api/chat`` sides only; ``chats/s`` is each side's chats divided
+by the wall time of its batches (every run prints it; the ratio is agentspace's over LiteLLM's).
 
 ``--long-session`` runs the long-session case instead: one WebSocket session growing in ``LONG_TURN_BYTES``
 (25 KB) user turns to ``LONG_SESSION_BYTES`` (2 MB), the gateway sending the whole history each turn
@@ -385,10 +390,12 @@ class Side:
     errors: int = 0
     first_error: str | None = None
     cpu_seconds: float = 0.0
+    wall_seconds: float = 0.0  # of the measured batches: chats per second = chats / this
     first_chat_ms: float | None = None
 
     def record(self, phase: bench.Phase) -> None:
         self.samples += phase.samples
+        self.wall_seconds += phase.wall
         self.errors += phase.errors
         self.first_error = self.first_error or phase.first_error
 
@@ -513,6 +520,8 @@ async def run(b: bench.Bench, args: argparse.Namespace, results: dict[str, Any])
     connector = aiohttp.TCPConnector(limit=0)
     async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=None)) as http:
         sides = make_sides(http, b.upstream, litellm, b.gateway, token)
+        if args.throughput:
+            sides = [s for s in sides if s.name in THROUGHPUT_SIDES]
         for side in sides:
             side.workers = [await side.connect() for _ in range(args.concurrency)]
             await warm_up(side, args)
@@ -528,6 +537,9 @@ async def run(b: bench.Bench, args: argparse.Namespace, results: dict[str, Any])
 
 
 # --- the long session ---------------------------------------------------------------------------
+
+# --throughput: the sides measured (every client one chat after the other; chats per second of each batch).
+THROUGHPUT_SIDES = ("direct", "litellm /v1/chat/completions", "agentspace ws", "agentspace /api/chat")
 
 LONG_TURN_BYTES = 25_000
 LONG_SESSION_BYTES = 2_000_000
@@ -707,6 +719,7 @@ def summarize(sides: list[Side], results: dict[str, Any]) -> None:
                 else None
             ),
             "cpuMsPerChat": side.cpu_seconds * 1000 / chats if chats and side.server != "upstream" else None,
+            "chatsPerSecond": chats / side.wall_seconds if chats and side.wall_seconds else None,
         }
         by_name[side.name] = row
     comparisons = []
@@ -719,6 +732,12 @@ def summarize(sides: list[Side], results: dict[str, Any]) -> None:
             "addedTtftP50": _ratio(theirs["addedTtftMs"]["p50"], ours["addedTtftMs"]["p50"]) if measured else None,
             "addedTtftP95": _ratio(theirs["addedTtftMs"]["p95"], ours["addedTtftMs"]["p95"]) if measured else None,
             "cpuMsPerChat": _ratio(theirs["cpuMsPerChat"], ours["cpuMsPerChat"]) if measured else None,
+            # The other way round: more chats per second is better.
+            "chatsPerSecond": (
+                _ratio(ours["chatsPerSecond"], theirs["chatsPerSecond"])
+                if measured and ours["chatsPerSecond"] and theirs["chatsPerSecond"]
+                else None
+            ),
         }
         clean = not ours["errors"] and not theirs["errors"]
         comparisons.append(
@@ -762,7 +781,7 @@ def print_tables(results: dict[str, Any]) -> None:
         f"{bench.DELTAS} deltas per answer\n"
     )
     rows: list[tuple[str, ...]] = [
-        ("side", "chats", "errors", "deltas/chat", "+TTFT p50 ms", "p95 ms", "CPU-ms/chat", "first chat ms")
+        ("side", "chats", "errors", "deltas/chat", "+TTFT p50 ms", "p95 ms", "CPU-ms/chat", "chats/s", "first chat ms")
     ]
     for s in results["sides"]:
         if s["status"] == "not served":
@@ -777,6 +796,7 @@ def print_tables(results: dict[str, Any]) -> None:
                 _ms(added.get("p50")) if s["side"] != "direct" else f"({s['ttftMs']['p50']:.2f})",
                 _ms(added.get("p95")) if s["side"] != "direct" else f"({s['ttftMs']['p95']:.2f})",
                 _ms(s["cpuMsPerChat"]),
+                "-" if s.get("chatsPerSecond") is None else f"{s['chatsPerSecond']:.1f}",
                 _ms(s["firstChatMs"]),
             )
         )
@@ -793,6 +813,7 @@ def print_tables(results: dict[str, Any]) -> None:
             "TTFT p50",
             "TTFT p95",
             "CPU",
+            "chats/s",
             f"TTFT >= {TTFT_GOAL:g}x",
             f"CPU >= {CPU_GOAL:g}x",
         )
@@ -811,11 +832,15 @@ def print_tables(results: dict[str, Any]) -> None:
                 _x(r["addedTtftP50"]),
                 _x(r["addedTtftP95"]),
                 _x(r["cpuMsPerChat"]),
+                _x(r.get("chatsPerSecond")),
                 *verdict,
             )
         )
     _table(rows)
-    print("(ratio = LiteLLM's figure / agentspace's: +TTFT p50, +TTFT p95, CPU-ms per chat)")
+    print(
+        "(ratio = LiteLLM's figure / agentspace's: +TTFT p50, +TTFT p95, CPU-ms per chat; "
+        "agentspace's / LiteLLM's: chats/s)"
+    )
     rss = results.get("peakRssMiB", {})
     print("peak RSS: " + ", ".join(f"{name} {mib:.0f} MiB" for name, mib in rss.items()))
     for s in results["sides"]:
@@ -840,9 +865,18 @@ def main() -> None:
     parser.add_argument(
         "--long-session", action="store_true", help="the long-session case only (one session growing to 2 MB)"
     )
+    parser.add_argument(
+        "--throughput",
+        type=int,
+        metavar="CLIENTS",
+        help="chats per second with CLIENTS clients per side at a time (WebSocket, /api/chat and LiteLLM's "
+        "/v1/chat/completions only; --chats defaults to 10 per client)",
+    )
     args = parser.parse_args()
+    if args.throughput:
+        args.concurrency = args.throughput
     args.rounds = args.rounds or (2 if args.quick else 10)
-    args.chats = args.chats or (10 if args.quick else 50)
+    args.chats = args.chats or (10 * args.throughput if args.throughput else 10 if args.quick else 50)
     args.warmup = 10 if args.quick else 100
     args.phase_seconds = 10.0 if args.quick else 30.0  # each batch of chats is also bounded in time
     commit = subprocess.run(

@@ -197,3 +197,106 @@ async def test_sigkill_between_a_write_and_its_sync(tmp_path: Path, die_in: str)
     assert stored_usage[: len(usage_ids)] == usage_ids and len(stored_usage) - len(usage_ids) <= 1
     stored_messages = [m["id"] for m in SessionStore(tmp_path).get_sync(SESSION)["messages"]]
     await reopen_and_write(tmp_path, usage_ids, stored_messages)
+
+
+# A turn's way of writing (pipeline.start_turn): the session created, then its user message appended, each with
+# sync=False, then both made durable by awaiting_sync (beside the call's ledger entry in the server). argv: data
+# dir and where to die, as CHILD ("replace:1": before the new session's file is renamed into place, "fsync:1":
+# the new file's first sync, which covers the message appended after it too, "fsync:2": its folder's).
+WRITE_AHEAD_CHILD = """
+import asyncio, os, signal, sys
+from pathlib import Path
+from agentspace.storage import SessionStore
+
+data_dir, die_in = Path(sys.argv[1]), sys.argv[2]
+how, die_at = die_in.split(":")
+name = "write" if how.endswith("write") else how
+real, calls = getattr(os, name), [0]
+
+
+def dying(*args):
+    calls[0] += 1
+    if calls[0] == int(die_at):
+        if name == "write":
+            fd, data = args
+            real(fd, bytes(data)[: len(data) // 2])
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real(*args)
+
+
+async def main():
+    sessions = SessionStore(data_dir)
+    setattr(os, name, dying)
+    await sessions.create(model="m", session_id="crash", messages=[{"id": "m1", "role": "user"}], sync=False)
+    print("created", flush=True)
+    await sessions.append_message("crash", {"id": "m2", "role": "user"}, sync=False)
+    print("written", flush=True)
+    await sessions.awaiting_sync("crash")
+    print("synced", flush=True)
+
+
+asyncio.run(main())
+"""
+
+
+@pytest.mark.parametrize(
+    ("die_in", "created"),
+    [
+        ("halfwrite:1", False),  # the new session's lines half written in its temp file
+        ("replace:1", False),  # written whole, not yet renamed into place
+        ("fsync:1", True),  # renamed, the first sync (started in the background) never ran
+        ("fsync:2", True),  # the file synced, its folder not
+    ],
+)
+async def test_sigkill_between_a_new_session_and_its_first_sync(tmp_path: Path, die_in: str, created: bool) -> None:
+    (tmp_path / "sessions").mkdir()  # so that the syncs counted are the new file's and its folder's
+    child = subprocess.run(
+        [sys.executable, "-c", WRITE_AHEAD_CHILD, str(tmp_path), die_in], capture_output=True, text=True, timeout=60
+    )
+    assert child.returncode == -signal.SIGKILL, child.stderr
+    reported = child.stdout.split()
+    assert "synced" not in reported and ("created" in reported) == created
+    # The session is whole, with every write reported (the page cache keeps them; the message written while
+    # the sync ran may be there unreported), or absent: never a torn or damaged file.
+    for path in tmp_path.rglob("*.jsonl"):
+        parse_lines(path.read_bytes(), path)
+    session = SessionStore(tmp_path).get_sync(SESSION)
+    if created:
+        assert session is not None
+        stored = [m["id"] for m in session["messages"]]
+        assert stored == ["m1", "m2"] if "written" in reported else stored in (["m1"], ["m1", "m2"])
+    else:
+        assert session is None and SessionStore(tmp_path).summaries_sync() == []
+    assert SessionStore(tmp_path).listing_sync().damaged_files == []
+    # A new writer removes the dead one's temp file and goes on: the session created anew when it was lost.
+    sessions = SessionStore(tmp_path)
+    try:
+        if session is None:
+            await sessions.create(model="m", session_id=SESSION)
+        await sessions.append_message(SESSION, {"id": "after", "role": "user"})
+        assert [m["id"] for m in await sessions.messages(SESSION)][-1] == "after"
+    finally:
+        await sessions.aclose()
+    assert temp_files(tmp_path) == []
+
+
+async def test_an_empty_session_file_is_a_creation_never_acknowledged(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # What a machine stopped between a new session's rename and its sync can leave (the name durable, the lines
+    # not), or a failed first sync (its lines cut off): the session was never acknowledged, so it does not exist.
+    folder = tmp_path / "sessions"
+    folder.mkdir()
+    (folder / f"{SESSION}.jsonl").write_bytes(b"")
+    assert SessionStore(tmp_path).get_sync(SESSION) is None
+    listing = SessionStore(tmp_path).listing_sync()
+    assert listing.sessions == [] and listing.damaged_files == []
+    sessions = SessionStore(tmp_path)
+    try:
+        assert await sessions.get(SESSION) is None
+        assert "never became durable" in caplog.text
+        assert not (folder / f"{SESSION}.jsonl").exists()  # the writer removed it
+        await sessions.create(model="m", session_id=SESSION)
+        assert (await sessions.get(SESSION) or {})["messageCount"] == 0
+    finally:
+        await sessions.aclose()

@@ -153,6 +153,29 @@ async def test_append_message_updates_summary(sessions: SessionStore) -> None:
     assert (await sessions.get(sid))["title"] == got["title"]  # only the first user message names it
 
 
+async def test_writes_without_sync_are_visible_and_synced_by_awaiting_sync(
+    sessions: SessionStore, tmp_path: Path
+) -> None:
+    # A turn's user message (pipeline.start_turn): written at once, durable once awaiting_sync was awaited.
+    assert sessions.awaiting_sync(None) is None and sessions.awaiting_sync("nothing-written") is None
+    sid = (await sessions.create(model="m", messages=[{"id": "u1", "role": "user", "content": "hi"}], sync=False))["id"]
+    path = tmp_path / "sessions" / f"{sid}.jsonl"
+    assert [m["id"] for m in SessionStore(tmp_path).get_sync(sid)["messages"]] == ["u1"]  # on disk (not synced)
+    waiting = sessions.awaiting_sync(sid)
+    assert waiting is not None
+    await waiting
+    assert sessions.awaiting_sync(sid) is None  # nothing left to sync
+    await sessions.append_message(sid, {"id": "u2", "role": "user", "content": "again"}, sync=False)
+    assert [m["id"] for m in (await sessions.get(sid))["messages"]] == ["u1", "u2"]
+    size = path.stat().st_size
+    await sessions.append_message(sid, {"id": "a2", "role": "assistant", "content": "yes"})  # synced: both durable
+    assert path.stat().st_size > size
+    waiting = sessions.awaiting_sync(sid)  # the sync of u2, started when it was written: done, or about to be
+    if waiting is not None:
+        await waiting
+    assert sessions.awaiting_sync(sid) is None
+
+
 async def test_title_comes_from_first_user_message_and_keeps_given_titles(sessions: SessionStore) -> None:
     sid = (await sessions.create(model="m"))["id"]
     await sessions.append_message(sid, {"role": "assistant", "content": "Welcome"})

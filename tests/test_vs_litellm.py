@@ -72,6 +72,7 @@ def _side(
     side = vs_litellm.Side(name, server, unused, versus=versus)
     side.samples = [bench.Sample(ttft, ttft + 0.01, bench.DELTAS)] * 10
     side.cpu_seconds = cpu_ms * 10 / 1000
+    side.wall_seconds = 10 * (ttft + 0.01)  # one client: the chats one after the other
     side.errors = errors
     return side
 
@@ -88,5 +89,7 @@ def test_ratios_and_goals(litellm_errors: int) -> None:
     [comparison] = results["comparisons"]  # type: ignore[misc]
     assert comparison["ratios"]["addedTtftP50"] == pytest.approx(10.0)  # (21 - 1) / (3 - 1) ms
     assert comparison["ratios"]["cpuMsPerChat"] == pytest.approx(8.0)
+    assert comparison["ratios"]["chatsPerSecond"] == pytest.approx(0.031 / 0.013)  # ours over theirs
+    assert results["sides"][2]["chatsPerSecond"] == pytest.approx(1 / 0.013)  # type: ignore[index]
     met = not litellm_errors  # a side with failed chats fails the goals, however fast its chats were
     assert (comparison["ttftGoalMet"], comparison["cpuGoalMet"], comparison["failedChats"]) == (met, met, not met)

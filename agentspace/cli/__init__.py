@@ -1,20 +1,41 @@
 """The ``agentspace`` command line: thin click commands over the library.
 
 Start-up stays light (``agentspace usage`` is run in scripts and prompts): nothing heavy (aiohttp,
-provider SDKs, litellm) is imported at module level, and plugins, which may import anything, are
-loaded only when a command that is not built in is asked for, or when commands are listed.
+provider SDKs, litellm) is imported at module level, a built-in command's module is imported only when that
+command runs (or commands are listed), and plugins, which may import anything, are loaded only when a command
+that is not built in is asked for, or when commands are listed.
 """
 
 from __future__ import annotations
+
+import importlib
 
 import click
 
 from .. import __version__
 from .common import CliState
 
+# The built-in commands: name -> (module of this package, the command in it), imported on first need.
+BUILTIN_COMMANDS = {
+    "serve": ("serve", "serve"),
+    "chat": ("chat", "chat"),
+    "ask": ("ask", "ask"),
+    "inspect": ("inspect_cmd", "inspect"),
+    "usage": ("usage", "usage"),
+    "sessions": ("sessions", "sessions"),
+    "keys": ("keys", "keys"),
+    "models": ("models", "models"),
+    "plugins": ("plugins", "plugins"),
+    "token": ("token_cmd", "token"),
+    "clients": ("clients_cmd", "clients"),
+    "storage": ("storage_cmd", "storage"),
+    "doctor": ("doctor", "doctor"),
+}
+
 
 class AgentspaceGroup(click.Group):
-    """A group whose plugin commands (the ``register_commands`` hook) load on first need."""
+    """A group whose built-in commands import on first need, and whose plugin commands (the
+    ``register_commands`` hook) load when a name is not built in."""
 
     _plugins_loaded = False
 
@@ -36,6 +57,10 @@ class AgentspaceGroup(click.Group):
 
     def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
         command = super().get_command(ctx, cmd_name)
+        if command is None and cmd_name in BUILTIN_COMMANDS:
+            module, name = BUILTIN_COMMANDS[cmd_name]
+            command = getattr(importlib.import_module(f".{module}", __name__), name)
+            self.add_command(command, cmd_name)
         if command is None:
             self.load_plugin_commands()
             command = super().get_command(ctx, cmd_name)
@@ -43,7 +68,7 @@ class AgentspaceGroup(click.Group):
 
     def list_commands(self, ctx: click.Context) -> list[str]:
         self.load_plugin_commands()
-        return super().list_commands(ctx)
+        return sorted({*super().list_commands(ctx), *BUILTIN_COMMANDS})
 
 
 @click.group(cls=AgentspaceGroup)
@@ -67,43 +92,5 @@ def main(ctx: click.Context, config_path: str | None, data_dir: str | None) -> N
     state.config_path = config_path
     state.data_dir_override = data_dir
 
-
-def _add_builtin_commands() -> None:
-    from . import (
-        ask,
-        chat,
-        clients_cmd,
-        inspect_cmd,
-        keys,
-        models,
-        plugins,
-        serve,
-        sessions,
-        storage_cmd,
-        token_cmd,
-        usage,
-    )
-
-    for command in (
-        serve.serve,
-        chat.chat,
-        ask.ask,
-        inspect_cmd.inspect,
-        usage.usage,
-        sessions.sessions,
-        keys.keys,
-        models.models,
-        plugins.plugins,
-        token_cmd.token,
-        clients_cmd.clients,
-        storage_cmd.storage,
-    ):
-        main.add_command(command)
-    from . import doctor
-
-    main.add_command(doctor.doctor)
-
-
-_add_builtin_commands()
 
 __all__ = ["main", "CliState"]

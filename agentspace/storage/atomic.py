@@ -79,13 +79,7 @@ def write_bytes_atomic(path: Path, payload: bytes) -> None:
     """Replace ``path`` with ``payload`` (mode 0600), durably and atomically. The folder must exist.
 
     Raises OSError (disk full, I/O error, ...) with ``path`` unchanged and no temp file left."""
-    while True:
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.{next(_temp_numbers)}.tmp")
-        try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o600)
-            break
-        except FileExistsError:  # left by a crashed process that had our pid: take the next number
-            continue
+    tmp, fd = open_temp(path, os.O_WRONLY)
     try:
         try:
             view = memoryview(payload)
@@ -100,6 +94,17 @@ def write_bytes_atomic(path: Path, payload: bytes) -> None:
             os.unlink(tmp)
         raise
     fsync_dir(path.parent)
+
+
+def open_temp(path: Path, flags: int) -> tuple[Path, int]:
+    """A new temp file (0600) beside ``path``, named so that ``remove_stale_temp_files`` knows its writer, and
+    its descriptor opened with ``flags``."""
+    while True:
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.{next(_temp_numbers)}.tmp")
+        try:
+            return tmp, os.open(tmp, flags | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o600)
+        except FileExistsError:  # left by a crashed process that had our pid: take the next number
+            continue
 
 
 def read_bytes(path: Path) -> bytes | None:

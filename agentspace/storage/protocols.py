@@ -41,6 +41,7 @@ class SessionStoreAPI(Protocol):
         title: str | None = None,
         client: str | None = None,
         messages: Sequence[dict[str, Any]] = (),
+        sync: bool = True,
     ) -> dict[str, Any]: ...
 
     async def get(self, session_id: str) -> dict[str, Any] | None: ...
@@ -51,7 +52,10 @@ class SessionStoreAPI(Protocol):
 
     async def listing(self) -> Listing: ...
 
-    async def append_message(self, session_id: str, message: dict[str, Any]) -> None: ...
+    async def append_message(self, session_id: str, message: dict[str, Any], *, sync: bool = True) -> None: ...
+
+    def awaiting_sync(self, session_id: str | None) -> Awaitable[None] | None:
+        """``sync=False`` writes are visible at once and durable once this (when not None) was awaited."""
 
     async def update_message(self, session_id: str, message_id: str, changes: dict[str, Any]) -> None: ...
 

@@ -5,7 +5,10 @@ added), ``{"update": {"id": ..., "changes": {...}}}`` (changes merged into the m
 ``{"session": {summary}}`` (id, title, model, createdAt, lastActivityAt, messageCount, client). Every write
 is one message or update entry, or none, followed by the summary, which closes it: adding a message
 appends two short lines whatever the session's size, and a listing reads only the last summary. A session
-is created whole and atomically (temp file, rename), so its file always starts with a complete write.
+is created whole (``AppendLog.create``: temp file, rename; synced with the group commit like an append), so
+its file always starts with a complete write. An empty file is a creation whose sync never finished (the
+machine stopped, or the sync failed): never acknowledged, so the session does not exist (the writer removes
+the file, with a warning).
 
 Reading replays the log up to its last summary. After a crash the log may end in a torn line or in the
 entry of a write whose summary never made it: neither was acknowledged, so both are dropped (the writer
@@ -21,6 +24,12 @@ it used recently parsed, with their logs open, in a bounded cache (``OPEN_SESSIO
 only its own writes change, so the next turn's context and ``GET /api/sessions/{id}`` parse nothing; the sync
 methods, for the CLI, read the files.
 
+A turn writes its user message with ``sync=False`` (``create``, ``append_message``): written at once (a disk
+that refuses it refuses the turn), its sync started at once in the background; the call's pending ledger
+entry is synced beside it, and the request leaves once both are durable (``awaiting_sync``, awaited by
+``calls.ProviderCall.admit``): the syncs overlap each other and the turn's context assembly, not one after
+the other.
+
 A session file that does not parse was damaged outside agentspace: the server moves it aside
 (``<id>.jsonl.damaged-<time>``, kept and logged) and that session answers SessionDamaged from then on;
 listings skip damaged files and name them.
@@ -28,6 +37,7 @@ listings skip damaged files and name them.
 
 from __future__ import annotations
 
+import asyncio
 import builtins
 import contextlib
 import copy
@@ -35,12 +45,12 @@ import logging
 import os
 import threading
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ...errors import SessionDamaged
+from ...errors import SessionDamaged, StorageError
 from ...types import new_id, now_iso
 from ..atomic import (
     DAMAGED_MARK,
@@ -178,6 +188,8 @@ class SessionStore:
         self._open_bytes = 0
         self._commit = append_log.COMMIT
         self._damaged_ids: set[str] | None = None  # sessions whose file was moved aside; listed on first need
+        # The syncs of writes made with sync=False (session id -> the sync, started when the write returned).
+        self._unsynced: dict[str, asyncio.Future[None]] = {}
         self._prepared = False
         self._closed = False
 
@@ -191,12 +203,17 @@ class SessionStore:
         title: str | None = None,
         client: str | None = None,
         messages: Sequence[dict[str, Any]] = (),
+        sync: bool = True,
     ) -> dict[str, Any]:
-        """Create a session (a new id unless one is given) holding ``messages`` and return its summary.
+        """Create a session (a new id unless one is given) holding ``messages`` and return its summary; durable
+        once returned, or with ``sync=False`` once ``awaiting_sync`` returned.
 
         Raises InvalidSessionId, SessionExists or SessionDamaged (the id's file was moved aside)."""
         session_id = validate_session_id(session_id) if session_id is not None else new_id("s_")
-        return await self._run(self._create, session_id, model, title, client, [stored_message(m) for m in messages])
+        summary: dict[str, Any] = await self._write(
+            session_id, self._create, model, title, client, [stored_message(m) for m in messages], sync=sync
+        )
+        return summary
 
     async def get(self, session_id: str) -> dict[str, Any] | None:
         """The summary plus ``messages``, or None. Raises SessionDamaged."""
@@ -215,10 +232,27 @@ class SessionStore:
             raise RuntimeError("the session store is closed")
         return await read_in_thread(self.listing_sync)
 
-    async def append_message(self, session_id: str, message: dict[str, Any]) -> None:
-        """Store a message (``id`` and ``createdAt`` are filled in when absent). Raises SessionNotFound,
-        SessionDamaged, or StorageError (then nothing was stored, and the same call can be retried)."""
-        await self._write(session_id, self._append, stored_message(message))
+    async def append_message(self, session_id: str, message: dict[str, Any], *, sync: bool = True) -> None:
+        """Store a message (``id`` and ``createdAt`` are filled in when absent); durable once returned, or with
+        ``sync=False`` once ``awaiting_sync`` returned. Raises SessionNotFound, SessionDamaged, or StorageError
+        (then nothing was stored, and the same call can be retried)."""
+        await self._write(session_id, self._append, stored_message(message), sync=sync)
+
+    def awaiting_sync(self, session_id: str | None) -> Awaitable[None] | None:
+        """The sync of the session's writes made with ``sync=False``, started when they were written: they are
+        durable once it is awaited (StorageError when they cannot be). None when none waits for it."""
+        sync = None if session_id is None else self._unsynced.pop(session_id, None)
+        if sync is None or (sync.done() and not sync.cancelled() and sync.exception() is None):
+            return None
+        return asyncio.shield(sync)
+
+    async def _sync_written(self, session_id: str, log_: AppendLog, end: int, failures: int) -> None:
+        def work() -> tuple[None, builtins.list[AppendLog]]:
+            return None, [log_] if log_.is_open else []
+
+        await self._commit.run(work, on_failure=lambda: self._forget(session_id))
+        if log_.failures != failures or log_.synced < end:  # cut off by a sync that failed meanwhile
+            raise StorageError("The gateway could not use its data directory: a write to it failed.")
 
     async def update_message(self, session_id: str, message_id: str, changes: dict[str, Any]) -> None:
         """Merge ``changes`` into a stored message. Raises SessionNotFound or MessageNotFound."""
@@ -254,17 +288,40 @@ class SessionStore:
             raise RuntimeError("the session store is closed")
         return await on_store_thread(fn, *args)
 
-    async def _write(self, session_id: str, change: Callable[..., Any], /, *args: Any) -> None:
-        """Run ``change`` (which appends to the session's log) in the next group commit: it returns once its
-        lines are durable. A failed sync drops the cached session: the next use reads what the disk has."""
+    async def _write(self, session_id: str, change: Callable[..., Any], /, *args: Any, sync: bool = True) -> Any:
+        """Run ``change`` (which appends to the session's log and returns the log, or a result and the log) in
+        the next group commit: it returns once its lines are durable. A failed sync drops the cached session:
+        the next use reads what the disk has. ``sync=False``: returns once written; the sync starts at once,
+        and ``awaiting_sync`` waits for it."""
         if self._closed:
             raise RuntimeError("the session store is closed")
 
-        def work() -> tuple[None, builtins.list[AppendLog]]:
+        def written() -> tuple[Any, AppendLog]:
             with self._lock:
-                return None, [change(session_id, *args)]
+                done = change(session_id, *args)
+                return done if isinstance(done, tuple) else (None, done)
 
-        await self._commit.run(work, on_failure=lambda: self._forget(session_id))
+        if sync:
+
+            def work() -> tuple[Any, builtins.list[AppendLog]]:
+                result, log_ = written()
+                return result, [log_]
+
+            result = await self._commit.run(work, on_failure=lambda: self._forget(session_id))
+            waiting = self._unsynced.get(session_id)
+            if waiting is not None and waiting.done():
+                self._unsynced.pop(session_id, None)  # a turn that made no call: nothing waits for it any more
+            return result
+
+        def write() -> tuple[Any, AppendLog, int, int]:
+            result, log_ = written()
+            return result, log_, log_.size, log_.failures
+
+        result, log_, end, failures = await self._run(write)
+        background = asyncio.ensure_future(self._sync_written(session_id, log_, end, failures))
+        background.add_done_callback(_retrieved)  # a failure nobody awaits (no call followed) is not an error
+        self._unsynced[session_id] = background
+        return result
 
     # --- sync API (the CLI: no event loop, no cache) ------------------------------------------
 
@@ -342,6 +399,7 @@ class SessionStore:
             return False
         with self._lock:
             self._forget(session_id)
+            self._unsynced.pop(session_id, None)
             existed = False
             for path in (self._log_path(session_id), self._legacy_path(session_id)):
                 try:
@@ -367,6 +425,9 @@ class SessionStore:
         """A reader's view of the session (log first, else a legacy file), or None. Raises StoreCorrupt."""
         path = self._log_path(session_id)
         entries = read_entries(path)
+        if entries == [] and _is_empty(path):
+            _warn_empty(path)
+            return None
         if entries is not None:
             session, dropped = _replay(entries, path)
             if dropped:
@@ -433,6 +494,10 @@ class SessionStore:
 
     def _load(self, session_id: str) -> _Session | None:
         path = self._log_path(session_id)
+        if _is_empty(path):
+            _warn_empty(path, removed=True)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
         if path.exists():
             self._prepare()
             log_ = AppendLog(path)
@@ -529,7 +594,7 @@ class SessionStore:
 
     def _create(
         self, session_id: str, model: str, title: str | None, client: str | None, messages: Sequence[dict[str, Any]]
-    ) -> dict[str, Any]:
+    ) -> tuple[dict[str, Any], AppendLog]:
         with self._lock:
             if self._session(session_id) is not None:
                 raise SessionExists(f"session {session_id!r} already exists")
@@ -545,13 +610,13 @@ class SessionStore:
                 "client": client,
             }
             session = _Session(info, builtins.list(messages))
-            # Written whole and atomically: a session file always starts with one complete write.
+            # Written whole: a session file always starts with one complete write (durable with the group commit).
             self._prepare()
             payload = _log_bytes(session)
-            write_bytes_atomic(self._log_path(session_id), payload)
+            session.log = AppendLog.create(self._log_path(session_id), payload)
             session.size = len(payload)
             self._remember(session_id, session)
-            return session.summary()
+            return session.summary(), session.log
 
     def _exists(self, session_id: str) -> bool:
         with self._lock:
@@ -611,6 +676,23 @@ class SessionStore:
                     session.log.close()
             self._open.clear()
             self._open_bytes = 0
+
+
+def _retrieved(future: asyncio.Future[None]) -> None:
+    if not future.cancelled():
+        future.exception()
+
+
+def _is_empty(path: Path) -> bool:
+    try:
+        return os.stat(path).st_size == 0
+    except FileNotFoundError:
+        return False
+
+
+def _warn_empty(path: Path, removed: bool = False) -> None:
+    what = "removed" if removed else "ignored"
+    log.warning("%s: an empty session file (its creation never became durable: never acknowledged) %s", path, what)
 
 
 def _log_bytes(session: _Session) -> bytes:

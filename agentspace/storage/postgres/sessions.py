@@ -5,7 +5,7 @@ from __future__ import annotations
 import builtins
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from ...types import new_id, now_iso
@@ -63,6 +63,7 @@ class PostgresSessionStore:
         title: str | None = None,
         client: str | None = None,
         messages: Sequence[dict[str, Any]] = (),
+        sync: bool = True,  # a transaction is durable once committed: no write waits for a later sync
     ) -> dict[str, Any]:
         self._check_open()
         session_id = validate_session_id(session_id) if session_id is not None else new_id("s_")
@@ -120,7 +121,10 @@ class PostgresSessionStore:
             rows = await conn.fetch(_SUMMARY_SQL + " ORDER BY last_activity_at DESC, created_at DESC, id DESC")
         return Listing(sessions=[_summary(r) for r in rows])
 
-    async def append_message(self, session_id: str, message: dict[str, Any]) -> None:
+    def awaiting_sync(self, session_id: str | None) -> Awaitable[None] | None:
+        return None  # every write is committed before it returns
+
+    async def append_message(self, session_id: str, message: dict[str, Any], *, sync: bool = True) -> None:
         self._check_open()
         message = stored_message(message)
         if not is_valid_session_id(session_id):
