@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import socket
 from collections.abc import Callable
 from types import MappingProxyType
 
@@ -31,7 +33,7 @@ from .sinks import UsageSink
 from .storage.embedded.blobs import FileBlobStore
 from .storage.embedded.clients import ClientStore
 from .storage.ledger import Ledger
-from .storage.protocols import Storage
+from .storage.protocols import SharedLedger, Storage
 from .types import ContextSectionBuilder, Tool
 
 log = logging.getLogger(__name__)
@@ -116,7 +118,7 @@ async def assemble(
         plugins=plugins,
         models=models,
         guard=guard,
-        ledger=Ledger(config.data_dir),
+        ledger=Ledger(config.data_dir, shared=_shared_ledger(storage, cluster)),
         recorder=Recorder(sinks, pm, guard, PendingWrites()),
         router=router,
         locks=locks,
@@ -126,3 +128,13 @@ async def assemble(
         await cluster.start(locks)  # Redis answers; aborts for this replica's turns are heard
         log.info("replica %s: streams, locks and aborts shared through Redis", cluster.replica_id)
     return gw
+
+
+def _shared_ledger(storage: Storage, cluster: Cluster | None) -> SharedLedger | None:
+    """The pending entries this replica shares with the others (a backend with ``shared_ledger``), under a
+    name of its own: the cluster's replica id, or host and process, and a few random bytes (a restarted
+    process is another holder of leases)."""
+    if storage.shared_ledger is None:
+        return None
+    replica = cluster.replica_id if cluster is not None else f"{socket.gethostname()}-{os.getpid()}"
+    return storage.shared_ledger(f"{replica}-{os.urandom(3).hex()}")

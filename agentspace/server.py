@@ -50,14 +50,10 @@ async def recover_calls(gw: Registry) -> None:
 
 
 async def share_ledger(gw: Registry) -> None:
-    import os
-    import socket
-
     from .calls import recovered_record
     from .storage.ledger import share
 
-    replica = gw.cluster.replica_id if gw.cluster is not None else f"{socket.gethostname()}-{os.getpid()}"
-    await share(gw, recovered_record, f"{replica}-{os.urandom(3).hex()}")
+    await share(gw, recovered_record)
 
 
 def create_app(config: Config, pm: pluggy.PluginManager | None = None) -> web.Application:

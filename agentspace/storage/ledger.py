@@ -53,7 +53,7 @@ def _line(event: dict[str, Any]) -> bytes:
 class Ledger:
     """The journal of this process; a no-op without a data directory (a registry built by hand)."""
 
-    def __init__(self, data_dir: Path | None) -> None:
+    def __init__(self, data_dir: Path | None, shared: SharedLedger | None = None) -> None:
         self.dir = None if data_dir is None else Path(data_dir) / "ledger"
         self.path: Path | None = None
         self._fd: int | None = None
@@ -64,8 +64,9 @@ class Ledger:
         self._waiters: list[asyncio.Future[None]] = []  # pending entries waiting for their sync
         self._flusher: asyncio.Task[None] | None = None
         self._timer: asyncio.TimerHandle | None = None
-        # With a shared backend (postgres): the pending entries shared with the other replicas, under leases.
-        self.shared: SharedLedger | None = None
+        # With a shared backend (postgres): the pending entries shared with the other replicas, under leases
+        # (started by ``share``).
+        self.shared = shared
 
     def __len__(self) -> int:
         return len(self._open)
@@ -348,13 +349,13 @@ async def recover(gw: G, make_record: Callable[[G, dict[str, Any]], Any]) -> int
     return posted
 
 
-async def share(gw: G, make_record: Callable[[G, dict[str, Any]], Any], replica: str) -> None:
-    """With a backend whose replicas share a ledger (``Storage.shared_ledger``: postgres): share the pending
-    entries with the other replicas, under leases, and recover the calls of replicas that died."""
-    open_shared = gw.storage.shared_ledger if gw.storage is not None else None
-    if open_shared is None:
+async def share(gw: G, make_record: Callable[[G, dict[str, Any]], Any]) -> None:
+    """With a backend whose replicas share a ledger (``Storage.shared_ledger``: postgres, given to the ledger
+    when the gateway was assembled): start sharing the pending entries with the other replicas, under leases,
+    and recovering the calls of replicas that died."""
+    shared = gw.ledger.shared
+    if shared is None:
         return
-    shared = open_shared(replica)
 
     async def recover_entry(entry: dict[str, Any]) -> bool:
         record = make_record(gw, entry)
@@ -369,4 +370,3 @@ async def share(gw: G, make_record: Callable[[G, dict[str, Any]], Any], replica:
         return True
 
     await shared.start(recover_entry)
-    gw.ledger.shared = shared
