@@ -37,7 +37,6 @@ listings skip damaged files and name them.
 
 from __future__ import annotations
 
-import asyncio
 import builtins
 import contextlib
 import copy
@@ -48,7 +47,7 @@ from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ...errors import SessionDamaged, StorageError
 from ...types import new_id, now_iso
@@ -76,6 +75,9 @@ from . import append_log
 from .append_log import AppendLog, encode_lines, read_entries, read_last_entry
 from .store_thread import on_store_thread, read_in_thread
 from .tinydb_file import Tables, read_tables
+
+if TYPE_CHECKING:  # asyncio only where writes run: the CLI's reports start faster without it
+    import asyncio
 
 log = logging.getLogger("agentspace.storage")
 
@@ -244,6 +246,8 @@ class SessionStore:
         sync = None if session_id is None else self._unsynced.pop(session_id, None)
         if sync is None or (sync.done() and not sync.cancelled() and sync.exception() is None):
             return None
+        import asyncio  # here: the CLI, which reads sessions without writing, starts without asyncio
+
         return asyncio.shield(sync)
 
     async def _sync_written(self, session_id: str, log_: AppendLog, end: int, failures: int) -> None:
@@ -318,6 +322,8 @@ class SessionStore:
             return result, log_, log_.size, log_.failures
 
         result, log_, end, failures = await self._run(write)
+        import asyncio  # here: the CLI, which reads sessions without writing, starts without asyncio
+
         background = asyncio.ensure_future(self._sync_written(session_id, log_, end, failures))
         background.add_done_callback(_retrieved)  # a failure nobody awaits (no call followed) is not an error
         self._unsynced[session_id] = background
