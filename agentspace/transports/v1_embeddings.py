@@ -18,15 +18,12 @@ from ..protocols.openai_chat import RequestError
 from ..providers import litellm as litellm_provider
 from ..tokens import count_tokens
 from ..types import TokenUsage
-from .bodies import BUSY_MESSAGE, BodyInvalid, GatewayBusy
 from .v1_common import (
-    BodyTooLarge,
-    read_json_body,
     refusal,
     service,
     session_id,
 )
-from .v1_openai import _error, _provider_error
+from .v1_openai import _error, _provider_error, read_body
 
 ENDPOINT = "embeddings"
 FIELDS = frozenset({"model", "input", "encoding_format", "dimensions", "user"})
@@ -72,14 +69,9 @@ def _local_tokens(inputs: list[Any]) -> int:
 
 
 async def embeddings(request: web.Request) -> web.StreamResponse:
-    try:
-        body, _ = await read_json_body(request)
-    except BodyTooLarge as e:
-        return _error(413, f"{e} (the gateway's limit for /v1 requests).")
-    except BodyInvalid as e:
-        return _error(400, f"We could not parse the JSON body of your request ({e}).")
-    except GatewayBusy:
-        return _error(503, BUSY_MESSAGE, headers={"Retry-After": "1"})
+    body, refused = await read_body(request)
+    if refused is not None:
+        return refused
     try:
         name, inputs, options = parse(body)
     except RequestError as e:

@@ -7,6 +7,8 @@ client gets the usage chunk only when it sent ``stream_options.include_usage``.
 
 from __future__ import annotations
 
+from typing import Any
+
 from aiohttp import web
 
 from ..direct_call import DirectCall
@@ -14,6 +16,7 @@ from ..errors import ApiError
 from ..events import ProviderError
 from ..logs import redact
 from ..protocols import openai_chat as oc
+from ..providers.base import ProviderRequest
 from ..service import Service
 from ..types import compact_json
 from .bodies import BUSY_MESSAGE, OPENAI_FIELDS, BodyInvalid, GatewayBusy, type_problem
@@ -70,19 +73,35 @@ def served_model(service: Service, name: str) -> str | web.Response:
     return model
 
 
+def parsed_request(v1: Service, model: str, parsed: oc.ParsedRequest) -> ProviderRequest:
+    """The provider request of an OpenAI-shaped request (Chat Completions or Responses), as the client sent it."""
+    return v1.provider_request(
+        model, parsed.system, parsed.messages, parsed.tools, parsed.max_tokens, parsed.reasoning_budget, parsed.params
+    )
+
+
+async def read_body(request: web.Request) -> tuple[Any, web.Response | None]:
+    """The request's JSON body, or the OpenAI-shaped answer refusing it (413 too large, 400 not JSON, 503
+    busy); for every OpenAI-shaped endpoint."""
+    try:
+        body, _ = await read_json_body(request)
+    except BodyTooLarge as e:
+        return None, _error(413, f"{e} (the gateway's limit for /v1 requests).")
+    except BodyInvalid as e:
+        return None, _error(400, f"We could not parse the JSON body of your request ({e}).")
+    except GatewayBusy:
+        return None, _error(503, BUSY_MESSAGE, headers={"Retry-After": "1"})
+    return body, None
+
+
 def _frame(chunk: dict[str, object]) -> bytes:
     return b"data: " + compact_json(chunk).encode() + b"\n\n"
 
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:
-    try:
-        body, _ = await read_json_body(request)
-    except BodyTooLarge as e:
-        return _error(413, f"{e} (the gateway's limit for /v1 requests).")
-    except BodyInvalid as e:
-        return _error(400, f"We could not parse the JSON body of your request ({e}).")
-    except GatewayBusy:
-        return _error(503, BUSY_MESSAGE, headers={"Retry-After": "1"})
+    body, refused = await read_body(request)
+    if refused is not None:
+        return refused
     if isinstance(body, dict) and (problem := type_problem(body, OPENAI_FIELDS)) is not None:
         return _error(400, problem[1], code="invalid_type", param=problem[0])
     try:
@@ -93,15 +112,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     model = served_model(v1, parsed.model)
     if isinstance(model, web.Response):
         return model
-    preq = v1.provider_request(
-        model,
-        parsed.system,
-        parsed.messages,
-        parsed.tools,
-        parsed.max_tokens,
-        parsed.reasoning_budget,
-        parsed.params,
-    )
+    preq = parsed_request(v1, model, parsed)
     meter = v1.provider_call(model, session_id(request), ENDPOINT)
 
     async def answer(call: DirectCall) -> web.StreamResponse:

@@ -18,17 +18,14 @@ from ..logs import redact
 from ..protocols import openai_chat as oc
 from ..protocols import openai_responses as orr
 from ..types import compact_json
-from .bodies import BUSY_MESSAGE, BodyInvalid, GatewayBusy
 from .v1_common import (
-    BodyTooLarge,
-    read_json_body,
     service,
     session_id,
     stream,
     translated,
     whole,
 )
-from .v1_openai import STREAM_HEADERS, _error, _provider_error, served_model
+from .v1_openai import STREAM_HEADERS, _error, _provider_error, parsed_request, read_body, served_model
 
 ENDPOINT = "responses"
 
@@ -38,14 +35,9 @@ def _frame(event: dict[str, Any]) -> bytes:
 
 
 async def responses(request: web.Request) -> web.StreamResponse:
-    try:
-        body, _ = await read_json_body(request)
-    except BodyTooLarge as e:
-        return _error(413, f"{e} (the gateway's limit for /v1 requests).")
-    except BodyInvalid as e:
-        return _error(400, f"We could not parse the JSON body of your request ({e}).")
-    except GatewayBusy:
-        return _error(503, BUSY_MESSAGE, headers={"Retry-After": "1"})
+    body, refused = await read_body(request)
+    if refused is not None:
+        return refused
     try:
         parsed, encrypted = orr.parse_request(body)
     except oc.RequestError as e:
@@ -54,15 +46,7 @@ async def responses(request: web.Request) -> web.StreamResponse:
     model = served_model(v1, parsed.model)
     if isinstance(model, web.Response):
         return model
-    preq = v1.provider_request(
-        model,
-        parsed.system,
-        parsed.messages,
-        parsed.tools,
-        parsed.max_tokens,
-        parsed.reasoning_budget,
-        parsed.params,
-    )
+    preq = parsed_request(v1, model, parsed)
     meter = v1.provider_call(model, session_id(request), ENDPOINT)
 
     async def answer(call: DirectCall) -> web.StreamResponse:
