@@ -267,15 +267,15 @@ def _tools(raw_tools: Any) -> list[Tool]:
         fn = t.get("function") if isinstance(t, dict) else None
         if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
             raise RequestError(f"tools[{i}]", "tools must be {type: function, function: {name, parameters}}")
-        tools.append(
-            Tool(
-                fn["name"],
-                str(fn.get("description") or ""),
-                fn.get("parameters") or {"type": "object", "properties": {}},
-                _never_called,
-            )
-        )
+        tools.append(client_tool(fn["name"], fn))
     return tools
+
+
+def client_tool(name: str, definition: dict[str, Any]) -> Tool:
+    """A function tool the client defined (``description``, ``parameters``) and runs itself: sent to the model,
+    never called by the gateway."""
+    parameters = definition.get("parameters") or {"type": "object", "properties": {}}
+    return Tool(name, str(definition.get("description") or ""), parameters, _never_called)
 
 
 def _params(body: dict[str, Any], has_tools: bool) -> dict[str, Any]:

@@ -37,7 +37,7 @@ from .openai_chat import (
     REASONING_BUDGETS,
     ParsedRequest,
     RequestError,
-    _never_called,
+    client_tool,
     file_part,
     sampling_params,
     tool_params,
@@ -327,14 +327,7 @@ def _tools(raw: Any) -> list[Tool]:
             continue
         if not isinstance(t.get("name"), str):
             raise RequestError(f"tools[{i}].name", "a function tool needs a name")
-        tools.append(
-            Tool(
-                t["name"],
-                str(t.get("description") or ""),
-                t.get("parameters") or {"type": "object", "properties": {}},
-                _never_called,
-            )
-        )
+        tools.append(client_tool(t["name"], t))
     return tools
 
 
