@@ -2,8 +2,10 @@
 
 A message's file part stores its media type, name, size and SHA-256; the bytes live here. The file backend
 keeps ``data_dir/blobs/<aa>/<sha256>`` (written atomically) and, for each session using a blob, an empty
-marker ``data_dir/blobs/refs/<sha256>/<session id>``: deleting a session removes its markers, and a blob
-left with none is deleted. The same image sent in two sessions is stored once.
+marker ``data_dir/blobs/refs/<sha256>/<session id>``, and the same the other way round,
+``data_dir/blobs/by-session/<session id>/<sha256>``, so that deleting a session visits its own files only
+(not every blob stored): it removes its markers, and a blob left with none is deleted. The same image sent
+in two sessions is stored once.
 
 The PostgreSQL backend keeps the same in two tables (``storage/postgres/blobs.py``).
 """
@@ -19,6 +21,7 @@ from ..atomic import fsync_dir, make_dirs, read_bytes, write_bytes_atomic
 from .store_thread import on_store_thread
 
 SHA256 = re.compile(r"[0-9a-f]{64}")
+_BY_SESSION = "by-session"
 
 
 class FileBlobStore:
@@ -35,16 +38,20 @@ class FileBlobStore:
     def _refs(self, sha256: str) -> Path:
         return self.root / "refs" / sha256
 
+    def _index(self, session_id: str) -> Path:
+        return self.root / _BY_SESSION / session_id
+
     def put_sync(self, sha256: str, data: bytes, session_id: str) -> None:
         path = self._path(sha256)
         if not path.exists():
             make_dirs(path.parent)
             write_bytes_atomic(path, data)
-        refs = self._refs(sha256)
-        make_dirs(refs)
-        if not (refs / session_id).exists():
-            (refs / session_id).touch()
-            fsync_dir(refs)
+        # The session's index first: a crash between the two leaves at worst a blob kept, never one lost.
+        for folder, name in ((self._index(session_id), sha256), (self._refs(sha256), session_id)):
+            make_dirs(folder)
+            if not (folder / name).exists():
+                (folder / name).touch()
+                fsync_dir(folder)
 
     def get_sync(self, sha256: str) -> bytes | None:
         try:
@@ -54,20 +61,22 @@ class FileBlobStore:
 
     def release_sync(self, session_id: str) -> list[str]:
         deleted: list[str] = []
-        refs_root = self.root / "refs"
-        if not refs_root.is_dir():
+        index = self._index(session_id)
+        if not index.is_dir():
             return deleted
-        for refs in refs_root.iterdir():
-            marker = refs / session_id
-            if not marker.exists():
-                continue
-            marker.unlink()
-            if not any(refs.iterdir()):
-                with contextlib.suppress(FileNotFoundError):
-                    self._path(refs.name).unlink()
+        for marker in index.iterdir():
+            refs = self._refs(marker.name)
+            with contextlib.suppress(FileNotFoundError):
+                (refs / session_id).unlink()
+            if refs.is_dir() and not any(refs.iterdir()):
+                with contextlib.suppress(FileNotFoundError, ValueError):
+                    self._path(marker.name).unlink()
                 with contextlib.suppress(OSError):
                     refs.rmdir()
-                deleted.append(refs.name)
+                deleted.append(marker.name)
+            marker.unlink()
+        with contextlib.suppress(OSError):
+            index.rmdir()
         return deleted
 
     def hashes_sync(self) -> list[str]:
@@ -76,7 +85,7 @@ class FileBlobStore:
         return sorted(
             p.name
             for d in self.root.iterdir()
-            if d.name != "refs" and d.is_dir()
+            if d.name not in ("refs", _BY_SESSION) and d.is_dir()
             for p in d.iterdir()
             if SHA256.fullmatch(p.name)
         )
