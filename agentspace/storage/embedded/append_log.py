@@ -48,6 +48,7 @@ import threading
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -415,7 +416,13 @@ def _run_all(
 
 
 def _sync_all(logs: list[AppendLog]) -> dict[int, Exception]:
-    """Sync each log once, side by side, then once per folder for the new files in it; the failures by log id."""
+    """Sync each log once and each folder of new files once, all side by side; the failures by log id.
+
+    A folder's sync need not wait for its new files' syncs: a new file is renamed into place before either
+    (``AppendLog.create``), so a crash before both returned may leave it whole, torn or empty whatever the
+    order, and a torn or empty file is a creation never acknowledged (its tail cut when read). Waiting together,
+    the syncs share the file system's commits: a new session costs about one commit instead of two in a row
+    (``python benchmarks/store_bench.py``)."""
     failed: dict[int, Exception] = {}
     folders: dict[Path, list[AppendLog]] = {}  # before the syncs: a sync makes a new file an old one
     for log_ in logs:
@@ -428,20 +435,20 @@ def _sync_all(logs: list[AppendLog]) -> dict[int, Exception]:
         except Exception as e:  # noqa: BLE001 - the writes of that log fail, the others stand
             failed[id(log_)] = e
 
-    if len(logs) > 1:  # side by side: the file system commits syncs that wait together at once
-        list(_sync_threads().map(sync, logs))
-    elif logs:
-        sync(logs[0])
-    for folder, new in folders.items():  # once per folder for the new files in it, after their syncs
-        done = [log_ for log_ in new if id(log_) not in failed]
-        if not done:
-            continue
+    def sync_folder(folder: Path) -> None:
         try:
             fsync_dir(folder)
         except Exception as e:  # noqa: BLE001 - the new files of that folder fail, the others stand
-            for log_ in done:
+            for log_ in folders[folder]:
                 log_.failures += 1
                 failed[id(log_)] = e
+
+    jobs: list[Callable[[], None]] = [partial(sync, log_) for log_ in logs]
+    jobs += [partial(sync_folder, folder) for folder in folders]
+    if len(jobs) > 1:  # side by side: the file system commits syncs that wait together at once
+        list(_sync_threads().map(lambda job: job(), jobs))
+    elif jobs:
+        jobs[0]()
     return failed
 
 

@@ -219,6 +219,8 @@ class SessionStore:
 
     async def get(self, session_id: str) -> dict[str, Any] | None:
         """The summary plus ``messages``, or None. Raises SessionDamaged."""
+        if self._surely_absent(session_id):  # a new chat's client-chosen id: no trip to the store thread
+            return None
         return await self._run(self._get, session_id)
 
     async def exists(self, session_id: str) -> bool:
@@ -442,6 +444,16 @@ class SessionStore:
         legacy = self._legacy_path(session_id)
         tables = _checked(read_tables(legacy), legacy)
         return None if tables is None else _legacy_session(tables)
+
+    def _surely_absent(self, session_id: str) -> bool:
+        """No such session, known on the caller's thread from two stats: not cached, no file in either form,
+        and none moved aside (once the store thread has listed those). A write queued for a new id has not made
+        its file yet either, but no caller asks for an id before the create that made it returned."""
+        if session_id in self._open or self._damaged_ids is None or session_id in self._damaged_ids:
+            return False
+        if not is_valid_session_id(session_id):
+            return False
+        return not os.path.exists(self._log_path(session_id)) and not os.path.exists(self._legacy_path(session_id))
 
     def _scan_damaged_ids(self) -> set[str]:
         """Ids whose file was moved aside (``<id>.jsonl.damaged-<time>``, ``<id>.json.damaged-<time>``)."""
