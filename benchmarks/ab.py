@@ -1,6 +1,6 @@
 """Compare two source trees of the gateway with their chats interleaved, so that the machine's drift hits both.
 
-    python benchmarks/ab.py TREE_A TREE_B [--transport ws|http] [--rounds 24] [--chats 60] [--clients 1]
+    python benchmarks/ab.py TREE_A TREE_B [--transport ws|http|messages|completions] [--rounds 24] [--chats 60]
 
 On a shared virtual machine the same build measures up to 60% apart from one minute to the next, more than
 most single changes are worth. This runs both trees' gateways (each with its own fake upstream, from
@@ -37,6 +37,27 @@ import bench  # noqa: E402  (the sibling script)
 WARMUP_CHATS = 150
 
 
+def _v1_messages(
+    http: aiohttp.ClientSession, gateway: str, headers: dict[str, str]
+) -> Callable[[], Awaitable[bench.Sample]]:
+    import vs_litellm
+
+    headers = {**headers, "anthropic-version": "2023-06-01"}
+    return lambda: vs_litellm.messages_chat(http, f"{gateway}/v1/messages", headers, vs_litellm.PROXY_MODEL)
+
+
+def _v1_completions(
+    http: aiohttp.ClientSession, gateway: str, headers: dict[str, str]
+) -> Callable[[], Awaitable[bench.Sample]]:
+    import vs_litellm
+
+    return lambda: vs_litellm.completions_chat(http, f"{gateway}/v1/chat/completions", headers, bench.MODEL)
+
+
+# The drop-in endpoints (``--transport messages|completions``): one streamed call each, as vs_litellm.py makes it.
+V1 = {"messages": _v1_messages, "completions": _v1_completions}
+
+
 async def side_client(
     http: aiohttp.ClientSession, b: bench.Bench, transport: str, warm_up: bool = True
 ) -> Callable[[], Awaitable[bench.Sample]]:
@@ -47,6 +68,8 @@ async def side_client(
         await bench.http_chat(http, b.gateway, headers)
     if transport == "http":
         return lambda: bench.http_chat(http, b.gateway, headers)
+    if transport in V1:
+        return V1[transport](http, b.gateway, headers)
     ws = await http.ws_connect(f"{b.gateway}/gateway", headers=headers, max_msg_size=0)
     return bench.WsClient(ws).chat
 
@@ -142,7 +165,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("tree_a", help="a source tree (a checkout of the repository)")
     parser.add_argument("tree_b", help="the other source tree")
-    parser.add_argument("--transport", choices=("ws", "http"), default="ws")
+    parser.add_argument("--transport", choices=("ws", "http", *V1), default="ws")
     parser.add_argument("--rounds", type=int, default=24)
     parser.add_argument("--chats", type=int, default=60, help="chats per tree per round")
     parser.add_argument("--clients", type=int, default=1, help="clients per tree at a time (chats/s at N clients)")
