@@ -96,7 +96,9 @@ def request_input_tokens(request: ProviderRequest) -> int:
                 files += attachments.tokens(part, ceiling=True)
     if request.tools:
         pieces.append(json.dumps([t.definition() for t in request.tools]))
-    return count_tokens("\n".join(p for p in pieces if p)) + files
+    # Piece by piece: a conversation sent again with each call (as agents do) has its earlier pieces' counts
+    # remembered (``tokens.count_tokens``).
+    return sum(count_tokens(p) for p in pieces if p) + files
 
 
 def request_ceiling(request: ProviderRequest, input_tokens: int | None = None) -> Ceiling:
@@ -127,7 +129,7 @@ def messages_body_ceiling(gw: Registry, model: str, body: dict[str, Any]) -> Cei
     tools = body.get("tools")
     if tools:
         tally.texts.append(json.dumps(tools, default=str))
-    input_tokens = count_tokens("\n".join(t for t in tally.texts if t)) + tally.extra
+    input_tokens = sum(count_tokens(t) for t in tally.texts if t) + tally.extra
     if tally.uncountable:
         input_tokens += tally.uncountable * uncountable_tokens(gw, model)
     max_tokens = body.get("max_tokens")

@@ -384,13 +384,15 @@ def last_call(stored: list[dict[str, Any]]) -> tuple[dict[str, Any] | None, floa
 def estimate_input_tokens(context: AssembledContext, *, ceiling: bool = False) -> int:
     """Local count of what a call sends, for usage records when the provider reported none; with ``ceiling``
     (a reservation) files count at their most (``attachments.tokens``)."""
-    text = context.system + "\n".join(message_text(m) for m in context.messages)
+    # Counted piece by piece, so that the history's pieces, counted on earlier turns, are remembered
+    # (``count_tokens``): the cost of a turn's count does not grow with the session.
+    tokens = count_tokens(context.system) + sum(count_tokens(message_text(m)) for m in context.messages)
     if context.tools:
-        text += json.dumps([t.definition() for t in context.tools], ensure_ascii=False)
+        tokens += count_tokens(json.dumps([t.definition() for t in context.tools], ensure_ascii=False))
     files = sum(
         attachments.tokens(p, ceiling=ceiling) for m in context.messages for p in m.parts if isinstance(p, FilePart)
     )
-    return count_tokens(text) + files
+    return tokens + files
 
 
 async def inspect_session(

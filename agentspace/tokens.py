@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import threading
+from collections import OrderedDict
 from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -17,6 +19,13 @@ if TYPE_CHECKING:
     import tiktoken  # imported when first needed: it costs start-up time
 
 ENCODING = "o200k_base"
+
+# Texts at least this long have their count remembered (``count_tokens``): a session's history is counted again
+# on every turn (the context-window check, the inspector's calibration, reservations), and tiktoken takes about
+# a millisecond per 5 KB, so without it a 2 MB session cost hundreds of milliseconds of the event loop per turn.
+CACHED_CHARS = 2048
+# Counts remembered, most recently used first: a few integers each (about 10 MB at most).
+CACHED_COUNTS = 65_536
 
 
 def bundled_tiktoken_dir() -> str | None:
@@ -39,7 +48,25 @@ def _encoding() -> tiktoken.Encoding:
 
 
 def count_tokens(text: str) -> int:
-    """Estimated tokens of ``text`` (o200k_base; close to, not equal to, what each provider counts)."""
+    """Estimated tokens of ``text`` (o200k_base; close to, not equal to, what each provider counts). A long
+    text's count is remembered by its length and hash, so counting the same text again costs a hash of it."""
     if not text:
         return 0
-    return len(_encoding().encode(text, disallowed_special=()))
+    if len(text) < CACHED_CHARS:
+        return len(_encoding().encode(text, disallowed_special=()))
+    key = (len(text), hash(text))  # a collision needs two texts of one length with one 64-bit hash
+    with _cache_lock:
+        count = _cache.get(key)
+        if count is not None:
+            _cache.move_to_end(key)
+            return count
+    count = len(_encoding().encode(text, disallowed_special=()))
+    with _cache_lock:
+        _cache[key] = count
+        while len(_cache) > CACHED_COUNTS:
+            _cache.popitem(last=False)
+    return count
+
+
+_cache: OrderedDict[tuple[int, int], int] = OrderedDict()
+_cache_lock = threading.Lock()  # counts are made on worker threads too

@@ -82,3 +82,18 @@ def test_count_tokens() -> None:
     assert count_tokens("") == 0
     assert 0 < count_tokens("The quick brown fox jumps over the lazy dog.") < 15
     assert count_tokens("<|endoftext|>") > 0  # special tokens in user text are plain text, not an error
+
+
+def test_long_texts_are_counted_once_and_told_apart() -> None:
+    """A long text's count is remembered (a session's history is counted again every turn); a different text
+    of the same length gets its own count."""
+    from agentspace import tokens
+
+    text = "alpha beta gamma delta " * 400
+    other = "alpha-beta-gamma-delta " * 400
+    assert len(text) == len(other) >= tokens.CACHED_CHARS
+    exact = len(tokens._encoding().encode(text, disallowed_special=()))
+    assert count_tokens(text) == exact
+    assert (len(text), hash(text)) in tokens._cache
+    assert count_tokens(text) == exact  # from the cache
+    assert count_tokens(other) == len(tokens._encoding().encode(other, disallowed_special=())) != exact
