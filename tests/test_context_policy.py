@@ -11,9 +11,10 @@ from typing import Any
 import pytest
 from aiohttp.test_utils import TestClient
 
+from agentspace import Tool, hookimpl
 from agentspace.context_policy import COMPACT_PROMPT
 from agentspace.transports import state
-from tests.fakes.anthropic_upstream import error_status, prompt_blocks, text_response
+from tests.fakes.anthropic_upstream import error_status, prompt_blocks, text_response, tool_use_response
 from tests.support.ws import chat, connect, receive_after
 from tests.test_prompt_cache import turn_text
 
@@ -228,3 +229,73 @@ async def test_a_failing_summary_leaves_the_oldest_turns_out_and_the_turn_answer
     cuts = [m["contextCut"] for m in session["messages"] if m.get("contextCut")]
     assert cuts and all(c["compactError"] == "MODEL_NOT_FOUND" for c in cuts)
     assert not any(m.get("summary") for m in session["messages"])
+
+
+class PageTools:
+    """``read_page``: about 12 KB of text per call, so a tool loop grows the context between its steps."""
+
+    @hookimpl
+    def register_tools(self, register: Any, config: Any) -> None:
+        async def read_page(args: dict[str, Any]) -> dict[str, Any]:
+            return {"page": args["page"], "text": turn_text(1000 + int(args["page"]), 12_000)}
+
+        register(Tool("read_page", "A page of the manual", {"type": "object", "properties": {"page": {}}}, read_page))
+
+
+@pytest.mark.parametrize("policy", ["compact", "truncate", "refuse"])
+async def test_a_tool_loop_that_grows_past_the_window_is_caught_before_its_next_step(
+    make_client: Any,
+    token: str,
+    fake_anthropic: Any,
+    plugin_manager: Any,
+    policy: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Four turns of 8 KB fill about half the window; the fifth turn's model reads four pages of 12 KB, one a
+    step. The policy runs before each step, so no call is larger than the window."""
+    fake_anthropic.caching = True
+    plugin_manager.register(PageTools())
+    window = 20_000
+    client = await make_client(
+        {"chat": {"context_policy": policy, "history_limit": 10_000}, "pricing": {MODEL: {"context_window": window}}},
+        pm=plugin_manager,
+    )
+    scripted = fake_anthropic.next_response
+
+    def respond() -> Any:  # the summarising calls get a summary; the turn's steps get the script
+        if fake_anthropic.requests[-1].body.get("system") == COMPACT_PROMPT:
+            return text_response("The user sent four long texts.")
+        return scripted()
+
+    monkeypatch.setattr(fake_anthropic, "next_response", respond)
+    ws = await connect(client, token)
+    session_id = ""
+    for turn in range(1, 5):
+        extra = {"sessionId": session_id} if session_id else {}
+        frames = await chat(ws, turn_text(turn, 8_000), f"r{turn}", **extra)
+        assert frames[-1]["type"] == "chat.stream.end", frames[-1]
+        session_id = session_id or frames[0]["sessionId"]
+    before = len(fake_anthropic.requests)
+    fake_anthropic.enqueue(
+        *(tool_use_response("read_page", {"page": p}, id=f"toolu_{p}") for p in range(1, 5)), text_response("Done.")
+    )
+    frames = await chat(ws, "Read pages 1 to 4 of the manual.", "r5", sessionId=session_id)
+    await ws.close()
+    steps = [r for r in fake_anthropic.requests[before:] if r.body.get("system") != COMPACT_PROMPT]
+    sent = [_prompt_tokens(r) for r in steps]
+    assert max(sent) <= window - 4096, sent  # no step's call was larger than the window
+    session = await client.app[state.REGISTRY].sessions.get(session_id)
+    assert session is not None
+    if policy == "refuse":
+        assert frames[-1]["type"] == "error" and frames[-1]["code"] == "CONTEXT_TOO_LONG", frames[-1]
+        assert 1 <= len(steps) < 5  # the steps that fitted were sent, the next one was not
+        return
+    assert frames[-1]["type"] == "chat.stream.end", frames[-1]
+    assert len(steps) == 5 and session["messages"][-1]["content"].endswith("Done.")
+    assert "toolu_4" in json.dumps(steps[-1].body["messages"])  # the turn's own steps are all still sent
+    key = "summary" if policy == "compact" else "contextCut"
+    assert any(m.get(key) for m in session["messages"]), "the policy never ran"
+    usage = await records(client, session_id)
+    compactions = len(fake_anthropic.requests) - len(fake_anthropic.requests[:before]) - len(steps)
+    assert [r.get("purpose") for r in usage].count("compact") == compactions == (1 if policy == "compact" else 0)
+    assert len(usage) == len(fake_anthropic.requests)  # one record per provider call

@@ -176,3 +176,38 @@ async def test_search_and_compact_on_postgres(
     assert (await response.json())["compacted"] is True
     records = await client.app[state.REGISTRY].usage.records(session_id=bread)
     assert len(records) == 3  # two turns and the summary
+
+
+async def test_a_client_never_finds_another_clients_session_of_the_same_id_or_name(
+    client: TestClient, auth_headers: dict[str, str], fake_anthropic: Any
+) -> None:
+    """Two clients chat in a session each called ``plans``: each finds its own, by the id it knows. A client
+    deleted and created again under the same name does not find the sessions of the one before."""
+
+    async def new_client(name: str) -> dict[str, str]:
+        created = await client.post("/api/clients", headers=auth_headers, json={"name": name})
+        assert created.status in (200, 201), await created.text()
+        return {"Authorization": f"Bearer {(await created.json())['key']}"}
+
+    async def say(headers: dict[str, str], text: str) -> None:
+        message = {"id": "m1", "role": "user", "parts": [{"type": "text", "text": text}]}
+        response = await client.post("/api/chat", json={"id": "plans", "messages": [message]}, headers=headers)
+        assert response.status == 200
+        await response.read()
+
+    async def search(headers: dict[str, str], text: str) -> list[dict[str, Any]]:
+        response = await client.get("/api/sessions", params={"q": text}, headers=headers)
+        assert response.status == 200
+        return list((await response.json())["sessions"])
+
+    alice, bob = await new_client("alice"), await new_client("bob")
+    await say(alice, "alice plans a trip to Lisbon")
+    await say(bob, "bob plans a trip to Oslo")
+    assert [(s["id"], "Oslo" in s["match"]) for s in await search(bob, "plans a trip")] == [("plans", True)]
+    assert [(s["id"], "Lisbon" in s["match"]) for s in await search(alice, "plans a trip")] == [("plans", True)]
+    assert await search(bob, "Lisbon") == []
+    deleted = await client.delete("/api/clients/alice", headers=auth_headers)
+    assert deleted.status in (200, 204)
+    again = await new_client("alice")
+    assert await search(again, "Lisbon") == []
+    assert (await (await client.get("/api/sessions", headers=again)).json())["sessions"] == []  # as the listing
