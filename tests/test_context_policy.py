@@ -34,6 +34,21 @@ async def records(client: TestClient, session_id: str) -> list[dict[str, Any]]:
     return await client.app[state.REGISTRY].usage.records(session_id=session_id)
 
 
+async def long_http_session(client: TestClient, token: str, turns: int) -> tuple[str, list[dict[str, Any]]]:
+    """``long_session`` through ``/api/chat``: each turn's last UI stream chunk before ``[DONE]``."""
+    headers = {"Authorization": f"Bearer {token}"}
+    session_id = "http-300"
+    ends = []
+    for turn in range(1, turns + 1):
+        message = {"id": f"m{turn}", "role": "user", "parts": [{"type": "text", "text": turn_text(turn, 1000)}]}
+        response = await client.post("/api/chat", json={"id": session_id, "messages": [message]}, headers=headers)
+        assert response.status == 200
+        chunks = [line[6:] for line in (await response.text()).splitlines() if line.startswith("data: ")]
+        assert chunks[-1] == "[DONE]"
+        ends.append(json.loads(chunks[-2]))
+    return session_id, ends
+
+
 async def long_session(client: TestClient, token: str, turns: int) -> tuple[str, list[dict[str, Any]]]:
     """``turns`` turns of about 1 KB each; the last frame of every turn."""
     ws = await connect(client, token)
@@ -48,18 +63,22 @@ async def long_session(client: TestClient, token: str, turns: int) -> tuple[str,
     return session_id, ends
 
 
+@pytest.mark.parametrize("transport", ["ws", "http"])
 @pytest.mark.parametrize("policy", ["compact", "truncate"])
 async def test_a_long_session_keeps_answering(
-    make_client: Any, token: str, fake_anthropic: Any, policy: str, monkeypatch: pytest.MonkeyPatch
+    make_client: Any, token: str, fake_anthropic: Any, policy: str, transport: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     fake_anthropic.caching = True  # the fake counts the real input, as the API does
     # 1,800 durable writes are not what this test is about: the disk's flushes are skipped (as in the benchmarks).
     monkeypatch.setattr(os, "fsync", lambda fd: None)
     client = await make_client(small_window(policy))
-    session_id, ends = await long_session(client, token, TURNS)
-    assert all(end["type"] == "chat.stream.end" for end in ends), [e for e in ends if e["type"] != "chat.stream.end"][
-        :1
-    ]
+    if transport == "ws":
+        session_id, ends = await long_session(client, token, TURNS)
+        failed = [e for e in ends if e["type"] != "chat.stream.end"]
+    else:
+        session_id, ends = await long_http_session(client, token, TURNS)
+        failed = [e for e in ends if e["type"] != "finish"]
+    assert not failed, failed[:1]
     window = WINDOW - 4096
     chat_calls = [r for r in fake_anthropic.requests if r.body.get("system") != _compact_prompt()]
     sent = [_prompt_tokens(r) for r in chat_calls]
@@ -193,23 +212,35 @@ async def _chat_once(client: TestClient, token: str, session_id: str, text: str)
 async def test_http_chat_refuses_with_the_numbers(
     make_client: Any, auth_headers: dict[str, str], fake_anthropic: Any
 ) -> None:
+    """Through ``/api/chat`` the refusal comes before any stream: 413 with the code and the numbers
+    (docs/protocol.md: an error found before an answer starts streaming comes with its status)."""
     fake_anthropic.caching = True
-    client = await make_client(
-        {"chat": {"context_policy": "refuse", "history_limit": 10_000}, "pricing": {MODEL: {"context_window": 6_000}}}
-    )
-    texts = []
-    for turn in range(1, 20):
-        body = {
-            "id": "http-refused",
-            "messages": [
-                {"id": f"m{turn}", "role": "user", "parts": [{"type": "text", "text": turn_text(turn, 1000)}]}
-            ],
-        }
-        response = await client.post("/api/chat", json=body, headers=auth_headers)
-        texts.append(await response.text())
-        if '"type":"error"' in texts[-1]:
+    client = await make_client(small_window("refuse"))
+
+    async def say(turn: int, text: str) -> tuple[int, str]:
+        message = {"id": f"m{turn}", "role": "user", "parts": [{"type": "text", "text": text}]}
+        response = await client.post(
+            "/api/chat", json={"id": "http-refused", "messages": [message]}, headers=auth_headers
+        )
+        return response.status, await response.text()
+
+    for turn in range(1, TURNS + 1):
+        status, text = await say(turn, turn_text(turn, 1000))
+        if status != 200:
             break
-    assert '"type":"error"' in texts[-1] and "takes 1904 (6000 in its window, minus 4096" in texts[-1], texts[-1][-400:]
+        assert '"type":"finish"' in text, text[-300:]
+    assert status == 413, (status, text)
+    error = json.loads(text)["error"]
+    assert error["code"] == "CONTEXT_TOO_LONG"
+    assert f"takes {WINDOW - 4096} ({WINDOW} in its window, minus 4096" in error["message"], error
+    calls = len(fake_anthropic.requests)
+    assert (await say(TURNS + 1, turn_text(TURNS + 1, 1000)))[0] == 413 and len(
+        fake_anthropic.requests
+    ) == calls  # nothing sent
+    response = await client.post("/api/sessions/http-refused/compact", headers=auth_headers)
+    assert response.status == 200 and (await response.json())["compacted"] is True
+    status, text = await say(TURNS + 2, "and now?")
+    assert status == 200 and '"type":"finish"' in text
 
 
 async def test_a_failing_summary_leaves_the_oldest_turns_out_and_the_turn_answers(

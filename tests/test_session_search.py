@@ -134,9 +134,17 @@ async def test_cli_search_compact_and_inspect(
     assert "summary" in inspected.output and "Expected input cost" in inspected.output
 
 
+@pytest.mark.parametrize("backend", ["embedded", "postgres"])
 async def test_a_phrase_from_turn_3_of_1000_sessions_in_under_200_ms(
-    client: TestClient, auth_headers: dict[str, str], monkeypatch: pytest.MonkeyPatch
+    make_client: Any,
+    auth_headers: dict[str, str],
+    monkeypatch: pytest.MonkeyPatch,
+    request: pytest.FixtureRequest,
+    backend: str,
 ) -> None:
+    """The embedded store answers under 200 ms once warm; PostgreSQL finds the same session (not timed)."""
+    storage = {"backend": "postgres", "dsn": request.getfixturevalue("pg_dsn")} if backend == "postgres" else {}
+    client = await make_client(storage=storage) if storage else await make_client()
     store = client.app[state.REGISTRY].sessions
     rng = random.Random(3)
     words = "alpha beta gamma delta river stone cloud paper garden window lamp orbit".split()
@@ -159,7 +167,9 @@ async def test_a_phrase_from_turn_3_of_1000_sessions_in_under_200_ms(
         body = await response.json()
         timings.append(time.perf_counter() - started)
         assert [s["id"] for s in body["sessions"]] == [target]
-    assert min(timings[1:]) < 0.2, timings
+        assert "violet heron" in body["sessions"][0]["match"]
+    if backend == "embedded":
+        assert min(timings[1:]) < 0.2, timings
 
 
 async def test_search_and_compact_on_postgres(
