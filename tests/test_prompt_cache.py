@@ -16,8 +16,9 @@ from agentspace.pricing import cost_map, model_info
 from agentspace.transports import state
 from agentspace.types import ChatMessage, TextPart
 from tests.fakes.anthropic_upstream import text_response, tool_use_response
-from tests.fakes.openai_upstream import stream_response, text_deltas
+from tests.fakes.openai_upstream import stream_response, text_deltas, tool_calls_response
 from tests.fakes.openai_upstream import text_response as openai_text
+from tests.fakes.openai_upstream import tool_call as openai_tool_call
 from tests.fakes.openai_upstream import usage as openai_usage
 from tests.support.ws import chat, connect, receive_after
 from tests.test_litellm_provider import collect, make_request
@@ -379,4 +380,44 @@ async def test_marks_a_plugin_already_set_count_toward_the_limit_of_four(
         assert "cache_control" in body["messages"][-1]["content"][-1]  # the newest message is still marked
         if turn > 1:
             assert frames[-1]["usage"]["cacheReadTokens"] > 0
+    await ws.close()
+
+
+def chat_marks(body: dict[str, Any]) -> list[tuple[int, str]]:
+    """(message index, role) of every ``cache_control`` in a Chat Completions body."""
+    found = []
+    for i, m in enumerate(body["messages"]):
+        content = m.get("content")
+        blocks = content if isinstance(content, list) else []
+        if "cache_control" in m or any(isinstance(b, dict) and "cache_control" in b for b in blocks):
+            found.append((i, m["role"]))
+    return found
+
+
+async def test_claude_behind_litellm_is_marked_on_every_turn_and_tool_loop_step(
+    make_client: Any, token: str, fake_openai: Any, plugin_manager: Any, monkeypatch: Any
+) -> None:
+    """Claude through OpenRouter (litellm): the WebSocket session's calls carry the marks in the Chat Completions
+    form (the system prompt, the previous call's end, the newest message or tool result), never more than four."""
+    monkeypatch.setenv("OPENROUTER_API_KEY", "sk-or-test")
+    await asyncio.to_thread(importlib.import_module, "litellm")  # not inside a chat's receive timeout
+    plugin_manager.register(WeatherTools())
+    client = await make_client(providers={"openrouter": {"base_url": fake_openai.url}}, pm=plugin_manager)
+    model = "openrouter/anthropic/claude-sonnet-4.5"
+    fake_openai.enqueue(
+        openai_text("First."),
+        tool_calls_response(openai_tool_call("call_1", "get_weather", {"city": "Paris"})),
+        openai_text("Sunny."),
+    )
+    ws = await connect(client, token)
+    frames = await chat(ws, turn_text(1), model=model)
+    assert frames[-1]["type"] == "chat.stream.end", frames[-1]
+    assert chat_marks(fake_openai.requests[-1].body) == [(0, "system"), (1, "user")]
+    frames = await chat(ws, turn_text(2), "r2", model=model, sessionId=frames[0]["sessionId"])
+    assert frames[-1]["type"] == "chat.stream.end", frames[-1]
+    first, second = (r.body for r in fake_openai.requests[-2:])
+    # Turn 2, step 1: the system prompt, the end of turn 1's call (its user message), the newest message.
+    assert chat_marks(first) == [(0, "system"), (1, "user"), (3, "user")]
+    # Step 2: the system prompt, the end of step 1's call (the newest user message), the tool result.
+    assert chat_marks(second) == [(0, "system"), (3, "user"), (5, "tool")]
     await ws.close()
