@@ -221,3 +221,17 @@ async def test_a_client_never_finds_another_clients_session_of_the_same_id_or_na
     again = await new_client("alice")
     assert await search(again, "Lisbon") == []
     assert (await (await client.get("/api/sessions", headers=again)).json())["sessions"] == []  # as the listing
+
+
+async def test_a_renamed_title_is_found_at_once(
+    client: TestClient, token: str, auth_headers: dict[str, str], fake_anthropic: Any
+) -> None:
+    garden, *_ = await make_sessions(client, token, fake_anthropic)
+    assert (await (await client.get("/api/sessions", params={"q": "zebra"}, headers=auth_headers)).json())[
+        "sessions"
+    ] == []
+    response = await client.patch(f"/api/sessions/{garden}", json={"title": "The Zebra project"}, headers=auth_headers)
+    assert response.status == 200, await response.text()
+    body = await (await client.get("/api/sessions", params={"q": "zebra PROJECT"}, headers=auth_headers)).json()
+    assert [(s["id"], s["title"]) for s in body["sessions"]] == [(garden, "The Zebra project")]
+    assert "Zebra project" in body["sessions"][0]["match"]
