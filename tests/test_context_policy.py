@@ -117,11 +117,17 @@ async def test_refuse_says_context_too_long_with_the_numbers(make_client: Any, t
     calls = len(fake_anthropic.requests)
     frames = await chat(ws, turn_text(TURNS + 1, 1000), "again", sessionId=session_id)
     assert frames[-1]["code"] == "CONTEXT_TOO_LONG" and len(fake_anthropic.requests) == calls  # nothing sent
+    # The inspector says the next call is past the window, with the same numbers.
+    frame = {"type": "context.inspect", "id": "i", "sessionId": session_id, "userMessage": turn_text(TURNS + 2, 1000)}
+    totals = (await receive_after(ws, frame))["totals"]
+    assert totals["inputWindow"] == WINDOW - 4096 and totals["overWindow"] is True, totals
     # Compacting on demand makes the session usable again.
     reply = await receive_after(ws, {"type": "session.compact", "id": "c1", "sessionId": session_id})
     assert reply["type"] == "session.compacted" and reply["compacted"] is True, reply
     frames = await chat(ws, "and now?", "after", sessionId=session_id)
     assert frames[-1]["type"] == "chat.stream.end", frames[-1]
+    totals = (await receive_after(ws, {**frame, "id": "i2"}))["totals"]
+    assert totals["overWindow"] is False
     await ws.close()
 
 
