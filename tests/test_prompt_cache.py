@@ -119,10 +119,19 @@ def _config(client: TestClient) -> Any:
 
 
 async def test_off_sends_no_breakpoints_and_the_inspector_says_so(
-    make_client: Any, token: str, fake_anthropic: Any
+    make_client: Any, token: str, fake_anthropic: Any, plugin_manager: Any, auth_headers: dict[str, str]
 ) -> None:
     fake_anthropic.caching = True
-    client = await make_client(chat={"prompt_cache": "off"})
+    plugin_manager.register(WeatherTools())
+    client = await make_client(chat={"prompt_cache": "off"}, pm=plugin_manager)
+    # A tool loop through /api/chat: neither step is marked.
+    fake_anthropic.enqueue(tool_use_response("get_weather", {"city": "Paris"}), text_response("Sunny."))
+    message = {"id": "m1", "role": "user", "parts": [{"type": "text", "text": turn_text(9)}]}
+    response = await client.post("/api/chat", json={"id": "off-http", "messages": [message]}, headers=auth_headers)
+    assert response.status == 200 and '"type":"finish"' in await response.text()
+    assert len(fake_anthropic.requests) == 2 and "cache_control" not in json.dumps(
+        [r.body for r in fake_anthropic.requests]
+    )
     ws = await connect(client, token)
     frames = await chat(ws, turn_text(1))
     session_id = frames[0]["sessionId"]
