@@ -408,4 +408,12 @@ async def inspect_session(
     ctx = await assemble(gw, session_id=session_id, model=model, user_message=user_message, history=history)
     previous, age = last_call(history)
     view = CacheView(cache_ttl(gw.config), previous, age)
-    return {"sessionId": session_id, "model": model, **measure(ctx, gw.model_info(model), view)}
+    info = gw.model_info(model)
+    measured = measure(ctx, info, view)
+    # The input tokens a call may send (the window minus the output requested; None: unknown) and whether
+    # this context is past them: then the next turn runs [chat] context_policy before its call.
+    window = max(0, int(info.context_window) - int(gw.config["chat"]["max_tokens"])) if info.context_window else None
+    totals = measured["totals"]
+    totals["inputWindow"] = window
+    totals["overWindow"] = window is not None and totals["calibratedTokens"] > window
+    return {"sessionId": session_id, "model": model, **measured}

@@ -1,7 +1,7 @@
 """The context-window policy: what happens when a session's context would not fit the model's input window.
 
-Before a turn's first call the assembled context is measured (the local estimate, calibrated by what the
-provider reported for the previous call) against the window: the cost map's ``max_input_tokens`` (or
+Before each call of a turn (a tool loop grows the context between its steps) the assembled context is
+measured (the local estimate, calibrated by what the provider reported for the previous call) against the window: the cost map's ``max_input_tokens`` (or
 ``[pricing."MODEL"] context_window``) minus the output tokens requested. When it does not fit,
 ``[chat] context_policy`` decides:
 
@@ -106,19 +106,35 @@ def _cut_index(history: list[dict[str, Any]], start: int, excess: int, ratio: fl
 
 
 async def fit_context(
-    gw: Registry, turn: TurnLike, ctx: AssembledContext, content: str, history: list[dict[str, Any]]
-) -> AssembledContext:
-    """``ctx``, or the context after the configured policy made it fit; ApiError CONTEXT_TOO_LONG when not."""
+    gw: Registry,
+    turn: TurnLike,
+    ctx: AssembledContext,
+    content: str,
+    history: list[dict[str, Any]],
+    *,
+    added: int = 0,
+    step_call: dict[str, Any] | None = None,
+) -> tuple[AssembledContext, list[dict[str, Any]]]:
+    """(``ctx``, ``history``), or both after the configured policy made the context fit (``history`` then holds
+    the new mark); ApiError CONTEXT_TOO_LONG when it cannot.
+
+    Before every call of a turn: a tool loop grows the context between its steps. ``added``: how many messages
+    the turn's earlier steps appended to ``ctx`` (answers with tool calls, their results), kept as they are
+    after whatever is cut; ``step_call``: the previous step's ``lastCall`` (None when it reported nothing)."""
     window, max_tokens = window_of(gw, turn.model)
     if window is None:
-        return ctx
-    previous, _ = last_call(history)
+        return ctx, history
+    previous = step_call if added else last_call(history)[0]
     ratio = calibration(previous)
-    if _surely_fits(ctx, history, previous, content, ratio, window):
-        return ctx
+    if added:
+        since = sum(_bytes_of(m) for m in ctx.messages[-2:])  # what the previous step answered, and its results
+        if _step_fits(ctx, previous, since, ratio, window):
+            return ctx, history
+    elif _surely_fits(ctx, history, previous, content, ratio, window):
+        return ctx, history
     need = round(estimate_input_tokens(ctx) * ratio)
     if need <= window:
-        return ctx
+        return ctx, history
     policy = gw.config["chat"]["context_policy"]
     if policy == "refuse":
         raise too_long(turn.model, need, window, max_tokens)
@@ -137,6 +153,7 @@ async def fit_context(
             mark["contextCut"]["compactError"] = e.code
     await gw.sessions.update_message(turn.session_id, history[cut]["id"], mark)
     history = [*history[:cut], {**history[cut], **mark}, *history[cut + 1 :]]
+    steps = ctx.messages[len(ctx.messages) - added :] if added else []
     ctx = await assemble(
         gw,
         session_id=turn.session_id,
@@ -145,10 +162,19 @@ async def fit_context(
         history=history,
         user_files=getattr(turn, "files", ()),
     )
+    ctx.messages.extend(steps)
     need = round(estimate_input_tokens(ctx) * ratio)
     if need > window:  # the newest turn alone is too long
         raise too_long(turn.model, need, window, max_tokens)
-    return ctx
+    return ctx, history
+
+
+def _step_fits(ctx: AssembledContext, previous: dict[str, Any] | None, since: int, ratio: float, window: int) -> bool:
+    """Whether a tool loop's next step clearly fits: what the previous step sent (as the provider counted it)
+    plus the bytes of what it added; else the bytes of the whole context (``_surely_fits``)."""
+    if previous is None or not previous.get("promptTokens"):
+        return _surely_fits(ctx, [], None, "", ratio, window)
+    return int(previous["promptTokens"]) + since * ratio < window * 0.8
 
 
 def _bytes(message: dict[str, Any]) -> int:

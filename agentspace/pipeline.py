@@ -427,11 +427,19 @@ class Turn:
                 history=history,
                 user_files=self.files,
             )
-            # The context-window policy: compact, truncate or refuse (CONTEXT_TOO_LONG) a context too long.
-            ctx = await fit_context(self.gw, self, ctx, content, history)
+            # The context-window policy: compact, truncate or refuse (CONTEXT_TOO_LONG) a context too long,
+            # before every step (a tool loop's results grow the context).
+            ctx, history = await fit_context(self.gw, self, ctx, content, history)
+            base = len(ctx.messages)
             max_steps = int(self.gw.config["chat"]["max_steps"])
             seen_sources: set[str] = set()
             for step in range(max_steps):
+                if step:
+                    added = len(ctx.messages) - base
+                    ctx, history = await fit_context(
+                        self.gw, self, ctx, content, history, added=added, step_call=self._last_call
+                    )
+                    base = len(ctx.messages) - added
                 if not await self._step(ctx, step, seen_sources, tally):
                     break
         except ApiError as e:  # the context-window policy refused the call, or its summarising call failed

@@ -57,30 +57,37 @@ def _marker(ttl: str) -> dict[str, str]:
 
 
 def _mark_last_block(message: dict[str, Any], ttl: str) -> bool:
+    """Mark the message's last block that can be marked; False when it has none, or when that block already
+    carries a mark (kept as it is)."""
     content = message.get("content")
     if isinstance(content, str):
         message["content"] = content = [{"type": "text", "text": content}]
     for block in reversed(content or []):
         if block.get("type") not in ("thinking", "redacted_thinking"):  # thinking blocks cannot be marked
+            if "cache_control" in block:
+                return False
             block["cache_control"] = _marker(ttl)
             return True
     return False
 
 
-def add_breakpoints(params: dict[str, Any], ttl: str) -> None:
-    """Mark a Messages API request's stable prefix (in place), within ``MAX_BREAKPOINTS``."""
-    budget = MAX_BREAKPOINTS
-    tools = params.get("tools")
-    if tools:
-        tools[-1] = {**tools[-1], "cache_control": _marker(ttl)}
-        budget -= 1
+def _marks(params: dict[str, Any]) -> int:
+    """The breakpoints a request already has (a plugin's tool definition may carry its own)."""
+    count = sum(1 for t in params.get("tools") or () if "cache_control" in t)
     system = params.get("system")
-    if system:
-        if isinstance(system, str):
-            params["system"] = [{"type": "text", "text": system, "cache_control": _marker(ttl)}]
-        else:
-            system[-1] = {**system[-1], "cache_control": _marker(ttl)}
-        budget -= 1
+    if isinstance(system, list):
+        count += sum(1 for b in system if "cache_control" in b)
+    for m in params.get("messages") or ():
+        if isinstance(m.get("content"), list):
+            count += sum(1 for b in m["content"] if isinstance(b, dict) and "cache_control" in b)
+    return count
+
+
+def add_breakpoints(params: dict[str, Any], ttl: str) -> None:
+    """Mark a Messages API request's stable prefix (in place), within ``MAX_BREAKPOINTS`` counting the marks
+    it already has. When they do not all fit, the messages' marks come first: a prefix that ends in the
+    messages covers the tools and the system prompt too."""
+    budget = MAX_BREAKPOINTS - _marks(params)
     messages = params.get("messages") or []
     targets = []
     if messages:
@@ -89,8 +96,20 @@ def add_breakpoints(params: dict[str, Any], ttl: str) -> None:
         last_assistant = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=None)
         if last_assistant is not None and last_assistant > 0 and messages[last_assistant - 1]["role"] == "user":
             targets.append(last_assistant - 1)
-    for index in targets[:budget]:
-        _mark_last_block(messages[index], ttl)
+    for index in targets:
+        if budget > 0 and _mark_last_block(messages[index], ttl):
+            budget -= 1
+    system = params.get("system")
+    if system and budget > 0:
+        if isinstance(system, str):
+            params["system"] = [{"type": "text", "text": system, "cache_control": _marker(ttl)}]
+            budget -= 1
+        elif "cache_control" not in system[-1]:
+            system[-1] = {**system[-1], "cache_control": _marker(ttl)}
+            budget -= 1
+    tools = params.get("tools")
+    if tools and budget > 0 and "cache_control" not in tools[-1]:
+        tools[-1] = {**tools[-1], "cache_control": _marker(ttl)}
 
 
 def add_chat_breakpoints(messages: list[dict[str, Any]], ttl: str) -> None:

@@ -415,8 +415,14 @@ class Service:
             raise invalid({"q": "required: a non-empty string"})
         if len(query) > MAX_QUERY_LENGTH:
             raise invalid({"q": f"at most {MAX_QUERY_LENGTH} characters"})
-        client = None if self.caller == ADMIN else self.caller
-        return await search_sessions(self.gw.sessions, clean_text(query), client=client, limit=limit)
+        if self.caller == ADMIN:
+            return await search_sessions(self.gw.sessions, clean_text(query), limit=limit)
+        # As in the listing: the caller's own sessions, not an earlier client's of the same name, by the ids
+        # the caller knows them by.
+        client = await self.gw.clients.get(self.caller)
+        since = client.created_at if client is not None else None
+        found = await search_sessions(self.gw.sessions, clean_text(query), client=self.caller, since=since, limit=limit)
+        return [self._shown(s) for s in found]
 
     async def export_session(self, session_id: object, fmt: object) -> tuple[str, str]:
         """The caller's session as ``md`` or ``json``: (the document, its media type)."""

@@ -11,9 +11,10 @@ from typing import Any
 import pytest
 from aiohttp.test_utils import TestClient
 
+from agentspace import Tool, hookimpl
 from agentspace.context_policy import COMPACT_PROMPT
 from agentspace.transports import state
-from tests.fakes.anthropic_upstream import error_status, prompt_blocks, text_response
+from tests.fakes.anthropic_upstream import error_status, prompt_blocks, text_response, tool_use_response
 from tests.support.ws import chat, connect, receive_after
 from tests.test_prompt_cache import turn_text
 
@@ -33,6 +34,21 @@ async def records(client: TestClient, session_id: str) -> list[dict[str, Any]]:
     return await client.app[state.REGISTRY].usage.records(session_id=session_id)
 
 
+async def long_http_session(client: TestClient, token: str, turns: int) -> tuple[str, list[dict[str, Any]]]:
+    """``long_session`` through ``/api/chat``: each turn's last UI stream chunk before ``[DONE]``."""
+    headers = {"Authorization": f"Bearer {token}"}
+    session_id = "http-300"
+    ends = []
+    for turn in range(1, turns + 1):
+        message = {"id": f"m{turn}", "role": "user", "parts": [{"type": "text", "text": turn_text(turn, 1000)}]}
+        response = await client.post("/api/chat", json={"id": session_id, "messages": [message]}, headers=headers)
+        assert response.status == 200
+        chunks = [line[6:] for line in (await response.text()).splitlines() if line.startswith("data: ")]
+        assert chunks[-1] == "[DONE]"
+        ends.append(json.loads(chunks[-2]))
+    return session_id, ends
+
+
 async def long_session(client: TestClient, token: str, turns: int) -> tuple[str, list[dict[str, Any]]]:
     """``turns`` turns of about 1 KB each; the last frame of every turn."""
     ws = await connect(client, token)
@@ -47,18 +63,22 @@ async def long_session(client: TestClient, token: str, turns: int) -> tuple[str,
     return session_id, ends
 
 
+@pytest.mark.parametrize("transport", ["ws", "http"])
 @pytest.mark.parametrize("policy", ["compact", "truncate"])
 async def test_a_long_session_keeps_answering(
-    make_client: Any, token: str, fake_anthropic: Any, policy: str, monkeypatch: pytest.MonkeyPatch
+    make_client: Any, token: str, fake_anthropic: Any, policy: str, transport: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     fake_anthropic.caching = True  # the fake counts the real input, as the API does
     # 1,800 durable writes are not what this test is about: the disk's flushes are skipped (as in the benchmarks).
     monkeypatch.setattr(os, "fsync", lambda fd: None)
     client = await make_client(small_window(policy))
-    session_id, ends = await long_session(client, token, TURNS)
-    assert all(end["type"] == "chat.stream.end" for end in ends), [e for e in ends if e["type"] != "chat.stream.end"][
-        :1
-    ]
+    if transport == "ws":
+        session_id, ends = await long_session(client, token, TURNS)
+        failed = [e for e in ends if e["type"] != "chat.stream.end"]
+    else:
+        session_id, ends = await long_http_session(client, token, TURNS)
+        failed = [e for e in ends if e["type"] != "finish"]
+    assert not failed, failed[:1]
     window = WINDOW - 4096
     chat_calls = [r for r in fake_anthropic.requests if r.body.get("system") != _compact_prompt()]
     sent = [_prompt_tokens(r) for r in chat_calls]
@@ -97,11 +117,17 @@ async def test_refuse_says_context_too_long_with_the_numbers(make_client: Any, t
     calls = len(fake_anthropic.requests)
     frames = await chat(ws, turn_text(TURNS + 1, 1000), "again", sessionId=session_id)
     assert frames[-1]["code"] == "CONTEXT_TOO_LONG" and len(fake_anthropic.requests) == calls  # nothing sent
+    # The inspector says the next call is past the window, with the same numbers.
+    frame = {"type": "context.inspect", "id": "i", "sessionId": session_id, "userMessage": turn_text(TURNS + 2, 1000)}
+    totals = (await receive_after(ws, frame))["totals"]
+    assert totals["inputWindow"] == WINDOW - 4096 and totals["overWindow"] is True, totals
     # Compacting on demand makes the session usable again.
     reply = await receive_after(ws, {"type": "session.compact", "id": "c1", "sessionId": session_id})
     assert reply["type"] == "session.compacted" and reply["compacted"] is True, reply
     frames = await chat(ws, "and now?", "after", sessionId=session_id)
     assert frames[-1]["type"] == "chat.stream.end", frames[-1]
+    totals = (await receive_after(ws, {**frame, "id": "i2"}))["totals"]
+    assert totals["overWindow"] is False
     await ws.close()
 
 
@@ -192,23 +218,35 @@ async def _chat_once(client: TestClient, token: str, session_id: str, text: str)
 async def test_http_chat_refuses_with_the_numbers(
     make_client: Any, auth_headers: dict[str, str], fake_anthropic: Any
 ) -> None:
+    """Through ``/api/chat`` the refusal comes before any stream: 413 with the code and the numbers
+    (docs/protocol.md: an error found before an answer starts streaming comes with its status)."""
     fake_anthropic.caching = True
-    client = await make_client(
-        {"chat": {"context_policy": "refuse", "history_limit": 10_000}, "pricing": {MODEL: {"context_window": 6_000}}}
-    )
-    texts = []
-    for turn in range(1, 20):
-        body = {
-            "id": "http-refused",
-            "messages": [
-                {"id": f"m{turn}", "role": "user", "parts": [{"type": "text", "text": turn_text(turn, 1000)}]}
-            ],
-        }
-        response = await client.post("/api/chat", json=body, headers=auth_headers)
-        texts.append(await response.text())
-        if '"type":"error"' in texts[-1]:
+    client = await make_client(small_window("refuse"))
+
+    async def say(turn: int, text: str) -> tuple[int, str]:
+        message = {"id": f"m{turn}", "role": "user", "parts": [{"type": "text", "text": text}]}
+        response = await client.post(
+            "/api/chat", json={"id": "http-refused", "messages": [message]}, headers=auth_headers
+        )
+        return response.status, await response.text()
+
+    for turn in range(1, TURNS + 1):
+        status, text = await say(turn, turn_text(turn, 1000))
+        if status != 200:
             break
-    assert '"type":"error"' in texts[-1] and "takes 1904 (6000 in its window, minus 4096" in texts[-1], texts[-1][-400:]
+        assert '"type":"finish"' in text, text[-300:]
+    assert status == 413, (status, text)
+    error = json.loads(text)["error"]
+    assert error["code"] == "CONTEXT_TOO_LONG"
+    assert f"takes {WINDOW - 4096} ({WINDOW} in its window, minus 4096" in error["message"], error
+    calls = len(fake_anthropic.requests)
+    assert (await say(TURNS + 1, turn_text(TURNS + 1, 1000)))[0] == 413 and len(
+        fake_anthropic.requests
+    ) == calls  # nothing sent
+    response = await client.post("/api/sessions/http-refused/compact", headers=auth_headers)
+    assert response.status == 200 and (await response.json())["compacted"] is True
+    status, text = await say(TURNS + 2, "and now?")
+    assert status == 200 and '"type":"finish"' in text
 
 
 async def test_a_failing_summary_leaves_the_oldest_turns_out_and_the_turn_answers(
@@ -228,3 +266,73 @@ async def test_a_failing_summary_leaves_the_oldest_turns_out_and_the_turn_answer
     cuts = [m["contextCut"] for m in session["messages"] if m.get("contextCut")]
     assert cuts and all(c["compactError"] == "MODEL_NOT_FOUND" for c in cuts)
     assert not any(m.get("summary") for m in session["messages"])
+
+
+class PageTools:
+    """``read_page``: about 12 KB of text per call, so a tool loop grows the context between its steps."""
+
+    @hookimpl
+    def register_tools(self, register: Any, config: Any) -> None:
+        async def read_page(args: dict[str, Any]) -> dict[str, Any]:
+            return {"page": args["page"], "text": turn_text(1000 + int(args["page"]), 12_000)}
+
+        register(Tool("read_page", "A page of the manual", {"type": "object", "properties": {"page": {}}}, read_page))
+
+
+@pytest.mark.parametrize("policy", ["compact", "truncate", "refuse"])
+async def test_a_tool_loop_that_grows_past_the_window_is_caught_before_its_next_step(
+    make_client: Any,
+    token: str,
+    fake_anthropic: Any,
+    plugin_manager: Any,
+    policy: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Four turns of 8 KB fill about half the window; the fifth turn's model reads four pages of 12 KB, one a
+    step. The policy runs before each step, so no call is larger than the window."""
+    fake_anthropic.caching = True
+    plugin_manager.register(PageTools())
+    window = 20_000
+    client = await make_client(
+        {"chat": {"context_policy": policy, "history_limit": 10_000}, "pricing": {MODEL: {"context_window": window}}},
+        pm=plugin_manager,
+    )
+    scripted = fake_anthropic.next_response
+
+    def respond() -> Any:  # the summarising calls get a summary; the turn's steps get the script
+        if fake_anthropic.requests[-1].body.get("system") == COMPACT_PROMPT:
+            return text_response("The user sent four long texts.")
+        return scripted()
+
+    monkeypatch.setattr(fake_anthropic, "next_response", respond)
+    ws = await connect(client, token)
+    session_id = ""
+    for turn in range(1, 5):
+        extra = {"sessionId": session_id} if session_id else {}
+        frames = await chat(ws, turn_text(turn, 8_000), f"r{turn}", **extra)
+        assert frames[-1]["type"] == "chat.stream.end", frames[-1]
+        session_id = session_id or frames[0]["sessionId"]
+    before = len(fake_anthropic.requests)
+    fake_anthropic.enqueue(
+        *(tool_use_response("read_page", {"page": p}, id=f"toolu_{p}") for p in range(1, 5)), text_response("Done.")
+    )
+    frames = await chat(ws, "Read pages 1 to 4 of the manual.", "r5", sessionId=session_id)
+    await ws.close()
+    steps = [r for r in fake_anthropic.requests[before:] if r.body.get("system") != COMPACT_PROMPT]
+    sent = [_prompt_tokens(r) for r in steps]
+    assert max(sent) <= window - 4096, sent  # no step's call was larger than the window
+    session = await client.app[state.REGISTRY].sessions.get(session_id)
+    assert session is not None
+    if policy == "refuse":
+        assert frames[-1]["type"] == "error" and frames[-1]["code"] == "CONTEXT_TOO_LONG", frames[-1]
+        assert 1 <= len(steps) < 5  # the steps that fitted were sent, the next one was not
+        return
+    assert frames[-1]["type"] == "chat.stream.end", frames[-1]
+    assert len(steps) == 5 and session["messages"][-1]["content"].endswith("Done.")
+    assert "toolu_4" in json.dumps(steps[-1].body["messages"])  # the turn's own steps are all still sent
+    key = "summary" if policy == "compact" else "contextCut"
+    assert any(m.get(key) for m in session["messages"]), "the policy never ran"
+    usage = await records(client, session_id)
+    compactions = len(fake_anthropic.requests) - len(fake_anthropic.requests[:before]) - len(steps)
+    assert [r.get("purpose") for r in usage].count("compact") == compactions == (1 if policy == "compact" else 0)
+    assert len(usage) == len(fake_anthropic.requests)  # one record per provider call

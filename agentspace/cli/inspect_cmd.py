@@ -40,6 +40,11 @@ def _format(result: dict[str, Any]) -> str:
             f"\nExpected input cost: {money(float(totals['costWithCache']))} with the cache, "
             f"{money(float(totals.get('costWithoutCache') or 0.0))} without."
         )
+    if totals.get("overWindow"):
+        out += (
+            f"\nPast the model's input window ({count(totals.get('inputWindow'))} tokens): the next turn runs "
+            "[chat] context_policy before its call."
+        )
     files = [f for s in result.get("sections", []) if s.get("name") == "attachments" for f in s.get("files") or ()]
     if files:  # images by (width x height) / 750 tokens, PDFs by pages (docs/attachments.md)
         out += "\n\nAttachments:\n" + "\n".join(

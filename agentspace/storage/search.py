@@ -122,7 +122,9 @@ def _read_changed(store: SessionStore, index: dict[str, _Entry], stamps: dict[st
         del index[gone]
 
 
-async def _search_files(store: SessionStore, query: str, client: str | None, limit: int) -> list[dict[str, Any]]:
+async def _search_files(
+    store: SessionStore, query: str, client: str | None, since: str | None, limit: int
+) -> list[dict[str, Any]]:
     index = _INDEXES.setdefault(store, {})
 
     def refresh() -> None:
@@ -132,7 +134,7 @@ async def _search_files(store: SessionStore, query: str, client: str | None, lim
     lock = _LOCKS.setdefault(store, asyncio.Lock())
     async with lock:
         await read_in_thread(refresh)
-        search = _scan(index, query, client, limit)
+        search = _scan(index, query, client, since, limit)
     return await read_in_thread(search.done, _reader(store.get_sync))
 
 
@@ -146,13 +148,13 @@ def _reader(get: Callable[[str], dict[str, Any] | None]) -> Callable[[str], dict
     return read
 
 
-def _scan(index: dict[str, _Entry], query: str, client: str | None, limit: int) -> _Search:
-    search = _Search(index, query, client, limit)
+def _scan(index: dict[str, _Entry], query: str, client: str | None, since: str | None, limit: int) -> _Search:
+    search = _Search(index, query, client, limit, since)
     entries = [e for e in index.values() if e.summary is not None]
     entries.sort(key=lambda e: _recency(e.summary or {}), reverse=True)
     for entry in entries:
         summary = entry.summary or {}
-        if client is None or summary.get("client") == client:
+        if search.mine(summary):
             search.match(summary, entry)
         if search.full:
             break
@@ -165,14 +167,15 @@ def _recency(summary: dict[str, Any]) -> tuple[str, str, str]:
 
 
 async def search_sessions(
-    store: SessionStoreAPI, query: str, *, client: str | None = None, limit: int = 50
+    store: SessionStoreAPI, query: str, *, client: str | None = None, since: str | None = None, limit: int = 50
 ) -> list[dict[str, Any]]:
-    """Summaries of the sessions (of ``client`` only, when given) whose title or messages contain ``query``,
-    most recent activity first, each with ``match``: the text around the first hit."""
+    """Summaries of the sessions (of ``client`` only, when given, and created at ``since`` or later: not an
+    earlier client's of the same name) whose title or messages contain ``query``, most recent activity first,
+    each with ``match``: the text around the first hit."""
     if isinstance(store, SessionStore):
-        return await _search_files(store, query, client, limit)
+        return await _search_files(store, query, client, since, limit)
     index = _INDEXES.setdefault(store, {})
-    search = _Search(index, query, client, limit)
+    search = _Search(index, query, client, limit, since)
     for summary in (await store.listing()).sessions:  # most recent activity first
         if search.wants(summary):
             search.add(summary, await store.get(str(summary["id"])))
@@ -205,8 +208,10 @@ def search_sessions_sync(
 class _Search:
     """One search over summaries in order, reading a session only when the index lacks its current text."""
 
-    def __init__(self, index: dict[str, _Entry], query: str, client: str | None, limit: int) -> None:
-        self.index, self.client, self.limit = index, client, limit
+    def __init__(
+        self, index: dict[str, _Entry], query: str, client: str | None, limit: int, since: str | None = None
+    ) -> None:
+        self.index, self.client, self.limit, self.since = index, client, limit, since
         self.needle = query.strip().lower()
         # Hits in order: (summary, lower-cased text, offset, the original text when it was just read).
         self.hits: list[tuple[dict[str, Any], str, int, str | None]] = []
@@ -220,13 +225,22 @@ class _Search:
         """Whether ``summary``'s session must be read (else it was matched from the index already)."""
         session_id = str(summary["id"])
         self.seen.add(session_id)
-        if self.client is not None and summary.get("client") != self.client:
+        if not self.mine(summary):
             return False
         entry = self.index.get(session_id)
         if entry is not None and entry.stamp == _stamp(summary):
             self.match(summary, entry)
             return False
         return True
+
+    def mine(self, summary: dict[str, Any]) -> bool:
+        """Whether the session is the searching client's (every session, for the admin)."""
+        if self.client is None:
+            return True
+        if summary.get("client") != self.client:
+            return False
+        created = summary.get("createdAt")
+        return not self.since or not isinstance(created, str) or created >= self.since
 
     def add(self, summary: dict[str, Any], session: dict[str, Any] | None) -> None:
         if session is None:

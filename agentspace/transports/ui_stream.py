@@ -343,11 +343,20 @@ def _stored_history(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 async def stream_turn(request: web.Request, turn: Turn, *, abort_on_disconnect: bool) -> web.StreamResponse:
     """Send the turn's events (from its start, then live) as a UI message stream."""
+    batches = turn.batches()
+    # The context-window policy refuses before the turn's first call (nothing was sent upstream): that is an
+    # error found before the answer starts, answered with its status (413) instead of a stream.
+    first = await anext(batches)
+    while all(isinstance(e, ev.StreamStart) for e in first):
+        first += await anext(batches)
+    refused = next((e for e in first if not isinstance(e, ev.StreamStart)), None)
+    if isinstance(refused, ev.StreamError) and refused.code in REFUSED_BEFORE_STREAMING:
+        raise ApiError(refused.code, refused.message)
     response = web.StreamResponse(headers=STREAM_HEADERS)
     encoder = UIMessageStreamEncoder()
     try:
         await response.prepare(request)
-        async for batch in turn.batches():
+        async for batch in _chain(first, batches):
             # One write per burst of events, not per event: a burst of deltas costs one send.
             data = b"".join(map(encoder.encode, batch))
             if isinstance(batch[-1], (ev.StreamEnd, ev.StreamError)):
@@ -367,6 +376,18 @@ async def stream_turn(request: web.Request, turn: Turn, *, abort_on_disconnect: 
         raise
     await response.write_eof()
     return response
+
+
+# Errors a turn reports before its first provider call that are the request's own (not a failure).
+REFUSED_BEFORE_STREAMING = frozenset({"CONTEXT_TOO_LONG"})
+
+
+async def _chain(
+    first: list[ev.StreamEvent], rest: AsyncIterator[list[ev.StreamEvent]]
+) -> AsyncIterator[list[ev.StreamEvent]]:
+    yield first
+    async for batch in rest:
+        yield batch
 
 
 async def chat_handler(request: web.Request) -> web.StreamResponse:

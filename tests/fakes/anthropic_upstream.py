@@ -587,6 +587,7 @@ class FakeAnthropic(FakeUpstream[FakeResponse]):
         super().__init__(default or text_response())
         self.caching = caching
         self.prompt_cache = PromptCache()
+        self.reported: list[dict[str, Any]] = []  # with caching: the input usage each answered request reported
         self.api_key = api_key
         self.validate = validate
         self.requests: list[RecordedRequest] = []
@@ -635,7 +636,9 @@ class FakeAnthropic(FakeUpstream[FakeResponse]):
         if script.status != 200:
             return web.json_response(script.error or {}, status=script.status, headers=script.headers)
         if self.caching and isinstance(body, dict):
-            script = _with_start_usage(script, self.prompt_cache.usage(body))
+            reported = self.prompt_cache.usage(body)
+            self.reported.append(reported)
+            script = _with_start_usage(script, reported)
         model = body.get("model") if isinstance(body, dict) else None
         if not (isinstance(body, dict) and body.get("stream")):
             return web.json_response(_fold(script.events, model), headers=script.headers)
