@@ -123,6 +123,34 @@ async def test_migrate_copies_client_keys_that_keep_working(
         await gateway.aclose()
 
 
+async def test_migrate_names_a_client_the_database_has_under_another_key(tmp_path: Path, pg_dsn: str) -> None:
+    """A client added on the database before the migration keeps the key it got there: migrate says so, and
+    after ``clients remove`` there a second run carries the data directory's key over."""
+    data_dir = tmp_path / "data"
+    config = tmp_path / "pg.toml"
+    config.write_text(f'[storage]\nbackend = "postgres"\ndsn = "{pg_dsn}"\ndata_dir = "{tmp_path / "pg-data"}"\n')
+    old = await run_cli("--data-dir", str(data_dir), "clients", "add", "team-a")
+    assert old.exit_code == 0, old.output
+    assert (await run_cli("--config", str(config), "clients", "add", "team-a")).exit_code == 0
+
+    first = await run_cli("storage", "migrate", "--data-dir", str(data_dir), "--to", pg_dsn)
+    assert first.exit_code == 0, first.output
+    assert "clients: 0 copied, 1 already there" in first.stdout
+    assert "client 'team-a' is in the database already, with another key" in first.stderr
+    assert "agentspace clients remove team-a" in first.stderr
+
+    db = PostgresDatabase(pg_dsn)
+    await db.start()
+    try:
+        assert await PostgresClientStore(db).get_by_key(old.stdout.strip()) is None
+        assert (await run_cli("--config", str(config), "clients", "remove", "team-a")).exit_code == 0
+        again = await run_cli("storage", "migrate", "--data-dir", str(data_dir), "--to", pg_dsn)
+        assert "clients: 1 copied, 0 already there" in again.stdout and again.stderr == ""
+        assert (await PostgresClientStore(db).get_by_key(old.stdout.strip())).name == "team-a"
+    finally:
+        await db.aclose()
+
+
 # --- 5. clients set --models none ----------------------------------------------------------------
 
 
