@@ -151,6 +151,24 @@ async def test_migrate_names_a_client_the_database_has_under_another_key(tmp_pat
         await db.aclose()
 
 
+# --- 4. ./scripts/test installs into a venv of its own -------------------------------------------
+
+
+def test_scripts_test_installs_only_into_its_own_venv() -> None:
+    """Running the whole suite must leave the Quick start's .venv as it was: the script makes and activates
+    .venv-test (or $AGENTSPACE_TEST_VENV) before its first install, and every install runs through that
+    venv's python. (Running the script itself here would install everything and run the whole suite.)"""
+    lines = [line.strip() for line in (ROOT / "scripts" / "test").read_text().splitlines()]
+    code = [line for line in lines if line and not line.startswith("#")]
+    assert 'venv="${AGENTSPACE_TEST_VENV:-.venv-test}"' in code
+    activate = code.index('. "$venv/bin/activate"')
+    assert code.index('python3 -m venv "$venv"') < activate
+    installs = [n for n, line in enumerate(code) if "pip " in line or "pip3 " in line]
+    assert installs and min(installs) > activate
+    assert all(code[n].startswith("python -m pip install") for n in installs), [code[n] for n in installs]
+    assert not any(".venv/" in line or ".venv " in line for line in code)
+
+
 # --- 5. clients set --models none ----------------------------------------------------------------
 
 
