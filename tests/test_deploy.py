@@ -137,9 +137,31 @@ def migrate_as_the_guide_says(old_data_dir: Path, dsn: str, config: Path) -> dic
 
 
 class Stack:
-    def __init__(self, url: str, ssl_context: ssl.SSLContext, gateway_port: int, config: Path) -> None:
-        self.url, self.ssl, self.gateway_port, self.config = url, ssl_context, gateway_port, config
+    """nginx in front of ``serve --workers 2`` (the systemd unit's command), which ``restart`` stops with
+    SIGTERM and starts again, as ``systemctl restart`` does."""
+
+    def __init__(self, url: str, ssl_context: ssl.SSLContext, gateway_port: int, config: Path, env: dict[str, str]):
+        self.url, self.ssl, self.gateway_port, self.config, self.env = url, ssl_context, gateway_port, config, env
         self.keys: dict[str, str] = {}
+        self.cert = Path()
+        self.serve: subprocess.Popen[bytes] | None = None
+        self.log = open(config.parent / "serve.log", "wb")
+
+    def start(self) -> None:
+        self.serve = subprocess.Popen(
+            [sys.executable, "-m", "agentspace", "serve", "--config", str(self.config), "--workers", "2"],
+            stdout=self.log, stderr=subprocess.STDOUT, env=self.env, cwd=ROOT,
+        )  # fmt: skip
+
+    def stop(self) -> None:
+        assert self.serve is not None
+        self.serve.terminate()
+        try:
+            assert self.serve.wait(60) == 0
+        except subprocess.TimeoutExpired:
+            self.serve.kill()
+            self.serve.wait()
+            raise
 
 
 @pytest.fixture
@@ -150,7 +172,7 @@ async def stack(tmp_path: Path, fake_anthropic: Any, pg_dsn: str, redis_srv: Any
     cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
     subprocess.run(
         ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-keyout", str(key), "-out", str(cert),
-         "-subj", f"/CN={PUBLIC}", "-addext", f"subjectAltName=DNS:{PUBLIC}"],
+         "-subj", f"/CN={PUBLIC}", "-addext", f"subjectAltName=DNS:{PUBLIC},IP:127.0.0.1"],
         check=True, capture_output=True,
     )  # fmt: skip
     gateway_port, proxy_port = free_port(), free_port()
@@ -166,11 +188,11 @@ async def stack(tmp_path: Path, fake_anthropic: Any, pg_dsn: str, redis_srv: Any
         LITELLM_LOCAL_MODEL_COST_MAP="True",
         PYTHONPATH=str(ROOT),
     )
-    log = open(tmp_path / "serve.log", "wb")
-    serve = subprocess.Popen(
-        [sys.executable, "-m", "agentspace", "serve", "--config", str(config), "--workers", "2"],
-        stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT,
-    )  # fmt: skip
+    context = ssl.create_default_context(cafile=str(cert))
+    context.check_hostname = False  # the test dials 127.0.0.1; the certificate names the public host
+    stack = Stack(f"https://127.0.0.1:{proxy_port}", context, gateway_port, config, env)
+    stack.keys, stack.cert = keys, cert
+    stack.start()
     prefix = tmp_path / "nginx"
     prefix.mkdir()
     (prefix / "nginx.conf").write_text(nginx_conf(prefix, site(gateway_port, proxy_port, cert, key)))
@@ -180,26 +202,23 @@ async def stack(tmp_path: Path, fake_anthropic: Any, pg_dsn: str, redis_srv: Any
     nginx = subprocess.Popen(
         [NGINX, "-p", str(prefix), "-c", str(prefix / "nginx.conf"), "-e", str(prefix / "error.log")]
     )
-    context = ssl.create_default_context(cafile=str(cert))
-    context.check_hostname = False  # the test dials 127.0.0.1; the certificate names the public host
     try:
         await wait_for(f"http://127.0.0.1:{gateway_port}/healthz")
         await wait_for(f"https://127.0.0.1:{proxy_port}/healthz", context)
-        stack = Stack(f"https://127.0.0.1:{proxy_port}", context, gateway_port, config)
-        stack.keys = keys
         yield stack
     finally:
         nginx.terminate()
-        serve.terminate()
-        for proc in (nginx, serve):
+        assert stack.serve is not None
+        stack.serve.terminate()
+        for proc in (nginx, stack.serve):
             try:
                 proc.wait(60)
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
-        log.close()
+        stack.log.close()
     served = (tmp_path / "serve.log").read_text(errors="replace")
-    assert served.count("agentspace listening on") == 2, served  # both workers served
+    assert served.count("agentspace listening on") >= 2, served  # both workers served
     assert "Traceback" not in served, served
 
 
@@ -262,6 +281,53 @@ async def test_websocket_and_ui_stream_through_nginx_arrive_as_they_are_made(sta
         async with http.get(f"{stack.url}/api/sessions/via-nginx", ssl=stack.ssl, headers=HEADERS) as r:
             assert r.status == 200
             assert [m["role"] for m in (await r.json())["session"]["messages"]] == ["user", "assistant"]
+
+
+async def read_until(stream: asyncio.StreamReader, text: bytes, timeout: float) -> bytes:
+    seen = b""
+    async with asyncio.timeout(timeout):
+        while text not in seen:
+            line = await stream.readline()
+            assert line, seen  # the program ended
+            seen += line
+    return seen
+
+
+async def test_chat_through_nginx_waits_for_a_restart_and_sends_what_was_typed(
+    stack: Stack, fake_anthropic: Any
+) -> None:
+    """The guide's upgrade (``systemctl restart``) while ``agentspace chat`` is connected through nginx: a
+    message typed while the workers are down (nginx answers 502 for them) is sent once they are back."""
+    fake_anthropic.enqueue(text_response("First answer."), text_response("Second answer."))
+    env = {**stack.env, "SSL_CERT_FILE": str(stack.cert), "AGENTSPACE_HOME": str(stack.config.parent / "home")}
+    chat = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "agentspace", "chat", "--url", f"{stack.url.replace('https', 'wss')}/gateway",
+        "--token", TOKEN,
+        stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        env=env, cwd=ROOT,
+    )  # fmt: skip
+    assert chat.stdin is not None and chat.stdout is not None and chat.stderr is not None
+    try:
+        chat.stdin.write(b"one\n")
+        await chat.stdin.drain()
+        await read_until(chat.stdout, b"First answer.", 30)
+        await asyncio.to_thread(stack.stop)
+        async with aiohttp.ClientSession() as http:
+            async with http.get(f"{stack.url}/healthz", ssl=stack.ssl) as r:
+                assert r.status == 502  # nginx is up, the workers are not
+        chat.stdin.write(b"two\n")
+        await chat.stdin.drain()
+        await asyncio.sleep(1.0)
+        stack.start()
+        await read_until(chat.stdout, b"Second answer.", 60)
+        chat.stdin.close()
+        assert await asyncio.wait_for(chat.wait(), 30) == 0
+        errors = (await chat.stderr.read()).decode()
+        assert "reconnecting" in errors and "Error" not in errors, errors
+    finally:
+        if chat.returncode is None:
+            chat.kill()
+            await chat.wait()
 
 
 async def worker_answering(port: int, key: str) -> tuple[int, int]:
