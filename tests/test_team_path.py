@@ -23,6 +23,7 @@ from click.testing import CliRunner, Result
 from agentspace.cli import main
 from agentspace.storage.postgres import PostgresClientStore, PostgresDatabase
 from scripts.harness import ROOT, GatewayProcess, child_env
+from tests.fakes.anthropic_upstream import error_event as fa_error_event
 from tests.fakes.anthropic_upstream import text_response
 
 ENV_TOKEN = "replica-token-0123456789abcdef"
@@ -356,6 +357,37 @@ async def test_ask_streams_reads_stdin_and_takes_a_system_prompt(
     assert bad.exit_code == 1 and "refused the token" in bad.output
     nothing = await run_cli("ask", "--url", url, env=env, input="")
     assert nothing.exit_code == 2
+
+
+async def test_ask_prints_each_delta_as_it_comes_and_exits_1_when_the_answer_breaks(
+    tmp_path: Path, fake_anthropic: Any
+) -> None:
+    """``agentspace ask`` as a program: the first words are on its stdout while the upstream still streams the
+    rest; an upstream error after some text keeps that text and exits 1 with the error."""
+    gateway = await served(tmp_path, fake_anthropic.url)
+    words = [f"w{n} " for n in range(8)]
+    fake_anthropic.enqueue(
+        text_response("".join(words), chunks=words).with_delay(0.4),
+        fa_error_event("api_error", "The upstream broke.", text="Partial "),
+    )
+    try:
+        ask = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "agentspace", "ask", "--url", gateway.ws_url, "Count.",
+            stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+            env=child_env(gateway.data_dir), cwd=ROOT,
+        )  # fmt: skip
+        assert ask.stdout is not None and ask.stderr is not None
+        first = await asyncio.wait_for(ask.stdout.read(3), 30)
+        assert first == b"w0 " and ask.returncode is None  # printed while the answer goes on
+        rest = await asyncio.wait_for(ask.stdout.read(), 30)
+        assert await ask.wait() == 0 and (first + rest).decode() == "".join(words) + "\n"
+
+        broken = await run_cli("ask", "--url", gateway.ws_url, "Again.", env=child_env(gateway.data_dir))
+        assert broken.exit_code == 1, broken.output
+        assert broken.stdout == "Partial \n" and "The upstream broke." in broken.stderr
+    finally:
+        await gateway.terminate()
+        await gateway.aclose()
 
 
 def test_ask_says_when_no_gateway_runs(tmp_path: Path) -> None:
