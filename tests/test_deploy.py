@@ -297,12 +297,18 @@ async def test_chat_through_nginx_waits_for_a_restart_and_sends_what_was_typed(
     stack: Stack, fake_anthropic: Any
 ) -> None:
     """The guide's upgrade (``systemctl restart``) while ``agentspace chat`` is connected through nginx: a
-    message typed while the workers are down (nginx answers 502 for them) is sent once they are back."""
+    message typed while the workers are down (nginx answers 502 for them) is sent once they are back. The
+    chat sends the token of ``AGENTSPACE_GATEWAY_TOKEN`` (no ``--token``), the one both workers take."""
     fake_anthropic.enqueue(text_response("First answer."), text_response("Second answer."))
-    env = {**stack.env, "SSL_CERT_FILE": str(stack.cert), "AGENTSPACE_HOME": str(stack.config.parent / "home")}
+    env = {**stack.env, "SSL_CERT_FILE": str(stack.cert), "AGENTSPACE_CONFIG": str(stack.config)}
+    token = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "agentspace", "token", stdout=asyncio.subprocess.PIPE, env=env, cwd=ROOT
+    )
+    assert (await token.communicate())[0].decode().strip() == TOKEN
+    banner = "Clients need the gateway token: the value of AGENTSPACE_GATEWAY_TOKEN."
+    assert (stack.config.parent / "serve.log").read_text().count(banner) == 2  # one per worker
     chat = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "agentspace", "chat", "--url", f"{stack.url.replace('https', 'wss')}/gateway",
-        "--token", TOKEN,
         stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
         env=env, cwd=ROOT,
     )  # fmt: skip

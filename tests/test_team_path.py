@@ -183,6 +183,21 @@ def test_models_none_clears_the_allowlist() -> None:
     assert "every model" in invoke("clients", "set", "--help").stdout
 
 
+async def test_a_client_cleared_with_models_none_may_call_any_model(make_client: Any, fake_anthropic: Any) -> None:
+    """What the client sees: refused a model outside its allowlist, then served once ``--models none``."""
+    added = await run_cli("clients", "add", "team-a", "--models", "anthropic/claude-haiku-*")
+    headers = {"Authorization": f"Bearer {added.stdout.strip()}"}
+    client = await make_client()
+    body = {"model": "anthropic/claude-sonnet-4-6", "max_tokens": 16, "messages": [{"role": "user", "content": "hi"}]}
+    refused = await client.post("/v1/messages", json=body, headers=headers)
+    assert refused.status == 403, await refused.text()
+    assert (await run_cli("clients", "set", "team-a", "--models", "none")).exit_code == 0
+    fake_anthropic.enqueue(text_response("Any model now."))
+    served_now = await client.post("/v1/messages", json=body, headers=headers)
+    assert served_now.status == 200, await served_now.text()
+    assert (await served_now.json())["content"][0]["text"] == "Any model now."
+
+
 # --- 6. a typo'd model ---------------------------------------------------------------------------
 
 
