@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import click
 from aiohttp.test_utils import TestClient
 from click.testing import CliRunner, Result
 
@@ -426,6 +427,33 @@ def test_the_fake_upstreams_import_without_pytest() -> None:
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert "usage:" in result.stdout
+
+
+def test_the_readme_lists_every_command_and_no_retired_model() -> None:
+    import re
+
+    from agentspace.catalog import is_retired
+    from agentspace.config import parse_config
+    from agentspace.pricing import model_info
+
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    table = readme[readme.index("## Commands") : readme.index("## Configuration")]
+    rows = {m.group(1): line for line in table.splitlines() if (m := re.match(r"\| `agentspace (\w+)", line))}
+    ctx = click.Context(main)
+    commands = set(main.list_commands(ctx))  # the plugins' commands too: none load in the tests
+    assert commands <= set(rows), commands - set(rows)
+    for name in ("chat", "ask"):
+        command = main.get_command(ctx, name)
+        assert command is not None
+        options = {o for p in command.params for o in p.opts if o.startswith("--")}
+        missing = {o for o in options - {"--config", "--data-dir", "--help"} if o not in rows[name]}
+        assert not missing, (name, missing)
+
+    config = parse_config({}, "<readme>")
+    shown = set(re.findall(r"\banthropic/claude-[a-z0-9.-]*[a-z0-9]", readme))
+    assert shown
+    retired = {m for m in shown if is_retired(model_info(config, m).deprecation_date)}
+    assert not retired, retired
 
 
 # --- 3. serve --workers without the config ---------------------------------------------------------
