@@ -384,6 +384,12 @@ async def test_migrated_client_keys_work_through_nginx_on_both_workers(stack: St
             f"{stack.url}/api/models", ssl=stack.ssl, headers={"Host": PUBLIC, "Authorization": "Bearer as-wrong-key"}
         ) as r:
             assert r.status == 401
+        # nginx keeps its connections to the gateway open between requests (the site's keepalive).
+        kept = subprocess.run(
+            ["ss", "-Htn", "state", "established", f"( dport = :{stack.gateway_port} )"],
+            capture_output=True, text=True, check=True,
+        )  # fmt: skip
+        assert kept.stdout.strip(), "nginx closed every connection to the gateway"
 
     # SO_REUSEPORT spreads new connections over the two workers: each key is tried until both accepted it.
     for name, key in stack.keys.items():
