@@ -2,11 +2,12 @@
 with the guide's ``storage migrate`` commands, then its gateway configuration (two workers on PostgreSQL and
 Redis) behind Debian's nginx with its site configuration and TLS, on free ports of 127.0.0.1.
 
-The migrate commands, the nginx site and the gateway's TOML are read from the guide; only the ports, the
-certificate paths, the DSN, the data directories and the fake upstream differ (each replacement must find
-its text, so the guide cannot drift from what is tested). Through the proxy: a WebSocket chat and an
-``/api/chat`` stream, each with its first delta well before its end (nothing buffered), the public name
-checked by ``allowed_hosts``, and the migrated client keys accepted by both workers.
+The migrate commands, the systemd unit's command, the nginx site and the gateway's TOML are read from the
+guide; only the ports, the certificate paths, the DSN, the data directories and the fake upstream differ
+(each replacement must find its text, so the guide cannot drift from what is tested). Through the proxy: a
+WebSocket chat and an ``/api/chat`` stream, each with its first delta well before its end (nothing
+buffered), the public name checked by ``allowed_hosts``, the migrated client keys accepted by both workers,
+and a chat that waits for the workers' restart.
 """
 
 from __future__ import annotations
@@ -136,6 +137,13 @@ def migrate_as_the_guide_says(old_data_dir: Path, dsn: str, config: Path) -> dic
     return {name: key.strip() for name, key in keys.items()}
 
 
+def service_command(config: Path) -> list[str]:
+    """The systemd unit's ExecStart, run by this Python on the test's config."""
+    [line] = [line for line in block("systemd").splitlines() if line.startswith("ExecStart=")]
+    line = replace(line, "ExecStart=/opt/agentspace/bin/agentspace ", f"{sys.executable} -m agentspace ")
+    return replace(line, CONFIG_PATH, str(config)).split()
+
+
 class Stack:
     """nginx in front of ``serve --workers 2`` (the systemd unit's command), which ``restart`` stops with
     SIGTERM and starts again, as ``systemctl restart`` does."""
@@ -149,9 +157,8 @@ class Stack:
 
     def start(self) -> None:
         self.serve = subprocess.Popen(
-            [sys.executable, "-m", "agentspace", "serve", "--config", str(self.config), "--workers", "2"],
-            stdout=self.log, stderr=subprocess.STDOUT, env=self.env, cwd=ROOT,
-        )  # fmt: skip
+            service_command(self.config), stdout=self.log, stderr=subprocess.STDOUT, env=self.env, cwd=ROOT
+        )
 
     def stop(self) -> None:
         assert self.serve is not None
