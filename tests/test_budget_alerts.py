@@ -142,3 +142,81 @@ async def test_two_replicas_send_each_threshold_once(
             await server.aclose()
     for server in servers:
         assert server.log_problems() == []
+
+
+async def add_client(client: TestClient, auth_headers: dict[str, str]) -> dict[str, str]:
+    r = await client.post(
+        "/api/clients", json={"name": "team-a", "budgetUsd": BUDGET, "period": "day"}, headers=auth_headers
+    )
+    return {"Authorization": f"Bearer {(await r.json())['key']}"}
+
+
+async def test_a_webhook_that_hangs_delays_no_answer(
+    make_client: Any, fake_anthropic: Any, auth_headers: dict[str, str]
+) -> None:
+    """The receiver holds the alert's request open: the chat that crossed the threshold and the next ones
+    are answered meanwhile."""
+    release = asyncio.Event()
+    received: list[dict[str, Any]] = []
+
+    async def hang(request: web.Request) -> web.Response:
+        received.append(await request.json())
+        await release.wait()
+        return web.Response(status=204)
+
+    app = web.Application()
+    app.router.add_post("/alerts", hang)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    try:
+        client: TestClient = await make_client(
+            alerts={"webhook_url": f"http://127.0.0.1:{port}/alerts", "thresholds": [0.5, 1.0], "timeout_seconds": 60},
+            chat=SMALL_ANSWERS,
+            thinking={"enabled": False},
+        )
+        headers = await add_client(client, auth_headers)
+        fake_anthropic.enqueue(spend(2000), spend(500), spend(500))
+        for n in (1, 2, 3):
+            response = await client.post("/api/chat", json=chat_body(f"h{n}", n), headers=headers)
+            assert response.status == 200 and answered(await response.read())
+            if n == 1:
+                await wait_until(lambda: _count_list(received, 1))
+        assert len(received) == 1 and not release.is_set()  # the alert's request is still held open
+    finally:
+        release.set()
+        await runner.cleanup()
+
+
+async def test_a_webhook_that_is_down_breaks_no_chat(
+    make_client: Any, fake_anthropic: Any, auth_headers: dict[str, str], caplog: pytest.LogCaptureFixture
+) -> None:
+    """Nothing listens at ``webhook_url``: every chat is answered, and the lost alert is logged as an error
+    once its tries are spent."""
+    from tests.scale_servers import free_port
+
+    client: TestClient = await make_client(
+        alerts={"webhook_url": f"http://127.0.0.1:{free_port()}/alerts", "thresholds": [0.5]},
+        chat=SMALL_ANSWERS,
+        thinking={"enabled": False},
+    )
+    headers = await add_client(client, auth_headers)
+    fake_anthropic.enqueue(spend(2000), spend(500))
+    for n in (1, 2):
+        response = await client.post("/api/chat", json=chat_body(f"d{n}", n), headers=headers)
+        assert response.status == 200 and answered(await response.read())
+
+    async def logged() -> bool:
+        return any("not delivered to [alerts] webhook_url" in r.getMessage() for r in caplog.records)
+
+    await wait_until(logged, timeout=20)
+
+
+async def _count_list(items: list[Any], n: int) -> bool:
+    return len(items) >= n
+
+
+def answered(body: bytes) -> bool:
+    return b'"type":"text-delta"' in body and b'"type":"error"' not in body and body.endswith(b"data: [DONE]\n\n")

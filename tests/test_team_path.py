@@ -17,12 +17,14 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import click
 from aiohttp.test_utils import TestClient
 from click.testing import CliRunner, Result
 
 from agentspace.cli import main
 from agentspace.storage.postgres import PostgresClientStore, PostgresDatabase
 from scripts.harness import ROOT, GatewayProcess, child_env
+from tests.fakes.anthropic_upstream import error_event as fa_error_event
 from tests.fakes.anthropic_upstream import text_response
 
 ENV_TOKEN = "replica-token-0123456789abcdef"
@@ -123,6 +125,52 @@ async def test_migrate_copies_client_keys_that_keep_working(
         await gateway.aclose()
 
 
+async def test_migrate_names_a_client_the_database_has_under_another_key(tmp_path: Path, pg_dsn: str) -> None:
+    """A client added on the database before the migration keeps the key it got there: migrate says so, and
+    after ``clients remove`` there a second run carries the data directory's key over."""
+    data_dir = tmp_path / "data"
+    config = tmp_path / "pg.toml"
+    config.write_text(f'[storage]\nbackend = "postgres"\ndsn = "{pg_dsn}"\ndata_dir = "{tmp_path / "pg-data"}"\n')
+    old = await run_cli("--data-dir", str(data_dir), "clients", "add", "team-a")
+    assert old.exit_code == 0, old.output
+    assert (await run_cli("--config", str(config), "clients", "add", "team-a")).exit_code == 0
+
+    first = await run_cli("storage", "migrate", "--data-dir", str(data_dir), "--to", pg_dsn)
+    assert first.exit_code == 0, first.output
+    assert "clients: 0 copied, 1 already there" in first.stdout
+    assert "client 'team-a' is in the database already, with another key" in first.stderr
+    assert "agentspace clients remove team-a" in first.stderr
+
+    db = PostgresDatabase(pg_dsn)
+    await db.start()
+    try:
+        assert await PostgresClientStore(db).get_by_key(old.stdout.strip()) is None
+        assert (await run_cli("--config", str(config), "clients", "remove", "team-a")).exit_code == 0
+        again = await run_cli("storage", "migrate", "--data-dir", str(data_dir), "--to", pg_dsn)
+        assert "clients: 1 copied, 0 already there" in again.stdout and again.stderr == ""
+        assert (await PostgresClientStore(db).get_by_key(old.stdout.strip())).name == "team-a"
+    finally:
+        await db.aclose()
+
+
+# --- 4. ./scripts/test installs into a venv of its own -------------------------------------------
+
+
+def test_scripts_test_installs_only_into_its_own_venv() -> None:
+    """Running the whole suite must leave the Quick start's .venv as it was: the script makes and activates
+    .venv-test (or $AGENTSPACE_TEST_VENV) before its first install, and every install runs through that
+    venv's python. (Running the script itself here would install everything and run the whole suite.)"""
+    lines = [line.strip() for line in (ROOT / "scripts" / "test").read_text().splitlines()]
+    code = [line for line in lines if line and not line.startswith("#")]
+    assert 'venv="${AGENTSPACE_TEST_VENV:-.venv-test}"' in code
+    activate = code.index('. "$venv/bin/activate"')
+    assert code.index('python3 -m venv "$venv"') < activate
+    installs = [n for n, line in enumerate(code) if "pip " in line or "pip3 " in line]
+    assert installs and min(installs) > activate
+    assert all(code[n].startswith("python -m pip install") for n in installs), [code[n] for n in installs]
+    assert not any(".venv/" in line or ".venv " in line for line in code)
+
+
 # --- 5. clients set --models none ----------------------------------------------------------------
 
 
@@ -134,6 +182,21 @@ def test_models_none_clears_the_allowlist() -> None:
     assert changed.exit_code == 0, changed.output
     assert json.loads(invoke("clients", "show", "team-a", "--json").stdout)["models"] == []
     assert "every model" in invoke("clients", "set", "--help").stdout
+
+
+async def test_a_client_cleared_with_models_none_may_call_any_model(make_client: Any, fake_anthropic: Any) -> None:
+    """What the client sees: refused a model outside its allowlist, then served once ``--models none``."""
+    added = await run_cli("clients", "add", "team-a", "--models", "anthropic/claude-haiku-*")
+    headers = {"Authorization": f"Bearer {added.stdout.strip()}"}
+    client = await make_client()
+    body = {"model": "anthropic/claude-sonnet-4-6", "max_tokens": 16, "messages": [{"role": "user", "content": "hi"}]}
+    refused = await client.post("/v1/messages", json=body, headers=headers)
+    assert refused.status == 403, await refused.text()
+    assert (await run_cli("clients", "set", "team-a", "--models", "none")).exit_code == 0
+    fake_anthropic.enqueue(text_response("Any model now."))
+    served_now = await client.post("/v1/messages", json=body, headers=headers)
+    assert served_now.status == 200, await served_now.text()
+    assert (await served_now.json())["content"][0]["text"] == "Any model now."
 
 
 # --- 6. a typo'd model ---------------------------------------------------------------------------
@@ -312,6 +375,37 @@ async def test_ask_streams_reads_stdin_and_takes_a_system_prompt(
     assert nothing.exit_code == 2
 
 
+async def test_ask_prints_each_delta_as_it_comes_and_exits_1_when_the_answer_breaks(
+    tmp_path: Path, fake_anthropic: Any
+) -> None:
+    """``agentspace ask`` as a program: the first words are on its stdout while the upstream still streams the
+    rest; an upstream error after some text keeps that text and exits 1 with the error."""
+    gateway = await served(tmp_path, fake_anthropic.url)
+    words = [f"w{n} " for n in range(8)]
+    fake_anthropic.enqueue(
+        text_response("".join(words), chunks=words).with_delay(0.4),
+        fa_error_event("api_error", "The upstream broke.", text="Partial "),
+    )
+    try:
+        ask = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "agentspace", "ask", "--url", gateway.ws_url, "Count.",
+            stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+            env=child_env(gateway.data_dir), cwd=ROOT,
+        )  # fmt: skip
+        assert ask.stdout is not None and ask.stderr is not None
+        first = await asyncio.wait_for(ask.stdout.read(3), 30)
+        assert first == b"w0 " and ask.returncode is None  # printed while the answer goes on
+        rest = await asyncio.wait_for(ask.stdout.read(), 30)
+        assert await ask.wait() == 0 and (first + rest).decode() == "".join(words) + "\n"
+
+        broken = await run_cli("ask", "--url", gateway.ws_url, "Again.", env=child_env(gateway.data_dir))
+        assert broken.exit_code == 1, broken.output
+        assert broken.stdout == "Partial \n" and "The upstream broke." in broken.stderr
+    finally:
+        await gateway.terminate()
+        await gateway.aclose()
+
+
 def test_ask_says_when_no_gateway_runs(tmp_path: Path) -> None:
     result = invoke("ask", "--url", "ws://127.0.0.1:9/gateway", "hi", env={"AGENTSPACE_HOME": str(tmp_path)})
     assert result.exit_code == 1 and "Cannot reach the gateway" in result.output
@@ -333,6 +427,33 @@ def test_the_fake_upstreams_import_without_pytest() -> None:
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert "usage:" in result.stdout
+
+
+def test_the_readme_lists_every_command_and_no_retired_model() -> None:
+    import re
+
+    from agentspace.catalog import is_retired
+    from agentspace.config import parse_config
+    from agentspace.pricing import model_info
+
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    table = readme[readme.index("## Commands") : readme.index("## Configuration")]
+    rows = {m.group(1): line for line in table.splitlines() if (m := re.match(r"\| `agentspace (\w+)", line))}
+    ctx = click.Context(main)
+    commands = set(main.list_commands(ctx))  # the plugins' commands too: none load in the tests
+    assert commands <= set(rows), commands - set(rows)
+    for name in ("chat", "ask"):
+        command = main.get_command(ctx, name)
+        assert command is not None
+        options = {o for p in command.params for o in p.opts if o.startswith("--")}
+        missing = {o for o in options - {"--config", "--data-dir", "--help"} if o not in rows[name]}
+        assert not missing, (name, missing)
+
+    config = parse_config({}, "<readme>")
+    shown = set(re.findall(r"\banthropic/claude-[a-z0-9.-]*[a-z0-9]", readme))
+    assert shown
+    retired = {m for m in shown if is_retired(model_info(config, m).deprecation_date)}
+    assert not retired, retired
 
 
 # --- 3. serve --workers without the config ---------------------------------------------------------

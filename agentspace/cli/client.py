@@ -112,6 +112,10 @@ class GatewayConnection:
                 raise click.ClickException(self._refused(f"HTTP {e.status}")) from None
             if e.status == 503:  # shutting down, or at its connection limit
                 raise Unreachable(f"The gateway at {self.url} is not accepting connections (HTTP 503).") from None
+            if e.status in (502, 504):  # a reverse proxy (docs/deploy.md) whose gateway is down or restarting
+                raise Unreachable(
+                    f"The proxy at {self.url} cannot reach the gateway behind it (HTTP {e.status})."
+                ) from None
             raise click.ClickException(
                 f"WebSocket handshake with {self.url} failed (HTTP {e.status}). Is it an agentspace gateway?"
             ) from None

@@ -58,11 +58,18 @@ def migrate(state: CliState, dsn: str) -> None:
         f"clients: {summary['clients']} copied, {summary['clients_there']} already there; "
         f"files: {summary['files']} copied"
     )
+    for name in summary["other_keys"]:
+        click.echo(
+            f"client {name!r} is in the database already, with another key: the data directory's key for it "
+            f"does not work there (to carry it over, remove it from the database with `agentspace clients remove "
+            f"{name}` and migrate again)",
+            err=True,
+        )
 
 
 async def _copy(
     dsn: str, sessions: Any, session_ids: list[str], records: list[dict[str, Any]], clients: list[Any]
-) -> dict[str, int]:
+) -> dict[str, Any]:
     from ..storage.embedded.blobs import FileBlobStore
     from ..storage.postgres import (
         PostgresBlobStore,
@@ -77,9 +84,10 @@ async def _copy(
     target_sessions, target_usage = PostgresSessionStore(db), PostgresUsageStore(db)
     target_clients = PostgresClientStore(db)
     source_blobs, target_blobs = FileBlobStore(sessions.dir.parent), PostgresBlobStore(db)
-    summary = dict.fromkeys(
+    summary: dict[str, Any] = dict.fromkeys(
         ("sessions", "sessions_there", "records", "records_there", "clients", "clients_there", "files"), 0
     )
+    summary["other_keys"] = []  # clients of the same name added to the database before: their key wins
     try:
         with click.progressbar(length=len(session_ids) + len(records), label="Copying", file=None) as bar:
             for session_id in session_ids:
@@ -96,7 +104,13 @@ async def _copy(
                 summary["records_there"] += len(batch) - new
                 bar.update(len(batch))
             for client in clients:
-                summary["clients" if await target_clients.copy_in(client) else "clients_there"] += 1
+                if await target_clients.copy_in(client):
+                    summary["clients"] += 1
+                    continue
+                summary["clients_there"] += 1
+                there = await target_clients.get(client.name)
+                if there is not None and there.key_hash != client.key_hash:
+                    summary["other_keys"].append(client.name)
     finally:
         await db.aclose()
     return summary
