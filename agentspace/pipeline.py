@@ -240,7 +240,8 @@ async def _has_usable_key(gw: Registry, model: str) -> bool:
         for dep in group.deployments:
             provider = gw.provider_for(dep.model)
             base_url = dep.base_url or gw.config.provider_settings(dep.model.split("/", 1)[0])["base_url"]
-            if not await lacks_key(provider, dep.model, deployment_key(gw.config, dep), base_url):
+            key = deployment_key(gw.config, dep)
+            if (key is not None or dep.key is None) and not await lacks_key(provider, dep.model, key, base_url):
                 return True
         return any([await _has_usable_key(gw, m) for m in group.fallbacks if m != model])
     for candidate in [model, *gw.config["models"]["fallbacks"].get(model, [])]:

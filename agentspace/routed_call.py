@@ -23,7 +23,7 @@ from .events import ProviderError, ProviderEvent, ProviderFinish, ReasoningDelta
 from .providers.base import ProviderRequest
 from .registry import Registry
 from .routing import Deployment, Group, all_cooling_error, deployment_request, moves_on
-from .types import UsageRecord
+from .types import TokenUsage, UsageRecord
 
 OUTPUT_EVENTS = (TextDelta, ReasoningDelta, ToolCallEvent)
 
@@ -36,6 +36,16 @@ class RoutedCall(DirectCall):
         self.deployment = dep
         self._open = True
         self._first_token = 0.0
+
+    async def start(self) -> None:
+        """The group's request made the deployment's (its key missing from the vault fails it, recorded), then
+        sent."""
+        try:
+            self.request = deployment_request(self.gw, self.request, self.deployment)
+        except ProviderError as e:
+            self.meter.begin(self.request.system, self.request.messages)
+            await self._fail(e)
+        await super().start()
 
     async def _done(self, tokens: int) -> None:
         if self._open:
@@ -91,7 +101,7 @@ async def _start_group(
             await router.state.done(dep.id, 0, None)
             raise
         current.model, current.deployment = dep.model, dep.id  # the record prices the deployment's model
-        call = RoutedCall(gw, deployment_request(gw, request, dep), current, dep)
+        call = RoutedCall(gw, request, current, dep)
         try:
             await call.start()
             return call
@@ -191,9 +201,10 @@ async def relay_group(
     from aiohttp import web
 
     from .calls import messages_body_ceiling
+    from .protocols import anthropic_messages as am
     from .providers import anthropic_relay as relay
     from .providers.base import retry_after_seconds
-    from .routing import deployment_key
+    from .routing import deployment_key, missing_key_error
 
     router = gw.router
     deployments, cooling_until = await router.order(group)
@@ -218,16 +229,22 @@ async def relay_group(
                     await router.state.done(dep.id, 0, None)
                     break  # refused now (budget, rate): the last failure is the answer
             current.model, current.deployment = dep.model, dep.id
-            response = await relay.messages(
-                request,
-                gw,
-                body,
-                raw,
-                dep.model,
-                current,
-                key=deployment_key(gw.config, dep),
-                base_url=dep.base_url or gw.config.provider_settings("anthropic")["base_url"],
-            )
+            key = deployment_key(gw.config, dep)
+            if key is None and dep.key is not None:  # its vault entry is missing: failed, never another key
+                missing = missing_key_error(dep)
+                await current.record(TokenUsage(), "error", error=missing.code, answered=False)
+                response = web.json_response(am.error_body(424, missing.message), status=424)
+            else:
+                response = await relay.messages(
+                    request,
+                    gw,
+                    body,
+                    raw,
+                    dep.model,
+                    current,
+                    key=key,
+                    base_url=dep.base_url or gw.config.provider_settings("anthropic")["base_url"],
+                )
         except BaseException:
             await router.state.done(dep.id, 0, None)
             raise

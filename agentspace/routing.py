@@ -358,7 +358,8 @@ def all_cooling_error(group: Group, until: float | None) -> ProviderError:
 
 
 def deployment_key(config: Config, dep: Deployment) -> str | None:
-    """A deployment's API key: its vault entry, else (no ``key`` given) the provider's own key."""
+    """A deployment's API key: its vault entry, else (no ``key`` given) the provider's own key. None when its
+    entry is not in the vault: never another key in its place (another account would be billed)."""
     from .logs import register_secret
     from .vault import KeyVault, resolve_key
 
@@ -378,15 +379,30 @@ class ModelSource(Protocol):
     def model_info(self, model: str) -> ModelInfo: ...
 
 
+def missing_key_error(dep: Deployment) -> ProviderError:
+    """``dep`` names a vault entry that is not there: it fails (and the call moves on) rather than call its
+    provider with no key, which a provider may fill in from its environment, another account's."""
+    prefix = dep.model.split("/", 1)[0]
+    return ProviderError(
+        "NO_API_KEY",
+        f"The deployment {dep.id} uses the key {dep.key!r}, which is not in the vault. "
+        f"Run: agentspace keys add {prefix} --name {dep.key}",
+    )
+
+
 def deployment_request(gw: ModelSource, request: ProviderRequest, dep: Deployment) -> ProviderRequest:
-    """``request`` (made for the group) as ``dep`` gets it: its model, key, base_url and provider options."""
+    """``request`` (made for the group) as ``dep`` gets it: its model, key, base_url and provider options.
+    ProviderError (``missing_key_error``) when its vault entry is missing."""
     settings = gw.config.provider_settings(dep.model.split("/", 1)[0])
     info = gw.model_info(dep.model)
+    key = deployment_key(gw.config, dep)
+    if key is None and dep.key is not None:
+        raise missing_key_error(dep)
     return replace(
         request,
         model=dep.model,
         model_info=info,
-        api_key=deployment_key(gw.config, dep),
+        api_key=key,
         base_url=dep.base_url or settings["base_url"],
         options=settings,
     )

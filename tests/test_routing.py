@@ -559,3 +559,34 @@ async def test_a_bad_request_does_not_cool_a_deployment(
     reply = await api.chat.completions.create(model="claude", messages=[{"role": "user", "content": "Hi"}])
     assert reply.choices[0].message.content == fa.DEFAULT_TEXT and len(fakes[0].requests) == 3
     await api.close()
+
+
+async def test_a_deployment_whose_key_is_not_in_the_vault_sends_no_other_key(
+    routed: Callable[..., Awaitable[TestClient]], fakes: list[fa.FakeAnthropic], token: str, auth_headers: Any
+) -> None:
+    """A deployment naming a vault entry that is missing fails (NO_API_KEY, recorded, moved on): its upstream
+    never gets the provider's own key (here ANTHROPIC_API_KEY is set), which would bill another account."""
+    import anthropic
+
+    fakes[0].api_key = None  # it would take any key: none must reach it
+    client = await routed(group(fakes, weights=[1000, 1], cooldown_seconds=0, extra=[{"key": "team-9"}]))
+    api = sdk(client, token)
+    reply = await api.chat.completions.create(model="claude", messages=[{"role": "user", "content": "Hi"}])
+    assert reply.choices[0].message.content == fa.DEFAULT_TEXT
+    sdk_ = anthropic.AsyncAnthropic(api_key=token, base_url=f"http://127.0.0.1:{client.port}", max_retries=0)
+    again = await sdk_.messages.create(model="claude", max_tokens=100, messages=[{"role": "user", "content": "Hi"}])
+    assert again.content[0].text == fa.DEFAULT_TEXT  # type: ignore[union-attr]
+    chunks = await read_all(await post_chat(client, auth_headers, "c1", user("Hi"), model="claude"))
+    assert chunks[-1] == DONE
+    assert not fakes[0].requests
+    recs = await records(client)
+    assert sorted((r["deployment"], r["answered"], r["error"]) for r in recs) == [
+        ("claude/team-2", True, None),
+        ("claude/team-2", True, None),
+        ("claude/team-2", True, None),
+        ("claude/team-9", False, "NO_API_KEY"),
+        ("claude/team-9", False, "NO_API_KEY"),
+        ("claude/team-9", False, "NO_API_KEY"),
+    ]
+    await api.close()
+    await sdk_.close()
