@@ -277,3 +277,25 @@ async def relay_group(
     return web.json_response(
         {"type": "error", "error": {"type": "rate_limit_error", "message": error.message}}, status=429, headers=headers
     )
+
+
+async def count_group_tokens(request: Any, gw: Registry, body: dict[str, Any], raw: bytes, group: Group) -> Any:
+    """``/v1/messages/count_tokens`` for a group: the count of its first Anthropic deployment (in the group's
+    order) whose upstream gives one, with that deployment's key and base_url: an error answer moves to the
+    next, and is answered when it was the last. None when none answers (the caller counts locally). A count is
+    no call: it takes no place in the deployments' state."""
+    from .providers import anthropic_relay as relay
+    from .routing import deployment_key
+
+    deployments, _ = await gw.router.order(group)
+    failed = None
+    for dep in deployments:
+        key = deployment_key(gw.config, dep)
+        if not dep.model.startswith("anthropic/") or key is None:
+            continue
+        base_url = dep.base_url or gw.config.provider_settings("anthropic")["base_url"]
+        relayed = await relay.count_tokens(request, gw, body, raw, dep.model, key=key, base_url=base_url)
+        if relayed is not None and relayed.status == 200:
+            return relayed
+        failed = relayed or failed
+    return failed

@@ -590,3 +590,24 @@ async def test_a_deployment_whose_key_is_not_in_the_vault_sends_no_other_key(
     ]
     await api.close()
     await sdk_.close()
+
+
+async def test_count_tokens_on_a_group_asks_a_deployments_upstream(
+    routed: Callable[..., Awaitable[TestClient]], fakes: list[fa.FakeAnthropic], token: str
+) -> None:
+    """/v1/messages/count_tokens with a group's name: the count of a deployment's upstream, with its key and
+    model, as for a plain model (the anthropic SDK); an upstream without the endpoint passes to the next."""
+    import anthropic
+
+    fakes[0].count_tokens, fakes[1].count_tokens = 17, 33
+    client = await routed(group(fakes, weights=[1000, 1]))
+    sdk_ = anthropic.AsyncAnthropic(api_key=token, base_url=f"http://127.0.0.1:{client.port}", max_retries=0)
+    messages: Any = [{"role": "user", "content": "Hi"}]
+    assert (await sdk_.messages.count_tokens(model="claude", messages=messages)).input_tokens == 17
+    assert [(r.api_key, r.body["model"]) for r in fakes[0].count_requests] == [(KEYS["team-1"], "claude-sonnet-4-5")]
+    fakes[0].count_tokens = None  # this one answers 404: the next deployment's count
+    raw = await sdk_.messages.with_raw_response.count_tokens(model="claude", messages=messages)
+    assert (await raw.parse()).input_tokens == 33 and raw.headers.get("x-agentspace-estimated") is None
+    assert [r.api_key for r in fakes[1].count_requests] == [KEYS["team-2"]]
+    assert not await records(client)  # a count is no call
+    await sdk_.close()

@@ -17,7 +17,7 @@ from ..events import ProviderError
 from ..logs import redact
 from ..protocols import anthropic_messages as am
 from ..providers import anthropic_relay as relay
-from ..routed_call import relay_group, relays
+from ..routed_call import count_group_tokens, relay_group, relays
 from ..service import Service
 from .bodies import ANTHROPIC_FIELDS, BUSY_MESSAGE, BodyInvalid, GatewayBusy, type_problem
 from .v1_common import (
@@ -153,7 +153,12 @@ async def count_tokens(request: web.Request) -> web.StreamResponse:
         await call.admit(None)
     except ApiError as e:
         return refusal(request, e)
-    if model.startswith("anthropic/"):
+    group = service(request).group(model)
+    if group is not None:  # a model group: the count of its Anthropic deployments' upstream (routed_call.py)
+        relayed = await count_group_tokens(request, call.gw, body, raw, group)
+        if relayed is not None:
+            return relayed
+    elif model.startswith("anthropic/"):
         relayed = await relay.count_tokens(request, call.gw, body, raw, model)
         if relayed is not None:
             return relayed
