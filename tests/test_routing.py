@@ -21,6 +21,7 @@ from agentspace.config import ConfigError, parse_config
 from agentspace.transports import state
 from agentspace.vault import KeyVault
 from tests.fakes import anthropic_upstream as fa
+from tests.fakes import openai_upstream as fo
 from tests.support.ui_stream import DONE, post_chat, read_all, user
 
 MODEL = "anthropic/claude-sonnet-4-5"
@@ -611,3 +612,120 @@ async def test_count_tokens_on_a_group_asks_a_deployments_upstream(
     assert [r.api_key for r in fakes[1].count_requests] == [KEYS["team-2"]]
     assert not await records(client)  # a count is no call
     await sdk_.close()
+
+
+async def test_a_mixed_group_on_every_transport_and_endpoint(
+    routed: Callable[..., Awaitable[TestClient]],
+    fakes: list[fa.FakeAnthropic],
+    fake_openai: fo.FakeOpenAI,
+    token: str,
+    auth_headers: dict[str, str],
+) -> None:
+    """A group of an Anthropic deployment and an OpenAI one (through litellm), each with its own vault key,
+    asked by name on the WebSocket, /api/chat, /v1/chat/completions, /v1/responses and /v1/messages (the
+    translated path: not every deployment is Anthropic's), streamed and not. Every call is one record naming
+    the deployment that answered, with the tokens that deployment's upstream reported, priced at its model's
+    price."""
+    import anthropic
+
+    oai_key = "sk-oai-team-0123456789abcdef"
+    fake_openai.api_key = oai_key
+    CliRunner().invoke(main, ["keys", "add", "openai", "--name", "oai"], input=f"{oai_key}\n", catch_exceptions=False)
+    fakes[0].default = fa.text_response(
+        "from anthropic", usage={"input_tokens": 31}, delta_usages=[{"output_tokens": 7}]
+    )
+    fake_openai.default = fo.text_response("from openai", usage=fo.usage(41, 9))
+    prices = {MODEL: (3.0, 15.0), "openai/gpt-4o-mini": (0.5, 2.0)}
+    config = {
+        "models": {
+            "groups": {
+                "mixed": {
+                    "deployments": [
+                        {"model": MODEL, "key": "team-1", "base_url": fakes[0].url},
+                        {"model": "openai/gpt-4o-mini", "key": "oai", "base_url": fake_openai.url},
+                    ]
+                }
+            }
+        },
+        "pricing": {m: {"input_per_mtok": i, "output_per_mtok": o} for m, (i, o) in prices.items()},
+    }
+    client = await routed(config)
+    api = sdk(client, token)
+    ant = anthropic.AsyncAnthropic(api_key=token, base_url=f"http://127.0.0.1:{client.port}", max_retries=0)
+    answers = {"from anthropic", "from openai"}
+    msgs: Any = [{"role": "user", "content": "Hi"}]
+    calls = 0
+    for _ in range(3):
+        reply = await api.chat.completions.create(model="mixed", messages=msgs)
+        assert reply.choices[0].message.content in answers and reply.model == "mixed"
+        stream = await api.chat.completions.create(model="mixed", messages=msgs, stream=True)
+        assert "".join([c.choices[0].delta.content or "" async for c in stream if c.choices]) in answers
+        response = await api.responses.create(model="mixed", input="Hi")
+        assert response.output_text in answers
+        events = await api.responses.create(model="mixed", input="Hi", stream=True)
+        assert "".join([e.delta async for e in events if e.type == "response.output_text.delta"]) in answers
+        message = await ant.messages.create(model="mixed", max_tokens=100, messages=msgs)
+        assert message.content[0].text in answers  # type: ignore[union-attr]
+        async with ant.messages.stream(model="mixed", max_tokens=100, messages=msgs) as s:
+            assert "".join([t async for t in s.text_stream]) in answers
+        chunks = await read_all(await post_chat(client, auth_headers, f"c{calls}", user("Hi"), model="mixed"))
+        text = "".join(c["delta"] for c in chunks if isinstance(c, dict) and c.get("type") == "text-delta")
+        assert text in answers and chunks[-1] == DONE
+        ws = await client.ws_connect("/gateway", headers={"Authorization": f"Bearer {token}"})
+        await ws.send_json({"type": "chat.send", "id": "1", "content": "Hi", "model": "mixed"})
+        frames: list[dict[str, Any]] = []
+        while not frames or frames[-1]["type"] not in ("chat.stream.end", "error"):
+            frames.append(json.loads((await ws.receive()).data))
+        assert frames[-1]["type"] == "chat.stream.end"
+        assert "".join(f["delta"] for f in frames if f["type"] == "chat.stream.delta") in answers
+        await ws.close()
+        calls += 8
+    assert [r.api_key for r in fakes[0].requests] == [KEYS["team-1"]] * len(fakes[0].requests)
+    assert {r.headers.get("authorization") for r in fake_openai.requests} == {f"Bearer {oai_key}"}
+    assert len(fakes[0].requests) + len(fake_openai.requests) == calls
+    assert fakes[0].requests and fake_openai.requests  # 24 draws at 1:1: both were chosen
+    recs = await records(client)
+    assert len(recs) == calls and all(r["answered"] and not r["error"] for r in recs)
+    reported = {"mixed/team-1": (MODEL, 31, 7), "mixed/oai": ("openai/gpt-4o-mini", 41, 9)}
+    for r in recs:
+        model, inp, out = reported[r["deployment"]]
+        assert (r["model"], r["inputTokens"], r["outputTokens"]) == (model, inp, out)
+        assert r["totalCost"] == pytest.approx((inp * prices[model][0] + out * prices[model][1]) / 1e6)
+    per = {d: sum(1 for r in recs if r["deployment"] == d) for d in reported}
+    assert per == {"mixed/team-1": len(fakes[0].requests), "mixed/oai": len(fake_openai.requests)}
+    await api.close()
+    await ant.close()
+
+
+async def test_a_deployment_that_times_out_is_cooled_and_the_call_moves(
+    routed: Callable[..., Awaitable[TestClient]], fakes: list[fa.FakeAnthropic], token: str, auth_headers: Any
+) -> None:
+    """An upstream that answers nothing ([providers.anthropic] timeout_seconds passes) fails the attempt like a
+    5xx: recorded with answered false, counted against the deployment (cooled past ``allowed_fails``), the call
+    answered by the next one: on the pass-through, the SDK path (/v1/chat/completions), and /api/chat."""
+    import anthropic
+
+    fakes[0].default = fa.text_response("too late").silent_for(30)
+    client = await routed(
+        group(fakes, weights=[1000, 1], allowed_fails=1, cooldown_seconds=60),
+        providers={"anthropic": {"timeout_seconds": 1.0}},
+    )
+    ant = anthropic.AsyncAnthropic(api_key=token, base_url=f"http://127.0.0.1:{client.port}", max_retries=0)
+    async with ant.messages.stream(model="claude", max_tokens=100, messages=[{"role": "user", "content": "Hi"}]) as s:
+        assert "".join([t async for t in s.text_stream]) == fa.DEFAULT_TEXT
+    assert (await deployments(client, auth_headers))["claude/team-1"]["state"] == "active"  # one failure allowed
+    api = sdk(client, token)
+    reply = await api.chat.completions.create(model="claude", messages=[{"role": "user", "content": "Hi"}])
+    assert reply.choices[0].message.content == fa.DEFAULT_TEXT
+    state = (await deployments(client, auth_headers))["claude/team-1"]
+    assert state["state"] == "cooling" and state["coolingSeconds"] > 50
+    # Cooling: the next call goes to team-2 straight away.
+    assert (await read_all(await post_chat(client, auth_headers, "c1", user("Hi"), model="claude")))[-1] == DONE
+    assert len(fakes[0].requests) == 2 and len(fakes[1].requests) == 3
+    recs = await records(client)
+    assert (
+        sorted((r["deployment"], r["answered"]) for r in recs)
+        == [("claude/team-1", False)] * 2 + [("claude/team-2", True)] * 3
+    )
+    await api.close()
+    await ant.close()
