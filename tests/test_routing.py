@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import openai
 import pytest
 from aiohttp.test_utils import TestClient
@@ -411,14 +412,20 @@ async def test_a_429_cools_the_deployment_on_every_replica(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """Two `agentspace serve` replicas on one PostgreSQL and one Redis: the deployment that answered 429 with
-    Retry-After: 30 to one of them gets no call from either during the cooldown."""
+    Retry-After: 30 to one of them gets no call from either during the cooldown; a deployment's rpm is its own,
+    not each replica's; the per-deployment report (PostgreSQL's) has the tokens the upstreams reported."""
     from scripts.harness import GatewayProcess
     from tests.scale_servers import TOKEN, flush_redis
 
     monkeypatch.setenv("AGENTSPACE_GATEWAY_TOKEN", TOKEN)
     await flush_redis(redis_srv)
+    fakes[0].default = fa.text_response(usage={"input_tokens": 12}, delta_usages=[{"output_tokens": 5}])
     fakes[1].default = fa.error_status(429, retry_after=30)
     deployments_ = [{"model": MODEL, "key": f"team-{i + 1}", "base_url": fakes[i].url, "weight": 1} for i in range(2)]
+    limited = [
+        {"model": MODEL, "key": "team-3", "base_url": fakes[2].url, "weight": 1000, "rpm": 5},
+        {"model": MODEL, "key": "team-1", "base_url": fakes[0].url, "weight": 1},
+    ]
     storage = {"backend": "postgres", "dsn": pg_dsn, "redis_url": redis_srv.url}
     servers = []
     for name in ("a", "b"):
@@ -431,7 +438,10 @@ async def test_a_429_cools_the_deployment_on_every_replica(
                 tmp_path / name,
                 fake_anthropic.url,
                 storage=storage,
-                **{'models.groups."claude"': {"deployments": deployments_, "allowed_fails": 0}},
+                **{
+                    'models.groups."claude"': {"deployments": deployments_, "allowed_fails": 0},
+                    'models.groups."limited"': {"deployments": limited},
+                },
             )
         )
     try:
@@ -447,6 +457,25 @@ async def test_a_429_cools_the_deployment_on_every_replica(
         answers = [await one(n) for n in range(100)]
         assert answers == [fa.DEFAULT_TEXT] * 100
         assert len(fakes[1].requests) == 1 and len(fakes[0].requests) == 100
+        async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {TOKEN}"}) as http:
+            async with http.get(f"{servers[1].url}/api/usage?by=deployment") as resp:
+                per = (await resp.json())["perDeployment"]
+        assert {
+            k: (v["requestCount"], v["errorCount"], v["inputTokens"], v["outputTokens"]) for k, v in per.items()
+        } == {
+            "claude/team-1": (100, 0, 1200, 500),
+            "claude/team-2": (0, 1, 0, 0),  # the failed attempt: an error, not a request
+        }
+        args = ["--config", str(servers[0].config_path), "usage", "--by-deployment", "--json"]
+        cli = await asyncio.to_thread(CliRunner().invoke, main, args, catch_exceptions=False)  # it runs its own loop
+        assert json.loads(cli.output)["perDeployment"] == per
+        # rpm 5 on the deployment both replicas prefer: 5 calls in the minute across both, the rest elsewhere.
+        for n in range(12):
+            reply = await apis[n % 2].chat.completions.create(
+                model="limited", messages=[{"role": "user", "content": "Hi"}]
+            )
+            assert reply.choices[0].message.content == fa.DEFAULT_TEXT
+        assert len(fakes[2].requests) == 5 and len(fakes[0].requests) == 107
         for api in apis:
             await api.close()
     finally:
