@@ -13,10 +13,10 @@ are admitted here, and a failed one is recorded with ``answered: false``. Then t
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
-from .calls import ProviderCall, request_ceiling
+from .calls import Ceiling, ProviderCall, request_ceiling
 from .direct_call import DirectCall
 from .errors import ApiError
 from .events import ProviderError, ProviderEvent, ProviderFinish, ReasoningDelta, TextDelta, ToolCallEvent
@@ -146,7 +146,9 @@ async def _start_group(
     raise last or all_cooling_error(group, cooling_until)
 
 
-async def _next_meter(gw: Registry, request: ProviderRequest, first: ProviderCall) -> ProviderCall:
+async def _next_meter(
+    gw: Registry, request: ProviderRequest, first: ProviderCall, ceiling: Callable[[], Ceiling] | None = None
+) -> ProviderCall:
     """The provider call of the next attempt, admitted like the first (ProviderError when refused)."""
     meter = ProviderCall(
         gw,
@@ -158,7 +160,7 @@ async def _next_meter(gw: Registry, request: ProviderRequest, first: ProviderCal
     )
     meter.started = time.monotonic()
     try:
-        await meter.admit(lambda: request_ceiling(request))
+        await meter.admit(ceiling or (lambda: request_ceiling(request)))
     except ApiError as e:
         raise ProviderError(e.code, e.message, status=429 if e.code == "RATE_LIMITED" else 403) from None
     return meter
@@ -180,6 +182,61 @@ def _model_request(gw: Registry, request: ProviderRequest, model: str) -> Provid
         base_url=settings["base_url"],
         options=settings,
     )
+
+
+async def embed_group(
+    gw: Registry,
+    request: ProviderRequest,
+    meter: ProviderCall,
+    group: Group,
+    inputs: list[Any],
+    options: dict[str, Any],
+    ceiling: Callable[[], Ceiling],
+) -> tuple[list[Any], TokenUsage | None, ProviderCall]:
+    """``/v1/embeddings`` over a group's deployments (embedding models litellm serves), in the order of its
+    strategy: a failed attempt is recorded (``answered: false``), counted against its deployment, and the next
+    one tried. The group's fallbacks are not (an embedding's vectors are its model's own). Returns the vectors,
+    the usage reported, and the attempt that answered, for the caller to record and release (with ``meter``);
+    ProviderError when every attempt failed (all recorded)."""
+    from .providers import litellm as litellm_provider
+
+    router = gw.router
+    deployments, cooling_until = await router.order(group)
+    last: ProviderError | None = None
+    current: ProviderCall | None = meter
+    for dep in deployments:
+        if not await router.state.take(dep.id, dep.rpm):
+            continue
+        try:
+            current = current or await _next_meter(gw, request, meter, ceiling)
+        except BaseException:
+            await router.state.done(dep.id, 0, None)
+            raise
+        current.model, current.deployment = dep.model, dep.id
+        current.begin()
+        try:
+            vectors, usage = await litellm_provider.embed(
+                gw.config, deployment_request(gw, request, dep), inputs, options
+            )
+        except ProviderError as e:
+            await current.record(TokenUsage(), "error", error=e.code, answered=False)
+            if current is not meter:
+                await current.release()
+            if not moves_on(e):  # the request's own fault (a 400): not counted against the deployment
+                await router.state.done(dep.id, 0, None)
+                raise
+            cooldown = e.retry_after if e.retry_after is not None else group.cooldown_seconds
+            await router.state.failed(dep.id, e.code, group.allowed_fails, cooldown)
+            last, current = e, None
+            continue
+        except BaseException:
+            await router.state.done(dep.id, 0, None)
+            if current is not meter:
+                await current.release()
+            raise
+        await router.state.done(dep.id, usage.input_tokens if usage is not None else 0, None)
+        return vectors, usage, current
+    raise last or all_cooling_error(group, cooling_until)
 
 
 # --- the Anthropic pass-through ---------------------------------------------------------------------

@@ -758,3 +758,41 @@ async def test_a_deployment_that_times_out_is_cooled_and_the_call_moves(
     )
     await api.close()
     await ant.close()
+
+
+async def test_embeddings_on_a_group_of_embedding_deployments(
+    routed: Callable[..., Awaitable[TestClient]], fakes: list[fa.FakeAnthropic], token: str, isolated_env: Path
+) -> None:
+    """/v1/embeddings with a group's name: each attempt on a deployment with its own key, a 5xx moved on and
+    cooled, one record per attempt with the tokens the upstream reported; a group with a deployment that has no
+    embeddings is a 400."""
+    keys = {"emb-1": "sk-emb-one-0123456789", "emb-2": "sk-emb-two-0123456789"}
+    ups = [await fo.FakeOpenAI(api_key=k).start() for k in keys.values()]
+    try:
+        for name, key in keys.items():
+            KeyVault(isolated_env).set(name, key)
+        ups[0].default = fo.error_status(503)
+        ups[1].embedding_tokens = 17
+        embed = "openai/text-embedding-3-small"
+        deps = [{"model": embed, "key": k, "base_url": u.url, "weight": w} for k, u, w in zip(keys, ups, (1000, 1))]
+        claude = group(fakes)["models"]["groups"]["claude"]
+        config = {"models": {"groups": {"vectors": {"deployments": deps, "allowed_fails": 0}, "claude": claude}}}
+        client = await routed(config)
+        api = sdk(client, token)
+        for _ in range(2):
+            result = await api.embeddings.create(model="vectors", input=["one two", "three"])
+            assert len(result.data) == 2 and result.usage.prompt_tokens == 17 and result.model == "vectors"
+        assert len(ups[0].requests) == 1 and len(ups[1].requests) == 2  # cooled after its 503
+        assert ups[1].requests[0].headers["authorization"] == f"Bearer {keys['emb-2']}"
+        recs = await records(client)
+        assert sorted((r["deployment"], r["answered"], r["inputTokens"], r["endpoint"]) for r in recs) == [
+            ("vectors/emb-1", False, 0, "embeddings"),
+            ("vectors/emb-2", True, 17, "embeddings"),
+            ("vectors/emb-2", True, 17, "embeddings"),
+        ]
+        with pytest.raises(openai.BadRequestError, match="no embeddings"):
+            await api.embeddings.create(model="claude", input="one")
+        await api.close()
+    finally:
+        for up in ups:
+            await up.close()
