@@ -796,3 +796,40 @@ async def test_embeddings_on_a_group_of_embedding_deployments(
     finally:
         for up in ups:
             await up.close()
+
+
+async def test_allowlists_match_the_name_asked_for(
+    routed: Callable[..., Awaitable[TestClient]], fakes: list[fa.FakeAnthropic]
+) -> None:
+    """A client allowed only the group uses it (whatever its deployments) but not a deployment's model by its
+    id; a client allowed only that model may not use the group; /v1/models lists what each may use."""
+    import anthropic
+
+    def add(name: str, models: str) -> str:
+        out = CliRunner().invoke(main, ["clients", "add", name, "--models", models], catch_exceptions=False)
+        return out.stdout.strip()
+
+    only_group, only_model = add("group-only", "claude"), add("model-only", MODEL)
+    client = await routed(group(fakes))
+    msgs: Any = [{"role": "user", "content": "Hi"}]
+    api = sdk(client, only_group)
+    assert (await api.chat.completions.create(model="claude", messages=msgs)).choices[0].message.content
+    with pytest.raises(openai.PermissionDeniedError, match="MODEL_NOT_ALLOWED"):
+        await api.chat.completions.create(model=MODEL, messages=msgs)
+    assert [m.id for m in (await api.models.list()).data] == ["claude"]
+    other = sdk(client, only_model)
+    with pytest.raises(openai.PermissionDeniedError, match="MODEL_NOT_ALLOWED"):
+        await other.chat.completions.create(model="claude", messages=msgs)
+    ant = anthropic.AsyncAnthropic(api_key=only_model, base_url=f"http://127.0.0.1:{client.port}", max_retries=0)
+    with pytest.raises(anthropic.PermissionDeniedError):
+        await ant.messages.create(model="claude", max_tokens=10, messages=msgs)  # the pass-through alike
+    resp = await post_chat(client, {"Authorization": f"Bearer {only_model}"}, "c1", user("Hi"), model="claude")
+    assert resp.status == 403 and (await resp.json())["error"]["code"] == "MODEL_NOT_ALLOWED"
+    assert "claude" not in [m.id for m in (await other.models.list()).data]
+    recs = await records(client)
+    assert [(r["client"], r["deployment"]) for r in recs if r["answered"]] == [
+        ("group-only", recs[0]["deployment"])
+    ] and len(recs) == 1
+    await api.close()
+    await other.close()
+    await ant.close()
