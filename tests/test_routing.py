@@ -833,3 +833,22 @@ async def test_allowlists_match_the_name_asked_for(
     await api.close()
     await other.close()
     await ant.close()
+
+
+def test_agentspace_models_lists_the_groups(tmp_path: Path, isolated_env: Path) -> None:
+    from scripts.harness import write_config
+
+    for name, key in KEYS.items():
+        KeyVault(isolated_env).set(name, key)
+    deps = [{"model": MODEL, "key": "team-1"}, {"model": "anthropic/claude-haiku-4-5", "key": "team-2"}]
+    write_config(
+        tmp_path / "a.toml",
+        {"storage": {"data_dir": str(isolated_env)}, 'models.groups."claude"': {"deployments": deps}},
+    )
+    listed = CliRunner().invoke(
+        main, ["--config", str(tmp_path / "a.toml"), "models", "--json"], catch_exceptions=False
+    )
+    claude = next(m for m in json.loads(listed.stdout) if m["id"] == "claude")
+    assert claude["provider"] == "group" and claude["deployments"] == ["claude/team-1", "claude/team-2"]
+    table = CliRunner().invoke(main, ["--config", str(tmp_path / "a.toml"), "models"], catch_exceptions=False).stdout
+    assert any(line.split()[:2] == ["claude", "group"] for line in table.splitlines())
