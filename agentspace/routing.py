@@ -15,6 +15,7 @@ set, so that one replica's 429 cools the deployment for all of them.
 
 from __future__ import annotations
 
+import math
 import random
 import time
 from collections import deque
@@ -342,7 +343,8 @@ def weighted_shuffle(deployments: list[Deployment]) -> list[Deployment]:
 def all_cooling_error(group: Group, until: float | None) -> ProviderError:
     """Every deployment of ``group`` is cooling down or full for its minute."""
     if until is not None:
-        wait = max(0.0, until - time.time())
+        # Whole seconds, rounded up: Retry-After is an integer (RFC 9110), and earlier would find it cooling.
+        wait = float(math.ceil(max(0.0, until - time.time())))
         return ProviderError(
             "RATE_LIMITED",
             f"Every deployment of {group.name!r} is cooling down; try again in {wait:.0f}s.",

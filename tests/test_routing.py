@@ -349,9 +349,11 @@ async def test_every_deployment_cooling_without_fallbacks(
     client = await routed(group(fakes, n=1))
     api = sdk(client, token)
     for _ in range(2):
-        with pytest.raises(openai.RateLimitError):
+        with pytest.raises(openai.RateLimitError) as e:
             await api.chat.completions.create(model="claude", messages=[{"role": "user", "content": "Hi"}])
     assert len(fakes[0].requests) == 1  # the second call did not reach the cooling deployment
+    # Whole seconds (RFC 9110's delay-seconds), rounded up: the cooldown's end, not earlier.
+    assert e.value.response.headers["retry-after"] in ("29", "30")
     await api.close()
 
 
