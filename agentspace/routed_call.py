@@ -12,6 +12,7 @@ are admitted here, and a failed one is recorded with ``answered: false``. Then t
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -19,7 +20,15 @@ from typing import Any
 from .calls import Ceiling, ProviderCall, request_ceiling
 from .direct_call import DirectCall
 from .errors import ApiError
-from .events import ProviderError, ProviderEvent, ProviderFinish, ReasoningDelta, TextDelta, ToolCallEvent
+from .events import (
+    ProviderError,
+    ProviderEvent,
+    ProviderFinish,
+    ReasoningDelta,
+    TextDelta,
+    ToolCallEvent,
+    UsageReport,
+)
 from .providers.base import ProviderRequest
 from .registry import Registry
 from .routing import Deployment, Group, all_cooling_error, deployment_request, moves_on
@@ -29,31 +38,60 @@ OUTPUT_EVENTS = (TextDelta, ReasoningDelta, ToolCallEvent)
 
 
 class RoutedCall(DirectCall):
-    """A DirectCall on one deployment: its end (or abort) tells the group's state."""
+    """A DirectCall on one deployment: its end (or abort) tells the group's state. ``start`` returns at the
+    deployment's first output (or its finish): what comes before it (the usage an upstream reports as it
+    begins) is held, so a stream that breaks before its first token has relayed nothing, and moves on."""
 
     def __init__(self, gw: Registry, request: ProviderRequest, meter: ProviderCall, dep: Deployment) -> None:
         super().__init__(gw, request, meter)
         self.deployment = dep
         self._open = True
+        self._starting = False  # in ``start``: a failure there is the caller's to count (``failed``)
         self._first_token = 0.0
+        self._held: list[ProviderEvent] = []
+        self._events: AsyncIterator[ProviderEvent] | None = None
 
     async def start(self) -> None:
-        """The group's request made the deployment's (its key missing from the vault fails it, recorded), then
-        sent."""
+        """The group's request made the deployment's (its key missing from the vault fails it, recorded), sent,
+        and read up to its first output; ProviderError (recorded) when it failed before that."""
         try:
             self.request = deployment_request(self.gw, self.request, self.deployment)
         except ProviderError as e:
             self.meter.begin(self.request.system, self.request.messages)
             await self._fail(e)
-        await super().start()
+        self._starting = True
+        try:
+            await super().start()
+            self._events = self._measured()
+            while True:
+                try:
+                    event = await self._events.__anext__()  # ProviderError: recorded with what was reported
+                except StopAsyncIteration:
+                    return
+                self._held.append(event)
+                if type(event) is not UsageReport:
+                    return
+        except asyncio.CancelledError:
+            await asyncio.shield(asyncio.ensure_future(self.abort()))
+            raise
+        finally:
+            self._starting = False
 
     async def _done(self, tokens: int) -> None:
-        if self._open:
+        if self._open and not self._starting:
             self._open = False
             ttft = (self._first_token - self.meter.started) * 1000 if self._first_token else None
             await self.gw.router.state.done(self.deployment.id, tokens, ttft)
 
     async def events(self) -> AsyncIterator[ProviderEvent]:
+        assert self._events is not None, "start() first"
+        held, self._held = self._held, []
+        for event in held:
+            yield event
+        async for event in self._events:
+            yield event
+
+    async def _measured(self) -> AsyncIterator[ProviderEvent]:
         tokens = 0
         try:
             async for event in super().events():

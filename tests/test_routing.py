@@ -854,3 +854,28 @@ def test_agentspace_models_lists_the_groups(tmp_path: Path, isolated_env: Path) 
     assert claude["provider"] == "group" and claude["deployments"] == ["claude/team-1", "claude/team-2"]
     table = CliRunner().invoke(main, ["--config", str(tmp_path / "a.toml"), "models"], catch_exceptions=False).stdout
     assert any(line.split()[:2] == ["claude", "group"] for line in table.splitlines())
+
+
+async def test_v1_stream_cut_after_message_start_moves(
+    routed: Callable[..., Awaitable[TestClient]], fakes: list[fa.FakeAnthropic], token: str
+) -> None:
+    """On /v1 too: an upstream that answered (message_start) but broke before its first token has relayed
+    nothing to the client yet: the call moves, and the client sees one clean stream."""
+    fakes[0].default = fa.text_response("lost").cut_after(1)
+    client = await routed(group(fakes, weights=[1000, 1], cooldown_seconds=0))
+    api = sdk(client, token)
+    stream = await api.chat.completions.create(
+        model="claude", messages=[{"role": "user", "content": "Hi"}], stream=True
+    )
+    assert "".join([c.choices[0].delta.content or "" async for c in stream if c.choices]) == fa.DEFAULT_TEXT
+    events = await api.responses.create(model="claude", input="Hi", stream=True)
+    assert "".join([e.delta async for e in events if e.type == "response.output_text.delta"]) == fa.DEFAULT_TEXT
+    assert len(fakes[0].requests) == 2 and len(fakes[1].requests) == 2
+    recs = await records(client)
+    assert sorted((r["deployment"], r["error"] is None) for r in recs) == [
+        ("claude/team-1", False),
+        ("claude/team-1", False),
+        ("claude/team-2", True),
+        ("claude/team-2", True),
+    ]
+    await api.close()
