@@ -82,16 +82,30 @@ class Group:
     cooldown_seconds: float
 
 
-def parse_groups(source: str, table: Any) -> dict[str, Group]:
-    """``[models.groups]`` validated; a ConfigError names the key and what was expected."""
+def parse_groups(source: str, table: Any, priced: Sequence[str] = ()) -> dict[str, Group]:
+    """``[models.groups]`` validated (``priced``: the ``[pricing]`` keys); a ConfigError names the key and what
+    was expected."""
     from .config import ConfigError
 
     if not isinstance(table, dict):
         raise ConfigError(source, "models.groups", f"expected a table, got {table!r}")
     groups = {name: _parse_group(source, name, raw) for name, raw in table.items()}
+    called = {d.model for g in groups.values() for d in g.deployments}
     for group in groups.values():
         if group.name in group.fallbacks:
             raise ConfigError(source, f'models.groups."{group.name}".fallbacks', "a group cannot fall back to itself")
+        if group.name in called:  # the name would stand for the group where the deployment means the model
+            raise ConfigError(
+                source,
+                f'models.groups."{group.name}"',
+                'a group cannot be named as a model its deployments call; give it a name of its own, e.g. "claude"',
+            )
+        if group.name in priced:  # a group's calls are priced at the model that answered
+            raise ConfigError(
+                source,
+                f'pricing."{group.name}"',
+                "a model group has no price of its own: price the models of its deployments",
+            )
     return groups
 
 

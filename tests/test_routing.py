@@ -383,6 +383,13 @@ def test_group_config_is_validated(tmp_path: Path) -> None:
     assert "weight" in bad({"g": {"deployments": [{"model": MODEL, "weight": 0}]}})
     assert "unknown key" in bad({"g": {"deployments": [{"model": MODEL, "keys": "x"}]}})
     assert "itself" in bad({"g": {"deployments": [{"model": MODEL}], "fallbacks": ["g"]}})
+    # Named as a model a deployment calls (here or in another group): that id would stand for the group.
+    assert "name of its own" in bad({MODEL: {"deployments": [{"model": MODEL, "key": "a"}]}})
+    assert "name of its own" in bad(
+        {MODEL: {"deployments": [{"model": "x/y"}]}, "g": {"deployments": [{"model": MODEL}]}}
+    )
+    with pytest.raises(ConfigError, match="no price of its own"):
+        parse_config({"models": {"groups": {"g": {"deployments": [{"model": MODEL}]}}}, "pricing": {"g": {}}})
     config = parse_config(
         {"models": {"groups": {"g": {"deployments": [{"model": MODEL, "key": "a"}, {"model": MODEL, "key": "a"}]}}}}
     )
