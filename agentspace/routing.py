@@ -302,11 +302,12 @@ def ema(average: float, value: float) -> float:
 def moves_on(error: ProviderError) -> bool:
     """Whether a call that failed this way before its first byte goes to another deployment, the failure
     counted against this one: rate limited (429), overloaded (529), a server error or a timeout, the
-    connection refused or broken, or a key missing or refused (401, 403). A request the upstream found wrong (400)
-    would fail everywhere: it is answered as it is."""
+    connection refused or broken, a key missing or refused (401, 403), or its model unknown there (404: the
+    model is the deployment's, not the client's). A request the upstream found wrong (400) would fail
+    everywhere: it is answered as it is."""
     status = error.status
     if status is not None:
-        return status in (401, 403, 408, 429) or status >= 500
+        return status in (401, 403, 404, 408, 429) or status >= 500
     # No status: the connection failed, timed out or broke before the first token, or the key is missing.
     return error.code != "INVALID_MESSAGE"
 

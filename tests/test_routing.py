@@ -158,6 +158,28 @@ async def test_429_every_time_it_is_chosen(
     await api.close()
 
 
+@pytest.mark.parametrize("status", [404, 401])
+async def test_a_deployment_without_the_model_or_the_key_moves_on(
+    routed: Callable[..., Awaitable[TestClient]], fakes: list[fa.FakeAnthropic], token: str, status: int
+) -> None:
+    """404 (the deployment's account or region has not its model) and 401 are the deployment's failures, not the
+    request's: moved on, on the SDK path and the pass-through, and the deployment cooled."""
+    import anthropic
+
+    fakes[0].default = fa.error_status(status)
+    client = await routed(group(fakes, weights=[1000, 1], allowed_fails=1))
+    api = sdk(client, token)
+    reply = await api.chat.completions.create(model="claude", messages=[{"role": "user", "content": "Hi"}])
+    assert reply.choices[0].message.content == fa.DEFAULT_TEXT
+    ant = anthropic.AsyncAnthropic(api_key=token, base_url=f"http://127.0.0.1:{client.port}", max_retries=0)
+    again = await ant.messages.create(model="claude", max_tokens=100, messages=[{"role": "user", "content": "Hi"}])
+    assert again.content[0].text == fa.DEFAULT_TEXT  # type: ignore[union-attr]
+    await api.chat.completions.create(model="claude", messages=[{"role": "user", "content": "Hi"}])
+    assert len(fakes[0].requests) == 2 and len(fakes[1].requests) == 3  # cooled after its second failure
+    await api.close()
+    await ant.close()
+
+
 async def test_allowed_fails_counts_before_the_cooldown(
     routed: Callable[..., Awaitable[TestClient]], fakes: list[fa.FakeAnthropic], token: str
 ) -> None:
