@@ -649,6 +649,7 @@ async def test_a_deployment_whose_key_is_not_in_the_vault_sends_no_other_key(
         ("claude/team-9", False, "NO_API_KEY"),
         ("claude/team-9", False, "NO_API_KEY"),
     ]
+    assert len(registry(client).ledger) == 0
     await api.close()
     await sdk_.close()
 
@@ -787,6 +788,7 @@ async def test_a_deployment_that_times_out_is_cooled_and_the_call_moves(
         sorted((r["deployment"], r["answered"]) for r in recs)
         == [("claude/team-1", False)] * 2 + [("claude/team-2", True)] * 3
     )
+    assert len(registry(client).ledger) == 0  # every attempt's entry settled by its record
     await api.close()
     await ant.close()
 
@@ -821,6 +823,7 @@ async def test_embeddings_on_a_group_of_embedding_deployments(
             ("vectors/emb-2", True, 17, "embeddings"),
             ("vectors/emb-2", True, 17, "embeddings"),
         ]
+        assert len(registry(client).ledger) == 0
         with pytest.raises(openai.BadRequestError, match="no embeddings"):
             await api.embeddings.create(model="claude", input="one")
         await api.close()
@@ -907,4 +910,5 @@ async def test_v1_stream_cut_after_message_start_moves(
         ("claude/team-2", True),
         ("claude/team-2", True),
     ]
+    assert len(registry(client).ledger) == 0
     await api.close()
