@@ -52,7 +52,15 @@ from .observe import CallInfo, TurnInfo, notify
 from .prompt_cache import cache_ttl, prefix_key
 from .providers.base import ProviderRequest, ThinkingSettings, lacks_key
 from .registry import ModelNotFound, Registry
-from .routing import Deployment, Group, all_cooling_error, deployment_key, deployment_request, moves_on
+from .routing import (
+    Deployment,
+    Group,
+    all_cooling_error,
+    deployment_key,
+    deployment_request,
+    moves_on,
+    named_key_error,
+)
 from .session_locks import STREAM_IN_PROGRESS_MESSAGE
 from .storage import InvalidSessionId
 from .storage.shapes import validate_session_id
@@ -673,7 +681,7 @@ class Turn:
                 log.warning("%s cooled down for %.0fs after %s", dep.id, cooldown, e.code)
             if state.delivered or self._stop_reason:
                 raise
-            return e
+            return named_key_error(dep, e)
         except BaseException:
             await state_.done(dep.id, 0, None)
             raise

@@ -31,7 +31,7 @@ from .events import (
 )
 from .providers.base import ProviderRequest
 from .registry import Registry
-from .routing import Deployment, Group, all_cooling_error, deployment_request, moves_on
+from .routing import Deployment, Group, all_cooling_error, deployment_request, moves_on, named_key_error
 from .types import TokenUsage, UsageRecord
 
 OUTPUT_EVENTS = (TextDelta, ReasoningDelta, ToolCallEvent)
@@ -150,7 +150,7 @@ async def _start_group(
                 raise
             cooldown = e.retry_after if e.retry_after is not None else group.cooldown_seconds
             await router.state.failed(dep.id, e.code, group.allowed_fails, cooldown)
-            last = e
+            last = named_key_error(dep, e)
         except BaseException:
             await call._done(0)
             raise
@@ -360,6 +360,9 @@ async def relay_group(
             return response
         cooldown = error.retry_after if error.retry_after is not None else group.cooldown_seconds
         await router.state.failed(dep.id, error.code, group.allowed_fails, cooldown)
+        if status == 424 and dep.key is not None:  # the key refused: name the deployment's entry, not the provider's
+            named = named_key_error(dep, ProviderError("NO_API_KEY", "", status=424))
+            response = web.json_response(am.error_body(424, named.message), status=424)
         if current is not meter:
             await current.release()
         current = None

@@ -407,6 +407,20 @@ def missing_key_error(dep: Deployment) -> ProviderError:
     )
 
 
+def named_key_error(dep: Deployment, error: ProviderError) -> ProviderError:
+    """``error`` as a deployment failed with it: a key refused names the deployment's vault entry (the
+    provider's own message says how to set the provider's key, which the deployment does not use)."""
+    if error.code != "NO_API_KEY" or dep.key is None or f"--name {dep.key}" in error.message:
+        return error
+    prefix = dep.model.split("/", 1)[0]
+    return ProviderError(
+        "NO_API_KEY",
+        f"The upstream of the deployment {dep.id} refused its key {dep.key!r}. "
+        f"Run: agentspace keys add {prefix} --name {dep.key}",
+        status=error.status,
+    )
+
+
 def deployment_request(gw: ModelSource, request: ProviderRequest, dep: Deployment) -> ProviderRequest:
     """``request`` (made for the group) as ``dep`` gets it: its model, key, base_url and provider options.
     ProviderError (``missing_key_error``) when its vault entry is missing."""

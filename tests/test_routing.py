@@ -912,3 +912,29 @@ async def test_v1_stream_cut_after_message_start_moves(
     ]
     assert len(registry(client).ledger) == 0
     await api.close()
+
+
+async def test_a_refused_deployment_key_names_its_vault_entry(
+    routed: Callable[..., Awaitable[TestClient]],
+    fakes: list[fa.FakeAnthropic],
+    token: str,
+    auth_headers: Any,
+    isolated_env: Path,
+) -> None:
+    """Every deployment's key refused: the answer says which vault entry to fix (`keys add anthropic --name
+    team-1`), not the provider's own key, which the deployment does not use; on /v1, the pass-through and
+    /api/chat."""
+    import anthropic
+
+    KeyVault(isolated_env).set("team-1", "sk-ant-wrong-0123456789abcdef")
+    client = await routed(group(fakes, n=1, cooldown_seconds=0))
+    fix = "agentspace keys add anthropic --name team-1"
+    with pytest.raises(openai.APIError, match=fix):
+        await sdk(client, token).chat.completions.create(model="claude", messages=[{"role": "user", "content": "Hi"}])
+    ant = anthropic.AsyncAnthropic(api_key=token, base_url=f"http://127.0.0.1:{client.port}", max_retries=0)
+    with pytest.raises(anthropic.APIStatusError, match=fix):
+        await ant.messages.create(model="claude", max_tokens=10, messages=[{"role": "user", "content": "Hi"}])
+    frames = await read_all(await post_chat(client, auth_headers, "c1", user("Hi"), model="claude"))
+    assert [c["errorText"] for c in frames if isinstance(c, dict) and c.get("type") == "error"][0].endswith(fix)
+    assert len(fakes[0].requests) == 3
+    await ant.close()
