@@ -204,6 +204,15 @@ async def _next_meter(
     return meter
 
 
+async def may_use(call: ProviderCall, model: str) -> bool:
+    """Whether ``call``'s client may use ``model`` (a fallback it may not use is skipped)."""
+    try:
+        await call.gw.guard.check_model(call.client or "admin", model)
+    except ApiError:
+        return False
+    return True
+
+
 def _model_request(gw: Registry, request: ProviderRequest, model: str) -> ProviderRequest:
     """``request`` for a fallback model outside any group, with that provider's key and settings."""
     from dataclasses import replace

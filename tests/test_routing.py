@@ -938,3 +938,38 @@ async def test_a_refused_deployment_key_names_its_vault_entry(
     assert [c["errorText"] for c in frames if isinstance(c, dict) and c.get("type") == "error"][0].endswith(fix)
     assert len(fakes[0].requests) == 3
     await ant.close()
+
+
+async def test_pass_through_group_falls_back(
+    routed: Callable[..., Awaitable[TestClient]],
+    fakes: list[fa.FakeAnthropic],
+    fake_anthropic: fa.FakeAnthropic,
+    fake_openai: fo.FakeOpenAI,
+    token: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """/v1/messages on a group of Anthropic deployments (the pass-through): once every deployment failed before
+    anything was written, the group's fallbacks in order, an Anthropic one passed through and another provider's
+    translated; each attempt one record."""
+    import anthropic
+
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-openai-test-0123456789")
+    for fake in fakes[:2]:
+        fake.default = fa.error_status(529)
+    fake_anthropic.default = fa.error_status(500)
+    fake_openai.default = fo.text_response("from the second fallback")
+    config = group(fakes, fallbacks=["anthropic/claude-haiku-4-5", "openai/gpt-4o-mini"])
+    client = await routed(config, providers={"openai": {"base_url": fake_openai.url}})
+    ant = anthropic.AsyncAnthropic(api_key=token, base_url=f"http://127.0.0.1:{client.port}", max_retries=0)
+    async with ant.messages.stream(model="claude", max_tokens=100, messages=[{"role": "user", "content": "Hi"}]) as s:
+        assert "".join([t async for t in s.text_stream]) == "from the second fallback"
+    assert len(fakes[0].requests) == len(fakes[1].requests) == len(fake_anthropic.requests) == 1
+    recs = await records(client)
+    assert sorted((r["model"], r["deployment"] or "-", r["answered"]) for r in recs) == [
+        ("anthropic/claude-haiku-4-5", "-", False),
+        (MODEL, "claude/team-1", False),
+        (MODEL, "claude/team-2", False),
+        ("openai/gpt-4o-mini", "-", True),
+    ]
+    assert len(registry(client).ledger) == 0
+    await ant.close()
