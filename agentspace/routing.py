@@ -407,6 +407,22 @@ def missing_key_error(dep: Deployment) -> ProviderError:
     )
 
 
+def warn_missing_keys(config: Config) -> None:
+    """At start: each deployment whose ``key`` is not in the vault (its calls fail until it is added)."""
+    import logging
+
+    from .vault import KeyVault, VaultError
+
+    try:
+        stored = set(KeyVault(config.data_dir).names())
+    except VaultError:
+        return  # reported where a key is needed
+    for group in config.groups.values():
+        for dep in group.deployments:
+            if dep.key is not None and dep.key not in stored:
+                logging.getLogger(__name__).warning("%s", missing_key_error(dep).message)
+
+
 def named_key_error(dep: Deployment, error: ProviderError) -> ProviderError:
     """``error`` as a deployment failed with it: a key refused names the deployment's vault entry (the
     provider's own message says how to set the provider's key, which the deployment does not use)."""

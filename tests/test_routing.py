@@ -623,7 +623,11 @@ async def test_a_bad_request_does_not_cool_a_deployment(
 
 
 async def test_a_deployment_whose_key_is_not_in_the_vault_sends_no_other_key(
-    routed: Callable[..., Awaitable[TestClient]], fakes: list[fa.FakeAnthropic], token: str, auth_headers: Any
+    routed: Callable[..., Awaitable[TestClient]],
+    fakes: list[fa.FakeAnthropic],
+    token: str,
+    auth_headers: Any,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     """A deployment naming a vault entry that is missing fails (NO_API_KEY, recorded, moved on): its upstream
     never gets the provider's own key (here ANTHROPIC_API_KEY is set), which would bill another account."""
@@ -631,6 +635,8 @@ async def test_a_deployment_whose_key_is_not_in_the_vault_sends_no_other_key(
 
     fakes[0].api_key = None  # it would take any key: none must reach it
     client = await routed(group(fakes, weights=[1000, 1], cooldown_seconds=0, extra=[{"key": "team-9"}]))
+    # Said at start, with the fix.
+    assert "agentspace keys add anthropic --name team-9" in caplog.text
     api = sdk(client, token)
     reply = await api.chat.completions.create(model="claude", messages=[{"role": "user", "content": "Hi"}])
     assert reply.choices[0].message.content == fa.DEFAULT_TEXT
