@@ -601,6 +601,7 @@ async def test_a_clients_budget_sees_every_attempt_settled(
     resp = await client.get("/api/clients/alice", headers=auth_headers)
     spend = (await resp.json())["client"]["spend"]["usd"]
     assert spend == pytest.approx(sum(r["totalCost"] for r in recs)) and spend > 0
+    assert len(registry(client).ledger) == 0  # each attempt's entry settled by its own record
 
 
 async def test_a_bad_request_does_not_cool_a_deployment(
