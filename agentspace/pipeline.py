@@ -52,7 +52,15 @@ from .observe import CallInfo, TurnInfo, notify
 from .prompt_cache import cache_ttl, prefix_key
 from .providers.base import ProviderRequest, ThinkingSettings, lacks_key
 from .registry import ModelNotFound, Registry
-from .routing import Deployment, Group, all_cooling_error, deployment_key, deployment_request, moves_on
+from .routing import (
+    Deployment,
+    Group,
+    all_cooling_error,
+    deployment_key,
+    deployment_request,
+    moves_on,
+    named_key_error,
+)
 from .session_locks import STREAM_IN_PROGRESS_MESSAGE
 from .storage import InvalidSessionId
 from .storage.shapes import validate_session_id
@@ -240,7 +248,8 @@ async def _has_usable_key(gw: Registry, model: str) -> bool:
         for dep in group.deployments:
             provider = gw.provider_for(dep.model)
             base_url = dep.base_url or gw.config.provider_settings(dep.model.split("/", 1)[0])["base_url"]
-            if not await lacks_key(provider, dep.model, deployment_key(gw.config, dep), base_url):
+            key = deployment_key(gw.config, dep)
+            if (key is not None or dep.key is None) and not await lacks_key(provider, dep.model, key, base_url):
                 return True
         return any([await _has_usable_key(gw, m) for m in group.fallbacks if m != model])
     for candidate in [model, *gw.config["models"]["fallbacks"].get(model, [])]:
@@ -680,7 +689,7 @@ class Turn:
                 log.warning("%s cooled down for %.0fs after %s", dep.id, cooldown, e.code)
             if state.delivered or self._stop_reason:
                 raise
-            return e
+            return named_key_error(dep, e)
         except BaseException:
             await state_.done(dep.id, 0, None)
             raise

@@ -3,23 +3,27 @@ replica's 429 cools the deployment for all of them, and the in-flight counts and
 windows are the deployment's, not a replica's share of it.
 
 Every operation is one Lua script, atomic in Redis, on Redis's own clock (``TIME``), and every key expires.
-Per deployment (``agentspace:route:<id>:*``): ``cool`` (the end of its cooldown, expiring with it),
-``inflight`` (a counter whose expiry each call renews: the calls of a replica that died mid-call stay counted
-until the deployment has been idle for ``INFLIGHT_TTL_SECONDS``), ``req``/``tok``/``fails`` (sorted sets over the last minute), ``lat`` (the TTFT
+Per deployment (``agentspace:route:<id>:*``): ``cool`` (the end of its cooldown, expiring with it), ``calls``
+(the calls in flight, one member each, scored by when it lapses: a replica renews its own every third of
+``INFLIGHT_TTL_SECONDS``, so the calls of a replica that died mid-call stop counting within that time), ``req``/``tok``/``fails`` (sorted sets over the last minute), ``lat`` (the TTFT
 average) and ``errors`` (the last few, newest first).
 """
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from collections.abc import Sequence
 from typing import Any
 
 from .routing import RECENT_ERRORS, WINDOW_SECONDS, Load
 
+log = logging.getLogger(__name__)
+
 PREFIX = "agentspace:route"
 WINDOW_MS = int(WINDOW_SECONDS * 1000)
-INFLIGHT_TTL_SECONDS = 900  # longer than any call: the count of a dead replica's calls goes then
-_SUFFIXES = ("cool", "inflight", "req", "tok", "fails", "lat", "errors")
+INFLIGHT_TTL_SECONDS = 30.0  # a dead replica's calls stop counting this long after its last renewal
+_SUFFIXES = ("cool", "calls", "req", "tok", "fails", "lat", "errors")
 
 _NOW = "local t = redis.call('TIME') local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)"
 
@@ -38,7 +42,8 @@ for i = 1, #KEYS, 7 do
   for _, member in ipairs(redis.call('ZRANGE', KEYS[i + 3], 0, -1)) do
     tokens = tokens + tonumber(string.match(member, ':(%d+)$'))
   end
-  local row = {tostring(cool), tostring(math.max(0, tonumber(redis.call('GET', KEYS[i + 1]) or '0'))),
+  redis.call('ZREMRANGEBYSCORE', KEYS[i + 1], '-inf', now)
+  local row = {tostring(cool), tostring(redis.call('ZCARD', KEYS[i + 1])),
     tostring(redis.call('ZCARD', KEYS[i + 2])), tostring(tokens), redis.call('GET', KEYS[i + 5]) or ''}
   for _, e in ipairs(redis.call('LRANGE', KEYS[i + 6], 0, -1)) do table.insert(row, e) end
   table.insert(out, row)
@@ -47,7 +52,7 @@ return out
 """
 )
 
-# KEYS: inflight, req. ARGV: member, window ms, rpm (0: none), inflight ttl s. Returns 1 when taken.
+# KEYS: calls, req. ARGV: member, window ms, rpm (0: none), in-flight ttl ms. Returns 1 when taken.
 _TAKE = (
     _NOW
     + """
@@ -55,37 +60,54 @@ redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now - tonumber(ARGV[2]))
 if tonumber(ARGV[3]) > 0 and redis.call('ZCARD', KEYS[2]) >= tonumber(ARGV[3]) then return 0 end
 redis.call('ZADD', KEYS[2], now, ARGV[1])
 redis.call('PEXPIRE', KEYS[2], tonumber(ARGV[2]) + 1000)
-redis.call('INCR', KEYS[1])
-redis.call('EXPIRE', KEYS[1], tonumber(ARGV[4]))
+redis.call('ZADD', KEYS[1], now + tonumber(ARGV[4]), ARGV[1])
+redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[4]))
 return 1
 """
 )
 
-# KEYS: inflight, tok, lat. ARGV: member (id:tokens, '' for none), window ms, ttft ms ('' for none), alpha.
+# KEYS: calls of each deployment. ARGV: in-flight ttl ms, then per key its members (space-separated): the
+# calls this replica still runs lapse later (XX: a call ended meanwhile is not added back).
+_RENEW = (
+    _NOW
+    + """
+local ttl = tonumber(ARGV[1])
+for i = 1, #KEYS do
+  for member in string.gmatch(ARGV[i + 1], '%S+') do
+    redis.call('ZADD', KEYS[i], 'XX', now + ttl, member)
+  end
+  redis.call('PEXPIRE', KEYS[i], ttl)
+end
+return 1
+"""
+)
+
+# KEYS: calls, tok, lat. ARGV: call member, tokens member (id:tokens, '' for none), window ms, ttft ms ('' for
+# none), alpha.
 _DONE = (
     _NOW
     + """
-if tonumber(redis.call('GET', KEYS[1]) or '0') > 0 then redis.call('DECR', KEYS[1]) end
-if ARGV[1] ~= '' then
-  redis.call('ZADD', KEYS[2], now, ARGV[1])
-  redis.call('PEXPIRE', KEYS[2], tonumber(ARGV[2]) + 1000)
+redis.call('ZREM', KEYS[1], ARGV[1])
+if ARGV[2] ~= '' then
+  redis.call('ZADD', KEYS[2], now, ARGV[2])
+  redis.call('PEXPIRE', KEYS[2], tonumber(ARGV[3]) + 1000)
 end
-if ARGV[3] ~= '' then
+if ARGV[4] ~= '' then
   local old = redis.call('GET', KEYS[3])
-  local value = tonumber(ARGV[3])
-  if old then value = (1 - tonumber(ARGV[4])) * tonumber(old) + tonumber(ARGV[4]) * value end
+  local value = tonumber(ARGV[4])
+  if old then value = (1 - tonumber(ARGV[5])) * tonumber(old) + tonumber(ARGV[5]) * value end
   redis.call('SET', KEYS[3], tostring(value), 'EX', 86400)
 end
 return 1
 """
 )
 
-# KEYS: inflight, fails, errors, cool. ARGV: member, window ms, code, allowed fails, cooldown ms, errors kept.
+# KEYS: calls, fails, errors, cool. ARGV: call member, window ms, code, allowed fails, cooldown ms, errors kept.
 # Returns the end of the cooldown (ms) when this failure began one, else 0.
 _FAILED = (
     _NOW
     + """
-if tonumber(redis.call('GET', KEYS[1]) or '0') > 0 then redis.call('DECR', KEYS[1]) end
+redis.call('ZREM', KEYS[1], ARGV[1])
 redis.call('LPUSH', KEYS[3], tostring(now) .. ' ' .. ARGV[3])
 redis.call('LTRIM', KEYS[3], 0, tonumber(ARGV[6]) - 1)
 redis.call('EXPIRE', KEYS[3], 86400)
@@ -109,17 +131,22 @@ return 0
 class RedisRouteState:
     """``routing.RouteState`` shared by every replica through Redis."""
 
-    def __init__(self, redis: Any) -> None:
+    def __init__(self, redis: Any, inflight_ttl: float = INFLIGHT_TTL_SECONDS) -> None:
         import itertools
         import os
 
         self.redis = redis
         self._loads = redis.register_script(_LOADS)
         self._take = redis.register_script(_TAKE)
+        self._renew = redis.register_script(_RENEW)
         self._done = redis.register_script(_DONE)
         self._failed = redis.register_script(_FAILED)
         self._ids = itertools.count()
         self._prefix = f"{os.getpid()}-{id(self):x}"
+        self._ttl_ms = int(inflight_ttl * 1000)
+        # This replica's calls in flight per deployment (their members in ``calls``), renewed while they run.
+        self._held: dict[str, list[str]] = {}
+        self._renewer: asyncio.Task[None] | None = None
 
     @staticmethod
     def _key(id: str, suffix: str) -> str:
@@ -127,6 +154,30 @@ class RedisRouteState:
 
     def _member(self) -> str:
         return f"{self._prefix}-{next(self._ids)}"
+
+    def _release(self, id: str) -> str:
+        """The member of one of this replica's calls on ``id`` (any: they count alike), no longer held."""
+        held = self._held.get(id)
+        if not held:
+            return ""
+        member = held.pop()
+        if not held:
+            del self._held[id]
+        return member
+
+    async def _keep_renewing(self) -> None:
+        """While this replica has calls in flight, keep them from lapsing (they lapse when it dies)."""
+        period = self._ttl_ms / 3000
+        while self._held:
+            await asyncio.sleep(period)
+            held = {id: " ".join(members) for id, members in self._held.items() if members}
+            if not held:
+                continue
+            try:
+                await self._renew(keys=[self._key(id, "calls") for id in held], args=[self._ttl_ms, *held.values()])
+            except Exception as e:  # Redis away for a moment: the next round renews them
+                log.warning("could not renew the calls in flight in Redis: %r", e)
+        self._renewer = None
 
     async def loads(self, ids: Sequence[str]) -> list[Load]:
         keys = [self._key(id, s) for id in ids for s in _SUFFIXES]
@@ -152,21 +203,28 @@ class RedisRouteState:
         return out
 
     async def take(self, id: str, rpm: int | None) -> bool:
-        keys = [self._key(id, "inflight"), self._key(id, "req")]
-        taken = await self._take(keys=keys, args=[self._member(), WINDOW_MS, rpm or 0, INFLIGHT_TTL_SECONDS])
-        return int(taken) == 1
+        keys = [self._key(id, "calls"), self._key(id, "req")]
+        member = self._member()
+        taken = await self._take(keys=keys, args=[member, WINDOW_MS, rpm or 0, self._ttl_ms])
+        if int(taken) != 1:
+            return False
+        self._held.setdefault(id, []).append(member)
+        if self._renewer is None:
+            self._renewer = asyncio.create_task(self._keep_renewing(), name="agentspace-route-renew")
+        return True
 
     async def done(self, id: str, tokens: int, ttft_ms: float | None) -> None:
         from .routing import LATENCY_ALPHA
 
-        member = f"{self._member()}:{int(tokens)}" if tokens > 0 else ""
-        keys = [self._key(id, "inflight"), self._key(id, "tok"), self._key(id, "lat")]
+        counted = f"{self._member()}:{int(tokens)}" if tokens > 0 else ""
+        keys = [self._key(id, "calls"), self._key(id, "tok"), self._key(id, "lat")]
         ttft = "" if ttft_ms is None else repr(float(ttft_ms))
-        await self._done(keys=keys, args=[member, WINDOW_MS, ttft, LATENCY_ALPHA])
+        await self._done(keys=keys, args=[self._release(id), counted, WINDOW_MS, ttft, LATENCY_ALPHA])
 
     async def failed(self, id: str, code: str, allowed_fails: int, cooldown: float) -> float | None:
-        keys = [self._key(id, s) for s in ("inflight", "fails", "errors", "cool")]
+        keys = [self._key(id, s) for s in ("calls", "fails", "errors", "cool")]
+        member = self._release(id) or self._member()  # also the failure's own member in ``fails``
         until = await self._failed(
-            keys=keys, args=[self._member(), WINDOW_MS, code, allowed_fails, int(cooldown * 1000), RECENT_ERRORS]
+            keys=keys, args=[member, WINDOW_MS, code, allowed_fails, int(cooldown * 1000), RECENT_ERRORS]
         )
         return int(until) / 1000 if int(until) else None

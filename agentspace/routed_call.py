@@ -12,38 +12,86 @@ are admitted here, and a failed one is recorded with ``answered: false``. Then t
 
 from __future__ import annotations
 
+import asyncio
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
-from .calls import ProviderCall, request_ceiling
+from .calls import Ceiling, ProviderCall, request_ceiling
 from .direct_call import DirectCall
 from .errors import ApiError
-from .events import ProviderError, ProviderEvent, ProviderFinish, ReasoningDelta, TextDelta, ToolCallEvent
+from .events import (
+    ProviderError,
+    ProviderEvent,
+    ProviderFinish,
+    ReasoningDelta,
+    TextDelta,
+    ToolCallEvent,
+    UsageReport,
+)
 from .providers.base import ProviderRequest
 from .registry import Registry
-from .routing import Deployment, Group, all_cooling_error, deployment_request, moves_on
-from .types import UsageRecord
+from .routing import Deployment, Group, all_cooling_error, deployment_request, moves_on, named_key_error
+from .types import TokenUsage, UsageRecord
 
 OUTPUT_EVENTS = (TextDelta, ReasoningDelta, ToolCallEvent)
 
 
 class RoutedCall(DirectCall):
-    """A DirectCall on one deployment: its end (or abort) tells the group's state."""
+    """A DirectCall on one deployment: its end (or abort) tells the group's state. ``start`` returns at the
+    deployment's first output (or its finish): what comes before it (the usage an upstream reports as it
+    begins) is held, so a stream that breaks before its first token has relayed nothing, and moves on."""
 
     def __init__(self, gw: Registry, request: ProviderRequest, meter: ProviderCall, dep: Deployment) -> None:
         super().__init__(gw, request, meter)
         self.deployment = dep
         self._open = True
+        self._starting = False  # in ``start``: a failure there is the caller's to count (``failed``)
         self._first_token = 0.0
+        self._held: list[ProviderEvent] = []
+        self._events: AsyncIterator[ProviderEvent] | None = None
+
+    async def start(self) -> None:
+        """The group's request made the deployment's (its key missing from the vault fails it, recorded), sent,
+        and read up to its first output; ProviderError (recorded) when it failed before that."""
+        try:
+            self.request = deployment_request(self.gw, self.request, self.deployment)
+        except ProviderError as e:
+            self.meter.begin(self.request.system, self.request.messages)
+            await self._fail(e)
+        self._starting = True
+        try:
+            await super().start()
+            self._events = self._measured()
+            while True:
+                try:
+                    event = await self._events.__anext__()  # ProviderError: recorded with what was reported
+                except StopAsyncIteration:
+                    return
+                self._held.append(event)
+                if type(event) is not UsageReport:
+                    return
+        except asyncio.CancelledError:
+            await asyncio.shield(asyncio.ensure_future(self.abort()))
+            raise
+        finally:
+            self._starting = False
 
     async def _done(self, tokens: int) -> None:
-        if self._open:
+        if self._open and not self._starting:
             self._open = False
             ttft = (self._first_token - self.meter.started) * 1000 if self._first_token else None
             await self.gw.router.state.done(self.deployment.id, tokens, ttft)
 
     async def events(self) -> AsyncIterator[ProviderEvent]:
+        assert self._events is not None, "start() first"
+        held, self._held = self._held, []
+        for event in held:
+            yield event
+        async for event in self._events:
+            yield event
+
+    async def _measured(self) -> AsyncIterator[ProviderEvent]:
         tokens = 0
         try:
             async for event in super().events():
@@ -91,7 +139,7 @@ async def _start_group(
             await router.state.done(dep.id, 0, None)
             raise
         current.model, current.deployment = dep.model, dep.id  # the record prices the deployment's model
-        call = RoutedCall(gw, deployment_request(gw, request, dep), current, dep)
+        call = RoutedCall(gw, request, current, dep)
         try:
             await call.start()
             return call
@@ -102,7 +150,7 @@ async def _start_group(
                 raise
             cooldown = e.retry_after if e.retry_after is not None else group.cooldown_seconds
             await router.state.failed(dep.id, e.code, group.allowed_fails, cooldown)
-            last = e
+            last = named_key_error(dep, e)
         except BaseException:
             await call._done(0)
             raise
@@ -136,7 +184,9 @@ async def _start_group(
     raise last or all_cooling_error(group, cooling_until)
 
 
-async def _next_meter(gw: Registry, request: ProviderRequest, first: ProviderCall) -> ProviderCall:
+async def _next_meter(
+    gw: Registry, request: ProviderRequest, first: ProviderCall, ceiling: Callable[[], Ceiling] | None = None
+) -> ProviderCall:
     """The provider call of the next attempt, admitted like the first (ProviderError when refused)."""
     meter = ProviderCall(
         gw,
@@ -148,10 +198,19 @@ async def _next_meter(gw: Registry, request: ProviderRequest, first: ProviderCal
     )
     meter.started = time.monotonic()
     try:
-        await meter.admit(lambda: request_ceiling(request))
+        await meter.admit(ceiling or (lambda: request_ceiling(request)))
     except ApiError as e:
         raise ProviderError(e.code, e.message, status=429 if e.code == "RATE_LIMITED" else 403) from None
     return meter
+
+
+async def may_use(call: ProviderCall, model: str) -> bool:
+    """Whether ``call``'s client may use ``model`` (a fallback it may not use is skipped)."""
+    try:
+        await call.gw.guard.check_model(call.client or "admin", model)
+    except ApiError:
+        return False
+    return True
 
 
 def _model_request(gw: Registry, request: ProviderRequest, model: str) -> ProviderRequest:
@@ -170,6 +229,61 @@ def _model_request(gw: Registry, request: ProviderRequest, model: str) -> Provid
         base_url=settings["base_url"],
         options=settings,
     )
+
+
+async def embed_group(
+    gw: Registry,
+    request: ProviderRequest,
+    meter: ProviderCall,
+    group: Group,
+    inputs: list[Any],
+    options: dict[str, Any],
+    ceiling: Callable[[], Ceiling],
+) -> tuple[list[Any], TokenUsage | None, ProviderCall]:
+    """``/v1/embeddings`` over a group's deployments (embedding models litellm serves), in the order of its
+    strategy: a failed attempt is recorded (``answered: false``), counted against its deployment, and the next
+    one tried. The group's fallbacks are not (an embedding's vectors are its model's own). Returns the vectors,
+    the usage reported, and the attempt that answered, for the caller to record and release (with ``meter``);
+    ProviderError when every attempt failed (all recorded)."""
+    from .providers import litellm as litellm_provider
+
+    router = gw.router
+    deployments, cooling_until = await router.order(group)
+    last: ProviderError | None = None
+    current: ProviderCall | None = meter
+    for dep in deployments:
+        if not await router.state.take(dep.id, dep.rpm):
+            continue
+        try:
+            current = current or await _next_meter(gw, request, meter, ceiling)
+        except BaseException:
+            await router.state.done(dep.id, 0, None)
+            raise
+        current.model, current.deployment = dep.model, dep.id
+        current.begin()
+        try:
+            vectors, usage = await litellm_provider.embed(
+                gw.config, deployment_request(gw, request, dep), inputs, options
+            )
+        except ProviderError as e:
+            await current.record(TokenUsage(), "error", error=e.code, answered=False)
+            if current is not meter:
+                await current.release()
+            if not moves_on(e):  # the request's own fault (a 400): not counted against the deployment
+                await router.state.done(dep.id, 0, None)
+                raise
+            cooldown = e.retry_after if e.retry_after is not None else group.cooldown_seconds
+            await router.state.failed(dep.id, e.code, group.allowed_fails, cooldown)
+            last, current = e, None
+            continue
+        except BaseException:
+            await router.state.done(dep.id, 0, None)
+            if current is not meter:
+                await current.release()
+            raise
+        await router.state.done(dep.id, usage.input_tokens if usage is not None else 0, None)
+        return vectors, usage, current
+    raise last or all_cooling_error(group, cooling_until)
 
 
 # --- the Anthropic pass-through ---------------------------------------------------------------------
@@ -191,9 +305,10 @@ async def relay_group(
     from aiohttp import web
 
     from .calls import messages_body_ceiling
+    from .protocols import anthropic_messages as am
     from .providers import anthropic_relay as relay
     from .providers.base import retry_after_seconds
-    from .routing import deployment_key
+    from .routing import deployment_key, missing_key_error
 
     router = gw.router
     deployments, cooling_until = await router.order(group)
@@ -218,16 +333,22 @@ async def relay_group(
                     await router.state.done(dep.id, 0, None)
                     break  # refused now (budget, rate): the last failure is the answer
             current.model, current.deployment = dep.model, dep.id
-            response = await relay.messages(
-                request,
-                gw,
-                body,
-                raw,
-                dep.model,
-                current,
-                key=deployment_key(gw.config, dep),
-                base_url=dep.base_url or gw.config.provider_settings("anthropic")["base_url"],
-            )
+            key = deployment_key(gw.config, dep)
+            if key is None and dep.key is not None:  # its vault entry is missing: failed, never another key
+                missing = missing_key_error(dep)
+                await current.record(TokenUsage(), "error", error=missing.code, answered=False)
+                response = web.json_response(am.error_body(424, missing.message), status=424)
+            else:
+                response = await relay.messages(
+                    request,
+                    gw,
+                    body,
+                    raw,
+                    dep.model,
+                    current,
+                    key=key,
+                    base_url=dep.base_url or gw.config.provider_settings("anthropic")["base_url"],
+                )
         except BaseException:
             await router.state.done(dep.id, 0, None)
             raise
@@ -248,6 +369,9 @@ async def relay_group(
             return response
         cooldown = error.retry_after if error.retry_after is not None else group.cooldown_seconds
         await router.state.failed(dep.id, error.code, group.allowed_fails, cooldown)
+        if status == 424 and dep.key is not None:  # the key refused: name the deployment's entry, not the provider's
+            named = named_key_error(dep, ProviderError("NO_API_KEY", "", status=424))
+            response = web.json_response(am.error_body(424, named.message), status=424)
         if current is not meter:
             await current.release()
         current = None
@@ -260,3 +384,25 @@ async def relay_group(
     return web.json_response(
         {"type": "error", "error": {"type": "rate_limit_error", "message": error.message}}, status=429, headers=headers
     )
+
+
+async def count_group_tokens(request: Any, gw: Registry, body: dict[str, Any], raw: bytes, group: Group) -> Any:
+    """``/v1/messages/count_tokens`` for a group: the count of its first Anthropic deployment (in the group's
+    order) whose upstream gives one, with that deployment's key and base_url: an error answer moves to the
+    next, and is answered when it was the last. None when none answers (the caller counts locally). A count is
+    no call: it takes no place in the deployments' state."""
+    from .providers import anthropic_relay as relay
+    from .routing import deployment_key
+
+    deployments, _ = await gw.router.order(group)
+    failed = None
+    for dep in deployments:
+        key = deployment_key(gw.config, dep)
+        if not dep.model.startswith("anthropic/") or key is None:
+            continue
+        base_url = dep.base_url or gw.config.provider_settings("anthropic")["base_url"]
+        relayed = await relay.count_tokens(request, gw, body, raw, dep.model, key=key, base_url=base_url)
+        if relayed is not None and relayed.status == 200:
+            return relayed
+        failed = relayed or failed
+    return failed

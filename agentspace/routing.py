@@ -15,6 +15,7 @@ set, so that one replica's 429 cools the deployment for all of them.
 
 from __future__ import annotations
 
+import math
 import random
 import time
 from collections import deque
@@ -81,16 +82,30 @@ class Group:
     cooldown_seconds: float
 
 
-def parse_groups(source: str, table: Any) -> dict[str, Group]:
-    """``[models.groups]`` validated; a ConfigError names the key and what was expected."""
+def parse_groups(source: str, table: Any, priced: Sequence[str] = ()) -> dict[str, Group]:
+    """``[models.groups]`` validated (``priced``: the ``[pricing]`` keys); a ConfigError names the key and what
+    was expected."""
     from .config import ConfigError
 
     if not isinstance(table, dict):
         raise ConfigError(source, "models.groups", f"expected a table, got {table!r}")
     groups = {name: _parse_group(source, name, raw) for name, raw in table.items()}
+    called = {d.model for g in groups.values() for d in g.deployments}
     for group in groups.values():
         if group.name in group.fallbacks:
             raise ConfigError(source, f'models.groups."{group.name}".fallbacks', "a group cannot fall back to itself")
+        if group.name in called:  # the name would stand for the group where the deployment means the model
+            raise ConfigError(
+                source,
+                f'models.groups."{group.name}"',
+                'a group cannot be named as a model its deployments call; give it a name of its own, e.g. "claude"',
+            )
+        if group.name in priced:  # a group's calls are priced at the model that answered
+            raise ConfigError(
+                source,
+                f'pricing."{group.name}"',
+                "a model group has no price of its own: price the models of its deployments",
+            )
     return groups
 
 
@@ -287,11 +302,12 @@ def ema(average: float, value: float) -> float:
 def moves_on(error: ProviderError) -> bool:
     """Whether a call that failed this way before its first byte goes to another deployment, the failure
     counted against this one: rate limited (429), overloaded (529), a server error or a timeout, the
-    connection refused or broken, or a key missing or refused (401, 403). A request the upstream found wrong (400)
-    would fail everywhere: it is answered as it is."""
+    connection refused or broken, a key missing or refused (401, 403), or its model unknown there (404: the
+    model is the deployment's, not the client's). A request the upstream found wrong (400) would fail
+    everywhere: it is answered as it is."""
     status = error.status
     if status is not None:
-        return status in (401, 403, 408, 429) or status >= 500
+        return status in (401, 403, 404, 408, 429) or status >= 500
     # No status: the connection failed, timed out or broke before the first token, or the key is missing.
     return error.code != "INVALID_MESSAGE"
 
@@ -342,7 +358,8 @@ def weighted_shuffle(deployments: list[Deployment]) -> list[Deployment]:
 def all_cooling_error(group: Group, until: float | None) -> ProviderError:
     """Every deployment of ``group`` is cooling down or full for its minute."""
     if until is not None:
-        wait = max(0.0, until - time.time())
+        # Whole seconds, rounded up: Retry-After is an integer (RFC 9110), and earlier would find it cooling.
+        wait = float(math.ceil(max(0.0, until - time.time())))
         return ProviderError(
             "RATE_LIMITED",
             f"Every deployment of {group.name!r} is cooling down; try again in {wait:.0f}s.",
@@ -358,7 +375,8 @@ def all_cooling_error(group: Group, until: float | None) -> ProviderError:
 
 
 def deployment_key(config: Config, dep: Deployment) -> str | None:
-    """A deployment's API key: its vault entry, else (no ``key`` given) the provider's own key."""
+    """A deployment's API key: its vault entry, else (no ``key`` given) the provider's own key. None when its
+    entry is not in the vault: never another key in its place (another account would be billed)."""
     from .logs import register_secret
     from .vault import KeyVault, resolve_key
 
@@ -378,15 +396,60 @@ class ModelSource(Protocol):
     def model_info(self, model: str) -> ModelInfo: ...
 
 
+def missing_key_error(dep: Deployment) -> ProviderError:
+    """``dep`` names a vault entry that is not there: it fails (and the call moves on) rather than call its
+    provider with no key, which a provider may fill in from its environment, another account's."""
+    prefix = dep.model.split("/", 1)[0]
+    return ProviderError(
+        "NO_API_KEY",
+        f"The deployment {dep.id} uses the key {dep.key!r}, which is not in the vault. "
+        f"Run: agentspace keys add {prefix} --name {dep.key}",
+    )
+
+
+def warn_missing_keys(config: Config) -> None:
+    """At start: each deployment whose ``key`` is not in the vault (its calls fail until it is added)."""
+    import logging
+
+    from .vault import KeyVault, VaultError
+
+    try:
+        stored = set(KeyVault(config.data_dir).names())
+    except VaultError:
+        return  # reported where a key is needed
+    for group in config.groups.values():
+        for dep in group.deployments:
+            if dep.key is not None and dep.key not in stored:
+                logging.getLogger(__name__).warning("%s", missing_key_error(dep).message)
+
+
+def named_key_error(dep: Deployment, error: ProviderError) -> ProviderError:
+    """``error`` as a deployment failed with it: a key refused names the deployment's vault entry (the
+    provider's own message says how to set the provider's key, which the deployment does not use)."""
+    if error.code != "NO_API_KEY" or dep.key is None or f"--name {dep.key}" in error.message:
+        return error
+    prefix = dep.model.split("/", 1)[0]
+    return ProviderError(
+        "NO_API_KEY",
+        f"The upstream of the deployment {dep.id} refused its key {dep.key!r}. "
+        f"Run: agentspace keys add {prefix} --name {dep.key}",
+        status=error.status,
+    )
+
+
 def deployment_request(gw: ModelSource, request: ProviderRequest, dep: Deployment) -> ProviderRequest:
-    """``request`` (made for the group) as ``dep`` gets it: its model, key, base_url and provider options."""
+    """``request`` (made for the group) as ``dep`` gets it: its model, key, base_url and provider options.
+    ProviderError (``missing_key_error``) when its vault entry is missing."""
     settings = gw.config.provider_settings(dep.model.split("/", 1)[0])
     info = gw.model_info(dep.model)
+    key = deployment_key(gw.config, dep)
+    if key is None and dep.key is not None:
+        raise missing_key_error(dep)
     return replace(
         request,
         model=dep.model,
         model_info=info,
-        api_key=deployment_key(gw.config, dep),
+        api_key=key,
         base_url=dep.base_url or settings["base_url"],
         options=settings,
     )

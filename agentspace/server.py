@@ -101,6 +101,10 @@ def _gateway_context(config: Config, pm: pluggy.PluginManager) -> Callable[[web.
             await recover_calls(gw)  # what a process that died mid-call left pending (docs/accounting.md)
             await share_ledger(gw)  # the postgres backend: pending entries shared, with leases
             check_default_model(gw)  # before anything binds: runs in runner.setup(), the site starts after
+            if config.groups:
+                from .routing import warn_missing_keys
+
+                warn_missing_keys(config)  # a deployment's vault entry missing: said now, not at its first call
             app[state.REGISTRY] = gw
             watcher = asyncio.create_task(ws.watch_credentials(app), name="agentspace-credentials")
             for result in pm.hook.server_startup(app=app, config=config):

@@ -73,3 +73,43 @@ async def test_both_states_agree(kind: str, replicas: list[RedisRouteState]) -> 
     (load,) = await state.loads([DEP])
     assert (load.in_flight, load.requests, load.tokens, load.latency_ms) == (0, 2, 10, None)
     assert load.cooled_until > time.time() and [c for _, c in load.errors] == ["RATE_LIMITED"]
+
+
+async def test_a_dead_replicas_calls_stop_counting(redis_srv: Redis) -> None:
+    """A replica killed mid-call (SIGKILL: no ``done``) leaves its calls counted only until their lapse
+    (``inflight_ttl``), while a live replica's calls, renewed, stay counted however long they run."""
+    import signal
+    import subprocess
+    import sys
+
+    import redis.asyncio as aioredis
+
+    client = aioredis.from_url(redis_srv.url)
+    await client.flushall()
+    live = RedisRouteState(client, inflight_ttl=0.6)
+    script = (
+        "import asyncio, sys, redis.asyncio as r\n"
+        "from agentspace.redis_routing import RedisRouteState\n"
+        "async def main():\n"
+        f"    s = RedisRouteState(r.from_url({redis_srv.url!r}), inflight_ttl=0.6)\n"
+        f"    assert await s.take({DEP!r}, None) and await s.take({DEP!r}, None)\n"
+        "    print('taken', flush=True)\n"
+        "    await asyncio.sleep(60)\n"
+        "asyncio.run(main())\n"
+    )
+    doomed = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    try:
+        assert doomed.stdout is not None and doomed.stdout.readline().strip() == "taken"
+        assert await live.take(DEP, None)
+        await asyncio.sleep(1.5)  # more than twice the lapse: both replicas renewed theirs
+        assert (await live.loads([DEP]))[0].in_flight == 3
+        doomed.send_signal(signal.SIGKILL)
+        doomed.wait()
+        await asyncio.sleep(1.0)
+        assert (await live.loads([DEP]))[0].in_flight == 1  # the dead one's two lapsed; the live one's stays
+        await live.done(DEP, 0, None)
+        assert (await live.loads([DEP]))[0].in_flight == 0
+    finally:
+        if doomed.poll() is None:
+            doomed.kill()
+        await client.aclose()

@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import openai
 import pytest
 from aiohttp.test_utils import TestClient
@@ -21,6 +22,7 @@ from agentspace.config import ConfigError, parse_config
 from agentspace.transports import state
 from agentspace.vault import KeyVault
 from tests.fakes import anthropic_upstream as fa
+from tests.fakes import openai_upstream as fo
 from tests.support.ui_stream import DONE, post_chat, read_all, user
 
 MODEL = "anthropic/claude-sonnet-4-5"
@@ -154,6 +156,28 @@ async def test_429_every_time_it_is_chosen(
     recs = await records(client)
     assert sum(1 for r in recs if not r["answered"]) == 1 and sum(1 for r in recs if r["answered"]) == 100
     await api.close()
+
+
+@pytest.mark.parametrize("status", [404, 401])
+async def test_a_deployment_without_the_model_or_the_key_moves_on(
+    routed: Callable[..., Awaitable[TestClient]], fakes: list[fa.FakeAnthropic], token: str, status: int
+) -> None:
+    """404 (the deployment's account or region has not its model) and 401 are the deployment's failures, not the
+    request's: moved on, on the SDK path and the pass-through, and the deployment cooled."""
+    import anthropic
+
+    fakes[0].default = fa.error_status(status)
+    client = await routed(group(fakes, weights=[1000, 1], allowed_fails=1))
+    api = sdk(client, token)
+    reply = await api.chat.completions.create(model="claude", messages=[{"role": "user", "content": "Hi"}])
+    assert reply.choices[0].message.content == fa.DEFAULT_TEXT
+    ant = anthropic.AsyncAnthropic(api_key=token, base_url=f"http://127.0.0.1:{client.port}", max_retries=0)
+    again = await ant.messages.create(model="claude", max_tokens=100, messages=[{"role": "user", "content": "Hi"}])
+    assert again.content[0].text == fa.DEFAULT_TEXT  # type: ignore[union-attr]
+    await api.chat.completions.create(model="claude", messages=[{"role": "user", "content": "Hi"}])
+    assert len(fakes[0].requests) == 2 and len(fakes[1].requests) == 3  # cooled after its second failure
+    await api.close()
+    await ant.close()
 
 
 async def test_allowed_fails_counts_before_the_cooldown(
@@ -347,9 +371,11 @@ async def test_every_deployment_cooling_without_fallbacks(
     client = await routed(group(fakes, n=1))
     api = sdk(client, token)
     for _ in range(2):
-        with pytest.raises(openai.RateLimitError):
+        with pytest.raises(openai.RateLimitError) as e:
             await api.chat.completions.create(model="claude", messages=[{"role": "user", "content": "Hi"}])
     assert len(fakes[0].requests) == 1  # the second call did not reach the cooling deployment
+    # Whole seconds (RFC 9110's delay-seconds), rounded up: the cooldown's end, not earlier.
+    assert e.value.response.headers["retry-after"] in ("29", "30")
     await api.close()
 
 
@@ -379,6 +405,13 @@ def test_group_config_is_validated(tmp_path: Path) -> None:
     assert "weight" in bad({"g": {"deployments": [{"model": MODEL, "weight": 0}]}})
     assert "unknown key" in bad({"g": {"deployments": [{"model": MODEL, "keys": "x"}]}})
     assert "itself" in bad({"g": {"deployments": [{"model": MODEL}], "fallbacks": ["g"]}})
+    # Named as a model a deployment calls (here or in another group): that id would stand for the group.
+    assert "name of its own" in bad({MODEL: {"deployments": [{"model": MODEL, "key": "a"}]}})
+    assert "name of its own" in bad(
+        {MODEL: {"deployments": [{"model": "x/y"}]}, "g": {"deployments": [{"model": MODEL}]}}
+    )
+    with pytest.raises(ConfigError, match="no price of its own"):
+        parse_config({"models": {"groups": {"g": {"deployments": [{"model": MODEL}]}}}, "pricing": {"g": {}}})
     config = parse_config(
         {"models": {"groups": {"g": {"deployments": [{"model": MODEL, "key": "a"}, {"model": MODEL, "key": "a"}]}}}}
     )
@@ -410,14 +443,20 @@ async def test_a_429_cools_the_deployment_on_every_replica(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """Two `agentspace serve` replicas on one PostgreSQL and one Redis: the deployment that answered 429 with
-    Retry-After: 30 to one of them gets no call from either during the cooldown."""
+    Retry-After: 30 to one of them gets no call from either during the cooldown; a deployment's rpm is its own,
+    not each replica's; the per-deployment report (PostgreSQL's) has the tokens the upstreams reported."""
     from scripts.harness import GatewayProcess
     from tests.scale_servers import TOKEN, flush_redis
 
     monkeypatch.setenv("AGENTSPACE_GATEWAY_TOKEN", TOKEN)
     await flush_redis(redis_srv)
+    fakes[0].default = fa.text_response(usage={"input_tokens": 12}, delta_usages=[{"output_tokens": 5}])
     fakes[1].default = fa.error_status(429, retry_after=30)
     deployments_ = [{"model": MODEL, "key": f"team-{i + 1}", "base_url": fakes[i].url, "weight": 1} for i in range(2)]
+    limited = [
+        {"model": MODEL, "key": "team-3", "base_url": fakes[2].url, "weight": 1000, "rpm": 5},
+        {"model": MODEL, "key": "team-1", "base_url": fakes[0].url, "weight": 1},
+    ]
     storage = {"backend": "postgres", "dsn": pg_dsn, "redis_url": redis_srv.url}
     servers = []
     for name in ("a", "b"):
@@ -430,7 +469,10 @@ async def test_a_429_cools_the_deployment_on_every_replica(
                 tmp_path / name,
                 fake_anthropic.url,
                 storage=storage,
-                **{'models.groups."claude"': {"deployments": deployments_, "allowed_fails": 0}},
+                **{
+                    'models.groups."claude"': {"deployments": deployments_, "allowed_fails": 0},
+                    'models.groups."limited"': {"deployments": limited},
+                },
             )
         )
     try:
@@ -446,6 +488,25 @@ async def test_a_429_cools_the_deployment_on_every_replica(
         answers = [await one(n) for n in range(100)]
         assert answers == [fa.DEFAULT_TEXT] * 100
         assert len(fakes[1].requests) == 1 and len(fakes[0].requests) == 100
+        async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {TOKEN}"}) as http:
+            async with http.get(f"{servers[1].url}/api/usage?by=deployment") as resp:
+                per = (await resp.json())["perDeployment"]
+        assert {
+            k: (v["requestCount"], v["errorCount"], v["inputTokens"], v["outputTokens"]) for k, v in per.items()
+        } == {
+            "claude/team-1": (100, 0, 1200, 500),
+            "claude/team-2": (0, 1, 0, 0),  # the failed attempt: an error, not a request
+        }
+        args = ["--config", str(servers[0].config_path), "usage", "--by-deployment", "--json"]
+        cli = await asyncio.to_thread(CliRunner().invoke, main, args, catch_exceptions=False)  # it runs its own loop
+        assert json.loads(cli.output)["perDeployment"] == per
+        # rpm 5 on the deployment both replicas prefer: 5 calls in the minute across both, the rest elsewhere.
+        for n in range(12):
+            reply = await apis[n % 2].chat.completions.create(
+                model="limited", messages=[{"role": "user", "content": "Hi"}]
+            )
+            assert reply.choices[0].message.content == fa.DEFAULT_TEXT
+        assert len(fakes[2].requests) == 5 and len(fakes[0].requests) == 107
         for api in apis:
             await api.close()
     finally:
@@ -540,6 +601,7 @@ async def test_a_clients_budget_sees_every_attempt_settled(
     resp = await client.get("/api/clients/alice", headers=auth_headers)
     spend = (await resp.json())["client"]["spend"]["usd"]
     assert spend == pytest.approx(sum(r["totalCost"] for r in recs)) and spend > 0
+    assert len(registry(client).ledger) == 0  # each attempt's entry settled by its own record
 
 
 async def test_a_bad_request_does_not_cool_a_deployment(
@@ -559,3 +621,362 @@ async def test_a_bad_request_does_not_cool_a_deployment(
     reply = await api.chat.completions.create(model="claude", messages=[{"role": "user", "content": "Hi"}])
     assert reply.choices[0].message.content == fa.DEFAULT_TEXT and len(fakes[0].requests) == 3
     await api.close()
+
+
+async def test_a_deployment_whose_key_is_not_in_the_vault_sends_no_other_key(
+    routed: Callable[..., Awaitable[TestClient]],
+    fakes: list[fa.FakeAnthropic],
+    token: str,
+    auth_headers: Any,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A deployment naming a vault entry that is missing fails (NO_API_KEY, recorded, moved on): its upstream
+    never gets the provider's own key (here ANTHROPIC_API_KEY is set), which would bill another account."""
+    import anthropic
+
+    fakes[0].api_key = None  # it would take any key: none must reach it
+    client = await routed(group(fakes, weights=[1000, 1], cooldown_seconds=0, extra=[{"key": "team-9"}]))
+    # Said at start, with the fix.
+    assert "agentspace keys add anthropic --name team-9" in caplog.text
+    api = sdk(client, token)
+    reply = await api.chat.completions.create(model="claude", messages=[{"role": "user", "content": "Hi"}])
+    assert reply.choices[0].message.content == fa.DEFAULT_TEXT
+    sdk_ = anthropic.AsyncAnthropic(api_key=token, base_url=f"http://127.0.0.1:{client.port}", max_retries=0)
+    again = await sdk_.messages.create(model="claude", max_tokens=100, messages=[{"role": "user", "content": "Hi"}])
+    assert again.content[0].text == fa.DEFAULT_TEXT  # type: ignore[union-attr]
+    chunks = await read_all(await post_chat(client, auth_headers, "c1", user("Hi"), model="claude"))
+    assert chunks[-1] == DONE
+    assert not fakes[0].requests
+    recs = await records(client)
+    assert sorted((r["deployment"], r["answered"], r["error"]) for r in recs) == [
+        ("claude/team-2", True, None),
+        ("claude/team-2", True, None),
+        ("claude/team-2", True, None),
+        ("claude/team-9", False, "NO_API_KEY"),
+        ("claude/team-9", False, "NO_API_KEY"),
+        ("claude/team-9", False, "NO_API_KEY"),
+    ]
+    assert len(registry(client).ledger) == 0
+    await api.close()
+    await sdk_.close()
+
+
+async def test_count_tokens_on_a_group_asks_a_deployments_upstream(
+    routed: Callable[..., Awaitable[TestClient]], fakes: list[fa.FakeAnthropic], token: str
+) -> None:
+    """/v1/messages/count_tokens with a group's name: the count of a deployment's upstream, with its key and
+    model, as for a plain model (the anthropic SDK); an upstream without the endpoint passes to the next."""
+    import anthropic
+
+    fakes[0].count_tokens, fakes[1].count_tokens = 17, 33
+    client = await routed(group(fakes, weights=[1000, 1]))
+    sdk_ = anthropic.AsyncAnthropic(api_key=token, base_url=f"http://127.0.0.1:{client.port}", max_retries=0)
+    messages: Any = [{"role": "user", "content": "Hi"}]
+    assert (await sdk_.messages.count_tokens(model="claude", messages=messages)).input_tokens == 17
+    assert [(r.api_key, r.body["model"]) for r in fakes[0].count_requests] == [(KEYS["team-1"], "claude-sonnet-4-5")]
+    fakes[0].count_tokens = None  # this one answers 404: the next deployment's count
+    raw = await sdk_.messages.with_raw_response.count_tokens(model="claude", messages=messages)
+    assert (await raw.parse()).input_tokens == 33 and raw.headers.get("x-agentspace-estimated") is None
+    assert [r.api_key for r in fakes[1].count_requests] == [KEYS["team-2"]]
+    assert not await records(client)  # a count is no call
+    await sdk_.close()
+
+
+async def test_a_mixed_group_on_every_transport_and_endpoint(
+    routed: Callable[..., Awaitable[TestClient]],
+    fakes: list[fa.FakeAnthropic],
+    fake_openai: fo.FakeOpenAI,
+    token: str,
+    auth_headers: dict[str, str],
+) -> None:
+    """A group of an Anthropic deployment and an OpenAI one (through litellm), each with its own vault key,
+    asked by name on the WebSocket, /api/chat, /v1/chat/completions, /v1/responses and /v1/messages (the
+    translated path: not every deployment is Anthropic's), streamed and not. Every call is one record naming
+    the deployment that answered, with the tokens that deployment's upstream reported, priced at its model's
+    price."""
+    import anthropic
+
+    oai_key = "sk-oai-team-0123456789abcdef"
+    fake_openai.api_key = oai_key
+    CliRunner().invoke(main, ["keys", "add", "openai", "--name", "oai"], input=f"{oai_key}\n", catch_exceptions=False)
+    fakes[0].default = fa.text_response(
+        "from anthropic", usage={"input_tokens": 31}, delta_usages=[{"output_tokens": 7}]
+    )
+    fake_openai.default = fo.text_response("from openai", usage=fo.usage(41, 9))
+    prices = {MODEL: (3.0, 15.0), "openai/gpt-4o-mini": (0.5, 2.0)}
+    config = {
+        "models": {
+            "groups": {
+                "mixed": {
+                    "deployments": [
+                        {"model": MODEL, "key": "team-1", "base_url": fakes[0].url},
+                        {"model": "openai/gpt-4o-mini", "key": "oai", "base_url": fake_openai.url},
+                    ]
+                }
+            }
+        },
+        "pricing": {m: {"input_per_mtok": i, "output_per_mtok": o} for m, (i, o) in prices.items()},
+    }
+    client = await routed(config)
+    api = sdk(client, token)
+    ant = anthropic.AsyncAnthropic(api_key=token, base_url=f"http://127.0.0.1:{client.port}", max_retries=0)
+    answers = {"from anthropic", "from openai"}
+    msgs: Any = [{"role": "user", "content": "Hi"}]
+    calls = 0
+    for _ in range(3):
+        reply = await api.chat.completions.create(model="mixed", messages=msgs)
+        assert reply.choices[0].message.content in answers and reply.model == "mixed"
+        stream = await api.chat.completions.create(model="mixed", messages=msgs, stream=True)
+        assert "".join([c.choices[0].delta.content or "" async for c in stream if c.choices]) in answers
+        response = await api.responses.create(model="mixed", input="Hi")
+        assert response.output_text in answers
+        events = await api.responses.create(model="mixed", input="Hi", stream=True)
+        assert "".join([e.delta async for e in events if e.type == "response.output_text.delta"]) in answers
+        message = await ant.messages.create(model="mixed", max_tokens=100, messages=msgs)
+        assert message.content[0].text in answers  # type: ignore[union-attr]
+        async with ant.messages.stream(model="mixed", max_tokens=100, messages=msgs) as s:
+            assert "".join([t async for t in s.text_stream]) in answers
+        chunks = await read_all(await post_chat(client, auth_headers, f"c{calls}", user("Hi"), model="mixed"))
+        text = "".join(c["delta"] for c in chunks if isinstance(c, dict) and c.get("type") == "text-delta")
+        assert text in answers and chunks[-1] == DONE
+        ws = await client.ws_connect("/gateway", headers={"Authorization": f"Bearer {token}"})
+        await ws.send_json({"type": "chat.send", "id": "1", "content": "Hi", "model": "mixed"})
+        frames: list[dict[str, Any]] = []
+        while not frames or frames[-1]["type"] not in ("chat.stream.end", "error"):
+            frames.append(json.loads((await ws.receive()).data))
+        assert frames[-1]["type"] == "chat.stream.end"
+        assert "".join(f["delta"] for f in frames if f["type"] == "chat.stream.delta") in answers
+        await ws.close()
+        calls += 8
+    assert [r.api_key for r in fakes[0].requests] == [KEYS["team-1"]] * len(fakes[0].requests)
+    assert {r.headers.get("authorization") for r in fake_openai.requests} == {f"Bearer {oai_key}"}
+    assert len(fakes[0].requests) + len(fake_openai.requests) == calls
+    assert fakes[0].requests and fake_openai.requests  # 24 draws at 1:1: both were chosen
+    recs = await records(client)
+    assert len(recs) == calls and all(r["answered"] and not r["error"] for r in recs)
+    reported = {"mixed/team-1": (MODEL, 31, 7), "mixed/oai": ("openai/gpt-4o-mini", 41, 9)}
+    for r in recs:
+        model, inp, out = reported[r["deployment"]]
+        assert (r["model"], r["inputTokens"], r["outputTokens"]) == (model, inp, out)
+        assert r["totalCost"] == pytest.approx((inp * prices[model][0] + out * prices[model][1]) / 1e6)
+    per = {d: sum(1 for r in recs if r["deployment"] == d) for d in reported}
+    assert per == {"mixed/team-1": len(fakes[0].requests), "mixed/oai": len(fake_openai.requests)}
+    await api.close()
+    await ant.close()
+
+
+async def test_a_deployment_that_times_out_is_cooled_and_the_call_moves(
+    routed: Callable[..., Awaitable[TestClient]], fakes: list[fa.FakeAnthropic], token: str, auth_headers: Any
+) -> None:
+    """An upstream that answers nothing ([providers.anthropic] timeout_seconds passes) fails the attempt like a
+    5xx: recorded with answered false, counted against the deployment (cooled past ``allowed_fails``), the call
+    answered by the next one: on the pass-through, the SDK path (/v1/chat/completions), and /api/chat."""
+    import anthropic
+
+    fakes[0].default = fa.text_response("too late").silent_for(30)
+    client = await routed(
+        group(fakes, weights=[1000, 1], allowed_fails=1, cooldown_seconds=60),
+        providers={"anthropic": {"timeout_seconds": 1.0}},
+    )
+    ant = anthropic.AsyncAnthropic(api_key=token, base_url=f"http://127.0.0.1:{client.port}", max_retries=0)
+    async with ant.messages.stream(model="claude", max_tokens=100, messages=[{"role": "user", "content": "Hi"}]) as s:
+        assert "".join([t async for t in s.text_stream]) == fa.DEFAULT_TEXT
+    assert (await deployments(client, auth_headers))["claude/team-1"]["state"] == "active"  # one failure allowed
+    api = sdk(client, token)
+    reply = await api.chat.completions.create(model="claude", messages=[{"role": "user", "content": "Hi"}])
+    assert reply.choices[0].message.content == fa.DEFAULT_TEXT
+    state = (await deployments(client, auth_headers))["claude/team-1"]
+    assert state["state"] == "cooling" and state["coolingSeconds"] > 50
+    # Cooling: the next call goes to team-2 straight away.
+    assert (await read_all(await post_chat(client, auth_headers, "c1", user("Hi"), model="claude")))[-1] == DONE
+    assert len(fakes[0].requests) == 2 and len(fakes[1].requests) == 3
+    recs = await records(client)
+    assert (
+        sorted((r["deployment"], r["answered"]) for r in recs)
+        == [("claude/team-1", False)] * 2 + [("claude/team-2", True)] * 3
+    )
+    assert len(registry(client).ledger) == 0  # every attempt's entry settled by its record
+    await api.close()
+    await ant.close()
+
+
+async def test_embeddings_on_a_group_of_embedding_deployments(
+    routed: Callable[..., Awaitable[TestClient]], fakes: list[fa.FakeAnthropic], token: str, isolated_env: Path
+) -> None:
+    """/v1/embeddings with a group's name: each attempt on a deployment with its own key, a 5xx moved on and
+    cooled, one record per attempt with the tokens the upstream reported; a group with a deployment that has no
+    embeddings is a 400."""
+    keys = {"emb-1": "sk-emb-one-0123456789", "emb-2": "sk-emb-two-0123456789"}
+    ups = [await fo.FakeOpenAI(api_key=k).start() for k in keys.values()]
+    try:
+        for name, key in keys.items():
+            KeyVault(isolated_env).set(name, key)
+        ups[0].default = fo.error_status(503)
+        ups[1].embedding_tokens = 17
+        embed = "openai/text-embedding-3-small"
+        deps = [{"model": embed, "key": k, "base_url": u.url, "weight": w} for k, u, w in zip(keys, ups, (1000, 1))]
+        claude = group(fakes)["models"]["groups"]["claude"]
+        config = {"models": {"groups": {"vectors": {"deployments": deps, "allowed_fails": 0}, "claude": claude}}}
+        client = await routed(config)
+        api = sdk(client, token)
+        for _ in range(2):
+            result = await api.embeddings.create(model="vectors", input=["one two", "three"])
+            assert len(result.data) == 2 and result.usage.prompt_tokens == 17 and result.model == "vectors"
+        assert len(ups[0].requests) == 1 and len(ups[1].requests) == 2  # cooled after its 503
+        assert ups[1].requests[0].headers["authorization"] == f"Bearer {keys['emb-2']}"
+        recs = await records(client)
+        assert sorted((r["deployment"], r["answered"], r["inputTokens"], r["endpoint"]) for r in recs) == [
+            ("vectors/emb-1", False, 0, "embeddings"),
+            ("vectors/emb-2", True, 17, "embeddings"),
+            ("vectors/emb-2", True, 17, "embeddings"),
+        ]
+        assert len(registry(client).ledger) == 0
+        with pytest.raises(openai.BadRequestError, match="no embeddings"):
+            await api.embeddings.create(model="claude", input="one")
+        await api.close()
+    finally:
+        for up in ups:
+            await up.close()
+
+
+async def test_allowlists_match_the_name_asked_for(
+    routed: Callable[..., Awaitable[TestClient]], fakes: list[fa.FakeAnthropic]
+) -> None:
+    """A client allowed only the group uses it (whatever its deployments) but not a deployment's model by its
+    id; a client allowed only that model may not use the group; /v1/models lists what each may use."""
+    import anthropic
+
+    def add(name: str, models: str) -> str:
+        out = CliRunner().invoke(main, ["clients", "add", name, "--models", models], catch_exceptions=False)
+        return out.stdout.strip()
+
+    only_group, only_model = add("group-only", "claude"), add("model-only", MODEL)
+    client = await routed(group(fakes))
+    msgs: Any = [{"role": "user", "content": "Hi"}]
+    api = sdk(client, only_group)
+    assert (await api.chat.completions.create(model="claude", messages=msgs)).choices[0].message.content
+    with pytest.raises(openai.PermissionDeniedError, match="MODEL_NOT_ALLOWED"):
+        await api.chat.completions.create(model=MODEL, messages=msgs)
+    assert [m.id for m in (await api.models.list()).data] == ["claude"]
+    other = sdk(client, only_model)
+    with pytest.raises(openai.PermissionDeniedError, match="MODEL_NOT_ALLOWED"):
+        await other.chat.completions.create(model="claude", messages=msgs)
+    ant = anthropic.AsyncAnthropic(api_key=only_model, base_url=f"http://127.0.0.1:{client.port}", max_retries=0)
+    with pytest.raises(anthropic.PermissionDeniedError):
+        await ant.messages.create(model="claude", max_tokens=10, messages=msgs)  # the pass-through alike
+    resp = await post_chat(client, {"Authorization": f"Bearer {only_model}"}, "c1", user("Hi"), model="claude")
+    assert resp.status == 403 and (await resp.json())["error"]["code"] == "MODEL_NOT_ALLOWED"
+    assert "claude" not in [m.id for m in (await other.models.list()).data]
+    recs = await records(client)
+    assert [(r["client"], r["deployment"]) for r in recs if r["answered"]] == [
+        ("group-only", recs[0]["deployment"])
+    ] and len(recs) == 1
+    await api.close()
+    await other.close()
+    await ant.close()
+
+
+def test_agentspace_models_lists_the_groups(tmp_path: Path, isolated_env: Path) -> None:
+    from scripts.harness import write_config
+
+    for name, key in KEYS.items():
+        KeyVault(isolated_env).set(name, key)
+    deps = [{"model": MODEL, "key": "team-1"}, {"model": "anthropic/claude-haiku-4-5", "key": "team-2"}]
+    write_config(
+        tmp_path / "a.toml",
+        {"storage": {"data_dir": str(isolated_env)}, 'models.groups."claude"': {"deployments": deps}},
+    )
+    listed = CliRunner().invoke(
+        main, ["--config", str(tmp_path / "a.toml"), "models", "--json"], catch_exceptions=False
+    )
+    claude = next(m for m in json.loads(listed.stdout) if m["id"] == "claude")
+    assert claude["provider"] == "group" and claude["deployments"] == ["claude/team-1", "claude/team-2"]
+    table = CliRunner().invoke(main, ["--config", str(tmp_path / "a.toml"), "models"], catch_exceptions=False).stdout
+    assert any(line.split()[:2] == ["claude", "group"] for line in table.splitlines())
+
+
+async def test_v1_stream_cut_after_message_start_moves(
+    routed: Callable[..., Awaitable[TestClient]], fakes: list[fa.FakeAnthropic], token: str
+) -> None:
+    """On /v1 too: an upstream that answered (message_start) but broke before its first token has relayed
+    nothing to the client yet: the call moves, and the client sees one clean stream."""
+    fakes[0].default = fa.text_response("lost").cut_after(1)
+    client = await routed(group(fakes, weights=[1000, 1], cooldown_seconds=0))
+    api = sdk(client, token)
+    stream = await api.chat.completions.create(
+        model="claude", messages=[{"role": "user", "content": "Hi"}], stream=True
+    )
+    assert "".join([c.choices[0].delta.content or "" async for c in stream if c.choices]) == fa.DEFAULT_TEXT
+    events = await api.responses.create(model="claude", input="Hi", stream=True)
+    assert "".join([e.delta async for e in events if e.type == "response.output_text.delta"]) == fa.DEFAULT_TEXT
+    assert len(fakes[0].requests) == 2 and len(fakes[1].requests) == 2
+    recs = await records(client)
+    assert sorted((r["deployment"], r["error"] is None) for r in recs) == [
+        ("claude/team-1", False),
+        ("claude/team-1", False),
+        ("claude/team-2", True),
+        ("claude/team-2", True),
+    ]
+    assert len(registry(client).ledger) == 0
+    await api.close()
+
+
+async def test_a_refused_deployment_key_names_its_vault_entry(
+    routed: Callable[..., Awaitable[TestClient]],
+    fakes: list[fa.FakeAnthropic],
+    token: str,
+    auth_headers: Any,
+    isolated_env: Path,
+) -> None:
+    """Every deployment's key refused: the answer says which vault entry to fix (`keys add anthropic --name
+    team-1`), not the provider's own key, which the deployment does not use; on /v1, the pass-through and
+    /api/chat."""
+    import anthropic
+
+    KeyVault(isolated_env).set("team-1", "sk-ant-wrong-0123456789abcdef")
+    client = await routed(group(fakes, n=1, cooldown_seconds=0))
+    fix = "agentspace keys add anthropic --name team-1"
+    with pytest.raises(openai.APIError, match=fix):
+        await sdk(client, token).chat.completions.create(model="claude", messages=[{"role": "user", "content": "Hi"}])
+    ant = anthropic.AsyncAnthropic(api_key=token, base_url=f"http://127.0.0.1:{client.port}", max_retries=0)
+    with pytest.raises(anthropic.APIStatusError, match=fix):
+        await ant.messages.create(model="claude", max_tokens=10, messages=[{"role": "user", "content": "Hi"}])
+    frames = await read_all(await post_chat(client, auth_headers, "c1", user("Hi"), model="claude"))
+    assert [c["errorText"] for c in frames if isinstance(c, dict) and c.get("type") == "error"][0].endswith(fix)
+    assert len(fakes[0].requests) == 3
+    await ant.close()
+
+
+async def test_pass_through_group_falls_back(
+    routed: Callable[..., Awaitable[TestClient]],
+    fakes: list[fa.FakeAnthropic],
+    fake_anthropic: fa.FakeAnthropic,
+    fake_openai: fo.FakeOpenAI,
+    token: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """/v1/messages on a group of Anthropic deployments (the pass-through): once every deployment failed before
+    anything was written, the group's fallbacks in order, an Anthropic one passed through and another provider's
+    translated; each attempt one record."""
+    import anthropic
+
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-openai-test-0123456789")
+    for fake in fakes[:2]:
+        fake.default = fa.error_status(529)
+    fake_anthropic.default = fa.error_status(500)
+    fake_openai.default = fo.text_response("from the second fallback")
+    config = group(fakes, fallbacks=["anthropic/claude-haiku-4-5", "openai/gpt-4o-mini"])
+    client = await routed(config, providers={"openai": {"base_url": fake_openai.url}})
+    ant = anthropic.AsyncAnthropic(api_key=token, base_url=f"http://127.0.0.1:{client.port}", max_retries=0)
+    async with ant.messages.stream(model="claude", max_tokens=100, messages=[{"role": "user", "content": "Hi"}]) as s:
+        assert "".join([t async for t in s.text_stream]) == "from the second fallback"
+    assert len(fakes[0].requests) == len(fakes[1].requests) == len(fake_anthropic.requests) == 1
+    recs = await records(client)
+    assert sorted((r["model"], r["deployment"] or "-", r["answered"]) for r in recs) == [
+        ("anthropic/claude-haiku-4-5", "-", False),
+        (MODEL, "claude/team-1", False),
+        (MODEL, "claude/team-2", False),
+        ("openai/gpt-4o-mini", "-", True),
+    ]
+    assert len(registry(client).ledger) == 0
+    await ant.close()

@@ -88,6 +88,12 @@ def test_deployments_page_shows_the_cooling_deployment(browser: Any, gateway: Ga
     assert cell.get_attribute("data-state") == states["claude/team-2"]["state"] == "cooling"
     assert "cooling down until" in cell.inner_text()
     assert "RATE_LIMITED" in page.locator("tr[data-deployment='claude/team-2']").inner_text()
+    # Calls in flight, the minute's requests and the TTFT average, as /api/deployments has them.
+    cells = page.locator("tr[data-deployment='claude/team-1'] td").all_inner_texts()
+    team1 = states["claude/team-1"]
+    assert cells[2] == str(team1["inFlight"]) == "0"
+    assert cells[3].startswith(str(team1["requestsLastMinute"])) and team1["requestsLastMinute"] >= 3
+    assert team1["latencyMs"] is not None and float(cells[5].removesuffix(" ms")) == team1["latencyMs"]
     web.check()
     # A client key sees no deployments page.
     key = gateway.call("POST", "/api/clients", {"name": "reader"})["key"]

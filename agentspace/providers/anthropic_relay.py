@@ -338,15 +338,24 @@ async def _record_stream(
 
 
 async def count_tokens(
-    request: web.Request, gw: Registry, body: dict[str, Any], raw: bytes, model: str
+    request: web.Request,
+    gw: Registry,
+    body: dict[str, Any],
+    raw: bytes,
+    model: str,
+    *,
+    key: str | None = None,
+    base_url: str | None = None,
 ) -> web.Response | None:
-    """Anthropic's own count; None when it has none to give (no key, no such endpoint, unreachable), so the
-    caller counts locally. A refused key is 424 (``key_refused``); other upstream errors are relayed, redacted."""
-    key = resolve_key(gw.config, "anthropic")
+    """Anthropic's own count (with ``key`` and ``base_url`` when a model group's deployment gives them); None
+    when it has none to give (no key, no such endpoint, unreachable), so the caller counts locally. A refused
+    key is 424 (``key_refused``); other upstream errors are relayed, redacted."""
+    key = key or resolve_key(gw.config, "anthropic")
     if not key:
         return None
 
-    base_url, read_timeout = upstream(gw)
+    default_url, read_timeout = upstream(gw)
+    base_url = (base_url or default_url).rstrip("/")
     try:
         async with http_client(request.app).post(
             f"{base_url}/v1/messages/count_tokens" + _query(request),

@@ -17,7 +17,7 @@ from ..events import ProviderError
 from ..logs import redact
 from ..protocols import anthropic_messages as am
 from ..providers import anthropic_relay as relay
-from ..routed_call import relay_group, relays
+from ..routed_call import count_group_tokens, may_use, relay_group, relays
 from ..service import Service
 from .bodies import ANTHROPIC_FIELDS, BUSY_MESSAGE, BodyInvalid, GatewayBusy, type_problem
 from .v1_common import (
@@ -77,6 +77,19 @@ async def messages(request: web.Request) -> web.StreamResponse:
         v1.provider(model)
     except ApiError as e:
         return _error(404, f"model: {e.message}")
+    return await _answer(request, v1, body, raw, model, [])
+
+
+def _failed(response: web.StreamResponse) -> bool:
+    """An error answered before anything was written to the client, that another model may not have (not a
+    request the upstream found wrong): a group's fallback may still answer."""
+    status = response.status
+    return not response.prepared and (status >= 500 or status in (401, 403, 404, 408, 424, 429))
+
+
+async def _answer(
+    request: web.Request, v1: Service, body: dict[str, Any], raw: bytes, model: str, seen: list[str]
+) -> web.StreamResponse:
     meter = v1.provider_call(model, session_id(request), ENDPOINT)
     group = v1.group(model)
     if group is not None and relays(group):  # a group of Anthropic deployments: passed through, routed
@@ -85,9 +98,20 @@ async def messages(request: web.Request) -> web.StreamResponse:
         except ApiError as e:
             return refusal(request, e)
         try:
-            return await relay_group(request, meter.gw, body, raw, meter, group)
+            response = await relay_group(request, meter.gw, body, raw, meter, group)
         finally:
             await meter.release()
+        seen.append(model)
+        # Every deployment failed before anything was written: the group's fallbacks, in order, each as a call
+        # of its own (admitted for the client; one it may not use is skipped).
+        for fallback in group.fallbacks:
+            if not _failed(response):
+                break
+            if fallback in seen or not await may_use(meter, fallback):
+                continue
+            seen.append(fallback)
+            response = await _answer(request, v1, body, raw, fallback, seen)
+        return response
     if model.startswith("anthropic/"):
         try:  # the checks at the moment of the call, its reservation and its pending entry (calls.py)
             await meter.admit(lambda: v1.messages_ceiling(model, body))
@@ -153,7 +177,12 @@ async def count_tokens(request: web.Request) -> web.StreamResponse:
         await call.admit(None)
     except ApiError as e:
         return refusal(request, e)
-    if model.startswith("anthropic/"):
+    group = service(request).group(model)
+    if group is not None:  # a model group: the count of its Anthropic deployments' upstream (routed_call.py)
+        relayed = await count_group_tokens(request, call.gw, body, raw, group)
+        if relayed is not None:
+            return relayed
+    elif model.startswith("anthropic/"):
         relayed = await relay.count_tokens(request, call.gw, body, raw, model)
         if relayed is not None:
             return relayed

@@ -16,6 +16,7 @@ from ..errors import ApiError
 from ..events import ProviderError
 from ..protocols.openai_chat import RequestError
 from ..providers import litellm as litellm_provider
+from ..routed_call import embed_group
 from ..tokens import count_tokens
 from ..types import TokenUsage
 from .v1_common import (
@@ -77,31 +78,42 @@ async def embeddings(request: web.Request) -> web.StreamResponse:
     except RequestError as e:
         return _error(400, e.message, param=e.param)
     v1 = service(request)
-    model = name if "/" in name else f"openai/{name}"  # bare ids are OpenAI's (text-embedding-3-small)
+    group = v1.group(name)  # a model group of embedding models (docs/routing.md)
+    # Bare ids are OpenAI's (text-embedding-3-small).
+    model = name if group is not None or "/" in name else f"openai/{name}"
     try:
-        provider = v1.provider(model)
+        for served in [d.model for d in group.deployments] if group is not None else [model]:
+            if not isinstance(v1.provider(served), litellm_provider.LiteLLMProvider):
+                return _error(400, f"{served} has no embeddings on this gateway.", param="model")
     except ApiError as e:
         return _error(404, e.message, code="model_not_found", param="model")
-    if not isinstance(provider, litellm_provider.LiteLLMProvider):
-        return _error(400, f"{model} has no embeddings on this gateway.", param="model")
     preq = v1.provider_request(model, "", [], [], None, None, {})
     meter = v1.provider_call(model, session_id(request), ENDPOINT)
-    try:  # the checks at the moment of the call, its reservation (the input: embeddings write nothing back)
-        await meter.admit(lambda: Ceiling(_local_tokens(inputs), 0))
+
+    def ceiling() -> Ceiling:  # the input: embeddings write nothing back
+        return Ceiling(_local_tokens(inputs), 0)
+
+    try:  # the checks at the moment of the call, its reservation
+        await meter.admit(ceiling)
     except ApiError as e:
         return refusal(request, e)
+    answered = meter
     try:
-        meter.begin()
         try:
-            vectors, usage = await litellm_provider.embed(v1.config, preq, inputs, options)
+            if group is not None:
+                vectors, usage, answered = await embed_group(meter.gw, preq, meter, group, inputs, options, ceiling)
+            else:
+                meter.begin()
+                vectors, usage = await litellm_provider.embed(v1.config, preq, inputs, options)
         except ProviderError as e:
-            await meter.record(TokenUsage(), "error", error=e.code, answered=False)
+            if meter.recorded is None and group is None:
+                await meter.record(TokenUsage(), "error", error=e.code, answered=False)
             return _provider_error(e)
         if usage is None:
-            await meter.record(TokenUsage(input_tokens=_local_tokens(inputs)), "stop", estimated_fields=ALL_FIELDS)
+            await answered.record(TokenUsage(input_tokens=_local_tokens(inputs)), "stop", estimated_fields=ALL_FIELDS)
         else:
-            await meter.record(usage, "stop")
-        tokens = meter.recorded.usage.input_tokens if meter.recorded is not None else 0
+            await answered.record(usage, "stop")
+        tokens = answered.recorded.usage.input_tokens if answered.recorded is not None else 0
         return web.json_response(
             {
                 "object": "list",
@@ -112,3 +124,5 @@ async def embeddings(request: web.Request) -> web.StreamResponse:
         )
     finally:
         await meter.release()
+        if answered is not meter:
+            await answered.release()

@@ -85,6 +85,11 @@ class FakeResponse:
     abort: bool = True  # how to cut: drop the TCP connection (True) or end the HTTP body cleanly
     stall_after: int | None = None  # stop sending for ``stall_seconds`` after this many events
     stall_seconds: float = 0.0
+    silent: float = 0.0  # seconds before answering at all (no status line, no headers): a hung upstream
+
+    def silent_for(self, seconds: float) -> FakeResponse:
+        """Answer nothing for ``seconds`` (the client times out waiting for the status), then as scripted."""
+        return replace(self, silent=seconds)
 
     def cut_after(self, n_events: int, *, abort: bool = True) -> FakeResponse:
         """End the stream after ``n_events`` SSE events (message_start and ping count)."""
@@ -633,6 +638,9 @@ class FakeAnthropic(FakeUpstream[FakeResponse]):
         if problem is not None:
             return web.json_response(error_body(*problem[1:]), status=problem[0])
         script = self.next_response()
+        if script.silent and not await self.pause(request, script.silent):
+            recorded.disconnected = True
+            return web.Response()
         if script.status != 200:
             return web.json_response(script.error or {}, status=script.status, headers=script.headers)
         if self.caching and isinstance(body, dict):
