@@ -290,6 +290,8 @@ def _params(body: dict[str, Any], has_tools: bool) -> dict[str, Any]:
         if response_format is not None:
             params["response_format"] = response_format
     params.update({name: body[name] for name in PASSED_ON_FIELDS | HINT_FIELDS if body.get(name) is not None})
+    if body.get("reasoning_effort") is not None:  # also a thinking budget (ParsedRequest.reasoning_budget)
+        params["reasoning_effort"] = body["reasoning_effort"]
     return params
 
 

@@ -160,6 +160,9 @@ def _params(body: dict[str, Any], has_tools: bool) -> dict[str, Any]:
             _tool_choice(tool_choice) if tool_choice is not None else None, body.get("parallel_tool_calls"), has_tools
         )
     )
+    reasoning = body.get("reasoning")
+    if isinstance(reasoning, dict) and reasoning.get("effort") is not None:  # also a thinking budget
+        params["reasoning_effort"] = reasoning["effort"]
     text = body.get("text")
     if text is not None:
         if not isinstance(text, dict):

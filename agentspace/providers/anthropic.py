@@ -244,7 +244,10 @@ def request_params(request: ProviderRequest) -> dict[str, Any]:
     refused = sorted(name for name in request.params if name in NOT_MESSAGES_PARAMS)
     if refused:
         raise ProviderError(
-            "INVALID_MESSAGE", f"{', '.join(refused)}: not supported by Anthropic's Messages API.", status=400
+            "INVALID_MESSAGE",
+            f"{', '.join(refused)}: not supported by Anthropic's Messages API.",
+            status=400,
+            param=refused[0],
         )
     if request.params.get("stop"):  # (a /v1 client's temperature and top_p: the Messages API takes neither)
         params["stop_sequences"] = request.params["stop"]
