@@ -43,6 +43,7 @@ ERROR_TYPES = {
     403: "invalid_request_error",
     404: "invalid_request_error",
     413: "invalid_request_error",
+    424: "server_error",  # the gateway's own provider key is missing or refused: not the caller's request
     429: "requests",  # OpenAI's type for a rate limit (its code: rate_limit_exceeded)
     500: "server_error",
     502: "server_error",
@@ -69,7 +70,8 @@ def error_body(
     return {
         "error": {
             "message": message,
-            "type": error_type or ERROR_TYPES.get(status, "server_error"),
+            "type": error_type
+            or ERROR_TYPES.get(status, "invalid_request_error" if 400 <= status < 500 else "server_error"),
             "param": param,
             "code": code,
         }
