@@ -575,3 +575,26 @@ async def test_unreachable_upstream(make_client: Callable[..., Awaitable[TestCli
     assert raised.value.status_code == 502 and "Could not connect to Anthropic" in raised.value.message
     (record,) = await records(client)
     assert record["error"] == "LLM_ERROR" and record["answered"] is False
+
+
+@pytest.mark.parametrize(
+    ("thinking", "effort"),
+    [
+        ({"type": "enabled", "budget_tokens": 2000}, "low"),
+        ({"type": "adaptive"}, "medium"),
+        ({"type": "enabled", "budget_tokens": 16000}, "high"),
+    ],
+)
+async def test_thinking_on_an_openai_reasoning_model_is_its_reasoning_effort(
+    openai_client: TestClient, token: str, fake_openai: Any, thinking: dict[str, Any], effort: str
+) -> None:
+    """Claude Code's thinking on an OpenAI reasoning model goes as reasoning_effort (OpenAI's API has no
+    thinking parameter), not dropped on the way."""
+    await sdk(openai_client, token).messages.create(
+        model="openai/gpt-5",
+        max_tokens=20000,
+        thinking=thinking,  # type: ignore[arg-type]
+        messages=[{"role": "user", "content": "Hi"}],
+    )
+    sent = fake_openai.requests[0].body
+    assert sent["reasoning_effort"] == effort and "thinking" not in sent

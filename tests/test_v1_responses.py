@@ -290,3 +290,18 @@ async def test_reasoning_effort_reaches_an_openai_reasoning_model(
         await api.responses.create(model=MODEL, input="Hi", reasoning={"effort": "low"})
     assert "reasoning_effort" in raised.value.message
     assert len(fake_openai.requests) == 1
+
+
+async def test_text_verbosity_is_passed_on_or_refused(
+    client: TestClient, token: str, fake_openai: FakeOpenAI, fake_anthropic: FakeAnthropic
+) -> None:
+    """text.verbosity (llm and Codex send it for GPT-5 models) reaches a model that takes it; others refuse it
+    with a 400 naming it, never drop it."""
+    api = sdk(client, token)
+    await api.responses.create(model="openai/gpt-5", input="Hi", text={"verbosity": "low"})
+    assert fake_openai.requests[0].body["verbosity"] == "low"
+    for model in (MODEL, "anthropic/claude-sonnet-4-6"):
+        with pytest.raises(openai.BadRequestError) as raised:
+            await api.responses.create(model=model, input="Hi", text={"verbosity": "low"})
+        assert raised.value.param == "verbosity"
+    assert len(fake_openai.requests) == 1 and fake_anthropic.requests == []

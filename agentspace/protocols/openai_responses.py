@@ -170,6 +170,8 @@ def _params(body: dict[str, Any], has_tools: bool) -> dict[str, Any]:
         response_format = _text_format(text.get("format"))
         if response_format is not None:
             params["response_format"] = response_format
+        if text.get("verbosity") is not None:  # passed on like Chat Completions' verbosity (or refused)
+            params["verbosity"] = text["verbosity"]
     return params
 
 

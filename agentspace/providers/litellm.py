@@ -212,6 +212,13 @@ class LiteLLMProvider:
         litellm = await self._checked_litellm(request)
         settings = self._config.provider_settings(request.prefix)
         kwargs = _completion_kwargs(request, settings)
+        if "thinking" in kwargs and _effort_not_thinking(litellm, request):
+            # litellm drops ``thinking`` for providers whose API knows only reasoning_effort (OpenAI's): the
+            # budget goes as the effort it is nearest (Claude Code's thinking on an OpenAI reasoning model).
+            budget = kwargs.pop("thinking").get("budget_tokens") or REASONING_EFFORT_BUDGETS["medium"]
+            kwargs["reasoning_effort"] = next(
+                (effort for effort, most in REASONING_EFFORT_BUDGETS.items() if budget <= most), "high"
+            )
         reader = _ChunkReader()
         response: Any = None
         try:
@@ -396,6 +403,19 @@ CHECKED_PARAMS = frozenset(
         "web_search_options",
     }
 )
+
+
+# A thinking budget as an effort: up to each value, that effort (beyond the last, "high").
+REASONING_EFFORT_BUDGETS = {"low": 4096, "medium": 12000}
+
+
+def _effort_not_thinking(litellm: ModuleType, request: ProviderRequest) -> bool:
+    """Whether the model's provider takes reasoning_effort and not ``thinking`` (by litellm's table)."""
+    try:
+        supported = litellm.get_supported_openai_params(model=request.model_name, custom_llm_provider=request.prefix)
+    except Exception:  # litellm raises for providers it has no table for
+        return False
+    return bool(supported) and "reasoning_effort" in supported and "thinking" not in supported
 
 
 def unsupported_params(litellm: ModuleType, request: ProviderRequest) -> list[str]:
