@@ -179,6 +179,7 @@ async def test_length_is_incomplete(client: TestClient, token: str, fake_openai:
         ({"input": [{"type": "item_reference", "id": "x"}]}, "input[0].type"),
         ({"input": [{"role": "user", "content": [{"type": "input_audio"}]}]}, "input[0].content[0].type"),
         ({"frobnicate": 1}, "frobnicate"),
+        ({"include": ["message.output_text.logprobs"]}, "include"),
     ],
 )
 async def test_refused_with_the_field_named(

@@ -372,6 +372,8 @@ def _text(content: Any, param: str) -> str:
         for part in content:
             if isinstance(part, dict) and part.get("type") == "text":
                 texts.append(str(part.get("text") or ""))
+            elif isinstance(part, dict) and part.get("type") == "refusal":  # an earlier answer the model refused
+                texts.append(str(part.get("refusal") or ""))
             else:
                 kind = part.get("type") if isinstance(part, dict) else type(part).__name__
                 raise RequestError(

@@ -44,6 +44,7 @@ from .openai_chat import (
 )
 
 ENCRYPTED_REASONING = "reasoning.encrypted_content"
+LOGPROBS = "message.output_text.logprobs"  # refused like top_logprobs; the other includes concern hosted tools
 
 # Fields that ask for state kept between calls: the gateway keeps none.
 STATEFUL_FIELDS = {
@@ -104,6 +105,8 @@ def parse_request(body: Any) -> tuple[ParsedRequest, bool]:
     include = body.get("include") or []
     if not isinstance(include, list):
         raise RequestError("include", "include must be an array of strings")
+    if LOGPROBS in include:
+        raise RequestError("include", f"{LOGPROBS} is not supported on /v1/responses by this gateway.")
 
     system: list[str] = []
     instructions = body.get("instructions")
