@@ -219,3 +219,26 @@ async def test_reasoning_effort_and_sampling_values_are_passed_on_or_refused(
         assert raised.value.param == param and raised.value.body["message"].startswith(param)  # type: ignore[index]
         assert fake_openai.requests == []
     await api.chat.completions.create(model="openai/gpt-5", messages=MESSAGES, temperature=1)  # its default
+
+
+@pytest.mark.parametrize(
+    ("model", "effort", "sent"),
+    [
+        ("anthropic/claude-sonnet-4-6", "low", {"thinking": {"type": "adaptive"}, "output_config": {"effort": "low"}}),
+        (
+            "anthropic/claude-sonnet-4-6",
+            "minimal",
+            {"thinking": {"type": "adaptive"}, "output_config": {"effort": "low"}},
+        ),
+        ("anthropic/claude-sonnet-4-6", "xhigh", {"thinking": {"type": "adaptive"}}),  # a level it has not
+        ("anthropic/claude-sonnet-4-5", "low", {"thinking": {"type": "enabled", "budget_tokens": 2048}}),
+    ],
+)
+async def test_reasoning_effort_on_claude_models(
+    client: TestClient, token: str, fake_anthropic: FakeAnthropic, model: str, effort: str, sent: dict[str, Any]
+) -> None:
+    """reasoning_effort is adaptive thinking's effort level where the model takes it, else a thinking budget."""
+    fake_anthropic.enqueue(fa.text_response("ok"))
+    await sdk(client, token).chat.completions.create(model=model, messages=MESSAGES, reasoning_effort=effort)  # type: ignore[arg-type]
+    body = fake_anthropic.requests[-1].body
+    assert {name: body[name] for name in ("thinking", "output_config") if name in body} == sent
