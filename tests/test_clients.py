@@ -245,6 +245,26 @@ async def test_a_client_sees_only_its_own_sessions(
     assert (await client.delete(path, headers=bearer(alice))).status == 204
 
 
+async def test_a_v1_session_label_is_scoped_to_its_client(
+    make_client: Callable[..., Awaitable[TestClient]],
+    fake_openai: FakeOpenAI,
+    token: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Two clients that send the same session-id header (Codex's) each see only their own calls under it."""
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-openai-test-0123456789")
+    client = await make_client(providers={"openai": {"base_url": fake_openai.url}})
+    alice, bob = add_client("alice"), add_client("bob")
+    for key, times in ((alice, 2), (bob, 1)):
+        for _ in range(times):
+            await openai_sdk(client, key).responses.create(
+                model="openai/gpt-4o-mini", input="Hi", extra_headers={"session-id": "shared-thread"}
+            )
+    for key, count in ((alice, 2), (bob, 1), (token, 3)):
+        usage = await (await client.get("/api/usage?sessionId=shared-thread", headers=bearer(key))).json()
+        assert usage["grandTotal"]["requestCount"] == count
+
+
 async def test_rotated_and_removed_keys_are_refused_at_once_and_usage_stays(
     client: TestClient, fake_anthropic: FakeAnthropic, token: str
 ) -> None:
