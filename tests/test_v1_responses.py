@@ -202,7 +202,11 @@ async def test_upstream_error(client: TestClient, token: str, fake_openai: FakeO
 
 
 async def test_claude_model(client: TestClient, token: str, fake_anthropic: FakeAnthropic) -> None:
-    fake_anthropic.enqueue(fa.text_response("Bonjour", usage={"input_tokens": 25}, delta_usages=[{"output_tokens": 4}]))
+    reported = {"input_tokens": 25, "cache_read_input_tokens": 100, "cache_creation_input_tokens": 40}
+    fake_anthropic.enqueue(
+        fa.text_response("Bonjour", usage=reported, delta_usages=[{"output_tokens": 4}]),
+        fa.text_response("Salut", usage=reported, delta_usages=[{"output_tokens": 4}]),
+    )
     async with sdk(client, token).responses.stream(
         model="anthropic/claude-sonnet-4-6", input="Hello", tools=TOOLS, tool_choice="required"
     ) as s:
@@ -210,8 +214,20 @@ async def test_claude_model(client: TestClient, token: str, fake_anthropic: Fake
     assert final.output_text == "Bonjour"
     sent = fake_anthropic.requests[0].body
     assert sent["tool_choice"] == {"type": "any"}
-    (record,) = await records(client)
+    assert final.usage is not None and (final.usage.input_tokens, final.usage.total_tokens) == (165, 169)
+    details = final.usage.input_tokens_details
+    assert (details.cached_tokens, details.cache_write_tokens) == (100, 40)  # what Anthropic reported
+    chat = await sdk(client, token).chat.completions.create(
+        model="anthropic/claude-sonnet-4-6", messages=[{"role": "user", "content": "Hello"}]
+    )
+    assert chat.usage is not None and chat.usage.prompt_tokens_details is not None
+    assert (chat.usage.prompt_tokens_details.cached_tokens, chat.usage.prompt_tokens_details.cache_write_tokens) == (
+        100,
+        40,
+    )
+    record = (await records(client))[0]
     assert (record["endpoint"], record["inputTokens"], record["outputTokens"]) == ("responses", 25, 4)
+    assert (record["cacheReadTokens"], record["cacheWriteTokens"]) == (100, 40)
 
 
 async def test_signed_reasoning_goes_back_with_the_tool_result(
