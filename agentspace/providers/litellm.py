@@ -401,6 +401,7 @@ CHECKED_PARAMS = frozenset(
         "logit_bias",
         "verbosity",
         "web_search_options",
+        "top_k",  # (from /v1/messages)
     }
 )
 
