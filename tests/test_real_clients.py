@@ -87,7 +87,9 @@ def codex_config(url: str) -> str:
     return code.replace(README_URL, url)
 
 
-async def codex(server: GatewayProcess, tmp_path: Path, prompt: str, model: str | None = None) -> list[dict[str, Any]]:
+async def codex(
+    server: GatewayProcess, tmp_path: Path, prompt: str, model: str | None = None, *options: str
+) -> list[dict[str, Any]]:
     """``codex exec --json``: its JSONL events."""
     binary = client_binary("codex", "@openai/codex")
     home = tmp_path / "codex-home"
@@ -98,7 +100,7 @@ async def codex(server: GatewayProcess, tmp_path: Path, prompt: str, model: str 
     env = {**base_env(tmp_path), "CODEX_HOME": str(home), "AGENTSPACE_TOKEN": server.token}
     argv: list[str | Path] = [binary, "exec", "--json", "--skip-git-repo-check"]
     # The test machine may have no user namespaces for Codex's sandbox; the command it runs is an echo.
-    argv += ["--dangerously-bypass-approvals-and-sandbox", *(["-m", model] if model else []), prompt]
+    argv += ["--dangerously-bypass-approvals-and-sandbox", *(["-m", model] if model else []), *options, prompt]
     out = await run(argv, env, work)
     return [json.loads(line) for line in out.splitlines() if line.startswith("{")]
 
@@ -153,6 +155,32 @@ async def test_codex_tool_round_trip(server: GatewayProcess, fake_openai: fo.Fak
     assert got == [("responses", 500, 30), ("responses", 700, 9)]
     (thread,) = [e["thread_id"] for e in events if e.get("type") == "thread.started"]
     assert {r["sessionId"] for r in records(server)} == {thread}  # Codex's session-id header
+    assert server.log_problems() == []
+
+
+async def test_codex_on_an_openai_reasoning_model(
+    server: GatewayProcess, fake_openai: fo.FakeOpenAI, tmp_path: Path
+) -> None:
+    """What Codex sends a reasoning model (its configured reasoning effort, a summary, encrypted reasoning) is
+    all taken: the effort reaches OpenAI, the reasoning comes back as Codex's reasoning item."""
+    fake_openai.enqueue(
+        fo.text_response("Reasoned hello", reasoning="Greeting asked.", usage=fo.usage(400, 20, reasoning=12))
+    )
+    events = await codex(server, tmp_path, "Say hello", "openai/gpt-5", "-c", 'model_reasoning_effort="low"')
+    assert agent_messages(events) == ["Reasoned hello"]
+    reasoning = [
+        e["item"]["text"] for e in events if e.get("type") == "item.completed" and e["item"]["type"] == "reasoning"
+    ]
+    assert any("Greeting asked." in text for text in reasoning), events
+    sent = fake_openai.requests[0].body
+    assert sent["model"] == "gpt-5" and sent["reasoning_effort"] == "low"  # Codex's model_reasoning_effort
+    (record,) = records(server)
+    assert (record["endpoint"], record["inputTokens"], record["outputTokens"], record["reasoningTokens"]) == (
+        "responses",
+        400,
+        20,
+        12,
+    )
     assert server.log_problems() == []
 
 
