@@ -72,6 +72,7 @@ class ProviderError(Exception):
     """A provider call failed. ``code`` is one of the protocol's error codes.
 
     ``message`` must be safe to show to a client: no key material, no internal details.
+    ``param`` names the request field a 400 is about, if one.
     ``retryable`` and ``retry_after`` let the pipeline retry before the first token reached the client.
     """
 
@@ -83,9 +84,11 @@ class ProviderError(Exception):
         retryable: bool = False,
         retry_after: float | None = None,
         status: int | None = None,
+        param: str | None = None,
     ) -> None:
         super().__init__(message)
         self.code = code
+        self.param = param  # the request field a refusal names (OpenAI's error ``param``)
         self.message = message
         self.retryable = retryable
         self.retry_after = retry_after

@@ -154,6 +154,14 @@ async def test_client_key_chats_on_every_transport_and_usage_is_attributed(
         model="openai/gpt-4o-mini", messages=[{"role": "user", "content": "Hi"}]
     )
     assert completion.choices[0].message.content == "Hi from OpenAI"
+    # /v1/responses (Codex's session-id header) and /v1/embeddings
+    fake_openai.enqueue(openai_text("Hi from Responses"))
+    answer = await openai_sdk(client, key).responses.create(
+        model="openai/gpt-4o-mini", input="Hi", extra_headers={"session-id": "codex-thread"}
+    )
+    assert answer.output_text == "Hi from Responses"
+    vectors = await openai_sdk(client, key).embeddings.create(model="openai/text-embedding-3-small", input="Hi")
+    assert vectors.data[0].embedding
     # the gateway token is the admin
     assert of(await ws_chat(client, token), "chat.stream.end")
 
@@ -161,20 +169,24 @@ async def test_client_key_chats_on_every_transport_and_usage_is_attributed(
     assert got == [
         ("admin", "ws"),
         ("alice", "anthropic"),
+        ("alice", "embeddings"),
         ("alice", "http"),
         ("alice", "openai"),
+        ("alice", "responses"),
         ("alice", "ws"),
         ("alice", "ws"),
     ]
+    (codex,) = [r for r in await records(client) if r["endpoint"] == "responses"]
+    assert codex["sessionId"] == "codex-thread"
     by_client = await (await client.get("/api/usage?by=client", headers=bearer(token))).json()
-    assert by_client["perClient"]["alice"]["requestCount"] == 5
+    assert by_client["perClient"]["alice"]["requestCount"] == 7
     assert by_client["perClient"]["admin"]["requestCount"] == 1
     # a client's usage is its own
     own = await (await client.get("/api/usage", headers=bearer(key))).json()
-    assert own["grandTotal"]["requestCount"] == 5
+    assert own["grandTotal"]["requestCount"] == 7
     ws = await client.ws_connect("/gateway", headers=bearer(key))
     await ws.send_json({"type": "usage.query", "id": "u"})
-    assert (await receive(ws))["grandTotal"]["requestCount"] == 5
+    assert (await receive(ws))["grandTotal"]["requestCount"] == 7
     await ws.close()
     # the CLI report per client; JSON gains perClient
     out = json.loads(cli("usage", "--by-client", "--json"))
@@ -231,6 +243,26 @@ async def test_a_client_sees_only_its_own_sessions(
         assert resp.status == 403 and (await resp.json())["error"]["code"] == "FORBIDDEN"
     assert (await client.post("/api/clients/bob/rotate", headers=bearer(alice))).status == 403
     assert (await client.delete(path, headers=bearer(alice))).status == 204
+
+
+async def test_a_v1_session_label_is_scoped_to_its_client(
+    make_client: Callable[..., Awaitable[TestClient]],
+    fake_openai: FakeOpenAI,
+    token: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Two clients that send the same session-id header (Codex's) each see only their own calls under it."""
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-openai-test-0123456789")
+    client = await make_client(providers={"openai": {"base_url": fake_openai.url}})
+    alice, bob = add_client("alice"), add_client("bob")
+    for key, times in ((alice, 2), (bob, 1)):
+        for _ in range(times):
+            await openai_sdk(client, key).responses.create(
+                model="openai/gpt-4o-mini", input="Hi", extra_headers={"session-id": "shared-thread"}
+            )
+    for key, count in ((alice, 2), (bob, 1), (token, 3)):
+        usage = await (await client.get("/api/usage?sessionId=shared-thread", headers=bearer(key))).json()
+        assert usage["grandTotal"]["requestCount"] == count
 
 
 async def test_rotated_and_removed_keys_are_refused_at_once_and_usage_stays(
@@ -315,7 +347,11 @@ async def test_model_allowlist_on_every_transport(
         await openai_sdk(client, key).chat.completions.create(
             model="anthropic/claude-sonnet-4-5", messages=[{"role": "user", "content": "Hi"}]
         )
-    assert fake_anthropic.requests == []  # nothing went upstream
+    with pytest.raises(openai.PermissionDeniedError):
+        await openai_sdk(client, key).responses.create(model="anthropic/claude-sonnet-4-5", input="Hi")
+    with pytest.raises(openai.PermissionDeniedError):
+        await openai_sdk(client, key).embeddings.create(model="openai/text-embedding-3-small", input="Hi")
+    assert fake_anthropic.requests == [] and fake_openai.requests == []  # nothing went upstream
     assert await records(client) == []
 
     fake_openai.enqueue(openai_text("fine"))

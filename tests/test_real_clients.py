@@ -87,7 +87,9 @@ def codex_config(url: str) -> str:
     return code.replace(README_URL, url)
 
 
-async def codex(server: GatewayProcess, tmp_path: Path, prompt: str, model: str | None = None) -> list[dict[str, Any]]:
+async def codex(
+    server: GatewayProcess, tmp_path: Path, prompt: str, model: str | None = None, *options: str
+) -> list[dict[str, Any]]:
     """``codex exec --json``: its JSONL events."""
     binary = client_binary("codex", "@openai/codex")
     home = tmp_path / "codex-home"
@@ -98,7 +100,7 @@ async def codex(server: GatewayProcess, tmp_path: Path, prompt: str, model: str 
     env = {**base_env(tmp_path), "CODEX_HOME": str(home), "AGENTSPACE_TOKEN": server.token}
     argv: list[str | Path] = [binary, "exec", "--json", "--skip-git-repo-check"]
     # The test machine may have no user namespaces for Codex's sandbox; the command it runs is an echo.
-    argv += ["--dangerously-bypass-approvals-and-sandbox", *(["-m", model] if model else []), prompt]
+    argv += ["--dangerously-bypass-approvals-and-sandbox", *(["-m", model] if model else []), *options, prompt]
     out = await run(argv, env, work)
     return [json.loads(line) for line in out.splitlines() if line.startswith("{")]
 
@@ -135,39 +137,89 @@ async def test_codex_plain_answer(server: GatewayProcess, fake_openai: fo.FakeOp
 async def test_codex_tool_round_trip(server: GatewayProcess, fake_openai: fo.FakeOpenAI, tmp_path: Path) -> None:
     fake_openai.enqueue(
         fo.tool_calls_response(
-            fo.tool_call("call_codex_1", "exec_command", {"cmd": f"echo {TOOL_OUTPUT}"}), usage=fo.usage(500, 30)
+            fo.tool_call("call_codex_1", "exec_command", {"cmd": f"echo {TOOL_OUTPUT}-1"}),
+            fo.tool_call("call_codex_2", "exec_command", {"cmd": f"echo {TOOL_OUTPUT}-2"}),
+            usage=fo.usage(500, 30),
         ),
-        fo.text_response("The command printed it.", usage=fo.usage(700, 9)),
+        fo.text_response("The commands printed them.", usage=fo.usage(700, 9)),
     )
-    events = await codex(server, tmp_path, "Run echo")
-    assert agent_messages(events)[-1] == "The command printed it."
+    events = await codex(server, tmp_path, "Run two echos")
+    assert agent_messages(events)[-1] == "The commands printed them."
+    assert fake_openai.requests[0].body["parallel_tool_calls"] is True
     second = fake_openai.requests[1].body["messages"]
     call = next(m for m in second if m["role"] == "assistant" and m.get("tool_calls"))
-    assert call["tool_calls"][0]["id"] == "call_codex_1"
-    result = next(m for m in second if m["role"] == "tool")
-    assert result["tool_call_id"] == "call_codex_1" and TOOL_OUTPUT in result["content"]
+    assert [c["id"] for c in call["tool_calls"]] == ["call_codex_1", "call_codex_2"]
+    results = {m["tool_call_id"]: m["content"] for m in second if m["role"] == "tool"}
+    assert f"{TOOL_OUTPUT}-1" in results["call_codex_1"] and f"{TOOL_OUTPUT}-2" in results["call_codex_2"]
     got = [(r["endpoint"], r["inputTokens"], r["outputTokens"]) for r in records(server)]
     assert got == [("responses", 500, 30), ("responses", 700, 9)]
-    assert len({r["sessionId"] for r in records(server)}) == 1
+    (thread,) = [e["thread_id"] for e in events if e.get("type") == "thread.started"]
+    assert {r["sessionId"] for r in records(server)} == {thread}  # Codex's session-id header
+    assert server.log_problems() == []
+
+
+async def test_codex_on_an_openai_reasoning_model(
+    server: GatewayProcess, fake_openai: fo.FakeOpenAI, tmp_path: Path
+) -> None:
+    """What Codex sends a reasoning model (its configured reasoning effort, a summary, encrypted reasoning) is
+    all taken: the effort reaches OpenAI, the reasoning comes back as Codex's reasoning item."""
+    fake_openai.enqueue(
+        fo.text_response("Reasoned hello", reasoning="Greeting asked.", usage=fo.usage(400, 20, reasoning=12))
+    )
+    events = await codex(server, tmp_path, "Say hello", "openai/gpt-5", "-c", 'model_reasoning_effort="low"')
+    assert agent_messages(events) == ["Reasoned hello"]
+    reasoning = [
+        e["item"]["text"] for e in events if e.get("type") == "item.completed" and e["item"]["type"] == "reasoning"
+    ]
+    assert any("Greeting asked." in text for text in reasoning), events
+    sent = fake_openai.requests[0].body
+    assert sent["model"] == "gpt-5" and sent["reasoning_effort"] == "low"  # Codex's model_reasoning_effort
+    (record,) = records(server)
+    assert (record["endpoint"], record["inputTokens"], record["outputTokens"], record["reasoningTokens"]) == (
+        "responses",
+        400,
+        20,
+        12,
+    )
     assert server.log_problems() == []
 
 
 async def test_codex_on_a_claude_model(
     server: GatewayProcess, fake_anthropic: fa.FakeAnthropic, tmp_path: Path
 ) -> None:
+    """Parallel tool calls after signed thinking: Codex gets the reasoning summary, and its next turn sends
+    the thinking back (its signature as encrypted_content) before both calls and both results."""
     fake_anthropic.enqueue(
-        fa.tool_use_response(
-            "exec_command", {"cmd": f"echo {TOOL_OUTPUT}"}, id="toolu_cx_1", usage={"input_tokens": 900}
+        fa.message_response(
+            fa.thinking_block("Two commands are needed."),
+            fa.tool_use_block("exec_command", {"cmd": f"echo {TOOL_OUTPUT}-1"}, id="toolu_cx_1"),
+            fa.tool_use_block("exec_command", {"cmd": f"echo {TOOL_OUTPUT}-2"}, id="toolu_cx_2"),
+            stop_reason="tool_use",
+            usage={"input_tokens": 900},
         ),
-        fa.text_response("Claude ran it.", usage={"input_tokens": 950}),
+        fa.text_response("Claude ran them.", usage={"input_tokens": 950}),
     )
-    events = await codex(server, tmp_path, "Run echo", "anthropic/claude-sonnet-4-6")
-    assert agent_messages(events)[-1] == "Claude ran it."
+    events = await codex(server, tmp_path, "Run two echos", "anthropic/claude-sonnet-4-6")
+    assert agent_messages(events)[-1] == "Claude ran them."
+    reasoning = [
+        e["item"]["text"] for e in events if e.get("type") == "item.completed" and e["item"].get("type") == "reasoning"
+    ]
+    assert any("Two commands are needed." in text for text in reasoning), events
     last = fake_anthropic.requests[-1].body["messages"]
-    results = [b for m in last for b in m["content"] if isinstance(b, dict) and b.get("type") == "tool_result"]
-    assert results[0]["tool_use_id"] == "toolu_cx_1" and TOOL_OUTPUT in results[0]["content"]
+    assistant = next(m for m in last if m["role"] == "assistant")
+    assert [b["type"] for b in assistant["content"]] == ["thinking", "tool_use", "tool_use"]
+    assert assistant["content"][0]["signature"] == fa.DEFAULT_SIGNATURE
+    results = {
+        b["tool_use_id"]: b["content"]
+        for m in last
+        for b in m["content"]
+        if isinstance(b, dict) and b.get("type") == "tool_result"
+    }
+    assert f"{TOOL_OUTPUT}-1" in results["toolu_cx_1"] and f"{TOOL_OUTPUT}-2" in results["toolu_cx_2"]
     got = [(r["endpoint"], r["model"], r["inputTokens"]) for r in records(server)]
     assert got == [("responses", "anthropic/claude-sonnet-4-6", 900), ("responses", "anthropic/claude-sonnet-4-6", 950)]
+    (thread,) = [e["thread_id"] for e in events if e.get("type") == "thread.started"]
+    assert {r["sessionId"] for r in records(server)} == {thread}
     assert server.log_problems() == []
 
 

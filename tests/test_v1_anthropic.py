@@ -575,3 +575,56 @@ async def test_unreachable_upstream(make_client: Callable[..., Awaitable[TestCli
     assert raised.value.status_code == 502 and "Could not connect to Anthropic" in raised.value.message
     (record,) = await records(client)
     assert record["error"] == "LLM_ERROR" and record["answered"] is False
+
+
+@pytest.mark.parametrize(
+    ("thinking", "effort"),
+    [
+        ({"type": "enabled", "budget_tokens": 2000}, "low"),
+        ({"type": "adaptive"}, "medium"),
+        ({"type": "enabled", "budget_tokens": 16000}, "high"),
+    ],
+)
+async def test_thinking_on_an_openai_reasoning_model_is_its_reasoning_effort(
+    openai_client: TestClient, token: str, fake_openai: Any, thinking: dict[str, Any], effort: str
+) -> None:
+    """Claude Code's thinking on an OpenAI reasoning model goes as reasoning_effort (OpenAI's API has no
+    thinking parameter), not dropped on the way."""
+    await sdk(openai_client, token).messages.create(
+        model="openai/gpt-5",
+        max_tokens=20000,
+        thinking=thinking,  # type: ignore[arg-type]
+        messages=[{"role": "user", "content": "Hi"}],
+    )
+    sent = fake_openai.requests[0].body
+    assert sent["reasoning_effort"] == effort and "thinking" not in sent
+
+
+async def test_what_claude_code_sends_to_an_openai_model(
+    openai_client: TestClient, token: str, fake_openai: Any
+) -> None:
+    """Claude Code's request for a non-Claude model: its effort becomes the reasoning_effort, its metadata and
+    context_management change nothing; what only Anthropic runs (mcp_servers) and a top_k the model has not
+    are refused with the field named, nothing sent."""
+    api = sdk(openai_client, token)
+    claude_code: dict[str, Any] = dict(
+        model="openai/gpt-5",
+        max_tokens=20000,
+        messages=[{"role": "user", "content": "Hi"}],
+        thinking={"type": "adaptive", "display": "omitted"},
+        extra_body={
+            "output_config": {"effort": "low"},
+            "context_management": {"edits": [{"type": "clear_thinking_20251015", "keep": "all"}]},
+        },
+        metadata={"user_id": "someone"},
+    )
+    await api.messages.create(**claude_code)
+    assert fake_openai.requests[0].body["reasoning_effort"] == "low"
+    for extra, name in (
+        ({"mcp_servers": [{"type": "url", "url": "https://x", "name": "x"}]}, "mcp_servers"),
+        ({"top_k": 5}, "top_k"),
+    ):
+        with pytest.raises(anthropic.BadRequestError) as raised:
+            await api.messages.create(**{**claude_code, "extra_body": extra})
+        assert raised.value.body["error"]["message"].startswith(name)  # type: ignore[index]
+    assert len(fake_openai.requests) == 1

@@ -4,6 +4,7 @@ litellm -> fake OpenAI upstream (and the Anthropic SDK -> fake Anthropic for ``a
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -310,3 +311,28 @@ async def test_sampling_parameters_are_passed_on(
     with pytest.raises(openai.BadRequestError) as raised:
         await api.chat.completions.create(model=MODEL, messages=MESSAGES, temperature="hot")  # type: ignore[arg-type]
     assert raised.value.body["param"] == "temperature"  # type: ignore[index]
+
+
+async def test_every_message_role_and_text_part(client: TestClient, token: str, fake_openai: FakeOpenAI) -> None:
+    """developer and system messages (strings or text parts), user text parts, an earlier refusal, a tool
+    result in text parts: all reach the upstream, none refused, none dropped."""
+    history: list[Any] = [
+        {"role": "developer", "content": "Dev rules."},
+        {"role": "system", "content": [{"type": "text", "text": "Sys rules."}]},
+        {"role": "user", "content": [{"type": "text", "text": "First"}, {"type": "text", "text": " question"}]},
+        {"role": "assistant", "content": [{"type": "refusal", "refusal": "I can't help with that."}]},
+        {"role": "user", "content": "Weather?"},
+        {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [{"id": "c1", "type": "function", "function": {"name": "w", "arguments": "{}"}}],
+        },
+        {"role": "tool", "tool_call_id": "c1", "content": [{"type": "text", "text": "18 C"}]},
+    ]
+    tools: list[Any] = [{"type": "function", "function": {"name": "w", "parameters": {"type": "object"}}}]
+    await sdk(client, token).chat.completions.create(model=MODEL, messages=history, tools=tools)
+    sent = fake_openai.requests[0].body["messages"]
+    assert sent[0] == {"role": "system", "content": "Dev rules.\n\nSys rules."}
+    assert [m["role"] for m in sent[1:]] == ["user", "assistant", "user", "assistant", "tool"]
+    assert "First question" in json.dumps(sent[1]) and "I can't help with that." in json.dumps(sent[2])
+    assert sent[5]["tool_call_id"] == "c1" and "18 C" in json.dumps(sent[5])

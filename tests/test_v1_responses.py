@@ -80,7 +80,8 @@ async def test_stream_accumulated_by_the_sdk(client: TestClient, token: str, fak
         text_response("The answer is 42.", reasoning="Six times seven.", usage=usage(12, 9, reasoning=4))
     )
     api = sdk(client, token)
-    async with api.responses.stream(model=MODEL, input="Why?", reasoning={"effort": "low", "summary": "auto"}) as s:
+    reasoning: Any = {"effort": "low", "summary": "auto"}
+    async with api.responses.stream(model="openai/gpt-5", input="Why?", reasoning=reasoning) as s:
         kinds = [event.type async for event in s]
         final = await s.get_final_response()
     assert kinds[:2] == ["response.created", "response.in_progress"]
@@ -90,6 +91,7 @@ async def test_stream_accumulated_by_the_sdk(client: TestClient, token: str, fak
     assert [item.type for item in final.output] == ["reasoning", "message"]
     assert final.output[0].summary[0].text == "Six times seven."  # type: ignore[union-attr]
     assert final.usage is not None and final.usage.output_tokens_details.reasoning_tokens == 4
+    assert fake_openai.requests[0].body["reasoning_effort"] == "low"
     (record,) = await records(client)
     assert (record["inputTokens"], record["outputTokens"], record["reasoningTokens"]) == (12, 9, 4)
     assert record["endpoint"] == "responses" and record["ttftMs"] is not None
@@ -177,6 +179,7 @@ async def test_length_is_incomplete(client: TestClient, token: str, fake_openai:
         ({"input": [{"type": "item_reference", "id": "x"}]}, "input[0].type"),
         ({"input": [{"role": "user", "content": [{"type": "input_audio"}]}]}, "input[0].content[0].type"),
         ({"frobnicate": 1}, "frobnicate"),
+        ({"include": ["message.output_text.logprobs"]}, "include"),
     ],
 )
 async def test_refused_with_the_field_named(
@@ -199,7 +202,11 @@ async def test_upstream_error(client: TestClient, token: str, fake_openai: FakeO
 
 
 async def test_claude_model(client: TestClient, token: str, fake_anthropic: FakeAnthropic) -> None:
-    fake_anthropic.enqueue(fa.text_response("Bonjour", usage={"input_tokens": 25}, delta_usages=[{"output_tokens": 4}]))
+    reported = {"input_tokens": 25, "cache_read_input_tokens": 100, "cache_creation_input_tokens": 40}
+    fake_anthropic.enqueue(
+        fa.text_response("Bonjour", usage=reported, delta_usages=[{"output_tokens": 4}]),
+        fa.text_response("Salut", usage=reported, delta_usages=[{"output_tokens": 4}]),
+    )
     async with sdk(client, token).responses.stream(
         model="anthropic/claude-sonnet-4-6", input="Hello", tools=TOOLS, tool_choice="required"
     ) as s:
@@ -207,8 +214,20 @@ async def test_claude_model(client: TestClient, token: str, fake_anthropic: Fake
     assert final.output_text == "Bonjour"
     sent = fake_anthropic.requests[0].body
     assert sent["tool_choice"] == {"type": "any"}
-    (record,) = await records(client)
+    assert final.usage is not None and (final.usage.input_tokens, final.usage.total_tokens) == (165, 169)
+    details = final.usage.input_tokens_details
+    assert (details.cached_tokens, details.cache_write_tokens) == (100, 40)  # what Anthropic reported
+    chat = await sdk(client, token).chat.completions.create(
+        model="anthropic/claude-sonnet-4-6", messages=[{"role": "user", "content": "Hello"}]
+    )
+    assert chat.usage is not None and chat.usage.prompt_tokens_details is not None
+    assert (chat.usage.prompt_tokens_details.cached_tokens, chat.usage.prompt_tokens_details.cache_write_tokens) == (
+        100,
+        40,
+    )
+    record = (await records(client))[0]
     assert (record["endpoint"], record["inputTokens"], record["outputTokens"]) == ("responses", 25, 4)
+    assert (record["cacheReadTokens"], record["cacheWriteTokens"]) == (100, 40)
 
 
 async def test_signed_reasoning_goes_back_with_the_tool_result(
@@ -249,3 +268,57 @@ async def test_signed_reasoning_goes_back_with_the_tool_result(
     assistant = fake_anthropic.requests[1].body["messages"][1]
     assert [b["type"] for b in assistant["content"]] == ["thinking", "tool_use"]
     assert assistant["content"][0]["signature"] == fa.DEFAULT_SIGNATURE
+
+
+@pytest.mark.parametrize("upstream", ["openai", "anthropic"])
+async def test_upstream_dies_mid_stream(
+    client: TestClient, token: str, fake_openai: FakeOpenAI, fake_anthropic: FakeAnthropic, upstream: str
+) -> None:
+    """After some text, the upstream breaks off: the stream ends with response.failed (its error's code and
+    message), the SDK's accumulator keeps what came, and the call is counted once as failed."""
+    fake_openai.enqueue(text_response("Partial answer", chunks=["Partial", " answer", " never"]).cut_after(2))
+    fake_anthropic.enqueue(fa.error_event("overloaded_error", "Overloaded", text="Partial answer"))
+    model = MODEL if upstream == "openai" else "anthropic/claude-sonnet-4-6"
+    async with sdk(client, token).responses.stream(model=model, input="Hi") as s:
+        events = [e async for e in s]
+        with pytest.raises(RuntimeError):  # no response.completed: the SDK has no final response
+            await s.get_final_response()
+    kinds = [e.type for e in events]
+    assert kinds[:2] == ["response.created", "response.in_progress"] and kinds[-1] == "response.failed"
+    assert "response.output_text.delta" in kinds and "response.completed" not in kinds
+    failed = events[-1].response  # type: ignore[union-attr]
+    assert failed.status == "failed" and failed.error is not None and failed.error.message
+    assert failed.id == events[0].response.id  # type: ignore[union-attr]
+    assert [e.sequence_number for e in events] == list(range(len(events)))
+    (record,) = await records(client)
+    assert record["endpoint"] == "responses" and record["error"]
+    assert record["ttftMs"] is not None
+
+
+async def test_reasoning_effort_reaches_an_openai_reasoning_model(
+    client: TestClient, token: str, fake_openai: FakeOpenAI
+) -> None:
+    """reasoning.effort goes to OpenAI as reasoning_effort (not dropped on the way through Chat Completions);
+    a model without reasoning refuses it with a 400 naming it, as OpenAI does."""
+    api = sdk(client, token)
+    await api.responses.create(model="openai/gpt-5", input="Hi", reasoning={"effort": "high", "summary": "auto"})
+    assert fake_openai.requests[0].body["reasoning_effort"] == "high"
+    with pytest.raises(openai.BadRequestError) as raised:
+        await api.responses.create(model=MODEL, input="Hi", reasoning={"effort": "low"})
+    assert "reasoning_effort" in raised.value.message
+    assert len(fake_openai.requests) == 1
+
+
+async def test_text_verbosity_is_passed_on_or_refused(
+    client: TestClient, token: str, fake_openai: FakeOpenAI, fake_anthropic: FakeAnthropic
+) -> None:
+    """text.verbosity (llm and Codex send it for GPT-5 models) reaches a model that takes it; others refuse it
+    with a 400 naming it, never drop it."""
+    api = sdk(client, token)
+    await api.responses.create(model="openai/gpt-5", input="Hi", text={"verbosity": "low"})
+    assert fake_openai.requests[0].body["verbosity"] == "low"
+    for model in (MODEL, "anthropic/claude-sonnet-4-6"):
+        with pytest.raises(openai.BadRequestError) as raised:
+            await api.responses.create(model=model, input="Hi", text={"verbosity": "low"})
+        assert raised.value.param == "verbosity"
+    assert len(fake_openai.requests) == 1 and fake_anthropic.requests == []

@@ -163,7 +163,7 @@ async def test_a_parameter_the_provider_has_not_is_refused(
 ) -> None:
     with pytest.raises(openai.BadRequestError) as raised:
         await sdk(client, token).chat.completions.create(model="anthropic/claude-sonnet-4-6", messages=MESSAGES, seed=7)
-    assert "seed" in raised.value.message
+    assert "seed" in raised.value.message and raised.value.param == "seed"
     assert fake_anthropic.requests == []
     (record,) = await records(client)
     assert record["answered"] is False and record["totalTokens"] == 0
@@ -193,3 +193,52 @@ async def test_llm_schema(client: TestClient, token: str, fake_openai: FakeOpenA
     assert schema["properties"]["age"] == {"type": "integer"} and schema["required"] == ["name", "age"]
     (record,) = await records(client)
     assert (record["endpoint"], record["inputTokens"], record["outputTokens"]) == ("openai", 44, 11)
+
+
+async def test_reasoning_effort_and_sampling_values_are_passed_on_or_refused(
+    client: TestClient, token: str, fake_openai: FakeOpenAI
+) -> None:
+    """A value the model would not take is refused with a 400 naming the field, never dropped on the way."""
+    api = sdk(client, token)
+    await api.chat.completions.create(model="openai/gpt-5", messages=MESSAGES, reasoning_effort="minimal")
+    assert fake_openai.requests[0].body["reasoning_effort"] == "minimal"
+    refused = [
+        ("openai/gpt-5", {"temperature": 0.2}, "temperature"),  # reasoning models take only temperature 1
+        ("openai/gpt-5", {"top_p": 0.5}, "top_p"),
+        ("openai/o3-mini", {"stop": ["END"]}, None),  # o3-mini takes stop: passed on
+        ("openai/gpt-4o-mini", {"reasoning_effort": "high"}, "reasoning_effort"),  # no reasoning
+    ]
+    for model, fields, param in refused:
+        fake_openai.requests.clear()
+        if param is None:
+            await api.chat.completions.create(model=model, messages=MESSAGES, extra_body=fields)
+            assert fake_openai.requests[0].body["stop"] == ["END"]
+            continue
+        with pytest.raises(openai.BadRequestError) as raised:
+            await api.chat.completions.create(model=model, messages=MESSAGES, extra_body=fields)
+        assert raised.value.param == param and raised.value.body["message"].startswith(param)  # type: ignore[index]
+        assert fake_openai.requests == []
+    await api.chat.completions.create(model="openai/gpt-5", messages=MESSAGES, temperature=1)  # its default
+
+
+@pytest.mark.parametrize(
+    ("model", "effort", "sent"),
+    [
+        ("anthropic/claude-sonnet-4-6", "low", {"thinking": {"type": "adaptive"}, "output_config": {"effort": "low"}}),
+        (
+            "anthropic/claude-sonnet-4-6",
+            "minimal",
+            {"thinking": {"type": "adaptive"}, "output_config": {"effort": "low"}},
+        ),
+        ("anthropic/claude-sonnet-4-6", "xhigh", {"thinking": {"type": "adaptive"}}),  # a level it has not
+        ("anthropic/claude-sonnet-4-5", "low", {"thinking": {"type": "enabled", "budget_tokens": 2048}}),
+    ],
+)
+async def test_reasoning_effort_on_claude_models(
+    client: TestClient, token: str, fake_anthropic: FakeAnthropic, model: str, effort: str, sent: dict[str, Any]
+) -> None:
+    """reasoning_effort is adaptive thinking's effort level where the model takes it, else a thinking budget."""
+    fake_anthropic.enqueue(fa.text_response("ok"))
+    await sdk(client, token).chat.completions.create(model=model, messages=MESSAGES, reasoning_effort=effort)  # type: ignore[arg-type]
+    body = fake_anthropic.requests[-1].body
+    assert {name: body[name] for name in ("thinking", "output_config") if name in body} == sent

@@ -95,3 +95,23 @@ async def test_openai_error_shape(
         body = raised.value.body
         assert isinstance(body, dict) and set(body) == {"message", "type", "param", "code"}
         assert (raised.value.status_code, body["type"], body["code"]) == (answered, error_type, code)
+
+
+async def test_unknown_v1_routes_answer_in_the_apis_shape(client: TestClient, token: str) -> None:
+    """What the SDKs reach that the gateway does not serve (stored responses, files, a wrong method) is a 404
+    or 405 in the shape of the API the path speaks, so the SDK raises its usual error with its message."""
+    oa = openai.AsyncOpenAI(api_key=token, base_url=url(client) + "/v1", max_retries=0)
+    with pytest.raises(openai.NotFoundError) as raised:
+        await oa.responses.retrieve("resp_1")
+    body = raised.value.body
+    assert isinstance(body, dict) and set(body) == {"message", "type", "param", "code"}
+    assert body["type"] == "invalid_request_error" and "/v1/responses/resp_1" in body["message"]
+    resp = await client.get("/v1/chat/completions", headers={"Authorization": f"Bearer {token}"})
+    assert resp.status == 405 and (await resp.json())["error"]["type"] == "invalid_request_error"
+    an = anthropic.AsyncAnthropic(api_key=token, base_url=url(client), max_retries=0)
+    with pytest.raises(anthropic.NotFoundError) as not_found:
+        await an.messages.batches.retrieve("msgbatch_1")
+    assert not_found.value.body == {
+        "type": "error",
+        "error": {"type": "not_found_error", "message": not_found.value.body["error"]["message"]},  # type: ignore[index]
+    }

@@ -240,6 +240,13 @@ def _block_text(block: Any) -> str:
 # --- translation, for models that are not Anthropic's -----------------------------------------------
 
 
+# What runs only on Anthropic's servers: refused for other models rather than dropped. (metadata,
+# service_tier and context_management, which Claude Code sends, change nothing another model answers.)
+REFUSED_FIELDS = ("mcp_servers", "container")
+# output_config.effort -> a thinking budget (openai_chat.REASONING_BUDGETS for the same names).
+EFFORT_BUDGETS = {"low": 2048, "medium": 8000, "high": 16000, "xhigh": 24000, "max": 32000}
+
+
 class RequestError(Exception):
     def __init__(self, message: str) -> None:
         super().__init__(message)
@@ -267,10 +274,17 @@ def parse_request(body: dict[str, Any]) -> tuple[str, list[ChatMessage], list[To
     if not messages:
         raise RequestError("messages: at least one user message is required")
     tools = _tools(body.get("tools") or ())
+    for name in REFUSED_FIELDS:
+        if body.get(name):
+            raise RequestError(f"{name}: not supported with this model (only Anthropic models run it)")
     thinking = body.get("thinking") or {}
     budget = None
     if isinstance(thinking, dict) and thinking.get("type") in ("enabled", "adaptive"):
-        budget = int(thinking.get("budget_tokens") or 8000)
+        output_config = body.get("output_config")
+        effort = output_config.get("effort") if isinstance(output_config, dict) else None
+        # Adaptive thinking's effort (Claude Code sends it) as the budget it stands for: a provider whose
+        # API takes an effort instead gets the nearest one.
+        budget = int(thinking.get("budget_tokens") or EFFORT_BUDGETS.get(str(effort), 8000))
     return system, messages, tools, max_tokens, budget, _params(body, bool(tools))
 
 
@@ -345,6 +359,8 @@ def _params(body: dict[str, Any], has_tools: bool) -> dict[str, Any]:
         )
     except ParamError as e:
         raise RequestError(f"{e.param}: {e.message}") from None
+    if body.get("top_k") is not None:  # passed on to providers that take it, a 400 naming it elsewhere
+        params["top_k"] = body["top_k"]
     params.update(_tool_choice(body.get("tool_choice"), has_tools))
     output_format = (
         (body.get("output_config") or {}).get("format") if isinstance(body.get("output_config"), dict) else None

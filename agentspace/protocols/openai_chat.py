@@ -43,6 +43,7 @@ ERROR_TYPES = {
     403: "invalid_request_error",
     404: "invalid_request_error",
     413: "invalid_request_error",
+    424: "server_error",  # the gateway's own provider key is missing or refused: not the caller's request
     429: "requests",  # OpenAI's type for a rate limit (its code: rate_limit_exceeded)
     500: "server_error",
     502: "server_error",
@@ -69,7 +70,8 @@ def error_body(
     return {
         "error": {
             "message": message,
-            "type": error_type or ERROR_TYPES.get(status, "server_error"),
+            "type": error_type
+            or ERROR_TYPES.get(status, "invalid_request_error" if 400 <= status < 500 else "server_error"),
             "param": param,
             "code": code,
         }
@@ -290,6 +292,8 @@ def _params(body: dict[str, Any], has_tools: bool) -> dict[str, Any]:
         if response_format is not None:
             params["response_format"] = response_format
     params.update({name: body[name] for name in PASSED_ON_FIELDS | HINT_FIELDS if body.get(name) is not None})
+    if body.get("reasoning_effort") is not None:  # also a thinking budget (ParsedRequest.reasoning_budget)
+        params["reasoning_effort"] = body["reasoning_effort"]
     return params
 
 
@@ -368,6 +372,8 @@ def _text(content: Any, param: str) -> str:
         for part in content:
             if isinstance(part, dict) and part.get("type") == "text":
                 texts.append(str(part.get("text") or ""))
+            elif isinstance(part, dict) and part.get("type") == "refusal":  # an earlier answer the model refused
+                texts.append(str(part.get("refusal") or ""))
             else:
                 kind = part.get("type") if isinstance(part, dict) else type(part).__name__
                 raise RequestError(
@@ -441,7 +447,10 @@ def usage_body(usage: TokenUsage) -> dict[str, Any]:
         "prompt_tokens": prompt,
         "completion_tokens": usage.output_tokens,
         "total_tokens": prompt + usage.output_tokens,
-        "prompt_tokens_details": {"cached_tokens": usage.cache_read_tokens},
+        "prompt_tokens_details": {
+            "cached_tokens": usage.cache_read_tokens,
+            "cache_write_tokens": usage.cache_write_tokens,
+        },
         "completion_tokens_details": {"reasoning_tokens": usage.reasoning_tokens},
     }
 

@@ -44,6 +44,7 @@ from .openai_chat import (
 )
 
 ENCRYPTED_REASONING = "reasoning.encrypted_content"
+LOGPROBS = "message.output_text.logprobs"  # refused like top_logprobs; the other includes concern hosted tools
 
 # Fields that ask for state kept between calls: the gateway keeps none.
 STATEFUL_FIELDS = {
@@ -104,6 +105,8 @@ def parse_request(body: Any) -> tuple[ParsedRequest, bool]:
     include = body.get("include") or []
     if not isinstance(include, list):
         raise RequestError("include", "include must be an array of strings")
+    if LOGPROBS in include:
+        raise RequestError("include", f"{LOGPROBS} is not supported on /v1/responses by this gateway.")
 
     system: list[str] = []
     instructions = body.get("instructions")
@@ -160,6 +163,9 @@ def _params(body: dict[str, Any], has_tools: bool) -> dict[str, Any]:
             _tool_choice(tool_choice) if tool_choice is not None else None, body.get("parallel_tool_calls"), has_tools
         )
     )
+    reasoning = body.get("reasoning")
+    if isinstance(reasoning, dict) and reasoning.get("effort") is not None:  # also a thinking budget
+        params["reasoning_effort"] = reasoning["effort"]
     text = body.get("text")
     if text is not None:
         if not isinstance(text, dict):
@@ -167,6 +173,8 @@ def _params(body: dict[str, Any], has_tools: bool) -> dict[str, Any]:
         response_format = _text_format(text.get("format"))
         if response_format is not None:
             params["response_format"] = response_format
+        if text.get("verbosity") is not None:  # passed on like Chat Completions' verbosity (or refused)
+            params["verbosity"] = text["verbosity"]
     return params
 
 
@@ -368,7 +376,10 @@ def usage_body(usage: TokenUsage) -> dict[str, Any]:
     prompt = usage.input_tokens + usage.cache_read_tokens + usage.cache_write_tokens
     return {
         "input_tokens": prompt,
-        "input_tokens_details": {"cached_tokens": usage.cache_read_tokens},
+        "input_tokens_details": {
+            "cached_tokens": usage.cache_read_tokens,
+            "cache_write_tokens": usage.cache_write_tokens,
+        },
         "output_tokens": usage.output_tokens,
         "output_tokens_details": {"reasoning_tokens": usage.reasoning_tokens},
         "total_tokens": prompt + usage.output_tokens,

@@ -13,7 +13,7 @@ import logging
 import threading
 from collections.abc import AsyncIterator, Callable
 from dataclasses import replace
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from ..events import (
     ProviderError,
@@ -111,9 +111,9 @@ class AnthropicProvider:
         self._timeout = float(config.provider_settings("anthropic")["timeout_seconds"])
         # One client (one connection pool) per key and endpoint, reused across calls.
         self._clients: dict[tuple[str, str | None], AsyncAnthropic] = {}
-        # Thinking forms each model accepts, from the Models API: (budget form, adaptive), None if unknown.
+        # Thinking forms each model accepts, from the Models API, None if unknown.
         # Bounded (an LRU): model names come from clients.
-        self._thinking_forms: LRU[tuple[str | None, str], tuple[bool, bool] | None] = LRU()
+        self._thinking_forms: LRU[tuple[str | None, str], ThinkingForms | None] = LRU()
 
     def claims(self, model: str) -> bool:
         return model.startswith(PREFIX)
@@ -155,10 +155,12 @@ class AnthropicProvider:
                 return None
             adaptive = thinking.adaptive or accepts_adaptive_thinking(request.model)
             return ThinkingSettings(thinking.budget_tokens, adaptive=adaptive)
-        budget_ok, adaptive_ok = forms
-        if adaptive_ok:
-            return ThinkingSettings(thinking.budget_tokens, adaptive=True)
-        return ThinkingSettings(thinking.budget_tokens, adaptive=False) if budget_ok else None
+        if forms.adaptive:
+            # A /v1 client's reasoning_effort is the adaptive thinking's effort where the model takes that level
+            # (its budget, used for the other form, means nothing to adaptive thinking).
+            effort = EFFORT_LEVELS.get(str(request.params.get("reasoning_effort")))
+            return ThinkingSettings(thinking.budget_tokens, True, effort if effort in forms.efforts else None)
+        return ThinkingSettings(thinking.budget_tokens, adaptive=False) if forms.budget else None
 
     async def aclose(self) -> None:
         """Close the pooled HTTP connections."""
@@ -206,17 +208,33 @@ class AnthropicProvider:
         yield state.finish()
 
 
-async def _thinking_forms(client: AsyncAnthropic, model_name: str) -> tuple[bool, bool] | None:
-    """(accepts ``{"type": "enabled", budget_tokens}``, accepts ``{"type": "adaptive"}``) from models.retrieve."""
+class ThinkingForms(NamedTuple):
+    budget: bool  # accepts ``{"type": "enabled", budget_tokens}``
+    adaptive: bool  # accepts ``{"type": "adaptive"}``
+    efforts: frozenset[str]  # the output_config.effort levels it takes
+
+
+# A /v1 client's reasoning_effort -> Anthropic's effort level.
+EFFORT_LEVELS = {"minimal": "low", "low": "low", "medium": "medium", "high": "high", "xhigh": "xhigh"}
+
+
+async def _thinking_forms(client: AsyncAnthropic, model_name: str) -> ThinkingForms | None:
+    """The thinking forms and effort levels the model accepts, from models.retrieve."""
     try:
         info = await client.models.retrieve(model_name, timeout=5.0)
         capabilities = info.capabilities
         if capabilities is None:
             return None
         thinking = capabilities.thinking
+        effort = capabilities.effort
+        # (an older API may leave effort or a level out: then the model is not sent that level)
+        levels = effort.model_dump() if effort is not None and effort.supported else {}
+        efforts = frozenset(
+            level for level, support in levels.items() if isinstance(support, dict) and support.get("supported")
+        )
         if not thinking.supported:
-            return (False, False)
-        return (bool(thinking.types.enabled.supported), bool(thinking.types.adaptive.supported))
+            return ThinkingForms(False, False, efforts)
+        return ThinkingForms(bool(thinking.types.enabled.supported), bool(thinking.types.adaptive.supported), efforts)
     except Exception as e:  # unreachable, unknown model, older API: fall back to the cost map
         log.info("Models API gave no capabilities for %s (%s); using the cost map", model_name, type(e).__name__)
         return None
@@ -244,7 +262,10 @@ def request_params(request: ProviderRequest) -> dict[str, Any]:
     refused = sorted(name for name in request.params if name in NOT_MESSAGES_PARAMS)
     if refused:
         raise ProviderError(
-            "INVALID_MESSAGE", f"{', '.join(refused)}: not supported by Anthropic's Messages API.", status=400
+            "INVALID_MESSAGE",
+            f"{', '.join(refused)}: not supported by Anthropic's Messages API.",
+            status=400,
+            param=refused[0],
         )
     if request.params.get("stop"):  # (a /v1 client's temperature and top_p: the Messages API takes neither)
         params["stop_sequences"] = request.params["stop"]
@@ -266,6 +287,8 @@ def request_params(request: ProviderRequest) -> dict[str, Any]:
     if thinking is not None:
         if thinking.adaptive:
             params["thinking"] = {"type": "adaptive"}
+            if thinking.effort is not None:
+                params["output_config"] = {**params.get("output_config", {}), "effort": thinking.effort}
         else:
             max_tokens, budget = budget_max_tokens(request)  # the reservation counts the same (calls.py)
             params["thinking"] = {"type": "enabled", "budget_tokens": budget}

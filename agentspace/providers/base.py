@@ -65,6 +65,7 @@ class ThinkingSettings:
 
     budget_tokens: int = 8000
     adaptive: bool = False
+    effort: str | None = None  # adaptive thinking's effort level (Anthropic's output_config.effort), if set
 
 
 @dataclass(slots=True)

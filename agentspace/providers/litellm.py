@@ -212,6 +212,13 @@ class LiteLLMProvider:
         litellm = await self._checked_litellm(request)
         settings = self._config.provider_settings(request.prefix)
         kwargs = _completion_kwargs(request, settings)
+        if "thinking" in kwargs and _effort_not_thinking(litellm, request):
+            # litellm drops ``thinking`` for providers whose API knows only reasoning_effort (OpenAI's): the
+            # budget goes as the effort it is nearest (Claude Code's thinking on an OpenAI reasoning model).
+            budget = kwargs.pop("thinking").get("budget_tokens") or REASONING_EFFORT_BUDGETS["medium"]
+            kwargs["reasoning_effort"] = next(
+                (effort for effort, most in REASONING_EFFORT_BUDGETS.items() if budget <= most), "high"
+            )
         reader = _ChunkReader()
         response: Any = None
         try:
@@ -240,7 +247,11 @@ class LiteLLMProvider:
                 "INVALID_MESSAGE",
                 f"{', '.join(refused)}: not supported by {request.model} (its provider's API has no such parameter).",
                 status=400,
+                param=refused[0],
             )
+        refusal = refused_values(litellm, request)
+        if refusal:
+            raise ProviderError("INVALID_MESSAGE", refusal, status=400, param=refusal.split(":", 1)[0].split(",")[0])
         return litellm
 
 
@@ -275,7 +286,12 @@ def _completion_kwargs(request: ProviderRequest, settings: Any) -> dict[str, Any
             }
             for t in request.tools
         ]
-    if request.thinking is not None and request.model_info.supports_reasoning:
+    if (
+        request.thinking is not None
+        and request.model_info.supports_reasoning
+        and "reasoning_effort" not in request.params
+    ):
+        # (a /v1 client's reasoning_effort goes as it is: litellm translates it for each provider)
         # Adaptive wherever the model takes it (the budget form is deprecated for those models).
         kwargs["thinking"] = (
             {"type": "adaptive"}
@@ -385,8 +401,22 @@ CHECKED_PARAMS = frozenset(
         "logit_bias",
         "verbosity",
         "web_search_options",
+        "top_k",  # (from /v1/messages)
     }
 )
+
+
+# A thinking budget as an effort: up to each value, that effort (beyond the last, "high").
+REASONING_EFFORT_BUDGETS = {"low": 4096, "medium": 12000}
+
+
+def _effort_not_thinking(litellm: ModuleType, request: ProviderRequest) -> bool:
+    """Whether the model's provider takes reasoning_effort and not ``thinking`` (by litellm's table)."""
+    try:
+        supported = litellm.get_supported_openai_params(model=request.model_name, custom_llm_provider=request.prefix)
+    except Exception:  # litellm raises for providers it has no table for
+        return False
+    return bool(supported) and "reasoning_effort" in supported and "thinking" not in supported
 
 
 def unsupported_params(litellm: ModuleType, request: ProviderRequest) -> list[str]:
@@ -402,6 +432,32 @@ def unsupported_params(litellm: ModuleType, request: ProviderRequest) -> list[st
     if not supported:
         return []
     return [name for name in asked if name not in supported]
+
+
+# A /v1 client's parameters whose values a model may refuse: litellm drops such a value (drop_params, which
+# the gateway's own stream_options and thinking need), so they are checked against litellm's mapping first.
+VALUE_CHECKED_PARAMS = ("temperature", "top_p", "stop", "reasoning_effort")
+
+
+def refused_values(litellm: ModuleType, request: ProviderRequest) -> str | None:
+    """Why litellm would drop a sampling parameter or reasoning_effort the client set (for instance a
+    temperature other than 1 on a reasoning model, or a reasoning_effort on a model without reasoning), the
+    parameter named first; None when every one goes to the provider."""
+    asked = {name: request.params[name] for name in VALUE_CHECKED_PARAMS if name in request.params}
+    if not asked:
+        return None
+    try:
+        litellm.get_optional_params(
+            model=request.model_name, custom_llm_provider=request.prefix, drop_params=False, **asked
+        )
+    except litellm.UnsupportedParamsError as e:
+        reason = str(getattr(e, "message", e)).removeprefix("litellm.UnsupportedParamsError: ")
+        reason = reason.split(" To drop", 1)[0].split("\n", 1)[0].strip().rstrip(",")
+        named = [name for name in asked if name in reason] or list(asked)
+        return f"{', '.join(named)}: not supported by {request.model} ({reason})"
+    except Exception:  # litellm raises others for providers it has no mapping for: they get the values
+        return None
+    return None
 
 
 async def embed(

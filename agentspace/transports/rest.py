@@ -140,7 +140,10 @@ async def errors_and_preflight(request: web.Request, handler: Handler) -> web.St
             message = f"{request.method} is not allowed on {request.path}; allowed: {e.headers.get(hdrs.ALLOW, '')}."
         else:
             message = e.reason
-        response = error_response(e.status, code, message)
+        if request.path.startswith("/v1/"):  # the /v1 clients parse their own API's error shape only
+            response = v1_errors.error_response(request, e.status, message)
+        else:
+            response = error_response(e.status, code, message)
         if hdrs.ALLOW in e.headers:
             response.headers[hdrs.ALLOW] = e.headers[hdrs.ALLOW]
         return response

@@ -52,7 +52,7 @@ def _provider_error(e: ProviderError) -> web.Response:
     headers = {"Retry-After": f"{e.retry_after:g}"} if status == 429 and e.retry_after is not None else None
     if status == 429 and headers is None:
         headers = {"Retry-After": "1"}
-    return _error(status, redact(e.message), code=oc.error_code(status), headers=headers)
+    return _error(status, redact(e.message), code=oc.error_code(status), param=e.param, headers=headers)
 
 
 def served_model(service: Service, name: str) -> str | web.Response:

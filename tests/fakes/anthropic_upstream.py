@@ -418,6 +418,9 @@ ADAPTIVE_MODELS = (
 BUDGET_ONLY_MODELS = ("claude-3", "claude-sonnet-4", "claude-opus-4", "claude-haiku-4")
 
 
+EFFORT_LEVELS = ("low", "medium", "high", "max")
+
+
 def accepts_adaptive(model_id: str) -> bool:
     return model_id.startswith(ADAPTIVE_MODELS) or not model_id.startswith(BUDGET_ONLY_MODELS)
 
@@ -456,7 +459,8 @@ def model_object(
             "citations": yes,
             "code_execution": no,
             "context_management": {"supported": False},
-            "effort": {"supported": False, "low": no, "medium": no, "high": no, "max": no},
+            # effort (output_config.effort) on the models that take adaptive thinking, as the real API has it
+            "effort": {"supported": adaptive, **{level: yes if adaptive else no for level in EFFORT_LEVELS}},
             "image_input": yes,
             "pdf_input": yes,
             "server_tools": {"supported": True, "code_execution": no, "web_search": yes},
@@ -685,6 +689,9 @@ class FakeAnthropic(FakeUpstream[FakeResponse]):
                 )
             if body["max_tokens"] <= budget:
                 return 400, "invalid_request_error", "`max_tokens` must be greater than `thinking.budget_tokens`"
+        effort = (body.get("output_config") or {}).get("effort")
+        if effort is not None and (effort not in EFFORT_LEVELS or not accepts_adaptive(str(body["model"]))):
+            return 400, "invalid_request_error", f"output_config.effort: {effort!r} is not supported by this model"
         marked = sum(1 for b in prompt_blocks(body) if b[2] is not None)
         if marked > 4:
             return (
