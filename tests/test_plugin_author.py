@@ -236,3 +236,31 @@ def test_every_command_reading_the_data_directory_names_it_on_a_terminal(tmp_pat
         assert b"data directory" not in done.stdout, args
         if "--json" in args:
             assert "grandTotal" in json.loads(done.stdout)
+
+
+def test_a_plugin_command_reads_the_data_directory_serve_uses(tmp_path: Path) -> None:
+    """The command example of docs/plugins.md (``command_config`` and ``config_options``), installed as a
+    package: it writes into the data directory of AGENTSPACE_CONFIG, of a global or its own ``--config``, never
+    into AGENTSPACE_HOME while a config names another one."""
+    doc = (Path(__file__).resolve().parent.parent / "docs" / "plugins.md").read_text(encoding="utf-8")
+    [example] = [b for b in doc.split("```python\n") if "def notes_add(" in b]
+    env = installed_package(tmp_path, "agentspace-notes-example", example.split("```", 1)[0])
+    env = {k: v for k, v in env.items() if not k.startswith("AGENTSPACE_")}
+    env.update(AGENTSPACE_HOME=str(tmp_path / "home"), LITELLM_LOCAL_MODEL_COST_MAP="True")
+    configs = {}
+    for name in ("env", "global", "own"):
+        configs[name] = tmp_path / f"{name}.toml"
+        configs[name].write_text(f'[storage]\ndata_dir = "{tmp_path / name}"\n')
+    runs = {
+        "env": (["notes-add", "one"], {"AGENTSPACE_CONFIG": str(configs["env"])}),
+        "global": (["--config", str(configs["global"]), "notes-add", "two"], {}),
+        "own": (["notes-add", "--config", str(configs["own"]), "three"], {"AGENTSPACE_CONFIG": str(configs["env"])}),
+    }
+    for name, (args, extra) in runs.items():
+        done = subprocess.run(
+            [sys.executable, "-m", "agentspace", *args], env={**env, **extra}, capture_output=True, text=True
+        )
+        assert done.returncode == 0, done.stderr
+        assert done.stdout == f"noted in {tmp_path / name / 'notes.md'}\n"
+    assert [(tmp_path / n / "notes.md").read_text() for n in runs] == ["one\n", "two\n", "three\n"]
+    assert not (tmp_path / "home" / "notes.md").exists()
