@@ -166,7 +166,8 @@ async def test_a_failing_webhook_changes_nothing_a_client_sees_and_loses_no_reco
     # What a client sees while the webhook works: the reference.
     good_frames, _ = await ws_turn(client, token, "warm up")
     ok_times = [(await ws_turn(client, token, f"ok {i}"))[1] for i in range(7)]
-    await wait_until(lambda: _ready(len(webhook.received) == 8))
+    good_http, good_v1 = await http_and_v1_turns(client, auth_headers, "chat-ok")
+    await wait_until(lambda: _ready(len(webhook.received) == 10))
 
     if trouble == "down":
         await webhook.down()
@@ -179,17 +180,8 @@ async def test_a_failing_webhook_changes_nothing_a_client_sees_and_loses_no_reco
     assert bad_frames[-1]["type"] == "chat.stream.end"
     assert min(bad_times) - min(ok_times) < 0.005, (ok_times, bad_times)
 
-    resp = await post_chat(client, auth_headers, "chat-http", user("Hi!"))
-    assert resp.status == 200
-    chunks = await read_all(resp)
-    assert not [c for c in chunks if isinstance(c, dict) and c["type"] == "error"]
-    resp = await client.post(
-        "/v1/chat/completions",
-        json={"model": "anthropic/claude-sonnet-4-5", "messages": [{"role": "user", "content": "Hi"}]},
-        headers=auth_headers,
-    )
-    assert resp.status == 200
-    assert (await resp.json())["choices"][0]["message"]["content"] == "Fine, thanks"
+    # /api/chat and /v1 answer as they did: the same stream parts and the same completion (ids aside).
+    assert await http_and_v1_turns(client, auth_headers, "chat-broken") == (good_http, good_v1)
 
     if trouble != "slow":  # a slow webhook does not fail: it only takes its time
         await wait_until(lambda: _positive(metric(client, auth_headers, "agentspace_sink_failures_total")))
@@ -200,11 +192,30 @@ async def test_a_failing_webhook_changes_nothing_a_client_sees_and_loses_no_reco
         await webhook.up()
     webhook.mode = "ok"
     stored = await stored_usage(client)
-    assert len(stored) == 18
+    assert len(stored) == 20
     await wait_until(lambda: _ready(webhook.ids() >= stored), timeout=20)
     if trouble != "slow":  # a slow POST answered after the client's timeout may arrive twice (at-least-once)
         assert len(webhook.received) == len(stored)
     assert await metric(client, auth_headers, "agentspace_sink_queue_depth") == 0
+
+
+async def http_and_v1_turns(
+    client: TestClient, headers: dict[str, str], chat_id: str
+) -> tuple[list[str], tuple[int, dict[str, Any]]]:
+    """A ``POST /api/chat`` turn and a ``/v1/chat/completions`` call: the types of the stream's parts, and
+    the completion's status and body without its id and time."""
+    resp = await post_chat(client, headers, chat_id, user("Hi!"))
+    assert resp.status == 200
+    parts = [c["type"] if isinstance(c, dict) else str(c) for c in await read_all(resp)]
+    assert "error" not in parts and "finish" in parts
+    resp = await client.post(
+        "/v1/chat/completions",
+        json={"model": "anthropic/claude-sonnet-4-5", "messages": [{"role": "user", "content": "Hi"}]},
+        headers=headers,
+    )
+    body = await resp.json()
+    assert body["choices"][0]["message"]["content"] == "Fine, thanks"
+    return parts, (resp.status, {k: v for k, v in body.items() if k not in ("id", "created")})
 
 
 async def _ready(value: bool) -> bool:
