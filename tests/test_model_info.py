@@ -215,3 +215,30 @@ async def test_metrics_label_the_models_a_pricing_pattern_names(tmp_path: Path) 
         text = await (await client.get("/metrics")).text()
     assert "olleH" in body, body
     assert 'endpoint="http",model="reverse/small"} 1.0' in text  # labelled, not "other"
+
+
+async def test_budget_reservations_and_usage_records_use_the_provider_prices_and_patterns(tmp_path: Path) -> None:
+    """A client's budget reserves each call at what the provider (or a ``[pricing]`` pattern) says the model
+    costs, for the ``max_tokens`` sent; its usage records are priced the same way."""
+    config = reverse_config(tmp_path, '[pricing."reverse/l*"]\ninput_per_mtok = 30.0\noutput_per_mtok = 60.0\n')
+    async with gateway_client(config, ReversePlugin()) as client:
+        created = await client.post("/api/clients", json={"name": "team", "budgetUsd": 0.1, "period": "total"})
+        assert created.status in (200, 201), await created.text()
+        headers = {"Authorization": f"Bearer {(await created.json())['key']}"}
+
+        async def complete(model: str, max_tokens: int) -> Any:
+            body = {"model": model, "max_tokens": max_tokens, "messages": [{"role": "user", "content": "Hi"}]}
+            return await client.post("/v1/chat/completions", json=body, headers=headers)
+
+        # 2,000 output tokens: $0.004 at the provider's $2/MTok for reverse/small, admitted; $0.12 at the
+        # pattern's $60/MTok for reverse/large (the provider says $6), past the $0.10 budget.
+        assert (await complete("reverse/small", 2000)).status == 200
+        refused = await complete("reverse/large", 2000)
+        assert refused.status != 200
+        assert "may cost up to $0.12" in (await refused.json())["error"]["message"]
+        assert (await complete("reverse/large", 100)).status == 200
+        stored = {r["model"]: r for r in await client.server.app[state.REGISTRY].usage.records()}
+    assert len(stored) == 2  # the refused call reached no provider: no record
+    small, large = stored["reverse/small"], stored["reverse/large"]
+    assert (small["inputCost"], small["outputCost"]) == (pytest.approx(10 * 1.0 / 1e6), pytest.approx(100 * 2.0 / 1e6))
+    assert (large["inputCost"], large["outputCost"]) == (pytest.approx(10 * 30.0 / 1e6), pytest.approx(100 * 60 / 1e6))
