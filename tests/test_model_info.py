@@ -242,3 +242,27 @@ async def test_budget_reservations_and_usage_records_use_the_provider_prices_and
     small, large = stored["reverse/small"], stored["reverse/large"]
     assert (small["inputCost"], small["outputCost"]) == (pytest.approx(10 * 1.0 / 1e6), pytest.approx(100 * 2.0 / 1e6))
     assert (large["inputCost"], large["outputCost"]) == (pytest.approx(10 * 30.0 / 1e6), pytest.approx(100 * 60 / 1e6))
+
+
+class TinyWindow(ReverseProvider):
+    def model_info(self, model: str) -> dict[str, Any] | None:
+        return {"input_per_mtok": 1.0, "output_per_mtok": 2.0, "context_window": 300}
+
+
+async def test_the_context_window_policy_uses_the_window_the_provider_gives(tmp_path: Path) -> None:
+    """``[chat] context_policy = "refuse"``: a 400-word message does not fit the provider's 300-token window
+    (less the 100 output tokens asked), and fits once a ``[pricing]`` pattern gives the model a larger one."""
+    chat = '[chat]\ncontext_policy = "refuse"\nmax_tokens = 100\n'
+    message = {"id": "u1", "role": "user", "parts": [{"type": "text", "text": "word " * 400}]}
+    for name, pricing, fits in (
+        ("own", "", False),
+        ("pattern", '[pricing."reverse/*"]\ncontext_window = 100000\n', True),
+    ):
+        config = reverse_config(tmp_path / name, chat + pricing)
+        async with gateway_client(config, ReversePlugin(TinyWindow())) as client:
+            resp = await client.post("/api/chat", json={"id": "c1", "trigger": "submit-message", "messages": [message]})
+            body = await resp.text()
+        if fits:
+            assert '"type":"error"' not in body and "drow" in body, body
+        else:
+            assert "reverse/small takes 200 (300 in its window, minus 100 for the answer)" in body, body
