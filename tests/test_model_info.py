@@ -196,6 +196,13 @@ def test_agentspace_models_lists_what_the_installed_echo_provider_says(
     models = {m["id"]: m for m in json.loads(result.stdout)}
     assert models["echo/reasoning"]["inputPerMTok"] == 0.5 and models["echo/reasoning"]["supportsVision"] is True
     assert "echo/*" not in models
+    result = CliRunner().invoke(main, ["--config", str(tmp_path / "agentspace.toml"), "models"])
+    header, _, *rows = result.stdout.splitlines()
+    row = next(r for r in rows if r.startswith("echo/reasoning "))
+    assert header.split()[-3:] == ["tools", "vision", "deprecation"]
+    assert row.split()[1:4] == ["echo", "0.5", "0.25"]
+    vision = header.index("vision")
+    assert row[vision : vision + 3] == "yes"  # from the pattern
 
 
 async def test_metrics_label_the_models_a_pricing_pattern_names(tmp_path: Path) -> None:

@@ -67,13 +67,14 @@ def models(state: CliState, as_json: bool, include_all: bool) -> None:
             f"{m['contextWindow']:,}" if m["contextWindow"] else "?",
             "yes" if m["supportsReasoning"] else "",
             "yes" if m["supportsTools"] else "",
+            "yes" if m["supportsVision"] else "",
             (m["deprecationDate"] or "") + (" DEPRECATED" if m["deprecated"] else ""),
         )
         for m in items
     ]
     click.echo(
         table(
-            ("model", "provider", "in $/MTok", "out $/MTok", "context", "reasoning", "tools", "deprecation"),
+            ("model", "provider", "in $/MTok", "out $/MTok", "context", "reasoning", "tools", "vision", "deprecation"),
             rows,
             right=(2, 3, 4),
         )
