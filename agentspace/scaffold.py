@@ -46,7 +46,7 @@ asyncio_default_fixture_loop_scope = "function"
 README = """\
 # agentspace-__NAME__
 
-An [agentspace](https://github.com/agentspace) plugin: __DESCRIPTION__.
+An agentspace plugin: __DESCRIPTION__.
 
 ## Try it
 
