@@ -242,6 +242,28 @@ async def test_records_left_at_shutdown_drain_then_the_sink_closes(
     assert with_sink.closed
 
 
+async def test_the_drain_retries_at_once_a_sink_waiting_out_a_long_backoff(
+    make_client: Any, webhook: Webhook, with_sink: WebhookSink, token: str, auth_headers: dict[str, str]
+) -> None:
+    """A webhook that failed a few times waits seconds before its next try; when it is back as the server
+    stops, the drain delivers what waits instead of sleeping through the backoff and losing it."""
+    with_sink.retry_max_seconds = 60.0
+    with_sink.drain_seconds = 2.0  # type: ignore[attr-defined]
+    webhook.mode = "500"
+    client = await start_client(make_client, WebhookPlugin(with_sink))
+    frames, _ = await ws_turn(client, token, "turn")
+    assert frames[-1]["type"] == "chat.stream.end"
+    # Failures at 0, 0.5, 1.5 and 3.5 s: the next try waits 8 s, longer than the 2 s drain.
+    await wait_until(lambda: _at_least(metric(client, auth_headers, "agentspace_sink_failures_total"), 4))
+    webhook.mode = "ok"
+    await client.close()
+    assert len(webhook.received) == 1 and with_sink.closed
+
+
+async def _at_least(value: Awaitable[float], least: float) -> bool:
+    return await value >= least
+
+
 async def test_a_refused_record_is_not_retried_and_a_broken_sink_never_reaches_the_client(
     make_client: Any, token: str, auth_headers: dict[str, str], fake_anthropic: Any
 ) -> None:
