@@ -303,3 +303,40 @@ async def test_a_refused_record_is_not_retried_and_a_broken_sink_never_reaches_t
     assert len(calls) == 1  # DropRecord: not retried
     assert len(await stored_usage(client)) == 1
     assert json.dumps(frames).count("STORAGE_ERROR") == 0
+
+
+async def test_a_full_queue_drops_new_records_for_that_sink_only_and_counts_them(
+    make_client: Any, token: str, auth_headers: dict[str, str], fake_anthropic: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``queue_size`` bounds a stuck sink's memory: past it, new records are dropped for that sink (counted
+    in ``agentspace_sink_dropped_total``); the store of record keeps every one, and the chats go on."""
+    monkeypatch.setenv("AGENTSPACE_LOAD_PLUGINS", "metrics")
+    release = asyncio.Event()
+    got: list[str] = []
+
+    class Stuck:
+        name = "webhook"
+        queue_size = 2
+
+        async def record(self, record: UsageRecord) -> None:
+            await release.wait()
+            got.append(record.id)
+
+    class StuckPlugin:
+        @hookimpl
+        def register_usage_sinks(self, register: Callable[[Any], None], config: Config) -> None:
+            register(Stuck())
+
+    client = await start_client(make_client, StuckPlugin())
+    for i in range(5):
+        frames, _ = await ws_turn(client, token, f"turn {i}")
+        assert frames[-1]["type"] == "chat.stream.end"
+    stored = await stored_usage(client)
+    assert len(stored) == 5
+    # The first record is with the sink, the second waits: both count in the queue; three were dropped.
+    assert await metric(client, auth_headers, "agentspace_sink_queue_depth") == 2
+    assert await metric(client, auth_headers, "agentspace_sink_dropped_total") == 3
+    release.set()
+    await wait_until(lambda: _ready(len(got) == 2))
+    assert set(got) < stored
+    assert await metric(client, auth_headers, "agentspace_sink_queue_depth") == 0
