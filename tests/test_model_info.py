@@ -273,3 +273,40 @@ async def test_the_context_window_policy_uses_the_window_the_provider_gives(tmp_
             assert '"type":"error"' not in body and "drow" in body, body
         else:
             assert "reverse/small takes 200 (300 in its window, minus 100 for the answer)" in body, body
+
+
+class KeyedReverse(ReverseProvider):
+    """Needs a key: ``missing_key`` as docs/plugins.md shows it; answers with the key's last characters."""
+
+    async def missing_key(self, model: str, api_key: str | None, base_url: str | None) -> bool:
+        return base_url is None and not api_key
+
+    async def stream(self, request: ProviderRequest) -> AsyncIterator[ProviderEvent]:
+        text = f"key ...{(request.api_key or '')[-4:]}"
+        yield TextDelta(text)
+        yield ProviderFinish("stop", TokenUsage(10, 5), ChatMessage("assistant", [TextPart(text)]))
+
+
+async def test_a_plugin_provider_gets_its_key_from_the_environment_or_says_how_to_add_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("REVERSE_API_KEY", raising=False)
+    body = {"model": "reverse/small", "messages": [{"role": "user", "content": "Hi"}]}
+    async with gateway_client(reverse_config(tmp_path), ReversePlugin(KeyedReverse())) as client:
+        missing = "Reverse API key not configured. Run: agentspace keys add reverse"
+        refused = await client.post("/v1/chat/completions", json=body)
+        assert refused.status == 424, await refused.text()  # as for a built-in provider without its key
+        assert (await refused.json())["error"] == {
+            "message": missing,
+            "type": "server_error",
+            "param": None,
+            "code": "no_api_key",
+        }
+        ws = await client.ws_connect("/gateway")
+        await ws.send_json({"type": "chat.send", "id": "r1", "content": "Hi"})
+        frame = await ws.receive_json()
+        assert (frame["type"], frame["code"], frame["message"]) == ("error", "NO_API_KEY", missing)
+        await ws.close()
+        monkeypatch.setenv("REVERSE_API_KEY", "rk-test-1234")
+        answered = await client.post("/v1/chat/completions", json=body)
+        assert (await answered.json())["choices"][0]["message"]["content"] == "key ...1234"
