@@ -264,3 +264,25 @@ def test_a_plugin_command_reads_the_data_directory_serve_uses(tmp_path: Path) ->
         assert done.stdout == f"noted in {tmp_path / name / 'notes.md'}\n"
     assert [(tmp_path / n / "notes.md").read_text() for n in runs] == ["one\n", "two\n", "three\n"]
     assert not (tmp_path / "home" / "notes.md").exists()
+
+
+def test_two_packages_naming_the_same_plugin_stop_the_start(tmp_path: Path) -> None:
+    """pluggy loads one entry point of a name and skips the others without a word: a new plugin named like
+    an installed one would do nothing. The start stops instead, naming both packages."""
+    site = tmp_path / "site"
+    for dist in ("agentspace-twin-a", "agentspace-twin-b"):
+        module = dist.replace("-", "_")
+        site.mkdir(exist_ok=True)
+        (site / f"{module}.py").write_text("")
+        info = site / f"{module}-0.1.dist-info"
+        info.mkdir()
+        (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist}\nVersion: 0.1\n")
+        (info / "entry_points.txt").write_text(f"[agentspace]\ntwin = {module}\n")
+    env = {k: v for k, v in os.environ.items() if k != "AGENTSPACE_LOAD_PLUGINS"}
+    env["PYTHONPATH"] = str(site)
+    done = subprocess.run([sys.executable, "-m", "agentspace", "plugins"], env=env, capture_output=True, text=True)
+    assert done.returncode == 1
+    assert "'agentspace-twin-a' and 'agentspace-twin-b' both name a plugin 'twin'" in done.stderr, done.stderr
+    env["AGENTSPACE_LOAD_PLUGINS"] = "echo"  # not selected: no conflict
+    done = subprocess.run([sys.executable, "-m", "agentspace", "plugins"], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
