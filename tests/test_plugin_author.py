@@ -286,3 +286,45 @@ def test_two_packages_naming_the_same_plugin_stop_the_start(tmp_path: Path) -> N
     env["AGENTSPACE_LOAD_PLUGINS"] = "echo"  # not selected: no conflict
     done = subprocess.run([sys.executable, "-m", "agentspace", "plugins"], env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
+
+
+def test_serve_says_its_data_directory_and_the_token_command_that_finds_it(tmp_path: Path) -> None:
+    """``serve --config FILE`` names its data directory and tells the exact ``agentspace token`` to run: run
+    from elsewhere, with another AGENTSPACE_HOME, that command prints the token this server accepts."""
+    import re
+    import shlex
+    import urllib.request
+
+    data, port = tmp_path / "server-data", free_port()
+    config = tmp_path / "agentspace.toml"
+    config.write_text(f'[storage]\ndata_dir = "{data}"\n[server]\nport = {port}\n')
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AGENTSPACE_")}
+    env.update(AGENTSPACE_HOME=str(tmp_path / "home"), AGENTSPACE_LOAD_PLUGINS="")
+    (tmp_path / "home").mkdir()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "agentspace", "serve", "--config", str(config)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert server.stdout is not None and server.stderr is not None
+        banner = [server.stdout.readline() for _ in range(2)][1]
+        said = server.stderr.readline()
+        assert said == f"agentspace: data directory {data} ([storage] data_dir in {config})\n"
+        command = re.fullmatch(r"Clients need the gateway token: run `(.*)`\.\n", banner)
+        assert command is not None, banner
+        argv = shlex.split(command.group(1))
+        assert argv == ["agentspace", "token", "--config", str(config)]
+        done = subprocess.run(
+            [sys.executable, "-m", "agentspace", *argv[1:]], env=env, cwd=tmp_path / "home", capture_output=True
+        )
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{port}/api/sessions", headers={"Authorization": f"Bearer {done.stdout.decode().strip()}"}
+        )
+        with urllib.request.urlopen(request, timeout=10) as resp:
+            assert resp.status == 200
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
