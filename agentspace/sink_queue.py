@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import logging
 import time
 import weakref
@@ -91,7 +92,10 @@ class SinkQueue:
                 continue
             record = self._records[0]
             try:
-                await asyncio.wait_for(self.sink.record(record), self.timeout)
+                taken = self.sink.record(record)
+                if inspect.isawaitable(taken):
+                    await asyncio.wait_for(taken, self.timeout)
+                # else a plain ``def record``: it ran, and is done (retrying it would repeat its work)
             except DropRecord as e:
                 self._records.popleft()
                 self.dropped += 1

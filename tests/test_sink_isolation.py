@@ -340,3 +340,32 @@ async def test_a_full_queue_drops_new_records_for_that_sink_only_and_counts_them
     await wait_until(lambda: _ready(len(got) == 2))
     assert set(got) < stored
     assert await metric(client, auth_headers, "agentspace_sink_queue_depth") == 0
+
+
+async def test_a_sink_whose_record_is_not_async_gets_each_record_once(
+    make_client: Any, token: str, auth_headers: dict[str, str], fake_anthropic: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A plain ``def record`` (cheap work, allowed by docs/plugins.md) has run when it returns: it is not
+    retried as a failure, which would repeat its work for ever."""
+    monkeypatch.setenv("AGENTSPACE_LOAD_PLUGINS", "metrics")
+    got: list[str] = []
+
+    class Plain:
+        name = "webhook"
+
+        def record(self, record: UsageRecord) -> None:
+            got.append(record.id)
+
+    class PlainPlugin:
+        @hookimpl
+        def register_usage_sinks(self, register: Callable[[Any], None], config: Config) -> None:
+            register(Plain())
+
+    client = await start_client(make_client, PlainPlugin())
+    for i in range(3):
+        frames, _ = await ws_turn(client, token, f"turn {i}")
+        assert frames[-1]["type"] == "chat.stream.end"
+    await wait_until(lambda: _ready(len(got) == 3))
+    await asyncio.sleep(0.6)  # past the first retry's backoff: nothing is sent again
+    assert sorted(got) == sorted(await stored_usage(client))
+    assert await metric(client, auth_headers, "agentspace_sink_failures_total") == 0
