@@ -10,6 +10,7 @@ from __future__ import annotations
 import difflib
 import importlib
 import os
+import re
 from importlib.metadata import entry_points
 from typing import Any
 
@@ -50,7 +51,12 @@ def _load_entry_points(pm: pluggy.PluginManager) -> None:
         _load_selected(pm)
     except pluggy.PluginValidationError as e:  # a hook's parameters misspelt: name the plugin, no traceback
         name = pm.get_name(e.plugin) if pm.is_registered(e.plugin) else getattr(e.plugin, "__name__", e.plugin)
-        raise PluginHookError(e.plugin, f"plugin {name!r}: {e}") from None
+        message = f"plugin {name!r}: {e}"
+        hook = re.search(r"for hook '(\w+)'", str(e))
+        caller = getattr(pm.hook, hook.group(1), None) if hook else None
+        if caller is not None and caller.spec is not None:  # what the parameters should have been
+            message += f" (the parameters of {caller.name} are: {', '.join(caller.spec.argnames)})"
+        raise PluginHookError(e.plugin, message) from None
 
 
 def _load_selected(pm: pluggy.PluginManager) -> None:

@@ -59,6 +59,7 @@ def test_a_misspelt_hook_parameter_stops_the_start_naming_the_plugin(tmp_path: P
     done = subprocess.run([sys.executable, "-m", "agentspace", "plugins"], env=env, capture_output=True, text=True)
     assert done.returncode == 1, done
     assert "plugin 'agentspace_typo2'" in done.stderr and "regster" in done.stderr
+    assert "(the parameters of register_tools are: register, config)" in done.stderr
     assert "Traceback" not in done.stderr
 
 
