@@ -8,6 +8,7 @@ for plugin tests. See docs/plugins.md.
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from .cli.common import command_config, config_options
     from .config import Config, ConfigError, load_config
     from .events import (
         ProviderError,
@@ -47,6 +48,8 @@ _EXPORTS = {
     "Config": ".config",
     "ConfigError": ".config",
     "load_config": ".config",
+    "command_config": ".cli.common",
+    "config_options": ".cli.common",
     "ProviderError": ".events",
     "ProviderEvent": ".events",
     "ProviderFinish": ".events",
@@ -99,6 +102,9 @@ __all__ = [
     "Config",
     "ConfigError",
     "load_config",
+    # commands (register_commands)
+    "command_config",
+    "config_options",
     # providers (register_providers)
     "Provider",
     "ProviderRequest",

@@ -32,10 +32,11 @@ from .events import (
     ToolCallEvent,
     UsageReport,
 )
-from .providers.base import ProviderRequest
+from .providers.base import ProviderRequest, lacks_key
 from .registry import ModelNotFound, Registry
 from .tokens import count_tokens
 from .types import TokenUsage, UsageRecord
+from .vault import missing_key_message
 
 __all__ = ["DirectCall", "request_input_tokens"]
 
@@ -65,6 +66,11 @@ class DirectCall:
         except ModelNotFound as e:
             raise ProviderError("MODEL_NOT_FOUND", str(e), status=404) from None
         self.meter.begin(self.request.system, self.request.messages)
+        request = self.request
+        if await lacks_key(provider, request.model, request.api_key, request.base_url):
+            # A plugin provider's ``missing_key``: refused as the built-in providers refuse a call without a key.
+            prefix = request.model.split("/", 1)[0]
+            await self._fail(ProviderError("NO_API_KEY", missing_key_message(prefix, self.gw.config)))
         self._stream = provider.stream(self.request)
         try:
             self._first = await self._stream.__anext__()

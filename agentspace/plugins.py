@@ -10,6 +10,7 @@ from __future__ import annotations
 import difflib
 import importlib
 import os
+import re
 from importlib.metadata import entry_points
 from typing import Any
 
@@ -50,11 +51,17 @@ def _load_entry_points(pm: pluggy.PluginManager) -> None:
         _load_selected(pm)
     except pluggy.PluginValidationError as e:  # a hook's parameters misspelt: name the plugin, no traceback
         name = pm.get_name(e.plugin) if pm.is_registered(e.plugin) else getattr(e.plugin, "__name__", e.plugin)
-        raise PluginHookError(e.plugin, f"plugin {name!r}: {e}") from None
+        message = f"plugin {name!r}: {e}"
+        hook = re.search(r"for hook '(\w+)'", str(e))
+        caller = getattr(pm.hook, hook.group(1), None) if hook else None
+        if caller is not None and caller.spec is not None:  # what the parameters should have been
+            message += f" (the parameters of {caller.name} are: {', '.join(caller.spec.argnames)})"
+        raise PluginHookError(e.plugin, message) from None
 
 
 def _load_selected(pm: pluggy.PluginManager) -> None:
     wanted = _selected()
+    _check_unique_names(wanted)
     if wanted is None:
         pm.load_setuptools_entrypoints(ENTRY_POINT_GROUP)
         return
@@ -62,6 +69,23 @@ def _load_selected(pm: pluggy.PluginManager) -> None:
         dist_name = ep.dist.name if ep.dist is not None else None
         if ep.name in wanted or dist_name in wanted:
             pm.load_setuptools_entrypoints(ENTRY_POINT_GROUP, name=ep.name)
+
+
+def _check_unique_names(wanted: set[str] | None) -> None:
+    """Refuse two installed distributions declaring the same entry point name: pluggy would load the first
+    one it meets and silently skip the other (a new plugin named like an installed one would do nothing)."""
+    seen: dict[str, str] = {}
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        dist = ep.dist.name if ep.dist is not None else ep.value
+        if wanted is not None and ep.name not in wanted and dist not in wanted:
+            continue
+        other = seen.setdefault(ep.name, dist)
+        if other != dist:
+            raise PluginHookError(
+                None,
+                f"the installed packages {other!r} and {dist!r} both name a plugin {ep.name!r}, so only one "
+                "of them would load: rename one in its [project.entry-points.agentspace], or uninstall one.",
+            )
 
 
 def create_plugin_manager(*, load_entry_points: bool = True) -> pluggy.PluginManager:

@@ -46,7 +46,7 @@ asyncio_default_fixture_loop_scope = "function"
 README = """\
 # agentspace-__NAME__
 
-An [agentspace](https://github.com/agentspace) plugin: __DESCRIPTION__.
+An agentspace plugin: __DESCRIPTION__.
 
 ## Try it
 
@@ -389,8 +389,10 @@ async def test_the_section_is_in_the_context_of_a_session(tmp_path: Path) -> Non
         "hook": "register_commands",
         "change": """\
 - `__MODULE__.py`: the command's options and what it does. Read the configuration with
-  `agentspace.load_config()`; keep imports of heavy packages inside the function, so that other commands
-  start fast.""",
+  `agentspace.command_config()` (it finds the config and the data directory as `agentspace serve` does:
+  `--config`, `AGENTSPACE_CONFIG`, `AGENTSPACE_HOME`) and add `@agentspace.config_options` to take
+  `--config` and `--data-dir` after the command's name; keep imports of heavy packages inside the
+  function, so that other commands start fast.""",
         "module": '''\
 """agentspace plugin __NAME__: the ``agentspace __NAME__`` command."""
 
@@ -435,13 +437,14 @@ def test_agentspace_runs_the_installed_command() -> None:
 """,
     },
     "route": {
-        "description": "an HTTP route, GET /__NAME__/hello",
+        "description": "an HTTP route, GET /api/plugins/__NAME__/hello",
         "hook": "register_routes",
         "change": """\
-- `__MODULE__.py`: your routes and handlers. Every route needs the gateway token (the server checks it
-  before your handler runs); reach the running gateway through `request.app`.""",
+- `__MODULE__.py`: your routes and handlers. Keep the paths under `/api/plugins/__NAME__/`, so that
+  they never shadow the gateway's own. Every route needs the gateway token (the server checks it before
+  your handler runs); reach the running gateway through `request.app`.""",
         "module": '''\
-"""agentspace plugin __NAME__: the route ``GET /__NAME__/hello``."""
+"""agentspace plugin __NAME__: the route ``GET /api/plugins/__NAME__/hello``."""
 
 from __future__ import annotations
 
@@ -456,7 +459,7 @@ async def hello(request: web.Request) -> web.Response:
 
 @hookimpl
 def register_routes(app: web.Application, config: Config) -> None:
-    app.router.add_get("/__NAME__/hello", hello)
+    app.router.add_get("/api/plugins/__NAME__/hello", hello)
 ''',
         "test": """\
 from __future__ import annotations
@@ -469,9 +472,9 @@ from agentspace.testing import gateway_client, installed_plugin, make_config
 
 async def test_the_route_answers_with_the_token_only(tmp_path: Path) -> None:
     async with gateway_client(make_config(tmp_path), __MODULE__) as client:
-        resp = await client.get("/__NAME__/hello", params={"who": "you"})
+        resp = await client.get("/api/plugins/__NAME__/hello", params={"who": "you"})
         assert resp.status == 200 and await resp.json() == {"hello": "you", "from": "__NAME__"}
-        resp = await client.get("/__NAME__/hello", headers={"Authorization": "Bearer wrong"})
+        resp = await client.get("/api/plugins/__NAME__/hello", headers={"Authorization": "Bearer wrong"})
         assert resp.status == 401
 """,
     },

@@ -12,10 +12,12 @@ import gc
 import inspect
 import logging
 import os
+import shlex
 import signal
 import sys
 import weakref
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 
 import click
 import pluggy
@@ -245,7 +247,10 @@ async def _serve(config: Config, host: str, port: int, reuse_port: bool = False)
         if os.environ.get(TOKEN_ENV):
             print(f"Clients need the gateway token: the value of {TOKEN_ENV}.", flush=True)
         else:
-            print("Clients need the gateway token: run `agentspace token`.", flush=True)
+            # With the config this server read, so that the token comes from this server's data directory.
+            source = Path(config.source)
+            with_config = f" --config {shlex.quote(str(source.resolve()))}" if source.is_file() else ""
+            print(f"Clients need the gateway token: run `agentspace token{with_config}`.", flush=True)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):

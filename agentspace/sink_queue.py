@@ -4,6 +4,8 @@ a bounded drain at shutdown. Kept apart from ``sinks`` so that importing the pub
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import inspect
 import logging
 import time
 import weakref
@@ -48,6 +50,7 @@ class SinkQueue:
         self._idle = asyncio.Event()
         self._idle.set()
         self._closed = False
+        self._hurry = asyncio.Event()  # set at shutdown: a retry waiting out its backoff goes at once
         self.delivered = 0
         self.failures = 0  # calls of ``record`` that raised or timed out (each retry counts)
         self.dropped = 0  # records this sink never got: DropRecord, a full queue, or left at shutdown
@@ -89,7 +92,10 @@ class SinkQueue:
                 continue
             record = self._records[0]
             try:
-                await asyncio.wait_for(self.sink.record(record), self.timeout)
+                taken = self.sink.record(record)
+                if inspect.isawaitable(taken):
+                    await asyncio.wait_for(taken, self.timeout)
+                # else a plain ``def record``: it ran, and is done (retrying it would repeat its work)
             except DropRecord as e:
                 self._records.popleft()
                 self.dropped += 1
@@ -106,7 +112,11 @@ class SinkQueue:
                     backoff,
                     len(self._records),
                 )
-                await asyncio.sleep(backoff)
+                if self._closed:  # draining: retry soon, the drain's time is short
+                    await asyncio.sleep(RETRY_FIRST_SECONDS)
+                else:
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._hurry.wait(), backoff)
             else:
                 self._records.popleft()
                 self.delivered += 1
@@ -129,6 +139,7 @@ class SinkQueue:
     async def aclose(self, drain_seconds: float | None = None) -> None:
         """Stop taking records, give the queue ``drain_seconds`` to empty, then close the sink."""
         self._closed = True
+        self._hurry.set()  # a sink that recovered during a long backoff still gets its records now
         wait = self.drain_seconds if drain_seconds is None else drain_seconds
         if self._records:
             try:

@@ -196,6 +196,13 @@ def test_agentspace_models_lists_what_the_installed_echo_provider_says(
     models = {m["id"]: m for m in json.loads(result.stdout)}
     assert models["echo/reasoning"]["inputPerMTok"] == 0.5 and models["echo/reasoning"]["supportsVision"] is True
     assert "echo/*" not in models
+    result = CliRunner().invoke(main, ["--config", str(tmp_path / "agentspace.toml"), "models"])
+    header, _, *rows = result.stdout.splitlines()
+    row = next(r for r in rows if r.startswith("echo/reasoning "))
+    assert header.split()[-3:] == ["tools", "vision", "deprecation"]
+    assert row.split()[1:4] == ["echo", "0.5", "0.25"]
+    vision = header.index("vision")
+    assert row[vision : vision + 3] == "yes"  # from the pattern
 
 
 async def test_metrics_label_the_models_a_pricing_pattern_names(tmp_path: Path) -> None:
@@ -215,3 +222,91 @@ async def test_metrics_label_the_models_a_pricing_pattern_names(tmp_path: Path) 
         text = await (await client.get("/metrics")).text()
     assert "olleH" in body, body
     assert 'endpoint="http",model="reverse/small"} 1.0' in text  # labelled, not "other"
+
+
+async def test_budget_reservations_and_usage_records_use_the_provider_prices_and_patterns(tmp_path: Path) -> None:
+    """A client's budget reserves each call at what the provider (or a ``[pricing]`` pattern) says the model
+    costs, for the ``max_tokens`` sent; its usage records are priced the same way."""
+    config = reverse_config(tmp_path, '[pricing."reverse/l*"]\ninput_per_mtok = 30.0\noutput_per_mtok = 60.0\n')
+    async with gateway_client(config, ReversePlugin()) as client:
+        created = await client.post("/api/clients", json={"name": "team", "budgetUsd": 0.1, "period": "total"})
+        assert created.status in (200, 201), await created.text()
+        headers = {"Authorization": f"Bearer {(await created.json())['key']}"}
+
+        async def complete(model: str, max_tokens: int) -> Any:
+            body = {"model": model, "max_tokens": max_tokens, "messages": [{"role": "user", "content": "Hi"}]}
+            return await client.post("/v1/chat/completions", json=body, headers=headers)
+
+        # 2,000 output tokens: $0.004 at the provider's $2/MTok for reverse/small, admitted; $0.12 at the
+        # pattern's $60/MTok for reverse/large (the provider says $6), past the $0.10 budget.
+        assert (await complete("reverse/small", 2000)).status == 200
+        refused = await complete("reverse/large", 2000)
+        assert refused.status != 200
+        assert "may cost up to $0.12" in (await refused.json())["error"]["message"]
+        assert (await complete("reverse/large", 100)).status == 200
+        stored = {r["model"]: r for r in await client.server.app[state.REGISTRY].usage.records()}
+    assert len(stored) == 2  # the refused call reached no provider: no record
+    small, large = stored["reverse/small"], stored["reverse/large"]
+    assert (small["inputCost"], small["outputCost"]) == (pytest.approx(10 * 1.0 / 1e6), pytest.approx(100 * 2.0 / 1e6))
+    assert (large["inputCost"], large["outputCost"]) == (pytest.approx(10 * 30.0 / 1e6), pytest.approx(100 * 60 / 1e6))
+
+
+class TinyWindow(ReverseProvider):
+    def model_info(self, model: str) -> dict[str, Any] | None:
+        return {"input_per_mtok": 1.0, "output_per_mtok": 2.0, "context_window": 300}
+
+
+async def test_the_context_window_policy_uses_the_window_the_provider_gives(tmp_path: Path) -> None:
+    """``[chat] context_policy = "refuse"``: a 400-word message does not fit the provider's 300-token window
+    (less the 100 output tokens asked), and fits once a ``[pricing]`` pattern gives the model a larger one."""
+    chat = '[chat]\ncontext_policy = "refuse"\nmax_tokens = 100\n'
+    message = {"id": "u1", "role": "user", "parts": [{"type": "text", "text": "word " * 400}]}
+    for name, pricing, fits in (
+        ("own", "", False),
+        ("pattern", '[pricing."reverse/*"]\ncontext_window = 100000\n', True),
+    ):
+        config = reverse_config(tmp_path / name, chat + pricing)
+        async with gateway_client(config, ReversePlugin(TinyWindow())) as client:
+            resp = await client.post("/api/chat", json={"id": "c1", "trigger": "submit-message", "messages": [message]})
+            body = await resp.text()
+        if fits:
+            assert '"type":"error"' not in body and "drow" in body, body
+        else:
+            assert "reverse/small takes 200 (300 in its window, minus 100 for the answer)" in body, body
+
+
+class KeyedReverse(ReverseProvider):
+    """Needs a key: ``missing_key`` as docs/plugins.md shows it; answers with the key's last characters."""
+
+    async def missing_key(self, model: str, api_key: str | None, base_url: str | None) -> bool:
+        return base_url is None and not api_key
+
+    async def stream(self, request: ProviderRequest) -> AsyncIterator[ProviderEvent]:
+        text = f"key ...{(request.api_key or '')[-4:]}"
+        yield TextDelta(text)
+        yield ProviderFinish("stop", TokenUsage(10, 5), ChatMessage("assistant", [TextPart(text)]))
+
+
+async def test_a_plugin_provider_gets_its_key_from_the_environment_or_says_how_to_add_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("REVERSE_API_KEY", raising=False)
+    body = {"model": "reverse/small", "messages": [{"role": "user", "content": "Hi"}]}
+    async with gateway_client(reverse_config(tmp_path), ReversePlugin(KeyedReverse())) as client:
+        missing = "Reverse API key not configured. Run: agentspace keys add reverse"
+        refused = await client.post("/v1/chat/completions", json=body)
+        assert refused.status == 424, await refused.text()  # as for a built-in provider without its key
+        assert (await refused.json())["error"] == {
+            "message": missing,
+            "type": "server_error",
+            "param": None,
+            "code": "no_api_key",
+        }
+        ws = await client.ws_connect("/gateway")
+        await ws.send_json({"type": "chat.send", "id": "r1", "content": "Hi"})
+        frame = await ws.receive_json()
+        assert (frame["type"], frame["code"], frame["message"]) == ("error", "NO_API_KEY", missing)
+        await ws.close()
+        monkeypatch.setenv("REVERSE_API_KEY", "rk-test-1234")
+        answered = await client.post("/v1/chat/completions", json=body)
+        assert (await answered.json())["choices"][0]["message"]["content"] == "key ...1234"

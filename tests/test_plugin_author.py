@@ -59,6 +59,7 @@ def test_a_misspelt_hook_parameter_stops_the_start_naming_the_plugin(tmp_path: P
     done = subprocess.run([sys.executable, "-m", "agentspace", "plugins"], env=env, capture_output=True, text=True)
     assert done.returncode == 1, done
     assert "plugin 'agentspace_typo2'" in done.stderr and "regster" in done.stderr
+    assert "(the parameters of register_tools are: register, config)" in done.stderr
     assert "Traceback" not in done.stderr
 
 
@@ -209,7 +210,7 @@ def test_every_command_reading_the_data_directory_names_it_on_a_terminal(tmp_pat
     data = tmp_path / "data"
     env = {k: v for k, v in os.environ.items() if not k.startswith("AGENTSPACE_")}
     env.update(AGENTSPACE_HOME=str(data), AGENTSPACE_LOAD_PLUGINS="", LITELLM_LOCAL_MODEL_COST_MAP="True")
-    for args in (["usage", "--json"], ["sessions", "list"], ["clients", "list"]):
+    for args in (["usage", "--json"], ["sessions", "list"], ["clients", "list"], ["models", "--json"]):
         master, terminal = pty.openpty()
         try:
             done = subprocess.run(
@@ -234,5 +235,97 @@ def test_every_command_reading_the_data_directory_names_it_on_a_terminal(tmp_pat
         assert done.returncode == 0, (args, said)
         assert f"agentspace: data directory {data} (AGENTSPACE_HOME".encode() in said, (args, said)
         assert b"data directory" not in done.stdout, args
-        if "--json" in args:
+        if args[0] == "usage":
             assert "grandTotal" in json.loads(done.stdout)
+
+
+def test_a_plugin_command_reads_the_data_directory_serve_uses(tmp_path: Path) -> None:
+    """The command example of docs/plugins.md (``command_config`` and ``config_options``), installed as a
+    package: it writes into the data directory of AGENTSPACE_CONFIG, of a global or its own ``--config``, never
+    into AGENTSPACE_HOME while a config names another one."""
+    doc = (Path(__file__).resolve().parent.parent / "docs" / "plugins.md").read_text(encoding="utf-8")
+    [example] = [b for b in doc.split("```python\n") if "def notes_add(" in b]
+    env = installed_package(tmp_path, "agentspace-notes-example", example.split("```", 1)[0])
+    env = {k: v for k, v in env.items() if not k.startswith("AGENTSPACE_")}
+    env.update(AGENTSPACE_HOME=str(tmp_path / "home"), LITELLM_LOCAL_MODEL_COST_MAP="True")
+    configs = {}
+    for name in ("env", "global", "own"):
+        configs[name] = tmp_path / f"{name}.toml"
+        configs[name].write_text(f'[storage]\ndata_dir = "{tmp_path / name}"\n')
+    runs = {
+        "env": (["notes-add", "one"], {"AGENTSPACE_CONFIG": str(configs["env"])}),
+        "global": (["--config", str(configs["global"]), "notes-add", "two"], {}),
+        "own": (["notes-add", "--config", str(configs["own"]), "three"], {"AGENTSPACE_CONFIG": str(configs["env"])}),
+    }
+    for name, (args, extra) in runs.items():
+        done = subprocess.run(
+            [sys.executable, "-m", "agentspace", *args], env={**env, **extra}, capture_output=True, text=True
+        )
+        assert done.returncode == 0, done.stderr
+        assert done.stdout == f"noted in {tmp_path / name / 'notes.md'}\n"
+    assert [(tmp_path / n / "notes.md").read_text() for n in runs] == ["one\n", "two\n", "three\n"]
+    assert not (tmp_path / "home" / "notes.md").exists()
+
+
+def test_two_packages_naming_the_same_plugin_stop_the_start(tmp_path: Path) -> None:
+    """pluggy loads one entry point of a name and skips the others without a word: a new plugin named like
+    an installed one would do nothing. The start stops instead, naming both packages."""
+    site = tmp_path / "site"
+    for dist in ("agentspace-twin-a", "agentspace-twin-b"):
+        module = dist.replace("-", "_")
+        site.mkdir(exist_ok=True)
+        (site / f"{module}.py").write_text("")
+        info = site / f"{module}-0.1.dist-info"
+        info.mkdir()
+        (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist}\nVersion: 0.1\n")
+        (info / "entry_points.txt").write_text(f"[agentspace]\ntwin = {module}\n")
+    env = {k: v for k, v in os.environ.items() if k != "AGENTSPACE_LOAD_PLUGINS"}
+    env["PYTHONPATH"] = str(site)
+    done = subprocess.run([sys.executable, "-m", "agentspace", "plugins"], env=env, capture_output=True, text=True)
+    assert done.returncode == 1
+    assert "'agentspace-twin-a' and 'agentspace-twin-b' both name a plugin 'twin'" in done.stderr, done.stderr
+    env["AGENTSPACE_LOAD_PLUGINS"] = "echo"  # not selected: no conflict
+    done = subprocess.run([sys.executable, "-m", "agentspace", "plugins"], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+
+
+def test_serve_says_its_data_directory_and_the_token_command_that_finds_it(tmp_path: Path) -> None:
+    """``serve --config FILE`` names its data directory and tells the exact ``agentspace token`` to run: run
+    from elsewhere, with another AGENTSPACE_HOME, that command prints the token this server accepts."""
+    import re
+    import shlex
+    import urllib.request
+
+    data, port = tmp_path / "server-data", free_port()
+    config = tmp_path / "agentspace.toml"
+    config.write_text(f'[storage]\ndata_dir = "{data}"\n[server]\nport = {port}\n')
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AGENTSPACE_")}
+    env.update(AGENTSPACE_HOME=str(tmp_path / "home"), AGENTSPACE_LOAD_PLUGINS="")
+    (tmp_path / "home").mkdir()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "agentspace", "serve", "--config", str(config)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert server.stdout is not None and server.stderr is not None
+        banner = [server.stdout.readline() for _ in range(2)][1]
+        said = server.stderr.readline()
+        assert said == f"agentspace: data directory {data} ([storage] data_dir in {config})\n"
+        command = re.fullmatch(r"Clients need the gateway token: run `(.*)`\.\n", banner)
+        assert command is not None, banner
+        argv = shlex.split(command.group(1))
+        assert argv == ["agentspace", "token", "--config", str(config)]
+        done = subprocess.run(
+            [sys.executable, "-m", "agentspace", *argv[1:]], env=env, cwd=tmp_path / "home", capture_output=True
+        )
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{port}/api/sessions", headers={"Authorization": f"Bearer {done.stdout.decode().strip()}"}
+        )
+        with urllib.request.urlopen(request, timeout=10) as resp:
+            assert resp.status == 200
+    finally:
+        server.terminate()
+        server.wait(timeout=30)

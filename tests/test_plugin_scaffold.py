@@ -66,6 +66,8 @@ def test_each_kind_installs_passes_its_tests_and_is_listed(packages: dict[str, P
         readme = (root / "README.md").read_text()
         assert "## What to change" in readme and f"agentspace_{name.replace('-', '_')}.py" in readme
         assert 'asyncio_mode = "auto"' in (root / "pyproject.toml").read_text()
+        if kind == "route":  # under the prefix docs/plugins.md gives plugins, never shadowing the gateway's
+            assert f'"/api/plugins/{name}/hello"' in (root / f"agentspace_{name.replace('-', '_')}.py").read_text()
         done = subprocess.run(
             [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider"],
             cwd=root,
@@ -83,6 +85,7 @@ def test_each_kind_installs_passes_its_tests_and_is_listed(packages: dict[str, P
     [
         (["Bad_Name", "--kind", "sink"], "lowercase letters and digits"),
         (["ok", "--kind", "widget"], "'widget' is not one of"),
+        (["echo", "--kind", "provider"], "the installed package 'agentspace-echo' has a plugin named 'echo'"),
     ],
 )
 def test_bad_names_and_kinds_are_refused(tmp_path: Path, args: list[str], message: str) -> None:

@@ -63,6 +63,7 @@ def test_hookimpl_is_exported() -> None:
 PUBLIC_NAMES = {
     "agentspace.hookspecs": ["hookimpl"],
     "agentspace.config": ["Config", "ConfigError", "load_config"],
+    "agentspace.cli.common": ["command_config", "config_options"],
     "agentspace.providers.base": ["Provider", "ProviderRequest", "ThinkingSettings"],
     "agentspace.events": [
         "ProviderEvent",

@@ -165,31 +165,23 @@ async def test_a_failing_webhook_changes_nothing_a_client_sees_and_loses_no_reco
 
     # What a client sees while the webhook works: the reference.
     good_frames, _ = await ws_turn(client, token, "warm up")
-    ok_times = [(await ws_turn(client, token, f"ok {i}"))[1] for i in range(7)]
-    await wait_until(lambda: _ready(len(webhook.received) == 8))
+    ok_times = [(await ws_turn(client, token, f"ok {i}"))[1] for i in range(15)]
+    good_http, good_v1 = await http_and_v1_turns(client, auth_headers, "chat-ok")
+    await wait_until(lambda: _ready(len(webhook.received) == 18))
 
     if trouble == "down":
         await webhook.down()
     else:
         webhook.mode = trouble
     bad_frames, _ = await ws_turn(client, token, "while broken")
-    bad_times = [(await ws_turn(client, token, f"broken {i}"))[1] for i in range(7)]
+    bad_times = [(await ws_turn(client, token, f"broken {i}"))[1] for i in range(15)]
     # The same frames (ids and times aside), and chat.stream.end no later than 5 ms beyond the best healthy turn.
     assert shape(bad_frames) == shape(good_frames)
     assert bad_frames[-1]["type"] == "chat.stream.end"
     assert min(bad_times) - min(ok_times) < 0.005, (ok_times, bad_times)
 
-    resp = await post_chat(client, auth_headers, "chat-http", user("Hi!"))
-    assert resp.status == 200
-    chunks = await read_all(resp)
-    assert not [c for c in chunks if isinstance(c, dict) and c["type"] == "error"]
-    resp = await client.post(
-        "/v1/chat/completions",
-        json={"model": "anthropic/claude-sonnet-4-5", "messages": [{"role": "user", "content": "Hi"}]},
-        headers=auth_headers,
-    )
-    assert resp.status == 200
-    assert (await resp.json())["choices"][0]["message"]["content"] == "Fine, thanks"
+    # /api/chat and /v1 answer as they did: the same stream parts and the same completion (ids aside).
+    assert await http_and_v1_turns(client, auth_headers, "chat-broken") == (good_http, good_v1)
 
     if trouble != "slow":  # a slow webhook does not fail: it only takes its time
         await wait_until(lambda: _positive(metric(client, auth_headers, "agentspace_sink_failures_total")))
@@ -200,11 +192,30 @@ async def test_a_failing_webhook_changes_nothing_a_client_sees_and_loses_no_reco
         await webhook.up()
     webhook.mode = "ok"
     stored = await stored_usage(client)
-    assert len(stored) == 18
+    assert len(stored) == 36
     await wait_until(lambda: _ready(webhook.ids() >= stored), timeout=20)
     if trouble != "slow":  # a slow POST answered after the client's timeout may arrive twice (at-least-once)
         assert len(webhook.received) == len(stored)
     assert await metric(client, auth_headers, "agentspace_sink_queue_depth") == 0
+
+
+async def http_and_v1_turns(
+    client: TestClient, headers: dict[str, str], chat_id: str
+) -> tuple[list[str], tuple[int, dict[str, Any]]]:
+    """A ``POST /api/chat`` turn and a ``/v1/chat/completions`` call: the types of the stream's parts, and
+    the completion's status and body without its id and time."""
+    resp = await post_chat(client, headers, chat_id, user("Hi!"))
+    assert resp.status == 200
+    parts = [c["type"] if isinstance(c, dict) else str(c) for c in await read_all(resp)]
+    assert "error" not in parts and "finish" in parts
+    resp = await client.post(
+        "/v1/chat/completions",
+        json={"model": "anthropic/claude-sonnet-4-5", "messages": [{"role": "user", "content": "Hi"}]},
+        headers=headers,
+    )
+    body = await resp.json()
+    assert body["choices"][0]["message"]["content"] == "Fine, thanks"
+    return parts, (resp.status, {k: v for k, v in body.items() if k not in ("id", "created")})
 
 
 async def _ready(value: bool) -> bool:
@@ -229,6 +240,28 @@ async def test_records_left_at_shutdown_drain_then_the_sink_closes(
     assert time.monotonic() - started < 10
     assert len(webhook.received) == 3
     assert with_sink.closed
+
+
+async def test_the_drain_retries_at_once_a_sink_waiting_out_a_long_backoff(
+    make_client: Any, webhook: Webhook, with_sink: WebhookSink, token: str, auth_headers: dict[str, str]
+) -> None:
+    """A webhook that failed a few times waits seconds before its next try; when it is back as the server
+    stops, the drain delivers what waits instead of sleeping through the backoff and losing it."""
+    with_sink.retry_max_seconds = 60.0
+    with_sink.drain_seconds = 2.0  # type: ignore[attr-defined]
+    webhook.mode = "500"
+    client = await start_client(make_client, WebhookPlugin(with_sink))
+    frames, _ = await ws_turn(client, token, "turn")
+    assert frames[-1]["type"] == "chat.stream.end"
+    # Failures at 0, 0.5, 1.5 and 3.5 s: the next try waits 8 s, longer than the 2 s drain.
+    await wait_until(lambda: _at_least(metric(client, auth_headers, "agentspace_sink_failures_total"), 4))
+    webhook.mode = "ok"
+    await client.close()
+    assert len(webhook.received) == 1 and with_sink.closed
+
+
+async def _at_least(value: Awaitable[float], least: float) -> bool:
+    return await value >= least
 
 
 async def test_a_refused_record_is_not_retried_and_a_broken_sink_never_reaches_the_client(
@@ -270,3 +303,69 @@ async def test_a_refused_record_is_not_retried_and_a_broken_sink_never_reaches_t
     assert len(calls) == 1  # DropRecord: not retried
     assert len(await stored_usage(client)) == 1
     assert json.dumps(frames).count("STORAGE_ERROR") == 0
+
+
+async def test_a_full_queue_drops_new_records_for_that_sink_only_and_counts_them(
+    make_client: Any, token: str, auth_headers: dict[str, str], fake_anthropic: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``queue_size`` bounds a stuck sink's memory: past it, new records are dropped for that sink (counted
+    in ``agentspace_sink_dropped_total``); the store of record keeps every one, and the chats go on."""
+    monkeypatch.setenv("AGENTSPACE_LOAD_PLUGINS", "metrics")
+    release = asyncio.Event()
+    got: list[str] = []
+
+    class Stuck:
+        name = "webhook"
+        queue_size = 2
+
+        async def record(self, record: UsageRecord) -> None:
+            await release.wait()
+            got.append(record.id)
+
+    class StuckPlugin:
+        @hookimpl
+        def register_usage_sinks(self, register: Callable[[Any], None], config: Config) -> None:
+            register(Stuck())
+
+    client = await start_client(make_client, StuckPlugin())
+    for i in range(5):
+        frames, _ = await ws_turn(client, token, f"turn {i}")
+        assert frames[-1]["type"] == "chat.stream.end"
+    stored = await stored_usage(client)
+    assert len(stored) == 5
+    # The first record is with the sink, the second waits: both count in the queue; three were dropped.
+    assert await metric(client, auth_headers, "agentspace_sink_queue_depth") == 2
+    assert await metric(client, auth_headers, "agentspace_sink_dropped_total") == 3
+    release.set()
+    await wait_until(lambda: _ready(len(got) == 2))
+    assert set(got) < stored
+    assert await metric(client, auth_headers, "agentspace_sink_queue_depth") == 0
+
+
+async def test_a_sink_whose_record_is_not_async_gets_each_record_once(
+    make_client: Any, token: str, auth_headers: dict[str, str], fake_anthropic: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A plain ``def record`` (cheap work, allowed by docs/plugins.md) has run when it returns: it is not
+    retried as a failure, which would repeat its work for ever."""
+    monkeypatch.setenv("AGENTSPACE_LOAD_PLUGINS", "metrics")
+    got: list[str] = []
+
+    class Plain:
+        name = "webhook"
+
+        def record(self, record: UsageRecord) -> None:
+            got.append(record.id)
+
+    class PlainPlugin:
+        @hookimpl
+        def register_usage_sinks(self, register: Callable[[Any], None], config: Config) -> None:
+            register(Plain())
+
+    client = await start_client(make_client, PlainPlugin())
+    for i in range(3):
+        frames, _ = await ws_turn(client, token, f"turn {i}")
+        assert frames[-1]["type"] == "chat.stream.end"
+    await wait_until(lambda: _ready(len(got) == 3))
+    await asyncio.sleep(0.6)  # past the first retry's backoff: nothing is sent again
+    assert sorted(got) == sorted(await stored_usage(client))
+    assert await metric(client, auth_headers, "agentspace_sink_failures_total") == 0

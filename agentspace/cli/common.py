@@ -94,6 +94,20 @@ def config_options(f: F) -> F:
     return f
 
 
+def command_config() -> Config:
+    """The configuration of the running ``agentspace`` command, for a plugin's command: found as ``serve``
+    finds it (``--data-dir``, then ``--config`` or AGENTSPACE_CONFIG, then AGENTSPACE_HOME), and the data
+    directory named on stderr when that is a terminal, as the built-in commands do. ``load_config(None)``
+    would ignore AGENTSPACE_CONFIG and read another data directory than the server's."""
+    ctx = click.get_current_context(silent=True)
+    state = ctx.find_object(CliState) if ctx is not None else None
+    if state is None:  # called outside the command line (a plugin's own tests)
+        return load_config(os.environ.get("AGENTSPACE_CONFIG") or None)
+    if sys.stderr.isatty():
+        state.say_data_dir()
+    return state.config()
+
+
 # What must not reach a terminal raw from stored data (model ids, titles, names, message text): C0 controls
 # (ESC starts colour codes and title-setting OSC sequences, a newline forges a table row), DEL, C1 controls
 # (0x9b is a one-byte CSI), and the Unicode line separators and bidirectional overrides that reorder text.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from typing import TYPE_CHECKING, Any
 
 import click
@@ -43,6 +44,8 @@ def _price(value: float, known: bool) -> str:
 def models(state: CliState, as_json: bool, include_all: bool) -> None:
     """Models you can use now: provider, price per million tokens, context window, capabilities."""
     config = state.config()
+    if sys.stderr.isatty():  # which models are usable depends on the keys of this data directory's vault
+        state.say_data_dir()
     from ..catalog import usable_models
 
     items = usable_models(config, _plugin_providers(config), include_all=include_all)
@@ -64,13 +67,14 @@ def models(state: CliState, as_json: bool, include_all: bool) -> None:
             f"{m['contextWindow']:,}" if m["contextWindow"] else "?",
             "yes" if m["supportsReasoning"] else "",
             "yes" if m["supportsTools"] else "",
+            "yes" if m["supportsVision"] else "",
             (m["deprecationDate"] or "") + (" DEPRECATED" if m["deprecated"] else ""),
         )
         for m in items
     ]
     click.echo(
         table(
-            ("model", "provider", "in $/MTok", "out $/MTok", "context", "reasoning", "tools", "deprecation"),
+            ("model", "provider", "in $/MTok", "out $/MTok", "context", "reasoning", "tools", "vision", "deprecation"),
             rows,
             right=(2, 3, 4),
         )

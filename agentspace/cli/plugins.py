@@ -45,8 +45,15 @@ def plugins(ctx: click.Context, state: CliState, include_builtins: bool) -> None
 def new(name: str, kind: str, parent: Path) -> None:
     """Write a plugin package agentspace-NAME (pyproject, module, tests, README) that installs and passes
     its tests; its README says what to change."""
+    from importlib.metadata import entry_points
+
+    from ..plugins import ENTRY_POINT_GROUP
     from ..scaffold import ScaffoldError, module_name, write_package
 
+    taken = [ep for ep in entry_points(group=ENTRY_POINT_GROUP) if ep.name == name]
+    if taken:  # two plugins of one name stop the start: say so now, not after the install
+        dist = taken[0].dist.name if taken[0].dist is not None else taken[0].value
+        raise click.ClickException(f"the installed package {dist!r} has a plugin named {name!r}; choose another name")
     try:
         root = write_package(name, kind, parent)
     except ScaffoldError as e:

@@ -24,6 +24,8 @@ from .common import CliState, config_options, pass_state
 def serve(state: CliState, host: str | None, port: int | None, workers: int, reuse_port: bool) -> None:
     """Run the gateway (WebSocket /gateway and HTTP on one port)."""
     config = state.config()  # a config error stops here, before anything binds
+    if not reuse_port:  # which data directory (token, vault, stores): `agentspace token` must find the same
+        state.say_data_dir()
     if host is not None:
         config.values["server"]["host"] = host
     if port is not None:

@@ -68,6 +68,12 @@ _BUDGET = web.AppKey("body_budget", _Budget)
 UNREAD = web.RequestKey("body_unread", bool)
 
 
+def install(app: web.Application) -> None:
+    """Give ``app`` its body budget before it starts: set on a running app, aiohttp warns (a
+    DeprecationWarning a plugin author's tests show)."""
+    app[_BUDGET] = _Budget(IN_FLIGHT_BYTES)
+
+
 def _budget(app: web.Application) -> _Budget:
     budget = app.get(_BUDGET)
     if budget is None:

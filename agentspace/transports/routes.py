@@ -22,6 +22,7 @@ from aiohttp import web
 from ..config import Config
 from ..providers.upstream_http import close_http_client
 from . import (
+    bodies,
     clients_api,
     health,
     rest,
@@ -104,6 +105,7 @@ def table() -> list[Route]:
 def install(app: web.Application, config: Config, pm: pluggy.PluginManager) -> None:
     """Add every route: the table's, then the plugins'; and what the routes share (JSON errors, CORS)."""
     rest.install_errors_and_cors(app)
+    bodies.install(app)
     for route in table():
         app.router.add_route(route.method, route.path, route.handler)
     app.on_cleanup.append(close_http_client)  # the /v1 relays' HTTP client
