@@ -23,7 +23,7 @@ import click
 import pluggy
 from aiohttp import web
 
-from . import pricing, security
+from . import pricing, security, tokens
 from .catalog import deprecation_message, is_retired
 from .config import Config, ConfigError
 from .connections import ConnectionCap
@@ -108,6 +108,7 @@ def _gateway_context(config: Config, pm: pluggy.PluginManager) -> Callable[[web.
 
                 warn_missing_keys(config)  # a deployment's vault entry missing: said now, not at its first call
             app[state.REGISTRY] = gw
+            tokens.load_in_background()
             watcher = asyncio.create_task(ws.watch_credentials(app), name="agentspace-credentials")
             for result in pm.hook.server_startup(app=app, config=config):
                 await _maybe_await(result)

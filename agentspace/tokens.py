@@ -36,8 +36,19 @@ def bundled_tiktoken_dir() -> str | None:
     return str(folder) if folder.is_dir() else None
 
 
-@lru_cache(maxsize=1)
+def load_in_background() -> None:
+    """Load the encoding on a thread now (about half a second): a server's first count, at the end of its first
+    turn, would otherwise wait for it on the event loop."""
+    threading.Thread(target=_encoding, name="agentspace-load-tiktoken", daemon=True).start()
+
+
 def _encoding() -> tiktoken.Encoding:
+    with _loading:  # once, whichever thread asks first; the others wait for it
+        return _load_encoding()
+
+
+@lru_cache(maxsize=1)
+def _load_encoding() -> tiktoken.Encoding:
     if "TIKTOKEN_CACHE_DIR" not in os.environ:
         folder = bundled_tiktoken_dir()
         if folder:
@@ -68,5 +79,6 @@ def count_tokens(text: str) -> int:
     return count
 
 
+_loading = threading.Lock()
 _cache: OrderedDict[tuple[int, int], int] = OrderedDict()
 _cache_lock = threading.Lock()  # counts are made on worker threads too
