@@ -103,6 +103,7 @@ def group_models(config: Config) -> list[dict[str, Any]]:
                 "contextWindow": min((i.context_window for i in infos if i.context_window), default=None),
                 "supportsReasoning": all(i.supports_reasoning for i in infos),
                 "supportsTools": all(i.supports_tools for i in infos),
+                "supportsVision": all(i.supports_vision for i in infos),
                 "deprecationDate": None,
                 "deprecated": False,
                 "priceKnown": all(i.price_known for i in infos),

@@ -472,9 +472,10 @@ async def test_the_context_policy_counts_a_new_turns_files(
     await read_all(await post_chat(client, auth_headers, "window", file_message("hi")))
     # 5 pages at 4,600 tokens: past the 20,000-token window (less max_tokens), after a call that fitted.
     message = file_message("read this", ("application/pdf", pdf(5)), id="u2")
-    chunks = await read_all(await post_chat(client, auth_headers, "window", message))
-    errors = [c for c in chunks if isinstance(c, dict) and c["type"] == "error"]
-    assert errors and "context" in errors[0]["errorText"].lower(), chunks
+    resp = await post_chat(client, auth_headers, "window", message)
+    # Refused before the answer starts: 413 with the numbers (docs/protocol.md), nothing sent upstream.
+    error = (await resp.json())["error"]
+    assert resp.status == 413 and error["code"] == "CONTEXT_TOO_LONG" and "context" in error["message"].lower()
     assert len(fake_anthropic.requests) == 1
 
 

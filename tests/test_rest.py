@@ -246,7 +246,13 @@ async def test_a_new_session_is_readable_before_the_provider_is_called(
     plugin_manager.register(slow)
     client = await make_client()
     fake_anthropic.enqueue(text_response("Answer."))
-    answer = asyncio.ensure_future(read_all(await post_chat(client, auth_headers, "early", user("Remember me"))))
+
+    async def ask() -> Any:
+        # The answer's headers come once the context is assembled (the context-window policy may refuse with
+        # a status first), so the request runs beside the reads below.
+        return await read_all(await post_chat(client, auth_headers, "early", user("Remember me")))
+
+    answer = asyncio.ensure_future(ask())
     await asyncio.wait_for(slow.started.wait(), 10)
     session = (await get_json(client, "/api/sessions/early", auth_headers))["session"]
     assert [m["content"] for m in session["messages"]] == ["Remember me"]
