@@ -477,15 +477,7 @@ class Turn:
             messages=list(ctx.messages),
             started=call_started,
         )
-        provider_call = ProviderCall(
-            self.gw,
-            self.model,
-            session_id=self.session_id,
-            client=self.client,
-            endpoint=self.endpoint,
-            credential=self.credential,
-            call=call,
-        )
+        provider_call = self._provider_call(call)
         try:  # each step's checks at the moment of its call, its reservation, its pending entry
             await provider_call.admit(
                 lambda: request_ceiling(self._request(ctx, self.model), estimate_input_tokens(ctx, ceiling=True))
@@ -683,10 +675,7 @@ class Turn:
             if not moves_on(e):  # the request's own fault (a 400): not counted against the deployment
                 await state_.done(dep.id, 0, None)
                 raise
-            cooldown = e.retry_after if e.retry_after is not None else group.cooldown_seconds
-            until = await state_.failed(dep.id, e.code, group.allowed_fails, cooldown)
-            if until is not None:
-                log.warning("%s cooled down for %.0fs after %s", dep.id, cooldown, e.code)
+            await self.gw.router.count_failure(group, dep, e)
             if state.delivered or self._stop_reason:
                 raise
             return named_key_error(dep, e)
@@ -698,6 +687,18 @@ class Turn:
         await state_.done(dep.id, usage.input_tokens + usage.output_tokens if usage else 0, ttft)
         return finish
 
+    def _provider_call(self, call: CallInfo) -> ProviderCall:
+        """A provider call of this turn's (one per step, and one per attempt that replaces a failed one)."""
+        return ProviderCall(
+            self.gw,
+            self.model,
+            session_id=self.session_id,
+            client=self.client,
+            endpoint=self.endpoint,
+            credential=self.credential,
+            call=call,
+        )
+
     async def _begin_anew(self, ctx: AssembledContext, state: _Step, failed: ProviderError | None) -> None:
         """The step's failed attempt gets its record (nothing reached the client), and the next attempt a
         provider call of its own: admitted, reserved and written ahead like the first."""
@@ -707,15 +708,7 @@ class Turn:
         await self._record(state.model, self._partial_usage(ctx, state), old.started, "error", state, error, state.call)
         state.attempts, state.swaps = 0, state.swaps + 1
         call = replace(state.call, id=new_id("call_"), started=time.monotonic(), answer=None, state={})
-        new = ProviderCall(
-            self.gw,
-            self.model,
-            session_id=self.session_id,
-            client=self.client,
-            endpoint=self.endpoint,
-            credential=self.credential,
-            call=call,
-        )
+        new = self._provider_call(call)
         try:
             await new.admit(
                 lambda: request_ceiling(self._request(ctx, self.model), estimate_input_tokens(ctx, ceiling=True))

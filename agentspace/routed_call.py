@@ -148,8 +148,7 @@ async def _start_group(
             if not moves_on(e):  # the request's own fault (a 400): not counted against the deployment
                 await router.state.done(dep.id, 0, None)
                 raise
-            cooldown = e.retry_after if e.retry_after is not None else group.cooldown_seconds
-            await router.state.failed(dep.id, e.code, group.allowed_fails, cooldown)
+            await router.count_failure(group, dep, e)
             last = named_key_error(dep, e)
         except BaseException:
             await call._done(0)
@@ -272,8 +271,7 @@ async def embed_group(
             if not moves_on(e):  # the request's own fault (a 400): not counted against the deployment
                 await router.state.done(dep.id, 0, None)
                 raise
-            cooldown = e.retry_after if e.retry_after is not None else group.cooldown_seconds
-            await router.state.failed(dep.id, e.code, group.allowed_fails, cooldown)
+            await router.count_failure(group, dep, e)
             last, current = e, None
             continue
         except BaseException:
@@ -367,8 +365,7 @@ async def relay_group(
         if not moves_on(error) and status != 424:  # 424: the deployment's key is not in the vault
             await router.state.done(dep.id, 0, None)  # the request's own fault: not counted against it
             return response
-        cooldown = error.retry_after if error.retry_after is not None else group.cooldown_seconds
-        await router.state.failed(dep.id, error.code, group.allowed_fails, cooldown)
+        await router.count_failure(group, dep, error)
         if status == 424 and dep.key is not None:  # the key refused: name the deployment's entry, not the provider's
             named = named_key_error(dep, ProviderError("NO_API_KEY", "", status=424))
             response = web.json_response(am.error_body(424, named.message), status=424)

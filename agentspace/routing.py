@@ -15,6 +15,7 @@ set, so that one replica's 429 cools the deployment for all of them.
 
 from __future__ import annotations
 
+import logging
 import math
 import random
 import time
@@ -29,6 +30,8 @@ if TYPE_CHECKING:
     from .config import Config
     from .providers.base import ProviderRequest
     from .types import ModelInfo
+
+log = logging.getLogger(__name__)
 
 STRATEGIES = ("weighted", "least-busy", "lowest-latency")
 WINDOW_SECONDS = 60.0
@@ -322,6 +325,16 @@ class Router:
 
     def group(self, model: str) -> Group | None:
         return self.groups.get(model) if self.groups else None
+
+    async def count_failure(self, group: Group, dep: Deployment, error: ProviderError) -> float | None:
+        """A failed attempt counted against its deployment (which the caller took): past the group's
+        ``allowed_fails`` it cools down for the upstream's Retry-After, else the group's cooldown. Returns the
+        cooldown's end (wall clock), or None when it did not cool down."""
+        cooldown = error.retry_after if error.retry_after is not None else group.cooldown_seconds
+        until = await self.state.failed(dep.id, error.code, group.allowed_fails, cooldown)
+        if until is not None:
+            log.warning("%s cooled down for %.0fs after %s", dep.id, cooldown, error.code)
+        return until
 
     async def order(self, group: Group) -> tuple[list[Deployment], float | None]:
         """The group's deployments that may take a call now, best first by the group's strategy, and when

@@ -10,10 +10,11 @@ from __future__ import annotations
 import importlib.util
 import os
 import threading
-from collections import OrderedDict
 from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+from .lru import LRU
 
 if TYPE_CHECKING:
     import tiktoken  # imported when first needed: it costs start-up time
@@ -68,17 +69,13 @@ def count_tokens(text: str) -> int:
     key = (len(text), hash(text))  # a collision needs two texts of one length with one 64-bit hash
     with _cache_lock:
         count = _cache.get(key)
-        if count is not None:
-            _cache.move_to_end(key)
-            return count
-    count = len(_encoding().encode(text, disallowed_special=()))
-    with _cache_lock:
-        _cache[key] = count
-        while len(_cache) > CACHED_COUNTS:
-            _cache.popitem(last=False)
+    if count is None:
+        count = len(_encoding().encode(text, disallowed_special=()))
+        with _cache_lock:
+            _cache[key] = count
     return count
 
 
 _loading = threading.Lock()
-_cache: OrderedDict[tuple[int, int], int] = OrderedDict()
+_cache: LRU[tuple[int, int], int] = LRU(CACHED_COUNTS)
 _cache_lock = threading.Lock()  # counts are made on worker threads too

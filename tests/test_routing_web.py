@@ -3,17 +3,15 @@ serve`` with a model group over two fake Anthropic upstreams, one of which answe
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
 from agentspace.vault import KeyVault
-from scripts.harness import ROOT, child_env, write_config
+from scripts.harness import write_config
 from tests.fakes.anthropic_upstream import error_status
-from tests.test_web_app import CHROMIUM, LAUNCH, Gateway, Page, ThreadedFake, playwright_api
+from tests.test_web_app import CHROMIUM, Gateway, Page, ThreadedFake, playwright_api, served
 
 pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="Chromium not found: apt-get install chromium")
 
@@ -43,23 +41,10 @@ def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
             'models.groups."claude"': {"deployments": deployments, "allowed_fails": 0},
         },
     )
-    log = open(base / "serve.log", "wb")
-    proc = subprocess.Popen(
-        [sys.executable, "-c", LAUNCH, "serve", "--config", str(config), "--port", "0"],
-        stdout=subprocess.PIPE,
-        stderr=log,
-        env=child_env(data_dir),
-        cwd=ROOT,
-    )
     try:
-        assert proc.stdout is not None
-        line = proc.stdout.readline().decode()
-        assert "listening on http://" in line, (line, (base / "serve.log").read_text())
-        yield Gateway(line.split("listening on ")[1].split()[0], data_dir, config, fakes[0])
+        with served(base, config, data_dir, fakes[0]) as gateway:
+            yield gateway
     finally:
-        proc.terminate()
-        proc.wait(30)
-        log.close()
         for fake in fakes:
             fake.close()
 

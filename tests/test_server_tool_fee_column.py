@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import subprocess
-import sys
 import urllib.request
 from collections.abc import Iterator
 from datetime import UTC, datetime
@@ -22,9 +20,9 @@ from click.testing import CliRunner
 from agentspace.cli import main as cli
 from agentspace.cli.common import money
 from agentspace.storage.reports import REPORTS
-from scripts.harness import ROOT, child_env, write_config
+from scripts.harness import write_config
 from tests.fakes import anthropic_upstream as fa
-from tests.test_web_app import CHROMIUM, Gateway, Page, ThreadedFake, playwright_api
+from tests.test_web_app import CHROMIUM, Gateway, Page, ThreadedFake, playwright_api, served
 
 pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="Chromium not found: apt-get install chromium")
 
@@ -61,27 +59,10 @@ def gateway(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Gateway]
             "providers.anthropic": {"base_url": fake.fake.url},
         },
     )
-    log = open(tmp_path / "serve.log", "wb")  # noqa: SIM115 - closed below, after the server
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "agentspace", "serve", "--config", str(config), "--port", "0"],
-        stdout=subprocess.PIPE,
-        stderr=log,
-        env=child_env(data_dir),
-        cwd=ROOT,
-    )
     try:
-        assert proc.stdout is not None
-        line = proc.stdout.readline().decode()
-        assert "listening on http://" in line, (line, (tmp_path / "serve.log").read_text())
-        yield Gateway(line.split("listening on ")[1].split()[0], data_dir, config, fake)
+        with served(tmp_path, config, data_dir, fake, launch=None) as gateway:
+            yield gateway
     finally:
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log.close()
         fake.close()
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import csv
 import io
 import json
@@ -123,6 +124,36 @@ class Gateway:
         return path in self.get("/api/openapi.json")["paths"]
 
 
+@contextlib.contextmanager
+def served(
+    folder: Path, config: Path, data_dir: Path, fake: ThreadedFake, launch: str | None = LAUNCH
+) -> Iterator[Gateway]:
+    """``agentspace serve`` on ``config`` (the web app's test tools registered, unless ``launch`` is None), its
+    log in ``folder/serve.log``, stopped by its PID at the end."""
+    entry = ["-m", "agentspace"] if launch is None else ["-c", launch]
+    log = open(folder / "serve.log", "wb")  # noqa: SIM115 - closed below, after the server
+    proc = subprocess.Popen(
+        [sys.executable, *entry, "serve", "--config", str(config), "--port", "0"],
+        stdout=subprocess.PIPE,
+        stderr=log,
+        env=child_env(data_dir),
+        cwd=ROOT,
+    )
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline().decode()
+        assert "listening on http://" in line, (line, (folder / "serve.log").read_text())
+        yield Gateway(line.split("listening on ")[1].split()[0], data_dir, config, fake)
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.close()
+
+
 @pytest.fixture(scope="module")
 def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
     fake = ThreadedFake()
@@ -140,28 +171,10 @@ def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
             "providers.anthropic": {"base_url": fake.fake.url, "models": [UNPRICED.split("/", 1)[1]]},
         },
     )
-    log = open(base / "serve.log", "wb")
-    proc = subprocess.Popen(
-        [sys.executable, "-c", LAUNCH, "serve", "--config", str(config), "--port", "0"],
-        stdout=subprocess.PIPE,
-        stderr=log,
-        env=child_env(data_dir),
-        cwd=ROOT,
-    )
     try:
-        assert proc.stdout is not None
-        line = proc.stdout.readline().decode()
-        assert "listening on http://" in line, (line, (base / "serve.log").read_text())
-        url = line.split("listening on ")[1].split()[0]
-        yield Gateway(url, data_dir, config, fake)
+        with served(base, config, data_dir, fake) as gateway:
+            yield gateway
     finally:
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log.close()
         fake.close()
 
 

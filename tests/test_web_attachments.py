@@ -3,16 +3,14 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from scripts.harness import ROOT, child_env, write_config
-from tests.test_web_app import CHROMIUM, LAUNCH, Gateway, Page, ThreadedFake, attach_and_inspect, playwright_api
+from scripts.harness import write_config
+from tests.test_web_app import CHROMIUM, Gateway, Page, ThreadedFake, attach_and_inspect, playwright_api, served
 
 pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="Chromium not found")
 
@@ -32,27 +30,10 @@ def pg_gateway(tmp_path: Path, pg_dsn: str) -> Iterator[Gateway]:
             "providers.anthropic": {"base_url": fake.fake.url},
         },
     )
-    log = open(tmp_path / "serve.log", "wb")
-    proc = subprocess.Popen(
-        [sys.executable, "-c", LAUNCH, "serve", "--config", str(config), "--port", "0"],
-        stdout=subprocess.PIPE,
-        stderr=log,
-        env=child_env(data_dir),
-        cwd=ROOT,
-    )
     try:
-        assert proc.stdout is not None
-        line = proc.stdout.readline().decode()
-        assert "listening on http://" in line, (line, (tmp_path / "serve.log").read_text())
-        yield Gateway(line.split("listening on ")[1].split()[0], data_dir, config, fake)
+        with served(tmp_path, config, data_dir, fake) as gateway:
+            yield gateway
     finally:
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log.close()
         fake.close()
 
 
