@@ -6,6 +6,7 @@ import asyncio
 import json
 import os
 import random
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -97,3 +98,46 @@ async def test_group_commit_syncs_each_file_once_and_failures_stay_with_their_ca
         log.close()
     assert [e["n"] for e in read_entries(tmp_path / "0.jsonl") or []] == [0, 2, 4, 8]
     assert [e["n"] for e in read_entries(tmp_path / "1.jsonl") or []] == [1, 3, 7, 9]
+
+
+async def test_run_written_returns_once_written_and_its_sync_follows_in_the_same_job(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A turn's user message: the caller goes on once its line is written; the sync is what it awaits later."""
+    log = AppendLog(tmp_path / "s.jsonl")
+    log.open()
+    disk = threading.Event()
+    real = os.fdatasync
+
+    def slow_disk(fd: int) -> None:
+        disk.wait(10)
+        real(fd)
+
+    monkeypatch.setattr(os, "fdatasync", slow_disk)
+
+    def writer(n: int) -> Any:
+        def work() -> tuple[int, list[AppendLog]]:
+            log.write([{"n": n}])
+            return n, [log]
+
+        return work
+
+    value, synced = await asyncio.wait_for(COMMIT.run_written(writer(1)), 5)
+    assert value == 1 and log.synced < log.size  # written, not yet durable: the disk is still syncing
+    sync = asyncio.ensure_future(synced)
+    await asyncio.sleep(0.05)
+    assert not sync.done()
+    disk.set()
+    await asyncio.wait_for(sync, 5)
+    assert log.synced == log.size
+
+    def broken_disk(fd: int) -> None:
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(os, "fdatasync", broken_disk)
+    value, synced = await COMMIT.run_written(writer(2))
+    assert value == 2  # written; the sync fails after
+    with pytest.raises(StorageError):
+        await synced
+    log.close()
+    assert read_entries(tmp_path / "s.jsonl") == [{"n": 1}]  # the line never made durable was cut back

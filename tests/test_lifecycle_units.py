@@ -139,6 +139,22 @@ async def test_a_journal_without_open_entries_is_removed_at_close(tmp_path: Path
     assert list((tmp_path / "ledger").glob("journal-*.jsonl")) == []
 
 
+async def test_a_pending_entry_is_on_its_way_to_the_disk_before_it_is_awaited(tmp_path: Path) -> None:
+    """The write starts when the entry is made: the caller prepares its request meanwhile, then awaits the sync."""
+    ledger = Ledger(tmp_path)
+    durable = ledger.pending({"id": "usage_a", "time": now_iso(), "model": MODEL})
+    for _ in range(200):  # not awaited: the line reaches the journal all the same
+        journals = list((tmp_path / "ledger").glob("journal-*.jsonl"))
+        if journals and read_journal(journals[0]):
+            break
+        await asyncio.sleep(0.01)
+    [path] = (tmp_path / "ledger").glob("journal-*.jsonl")
+    assert [e["id"] for e in read_journal(path)] == ["usage_a"]
+    await durable
+    ledger.closed("usage_a")
+    await ledger.aclose()
+
+
 def test_a_torn_last_line_is_skipped(tmp_path: Path) -> None:
     path = tmp_path / "journal-1.jsonl"
     good = json.dumps({"event": "pending", "id": "usage_a", "time": now_iso(), "model": MODEL})

@@ -25,7 +25,7 @@ import asyncio
 import json
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
@@ -44,6 +44,10 @@ log = logging.getLogger(__name__)
 
 ROTATE_BYTES = 4 * 1024 * 1024
 NOTE_DELAY_SECONDS = 1.0  # how long a note of the output relayed may wait for the next batch
+
+
+async def _nothing() -> None:
+    return None
 
 
 def _line(event: dict[str, Any]) -> bytes:
@@ -76,15 +80,19 @@ class Ledger:
 
     # --- the events ---
 
-    async def pending(self, entry: LedgerEntry) -> None:
-        """Write ahead: durable once awaited. Raises StorageError / OSError when the disk refuses."""
+    def pending(self, entry: LedgerEntry) -> Awaitable[None]:
+        """Write ahead: its write starts now, and it is durable once the result is awaited. Raises StorageError
+        / OSError when the disk refuses."""
         if self.dir is None:
-            return
+            return _nothing()
         self._open[entry["id"]] = dict(entry)
         self._lines.append(_line({"event": "pending", **entry}))
         waiter = asyncio.get_running_loop().create_future()
         self._waiters.append(waiter)
         self._kick()
+        return self._durable(entry, waiter)
+
+    async def _durable(self, entry: LedgerEntry, waiter: asyncio.Future[None]) -> None:
         try:
             if self.shared is not None:  # the shared row and the local line, written at the same time
                 try:
@@ -145,37 +153,52 @@ class Ledger:
             self._timer.cancel()
             self._timer = None
         if self._flusher is None or self._flusher.done():
-            self._flusher = asyncio.get_running_loop().create_task(self._flush(), name="agentspace-ledger")
+            # The first write starts now, not on the loop's next turn: a pending entry waits for its sync.
+            self._flusher = asyncio.get_running_loop().create_task(self._flush(self._start()), name="agentspace-ledger")
 
-    async def _flush(self) -> None:
+    def _start(self) -> tuple[asyncio.Future[None], list[asyncio.Future[None]]] | None:
+        """Take the lines and notes waiting and start writing them; None when there are none."""
+        if not (self._lines or self._dirty):
+            return None
         loop = asyncio.get_running_loop()
-        while self._lines or self._dirty:
-            lines, self._lines = self._lines, []
-            for entry_id in self._dirty:
-                entry = self._open.get(entry_id)
-                if entry is not None:
-                    note: dict[str, Any] = {k: entry[k] for k in ("usage", "answered", "relayedTokens") if k in entry}
-                    lines.append(_line({"event": "note", "id": entry_id, **note}))
-            self._dirty.clear()
-            waiters, self._waiters = self._waiters, []
-            rotate = self._rotation() if self._size > ROTATE_BYTES else None
+        lines, self._lines = self._lines, []
+        for entry_id in self._dirty:
+            entry = self._open.get(entry_id)
+            if entry is not None:
+                note: dict[str, Any] = {k: entry[k] for k in ("usage", "answered", "relayedTokens") if k in entry}
+                lines.append(_line({"event": "note", "id": entry_id, **note}))
+        self._dirty.clear()
+        waiters, self._waiters = self._waiters, []
+        rotate = self._rotation() if self._size > ROTATE_BYTES else None
+        if waiters or rotate is not None or self._fd is None:
+            # A sync (or a new file): on a thread, not the store thread -- a pending entry does not wait behind
+            # store writes.
+            return loop.run_in_executor(None, self._write, b"".join(lines), bool(waiters), rotate), waiters
+        # Notes and closings: a few hundred bytes into the page cache, cheaper than a thread hop.
+        done = loop.create_future()
+        try:
+            self._write(b"".join(lines), False, None)
+            done.set_result(None)
+        except Exception as e:
+            done.set_exception(e)
+        return done, waiters
+
+    async def _flush(self, started: tuple[asyncio.Future[None], list[asyncio.Future[None]]] | None) -> None:
+        while started is not None:
+            future, waiters = started
             try:
-                if waiters or rotate is not None or self._fd is None:
-                    # A sync (or a new file): on a thread, not the store thread -- a pending entry does not wait
-                    # behind store writes.
-                    await loop.run_in_executor(None, self._write, b"".join(lines), bool(waiters), rotate)
-                else:  # notes and closings: a few hundred bytes into the page cache, cheaper than a thread hop
-                    self._write(b"".join(lines), False, None)
+                await future
             except Exception as e:
                 for waiter in waiters:
                     if not waiter.done():
                         waiter.set_exception(e)
                 if not waiters:
                     log.warning("the ledger journal could not be written: %r", e)
-                continue
-            for waiter in waiters:
-                if not waiter.done():
-                    waiter.set_result(None)
+            else:
+                for waiter in waiters:
+                    if not waiter.done():
+                        waiter.set_result(None)
+            started = self._start()
 
     def _rotation(self) -> bytes:
         """The open entries with what was noted and spooled, as the first lines of a fresh journal."""

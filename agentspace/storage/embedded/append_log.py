@@ -45,7 +45,7 @@ import json
 import logging
 import os
 import threading
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
@@ -346,7 +346,8 @@ class GroupCommit:
     returns its result and the logs it wrote. Once every queued work of the batch ran, each log written is
     synced once, and each caller gets its result, or its exception: its own, or the sync's of a log it wrote
     (then ``on_failure`` of that work, when given, may drop what it cached). OSError comes back as
-    StorageError, as everything run on the store thread."""
+    StorageError, as everything run on the store thread. ``run_written(work)`` returns as soon as the work ran,
+    with the sync still to await (a turn's user message: its sync overlaps the call's preparation)."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
@@ -357,34 +358,73 @@ class GroupCommit:
     ) -> T:
         import asyncio
 
-        from .store_thread import storage_error, submit
+        batch, index = self._queue(work, on_failure)
+        assert batch.future is not None
+        return _outcome(await asyncio.shield(batch.future), index)
+
+    async def run_written(
+        self, work: Callable[[], tuple[T, Sequence[AppendLog]]], on_failure: Callable[[], None] | None = None
+    ) -> tuple[T, Awaitable[None]]:
+        """``run`` that returns once ``work`` ran, with the sync still under way on the store thread: its result,
+        and what to await for its lines to be durable. One job for both, so the sync starts as soon as the
+        lines are written, not once the event loop has come back for it."""
+        import asyncio
+
+        loop = asyncio.get_running_loop()
+        written: asyncio.Future[tuple[bool, Any]] = loop.create_future()
+
+        def on_written(outcome: tuple[bool, Any]) -> None:
+            loop.call_soon_threadsafe(_settle, written, outcome)
+
+        batch, index = self._queue(work, on_failure, on_written)
+        assert batch.future is not None
+
+        def batch_done(future: asyncio.Future[list[tuple[bool, Any]]]) -> None:
+            # Settled already, unless the flush failed as a whole before the work ran: then its caller hears why.
+            error = RuntimeError("the group commit was cancelled") if future.cancelled() else future.exception()
+            _settle(written, (False, error) if error is not None else future.result()[index])
+
+        batch.future.add_done_callback(batch_done)
+        value: T = _outcome([await asyncio.shield(written)], 0)
+
+        async def synced() -> None:
+            assert batch.future is not None
+            _outcome(await asyncio.shield(batch.future), index)
+
+        return value, synced()
+
+    def _queue(
+        self,
+        work: Callable[[], tuple[Any, Sequence[AppendLog]]],
+        on_failure: Callable[[], None] | None,
+        on_written: Callable[[tuple[bool, Any]], None] | None = None,
+    ) -> tuple[_Batch, int]:
+        import asyncio
+
+        from .store_thread import submit
 
         def guarded() -> tuple[Any, Sequence[AppendLog]]:
             return work()
 
-        if on_failure is not None:
-            guarded.on_failure = on_failure  # type: ignore[attr-defined]
+        guarded.on_failure = on_failure  # type: ignore[attr-defined]
+        guarded.on_written = on_written  # type: ignore[attr-defined]
         with self._lock:
             batch = self._open
             if batch is None or batch.started:
                 batch = self._open = _Batch()
                 batch.future = asyncio.wrap_future(submit(self._flush, batch))
-            index = len(batch.work)
             batch.work.append(guarded)
-        assert batch.future is not None
-        outcomes = await asyncio.shield(batch.future)
-        ok, value = outcomes[index]
-        if ok:
-            return value
-        if isinstance(value, OSError):
-            raise storage_error(value) from value
-        raise value
+            return batch, len(batch.work) - 1
 
     def _flush(self, batch: _Batch) -> list[tuple[bool, Any]]:
         with self._lock:
             batch.started = True  # from here on, new writes start the next batch
             work = list(batch.work)
         outcomes, written = _run_all(work)
+        for item, outcome in zip(work, outcomes, strict=True):
+            on_written = getattr(item, "on_written", None)
+            if on_written is not None:
+                on_written(outcome)
         failed = _sync_all(list({id(log_): log_ for logs in written for log_ in logs}.values()))
         if failed:
             for n, logs in enumerate(written):
@@ -395,6 +435,23 @@ class GroupCommit:
                     if on_failure is not None:
                         on_failure()
         return outcomes
+
+
+def _outcome(outcomes: list[tuple[bool, Any]], index: int) -> Any:
+    """One work's result from its batch's outcomes, or its exception (OSError as StorageError)."""
+    from .store_thread import storage_error
+
+    ok, value = outcomes[index]
+    if ok:
+        return value
+    if isinstance(value, OSError):
+        raise storage_error(value) from value
+    raise value
+
+
+def _settle(future: asyncio.Future[tuple[bool, Any]], outcome: tuple[bool, Any]) -> None:
+    if not future.done():
+        future.set_result(outcome)
 
 
 def _run_all(

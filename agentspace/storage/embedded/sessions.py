@@ -49,7 +49,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ...errors import SessionDamaged, StorageError
+from ...errors import SessionDamaged
 from ...types import new_id, now_iso
 from ..atomic import (
     DAMAGED_MARK,
@@ -252,14 +252,6 @@ class SessionStore:
 
         return asyncio.shield(sync)
 
-    async def _sync_written(self, session_id: str, log_: AppendLog, end: int, failures: int) -> None:
-        def work() -> tuple[None, builtins.list[AppendLog]]:
-            return None, [log_] if log_.is_open else []
-
-        await self._commit.run(work, on_failure=lambda: self._forget(session_id))
-        if log_.failures != failures or log_.synced < end:  # cut off by a sync that failed meanwhile
-            raise StorageError("The gateway could not use its data directory: a write to it failed.")
-
     async def update_message(self, session_id: str, message_id: str, changes: dict[str, Any]) -> None:
         """Merge ``changes`` into a stored message. Raises SessionNotFound or MessageNotFound."""
         await self._write(session_id, self._update, message_id, detached(changes))
@@ -319,14 +311,16 @@ class SessionStore:
                 self._unsynced.pop(session_id, None)  # a turn that made no call: nothing waits for it any more
             return result
 
-        def write() -> tuple[Any, AppendLog, int, int]:
+        def work_written() -> tuple[Any, builtins.list[AppendLog]]:
             result, log_ = written()
-            return result, log_, log_.size, log_.failures
+            return result, [log_]
 
-        result, log_, end, failures = await self._run(write)
+        # Written and synced in one job of the group commit: this returns once the lines are written, the sync
+        # goes on without waiting for the event loop to come back.
+        result, synced = await self._commit.run_written(work_written, on_failure=lambda: self._forget(session_id))
         import asyncio  # here: the CLI, which reads sessions without writing, starts without asyncio
 
-        background = asyncio.ensure_future(self._sync_written(session_id, log_, end, failures))
+        background = asyncio.ensure_future(synced)
         background.add_done_callback(_retrieved)  # a failure nobody awaits (no call followed) is not an error
         self._unsynced[session_id] = background
         return result
