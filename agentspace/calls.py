@@ -59,7 +59,7 @@ log = logging.getLogger(__name__)
 OUTPUT_FIELDS = ("outputTokens",)
 ALL_FIELDS = ("inputTokens", "outputTokens")
 
-# Prompts longer than this are priced at the long-context rates where the model has them.
+# What an uncountable input may cost when neither the config nor the model says (a common context window).
 LONG_CONTEXT_TOKENS = 200_000
 # Anthropic's web search: $10 per 1,000 searches, when the cost map does not say.
 WEB_SEARCH_USD = 0.01
@@ -234,14 +234,12 @@ def server_tool_cost(model: str, uses: dict[str, int]) -> float:
 def ceiling_cost(gw: Registry, model: str, ceiling: Ceiling) -> float:
     """The reservation: a ceiling priced at the model's rates, long-context tiers included."""
     info = gw.model_info(model)
-    input_rate, output_rate = info.input_per_mtok / 1e6, info.output_per_mtok / 1e6
-    if ceiling.input_tokens > LONG_CONTEXT_TOKENS and not gw.config.pricing.get(model):
-        entry = cost_map().get(model.split("/", 1)[1] if "/" in model else model) or {}
-        input_rate = float(entry.get("input_cost_per_token_above_200k_tokens") or input_rate)
-        output_rate = float(entry.get("output_cost_per_token_above_200k_tokens") or output_rate)
+    # The tier the record would be priced at (ModelInfo.cost): the cost map's, the provider's or [pricing]'s.
+    tier = info.tier(ceiling.input_tokens)
+    rates = (tier.input_per_mtok, tier.output_per_mtok) if tier else (info.input_per_mtok, info.output_per_mtok)
     return (
-        ceiling.input_tokens * input_rate
-        + ceiling.output_tokens * output_rate
+        ceiling.input_tokens * rates[0] / 1e6
+        + ceiling.output_tokens * rates[1] / 1e6
         + server_tool_cost(model, ceiling.server_tool_uses)
     )
 

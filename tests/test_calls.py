@@ -117,6 +117,40 @@ async def test_a_url_document_reserves_the_configured_ceiling(make_client: Any, 
     assert any("may cost up to $0.36" in str(r) for r in refused)
 
 
+async def test_a_long_context_tier_of_the_pricing_table_prices_the_reservation(
+    make_client: Any, fake_anthropic: FakeAnthropic
+) -> None:
+    # [pricing] puts prompts over 1000 tokens at ten times the rates: a 1500-token prompt with max_tokens 1000
+    # may cost 1500 x $30/M + 1000 x $150/M = $0.195, which is what the upstream's answer costs here.
+    tier = {"above_input_tokens": 1000, "input_per_mtok": 30.0, "output_per_mtok": 150.0}
+    client = await make_client(pricing={"anthropic/" + MODEL: {"long_context": [tier]}})
+    fake_anthropic.default = fa.text_response(
+        usage={"input_tokens": 1500}, delta_usages=[{"output_tokens": 1000}]
+    ).with_delay(0.2)
+    key = add_client("alice", "--budget", "0.25")
+    messages = [{"role": "user", "content": "word " * 1500}]
+    anthropic_api, openai_api = anthropic_sdk(client, key), openai_sdk(client, key)
+    results = await asyncio.gather(
+        *(anthropic_api.messages.create(model=MODEL, max_tokens=1000, messages=messages) for _ in range(CALLS // 2)),  # type: ignore[arg-type]
+        *(
+            openai_api.chat.completions.create(model="anthropic/" + MODEL, max_tokens=1000, messages=messages)  # type: ignore[arg-type]
+            for _ in range(CALLS // 2)
+        ),
+        return_exceptions=True,
+    )
+    assert sum(1 for r in results if not isinstance(r, BaseException)) == 1
+    assert all(
+        isinstance(r, (anthropic.RateLimitError, openai.RateLimitError))
+        for r in results
+        if isinstance(r, BaseException)
+    )
+    answered, spent = await answered_and_spend(client, "alice")
+    assert answered == 1 and spent == pytest.approx(0.195)
+    with pytest.raises(anthropic.RateLimitError) as e:
+        await anthropic_api.messages.create(model=MODEL, max_tokens=1000, messages=messages)  # type: ignore[arg-type]
+    assert "may cost up to $0.19" in str(e.value) or "may cost up to $0.2" in str(e.value), str(e.value)
+
+
 async def test_a_reservation_larger_than_what_is_left_is_refused_and_says_so(
     client: TestClient, fake_anthropic: FakeAnthropic
 ) -> None:
