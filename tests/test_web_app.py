@@ -126,17 +126,22 @@ class Gateway:
 
 @contextlib.contextmanager
 def served(
-    folder: Path, config: Path, data_dir: Path, fake: ThreadedFake, launch: str | None = LAUNCH
+    folder: Path,
+    config: Path,
+    data_dir: Path,
+    fake: ThreadedFake,
+    launch: str | None = LAUNCH,
+    load_plugins: str = "",
 ) -> Iterator[Gateway]:
-    """``agentspace serve`` on ``config`` (the web app's test tools registered, unless ``launch`` is None), its
-    log in ``folder/serve.log``, stopped by its PID at the end."""
+    """``agentspace serve`` on ``config`` (the web app's test tools registered, unless ``launch`` is None; the
+    optional plugins ``load_plugins`` names), its log in ``folder/serve.log``, stopped by its PID at the end."""
     entry = ["-m", "agentspace"] if launch is None else ["-c", launch]
     log = open(folder / "serve.log", "wb")  # noqa: SIM115 - closed below, after the server
     proc = subprocess.Popen(
         [sys.executable, *entry, "serve", "--config", str(config), "--port", "0"],
         stdout=subprocess.PIPE,
         stderr=log,
-        env=child_env(data_dir),
+        env=child_env(data_dir, load_plugins),
         cwd=ROOT,
     )
     try:
