@@ -253,7 +253,8 @@ async def test_a_key_rotated_is_refused_at_the_next_call_of_an_open_socket(
 
 
 async def test_v1_refuses_new_calls_once_shutdown_begins(tmp_path: Path, fake_anthropic: FakeAnthropic) -> None:
-    """A /v1 request whose body was still arriving when SIGTERM came is refused like a new WebSocket turn."""
+    """A /v1 request whose body was still arriving when SIGTERM came is refused like a new WebSocket turn, in
+    its API's shape, on every /v1 way to a provider call (count_tokens included)."""
     fake_anthropic.enqueue(fa.text_response("slow " * 40, chunks=40).with_delay(0.1))  # keeps shutdown waiting
     server = GatewayProcess(tmp_path / "data", fake_anthropic.url, server={"shutdown_grace_seconds": 5.0})
     try:
@@ -264,44 +265,44 @@ async def test_v1_refuses_new_calls_once_shutdown_begins(tmp_path: Path, fake_an
             await ws.send_json({"type": "chat.send", "id": "busy", "content": "a long one"})
             while (await ws.receive_json(timeout=30))["type"] != "chat.stream.delta":
                 pass
-            released = {"anthropic": asyncio.Event(), "openai": asyncio.Event()}
+            messages = [{"role": "user", "content": "Hi"}]
+            calls = {  # each /v1 way to a provider call, with the error shape of its API
+                "/v1/messages": {"model": MODEL, "max_tokens": 64, "messages": messages},
+                "/v1/messages/count_tokens": {"model": MODEL, "messages": messages},
+                "/v1/chat/completions": {"model": "anthropic/" + MODEL, "messages": messages},
+                "/v1/responses": {"model": "anthropic/" + MODEL, "input": "Hi"},
+            }
+            released = asyncio.Event()
 
-            async def body(which: str, data: dict[str, Any]) -> Any:
+            async def body(data: dict[str, Any]) -> Any:
                 raw = json.dumps(data).encode()
                 yield raw[:10]
-                await released[which].wait()
+                await released.wait()
                 yield raw[10:]
 
-            messages = [{"role": "user", "content": "Hi"}]
-            anthropic_call = asyncio.ensure_future(
-                http.post(
-                    server.url + "/v1/messages",
-                    data=body("anthropic", {"model": MODEL, "max_tokens": 64, "messages": messages}),
-                    headers=headers,
-                )
-            )
-            openai_call = asyncio.ensure_future(
-                http.post(
-                    server.url + "/v1/chat/completions",
-                    data=body("openai", {"model": "anthropic/" + MODEL, "messages": messages}),
-                    headers=headers,
-                )
-            )
-            await asyncio.sleep(0.5)  # both requests are in, their bodies unfinished
+            pending = {
+                path: asyncio.ensure_future(http.post(server.url + path, data=body(data), headers=headers))
+                for path, data in calls.items()
+            }
+            await asyncio.sleep(0.5)  # the requests are in, their bodies unfinished
             assert server.process is not None
             server.process.send_signal(signal.SIGTERM)
             await server.wait_for_log("running stream(s)")
-            for event in released.values():
-                event.set()
-            a, o = await anthropic_call, await openai_call
-            assert a.status == 503 and (await a.json())["error"]["type"] == "overloaded_error"
-            assert "shutting down" in (await a.json())["error"]["message"]
-            assert o.status == 503 and "shutting down" in (await o.json())["error"]["message"]
+            released.set()
+            for path, call in pending.items():
+                resp = await call
+                error = (await resp.json())["error"]
+                assert resp.status == 503 and "shutting down" in error["message"], (path, error)
+                if path.startswith("/v1/messages"):  # Anthropic's shape
+                    assert (await resp.json())["type"] == "error" and error["type"] == "overloaded_error", path
+                else:  # OpenAI's, as its API answers "overloaded or not ready yet"
+                    assert error["type"] == "server_error", (path, error)
             await ws.close()
         assert await server.process.wait() == 0
     finally:
         await server.aclose()
     assert len(fake_anthropic.requests) == 1  # only the turn that was running
+    assert fake_anthropic.count_requests == []
 
 
 # --- crash recovery -------------------------------------------------------------------------------------
