@@ -18,6 +18,7 @@ import openai
 import pytest
 from aiohttp.test_utils import TestClient
 
+from agentspace.plugins import create_plugin_manager
 from agentspace.storage.embedded.usage import UsageStore
 from scripts.harness import GatewayProcess
 from tests.fakes import anthropic_upstream as fa
@@ -25,6 +26,7 @@ from tests.fakes.anthropic_upstream import FakeAnthropic
 from tests.support.ui_stream import post_chat, read_all
 from tests.support.ws import of
 from tests.test_clients import add_client, anthropic_sdk, bearer, cli, openai_sdk, records, spend_of, ws_chat
+from tests.tool_plugins import WeatherTools
 
 MODEL = "claude-sonnet-4-5"
 CALLS = 30
@@ -72,6 +74,48 @@ async def test_thinking_turns_on_api_chat_reserve_what_goes_upstream(
     assert answered == 1 and spent <= 0.25
 
 
+async def test_tool_loops_on_the_websocket_and_api_chat_reserve_each_step(
+    make_client: Any, fake_anthropic: FakeAnthropic
+) -> None:
+    """Each step of a tool loop is admitted and reserved on its own, at the moment of its call: 30 tool-using
+    turns (WebSocket and /api/chat) against $0.60 spend at most the budget, whatever step they are at."""
+    pm = create_plugin_manager()
+    pm.register(WeatherTools())
+    client = await make_client(pm=pm)
+    tool_step = fa.tool_use_response("get_weather", {"city": "Oslo"}).with_delay(0.1)
+    answer_step = fa.text_response(delta_usages=[{"output_tokens": 12000}]).with_delay(0.1)  # about $0.18
+
+    def next_response() -> fa.FakeResponse:  # the step after a tool result answers; the first calls the tool
+        last = fake_anthropic.requests[-1].body["messages"][-1]["content"]
+        ran = isinstance(last, list) and any(b.get("type") == "tool_result" for b in last)
+        return answer_step if ran else tool_step
+
+    fake_anthropic.next_response = next_response  # type: ignore[method-assign]
+    key = add_client("alice", "--budget", "0.6")
+
+    async def over_http(i: int) -> str:
+        resp = await post_chat(client, bearer(key), f"chat{i}")
+        if resp.status != 200:
+            return str((await resp.json())["error"]["code"])
+        chunks = [c for c in await read_all(resp) if isinstance(c, dict)]
+        errors = [c for c in chunks if c.get("type") == "error"]
+        return (
+            "BUDGET_EXCEEDED" if errors and "BUDGET_EXCEEDED" in errors[0]["errorText"] else "ok" if not errors else "?"
+        )
+
+    async def over_ws() -> str:
+        frames = await ws_chat(client, key, "Weather?")
+        return "ok" if of(frames, "chat.stream.end") else str(frames[-1].get("code"))
+
+    outcomes = await asyncio.gather(*(over_ws() for _ in range(CALLS // 2)), *(over_http(i) for i in range(CALLS // 2)))
+    assert set(outcomes) <= {"ok", "BUDGET_EXCEEDED"}, outcomes
+    assert outcomes.count("ok") >= 2  # loops ran side by side
+    mine = [r for r in await records(client) if r["client"] == "alice"]
+    assert len(mine) == len(fake_anthropic.requests)  # one record per call that went upstream
+    assert sum(r["totalCost"] for r in mine) <= 0.6
+    assert any(r["outputTokens"] == 12000 for r in mine)  # a loop reached its costly last step
+
+
 async def test_reasoning_effort_on_chat_completions_reserves_the_thinking_budget(
     client: TestClient, fake_anthropic: FakeAnthropic
 ) -> None:
@@ -94,6 +138,32 @@ async def test_reasoning_effort_on_chat_completions_reserves_the_thinking_budget
     assert fake_anthropic.requests[0].body["max_tokens"] == 17000
     answered, spent = await answered_and_spend(client, "alice")
     assert answered == 1 and spent <= 0.35
+
+
+async def test_reasoning_effort_on_responses_reserves_the_thinking_budget(
+    client: TestClient, fake_anthropic: FakeAnthropic
+) -> None:
+    # /v1/responses: max_output_tokens 1000 with reasoning effort "high" goes upstream as max_tokens 17000.
+    fake_anthropic.default = fa.text_response(delta_usages=[{"output_tokens": 16500}]).with_delay(0.2)
+    key = add_client("alice", "--budget", "0.35")
+    api = openai_sdk(client, key)
+    results = await asyncio.gather(
+        *(
+            api.responses.create(
+                model="anthropic/claude-sonnet-4-5",
+                input="Think hard.",
+                max_output_tokens=1000,
+                reasoning={"effort": "high"},
+            )
+            for _ in range(CALLS)
+        ),
+        return_exceptions=True,
+    )
+    assert sum(1 for r in results if not isinstance(r, BaseException)) == 1
+    assert all(isinstance(r, openai.RateLimitError) for r in results if isinstance(r, BaseException))
+    assert fake_anthropic.requests[0].body["max_tokens"] == 17000
+    answered, spent = await answered_and_spend(client, "alice")
+    assert answered == 1 and 0.24 < spent <= 0.35
 
 
 async def test_a_url_document_reserves_the_configured_ceiling(make_client: Any, fake_anthropic: FakeAnthropic) -> None:
