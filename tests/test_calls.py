@@ -233,6 +233,30 @@ async def test_a_reservation_larger_than_what_is_left_is_refused_and_says_so(
     assert fake_anthropic.requests == []
 
 
+async def test_the_worked_example_of_the_accounting_doc_is_what_the_code_computes(
+    client: TestClient, fake_anthropic: FakeAnthropic
+) -> None:
+    """docs/accounting.md's worked example: its figures are the ones the gateway's pricing gives."""
+    from agentspace.calls import Ceiling, ceiling_cost, price
+    from agentspace.transports import state
+    from agentspace.types import TokenUsage
+
+    doc = (Path(__file__).resolve().parent.parent / "docs" / "accounting.md").read_text(encoding="utf-8")
+    example = " ".join(doc[doc.index("## A worked example") :].split())
+    gw, model = client.app[state.REGISTRY], "anthropic/" + MODEL
+    # A turn with [chat] max_tokens 4096 and thinking on (budget 8000) sends max_tokens 12096 upstream.
+    assert of(await ws_chat(client, add_client("ci-bot")), "chat.stream.end")
+    assert fake_anthropic.requests[0].body["max_tokens"] == 12096 and "`max_tokens: 12096`" in example
+    reservation = ceiling_cost(gw, model, Ceiling(1200, 12096))
+    posted = price(gw, model, TokenUsage(input_tokens=1180, output_tokens=2300)).total_cost
+    recovered = price(gw, model, TokenUsage(input_tokens=1180, output_tokens=900)).total_cost
+    assert f"**${reservation:.5f}**" in example
+    assert f"$0.04 + in flight $0 + ${reservation:.5f} = ${0.04 + reservation:.5f} <= $0.25" in example
+    assert f"${0.25 - 0.04 - reservation:.5f} left" in example
+    assert f"Posted: $0.00354 + $0.0345 = ${posted:.5f}; spend is now ${0.04 + posted:.5f}" in example
+    assert f'`recovered: true`, `estimatedFields: ["outputTokens"]`, ${recovered:.5f}' in example
+
+
 # --- spend from the ledger ------------------------------------------------------------------------------
 
 
