@@ -188,6 +188,47 @@ async def test_a_url_document_reserves_the_configured_ceiling(make_client: Any, 
     assert any("may cost up to $0.36" in str(r) for r in refused)
 
 
+async def test_a_url_document_reserves_the_configured_ceiling_when_translated(
+    make_client: Any, fake_anthropic: FakeAnthropic
+) -> None:
+    """A PDF behind a URL sent through /v1/chat/completions (a file part) or /v1/responses (an input_file) goes
+    upstream as a URL document: the upstream fetches and bills it, so it reserves the configured ceiling."""
+    client = await make_client(limits={"uncountable_input_tokens": 120_000})
+    fake_anthropic.default = fa.text_response(usage={"input_tokens": 100_000}).with_delay(0.2)
+    key = add_client("alice", "--budget", "0.5")
+    url = "https://example.com/report.pdf"
+    api = openai_sdk(client, key)
+    chat = [
+        {
+            "role": "user",
+            "content": [{"type": "file", "file": {"file_data": url}}, {"type": "text", "text": "Summarize."}],
+        }
+    ]
+    response_input = [
+        {
+            "role": "user",
+            "content": [{"type": "input_file", "file_url": url}, {"type": "input_text", "text": "Summarize."}],
+        }
+    ]
+    results = await asyncio.gather(
+        *(
+            api.chat.completions.create(model="anthropic/" + MODEL, max_tokens=64, messages=chat)  # type: ignore[arg-type]
+            for _ in range(CALLS // 2)
+        ),
+        *(
+            api.responses.create(model="anthropic/" + MODEL, max_output_tokens=64, input=response_input)  # type: ignore[arg-type]
+            for _ in range(CALLS // 2)
+        ),
+        return_exceptions=True,
+    )
+    assert sum(1 for r in results if not isinstance(r, BaseException)) == 1
+    assert all(isinstance(r, openai.RateLimitError) for r in results if isinstance(r, BaseException))
+    sent = fake_anthropic.requests[0].body["messages"][0]["content"][0]
+    assert sent["type"] == "document" and sent["source"] == {"type": "url", "url": url}
+    answered, spent = await answered_and_spend(client, "alice")
+    assert answered == 1 and 0.3 <= spent <= 0.5
+
+
 async def test_a_long_context_tier_of_the_pricing_table_prices_the_reservation(
     make_client: Any, fake_anthropic: FakeAnthropic
 ) -> None:
