@@ -18,6 +18,7 @@ import openai
 import pytest
 from aiohttp.test_utils import TestClient
 
+from agentspace import Tool, hookimpl
 from agentspace.plugins import create_plugin_manager
 from agentspace.storage.embedded.usage import UsageStore
 from scripts.harness import GatewayProcess
@@ -383,6 +384,39 @@ async def test_a_key_rotated_is_refused_at_the_next_call_of_an_open_socket(
     finally:
         await ws.close()
     assert len(fake_anthropic.requests) == 1
+
+
+async def test_a_key_rotated_during_a_tool_loop_on_api_chat_refuses_its_next_step(
+    make_client: Any, fake_anthropic: FakeAnthropic
+) -> None:
+    """/api/chat authenticates once per request, but each step of its tool loop is admitted at the moment of
+    its call: a key rotated while a tool runs refuses the next step, before anything is sent."""
+    entered, release = asyncio.Event(), asyncio.Event()
+
+    class SlowTool:
+        @hookimpl
+        def register_tools(self, register: Any, config: Any) -> None:
+            async def wait(args: dict[str, Any]) -> str:
+                entered.set()
+                await release.wait()
+                return "done"
+
+            register(Tool("wait", "Waits", {"type": "object", "properties": {}}, wait))
+
+    pm = create_plugin_manager()
+    pm.register(SlowTool())
+    client = await make_client(pm=pm)
+    fake_anthropic.enqueue(fa.tool_use_response("wait", {}), fa.text_response("Never sent."))
+    key = add_client("alice")
+    turn = asyncio.ensure_future(post_chat(client, bearer(key), "c1"))
+    await asyncio.wait_for(entered.wait(), 10)
+    cli("clients", "rotate", "alice")
+    release.set()
+    resp = await turn
+    assert resp.status == 200
+    errors = [c for c in await read_all(resp) if isinstance(c, dict) and c.get("type") == "error"]
+    assert errors and "rotated" in errors[0]["errorText"], errors
+    assert len(fake_anthropic.requests) == 1  # the second step never left
 
 
 # --- shutdown -------------------------------------------------------------------------------------------
