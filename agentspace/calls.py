@@ -59,7 +59,7 @@ log = logging.getLogger(__name__)
 OUTPUT_FIELDS = ("outputTokens",)
 ALL_FIELDS = ("inputTokens", "outputTokens")
 
-# Prompts longer than this are priced at the long-context rates where the model has them.
+# What an uncountable input may cost when neither the config nor the model says (a common context window).
 LONG_CONTEXT_TOKENS = 200_000
 # Anthropic's web search: $10 per 1,000 searches, when the cost map does not say.
 WEB_SEARCH_USD = 0.01
@@ -77,6 +77,9 @@ class Ceiling:
     # Server tools the request lets the model use, and how often at most (``max_uses`` or the configured
     # ceiling): {"web_search": 5}.
     server_tool_uses: dict[str, int] = field(default_factory=dict)
+    # Documents behind a URL, which the upstream fetches and bills and nothing here can count: each is priced
+    # at ``uncountable_tokens`` of input.
+    uncountable: int = 0
 
 
 def request_input_tokens(request: ProviderRequest) -> int:
@@ -102,10 +105,16 @@ def request_input_tokens(request: ProviderRequest) -> int:
 
 
 def request_ceiling(request: ProviderRequest, input_tokens: int | None = None) -> Ceiling:
-    """A ProviderRequest's ceiling: its input counted (or ``input_tokens`` when the caller counted it) and the
-    output tokens the provider will ask for, the thinking budget included."""
+    """A ProviderRequest's ceiling: its input counted (or ``input_tokens`` when the caller counted it), its
+    documents behind a URL, and the output tokens the provider will ask for, the thinking budget included."""
     tokens = request_input_tokens(request) if input_tokens is None else input_tokens
-    return Ceiling(tokens, upstream_output_tokens(request))
+    behind_urls = sum(
+        1
+        for message in request.messages
+        for part in message.parts
+        if isinstance(part, FilePart) and part.url and not part.data and not part.is_image
+    )
+    return Ceiling(tokens, upstream_output_tokens(request), uncountable=behind_urls)
 
 
 def uncountable_tokens(gw: Registry, model: str) -> int:
@@ -234,14 +243,13 @@ def server_tool_cost(model: str, uses: dict[str, int]) -> float:
 def ceiling_cost(gw: Registry, model: str, ceiling: Ceiling) -> float:
     """The reservation: a ceiling priced at the model's rates, long-context tiers included."""
     info = gw.model_info(model)
-    input_rate, output_rate = info.input_per_mtok / 1e6, info.output_per_mtok / 1e6
-    if ceiling.input_tokens > LONG_CONTEXT_TOKENS and not gw.config.pricing.get(model):
-        entry = cost_map().get(model.split("/", 1)[1] if "/" in model else model) or {}
-        input_rate = float(entry.get("input_cost_per_token_above_200k_tokens") or input_rate)
-        output_rate = float(entry.get("output_cost_per_token_above_200k_tokens") or output_rate)
+    input_tokens = ceiling.input_tokens + ceiling.uncountable * uncountable_tokens(gw, model)
+    # The tier the record would be priced at (ModelInfo.cost): the cost map's, the provider's or [pricing]'s.
+    tier = info.tier(input_tokens)
+    rates = (tier.input_per_mtok, tier.output_per_mtok) if tier else (info.input_per_mtok, info.output_per_mtok)
     return (
-        ceiling.input_tokens * input_rate
-        + ceiling.output_tokens * output_rate
+        input_tokens * rates[0] / 1e6
+        + ceiling.output_tokens * rates[1] / 1e6
         + server_tool_cost(model, ceiling.server_tool_uses)
     )
 

@@ -18,6 +18,8 @@ import openai
 import pytest
 from aiohttp.test_utils import TestClient
 
+from agentspace import Tool, hookimpl
+from agentspace.plugins import create_plugin_manager
 from agentspace.storage.embedded.usage import UsageStore
 from scripts.harness import GatewayProcess
 from tests.fakes import anthropic_upstream as fa
@@ -25,6 +27,7 @@ from tests.fakes.anthropic_upstream import FakeAnthropic
 from tests.support.ui_stream import post_chat, read_all
 from tests.support.ws import of
 from tests.test_clients import add_client, anthropic_sdk, bearer, cli, openai_sdk, records, spend_of, ws_chat
+from tests.tool_plugins import WeatherTools
 
 MODEL = "claude-sonnet-4-5"
 CALLS = 30
@@ -72,6 +75,49 @@ async def test_thinking_turns_on_api_chat_reserve_what_goes_upstream(
     assert answered == 1 and spent <= 0.25
 
 
+async def test_tool_loops_on_the_websocket_and_api_chat_reserve_each_step(
+    make_client: Any, fake_anthropic: FakeAnthropic
+) -> None:
+    """Each step of a tool loop is admitted and reserved on its own, at the moment of its call: 30 tool-using
+    turns (WebSocket and /api/chat) against $0.60 spend at most the budget, whatever step they are at."""
+    pm = create_plugin_manager()
+    pm.register(WeatherTools())
+    client = await make_client(pm=pm)
+    tool_step = fa.tool_use_response("get_weather", {"city": "Oslo"}).with_delay(0.1)
+    answer_step = fa.text_response(delta_usages=[{"output_tokens": 12000}]).with_delay(0.1)  # about $0.18
+
+    def next_response() -> fa.FakeResponse:  # the step after a tool result answers; the first calls the tool
+        last = fake_anthropic.requests[-1].body["messages"][-1]["content"]
+        ran = isinstance(last, list) and any(b.get("type") == "tool_result" for b in last)
+        return answer_step if ran else tool_step
+
+    fake_anthropic.next_response = next_response  # type: ignore[method-assign]
+    key = add_client("alice", "--budget", "0.6")
+
+    async def over_http(i: int) -> str:
+        resp = await post_chat(client, bearer(key), f"chat{i}")
+        if resp.status != 200:
+            return str((await resp.json())["error"]["code"])
+        chunks = [c for c in await read_all(resp) if isinstance(c, dict)]
+        errors = [c for c in chunks if c.get("type") == "error"]
+        if not errors:
+            return "ok"
+        # A step refused mid-turn: the AI SDK's error chunk carries the message only (docs/protocol.md).
+        return "BUDGET_EXCEEDED" if "budget" in errors[0]["errorText"] else errors[0]["errorText"]
+
+    async def over_ws() -> str:
+        frames = await ws_chat(client, key, "Weather?")
+        return "ok" if of(frames, "chat.stream.end") else str(frames[-1].get("code"))
+
+    outcomes = await asyncio.gather(*(over_ws() for _ in range(CALLS // 2)), *(over_http(i) for i in range(CALLS // 2)))
+    assert set(outcomes) <= {"ok", "BUDGET_EXCEEDED"}, outcomes
+    assert outcomes.count("ok") >= 2  # loops ran side by side
+    mine = [r for r in await records(client) if r["client"] == "alice"]
+    assert len(mine) == len(fake_anthropic.requests)  # one record per call that went upstream
+    assert sum(r["totalCost"] for r in mine) <= 0.6
+    assert any(r["outputTokens"] == 12000 for r in mine)  # a loop reached its costly last step
+
+
 async def test_reasoning_effort_on_chat_completions_reserves_the_thinking_budget(
     client: TestClient, fake_anthropic: FakeAnthropic
 ) -> None:
@@ -96,6 +142,32 @@ async def test_reasoning_effort_on_chat_completions_reserves_the_thinking_budget
     assert answered == 1 and spent <= 0.35
 
 
+async def test_reasoning_effort_on_responses_reserves_the_thinking_budget(
+    client: TestClient, fake_anthropic: FakeAnthropic
+) -> None:
+    # /v1/responses: max_output_tokens 1000 with reasoning effort "high" goes upstream as max_tokens 17000.
+    fake_anthropic.default = fa.text_response(delta_usages=[{"output_tokens": 16500}]).with_delay(0.2)
+    key = add_client("alice", "--budget", "0.35")
+    api = openai_sdk(client, key)
+    results = await asyncio.gather(
+        *(
+            api.responses.create(
+                model="anthropic/claude-sonnet-4-5",
+                input="Think hard.",
+                max_output_tokens=1000,
+                reasoning={"effort": "high"},
+            )
+            for _ in range(CALLS)
+        ),
+        return_exceptions=True,
+    )
+    assert sum(1 for r in results if not isinstance(r, BaseException)) == 1
+    assert all(isinstance(r, openai.RateLimitError) for r in results if isinstance(r, BaseException))
+    assert fake_anthropic.requests[0].body["max_tokens"] == 17000
+    answered, spent = await answered_and_spend(client, "alice")
+    assert answered == 1 and 0.24 < spent <= 0.35
+
+
 async def test_a_url_document_reserves_the_configured_ceiling(make_client: Any, fake_anthropic: FakeAnthropic) -> None:
     client = await make_client(limits={"uncountable_input_tokens": 120_000})
     # The upstream fetched the PDF and billed 100k input tokens ($0.30); nothing here could count them.
@@ -117,6 +189,81 @@ async def test_a_url_document_reserves_the_configured_ceiling(make_client: Any, 
     assert any("may cost up to $0.36" in str(r) for r in refused)
 
 
+async def test_a_url_document_reserves_the_configured_ceiling_when_translated(
+    make_client: Any, fake_anthropic: FakeAnthropic
+) -> None:
+    """A PDF behind a URL sent through /v1/chat/completions (a file part) or /v1/responses (an input_file) goes
+    upstream as a URL document: the upstream fetches and bills it, so it reserves the configured ceiling."""
+    client = await make_client(limits={"uncountable_input_tokens": 120_000})
+    fake_anthropic.default = fa.text_response(usage={"input_tokens": 100_000}).with_delay(0.2)
+    key = add_client("alice", "--budget", "0.5")
+    url = "https://example.com/report.pdf"
+    api = openai_sdk(client, key)
+    chat = [
+        {
+            "role": "user",
+            "content": [{"type": "file", "file": {"file_data": url}}, {"type": "text", "text": "Summarize."}],
+        }
+    ]
+    response_input = [
+        {
+            "role": "user",
+            "content": [{"type": "input_file", "file_url": url}, {"type": "input_text", "text": "Summarize."}],
+        }
+    ]
+    results = await asyncio.gather(
+        *(
+            api.chat.completions.create(model="anthropic/" + MODEL, max_tokens=64, messages=chat)  # type: ignore[arg-type]
+            for _ in range(CALLS // 2)
+        ),
+        *(
+            api.responses.create(model="anthropic/" + MODEL, max_output_tokens=64, input=response_input)  # type: ignore[arg-type]
+            for _ in range(CALLS // 2)
+        ),
+        return_exceptions=True,
+    )
+    assert sum(1 for r in results if not isinstance(r, BaseException)) == 1
+    assert all(isinstance(r, openai.RateLimitError) for r in results if isinstance(r, BaseException))
+    sent = fake_anthropic.requests[0].body["messages"][0]["content"][0]
+    assert sent["type"] == "document" and sent["source"] == {"type": "url", "url": url}
+    answered, spent = await answered_and_spend(client, "alice")
+    assert answered == 1 and 0.3 <= spent <= 0.5
+
+
+async def test_a_long_context_tier_of_the_pricing_table_prices_the_reservation(
+    make_client: Any, fake_anthropic: FakeAnthropic
+) -> None:
+    # [pricing] puts prompts over 1000 tokens at ten times the rates: a 1500-token prompt with max_tokens 1000
+    # may cost 1500 x $30/M + 1000 x $150/M = $0.195, which is what the upstream's answer costs here.
+    tier = {"above_input_tokens": 1000, "input_per_mtok": 30.0, "output_per_mtok": 150.0}
+    client = await make_client(pricing={"anthropic/" + MODEL: {"long_context": [tier]}})
+    fake_anthropic.default = fa.text_response(
+        usage={"input_tokens": 1500}, delta_usages=[{"output_tokens": 1000}]
+    ).with_delay(0.2)
+    key = add_client("alice", "--budget", "0.25")
+    messages = [{"role": "user", "content": "word " * 1500}]
+    anthropic_api, openai_api = anthropic_sdk(client, key), openai_sdk(client, key)
+    results = await asyncio.gather(
+        *(anthropic_api.messages.create(model=MODEL, max_tokens=1000, messages=messages) for _ in range(CALLS // 2)),  # type: ignore[arg-type]
+        *(
+            openai_api.chat.completions.create(model="anthropic/" + MODEL, max_tokens=1000, messages=messages)  # type: ignore[arg-type]
+            for _ in range(CALLS // 2)
+        ),
+        return_exceptions=True,
+    )
+    assert sum(1 for r in results if not isinstance(r, BaseException)) == 1
+    assert all(
+        isinstance(r, (anthropic.RateLimitError, openai.RateLimitError))
+        for r in results
+        if isinstance(r, BaseException)
+    )
+    answered, spent = await answered_and_spend(client, "alice")
+    assert answered == 1 and spent == pytest.approx(0.195)
+    with pytest.raises(anthropic.RateLimitError) as e:
+        await anthropic_api.messages.create(model=MODEL, max_tokens=1000, messages=messages)  # type: ignore[arg-type]
+    assert "may cost up to $0.19" in str(e.value) or "may cost up to $0.2" in str(e.value), str(e.value)
+
+
 async def test_a_reservation_larger_than_what_is_left_is_refused_and_says_so(
     client: TestClient, fake_anthropic: FakeAnthropic
 ) -> None:
@@ -127,6 +274,30 @@ async def test_a_reservation_larger_than_what_is_left_is_refused_and_says_so(
         )
     assert "has $0.01 left" in str(e.value) and "may cost up to $0.06" in str(e.value)
     assert fake_anthropic.requests == []
+
+
+async def test_the_worked_example_of_the_accounting_doc_is_what_the_code_computes(
+    client: TestClient, fake_anthropic: FakeAnthropic
+) -> None:
+    """docs/accounting.md's worked example: its figures are the ones the gateway's pricing gives."""
+    from agentspace.calls import Ceiling, ceiling_cost, price
+    from agentspace.transports import state
+    from agentspace.types import TokenUsage
+
+    doc = (Path(__file__).resolve().parent.parent / "docs" / "accounting.md").read_text(encoding="utf-8")
+    example = " ".join(doc[doc.index("## A worked example") :].split())
+    gw, model = client.app[state.REGISTRY], "anthropic/" + MODEL
+    # A turn with [chat] max_tokens 4096 and thinking on (budget 8000) sends max_tokens 12096 upstream.
+    assert of(await ws_chat(client, add_client("ci-bot")), "chat.stream.end")
+    assert fake_anthropic.requests[0].body["max_tokens"] == 12096 and "`max_tokens: 12096`" in example
+    reservation = ceiling_cost(gw, model, Ceiling(1200, 12096))
+    posted = price(gw, model, TokenUsage(input_tokens=1180, output_tokens=2300)).total_cost
+    recovered = price(gw, model, TokenUsage(input_tokens=1180, output_tokens=900)).total_cost
+    assert f"**${reservation:.5f}**" in example
+    assert f"$0.04 + in flight $0 + ${reservation:.5f} = ${0.04 + reservation:.5f} <= $0.25" in example
+    assert f"${0.25 - 0.04 - reservation:.5f} left" in example
+    assert f"Posted: $0.00354 + $0.0345 = ${posted:.5f}; spend is now ${0.04 + posted:.5f}" in example
+    assert f'`recovered: true`, `estimatedFields: ["outputTokens"]`, ${recovered:.5f}' in example
 
 
 # --- spend from the ledger ------------------------------------------------------------------------------
@@ -215,11 +386,45 @@ async def test_a_key_rotated_is_refused_at_the_next_call_of_an_open_socket(
     assert len(fake_anthropic.requests) == 1
 
 
+async def test_a_key_rotated_during_a_tool_loop_on_api_chat_refuses_its_next_step(
+    make_client: Any, fake_anthropic: FakeAnthropic
+) -> None:
+    """/api/chat authenticates once per request, but each step of its tool loop is admitted at the moment of
+    its call: a key rotated while a tool runs refuses the next step, before anything is sent."""
+    entered, release = asyncio.Event(), asyncio.Event()
+
+    class SlowTool:
+        @hookimpl
+        def register_tools(self, register: Any, config: Any) -> None:
+            async def wait(args: dict[str, Any]) -> str:
+                entered.set()
+                await release.wait()
+                return "done"
+
+            register(Tool("wait", "Waits", {"type": "object", "properties": {}}, wait))
+
+    pm = create_plugin_manager()
+    pm.register(SlowTool())
+    client = await make_client(pm=pm)
+    fake_anthropic.enqueue(fa.tool_use_response("wait", {}), fa.text_response("Never sent."))
+    key = add_client("alice")
+    turn = asyncio.ensure_future(post_chat(client, bearer(key), "c1"))
+    await asyncio.wait_for(entered.wait(), 10)
+    cli("clients", "rotate", "alice")
+    release.set()
+    resp = await turn
+    assert resp.status == 200
+    errors = [c for c in await read_all(resp) if isinstance(c, dict) and c.get("type") == "error"]
+    assert errors and "rotated" in errors[0]["errorText"], errors
+    assert len(fake_anthropic.requests) == 1  # the second step never left
+
+
 # --- shutdown -------------------------------------------------------------------------------------------
 
 
 async def test_v1_refuses_new_calls_once_shutdown_begins(tmp_path: Path, fake_anthropic: FakeAnthropic) -> None:
-    """A /v1 request whose body was still arriving when SIGTERM came is refused like a new WebSocket turn."""
+    """A /v1 request whose body was still arriving when SIGTERM came is refused like a new WebSocket turn, in
+    its API's shape, on every /v1 way to a provider call (count_tokens included)."""
     fake_anthropic.enqueue(fa.text_response("slow " * 40, chunks=40).with_delay(0.1))  # keeps shutdown waiting
     server = GatewayProcess(tmp_path / "data", fake_anthropic.url, server={"shutdown_grace_seconds": 5.0})
     try:
@@ -230,44 +435,44 @@ async def test_v1_refuses_new_calls_once_shutdown_begins(tmp_path: Path, fake_an
             await ws.send_json({"type": "chat.send", "id": "busy", "content": "a long one"})
             while (await ws.receive_json(timeout=30))["type"] != "chat.stream.delta":
                 pass
-            released = {"anthropic": asyncio.Event(), "openai": asyncio.Event()}
+            messages = [{"role": "user", "content": "Hi"}]
+            calls = {  # each /v1 way to a provider call, with the error shape of its API
+                "/v1/messages": {"model": MODEL, "max_tokens": 64, "messages": messages},
+                "/v1/messages/count_tokens": {"model": MODEL, "messages": messages},
+                "/v1/chat/completions": {"model": "anthropic/" + MODEL, "messages": messages},
+                "/v1/responses": {"model": "anthropic/" + MODEL, "input": "Hi"},
+            }
+            released = asyncio.Event()
 
-            async def body(which: str, data: dict[str, Any]) -> Any:
+            async def body(data: dict[str, Any]) -> Any:
                 raw = json.dumps(data).encode()
                 yield raw[:10]
-                await released[which].wait()
+                await released.wait()
                 yield raw[10:]
 
-            messages = [{"role": "user", "content": "Hi"}]
-            anthropic_call = asyncio.ensure_future(
-                http.post(
-                    server.url + "/v1/messages",
-                    data=body("anthropic", {"model": MODEL, "max_tokens": 64, "messages": messages}),
-                    headers=headers,
-                )
-            )
-            openai_call = asyncio.ensure_future(
-                http.post(
-                    server.url + "/v1/chat/completions",
-                    data=body("openai", {"model": "anthropic/" + MODEL, "messages": messages}),
-                    headers=headers,
-                )
-            )
-            await asyncio.sleep(0.5)  # both requests are in, their bodies unfinished
+            pending = {
+                path: asyncio.ensure_future(http.post(server.url + path, data=body(data), headers=headers))
+                for path, data in calls.items()
+            }
+            await asyncio.sleep(0.5)  # the requests are in, their bodies unfinished
             assert server.process is not None
             server.process.send_signal(signal.SIGTERM)
             await server.wait_for_log("running stream(s)")
-            for event in released.values():
-                event.set()
-            a, o = await anthropic_call, await openai_call
-            assert a.status == 503 and (await a.json())["error"]["type"] == "overloaded_error"
-            assert "shutting down" in (await a.json())["error"]["message"]
-            assert o.status == 503 and "shutting down" in (await o.json())["error"]["message"]
+            released.set()
+            for path, call in pending.items():
+                resp = await call
+                error = (await resp.json())["error"]
+                assert resp.status == 503 and "shutting down" in error["message"], (path, error)
+                if path.startswith("/v1/messages"):  # Anthropic's shape
+                    assert (await resp.json())["type"] == "error" and error["type"] == "overloaded_error", path
+                else:  # OpenAI's, as its API answers "overloaded or not ready yet"
+                    assert error["type"] == "server_error", (path, error)
             await ws.close()
         assert await server.process.wait() == 0
     finally:
         await server.aclose()
     assert len(fake_anthropic.requests) == 1  # only the turn that was running
+    assert fake_anthropic.count_requests == []
 
 
 # --- crash recovery -------------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 from click.testing import CliRunner
+from prometheus_client.parser import text_string_to_metric_families
 
 from agentspace.cli import main as cli
 from agentspace.cli.common import money
@@ -60,7 +61,7 @@ def gateway(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Gateway]
         },
     )
     try:
-        with served(tmp_path, config, data_dir, fake, launch=None) as gateway:
+        with served(tmp_path, config, data_dir, fake, launch=None, load_plugins="metrics") as gateway:
             yield gateway
     finally:
         fake.close()
@@ -179,6 +180,20 @@ def test_every_report_shows_the_server_tool_fees_of_the_records(gateway: Gateway
     # A client key sees its own fees only.
     own = gateway.get("/api/usage", key=key)["grandTotal"]
     assert (own["serverToolCost"], own["serverToolUses"]) == (pytest.approx(fee[HAIKU]), 3)
+
+    # /metrics: the fees and the uses, beside the cost that includes them.
+    req = urllib.request.Request(gateway.url + "/metrics", headers={"Authorization": f"Bearer {gateway.token}"})
+    with urllib.request.urlopen(req, timeout=10) as response:
+        exposed = response.read().decode()
+    samples = [s for family in text_string_to_metric_families(exposed) for s in family.samples]
+
+    def metric(name: str, **labels: str) -> float:
+        return sum(s.value for s in samples if s.name == name and labels.items() <= s.labels.items())
+
+    assert metric("agentspace_server_tool_cost_usd_total") == pytest.approx(total_fee)
+    assert metric("agentspace_server_tool_cost_usd_total", model=HAIKU) == pytest.approx(fee[HAIKU])
+    assert metric("agentspace_server_tool_uses_total", tool="web_search") == 5
+    assert metric("agentspace_cost_usd_total") == pytest.approx(sum(r["totalCost"] for r in records))
 
     # The web app: the card, and the column in the tables (by model, by client, by session) and the CSV.
     with playwright_api.sync_playwright() as p:

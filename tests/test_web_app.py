@@ -126,17 +126,22 @@ class Gateway:
 
 @contextlib.contextmanager
 def served(
-    folder: Path, config: Path, data_dir: Path, fake: ThreadedFake, launch: str | None = LAUNCH
+    folder: Path,
+    config: Path,
+    data_dir: Path,
+    fake: ThreadedFake,
+    launch: str | None = LAUNCH,
+    load_plugins: str = "",
 ) -> Iterator[Gateway]:
-    """``agentspace serve`` on ``config`` (the web app's test tools registered, unless ``launch`` is None), its
-    log in ``folder/serve.log``, stopped by its PID at the end."""
+    """``agentspace serve`` on ``config`` (the web app's test tools registered, unless ``launch`` is None; the
+    optional plugins ``load_plugins`` names), its log in ``folder/serve.log``, stopped by its PID at the end."""
     entry = ["-m", "agentspace"] if launch is None else ["-c", launch]
     log = open(folder / "serve.log", "wb")  # noqa: SIM115 - closed below, after the server
     proc = subprocess.Popen(
         [sys.executable, *entry, "serve", "--config", str(config), "--port", "0"],
         stdout=subprocess.PIPE,
         stderr=log,
-        env=child_env(data_dir),
+        env=child_env(data_dir, load_plugins),
         cwd=ROOT,
     )
     try:
@@ -612,6 +617,37 @@ def test_clients_page_creates_edits_rotates_and_removes_a_client(web: Page, gate
     assert "team-app" not in [c["name"] for c in gateway.get("/api/clients")["clients"]]
     assert _refused(gateway, new_key)
     assert "team-app" in gateway.get("/api/usage?by=client&since=30d")["perClient"]
+
+
+def test_spend_before_a_budget_is_the_same_in_the_web_app_the_server_and_the_cli(web: Page, gateway: Gateway) -> None:
+    """A client spends with no budget; the admin sets one: the spend made before counts, and the web app, the
+    server and the CLI show the same figure (docs/accounting.md)."""
+    key = gateway.call("POST", "/api/clients", {"name": "late-budget"})["key"]
+    gateway.get("/api/clients")  # the spend is read (and kept) here, before the calls
+    for i in range(2):
+        gateway.fake.enqueue(text_response("Spent.", usage={"input_tokens": 2000}))
+        gateway.chat(f"late-budget-{i}", "Spend something", key=key)
+    spend = gateway.get("/api/clients/late-budget")["client"]["spend"]["usd"]
+    recorded = gateway.get("/api/usage?by=client")["perClient"]["late-budget"]["totalCost"]
+    assert spend == pytest.approx(recorded) and spend > 2 * 2000 * 3 / 1e6  # the records of its two calls
+    gateway.call("PATCH", "/api/clients/late-budget", {"budgetUsd": round(spend * 1.01, 6)})
+
+    result = CliRunner().invoke(
+        cli,
+        ["--config", str(gateway.config), "clients", "list", "--json"],
+        env={"AGENTSPACE_HOME": str(gateway.data_dir)},
+    )
+    assert result.exit_code == 0, result.output
+    listed = {c["name"]: c for c in json.loads(result.output)["clients"]}
+    assert listed["late-budget"]["spend"]["usd"] == pytest.approx(spend)
+    assert gateway.get("/api/clients/late-budget")["client"]["spend"]["usd"] == pytest.approx(spend)
+    page = web.sign_in()
+    page.get_by_role("link", name="Clients").click()
+    row = page.locator("tr[data-client='late-budget']")
+    assert float(row.locator("td[data-spend]").get_attribute("data-spend")) == pytest.approx(spend, abs=1e-12)
+    with pytest.raises(urllib.error.HTTPError) as refused:  # the budget counts what was spent before it
+        gateway.chat("late-budget-2", "One more", key=key)
+    assert refused.value.code == 429
 
 
 def test_markdown_tables_plain_titles_and_estimated_costs(web: Page, gateway: Gateway) -> None:
