@@ -175,13 +175,47 @@ def test_the_cli_report_reads_rollups_and_names_damaged_segments(
     records = seed(isolated_env, rng)
     bad = isolated_env / "usage" / "2026-03-02" / "00000.json"  # an earlier version's segment
     bad.write_bytes(bad.read_bytes()[:-20])  # damaged: its records are not counted, the report says so
-    for _ in range(2):  # the first run builds the rollups (the damaged segment's too), the second reads them
-        result = CliRunner().invoke(cli, ["usage", "--json"])
+    read: list[str] = []
+    real = usage_module.read_segment
+
+    def counting(path: Path) -> list[dict[str, Any]]:
+        read.append(f"{path.parent.name}/{path.name}")
+        return real(path)
+
+    monkeypatch.setattr(usage_module, "read_segment", counting)
+    counted = [r for r in records if r["id"] not in {f"r{n}" for n in range(120, 160)}]
+    for run in range(2):  # the first run builds the rollups (the damaged segment's too), the second reads them
+        read.clear()
+        result = CliRunner().invoke(cli, ["usage", "--by-model", "--json"])
         assert result.exit_code == 0, result.output
         report = json.loads(result.stdout)
         assert report["damagedFiles"] == [str(bad)]
-        counted = [r for r in records if r["id"] not in {f"r{n}" for n in range(120, 160)}]
         assert report["grandTotal"]["requestCount"] == sum(r["answered"] is not False for r in counted)
+        assert rounded(report["perModel"]) == rounded(REPORTS["model"](counted)["perModel"])
+        # Every seeded day is past: once the rollups exist, the report reads no segment at all.
+        assert len(read) == (12 if run == 0 else 0), read
+
+
+def test_the_cli_reports_per_session_and_client_since_a_time_equal_the_scan(
+    isolated_env: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    rng = random.Random(11)
+    records = seed(isolated_env, rng)
+    monkeypatch.setattr(usage_module, "_utc_day", lambda: "2026-03-05")  # the last seeded day is today
+    for args, since in (([], None), (["--since", "2026-03-02"], "2026-03-02")):
+        result = CliRunner().invoke(cli, ["usage", "--by-session", "--by-client", "--json", *args])
+        assert result.exit_code == 0, result.output
+        report = json.loads(result.stdout)
+        chosen = [r for r in records if since is None or r["timestamp"] >= since]
+        assert rounded(report["perSession"]) == rounded(REPORTS["session"](chosen)["perSession"])
+        assert rounded(report["perClient"]) == rounded(REPORTS["client"](chosen)["perClient"])
+        assert rounded(report["grandTotal"]) == rounded(REPORTS["model"](chosen)["grandTotal"])
+    table = CliRunner().invoke(cli, ["usage", "--by-session"])
+    assert table.exit_code == 0, table.output
+    header, _, *rows = table.stdout.split("\n\n")[0].splitlines()  # the footnote of fallback prices after it
+    assert header.split()[0] == "session"
+    labels = [row.split()[0].rstrip("*") for row in rows]
+    assert labels == [*sorted({str(r["sessionId"] or "none") for r in records}), "TOTAL"]
 
 
 def test_rollups_of_an_earlier_version_are_rebuilt_with_the_server_tool_fees(
