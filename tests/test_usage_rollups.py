@@ -6,6 +6,7 @@ must give what grouping every record gives."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import random
 from datetime import UTC, datetime
@@ -249,3 +250,62 @@ def test_rollups_of_an_earlier_version_are_rebuilt_with_the_server_tool_fees(
         saved = json.loads((rollups / f"{day}.json").read_text())["segments"]
         assert {entry["version"] for entry in saved.values()} == {usage_module._ROLLUP_VERSION} != {2}
     assert rounded(store.report_sync(by="day")) == rounded(report)
+
+
+async def test_postgres_usage_reports_answer_from_the_rollups_not_the_records(
+    tmp_path: Path, fake_anthropic: Any, pg_dsn: str
+) -> None:
+    # A real `serve` on PostgreSQL: /api/usage?by=model (and day, client, session) and `agentspace usage` read the
+    # rollups kept with the inserts. Shown by changing the records behind the store's back: a report that
+    # scanned them would count the change; the rollups still give what the fake upstream reported.
+    import aiohttp
+    import asyncpg
+
+    from scripts.harness import GatewayProcess
+    from tests.fakes import anthropic_upstream as fa
+
+    server = GatewayProcess(tmp_path / "data", fake_anthropic.url, storage={"backend": "postgres", "dsn": pg_dsn})
+    for n in range(3):
+        fake_anthropic.enqueue(
+            fa.text_response("ok", usage={"input_tokens": 100 + n}, delta_usages=[{"output_tokens": 7}])
+        )
+    try:
+        url = await server.start()
+        async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {server.token}"}) as http:
+            for n in range(3):
+                body = {
+                    "id": f"pg{n}",
+                    "messages": [{"id": "u", "role": "user", "parts": [{"type": "text", "text": "q"}]}],
+                }
+                async with http.post(f"{url}/api/chat", json=body) as resp:
+                    assert resp.status == 200 and (await resp.read()).endswith(b"data: [DONE]\n\n")
+            conn = await asyncpg.connect(pg_dsn)
+            try:
+                assert await conn.fetchval("SELECT count(*) FROM usage_records") == 3
+                await conn.execute("UPDATE usage_records SET input_tokens = input_tokens + 1000000")
+            finally:
+                await conn.close()
+
+            async def report(by: str) -> dict[str, Any]:
+                async with http.get(f"{url}/api/usage?by={by}") as resp:
+                    assert resp.status == 200, await resp.text()
+                    return dict(await resp.json())
+
+            for by, key in (
+                ("model", "perModel"),
+                ("day", "perDay"),
+                ("client", "perClient"),
+                ("session", "perSession"),
+            ):
+                answer = await report(by)
+                assert answer["grandTotal"]["inputTokens"] == 303 and answer["grandTotal"]["outputTokens"] == 21, by
+                assert answer["grandTotal"]["requestCount"] == 3 and len(answer[key]) == (3 if by == "session" else 1)
+            # The records were changed (a scan of them sees it): what proves the reports above did not scan.
+            assert (await report("deployment"))["grandTotal"]["inputTokens"] == 3_000_303
+        cli_result = await asyncio.to_thread(
+            CliRunner().invoke, cli, ["usage", "--by-model", "--json", "--config", str(server.config_path)]
+        )
+        assert cli_result.exit_code == 0, cli_result.output
+        assert json.loads(cli_result.stdout)["perModel"]["anthropic/claude-sonnet-4-5"]["inputTokens"] == 303
+    finally:
+        await server.aclose()
