@@ -197,19 +197,21 @@ def test_the_cli_report_reads_rollups_and_names_damaged_segments(
         assert len(read) == (12 if run == 0 else 0), read
 
 
-def test_the_cli_reports_per_session_and_client_since_a_time_equal_the_scan(
+def test_the_cli_reports_per_session_client_and_endpoint_equal_the_scan(
     isolated_env: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     rng = random.Random(11)
     records = seed(isolated_env, rng)
     monkeypatch.setattr(usage_module, "_utc_day", lambda: "2026-03-05")  # the last seeded day is today
     for args, since in (([], None), (["--since", "2026-03-02"], "2026-03-02")):
-        result = CliRunner().invoke(cli, ["usage", "--by-session", "--by-client", "--json", *args])
+        argv = ["usage", "--by-session", "--by-client", "--by-endpoint", "--json", *args]
+        result = CliRunner().invoke(cli, argv)
         assert result.exit_code == 0, result.output
         report = json.loads(result.stdout)
         chosen = [r for r in records if since is None or r["timestamp"] >= since]
         assert rounded(report["perSession"]) == rounded(REPORTS["session"](chosen)["perSession"])
         assert rounded(report["perClient"]) == rounded(REPORTS["client"](chosen)["perClient"])
+        assert rounded(report["perEndpoint"]) == rounded(REPORTS["endpoint"](chosen)["perEndpoint"])
         assert rounded(report["grandTotal"]) == rounded(REPORTS["model"](chosen)["grandTotal"])
     table = CliRunner().invoke(cli, ["usage", "--by-session"])
     assert table.exit_code == 0, table.output
@@ -296,10 +298,12 @@ async def test_postgres_usage_reports_answer_from_the_rollups_not_the_records(
                 ("day", "perDay"),
                 ("client", "perClient"),
                 ("session", "perSession"),
+                ("endpoint", "perEndpoint"),
             ):
                 answer = await report(by)
                 assert answer["grandTotal"]["inputTokens"] == 303 and answer["grandTotal"]["outputTokens"] == 21, by
                 assert answer["grandTotal"]["requestCount"] == 3 and len(answer[key]) == (3 if by == "session" else 1)
+            assert list((await report("endpoint"))["perEndpoint"]) == ["http"]
             # The records were changed (a scan of them sees it): what proves the reports above did not scan.
             assert (await report("deployment"))["grandTotal"]["inputTokens"] == 3_000_303
         cli_result = await asyncio.to_thread(
