@@ -70,13 +70,13 @@ class ApiError(Exception):
 
 
 class SessionDamaged(ApiError):
-    """A session file that cannot be read; it has been moved aside and the path logged."""
+    """A session file that cannot be read; the server has moved it aside and logged the path (a reader such as
+    the CLI leaves it where it is: ``moved=False``)."""
 
-    def __init__(self, session_id: str) -> None:
+    def __init__(self, session_id: str, *, moved: bool = True) -> None:
+        where = "its file was moved aside (see the server log, or" if moved else "its file is kept as it is ("
         super().__init__(
-            "SESSION_DAMAGED",
-            f"Session {session_id!r} is damaged and cannot be read; its file was moved aside "
-            "(see the server log, or run: agentspace doctor).",
+            "SESSION_DAMAGED", f"Session {session_id!r} is damaged and cannot be read; {where} run: agentspace doctor)."
         )
 
 

@@ -141,6 +141,12 @@ async def start_turn(gw: Registry, request: ChatRequest) -> Turn:
     # with the same client-chosen id included) is refused here, before it writes anything.
     if session_id in gw.locks:
         raise ApiError("STREAM_IN_PROGRESS", STREAM_IN_PROGRESS_MESSAGE)
+    if gw.pending.holds(session_id):  # its last answer first: in order, and in the next turn's context
+        raise ApiError(
+            "STORAGE_ERROR",
+            "The last answer of this session is not stored yet (the data directory refused it; the write is "
+            "retried); nothing was sent. Try again once the gateway can write to its data directory.",
+        )
     user_message: dict[str, Any] = {
         "id": request.user_message_id or new_id("msg_"),
         "role": "user",
@@ -995,7 +1001,7 @@ class Turn:
             log.exception("storing %s failed; retrying in the background", what)
             self._storage_failed = True
             self._storage_problem = storage_problem(e)
-            self.gw.pending.add(what, write)
+            self.gw.pending.add(what, write, session_id=self.session_id)
         notify(self.gw.pm.hook.store_written, store="sessions", seconds=time.monotonic() - started)
 
 

@@ -65,3 +65,41 @@ async def test_chat_reports_errors(client: TestClient, isolated_env: Path, monke
     result = await run_cli(["chat", "--url", ws_url(client)], isolated_env, input="hello\n")
     assert result.exit_code == 1
     assert "NO_API_KEY" in result.output and "agentspace keys add anthropic" in result.output
+
+
+async def test_the_cli_reads_what_the_server_stores_while_it_runs(
+    client: TestClient, fake_anthropic: Any, isolated_env: Path, auth_headers: dict[str, str]
+) -> None:
+    # The server keeps recent sessions parsed in a cache only its own writes change; the CLI reads the files.
+    # After each turn both must show the same session and the same usage, and a deletion by the CLI must not
+    # be undone by the server's cached copy.
+    async def turn(chat_id: str, n: int) -> None:
+        fake_anthropic.enqueue(text_response(f"Answer {n}.", usage={"input_tokens": 10 + n}))
+        body = {
+            "id": chat_id,
+            "messages": [{"id": f"u{n}", "role": "user", "parts": [{"type": "text", "text": f"Q{n}"}]}],
+        }
+        resp = await client.post("/api/chat", json=body, headers=auth_headers)
+        assert resp.status == 200 and (await resp.read()).endswith(b"data: [DONE]\n\n")
+
+    for n in range(3):
+        await turn("live", n)
+        served = (await (await client.get("/api/sessions/live", headers=auth_headers)).json())["session"]
+        shown = await run_cli(["sessions", "show", "live", "--json"], isolated_env)
+        assert shown.exit_code == 0, shown.output
+        assert json.loads(shown.output)["messages"] == served["messages"]
+        assert [m["content"] for m in served["messages"]][-2:] == [f"Q{n}", f"Answer {n}."]
+        report = await (await client.get("/api/usage?by=session", headers=auth_headers)).json()
+        cli_report = json.loads((await run_cli(["usage", "--by-session", "--json"], isolated_env)).output)
+        assert cli_report["perSession"] == report["perSession"]
+        assert report["perSession"]["live"]["inputTokens"] == sum(10 + k for k in range(n + 1))
+
+    deleted = await run_cli(["sessions", "delete", "live", "--yes"], isolated_env)
+    assert deleted.exit_code == 0, deleted.output
+    gone = await client.get("/api/sessions/live", headers=auth_headers)
+    assert gone.status == 404 and (await gone.json())["error"]["code"] == "SESSION_NOT_FOUND"
+    await turn("live", 9)  # the same id again: a new session, without the deleted one's messages
+    served = (await (await client.get("/api/sessions/live", headers=auth_headers)).json())["session"]
+    assert [m["content"] for m in served["messages"]] == ["Q9", "Answer 9."]
+    shown = await run_cli(["sessions", "show", "live", "--json"], isolated_env)
+    assert json.loads(shown.output)["messages"] == served["messages"]

@@ -134,6 +134,7 @@ def test_every_report_shows_the_server_tool_fees_of_the_records(gateway: Gateway
         "client": ("perClient", lambda r: r["client"] if r["client"] not in (None, "ws", "http") else "admin"),
         "session": ("perSession", lambda r: r["sessionId"] or "none"),
         "deployment": ("perDeployment", lambda r: "none"),
+        "endpoint": ("perEndpoint", lambda r: r["endpoint"] or "none"),
     }
 
     def expected(by: str) -> dict[str, tuple[float, int]]:
@@ -155,7 +156,7 @@ def test_every_report_shows_the_server_tool_fees_of_the_records(gateway: Gateway
         assert grand["totalCost"] > total_fee
 
     # The CLI: every grouping, as JSON and as a table with the "server tools" column next to the cost.
-    for by in ("model", "day", "client", "deployment"):
+    for by in ("model", "day", "client", "session", "deployment", "endpoint"):
         check_totals(json.loads(run_cli(gateway, "usage", f"--by-{by}", "--json")), by)
         lines = run_cli(gateway, "usage", f"--by-{by}").splitlines()
         assert lines[0].split()[-3:] == ["server", "tools", "cost"], lines[0]

@@ -60,6 +60,15 @@ async def test_ws_answer_that_cannot_be_stored_ends_with_storage_error(
     await server.wait_for_log("retrying in the background")
     session_id = next(f["sessionId"] for f in frames if f["type"] == "chat.stream.start")
 
+    # The next turn in that session is refused while its answer waits for the retry: its user message (small:
+    # it would fit) stored first would put the answers out of order, and its call would go without the answer.
+    calls = len(fake_anthropic.requests)
+    async with aiohttp.ClientSession() as http, http.ws_connect(server.ws_url, headers=headers) as ws:
+        await ws.send_json({"type": "chat.send", "id": "r2", "sessionId": session_id, "content": "And then?"})
+        refused = json.loads((await ws.receive(timeout=30)).data)
+    assert refused["type"] == "error" and refused["code"] == "STORAGE_ERROR" and refused["requestId"] == "r2"
+    assert "not stored yet" in refused["message"] and len(fake_anthropic.requests) == calls
+
     # Room again on the disk: the answer kept in memory is stored by a retry.
     assert server.process is not None
     resource.prlimit(server.process.pid, resource.RLIMIT_FSIZE, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
@@ -71,6 +80,22 @@ async def test_ws_answer_that_cannot_be_stored_ends_with_storage_error(
         messages = (await resp.json())["session"]["messages"]
     assert [m["role"] for m in messages] == ["user", "assistant"]
     assert messages[-1]["content"] == LONG_ANSWER and messages[-1]["finishReason"] == "stop"
+
+    # Stored: the session takes turns again, in order, and the next call carries the stored answer.
+    fake_anthropic.enqueue(fa.text_response("Then the end."))
+    async with aiohttp.ClientSession() as http, http.ws_connect(server.ws_url, headers=headers) as ws:
+        await ws.send_json({"type": "chat.send", "id": "r3", "sessionId": session_id, "content": "And then?"})
+        while (frame := json.loads((await ws.receive(timeout=30)).data))["type"] not in ("chat.stream.end", "error"):
+            pass
+    assert frame["type"] == "chat.stream.end", frame
+    sent = fake_anthropic.requests[-1].body["messages"]
+    assert [m["role"] for m in sent] == ["user", "assistant", "user"] and "long answer" in json.dumps(sent[1])
+    async with (
+        aiohttp.ClientSession() as http,
+        http.get(f"{server.url}/api/sessions/{session_id}", headers=headers) as resp,
+    ):
+        messages = (await resp.json())["session"]["messages"]
+    assert [m["role"] for m in messages] == ["user", "assistant", "user", "assistant"]
     assert await server.terminate() == 0
 
 

@@ -7,18 +7,26 @@ every reported write is on disk, every file parses, and a new writer picks up wh
 
 from __future__ import annotations
 
+import asyncio
+import json
 import signal
 import subprocess
 import sys
 import threading
 from pathlib import Path
+from typing import Any
 
+import aiohttp
 import pytest
+from click.testing import CliRunner
 
+from agentspace.cli import main as cli
 from agentspace.storage import SessionStore, UsageStore
 from agentspace.storage.embedded.append_log import parse_lines
 from agentspace.storage.embedded.tinydb_file import read_tables
 from agentspace.types import Cost, TokenUsage, UsageRecord, now_iso
+from scripts.harness import GatewayProcess
+from tests.fakes import anthropic_upstream as fa
 
 SESSION = "crash"
 
@@ -305,3 +313,77 @@ async def test_an_empty_session_file_is_a_creation_never_acknowledged(
         assert (await sessions.get(SESSION) or {})["messageCount"] == 0
     finally:
         await sessions.aclose()
+
+
+async def test_sigkill_of_serve_mid_burst_keeps_every_acknowledged_answer(tmp_path: Path, fake_anthropic: Any) -> None:
+    """A real `serve` killed with SIGKILL while 30 /api/chat turns run. After a restart: every answer whose end a
+    client saw is stored with its usage record as the upstream reported it; every call the upstream saw has
+    exactly one record (recovered ones included); every session reads whole; the CLI's reports and doctor agree.
+    """
+    fake_anthropic.default = fa.text_response("word " * 20, chunks=10, usage={"input_tokens": 321}).with_delay(0.15)
+    data_dir = tmp_path / "data"
+    server = GatewayProcess(data_dir, fake_anthropic.url)
+    bodies: dict[str, bytes] = {}
+    try:
+        url = await server.start()
+        async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {server.token}"}) as http:
+
+            async def one(n: int) -> None:
+                await asyncio.sleep(n * 0.05)
+                body = {
+                    "id": f"b{n}",
+                    "messages": [{"id": "u", "role": "user", "parts": [{"type": "text", "text": "q"}]}],
+                }
+                bodies[f"b{n}"] = b""
+                try:
+                    async with http.post(f"{url}/api/chat", json=body) as resp:
+                        async for chunk in resp.content.iter_any():
+                            bodies[f"b{n}"] += chunk
+                except aiohttp.ClientError:
+                    pass  # the server died mid-answer
+
+            turns = asyncio.gather(*(one(n) for n in range(30)))
+            for _ in range(300):  # killed once a few answers have ended, while the others run
+                if sum(b'"type":"finish"' in raw for raw in bodies.values()) >= 5:
+                    break
+                await asyncio.sleep(0.02)
+            await server.kill()
+            await turns
+    finally:
+        await server.aclose()
+    finished = {sid for sid, raw in bodies.items() if b'"type":"finish"' in raw}
+    assert 0 < len(finished) < 30, len(finished)  # the kill landed mid-burst
+
+    restarted = GatewayProcess(data_dir, fake_anthropic.url)
+    try:
+        await restarted.start()
+        calls = len(fake_anthropic.requests)
+        for _ in range(100):  # calls left pending by the killed process are posted at start
+            if len(list(UsageStore(data_dir).records_sync())) >= calls:
+                break
+            await asyncio.sleep(0.1)
+    finally:
+        await restarted.aclose()
+    records = list(UsageStore(data_dir).records_sync())
+    assert calls > len(finished)  # the kill cut calls the upstream had answered in part
+    assert len(records) == calls and len({r["id"] for r in records}) == calls  # one record per call
+    assert any(r["recovered"] for r in records)  # posted at the restart, from the ledger
+    assert all(r["inputTokens"] == 321 for r in records)  # as reported at message_start, recovered or not
+    sessions = SessionStore(data_dir)
+    for sid in finished:
+        session = sessions.get_sync(sid)
+        assert session is not None and [m["role"] for m in session["messages"]] == ["user", "assistant"], sid
+        assert session["messages"][1]["content"] == "word " * 20
+        (record,) = [r for r in records if r["sessionId"] == sid]
+        assert record["recovered"] is False and record["outputTokens"] > 0
+    listing = sessions.listing_sync(whole=True)
+    assert listing.damaged_files == [] and {s["id"] for s in listing.sessions} >= finished
+
+    env = {"AGENTSPACE_HOME": str(data_dir)}
+    report = CliRunner().invoke(cli, ["usage", "--by-session", "--json"], env=env)
+    assert report.exit_code == 0, report.output
+    per_session = json.loads(report.stdout)["perSession"]
+    assert sum(t["inputTokens"] for t in per_session.values()) == 321 * calls
+    assert all(per_session[sid]["requestCount"] == 1 for sid in finished)
+    doctor = CliRunner().invoke(cli, ["doctor"], env=env)
+    assert doctor.exit_code == 0 and "0 damaged" in doctor.output, doctor.output

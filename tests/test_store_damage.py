@@ -170,6 +170,8 @@ async def test_a_truncated_session_is_moved_aside_not_served_in_part(
 
     result = invoke("sessions", "show", "s_long")  # the CLI reads it: an error, not 10 of 20 messages
     assert result.exit_code == 1 and "damaged" in result.output
+    # A reader moves nothing: it says the file is where it was, not that it was moved aside.
+    assert "kept as it is" in result.output and "moved aside" not in result.output and path.exists()
     ws = await connect(client, token)
     reply = (await chat(ws, "more", sessionId="s_long"))[-1]
     assert reply["code"] == "SESSION_DAMAGED"
@@ -267,3 +269,18 @@ def test_doctor_checks_store_files_and_secrets(isolated_env: Path) -> None:
     assert f"{isolated_env / 'keys.json'}: mode 0644" in result.output
     assert f"{isolated_env / 'gateway-token'}: not UTF-8" in result.output
     assert "5 problem(s)" in result.output
+
+
+def test_doctor_checks_the_data_directory_the_config_names(isolated_env: Path, tmp_path: Path) -> None:
+    # The damage warning of `usage --config FILE` says "see: agentspace doctor": the same --config (or
+    # --data-dir) must check that data directory, not the default one.
+    data_dir = tmp_path / "elsewhere"
+    write_segment(data_dir, "2026-01-01", 0, [record(n) for n in range(3)])
+    segment = data_dir / "usage" / "2026-01-01" / "00000.json"
+    segment.write_bytes(segment.read_bytes()[:-10])
+    config = tmp_path / "agentspace.toml"
+    config.write_text(f'[storage]\ndata_dir = "{data_dir}"\n')
+    for args in (["doctor", "--config", str(config)], ["doctor", "--data-dir", str(data_dir)]):
+        result = CliRunner().invoke(cli, args)
+        assert result.exit_code == 1, result.output
+        assert f"{segment}: damaged usage segment" in result.output and f"problem(s) in {data_dir}" in result.output

@@ -6,6 +6,7 @@ must give what grouping every record gives."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import random
 from datetime import UTC, datetime
@@ -175,13 +176,49 @@ def test_the_cli_report_reads_rollups_and_names_damaged_segments(
     records = seed(isolated_env, rng)
     bad = isolated_env / "usage" / "2026-03-02" / "00000.json"  # an earlier version's segment
     bad.write_bytes(bad.read_bytes()[:-20])  # damaged: its records are not counted, the report says so
-    for _ in range(2):  # the first run builds the rollups (the damaged segment's too), the second reads them
-        result = CliRunner().invoke(cli, ["usage", "--json"])
+    read: list[str] = []
+    real = usage_module.read_segment
+
+    def counting(path: Path) -> list[dict[str, Any]]:
+        read.append(f"{path.parent.name}/{path.name}")
+        return real(path)
+
+    monkeypatch.setattr(usage_module, "read_segment", counting)
+    counted = [r for r in records if r["id"] not in {f"r{n}" for n in range(120, 160)}]
+    for run in range(2):  # the first run builds the rollups (the damaged segment's too), the second reads them
+        read.clear()
+        result = CliRunner().invoke(cli, ["usage", "--by-model", "--json"])
         assert result.exit_code == 0, result.output
         report = json.loads(result.stdout)
         assert report["damagedFiles"] == [str(bad)]
-        counted = [r for r in records if r["id"] not in {f"r{n}" for n in range(120, 160)}]
         assert report["grandTotal"]["requestCount"] == sum(r["answered"] is not False for r in counted)
+        assert rounded(report["perModel"]) == rounded(REPORTS["model"](counted)["perModel"])
+        # Every seeded day is past: once the rollups exist, the report reads no segment at all.
+        assert len(read) == (12 if run == 0 else 0), read
+
+
+def test_the_cli_reports_per_session_client_and_endpoint_equal_the_scan(
+    isolated_env: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    rng = random.Random(11)
+    records = seed(isolated_env, rng)
+    monkeypatch.setattr(usage_module, "_utc_day", lambda: "2026-03-05")  # the last seeded day is today
+    for args, since in (([], None), (["--since", "2026-03-02"], "2026-03-02")):
+        argv = ["usage", "--by-session", "--by-client", "--by-endpoint", "--json", *args]
+        result = CliRunner().invoke(cli, argv)
+        assert result.exit_code == 0, result.output
+        report = json.loads(result.stdout)
+        chosen = [r for r in records if since is None or r["timestamp"] >= since]
+        assert rounded(report["perSession"]) == rounded(REPORTS["session"](chosen)["perSession"])
+        assert rounded(report["perClient"]) == rounded(REPORTS["client"](chosen)["perClient"])
+        assert rounded(report["perEndpoint"]) == rounded(REPORTS["endpoint"](chosen)["perEndpoint"])
+        assert rounded(report["grandTotal"]) == rounded(REPORTS["model"](chosen)["grandTotal"])
+    table = CliRunner().invoke(cli, ["usage", "--by-session"])
+    assert table.exit_code == 0, table.output
+    header, _, *rows = table.stdout.split("\n\n")[0].splitlines()  # the footnote of fallback prices after it
+    assert header.split()[0] == "session"
+    labels = [row.split()[0].rstrip("*") for row in rows]
+    assert labels == [*sorted({str(r["sessionId"] or "none") for r in records}), "TOTAL"]
 
 
 def test_rollups_of_an_earlier_version_are_rebuilt_with_the_server_tool_fees(
@@ -215,3 +252,64 @@ def test_rollups_of_an_earlier_version_are_rebuilt_with_the_server_tool_fees(
         saved = json.loads((rollups / f"{day}.json").read_text())["segments"]
         assert {entry["version"] for entry in saved.values()} == {usage_module._ROLLUP_VERSION} != {2}
     assert rounded(store.report_sync(by="day")) == rounded(report)
+
+
+async def test_postgres_usage_reports_answer_from_the_rollups_not_the_records(
+    tmp_path: Path, fake_anthropic: Any, pg_dsn: str
+) -> None:
+    # A real `serve` on PostgreSQL: /api/usage?by=model (and day, client, session) and `agentspace usage` read the
+    # rollups kept with the inserts. Shown by changing the records behind the store's back: a report that
+    # scanned them would count the change; the rollups still give what the fake upstream reported.
+    import aiohttp
+    import asyncpg
+
+    from scripts.harness import GatewayProcess
+    from tests.fakes import anthropic_upstream as fa
+
+    server = GatewayProcess(tmp_path / "data", fake_anthropic.url, storage={"backend": "postgres", "dsn": pg_dsn})
+    for n in range(3):
+        fake_anthropic.enqueue(
+            fa.text_response("ok", usage={"input_tokens": 100 + n}, delta_usages=[{"output_tokens": 7}])
+        )
+    try:
+        url = await server.start()
+        async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {server.token}"}) as http:
+            for n in range(3):
+                body = {
+                    "id": f"pg{n}",
+                    "messages": [{"id": "u", "role": "user", "parts": [{"type": "text", "text": "q"}]}],
+                }
+                async with http.post(f"{url}/api/chat", json=body) as resp:
+                    assert resp.status == 200 and (await resp.read()).endswith(b"data: [DONE]\n\n")
+            conn = await asyncpg.connect(pg_dsn)
+            try:
+                assert await conn.fetchval("SELECT count(*) FROM usage_records") == 3
+                await conn.execute("UPDATE usage_records SET input_tokens = input_tokens + 1000000")
+            finally:
+                await conn.close()
+
+            async def report(by: str) -> dict[str, Any]:
+                async with http.get(f"{url}/api/usage?by={by}") as resp:
+                    assert resp.status == 200, await resp.text()
+                    return dict(await resp.json())
+
+            for by, key in (
+                ("model", "perModel"),
+                ("day", "perDay"),
+                ("client", "perClient"),
+                ("session", "perSession"),
+                ("endpoint", "perEndpoint"),
+            ):
+                answer = await report(by)
+                assert answer["grandTotal"]["inputTokens"] == 303 and answer["grandTotal"]["outputTokens"] == 21, by
+                assert answer["grandTotal"]["requestCount"] == 3 and len(answer[key]) == (3 if by == "session" else 1)
+            assert list((await report("endpoint"))["perEndpoint"]) == ["http"]
+            # The records were changed (a scan of them sees it): what proves the reports above did not scan.
+            assert (await report("deployment"))["grandTotal"]["inputTokens"] == 3_000_303
+        cli_result = await asyncio.to_thread(
+            CliRunner().invoke, cli, ["usage", "--by-model", "--json", "--config", str(server.config_path)]
+        )
+        assert cli_result.exit_code == 0, cli_result.output
+        assert json.loads(cli_result.stdout)["perModel"]["anthropic/claude-sonnet-4-5"]["inputTokens"] == 303
+    finally:
+        await server.aclose()

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import click
 
-from .common import CliState, pass_state, printable
+from .common import CliState, config_options, pass_state, printable
 
 
 def _private(path: Path) -> str | None:
@@ -71,6 +71,7 @@ def _check_token(path: Path) -> list[str]:
 
 
 @click.command()
+@config_options
 @pass_state
 def doctor(state: CliState) -> None:
     """Check the stores and the secrets files; exit 1 when something is wrong."""

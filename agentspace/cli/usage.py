@@ -2,7 +2,7 @@
 
 Reads the store directly, so it works while the server runs. ``--json`` prints the shape of the
 WebSocket ``usage.report`` (``perModel``, ``grandTotal``, ``damagedFiles``; ``perDay`` with ``--by-day``,
-``perClient`` with ``--by-client``). The fees of server tools (web search, ...: ``serverToolCost``, with
+``perClient`` with ``--by-client``, ``perSession`` with ``--by-session``, ``perEndpoint`` with ``--by-endpoint``). The fees of server tools (web search, ...: ``serverToolCost``, with
 ``serverToolUses``) have a column of their own, next to the cost, which includes them.
 Damaged usage files are skipped and named on stderr.
 """
@@ -57,7 +57,9 @@ def _server_tools(g: dict[str, Any]) -> str:
 @click.option("--by-model", is_flag=True, help="Totals per model (the default).")
 @click.option("--by-day", is_flag=True, help="Totals per day (UTC).")
 @click.option("--by-client", is_flag=True, help="Totals per client (admin: the gateway token).")
+@click.option("--by-session", is_flag=True, help="Totals per session (none: calls outside a session).")
 @click.option("--by-deployment", is_flag=True, help="Totals per deployment of the model groups.")
+@click.option("--by-endpoint", is_flag=True, help="Totals per endpoint (ws, http, anthropic, openai, ...).")
 @click.option("--client", "client_name", metavar="NAME", help="Only this client's records.")
 @click.option("--session", "session_id", metavar="ID", help="Only this session.")
 @click.option("--since", metavar="WHEN", help="Only records since 30m, 24h, 7d, 2w ago or a date (2026-11-01).")
@@ -68,21 +70,26 @@ def usage(
     by_model: bool,
     by_day: bool,
     by_client: bool,
+    by_session: bool,
     by_deployment: bool,
+    by_endpoint: bool,
     client_name: str | None,
     session_id: str | None,
     since: str | None,
     as_json: bool,
 ) -> None:
-    """Token usage and cost, per model, per day, per client or per deployment of the model groups."""
+    """Token usage and cost, per model, day, client, session, deployment of the model groups, or endpoint."""
     from ..storage.protocols import Storage, UsageStoreSync
 
     since_dt = parse_since(since) if since else None
-    by_model = by_model or not (by_day or by_client or by_deployment)
+    by_model = by_model or not (by_day or by_client or by_session or by_deployment or by_endpoint)
     if session_id is not None and client_name is None:
         client_name = _session_owner(state, session_id)  # the owner's records of it, not others' of that id
     where: dict[str, Any] = {"since": since_dt, "session_id": session_id, "client": client_name}
-    asked_for = (("model", by_model), ("day", by_day), ("client", by_client), ("deployment", by_deployment))
+    asked_for = (
+        *(("model", by_model), ("day", by_day), ("client", by_client)),
+        *(("session", by_session), ("deployment", by_deployment), ("endpoint", by_endpoint)),
+    )
     wanted = [by for by, asked in asked_for if asked]
     store = cli_storage(state).usage
     if isinstance(store, UsageStoreSync):  # files: read here, without an event loop
@@ -110,7 +117,14 @@ def usage(
 
 
 # Each grouping (the first column's header) and the key of its groups in a report, in the order printed.
-GROUPINGS = {"model": "perModel", "day": "perDay", "client": "perClient", "deployment": "perDeployment"}
+GROUPINGS = {
+    "model": "perModel",
+    "day": "perDay",
+    "client": "perClient",
+    "session": "perSession",
+    "deployment": "perDeployment",
+    "endpoint": "perEndpoint",
+}
 
 
 def _print_json(reports: dict[str, Any], grand: dict[str, Any], damaged: list[str]) -> None:
@@ -122,7 +136,7 @@ def _print_json(reports: dict[str, Any], grand: dict[str, Any], damaged: list[st
 
 
 def _print_tables(reports: dict[str, Any], grand: dict[str, Any]) -> None:
-    """One table per grouping asked for (model, day, client, deployment, in that order), blank lines between."""
+    """One table per grouping asked for (model, day, client, session, deployment, endpoint, in that order), blank lines between."""
     headers = [
         *("requests", "errors", "input", "output", "cache read", "cache write", "total tokens"),
         *("server tools", "cost"),  # the cost includes the server-tool fees

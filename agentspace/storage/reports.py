@@ -1,5 +1,5 @@
 """The usage reports every backend gives: records (``UsageRecord.to_dict()``) summed per model, day, client,
-session, day and model, or deployment (``REPORTS``), each with its ``grandTotal``.
+session, day and model, deployment or endpoint (``REPORTS``), each with its ``grandTotal``.
 
 A backend that keeps rollups sums them per group key (``group_key``: day, model, client, session, endpoint,
 deployment) and turns them into a report with ``report_from_groups``; one that does not hands the records
@@ -143,8 +143,15 @@ def report_from_groups(by: str, groups: dict[GroupKey, dict[str, Any]]) -> dict[
         return {"perDay": ordered, "grandTotal": grand["grandTotal"]}
     key, label = _LABELS[by]
     named: dict[str, dict[str, Any]] = {}
-    for (day, model, client, session, _, deployment), totals in groups.items():
-        record = {"timestamp": day, "model": model, "client": client, "sessionId": session, "deployment": deployment}
+    for (day, model, client, session, endpoint, deployment), totals in groups.items():
+        record = {
+            "timestamp": day,
+            "model": model,
+            "client": client,
+            "sessionId": session,
+            "endpoint": endpoint,
+            "deployment": deployment,
+        }
         _merge_named(named, label(record), totals)
     return _finish(named, key)
 
@@ -216,6 +223,16 @@ def usage_by_deployment(records: Iterable[dict[str, Any]]) -> dict[str, Any]:
     return _group(records, "perDeployment", lambda record: str(record.get("deployment") or "none"))
 
 
+def _endpoint_label(record: dict[str, Any]) -> str:
+    return str(record.get("endpoint") or "none")
+
+
+def usage_by_endpoint(records: Iterable[dict[str, Any]]) -> dict[str, Any]:
+    """Totals per endpoint the calls came through (``ws``, ``http``, ``anthropic``, ``openai``, ...; ``"none"``
+    for records that name none): ``perEndpoint`` and ``grandTotal``."""
+    return _group(records, "perEndpoint", _endpoint_label)
+
+
 # ``by`` of the usage reports (CLI, ``/api/usage``): the function that groups the records.
 REPORTS: dict[str, Callable[[Iterable[dict[str, Any]]], dict[str, Any]]] = {
     "model": usage_report,
@@ -224,6 +241,7 @@ REPORTS: dict[str, Callable[[Iterable[dict[str, Any]]], dict[str, Any]]] = {
     "session": usage_by_session,
     "day-model": usage_by_day_and_model,
     "deployment": usage_by_deployment,
+    "endpoint": usage_by_endpoint,
 }
 
 _LABELS: dict[str, tuple[str, Callable[[dict[str, Any]], str]]] = {
@@ -232,4 +250,5 @@ _LABELS: dict[str, tuple[str, Callable[[dict[str, Any]], str]]] = {
     "client": ("perClient", _client_label),
     "session": ("perSession", _session_label),
     "deployment": ("perDeployment", lambda record: str(record.get("deployment") or "none")),
+    "endpoint": ("perEndpoint", _endpoint_label),
 }

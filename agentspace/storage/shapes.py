@@ -96,6 +96,7 @@ class UsageReport(TypedDict, total=False):
     perClient: dict[str, dict[str, Any]]
     perSession: dict[str, dict[str, Any]]
     perDeployment: dict[str, dict[str, Any]]
+    perEndpoint: dict[str, dict[str, Any]]
     grandTotal: dict[str, Any]
     damagedFiles: list[str]
 

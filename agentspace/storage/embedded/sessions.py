@@ -335,7 +335,7 @@ class SessionStore:
             session = self._read(session_id)
         except StoreCorrupt as e:
             warn_skipped(e)
-            raise SessionDamaged(session_id) from None
+            raise SessionDamaged(session_id, moved=False) from None
         if session is None:
             if session_id in self._scan_damaged_ids():
                 raise SessionDamaged(session_id)

@@ -134,6 +134,7 @@ _REPORT_COLUMNS: dict[str, dict[str, str]] = {
     "session": {"session": "session_id"},
     "day-model": {"day": "day", "model": "model"},
     "deployment": {"deployment": "deployment"},  # not in the rollups: summed from the records
+    "endpoint": {"endpoint": "endpoint"},
 }
 _RECORD_KEYS = {
     "day": "(ts AT TIME ZONE 'UTC')::date",
@@ -141,6 +142,7 @@ _RECORD_KEYS = {
     "client": "coalesce(client, '')",
     "session": "coalesce(session_id, '')",
     "deployment": "coalesce(record::json->>'deployment', '')",
+    "endpoint": "coalesce(record::json->>'endpoint', '')",
 }
 
 
@@ -329,7 +331,7 @@ class PostgresUsageStore:
                         named.get("model"),
                         named.get("client"),
                         named.get("session"),
-                        None,
+                        named.get("endpoint") or None,
                         named.get("deployment") or None,
                     )
                     values = list(row)[len(columns) :]
