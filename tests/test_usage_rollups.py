@@ -134,9 +134,9 @@ async def test_rollup_reports_equal_the_full_scan_on_random_data(
     assert grand["serverToolCost"] > 0 and any(r["id"].startswith("t") and r["serverToolCost"] for r in records)
     for path in (tmp_path / "usage" / "rollups").iterdir():  # small whole files, in tinydb's layout like the rest
         read_tables(path)
-    assert sorted(p.name for p in (tmp_path / "usage" / "rollups").iterdir()) == [
-        f"{d}.json" for d in [*DAYS, "2026-03-06"]
-    ]
+    assert sorted(p.name for p in (tmp_path / "usage" / "rollups").iterdir()) == sorted(
+        [*(f"{d}.json" for d in [*DAYS, "2026-03-06"]), *(f"{d}.day.json" for d in DAYS)]
+    )  # a past day's segments merged in a file of their own; today's (03-06) not
     await store.aclose()
 
 
@@ -167,6 +167,37 @@ async def test_a_report_reads_only_the_open_segment_once_rollups_exist(
     after = store.report_sync()
     assert "2026-03-01/00000.jsonl" in read
     assert after["grandTotal"] == REPORTS["model"](store.records_sync())["grandTotal"] != first["grandTotal"]
+
+
+def test_a_past_day_is_counted_through_its_segments_merged_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A report over past days reads one merged list of groups per day, however many segments the day filled:
+    its time grows with the groups, not the records. A segment changed since falls back to the segments."""
+    rng = random.Random(6)
+    records = seed(tmp_path, rng)
+    monkeypatch.setattr(usage_module, "_utc_day", lambda: "2026-03-06")  # every seeded day is past
+    store = UsageStore(tmp_path)
+    first = store.report_sync(by="session")
+    rollups = tmp_path / "usage" / "rollups"
+    for day in DAYS:
+        segments = json.loads((rollups / f"{day}.json").read_text())["segments"]
+        merged = json.loads((rollups / f"{day}.day.json").read_text())["day"]["merged"]
+        in_folder = [
+            r for path in sorted((tmp_path / "usage" / day).iterdir()) for r in usage_module.read_segment(path)
+        ]
+        assert len(segments) == 3 and merged["sizes"] == {
+            name: (tmp_path / "usage" / day / name).stat().st_size for name in segments
+        }
+        keys = {tuple(row[:6]) for row in merged["groups"]}
+        assert len(keys) == len(merged["groups"]) == len(reports.group_records(in_folder))  # one row per group
+        # Only the merged groups are read from now on: with the segments' own rollups gone, nothing changes.
+        (rollups / f"{day}.json").unlink()
+    read: list[str] = []
+    monkeypatch.setattr(usage_module, "read_segment", lambda path: read.append(path.name) or [])
+    for by in ("session", "model", "day"):
+        assert rounded(store.report_sync(by=by)) == rounded({**REPORTS[by](records), "damagedFiles": []})
+    assert store.report_sync(by="session") == first and read == []
 
 
 def test_the_cli_report_reads_rollups_and_names_damaged_segments(

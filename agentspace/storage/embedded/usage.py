@@ -227,23 +227,36 @@ class UsageStore:
         if damaged is not None:
             damaged += [str(folder / name) for name in sorted(names) if is_damaged_copy(name)]
         files = _segment_files(names)
+        sizes: dict[str, int] = {}
+        for _, name in files:
+            try:
+                sizes[name] = (folder / name).stat().st_size
+            except FileNotFoundError:
+                continue
+        known_day = self._read_day_rollup(day) if past else None
+        if known_day is not None and _day_covers(known_day, sizes, query.since_iso):
+            # A past day counts through its segments' groups merged once, a file of its own: a report's time
+            # grows with the groups, not with how many segments the day's records filled.
+            _count_rollup(known_day, query.session_id, query.client, groups)
+            return
         known = self._read_rollup(day)
         fresh: dict[str, Any] = {}
         for index, (_, name) in enumerate(files):
-            path = folder / name
-            try:
-                size = path.stat().st_size
-            except FileNotFoundError:
+            if name not in sizes:
                 continue
+            size = sizes[name]
             closed = past or index < len(files) - 1 or not name.endswith(_LOG)
             entry = known.get(name)
             if not (closed and isinstance(entry, dict) and entry.get("size") == size):
                 entry = None
-            kept = _count_segment(path, size, closed, entry, query, groups, damaged)
+            kept = _count_segment(folder / name, size, closed, entry, query, groups, damaged)
             if kept is not None:
                 fresh[name] = kept
         if fresh != known:
-            self._save_rollup(day, fresh)
+            self._save(day, {"segments": fresh})
+        whole = _day_rollup(fresh, sizes) if past else None
+        if whole is not None and whole != known_day:
+            self._save(f"{day}.day", {"day": {"merged": whole}})  # a table of one document (tinydb layout)
 
     def _read_rollup(self, day: str) -> dict[str, Any]:
         """The day's rollups: ``{segment file name: entry}`` (a tinydb layout, table ``segments``)."""
@@ -260,11 +273,21 @@ class UsageStore:
             if isinstance(entry, dict) and entry.get("version") == _ROLLUP_VERSION
         }
 
-    def _save_rollup(self, day: str, segments: dict[str, Any]) -> None:
-        """Save a day's rollups (best effort: a reader without write access just scans again next time)."""
+    def _read_day_rollup(self, day: str) -> dict[str, Any] | None:
+        """A past day's segment rollups merged (``<day>.day.json``, table ``day``, document ``merged``)."""
+        try:
+            data = read_json(self.dir / ROLLUPS / f"{day}.day.json")
+        except StoreCorrupt:
+            return None  # rebuilt from the segments' rollups
+        table = data.get("day") if isinstance(data, dict) else None
+        whole = table.get("merged") if isinstance(table, dict) else None
+        return whole if isinstance(whole, dict) and whole.get("version") == _ROLLUP_VERSION else None
+
+    def _save(self, name: str, data: dict[str, Any]) -> None:
+        """Save a rollup file (best effort: a reader without write access just scans again next time)."""
         with contextlib.suppress(OSError):
             make_dirs(self.dir / ROLLUPS)
-            write_json_atomic(self.dir / ROLLUPS / f"{day}.json", {"segments": segments})
+            write_json_atomic(self.dir / ROLLUPS / f"{name}.json", data)
 
     async def report(
         self,
@@ -444,6 +467,34 @@ def _totals_from_row(row: list[Any]) -> dict[str, Any]:
     if not row[len(SUMMED)]:
         totals["priceKnown"] = False
     return totals
+
+
+def _day_rollup(segments: dict[str, Any], sizes: dict[str, int]) -> dict[str, Any] | None:
+    """A past day's segment rollups merged into one list of groups, valid while its segments keep ``sizes``;
+    None while a segment has none (damaged: it is named at every report)."""
+    if set(segments) != set(sizes) or any(not isinstance(e.get("groups"), list) for e in segments.values()):
+        return None
+    merged: dict[GroupKey, dict[str, Any]] = {}
+    for entry in segments.values():
+        for row in entry["groups"]:
+            merge(merged, tuple(row[:6]), _totals_from_row(row[6]))
+    firsts = [str(e["first"]) for e in segments.values() if e.get("first")]
+    return {
+        "version": _ROLLUP_VERSION,
+        "sizes": sizes,
+        "first": min(firsts, default=None),
+        "groups": [[*key, _totals_row(totals)] for key, totals in merged.items()],
+    }
+
+
+def _day_covers(whole: dict[str, Any], sizes: dict[str, int], since_iso: str | None) -> bool:
+    """Whether a day's merged rollup answers a report: its segments unchanged, none of its records before
+    ``since``."""
+    return (
+        whole.get("sizes") == sizes
+        and isinstance(whole.get("groups"), list)
+        and (since_iso is None or (whole.get("first") or "") >= since_iso)
+    )
 
 
 def _rollup_entry(records: list[dict[str, Any]], size: int) -> dict[str, Any]:
