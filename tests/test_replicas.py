@@ -319,3 +319,98 @@ async def test_redis_losing_its_state_mid_stream_does_not_let_budgets_be_exceede
         async with http.get(f"{b.url}/api/usage?by=client") as resp:
             spent = (await resp.json())["perClient"]["team"]["totalCost"]
     assert spent <= 0.05  # without the rebuild, the three calls after the loss were admitted: $0.075
+
+
+async def test_database_down_then_a_replica_killed_every_call_seen_to_end_has_its_record_as_reported(
+    tmp_path: Path, fake_anthropic: Any, redis_srv: Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two replicas under mixed /v1 load; the database stops for 10 s and replica A is SIGKILLed before it
+    returns. Every call a client saw end successfully has its record, with the usage the upstream reported:
+    the other replica recovering A's lapsed calls must not replace what A's spool kept with an estimate."""
+    from tests.scale_servers import Postgres, pg_bindir
+
+    if pg_bindir() is None:
+        pytest.skip("PostgreSQL is not installed")
+    monkeypatch.setenv("AGENTSPACE_GATEWAY_TOKEN", TOKEN)
+    await flush_redis(redis_srv)
+    pg = Postgres()
+    storage = {"backend": "postgres", "dsn": pg.dsn, "redis_url": redis_srv.url}
+    # Each stream reports 3000 input tokens at its start and 500 output tokens at its end, about 3 s long.
+    fake_anthropic.default = fa.text_response(
+        "tok " * 30, chunks=30, usage={"input_tokens": 3000}, delta_usages=[{"output_tokens": 500}]
+    ).with_delay(0.1)
+    a, b = (GatewayProcess(tmp_path / name, fake_anthropic.url, storage=storage) for name in ("a", "b"))
+    restarted = GatewayProcess(tmp_path / "a", fake_anthropic.url, storage=storage)
+    messages = [{"role": "user", "content": "Hi"}]
+    bodies = {
+        "/v1/messages": {"model": "claude-sonnet-4-5", "max_tokens": 1024, "stream": True, "messages": messages},
+        "/v1/chat/completions": {
+            "model": "anthropic/claude-sonnet-4-5",
+            "max_tokens": 1024,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+            "messages": messages,
+        },
+        "/v1/responses": {"model": "anthropic/claude-sonnet-4-5", "stream": True, "input": "Hi"},
+    }
+    ends = {
+        "/v1/messages": b"event: message_stop",
+        "/v1/chat/completions": b"data: [DONE]",
+        "/v1/responses": b"response.completed",
+    }
+    try:
+        await asyncio.gather(a.start(), b.start())
+        async with (
+            aiohttp.ClientSession(headers=HEADERS) as http,
+            http.post(f"{a.url}/api/clients", json={"name": "team", "budgetUsd": 10.0}) as resp,
+        ):
+            key = (await resp.json())["key"]
+        headers = {"Authorization": f"Bearer {key}", "anthropic-version": "2023-06-01"}
+        async with aiohttp.ClientSession(headers=headers) as http:
+            streams = []
+            for n in range(12):
+                server, path = (a, b)[n % 2], list(bodies)[n % 3]
+                resp = await http.post(server.url + path, json=bodies[path])
+                assert resp.status == 200, await resp.text()
+                streams.append((server, path, resp))
+            firsts = [await resp.content.readany() for _, _, resp in streams]  # streaming: message_start relayed
+            await asyncio.sleep(1.2)  # the reported input reaches the shared ledger's notes
+            pg.stop()  # the database goes away mid-stream
+            stopped_at = asyncio.get_running_loop().time()
+            for first, (_, path, resp) in zip(firsts, streams, strict=True):
+                body = first + await resp.read()
+                assert ends[path] in body, (path, body[-300:])  # each client saw its call end successfully
+            for server in (a, b):  # a new call cannot write its pending entry: refused before it is sent
+                refused = await http.post(server.url + "/v1/messages", json={**bodies["/v1/messages"], "stream": False})
+                assert refused.status == 503, await refused.text()
+            assert len(fake_anthropic.requests) == 12
+            await a.kill()  # before the database returns
+            await asyncio.sleep(max(0.0, 10 - (asyncio.get_running_loop().time() - stopped_at)))
+            pg.start()
+
+            # B posts its own spooled records, and recovers A's calls once their leases lapse.
+            deadline = asyncio.get_running_loop().time() + 60
+            while len(await recorded(pg.dsn)) < 12:
+                assert asyncio.get_running_loop().time() < deadline, await recorded(pg.dsn)
+                await asyncio.sleep(1)
+            await restarted.start()  # A comes back: its spool holds the records as the upstream reported them
+            await asyncio.sleep(2)
+        records = await recorded(pg.dsn)
+        assert len(records) == 12 and len({r["id"] for r in records}) == 12
+        for record in records:
+            assert (record["inputTokens"], record["outputTokens"]) == (3000, 500), record
+            assert not record.get("recovered") and not record.get("estimatedFields"), record
+        posted = sum(r["totalCost"] for r in records)
+        async with aiohttp.ClientSession(headers=HEADERS) as http:
+            async with http.get(f"{b.url}/api/usage") as resp:
+                report = await resp.json()
+            for server in (b, restarted):  # the estimates' cost is out of the spend again, on every replica
+                async with http.get(f"{server.url}/api/clients/team") as resp:
+                    assert (await resp.json())["client"]["spend"]["usd"] == pytest.approx(posted)
+        assert report["grandTotal"]["requestCount"] == 12 and report["grandTotal"]["totalCost"] == pytest.approx(posted)
+        assert report["grandTotal"]["outputTokens"] == 12 * 500 and report["grandTotal"]["estimatedCount"] == 0
+    finally:
+        for server in (a, b, restarted):
+            if server.process is not None and server.process.returncode is None:
+                await server.terminate()
+        pg.close()
