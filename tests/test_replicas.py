@@ -414,3 +414,76 @@ async def test_database_down_then_a_replica_killed_every_call_seen_to_end_has_it
             if server.process is not None and server.process.returncode is None:
                 await server.terminate()
         pg.close()
+
+
+async def test_redis_killed_and_restarted_mid_stream_refuses_while_away_and_budgets_hold(
+    tmp_path: Path, fake_anthropic: Any, pg_dsn: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Redis SIGKILLed while a call streams on each replica, then started again, empty: while it is away, and
+    while the replicas put their calls in flight back, a new call is refused (503, nothing sent); after that,
+    the calls still in flight count against the budget, so it holds."""
+    monkeypatch.setenv("AGENTSPACE_GATEWAY_TOKEN", TOKEN)
+    redis_srv = Redis()
+    storage = {"backend": "postgres", "dsn": pg_dsn, "redis_url": redis_srv.url}
+    a, b = (GatewayProcess(tmp_path / name, fake_anthropic.url, storage=storage) for name in ("a", "b"))
+    # Each call reports 1000 output tokens ($0.015) and takes about 20 s, longer than the rebuild window;
+    # max_tokens 1024 reserves ~$0.0154.
+    fake_anthropic.default = fa.text_response(
+        "tok " * 40, chunks=40, delta_usages=[{"output_tokens": 1000}]
+    ).with_delay(0.5)
+    body = {
+        "model": "claude-sonnet-4-5",
+        "max_tokens": 1024,
+        "stream": True,
+        "messages": [{"role": "user", "content": "Hi"}],
+    }
+    try:
+        await asyncio.gather(a.start(), b.start())
+        async with aiohttp.ClientSession(headers=HEADERS) as http:
+            async with http.post(f"{a.url}/api/clients", json={"name": "team", "budgetUsd": 0.05}) as resp:
+                key = (await resp.json())["key"]
+            headers = {"Authorization": f"Bearer {key}", "anthropic-version": "2023-06-01"}
+
+            async def call(server: GatewayProcess, admitted: asyncio.Event | None = None) -> int:
+                async with http.post(f"{server.url}/v1/messages", json=body, headers=headers) as resp:
+                    if admitted is not None:
+                        admitted.set()
+                    await resp.read()
+                    return resp.status
+
+            later: list[asyncio.Future[int]] = []
+
+            async def admission(server: GatewayProcess) -> int:
+                """The answer's status, which follows the admission; an admitted call reads on meanwhile."""
+                started = asyncio.Event()
+                later.append(asyncio.ensure_future(call(server, started)))
+                await asyncio.wait([asyncio.ensure_future(started.wait()), later[-1]], return_when="FIRST_COMPLETED")
+                return 200 if not later[-1].done() else later[-1].result()
+
+            admitted = [asyncio.Event(), asyncio.Event()]
+            in_flight = [asyncio.ensure_future(call(s, e)) for s, e in zip((a, b), admitted, strict=True)]
+            await asyncio.wait_for(asyncio.gather(*(e.wait() for e in admitted)), 30)
+            redis_srv.kill()  # mid-stream
+            async with http.post(f"{b.url}/v1/messages", json={**body, "stream": False}, headers=headers) as resp:
+                assert resp.status == 503 and "Redis" in (await resp.json())["error"]["message"]
+            assert len(fake_anthropic.requests) == 2  # the refused call sent nothing
+            redis_srv.start()  # back, empty
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + 30
+            while (first := await admission(a)) == 503:  # the rebuild window: refused, nothing sent
+                assert loop.time() < deadline
+                await asyncio.sleep(0.5)
+            assert not any(f.done() for f in in_flight)  # still streaming: their reservations were put back
+            after = [first, await admission(b), await admission(a)]
+            assert await asyncio.gather(*in_flight) == [200, 200]
+            await asyncio.gather(*later)
+            async with http.get(f"{b.url}/api/usage?by=client") as resp:
+                spent = (await resp.json())["perClient"]["team"]["totalCost"]
+        # $0.0308 still reserved by the calls in flight: one more call fits in $0.05, not three.
+        assert sorted(after) == [200, 429, 429], after
+        assert spent <= 0.05, (spent, after)
+    finally:
+        for server in (a, b):
+            if server.process is not None and server.process.returncode is None:
+                await server.terminate()
+        redis_srv.close()
