@@ -183,16 +183,21 @@ async def test_a_replica_killed_mid_stream_its_calls_are_recovered_and_its_reser
         async with http.post(f"{a.url}/api/clients", json={"name": "team", "budgetUsd": 1.0}) as resp:
             key = (await resp.json())["key"]
         client_headers = {"Authorization": f"Bearer {key}", "anthropic-version": "2023-06-01"}
-        body = {
-            "model": "claude-sonnet-4-5",
-            "max_tokens": 1024,
-            "stream": True,
-            "messages": [{"role": "user", "content": "Hi"}],
-        }
-        streams = [await http.post(f"{a.url}/v1/messages", json=body, headers=client_headers) for _ in range(3)]
-        for resp in streams:
+        messages = [{"role": "user", "content": "Hi"}]
+        model = "anthropic/claude-sonnet-4-5"
+        calls = [  # every way in: the path, its body, and a mark that the answer is streaming
+            ("/v1/messages", {"model": "claude-sonnet-4-5", "max_tokens": 1024, "stream": True, "messages": messages},
+             b"content_block_delta"),
+            ("/v1/chat/completions", {"model": model, "max_tokens": 1024, "stream": True, "messages": messages},
+             b'"content"'),
+            ("/v1/responses", {"model": model, "max_output_tokens": 1024, "stream": True, "input": "Hi"},
+             b"response.output_text.delta"),
+            ("/api/chat", chat_body("killed-mid-stream"), b"text-delta"),
+        ]  # fmt: skip
+        streams = [await http.post(a.url + path, json=body, headers=client_headers) for path, body, _ in calls]
+        for resp, (_, _, mark) in zip(streams, calls, strict=True):
             assert resp.status == 200
-            await resp.content.readuntil(b"content_block_delta")
+            await resp.content.readuntil(mark)
         await asyncio.sleep(1.5)  # the notes reach the shared ledger within a second
         await a.kill()
         for resp in streams:
@@ -205,10 +210,11 @@ async def test_a_replica_killed_mid_stream_its_calls_are_recovered_and_its_reser
             async with http.get(f"{b.url}/api/clients/team") as resp:
                 spend = (await resp.json())["client"]["spend"]["usd"]
             posted = sum(r["totalCost"] for r in records)
-            if len(records) == 3 and spend == pytest.approx(posted):  # recovered, and nothing held any more
+            if len(records) == len(calls) and spend == pytest.approx(posted):  # recovered, and nothing held any more
                 break
             assert loop.time() - killed_at < 60, (records, spend)
             await asyncio.sleep(1)
+    assert sorted(r["endpoint"] for r in records) == ["anthropic", "http", "openai", "responses"]
     for record in records:
         assert record["recovered"] is True and record["inputTokens"] == 5000 and record["answered"] is True
         assert record["estimatedFields"] == ["outputTokens"]
