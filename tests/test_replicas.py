@@ -493,3 +493,66 @@ async def test_redis_killed_and_restarted_mid_stream_refuses_while_away_and_budg
             if server.process is not None and server.process.returncode is None:
                 await server.terminate()
         redis_srv.close()
+
+
+async def test_a_database_outage_longer_than_a_lease_does_not_recover_the_calls_of_live_replicas(
+    tmp_path: Path, fake_anthropic: Any, redis_srv: Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The database stops for 22 s, longer than a lease (20 s), while calls stream on A: no replica could
+    renew meanwhile, so the lapsed leases do not mean A died, even when B gets to the database first. A's
+    calls end with the figures the upstream reported, not with estimates B recovered while A streamed them."""
+    from tests.scale_servers import Postgres, pg_bindir
+
+    if pg_bindir() is None:
+        pytest.skip("PostgreSQL is not installed")
+    monkeypatch.setenv("AGENTSPACE_GATEWAY_TOKEN", TOKEN)
+    await flush_redis(redis_srv)
+    pg = Postgres()
+    storage = {"backend": "postgres", "dsn": pg.dsn, "redis_url": redis_srv.url}
+    # About 36 s each: they outlast the outage and the first scans after it.
+    fake_anthropic.default = fa.text_response(
+        "tok " * 60, chunks=60, usage={"input_tokens": 3000}, delta_usages=[{"output_tokens": 500}]
+    ).with_delay(0.6)
+    a, b = (GatewayProcess(tmp_path / name, fake_anthropic.url, storage=storage) for name in ("a", "b"))
+    body = {
+        "model": "claude-sonnet-4-5",
+        "max_tokens": 1024,
+        "stream": True,
+        "messages": [{"role": "user", "content": "Hi"}],
+    }
+    try:
+        await asyncio.gather(a.start(), b.start())
+        async with aiohttp.ClientSession(headers={**HEADERS, "anthropic-version": "2023-06-01"}) as http:
+
+            async def call() -> bytes:
+                async with http.post(f"{a.url}/v1/messages", json=body) as resp:
+                    assert resp.status == 200
+                    return await resp.read()
+
+            streams = [asyncio.ensure_future(call()) for _ in range(2)]
+            await asyncio.sleep(2)
+            pg.stop()
+            await asyncio.sleep(22)
+            assert a.process is not None
+            # A is slow to come back (paused for 8 s): B, which could reach nothing either, is there first.
+            a.process.send_signal(signal.SIGSTOP)
+            try:
+                pg.start()
+                await asyncio.sleep(8)
+            finally:
+                a.process.send_signal(signal.SIGCONT)
+            for body_seen in await asyncio.gather(*streams):
+                assert b"event: message_stop" in body_seen
+            deadline = asyncio.get_running_loop().time() + 30
+            while len(records := await recorded(pg.dsn)) < 2:
+                assert asyncio.get_running_loop().time() < deadline
+                await asyncio.sleep(1)
+        assert len(records) == 2
+        for record in records:
+            assert (record["inputTokens"], record["outputTokens"]) == (3000, 500), record
+            assert not record["recovered"], record
+    finally:
+        for server in (a, b):
+            if server.process is not None and server.process.returncode is None:
+                await server.terminate()
+        pg.close()

@@ -3,9 +3,10 @@
 With ``[storage] backend = "postgres"`` every pending entry is also a row of ``ledger_pending``, written
 before the call goes upstream (a database that cannot take it refuses the call), with a lease: the replica
 that owns the call renews it every ``RENEW_SECONDS`` while it runs. A replica that dies leaves rows whose
-lease lapses; every replica looks for such rows every ``SCAN_SECONDS``, claims them (one replica each:
-``FOR UPDATE SKIP LOCKED``), posts each call from what was noted (``calls.recovered_record``) and deletes
-the row. Usage records are inserted once per id, so a recovery that runs twice posts nothing twice.
+lease lapses; every replica looks for such rows every ``SCAN_SECONDS`` (after the database was out of reach,
+not before a whole lease has passed: meanwhile every live replica renewed its own), claims them (one replica
+each: ``FOR UPDATE SKIP LOCKED``), posts each call from what was noted (``calls.recovered_record``) and
+deletes the row. Usage records are inserted once per id, so a recovery that runs twice posts nothing twice.
 
 Notes and closings are batched: one statement per kind per flush, at most a second after they happen.
 
@@ -171,6 +172,9 @@ class PostgresLedger:
                 raise
             except Exception as e:
                 log.warning("the shared ledger's leases could not be renewed or scanned: %r", e)
+                # The database away: no replica could renew, so leases lapse without their replica being
+                # dead. Claim nothing until a whole lease after it is back: the live ones renew first.
+                scan_due = loop.time() + LEASE_SECONDS
             await asyncio.sleep(min(RENEW_SECONDS, SCAN_SECONDS))
 
     async def _recover_lapsed(self, recover: Callable[[dict[str, Any]], Awaitable[bool]]) -> int:
