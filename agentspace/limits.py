@@ -423,6 +423,19 @@ class Guard:
         except Exception:  # the record is stored; Redis's copy of the spend is reloaded from the records
             log.exception("settling usage record %s in the client counters failed", record.id)
 
+    async def unsettle(self, client_name: str | None, cost: float) -> None:
+        """A record taken back out of the store (a recovered estimate, replaced by the record as the upstream
+        reported it, ``storage/ledger.py``): its cost out of the period's spend, which the new record adds."""
+        if client_name is None or client_name == ADMIN or not cost:
+            return
+        try:
+            client = await self.clients.get(client_name)
+            if client is not None:
+                key, _, _ = self._period(client)
+                await self.counters.add_spend(client.name, key, -cost)
+        except Exception:  # Redis's copy of the spend is reloaded from the records
+            log.exception("taking a replaced record's cost out of client %s's spend failed", client_name)
+
     async def release(self, reservation: Reservation | None) -> None:
         """Give back a reservation that was not settled (a call stopped before it made a record)."""
         if reservation is not None and not reservation.settled:

@@ -44,7 +44,7 @@ class Recorder:
             await queue.start()
 
     async def record(
-        self, record: UsageRecord, reservation: Reservation | None = None
+        self, record: UsageRecord, reservation: Reservation | None = None, *, settle: bool = True
     ) -> StorageError | OSError | None:
         """Store one record and hand it to every other sink; the failure when the store of record failed,
         else None. The record then settles the call's ``reservation`` (its client's budget and minute,
@@ -53,7 +53,8 @@ class Recorder:
         The store of record (``delivery = "record"``) is awaited; when it fails (``StorageError``,
         ``OSError``: disk full, I/O error) the record is written again later (``pending``). ``inline``
         sinks are awaited and their failures logged; every other sink gets the record through its own queue
-        (``sinks.SinkQueue``), so it neither delays nor fails the turn.
+        (``sinks.SinkQueue``), so it neither delays nor fails the turn. ``settle=False``: the record was
+        settled already (a spooled record posted at the next start: its process settled it when the call ended).
         """
         failed: StorageError | OSError | None = None
         for sink in self.sinks:
@@ -78,7 +79,8 @@ class Recorder:
             except Exception:
                 log.exception("usage sink %r failed", sink_name(sink))
             notify(self.pm.hook.store_written, store=f"usage:{sink_name(sink)}", seconds=time.monotonic() - started)
-        await self.guard.settle(reservation, record)
+        if settle:
+            await self.guard.settle(reservation, record)
         return failed
 
     async def aclose(self) -> None:

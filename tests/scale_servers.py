@@ -136,10 +136,14 @@ class Redis:
         exe = shutil.which("redis-server")
         if exe is None:
             raise RuntimeError("redis-server is not installed")
+        self.exe = exe
         self.port = free_port()
+        self.start()
+
+    def start(self) -> None:
         self.proc = subprocess.Popen(
             [
-                exe,
+                self.exe,
                 "--port",
                 str(self.port),
                 "--bind",
@@ -159,6 +163,12 @@ class Redis:
     @property
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.port}/0"
+
+    def kill(self) -> None:
+        """SIGKILL: everything it held is lost (no persistence); ``start`` brings an empty one back."""
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=30)
 
     def close(self) -> None:
         if self.proc.poll() is None:

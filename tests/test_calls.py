@@ -604,8 +604,14 @@ async def test_admission_fails_closed_while_redis_is_unreachable(
                 model="anthropic/" + MODEL, messages=[{"role": "user", "content": "Hi"}], max_tokens=64
             )
         assert o.value.status_code == 503
+        with pytest.raises(openai.InternalServerError) as r:
+            await openai_sdk(client, key).responses.create(model="anthropic/" + MODEL, input="Hi")
+        assert r.value.status_code == 503 and "could not reach Redis" in str(r.value)
         frames = await ws_chat(client, key)
         assert frames[-1]["type"] == "error" and frames[-1]["code"] == "SERVICE_UNAVAILABLE"
+        chat = await post_chat(client, bearer(key), "redis-gone")
+        assert chat.status == 503
+        assert (await chat.json())["error"]["code"] == "SERVICE_UNAVAILABLE"
         assert len(fake_anthropic.requests) == 1  # nothing else went upstream
     finally:
         redis.close()

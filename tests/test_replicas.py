@@ -183,16 +183,21 @@ async def test_a_replica_killed_mid_stream_its_calls_are_recovered_and_its_reser
         async with http.post(f"{a.url}/api/clients", json={"name": "team", "budgetUsd": 1.0}) as resp:
             key = (await resp.json())["key"]
         client_headers = {"Authorization": f"Bearer {key}", "anthropic-version": "2023-06-01"}
-        body = {
-            "model": "claude-sonnet-4-5",
-            "max_tokens": 1024,
-            "stream": True,
-            "messages": [{"role": "user", "content": "Hi"}],
-        }
-        streams = [await http.post(f"{a.url}/v1/messages", json=body, headers=client_headers) for _ in range(3)]
-        for resp in streams:
+        messages = [{"role": "user", "content": "Hi"}]
+        model = "anthropic/claude-sonnet-4-5"
+        calls = [  # every way in: the path, its body, and a mark that the answer is streaming
+            ("/v1/messages", {"model": "claude-sonnet-4-5", "max_tokens": 1024, "stream": True, "messages": messages},
+             b"content_block_delta"),
+            ("/v1/chat/completions", {"model": model, "max_tokens": 1024, "stream": True, "messages": messages},
+             b'"content"'),
+            ("/v1/responses", {"model": model, "max_output_tokens": 1024, "stream": True, "input": "Hi"},
+             b"response.output_text.delta"),
+            ("/api/chat", chat_body("killed-mid-stream"), b"text-delta"),
+        ]  # fmt: skip
+        streams = [await http.post(a.url + path, json=body, headers=client_headers) for path, body, _ in calls]
+        for resp, (_, _, mark) in zip(streams, calls, strict=True):
             assert resp.status == 200
-            await resp.content.readuntil(b"content_block_delta")
+            await resp.content.readuntil(mark)
         await asyncio.sleep(1.5)  # the notes reach the shared ledger within a second
         await a.kill()
         for resp in streams:
@@ -205,10 +210,11 @@ async def test_a_replica_killed_mid_stream_its_calls_are_recovered_and_its_reser
             async with http.get(f"{b.url}/api/clients/team") as resp:
                 spend = (await resp.json())["client"]["spend"]["usd"]
             posted = sum(r["totalCost"] for r in records)
-            if len(records) == 3 and spend == pytest.approx(posted):  # recovered, and nothing held any more
+            if len(records) == len(calls) and spend == pytest.approx(posted):  # recovered, and nothing held any more
                 break
             assert loop.time() - killed_at < 60, (records, spend)
             await asyncio.sleep(1)
+    assert sorted(r["endpoint"] for r in records) == ["anthropic", "http", "openai", "responses"]
     for record in records:
         assert record["recovered"] is True and record["inputTokens"] == 5000 and record["answered"] is True
         assert record["estimatedFields"] == ["outputTokens"]
@@ -319,3 +325,234 @@ async def test_redis_losing_its_state_mid_stream_does_not_let_budgets_be_exceede
         async with http.get(f"{b.url}/api/usage?by=client") as resp:
             spent = (await resp.json())["perClient"]["team"]["totalCost"]
     assert spent <= 0.05  # without the rebuild, the three calls after the loss were admitted: $0.075
+
+
+async def test_database_down_then_a_replica_killed_every_call_seen_to_end_has_its_record_as_reported(
+    tmp_path: Path, fake_anthropic: Any, redis_srv: Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two replicas under mixed /v1 load; the database stops for 10 s and replica A is SIGKILLed before it
+    returns. Every call a client saw end successfully has its record, with the usage the upstream reported:
+    the other replica recovering A's lapsed calls must not replace what A's spool kept with an estimate."""
+    from tests.scale_servers import Postgres, pg_bindir
+
+    if pg_bindir() is None:
+        pytest.skip("PostgreSQL is not installed")
+    monkeypatch.setenv("AGENTSPACE_GATEWAY_TOKEN", TOKEN)
+    await flush_redis(redis_srv)
+    pg = Postgres()
+    storage = {"backend": "postgres", "dsn": pg.dsn, "redis_url": redis_srv.url}
+    # Each stream reports 3000 input tokens at its start and 500 output tokens at its end, about 3 s long.
+    fake_anthropic.default = fa.text_response(
+        "tok " * 30, chunks=30, usage={"input_tokens": 3000}, delta_usages=[{"output_tokens": 500}]
+    ).with_delay(0.1)
+    a, b = (GatewayProcess(tmp_path / name, fake_anthropic.url, storage=storage) for name in ("a", "b"))
+    restarted = GatewayProcess(tmp_path / "a", fake_anthropic.url, storage=storage)
+    messages = [{"role": "user", "content": "Hi"}]
+    bodies = {
+        "/v1/messages": {"model": "claude-sonnet-4-5", "max_tokens": 1024, "stream": True, "messages": messages},
+        "/v1/chat/completions": {
+            "model": "anthropic/claude-sonnet-4-5",
+            "max_tokens": 1024,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+            "messages": messages,
+        },
+        "/v1/responses": {"model": "anthropic/claude-sonnet-4-5", "stream": True, "input": "Hi"},
+    }
+    ends = {
+        "/v1/messages": b"event: message_stop",
+        "/v1/chat/completions": b"data: [DONE]",
+        "/v1/responses": b"response.completed",
+    }
+    try:
+        await asyncio.gather(a.start(), b.start())
+        async with (
+            aiohttp.ClientSession(headers=HEADERS) as http,
+            http.post(f"{a.url}/api/clients", json={"name": "team", "budgetUsd": 10.0}) as resp,
+        ):
+            key = (await resp.json())["key"]
+        headers = {"Authorization": f"Bearer {key}", "anthropic-version": "2023-06-01"}
+        async with aiohttp.ClientSession(headers=headers) as http:
+            streams = []
+            for n in range(12):
+                server, path = (a, b)[n % 2], list(bodies)[n % 3]
+                resp = await http.post(server.url + path, json=bodies[path])
+                assert resp.status == 200, await resp.text()
+                streams.append((server, path, resp))
+            firsts = [await resp.content.readany() for _, _, resp in streams]  # streaming: message_start relayed
+            await asyncio.sleep(1.2)  # the reported input reaches the shared ledger's notes
+            pg.stop()  # the database goes away mid-stream
+            stopped_at = asyncio.get_running_loop().time()
+            for first, (_, path, resp) in zip(firsts, streams, strict=True):
+                body = first + await resp.read()
+                assert ends[path] in body, (path, body[-300:])  # each client saw its call end successfully
+            for server in (a, b):  # a new call cannot write its pending entry: refused before it is sent
+                refused = await http.post(server.url + "/v1/messages", json={**bodies["/v1/messages"], "stream": False})
+                assert refused.status == 503, await refused.text()
+            assert len(fake_anthropic.requests) == 12
+            await a.kill()  # before the database returns
+            await asyncio.sleep(max(0.0, 10 - (asyncio.get_running_loop().time() - stopped_at)))
+            pg.start()
+
+            # B posts its own spooled records, and recovers A's calls once their leases lapse.
+            deadline = asyncio.get_running_loop().time() + 60
+            while len(await recorded(pg.dsn)) < 12:
+                assert asyncio.get_running_loop().time() < deadline, await recorded(pg.dsn)
+                await asyncio.sleep(1)
+            await restarted.start()  # A comes back: its spool holds the records as the upstream reported them
+            await asyncio.sleep(2)
+        records = await recorded(pg.dsn)
+        assert len(records) == 12 and len({r["id"] for r in records}) == 12
+        for record in records:
+            assert (record["inputTokens"], record["outputTokens"]) == (3000, 500), record
+            assert not record.get("recovered") and not record.get("estimatedFields"), record
+        posted = sum(r["totalCost"] for r in records)
+        async with aiohttp.ClientSession(headers=HEADERS) as http:
+            async with http.get(f"{b.url}/api/usage") as resp:
+                report = await resp.json()
+            for server in (b, restarted):  # the estimates' cost is out of the spend again, on every replica
+                async with http.get(f"{server.url}/api/clients/team") as resp:
+                    assert (await resp.json())["client"]["spend"]["usd"] == pytest.approx(posted)
+        assert report["grandTotal"]["requestCount"] == 12 and report["grandTotal"]["totalCost"] == pytest.approx(posted)
+        assert report["grandTotal"]["outputTokens"] == 12 * 500 and report["grandTotal"]["estimatedCount"] == 0
+    finally:
+        for server in (a, b, restarted):
+            if server.process is not None and server.process.returncode is None:
+                await server.terminate()
+        pg.close()
+
+
+async def test_redis_killed_and_restarted_mid_stream_refuses_while_away_and_budgets_hold(
+    tmp_path: Path, fake_anthropic: Any, pg_dsn: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Redis SIGKILLed while a call streams on each replica, then started again, empty: while it is away, and
+    while the replicas put their calls in flight back, a new call is refused (503, nothing sent); after that,
+    the calls still in flight count against the budget, so it holds."""
+    monkeypatch.setenv("AGENTSPACE_GATEWAY_TOKEN", TOKEN)
+    redis_srv = Redis()
+    storage = {"backend": "postgres", "dsn": pg_dsn, "redis_url": redis_srv.url}
+    a, b = (GatewayProcess(tmp_path / name, fake_anthropic.url, storage=storage) for name in ("a", "b"))
+    # Each call reports 1000 output tokens ($0.015) and takes about 20 s, longer than the rebuild window;
+    # max_tokens 1024 reserves ~$0.0154.
+    fake_anthropic.default = fa.text_response(
+        "tok " * 40, chunks=40, delta_usages=[{"output_tokens": 1000}]
+    ).with_delay(0.5)
+    body = {
+        "model": "claude-sonnet-4-5",
+        "max_tokens": 1024,
+        "stream": True,
+        "messages": [{"role": "user", "content": "Hi"}],
+    }
+    try:
+        await asyncio.gather(a.start(), b.start())
+        async with aiohttp.ClientSession(headers=HEADERS) as http:
+            async with http.post(f"{a.url}/api/clients", json={"name": "team", "budgetUsd": 0.05}) as resp:
+                key = (await resp.json())["key"]
+            headers = {"Authorization": f"Bearer {key}", "anthropic-version": "2023-06-01"}
+
+            async def call(server: GatewayProcess, admitted: asyncio.Event | None = None) -> int:
+                async with http.post(f"{server.url}/v1/messages", json=body, headers=headers) as resp:
+                    if admitted is not None:
+                        admitted.set()
+                    await resp.read()
+                    return resp.status
+
+            later: list[asyncio.Future[int]] = []
+
+            async def admission(server: GatewayProcess) -> int:
+                """The answer's status, which follows the admission; an admitted call reads on meanwhile."""
+                started = asyncio.Event()
+                later.append(asyncio.ensure_future(call(server, started)))
+                await asyncio.wait([asyncio.ensure_future(started.wait()), later[-1]], return_when="FIRST_COMPLETED")
+                return 200 if not later[-1].done() else later[-1].result()
+
+            admitted = [asyncio.Event(), asyncio.Event()]
+            in_flight = [asyncio.ensure_future(call(s, e)) for s, e in zip((a, b), admitted, strict=True)]
+            await asyncio.wait_for(asyncio.gather(*(e.wait() for e in admitted)), 30)
+            redis_srv.kill()  # mid-stream
+            async with http.post(f"{b.url}/v1/messages", json={**body, "stream": False}, headers=headers) as resp:
+                assert resp.status == 503 and "Redis" in (await resp.json())["error"]["message"]
+            assert len(fake_anthropic.requests) == 2  # the refused call sent nothing
+            redis_srv.start()  # back, empty
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + 30
+            while (first := await admission(a)) == 503:  # the rebuild window: refused, nothing sent
+                assert loop.time() < deadline
+                await asyncio.sleep(0.5)
+            assert not any(f.done() for f in in_flight)  # still streaming: their reservations were put back
+            after = [first, await admission(b), await admission(a)]
+            assert await asyncio.gather(*in_flight) == [200, 200]
+            await asyncio.gather(*later)
+            async with http.get(f"{b.url}/api/usage?by=client") as resp:
+                spent = (await resp.json())["perClient"]["team"]["totalCost"]
+        # $0.0308 still reserved by the calls in flight: one more call fits in $0.05, not three.
+        assert sorted(after) == [200, 429, 429], after
+        assert spent <= 0.05, (spent, after)
+    finally:
+        for server in (a, b):
+            if server.process is not None and server.process.returncode is None:
+                await server.terminate()
+        redis_srv.close()
+
+
+async def test_a_database_outage_longer_than_a_lease_does_not_recover_the_calls_of_live_replicas(
+    tmp_path: Path, fake_anthropic: Any, redis_srv: Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The database stops for 22 s, longer than a lease (20 s), while calls stream on A: no replica could
+    renew meanwhile, so the lapsed leases do not mean A died, even when B gets to the database first. A's
+    calls end with the figures the upstream reported, not with estimates B recovered while A streamed them."""
+    from tests.scale_servers import Postgres, pg_bindir
+
+    if pg_bindir() is None:
+        pytest.skip("PostgreSQL is not installed")
+    monkeypatch.setenv("AGENTSPACE_GATEWAY_TOKEN", TOKEN)
+    await flush_redis(redis_srv)
+    pg = Postgres()
+    storage = {"backend": "postgres", "dsn": pg.dsn, "redis_url": redis_srv.url}
+    # About 36 s each: they outlast the outage and the first scans after it.
+    fake_anthropic.default = fa.text_response(
+        "tok " * 60, chunks=60, usage={"input_tokens": 3000}, delta_usages=[{"output_tokens": 500}]
+    ).with_delay(0.6)
+    a, b = (GatewayProcess(tmp_path / name, fake_anthropic.url, storage=storage) for name in ("a", "b"))
+    body = {
+        "model": "claude-sonnet-4-5",
+        "max_tokens": 1024,
+        "stream": True,
+        "messages": [{"role": "user", "content": "Hi"}],
+    }
+    try:
+        await asyncio.gather(a.start(), b.start())
+        async with aiohttp.ClientSession(headers={**HEADERS, "anthropic-version": "2023-06-01"}) as http:
+
+            async def call() -> bytes:
+                async with http.post(f"{a.url}/v1/messages", json=body) as resp:
+                    assert resp.status == 200
+                    return await resp.read()
+
+            streams = [asyncio.ensure_future(call()) for _ in range(2)]
+            await asyncio.sleep(2)
+            pg.stop()
+            await asyncio.sleep(22)
+            assert a.process is not None
+            # A is slow to come back (paused for 8 s): B, which could reach nothing either, is there first.
+            a.process.send_signal(signal.SIGSTOP)
+            try:
+                pg.start()
+                await asyncio.sleep(8)
+            finally:
+                a.process.send_signal(signal.SIGCONT)
+            for body_seen in await asyncio.gather(*streams):
+                assert b"event: message_stop" in body_seen
+            deadline = asyncio.get_running_loop().time() + 30
+            while len(records := await recorded(pg.dsn)) < 2:
+                assert asyncio.get_running_loop().time() < deadline
+                await asyncio.sleep(1)
+        assert len(records) == 2
+        for record in records:
+            assert (record["inputTokens"], record["outputTokens"]) == (3000, 500), record
+            assert not record["recovered"], record
+    finally:
+        for server in (a, b):
+            if server.process is not None and server.process.returncode is None:
+                await server.terminate()
+        pg.close()

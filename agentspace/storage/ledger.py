@@ -36,6 +36,7 @@ except ImportError:  # Windows: journals are not shared by processes there (no `
     fcntl = None  # type: ignore[assignment]
 
 if TYPE_CHECKING:
+    from ..limits import Guard
     from ..recording import Recorder
     from .protocols import SharedLedger, Storage, UsageStoreAPI
     from .shapes import LedgerEntry
@@ -136,7 +137,9 @@ class Ledger:
             return
         self._dirty.discard(entry_id)
         self._lines.append(_line({"event": "closed", "id": entry_id, "void": void}))
-        self._schedule(NOTE_DELAY_SECONDS)
+        # A void goes out now (a refusal answers at once): a process killed just after would otherwise leave
+        # a call that never went upstream pending, and the next start would post a record for it.
+        self._schedule(0.0 if void else NOTE_DELAY_SECONDS)
         if self.shared is not None:
             self.shared.closed(entry_id)
 
@@ -329,8 +332,29 @@ class Gateway(Protocol):
     @property
     def recorder(self) -> Recorder: ...
 
+    @property
+    def guard(self) -> Guard: ...
+
 
 G = TypeVar("G", bound=Gateway)
+
+
+async def _replaces_an_estimate(
+    gw: G, entry: dict[str, Any], stored: dict[Any, dict[str, Any]], since: datetime | None
+) -> bool:
+    """Whether the spooled record of ``entry`` goes in place of the estimate another replica posted for it
+    (it recovered the call from the shared ledger while this replica was dead and the database down): the
+    estimate is taken out here, its cost out of the client's spend, and the record as reported is posted."""
+    shared = gw.ledger.shared
+    if shared is None or since is None or not isinstance(entry.get("record"), dict):
+        return False
+    if not stored[entry["id"]].get("recovered") or entry["record"].get("recovered"):
+        return False
+    removed = await shared.unpost_recovered(entry["id"], since)
+    if removed is None:
+        return False
+    await gw.guard.unsettle(*removed)
+    return True
 
 
 async def recover(gw: G, make_record: Callable[[G, dict[str, Any]], Any]) -> int:
@@ -345,15 +369,19 @@ async def recover(gw: G, make_record: Callable[[G, dict[str, Any]], Any]) -> int
     for path, fd in claimed:
         try:
             entries = await loop.run_in_executor(None, read_journal, path)
-            stored = set()
+            stored: dict[Any, dict[str, Any]] = {}
+            since = _since(entries)
             if entries:
-                stored = {r.get("id") for r in await gw.usage.records(since=_since(entries))}
+                stored = {r.get("id"): r for r in await gw.usage.records(since=since)}
             complete = True
             for entry in entries:
-                if entry.get("id") in stored:
+                if entry.get("id") in stored and not await _replaces_an_estimate(gw, entry, stored, since):
                     continue  # recorded; the process died before it wrote `closed`
                 record = make_record(gw, entry)
-                if await gw.recorder.record(record) is not None:
+                # A spooled record was settled in the client's counters when its call ended (in Redis, shared
+                # by the replicas, that spend is still counted): posted now, it is not counted again.
+                spooled = isinstance(entry.get("record"), dict)
+                if await gw.recorder.record(record, settle=not spooled) is not None:
                     complete = False  # kept for a retry; the journal stays for the next start
                     continue
                 posted += 1
