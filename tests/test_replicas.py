@@ -327,12 +327,8 @@ async def test_redis_losing_its_state_mid_stream_does_not_let_budgets_be_exceede
     assert spent <= 0.05  # without the rebuild, the three calls after the loss were admitted: $0.075
 
 
-async def test_database_down_then_a_replica_killed_every_call_seen_to_end_has_its_record_as_reported(
-    tmp_path: Path, fake_anthropic: Any, redis_srv: Redis, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Two replicas under mixed /v1 load; the database stops for 10 s and replica A is SIGKILLed before it
-    returns. Every call a client saw end successfully has its record, with the usage the upstream reported:
-    the other replica recovering A's lapsed calls must not replace what A's spool kept with an estimate."""
+async def own_database(redis_srv: Redis, monkeypatch: pytest.MonkeyPatch) -> tuple[Any, dict[str, Any]]:
+    """A PostgreSQL of the test's own (it stops and starts it), and the storage config of replicas using it."""
     from tests.scale_servers import Postgres, pg_bindir
 
     if pg_bindir() is None:
@@ -340,7 +336,16 @@ async def test_database_down_then_a_replica_killed_every_call_seen_to_end_has_it
     monkeypatch.setenv("AGENTSPACE_GATEWAY_TOKEN", TOKEN)
     await flush_redis(redis_srv)
     pg = Postgres()
-    storage = {"backend": "postgres", "dsn": pg.dsn, "redis_url": redis_srv.url}
+    return pg, {"backend": "postgres", "dsn": pg.dsn, "redis_url": redis_srv.url}
+
+
+async def test_database_down_then_a_replica_killed_every_call_seen_to_end_has_its_record_as_reported(
+    tmp_path: Path, fake_anthropic: Any, redis_srv: Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two replicas under mixed /v1 load; the database stops for 10 s and replica A is SIGKILLed before it
+    returns. Every call a client saw end successfully has its record, with the usage the upstream reported:
+    the other replica recovering A's lapsed calls must not replace what A's spool kept with an estimate."""
+    pg, storage = await own_database(redis_srv, monkeypatch)
     # Each stream reports 3000 input tokens at its start and 500 output tokens at its end, about 3 s long.
     fake_anthropic.default = fa.text_response(
         "tok " * 30, chunks=30, usage={"input_tokens": 3000}, delta_usages=[{"output_tokens": 500}]
@@ -501,14 +506,7 @@ async def test_a_database_outage_longer_than_a_lease_does_not_recover_the_calls_
     """The database stops for 22 s, longer than a lease (20 s), while calls stream on A: no replica could
     renew meanwhile, so the lapsed leases do not mean A died, even when B gets to the database first. A's
     calls end with the figures the upstream reported, not with estimates B recovered while A streamed them."""
-    from tests.scale_servers import Postgres, pg_bindir
-
-    if pg_bindir() is None:
-        pytest.skip("PostgreSQL is not installed")
-    monkeypatch.setenv("AGENTSPACE_GATEWAY_TOKEN", TOKEN)
-    await flush_redis(redis_srv)
-    pg = Postgres()
-    storage = {"backend": "postgres", "dsn": pg.dsn, "redis_url": redis_srv.url}
+    pg, storage = await own_database(redis_srv, monkeypatch)
     # About 36 s each: they outlast the outage and the first scans after it.
     fake_anthropic.default = fa.text_response(
         "tok " * 60, chunks=60, usage={"input_tokens": 3000}, delta_usages=[{"output_tokens": 500}]

@@ -78,6 +78,19 @@ def seed(data_dir: Path, rng: random.Random) -> list[dict[str, Any]]:
     return records
 
 
+def segment_reads(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The segments the reports read from now on, as ``<day>/<file>``."""
+    read: list[str] = []
+    real = usage_module.read_segment
+
+    def counting(path: Path) -> list[dict[str, Any]]:
+        read.append(f"{path.parent.name}/{path.name}")
+        return real(path)
+
+    monkeypatch.setattr(usage_module, "read_segment", counting)
+    return read
+
+
 def rounded(report: dict[str, Any]) -> Any:
     """Float sums in another order differ below a nano-dollar: compare costs to 1e-9."""
     if isinstance(report, dict):
@@ -148,14 +161,7 @@ async def test_a_report_reads_only_the_open_segment_once_rollups_exist(
     monkeypatch.setattr(usage_module, "_utc_day", lambda: "2026-03-03")  # a seeded day is today
     store = UsageStore(tmp_path)
     first = store.report_sync()
-    read: list[str] = []
-    real = usage_module.read_segment
-
-    def counting(path: Path) -> list[dict[str, Any]]:
-        read.append(f"{path.parent.name}/{path.name}")
-        return real(path)
-
-    monkeypatch.setattr(usage_module, "read_segment", counting)
+    read = segment_reads(monkeypatch)
     assert store.report_sync() == first
     assert read == ["2026-03-03/00002.jsonl"]  # today's last segment, still being written
 
@@ -193,8 +199,7 @@ def test_a_past_day_is_counted_through_its_segments_merged_once(
         assert len(keys) == len(merged["groups"]) == len(reports.group_records(in_folder))  # one row per group
         # Only the merged groups are read from now on: with the segments' own rollups gone, nothing changes.
         (rollups / f"{day}.json").unlink()
-    read: list[str] = []
-    monkeypatch.setattr(usage_module, "read_segment", lambda path: read.append(path.name) or [])
+    read = segment_reads(monkeypatch)
     for by in ("session", "model", "day"):
         assert rounded(store.report_sync(by=by)) == rounded({**REPORTS[by](records), "damagedFiles": []})
     assert store.report_sync(by="session") == first and read == []
@@ -207,14 +212,7 @@ def test_the_cli_report_reads_rollups_and_names_damaged_segments(
     records = seed(isolated_env, rng)
     bad = isolated_env / "usage" / "2026-03-02" / "00000.json"  # an earlier version's segment
     bad.write_bytes(bad.read_bytes()[:-20])  # damaged: its records are not counted, the report says so
-    read: list[str] = []
-    real = usage_module.read_segment
-
-    def counting(path: Path) -> list[dict[str, Any]]:
-        read.append(f"{path.parent.name}/{path.name}")
-        return real(path)
-
-    monkeypatch.setattr(usage_module, "read_segment", counting)
+    read = segment_reads(monkeypatch)
     counted = [r for r in records if r["id"] not in {f"r{n}" for n in range(120, 160)}]
     for run in range(2):  # the first run builds the rollups (the damaged segment's too), the second reads them
         read.clear()
