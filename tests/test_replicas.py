@@ -327,6 +327,13 @@ async def test_redis_losing_its_state_mid_stream_does_not_let_budgets_be_exceede
     assert spent <= 0.05  # without the rebuild, the three calls after the loss were admitted: $0.075
 
 
+async def stop_running(*servers: GatewayProcess) -> None:
+    """Stop the gateways a test started that still run (one may have been killed on purpose)."""
+    for server in servers:
+        if server.process is not None and server.process.returncode is None:
+            await server.terminate()
+
+
 async def own_database(redis_srv: Redis, monkeypatch: pytest.MonkeyPatch) -> tuple[Any, dict[str, Any]]:
     """A PostgreSQL of the test's own (it stops and starts it), and the storage config of replicas using it."""
     from tests.scale_servers import Postgres, pg_bindir
@@ -421,9 +428,7 @@ async def test_database_down_then_a_replica_killed_every_call_seen_to_end_has_it
         assert report["grandTotal"]["requestCount"] == 12 and report["grandTotal"]["totalCost"] == pytest.approx(posted)
         assert report["grandTotal"]["outputTokens"] == 12 * 500 and report["grandTotal"]["estimatedCount"] == 0
     finally:
-        for server in (a, b, restarted):
-            if server.process is not None and server.process.returncode is None:
-                await server.terminate()
+        await stop_running(a, b, restarted)
         pg.close()
 
 
@@ -494,9 +499,7 @@ async def test_redis_killed_and_restarted_mid_stream_refuses_while_away_and_budg
         assert sorted(after) == [200, 429, 429], after
         assert spent <= 0.05, (spent, after)
     finally:
-        for server in (a, b):
-            if server.process is not None and server.process.returncode is None:
-                await server.terminate()
+        await stop_running(a, b)
         redis_srv.close()
 
 
@@ -550,7 +553,5 @@ async def test_a_database_outage_longer_than_a_lease_does_not_recover_the_calls_
             assert (record["inputTokens"], record["outputTokens"]) == (3000, 500), record
             assert not record["recovered"], record
     finally:
-        for server in (a, b):
-            if server.process is not None and server.process.returncode is None:
-                await server.terminate()
+        await stop_running(a, b)
         pg.close()

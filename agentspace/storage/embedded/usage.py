@@ -254,9 +254,10 @@ class UsageStore:
                 fresh[name] = kept
         if fresh != known:
             self._save(day, {"segments": fresh})
-        whole = _day_rollup(fresh, sizes) if past else None
-        if whole is not None and whole != known_day:
-            self._save(f"{day}.day", {"day": {"merged": whole}})  # a table of one document (tinydb layout)
+        if past and (known_day is None or known_day.get("sizes") != sizes):  # (a report since a time in the day)
+            whole = _day_rollup(fresh, sizes)
+            if whole is not None:
+                self._save(f"{day}.day", {"day": {"merged": whole}})  # a table of one document (tinydb layout)
 
     def _read_rollup(self, day: str) -> dict[str, Any]:
         """The day's rollups: ``{segment file name: entry}`` (a tinydb layout, table ``segments``)."""
