@@ -276,6 +276,40 @@ async def test_the_rollups_stay_the_size_of_their_rows_as_records_keep_coming(pg
         await db.aclose()
 
 
+async def test_the_migration_to_half_full_pages_shrinks_rollups_already_grown(
+    pg_dsn: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A database of the version before: its rollups grown by a row version per record. The migration rewrites
+    # them to the size of their rows, and the reports are what they were.
+    from agentspace.storage.postgres import database
+
+    monkeypatch.setattr(database, "MIGRATIONS", [v for v in MIGRATIONS if v[0] < 6])
+    old = PostgresDatabase(pg_dsn)
+    usage = PostgresUsageStore(old)
+    try:
+        await old.start()
+        for round_ in range(21):  # the same 500 groups, 21 times over
+            await usage.append_dicts([record(round_ * 1000 + n, session_id=f"s{n}").to_dict() for n in range(500)])
+        before = await usage.report(by="session")
+        async with old.connection() as conn:
+            grown = int(await conn.fetchval("SELECT pg_relation_size('usage_rollups')"))
+    finally:
+        await usage.aclose()
+        await old.aclose()
+    monkeypatch.setattr(database, "MIGRATIONS", MIGRATIONS)
+    db = PostgresDatabase(pg_dsn)
+    usage = PostgresUsageStore(db)
+    try:
+        await db.start()
+        async with db.connection() as conn:
+            size = int(await conn.fetchval("SELECT pg_relation_size('usage_rollups')"))
+        assert size * 4 < grown, (size, grown)
+        assert await usage.report(by="session") == before
+    finally:
+        await usage.aclose()
+        await db.aclose()
+
+
 async def test_the_migration_to_server_tool_fees_recomputes_them_from_the_stored_records(
     pg_dsn: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
