@@ -338,8 +338,6 @@ class Guard:
         if client is None:
             return None
         await self.check_model(caller, model)
-        if not client.limited:
-            return None
         await self._check_window(client)
         reservation = None
         if client.budget_usd is not None and cost is not None:
@@ -351,6 +349,8 @@ class Guard:
             if reservation is None:
                 raise self._over_budget(client, spent, end, amount)
         if client.rpm is None:
+            # Counted without a limit too (as the tokens are, in ``settle``): an rpm set later counts the
+            # calls of the minute before it, as a budget set later counts the spend before it.
             await self.counters.add_request(client.name, self.monotonic())
         else:
             # The check above is not atomic with the count: calls in flight together (on any replica) would

@@ -1,0 +1,322 @@
+"""Checks made at the moment of use (README.md#teams-and-budgets): a change to a client key, its limits or the
+gateway token, made with the CLI on the same data directory or through /api/clients while the server runs
+and takes calls, is seen by the very next call on every transport -- the WebSocket, POST /api/chat,
+/v1/messages, /v1/messages/count_tokens, /v1/chat/completions, /v1/responses and /v1/embeddings -- through
+the official SDKs against the fake upstreams."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
+from typing import Any
+
+import aiohttp
+import anthropic
+import openai
+import pytest
+from aiohttp import WSMsgType
+from aiohttp.test_utils import TestClient
+from click.testing import CliRunner
+
+from agentspace.cli import main
+from agentspace.clients import period_bounds
+from agentspace.transports import state
+from tests.fakes.anthropic_upstream import FakeAnthropic
+from tests.fakes.openai_upstream import FakeOpenAI
+from tests.support.ui_stream import post_chat, read_all
+from tests.support.ws import chat, receive
+
+MODEL = "anthropic/claude-sonnet-4-5"
+EMBEDDING = "openai/text-embedding-3-small"
+TRANSPORTS = ("ws", "http", "messages", "count_tokens", "chat_completions", "responses", "embeddings")
+OK = {t: "ok" for t in TRANSPORTS}
+
+
+def cli(*args: str) -> str:
+    result = CliRunner().invoke(main, list(args), catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    return result.stdout
+
+
+def bearer(key: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"}
+
+
+def base(client: TestClient) -> str:
+    return f"http://127.0.0.1:{client.port}"
+
+
+def _sdk_code(e: anthropic.APIStatusError | openai.APIStatusError) -> str:
+    """The gateway's error code behind an SDK's exception (each /v1 API answers in its own shape)."""
+    text = str(e)
+    if e.status_code == 401:
+        return "UNAUTHORIZED"
+    if e.status_code == 403:
+        return "MODEL_NOT_ALLOWED" if "may not use" in text else "FORBIDDEN"
+    if e.status_code == 429:
+        return "BUDGET_EXCEEDED" if "budget" in text else "RATE_LIMITED"
+    return f"HTTP {e.status_code}: {text}"
+
+
+async def call(client: TestClient, key: str, transport: str) -> str:
+    """One call of ``key``'s on ``transport``: "ok", or the code it was refused with."""
+    if transport == "ws":
+        try:
+            ws = await client.ws_connect("/gateway", headers=bearer(key))
+        except aiohttp.WSServerHandshakeError as e:
+            return "UNAUTHORIZED" if e.status == 401 else f"HTTP {e.status}"
+        try:
+            frames = await chat(ws, "Hi")
+        finally:
+            await ws.close()
+        return "ok" if frames[-1]["type"] == "chat.stream.end" else frames[-1]["code"]
+    if transport == "http":
+        resp = await post_chat(client, bearer(key), f"moment-{transport}")
+        if resp.status != 200:
+            return str((await resp.json())["error"]["code"])
+        chunks = await read_all(resp)
+        errors = [c for c in chunks if isinstance(c, dict) and c["type"] == "error"]
+        return "ok" if not errors else errors[0]["errorText"]
+    try:
+        if transport in ("messages", "count_tokens"):
+            sdk = anthropic.AsyncAnthropic(api_key=key, base_url=base(client), max_retries=0)
+            messages: Any = [{"role": "user", "content": "Hello"}]
+            if transport == "messages":
+                await sdk.messages.create(model=MODEL, max_tokens=64, messages=messages)
+            else:
+                await sdk.messages.count_tokens(model=MODEL, messages=messages)
+            return "ok"
+        api = openai.AsyncOpenAI(api_key=key, base_url=base(client) + "/v1", max_retries=0)
+        if transport == "chat_completions":
+            await api.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Hi"}], max_tokens=64)
+        elif transport == "responses":
+            await api.responses.create(model=MODEL, input="Hi", max_output_tokens=64)
+        else:
+            await api.embeddings.create(model=EMBEDDING, input="Hi")
+        return "ok"
+    except (anthropic.APIStatusError, openai.APIStatusError) as e:
+        return _sdk_code(e)
+
+
+async def every_transport(client: TestClient, key: str) -> dict[str, str]:
+    return {t: await call(client, key, t) for t in TRANSPORTS}
+
+
+@pytest.fixture
+async def client(
+    make_client: Callable[..., Awaitable[TestClient]], fake_openai: FakeOpenAI, monkeypatch: pytest.MonkeyPatch
+) -> TestClient:
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-openai-test-0123456789")
+    return await make_client(providers={"openai": {"base_url": fake_openai.url}})
+
+
+# --- 1. keys ------------------------------------------------------------------------------------
+
+
+REFUSED = {t: "UNAUTHORIZED" for t in TRANSPORTS}
+
+
+async def change_key(client: TestClient, token: str, via: str, change: str, name: str) -> str | None:
+    """Rotate, remove, or remove and add again the client ``name``, with the CLI or over /api/clients; the
+    key that works now (None after a removal)."""
+    admin = bearer(token)
+    if change == "rotate":
+        if via == "cli":
+            return cli("clients", "rotate", name).strip()
+        return str((await (await client.post(f"/api/clients/{name}/rotate", headers=admin)).json())["key"])
+    if via == "cli":
+        cli("clients", "remove", name)
+    else:
+        assert (await client.delete(f"/api/clients/{name}", headers=admin)).status == 204
+    if change == "remove":
+        return None
+    if via == "cli":  # the same name again: a new client with a key of its own
+        return cli("clients", "add", name).strip()
+    return str((await (await client.post("/api/clients", headers=admin, json={"name": name})).json())["key"])
+
+
+# Each test refuses a key once per transport: more failures from one source would be answered 429
+# (security.MAX_FAILURES), not 401.
+@pytest.mark.parametrize("change", ["rotate", "remove", "readd"])
+@pytest.mark.parametrize("via", ["cli", "api"])
+async def test_a_key_added_rotated_or_removed_is_seen_by_the_next_call_everywhere(
+    client: TestClient, token: str, via: str, change: str
+) -> None:
+    if via == "cli":
+        key = cli("clients", "add", "alice").strip()
+    else:
+        key = (await (await client.post("/api/clients", headers=bearer(token), json={"name": "alice"})).json())["key"]
+    assert await every_transport(client, key) == OK  # added: accepted at once
+    new_key = await change_key(client, token, via, change, "alice")
+    assert await every_transport(client, key) == REFUSED
+    if new_key is not None:
+        assert await every_transport(client, new_key) == OK
+
+
+async def revoked(ws: Any) -> tuple[dict[str, Any], Any]:
+    """The refusal of a socket whose credential went, and its close code."""
+    frame = await receive(ws)
+    msg = await ws.receive(timeout=10)
+    assert msg.type in (WSMsgType.CLOSE, WSMsgType.CLOSED), msg
+    return frame, ws.close_code
+
+
+@pytest.mark.parametrize("change", ["cli-remove", "cli-rotate", "cli-readd", "api-remove", "api-rotate", "api-readd"])
+async def test_an_open_socket_s_next_chat_send_after_its_key_went_is_refused_and_never_sent(
+    client: TestClient, fake_anthropic: FakeAnthropic, token: str, change: str
+) -> None:
+    key = cli("clients", "add", "carol").strip()
+    ws = await client.ws_connect("/gateway", headers=bearer(key))
+    assert (await chat(ws, "first"))[-1]["type"] == "chat.stream.end"
+    sent = len(fake_anthropic.requests)
+    via, what = change.split("-")
+    await change_key(client, token, via, what, "carol")
+    # At once: the very next frame, whether or not the periodic check has run yet.
+    await ws.send_json({"type": "chat.send", "id": "next", "content": "second"})
+    frame, code = await revoked(ws)
+    assert (frame["type"], frame["code"]) == ("error", "UNAUTHORIZED"), frame
+    assert code == 4001
+    assert len(fake_anthropic.requests) == sent  # nothing went upstream on the removed key
+
+
+# --- 4. the gateway token -----------------------------------------------------------------------
+
+
+async def test_the_gateway_token_rotated_with_the_cli_is_seen_by_the_next_call(
+    client: TestClient, fake_anthropic: FakeAnthropic, token: str
+) -> None:
+    assert await every_transport(client, token) == OK
+    ws = await client.ws_connect("/gateway", headers=bearer(token))
+    assert (await chat(ws, "first"))[-1]["type"] == "chat.stream.end"
+    sent = len(fake_anthropic.requests)
+    new_token = cli("token", "--rotate").strip()
+    assert new_token != token
+    await ws.send_json({"type": "chat.send", "id": "next", "content": "second"})
+    frame, code = await revoked(ws)
+    assert (frame["code"], code) == ("UNAUTHORIZED", 4001)
+    assert len(fake_anthropic.requests) == sent
+    assert await every_transport(client, token) == {t: "UNAUTHORIZED" for t in TRANSPORTS}
+    assert await every_transport(client, new_token) == OK
+    assert (await client.get("/api/clients", headers=bearer(token))).status == 401
+    assert (await client.get("/api/clients", headers=bearer(new_token))).status == 200
+
+
+# --- 2. limits ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("via", ["cli", "api"])
+async def test_a_model_allowlist_set_and_cleared_applies_to_the_next_call(
+    client: TestClient, token: str, via: str
+) -> None:
+    key = cli("clients", "add", "dave").strip()
+    assert await every_transport(client, key) == OK
+
+    async def change(**settings: Any) -> None:
+        if via == "cli":
+            value = settings["models"]
+            cli("clients", "set", "dave", "--models", "none" if value is None else ",".join(value))
+        else:
+            resp = await client.patch("/api/clients/dave", headers=bearer(token), json=settings)
+            assert resp.status == 200, await resp.text()
+
+    await change(models=["openai/gpt-*"])
+    assert await every_transport(client, key) == {t: "MODEL_NOT_ALLOWED" for t in TRANSPORTS}
+    await change(models=None)
+    assert await every_transport(client, key) == OK
+
+
+@pytest.mark.parametrize("via", ["cli", "api"])
+async def test_requests_made_before_an_rpm_was_set_count(client: TestClient, token: str, via: str) -> None:
+    """A client without limits makes calls; an rpm set now counts the calls of the last minute, as a budget
+    set later counts the spend before it."""
+    key = cli("clients", "add", "erin").strip()
+    assert await every_transport(client, key) == OK  # 7 calls in this minute
+    if via == "cli":
+        cli("clients", "set", "erin", "--rpm", "7")
+    else:
+        assert (await client.patch("/api/clients/erin", headers=bearer(token), json={"rpm": 7})).status == 200
+    assert await every_transport(client, key) == {t: "RATE_LIMITED" for t in TRANSPORTS}
+    cli("clients", "set", "erin", "--rpm", "none")
+    assert await every_transport(client, key) == OK
+
+
+async def test_tokens_used_before_a_tpm_was_set_count(client: TestClient) -> None:
+    key = cli("clients", "add", "fay").strip()
+    assert await call(client, key, "messages") == "ok"
+    cli("clients", "set", "fay", "--tpm", "10")  # one call used more than 10 tokens
+    assert await every_transport(client, key) == {t: "RATE_LIMITED" for t in TRANSPORTS}
+    cli("clients", "set", "fay", "--tpm", "none")
+    assert await every_transport(client, key) == OK
+
+
+# --- budgets and the spend every view shows -------------------------------------------------------
+
+
+async def spends(client: TestClient, token: str, name: str) -> dict[str, float]:
+    """The client's spend in its period as the CLI (list and show), /api/clients (what the web app's clients
+    page reads) and /api/usage (since the period's start) give it, side by side."""
+    listed = json.loads(cli("clients", "list", "--json"))["clients"]
+    (row,) = [c for c in listed if c["name"] == name]
+    shown = json.loads(cli("clients", "show", name, "--json"))
+    api = await (await client.get("/api/clients", headers=bearer(token))).json()
+    (api_row,) = [c for c in api["clients"] if c["name"] == name]
+    one = await (await client.get(f"/api/clients/{name}", headers=bearer(token))).json()
+    since = row["spend"]["periodStart"]
+    query = f"&since={since[:10]}" if since else ""
+    usage = await (await client.get(f"/api/usage?by=client{query}", headers=bearer(token))).json()
+    cli_usage = json.loads(cli("usage", "--by-client", "--json", *(["--since", since[:10]] if since else [])))
+    return {
+        "cli list": row["spend"]["usd"],
+        "cli show": shown["spend"]["usd"],
+        "api list": api_row["spend"]["usd"],
+        "api one": one["client"]["spend"]["usd"],
+        "api usage": round(usage["perClient"][name]["totalCost"], 10),
+        "cli usage": round(cli_usage["perClient"][name]["totalCost"], 10),
+    }
+
+
+@pytest.mark.parametrize("via", ["cli", "api"])
+async def test_a_budget_set_after_spend_counts_it_and_every_view_shows_the_same_spend(
+    client: TestClient, token: str, via: str
+) -> None:
+    key = cli("clients", "add", "gus", "--period", "day").strip()
+    assert await every_transport(client, key) == OK
+    views = await spends(client, token, "gus")
+    assert len(set(views.values())) == 1 and views["cli list"] > 0, views
+    spent = views["cli list"]
+    budget = spent * 0.99  # set below what was spent before it
+    if via == "cli":
+        cli("clients", "set", "gus", "--budget", f"{budget:.10f}")
+    else:
+        resp = await client.patch("/api/clients/gus", headers=bearer(token), json={"budgetUsd": budget})
+        assert resp.status == 200
+    refused = await every_transport(client, key)
+    del refused["count_tokens"]  # billed nothing: not refused by a budget
+    assert refused == {t: "BUDGET_EXCEEDED" for t in TRANSPORTS if t != "count_tokens"}
+    assert await call(client, key, "count_tokens") == "ok"
+    views = await spends(client, token, "gus")
+    assert set(views.values()) == {spent}, views  # the refused calls cost nothing
+    cli("clients", "set", "gus", "--budget", "none")
+    assert await every_transport(client, key) == OK
+    views = await spends(client, token, "gus")
+    assert len(set(views.values())) == 1 and views["cli list"] > spent, views
+
+
+async def test_a_budget_period_changed_back_and_forth_counts_every_call_of_the_period(
+    client: TestClient, token: str
+) -> None:
+    """month -> day -> month: the month's spend counts the calls made while the period was a day."""
+    key = cli("clients", "add", "hal", "--budget", "100", "--period", "month").strip()
+    assert await call(client, key, "messages") == "ok"
+    cli("clients", "set", "hal", "--period", "day")
+    assert await call(client, key, "messages") == "ok"
+    assert await call(client, key, "chat_completions") == "ok"
+    cli("clients", "set", "hal", "--period", "month")
+    views = await spends(client, token, "hal")
+    records = await client.app[state.REGISTRY].usage.records(client="hal")
+    start, _ = period_bounds("month", datetime.now(UTC))
+    assert start is not None
+    assert len(records) == 3
+    total = round(sum(r["totalCost"] for r in records), 10)
+    assert set(views.values()) == {total}, views
