@@ -8,7 +8,8 @@ Budget (docs/accounting.md): a call reserves the most it can cost as sent upstre
 is admitted only while posted spend + the reservations of the calls in flight + its own reservation fit the
 budget; its record settles the reservation with the real cost. The period's spend comes from the usage
 store (the posted entries), read once per client and period and then kept current by every record of the
-client -- with or without a budget, so a budget set later counts what was spent before it.
+client -- with or without a budget, so a budget set later counts what was spent before it, and in every
+period loaded, so a period changed and changed back counts what was spent meanwhile.
 
 Usage::
 
@@ -24,12 +25,12 @@ import logging
 import math
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import TYPE_CHECKING, Protocol
 
-from .clients import ADMIN, Client, Clock, iso, period_bounds, utc_now
+from .clients import ADMIN, PERIODS, Client, Clock, iso, period_bounds, utc_now
 from .errors import ApiError, outage_error
 from .logs import warn_limited
 
@@ -54,6 +55,7 @@ class Reservation:
     period_key: str
     amount: float
     settled: bool = False
+    client_created_at: str = ""  # the client's creation: the keys of its other periods (``Guard.settle``)
 
 
 @dataclass
@@ -95,8 +97,9 @@ class Counters(Protocol):
 
     def settle(self, reservation: Reservation, real_cost: float) -> Awaitable[None]: ...
 
-    def add_spend(self, client: str, period_key: str, cost: float) -> Awaitable[None]:
-        """A cost recorded without a reservation (a call of a client that has no budget now)."""
+    def add_spend(self, client: str, period_keys: Sequence[str], cost: float) -> Awaitable[None]:
+        """A cost recorded, added to the spend of each of ``period_keys`` that is loaded (a call of a client that
+        has no budget now, or the periods other than the one its reservation was held in)."""
         ...
 
 
@@ -195,10 +198,18 @@ class InProcessCounters:
             b.reserved = max(0.0, b.reserved - reservation.amount)
             b.spend += real_cost
 
-    async def add_spend(self, client: str, period_key: str, cost: float) -> None:
-        b = self._get(client).budgets.get(period_key)
-        if b is not None:  # not loaded yet: the load reads it from the store
-            b.spend += cost
+    async def add_spend(self, client: str, period_keys: Sequence[str], cost: float) -> None:
+        budgets = self._get(client).budgets
+        for key in period_keys:
+            b = budgets.get(key)
+            if b is not None:  # not loaded yet: the load reads it from the store
+                b.spend += cost
+
+
+def _period_key(period: str, start: datetime | None, created_at: str) -> str:
+    # The client's creation is part of the key: a client added again under a removed one's name has its own
+    # spend, in memory and in Redis.
+    return f"{period}:{iso(start)}:{created_at}"
 
 
 def usd(value: float) -> str:
@@ -259,9 +270,14 @@ class Guard:
 
     def _period(self, client: Client) -> tuple[str, datetime | None, datetime | None]:
         start, end = period_bounds(client.period, self.clock())
-        # The client's creation is part of the key: a client added again under a removed one's name has
-        # its own spend, in memory and in Redis.
-        return f"{client.period}:{iso(start)}:{client.created_at}", start, end
+        return _period_key(client.period, start, client.created_at), start, end
+
+    def _every_period(self, created_at: str) -> list[str]:
+        """The keys of the current day, week, month and total of a client: a record's cost goes to each that is
+        loaded, not only to its period now, so that a period changed and changed back (month, day, month)
+        finds a spend that counts the calls made meanwhile."""
+        now = self.clock()
+        return [_period_key(period, period_bounds(period, now)[0], created_at) for period in PERIODS]
 
     def _loader(self, client: Client, start: datetime | None) -> Callable[[], Awaitable[float]]:
         async def load() -> float:
@@ -348,6 +364,7 @@ class Guard:
             )
             if reservation is None:
                 raise self._over_budget(client, spent, end, amount)
+            reservation.client_created_at = client.created_at
         if client.rpm is None:
             # Counted without a limit too (as the tokens are, in ``settle``): an rpm set later counts the
             # calls of the minute before it, as a budget set later counts the spend before it.
@@ -413,13 +430,16 @@ class Guard:
             return
         try:
             await self.counters.add_tokens(record.client, record.usage.total_tokens, self.monotonic())
+            cost = record.cost.total_cost
             if reservation is not None:
-                await self.counters.settle(reservation, record.cost.total_cost)
+                await self.counters.settle(reservation, cost)
+                others = [k for k in self._every_period(reservation.client_created_at) if k != reservation.period_key]
+                if cost:
+                    await self.counters.add_spend(record.client, others, cost)
                 return
             client = await self.clients.get(record.client)
-            if client is not None and record.cost.total_cost:
-                key, _, _ = self._period(client)
-                await self.counters.add_spend(client.name, key, record.cost.total_cost)
+            if client is not None and cost:
+                await self.counters.add_spend(client.name, self._every_period(client.created_at), cost)
         except Exception:  # the record is stored; Redis's copy of the spend is reloaded from the records
             log.exception("settling usage record %s in the client counters failed", record.id)
 
@@ -431,8 +451,7 @@ class Guard:
         try:
             client = await self.clients.get(client_name)
             if client is not None:
-                key, _, _ = self._period(client)
-                await self.counters.add_spend(client.name, key, -cost)
+                await self.counters.add_spend(client.name, self._every_period(client.created_at), -cost)
         except Exception:  # Redis's copy of the spend is reloaded from the records
             log.exception("taking a replaced record's cost out of client %s's spend failed", client_name)
 

@@ -6,9 +6,11 @@ the official SDKs against the fake upstreams."""
 
 from __future__ import annotations
 
+import asyncio
 import json
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -22,9 +24,11 @@ from click.testing import CliRunner
 from agentspace.cli import main
 from agentspace.clients import period_bounds
 from agentspace.transports import state
+from scripts.harness import GatewayProcess
 from tests.fakes.anthropic_upstream import FakeAnthropic
 from tests.fakes.openai_upstream import FakeOpenAI
-from tests.support.ui_stream import post_chat, read_all
+from tests.scale_servers import TOKEN, Redis, flush_redis
+from tests.support.ui_stream import read_all, user
 from tests.support.ws import chat, receive
 
 MODEL = "anthropic/claude-sonnet-4-5"
@@ -59,35 +63,38 @@ def _sdk_code(e: anthropic.APIStatusError | openai.APIStatusError) -> str:
     return f"HTTP {e.status_code}: {text}"
 
 
-async def call(client: TestClient, key: str, transport: str) -> str:
+async def call(client: TestClient | str, key: str, transport: str) -> str:
     """One call of ``key``'s on ``transport``: "ok", or the code it was refused with."""
-    if transport == "ws":
-        try:
-            ws = await client.ws_connect("/gateway", headers=bearer(key))
-        except aiohttp.WSServerHandshakeError as e:
-            return "UNAUTHORIZED" if e.status == 401 else f"HTTP {e.status}"
-        try:
-            frames = await chat(ws, "Hi")
-        finally:
-            await ws.close()
-        return "ok" if frames[-1]["type"] == "chat.stream.end" else frames[-1]["code"]
-    if transport == "http":
-        resp = await post_chat(client, bearer(key), f"moment-{transport}")
-        if resp.status != 200:
-            return str((await resp.json())["error"]["code"])
-        chunks = await read_all(resp)
+    url = client if isinstance(client, str) else base(client)
+    if transport in ("ws", "http"):
+        async with aiohttp.ClientSession() as http:
+            if transport == "ws":
+                try:
+                    ws = await http.ws_connect(url + "/gateway", headers=bearer(key))
+                except aiohttp.WSServerHandshakeError as e:
+                    return "UNAUTHORIZED" if e.status == 401 else f"HTTP {e.status}"
+                try:
+                    frames = await chat(ws, "Hi")
+                finally:
+                    await ws.close()
+                return "ok" if frames[-1]["type"] == "chat.stream.end" else str(frames[-1]["code"])
+            body = {"id": "moment-http", "messages": [user("Hi!")], "trigger": "submit-message"}
+            async with http.post(url + "/api/chat", json=body, headers=bearer(key)) as resp:
+                if resp.status != 200:
+                    return str((await resp.json())["error"]["code"])
+                chunks = await read_all(resp)
         errors = [c for c in chunks if isinstance(c, dict) and c["type"] == "error"]
-        return "ok" if not errors else errors[0]["errorText"]
+        return "ok" if not errors else str(errors[0]["errorText"])
     try:
         if transport in ("messages", "count_tokens"):
-            sdk = anthropic.AsyncAnthropic(api_key=key, base_url=base(client), max_retries=0)
+            sdk = anthropic.AsyncAnthropic(api_key=key, base_url=url, max_retries=0)
             messages: Any = [{"role": "user", "content": "Hello"}]
             if transport == "messages":
                 await sdk.messages.create(model=MODEL, max_tokens=64, messages=messages)
             else:
                 await sdk.messages.count_tokens(model=MODEL, messages=messages)
             return "ok"
-        api = openai.AsyncOpenAI(api_key=key, base_url=base(client) + "/v1", max_retries=0)
+        api = openai.AsyncOpenAI(api_key=key, base_url=url + "/v1", max_retries=0)
         if transport == "chat_completions":
             await api.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Hi"}], max_tokens=64)
         elif transport == "responses":
@@ -99,7 +106,7 @@ async def call(client: TestClient, key: str, transport: str) -> str:
         return _sdk_code(e)
 
 
-async def every_transport(client: TestClient, key: str) -> dict[str, str]:
+async def every_transport(client: TestClient | str, key: str) -> dict[str, str]:
     return {t: await call(client, key, t) for t in TRANSPORTS}
 
 
@@ -320,3 +327,131 @@ async def test_a_budget_period_changed_back_and_forth_counts_every_call_of_the_p
     assert len(records) == 3
     total = round(sum(r["totalCost"] for r in records), 10)
     assert set(views.values()) == {total}, views
+
+
+# --- 3. two replicas on PostgreSQL and Redis ----------------------------------------------------
+
+
+async def acli(*args: str) -> str:
+    """The CLI in a thread (its commands on the database run their own event loop)."""
+    result = await asyncio.to_thread(CliRunner().invoke, main, list(args), catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    return result.stdout
+
+
+@pytest.fixture
+async def two(
+    tmp_path: Path,
+    fake_anthropic: FakeAnthropic,
+    fake_openai: FakeOpenAI,
+    pg_dsn: str,
+    redis_srv: Redis,
+    monkeypatch: pytest.MonkeyPatch,
+) -> AsyncIterator[list[GatewayProcess]]:
+    """Replicas A and B of one database and one Redis, each able to serve every transport (embeddings too)."""
+    monkeypatch.setenv("AGENTSPACE_GATEWAY_TOKEN", TOKEN)
+    await flush_redis(redis_srv)
+    storage = {"backend": "postgres", "dsn": pg_dsn, "redis_url": redis_srv.url}
+    providers = {"providers.openai": {"base_url": fake_openai.url}}
+    servers = [GatewayProcess(tmp_path / n, fake_anthropic.url, storage=storage, **providers) for n in ("a", "b")]
+    for server in servers:
+        result = CliRunner().invoke(
+            main, ["keys", "add", "openai", "--config", str(server.config_path)], input="sk-openai-test-0123456789\n"
+        )
+        assert result.exit_code == 0, result.output
+    try:
+        await asyncio.gather(*(s.start() for s in servers))
+        yield servers
+    finally:
+        for server in servers:
+            if server.process is not None and server.process.returncode is None:
+                await server.terminate()
+
+
+async def admin_api(method: str, url: str, body: dict[str, Any] | None = None) -> Any:
+    async with (
+        aiohttp.ClientSession(headers=bearer(TOKEN)) as http,
+        http.request(method, url, json=body) as resp,
+    ):
+        assert resp.status in (200, 201, 204), await resp.text()
+        return None if resp.status == 204 else await resp.json()
+
+
+async def test_a_change_through_one_replica_or_the_cli_is_seen_by_the_other_s_next_call(
+    two: list[GatewayProcess],
+) -> None:
+    a, b = two
+    config = str(a.config_path)
+    key = (await admin_api("POST", f"{a.url}/api/clients", {"name": "team"}))["key"]
+    assert await every_transport(b.url, key) == OK  # added on A: accepted on B at once
+
+    async with aiohttp.ClientSession() as http, http.ws_connect(b.ws_url, headers=bearer(key)) as ws:  # on B
+        new_key = (await admin_api("POST", f"{a.url}/api/clients/team/rotate"))["key"]
+        await ws.send_json({"type": "chat.send", "id": "next", "content": "Hi"})
+        frame, code = await revoked(ws)
+        assert (frame["code"], code) == ("UNAUTHORIZED", 4001)
+    assert await every_transport(b.url, key) == REFUSED
+    assert await every_transport(b.url, new_key) == OK
+
+    # Limits set with the CLI on the database: B's next call obeys them, as does A's.
+    await acli("clients", "set", "team", "--config", config, "--models", "openai/gpt-*")
+    assert await every_transport(b.url, new_key) == {t: "MODEL_NOT_ALLOWED" for t in TRANSPORTS}
+    await acli("clients", "set", "team", "--config", config, "--models", "none", "--rpm", "14")
+    # 14 calls in the last minute on B (the rpm counts every replica's calls): A refuses the next.
+    assert await every_transport(a.url, new_key) == {t: "RATE_LIMITED" for t in TRANSPORTS}
+    await admin_api("PATCH", f"{b.url}/api/clients/team", {"rpm": None})
+    assert await every_transport(a.url, new_key) == OK
+
+    await acli("clients", "remove", "team", "--config", config)
+    assert await every_transport(a.url, new_key) == REFUSED  # on A: B has had its share of failed keys
+
+
+async def replica_spends(two: list[GatewayProcess], name: str) -> dict[str, float]:
+    config = str(two[0].config_path)
+    row = json.loads(await acli("clients", "show", name, "--config", config, "--json"))
+    views = {"cli": row["spend"]["usd"]}
+    since = (row["spend"]["periodStart"] or "")[:10]
+    for server, label in zip(two, "ab", strict=True):
+        listed = await admin_api("GET", f"{server.url}/api/clients")
+        (api_row,) = [c for c in listed["clients"] if c["name"] == name]
+        views[f"{label} clients"] = api_row["spend"]["usd"]
+        usage = await admin_api("GET", f"{server.url}/api/usage?by=client" + (f"&since={since}" if since else ""))
+        views[f"{label} usage"] = round(usage["perClient"][name]["totalCost"], 10)
+    return views
+
+
+async def test_a_budget_set_with_the_cli_counts_spend_made_on_both_replicas_and_all_agree(
+    two: list[GatewayProcess],
+) -> None:
+    a, b = two
+    config = str(a.config_path)
+    key = (await acli("clients", "add", "ops", "--config", config, "--period", "day")).splitlines()[0]
+    assert await every_transport(a.url, key) == OK
+    assert await every_transport(b.url, key) == OK
+    views = await replica_spends(two, "ops")
+    assert len(set(views.values())) == 1 and views["cli"] > 0, views
+    spent = views["cli"]
+    await acli("clients", "set", "ops", "--config", config, "--budget", f"{spent * 0.99:.10f}")
+    billed = [t for t in TRANSPORTS if t != "count_tokens"]
+    for server in (a, b):
+        refused = await every_transport(server.url, key)
+        assert {t: refused[t] for t in billed} == {t: "BUDGET_EXCEEDED" for t in billed}
+    assert set((await replica_spends(two, "ops")).values()) == {spent}
+
+
+async def test_a_budget_period_changed_back_and_forth_on_replicas_counts_every_call_of_the_period(
+    two: list[GatewayProcess],
+) -> None:
+    """month -> day -> month through A: the month's spend in Redis counts the calls made on B meanwhile."""
+    a, b = two
+    key = (await admin_api("POST", f"{a.url}/api/clients", {"name": "hal", "budgetUsd": 100, "period": "month"}))["key"]
+    assert await call(b.url, key, "messages") == "ok"  # the month's spend loaded into Redis
+    await admin_api("PATCH", f"{a.url}/api/clients/hal", {"period": "day"})
+    assert await call(b.url, key, "messages") == "ok"
+    assert await call(a.url, key, "chat_completions") == "ok"
+    await admin_api("PATCH", f"{a.url}/api/clients/hal", {"period": "month"})
+    views = await replica_spends(two, "hal")
+    assert len(set(views.values())) == 1, views
+    # and the budget holds at the spend of all three: a budget just under it refuses the next call
+    await admin_api("PATCH", f"{b.url}/api/clients/hal", {"budgetUsd": views["cli"] * 0.999})
+    assert await call(a.url, key, "messages") == "BUDGET_EXCEEDED"
