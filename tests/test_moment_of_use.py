@@ -455,3 +455,47 @@ async def test_a_budget_period_changed_back_and_forth_on_replicas_counts_every_c
     # and the budget holds at the spend of all three: a budget just under it refuses the next call
     await admin_api("PATCH", f"{b.url}/api/clients/hal", {"budgetUsd": views["cli"] * 0.999})
     assert await call(a.url, key, "messages") == "BUDGET_EXCEEDED"
+
+
+# --- a key that goes while its request's body is still arriving -----------------------------------
+
+
+@pytest.mark.parametrize(
+    ("path", "body"),
+    [
+        (
+            "/v1/messages",
+            {"model": "claude-sonnet-4-5", "max_tokens": 64, "messages": [{"role": "user", "content": "Hi"}]},
+        ),
+        ("/v1/chat/completions", {"model": MODEL, "max_tokens": 64, "messages": [{"role": "user", "content": "Hi"}]}),
+        ("/v1/responses", {"model": MODEL, "max_output_tokens": 64, "input": "Hi"}),
+        ("/v1/embeddings", {"model": EMBEDDING, "input": "Hi"}),
+        ("/v1/messages/count_tokens", {"model": "claude-sonnet-4-5", "messages": [{"role": "user", "content": "Hi"}]}),
+        ("/api/chat", {"id": "slow", "messages": [user("Hi")], "trigger": "submit-message"}),
+    ],
+)
+async def test_a_key_rotated_while_its_request_body_arrives_is_refused_at_the_call(
+    client: TestClient, fake_anthropic: FakeAnthropic, fake_openai: FakeOpenAI, path: str, body: dict[str, Any]
+) -> None:
+    """The key is checked when the request starts and again when its provider call is made: a slow upload
+    that outlives its key sends nothing upstream."""
+    key = cli("clients", "add", "slow").strip()
+    raw = json.dumps(body).encode()
+    rotated = asyncio.Event()
+
+    async def slowly() -> AsyncIterator[bytes]:
+        yield raw[:10]
+        await rotated.wait()
+        yield raw[10:]
+
+    async with aiohttp.ClientSession() as http:
+        sending = asyncio.ensure_future(
+            http.post(base(client) + path, data=slowly(), headers={**bearer(key), "Content-Type": "application/json"})
+        )
+        await asyncio.sleep(0.3)  # the request is in, its body still coming
+        await asyncio.to_thread(cli, "clients", "rotate", "slow")
+        rotated.set()
+        resp = await sending
+        assert resp.status == 401, await resp.text()
+        resp.release()
+    assert fake_anthropic.requests == [] and fake_anthropic.count_requests == [] and fake_openai.requests == []
