@@ -23,13 +23,16 @@ from click.testing import CliRunner
 
 from agentspace.cli import main
 from agentspace.clients import period_bounds
+from agentspace.plugins import create_plugin_manager
 from agentspace.transports import state
 from scripts.harness import GatewayProcess
-from tests.fakes.anthropic_upstream import FakeAnthropic
+from tests.conftest import wait_until
+from tests.fakes.anthropic_upstream import FakeAnthropic, text_response, tool_use_response
 from tests.fakes.openai_upstream import FakeOpenAI
 from tests.scale_servers import TOKEN, Redis, flush_redis
 from tests.support.ui_stream import read_all, user
 from tests.support.ws import chat, receive
+from tests.tool_plugins import WeatherTools
 
 MODEL = "anthropic/claude-sonnet-4-5"
 EMBEDDING = "openai/text-embedding-3-small"
@@ -499,3 +502,40 @@ async def test_a_key_rotated_while_its_request_body_arrives_is_refused_at_the_ca
         assert resp.status == 401, await resp.text()
         resp.release()
     assert fake_anthropic.requests == [] and fake_anthropic.count_requests == [] and fake_openai.requests == []
+
+
+@pytest.mark.parametrize("transport", ["ws", "http"])
+async def test_a_key_rotated_mid_turn_ends_the_tool_loop_before_its_next_call(
+    make_client: Callable[..., Awaitable[TestClient]], fake_anthropic: FakeAnthropic, transport: str
+) -> None:
+    """The step running when the key goes is finished and billed; the next step of the loop is not made."""
+    pm = create_plugin_manager()
+    pm.register(WeatherTools())
+    client = await make_client(pm=pm)
+    key = cli("clients", "add", "tools").strip()
+    fake_anthropic.enqueue(tool_use_response("get_weather", {"city": "Oslo"}).with_delay(0.2), text_response("Sunny."))
+    async with aiohttp.ClientSession() as http:
+        if transport == "ws":
+            ws = await http.ws_connect(base(client) + "/gateway", headers=bearer(key))
+            await ws.send_json({"type": "chat.send", "id": "t", "content": "Weather?"})
+            while (await receive(ws))["type"] != "chat.stream.start":
+                pass
+            await asyncio.to_thread(cli, "clients", "rotate", "tools")
+            while not ws.closed:  # the socket is closed as revoked; the turn goes on unseen
+                await ws.receive(timeout=10)
+            assert ws.close_code == 4001
+        else:
+            body = {"id": "weather", "messages": [user("Weather?")], "trigger": "submit-message"}
+            async with http.post(base(client) + "/api/chat", json=body, headers=bearer(key)) as resp:
+                assert resp.status == 200
+                await resp.content.readline()  # the stream has started
+                await asyncio.to_thread(cli, "clients", "rotate", "tools")
+                chunks = await read_all(resp)
+            errors = [c for c in chunks if isinstance(c, dict) and c["type"] == "error"]
+            assert errors and "rotated" in errors[0]["errorText"], chunks
+
+    async def settled() -> bool:
+        return len(await client.app[state.REGISTRY].usage.records(client="tools")) == 1
+
+    await wait_until(settled)
+    assert len(fake_anthropic.requests) == 1  # step two was refused before its provider call
