@@ -21,6 +21,7 @@ Usage::
 from __future__ import annotations
 
 import asyncio
+import hmac
 import logging
 import math
 import time
@@ -30,7 +31,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import TYPE_CHECKING, Protocol
 
-from .clients import ADMIN, PERIODS, Client, Clock, iso, period_bounds, utc_now
+from .clients import ADMIN, PERIODS, Client, Clock, hash_key, iso, period_bounds, utc_now
 from .errors import ApiError, outage_error
 from .logs import warn_limited
 
@@ -237,6 +238,7 @@ class Guard:
         counters: Counters | None = None,
         clock: Clock = utc_now,
         shutting_down: asyncio.Event | None = None,
+        gateway_token: Callable[[], str] | None = None,
     ) -> None:
         self.clients = clients
         self.usage = usage
@@ -246,12 +248,22 @@ class Guard:
         self.monotonic: Callable[[], float] = time.monotonic  # the rate windows' clock
         # Set when shutdown begins (server.py): no new provider call is admitted after it, on any transport.
         self.shutting_down = shutting_down
+        # The gateway token now (server.py: the token file, re-read when rotated): an admin's call made after
+        # a rotation, on a socket or a request that authenticated before it, is refused as a client's is.
+        self.gateway_token = gateway_token
+        self._token_hash: tuple[str, str] = ("", "")  # the last token seen and its SHA-256
 
     async def client(self, caller: str, credential: str | None = None) -> Client | None:
         """The caller's client, read from the store of record now; None for the admin. A client removed since,
-        or whose key was rotated since the caller authenticated with it (``credential``: its SHA-256), is
-        refused."""
+        or whose key (or the gateway token) was rotated since the caller authenticated with it (``credential``:
+        its SHA-256), is refused."""
         if caller == ADMIN:
+            if credential is not None and self.gateway_token is not None:
+                token = self.gateway_token()
+                if token != self._token_hash[0]:
+                    self._token_hash = (token, hash_key(token))
+                if not hmac.compare_digest(self._token_hash[1], credential):
+                    raise ApiError("UNAUTHORIZED", "The gateway token was rotated; use the new one.")
             return None
         client = await self.clients.get(caller)
         if client is None:

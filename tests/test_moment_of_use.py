@@ -477,12 +477,20 @@ async def test_a_budget_period_changed_back_and_forth_on_replicas_counts_every_c
         ("/api/chat", {"id": "slow", "messages": [user("Hi")], "trigger": "submit-message"}),
     ],
 )
+@pytest.mark.parametrize("who", ["client", "admin"])
 async def test_a_key_rotated_while_its_request_body_arrives_is_refused_at_the_call(
-    client: TestClient, fake_anthropic: FakeAnthropic, fake_openai: FakeOpenAI, path: str, body: dict[str, Any]
+    client: TestClient,
+    fake_anthropic: FakeAnthropic,
+    fake_openai: FakeOpenAI,
+    token: str,
+    path: str,
+    body: dict[str, Any],
+    who: str,
 ) -> None:
-    """The key is checked when the request starts and again when its provider call is made: a slow upload
-    that outlives its key sends nothing upstream."""
-    key = cli("clients", "add", "slow").strip()
+    """The key (or the gateway token) is checked when the request starts and again when its provider call is
+    made: a slow upload that outlives its credential sends nothing upstream."""
+    key = cli("clients", "add", "slow").strip() if who == "client" else token
+    rotate = ("clients", "rotate", "slow") if who == "client" else ("token", "--rotate")
     raw = json.dumps(body).encode()
     rotated = asyncio.Event()
 
@@ -496,7 +504,7 @@ async def test_a_key_rotated_while_its_request_body_arrives_is_refused_at_the_ca
             http.post(base(client) + path, data=slowly(), headers={**bearer(key), "Content-Type": "application/json"})
         )
         await asyncio.sleep(0.3)  # the request is in, its body still coming
-        await asyncio.to_thread(cli, "clients", "rotate", "slow")
+        await asyncio.to_thread(cli, *rotate)
         rotated.set()
         resp = await sending
         assert resp.status == 401, await resp.text()
@@ -504,15 +512,22 @@ async def test_a_key_rotated_while_its_request_body_arrives_is_refused_at_the_ca
     assert fake_anthropic.requests == [] and fake_anthropic.count_requests == [] and fake_openai.requests == []
 
 
+@pytest.mark.parametrize("who", ["client", "admin"])
 @pytest.mark.parametrize("transport", ["ws", "http"])
 async def test_a_key_rotated_mid_turn_ends_the_tool_loop_before_its_next_call(
-    make_client: Callable[..., Awaitable[TestClient]], fake_anthropic: FakeAnthropic, transport: str
+    make_client: Callable[..., Awaitable[TestClient]],
+    fake_anthropic: FakeAnthropic,
+    token: str,
+    transport: str,
+    who: str,
 ) -> None:
-    """The step running when the key goes is finished and billed; the next step of the loop is not made."""
+    """The step running when the key (or the gateway token) goes is finished and billed; the next step of
+    the loop is not made."""
     pm = create_plugin_manager()
     pm.register(WeatherTools())
     client = await make_client(pm=pm)
-    key = cli("clients", "add", "tools").strip()
+    key = cli("clients", "add", "tools").strip() if who == "client" else token
+    rotate = ("clients", "rotate", "tools") if who == "client" else ("token", "--rotate")
     fake_anthropic.enqueue(tool_use_response("get_weather", {"city": "Oslo"}).with_delay(0.2), text_response("Sunny."))
     async with aiohttp.ClientSession() as http:
         if transport == "ws":
@@ -520,7 +535,7 @@ async def test_a_key_rotated_mid_turn_ends_the_tool_loop_before_its_next_call(
             await ws.send_json({"type": "chat.send", "id": "t", "content": "Weather?"})
             while (await receive(ws))["type"] != "chat.stream.start":
                 pass
-            await asyncio.to_thread(cli, "clients", "rotate", "tools")
+            await asyncio.to_thread(cli, *rotate)
             while not ws.closed:  # the socket is closed as revoked; the turn goes on unseen
                 await ws.receive(timeout=10)
             assert ws.close_code == 4001
@@ -529,13 +544,13 @@ async def test_a_key_rotated_mid_turn_ends_the_tool_loop_before_its_next_call(
             async with http.post(base(client) + "/api/chat", json=body, headers=bearer(key)) as resp:
                 assert resp.status == 200
                 await resp.content.readline()  # the stream has started
-                await asyncio.to_thread(cli, "clients", "rotate", "tools")
+                await asyncio.to_thread(cli, *rotate)
                 chunks = await read_all(resp)
             errors = [c for c in chunks if isinstance(c, dict) and c["type"] == "error"]
             assert errors and "rotated" in errors[0]["errorText"], chunks
 
     async def settled() -> bool:
-        return len(await client.app[state.REGISTRY].usage.records(client="tools")) == 1
+        return len(await client.app[state.REGISTRY].usage.records(client="tools" if who == "client" else "admin")) == 1
 
     await wait_until(settled)
     assert len(fake_anthropic.requests) == 1  # step two was refused before its provider call
