@@ -96,6 +96,12 @@ class Counters(Protocol):
         """Spend of the period plus the reservations in flight."""
         ...
 
+    def spend_parts(
+        self, client: str, period_key: str, load_spend: Callable[[], Awaitable[float]]
+    ) -> Awaitable[tuple[float, float]]:
+        """The spend of the period as posted, and the reservations in flight, read together."""
+        ...
+
     def settle(self, reservation: Reservation, real_cost: float) -> Awaitable[None]: ...
 
     def add_spend(self, client: str, period_keys: Sequence[str], cost: float) -> Awaitable[None]:
@@ -189,6 +195,12 @@ class InProcessCounters:
     async def spend(self, client: str, period_key: str, load_spend: Callable[[], Awaitable[float]]) -> float:
         b = await self._budget(self._get(client), period_key, load_spend)
         return b.spend + b.reserved
+
+    async def spend_parts(
+        self, client: str, period_key: str, load_spend: Callable[[], Awaitable[float]]
+    ) -> tuple[float, float]:
+        b = await self._budget(self._get(client), period_key, load_spend)
+        return b.spend, b.reserved
 
     async def settle(self, reservation: Reservation, real_cost: float) -> None:
         if reservation.settled:
@@ -299,10 +311,11 @@ class Guard:
 
         return load
 
-    async def spend(self, client: Client) -> float:
-        """The spend of the client's current period (with the reservations of calls in flight)."""
+    async def spend(self, client: Client) -> tuple[float, float]:
+        """The spend of the client's current period as posted (what its records cost: what the CLI and the usage
+        reports add up), and what its calls in flight hold (their reservations)."""
         key, start, _ = self._period(client)
-        return await self.counters.spend(client.name, key, self._loader(client, start))
+        return await self.counters.spend_parts(client.name, key, self._loader(client, start))
 
     async def precheck(
         self, caller: str, model: str, least_cost: Callable[[], float] | None = None, credential: str | None = None

@@ -281,12 +281,18 @@ class RedisCounters:
         raise RuntimeError("the budget spend could not be loaded into Redis")
 
     async def spend(self, client: str, period_key: str, load_spend: Callable[[], Awaitable[float]]) -> float:
+        spend, reserved = await self.spend_parts(client, period_key, load_spend)
+        return spend + reserved
+
+    async def spend_parts(
+        self, client: str, period_key: str, load_spend: Callable[[], Awaitable[float]]
+    ) -> tuple[float, float]:
         keys = self._keys(client, period_key)
         spend, reserved = await self._state(keys=keys)
         if spend is None:
             await self._load(client, period_key, load_spend)
             spend, reserved = await self._state(keys=keys)
-        return float(spend or 0.0) + float(reserved)
+        return float(spend or 0.0), float(reserved)
 
     async def settle(self, reservation: Any, real_cost: float) -> None:
         if reservation.settled:

@@ -568,7 +568,8 @@ class Service:
         return await deployment_states(self.gw.router)
 
     async def _public(self, client: Client) -> dict[str, Any]:
-        return client.public(await self.gw.guard.spend(client), self.gw.guard.clock())
+        posted, in_flight = await self.gw.guard.spend(client)
+        return client.public(posted, self.gw.guard.clock(), in_flight)
 
     async def _client(self, name: str) -> Client:
         client = await self.gw.clients.get(name)

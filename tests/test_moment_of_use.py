@@ -554,3 +554,29 @@ async def test_a_key_rotated_mid_turn_ends_the_tool_loop_before_its_next_call(
 
     await wait_until(settled)
     assert len(fake_anthropic.requests) == 1  # step two was refused before its provider call
+
+
+async def test_every_view_shows_the_same_spend_while_a_call_is_in_flight(
+    client: TestClient, fake_anthropic: FakeAnthropic, token: str
+) -> None:
+    """The spend is what was posted, in every view; what the calls in flight hold is shown apart."""
+    key = cli("clients", "add", "ivy", "--budget", "1", "--period", "day").strip()
+    assert await call(client, key, "messages") == "ok"
+    posted = await spends(client, token, "ivy")
+    assert len(set(posted.values())) == 1, posted
+    fake_anthropic.enqueue(text_response("one two three four five six", chunks=6).with_delay(0.3))
+    sdk = anthropic.AsyncAnthropic(api_key=key, base_url=base(client), max_retries=0)
+    async with sdk.messages.stream(
+        model=MODEL, max_tokens=64, messages=[{"role": "user", "content": "Hello"}]
+    ) as stream:
+        async for _ in stream.text_stream:
+            break  # the call is in flight, its reservation held
+        during = await spends(client, token, "ivy")
+        listed = await (await client.get("/api/clients/ivy", headers=bearer(token))).json()
+        await stream.get_final_message()
+    assert during == posted, during
+    assert listed["client"]["spend"]["inFlightUsd"] > 0
+    after = await spends(client, token, "ivy")
+    assert len(set(after.values())) == 1 and after["cli list"] > posted["cli list"], after
+    listed = await (await client.get("/api/clients/ivy", headers=bearer(token))).json()
+    assert listed["client"]["spend"]["inFlightUsd"] == 0
