@@ -17,7 +17,7 @@ import aiohttp
 import anthropic
 import openai
 import pytest
-from aiohttp import WSMsgType
+from aiohttp import WSMsgType, web
 from aiohttp.test_utils import TestClient
 from click.testing import CliRunner
 
@@ -580,3 +580,61 @@ async def test_every_view_shows_the_same_spend_while_a_call_is_in_flight(
     assert len(set(after.values())) == 1 and after["cli list"] > posted["cli list"], after
     listed = await (await client.get("/api/clients/ivy", headers=bearer(token))).json()
     assert listed["client"]["spend"]["inFlightUsd"] == 0
+
+
+# --- 5. budget alerts: sent once per threshold of the budget as it is now -------------------------
+
+
+class AlertReceiver:
+    def __init__(self) -> None:
+        self.alerts: list[dict[str, Any]] = []
+
+    async def handle(self, request: web.Request) -> web.Response:
+        self.alerts.append(await request.json())
+        return web.Response(status=204)
+
+
+async def test_budget_alerts_follow_a_budget_changed_and_a_client_added_again(
+    make_client: Callable[..., Awaitable[TestClient]], fake_anthropic: FakeAnthropic
+) -> None:
+    hook = AlertReceiver()
+    app = web.Application()
+    app.router.add_post("/alerts", hook.handle)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    try:
+        client = await make_client(
+            alerts={"webhook_url": f"http://127.0.0.1:{port}/alerts", "thresholds": [0.5, 1.0]},
+            chat={"max_tokens": 16},
+            thinking={"enabled": False},
+        )
+
+        def spending(input_tokens: int) -> Any:  # $3 per million input tokens
+            return text_response("Ok.", usage={"input_tokens": input_tokens}, delta_usages=[{"output_tokens": 1}])
+
+        async def chat_spending(key: str, input_tokens: int, alerts: int) -> list[tuple[str, float, float]]:
+            fake_anthropic.enqueue(spending(input_tokens))
+            assert await call(client, key, "http") == "ok"
+            await wait_until(lambda: _at_least(hook, alerts))
+            await asyncio.sleep(0.3)  # and no more than that
+            return [(a["client"], a["threshold"], a["budgetUsd"]) for a in hook.alerts]
+
+        key = cli("clients", "add", "team", "--budget", "0.01", "--period", "day").strip()
+        assert await chat_spending(key, 2000, 1) == [("team", 0.5, 0.01)]  # $0.006: 60%
+        cli("clients", "set", "team", "--budget", "0.1")  # raised: its thresholds are new ones
+        assert await chat_spending(key, 20000, 2) == [("team", 0.5, 0.01), ("team", 0.5, 0.1)]  # $0.066: 66%
+
+        cli("clients", "remove", "team")
+        key = cli("clients", "add", "team", "--budget", "0.01", "--period", "day").strip()
+        # The new client's $0.003 is 30% of its budget: the earlier client's spend is not its own.
+        assert len(await chat_spending(key, 1000, 2)) == 2
+        assert (await chat_spending(key, 1000, 3))[2:] == [("team", 0.5, 0.01)]  # its own 60%
+    finally:
+        await runner.cleanup()
+
+
+async def _at_least(hook: AlertReceiver, n: int) -> bool:
+    return len(hook.alerts) >= n
