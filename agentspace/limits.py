@@ -219,6 +219,13 @@ class InProcessCounters:
                 b.spend += cost
 
 
+def _check_model(client: Client, model: str) -> None:
+    if not client.model_allowed(model):
+        raise ApiError(
+            "MODEL_NOT_ALLOWED", f"Client {client.name!r} may not use {model}; it may use: {', '.join(client.models)}."
+        )
+
+
 def _period_key(period: str, start: datetime | None, created_at: str) -> str:
     # The client's creation is part of the key: a client added again under a removed one's name has its own
     # spend, in memory and in Redis.
@@ -286,11 +293,8 @@ class Guard:
 
     async def check_model(self, caller: str, model: str) -> None:
         client = await self.client(caller)
-        if client is not None and not client.model_allowed(model):
-            raise ApiError(
-                "MODEL_NOT_ALLOWED",
-                f"Client {client.name!r} may not use {model}; it may use: {', '.join(client.models)}.",
-            )
+        if client is not None:
+            _check_model(client, model)
 
     def _period(self, client: Client) -> tuple[str, datetime | None, datetime | None]:
         start, end = period_bounds(client.period, self.clock())
@@ -337,7 +341,7 @@ class Guard:
         client = await self.client(caller, credential)
         if client is None:
             return
-        await self.check_model(caller, model)
+        _check_model(client, model)  # the client as read just now: one read for every check of the call
         if not client.limited:
             return
         await self._check_window(client)
@@ -378,7 +382,7 @@ class Guard:
         client = await self.client(caller, credential)
         if client is None:
             return None
-        await self.check_model(caller, model)
+        _check_model(client, model)  # the client as read just now: one read for every check of the call
         await self._check_window(client)
         reservation = None
         if client.budget_usd is not None and cost is not None:

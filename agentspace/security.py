@@ -133,7 +133,9 @@ async def token_caller(request: web.Request, token: str) -> str | None:
     if name == ADMIN:
         return name
     gw = request.app[state.REGISTRY]
-    if gw.clients.should_touch(name, time.monotonic()):  # last use, written at most once a minute
+    # Last use, written at most once a minute per key: a rotated key, or a client added again under a removed
+    # one's name, has its first use written at once.
+    if gw.clients.should_touch(request[CREDENTIAL_KEY], time.monotonic()):
         task = asyncio.get_running_loop().create_task(_touch(gw.clients, name))
         _touches.add(task)
         task.add_done_callback(_touches.discard)

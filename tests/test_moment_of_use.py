@@ -638,3 +638,20 @@ async def test_budget_alerts_follow_a_budget_changed_and_a_client_added_again(
 
 async def _at_least(hook: AlertReceiver, n: int) -> bool:
     return len(hook.alerts) >= n
+
+
+async def test_a_client_added_again_has_its_first_use_noted_at_once(client: TestClient, token: str) -> None:
+    """Last use is written at most once a minute per key: a client added again under a removed one's name,
+    or a rotated key, is a new key whose first use is noted at once."""
+    key = cli("clients", "add", "kim").strip()
+    assert await call(client, key, "messages") == "ok"
+
+    async def used() -> bool:
+        return json.loads(cli("clients", "show", "kim", "--json"))["lastUsedAt"] is not None
+
+    await wait_until(used)
+    cli("clients", "remove", "kim")
+    key = cli("clients", "add", "kim").strip()
+    assert not await used()
+    assert await call(client, key, "messages") == "ok"
+    await wait_until(used, timeout=5)
