@@ -226,6 +226,11 @@ def _check_model(client: Client, model: str) -> None:
         )
 
 
+def _window_of(client: Client) -> str:
+    # A client's minute, by its name and creation: one added again under a removed one's name starts afresh.
+    return f"{client.name}|{client.created_at}"
+
+
 def _period_key(period: str, start: datetime | None, created_at: str) -> str:
     # The client's creation is part of the key: a client added again under a removed one's name has its own
     # spend, in memory and in Redis.
@@ -397,11 +402,11 @@ class Guard:
         if client.rpm is None:
             # Counted without a limit too (as the tokens are, in ``settle``): an rpm set later counts the
             # calls of the minute before it, as a budget set later counts the spend before it.
-            await self.counters.add_request(client.name, self.monotonic())
+            await self.counters.add_request(_window_of(client), self.monotonic())
         else:
             # The check above is not atomic with the count: calls in flight together (on any replica) would
             # all pass it. This one is, so at most ``rpm`` calls are admitted in a minute.
-            window = await self.counters.take_request(client.name, self.monotonic(), client.rpm)
+            window = await self.counters.take_request(_window_of(client), self.monotonic(), client.rpm)
             if window is not None:
                 await self.release(reservation)
                 raise self._too_many_requests(client, window)
@@ -410,7 +415,7 @@ class Guard:
     async def _check_window(self, client: Client) -> None:
         if client.rpm is None and client.tpm is None:
             return
-        window = await self.counters.window(client.name, self.monotonic())
+        window = await self.counters.window(_window_of(client), self.monotonic())
         if client.rpm is not None and window.requests >= client.rpm:
             raise self._too_many_requests(client, window)
         if client.tpm is not None and window.tokens >= client.tpm:
@@ -458,17 +463,20 @@ class Guard:
         if record.client is None or record.client == ADMIN:
             return
         try:
-            await self.counters.add_tokens(record.client, record.usage.total_tokens, self.monotonic())
             cost = record.cost.total_cost
             if reservation is not None:
+                created_at = reservation.client_created_at
                 await self.counters.settle(reservation, cost)
-                others = [k for k in self._every_period(reservation.client_created_at) if k != reservation.period_key]
-                if cost:
-                    await self.counters.add_spend(record.client, others, cost)
-                return
-            client = await self.clients.get(record.client)
-            if client is not None and cost:
-                await self.counters.add_spend(client.name, self._every_period(client.created_at), cost)
+                periods = [k for k in self._every_period(created_at) if k != reservation.period_key]
+            else:
+                client = await self.clients.get(record.client)
+                if client is None:  # removed since: nothing of its is counted any more
+                    return
+                created_at, periods = client.created_at, self._every_period(client.created_at)
+            window = _window_of(Client(record.client, "", created_at))
+            await self.counters.add_tokens(window, record.usage.total_tokens, self.monotonic())
+            if cost:
+                await self.counters.add_spend(record.client, periods, cost)
         except Exception:  # the record is stored; Redis's copy of the spend is reloaded from the records
             log.exception("settling usage record %s in the client counters failed", record.id)
 

@@ -655,3 +655,13 @@ async def test_a_client_added_again_has_its_first_use_noted_at_once(client: Test
     assert not await used()
     assert await call(client, key, "messages") == "ok"
     await wait_until(used, timeout=5)
+
+
+async def test_a_client_added_again_starts_with_an_empty_minute(client: TestClient) -> None:
+    """Its rate limits count its own calls, not those of the removed client whose name it took."""
+    key = cli("clients", "add", "lee").strip()
+    assert await every_transport(client, key) == OK  # 7 calls in this minute
+    cli("clients", "remove", "lee")
+    key = cli("clients", "add", "lee", "--rpm", "7", "--tpm", "100000").strip()
+    assert await every_transport(client, key) == OK
+    assert await call(client, key, "messages") == "RATE_LIMITED"  # its own 7 calls
