@@ -665,3 +665,16 @@ async def test_a_client_added_again_starts_with_an_empty_minute(client: TestClie
     key = cli("clients", "add", "lee", "--rpm", "7", "--tpm", "100000").strip()
     assert await every_transport(client, key) == OK
     assert await call(client, key, "messages") == "RATE_LIMITED"  # its own 7 calls
+
+
+async def test_a_client_added_again_sees_none_of_the_removed_one_s_usage(client: TestClient) -> None:
+    key = cli("clients", "add", "max").strip()
+    assert await call(client, key, "messages") == "ok"
+    cli("clients", "remove", "max")
+    key = cli("clients", "add", "max").strip()
+    own = await (await client.get("/api/usage", headers=bearer(key))).json()
+    assert own["grandTotal"]["requestCount"] == 0
+    async with aiohttp.ClientSession() as http, http.ws_connect(base(client) + "/gateway", headers=bearer(key)) as ws:
+        await ws.send_json({"type": "usage.query", "id": "u"})
+        assert (await receive(ws))["grandTotal"]["requestCount"] == 0
+    assert json.loads(cli("clients", "show", "max", "--json"))["spend"]["usd"] == 0
