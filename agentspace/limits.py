@@ -226,9 +226,9 @@ def _check_model(client: Client, model: str) -> None:
         )
 
 
-def _window_of(client: Client) -> str:
+def _window_of(name: str, created_at: str) -> str:
     # A client's minute, by its name and creation: one added again under a removed one's name starts afresh.
-    return f"{client.name}|{client.created_at}"
+    return f"{name}|{created_at}"
 
 
 def _period_key(period: str, start: datetime | None, created_at: str) -> str:
@@ -402,11 +402,13 @@ class Guard:
         if client.rpm is None:
             # Counted without a limit too (as the tokens are, in ``settle``): an rpm set later counts the
             # calls of the minute before it, as a budget set later counts the spend before it.
-            await self.counters.add_request(_window_of(client), self.monotonic())
+            await self.counters.add_request(_window_of(client.name, client.created_at), self.monotonic())
         else:
             # The check above is not atomic with the count: calls in flight together (on any replica) would
             # all pass it. This one is, so at most ``rpm`` calls are admitted in a minute.
-            window = await self.counters.take_request(_window_of(client), self.monotonic(), client.rpm)
+            window = await self.counters.take_request(
+                _window_of(client.name, client.created_at), self.monotonic(), client.rpm
+            )
             if window is not None:
                 await self.release(reservation)
                 raise self._too_many_requests(client, window)
@@ -415,7 +417,7 @@ class Guard:
     async def _check_window(self, client: Client) -> None:
         if client.rpm is None and client.tpm is None:
             return
-        window = await self.counters.window(_window_of(client), self.monotonic())
+        window = await self.counters.window(_window_of(client.name, client.created_at), self.monotonic())
         if client.rpm is not None and window.requests >= client.rpm:
             raise self._too_many_requests(client, window)
         if client.tpm is not None and window.tokens >= client.tpm:
@@ -473,7 +475,7 @@ class Guard:
                 if client is None:  # removed since: nothing of its is counted any more
                     return
                 created_at, periods = client.created_at, self._every_period(client.created_at)
-            window = _window_of(Client(record.client, "", created_at))
+            window = _window_of(record.client, created_at)
             await self.counters.add_tokens(window, record.usage.total_tokens, self.monotonic())
             if cost:
                 await self.counters.add_spend(record.client, periods, cost)
