@@ -4,7 +4,7 @@ of the budget), so the ``budget_threshold`` hook runs, once per client, threshol
 ``BudgetAlerts`` is a usage sink added after the storage's own: it sees each record once it is written, reads
 the client's spend for the period from the usage store (so every replica's records count; the record itself
 is added when the store does not hold it yet), and claims each
-threshold reached before calling the hook. The claim is what makes "once" hold: a Redis ``SET NX`` shared
+threshold reached before calling the hook (per budget: a budget changed has its thresholds alerted again). The claim is what makes "once" hold: a Redis ``SET NX`` shared
 by the replicas when ``[storage] redis_url`` is set, else a small file in the data directory (one process
 per data directory then). The hook runs apart from the turn: a slow webhook delays no answer.
 """
@@ -90,14 +90,18 @@ class BudgetAlerts:
             return
         budget = float(client.budget_usd)
         start, end = period_bounds(client.period, datetime.now(UTC))
-        records = await self.usage.records(since=start, client=client.name)
+        # This client's spend only: not an earlier client's of the same name (as the budget counts it).
+        since = client.since if start is None else max(start, client.since or start)
+        records = await self.usage.records(since=since, client=client.name)
         spend = sum(float(r.get("totalCost") or 0.0) for r in records)
         if not any(r.get("id") == record.id for r in records):  # sinks written out of order: count it anyway
             spend += record.cost.total_cost
         for threshold in self.thresholds:
             if spend + 1e-12 < threshold * budget:
                 break
-            key = f"{client.name}|{client.period}|{iso(start) or 'total'}|{threshold:g}"
+            # Once per budget too: an admin who raises or lowers it hears of its thresholds again, and a client
+            # added again under a removed one's name has alerts of its own.
+            key = f"{client.name}|{client.period}|{iso(start) or 'total'}|{threshold:g}|{budget!r}|{client.created_at}"
             if await self._claim(key, end):
                 self._notify(client.name, threshold, spend, budget, client.period, start, end)
 

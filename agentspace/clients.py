@@ -140,15 +140,19 @@ class Client:
             models=list(data.get("models") or []),
         )
 
-    def public(self, spend_usd: float, now: datetime) -> dict[str, Any]:
-        """What the CLI and ``/api/clients`` show: no key, no hash."""
+    def public(self, spend_usd: float, now: datetime, in_flight_usd: float | None = None) -> dict[str, Any]:
+        """What the CLI and ``/api/clients`` show: no key, no hash. ``spend_usd``: the period's spend as posted
+        (the same in every view); ``in_flight_usd`` (the server's view): what the calls in flight hold."""
         start, end = period_bounds(self.period, now)
+        spend: dict[str, Any] = {"usd": round(spend_usd, 10), "periodStart": iso(start), "periodEnd": iso(end)}
+        if in_flight_usd is not None:
+            spend["inFlightUsd"] = round(in_flight_usd, 10)
         return {
             "name": self.name,
             "createdAt": self.created_at,
             "lastUsedAt": self.last_used_at,
             "budget": None if self.budget_usd is None else {"usd": self.budget_usd, "period": self.period},
-            "spend": {"usd": round(spend_usd, 10), "periodStart": iso(start), "periodEnd": iso(end)},
+            "spend": spend,
             "rpm": self.rpm,
             "tpm": self.tpm,
             "models": list(self.models),

@@ -73,11 +73,12 @@ async def assemble(
     shutting_down: asyncio.Event | None = None,
     on_credentials_changed: Callable[[], None] | None = None,
     stream_encoder: Callable[[], StreamEncoder] | None = None,
+    gateway_token: Callable[[], str] | None = None,
 ) -> Registry:
     """The gateway over a started ``storage``. ``shutting_down``: once set, no provider call is admitted;
     ``on_credentials_changed``: called when a replica announces a rotated or removed client key;
     ``stream_encoder``: makes the encoder of the streams published for resumes on other replicas (needed
-    with ``[storage] redis_url``)."""
+    with ``[storage] redis_url``); ``gateway_token``: the token now, which an admin's call is checked against."""
     plugins = registered(config, pm, storage)
     cluster: Cluster | None = None
     counters: Counters = InProcessCounters()
@@ -103,7 +104,9 @@ async def assemble(
     router = Router(config.groups, route_state)
     models = Models(config, plugins.providers, router)
     clients = storage.clients if storage.clients is not None else ClientStore(config.data_dir)
-    guard = Guard(clients, storage.usage, models.model_info, counters, shutting_down=shutting_down)
+    guard = Guard(
+        clients, storage.usage, models.model_info, counters, shutting_down=shutting_down, gateway_token=gateway_token
+    )
     sinks = list(plugins.sinks)
     if config["alerts"]["thresholds"]:  # after the storage's sink: it reads the spend the record just added to
         sinks.append(BudgetAlerts(config, pm, clients, storage.usage, cluster))

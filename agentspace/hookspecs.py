@@ -203,7 +203,7 @@ def budget_threshold(
     config: Config,
 ) -> Awaitable[None] | None:
     """A client's spend in its budget period reached ``threshold`` (a fraction of its budget, from
-    ``[alerts] thresholds``). Called once per client, threshold and period across every replica, right after
+    ``[alerts] thresholds``). Called once per client, threshold, budget and period across every replica, right after
     the usage record that reached it was written; may be ``async`` (it runs apart from the turn).
 
     :param client: the client's name.

@@ -8,7 +8,8 @@ Budget (docs/accounting.md): a call reserves the most it can cost as sent upstre
 is admitted only while posted spend + the reservations of the calls in flight + its own reservation fit the
 budget; its record settles the reservation with the real cost. The period's spend comes from the usage
 store (the posted entries), read once per client and period and then kept current by every record of the
-client -- with or without a budget, so a budget set later counts what was spent before it.
+client -- with or without a budget, so a budget set later counts what was spent before it, and in every
+period loaded, so a period changed and changed back counts what was spent meanwhile.
 
 Usage::
 
@@ -20,16 +21,17 @@ Usage::
 from __future__ import annotations
 
 import asyncio
+import hmac
 import logging
 import math
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import TYPE_CHECKING, Protocol
 
-from .clients import ADMIN, Client, Clock, iso, period_bounds, utc_now
+from .clients import ADMIN, PERIODS, Client, Clock, hash_key, iso, period_bounds, utc_now
 from .errors import ApiError, outage_error
 from .logs import warn_limited
 
@@ -54,6 +56,7 @@ class Reservation:
     period_key: str
     amount: float
     settled: bool = False
+    client_created_at: str = ""  # the client's creation: the keys of its other periods (``Guard.settle``)
 
 
 @dataclass
@@ -93,10 +96,17 @@ class Counters(Protocol):
         """Spend of the period plus the reservations in flight."""
         ...
 
+    def spend_parts(
+        self, client: str, period_key: str, load_spend: Callable[[], Awaitable[float]]
+    ) -> Awaitable[tuple[float, float]]:
+        """The spend of the period as posted, and the reservations in flight, read together."""
+        ...
+
     def settle(self, reservation: Reservation, real_cost: float) -> Awaitable[None]: ...
 
-    def add_spend(self, client: str, period_key: str, cost: float) -> Awaitable[None]:
-        """A cost recorded without a reservation (a call of a client that has no budget now)."""
+    def add_spend(self, client: str, period_keys: Sequence[str], cost: float) -> Awaitable[None]:
+        """A cost recorded, added to the spend of each of ``period_keys`` that is loaded (a call of a client that
+        has no budget now, or the periods other than the one its reservation was held in)."""
         ...
 
 
@@ -186,6 +196,12 @@ class InProcessCounters:
         b = await self._budget(self._get(client), period_key, load_spend)
         return b.spend + b.reserved
 
+    async def spend_parts(
+        self, client: str, period_key: str, load_spend: Callable[[], Awaitable[float]]
+    ) -> tuple[float, float]:
+        b = await self._budget(self._get(client), period_key, load_spend)
+        return b.spend, b.reserved
+
     async def settle(self, reservation: Reservation, real_cost: float) -> None:
         if reservation.settled:
             return
@@ -195,10 +211,30 @@ class InProcessCounters:
             b.reserved = max(0.0, b.reserved - reservation.amount)
             b.spend += real_cost
 
-    async def add_spend(self, client: str, period_key: str, cost: float) -> None:
-        b = self._get(client).budgets.get(period_key)
-        if b is not None:  # not loaded yet: the load reads it from the store
-            b.spend += cost
+    async def add_spend(self, client: str, period_keys: Sequence[str], cost: float) -> None:
+        budgets = self._get(client).budgets
+        for key in period_keys:
+            b = budgets.get(key)
+            if b is not None:  # not loaded yet: the load reads it from the store
+                b.spend += cost
+
+
+def _check_model(client: Client, model: str) -> None:
+    if not client.model_allowed(model):
+        raise ApiError(
+            "MODEL_NOT_ALLOWED", f"Client {client.name!r} may not use {model}; it may use: {', '.join(client.models)}."
+        )
+
+
+def _window_of(name: str, created_at: str) -> str:
+    # A client's minute, by its name and creation: one added again under a removed one's name starts afresh.
+    return f"{name}|{created_at}"
+
+
+def _period_key(period: str, start: datetime | None, created_at: str) -> str:
+    # The client's creation is part of the key: a client added again under a removed one's name has its own
+    # spend, in memory and in Redis.
+    return f"{period}:{iso(start)}:{created_at}"
 
 
 def usd(value: float) -> str:
@@ -226,6 +262,7 @@ class Guard:
         counters: Counters | None = None,
         clock: Clock = utc_now,
         shutting_down: asyncio.Event | None = None,
+        gateway_token: Callable[[], str] | None = None,
     ) -> None:
         self.clients = clients
         self.usage = usage
@@ -235,12 +272,22 @@ class Guard:
         self.monotonic: Callable[[], float] = time.monotonic  # the rate windows' clock
         # Set when shutdown begins (server.py): no new provider call is admitted after it, on any transport.
         self.shutting_down = shutting_down
+        # The gateway token now (server.py: the token file, re-read when rotated): an admin's call made after
+        # a rotation, on a socket or a request that authenticated before it, is refused as a client's is.
+        self.gateway_token = gateway_token
+        self._token_hash: tuple[str, str] = ("", "")  # the last token seen and its SHA-256
 
     async def client(self, caller: str, credential: str | None = None) -> Client | None:
         """The caller's client, read from the store of record now; None for the admin. A client removed since,
-        or whose key was rotated since the caller authenticated with it (``credential``: its SHA-256), is
-        refused."""
+        or whose key (or the gateway token) was rotated since the caller authenticated with it (``credential``:
+        its SHA-256), is refused."""
         if caller == ADMIN:
+            if credential is not None and self.gateway_token is not None:
+                token = self.gateway_token()
+                if token != self._token_hash[0]:
+                    self._token_hash = (token, hash_key(token))
+                if not hmac.compare_digest(self._token_hash[1], credential):
+                    raise ApiError("UNAUTHORIZED", "The gateway token was rotated; use the new one.")
             return None
         client = await self.clients.get(caller)
         if client is None:
@@ -251,17 +298,19 @@ class Guard:
 
     async def check_model(self, caller: str, model: str) -> None:
         client = await self.client(caller)
-        if client is not None and not client.model_allowed(model):
-            raise ApiError(
-                "MODEL_NOT_ALLOWED",
-                f"Client {client.name!r} may not use {model}; it may use: {', '.join(client.models)}.",
-            )
+        if client is not None:
+            _check_model(client, model)
 
     def _period(self, client: Client) -> tuple[str, datetime | None, datetime | None]:
         start, end = period_bounds(client.period, self.clock())
-        # The client's creation is part of the key: a client added again under a removed one's name has
-        # its own spend, in memory and in Redis.
-        return f"{client.period}:{iso(start)}:{client.created_at}", start, end
+        return _period_key(client.period, start, client.created_at), start, end
+
+    def _every_period(self, created_at: str) -> list[str]:
+        """The keys of the current day, week, month and total of a client: a record's cost goes to each that is
+        loaded, not only to its period now, so that a period changed and changed back (month, day, month)
+        finds a spend that counts the calls made meanwhile."""
+        now = self.clock()
+        return [_period_key(period, period_bounds(period, now)[0], created_at) for period in PERIODS]
 
     def _loader(self, client: Client, start: datetime | None) -> Callable[[], Awaitable[float]]:
         async def load() -> float:
@@ -271,10 +320,11 @@ class Guard:
 
         return load
 
-    async def spend(self, client: Client) -> float:
-        """The spend of the client's current period (with the reservations of calls in flight)."""
+    async def spend(self, client: Client) -> tuple[float, float]:
+        """The spend of the client's current period as posted (what its records cost: what the CLI and the usage
+        reports add up), and what its calls in flight hold (their reservations)."""
         key, start, _ = self._period(client)
-        return await self.counters.spend(client.name, key, self._loader(client, start))
+        return await self.counters.spend_parts(client.name, key, self._loader(client, start))
 
     async def precheck(
         self, caller: str, model: str, least_cost: Callable[[], float] | None = None, credential: str | None = None
@@ -296,7 +346,7 @@ class Guard:
         client = await self.client(caller, credential)
         if client is None:
             return
-        await self.check_model(caller, model)
+        _check_model(client, model)  # the client as read just now: one read for every check of the call
         if not client.limited:
             return
         await self._check_window(client)
@@ -337,9 +387,7 @@ class Guard:
         client = await self.client(caller, credential)
         if client is None:
             return None
-        await self.check_model(caller, model)
-        if not client.limited:
-            return None
+        _check_model(client, model)  # the client as read just now: one read for every check of the call
         await self._check_window(client)
         reservation = None
         if client.budget_usd is not None and cost is not None:
@@ -350,12 +398,17 @@ class Guard:
             )
             if reservation is None:
                 raise self._over_budget(client, spent, end, amount)
+            reservation.client_created_at = client.created_at
         if client.rpm is None:
-            await self.counters.add_request(client.name, self.monotonic())
+            # Counted without a limit too (as the tokens are, in ``settle``): an rpm set later counts the
+            # calls of the minute before it, as a budget set later counts the spend before it.
+            await self.counters.add_request(_window_of(client.name, client.created_at), self.monotonic())
         else:
             # The check above is not atomic with the count: calls in flight together (on any replica) would
             # all pass it. This one is, so at most ``rpm`` calls are admitted in a minute.
-            window = await self.counters.take_request(client.name, self.monotonic(), client.rpm)
+            window = await self.counters.take_request(
+                _window_of(client.name, client.created_at), self.monotonic(), client.rpm
+            )
             if window is not None:
                 await self.release(reservation)
                 raise self._too_many_requests(client, window)
@@ -364,7 +417,7 @@ class Guard:
     async def _check_window(self, client: Client) -> None:
         if client.rpm is None and client.tpm is None:
             return
-        window = await self.counters.window(client.name, self.monotonic())
+        window = await self.counters.window(_window_of(client.name, client.created_at), self.monotonic())
         if client.rpm is not None and window.requests >= client.rpm:
             raise self._too_many_requests(client, window)
         if client.tpm is not None and window.tokens >= client.tpm:
@@ -412,14 +465,20 @@ class Guard:
         if record.client is None or record.client == ADMIN:
             return
         try:
-            await self.counters.add_tokens(record.client, record.usage.total_tokens, self.monotonic())
+            cost = record.cost.total_cost
             if reservation is not None:
-                await self.counters.settle(reservation, record.cost.total_cost)
-                return
-            client = await self.clients.get(record.client)
-            if client is not None and record.cost.total_cost:
-                key, _, _ = self._period(client)
-                await self.counters.add_spend(client.name, key, record.cost.total_cost)
+                created_at = reservation.client_created_at
+                await self.counters.settle(reservation, cost)
+                periods = [k for k in self._every_period(created_at) if k != reservation.period_key]
+            else:
+                client = await self.clients.get(record.client)
+                if client is None:  # removed since: nothing of its is counted any more
+                    return
+                created_at, periods = client.created_at, self._every_period(client.created_at)
+            window = _window_of(record.client, created_at)
+            await self.counters.add_tokens(window, record.usage.total_tokens, self.monotonic())
+            if cost:
+                await self.counters.add_spend(record.client, periods, cost)
         except Exception:  # the record is stored; Redis's copy of the spend is reloaded from the records
             log.exception("settling usage record %s in the client counters failed", record.id)
 
@@ -431,8 +490,7 @@ class Guard:
         try:
             client = await self.clients.get(client_name)
             if client is not None:
-                key, _, _ = self._period(client)
-                await self.counters.add_spend(client.name, key, -cost)
+                await self.counters.add_spend(client.name, self._every_period(client.created_at), -cost)
         except Exception:  # Redis's copy of the spend is reloaded from the records
             log.exception("taking a replaced record's cost out of client %s's spend failed", client_name)
 

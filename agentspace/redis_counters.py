@@ -28,7 +28,7 @@ import importlib
 import itertools
 import logging
 import os
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 from .errors import ApiError
@@ -157,6 +157,15 @@ return 1
 """
 
 
+# KEYS: spend keys; ARGV: cost. Added to each spend that is loaded (one not loaded reads it from the database).
+_ADD_SPEND = """
+for _, key in ipairs(KEYS) do
+  if redis.call('EXISTS', key) == 1 then redis.call('INCRBYFLOAT', key, ARGV[1]) end
+end
+return 1
+"""
+
+
 def _limits() -> Any:
     # The dataclasses of the clients feature (agentspace.limits), looked up when used.
     return importlib.import_module("agentspace.limits")
@@ -173,6 +182,7 @@ class RedisCounters:
         self._state = redis.register_script(_STATE)
         self._reserve = redis.register_script(_RESERVE)
         self._settle = redis.register_script(_SETTLE)
+        self._add_spend = redis.register_script(_ADD_SPEND)
         self._renew = redis.register_script(_RENEW)
         self._lost = redis.register_script(_LOST)
         self._ids = itertools.count()
@@ -271,12 +281,18 @@ class RedisCounters:
         raise RuntimeError("the budget spend could not be loaded into Redis")
 
     async def spend(self, client: str, period_key: str, load_spend: Callable[[], Awaitable[float]]) -> float:
+        spend, reserved = await self.spend_parts(client, period_key, load_spend)
+        return spend + reserved
+
+    async def spend_parts(
+        self, client: str, period_key: str, load_spend: Callable[[], Awaitable[float]]
+    ) -> tuple[float, float]:
         keys = self._keys(client, period_key)
         spend, reserved = await self._state(keys=keys)
         if spend is None:
             await self._load(client, period_key, load_spend)
             spend, reserved = await self._state(keys=keys)
-        return float(spend or 0.0) + float(reserved)
+        return float(spend or 0.0), float(reserved)
 
     async def settle(self, reservation: Any, real_cost: float) -> None:
         if reservation.settled:
@@ -288,5 +304,6 @@ class RedisCounters:
             keys=self._keys(reservation.client, reservation.period_key), args=[reservation_id, repr(real_cost)]
         )
 
-    async def add_spend(self, client: str, period_key: str, cost: float) -> None:
-        await self._settle(keys=self._keys(client, period_key), args=["", repr(cost)])
+    async def add_spend(self, client: str, period_keys: Sequence[str], cost: float) -> None:
+        if period_keys:
+            await self._add_spend(keys=[self._keys(client, k)[0] for k in period_keys], args=[repr(cost)])

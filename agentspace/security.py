@@ -102,8 +102,8 @@ AUTH_FAILURES = web.AppKey("auth_failures", AuthFailures)
 
 # The caller of an authenticated request: "admin" (the gateway token) or a client's name.
 CALLER_KEY = web.RequestKey("caller", str)
-# The SHA-256 of the client key a request authenticated with: a long-lived socket's calls check it is still
-# the client's key (limits.Guard).
+# The SHA-256 of the client key or gateway token a request authenticated with: a long-lived socket's calls (and
+# a request's, made when its body has arrived) check it is still the caller's (limits.Guard).
 CREDENTIAL_KEY = web.RequestKey("credential", str)
 # Paths only the gateway token may use.
 ADMIN_PATHS = ("/api/clients",)
@@ -127,11 +127,15 @@ async def credential_caller(app: web.Application, token: str) -> str | None:
 async def token_caller(request: web.Request, token: str) -> str | None:
     """``credential_caller``, noting the client's last use."""
     name = await credential_caller(request.app, token)
-    if name is None or name == ADMIN:
+    if name is None:
         return name
     request[CREDENTIAL_KEY] = hash_key(token)  # checked again at each provider call (limits.Guard)
+    if name == ADMIN:
+        return name
     gw = request.app[state.REGISTRY]
-    if gw.clients.should_touch(name, time.monotonic()):  # last use, written at most once a minute
+    # Last use, written at most once a minute per key: a rotated key, or a client added again under a removed
+    # one's name, has its first use written at once.
+    if gw.clients.should_touch(request[CREDENTIAL_KEY], time.monotonic()):
         task = asyncio.get_running_loop().create_task(_touch(gw.clients, name))
         _touches.add(task)
         task.add_done_callback(_touches.discard)

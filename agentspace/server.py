@@ -98,6 +98,7 @@ def _gateway_context(config: Config, pm: pluggy.PluginManager) -> Callable[[web.
                 shutting_down=app[state.SHUTTING_DOWN],  # no provider call is admitted once it is set
                 on_credentials_changed=app[state.CREDENTIALS_CHANGED].set,  # another replica's rotation or removal
                 stream_encoder=ui_stream.UIMessageStreamEncoder,  # what a resume on another replica relays
+                gateway_token=app[security.TOKEN_FILE].current,  # a rotation refuses the old token's next call
             )
             await gw.recorder.start()  # the usage sinks' start and queues
             await recover_calls(gw)  # what a process that died mid-call left pending (docs/accounting.md)

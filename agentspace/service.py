@@ -235,10 +235,15 @@ class Service:
     its own usage and the models it may use; another client's session is ``SESSION_NOT_FOUND``.
     """
 
-    def __init__(self, gw: Registry, shutting_down: asyncio.Event, caller: str = ADMIN) -> None:
+    def __init__(
+        self, gw: Registry, shutting_down: asyncio.Event, caller: str = ADMIN, credential: str | None = None
+    ) -> None:
         self.gw = gw
         self.shutting_down = shutting_down
         self.caller = caller
+        # The SHA-256 of the client key the request authenticated with: each provider call checks it is still
+        # the client's (a key rotated while a request's body was arriving sends nothing).
+        self.credential = credential
 
     @property
     def config(self) -> Config:
@@ -539,7 +544,9 @@ class Service:
     def provider_call(self, model: str, session_id: str | None, endpoint: str) -> ProviderCall:
         """The caller's call to ``model`` (``calls.ProviderCall``: admitted, reserved, written ahead, one usage
         record); ``session_id`` is the label the client sent, if any."""
-        return ProviderCall(self.gw, model, session_id=session_id, client=self.caller, endpoint=endpoint)
+        return ProviderCall(
+            self.gw, model, session_id=session_id, client=self.caller, endpoint=endpoint, credential=self.credential
+        )
 
     def messages_ceiling(self, model: str, body: dict[str, Any]) -> Ceiling:
         """The most a Messages API ``body`` relayed as it is may cost (its reservation)."""
@@ -561,7 +568,8 @@ class Service:
         return await deployment_states(self.gw.router)
 
     async def _public(self, client: Client) -> dict[str, Any]:
-        return client.public(await self.gw.guard.spend(client), self.gw.guard.clock())
+        posted, in_flight = await self.gw.guard.spend(client)
+        return client.public(posted, self.gw.guard.clock(), in_flight)
 
     async def _client(self, name: str) -> Client:
         client = await self.gw.clients.get(name)

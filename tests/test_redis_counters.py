@@ -92,7 +92,7 @@ async def test_spend_is_reloaded_from_the_database_when_it_expires(
     truth["spend"] = 0.7  # the database knows more (records written while Redis was away)
     await a.redis.expire("agentspace:budget:team:p", 0)
     assert await a.spend("team", "p", load) == pytest.approx(0.7)
-    await a.add_spend("team", "p", 0.1)
+    await a.add_spend("team", ["p"], 0.1)
     assert await a.spend("team", "p", load) == pytest.approx(0.8)
 
 

@@ -25,7 +25,7 @@ def config(app: web.Application) -> Config:
     return app[REGISTRY].config
 
 
-def service(app: web.Application, caller: str = "admin") -> Service:
+def service(app: web.Application, caller: str = "admin", credential: str | None = None) -> Service:
     """The service layer over the app's registry for ``caller`` ("admin" or a client's name; cheap: a
-    transport makes one per request or connection)."""
-    return Service(app[REGISTRY], app[SHUTTING_DOWN], caller)
+    transport makes one per request or connection); ``credential``: the SHA-256 of the caller's client key."""
+    return Service(app[REGISTRY], app[SHUTTING_DOWN], caller, credential)

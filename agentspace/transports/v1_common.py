@@ -68,7 +68,7 @@ async def read_json_body(request: web.Request) -> tuple[Any, bytes]:
 
 def service(request: web.Request) -> Service:
     """The service layer for the request's caller: every /v1 endpoint reaches the gateway through it."""
-    return state.service(request.app, client_name(request))
+    return state.service(request.app, client_name(request), request.get(security.CREDENTIAL_KEY))
 
 
 def session_id(request: web.Request) -> str | None:

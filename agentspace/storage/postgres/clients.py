@@ -112,12 +112,13 @@ class PostgresClientStore:
             if await conn.fetchval("DELETE FROM clients WHERE name = $1 RETURNING 1", name) is None:
                 raise ClientNotFound(name)
 
-    def should_touch(self, name: str, monotonic_now: float) -> bool:
-        """Whether last use is due to be written (at most once per the clients store's interval)."""
-        last = self._touched.get(name)
+    def should_touch(self, key: str, monotonic_now: float) -> bool:
+        """Whether last use is due to be written (at most once a minute per ``key``: a client key's hash, so that a
+        rotated key or a client added again under a removed one's name has its first use written at once)."""
+        last = self._touched.get(key)
         if last is not None and monotonic_now - last < TOUCH_INTERVAL_SECONDS:
             return False
-        self._touched[name] = monotonic_now
+        self._touched[key] = monotonic_now
         return True
 
     async def touch(self, name: str, when: datetime | None = None) -> None:

@@ -1,7 +1,7 @@
 // The clients page (gateway token only): client keys with spend against budget; create (the key is shown
 // once), edit budget and limits, rotate, remove. Shown only when the gateway has /api/clients.
 // Shapes (agentspace/transports/clients_api.py): a client is {name, createdAt, lastUsedAt,
-// budget: {usd, period} | null, spend: {usd, periodStart, periodEnd}, rpm, tpm, models}; the settings sent
+// budget: {usd, period} | null, spend: {usd, inFlightUsd, periodStart, periodEnd}, rpm, tpm, models}; the settings sent
 // are {budgetUsd, period, rpm, tpm, models}, null clearing a limit.
 import { getJSON, request } from "./api.js";
 import { el } from "./markdown.js";
@@ -62,13 +62,15 @@ function settings(form, prefix) {
 }
 
 function spendCell(c) {
+  // The spend as posted (what the CLI and the usage report add up); calls in flight hold more until they end.
   const spend = c.spend?.usd ?? 0;
-  if (!c.budget) return el("td", { "data-spend": spend }, `${usd(spend)} (no budget)`);
+  const held = c.spend?.inFlightUsd ? ` (${usd(c.spend.inFlightUsd)} held by calls in flight)` : "";
+  if (!c.budget) return el("td", { "data-spend": spend }, `${usd(spend)} (no budget)${held}`);
   const { usd: budget, period } = c.budget;
   const resets = c.spend?.periodEnd ? `, resets ${when(c.spend.periodEnd)}` : "";
   return el("td", { "data-spend": spend, class: spend >= budget ? "error" : undefined },
     el("meter", { min: 0, max: budget || 1, value: Math.min(spend, budget), "aria-label": `${c.name}: spend against budget` }),
-    ` ${usd(spend)} of ${usd(budget)} / ${period}${resets}`);
+    ` ${usd(spend)} of ${usd(budget)} / ${period}${resets}${held}`);
 }
 
 export async function clientsPage(main) {
