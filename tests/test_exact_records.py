@@ -1,0 +1,220 @@
+"""Every call one exact record (docs/accounting.md): per endpoint and per provider, through the official SDKs
+and the gateway's own WebSocket and ``POST /api/chat``, the fake upstream reports distinctive numbers and the
+stored record must carry exactly those -- one record per upstream request, priced as the cost map says, with
+the client, session, endpoint and model it came in with."""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import anthropic
+import openai
+import pytest
+from aiohttp.test_utils import TestClient
+
+from agentspace.transports import state
+from tests.fakes import anthropic_upstream as fa
+from tests.fakes import openai_upstream as fo
+from tests.support.ui_stream import post_chat, read_all, user
+from tests.support.ws import chat, of
+from tests.test_clients import add_client, bearer
+
+ANTHROPIC = "anthropic/claude-sonnet-4-5"
+OPENAI = "openai/gpt-4o-mini"
+SESSION = "exact-7"
+
+# Anthropic: message_start reports the input; the final message_delta repeats it (cumulative, as the API now
+# sends it) with the output and three web searches.
+A_START = {"input_tokens": 1234, "cache_read_input_tokens": 567, "cache_creation_input_tokens": 89, "output_tokens": 1}
+A_FINAL = {
+    "input_tokens": 1234,
+    "cache_read_input_tokens": 567,
+    "cache_creation_input_tokens": 89,
+    "output_tokens": 321,
+    "server_tool_use": {"web_search_requests": 3},
+}
+A_EXPECTED = {
+    "inputTokens": 1234,
+    "cacheReadTokens": 567,
+    "cacheWriteTokens": 89,
+    "outputTokens": 321,
+    "reasoningTokens": 0,
+    "serverToolUse": {"web_search": 3},
+}
+A_COST = 1234 * 3e-6 + 567 * 0.3e-6 + 89 * 3.75e-6 + 321 * 15e-6
+A_FEE = 3 * 0.01
+
+# OpenAI: 2000 prompt tokens of which 700 cached, 456 completion tokens of which 123 reasoning.
+O_USAGE = fo.usage(2000, 456, cached=700, reasoning=123)
+O_EXPECTED = {
+    "inputTokens": 1300,
+    "cacheReadTokens": 700,
+    "cacheWriteTokens": 0,
+    "outputTokens": 456,
+    "reasoningTokens": 123,
+    "serverToolUse": {},
+}
+O_COST = 1300 * 0.15e-6 + 700 * 0.075e-6 + 456 * 0.6e-6
+
+
+def a_answer() -> fa.FakeResponse:
+    return fa.text_response("Exactly so.", usage=A_START, delta_usages=[A_FINAL])
+
+
+def o_answer() -> fo.FakeResponse:
+    return fo.text_response("Exactly so.", usage=O_USAGE)
+
+
+@pytest.fixture
+async def client(
+    make_client: Callable[..., Awaitable[TestClient]], fake_openai: fo.FakeOpenAI, monkeypatch: pytest.MonkeyPatch
+) -> TestClient:
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-openai-test-0123456789")
+    await asyncio.to_thread(importlib.import_module, "litellm")
+    return await make_client(providers={"openai": {"base_url": fake_openai.url}})
+
+
+def url(client: TestClient) -> str:
+    return f"http://127.0.0.1:{client.port}"
+
+
+async def records(client: TestClient) -> list[dict[str, Any]]:
+    return await client.app[state.REGISTRY].usage.records()
+
+
+def assert_exact(record: dict[str, Any], expected: dict[str, Any], cost: float, fee: float = 0.0) -> None:
+    got = {k: record[k] for k in expected}
+    assert got == expected
+    assert record["estimated"] is False and record["estimatedFields"] == []
+    assert record["answered"] is True and record["error"] is None
+    assert record["serverToolCost"] == pytest.approx(fee)
+    assert record["totalCost"] == pytest.approx(cost + fee)
+    assert record["inputCost"] + record["outputCost"] == pytest.approx(cost)
+
+
+# --- each way in, each provider ------------------------------------------------------------------------
+
+
+async def via_ws(client: TestClient, key: str, model: str, stream: bool) -> str:
+    ws = await client.ws_connect("/gateway", headers=bearer(key))
+    try:
+        frames = await chat(ws, "Hi", model=model)
+    finally:
+        await ws.close()
+    assert frames[-1]["type"] == "chat.stream.end", frames[-1]
+    return str(of(frames, "chat.stream.start")[0]["sessionId"])
+
+
+async def via_http(client: TestClient, key: str, model: str, stream: bool) -> str:
+    resp = await post_chat(client, bearer(key), SESSION, user("Hi"), model=model)
+    await read_all(resp)
+    return SESSION
+
+
+async def via_messages(client: TestClient, key: str, model: str, stream: bool) -> str:
+    api = anthropic.AsyncAnthropic(
+        api_key=key, base_url=url(client), max_retries=0, default_headers={"X-Agentspace-Session": SESSION}
+    )
+    params: Any = {"model": model, "max_tokens": 500, "messages": [{"role": "user", "content": "Hi"}]}
+    if stream:
+        async with api.messages.stream(**params) as s:
+            await s.get_final_message()
+    else:
+        await api.messages.create(**params)
+    return SESSION
+
+
+def o_sdk(client: TestClient, key: str) -> openai.AsyncOpenAI:
+    return openai.AsyncOpenAI(
+        api_key=key, base_url=url(client) + "/v1", max_retries=0, default_headers={"X-Agentspace-Session": SESSION}
+    )
+
+
+async def via_completions(client: TestClient, key: str, model: str, stream: bool) -> str:
+    api = o_sdk(client, key)
+    messages: Any = [{"role": "user", "content": "Hi"}]
+    if stream:
+        async for _ in await api.chat.completions.create(model=model, messages=messages, stream=True, max_tokens=500):
+            pass
+    else:
+        await api.chat.completions.create(model=model, messages=messages, max_tokens=500)
+    return SESSION
+
+
+async def via_responses(client: TestClient, key: str, model: str, stream: bool) -> str:
+    api = o_sdk(client, key)
+    if stream:
+        async for _ in await api.responses.create(model=model, input="Hi", stream=True, store=False):
+            pass
+    else:
+        await api.responses.create(model=model, input="Hi", store=False)
+    return SESSION
+
+
+WAYS = {
+    "ws": (via_ws, "ws"),
+    "api_chat": (via_http, "http"),
+    "messages": (via_messages, "anthropic"),
+    "completions": (via_completions, "openai"),
+    "responses": (via_responses, "responses"),
+}
+
+
+@pytest.mark.parametrize("stream", [True, False], ids=["streamed", "whole"])
+@pytest.mark.parametrize("provider", ["anthropic", "openai"])
+@pytest.mark.parametrize("way", list(WAYS))
+async def test_the_record_is_what_the_upstream_reported(
+    client: TestClient,
+    fake_anthropic: fa.FakeAnthropic,
+    fake_openai: fo.FakeOpenAI,
+    way: str,
+    provider: str,
+    stream: bool,
+) -> None:
+    if way in ("ws", "api_chat") and not stream:
+        pytest.skip("a chat always streams")
+    key = add_client("acme")
+    call, endpoint = WAYS[way]
+    if provider == "anthropic":
+        fake_anthropic.enqueue(a_answer())
+        model, expected, cost, fee, fake = ANTHROPIC, A_EXPECTED, A_COST, A_FEE, fake_anthropic
+    else:
+        fake_openai.enqueue(o_answer())
+        model, expected, cost, fee, fake = OPENAI, O_EXPECTED, O_COST, 0.0, fake_openai
+    session = await call(client, key, model, stream)
+    assert len(fake.requests) == 1
+    (record,) = await records(client)
+    assert_exact(record, expected, cost, fee)
+    assert (record["client"], record["sessionId"], record["endpoint"], record["model"]) == (
+        "acme",
+        session,
+        endpoint,
+        model,
+    )
+
+
+async def test_embeddings_record_what_was_reported(client: TestClient, fake_openai: fo.FakeOpenAI) -> None:
+    key = add_client("acme")
+    fake_openai.embedding_tokens = 777
+    await o_sdk(client, key).embeddings.create(model="openai/text-embedding-3-small", input=["a b", "c"])
+    assert len(fake_openai.requests) == 1
+    (record,) = await records(client)
+    assert (record["inputTokens"], record["outputTokens"], record["estimated"]) == (777, 0, False)
+    assert record["totalCost"] == pytest.approx(777 * 2e-8)
+    assert (record["client"], record["sessionId"], record["endpoint"], record["model"]) == (
+        "acme",
+        SESSION,
+        "embeddings",
+        "openai/text-embedding-3-small",
+    )
+
+
+async def test_count_tokens_makes_no_record(client: TestClient, fake_anthropic: fa.FakeAnthropic) -> None:
+    key = add_client("acme")
+    api = anthropic.AsyncAnthropic(api_key=key, base_url=url(client), max_retries=0)
+    counted = await api.messages.count_tokens(model=ANTHROPIC, messages=[{"role": "user", "content": "Hi"}])
+    assert counted.input_tokens == 42 and len(fake_anthropic.count_requests) == 1
+    assert await records(client) == []
