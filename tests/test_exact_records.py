@@ -7,19 +7,25 @@ from __future__ import annotations
 
 import asyncio
 import importlib
+import json
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
+import aiohttp
 import anthropic
 import openai
 import pytest
 from aiohttp.test_utils import TestClient
 
+from agentspace.storage.embedded.usage import UsageStore
+from agentspace.tokens import count_tokens
 from agentspace.transports import state
+from scripts.harness import GatewayProcess
+from tests.conftest import wait_until
 from tests.fakes import anthropic_upstream as fa
 from tests.fakes import openai_upstream as fo
 from tests.support.ui_stream import post_chat, read_all, user
-from tests.conftest import wait_until
 from tests.support.ws import chat, of
 from tests.test_clients import add_client, bearer
 
@@ -340,3 +346,58 @@ async def test_a_client_leaving_an_openai_model_mid_stream_makes_one_record(
     assert record["estimatedFields"] == ["inputTokens", "outputTokens"] and record["outputTokens"] >= 1
     assert record["inputTokens"] > 0
     assert (record["client"], record["endpoint"], record["answered"]) == ("acme", WAYS[way][1], True)
+
+
+# --- a killed server: the output relayed is what the recovery posts -------------------------------------------
+
+
+@pytest.mark.parametrize("way", ["ws", "messages", "completions"])
+async def test_a_killed_server_recovers_all_the_output_it_relayed(
+    tmp_path: Path, fake_anthropic: fa.FakeAnthropic, way: str
+) -> None:
+    """The upstream reports its input, streams three pieces of text and goes quiet; the server is killed
+    seconds later. The next start posts the reported input and all the output the client got (estimated):
+    not the output as of the last time so many characters or deltas had gone by."""
+    pieces = ["x" * 2048, "y" * 1024, "z" * 524]
+    text = "".join(pieces)
+    fake_anthropic.enqueue(fa.text_response(text, chunks=pieces, usage=A_START).stall(120, after=6))
+    data_dir = tmp_path / "data"
+    server = GatewayProcess(data_dir, fake_anthropic.url)
+    try:
+        await server.start()
+        async with aiohttp.ClientSession() as http:
+            headers = {**bearer(server.token), "anthropic-version": "2023-06-01"}
+            body: dict[str, Any] = {"max_tokens": 4000, "stream": True, "messages": [{"role": "user", "content": "Hi"}]}
+            if way == "ws":
+                ws = await http.ws_connect(server.ws_url, headers=bearer(server.token))
+                await ws.send_json({"type": "chat.send", "id": "r1", "content": "Hi"})
+                got = ""
+                while "z" * 524 not in got:
+                    frame = json.loads((await ws.receive(timeout=30)).data)
+                    got += frame.get("delta") or "" if frame["type"] == "chat.stream.delta" else ""
+            else:
+                path = "/v1/messages" if way == "messages" else "/v1/chat/completions"
+                resp = await http.post(server.url + path, json={**body, "model": ANTHROPIC}, headers=headers)
+                got_bytes = b""
+                while b"z" * 524 not in got_bytes:
+                    got_bytes += await asyncio.wait_for(resp.content.readany(), 30)
+            await asyncio.sleep(2.5)  # noted every half second, written within a second
+            await server.kill()
+    finally:
+        await server.aclose()
+    restarted = GatewayProcess(data_dir, fake_anthropic.url)
+    try:
+        await restarted.start()
+        await restarted.wait_for_log("recovered")
+    finally:
+        await restarted.aclose()
+    (record,) = list(UsageStore(data_dir).records_sync())
+    # The relay counts the deltas it relayed; the others, the characters (about four a token).
+    relayed = count_tokens(text) if way == "messages" else len(text) // 4 + 1
+    assert (record["inputTokens"], record["cacheReadTokens"], record["cacheWriteTokens"]) == (1234, 567, 89)
+    assert (record["outputTokens"], record["estimatedFields"], record["recovered"]) == (
+        relayed,
+        ["outputTokens"],
+        True,
+    )
+    assert record["endpoint"] == WAYS[way][1]
