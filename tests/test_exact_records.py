@@ -18,6 +18,7 @@ import openai
 import pytest
 from aiohttp.test_utils import TestClient
 
+from agentspace.plugins import create_plugin_manager
 from agentspace.storage.embedded.usage import UsageStore
 from agentspace.tokens import count_tokens
 from agentspace.transports import state
@@ -28,6 +29,7 @@ from tests.fakes import openai_upstream as fo
 from tests.support.ui_stream import post_chat, read_all, user
 from tests.support.ws import chat, of
 from tests.test_clients import add_client, bearer
+from tests.tool_plugins import WeatherTools
 
 ANTHROPIC = "anthropic/claude-sonnet-4-5"
 OPENAI = "openai/gpt-4o-mini"
@@ -401,3 +403,82 @@ async def test_a_killed_server_recovers_all_the_output_it_relayed(
         True,
     )
     assert record["endpoint"] == WAYS[way][1]
+
+
+# --- a tool loop: one record per step -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("provider", ["anthropic", "openai"])
+@pytest.mark.parametrize("way", ["ws", "api_chat"])
+async def test_a_three_step_tool_loop_makes_three_exact_records(
+    make_client: Callable[..., Awaitable[TestClient]],
+    fake_anthropic: fa.FakeAnthropic,
+    fake_openai: fo.FakeOpenAI,
+    monkeypatch: pytest.MonkeyPatch,
+    way: str,
+    provider: str,
+) -> None:
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-openai-test-0123456789")
+    pm = create_plugin_manager()
+    pm.register(WeatherTools())
+    client = await make_client(pm=pm, providers={"openai": {"base_url": fake_openai.url}})
+    key = add_client("acme")
+    if provider == "anthropic":
+        model, fake = ANTHROPIC, fake_anthropic
+        steps = [(1000 + i, 10 + i, 200 + i, 30 + i, 40 + i) for i in range(3)]  # input, read, write, output, searches
+        fake_anthropic.enqueue(
+            *(
+                fa.tool_use_response(
+                    "get_weather",
+                    {"city": f"City {i}"},
+                    id=f"toolu_{i}",
+                    usage={"input_tokens": s[0], "cache_read_input_tokens": s[1], "cache_creation_input_tokens": s[2]},
+                    delta_usages=[{"output_tokens": s[3], "server_tool_use": {"web_search_requests": i + 1}}],
+                )
+                for i, s in enumerate(steps[:2])
+            ),
+            fa.text_response(
+                "Sunny everywhere.",
+                usage={"input_tokens": steps[2][0], "cache_read_input_tokens": steps[2][1]}
+                | {"cache_creation_input_tokens": steps[2][2]},
+                delta_usages=[{"output_tokens": steps[2][3], "server_tool_use": {"web_search_requests": 3}}],
+            ),
+        )
+        expected = [
+            {
+                "inputTokens": s[0],
+                "cacheReadTokens": s[1],
+                "cacheWriteTokens": s[2],
+                "outputTokens": s[3],
+                "serverToolUse": {"web_search": i + 1},
+            }
+            for i, s in enumerate(steps)
+        ]
+    else:
+        model, fake = OPENAI, fake_openai
+        fake_openai.enqueue(
+            fo.tool_calls_response(
+                fo.tool_call("call_0", "get_weather", {"city": "A"}), usage=fo.usage(500, 50, cached=100, reasoning=5)
+            ),
+            fo.tool_calls_response(
+                fo.tool_call("call_1", "get_weather", {"city": "B"}), usage=fo.usage(600, 60, cached=200, reasoning=6)
+            ),
+            fo.text_response("Sunny.", usage=fo.usage(700, 70, cached=300, reasoning=7)),
+        )
+        expected = [
+            {"inputTokens": p - c, "cacheReadTokens": c, "cacheWriteTokens": 0, "outputTokens": o, "reasoningTokens": r}
+            for p, o, c, r in ((500, 50, 100, 5), (600, 60, 200, 6), (700, 70, 300, 7))
+        ]
+    session = await WAYS[way][0](client, key, model, True)
+    assert len(fake.requests) == 3
+    found = sorted(await records(client), key=lambda r: r["timestamp"])
+    assert [{k: r[k] for k in expected[0]} for r in found] == expected
+    assert all(r["estimated"] is False and r["error"] is None for r in found)
+    assert {(r["client"], r["sessionId"], r["endpoint"], r["model"]) for r in found} == {
+        ("acme", session, WAYS[way][1], model)
+    }
+    # The turn's message carries the sum of its steps.
+    message = (await client.app[state.REGISTRY].sessions.get(session))["messages"][-1]
+    for field in ("inputTokens", "outputTokens", "cacheReadTokens", "cacheWriteTokens"):
+        assert message["usage"][field] == sum(r[field] for r in found), field
+    assert message["usage"]["totalCost"] == pytest.approx(sum(r["totalCost"] for r in found))
