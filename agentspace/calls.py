@@ -405,6 +405,7 @@ def _from_dict(d: dict[str, Any]) -> UsageRecord:
         ttft_ms=d.get("ttftMs"),
         recovered=bool(d.get("recovered")),
         purpose=d.get("purpose"),
+        deployment=d.get("deployment"),
     )
 
 

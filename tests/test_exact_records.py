@@ -22,6 +22,7 @@ from agentspace.plugins import create_plugin_manager
 from agentspace.storage.embedded.usage import UsageStore
 from agentspace.tokens import count_tokens
 from agentspace.transports import state
+from agentspace.vault import KeyVault
 from scripts.harness import GatewayProcess
 from tests.conftest import wait_until
 from tests.fakes import anthropic_upstream as fa
@@ -482,3 +483,61 @@ async def test_a_three_step_tool_loop_makes_three_exact_records(
     for field in ("inputTokens", "outputTokens", "cacheReadTokens", "cacheWriteTokens"):
         assert message["usage"][field] == sum(r[field] for r in found), field
     assert message["usage"]["totalCost"] == pytest.approx(sum(r["totalCost"] for r in found))
+
+
+# --- a record spooled while the database was away keeps its labels ------------------------------------------
+
+
+async def test_a_spooled_record_is_posted_with_its_deployment(tmp_path: Path, fake_anthropic: fa.FakeAnthropic) -> None:
+    """PostgreSQL stops while a call to a model group's deployment streams: its record is spooled; the replica
+    is killed before the database returns; the next start posts the record as it was -- its deployment too,
+    so the per-deployment report counts it where it belongs."""
+    from tests.scale_servers import Postgres, pg_bindir
+
+    if pg_bindir() is None:
+        pytest.skip("PostgreSQL is not installed")
+    pg = Postgres()
+    data_dir = tmp_path / "data"
+    data_dir.mkdir(mode=0o700)
+    KeyVault(data_dir).set("team-1", "sk-ant-team1-0123456789abcdef")
+    sections: dict[str, Any] = {
+        "storage": {"backend": "postgres", "dsn": pg.dsn},
+        'models.groups."claude"': {
+            "deployments": [{"model": ANTHROPIC, "key": "team-1", "base_url": fake_anthropic.url}]
+        },
+    }
+    fake_anthropic.default = fa.text_response("tok " * 10, chunks=10, usage=A_START).with_delay(0.3)
+    try:
+        server = GatewayProcess(data_dir, fake_anthropic.url, **sections)
+        try:
+            await server.start()
+            headers = bearer(server.token)
+            body = {
+                "model": "claude",
+                "messages": [{"role": "user", "content": "Hi"}],
+                "max_tokens": 64,
+                "stream": True,
+            }
+            async with aiohttp.ClientSession() as http:
+                resp = await http.post(server.url + "/v1/chat/completions", json=body, headers=headers)
+                assert resp.status == 200
+                await resp.content.readany()
+                pg.stop()  # the database goes away mid-stream
+                assert (await resp.read()).endswith(b"data: [DONE]\n\n")
+            await server.kill()  # before the database returns
+        finally:
+            await server.aclose()
+        pg.start()
+        restarted = GatewayProcess(data_dir, fake_anthropic.url, **sections)
+        try:
+            await restarted.start()
+            async with aiohttp.ClientSession() as http:
+                url = restarted.url + "/api/usage?by=deployment"
+                report = await (await http.get(url, headers=bearer(restarted.token))).json()
+        finally:
+            await restarted.aclose()
+        assert report["grandTotal"]["requestCount"] == 1, report
+        assert list(report["perDeployment"]) == ["claude/team-1"], report
+        assert report["perDeployment"]["claude/team-1"]["inputTokens"] == 1234
+    finally:
+        pg.close()
