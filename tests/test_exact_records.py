@@ -38,7 +38,14 @@ SESSION = "exact-7"
 
 # Anthropic: message_start reports the input; the final message_delta repeats it (cumulative, as the API now
 # sends it) with the output and three web searches.
-A_START = {"input_tokens": 1234, "cache_read_input_tokens": 567, "cache_creation_input_tokens": 89, "output_tokens": 1}
+# Of the 89 tokens written to the cache, 50 for an hour (priced higher).
+A_START = {
+    "input_tokens": 1234,
+    "cache_read_input_tokens": 567,
+    "cache_creation_input_tokens": 89,
+    "cache_creation": {"ephemeral_5m_input_tokens": 39, "ephemeral_1h_input_tokens": 50},
+    "output_tokens": 1,
+}
 A_FINAL = {
     "input_tokens": 1234,
     "cache_read_input_tokens": 567,
@@ -54,7 +61,7 @@ A_EXPECTED = {
     "reasoningTokens": 0,
     "serverToolUse": {"web_search": 3},
 }
-A_COST = 1234 * 3e-6 + 567 * 0.3e-6 + 89 * 3.75e-6 + 321 * 15e-6
+A_COST = 1234 * 3e-6 + 567 * 0.3e-6 + 39 * 3.75e-6 + 50 * 6e-6 + 321 * 15e-6
 A_FEE = 3 * 0.01
 
 # OpenAI: 2000 prompt tokens of which 700 cached, 456 completion tokens of which 123 reasoning.
