@@ -128,12 +128,12 @@ def mixed_run(gateway: Gateway, openai_fake: ThreadedOpenAI, key: str) -> None:
         fa.text_response("alpha beta gamma delta ", chunks=4, usage={"input_tokens": 4321}).cut_after(5)
     )
     post(gateway, "/v1/messages", {"model": HAIKU, "max_tokens": 64, "messages": messages, "stream": True}, key)
-    # /v1/messages, Haiku, whole: cache figures.
+    # /v1/messages, Haiku, whole: cache figures and two web searches.
     gateway.fake.enqueue(
         fa.text_response(
             "ok",
             usage={"input_tokens": 111, "cache_read_input_tokens": 222, "cache_creation_input_tokens": 333},
-            delta_usages=[{"output_tokens": 44}],
+            delta_usages=[{"output_tokens": 44, "server_tool_use": {"web_search_requests": 2}}],
         )
     )
     post(gateway, "/v1/messages", {"model": HAIKU, "max_tokens": 64, "messages": messages}, key)
@@ -190,6 +190,14 @@ def test_every_report_gives_the_numbers_of_the_records(gateway: tuple[Gateway, T
     for by in REPORTS:  # every report of the API, the web app's included
         assert totals(gw.get(f"/api/usage?by={by}")["grandTotal"]) == expected, by
         assert totals(gw.get(f"/api/usage?by={by}&since=2000-01-01")["grandTotal"]) == expected, by
+
+    # The client's spend, as the budget counts it (API and CLI): its records' cost, server-tool fees included.
+    spend = sum(r["totalCost"] for r in records if r["client"] == "acme")
+    assert sum(r["serverToolCost"] for r in records if r["client"] == "acme") == pytest.approx(0.02)
+    assert gw.get("/api/clients/acme")["client"]["spend"]["usd"] == pytest.approx(spend, abs=1e-9)
+    assert json.loads(run_cli(gw, "clients", "show", "acme", "--json"))["spend"]["usd"] == pytest.approx(
+        spend, abs=1e-9
+    )
 
     # /metrics: the counters of the same calls.
     req = urllib.request.Request(gw.url + "/metrics", headers={"Authorization": f"Bearer {gw.token}"})
