@@ -263,6 +263,22 @@ async def test_a_stream_cut_after_message_start_keeps_the_reported_input(
     assert (record["client"], record["endpoint"]) == ("acme", endpoint)
 
 
+@pytest.mark.parametrize("way", list(WAYS))
+async def test_a_stream_cut_after_its_final_usage_is_billed_as_reported(
+    client: TestClient, fake_anthropic: fa.FakeAnthropic, way: str
+) -> None:
+    """The connection drops between the final ``message_delta`` (which reported the output) and
+    ``message_stop``: nothing is left to estimate, so nothing is named in ``estimatedFields``."""
+    key = add_client("acme")
+    answer = fa.text_response("alpha beta gamma", chunks=3, usage=A_START, delta_usages=[A_FINAL])
+    fake_anthropic.enqueue(answer.cut_after(len(answer.events) - 1))
+    await ignoring_errors(WAYS[way][0](client, key, ANTHROPIC, True))
+    (record,) = await records(client)
+    assert {k: record[k] for k in A_EXPECTED} == A_EXPECTED
+    assert (record["estimated"], record["estimatedFields"], record["answered"]) == (False, [], True)
+    assert record["totalCost"] == pytest.approx(A_COST + A_FEE)
+
+
 @pytest.mark.parametrize("status", [429, 500])
 @pytest.mark.parametrize("provider", ["anthropic", "openai"])
 @pytest.mark.parametrize("way", list(WAYS))
