@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -149,6 +150,21 @@ def mixed_run(gateway: Gateway, openai_fake: ThreadedOpenAI, key: str) -> None:
     post(gateway, "/v1/embeddings", {"model": EMBED, "input": ["a b", "c"]}, key)
 
 
+def ws_usage_report(gateway: Gateway, key: str) -> dict[str, Any]:
+    async def query() -> dict[str, Any]:
+        async with aiohttp.ClientSession() as http:
+            ws = await http.ws_connect(
+                gateway.url.replace("http", "ws", 1) + "/gateway", headers={"Authorization": f"Bearer {key}"}
+            )
+            await ws.send_json({"type": "usage.query", "id": "u1"})
+            while (frame := await ws.receive_json(timeout=10))["type"] != "usage.report":
+                pass
+            await ws.close()
+            return dict(frame)
+
+    return asyncio.run(query())
+
+
 def sums(records: list[dict[str, Any]]) -> dict[str, Any]:
     """What every grand total must be: the records summed as docs/accounting.md says."""
     return {
@@ -190,6 +206,13 @@ def test_every_report_gives_the_numbers_of_the_records(gateway: tuple[Gateway, T
     for by in REPORTS:  # every report of the API, the web app's included
         assert totals(gw.get(f"/api/usage?by={by}")["grandTotal"]) == expected, by
         assert totals(gw.get(f"/api/usage?by={by}&since=2000-01-01")["grandTotal"]) == expected, by
+
+    # The WebSocket's usage.report, for the gateway token and for the client (its own records only); the same
+    # client's GET /api/usage.
+    mine = sums([r for r in records if r["client"] == "acme"])
+    assert totals(ws_usage_report(gw, gw.token)["grandTotal"]) == expected
+    assert totals(ws_usage_report(gw, key)["grandTotal"]) == mine
+    assert totals(gw.get("/api/usage", key=key)["grandTotal"]) == mine
 
     # The client's spend, as the budget counts it (API and CLI): its records' cost, server-tool fees included.
     spend = sum(r["totalCost"] for r in records if r["client"] == "acme")
