@@ -564,3 +564,46 @@ async def test_a_spooled_record_is_posted_with_its_deployment(tmp_path: Path, fa
         assert report["perDeployment"]["claude/team-1"]["inputTokens"] == 1234
     finally:
         pg.close()
+
+
+# --- a session's compaction is a provider call like any other -------------------------------------------------
+
+
+async def compact(client: TestClient, key: str, model: str) -> list[dict[str, Any]]:
+    """Two turns in a session, then ``session.compact``: the compaction's records."""
+    ws = await client.ws_connect("/gateway", headers=bearer(key))
+    try:
+        frames = await chat(ws, "hello there", model=model)
+        session = of(frames, "chat.stream.start")[0]["sessionId"]
+        await chat(ws, "and more", sessionId=session)
+        await ws.send_json({"type": "session.compact", "id": "c1", "sessionId": session})
+        while (await ws.receive_json(timeout=10))["type"] not in ("session.compacted", "error"):
+            pass
+    finally:
+        await ws.close()
+    return [r for r in await records(client) if r["purpose"] == "compact"]
+
+
+async def test_a_compaction_cut_after_message_start_keeps_the_reported_input(
+    client: TestClient, fake_anthropic: fa.FakeAnthropic
+) -> None:
+    key = add_client("acme")
+    fake_anthropic.enqueue(fa.text_response(), fa.text_response())
+    fake_anthropic.enqueue(fa.text_response("alpha beta gamma delta ", chunks=4, usage=A_START).cut_after(5))
+    (record,) = await compact(client, key, ANTHROPIC)
+    assert (record["inputTokens"], record["cacheReadTokens"], record["cacheWriteTokens"]) == (1234, 567, 89)
+    assert record["estimatedFields"] == ["outputTokens"] and record["outputTokens"] > 1
+    assert (record["answered"], record["client"], record["error"]) == (True, "acme", "LLM_ERROR")
+
+
+async def test_a_compaction_cut_without_usage_bills_what_was_streamed(
+    client: TestClient, fake_openai: fo.FakeOpenAI
+) -> None:
+    key = add_client("acme")
+    fake_openai.enqueue(o_answer(), o_answer())
+    fake_openai.enqueue(fo.text_response("alpha beta gamma delta ", chunks=4).cut_after(3))
+    (record,) = await compact(client, key, OPENAI)
+    assert len(fake_openai.requests) == 3
+    # The upstream answered and streamed: the call is billed, counted here (nothing was reported).
+    assert record["answered"] is True and record["estimatedFields"] == ["inputTokens", "outputTokens"]
+    assert record["inputTokens"] > 0 and record["outputTokens"] > 0 and record["totalCost"] > 0
