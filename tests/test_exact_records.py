@@ -279,6 +279,20 @@ async def test_a_stream_cut_after_its_final_usage_is_billed_as_reported(
     assert record["totalCost"] == pytest.approx(A_COST + A_FEE)
 
 
+@pytest.mark.parametrize("way", list(WAYS))
+async def test_a_stream_cut_before_any_output_keeps_every_reported_figure(
+    client: TestClient, fake_anthropic: fa.FakeAnthropic, way: str
+) -> None:
+    """Cut after ``message_start`` and ``ping``: no output came after the report, so nothing is estimated and
+    the reported output (``output_tokens: 1``) is not replaced by a count of nothing."""
+    key = add_client("acme")
+    fake_anthropic.enqueue(fa.text_response("never sent", usage=A_START).cut_after(2))
+    await ignoring_errors(WAYS[way][0](client, key, ANTHROPIC, True))
+    (record,) = await records(client)
+    assert (record["inputTokens"], record["cacheReadTokens"], record["cacheWriteTokens"]) == (1234, 567, 89)
+    assert (record["outputTokens"], record["estimatedFields"], record["answered"]) == (1, [], True)
+
+
 @pytest.mark.parametrize("status", [429, 500])
 @pytest.mark.parametrize("provider", ["anthropic", "openai"])
 @pytest.mark.parametrize("way", list(WAYS))

@@ -325,8 +325,11 @@ async def _record_stream(
         usage = TokenUsage(input_tokens=local_input_tokens(body), output_tokens=scanner.received_output_tokens())
         fields = ALL_FIELDS
     elif not scanner.final_delta:
-        usage.output_tokens = scanner.received_output_tokens()
-        fields = OUTPUT_FIELDS
+        # The output received after the last report, counted here only when it is more than was reported.
+        counted = scanner.received_output_tokens()
+        if counted > usage.output_tokens:
+            usage.output_tokens = counted
+            fields = OUTPUT_FIELDS
     if disconnected:
         await meter.record(usage, "aborted", estimated_fields=fields)
     elif scanner.error_type:
