@@ -150,13 +150,13 @@ def mixed_run(gateway: Gateway, openai_fake: ThreadedOpenAI, key: str) -> None:
     post(gateway, "/v1/embeddings", {"model": EMBED, "input": ["a b", "c"]}, key)
 
 
-def ws_usage_report(gateway: Gateway, key: str) -> dict[str, Any]:
+def ws_usage_report(gateway: Gateway, key: str, session: str | None = None) -> dict[str, Any]:
     async def query() -> dict[str, Any]:
         async with aiohttp.ClientSession() as http:
             ws = await http.ws_connect(
                 gateway.url.replace("http", "ws", 1) + "/gateway", headers={"Authorization": f"Bearer {key}"}
             )
-            await ws.send_json({"type": "usage.query", "id": "u1"})
+            await ws.send_json({"type": "usage.query", "id": "u1", **({"sessionId": session} if session else {})})
             while (frame := await ws.receive_json(timeout=10))["type"] != "usage.report":
                 pass
             await ws.close()
@@ -206,6 +206,13 @@ def test_every_report_gives_the_numbers_of_the_records(gateway: tuple[Gateway, T
     for by in REPORTS:  # every report of the API, the web app's included
         assert totals(gw.get(f"/api/usage?by={by}")["grandTotal"]) == expected, by
         assert totals(gw.get(f"/api/usage?by={by}&since=2000-01-01")["grandTotal"]) == expected, by
+
+    # One session's usage, each way it can be asked for.
+    s1 = sums([r for r in records if r["sessionId"] == "s1"])
+    assert s1["serverToolUses"] == 2 and s1["cacheWriteTokens"] == 89
+    assert totals(json.loads(run_cli(gw, "usage", "--session", "s1", "--json"))["grandTotal"]) == s1
+    assert totals(gw.get("/api/usage?sessionId=s1")["grandTotal"]) == s1
+    assert totals(ws_usage_report(gw, gw.token, "s1")["grandTotal"]) == s1
 
     # The WebSocket's usage.report, for the gateway token and for the client (its own records only); the same
     # client's GET /api/usage.
