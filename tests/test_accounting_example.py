@@ -122,7 +122,7 @@ async def test_step_five_a_killed_server_posts_the_relayed_output_at_the_next_st
                 frame = json.loads((await ws.receive(timeout=30)).data)
                 if frame["type"] == "chat.stream.delta":
                     relayed += frame.get("delta") or frame.get("text") or ""
-            await asyncio.sleep(2.5)  # the output relayed is noted every half second, written within a second
+            await asyncio.sleep(3)  # the output relayed is noted every half second, written within a second
             await server.kill()
     finally:
         await server.aclose()
