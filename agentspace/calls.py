@@ -55,6 +55,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+# How often the output relayed is noted in the ledger while a call streams (written with the ledger's next batch).
+RELAYED_NOTE_SECONDS = 0.5
 # The usage fields a record may have counted locally, in UsageRecord.to_dict's names.
 OUTPUT_FIELDS = ("outputTokens",)
 ALL_FIELDS = ("inputTokens", "outputTokens")
@@ -403,6 +405,7 @@ def _from_dict(d: dict[str, Any]) -> UsageRecord:
         ttft_ms=d.get("ttftMs"),
         recovered=bool(d.get("recovered")),
         purpose=d.get("purpose"),
+        deployment=d.get("deployment"),
     )
 
 
@@ -445,6 +448,8 @@ class ProviderCall:
         "_open",
         "_relayed_chars",
         "_relayed_noted",
+        "_relayed_count",
+        "_relayed_timer",
     )
 
     def __init__(
@@ -479,6 +484,8 @@ class ProviderCall:
         self._open = False  # a pending entry is in the ledger
         self._relayed_chars = 0
         self._relayed_noted = 0
+        self._relayed_count: Callable[[], int] | None = None  # the caller's count of the output relayed
+        self._relayed_timer: asyncio.TimerHandle | None = None
 
     # --- admission ---
 
@@ -578,16 +585,26 @@ class ProviderCall:
             self.gw.ledger.note(self.id, usage=usage_to_note(usage, final), answered=True)
 
     def relayed(self, text: str) -> None:
-        """Output relayed to the client; its size is noted now and then (a recovery's output estimate)."""
+        """Output relayed to the client: its size is noted within a second (a recovery's output estimate)."""
         self._relayed_chars += len(text)
-        # A token is about four characters; a note every ~256 tokens keeps the writes few.
-        if self._open and self._relayed_chars - self._relayed_noted >= 1024:
-            self._relayed_noted = self._relayed_chars
-            self.gw.ledger.note(self.id, relayedTokens=self._relayed_chars // 4 + 1, answered=True, soon=False)
+        if self._relayed_timer is None and self._open:
+            self._relayed_timer = asyncio.get_running_loop().call_later(RELAYED_NOTE_SECONDS, self._note_relayed)
 
-    def relayed_tokens(self, tokens: int) -> None:
-        """Output relayed so far, counted by the caller (the Anthropic relay counts its deltas)."""
-        if self._open:
+    def relayed_tokens(self, count: Callable[[], int]) -> None:
+        """Output relayed so far, counted by ``count`` (the Anthropic relay counts its deltas) when it is noted."""
+        self._relayed_count = count
+        if self._relayed_timer is None and self._open:
+            self._relayed_timer = asyncio.get_running_loop().call_later(RELAYED_NOTE_SECONDS, self._note_relayed)
+
+    def _note_relayed(self) -> None:
+        # On a timer rather than every so many tokens: the last output before the upstream went quiet (or the
+        # process was killed) is noted too, and counting once per interval keeps a long stream's cost flat.
+        self._relayed_timer = None
+        if not self._open:
+            return
+        tokens = self._relayed_count() if self._relayed_count is not None else self._relayed_chars // 4 + 1
+        if tokens != self._relayed_noted:
+            self._relayed_noted = tokens
             self.gw.ledger.note(self.id, relayedTokens=tokens, answered=True, soon=False)
 
     # --- the one record ---
@@ -629,6 +646,9 @@ class ProviderCall:
             deployment=self.deployment,
         )
         notify(self.gw.pm.hook.provider_call_finished, call=self.call, record=record)
+        if self._relayed_timer is not None:
+            self._relayed_timer.cancel()
+            self._relayed_timer = None
         posted = self.gw.recorder.record(record, self.reservation)
         gw, was_open = self.gw, self._open
         self._open = False

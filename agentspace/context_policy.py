@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import logging
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any, Protocol
 
 from . import attachments
@@ -268,6 +269,7 @@ async def summarise(gw: Registry, turn: TurnLike, previous: str, messages: list[
     call.begin(request.system, request.messages)
     text: list[str] = []
     reported: TokenUsage | None = None
+    text_at_report = 0  # how much text there was when the upstream last reported its usage
     finish: ProviderFinish | None = None
     try:
         try:
@@ -278,12 +280,24 @@ async def summarise(gw: Registry, turn: TurnLike, previous: str, messages: list[
                     text.append(event.text)
                     call.relayed(event.text)
                 elif isinstance(event, UsageReport):
-                    reported = event.usage
+                    reported, text_at_report = event.usage, len(text)
                     call.note(event.usage)
                 elif isinstance(event, ProviderFinish):
                     finish = event
         except ProviderError as e:
-            await call.record(reported or TokenUsage(), "error", error=e.code, answered=reported is not None)
+            # Cut short: what the upstream reported is kept, only what it did not report is counted here
+            # (the input with no report, the output after the last one); a call it never answered bills nothing.
+            fields: list[str] = []
+            usage = replace(reported) if reported is not None else TokenUsage()
+            if reported is None and text:
+                usage.input_tokens = count_tokens(COMPACT_PROMPT + body)
+                fields.append("inputTokens")
+            output = count_tokens("".join(text)) if len(text) > text_at_report else 0
+            if output > usage.output_tokens:
+                usage.output_tokens = output
+                fields.append("outputTokens")
+            answered = reported is not None or bool(text)
+            await call.record(usage, "error", error=e.code, answered=answered, estimated_fields=fields)
             raise ApiError(e.code, f"The session could not be compacted: {e.message}") from None
         assert finish is not None
         if finish.usage is not None:

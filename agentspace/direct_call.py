@@ -57,6 +57,7 @@ class DirectCall:
         self._output: list[str] = []  # what the model produced so far, for a local count
         self._answered = False  # the provider sent its first event
         self._reported: TokenUsage | None = None  # the usage the provider last reported mid-stream
+        self._output_at_report = 0  # how much of ``_output`` there was when it did
 
     async def start(self) -> None:
         """Send the request and wait for the first event; ProviderError (recorded) when the call failed
@@ -106,7 +107,7 @@ class DirectCall:
                     self._output.append(json.dumps(event.input, default=str))  # type: ignore[union-attr]
                 elif kind is UsageReport:
                     reported: TokenUsage = event.usage  # type: ignore[union-attr,assignment]
-                    self._reported = reported
+                    self._reported, self._output_at_report = reported, len(self._output)
                     self.meter.note(reported)
                 elif kind is ProviderFinish:
                     await self._record_finish(event)  # type: ignore[arg-type]
@@ -139,11 +140,16 @@ class DirectCall:
         output counted locally, else everything counted locally."""
         output = count_tokens("".join(self._output))
         reported = getattr(error, "usage", None)
+        after_report = True  # output came after the last report (unknown for a report an error carries)
         if not isinstance(reported, TokenUsage) and self._reported is not None:
             reported = replace(self._reported)  # what the upstream reported is never replaced by an estimate
+            after_report = len(self._output) > self._output_at_report
         if isinstance(reported, TokenUsage):
-            reported.output_tokens = max(reported.output_tokens, output)
-            return reported, OUTPUT_FIELDS
+            # Only output the upstream did not report is estimated: none after a final message_delta.
+            if after_report and output > reported.output_tokens:
+                reported.output_tokens = output
+                return reported, OUTPUT_FIELDS
+            return reported, ()
         return TokenUsage(request_input_tokens(self.request), output), ALL_FIELDS
 
     async def abort(self) -> UsageRecord | None:

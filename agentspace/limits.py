@@ -357,7 +357,7 @@ class Guard:
                 raise self._over_budget(client, spent, end)
             least = least_cost() if least_cost is not None else 0.0
             if least and spent + least > client.budget_usd * (1 + 1e-9):
-                raise self._over_budget(client, spent, end, least)
+                raise self._over_budget(client, spent, end, least, at_least=True)
 
     async def admit(
         self, caller: str, model: str, *, cost: Callable[[], float] | None, credential: str | None = None
@@ -434,7 +434,9 @@ class Guard:
             retry_after=math.ceil(max(window.requests_free_in, 0.001)),
         )
 
-    def _over_budget(self, client: Client, spent: float, end: datetime | None, cost: float | None = None) -> ApiError:
+    def _over_budget(
+        self, client: Client, spent: float, end: datetime | None, cost: float | None = None, *, at_least: bool = False
+    ) -> ApiError:
         budget = client.budget_usd or 0.0
         if end is None:
             when, retry = "it does not reset (period 'total'); the admin can raise it", None
@@ -442,6 +444,15 @@ class Guard:
             when = f"it resets at {iso(end)} UTC"
             retry = max(1.0, math.ceil((end - self.clock()).total_seconds()))
         left = budget - spent
+        if cost is not None and left > 0 and at_least:
+            # A turn checked before anything is stored: its input is not counted yet, only its output is known.
+            return ApiError(
+                "BUDGET_EXCEEDED",
+                f"Client {client.name!r} has {usd(left)} left of its {usd(budget)} {client.period} budget "
+                f"(spent {usd(spent)}, calls in flight included), and this turn's first call needs at least "
+                f"{usd(cost)} (the output it asks for, thinking budget included, at the model's prices); {when}.",
+                retry_after=retry,
+            )
         if cost is not None and left > 0:
             # Room is left, but not for this call at its most: say so, and what would fit.
             return ApiError(

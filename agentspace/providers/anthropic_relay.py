@@ -269,7 +269,7 @@ class _Relay:
         self._deltas_noted = 0
 
     def note(self, call: ProviderCall) -> None:
-        """Into the ledger: reported usage as it arrives, the output relayed every so many deltas."""
+        """Into the ledger: reported usage as it arrives, the output relayed (counted when it is noted)."""
         usage = self.scanner.usage
         if usage is not None:
             seen = (usage.input_tokens, usage.output_tokens, usage.cache_read_tokens, usage.cache_write_tokens)
@@ -277,9 +277,9 @@ class _Relay:
                 self._noted = seen
                 call.note(usage, final=self.scanner.final_delta)
         deltas = len(self.scanner._deltas)
-        if deltas - self._deltas_noted >= 64:
+        if deltas != self._deltas_noted:
             self._deltas_noted = deltas
-            call.relayed_tokens(self.scanner.received_output_tokens())
+            call.relayed_tokens(self.scanner.received_output_tokens)
 
     def feed(self, chunk: bytes) -> None:
         if self.unreadable:
@@ -325,8 +325,11 @@ async def _record_stream(
         usage = TokenUsage(input_tokens=local_input_tokens(body), output_tokens=scanner.received_output_tokens())
         fields = ALL_FIELDS
     elif not scanner.final_delta:
-        usage.output_tokens = scanner.received_output_tokens()
-        fields = OUTPUT_FIELDS
+        # The output received after the last report, counted here only when it is more than was reported.
+        counted = scanner.received_output_tokens()
+        if counted > usage.output_tokens:
+            usage.output_tokens = counted
+            fields = OUTPUT_FIELDS
     if disconnected:
         await meter.record(usage, "aborted", estimated_fields=fields)
     elif scanner.error_type:
