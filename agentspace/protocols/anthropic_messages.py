@@ -138,7 +138,18 @@ class UsageScanner:
     if the output has to be estimated (the stream ended before its final ``message_delta``).
     """
 
-    __slots__ = ("usage", "started", "final_delta", "complete", "stop_reason", "error_type", "_deltas")
+    __slots__ = (
+        "usage",
+        "started",
+        "final_delta",
+        "complete",
+        "stop_reason",
+        "error_type",
+        "_deltas",
+        "_pieces",
+        "_counted",
+        "_running",
+    )
 
     def __init__(self) -> None:
         self.usage: TokenUsage | None = None
@@ -148,6 +159,9 @@ class UsageScanner:
         self.stop_reason: str | None = None
         self.error_type: str | None = None
         self._deltas: list[str] = []
+        self._pieces: list[str] = []  # the text of each delta parsed so far
+        self._counted = 0  # the pieces counted into ``_running``
+        self._running = 0
 
     def feed(self, events: Iterable[tuple[str | None, str]]) -> None:
         for name, data in events:
@@ -174,14 +188,27 @@ class UsageScanner:
 
     def received_output_tokens(self) -> int:
         """A local count of the output received so far (text, thinking and tool input pieces)."""
-        pieces: list[str] = []
-        for data in self._deltas:
+        return count_tokens("".join(self._texts()))
+
+    def output_tokens_so_far(self) -> int:
+        """``received_output_tokens`` kept up as the stream goes on, for the ledger's notes: only the pieces
+        received since the last call are read and counted, so a long stream costs the same per call (the sum
+        of counts made piecemeal may run a token or so above one count of the whole)."""
+        pieces = self._texts()
+        if self._counted < len(pieces):
+            self._running += count_tokens("".join(pieces[self._counted :]))
+            self._counted = len(pieces)
+        return self._running
+
+    def _texts(self) -> list[str]:
+        # Each delta parsed once, however often the output is counted.
+        for data in self._deltas[len(self._pieces) :]:
             try:
                 delta = json.loads(data).get("delta") or {}
             except ValueError:
-                continue
-            pieces.append(delta.get("text") or delta.get("thinking") or delta.get("partial_json") or "")
-        return count_tokens("".join(pieces))
+                delta = {}
+            self._pieces.append(delta.get("text") or delta.get("thinking") or delta.get("partial_json") or "")
+        return self._pieces
 
 
 def message_usage(message: Any) -> TokenUsage | None:

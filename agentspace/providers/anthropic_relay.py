@@ -279,7 +279,7 @@ class _Relay:
         deltas = len(self.scanner._deltas)
         if deltas != self._deltas_noted:
             self._deltas_noted = deltas
-            call.relayed_tokens(self.scanner.received_output_tokens)
+            call.relayed_tokens(self.scanner.output_tokens_so_far)
 
     def feed(self, chunk: bytes) -> None:
         if self.unreadable:
