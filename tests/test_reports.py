@@ -74,6 +74,7 @@ def check(report: dict[str, Any]) -> None:
     assert (grand["requestCount"], grand["errorCount"]) == (5, 3)
     assert sonnet["inputTokens"] == 350 and grand["inputTokens"] == 360
     assert mystery["priceKnown"] is False and "priceKnown" not in sonnet
+    assert grand["priceKnown"] is False  # the total has a part at the fallback price
     assert report["damagedFiles"] == []
 
 

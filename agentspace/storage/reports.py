@@ -81,6 +81,8 @@ def _finish(groups: dict[str, dict[str, Any]], key: str) -> dict[str, Any]:
     for totals in groups.values():
         for field in SUMMED:
             grand[field] += totals[field]
+        if totals.get("priceKnown") is False:  # a total with a part at the fallback price says so too
+            grand["priceKnown"] = False
     for totals in (*groups.values(), grand):
         for field in ("totalCost", "serverToolCost"):  # float sums carry noise below a nano-dollar
             totals[field] = round(totals[field], 10)
