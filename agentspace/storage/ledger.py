@@ -22,6 +22,7 @@ journal is deleted. A journal grown past ``ROTATE_BYTES`` is rewritten with the 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -34,6 +35,8 @@ try:
     import fcntl
 except ImportError:  # Windows: journals are not shared by processes there (no `serve --workers`)
     fcntl = None  # type: ignore[assignment]
+
+from .atomic import fsync_dir
 
 if TYPE_CHECKING:
     from ..limits import Guard
@@ -207,36 +210,49 @@ class Ledger:
         """The open entries with what was noted and spooled, as the first lines of a fresh journal."""
         return b"".join(_line({"event": "pending", **entry}) for entry in self._open.values())
 
-    def _open_file(self) -> None:
+    def _new_file(self) -> tuple[Path, int]:
         assert self.dir is not None
         self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         path = self.dir / f"journal-{os.getpid()}-{os.urandom(4).hex()}.jsonl"
         fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_EXCL, 0o600)
         if fcntl is not None:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # held while this process lives
-        old_fd, old_path = self._fd, self.path
-        self._fd, self.path, self._size = fd, path, 0
-        if old_fd is not None:
-            os.close(old_fd)
-        if old_path is not None:
-            old_path.unlink(missing_ok=True)
+        return path, fd
 
     def _write(self, data: bytes, sync: bool, rotate: bytes | None) -> None:
         if rotate is not None and self._fd is not None:
-            # Reopen: the open entries first, then this batch; the old journal goes once the new one is synced.
-            self._open_file()
-            data = rotate + data
-            sync = True
+            self._rotate(rotate + data)
+            return
         if self._fd is None:
-            self._open_file()
-        assert self._fd is not None
-        view = memoryview(data)
-        while view:
-            written = os.write(self._fd, view)
-            view = view[written:]
+            self.path, self._fd = self._new_file()
+            self._size = 0
+        try:
+            _append(self._fd, data, sync)
+        except BaseException:
+            # Cut back what part of the batch reached the file (a full disk takes what fits): the next line
+            # would be glued to the torn one, and the call it writes ahead lost to the recovery.
+            with contextlib.suppress(OSError):
+                os.ftruncate(self._fd, self._size)
+            raise
         self._size += len(data)
-        if sync:
-            (getattr(os, "fdatasync", None) or os.fsync)(self._fd)
+
+    def _rotate(self, data: bytes) -> None:
+        """A fresh journal: the open entries first, then this batch. The old one goes once the new one is
+        synced; a new one that cannot be written is removed and the old one kept."""
+        path, fd = self._new_file()
+        try:
+            _append(fd, data, True)
+        except BaseException:
+            os.close(fd)
+            path.unlink(missing_ok=True)
+            raise
+        fsync_dir(path.parent)
+        old_fd, old_path = self._fd, self.path
+        self._fd, self.path, self._size = fd, path, len(data)
+        if old_path is not None:
+            old_path.unlink(missing_ok=True)  # under its lock still: no other process recovers it meanwhile
+        if old_fd is not None:
+            os.close(old_fd)
 
     async def aclose(self) -> None:
         """At shutdown, after the calls: write what is left; a journal with nothing open is removed."""
@@ -260,6 +276,14 @@ class Ledger:
             self._fd = None
             if not self._open and self.path is not None:
                 self.path.unlink(missing_ok=True)
+
+
+def _append(fd: int, data: bytes, sync: bool) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+    if sync:
+        (getattr(os, "fdatasync", None) or os.fsync)(fd)
 
 
 # --- recovery -----------------------------------------------------------------------------------

@@ -1,0 +1,240 @@
+"""A data directory on a disk that fills up (a small tmpfs, mounted for the test; skipped where mounting is not
+allowed), tried from outside with a real ``agentspace serve``: the WebSocket and ``/api/chat`` refuse a turn
+whose user message the disk refuses with ``STORAGE_ERROR``, nothing reaches the upstream, no usage record is
+made and nothing stays reserved; once there is room again the same sessions take turns, in order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import json
+import os
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from click.testing import CliRunner
+
+from agentspace.cli import main as cli
+from agentspace.storage import SessionStore, UsageStore
+from scripts.harness import GatewayProcess
+from tests.fakes import anthropic_upstream as fa
+
+BIG = "x" * 20_000  # more than any page of slack a full tmpfs leaves at a file's end
+
+
+@pytest.fixture
+def disk(tmp_path: Path) -> Iterator[Path]:
+    """A 16 MiB tmpfs at ``tmp_path/data`` (the gateway's data directory; its config and log stay outside)."""
+    mount = tmp_path / "data"
+    mount.mkdir()
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=16m,mode=0700", "tmpfs", str(mount)], capture_output=True, check=False
+    )
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def fill(disk: Path) -> Path:
+    """Fill the disk to its last byte with one file (removed to make room again)."""
+    filler = disk / "filler"
+    with open(filler, "wb", buffering=0) as f:
+        block = b"\0" * 65536
+        while True:
+            try:
+                f.write(block)
+            except OSError as e:
+                assert e.errno == errno.ENOSPC
+                break
+        while len(block) > 1:  # the tail, in smaller pieces
+            block = block[: len(block) // 2]
+            try:
+                while True:
+                    f.write(block)
+            except OSError as e:
+                assert e.errno == errno.ENOSPC
+    return filler
+
+
+async def ws_turn(server: GatewayProcess, key: str, content: str, session_id: str | None = None) -> list[Any]:
+    frame: dict[str, Any] = {"type": "chat.send", "id": "r", "content": content}
+    if session_id is not None:
+        frame["sessionId"] = session_id
+    headers = {"Authorization": f"Bearer {key}"}
+    async with aiohttp.ClientSession() as http, http.ws_connect(server.ws_url, headers=headers) as ws:
+        await ws.send_json(frame)
+        frames: list[dict[str, Any]] = []
+        while not frames or frames[-1]["type"] not in ("chat.stream.end", "error"):
+            frames.append(json.loads((await ws.receive(timeout=30)).data))
+    return frames
+
+
+async def http_turn(server: GatewayProcess, key: str, chat_id: str, content: str) -> tuple[int, list[Any]]:
+    body = {
+        "id": chat_id,
+        "messages": [{"id": f"u{os.urandom(4).hex()}", "role": "user", "parts": [{"type": "text", "text": content}]}],
+    }
+    headers = {"Authorization": f"Bearer {key}"}
+    async with aiohttp.ClientSession() as http, http.post(f"{server.url}/api/chat", json=body, headers=headers) as resp:
+        raw = (await resp.read()).decode()
+        if resp.content_type == "application/json":
+            return resp.status, [json.loads(raw)]
+    return resp.status, [json.loads(line[6:]) for line in raw.split("\n\n") if line.startswith("data: {")]
+
+
+async def session_messages(server: GatewayProcess, session_id: str) -> list[dict[str, Any]]:
+    headers = {"Authorization": f"Bearer {server.token}"}
+    async with (
+        aiohttp.ClientSession() as http,
+        http.get(f"{server.url}/api/sessions/{session_id}", headers=headers) as resp,
+    ):
+        assert resp.status == 200, await resp.text()
+        return list((await resp.json())["session"]["messages"])
+
+
+async def messages_call(server: GatewayProcess, text: str = "hi", *, stream: bool = False) -> int:
+    """A /v1/messages call (passed through to the fake Anthropic upstream); its status once its body is read."""
+    headers = {"x-api-key": server.token, "anthropic-version": "2023-06-01"}
+    body = {
+        "model": "claude-sonnet-4-5",
+        "max_tokens": 100,
+        "messages": [{"role": "user", "content": text}],
+        "stream": stream,
+    }
+    async with (
+        aiohttp.ClientSession() as http,
+        http.post(f"{server.url}/v1/messages", json=body, headers=headers) as resp,
+    ):
+        await resp.read()
+        return resp.status
+
+
+async def stored_records(disk: Path, count: int, timeout: float = 30.0) -> list[dict[str, Any]]:
+    """The usage records once there are ``count`` (a refused record is stored by a retry within seconds)."""
+    for _ in range(int(timeout / 0.1)):
+        records = list(UsageStore(disk).records_sync())
+        if len(records) >= count:
+            return records
+        await asyncio.sleep(0.1)
+    return list(UsageStore(disk).records_sync())
+
+
+async def test_a_call_after_the_disk_refused_the_ledger_is_recovered_after_a_crash(
+    disk: Path, fake_anthropic: fa.FakeAnthropic
+) -> None:
+    """The disk fills while /v1/messages calls come in until the ledger journal runs out of room (its write takes
+    what fits of a line). Room again, the next call is killed mid-answer: the next start still posts it, as the
+    upstream reported it, and every call the upstream saw has exactly one record."""
+    fake_anthropic.default = fa.text_response("fine", usage={"input_tokens": 77})
+    server = GatewayProcess(disk, fake_anthropic.url)
+    try:
+        await server.start()
+        assert await messages_call(server) == 200
+        filler = fill(disk)
+        statuses = [await messages_call(server) for _ in range(40)]
+        assert set(statuses) == {200, 503} and statuses[-1] == 503, statuses  # the journal ran out of room
+        filler.unlink()
+        answered = len(fake_anthropic.requests)
+        assert len(await stored_records(disk, answered)) == answered  # the refused records, stored by a retry
+
+        fake_anthropic.default = fa.text_response("slow " * 10, chunks=10, usage={"input_tokens": 77}).with_delay(1.0)
+        flying = asyncio.create_task(messages_call(server, stream=True))
+        while len(fake_anthropic.requests) == answered:
+            await asyncio.sleep(0.02)
+        await asyncio.sleep(0.5)  # message_start relayed and noted
+        await server.kill()
+        with pytest.raises(aiohttp.ClientError):
+            await flying
+        await server.start()
+        records = await stored_records(disk, answered + 1)
+        assert await server.terminate() == 0
+    finally:
+        await server.aclose()
+    assert len(records) == answered + 1 and len({r["id"] for r in records}) == answered + 1
+    assert all(r["inputTokens"] == 77 for r in records)
+    (recovered,) = [r for r in records if r["recovered"]]
+    assert recovered["error"] == "INTERRUPTED" and "inputTokens" not in recovered["estimatedFields"]
+
+
+async def spend_until_refused(server: GatewayProcess, key: str) -> tuple[int, str]:
+    """New WebSocket turns until the budget refuses one: how many were answered, and the refusal's code."""
+    for answered in range(20):
+        frames = await ws_turn(server, key, "spend")
+        if frames[-1]["type"] == "error":
+            return answered, frames[-1]["code"]
+    raise AssertionError("the budget never refused a turn")
+
+
+async def test_a_user_message_the_disk_refuses_refuses_the_turn_and_holds_nothing(
+    disk: Path, fake_anthropic: fa.FakeAnthropic
+) -> None:
+    """The disk full: a turn whose user message does not fit (a new session, or a long message in an existing
+    one) is STORAGE_ERROR on the WebSocket and on /api/chat; the upstream sees nothing and no record is made.
+    Room again: the same sessions take turns in order, and the client that was refused spends its whole budget,
+    as many turns as a client that never was (no reservation stayed held)."""
+    fake_anthropic.default = fa.text_response("fine", usage={"input_tokens": 50})
+    env = {"AGENTSPACE_HOME": str(disk)}
+    keys = {}
+    for name in ("team", "ref"):  # $0.10: room for one turn's reservation (4096 output tokens), not two
+        added = CliRunner().invoke(cli, ["clients", "add", name, "--budget", "0.1", "--period", "total"], env=env)
+        assert added.exit_code == 0, added.output
+        keys[name] = added.stdout.strip()
+    server = GatewayProcess(disk, fake_anthropic.url)
+    try:
+        await server.start()
+        sessions = {}
+        for name, key in keys.items():
+            frames = await ws_turn(server, key, "hello")
+            assert frames[-1]["type"] == "chat.stream.end", frames[-1]
+            sessions[name] = frames[0]["sessionId"]
+            status, chunks = await http_turn(server, key, f"h-{name}", "hello")
+            assert status == 200 and chunks[-1]["type"] == "finish", chunks[-1]
+        calls, records = len(fake_anthropic.requests), len(list(UsageStore(disk).records_sync()))
+
+        filler = fill(disk)
+        team = keys["team"]
+        for frames in (
+            await ws_turn(server, team, BIG),
+            await ws_turn(server, team, BIG, sessions["team"]),
+            await ws_turn(server, team, "new", None),
+        ):
+            assert [f["type"] for f in frames] in (["error"], ["session.created", "error"]), frames
+            assert frames[-1]["code"] == "STORAGE_ERROR" and "nothing was sent" in frames[-1]["message"]
+        for chat_id, text in (("h-new", "new"), ("h-team", BIG)):
+            status, (refusal,) = await http_turn(server, team, chat_id, text)
+            assert status == 503 and refusal["error"]["code"] == "STORAGE_ERROR", refusal
+        assert len(fake_anthropic.requests) == calls  # nothing went upstream
+        assert len(list(UsageStore(disk).records_sync())) == records  # and nothing was recorded
+        filler.unlink()
+
+        for name, key in keys.items():  # room again: the same sessions, in order
+            frames = await ws_turn(server, key, "again", sessions[name])
+            assert frames[-1]["type"] == "chat.stream.end", frames[-1]
+            status, chunks = await http_turn(server, key, f"h-{name}", "again")
+            assert status == 200 and chunks[-1]["type"] == "finish", chunks[-1]
+            for sid in (sessions[name], f"h-{name}"):
+                messages = await session_messages(server, sid)
+                assert [m["role"] for m in messages] == ["user", "assistant"] * 2, sid
+                assert [m["content"] for m in messages[::2]] == ["hello", "again"]
+
+        fake_anthropic.default = fa.text_response("fine", usage={"input_tokens": 5000})  # $0.015 a turn
+        team_spent = await spend_until_refused(server, keys["team"])
+        ref_spent = await spend_until_refused(server, keys["ref"])
+        assert team_spent == ref_spent and team_spent[0] >= 1 and team_spent[1] == "BUDGET_EXCEEDED", (
+            team_spent,
+            ref_spent,
+        )
+        assert await server.terminate() == 0
+    finally:
+        await server.aclose()
+    records_now = list(UsageStore(disk).records_sync())
+    assert len(records_now) == len(fake_anthropic.requests)
+    assert not SessionStore(disk).listing_sync(whole=True).damaged_files
