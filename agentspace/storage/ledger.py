@@ -16,7 +16,9 @@ with an exclusive ``flock`` while the process lives; one JSON line per event:
 
 At start-up, every journal no live process holds (its lock is free) is read back: each entry still pending
 whose record is not in the usage store is posted from what was noted (``calls.recovered_record``), then the
-journal is deleted. A journal grown past ``ROTATE_BYTES`` is rewritten with the entries still open.
+journal is deleted (moved aside when lines of it were damaged from outside, after posting what it still shows).
+A journal grown past ``ROTATE_BYTES`` is rewritten with the entries still open; a write the disk refused is
+cut back, so that the next line is not glued to a torn one.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ try:
 except ImportError:  # Windows: journals are not shared by processes there (no `serve --workers`)
     fcntl = None  # type: ignore[assignment]
 
-from .atomic import fsync_dir
+from .atomic import StoreCorrupt, fsync_dir, move_aside
 
 if TYPE_CHECKING:
     from ..limits import Guard
@@ -289,17 +291,26 @@ def _append(fd: int, data: bytes, sync: bool) -> None:
 # --- recovery -----------------------------------------------------------------------------------
 
 
-def read_journal(path: Path) -> list[dict[str, Any]]:
-    """The entries of a journal still pending at its end, each with its notes; a torn last line is skipped."""
+def read_journal(path: Path, damaged: list[int] | None = None) -> list[dict[str, Any]]:
+    """The entries of a journal still pending at its end, each with its notes; a torn last line is skipped.
+    A complete line that is no event was damaged from outside: skipped, its number added to ``damaged``."""
     entries: dict[str, dict[str, Any]] = {}
     with path.open("rb") as f:
-        for raw in f:
+        for number, raw in enumerate(f, 1):
             try:
                 event = json.loads(raw)
             except ValueError:
-                continue  # a line cut by the crash: written after the last sync, so no call went out on it
+                event = None
+            if not isinstance(event, dict):
+                # A line cut by the crash (no newline: written after the last sync, so no call went out on it),
+                # or damage.
+                if raw.endswith(b"\n") and damaged is not None:
+                    damaged.append(number)
+                continue
             kind, entry_id = event.pop("event", None), event.get("id")
             if not isinstance(entry_id, str):
+                if damaged is not None:
+                    damaged.append(number)
                 continue
             if kind == "pending":
                 entries[entry_id] = event
@@ -392,7 +403,8 @@ async def recover(gw: G, make_record: Callable[[G, dict[str, Any]], Any]) -> int
     posted = 0
     for path, fd in claimed:
         try:
-            entries = await loop.run_in_executor(None, read_journal, path)
+            damaged: list[int] = []
+            entries = await loop.run_in_executor(None, read_journal, path, damaged)
             stored: dict[Any, dict[str, Any]] = {}
             since = _since(entries)
             if entries:
@@ -401,7 +413,12 @@ async def recover(gw: G, make_record: Callable[[G, dict[str, Any]], Any]) -> int
             for entry in entries:
                 if entry.get("id") in stored and not await _replaces_an_estimate(gw, entry, stored, since):
                     continue  # recorded; the process died before it wrote `closed`
-                record = make_record(gw, entry)
+                try:
+                    record = make_record(gw, entry)
+                except (KeyError, TypeError, ValueError) as e:  # an entry damaged from outside: the others go on
+                    log.error("the ledger journal %s holds an entry that cannot be posted (%r): %s", path, e, entry)
+                    damaged.append(0)
+                    continue
                 # A spooled record was settled in the client's counters when its call ended (in Redis, shared
                 # by the replicas, that spend is still counted): posted now, it is not counted again.
                 spooled = isinstance(entry.get("record"), dict)
@@ -415,7 +432,12 @@ async def recover(gw: G, make_record: Callable[[G, dict[str, Any]], Any]) -> int
                     record.model,
                     record.client,
                 )
-            if complete:
+            if complete and damaged:
+                # Posted what could be read; the journal is kept for inspection, not read again.
+                await loop.run_in_executor(
+                    None, move_aside, StoreCorrupt(path, f"{len(damaged)} damaged line(s) or entries skipped")
+                )
+            elif complete:
                 path.unlink(missing_ok=True)
         except Exception:
             log.exception("recovering the ledger journal %s failed; it is kept", path.name)
