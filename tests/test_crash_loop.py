@@ -1,0 +1,205 @@
+"""A crash loop, tried from outside: a real ``agentspace serve`` under mixed concurrent load (the WebSocket,
+``/api/chat``, ``/v1/messages``, ``/v1/chat/completions`` and ``/v1/responses``, all streaming from a fake
+Anthropic upstream that paces its deltas, so that answers are in flight) is SIGKILLed at random moments and
+restarted on the same data directory, several times in a row. After each restart: every answer a client saw
+end is stored and readable, every request the upstream received has exactly one usage record (recovered ones
+with the input the upstream reported), and at the end the reports equal a scan of the records and
+``agentspace doctor`` finds no damage.
+
+``scripts/crash_test.py`` is the longer soak of the same kind.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from click.testing import CliRunner
+
+from agentspace.cli import main as cli
+from agentspace.storage import SessionStore, UsageStore
+from scripts.harness import GatewayProcess
+from tests.fakes import anthropic_upstream as fa
+
+ANSWER = "word " * 20
+INPUT = 321
+KINDS = ("ws", "chat", "messages", "completions", "responses")
+MODEL = "anthropic/claude-sonnet-4-5"
+ROUNDS = 4
+
+
+@dataclass
+class Seen:
+    """One request as its client saw it: the session it named, and whether it saw the answer's end."""
+
+    kind: str
+    session_id: str
+    text: str = ""
+    ended: bool = False
+
+
+def sse_data(raw: bytes) -> list[str]:
+    return [line[6:] for line in raw.decode(errors="replace").split("\n") if line.startswith("data: ")]
+
+
+async def one_request(http: aiohttp.ClientSession, server: GatewayProcess, seen: Seen) -> None:
+    """Run one request of its kind to its end (or until the server dies under it), noting what it saw."""
+    headers = {"Authorization": f"Bearer {server.token}", "X-Agentspace-Session": seen.session_id}
+    question = [{"role": "user", "content": "q"}]
+    if seen.kind == "ws":
+        async with http.ws_connect(server.ws_url, headers=headers) as ws:
+            await ws.send_json({"type": "chat.send", "id": "r", "content": "q"})
+            async for msg in ws:
+                frame = json.loads(msg.data)
+                if frame["type"] == "session.created":
+                    seen.session_id = frame["sessionId"]
+                seen.text += frame.get("delta", "") if frame["type"] == "chat.stream.delta" else ""
+                if frame["type"] in ("chat.stream.end", "error"):
+                    seen.ended = frame["type"] == "chat.stream.end"
+                    return
+        return
+    if seen.kind == "chat":
+        url, body = (
+            "/api/chat",
+            {
+                "id": seen.session_id,
+                "messages": [{"id": "u", "role": "user", "parts": [{"type": "text", "text": "q"}]}],
+            },
+        )
+    elif seen.kind == "messages":
+        url, body = "/v1/messages", {"model": MODEL, "max_tokens": 200, "messages": question, "stream": True}
+        headers["anthropic-version"] = "2023-06-01"
+    elif seen.kind == "completions":
+        url = "/v1/chat/completions"
+        body = {"model": MODEL, "messages": question, "stream": True, "stream_options": {"include_usage": True}}
+    else:
+        url, body = "/v1/responses", {"model": MODEL, "input": "q", "stream": True}
+    raw = b""
+    async with http.post(server.url + url, json=body, headers=headers) as resp:
+        async for chunk in resp.content.iter_any():
+            raw += chunk
+    data = sse_data(raw)
+    events = [json.loads(d) for d in data if d.startswith("{")]
+    if seen.kind == "chat":
+        seen.text = "".join(e["delta"] for e in events if e.get("type") == "text-delta")
+        seen.ended = any(e.get("type") == "finish" for e in events)
+    elif seen.kind == "messages":
+        seen.ended = any(e.get("type") == "message_stop" for e in events)
+    elif seen.kind == "completions":
+        seen.ended = data[-1:] == ["[DONE]"] and any(
+            c.get("finish_reason") for e in events for c in e.get("choices", [])
+        )
+    else:
+        seen.ended = any(e.get("type") == "response.completed" for e in events)
+
+
+async def load_until_killed(server: GatewayProcess, kill_after: float, ids: itertools.count[int]) -> list[Seen]:
+    """Twelve clients send requests of every kind back to back; the server is SIGKILLed ``kill_after`` seconds
+    after the first answer ended."""
+    seen: list[Seen] = []
+    stop = asyncio.Event()
+
+    async def client(n: int) -> None:
+        async with aiohttp.ClientSession() as http:
+            while not stop.is_set():
+                request = Seen(KINDS[n % len(KINDS)], f"c{next(ids)}")
+                seen.append(request)
+                try:
+                    await one_request(http, server, request)
+                except (TimeoutError, aiohttp.ClientError, ValueError):
+                    return  # the server died under it
+
+    clients = [asyncio.create_task(client(n)) for n in range(12)]
+    for _ in range(600):  # answers flow (the first calls of a fresh process are slow), then a random moment
+        if any(s.ended for s in seen):
+            break
+        await asyncio.sleep(0.05)
+    await asyncio.sleep(kill_after)
+    await server.kill()
+    stop.set()
+    await asyncio.wait_for(asyncio.gather(*clients), 30)
+    return seen
+
+
+async def records_when_settled(data_dir: Path, calls: int) -> list[dict[str, Any]]:
+    """The usage records once there are as many as calls (those a killed process left pending are posted at
+    the start; a few more seconds cannot make a missing one appear)."""
+    for _ in range(100):
+        records = list(UsageStore(data_dir).records_sync())
+        if len(records) >= calls:
+            break
+        await asyncio.sleep(0.1)
+    return records
+
+
+async def stored_messages(http: aiohttp.ClientSession, server: GatewayProcess, session_id: str) -> list[Any]:
+    async with http.get(f"{server.url}/api/sessions/{session_id}") as resp:
+        assert resp.status == 200, (session_id, resp.status, await resp.text())
+        return list((await resp.json())["session"]["messages"])
+
+
+async def test_sigkill_again_and_again_under_mixed_load(tmp_path: Path, fake_anthropic: fa.FakeAnthropic) -> None:
+    fake_anthropic.default = fa.text_response(ANSWER, chunks=10, usage={"input_tokens": INPUT}).with_delay(0.08)
+    rng = random.Random()
+    data_dir = tmp_path / "data"
+    server = GatewayProcess(data_dir, fake_anthropic.url)
+    ids = itertools.count()
+    everything: list[Seen] = []
+    try:
+        await server.start()
+        for round_ in range(ROUNDS):
+            seen = await load_until_killed(server, rng.uniform(0.0, 1.5), ids)
+            everything += seen
+            ended = [s for s in seen if s.ended]
+            assert ended and len(ended) < len(seen), (round_, len(ended), len(seen))  # the kill landed mid-load
+            await server.start()
+            calls = len(fake_anthropic.requests)
+            records = await records_when_settled(data_dir, calls)
+            assert len(records) == calls and len({r["id"] for r in records}) == calls, (round_, len(records), calls)
+            per_session: dict[str, list[dict[str, Any]]] = {}
+            for record in records:
+                per_session.setdefault(record["sessionId"], []).append(record)
+                if record["recovered"] and not record["answered"]:  # killed before message_start arrived
+                    assert record["inputTokens"] == record["outputTokens"] == 0, record
+                else:
+                    assert record["inputTokens"] == INPUT, record  # as reported, recovered or not
+            headers = {"Authorization": f"Bearer {server.token}"}
+            async with aiohttp.ClientSession(headers=headers) as http:
+                for s in everything:
+                    if s.ended:  # its answer stored, its one record made before the end went out
+                        (record,) = per_session[s.session_id]
+                        assert not record["recovered"] and record["outputTokens"] > 0, record
+                        if s.kind in ("ws", "chat"):
+                            messages = await stored_messages(http, server, s.session_id)
+                            assert [m["role"] for m in messages] == ["user", "assistant"], s
+                            assert s.text == ANSWER and messages[1]["content"] == ANSWER, s
+                    else:
+                        assert len(per_session.get(s.session_id, [])) <= 1, s
+        assert await server.terminate() == 0
+        assert not server.log_problems(), server.log_problems()
+    finally:
+        await server.aclose()
+
+    records = list(UsageStore(data_dir).records_sync())
+    assert len(records) == len(fake_anthropic.requests) and any(r["recovered"] for r in records)
+    assert {s.kind for s in everything if s.ended} == set(KINDS)
+    listing = SessionStore(data_dir).listing_sync(whole=True)
+    assert listing.damaged_files == []
+    env = {"AGENTSPACE_HOME": str(data_dir)}
+    report = CliRunner().invoke(cli, ["usage", "--by-session", "--json"], env=env)
+    assert report.exit_code == 0, report.output
+    total = json.loads(report.stdout)["grandTotal"]
+    assert total["requestCount"] == sum(r["answered"] is not False for r in records)
+    assert total["errorCount"] == sum(r["error"] is not None for r in records)
+    assert total["inputTokens"] == sum(r["inputTokens"] for r in records)
+    assert total["outputTokens"] == sum(r["outputTokens"] for r in records)
+    assert total["totalCost"] == pytest.approx(sum(r["totalCost"] for r in records))
+    doctor = CliRunner().invoke(cli, ["doctor"], env=env)
+    assert doctor.exit_code == 0 and "0 damaged" in doctor.output, doctor.output
