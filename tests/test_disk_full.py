@@ -10,6 +10,7 @@ import asyncio
 import errno
 import json
 import os
+import random
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,6 +21,7 @@ import pytest
 from click.testing import CliRunner
 
 from agentspace.cli import main as cli
+from agentspace.pending import RETRY_SECONDS
 from agentspace.storage import SessionStore, UsageStore
 from scripts.harness import GatewayProcess
 from tests.fakes import anthropic_upstream as fa
@@ -238,3 +240,61 @@ async def test_a_user_message_the_disk_refuses_refuses_the_turn_and_holds_nothin
     records_now = list(UsageStore(disk).records_sync())
     assert len(records_now) == len(fake_anthropic.requests)
     assert not SessionStore(disk).listing_sync(whole=True).damaged_files
+
+
+async def test_turns_on_a_full_disk_keep_every_session_in_order(disk: Path, fake_anthropic: fa.FakeAnthropic) -> None:
+    """Sixty turns of every size on a full disk, over the WebSocket and /api/chat in six sessions: each is
+    refused (STORAGE_ERROR; 503 before the stream, an error chunk after), or answered and stored now or by a
+    retry. Room again: every session reads as user and assistant messages in turn, every answer a client saw
+    end is stored, and every call the upstream received has exactly one usage record."""
+    rng = random.Random(1)
+    answer = "answer " * 30
+    fake_anthropic.default = fa.text_response(answer, chunks=5, usage={"input_tokens": 50})
+    server = GatewayProcess(disk, fake_anthropic.url)
+    try:
+        await server.start()
+        token = server.token
+        sessions = [(await ws_turn(server, token, "hello"))[0]["sessionId"] for _ in range(3)]
+        for n in range(3):
+            sessions.append(f"h{n}")
+            assert (await http_turn(server, token, f"h{n}", "hello"))[0] == 200
+        filler = fill(disk)
+        ended: dict[str, int] = {}
+        for i in range(60):
+            sid = sessions[3 * (i % 2) + rng.randrange(3)]
+            text = "y" * rng.choice([5, 50, 500, 1500, 3000])
+            if i % 2 == 0:
+                frames = await ws_turn(server, token, text, sid)
+                last = frames[-1]
+                assert last["type"] == "chat.stream.end" or last["code"] == "STORAGE_ERROR", last
+                if last["type"] == "chat.stream.end":
+                    ended[sid] = ended.get(sid, 0) + 1
+            else:
+                status, chunks = await http_turn(server, token, sid, text)
+                if status == 503:
+                    assert chunks[0]["error"]["code"] == "STORAGE_ERROR", chunks
+                elif chunks[-1]["type"] == "finish":
+                    ended[sid] = ended.get(sid, 0) + 1
+                else:
+                    assert status == 200 and chunks[-1]["type"] == "error", chunks[-1]
+                    assert "could not be stored" in chunks[-1]["errorText"], chunks[-1]
+        filler.unlink()
+        for _ in range(int(4 * RETRY_SECONDS / 0.2)):  # the writes kept in memory are retried every few seconds
+            stored = [await session_messages(server, sid) for sid in sessions]
+            records = list(UsageStore(disk).records_sync())
+            if len(records) == len(fake_anthropic.requests) and all(len(m) % 2 == 0 for m in stored):
+                break
+            await asyncio.sleep(0.2)
+        for sid in sessions:
+            messages = await session_messages(server, sid)
+            assert [m["role"] for m in messages] == ["user", "assistant"] * (len(messages) // 2), sid
+            answers = [m for m in messages[1::2] if "error" not in m]
+            assert all(m["content"] == answer for m in answers), sid
+            assert len(answers) >= 1 + ended.get(sid, 0), sid
+        assert await server.terminate() == 0
+    finally:
+        await server.aclose()
+    records = list(UsageStore(disk).records_sync())
+    assert len(records) == len({r["id"] for r in records}) == len(fake_anthropic.requests)
+    assert all(r["inputTokens"] == 50 for r in records)
+    assert "lost" not in server.log()
