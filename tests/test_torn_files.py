@@ -125,3 +125,62 @@ async def test_a_journal_with_garbage_and_a_torn_line_is_recovered_and_kept_asid
     log = server.log()
     assert "Traceback" not in log and str(aside) in log and "3 damaged line(s)" in log
     assert usage(data_dir)["grandTotal"]["requestCount"] == len(records)
+
+
+async def test_torn_and_damaged_session_and_usage_files(tmp_path: Path, fake_anthropic: fa.FakeAnthropic) -> None:
+    """A session file cut in the middle of its last line reads as it was before that write (a warning); one
+    with garbage in the middle is moved aside and refused as SESSION_DAMAGED, named in listings and by doctor;
+    a usage segment with garbage in the middle is named in the reports and moved aside by the writer, which goes
+    on in a fresh segment that the reports count."""
+    fake_anthropic.default = fa.text_response("fine", usage={"input_tokens": 55})
+    data_dir = tmp_path / "data"
+    server = GatewayProcess(data_dir, fake_anthropic.url)
+    try:
+        await server.start()
+        torn = (await ws_turn(server, "hello torn"))[0]["sessionId"]
+        await ws_turn(server, "more", torn)
+        damaged = (await ws_turn(server, "hello damaged"))[0]["sessionId"]
+        await ws_turn(server, "more", damaged)
+        whole = (await ws_turn(server, "hello whole"))[0]["sessionId"]
+        assert await server.terminate() == 0
+    finally:
+        await server.aclose()
+    cut_mid_line(data_dir / "sessions" / f"{torn}.jsonl")
+    garbage_in_the_middle(data_dir / "sessions" / f"{damaged}.jsonl")
+    (segment,) = (data_dir / "usage").glob("*/*.jsonl")
+    garbage_in_the_middle(segment)
+
+    server = GatewayProcess(data_dir, fake_anthropic.url)
+    try:
+        await server.start()
+        async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {server.token}"}) as http:
+            async with http.get(f"{server.url}/api/sessions/{torn}") as resp:
+                roles = [m["role"] for m in (await resp.json())["session"]["messages"]]
+                assert roles == ["user", "assistant", "user"]  # the write cut in the middle is not there
+            async with http.get(f"{server.url}/api/sessions/{damaged}") as resp:
+                assert resp.status == 409 and (await resp.json())["error"]["code"] == "SESSION_DAMAGED"
+            async with http.get(f"{server.url}/api/sessions") as resp:
+                listing = await resp.json()
+            assert {s["id"] for s in listing["sessions"]} == {torn, whole}
+            (moved,) = listing["damagedFiles"]
+            assert Path(moved).name.startswith(f"{damaged}.jsonl.damaged-")
+            async with http.get(f"{server.url}/api/usage") as resp:
+                assert (await resp.json())["damagedFiles"] == [str(segment)]
+            for sid in (torn, whole):
+                assert (await ws_turn(server, "again", sid))[-1]["type"] == "chat.stream.end"
+            assert (await ws_turn(server, "again", damaged))[-1]["code"] == "SESSION_DAMAGED"
+            async with http.get(f"{server.url}/api/usage") as resp:
+                report = await resp.json()
+        assert await server.terminate() == 0
+    finally:
+        await server.aclose()
+    (aside,) = segment.parent.glob("*.damaged-*")
+    assert report["grandTotal"]["requestCount"] == 2 and report["damagedFiles"] == [str(aside)]
+    assert usage(data_dir)["grandTotal"]["requestCount"] == 2
+    log = server.log()
+    assert "cut off" in log and f"moved aside to {moved}" in log and f"moved aside to {aside}" in log
+    doctor = CliRunner().invoke(cli, ["doctor"], env={"AGENTSPACE_HOME": str(data_dir)})
+    assert doctor.exit_code == 1 and moved in doctor.output and str(aside) in doctor.output
+    assert (
+        "sessions: 2 readable, 1 damaged" in doctor.output and "usage: 2 records readable, 1 damaged" in doctor.output
+    )
