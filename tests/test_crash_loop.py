@@ -189,6 +189,7 @@ async def test_sigkill_again_and_again_under_mixed_load(tmp_path: Path, fake_ant
 
     records = list(UsageStore(data_dir).records_sync())
     assert len(records) == len(fake_anthropic.requests) and any(r["recovered"] for r in records)
+    assert list((data_dir / "ledger").iterdir()) == []  # every dead journal posted and removed, and its own
     assert {s.kind for s in everything if s.ended} == set(KINDS)
     listing = SessionStore(data_dir).listing_sync(whole=True)
     assert listing.damaged_files == []

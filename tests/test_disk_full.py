@@ -298,3 +298,34 @@ async def test_turns_on_a_full_disk_keep_every_session_in_order(disk: Path, fake
     assert len(records) == len({r["id"] for r in records}) == len(fake_anthropic.requests)
     assert all(r["inputTokens"] == 50 for r in records)
     assert "lost" not in server.log()
+
+
+async def test_a_start_on_a_full_disk_posts_the_killed_calls_once_there_is_room(
+    disk: Path, fake_anthropic: fa.FakeAnthropic
+) -> None:
+    """Killed mid-answer, then started again on a disk with no room: the server starts, and the calls the
+    killed process left pending are posted once there is room; a later start posts none of them again."""
+    fake_anthropic.default = fa.text_response("slow " * 10, chunks=10, usage={"input_tokens": 77}).with_delay(1.0)
+    server = GatewayProcess(disk, fake_anthropic.url)
+    try:
+        await server.start()
+        flying = [asyncio.create_task(messages_call(server, stream=True)) for _ in range(3)]
+        while len(fake_anthropic.requests) < 3:
+            await asyncio.sleep(0.02)
+        await asyncio.sleep(0.5)  # message_start relayed and noted
+        await server.kill()
+        await asyncio.gather(*flying, return_exceptions=True)
+        filler = fill(disk)
+        await server.start()
+        assert list(UsageStore(disk).records_sync()) == []
+        filler.unlink()
+        records = await stored_records(disk, 3)
+        assert await server.terminate() == 0
+        await server.start()  # and once more: nothing posted twice
+        await asyncio.sleep(1)
+        assert await server.terminate() == 0
+    finally:
+        await server.aclose()
+    again = list(UsageStore(disk).records_sync())
+    assert len(records) == len(again) == 3 and len({r["id"] for r in again}) == 3
+    assert all(r["recovered"] and r["inputTokens"] == 77 for r in again)

@@ -125,6 +125,9 @@ async def test_a_journal_with_garbage_and_a_torn_line_is_recovered_and_kept_asid
     log = server.log()
     assert "Traceback" not in log and str(aside) in log and "3 damaged line(s)" in log
     assert usage(data_dir)["grandTotal"]["requestCount"] == len(records)
+    doctor = CliRunner().invoke(cli, ["doctor"], env={"AGENTSPACE_HOME": str(data_dir)})
+    assert doctor.exit_code == 1 and "ledger: 0 journal(s), 1 damaged" in doctor.output
+    assert f"{aside}: damaged ledger journal" in doctor.output
 
 
 async def test_torn_and_damaged_session_and_usage_files(tmp_path: Path, fake_anthropic: fa.FakeAnthropic) -> None:
