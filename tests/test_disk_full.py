@@ -23,6 +23,9 @@ from click.testing import CliRunner
 from agentspace.cli import main as cli
 from agentspace.pending import RETRY_SECONDS
 from agentspace.storage import SessionStore, UsageStore
+from agentspace.storage import ledger as ledger_module
+from agentspace.storage.ledger import Ledger, read_journal
+from agentspace.types import now_iso
 from scripts.harness import GatewayProcess
 from tests.fakes import anthropic_upstream as fa
 
@@ -329,3 +332,25 @@ async def test_a_start_on_a_full_disk_posts_the_killed_calls_once_there_is_room(
     again = list(UsageStore(disk).records_sync())
     assert len(records) == len(again) == 3 and len({r["id"] for r in again}) == 3
     assert all(r["recovered"] and r["inputTokens"] == 77 for r in again)
+
+
+async def test_a_rotation_the_disk_refuses_keeps_the_journal(disk: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A journal due for its rotation on a full disk: the fresh journal cannot be written, so the call waiting
+    for it is refused, and the old journal, with the calls still open, stays where the next start reads it."""
+    monkeypatch.setattr(ledger_module, "ROTATE_BYTES", 500)  # rotated after a few entries, not 4 MiB
+    ledger = Ledger(disk)
+    for n in range(10):
+        await ledger.pending({"id": f"usage_{n}", "time": now_iso(), "model": "m", "inputTokens": 1})
+    filler = fill(disk)
+    with pytest.raises(OSError):
+        await ledger.pending({"id": "usage_refused", "time": now_iso(), "model": "m", "inputTokens": 1})
+    (journal,) = (disk / "ledger").glob("journal-*.jsonl")
+    assert [e["id"] for e in read_journal(journal)] == [f"usage_{n}" for n in range(10)]
+    filler.unlink()
+    await ledger.pending({"id": "usage_later", "time": now_iso(), "model": "m", "inputTokens": 1})  # rotated now
+    (rotated,) = (disk / "ledger").glob("journal-*.jsonl")
+    assert rotated != journal and [e["id"] for e in read_journal(rotated)] == [
+        *(f"usage_{n}" for n in range(10)),
+        "usage_later",
+    ]
+    await ledger.aclose()
