@@ -215,11 +215,20 @@ class Ledger:
     def _new_file(self) -> tuple[Path, int]:
         assert self.dir is not None
         self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        path = self.dir / f"journal-{os.getpid()}-{os.urandom(4).hex()}.jsonl"
-        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_EXCL, 0o600)
-        if fcntl is not None:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # held while this process lives
-        return path, fd
+        name = f"journal-{os.getpid()}-{os.urandom(4).hex()}.jsonl"
+        # Created under another name and locked before it takes its own: a replica starting meanwhile (serve
+        # --workers) would otherwise find it unlocked, take it for a dead process's and remove it.
+        creating = self.dir / f".{name}.creating"
+        fd = os.open(creating, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            if fcntl is not None:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # held while this process lives
+            os.rename(creating, self.dir / name)
+        except BaseException:
+            os.close(fd)
+            creating.unlink(missing_ok=True)
+            raise
+        return self.dir / name, fd
 
     def _write(self, data: bytes, sync: bool, rotate: bytes | None) -> None:
         if rotate is not None and self._fd is not None:
