@@ -354,3 +354,50 @@ async def test_a_rotation_the_disk_refuses_keeps_the_journal(disk: Path, monkeyp
         "usage_later",
     ]
     await ledger.aclose()
+
+
+async def test_killed_with_writes_waiting_for_room_every_call_is_posted_once(
+    disk: Path, fake_anthropic: fa.FakeAnthropic
+) -> None:
+    """Turns and /v1 calls on a full disk leave answers and records waiting in memory for a retry; the server is
+    killed before there is room. Started again with room: every call the upstream received has exactly one
+    record, every session reads whole and in turn, and doctor finds nothing damaged."""
+    rng = random.Random(7)
+    fake_anthropic.default = fa.text_response("answer " * 30, chunks=5, usage={"input_tokens": 50})
+    server = GatewayProcess(disk, fake_anthropic.url)
+    try:
+        await server.start()
+        token = server.token
+        sessions = [(await ws_turn(server, token, "hello"))[0]["sessionId"] for _ in range(3)]
+        filler = fill(disk)
+        for i in range(30):
+            if i % 3 == 0:  # a little room now and then: some writes fit, some do not, some in part
+                os.truncate(filler, filler.stat().st_size - 8192)
+            size = rng.choice([5, 50, 500, 3000])
+            if i % 3 == 0:
+                await messages_call(server, "m" * size, stream=bool(i % 2))
+            elif i % 3 == 1:
+                await ws_turn(server, token, "y" * size, rng.choice(sessions))
+            else:
+                await http_turn(server, token, f"h{rng.randrange(3)}", "z" * size)
+        assert len(fake_anthropic.requests) > 3 + 10  # many calls went out while the disk was (almost) full
+        await server.kill()
+        filler.unlink()
+        await server.start()
+        records = await stored_records(disk, len(fake_anthropic.requests))
+        headers = {"Authorization": f"Bearer {server.token}"}
+        async with aiohttp.ClientSession(headers=headers) as http, http.get(f"{server.url}/api/sessions") as resp:
+            listing = await resp.json()
+        assert await server.terminate() == 0
+    finally:
+        await server.aclose()
+    assert len(records) == len({r["id"] for r in records}) == len(fake_anthropic.requests)
+    assert all(r["inputTokens"] == 50 or (r["recovered"] and not r["answered"]) for r in records), records
+    assert listing["damagedFiles"] == []
+    for summary in listing["sessions"]:
+        messages = SessionStore(disk).get_sync(summary["id"])
+        assert messages is not None
+        roles = [m["role"] for m in messages["messages"]]
+        assert all(a != b or a == "user" for a, b in zip(roles, roles[1:])), (summary["id"], roles)
+    doctor = CliRunner().invoke(cli, ["doctor"], env={"AGENTSPACE_HOME": str(disk)})
+    assert doctor.exit_code == 0, doctor.output
