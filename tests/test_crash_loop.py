@@ -1,7 +1,7 @@
 """A crash loop, tried from outside: a real ``agentspace serve`` under mixed concurrent load (the WebSocket,
 ``/api/chat``, ``/v1/messages``, ``/v1/chat/completions`` and ``/v1/responses``, all streaming from a fake
 Anthropic upstream that paces its deltas, so that answers are in flight) is SIGKILLed at random moments and
-restarted on the same data directory, several times in a row. After each restart: every answer a client saw
+restarted on the same data directory (and killed once more while it starts), several times in a row. After each restart: every answer a client saw
 end is stored and readable, every request the upstream received has exactly one usage record (recovered ones
 with the input the upstream reported), and at the end the reports equal a scan of the records and
 ``agentspace doctor`` finds no damage.
@@ -12,6 +12,7 @@ with the input the upstream reported), and at the end the reports equal a scan o
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import json
 import random
@@ -159,6 +160,10 @@ async def test_sigkill_again_and_again_under_mixed_load(tmp_path: Path, fake_ant
             everything += seen
             ended = [s for s in seen if s.ended]
             assert ended and len(ended) < len(seen), (round_, len(ended), len(seen))  # the kill landed mid-load
+            # Killed again while it starts (recovering what the last one left pending, or just listening).
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(server.start(), rng.uniform(0.2, 1.5))
+            await server.kill()
             await server.start()
             calls = len(fake_anthropic.requests)
             records = await records_when_settled(data_dir, calls)
