@@ -1,8 +1,8 @@
 """``agentspace doctor``: check every store file and the secrets files, and say what is wrong.
 
 Reads only (it works while the server runs, and moves nothing): every session file and usage segment must
-parse, damaged files moved aside earlier (ledger journals too) are listed, and ``keys.json`` and ``gateway-token`` must be
-readable, parseable and private (mode 0600). Exits 1 when anything is wrong.
+parse, damaged files moved aside earlier (ledger journals too) are listed, and ``keys.json`` and
+``gateway-token`` must be readable, parseable and private (mode 0600). Exits 1 when anything is wrong.
 """
 
 from __future__ import annotations
