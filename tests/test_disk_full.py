@@ -401,3 +401,48 @@ async def test_killed_with_writes_waiting_for_room_every_call_is_posted_once(
         assert all(a != b or a == "user" for a, b in zip(roles, roles[1:])), (summary["id"], roles)
     doctor = CliRunner().invoke(cli, ["doctor"], env={"AGENTSPACE_HOME": str(disk)})
     assert doctor.exit_code == 0, doctor.output
+
+
+async def client_spend(server: GatewayProcess, name: str) -> float:
+    headers = {"Authorization": f"Bearer {server.token}"}
+    async with aiohttp.ClientSession(headers=headers) as http, http.get(f"{server.url}/api/clients/{name}") as resp:
+        return float((await resp.json())["client"]["spend"]["usd"])
+
+
+async def test_a_budget_on_an_almost_full_disk_counts_what_the_records_say(
+    disk: Path, fake_anthropic: fa.FakeAnthropic
+) -> None:
+    """A budgeted client's turns on a disk with a little room now and then: answered, refused, or answered and
+    stored by a retry. Room again: the client's spend is the sum of its records, and it spends on up to its
+    budget, no further (nothing held, nothing counted twice)."""
+    fake_anthropic.default = fa.text_response("answer " * 300, chunks=5, usage={"input_tokens": 5000})
+    env = {"AGENTSPACE_HOME": str(disk)}
+    added = CliRunner().invoke(cli, ["clients", "add", "team", "--budget", "0.2", "--period", "total"], env=env)
+    assert added.exit_code == 0, added.output
+    key = added.stdout.strip()
+    server = GatewayProcess(disk, fake_anthropic.url)
+    try:
+        await server.start()
+        filler = fill(disk)
+        outcomes = []
+        for i in range(12):
+            if i % 2 == 0:  # a little room now and then
+                os.truncate(filler, filler.stat().st_size - 8192)
+            frames = await ws_turn(server, key, "q")
+            outcomes.append(frames[-1].get("code") or frames[-1]["type"])
+        assert set(outcomes) == {"chat.stream.end", "STORAGE_ERROR"}, outcomes
+        filler.unlink()
+        records = await stored_records(disk, len(fake_anthropic.requests))
+        assert await client_spend(server, "team") == pytest.approx(sum(r["totalCost"] for r in records))
+        while (await ws_turn(server, key, "q"))[-1]["type"] == "chat.stream.end":
+            assert len(fake_anthropic.requests) < 30
+        records = list(UsageStore(disk).records_sync())
+        spend = await client_spend(server, "team")
+        assert await server.terminate() == 0
+    finally:
+        await server.aclose()
+    assert len(records) == len(fake_anthropic.requests)
+    assert spend == pytest.approx(sum(r["totalCost"] for r in records))
+    per_turn = records[0]["totalCost"]
+    # Refused once the next turn's reservation (its 4096 output tokens at least) would pass the budget.
+    assert 0.2 - 0.0615 - per_turn < spend <= 0.2 - 0.0615 + per_turn, (spend, per_turn)
