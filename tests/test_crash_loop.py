@@ -6,7 +6,8 @@ end is stored and readable, every request the upstream received has exactly one 
 with the input the upstream reported), and at the end the reports equal a scan of the records and
 ``agentspace doctor`` finds no damage.
 
-``scripts/crash_test.py`` is the longer soak of the same kind.
+The longer soak: ``python -m tests.test_crash_loop --rounds 30`` (``scripts/crash_test.py`` is another, over
+the WebSocket and ``/api/chat`` with an upstream that fails now and then).
 """
 
 from __future__ import annotations
@@ -147,15 +148,19 @@ async def stored_messages(http: aiohttp.ClientSession, server: GatewayProcess, s
 
 
 async def test_sigkill_again_and_again_under_mixed_load(tmp_path: Path, fake_anthropic: fa.FakeAnthropic) -> None:
+    await crash_loop(tmp_path, fake_anthropic, ROUNDS, random.Random())
+
+
+async def crash_loop(tmp_path: Path, fake_anthropic: fa.FakeAnthropic, rounds: int, rng: random.Random) -> None:
+    """``rounds`` kills and restarts, the invariants checked after each restart and at the end."""
     fake_anthropic.default = fa.text_response(ANSWER, chunks=10, usage={"input_tokens": INPUT}).with_delay(0.08)
-    rng = random.Random()
     data_dir = tmp_path / "data"
     server = GatewayProcess(data_dir, fake_anthropic.url)
     ids = itertools.count()
     everything: list[Seen] = []
     try:
         await server.start()
-        for round_ in range(ROUNDS):
+        for round_ in range(rounds):
             seen = await load_until_killed(server, rng.uniform(0.0, 1.5), ids)
             everything += seen
             ended = [s for s in seen if s.ended]
@@ -209,3 +214,22 @@ async def test_sigkill_again_and_again_under_mixed_load(tmp_path: Path, fake_ant
     assert total["totalCost"] == pytest.approx(sum(r["totalCost"] for r in records))
     doctor = CliRunner().invoke(cli, ["doctor"], env=env)
     assert doctor.exit_code == 0 and "0 damaged" in doctor.output, doctor.output
+
+
+async def _soak(rounds: int, seed: int | None) -> None:
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="agentspace-crash-loop-") as work:
+        async with fa.started_fake_anthropic() as fake:
+            await crash_loop(Path(work), fake, rounds, random.Random(seed))
+    print(f"{rounds} rounds: every invariant held")
+
+
+if __name__ == "__main__":  # the longer soak: python -m tests.test_crash_loop --rounds 30 [--seed N]
+    import argparse
+
+    parser = argparse.ArgumentParser(description="SIGKILL serve again and again under mixed load")
+    parser.add_argument("--rounds", type=int, default=30)
+    parser.add_argument("--seed", type=int)
+    arguments = parser.parse_args()
+    asyncio.run(_soak(arguments.rounds, arguments.seed))
