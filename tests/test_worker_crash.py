@@ -45,16 +45,22 @@ async def start_workers(layout: GatewayProcess) -> tuple[asyncio.subprocess.Proc
             stdout=asyncio.subprocess.PIPE, stderr=log, env=child_env(layout.data_dir), cwd=ROOT,
         )  # fmt: skip
     assert process.stdout is not None
-    urls = []
-    while len(urls) < 2:
-        try:
-            line = await asyncio.wait_for(process.stdout.readline(), 60)
-        except TimeoutError:
-            raise AssertionError(f"the workers did not start: {urls}\n{layout.log()[-5000:]}") from None
-        assert line, layout.log()[-3000:]
-        if b"listening on" in line:
-            urls.append(line.split()[3].decode())
-    assert len(set(urls)) == 1
+    urls: list[str] = []
+    lines: list[bytes] = []
+    try:
+        while len(urls) < 2:
+            try:
+                line = await asyncio.wait_for(process.stdout.readline(), 60)
+            except TimeoutError:
+                raise AssertionError(f"the workers did not start: {lines}\n{layout.log()[-5000:]}") from None
+            assert line, layout.log()[-3000:]
+            lines.append(line)
+            if b"listening on" in line:
+                urls.append(line.split()[3].decode())
+        assert len(set(urls)) == 1
+    except BaseException:
+        await stop(process)  # SIGTERM: the supervisor passes it on, no worker is left behind
+        raise
     return process, urls[0]
 
 
