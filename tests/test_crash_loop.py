@@ -207,6 +207,10 @@ async def crash_loop(tmp_path: Path, fake_anthropic: fa.FakeAnthropic, rounds: i
                             assert s.text == ANSWER and messages[1]["content"] == ANSWER, s
                     else:
                         assert len(per_session.get(s.session_id, [])) <= 1, s
+                    if s.kind in ("ws", "chat") and s.session_id in received:
+                        # Its user message was durable before the provider was called.
+                        messages = await stored_messages(http, server, s.session_id)
+                        assert messages[0]["role"] == "user" and messages[0]["content"] == f"q {s.tag}", s
         assert await server.terminate() == 0
         assert not server.log_problems(), server.log_problems()
     finally:
