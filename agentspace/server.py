@@ -241,6 +241,11 @@ async def _serve(config: Config, host: str, port: int, reuse_port: bool = False)
         bound = listener.sockets[0].getsockname() if listener.sockets else (host, port)
         shown_host = f"[{bound[0]}]" if ":" in str(bound[0]) else bound[0]
         url = f"http://{shown_host}:{bound[1]}"
+        # Before the banner: whoever waits for it may stop the server at once, and gets a graceful shutdown.
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
         # `agentspace chat` and `ask` dial the address this data directory's server last announced: written
         # before the banner, so that whoever waits for the banner finds it.
         with contextlib.suppress(OSError):
@@ -253,10 +258,6 @@ async def _serve(config: Config, host: str, port: int, reuse_port: bool = False)
             source = Path(config.source)
             with_config = f" --config {shlex.quote(str(source.resolve()))}" if source.is_file() else ""
             print(f"Clients need the gateway token: run `agentspace token{with_config}`.", flush=True)
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
         await stop.wait()
         print("agentspace shutting down", file=sys.stderr, flush=True)
         listener.close()  # refuse new connections; open ones keep working through the grace period

@@ -1,8 +1,8 @@
 """``agentspace doctor``: check every store file and the secrets files, and say what is wrong.
 
 Reads only (it works while the server runs, and moves nothing): every session file and usage segment must
-parse, damaged files moved aside earlier are listed, and ``keys.json`` and ``gateway-token`` must be
-readable, parseable and private (mode 0600). Exits 1 when anything is wrong.
+parse, damaged files moved aside earlier (ledger journals too) are listed, and ``keys.json`` and
+``gateway-token`` must be readable, parseable and private (mode 0600). Exits 1 when anything is wrong.
 """
 
 from __future__ import annotations
@@ -76,6 +76,7 @@ def _check_token(path: Path) -> list[str]:
 def doctor(state: CliState) -> None:
     """Check the stores and the secrets files; exit 1 when something is wrong."""
     from ..gateway_token import token_path
+    from ..storage.atomic import is_damaged_copy
     from ..storage.embedded.sessions import SessionStore
     from ..storage.embedded.usage import UsageStore
     from ..vault import KEYS_FILE
@@ -91,6 +92,15 @@ def doctor(state: CliState) -> None:
     count = sum(1 for _ in UsageStore(data_dir).records_sync(damaged=damaged))
     problems += [f"{path}: damaged usage segment (kept for inspection; not counted)" for path in damaged]
     click.echo(f"usage: {count:,} records readable, {len(damaged)} damaged files")
+
+    # A journal is a running server's, or a stopped one's that the next start posts; a damaged one was moved
+    # aside by a start that posted what it still showed.
+    ledger = sorted((data_dir / "ledger").glob("journal-*")) if (data_dir / "ledger").is_dir() else []
+    aside = [path for path in ledger if is_damaged_copy(path.name)]
+    problems += [
+        f"{path}: damaged ledger journal (kept for inspection; the calls it showed were posted)" for path in aside
+    ]
+    click.echo(f"ledger: {len(ledger) - len(aside)} journal(s), {len(aside)} damaged")
 
     secrets = _check_keys(data_dir / KEYS_FILE) + _check_token(token_path(data_dir))
     problems += secrets

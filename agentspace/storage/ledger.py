@@ -16,12 +16,15 @@ with an exclusive ``flock`` while the process lives; one JSON line per event:
 
 At start-up, every journal no live process holds (its lock is free) is read back: each entry still pending
 whose record is not in the usage store is posted from what was noted (``calls.recovered_record``), then the
-journal is deleted. A journal grown past ``ROTATE_BYTES`` is rewritten with the entries still open.
+journal is deleted (moved aside when lines of it were damaged from outside, after posting what it still shows).
+A journal grown past ``ROTATE_BYTES`` is rewritten with the entries still open; a write the disk refused is
+cut back, so that the next line is not glued to a torn one.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -34,6 +37,8 @@ try:
     import fcntl
 except ImportError:  # Windows: journals are not shared by processes there (no `serve --workers`)
     fcntl = None  # type: ignore[assignment]
+
+from .atomic import StoreCorrupt, fsync_dir, move_aside
 
 if TYPE_CHECKING:
     from ..limits import Guard
@@ -207,36 +212,58 @@ class Ledger:
         """The open entries with what was noted and spooled, as the first lines of a fresh journal."""
         return b"".join(_line({"event": "pending", **entry}) for entry in self._open.values())
 
-    def _open_file(self) -> None:
+    def _new_file(self) -> tuple[Path, int]:
         assert self.dir is not None
         self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        path = self.dir / f"journal-{os.getpid()}-{os.urandom(4).hex()}.jsonl"
-        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_EXCL, 0o600)
-        if fcntl is not None:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # held while this process lives
-        old_fd, old_path = self._fd, self.path
-        self._fd, self.path, self._size = fd, path, 0
-        if old_fd is not None:
-            os.close(old_fd)
-        if old_path is not None:
-            old_path.unlink(missing_ok=True)
+        name = f"journal-{os.getpid()}-{os.urandom(4).hex()}.jsonl"
+        # Created under another name and locked before it takes its own: a replica starting meanwhile (serve
+        # --workers) would otherwise find it unlocked, take it for a dead process's and remove it.
+        creating = self.dir / f".{name}.creating"
+        fd = os.open(creating, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            if fcntl is not None:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # held while this process lives
+            os.rename(creating, self.dir / name)
+        except BaseException:
+            os.close(fd)
+            creating.unlink(missing_ok=True)
+            raise
+        return self.dir / name, fd
 
     def _write(self, data: bytes, sync: bool, rotate: bytes | None) -> None:
         if rotate is not None and self._fd is not None:
-            # Reopen: the open entries first, then this batch; the old journal goes once the new one is synced.
-            self._open_file()
-            data = rotate + data
-            sync = True
+            self._rotate(rotate + data)
+            return
         if self._fd is None:
-            self._open_file()
-        assert self._fd is not None
-        view = memoryview(data)
-        while view:
-            written = os.write(self._fd, view)
-            view = view[written:]
+            self.path, self._fd = self._new_file()
+            self._size = 0
+        try:
+            _append(self._fd, data, sync)
+        except BaseException:
+            # Cut back what part of the batch reached the file (a full disk takes what fits): the next line
+            # would be glued to the torn one, and the call it writes ahead lost to the recovery.
+            with contextlib.suppress(OSError):
+                os.ftruncate(self._fd, self._size)
+            raise
         self._size += len(data)
-        if sync:
-            (getattr(os, "fdatasync", None) or os.fsync)(self._fd)
+
+    def _rotate(self, data: bytes) -> None:
+        """A fresh journal: the open entries first, then this batch. The old one goes once the new one is
+        synced; a new one that cannot be written is removed and the old one kept."""
+        path, fd = self._new_file()
+        try:
+            _append(fd, data, True)
+        except BaseException:
+            os.close(fd)
+            path.unlink(missing_ok=True)
+            raise
+        fsync_dir(path.parent)
+        old_fd, old_path = self._fd, self.path
+        self._fd, self.path, self._size = fd, path, len(data)
+        if old_path is not None:
+            old_path.unlink(missing_ok=True)  # under its lock still: no other process recovers it meanwhile
+        if old_fd is not None:
+            os.close(old_fd)
 
     async def aclose(self) -> None:
         """At shutdown, after the calls: write what is left; a journal with nothing open is removed."""
@@ -262,20 +289,37 @@ class Ledger:
                 self.path.unlink(missing_ok=True)
 
 
+def _append(fd: int, data: bytes, sync: bool) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+    if sync:
+        (getattr(os, "fdatasync", None) or os.fsync)(fd)
+
+
 # --- recovery -----------------------------------------------------------------------------------
 
 
-def read_journal(path: Path) -> list[dict[str, Any]]:
-    """The entries of a journal still pending at its end, each with its notes; a torn last line is skipped."""
+def read_journal(path: Path, damaged: list[int] | None = None) -> list[dict[str, Any]]:
+    """The entries of a journal still pending at its end, each with its notes; a torn last line is skipped.
+    A complete line that is no event was damaged from outside: skipped, its number added to ``damaged``."""
     entries: dict[str, dict[str, Any]] = {}
     with path.open("rb") as f:
-        for raw in f:
+        for number, raw in enumerate(f, 1):
             try:
                 event = json.loads(raw)
             except ValueError:
-                continue  # a line cut by the crash: written after the last sync, so no call went out on it
+                event = None
+            if not isinstance(event, dict):
+                # A line cut by the crash (no newline: written after the last sync, so no call went out on it),
+                # or damage.
+                if raw.endswith(b"\n") and damaged is not None:
+                    damaged.append(number)
+                continue
             kind, entry_id = event.pop("event", None), event.get("id")
             if not isinstance(entry_id, str):
+                if damaged is not None:
+                    damaged.append(number)
                 continue
             if kind == "pending":
                 entries[entry_id] = event
@@ -368,7 +412,8 @@ async def recover(gw: G, make_record: Callable[[G, dict[str, Any]], Any]) -> int
     posted = 0
     for path, fd in claimed:
         try:
-            entries = await loop.run_in_executor(None, read_journal, path)
+            damaged: list[int] = []
+            entries = await loop.run_in_executor(None, read_journal, path, damaged)
             stored: dict[Any, dict[str, Any]] = {}
             since = _since(entries)
             if entries:
@@ -377,7 +422,12 @@ async def recover(gw: G, make_record: Callable[[G, dict[str, Any]], Any]) -> int
             for entry in entries:
                 if entry.get("id") in stored and not await _replaces_an_estimate(gw, entry, stored, since):
                     continue  # recorded; the process died before it wrote `closed`
-                record = make_record(gw, entry)
+                try:
+                    record = make_record(gw, entry)
+                except (KeyError, TypeError, ValueError) as e:  # an entry damaged from outside: the others go on
+                    log.error("the ledger journal %s holds an entry that cannot be posted (%r): %s", path, e, entry)
+                    damaged.append(0)
+                    continue
                 # A spooled record was settled in the client's counters when its call ended (in Redis, shared
                 # by the replicas, that spend is still counted): posted now, it is not counted again.
                 spooled = isinstance(entry.get("record"), dict)
@@ -391,7 +441,12 @@ async def recover(gw: G, make_record: Callable[[G, dict[str, Any]], Any]) -> int
                     record.model,
                     record.client,
                 )
-            if complete:
+            if complete and damaged:
+                # Posted what could be read; the journal is kept for inspection, not read again.
+                await loop.run_in_executor(
+                    None, move_aside, StoreCorrupt(path, f"{len(damaged)} damaged line(s) or entries skipped")
+                )
+            elif complete:
                 path.unlink(missing_ok=True)
         except Exception:
             log.exception("recovering the ledger journal %s failed; it is kept", path.name)
