@@ -17,22 +17,14 @@ from click.testing import CliRunner
 from agentspace.cli import main as cli
 from agentspace.storage import UsageStore
 from scripts.harness import GatewayProcess
+from tests import test_disk_full as disk_full
 from tests.fakes import anthropic_upstream as fa
 
 GARBAGE = b"\x00\xff garbage from outside \x13\n"
 
 
 async def ws_turn(server: GatewayProcess, content: str, session_id: str | None = None) -> list[dict[str, Any]]:
-    frame: dict[str, Any] = {"type": "chat.send", "id": "r", "content": content}
-    if session_id is not None:
-        frame["sessionId"] = session_id
-    headers = {"Authorization": f"Bearer {server.token}"}
-    async with aiohttp.ClientSession() as http, http.ws_connect(server.ws_url, headers=headers) as ws:
-        await ws.send_json(frame)
-        frames: list[dict[str, Any]] = []
-        while not frames or frames[-1]["type"] not in ("chat.stream.end", "error"):
-            frames.append(json.loads((await ws.receive(timeout=30)).data))
-    return frames
+    return await disk_full.ws_turn(server, server.token, content, session_id)
 
 
 async def killed_mid_call(server: GatewayProcess, fake: fa.FakeAnthropic, session_id: str) -> None:

@@ -11,29 +11,19 @@ import os
 import signal
 import sys
 from pathlib import Path
-from typing import Any
 
 import aiohttp
 import pytest
 from click.testing import CliRunner
 
 from agentspace.cli import main as cli
-from agentspace.storage.postgres import PostgresDatabase
 from scripts.harness import ROOT, GatewayProcess, child_env
 from tests.fakes import anthropic_upstream as fa
 from tests.scale_servers import TOKEN, Redis, flush_redis
+from tests.test_replicas import recorded
 
 HEADERS = {"Authorization": f"Bearer {TOKEN}", "anthropic-version": "2023-06-01"}
 MODEL = "anthropic/claude-sonnet-4-5"
-
-
-async def recorded(dsn: str) -> list[dict[str, Any]]:
-    db = PostgresDatabase(dsn)
-    try:
-        async with db.connection() as conn:
-            return [json.loads(r["record"]) for r in await conn.fetch("SELECT record FROM usage_records")]
-    finally:
-        await db.aclose()
 
 
 async def start_workers(layout: GatewayProcess) -> tuple[asyncio.subprocess.Process, str]:
