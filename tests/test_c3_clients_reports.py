@@ -108,3 +108,61 @@ async def test_cli_changes_made_while_the_server_notes_last_uses_all_hold(tmp_pa
     finally:
         stop.set()
         await gateway.aclose()
+
+
+# --- 3. doctor, usage and clients against the data directory a running server holds ----------------
+
+
+def files_of(data: Path, *skip: str) -> dict[str, bytes]:
+    """Every file of the data directory (but those under ``skip``) with its bytes."""
+    return {
+        str(p.relative_to(data)): p.read_bytes()
+        for p in sorted(data.rglob("*"))
+        if p.is_file() and not any(str(p.relative_to(data)).startswith(s) for s in skip)
+    }
+
+
+async def test_doctor_names_a_clients_file_the_server_cannot_use_and_changes_nothing(
+    tmp_path: Path, fake_anthropic: Any
+) -> None:
+    gateway = GatewayProcess(tmp_path / "data", fake_anthropic.url)
+    await gateway.start()
+    data = gateway.data_dir
+    clients_file = data / "clients.json"
+    try:
+        keys = [(await run_cli(data, "clients", "add", name)).stdout.strip() for name in ("ann", "bob")]
+        async with aiohttp.ClientSession() as session:
+            assert [await status_with(session, gateway.url, key) for key in keys] == [200, 200]
+            await asyncio.sleep(0.3)  # the last uses written
+            doctor = await run_cli(data, "doctor")
+            assert doctor.exit_code == 0, doctor.output
+            assert "clients: 2 readable" in doctor.output
+
+            # Writable by others: the server admits no client key; doctor says so, and why.
+            clients_file.chmod(0o666)
+            before = files_of(data)
+            assert await status_with(session, gateway.url, keys[0]) == 401
+            doctor = await run_cli(data, "doctor")
+            assert doctor.exit_code == 1, doctor.output
+            assert f"{clients_file}: writable by other users" in doctor.output
+            assert f"chmod 600 {clients_file}" in doctor.output
+            assert files_of(data) == before  # doctor only reads
+            clients_file.chmod(0o600)
+            assert await status_with(session, gateway.url, keys[0]) == 200
+
+            # Damaged (written by hand): doctor names it and leaves it where it is; the server moved it aside at
+            # its next lookup, and doctor names the copy.
+            good = clients_file.read_bytes()
+            clients_file.write_bytes(good[: len(good) // 2])
+            doctor = await run_cli(data, "doctor")
+            assert doctor.exit_code == 1, doctor.output
+            assert f"{clients_file}: not valid JSON" in doctor.output
+            assert clients_file.read_bytes() == good[: len(good) // 2]
+            assert await status_with(session, gateway.url, keys[1]) == 401
+            aside = [p for p in data.iterdir() if p.name.startswith("clients.json.damaged-")]
+            assert len(aside) == 1 and not clients_file.exists()
+            doctor = await run_cli(data, "doctor")
+            assert doctor.exit_code == 1, doctor.output
+            assert f"{aside[0]}: damaged clients file" in doctor.output
+    finally:
+        await gateway.aclose()
