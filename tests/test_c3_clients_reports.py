@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import random
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +17,10 @@ import aiohttp
 from click.testing import CliRunner, Result
 
 from agentspace.cli import main
-from agentspace.clients import hash_key
+from agentspace.clients import hash_key, period_bounds
+from agentspace.storage.embedded.usage import SEGMENT_SIZE, write_log_segment
+from agentspace.storage.reports import REPORTS
+from agentspace.types import Cost, TokenUsage, UsageRecord
 from scripts.harness import GatewayProcess
 
 
@@ -107,6 +111,139 @@ async def test_cli_changes_made_while_the_server_notes_last_uses_all_hold(tmp_pa
         assert sorted(c["name"] for c in listed["clients"]) == sorted(live)
     finally:
         stop.set()
+        await gateway.aclose()
+
+
+# --- 2. reports across days, periods and segments, read while the server writes ------------------------
+
+
+def iso(when: datetime) -> str:
+    return when.strftime("%Y-%m-%dT%H:%M:%S.") + f"{when.microsecond // 1000:03d}Z"
+
+
+def seeded(n: int, when: datetime, rng: random.Random) -> dict[str, Any]:
+    return UsageRecord(
+        f"seed-{iso(when)}-{n}",
+        iso(when),
+        rng.choice(["anthropic/claude-sonnet-4-5", "anthropic/claude-haiku-4-5"]),
+        "anthropic",
+        rng.choice([None, "s1", "s2"]),
+        rng.choice(["old-team", None, "other"]),
+        TokenUsage(rng.randint(0, 99), rng.randint(0, 99)),
+        Cost(rng.randint(0, 999) / 1e6, rng.randint(0, 999) / 1e6),
+        1.0,
+        "stop",
+        endpoint=rng.choice(["ws", "http", "anthropic"]),
+    ).to_dict()
+
+
+def scan(data: Path, since: datetime | None = None) -> list[dict[str, Any]]:
+    """Every record in the segment files, read here line by line (no store code), newer than ``since``."""
+    records = []
+    for path in sorted((data / "usage").glob("*/*.jsonl")):
+        for line in path.read_bytes().splitlines():
+            if line.strip():
+                records.append(json.loads(line))
+    return [r for r in records if since is None or r["timestamp"] >= iso(since)]
+
+
+def rounded(report: dict[str, Any]) -> Any:
+    return json.loads(json.dumps(report), parse_float=lambda x: round(float(x), 9))
+
+
+CLI_BY = {"model": "--by-model", "day": "--by-day", "client": "--by-client", "session": "--by-session"}
+CLI_BY |= {"deployment": "--by-deployment", "endpoint": "--by-endpoint"}
+KEYS = {"model": "perModel", "day": "perDay", "client": "perClient", "session": "perSession"}
+KEYS |= {"deployment": "perDeployment", "endpoint": "perEndpoint"}
+
+
+async def test_reports_across_midnight_and_a_segment_rolling_over_equal_the_records(
+    tmp_path: Path, fake_anthropic: Any
+) -> None:
+    data = tmp_path / "data"
+    rng = random.Random(3)
+    now = datetime.now(UTC)
+    today = now.replace(hour=0, minute=0, second=0, microsecond=0)
+    yesterday = today - timedelta(days=1)
+    # Records made just before a midnight and appended just after (in the next day's folder), and today's
+    # segment a few records short of full: the server's calls roll it over while the reports run.
+    write_log_segment(
+        data,
+        f"{yesterday:%Y-%m-%d}",
+        0,
+        [seeded(0, yesterday - timedelta(milliseconds=1), rng)]
+        + [seeded(n, yesterday + timedelta(minutes=n), rng) for n in range(1, 200)],
+    )
+    early = [seeded(0, today - timedelta(milliseconds=1), rng)]
+    early += [seeded(n, today + (now - today) * n / (2 * SEGMENT_SIZE), rng) for n in range(1, SEGMENT_SIZE - 6)]
+    write_log_segment(data, f"{today:%Y-%m-%d}", 0, early)
+    gateway = GatewayProcess(data, fake_anthropic.url)
+    await gateway.start()
+    try:
+        keys = {
+            name: (await run_cli(data, "clients", "add", name, "--budget", "100", "--period", period)).stdout.strip()
+            for name, period in (("ann", "day"), ("bob", "week"), ("cy", "month"))
+        }
+        admin = {"Authorization": f"Bearer {gateway.token}"}
+        body = {
+            "model": "anthropic/claude-sonnet-4-5",
+            "max_tokens": 16,
+            "messages": [{"role": "user", "content": "hi"}],
+        }
+        async with aiohttp.ClientSession() as session:
+
+            async def calls() -> None:
+                for n in range(18):
+                    key = list(keys.values())[n % 3]
+                    async with session.post(
+                        gateway.url + "/v1/messages", json=body, headers={"Authorization": f"Bearer {key}"}
+                    ) as resp:
+                        assert resp.status == 200, await resp.text()
+
+            async def reports_meanwhile() -> None:
+                # Reports read while the segment fills and rolls over: each counts every record once (rollups
+                # of a segment are trusted only once it is closed).
+                while not done.is_set():
+                    for by in REPORTS:
+                        async with session.get(gateway.url + f"/api/usage?by={by}", headers=admin) as resp:
+                            assert resp.status == 200
+                            report = await resp.json()
+                            assert report["grandTotal"]["requestCount"] >= len(early) + 200
+                    result = await run_cli(data, "usage", "--json", *CLI_BY.values())
+                    assert result.exit_code == 0, result.output
+
+            done = asyncio.Event()
+            reading = asyncio.create_task(reports_meanwhile())
+            await calls()
+            done.set()
+            await reading
+            assert sorted(p.name for p in (data / "usage" / f"{today:%Y-%m-%d}").glob("*.jsonl")) == [
+                "00000.jsonl",
+                "00001.jsonl",
+            ]
+
+            inside_today = today + (now - today) / 2
+            for since in (None, yesterday, today, inside_today, today - timedelta(milliseconds=1)):
+                records = scan(data, since)
+                where = "" if since is None else f"&since={iso(since)}"
+                cli_since = () if since is None else ("--since", iso(since))
+                cli = json.loads((await run_cli(data, "usage", "--json", *CLI_BY.values(), *cli_since)).stdout)
+                for by in REPORTS:
+                    expected = rounded({**REPORTS[by](records), "damagedFiles": []})
+                    async with session.get(gateway.url + f"/api/usage?by={by}{where}", headers=admin) as resp:
+                        assert rounded(await resp.json()) == expected, (by, since)
+                    if by in KEYS:
+                        assert rounded(cli[KEYS[by]]) == expected[KEYS[by]], (by, since)
+                        assert rounded(cli["grandTotal"]) == expected["grandTotal"], (by, since)
+
+        # Each client's spend for its period: its records in the period (since its creation).
+        listed = json.loads((await run_cli(data, "clients", "list", "--json")).stdout)["clients"]
+        for shown in listed:
+            start, _ = period_bounds(shown["budget"]["period"], datetime.now(UTC))
+            since = max(start, datetime.fromisoformat(shown["createdAt"]))
+            spend = sum(r["totalCost"] for r in scan(data, since) if r["client"] == shown["name"])
+            assert spend > 0 and round(shown["spend"]["usd"], 9) == round(spend, 9), shown
+    finally:
         await gateway.aclose()
 
 
