@@ -16,8 +16,11 @@ from typing import Any
 import aiohttp
 from click.testing import CliRunner, Result
 
+from agentspace import hookimpl
 from agentspace.cli import main
 from agentspace.clients import hash_key, period_bounds
+from agentspace.config import Config
+from agentspace.plugins import create_plugin_manager
 from agentspace.storage.embedded.usage import SEGMENT_SIZE, write_log_segment
 from agentspace.storage.reports import REPORTS
 from agentspace.types import Cost, TokenUsage, UsageRecord
@@ -245,6 +248,69 @@ async def test_reports_across_midnight_and_a_segment_rolling_over_equal_the_reco
             assert spend > 0 and round(shown["spend"]["usd"], 9) == round(spend, 9), shown
     finally:
         await gateway.aclose()
+
+
+class HeldSink:
+    """An inline usage sink (awaited after the store of record, before the record settles its client's
+    counters) that holds the records of the calls it is told to: the time a slow sink takes, made long."""
+
+    delivery = "inline"
+
+    def __init__(self) -> None:
+        self.hold = False
+        self.arrived = asyncio.Event()
+        self.release = asyncio.Event()
+
+    async def record(self, record: UsageRecord) -> None:
+        if self.hold:
+            self.hold = False
+            self.arrived.set()
+            await self.release.wait()
+
+
+class HeldSinkPlugin:
+    def __init__(self, sink: HeldSink) -> None:
+        self.sink = sink
+
+    @hookimpl
+    def register_usage_sinks(self, register: Any, config: Config) -> None:
+        register(self.sink)
+
+
+async def test_a_period_changed_while_a_record_is_posted_counts_it_once(make_client: Any, isolated_env: Path) -> None:
+    # A call's record is stored, then settles the client's counters. A period whose spend is read from the
+    # store in between (here: the client's period changed; at midnight: the next day's) has the record
+    # already: settling must not add it again, or the server's spend is more than the records say.
+    sink = HeldSink()
+    pm = create_plugin_manager()
+    pm.register(HeldSinkPlugin(sink))
+    client = await make_client(pm=pm)
+    key = (await run_cli(isolated_env, "clients", "add", "ann", "--budget", "100", "--period", "month")).stdout.strip()
+    body = {"model": "anthropic/claude-sonnet-4-5", "max_tokens": 16, "messages": [{"role": "user", "content": "hi"}]}
+    headers = {"Authorization": f"Bearer {key}"}
+
+    async def call() -> None:
+        resp = await client.post("/v1/messages", json=body, headers=headers)
+        assert resp.status == 200, await resp.text()
+
+    await call()  # the month's spend read
+    sink.hold = True
+    held = asyncio.create_task(call())
+    await asyncio.wait_for(sink.arrived.wait(), 10)  # its record stored, not settled yet
+    assert (await run_cli(isolated_env, "clients", "set", "ann", "--period", "day")).exit_code == 0
+    await call()  # the day's spend read from the store: the held record in it
+    sink.release.set()
+    await held
+
+    token = (isolated_env / "gateway-token").read_text().strip()
+    resp = await client.get("/api/clients", headers={"Authorization": f"Bearer {token}"})
+    served = {c["name"]: c for c in (await resp.json())["clients"]}["ann"]
+    shown = json.loads((await run_cli(isolated_env, "clients", "show", "ann", "--json")).stdout)
+    records = scan(isolated_env)
+    assert len(records) == 3
+    spend = round(sum(r["totalCost"] for r in records), 9)
+    assert round(shown["spend"]["usd"], 9) == spend
+    assert round(served["spend"]["usd"], 9) == spend
 
 
 # --- 3. doctor, usage and clients against the data directory a running server holds ----------------
