@@ -9,7 +9,8 @@ is admitted only while posted spend + the reservations of the calls in flight + 
 budget; its record settles the reservation with the real cost. The period's spend comes from the usage
 store (the posted entries), read once per client and period and then kept current by every record of the
 client -- with or without a budget, so a budget set later counts what was spent before it, and in every
-period loaded, so a period changed and changed back counts what was spent meanwhile.
+period loaded, so a period changed and changed back counts what was spent meanwhile (but not in a period
+whose spend, read while the record was being stored, counted it already).
 
 Usage::
 
