@@ -369,3 +369,48 @@ async def test_doctor_names_a_clients_file_the_server_cannot_use_and_changes_not
             assert f"{aside[0]}: damaged clients file" in doctor.output
     finally:
         await gateway.aclose()
+
+
+async def test_usage_clients_and_doctor_beside_a_running_server_change_none_of_its_files(
+    tmp_path: Path, fake_anthropic: Any
+) -> None:
+    gateway = GatewayProcess(tmp_path / "data", fake_anthropic.url)
+    await gateway.start()
+    data = gateway.data_dir
+    try:
+        key = (await run_cli(data, "clients", "add", "ann", "--budget", "5", "--period", "day")).stdout.strip()
+        body = {
+            "model": "anthropic/claude-sonnet-4-5",
+            "max_tokens": 16,
+            "messages": [{"role": "user", "content": "hi"}],
+        }
+        async with aiohttp.ClientSession() as session:
+            for headers in ({"Authorization": f"Bearer {key}"}, {"Authorization": f"Bearer {gateway.token}"}):
+                async with session.post(gateway.url + "/v1/messages", json=body, headers=headers) as resp:
+                    assert resp.status == 200, await resp.text()
+            await asyncio.sleep(0.3)  # the last use written
+            before = files_of(data, "usage/rollups")  # rollups are the reports' cache, written by the first report
+            for args in (
+                *(("usage", "--json", flag) for flag in CLI_BY.values()),
+                ("usage", "--client", "ann"),
+                ("usage", "--since", "1h", "--by-day"),
+                ("clients", "list"),
+                ("clients", "show", "ann", "--json"),
+                ("doctor",),
+            ):
+                result = await run_cli(data, *args)
+                assert result.exit_code == 0, (args, result.output)
+            assert files_of(data, "usage/rollups") == before
+            # The server goes on with its files, and the reports it gives from the rollups the CLI wrote agree.
+            async with session.post(
+                gateway.url + "/v1/messages", json=body, headers={"Authorization": f"Bearer {key}"}
+            ) as resp:
+                assert resp.status == 200, await resp.text()
+            async with session.get(
+                gateway.url + "/api/usage?by=client", headers={"Authorization": f"Bearer {gateway.token}"}
+            ) as resp:
+                report = await resp.json()
+            assert rounded(report) == rounded({**REPORTS["client"](scan(data)), "damagedFiles": []})
+            assert report["perClient"]["ann"]["requestCount"] == 2
+    finally:
+        await gateway.aclose()
