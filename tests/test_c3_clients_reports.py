@@ -414,3 +414,85 @@ async def test_usage_clients_and_doctor_beside_a_running_server_change_none_of_i
             assert report["perClient"]["ann"]["requestCount"] == 2
     finally:
         await gateway.aclose()
+
+
+async def test_postgres_reports_across_midnight_equal_the_records(
+    tmp_path: Path, fake_anthropic: Any, pg_dsn: str
+) -> None:
+    from agentspace.storage.postgres import PostgresDatabase
+    from agentspace.storage.postgres.usage import PostgresUsageStore
+
+    rng = random.Random(4)
+    now = datetime.now(UTC)
+    today = now.replace(hour=0, minute=0, second=0, microsecond=0)
+    yesterday = today - timedelta(days=1)
+    db = PostgresDatabase(pg_dsn)
+    await db.start()
+    store = PostgresUsageStore(db)
+    try:
+        await store.append_dicts(
+            [seeded(0, yesterday - timedelta(milliseconds=1), rng), seeded(0, today - timedelta(milliseconds=1), rng)]
+            + [seeded(n, yesterday + (now - yesterday) * n / 300, rng) for n in range(1, 300)]
+        )
+    finally:
+        await store.aclose()
+    gateway = GatewayProcess(tmp_path / "data", fake_anthropic.url, storage={"backend": "postgres", "dsn": pg_dsn})
+    await gateway.start()
+    try:
+        key = (
+            await run_cli(
+                gateway.data_dir,
+                "--config",
+                str(gateway.config_path),
+                "clients",
+                "add",
+                "ann",
+                "--budget",
+                "100",
+                "--period",
+                "day",
+            )
+        ).stdout.strip()
+        body = {
+            "model": "anthropic/claude-sonnet-4-5",
+            "max_tokens": 16,
+            "messages": [{"role": "user", "content": "hi"}],
+        }
+        admin = {"Authorization": f"Bearer {gateway.token}"}
+        async with aiohttp.ClientSession() as session:
+            for _ in range(4):
+                async with session.post(
+                    gateway.url + "/v1/messages", json=body, headers={"Authorization": f"Bearer {key}"}
+                ) as resp:
+                    assert resp.status == 200, await resp.text()
+            async with session.get(gateway.url + "/api/clients", headers=admin) as resp:
+                served = {c["name"]: c for c in (await resp.json())["clients"]}["ann"]
+            store = PostgresUsageStore(db)
+            every = await store.records()
+            assert len(every) == 305
+            for since in (None, yesterday, today, today - timedelta(milliseconds=1), today + (now - today) / 2):
+                records = [r for r in every if since is None or r["timestamp"] >= iso(since)]
+                where = "" if since is None else f"&since={iso(since)}"
+                cli_since = () if since is None else ("--since", iso(since))
+                result = await run_cli(
+                    gateway.data_dir,
+                    "--config",
+                    str(gateway.config_path),
+                    "usage",
+                    "--json",
+                    *CLI_BY.values(),
+                    *cli_since,
+                )
+                cli = json.loads(result.stdout)
+                for by in REPORTS:
+                    expected = rounded({**REPORTS[by](records), "damagedFiles": []})
+                    async with session.get(gateway.url + f"/api/usage?by={by}{where}", headers=admin) as resp:
+                        assert rounded(await resp.json()) == expected, (by, since)
+                    if by in KEYS:
+                        assert rounded(cli[KEYS[by]]) == expected[KEYS[by]], (by, since)
+            ann = [r for r in every if r["client"] == "ann" and r["timestamp"] >= max(iso(today), served["createdAt"])]
+            assert len(ann) == 4
+            assert round(served["spend"]["usd"], 9) == round(sum(r["totalCost"] for r in ann), 9)
+    finally:
+        await gateway.aclose()
+        await db.aclose()
