@@ -313,6 +313,51 @@ async def test_a_period_changed_while_a_record_is_posted_counts_it_once(make_cli
     assert round(served["spend"]["usd"], 9) == spend
 
 
+async def test_periods_changed_again_and_again_while_calls_run_keep_the_spend_of_the_records(
+    tmp_path: Path, fake_anthropic: Any
+) -> None:
+    # The same from outside, without a slow sink: calls on four connections while the CLI changes the period
+    # (each change reads the new period's spend from the store, racing the records being posted).
+    gateway = GatewayProcess(tmp_path / "data", fake_anthropic.url)
+    await gateway.start()
+    data = gateway.data_dir
+    periods = ["day", "week", "month", "total"]
+    try:
+        key = (await run_cli(data, "clients", "add", "ann", "--budget", "100", "--period", "month")).stdout.strip()
+        body = {
+            "model": "anthropic/claude-sonnet-4-5",
+            "max_tokens": 16,
+            "messages": [{"role": "user", "content": "hi"}],
+        }
+        stop = asyncio.Event()
+        async with aiohttp.ClientSession() as session:
+
+            async def caller() -> None:
+                while not stop.is_set():
+                    async with session.post(
+                        gateway.url + "/v1/messages", json=body, headers={"Authorization": f"Bearer {key}"}
+                    ) as resp:
+                        assert resp.status == 200, await resp.text()
+
+            callers = [asyncio.create_task(caller()) for _ in range(4)]
+            for i in range(40):
+                assert (await run_cli(data, "clients", "set", "ann", "--period", periods[i % 4])).exit_code == 0
+                await asyncio.sleep(0.1)
+            stop.set()
+            await asyncio.gather(*callers)
+            spend = round(sum(r["totalCost"] for r in scan(data)), 9)  # every period holds all of them
+            for period in periods:
+                assert (await run_cli(data, "clients", "set", "ann", "--period", period)).exit_code == 0
+                async with session.get(
+                    gateway.url + "/api/clients", headers={"Authorization": f"Bearer {gateway.token}"}
+                ) as resp:
+                    served = (await resp.json())["clients"][0]["spend"]["usd"]
+                shown = json.loads((await run_cli(data, "clients", "show", "ann", "--json")).stdout)["spend"]["usd"]
+                assert round(served, 9) == round(shown, 9) == spend, period
+    finally:
+        await gateway.aclose()
+
+
 # --- 3. doctor, usage and clients against the data directory a running server holds ----------------
 
 
