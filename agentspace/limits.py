@@ -9,7 +9,8 @@ is admitted only while posted spend + the reservations of the calls in flight + 
 budget; its record settles the reservation with the real cost. The period's spend comes from the usage
 store (the posted entries), read once per client and period and then kept current by every record of the
 client -- with or without a budget, so a budget set later counts what was spent before it, and in every
-period loaded, so a period changed and changed back counts what was spent meanwhile.
+period loaded, so a period changed and changed back counts what was spent meanwhile (but not in a period
+whose spend, read while the record was being stored, counted it already).
 
 Usage::
 
@@ -276,6 +277,10 @@ class Guard:
         # a rotation, on a socket or a request that authenticated before it, is refused as a client's is.
         self.gateway_token = gateway_token
         self._token_hash: tuple[str, str] = ("", "")  # the last token seen and its SHA-256
+        # Records stored and not settled yet, per client (``posting``), and the ids of those a period's spend
+        # read from the store counted already, per (client, period key): settling adds them there no more.
+        self._posting: dict[str, set[str]] = {}
+        self._counted: dict[tuple[str, str], set[str]] = {}
 
     async def client(self, caller: str, credential: str | None = None) -> Client | None:
         """The caller's client, read from the store of record now; None for the admin. A client removed since,
@@ -312,19 +317,47 @@ class Guard:
         now = self.clock()
         return [_period_key(period, period_bounds(period, now)[0], created_at) for period in PERIODS]
 
-    def _loader(self, client: Client, start: datetime | None) -> Callable[[], Awaitable[float]]:
+    def _loader(self, client: Client, start: datetime | None, key: str) -> Callable[[], Awaitable[float]]:
         async def load() -> float:
             since = client.since if start is None else max(start, client.since or start)
             records = await self.usage.records(since=since, client=client.name)
+            # A record stored and not settled yet is in this spend: its settling must not add it again.
+            posting = self._posting.get(client.name)
+            if posting:
+                counted = {str(r.get("id")) for r in records} & posting
+                if counted:
+                    self._counted.setdefault((client.name, key), set()).update(counted)
             return sum(float(r.get("totalCost") or 0.0) for r in records)
 
         return load
+
+    def posting(self, record: UsageRecord) -> None:
+        """``record`` is about to be stored; its ``settle`` follows (``recording.Recorder``)."""
+        if record.client is not None and record.client != ADMIN:
+            self._posting.setdefault(record.client, set()).add(record.id)
+
+    def _posted(self, client: str, record_id: str) -> set[str]:
+        """The period keys whose spend counted ``record_id`` when read; the record is no longer posting."""
+        posting = self._posting.get(client)
+        if posting is not None:
+            posting.discard(record_id)
+            if not posting:
+                del self._posting[client]
+        keys = set()
+        for counted_key in [k for k in self._counted if k[0] == client]:
+            ids = self._counted[counted_key]
+            if record_id in ids:
+                keys.add(counted_key[1])
+                ids.discard(record_id)
+                if not ids:
+                    del self._counted[counted_key]
+        return keys
 
     async def spend(self, client: Client) -> tuple[float, float]:
         """The spend of the client's current period as posted (what its records cost: what the CLI and the usage
         reports add up), and what its calls in flight hold (their reservations)."""
         key, start, _ = self._period(client)
-        return await self.counters.spend_parts(client.name, key, self._loader(client, start))
+        return await self.counters.spend_parts(client.name, key, self._loader(client, start, key))
 
     async def precheck(
         self, caller: str, model: str, least_cost: Callable[[], float] | None = None, credential: str | None = None
@@ -352,7 +385,7 @@ class Guard:
         await self._check_window(client)
         if client.budget_usd is not None:
             key, start, end = self._period(client)
-            spent = await self.counters.spend(client.name, key, self._loader(client, start))
+            spent = await self.counters.spend(client.name, key, self._loader(client, start, key))
             if spent >= client.budget_usd:
                 raise self._over_budget(client, spent, end)
             least = least_cost() if least_cost is not None else 0.0
@@ -394,7 +427,7 @@ class Guard:
             key, start, end = self._period(client)
             amount = cost()
             reservation, spent = await self.counters.reserve(
-                client.name, key, client.budget_usd, amount, self._loader(client, start)
+                client.name, key, client.budget_usd, amount, self._loader(client, start, key)
             )
             if reservation is None:
                 raise self._over_budget(client, spent, end, amount)
@@ -475,6 +508,7 @@ class Guard:
         for every client, with a budget or not, so that a spend read once stays current."""
         if record.client is None or record.client == ADMIN:
             return
+        counted = self._posted(record.client, record.id)
         try:
             cost = record.cost.total_cost
             if reservation is not None:
@@ -486,6 +520,7 @@ class Guard:
                 if client is None:  # removed since: nothing of its is counted any more
                     return
                 created_at, periods = client.created_at, self._every_period(client.created_at)
+            periods = [k for k in periods if k not in counted]
             window = _window_of(record.client, created_at)
             await self.counters.add_tokens(window, record.usage.total_tokens, self.monotonic())
             if cost:

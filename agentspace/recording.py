@@ -57,6 +57,8 @@ class Recorder:
         settled already (a spooled record posted at the next start: its process settled it when the call ended).
         """
         failed: StorageError | OSError | None = None
+        if settle:
+            self.guard.posting(record)
         for sink in self.sinks:
             queue = self.queues.get(id(sink))
             if queue is not None:

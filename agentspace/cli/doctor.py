@@ -1,8 +1,9 @@
 """``agentspace doctor``: check every store file and the secrets files, and say what is wrong.
 
 Reads only (it works while the server runs, and moves nothing): every session file and usage segment must
-parse, damaged files moved aside earlier (ledger journals too) are listed, and ``keys.json`` and
-``gateway-token`` must be readable, parseable and private (mode 0600). Exits 1 when anything is wrong.
+parse, damaged files moved aside earlier (ledger journals and the clients file too) are listed, and
+``keys.json``, ``gateway-token`` and ``clients.json`` must be readable, parseable and private (mode 0600):
+a clients file the server cannot trust or parse admits no client key. Exits 1 when anything is wrong.
 """
 
 from __future__ import annotations
@@ -70,6 +71,39 @@ def _check_token(path: Path) -> list[str]:
     return problems
 
 
+def _check_clients(path: Path) -> tuple[int, list[str]]:
+    """How many clients ``clients.json`` holds, and what keeps the server from using it: the checks of its
+    every read (``storage/embedded/clients.py``), made here without changing the file."""
+    from ..clients import Client
+
+    if path.is_symlink():
+        return 0, [f"{path}: a symbolic link; the server admits no client key until it is a file of its own"]
+    raw, problems = _read_secret(path)
+    if raw is None:
+        return 0, problems
+    st = path.stat()
+    if hasattr(os, "geteuid") and st.st_uid != os.geteuid():
+        problems = [f"{path}: belongs to another user (uid {st.st_uid}); the server admits no client key"]
+    elif st.st_mode & 0o022:
+        problems = [f"{path}: writable by other users; the server admits no client key until: chmod 600 {path}"]
+    fix = "restore it, or move it away and add the clients again (agentspace clients add)"
+    try:
+        data = json.loads(raw) if raw.strip() else {}
+    except ValueError as e:
+        return 0, [f"{path}: not valid JSON ({e}); the server moves it aside and admits no client key; {fix}"]
+    clients = data.get("clients", {}) if isinstance(data, dict) else None
+    if not isinstance(clients, dict):
+        return 0, [f'{path}: expected {{"clients": {{NAME: CLIENT}}}}; {fix}', *problems]
+    good = 0
+    for name, stored in clients.items():
+        try:
+            Client.from_stored(stored)
+            good += 1
+        except (KeyError, TypeError, ValueError, AttributeError):
+            problems.append(f"{path}: client {name!r} cannot be read (its key is refused); {fix}")
+    return good, problems
+
+
 @click.command()
 @config_options
 @pass_state
@@ -77,6 +111,7 @@ def doctor(state: CliState) -> None:
     """Check the stores and the secrets files; exit 1 when something is wrong."""
     from ..gateway_token import token_path
     from ..storage.atomic import is_damaged_copy
+    from ..storage.embedded.clients import FILE_NAME as CLIENTS_FILE
     from ..storage.embedded.sessions import SessionStore
     from ..storage.embedded.usage import UsageStore
     from ..vault import KEYS_FILE
@@ -101,6 +136,14 @@ def doctor(state: CliState) -> None:
         f"{path}: damaged ledger journal (kept for inspection; the calls it showed were posted)" for path in aside
     ]
     click.echo(f"ledger: {len(ledger) - len(aside)} journal(s), {len(aside)} damaged")
+
+    clients_file = data_dir / CLIENTS_FILE
+    count, clients_problems = _check_clients(clients_file)
+    copies = sorted(data_dir.glob(f"{CLIENTS_FILE}.*")) if data_dir.is_dir() else []
+    copies = [path for path in copies if is_damaged_copy(path.name)]
+    problems += clients_problems
+    problems += [f"{path}: damaged clients file (kept for inspection; its clients are not admitted)" for path in copies]
+    click.echo(f"clients: {count} readable, {len(copies)} damaged file(s)")
 
     secrets = _check_keys(data_dir / KEYS_FILE) + _check_token(token_path(data_dir))
     problems += secrets
