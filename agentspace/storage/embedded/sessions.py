@@ -21,8 +21,10 @@ table ``messages``), are read as they are and converted to a log on their first 
 The server's async methods run on the store thread (``store_thread``); writes go through a group commit
 (``append_log.GroupCommit``: writes queued together share one ``fdatasync``). The server keeps the sessions
 it used recently parsed, with their logs open, in a bounded cache (``OPEN_SESSIONS``, ``OPEN_BYTES``) that
-only its own writes change, so the next turn's context and ``GET /api/sessions/{id}`` parse nothing; the sync
-methods, for the CLI, read the files.
+its own writes change, so the next turn's context and ``GET /api/sessions/{id}`` parse nothing, only stat the
+file: a file deleted (the CLI), replaced (a copy restored) or appended to from outside since the server's last
+read or write of it has another (inode, size, mtime), and is read again. The sync methods, for the CLI, read
+the files.
 
 A turn writes its user message with ``sync=False`` (``create``, ``append_message``): written at once (a disk
 that refuses it refuses the turn), its sync started at once in the background; the call's pending ledger
