@@ -47,6 +47,9 @@ from .vault import resolve_key
 
 SHUTTING_DOWN_MESSAGE = "The gateway is shutting down; try again when it is back."
 
+# How long stopping an answer waits for it to be stored (an abort ends its call at once; this is a bound).
+STOP_WAIT_SECONDS = 5.0
+
 # Ids are stored, logged and echoed: plain ASCII of bounded length, so none can carry a line break, a
 # terminal escape or a lone surrogate. Model ids cover the providers' forms ("anthropic/claude-sonnet-4-5",
 # "bedrock/anthropic.claude-3-sonnet-20240229-v1:0", "vertex_ai/claude-3-5-sonnet@20240620").
@@ -358,10 +361,12 @@ class Service:
         await self.gw.blobs.release(session_id)  # the files no other session uses go with it
 
     async def stop_answer(self, session_id: str) -> None:
-        """Stop the caller's running answer in the session (``chat.abort``: what was generated is kept)."""
+        """Stop the caller's running answer in the session (``chat.abort``: what was generated is kept); returns
+        once it is stored and the session free (a stop button, then the next question at once)."""
         turn = await self.resumable_turn(checked(session_id, "id", session_id_problem))
         if turn is not None and not turn.done:
             turn.abort()
+            await until_stopped(turn)
         elif self.gw.cluster is None or not await self.gw.cluster.request_abort(await self.resolve(session_id)):
             # Nothing streams here, nor (with Redis) on another replica.
             raise ApiError("NOT_FOUND", f"No answer is streaming in session {session_id!r}.")
@@ -655,6 +660,14 @@ def client_settings(body: object) -> dict[str, Any]:
     if problems := settings_problems(body):
         raise invalid(problems)
     return dict(body)
+
+
+async def until_stopped(turn: Turn, *also: asyncio.Task[Any] | None) -> None:
+    """Wait (at most STOP_WAIT_SECONDS) for an aborted turn to end: its answer stored, its session free, and
+    ``also`` (a transport's task sending its last frames) done."""
+    tasks = [task for task in (turn.task, *also) if task is not None and not task.done()]
+    if tasks:
+        await asyncio.wait(tasks, timeout=STOP_WAIT_SECONDS)
 
 
 def _not_found(session_id: str) -> ApiError:

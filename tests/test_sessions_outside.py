@@ -4,6 +4,7 @@ program, a torn last line. Through the real app (WebSocket, HTTP), the CLI and t
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import shutil
@@ -16,6 +17,7 @@ from click.testing import CliRunner
 from agentspace.cli import main as cli
 from agentspace.transports import state as STATE
 from tests.fakes import anthropic_upstream as fa
+from tests.support.ui_stream import DONE, next_chunk, post_chat, read_all, user
 from tests.support.ws import chat, connect, receive
 
 
@@ -161,3 +163,66 @@ async def test_a_session_file_with_a_torn_last_line_opens_with_everything_before
     assert sent_texts(fake_anthropic) == [*expected, "third question"]
     assert on_disk(session_id) == [*expected, "third question", answer]
     await ws.close()
+
+
+async def test_one_session_three_clients_at_once_then_abort_and_ask_again(
+    client: TestClient, token: str, auth_headers: dict[str, str], fake_anthropic: Any
+) -> None:
+    ws1, ws2 = await connect(client, token), await connect(client, token)
+    session_id = (await chat(ws1, "first question"))[0]["sessionId"]
+    fake_anthropic.default = fa.text_response("a slow answer", chunks=5).with_delay(0.05)
+
+    async def over_http() -> tuple[int, str]:
+        resp = await post_chat(client, auth_headers, session_id, user("from the web app", "u9"))
+        return resp.status, (await resp.json())["error"]["code"] if resp.status != 200 else ""
+
+    # Two sockets and the web app's transport send at once: one turn streams, the others are refused.
+    one, two, web = await asyncio.gather(
+        chat(ws1, "one", "a", sessionId=session_id), chat(ws2, "two", "b", sessionId=session_id), over_http()
+    )
+    ends = [one[-1], two[-1]]
+    assert sorted(f["type"] for f in ends) == ["chat.stream.end", "error"] and web == (409, "STREAM_IN_PROGRESS")
+    [winner] = [f for f in ends if f["type"] == "chat.stream.end"]
+    assert [f["code"] for f in ends if f["type"] == "error"] == ["STREAM_IN_PROGRESS"]
+    asked = "one" if winner["requestId"] == "a" else "two"
+    assert (await shown(client, auth_headers, session_id))[2:] == [asked, "a slow answer"]
+    assert len(await records_of(client, session_id)) == 2
+
+    # Stop, then the next question at once (the client does not wait for the stopped answer's end).
+    fake_anthropic.default = fa.text_response("a long answer in many small pieces", chunks=20).with_delay(0.1)
+    await ws1.send_json({"type": "chat.send", "id": "c", "content": "to be stopped", "sessionId": session_id})
+    while (await receive(ws1))["type"] != "chat.stream.delta":
+        pass
+    await ws1.send_json({"type": "chat.abort", "id": "stop", "requestId": "c"})
+    fake_anthropic.default = fa.text_response("the next answer")
+    await ws1.send_json({"type": "chat.send", "id": "d", "content": "right after", "sessionId": session_id})
+    frames = []
+    while not frames or frames[-1]["type"] not in ("chat.stream.end", "error") or frames[-1]["requestId"] != "d":
+        frames.append(await receive(ws1))
+    ends = [(f["type"], f["requestId"], f.get("finishReason")) for f in frames if f["type"] != "chat.stream.delta"]
+    assert ends == [
+        ("chat.stream.end", "c", "aborted"),
+        ("chat.stream.start", "d", None),
+        ("chat.stream.end", "d", "stop"),
+    ], frames
+    stored = await shown(client, auth_headers, session_id)
+    assert stored[4] == "to be stopped" and stored[6:] == ["right after", "the next answer"]
+    assert len(await records_of(client, session_id)) == 4
+
+    # The web app's stop (DELETE /api/chat/{id}/stream), then its next question at once.
+    fake_anthropic.default = fa.text_response("a long answer in many small pieces", chunks=20).with_delay(0.1)
+    resp = await post_chat(client, auth_headers, session_id, user("to be stopped too", "u10"))
+    assert resp.status == 200
+    while (await next_chunk(resp)).get("type") != "text-delta":
+        pass
+    stop = await client.delete(f"/api/chat/{session_id}/stream", headers=auth_headers)
+    assert stop.status == 204
+    fake_anthropic.default = fa.text_response("the last answer")
+    again = await post_chat(client, auth_headers, session_id, user("and again", "u11"))
+    assert again.status == 200, await again.text()
+    assert any(c != DONE and c["type"] == "finish" for c in await read_all(again))
+    stored = await shown(client, auth_headers, session_id)
+    assert stored[8] == "to be stopped too" and stored[10:] == ["and again", "the last answer"]
+    assert len(await records_of(client, session_id)) == 6
+    await ws1.close()
+    await ws2.close()
