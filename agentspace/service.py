@@ -354,11 +354,17 @@ class Service:
         checked(session_id, "id", session_id_problem)
         if self.caller != ADMIN:
             session_id = str((await self._owned(session_id))["id"])
-        if session_id in self.gw.locks:
+        if await self._streaming(session_id):
             raise ApiError("STREAM_IN_PROGRESS", "This session is streaming an answer; wait for it to end.")
         if not await self.gw.sessions.delete(session_id):
             raise _not_found(session_id)
         await self.gw.blobs.release(session_id)  # the files no other session uses go with it
+
+    async def _streaming(self, session_id: str) -> bool:
+        """Whether an answer streams in the session, here or (with Redis) on another replica."""
+        if session_id in self.gw.locks:
+            return True
+        return self.gw.cluster is not None and await self.gw.cluster.running_stream(session_id) is not None
 
     async def stop_answer(self, session_id: str) -> None:
         """Stop the caller's running answer in the session (``chat.abort``: what was generated is kept); returns
@@ -412,7 +418,7 @@ class Service:
         """Summarise every turn of the caller's session but the latest (``context_policy.compact_session``)."""
         session_id = checked(session_id, "id", session_id_problem)
         session = await self._owned(session_id)
-        if session_id in self.gw.locks:
+        if await self._streaming(session_id):
             raise ApiError("STREAM_IN_PROGRESS", "This session is streaming an answer; wait for it to end.")
         model = session.get("model") or self.gw.default_model
         who = CompactFor(session_id, model, str(session.get("client") or self.caller), "compact")
