@@ -226,3 +226,36 @@ async def test_one_session_three_clients_at_once_then_abort_and_ask_again(
     assert len(await records_of(client, session_id)) == 6
     await ws1.close()
     await ws2.close()
+
+
+async def test_search_over_long_sessions_keeps_its_text_within_its_bound(
+    client: TestClient, auth_headers: dict[str, str], monkeypatch: Any
+) -> None:
+    from agentspace.storage import search
+
+    monkeypatch.setattr(search, "INDEX_BYTES", 20_000)
+    sessions = client.server.app[STATE.REGISTRY].sessions
+    for k in range(10):  # 5 KB each: the bound keeps about four
+        messages = [{"role": "user", "content": f"common words {k} " + "filler " * 700}]
+        messages.append({"role": "assistant", "content": f"the needle{k} is HERE"})
+        await sessions.create(model="anthropic/claude-sonnet-4-5", session_id=f"s_long{k}", messages=messages)
+
+    async def found(query: str) -> list[tuple[str, str]]:
+        resp = await client.get("/api/sessions", params={"q": query}, headers=auth_headers)
+        assert resp.status == 200
+        return [(s["id"], s["match"]) for s in (await resp.json())["sessions"]]
+
+    for _ in range(2):  # the first search builds the index, the second uses it
+        hits = await found("COMMON WORDS")
+        assert sorted(session_id for session_id, _ in hits) == [f"s_long{k}" for k in range(10)]
+        [(session_id, match)] = await found("needle7")
+        assert session_id == "s_long7" and match.endswith("filler the needle7 is HERE")
+    index = search._INDEXES[sessions]
+    kept = [entry.text for entry in index.values() if entry.text is not None]
+    assert sum(map(len, kept)) <= 20_000 and 0 < len(kept) < 10  # the rest is read by each search
+
+    # A session the index does not keep still shows its newest message at once.
+    [dropped] = [session_id for session_id, entry in index.items() if entry.text is None][:1]
+    await sessions.append_message(dropped, {"role": "user", "content": "a fresh Word"})
+    [(session_id, match)] = await found("fresh word")
+    assert session_id == dropped and match.endswith("the needle" + dropped[-1] + " is HERE a fresh Word")
