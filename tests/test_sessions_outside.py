@@ -259,3 +259,35 @@ async def test_search_over_long_sessions_keeps_its_text_within_its_bound(
     await sessions.append_message(dropped, {"role": "user", "content": "a fresh Word"})
     [(session_id, match)] = await found("fresh word")
     assert session_id == dropped and match.endswith("the needle" + dropped[-1] + " is HERE a fresh Word")
+
+
+async def test_a_damaged_session_is_moved_aside_and_its_id_is_free_once_the_copy_is_removed(
+    client: TestClient, token: str, auth_headers: dict[str, str], isolated_env: Path, fake_anthropic: Any
+) -> None:
+    ws = await connect(client, token)
+    good = (await chat(ws, "a good session"))[0]["sessionId"]
+    sessions = isolated_env / "sessions"
+    (sessions / "s_bad.jsonl").write_bytes(b"garbage\n")  # damaged outside agentspace
+
+    async def listed() -> tuple[list[str], list[str]]:
+        body = await (await client.get("/api/sessions", headers=auth_headers)).json()
+        return [s["id"] for s in body["sessions"]], body["damagedFiles"]
+
+    assert await listed() == ([good], [str(sessions / "s_bad.jsonl")])
+    resp = await client.get("/api/sessions/s_bad", headers=auth_headers)
+    assert resp.status == 409 and (await resp.json())["error"]["code"] == "SESSION_DAMAGED"
+    [moved] = [p for p in sessions.iterdir() if ".damaged-" in p.name]
+    assert await listed() == ([good], [str(moved)])
+    reply = (await chat(ws, "hello?", "r2", sessionId="s_bad"))[-1]
+    assert reply["code"] == "SESSION_DAMAGED"  # still damaged while its copy is there, not a new session
+
+    # The user inspected the copy and took it away: the running server sees the id free at once.
+    moved.rename(isolated_env / moved.name)
+    assert await listed() == ([good], [])
+    resp = await client.get("/api/sessions/s_bad", headers=auth_headers)
+    assert resp.status == 404 and (await resp.json())["error"]["code"] == "SESSION_NOT_FOUND"
+    resp = await post_chat(client, auth_headers, "s_bad", user("a new start"))
+    assert resp.status == 200 and any(c != DONE and c["type"] == "finish" for c in await read_all(resp))
+    assert await shown(client, auth_headers, "s_bad") == ["a new start", fa.DEFAULT_TEXT]
+    assert on_disk("s_bad") == ["a new start", fa.DEFAULT_TEXT]
+    await ws.close()

@@ -33,8 +33,8 @@ entry is synced beside it, and the request leaves once both are durable (``await
 the other.
 
 A session file that does not parse was damaged outside agentspace: the server moves it aside
-(``<id>.jsonl.damaged-<time>``, kept and logged) and that session answers SessionDamaged from then on;
-listings skip damaged files and name them.
+(``<id>.jsonl.damaged-<time>``, kept and logged) and that session answers SessionDamaged while that copy is
+there (once it is removed, the id is free again); listings skip damaged files and name them.
 """
 
 from __future__ import annotations
@@ -468,7 +468,8 @@ class SessionStore:
         }
 
     def _is_damaged(self, session_id: str) -> bool:
-        if self._damaged_ids is None:
+        if self._damaged_ids is None or session_id in self._damaged_ids:
+            # Listed again for a damaged id: its moved-aside copy may have been removed since (the id is free).
             self._damaged_ids = self._scan_damaged_ids()
         return session_id in self._damaged_ids
 
