@@ -62,7 +62,7 @@ from .routing import (
     named_key_error,
 )
 from .session_locks import STREAM_IN_PROGRESS_MESSAGE
-from .storage import InvalidSessionId
+from .storage import InvalidSessionId, SessionNotFound
 from .storage.shapes import validate_session_id
 from .tokens import count_tokens
 from .types import (
@@ -90,6 +90,7 @@ MAX_RETRY_WAIT_SECONDS = 30.0
 # Writes that fail with these are the store's (disk full, I/O error): kept in memory and retried.
 STORAGE_FAILURES = (StorageError, OSError)
 STORAGE_ERROR_MESSAGE = "The answer could not be stored ({}); it is kept in memory and the write retried."
+DELETED_MESSAGE = "The session was deleted while this answer streamed; the answer was not stored (its usage was)."
 
 
 def storage_problem(e: BaseException | None) -> str:
@@ -564,6 +565,7 @@ class Turn:
         """Store the answer, free the session, and send the end (or the error) to the clients."""
         finish_reason, error = tally.finish_reason, tally.error
         aborted = finish_reason == "aborted" or self._stop_reason == "shutdown"
+        deleted = False
         try:
             await self._store(
                 tally.parts,
@@ -577,12 +579,17 @@ class Turn:
                 error,
                 tally.answered_by,
             )
+        except SessionNotFound:  # deleted from outside meanwhile (the CLI, another replica): nowhere to store it
+            log.warning("session %s was deleted while its answer streamed; the answer was not stored", self.session_id)
+            deleted = True
         except Exception:
             log.exception("storing the answer in session %s failed", self.session_id)
             self._storage_failed = True
         # Before any client sees the end: its next message may go to any replica, and must find it free.
         await self.gw.locks.release(self)
-        if error is not None:
+        if deleted:
+            self._publish(StreamError("SESSION_NOT_FOUND", DELETED_MESSAGE))
+        elif error is not None:
             self._publish(StreamError(*error))
         elif self._storage_failed:  # never reported as stored when it is not (docs/protocol.md#errors)
             self._publish(StreamError("STORAGE_ERROR", STORAGE_ERROR_MESSAGE.format(self._storage_problem)))
@@ -590,7 +597,8 @@ class Turn:
             self._publish(
                 StreamEnd("aborted" if aborted else finish_reason, tally.usage, tally.cost, aborted, tally.ttft_ms)
             )
-        self._ended = (finish_reason, error[0] if error else ("STORAGE_ERROR" if self._storage_failed else None))
+        failure = "SESSION_NOT_FOUND" if deleted else error[0] if error else None
+        self._ended = (finish_reason, failure or ("STORAGE_ERROR" if self._storage_failed else None))
         self.done = True
         self.gw.locks.forget(self)
         self._wake()

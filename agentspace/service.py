@@ -47,6 +47,9 @@ from .vault import resolve_key
 
 SHUTTING_DOWN_MESSAGE = "The gateway is shutting down; try again when it is back."
 
+# How long stopping an answer waits for it to be stored (an abort ends its call at once; this is a bound).
+STOP_WAIT_SECONDS = 5.0
+
 # Ids are stored, logged and echoed: plain ASCII of bounded length, so none can carry a line break, a
 # terminal escape or a lone surrogate. Model ids cover the providers' forms ("anthropic/claude-sonnet-4-5",
 # "bedrock/anthropic.claude-3-sonnet-20240229-v1:0", "vertex_ai/claude-3-5-sonnet@20240620").
@@ -351,17 +354,25 @@ class Service:
         checked(session_id, "id", session_id_problem)
         if self.caller != ADMIN:
             session_id = str((await self._owned(session_id))["id"])
-        if session_id in self.gw.locks:
+        if await self._streaming(session_id):
             raise ApiError("STREAM_IN_PROGRESS", "This session is streaming an answer; wait for it to end.")
         if not await self.gw.sessions.delete(session_id):
             raise _not_found(session_id)
         await self.gw.blobs.release(session_id)  # the files no other session uses go with it
 
+    async def _streaming(self, session_id: str) -> bool:
+        """Whether an answer streams in the session, here or (with Redis) on another replica."""
+        if session_id in self.gw.locks:
+            return True
+        return self.gw.cluster is not None and await self.gw.cluster.running_stream(session_id) is not None
+
     async def stop_answer(self, session_id: str) -> None:
-        """Stop the caller's running answer in the session (``chat.abort``: what was generated is kept)."""
+        """Stop the caller's running answer in the session (``chat.abort``: what was generated is kept); returns
+        once it is stored and the session free (a stop button, then the next question at once)."""
         turn = await self.resumable_turn(checked(session_id, "id", session_id_problem))
         if turn is not None and not turn.done:
             turn.abort()
+            await until_stopped(turn)
         elif self.gw.cluster is None or not await self.gw.cluster.request_abort(await self.resolve(session_id)):
             # Nothing streams here, nor (with Redis) on another replica.
             raise ApiError("NOT_FOUND", f"No answer is streaming in session {session_id!r}.")
@@ -407,7 +418,7 @@ class Service:
         """Summarise every turn of the caller's session but the latest (``context_policy.compact_session``)."""
         session_id = checked(session_id, "id", session_id_problem)
         session = await self._owned(session_id)
-        if session_id in self.gw.locks:
+        if await self._streaming(session_id):
             raise ApiError("STREAM_IN_PROGRESS", "This session is streaming an answer; wait for it to end.")
         model = session.get("model") or self.gw.default_model
         who = CompactFor(session_id, model, str(session.get("client") or self.caller), "compact")
@@ -655,6 +666,14 @@ def client_settings(body: object) -> dict[str, Any]:
     if problems := settings_problems(body):
         raise invalid(problems)
     return dict(body)
+
+
+async def until_stopped(turn: Turn, *also: asyncio.Task[Any] | None) -> None:
+    """Wait (at most STOP_WAIT_SECONDS) for an aborted turn to end: its answer stored, its session free, and
+    ``also`` (a transport's task sending its last frames) done."""
+    tasks = [task for task in (turn.task, *also) if task is not None and not task.done()]
+    if tasks:
+        await asyncio.wait(tasks, timeout=STOP_WAIT_SECONDS)
 
 
 def _not_found(session_id: str) -> ApiError:

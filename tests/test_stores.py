@@ -490,10 +490,15 @@ async def test_recent_sessions_are_served_from_the_cache_the_writer_keeps(
         ids = [(await store.create(model="m"))["id"] for _ in range(3)]
         for sid in ids:
             await store.append_message(sid, {"id": "m1", "role": "user", "content": "x" * 1000})
-        # Damage behind the store's back: the cached sessions are not parsed again (the next turn's context and
-        # GET /api/sessions/{id} cost no parse), and the writer's own changes are in the cache.
+        # Damage behind the store's back that leaves the file's inode, size and mtime as they were: the cached
+        # sessions are not parsed again (the next turn's context and GET /api/sessions/{id} cost no parse, only a
+        # stat), and the writer's own changes are in the cache. (A change that shows in the stat is read again:
+        # tests/test_sessions_outside.py.)
         path = tmp_path / "sessions" / f"{ids[0]}.jsonl"
-        path.write_bytes(b"garbage\n" + path.read_bytes())
+        before = path.stat()
+        with open(path, "r+b") as f:
+            f.write(b"garbage\n")
+        os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
         await store.append_message(ids[0], {"id": "m2", "role": "assistant", "content": "y"})
         assert [m["id"] for m in (await store.get(ids[0]))["messages"]] == ["m1", "m2"]
         with pytest.raises(SessionDamaged):

@@ -3,7 +3,9 @@
 Works on any session store through its interface (``listing`` and ``get``), so every backend gets it. The
 text of each session is kept in memory per store, lower-cased, with the summary it was read at; a session
 is read again only when its summary changed (a new message, a new title), so a search costs one listing
-and a substring scan. The first search of a process reads every session once.
+and a substring scan. The first search of a process reads every session once. The text kept is bounded
+(``INDEX_BYTES``): sessions past it are read again by every search that reaches them, so a data directory of
+many long sessions costs search time, not the server's memory.
 
 On the embedded store (``SessionStore``, one ``<id>.jsonl`` log per session, appended on every write; an
 ``<id>.json`` of an earlier version until its first change) even the listing is skipped: a session is read
@@ -28,6 +30,8 @@ from .protocols import SessionStoreAPI
 from .shapes import SESSION_ID
 
 SNIPPET = 60  # characters of context either side of a match
+# Lower-cased text the index keeps in memory per store, at most (about the text's size in bytes for ASCII).
+INDEX_BYTES = 64 * 1024 * 1024
 
 
 @dataclass(slots=True)
@@ -36,7 +40,7 @@ class _Entry:
     read again for the hits only), so the index costs about the sessions' text size in memory."""
 
     stamp: tuple[Any, ...]
-    text: str  # what is searched: the title and every message's text, lower-cased
+    text: str | None  # what is searched: the title and every message's text, lower-cased; None: not kept
     summary: dict[str, Any] | None = None  # the session's summary (kept for the file-stamp path)
 
 
@@ -104,11 +108,20 @@ def _file_stamps(directory: Path) -> dict[str, tuple[int, int, int]]:
     return stamps
 
 
+def _held(index: dict[str, _Entry]) -> int:
+    return sum(len(entry.text) for entry in index.values() if entry.text is not None)
+
+
 def _read_changed(store: SessionStore, index: dict[str, _Entry], stamps: dict[str, tuple[int, int, int]]) -> None:
+    for gone in set(index) - set(stamps):
+        del index[gone]
+    held = _held(index)
     for session_id, stamp in stamps.items():
         entry = index.get(session_id)
         if entry is not None and entry.stamp == stamp:
             continue
+        if entry is not None and entry.text is not None:
+            held -= len(entry.text)
         try:
             session = store.get_sync(session_id)
         except SessionDamaged:
@@ -117,9 +130,11 @@ def _read_changed(store: SessionStore, index: dict[str, _Entry], stamps: dict[st
             index.pop(session_id, None)
             continue
         summary = {k: v for k, v in session.items() if k != "messages"}
-        index[session_id] = _Entry(stamp, _document(session).lower(), summary)
-    for gone in set(index) - set(stamps):
-        del index[gone]
+        text: str | None = _document(session).lower()
+        if held + len(text or "") > INDEX_BYTES:
+            text = None  # past the bound: read again by each search (_scan)
+        held += len(text or "")
+        index[session_id] = _Entry(stamp, text, summary)
 
 
 async def _search_files(
@@ -130,11 +145,14 @@ async def _search_files(
     def refresh() -> None:
         _read_changed(store, index, _file_stamps(store.dir))
 
+    def refreshed_scan() -> _Search:
+        refresh()
+        return _scan(index, query, client, since, limit, _reader(store.get_sync))
+
     # One refresh at a time: the index is changed on a worker thread while the loop may start another search.
     lock = _LOCKS.setdefault(store, asyncio.Lock())
     async with lock:
-        await read_in_thread(refresh)
-        search = _scan(index, query, client, since, limit)
+        search = await read_in_thread(refreshed_scan)
     return await read_in_thread(search.done, _reader(store.get_sync))
 
 
@@ -148,14 +166,27 @@ def _reader(get: Callable[[str], dict[str, Any] | None]) -> Callable[[str], dict
     return read
 
 
-def _scan(index: dict[str, _Entry], query: str, client: str | None, since: str | None, limit: int) -> _Search:
+def _scan(
+    index: dict[str, _Entry],
+    query: str,
+    client: str | None,
+    since: str | None,
+    limit: int,
+    read: Callable[[str], dict[str, Any] | None],
+) -> _Search:
     search = _Search(index, query, client, limit, since)
     entries = [e for e in index.values() if e.summary is not None]
     entries.sort(key=lambda e: _recency(e.summary or {}), reverse=True)
     for entry in entries:
         summary = entry.summary or {}
         if search.mine(summary):
-            search.match(summary, entry)
+            if entry.text is None:  # not kept (the index is full): read for this search only
+                session = read(str(summary["id"]))
+                if session is not None:
+                    original = _document(session)
+                    search.match(summary, _Entry(entry.stamp, original.lower()), original)
+            else:
+                search.match(summary, entry)
         if search.full:
             break
     search.seen = set(index)
@@ -213,6 +244,7 @@ class _Search:
     ) -> None:
         self.index, self.client, self.limit, self.since = index, client, limit, since
         self.needle = query.strip().lower()
+        self.held = _held(index)  # text the index keeps, for its bound
         # Hits in order: (summary, lower-cased text, offset, the original text when it was just read).
         self.hits: list[tuple[dict[str, Any], str, int, str | None]] = []
         self.seen: set[str] = set()
@@ -246,13 +278,19 @@ class _Search:
         if session is None:
             return
         original = _document(session)
-        entry = self.index[str(summary["id"])] = _Entry(_stamp(summary), original.lower())
+        entry = _Entry(_stamp(summary), original.lower())
+        old = self.index.pop(str(summary["id"]), None)
+        self.held -= len(old.text or "") if old is not None else 0
+        if self.held + len(entry.text or "") <= INDEX_BYTES:  # else read again by the next search that reaches it
+            self.index[str(summary["id"])] = entry
+            self.held += len(entry.text or "")
         self.match(summary, entry, original)
 
     def match(self, summary: dict[str, Any], entry: _Entry, original: str | None = None) -> None:
-        at = entry.text.find(self.needle)
+        text = entry.text or ""
+        at = text.find(self.needle)
         if at >= 0:
-            self.hits.append((summary, entry.text, at, original))
+            self.hits.append((summary, text, at, original))
 
     def unread(self) -> list[str]:
         """The hits whose original text was not read by this search."""

@@ -25,7 +25,7 @@ from ..errors import ApiError, outage_error
 from ..gateway_token import token_matches
 from ..logs import warn_limited
 from ..pipeline import Turn
-from ..service import ChatInput, chat_request, invalid, parse_json, request_id_ok
+from ..service import ChatInput, chat_request, invalid, parse_json, request_id_ok, until_stopped
 from ..types import FilePart, compact_json, usage_to_wire
 from . import state
 from .fences import FenceTracker
@@ -134,6 +134,7 @@ class Connection:
         self.ws = ws
         self.turn: Turn | None = None
         self.turn_request_id: Any = None
+        self.turn_aborted = False  # chat.abort was sent for self.turn
         self.forwarder: asyncio.Task[None] | None = None
         self.limiter = security.message_limiter(self.config)
         # The connection's socket, shared with aiohttp's frame writer (both write whole frames, in call order).
@@ -209,16 +210,21 @@ class Connection:
             ),
         )
         request.credential = self.credential  # each call checks the key is still the client's
+        if self.turn is not None and not self.turn.done and self.turn_aborted:
+            # chat.abort, then chat.send at once (a stop button, then the next question): the stopped answer is
+            # stored and its end sent first, then the new turn starts.
+            await until_stopped(self.turn, self.forwarder)
         if self.turn is not None and not self.turn.done:
             raise ApiError("STREAM_IN_PROGRESS", "This connection is already streaming; wait or send chat.abort.")
         turn = await self.service.start_chat(request)
-        self.turn, self.turn_request_id = turn, request_id
+        self.turn, self.turn_request_id, self.turn_aborted = turn, request_id, False
         self.forwarder = asyncio.create_task(self.forward(turn, request_id))
 
     async def on_chat_abort(self, request_id: Any, msg: dict[str, Any]) -> None:
         target = msg.get("requestId")
         if self.turn is None or self.turn.done or target != self.turn_request_id:
             raise invalid({"requestId": "no running stream with that requestId on this connection"})
+        self.turn_aborted = True
         self.turn.abort()
 
     async def on_context_inspect(self, request_id: Any, msg: dict[str, Any]) -> None:

@@ -21,8 +21,10 @@ table ``messages``), are read as they are and converted to a log on their first 
 The server's async methods run on the store thread (``store_thread``); writes go through a group commit
 (``append_log.GroupCommit``: writes queued together share one ``fdatasync``). The server keeps the sessions
 it used recently parsed, with their logs open, in a bounded cache (``OPEN_SESSIONS``, ``OPEN_BYTES``) that
-only its own writes change, so the next turn's context and ``GET /api/sessions/{id}`` parse nothing; the sync
-methods, for the CLI, read the files.
+its own writes change, so the next turn's context and ``GET /api/sessions/{id}`` parse nothing, only stat the
+file: a file deleted (the CLI), replaced (a copy restored) or appended to from outside since the server's last
+read or write of it has another (inode, size, mtime), and is read again. The sync methods, for the CLI, read
+the files.
 
 A turn writes its user message with ``sync=False`` (``create``, ``append_message``): written at once (a disk
 that refuses it refuses the turn), its sync started at once in the background; the call's pending ledger
@@ -31,8 +33,8 @@ entry is synced beside it, and the request leaves once both are durable (``await
 the other.
 
 A session file that does not parse was damaged outside agentspace: the server moves it aside
-(``<id>.jsonl.damaged-<time>``, kept and logged) and that session answers SessionDamaged from then on;
-listings skip damaged files and name them.
+(``<id>.jsonl.damaged-<time>``, kept and logged) and that session answers SessionDamaged while that copy is
+there (once it is removed, the id is free again); listings skip damaged files and name them.
 """
 
 from __future__ import annotations
@@ -123,6 +125,9 @@ class _Session:
     log: AppendLog | None = None
     legacy: bool = False
     size: int = 0  # bytes on disk, for the cache's bound
+    # The file's (inode, size, mtime) as our last read or write left it: another value means it was changed
+    # from outside (replaced by a restored copy, appended to, cut short), and the cached copy is stale.
+    stamp: tuple[int, int, int] | None = None
 
     def summary(self) -> dict[str, Any]:
         return {**{key: self.info.get(key) for key in _SUMMARY_KEYS}, "messageCount": len(self.messages)}
@@ -463,7 +468,8 @@ class SessionStore:
         }
 
     def _is_damaged(self, session_id: str) -> bool:
-        if self._damaged_ids is None:
+        if self._damaged_ids is None or session_id in self._damaged_ids:
+            # Listed again for a damaged id: its moved-aside copy may have been removed since (the id is free).
             self._damaged_ids = self._scan_damaged_ids()
         return session_id in self._damaged_ids
 
@@ -483,13 +489,17 @@ class SessionStore:
             return None
         session = self._open.get(session_id)
         if session is not None:
-            # The CLI may have deleted it since we cached it; a stat is far cheaper than a parse.
+            # The CLI may have deleted it since we cached it, or a file may have been put in its place: a stat is
+            # far cheaper than a parse, and a changed file is read again.
             path = self._legacy_path(session_id) if session.legacy else self._log_path(session_id)
-            if os.path.exists(path):
+            stamp = _file_stamp(path)
+            if stamp is not None and stamp == session.stamp:
                 self._open.move_to_end(session_id)
                 return session
             self._forget(session_id)
-            return None
+            if stamp is None:
+                return None
+            log.warning("%s was changed from outside the server; read again", path)
         try:
             session = self._load(session_id)
         except StoreCorrupt as e:
@@ -527,14 +537,15 @@ class SessionStore:
             session = replayed[0]
             with contextlib.suppress(FileNotFoundError):  # a conversion that crashed before removing it
                 os.unlink(self._legacy_path(session_id))
-            session.log, session.size = log_, log_.size
+            session.log, session.size, session.stamp = log_, log_.size, _file_stamp(path)
             return session
         legacy = self._legacy_path(session_id)
         tables = _checked(read_tables(legacy), legacy)
         if tables is None:
             return None
         session = _legacy_session(tables)
-        session.size = legacy.stat().st_size
+        session.stamp = _file_stamp(legacy)
+        session.size = session.stamp[1] if session.stamp is not None else 0
         return session
 
     def _remember(self, session_id: str, session: _Session) -> None:
@@ -575,11 +586,14 @@ class SessionStore:
         self._prepare()
         path = self._log_path(session_id)
         if session.legacy:
-            write_bytes_atomic(path, _log_bytes(session))
+            payload = _log_bytes(session)
+            write_bytes_atomic(path, payload)
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self._legacy_path(session_id))
             fsync_dir(self.dir)
             session.legacy = False
+            self._open_bytes += len(payload) - session.size
+            session.size = len(payload)
         log_ = AppendLog(path)
         log_.open(read=False)
         session.log = log_
@@ -601,6 +615,7 @@ class SessionStore:
         session.info, session.messages = info, messages
         self._open_bytes += written
         session.size += written
+        session.stamp = _file_stamp(log_.path)
         self._evict()
         return log_
 
@@ -626,7 +641,7 @@ class SessionStore:
             self._prepare()
             payload = _log_bytes(session)
             session.log = AppendLog.create(self._log_path(session_id), payload)
-            session.size = len(payload)
+            session.size, session.stamp = len(payload), _file_stamp(self._log_path(session_id))
             self._remember(session_id, session)
             return session.summary(), session.log
 
@@ -693,6 +708,15 @@ class SessionStore:
 def _retrieved(future: asyncio.Future[None]) -> None:
     if not future.cancelled():
         future.exception()
+
+
+def _file_stamp(path: Path) -> tuple[int, int, int] | None:
+    """The file's (inode, size, mtime), or None when it is gone."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return (st.st_ino, st.st_size, st.st_mtime_ns)
 
 
 def _is_empty(path: Path) -> bool:
