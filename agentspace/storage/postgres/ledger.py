@@ -6,7 +6,9 @@ that owns the call renews it every ``RENEW_SECONDS`` while it runs. A replica th
 lease lapses; every replica looks for such rows every ``SCAN_SECONDS`` (after the database was out of reach,
 not before a whole lease has passed: meanwhile every live replica renewed its own), claims them (one replica
 each: ``FOR UPDATE SKIP LOCKED``), posts each call from what was noted (``calls.recovered_record``) and
-deletes the row. Usage records are inserted once per id, so a recovery that runs twice posts nothing twice.
+deletes the row. Usage records are inserted once per id, so a recovery that runs twice posts nothing twice;
+a live replica that was only cut off for longer than a lease posts its calls' records later, and each takes
+its estimate's place (``storage/postgres/usage.py``, ``usage_recovered``).
 
 Notes and closings are batched: one statement per kind per flush, at most a second after they happen.
 
@@ -42,6 +44,8 @@ _UNPOST = """
 WITH gone AS (
     DELETE FROM usage_records WHERE id = $1 AND ts >= $2 AND (record::jsonb->>'recovered')::boolean
     RETURNING *
+), unmarked AS (
+    DELETE FROM usage_recovered WHERE id IN (SELECT id FROM gone)
 ), rolled AS (
     UPDATE usage_rollups r SET input_tokens = r.input_tokens - g.input_tokens,
         output_tokens = r.output_tokens - g.output_tokens, total_tokens = r.total_tokens - g.total_tokens,
