@@ -86,10 +86,11 @@ async def spend_and_rollups(dsn: str) -> tuple[int, float, int]:
 async def test_a_replica_cut_off_longer_than_a_lease_its_reported_records_replace_the_estimates(
     tmp_path: Path, fake_anthropic: Any, pg_dsn: str, redis_srv: Redis, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A streams two calls; the database is cut off from A alone. One call ends while A is cut off (its record
-    spooled and retried), the other after. B recovers both with estimates once A's leases lapse; when A reaches
-    the database again each call has one record, as the upstream reported it, and the estimates are gone from
-    the rollups and from the client's spend, on both replicas."""
+    """A streams three calls (/v1/messages, /v1/responses, /v1/chat/completions), B one; the database is cut off
+    from A alone. Two of A's calls end while A is cut off (their records spooled and retried), the third after.
+    B recovers A's calls with estimates once A's leases lapse; when A reaches the database again each call has
+    one record, as the upstream reported it, and the estimates are gone from the rollups and from the client's
+    spend, on both replicas."""
     monkeypatch.setenv("AGENTSPACE_GATEWAY_TOKEN", TOKEN)
     await flush_redis(redis_srv)
     port = int(pg_dsn.rsplit(":", 1)[1].split("/", 1)[0])
@@ -106,23 +107,21 @@ async def test_a_replica_cut_off_longer_than_a_lease_its_reported_records_replac
         "tok " * 80, chunks=80, usage={"input_tokens": 3000}, delta_usages=[{"output_tokens": 500}]
     )
     long = fa.text_response("tok " * 60, chunks=60, usage={"input_tokens": 3000}, delta_usages=[{"output_tokens": 500}])
-    fake_anthropic.enqueue(short.with_delay(0.1))  # 8 s at most: ends while A is cut off
+    messages = [{"role": "user", "content": "Hi"}]
+    calls = [  # replica, path, body, what ends its stream; the upstream answers in this order
+        (a, "/v1/messages", {"model": "claude-sonnet-4-5", "max_tokens": 1024, "messages": messages}, b"message_stop"),
+        (a, "/v1/responses", {"model": "anthropic/claude-sonnet-4-5", "input": "Hi"}, b"response.completed"),
+        (b, "/v1/messages", {"model": "claude-sonnet-4-5", "max_tokens": 1024, "messages": messages}, b"message_stop"),
+        (
+            a,
+            "/v1/chat/completions",
+            {"model": "anthropic/claude-sonnet-4-5", "stream_options": {"include_usage": True}, "messages": messages},
+            b"data: [DONE]",
+        ),
+    ]
+    for response in (short, short, short):
+        fake_anthropic.enqueue(response.with_delay(0.1))  # 8 s at most: A's end while A is cut off
     fake_anthropic.enqueue(long.with_delay(0.6))  # 36 s at most: ends after A is back, or just before
-    bodies = {
-        "/v1/messages": {
-            "model": "claude-sonnet-4-5",
-            "max_tokens": 1024,
-            "stream": True,
-            "messages": [{"role": "user", "content": "Hi"}],
-        },
-        "/v1/chat/completions": {
-            "model": "anthropic/claude-sonnet-4-5",
-            "max_tokens": 1024,
-            "stream": True,
-            "stream_options": {"include_usage": True},
-            "messages": [{"role": "user", "content": "Hi"}],
-        },
-    }
     try:
         await asyncio.gather(a.start(), b.start())
         async with aiohttp.ClientSession(headers=HEADERS) as http:
@@ -132,41 +131,42 @@ async def test_a_replica_cut_off_longer_than_a_lease_its_reported_records_replac
         loop = asyncio.get_running_loop()
         async with aiohttp.ClientSession(headers=headers) as http:
             streams = []
-            for path, body in bodies.items():
-                resp = await http.post(a.url + path, json=body)
+            for server, path, body, _ in calls:
+                resp = await http.post(server.url + path, json={**body, "stream": True})
                 assert resp.status == 200, await resp.text()
                 streams.append(asyncio.ensure_future(resp.read()))
             await asyncio.sleep(1.2)  # the reported input reaches the shared ledger
             proxy.sever()
-            assert b"message_stop" in await streams[0]  # the short call ends; A spools its record
+            for stream, (_, _, _, end) in list(zip(streams, calls, strict=True))[:3]:
+                assert end in await stream  # A spools the records of its calls that end now
             deadline = loop.time() + 40
-            while not (estimates := [r for r in await recorded(pg_dsn) if r.get("recovered")]) or len(estimates) < 2:
+            while len(estimates := [r for r in await recorded(pg_dsn) if r.get("recovered")]) < 3:
                 assert loop.time() < deadline, "B never recovered A's lapsed calls"
                 await asyncio.sleep(0.5)
             proxy.cut = False  # A reaches the database again
-            assert b"data: [DONE]" in await streams[1]
+            assert calls[3][3] in await streams[3]
             deadline = loop.time() + 30
             while (records := await recorded(pg_dsn)) and any(r.get("recovered") for r in records):
                 assert loop.time() < deadline, records
                 await asyncio.sleep(0.5)
             await asyncio.sleep(1.5)  # a duplicate would come now, if at all
         records = await recorded(pg_dsn)
-        assert len(records) == 2 and len({r["id"] for r in records}) == 2, records
-        assert {r["id"] for r in records} == {r["id"] for r in estimates}
+        assert len(records) == 4 and len({r["id"] for r in records}) == 4, records
+        assert {r["id"] for r in estimates} < {r["id"] for r in records}
         for record in records:
             assert (record["inputTokens"], record["outputTokens"]) == (3000, 500), record
             assert not record.get("recovered") and not record.get("estimatedFields"), record
         posted = sum(r["totalCost"] for r in records)
         count, rolled_cost, rolled_estimated = await spend_and_rollups(pg_dsn)
-        assert (count, rolled_estimated) == (2, 0) and rolled_cost == pytest.approx(posted)
+        assert (count, rolled_estimated) == (4, 0) and rolled_cost == pytest.approx(posted)
         async with aiohttp.ClientSession(headers=HEADERS) as http:
             for server in (a, b):
                 async with http.get(f"{server.url}/api/usage") as resp:
                     total = (await resp.json())["grandTotal"]
-                assert total["requestCount"] == 2 and total["totalCost"] == pytest.approx(posted), total
+                assert total["requestCount"] == 4 and total["totalCost"] == pytest.approx(posted), total
                 async with http.get(f"{server.url}/api/clients/team") as resp:
                     assert (await resp.json())["client"]["spend"]["usd"] == pytest.approx(posted)
-        assert len(fake_anthropic.requests) == 2
+        assert len(fake_anthropic.requests) == 4  # one record per call the upstream saw
     finally:
         await stop_running(a, b)
         await proxy.aclose()
