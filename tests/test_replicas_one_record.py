@@ -69,6 +69,29 @@ class CuttableProxy:
             await self._server.wait_closed()
 
 
+async def ws_turn(server: GatewayProcess, key: str) -> list[str]:
+    """A WebSocket turn: what ended it (the last frame's message, or its type)."""
+    async with (
+        aiohttp.ClientSession() as http,
+        http.ws_connect(server.ws_url, headers={"Authorization": f"Bearer {key}"}) as ws,
+    ):
+        await ws.send_json({"type": "chat.send", "id": "r", "content": "Hi"})
+        frames: list[dict[str, Any]] = []
+        while not frames or frames[-1]["type"] not in ("chat.stream.end", "error"):
+            frames.append(json.loads((await ws.receive(timeout=60)).data))
+    return [str(f.get("message") or f["type"]) for f in frames[-2:]]
+
+
+async def api_chat(server: GatewayProcess, key: str) -> list[str]:
+    """A turn over POST /api/chat: its last events."""
+    body = {"id": "s-http", "messages": [{"id": "u1", "role": "user", "parts": [{"type": "text", "text": "Hi"}]}]}
+    headers = {"Authorization": f"Bearer {key}"}
+    async with aiohttp.ClientSession() as http, http.post(f"{server.url}/api/chat", json=body, headers=headers) as resp:
+        assert resp.status == 200
+        events = [json.loads(e[6:]) for e in (await resp.read()).decode().split("\n\n") if e.startswith("data: {")]
+    return [str(e.get("errorText") or e["type"]) for e in events[-2:]]
+
+
 async def spend_and_rollups(dsn: str) -> tuple[int, float, int]:
     """How many records are stored, and the rollups' cost and count of estimated records."""
     db = PostgresDatabase(dsn)
@@ -86,8 +109,9 @@ async def spend_and_rollups(dsn: str) -> tuple[int, float, int]:
 async def test_a_replica_cut_off_longer_than_a_lease_its_reported_records_replace_the_estimates(
     tmp_path: Path, fake_anthropic: Any, pg_dsn: str, redis_srv: Redis, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A streams three calls (/v1/messages, /v1/responses, /v1/chat/completions), B one; the database is cut off
-    from A alone. Two of A's calls end while A is cut off (their records spooled and retried), the third after.
+    """A streams three calls (/v1/messages, /v1/responses, /v1/chat/completions) and two turns (WebSocket,
+    /api/chat), B one call; the database is cut off from A alone. Four of A's end while A is cut off (their
+    records spooled and retried), the /v1/chat/completions call after.
     B recovers A's calls with estimates once A's leases lapse; when A reaches the database again each call has
     one record, as the upstream reported it, and the estimates are gone from the rollups and from the client's
     spend, on both replicas."""
@@ -135,12 +159,17 @@ async def test_a_replica_cut_off_longer_than_a_lease_its_reported_records_replac
                 resp = await http.post(server.url + path, json={**body, "stream": True})
                 assert resp.status == 200, await resp.text()
                 streams.append(asyncio.ensure_future(resp.read()))
+            fake_anthropic.default = short.with_delay(0.1)
+            turns = [asyncio.ensure_future(ws_turn(a, key)), asyncio.ensure_future(api_chat(a, key))]
             await asyncio.sleep(1.2)  # the reported input reaches the shared ledger
             proxy.sever()
             for stream, (_, _, _, end) in list(zip(streams, calls, strict=True))[:3]:
                 assert end in await stream  # A spools the records of its calls that end now
+            # The turns of sessions end with the answer relayed, and the session's write kept for a retry.
+            for ends in await asyncio.gather(*turns):
+                assert "could not be stored" in ends[-1] and "kept in memory" in ends[-1], ends
             deadline = loop.time() + 40
-            while len(estimates := [r for r in await recorded(pg_dsn) if r.get("recovered")]) < 3:
+            while len(estimates := [r for r in await recorded(pg_dsn) if r.get("recovered")]) < 5:
                 assert loop.time() < deadline, "B never recovered A's lapsed calls"
                 await asyncio.sleep(0.5)
             proxy.cut = False  # A reaches the database again
@@ -151,22 +180,23 @@ async def test_a_replica_cut_off_longer_than_a_lease_its_reported_records_replac
                 await asyncio.sleep(0.5)
             await asyncio.sleep(1.5)  # a duplicate would come now, if at all
         records = await recorded(pg_dsn)
-        assert len(records) == 4 and len({r["id"] for r in records}) == 4, records
+        assert len(records) == 6 and len({r["id"] for r in records}) == 6, records
+        assert sorted(r["endpoint"] for r in records) == ["anthropic", "anthropic", "http", "openai", "responses", "ws"]
         assert {r["id"] for r in estimates} < {r["id"] for r in records}
         for record in records:
             assert (record["inputTokens"], record["outputTokens"]) == (3000, 500), record
             assert not record.get("recovered") and not record.get("estimatedFields"), record
         posted = sum(r["totalCost"] for r in records)
         count, rolled_cost, rolled_estimated = await spend_and_rollups(pg_dsn)
-        assert (count, rolled_estimated) == (4, 0) and rolled_cost == pytest.approx(posted)
+        assert (count, rolled_estimated) == (6, 0) and rolled_cost == pytest.approx(posted)
         async with aiohttp.ClientSession(headers=HEADERS) as http:
             for server in (a, b):
                 async with http.get(f"{server.url}/api/usage") as resp:
                     total = (await resp.json())["grandTotal"]
-                assert total["requestCount"] == 4 and total["totalCost"] == pytest.approx(posted), total
+                assert total["requestCount"] == 6 and total["totalCost"] == pytest.approx(posted), total
                 async with http.get(f"{server.url}/api/clients/team") as resp:
                     assert (await resp.json())["client"]["spend"]["usd"] == pytest.approx(posted)
-        assert len(fake_anthropic.requests) == 4  # one record per call the upstream saw
+        assert len(fake_anthropic.requests) == 6  # one record per call the upstream saw
     finally:
         await stop_running(a, b)
         await proxy.aclose()
