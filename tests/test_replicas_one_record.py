@@ -101,6 +101,7 @@ async def spend_and_rollups(dsn: str) -> tuple[int, float, int]:
                 "SELECT coalesce(sum(total_cost), 0), coalesce(sum(estimated), 0) FROM usage_rollups"
             )
             assert rolled is not None
+            assert await conn.fetchval("SELECT count(*) FROM usage_recovered") == 0  # no estimate left marked
             return int(await conn.fetchval("SELECT count(*) FROM usage_records")), float(rolled[0]), int(rolled[1])
     finally:
         await db.aclose()

@@ -24,10 +24,11 @@ import asyncio
 import json
 import logging
 from collections.abc import Awaitable, Callable
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 from .database import PostgresDatabase
+from .usage import parse_time
 
 if TYPE_CHECKING:
     from ..shapes import LedgerEntry
@@ -193,20 +194,23 @@ class PostgresLedger:
             )
         if not rows:
             return 0
+        entries = {
+            row["id"]: json.loads(row["entry"]) if isinstance(row["entry"], str) else row["entry"] for row in rows
+        }
+        # A call's record is stamped at or after its start (on the same clock): the months before are not read.
+        since = min(parse_time(entry.get("time")) for entry in entries.values()) - timedelta(minutes=5)
         async with self.db.connection() as conn:  # posted already: the owner died before its row was deleted
             stored = {
                 r["id"]
                 for r in await conn.fetch(
-                    "SELECT id FROM usage_records WHERE id = ANY($1::text[])", [row["id"] for row in rows]
+                    "SELECT id FROM usage_records WHERE id = ANY($1::text[]) AND ts >= $2", list(entries), since
                 )
             }
         done = [row["id"] for row in rows if row["id"] in stored]
         for row in rows:
             if row["id"] in stored:
                 continue
-            entry = row["entry"]
-            if isinstance(entry, str):
-                entry = json.loads(entry)
+            entry = entries[row["id"]]
             try:
                 if await recover(entry):
                     done.append(row["id"])
