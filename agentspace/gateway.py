@@ -33,6 +33,7 @@ from .sinks import UsageSink
 from .storage.embedded.blobs import FileBlobStore
 from .storage.embedded.clients import ClientStore
 from .storage.ledger import Ledger
+from .storage.postgres.usage import PostgresUsageStore
 from .storage.protocols import SharedLedger, Storage
 from .types import ContextSectionBuilder, Tool
 
@@ -107,6 +108,8 @@ async def assemble(
     guard = Guard(
         clients, storage.usage, models.model_info, counters, shutting_down=shutting_down, gateway_token=gateway_token
     )
+    if isinstance(storage.usage, PostgresUsageStore):  # a recovered estimate it takes out leaves the spend too
+        storage.usage.unsettle = guard.unsettle
     sinks = list(plugins.sinks)
     if config["alerts"]["thresholds"]:  # after the storage's sink: it reads the spend the record just added to
         sinks.append(BudgetAlerts(config, pm, clients, storage.usage, cluster))

@@ -283,7 +283,8 @@ async def test_the_migration_to_half_full_pages_shrinks_rollups_already_grown(
     # them to the size of their rows, and the reports are what they were.
     from agentspace.storage.postgres import database
 
-    monkeypatch.setattr(database, "MIGRATIONS", [v for v in MIGRATIONS if v[0] < 6])
+    # (7 applied too: the inserts of today's store read the table it adds.)
+    monkeypatch.setattr(database, "MIGRATIONS", [v for v in MIGRATIONS if v[0] != 6])
     old = PostgresDatabase(pg_dsn)
     usage = PostgresUsageStore(old)
     try:

@@ -6,7 +6,9 @@ that owns the call renews it every ``RENEW_SECONDS`` while it runs. A replica th
 lease lapses; every replica looks for such rows every ``SCAN_SECONDS`` (after the database was out of reach,
 not before a whole lease has passed: meanwhile every live replica renewed its own), claims them (one replica
 each: ``FOR UPDATE SKIP LOCKED``), posts each call from what was noted (``calls.recovered_record``) and
-deletes the row. Usage records are inserted once per id, so a recovery that runs twice posts nothing twice.
+deletes the row. Usage records are inserted once per id, so a recovery that runs twice posts nothing twice;
+a live replica that was only cut off for longer than a lease posts its calls' records later, and each takes
+its estimate's place (``storage/postgres/usage.py``, ``usage_recovered``).
 
 Notes and closings are batched: one statement per kind per flush, at most a second after they happen.
 
@@ -22,10 +24,11 @@ import asyncio
 import json
 import logging
 from collections.abc import Awaitable, Callable
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 from .database import PostgresDatabase
+from .usage import parse_time
 
 if TYPE_CHECKING:
     from ..shapes import LedgerEntry
@@ -42,6 +45,8 @@ _UNPOST = """
 WITH gone AS (
     DELETE FROM usage_records WHERE id = $1 AND ts >= $2 AND (record::jsonb->>'recovered')::boolean
     RETURNING *
+), unmarked AS (
+    DELETE FROM usage_recovered WHERE id IN (SELECT id FROM gone)
 ), rolled AS (
     UPDATE usage_rollups r SET input_tokens = r.input_tokens - g.input_tokens,
         output_tokens = r.output_tokens - g.output_tokens, total_tokens = r.total_tokens - g.total_tokens,
@@ -189,20 +194,23 @@ class PostgresLedger:
             )
         if not rows:
             return 0
+        entries = {
+            row["id"]: json.loads(row["entry"]) if isinstance(row["entry"], str) else row["entry"] for row in rows
+        }
+        # A call's record is stamped at or after its start (on the same clock): the months before are not read.
+        since = min(parse_time(entry.get("time")) for entry in entries.values()) - timedelta(minutes=5)
         async with self.db.connection() as conn:  # posted already: the owner died before its row was deleted
             stored = {
                 r["id"]
                 for r in await conn.fetch(
-                    "SELECT id FROM usage_records WHERE id = ANY($1::text[])", [row["id"] for row in rows]
+                    "SELECT id FROM usage_records WHERE id = ANY($1::text[]) AND ts >= $2", list(entries), since
                 )
             }
         done = [row["id"] for row in rows if row["id"] in stored]
         for row in rows:
             if row["id"] in stored:
                 continue
-            entry = row["entry"]
-            if isinstance(entry, str):
-                entry = json.loads(entry)
+            entry = entries[row["id"]]
             try:
                 if await recover(entry):
                     done.append(row["id"])

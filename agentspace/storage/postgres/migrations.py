@@ -154,4 +154,18 @@ MIGRATIONS: list[tuple[int, str]] = [
         CLUSTER usage_rollups USING usage_rollups_pkey;
         """,
     ),
+    (
+        7,
+        # The recovered estimates stored (storage/postgres/usage.py): their ids and times. The records' key is
+        # (ts, id), and an estimate carries the call's start, its record as reported the call's end, so the key
+        # alone does not keep them from being stored both; every insert looks its ids up here (a small table),
+        # and a reported record takes its estimate's place.
+        """
+        CREATE TABLE usage_recovered (id text PRIMARY KEY, ts timestamptz NOT NULL);
+        INSERT INTO usage_recovered
+        SELECT id, min(ts) FROM usage_records
+        WHERE record LIKE '%"recovered": true%' AND (record::json->>'recovered')::boolean
+        GROUP BY id;
+        """,
+    ),
 ]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
@@ -68,6 +68,10 @@ def _partition_name(start: datetime) -> str:
     return f"usage_records_{start.year:04d}_{start.month:02d}"
 
 
+def _columns(rows: Sequence[tuple[Any, ...]]) -> list[list[Any]]:
+    return [list(column) for column in zip(*rows, strict=True)]
+
+
 def _row(record: dict[str, Any]) -> tuple[Any, ...]:
     return (
         str(record.get("id") or new_id("u_")),
@@ -103,18 +107,39 @@ _ROLLUP_SUMS = (
 _ADDED = ("input_tokens", "output_tokens", "total_tokens", "cache_read_tokens", "cache_write_tokens",
           "reasoning_tokens", "total_cost", "answered", "errors", "estimated", "server_tool_cost",
           "server_tool_uses")  # fmt: skip
+# A record as reported whose call has a recovered estimate stored (``usage_recovered``, a small table, looked
+# up by id) is held back: its ids are returned, and ``_insert`` puts it in the estimate's place.
 _INSERT = (
     f"WITH src AS (SELECT * FROM unnest({', '.join(f'${n}::{t}[]' for n, t in enumerate(_TYPES, 1))}, "
-    f"${len(_TYPES) + 1}::text[]) AS t({', '.join(_COLUMNS)}, endpoint)), "
+    f"${len(_TYPES) + 1}::text[], ${len(_TYPES) + 2}::bool[]) AS t({', '.join(_COLUMNS)}, endpoint, recovered)), "
+    "held AS (SELECT s.id FROM src s JOIN usage_recovered r ON r.id = s.id WHERE NOT s.recovered), "
     f"new AS (INSERT INTO usage_records ({', '.join(_COLUMNS)}) SELECT {', '.join(_COLUMNS)} FROM src "
-    "ON CONFLICT DO NOTHING RETURNING id, ts), "
+    "WHERE id NOT IN (SELECT id FROM held) ON CONFLICT DO NOTHING RETURNING id, ts), "
     "added AS (INSERT INTO usage_rollups "
     "SELECT (ts AT TIME ZONE 'UTC')::date, model, coalesce(client, ''), coalesce(session_id, ''), endpoint, "
     f"{_ROLLUP_SUMS} FROM src JOIN new USING (id, ts) GROUP BY 1, 2, 3, 4, 5 ORDER BY 1, 2, 3, 4, 5 "
     "ON CONFLICT (day, model, client, session_id, endpoint) DO UPDATE SET "
     + ", ".join(f"{c} = usage_rollups.{c} + EXCLUDED.{c}" for c in _ADDED)
     + ", price_unknown = usage_rollups.price_unknown OR EXCLUDED.price_unknown) "
-    "SELECT count(*) FROM new"
+    "SELECT (SELECT count(*) FROM new), ARRAY(SELECT id FROM held)"
+)
+# The estimates of ``$1`` (ids) out: their records, their marks and their share of the rollups (summed per rollup
+# row first: an UPDATE ... FROM changes a row once, whatever number of rows it matches). Their clients and costs.
+_UNPOST = (
+    "WITH est AS (DELETE FROM usage_recovered WHERE id = ANY($1::text[]) RETURNING id, ts), "
+    "gone AS (DELETE FROM usage_records u USING est WHERE u.id = est.id AND u.ts = est.ts RETURNING u.*), "
+    "g AS (SELECT (ts AT TIME ZONE 'UTC')::date AS day, model, coalesce(client, '') AS client, "
+    "coalesce(session_id, '') AS session_id, coalesce(record::jsonb->>'endpoint', '') AS endpoint, "
+    + ", ".join(
+        f"{e} AS {c}"
+        for e, c in zip(_ROLLUP_SUMS.replace("bool_or(price_unknown), ", "").split(", "), _ADDED, strict=True)
+    )
+    + " FROM gone GROUP BY 1, 2, 3, 4, 5), "
+    "rolled AS (UPDATE usage_rollups r SET "
+    + ", ".join(f"{c} = r.{c} - g.{c}" for c in _ADDED)
+    + " FROM g WHERE r.day = g.day AND r.model = g.model AND r.client = g.client "
+    "AND r.session_id = g.session_id AND r.endpoint = g.endpoint) "
+    "SELECT client, total_cost FROM gone"
 )
 
 _SUMS = (
@@ -168,6 +193,8 @@ class PostgresUsageStore:
         self._writer: asyncio.Task[None] | None = None
         self._partitions: set[str] = set()
         self._closed = False
+        # Takes an estimate's cost out of its client's spend (``limits.Guard.unsettle``), set by the gateway.
+        self.unsettle: Callable[[str | None, float], Awaitable[None]] | None = None
 
     async def append(self, record: UsageRecord) -> None:
         await self.append_dicts([record.to_dict()])
@@ -204,15 +231,70 @@ class PostgresUsageStore:
                         future.set_result(None)
 
     async def _insert(self, records: Sequence[dict[str, Any]]) -> int:
-        """Insert in one transaction; how many records were new (the others were stored already)."""
+        """Insert in one transaction; how many records were new (the others were stored already). One record
+        per call id, whatever its time: a recovered estimate of a call already recorded as reported is not
+        stored, and a record as reported takes the place of its call's estimate. Either way the estimate's cost
+        goes out of its client's spend again (``unsettle``), which the record's settling counts once."""
         rows = [_row(r) for r in records]
         if not rows:
             return 0
         await self._ensure_partitions({_month_start(row[1]) for row in rows})
-        columns = [list(column) for column in zip(*rows, strict=True)]
+        recovered = [bool(r.get("recovered")) for r in records]
         endpoints = [str(r.get("endpoint") or "") for r in records]
+        unposted: list[tuple[str | None, float]] = []
         async with self.db.transaction() as conn:
-            return int(await conn.fetchval(_INSERT, *columns, endpoints))
+            if any(recovered):
+                rows, endpoints, recovered = await self._admit_estimates(conn, rows, endpoints, recovered, unposted)
+            new, held = await conn.fetchrow(_INSERT, *_columns(rows), endpoints, recovered) if rows else (0, [])
+            if held:  # rare: the records as reported of calls another replica recovered meanwhile
+                unposted += [(r["client"], float(r["total_cost"])) for r in await conn.fetch(_UNPOST, held)]
+                again = [n for n, row in enumerate(rows) if row[0] in set(held)]
+                more, _ = await conn.fetchrow(
+                    _INSERT,
+                    *_columns([rows[n] for n in again]),
+                    [endpoints[n] for n in again],
+                    [recovered[n] for n in again],
+                )
+                new += more
+        for client, cost in unposted:
+            if self.unsettle is not None:
+                await self.unsettle(client, cost)
+        return int(new)
+
+    async def _admit_estimates(
+        self,
+        conn: Any,
+        rows: list[tuple[Any, ...]],
+        endpoints: list[str],
+        recovered: list[bool],
+        unposted: list[tuple[str | None, float]],
+    ) -> tuple[list[tuple[Any, ...]], list[str], list[bool]]:
+        """The rows to insert, without the estimates of calls recorded already (as reported, or estimated by a
+        recovery before); the others marked.
+        Under a lock every insert waits for (it reads ``usage_recovered``), taken once the inserts running have
+        committed: a record as reported is either seen here or sees the mark, never neither."""
+        await conn.execute("LOCK TABLE usage_recovered IN ACCESS EXCLUSIVE MODE")
+        estimates = [row for row, r in zip(rows, recovered, strict=True) if r]
+        # A record is made at its call's end, after the estimate's time (the call's start, on the same clock).
+        since = min(row[1] for row in estimates) - timedelta(minutes=5)
+        ids = [row[0] for row in estimates]
+        recorded = {
+            r["id"]
+            for r in await conn.fetch(
+                "SELECT id FROM usage_recovered WHERE id = ANY($1::text[]) UNION "
+                "SELECT id FROM usage_records WHERE id = ANY($1::text[]) AND ts >= $2",
+                ids,
+                since,
+            )
+        }
+        keep = [n for n, row in enumerate(rows) if not (recovered[n] and row[0] in recorded)]
+        unposted += [(rows[n][3], float(rows[n][11])) for n in range(len(rows)) if n not in set(keep)]
+        await conn.execute(
+            "INSERT INTO usage_recovered SELECT * FROM unnest($1::text[], $2::timestamptz[]) ON CONFLICT DO NOTHING",
+            [rows[n][0] for n in keep if recovered[n]],
+            [rows[n][1] for n in keep if recovered[n]],
+        )
+        return [rows[n] for n in keep], [endpoints[n] for n in keep], [recovered[n] for n in keep]
 
     async def copy_in(self, records: Sequence[dict[str, Any]]) -> int:
         """Insert stored records (``to_dict()`` shape) at once, past the writer; how many were new."""
@@ -251,6 +333,7 @@ class PostgresUsageStore:
                 end = _next_month(datetime(year, month, 1, tzinfo=UTC))
                 if end <= cutoff:
                     await conn.execute(f"DROP TABLE {name}")
+                    await conn.execute("DELETE FROM usage_recovered WHERE ts < $1", end)
                     await conn.execute(
                         "DELETE FROM usage_rollups WHERE day >= $1 AND day < $2",
                         datetime(year, month, 1).date(),
