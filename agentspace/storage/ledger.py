@@ -383,22 +383,14 @@ class Gateway(Protocol):
 G = TypeVar("G", bound=Gateway)
 
 
-async def _replaces_an_estimate(
-    gw: G, entry: dict[str, Any], stored: dict[Any, dict[str, Any]], since: datetime | None
-) -> bool:
+def _replaces_an_estimate(gw: G, entry: dict[str, Any], stored: dict[Any, dict[str, Any]]) -> bool:
     """Whether the spooled record of ``entry`` goes in place of the estimate another replica posted for it
-    (it recovered the call from the shared ledger while this replica was dead and the database down): the
-    estimate is taken out here, its cost out of the client's spend, and the record as reported is posted."""
-    shared = gw.ledger.shared
-    if shared is None or since is None or not isinstance(entry.get("record"), dict):
+    (it recovered the call from the shared ledger while this replica was dead and the database down): posted,
+    the shared store puts it in the estimate's place and takes the estimate's cost out of the client's spend
+    (``storage/postgres/usage.py``, ``usage_recovered``)."""
+    if gw.ledger.shared is None or not isinstance(entry.get("record"), dict):
         return False
-    if not stored[entry["id"]].get("recovered") or entry["record"].get("recovered"):
-        return False
-    removed = await shared.unpost_recovered(entry["id"], since)
-    if removed is None:
-        return False
-    await gw.guard.unsettle(*removed)
-    return True
+    return bool(stored[entry["id"]].get("recovered")) and not entry["record"].get("recovered")
 
 
 async def recover(gw: G, make_record: Callable[[G, dict[str, Any]], Any]) -> int:
@@ -420,7 +412,7 @@ async def recover(gw: G, make_record: Callable[[G, dict[str, Any]], Any]) -> int
                 stored = {r.get("id"): r for r in await gw.usage.records(since=since)}
             complete = True
             for entry in entries:
-                if entry.get("id") in stored and not await _replaces_an_estimate(gw, entry, stored, since):
+                if entry.get("id") in stored and not _replaces_an_estimate(gw, entry, stored):
                     continue  # recorded; the process died before it wrote `closed`
                 try:
                     record = make_record(gw, entry)

@@ -13,9 +13,9 @@ its estimate's place (``storage/postgres/usage.py``, ``usage_recovered``).
 Notes and closings are batched: one statement per kind per flush, at most a second after they happen.
 
 A replica killed while the database was down may have spooled records (``storage/ledger.py``) of calls whose
-rows another replica then recovered with estimates. When it starts again, ``unpost_recovered`` takes such an
-estimate out (the record and its share of the rollups), so the spooled record, as the upstream reported it,
-is posted in its place.
+rows another replica then recovered with estimates. When it starts again, it posts those spooled records, and
+the usage store puts each, as the upstream reported it, in its estimate's place (the estimate's record and its
+share of the rollups taken out, in the same transaction).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import asyncio
 import json
 import logging
 from collections.abc import Awaitable, Callable
-from datetime import datetime, timedelta
+from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
 from .database import PostgresDatabase
@@ -40,29 +40,6 @@ RENEW_SECONDS = 5.0
 SCAN_SECONDS = 5.0
 FLUSH_SECONDS = 1.0
 LOCK_KEY = 0x61670001  # the advisory lock taken while the table is created
-# What one record added to its rollup row (storage/postgres/usage.py), taken out again by ``unpost_recovered``.
-_UNPOST = """
-WITH gone AS (
-    DELETE FROM usage_records WHERE id = $1 AND ts >= $2 AND (record::jsonb->>'recovered')::boolean
-    RETURNING *
-), unmarked AS (
-    DELETE FROM usage_recovered WHERE id IN (SELECT id FROM gone)
-), rolled AS (
-    UPDATE usage_rollups r SET input_tokens = r.input_tokens - g.input_tokens,
-        output_tokens = r.output_tokens - g.output_tokens, total_tokens = r.total_tokens - g.total_tokens,
-        cache_read_tokens = r.cache_read_tokens - g.cache_read_tokens,
-        cache_write_tokens = r.cache_write_tokens - g.cache_write_tokens,
-        reasoning_tokens = r.reasoning_tokens - g.reasoning_tokens, total_cost = r.total_cost - g.total_cost,
-        answered = r.answered - g.answered::int, errors = r.errors - g.is_error::int,
-        estimated = r.estimated - g.estimated::int, server_tool_cost = r.server_tool_cost - g.server_tool_cost,
-        server_tool_uses = r.server_tool_uses - g.server_tool_uses
-    FROM gone g
-    WHERE r.day = (g.ts AT TIME ZONE 'UTC')::date AND r.model = g.model AND r.client = coalesce(g.client, '')
-      AND r.session_id = coalesce(g.session_id, '') AND r.endpoint = coalesce(g.record::jsonb->>'endpoint', '')
-)
-SELECT client, total_cost FROM gone
-"""
-
 _CREATE = """
 CREATE TABLE IF NOT EXISTS ledger_pending (
     id text PRIMARY KEY,
@@ -220,13 +197,6 @@ class PostgresLedger:
             async with self.db.connection() as conn:
                 await conn.execute("DELETE FROM ledger_pending WHERE id = ANY($1::text[])", done)
         return len(done)
-
-    async def unpost_recovered(self, record_id: str, since: datetime) -> tuple[str | None, float] | None:
-        """Take out the recovered record ``record_id`` (stored at ``since`` or later) and its share of the
-        rollups, in one transaction; its client and cost, or None when no recovered record has that id."""
-        async with self.db.transaction() as conn:
-            row = await conn.fetchrow(_UNPOST, record_id, since)
-        return None if row is None else (row["client"], float(row["total_cost"]))
 
     async def aclose(self) -> None:
         if self._task is not None:
