@@ -16,8 +16,9 @@ segments and name them (``damagedFiles`` in the reports).
 Reports read rollups (``usage/rollups/<YYYY-MM-DD>.json``): for every closed segment (every segment of an
 earlier day, and those of today but the one being written), its records summed per (day, model, client,
 session, endpoint), written once, off the hot path, by the first report that needs them (whole and
-atomically), and trusted only while the segment has the size it had then. A report sums the rollups and
-scans only the open segment, so its time grows with the groups, not the records.
+atomically), and trusted only while the segment has the size and modification time it had then (a segment
+changed in place, damaged or edited, is read again). A report sums the rollups and scans only the open
+segment, so its time grows with the groups, not the records.
 """
 
 from __future__ import annotations
@@ -227,14 +228,18 @@ class UsageStore:
         if damaged is not None:
             damaged += [str(folder / name) for name in sorted(names) if is_damaged_copy(name)]
         files = _segment_files(names)
+        # A rollup holds while its segment keeps the size and modification time it was made from: a segment
+        # changed in place (damaged from outside, edited: the size kept) is read again, not counted as it was.
         sizes: dict[str, int] = {}
+        mtimes: dict[str, int] = {}
         for _, name in files:
             try:
-                sizes[name] = (folder / name).stat().st_size
+                st = (folder / name).stat()
             except FileNotFoundError:
                 continue
+            sizes[name], mtimes[name] = st.st_size, st.st_mtime_ns
         known_day = self._read_day_rollup(day) if past else None
-        if known_day is not None and _day_covers(known_day, sizes, query.since_iso):
+        if known_day is not None and _day_covers(known_day, sizes, mtimes, query.since_iso):
             # A past day counts through its segments' groups merged once, a file of its own: a report's time
             # grows with the groups, not with how many segments the day's records filled.
             _count_rollup(known_day, query.session_id, query.client, groups)
@@ -244,18 +249,18 @@ class UsageStore:
         for index, (_, name) in enumerate(files):
             if name not in sizes:
                 continue
-            size = sizes[name]
+            stamp = {"size": sizes[name], "mtime": mtimes[name]}
             closed = past or index < len(files) - 1 or not name.endswith(_LOG)
             entry = known.get(name)
-            if not (closed and isinstance(entry, dict) and entry.get("size") == size):
+            if not (closed and isinstance(entry, dict) and all(entry.get(k) == v for k, v in stamp.items())):
                 entry = None
-            kept = _count_segment(folder / name, size, closed, entry, query, groups, damaged)
+            kept = _count_segment(folder / name, stamp, closed, entry, query, groups, damaged)
             if kept is not None:
                 fresh[name] = kept
         if fresh != known:
             self._save(day, {"segments": fresh})
-        if past and (known_day is None or known_day.get("sizes") != sizes):  # (a report since a time in the day)
-            whole = _day_rollup(fresh, sizes)
+        if past and (known_day is None or not _day_covers(known_day, sizes, mtimes, None)):  # (since in the day)
+            whole = _day_rollup(fresh, sizes, mtimes)
             if whole is not None:
                 self._save(f"{day}.day", {"day": {"merged": whole}})  # a table of one document (tinydb layout)
 
@@ -397,7 +402,7 @@ class _Query(NamedTuple):
 
 def _count_segment(
     path: Path,
-    size: int,
+    stamp: dict[str, int],
     closed: bool,
     entry: dict[str, Any] | None,
     query: _Query,
@@ -421,11 +426,11 @@ def _count_segment(
         warn_skipped(e)
         if damaged is not None:
             damaged.append(str(path))
-        return {"version": _ROLLUP_VERSION, "size": size, "damaged": True} if closed else None
+        return {"version": _ROLLUP_VERSION, **stamp, "damaged": True} if closed else None
     for record in _matching(records, since_iso, session_id, client):
         add_to(groups, record)
     if closed and entry is None:
-        return _rollup_entry(records, size)
+        return _rollup_entry(records, stamp)
     return entry
 
 
@@ -470,8 +475,9 @@ def _totals_from_row(row: list[Any]) -> dict[str, Any]:
     return totals
 
 
-def _day_rollup(segments: dict[str, Any], sizes: dict[str, int]) -> dict[str, Any] | None:
-    """A past day's segment rollups merged into one list of groups, valid while its segments keep ``sizes``;
+def _day_rollup(segments: dict[str, Any], sizes: dict[str, int], mtimes: dict[str, int]) -> dict[str, Any] | None:
+    """A past day's segment rollups merged into one list of groups, valid while its segments keep ``sizes`` and
+    ``mtimes``;
     None while a segment has none (damaged: it is named at every report)."""
     if set(segments) != set(sizes) or any(not isinstance(e.get("groups"), list) for e in segments.values()):
         return None
@@ -483,24 +489,26 @@ def _day_rollup(segments: dict[str, Any], sizes: dict[str, int]) -> dict[str, An
     return {
         "version": _ROLLUP_VERSION,
         "sizes": sizes,
+        "mtimes": mtimes,
         "first": min(firsts, default=None),
         "groups": [[*key, _totals_row(totals)] for key, totals in merged.items()],
     }
 
 
-def _day_covers(whole: dict[str, Any], sizes: dict[str, int], since_iso: str | None) -> bool:
+def _day_covers(whole: dict[str, Any], sizes: dict[str, int], mtimes: dict[str, int], since_iso: str | None) -> bool:
     """Whether a day's merged rollup answers a report: its segments unchanged, none of its records before
     ``since``."""
     return (
         whole.get("sizes") == sizes
+        and whole.get("mtimes") == mtimes
         and isinstance(whole.get("groups"), list)
         and (since_iso is None or (whole.get("first") or "") >= since_iso)
     )
 
 
-def _rollup_entry(records: list[dict[str, Any]], size: int) -> dict[str, Any]:
-    """A closed segment's rollup: its size (the rollup holds while the segment has it), its first timestamp
-    (a report ``since`` a later time scans the segment instead) and its groups."""
+def _rollup_entry(records: list[dict[str, Any]], stamp: dict[str, int]) -> dict[str, Any]:
+    """A closed segment's rollup: its size and modification time (the rollup holds while the segment keeps
+    them), its first timestamp (a report ``since`` a later time scans the segment instead) and its groups."""
     first = min((str(r.get("timestamp") or "") for r in records), default=None)
     groups = [[*key, _totals_row(totals)] for key, totals in group_records(records).items()]
-    return {"version": _ROLLUP_VERSION, "size": size, "first": first, "groups": groups}
+    return {"version": _ROLLUP_VERSION, **stamp, "first": first, "groups": groups}

@@ -1,0 +1,177 @@
+"""The embedded store's files from outside: usage history over a month read by a served gateway and the CLI
+while the server writes, rollups of closed segments against files changed in place, and the files a crash
+or a hand leaves torn or damaged (a closed usage segment, a rollup file), named by the reports and by
+``agentspace doctor``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import random
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from click.testing import CliRunner, Result
+
+from agentspace.cli import main
+from agentspace.storage.embedded.usage import write_log_segment
+from agentspace.storage.reports import REPORTS
+from agentspace.types import Cost, TokenUsage, UsageRecord
+from scripts.harness import GatewayProcess
+
+MODELS = ["anthropic/claude-sonnet-4-5", "anthropic/claude-haiku-4-5", "openai/gpt-4o", "gemini/gemini-2.5-pro"]
+
+
+def cli(data_dir: Path, *args: str) -> Result:
+    return CliRunner().invoke(main, ["--data-dir", str(data_dir), *args])
+
+
+def iso(when: datetime) -> str:
+    return when.strftime("%Y-%m-%dT%H:%M:%S.") + f"{when.microsecond // 1000:03d}Z"
+
+
+def record(n: int, when: datetime, rng: random.Random) -> dict[str, Any]:
+    return UsageRecord(
+        f"seed-{n}",
+        iso(when),
+        rng.choice(MODELS),
+        "anthropic",
+        rng.choice([None, "s1", "s2", "s3"]),
+        rng.choice([None, "ann", "bob"]),
+        TokenUsage(rng.randint(0, 9999), rng.randint(0, 999)),
+        Cost(rng.randint(0, 99999) / 1e6, rng.randint(0, 99999) / 1e6),
+        1.0,
+        rng.choice(["stop", "stop", "length"]),
+        endpoint=rng.choice(["ws", "http", "anthropic", "openai"]),
+    ).to_dict()
+
+
+def seed_month(data: Path, rng: random.Random, per_segment: int = 300) -> datetime:
+    """Thirty past days of records, two segments a day, some made just before a midnight and stored in the
+    next day's folder (appended just after it); the first day is the last of the previous month when today
+    is early in one. Returns the first day."""
+    today = datetime.now(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
+    first = today - timedelta(days=30)
+    n = 0
+    for d in range(30):
+        day = first + timedelta(days=d)
+        for number in range(2):
+            batch = []
+            for _ in range(per_segment):
+                when = day + timedelta(seconds=rng.randint(0, 86399), milliseconds=rng.randint(0, 999))
+                if d and rng.random() < 0.02:
+                    when = day - timedelta(milliseconds=rng.randint(1, 500))  # the day before, just
+                batch.append(record(n, when, rng))
+                n += 1
+            write_log_segment(data, f"{day:%Y-%m-%d}", number, batch)
+    return first
+
+
+def scan(data: Path, since: str | None = None, skip: tuple[Path, ...] = ()) -> list[dict[str, Any]]:
+    """Every record of the segment files, read here line by line (no store code)."""
+    records = []
+    for path in sorted((data / "usage").glob("*/*.jsonl")):
+        if path in skip:
+            continue
+        records += [json.loads(line) for line in path.read_bytes().splitlines() if line.strip()]
+    return [r for r in records if since is None or r["timestamp"] >= since]
+
+
+def rounded(value: Any) -> Any:
+    return json.loads(json.dumps(value), parse_float=lambda x: round(float(x), 9))
+
+
+def overwrite_in_place(path: Path, offset: int, data: bytes) -> None:
+    """Bytes of a file changed where they are (the size kept), as a disk error or an editor does."""
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        f.write(data)
+
+
+async def test_a_month_of_usage_read_by_the_cli_and_the_server_while_it_writes_and_segments_changed_in_place(
+    tmp_path: Path, fake_anthropic: Any
+) -> None:
+    """``agentspace usage --by-model`` over thirty days (a month's end among them when today is early in one)
+    gives what ``/api/usage?by=model`` gives and what the records sum to, while the server writes; the rollups
+    the first report wrote are not trusted once a closed segment was changed in place (its size kept): a line
+    damaged there is named by the reports and by ``doctor`` and not counted, a value edited there is counted
+    as it now reads."""
+    data = tmp_path / "data"
+    rng = random.Random(25)
+    first = seed_month(data, rng)
+    gateway = GatewayProcess(data, fake_anthropic.url)
+    await gateway.start()
+    admin = {"Authorization": f"Bearer {gateway.token}"}
+    body = {"model": "anthropic/claude-sonnet-4-5", "max_tokens": 16, "messages": [{"role": "user", "content": "hi"}]}
+    try:
+        async with aiohttp.ClientSession() as session:
+
+            async def api(by: str, since: str | None = None) -> dict[str, Any]:
+                query = f"by={by}" + (f"&since={since}" if since else "")
+                async with session.get(f"{gateway.url}/api/usage?{query}", headers=admin) as resp:
+                    assert resp.status == 200
+                    return dict(await resp.json())
+
+            async def calls(n: int) -> None:
+                for _ in range(n):
+                    async with session.post(gateway.url + "/v1/messages", json=body, headers=admin) as resp:
+                        assert resp.status == 200, await resp.text()
+
+            # The CLI reads cold while the server appends (the first report writes the rollups).
+            writing = asyncio.create_task(calls(12))
+            while not writing.done():
+                result = await asyncio.to_thread(cli, data, "usage", "--json", "--by-model")
+                assert result.exit_code == 0, result.output
+                assert json.loads(result.stdout)["grandTotal"]["requestCount"] >= 30 * 600
+            await writing
+            await asyncio.sleep(0.2)
+
+            def expected(since: str | None = None, skip: tuple[Path, ...] = ()) -> dict[str, Any]:
+                return {**REPORTS["model"](scan(data, since, skip)), "damagedFiles": [str(p) for p in skip]}
+
+            cut = iso(first + timedelta(days=11, hours=13, minutes=7))  # inside a closed day and its rollups
+            for since in (None, iso(first + timedelta(days=3)), cut):
+                cli_args = ("--since", since) if since else ()
+                from_cli = json.loads(cli(data, "usage", "--json", "--by-model", *cli_args).stdout)
+                from_api = await api("model", since)
+                assert (
+                    rounded(from_cli["perModel"])
+                    == rounded(from_api["perModel"])
+                    == rounded(expected(since)["perModel"])
+                )
+                assert rounded(from_cli["grandTotal"]) == rounded(from_api["grandTotal"])
+                assert from_api["grandTotal"]["requestCount"] == len(scan(data, since))
+
+            # Segments of past days changed in place, their sizes kept: a line damaged in one, a token count
+            # edited in another.
+            damaged_day = data / "usage" / f"{first + timedelta(days=5):%Y-%m-%d}" / "00001.jsonl"
+            raw = damaged_day.read_bytes()
+            second_line = raw.index(b"\n") + 1
+            overwrite_in_place(damaged_day, second_line, b"\x00" * 40)
+            edited = data / "usage" / f"{first + timedelta(days=9):%Y-%m-%d}" / "00000.jsonl"
+            raw = edited.read_bytes()
+            at = raw.index(b'"inputTokens":') + len(b'"inputTokens":')
+            digits = raw[at : at + 1]
+            overwrite_in_place(edited, at, b"9" if digits != b"9" else b"8")
+            assert edited.stat().st_size == len(raw)
+
+            want = expected(skip=(damaged_day,))
+            from_cli = json.loads(cli(data, "usage", "--json", "--by-model").stdout)
+            assert from_cli["damagedFiles"] == [str(damaged_day)]
+            assert rounded(from_cli["perModel"]) == rounded(want["perModel"])
+            from_api = await api("model")
+            assert from_api["damagedFiles"] == [str(damaged_day)]
+            assert rounded(from_api["grandTotal"]) == rounded(want["grandTotal"])
+            by_day = await api("day")  # the day's merged rollup is not trusted either
+            assert by_day["damagedFiles"] == [str(damaged_day)]
+            assert rounded(by_day["perDay"]) == rounded(REPORTS["day"](scan(data, skip=(damaged_day,)))["perDay"])
+            doctor = cli(data, "doctor")
+            assert doctor.exit_code == 1
+            assert f"{damaged_day}: damaged usage segment" in doctor.output
+    finally:
+        await gateway.aclose()
