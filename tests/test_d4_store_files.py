@@ -8,14 +8,12 @@ from __future__ import annotations
 
 import asyncio
 import json
-import logging
 import random
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import aiohttp
-import pytest
 from click.testing import CliRunner, Result
 
 from agentspace.cli import main
@@ -175,3 +173,68 @@ async def test_a_month_of_usage_read_by_the_cli_and_the_server_while_it_writes_a
             assert f"{damaged_day}: damaged usage segment" in doctor.output
     finally:
         await gateway.aclose()
+
+
+async def test_a_damaged_rollup_file_and_a_closed_segments_torn_tail_are_reported_never_counted(
+    tmp_path: Path, fake_anthropic: Any
+) -> None:
+    """A rollup file cut short (they are written whole: damage from outside) is moved aside, logged by the
+    server and named by ``doctor``, and the report is rebuilt from the segments; a past day's segment ending in
+    part of a line (a crash before midnight, the server restarted after it) is counted without that part, with
+    a warning in the server's log, once."""
+    data = tmp_path / "data"
+    rng = random.Random(4)
+    first = seed_month(data, rng, per_segment=40)
+    day = f"{first + timedelta(days=2):%Y-%m-%d}"
+    torn = data / "usage" / day / "00001.jsonl"
+    half_a_record = json.dumps(record(99_999, first + timedelta(days=2, hours=23), rng)).encode()[:70]
+    with open(torn, "ab") as f:
+        f.write(half_a_record)
+    expected = REPORTS["model"](scan_complete(data))
+    gateway = GatewayProcess(data, fake_anthropic.url)
+    await gateway.start()
+    admin = {"Authorization": f"Bearer {gateway.token}"}
+    try:
+        async with aiohttp.ClientSession() as session:
+
+            async def report(by: str) -> dict[str, Any]:
+                async with session.get(f"{gateway.url}/api/usage?by={by}", headers=admin) as resp:
+                    assert resp.status == 200
+                    return dict(await resp.json())
+
+            assert rounded(await report("model")) == rounded({**expected, "damagedFiles": []})
+            assert rounded(await report("model")) == rounded({**expected, "damagedFiles": []})
+            warned = [line for line in gateway.log().splitlines() if str(torn) in line]
+            assert len(warned) == 1 and "never acknowledged" in warned[0], warned
+            assert cli(data, "doctor").exit_code == 0
+
+            rollup = data / "usage" / "rollups" / f"{day}.json"
+            whole = data / "usage" / "rollups" / f"{day}.day.json"
+            for path in (rollup, whole):
+                path.write_bytes(path.read_bytes()[:-9])
+            doctor = cli(data, "doctor")
+            assert doctor.exit_code == 1
+            assert f"{rollup}: damaged usage rollup" in doctor.output
+            assert f"{whole}: damaged usage rollup" in doctor.output
+
+            assert rounded(await report("model")) == rounded({**expected, "damagedFiles": []})
+            aside = sorted(p.name for p in rollup.parent.iterdir() if ".damaged-" in p.name)
+            assert [name.split(".damaged-")[0] for name in aside] == [whole.name, rollup.name]
+            assert json.loads(rollup.read_bytes()) and json.loads(whole.read_bytes())  # rebuilt
+            assert sum(f"moved aside to {rollup.parent}" in line for line in gateway.log().splitlines()) == 2
+            doctor = cli(data, "doctor")
+            assert doctor.exit_code == 1
+            assert sum("damaged usage rollup (kept for inspection" in line for line in doctor.output.splitlines()) == 2
+            cli_report = json.loads(cli(data, "usage", "--json", "--by-model").stdout)
+            assert rounded(cli_report["grandTotal"]) == rounded(expected["grandTotal"])
+    finally:
+        await gateway.aclose()
+
+
+def scan_complete(data: Path) -> list[dict[str, Any]]:
+    """The records of the segments' complete lines (a torn last line is not one)."""
+    records = []
+    for path in sorted((data / "usage").glob("*/*.jsonl")):
+        raw = path.read_bytes()
+        records += [json.loads(line) for line in raw[: raw.rfind(b"\n") + 1].splitlines() if line.strip()]
+    return records

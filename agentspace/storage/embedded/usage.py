@@ -8,7 +8,8 @@ earlier versions, ``<NNNNN>.json`` (a tinydb file, table ``records``), are read 
 never appends to them.
 
 A torn last line (a crash mid-write: never acknowledged) is cut off by the writer when it opens the segment
-and ignored by readers (silently: a line being written looks the same to them). A segment with a complete
+and ignored by readers (silently in the open segment, where a line being written looks the same; with a
+warning in a closed one, once, when its rollup is made: no writer will cut it). A segment with a complete
 line that does not parse was damaged outside agentspace: the writer moves it aside
 (``<NNNNN>.jsonl.damaged-<time>``, kept and logged) and goes on in a fresh file; readers skip damaged
 segments and name them (``damagedFiles`` in the reports).
@@ -18,7 +19,8 @@ earlier day, and those of today but the one being written), its records summed p
 session, endpoint), written once, off the hot path, by the first report that needs them (whole and
 atomically), and trusted only while the segment has the size and modification time it had then (a segment
 changed in place, damaged or edited, is read again). A report sums the rollups and scans only the open
-segment, so its time grows with the groups, not the records.
+segment, so its time grows with the groups, not the records. A rollup file that does not parse
+(damaged from outside: it is written whole) is moved aside like any damaged store file and rebuilt.
 """
 
 from __future__ import annotations
@@ -57,6 +59,7 @@ _LOG = ".jsonl"
 ROLLUPS = "rollups"
 # 2: the deployment of a model group is part of the group key; 3: server-tool fees and uses are summed
 _ROLLUP_VERSION = 3
+_TAIL_CHUNK = 64 * 1024
 # Records per segment: the most a writer reads when it opens the day's last segment, and the most a report
 # scans that no rollup covers.
 SEGMENT_SIZE = 10_000
@@ -268,7 +271,8 @@ class UsageStore:
         """The day's rollups: ``{segment file name: entry}`` (a tinydb layout, table ``segments``)."""
         try:
             data = read_json(self.dir / ROLLUPS / f"{day}.json")
-        except StoreCorrupt:
+        except StoreCorrupt as e:
+            _set_aside(e)
             return {}  # rebuilt from the segments
         segments = data.get("segments") if isinstance(data, dict) else None
         if not isinstance(segments, dict):
@@ -283,7 +287,8 @@ class UsageStore:
         """A past day's segment rollups merged (``<day>.day.json``, table ``day``, document ``merged``)."""
         try:
             data = read_json(self.dir / ROLLUPS / f"{day}.day.json")
-        except StoreCorrupt:
+        except StoreCorrupt as e:
+            _set_aside(e)
             return None  # rebuilt from the segments' rollups
         table = data.get("day") if isinstance(data, dict) else None
         whole = table.get("merged") if isinstance(table, dict) else None
@@ -394,6 +399,14 @@ class UsageStore:
         self._day, self._number, self._log, self._count, self._ids = day, number, log_, 0, set()
 
 
+def _set_aside(damage: StoreCorrupt) -> None:
+    """A rollup file that does not parse (written whole and atomically, so damaged from outside): moved aside,
+    kept and logged, like every damaged store file, and rebuilt from its segments (best effort: a reader
+    without write access just leaves it and reads the segments)."""
+    with contextlib.suppress(OSError):
+        move_aside(damage)
+
+
 class _Query(NamedTuple):
     since_iso: str | None
     session_id: str | None
@@ -430,8 +443,22 @@ def _count_segment(
     for record in _matching(records, since_iso, session_id, client):
         add_to(groups, record)
     if closed and entry is None:
+        if path.name.endswith(_LOG):
+            _warn_torn_tail(path)
         return _rollup_entry(records, stamp)
     return entry
+
+
+def _warn_torn_tail(path: Path) -> None:
+    """Warn of a closed segment's torn tail (read once, when its rollup is made): no writer appends to it any
+    more, so it is not a line being written but what a crash left, never acknowledged and never counted."""
+    with contextlib.suppress(OSError), open(path, "rb") as f:
+        size = f.seek(0, os.SEEK_END)
+        f.seek(max(0, size - _TAIL_CHUNK))
+        tail = f.read()
+        torn = len(tail) - (tail.rfind(b"\n") + 1)
+        if torn:
+            append_log.warn_torn(path, torn, cut=False)
 
 
 def _count_rollup(
