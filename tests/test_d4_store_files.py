@@ -238,3 +238,45 @@ def scan_complete(data: Path) -> list[dict[str, Any]]:
         raw = path.read_bytes()
         records += [json.loads(line) for line in raw[: raw.rfind(b"\n") + 1].splitlines() if line.strip()]
     return records
+
+
+async def test_usage_files_deleted_or_moved_away_while_the_server_writes_lose_no_later_record(
+    tmp_path: Path, fake_anthropic: Any
+) -> None:
+    """Usage history pruned or archived from outside while the server runs (today's segment deleted, then
+    today's whole folder moved away): every later call's record is in a file the reports read, not appended
+    to a file no name leads to."""
+    data = tmp_path / "data"
+    gateway = GatewayProcess(data, fake_anthropic.url)
+    await gateway.start()
+    admin = {"Authorization": f"Bearer {gateway.token}"}
+    body = {"model": "anthropic/claude-sonnet-4-5", "max_tokens": 16, "messages": [{"role": "user", "content": "hi"}]}
+    try:
+        async with aiohttp.ClientSession() as session:
+
+            async def calls(n: int) -> None:
+                for _ in range(n):
+                    async with session.post(gateway.url + "/v1/messages", json=body, headers=admin) as resp:
+                        assert resp.status == 200, await resp.text()
+
+            async def requests() -> int:
+                async with session.get(gateway.url + "/api/usage?by=model", headers=admin) as resp:
+                    return int((await resp.json())["grandTotal"]["requestCount"])
+
+            await calls(2)
+            [segment] = (data / "usage").glob("*/*.jsonl")
+            segment.unlink()
+            await calls(3)
+            assert await requests() == 3 == len(scan(data))
+            archive = tmp_path / "archive"
+            segment.parent.rename(archive)
+            await calls(2)
+            assert await requests() == 2 == len(scan(data))
+            archived = [line for path in archive.glob("*.jsonl") for line in path.read_bytes().splitlines()]
+            assert len(archived) == 3  # the records written before it was moved, where they were
+            moved = [line for line in gateway.log().splitlines() if "moved or replaced from outside" in line]
+            assert len(moved) == 2, moved
+            assert cli(data, "doctor").exit_code == 0
+    finally:
+        await gateway.aclose()
+    assert not gateway.log_problems()

@@ -3,7 +3,9 @@
 Layout: ``data_dir/usage/<YYYY-MM-DD>/<NNNNN>.jsonl``, one ``append_log`` file per segment, one record per
 line. The writer appends each record (group commit: records stored together share one ``fdatasync``) and
 starts the next segment when the current one holds ``segment_size`` records or the UTC day changes, so no
-file grows without bound and a write costs one short line however much is stored. Segments written by
+file grows without bound and a write costs one short line however much is stored. A segment deleted or moved
+away from outside while it is written (history pruned or archived) is noticed at the next record, which goes
+to the day's folder as it is then, not to a file no name leads to. Segments written by
 earlier versions, ``<NNNNN>.json`` (a tinydb file, table ``records``), are read as they are; the writer
 never appends to them.
 
@@ -26,6 +28,7 @@ segment, so its time grows with the groups, not the records. A rollup file that 
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import re
 import time
@@ -51,6 +54,8 @@ from . import append_log
 from .append_log import AppendLog, encode_lines, parse_lines
 from .store_thread import read_in_thread
 from .tinydb_file import read_tables, write_tables
+
+log = logging.getLogger("agentspace.storage")
 
 _RECORDS = "records"
 _DAY = re.compile(r"\d{4}-\d{2}-\d{2}")
@@ -335,6 +340,11 @@ class UsageStore:
     def _append(self, record: dict[str, Any]) -> list[AppendLog]:
         day = _utc_day()
         if day != self._day or self._log is None:
+            self._open_day(day)
+        elif self._log.is_replaced():
+            log.warning(
+                "%s was deleted, moved or replaced from outside the server; records go on in its folder", self._log.path
+            )
             self._open_day(day)
         elif self._count >= self.segment_size:
             self._start(day, self._number + 1)
