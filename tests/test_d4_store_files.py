@@ -9,11 +9,13 @@ from __future__ import annotations
 import asyncio
 import json
 import random
+import shutil
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import aiohttp
+from aiohttp.test_utils import TestClient
 from click.testing import CliRunner, Result
 
 from agentspace.cli import main
@@ -21,6 +23,7 @@ from agentspace.storage.embedded.usage import write_log_segment
 from agentspace.storage.reports import REPORTS
 from agentspace.types import Cost, TokenUsage, UsageRecord
 from scripts.harness import GatewayProcess
+from tests.support.ws import chat, connect
 
 MODELS = ["anthropic/claude-sonnet-4-5", "anthropic/claude-haiku-4-5", "openai/gpt-4o", "gemini/gemini-2.5-pro"]
 
@@ -280,3 +283,28 @@ async def test_usage_files_deleted_or_moved_away_while_the_server_writes_lose_no
     finally:
         await gateway.aclose()
     assert not gateway.log_problems()
+
+
+async def test_the_sessions_folder_removed_while_the_server_runs_takes_new_sessions_at_once(
+    client: TestClient, token: str, auth_headers: dict[str, str], isolated_env: Path
+) -> None:
+    """History cleared from outside (the sessions folder removed) while the server has sessions cached: the
+    old ones are gone for every reader, and the next chat starts a session as on a fresh data directory, not
+    a storage error until a restart."""
+    ws = await connect(client, token)
+    old = (await chat(ws, "first question"))[0]["sessionId"]
+    assert (await client.get(f"/api/sessions/{old}", headers=auth_headers)).status == 200
+    shutil.rmtree(isolated_env / "sessions")
+
+    assert (await client.get(f"/api/sessions/{old}", headers=auth_headers)).status == 404
+    frames = await chat(ws, "a new start", "r2")
+    assert frames[-1]["type"] == "chat.stream.end", frames
+    new = frames[0]["sessionId"]
+    assert new != old
+    resp = await client.get(f"/api/sessions/{new}", headers=auth_headers)
+    assert [m["content"] for m in (await resp.json())["session"]["messages"]][0] == "a new start"
+    listed = json.loads(cli(isolated_env, "sessions", "list", "--json").stdout)
+    assert [s["id"] for s in listed] == [new]
+    await chat(ws, "and again", "r3", sessionId=new)  # its next turn is appended where its file now is
+    assert json.loads(cli(isolated_env, "sessions", "show", new, "--json").stdout)["messageCount"] == 4
+    await ws.close()
