@@ -308,3 +308,39 @@ async def test_the_sessions_folder_removed_while_the_server_runs_takes_new_sessi
     await chat(ws, "and again", "r3", sessionId=new)  # its next turn is appended where its file now is
     assert json.loads(cli(isolated_env, "sessions", "show", new, "--json").stdout)["messageCount"] == 4
     await ws.close()
+
+
+async def test_a_clients_file_of_another_shape_put_in_place_while_the_server_runs_is_set_aside(
+    tmp_path: Path, fake_anthropic: Any
+) -> None:
+    """JSON that is not the clients table (a list, null, a table that is a list) written over clients.json
+    while the server serves client keys: the keys are refused (401, not a 500 at every request), the file is
+    moved aside and logged, ``doctor`` names the copy, and the CLI adds clients again."""
+    gateway = GatewayProcess(tmp_path / "data", fake_anthropic.url)
+    await gateway.start()
+    data = gateway.data_dir
+    clients_file = data / "clients.json"
+    try:
+        async with aiohttp.ClientSession() as session:
+
+            async def status(key: str) -> int:
+                async with session.get(gateway.url + "/v1/models", headers={"Authorization": f"Bearer {key}"}) as r:
+                    await r.read()
+                    return r.status
+
+            for n, content in enumerate(("[]", '{"clients": ["ann"]}', "null")):
+                key = cli(data, "clients", "add", f"ann{n}").stdout.strip()
+                assert await status(key) == 200
+                clients_file.write_text(content, encoding="utf-8")
+                assert await status(key) == 401
+                assert await status(gateway.token) == 200
+                aside = sorted(p for p in data.iterdir() if p.name.startswith("clients.json.damaged-"))
+                assert len(aside) == n + 1 and aside[-1].read_text(encoding="utf-8") == content
+                listed = cli(data, "clients", "list", "--json")
+                assert listed.exit_code == 0 and json.loads(listed.stdout)["clients"] == [], listed.output
+                doctor = cli(data, "doctor")
+                assert f"{aside[-1]}: damaged clients file" in doctor.output
+        assert "not a clients table" in gateway.log()
+        assert "Traceback" not in gateway.log()
+    finally:
+        await gateway.aclose()
