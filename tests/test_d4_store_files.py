@@ -331,6 +331,12 @@ async def test_a_clients_file_of_another_shape_put_in_place_while_the_server_run
             for n, content in enumerate(("[]", '{"clients": ["ann"]}', "null")):
                 key = cli(data, "clients", "add", f"ann{n}").stdout.strip()
                 assert await status(key) == 200
+                # Put in place as soon as the server's write of its last use is (during that write's folder
+                # sync): the server must not take this file for its own.
+                for _ in range(2000):
+                    if json.loads(clients_file.read_bytes())["clients"][f"ann{n}"].get("lastUsedAt"):
+                        break
+                    await asyncio.sleep(0.001)
                 clients_file.write_text(content, encoding="utf-8")
                 assert await status(key) == 401
                 assert await status(gateway.token) == 200
@@ -341,6 +347,58 @@ async def test_a_clients_file_of_another_shape_put_in_place_while_the_server_run
                 doctor = cli(data, "doctor")
                 assert f"{aside[-1]}: damaged clients file" in doctor.output
         assert "not a clients table" in gateway.log()
+        assert "Traceback" not in gateway.log()
+    finally:
+        await gateway.aclose()
+
+
+async def test_json_lines_that_are_not_usage_records_are_damage_for_every_reader_and_the_writer(
+    tmp_path: Path, fake_anthropic: Any
+) -> None:
+    """A segment line that parses but is not a usage record (a count written as text, a model as a list: an
+    edit, another program's line) makes its segment damaged for the reports, the CLI and ``doctor`` alike
+    (named, not counted; every other segment still counted), not a failure of every report; the server moves
+    today's such segment aside before appending to it."""
+    data = tmp_path / "data"
+    rng = random.Random(9)
+    now = datetime.now(UTC)
+    today, past = f"{now:%Y-%m-%d}", f"{now - timedelta(days=3):%Y-%m-%d}"
+    good = [record(n, now - timedelta(days=3, minutes=n), rng) for n in range(20)]
+    write_log_segment(data, past, 0, good)
+    write_log_segment(data, past, 1, [*good[:3], {**record(50, now - timedelta(days=3), rng), "model": ["m"]}])
+    todays = [record(60 + n, now - timedelta(seconds=n), rng) for n in range(5)]
+    write_log_segment(data, today, 0, [*todays, {**record(70, now, rng), "inputTokens": "12"}])
+    bad_past, bad_today = data / "usage" / past / "00001.jsonl", data / "usage" / today / "00000.jsonl"
+    gateway = GatewayProcess(data, fake_anthropic.url)
+    await gateway.start()
+    admin = {"Authorization": f"Bearer {gateway.token}"}
+    body = {"model": "anthropic/claude-sonnet-4-5", "max_tokens": 16, "messages": [{"role": "user", "content": "hi"}]}
+    try:
+        async with aiohttp.ClientSession() as session:
+
+            async def report() -> dict[str, Any]:
+                async with session.get(gateway.url + "/api/usage?by=model", headers=admin) as resp:
+                    assert resp.status == 200, await resp.text()
+                    return dict(await resp.json())
+
+            first = await report()
+            assert first["damagedFiles"] == [str(bad_past), str(bad_today)]
+            assert first["grandTotal"]["requestCount"] == len(good)
+            from_cli = cli(data, "usage", "--json")
+            assert from_cli.exit_code == 0, from_cli.output
+            assert json.loads(from_cli.stdout)["grandTotal"] == first["grandTotal"]
+            doctor = cli(data, "doctor")
+            assert f"{bad_past}: damaged usage segment" in doctor.output
+            assert f"{bad_today}: damaged usage segment" in doctor.output
+            assert f"usage: {len(good)} records readable, 2 damaged" in doctor.output
+
+            async with session.post(gateway.url + "/v1/messages", json=body, headers=admin) as resp:
+                assert resp.status == 200, await resp.text()
+            [aside] = [p for p in bad_today.parent.iterdir() if ".damaged-" in p.name]
+            assert len(bad_today.read_bytes().splitlines()) == 1  # the new record, in a fresh segment
+            after = await report()
+            assert after["damagedFiles"] == [str(bad_past), str(aside)]
+            assert after["grandTotal"]["requestCount"] == len(good) + 1
         assert "Traceback" not in gateway.log()
     finally:
         await gateway.aclose()

@@ -145,7 +145,10 @@ class ClientStore:
         return NamedTinyDB(self.path, storage=partial(AtomicStorage, reader=read)).table(TABLE)
 
     def _written(self) -> None:
-        self._stamp = _stamp(os.stat(self.path))
+        # Read again at the next lookup (a small file, rarely written): a stat taken here could already be of a
+        # file another program put in place after our rename (during the folder's fsync), which would then
+        # pass for ours and never be read -- a key revoked by hand would go on working.
+        self._stamp = None
         self._by_hash = {c.key_hash: c for c in self._clients.values()}
 
     def add_sync(self, client: Client) -> str:

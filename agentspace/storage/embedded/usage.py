@@ -12,7 +12,8 @@ never appends to them.
 A torn last line (a crash mid-write: never acknowledged) is cut off by the writer when it opens the segment
 and ignored by readers (silently in the open segment, where a line being written looks the same; with a
 warning in a closed one, once, when its rollup is made: no writer will cut it). A segment with a complete
-line that does not parse was damaged outside agentspace: the writer moves it aside
+line that does not parse, or that parses but is not a usage record (a key field that is not a string, a
+summed one that is not a number: ``_check_records``), was damaged outside agentspace: the writer moves it aside
 (``<NNNNN>.jsonl.damaged-<time>``, kept and logged) and goes on in a fresh file; readers skip damaged
 segments and name them (``damagedFiles`` in the reports).
 
@@ -34,6 +35,7 @@ import re
 import time
 from collections.abc import Iterable, Iterator
 from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -49,7 +51,17 @@ from ..atomic import (
     write_bytes_atomic,
     write_json_atomic,
 )
-from ..reports import REPORTS, SUMMED, GroupKey, add_to, group_records, merge, owner, report_from_groups
+from ..reports import (
+    REPORTS,
+    SUMMED,
+    TOKEN_FIELDS,
+    GroupKey,
+    add_to,
+    group_records,
+    merge,
+    owner,
+    report_from_groups,
+)
 from . import append_log
 from .append_log import AppendLog, encode_lines, parse_lines
 from .store_thread import read_in_thread
@@ -118,8 +130,41 @@ def read_segment(path: Path) -> list[dict[str, Any]]:
         entries = _read_log(path) or []
         if not all(isinstance(entry, dict) for entry in entries):
             raise StoreCorrupt(path, "not a usage segment (a line is not a record)")
-        return entries
-    return list(((read_tables(path) or {}).get(_RECORDS) or {}).values())
+    else:
+        entries = list(((read_tables(path) or {}).get(_RECORDS) or {}).values())
+    _check_records(entries, path)
+    return entries
+
+
+def _checked_segment(path: Path, entries: list[Any]) -> int:
+    """The writer's check of the segment it continues: what readers would call damaged is moved aside, not
+    appended to (every record written after it would go uncounted with it). Nothing unfinished: 0."""
+    if not all(isinstance(entry, dict) for entry in entries):
+        raise StoreCorrupt(path, "not a usage segment (a line is not a record)")
+    _check_records(entries, path)
+    return 0
+
+
+# What every reader relies on (a report's groups and sums, a client's spend, a ``since``): the fields no writer
+# writes in another type. A record that has one otherwise is JSON, but not a usage record: damage from outside.
+_KEY_FIELDS = ("timestamp", "model", "client", "sessionId", "endpoint", "deployment")
+_NUMBER_FIELDS = (*TOKEN_FIELDS, "totalCost", "serverToolCost")
+
+
+def _check_records(records: list[dict[str, Any]], path: Path) -> None:
+    """Raises StoreCorrupt, naming the record and the field, when a record has a key field that is not a string
+    or a summed field that is not a number: counted, it would stop every report (and every spend) that reads
+    it, not only its own numbers. Cheap beside the parse: a dozen type checks a record."""
+    for number, record in enumerate(records, 1):
+        get = record.get
+        for name in _KEY_FIELDS:
+            value = get(name)
+            if value is not None and value.__class__ is not str:
+                raise StoreCorrupt(path, f"record {number} is not a usage record ({name}: {value!r:.40})")
+        for name in _NUMBER_FIELDS:
+            value = get(name)
+            if value is not None and value.__class__ is not int and value.__class__ is not float:
+                raise StoreCorrupt(path, f"record {number} is not a usage record ({name}: {value!r:.40})")
 
 
 def _read_log(path: Path) -> list[Any] | None:
@@ -390,7 +435,7 @@ class UsageStore:
             return
         log_ = AppendLog(path)
         try:
-            entries = log_.open()
+            entries = log_.open(unfinished=partial(_checked_segment, path))
         except StoreCorrupt as e:
             move_aside(e)  # its name is free again: the fresh segment takes it
             self._start(day, number)
