@@ -230,6 +230,24 @@ async def test_a_damaged_rollup_file_and_a_closed_segments_torn_tail_are_reporte
             assert sum("damaged usage rollup (kept for inspection" in line for line in doctor.output.splitlines()) == 2
             cli_report = json.loads(cli(data, "usage", "--json", "--by-model").stdout)
             assert rounded(cli_report["grandTotal"]) == rounded(expected["grandTotal"])
+
+            # Rollups that parse but whose groups are not rollups' (edited): moved aside too, the report whole.
+            other = f"{first + timedelta(days=7):%Y-%m-%d}"
+            edited = data / "usage" / "rollups" / f"{other}.day.json"
+            merged = json.loads(edited.read_bytes())
+            merged["day"]["merged"]["groups"][0][6] = "many"
+            edited.write_text(json.dumps(merged), encoding="utf-8")
+            segments = data / "usage" / "rollups" / f"{other}.json"
+            table = json.loads(segments.read_bytes())
+            next(iter(table["segments"].values()))["groups"] = [[None]]
+            segments.write_text(json.dumps(table), encoding="utf-8")
+            for _ in range(2):
+                assert rounded(await report("model")) == rounded({**expected, "damagedFiles": []})
+            cli_report = json.loads(cli(data, "usage", "--json", "--by-model", "--by-day").stdout)
+            assert rounded(cli_report["perDay"]) == rounded(REPORTS["day"](scan_complete(data))["perDay"])
+            aside = sorted(p.name.split(".damaged-")[0] for p in rollup.parent.iterdir() if ".damaged-" in p.name)
+            assert aside == sorted([whole.name, rollup.name, edited.name, segments.name])
+            assert sum("not a usage rollup" in line for line in gateway.log().splitlines()) == 2
     finally:
         await gateway.aclose()
 

@@ -22,8 +22,9 @@ earlier day, and those of today but the one being written), its records summed p
 session, endpoint), written once, off the hot path, by the first report that needs them (whole and
 atomically), and trusted only while the segment has the size and modification time it had then (a segment
 changed in place, damaged or edited, is read again). A report sums the rollups and scans only the open
-segment, so its time grows with the groups, not the records. A rollup file that does not parse
-(damaged from outside: it is written whole) is moved aside like any damaged store file and rebuilt.
+segment, so its time grows with the groups, not the records. A rollup file that does not parse, or whose
+groups are not a rollup's (damaged from outside: it is written whole), is moved aside like any damaged store
+file and rebuilt.
 """
 
 from __future__ import annotations
@@ -264,18 +265,40 @@ class UsageStore:
         Closed segments count through their rollups (built and saved here when missing or stale)."""
         since_iso = _iso(since)
         today = _utc_day()
-        groups: dict[GroupKey, dict[str, Any]] = {}
         query = _Query(since_iso, session_id, client)
-        for day in _days(self.dir):
-            if since_iso is not None and day < since_iso[:10]:
-                continue
-            self._count_day(day, day < today, query, groups, damaged)
-        return groups
+        named = len(damaged) if damaged is not None else 0
+        distrusted: set[str] = set()
+        while True:
+            groups: dict[GroupKey, dict[str, Any]] = {}
+            day = ""
+            try:
+                for day in _days(self.dir):
+                    if since_iso is not None and day < since_iso[:10]:
+                        continue
+                    self._count_day(day, day < today, query, groups, damaged, day not in distrusted)
+                return groups
+            except (TypeError, ValueError, KeyError, IndexError, AttributeError) as e:
+                # A rollup that parses but whose groups are not what we write (edited, damaged in a way JSON
+                # allows): moved aside, and the report made again with that day counted from its segments
+                # (its rollups rebuilt). An error on a day counted without rollups is ours: raised.
+                if not day or day in distrusted:
+                    raise
+                distrusted.add(day)
+                self._set_aside_rollups(day, e)
+                if damaged is not None:
+                    del damaged[named:]
 
     def _count_day(
-        self, day: str, past: bool, query: _Query, groups: dict[GroupKey, dict[str, Any]], damaged: list[str] | None
+        self,
+        day: str,
+        past: bool,
+        query: _Query,
+        groups: dict[GroupKey, dict[str, Any]],
+        damaged: list[str] | None,
+        trusted: bool = True,
     ) -> None:
-        """Add a day's matching records to ``groups``, and save its rollups if they changed."""
+        """Add a day's matching records to ``groups``, and save its rollups if they changed (``trusted``: the
+        rollups saved are read, else the day is counted from its segments alone)."""
         folder = self.dir / day
         names = _listdir(folder)
         if damaged is not None:
@@ -291,13 +314,13 @@ class UsageStore:
             except FileNotFoundError:
                 continue
             sizes[name], mtimes[name] = st.st_size, st.st_mtime_ns
-        known_day = self._read_day_rollup(day) if past else None
+        known_day = self._read_day_rollup(day) if past and trusted else None
         if known_day is not None and _day_covers(known_day, sizes, mtimes, query.since_iso):
             # A past day counts through its segments' groups merged once, a file of its own: a report's time
             # grows with the groups, not with how many segments the day's records filled.
             _count_rollup(known_day, query.session_id, query.client, groups)
             return
-        known = self._read_rollup(day)
+        known = self._read_rollup(day) if trusted else {}
         fresh: dict[str, Any] = {}
         for index, (_, name) in enumerate(files):
             if name not in sizes:
@@ -343,6 +366,13 @@ class UsageStore:
         table = data.get("day") if isinstance(data, dict) else None
         whole = table.get("merged") if isinstance(table, dict) else None
         return whole if isinstance(whole, dict) and whole.get("version") == _ROLLUP_VERSION else None
+
+    def _set_aside_rollups(self, day: str, error: Exception) -> None:
+        """Move the day's rollup files aside (logged)."""
+        for name in (f"{day}.json", f"{day}.day.json"):
+            path = self.dir / ROLLUPS / name
+            if path.exists():
+                _set_aside(StoreCorrupt(path, f"not a usage rollup ({type(error).__name__}: {error})"))
 
     def _save(self, name: str, data: dict[str, Any]) -> None:
         """Save a rollup file (best effort: a reader without write access just scans again next time)."""
