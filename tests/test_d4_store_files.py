@@ -420,3 +420,21 @@ async def test_json_lines_that_are_not_usage_records_are_damage_for_every_reader
         assert "Traceback" not in gateway.log()
     finally:
         await gateway.aclose()
+
+
+def test_rollups_this_reader_cannot_read_are_passed_over_for_the_segments(tmp_path: Path) -> None:
+    """Rollups another user made (``sudo agentspace usage`` beside the server's user), here files that cannot
+    be read as files: the report reads those days' segments instead of failing, and ``doctor`` names them."""
+    data = tmp_path / "data"
+    first = seed_month(data, random.Random(2), per_segment=20)
+    assert cli(data, "usage", "--json").exit_code == 0  # the rollups written
+    day = f"{first + timedelta(days=4):%Y-%m-%d}"
+    for name in (f"{day}.json", f"{day}.day.json"):
+        path = data / "usage" / "rollups" / name
+        path.unlink()
+        path.mkdir()  # a read fails as it does on another user's 0600 file: with an OSError
+    result = cli(data, "usage", "--json", "--by-day")
+    assert result.exit_code == 0, result.output
+    assert rounded(json.loads(result.stdout)["perDay"]) == rounded(REPORTS["day"](scan(data))["perDay"])
+    doctor = cli(data, "doctor")
+    assert doctor.exit_code == 1 and f"{data / 'usage' / 'rollups' / (day + '.json')}: cannot be read" in doctor.output

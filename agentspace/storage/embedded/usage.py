@@ -347,6 +347,8 @@ class UsageStore:
         except StoreCorrupt as e:
             _set_aside(e)
             return {}  # rebuilt from the segments
+        except OSError:  # unreadable here (another user's, made by `sudo agentspace usage`): the segments are read
+            return {}
         segments = data.get("segments") if isinstance(data, dict) else None
         if not isinstance(segments, dict):
             return {}
@@ -363,6 +365,8 @@ class UsageStore:
         except StoreCorrupt as e:
             _set_aside(e)
             return None  # rebuilt from the segments' rollups
+        except OSError:
+            return None
         table = data.get("day") if isinstance(data, dict) else None
         whole = table.get("merged") if isinstance(table, dict) else None
         return whole if isinstance(whole, dict) and whole.get("version") == _ROLLUP_VERSION else None
