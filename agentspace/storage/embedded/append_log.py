@@ -282,11 +282,11 @@ class AppendLog:
         in a file no reader finds: the writer opens the file by its name again instead. Two stats."""
         fd = self._require()
         try:
-            named = os.stat(self.path)
+            named = os.stat(os.fspath(self.path))
         except FileNotFoundError:
             return True
         own = os.fstat(fd)
-        return (named.st_ino, named.st_dev) != (own.st_ino, own.st_dev)
+        return named.st_ino != own.st_ino or named.st_dev != own.st_dev
 
     @property
     def is_new(self) -> bool:
