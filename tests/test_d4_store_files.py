@@ -438,3 +438,19 @@ def test_rollups_this_reader_cannot_read_are_passed_over_for_the_segments(tmp_pa
     assert rounded(json.loads(result.stdout)["perDay"]) == rounded(REPORTS["day"](scan(data))["perDay"])
     doctor = cli(data, "doctor")
     assert doctor.exit_code == 1 and f"{data / 'usage' / 'rollups' / (day + '.json')}: cannot be read" in doctor.output
+
+
+def test_adding_a_client_under_a_name_with_usage_says_so_from_the_rollups(tmp_path: Path) -> None:
+    """``clients add`` notes a name that has usage already (a removed client's), read from the reports' groups:
+    in a past day's rollup, and in today's open segment."""
+    data = tmp_path / "data"
+    rng = random.Random(5)
+    now = datetime.now(UTC)
+    old = [{**record(n, now - timedelta(days=2, minutes=n), rng), "client": "gone"} for n in range(5)]
+    write_log_segment(data, f"{now - timedelta(days=2):%Y-%m-%d}", 0, old)
+    write_log_segment(data, f"{now:%Y-%m-%d}", 0, [{**record(9, now, rng), "client": "today"}])
+    assert cli(data, "usage", "--json").exit_code == 0  # the past day's rollups written
+    for name, noted in (("gone", True), ("today", True), ("fresh", False)):
+        result = cli(data, "clients", "add", name)
+        assert result.exit_code == 0, result.output
+        assert (f"A removed client was called {name!r} before" in result.stderr) is noted, name
