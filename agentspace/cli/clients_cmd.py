@@ -98,6 +98,9 @@ def _had_usage(state: CliState, name: str) -> bool:
     try:
         store = cli_storage(state).usage
         if isinstance(store, UsageStoreSync):
+            groups_sync = getattr(store, "groups_sync", None)  # the rollups' groups: no scan of every record
+            if groups_sync is not None:
+                return bool(groups_sync(client=name))
             return any(True for _ in store.records_sync(client=name))
         return bool(on_storage(state, lambda storage: storage.usage.records(client=name)))
     except Exception:  # noqa: BLE001 - only a note: an unreadable store must not fail the add
@@ -113,7 +116,10 @@ def _spend(state: CliState, client: Any, now: datetime) -> float:
     records: Iterable[dict[str, Any]]
     store = cli_storage(state).usage
     if isinstance(store, UsageStoreSync):
-        records = store.records_sync(since=start, client=client.name)
+        # The report's total, from the rollups of closed segments: not a scan of every record of the period
+        # (seconds at a month of a busy client's calls, for each client listed).
+        report = store.report_sync(by="client", since=start, client=client.name)
+        return float(report["grandTotal"].get("totalCost") or 0.0)
     else:
         records = on_storage(state, lambda storage: storage.usage.records(since=start, client=client.name))
     return sum(float(r.get("totalCost") or 0.0) for r in records)

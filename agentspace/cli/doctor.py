@@ -1,7 +1,7 @@
 """``agentspace doctor``: check every store file and the secrets files, and say what is wrong.
 
-Reads only (it works while the server runs, and moves nothing): every session file and usage segment must
-parse, damaged files moved aside earlier (ledger journals and the clients file too) are listed, and
+Reads only (it works while the server runs, and moves nothing): every session file, usage segment and usage
+rollup must parse, damaged files moved aside earlier (ledger journals and the clients file too) are listed, and
 ``keys.json``, ``gateway-token`` and ``clients.json`` must be readable, parseable and private (mode 0600):
 a clients file the server cannot trust or parse admits no client key. Exits 1 when anything is wrong.
 """
@@ -104,6 +104,30 @@ def _check_clients(path: Path) -> tuple[int, list[str]]:
     return good, problems
 
 
+def _check_rollups(folder: Path) -> list[str]:
+    """The usage rollups that do not parse, and those moved aside: the reports' cache of closed segments, written
+    whole, so damaged from outside; a report rebuilds them from the segments (nothing is lost)."""
+    from ..storage.atomic import StoreCorrupt, is_damaged_copy, read_json
+
+    try:
+        names = sorted(os.listdir(folder))
+    except FileNotFoundError:
+        return []
+    problems = []
+    for name in names:
+        path = folder / name
+        if is_damaged_copy(name):
+            problems.append(f"{path}: damaged usage rollup (kept for inspection; rebuilt from its segments)")
+        elif name.endswith(".json") and not name.startswith("."):
+            try:
+                read_json(path)
+            except StoreCorrupt:
+                problems.append(f"{path}: damaged usage rollup (the next report moves it aside and rebuilds it)")
+            except OSError as e:
+                problems.append(f"{path}: cannot be read ({e.strerror or e})")
+    return problems
+
+
 @click.command()
 @config_options
 @pass_state
@@ -113,7 +137,7 @@ def doctor(state: CliState) -> None:
     from ..storage.atomic import is_damaged_copy
     from ..storage.embedded.clients import FILE_NAME as CLIENTS_FILE
     from ..storage.embedded.sessions import SessionStore
-    from ..storage.embedded.usage import UsageStore
+    from ..storage.embedded.usage import ROLLUPS, UsageStore
     from ..vault import KEYS_FILE
 
     data_dir = Path(state.data_dir)
@@ -127,6 +151,10 @@ def doctor(state: CliState) -> None:
     count = sum(1 for _ in UsageStore(data_dir).records_sync(damaged=damaged))
     problems += [f"{path}: damaged usage segment (kept for inspection; not counted)" for path in damaged]
     click.echo(f"usage: {count:,} records readable, {len(damaged)} damaged files")
+    rollups = _check_rollups(data_dir / "usage" / ROLLUPS)
+    problems += rollups
+    if rollups:
+        click.echo(f"usage rollups: {len(rollups)} damaged (rebuilt from the segments)")
 
     # A journal is a running server's, or a stopped one's that the next start posts; a damaged one was moved
     # aside by a start that posted what it still showed.

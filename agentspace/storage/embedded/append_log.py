@@ -276,6 +276,18 @@ class AppendLog:
         self.size += len(payload)
         return len(payload)
 
+    def is_replaced(self) -> bool:
+        """Whether the file's name no longer leads to the file open here: deleted, moved away or replaced from
+        outside (history pruned or archived while the server runs). Lines appended to it then would be durable
+        in a file no reader finds: the writer opens the file by its name again instead. Two stats."""
+        fd = self._require()
+        try:
+            named = os.stat(os.fspath(self.path))
+        except FileNotFoundError:
+            return True
+        own = os.fstat(fd)
+        return named.st_ino != own.st_ino or named.st_dev != own.st_dev
+
     @property
     def is_new(self) -> bool:
         """Created by ``create`` and never synced: its entry in the folder is not durable yet."""

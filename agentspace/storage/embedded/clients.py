@@ -3,7 +3,9 @@ atomically). Only key hashes are stored. The file is a tinydb database (``tinydb
 one document per client keyed by its name; changes go through ``tinydb.TinyDB`` with an atomic storage.
 
 A running server sees changes made by the CLI (or another process) without a restart: every lookup checks
-the file (one ``stat``: inode, times, size, mode, owner) and re-reads it when it changed.
+the file (one ``stat``: inode, times, size, mode, owner) and re-reads it when it changed. A file that is not
+the clients table (not JSON, or JSON of another shape: it is written whole, so damaged from outside) is moved
+aside (``clients.json.damaged-<time>``, logged; ``agentspace doctor`` names it) and admits no client.
 
 The API a storage backend implements, async, for the server: ``get_by_key``, ``get_by_hash``, ``get``,
 ``list``, ``add``, ``update``, ``rotate``, ``remove``, ``touch`` (and ``should_touch``, in memory); the CLI
@@ -81,6 +83,11 @@ class ClientStore:
         except ValueError as e:
             move_aside(StoreCorrupt(self.path, f"not valid JSON ({e})"))
             data = {}
+        if not isinstance(data, dict) or not isinstance(data.get(TABLE, {}), dict):
+            # JSON, but not the clients table (another file put in its place, an edit gone wrong): damage, set
+            # aside as a file that does not parse is, not a crash at every lookup.
+            move_aside(StoreCorrupt(self.path, f'not a clients table ({{"{TABLE}": {{name: client}}}})'))
+            data = {}
         self._load(data)
         self._stamp = stamp
 
@@ -138,7 +145,10 @@ class ClientStore:
         return NamedTinyDB(self.path, storage=partial(AtomicStorage, reader=read)).table(TABLE)
 
     def _written(self) -> None:
-        self._stamp = _stamp(os.stat(self.path))
+        # Read again at the next lookup (a small file, rarely written): a stat taken here could already be of a
+        # file another program put in place after our rename (during the folder's fsync), which would then
+        # pass for ours and never be read -- a key revoked by hand would go on working.
+        self._stamp = None
         self._by_hash = {c.key_hash: c for c in self._clients.values()}
 
     def add_sync(self, client: Client) -> str:

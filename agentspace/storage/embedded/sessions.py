@@ -474,11 +474,15 @@ class SessionStore:
         return session_id in self._damaged_ids
 
     def _prepare(self) -> None:
-        """Before the first write: the folder exists and a crashed writer's temp files are gone."""
+        """Before the first write: the folder exists and a crashed writer's temp files are gone. Before every
+        later one, the folder is there still (one stat): removed from outside (history cleared while the server
+        runs), it is made again, or no session could be created until a restart."""
         if not self._prepared:
             make_dirs(self.dir)
             remove_stale_temp_files(self.dir)
             self._prepared = True
+        elif not self.dir.is_dir():
+            make_dirs(self.dir)
 
     def _session(self, session_id: str) -> _Session | None:
         """The session (the cached copy: never change it but through a write), or None when it does not exist.

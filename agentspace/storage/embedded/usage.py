@@ -3,31 +3,40 @@
 Layout: ``data_dir/usage/<YYYY-MM-DD>/<NNNNN>.jsonl``, one ``append_log`` file per segment, one record per
 line. The writer appends each record (group commit: records stored together share one ``fdatasync``) and
 starts the next segment when the current one holds ``segment_size`` records or the UTC day changes, so no
-file grows without bound and a write costs one short line however much is stored. Segments written by
+file grows without bound and a write costs one short line however much is stored. A segment deleted or moved
+away from outside while it is written (history pruned or archived) is noticed at the next record, which goes
+to the day's folder as it is then, not to a file no name leads to. Segments written by
 earlier versions, ``<NNNNN>.json`` (a tinydb file, table ``records``), are read as they are; the writer
 never appends to them.
 
 A torn last line (a crash mid-write: never acknowledged) is cut off by the writer when it opens the segment
-and ignored by readers (silently: a line being written looks the same to them). A segment with a complete
-line that does not parse was damaged outside agentspace: the writer moves it aside
+and ignored by readers (silently in the open segment, where a line being written looks the same; with a
+warning in a closed one, once, when its rollup is made: no writer will cut it). A segment with a complete
+line that does not parse, or that parses but is not a usage record (a key field that is not a string, a
+summed one that is not a number: ``_check_records``), was damaged outside agentspace: the writer moves it aside
 (``<NNNNN>.jsonl.damaged-<time>``, kept and logged) and goes on in a fresh file; readers skip damaged
 segments and name them (``damagedFiles`` in the reports).
 
 Reports read rollups (``usage/rollups/<YYYY-MM-DD>.json``): for every closed segment (every segment of an
 earlier day, and those of today but the one being written), its records summed per (day, model, client,
 session, endpoint), written once, off the hot path, by the first report that needs them (whole and
-atomically), and trusted only while the segment has the size it had then. A report sums the rollups and
-scans only the open segment, so its time grows with the groups, not the records.
+atomically), and trusted only while the segment has the size and modification time it had then (a segment
+changed in place, damaged or edited, is read again). A report sums the rollups and scans only the open
+segment, so its time grows with the groups, not the records. A rollup file that does not parse, or whose
+groups are not a rollup's (damaged from outside: it is written whole), is moved aside like any damaged store
+file and rebuilt.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import re
 import time
 from collections.abc import Iterable, Iterator
 from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -43,11 +52,23 @@ from ..atomic import (
     write_bytes_atomic,
     write_json_atomic,
 )
-from ..reports import REPORTS, SUMMED, GroupKey, add_to, group_records, merge, owner, report_from_groups
+from ..reports import (
+    REPORTS,
+    SUMMED,
+    TOKEN_FIELDS,
+    GroupKey,
+    add_to,
+    group_records,
+    merge,
+    owner,
+    report_from_groups,
+)
 from . import append_log
 from .append_log import AppendLog, encode_lines, parse_lines
 from .store_thread import read_in_thread
 from .tinydb_file import read_tables, write_tables
+
+log = logging.getLogger("agentspace.storage")
 
 _RECORDS = "records"
 _DAY = re.compile(r"\d{4}-\d{2}-\d{2}")
@@ -56,6 +77,7 @@ _LOG = ".jsonl"
 ROLLUPS = "rollups"
 # 2: the deployment of a model group is part of the group key; 3: server-tool fees and uses are summed
 _ROLLUP_VERSION = 3
+_TAIL_CHUNK = 64 * 1024
 # Records per segment: the most a writer reads when it opens the day's last segment, and the most a report
 # scans that no rollup covers.
 SEGMENT_SIZE = 10_000
@@ -109,8 +131,41 @@ def read_segment(path: Path) -> list[dict[str, Any]]:
         entries = _read_log(path) or []
         if not all(isinstance(entry, dict) for entry in entries):
             raise StoreCorrupt(path, "not a usage segment (a line is not a record)")
-        return entries
-    return list(((read_tables(path) or {}).get(_RECORDS) or {}).values())
+    else:
+        entries = list(((read_tables(path) or {}).get(_RECORDS) or {}).values())
+    _check_records(entries, path)
+    return entries
+
+
+def _checked_segment(path: Path, entries: list[Any]) -> int:
+    """The writer's check of the segment it continues: what readers would call damaged is moved aside, not
+    appended to (every record written after it would go uncounted with it). Nothing unfinished: 0."""
+    if not all(isinstance(entry, dict) for entry in entries):
+        raise StoreCorrupt(path, "not a usage segment (a line is not a record)")
+    _check_records(entries, path)
+    return 0
+
+
+# What every reader relies on (a report's groups and sums, a client's spend, a ``since``): the fields no writer
+# writes in another type. A record that has one otherwise is JSON, but not a usage record: damage from outside.
+_KEY_FIELDS = ("timestamp", "model", "client", "sessionId", "endpoint", "deployment")
+_NUMBER_FIELDS = (*TOKEN_FIELDS, "totalCost", "serverToolCost")
+
+
+def _check_records(records: list[dict[str, Any]], path: Path) -> None:
+    """Raises StoreCorrupt, naming the record and the field, when a record has a key field that is not a string
+    or a summed field that is not a number: counted, it would stop every report (and every spend) that reads
+    it, not only its own numbers. Cheap beside the parse: a dozen type checks a record."""
+    for number, record in enumerate(records, 1):
+        get = record.get
+        for name in _KEY_FIELDS:
+            value = get(name)
+            if value is not None and value.__class__ is not str:
+                raise StoreCorrupt(path, f"record {number} is not a usage record ({name}: {value!r:.40})")
+        for name in _NUMBER_FIELDS:
+            value = get(name)
+            if value is not None and value.__class__ is not int and value.__class__ is not float:
+                raise StoreCorrupt(path, f"record {number} is not a usage record ({name}: {value!r:.40})")
 
 
 def _read_log(path: Path) -> list[Any] | None:
@@ -210,52 +265,78 @@ class UsageStore:
         Closed segments count through their rollups (built and saved here when missing or stale)."""
         since_iso = _iso(since)
         today = _utc_day()
-        groups: dict[GroupKey, dict[str, Any]] = {}
         query = _Query(since_iso, session_id, client)
-        for day in _days(self.dir):
-            if since_iso is not None and day < since_iso[:10]:
-                continue
-            self._count_day(day, day < today, query, groups, damaged)
-        return groups
+        named = len(damaged) if damaged is not None else 0
+        distrusted: set[str] = set()
+        while True:
+            groups: dict[GroupKey, dict[str, Any]] = {}
+            day = ""
+            try:
+                for day in _days(self.dir):
+                    if since_iso is not None and day < since_iso[:10]:
+                        continue
+                    self._count_day(day, day < today, query, groups, damaged, day not in distrusted)
+                return groups
+            except (TypeError, ValueError, KeyError, IndexError, AttributeError) as e:
+                # A rollup that parses but whose groups are not what we write (edited, damaged in a way JSON
+                # allows): moved aside, and the report made again with that day counted from its segments
+                # (its rollups rebuilt). An error on a day counted without rollups is ours: raised.
+                if not day or day in distrusted:
+                    raise
+                distrusted.add(day)
+                self._set_aside_rollups(day, e)
+                if damaged is not None:
+                    del damaged[named:]
 
     def _count_day(
-        self, day: str, past: bool, query: _Query, groups: dict[GroupKey, dict[str, Any]], damaged: list[str] | None
+        self,
+        day: str,
+        past: bool,
+        query: _Query,
+        groups: dict[GroupKey, dict[str, Any]],
+        damaged: list[str] | None,
+        trusted: bool = True,
     ) -> None:
-        """Add a day's matching records to ``groups``, and save its rollups if they changed."""
+        """Add a day's matching records to ``groups``, and save its rollups if they changed (``trusted``: the
+        rollups saved are read, else the day is counted from its segments alone)."""
         folder = self.dir / day
         names = _listdir(folder)
         if damaged is not None:
             damaged += [str(folder / name) for name in sorted(names) if is_damaged_copy(name)]
         files = _segment_files(names)
+        # A rollup holds while its segment keeps the size and modification time it was made from: a segment
+        # changed in place (damaged from outside, edited: the size kept) is read again, not counted as it was.
         sizes: dict[str, int] = {}
+        mtimes: dict[str, int] = {}
         for _, name in files:
             try:
-                sizes[name] = (folder / name).stat().st_size
+                st = (folder / name).stat()
             except FileNotFoundError:
                 continue
-        known_day = self._read_day_rollup(day) if past else None
-        if known_day is not None and _day_covers(known_day, sizes, query.since_iso):
+            sizes[name], mtimes[name] = st.st_size, st.st_mtime_ns
+        known_day = self._read_day_rollup(day) if past and trusted else None
+        if known_day is not None and _day_covers(known_day, sizes, mtimes, query.since_iso):
             # A past day counts through its segments' groups merged once, a file of its own: a report's time
             # grows with the groups, not with how many segments the day's records filled.
             _count_rollup(known_day, query.session_id, query.client, groups)
             return
-        known = self._read_rollup(day)
+        known = self._read_rollup(day) if trusted else {}
         fresh: dict[str, Any] = {}
         for index, (_, name) in enumerate(files):
             if name not in sizes:
                 continue
-            size = sizes[name]
+            stamp = {"size": sizes[name], "mtime": mtimes[name]}
             closed = past or index < len(files) - 1 or not name.endswith(_LOG)
             entry = known.get(name)
-            if not (closed and isinstance(entry, dict) and entry.get("size") == size):
+            if not (closed and isinstance(entry, dict) and all(entry.get(k) == v for k, v in stamp.items())):
                 entry = None
-            kept = _count_segment(folder / name, size, closed, entry, query, groups, damaged)
+            kept = _count_segment(folder / name, stamp, closed, entry, query, groups, damaged)
             if kept is not None:
                 fresh[name] = kept
         if fresh != known:
             self._save(day, {"segments": fresh})
-        if past and (known_day is None or known_day.get("sizes") != sizes):  # (a report since a time in the day)
-            whole = _day_rollup(fresh, sizes)
+        if past and (known_day is None or not _day_covers(known_day, sizes, mtimes, None)):  # (since in the day)
+            whole = _day_rollup(fresh, sizes, mtimes)
             if whole is not None:
                 self._save(f"{day}.day", {"day": {"merged": whole}})  # a table of one document (tinydb layout)
 
@@ -263,8 +344,11 @@ class UsageStore:
         """The day's rollups: ``{segment file name: entry}`` (a tinydb layout, table ``segments``)."""
         try:
             data = read_json(self.dir / ROLLUPS / f"{day}.json")
-        except StoreCorrupt:
+        except StoreCorrupt as e:
+            _set_aside(e)
             return {}  # rebuilt from the segments
+        except OSError:  # unreadable here (another user's, made by `sudo agentspace usage`): the segments are read
+            return {}
         segments = data.get("segments") if isinstance(data, dict) else None
         if not isinstance(segments, dict):
             return {}
@@ -278,11 +362,21 @@ class UsageStore:
         """A past day's segment rollups merged (``<day>.day.json``, table ``day``, document ``merged``)."""
         try:
             data = read_json(self.dir / ROLLUPS / f"{day}.day.json")
-        except StoreCorrupt:
+        except StoreCorrupt as e:
+            _set_aside(e)
             return None  # rebuilt from the segments' rollups
+        except OSError:
+            return None
         table = data.get("day") if isinstance(data, dict) else None
         whole = table.get("merged") if isinstance(table, dict) else None
         return whole if isinstance(whole, dict) and whole.get("version") == _ROLLUP_VERSION else None
+
+    def _set_aside_rollups(self, day: str, error: Exception) -> None:
+        """Move the day's rollup files aside (logged)."""
+        for name in (f"{day}.json", f"{day}.day.json"):
+            path = self.dir / ROLLUPS / name
+            if path.exists():
+                _set_aside(StoreCorrupt(path, f"not a usage rollup ({type(error).__name__}: {error})"))
 
     def _save(self, name: str, data: dict[str, Any]) -> None:
         """Save a rollup file (best effort: a reader without write access just scans again next time)."""
@@ -325,6 +419,11 @@ class UsageStore:
     def _append(self, record: dict[str, Any]) -> list[AppendLog]:
         day = _utc_day()
         if day != self._day or self._log is None:
+            self._open_day(day)
+        elif self._log.is_replaced():
+            log.warning(
+                "%s was deleted, moved or replaced from outside the server; records go on in its folder", self._log.path
+            )
             self._open_day(day)
         elif self._count >= self.segment_size:
             self._start(day, self._number + 1)
@@ -370,7 +469,7 @@ class UsageStore:
             return
         log_ = AppendLog(path)
         try:
-            entries = log_.open()
+            entries = log_.open(unfinished=partial(_checked_segment, path))
         except StoreCorrupt as e:
             move_aside(e)  # its name is free again: the fresh segment takes it
             self._start(day, number)
@@ -389,6 +488,14 @@ class UsageStore:
         self._day, self._number, self._log, self._count, self._ids = day, number, log_, 0, set()
 
 
+def _set_aside(damage: StoreCorrupt) -> None:
+    """A rollup file that does not parse (written whole and atomically, so damaged from outside): moved aside,
+    kept and logged, like every damaged store file, and rebuilt from its segments (best effort: a reader
+    without write access just leaves it and reads the segments)."""
+    with contextlib.suppress(OSError):
+        move_aside(damage)
+
+
 class _Query(NamedTuple):
     since_iso: str | None
     session_id: str | None
@@ -397,7 +504,7 @@ class _Query(NamedTuple):
 
 def _count_segment(
     path: Path,
-    size: int,
+    stamp: dict[str, int],
     closed: bool,
     entry: dict[str, Any] | None,
     query: _Query,
@@ -421,12 +528,26 @@ def _count_segment(
         warn_skipped(e)
         if damaged is not None:
             damaged.append(str(path))
-        return {"version": _ROLLUP_VERSION, "size": size, "damaged": True} if closed else None
+        return {"version": _ROLLUP_VERSION, **stamp, "damaged": True} if closed else None
     for record in _matching(records, since_iso, session_id, client):
         add_to(groups, record)
     if closed and entry is None:
-        return _rollup_entry(records, size)
+        if path.name.endswith(_LOG):
+            _warn_torn_tail(path)
+        return _rollup_entry(records, stamp)
     return entry
+
+
+def _warn_torn_tail(path: Path) -> None:
+    """Warn of a closed segment's torn tail (read once, when its rollup is made): no writer appends to it any
+    more, so it is not a line being written but what a crash left, never acknowledged and never counted."""
+    with contextlib.suppress(OSError), open(path, "rb") as f:
+        size = f.seek(0, os.SEEK_END)
+        f.seek(max(0, size - _TAIL_CHUNK))
+        tail = f.read()
+        torn = len(tail) - (tail.rfind(b"\n") + 1)
+        if torn:
+            append_log.warn_torn(path, torn, cut=False)
 
 
 def _count_rollup(
@@ -470,8 +591,9 @@ def _totals_from_row(row: list[Any]) -> dict[str, Any]:
     return totals
 
 
-def _day_rollup(segments: dict[str, Any], sizes: dict[str, int]) -> dict[str, Any] | None:
-    """A past day's segment rollups merged into one list of groups, valid while its segments keep ``sizes``;
+def _day_rollup(segments: dict[str, Any], sizes: dict[str, int], mtimes: dict[str, int]) -> dict[str, Any] | None:
+    """A past day's segment rollups merged into one list of groups, valid while its segments keep ``sizes`` and
+    ``mtimes``;
     None while a segment has none (damaged: it is named at every report)."""
     if set(segments) != set(sizes) or any(not isinstance(e.get("groups"), list) for e in segments.values()):
         return None
@@ -483,24 +605,26 @@ def _day_rollup(segments: dict[str, Any], sizes: dict[str, int]) -> dict[str, An
     return {
         "version": _ROLLUP_VERSION,
         "sizes": sizes,
+        "mtimes": mtimes,
         "first": min(firsts, default=None),
         "groups": [[*key, _totals_row(totals)] for key, totals in merged.items()],
     }
 
 
-def _day_covers(whole: dict[str, Any], sizes: dict[str, int], since_iso: str | None) -> bool:
+def _day_covers(whole: dict[str, Any], sizes: dict[str, int], mtimes: dict[str, int], since_iso: str | None) -> bool:
     """Whether a day's merged rollup answers a report: its segments unchanged, none of its records before
     ``since``."""
     return (
         whole.get("sizes") == sizes
+        and whole.get("mtimes") == mtimes
         and isinstance(whole.get("groups"), list)
         and (since_iso is None or (whole.get("first") or "") >= since_iso)
     )
 
 
-def _rollup_entry(records: list[dict[str, Any]], size: int) -> dict[str, Any]:
-    """A closed segment's rollup: its size (the rollup holds while the segment has it), its first timestamp
-    (a report ``since`` a later time scans the segment instead) and its groups."""
+def _rollup_entry(records: list[dict[str, Any]], stamp: dict[str, int]) -> dict[str, Any]:
+    """A closed segment's rollup: its size and modification time (the rollup holds while the segment keeps
+    them), its first timestamp (a report ``since`` a later time scans the segment instead) and its groups."""
     first = min((str(r.get("timestamp") or "") for r in records), default=None)
     groups = [[*key, _totals_row(totals)] for key, totals in group_records(records).items()]
-    return {"version": _ROLLUP_VERSION, "size": size, "first": first, "groups": groups}
+    return {"version": _ROLLUP_VERSION, **stamp, "first": first, "groups": groups}
