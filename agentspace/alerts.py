@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .clients import ADMIN, iso, period_bounds
+from .storage.protocols import spend_of
 from .types import UsageRecord
 
 if TYPE_CHECKING:
@@ -92,9 +93,10 @@ class BudgetAlerts:
         start, end = period_bounds(client.period, datetime.now(UTC))
         # This client's spend only: not an earlier client's of the same name (as the budget counts it).
         since = client.since if start is None else max(start, client.since or start)
-        records = await self.usage.records(since=since, client=client.name)
-        spend = sum(float(r.get("totalCost") or 0.0) for r in records)
-        if not any(r.get("id") == record.id for r in records):  # sinks written out of order: count it anyway
+        spend, counted = await spend_of(
+            self.usage, since=since, client=client.name, posting=lambda: {record.id: record.timestamp}
+        )
+        if not counted:  # sinks written out of order: count it anyway
             spend += record.cost.total_cost
         for threshold in self.thresholds:
             if spend + 1e-12 < threshold * budget:

@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, Protocol
 from .clients import ADMIN, PERIODS, Client, Clock, hash_key, iso, period_bounds, utc_now
 from .errors import ApiError, outage_error
 from .logs import warn_limited
+from .storage.protocols import spend_of
 
 if TYPE_CHECKING:
     from .storage.protocols import ClientStoreAPI, UsageStoreAPI
@@ -279,7 +280,7 @@ class Guard:
         self._token_hash: tuple[str, str] = ("", "")  # the last token seen and its SHA-256
         # Records stored and not settled yet, per client (``posting``), and the ids of those a period's spend
         # read from the store counted already, per (client, period key): settling adds them there no more.
-        self._posting: dict[str, set[str]] = {}
+        self._posting: dict[str, dict[str, str]] = {}  # client -> id -> timestamp of records being stored
         self._counted: dict[tuple[str, str], set[str]] = {}
 
     async def client(self, caller: str, credential: str | None = None) -> Client | None:
@@ -320,27 +321,26 @@ class Guard:
     def _loader(self, client: Client, start: datetime | None, key: str) -> Callable[[], Awaitable[float]]:
         async def load() -> float:
             since = client.since if start is None else max(start, client.since or start)
-            records = await self.usage.records(since=since, client=client.name)
+            spend, counted = await spend_of(
+                self.usage, since=since, client=client.name, posting=lambda: dict(self._posting.get(client.name, {}))
+            )
             # A record stored and not settled yet is in this spend: its settling must not add it again.
-            posting = self._posting.get(client.name)
-            if posting:
-                counted = {str(r.get("id")) for r in records} & posting
-                if counted:
-                    self._counted.setdefault((client.name, key), set()).update(counted)
-            return sum(float(r.get("totalCost") or 0.0) for r in records)
+            if counted:
+                self._counted.setdefault((client.name, key), set()).update(counted)
+            return spend
 
         return load
 
     def posting(self, record: UsageRecord) -> None:
         """``record`` is about to be stored; its ``settle`` follows (``recording.Recorder``)."""
         if record.client is not None and record.client != ADMIN:
-            self._posting.setdefault(record.client, set()).add(record.id)
+            self._posting.setdefault(record.client, {})[record.id] = record.timestamp
 
     def _posted(self, client: str, record_id: str) -> set[str]:
         """The period keys whose spend counted ``record_id`` when read; the record is no longer posting."""
         posting = self._posting.get(client)
         if posting is not None:
-            posting.discard(record_id)
+            posting.pop(record_id, None)
             if not posting:
                 del self._posting[client]
         keys = set()

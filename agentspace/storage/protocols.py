@@ -15,10 +15,10 @@ store could not be used: nothing was stored, the same call may be retried).
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, cast, runtime_checkable
 
 if TYPE_CHECKING:
     from ..clients import Client
@@ -96,9 +96,29 @@ class UsageStoreAPI(Protocol):
         self, *, since: datetime | None = None, session_id: str | None = None, client: str | None = None
     ) -> list[dict[str, Any]]: ...
 
+    async def spend(
+        self, *, client: str, since: datetime | None, posting: Callable[[], Mapping[str, str]]
+    ) -> tuple[float, set[str]]:
+        """What ``client``'s records since ``since`` cost (their ``totalCost``, summed from the rollups: the time
+        grows with the groups, not the records), and which of the records being stored (``posting()``: id ->
+        timestamp, the ones stored and not yet settled in the budgets, ``limits.Guard``) that sum counts, both
+        in one view of the store."""
+        ...
+
     async def flush(self) -> None: ...
 
     async def aclose(self) -> None: ...
+
+
+async def spend_of(
+    usage: UsageStoreAPI, *, client: str, since: datetime | None, posting: Callable[[], Mapping[str, str]]
+) -> tuple[float, set[str]]:
+    """``usage.spend``; summed from the records by a usage store without it (a backend written before it)."""
+    spend = getattr(usage, "spend", None)
+    if spend is not None:
+        return cast("tuple[float, set[str]]", await spend(client=client, since=since, posting=posting))
+    records = await usage.records(since=since, client=client)
+    return sum(float(r.get("totalCost") or 0.0) for r in records), {str(r.get("id")) for r in records} & set(posting())
 
 
 @runtime_checkable

@@ -34,7 +34,7 @@ import logging
 import os
 import re
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from datetime import UTC, datetime
 from functools import partial
 from pathlib import Path
@@ -81,6 +81,9 @@ _TAIL_CHUNK = 64 * 1024
 # Records per segment: the most a writer reads when it opens the day's last segment, and the most a report
 # scans that no rollup covers.
 SEGMENT_SIZE = 10_000
+# Ids of the last records written kept for ``spend``: a record still being stored was written in its group
+# commit's batch, far fewer records ago.
+RECENT_IDS = 10_000
 
 
 def _utc_day() -> str:
@@ -193,6 +196,8 @@ class UsageStore:
         self._log: AppendLog | None = None
         self._count = 0
         self._ids: set[str] = set()
+        # The ids of the last records written, in order (``spend``: which records being stored it counts).
+        self._recent: dict[str, None] = {}
 
     async def append(self, record: UsageRecord) -> None:
         """Store ``record`` durably. A record whose id is stored already (a retried write) changes nothing.
@@ -395,6 +400,25 @@ class UsageStore:
         """``report`` run off the event loop (and off the store thread: writes do not wait for it)."""
         return await read_in_thread(lambda: self.report_sync(by=by, since=since, session_id=session_id, client=client))
 
+    async def spend(
+        self, *, client: str, since: datetime | None, posting: Callable[[], Mapping[str, str]]
+    ) -> tuple[float, set[str]]:
+        """The cost of ``client``'s records since ``since``, from the rollups, and which records of ``posting()``
+        (id: timestamp, the records being stored) it counts. Summed on the store thread, where no record is
+        written meanwhile, once a first pass off it has brought the rollups up to date (so the store thread
+        reads only the open segments and the rollup files)."""
+        from .store_thread import on_store_thread
+
+        await read_in_thread(lambda: self.groups_sync(since=since, client=client))
+
+        def snapshot() -> tuple[float, frozenset[str]]:
+            groups = self.groups_sync(since=since, client=client)
+            return sum(float(g["totalCost"]) for g in groups.values()), frozenset(self._recent)
+
+        total, recent = await on_store_thread(snapshot)
+        # A record still being stored now and written before the snapshot is one of the last ones written.
+        return total, set(posting()) & recent
+
     async def records(
         self, *, since: datetime | None = None, session_id: str | None = None, client: str | None = None
     ) -> list[dict[str, Any]]:
@@ -436,12 +460,16 @@ class UsageStore:
         self._count += 1
         if record_id:
             self._ids.add(record_id)
+            self._recent[record_id] = None
+            if len(self._recent) > RECENT_IDS:
+                del self._recent[next(iter(self._recent))]
         return [self._log]
 
     def _forget(self, record: dict[str, Any]) -> None:
         """The sync of a written record failed (the log cut it off again): it is not stored."""
         self._count -= 1
         self._ids.discard(record.get("id") or "")
+        self._recent.pop(record.get("id") or "", None)
 
     def _close_log(self) -> None:
         if self._log is not None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
@@ -368,6 +368,31 @@ class PostgresUsageStore:
         ``since`` falls inside a day, that day's part from the records. Its time grows with the groups."""
         if by not in REPORTS:
             raise KeyError(by)
+        columns, queries = self._report_queries(by, since, session_id, client)
+        async with self.db.connection() as conn:
+            groups = await _fetch_groups(conn, columns, queries)
+        return {**report_from_groups(by, groups), "damagedFiles": []}
+
+    async def spend(
+        self, *, client: str, since: datetime | None, posting: Callable[[], Mapping[str, str]]
+    ) -> tuple[float, set[str]]:
+        """The cost of ``client``'s records since ``since``, from the rollups, and which records of ``posting()``
+        (id: timestamp; taken just before the snapshot) it counts: both read in one snapshot."""
+        columns, queries = self._report_queries("model", since, None, client)
+        async with self.db.connection() as conn, conn.transaction(isolation="repeatable_read", readonly=True):
+            ids = dict(posting())  # the transaction's snapshot is taken by its first statement, just below
+            found = await conn.fetch(
+                "SELECT id FROM usage_records WHERE (ts, id) IN (SELECT * FROM unnest($1::timestamptz[], $2::text[]))",
+                [parse_time(ts) for ts in ids.values()],
+                list(ids),
+            )
+            groups = await _fetch_groups(conn, columns, queries)
+        return sum(float(g["totalCost"]) for g in groups.values()), {str(r[0]) for r in found}
+
+    def _report_queries(
+        self, by: str, since: datetime | None, session_id: str | None, client: str | None
+    ) -> tuple[dict[str, str], list[tuple[str, list[Any]]]]:
+        """The report's columns and its queries: the rollups, and the records of a day ``since`` starts inside."""
         columns = _REPORT_COLUMNS[by]
         since_utc = None if since is None else (since.replace(tzinfo=UTC) if since.tzinfo is None else since)
         clauses: list[str] = []
@@ -403,33 +428,7 @@ class PostgresUsageStore:
             queries.append(
                 (f"SELECT {record_keys}, {_SUMS} FROM usage_records{where} GROUP BY {record_keys}", record_args)
             )
-        groups: dict[GroupKey, dict[str, Any]] = {}
-        async with self.db.connection() as conn:
-            for query, query_args in queries:
-                for row in await conn.fetch(query, *query_args):
-                    named = dict(zip(columns, row, strict=False))
-                    day_value = named.get("day")
-                    key: GroupKey = (
-                        "" if day_value is None else ("unknown" if str(day_value) == "1970-01-01" else str(day_value)),
-                        named.get("model"),
-                        named.get("client"),
-                        named.get("session"),
-                        named.get("endpoint") or None,
-                        named.get("deployment") or None,
-                    )
-                    values = list(row)[len(columns) :]
-                    totals = empty_totals()
-                    for n, field in enumerate(TOKEN_FIELDS):
-                        totals[field] = int(values[n] or 0)
-                    totals["totalCost"] = float(values[6] or 0.0)
-                    for n, field in enumerate(COUNTS):
-                        totals[field] = int(values[7 + n] or 0)
-                    if values[10]:
-                        totals["priceKnown"] = False
-                    totals["serverToolCost"] = float(values[11] or 0.0)
-                    totals["serverToolUses"] = int(values[12] or 0)
-                    merge(groups, key, totals)
-        return {**report_from_groups(by, groups), "damagedFiles": []}
+        return columns, queries
 
     async def records(
         self, *, since: datetime | None = None, session_id: str | None = None, client: str | None = None
@@ -451,3 +450,35 @@ class PostgresUsageStore:
         if not self._closed:
             await self.flush()
             self._closed = True
+
+
+async def _fetch_groups(
+    conn: Any, columns: dict[str, str], queries: list[tuple[str, list[Any]]]
+) -> dict[GroupKey, dict[str, Any]]:
+    """The group totals the report's queries give."""
+    groups: dict[GroupKey, dict[str, Any]] = {}
+    for query, query_args in queries:
+        for row in await conn.fetch(query, *query_args):
+            named = dict(zip(columns, row, strict=False))
+            day_value = named.get("day")
+            key: GroupKey = (
+                "" if day_value is None else ("unknown" if str(day_value) == "1970-01-01" else str(day_value)),
+                named.get("model"),
+                named.get("client"),
+                named.get("session"),
+                named.get("endpoint") or None,
+                named.get("deployment") or None,
+            )
+            values = list(row)[len(columns) :]
+            totals = empty_totals()
+            for n, field in enumerate(TOKEN_FIELDS):
+                totals[field] = int(values[n] or 0)
+            totals["totalCost"] = float(values[6] or 0.0)
+            for n, field in enumerate(COUNTS):
+                totals[field] = int(values[7 + n] or 0)
+            if values[10]:
+                totals["priceKnown"] = False
+            totals["serverToolCost"] = float(values[11] or 0.0)
+            totals["serverToolUses"] = int(values[12] or 0)
+            merge(groups, key, totals)
+    return groups
