@@ -82,6 +82,9 @@ class Ceiling:
     # Documents behind a URL, which the upstream fetches and bills and nothing here can count: each is priced
     # at ``uncountable_tokens`` of input.
     uncountable: int = 0
+    # The TTL ("5m", "1h") of the prompt-cache breakpoints the request carries: its input may be billed as cache
+    # writes, dearer than plain input (1.25 and 2 times at Anthropic), so it is priced at the dearer rate.
+    cache_write: str | None = None
 
 
 def request_input_tokens(request: ProviderRequest) -> int:
@@ -116,7 +119,8 @@ def request_ceiling(request: ProviderRequest, input_tokens: int | None = None) -
         for part in message.parts
         if isinstance(part, FilePart) and part.url and not part.data and not part.is_image
     )
-    return Ceiling(tokens, upstream_output_tokens(request), uncountable=behind_urls)
+    # The provider places breakpoints at ``cache_ttl`` (agentspace/prompt_cache.py) where its model needs them.
+    return Ceiling(tokens, upstream_output_tokens(request), uncountable=behind_urls, cache_write=request.cache_ttl)
 
 
 def uncountable_tokens(gw: Registry, model: str) -> int:
@@ -146,7 +150,26 @@ def messages_body_ceiling(gw: Registry, model: str, body: dict[str, Any]) -> Cei
     max_tokens = body.get("max_tokens")
     if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
         max_tokens = int(gw.config["chat"]["max_tokens"])
-    return Ceiling(input_tokens, max_tokens, server_tool_uses(gw, tools))
+    return Ceiling(input_tokens, max_tokens, server_tool_uses(gw, tools), cache_write=_cache_ttl(body))
+
+
+def _cache_ttl(value: Any) -> str | None:
+    """The longest TTL of the ``cache_control`` breakpoints anywhere in a Messages body (the top-level one of
+    automatic caching included): "1h", "5m", or None when it asks for no caching."""
+    found: str | None = None
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, dict):
+            control = item.get("cache_control")
+            if isinstance(control, dict):
+                if control.get("ttl") == "1h":
+                    return "1h"
+                found = "5m"
+            stack.extend(v for v in item.values() if isinstance(v, (dict, list)))
+        elif isinstance(item, list):
+            stack.extend(v for v in item if isinstance(v, (dict, list)))
+    return found
 
 
 class _BlockTally:
@@ -243,17 +266,54 @@ def server_tool_cost(model: str, uses: dict[str, int]) -> float:
 
 
 def ceiling_cost(gw: Registry, model: str, ceiling: Ceiling) -> float:
-    """The reservation: a ceiling priced at the model's rates, long-context tiers included."""
+    """The reservation: a ceiling priced at the model's rates, long-context tiers and cache writes included."""
     info = gw.model_info(model)
     input_tokens = ceiling.input_tokens + ceiling.uncountable * uncountable_tokens(gw, model)
     # The tier the record would be priced at (ModelInfo.cost): the cost map's, the provider's or [pricing]'s.
     tier = info.tier(input_tokens)
-    rates = (tier.input_per_mtok, tier.output_per_mtok) if tier else (info.input_per_mtok, info.output_per_mtok)
+    input_price, output_price, write_price = info.input_per_mtok, info.output_per_mtok, info.cache_write_per_mtok
+    if tier is not None:
+        input_price, output_price = tier.input_per_mtok, tier.output_per_mtok
+        write_price = tier.cache_write_per_mtok if tier.cache_write_per_mtok is not None else tier.input_per_mtok
+    if ceiling.cache_write is not None:  # any of the input may be written to the cache, at its TTL's price
+        if ceiling.cache_write == "1h" and info.cache_write_1h_per_mtok is not None:
+            write_price = info.cache_write_1h_per_mtok
+        input_price = max(input_price, write_price)
     return (
-        input_tokens * rates[0] / 1e6
-        + ceiling.output_tokens * rates[1] / 1e6
+        input_tokens * input_price / 1e6
+        + ceiling.output_tokens * output_price / 1e6
         + server_tool_cost(model, ceiling.server_tool_uses)
     )
+
+
+def reachable_models(gw: Registry, model: str, fallbacks: bool = False) -> list[str]:
+    """The models a call to ``model`` may end up on: a model group's deployments and its fallbacks (groups in
+    turn), and with ``fallbacks`` the ``[models] fallbacks`` of a plain model (chat turns fall back along them)."""
+    out: list[str] = []
+    seen: set[str] = set()
+
+    def walk(name: str, top: bool) -> None:
+        if name in seen:
+            return
+        seen.add(name)
+        group = gw.router.group(name)
+        if group is None:
+            out.append(name)
+            if top and fallbacks:
+                out.extend(m for m in gw.config["models"]["fallbacks"].get(name, []) if m not in seen)
+            return
+        out.extend(d.model for d in group.deployments)
+        for fallback in group.fallbacks:
+            walk(fallback, False)
+
+    walk(model, True)
+    return out
+
+
+def reservation_cost(gw: Registry, model: str, ceiling: Ceiling, fallbacks: bool = False) -> float:
+    """A call's reservation: its ceiling priced at the dearest model it may end up on (``reachable_models``) --
+    a group's attempt or a fallback is paid at its own model's rates."""
+    return max(ceiling_cost(gw, m, ceiling) for m in dict.fromkeys(reachable_models(gw, model, fallbacks)))
 
 
 # --- the record ---------------------------------------------------------------------------------
@@ -445,6 +505,7 @@ class ProviderCall:
         "ceiling",
         "failure",
         "deployment",
+        "fallbacks",
         "_open",
         "_relayed_chars",
         "_relayed_noted",
@@ -463,6 +524,7 @@ class ProviderCall:
         credential: str | None = None,
         call: CallInfo | None = None,
         purpose: str | None = None,
+        fallbacks: bool = False,
     ) -> None:
         self.gw = gw
         self.purpose = purpose  # a call the gateway made on its own account ("compact"), in the record
@@ -481,6 +543,8 @@ class ProviderCall:
         self.call = call  # for the observation hooks, from ``begin`` (the pipeline makes its own)
         self.failure: BaseException | None = None  # a sink's store refused the record (kept for a retry)
         self.deployment: str | None = None  # the model group's deployment this attempt went to (routing.py)
+        # The call may fall back along ``[models] fallbacks`` (a chat turn's step): reserved at the dearest of them.
+        self.fallbacks = fallbacks
         self._open = False  # a pending entry is in the ledger
         self._relayed_chars = 0
         self._relayed_noted = 0
@@ -502,7 +566,7 @@ class ProviderCall:
             nonlocal amount
             assert ceiling is not None
             self.ceiling = ceiling()
-            amount = ceiling_cost(self.gw, self.model, self.ceiling)
+            amount = reservation_cost(self.gw, self.model, self.ceiling, self.fallbacks)
             return amount
 
         self.reservation = await guard.admit(

@@ -711,6 +711,7 @@ class Turn:
             endpoint=self.endpoint,
             credential=self.credential,
             call=call,
+            fallbacks=True,
         )
 
     async def _begin_anew(self, ctx: AssembledContext, state: _Step, failed: ProviderError | None) -> None:

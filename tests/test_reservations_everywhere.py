@@ -1,0 +1,116 @@
+"""Reservations on every way in (docs/accounting.md), from outside: concurrent calls against a nearly spent budget
+spend at most the budget when each call reserves the most it can cost -- prompt-cache writes priced at their
+dearer rate, and a call that may fall back to a dearer model reserved at that model's prices."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import anthropic
+import openai
+from aiohttp.test_utils import TestClient
+
+from tests.fakes import anthropic_upstream as fa
+from tests.fakes.anthropic_upstream import FakeAnthropic
+from tests.support.ws import of
+from tests.test_clients import add_client, anthropic_sdk, openai_sdk, records, ws_chat
+
+MODEL = "claude-sonnet-4-5"
+CALLS = 30
+PROMPT = "word " * 50_000  # about 50k tokens
+# What the upstream reports for it when the whole prompt is written to a 1-hour cache (Sonnet: $6 per million,
+# twice the $3 of plain input).
+HOUR_WRITE = {
+    "input_tokens": 10,
+    "cache_creation_input_tokens": 50_000,
+    "cache_creation": {"ephemeral_5m_input_tokens": 0, "ephemeral_1h_input_tokens": 50_000},
+}
+
+
+async def spend(client: TestClient, name: str) -> tuple[int, float]:
+    mine = [r for r in await records(client) if r["client"] == name]
+    return sum(1 for r in mine if r["answered"]), sum(r["totalCost"] for r in mine)
+
+
+async def test_prompt_cache_writes_are_reserved_at_their_price_on_the_relay_and_the_websocket(
+    make_client: Any, fake_anthropic: FakeAnthropic
+) -> None:
+    """A prompt marked for the 1-hour cache is billed at twice the input rate as it is written: the pass-through
+    (the client's own ``cache_control``) and a chat turn (the gateway's breakpoints at ``[chat] prompt_cache_ttl``)
+    reserve its input at that rate, so 30 calls at once stay within the budget."""
+    client = await make_client(chat={"prompt_cache_ttl": "1h"})
+    fake_anthropic.default = fa.text_response(usage=HOUR_WRITE, delta_usages=[{"output_tokens": 10}]).with_delay(0.2)
+    key = add_client("alice", "--budget", "1")
+    system = [{"type": "text", "text": PROMPT, "cache_control": {"type": "ephemeral", "ttl": "1h"}}]
+    api = anthropic_sdk(client, key)
+    results = await asyncio.gather(
+        *(
+            api.messages.create(
+                model=MODEL,
+                max_tokens=64,
+                system=system,  # type: ignore[arg-type]
+                messages=[{"role": "user", "content": "Summarize."}],
+            )
+            for _ in range(CALLS)
+        ),
+        return_exceptions=True,
+    )
+    assert all(isinstance(r, anthropic.RateLimitError) for r in results if isinstance(r, BaseException)), results
+    answered, spent = await spend(client, "alice")
+    assert answered == 3 and 0.9 < spent <= 1.0, (answered, spent)
+
+    # A chat turn: 12096 output tokens (thinking) and the prompt written to the 1-hour cache, about $0.48.
+    fake_anthropic.default = fa.text_response(usage=HOUR_WRITE, delta_usages=[{"output_tokens": 12_000}]).with_delay(
+        0.2
+    )
+    key = add_client("bob", "--budget", "1")
+    frames = await asyncio.gather(*(ws_chat(client, key, PROMPT) for _ in range(CALLS // 3)))
+    assert all(f[-1]["code"] == "BUDGET_EXCEEDED" for f in frames if not of(f, "chat.stream.end"))
+    turn = fake_anthropic.requests[-1].body
+    assert turn["messages"][-1]["content"][-1]["cache_control"] == {"type": "ephemeral", "ttl": "1h"}
+    answered, spent = await spend(client, "bob")
+    assert answered == 2 and 0.9 < spent <= 1.0, (answered, spent)
+
+
+async def test_a_fallback_to_a_dearer_model_is_reserved_at_its_prices(
+    make_client: Any, fake_anthropic: FakeAnthropic
+) -> None:
+    """Haiku overloaded, its turns and /v1 calls go on to Opus 4.5 (five times the price): a chat turn falls back
+    along ``[models] fallbacks``, a model group along its ``fallbacks``. Each call reserves at the dearest
+    model it may end up on, so 30 of them at once stay within the budget."""
+    haiku, opus = "anthropic/claude-haiku-4-5", "anthropic/claude-opus-4-5"
+    client = await make_client(
+        models={
+            "default": haiku,
+            "fallbacks": {haiku: [opus]},
+            "groups": {"cheap": {"deployments": [{"model": haiku}], "fallbacks": [opus]}},
+        },
+        thinking={"enabled": False},
+        chat={"max_retries": 0},
+    )
+    overloaded = fa.error_status(529, "Overloaded")
+    answer = fa.text_response(usage={"input_tokens": 20}, delta_usages=[{"output_tokens": 4000}]).with_delay(0.2)
+
+    def next_response() -> fa.FakeResponse:  # Opus answers with 4000 tokens ($0.10); Haiku is overloaded
+        return overloaded if fake_anthropic.requests[-1].body["model"].startswith("claude-haiku") else answer
+
+    fake_anthropic.next_response = next_response  # type: ignore[method-assign]
+    key = add_client("alice", "--budget", "0.35")
+    frames = await asyncio.gather(*(ws_chat(client, key, "Hi") for _ in range(CALLS // 2)))
+    assert all(f[-1]["code"] == "BUDGET_EXCEEDED" for f in frames if not of(f, "chat.stream.end"))
+    answered, spent = await spend(client, "alice")
+    assert answered == 3 and 0.3 < spent <= 0.35, (answered, spent)
+
+    key = add_client("bob", "--budget", "0.35")
+    api = openai_sdk(client, key)
+    results = await asyncio.gather(
+        *(
+            api.chat.completions.create(model="cheap", max_tokens=4096, messages=[{"role": "user", "content": "Hi"}])
+            for _ in range(CALLS // 2)
+        ),
+        return_exceptions=True,
+    )
+    assert all(isinstance(r, openai.RateLimitError) for r in results if isinstance(r, BaseException)), results
+    answered, spent = await spend(client, "bob")
+    assert answered == 3 and 0.3 < spent <= 0.35, (answered, spent)
