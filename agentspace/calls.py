@@ -63,6 +63,8 @@ ALL_FIELDS = ("inputTokens", "outputTokens")
 
 # What an uncountable input may cost when neither the config nor the model says (a common context window).
 LONG_CONTEXT_TOKENS = 200_000
+# The models served by Anthropic's own provider (providers/anthropic.py), which sends thinking in the budget form.
+ANTHROPIC_PREFIX = "anthropic/"
 # Anthropic's web search: $10 per 1,000 searches, when the cost map does not say.
 WEB_SEARCH_USD = 0.01
 
@@ -75,6 +77,8 @@ class Ceiling:
     """The most a request as sent upstream can use: what its reservation prices."""
 
     input_tokens: int
+    # The output tokens asked for as ``max_tokens`` (what litellm's providers are sent: a thinking budget or an
+    # effort goes within it, litellm capping a budget below it).
     output_tokens: int
     # Server tools the request lets the model use, and how often at most (``max_uses`` or the configured
     # ceiling): {"web_search": 5}.
@@ -85,6 +89,9 @@ class Ceiling:
     # The TTL ("5m", "1h") of the prompt-cache breakpoints the request carries: its input may be billed as cache
     # writes, dearer than plain input (1.25 and 2 times at Anthropic), so it is priced at the dearer rate.
     cache_write: str | None = None
+    # The output tokens Anthropic's own API is sent, the budget form of thinking on top of ``max_tokens``
+    # (``providers.base.budget_max_tokens``); None: the same as ``output_tokens``.
+    anthropic_output_tokens: int | None = None
 
 
 def request_input_tokens(request: ProviderRequest) -> int:
@@ -120,7 +127,13 @@ def request_ceiling(request: ProviderRequest, input_tokens: int | None = None) -
         if isinstance(part, FilePart) and part.url and not part.data and not part.is_image
     )
     # The provider places breakpoints at ``cache_ttl`` (agentspace/prompt_cache.py) where its model needs them.
-    return Ceiling(tokens, upstream_output_tokens(request), uncountable=behind_urls, cache_write=request.cache_ttl)
+    return Ceiling(
+        tokens,
+        request.max_tokens,
+        uncountable=behind_urls,
+        cache_write=request.cache_ttl,
+        anthropic_output_tokens=upstream_output_tokens(request),
+    )
 
 
 def uncountable_tokens(gw: Registry, model: str) -> int:
@@ -279,9 +292,12 @@ def ceiling_cost(gw: Registry, model: str, ceiling: Ceiling) -> float:
         if ceiling.cache_write == "1h" and info.cache_write_1h_per_mtok is not None:
             write_price = info.cache_write_1h_per_mtok
         input_price = max(input_price, write_price)
+    output_tokens = ceiling.output_tokens
+    if ceiling.anthropic_output_tokens is not None and model.startswith(ANTHROPIC_PREFIX):
+        output_tokens = ceiling.anthropic_output_tokens
     return (
         input_tokens * input_price / 1e6
-        + ceiling.output_tokens * output_price / 1e6
+        + output_tokens * output_price / 1e6
         + server_tool_cost(model, ceiling.server_tool_uses)
     )
 

@@ -9,10 +9,13 @@ from typing import Any
 
 import anthropic
 import openai
+import pytest
 from aiohttp.test_utils import TestClient
 
 from tests.fakes import anthropic_upstream as fa
+from tests.fakes import openai_upstream as fo
 from tests.fakes.anthropic_upstream import FakeAnthropic
+from tests.fakes.openai_upstream import FakeOpenAI
 from tests.support.ws import of
 from tests.test_clients import add_client, anthropic_sdk, openai_sdk, records, ws_chat
 
@@ -114,3 +117,41 @@ async def test_a_fallback_to_a_dearer_model_is_reserved_at_its_prices(
     assert all(isinstance(r, openai.RateLimitError) for r in results if isinstance(r, BaseException)), results
     answered, spent = await spend(client, "bob")
     assert answered == 3 and 0.3 < spent <= 0.35, (answered, spent)
+
+
+async def test_an_openai_reasoning_model_reserves_the_max_tokens_it_is_sent(
+    make_client: Any, fake_openai: FakeOpenAI, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A litellm model (OpenAI's gpt-5, against the fake OpenAI upstream): ``reasoning_effort: "high"`` with
+    ``max_completion_tokens: 1000`` goes upstream as it is -- the reasoning is part of those 1000 tokens -- so it
+    reserves 1000 output tokens ($0.01), not Anthropic's 16000-token thinking budget on top ($0.17): 4 calls of
+    30 fit $0.05, and they spend at most that."""
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-openai-test-0123456789")
+    client = await make_client(providers={"openai": {"base_url": fake_openai.url}})
+    fake_openai.default = fo.text_response("42", usage=fo.usage(20, 1000, reasoning=900)).with_delay(0.2)
+    key = add_client("alice", "--budget", "0.05")
+    api = openai_sdk(client, key)
+    messages: Any = [{"role": "user", "content": "Think hard."}]
+    results = await asyncio.gather(
+        *(
+            api.chat.completions.create(
+                model="openai/gpt-5", messages=messages, max_completion_tokens=1000, reasoning_effort="high"
+            )
+            for _ in range(CALLS // 2)
+        ),
+        *(
+            api.responses.create(
+                model="openai/gpt-5", input="Think hard.", max_output_tokens=1000, reasoning={"effort": "high"}
+            )
+            for _ in range(CALLS // 2)
+        ),
+        return_exceptions=True,
+    )
+    refused = [r for r in results if isinstance(r, BaseException)]
+    assert all(isinstance(r, openai.RateLimitError) for r in refused), refused
+    assert {(r.body["max_completion_tokens"], r.body["reasoning_effort"]) for r in fake_openai.requests} == {
+        (1000, "high")
+    }
+    answered, spent = await spend(client, "alice")
+    assert answered == 4 and 0.04 < spent <= 0.05, (answered, spent)
+    assert "may cost up to $0.01" in str(refused[-1]), refused[-1]
