@@ -14,7 +14,9 @@ import asyncio
 import base64
 import binascii
 import hashlib
+import re
 import struct
+import zlib
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any
@@ -392,11 +394,33 @@ def image_tokens(raw: bytes) -> int:
     return max(1, min(IMAGE_TOKENS, round(w * scale * h * scale / IMAGE_TOKEN_PIXELS)))
 
 
+# A page object (``/Type /Page``, not ``/Pages``), and a page tree node's count of the pages under it.
+_PAGE = re.compile(rb"/Type\s*/Page(?![A-Za-z])")
+_PAGE_COUNT = re.compile(rb"/Type\s*/Pages\b[^>]*?/Count\s+(\d+)|/Count\s+(\d+)[^>]*?/Type\s*/Pages\b")
+# An object stream (PDF 1.5 on: pdfTeX, Word, most producers now): the page objects are inside it, compressed.
+_OBJECT_STREAM = re.compile(rb"/Type\s*/ObjStm\b.*?>>\s*stream\r?\n", re.S)
+# What object streams are inflated to at most, in all (a PDF is a few MB; a compression bomb is not read).
+OBJECT_STREAMS_MAX_BYTES = 64 * 1024 * 1024
+
+
 def pdf_pages(raw: bytes) -> int:
-    """The pages of a PDF, counted from its page objects (at least 1)."""
-    pages = raw.count(b"/Type /Page") - raw.count(b"/Type /Pages")
-    pages = pages or raw.count(b"/Type/Page") - raw.count(b"/Type/Pages")
-    return max(1, pages)
+    """The pages of a PDF (at least 1): the page objects, also those compressed in object streams, or the page
+    tree's count, whichever is more -- a reservation must not take a long PDF for a page."""
+    texts = [raw]
+    left = OBJECT_STREAMS_MAX_BYTES
+    for match in _OBJECT_STREAM.finditer(raw):
+        if left <= 0:
+            break
+        inflater = zlib.decompressobj()
+        try:
+            text = inflater.decompress(raw[match.end() : raw.find(b"endstream", match.end())], left)
+        except zlib.error:
+            continue  # not Flate-encoded (or damaged): its pages are not counted here
+        left -= len(text)
+        texts.append(text)
+    objects = sum(len(_PAGE.findall(t)) for t in texts)
+    counts = [int(a or b) for t in texts for a, b in _PAGE_COUNT.findall(t)]
+    return max(1, objects, *counts)
 
 
 def raw_bytes(part: FilePart) -> bytes:

@@ -225,7 +225,7 @@ class _BlockTally:
         elif source_type == "content":
             self.block(source.get("content"))
         elif source_type == "base64":
-            self.extra += PDF_PAGE_TOKENS * max(1, _pdf_pages(str(source.get("data") or "")))
+            self.extra += PDF_PAGE_TOKENS * _pdf_pages(str(source.get("data") or ""))
         else:  # a URL or a file id: not here to count
             self.uncountable += 1
 
@@ -238,9 +238,7 @@ def _pdf_pages(data: str) -> int:
         raw = base64.b64decode(data, validate=False)
     except (binascii.Error, ValueError):
         return 1
-    return raw.count(b"/Type /Page") - raw.count(b"/Type /Pages") or raw.count(b"/Type/Page") - raw.count(
-        b"/Type/Pages"
-    )
+    return attachments.pdf_pages(raw)
 
 
 def server_tool_uses(gw: Registry, tools: Any) -> dict[str, int]:

@@ -5,6 +5,8 @@ dearer rate, and a call that may fall back to a dearer model reserved at that mo
 from __future__ import annotations
 
 import asyncio
+import base64
+import zlib
 from typing import Any
 
 import anthropic
@@ -155,3 +157,57 @@ async def test_an_openai_reasoning_model_reserves_the_max_tokens_it_is_sent(
     answered, spent = await spend(client, "alice")
     assert answered == 4 and 0.04 < spent <= 0.05, (answered, spent)
     assert "may cost up to $0.01" in str(refused[-1]), refused[-1]
+
+
+def compressed_pdf(pages: int) -> bytes:
+    """A PDF as pdfTeX and most producers write them now: its catalog, page tree and pages inside one
+    Flate-compressed object stream, so no ``/Type /Page`` is in its bytes as they are."""
+    objects = [b"<< /Type /Catalog /Pages 2 0 R >>", b"<< /Type /Pages /Kids [] /Count %d >>" % pages]
+    objects += [b"<< /Type /Page /Parent 2 0 R /MediaBox [0 0 612 792] >>"] * pages
+    offsets, body = [], b""
+    for obj in objects:
+        offsets.append(len(body))
+        body += obj + b"\n"
+    header = b" ".join(b"%d %d" % (i + 1, offset) for i, offset in enumerate(offsets)) + b"\n"
+    packed = zlib.compress(header + body)
+    stream = b"<< /Type /ObjStm /N %d /First %d /Filter /FlateDecode /Length %d >>" % (
+        len(objects),
+        len(header),
+        len(packed),
+    )
+    return (
+        b"%PDF-1.5\n%\xe2\xe3\xcf\xd3\n"
+        + b"%d 0 obj\n" % (len(objects) + 1)
+        + stream
+        + b"\nstream\n"
+        + packed
+        + (b"\nendstream\nendobj\n%%EOF\n")
+    )
+
+
+async def test_a_pdf_with_its_pages_in_object_streams_is_reserved_for_every_page(
+    client: TestClient, fake_anthropic: FakeAnthropic
+) -> None:
+    """A base64 PDF of 20 pages whose page objects are compressed (PDF 1.5 object streams) is reserved at 4600
+    tokens a page on the pass-through, not as one page: the upstream bills about 4000 a page ($0.24 here)."""
+    fake_anthropic.default = fa.text_response(usage={"input_tokens": 80_000}).with_delay(0.2)
+    key = add_client("alice", "--budget", "0.5")
+    document = {
+        "type": "document",
+        "source": {
+            "type": "base64",
+            "media_type": "application/pdf",
+            "data": base64.b64encode(compressed_pdf(20)).decode(),
+        },
+    }
+    messages: Any = [{"role": "user", "content": [document, {"type": "text", "text": "Summarize."}]}]
+    api = anthropic_sdk(client, key)
+    results = await asyncio.gather(
+        *(api.messages.create(model=MODEL, max_tokens=64, messages=messages) for _ in range(CALLS)),
+        return_exceptions=True,
+    )
+    refused = [r for r in results if isinstance(r, BaseException)]
+    assert all(isinstance(r, anthropic.RateLimitError) for r in refused), refused
+    answered, spent = await spend(client, "alice")
+    assert answered == 1 and spent <= 0.5, (answered, spent)
+    assert "may cost up to $0.27" in str(refused[-1]), refused[-1]  # 92,000 tokens of input and 64 of output
