@@ -160,10 +160,30 @@ def messages_body_ceiling(gw: Registry, model: str, body: dict[str, Any]) -> Cei
     input_tokens = sum(count_tokens(t) for t in tally.texts if t) + tally.extra
     if tally.uncountable:
         input_tokens += tally.uncountable * uncountable_tokens(gw, model)
+    input_tokens += fetched_tokens(gw, model, tools)
     max_tokens = body.get("max_tokens")
     if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
         max_tokens = int(gw.config["chat"]["max_tokens"])
     return Ceiling(input_tokens, max_tokens, server_tool_uses(gw, tools), cache_write=_cache_ttl(body))
+
+
+def fetched_tokens(gw: Registry, model: str, tools: Any) -> int:
+    """The input a request's web fetches may add: what the upstream fetches is billed as input tokens, at most
+    ``max_content_tokens`` a fetch, else the ceiling of an uncountable input -- and all of it at most that
+    ceiling, the context the fetched pages must fit in."""
+    if not isinstance(tools, list):
+        return 0
+    ceiling = uncountable_tokens(gw, model)
+    total = 0
+    for tool in tools:
+        kind = tool.get("type") if isinstance(tool, dict) else None
+        if not (isinstance(kind, str) and kind.startswith("web_fetch_")):
+            continue
+        uses = server_tool_uses(gw, [tool]).get("web_fetch", 0)
+        most = tool.get("max_content_tokens")
+        each = most if isinstance(most, int) and not isinstance(most, bool) and most > 0 else ceiling
+        total += uses * each
+    return min(total, ceiling)
 
 
 def _cache_ttl(value: Any) -> str | None:

@@ -211,3 +211,31 @@ async def test_a_pdf_with_its_pages_in_object_streams_is_reserved_for_every_page
     answered, spent = await spend(client, "alice")
     assert answered == 1 and spent <= 0.5, (answered, spent)
     assert "may cost up to $0.27" in str(refused[-1]), refused[-1]  # 92,000 tokens of input and 64 of output
+
+
+async def test_web_fetches_reserve_the_content_they_may_bring_in(
+    client: TestClient, fake_anthropic: FakeAnthropic
+) -> None:
+    """A web fetch's content is billed as input tokens: a request with ``web_fetch`` (``max_uses: 2``,
+    ``max_content_tokens: 20000``) reserves 40,000 tokens of input for it, so 30 such calls against $0.2 let
+    one through, whose upstream fetched two long pages ($0.12 of input)."""
+    fake_anthropic.default = fa.text_response(
+        usage={"input_tokens": 40_000},
+        delta_usages=[{"output_tokens": 50, "server_tool_use": {"web_fetch_requests": 2}}],
+    ).with_delay(0.2)
+    key = add_client("alice", "--budget", "0.2")
+    tools: Any = [{"type": "web_fetch_20250910", "name": "web_fetch", "max_uses": 2, "max_content_tokens": 20_000}]
+    api = anthropic_sdk(client, key)
+    results = await asyncio.gather(
+        *(
+            api.messages.create(
+                model=MODEL, max_tokens=64, tools=tools, messages=[{"role": "user", "content": "Read both pages."}]
+            )
+            for _ in range(CALLS)
+        ),
+        return_exceptions=True,
+    )
+    refused = [r for r in results if isinstance(r, BaseException)]
+    assert all(isinstance(r, anthropic.RateLimitError) for r in refused), refused
+    answered, spent = await spend(client, "alice")
+    assert answered == 1 and 0.12 < spent <= 0.2, (answered, spent)
