@@ -35,6 +35,28 @@ IMAGE_TOKEN_PIXELS = 750
 IMAGE_MAX_EDGE = 1568
 # A PDF page: its text (Anthropic: 1,500 to 3,000 tokens) at the upper figure, plus the page as an image.
 PDF_PAGE_TOKENS = 3000 + IMAGE_TOKENS
+# OpenAI's models bill an image by their own formulas (platform.openai.com/docs/guides/images-vision, "Calculating
+# costs"), some far above Anthropic's: at "high" detail an image is scaled to fit 2048 x 2048 and then to 768 px on
+# its short side, so at most 8 tiles of 512 px (base + 8 x a tile's tokens); the patch-based models bill at most
+# 1536 patches of 32 px, times their multiplier. By model name prefix, the longest first.
+OPENAI_IMAGE_TOKENS = (
+    ("gpt-4o-mini", 2833 + 8 * 5667),
+    ("gpt-4.1-nano", round(1536 * 2.46)),
+    ("gpt-5-nano", round(1536 * 2.46)),
+    ("gpt-4.1-mini", round(1536 * 1.62)),
+    ("gpt-5-mini", round(1536 * 1.62)),
+    ("o4-mini", round(1536 * 1.72)),
+)
+
+
+def image_ceiling(model: str) -> int:
+    """The most one image may cost ``model`` in input tokens: Anthropic's ceiling, or more where the model's
+    provider bills images at more (``OPENAI_IMAGE_TOKENS``)."""
+    name = model.rsplit("/", 1)[-1]
+    for prefix, tokens in OPENAI_IMAGE_TOKENS:
+        if name.startswith(prefix):
+            return max(IMAGE_TOKENS, tokens)
+    return IMAGE_TOKENS
 
 
 # Files larger than this are encoded and decoded on a worker thread: the event loop keeps serving.

@@ -89,6 +89,9 @@ class Ceiling:
     # The TTL ("5m", "1h") of the prompt-cache breakpoints the request carries: its input may be billed as cache
     # writes, dearer than plain input (1.25 and 2 times at Anthropic), so it is priced at the dearer rate.
     cache_write: str | None = None
+    # Images, counted at ``IMAGE_TOKENS`` each in ``input_tokens``: a model that bills images at more
+    # (``attachments.image_ceiling``) is reserved the difference.
+    images: int = 0
     # The output tokens Anthropic's own API is sent, the budget form of thinking on top of ``max_tokens``
     # (``providers.base.budget_max_tokens``); None: the same as ``output_tokens``.
     anthropic_output_tokens: int | None = None
@@ -120,18 +123,15 @@ def request_ceiling(request: ProviderRequest, input_tokens: int | None = None) -
     """A ProviderRequest's ceiling: its input counted (or ``input_tokens`` when the caller counted it), its
     documents behind a URL, and the output tokens the provider will ask for, the thinking budget included."""
     tokens = request_input_tokens(request) if input_tokens is None else input_tokens
-    behind_urls = sum(
-        1
-        for message in request.messages
-        for part in message.parts
-        if isinstance(part, FilePart) and part.url and not part.data and not part.is_image
-    )
+    files = [part for message in request.messages for part in message.parts if isinstance(part, FilePart)]
+    behind_urls = sum(1 for part in files if part.url and not part.data and not part.is_image)
     # The provider places breakpoints at ``cache_ttl`` (agentspace/prompt_cache.py) where its model needs them.
     return Ceiling(
         tokens,
         request.max_tokens,
         uncountable=behind_urls,
         cache_write=request.cache_ttl,
+        images=sum(1 for part in files if part.is_image),
         anthropic_output_tokens=upstream_output_tokens(request),
     )
 
@@ -300,6 +300,7 @@ def ceiling_cost(gw: Registry, model: str, ceiling: Ceiling) -> float:
     """The reservation: a ceiling priced at the model's rates, long-context tiers and cache writes included."""
     info = gw.model_info(model)
     input_tokens = ceiling.input_tokens + ceiling.uncountable * uncountable_tokens(gw, model)
+    input_tokens += ceiling.images * (attachments.image_ceiling(model) - IMAGE_TOKENS)
     # The tier the record would be priced at (ModelInfo.cost): the cost map's, the provider's or [pricing]'s.
     tier = info.tier(input_tokens)
     input_price, output_price, write_price = info.input_per_mtok, info.output_per_mtok, info.cache_write_per_mtok

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import struct
 import zlib
 from typing import Any
 
@@ -239,3 +240,46 @@ async def test_web_fetches_reserve_the_content_they_may_bring_in(
     assert all(isinstance(r, anthropic.RateLimitError) for r in refused), refused
     answered, spent = await spend(client, "alice")
     assert answered == 1 and 0.12 < spent <= 0.2, (answered, spent)
+
+
+def png(width: int, height: int) -> bytes:
+    """A PNG's signature and header chunk (what gives its size), then an empty image data chunk and its end."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b"")
+
+
+async def test_an_image_sent_to_gpt_4o_mini_reserves_what_openai_bills_for_it(
+    make_client: Any, fake_openai: FakeOpenAI, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """gpt-4o-mini bills a high-detail image at 2833 tokens plus 5667 a tile (up to 8 tiles: 48,169 tokens),
+    thirty times Anthropic's ceiling: 30 calls with a 2048 x 768 image against $0.02 let 2 through."""
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-openai-test-0123456789")
+    client = await make_client(providers={"openai": {"base_url": fake_openai.url}})
+    fake_openai.default = fo.text_response("A chart.", usage=fo.usage(48_200, 10)).with_delay(0.2)
+    key = add_client("alice", "--budget", "0.02")
+    image = "data:image/png;base64," + base64.b64encode(png(2048, 768)).decode()
+    messages: Any = [
+        {
+            "role": "user",
+            "content": [
+                {"type": "image_url", "image_url": {"url": image, "detail": "high"}},
+                {"type": "text", "text": "What is this?"},
+            ],
+        }
+    ]
+    api = openai_sdk(client, key)
+    results = await asyncio.gather(
+        *(
+            api.chat.completions.create(model="openai/gpt-4o-mini", messages=messages, max_tokens=100)
+            for _ in range(CALLS)
+        ),
+        return_exceptions=True,
+    )
+    refused = [r for r in results if isinstance(r, BaseException)]
+    assert all(isinstance(r, openai.RateLimitError) for r in refused), refused
+    answered, spent = await spend(client, "alice")
+    assert answered == 2 and 0.014 < spent <= 0.02, (answered, spent)
