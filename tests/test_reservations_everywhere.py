@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import json
 import struct
 import zlib
 from typing import Any
@@ -283,3 +284,33 @@ async def test_an_image_sent_to_gpt_4o_mini_reserves_what_openai_bills_for_it(
     assert all(isinstance(r, openai.RateLimitError) for r in refused), refused
     answered, spent = await spend(client, "alice")
     assert answered == 2 and 0.014 < spent <= 0.02, (answered, spent)
+
+
+async def test_a_retried_attempt_the_upstream_answered_is_its_own_reserved_and_recorded_call(
+    make_client: Any, fake_anthropic: FakeAnthropic
+) -> None:
+    """The first request of each of these chat turns reports its 50k input tokens in ``message_start`` and then fails
+    (overloaded); the turn retries. The upstream bills the failed attempt's input too, so each attempt is a
+    call of its own: admitted and reserved anew, and recorded with what it reported. 15 turns at once against
+    $1: every upstream request has its record, and they spend at most the budget."""
+    client = await make_client(
+        thinking={"enabled": False}, chat={"max_retries": 2, "max_tokens": 100, "prompt_cache": "off"}
+    )
+    started = dict(fa.text_response().events[0][1]["message"], usage={"input_tokens": 50_000, "output_tokens": 1})
+    failed = fa.FakeResponse(
+        (("message_start", {"type": "message_start", "message": started}), *fa.error_event().events[1:])
+    ).with_delay(0.1)
+    answer = fa.text_response(usage={"input_tokens": 50_000}, delta_usages=[{"output_tokens": 10}]).with_delay(0.1)
+
+    def next_response() -> fa.FakeResponse:  # a turn's first attempt fails, its retry answers
+        asked = [json.dumps(r.body["messages"]) for r in fake_anthropic.requests]
+        return answer if asked.count(asked[-1]) > 1 else failed
+
+    fake_anthropic.next_response = next_response  # type: ignore[method-assign]
+    key = add_client("alice", "--budget", "1")
+    frames = await asyncio.gather(*(ws_chat(client, key, f"{PROMPT} {i}") for i in range(CALLS // 2)))
+    assert all(f[-1]["code"] == "BUDGET_EXCEEDED" for f in frames if not of(f, "chat.stream.end")), frames
+    mine = [r for r in await records(client) if r["client"] == "alice"]
+    assert len(mine) == len(fake_anthropic.requests) >= 6  # one record per upstream request, failed ones too
+    assert all(r["inputTokens"] == 50_000 for r in mine)
+    assert sum(r["totalCost"] for r in mine) <= 1.0
