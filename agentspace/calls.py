@@ -63,6 +63,11 @@ ALL_FIELDS = ("inputTokens", "outputTokens")
 
 # What an uncountable input may cost when neither the config nor the model says (a common context window).
 LONG_CONTEXT_TOKENS = 200_000
+# What a request with tools is billed beyond their definitions: the system prompt the provider adds for tool use
+# (Anthropic's figure, the largest: 346 tokens), and the definitions of Anthropic's own tools, which the request
+# names in a few bytes (its tool-use docs, "Pricing"). By type prefix.
+TOOL_PROMPT_TOKENS = 346
+ANTHROPIC_TOOL_TOKENS = (("bash_", 245), ("text_editor_", 700), ("computer_", 735 + 499))
 # The models served by Anthropic's own provider (providers/anthropic.py), which sends thinking in the budget form.
 ANTHROPIC_PREFIX = "anthropic/"
 # Anthropic's web search: $10 per 1,000 searches, when the cost map does not say.
@@ -123,6 +128,8 @@ def request_ceiling(request: ProviderRequest, input_tokens: int | None = None) -
     """A ProviderRequest's ceiling: its input counted (or ``input_tokens`` when the caller counted it), its
     documents behind a URL, and the output tokens the provider will ask for, the thinking budget included."""
     tokens = request_input_tokens(request) if input_tokens is None else input_tokens
+    if request.tools:
+        tokens += TOOL_PROMPT_TOKENS
     files = [part for message in request.messages for part in message.parts if isinstance(part, FilePart)]
     behind_urls = sum(1 for part in files if part.url and not part.data and not part.is_image)
     # The provider places breakpoints at ``cache_ttl`` (agentspace/prompt_cache.py) where its model needs them.
@@ -157,6 +164,7 @@ def messages_body_ceiling(gw: Registry, model: str, body: dict[str, Any]) -> Cei
     tools = body.get("tools")
     if tools:
         tally.texts.append(json.dumps(tools, default=str))
+        tally.extra += TOOL_PROMPT_TOKENS + sum(_anthropic_tool_tokens(t) for t in tools if isinstance(t, dict))
     input_tokens = sum(count_tokens(t) for t in tally.texts if t) + tally.extra
     if tally.uncountable:
         input_tokens += tally.uncountable * uncountable_tokens(gw, model)
@@ -184,6 +192,15 @@ def fetched_tokens(gw: Registry, model: str, tools: Any) -> int:
         each = most if isinstance(most, int) and not isinstance(most, bool) and most > 0 else ceiling
         total += uses * each
     return min(total, ceiling)
+
+
+def _anthropic_tool_tokens(tool: dict[str, Any]) -> int:
+    kind = tool.get("type")
+    if isinstance(kind, str):
+        for prefix, tokens in ANTHROPIC_TOOL_TOKENS:
+            if kind.startswith(prefix):
+                return tokens
+    return 0
 
 
 def _cache_ttl(value: Any) -> str | None:

@@ -314,3 +314,34 @@ async def test_a_retried_attempt_the_upstream_answered_is_its_own_reserved_and_r
     assert len(mine) == len(fake_anthropic.requests) >= 6  # one record per upstream request, failed ones too
     assert all(r["inputTokens"] == 50_000 for r in mine)
     assert sum(r["totalCost"] for r in mine) <= 1.0
+
+
+async def test_anthropic_s_own_tools_reserve_the_tokens_they_are_billed(
+    client: TestClient, fake_anthropic: FakeAnthropic
+) -> None:
+    """Anthropic's computer, bash and text editor tools are named in a few bytes but billed as 1234, 245 and 700
+    input tokens, and any request with tools gets a 346-token system prompt: 30 such calls against $0.02 let 2
+    through, not all of them."""
+    fake_anthropic.default = fa.text_response(
+        usage={"input_tokens": 2_550}, delta_usages=[{"output_tokens": 10}]
+    ).with_delay(0.2)
+    key = add_client("alice", "--budget", "0.02")
+    tools: Any = [
+        {"type": "computer_20250124", "name": "computer", "display_width_px": 1024, "display_height_px": 768},
+        {"type": "bash_20250124", "name": "bash"},
+        {"type": "text_editor_20250728", "name": "str_replace_based_edit_tool"},
+    ]
+    api = anthropic_sdk(client, key)
+    results = await asyncio.gather(
+        *(
+            api.messages.create(
+                model=MODEL, max_tokens=16, tools=tools, messages=[{"role": "user", "content": "Open the file."}]
+            )
+            for _ in range(CALLS)
+        ),
+        return_exceptions=True,
+    )
+    refused = [r for r in results if isinstance(r, BaseException)]
+    assert all(isinstance(r, anthropic.RateLimitError) for r in refused), refused
+    answered, spent = await spend(client, "alice")
+    assert answered == 2 and spent <= 0.02, (answered, spent)
