@@ -34,7 +34,7 @@ from .errors import ApiError, StorageError
 from .observe import CallInfo, notify
 from .pricing import cost_map
 from .providers.base import ProviderRequest, upstream_output_tokens
-from .tokens import count_tokens
+from .tokens import count_ceiling_tokens, count_tokens
 from .types import (
     ChatMessage,
     Cost,
@@ -102,8 +102,9 @@ class Ceiling:
     anthropic_output_tokens: int | None = None
 
 
-def request_input_tokens(request: ProviderRequest) -> int:
-    """A local count of a request's input: system, messages and tool definitions."""
+def request_input_tokens(request: ProviderRequest, ceiling: bool = False) -> int:
+    """A local count of a request's input: system, messages and tool definitions; with ``ceiling`` (a
+    reservation) the most they may be billed as (``tokens.count_ceiling_tokens``)."""
     pieces = [request.system]
     files = 0
     for message in request.messages:
@@ -121,13 +122,14 @@ def request_input_tokens(request: ProviderRequest) -> int:
         pieces.append(json.dumps([t.definition() for t in request.tools]))
     # Piece by piece: a conversation sent again with each call (as agents do) has its earlier pieces' counts
     # remembered (``tokens.count_tokens``).
-    return sum(count_tokens(p) for p in pieces if p) + files
+    count = count_ceiling_tokens if ceiling else count_tokens
+    return sum(count(p) for p in pieces if p) + files
 
 
 def request_ceiling(request: ProviderRequest, input_tokens: int | None = None) -> Ceiling:
     """A ProviderRequest's ceiling: its input counted (or ``input_tokens`` when the caller counted it), its
     documents behind a URL, and the output tokens the provider will ask for, the thinking budget included."""
-    tokens = request_input_tokens(request) if input_tokens is None else input_tokens
+    tokens = request_input_tokens(request, ceiling=True) if input_tokens is None else input_tokens
     if request.tools:
         tokens += TOOL_PROMPT_TOKENS
     files = [part for message in request.messages for part in message.parts if isinstance(part, FilePart)]
@@ -165,7 +167,7 @@ def messages_body_ceiling(gw: Registry, model: str, body: dict[str, Any]) -> Cei
     if tools:
         tally.texts.append(json.dumps(tools, default=str))
         tally.extra += TOOL_PROMPT_TOKENS + sum(_anthropic_tool_tokens(t) for t in tools if isinstance(t, dict))
-    input_tokens = sum(count_tokens(t) for t in tally.texts if t) + tally.extra
+    input_tokens = sum(count_ceiling_tokens(t) for t in tally.texts if t) + tally.extra
     if tally.uncountable:
         input_tokens += tally.uncountable * uncountable_tokens(gw, model)
     input_tokens += fetched_tokens(gw, model, tools)

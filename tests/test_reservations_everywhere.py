@@ -345,3 +345,29 @@ async def test_anthropic_s_own_tools_reserve_the_tokens_they_are_billed(
     assert all(isinstance(r, anthropic.RateLimitError) for r in refused), refused
     answered, spent = await spend(client, "alice")
     assert answered == 2 and spent <= 0.02, (answered, spent)
+
+
+async def test_text_beyond_ascii_is_reserved_at_what_an_older_tokenizer_bills_for_it(
+    make_client: Any, fake_openai: FakeOpenAI, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Chinese text costs gpt-4-turbo (cl100k_base) almost twice the tokens o200k_base counts: 30 calls with
+    20,000 characters of it against $0.6 let 2 through, each billed 29,000 input tokens ($0.29)."""
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-openai-test-0123456789")
+    client = await make_client(providers={"openai": {"base_url": fake_openai.url}})
+    fake_openai.default = fo.text_response("好", usage=fo.usage(29_010, 10)).with_delay(0.2)
+    key = add_client("alice", "--budget", "0.6")
+    text = "這是一個測試句子，用來比較不同的分詞器。" * 1000
+    api = openai_sdk(client, key)
+    results = await asyncio.gather(
+        *(
+            api.chat.completions.create(
+                model="openai/gpt-4-turbo", messages=[{"role": "user", "content": text}], max_tokens=16
+            )
+            for _ in range(CALLS)
+        ),
+        return_exceptions=True,
+    )
+    refused = [r for r in results if isinstance(r, BaseException)]
+    assert all(isinstance(r, openai.RateLimitError) for r in refused), refused
+    answered, spent = await spend(client, "alice")
+    assert answered == 2 and spent <= 0.6, (answered, spent)
