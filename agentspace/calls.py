@@ -340,10 +340,11 @@ def ceiling_cost(gw: Registry, model: str, ceiling: Ceiling) -> float:
     )
 
 
-def reachable_models(gw: Registry, model: str, fallbacks: bool = False) -> list[str]:
-    """The models a call to ``model`` may end up on: a model group's deployments and its fallbacks (groups in
-    turn), and with ``fallbacks`` the ``[models] fallbacks`` of a plain model (chat turns fall back along them)."""
-    out: list[str] = []
+def reachable_models(gw: Registry, model: str, fallbacks: bool = False) -> list[tuple[str, bool]]:
+    """The models a call to ``model`` may end up on, each with whether it is a plain fallback (skipped for a
+    client whose allowlist does not have it): a model group's deployments and its fallbacks (groups in turn),
+    and with ``fallbacks`` the ``[models] fallbacks`` of a plain model (chat turns fall back along them)."""
+    out: list[tuple[str, bool]] = []
     seen: set[str] = set()
 
     def walk(name: str, top: bool) -> None:
@@ -352,11 +353,11 @@ def reachable_models(gw: Registry, model: str, fallbacks: bool = False) -> list[
         seen.add(name)
         group = gw.router.group(name)
         if group is None:
-            out.append(name)
+            out.append((name, not top))
             if top and fallbacks:
-                out.extend(m for m in gw.config["models"]["fallbacks"].get(name, []) if m not in seen)
+                out.extend((m, True) for m in gw.config["models"]["fallbacks"].get(name, []) if m not in seen)
             return
-        out.extend(d.model for d in group.deployments)
+        out.extend((d.model, False) for d in group.deployments)
         for fallback in group.fallbacks:
             walk(fallback, False)
 
@@ -364,10 +365,24 @@ def reachable_models(gw: Registry, model: str, fallbacks: bool = False) -> list[
     return out
 
 
-def reservation_cost(gw: Registry, model: str, ceiling: Ceiling, fallbacks: bool = False) -> float:
-    """A call's reservation: its ceiling priced at the dearest model it may end up on (``reachable_models``) --
-    a group's attempt or a fallback is paid at its own model's rates."""
-    return max(ceiling_cost(gw, m, ceiling) for m in dict.fromkeys(reachable_models(gw, model, fallbacks)))
+async def priced_models(gw: Registry, client: str, model: str, fallbacks: bool = False) -> list[str]:
+    """The models a call's reservation is priced at (the dearest of them): ``reachable_models`` but the plain
+    fallbacks the client may not use, which are skipped."""
+    out: list[str] = []
+    for name, fallback in reachable_models(gw, model, fallbacks):
+        if fallback:
+            try:
+                await gw.guard.check_model(client, name)
+            except ApiError:
+                continue
+        out.append(name)
+    return list(dict.fromkeys(out))
+
+
+def reservation_cost(gw: Registry, models: list[str], ceiling: Ceiling) -> float:
+    """A call's reservation: its ceiling priced at the dearest model it may end up on (``priced_models``) -- a
+    group's attempt or a fallback is paid at its own model's rates."""
+    return max(ceiling_cost(gw, m, ceiling) for m in models)
 
 
 # --- the record ---------------------------------------------------------------------------------
@@ -615,12 +630,15 @@ class ProviderCall:
         reserved, no entry. Raises ApiError; then nothing is held."""
         guard = self.gw.guard
         amount: float | None = None
+        models = [self.model]
+        if ceiling is not None and (self.fallbacks or self.gw.router.group(self.model) is not None):
+            models = await priced_models(self.gw, self.client or "admin", self.model, self.fallbacks)
 
         def cost() -> float:
             nonlocal amount
             assert ceiling is not None
             self.ceiling = ceiling()
-            amount = reservation_cost(self.gw, self.model, self.ceiling, self.fallbacks)
+            amount = reservation_cost(self.gw, models, self.ceiling)
             return amount
 
         self.reservation = await guard.admit(

@@ -122,6 +122,13 @@ async def test_a_fallback_to_a_dearer_model_is_reserved_at_its_prices(
     answered, spent = await spend(client, "bob")
     assert answered == 3 and 0.3 < spent <= 0.35, (answered, spent)
 
+    # A client that may use Haiku only never falls back to Opus: its calls are reserved at Haiku's prices.
+    key = add_client("carol", "--budget", "0.03", "--models", haiku)
+    sent = len(fake_anthropic.requests)
+    frames = await ws_chat(client, key, "Hi")
+    assert frames[-1]["code"] == "LLM_ERROR", frames[-1]  # Haiku was tried (and overloaded), not refused
+    assert [r.body["model"] for r in fake_anthropic.requests[sent:]] == ["claude-haiku-4-5"]
+
 
 async def test_an_openai_reasoning_model_reserves_the_max_tokens_it_is_sent(
     make_client: Any, fake_openai: FakeOpenAI, monkeypatch: pytest.MonkeyPatch
