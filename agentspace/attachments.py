@@ -14,7 +14,9 @@ import asyncio
 import base64
 import binascii
 import hashlib
+import re
 import struct
+import zlib
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any
@@ -33,6 +35,28 @@ IMAGE_TOKEN_PIXELS = 750
 IMAGE_MAX_EDGE = 1568
 # A PDF page: its text (Anthropic: 1,500 to 3,000 tokens) at the upper figure, plus the page as an image.
 PDF_PAGE_TOKENS = 3000 + IMAGE_TOKENS
+# OpenAI's models bill an image by their own formulas (platform.openai.com/docs/guides/images-vision, "Calculating
+# costs"), some far above Anthropic's: at "high" detail an image is scaled to fit 2048 x 2048 and then to 768 px on
+# its short side, so at most 8 tiles of 512 px (base + 8 x a tile's tokens); the patch-based models bill at most
+# 1536 patches of 32 px, times their multiplier. By model name prefix, the longest first.
+OPENAI_IMAGE_TOKENS = (
+    ("gpt-4o-mini", 2833 + 8 * 5667),
+    ("gpt-4.1-nano", round(1536 * 2.46)),
+    ("gpt-5-nano", round(1536 * 2.46)),
+    ("gpt-4.1-mini", round(1536 * 1.62)),
+    ("gpt-5-mini", round(1536 * 1.62)),
+    ("o4-mini", round(1536 * 1.72)),
+)
+
+
+def image_ceiling(model: str) -> int:
+    """The most one image may cost ``model`` in input tokens: Anthropic's ceiling, or more where the model's
+    provider bills images at more (``OPENAI_IMAGE_TOKENS``)."""
+    name = model.rsplit("/", 1)[-1]
+    for prefix, tokens in OPENAI_IMAGE_TOKENS:
+        if name.startswith(prefix):
+            return max(IMAGE_TOKENS, tokens)
+    return IMAGE_TOKENS
 
 
 # Files larger than this are encoded and decoded on a worker thread: the event loop keeps serving.
@@ -392,11 +416,33 @@ def image_tokens(raw: bytes) -> int:
     return max(1, min(IMAGE_TOKENS, round(w * scale * h * scale / IMAGE_TOKEN_PIXELS)))
 
 
+# A page object (``/Type /Page``, not ``/Pages``), and a page tree node's count of the pages under it.
+_PAGE = re.compile(rb"/Type\s*/Page(?![A-Za-z])")
+_PAGE_COUNT = re.compile(rb"/Type\s*/Pages\b[^>]*?/Count\s+(\d+)|/Count\s+(\d+)[^>]*?/Type\s*/Pages\b")
+# An object stream (PDF 1.5 on: pdfTeX, Word, most producers now): the page objects are inside it, compressed.
+_OBJECT_STREAM = re.compile(rb"/Type\s*/ObjStm\b.*?>>\s*stream\r?\n", re.S)
+# What object streams are inflated to at most, in all (a PDF is a few MB; a compression bomb is not read).
+OBJECT_STREAMS_MAX_BYTES = 64 * 1024 * 1024
+
+
 def pdf_pages(raw: bytes) -> int:
-    """The pages of a PDF, counted from its page objects (at least 1)."""
-    pages = raw.count(b"/Type /Page") - raw.count(b"/Type /Pages")
-    pages = pages or raw.count(b"/Type/Page") - raw.count(b"/Type/Pages")
-    return max(1, pages)
+    """The pages of a PDF (at least 1): the page objects, also those compressed in object streams, or the page
+    tree's count, whichever is more -- a reservation must not take a long PDF for a page."""
+    texts = [raw]
+    left = OBJECT_STREAMS_MAX_BYTES
+    for match in _OBJECT_STREAM.finditer(raw):
+        if left <= 0:
+            break
+        inflater = zlib.decompressobj()
+        try:
+            text = inflater.decompress(raw[match.end() : raw.find(b"endstream", match.end())], left)
+        except zlib.error:
+            continue  # not Flate-encoded (or damaged): its pages are not counted here
+        left -= len(text)
+        texts.append(text)
+    objects = sum(len(_PAGE.findall(t)) for t in texts)
+    counts = [int(a or b) for t in texts for a, b in _PAGE_COUNT.findall(t)]
+    return max(1, objects, *counts)
 
 
 def raw_bytes(part: FilePart) -> bytes:

@@ -34,7 +34,7 @@ from .errors import ApiError, StorageError
 from .observe import CallInfo, notify
 from .pricing import cost_map
 from .providers.base import ProviderRequest, upstream_output_tokens
-from .tokens import count_tokens
+from .tokens import count_ceiling_tokens, count_tokens
 from .types import (
     ChatMessage,
     Cost,
@@ -63,6 +63,13 @@ ALL_FIELDS = ("inputTokens", "outputTokens")
 
 # What an uncountable input may cost when neither the config nor the model says (a common context window).
 LONG_CONTEXT_TOKENS = 200_000
+# What a request with tools is billed beyond their definitions: the system prompt the provider adds for tool use
+# (Anthropic's figure, the largest: 346 tokens), and the definitions of Anthropic's own tools, which the request
+# names in a few bytes (its tool-use docs, "Pricing"). By type prefix.
+TOOL_PROMPT_TOKENS = 346
+ANTHROPIC_TOOL_TOKENS = (("bash_", 245), ("text_editor_", 700), ("computer_", 735 + 499))
+# The models served by Anthropic's own provider (providers/anthropic.py), which sends thinking in the budget form.
+ANTHROPIC_PREFIX = "anthropic/"
 # Anthropic's web search: $10 per 1,000 searches, when the cost map does not say.
 WEB_SEARCH_USD = 0.01
 
@@ -75,6 +82,8 @@ class Ceiling:
     """The most a request as sent upstream can use: what its reservation prices."""
 
     input_tokens: int
+    # The output tokens asked for as ``max_tokens`` (what litellm's providers are sent: a thinking budget or an
+    # effort goes within it, litellm capping a budget below it).
     output_tokens: int
     # Server tools the request lets the model use, and how often at most (``max_uses`` or the configured
     # ceiling): {"web_search": 5}.
@@ -82,10 +91,20 @@ class Ceiling:
     # Documents behind a URL, which the upstream fetches and bills and nothing here can count: each is priced
     # at ``uncountable_tokens`` of input.
     uncountable: int = 0
+    # The TTL ("5m", "1h") of the prompt-cache breakpoints the request carries: its input may be billed as cache
+    # writes, dearer than plain input (1.25 and 2 times at Anthropic), so it is priced at the dearer rate.
+    cache_write: str | None = None
+    # Images, counted at ``IMAGE_TOKENS`` each in ``input_tokens``: a model that bills images at more
+    # (``attachments.image_ceiling``) is reserved the difference.
+    images: int = 0
+    # The output tokens Anthropic's own API is sent, the budget form of thinking on top of ``max_tokens``
+    # (``providers.base.budget_max_tokens``); None: the same as ``output_tokens``.
+    anthropic_output_tokens: int | None = None
 
 
-def request_input_tokens(request: ProviderRequest) -> int:
-    """A local count of a request's input: system, messages and tool definitions."""
+def request_input_tokens(request: ProviderRequest, ceiling: bool = False) -> int:
+    """A local count of a request's input: system, messages and tool definitions; with ``ceiling`` (a
+    reservation) the most they may be billed as (``tokens.count_ceiling_tokens``)."""
     pieces = [request.system]
     files = 0
     for message in request.messages:
@@ -103,20 +122,27 @@ def request_input_tokens(request: ProviderRequest) -> int:
         pieces.append(json.dumps([t.definition() for t in request.tools]))
     # Piece by piece: a conversation sent again with each call (as agents do) has its earlier pieces' counts
     # remembered (``tokens.count_tokens``).
-    return sum(count_tokens(p) for p in pieces if p) + files
+    count = count_ceiling_tokens if ceiling else count_tokens
+    return sum(count(p) for p in pieces if p) + files
 
 
 def request_ceiling(request: ProviderRequest, input_tokens: int | None = None) -> Ceiling:
     """A ProviderRequest's ceiling: its input counted (or ``input_tokens`` when the caller counted it), its
     documents behind a URL, and the output tokens the provider will ask for, the thinking budget included."""
-    tokens = request_input_tokens(request) if input_tokens is None else input_tokens
-    behind_urls = sum(
-        1
-        for message in request.messages
-        for part in message.parts
-        if isinstance(part, FilePart) and part.url and not part.data and not part.is_image
+    tokens = request_input_tokens(request, ceiling=True) if input_tokens is None else input_tokens
+    if request.tools:
+        tokens += TOOL_PROMPT_TOKENS
+    files = [part for message in request.messages for part in message.parts if isinstance(part, FilePart)]
+    behind_urls = sum(1 for part in files if part.url and not part.data and not part.is_image)
+    # The provider places breakpoints at ``cache_ttl`` (agentspace/prompt_cache.py) where its model needs them.
+    return Ceiling(
+        tokens,
+        request.max_tokens,
+        uncountable=behind_urls,
+        cache_write=request.cache_ttl,
+        images=sum(1 for part in files if part.is_image),
+        anthropic_output_tokens=upstream_output_tokens(request),
     )
-    return Ceiling(tokens, upstream_output_tokens(request), uncountable=behind_urls)
 
 
 def uncountable_tokens(gw: Registry, model: str) -> int:
@@ -140,13 +166,62 @@ def messages_body_ceiling(gw: Registry, model: str, body: dict[str, Any]) -> Cei
     tools = body.get("tools")
     if tools:
         tally.texts.append(json.dumps(tools, default=str))
-    input_tokens = sum(count_tokens(t) for t in tally.texts if t) + tally.extra
+        tally.extra += TOOL_PROMPT_TOKENS + sum(_anthropic_tool_tokens(t) for t in tools if isinstance(t, dict))
+    input_tokens = sum(count_ceiling_tokens(t) for t in tally.texts if t) + tally.extra
     if tally.uncountable:
         input_tokens += tally.uncountable * uncountable_tokens(gw, model)
+    input_tokens += fetched_tokens(gw, model, tools)
     max_tokens = body.get("max_tokens")
     if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
         max_tokens = int(gw.config["chat"]["max_tokens"])
-    return Ceiling(input_tokens, max_tokens, server_tool_uses(gw, tools))
+    return Ceiling(input_tokens, max_tokens, server_tool_uses(gw, tools), cache_write=_cache_ttl(body))
+
+
+def fetched_tokens(gw: Registry, model: str, tools: Any) -> int:
+    """The input a request's web fetches may add: what the upstream fetches is billed as input tokens, at most
+    ``max_content_tokens`` a fetch, else the ceiling of an uncountable input -- and all of it at most that
+    ceiling, the context the fetched pages must fit in."""
+    if not isinstance(tools, list):
+        return 0
+    ceiling = uncountable_tokens(gw, model)
+    total = 0
+    for tool in tools:
+        kind = tool.get("type") if isinstance(tool, dict) else None
+        if not (isinstance(kind, str) and kind.startswith("web_fetch_")):
+            continue
+        uses = server_tool_uses(gw, [tool]).get("web_fetch", 0)
+        most = tool.get("max_content_tokens")
+        each = most if isinstance(most, int) and not isinstance(most, bool) and most > 0 else ceiling
+        total += uses * each
+    return min(total, ceiling)
+
+
+def _anthropic_tool_tokens(tool: dict[str, Any]) -> int:
+    kind = tool.get("type")
+    if isinstance(kind, str):
+        for prefix, tokens in ANTHROPIC_TOOL_TOKENS:
+            if kind.startswith(prefix):
+                return tokens
+    return 0
+
+
+def _cache_ttl(value: Any) -> str | None:
+    """The longest TTL of the ``cache_control`` breakpoints anywhere in a Messages body (the top-level one of
+    automatic caching included): "1h", "5m", or None when it asks for no caching."""
+    found: str | None = None
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, dict):
+            control = item.get("cache_control")
+            if isinstance(control, dict):
+                if control.get("ttl") == "1h":
+                    return "1h"
+                found = "5m"
+            stack.extend(v for v in item.values() if isinstance(v, (dict, list)))
+        elif isinstance(item, list):
+            stack.extend(v for v in item if isinstance(v, (dict, list)))
+    return found
 
 
 class _BlockTally:
@@ -189,7 +264,7 @@ class _BlockTally:
         elif source_type == "content":
             self.block(source.get("content"))
         elif source_type == "base64":
-            self.extra += PDF_PAGE_TOKENS * max(1, _pdf_pages(str(source.get("data") or "")))
+            self.extra += PDF_PAGE_TOKENS * _pdf_pages(str(source.get("data") or ""))
         else:  # a URL or a file id: not here to count
             self.uncountable += 1
 
@@ -202,9 +277,7 @@ def _pdf_pages(data: str) -> int:
         raw = base64.b64decode(data, validate=False)
     except (binascii.Error, ValueError):
         return 1
-    return raw.count(b"/Type /Page") - raw.count(b"/Type /Pages") or raw.count(b"/Type/Page") - raw.count(
-        b"/Type/Pages"
-    )
+    return attachments.pdf_pages(raw)
 
 
 def server_tool_uses(gw: Registry, tools: Any) -> dict[str, int]:
@@ -243,17 +316,73 @@ def server_tool_cost(model: str, uses: dict[str, int]) -> float:
 
 
 def ceiling_cost(gw: Registry, model: str, ceiling: Ceiling) -> float:
-    """The reservation: a ceiling priced at the model's rates, long-context tiers included."""
+    """The reservation: a ceiling priced at the model's rates, long-context tiers and cache writes included."""
     info = gw.model_info(model)
     input_tokens = ceiling.input_tokens + ceiling.uncountable * uncountable_tokens(gw, model)
+    input_tokens += ceiling.images * (attachments.image_ceiling(model) - IMAGE_TOKENS)
     # The tier the record would be priced at (ModelInfo.cost): the cost map's, the provider's or [pricing]'s.
     tier = info.tier(input_tokens)
-    rates = (tier.input_per_mtok, tier.output_per_mtok) if tier else (info.input_per_mtok, info.output_per_mtok)
+    input_price, output_price, write_price = info.input_per_mtok, info.output_per_mtok, info.cache_write_per_mtok
+    if tier is not None:
+        input_price, output_price = tier.input_per_mtok, tier.output_per_mtok
+        write_price = tier.cache_write_per_mtok if tier.cache_write_per_mtok is not None else tier.input_per_mtok
+    if ceiling.cache_write is not None:  # any of the input may be written to the cache, at its TTL's price
+        if ceiling.cache_write == "1h" and info.cache_write_1h_per_mtok is not None:
+            write_price = info.cache_write_1h_per_mtok
+        input_price = max(input_price, write_price)
+    output_tokens = ceiling.output_tokens
+    if ceiling.anthropic_output_tokens is not None and model.startswith(ANTHROPIC_PREFIX):
+        output_tokens = ceiling.anthropic_output_tokens
     return (
-        input_tokens * rates[0] / 1e6
-        + ceiling.output_tokens * rates[1] / 1e6
+        input_tokens * input_price / 1e6
+        + output_tokens * output_price / 1e6
         + server_tool_cost(model, ceiling.server_tool_uses)
     )
+
+
+def reachable_models(gw: Registry, model: str, fallbacks: bool = False) -> list[tuple[str, bool]]:
+    """The models a call to ``model`` may end up on, each with whether it is a plain fallback (skipped for a
+    client whose allowlist does not have it): a model group's deployments and its fallbacks (groups in turn),
+    and with ``fallbacks`` the ``[models] fallbacks`` of a plain model (chat turns fall back along them)."""
+    out: list[tuple[str, bool]] = []
+    seen: set[str] = set()
+
+    def walk(name: str, top: bool) -> None:
+        if name in seen:
+            return
+        seen.add(name)
+        group = gw.router.group(name)
+        if group is None:
+            out.append((name, not top))
+            if top and fallbacks:
+                out.extend((m, True) for m in gw.config["models"]["fallbacks"].get(name, []) if m not in seen)
+            return
+        out.extend((d.model, False) for d in group.deployments)
+        for fallback in group.fallbacks:
+            walk(fallback, False)
+
+    walk(model, True)
+    return out
+
+
+async def priced_models(gw: Registry, client: str, model: str, fallbacks: bool = False) -> list[str]:
+    """The models a call's reservation is priced at (the dearest of them): ``reachable_models`` but the plain
+    fallbacks the client may not use, which are skipped."""
+    out: list[str] = []
+    for name, fallback in reachable_models(gw, model, fallbacks):
+        if fallback:
+            try:
+                await gw.guard.check_model(client, name)
+            except ApiError:
+                continue
+        out.append(name)
+    return list(dict.fromkeys(out))
+
+
+def reservation_cost(gw: Registry, models: list[str], ceiling: Ceiling) -> float:
+    """A call's reservation: its ceiling priced at the dearest model it may end up on (``priced_models``) -- a
+    group's attempt or a fallback is paid at its own model's rates."""
+    return max(ceiling_cost(gw, m, ceiling) for m in models)
 
 
 # --- the record ---------------------------------------------------------------------------------
@@ -445,6 +574,7 @@ class ProviderCall:
         "ceiling",
         "failure",
         "deployment",
+        "fallbacks",
         "_open",
         "_relayed_chars",
         "_relayed_noted",
@@ -463,6 +593,7 @@ class ProviderCall:
         credential: str | None = None,
         call: CallInfo | None = None,
         purpose: str | None = None,
+        fallbacks: bool = False,
     ) -> None:
         self.gw = gw
         self.purpose = purpose  # a call the gateway made on its own account ("compact"), in the record
@@ -481,6 +612,8 @@ class ProviderCall:
         self.call = call  # for the observation hooks, from ``begin`` (the pipeline makes its own)
         self.failure: BaseException | None = None  # a sink's store refused the record (kept for a retry)
         self.deployment: str | None = None  # the model group's deployment this attempt went to (routing.py)
+        # The call may fall back along ``[models] fallbacks`` (a chat turn's step): reserved at the dearest of them.
+        self.fallbacks = fallbacks
         self._open = False  # a pending entry is in the ledger
         self._relayed_chars = 0
         self._relayed_noted = 0
@@ -497,12 +630,15 @@ class ProviderCall:
         reserved, no entry. Raises ApiError; then nothing is held."""
         guard = self.gw.guard
         amount: float | None = None
+        models = [self.model]
+        if ceiling is not None and (self.fallbacks or self.gw.router.group(self.model) is not None):
+            models = await priced_models(self.gw, self.client or "admin", self.model, self.fallbacks)
 
         def cost() -> float:
             nonlocal amount
             assert ceiling is not None
             self.ceiling = ceiling()
-            amount = ceiling_cost(self.gw, self.model, self.ceiling)
+            amount = reservation_cost(self.gw, models, self.ceiling)
             return amount
 
         self.reservation = await guard.admit(

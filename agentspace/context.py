@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from . import attachments
 from .prompt_cache import anthropic_family, cache_ttl, plan, prefix_key
-from .tokens import count_tokens
+from .tokens import count_ceiling_tokens, count_tokens
 from .types import (
     ChatMessage,
     ContextRequest,
@@ -386,9 +386,10 @@ def estimate_input_tokens(context: AssembledContext, *, ceiling: bool = False) -
     (a reservation) files count at their most (``attachments.tokens``)."""
     # Counted piece by piece, so that the history's pieces, counted on earlier turns, are remembered
     # (``count_tokens``): the cost of a turn's count does not grow with the session.
-    tokens = count_tokens(context.system) + sum(count_tokens(message_text(m)) for m in context.messages)
+    count = count_ceiling_tokens if ceiling else count_tokens  # a reservation: the most they may be billed as
+    tokens = count(context.system) + sum(count(message_text(m)) for m in context.messages)
     if context.tools:
-        tokens += count_tokens(json.dumps([t.definition() for t in context.tools], ensure_ascii=False))
+        tokens += count(json.dumps([t.definition() for t in context.tools], ensure_ascii=False))
     files = sum(
         attachments.tokens(p, ceiling=ceiling) for m in context.messages for p in m.parts if isinstance(p, FilePart)
     )

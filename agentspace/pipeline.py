@@ -305,6 +305,10 @@ class _Stopped(Exception):
     """The step was stopped from outside: aborted by the client, idle, or server shutdown."""
 
 
+class _Refused(ProviderError):
+    """The next attempt of a step was refused at admission (budget, rate, key): the step ends, no fallback."""
+
+
 @dataclass
 class _Step:
     """What one provider call produced so far, kept so a failed or aborted call still stores it."""
@@ -627,9 +631,10 @@ class Turn:
             try:
                 return await self._call_with_retries(ctx, state, seen_sources, model), model
             except ProviderError as e:
-                if state.delivered or i == len(chain) - 1:
+                if state.delivered or i == len(chain) - 1 or isinstance(e, _Refused):
                     raise
                 log.warning("%s failed before the first token (%s); falling back to %s", model, e.code, chain[i + 1])
+                await self._anew_if_answered(ctx, state, e)
         raise AssertionError("unreachable")
 
     async def _call_group(
@@ -711,6 +716,7 @@ class Turn:
             endpoint=self.endpoint,
             credential=self.credential,
             call=call,
+            fallbacks=True,
         )
 
     async def _begin_anew(self, ctx: AssembledContext, state: _Step, failed: ProviderError | None) -> None:
@@ -728,7 +734,7 @@ class Turn:
                 lambda: request_ceiling(self._request(ctx, self.model), estimate_input_tokens(ctx, ceiling=True))
             )
         except ApiError as e:
-            raise ProviderError(e.code, e.message) from None
+            raise _Refused(e.code, e.message) from None
         state.provider_call = self._held = new
         state.call = call
 
@@ -758,6 +764,14 @@ class Turn:
                     await asyncio.wait_for(self._stopped.wait(), delay)
                 except TimeoutError:
                     pass
+                await self._anew_if_answered(ctx, state, e)
+
+    async def _anew_if_answered(self, ctx: AssembledContext, state: _Step, failed: ProviderError) -> None:
+        """Before a retry or a fallback: an attempt the upstream answered (it reported usage, and bills it) is
+        a provider call of its own -- recorded with what it reported, and the next one admitted and reserved
+        anew -- so the step's one reservation never pays for two upstream calls. _Refused when refused."""
+        if state.answered and self._stop_reason is None:
+            await self._begin_anew(ctx, state, failed)
 
     async def _call(
         self, ctx: AssembledContext, state: _Step, seen_sources: set[str], model: str, dep: Deployment | None = None

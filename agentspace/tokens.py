@@ -20,6 +20,9 @@ if TYPE_CHECKING:
     import tiktoken  # imported when first needed: it costs start-up time
 
 ENCODING = "o200k_base"
+# The older encoding (GPT-4, GPT-3.5, OpenAI's embedding models): as many tokens as o200k_base for English, up
+# to twice as many for other scripts -- as other providers' tokenizers are. A reservation counts with both.
+OLDER_ENCODING = "cl100k_base"
 
 # Texts at least this long have their count remembered (``count_tokens``): a session's history is counted again
 # on every turn (the context-window check, the inspector's calibration, reservations), and tiktoken takes about
@@ -48,15 +51,20 @@ def _encoding() -> tiktoken.Encoding:
         return _load_encoding()
 
 
-@lru_cache(maxsize=1)
-def _load_encoding() -> tiktoken.Encoding:
+@lru_cache(maxsize=4)
+def _load_encoding(name: str = ENCODING) -> tiktoken.Encoding:
     if "TIKTOKEN_CACHE_DIR" not in os.environ:
         folder = bundled_tiktoken_dir()
         if folder:
             os.environ["TIKTOKEN_CACHE_DIR"] = folder
     import tiktoken
 
-    return tiktoken.get_encoding(ENCODING)
+    return tiktoken.get_encoding(name)
+
+
+def _older_encoding() -> tiktoken.Encoding:
+    with _loading:
+        return _load_encoding(OLDER_ENCODING)
 
 
 def count_tokens(text: str) -> int:
@@ -74,6 +82,24 @@ def count_tokens(text: str) -> int:
         with _cache_lock:
             _cache[key] = count
     return count
+
+
+def count_ceiling_tokens(text: str) -> int:
+    """The most tokens ``text`` may be billed as, for a reservation: ``count_tokens``, and for text beyond ASCII
+    the larger of it and the older encoding's count (other scripts cost some tokenizers up to twice as many)."""
+    count = count_tokens(text)
+    if text.isascii():
+        return count
+    if len(text) < CACHED_CHARS:
+        return max(count, len(_older_encoding().encode(text, disallowed_special=())))
+    key = (-len(text), hash(text))  # the older encoding's counts, apart from count_tokens' (negative lengths)
+    with _cache_lock:
+        older = _cache.get(key)
+    if older is None:
+        older = len(_older_encoding().encode(text, disallowed_special=()))
+        with _cache_lock:
+            _cache[key] = older
+    return max(count, older)
 
 
 _loading = threading.Lock()

@@ -80,10 +80,10 @@ async def test_steps_one_to_four_are_what_the_gateway_does(
     await second.close()
     assert refused[-1]["code"] == "BUDGET_EXCEEDED"
     text = example()
-    assert "$0.02496 left" in refused[-1]["message"] and "$0.02496 left" in text
+    assert "$0.02406 left" in refused[-1]["message"] and "$0.02406 left" in text
     # Checked before anything of it is stored: against its output, the least its first call reserves.
     assert "first call needs at least $0.18144" in refused[-1]["message"]
-    assert "$0.04 + $0.18504 (in flight) + $0.18144 = $0.40648 > $0.25" in text
+    assert "$0.04 + $0.18594 (in flight) + $0.18144 = $0.40738 > $0.25" in text
     assert "its first call needs at least $0.18144" in text
     assert len(fake_anthropic.requests) == 2  # the refused chat sent nothing
 

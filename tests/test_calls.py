@@ -290,7 +290,7 @@ async def test_the_worked_example_of_the_accounting_doc_is_what_the_code_compute
     # A turn with [chat] max_tokens 4096 and thinking on (budget 8000) sends max_tokens 12096 upstream.
     assert of(await ws_chat(client, add_client("ci-bot")), "chat.stream.end")
     assert fake_anthropic.requests[0].body["max_tokens"] == 12096 and "`max_tokens: 12096`" in example
-    reservation = ceiling_cost(gw, model, Ceiling(1200, 12096))
+    reservation = ceiling_cost(gw, model, Ceiling(1200, 12096, cache_write="5m"))  # the turn marks its prompt
     posted = price(gw, model, TokenUsage(input_tokens=1180, output_tokens=2300)).total_cost
     recovered = price(gw, model, TokenUsage(input_tokens=1180, output_tokens=900)).total_cost
     assert f"**${reservation:.5f}**" in example

@@ -17,7 +17,7 @@ from ..events import ProviderError
 from ..protocols.openai_chat import RequestError
 from ..providers import litellm as litellm_provider
 from ..routed_call import embed_group
-from ..tokens import count_tokens
+from ..tokens import count_ceiling_tokens, count_tokens
 from ..types import TokenUsage
 from .v1_common import (
     refusal,
@@ -65,8 +65,9 @@ def parse(body: Any) -> tuple[str, list[Any], dict[str, Any]]:
     return model, inputs, options
 
 
-def _local_tokens(inputs: list[Any]) -> int:
-    return sum(count_tokens(item) if isinstance(item, str) else len(item) for item in inputs)
+def _local_tokens(inputs: list[Any], ceiling: bool = False) -> int:
+    count = count_ceiling_tokens if ceiling else count_tokens  # a reservation: the most they may be billed as
+    return sum(count(item) if isinstance(item, str) else len(item) for item in inputs)
 
 
 async def embeddings(request: web.Request) -> web.StreamResponse:
@@ -91,7 +92,7 @@ async def embeddings(request: web.Request) -> web.StreamResponse:
     meter = v1.provider_call(model, session_id(request), ENDPOINT)
 
     def ceiling() -> Ceiling:  # the input: embeddings write nothing back
-        return Ceiling(_local_tokens(inputs), 0)
+        return Ceiling(_local_tokens(inputs, ceiling=True), 0)
 
     try:  # the checks at the moment of the call, its reservation
         await meter.admit(ceiling)
