@@ -32,6 +32,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Awaitable, Callable, Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -258,7 +259,7 @@ def cli_startup_ms(root: Path) -> tuple[float, float]:
     return min(r[0] for r in runs), min(r[2] for r in runs)
 
 
-def bench_reports(root: Path, rows: list[tuple[str, str, list[float]]], rng: random.Random) -> str | None:
+async def bench_reports(root: Path, rows: list[tuple[str, str, list[float]]], rng: random.Random) -> str | None:
     """Reports over 100k and 1M records spread over 30 days: the first (writes the rollups), then in-process
     and cold-process runs. Returns the CLI error, if any."""
     # Byte-compiled as an install leaves it (PYTHONDONTWRITEBYTECODE, set on some machines, would otherwise make
@@ -284,6 +285,18 @@ def bench_reports(root: Path, rows: list[tuple[str, str, list[float]]], rng: ran
         start = time.perf_counter()
         usage_report(store.records_sync())
         rows.append(("usage_report(records()), the full scan", label, [(time.perf_counter() - start) * 1000]))
+        # A budget's spend (the client's first call after a start): the month of the one client the records have.
+        since = datetime.now(UTC) - timedelta(days=REPORT_DAYS)
+        start = time.perf_counter()
+        sum(float(r.get("totalCost") or 0.0) for r in store.records_sync(since=since, client="bench"))
+        rows.append(("a client's spend summed from records() (before)", label, [(time.perf_counter() - start) * 1000]))
+        rows.append(
+            (
+                "UsageStore.spend, a client's month (rollups)",
+                label,
+                await timed(5, lambda i: store.spend(client="bench", since=since, posting=dict)),
+            )
+        )
         cold: list[float] = []
         cpu: list[float] = []
         for _ in range(5):
@@ -329,6 +342,14 @@ async def bench_postgres(rows: list[tuple[str, str, list[float]]], rng: random.R
                 await conn.execute("VACUUM ANALYZE usage_rollups")
             label = f"{total:,} records, {REPORT_DAYS} days"
             rows.append(("postgres report(by=model)", label, await timed(5, lambda i: usage.report(by="model"))))
+            since = datetime.now(UTC) - timedelta(days=REPORT_DAYS)
+            rows.append(
+                (
+                    "postgres spend, a client's month (rollups)",
+                    label,
+                    await timed(5, lambda i: usage.spend(client="bench", since=since, posting=dict)),
+                )
+            )
         await usage.aclose()
         await db.aclose()
     finally:
@@ -362,7 +383,7 @@ async def main() -> None:
         if not args.reports_only:
             await bench_usage(root, rng, rows)
             await bench_sessions(root, rng, rows)
-        cli_error = bench_reports(root, rows, rng)
+        cli_error = await bench_reports(root, rows, rng)
         if args.postgres:
             await bench_postgres(rows, rng)
         print_table(rows)

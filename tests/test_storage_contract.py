@@ -28,6 +28,7 @@ from agentspace.storage.protocols import (
     UsageStoreAPI,
     UsageStoreSink,
     UsageStoreSync,
+    spend_of,
 )
 from agentspace.storage.shapes import SessionSummary, StoredUsageRecord
 from agentspace.types import Cost, TokenUsage, UsageRecord
@@ -286,6 +287,37 @@ async def test_usage_reports(storage: Storage) -> None:
         records[0] == record(2, model="openai/gpt-4o", timestamp="2026-12-01T00:00:00.000Z", session_id="s2").to_dict()
     )
     assert {r["id"] for r in await usage.records(since=datetime(2026, 12, 2))} == {"u4", "u5"}
+
+
+async def test_a_clients_spend_is_what_its_records_cost_and_names_the_records_being_stored_it_counts(
+    storage: Storage,
+) -> None:
+    # What a budget reads: from the rollups, equal to the client's records since the period's start, and which
+    # records being stored right now (id: timestamp) it has already, so that settling them does not add them again.
+    usage = storage.usage
+    await usage.append(record(1, client="ann", timestamp="2026-11-30T23:00:00.000Z"))  # before the period
+    await usage.append(record(2, client="ann", timestamp="2026-12-01T00:00:00.000Z"))
+    await usage.append(record(3, client="ann", timestamp="2026-12-02T09:30:00.000Z"))
+    await usage.append(record(4, client="bob", timestamp="2026-12-02T09:30:00.000Z"))
+    await usage.append(record(5, client="ann", timestamp="2026-12-03T10:00:00.000Z"))
+    posting = {"u5": "2026-12-03T10:00:00.000Z", "u9": "2026-12-03T10:00:01.000Z"}  # u9: not stored yet
+    for since in (datetime(2026, 12, 1), datetime(2026, 12, 2, 9, 0)):  # a whole day; a day cut inside
+        expected = sum(r["totalCost"] for r in await usage.records(since=since, client="ann"))
+        spend, counted = await usage.spend(client="ann", since=since, posting=lambda: posting)
+        assert spend == pytest.approx(expected) and expected > 0, since
+        assert counted == {"u5"}
+        # A backend written before ``spend`` (records only) gives the same through ``spend_of``.
+        assert await spend_of(RecordsOnly(usage), client="ann", since=since, posting=lambda: posting) == (
+            pytest.approx(expected),
+            {"u5"},
+        )
+
+
+class RecordsOnly:
+    """A usage store as a third-party backend written before ``spend`` would have it: records and reports."""
+
+    def __init__(self, usage: UsageStoreAPI) -> None:
+        self.records = usage.records
 
 
 async def test_the_admins_records_include_those_that_name_no_client(storage: Storage) -> None:
