@@ -9,7 +9,6 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-import pytest
 
 from agentspace.storage.embedded.sessions import SessionStore
 from agentspace.storage.embedded.usage import UsageStore

@@ -66,7 +66,10 @@ async def test_new_calls_are_refused_in_each_apis_shape_while_a_v1_stream_finish
             async with aiohttp.ClientSession() as http:
                 async with http.get(server.url + "/healthz") as health:
                     assert (health.status, await health.json()) == (503, {"status": "shutting down"})
-                chat = {"id": "late", "messages": [{"id": "m1", "role": "user", "parts": [{"type": "text", "text": "hi"}]}]}
+                chat = {
+                    "id": "late",
+                    "messages": [{"id": "m1", "role": "user", "parts": [{"type": "text", "text": "hi"}]}],
+                }
                 async with http.post(server.url + "/api/chat", json=chat, headers=headers) as late:
                     body = await late.json()
                     assert late.status == 503 and body["error"]["code"] == "SERVICE_UNAVAILABLE", body

@@ -1,0 +1,81 @@
+"""Server-tool fees from outside, on every way in, for litellm's providers as for Anthropic: an upstream that
+reports web searches in its usage (OpenAI-compatible ``usage.server_tool_use.web_search_requests``,
+Anthropic's ``server_tool_use``) makes a record with those uses and their fee, priced by ``[pricing."MODEL"]
+web_search_per_use`` where set, and the fee counts in the client's budget (docs/accounting.md)."""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+from collections.abc import Awaitable, Callable
+
+import openai
+import pytest
+from aiohttp.test_utils import TestClient
+
+from tests.fakes import anthropic_upstream as fa
+from tests.fakes import openai_upstream as fo
+from tests.test_clients import add_client
+from tests.test_exact_records import ANTHROPIC, OPENAI, WAYS, o_sdk, records
+
+# Per search: the [pricing] overrides below, unlike the cost map's $0.01 (Anthropic) and gpt-4o-mini's tiers.
+PRICED = {OPENAI: 0.025, ANTHROPIC: 0.02}
+
+
+@pytest.fixture
+async def client(
+    make_client: Callable[..., Awaitable[TestClient]], fake_openai: fo.FakeOpenAI, monkeypatch: pytest.MonkeyPatch
+) -> TestClient:
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-openai-test-0123456789")
+    await asyncio.to_thread(importlib.import_module, "litellm")
+    return await make_client(
+        providers={"openai": {"base_url": fake_openai.url}},
+        pricing={model: {"web_search_per_use": fee} for model, fee in PRICED.items()},
+    )
+
+
+def searched(provider: str, n: int) -> tuple[fa.FakeResponse | fo.FakeResponse, str]:
+    """An answer after ``n`` web searches, as the provider reports them in its usage."""
+    if provider == "openai":
+        usage = {**fo.usage(200, 20), "server_tool_use": {"web_search_requests": n}}
+        return fo.text_response("Found it.", usage=usage), OPENAI
+    final = {"input_tokens": 200, "output_tokens": 20, "server_tool_use": {"web_search_requests": n}}
+    return fa.text_response("Found it.", usage={"input_tokens": 200}, delta_usages=[final]), ANTHROPIC
+
+
+@pytest.mark.parametrize("stream", [True, False], ids=["streamed", "whole"])
+@pytest.mark.parametrize("provider", ["openai", "anthropic"])
+@pytest.mark.parametrize("way", list(WAYS))
+async def test_each_way_in_records_the_reported_searches_at_the_configured_price(
+    client: TestClient,
+    fake_anthropic: fa.FakeAnthropic,
+    fake_openai: fo.FakeOpenAI,
+    way: str,
+    provider: str,
+    stream: bool,
+) -> None:
+    if way in ("ws", "api_chat") and not stream:
+        pytest.skip("a chat always streams")
+    key = add_client("acme")
+    answer, model = searched(provider, 2)
+    (fake_openai if provider == "openai" else fake_anthropic).enqueue(answer)  # type: ignore[arg-type]
+    await WAYS[way][0](client, key, model, stream)
+    (record,) = await records(client)
+    assert record["serverToolUse"] == {"web_search": 2}
+    assert record["serverToolCost"] == pytest.approx(2 * PRICED[model])
+    assert record["totalCost"] == pytest.approx(record["inputCost"] + record["outputCost"] + 2 * PRICED[model])
+    assert record["estimated"] is False and record["endpoint"] == WAYS[way][1]
+
+
+async def test_fees_of_a_litellm_model_spend_the_budget(client: TestClient, fake_openai: fo.FakeOpenAI) -> None:
+    """Two searches at $0.025 spend a $0.05 budget; the tokens alone (a hundredth of a cent) would not."""
+    key = add_client("acme", "--budget", "0.05")
+    answer, _ = searched("openai", 2)
+    fake_openai.enqueue(answer)
+    api = o_sdk(client, key)
+    messages: list[dict[str, str]] = [{"role": "user", "content": "Search"}]
+    await api.chat.completions.create(model=OPENAI, messages=messages, max_tokens=20)  # type: ignore[arg-type]
+    with pytest.raises(openai.RateLimitError) as refused:
+        await api.chat.completions.create(model=OPENAI, messages=messages, max_tokens=20)  # type: ignore[arg-type]
+    assert "BUDGET_EXCEEDED" in refused.value.message
+    assert len(fake_openai.requests) == 1
