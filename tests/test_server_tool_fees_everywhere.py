@@ -6,6 +6,7 @@ web_search_per_use`` where set, and the fee counts in the client's budget (docs/
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import importlib
 from collections.abc import Awaitable, Callable
 
@@ -79,3 +80,31 @@ async def test_fees_of_a_litellm_model_spend_the_budget(client: TestClient, fake
         await api.chat.completions.create(model=OPENAI, messages=messages, max_tokens=20)  # type: ignore[arg-type]
     assert "BUDGET_EXCEEDED" in refused.value.message
     assert len(fake_openai.requests) == 1
+
+
+def cut_after_two_searches() -> fa.FakeResponse:
+    """Two web searches run (their results streamed), then the upstream's stream breaks off mid-answer:
+    before the final ``message_delta`` that would report them."""
+    blocks: list[fa.Block] = [fa.text_block("Let me search.", chunks=1)]
+    for i in range(2):
+        blocks.append(fa.server_tool_use_block(f"query {i}", id=f"srvtoolu_{i}"))
+        blocks.append(
+            fa.web_search_result_block([(f"https://example.com/{i}", f"Result {i}")], tool_use_id=f"srvtoolu_{i}")
+        )
+    blocks.append(fa.text_block("Found it all.", chunks=3))
+    return fa.message_response(*blocks, usage={"input_tokens": 200}).cut_after(22)
+
+
+@pytest.mark.parametrize("way", list(WAYS))
+async def test_searches_that_ran_before_the_stream_broke_off_are_billed_as_estimated(
+    client: TestClient, fake_anthropic: fa.FakeAnthropic, way: str
+) -> None:
+    key = add_client("acme")
+    fake_anthropic.enqueue(cut_after_two_searches())
+    with contextlib.suppress(Exception):  # the client sees the stream break off, each API its own way
+        await WAYS[way][0](client, key, ANTHROPIC, True)
+    (record,) = await records(client)
+    assert record["inputTokens"] == 200  # as reported in message_start
+    assert record["serverToolUse"] == {"web_search": 2}
+    assert record["serverToolCost"] == pytest.approx(2 * PRICED[ANTHROPIC])
+    assert "serverToolUse" in record["estimatedFields"] and record["estimated"] is True

@@ -32,6 +32,7 @@ from ..protocols.anthropic_messages import (
     error_code_for_type,
     local_input_tokens,
     message_usage,
+    with_seen_server_tools,
 )
 from ..registry import Registry
 from ..types import TokenUsage
@@ -330,6 +331,8 @@ async def _record_stream(
         if counted > usage.output_tokens:
             usage.output_tokens = counted
             fields = OUTPUT_FIELDS
+    if not scanner.final_delta and with_seen_server_tools(usage, scanner.server_tools_seen):
+        fields = (*fields, "serverToolUse")
     if disconnected:
         await meter.record(usage, "aborted", estimated_fields=fields)
     elif scanner.error_type:
