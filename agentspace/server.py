@@ -156,6 +156,12 @@ def check_default_model(gw: Registry) -> None:
         log.warning("[models] default in %s: %s", config.source, deprecation_message(default, info.deprecation_date))
 
 
+def _calls_in_flight(gw: Registry) -> int:
+    """Provider calls running (a /v1 call is no turn): their open ledger entries, closed once recorded; not
+    the records kept in the spool for a store that refused them (replayed later, not awaited here)."""
+    return sum(1 for entry in gw.ledger.open_entries() if "record" not in entry) if len(gw.ledger) else 0
+
+
 async def _finish_streams(app: web.Application, stop_accepting: Callable[[], None] | None = None) -> None:
     """Let running turns and provider calls finish within the grace period, store the rest as aborted, close
     sockets. Meanwhile every new call is refused with SERVICE_UNAVAILABLE in its API's shape (the admission
@@ -171,15 +177,14 @@ async def _finish_streams(app: web.Application, stop_accepting: Callable[[], Non
     gw = app[state.REGISTRY]
     turns = [t for t in gw.locks.turns() if t.task is not None]
     grace = float(gw.config["server"]["shutdown_grace_seconds"])
-    if turns or len(gw.ledger):
-        # A /v1 call in flight is no turn: its open ledger entry (closed once it is recorded) is what says so.
-        log.info("waiting up to %.0fs for %d running stream(s)", grace, len(turns) + len(gw.ledger))
+    if turns or _calls_in_flight(gw):
+        log.info("waiting up to %.0fs for %d running stream(s)", grace, len(turns) + _calls_in_flight(gw))
         deadline = time.monotonic() + grace
         tasks = [t.task for t in turns if t.task]
         pending = set(tasks)
         if tasks:
             _, pending = await asyncio.wait(tasks, timeout=grace)
-        while len(gw.ledger) and time.monotonic() < deadline:
+        while _calls_in_flight(gw) and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
         for t in turns:
             if not t.done:
