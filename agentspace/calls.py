@@ -344,6 +344,7 @@ def recovered_record(gw: Registry, entry: dict[str, Any]) -> UsageRecord:
             reasoning_tokens=int(noted.get("reasoningTokens") or 0),
             server_tool_use=noted.get("serverToolUse") or None,
         )
+        fields += [f for f in noted.get("estimatedFields") or () if isinstance(f, str)]  # server tools seen to run
     else:
         usage = TokenUsage(input_tokens=int(entry.get("inputTokens") or 0))
         fields.append("inputTokens")
@@ -422,6 +423,7 @@ def usage_to_note(usage: TokenUsage, final: bool = False) -> dict[str, Any]:
         "reasoningTokens": usage.reasoning_tokens,
         "serverToolUse": usage.server_tool_use,
         "final": final,
+        **({"estimatedFields": list(usage.estimated_fields)} if usage.estimated_fields else {}),
     }
 
 

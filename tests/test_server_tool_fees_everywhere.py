@@ -9,11 +9,15 @@ import asyncio
 import contextlib
 import importlib
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 
+import aiohttp
 import openai
 import pytest
 from aiohttp.test_utils import TestClient
 
+from agentspace.storage.embedded.usage import UsageStore
+from scripts.harness import GatewayProcess
 from tests.fakes import anthropic_upstream as fa
 from tests.fakes import openai_upstream as fo
 from tests.test_clients import add_client
@@ -108,3 +112,51 @@ async def test_searches_that_ran_before_the_stream_broke_off_are_billed_as_estim
     assert record["serverToolUse"] == {"web_search": 2}
     assert record["serverToolCost"] == pytest.approx(2 * PRICED[ANTHROPIC])
     assert "serverToolUse" in record["estimatedFields"] and record["estimated"] is True
+
+
+async def test_searches_of_a_stream_cut_by_a_crash_are_billed_after_the_restart(
+    tmp_path: Path, fake_anthropic: fa.FakeAnthropic
+) -> None:
+    """SIGKILL while three streams (passed through, translated, WebSocket) are past their two web searches:
+    after the restart each recovered record bills the searches (estimated), the reported input kept."""
+    blocks: list[fa.Block] = [fa.text_block("Let me search.", chunks=1)]
+    for i in range(2):
+        blocks.append(fa.server_tool_use_block(f"query {i}", id=f"srvtoolu_{i}"))
+        blocks.append(fa.web_search_result_block([(f"https://example.com/{i}", f"R{i}")], tool_use_id=f"srvtoolu_{i}"))
+    blocks.append(fa.text_block("word " * 100, chunks=100))
+    fake_anthropic.default = fa.message_response(*blocks, usage={"input_tokens": 5000}).stall(120, after=25)
+    data_dir = tmp_path / "data"
+    server = GatewayProcess(data_dir, fake_anthropic.url)
+    try:
+        await server.start()
+        headers = {"Authorization": f"Bearer {server.token}", "anthropic-version": "2023-06-01"}
+        messages = [{"role": "user", "content": "Search"}]
+        async with aiohttp.ClientSession() as http:
+            ws = await http.ws_connect(server.ws_url, headers=headers)
+            await ws.send_json({"type": "chat.send", "id": "r1", "content": "Search"})
+            while (await ws.receive_json(timeout=30))["type"] != "chat.stream.delta":
+                pass
+            for path, body in (
+                ("/v1/messages", {"model": "claude-sonnet-4-5", "max_tokens": 1024, "stream": True}),
+                ("/v1/chat/completions", {"model": "anthropic/claude-sonnet-4-5", "stream": True}),
+            ):
+                resp = await http.post(server.url + path, json={**body, "messages": messages}, headers=headers)
+                assert resp.status == 200
+                await resp.content.readany()
+            await asyncio.sleep(1.5)  # the ledger's notes are written within a second
+            assert len(fake_anthropic.requests) == 3
+            await server.kill()
+    finally:
+        await server.aclose()
+    restarted = GatewayProcess(data_dir, fake_anthropic.url)
+    try:
+        await restarted.start()
+        await restarted.wait_for_log("recovered")
+    finally:
+        await restarted.aclose()
+    found = list(UsageStore(data_dir).records_sync())
+    assert sorted(r["endpoint"] for r in found) == ["anthropic", "openai", "ws"]
+    for record in found:
+        assert record["recovered"] is True and record["inputTokens"] == 5000, record
+        assert record["serverToolUse"] == {"web_search": 2} and record["serverToolCost"] == pytest.approx(0.02)
+        assert "serverToolUse" in record["estimatedFields"], record

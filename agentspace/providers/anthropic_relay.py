@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+from dataclasses import replace
 from typing import Any
 
 import aiohttp
@@ -266,16 +267,21 @@ class _Relay:
         self.unreadable = False
         self.disconnected = False
         self.cut = False
-        self._noted: tuple[int, ...] | None = None  # the usage last noted in the ledger
+        self._noted: tuple[object, ...] | None = None  # the usage last noted in the ledger
         self._deltas_noted = 0
 
     def note(self, call: ProviderCall) -> None:
         """Into the ledger: reported usage as it arrives, the output relayed (counted when it is noted)."""
         usage = self.scanner.usage
         if usage is not None:
-            seen = (usage.input_tokens, usage.output_tokens, usage.cache_read_tokens, usage.cache_write_tokens)
+            tools = self.scanner.server_tools_seen
+            seen = (usage.input_tokens, usage.output_tokens, usage.cache_read_tokens, usage.cache_write_tokens, len(tools), sum(tools.values()))  # fmt: skip
             if seen != self._noted:
                 self._noted = seen
+                if not self.scanner.final_delta:  # the server tools seen to run, until their count is reported
+                    usage = replace(usage)
+                    if with_seen_server_tools(usage, tools):
+                        usage.estimated_fields = (*usage.estimated_fields, "serverToolUse")
                 call.note(usage, final=self.scanner.final_delta)
         deltas = len(self.scanner._deltas)
         if deltas != self._deltas_noted:
