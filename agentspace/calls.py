@@ -299,9 +299,13 @@ def server_tool_uses(gw: Registry, tools: Any) -> dict[str, int]:
     return uses
 
 
-def server_tool_price(model: str, tool: str) -> float:
-    """Dollars per use of a server tool: the cost map's ``search_context_cost_per_query`` for web search (its
-    highest tier), Anthropic's list price otherwise; web fetch and code execution bill their tokens only."""
+def server_tool_price(gw: Registry, model: str, tool: str) -> float:
+    """Dollars per use of a server tool: ``[pricing."MODEL"] <tool>_per_use`` (or the provider's model info),
+    else for web search the cost map's ``search_context_cost_per_query`` (its highest tier), else Anthropic's
+    list price; web fetch and code execution bill their tokens only unless priced so."""
+    configured = gw.model_info(model).server_tool_per_use.get(tool)
+    if configured is not None:
+        return configured
     if tool != "web_search":
         return 0.0
     entry = cost_map().get(model.split("/", 1)[1] if "/" in model else model) or {}
@@ -311,8 +315,8 @@ def server_tool_price(model: str, tool: str) -> float:
     return WEB_SEARCH_USD
 
 
-def server_tool_cost(model: str, uses: dict[str, int]) -> float:
-    return sum(server_tool_price(model, tool) * n for tool, n in uses.items())
+def server_tool_cost(gw: Registry, model: str, uses: dict[str, int]) -> float:
+    return sum(server_tool_price(gw, model, tool) * n for tool, n in uses.items())
 
 
 def ceiling_cost(gw: Registry, model: str, ceiling: Ceiling) -> float:
@@ -336,7 +340,7 @@ def ceiling_cost(gw: Registry, model: str, ceiling: Ceiling) -> float:
     return (
         input_tokens * input_price / 1e6
         + output_tokens * output_price / 1e6
-        + server_tool_cost(model, ceiling.server_tool_uses)
+        + server_tool_cost(gw, model, ceiling.server_tool_uses)
     )
 
 
@@ -392,7 +396,7 @@ def price(gw: Registry, model: str, usage: TokenUsage) -> Cost:
     """What ``usage`` costs at the model's rates, server-tool fees included."""
     cost = gw.model_info(model).cost(usage)
     if usage.server_tool_use:
-        cost.server_tool_cost = server_tool_cost(model, usage.server_tool_use)
+        cost.server_tool_cost = server_tool_cost(gw, model, usage.server_tool_use)
     return cost
 
 
@@ -469,6 +473,7 @@ def recovered_record(gw: Registry, entry: dict[str, Any]) -> UsageRecord:
             reasoning_tokens=int(noted.get("reasoningTokens") or 0),
             server_tool_use=noted.get("serverToolUse") or None,
         )
+        fields += [f for f in noted.get("estimatedFields") or () if isinstance(f, str)]  # server tools seen to run
     else:
         usage = TokenUsage(input_tokens=int(entry.get("inputTokens") or 0))
         fields.append("inputTokens")
@@ -547,6 +552,7 @@ def usage_to_note(usage: TokenUsage, final: bool = False) -> dict[str, Any]:
         "reasoningTokens": usage.reasoning_tokens,
         "serverToolUse": usage.server_tool_use,
         "final": final,
+        **({"estimatedFields": list(usage.estimated_fields)} if usage.estimated_fields else {}),
     }
 
 

@@ -125,6 +125,10 @@ PRICING_SCHEMA: dict[str, tuple[tuple[type, ...], Any]] = {
     "supports_pdf_input": ((bool,), None),
     "deprecation_date": ((str,), None),
     "long_context": ((list,), None),
+    # US dollars per use of a server tool the upstream runs and bills per use (calls.server_tool_price).
+    "web_search_per_use": ((int, float), None),
+    "web_fetch_per_use": ((int, float), None),
+    "code_execution_per_use": ((int, float), None),
 }
 # Keys of each table of ``long_context = [{above_input_tokens = 200000, input_per_mtok = 6, ...}]``.
 TIER_SCHEMA: dict[str, tuple[tuple[type, ...], Any]] = {

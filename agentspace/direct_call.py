@@ -145,11 +145,12 @@ class DirectCall:
             reported = replace(self._reported)  # what the upstream reported is never replaced by an estimate
             after_report = len(self._output) > self._output_at_report
         if isinstance(reported, TokenUsage):
+            seen = reported.estimated_fields  # the server tools seen to run and not reported yet
             # Only output the upstream did not report is estimated: none after a final message_delta.
             if after_report and output > reported.output_tokens:
                 reported.output_tokens = output
-                return reported, OUTPUT_FIELDS
-            return reported, ()
+                return reported, (*OUTPUT_FIELDS, *seen)
+            return reported, seen
         return TokenUsage(request_input_tokens(self.request), output), ALL_FIELDS
 
     async def abort(self) -> UsageRecord | None:

@@ -72,6 +72,13 @@ class Window:
     tokens_free_in: float
 
 
+# Reads a period's spend from the usage store and returns it. Given ``install``, it hands the spend to it
+# before settling may resume: a spend in Redis is set while no record of the client can settle meanwhile
+# (a record settled between the read and the set would otherwise be lost: its adding finds no spend yet);
+# ``install`` answers whether it set the spend (false: another load's was there already).
+SpendLoader = Callable[[Callable[[float], Awaitable[object]] | None], Awaitable[float]]
+
+
 class Counters(Protocol):
     """Where the rate windows, the budget spend and the reservations live (in-process here; Redis for a
     scaled-out gateway). Each method is atomic for its client."""
@@ -88,19 +95,17 @@ class Counters(Protocol):
     def add_tokens(self, client: str, tokens: int, now: float) -> Awaitable[None]: ...
 
     def reserve(
-        self, client: str, period_key: str, budget: float, amount: float, load_spend: Callable[[], Awaitable[float]]
+        self, client: str, period_key: str, budget: float, amount: float, load_spend: SpendLoader
     ) -> Awaitable[tuple[Reservation | None, float]]:
         """Admit and reserve ``amount`` when spend + reservations + amount <= budget: (reservation, spend);
         else (None, spend + reservations). ``load_spend`` gives the period's spend when it is not known yet."""
         ...
 
-    def spend(self, client: str, period_key: str, load_spend: Callable[[], Awaitable[float]]) -> Awaitable[float]:
+    def spend(self, client: str, period_key: str, load_spend: SpendLoader) -> Awaitable[float]:
         """Spend of the period plus the reservations in flight."""
         ...
 
-    def spend_parts(
-        self, client: str, period_key: str, load_spend: Callable[[], Awaitable[float]]
-    ) -> Awaitable[tuple[float, float]]:
+    def spend_parts(self, client: str, period_key: str, load_spend: SpendLoader) -> Awaitable[tuple[float, float]]:
         """The spend of the period as posted, and the reservations in flight, read together."""
         ...
 
@@ -172,20 +177,20 @@ class InProcessCounters:
             c.tokens.append((now, tokens))
             c.token_sum += tokens
 
-    async def _budget(self, c: _ClientCounters, period_key: str, load_spend: Callable[[], Awaitable[float]]) -> _Budget:
+    async def _budget(self, c: _ClientCounters, period_key: str, load_spend: SpendLoader) -> _Budget:
         budget = c.budgets.get(period_key)
         if budget is None:
             async with c.lock:  # one read of the usage store per client and period
                 budget = c.budgets.get(period_key)
                 if budget is None:
-                    spend = await load_spend()
+                    spend = await load_spend(None)  # set below, before anything else can run
                     budget = c.budgets[period_key] = _Budget(spend)
                     for key in [k for k in c.budgets if k != period_key and not c.budgets[k].reserved]:
                         del c.budgets[key]  # periods gone by, nothing in flight
         return budget
 
     async def reserve(
-        self, client: str, period_key: str, budget: float, amount: float, load_spend: Callable[[], Awaitable[float]]
+        self, client: str, period_key: str, budget: float, amount: float, load_spend: SpendLoader
     ) -> tuple[Reservation | None, float]:
         b = await self._budget(self._get(client), period_key, load_spend)
         # No await from the check to the reservation: concurrent calls see each other's reservations.
@@ -194,13 +199,11 @@ class InProcessCounters:
         b.reserved += amount
         return Reservation(client, period_key, amount), b.spend
 
-    async def spend(self, client: str, period_key: str, load_spend: Callable[[], Awaitable[float]]) -> float:
+    async def spend(self, client: str, period_key: str, load_spend: SpendLoader) -> float:
         b = await self._budget(self._get(client), period_key, load_spend)
         return b.spend + b.reserved
 
-    async def spend_parts(
-        self, client: str, period_key: str, load_spend: Callable[[], Awaitable[float]]
-    ) -> tuple[float, float]:
+    async def spend_parts(self, client: str, period_key: str, load_spend: SpendLoader) -> tuple[float, float]:
         b = await self._budget(self._get(client), period_key, load_spend)
         return b.spend, b.reserved
 
@@ -282,6 +285,16 @@ class Guard:
         # read from the store counted already, per (client, period key): settling adds them there no more.
         self._posting: dict[str, dict[str, str]] = {}  # client -> id -> timestamp of records being stored
         self._counted: dict[tuple[str, str], set[str]] = {}
+        # Per client: a spend read from the store and a record's settling never interleave. Else a record
+        # settled while the read was under way is counted twice (read, then added to the period just loaded)
+        # or not at all (not loaded yet when settled, and not in what was read).
+        self._spend_locks: dict[str, asyncio.Lock] = {}
+
+    def _spend_lock(self, client: str) -> asyncio.Lock:
+        lock = self._spend_locks.get(client)
+        if lock is None:
+            lock = self._spend_locks[client] = asyncio.Lock()
+        return lock
 
     async def client(self, caller: str, credential: str | None = None) -> Client | None:
         """The caller's client, read from the store of record now; None for the admin. A client removed since,
@@ -318,16 +331,23 @@ class Guard:
         now = self.clock()
         return [_period_key(period, period_bounds(period, now)[0], created_at) for period in PERIODS]
 
-    def _loader(self, client: Client, start: datetime | None, key: str) -> Callable[[], Awaitable[float]]:
-        async def load() -> float:
+    def _loader(self, client: Client, start: datetime | None, key: str) -> SpendLoader:
+        async def load(install: Callable[[float], Awaitable[object]] | None) -> float:
             since = client.since if start is None else max(start, client.since or start)
-            spend, counted = await spend_of(
-                self.usage, since=since, client=client.name, posting=lambda: dict(self._posting.get(client.name, {}))
-            )
-            # A record stored and not settled yet is in this spend: its settling must not add it again.
-            if counted:
-                self._counted.setdefault((client.name, key), set()).update(counted)
-            return spend
+            async with self._spend_lock(client.name):
+                spend, counted = await spend_of(
+                    self.usage,
+                    since=since,
+                    client=client.name,
+                    posting=lambda: dict(self._posting.get(client.name, {})),
+                )
+                # Redis keeps a spend another load set first (SET NX): then this read is not what counts.
+                if install is not None and not await install(spend):
+                    return spend
+                # A record stored and not settled yet is in this spend: its settling must not add it again.
+                if counted:
+                    self._counted.setdefault((client.name, key), set()).update(counted)
+                return spend
 
         return load
 
@@ -508,6 +528,11 @@ class Guard:
         for every client, with a budget or not, so that a spend read once stays current."""
         if record.client is None or record.client == ADMIN:
             return
+        async with self._spend_lock(record.client):
+            await self._settle(reservation, record)
+
+    async def _settle(self, reservation: Reservation | None, record: UsageRecord) -> None:
+        assert record.client is not None
         counted = self._posted(record.client, record.id)
         try:
             cost = record.cost.total_cost

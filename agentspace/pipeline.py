@@ -927,6 +927,7 @@ class Turn:
         estimated: list[str] = []
         if state.reported is not None:
             usage = replace(state.reported)
+            estimated += usage.estimated_fields  # the server tools seen to run and not reported yet
         else:
             usage = TokenUsage(input_tokens=estimate_input_tokens(ctx))
             estimated.append("inputTokens")

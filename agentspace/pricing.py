@@ -169,6 +169,9 @@ def model_info(config: Config, model: str, provided: Mapping[str, Any] | None = 
             setattr(info, key, override[key])
     if "long_context" in override:
         info.long_context = tuple(_tier(t) for t in override["long_context"])
+    for tool in ("web_search", "web_fetch", "code_execution"):
+        if f"{tool}_per_use" in override:
+            info.server_tool_per_use[tool] = float(override[f"{tool}_per_use"])
     return info
 
 

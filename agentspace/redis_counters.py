@@ -28,10 +28,13 @@ import importlib
 import itertools
 import logging
 import os
-from collections.abc import Awaitable, Callable, Sequence
-from typing import Any
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
 from .errors import ApiError
+
+if TYPE_CHECKING:
+    from .limits import SpendLoader
 
 log = logging.getLogger(__name__)
 
@@ -237,13 +240,13 @@ class RedisCounters:
             member = f"{self._prefix}-{next(self._ids)}:{int(tokens)}"
             await self._add(keys=[f"{PREFIX}:rl:tok:{client}"], args=[member, WINDOW_MS])
 
-    async def _load(self, client: str, period_key: str, load_spend: Callable[[], Awaitable[float]]) -> None:
+    async def _load(self, client: str, period_key: str, load_spend: SpendLoader) -> None:
         """The period's spend from the database, unless another replica loaded it meanwhile (SET NX)."""
-        spend = await load_spend()
-        await self.redis.set(self._keys(client, period_key)[0], repr(float(spend)), nx=True, ex=SPEND_TTL_SECONDS)
+        key = self._keys(client, period_key)[0]
+        await load_spend(lambda spend: self.redis.set(key, repr(float(spend)), nx=True, ex=SPEND_TTL_SECONDS))
 
     async def reserve(
-        self, client: str, period_key: str, budget: float, amount: float, load_spend: Callable[[], Awaitable[float]]
+        self, client: str, period_key: str, budget: float, amount: float, load_spend: SpendLoader
     ) -> tuple[Any, float]:
         await self._ensure_epoch()
         reservation_id = f"{self._prefix}-{next(self._ids)}"
@@ -280,13 +283,11 @@ class RedisCounters:
             return reservation, spend
         raise RuntimeError("the budget spend could not be loaded into Redis")
 
-    async def spend(self, client: str, period_key: str, load_spend: Callable[[], Awaitable[float]]) -> float:
+    async def spend(self, client: str, period_key: str, load_spend: SpendLoader) -> float:
         spend, reserved = await self.spend_parts(client, period_key, load_spend)
         return spend + reserved
 
-    async def spend_parts(
-        self, client: str, period_key: str, load_spend: Callable[[], Awaitable[float]]
-    ) -> tuple[float, float]:
+    async def spend_parts(self, client: str, period_key: str, load_spend: SpendLoader) -> tuple[float, float]:
         keys = self._keys(client, period_key)
         spend, reserved = await self._state(keys=keys)
         if spend is None:

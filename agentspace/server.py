@@ -15,6 +15,7 @@ import os
 import shlex
 import signal
 import sys
+import time
 import weakref
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -155,8 +156,16 @@ def check_default_model(gw: Registry) -> None:
         log.warning("[models] default in %s: %s", config.source, deprecation_message(default, info.deprecation_date))
 
 
-async def _finish_streams(app: web.Application) -> None:
-    """Let running turns finish within the grace period, store the rest as aborted, close sockets.
+def _calls_in_flight(gw: Registry) -> int:
+    """Provider calls running (a /v1 call is no turn): their open ledger entries, closed once recorded; not
+    the records kept in the spool for a store that refused them (replayed later, not awaited here)."""
+    return sum(1 for entry in gw.ledger.open_entries() if "record" not in entry) if len(gw.ledger) else 0
+
+
+async def _finish_streams(app: web.Application, stop_accepting: Callable[[], None] | None = None) -> None:
+    """Let running turns and provider calls finish within the grace period, store the rest as aborted, close
+    sockets. Meanwhile every new call is refused with SERVICE_UNAVAILABLE in its API's shape (the admission
+    checks); ``stop_accepting`` (closing the listener) runs once the drain is over.
 
     ``agentspace serve`` runs this itself before ``runner.cleanup()``: from aiohttp's pre-shutdown on,
     connections drop what clients send (pongs and chat.abort included). Other runners (tests, embedders)
@@ -167,15 +176,23 @@ async def _finish_streams(app: web.Application) -> None:
     app[state.SHUTTING_DOWN].set()  # open connections may not start new turns meanwhile
     gw = app[state.REGISTRY]
     turns = [t for t in gw.locks.turns() if t.task is not None]
-    if turns:
-        grace = float(gw.config["server"]["shutdown_grace_seconds"])
-        log.info("waiting up to %.0fs for %d running stream(s)", grace, len(turns))
-        _, pending = await asyncio.wait([t.task for t in turns if t.task], timeout=grace)
+    grace = float(gw.config["server"]["shutdown_grace_seconds"])
+    if turns or _calls_in_flight(gw):
+        log.info("waiting up to %.0fs for %d running stream(s)", grace, len(turns) + _calls_in_flight(gw))
+        deadline = time.monotonic() + grace
+        tasks = [t.task for t in turns if t.task]
+        pending = set(tasks)
+        if tasks:
+            _, pending = await asyncio.wait(tasks, timeout=grace)
+        while _calls_in_flight(gw) and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
         for t in turns:
             if not t.done:
                 t.abort("shutdown")
         if pending:
             await asyncio.wait(pending, timeout=10)
+    if stop_accepting is not None:
+        stop_accepting()
     connections = [*app[state.WEBSOCKETS]]
     await asyncio.gather(*(conn.shutdown() for conn in connections))
 
@@ -260,8 +277,8 @@ async def _serve(config: Config, host: str, port: int, reuse_port: bool = False)
             print(f"Clients need the gateway token: run `agentspace token{with_config}`.", flush=True)
         await stop.wait()
         print("agentspace shutting down", file=sys.stderr, flush=True)
-        listener.close()  # refuse new connections; open ones keep working through the grace period
-        await _finish_streams(app)
+        # New calls are refused in their API's shape (503) while running ones finish; then the listener closes.
+        await _finish_streams(app, listener.close)
     finally:
         if listener is not None:
             listener.close()

@@ -10,7 +10,7 @@ import json
 import time
 import uuid
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
 # Compact JSON (no spaces, non-ASCII kept) from one encoder: json.dumps with options builds a new encoder per
@@ -348,6 +348,9 @@ class ModelInfo:
     # The price of a one-hour cache write (None: as a 5-minute one); the shortest prefix the model caches.
     cache_write_1h_per_mtok: float | None = None
     prompt_cache_min_tokens: int | None = None
+    # Dollars per use of a server tool ("web_search", "web_fetch", "code_execution") set by [pricing] or the
+    # provider; a tool not here is priced by calls.server_tool_price's defaults.
+    server_tool_per_use: dict[str, float] = field(default_factory=dict)
 
     def tier(self, input_tokens: int) -> PriceTier | None:
         """The long-context tier a call with ``input_tokens`` (input and cache tokens) is priced at, if any."""

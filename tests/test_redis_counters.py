@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from typing import Any
 
 import pytest
 
@@ -42,9 +43,11 @@ async def test_windows_count_across_replicas(replicas: list[RedisCounters]) -> N
 async def test_budget_holds_across_replicas(replicas: list[RedisCounters]) -> None:
     loads = 0
 
-    async def load() -> float:
+    async def load(install: Any = None) -> float:
         nonlocal loads
         loads += 1
+        if install is not None:
+            await install(0.25)
         return 0.25  # spent earlier in the period, per the database
 
     # 40 calls of at most $0.10 against a $1.00 budget, half on each replica, all at once.
@@ -65,7 +68,9 @@ async def test_budget_holds_across_replicas(replicas: list[RedisCounters]) -> No
 async def test_a_dead_replicas_reservation_expires(
     replicas: list[RedisCounters], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    async def load() -> float:
+    async def load(install: Any = None) -> float:
+        if install is not None:
+            await install(0.0)
         return 0.0
 
     monkeypatch.setattr(redis_counters, "RESERVATION_TTL_SECONDS", 1)
@@ -84,7 +89,9 @@ async def test_spend_is_reloaded_from_the_database_when_it_expires(
 ) -> None:
     truth = {"spend": 0.5}
 
-    async def load() -> float:
+    async def load(install: Any = None) -> float:
+        if install is not None:
+            await install(truth["spend"])
         return truth["spend"]
 
     a, _ = replicas
@@ -99,7 +106,9 @@ async def test_spend_is_reloaded_from_the_database_when_it_expires(
 async def test_reservations_are_leases_renewed_while_the_call_runs(
     replicas: list[RedisCounters], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    async def load() -> float:
+    async def load(install: Any = None) -> float:
+        if install is not None:
+            await install(0.0)
         return 0.0
 
     monkeypatch.setattr(redis_counters, "RESERVATION_TTL_SECONDS", 2)
@@ -123,7 +132,9 @@ async def test_redis_losing_its_state_rebuilds_from_posted_and_pending(
 
     posted = {"usd": 0.2}
 
-    async def load() -> float:
+    async def load(install: Any = None) -> float:
+        if install is not None:
+            await install(posted["usd"])
         return posted["usd"]
 
     monkeypatch.setattr(redis_counters, "RENEW_SECONDS", 0.3)

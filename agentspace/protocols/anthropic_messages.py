@@ -131,6 +131,35 @@ def update_usage(current: TokenUsage | None, usage: dict[str, Any]) -> TokenUsag
     return out
 
 
+# The result blocks of the server tools the upstream runs and bills per use, by tool.
+SERVER_TOOL_RESULTS = {
+    "web_search_tool_result": "web_search",
+    "web_fetch_tool_result": "web_fetch",
+    "code_execution_tool_result": "code_execution",
+    "bash_code_execution_tool_result": "code_execution",
+    "text_editor_code_execution_tool_result": "code_execution",
+}
+
+
+def server_tool_ran(block: Any) -> str | None:
+    """The server tool a content block shows ran (its result, not an error: a failed use is not billed)."""
+    tool = SERVER_TOOL_RESULTS.get(str(block.get("type"))) if isinstance(block, dict) else None
+    content = block.get("content") if tool is not None else None
+    if isinstance(content, list) or (isinstance(content, dict) and not str(content.get("type", "")).endswith("_error")):
+        return tool
+    return None
+
+
+def with_seen_server_tools(usage: TokenUsage, seen: dict[str, int]) -> bool:
+    """Before the final report: the server tools seen to run, where more than reported (the upstream bills
+    each use as it runs; its count comes with the last ``message_delta``). Whether ``usage`` changed."""
+    reported = usage.server_tool_use or {}
+    more = {tool: n for tool, n in seen.items() if n > reported.get(tool, 0)}
+    if more:
+        usage.server_tool_use = {**reported, **more}
+    return bool(more)
+
+
 class UsageScanner:
     """Reads usage, stop reason and errors out of a Messages event stream as it is relayed.
 
@@ -149,6 +178,7 @@ class UsageScanner:
         "_pieces",
         "_counted",
         "_running",
+        "server_tools_seen",
     )
 
     def __init__(self) -> None:
@@ -162,6 +192,7 @@ class UsageScanner:
         self._pieces: list[str] = []  # the text of each delta parsed so far
         self._counted = 0  # the pieces counted into ``_running``
         self._running = 0
+        self.server_tools_seen: dict[str, int] = {}  # result blocks of server tools that ran, by tool
 
     def feed(self, events: Iterable[tuple[str | None, str]]) -> None:
         for name, data in events:
@@ -182,6 +213,10 @@ class UsageScanner:
                     self.final_delta = True
             elif name == "message_stop":
                 self.complete = True
+            elif name == "content_block_start" and "_tool_result" in data:
+                tool = server_tool_ran(json.loads(data).get("content_block"))
+                if tool is not None:
+                    self.server_tools_seen[tool] = self.server_tools_seen.get(tool, 0) + 1
             elif name == "error":
                 error = json.loads(data).get("error") or {}
                 self.error_type = str(error.get("type") or "api_error")

@@ -29,7 +29,7 @@ from ..hookspecs import hookimpl
 from ..lru import LRU
 from ..pricing import accepts_adaptive_thinking
 from ..prompt_cache import add_breakpoints
-from ..protocols.anthropic_messages import update_usage
+from ..protocols.anthropic_messages import server_tool_ran, update_usage, with_seen_server_tools
 from ..types import (
     ChatMessage,
     Part,
@@ -381,7 +381,7 @@ class _Block:
 class _StreamState:
     """Turns the Messages API's SSE events into our events and assembles the assistant message."""
 
-    __slots__ = ("blocks", "parts", "seen_urls", "usage", "stop_reason", "complete")
+    __slots__ = ("blocks", "parts", "seen_urls", "usage", "stop_reason", "complete", "server_tools_seen")
 
     def __init__(self) -> None:
         self.blocks: dict[int, _Block] = {}
@@ -390,6 +390,7 @@ class _StreamState:
         self.usage: TokenUsage | None = None
         self.stop_reason: str | None = None
         self.complete = False
+        self.server_tools_seen: dict[str, int] = {}  # result blocks of server tools that ran, by tool
 
     def finish(self) -> ProviderFinish:
         """The stream's last event, once the body has ended; ProviderError if the answer was cut short."""
@@ -449,10 +450,21 @@ class _StreamState:
     def _start_block(self, event: dict[str, Any]) -> list[ProviderEvent]:
         block = _Block(event["content_block"])
         self.blocks[event["index"]] = block
+        events: list[ProviderEvent] = []
+        tool = server_tool_ran(block.start) if block.type.endswith("_tool_result") else None
+        if tool is not None:
+            # Billed as it ran; the count comes with the final message_delta. Until then a copy of the usage
+            # with the uses seen, marked estimated, is what a stream cut short bills (the pipeline's last report).
+            self.server_tools_seen[tool] = self.server_tools_seen.get(tool, 0) + 1
+            if self.usage is not None:
+                seen = replace(self.usage)
+                if with_seen_server_tools(seen, self.server_tools_seen):
+                    seen.estimated_fields = (*seen.estimated_fields, "serverToolUse")
+                events.append(UsageReport(seen))
         if block.type == "web_search_tool_result" and isinstance(block.start["content"], list):
             # (On a failed search, content is an error object instead of a list of results.)
-            return [e for r in block.start["content"] for e in self._source(r["url"], r.get("title"))]
-        return []
+            events += [e for r in block.start["content"] for e in self._source(r["url"], r.get("title"))]
+        return events
 
     def _source(self, url: str, title: str | None) -> list[ProviderEvent]:
         if url in self.seen_urls:
@@ -483,7 +495,10 @@ class _StreamState:
         """Take a usage report; the pipeline gets a copy, to bill if the stream breaks off before its end."""
         # The wire format is the Messages API's, which the /v1/messages transport reads too.
         current = self.usage = update_usage(self.usage, usage)
-        return [UsageReport(replace(current))]
+        report = replace(current)
+        if with_seen_server_tools(report, self.server_tools_seen):  # a report before the final one
+            report.estimated_fields = (*report.estimated_fields, "serverToolUse")
+        return [UsageReport(report)]
 
 
 # --- errors -------------------------------------------------------------------------------------

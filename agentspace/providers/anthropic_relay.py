@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+from dataclasses import replace
 from typing import Any
 
 import aiohttp
@@ -32,6 +33,7 @@ from ..protocols.anthropic_messages import (
     error_code_for_type,
     local_input_tokens,
     message_usage,
+    with_seen_server_tools,
 )
 from ..registry import Registry
 from ..types import TokenUsage
@@ -265,16 +267,21 @@ class _Relay:
         self.unreadable = False
         self.disconnected = False
         self.cut = False
-        self._noted: tuple[int, ...] | None = None  # the usage last noted in the ledger
+        self._noted: tuple[object, ...] | None = None  # the usage last noted in the ledger
         self._deltas_noted = 0
 
     def note(self, call: ProviderCall) -> None:
         """Into the ledger: reported usage as it arrives, the output relayed (counted when it is noted)."""
         usage = self.scanner.usage
         if usage is not None:
-            seen = (usage.input_tokens, usage.output_tokens, usage.cache_read_tokens, usage.cache_write_tokens)
+            tools = self.scanner.server_tools_seen
+            seen = (usage.input_tokens, usage.output_tokens, usage.cache_read_tokens, usage.cache_write_tokens, len(tools), sum(tools.values()))  # fmt: skip
             if seen != self._noted:
                 self._noted = seen
+                if not self.scanner.final_delta:  # the server tools seen to run, until their count is reported
+                    usage = replace(usage)
+                    if with_seen_server_tools(usage, tools):
+                        usage.estimated_fields = (*usage.estimated_fields, "serverToolUse")
                 call.note(usage, final=self.scanner.final_delta)
         deltas = len(self.scanner._deltas)
         if deltas != self._deltas_noted:
@@ -330,6 +337,8 @@ async def _record_stream(
         if counted > usage.output_tokens:
             usage.output_tokens = counted
             fields = OUTPUT_FIELDS
+    if not scanner.final_delta and with_seen_server_tools(usage, scanner.server_tools_seen):
+        fields = (*fields, "serverToolUse")
     if disconnected:
         await meter.record(usage, "aborted", estimated_fields=fields)
     elif scanner.error_type:

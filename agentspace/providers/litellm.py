@@ -585,7 +585,22 @@ def _token_usage(usage: Any) -> TokenUsage | None:
         cache_read_tokens=cached,
         cache_write_tokens=cache_write,
         reasoning_tokens=reasoning,
+        server_tool_use=_web_searches(usage, details),
     )
+
+
+def _web_searches(usage: Any, details: Any) -> dict[str, int] | None:
+    """The web searches the provider ran and bills per use, as litellm reports them: ``server_tool_use``
+    (OpenAI-compatible providers, Claude on Bedrock and Vertex) or ``prompt_tokens_details`` (Gemini's grounding)."""
+    for holder in (getattr(usage, "server_tool_use", None), details):
+        n = (
+            holder.get("web_search_requests")
+            if isinstance(holder, dict)
+            else getattr(holder, "web_search_requests", None)
+        )
+        if isinstance(n, int) and not isinstance(n, bool) and n > 0:
+            return {"web_search": n}
+    return None
 
 
 # --- messages -------------------------------------------------------------------------------------

@@ -11,10 +11,12 @@ HEALTH_REDIS_SECONDS = 2.0
 
 
 async def healthz(request: web.Request) -> web.Response:
-    """``{"status": "ok" | "unavailable"}``, with ``database`` and ``redis`` ("ok" or the reason) where the
+    """``{"status": "ok" | "unavailable" | "shutting down"}``, with ``database`` and ``redis`` ("ok" or the reason) where the
     gateway uses them; 503 when one cannot be reached (not ready to serve: docs/deploy.md)."""
     gw = request.app.get(state.REGISTRY)
     body: dict[str, str] = {"status": "ok"}
+    if request.app[state.SHUTTING_DOWN].is_set():  # draining: a load balancer sends new calls elsewhere
+        return web.json_response({"status": "shutting down"}, status=503)
     if gw is not None and gw.storage is not None:
         problem = await gw.storage.health()
         if problem is not None:

@@ -51,3 +51,11 @@ export async function getJSON(path, options) {
 
 // Shown where a cost was computed at the configured fallback price (the model has no known price).
 export const FALLBACK_NOTE = 'Estimate: no known price for this model, costed at the fallback price (set [pricing."MODEL"] for exact costs)';
+
+// What was spent, written as `agentspace usage` and `agentspace clients` write it (cli/common.py's money):
+// 6 decimals below $1, 4 with thousands separators above -- the same figure in the web app as in the CLI.
+export function spent(value) {
+  const n = Number(value || 0);
+  const digits = Math.abs(n) >= 1 ? 4 : 6;
+  return `$${n.toLocaleString("en-US", { minimumFractionDigits: digits, maximumFractionDigits: digits, useGrouping: Math.abs(n) >= 1 })}`;
+}

@@ -3,7 +3,7 @@
 // Shapes (agentspace/transports/clients_api.py): a client is {name, createdAt, lastUsedAt,
 // budget: {usd, period} | null, spend: {usd, inFlightUsd, periodStart, periodEnd}, rpm, tpm, models}; the settings sent
 // are {budgetUsd, period, rpm, tpm, models}, null clearing a limit.
-import { getJSON, request } from "./api.js";
+import { getJSON, request, spent } from "./api.js";
 import { el } from "./markdown.js";
 
 const PERIODS = ["day", "week", "month", "total"];
@@ -64,13 +64,13 @@ function settings(form, prefix) {
 function spendCell(c) {
   // The spend as posted (what the CLI and the usage report add up); calls in flight hold more until they end.
   const spend = c.spend?.usd ?? 0;
-  const held = c.spend?.inFlightUsd ? ` (${usd(c.spend.inFlightUsd)} held by calls in flight)` : "";
-  if (!c.budget) return el("td", { "data-spend": spend }, `${usd(spend)} (no budget)${held}`);
+  const held = c.spend?.inFlightUsd ? ` (${spent(c.spend.inFlightUsd)} held by calls in flight)` : "";
+  if (!c.budget) return el("td", { "data-spend": spend }, `${spent(spend)} (no budget)${held}`);
   const { usd: budget, period } = c.budget;
   const resets = c.spend?.periodEnd ? `, resets ${when(c.spend.periodEnd)}` : "";
   return el("td", { "data-spend": spend, class: spend >= budget ? "error" : undefined },
     el("meter", { min: 0, max: budget || 1, value: Math.min(spend, budget), "aria-label": `${c.name}: spend against budget` }),
-    ` ${usd(spend)} of ${usd(budget)} / ${period}${resets}${held}`);
+    ` ${spent(spend)} of ${usd(budget)} / ${period}${resets}${held}`);
 }
 
 export async function clientsPage(main) {

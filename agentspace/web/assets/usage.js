@@ -1,5 +1,5 @@
 // The usage page: the gateway's reports (GET /api/usage), shown as they are: nothing is summed here.
-import { FALLBACK_NOTE, getJSON } from "./api.js";
+import { FALLBACK_NOTE, getJSON, spent } from "./api.js";
 import { el, plainText } from "./markdown.js";
 
 const RANGES = [["today", "Today"], ["7d", "7 days"], ["30d", "30 days"], ["custom", "Custom"]];
@@ -14,7 +14,7 @@ let current = { range: "7d", from: "" };
 
 function fmt(key, value) {
   if (value === undefined || value === null) return "—";
-  if (key === "totalCost" || key === "serverToolCost") return `$${Number(value).toFixed(Number(value) >= 1 ? 2 : 6)}`;
+  if (key === "totalCost" || key === "serverToolCost") return spent(value);
   return Number(value).toLocaleString("en-US");
 }
 

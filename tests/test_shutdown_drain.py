@@ -1,0 +1,91 @@
+"""Shutdown seen from outside: a real ``agentspace serve`` gets SIGTERM while a ``/v1/messages`` stream is in
+flight. Until that stream has finished (and been recorded), every new call -- on a new connection, through
+the stock SDKs -- is refused with SERVICE_UNAVAILABLE in its own API's shape, and ``/healthz`` says the
+replica is draining; then the listener closes and the process exits."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from pathlib import Path
+
+import aiohttp
+import anthropic
+import openai
+import pytest
+
+from agentspace.storage.embedded.usage import UsageStore
+from scripts.harness import GatewayProcess
+from tests.fakes import anthropic_upstream as fa
+from tests.fakes.anthropic_upstream import FakeAnthropic
+
+MODEL = "claude-sonnet-4-5"
+LONG = "slow " * 60  # 60 deltas, 0.1 s apart: the stream in flight while the server drains
+
+
+async def test_new_calls_are_refused_in_each_apis_shape_while_a_v1_stream_finishes(
+    tmp_path: Path, fake_anthropic: FakeAnthropic
+) -> None:
+    fake_anthropic.enqueue(fa.text_response(LONG, chunks=60, delta_usages=[{"output_tokens": 60}]).with_delay(0.1))
+    server = GatewayProcess(tmp_path / "data", fake_anthropic.url, server={"shutdown_grace_seconds": 30.0})
+    try:
+        await server.start()
+        token = server.token
+        claude = anthropic.AsyncAnthropic(api_key=token, base_url=server.url, max_retries=0)
+        gpt = openai.AsyncOpenAI(api_key=token, base_url=server.url + "/v1", max_retries=0)
+        messages = [{"role": "user", "content": "Hi"}]
+        async with claude.messages.stream(model=MODEL, max_tokens=256, messages=messages) as running:  # type: ignore[arg-type]
+            stream = aiter(running.text_stream)
+            assert await anext(stream) == "slow "
+            assert server.process is not None
+            server.process.send_signal(signal.SIGTERM)
+            await server.wait_for_log("running stream(s)")  # draining
+
+            anthropic_calls = {
+                "messages": claude.messages.create(model=MODEL, max_tokens=16, messages=messages),  # type: ignore[arg-type]
+                "count_tokens": claude.messages.count_tokens(model=MODEL, messages=messages),  # type: ignore[arg-type]
+            }
+            for name, call in anthropic_calls.items():
+                with pytest.raises(anthropic.InternalServerError) as refused:
+                    await call
+                assert refused.value.status_code == 503, name
+                assert refused.value.body["error"]["type"] == "overloaded_error", name  # type: ignore[index]
+                assert "shutting down" in refused.value.message, name
+            openai_calls = {
+                "chat": gpt.chat.completions.create(model="anthropic/" + MODEL, messages=messages),  # type: ignore[arg-type]
+                "responses": gpt.responses.create(model="anthropic/" + MODEL, input="Hi"),
+                "embeddings": gpt.embeddings.create(model="openai/text-embedding-3-small", input="Hi"),
+            }
+            for name, call in openai_calls.items():
+                with pytest.raises(openai.InternalServerError) as failed:
+                    await call
+                assert failed.value.status_code == 503, name
+                assert failed.value.type == "server_error" and "shutting down" in failed.value.message, name
+
+            headers = {"Authorization": f"Bearer {token}"}
+            async with aiohttp.ClientSession() as http:
+                async with http.get(server.url + "/healthz") as health:
+                    assert (health.status, await health.json()) == (503, {"status": "shutting down"})
+                chat = {
+                    "id": "late",
+                    "messages": [{"id": "m1", "role": "user", "parts": [{"type": "text", "text": "hi"}]}],
+                }
+                async with http.post(server.url + "/api/chat", json=chat, headers=headers) as late:
+                    body = await late.json()
+                    assert late.status == 503 and body["error"]["code"] == "SERVICE_UNAVAILABLE", body
+                ws = await http.ws_connect(server.ws_url, headers=headers)
+                await ws.send_json({"type": "chat.send", "id": "late", "content": "too late"})
+                frame = await ws.receive_json(timeout=30)
+                assert (frame["type"], frame["code"]) == ("error", "SERVICE_UNAVAILABLE"), frame
+                await ws.close()
+
+            rest = [delta async for delta in stream]  # the stream in flight goes on to its end
+            final = await running.get_final_message()
+        assert "slow " + "".join(rest) == LONG and final.stop_reason == "end_turn"
+        assert await asyncio.wait_for(server.process.wait(), 60) == 0
+    finally:
+        await server.aclose()
+    assert server.log_problems() == []
+    assert len(fake_anthropic.requests) == 1 and fake_anthropic.count_requests == []  # nothing else went upstream
+    (record,) = UsageStore(server.data_dir).records_sync()
+    assert (record["endpoint"], record["finishReason"], record["outputTokens"]) == ("anthropic", "stop", 60)
