@@ -25,7 +25,7 @@ import json
 import logging
 import time
 from collections.abc import Awaitable, Callable, Iterable
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 from . import attachments
@@ -39,6 +39,8 @@ from .types import (
     ChatMessage,
     Cost,
     FilePart,
+    ModelInfo,
+    PriceTier,
     ReasoningPart,
     TextPart,
     TokenUsage,
@@ -52,6 +54,7 @@ from .types import (
 if TYPE_CHECKING:
     from .limits import Reservation
     from .registry import Registry
+    from .storage.shapes import LedgerEntry
 
 log = logging.getLogger(__name__)
 
@@ -259,9 +262,9 @@ def ceiling_cost(gw: Registry, model: str, ceiling: Ceiling) -> float:
 # --- the record ---------------------------------------------------------------------------------
 
 
-def price(gw: Registry, model: str, usage: TokenUsage) -> Cost:
-    """What ``usage`` costs at the model's rates, server-tool fees included."""
-    cost = gw.model_info(model).cost(usage)
+def price(gw: Registry, model: str, usage: TokenUsage, info: ModelInfo | None = None) -> Cost:
+    """What ``usage`` costs at the model's rates (``info``'s when given), server-tool fees included."""
+    cost = (info or gw.model_info(model)).cost(usage)
     if usage.server_tool_use:
         cost.server_tool_cost = server_tool_cost(model, usage.server_tool_use)
     return cost
@@ -287,8 +290,10 @@ def _usage_record(
     timestamp: str | None = None,
     purpose: str | None = None,
     deployment: str | None = None,
+    info: ModelInfo | None = None,
 ) -> UsageRecord:
-    """The priced record of one provider call: the only place a UsageRecord is made."""
+    """The priced record of one provider call: the only place a UsageRecord is made (priced at ``info``'s
+    rates when given: a recovered call's, as they were when it was made)."""
     if not answered:
         usage = TokenUsage()  # the upstream never answered: nothing to bill, whatever was counted
         estimated_fields = ()
@@ -296,8 +301,8 @@ def _usage_record(
     if not fields and usage.estimated:
         fields = ALL_FIELDS  # counted locally as a whole
     usage = replace(usage, estimated=bool(fields), estimated_fields=fields)
-    info = gw.model_info(model)
-    cost = price(gw, model, usage)
+    info = info or gw.model_info(model)
+    cost = price(gw, model, usage, info)
     return UsageRecord(
         id=record_id,
         timestamp=timestamp or now_iso(),
@@ -364,8 +369,50 @@ def recovered_record(gw: Registry, entry: dict[str, Any]) -> UsageRecord:
         estimated_fields=fields,
         recovered=True,
         timestamp=str(entry.get("time") or now_iso()),
+        purpose=entry.get("purpose"),
         deployment=entry.get("deployment"),
+        info=rates_info(gw, str(entry["model"]), entry.get("rates")),
     )
+
+
+def entry_rates(info: ModelInfo) -> dict[str, Any]:
+    """The rates a call is priced at, kept in its pending entry: a recovery after a restart prices the call as it
+    was priced when it was made, whatever ``[pricing]`` (or the cost map) says by then."""
+    rates: dict[str, Any] = {
+        "input": info.input_per_mtok,
+        "output": info.output_per_mtok,
+        "cacheRead": info.cache_read_per_mtok,
+        "cacheWrite": info.cache_write_per_mtok,
+    }
+    if info.cache_write_1h_per_mtok is not None:
+        rates["cacheWrite1h"] = info.cache_write_1h_per_mtok
+    if info.long_context:
+        rates["tiers"] = [asdict(tier) for tier in info.long_context]
+    if not info.price_known:
+        rates["known"] = False
+    return rates
+
+
+def rates_info(gw: Registry, model: str, rates: Any) -> ModelInfo:
+    """The model's info priced at ``rates`` (``entry_rates``); the rates of now when the entry has none (written by
+    an older version) or they do not read."""
+    info = gw.model_info(model)
+    if not isinstance(rates, dict):
+        return info
+    try:
+        return replace(
+            info,
+            input_per_mtok=float(rates["input"]),
+            output_per_mtok=float(rates["output"]),
+            cache_read_per_mtok=float(rates["cacheRead"]),
+            cache_write_per_mtok=float(rates["cacheWrite"]),
+            cache_write_1h_per_mtok=None if rates.get("cacheWrite1h") is None else float(rates["cacheWrite1h"]),
+            long_context=tuple(PriceTier(**tier) for tier in rates.get("tiers") or ()),
+            price_known=rates.get("known") is not False,
+        )
+    except (KeyError, TypeError, ValueError):
+        log.warning("the pending entry of a %s call has rates that do not read; priced at today's", model)
+        return info
 
 
 def _from_dict(d: dict[str, Any]) -> UsageRecord:
@@ -510,19 +557,21 @@ class ProviderCall:
         )
         if ceiling is None:
             return
-        pending = self.gw.ledger.pending(
-            {
-                "id": self.id,
-                "time": now_iso(),
-                "client": self.client,
-                "sessionId": self.session_id,
-                "model": self.model,
-                "endpoint": self.endpoint,
-                "deployment": self.deployment,
-                "reservation": amount,
-                "inputTokens": None if self.ceiling is None else self.ceiling.input_tokens,
-            }
-        )
+        entry: LedgerEntry = {
+            "id": self.id,
+            "time": now_iso(),
+            "client": self.client,
+            "sessionId": self.session_id,
+            "model": self.model,
+            "endpoint": self.endpoint,
+            "deployment": self.deployment,
+            "reservation": amount,
+            "inputTokens": None if self.ceiling is None else self.ceiling.input_tokens,
+            "rates": entry_rates(self.gw.model_info(self.model)),
+        }
+        if self.purpose:
+            entry["purpose"] = self.purpose
+        pending = self.gw.ledger.pending(entry)
         # The turn's user message (pipeline.start_turn), its sync under way: durable too before the request leaves.
         message = self.gw.sessions.awaiting_sync(self.session_id)
         what = "call's ledger entry"

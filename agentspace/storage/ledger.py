@@ -4,7 +4,8 @@ before the request leaves, so that a process that dies mid-call leaves what it o
 One append-only file per server process, ``<data dir>/ledger/journal-<pid>-<random>.jsonl`` (0600), held
 with an exclusive ``flock`` while the process lives; one JSON line per event:
 
-- ``pending``: id, time, client, session, model, endpoint, reservation, input tokens counted here. Written
+- ``pending``: id, time, client, session, model, endpoint, reservation, input tokens counted here, the
+  model's rates (a recovery prices the call at them) and a gateway call's purpose. Written
   and ``fdatasync``ed before the call goes upstream; concurrent calls share one sync (group commit).
 - ``note``: what the upstream reported so far (``usage``), whether it answered, the output relayed
   (``relayedTokens``). Written with the next batch, without a sync of its own: a killed process's writes are

@@ -1,0 +1,147 @@
+"""Crashes tried from outside on the embedded store, where the earlier crash tests did not look: a real
+``agentspace serve`` SIGKILLed with a tool loop in its second step, a compaction, ``/v1/responses`` (streamed and
+not) and a non-streamed ``/v1/chat/completions`` call in flight, then started again with a changed config (the
+custom price changed, the client removed). What a user sees afterwards: each upstream request has exactly one
+usage record (the first step's as reported, the calls cut short recovered with the input the upstream reported,
+priced as they were when they were made, a compaction still a compaction), the sessions show their user messages
+and no half answer, the reports and the budgets count each call once, and the start says what it recovered."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from click.testing import CliRunner
+
+from agentspace.cli import main as cli
+from agentspace.storage import UsageStore
+from scripts.harness import GatewayProcess
+from tests.fakes import anthropic_upstream as fa
+
+MODEL = "anthropic/claude-sonnet-4-5"
+# Tools run in the served gateway: registered as a plugin before the CLI starts it (as tests/test_web_app.py does).
+WITH_TOOLS = (
+    "import sys; from agentspace.plugins import get_plugin_manager; import tests.fixtures.web_app_tools as tools; "
+    "get_plugin_manager().register(tools); from agentspace.cli import main; sys.argv[0] = 'agentspace'; main()"
+)
+PRICED = {f'pricing."{MODEL}"': {"input_per_mtok": 100.0, "output_per_mtok": 200.0}}
+
+
+def stalled(input_tokens: int) -> fa.FakeResponse:
+    """An answer whose upstream reports its input, streams a little, and goes quiet."""
+    return fa.text_response("word " * 50, chunks=50, usage={"input_tokens": input_tokens}).stall(120, after=8)
+
+
+async def ws_turn(ws: aiohttp.ClientWebSocketResponse, content: str, **fields: Any) -> list[dict[str, Any]]:
+    await ws.send_json({"type": "chat.send", "id": content, "content": content, **fields})
+    frames = []
+    while True:
+        frame = json.loads((await ws.receive(timeout=30)).data)
+        frames.append(frame)
+        if frame["type"] in ("chat.stream.end", "error"):
+            return frames
+
+
+async def wait_for_requests(fake: fa.FakeAnthropic, n: int) -> None:
+    for _ in range(600):
+        if len(fake.requests) >= n:
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"{len(fake.requests)} upstream requests, expected {n}")
+
+
+async def test_killed_mid_tool_loop_compaction_and_responses_then_restarted_with_another_config(
+    tmp_path: Path, fake_anthropic: fa.FakeAnthropic
+) -> None:
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    env = {"AGENTSPACE_HOME": str(data_dir)}
+    added = CliRunner().invoke(cli, ["clients", "add", "team", "--budget", "50", "--period", "total"], env=env)
+    assert added.exit_code == 0, added.output
+    key = added.stdout.strip()
+    bearer = {"Authorization": f"Bearer {key}"}
+    server = GatewayProcess(data_dir, fake_anthropic.url, **PRICED)
+    server.launch = ["-c", WITH_TOOLS]
+    try:
+        await server.start()
+        async with aiohttp.ClientSession() as http:
+            # A session with two answered turns, to compact below.
+            compacted = await http.ws_connect(server.ws_url, headers=bearer)
+            fake_anthropic.enqueue(fa.text_response("one", usage={"input_tokens": 10}))
+            frames = await ws_turn(compacted, "first")
+            compacted_id = frames[0]["sessionId"]
+            fake_anthropic.enqueue(fa.text_response("two", usage={"input_tokens": 20}))
+            await ws_turn(compacted, "second", sessionId=compacted_id)
+            # A tool loop: its first step calls the tool (recorded as reported), its second stalls.
+            fake_anthropic.enqueue(
+                fa.tool_use_response("get_weather", {"city": "Oslo"}, usage={"input_tokens": 1000}),
+                stalled(2000),
+            )
+            looping = await http.ws_connect(server.ws_url, headers=bearer)
+            await looping.send_json({"type": "chat.send", "id": "w", "content": "weather?"})
+            await wait_for_requests(fake_anthropic, 4)
+            fake_anthropic.enqueue(stalled(3000))
+            await compacted.send_json({"type": "session.compact", "id": "c1", "sessionId": compacted_id})
+            await wait_for_requests(fake_anthropic, 5)
+            fake_anthropic.enqueue(stalled(4000), stalled(5000), stalled(6000))
+            headers = {**bearer, "X-Agentspace-Session": "v1-calls"}
+            streamed = await http.post(
+                server.url + "/v1/responses", json={"model": MODEL, "input": "r1", "stream": True}, headers=headers
+            )
+            await wait_for_requests(fake_anthropic, 6)
+            whole = asyncio.ensure_future(
+                http.post(server.url + "/v1/responses", json={"model": MODEL, "input": "r2"}, headers=headers)
+            )
+            await wait_for_requests(fake_anthropic, 7)
+            completion = asyncio.ensure_future(
+                http.post(
+                    server.url + "/v1/chat/completions",
+                    json={"model": MODEL, "messages": [{"role": "user", "content": "c1"}]},
+                    headers=headers,
+                )
+            )
+            await wait_for_requests(fake_anthropic, 8)
+            await asyncio.sleep(2)  # the ledger's notes are written within a second (a loaded machine: slack)
+            await server.kill()
+            for pending in (whole, completion):
+                with pytest.raises(aiohttp.ClientError):
+                    await pending
+            streamed.close()
+    finally:
+        await server.aclose()
+    before = list(UsageStore(data_dir).records_sync())
+    assert len(before) == 3  # the two answered turns, the tool loop's first step
+
+    removed = CliRunner().invoke(cli, ["clients", "remove", "team"], env=env)
+    assert removed.exit_code == 0, removed.output
+    restarted = GatewayProcess(data_dir, fake_anthropic.url)  # the price is the cost map's again
+    try:
+        await restarted.start()
+        await restarted.wait_for_log("posted 5 usage records of calls a stopped process left unfinished")
+        async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {restarted.token}"}) as http:
+            async with http.get(restarted.url + "/api/usage?by=session") as resp:
+                report = await resp.json()
+            async with http.get(f"{restarted.url}/api/sessions/{compacted_id}") as resp:
+                session = (await resp.json())["session"]
+        assert await restarted.terminate() == 0
+    finally:
+        await restarted.aclose()
+    records = list(UsageStore(data_dir).records_sync())
+    assert len(records) == len(fake_anthropic.requests) == 8
+    recovered = {r["inputTokens"]: r for r in records if r["recovered"]}
+    assert sorted(recovered) == [2000, 3000, 4000, 5000, 6000]
+    for tokens, record in recovered.items():
+        assert record["estimatedFields"] == ["outputTokens"] and record["client"] == "team", record
+        # Priced at the rates of the call's time ($100 / $200 per million), not the cost map's of the restart.
+        assert record["inputCost"] == pytest.approx(tokens * 100 / 1e6), record
+    assert recovered[3000]["purpose"] == "compact"
+    assert {r["endpoint"] for r in recovered.values()} == {"ws", "compact", "responses", "openai"}
+    assert report["grandTotal"]["requestCount"] == 8
+    assert report["grandTotal"]["totalCost"] == pytest.approx(sum(r["totalCost"] for r in records))
+    # The compaction never finished: the session is as it was, its turns whole.
+    assert [m["role"] for m in session["messages"]] == ["user", "assistant", "user", "assistant"]
+    assert restarted.log_problems() == []
