@@ -394,14 +394,14 @@ def entry_rates(info: ModelInfo) -> dict[str, Any]:
 
 
 def rates_info(gw: Registry, model: str, rates: Any) -> ModelInfo:
-    """The model's info priced at ``rates`` (``entry_rates``); the rates of now when the entry has none (written by
-    an older version) or they do not read."""
-    info = gw.model_info(model)
+    """The model priced at ``rates`` (``entry_rates``), even when no provider serves it any more; the rates of now
+    when the entry has none (written by an older version) or they do not read."""
     if not isinstance(rates, dict):
-        return info
+        return gw.model_info(model)
     try:
-        return replace(
-            info,
+        return ModelInfo(
+            id=model,
+            provider=model.split("/", 1)[0],
             input_per_mtok=float(rates["input"]),
             output_per_mtok=float(rates["output"]),
             cache_read_per_mtok=float(rates["cacheRead"]),
@@ -412,7 +412,7 @@ def rates_info(gw: Registry, model: str, rates: Any) -> ModelInfo:
         )
     except (KeyError, TypeError, ValueError):
         log.warning("the pending entry of a %s call has rates that do not read; priced at today's", model)
-        return info
+        return gw.model_info(model)
 
 
 def _from_dict(d: dict[str, Any]) -> UsageRecord:

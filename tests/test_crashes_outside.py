@@ -28,7 +28,13 @@ WITH_TOOLS = (
     "import sys; from agentspace.plugins import get_plugin_manager; import tests.fixtures.web_app_tools as tools; "
     "get_plugin_manager().register(tools); from agentspace.cli import main; sys.argv[0] = 'agentspace'; main()"
 )
-PRICED = {f'pricing."{MODEL}"': {"input_per_mtok": 100.0, "output_per_mtok": 200.0}}
+# A model of its own, served and priced in the first config only (removed before the restart).
+IN_HOUSE = "anthropic/claude-in-house"
+PRICED = {
+    f'pricing."{MODEL}"': {"input_per_mtok": 100.0, "output_per_mtok": 200.0},
+    f'pricing."{IN_HOUSE}"': {"input_per_mtok": 100.0, "output_per_mtok": 300.0},
+    "providers.anthropic": {"models": [IN_HOUSE]},
+}
 
 
 def stalled(input_tokens: int) -> fa.FakeResponse:
@@ -100,7 +106,7 @@ async def test_killed_mid_tool_loop_compaction_and_responses_then_restarted_with
             completion = asyncio.ensure_future(
                 http.post(
                     server.url + "/v1/chat/completions",
-                    json={"model": MODEL, "messages": [{"role": "user", "content": "c1"}]},
+                    json={"model": IN_HOUSE, "messages": [{"role": "user", "content": "c1"}]},
                     headers=headers,
                 )
             )
@@ -118,7 +124,8 @@ async def test_killed_mid_tool_loop_compaction_and_responses_then_restarted_with
 
     removed = CliRunner().invoke(cli, ["clients", "remove", "team"], env=env)
     assert removed.exit_code == 0, removed.output
-    restarted = GatewayProcess(data_dir, fake_anthropic.url)  # the price is the cost map's again
+    # The price is the cost map's again; the model of its own is neither served nor priced.
+    restarted = GatewayProcess(data_dir, fake_anthropic.url)
     try:
         await restarted.start()
         await restarted.wait_for_log("posted 5 usage records of calls a stopped process left unfinished")
@@ -138,6 +145,9 @@ async def test_killed_mid_tool_loop_compaction_and_responses_then_restarted_with
         assert record["estimatedFields"] == ["outputTokens"] and record["client"] == "team", record
         # Priced at the rates of the call's time ($100 / $200 per million), not the cost map's of the restart.
         assert record["inputCost"] == pytest.approx(tokens * 100 / 1e6), record
+        assert record["priceKnown"] is True
+    assert recovered[6000]["model"] == IN_HOUSE
+    assert "no price known" not in restarted.log()
     assert recovered[3000]["purpose"] == "compact"
     assert {r["endpoint"] for r in recovered.values()} == {"ws", "compact", "responses", "openai"}
     assert report["grandTotal"]["requestCount"] == 8
