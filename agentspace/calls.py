@@ -627,6 +627,13 @@ class ProviderCall:
         if self._open:
             self.gw.ledger.note(self.id, answered=True)
 
+    def sent_whole(self) -> None:
+        """The request goes upstream now and its answer comes whole, at its end (a non-streamed call: no first byte
+        before then). The upstream bills it once it has it: a recovery bills its input, counted here, as for a
+        call that answered, rather than voiding it as a call never sent."""
+        if self._open:
+            self.gw.ledger.note(self.id, answered=True)
+
     def note(self, usage: TokenUsage, final: bool = False) -> None:
         """Usage the upstream reported as it arrives (``message_start``, usage chunks): kept in the ledger,
         written with the next batch, for a recovery."""

@@ -260,6 +260,7 @@ async def embed_group(
             raise
         current.model, current.deployment = dep.model, dep.id
         current.begin()
+        current.sent_whole()
         try:
             vectors, usage = await litellm_provider.embed(
                 gw.config, deployment_request(gw, request, dep), inputs, options

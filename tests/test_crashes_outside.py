@@ -4,7 +4,9 @@ not) and a non-streamed ``/v1/chat/completions`` call in flight, then started ag
 custom price changed, the client removed). What a user sees afterwards: each upstream request has exactly one
 usage record (the first step's as reported, the calls cut short recovered with the input the upstream reported,
 priced as they were when they were made, a compaction still a compaction), the sessions show their user messages
-and no half answer, the reports and the budgets count each call once, and the start says what it recovered."""
+and no half answer, the reports and the budgets count each call once, and the start says what it recovered. A call
+whose answer comes whole at its end (a non-streamed pass-through, an embedding) killed while it waits is billed its
+input, as the upstream bills it; one the upstream refused just before the kill keeps its one record."""
 
 from __future__ import annotations
 
@@ -19,8 +21,10 @@ from click.testing import CliRunner
 
 from agentspace.cli import main as cli
 from agentspace.storage import UsageStore
+from scripts import harness
 from scripts.harness import GatewayProcess
 from tests.fakes import anthropic_upstream as fa
+from tests.fakes import openai_upstream as fo
 
 MODEL = "anthropic/claude-sonnet-4-5"
 # Tools run in the served gateway: registered as a plugin before the CLI starts it (as tests/test_web_app.py does).
@@ -155,3 +159,68 @@ async def test_killed_mid_tool_loop_compaction_and_responses_then_restarted_with
     # The compaction never finished: the session is as it was, its turns whole.
     assert [m["role"] for m in session["messages"]] == ["user", "assistant", "user", "assistant"]
     assert restarted.log_problems() == []
+
+
+async def test_killed_while_whole_answers_are_awaited_their_input_is_billed_once(
+    tmp_path: Path, fake_anthropic: fa.FakeAnthropic, fake_openai: fo.FakeOpenAI, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    openai_key = "sk-openai-test-0123456789"
+    child_env = harness.child_env
+    monkeypatch.setattr(harness, "child_env", lambda *a: {**child_env(*a), "OPENAI_API_KEY": openai_key})
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    env = {"AGENTSPACE_HOME": str(data_dir)}
+    added = CliRunner().invoke(cli, ["clients", "add", "team", "--budget", "5", "--period", "total"], env=env)
+    assert added.exit_code == 0, added.output
+    headers = {"Authorization": f"Bearer {added.stdout.strip()}", "anthropic-version": "2023-06-01"}
+    sections = {"providers.openai": {"base_url": fake_openai.url}}
+    server = GatewayProcess(data_dir, fake_anthropic.url, **sections)
+    question = [{"role": "user", "content": "a question of some length, to count"}]
+    try:
+        await server.start()
+        async with aiohttp.ClientSession(headers=headers) as http:
+            fake_anthropic.enqueue(
+                fa.error_status(429), fa.text_response("late", usage={"input_tokens": 9}).silent_for(60)
+            )
+            body = {"model": MODEL, "max_tokens": 100, "messages": question}
+            async with http.post(server.url + "/v1/messages", json=body) as refused:
+                assert refused.status == 429
+            whole = asyncio.ensure_future(http.post(server.url + "/v1/messages", json=body))
+            fake_openai.enqueue(fo.text_response().with_delay(60))
+            embedding = asyncio.ensure_future(
+                http.post(
+                    server.url + "/v1/embeddings", json={"model": "openai/text-embedding-3-small", "input": "x y z"}
+                )
+            )
+            await wait_for_requests(fake_anthropic, 2)
+            for _ in range(600):
+                if fake_openai.requests:
+                    break
+                await asyncio.sleep(0.05)
+            await asyncio.sleep(0.5)  # the notes that the requests went upstream reach the journal
+            await server.kill()
+            for pending in (whole, embedding):
+                with pytest.raises(aiohttp.ClientError):
+                    await pending
+    finally:
+        await server.aclose()
+    restarted = GatewayProcess(data_dir, fake_anthropic.url, **sections)
+    try:
+        await restarted.start()
+        await restarted.wait_for_log("posted 2 usage records of calls a stopped process left unfinished")
+        async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {restarted.token}"}) as http:
+            async with http.get(restarted.url + "/api/clients/team") as resp:
+                spend = (await resp.json())["client"]["spend"]
+    finally:
+        await restarted.aclose()
+    records = {r["endpoint"] + ("" if r["answered"] else "-refused"): r for r in UsageStore(data_dir).records_sync()}
+    assert sorted(records) == ["anthropic", "anthropic-refused", "embeddings"]
+    assert (
+        records["anthropic-refused"]["recovered"] is False and records["anthropic-refused"]["error"] == "RATE_LIMITED"
+    )
+    for endpoint in ("anthropic", "embeddings"):
+        record = records[endpoint]
+        assert record["recovered"] is True and record["inputTokens"] > 0, record
+        assert record["estimatedFields"] == ["inputTokens", "outputTokens"] and record["totalCost"] > 0
+    assert spend["usd"] == pytest.approx(sum(r["totalCost"] for r in records.values()))
+    assert spend["inFlightUsd"] == 0
