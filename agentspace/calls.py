@@ -21,6 +21,7 @@ the most the request as sent upstream can cost (``Ceiling``), priced at the mode
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import time
@@ -705,8 +706,10 @@ class ProviderCall:
         if self._relayed_timer is not None:
             self._relayed_timer.cancel()
             self._relayed_timer = None
-        posted = self.gw.recorder.record(record, self.reservation)
         gw, was_open = self.gw, self._open
+        # A record the store refused is spooled below and retried: once a retry stores it, its entry closes.
+        stored_later = functools.partial(gw.ledger.closed, record.id) if was_open else None
+        posted = gw.recorder.record(record, self.reservation, stored_later=stored_later)
         self._open = False
 
         async def post() -> UsageRecord:

@@ -1,4 +1,4 @@
-"""Crashes tried from outside on the embedded store, where the earlier crash tests did not look: a real
+"""Crashes tried from outside (on the embedded store, and a spool on PostgreSQL), where the earlier crash tests did not look: a real
 ``agentspace serve`` SIGKILLed with a tool loop in its second step, a compaction, ``/v1/responses`` (streamed and
 not) and a non-streamed ``/v1/chat/completions`` call in flight, then started again with a changed config (the
 custom price changed, the client removed). What a user sees afterwards: each upstream request has exactly one
@@ -224,3 +224,53 @@ async def test_killed_while_whole_answers_are_awaited_their_input_is_billed_once
         assert record["estimatedFields"] == ["inputTokens", "outputTokens"] and record["totalCost"] > 0
     assert spend["usd"] == pytest.approx(sum(r["totalCost"] for r in records.values()))
     assert spend["inFlightUsd"] == 0
+
+
+async def test_a_spooled_record_stored_by_a_retry_closes_its_entry(
+    tmp_path: Path, fake_anthropic: fa.FakeAnthropic
+) -> None:
+    """PostgreSQL stops while a call streams: its record is spooled and retried; the database returns and a retry
+    stores it. The call is settled then: a graceful stop leaves no pending row for another replica to "recover"
+    (logging a call as lost) and no journal for the next start to read."""
+    from tests.scale_servers import Postgres, pg_bindir
+    from tests.test_replicas import recorded
+
+    if pg_bindir() is None:
+        pytest.skip("PostgreSQL is not installed")
+    pg = Postgres()
+    data_dir = tmp_path / "data"
+    storage = {"backend": "postgres", "dsn": pg.dsn}
+    fake_anthropic.default = fa.text_response("tok " * 10, chunks=10, usage={"input_tokens": 77}).with_delay(0.2)
+    try:
+        server = GatewayProcess(data_dir, fake_anthropic.url, storage=storage)
+        try:
+            await server.start()
+            headers = {"Authorization": f"Bearer {server.token}", "anthropic-version": "2023-06-01"}
+            body = {"model": MODEL, "max_tokens": 64, "stream": True, "messages": [{"role": "user", "content": "Hi"}]}
+            async with aiohttp.ClientSession(headers=headers) as http:
+                async with http.post(server.url + "/v1/messages", json=body) as resp:
+                    await resp.content.readany()
+                    pg.stop()  # the database goes away mid-stream
+                    assert (await resp.read()).rstrip().endswith(b'{"type":"message_stop"}')
+            pg.start()
+            for _ in range(300):  # retried every few seconds
+                if await recorded(pg.dsn):
+                    break
+                await asyncio.sleep(0.1)
+            await asyncio.sleep(1.5)  # the closing reaches the journal and the shared ledger (within a second)
+            assert await server.terminate() == 0
+        finally:
+            await server.aclose()
+        (record,) = await recorded(pg.dsn)
+        assert record["inputTokens"] == 77 and not record["recovered"]
+        from agentspace.storage.postgres.database import PostgresDatabase
+
+        db = PostgresDatabase(pg.dsn)
+        try:
+            async with db.connection() as conn:
+                assert await conn.fetchval("SELECT count(*) FROM ledger_pending") == 0
+        finally:
+            await db.aclose()
+        assert list((data_dir / "ledger").glob("journal-*.jsonl")) == []
+    finally:
+        pg.close()
