@@ -498,6 +498,7 @@ class ProviderCall:
         "_relayed_noted",
         "_relayed_count",
         "_relayed_timer",
+        "_input_timer",
     )
 
     def __init__(
@@ -534,6 +535,7 @@ class ProviderCall:
         self._relayed_noted = 0
         self._relayed_count: Callable[[], int] | None = None  # the caller's count of the output relayed
         self._relayed_timer: asyncio.TimerHandle | None = None
+        self._input_timer: asyncio.TimerHandle | None = None
 
     # --- admission ---
 
@@ -600,6 +602,8 @@ class ProviderCall:
             self.reservation = None
             raise
         self._open = True
+        if self.ceiling is None:  # no budget needed the count: a call still running soon has it noted (below)
+            self._input_timer = asyncio.get_running_loop().call_later(RELAYED_NOTE_SECONDS, self._note_input, ceiling)
 
     # --- observation ---
 
@@ -652,6 +656,20 @@ class ProviderCall:
         self._relayed_count = count
         if self._relayed_timer is None and self._open:
             self._relayed_timer = asyncio.get_running_loop().call_later(RELAYED_NOTE_SECONDS, self._note_relayed)
+
+    def _note_input(self, ceiling: Callable[[], Ceiling]) -> None:
+        # The input of a call no budget counted, counted once it has run a while (a short call never pays for it):
+        # what a recovery bills when the upstream reports nothing before the process dies (a whole answer awaited,
+        # a provider that reports usage at the end only).
+        self._input_timer = None
+        if not self._open:
+            return
+        try:
+            tokens = ceiling().input_tokens
+        except Exception:
+            log.exception("counting the input of call %s failed", self.id)
+            return
+        self.gw.ledger.note(self.id, inputTokens=tokens, soon=False)
 
     def _note_relayed(self) -> None:
         # On a timer rather than every so many tokens: the last output before the upstream went quiet (or the
@@ -706,6 +724,9 @@ class ProviderCall:
         if self._relayed_timer is not None:
             self._relayed_timer.cancel()
             self._relayed_timer = None
+        if self._input_timer is not None:
+            self._input_timer.cancel()
+            self._input_timer = None
         gw, was_open = self.gw, self._open
         # A record the store refused is spooled below and retried: once a retry stores it, its entry closes.
         stored_later = functools.partial(gw.ledger.closed, record.id) if was_open else None
@@ -732,6 +753,9 @@ class ProviderCall:
     async def release(self) -> None:
         """In a finally: a call that made no record (stopped before it was sent) gives back its reservation
         and voids its ledger entry."""
+        if self._input_timer is not None:
+            self._input_timer.cancel()
+            self._input_timer = None
         if self.recorded is None:
             await self.gw.guard.release(self.reservation)
             if self._open:
