@@ -139,6 +139,9 @@ async def test_killed_mid_tool_loop_compaction_and_responses_then_restarted_with
                 report = await resp.json()
             async with http.get(f"{restarted.url}/api/sessions/{compacted_id}") as resp:
                 session = (await resp.json())["session"]
+            looped_id = next(r["sessionId"] for r in UsageStore(data_dir).records_sync() if r["inputTokens"] == 2000)
+            async with http.get(f"{restarted.url}/api/sessions/{looped_id}") as resp:
+                looped = (await resp.json())["session"]
         assert await restarted.terminate() == 0
     finally:
         await restarted.aclose()
@@ -159,6 +162,9 @@ async def test_killed_mid_tool_loop_compaction_and_responses_then_restarted_with
     assert report["grandTotal"]["totalCost"] == pytest.approx(sum(r["totalCost"] for r in records))
     # The compaction never finished: the session is as it was, its turns whole.
     assert [m["role"] for m in session["messages"]] == ["user", "assistant", "user", "assistant"]
+    # The tool loop's turn never ended: its question is there (durable before the first call), and no answer.
+    assert [(m["role"], m["content"]) for m in looped["messages"]] == [("user", "weather?")]
+    assert {r["sessionId"] for r in records if r["inputTokens"] in (1000, 2000)} == {looped_id}
     assert restarted.log_problems() == []
 
 
