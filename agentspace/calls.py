@@ -632,6 +632,15 @@ class ProviderCall:
         if self._open:
             self.gw.ledger.note(self.id, answered=True)
 
+    def route(self, model: str, deployment: str | None) -> None:
+        """This attempt goes to ``model`` (a model group's ``deployment``, or a fallback), chosen after the entry
+        was written ahead for the model asked for: noted, so that a recovery records the model that was called,
+        at its rates."""
+        self.model, self.deployment = model, deployment
+        if self._open:
+            rates = entry_rates(self.gw.model_info(model))
+            self.gw.ledger.note(self.id, model=model, deployment=deployment, rates=rates)
+
     def sent_whole(self) -> None:
         """The request goes upstream now and its answer comes whole, at its end (a non-streamed call: no first byte
         before then). The upstream bills it once it has it: a recovery bills its input, counted here, as for a

@@ -75,7 +75,9 @@ async def test_killed_mid_tool_loop_compaction_and_responses_then_restarted_with
     assert added.exit_code == 0, added.output
     key = added.stdout.strip()
     bearer = {"Authorization": f"Bearer {key}"}
-    server = GatewayProcess(data_dir, fake_anthropic.url, **PRICED)
+    # A model group whose one deployment is the model of its own (removed before the restart too).
+    group = {'models.groups."cheap"': {"deployments": [{"model": IN_HOUSE, "base_url": fake_anthropic.url}]}}
+    server = GatewayProcess(data_dir, fake_anthropic.url, **PRICED, **group)
     server.launch = ["-c", WITH_TOOLS]
     try:
         await server.start()
@@ -111,7 +113,7 @@ async def test_killed_mid_tool_loop_compaction_and_responses_then_restarted_with
             completion = asyncio.ensure_future(
                 http.post(
                     server.url + "/v1/chat/completions",
-                    json={"model": IN_HOUSE, "messages": [{"role": "user", "content": "c1"}]},
+                    json={"model": "cheap", "messages": [{"role": "user", "content": "c1"}]},
                     headers=headers,
                 )
             )
@@ -154,7 +156,8 @@ async def test_killed_mid_tool_loop_compaction_and_responses_then_restarted_with
         # Priced at the rates of the call's time ($100 / $200 per million), not the cost map's of the restart.
         assert record["inputCost"] == pytest.approx(tokens * 100 / 1e6), record
         assert record["priceKnown"] is True
-    assert recovered[6000]["model"] == IN_HOUSE
+    # The group's call is recorded as the deployment's, chosen after its entry was written ahead.
+    assert (recovered[6000]["model"], recovered[6000]["deployment"]) == (IN_HOUSE, "cheap/anthropic")
     assert "no price known" not in restarted.log()
     assert recovered[3000]["purpose"] == "compact"
     assert {r["endpoint"] for r in recovered.values()} == {"ws", "compact", "responses", "openai"}
