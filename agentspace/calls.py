@@ -499,6 +499,7 @@ class ProviderCall:
         "_relayed_count",
         "_relayed_timer",
         "_input_timer",
+        "_reported",
     )
 
     def __init__(
@@ -536,6 +537,7 @@ class ProviderCall:
         self._relayed_count: Callable[[], int] | None = None  # the caller's count of the output relayed
         self._relayed_timer: asyncio.TimerHandle | None = None
         self._input_timer: asyncio.TimerHandle | None = None
+        self._reported = False  # the upstream reported usage (noted)
 
     # --- admission ---
 
@@ -652,6 +654,7 @@ class ProviderCall:
         """Usage the upstream reported as it arrives (``message_start``, usage chunks): kept in the ledger,
         written with the next batch, for a recovery."""
         if self._open:
+            self._reported = True
             self.gw.ledger.note(self.id, usage=usage_to_note(usage, final), answered=True)
 
     def relayed(self, text: str) -> None:
@@ -671,7 +674,7 @@ class ProviderCall:
         # what a recovery bills when the upstream reports nothing before the process dies (a whole answer awaited,
         # a provider that reports usage at the end only).
         self._input_timer = None
-        if not self._open:
+        if not self._open or self._reported:  # the upstream reported the input already (message_start)
             return
         try:
             tokens = ceiling().input_tokens
