@@ -289,3 +289,55 @@ async def test_a_spooled_record_stored_by_a_retry_closes_its_entry(
         assert list((data_dir / "ledger").glob("journal-*.jsonl")) == []
     finally:
         pg.close()
+
+
+async def test_killed_again_and_again_while_it_recovers(tmp_path: Path, fake_anthropic: fa.FakeAnthropic) -> None:
+    """Thirty streams in flight when the server is killed; each of the next two starts is killed as soon as it
+    logs its first recovered call (before it finished recovering). The third start finishes: one record per
+    stream, with the input the upstream reported, none twice, and it says how many it posted."""
+    fake_anthropic.default = stalled(4321)
+    data_dir = tmp_path / "data"
+    server = GatewayProcess(data_dir, fake_anthropic.url)
+    headers = {"anthropic-version": "2023-06-01"}
+    try:
+        await server.start()
+        headers["Authorization"] = f"Bearer {server.token}"
+        async with aiohttp.ClientSession(headers=headers) as http:
+            body = {"model": MODEL, "max_tokens": 100, "stream": True}
+            await asyncio.gather(
+                *(
+                    http.post(
+                        server.url + "/v1/messages", json={**body, "messages": [{"role": "user", "content": f"q{i}"}]}
+                    )
+                    for i in range(30)
+                )
+            )
+            await wait_for_requests(fake_anthropic, 30)
+            await asyncio.sleep(2)  # the reported input reaches the journal
+            await server.kill()
+    finally:
+        await server.aclose()
+    for _ in range(2):
+        starting = GatewayProcess(data_dir, fake_anthropic.url)
+        starting.log_path.write_text("")
+        start = asyncio.ensure_future(starting.start())
+        try:
+            await starting.wait_for_log("recovered the usage of call", timeout=60)
+            await starting.kill()
+        finally:
+            start.cancel()
+            await asyncio.gather(start, return_exceptions=True)
+            await starting.aclose()
+    restarted = GatewayProcess(data_dir, fake_anthropic.url)
+    restarted.log_path.write_text("")
+    try:
+        await restarted.start()
+        assert await restarted.terminate() == 0
+    finally:
+        await restarted.aclose()
+    records = list(UsageStore(data_dir).records_sync())
+    assert len(records) == len({r["id"] for r in records}) == 30
+    assert all(r["inputTokens"] == 4321 and r["recovered"] for r in records)
+    posted = [line for line in restarted.log().splitlines() if "left unfinished (recovered: true)" in line]
+    assert len(posted) <= 1 and restarted.log_problems() == []
+    assert list((data_dir / "ledger").glob("journal-*.jsonl")) == []
