@@ -5,12 +5,12 @@ One append-only file per server process, ``<data dir>/ledger/journal-<pid>-<rand
 with an exclusive ``flock`` while the process lives; one JSON line per event:
 
 - ``pending``: id, time, client, session, model, endpoint, reservation, input tokens counted here, the
-  model's rates (a recovery prices the call at them) and a gateway call's purpose. Written
-  and ``fdatasync``ed before the call goes upstream; concurrent calls share one sync (group commit).
+  model's rates (a recovery prices the call at them) and a gateway call's purpose. Written and ``fdatasync``ed
+  before the call goes upstream; concurrent calls share one sync (group commit).
 - ``note``: what the upstream reported so far (``usage``), whether it answered, the output relayed
-  (``relayedTokens``), the input counted here when no budget counted it before the call (``inputTokens``), the
-  model a model group's attempt went to (``model``, ``deployment``, ``rates``). Written with the next batch, without a sync of its own: a killed process's writes are
-  in the kernel already.
+  (``relayedTokens``), the input counted here when no budget counted it before the call (``inputTokens``),
+  the model a model group's attempt went to (``model``, ``deployment``, ``rates``). Written with the next
+  batch, without a sync of its own: a killed process's writes are in the kernel already.
 - ``spooled``: the call's whole usage record, when the store of record refused it (the database
   unreachable, the disk full): synced before the client sees the end of its answer, kept until a retry
   stores it, and posted as it is at the next start -- the replica's local spool.
