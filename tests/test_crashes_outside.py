@@ -12,6 +12,7 @@ refused just before the kill keeps its one record."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 from pathlib import Path
 from typing import Any
@@ -341,3 +342,61 @@ async def test_killed_again_and_again_while_it_recovers(tmp_path: Path, fake_ant
     posted = [line for line in restarted.log().splitlines() if "left unfinished (recovered: true)" in line]
     assert len(posted) <= 1 and restarted.log_problems() == []
     assert list((data_dir / "ledger").glob("journal-*.jsonl")) == []
+
+
+async def test_a_killed_worker_is_replaced_and_its_whole_answers_billed(
+    tmp_path: Path, fake_anthropic: fa.FakeAnthropic, pg_dsn: str, redis_srv: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``serve --workers 2``: non-streamed calls from the gateway token (no budget counts their input before they
+    leave) wait for their whole answers when a worker is SIGKILLed. The supervisor says so and starts another
+    worker (two serve again); every call the upstream received has one record, the killed worker's billed
+    their input (counted while they waited) and the survivor's as reported."""
+    import os
+    import signal
+
+    from tests.scale_servers import TOKEN, flush_redis
+    from tests.test_replicas import recorded
+    from tests.test_worker_crash import HEADERS, start_workers, stop, workers_of
+
+    monkeypatch.setenv("AGENTSPACE_GATEWAY_TOKEN", TOKEN)
+    await flush_redis(redis_srv)
+    fake_anthropic.default = fa.text_response("tok", usage={"input_tokens": 5000}).silent_for(6)
+    storage = {"backend": "postgres", "dsn": pg_dsn, "redis_url": redis_srv.url}
+    layout = GatewayProcess(tmp_path / "data", fake_anthropic.url, storage=storage)
+    layout.data_dir.mkdir(parents=True)
+    process, url = await start_workers(layout)
+    try:
+        body = {"model": MODEL, "max_tokens": 100, "messages": [{"role": "user", "content": "Hi there you"}]}
+        async with aiohttp.ClientSession(headers=HEADERS) as http:
+            calls = [asyncio.ensure_future(http.post(url + "/v1/messages", json=body)) for _ in range(6)]
+            await wait_for_requests(fake_anthropic, 6)
+            await asyncio.sleep(2.5)  # the counted input reaches the shared ledger (a loaded machine: slack)
+            killed = workers_of(process)[0]
+            os.kill(killed, signal.SIGKILL)
+            answered = 0
+            for call in calls:
+                with contextlib.suppress(aiohttp.ClientError):
+                    answered += (await call).status == 200
+            assert 0 < answered < 6
+            assert process.stdout is not None
+            while b"listening on" not in await asyncio.wait_for(process.stdout.readline(), 60):
+                pass  # the new worker starts
+            assert f"worker {killed} stopped (killed by SIGKILL); starting another" in layout.log()
+            assert len(workers_of(process)) == 2 and killed not in workers_of(process)
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + 60  # leases lapse 20 s after the kill; replicas look every 5 s
+            while len(records := await recorded(pg_dsn)) < 6:
+                assert loop.time() < deadline, records
+                await asyncio.sleep(1)
+            fake_anthropic.default = fa.text_response("tok", usage={"input_tokens": 5000})
+            async with http.post(url + "/v1/messages", json=body) as resp:  # both workers serve
+                assert resp.status == 200
+    finally:
+        assert await stop(process) == 0
+    assert len({r["id"] for r in records}) == 6 == len(records)
+    recovered = [r for r in records if r["recovered"]]
+    assert len(recovered) == 6 - answered
+    for record in recovered:
+        assert record["answered"] and record["inputTokens"] > 0, record
+        assert record["estimatedFields"] == ["inputTokens", "outputTokens"]
+    assert all(r["inputTokens"] == 5000 for r in records if not r["recovered"])
