@@ -21,11 +21,12 @@ the most the request as sent upstream can cost (``Ceiling``), priced at the mode
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import time
 from collections.abc import Awaitable, Callable, Iterable
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 from . import attachments
@@ -39,6 +40,8 @@ from .types import (
     ChatMessage,
     Cost,
     FilePart,
+    ModelInfo,
+    PriceTier,
     ReasoningPart,
     TextPart,
     TokenUsage,
@@ -52,6 +55,7 @@ from .types import (
 if TYPE_CHECKING:
     from .limits import Reservation
     from .registry import Registry
+    from .storage.shapes import LedgerEntry
 
 log = logging.getLogger(__name__)
 
@@ -392,9 +396,9 @@ def reservation_cost(gw: Registry, models: list[str], ceiling: Ceiling) -> float
 # --- the record ---------------------------------------------------------------------------------
 
 
-def price(gw: Registry, model: str, usage: TokenUsage) -> Cost:
-    """What ``usage`` costs at the model's rates, server-tool fees included."""
-    cost = gw.model_info(model).cost(usage)
+def price(gw: Registry, model: str, usage: TokenUsage, info: ModelInfo | None = None) -> Cost:
+    """What ``usage`` costs at the model's rates (``info``'s when given), server-tool fees included."""
+    cost = (info or gw.model_info(model)).cost(usage)
     if usage.server_tool_use:
         cost.server_tool_cost = server_tool_cost(gw, model, usage.server_tool_use)
     return cost
@@ -420,8 +424,10 @@ def _usage_record(
     timestamp: str | None = None,
     purpose: str | None = None,
     deployment: str | None = None,
+    info: ModelInfo | None = None,
 ) -> UsageRecord:
-    """The priced record of one provider call: the only place a UsageRecord is made."""
+    """The priced record of one provider call: the only place a UsageRecord is made (priced at ``info``'s
+    rates when given: a recovered call's, as they were when it was made)."""
     if not answered:
         usage = TokenUsage()  # the upstream never answered: nothing to bill, whatever was counted
         estimated_fields = ()
@@ -429,8 +435,8 @@ def _usage_record(
     if not fields and usage.estimated:
         fields = ALL_FIELDS  # counted locally as a whole
     usage = replace(usage, estimated=bool(fields), estimated_fields=fields)
-    info = gw.model_info(model)
-    cost = price(gw, model, usage)
+    info = info or gw.model_info(model)
+    cost = price(gw, model, usage, info)
     return UsageRecord(
         id=record_id,
         timestamp=timestamp or now_iso(),
@@ -498,8 +504,50 @@ def recovered_record(gw: Registry, entry: dict[str, Any]) -> UsageRecord:
         estimated_fields=fields,
         recovered=True,
         timestamp=str(entry.get("time") or now_iso()),
+        purpose=entry.get("purpose"),
         deployment=entry.get("deployment"),
+        info=rates_info(gw, str(entry["model"]), entry.get("rates")),
     )
+
+
+def entry_rates(info: ModelInfo) -> dict[str, Any]:
+    """The rates a call is priced at, kept in its pending entry: a recovery after a restart prices the call as it
+    was priced when it was made, whatever ``[pricing]`` (or the cost map) says by then."""
+    rates: dict[str, Any] = {
+        "input": info.input_per_mtok,
+        "output": info.output_per_mtok,
+        "cacheRead": info.cache_read_per_mtok,
+        "cacheWrite": info.cache_write_per_mtok,
+    }
+    if info.cache_write_1h_per_mtok is not None:
+        rates["cacheWrite1h"] = info.cache_write_1h_per_mtok
+    if info.long_context:
+        rates["tiers"] = [asdict(tier) for tier in info.long_context]
+    if not info.price_known:
+        rates["known"] = False
+    return rates
+
+
+def rates_info(gw: Registry, model: str, rates: Any) -> ModelInfo:
+    """The model priced at ``rates`` (``entry_rates``), even when no provider serves it any more; the rates of now
+    when the entry has none (written by an older version) or they do not read."""
+    if not isinstance(rates, dict):
+        return gw.model_info(model)
+    try:
+        return ModelInfo(
+            id=model,
+            provider=model.split("/", 1)[0],
+            input_per_mtok=float(rates["input"]),
+            output_per_mtok=float(rates["output"]),
+            cache_read_per_mtok=float(rates["cacheRead"]),
+            cache_write_per_mtok=float(rates["cacheWrite"]),
+            cache_write_1h_per_mtok=None if rates.get("cacheWrite1h") is None else float(rates["cacheWrite1h"]),
+            long_context=tuple(PriceTier(**tier) for tier in rates.get("tiers") or ()),
+            price_known=rates.get("known") is not False,
+        )
+    except (KeyError, TypeError, ValueError):
+        log.warning("the pending entry of a %s call has rates that do not read; priced at today's", model)
+        return gw.model_info(model)
 
 
 def _from_dict(d: dict[str, Any]) -> UsageRecord:
@@ -586,6 +634,8 @@ class ProviderCall:
         "_relayed_noted",
         "_relayed_count",
         "_relayed_timer",
+        "_input_timer",
+        "_reported",
     )
 
     def __init__(
@@ -625,6 +675,8 @@ class ProviderCall:
         self._relayed_noted = 0
         self._relayed_count: Callable[[], int] | None = None  # the caller's count of the output relayed
         self._relayed_timer: asyncio.TimerHandle | None = None
+        self._input_timer: asyncio.TimerHandle | None = None
+        self._reported = False  # the upstream reported usage (noted)
 
     # --- admission ---
 
@@ -652,19 +704,21 @@ class ProviderCall:
         )
         if ceiling is None:
             return
-        pending = self.gw.ledger.pending(
-            {
-                "id": self.id,
-                "time": now_iso(),
-                "client": self.client,
-                "sessionId": self.session_id,
-                "model": self.model,
-                "endpoint": self.endpoint,
-                "deployment": self.deployment,
-                "reservation": amount,
-                "inputTokens": None if self.ceiling is None else self.ceiling.input_tokens,
-            }
-        )
+        entry: LedgerEntry = {
+            "id": self.id,
+            "time": now_iso(),
+            "client": self.client,
+            "sessionId": self.session_id,
+            "model": self.model,
+            "endpoint": self.endpoint,
+            "deployment": self.deployment,
+            "reservation": amount,
+            "inputTokens": None if self.ceiling is None else self.ceiling.input_tokens,
+            "rates": entry_rates(self.gw.model_info(self.model)),
+        }
+        if self.purpose:
+            entry["purpose"] = self.purpose
+        pending = self.gw.ledger.pending(entry)
         # The turn's user message (pipeline.start_turn), its sync under way: durable too before the request leaves.
         message = self.gw.sessions.awaiting_sync(self.session_id)
         what = "call's ledger entry"
@@ -692,6 +746,8 @@ class ProviderCall:
             self.reservation = None
             raise
         self._open = True
+        if self.ceiling is None:  # no budget needed the count: a call still running soon has it noted (below)
+            self._input_timer = asyncio.get_running_loop().call_later(RELAYED_NOTE_SECONDS, self._note_input, ceiling)
 
     # --- observation ---
 
@@ -720,10 +776,27 @@ class ProviderCall:
         if self._open:
             self.gw.ledger.note(self.id, answered=True)
 
+    def route(self, model: str, deployment: str | None) -> None:
+        """This attempt goes to ``model`` (a model group's ``deployment``, or a fallback), chosen after the entry
+        was written ahead for the model asked for: noted, so that a recovery records the model that was called,
+        at its rates."""
+        self.model, self.deployment = model, deployment
+        if self._open:
+            rates = entry_rates(self.gw.model_info(model))
+            self.gw.ledger.note(self.id, model=model, deployment=deployment, rates=rates)
+
+    def sent_whole(self) -> None:
+        """The request goes upstream now and its answer comes whole, at its end (a non-streamed call: no first byte
+        before then). The upstream bills it once it has it: a recovery bills its input, counted here, as for a
+        call that answered, rather than voiding it as a call never sent."""
+        if self._open:
+            self.gw.ledger.note(self.id, answered=True)
+
     def note(self, usage: TokenUsage, final: bool = False) -> None:
         """Usage the upstream reported as it arrives (``message_start``, usage chunks): kept in the ledger,
         written with the next batch, for a recovery."""
         if self._open:
+            self._reported = True
             self.gw.ledger.note(self.id, usage=usage_to_note(usage, final), answered=True)
 
     def relayed(self, text: str) -> None:
@@ -737,6 +810,20 @@ class ProviderCall:
         self._relayed_count = count
         if self._relayed_timer is None and self._open:
             self._relayed_timer = asyncio.get_running_loop().call_later(RELAYED_NOTE_SECONDS, self._note_relayed)
+
+    def _note_input(self, ceiling: Callable[[], Ceiling]) -> None:
+        # The input of a call no budget counted, counted once it has run a while (a short call never pays for it):
+        # what a recovery bills when the upstream reports nothing before the process dies (a whole answer awaited,
+        # a provider that reports usage at the end only).
+        self._input_timer = None
+        if not self._open or self._reported:  # the upstream reported the input already (message_start)
+            return
+        try:
+            tokens = ceiling().input_tokens
+        except Exception:
+            log.exception("counting the input of call %s failed", self.id)
+            return
+        self.gw.ledger.note(self.id, inputTokens=tokens, soon=False)
 
     def _note_relayed(self) -> None:
         # On a timer rather than every so many tokens: the last output before the upstream went quiet (or the
@@ -791,8 +878,13 @@ class ProviderCall:
         if self._relayed_timer is not None:
             self._relayed_timer.cancel()
             self._relayed_timer = None
-        posted = self.gw.recorder.record(record, self.reservation)
+        if self._input_timer is not None:
+            self._input_timer.cancel()
+            self._input_timer = None
         gw, was_open = self.gw, self._open
+        # A record the store refused is spooled below and retried: once a retry stores it, its entry closes.
+        stored_later = functools.partial(gw.ledger.closed, record.id) if was_open else None
+        posted = gw.recorder.record(record, self.reservation, stored_later=stored_later)
         self._open = False
 
         async def post() -> UsageRecord:
@@ -815,6 +907,9 @@ class ProviderCall:
     async def release(self) -> None:
         """In a finally: a call that made no record (stopped before it was sent) gives back its reservation
         and voids its ledger entry."""
+        if self._input_timer is not None:
+            self._input_timer.cancel()
+            self._input_timer = None
         if self.recorded is None:
             await self.gw.guard.release(self.reservation)
             if self._open:

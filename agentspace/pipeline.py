@@ -670,7 +670,7 @@ class Turn:
                 if inner is not None:
                     return await self._call_group(ctx, state, seen_sources, inner, seen)
                 state.model = fallback
-                state.provider_call.deployment = None  # type: ignore[union-attr]
+                state.provider_call.route(fallback, None)  # type: ignore[union-attr]
                 return await self._call_with_retries(ctx, state, seen_sources, fallback), fallback
             except ProviderError as e:
                 if state.delivered:
@@ -686,7 +686,7 @@ class Turn:
         state_ = self.gw.router.state
         state.model = dep.model
         assert state.provider_call is not None
-        state.provider_call.deployment = dep.id
+        state.provider_call.route(dep.model, dep.id)
         started = time.monotonic()
         try:
             finish = await self._call(ctx, state, seen_sources, dep.model, dep)

@@ -10,7 +10,7 @@ import asyncio
 import functools
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 import pluggy
@@ -44,7 +44,12 @@ class Recorder:
             await queue.start()
 
     async def record(
-        self, record: UsageRecord, reservation: Reservation | None = None, *, settle: bool = True
+        self,
+        record: UsageRecord,
+        reservation: Reservation | None = None,
+        *,
+        settle: bool = True,
+        stored_later: Callable[[], None] | None = None,
     ) -> StorageError | OSError | None:
         """Store one record and hand it to every other sink; the failure when the store of record failed,
         else None. The record then settles the call's ``reservation`` (its client's budget and minute,
@@ -55,6 +60,8 @@ class Recorder:
         sinks are awaited and their failures logged; every other sink gets the record through its own queue
         (``sinks.SinkQueue``), so it neither delays nor fails the turn. ``settle=False``: the record was
         settled already (a spooled record posted at the next start: its process settled it when the call ended).
+        ``stored_later`` is called once a retry stored the record the store of record refused (its ledger entry
+        closes then).
         """
         failed: StorageError | OSError | None = None
         if settle:
@@ -75,7 +82,7 @@ class Recorder:
                 log.exception("usage sink %r could not store record %s; retrying", sink_name(sink), record.id)
                 self.pending.add(
                     f"usage record {record.id} in sink {sink_name(sink)!r}",
-                    functools.partial(sink.record, record),
+                    functools.partial(_store, sink, record, stored_later),
                 )
                 failed = e
             except Exception:
@@ -90,3 +97,10 @@ class Recorder:
         time) and close."""
         await self.pending.aclose()
         await asyncio.gather(*(queue.aclose() for queue in self.queues.values()))
+
+
+async def _store(sink: UsageSink, record: UsageRecord, stored: Callable[[], None] | None) -> None:
+    """A retry of the store of record; ``stored`` once it took the record."""
+    await sink.record(record)
+    if stored is not None:
+        stored()

@@ -138,7 +138,7 @@ async def _start_group(
         except BaseException:
             await router.state.done(dep.id, 0, None)
             raise
-        current.model, current.deployment = dep.model, dep.id  # the record prices the deployment's model
+        current.route(dep.model, dep.id)  # the record prices the deployment's model
         call = RoutedCall(gw, request, current, dep)
         try:
             await call.start()
@@ -258,8 +258,9 @@ async def embed_group(
         except BaseException:
             await router.state.done(dep.id, 0, None)
             raise
-        current.model, current.deployment = dep.model, dep.id
+        current.route(dep.model, dep.id)
         current.begin()
+        current.sent_whole()
         try:
             vectors, usage = await litellm_provider.embed(
                 gw.config, deployment_request(gw, request, dep), inputs, options
@@ -330,7 +331,7 @@ async def relay_group(
                 except ApiError:
                     await router.state.done(dep.id, 0, None)
                     break  # refused now (budget, rate): the last failure is the answer
-            current.model, current.deployment = dep.model, dep.id
+            current.route(dep.model, dep.id)
             key = deployment_key(gw.config, dep)
             if key is None and dep.key is not None:  # its vault entry is missing: failed, never another key
                 missing = missing_key_error(dep)

@@ -77,6 +77,8 @@ class GatewayProcess:
         self.url = ""
         self.load_plugins = ""  # the server's AGENTSPACE_LOAD_PLUGINS (none), e.g. "metrics,telemetry"
         self.preexec_fn: Callable[[], None] | None = None  # run in the server's process before exec (limits)
+        # How Python runs the CLI: ``["-c", CODE]`` to register a plugin (a test's tools) before it starts.
+        self.launch = ["-m", "agentspace"]
 
     @property
     def token(self) -> str:
@@ -91,8 +93,7 @@ class GatewayProcess:
         with open(self.log_path, "ab") as log:
             self.process = await asyncio.create_subprocess_exec(
                 sys.executable,
-                "-m",
-                "agentspace",
+                *self.launch,
                 "serve",
                 "--config",
                 str(self.config_path),

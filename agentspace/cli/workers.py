@@ -1,6 +1,7 @@
 """``agentspace serve --workers N``: N server processes on one port (SO_REUSEPORT), one machine's cores
 serving one gateway. Each worker is a replica: allowed only when the storage backend is shared
-by several processes and Redis shares streams, locks and aborts between them."""
+by several processes and Redis shares streams, locks and aborts between them. A worker that dies (killed,
+crashed) is replaced, and the supervisor says so on stderr."""
 
 from __future__ import annotations
 
@@ -9,12 +10,17 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from typing import Any
 
 import click
 
 from ..config import Config
 from .common import CliState
+
+POLL_SECONDS = 0.2  # how often the supervisor looks at its workers
+RESTART_WINDOW_SECONDS = 60.0
+RESTARTS_PER_WORKER = 3  # replacements per worker within the window before it gives up on them
 
 
 def check_shared(config: Config) -> None:
@@ -43,8 +49,18 @@ def _free_port(host: str) -> int:
         return int(s.getsockname()[1])
 
 
+def _ending(code: int) -> str:
+    if code < 0:
+        try:
+            return f"killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"killed by signal {-code}"
+    return f"exit code {code}"
+
+
 def run_workers(state: CliState, config: Config, workers: int) -> int:
-    """Start the workers, pass SIGINT/SIGTERM on to them, and return the worst exit code."""
+    """Start the workers, start another in place of one that dies (killed, crashed: not one that stopped
+    cleanly), pass SIGINT/SIGTERM on to them, and return the worst exit code."""
     check_shared(config)
     host = str(config["server"]["host"])
     port = int(config["server"]["port"]) or _free_port(host)  # --port 0: one port, the same for every worker
@@ -53,13 +69,36 @@ def run_workers(state: CliState, config: Config, workers: int) -> int:
         command += ["--config", state.config_path]
     command += ["--data-dir", str(config.data_dir), "serve", "--host", host, "--port", str(port), "--reuse-port"]
     children = [subprocess.Popen(command, env=os.environ.copy()) for _ in range(workers)]
+    stopping = False
 
     def forward(signum: int, _frame: Any) -> None:
+        nonlocal stopping
+        stopping = True
         for child in children:
             if child.poll() is None:
                 child.send_signal(signum)
 
     signal.signal(signal.SIGTERM, forward)
     signal.signal(signal.SIGINT, forward)
+    started: list[float] = []  # when replacements started: a worker that keeps dying is not started again and again
+    given_up: set[int] = set()
+    while not stopping and any(child.poll() is None for child in children):
+        for i, child in enumerate(children):
+            code = child.poll()
+            if code is None or code == 0 or stopping or i in given_up:
+                continue
+            now = time.monotonic()
+            started = [t for t in started if now - t < RESTART_WINDOW_SECONDS]
+            if len(started) >= workers * RESTARTS_PER_WORKER:
+                click.echo(f"agentspace: worker {child.pid} stopped ({_ending(code)}); it keeps stopping, so no "
+                           "other is started in its place", err=True)  # fmt: skip
+                given_up.add(i)
+                continue
+            # Its calls in flight are posted by the other workers once their leases lapse (docs/accounting.md);
+            # the new worker posts what the dead one's journal still holds as it starts.
+            click.echo(f"agentspace: worker {child.pid} stopped ({_ending(code)}); starting another", err=True)
+            children[i] = subprocess.Popen(command, env=os.environ.copy())
+            started.append(now)
+        time.sleep(POLL_SECONDS)
     codes = [child.wait() for child in children]
     return max(codes, key=abs)

@@ -133,6 +133,8 @@ async def messages(
     default_url, read_timeout = upstream(gw)
     base_url = (base_url or default_url).rstrip("/")
     answered = False
+    if not body.get("stream"):
+        meter.sent_whole()
     try:
         try:
             up = await http_client(request.app).post(

@@ -4,11 +4,13 @@ before the request leaves, so that a process that dies mid-call leaves what it o
 One append-only file per server process, ``<data dir>/ledger/journal-<pid>-<random>.jsonl`` (0600), held
 with an exclusive ``flock`` while the process lives; one JSON line per event:
 
-- ``pending``: id, time, client, session, model, endpoint, reservation, input tokens counted here. Written
-  and ``fdatasync``ed before the call goes upstream; concurrent calls share one sync (group commit).
+- ``pending``: id, time, client, session, model, endpoint, reservation, input tokens counted here, the
+  model's rates (a recovery prices the call at them) and a gateway call's purpose. Written and ``fdatasync``ed
+  before the call goes upstream; concurrent calls share one sync (group commit).
 - ``note``: what the upstream reported so far (``usage``), whether it answered, the output relayed
-  (``relayedTokens``). Written with the next batch, without a sync of its own: a killed process's writes are
-  in the kernel already.
+  (``relayedTokens``), the input counted here when no budget counted it before the call (``inputTokens``),
+  the model a model group's attempt went to (``model``, ``deployment``, ``rates``). Written with the next
+  batch, without a sync of its own: a killed process's writes are in the kernel already.
 - ``spooled``: the call's whole usage record, when the store of record refused it (the database
   unreachable, the disk full): synced before the client sees the end of its answer, kept until a retry
   stores it, and posted as it is at the next start -- the replica's local spool.
@@ -49,6 +51,9 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 ROTATE_BYTES = 4 * 1024 * 1024
+# What a note writes of its entry (all of it each time: the last note of an entry is the one that counts); and
+# the other fields noted of it (the input counted after the call left, the deployment a model group chose).
+NOTED = ("usage", "answered", "relayedTokens")
 NOTE_DELAY_SECONDS = 1.0  # how long a note of the output relayed may wait for the next batch
 
 
@@ -71,6 +76,7 @@ class Ledger:
         self._open: dict[str, dict[str, Any]] = {}  # id -> the pending entry with its notes
         self._lines: list[bytes] = []  # waiting for the next write
         self._dirty: set[str] = set()  # ids with notes not written yet
+        self._extra: dict[str, set[str]] = {}  # id -> the fields noted beyond NOTED
         self._waiters: list[asyncio.Future[None]] = []  # pending entries waiting for their sync
         self._flusher: asyncio.Task[None] | None = None
         self._timer: asyncio.TimerHandle | None = None
@@ -131,6 +137,9 @@ class Ledger:
         if entry is None:
             return
         entry.update(fields)
+        extra = fields.keys() - NOTED
+        if extra:
+            self._extra.setdefault(entry_id, set()).update(extra)
         self._dirty.add(entry_id)
         self._schedule(0.0 if soon else NOTE_DELAY_SECONDS)
         if self.shared is not None:
@@ -141,6 +150,7 @@ class Ledger:
         if self._open.pop(entry_id, None) is None:
             return
         self._dirty.discard(entry_id)
+        self._extra.pop(entry_id, None)
         self._lines.append(_line({"event": "closed", "id": entry_id, "void": void}))
         # A void goes out now (a refusal answers at once): a process killed just after would otherwise leave
         # a call that never went upstream pending, and the next start would post a record for it.
@@ -173,7 +183,8 @@ class Ledger:
         for entry_id in self._dirty:
             entry = self._open.get(entry_id)
             if entry is not None:
-                note: dict[str, Any] = {k: entry[k] for k in ("usage", "answered", "relayedTokens") if k in entry}
+                keys = NOTED + tuple(self._extra.get(entry_id, ()))
+                note: dict[str, Any] = {k: entry[k] for k in keys if k in entry}
                 lines.append(_line({"event": "note", "id": entry_id, **note}))
         self._dirty.clear()
         waiters, self._waiters = self._waiters, []

@@ -128,6 +128,9 @@ class LedgerEntry(TypedDict):
     deployment: NotRequired[str | None]
     reservation: float | None
     inputTokens: int | None
+    # The model's rates when the call was made (``calls.entry_rates``): a recovery prices the call at them.
+    rates: NotRequired[dict[str, Any]]
+    purpose: NotRequired[str]  # a call the gateway made on its own account ("compact")
 
 
 @dataclass

@@ -105,6 +105,7 @@ async def embeddings(request: web.Request) -> web.StreamResponse:
                 vectors, usage, answered = await embed_group(meter.gw, preq, meter, group, inputs, options, ceiling)
             else:
                 meter.begin()
+                meter.sent_whole()
                 vectors, usage = await litellm_provider.embed(v1.config, preq, inputs, options)
         except ProviderError as e:
             if meter.recorded is None and group is None:

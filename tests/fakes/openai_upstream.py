@@ -311,6 +311,8 @@ class FakeOpenAI(FakeUpstream[FakeResponse]):
                 error_body("Incorrect API key provided.", "invalid_request_error", "invalid_api_key"), status=401
             )
         script = self.next_response()
+        if script.delay and not await self.pause(request, script.delay):  # a slow answer (``with_delay``)
+            return web.Response()  # the client hung up meanwhile
         if script.status != 200:
             return web.json_response(script.error or {}, status=script.status, headers=script.headers)
         inputs = body.get("input")
