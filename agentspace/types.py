@@ -400,7 +400,11 @@ class Tool:
 
     def definition(self) -> dict[str, Any]:
         """What is sent to the model (and measured as the ``tools`` section)."""
-        definition = {"name": self.name, "description": self.description, "input_schema": self.input_schema}
+        definition: dict[str, Any] = {
+            "name": self.name,
+            "description": self.description,
+            "input_schema": self.input_schema,
+        }
         if self.strict:  # (false is the Messages API's default: not sent, as the client may not have)
             definition["strict"] = True
         return definition

@@ -5,9 +5,13 @@ what the fake upstream reported, prompt caching included."""
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
+import aiohttp
 import anthropic
 import openai
 import pytest
@@ -15,7 +19,9 @@ from aiohttp.test_utils import TestClient
 from openai import pydantic_function_tool
 from pydantic import BaseModel
 
+from agentspace.storage.embedded.usage import UsageStore
 from agentspace.transports import state
+from scripts.harness import GatewayProcess
 from tests.fakes import anthropic_upstream as fa
 from tests.fakes import openai_upstream as fo
 
@@ -154,3 +160,131 @@ async def test_an_embeddings_error_says_what_the_upstream_said(
     assert message.endswith(": the upstream's words") and "Error code" not in message, message
     (record,) = await records(client)
     assert (record["endpoint"], record["inputTokens"], record["answered"]) == ("embeddings", 0, False)
+
+
+# --- a client that leaves before the model's first event -------------------------------------------
+# Through a real ``agentspace serve``: aiohttp's TestServer cancels a handler whose client has gone, the
+# server the gateway runs does not, so only a served gateway shows what a real client leaving does.
+
+
+@pytest.fixture
+async def served(
+    tmp_path: Path, fake_anthropic: fa.FakeAnthropic, fake_openai: fo.FakeOpenAI, monkeypatch: pytest.MonkeyPatch
+) -> AsyncIterator[Callable[..., Awaitable[GatewayProcess]]]:
+    monkeypatch.setenv("AGENTSPACE_TEST_OPENAI_KEY", "sk-openai-test-0123456789")
+    started: list[GatewayProcess] = []
+
+    async def serve(**sections: dict[str, Any]) -> GatewayProcess:
+        openai_provider = {"base_url": fake_openai.url, "api_key_env": "AGENTSPACE_TEST_OPENAI_KEY"}
+        process = GatewayProcess(
+            tmp_path / "data", fake_anthropic.url, **{"providers.openai": openai_provider}, **sections
+        )
+        await process.start()
+        started.append(process)
+        return process
+
+    yield serve
+    for process in started:
+        await process.aclose()
+
+
+async def admin(server: GatewayProcess, method: str, path: str, **kwargs: Any) -> Any:
+    async with aiohttp.ClientSession() as session:
+        headers = {"Authorization": f"Bearer {server.token}"}
+        async with session.request(method, server.url + path, headers=headers, **kwargs) as resp:
+            return await resp.json()
+
+
+async def leave_before_the_first_event(
+    server: GatewayProcess,
+    key: str,
+    fake: fo.FakeOpenAI | fa.FakeAnthropic,
+    path: str,
+    body: dict[str, Any],
+    upstream_requests: int = 1,
+) -> None:
+    """Send ``body`` and go away once the upstream has had ``upstream_requests`` requests, before the last
+    answered anything."""
+
+    async def send() -> None:
+        async with aiohttp.ClientSession() as session:
+            await session.post(server.url + path, headers={"Authorization": f"Bearer {key}"}, json=body)
+
+    request = asyncio.create_task(send())
+    async with asyncio.timeout(20):
+        while len(fake.requests) < upstream_requests:
+            await asyncio.sleep(0.02)
+    request.cancel()  # the client's connection closes
+    with contextlib.suppress(asyncio.CancelledError):
+        await request
+
+
+async def served_records(server: GatewayProcess, count: int) -> list[dict[str, Any]]:
+    """The server's records once there are ``count`` of them; within 10 s (the upstream stalls for 30 s)."""
+    async with asyncio.timeout(10):
+        while len(got := list(UsageStore(server.data_dir).records_sync())) < count:
+            await asyncio.sleep(0.05)
+    return got
+
+
+async def reservation_released(server: GatewayProcess) -> None:
+    """Client cli has nothing in flight: its reservation was given back (just after its record is stored),
+    within 10 s, long before the upstream's first token would have come."""
+    async with asyncio.timeout(10):
+        while (await admin(server, "GET", "/api/clients/cli"))["client"]["spend"]["inFlightUsd"] != 0:
+            await asyncio.sleep(0.05)
+
+
+@pytest.mark.parametrize(
+    ("path", "model", "body"),
+    [
+        ("/v1/responses", "openai/gpt-4o-mini", {"input": "hi"}),
+        ("/v1/chat/completions", "anthropic/claude-sonnet-4-6", {"messages": [{"role": "user", "content": "hi"}]}),
+        ("/v1/messages", "openai/gpt-4o-mini", {"max_tokens": 50, "messages": [{"role": "user", "content": "hi"}]}),
+    ],
+)
+async def test_a_client_gone_before_the_first_token_stops_the_call_at_once(
+    served: Callable[..., Awaitable[GatewayProcess]],
+    fake_openai: fo.FakeOpenAI,
+    fake_anthropic: fa.FakeAnthropic,
+    path: str,
+    model: str,
+    body: dict[str, Any],
+) -> None:
+    """Ctrl-C while the model has not answered yet (a reasoning model thinking, an upstream slow to start):
+    the upstream request is closed then, one record says aborted, and the reservation is given back at once,
+    not when the first token comes (here 30 s later; the upstream would have billed the whole answer)."""
+    server = await served()
+    key = (await admin(server, "POST", "/api/clients", json={"name": "cli", "budgetUsd": 5}))["key"]
+    fake_openai.enqueue(fo.text_response("late", usage=fo.usage(50, 2)).stall(30, after=0))
+    fake_anthropic.enqueue(fa.text_response("late", usage={"input_tokens": 50}).stall(30, after=0))
+    fake = fake_anthropic if model.startswith("anthropic/") else fake_openai
+    await leave_before_the_first_event(server, key, fake, path, {"model": model, "stream": True, **body})
+    (record,) = await served_records(server, 1)
+    assert (record["client"], record["finishReason"], record["error"], record["answered"]) == (
+        "cli",
+        "aborted",
+        "ABORTED",
+        False,
+    )
+    async with asyncio.timeout(10):
+        while not fake.requests[-1].disconnected:
+            await asyncio.sleep(0.05)
+    await reservation_released(server)
+    assert server.log_problems() == []
+
+
+async def test_a_model_groups_fallback_attempt_gives_its_reservation_back_when_the_client_leaves(
+    served: Callable[..., Awaitable[GatewayProcess]], fake_openai: fo.FakeOpenAI
+) -> None:
+    """The first deployment fails, the fallback (an attempt with its own reservation) has not answered when
+    the client leaves: each attempt has one record, and nothing stays reserved."""
+    group = {"deployments": [{"model": "openai/gpt-4o-mini"}], "fallbacks": ["openai/gpt-4o"]}
+    server = await served(**{"models.groups.g": group})
+    key = (await admin(server, "POST", "/api/clients", json={"name": "cli", "budgetUsd": 5}))["key"]
+    fake_openai.enqueue(fo.error_status(500, "down"), fo.text_response("late").stall(30, after=0))
+    body = {"model": "g", "stream": True, "messages": [{"role": "user", "content": "hi"}]}
+    await leave_before_the_first_event(server, key, fake_openai, "/v1/chat/completions", body, 2)
+    got = [(r["model"], r["finishReason"], r["error"]) for r in await served_records(server, 2)]
+    assert got == [("openai/gpt-4o-mini", "error", "LLM_ERROR"), ("openai/gpt-4o", "aborted", "ABORTED")]
+    await reservation_released(server)
