@@ -317,4 +317,9 @@ def _unauthenticated(request: web.Request, token: str | None) -> web.Response:
 
 
 def _v1_error(request: web.Request, status: int, message: str) -> web.Response:
-    return v1_errors.error_response(request, status, message, code="invalid_api_key" if status == 401 else None)
+    # A key that is wrong, revoked or rotated stays so: x-should-retry, which both SDKs and Claude Code honour,
+    # says not to try it again (Claude Code retried a 401 ten times over minutes, and looked hung).
+    headers = {"x-should-retry": "false"} if status == 401 else None
+    return v1_errors.error_response(
+        request, status, message, code="invalid_api_key" if status == 401 else None, headers=headers
+    )

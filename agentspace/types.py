@@ -397,10 +397,20 @@ class Tool:
     description: str
     input_schema: dict[str, Any]
     handler: ToolHandler
+    # A /v1 client's strict flag (OpenAI's function.strict, Anthropic's strict tool use): the model's
+    # arguments then follow the schema exactly. None: not said, sent as the provider's default.
+    strict: bool | None = None
 
     def definition(self) -> dict[str, Any]:
         """What is sent to the model (and measured as the ``tools`` section)."""
-        return {"name": self.name, "description": self.description, "input_schema": self.input_schema}
+        definition: dict[str, Any] = {
+            "name": self.name,
+            "description": self.description,
+            "input_schema": self.input_schema,
+        }
+        if self.strict:  # (false is the Messages API's default: not sent, as the client may not have)
+            definition["strict"] = True
+        return definition
 
 
 # --- context sections ---------------------------------------------------------------------------

@@ -409,7 +409,10 @@ def _tools(raw_tools: Any) -> list[Tool]:
             raise RequestError(
                 f"tools.{i}: only client tools ({{name, description, input_schema}}) work with this model"
             )
-        tools.append(Tool(t["name"], str(t.get("description") or ""), t["input_schema"], _never_called))
+        strict = t.get("strict")
+        if strict is not None and not isinstance(strict, bool):
+            raise RequestError(f"tools.{i}.strict: Input should be a valid boolean")
+        tools.append(Tool(t["name"], str(t.get("description") or ""), t["input_schema"], _never_called, strict))
     return tools
 
 

@@ -269,15 +269,18 @@ def _tools(raw_tools: Any) -> list[Tool]:
         fn = t.get("function") if isinstance(t, dict) else None
         if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
             raise RequestError(f"tools[{i}]", "tools must be {type: function, function: {name, parameters}}")
-        tools.append(client_tool(fn["name"], fn))
+        tools.append(client_tool(fn["name"], fn, f"tools[{i}].function"))
     return tools
 
 
-def client_tool(name: str, definition: dict[str, Any]) -> Tool:
+def client_tool(name: str, definition: dict[str, Any], param: str = "tools") -> Tool:
     """A function tool the client defined (``description``, ``parameters``) and runs itself: sent to the model,
     never called by the gateway."""
     parameters = definition.get("parameters") or {"type": "object", "properties": {}}
-    return Tool(name, str(definition.get("description") or ""), parameters, _never_called)
+    strict = definition.get("strict")
+    if strict is not None and not isinstance(strict, bool):
+        raise RequestError(f"{param}.strict", "strict must be a boolean")
+    return Tool(name, str(definition.get("description") or ""), parameters, _never_called, strict)
 
 
 def _params(body: dict[str, Any], has_tools: bool) -> dict[str, Any]:

@@ -335,7 +335,7 @@ def _tools(raw: Any) -> list[Tool]:
             continue
         if not isinstance(t.get("name"), str):
             raise RequestError(f"tools[{i}].name", "a function tool needs a name")
-        tools.append(client_tool(t["name"], t))
+        tools.append(client_tool(t["name"], t, f"tools[{i}]"))
     return tools
 
 

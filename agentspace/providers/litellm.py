@@ -282,7 +282,12 @@ def _completion_kwargs(request: ProviderRequest, settings: Any) -> dict[str, Any
         kwargs["tools"] = [
             {
                 "type": "function",
-                "function": {"name": t.name, "description": t.description, "parameters": t.input_schema},
+                "function": {
+                    "name": t.name,
+                    "description": t.description,
+                    "parameters": t.input_schema,
+                    **({} if t.strict is None else {"strict": t.strict}),  # a /v1 client's strict flag
+                },
             }
             for t in request.tools
         ]
@@ -676,7 +681,8 @@ def _tool_output(part: ToolResultPart) -> str:
 # --- errors ---------------------------------------------------------------------------------------
 
 # litellm prefixes messages with its class names ("litellm.RateLimitError: RateLimitError: OpenAIException - ").
-_NOISE = re.compile(r"^(?:litellm\.\w+:\s*|\w+(?:Error|Exception)\s*(?::|-)\s*)+")
+# (the openai SDK's own "Error code: 429 - " comes first in what litellm embeddings raise)
+_NOISE = re.compile(r"^(?:litellm\.\w+:\s*|\w+(?:Error|Exception)\s*(?::|-)\s*|Error code: \d+\s*-\s*)+")
 # Key shapes of OpenAI/Anthropic (sk-), Groq (gsk_), xAI (xai-) and Google (AIza), in case an upstream echoes one.
 _KEY_LIKE = re.compile(r"\b(?:sk-|gsk_|xai-|AIza)[\w\-*]{8,}")
 

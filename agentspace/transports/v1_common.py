@@ -213,6 +213,12 @@ async def translated(
     except ApiError as e:
         return refusal(request, e)
     call: DirectCall | None = None
+    task = asyncio.current_task()
+    assert task is not None
+    # A client gone before the model's first event (a reasoning model thinks for minutes, an upstream slow to
+    # start) stops the call then, as on the pass-through: the upstream request closed, the call recorded as
+    # aborted and its reservation given back, not held until the first token and billed in full.
+    stop_watching = watch_client(request, task.cancel)
     try:
         try:
             call = await service.start_call(meter, preq)
@@ -220,6 +226,7 @@ async def translated(
             return provider_error(e)
         return await answer(call)
     finally:
+        stop_watching()
         await meter.release()
         if call is not None and call.meter is not meter:  # a model group's attempt that answered
             await call.meter.release()
