@@ -322,12 +322,16 @@ async def test_killed_again_and_again_while_it_recovers(tmp_path: Path, fake_ant
         starting = GatewayProcess(data_dir, fake_anthropic.url)
         starting.log_path.write_text("")
         start = asyncio.ensure_future(starting.start())
+        logged = asyncio.ensure_future(starting.wait_for_log("recovered the usage of call", timeout=60))
         try:
-            await starting.wait_for_log("recovered the usage of call", timeout=60)
+            # Killed once it recovered a call; a start an earlier one left nothing to recover (it finished before
+            # its kill landed) comes up, and is killed all the same.
+            await asyncio.wait([logged, start], timeout=60, return_when=asyncio.FIRST_COMPLETED)
             await starting.kill()
         finally:
-            start.cancel()
-            await asyncio.gather(start, return_exceptions=True)
+            for task in (logged, start):
+                task.cancel()
+            await asyncio.gather(logged, start, return_exceptions=True)
             await starting.aclose()
     restarted = GatewayProcess(data_dir, fake_anthropic.url)
     restarted.log_path.write_text("")
