@@ -64,7 +64,9 @@ async def test_the_litellm_deployment_failing_before_its_first_token_moves(
     api = sdk(client, token)
     for stream in (False, True):
         if stream:
-            s = await api.chat.completions.create(model="mixed", messages=[{"role": "user", "content": "Hi"}], stream=True)
+            s = await api.chat.completions.create(
+                model="mixed", messages=[{"role": "user", "content": "Hi"}], stream=True
+            )
             text = "".join([c.choices[0].delta.content or "" async for c in s if c.choices])
         else:
             r = await api.chat.completions.create(model="mixed", messages=[{"role": "user", "content": "Hi"}])
@@ -114,6 +116,56 @@ async def test_a_key_rotated_while_serving_is_the_next_calls(
     await api.chat.completions.create(model="mixed", messages=msgs)
     s = await api.chat.completions.create(model="mixed", messages=msgs, stream=True)
     [c async for c in s]
-    assert [r.headers.get("authorization") for r in fake_openai.requests] == [f"Bearer {OAI_KEY}"] + [f"Bearer {new}"] * 2
+    assert [r.headers.get("authorization") for r in fake_openai.requests] == [f"Bearer {OAI_KEY}"] + [
+        f"Bearer {new}"
+    ] * 2
     assert not fakes[0].requests
+    await api.close()
+
+
+async def test_the_litellm_deployments_retry_after_is_its_cooldown_and_it_ends(
+    routed: Callable[..., Awaitable[TestClient]],  # noqa: F811
+    fakes: list[fa.FakeAnthropic],  # noqa: F811
+    fake_openai: fo.FakeOpenAI,
+    token: str,
+    auth_headers: dict[str, str],
+) -> None:
+    import asyncio
+
+    add_key("oai", OAI_KEY)
+    fake_openai.enqueue(fo.error_status(429, retry_after=1))
+    client = await routed(mixed(fake_openai.url, fakes[0].url, cooldown_seconds=60))
+    api = sdk(client, token)
+    msgs: Any = [{"role": "user", "content": "Hi"}]
+    r = await api.chat.completions.create(model="mixed", messages=msgs)
+    assert r.choices[0].message.content == fa.DEFAULT_TEXT
+    state = (await deployments(client, auth_headers))["mixed/oai"]
+    assert state["state"] == "cooling" and state["coolingSeconds"] <= 1.0
+    await asyncio.sleep(1.2)
+    assert (await deployments(client, auth_headers))["mixed/oai"]["state"] == "active"
+    r = await api.chat.completions.create(model="mixed", messages=msgs)
+    assert r.choices[0].message.content != fa.DEFAULT_TEXT  # the OpenAI deployment again
+    assert len(fake_openai.requests) == 2 and len(fakes[0].requests) == 1
+    await api.close()
+
+
+async def test_the_litellm_deployment_breaking_after_its_first_token_is_not_moved(
+    routed: Callable[..., Awaitable[TestClient]],  # noqa: F811
+    fakes: list[fa.FakeAnthropic],  # noqa: F811
+    fake_openai: fo.FakeOpenAI,
+    token: str,
+) -> None:
+    add_key("oai", OAI_KEY)
+    fake_openai.default = fo.text_response("one two three four", chunks=4).cut_after(2)
+    client = await routed(mixed(fake_openai.url, fakes[0].url))
+    api = sdk(client, token)
+    s = await api.chat.completions.create(model="mixed", messages=[{"role": "user", "content": "Hi"}], stream=True)
+    got: list[str] = []
+    with pytest.raises(openai.APIError):
+        async for c in s:
+            got.extend(c.choices[0].delta.content or "" for c in [c] if c.choices)
+    # The first token reached the client: the break is the client's to see, the call not moved.
+    assert "".join(got) == "one t" and not fakes[0].requests and len(fake_openai.requests) == 1
+    recs = await records(client)
+    assert [(r["deployment"], r["error"]) for r in recs] == [("mixed/oai", "LLM_ERROR")]
     await api.close()

@@ -86,7 +86,6 @@ def test_deployments_page_shows_the_cooling_deployment(browser: Any, gateway: Ga
     assert page.get_by_role("link", name="Deployments").count() == 0
 
 
-
 def test_phone_chat_and_deployments_fit_the_screen(browser: Any, gateway: Gateway) -> None:
     """At a phone's width (390 px) nothing scrolls sideways but code: a long unbroken word in a question or an
     answer wraps, and each deployment is a card whose state (cooling down until when) is in view."""
