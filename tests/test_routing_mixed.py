@@ -169,3 +169,29 @@ async def test_the_litellm_deployment_breaking_after_its_first_token_is_not_move
     recs = await records(client)
     assert [(r["deployment"], r["error"]) for r in recs] == [("mixed/oai", "LLM_ERROR")]
     await api.close()
+
+
+@pytest.mark.parametrize("failure", ["timeout", "refused"])
+async def test_the_litellm_deployment_failing_moves_on_the_ui_stream(
+    routed: Callable[..., Awaitable[TestClient]],  # noqa: F811
+    fakes: list[fa.FakeAnthropic],  # noqa: F811
+    fake_openai: fo.FakeOpenAI,
+    auth_headers: dict[str, str],
+    failure: str,
+) -> None:
+    from tests.support.ui_stream import DONE, post_chat, read_all, user
+
+    add_key("oai", OAI_KEY)
+    fake_openai.default = fo.text_response("late").stall(30, after=0)
+    url = fake_openai.url if failure == "timeout" else f"http://127.0.0.1:{free_port()}/v1"
+    client = await routed(mixed(url, fakes[0].url, cooldown_seconds=60), providers={"openai": {"timeout_seconds": 1.0}})
+    for n in range(2):
+        chunks = await read_all(await post_chat(client, auth_headers, f"c{n}", user("Hi"), model="mixed"))
+        text = "".join(c["delta"] for c in chunks if isinstance(c, dict) and c.get("type") == "text-delta")
+        assert text == fa.DEFAULT_TEXT and chunks[-1] == DONE
+    recs = await records(client)
+    assert sorted((r["deployment"], r["answered"]) for r in recs) == [
+        ("mixed/oai", False),
+        ("mixed/team-1", True),
+        ("mixed/team-1", True),
+    ]
