@@ -195,3 +195,57 @@ async def test_the_litellm_deployment_failing_moves_on_the_ui_stream(
         ("mixed/team-1", True),
         ("mixed/team-1", True),
     ]
+
+
+async def test_a_failover_is_not_another_request_of_the_clients(
+    routed: Callable[..., Awaitable[TestClient]],  # noqa: F811
+    fakes: list[fa.FakeAnthropic],  # noqa: F811
+    fake_openai: fo.FakeOpenAI,
+) -> None:
+    """A client with --rpm 2 whose two requests each fail over to the next deployment (on /v1 and /api/chat):
+    both are answered (the client made two requests, not four), and its third in the minute is refused."""
+    from tests.support.ui_stream import DONE, post_chat, read_all, user
+
+    add_key("oai", OAI_KEY)
+    key = CliRunner().invoke(main, ["clients", "add", "bob", "--rpm", "2"], catch_exceptions=False).stdout.strip()
+    fake_openai.default = fo.error_status(503)
+    client = await routed(mixed(fake_openai.url, fakes[0].url, cooldown_seconds=0))
+    api = openai.AsyncOpenAI(api_key=key, base_url=f"http://127.0.0.1:{client.port}/v1", max_retries=0)
+    msgs: Any = [{"role": "user", "content": "Hi"}]
+    r = await api.chat.completions.create(model="mixed", messages=msgs)
+    assert r.choices[0].message.content == fa.DEFAULT_TEXT
+    chunks = await read_all(
+        await post_chat(client, {"Authorization": f"Bearer {key}"}, "c1", user("Hi"), model="mixed")
+    )
+    assert chunks[-1] == DONE
+    assert len(fake_openai.requests) == 2 and len(fakes[0].requests) == 2
+    with pytest.raises(openai.RateLimitError):
+        await api.chat.completions.create(model="mixed", messages=msgs)
+    recs = await records(client)
+    assert (
+        sorted((r["deployment"], r["answered"]) for r in recs)
+        == [("mixed/oai", False)] * 2 + [("mixed/team-1", True)] * 2
+    )
+    await api.close()
+
+
+async def test_a_pass_through_failover_is_not_another_request_of_the_clients(
+    routed: Callable[..., Awaitable[TestClient]],  # noqa: F811
+    fakes: list[fa.FakeAnthropic],  # noqa: F811
+) -> None:
+    """The same on /v1/messages over a group of Anthropic deployments (passed through): --rpm 1 is one request."""
+    import anthropic
+
+    from tests.test_routing import group
+
+    key = CliRunner().invoke(main, ["clients", "add", "carol", "--rpm", "1"], catch_exceptions=False).stdout.strip()
+    fakes[0].default = fa.error_status(503)
+    client = await routed(group(fakes, weights=[1000, 1], cooldown_seconds=0))
+    ant = anthropic.AsyncAnthropic(api_key=key, base_url=f"http://127.0.0.1:{client.port}", max_retries=0)
+    msgs: Any = [{"role": "user", "content": "Hi"}]
+    message = await ant.messages.create(model="claude", max_tokens=100, messages=msgs)
+    assert message.content[0].text == fa.DEFAULT_TEXT  # type: ignore[union-attr]
+    assert len(fakes[0].requests) == 1 and len(fakes[1].requests) == 1
+    with pytest.raises(anthropic.RateLimitError):
+        await ant.messages.create(model="claude", max_tokens=100, messages=msgs)
+    await ant.close()
