@@ -612,6 +612,7 @@ class ProviderCall:
 
     __slots__ = (
         "gw",
+        "continues",
         "id",
         "model",
         "session_id",
@@ -670,6 +671,9 @@ class ProviderCall:
         self.deployment: str | None = None  # the model group's deployment this attempt went to (routing.py)
         # The call may fall back along ``[models] fallbacks`` (a chat turn's step): reserved at the dearest of them.
         self.fallbacks = fallbacks
+        # Another attempt at a request admitted already (a group's next deployment, a fallback, a retry): checked
+        # and reserved like any call, but not another of the client's requests in its rpm.
+        self.continues = False
         self._open = False  # a pending entry is in the ledger
         self._relayed_chars = 0
         self._relayed_noted = 0
@@ -700,7 +704,11 @@ class ProviderCall:
             return amount
 
         self.reservation = await guard.admit(
-            self.client or "admin", self.model, cost=None if ceiling is None else cost, credential=self.credential
+            self.client or "admin",
+            self.model,
+            cost=None if ceiling is None else cost,
+            credential=self.credential,
+            continues=self.continues,
         )
         if ceiling is None:
             return

@@ -413,14 +413,22 @@ class Guard:
                 raise self._over_budget(client, spent, end, least, at_least=True)
 
     async def admit(
-        self, caller: str, model: str, *, cost: Callable[[], float] | None, credential: str | None = None
+        self,
+        caller: str,
+        model: str,
+        *,
+        cost: Callable[[], float] | None,
+        credential: str | None = None,
+        continues: bool = False,
     ) -> Reservation | None:
         """Check one provider call at the moment it is made and, for a client with a budget, reserve ``cost()``
         (the most it can cost, computed only then; None: a call billed nothing, e.g. count_tokens). Raises ApiError
         (SERVICE_UNAVAILABLE, UNAUTHORIZED, MODEL_NOT_ALLOWED, RATE_LIMITED, BUDGET_EXCEEDED); counters that
-        cannot be reached (Redis) refuse: admission fails closed."""
+        cannot be reached (Redis) refuse: admission fails closed. ``continues``: the call is another attempt at a
+        request admitted already (the next deployment of a group, a fallback, a retry): it is checked and
+        reserved like any, but it is not another of the client's requests in its rpm."""
         try:
-            return await self._admit(caller, model, cost=cost, credential=credential)
+            return await self._admit(caller, model, cost=cost, credential=credential, continues=continues)
         except ApiError:
             raise
         except Exception as e:
@@ -434,6 +442,7 @@ class Guard:
         *,
         cost: Callable[[], float] | None,
         credential: str | None = None,
+        continues: bool = False,
     ) -> Reservation | None:
         if self.shutting_down is not None and self.shutting_down.is_set():
             raise ApiError("SERVICE_UNAVAILABLE", SHUTTING_DOWN_MESSAGE)
@@ -441,7 +450,7 @@ class Guard:
         if client is None:
             return None
         _check_model(client, model)  # the client as read just now: one read for every check of the call
-        await self._check_window(client)
+        await self._check_window(client, rpm=not continues)
         reservation = None
         if client.budget_usd is not None and cost is not None:
             key, start, end = self._period(client)
@@ -452,7 +461,9 @@ class Guard:
             if reservation is None:
                 raise self._over_budget(client, spent, end, amount)
             reservation.client_created_at = client.created_at
-        if client.rpm is None:
+        if continues:
+            pass  # the request was counted when it was first admitted
+        elif client.rpm is None:
             # Counted without a limit too (as the tokens are, in ``settle``): an rpm set later counts the
             # calls of the minute before it, as a budget set later counts the spend before it.
             await self.counters.add_request(_window_of(client.name, client.created_at), self.monotonic())
@@ -467,11 +478,11 @@ class Guard:
                 raise self._too_many_requests(client, window)
         return reservation
 
-    async def _check_window(self, client: Client) -> None:
-        if client.rpm is None and client.tpm is None:
+    async def _check_window(self, client: Client, rpm: bool = True) -> None:
+        if (client.rpm is None or not rpm) and client.tpm is None:
             return
         window = await self.counters.window(_window_of(client.name, client.created_at), self.monotonic())
-        if client.rpm is not None and window.requests >= client.rpm:
+        if rpm and client.rpm is not None and window.requests >= client.rpm:
             raise self._too_many_requests(client, window)
         if client.tpm is not None and window.tokens >= client.tpm:
             raise ApiError(

@@ -729,6 +729,7 @@ class Turn:
         state.attempts, state.swaps = 0, state.swaps + 1
         call = replace(state.call, id=new_id("call_"), started=time.monotonic(), answer=None, state={})
         new = self._provider_call(call)
+        new.continues = True  # the same step tried again: not another of the client's requests
         try:
             await new.admit(
                 lambda: request_ceiling(self._request(ctx, self.model), estimate_input_tokens(ctx, ceiling=True))

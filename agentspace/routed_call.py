@@ -196,6 +196,7 @@ async def _next_meter(
         credential=first.credential,
     )
     meter.started = time.monotonic()
+    meter.continues = True
     try:
         await meter.admit(ceiling or (lambda: request_ceiling(request)))
     except ApiError as e:
@@ -326,6 +327,7 @@ async def relay_group(
                     endpoint=meter.endpoint,
                     credential=meter.credential,
                 )
+                current.continues = True
                 try:
                     await current.admit(lambda: messages_body_ceiling(gw, group.name, body))
                 except ApiError:

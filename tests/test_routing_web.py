@@ -84,3 +84,34 @@ def test_deployments_page_shows_the_cooling_deployment(browser: Any, gateway: Ga
     key = gateway.call("POST", "/api/clients", {"name": "reader"})["key"]
     page = Page(browser, gateway).sign_in(key)
     assert page.get_by_role("link", name="Deployments").count() == 0
+
+
+def test_phone_chat_and_deployments_fit_the_screen(browser: Any, gateway: Gateway) -> None:
+    """At a phone's width (390 px) nothing scrolls sideways but code: a long unbroken word in a question or an
+    answer wraps, and each deployment is a card whose state (cooling down until when) is in view."""
+    from tests.fakes.anthropic_upstream import text_response
+    from tests.test_web_app import PHONE
+
+    long = "https://example.com/" + "a" * 200
+    gateway.fake.enqueue(text_response(f"See {long} and\n\n| a | b |\n|---|---|\n| {'w' * 120} | c |"))
+    gateway.chat("phone-long", "T" * 150)
+    web = Page(browser, gateway, PHONE)
+    page = web.sign_in()
+    page.goto(gateway.url + "/#/chat/phone-long")
+    page.locator("li.message.assistant .md").last.wait_for()
+    sideways = "e => e.scrollWidth - e.clientWidth"
+    assert page.locator("#messages").evaluate(sideways) <= 0
+    for part in ("li.message.user .bubble", "li.message.assistant .md a", "li.message.assistant .md td"):
+        box = page.locator(part).first.bounding_box()
+        assert box is not None and box["x"] >= 0 and box["x"] + box["width"] <= PHONE["width"], (part, box)
+    page.get_by_role("link", name="Deployments").click()
+    page.locator("tr[data-deployment='claude/team-2'] td[data-state='cooling']").wait_for()
+    heading = page.get_by_role("heading", name="Deployments").bounding_box()
+    assert heading is not None and heading["x"] >= 8  # the page has its margin, as the others do
+    for cell in page.locator("#deployments-list tbody td").all():
+        box = cell.bounding_box()
+        assert box is not None and box["x"] >= 0 and box["x"] + box["width"] <= PHONE["width"], box
+    state = page.locator("tr[data-deployment='claude/team-2'] td[data-state]")
+    assert state.evaluate("e => getComputedStyle(e, '::before').content") == '"State: "'  # a card's label
+    assert page.evaluate("document.documentElement.scrollWidth <= window.innerWidth")
+    web.check()

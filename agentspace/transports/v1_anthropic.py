@@ -91,6 +91,7 @@ async def _answer(
     request: web.Request, v1: Service, body: dict[str, Any], raw: bytes, model: str, seen: list[str]
 ) -> web.StreamResponse:
     meter = v1.provider_call(model, session_id(request), ENDPOINT)
+    meter.continues = bool(seen)  # a group's fallback: the client's request was counted already
     group = v1.group(model)
     if group is not None and relays(group):  # a group of Anthropic deployments: passed through, routed
         try:

@@ -27,16 +27,21 @@ function errorsCell(d) {
     `${d.recentErrors.length} (last: ${last.code} at ${last.time.slice(11, 19)})`);
 }
 
+const HEADERS = ["Deployment", "Model", "State", "In flight", "Requests / min", "Tokens / min", "TTFT (avg)", "Recent errors"];
+
 function row(d) {
-  return el("tr", { "data-deployment": d.id },
-    el("th", { scope: "row" }, d.id),
+  const cells = [
     el("td", {}, d.model),
     stateCell(d),
     el("td", { class: "num" }, String(d.inFlight)),
     el("td", { class: "num" }, limit(d.requestsLastMinute, d.rpm)),
     el("td", { class: "num" }, limit(d.tokensLastMinute, d.tpm)),
     el("td", { class: "num" }, d.latencyMs == null ? "–" : `${d.latencyMs} ms`),
-    errorsCell(d));
+    errorsCell(d),
+  ];
+  // Labelled cells: on a phone each deployment is a card (app.css), its header row hidden.
+  cells.forEach((td, i) => td.setAttribute("data-label", HEADERS[i + 1]));
+  return el("tr", { "data-deployment": d.id }, el("th", { scope: "row" }, d.id), ...cells);
 }
 
 export async function deploymentsPage(main) {
@@ -47,8 +52,8 @@ export async function deploymentsPage(main) {
   const render = async () => {
     const { deployments } = await getJSON("/api/deployments");
     list.replaceChildren(deployments.length
-      ? el("div", { class: "table-wrap" }, el("table", {}, el("caption", {}, "Deployments, now"),
-        el("thead", {}, el("tr", {}, ...["Deployment", "Model", "State", "In flight", "Requests / min", "Tokens / min", "TTFT (avg)", "Recent errors"].map((h) => el("th", { scope: "col" }, h)))),
+      ? el("div", { class: "table-wrap" }, el("table", { class: "deployments-table" }, el("caption", {}, "Deployments, now"),
+        el("thead", {}, el("tr", {}, ...HEADERS.map((h) => el("th", { scope: "col" }, h)))),
         el("tbody", {}, ...deployments.map(row))))
       : el("p", { class: "muted" }, "No model groups are configured ([models.groups] in the config)."));
   };
