@@ -273,15 +273,14 @@ def imported_part(part: FilePart) -> dict[str, Any]:
     return {**stored_part(part), "data": part.data}
 
 
-async def keep_imported(gw: Registry, session_id: str, messages: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Imported messages with their files' bytes in the blob store (URLs fetched), checked as ``prepare`` does."""
-    out = []
+async def prepare_imported(
+    gw: Registry, messages: Sequence[dict[str, Any]]
+) -> list[tuple[dict[str, Any], list[FilePart]]]:
+    """Imported messages, each with its files checked as ``prepare`` does (URLs fetched): refused here, before
+    the new message's files or any of these are kept."""
+    out: list[tuple[dict[str, Any], list[FilePart]]] = []
     for message in messages:
         raw_files = [p for p in message.get("parts") or () if p.get("type") == "file"]
-        if not raw_files:
-            out.append(message)
-            continue
-        parts = [p for p in message["parts"] if p.get("type") != "file"]
         files = [
             FilePart(
                 str(p["mediaType"]),
@@ -293,7 +292,21 @@ async def keep_imported(gw: Registry, session_id: str, messages: Sequence[dict[s
             )
             for p in raw_files
         ]
-        parts += await keep(gw, session_id, await prepare(gw, "", [], files, check=False))
+        out.append((message, await prepare(gw, "", [], files, check=False) if files else []))
+    return out
+
+
+async def keep_imported(
+    gw: Registry, session_id: str, prepared: Sequence[tuple[dict[str, Any], list[FilePart]]]
+) -> list[dict[str, Any]]:
+    """``prepare_imported``'s messages with their files' bytes in the blob store, as stored."""
+    out = []
+    for message, files in prepared:
+        if not files:
+            out.append(message)
+            continue
+        parts = [p for p in message["parts"] if p.get("type") != "file"]
+        parts += await keep(gw, session_id, files)
         out.append({**message, "parts": parts})
     return out
 
