@@ -40,3 +40,6 @@ async def test_search_finds_accented_text_whatever_its_unicode_form(
     for query in ("CAFÉ DE ZOË", unicodedata.normalize("NFD", "café"), "besançon", "TRÈS BIEN"):
         body = await (await client.get("/api/sessions", params={"q": query}, headers=auth_headers)).json()
         assert [s["id"] for s in body["sessions"]] == ["fr"], query
+    # The snippet keeps the text's own case (composed).
+    body = await (await client.get("/api/sessions", params={"q": "zoë"}, headers=auth_headers)).json()
+    assert "Le café de Zoë à Besançon" in body["sessions"][0]["match"]
