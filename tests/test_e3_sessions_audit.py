@@ -43,3 +43,40 @@ async def test_search_finds_accented_text_whatever_its_unicode_form(
     # The snippet keeps the text's own case (composed).
     body = await (await client.get("/api/sessions", params={"q": "zoë"}, headers=auth_headers)).json()
     assert "Le café de Zoë à Besançon" in body["sessions"][0]["match"]
+
+
+async def test_a_litellm_model_with_a_small_window_compacts_and_the_session_stays_readable(
+    make_client: Any, auth_headers: dict[str, str], fake_openai: Any, monkeypatch: Any
+) -> None:
+    from agentspace.context_policy import COMPACT_PROMPT
+    from tests.fakes import openai_upstream as fo
+    from tests.test_prompt_cache import turn_text
+
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-openai-test-0123456789")
+    model = "openai/gpt-4o-mini"
+    client = await make_client(
+        providers={"openai": {"base_url": fake_openai.url}},
+        chat={"context_policy": "compact", "max_tokens": 1024, "history_limit": 10_000},
+        pricing={model: {"context_window": 8000}},
+    )
+    for turn in range(1, 16):
+        fake_openai.enqueue(fo.text_response(f"Answer {turn}.").without_usage())
+        user = {"id": f"u{turn}", "role": "user", "parts": [{"type": "text", "text": turn_text(turn, 3000)}]}
+        resp = await post_chat(client, auth_headers, "small", user, model=model)
+        assert resp.status == 200, await resp.text()
+        await read_all(resp)
+    compacting = [r for r in fake_openai.requests if r.body["messages"][0].get("content") == COMPACT_PROMPT]
+    assert compacting, "the policy never compacted"
+    gw = client.app[state.REGISTRY]
+    usage = await gw.usage.records(session_id="small")
+    assert len(usage) == len(fake_openai.requests)  # one record per provider call
+    compactions = [r for r in usage if r.get("purpose") == "compact"]
+    assert len(compactions) == len(compacting) and all(r["model"] == model for r in compactions)
+    session = (await (await client.get("/api/sessions/small", headers=auth_headers)).json())["session"]
+    assert len(session["messages"]) == 30 and any(m.get("summary") for m in session["messages"])
+    for fmt in ("md", "json"):
+        resp = await client.get("/api/sessions/small/export", params={"format": fmt}, headers=auth_headers)
+        assert resp.status == 200 and "Turn 1:" in await resp.text()
+    # The oldest turn is still found, though it is no longer sent.
+    body = await (await client.get("/api/sessions", params={"q": turn_text(1, 3000)[:40]}, headers=auth_headers)).json()
+    assert [s["id"] for s in body["sessions"]] == ["small"]
