@@ -80,3 +80,30 @@ async def test_a_litellm_model_with_a_small_window_compacts_and_the_session_stay
     # The oldest turn is still found, though it is no longer sent.
     body = await (await client.get("/api/sessions", params={"q": turn_text(1, 3000)[:40]}, headers=auth_headers)).json()
     assert [s["id"] for s in body["sessions"]] == ["small"]
+
+
+async def test_claude_behind_litellm_marks_a_message_with_files_for_the_cache(
+    make_client: Any, auth_headers: dict[str, str], fake_openai: Any, monkeypatch: Any
+) -> None:
+    """A user message with an image goes to litellm as a list of content parts: its last part carries the mark,
+    on the turn that sends it (written) and on the next (read back)."""
+    from tests.fakes import openai_upstream as fo
+    from tests.test_prompt_cache import chat_marks
+
+    monkeypatch.setenv("OPENROUTER_API_KEY", "sk-or-test")
+    model = "openrouter/anthropic/claude-sonnet-4.5"
+    client = await make_client(
+        providers={"openrouter": {"base_url": fake_openai.url}},
+        pricing={model: {"input_per_mtok": 3.0, "output_per_mtok": 15.0, "supports_vision": True}},
+    )
+    fake_openai.enqueue(fo.text_response("A chart."), fo.text_response("Blue."))
+    await read_all(
+        await post_chat(client, auth_headers, "img", file_message("Look", ("image/png", png(20, 10))), model=model)
+    )
+    first = fake_openai.requests[0].body
+    assert [c["type"] for c in first["messages"][1]["content"]] == ["text", "image_url"]
+    assert chat_marks(first) == [(0, "system"), (1, "user")]
+    assert "cache_control" in first["messages"][1]["content"][-1]
+    later = {"id": "u2", "role": "user", "parts": [{"type": "text", "text": "What colour?"}]}
+    await read_all(await post_chat(client, auth_headers, "img", later, model=model))
+    assert chat_marks(fake_openai.requests[1].body) == [(0, "system"), (1, "user"), (3, "user")]
