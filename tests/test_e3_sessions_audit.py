@@ -107,3 +107,27 @@ async def test_claude_behind_litellm_marks_a_message_with_files_for_the_cache(
     later = {"id": "u2", "role": "user", "parts": [{"type": "text", "text": "What colour?"}]}
     await read_all(await post_chat(client, auth_headers, "img", later, model=model))
     assert chat_marks(fake_openai.requests[1].body) == [(0, "system"), (1, "user"), (3, "user")]
+
+
+async def test_a_pdf_without_a_name_reaches_an_openai_model_over_the_websocket(
+    make_client: Any, token: str, fake_openai: Any, monkeypatch: Any
+) -> None:
+    """OpenAI takes inline file data only with a filename; a WebSocket attachment need not have one."""
+    import base64
+
+    from tests.fakes import openai_upstream as fo
+    from tests.test_attachments import pdf
+    from tests.test_ws import chat, connect
+
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-openai-test-0123456789")
+    client = await make_client(providers={"openai": {"base_url": fake_openai.url}})
+    fake_openai.enqueue(fo.text_response("Read."), fo.text_response("Again."))
+    ws = await connect(client, token)
+    document = {"mediaType": "application/pdf", "data": base64.b64encode(pdf(1)).decode()}
+    frames = await chat(ws, "Summarise", model="openai/gpt-4o-mini", attachments=[document])
+    assert frames[-1]["type"] == "chat.stream.end", frames[-1]
+    frames = await chat(ws, "More", "r2", model="openai/gpt-4o-mini", sessionId=frames[0]["sessionId"])
+    assert frames[-1]["type"] == "chat.stream.end", frames[-1]  # resent with the history
+    await ws.close()
+    [file] = [c["file"] for c in fake_openai.requests[0].body["messages"][-1]["content"] if c["type"] == "file"]
+    assert file["filename"]  # litellm names it (the fake refuses file data without a name, as OpenAI does)
