@@ -244,15 +244,18 @@ async def prepare(
             raise ApiError(
                 "INVALID_MESSAGE", f"The file {_name(part)} is not {part.media_type}: its bytes do not start as one."
             )
-    total = sum(int(p.get("size") or 0) for p in earlier) + sum(p.size or 0 for p in ready)
-    limit = int(settings["max_session_bytes"])
+    _check_session_bytes(gw, sum(int(p.get("size") or 0) for p in earlier) + sum(p.size or 0 for p in ready))
+    return ready
+
+
+def _check_session_bytes(gw: Registry, total: int) -> None:
+    limit = int(gw.config["attachments"]["max_session_bytes"])
     if total > limit:
         raise ApiError(
             "PAYLOAD_TOO_LARGE",
             f"The session's files would take {total} bytes; the limit is {limit} bytes per session "
             "([attachments] max_session_bytes).",
         )
-    return ready
 
 
 async def keep(gw: Registry, session_id: str, files: Sequence[FilePart]) -> list[dict[str, Any]]:
@@ -274,14 +277,13 @@ def imported_part(part: FilePart) -> dict[str, Any]:
 
 
 async def prepare_imported(
-    gw: Registry, messages: Sequence[dict[str, Any]]
+    gw: Registry, messages: Sequence[dict[str, Any]], files: Sequence[FilePart]
 ) -> list[tuple[dict[str, Any], list[FilePart]]]:
-    """Imported messages, each with its files checked as ``prepare`` does (URLs fetched): refused here, before
-    the new message's files or any of these are kept."""
+    """Imported messages, each with its files checked as ``prepare`` does (URLs fetched), and all of them with
+    the new message's ``files`` within ``max_session_bytes``: refused here, before anything is kept."""
     out: list[tuple[dict[str, Any], list[FilePart]]] = []
     for message in messages:
-        raw_files = [p for p in message.get("parts") or () if p.get("type") == "file"]
-        files = [
+        parts = [
             FilePart(
                 str(p["mediaType"]),
                 data=p.get("data"),
@@ -290,9 +292,12 @@ async def prepare_imported(
                 size=p.get("size"),
                 sha256=p.get("sha256"),
             )
-            for p in raw_files
+            for p in message.get("parts") or ()
+            if p.get("type") == "file"
         ]
-        out.append((message, await prepare(gw, "", [], files, check=False) if files else []))
+        out.append((message, await prepare(gw, "", [], parts, check=False) if parts else []))
+    # Sizes of fetched URLs are known only now.
+    _check_session_bytes(gw, sum(p.size or 0 for _, ready in out for p in ready) + sum(p.size or 0 for p in files))
     return out
 
 

@@ -131,7 +131,7 @@ async def start_turn(gw: Registry, request: ChatRequest) -> Turn:
     files = await attachments.prepare(
         gw, model, session["messages"] if session else request.import_messages, request.files
     )
-    imported = await attachments.prepare_imported(gw, request.import_messages) if session is None else []
+    imported = await attachments.prepare_imported(gw, request.import_messages, files) if session is None else []
 
     created = session is None
     session_id = (request.session_id or new_id("s_")) if session is None else session["id"]

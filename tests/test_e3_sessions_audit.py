@@ -11,7 +11,11 @@ from aiohttp.test_utils import TestClient
 
 from agentspace.transports import state
 from tests.fakes.anthropic_upstream import text_response
-from tests.test_attachments import file_message, png
+from tests.test_attachments import (
+    file_message,
+    file_server,  # noqa: F401 (a fixture: a local server of images)
+    png,
+)
 from tests.test_http_chat import post_chat, read_all
 
 
@@ -131,3 +135,25 @@ async def test_a_pdf_without_a_name_reaches_an_openai_model_over_the_websocket(
     await ws.close()
     [file] = [c["file"] for c in fake_openai.requests[0].body["messages"][-1]["content"] if c["type"] == "file"]
     assert file["filename"]  # litellm names it (the fake refuses file data without a name, as OpenAI does)
+
+
+async def test_imported_files_behind_urls_count_toward_the_session_limit(
+    make_client: Any,
+    auth_headers: dict[str, str],
+    fake_anthropic: Any,
+    file_server: Any,  # noqa: F811
+) -> None:
+    base, served = file_server
+    size = len(served["png"])
+    client = await make_client(chat={"fetch_urls": True}, attachments={"max_session_bytes": 2 * size - 1})
+    earlier = {
+        "id": "u0",
+        "role": "user",
+        "parts": [{"type": "file", "mediaType": "image/png", "url": base + "/img.png"}],
+    }
+    answer = {"id": "a0", "role": "assistant", "parts": [{"type": "text", "text": "ok"}]}
+    latest = file_message("and this", ("image/png", served["png"]), id="u1")
+    resp = await post_chat(client, auth_headers, "big-import", earlier, answer, latest)
+    assert resp.status == 413, await resp.text()
+    assert "max_session_bytes" in (await resp.json())["error"]["message"]
+    assert fake_anthropic.requests == [] and await client.app[state.REGISTRY].blobs.hashes() == []
