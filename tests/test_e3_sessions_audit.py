@@ -7,6 +7,7 @@ from __future__ import annotations
 import unicodedata
 from typing import Any
 
+import pytest
 from aiohttp.test_utils import TestClient
 
 from agentspace.transports import state
@@ -34,9 +35,12 @@ async def test_an_imported_file_refused_leaves_no_blob_of_the_new_message(
     assert (await client.get("/api/sessions/imp", headers=auth_headers)).status == 404
 
 
+@pytest.mark.parametrize("backend", ["tinydb", "postgres"])
 async def test_search_finds_accented_text_whatever_its_unicode_form(
-    client: TestClient, auth_headers: dict[str, str], fake_anthropic: Any
+    make_client: Any, auth_headers: dict[str, str], fake_anthropic: Any, backend: str, request: Any
 ) -> None:
+    storage = {"backend": "postgres", "dsn": request.getfixturevalue("pg_dsn")} if backend == "postgres" else {}
+    client = await make_client(storage=storage) if storage else await make_client()
     fake_anthropic.enqueue(text_response("Très bien."))
     stored = unicodedata.normalize("NFD", "Le café de Zoë à Besançon")  # as pasted from a PDF or macOS
     user = {"id": "u1", "role": "user", "parts": [{"type": "text", "text": stored}]}
@@ -157,3 +161,28 @@ async def test_imported_files_behind_urls_count_toward_the_session_limit(
     assert resp.status == 413, await resp.text()
     assert "max_session_bytes" in (await resp.json())["error"]["message"]
     assert fake_anthropic.requests == [] and await client.app[state.REGISTRY].blobs.hashes() == []
+
+
+@pytest.mark.parametrize("backend", ["tinydb", "postgres"])
+async def test_a_deleted_session_is_not_found_and_one_made_again_under_its_id_is(
+    make_client: Any, auth_headers: dict[str, str], fake_anthropic: Any, backend: str, request: Any
+) -> None:
+    storage = {"backend": "postgres", "dsn": request.getfixturevalue("pg_dsn")} if backend == "postgres" else {}
+    client = await make_client(storage=storage) if storage else await make_client()
+
+    async def say(session_id: str, text: str) -> None:
+        fake_anthropic.enqueue(text_response("Noted."))
+        user = {"id": f"u-{len(text)}", "role": "user", "parts": [{"type": "text", "text": text}]}
+        await read_all(await post_chat(client, auth_headers, session_id, user))
+
+    async def found(query: str) -> list[str]:
+        body = await (await client.get("/api/sessions", params={"q": query}, headers=auth_headers)).json()
+        return [s["id"] for s in body["sessions"]]
+
+    await say("keep", "the walrus ledger")
+    await say("gone", "the walrus ledger, again")
+    assert sorted(await found("walrus ledger")) == ["gone", "keep"]  # the index is warm
+    assert (await client.delete("/api/sessions/gone", headers=auth_headers)).status == 204
+    assert await found("walrus ledger") == ["keep"]
+    await say("gone", "a heron almanac")
+    assert await found("walrus ledger") == ["keep"] and await found("HERON almanac") == ["gone"]
