@@ -186,3 +186,27 @@ async def test_a_deleted_session_is_not_found_and_one_made_again_under_its_id_is
     assert await found("walrus ledger") == ["keep"]
     await say("gone", "a heron almanac")
     assert await found("walrus ledger") == ["keep"] and await found("HERON almanac") == ["gone"]
+
+
+async def test_a_summary_knows_the_files_it_stands_for(
+    client: TestClient, auth_headers: dict[str, str], fake_anthropic: Any
+) -> None:
+    """Compacting leaves the summarised messages' files out of every later call: the summarising model is told
+    which files there were."""
+    from agentspace.context_policy import COMPACT_PROMPT
+    from tests.test_attachments import pdf
+
+    fake_anthropic.enqueue(text_response("A chart."), text_response("Yes."), text_response("Summary."))
+    message = file_message("Look", ("image/png", png(20, 10)), ("application/pdf", pdf(1)))
+    message["parts"][1]["filename"] = "chart.png"
+    await read_all(await post_chat(client, auth_headers, "sum", message))
+    later = {"id": "u2", "role": "user", "parts": [{"type": "text", "text": "And?"}]}
+    await read_all(await post_chat(client, auth_headers, "sum", later))
+    response = await client.post("/api/sessions/sum/compact", headers=auth_headers)
+    assert (await response.json())["compacted"] is True
+    [summarising] = [r for r in fake_anthropic.requests if r.body.get("system") == COMPACT_PROMPT]
+    transcript = summarising.body["messages"][0]["content"]
+    transcript = transcript if isinstance(transcript, str) else transcript[0]["text"]
+    assert "user: Look\n[attached: chart.png (image/png, " in transcript, transcript
+    assert "[attached: f1 (application/pdf, " in transcript
+    assert '"sha256"' not in transcript  # the stored parts are not dumped as JSON
