@@ -61,8 +61,8 @@ def message_text(message: dict[str, Any]) -> str:
 
 def _fold(text: str) -> str:
     """Text as it is searched: composed (NFC: an accent typed or pasted as a separate mark is the same letter)
-    and lower-cased."""
-    return unicodedata.normalize("NFC", text).lower()
+    and lower-cased. ASCII text (a flag of the string, no scan) has nothing to compose."""
+    return text.lower() if text.isascii() else unicodedata.normalize("NFC", text).lower()
 
 
 def _stamp(summary: dict[str, Any]) -> tuple[Any, ...]:
