@@ -244,15 +244,18 @@ async def prepare(
             raise ApiError(
                 "INVALID_MESSAGE", f"The file {_name(part)} is not {part.media_type}: its bytes do not start as one."
             )
-    total = sum(int(p.get("size") or 0) for p in earlier) + sum(p.size or 0 for p in ready)
-    limit = int(settings["max_session_bytes"])
+    _check_session_bytes(gw, sum(int(p.get("size") or 0) for p in earlier) + sum(p.size or 0 for p in ready))
+    return ready
+
+
+def _check_session_bytes(gw: Registry, total: int) -> None:
+    limit = int(gw.config["attachments"]["max_session_bytes"])
     if total > limit:
         raise ApiError(
             "PAYLOAD_TOO_LARGE",
             f"The session's files would take {total} bytes; the limit is {limit} bytes per session "
             "([attachments] max_session_bytes).",
         )
-    return ready
 
 
 async def keep(gw: Registry, session_id: str, files: Sequence[FilePart]) -> list[dict[str, Any]]:
@@ -273,16 +276,14 @@ def imported_part(part: FilePart) -> dict[str, Any]:
     return {**stored_part(part), "data": part.data}
 
 
-async def keep_imported(gw: Registry, session_id: str, messages: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Imported messages with their files' bytes in the blob store (URLs fetched), checked as ``prepare`` does."""
-    out = []
+async def prepare_imported(
+    gw: Registry, messages: Sequence[dict[str, Any]], files: Sequence[FilePart]
+) -> list[tuple[dict[str, Any], list[FilePart]]]:
+    """Imported messages, each with its files checked as ``prepare`` does (URLs fetched), and all of them with
+    the new message's ``files`` within ``max_session_bytes``: refused here, before anything is kept."""
+    out: list[tuple[dict[str, Any], list[FilePart]]] = []
     for message in messages:
-        raw_files = [p for p in message.get("parts") or () if p.get("type") == "file"]
-        if not raw_files:
-            out.append(message)
-            continue
-        parts = [p for p in message["parts"] if p.get("type") != "file"]
-        files = [
+        parts = [
             FilePart(
                 str(p["mediaType"]),
                 data=p.get("data"),
@@ -291,9 +292,26 @@ async def keep_imported(gw: Registry, session_id: str, messages: Sequence[dict[s
                 size=p.get("size"),
                 sha256=p.get("sha256"),
             )
-            for p in raw_files
+            for p in message.get("parts") or ()
+            if p.get("type") == "file"
         ]
-        parts += await keep(gw, session_id, await prepare(gw, "", [], files, check=False))
+        out.append((message, await prepare(gw, "", [], parts, check=False) if parts else []))
+    # Sizes of fetched URLs are known only now.
+    _check_session_bytes(gw, sum(p.size or 0 for _, ready in out for p in ready) + sum(p.size or 0 for p in files))
+    return out
+
+
+async def keep_imported(
+    gw: Registry, session_id: str, prepared: Sequence[tuple[dict[str, Any], list[FilePart]]]
+) -> list[dict[str, Any]]:
+    """``prepare_imported``'s messages with their files' bytes in the blob store, as stored."""
+    out = []
+    for message, files in prepared:
+        if not files:
+            out.append(message)
+            continue
+        parts = [p for p in message["parts"] if p.get("type") != "file"]
+        parts += await keep(gw, session_id, files)
         out.append({**message, "parts": parts})
     return out
 

@@ -225,12 +225,23 @@ def transcript(messages: list[dict[str, Any]]) -> str:
     """Stored messages as the text the summarising model reads."""
     lines = []
     for m in messages:
+        files = attachments.stored_files([m])
         text = str(m.get("content") or "")
         if not text and m.get("parts"):
-            text = json.dumps(m["parts"], ensure_ascii=False)
-        if text:
-            lines.append(f"{m.get('role', 'user')}: {text}")
+            others = [p for p in m["parts"] if not (isinstance(p, dict) and p.get("type") == "file")]
+            text = json.dumps(others, ensure_ascii=False) if others else ""
+        # The files are not sent to the summarising model, and after the summary no call sends them: it names
+        # them, so that the summary (and the model reading it later) knows they were there.
+        text += "".join(f"\n[attached: {_file_label(p)}]" for p in files)
+        if text.strip():
+            lines.append(f"{m.get('role', 'user')}: {text.strip()}")
     return "\n\n".join(lines)
+
+
+def _file_label(part: dict[str, Any]) -> str:
+    name = part.get("filename")
+    kind = str(part.get("mediaType") or "file")
+    return f"{name} ({kind}, {part.get('size')} bytes)" if name else f"a {kind} file of {part.get('size')} bytes"
 
 
 async def summarise(gw: Registry, turn: TurnLike, previous: str, messages: list[dict[str, Any]]) -> str:

@@ -131,6 +131,7 @@ async def start_turn(gw: Registry, request: ChatRequest) -> Turn:
     files = await attachments.prepare(
         gw, model, session["messages"] if session else request.import_messages, request.files
     )
+    imported = await attachments.prepare_imported(gw, request.import_messages, files) if session is None else []
 
     created = session is None
     session_id = (request.session_id or new_id("s_")) if session is None else session["id"]
@@ -165,7 +166,7 @@ async def start_turn(gw: Registry, request: ChatRequest) -> Turn:
     try:
         user_message["parts"] += await attachments.keep(gw, session_id, files)
         if session is None:
-            history = await attachments.keep_imported(gw, session_id, request.import_messages)
+            history = await attachments.keep_imported(gw, session_id, imported)
             # A new session is written once, with its first messages.
             await gw.sessions.create(
                 model=model,

@@ -131,6 +131,11 @@ def add_chat_breakpoints(messages: list[dict[str, Any]], ttl: str) -> None:
             message["cache_control"] = _marker(ttl)
         elif isinstance(message.get("content"), str):
             message["content"] = [{"type": "text", "text": message["content"], "cache_control": _marker(ttl)}]
+        elif isinstance(message.get("content"), list) and message["content"]:
+            # A message with files is a list of parts (text, image_url, file): its last part ends the prefix.
+            last = message["content"][-1]
+            if isinstance(last, dict) and "cache_control" not in last:
+                message["content"][-1] = {**last, "cache_control": _marker(ttl)}
 
 
 def anthropic_family(model: str) -> bool:

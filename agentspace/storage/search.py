@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import unicodedata
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -40,7 +41,7 @@ class _Entry:
     read again for the hits only), so the index costs about the sessions' text size in memory."""
 
     stamp: tuple[Any, ...]
-    text: str | None  # what is searched: the title and every message's text, lower-cased; None: not kept
+    text: str | None  # what is searched: the title and every message's text, ``_fold``ed; None: not kept
     summary: dict[str, Any] | None = None  # the session's summary (kept for the file-stamp path)
 
 
@@ -58,6 +59,12 @@ def message_text(message: dict[str, Any]) -> str:
     return "\n".join(str(p.get("text") or "") for p in parts if isinstance(p, dict) and p.get("type") == "text")
 
 
+def _fold(text: str) -> str:
+    """Text as it is searched: composed (NFC: an accent typed or pasted as a separate mark is the same letter)
+    and lower-cased. ASCII text (a flag of the string, no scan) has nothing to compose."""
+    return text.lower() if text.isascii() else unicodedata.normalize("NFC", text).lower()
+
+
 def _stamp(summary: dict[str, Any]) -> tuple[Any, ...]:
     return (summary.get("lastActivityAt"), summary.get("messageCount"), summary.get("title"))
 
@@ -70,7 +77,8 @@ def _document(session: dict[str, Any]) -> str:
 
 def _snippet(lowered: str, original: str | None, at: int, length: int) -> str:
     """The text around a hit, in the session's own case where lower-casing kept every offset."""
-    source = original if original is not None and len(original) == len(lowered) else lowered
+    composed = unicodedata.normalize("NFC", original) if original is not None else None
+    source = composed if composed is not None and len(composed) == len(lowered) else lowered
     start, end = max(0, at - SNIPPET), min(len(source), at + length + SNIPPET)
     text = " ".join(source[start:end].split())
     return ("…" if start else "") + text + ("…" if end < len(source) else "")
@@ -130,7 +138,7 @@ def _read_changed(store: SessionStore, index: dict[str, _Entry], stamps: dict[st
             index.pop(session_id, None)
             continue
         summary = {k: v for k, v in session.items() if k != "messages"}
-        text: str | None = _document(session).lower()
+        text: str | None = _fold(_document(session))
         if held + len(text or "") > INDEX_BYTES:
             text = None  # past the bound: read again by each search (_scan)
         held += len(text or "")
@@ -184,7 +192,7 @@ def _scan(
                 session = read(str(summary["id"]))
                 if session is not None:
                     original = _document(session)
-                    search.match(summary, _Entry(entry.stamp, original.lower()), original)
+                    search.match(summary, _Entry(entry.stamp, _fold(original)), original)
             else:
                 search.match(summary, entry)
         if search.full:
@@ -243,7 +251,7 @@ class _Search:
         self, index: dict[str, _Entry], query: str, client: str | None, limit: int, since: str | None = None
     ) -> None:
         self.index, self.client, self.limit, self.since = index, client, limit, since
-        self.needle = query.strip().lower()
+        self.needle = _fold(query.strip())
         self.held = _held(index)  # text the index keeps, for its bound
         # Hits in order: (summary, lower-cased text, offset, the original text when it was just read).
         self.hits: list[tuple[dict[str, Any], str, int, str | None]] = []
@@ -278,7 +286,7 @@ class _Search:
         if session is None:
             return
         original = _document(session)
-        entry = _Entry(_stamp(summary), original.lower())
+        entry = _Entry(_stamp(summary), _fold(original))
         old = self.index.pop(str(summary["id"]), None)
         self.held -= len(old.text or "") if old is not None else 0
         if self.held + len(entry.text or "") <= INDEX_BYTES:  # else read again by the next search that reaches it

@@ -349,6 +349,11 @@ class FakeOpenAI(FakeUpstream[FakeResponse]):
         if not isinstance(body, dict):
             message = "We could not parse the JSON body of your request."
             return web.json_response(error_body(message, "invalid_request_error"), status=400)
+        missing = _file_without_name(body)
+        if missing is not None:  # the API takes inline file data only with a filename
+            message = f"Missing required parameter: '{missing}'."
+            error = error_body(message, "invalid_request_error", "missing_required_parameter")
+            return web.json_response(error, status=400)
         script = self.next_response()
         if script.status != 200:
             return web.json_response(script.error or {}, status=script.status, headers=script.headers)
@@ -399,6 +404,23 @@ class FakeOpenAI(FakeUpstream[FakeResponse]):
         except ConnectionResetError:
             recorded.disconnected = True  # the client hung up (abort, or a timeout during a stall)
         return resp
+
+
+def _file_without_name(body: dict[str, Any]) -> str | None:
+    """The path OpenAI names when a file content part has ``file_data`` but no ``filename`` (it then asks for a
+    ``file_id``), or None."""
+    for i, message in enumerate(body.get("messages") or ()):
+        content = message.get("content") if isinstance(message, dict) else None
+        for j, part in enumerate(content if isinstance(content, list) else ()):
+            file = part.get("file") if isinstance(part, dict) and part.get("type") == "file" else None
+            if (
+                isinstance(file, dict)
+                and file.get("file_data")
+                and not file.get("filename")
+                and not file.get("file_id")
+            ):
+                return f"messages[{i}].content[{j}].file.file_id"
+    return None
 
 
 def _fold(script: FakeResponse, model: str, created: int) -> dict[str, Any]:
