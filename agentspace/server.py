@@ -32,7 +32,7 @@ from .default_plugins.storage import open_storage
 from .gateway import assemble
 from .gateway_token import TOKEN_ENV, TokenFile, check_secrets, write_server_address
 from .logs import configure_logging
-from .plugins import check_hooks, get_plugin_manager
+from .plugins import check_hooks, get_plugin_manager, plugin_error
 from .registry import ModelNotFound, Registry
 from .security import AuthFailures, security_middleware
 from .storage.datadir_lock import DataDirLock
@@ -112,8 +112,11 @@ def _gateway_context(config: Config, pm: pluggy.PluginManager) -> Callable[[web.
             app[state.REGISTRY] = gw
             tokens.load_in_background()
             watcher = asyncio.create_task(ws.watch_credentials(app), name="agentspace-credentials")
-            for result in pm.hook.server_startup(app=app, config=config):
-                await _maybe_await(result)
+            try:
+                for result in pm.hook.server_startup(app=app, config=config):
+                    await _maybe_await(result)
+            except Exception as e:  # named: the author sees which plugin stopped the start
+                raise plugin_error(pm, "server_startup", e) from e
             # What start-up loaded lives as long as the server: out of the collector's sight, so that full
             # collections, which walk every tracked object, stay short (about 60 ms each before) while chats run.
             gc.freeze()

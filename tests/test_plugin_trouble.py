@@ -1,17 +1,30 @@
 """What a third-party plugin gets wrong must not take the gateway down, and must be named when it stops the
 start (docs/plugins.md): a usage sink hanging in ``start`` or ``aclose``, a hook registering an object of the
-wrong kind, a ``server_startup`` that raises."""
+wrong kind, a ``server_startup`` that raises, two providers claiming the same model."""
 
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
+
+import anthropic
+import pytest
 
 from agentspace import UsageRecord, hookimpl
 from agentspace.config import Config
+from agentspace.limits import usd
+from agentspace.plugins import create_plugin_manager
+from agentspace.storage import SessionStore, UsageStore
+from agentspace.storage.protocols import Storage, UsageStoreSink
+from agentspace.transports import state
 from tests.conftest import wait_until
+from tests.test_clients import add_client, message, reservation_of, spend_of
+from tests.test_plugin_author import installed_package
 from tests.test_sink_isolation import start_client, stored_usage, ws_turn
 
 
@@ -72,3 +85,129 @@ async def test_a_sink_hanging_in_start_or_aclose_neither_keeps_the_server_down_n
 
 async def _true(value: bool) -> bool:
     return value
+
+
+# Installed plugins a real `agentspace serve` loads through its entry point: each stops the start with one
+# line naming the plugin and the hook, as a misspelt hook does (tests/test_plugin_author.py).
+STARTUP_RAISES = """
+from agentspace import hookimpl
+
+@hookimpl
+async def server_startup(app, config):
+    raise RuntimeError("cannot reach the license server")
+"""
+
+WRONG_KIND = """
+from agentspace import hookimpl
+
+@hookimpl
+def register_providers(register, config):
+    register("shout")  # the class's name, not a provider
+"""
+
+SAME_PREFIX = """
+from agentspace import ChatMessage, ProviderFinish, TextPart, hookimpl
+
+class Shout:
+    def __init__(self, name, listed):
+        self.name, self.listed = name, listed
+
+    def claims(self, model):
+        return model.startswith("shout/")
+
+    def models(self):
+        return self.listed
+
+    async def stream(self, request):
+        yield ProviderFinish("stop", None, ChatMessage("assistant", [TextPart("")]))
+
+@hookimpl
+def register_providers(register, config):
+    register(Shout("shout", ["shout/small"]))
+    register(Shout("loud", []))
+"""
+
+
+@pytest.mark.parametrize(
+    ("module", "said"),
+    [
+        (
+            STARTUP_RAISES,
+            "Error: plugin 'agentspace_oops' failed in server_startup: RuntimeError: cannot reach the license server",
+        ),
+        (
+            WRONG_KIND,
+            "Error: plugin 'agentspace_oops' failed in register_providers: TypeError: registered 'shout' (str), "
+            "which is not a provider (name: str, claims(model), stream(request))",
+        ),
+        (SAME_PREFIX, "Error: providers 'loud' and 'shout' both claim 'shout/small' (listed by 'shout')"),
+    ],
+    ids=["startup-raises", "wrong-kind", "same-prefix"],
+)
+def test_a_plugin_that_breaks_the_start_is_named(tmp_path: Path, module: str, said: str) -> None:
+    env = installed_package(tmp_path, "agentspace-oops", module)
+    env["AGENTSPACE_HOME"] = str(tmp_path / "home")
+    done = subprocess.run(
+        [sys.executable, "-m", "agentspace", "serve", "--port", "0"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 1, done
+    assert said in done.stderr, done.stderr
+    assert "listening" not in done.stdout
+
+
+class OlderUsageStore:
+    """A usage store of a backend written before ``UsageStoreAPI.spend``: the tinydb store without it."""
+
+    def __init__(self, store: UsageStore) -> None:
+        self._store = store
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "spend":
+            raise AttributeError(name)
+        return getattr(self._store, name)
+
+
+class OlderBackend:
+    name = "older"
+
+    def open(self, config: Config) -> Storage:
+        usage = OlderUsageStore(UsageStore(config.data_dir))
+        sink = UsageStoreSink(usage, self.name)  # type: ignore[arg-type]
+        return Storage(self.name, SessionStore(config.data_dir), usage, sink=sink)  # type: ignore[arg-type]
+
+
+class Older:
+    @hookimpl
+    def register_storage_backends(self, register: Callable[[Any], None], config: Config) -> None:
+        register(OlderBackend())
+
+
+async def older_client(make_client: Any) -> Any:
+    pm = create_plugin_manager()
+    pm.register(Older())
+    return await make_client(pm=pm, storage={"backend": "older"})
+
+
+async def test_a_backend_without_spend_still_keeps_budgets_across_a_restart(
+    make_client: Any, fake_anthropic: Any
+) -> None:
+    """docs/plugins.md (register_storage_backends): the spend is then summed from ``records``."""
+    first = await older_client(make_client)
+    assert not hasattr(first.app[state.REGISTRY].usage, "spend")
+    one = reservation_of(first)
+    key = add_client("alice", "--budget", f"{one * 1.05:.10f}", "--period", "total")
+    assert (await message(first, key)).content
+    spent = await spend_of(first, "alice")
+    assert spent > 0
+    with pytest.raises(anthropic.RateLimitError, match="BUDGET_EXCEEDED"):
+        await message(first, key)  # in this process: the settled spend
+    await first.close()
+
+    second = await older_client(make_client)
+    with pytest.raises(anthropic.RateLimitError, match="BUDGET_EXCEEDED") as e:
+        await message(second, key)  # a new process: the spend read back through records()
+    assert f"spent {usd(spent)}," in str(e.value)
