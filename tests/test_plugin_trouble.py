@@ -15,16 +15,17 @@ from typing import Any
 import anthropic
 import pytest
 
-from agentspace import UsageRecord, hookimpl
+from agentspace import ContextSection, UsageRecord, hookimpl
 from agentspace.config import Config
 from agentspace.limits import usd
 from agentspace.plugins import create_plugin_manager
 from agentspace.storage import SessionStore, UsageStore
 from agentspace.storage.protocols import Storage, UsageStoreSink
+from agentspace.testing import make_config
 from agentspace.transports import state
 from tests.conftest import wait_until
 from tests.test_clients import add_client, message, reservation_of, spend_of
-from tests.test_plugin_author import installed_package
+from tests.test_plugin_author import inspected_sections, installed_package
 from tests.test_sink_isolation import start_client, stored_usage, ws_turn
 
 
@@ -211,3 +212,38 @@ async def test_a_backend_without_spend_still_keeps_budgets_across_a_restart(
     with pytest.raises(anthropic.RateLimitError, match="BUDGET_EXCEEDED") as e:
         await message(second, key)  # a new process: the spend read back through records()
     assert f"spent {usd(spent)}," in str(e.value)
+
+
+class WrongReturns:
+    """A section whose ``build`` returns a list, and a formatting prompt that is a number or raises."""
+
+    def __init__(self, formatting: Any) -> None:
+        self.formatting = formatting
+
+    @hookimpl
+    def register_context_sections(self, register: Callable[[Any], None], config: Config) -> None:
+        register(ContextSection("facts", lambda request: ["the sky is blue", "water is wet"]))
+        register(ContextSection("notes", lambda request: "Remember the milk."))
+
+    @hookimpl
+    def formatting_prompt(self, config: Config, model: str) -> Any:
+        if isinstance(self.formatting, Exception):
+            raise self.formatting
+        return self.formatting
+
+
+@pytest.mark.parametrize("formatting", [42, RuntimeError("no prompt today")], ids=["number", "raises"])
+async def test_a_wrong_return_at_run_time_is_left_out_and_the_chat_answers(
+    tmp_path: Path, fake_anthropic: Any, monkeypatch: pytest.MonkeyPatch, formatting: Any
+) -> None:
+    monkeypatch.setenv("ANTHROPIC_API_KEY", "sk-ant-test-0123456789abcdef")
+    names, reply = await inspected_sections(tmp_path, fake_anthropic, WrongReturns(formatting))
+    sent = fake_anthropic.requests[-1].body["system"]
+    system = sent if isinstance(sent, str) else "".join(block["text"] for block in sent)
+    assert "Remember the milk." in system
+    assert "the sky is blue" not in system  # not the list's repr: a section is text
+    sizes = {s["name"]: s["byteCount"] for s in reply["sections"]}
+    assert sizes["facts"] == 0 and sizes["notes"] == len("Remember the milk.")
+    default = make_config(tmp_path / "defaults")["chat"]["formatting_prompt"]
+    assert sizes["response_format"] == len(default.encode())  # the built-in prompt, not "42" nor nothing
+    assert default in system and "42" not in system
