@@ -79,6 +79,17 @@ def create_app(config: Config, pm: pluggy.PluginManager | None = None) -> web.Ap
     return app
 
 
+async def _shutdown_hooks(pm: pluggy.PluginManager, app: web.Application, config: Config) -> None:
+    """Each plugin's ``server_shutdown``, in pluggy's order; one that raises is logged, naming it, and the others
+    still run (pluggy would stop at the first exception)."""
+    given = {"app": app, "config": config}
+    for impl in reversed(pm.hook.server_shutdown.get_hookimpls()):
+        try:
+            await _maybe_await(impl.function(*(given[name] for name in impl.argnames)))
+        except Exception:
+            log.exception("plugin %r failed in server_shutdown", pm.get_name(impl.plugin) or impl.plugin_name)
+
+
 async def _maybe_await(value: object) -> None:
     if inspect.isawaitable(value):
         await value
@@ -122,9 +133,8 @@ def _gateway_context(config: Config, pm: pluggy.PluginManager) -> Callable[[web.
             gc.freeze()
             yield
             watcher.cancel()
-            for result in pm.hook.server_shutdown(app=app, config=config):
-                await _maybe_await(result)
-            await gw.aclose()
+            await _shutdown_hooks(pm, app, config)
+            await gw.aclose()  # also after a plugin's shutdown failed: the sinks drain, the stores close
         finally:
             if lock is not None:
                 lock.close()

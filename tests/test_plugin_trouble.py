@@ -247,3 +247,53 @@ async def test_a_wrong_return_at_run_time_is_left_out_and_the_chat_answers(
     default = make_config(tmp_path / "defaults")["chat"]["formatting_prompt"]
     assert sizes["response_format"] == len(default.encode())  # the built-in prompt, not "42" nor nothing
     assert default in system and "42" not in system
+
+
+class ShutdownRaises:
+    @hookimpl
+    def server_shutdown(self) -> None:
+        raise RuntimeError("could not say goodbye")
+
+
+class ShutdownCounts:
+    def __init__(self) -> None:
+        self.called = 0
+
+    @hookimpl
+    async def server_shutdown(self, app: Any) -> None:
+        self.called += 1
+
+
+class Closes(Works):
+    """Takes records only from its second try, so one waits in its queue when the server stops."""
+
+    name = "closes"
+    retry_max_seconds = 60.0
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tries = 0
+        self.closed = False
+
+    async def record(self, record: UsageRecord) -> None:
+        self.tries += 1
+        if self.tries == 1:
+            raise OSError("not yet")
+        self.got.append(record.id)
+
+    async def aclose(self) -> None:
+        self.closed = True
+
+
+async def test_a_server_shutdown_that_raises_still_lets_the_sinks_drain_and_the_others_run(
+    make_client: Any, token: str, fake_anthropic: Any
+) -> None:
+    sink, counts = Closes(), ShutdownCounts()
+    client = await start_client(make_client, Sinks(sink), ShutdownRaises(), counts)
+    frames, _ = await ws_turn(client, token, "hello")
+    assert frames[-1]["type"] == "chat.stream.end"
+    stored = await stored_usage(client)
+    await wait_until(lambda: _true(sink.tries >= 1))
+    await client.close()
+    assert counts.called == 1  # pluggy's order puts it before or after the one that raised: it ran
+    assert sorted(sink.got) == sorted(stored) and sink.closed  # the queue drained, the sink closed
