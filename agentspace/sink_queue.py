@@ -87,7 +87,13 @@ class SinkQueue:
             if inspect.isawaitable(started):
                 await asyncio.wait_for(started, self.timeout)
         except Exception as e:  # the sink may recover; its records queue and are retried meanwhile
-            log.error("usage sink %r failed to start (%s: %s); its records are retried", self.name, type(e).__name__, e)
+            log.error(
+                "usage sink %r failed to start (%s: %s); its records are retried",
+                self.name,
+                type(e).__name__,
+                e,
+                exc_info=e,
+            )
 
     def offer(self, record: UsageRecord) -> None:
         """Queue ``record`` for the sink; never blocks, never raises."""
