@@ -44,6 +44,7 @@ from .types import (
 )
 
 if TYPE_CHECKING:
+    from .config import Config
     from .registry import Registry
 
 log = logging.getLogger(__name__)
@@ -164,10 +165,31 @@ async def _build(builder: Any, request: ContextRequest) -> str:
         result = builder.build(request)
         if inspect.isawaitable(result):
             result = await result
-        return str(result or "")
     except Exception:  # a broken plugin section must not break chat
         log.exception("context section %r failed; leaving it out", getattr(builder, "name", builder))
         return ""
+    if result is None or isinstance(result, str):
+        return result or ""
+    # Not its repr: a list or dict sent as "['a', 'b']" would reach the model unnoticed.
+    log.error("context section %r built a %s, not a str; leaving it out", builder.name, type(result).__name__)
+    return ""
+
+
+def _formatting_prompt(gateway: Registry, config: Config, model: str) -> str:
+    """The plugins' ``formatting_prompt``; one that raises or answers what is not a str is logged, and the
+    configured prompt (``[chat] formatting_prompt``, what the built-in answers) is sent instead."""
+    try:
+        prompt = gateway.pm.hook.formatting_prompt(config=config, model=model)
+    except Exception:
+        log.exception("a plugin's formatting_prompt failed; sending [chat] formatting_prompt")
+        return str(config["chat"]["formatting_prompt"])
+    if prompt is None or isinstance(prompt, str):
+        return prompt or ""
+    log.error(
+        "a plugin's formatting_prompt gave a %s, not a str or None; sending [chat] formatting_prompt",
+        type(prompt).__name__,
+    )
+    return str(config["chat"]["formatting_prompt"])
 
 
 async def assemble(
@@ -192,7 +214,7 @@ async def assemble(
         elif builder.name not in CORE_SECTIONS:
             texts[builder.name] = texts.get(builder.name, "") + text
     extra = [Section(name, text) for name, text in texts.items()]
-    formatting = gateway.pm.hook.formatting_prompt(config=config, model=model) or ""
+    formatting = _formatting_prompt(gateway, config, model)
 
     tools = list(gateway.tools.values())
     tool_text = json.dumps([t.definition() for t in tools], ensure_ascii=False) if tools else ""

@@ -24,6 +24,7 @@ from .cluster import Cluster, RedisSessionLocks, StreamEncoder
 from .config import Config, ConfigError
 from .limits import Counters, Guard, InProcessCounters
 from .pending import PendingWrites
+from .plugins import call_register, check_claims
 from .providers.base import Provider
 from .recording import Recorder
 from .registry import Models, Plugins, Registry
@@ -52,10 +53,11 @@ def registered(config: Config, pm: pluggy.PluginManager, storage: Storage) -> Pl
             log.warning("tool %r registered twice; the later registration wins", tool.name)
         tools[tool.name] = tool
 
-    pm.hook.register_providers(register=providers.append, config=config)
-    pm.hook.register_context_sections(register=sections.append, config=config)
-    pm.hook.register_tools(register=add_tool, config=config)
-    pm.hook.register_usage_sinks(register=sinks.append, config=config)
+    call_register(pm, "register_providers", providers.append, config=config)
+    call_register(pm, "register_context_sections", sections.append, config=config)
+    call_register(pm, "register_tools", add_tool, config=config)
+    call_register(pm, "register_usage_sinks", sinks.append, config=config)
+    check_claims(providers)
     for pattern in pricing.unserved_patterns(config, providers):
         raise ConfigError(
             config.source,

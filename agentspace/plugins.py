@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import difflib
 import importlib
+import logging
 import os
 import re
+from collections.abc import Callable, Sequence
 from importlib.metadata import entry_points
 from typing import Any
 
@@ -38,6 +40,8 @@ OPTIONAL_PLUGINS: dict[str, str] = {
 }
 
 ENTRY_POINT_GROUP = "agentspace"
+
+log = logging.getLogger(__name__)
 
 
 def _selected() -> set[str] | None:
@@ -135,6 +139,127 @@ def check_hooks(pm: pluggy.PluginManager) -> None:
             "; ".join(problems) + ". The hooks are listed in docs/plugins.md; "
             "AGENTSPACE_LOAD_PLUGINS=name,... selects which installed plugins load.",
         )
+
+
+class PluginError(click.ClickException):
+    """A plugin failed the start: one of its hooks raised, or registered what is not of the hook's kind. The
+    message names the plugin (its entry point name) and the hook; the CLI prints it and exits 1."""
+
+
+def _plugin_of(pm: pluggy.PluginManager, hook: str, error: BaseException) -> str | None:
+    """The plugin whose implementation of ``hook`` is in ``error``'s traceback (pluggy does not say which
+    implementation raised)."""
+    caller = getattr(pm.hook, hook, None)
+    if caller is None:
+        return None
+    codes = {
+        getattr(i.function, "__code__", None): pm.get_name(i.plugin) or i.plugin_name for i in caller.get_hookimpls()
+    }
+    tb = error.__traceback__
+    while tb is not None:
+        name = codes.get(tb.tb_frame.f_code)
+        if name is not None:
+            return name
+        tb = tb.tb_next
+    return None
+
+
+def plugin_error(pm: pluggy.PluginManager, hook: str, error: Exception) -> Exception:
+    """What to raise for ``error`` from ``hook`` at start: a ``click.ClickException`` (a ``ConfigError``, a
+    misspelt hook) as it is; any other exception as a ``PluginError`` naming the plugin, its traceback logged."""
+    if isinstance(error, click.ClickException):
+        return error
+    name = _plugin_of(pm, hook, error)
+    who = f"plugin {name!r}" if name is not None else "a plugin"
+    log.error("%s failed in %s", who, hook, exc_info=error)
+    return PluginError(
+        f"{who} failed in {hook}: {type(error).__name__}: {error} (the traceback is logged above; "
+        "AGENTSPACE_LOAD_PLUGINS=name,... selects which installed plugins load)"
+    )
+
+
+def _is_provider(thing: Any) -> bool:
+    return isinstance(getattr(thing, "name", None), str) and all(
+        callable(getattr(thing, m, None)) for m in ("claims", "stream")
+    )
+
+
+def _is_section(thing: Any) -> bool:
+    return isinstance(getattr(thing, "name", None), str) and callable(getattr(thing, "build", None))
+
+
+def _is_tool(thing: Any) -> bool:
+    from .types import Tool
+
+    return isinstance(thing, Tool)
+
+
+def _is_sink(thing: Any) -> bool:
+    return callable(getattr(thing, "record", None))
+
+
+def _is_backend(thing: Any) -> bool:
+    return isinstance(getattr(thing, "name", None), str) and callable(getattr(thing, "open", None))
+
+
+# What each ``register_<thing>`` hook takes, as said in an error, and the check (docs/plugins.md).
+REGISTERS: dict[str, tuple[str, Callable[[Any], bool]]] = {
+    "register_providers": ("a provider (name: str, claims(model), stream(request))", _is_provider),
+    "register_context_sections": ("a context section (name: str, build(request))", _is_section),
+    "register_tools": ("an agentspace.Tool", _is_tool),
+    "register_usage_sinks": ("a usage sink (name: str, record(record))", _is_sink),
+    "register_storage_backends": ("a storage backend (name: str, open(config))", _is_backend),
+}
+
+
+def checked(hook: str, register: Callable[[Any], object]) -> Callable[[Any], None]:
+    """``register`` for ``hook``, refusing what is not of the hook's kind at once (it would fail later, in a
+    chat, far from the plugin that registered it)."""
+    what, ok = REGISTERS[hook]
+
+    def add(thing: Any) -> None:
+        if not ok(thing):
+            shown = repr(thing)
+            shown = shown if len(shown) <= 60 else shown[:57] + "..."
+            raise TypeError(f"registered {shown} ({type(thing).__name__}), which is not {what}")
+        register(thing)
+
+    return add
+
+
+def call_register(pm: pluggy.PluginManager, hook: str, register: Callable[[Any], object], **kwargs: Any) -> None:
+    """Call a ``register_<thing>`` hook with a checked ``register``; a failure names the plugin."""
+    try:
+        getattr(pm.hook, hook)(register=checked(hook, register), **kwargs)
+    except Exception as e:
+        raise plugin_error(pm, hook, e) from e
+
+
+def check_claims(providers: Sequence[Any]) -> None:
+    """Refuse two installed providers that claim the same listed model: which one serves it would depend on
+    the order the plugins loaded in, which is not defined. The built-in catch-alls (``agentspace.*``) are
+    meant to be overridden and are left out."""
+    installed = [p for p in providers if not type(p).__module__.startswith("agentspace.")]
+    for owner in installed:
+        listing = getattr(owner, "models", None)
+        try:
+            models = list(listing()) if callable(listing) else []
+        except Exception:  # a broken ``models`` is reported where the lists are built
+            continue
+        for other in installed:
+            if other is owner:
+                continue
+            for model in models:
+                try:
+                    claimed = other.claims(model)
+                except Exception:
+                    claimed = False
+                if claimed:
+                    raise PluginError(
+                        f"providers {other.name!r} and {owner.name!r} both claim {model!r} (listed by "
+                        f"{owner.name!r}): which one serves it would depend on the order plugins load in. "
+                        "Make their claims apart, or load one of them (AGENTSPACE_LOAD_PLUGINS=name,...)"
+                    )
 
 
 _pm: pluggy.PluginManager | None = None

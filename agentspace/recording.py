@@ -39,9 +39,9 @@ class Recorder:
         self.queues = {id(s): SinkQueue(s) for s in self.sinks if delivery(s) == "queued"}
 
     async def start(self) -> None:
-        """When the server starts: the queued sinks' ``start`` (open their clients) and workers."""
-        for queue in self.queues.values():
-            await queue.start()
+        """When the server starts: the queued sinks' ``start`` (open their clients) and workers, together (each
+        waited for a bounded time)."""
+        await asyncio.gather(*(queue.start() for queue in self.queues.values()))
 
     async def record(
         self,

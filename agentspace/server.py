@@ -32,7 +32,7 @@ from .default_plugins.storage import open_storage
 from .gateway import assemble
 from .gateway_token import TOKEN_ENV, TokenFile, check_secrets, write_server_address
 from .logs import configure_logging
-from .plugins import check_hooks, get_plugin_manager
+from .plugins import check_hooks, get_plugin_manager, plugin_error
 from .registry import ModelNotFound, Registry
 from .security import AuthFailures, security_middleware
 from .storage.datadir_lock import DataDirLock
@@ -79,6 +79,17 @@ def create_app(config: Config, pm: pluggy.PluginManager | None = None) -> web.Ap
     return app
 
 
+async def _shutdown_hooks(pm: pluggy.PluginManager, app: web.Application, config: Config) -> None:
+    """Each plugin's ``server_shutdown``, in pluggy's order; one that raises is logged, naming it, and the others
+    still run (pluggy would stop at the first exception)."""
+    given = {"app": app, "config": config}
+    for impl in reversed(pm.hook.server_shutdown.get_hookimpls()):
+        try:
+            await _maybe_await(impl.function(*(given[name] for name in impl.argnames)))
+        except Exception:
+            log.exception("plugin %r failed in server_shutdown", pm.get_name(impl.plugin) or impl.plugin_name)
+
+
 async def _maybe_await(value: object) -> None:
     if inspect.isawaitable(value):
         await value
@@ -112,16 +123,18 @@ def _gateway_context(config: Config, pm: pluggy.PluginManager) -> Callable[[web.
             app[state.REGISTRY] = gw
             tokens.load_in_background()
             watcher = asyncio.create_task(ws.watch_credentials(app), name="agentspace-credentials")
-            for result in pm.hook.server_startup(app=app, config=config):
-                await _maybe_await(result)
+            try:
+                for result in pm.hook.server_startup(app=app, config=config):
+                    await _maybe_await(result)
+            except Exception as e:  # named: the author sees which plugin stopped the start
+                raise plugin_error(pm, "server_startup", e) from e
             # What start-up loaded lives as long as the server: out of the collector's sight, so that full
             # collections, which walk every tracked object, stay short (about 60 ms each before) while chats run.
             gc.freeze()
             yield
             watcher.cancel()
-            for result in pm.hook.server_shutdown(app=app, config=config):
-                await _maybe_await(result)
-            await gw.aclose()
+            await _shutdown_hooks(pm, app, config)
+            await gw.aclose()  # also after a plugin's shutdown failed: the sinks drain, the stores close
         finally:
             if lock is not None:
                 lock.close()

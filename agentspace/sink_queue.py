@@ -10,14 +10,17 @@ import logging
 import time
 import weakref
 from collections import deque
+from collections.abc import Callable
 
 from .sinks import (
+    CLOSE_SECONDS,
     DRAIN_SECONDS,
     LOG_EVERY_SECONDS,
     QUEUE_SIZE,
     RECORD_TIMEOUT_SECONDS,
     RETRY_FIRST_SECONDS,
     RETRY_MAX_SECONDS,
+    START_WAIT_SECONDS,
     DropRecord,
     UsageSink,
     sink_name,
@@ -47,6 +50,7 @@ class SinkQueue:
         self._records: deque[UsageRecord] = deque()
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self._starting: asyncio.Task[None] | None = None  # the sink's ``start``; its records wait for it
         self._idle = asyncio.Event()
         self._idle.set()
         self._closed = False
@@ -63,12 +67,33 @@ class SinkQueue:
         return len(self._records)
 
     async def start(self) -> None:
+        """The sink's ``start``, waited for at most ``START_WAIT_SECONDS``: a sink that hangs there must not keep
+        the server from listening. It goes on for up to ``record_timeout_seconds``; records queue meanwhile."""
         start = getattr(self.sink, "start", None)
-        if start is not None:
-            try:
-                await start()
-            except Exception:  # the sink may recover; its records queue and are retried meanwhile
-                log.exception("usage sink %r failed to start", self.name)
+        if start is None:
+            return
+        self._starting = asyncio.create_task(self._start(start), name=f"agentspace-sink-start-{self.name}")
+        done, _ = await asyncio.wait({self._starting}, timeout=min(START_WAIT_SECONDS, self.timeout))
+        if not done:
+            log.warning(
+                "usage sink %r still starting after %.0fs; the server starts without it (its records queue)",
+                self.name,
+                min(START_WAIT_SECONDS, self.timeout),
+            )
+
+    async def _start(self, start: Callable[[], object]) -> None:
+        try:
+            started = start()
+            if inspect.isawaitable(started):
+                await asyncio.wait_for(started, self.timeout)
+        except Exception as e:  # the sink may recover; its records queue and are retried meanwhile
+            log.error(
+                "usage sink %r failed to start (%s: %s); its records are retried",
+                self.name,
+                type(e).__name__,
+                e,
+                exc_info=e,
+            )
 
     def offer(self, record: UsageRecord) -> None:
         """Queue ``record`` for the sink; never blocks, never raises."""
@@ -83,6 +108,8 @@ class SinkQueue:
             self._task = asyncio.create_task(self._run(), name=f"agentspace-sink-{self.name}")
 
     async def _run(self) -> None:
+        if self._starting is not None:
+            await self._starting  # a sink gets no record before its ``start`` ended (or timed out)
         backoff = 0.0
         while True:
             if not self._records:
@@ -146,6 +173,8 @@ class SinkQueue:
                 await asyncio.wait_for(self._idle.wait(), wait)
             except TimeoutError:
                 pass
+        if self._starting is not None and not self._starting.done():
+            self._starting.cancel()
         if self._task is not None:
             self._task.cancel()
             try:
@@ -164,7 +193,12 @@ class SinkQueue:
         close = getattr(self.sink, "aclose", None)
         if close is not None:
             try:
-                await close()
+                closed = close()
+                if inspect.isawaitable(closed):
+                    # Bounded: a sink hanging in its ``aclose`` must not keep the server from stopping.
+                    await asyncio.wait_for(closed, CLOSE_SECONDS)
+            except TimeoutError:
+                log.error("closing usage sink %r took more than %.0fs; left behind", self.name, CLOSE_SECONDS)
             except Exception:
                 log.exception("closing usage sink %r failed", self.name)
         _live.discard(self)

@@ -23,6 +23,8 @@ RECORD_TIMEOUT_SECONDS = 30.0  # one call of ``record``; then it counts as faile
 RETRY_FIRST_SECONDS = 0.5  # backoff after the first failure, doubled after each further one ...
 RETRY_MAX_SECONDS = 30.0  # ... up to this
 DRAIN_SECONDS = 5.0  # at shutdown, how long the queues get to empty
+START_WAIT_SECONDS = 5.0  # how long the server's start waits for a sink's ``start`` (which goes on meanwhile)
+CLOSE_SECONDS = 5.0  # at shutdown, how long a sink's ``aclose`` may take
 LOG_EVERY_SECONDS = 60.0  # at most one failure warning per sink in this time (the rest are counted)
 
 

@@ -28,7 +28,7 @@ from aiohttp.test_utils import TestClient, TestServer
 from . import hookspecs
 from .config import Config, ConfigError, parse_config
 from .gateway_token import load_or_create_token
-from .plugins import ENTRY_POINT_GROUP, check_hooks, create_plugin_manager, describe_plugins
+from .plugins import ENTRY_POINT_GROUP, REGISTERS, check_hooks, checked, create_plugin_manager, describe_plugins
 from .server import create_app
 
 __all__ = [
@@ -104,7 +104,10 @@ def registered(hook: str, config: Config, *plugins: object) -> list[Any]:
     """
     with plugin_manager(*plugins, builtins=False) as pm:
         things: list[Any] = []
-        getattr(pm.hook, hook)(register=things.append, config=config)
+        if hook in REGISTERS:  # as the gateway checks them: what is not of the hook's kind is refused
+            getattr(pm.hook, hook)(register=checked(hook, things.append), config=config)
+        else:
+            getattr(pm.hook, hook)(register=things.append, config=config)
         return things
 
 

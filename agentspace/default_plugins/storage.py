@@ -28,12 +28,14 @@ def register_storage_backends(register: Callable[[StorageBackend], None], config
 
 def open_storage(config: Config, pm: object | None = None) -> Storage:
     """The storage ``[storage] backend`` names, from the backends the plugins registered."""
-    from agentspace.plugins import get_plugin_manager
+    import pluggy
 
-    manager = pm or get_plugin_manager()
+    from agentspace.plugins import call_register, get_plugin_manager
+
+    manager = pm if isinstance(pm, pluggy.PluginManager) else get_plugin_manager()
     backends: dict[str, StorageBackend] = {}
-    manager.hook.register_storage_backends(  # type: ignore[attr-defined]
-        register=lambda backend: backends.setdefault(backend.name, backend), config=config
+    call_register(
+        manager, "register_storage_backends", lambda backend: backends.setdefault(backend.name, backend), config=config
     )
     name = str(config["storage"]["backend"])
     if name not in backends:
