@@ -207,6 +207,16 @@ async def test_every_error_status(
     assert record["answered"] is False and record["error"] and record["totalTokens"] == 0
 
 
+async def test_an_upstreams_retry_after_in_fractions_reaches_the_client_in_whole_seconds(
+    client: TestClient, token: str, fake_openai: FakeOpenAI
+) -> None:
+    # HTTP's Retry-After is whole seconds; an upstream's 1.5 (or retry-after-ms) is rounded up, never sent as 1.5.
+    fake_openai.enqueue(error_status(429, "slow down", retry_after=1.5))
+    with pytest.raises(openai.RateLimitError) as raised:
+        await sdk(client, token).chat.completions.create(model=MODEL, messages=MESSAGES, stream=True)
+    assert raised.value.response.headers["retry-after"] == "2"
+
+
 async def test_unknown_model_and_unsupported_content(client: TestClient, token: str, fake_openai: FakeOpenAI) -> None:
     api = sdk(client, token)
     with pytest.raises(openai.NotFoundError) as raised:

@@ -25,6 +25,7 @@ from .v1_common import (
     anthropic_model,
     read_json_body,
     refusal,
+    retry_after,
     service,
     session_id,
     stream,
@@ -151,7 +152,7 @@ async def _translated(
 
 def _provider_error(e: ProviderError) -> web.Response:
     status = am.client_status(e.status, e.code)
-    headers = {"retry-after": f"{e.retry_after:g}"} if e.retry_after is not None else None
+    headers = {"retry-after": retry_after(e.retry_after)} if e.retry_after is not None else None
     return web.json_response(am.error_body(status, redact(e.message)), status=status, headers=headers)
 
 

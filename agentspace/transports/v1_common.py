@@ -84,12 +84,17 @@ def client_name(request: web.Request) -> str:
     return security.caller(request)
 
 
+def retry_after(seconds: float) -> str:
+    """A ``Retry-After`` value: whole seconds (HTTP's delay-seconds), at least one."""
+    return str(max(1, math.ceil(seconds)))
+
+
 def refusal(request: web.Request, error: ApiError) -> web.Response:
     """A call the client checks refused (``limits.Guard``), in the shape of the API the request speaks, with
     ``Retry-After`` when waiting helps."""
     headers = {}
     if error.retry_after is not None:
-        headers["retry-after"] = str(max(1, math.ceil(error.retry_after)))
+        headers["retry-after"] = retry_after(error.retry_after)
     if error.code != "RATE_LIMITED":
         # The SDKs retry a 429 by themselves; a spent budget (until the period ends) or a model the client
         # may not use will not change in seconds: x-should-retry, which both SDKs honour, says so.

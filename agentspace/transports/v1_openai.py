@@ -24,6 +24,7 @@ from .v1_common import (
     BodyTooLarge,
     openai_model,
     read_json_body,
+    retry_after,
     service,
     session_id,
     stream,
@@ -49,7 +50,7 @@ def _error(
 
 def _provider_error(e: ProviderError) -> web.Response:
     status = oc.client_status(e.status, e.code)
-    headers = {"Retry-After": f"{e.retry_after:g}"} if status == 429 and e.retry_after is not None else None
+    headers = {"Retry-After": retry_after(e.retry_after)} if status == 429 and e.retry_after is not None else None
     if status == 429 and headers is None:
         headers = {"Retry-After": "1"}
     return _error(status, redact(e.message), code=oc.error_code(status), param=e.param, headers=headers)
