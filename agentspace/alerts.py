@@ -2,8 +2,8 @@
 of the budget), so the ``budget_threshold`` hook runs, once per client, threshold and period.
 
 ``BudgetAlerts`` is a usage sink added after the storage's own: it sees each record once it is written, reads
-the client's spend for the period from the usage store (so every replica's records count; the record itself
-is added when the store does not hold it yet), and claims each
+the client's spend for the period from the usage store's report (its rollups: so every replica's records
+count, and the read grows with the period's groups, not its records), and claims each
 threshold reached before calling the hook (per budget: a budget changed has its thresholds alerted again). The claim is what makes "once" hold: a Redis ``SET NX`` shared
 by the replicas when ``[storage] redis_url`` is set, else a small file in the data directory (one process
 per data directory then). The hook runs apart from the turn: a slow webhook delays no answer.
@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .clients import ADMIN, iso, period_bounds
-from .storage.protocols import spend_of
 from .types import UsageRecord
 
 if TYPE_CHECKING:
@@ -93,11 +92,10 @@ class BudgetAlerts:
         start, end = period_bounds(client.period, datetime.now(UTC))
         # This client's spend only: not an earlier client's of the same name (as the budget counts it).
         since = client.since if start is None else max(start, client.since or start)
-        spend, counted = await spend_of(
-            self.usage, since=since, client=client.name, posting=lambda: {record.id: record.timestamp}
-        )
-        if not counted:  # sinks written out of order: count it anyway
-            spend += record.cost.total_cost
+        # From the rollups, off the store thread: the record is in it (the store of record took it before any
+        # other sink sees it; one the store refused, kept for a retry, is counted by the next record's check).
+        report = await self.usage.report(since=since, client=client.name)
+        spend = float(report["grandTotal"]["totalCost"])
         for threshold in self.thresholds:
             if spend + 1e-12 < threshold * budget:
                 break
