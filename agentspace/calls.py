@@ -104,6 +104,8 @@ class Ceiling:
     # The output tokens Anthropic's own API is sent, the budget form of thinking on top of ``max_tokens``
     # (``providers.base.budget_max_tokens``); None: the same as ``output_tokens``.
     anthropic_output_tokens: int | None = None
+    # The service tier the request asks for (OpenAI's ``service_tier``): "priority" is billed at dearer rates.
+    service_tier: str | None = None
 
 
 def request_input_tokens(request: ProviderRequest, ceiling: bool = False) -> int:
@@ -146,6 +148,7 @@ def request_ceiling(request: ProviderRequest, input_tokens: int | None = None) -
         cache_write=request.cache_ttl,
         images=sum(1 for part in files if part.is_image),
         anthropic_output_tokens=upstream_output_tokens(request),
+        service_tier=tier if isinstance(tier := request.params.get("service_tier"), str) else None,
     )
 
 
@@ -338,6 +341,9 @@ def ceiling_cost(gw: Registry, model: str, ceiling: Ceiling) -> float:
         if ceiling.cache_write == "1h" and info.cache_write_1h_per_mtok is not None:
             write_price = info.cache_write_1h_per_mtok
         input_price = max(input_price, write_price)
+    served = info.service_tiers.get(ceiling.service_tier or "")
+    if served is not None:  # the tier asked for, when dearer (flex is cheaper, and may be served as standard)
+        input_price, output_price = max(input_price, served[0]), max(output_price, served[1])
     output_tokens = ceiling.output_tokens
     if ceiling.anthropic_output_tokens is not None and model.startswith(ANTHROPIC_PREFIX):
         output_tokens = ceiling.anthropic_output_tokens

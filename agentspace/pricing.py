@@ -119,6 +119,20 @@ def _tiers_from_cost_map(entry: dict[str, Any]) -> tuple[PriceTier, ...]:
     return tuple(sorted(tiers, key=lambda t: t.above_input_tokens))
 
 
+def _service_tiers(entry: dict[str, Any]) -> dict[str, tuple[float, float, float]]:
+    """The cost map's prices of OpenAI's service tiers (``input_cost_per_token_priority`` and so on)."""
+    tiers = {}
+    for tier in ("priority", "flex"):
+        if f"input_cost_per_token_{tier}" in entry:
+            input_price = _per_mtok(entry, f"input_cost_per_token_{tier}", 0.0)
+            tiers[tier] = (
+                input_price,
+                _per_mtok(entry, f"output_cost_per_token_{tier}", _per_mtok(entry, "output_cost_per_token", 0.0)),
+                _per_mtok(entry, f"cache_read_input_token_cost_{tier}", input_price),
+            )
+    return tiers
+
+
 def model_info(config: Config, model: str, provided: Mapping[str, Any] | None = None) -> ModelInfo:
     """Price and capabilities for a model id: the cost map, then ``provided`` (what the model's provider says
     of it, ``provided_info``), then the config's ``[pricing]`` entry (``config_entry``)."""
@@ -151,6 +165,8 @@ def model_info(config: Config, model: str, provided: Mapping[str, Any] | None = 
         cache_write_1h_per_mtok=_per_mtok(entry, "cache_creation_input_token_cost_above_1hr", 0.0) or None,
         prompt_cache_min_tokens=entry.get("prompt_cache_min_tokens"),
     )
+    if not ("input_per_mtok" in override or "output_per_mtok" in override):  # set prices are the prices
+        info.service_tiers = _service_tiers(entry)
     for key in ("input_per_mtok", "output_per_mtok", "cache_read_per_mtok", "cache_write_per_mtok"):
         if key in override:
             setattr(info, key, float(override[key]))

@@ -175,6 +175,9 @@ class TokenUsage:
     cache_write_1h_tokens: int = 0
     # Server tools the upstream ran and bills per use (Anthropic's ``server_tool_use``): {"web_search": 3}.
     server_tool_use: dict[str, int] | None = None
+    # The service tier the upstream says served the call (OpenAI's ``service_tier``: "priority", "flex"), priced
+    # at that tier's rates (``ModelInfo.service_tiers``); None or another tier: the standard rates.
+    service_tier: str | None = None
 
     @property
     def total_tokens(self) -> int:
@@ -191,6 +194,7 @@ class TokenUsage:
             estimated_fields=tuple(dict.fromkeys(self.estimated_fields + other.estimated_fields)),
             cache_write_1h_tokens=self.cache_write_1h_tokens + other.cache_write_1h_tokens,
             server_tool_use=_merge_counts(self.server_tool_use, other.server_tool_use),
+            service_tier=other.service_tier or self.service_tier,
         )
 
 
@@ -351,6 +355,9 @@ class ModelInfo:
     # Dollars per use of a server tool ("web_search", "web_fetch", "code_execution") set by [pricing] or the
     # provider; a tool not here is priced by calls.server_tool_price's defaults.
     server_tool_per_use: dict[str, float] = field(default_factory=dict)
+    # Prices of the service tiers an upstream may serve a call at (OpenAI's "priority" and "flex", from the cost
+    # map): tier -> (input, output, cache read) per million tokens.
+    service_tiers: dict[str, tuple[float, float, float]] = field(default_factory=dict)
 
     def tier(self, input_tokens: int) -> PriceTier | None:
         """The long-context tier a call with ``input_tokens`` (input and cache tokens) is priced at, if any."""
@@ -368,6 +375,9 @@ class ModelInfo:
             read = tier.cache_read_per_mtok if tier.cache_read_per_mtok is not None else tier.input_per_mtok
             write = tier.cache_write_per_mtok if tier.cache_write_per_mtok is not None else tier.input_per_mtok
             prices = (tier.input_per_mtok, tier.output_per_mtok, read, write)
+        served = self.service_tiers.get(usage.service_tier or "")
+        if served is not None:  # the tier the upstream served the call at (OpenAI bills no cache writes)
+            prices = (served[0], served[1], served[2], served[0])
         input_price, output_price, read_price, write_price = prices
         hour = min(usage.cache_write_1h_tokens, usage.cache_write_tokens)
         hour_price = write_price if self.cache_write_1h_per_mtok is None else self.cache_write_1h_per_mtok

@@ -168,6 +168,33 @@ async def test_an_openai_reasoning_model_reserves_the_max_tokens_it_is_sent(
     assert "may cost up to $0.01" in str(refused[-1]), refused[-1]
 
 
+async def test_a_call_asking_for_the_priority_tier_reserves_at_its_rates(
+    make_client: Any, fake_openai: FakeOpenAI, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``service_tier: "priority"`` is billed at OpenAI's priority rates (gpt-5: $20 per million output tokens,
+    twice the standard $10), and the record is priced so: the reservation is too, so 30 concurrent calls against
+    $0.05 spend at most one call's reservation more."""
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-openai-test-0123456789")
+    client = await make_client(providers={"openai": {"base_url": fake_openai.url}})
+    fake_openai.default = fo.text_response("42", usage=fo.usage(20, 1000)).with_delay(0.2)
+    key = add_client("alice", "--budget", "0.05")
+    api = openai_sdk(client, key)
+    messages: Any = [{"role": "user", "content": "Quick."}]
+    results = await asyncio.gather(
+        *(
+            api.chat.completions.create(
+                model="openai/gpt-5", messages=messages, max_completion_tokens=1000, service_tier="priority"
+            )
+            for _ in range(CALLS)
+        ),
+        return_exceptions=True,
+    )
+    refused = [r for r in results if isinstance(r, BaseException)]
+    assert refused and all(isinstance(r, openai.RateLimitError) for r in refused), refused
+    answered, spent = await spend(client, "alice")
+    assert answered == len(fake_openai.requests) and spent <= 0.05 + 1e-9, (answered, spent)
+
+
 def compressed_pdf(pages: int) -> bytes:
     """A PDF as pdfTeX and most producers write them now: its catalog, page tree and pages inside one
     Flate-compressed object stream, so no ``/Type /Page`` is in its bytes as they are."""

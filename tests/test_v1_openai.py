@@ -207,6 +207,30 @@ async def test_every_error_status(
     assert record["answered"] is False and record["error"] and record["totalTokens"] == 0
 
 
+@pytest.mark.parametrize(("model", "tier"), [(MODEL, "priority"), ("openai/gpt-5", "flex"), (MODEL, None)])
+async def test_a_call_is_priced_at_the_service_tier_the_upstream_served_it_at(
+    client: TestClient, token: str, fake_openai: FakeOpenAI, model: str, tier: str | None
+) -> None:
+    # OpenAI bills a call at the tier its chunks say served it (priority about 1.7x, flex half the standard
+    # rates): the record is priced so, from the cost map's tier prices, not at the standard rates.
+    from agentspace.pricing import cost_map
+
+    extra = {"service_tier": tier} if tier else {}
+    stream = await sdk(client, token).chat.completions.create(model=model, messages=MESSAGES, stream=True, **extra)
+    async for _ in stream:
+        pass
+    assert fake_openai.requests[-1].body.get("service_tier") == tier
+    (record,) = await records(client)
+    rates = cost_map()[model.split("/", 1)[1]]
+    suffix = f"_{tier}" if tier else ""
+    expected = (
+        record["inputTokens"] * rates[f"input_cost_per_token{suffix}"]
+        + record["outputTokens"] * rates[f"output_cost_per_token{suffix}"]
+    )
+    assert record["inputTokens"] and record["cacheReadTokens"] == 0
+    assert record["totalCost"] == pytest.approx(expected, rel=1e-9)
+
+
 async def test_an_upstreams_retry_after_in_fractions_reaches_the_client_in_whole_seconds(
     client: TestClient, token: str, fake_openai: FakeOpenAI
 ) -> None:

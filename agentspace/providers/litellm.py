@@ -18,6 +18,7 @@ import sys
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import replace
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
@@ -316,6 +317,7 @@ class _ChunkReader:
         self.seen_urls: set[str] = set()
         self.finish_reason: str | None = None
         self.usage: Any = None
+        self.service_tier: str | None = None  # the tier the upstream served the call at, as its chunks say
 
     def feed(self, chunk: Any) -> Iterator[ProviderEvent]:
         choices = chunk.choices
@@ -333,6 +335,9 @@ class _ChunkReader:
         chunk_usage = getattr(chunk, "usage", None)
         if chunk_usage is not None:
             self.usage = chunk_usage
+        tier = getattr(chunk, "service_tier", None)
+        if isinstance(tier, str) and tier and tier != "default":  # the standard rates: nothing to note
+            self.service_tier = tier
 
     def _delta(self, delta: Any) -> Iterator[ProviderEvent]:
         message = self.message
@@ -390,6 +395,8 @@ class _ChunkReader:
         if self.calls and reason == "stop":  # some OpenAI-compatible servers (Ollama) end tool calls with "stop"
             reason = "tool-calls"
         usage = _token_usage(self.usage) if provider_sent_usage(response) else None
+        if usage is not None and self.service_tier is not None:
+            usage = replace(usage, service_tier=self.service_tier)
         yield ProviderFinish(reason, usage, self.message.finish())
 
 

@@ -55,6 +55,10 @@ DEFAULT_TEXT = "Hello from the fake OpenAI upstream."
 Delta = dict[str, Any] | str
 
 
+# The service tiers a request may ask for that the upstream then serves it at (OpenAI's chunks say which).
+SERVED_TIERS = ("priority", "flex")
+
+
 @dataclass(frozen=True)
 class FakeResponse:
     """One scripted answer: a 200 event stream, or an error status with OpenAI's JSON error body.
@@ -382,6 +386,9 @@ class FakeOpenAI(FakeUpstream[FakeResponse]):
             "created": self._created,
             "model": model,
             "system_fingerprint": "fp_fake",
+            "service_tier": recorded.body.get("service_tier")
+            if recorded.body.get("service_tier") in SERVED_TIERS
+            else "default",
         }
         chunks = script._encoded(head, include_usage)
         try:
