@@ -166,6 +166,7 @@ def messages_body_ceiling(gw: Registry, model: str, body: dict[str, Any]) -> Cei
     PDFs by Anthropic's formulas, URL sources at the configured ceiling, ``max_tokens`` as sent (the thinking
     budget is part of it), server tools at ``max_uses``."""
     tally = _BlockTally()
+    tally.cache(body.get("cache_control"))  # automatic caching: one breakpoint for the whole request
     tally.block(body.get("system") or "")
     for message in body.get("messages") or ():
         if isinstance(message, dict):
@@ -174,6 +175,9 @@ def messages_body_ceiling(gw: Registry, model: str, body: dict[str, Any]) -> Cei
     if tools:
         tally.texts.append(json.dumps(tools, default=str))
         tally.extra += TOOL_PROMPT_TOKENS + sum(_anthropic_tool_tokens(t) for t in tools if isinstance(t, dict))
+        for tool in tools if isinstance(tools, list) else ():
+            if isinstance(tool, dict):
+                tally.cache(tool.get("cache_control"))
     input_tokens = sum(count_ceiling_tokens(t) for t in tally.texts if t) + tally.extra
     if tally.uncountable:
         input_tokens += tally.uncountable * uncountable_tokens(gw, model)
@@ -181,7 +185,7 @@ def messages_body_ceiling(gw: Registry, model: str, body: dict[str, Any]) -> Cei
     max_tokens = body.get("max_tokens")
     if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
         max_tokens = int(gw.config["chat"]["max_tokens"])
-    return Ceiling(input_tokens, max_tokens, server_tool_uses(gw, tools), cache_write=_cache_ttl(body))
+    return Ceiling(input_tokens, max_tokens, server_tool_uses(gw, tools), cache_write=tally.cache_write)
 
 
 def fetched_tokens(gw: Registry, model: str, tools: Any) -> int:
@@ -212,25 +216,6 @@ def _anthropic_tool_tokens(tool: dict[str, Any]) -> int:
     return 0
 
 
-def _cache_ttl(value: Any) -> str | None:
-    """The longest TTL of the ``cache_control`` breakpoints anywhere in a Messages body (the top-level one of
-    automatic caching included): "1h", "5m", or None when it asks for no caching."""
-    found: str | None = None
-    stack = [value]
-    while stack:
-        item = stack.pop()
-        if isinstance(item, dict):
-            control = item.get("cache_control")
-            if isinstance(control, dict):
-                if control.get("ttl") == "1h":
-                    return "1h"
-                found = "5m"
-            stack.extend(v for v in item.values() if isinstance(v, (dict, list)))
-        elif isinstance(item, list):
-            stack.extend(v for v in item if isinstance(v, (dict, list)))
-    return found
-
-
 class _BlockTally:
     """What Messages API content costs: its texts (to count), the tokens of images and PDFs, and how many
     sources are behind a URL or a file id."""
@@ -239,6 +224,11 @@ class _BlockTally:
         self.texts: list[str] = []
         self.extra = 0
         self.uncountable = 0
+        self.cache_write: str | None = None  # the longest TTL of the ``cache_control`` breakpoints seen
+
+    def cache(self, control: Any) -> None:
+        if isinstance(control, dict) and self.cache_write != "1h":
+            self.cache_write = "1h" if control.get("ttl") == "1h" else "5m"
 
     def block(self, value: Any) -> None:
         if isinstance(value, str):
@@ -251,6 +241,7 @@ class _BlockTally:
         if not isinstance(value, dict):
             self.texts.append(str(value))
             return
+        self.cache(value.get("cache_control"))
         kind = value.get("type")
         source = value.get("source")
         if kind == "image":
