@@ -246,6 +246,14 @@ def event_loop_factory(choice: str) -> tuple[str, Callable[[], asyncio.AbstractE
     return "uvloop", uvloop.new_event_loop
 
 
+def _say(line: str) -> None:
+    """A line on stdout in one write: the workers of ``serve --workers N`` share the supervisor's stdout, and
+    ``print`` writes the text and its newline apart when stdout is unbuffered (PYTHONUNBUFFERED), so two
+    workers' banners could interleave mid-line. One write of less than PIPE_BUF bytes to a pipe is atomic."""
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
+
+
 async def _serve(config: Config, host: str, port: int, reuse_port: bool = False) -> None:
     app = create_app(config)
     grace = float(config["server"]["shutdown_grace_seconds"])
@@ -280,14 +288,14 @@ async def _serve(config: Config, host: str, port: int, reuse_port: bool = False)
         # before the banner, so that whoever waits for the banner finds it.
         with contextlib.suppress(OSError):
             write_server_address(config.data_dir, f"ws://{shown_host}:{bound[1]}/gateway")
-        print(f"agentspace listening on {url}  (WebSocket: ws://{shown_host}:{bound[1]}/gateway)", flush=True)
+        _say(f"agentspace listening on {url}  (WebSocket: ws://{shown_host}:{bound[1]}/gateway)")
         if os.environ.get(TOKEN_ENV):
-            print(f"Clients need the gateway token: the value of {TOKEN_ENV}.", flush=True)
+            _say(f"Clients need the gateway token: the value of {TOKEN_ENV}.")
         else:
             # With the config this server read, so that the token comes from this server's data directory.
             source = Path(config.source)
             with_config = f" --config {shlex.quote(str(source.resolve()))}" if source.is_file() else ""
-            print(f"Clients need the gateway token: run `agentspace token{with_config}`.", flush=True)
+            _say(f"Clients need the gateway token: run `agentspace token{with_config}`.")
         await stop.wait()
         print("agentspace shutting down", file=sys.stderr, flush=True)
         # New calls are refused in their API's shape (503) while running ones finish; then the listener closes.

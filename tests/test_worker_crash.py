@@ -32,7 +32,7 @@ async def start_workers(layout: GatewayProcess) -> tuple[asyncio.subprocess.Proc
         process = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "agentspace", "serve", "--config", str(layout.config_path),
             "--port", "0", "--workers", "2",
-            stdout=asyncio.subprocess.PIPE, stderr=log, env=child_env(layout.data_dir), cwd=ROOT,
+            stdout=asyncio.subprocess.PIPE, stderr=log, env=unbuffered(layout.data_dir), cwd=ROOT,
         )  # fmt: skip
     assert process.stdout is not None
     urls: list[str] = []
@@ -45,6 +45,8 @@ async def start_workers(layout: GatewayProcess) -> tuple[asyncio.subprocess.Proc
                 raise AssertionError(f"the workers did not start: {lines}\n{layout.log()[-5000:]}") from None
             assert line, layout.log()[-3000:]
             lines.append(line)
+            # The two workers share this pipe: each banner line arrives whole, never mixed with another's.
+            assert line.startswith((b"agentspace listening on ", b"Clients need the gateway token")), lines
             if b"listening on" in line:
                 urls.append(line.split()[3].decode())
         assert len(set(urls)) == 1
@@ -52,6 +54,11 @@ async def start_workers(layout: GatewayProcess) -> tuple[asyncio.subprocess.Proc
         await stop(process)  # SIGTERM: the supervisor passes it on, no worker is left behind
         raise
     return process, urls[0]
+
+
+def unbuffered(data_dir: Path) -> dict[str, str]:
+    """The workers' environment with stdout unbuffered, where ``print`` writes a line and its newline apart."""
+    return {**child_env(data_dir), "PYTHONUNBUFFERED": "1"}
 
 
 def workers_of(process: asyncio.subprocess.Process) -> list[int]:
