@@ -1,7 +1,7 @@
 """A call the upstream served at OpenAI's priority tier, cut by a SIGKILL of ``agentspace serve`` mid-stream, is
 recovered at that tier's rates (docs/accounting.md), and every report gives the records' numbers after the
 restart: ``agentspace usage`` (every ``--by``), ``GET /api/usage`` (every ``by``, a ``since`` inside the day
-too), the client's spend and ``/metrics``."""
+too), the client's spend, the web app's usage page (Chromium) and ``/metrics``."""
 
 from __future__ import annotations
 
@@ -24,11 +24,30 @@ from agentspace.storage.reports import REPORTS, SUMMED
 from scripts.harness import GatewayProcess
 from tests.fakes import anthropic_upstream as fa
 from tests.fakes import openai_upstream as fo
+from tests.test_web_app import CHROMIUM, Gateway, Page, playwright_api
 
 GPT = "openai/gpt-4o-mini"
 OPENAI_KEY = "sk-openai-test-0123456789"
 CLI_GROUPS = {"model": "perModel", "day": "perDay", "client": "perClient", "session": "perSession"}
 CLI_GROUPS |= {"deployment": "perDeployment", "endpoint": "perEndpoint"}
+
+
+def usage_page_cards(server: GatewayProcess) -> dict[str, float]:
+    """The web app's usage page in Chromium, signed in with the gateway token, range "Today": its cards."""
+    with playwright_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu"])
+        try:
+            web = Page(browser, Gateway(server.url, server.data_dir, server.config_path, None))  # type: ignore[arg-type]
+            page = web.sign_in()
+            page.get_by_role("link", name="Usage").click()
+            page.get_by_label("Range", exact=True).select_option("today")
+            page.wait_for_selector("#usage-body:not([aria-busy]) #card-totalCost")
+            fields = ("totalCost", "serverToolCost", "requestCount", "errorCount", "inputTokens", "outputTokens")
+            cards = {f: float(page.locator(f"#card-{f}").get_attribute("data-value") or "nan") for f in fields}
+            web.check()
+            return cards
+        finally:
+            browser.close()
 
 
 def run_cli(server: GatewayProcess, *args: str) -> str:
@@ -150,6 +169,16 @@ async def test_a_priority_call_cut_by_a_crash_is_recovered_at_the_priority_rates
                 assert (await resp.json())["client"]["spend"]["usd"] == pytest.approx(expected, rel=1e-9)
             async with http.get(restarted.url + "/metrics", headers=headers) as resp:
                 text = await resp.text()
+        if CHROMIUM is not None:  # the web app's usage page shows the same
+            cards = await asyncio.to_thread(usage_page_cards, restarted)
+            assert cards == {
+                "totalCost": pytest.approx(expected, abs=1e-12),
+                "serverToolCost": 0,
+                "requestCount": 1,
+                "errorCount": 1,
+                "inputTokens": record["inputTokens"],
+                "outputTokens": record["outputTokens"],
+            }
         samples = [s for f in text_string_to_metric_families(text) for s in f.samples]
         assert sum(s.value for s in samples if s.name == "agentspace_cost_usd_total") == pytest.approx(expected)
         assert sum(s.value for s in samples if s.name == "agentspace_requests_total") == 1
