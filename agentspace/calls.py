@@ -480,6 +480,10 @@ def recovered_record(gw: Registry, entry: dict[str, Any]) -> UsageRecord:
     else:
         usage = TokenUsage(input_tokens=int(entry.get("inputTokens") or 0))
         fields.append("inputTokens")
+    # The tier the upstream reported, else the one the request asked for (and was reserved at).
+    tier = noted.get("serviceTier") if isinstance(noted, dict) else None
+    tier = tier or entry.get("serviceTier")
+    usage.service_tier = tier if isinstance(tier, str) else None
     relayed = int(entry.get("relayedTokens") or 0)
     if relayed > usage.output_tokens:
         usage.output_tokens = relayed
@@ -520,6 +524,8 @@ def entry_rates(info: ModelInfo) -> dict[str, Any]:
         rates["cacheWrite1h"] = info.cache_write_1h_per_mtok
     if info.long_context:
         rates["tiers"] = [asdict(tier) for tier in info.long_context]
+    if info.service_tiers:
+        rates["serviceTiers"] = {tier: list(prices) for tier, prices in info.service_tiers.items()}
     if not info.price_known:
         rates["known"] = False
     return rates
@@ -540,6 +546,10 @@ def rates_info(gw: Registry, model: str, rates: Any) -> ModelInfo:
             cache_write_per_mtok=float(rates["cacheWrite"]),
             cache_write_1h_per_mtok=None if rates.get("cacheWrite1h") is None else float(rates["cacheWrite1h"]),
             long_context=tuple(PriceTier(**tier) for tier in rates.get("tiers") or ()),
+            service_tiers={
+                str(tier): (float(p[0]), float(p[1]), float(p[2]))
+                for tier, p in (rates.get("serviceTiers") or {}).items()
+            },
             price_known=rates.get("known") is not False,
         )
     except (KeyError, TypeError, ValueError):
@@ -597,6 +607,7 @@ def usage_to_note(usage: TokenUsage, final: bool = False) -> dict[str, Any]:
         "reasoningTokens": usage.reasoning_tokens,
         "serverToolUse": usage.server_tool_use,
         "final": final,
+        **({"serviceTier": usage.service_tier} if usage.service_tier else {}),
         **({"estimatedFields": list(usage.estimated_fields)} if usage.estimated_fields else {}),
     }
 
@@ -723,6 +734,8 @@ class ProviderCall:
         }
         if self.purpose:
             entry["purpose"] = self.purpose
+        if self.ceiling is not None and self.ceiling.service_tier:  # reserved at its rates: a recovery prices at them
+            entry["serviceTier"] = self.ceiling.service_tier
         pending = self.gw.ledger.pending(entry)
         # The turn's user message (pipeline.start_turn), its sync under way: durable too before the request leaves.
         message = self.gw.sessions.awaiting_sync(self.session_id)
@@ -824,11 +837,12 @@ class ProviderCall:
         if not self._open or self._reported:  # the upstream reported the input already (message_start)
             return
         try:
-            tokens = ceiling().input_tokens
+            counted = ceiling()
         except Exception:
             log.exception("counting the input of call %s failed", self.id)
             return
-        self.gw.ledger.note(self.id, inputTokens=tokens, soon=False)
+        tier = {"serviceTier": counted.service_tier} if counted.service_tier else {}  # as the entry's (admit)
+        self.gw.ledger.note(self.id, inputTokens=counted.input_tokens, soon=False, **tier)
 
     def _note_relayed(self) -> None:
         # On a timer rather than every so many tokens: the last output before the upstream went quiet (or the

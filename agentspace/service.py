@@ -47,6 +47,11 @@ from .vault import resolve_key
 
 SHUTTING_DOWN_MESSAGE = "The gateway is shutting down; try again when it is back."
 
+# ``GET /healthz``'s statuses (docs/deploy.md): every one but "ok" is a 503, so a load balancer sends calls elsewhere.
+HEALTH_STATUSES = ("ok", "unavailable", "shutting down")
+# How long the health check waits for Redis to answer a PING.
+HEALTH_REDIS_SECONDS = 2.0
+
 # How long stopping an answer waits for it to be stored (an abort ends its call at once; this is a bound).
 STOP_WAIT_SECONDS = 5.0
 
@@ -566,6 +571,24 @@ class Service:
     async def start_call(self, call: ProviderCall, request: ProviderRequest) -> DirectCall:
         """Start an admitted call on its model, or over a model group's deployments (``routed_call.py``)."""
         return await start_direct(self.gw, request, call)
+
+    async def health(self) -> dict[str, str]:
+        """Whether this replica can serve: ``status`` (``HEALTH_STATUSES``), with ``storage`` (why it cannot be
+        reached), and ``database`` and ``redis`` ("ok" or the reason) where the gateway uses them."""
+        if self.shutting_down.is_set():  # draining: a load balancer sends new calls elsewhere
+            return {"status": "shutting down"}
+        body = {"status": "ok"}
+        problem = await self.gw.storage.health()
+        if problem is not None:
+            body.update(status="unavailable", storage=problem)
+        if self.gw.storage.shared:
+            body["database"] = problem or "ok"
+        if self.gw.cluster is not None:
+            problem = await self.gw.cluster.health(HEALTH_REDIS_SECONDS)
+            body["redis"] = problem or "ok"
+            if problem is not None:
+                body["status"] = "unavailable"
+        return body
 
     # --- the model groups' deployments, clients and credentials: the gateway token only ---------
 

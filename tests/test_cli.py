@@ -97,6 +97,13 @@ def usage_data(home: Path) -> None:
 USAGE_TABLE_HEADER = "model requests errors input output cache read cache write total tokens server tools cost".split()
 
 
+def test_version_is_the_package_s() -> None:
+    import agentspace
+
+    result = CliRunner().invoke(main, ["--version"])
+    assert (result.exit_code, result.stdout) == (0, f"agentspace, version {agentspace.__version__}\n")
+
+
 def test_usage_table(usage_data: None) -> None:
     result = invoke("usage", "--by-model")
     assert result.exit_code == 0

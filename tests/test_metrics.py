@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import asyncio
 import importlib
+import re
 from collections import Counter
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import anthropic
@@ -275,3 +277,24 @@ def test_model_labels_stay_few() -> None:
     assert metrics.model_label(ANTHROPIC) == ANTHROPIC  # in the price list
     assert metrics.model_label("ollama/some-private-fine-tune-1234") == "other"
     assert metrics.client_label("x" * 200) == "other"
+
+
+def test_the_readme_names_every_metric_and_every_endpoint_label() -> None:
+    """The README's metric table is what /metrics exports (the plugin's own metrics), and it
+    names every endpoint a usage record may carry (a new /v1 endpoint is a new value of the label)."""
+    root = Path(__file__).resolve().parent.parent
+    readme = (root / "README.md").read_text(encoding="utf-8")
+    rows = set(re.findall(r"^\| `(agentspace_\w+)` \|", readme, re.MULTILINE))
+    exported = {
+        family.name + ("_total" if family.type == "counter" else "")
+        for family in metrics.REGISTRY.collect()
+        if family.name.startswith("agentspace_")
+    }
+    assert rows == exported
+    source = "\n".join(p.read_text(encoding="utf-8") for p in (root / "agentspace").rglob("*.py"))
+    endpoints = set(re.findall(r'(?:^ENDPOINT = |endpoint=)"(\w+)"', source, re.MULTILINE))
+    assert {"ws", "http", "anthropic", "openai", "responses", "embeddings"} <= endpoints
+    line = re.search(r"^`endpoint` is (.*)$", readme, re.MULTILINE)
+    assert line is not None and set(re.findall(r"`(\w+)`", line[1])) >= endpoints
+    usage_line = re.search(r"^Usage records carry `client` and `endpoint` \(([^)]*)\)", readme, re.MULTILINE)
+    assert usage_line is not None and set(re.findall(r"`(\w+)`", usage_line[1])) == endpoints

@@ -23,6 +23,7 @@ from agentspace.clients import PERIODS
 from agentspace.errors import HTTP_STATUS
 from agentspace.export import EXPORT_FORMATS
 from agentspace.plugins import create_plugin_manager
+from agentspace.service import HEALTH_STATUSES
 from agentspace.storage.reports import REPORTS
 from agentspace.transports import routes, ui_stream
 from agentspace.transports.rest import HTTP_ERROR_CODES
@@ -163,6 +164,8 @@ def test_documented_enums_are_the_codes() -> None:
     codes = set(HTTP_STATUS) | set(HTTP_ERROR_CODES.values())
     assert set(schemas["Error"]["properties"]["error"]["properties"]["code"]["enum"]) == codes
     assert _source_error_codes() <= codes
+    # /healthz's statuses
+    assert schemas["Health"]["properties"]["status"]["enum"] == list(HEALTH_STATUSES)
     # Budget periods, export formats, the chat body's trigger and roles, stored message roles and part types
     assert all(enum == list(PERIODS) for enum in _enums(doc, "period"))
     assert _enums(doc, "format") == [list(EXPORT_FORMATS)]

@@ -9,9 +9,11 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import jsonschema
 
 from agentspace.storage.embedded.sessions import SessionStore
 from agentspace.storage.embedded.usage import UsageStore
+from agentspace.transports.routes import document
 from scripts.harness import GatewayProcess
 from tests.fakes import anthropic_upstream as fa
 
@@ -62,7 +64,12 @@ async def test_sigterm_finishes_within_grace_and_stores_the_rest_as_aborted(
             server.process.send_signal(signal.SIGTERM)
             await server.wait_for_log("running stream(s)")  # shutdown has begun
             async with http.get(server.url + "/healthz") as health:  # draining: new calls go elsewhere
-                assert (health.status, await health.json()) == (503, {"status": "shutting down"})
+                body = await health.json()
+                assert (health.status, body) == (503, {"status": "shutting down"})
+            # the answer is the one the OpenAPI document gives /healthz
+            doc = document()
+            schema = {**doc["paths"]["/healthz"]["get"]["responses"]["503"]["content"]["application/json"]["schema"]}
+            jsonschema.Draft202012Validator({**schema, "components": doc["components"]}).validate(body)
             await idle.send_json({"type": "chat.send", "id": "late", "content": "too late"})
             refused = await idle.receive_json(timeout=30)
             assert (refused["type"], refused["code"]) == (

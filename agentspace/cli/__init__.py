@@ -12,7 +12,6 @@ import importlib
 
 import click
 
-from .. import __version__
 from .common import CliState
 
 # The built-in commands: name -> (module of this package, the command in it), imported on first need.
@@ -72,7 +71,9 @@ class AgentspaceGroup(click.Group):
 
 
 @click.group(cls=AgentspaceGroup)
-@click.version_option(__version__, prog_name="agentspace")
+# The installed package's version, read when asked for: the package's __init__ names this package's helpers for
+# plugins, so this package does not import it back (tests/test_import_graph.py).
+@click.version_option(package_name="agentspace", prog_name="agentspace")
 @click.option(
     "--config",
     "config_path",

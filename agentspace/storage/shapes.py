@@ -131,6 +131,7 @@ class LedgerEntry(TypedDict):
     # The model's rates when the call was made (``calls.entry_rates``): a recovery prices the call at them.
     rates: NotRequired[dict[str, Any]]
     purpose: NotRequired[str]  # a call the gateway made on its own account ("compact")
+    serviceTier: NotRequired[str]  # the service tier the request asked for (OpenAI's "priority", "flex")
 
 
 @dataclass
