@@ -29,7 +29,7 @@ from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import asdict, dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
-from . import attachments
+from . import attachments, tokens
 from .attachments import IMAGE_TOKENS, PDF_PAGE_TOKENS
 from .errors import ApiError, StorageError
 from .observe import CallInfo, notify
@@ -698,6 +698,7 @@ class ProviderCall:
         the pending entry written ahead. ``ceiling`` gives the request's ceiling, counted only when a budget
         needs it (counting a long body costs milliseconds); None: admission only (count_tokens) -- nothing
         reserved, no entry. Raises ApiError; then nothing is held."""
+        await tokens.loaded()
         guard = self.gw.guard
         amount: float | None = None
         models = [self.model]

@@ -26,7 +26,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field, replace
 from typing import Any, cast
 
-from . import attachments
+from . import attachments, tokens
 from .calls import ProviderCall, ceiling_cost, price, request_ceiling
 from .context import AssembledContext, assemble, estimate_input_tokens
 from .context_policy import fit_context
@@ -125,6 +125,7 @@ class ChatRequest:
 
 async def start_turn(gw: Registry, request: ChatRequest) -> Turn:
     """Validate, create the session if needed, store the user message, and start streaming."""
+    await tokens.loaded()
     session = await _existing_session(gw, request)
     model = await _admitted_model(gw, request, session)
     # Media types, sizes and what the model reads: refused here, before anything is stored or sent.

@@ -22,7 +22,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import attachments
+from . import attachments, tokens
 from .calls import Ceiling, ProviderCall, messages_body_ceiling
 from .catalog import usable_models
 from .clients import ADMIN, Client, apply_settings, name_problem, settings_problems
@@ -414,6 +414,7 @@ class Service:
         if user_message is not None and not isinstance(user_message, str):
             raise invalid({"userMessage": "must be a string"})
         draft = clean_text(user_message) if isinstance(user_message, str) else None
+        await tokens.loaded()
         inspection = await inspect_session(self.gw, session_id, model, draft)
         if inspection is None:
             raise _not_found(self.visible(session_id))

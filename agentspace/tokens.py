@@ -7,6 +7,7 @@ that folder makes the first use work without a network. We locate the folder wit
 
 from __future__ import annotations
 
+import asyncio
 import importlib.util
 import os
 import threading
@@ -44,6 +45,17 @@ def load_in_background() -> None:
     """Load the encoding on a thread now (about half a second): a server's first count, at the end of its first
     turn, would otherwise wait for it on the event loop."""
     threading.Thread(target=_encoding, name="agentspace-load-tiktoken", daemon=True).start()
+
+
+async def loaded() -> None:
+    """Wait, off the event loop, until the encoding is loaded: a request may come while ``load_in_background``'s
+    thread still loads it (seconds on a loaded machine, beside the providers' imports), and a count on the loop
+    would wait for that thread's lock with every other client waiting too. Awaited where a request's counting
+    starts (a turn, a provider call, a context inspection); once loaded, a flag's check."""
+    global _ready
+    if not _ready:
+        await asyncio.to_thread(_encoding)
+        _ready = True
 
 
 def _encoding() -> tiktoken.Encoding:
@@ -103,5 +115,6 @@ def count_ceiling_tokens(text: str) -> int:
 
 
 _loading = threading.Lock()
+_ready = False  # the encoding is loaded (``loaded``)
 _cache: LRU[tuple[int, int], int] = LRU(CACHED_COUNTS)
 _cache_lock = threading.Lock()  # counts are made on worker threads too

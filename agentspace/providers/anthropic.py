@@ -6,6 +6,7 @@ command imports this module and most of them never talk to Anthropic.
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import importlib
 import json
@@ -13,6 +14,7 @@ import logging
 import threading
 from collections.abc import AsyncIterator, Callable
 from dataclasses import replace
+from types import ModuleType
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from ..events import (
@@ -102,6 +104,19 @@ def _import_sdk() -> None:
     gc.freeze()  # the SDK's modules live as long as the server, like the rest of start-up (see server.py)
 
 
+_sdk: ModuleType | None = None
+
+
+async def _load_sdk() -> ModuleType:
+    """The SDK, its import waited for off the event loop: a first call may come while ``server_startup``'s thread
+    still imports it (seconds on a loaded machine, beside litellm's import), and an ``import`` on the loop would
+    wait for that thread's module lock with every other client, lock renewal and health check waiting too."""
+    global _sdk
+    if _sdk is None:
+        _sdk = await asyncio.to_thread(importlib.import_module, "anthropic")
+    return _sdk
+
+
 class AnthropicProvider:
     """Serves ``anthropic/...`` model ids with the official ``anthropic`` SDK."""
 
@@ -122,11 +137,9 @@ class AnthropicProvider:
         # Every call goes with the key the gateway resolved; the SDK gets no other source of one.
         return not api_key
 
-    def _client(self, api_key: str, base_url: str | None) -> AsyncAnthropic:
+    def _client(self, anthropic: ModuleType, api_key: str, base_url: str | None) -> AsyncAnthropic:
         client = self._clients.get((api_key, base_url))
         if client is None:
-            import anthropic
-
             client = anthropic.AsyncAnthropic(
                 api_key=api_key,
                 base_url=base_url,
@@ -175,10 +188,10 @@ class AnthropicProvider:
     async def stream(self, request: ProviderRequest) -> AsyncIterator[ProviderEvent]:
         if not request.api_key:
             raise ProviderError("NO_API_KEY", NO_KEY_MESSAGE)
-        import anthropic
-        import httpx2  # the SDK's HTTP client; its errors (and its transport's) surface unwrapped while a stream is read
+        anthropic = await _load_sdk()
+        import httpx2  # the SDK's HTTP client (imported by it); its errors surface unwrapped while a stream is read
 
-        client = self._client(request.api_key, request.base_url)
+        client = self._client(anthropic, request.api_key, request.base_url)
         if request.thinking is not None:
             request.thinking = await self._thinking_for(client, request)
         params = request_params(request)
