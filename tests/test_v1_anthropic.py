@@ -564,11 +564,9 @@ async def test_sampling_parameters_reach_other_providers(
 
 
 async def test_unreachable_upstream(make_client: Callable[..., Awaitable[TestClient]], token: str) -> None:
-    import socket
+    from tests.scale_servers import free_port
 
-    with socket.socket() as s:  # a port nothing listens on
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()  # a port nothing listens on
     client = await make_client(providers={"anthropic": {"base_url": f"http://127.0.0.1:{port}"}})
     with pytest.raises(anthropic.InternalServerError) as raised:
         await sdk(client, token).messages.create(model=MODEL, max_tokens=10, messages=MESSAGES)
