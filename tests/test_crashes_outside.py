@@ -28,7 +28,7 @@ from scripts.harness import GatewayProcess
 from tests.conftest import wait_until
 from tests.fakes import anthropic_upstream as fa
 from tests.fakes import openai_upstream as fo
-from tests.support.ledgers import journal_entries, shared_entries
+from tests.support.ledgers import journal_entries, shared_entries, wait_for_notes
 
 MODEL = "anthropic/claude-sonnet-4-5"
 # Tools run in the served gateway: registered as a plugin before the CLI starts it (as tests/test_web_app.py does).
@@ -381,7 +381,8 @@ async def test_a_killed_worker_is_replaced_and_its_whole_answers_billed(
         async with aiohttp.ClientSession(headers=HEADERS) as http:
             calls = [asyncio.ensure_future(http.post(url + "/v1/messages", json=body)) for _ in range(6)]
             await wait_for_requests(fake_anthropic, 6)
-            await asyncio.sleep(2.5)  # the counted input reaches the shared ledger (a loaded machine: slack)
+            # The input counted while they wait reaches the shared ledger (within seconds, later under load).
+            await wait_for_notes(lambda: shared_entries(pg_dsn), 6, lambda e: (e.get("inputTokens") or 0) > 0)
             killed = workers_of(process)[0]
             os.kill(killed, signal.SIGKILL)
             answered = 0
