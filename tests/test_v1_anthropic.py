@@ -286,8 +286,8 @@ async def test_client_disconnect_stops_the_upstream_and_leaves_one_record(
             while received.count(b"content_block_delta") < 5:
                 received += await resp.content.readany()
             resp.connection.transport.close()  # type: ignore[union-attr]  # hang up mid-answer
-    await wait_until(lambda: _true(fake_anthropic.requests[0].disconnected), timeout=5)
-    await wait_until(lambda: _nonempty(records(client)), timeout=5)
+    await wait_until(lambda: _true(fake_anthropic.requests[0].disconnected), timeout=30)
+    await wait_until(lambda: _nonempty(records(client)), timeout=30)
     await asyncio.sleep(0.2)
     (record,) = await records(client)
     assert record["finishReason"] == "aborted"

@@ -106,7 +106,7 @@ async def test_bad_first_frame_is_refused_and_closed(client: TestClient, first: 
     await (ws.send_str(first) if isinstance(first, str) else ws.send_json(first))
     frame = await receive(ws)
     assert frame["type"] == "error" and frame["code"] == "UNAUTHORIZED"
-    closing = await ws.receive(timeout=5)
+    closing = await ws.receive(timeout=20)
     assert closing.type in (WSMsgType.CLOSE, WSMsgType.CLOSED, WSMsgType.CLOSING)
 
 
@@ -115,7 +115,7 @@ async def test_no_auth_within_timeout_closes(make_client: Any) -> None:
     ws = await client.ws_connect("/gateway")
     frame = await receive(ws)
     assert frame["code"] == "UNAUTHORIZED"
-    assert (await ws.receive(timeout=5)).type in (WSMsgType.CLOSE, WSMsgType.CLOSED)
+    assert (await ws.receive(timeout=20)).type in (WSMsgType.CLOSE, WSMsgType.CLOSED)
 
 
 # --- streaming content --------------------------------------------------------------------------
