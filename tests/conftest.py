@@ -7,7 +7,9 @@ over HTTP through the real SDKs, and test tools or sections are registered as pl
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +37,20 @@ def event_loop_policy() -> asyncio.AbstractEventLoopPolicy:
 
         return uvloop.EventLoopPolicy()
     return asyncio.DefaultEventLoopPolicy()
+
+
+# Budget periods, "today" in reports and the rollups by day all turn at midnight UTC (weeks and months too): a
+# test that starts this close to it waits for it to pass, so that none runs across it (spent on one day, read
+# on the next).
+MIDNIGHT_MARGIN_SECONDS = 120.0
+
+
+@pytest.fixture(autouse=True)
+def clear_of_midnight() -> None:
+    now = datetime.now(UTC)
+    left = (now.replace(hour=0, minute=0, second=0, microsecond=0) + timedelta(days=1) - now).total_seconds()
+    if left < MIDNIGHT_MARGIN_SECONDS:
+        time.sleep(left + 1)
 
 
 @pytest.fixture(autouse=True)

@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import os
 import pwd
+import random
 import shutil
 import signal
 import socket
@@ -24,8 +25,37 @@ if TYPE_CHECKING:
     from scripts.harness import GatewayProcess
 
 
+def _ephemeral_ports() -> range:
+    """The kernel's range for port-0 binds and outgoing connections."""
+    try:
+        low, high = map(int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+    except (OSError, ValueError):
+        low, high = 32768, 60999
+    return range(low, high + 1)
+
+
+_given: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
+    """A port nothing is bound to, for a server started on it later (or stopped and started again on it), or for
+    a URL nothing answers: outside the kernel's ephemeral range, which every port-0 bind and outgoing connection
+    on the machine draws from, so none of them can take it meanwhile."""
+    ephemeral = _ephemeral_ports()
+    spare = range(20000, ephemeral.start) if ephemeral.start > 21000 else range(ephemeral.stop, 65536)
+    pick = random.SystemRandom()  # not the test's seeded `random`: concurrent runs must not pick alike
+    for _ in range(100):
+        port = pick.choice(spare)
+        if port in _given:  # picked already (two ports for servers not started yet)
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            _given.add(port)
+            return port
+    with socket.socket() as s:  # the spare range is crowded: an ephemeral one
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
 

@@ -20,6 +20,7 @@ from agentspace.tokens import count_tokens
 from agentspace.transports import state
 from scripts.harness import GatewayProcess
 from tests.fakes import anthropic_upstream as fa
+from tests.support.ledgers import journal_entries, wait_for_notes
 from tests.support.ws import chat, of, receive
 from tests.test_clients import add_client, anthropic_sdk, bearer
 
@@ -122,7 +123,8 @@ async def test_step_five_a_killed_server_posts_the_relayed_output_at_the_next_st
                 frame = json.loads((await ws.receive(timeout=30)).data)
                 if frame["type"] == "chat.stream.delta":
                     relayed += frame.get("delta") or frame.get("text") or ""
-            await asyncio.sleep(3)  # the output relayed is noted every half second, written within a second
+            # The output relayed is noted every half second, written within a second (later under load).
+            await wait_for_notes(lambda: journal_entries(data_dir), 1, lambda e: e.get("relayedTokens") == 900)
             await server.kill()
     finally:
         await server.aclose()

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import random
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,7 @@ from agentspace.storage.embedded.usage import SEGMENT_SIZE, write_log_segment
 from agentspace.storage.reports import REPORTS
 from agentspace.types import Cost, TokenUsage, UsageRecord
 from scripts.harness import GatewayProcess
+from tests.conftest import wait_until
 
 
 def cli(data_dir: Path, *args: str) -> Result:
@@ -45,6 +47,14 @@ async def status_with(session: aiohttp.ClientSession, url: str, key: str) -> int
 # --- 1. the clients file written by the server (last use) and the CLI at once ----------------------
 
 
+async def until(condition: Callable[[], bool], what: str, timeout: float = 30.0) -> None:
+    """Wait for ``condition`` (slower on a loaded machine), polling often: the callers run meanwhile."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not condition():
+        assert asyncio.get_running_loop().time() < deadline, f"never: {what}"
+        await asyncio.sleep(0.005)
+
+
 async def test_cli_changes_made_while_the_server_notes_last_uses_all_hold(tmp_path: Path, fake_anthropic: Any) -> None:
     gateway = GatewayProcess(tmp_path / "data", fake_anthropic.url)
     await gateway.start()
@@ -55,6 +65,8 @@ async def test_cli_changes_made_while_the_server_notes_last_uses_all_hold(tmp_pa
     budgets: dict[str, str] = {}
     changing: set[str] = set()  # clients the CLI is changing: not called meanwhile (an old key's 401s would
     # get the loopback address refused as a guesser of keys)
+    calling: dict[str, int] = {}  # calls in flight per client
+    used: set[str] = set()  # keys called at least once
     stop = asyncio.Event()
     try:
         async with aiohttp.ClientSession() as session:
@@ -65,7 +77,12 @@ async def test_cli_changes_made_while_the_server_notes_last_uses_all_hold(tmp_pa
                 while not stop.is_set():
                     for name, key in list(live.items()):
                         if name not in changing:
-                            await status_with(session, gateway.url, key)
+                            calling[name] = calling.get(name, 0) + 1
+                            try:
+                                await status_with(session, gateway.url, key)
+                                used.add(key)
+                            finally:
+                                calling[name] -= 1
                     await asyncio.sleep(0)
 
             callers = [asyncio.create_task(caller()) for _ in range(3)]
@@ -73,7 +90,7 @@ async def test_cli_changes_made_while_the_server_notes_last_uses_all_hold(tmp_pa
                 op = "add" if len(live) < 3 else rng.choice(["add", "rotate", "rotate", "set", "remove"])
                 name = f"team-{i}" if op == "add" else rng.choice(sorted(live))
                 changing.add(name)
-                await asyncio.sleep(0.01)  # calls already made with its key answered
+                await until(lambda: not calling.get(name), "calls made with its key answered")  # noqa: B023
                 if op == "add":
                     result = await run_cli(data, "clients", "add", name)
                     assert result.exit_code == 0, result.output
@@ -95,10 +112,16 @@ async def test_cli_changes_made_while_the_server_notes_last_uses_all_hold(tmp_pa
                 changing.discard(name)
                 # The file is whole after every change (never a half-written or emptied file).
                 json.loads((data / "clients.json").read_text(encoding="utf-8"))
+                if op in ("add", "rotate"):  # its new key used before the next change
+                    await until(lambda: live[name] in used, f"{name}'s new key used")  # noqa: B023
             stop.set()
             await asyncio.gather(*callers)
-            await asyncio.sleep(0.5)  # the last touches written
 
+            async def touched() -> bool:  # the last uses are written after the answers (later under load)
+                stored = json.loads((data / "clients.json").read_text(encoding="utf-8"))["clients"]
+                return all(stored.get(name, {}).get("lastUsedAt") for name in live)
+
+            await wait_until(touched, timeout=30)
             stored = json.loads((data / "clients.json").read_text(encoding="utf-8"))["clients"]
             assert sorted(stored) == sorted(live)
             for name, key in live.items():

@@ -24,6 +24,7 @@ from agentspace.storage.embedded.usage import UsageStore
 from scripts.harness import GatewayProcess
 from tests.fakes import anthropic_upstream as fa
 from tests.fakes.anthropic_upstream import FakeAnthropic
+from tests.support.ledgers import journal_entries, wait_for_notes
 from tests.support.ui_stream import post_chat, read_all
 from tests.support.ws import of
 from tests.test_clients import add_client, anthropic_sdk, bearer, cli, openai_sdk, records, spend_of, ws_chat
@@ -521,7 +522,8 @@ async def test_sigkill_mid_stream_then_restart_records_each_call_as_reported(
             for resp in streams:
                 assert resp.status == 200
                 await resp.content.readany()  # output is flowing
-            await asyncio.sleep(1.5)  # the ledger's notes are written within a second
+            # The reported input and the output relayed reach the journal (within a second, later under load).
+            await wait_for_notes(lambda: journal_entries(data_dir), 4)
             assert len(fake_anthropic.requests) == 4
             await server.kill()
     finally:

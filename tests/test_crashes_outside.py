@@ -25,8 +25,10 @@ from agentspace.cli import main as cli
 from agentspace.storage import UsageStore
 from scripts import harness
 from scripts.harness import GatewayProcess
+from tests.conftest import wait_until
 from tests.fakes import anthropic_upstream as fa
 from tests.fakes import openai_upstream as fo
+from tests.support.ledgers import journal_entries, shared_entries, wait_for_notes
 
 MODEL = "anthropic/claude-sonnet-4-5"
 # Tools run in the served gateway: registered as a plugin before the CLI starts it (as tests/test_web_app.py does).
@@ -242,6 +244,10 @@ async def test_killed_while_whole_answers_are_awaited_their_input_is_billed_once
     assert spend["inFlightUsd"] == 0
 
 
+async def _nothing_open(data_dir: Path, dsn: str) -> bool:
+    return not await journal_entries(data_dir) and not await shared_entries(dsn)
+
+
 async def test_a_spooled_record_stored_by_a_retry_closes_its_entry(
     tmp_path: Path, fake_anthropic: fa.FakeAnthropic
 ) -> None:
@@ -273,7 +279,8 @@ async def test_a_spooled_record_stored_by_a_retry_closes_its_entry(
                 if await recorded(pg.dsn):
                     break
                 await asyncio.sleep(0.1)
-            await asyncio.sleep(1.5)  # the closing reaches the journal and the shared ledger (within a second)
+            # The closing reaches the journal and the shared ledger (within a second, later under load).
+            await wait_until(lambda: _nothing_open(data_dir, pg.dsn), timeout=30)
             assert await server.terminate() == 0
         finally:
             await server.aclose()
@@ -374,7 +381,8 @@ async def test_a_killed_worker_is_replaced_and_its_whole_answers_billed(
         async with aiohttp.ClientSession(headers=HEADERS) as http:
             calls = [asyncio.ensure_future(http.post(url + "/v1/messages", json=body)) for _ in range(6)]
             await wait_for_requests(fake_anthropic, 6)
-            await asyncio.sleep(2.5)  # the counted input reaches the shared ledger (a loaded machine: slack)
+            # The input counted while they wait reaches the shared ledger (within seconds, later under load).
+            await wait_for_notes(lambda: shared_entries(pg_dsn), 6, lambda e: (e.get("inputTokens") or 0) > 0)
             killed = workers_of(process)[0]
             os.kill(killed, signal.SIGKILL)
             answered = 0

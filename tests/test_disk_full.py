@@ -28,6 +28,7 @@ from agentspace.storage.ledger import Ledger, read_journal
 from agentspace.types import now_iso
 from scripts.harness import GatewayProcess
 from tests.fakes import anthropic_upstream as fa
+from tests.support.ledgers import journal_entries, wait_for_notes
 
 BIG = "x" * 20_000  # more than any page of slack a full tmpfs leaves at a file's end
 
@@ -154,7 +155,8 @@ async def test_a_call_after_the_disk_refused_the_ledger_is_recovered_after_a_cra
         flying = asyncio.create_task(messages_call(server, stream=True))
         while len(fake_anthropic.requests) == answered:
             await asyncio.sleep(0.02)
-        await asyncio.sleep(0.5)  # message_start relayed and noted
+        # message_start relayed and its usage noted in the journal (at once; later under load)
+        await wait_for_notes(lambda: journal_entries(disk), 1, _reported_77)
         await server.kill()
         with pytest.raises(aiohttp.ClientError):
             await flying
@@ -167,6 +169,10 @@ async def test_a_call_after_the_disk_refused_the_ledger_is_recovered_after_a_cra
     assert all(r["inputTokens"] == 77 for r in records)
     (recovered,) = [r for r in records if r["recovered"]]
     assert recovered["error"] == "INTERRUPTED" and "inputTokens" not in recovered["estimatedFields"]
+
+
+def _reported_77(entry: dict[str, Any]) -> bool:
+    return bool((entry.get("usage") or {}).get("inputTokens") == 77)
 
 
 async def spend_until_refused(server: GatewayProcess, key: str) -> tuple[int, str]:
@@ -315,7 +321,7 @@ async def test_a_start_on_a_full_disk_posts_the_killed_calls_once_there_is_room(
         flying = [asyncio.create_task(messages_call(server, stream=True)) for _ in range(3)]
         while len(fake_anthropic.requests) < 3:
             await asyncio.sleep(0.02)
-        await asyncio.sleep(0.5)  # message_start relayed and noted
+        await wait_for_notes(lambda: journal_entries(disk), 3, _reported_77)  # as above
         await server.kill()
         await asyncio.gather(*flying, return_exceptions=True)
         filler = fill(disk)

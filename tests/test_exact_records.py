@@ -27,6 +27,7 @@ from scripts.harness import GatewayProcess
 from tests.conftest import wait_until
 from tests.fakes import anthropic_upstream as fa
 from tests.fakes import openai_upstream as fo
+from tests.support.ledgers import journal_entries, wait_for_notes
 from tests.support.ui_stream import post_chat, read_all, user
 from tests.support.ws import chat, of
 from tests.test_clients import add_client, bearer
@@ -400,6 +401,8 @@ async def test_a_killed_server_recovers_all_the_output_it_relayed(
     not the output as of the last time so many characters or deltas had gone by."""
     pieces = ["x" * 2048, "y" * 1024, "z" * 524]
     text = "".join(pieces)
+    # The relay counts the deltas it relayed; the others, the characters (about four a token).
+    relayed = count_tokens(text) if way == "messages" else len(text) // 4 + 1
     fake_anthropic.enqueue(fa.text_response(text, chunks=pieces, usage=A_START).stall(120, after=6))
     data_dir = tmp_path / "data"
     server = GatewayProcess(data_dir, fake_anthropic.url)
@@ -421,7 +424,9 @@ async def test_a_killed_server_recovers_all_the_output_it_relayed(
                 got_bytes = b""
                 while b"z" * 524 not in got_bytes:
                     got_bytes += await asyncio.wait_for(resp.content.readany(), 30)
-            await asyncio.sleep(3)  # noted every half second, written within a second (a loaded machine: slack)
+            # The output relayed is noted every half second, written within a second (later under load): wait
+            # for the journal to hold all of it before the kill.
+            await wait_for_notes(lambda: journal_entries(data_dir), 1, lambda e: e.get("relayedTokens") == relayed)
             await server.kill()
     finally:
         await server.aclose()
@@ -432,8 +437,6 @@ async def test_a_killed_server_recovers_all_the_output_it_relayed(
     finally:
         await restarted.aclose()
     (record,) = list(UsageStore(data_dir).records_sync())
-    # The relay counts the deltas it relayed; the others, the characters (about four a token).
-    relayed = count_tokens(text) if way == "messages" else len(text) // 4 + 1
     assert (record["inputTokens"], record["cacheReadTokens"], record["cacheWriteTokens"]) == (1234, 567, 89)
     assert (record["outputTokens"], record["estimatedFields"], record["recovered"]) == (
         relayed,

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
 import subprocess
 import sys
 from typing import Any
@@ -398,9 +397,9 @@ async def test_upstream_that_stalls_past_the_timeout(fake_openai: FakeOpenAI) ->
 
 
 async def test_unreachable_upstream(fake_openai: FakeOpenAI) -> None:
-    with socket.socket() as s:  # a port nobody listens on
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    from tests.scale_servers import free_port
+
+    port = free_port()  # a port nobody listens on
     request = make_request(fake_openai)
     request.base_url = f"http://127.0.0.1:{port}/v1"
     error, _ = await fail(request)

@@ -18,6 +18,7 @@ from agentspace import ContextSection, hookimpl
 from agentspace.config import Config
 from agentspace.plugins import PluginHookError, check_hooks, create_plugin_manager
 from agentspace.testing import gateway_client, make_config, plugin_manager
+from tests.scale_servers import free_port
 
 MISSPELT = """
 from agentspace import hookimpl
@@ -148,14 +149,6 @@ def test_sections_of_the_installed_memory_and_skills_plugins(tmp_path: Path) -> 
     env = {**os.environ, "AGENTSPACE_LOAD_PLUGINS": "agentspace-memory,agentspace-skills"}
     done = subprocess.run([sys.executable, "-c", code, str(tmp_path)], env=env, capture_output=True, text=True)
     assert done.stdout.strip() == "['memory', 'skills', 'system_prompt']", done.stderr
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def test_token_uses_the_data_directory_serve_uses_and_says_which(tmp_path: Path) -> None:

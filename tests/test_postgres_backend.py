@@ -5,7 +5,6 @@ error and a 503 ``/healthz`` when the database is unreachable, and recovery when
 from __future__ import annotations
 
 import asyncio
-import socket
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -71,9 +70,7 @@ async def test_retention_drops_whole_months(pg_dsn: str) -> None:
 
 
 async def test_unreachable_database_is_a_clear_storage_error() -> None:
-    with socket.socket() as s:  # a port nothing listens on
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()  # a port nothing listens on
     db = PostgresDatabase(f"postgresql://postgres@127.0.0.1:{port}/agentspace", connect_timeout=2)
     with pytest.raises(StorageError) as caught:
         await db.start()

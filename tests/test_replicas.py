@@ -20,6 +20,7 @@ from agentspace.storage.postgres import PostgresDatabase
 from scripts.harness import ROOT, GatewayProcess, child_env
 from tests.fakes import anthropic_upstream as fa
 from tests.scale_servers import TOKEN, Redis, flush_redis
+from tests.support.ledgers import shared_entries, wait_for_notes
 
 SLOW = " ".join(f"w{n}" for n in range(60))
 
@@ -130,7 +131,8 @@ async def test_sigkill_of_a_mid_stream_b_serves_and_the_lock_expires(
         started = await http.post(f"{a.url}/api/chat", json=chat_body("k1"))
         assert started.status == 200
         await started.content.readuntil(b"text-delta")
-        await asyncio.sleep(0.5)  # the shared ledger has heard that the upstream answered
+        # The shared ledger has heard that the upstream answered (soon; later under load).
+        await wait_for_notes(lambda: shared_entries(pg_dsn), 1, lambda e: bool(e.get("answered")))
         await a.kill()  # SIGKILL: no shutdown, the lock is not released
         started.close()
 
@@ -198,7 +200,8 @@ async def test_a_replica_killed_mid_stream_its_calls_are_recovered_and_its_reser
         for resp, (_, _, mark) in zip(streams, calls, strict=True):
             assert resp.status == 200
             await resp.content.readuntil(mark)
-        await asyncio.sleep(1.5)  # the notes reach the shared ledger within a second
+        # The reported input and the output relayed reach the shared ledger (within a second, later under load).
+        await wait_for_notes(lambda: shared_entries(pg_dsn), len(calls))
         await a.kill()
         for resp in streams:
             resp.close()

@@ -4,7 +4,6 @@ the call, after it does not; a key rotated in the vault while serving is the nex
 
 from __future__ import annotations
 
-import socket
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -16,16 +15,11 @@ from click.testing import CliRunner
 from agentspace.cli import main
 from tests.fakes import anthropic_upstream as fa
 from tests.fakes import openai_upstream as fo
+from tests.scale_servers import free_port
 from tests.test_routing import MODEL, deployments, fakes, records, routed, sdk  # noqa: F401
 
 OAI = "openai/gpt-4o-mini"
 OAI_KEY = "sk-oai-team-0123456789abcdef"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def mixed(oai_url: str, anthropic_url: str, **settings: Any) -> dict[str, Any]:
