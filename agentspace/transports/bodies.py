@@ -192,6 +192,34 @@ ANTHROPIC_FIELDS = {
     "metadata": "object",
 }
 
+RESPONSES_FIELDS = {
+    "model": "string",
+    "input": "string or array",
+    "instructions": "string",
+    "stream": "boolean",
+    "stream_options": "object",
+    "max_output_tokens": "integer",
+    "temperature": "number",
+    "top_p": "number",
+    "tools": "array",
+    "tool_choice": "string or object",
+    "parallel_tool_calls": "boolean",
+    "reasoning": "object",
+    "text": "object",
+    "include": "array",
+    "store": "boolean",
+    "background": "boolean",
+    "metadata": "object",
+    "client_metadata": "object",
+    "prompt_cache_key": "string",
+    "service_tier": "string",
+    "user": "string",
+    "safety_identifier": "string",
+    "truncation": "string",
+    "max_tool_calls": "integer",
+    "top_logprobs": "integer",
+}
+
 
 def type_problem(body: dict[str, Any], fields: dict[str, str]) -> tuple[str, str] | None:
     """The first field of ``body`` (present and not null) whose type is wrong: (field, "must be a KIND")."""

@@ -1,0 +1,110 @@
+"""Credentials, limits and inputs (issue 27) tried again from outside, in the combinations the first tests
+(tests/test_hardening.py) left out: the newer /v1 endpoints' bodies, secrets inside a relayed stream."""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any
+
+import anthropic
+import pytest
+from aiohttp.test_utils import TestClient
+
+import tests.fakes.anthropic_upstream as fa
+from agentspace.transports import state
+from tests.conftest import TEST_KEY
+from tests.fakes.openai_upstream import FakeOpenAI
+from tests.test_clients import add_client, bearer
+
+OPENAI_KEY = "sk-openai-outside-0123456789abcdef"
+
+
+async def openai_client(make_client: Any, fake_openai: FakeOpenAI, monkeypatch: pytest.MonkeyPatch) -> TestClient:
+    monkeypatch.setenv("OPENAI_API_KEY", OPENAI_KEY)
+    client: TestClient = await make_client(providers={"openai": {"base_url": fake_openai.url}})
+    return client
+
+
+# --- /v1/responses and /v1/embeddings: a wrong type is a 400 before anything is called ---------------
+
+RESPONSES = {"model": "openai/gpt-4o-mini", "input": "hi", "max_output_tokens": 16}
+EMBEDDINGS = {"model": "openai/text-embedding-3-small", "input": "hi"}
+MISTYPED = [
+    ("/v1/responses", {**RESPONSES, "stream": "false"}, "stream"),  # read by truthiness, it streamed
+    ("/v1/responses", {**RESPONSES, "store": "false"}, "store"),
+    ("/v1/responses", {**RESPONSES, "user": 5}, "user"),
+    ("/v1/responses", {**RESPONSES, "service_tier": {"tier": "priority"}}, "service_tier"),
+    ("/v1/responses", {**RESPONSES, "prompt_cache_key": [1]}, "prompt_cache_key"),
+    ("/v1/responses", {**RESPONSES, "metadata": "x"}, "metadata"),
+    ("/v1/responses", {**RESPONSES, "include": [5]}, "include"),
+    ("/v1/responses", {**RESPONSES, "max_output_tokens": True}, "max_output_tokens"),
+    ("/v1/embeddings", {**EMBEDDINGS, "input": [True, False]}, "input[0]"),  # JSON's true is no token id
+    ("/v1/embeddings", {**EMBEDDINGS, "input": [[-1, 2]]}, "input[0]"),
+    ("/v1/embeddings", {**EMBEDDINGS, "user": 5}, "user"),
+]
+
+
+async def test_mistyped_fields_on_responses_and_embeddings_are_400_with_no_call_and_no_record(
+    make_client: Any, fake_openai: FakeOpenAI, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    client = await openai_client(make_client, fake_openai, monkeypatch)
+    key = add_client("alice")
+    for path, body, param in MISTYPED:
+        async with client.post(path, json=body, headers=bearer(key)) as resp:
+            answer = await resp.json()  # JSON, not an event stream
+            assert resp.status == 400, (path, body, answer)
+        error = answer["error"]
+        assert error["type"] == "invalid_request_error" and error["param"] == param and error["message"], answer
+    assert not fake_openai.requests  # nothing reached the provider
+    assert await client.server.app[state.REGISTRY].usage.records() == []
+    assert not [r for r in caplog.records if r.levelname == "ERROR" or r.exc_info], caplog.text
+    # the same fields well typed are answered
+    async with client.post(
+        "/v1/responses", json={**RESPONSES, "stream": False, "store": False}, headers=bearer(key)
+    ) as resp:
+        assert resp.status == 200 and (await resp.json())["status"] == "completed"
+    async with client.post("/v1/embeddings", json={**EMBEDDINGS, "input": [[0, 1]]}, headers=bearer(key)) as resp:
+        assert resp.status == 200 and len((await resp.json())["data"]) == 1
+
+
+# --- the pass-through: a secret inside the stream is redacted too ---------------------------------
+
+
+async def test_an_error_event_inside_a_relayed_stream_never_shows_the_gateways_key(
+    client: TestClient, fake_anthropic: fa.FakeAnthropic
+) -> None:
+    key = add_client("alice")
+    api = anthropic.AsyncAnthropic(api_key=key, base_url=f"http://127.0.0.1:{client.port}", max_retries=0)
+    fake_anthropic.enqueue(fa.error_event("overloaded_error", f"overloaded; key {TEST_KEY} was sent", text="Hel"))
+    raw = b""
+    async with client.post(
+        "/v1/messages",
+        json={
+            "model": "claude-sonnet-4-5",
+            "max_tokens": 8,
+            "stream": True,
+            "messages": [{"role": "user", "content": "hi"}],
+        },
+        headers={**bearer(key), "anthropic-version": "2023-06-01"},
+    ) as resp:
+        assert resp.status == 200
+        raw = await resp.read()
+    assert b"event: error" in raw and b"overloaded; key [redacted] was sent" in raw, raw
+    assert TEST_KEY.encode() not in raw
+    # the SDK reads the same error, with the key redacted
+    fake_anthropic.enqueue(fa.error_event("overloaded_error", f"overloaded; key {TEST_KEY} was sent"))
+    with pytest.raises(anthropic.APIStatusError) as raised:
+        async with api.messages.stream(
+            model="claude-sonnet-4-5", max_tokens=8, messages=[{"role": "user", "content": "hi"}]
+        ) as stream:
+            async for _ in stream:
+                pass
+    assert TEST_KEY not in json.dumps(raised.value.body) and "[redacted]" in str(raised.value.body)
+    records = await client.server.app[state.REGISTRY].usage.records()
+    assert len(records) == 2 and all(r["error"] == "LLM_ERROR" for r in records), records
+
+
+@pytest.fixture(autouse=True)
+def _quiet(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.WARNING)
