@@ -53,6 +53,7 @@ from .types import (
 )
 
 if TYPE_CHECKING:
+    from .clients import Client
     from .limits import Reservation
     from .registry import Registry
     from .storage.shapes import LedgerEntry
@@ -616,6 +617,7 @@ class ProviderCall:
         "client",
         "endpoint",
         "credential",
+        "identity",
         "purpose",
         "started",
         "attempts",
@@ -657,6 +659,7 @@ class ProviderCall:
         self.client = client
         self.endpoint = endpoint
         self.credential = credential  # the SHA-256 of the client key the caller authenticated with
+        self.identity: str | None = None  # the creation of the client the call was admitted as
         self.started = time.monotonic()
         self.attempts = 1
         self.recorded: UsageRecord | None = None
@@ -706,6 +709,7 @@ class ProviderCall:
             cost=None if ceiling is None else cost,
             credential=self.credential,
             continues=self.continues,
+            admitted=self._admitted,
         )
         if ceiling is None:
             return
@@ -753,6 +757,9 @@ class ProviderCall:
         self._open = True
         if self.ceiling is None:  # no budget needed the count: a call still running soon has it noted (below)
             self._input_timer = asyncio.get_running_loop().call_later(RELAYED_NOTE_SECONDS, self._note_input, ceiling)
+
+    def _admitted(self, client: Client) -> None:
+        self.identity = client.created_at
 
     # --- observation ---
 
@@ -889,7 +896,7 @@ class ProviderCall:
         gw, was_open = self.gw, self._open
         # A record the store refused is spooled below and retried: once a retry stores it, its entry closes.
         stored_later = functools.partial(gw.ledger.closed, record.id) if was_open else None
-        posted = gw.recorder.record(record, self.reservation, stored_later=stored_later)
+        posted = gw.recorder.record(record, self.reservation, stored_later=stored_later, identity=self.identity)
         self._open = False
 
         async def post() -> UsageRecord:

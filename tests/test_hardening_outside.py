@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from typing import Any
@@ -13,9 +14,10 @@ from aiohttp.test_utils import TestClient
 
 import tests.fakes.anthropic_upstream as fa
 from agentspace.transports import state
-from tests.conftest import TEST_KEY
+from tests.conftest import TEST_KEY, wait_until
 from tests.fakes.openai_upstream import FakeOpenAI
-from tests.test_clients import add_client, bearer
+from tests.support.ui_stream import post_chat
+from tests.test_clients import add_client, bearer, cli
 
 OPENAI_KEY = "sk-openai-outside-0123456789abcdef"
 
@@ -103,6 +105,63 @@ async def test_an_error_event_inside_a_relayed_stream_never_shows_the_gateways_k
     assert TEST_KEY not in json.dumps(raised.value.body) and "[redacted]" in str(raised.value.body)
     records = await client.server.app[state.REGISTRY].usage.records()
     assert len(records) == 2 and all(r["error"] == "LLM_ERROR" for r in records), records
+
+
+# --- a name removed and added again while its calls run: the new client gets none of them -----------
+
+
+async def test_calls_running_across_a_remove_and_add_again_stay_the_earlier_clients(
+    client: TestClient, token: str, fake_anthropic: fa.FakeAnthropic
+) -> None:
+    # alice has no budget (her calls settle without a reservation), bob has one (with a reservation)
+    alice, bob = add_client("alice"), add_client("bob", "--budget", "5")
+    for _ in range(3):
+        fake_anthropic.enqueue(fa.text_response("part " * 30, chunks=30).with_delay(0.05))
+    chat_stream = await post_chat(client, bearer(alice), "project-x")  # /api/chat
+    assert chat_stream.status == 200
+    v1 = await client.post(
+        "/v1/messages",  # the pass-through
+        json={
+            "model": "claude-sonnet-4-5",
+            "max_tokens": 64,
+            "stream": True,
+            "messages": [{"role": "user", "content": "hi"}],
+        },
+        headers={**bearer(alice), "anthropic-version": "2023-06-01"},
+    )
+    assert v1.status == 200
+    ws = await client.ws_connect("/gateway", headers=bearer(bob))
+    await ws.send_json({"type": "chat.send", "id": "r1", "content": "hi"})
+    await chat_stream.content.readuntil(b"text-delta")
+    await v1.content.readuntil(b"content_block_delta")
+    while (await ws.receive_json(timeout=10))["type"] != "chat.stream.delta":
+        pass
+
+    new_keys = {}
+    for name, options in (("alice", ()), ("bob", ("--budget", "5"))):
+        await asyncio.to_thread(cli, "clients", "remove", name)
+        new_keys[name] = (await asyncio.to_thread(cli, "clients", "add", name, *options)).strip()
+    assert b'"type":"finish"' in await chat_stream.read()  # running HTTP streams finish
+    assert b"message_stop" in await v1.read()
+
+    async def report() -> dict[str, Any]:
+        resp = await client.get("/api/usage?by=client", headers=bearer(token))
+        return dict((await resp.json())["perClient"])
+
+    async def all_recorded() -> bool:  # bob's turn goes on after his socket closed, unseen, and is billed
+        per_client = await report()
+        return all(per_client.get(n, {}).get("requestCount") == c for n, c in (("alice", 2), ("bob", 1)))
+
+    await wait_until(all_recorded, timeout=20)
+    for name, key in new_keys.items():  # the new clients of these names: no usage, no spend
+        usage = await (await client.get("/api/usage", headers=bearer(key))).json()
+        assert usage["grandTotal"]["requestCount"] == 0 and usage["grandTotal"]["totalCost"] == 0, (name, usage)
+        shown = json.loads(await asyncio.to_thread(cli, "clients", "show", name, "--json"))
+        assert shown["spend"]["usd"] == 0, (name, shown)
+        listed = await (await client.get(f"/api/clients/{name}", headers=bearer(token))).json()
+        assert listed["client"]["spend"]["usd"] == 0 and listed["client"]["spend"]["inFlightUsd"] == 0, listed
+    assert (await (await client.get("/api/sessions", headers=bearer(new_keys["alice"]))).json())["sessions"] == []
+    await ws.close()
 
 
 @pytest.fixture(autouse=True)
