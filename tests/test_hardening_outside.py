@@ -70,6 +70,66 @@ async def test_mistyped_fields_on_responses_and_embeddings_are_400_with_no_call_
         assert resp.status == 200 and len((await resp.json())["data"]) == 1
 
 
+# --- a count out of range is a 400, never a reservation -----------------------------------------------
+
+HUGE = 10**400  # valid JSON, and no float: priced into a reservation it raised OverflowError
+
+
+@pytest.mark.parametrize("value", [HUGE, 2**31, -1, 0])
+async def test_a_token_count_out_of_range_is_400_on_every_v1_endpoint_for_a_budgeted_client(
+    make_client: Any,
+    fake_anthropic: fa.FakeAnthropic,
+    fake_openai: FakeOpenAI,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    value: int,
+) -> None:
+    client = await openai_client(make_client, fake_openai, monkeypatch)
+    key = add_client("alice", "--budget", "5")  # a reservation is priced from the count
+    messages = [{"role": "user", "content": "hi"}]
+    requests = [
+        ("/v1/messages", "max_tokens", {"model": "claude-sonnet-4-5", "max_tokens": value, "messages": messages}),
+        ("/v1/messages", "max_tokens", {"model": "openai/gpt-4o-mini", "max_tokens": value, "messages": messages}),
+        (
+            "/v1/messages",
+            "thinking.budget_tokens",
+            {
+                "model": "openai/gpt-4o-mini",
+                "max_tokens": 64,
+                "thinking": {"type": "enabled", "budget_tokens": value},
+                "messages": messages,
+            },
+        ),
+        (
+            "/v1/chat/completions",
+            "max_tokens",
+            {"model": "anthropic/claude-sonnet-4-5", "max_tokens": value, "messages": messages},
+        ),
+        (
+            "/v1/chat/completions",
+            "max_completion_tokens",
+            {"model": "openai/gpt-4o-mini", "max_completion_tokens": value, "messages": messages},
+        ),
+        (
+            "/v1/responses",
+            "max_output_tokens",
+            {"model": "openai/gpt-4o-mini", "max_output_tokens": value, "input": "hi"},
+        ),
+    ]
+    for path, field, body in requests:
+        headers = {**bearer(key), "anthropic-version": "2023-06-01", "Content-Type": "application/json"}
+        async with client.post(path, data=json.dumps(body), headers=headers) as resp:
+            answer = await resp.json()
+            assert resp.status == 400, (path, field, answer)
+        if path == "/v1/messages":
+            assert answer["error"]["type"] == "invalid_request_error" and field in answer["error"]["message"], answer
+        else:
+            assert answer["error"]["type"] == "invalid_request_error" and answer["error"]["param"] == field, answer
+    assert not fake_anthropic.requests and not fake_openai.requests
+    assert await client.server.app[state.REGISTRY].usage.records() == []
+    assert not [r for r in caplog.records if r.levelname == "ERROR" or r.exc_info], caplog.text
+
+
 # --- the pass-through: a secret inside the stream is redacted too ---------------------------------
 
 
