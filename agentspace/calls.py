@@ -294,7 +294,8 @@ def server_tool_uses(gw: Registry, tools: Any) -> dict[str, int]:
             if kind.startswith(name + "_"):
                 most = tool.get("max_uses")
                 count = most if isinstance(most, int) and not isinstance(most, bool) and most >= 0 else ceiling
-                uses[name] = uses.get(name, 0) + count
+                # At most 2**31-1 (JSON's integers have no bound): priced, the reservation must stay a float.
+                uses[name] = uses.get(name, 0) + min(count, 2**31 - 1)
     return uses
 
 

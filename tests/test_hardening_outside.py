@@ -130,6 +130,26 @@ async def test_a_token_count_out_of_range_is_400_on_every_v1_endpoint_for_a_budg
     assert not [r for r in caplog.records if r.levelname == "ERROR" or r.exc_info], caplog.text
 
 
+async def test_a_server_tools_max_uses_of_400_digits_is_priced_not_a_500(
+    client: TestClient, fake_anthropic: fa.FakeAnthropic, caplog: pytest.LogCaptureFixture
+) -> None:
+    key = add_client("alice", "--budget", "5")
+    headers = {**bearer(key), "anthropic-version": "2023-06-01", "Content-Type": "application/json"}
+    tool = {"type": "web_search_20250305", "name": "web_search", "max_uses": HUGE}
+    body = {
+        "model": "claude-sonnet-4-5",
+        "max_tokens": 8,
+        "messages": [{"role": "user", "content": "hi"}],
+        "tools": [tool],
+    }
+    async with client.post("/v1/messages", data=json.dumps(body), headers=headers) as resp:
+        answer = await resp.json()
+    # as many searches as it allows cost more than the budget: refused as such, not as Redis unreachable
+    assert resp.status == 429 and answer["error"]["message"].startswith("BUDGET_EXCEEDED"), answer
+    assert not fake_anthropic.requests
+    assert not [r for r in caplog.records if r.levelname == "ERROR" or r.exc_info], caplog.text
+
+
 # --- the pass-through: a secret inside the stream is redacted too ---------------------------------
 
 
