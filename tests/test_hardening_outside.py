@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import logging
 from typing import Any
@@ -16,7 +17,7 @@ import tests.fakes.anthropic_upstream as fa
 from agentspace.transports import state
 from tests.conftest import TEST_KEY, wait_until
 from tests.fakes.openai_upstream import FakeOpenAI
-from tests.support.ui_stream import post_chat
+from tests.support.ui_stream import post_chat, user
 from tests.test_clients import add_client, bearer, cli
 
 OPENAI_KEY = "sk-openai-outside-0123456789abcdef"
@@ -145,6 +146,35 @@ async def test_a_server_tools_max_uses_of_400_digits_is_priced_not_a_500(
     async with client.post("/v1/messages", data=json.dumps(body), headers=headers) as resp:
         answer = await resp.json()
     # as many searches as it allows cost more than the budget: refused as such, not as Redis unreachable
+    assert resp.status == 429 and answer["error"]["message"].startswith("BUDGET_EXCEEDED"), answer
+    assert not fake_anthropic.requests
+    assert not [r for r in caplog.records if r.levelname == "ERROR" or r.exc_info], caplog.text
+
+
+@pytest.mark.parametrize("digits", [400, 5000])  # no float; past Python's int() limit of 4300 digits
+async def test_a_pdf_claiming_endless_pages_is_refused_clearly_never_a_failed_turn(
+    client: TestClient, fake_anthropic: fa.FakeAnthropic, caplog: pytest.LogCaptureFixture, digits: int
+) -> None:
+    free, budgeted = add_client("alice"), add_client("bob", "--budget", "5")
+    pdf = b"%PDF-1.4\n1 0 obj << /Type /Pages /Count " + b"9" * digits + b" /Kids [] >> endobj\n%%EOF"
+    url = "data:application/pdf;base64," + base64.b64encode(pdf).decode()
+    message = user("what is in it?")
+    message["parts"].insert(0, {"type": "file", "mediaType": "application/pdf", "filename": "a.pdf", "url": url})
+    for key in (free, budgeted):
+        async with await post_chat(client, bearer(key), "pdf", message) as resp:
+            answer = await resp.json()
+        assert resp.status == 413 and "Compact the session" in answer["error"]["message"], answer
+    document = {"type": "base64", "media_type": "application/pdf", "data": base64.b64encode(pdf).decode()}
+    body = {
+        "model": "claude-sonnet-4-5",
+        "max_tokens": 8,
+        "messages": [
+            {"role": "user", "content": [{"type": "document", "source": document}, {"type": "text", "text": "hi"}]}
+        ],
+    }
+    headers = {**bearer(budgeted), "anthropic-version": "2023-06-01"}
+    async with client.post("/v1/messages", json=body, headers=headers) as resp:
+        answer = await resp.json()
     assert resp.status == 429 and answer["error"]["message"].startswith("BUDGET_EXCEEDED"), answer
     assert not fake_anthropic.requests
     assert not [r for r in caplog.records if r.levelname == "ERROR" or r.exc_info], caplog.text
