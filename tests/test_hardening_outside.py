@@ -274,6 +274,37 @@ async def test_calls_running_across_a_remove_and_add_again_stay_the_earlier_clie
     await ws.close()
 
 
+async def test_a_running_answer_cannot_be_resumed_or_stopped_by_another_client_or_a_new_one_of_the_name(
+    client: TestClient, token: str, fake_anthropic: fa.FakeAnthropic
+) -> None:
+    alice, bob = add_client("alice"), add_client("bob")
+    fake_anthropic.enqueue(fa.text_response("part " * 60, chunks=60).with_delay(0.05))
+    streaming = await post_chat(client, bearer(alice), "project-x")
+    assert streaming.status == 200
+    await streaming.content.readuntil(b"text-delta")
+
+    async def refusals(key: str, session_id: str) -> list[tuple[int, Any]]:
+        out = []
+        for method in ("GET", "DELETE"):
+            async with client.request(method, f"/api/chat/{session_id}/stream", headers=bearer(key)) as resp:
+                out.append((resp.status, await resp.json()))
+        return out
+
+    # bob: alice's running session answers as a free id does, naming only the id he gave
+    free = await refusals(bob, "never-used")
+    taken = await refusals(bob, "project-x")
+    assert [(s, json.dumps(b).replace("never-used", "ID")) for s, b in free] == [
+        (s, json.dumps(b).replace("project-x", "ID")) for s, b in taken
+    ]
+    assert all(status == 404 for status, _ in taken), taken
+    # alice removed and added again: the new alice neither reads nor stops the earlier one's answer
+    await asyncio.to_thread(cli, "clients", "remove", "alice")
+    new = (await asyncio.to_thread(cli, "clients", "add", "alice")).strip()
+    assert [s for s, _ in await refusals(new, "project-x")] == [404, 404]
+    rest = await streaming.read()  # the earlier answer runs to its end, whole
+    assert b'"type":"finish","finishReason":"stop"' in rest and rest.count(b"text-delta") >= 2
+
+
 @pytest.fixture(autouse=True)
 def _quiet(caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.WARNING)
