@@ -7,6 +7,10 @@ import asyncio
 import base64
 import json
 import logging
+import os
+import pty
+import subprocess
+import sys
 from typing import Any
 
 import anthropic
@@ -303,6 +307,43 @@ async def test_a_running_answer_cannot_be_resumed_or_stopped_by_another_client_o
     assert [s for s, _ in await refusals(new, "project-x")] == [404, 404]
     rest = await streaming.read()  # the earlier answer runs to its end, whole
     assert b'"type":"finish","finishReason":"stop"' in rest and rest.count(b"text-delta") >= 2
+
+
+def export_on_a_terminal(session_id: str) -> bytes:
+    """``agentspace sessions export ID`` with its standard output a terminal (a pseudo-terminal here)."""
+    master, slave = pty.openpty()
+    with subprocess.Popen(
+        [sys.executable, "-m", "agentspace", "sessions", "export", session_id], stdout=slave, stderr=subprocess.DEVNULL
+    ) as process:
+        os.close(slave)
+        out = b""
+        while True:
+            try:
+                chunk = os.read(master, 65536)
+            except OSError:  # EIO: the child closed the terminal
+                break
+            if not chunk:
+                break
+            out += chunk
+        assert process.wait(timeout=60) == 0
+    os.close(master)
+    return out
+
+
+async def test_sessions_export_on_a_terminal_escapes_stored_text(
+    client: TestClient, fake_anthropic: fa.FakeAnthropic
+) -> None:
+    key = add_client("alice")
+    async with await post_chat(client, bearer(key), "s1", user("hi \x1b[2J\x1b]0;pwned\x07 there")) as resp:
+        await resp.read()
+    title = "\x1b]0;TITLE\x07\x9b31m red"
+    async with client.patch("/api/sessions/s1", json={"title": title}, headers=bearer(key)) as resp:
+        assert resp.status == 200
+    out = await asyncio.to_thread(export_on_a_terminal, "s1")
+    assert b"\x1b" not in out and b"\x07" not in out and "\x9b".encode() not in out, out
+    assert b"\\x1b]0;TITLE\\x07" in out and b"hi \\x1b[2J" in out, out  # shown, as escapes
+    piped = await asyncio.to_thread(cli, "sessions", "export", "s1", "--format", "md")
+    assert "\x1b]0;TITLE\x07" in piped  # into a file or a pipe: the text as it is
 
 
 @pytest.fixture(autouse=True)
