@@ -598,7 +598,9 @@ class Guard:
                 created_at, periods = identity, self._every_period(identity)
             else:
                 client = await self.clients.get(record.client)
-                if client is None:  # removed since: nothing of its is counted any more
+                # Removed since, or a record from before this client of the name was (an earlier one's, posted
+                # after a restart): nothing of it is counted any more.
+                if client is None or not client.owns_since(record.timestamp):
                     return
                 created_at, periods = client.created_at, self._every_period(client.created_at)
             periods = [k for k in periods if k not in counted]
