@@ -439,6 +439,9 @@ _PAGE = re.compile(rb"/Type\s*/Page(?![A-Za-z])")
 _PAGE_COUNT = re.compile(rb"/Type\s*/Pages\b[^>]*?/Count\s+(\d+)|/Count\s+(\d+)[^>]*?/Type\s*/Pages\b")
 # An object stream (PDF 1.5 on: pdfTeX, Word, most producers now): the page objects are inside it, compressed.
 _OBJECT_STREAM = re.compile(rb"/Type\s*/ObjStm\b.*?>>\s*stream\r?\n", re.S)
+# The most pages a page tree's count is taken for: the count is the file's say, digits without end; a PDF of
+# more pages than this is too big for any model, and a count of 400 digits would be no float once priced.
+PDF_MAX_PAGES = 1_000_000
 # What object streams are inflated to at most, in all (a PDF is a few MB; a compression bomb is not read).
 OBJECT_STREAMS_MAX_BYTES = 64 * 1024 * 1024
 
@@ -459,8 +462,13 @@ def pdf_pages(raw: bytes) -> int:
         left -= len(text)
         texts.append(text)
     objects = sum(len(_PAGE.findall(t)) for t in texts)
-    counts = [int(a or b) for t in texts for a, b in _PAGE_COUNT.findall(t)]
-    return max(1, objects, *counts)
+    counts = [_page_count(a or b) for t in texts for a, b in _PAGE_COUNT.findall(t)]
+    return max(1, min(objects, PDF_MAX_PAGES), *counts)
+
+
+def _page_count(digits: bytes) -> int:
+    # Read at most 7 digits (int() of more than 4300 raises, and any more are more pages than the most).
+    return PDF_MAX_PAGES if len(digits.lstrip(b"0")) > 6 else min(int(digits), PDF_MAX_PAGES)
 
 
 def raw_bytes(part: FilePart) -> bytes:

@@ -53,6 +53,7 @@ from .types import (
 )
 
 if TYPE_CHECKING:
+    from .clients import Client
     from .limits import Reservation
     from .registry import Registry
     from .storage.shapes import LedgerEntry
@@ -293,7 +294,8 @@ def server_tool_uses(gw: Registry, tools: Any) -> dict[str, int]:
             if kind.startswith(name + "_"):
                 most = tool.get("max_uses")
                 count = most if isinstance(most, int) and not isinstance(most, bool) and most >= 0 else ceiling
-                uses[name] = uses.get(name, 0) + count
+                # At most 2**31-1 (JSON's integers have no bound): priced, the reservation must stay a float.
+                uses[name] = uses.get(name, 0) + min(count, 2**31 - 1)
     return uses
 
 
@@ -627,6 +629,7 @@ class ProviderCall:
         "client",
         "endpoint",
         "credential",
+        "identity",
         "purpose",
         "started",
         "attempts",
@@ -668,6 +671,7 @@ class ProviderCall:
         self.client = client
         self.endpoint = endpoint
         self.credential = credential  # the SHA-256 of the client key the caller authenticated with
+        self.identity: str | None = None  # the creation of the client the call was admitted as
         self.started = time.monotonic()
         self.attempts = 1
         self.recorded: UsageRecord | None = None
@@ -718,6 +722,7 @@ class ProviderCall:
             cost=None if ceiling is None else cost,
             credential=self.credential,
             continues=self.continues,
+            admitted=self._admitted,
         )
         if ceiling is None:
             return
@@ -767,6 +772,9 @@ class ProviderCall:
         self._open = True
         if self.ceiling is None:  # no budget needed the count: a call still running soon has it noted (below)
             self._input_timer = asyncio.get_running_loop().call_later(RELAYED_NOTE_SECONDS, self._note_input, ceiling)
+
+    def _admitted(self, client: Client) -> None:
+        self.identity = client.created_at
 
     # --- observation ---
 
@@ -904,7 +912,7 @@ class ProviderCall:
         gw, was_open = self.gw, self._open
         # A record the store refused is spooled below and retried: once a retry stores it, its entry closes.
         stored_later = functools.partial(gw.ledger.closed, record.id) if was_open else None
-        posted = gw.recorder.record(record, self.reservation, stored_later=stored_later)
+        posted = gw.recorder.record(record, self.reservation, stored_later=stored_later, identity=self.identity)
         self._open = False
 
         async def post() -> UsageRecord:

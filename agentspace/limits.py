@@ -29,7 +29,7 @@ import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Protocol
 
 from .clients import ADMIN, PERIODS, Client, Clock, hash_key, iso, period_bounds, utc_now
@@ -242,6 +242,18 @@ def _period_key(period: str, start: datetime | None, created_at: str) -> str:
     return f"{period}:{iso(start)}:{created_at}"
 
 
+def _started_before(record: UsageRecord, created_at: str) -> str:
+    """``record``'s call's start (its timestamp less its latency), and at the latest a millisecond before
+    ``created_at``, as timestamps are written (``types.now_iso``)."""
+    try:
+        ended = datetime.fromisoformat(record.timestamp)
+        limit = datetime.fromisoformat(created_at) - timedelta(milliseconds=1)
+    except ValueError:
+        return record.timestamp
+    started = min(ended - timedelta(milliseconds=record.latency_ms), limit).astimezone(UTC)
+    return started.strftime("%Y-%m-%dT%H:%M:%S.") + f"{started.microsecond // 1000:03d}Z"
+
+
 def usd(value: float) -> str:
     """Dollars as the refusals show them: up to six decimals, no trailing zeros ($5, $0.00012)."""
     return "$" + (f"{value:.6f}".rstrip("0").rstrip(".") or "0")
@@ -420,15 +432,19 @@ class Guard:
         cost: Callable[[], float] | None,
         credential: str | None = None,
         continues: bool = False,
+        admitted: Callable[[Client], None] | None = None,
     ) -> Reservation | None:
         """Check one provider call at the moment it is made and, for a client with a budget, reserve ``cost()``
         (the most it can cost, computed only then; None: a call billed nothing, e.g. count_tokens). Raises ApiError
         (SERVICE_UNAVAILABLE, UNAUTHORIZED, MODEL_NOT_ALLOWED, RATE_LIMITED, BUDGET_EXCEEDED); counters that
         cannot be reached (Redis) refuse: admission fails closed. ``continues``: the call is another attempt at a
         request admitted already (the next deployment of a group, a fallback, a retry): it is checked and
-        reserved like any, but it is not another of the client's requests in its rpm."""
+        reserved like any, but it is not another of the client's requests in its rpm. ``admitted`` is given the
+        client the call was admitted as (its identity: ``settle``'s ``identity``)."""
         try:
-            return await self._admit(caller, model, cost=cost, credential=credential, continues=continues)
+            return await self._admit(
+                caller, model, cost=cost, credential=credential, continues=continues, admitted=admitted
+            )
         except ApiError:
             raise
         except Exception as e:
@@ -443,12 +459,15 @@ class Guard:
         cost: Callable[[], float] | None,
         credential: str | None = None,
         continues: bool = False,
+        admitted: Callable[[Client], None] | None = None,
     ) -> Reservation | None:
         if self.shutting_down is not None and self.shutting_down.is_set():
             raise ApiError("SERVICE_UNAVAILABLE", SHUTTING_DOWN_MESSAGE)
         client = await self.client(caller, credential)
         if client is None:
             return None
+        if admitted is not None:
+            admitted(client)
         _check_model(client, model)  # the client as read just now: one read for every check of the call
         await self._check_window(client, rpm=not continues)
         reservation = None
@@ -534,15 +553,37 @@ class Guard:
             retry_after=retry,
         )
 
-    async def settle(self, reservation: Reservation | None, record: UsageRecord) -> None:
+    async def owned(self, record: UsageRecord, identity: str) -> bool:
+        """Whether the client that made ``record``'s call (created at ``identity``) is still its name's client.
+        One removed and added again while the call ran is a new client that owns nothing from before it: the
+        record is stamped when the call started, before the new client existed, so it stays the earlier
+        client's in every report and spend (which own what is stamped since their creation)."""
+        assert record.client is not None
+        try:
+            current = await self.clients.get(record.client)
+        except Exception as e:  # an outage: the record is stored as it is, and counted as before
+            warn_limited(log, "owner-check", "could not read client %s at its record: %r", record.client, e)
+            return True
+        if current is not None and current.created_at == identity:
+            return True
+        if current is not None and record.timestamp >= current.created_at:
+            record.timestamp = _started_before(record, current.created_at)
+        return False
+
+    async def settle(
+        self, reservation: Reservation | None, record: UsageRecord, *, identity: str | None = None, owned: bool = True
+    ) -> None:
         """Account one usage record: its tokens in the client's minute, its cost against the period's spend --
-        for every client, with a budget or not, so that a spend read once stays current."""
+        for every client, with a budget or not, so that a spend read once stays current. ``identity``: the
+        creation of the client the call was admitted as; ``owned``: whether it is still the name's client."""
         if record.client is None or record.client == ADMIN:
             return
         async with self._spend_lock(record.client):
-            await self._settle(reservation, record)
+            await self._settle(reservation, record, identity, owned)
 
-    async def _settle(self, reservation: Reservation | None, record: UsageRecord) -> None:
+    async def _settle(
+        self, reservation: Reservation | None, record: UsageRecord, identity: str | None, owned: bool
+    ) -> None:
         assert record.client is not None
         counted = self._posted(record.client, record.id)
         try:
@@ -551,9 +592,15 @@ class Guard:
                 created_at = reservation.client_created_at
                 await self.counters.settle(reservation, cost)
                 periods = [k for k in self._every_period(created_at) if k != reservation.period_key]
+            elif identity is not None:
+                if not owned:  # removed, or replaced by a new client of the name: nothing of its is counted
+                    return
+                created_at, periods = identity, self._every_period(identity)
             else:
                 client = await self.clients.get(record.client)
-                if client is None:  # removed since: nothing of its is counted any more
+                # Removed since, or a record from before this client of the name was (an earlier one's, posted
+                # after a restart): nothing of it is counted any more.
+                if client is None or not client.owns_since(record.timestamp):
                     return
                 created_at, periods = client.created_at, self._every_period(client.created_at)
             periods = [k for k in periods if k not in counted]

@@ -35,17 +35,19 @@ _SHORT_ESCAPES = {"\n": "\\n", "\r": "\\r"}
 
 # Longest first: a secret that contains another (a key and its prefix) is replaced whole, never in part.
 _secrets: tuple[str, ...] = ()
+_secret_bytes: tuple[bytes, ...] = ()  # the same, encoded: what relayed bytes are searched for
 _lock = threading.Lock()
 _base_factory: Any = None
 
 
 def register_secret(value: str | None) -> None:
     """Keep ``value`` out of every log record from now on."""
-    global _secrets, _base_factory
+    global _secrets, _secret_bytes, _base_factory
     if not value or len(value) < MIN_SECRET_LENGTH or value in _secrets:
         return
     with _lock:
         _secrets = tuple(sorted({*_secrets, value}, key=len, reverse=True))
+        _secret_bytes = tuple(s.encode("utf-8", "surrogatepass") for s in _secrets)
         if _base_factory is None:
             _base_factory = logging.getLogRecordFactory()
             logging.setLogRecordFactory(_redacting_factory)
@@ -85,11 +87,45 @@ def redact(text: str) -> str:
 def redact_bytes(data: bytes) -> bytes:
     """``data`` (an upstream's answer relayed to a client) with every registered secret replaced: an
     upstream that echoes the key it was sent must not hand the gateway's key to the caller."""
-    for secret in _secrets:
-        encoded = secret.encode("utf-8", "surrogatepass")
-        if encoded in data:
-            data = data.replace(encoded, REDACTED.encode())
+    for secret in _secret_bytes:
+        if secret in data:
+            data = data.replace(secret, REDACTED.encode())
     return data
+
+
+class StreamRedactor:
+    """``redact_bytes`` over a stream relayed as it arrives: a secret split across two reads is replaced
+    too. The end of a read that could begin a secret is held back until the next read (or ``flush``);
+    an event stream's reads end in a blank line, which begins no secret, so nothing is held in practice."""
+
+    __slots__ = ("_held", "_secrets")
+
+    def __init__(self) -> None:
+        self._held = b""
+        self._secrets = _secret_bytes
+
+    def feed(self, chunk: bytes) -> bytes:
+        if not self._secrets:
+            return chunk
+        data = self._held + chunk if self._held else chunk
+        for secret in self._secrets:
+            if secret in data:
+                data = data.replace(secret, REDACTED.encode())
+        keep = len(data)
+        for secret in self._secrets:  # the earliest start of a secret's beginning that ends the data
+            first = secret[:1]
+            pos = data.find(first, max(0, len(data) - len(secret) + 1))
+            while pos != -1 and pos < keep:
+                if secret.startswith(data[pos:]):
+                    keep = pos
+                    break
+                pos = data.find(first, pos + 1)
+        self._held = data[keep:]
+        return data[:keep]
+
+    def flush(self) -> bytes:
+        held, self._held = self._held, b""
+        return held
 
 
 def redact_headers(headers: dict[str, str]) -> dict[str, str]:

@@ -50,6 +50,7 @@ class Recorder:
         *,
         settle: bool = True,
         stored_later: Callable[[], None] | None = None,
+        identity: str | None = None,
     ) -> StorageError | OSError | None:
         """Store one record and hand it to every other sink; the failure when the store of record failed,
         else None. The record then settles the call's ``reservation`` (its client's budget and minute,
@@ -61,9 +62,12 @@ class Recorder:
         (``sinks.SinkQueue``), so it neither delays nor fails the turn. ``settle=False``: the record was
         settled already (a spooled record posted at the next start: its process settled it when the call ended).
         ``stored_later`` is called once a retry stored the record the store of record refused (its ledger entry
-        closes then).
+        closes then). ``identity``: the creation of the client the call was admitted as (``Guard.owned``).
         """
         failed: StorageError | OSError | None = None
+        owned = True
+        if settle and identity is not None:
+            owned = await self.guard.owned(record, identity)
         if settle:
             self.guard.posting(record)
         for sink in self.sinks:
@@ -89,7 +93,7 @@ class Recorder:
                 log.exception("usage sink %r failed", sink_name(sink))
             notify(self.pm.hook.store_written, store=f"usage:{sink_name(sink)}", seconds=time.monotonic() - started)
         if settle:
-            await self.guard.settle(reservation, record)
+            await self.guard.settle(reservation, record, identity=identity, owned=owned)
         return failed
 
     async def aclose(self) -> None:

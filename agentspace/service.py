@@ -283,7 +283,17 @@ class Service:
             return False
         turn = running(self.gw, session_id)
         if turn is not None:
-            return turn.client == self.caller
+            return await self._turn_of_caller(turn, session_id)
+        session = await self.gw.sessions.get(session_id)
+        return session is not None and await owns_now(self.gw, self.caller, session)
+
+    async def _turn_of_caller(self, turn: Turn, session_id: str) -> bool:
+        """Whether the answer running in ``session_id`` is the caller's: its client's, and for a client, in a
+        session made since the client was (an earlier client of the name, removed, may still be streaming)."""
+        if turn.client != self.caller:
+            return False
+        if self.caller == ADMIN:
+            return True
         session = await self.gw.sessions.get(session_id)
         return session is not None and await owns_now(self.gw, self.caller, session)
 
@@ -308,13 +318,13 @@ class Service:
 
     async def resumable_turn(self, session_id: str) -> Turn | None:
         """The caller's running answer in the session, None when nothing streams; SESSION_NOT_FOUND for a
-        session of another client."""
-        session_id = await self.resolve(session_id)
-        turn = running(self.gw, session_id)
+        session of another client (named by the id the caller gave: the stored one would tell it is taken)."""
+        stored = await self.resolve(session_id)
+        turn = running(self.gw, stored)
         if self.caller == ADMIN:
             return turn
         if turn is not None:
-            if turn.client != self.caller:
+            if not await self._turn_of_caller(turn, stored):
                 raise _not_found(session_id)
             return turn
         await self._owned(session_id)

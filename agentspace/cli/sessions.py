@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from typing import TYPE_CHECKING, Any
 
 import click
@@ -215,7 +216,8 @@ def export(state: CliState, session_id: str, fmt: str, output: str | None) -> No
         raise _not_found(session_id)
     document, _ = export_session(session, fmt)
     if output is None:
-        click.echo(document, nl=False)
+        # On a terminal, stored text (a title, a message) must not send it escapes; piped, the export is as is.
+        click.echo(printable(document, lines=True) if sys.stdout.isatty() else document, nl=False)
         return
     with open(output, "w", encoding="utf-8") as f:
         f.write(document)

@@ -103,7 +103,7 @@ def parse_request(body: Any) -> tuple[ParsedRequest, bool]:
     if not isinstance(model, str) or not model:
         raise RequestError("model", "you must provide a model parameter")
     include = body.get("include") or []
-    if not isinstance(include, list):
+    if not isinstance(include, list) or not all(isinstance(item, str) for item in include):
         raise RequestError("include", "include must be an array of strings")
     if LOGPROBS in include:
         raise RequestError("include", f"{LOGPROBS} is not supported on /v1/responses by this gateway.")

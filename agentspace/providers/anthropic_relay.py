@@ -24,7 +24,7 @@ import aiohttp
 from aiohttp import web
 
 from ..calls import ALL_FIELDS, OUTPUT_FIELDS, ProviderCall
-from ..logs import redact, redact_bytes, redact_headers, warn_limited
+from ..logs import StreamRedactor, redact, redact_bytes, redact_headers, warn_limited
 from ..protocols.anthropic_messages import (
     DEFAULT_VERSION,
     UsageScanner,
@@ -193,7 +193,7 @@ async def _whole(up: aiohttp.ClientResponse, body: dict[str, Any], meter: Provid
     else:
         stop_reason = message.get("stop_reason") if isinstance(message, dict) else None
         await meter.record(usage, FINISH_REASONS.get(stop_reason or "", "other"))
-    return web.Response(status=200, body=data, headers=relayed_headers(up))
+    return web.Response(status=200, body=redact_bytes(data), headers=relayed_headers(up))
 
 
 async def _stream(
@@ -203,15 +203,19 @@ async def _stream(
         status=200, headers={**relayed_headers(up), "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
     )
     relay = _Relay()
+    # An error event inside the stream may quote the key it was sent, like an error status's body.
+    redactor = StreamRedactor()
 
     stop_watching = watch_client(request, up.close)  # closing ends the read in progress: the upstream sees it
     recorded = False
     try:
         await resp.prepare(request)
-        async for chunk in up.content.iter_any():
-            relay.feed(chunk)
+        async for read in up.content.iter_any():
+            relay.feed(read)
             relay.note(meter)
+            chunk = redactor.feed(read)
             if not recorded and relay.ended:
+                chunk += redactor.flush()
                 # The last event (message_stop, or an error) waits for the record to be durable, as every
                 # answer's end does (docs/accounting.md): a client that reads its usage after the stream finds it. What
                 # came before it in the same read goes first.
@@ -222,8 +226,9 @@ async def _stream(
                     chunk = chunk[last:]
                 recorded = True
                 await _record_stream(meter, relay.scanner, body, disconnected=False, cut=False)
-            await resp.write(chunk)
-            meter.first_output()  # the time to first byte of the relayed stream
+            if chunk:
+                await resp.write(chunk)
+                meter.first_output()  # the time to first byte of the relayed stream
     except ConnectionResetError:  # the client went away (aiohttp's ClientConnectionResetError on write)
         relay.disconnected = True
     except (aiohttp.ClientError, TimeoutError):
@@ -249,7 +254,7 @@ async def _stream(
     if cut and not scanner.error_type and request.transport is not None:
         request.transport.close()  # like the upstream: the client sees an incomplete body, not a clean end
         return resp
-    await resp.write_eof()
+    await resp.write_eof(redactor.flush())  # not on a cut: what is held back may begin a secret
     return resp
 
 

@@ -146,9 +146,14 @@ async def close_after(request: web.Request, response: web.StreamResponse) -> web
     return response
 
 
+# The most a count may be: far above any model's output, and small enough that a reservation priced from it
+# stays a float (an integer of 400 digits is valid JSON, and no float).
+MAX_COUNT = 2**31 - 1
+
 # The top-level fields of the /v1 requests whose type is checked before anything reads them: a string
 # "false" is not false (read by truthiness it would stream). Kind names as the APIs document them.
 _KINDS: dict[str, tuple[type, ...]] = {
+    "count": (int,),  # a number of tokens (or of choices, of calls): from 1 to MAX_COUNT
     "boolean": (bool,),
     "string": (str,),
     "integer": (int,),
@@ -163,15 +168,15 @@ OPENAI_FIELDS = {
     "messages": "array",
     "stream": "boolean",
     "stream_options": "object",
-    "max_tokens": "integer",
-    "max_completion_tokens": "integer",
+    "max_tokens": "count",
+    "max_completion_tokens": "count",
     "temperature": "number",
     "top_p": "number",
     "stop": "string or array",
     "tools": "array",
     "tool_choice": "string or object",
     "reasoning_effort": "string",
-    "n": "integer",
+    "n": "count",
     "seed": "integer",
     "user": "string",
     "metadata": "object",
@@ -181,7 +186,7 @@ ANTHROPIC_FIELDS = {
     "messages": "array",
     "system": "string or array",
     "stream": "boolean",
-    "max_tokens": "integer",
+    "max_tokens": "count",
     "temperature": "number",
     "top_p": "number",
     "top_k": "integer",
@@ -190,6 +195,34 @@ ANTHROPIC_FIELDS = {
     "tool_choice": "object",
     "thinking": "object",
     "metadata": "object",
+}
+
+RESPONSES_FIELDS = {
+    "model": "string",
+    "input": "string or array",
+    "instructions": "string",
+    "stream": "boolean",
+    "stream_options": "object",
+    "max_output_tokens": "count",
+    "temperature": "number",
+    "top_p": "number",
+    "tools": "array",
+    "tool_choice": "string or object",
+    "parallel_tool_calls": "boolean",
+    "reasoning": "object",
+    "text": "object",
+    "include": "array",
+    "store": "boolean",
+    "background": "boolean",
+    "metadata": "object",
+    "client_metadata": "object",
+    "prompt_cache_key": "string",
+    "service_tier": "string",
+    "user": "string",
+    "safety_identifier": "string",
+    "truncation": "string",
+    "max_tool_calls": "count",
+    "top_logprobs": "integer",
 }
 
 
@@ -203,6 +236,14 @@ def type_problem(body: dict[str, Any], fields: dict[str, str]) -> tuple[str, str
         wrong = not isinstance(value, types) or (isinstance(value, bool) and bool not in types)
         if not wrong and isinstance(value, float) and not math.isfinite(value):
             wrong = True
-        if wrong:
-            return name, f"{name}: must be a{'n' if kind[0] in 'aeiou' else ''} {kind}"
+        if wrong or (kind == "count" and not 1 <= value <= MAX_COUNT):
+            return name, f"{name}: must be " + (
+                f"a whole number from 1 to {MAX_COUNT}"
+                if kind == "count"
+                else f"a{'n' if kind[0] in 'aeiou' else ''} {kind}"
+            )
+    thinking = body.get("thinking") if "thinking" in fields else None
+    budget = thinking.get("budget_tokens") if isinstance(thinking, dict) else None
+    if budget is not None and (isinstance(budget, bool) or not isinstance(budget, int) or not 1 <= budget <= MAX_COUNT):
+        return "thinking.budget_tokens", f"thinking.budget_tokens: must be a whole number from 1 to {MAX_COUNT}"
     return None

@@ -42,12 +42,12 @@ def parse(body: Any) -> tuple[str, list[Any], dict[str, Any]]:
         raise RequestError("model", "you must provide a model parameter")
     raw = body.get("input")
     inputs = [raw] if isinstance(raw, str) else raw
-    if raw and isinstance(raw, list) and all(isinstance(t, int) for t in raw):
+    if raw and isinstance(raw, list) and all(_token_id(t) for t in raw):
         inputs = [raw]  # one input as token ids
     if not isinstance(inputs, list) or not inputs:
         raise RequestError("input", "input must be a string, an array of strings, or token arrays")
     for i, item in enumerate(inputs):
-        if not (isinstance(item, str) or (isinstance(item, list) and all(isinstance(t, int) for t in item))):
+        if not (isinstance(item, str) or (isinstance(item, list) and all(_token_id(t) for t in item))):
             raise RequestError(f"input[{i}]", "each input must be a string or an array of token ids")
     options: dict[str, Any] = {}
     fmt = body.get("encoding_format")
@@ -60,9 +60,17 @@ def parse(body: Any) -> tuple[str, list[Any], dict[str, Any]]:
         if isinstance(dimensions, bool) or not isinstance(dimensions, int) or dimensions < 1:
             raise RequestError("dimensions", "dimensions must be a positive integer")
         options["dimensions"] = dimensions
-    if isinstance(body.get("user"), str):
-        options["user"] = body["user"]
+    user = body.get("user")
+    if user is not None:
+        if not isinstance(user, str):
+            raise RequestError("user", "user must be a string")
+        options["user"] = user
     return model, inputs, options
+
+
+def _token_id(value: Any) -> bool:
+    """A token id: a non-negative integer (JSON's true is not one, though Python's bool is an int)."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 def _local_tokens(inputs: list[Any], ceiling: bool = False) -> int:

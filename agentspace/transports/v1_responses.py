@@ -18,6 +18,7 @@ from ..logs import redact
 from ..protocols import openai_chat as oc
 from ..protocols import openai_responses as orr
 from ..types import compact_json
+from .bodies import RESPONSES_FIELDS, type_problem
 from .v1_common import (
     service,
     session_id,
@@ -38,6 +39,8 @@ async def responses(request: web.Request) -> web.StreamResponse:
     body, refused = await read_body(request)
     if refused is not None:
         return refused
+    if isinstance(body, dict) and (problem := type_problem(body, RESPONSES_FIELDS)) is not None:
+        return _error(400, problem[1], code="invalid_type", param=problem[0])
     try:
         parsed, encrypted = orr.parse_request(body)
     except oc.RequestError as e:
