@@ -11,6 +11,7 @@ from typing import Any
 
 from aiohttp import web
 
+from ..calls import request_input_tokens
 from ..direct_call import DirectCall
 from ..errors import ApiError
 from ..events import ProviderError
@@ -76,9 +77,27 @@ def served_model(service: Service, name: str) -> str | web.Response:
 
 def parsed_request(v1: Service, model: str, parsed: oc.ParsedRequest) -> ProviderRequest:
     """The provider request of an OpenAI-shaped request (Chat Completions or Responses), as the client sent it."""
-    return v1.provider_request(
+    request = v1.provider_request(
         model, parsed.system, parsed.messages, parsed.tools, parsed.max_tokens, parsed.reasoning_budget, parsed.params
     )
+    if parsed.max_tokens is None:
+        request.max_tokens = output_limit(request)
+    return request
+
+
+def output_limit(request: ProviderRequest) -> int:
+    """The output limit of a request that sets none: the model's own, as OpenAI's API gives it (and as Codex
+    expects: the gateway's ``[chat] max_tokens`` would cut a long answer or its reasoning short), within the
+    context window the input leaves (an upstream refuses input plus limit past the window); never below the
+    gateway's default, already in ``request.max_tokens``."""
+    info = request.model_info
+    default = request.max_tokens
+    if not info.max_output_tokens:
+        return default
+    limit = info.max_output_tokens
+    if info.context_window:
+        limit = min(limit, info.context_window - request_input_tokens(request, ceiling=True))
+    return max(limit, min(default, info.max_output_tokens))
 
 
 async def read_body(request: web.Request) -> tuple[Any, web.Response | None]:
