@@ -48,7 +48,9 @@ async def test_no_max_tokens_is_the_models_own_limit(
     fake_anthropic.enqueue(fa.text_response("Hi"))
     await api.responses.create(model="anthropic/claude-sonnet-4-5", input="Hi")
     assert fake_anthropic.requests[0].body["max_tokens"] == 64_000
-    await api.chat.completions.create(model="openai/gpt-4o-mini", messages=[{"role": "user", "content": "Hi"}], max_tokens=7)
+    await api.chat.completions.create(
+        model="openai/gpt-4o-mini", messages=[{"role": "user", "content": "Hi"}], max_tokens=7
+    )
     assert sent_limit(fake_openai.requests[-1].body) == 7  # the client's own limit, as it is
     records = await client.app[state.REGISTRY].usage.records()
     assert [(r["endpoint"], r["outputTokens"]) for r in records][:2] == [("responses", 2), ("openai", 2)]
