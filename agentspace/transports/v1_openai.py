@@ -54,7 +54,9 @@ def _provider_error(e: ProviderError) -> web.Response:
     headers = {"Retry-After": retry_after(e.retry_after)} if status == 429 and e.retry_after is not None else None
     if status == 429 and headers is None:
         headers = {"Retry-After": "1"}
-    return _error(status, redact(e.message), code=oc.error_code(status), param=e.param, headers=headers)
+    return _error(
+        status, redact(e.message), code=oc.error_code(status, e.upstream_code), param=e.param, headers=headers
+    )
 
 
 def served_model(service: Service, name: str) -> str | web.Response:
@@ -146,7 +148,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
 def _stream_error(e: ProviderError) -> bytes:
     """A provider error once the stream has begun goes in the stream, as OpenAI sends it."""
     status = oc.client_status(e.status, e.code)
-    return _frame(oc.error_body(status, redact(e.message), code=oc.error_code(status)))
+    return _frame(oc.error_body(status, redact(e.message), code=oc.error_code(status, e.upstream_code)))
 
 
 async def _stream(request: web.Request, call: DirectCall, model: str, include_usage: bool) -> web.StreamResponse:
