@@ -83,7 +83,7 @@ def parsed_request(v1: Service, model: str, parsed: oc.ParsedRequest) -> Provide
     request = v1.provider_request(
         model, parsed.system, parsed.messages, parsed.tools, parsed.max_tokens, parsed.reasoning_budget, parsed.params
     )
-    if parsed.max_tokens is None:
+    if parsed.max_tokens is None and v1.group(model) is None:  # (a group's deployments differ in their limits)
         request.max_tokens = output_limit(request)
     return request
 
