@@ -68,12 +68,18 @@ class UsageReport:
 ProviderEvent = TextDelta | ReasoningDelta | SourceEvent | ToolCallEvent | UsageReport | ProviderFinish
 
 
+# OpenAI's error code for an input past the model's context window (ProviderError.upstream_code).
+CONTEXT_LENGTH_EXCEEDED = "context_length_exceeded"
+
+
 class ProviderError(Exception):
     """A provider call failed. ``code`` is one of the protocol's error codes.
 
     ``message`` must be safe to show to a client: no key material, no internal details.
     ``param`` names the request field a 400 is about, if one.
     ``retryable`` and ``retry_after`` let the pipeline retry before the first token reached the client.
+    ``upstream_code`` is OpenAI's error code for what the upstream said, where a client acts on it
+    (``context_length_exceeded``: Codex and the SDKs' users compact or trim on it).
     """
 
     def __init__(
@@ -85,6 +91,7 @@ class ProviderError(Exception):
         retry_after: float | None = None,
         status: int | None = None,
         param: str | None = None,
+        upstream_code: str | None = None,
     ) -> None:
         super().__init__(message)
         self.code = code
@@ -93,6 +100,7 @@ class ProviderError(Exception):
         self.retryable = retryable
         self.retry_after = retry_after
         self.status = status
+        self.upstream_code = upstream_code
 
 
 # --- events the pipeline yields to transports ---------------------------------------------------

@@ -146,6 +146,7 @@ async def test_codex_tool_round_trip(server: GatewayProcess, fake_openai: fo.Fak
     events = await codex(server, tmp_path, "Run two echos")
     assert agent_messages(events)[-1] == "The commands printed them."
     assert fake_openai.requests[0].body["parallel_tool_calls"] is True
+    assert fake_openai.requests[0].body["max_tokens"] == 16_384  # Codex sets no limit: gpt-4o-mini's own
     second = fake_openai.requests[1].body["messages"]
     call = next(m for m in second if m["role"] == "assistant" and m.get("tool_calls"))
     assert [c["id"] for c in call["tool_calls"]] == ["call_codex_1", "call_codex_2"]

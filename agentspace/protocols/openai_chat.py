@@ -89,7 +89,10 @@ def client_status(status: int | None, code: str) -> int:
     return {"RATE_LIMITED": 429, "MODEL_NOT_FOUND": 404, "INVALID_MESSAGE": 400}.get(code, 502)
 
 
-def error_code(status: int) -> str | None:
+def error_code(status: int, upstream: str | None = None) -> str | None:
+    """OpenAI's ``code`` of an error: what the upstream's error was where known, else the status's."""
+    if upstream is not None:
+        return upstream
     return {401: "invalid_api_key", 404: "model_not_found", 424: "no_api_key", 429: "rate_limit_exceeded"}.get(status)
 
 

@@ -18,6 +18,7 @@ from types import ModuleType
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from ..events import (
+    CONTEXT_LENGTH_EXCEEDED,
     ProviderError,
     ProviderEvent,
     ProviderFinish,
@@ -552,7 +553,13 @@ def _status_error(e: APIStatusError, api_key: str) -> ProviderError:
             retryable=True,
             status=status,
         )
-    return ProviderError("LLM_ERROR", f"Anthropic rejected the request: {detail or f'HTTP {status}'}", status=status)
+    too_long = status == 400 and detail.startswith("prompt is too long")  # Anthropic's words for it
+    return ProviderError(
+        "LLM_ERROR",
+        f"Anthropic rejected the request: {detail or f'HTTP {status}'}",
+        status=status,
+        upstream_code=CONTEXT_LENGTH_EXCEEDED if too_long else None,
+    )
 
 
 def _stream_error(error: dict[str, Any]) -> ProviderError:

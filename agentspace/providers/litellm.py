@@ -23,6 +23,7 @@ from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
 from ..events import (
+    CONTEXT_LENGTH_EXCEEDED,
     ProviderError,
     ProviderEvent,
     ProviderFinish,
@@ -726,8 +727,13 @@ def _map_error(error: Exception, request: ProviderRequest, key_name: str) -> Pro
         return ProviderError("LLM_ERROR", f"{name} request failed: {where}", retryable=True)
     retryable = isinstance(status, int) and status >= 500
     prefix = f"{name} error (HTTP {status})" if isinstance(status, int) else f"{name} error"
+    too_long = isinstance(error, exc.ContextWindowExceededError)  # litellm reads each provider's wording
     return ProviderError(
-        "LLM_ERROR", f"{prefix}: {_upstream_message(error, request)}", retryable=retryable, status=status
+        "LLM_ERROR",
+        f"{prefix}: {_upstream_message(error, request)}",
+        retryable=retryable,
+        status=status,
+        upstream_code=CONTEXT_LENGTH_EXCEEDED if too_long else None,
     )
 
 

@@ -13,7 +13,7 @@ from aiohttp import web
 from ..calls import ProviderCall, request_input_tokens
 from ..direct_call import DirectCall
 from ..errors import ApiError
-from ..events import ProviderError
+from ..events import CONTEXT_LENGTH_EXCEEDED, ProviderError
 from ..logs import redact
 from ..protocols import anthropic_messages as am
 from ..providers import anthropic_relay as relay
@@ -153,7 +153,10 @@ async def _translated(
 def _provider_error(e: ProviderError) -> web.Response:
     status = am.client_status(e.status, e.code)
     headers = {"retry-after": retry_after(e.retry_after)} if e.retry_after is not None else None
-    return web.json_response(am.error_body(status, redact(e.message)), status=status, headers=headers)
+    message = e.message
+    if e.upstream_code == CONTEXT_LENGTH_EXCEEDED:  # in Anthropic's words, which Claude Code compacts on
+        message = f"prompt is too long: {message}"
+    return web.json_response(am.error_body(status, redact(message)), status=status, headers=headers)
 
 
 async def _stream(request: web.Request, call: DirectCall, model: str) -> web.StreamResponse:
