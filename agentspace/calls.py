@@ -133,6 +133,42 @@ def request_input_tokens(request: ProviderRequest, ceiling: bool = False) -> int
     return sum(count(p) for p in pieces if p) + files
 
 
+def output_limit(request: ProviderRequest) -> int:
+    """The output limit of a request that sets none: the model's own, as OpenAI's API gives it (and as Codex
+    expects: the gateway's ``[chat] max_tokens`` would cut a long answer or its reasoning short), within the
+    context window the input leaves (an upstream refuses input plus limit past the window); never below the
+    gateway's default, already in ``request.max_tokens``."""
+    info = request.model_info
+    default = request.max_tokens
+    if not info.max_output_tokens:
+        return default
+    limit = info.max_output_tokens
+    if info.context_window and info.context_window - _most_input_tokens(request) < limit:
+        # Maybe tight: counted (tokenizing a long input costs milliseconds; most inputs never get here).
+        used = request_input_tokens(request, ceiling=True) + (TOOL_PROMPT_TOKENS if request.tools else 0)
+        limit = min(limit, info.context_window - used)
+    return max(limit, min(default, info.max_output_tokens))
+
+
+def _most_input_tokens(request: ProviderRequest) -> int:
+    """A bound on the input's tokens without tokenizing it: a token is at least one UTF-8 byte, a character
+    at most four; files (counted by their own formulas) make the bound unknown (the window's size)."""
+    chars = len(request.system)
+    for message in request.messages:
+        for part in message.parts:
+            if isinstance(part, (TextPart, ReasoningPart)):
+                chars += len(part.text)
+            elif isinstance(part, ToolResultPart) and isinstance(part.output, str):
+                chars += len(part.output)
+            elif isinstance(part, ToolCallPart):
+                chars += len(json.dumps(part.input, default=str))
+            else:
+                return request.model_info.context_window or 0
+    if request.tools:
+        chars += len(json.dumps([t.definition() for t in request.tools]))
+    return 4 * chars + (TOOL_PROMPT_TOKENS if request.tools else 0)
+
+
 def request_ceiling(request: ProviderRequest, input_tokens: int | None = None) -> Ceiling:
     """A ProviderRequest's ceiling: its input counted (or ``input_tokens`` when the caller counted it), its
     documents behind a URL, and the output tokens the provider will ask for, the thinking budget included."""

@@ -7,12 +7,11 @@ client gets the usage chunk only when it sent ``stream_options.include_usage``.
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 from aiohttp import web
 
-from ..calls import TOOL_PROMPT_TOKENS, request_input_tokens
+from ..calls import output_limit
 from ..direct_call import DirectCall
 from ..errors import ApiError
 from ..events import ProviderError
@@ -20,7 +19,7 @@ from ..logs import redact
 from ..protocols import openai_chat as oc
 from ..providers.base import ProviderRequest
 from ..service import Service
-from ..types import ReasoningPart, TextPart, ToolCallPart, ToolResultPart, compact_json
+from ..types import compact_json
 from .bodies import BUSY_MESSAGE, OPENAI_FIELDS, BodyInvalid, GatewayBusy, type_problem
 from .v1_common import (
     BodyTooLarge,
@@ -86,42 +85,6 @@ def parsed_request(v1: Service, model: str, parsed: oc.ParsedRequest) -> Provide
     if parsed.max_tokens is None and v1.group(model) is None:  # (a group's deployments differ in their limits)
         request.max_tokens = output_limit(request)
     return request
-
-
-def output_limit(request: ProviderRequest) -> int:
-    """The output limit of a request that sets none: the model's own, as OpenAI's API gives it (and as Codex
-    expects: the gateway's ``[chat] max_tokens`` would cut a long answer or its reasoning short), within the
-    context window the input leaves (an upstream refuses input plus limit past the window); never below the
-    gateway's default, already in ``request.max_tokens``."""
-    info = request.model_info
-    default = request.max_tokens
-    if not info.max_output_tokens:
-        return default
-    limit = info.max_output_tokens
-    if info.context_window and info.context_window - _most_input_tokens(request) < limit:
-        # Maybe tight: counted (tokenizing a long input costs milliseconds; most inputs never get here).
-        used = request_input_tokens(request, ceiling=True) + (TOOL_PROMPT_TOKENS if request.tools else 0)
-        limit = min(limit, info.context_window - used)
-    return max(limit, min(default, info.max_output_tokens))
-
-
-def _most_input_tokens(request: ProviderRequest) -> int:
-    """A bound on the input's tokens without tokenizing it: a token is at least one UTF-8 byte, a character
-    at most four; files (counted by their own formulas) make the bound unknown (the window's size)."""
-    chars = len(request.system)
-    for message in request.messages:
-        for part in message.parts:
-            if isinstance(part, (TextPart, ReasoningPart)):
-                chars += len(part.text)
-            elif isinstance(part, ToolResultPart) and isinstance(part.output, str):
-                chars += len(part.output)
-            elif isinstance(part, ToolCallPart):
-                chars += len(json.dumps(part.input, default=str))
-            else:
-                return request.model_info.context_window or 0
-    if request.tools:
-        chars += len(json.dumps([t.definition() for t in request.tools]))
-    return 4 * chars + (TOOL_PROMPT_TOKENS if request.tools else 0)
 
 
 async def read_body(request: web.Request) -> tuple[Any, web.Response | None]:
