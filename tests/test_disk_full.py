@@ -212,15 +212,16 @@ async def test_a_user_message_the_disk_refuses_refuses_the_turn_and_holds_nothin
 
         filler = fill(disk)
         team = keys["team"]
+        # (A new session is one append to the session journal: a short one may still fit in the slack of the
+        # journal's last page, so the new sessions here have long messages too.)
         for frames in (
             await ws_turn(server, team, BIG),
             await ws_turn(server, team, BIG, sessions["team"]),
-            await ws_turn(server, team, "new", None),
         ):
             assert [f["type"] for f in frames] in (["error"], ["session.created", "error"]), frames
             assert frames[-1]["code"] == "STORAGE_ERROR" and "nothing was sent" in frames[-1]["message"]
-        for chat_id, text in (("h-new", "new"), ("h-team", BIG)):
-            status, (refusal,) = await http_turn(server, team, chat_id, text)
+        for chat_id in ("h-new", "h-team"):
+            status, (refusal,) = await http_turn(server, team, chat_id, BIG)
             assert status == 503 and refusal["error"]["code"] == "STORAGE_ERROR", refusal
         assert len(fake_anthropic.requests) == calls  # nothing went upstream
         assert len(list(UsageStore(disk).records_sync())) == records  # and nothing was recorded
@@ -436,7 +437,13 @@ async def test_a_budget_on_an_almost_full_disk_counts_what_the_records_say(
                 os.truncate(filler, filler.stat().st_size - 8192)
             frames = await ws_turn(server, key, "q")
             outcomes.append(frames[-1].get("code") or frames[-1]["type"])
-        assert set(outcomes) == {"chat.stream.end", "STORAGE_ERROR"}, outcomes
+        # (a new session is one append to the session journal: some turns fit where a file would not, and the
+        # budget may refuse the last ones)
+        assert (
+            {"chat.stream.end", "STORAGE_ERROR"}
+            <= set(outcomes)
+            <= {"chat.stream.end", "STORAGE_ERROR", "BUDGET_EXCEEDED"}
+        ), outcomes
         filler.unlink()
         records = await stored_records(disk, len(fake_anthropic.requests))
         assert await client_spend(server, "team") == pytest.approx(sum(r["totalCost"] for r in records))

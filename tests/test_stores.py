@@ -101,9 +101,14 @@ async def test_create_returns_summary(sessions: SessionStore) -> None:
 async def test_create_with_id_and_title(sessions: SessionStore, tmp_path: Path) -> None:
     summary = await sessions.create(model="m", session_id="chat_1-A", title="Planning")
     assert summary["id"] == "chat_1-A" and summary["title"] == "Planning"
-    assert (tmp_path / "sessions" / "chat_1-A.jsonl").is_file()
+    # Created in the session journal: its own file is written at its next write.
+    assert not (tmp_path / "sessions" / "chat_1-A.jsonl").exists()
+    assert (SessionStore(tmp_path).get_sync("chat_1-A") or {})["title"] == "Planning"  # readers see it at once
     with pytest.raises(SessionExists):
         await sessions.create(model="m", session_id="chat_1-A")
+    await sessions.set_title("chat_1-A", "Plans")
+    assert (tmp_path / "sessions" / "chat_1-A.jsonl").is_file()
+    assert (SessionStore(tmp_path).get_sync("chat_1-A") or {})["title"] == "Plans"
 
 
 @pytest.mark.parametrize("bad", BAD_IDS)
@@ -260,12 +265,24 @@ async def test_list_is_most_recent_first(sessions: SessionStore) -> None:
 async def test_delete(sessions: SessionStore, tmp_path: Path) -> None:
     sid = (await sessions.create(model="m"))["id"]
     keep = (await sessions.create(model="m"))["id"]
+    unfiled = (await sessions.create(model="m"))["id"]  # in the journal only
     await sessions.append_message(sid, {"role": "user", "content": "x"})
+    await sessions.append_message(keep, {"role": "user", "content": "y"})
     assert await sessions.delete(sid) is True
     assert await sessions.delete(sid) is False
+    assert await sessions.delete(unfiled) is True
+    assert await sessions.delete(unfiled) is False
     assert await sessions.get(sid) is None and not await sessions.exists(sid)
+    assert await sessions.get(unfiled) is None
     assert [s["id"] for s in await sessions.summaries()] == [keep]
-    assert sorted(p.name for p in (tmp_path / "sessions").iterdir()) == [f"{keep}.jsonl"]
+    assert sorted(p.name for p in (tmp_path / "sessions").iterdir()) == [".journal.jsonl", f"{keep}.jsonl"]
+    # Nor does a restart bring either back.
+    await sessions.aclose()
+    reopened = SessionStore(tmp_path)
+    try:
+        assert [s["id"] for s in await reopened.summaries()] == [keep]
+    finally:
+        await reopened.aclose()
 
 
 async def test_sync_methods_read_what_the_server_wrote(sessions: SessionStore, tmp_path: Path) -> None:
@@ -322,7 +339,7 @@ async def test_a_failed_write_leaves_the_last_good_state(
         await sessions.append_message(sid, {"id": "m1", "role": "user", "content": "kept"})
         kept = ["m1"]
     path = sessions.dir / f"{sid}.jsonl"
-    before = path.read_bytes()
+    before = path.read_bytes() if titled else None  # untitled: the failed write is the one that writes the file
 
     def disk_full(fd: int) -> None:
         raise OSError(28, "No space left on device")
@@ -332,7 +349,7 @@ async def test_a_failed_write_leaves_the_last_good_state(
         patched.setattr(os, "fdatasync", disk_full)
         with pytest.raises(StorageError, match="No space"):
             await sessions.append_message(sid, {"id": "m2", "role": "user", "content": "lost"})
-    assert path.read_bytes() == before  # the file as it was
+    assert (path.read_bytes() if path.exists() else None) == before  # the file as it was
     got = await sessions.get(sid)  # and what the server holds in memory did not take the failed write either
     assert [m["id"] for m in got["messages"]] == kept and got["messageCount"] == len(kept)
     await sessions.append_message(sid, {"id": "m3", "role": "user", "content": "next"})
@@ -368,7 +385,8 @@ async def test_writes_queued_together_run_in_order_and_fail_alone(tmp_path: Path
 
 
 async def test_a_message_is_appended_not_rewritten(sessions: SessionStore, tmp_path: Path) -> None:
-    sid = (await sessions.create(model="m", messages=[{"id": "u1", "role": "user", "content": "Hi"}]))["id"]
+    sid = (await sessions.create(model="m"))["id"]
+    await sessions.append_message(sid, {"id": "u1", "role": "user", "content": "Hi"})  # writes the session's file
     path = sessions.dir / f"{sid}.jsonl"
     inode, before = path.stat().st_ino, path.read_bytes()
     await tick()
@@ -386,6 +404,8 @@ async def test_a_message_is_appended_not_rewritten(sessions: SessionStore, tmp_p
 
 async def test_a_write_touches_only_its_own_session_file(sessions: SessionStore) -> None:
     ids = [(await sessions.create(model="m"))["id"] for _ in range(3)]
+    for sid in ids:  # each session's file written
+        await sessions.touch(sid)
     before = {p.name: p.stat().st_mtime_ns for p in sessions.dir.iterdir()}
     await asyncio.sleep(0.02)  # coarse file clocks
     await sessions.append_message(ids[1], {"role": "user", "content": "x"})
@@ -463,6 +483,7 @@ async def test_writes_queued_together_share_one_sync(tmp_path: Path, monkeypatch
     store = SessionStore(tmp_path)
     try:
         sid = (await store.create(model="m"))["id"]
+        await store.touch(sid)  # its file written (a new file's first sync is an fsync)
         monkeypatch.setattr(os, "fdatasync", counting)
         # The store thread busy (as while it syncs an earlier batch): the 20 writes queued meanwhile make one
         # batch, with one sync. Held by an event, not by timing, so a loaded machine cannot split the batch.

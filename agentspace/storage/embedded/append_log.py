@@ -317,6 +317,13 @@ class AppendLog:
             if self._close_after_sync:
                 self._close_now()
 
+    def truncate(self) -> None:
+        """Cut the file to nothing, durably (a log whose entries are all history: the session journal)."""
+        fd = self._require()
+        os.ftruncate(fd, 0)
+        self.size = self.synced = 0  # (if the sync fails, what may come back after a crash is history anyway)
+        os.fsync(fd)
+
     def rollback(self) -> None:
         """Cut off everything written since the last successful sync."""
         if self._fd is not None and self.size != self.synced:
@@ -357,7 +364,8 @@ class GroupCommit:
     ``run(work)`` queues ``work`` for the store thread; ``work()`` does its writes (``AppendLog.write``) and
     returns its result and the logs it wrote. Once every queued work of the batch ran, each log written is
     synced once, and each caller gets its result, or its exception: its own, or the sync's of a log it wrote
-    (then ``on_failure`` of that work, when given, may drop what it cached). OSError comes back as
+    (then ``on_failure`` of that work, when given, may drop what it cached; else ``on_synced``, on the store thread
+    before any caller hears, may write down what is durable now). OSError comes back as
     StorageError, as everything run on the store thread. ``run_written(work)`` returns as soon as the work ran,
     with the sync still to await (a turn's user message: its sync overlaps the call's preparation)."""
 
@@ -366,16 +374,22 @@ class GroupCommit:
         self._open: _Batch | None = None
 
     async def run(
-        self, work: Callable[[], tuple[T, Sequence[AppendLog]]], on_failure: Callable[[], None] | None = None
+        self,
+        work: Callable[[], tuple[T, Sequence[AppendLog]]],
+        on_failure: Callable[[], None] | None = None,
+        on_synced: Callable[[], None] | None = None,
     ) -> T:
         import asyncio
 
-        batch, index = self._queue(work, on_failure)
+        batch, index = self._queue(work, on_failure, on_synced=on_synced)
         assert batch.future is not None
         return _outcome(await asyncio.shield(batch.future), index)
 
     async def run_written(
-        self, work: Callable[[], tuple[T, Sequence[AppendLog]]], on_failure: Callable[[], None] | None = None
+        self,
+        work: Callable[[], tuple[T, Sequence[AppendLog]]],
+        on_failure: Callable[[], None] | None = None,
+        on_synced: Callable[[], None] | None = None,
     ) -> tuple[T, Awaitable[None]]:
         """``run`` that returns once ``work`` ran, with the sync still under way on the store thread: its result,
         and what to await for its lines to be durable. One job for both, so the sync starts as soon as the
@@ -388,7 +402,7 @@ class GroupCommit:
         def on_written(outcome: tuple[bool, Any]) -> None:
             loop.call_soon_threadsafe(_settle, written, outcome)
 
-        batch, index = self._queue(work, on_failure, on_written)
+        batch, index = self._queue(work, on_failure, on_written, on_synced)
         assert batch.future is not None
 
         def batch_done(future: asyncio.Future[list[tuple[bool, Any]]]) -> None:
@@ -410,6 +424,7 @@ class GroupCommit:
         work: Callable[[], tuple[Any, Sequence[AppendLog]]],
         on_failure: Callable[[], None] | None,
         on_written: Callable[[tuple[bool, Any]], None] | None = None,
+        on_synced: Callable[[], None] | None = None,
     ) -> tuple[_Batch, int]:
         import asyncio
 
@@ -420,6 +435,7 @@ class GroupCommit:
 
         guarded.on_failure = on_failure  # type: ignore[attr-defined]
         guarded.on_written = on_written  # type: ignore[attr-defined]
+        guarded.on_synced = on_synced  # type: ignore[attr-defined]
         with self._lock:
             batch = self._open
             if batch is None or batch.started:
@@ -446,6 +462,10 @@ class GroupCommit:
                     on_failure = getattr(work[n], "on_failure", None)
                     if on_failure is not None:
                         on_failure()
+        for item, (ok, _) in zip(work, outcomes, strict=True):
+            on_synced = getattr(item, "on_synced", None)
+            if ok and on_synced is not None:
+                on_synced()
         return outcomes
 
 

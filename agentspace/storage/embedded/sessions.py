@@ -4,11 +4,15 @@
 added), ``{"update": {"id": ..., "changes": {...}}}`` (changes merged into the messages with that id) and
 ``{"session": {summary}}`` (id, title, model, createdAt, lastActivityAt, messageCount, client). Every write
 is one message or update entry, or none, followed by the summary, which closes it: adding a message
-appends two short lines whatever the session's size, and a listing reads only the last summary. A session
-is created whole (``AppendLog.create``: temp file, rename; synced with the group commit like an append), so
-its file always starts with a complete write. An empty file is a creation whose sync never finished (the
-machine stopped, or the sync failed): never acknowledged, so the session does not exist (the writer removes
-the file, with a warning).
+appends two short lines whatever the session's size, and a listing reads only the last summary.
+
+A new session is one append to the shared ``sessions/.journal.jsonl`` (``session_journal.py``: creating a file
+costs several times an append), durable with the group commit like any write. Its own file is written whole at
+its next write (``AppendLog.create``: temp file, rename; synced with that write), so a session file always starts
+with a complete write; readers find a session that has no file yet in the journal. An empty session file is a
+creation whose first sync never finished (the machine stopped, or the sync failed): rebuilt from the journal
+when the journal still holds the session (at the server's start), else never acknowledged, so the session does
+not exist (the writer removes the file, with a warning).
 
 Reading replays the log up to its last summary. After a crash the log may end in a torn line or in the
 entry of a write whose summary never made it: neither was acknowledged, so both are dropped (the writer
@@ -27,7 +31,7 @@ read or write of it has another (inode, size, mtime), and is read again. The syn
 the files.
 
 A turn writes its user message with ``sync=False`` (``create``, ``append_message``): written at once (a disk
-that refuses it refuses the turn), its sync started at once in the background; the call's pending ledger
+that refuses it refuses the turn; a new session's goes to the journal), its sync started at once in the background; the call's pending ledger
 entry is synced beside it, and the request leaves once both are durable (``awaiting_sync``, awaited by
 ``calls.ProviderCall.admit``): the syncs overlap each other and the turn's context assembly, not one after
 the other.
@@ -75,6 +79,7 @@ from ..shapes import (
 )
 from . import append_log
 from .append_log import AppendLog, encode_lines, read_entries, read_last_entry
+from .session_journal import JOURNAL_BYTES, SessionJournal, read_outstanding
 from .store_thread import on_store_thread, read_in_thread
 from .tinydb_file import Tables, read_tables
 
@@ -128,6 +133,8 @@ class _Session:
     # The file's (inode, size, mtime) as our last read or write left it: another value means it was changed
     # from outside (replaced by a restored copy, appended to, cut short), and the cached copy is stale.
     stamp: tuple[int, int, int] | None = None
+    # Created in the journal and not written to a file of its own yet (``_file``, at its next write).
+    journaled: bool = False
 
     def summary(self) -> dict[str, Any]:
         return {**{key: self.info.get(key) for key in _SUMMARY_KEYS}, "messageCount": len(self.messages)}
@@ -199,6 +206,8 @@ class SessionStore:
         self._unsynced: dict[str, asyncio.Future[None]] = {}
         self._prepared = False
         self._closed = False
+        # The server's journal of new sessions (session_journal.py), opened by the store's first use there.
+        self._journal: SessionJournal | None = None
 
     # --- async API (the server) ---------------------------------------------------------------
 
@@ -310,7 +319,9 @@ class SessionStore:
                 result, log_ = written()
                 return result, [log_]
 
-            result = await self._commit.run(work, on_failure=lambda: self._forget(session_id))
+            result = await self._commit.run(
+                work, on_failure=lambda: self._failed(session_id), on_synced=self._mark_filed
+            )
             waiting = self._unsynced.get(session_id)
             if waiting is not None and waiting.done():
                 self._unsynced.pop(session_id, None)  # a turn that made no call: nothing waits for it any more
@@ -322,7 +333,9 @@ class SessionStore:
 
         # Written and synced in one job of the group commit: this returns once the lines are written, the sync
         # goes on without waiting for the event loop to come back.
-        result, synced = await self._commit.run_written(work_written, on_failure=lambda: self._forget(session_id))
+        result, synced = await self._commit.run_written(
+            work_written, on_failure=lambda: self._failed(session_id), on_synced=self._mark_filed
+        )
         import asyncio  # here: the CLI, which reads sessions without writing, starts without asyncio
 
         background = asyncio.ensure_future(synced)
@@ -337,7 +350,7 @@ class SessionStore:
         if not is_valid_session_id(session_id):
             return None
         try:
-            session = self._read(session_id)
+            session = self._read(session_id) or self._journaled_sessions().get(session_id)
         except StoreCorrupt as e:
             warn_skipped(e)
             raise SessionDamaged(session_id, moved=False) from None
@@ -388,8 +401,29 @@ class SessionStore:
                 continue
             if summary is not None:  # else deleted since listed
                 listing.sessions.append(summary)
+        try:
+            journaled = self._journaled_sessions()
+        except StoreCorrupt as e:
+            warn_skipped(e)
+            listing.damaged_files.append(str(e.path))
+            journaled = {}
+        listed = {summary["id"] for summary in listing.sessions}
+        listing.sessions += [session.summary() for sid, session in journaled.items() if sid not in listed]
         listing.sessions = _sorted(listing.sessions)
         return listing
+
+    def _journaled_sessions(self) -> dict[str, _Session]:
+        """A reader's view of the sessions that exist only in the journal so far (their files not written yet).
+        Raises StoreCorrupt when the journal, or a create in it, cannot be read."""
+        found: dict[str, _Session] = {}
+        for session_id, entries in read_outstanding(self.dir).items():
+            path = self._log_path(session_id)
+            if not is_valid_session_id(session_id) or (path.exists() and not _is_empty(path)):
+                continue  # its file was written (and may hold more since)
+            if self._legacy_path(session_id).exists():
+                continue
+            found[session_id] = _replay(entries, path)[0]
+        return found
 
     def _log_summary(self, session_id: str, path: Path, whole: bool = False) -> dict[str, Any] | None:
         if not is_valid_session_id(session_id):
@@ -405,9 +439,12 @@ class SessionStore:
         if not is_valid_session_id(session_id):
             return False
         with self._lock:
+            cached = self._open.get(session_id)
             self._forget(session_id)
             self._unsynced.pop(session_id, None)
-            existed = False
+            existed = cached is not None and cached.journaled  # no file yet
+            if self._journal is not None:  # the server: its journal must not bring the session back at a restart
+                self._journal.deleted(session_id)
             for path in (self._log_path(session_id), self._legacy_path(session_id)):
                 try:
                     os.unlink(path)
@@ -450,6 +487,8 @@ class SessionStore:
         its file yet either, but no caller asks for an id before the create that made it returned."""
         if session_id in self._open or self._damaged_ids is None or session_id in self._damaged_ids:
             return False
+        if self._journal is None:  # the journal may hold it: filed at the store's first use
+            return False
         if not is_valid_session_id(session_id):
             return False
         return not os.path.exists(self._log_path(session_id)) and not os.path.exists(self._legacy_path(session_id))
@@ -491,7 +530,11 @@ class SessionStore:
         cut off); a damaged file is moved aside and raises SessionDamaged."""
         if not is_valid_session_id(session_id):
             return None
+        self._journal_ready()
         session = self._open.get(session_id)
+        if session is not None and session.journaled:  # no file to check yet
+            self._open.move_to_end(session_id)
+            return session
         if session is not None:
             # The CLI may have deleted it since we cached it, or a file may have been put in its place: a stat is
             # far cheaper than a parse, and a changed file is read again.
@@ -561,9 +604,14 @@ class SessionStore:
         self._evict()
 
     def _evict(self) -> None:
-        """Drop the least recently used sessions past the cache's bounds (the most recent one stays)."""
+        """Drop the least recently used sessions past the cache's bounds (the most recent one stays, and so do the
+        sessions that have no file yet: the journal bounds them)."""
         while len(self._open) > 1 and (len(self._open) > OPEN_SESSIONS or self._open_bytes > OPEN_BYTES):
-            _, evicted = self._open.popitem(last=False)
+            newest = next(reversed(self._open))
+            victim = next((sid for sid, s in self._open.items() if not s.journaled), newest)
+            if victim == newest:
+                return
+            evicted = self._open.pop(victim)
             self._open_bytes -= evicted.size
             if evicted.log is not None:
                 evicted.log.close()
@@ -575,6 +623,29 @@ class SessionStore:
                 self._open_bytes -= session.size
                 if session.log is not None:
                     session.log.close()
+
+    def _failed(self, session_id: str) -> None:
+        """A write's sync failed (its lines were cut off): the cached session goes, and the next use reads the
+        disk. A session whose file's first sync failed is rebuilt from its create in the journal, which is
+        durable; a create whose journal sync failed never existed."""
+        with self._lock:
+            session = self._open.get(session_id)
+            self._forget(session_id)
+            journal = self._journal
+            if journal is None or session is None:
+                return
+            entries = journal.outstanding.get(session_id)
+            if session.journaled:
+                journal.outstanding.pop(session_id, None)
+            elif entries is not None and session.log is not None and session.log.is_new:
+                journal.not_filed(session_id)
+                path = self._log_path(session_id)
+                if _is_empty(path):  # its lines cut off: nothing to keep
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(path)
+                rebuilt = _replay(entries, self._log_path(session_id))[0]
+                rebuilt.journaled, rebuilt.size = True, session.size
+                self._remember(session_id, rebuilt)
 
     def _require(self, session_id: str) -> _Session:
         session = self._session(session_id)
@@ -588,6 +659,8 @@ class SessionStore:
         if session.log is not None:
             return session.log
         self._prepare()
+        if session.journaled:
+            return self._file(session_id, session)
         path = self._log_path(session_id)
         if session.legacy:
             payload = _log_bytes(session)
@@ -640,14 +713,109 @@ class SessionStore:
                 "lastActivityAt": now,
                 "client": client,
             }
-            session = _Session(info, builtins.list(messages))
-            # Written whole: a session file always starts with one complete write (durable with the group commit).
+            session = _Session(info, builtins.list(messages), journaled=True)
+            # One append to the journal (durable with the group commit); the session's own file is written whole at
+            # its next write (``_file``), so a session file always starts with one complete write.
             self._prepare()
-            payload = _log_bytes(session)
-            session.log = AppendLog.create(self._log_path(session_id), payload)
-            session.size, session.stamp = len(payload), _file_stamp(self._log_path(session_id))
+            journal = self._journal_ready()
+            if journal.log.is_replaced():  # the folder was cleared from outside: a new journal, in the new folder
+                self._reopen_journal()
+                journal = self._journal_ready()
+            elif journal.size > JOURNAL_BYTES:
+                self._checkpoint()
+            before = journal.size
+            log_ = journal.created(session_id, _log_entries(session))
+            session.size = journal.size - before
             self._remember(session_id, session)
-            return session.summary(), session.log
+            return session.summary(), log_
+
+    def _file(self, session_id: str, session: _Session) -> AppendLog:
+        """Write the file of a session that the journal holds, whole (synced by the write that needed it)."""
+        assert self._journal is not None
+        path = self._log_path(session_id)
+        session.log = AppendLog.create(path, _log_bytes(session))
+        session.journaled, session.stamp = False, _file_stamp(path)
+        self._journal.filing(session_id, session.log)
+        return session.log
+
+    def _mark_filed(self) -> None:
+        """After a batch's syncs: the sessions whose files are durable now are marked filed in the journal."""
+        if self._journal is not None:
+            with self._lock:
+                self._journal.mark_filed()
+
+    def _journal_ready(self) -> SessionJournal:
+        """The journal, opened at the store's first use; creates a crash left unfiled get their files first."""
+        if self._journal is None:
+            self._prepare()
+            journal = SessionJournal(self.dir)
+            try:
+                left = journal.open()
+            except StoreCorrupt as e:  # damaged from outside: kept aside for a person to look at
+                move_aside(e)
+                journal = SessionJournal(self.dir)
+                left = journal.open()
+            filed = 0
+            for session_id, entries in left.items():
+                path = self._log_path(session_id)
+                if not is_valid_session_id(session_id) or (path.exists() and not _is_empty(path)):
+                    continue
+                if self._legacy_path(session_id).exists():
+                    continue
+                try:
+                    _replay(entries, path)
+                except StoreCorrupt as e:
+                    warn_skipped(e)
+                    continue
+                log_ = AppendLog.create(path, encode_lines(entries))
+                try:
+                    log_.sync(folder=False)
+                finally:
+                    log_.close()
+                filed += 1
+            if filed:
+                fsync_dir(self.dir)
+                log.warning(
+                    "%d session(s) created before the server stopped were written from %s", filed, journal.log.path
+                )
+            if journal.size:
+                journal.empty()
+            self._journal = journal
+        return self._journal
+
+    def _checkpoint(self) -> None:
+        """Empty the journal: every session it holds without a file gets one, synced, first. Put off while a file
+        written in the batch under way is not synced yet (the journal is all that holds that session until then).
+        A failure leaves the journal as it was (tried again at the next create)."""
+        journal = self._journal
+        assert journal is not None
+        if any(log_.is_new for log_ in journal.filed_logs()):
+            return
+        lazies = [(sid, session) for sid, session in self._open.items() if session.journaled]
+        try:
+            for session_id, session in lazies:
+                log_ = self._file(session_id, session)
+                try:
+                    log_.sync(folder=False)
+                except OSError:
+                    session.log, session.journaled = None, True  # held by the journal still
+                    log_.close()
+                    raise
+            if lazies:
+                fsync_dir(self.dir)
+            journal.empty()
+        except OSError as e:
+            log.warning("emptying the session journal %s failed (%s); it stays", journal.log.path, e)
+
+    def _reopen_journal(self) -> None:
+        """A new journal: the old one was removed from outside (the sessions folder cleared while the server runs),
+        and with it the sessions that had no file yet, as a session whose file is removed is gone."""
+        assert self._journal is not None
+        old, self._journal = self._journal, None
+        old.close()
+        for session_id in [sid for sid, session in self._open.items() if session.journaled]:
+            self._forget(session_id)
+        self._journal_ready()
 
     def _exists(self, session_id: str) -> bool:
         with self._lock:
@@ -702,6 +870,10 @@ class SessionStore:
 
     def _close_all(self) -> None:
         with self._lock:
+            if self._journal is not None:  # the server stops: every session gets its file, the journal is emptied
+                self._checkpoint()
+                self._journal.close()
+                self._journal = None
             for session in self._open.values():
                 if session.log is not None:
                     session.log.close()
@@ -735,6 +907,10 @@ def _warn_empty(path: Path, removed: bool = False) -> None:
     log.warning("%s: an empty session file (its creation never became durable: never acknowledged) %s", path, what)
 
 
+def _log_entries(session: _Session) -> builtins.list[Any]:
+    """A whole session log's entries: its messages, then the summary that closes the write."""
+    return [*({"message": m} for m in session.messages), {"session": session.summary()}]
+
+
 def _log_bytes(session: _Session) -> bytes:
-    """A whole session log: its messages, then the summary that closes the write."""
-    return encode_lines([*({"message": m} for m in session.messages), {"session": session.summary()}])
+    return encode_lines(_log_entries(session))

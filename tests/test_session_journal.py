@@ -1,0 +1,173 @@
+"""The session journal: a new session is one append to ``sessions/.journal.jsonl`` and gets its own file at its
+next write; nothing acknowledged is lost, and nothing deleted comes back, whatever stops the server."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from click.testing import CliRunner
+
+from agentspace.cli import main as cli
+from agentspace.storage import SessionStore
+from agentspace.storage.embedded import sessions as sessions_module
+from agentspace.storage.embedded.session_journal import JOURNAL_NAME
+from scripts.harness import GatewayProcess
+from tests.fakes import anthropic_upstream as fa
+
+
+def journal(data_dir: Path) -> list[Any]:
+    path = data_dir / "sessions" / JOURNAL_NAME
+    return [json.loads(line) for line in path.read_bytes().splitlines()] if path.exists() else []
+
+
+def session_files(data_dir: Path) -> list[str]:
+    return sorted(p.name for p in (data_dir / "sessions").iterdir() if not p.name.startswith("."))
+
+
+async def test_a_new_session_is_one_append_and_gets_its_file_at_its_next_write(tmp_path: Path) -> None:
+    store = SessionStore(tmp_path)
+    await store.create(model="m", session_id="s1", messages=[{"id": "u1", "role": "user", "content": "hi"}])
+    assert session_files(tmp_path) == []
+    [entry] = journal(tmp_path)
+    assert entry["create"]["id"] == "s1"
+    # A reader (the CLI, another process) finds it in the journal.
+    found = SessionStore(tmp_path).get_sync("s1")
+    assert found is not None and [m["id"] for m in found["messages"]] == ["u1"]
+    assert [s["id"] for s in SessionStore(tmp_path).summaries_sync()] == ["s1"]
+
+    await store.append_message("s1", {"id": "a1", "role": "assistant", "content": "hello"})
+    assert session_files(tmp_path) == ["s1.jsonl"]
+    lines = [json.loads(line) for line in (tmp_path / "sessions" / "s1.jsonl").read_bytes().splitlines()]
+    assert [list(line) for line in lines] == [
+        ["message"],
+        ["session"],
+        ["message"],
+        ["session"],
+    ]  # whole, then appended
+    assert journal(tmp_path)[-1] == {"filed": "s1"}  # written once the file was synced
+    found = SessionStore(tmp_path).get_sync("s1")
+    assert found is not None and [m["id"] for m in found["messages"]] == ["u1", "a1"]
+
+    # A stop with no shutdown (the store never closed): a new store reads both.
+    await store.create(model="m", session_id="s2", messages=[{"id": "u2", "role": "user", "content": "yo"}])
+    reopened = SessionStore(tmp_path)
+    try:
+        assert [m["id"] for m in await reopened.messages("s2")] == ["u2"]
+        assert [m["id"] for m in await reopened.messages("s1")] == ["u1", "a1"]
+        assert session_files(tmp_path) == ["s1.jsonl", "s2.jsonl"]  # written at its first use, the journal emptied
+        assert journal(tmp_path) == []
+    finally:
+        await reopened.aclose()
+
+
+async def test_the_journal_is_emptied_past_its_size_and_at_shutdown(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(sessions_module, "JOURNAL_BYTES", 2000)
+    store = SessionStore(tmp_path)
+    ids = [f"s{n}" for n in range(40)]
+    for n, sid in enumerate(ids):
+        await store.create(model="m", session_id=sid, messages=[{"id": f"u{n}", "role": "user", "content": "x" * 100}])
+        if n % 3 == 0:  # some get their file at their next write, the others when the journal is emptied
+            await store.append_message(sid, {"id": f"a{n}", "role": "assistant", "content": "y"})
+        size = (tmp_path / "sessions" / JOURNAL_NAME).stat().st_size
+        assert size < 2000 + 1000, size  # bounded: emptied once past JOURNAL_BYTES
+    assert 0 < len(session_files(tmp_path)) < len(ids)
+    listed = {s["id"]: s["messageCount"] for s in SessionStore(tmp_path).summaries_sync()}
+    assert listed == {sid: 2 if n % 3 == 0 else 1 for n, sid in enumerate(ids)}
+    await store.aclose()
+    assert journal(tmp_path) == [] and session_files(tmp_path) == sorted(f"{sid}.jsonl" for sid in ids)
+    assert {s["id"]: s["messageCount"] for s in SessionStore(tmp_path).summaries_sync()} == listed
+
+
+async def test_deleted_sessions_do_not_come_back_after_a_crash(tmp_path: Path) -> None:
+    store = SessionStore(tmp_path)
+    for sid in ("unfiled", "filed", "outside"):
+        await store.create(model="m", session_id=sid)
+    for sid in ("filed", "outside"):
+        await store.touch(sid)  # their files written
+    assert await store.delete("unfiled") and await store.delete("filed")
+    assert SessionStore(tmp_path).delete_sync("outside")  # the CLI, another process
+    assert SessionStore(tmp_path).summaries_sync() == []
+    # The server stops without shutting down; the next one reads the journal.
+    reopened = SessionStore(tmp_path)
+    try:
+        assert await reopened.summaries() == []
+        for sid in ("unfiled", "filed", "outside"):
+            assert await reopened.get(sid) is None
+    finally:
+        await reopened.aclose()
+    assert session_files(tmp_path) == []
+
+
+async def test_a_damaged_journal_is_moved_aside_and_named(tmp_path: Path) -> None:
+    store = SessionStore(tmp_path)
+    await store.create(model="m", session_id="kept")
+    await store.touch("kept")
+    await store.aclose()
+    path = tmp_path / "sessions" / JOURNAL_NAME
+    path.write_bytes(b'{"create": {"id": "x", "entries": []}}\nnot json\n')
+    listing = SessionStore(tmp_path).listing_sync()
+    assert [s["id"] for s in listing.sessions] == ["kept"] and listing.damaged_files == [str(path)]
+    reopened = SessionStore(tmp_path)
+    try:
+        await reopened.create(model="m", session_id="new")
+        assert {s["id"] for s in await reopened.summaries()} == {"kept", "new"}
+    finally:
+        await reopened.aclose()
+    assert [p.name for p in path.parent.iterdir() if ".damaged-" in p.name]  # kept for a person to look at
+
+
+async def test_serve_killed_during_a_first_turn_keeps_its_user_message(
+    tmp_path: Path, fake_anthropic: fa.FakeAnthropic
+) -> None:
+    """The request left, so the new session's user message is durable (in the journal only: its answer, which
+    would give it a file, never comes). The CLI shows it before a restart, and the restarted server writes its
+    file and serves it."""
+    fake_anthropic.default = fa.text_response("never finished").stall(60, after=2)
+    data_dir = tmp_path / "data"
+    server = GatewayProcess(data_dir, fake_anthropic.url)
+    try:
+        await server.start()
+        async with aiohttp.ClientSession() as http:
+            ws = await http.ws_connect(server.ws_url, headers={"Authorization": f"Bearer {server.token}"})
+            await ws.send_json({"type": "chat.send", "id": "r1", "content": "remember me"})
+            created = await ws.receive_json(timeout=30)
+            assert created["type"] == "session.created", created
+            for _ in range(1500):  # until the request reached the upstream
+                if fake_anthropic.requests:
+                    break
+                await asyncio.sleep(0.02)
+            assert fake_anthropic.requests
+            await server.kill()
+            await ws.close()
+    finally:
+        await server.aclose()
+    session_id = created["sessionId"]
+    assert session_files(data_dir) == []  # no file yet: the journal holds it
+
+    shown = CliRunner().invoke(cli, ["sessions", "show", session_id], env={"AGENTSPACE_HOME": str(data_dir)})
+    assert shown.exit_code == 0 and "remember me" in shown.output, shown.output
+
+    restarted = GatewayProcess(data_dir, fake_anthropic.url)
+    try:
+        await restarted.start()
+        headers = {"Authorization": f"Bearer {restarted.token}"}
+        async with aiohttp.ClientSession(headers=headers) as http:
+            async with http.get(f"{restarted.url}/api/sessions/{session_id}") as resp:
+                assert resp.status == 200, await resp.text()
+                messages = (await resp.json())["session"]["messages"]
+            assert [(m["role"], m["content"]) for m in messages] == [("user", "remember me")]
+            async with http.get(f"{restarted.url}/api/sessions") as resp:
+                assert session_id in {s["id"] for s in (await resp.json())["sessions"]}
+        assert session_files(data_dir) == [f"{session_id}.jsonl"] and journal(data_dir) == []
+        assert "written from" in restarted.log()
+    finally:
+        await restarted.aclose()
+    assert os.path.getsize(data_dir / "sessions" / f"{session_id}.jsonl") > 0
