@@ -169,20 +169,21 @@ def torn_files(data_dir: Path) -> list[Path]:
 
 
 # The child's writes, each one os.write: 1 creates the session (in the session journal); then loop 1 appends its
-# usage record (2), writes the session's own file whole (3, a temp file renamed into place) and appends its message
-# with the summary closing it (4); loop k from 2 appends its usage record (2k + 1) and its message (2k + 2).
-# Segments hold 5 records: loop 6 starts the second segment (13). Each append's fdatasync: the create 1, loop k's
-# usage 2k, loop k's message 2k + 1 from loop 2 on (loop 1's is the new file's fsync).
+# usage record (2), writes the session's own file whole (3, a temp file renamed into place), appends its message
+# with the summary closing it (4) and, once that is synced, marks the session filed in the journal (5); loop k from
+# 2 appends its usage record (2k + 2) and its message (2k + 3). Segments hold 5 records: loop 6 starts the second
+# segment (14). Each append's fdatasync: the create 1, loop k's usage 2k, loop k's message 2k + 1 from loop 2 on
+# (loop 1's is the new file's fsync).
 @pytest.mark.parametrize(
     ("die_in", "unreported"),
     [
         ("write:2", "usage, first segment, line torn"),
         ("write:4", "message written whole, its summary torn"),
         ("halfwrite:4", "message torn"),
-        ("write:5", "usage"),
-        ("halfwrite:6", "message"),
-        ("write:13", "usage, new segment"),
-        ("write:14", "message"),
+        ("write:6", "usage"),
+        ("halfwrite:7", "message"),
+        ("write:14", "usage, new segment"),
+        ("write:15", "message"),
     ],
 )
 async def test_sigkill_inside_a_write(tmp_path: Path, die_in: str, unreported: str) -> None:

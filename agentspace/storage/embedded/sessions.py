@@ -414,15 +414,24 @@ class SessionStore:
 
     def _journaled_sessions(self) -> dict[str, _Session]:
         """A reader's view of the sessions that exist only in the journal so far (their files not written yet).
-        Raises StoreCorrupt when the journal, or a create in it, cannot be read."""
+        Raises StoreCorrupt when the journal cannot be read."""
+        return self._without_files(read_outstanding(self.dir))
+
+    def _without_files(self, creates: dict[str, builtins.list[Any]]) -> dict[str, _Session]:
+        """The sessions of the journal's unfiled creates whose files are missing or empty (not written yet, or
+        their first sync never finished), replayed. A file with lines wins: it may hold more since. A create that
+        cannot be read is skipped, with a warning."""
         found: dict[str, _Session] = {}
-        for session_id, entries in read_outstanding(self.dir).items():
+        for session_id, entries in creates.items():
             path = self._log_path(session_id)
             if not is_valid_session_id(session_id) or (path.exists() and not _is_empty(path)):
-                continue  # its file was written (and may hold more since)
+                continue
             if self._legacy_path(session_id).exists():
                 continue
-            found[session_id] = _replay(entries, path)[0]
+            try:
+                found[session_id] = _replay(entries, path)[0]
+            except StoreCorrupt as e:
+                warn_skipped(e)
         return found
 
     def _log_summary(self, session_id: str, path: Path, whole: bool = False) -> dict[str, Any] | None:
@@ -755,31 +764,26 @@ class SessionStore:
                 move_aside(e)
                 journal = SessionJournal(self.dir)
                 left = journal.open()
-            filed = 0
-            for session_id, entries in left.items():
-                path = self._log_path(session_id)
-                if not is_valid_session_id(session_id) or (path.exists() and not _is_empty(path)):
-                    continue
-                if self._legacy_path(session_id).exists():
-                    continue
-                try:
-                    _replay(entries, path)
-                except StoreCorrupt as e:
-                    warn_skipped(e)
-                    continue
-                log_ = AppendLog.create(path, encode_lines(entries))
-                try:
-                    log_.sync(folder=False)
-                finally:
-                    log_.close()
-                filed += 1
-            if filed:
-                fsync_dir(self.dir)
-                log.warning(
-                    "%d session(s) created before the server stopped were written from %s", filed, journal.log.path
-                )
-            if journal.size:
-                journal.empty()
+            try:
+                unfiled = self._without_files(left)
+                for session_id, session in unfiled.items():
+                    log_ = AppendLog.create(self._log_path(session_id), _log_bytes(session))
+                    try:
+                        log_.sync(folder=False)
+                    finally:
+                        log_.close()
+                if unfiled:
+                    fsync_dir(self.dir)
+                    log.warning(
+                        "%d session(s) created before the server stopped were written from %s",
+                        len(unfiled),
+                        journal.log.path,
+                    )
+                if journal.size:
+                    journal.empty()
+            except BaseException:  # tried again at the next use
+                journal.close()
+                raise
             self._journal = journal
         return self._journal
 
