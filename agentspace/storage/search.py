@@ -8,8 +8,9 @@ and a substring scan. The first search of a process reads every session once. Th
 many long sessions costs search time, not the server's memory.
 
 On the embedded store (``SessionStore``, one ``<id>.jsonl`` log per session, appended on every write; an
-``<id>.json`` of an earlier version until its first change) even the listing is skipped: a session is read
-again only when its file's (inode, size, mtime) changed, so
+``<id>.json`` of an earlier version until its first change; a new session in the session journal until its
+next write) even the listing is skipped: a session is read again only when its file's (inode, size, mtime)
+changed, so
 a search costs one ``scandir`` and the substring scan (``benchmarks/search_bench.py``: 1,000 sessions).
 """
 
@@ -120,7 +121,7 @@ def _held(index: dict[str, _Entry]) -> int:
     return sum(len(entry.text) for entry in index.values() if entry.text is not None)
 
 
-def _read_changed(store: SessionStore, index: dict[str, _Entry], stamps: dict[str, tuple[int, int, int]]) -> None:
+def _read_changed(store: SessionStore, index: dict[str, _Entry], stamps: dict[str, tuple[Any, ...]]) -> None:
     for gone in set(index) - set(stamps):
         del index[gone]
     held = _held(index)
@@ -151,7 +152,11 @@ async def _search_files(
     index = _INDEXES.setdefault(store, {})
 
     def refresh() -> None:
-        _read_changed(store, index, _file_stamps(store.dir))
+        stamps: dict[str, tuple[Any, ...]] = dict(_file_stamps(store.dir))
+        # A new session has no file until its next write (the session journal): stamped by its summary.
+        for session_id, summary in store.journaled_summaries().items():
+            stamps.setdefault(session_id, ("journal", *_stamp(summary)))
+        _read_changed(store, index, stamps)
 
     def refreshed_scan() -> _Search:
         refresh()

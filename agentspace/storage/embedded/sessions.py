@@ -412,6 +412,14 @@ class SessionStore:
         listing.sessions = _sorted(listing.sessions)
         return listing
 
+    def journaled_summaries(self) -> dict[str, dict[str, Any]]:
+        """The summaries of the sessions that have no file yet (in the session journal), by id; {} when the journal
+        cannot be read (listings name it)."""
+        try:
+            return {sid: session.summary() for sid, session in self._journaled_sessions().items()}
+        except StoreCorrupt:
+            return {}
+
     def _journaled_sessions(self) -> dict[str, _Session]:
         """A reader's view of the sessions that exist only in the journal so far (their files not written yet).
         Raises StoreCorrupt when the journal cannot be read."""
