@@ -31,10 +31,10 @@ read or write of it has another (inode, size, mtime), and is read again. The syn
 the files.
 
 A turn writes its user message with ``sync=False`` (``create``, ``append_message``): written at once (a disk
-that refuses it refuses the turn; a new session's goes to the journal), its sync started at once in the background; the call's pending ledger
-entry is synced beside it, and the request leaves once both are durable (``awaiting_sync``, awaited by
-``calls.ProviderCall.admit``): the syncs overlap each other and the turn's context assembly, not one after
-the other.
+that refuses it refuses the turn; a new session's goes to the journal), its sync started at once in the
+background; the call's pending ledger entry is synced beside it, and the request leaves once both are durable
+(``awaiting_sync``, awaited by ``calls.ProviderCall.admit``): the syncs overlap each other and the turn's
+context assembly, not one after the other.
 
 A session file that does not parse was damaged outside agentspace: the server moves it aside
 (``<id>.jsonl.damaged-<time>``, kept and logged) and that session answers SessionDamaged while that copy is
@@ -284,7 +284,7 @@ class SessionStore:
 
     async def delete(self, session_id: str) -> bool:
         """Delete a session; False when there was none."""
-        return await self._run(self.delete_sync, session_id)
+        return await self._run(self._delete, session_id)
 
     async def flush(self) -> None:
         """Return once every write started before this call has finished."""
@@ -475,6 +475,10 @@ class SessionStore:
             return existed
 
     # --- work done on the store thread --------------------------------------------------------
+
+    def _delete(self, session_id: str) -> bool:
+        self._journal_ready()  # a session a crash left in the journal is deleted, not filed after
+        return self.delete_sync(session_id)
 
     def _log_path(self, session_id: str) -> Path:
         return self.dir / f"{session_id}{_LOG}"
