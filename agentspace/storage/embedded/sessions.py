@@ -477,7 +477,8 @@ class SessionStore:
     # --- work done on the store thread --------------------------------------------------------
 
     def _delete(self, session_id: str) -> bool:
-        self._journal_ready()  # a session a crash left in the journal is deleted, not filed after
+        if is_valid_session_id(session_id):
+            self._journal_ready()  # a session a crash left in the journal is deleted, not filed after
         return self.delete_sync(session_id)
 
     def _log_path(self, session_id: str) -> Path:
