@@ -5,7 +5,9 @@
 What it shows: a UsageStore.append costs the same at 1k, 10k and 100k stored records (it appends one line to
 the current segment); a SessionStore.append_message the same however many sessions are stored, and the same
 on an empty session and a 10 MB one (it appends two lines: the message and the summary); what listing 10k
-sessions costs (each session's summary read from the end of its log); and a usage report over 100k and 1M
+sessions costs (each session's summary read from the end of its log); what a new session costs (one append to
+the session journal) and its first message (which writes the session's file), beside what the disk takes to
+make a new file or to append to one; and a usage report over 100k and 1M
 records spread over 30 days (rollups of closed segments plus the open one): in process, and as a cold
 ``agentspace usage --by-model`` process, once the rollups exist (the first report, which writes them, is
 timed apart; wall time, and the process's CPU time, which a loaded machine inflates less; the package is
@@ -206,6 +208,8 @@ async def bench_sessions(root: Path, rng: random.Random, rows: list[tuple[str, s
             session_id="big",
             messages=[{"role": "user", "content": turn} for _ in range(BIG_SESSION_BYTES // len(turn))],
         )
+        for sid in ("empty", "big"):  # their files written (a new session is in the session journal until then)
+            await store.touch(sid)
     big_size = (data_dir / "sessions" / "big.jsonl").stat().st_size
     kilobyte = {"role": "user", "content": "x" * 1000}
     empty_ms: list[float] = []
@@ -215,12 +219,68 @@ async def bench_sessions(root: Path, rng: random.Random, rows: list[tuple[str, s
         big_ms += await timed(BATCH, lambda i: store.append_message("big", kilobyte))
     rows.append(("SessionStore.append_message 1 KB, empty session", "0 messages", empty_ms))
     rows.append(("SessionStore.append_message 1 KB, 10 MB session", f"{big_size / 1e6:.1f} MB", big_ms))
+    # A new session (one append to the session journal), then its first message (which writes its file), against
+    # what the disk does for each: a new file, and an append to a file that exists.
+    new_ids = [f"new{i}" for i in range(SESSION_APPENDS)]
+    first = {"role": "user", "content": "lorem ipsum " * 50}
+    rows.append(
+        (
+            "SessionStore.create",
+            "the session journal",
+            await timed(
+                SESSION_APPENDS, lambda i: store.create(model=MODELS[0], session_id=new_ids[i], messages=[first])
+            ),
+        )
+    )
+    rows.append(
+        (
+            "SessionStore.append_message, a new session's first",
+            "writes its file",
+            await timed(SESSION_APPENDS, lambda i: store.append_message(new_ids[i], first)),
+        )
+    )
+    raw = data_dir / "raw"
+    raw.mkdir()
+    payload = b"x" * 600 + b"\n"
+    rows.append(
+        (
+            "os: a new file, fsync, folder fsync",
+            "600 bytes",
+            timed_sync(SESSION_APPENDS, lambda: _new_file(raw, payload)),
+        )
+    )
+    fd = os.open(raw / "log", os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+    try:
+        rows.append(
+            ("os: an append and its fdatasync", "600 bytes", timed_sync(SESSION_APPENDS, lambda: _append(fd, payload)))
+        )
+    finally:
+        os.close(fd)
     await store.aclose()
     cold = SessionStore(data_dir)
     start = time.perf_counter()
     count = len(cold.summaries_sync())
-    assert count == SESSIONS + 3
+    assert count == SESSIONS + 3 + SESSION_APPENDS
     rows.append(("SessionStore.summaries_sync, cold", f"{SESSIONS:,} sessions", [(time.perf_counter() - start) * 1000]))
+
+
+def _new_file(folder: Path, payload: bytes) -> None:
+    fd = os.open(folder / new_id("f_"), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        os.write(fd, payload)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    folder_fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(folder_fd)
+    finally:
+        os.close(folder_fd)
+
+
+def _append(fd: int, payload: bytes) -> None:
+    os.write(fd, payload)
+    os.fdatasync(fd)
 
 
 def cold_cli_report(data_dir: Path) -> tuple[float, str | None, float]:

@@ -765,6 +765,8 @@ class SessionStore:
         if self._journal is not None:
             with self._lock:
                 self._journal.mark_filed()
+                if self._journal.size > JOURNAL_BYTES:  # (a long imported history): readers read it whole
+                    self._checkpoint()
 
     def _journal_ready(self) -> SessionJournal:
         """The journal, opened at the store's first use; creates a crash left unfiled get their files first."""
