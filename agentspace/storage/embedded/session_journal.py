@@ -1,11 +1,11 @@
 """New sessions' first writes, appended to one shared file before each session gets a file of its own.
 
 Creating a file costs far more than appending to one: a new inode and a new folder entry, both synced (on the
-disks we measured, ``open(O_CREAT)`` alone took 0.1-0.4 ms and the two syncs 0.4 ms, against 0.2 ms for an append
-and its ``fdatasync``: ``python benchmarks/store_bench.py``). A chat that starts a conversation waits for its
-session to be durable before its request leaves, so the session store writes a new session to this journal
-instead, and writes the session's own file at the session's next write (the answer), whose sync the end of the
-turn waits for anyway.
+disk we measured, 0.47 ms against 0.18 ms for an append and its ``fdatasync``, ``python benchmarks/store_bench.py``;
+with pauses between, as between chats, ``open(O_CREAT)`` alone took 0.1-0.4 ms). A chat that starts a
+conversation waits for its session to be durable before its request leaves, so the session store writes a new
+session to this journal instead, and writes the session's own file at the session's next write (the answer),
+whose sync the end of the turn waits for anyway.
 
 ``sessions/.journal.jsonl`` is an ``append_log`` file (a torn tail cut off, damage reported) of entries:
 
