@@ -284,7 +284,7 @@ class SessionStore:
 
     async def delete(self, session_id: str) -> bool:
         """Delete a session; False when there was none."""
-        return await self._run(self.delete_sync, session_id)
+        return await self._run(self._delete, session_id)
 
     async def flush(self) -> None:
         """Return once every write started before this call has finished."""
@@ -475,6 +475,13 @@ class SessionStore:
             return existed
 
     # --- work done on the store thread --------------------------------------------------------
+
+    def _delete(self, session_id: str) -> bool:
+        """The server's delete: the journal opened first, so a session that a crash left in it (no file yet, filed
+        at the journal's opening) is found, and its create cannot bring it back at the next use."""
+        if is_valid_session_id(session_id):
+            self._journal_ready()
+        return self.delete_sync(session_id)
 
     def _log_path(self, session_id: str) -> Path:
         return self.dir / f"{session_id}{_LOG}"

@@ -1,0 +1,76 @@
+"""The session journal tried from outside: a real ``agentspace serve`` killed with SIGKILL and restarted, and the
+CLI; the sessions that exist only in the journal (created, their next write not made yet) are deleted, listed and
+shown like any other."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+from click.testing import CliRunner
+
+from agentspace.cli import main as cli
+from agentspace.storage.embedded.session_journal import JOURNAL_NAME
+from scripts.harness import GatewayProcess
+from tests.fakes import anthropic_upstream as fa
+
+
+def session_files(data_dir: Path) -> list[str]:
+    return sorted(p.name for p in (data_dir / "sessions").iterdir() if not p.name.startswith("."))
+
+
+def run_cli(data_dir: Path, *args: str) -> Any:
+    return CliRunner().invoke(cli, list(args), env={"AGENTSPACE_HOME": str(data_dir)})
+
+
+async def killed_during_a_first_turn(data_dir: Path, fake: fa.FakeAnthropic, content: str) -> str:
+    """A chat that creates a session, SIGKILLed once its request reached the upstream: the session exists only in
+    the journal (its answer, which would give it a file, never comes). Returns its id."""
+    fake.default = fa.text_response("never finished").stall(60, after=2)
+    server = GatewayProcess(data_dir, fake.url)
+    try:
+        await server.start()
+        async with aiohttp.ClientSession() as http:
+            ws = await http.ws_connect(server.ws_url, headers={"Authorization": f"Bearer {server.token}"})
+            await ws.send_json({"type": "chat.send", "id": "r1", "content": content})
+            created = await ws.receive_json(timeout=30)
+            assert created["type"] == "session.created", created
+            for _ in range(1500):  # until the request reached the upstream
+                if fake.requests:
+                    break
+                await asyncio.sleep(0.02)
+            assert fake.requests
+            await server.kill()
+            await ws.close()
+    finally:
+        await server.aclose()
+    session_id = str(created["sessionId"])
+    assert session_files(data_dir) == [] and (data_dir / "sessions" / JOURNAL_NAME).stat().st_size > 0
+    return session_id
+
+
+async def test_a_restarted_servers_first_request_deletes_a_session_left_in_the_journal(
+    tmp_path: Path, fake_anthropic: fa.FakeAnthropic
+) -> None:
+    data_dir = tmp_path / "data"
+    session_id = await killed_during_a_first_turn(data_dir, fake_anthropic, "delete me later")
+    for round_ in range(2):  # the delete, then a restart that must not bring it back
+        server = GatewayProcess(data_dir, fake_anthropic.url)
+        try:
+            await server.start()
+            headers = {"Authorization": f"Bearer {server.token}"}
+            async with aiohttp.ClientSession(headers=headers) as http:
+                if round_ == 0:
+                    async with http.delete(f"{server.url}/api/sessions/{session_id}") as resp:
+                        assert resp.status == 204, await resp.text()
+                async with http.get(f"{server.url}/api/sessions/{session_id}") as resp:
+                    assert resp.status == 404, await resp.text()
+                async with http.get(f"{server.url}/api/sessions") as resp:
+                    assert session_id not in {s["id"] for s in (await resp.json())["sessions"]}
+            if round_ == 0:
+                await server.kill()
+        finally:
+            await server.aclose()
+    assert session_id not in run_cli(data_dir, "sessions", "list").output
