@@ -74,3 +74,51 @@ async def test_a_restarted_servers_first_request_deletes_a_session_left_in_the_j
         finally:
             await server.aclose()
     assert session_id not in run_cli(data_dir, "sessions", "list").output
+
+
+async def test_the_cli_deletes_a_session_that_exists_only_in_the_journal(
+    tmp_path: Path, fake_anthropic: fa.FakeAnthropic
+) -> None:
+    """Listed and shown by the CLI, so deletable by it: after a crash, a delete written to the journal, which the
+    next server honours; while a server holds the session (its turn in flight), a refusal that says where to go."""
+    fake_anthropic.default = fa.text_response("never finished").stall(60, after=2)
+    data_dir = tmp_path / "data"
+    server = GatewayProcess(data_dir, fake_anthropic.url)
+    try:
+        await server.start()
+        async with aiohttp.ClientSession() as http:
+            ws = await http.ws_connect(server.ws_url, headers={"Authorization": f"Bearer {server.token}"})
+            await ws.send_json({"type": "chat.send", "id": "r1", "content": "forget me"})
+            created = await ws.receive_json(timeout=30)
+            assert created["type"] == "session.created", created
+            session_id = str(created["sessionId"])
+            for _ in range(1500):  # until the request reached the upstream
+                if fake_anthropic.requests:
+                    break
+                await asyncio.sleep(0.02)
+            assert fake_anthropic.requests and session_files(data_dir) == []
+            refused = run_cli(data_dir, "sessions", "delete", session_id, "--yes")
+            assert refused.exit_code != 0 and "DELETE /api/sessions/" in refused.output, refused.output
+            assert session_id in run_cli(data_dir, "sessions", "list").output  # still there, as the server has it
+            await server.kill()
+            await ws.close()
+    finally:
+        await server.aclose()
+
+    deleted = run_cli(data_dir, "sessions", "delete", session_id, "--yes")
+    assert deleted.exit_code == 0 and f"Deleted session {session_id}" in deleted.output, deleted.output
+    assert session_id not in run_cli(data_dir, "sessions", "list").output
+    assert run_cli(data_dir, "sessions", "show", session_id).exit_code != 0
+
+    restarted = GatewayProcess(data_dir, fake_anthropic.url)
+    try:
+        await restarted.start()
+        headers = {"Authorization": f"Bearer {restarted.token}"}
+        async with aiohttp.ClientSession(headers=headers) as http:
+            async with http.get(f"{restarted.url}/api/sessions/{session_id}") as resp:
+                assert resp.status == 404, await resp.text()
+            async with http.get(f"{restarted.url}/api/sessions") as resp:
+                assert session_id not in {s["id"] for s in (await resp.json())["sessions"]}
+    finally:
+        await restarted.aclose()
+    assert session_files(data_dir) == []

@@ -472,7 +472,30 @@ class SessionStore:
                 os.unlink(self.dir / f"{session_id}{_LEGACY_COPY}")
             if existed:
                 fsync_dir(self.dir)
+            elif self._journal is None:  # not the server: the session may exist in the journal only
+                existed = self._delete_journaled(session_id)
             return existed
+
+    def _delete_journaled(self, session_id: str) -> bool:
+        """Another process's delete (the CLI) of a session that exists only in the journal (the server stopped
+        before its next write): a delete appended to the journal, under the data directory's lock. While a server
+        runs it holds the session in memory and is the journal's only writer: DataDirLocked."""
+        from ..datadir_lock import DataDirLock
+
+        try:
+            if session_id not in self._journaled_sessions():
+                return False
+            with DataDirLock(self.dir.parent):
+                journal = SessionJournal(self.dir)
+                try:
+                    journal.open()
+                    journal.deleted(session_id)  # synced: a server started next does not file it
+                finally:
+                    journal.close()
+        except StoreCorrupt as e:  # a damaged journal holds no session (listings name it)
+            warn_skipped(e)
+            return False
+        return True
 
     # --- work done on the store thread --------------------------------------------------------
 
