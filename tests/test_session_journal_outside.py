@@ -122,3 +122,41 @@ async def test_the_cli_deletes_a_session_that_exists_only_in_the_journal(
     finally:
         await restarted.aclose()
     assert session_files(data_dir) == []
+
+
+async def test_a_session_with_no_file_goes_with_the_sessions_folder_removed_from_outside(
+    tmp_path: Path, fake_anthropic: fa.FakeAnthropic
+) -> None:
+    """History cleared while a first turn is in flight: the session, which had no file yet, went with the journal
+    (as a filed session goes with its file); the turn's end does not bring it back."""
+    fake_anthropic.default = fa.text_response("partial answer").stall(60, after=2)
+    data_dir = tmp_path / "data"
+    server = GatewayProcess(data_dir, fake_anthropic.url)
+    try:
+        await server.start()
+        headers = {"Authorization": f"Bearer {server.token}"}
+        async with aiohttp.ClientSession(headers=headers) as http:
+            ws = await http.ws_connect(server.ws_url)
+            await ws.send_json({"type": "chat.send", "id": "r1", "content": "cleared with the history"})
+            created = await ws.receive_json(timeout=30)
+            assert created["type"] == "session.created", created
+            session_id = str(created["sessionId"])
+            for _ in range(1500):  # until the request reached the upstream
+                if fake_anthropic.requests:
+                    break
+                await asyncio.sleep(0.02)
+            assert fake_anthropic.requests and session_files(data_dir) == []
+            for path in (data_dir / "sessions").iterdir():
+                path.unlink()
+            (data_dir / "sessions").rmdir()
+            await ws.send_json({"type": "chat.abort", "id": "a1", "requestId": "r1"})
+            while (await ws.receive_json(timeout=30))["type"] not in ("chat.stream.end", "error"):
+                pass
+            await ws.close()
+            async with http.get(f"{server.url}/api/sessions/{session_id}") as resp:
+                assert resp.status == 404, await resp.text()
+            async with http.get(f"{server.url}/api/sessions") as resp:
+                assert session_id not in {s["id"] for s in (await resp.json())["sessions"]}
+    finally:
+        await server.aclose()
+    assert not (data_dir / "sessions" / f"{session_id}.jsonl").exists()

@@ -579,9 +579,13 @@ class SessionStore:
             return None
         self._journal_ready()
         session = self._open.get(session_id)
-        if session is not None and session.journaled:  # no file to check yet
-            self._open.move_to_end(session_id)
-            return session
+        if session is not None and session.journaled:  # no file to check yet: the journal's (two stats)
+            assert self._journal is not None
+            if not self._journal.log.is_replaced():
+                self._open.move_to_end(session_id)
+                return session
+            self._reopen_journal()  # the folder was cleared from outside: the sessions with no file went with it
+            session = None
         if session is not None:
             # The CLI may have deleted it since we cached it, or a file may have been put in its place: a stat is
             # far cheaper than a parse, and a changed file is read again.
@@ -831,6 +835,9 @@ class SessionStore:
         A failure leaves the journal as it was (tried again at the next create)."""
         journal = self._journal
         assert journal is not None
+        if journal.log.is_replaced():  # the folder was cleared from outside: nothing to file
+            self._reopen_journal()
+            return
         if any(log_.is_new for log_ in journal.filed_logs()):
             return
         lazies = [(sid, session) for sid, session in self._open.items() if session.journaled]
