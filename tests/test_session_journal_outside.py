@@ -160,3 +160,38 @@ async def test_a_session_with_no_file_goes_with_the_sessions_folder_removed_from
     finally:
         await server.aclose()
     assert not (data_dir / "sessions" / f"{session_id}.jsonl").exists()
+
+
+async def test_every_reader_finds_a_session_that_exists_only_in_the_journal(
+    tmp_path: Path, fake_anthropic: fa.FakeAnthropic
+) -> None:
+    """A first turn in flight: its session has no file yet; the server's search, the CLI's search, export and
+    doctor find it all the same."""
+    fake_anthropic.default = fa.text_response("never finished").stall(60, after=2)
+    data_dir = tmp_path / "data"
+    server = GatewayProcess(data_dir, fake_anthropic.url)
+    try:
+        await server.start()
+        headers = {"Authorization": f"Bearer {server.token}"}
+        async with aiohttp.ClientSession(headers=headers) as http:
+            ws = await http.ws_connect(server.ws_url)
+            await ws.send_json({"type": "chat.send", "id": "r1", "content": "a quokka in the journal"})
+            created = await ws.receive_json(timeout=30)
+            assert created["type"] == "session.created", created
+            session_id = str(created["sessionId"])
+            for _ in range(1500):  # until the request reached the upstream
+                if fake_anthropic.requests:
+                    break
+                await asyncio.sleep(0.02)
+            assert fake_anthropic.requests and session_files(data_dir) == []
+            async with http.get(f"{server.url}/api/sessions", params={"q": "quokka"}) as resp:
+                assert [s["id"] for s in (await resp.json())["sessions"]] == [session_id]
+            found = run_cli(data_dir, "sessions", "search", "quokka")
+            assert found.exit_code == 0 and session_id in found.output, found.output
+            exported = run_cli(data_dir, "sessions", "export", session_id)
+            assert exported.exit_code == 0 and "a quokka in the journal" in exported.output, exported.output
+            doctor = run_cli(data_dir, "doctor")
+            assert "sessions: 1 readable, 0 damaged" in doctor.output, doctor.output
+            await ws.close()
+    finally:
+        await server.aclose()
