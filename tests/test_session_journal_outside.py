@@ -5,13 +5,18 @@ shown like any other."""
 from __future__ import annotations
 
 import asyncio
+import signal
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
 import aiohttp
+import pytest
 from click.testing import CliRunner
 
 from agentspace.cli import main as cli
+from agentspace.storage import SessionStore
 from agentspace.storage.embedded.session_journal import JOURNAL_NAME
 from scripts.harness import GatewayProcess
 from tests.fakes import anthropic_upstream as fa
@@ -195,3 +200,76 @@ async def test_every_reader_finds_a_session_that_exists_only_in_the_journal(
             await ws.close()
     finally:
         await server.aclose()
+
+
+# argv: data dir, N. Creates sessions in concurrent bursts (a third of them written to again: filed), each reported
+# once acknowledged, with a small journal; SIGKILLed right after the Nth time the journal was emptied.
+CHECKPOINT_CHILD = """
+import asyncio, os, signal, sys
+from pathlib import Path
+from agentspace.storage import SessionStore
+from agentspace.storage.embedded import append_log, sessions as sessions_module
+
+sessions_module.JOURNAL_BYTES = 4000
+data_dir, die_at = Path(sys.argv[1]), int(sys.argv[2])
+real, emptied = append_log.AppendLog.truncate, [0]
+
+def truncate(self):
+    real(self)
+    emptied[0] += 1
+    if emptied[0] == die_at:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+append_log.AppendLog.truncate = truncate
+
+
+async def one(store, sid):
+    await store.create(model="m", session_id=sid, messages=[{"id": "u-" + sid, "role": "user", "content": "x" * 90}])
+    print("c", sid, flush=True)
+    if int(sid[1:]) % 3 == 0:
+        await store.append_message(sid, {"id": "a-" + sid, "role": "assistant", "content": "y"})
+        print("a", sid, flush=True)
+
+
+async def main():
+    store = SessionStore(data_dir)
+    for burst in range(200):
+        await asyncio.gather(*(one(store, f"s{burst * 8 + n}") for n in range(8)))
+
+
+asyncio.run(main())
+"""
+
+
+@pytest.mark.parametrize("die_at", [1, 3])
+async def test_sigkill_right_after_the_journal_was_emptied_loses_no_acknowledged_session(
+    tmp_path: Path, die_at: int
+) -> None:
+    data_dir = tmp_path / "data"
+    child = subprocess.run(
+        [sys.executable, "-c", CHECKPOINT_CHILD, str(data_dir), str(die_at)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert child.returncode == -signal.SIGKILL, child.stderr
+    reported = [line.split() for line in child.stdout.splitlines()]
+    created = {sid for kind, sid in reported if kind == "c"}
+    answered = {sid for kind, sid in reported if kind == "a"}
+    assert len(created) >= 8, child.stdout
+
+    def check(listed: dict[str, int]) -> None:
+        assert created <= set(listed), sorted(created - set(listed))
+        for sid in created:
+            assert listed[sid] >= (2 if sid in answered else 1), sid
+
+    cli_listing = SessionStore(data_dir).listing_sync()  # a reader (the CLI) before any restart
+    assert not cli_listing.damaged_files
+    check({s["id"]: s["messageCount"] for s in cli_listing.sessions})
+    reopened = SessionStore(data_dir)  # the next server
+    try:
+        check({s["id"]: s["messageCount"] for s in await reopened.summaries()})
+        for sid in sorted(created)[:5]:
+            assert [m["id"] for m in await reopened.messages(sid)][0] == f"u-{sid}"
+    finally:
+        await reopened.aclose()
