@@ -17,9 +17,11 @@ from click.testing import CliRunner
 
 from agentspace.cli import main as cli
 from agentspace.storage import SessionStore
+from agentspace.storage.embedded import sessions as sessions_module
 from agentspace.storage.embedded.session_journal import JOURNAL_NAME
 from scripts.harness import GatewayProcess
 from tests.fakes import anthropic_upstream as fa
+from tests.test_disk_full import disk, fill  # noqa: F401 - the tmpfs fixture
 
 
 def session_files(data_dir: Path) -> list[str]:
@@ -208,6 +210,7 @@ CHECKPOINT_CHILD = """
 import asyncio, os, signal, sys
 from pathlib import Path
 from agentspace.storage import SessionStore
+from agentspace.storage.embedded import sessions as sessions_module
 from agentspace.storage.embedded import append_log, sessions as sessions_module
 
 sessions_module.JOURNAL_BYTES = 4000
@@ -271,5 +274,69 @@ async def test_sigkill_right_after_the_journal_was_emptied_loses_no_acknowledged
         check({s["id"]: s["messageCount"] for s in await reopened.summaries()})
         for sid in sorted(created)[:5]:
             assert [m["id"] for m in await reopened.messages(sid)][0] == f"u-{sid}"
+    finally:
+        await reopened.aclose()
+
+
+async def test_a_full_disk_while_a_session_gets_its_file_loses_nothing_and_the_write_is_retried(
+    disk: Path,  # noqa: F811 - the fixture
+) -> None:
+    big = "x" * 20_000  # more than a full tmpfs leaves at a file's end
+    store = SessionStore(disk)
+    try:
+        await store.create(model="m", session_id="s1", messages=[{"id": "u1", "role": "user", "content": big}])
+        filler = fill(disk)
+        with pytest.raises(Exception, match="No space left") as refused:
+            await store.append_message("s1", {"id": "a1", "role": "assistant", "content": big})
+        assert type(refused.value).__name__ == "StorageError"
+        got = await store.get("s1")
+        assert got is not None and [m["id"] for m in got["messages"]] == ["u1"]
+        read = SessionStore(disk).get_sync("s1")  # the CLI
+        assert read is not None and [m["id"] for m in read["messages"]] == ["u1"]
+        filler.unlink()
+        await store.append_message("s1", {"id": "a1", "role": "assistant", "content": big})  # the same write again
+    finally:
+        await store.aclose()
+    reopened = SessionStore(disk)
+    try:
+        assert [m["id"] for m in await reopened.messages("s1")] == ["u1", "a1"]
+    finally:
+        await reopened.aclose()
+
+
+async def test_a_full_disk_between_a_sessions_file_and_its_write_keeps_the_journal_bounded(
+    disk: Path,  # noqa: F811 - the fixture
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The session's file written whole, the write after it refused (the disk full): the file is not durable yet,
+    so the session stays cached with it until a write syncs it; the journal is emptied past its size as before."""
+    monkeypatch.setattr(sessions_module, "OPEN_SESSIONS", 1)
+    monkeypatch.setattr(sessions_module, "JOURNAL_BYTES", 4000)
+    big = "x" * 20_000
+    store = SessionStore(disk)
+    try:
+        await store.create(model="m", session_id="s1", messages=[{"id": "u1", "role": "user", "content": big}])
+        room = disk / "room"
+        room.write_bytes(b"\0" * 28_672)  # the session's file fits in it, its next write does not
+        filler = fill(disk)
+        room.unlink()
+        with pytest.raises(Exception, match="No space left"):
+            await store.append_message("s1", {"id": "a1", "role": "assistant", "content": big})
+        assert (disk / "sessions" / "s1.jsonl").exists()  # written whole, never synced
+        filler.unlink()
+        for n in range(10):  # other sessions used meanwhile (the cache holds one)
+            await store.create(model="m", session_id=f"t{n}", messages=[{"id": f"v{n}", "role": "user"}])
+            await store.touch(f"t{n}")
+        await store.append_message("s1", {"id": "a1", "role": "assistant", "content": "y"})  # the write retried
+        for n in range(10, 40):  # past the journal's size many times over
+            await store.create(model="m", session_id=f"t{n}", messages=[{"id": f"v{n}", "role": "user"}])
+            assert (disk / "sessions" / ".journal.jsonl").stat().st_size < 4000 + 1000
+    finally:
+        await store.aclose()
+    assert (disk / "sessions" / ".journal.jsonl").stat().st_size == 0
+    reopened = SessionStore(disk)
+    try:
+        assert [m["id"] for m in await reopened.messages("s1")] == ["u1", "a1"]
+        assert len(await reopened.summaries()) == 41
     finally:
         await reopened.aclose()

@@ -656,10 +656,11 @@ class SessionStore:
 
     def _evict(self) -> None:
         """Drop the least recently used sessions past the cache's bounds (the most recent one stays, and so do the
-        sessions that have no file yet: the journal bounds them)."""
+        sessions that have no file yet, or a file never synced: the journal bounds them; a file whose write failed
+        is synced by the session's next write through the same log, which marks it filed)."""
         while len(self._open) > 1 and (len(self._open) > OPEN_SESSIONS or self._open_bytes > OPEN_BYTES):
             newest = next(reversed(self._open))
-            victim = next((sid for sid, s in self._open.items() if not s.journaled), newest)
+            victim = next((sid for sid, s in self._open.items() if not _unfiled(s)), newest)
             if victim == newest:
                 return
             evicted = self._open.pop(victim)
@@ -739,7 +740,11 @@ class SessionStore:
         lines are written (a failed write leaves the store as it was, ready for the next one)."""
         log_ = self._log_for(session_id, session)
         summary = {**{key: info.get(key) for key in _SUMMARY_KEYS}, "messageCount": len(messages)}
-        written = log_.write([entry, {"session": summary}] if entry is not None else [{"session": summary}])
+        try:
+            written = log_.write([entry, {"session": summary}] if entry is not None else [{"session": summary}])
+        except OSError:  # cut back by the log: our own change, not one from outside (the cache and its log stay)
+            session.stamp = _file_stamp(log_.path)
+            raise
         session.info, session.messages = info, messages
         self._open_bytes += written
         session.size += written
@@ -928,6 +933,11 @@ class SessionStore:
                     session.log.close()
             self._open.clear()
             self._open_bytes = 0
+
+
+def _unfiled(session: _Session) -> bool:
+    """No file yet, or one never synced: the journal holds the session still."""
+    return session.journaled or (session.log is not None and session.log.is_new)
 
 
 def _retrieved(future: asyncio.Future[None]) -> None:
