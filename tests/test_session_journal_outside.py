@@ -5,6 +5,7 @@ shown like any other."""
 from __future__ import annotations
 
 import asyncio
+import json
 import signal
 import subprocess
 import sys
@@ -340,3 +341,66 @@ async def test_a_full_disk_between_a_sessions_file_and_its_write_keeps_the_journ
         assert len(await reopened.summaries()) == 41
     finally:
         await reopened.aclose()
+
+
+async def test_serve_killed_mid_burst_of_new_websocket_sessions_keeps_every_one_that_reached_the_upstream(
+    tmp_path: Path, fake_anthropic: fa.FakeAnthropic
+) -> None:
+    """Twelve new chats at once over WebSockets; SIGKILL once some of their requests reached the upstream (the
+    others may be anywhere). Every request the upstream got is a session the CLI shows, with its user message,
+    before a restart and after it."""
+    fake_anthropic.default = fa.text_response("never finished").stall(60, after=2)
+    data_dir = tmp_path / "data"
+    server = GatewayProcess(data_dir, fake_anthropic.url)
+    try:
+        await server.start()
+        headers = {"Authorization": f"Bearer {server.token}"}
+        async with aiohttp.ClientSession(headers=headers) as http:
+            sockets = [await http.ws_connect(server.ws_url) for _ in range(12)]
+            await asyncio.gather(
+                *(
+                    ws.send_json({"type": "chat.send", "id": "r", "content": f"burst-{n}"})
+                    for n, ws in enumerate(sockets)
+                )
+            )
+            for _ in range(1500):  # until some reached the upstream
+                if len(fake_anthropic.requests) >= 4:
+                    break
+                await asyncio.sleep(0.01)
+            await server.kill()
+            for ws in sockets:
+                await ws.close()
+    finally:
+        await server.aclose()
+    reached = {
+        text
+        for r in fake_anthropic.requests
+        for m in r.body["messages"]
+        if m["role"] == "user"
+        for text in ([m["content"]] if isinstance(m["content"], str) else [b.get("text") for b in m["content"]])
+    }
+    assert len(reached) >= 4, reached
+
+    def user_messages(listing: Any) -> set[str]:
+        found = set()
+        for summary in listing:
+            shown = run_cli(data_dir, "sessions", "show", summary["id"])
+            assert shown.exit_code == 0, shown.output
+            found |= {f"burst-{n}" for n in range(12) if f"burst-{n}\n" in shown.output + "\n"}
+        return found
+
+    listed = json.loads(run_cli(data_dir, "sessions", "list", "--json").output)
+    assert reached <= user_messages(listed), (reached, listed)
+    restarted = GatewayProcess(data_dir, fake_anthropic.url)
+    try:
+        await restarted.start()
+        async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {restarted.token}"}) as http:
+            async with http.get(f"{restarted.url}/api/sessions") as resp:
+                ids = [s["id"] for s in (await resp.json())["sessions"]]
+            contents = set()
+            for sid in ids:
+                async with http.get(f"{restarted.url}/api/sessions/{sid}") as resp:
+                    contents |= {m["content"] for m in (await resp.json())["session"]["messages"]}
+        assert reached <= contents
+    finally:
+        await restarted.aclose()
