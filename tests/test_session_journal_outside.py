@@ -404,3 +404,21 @@ async def test_serve_killed_mid_burst_of_new_websocket_sessions_keeps_every_one_
         assert reached <= contents
     finally:
         await restarted.aclose()
+
+
+async def test_migrate_after_a_crash_copies_the_sessions_left_in_the_journal(
+    tmp_path: Path, fake_anthropic: fa.FakeAnthropic, pg_dsn: str
+) -> None:
+    from agentspace.storage.postgres import PostgresDatabase, PostgresSessionStore
+
+    data_dir = tmp_path / "data"
+    session_id = await killed_during_a_first_turn(data_dir, fake_anthropic, "carried over")
+    migrated = await asyncio.to_thread(run_cli, data_dir, "storage", "migrate", "--to", pg_dsn)
+    assert migrated.exit_code == 0 and "sessions: 1 copied" in migrated.output, migrated.output
+    db = PostgresDatabase(pg_dsn)
+    await db.start()
+    try:
+        copied = await PostgresSessionStore(db).get(session_id)
+    finally:
+        await db.aclose()
+    assert copied is not None and [m["content"] for m in copied["messages"]] == ["carried over"]
