@@ -422,3 +422,31 @@ async def test_migrate_after_a_crash_copies_the_sessions_left_in_the_journal(
     finally:
         await db.aclose()
     assert copied is not None and [m["content"] for m in copied["messages"]] == ["carried over"]
+
+
+async def test_an_unreadable_create_in_the_journal_is_named_and_kept_aside(
+    tmp_path: Path, fake_anthropic: fa.FakeAnthropic
+) -> None:
+    """A journal damaged from outside in one create (a line that parses, entries that are no session's): readers
+    name the journal, and the restarted server keeps it aside (not emptied away) while serving the good one."""
+    data_dir = tmp_path / "data"
+    session_id = await killed_during_a_first_turn(data_dir, fake_anthropic, "the good one")
+    path = data_dir / "sessions" / JOURNAL_NAME
+    with open(path, "ab") as f:
+        f.write(json.dumps({"create": {"id": "s_damaged", "entries": [{"bogus": 1}]}}).encode() + b"\n")
+    doctor = run_cli(data_dir, "doctor")
+    assert "sessions: 1 readable, 1 damaged" in doctor.output and JOURNAL_NAME in doctor.output, doctor.output
+
+    restarted = GatewayProcess(data_dir, fake_anthropic.url)
+    try:
+        await restarted.start()
+        async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {restarted.token}"}) as http:
+            async with http.get(f"{restarted.url}/api/sessions/{session_id}") as resp:
+                assert resp.status == 200, await resp.text()
+            async with http.get(f"{restarted.url}/api/sessions") as resp:
+                listing = await resp.json()
+        assert [s["id"] for s in listing["sessions"]] == [session_id]
+        [aside] = listing["damagedFiles"]
+        assert Path(aside).name.startswith(f"{JOURNAL_NAME}.damaged-") and b"s_damaged" in Path(aside).read_bytes()
+    finally:
+        await restarted.aclose()

@@ -79,7 +79,7 @@ from ..shapes import (
 )
 from . import append_log
 from .append_log import AppendLog, encode_lines, read_entries, read_last_entry
-from .session_journal import JOURNAL_BYTES, SessionJournal, read_outstanding
+from .session_journal import JOURNAL_BYTES, JOURNAL_NAME, SessionJournal, read_outstanding
 from .store_thread import on_store_thread, read_in_thread
 from .tinydb_file import Tables, read_tables
 
@@ -401,12 +401,15 @@ class SessionStore:
                 continue
             if summary is not None:  # else deleted since listed
                 listing.sessions.append(summary)
+        unreadable: builtins.list[StoreCorrupt] = []
         try:
-            journaled = self._journaled_sessions()
+            journaled = self._without_files(read_outstanding(self.dir), unreadable)
         except StoreCorrupt as e:
-            warn_skipped(e)
-            listing.damaged_files.append(str(e.path))
+            unreadable.append(e)
             journaled = {}
+        for e in unreadable[:1]:  # the journal, named once
+            warn_skipped(e)
+            listing.damaged_files.append(str(self.dir / JOURNAL_NAME))
         listed = {summary["id"] for summary in listing.sessions}
         listing.sessions += [session.summary() for sid, session in journaled.items() if sid not in listed]
         listing.sessions = _sorted(listing.sessions)
@@ -425,10 +428,12 @@ class SessionStore:
         Raises StoreCorrupt when the journal cannot be read."""
         return self._without_files(read_outstanding(self.dir))
 
-    def _without_files(self, creates: dict[str, builtins.list[Any]]) -> dict[str, _Session]:
+    def _without_files(
+        self, creates: dict[str, builtins.list[Any]], unreadable: builtins.list[StoreCorrupt] | None = None
+    ) -> dict[str, _Session]:
         """The sessions of the journal's unfiled creates whose files are missing or empty (not written yet, or
         their first sync never finished), replayed. A file with lines wins: it may hold more since. A create that
-        cannot be read is skipped, with a warning."""
+        cannot be read (damaged from outside) is skipped: added to ``unreadable``, else warned about."""
         found: dict[str, _Session] = {}
         for session_id, entries in creates.items():
             path = self._log_path(session_id)
@@ -439,7 +444,10 @@ class SessionStore:
             try:
                 found[session_id] = _replay(entries, path)[0]
             except StoreCorrupt as e:
-                warn_skipped(e)
+                if unreadable is None:
+                    warn_skipped(e)
+                else:
+                    unreadable.append(StoreCorrupt(self.dir / JOURNAL_NAME, f"session {session_id!r}: {e}"))
         return found
 
     def _log_summary(self, session_id: str, path: Path, whole: bool = False) -> dict[str, Any] | None:
@@ -811,8 +819,9 @@ class SessionStore:
                 move_aside(e)
                 journal = SessionJournal(self.dir)
                 left = journal.open()
+            unreadable: builtins.list[StoreCorrupt] = []
             try:
-                unfiled = self._without_files(left)
+                unfiled = self._without_files(left, unreadable)
                 for session_id, session in unfiled.items():
                     log_ = AppendLog.create(self._log_path(session_id), _log_bytes(session))
                     try:
@@ -826,7 +835,12 @@ class SessionStore:
                         len(unfiled),
                         journal.log.path,
                     )
-                if journal.size:
+                if unreadable:  # damaged from outside: kept aside for a person to look at, not emptied away
+                    journal.close()
+                    move_aside(unreadable[0])
+                    journal = SessionJournal(self.dir)
+                    journal.open()
+                elif journal.size:
                     journal.empty()
             except BaseException:  # tried again at the next use
                 journal.close()
