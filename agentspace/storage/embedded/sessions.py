@@ -407,8 +407,8 @@ class SessionStore:
         except StoreCorrupt as e:
             unreadable.append(e)
             journaled = {}
-        for e in unreadable[:1]:  # the journal, named once
-            warn_skipped(e)
+        if unreadable:  # the journal, named once
+            warn_skipped(unreadable[0])
             listing.damaged_files.append(str(self.dir / JOURNAL_NAME))
         listed = {summary["id"] for summary in listing.sessions}
         listing.sessions += [session.summary() for sid, session in journaled.items() if sid not in listed]
