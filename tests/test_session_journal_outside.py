@@ -9,6 +9,8 @@ import json
 import signal
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -450,3 +452,63 @@ async def test_an_unreadable_create_in_the_journal_is_named_and_kept_aside(
         assert Path(aside).name.startswith(f"{JOURNAL_NAME}.damaged-") and b"s_damaged" in Path(aside).read_bytes()
     finally:
         await restarted.aclose()
+
+
+# argv: data dir. Creates sessions one after the other with a small journal (emptied every few creates), each
+# reported once acknowledged, until killed.
+BUSY_CHILD = """
+import asyncio, sys
+from pathlib import Path
+from agentspace.storage import SessionStore
+from agentspace.storage.embedded import sessions as sessions_module
+
+sessions_module.JOURNAL_BYTES = 1000
+
+
+async def main():
+    store = SessionStore(Path(sys.argv[1]))
+    n = 0
+    while True:
+        await store.create(model="m", session_id=f"s{n}", messages=[{"id": f"u{n}", "role": "user", "content": "x"}])
+        print(n, flush=True)
+        n += 1
+
+
+asyncio.run(main())
+"""
+
+
+def test_a_reader_never_misses_a_session_while_the_journal_is_emptied(tmp_path: Path) -> None:
+    """The CLI lists and reads while the server files the journal's sessions and empties it: every session
+    acknowledged before the read began is found (files listed before the journal was emptied, the journal read
+    after, must not miss the sessions filed in between)."""
+    data_dir = tmp_path / "data"
+    child = subprocess.Popen(
+        [sys.executable, "-c", BUSY_CHILD, str(data_dir)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    acked = [-1]
+
+    def follow() -> None:
+        assert child.stdout is not None
+        for line in child.stdout:
+            acked[0] = int(line)
+
+    reader = threading.Thread(target=follow, daemon=True)
+    reader.start()
+    try:
+        store = SessionStore(data_dir)
+        checks = 0
+        while checks < 200 and child.poll() is None:
+            last = acked[0]
+            if last < 0:  # not started yet
+                time.sleep(0.01)
+                continue
+            listed = {s["id"] for s in store.listing_sync().sessions}
+            missing = [n for n in range(last + 1) if f"s{n}" not in listed]
+            assert not missing, (last, missing)
+            assert store.get_sync(f"s{last}") is not None, last
+            checks += 1
+        assert checks == 200, child.stderr.read() if child.stderr else ""
+    finally:
+        child.kill()
+        child.wait()

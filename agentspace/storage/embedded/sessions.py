@@ -349,8 +349,14 @@ class SessionStore:
         """The summary plus ``messages``, or None. Raises SessionDamaged (the file is left where it is)."""
         if not is_valid_session_id(session_id):
             return None
+        try:  # the journal first: a session filed and the journal emptied between the two reads is in one of them
+            creates = read_outstanding(self.dir)
+        except StoreCorrupt:  # listings name it
+            creates = {}
         try:
-            session = self._read(session_id) or self._journaled_sessions().get(session_id)
+            session = self._read(session_id)
+            if session is None and session_id in creates:
+                session = self._without_files({session_id: creates[session_id]}, files=False).get(session_id)
         except StoreCorrupt as e:
             warn_skipped(e)
             raise SessionDamaged(session_id, moved=False) from None
@@ -367,6 +373,14 @@ class SessionStore:
         """Every session's summary, read from the end of its log (so a listing does not grow with the
         sessions' sizes; ``whole``: every log read and checked whole, as ``agentspace doctor`` does); legacy
         files read whole. Damaged files skipped and named (a warning logged)."""
+        # The journal before the folder: a session filed and the journal emptied between the two reads is in the
+        # one or the other (the other way round, in neither).
+        unreadable: builtins.list[StoreCorrupt] = []
+        try:
+            creates = read_outstanding(self.dir)
+        except StoreCorrupt as e:
+            unreadable.append(e)
+            creates = {}
         try:
             names = os.listdir(self.dir)
         except FileNotFoundError:
@@ -401,17 +415,14 @@ class SessionStore:
                 continue
             if summary is not None:  # else deleted since listed
                 listing.sessions.append(summary)
-        unreadable: builtins.list[StoreCorrupt] = []
-        try:
-            journaled = self._without_files(read_outstanding(self.dir), unreadable)
-        except StoreCorrupt as e:
-            unreadable.append(e)
-            journaled = {}
+        listed = {summary["id"] for summary in listing.sessions}
+        journaled = self._without_files(
+            {sid: e for sid, e in creates.items() if sid not in listed}, unreadable, files=False
+        )
         if unreadable:  # the journal, named once
             warn_skipped(unreadable[0])
             listing.damaged_files.append(str(self.dir / JOURNAL_NAME))
-        listed = {summary["id"] for summary in listing.sessions}
-        listing.sessions += [session.summary() for sid, session in journaled.items() if sid not in listed]
+        listing.sessions += [session.summary() for session in journaled.values()]
         listing.sessions = _sorted(listing.sessions)
         return listing
 
@@ -429,17 +440,23 @@ class SessionStore:
         return self._without_files(read_outstanding(self.dir))
 
     def _without_files(
-        self, creates: dict[str, builtins.list[Any]], unreadable: builtins.list[StoreCorrupt] | None = None
+        self,
+        creates: dict[str, builtins.list[Any]],
+        unreadable: builtins.list[StoreCorrupt] | None = None,
+        *,
+        files: bool = True,
     ) -> dict[str, _Session]:
         """The sessions of the journal's unfiled creates whose files are missing or empty (not written yet, or
         their first sync never finished), replayed. A file with lines wins: it may hold more since. A create that
-        cannot be read (damaged from outside) is skipped: added to ``unreadable``, else warned about."""
+        cannot be read (damaged from outside) is skipped: added to ``unreadable``, else warned about.
+        ``files=False``: the caller looked for the files before it read the journal (a reader: a session filed in
+        between is in the one or the other)."""
         found: dict[str, _Session] = {}
         for session_id, entries in creates.items():
             path = self._log_path(session_id)
-            if not is_valid_session_id(session_id) or (path.exists() and not _is_empty(path)):
+            if not is_valid_session_id(session_id):
                 continue
-            if self._legacy_path(session_id).exists():
+            if files and ((path.exists() and not _is_empty(path)) or self._legacy_path(session_id).exists()):
                 continue
             try:
                 found[session_id] = _replay(entries, path)[0]
