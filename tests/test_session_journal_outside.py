@@ -498,7 +498,7 @@ def test_a_reader_never_misses_a_session_while_the_journal_is_emptied(tmp_path: 
     try:
         store = SessionStore(data_dir)
         checks = 0
-        while checks < 200 and child.poll() is None:
+        while checks < 100 and child.poll() is None:
             last = acked[0]
             if last < 0:  # not started yet
                 time.sleep(0.01)
@@ -508,7 +508,42 @@ def test_a_reader_never_misses_a_session_while_the_journal_is_emptied(tmp_path: 
             assert not missing, (last, missing)
             assert store.get_sync(f"s{last}") is not None, last
             checks += 1
-        assert checks == 200, child.stderr.read() if child.stderr else ""
+        assert checks == 100, child.stderr.read() if child.stderr else ""
+    finally:
+        child.kill()
+        child.wait()
+
+
+async def test_the_search_index_never_misses_a_session_while_the_journal_is_emptied(tmp_path: Path) -> None:
+    """The server's search (its index of the session files and the journal) while a writer files sessions and
+    empties the journal: every session acknowledged before the search began is found."""
+    from agentspace.storage.search import search_sessions
+
+    data_dir = tmp_path / "data"
+    child = subprocess.Popen(
+        [sys.executable, "-c", BUSY_CHILD, str(data_dir)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    acked = [-1]
+
+    def follow() -> None:
+        assert child.stdout is not None
+        for line in child.stdout:
+            acked[0] = int(line)
+
+    threading.Thread(target=follow, daemon=True).start()
+    try:
+        store = SessionStore(data_dir)
+        checks = 0
+        while checks < 40 and child.poll() is None:
+            last = acked[0]
+            if last < 0:  # not started yet
+                await asyncio.sleep(0.01)
+                continue
+            found = {s["id"] for s in await search_sessions(store, "x", limit=1_000_000)}
+            missing = [n for n in range(last + 1) if f"s{n}" not in found]
+            assert not missing, (last, missing)
+            checks += 1
+        assert checks == 40, child.stderr.read() if child.stderr else ""
     finally:
         child.kill()
         child.wait()
