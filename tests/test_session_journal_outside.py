@@ -365,7 +365,7 @@ async def test_serve_killed_mid_burst_of_new_websocket_sessions_keeps_every_one_
                     for n, ws in enumerate(sockets)
                 )
             )
-            for _ in range(1500):  # until some reached the upstream
+            for _ in range(3000):  # until some reached the upstream
                 if len(fake_anthropic.requests) >= 4:
                     break
                 await asyncio.sleep(0.01)
@@ -497,8 +497,8 @@ def test_a_reader_never_misses_a_session_while_the_journal_is_emptied(tmp_path: 
     reader.start()
     try:
         store = SessionStore(data_dir)
-        checks = 0
-        while checks < 100 and child.poll() is None:
+        checks, deadline = 0, time.monotonic() + 60
+        while checks < 100 and child.poll() is None and time.monotonic() < deadline:
             last = acked[0]
             if last < 0:  # not started yet
                 time.sleep(0.01)
@@ -533,8 +533,8 @@ async def test_the_search_index_never_misses_a_session_while_the_journal_is_empt
     threading.Thread(target=follow, daemon=True).start()
     try:
         store = SessionStore(data_dir)
-        checks = 0
-        while checks < 40 and child.poll() is None:
+        checks, deadline = 0, time.monotonic() + 60
+        while checks < 40 and child.poll() is None and time.monotonic() < deadline:
             last = acked[0]
             if last < 0:  # not started yet
                 await asyncio.sleep(0.01)
