@@ -44,11 +44,19 @@ def _get(state: CliState, session_id: str) -> dict[str, Any] | None:
 
 def _delete(state: CliState, session_id: str) -> bool:
     """Delete a session and the files no other session uses (docs/attachments.md)."""
+    from ..storage.datadir_lock import DataDirLocked
     from ..storage.embedded.blobs import FileBlobStore
 
     store = _sync_sessions(state)
     if store is not None:
-        deleted = bool(store.delete_sync(session_id))
+        try:
+            deleted = bool(store.delete_sync(session_id))
+        except DataDirLocked as e:  # a session that has no file yet: the running server holds it
+            server = f"the server (pid {e.pid})" if e.pid else "the running server"
+            raise click.ClickException(
+                f"Session {session_id} has no file yet: {server} holds it. Delete it there (the web app, or"
+                f" DELETE /api/sessions/{session_id}), or once the server stopped."
+            ) from None
         if deleted:
             FileBlobStore(state.data_dir).release_sync(session_id)
         return deleted

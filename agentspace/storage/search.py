@@ -152,9 +152,11 @@ async def _search_files(
     index = _INDEXES.setdefault(store, {})
 
     def refresh() -> None:
+        # A new session has no file until its next write (the session journal): stamped by its summary. The journal
+        # is read first: a session filed (and its create marked or emptied away) between the two reads is in one.
+        journaled = store.journaled_summaries()
         stamps: dict[str, tuple[Any, ...]] = dict(_file_stamps(store.dir))
-        # A new session has no file until its next write (the session journal): stamped by its summary.
-        for session_id, summary in store.journaled_summaries().items():
+        for session_id, summary in journaled.items():
             stamps.setdefault(session_id, ("journal", *_stamp(summary)))
         _read_changed(store, index, stamps)
 

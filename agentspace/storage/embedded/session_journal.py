@@ -14,11 +14,13 @@ whose sync the end of the turn waits for anyway.
 - ``{"filed": id}``: the session's file was written and synced; its create entry is history. Appended right
   after that sync (not synced itself): it keeps a session deleted from outside (``agentspace sessions delete``)
   after it was filed from coming back in readers' views and at the next start.
-- ``{"delete": id}``: the server deleted the session (synced before the delete returns).
+- ``{"delete": id}``: the server deleted the session (synced before the delete returns), or the CLI did, under
+  the data directory's lock, while no server runs (a running server holds the session in memory: the CLI refuses).
 
-The server's ``SessionStore`` is the only writer. At its first use it files every create the journal holds that
-was neither filed nor deleted and whose file is missing or empty (a crash), then empties the journal. It empties
-it again, filing what is left first, when the journal passes ``JOURNAL_BYTES`` and when the server stops.
+While a server runs, its ``SessionStore`` is the only writer. At its first use it files every create the journal
+holds that was neither filed nor deleted and whose file is missing or empty (a crash), then empties the journal
+(or, when a create cannot be read, moves it aside). It empties it again, filing what is left first, when the
+journal passes ``JOURNAL_BYTES`` and when the server stops.
 Readers (the CLI, listings) read the journal too, so a session is visible from the moment it exists.
 """
 

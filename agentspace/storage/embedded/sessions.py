@@ -79,7 +79,7 @@ from ..shapes import (
 )
 from . import append_log
 from .append_log import AppendLog, encode_lines, read_entries, read_last_entry
-from .session_journal import JOURNAL_BYTES, SessionJournal, read_outstanding
+from .session_journal import JOURNAL_BYTES, JOURNAL_NAME, SessionJournal, read_outstanding
 from .store_thread import on_store_thread, read_in_thread
 from .tinydb_file import Tables, read_tables
 
@@ -349,8 +349,14 @@ class SessionStore:
         """The summary plus ``messages``, or None. Raises SessionDamaged (the file is left where it is)."""
         if not is_valid_session_id(session_id):
             return None
+        try:  # the journal first: a session filed and the journal emptied between the two reads is in one of them
+            creates = read_outstanding(self.dir)
+        except StoreCorrupt:  # listings name it
+            creates = {}
         try:
-            session = self._read(session_id) or self._journaled_sessions().get(session_id)
+            session = self._read(session_id)
+            if session is None and session_id in creates:
+                session = self._without_files({session_id: creates[session_id]}, files=False).get(session_id)
         except StoreCorrupt as e:
             warn_skipped(e)
             raise SessionDamaged(session_id, moved=False) from None
@@ -367,6 +373,14 @@ class SessionStore:
         """Every session's summary, read from the end of its log (so a listing does not grow with the
         sessions' sizes; ``whole``: every log read and checked whole, as ``agentspace doctor`` does); legacy
         files read whole. Damaged files skipped and named (a warning logged)."""
+        # The journal before the folder: a session filed and the journal emptied between the two reads is in the
+        # one or the other (the other way round, in neither).
+        unreadable: builtins.list[StoreCorrupt] = []
+        try:
+            creates = read_outstanding(self.dir)
+        except StoreCorrupt as e:
+            unreadable.append(e)
+            creates = {}
         try:
             names = os.listdir(self.dir)
         except FileNotFoundError:
@@ -401,14 +415,14 @@ class SessionStore:
                 continue
             if summary is not None:  # else deleted since listed
                 listing.sessions.append(summary)
-        try:
-            journaled = self._journaled_sessions()
-        except StoreCorrupt as e:
-            warn_skipped(e)
-            listing.damaged_files.append(str(e.path))
-            journaled = {}
         listed = {summary["id"] for summary in listing.sessions}
-        listing.sessions += [session.summary() for sid, session in journaled.items() if sid not in listed]
+        journaled = self._without_files(
+            {sid: e for sid, e in creates.items() if sid not in listed}, unreadable, files=False
+        )
+        if unreadable:  # the journal, named once
+            warn_skipped(unreadable[0])
+            listing.damaged_files.append(str(self.dir / JOURNAL_NAME))
+        listing.sessions += [session.summary() for session in journaled.values()]
         listing.sessions = _sorted(listing.sessions)
         return listing
 
@@ -425,21 +439,32 @@ class SessionStore:
         Raises StoreCorrupt when the journal cannot be read."""
         return self._without_files(read_outstanding(self.dir))
 
-    def _without_files(self, creates: dict[str, builtins.list[Any]]) -> dict[str, _Session]:
+    def _without_files(
+        self,
+        creates: dict[str, builtins.list[Any]],
+        unreadable: builtins.list[StoreCorrupt] | None = None,
+        *,
+        files: bool = True,
+    ) -> dict[str, _Session]:
         """The sessions of the journal's unfiled creates whose files are missing or empty (not written yet, or
         their first sync never finished), replayed. A file with lines wins: it may hold more since. A create that
-        cannot be read is skipped, with a warning."""
+        cannot be read (damaged from outside) is skipped: added to ``unreadable``, else warned about.
+        ``files=False``: the caller looked for the files before it read the journal (a reader: a session filed in
+        between is in the one or the other)."""
         found: dict[str, _Session] = {}
         for session_id, entries in creates.items():
             path = self._log_path(session_id)
-            if not is_valid_session_id(session_id) or (path.exists() and not _is_empty(path)):
+            if not is_valid_session_id(session_id):
                 continue
-            if self._legacy_path(session_id).exists():
+            if files and ((path.exists() and not _is_empty(path)) or self._legacy_path(session_id).exists()):
                 continue
             try:
                 found[session_id] = _replay(entries, path)[0]
             except StoreCorrupt as e:
-                warn_skipped(e)
+                if unreadable is None:
+                    warn_skipped(e)
+                else:
+                    unreadable.append(StoreCorrupt(self.dir / JOURNAL_NAME, f"session {session_id!r}: {e}"))
         return found
 
     def _log_summary(self, session_id: str, path: Path, whole: bool = False) -> dict[str, Any] | None:
@@ -472,13 +497,38 @@ class SessionStore:
                 os.unlink(self.dir / f"{session_id}{_LEGACY_COPY}")
             if existed:
                 fsync_dir(self.dir)
+            elif self._journal is None:  # not the server: the session may exist in the journal only
+                existed = self._delete_journaled(session_id)
             return existed
+
+    def _delete_journaled(self, session_id: str) -> bool:
+        """Another process's delete (the CLI) of a session that exists only in the journal (the server stopped
+        before its next write): a delete appended to the journal, under the data directory's lock. While a server
+        runs it holds the session in memory and is the journal's only writer: DataDirLocked."""
+        from ..datadir_lock import DataDirLock
+
+        try:
+            if session_id not in self._journaled_sessions():
+                return False
+            with DataDirLock(self.dir.parent):
+                journal = SessionJournal(self.dir)
+                try:
+                    journal.open()
+                    journal.deleted(session_id)  # synced: a server started next does not file it
+                finally:
+                    journal.close()
+        except StoreCorrupt as e:  # a damaged journal holds no session (listings name it)
+            warn_skipped(e)
+            return False
+        return True
 
     # --- work done on the store thread --------------------------------------------------------
 
     def _delete(self, session_id: str) -> bool:
+        """The server's delete: the journal opened first, so a session that a crash left in it (no file yet, filed
+        at the journal's opening) is found, and its create cannot bring it back at the next use."""
         if is_valid_session_id(session_id):
-            self._journal_ready()  # a session a crash left in the journal is deleted, not filed after
+            self._journal_ready()
         return self.delete_sync(session_id)
 
     def _log_path(self, session_id: str) -> Path:
@@ -554,9 +604,13 @@ class SessionStore:
             return None
         self._journal_ready()
         session = self._open.get(session_id)
-        if session is not None and session.journaled:  # no file to check yet
-            self._open.move_to_end(session_id)
-            return session
+        if session is not None and session.journaled:  # no file to check yet: the journal's (two stats)
+            assert self._journal is not None
+            if not self._journal.log.is_replaced():
+                self._open.move_to_end(session_id)
+                return session
+            self._reopen_journal()  # the folder was cleared from outside: the sessions with no file went with it
+            session = None
         if session is not None:
             # The CLI may have deleted it since we cached it, or a file may have been put in its place: a stat is
             # far cheaper than a parse, and a changed file is read again.
@@ -627,10 +681,11 @@ class SessionStore:
 
     def _evict(self) -> None:
         """Drop the least recently used sessions past the cache's bounds (the most recent one stays, and so do the
-        sessions that have no file yet: the journal bounds them)."""
+        sessions that have no file yet, or a file never synced: the journal bounds them; a file whose write failed
+        is synced by the session's next write through the same log, which marks it filed)."""
         while len(self._open) > 1 and (len(self._open) > OPEN_SESSIONS or self._open_bytes > OPEN_BYTES):
             newest = next(reversed(self._open))
-            victim = next((sid for sid, s in self._open.items() if not s.journaled), newest)
+            victim = next((sid for sid, s in self._open.items() if not _unfiled(s)), newest)
             if victim == newest:
                 return
             evicted = self._open.pop(victim)
@@ -710,7 +765,11 @@ class SessionStore:
         lines are written (a failed write leaves the store as it was, ready for the next one)."""
         log_ = self._log_for(session_id, session)
         summary = {**{key: info.get(key) for key in _SUMMARY_KEYS}, "messageCount": len(messages)}
-        written = log_.write([entry, {"session": summary}] if entry is not None else [{"session": summary}])
+        try:
+            written = log_.write([entry, {"session": summary}] if entry is not None else [{"session": summary}])
+        except OSError:  # cut back by the log: our own change, not one from outside (the cache and its log stay)
+            session.stamp = _file_stamp(log_.path)
+            raise
         session.info, session.messages = info, messages
         self._open_bytes += written
         session.size += written
@@ -779,8 +838,9 @@ class SessionStore:
                 move_aside(e)
                 journal = SessionJournal(self.dir)
                 left = journal.open()
+            unreadable: builtins.list[StoreCorrupt] = []
             try:
-                unfiled = self._without_files(left)
+                unfiled = self._without_files(left, unreadable)
                 for session_id, session in unfiled.items():
                     log_ = AppendLog.create(self._log_path(session_id), _log_bytes(session))
                     try:
@@ -794,7 +854,12 @@ class SessionStore:
                         len(unfiled),
                         journal.log.path,
                     )
-                if journal.size:
+                if unreadable:  # damaged from outside: kept aside for a person to look at, not emptied away
+                    journal.close()
+                    move_aside(unreadable[0])
+                    journal = SessionJournal(self.dir)
+                    journal.open()
+                elif journal.size:
                     journal.empty()
             except BaseException:  # tried again at the next use
                 journal.close()
@@ -808,6 +873,9 @@ class SessionStore:
         A failure leaves the journal as it was (tried again at the next create)."""
         journal = self._journal
         assert journal is not None
+        if journal.log.is_replaced():  # the folder was cleared from outside: nothing to file
+            self._reopen_journal()
+            return
         if any(log_.is_new for log_ in journal.filed_logs()):
             return
         lazies = [(sid, session) for sid, session in self._open.items() if session.journaled]
@@ -898,6 +966,11 @@ class SessionStore:
                     session.log.close()
             self._open.clear()
             self._open_bytes = 0
+
+
+def _unfiled(session: _Session) -> bool:
+    """No file yet, or one never synced: the journal holds the session still."""
+    return session.journaled or (session.log is not None and session.log.is_new)
 
 
 def _retrieved(future: asyncio.Future[None]) -> None:
