@@ -35,6 +35,20 @@ def run_cli(data_dir: Path, *args: str) -> Any:
     return CliRunner().invoke(cli, list(args), env={"AGENTSPACE_HOME": str(data_dir)})
 
 
+async def first_turn_in_flight(ws: aiohttp.ClientWebSocketResponse, fake: fa.FakeAnthropic, content: str) -> str:
+    """A chat that creates a session, until its request reached the upstream (which stalls: the answer that would
+    give the session its file does not come). Returns the session's id."""
+    await ws.send_json({"type": "chat.send", "id": "r1", "content": content})
+    created = await ws.receive_json(timeout=30)
+    assert created["type"] == "session.created", created
+    for _ in range(1500):
+        if fake.requests:
+            break
+        await asyncio.sleep(0.02)
+    assert fake.requests
+    return str(created["sessionId"])
+
+
 async def killed_during_a_first_turn(data_dir: Path, fake: fa.FakeAnthropic, content: str) -> str:
     """A chat that creates a session, SIGKILLed once its request reached the upstream: the session exists only in
     the journal (its answer, which would give it a file, never comes). Returns its id."""
@@ -44,19 +58,11 @@ async def killed_during_a_first_turn(data_dir: Path, fake: fa.FakeAnthropic, con
         await server.start()
         async with aiohttp.ClientSession() as http:
             ws = await http.ws_connect(server.ws_url, headers={"Authorization": f"Bearer {server.token}"})
-            await ws.send_json({"type": "chat.send", "id": "r1", "content": content})
-            created = await ws.receive_json(timeout=30)
-            assert created["type"] == "session.created", created
-            for _ in range(1500):  # until the request reached the upstream
-                if fake.requests:
-                    break
-                await asyncio.sleep(0.02)
-            assert fake.requests
+            session_id = await first_turn_in_flight(ws, fake, content)
             await server.kill()
             await ws.close()
     finally:
         await server.aclose()
-    session_id = str(created["sessionId"])
     assert session_files(data_dir) == [] and (data_dir / "sessions" / JOURNAL_NAME).stat().st_size > 0
     return session_id
 
@@ -147,15 +153,8 @@ async def test_a_session_with_no_file_goes_with_the_sessions_folder_removed_from
         headers = {"Authorization": f"Bearer {server.token}"}
         async with aiohttp.ClientSession(headers=headers) as http:
             ws = await http.ws_connect(server.ws_url)
-            await ws.send_json({"type": "chat.send", "id": "r1", "content": "cleared with the history"})
-            created = await ws.receive_json(timeout=30)
-            assert created["type"] == "session.created", created
-            session_id = str(created["sessionId"])
-            for _ in range(1500):  # until the request reached the upstream
-                if fake_anthropic.requests:
-                    break
-                await asyncio.sleep(0.02)
-            assert fake_anthropic.requests and session_files(data_dir) == []
+            session_id = await first_turn_in_flight(ws, fake_anthropic, "cleared with the history")
+            assert session_files(data_dir) == []
             for path in (data_dir / "sessions").iterdir():
                 path.unlink()
             (data_dir / "sessions").rmdir()
@@ -185,15 +184,8 @@ async def test_every_reader_finds_a_session_that_exists_only_in_the_journal(
         headers = {"Authorization": f"Bearer {server.token}"}
         async with aiohttp.ClientSession(headers=headers) as http:
             ws = await http.ws_connect(server.ws_url)
-            await ws.send_json({"type": "chat.send", "id": "r1", "content": "a quokka in the journal"})
-            created = await ws.receive_json(timeout=30)
-            assert created["type"] == "session.created", created
-            session_id = str(created["sessionId"])
-            for _ in range(1500):  # until the request reached the upstream
-                if fake_anthropic.requests:
-                    break
-                await asyncio.sleep(0.02)
-            assert fake_anthropic.requests and session_files(data_dir) == []
+            session_id = await first_turn_in_flight(ws, fake_anthropic, "a quokka in the journal")
+            assert session_files(data_dir) == []
             async with http.get(f"{server.url}/api/sessions", params={"q": "quokka"}) as resp:
                 assert [s["id"] for s in (await resp.json())["sessions"]] == [session_id]
             found = run_cli(data_dir, "sessions", "search", "quokka")
