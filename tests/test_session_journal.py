@@ -30,6 +30,20 @@ def session_files(data_dir: Path) -> list[str]:
     return sorted(p.name for p in (data_dir / "sessions").iterdir() if not p.name.startswith("."))
 
 
+async def first_turn_in_flight(ws: aiohttp.ClientWebSocketResponse, fake: fa.FakeAnthropic, content: str) -> str:
+    """A chat that creates a session, until its request reached the upstream (which stalls: the answer that would
+    give the session its file does not come). Returns the session's id."""
+    await ws.send_json({"type": "chat.send", "id": "r1", "content": content})
+    created = await ws.receive_json(timeout=30)
+    assert created["type"] == "session.created", created
+    for _ in range(1500):
+        if fake.requests:
+            break
+        await asyncio.sleep(0.02)
+    assert fake.requests
+    return str(created["sessionId"])
+
+
 async def test_a_new_session_is_one_append_and_gets_its_file_at_its_next_write(tmp_path: Path) -> None:
     store = SessionStore(tmp_path)
     await store.create(model="m", session_id="s1", messages=[{"id": "u1", "role": "user", "content": "hi"}])
@@ -138,19 +152,11 @@ async def test_serve_killed_during_a_first_turn_keeps_its_user_message(
         await server.start()
         async with aiohttp.ClientSession() as http:
             ws = await http.ws_connect(server.ws_url, headers={"Authorization": f"Bearer {server.token}"})
-            await ws.send_json({"type": "chat.send", "id": "r1", "content": "remember me"})
-            created = await ws.receive_json(timeout=30)
-            assert created["type"] == "session.created", created
-            for _ in range(1500):  # until the request reached the upstream
-                if fake_anthropic.requests:
-                    break
-                await asyncio.sleep(0.02)
-            assert fake_anthropic.requests
+            session_id = await first_turn_in_flight(ws, fake_anthropic, "remember me")
             await server.kill()
             await ws.close()
     finally:
         await server.aclose()
-    session_id = created["sessionId"]
     assert session_files(data_dir) == []  # no file yet: the journal holds it
 
     shown = CliRunner().invoke(cli, ["sessions", "show", session_id], env={"AGENTSPACE_HOME": str(data_dir)})

@@ -25,6 +25,7 @@ from agentspace.storage.embedded.session_journal import JOURNAL_NAME
 from scripts.harness import GatewayProcess
 from tests.fakes import anthropic_upstream as fa
 from tests.test_disk_full import disk, fill  # noqa: F401 - the tmpfs fixture
+from tests.test_session_journal import first_turn_in_flight
 
 
 def session_files(data_dir: Path) -> list[str]:
@@ -33,20 +34,6 @@ def session_files(data_dir: Path) -> list[str]:
 
 def run_cli(data_dir: Path, *args: str) -> Any:
     return CliRunner().invoke(cli, list(args), env={"AGENTSPACE_HOME": str(data_dir)})
-
-
-async def first_turn_in_flight(ws: aiohttp.ClientWebSocketResponse, fake: fa.FakeAnthropic, content: str) -> str:
-    """A chat that creates a session, until its request reached the upstream (which stalls: the answer that would
-    give the session its file does not come). Returns the session's id."""
-    await ws.send_json({"type": "chat.send", "id": "r1", "content": content})
-    created = await ws.receive_json(timeout=30)
-    assert created["type"] == "session.created", created
-    for _ in range(1500):
-        if fake.requests:
-            break
-        await asyncio.sleep(0.02)
-    assert fake.requests
-    return str(created["sessionId"])
 
 
 async def killed_during_a_first_turn(data_dir: Path, fake: fa.FakeAnthropic, content: str) -> str:
@@ -104,15 +91,8 @@ async def test_the_cli_deletes_a_session_that_exists_only_in_the_journal(
         await server.start()
         async with aiohttp.ClientSession() as http:
             ws = await http.ws_connect(server.ws_url, headers={"Authorization": f"Bearer {server.token}"})
-            await ws.send_json({"type": "chat.send", "id": "r1", "content": "forget me"})
-            created = await ws.receive_json(timeout=30)
-            assert created["type"] == "session.created", created
-            session_id = str(created["sessionId"])
-            for _ in range(1500):  # until the request reached the upstream
-                if fake_anthropic.requests:
-                    break
-                await asyncio.sleep(0.02)
-            assert fake_anthropic.requests and session_files(data_dir) == []
+            session_id = await first_turn_in_flight(ws, fake_anthropic, "forget me")
+            assert session_files(data_dir) == []
             refused = run_cli(data_dir, "sessions", "delete", session_id, "--yes")
             assert refused.exit_code != 0 and "DELETE /api/sessions/" in refused.output, refused.output
             assert session_id in run_cli(data_dir, "sessions", "list").output  # still there, as the server has it
