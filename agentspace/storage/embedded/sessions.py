@@ -349,14 +349,19 @@ class SessionStore:
         """The summary plus ``messages``, or None. Raises SessionDamaged (the file is left where it is)."""
         if not is_valid_session_id(session_id):
             return None
-        try:  # the journal first: a session filed and the journal emptied between the two reads is in one of them
-            creates = read_outstanding(self.dir)
-        except StoreCorrupt:  # listings name it
-            creates = {}
         try:
+            # The journal only when there is no file (a search reads sessions one by one), then the file once more:
+            # a session filed, and the journal emptied, between the first two reads is in the third.
             session = self._read(session_id)
-            if session is None and session_id in creates:
-                session = self._without_files({session_id: creates[session_id]}, files=False).get(session_id)
+            if session is None:
+                try:
+                    creates = read_outstanding(self.dir)
+                except StoreCorrupt:  # listings name it
+                    creates = {}
+                if session_id in creates:
+                    session = self._without_files({session_id: creates[session_id]}, files=False).get(session_id)
+                else:
+                    session = self._read(session_id)
         except StoreCorrupt as e:
             warn_skipped(e)
             raise SessionDamaged(session_id, moved=False) from None
