@@ -259,13 +259,25 @@ def usd(value: float) -> str:
     return "$" + (f"{value:.6f}".rstrip("0").rstrip(".") or "0")
 
 
-def _counters_failed(e: Exception) -> None:
-    """Say why the counters failed: an outage (Redis or the database unreachable) in one line, a defect of
-    ours with its traceback."""
-    if outage_error(e) is not None:
-        warn_limited(log, "counters-unreachable", "the client counters could not be reached: %r", e)
-    else:
+def _counters_failed(e: Exception) -> ApiError:
+    """The refusal when the counters failed (admission fails closed), in words that name what failed, and the log
+    line: an outage (Redis, the database or the data directory unreachable) in one line, a defect of ours with its
+    traceback."""
+    outage = outage_error(e)
+    if outage is None:
         log.exception("the client counters could not be reached")
+        return ApiError(
+            "INTERNAL_ERROR",
+            "The gateway could not check the client's limits and budget (an internal error; its log says more); "
+            "nothing was sent.",
+        )
+    warn_limited(log, "counters-unreachable", "the client counters could not be reached: %r", e)
+    if type(e).__module__.startswith("redis."):
+        return ApiError("SERVICE_UNAVAILABLE", COUNTERS_UNAVAILABLE)
+    return ApiError(
+        outage.code,
+        f"{outage.message.rstrip('.')}; the client's limits and budget could not be checked, and nothing was sent.",
+    )
 
 
 class Guard:
@@ -402,8 +414,7 @@ class Guard:
         except ApiError:
             raise
         except Exception as e:
-            _counters_failed(e)
-            raise ApiError("SERVICE_UNAVAILABLE", COUNTERS_UNAVAILABLE) from None
+            raise _counters_failed(e) from None
 
     async def _precheck(
         self, caller: str, model: str, least_cost: Callable[[], float] | None, credential: str | None
@@ -448,8 +459,7 @@ class Guard:
         except ApiError:
             raise
         except Exception as e:
-            _counters_failed(e)
-            raise ApiError("SERVICE_UNAVAILABLE", COUNTERS_UNAVAILABLE) from None
+            raise _counters_failed(e) from None
 
     async def _admit(
         self,

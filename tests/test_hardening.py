@@ -464,7 +464,7 @@ async def test_database_and_redis_outages_are_503s_in_each_apis_shape(tmp_path: 
             async with http.post(gateway.url + "/api/clients", json={"name": "alice", "rpm": 100}, headers=admin) as r:
                 alice = {**bearer((await r.json())["key"]), "anthropic-version": "2023-06-01"}
 
-            async def expect_503(path: str, headers: dict[str, str], shape: str) -> None:
+            async def expect_503(path: str, headers: dict[str, str], shape: str) -> str:
                 async with http.post(gateway.url + path, json=chat_body, headers=headers) as resp:
                     assert resp.status == 503 and resp.content_type == "application/json", await resp.text()
                     body = await resp.json()
@@ -472,14 +472,15 @@ async def test_database_and_redis_outages_are_503s_in_each_apis_shape(tmp_path: 
                     assert body["type"] == "error" and body["error"]["message"], body
                 else:
                     assert body["error"]["message"] and "type" in body["error"], body
+                return str(body["error"]["message"])
 
             redis_srv.close()
             async with http.get(gateway.url + "/healthz") as resp:
                 health = await resp.json()
                 assert resp.status == 503 and health["database"] == "ok" and "Redis" in health["redis"], health
             # alice's limits are counted in Redis (the gateway token has none: its /v1 calls need no Redis)
-            await expect_503("/v1/chat/completions", alice, "openai")
-            await expect_503("/v1/messages", alice, "anthropic")
+            assert "could not reach Redis" in await expect_503("/v1/chat/completions", alice, "openai")
+            assert "could not reach Redis" in await expect_503("/v1/messages", alice, "anthropic")
             for i, who in enumerate((alice, admin)):  # a chat takes its stream lock in Redis: the same 503
                 chat = {
                     "id": f"s{i}",
@@ -493,9 +494,10 @@ async def test_database_and_redis_outages_are_503s_in_each_apis_shape(tmp_path: 
                 health = await resp.json()
                 assert resp.status == 503 and "database" in health["database"], health
             # alice's key is looked up in the database (the gateway token's /v1 calls are answered, their
-            # records kept for the database's return)
-            await expect_503("/v1/chat/completions", alice, "openai")
-            await expect_503("/v1/messages", alice, "anthropic")
+            # records kept for the database's return): the refusal names the database, not Redis
+            for path, shape in (("/v1/chat/completions", "openai"), ("/v1/messages", "anthropic")):
+                message = await expect_503(path, alice, shape)
+                assert "could not use its database" in message and "Redis" not in message, message
             for who in (alice, admin):
                 async with http.get(gateway.url + "/api/sessions", headers=who) as resp:
                     assert resp.status == 503 and (await resp.json())["error"]["code"] == "STORAGE_ERROR"

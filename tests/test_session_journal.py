@@ -121,6 +121,35 @@ async def test_deleted_sessions_do_not_come_back_after_a_crash(tmp_path: Path) -
     assert session_files(tmp_path) == []
 
 
+async def test_the_cli_deletes_a_session_whose_filed_mark_never_reached_the_disk(tmp_path: Path) -> None:
+    """A session's file is synced before the journal marks it filed, and the mark rides on a later sync: a crash or
+    a power cut in between leaves its create unfiled beside its file. The CLI's delete writes a delete to the
+    journal then, or the next start would bring the session back from its create."""
+    store = SessionStore(tmp_path)
+    for sid in ("lost-mark", "kept"):
+        await store.create(model="m", session_id=sid, messages=[{"id": "u1", "role": "user", "content": "hi"}])
+        await store.append_message(sid, {"id": "a1", "role": "assistant", "content": "hello"})  # filed
+    path = tmp_path / "sessions" / JOURNAL_NAME
+    lines = path.read_bytes().splitlines(keepends=True)
+    assert b'{"filed":"lost-mark"}\n' in lines
+    path.write_bytes(b"".join(line for line in lines if line != b'{"filed":"lost-mark"}\n'))  # what the disk kept
+
+    env = {"AGENTSPACE_HOME": str(tmp_path)}
+    for sid in ("lost-mark", "kept"):
+        deleted = CliRunner().invoke(cli, ["sessions", "delete", sid, "--yes"], env=env)
+        assert deleted.exit_code == 0 and f"Deleted session {sid}" in deleted.output, deleted.output
+    assert journal(tmp_path)[-1] == {"delete": "lost-mark"}  # the filed one needed none
+    assert session_files(tmp_path) == []
+    restarted = SessionStore(tmp_path)  # the next server
+    try:
+        assert await restarted.summaries() == []
+        assert await restarted.get("lost-mark") is None and await restarted.get("kept") is None
+    finally:
+        await restarted.aclose()
+    assert session_files(tmp_path) == []
+    assert "lost-mark" not in CliRunner().invoke(cli, ["sessions", "list"], env=env).output
+
+
 async def test_a_damaged_journal_is_moved_aside_and_named(tmp_path: Path) -> None:
     store = SessionStore(tmp_path)
     await store.create(model="m", session_id="kept")

@@ -16,6 +16,8 @@ whose sync the end of the turn waits for anyway.
   after it was filed from coming back in readers' views and at the next start.
 - ``{"delete": id}``: the server deleted the session (synced before the delete returns), or the CLI did, under
   the data directory's lock, while no server runs (a running server holds the session in memory: the CLI refuses).
+  The CLI writes one for every session whose create it finds unfiled on disk, whether its file is there or not:
+  the mark of a session filed just before a crash or a power cut may never have reached the disk.
 
 While a server runs, its ``SessionStore`` is the only writer. At its first use it files every create the journal
 holds that was neither filed nor deleted and whose file is missing or empty (a crash), then empties the journal

@@ -486,46 +486,74 @@ class SessionStore:
         if not is_valid_session_id(session_id):
             return False
         with self._lock:
+            if self._journal is None and self._journal_holds(session_id):  # another process: the CLI
+                return self._delete_journaled(session_id)
             cached = self._open.get(session_id)
             self._forget(session_id)
             self._unsynced.pop(session_id, None)
             existed = cached is not None and cached.journaled  # no file yet
             if self._journal is not None:  # the server: its journal must not bring the session back at a restart
                 self._journal.deleted(session_id)
-            for path in (self._log_path(session_id), self._legacy_path(session_id)):
-                try:
-                    os.unlink(path)
-                    existed = True
-                except FileNotFoundError:
-                    pass
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(self.dir / f"{session_id}{_LEGACY_COPY}")
+            if self._unlink(session_id):
+                existed = True
             if existed:
                 fsync_dir(self.dir)
-            elif self._journal is None:  # not the server: the session may exist in the journal only
-                existed = self._delete_journaled(session_id)
             return existed
 
-    def _delete_journaled(self, session_id: str) -> bool:
-        """Another process's delete (the CLI) of a session that exists only in the journal (the server stopped
-        before its next write): a delete appended to the journal, under the data directory's lock. While a server
-        runs it holds the session in memory and is the journal's only writer: DataDirLocked."""
-        from ..datadir_lock import DataDirLock
+    def _unlink(self, session_id: str) -> bool:
+        """Remove the session's files (the folder not synced); whether it had one."""
+        existed = False
+        for path in (self._log_path(session_id), self._legacy_path(session_id)):
+            try:
+                os.unlink(path)
+                existed = True
+            except FileNotFoundError:
+                pass
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.dir / f"{session_id}{_LEGACY_COPY}")
+        return existed
 
+    def _journal_holds(self, session_id: str) -> bool:
+        """Whether the journal holds a create of the session that, on disk, is neither filed nor deleted: read, then
+        synced, so that the filed marks read (the server appends them unsynced) are durable before the file goes. A
+        session that only a mark lost in a crash or a power cut left unfiled would otherwise come back from its
+        create at the next start, its file deleted. A damaged journal holds no session (listings name it)."""
+        path = self.dir / JOURNAL_NAME
         try:
-            if session_id not in self._journaled_sessions():
-                return False
-            with DataDirLock(self.dir.parent):
-                journal = SessionJournal(self.dir)
-                try:
-                    journal.open()
-                    journal.deleted(session_id)  # synced: a server started next does not file it
-                finally:
-                    journal.close()
-        except StoreCorrupt as e:  # a damaged journal holds no session (listings name it)
+            held = session_id in read_outstanding(self.dir)
+            fd = os.open(path, os.O_RDONLY)
+        except FileNotFoundError:
+            return False
+        except StoreCorrupt as e:
             warn_skipped(e)
             return False
-        return True
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        return held
+
+    def _delete_journaled(self, session_id: str) -> bool:
+        """Another process's delete (the CLI) of a session whose create the journal holds unfiled (the server stopped
+        before its next write, or before the mark that it was filed reached the disk): a delete appended to the
+        journal, under the data directory's lock, then the file it may have removed. While a server runs it holds
+        the session in memory and is the journal's only writer: DataDirLocked."""
+        from ..datadir_lock import DataDirLock
+
+        with DataDirLock(self.dir.parent):
+            journal = SessionJournal(self.dir)
+            try:
+                held = session_id in journal.open()
+                journal.deleted(session_id)  # synced: a server started next does not file it
+            except StoreCorrupt as e:
+                warn_skipped(e)
+                held = False
+            finally:
+                journal.close()
+        if self._unlink(session_id):
+            fsync_dir(self.dir)
+            return True
+        return held
 
     # --- work done on the store thread --------------------------------------------------------
 
