@@ -333,11 +333,12 @@ async def test_model_allowlist_on_every_transport(
 ) -> None:
     monkeypatch.setenv("OPENAI_API_KEY", "sk-openai-test-0123456789")
     client = await make_client(providers={"openai": {"base_url": fake_openai.url}})
-    key = add_client("cheap", "--models", "openai/gpt-4o-mini")
+    # A model with no deprecation date in the cost map: models past theirs are not listed.
+    key = add_client("cheap", "--models", "openai/gpt-5.4-mini")
 
     error = (await ws_chat(client, key))[-1]  # the default model is anthropic/claude-sonnet-4-5
     assert error["type"] == "error" and error["code"] == "MODEL_NOT_ALLOWED"
-    assert "openai/gpt-4o-mini" in error["message"]
+    assert "openai/gpt-5.4-mini" in error["message"]
     resp = await post_chat(client, bearer(key), "c1")
     assert resp.status == 403 and (await resp.json())["error"]["code"] == "MODEL_NOT_ALLOWED"
     with pytest.raises(anthropic.PermissionDeniedError) as e:
@@ -356,18 +357,18 @@ async def test_model_allowlist_on_every_transport(
 
     fake_openai.enqueue(openai_text("fine"))
     ok = await openai_sdk(client, key).chat.completions.create(
-        model="openai/gpt-4o-mini", messages=[{"role": "user", "content": "Hi"}]
+        model="openai/gpt-5.4-mini", messages=[{"role": "user", "content": "Hi"}]
     )
     assert ok.choices[0].message.content == "fine"
     fake_openai.enqueue(openai_text("translated"))  # /v1/messages, translated for a model it may use
-    answer = await message(client, key, model="openai/gpt-4o-mini")
+    answer = await message(client, key, model="openai/gpt-5.4-mini")
     assert answer.content[0].text == "translated"
     with pytest.raises(anthropic.PermissionDeniedError):
         await message(client, key, model="openai/gpt-4o")
     models = (await (await client.get("/api/models", headers=bearer(key))).json())["models"]
-    assert [m["id"] for m in models] == ["openai/gpt-4o-mini"]
+    assert [m["id"] for m in models] == ["openai/gpt-5.4-mini"]
     listed = await openai_sdk(client, key).models.list()
-    assert [m.id for m in listed.data] == ["openai/gpt-4o-mini"]
+    assert [m.id for m in listed.data] == ["openai/gpt-5.4-mini"]
 
 
 # --- rate limits --------------------------------------------------------------------------------

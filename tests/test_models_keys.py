@@ -185,29 +185,47 @@ def test_serve_refuses_an_unknown_default_model(tmp_path: Path, default: str) ->
 
 
 async def test_serve_warns_about_a_default_past_its_date(tmp_path: Path, fake_anthropic: Any) -> None:
-    server = GatewayProcess(tmp_path / "data", fake_anthropic.url, models={"default": "anthropic/claude-sonnet-4-5"})
+    # The date is set here, not read from the cost map, so that the test does not depend on the calendar.
+    server = GatewayProcess(
+        tmp_path / "data",
+        fake_anthropic.url,
+        models={"default": "anthropic/claude-sonnet-4-5"},
+        **{'pricing."anthropic/claude-sonnet-4-5"': {"deprecation_date": "2026-01-31"}},
+    )
     try:
         await server.start()
-        await server.wait_for_log("anthropic/claude-sonnet-4-5 is past its deprecation date (2026-11-30)")
+        await server.wait_for_log("anthropic/claude-sonnet-4-5 is past its deprecation date (2026-01-31)")
         assert "use a current model such as anthropic/claude-sonnet-4-6" in server.log()
     finally:
         await server.aclose()
 
 
 async def test_a_future_deprecation_date_is_not_called_deprecated(
-    make_client: Any, token: str, fake_openai: Any, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+    make_client: Any,
+    token: str,
+    auth_headers: dict[str, str],
+    fake_openai: Any,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
-    deprecation = cost_entry("openai/gpt-4o-mini")["deprecation_date"]  # type: ignore[index]
-    assert deprecation > date.today().isoformat()  # the cost map's date for it is still ahead
+    # The date is set here ([pricing]), not read from the cost map (whose date for the model passes one day).
     monkeypatch.setenv("OPENAI_API_KEY", "sk-test-0123456789abcdef")
-    client = await make_client(providers={"openai": {"base_url": fake_openai.url}})
+    client = await make_client(
+        providers={"openai": {"base_url": fake_openai.url}},
+        pricing={"openai/gpt-4o-mini": {"deprecation_date": "2999-01-01"}},
+    )
     ws = await connect(client, token)
     with caplog.at_level(logging.WARNING, logger="agentspace"):
         frames = await chat(ws, "hi", model="openai/gpt-4o-mini")
     await ws.close()
     assert frames[-1]["type"] == "chat.stream.end"
     notes = [r.getMessage() for r in caplog.records if "gpt-4o-mini" in r.getMessage()]
-    assert notes == [f"openai/gpt-4o-mini will be retired on {deprecation}"]
+    assert notes == ["openai/gpt-4o-mini will be retired on 2999-01-01"]
+    listed = {m["id"]: m for m in (await (await client.get("/api/models", headers=auth_headers)).json())["models"]}
+    assert (listed["openai/gpt-4o-mini"]["deprecationDate"], listed["openai/gpt-4o-mini"]["deprecated"]) == (
+        "2999-01-01",
+        False,
+    )
 
 
 def _models(*args: str) -> dict[str, dict[str, Any]]:

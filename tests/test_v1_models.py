@@ -28,7 +28,8 @@ async def test_openai_models_appear_with_a_key(
     monkeypatch.setenv("OPENAI_API_KEY", "sk-openai-test-0123456789")
     client = await make_client()
     api = openai.AsyncOpenAI(api_key=token, base_url=f"http://127.0.0.1:{client.port}/v1", max_retries=0)
-    assert "openai/gpt-4o-mini" in [m.id async for m in api.models.list()]
+    # A model with no deprecation date in the cost map: models past theirs are not listed.
+    assert "openai/gpt-5.4-mini" in [m.id async for m in api.models.list()]
 
 
 async def test_anthropic_shape_with_anthropic_version(client: TestClient, token: str) -> None:
