@@ -297,3 +297,33 @@ async def test_every_view_shows_the_records_spend_and_nothing_in_flight_after_ev
         assert shown[name]["usd"] == pytest.approx(cost) and shown[name]["inFlightUsd"] == 0
         assert report["perClient"][name]["totalCost"] == pytest.approx(cost)
         assert f"${cost:.6f}" in listed and f"${cost:.6f}" in usage
+
+
+@pytest.mark.parametrize("model", ["openai/text-embedding-3-small", "g"], ids=["model", "model_group"])
+async def test_a_client_leaving_while_its_embeddings_are_awaited_leaves_one_record_and_nothing_held(
+    make_client: Callable[..., Awaitable[TestClient]],
+    fake_openai: fo.FakeOpenAI,
+    monkeypatch: pytest.MonkeyPatch,
+    auth_headers: dict[str, str],
+    model: str,
+) -> None:
+    """The request went upstream whole and the client hung up before the answer: the call has its one record
+    (aborted), as a whole ``/v1/messages`` answer the client left has, and its reservation is given back."""
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-openai-test-0123456789")
+    await asyncio.to_thread(importlib.import_module, "litellm")
+    group = {"deployments": [{"model": "openai/text-embedding-3-small"}]}
+    client = await make_client(providers={"openai": {"base_url": fake_openai.url}}, models={"groups": {"g": group}})
+    key = add_client("acme", "--budget", "1")
+    fake_openai.enqueue(fo.text_response("").with_delay(30))  # the embeddings answer 30 s later
+    api = openai.AsyncOpenAI(api_key=key, base_url=url(client) + "/v1", max_retries=0, timeout=1.0)
+    with pytest.raises(openai.APITimeoutError):
+        await api.embeddings.create(model=model, input=["a b", "c"])
+    assert len(fake_openai.requests) == 1
+
+    async def recorded() -> bool:
+        return len(await records(client)) >= 1
+
+    await wait_until(recorded)
+    (record,) = await records(client)
+    assert (record["client"], record["endpoint"], record["error"]) == ("acme", "embeddings", "ABORTED")
+    assert (await clients_shown(client, auth_headers))["acme"]["inFlightUsd"] == 0
