@@ -82,10 +82,19 @@ async def test_killed_mid_stream_on_every_way_and_started_twice_records_each_str
         restarted = GatewayProcess(data_dir, fake_anthropic.url, **sections)
         try:
             await restarted.start()
+            async with aiohttp.ClientSession() as http:
+                listed = await http.get(
+                    restarted.url + "/api/clients", headers={"Authorization": f"Bearer {restarted.token}"}
+                )
+                (acme,) = (await listed.json())["clients"]
             assert await restarted.terminate() == 0
         finally:
             await restarted.aclose()
         found = list(UsageStore(data_dir).records_sync())
+        # The recovered calls are the client's spend, in every view; nothing of the dead process stays held.
+        spent = sum(r["totalCost"] for r in found if r["client"] == "acme")
+        assert acme["spend"]["usd"] == pytest.approx(spent) and acme["spend"]["inFlightUsd"] == 0
+        assert f"${spent:.6f} / $5.0000 month" in await asyncio.to_thread(run_cli, restarted, "clients", "list")
         assert len(found) == len({r["id"] for r in found}) == len(held), f"start {start + 1}"
         assert sorted((r["client"], r["model"], r["endpoint"]) for r in found) == sorted(
             (client, model, endpoint)
