@@ -968,6 +968,13 @@ class ProviderCall:
 
         return post()
 
+    async def left_unanswered(self) -> None:
+        """The client left (its handler cancelled) while a whole answer was awaited: the call went upstream, so
+        it has its one record, aborted and billing nothing, stored although the caller is being cancelled."""
+        if self.recorded is None:
+            pending = self.record(TokenUsage(), "aborted", error="ABORTED", answered=False)
+            await asyncio.shield(asyncio.ensure_future(pending))
+
     async def release(self) -> None:
         """In a finally: a call that made no record (stopped before it was sent) gives back its reservation
         and voids its ledger entry."""

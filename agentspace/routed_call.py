@@ -276,8 +276,10 @@ async def embed_group(
             await router.count_failure(group, dep, e)
             last, current = e, None
             continue
-        except BaseException:
+        except BaseException as e:
             await router.state.done(dep.id, 0, None)
+            if isinstance(e, asyncio.CancelledError):  # the client left: the attempt went upstream, recorded
+                await current.left_unanswered()
             if current is not meter:
                 await current.release()
             raise

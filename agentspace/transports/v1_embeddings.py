@@ -7,6 +7,7 @@ map, endpoint ``embeddings``.
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 from aiohttp import web
@@ -119,6 +120,12 @@ async def embeddings(request: web.Request) -> web.StreamResponse:
             if meter.recorded is None and group is None:
                 await meter.record(TokenUsage(), "error", error=e.code, answered=False)
             return _provider_error(e)
+        except asyncio.CancelledError:
+            # The client left while the whole answer was awaited: the call went upstream, so it has its one
+            # record, aborted, as a whole Messages answer the client left has (providers/anthropic_relay.py).
+            if group is None:
+                await meter.left_unanswered()
+            raise
         if usage is None:
             await answered.record(TokenUsage(input_tokens=_local_tokens(inputs)), "stop", estimated_fields=ALL_FIELDS)
         else:
