@@ -4,7 +4,8 @@ otherwise.
 - The stream lock: a session streams on one replica at a time. ``claim`` sets
   ``agentspace:lock:<session>`` (``SET NX PX``) to ``<replica>:<turn>``; the owner renews it while the turn
   runs and deletes it at the end (compare-and-delete, in Lua). A replica that dies stops renewing: the lock
-  expires after ``LOCK_TTL_MS`` and the session is free again. A claim refused is ``STREAM_IN_PROGRESS``.
+  expires after half a lease (``[storage] lease_seconds``: 10 s by default) and the session is free again.
+  A claim refused is ``STREAM_IN_PROGRESS``.
 - Running streams: the owner publishes the turn's UI message stream (the bytes ``GET /api/chat/{id}/stream``
   sends) to the Redis Stream ``agentspace:stream:<turn>``, capped at ``STREAM_CAP`` entries and expiring,
   so a resume on any replica replays it from the start and follows it live.
@@ -36,8 +37,7 @@ log = logging.getLogger(__name__)
 PREFIX = "agentspace"
 ABORT_CHANNEL = f"{PREFIX}:abort"
 CREDENTIALS_CHANNEL = f"{PREFIX}:credentials"
-LOCK_TTL_MS = 10_000  # how long a dead replica keeps its sessions busy at most
-RENEW_SECONDS = LOCK_TTL_MS / 1000 / 3
+LEASE_SECONDS = 20.0  # the default of [storage] lease_seconds: a dead replica keeps its sessions busy half of it
 STREAM_CAP = 100_000  # entries kept per running stream (a burst of deltas is one entry)
 STREAM_TTL_SECONDS = 3600  # a finished (or orphaned) stream stays resumable this long
 REDIS_CONNECTIONS = 32  # per replica; the abort listener holds one
@@ -87,6 +87,7 @@ class Cluster:
         on_credentials_changed: Callable[[], None] | None = None,
         *,
         encoder: Callable[[], StreamEncoder],
+        lease_seconds: float = LEASE_SECONDS,
     ) -> None:
         try:
             import redis.asyncio as aioredis
@@ -95,6 +96,7 @@ class Cluster:
 
             raise StorageError("[storage] redis_url needs redis-py: pip install 'agentspace[scale]'.") from None
         self.url = url
+        self.lock_ttl_ms = max(1, round(lease_seconds * 500))  # half a lease; renewed every third of it
         self.replica_id = replica_id or f"{socket.gethostname()}-{os.getpid()}-{new_id('')[:8]}"
         # Bounded: many streams publishing at once wait for a connection instead of each opening one (a
         # connection storm on a busy machine ends in connect timeouts). Any: redis-py's reply types are
@@ -164,7 +166,7 @@ class Cluster:
     async def claim(self, turn: RunningTurn) -> bool:
         """Take the session's lock for ``turn``; False when another turn (on any replica) holds it."""
         value = f"{self.replica_id}:{turn.message_id}"
-        return bool(await self.redis.set(lock_key(turn.session_id), value, nx=True, px=LOCK_TTL_MS))
+        return bool(await self.redis.set(lock_key(turn.session_id), value, nx=True, px=self.lock_ttl_ms))
 
     async def release(self, turn: RunningTurn) -> None:
         with contextlib.suppress(Exception):
@@ -232,9 +234,9 @@ class Cluster:
         turn took meanwhile ends this turn (two answers must not write one session at once)."""
         value = f"{self.replica_id}:{turn.message_id}"
         while True:
-            await asyncio.sleep(RENEW_SECONDS)
+            await asyncio.sleep(self.lock_ttl_ms / 3000)
             try:
-                renewed = await self._renew(keys=[lock_key(turn.session_id)], args=[value, LOCK_TTL_MS])
+                renewed = await self._renew(keys=[lock_key(turn.session_id)], args=[value, self.lock_ttl_ms])
             except Exception as e:  # noqa: BLE001 - retried at the next renewal
                 warn_limited(log, "renew-lock", "could not renew the stream lock of session %s: %r", turn.session_id, e)
                 continue

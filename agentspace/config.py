@@ -44,6 +44,8 @@ SCHEMA: dict[str, dict[str, tuple[tuple[type, ...], Any]]] = {
         "redis_url": ((str,), None),
         "pool_size": ((int,), 10),
         "statement_cache_size": ((int,), 100),
+        # How long a replica that stopped (killed, cut off) keeps what it held (README.md, docs/accounting.md).
+        "lease_seconds": ((int, float), 20.0),
     },
     "models": {
         "default": ((str,), "anthropic/claude-sonnet-4-6"),
@@ -332,6 +334,10 @@ def _check_values(source: str, values: dict[str, dict[str, Any]]) -> None:
                 source, f"{section}.{key}", f"expected one of {', '.join(choices)}, got {values[section][key]!r}"
             )
     _check_server(source, values["server"])
+    if values["storage"]["lease_seconds"] < 2:  # renewed every quarter: more often would load the database
+        raise ConfigError(
+            source, "storage.lease_seconds", f"expected 2 seconds or more, got {values['storage']['lease_seconds']}"
+        )
     for section, key in (
         ("chat", "history_limit"),
         ("chat", "max_steps"),

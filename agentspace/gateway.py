@@ -94,8 +94,11 @@ async def assemble(
         if stream_encoder is None:
             raise ValueError("[storage] redis_url: the replicas' shared streams need a stream_encoder")
         url = str(config["storage"]["redis_url"])
-        cluster = Cluster(url, on_credentials_changed=on_credentials_changed, encoder=stream_encoder)
-        counters = RedisCounters(cluster.redis)  # limits and budgets hold across replicas
+        lease = float(config["storage"]["lease_seconds"])
+        cluster = Cluster(
+            url, on_credentials_changed=on_credentials_changed, encoder=stream_encoder, lease_seconds=lease
+        )
+        counters = RedisCounters(cluster.redis, lease)  # limits and budgets hold across replicas
         route_state = RedisRouteState(cluster.redis)  # one replica's 429 cools a deployment for all
         locks = RedisSessionLocks(cluster)  # a session streams on one replica at a time
     elif storage.shared:

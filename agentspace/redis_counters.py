@@ -13,7 +13,8 @@ monotonic clocks differ), and every key expires:
   read back. Reservations of calls in flight sit apart (``...:res`` amounts, ``...:resexp`` deadlines) and
   are leases: each replica renews those of its calls in flight every ``RENEW_SECONDS``, so a replica that
   dies mid-call leaves reservations that lapse within ``RESERVATION_TTL_SECONDS`` instead of holding the
-  budget.
+  budget. These times (and ``REBUILD_SECONDS``) are those of the default ``[storage] lease_seconds``
+  (``LEASE_SECONDS``); another lease scales them.
 - Redis losing its state (a restart without persistence): ``agentspace:epoch``, set when a replica first
   uses Redis, is gone. The replica that notices starts a rebuild window (``REBUILD_SECONDS``, two renewals):
   every replica puts back the reservations of its calls in flight at its next renewal, and meanwhile no
@@ -41,6 +42,7 @@ log = logging.getLogger(__name__)
 PREFIX = "agentspace"
 WINDOW_MS = 60_000
 SPEND_TTL_SECONDS = 600  # the spend is re-read from the database this often at most
+LEASE_SECONDS = 20.0  # the default of [storage] lease_seconds, which the times below are for
 RESERVATION_TTL_SECONDS = 30  # a lease: renewed while the call runs, lapses this long after its replica died
 RENEW_SECONDS = 5.0
 REBUILD_SECONDS = 2 * int(RENEW_SECONDS) + 1
@@ -177,8 +179,9 @@ def _limits() -> Any:
 class RedisCounters:
     """``limits.Counters`` shared by every replica through Redis."""
 
-    def __init__(self, redis: Any) -> None:
+    def __init__(self, redis: Any, lease_seconds: float = LEASE_SECONDS) -> None:
         self.redis = redis
+        self._scale = lease_seconds / LEASE_SECONDS  # of the times above (read when used)
         self._window = redis.register_script(_WINDOW)
         self._add = redis.register_script(_ADD)
         self._take = redis.register_script(_TAKE)
@@ -202,13 +205,19 @@ class RedisCounters:
             await self.redis.set(EPOCH_KEY, "0", nx=True)
             self._epoch_set = True
 
+    def _seconds(self, default: float) -> int:
+        """A time of the default lease, scaled to this one, in whole seconds (what Redis's EXPIRE takes)."""
+        return max(1, round(default * self._scale))
+
     async def _renew_all(self) -> None:
         for reservation_id, (keys, amount) in list(self._live.items()):
-            await self._renew(keys=keys[1:], args=[reservation_id, repr(amount), RESERVATION_TTL_SECONDS])
+            await self._renew(
+                keys=keys[1:], args=[reservation_id, repr(amount), self._seconds(RESERVATION_TTL_SECONDS)]
+            )
 
     async def _renew_forever(self) -> None:
         while self._live:
-            await asyncio.sleep(RENEW_SECONDS)
+            await asyncio.sleep(RENEW_SECONDS * self._scale)
             try:
                 await self._renew_all()
             except Exception as e:  # Redis away: the next renewal puts them back
@@ -254,14 +263,15 @@ class RedisCounters:
         for _ in range(3):
             reply = await self._reserve(
                 keys=[*keys, EPOCH_KEY],
-                args=[repr(budget), repr(amount), reservation_id, RESERVATION_TTL_SECONDS],
+                args=[repr(budget), repr(amount), reservation_id, self._seconds(RESERVATION_TTL_SECONDS)],
             )
             if int(reply[0]) == -1:
                 await self._load(client, period_key, load_spend)
                 continue
             if int(reply[0]) == -2:  # Redis lost its state: rebuild, this replica's reservations first
-                if await self._lost(keys=[EPOCH_KEY], args=[REBUILD_SECONDS]):
-                    log.warning("Redis lost the budget counters; rebuilding them for %d s", REBUILD_SECONDS)
+                rebuild = self._seconds(REBUILD_SECONDS)
+                if await self._lost(keys=[EPOCH_KEY], args=[rebuild]):
+                    log.warning("Redis lost the budget counters; rebuilding them for %d s", rebuild)
                 await self._renew_all()
                 continue
             if int(reply[0]) == -3:

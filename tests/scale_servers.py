@@ -274,14 +274,27 @@ if pytest is not None:
         return f"postgresql://postgres@127.0.0.1:{pg_server.port}/{name}"
 
     @pytest.fixture
+    def lease_seconds() -> float | None:
+        """The replicas' ``[storage] lease_seconds``: the default, unless a test that waits for a dead replica's
+        lease to lapse parametrizes a shorter one."""
+        return None
+
+    @pytest.fixture
     async def replicas(
-        tmp_path: Path, fake_anthropic: Any, pg_dsn: str, redis_srv: Redis, monkeypatch: pytest.MonkeyPatch
+        tmp_path: Path,
+        fake_anthropic: Any,
+        pg_dsn: str,
+        redis_srv: Redis,
+        monkeypatch: pytest.MonkeyPatch,
+        lease_seconds: float | None,
     ) -> AsyncIterator[list[GatewayProcess]]:
         monkeypatch.setenv("AGENTSPACE_GATEWAY_TOKEN", TOKEN)  # the replicas agree on the token
         await flush_redis(redis_srv)
         from scripts.harness import GatewayProcess
 
-        storage = {"backend": "postgres", "dsn": pg_dsn, "redis_url": redis_srv.url}
+        storage: dict[str, Any] = {"backend": "postgres", "dsn": pg_dsn, "redis_url": redis_srv.url}
+        if lease_seconds is not None:
+            storage["lease_seconds"] = lease_seconds
         servers = [GatewayProcess(tmp_path / name, fake_anthropic.url, storage=storage) for name in ("a", "b")]
         try:
             await asyncio.gather(*(s.start() for s in servers))

@@ -106,6 +106,7 @@ def write(tmp_path: Path, text: str) -> Path:
         ("[thinking]\nenabled = 1\n", "thinking.enabled", "expected true or false"),
         ("[chat]\non_disconnect = 'maybe'\n", "chat.on_disconnect", "expected one of finish, abort"),
         ("[server]\nevent_loop = 'trio'\n", "server.event_loop", "expected one of auto, uvloop, asyncio"),
+        ("[storage]\nlease_seconds = 0.5\n", "storage.lease_seconds", "expected 2 seconds or more"),
         ("[server\nport = 1\n", "(syntax)", "not valid TOML"),
         ("[bogus]\nx = 1\n", "bogus", "unknown section"),
         ("[providers.openai]\nbase_uri = 'x'\n", "providers.openai.base_uri", "unknown key"),

@@ -23,6 +23,9 @@ from tests.scale_servers import TOKEN, Redis, flush_redis
 from tests.support.ledgers import shared_entries, wait_for_notes
 
 SLOW = " ".join(f"w{n}" for n in range(60))
+# [storage] lease_seconds of the tests that wait for a dead replica's leases to lapse: its session locks (half a
+# lease), pending calls (a lease) and budget reservations (one and a half) lapse as with the default 20 s, sooner.
+SHORT_LEASE = 8.0
 
 
 HEADERS = {"Authorization": f"Bearer {TOKEN}"}
@@ -122,6 +125,7 @@ async def test_fifty_clients_over_both_replicas_store_everything_once(
     assert len(rows) == 50 and len({r["id"] for r in rows}) == 50
 
 
+@pytest.mark.parametrize("lease_seconds", [SHORT_LEASE])
 async def test_sigkill_of_a_mid_stream_b_serves_and_the_lock_expires(
     replicas: list[GatewayProcess], fake_anthropic: Any, pg_dsn: str
 ) -> None:
@@ -175,6 +179,7 @@ async def recorded(dsn: str) -> list[dict[str, Any]]:
         await db.aclose()
 
 
+@pytest.mark.parametrize("lease_seconds", [SHORT_LEASE])
 async def test_a_replica_killed_mid_stream_its_calls_are_recovered_and_its_reservations_released(
     replicas: list[GatewayProcess], fake_anthropic: Any, pg_dsn: str
 ) -> None:
@@ -337,7 +342,9 @@ async def stop_running(*servers: GatewayProcess) -> None:
             await server.terminate()
 
 
-async def own_database(redis_srv: Redis, monkeypatch: pytest.MonkeyPatch) -> tuple[Any, dict[str, Any]]:
+async def own_database(
+    redis_srv: Redis, monkeypatch: pytest.MonkeyPatch, lease_seconds: float
+) -> tuple[Any, dict[str, Any]]:
     """A PostgreSQL of the test's own (it stops and starts it), and the storage config of replicas using it."""
     from tests.scale_servers import Postgres, pg_bindir
 
@@ -346,16 +353,16 @@ async def own_database(redis_srv: Redis, monkeypatch: pytest.MonkeyPatch) -> tup
     monkeypatch.setenv("AGENTSPACE_GATEWAY_TOKEN", TOKEN)
     await flush_redis(redis_srv)
     pg = Postgres()
-    return pg, {"backend": "postgres", "dsn": pg.dsn, "redis_url": redis_srv.url}
+    return pg, {"backend": "postgres", "dsn": pg.dsn, "redis_url": redis_srv.url, "lease_seconds": lease_seconds}
 
 
 async def test_database_down_then_a_replica_killed_every_call_seen_to_end_has_its_record_as_reported(
     tmp_path: Path, fake_anthropic: Any, redis_srv: Redis, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Two replicas under mixed /v1 load; the database stops for 10 s and replica A is SIGKILLed before it
-    returns. Every call a client saw end successfully has its record, with the usage the upstream reported:
+    """Two replicas under mixed /v1 load; the database stops for half a lease and replica A is SIGKILLed before
+    it returns. Every call a client saw end successfully has its record, with the usage the upstream reported:
     the other replica recovering A's lapsed calls must not replace what A's spool kept with an estimate."""
-    pg, storage = await own_database(redis_srv, monkeypatch)
+    pg, storage = await own_database(redis_srv, monkeypatch, SHORT_LEASE)
     # Each stream reports 3000 input tokens at its start and 500 output tokens at its end, about 3 s long.
     fake_anthropic.default = fa.text_response(
         "tok " * 30, chunks=30, usage={"input_tokens": 3000}, delta_usages=[{"output_tokens": 500}]
@@ -406,7 +413,7 @@ async def test_database_down_then_a_replica_killed_every_call_seen_to_end_has_it
                 assert refused.status == 503, await refused.text()
             assert len(fake_anthropic.requests) == 12
             await a.kill()  # before the database returns
-            await asyncio.sleep(max(0.0, 10 - (asyncio.get_running_loop().time() - stopped_at)))
+            await asyncio.sleep(max(0.0, SHORT_LEASE / 2 - (asyncio.get_running_loop().time() - stopped_at)))
             pg.start()
 
             # B posts its own spooled records, and recovers A's calls once their leases lapse.
@@ -443,13 +450,14 @@ async def test_redis_killed_and_restarted_mid_stream_refuses_while_away_and_budg
     the calls still in flight count against the budget, so it holds."""
     monkeypatch.setenv("AGENTSPACE_GATEWAY_TOKEN", TOKEN)
     redis_srv = Redis()
-    storage = {"backend": "postgres", "dsn": pg_dsn, "redis_url": redis_srv.url}
+    # The short lease: the rebuild window is 5 s (two renewals of 2 s, and one), not 11.
+    storage = {"backend": "postgres", "dsn": pg_dsn, "redis_url": redis_srv.url, "lease_seconds": SHORT_LEASE}
     a, b = (GatewayProcess(tmp_path / name, fake_anthropic.url, storage=storage) for name in ("a", "b"))
-    # Each call reports 1000 output tokens ($0.015) and takes about 20 s, longer than the rebuild window;
+    # Each call reports 1000 output tokens ($0.015) and takes about 10 s, longer than the rebuild window;
     # max_tokens 1024 reserves ~$0.0154.
     fake_anthropic.default = fa.text_response(
         "tok " * 40, chunks=40, delta_usages=[{"output_tokens": 1000}]
-    ).with_delay(0.5)
+    ).with_delay(0.25)
     body = {
         "model": "claude-sonnet-4-5",
         "max_tokens": 1024,
@@ -509,14 +517,15 @@ async def test_redis_killed_and_restarted_mid_stream_refuses_while_away_and_budg
 async def test_a_database_outage_longer_than_a_lease_does_not_recover_the_calls_of_live_replicas(
     tmp_path: Path, fake_anthropic: Any, redis_srv: Redis, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The database stops for 22 s, longer than a lease (20 s), while calls stream on A: no replica could
+    """The database stops for 12 s, longer than a lease (10 s here), while calls stream on A: no replica could
     renew meanwhile, so the lapsed leases do not mean A died, even when B gets to the database first. A's
     calls end with the figures the upstream reported, not with estimates B recovered while A streamed them."""
-    pg, storage = await own_database(redis_srv, monkeypatch)
-    # About 36 s each: they outlast the outage and the first scans after it.
+    lease = 10.0  # renewed every 2.5 s
+    pg, storage = await own_database(redis_srv, monkeypatch, lease)
+    # About 24 s each: they outlast the outage and the first scans after it.
     fake_anthropic.default = fa.text_response(
         "tok " * 60, chunks=60, usage={"input_tokens": 3000}, delta_usages=[{"output_tokens": 500}]
-    ).with_delay(0.6)
+    ).with_delay(0.4)
     a, b = (GatewayProcess(tmp_path / name, fake_anthropic.url, storage=storage) for name in ("a", "b"))
     body = {
         "model": "claude-sonnet-4-5",
@@ -536,13 +545,14 @@ async def test_a_database_outage_longer_than_a_lease_does_not_recover_the_calls_
             streams = [asyncio.ensure_future(call()) for _ in range(2)]
             await asyncio.sleep(2)
             pg.stop()
-            await asyncio.sleep(22)
+            await asyncio.sleep(lease + 2)
             assert a.process is not None
-            # A is slow to come back (paused for 8 s): B, which could reach nothing either, is there first.
+            # A is slow to come back (paused for 4 s, longer than B takes to retry): B, which could reach nothing
+            # either, is there first.
             a.process.send_signal(signal.SIGSTOP)
             try:
                 pg.start()
-                await asyncio.sleep(8)
+                await asyncio.sleep(4)
             finally:
                 a.process.send_signal(signal.SIGCONT)
             for body_seen in await asyncio.gather(*streams):

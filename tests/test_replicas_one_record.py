@@ -122,12 +122,10 @@ async def test_a_replica_cut_off_longer_than_a_lease_its_reported_records_replac
     proxy = CuttableProxy(port)
     await proxy.start()
     a_dsn = pg_dsn.replace(f":{port}/", f":{proxy.port}/")
-    a = GatewayProcess(
-        tmp_path / "a", fake_anthropic.url, storage={"backend": "postgres", "dsn": a_dsn, "redis_url": redis_srv.url}
-    )
-    b = GatewayProcess(
-        tmp_path / "b", fake_anthropic.url, storage={"backend": "postgres", "dsn": pg_dsn, "redis_url": redis_srv.url}
-    )
+    # A lease of 8 s, not the default 20: B takes A for dead, and recovers its calls, that much sooner.
+    storage = {"redis_url": redis_srv.url, "backend": "postgres", "lease_seconds": 8.0}
+    a = GatewayProcess(tmp_path / "a", fake_anthropic.url, storage={**storage, "dsn": a_dsn})
+    b = GatewayProcess(tmp_path / "b", fake_anthropic.url, storage={**storage, "dsn": pg_dsn})
     short = fa.text_response(
         "tok " * 80, chunks=80, usage={"input_tokens": 3000}, delta_usages=[{"output_tokens": 500}]
     )
@@ -146,7 +144,7 @@ async def test_a_replica_cut_off_longer_than_a_lease_its_reported_records_replac
     ]
     for response in (short, short, short):
         fake_anthropic.enqueue(response.with_delay(0.1))  # 8 s at most: A's end while A is cut off
-    fake_anthropic.enqueue(long.with_delay(0.6))  # 36 s at most: ends after A is back, or just before
+    fake_anthropic.enqueue(long.with_delay(0.3))  # 18 s at most: ends after A is back, or just before
     try:
         await asyncio.gather(a.start(), b.start())
         async with aiohttp.ClientSession(headers=HEADERS) as http:

@@ -69,5 +69,5 @@ class PostgresBackend:
             uses_data_dir_lock=False,
             shared=True,
             database=db,
-            shared_ledger=lambda replica: PostgresLedger(db, replica),
+            shared_ledger=lambda replica: PostgresLedger(db, replica, float(settings["lease_seconds"])),
         )

@@ -1,12 +1,12 @@
 """The ledger's pending entries in PostgreSQL, shared by the replicas (docs/accounting.md).
 
 With ``[storage] backend = "postgres"`` every pending entry is also a row of ``ledger_pending``, written
-before the call goes upstream (a database that cannot take it refuses the call), with a lease: the replica
-that owns the call renews it every ``RENEW_SECONDS`` while it runs. A replica that dies leaves rows whose
-lease lapses; every replica looks for such rows every ``SCAN_SECONDS`` (after the database was out of reach,
-not before a whole lease has passed: meanwhile every live replica renewed its own), claims them (one replica
-each: ``FOR UPDATE SKIP LOCKED``), posts each call from what was noted (``calls.recovered_record``) and
-deletes the row. Usage records are inserted once per id, so a recovery that runs twice posts nothing twice;
+before the call goes upstream (a database that cannot take it refuses the call), with a lease
+(``[storage] lease_seconds``, 20 by default): the replica that owns the call renews it every quarter lease
+while it runs. A replica that dies leaves rows whose lease lapses; every replica looks for such rows every
+quarter lease (after the database was out of reach, not before a whole lease has passed: meanwhile every
+live replica renewed its own), claims them (one replica each: ``FOR UPDATE SKIP LOCKED``), posts each call
+from what was noted (``calls.recovered_record``) and deletes the row. Usage records are inserted once per id, so a recovery that runs twice posts nothing twice;
 a live replica that was only cut off for longer than a lease posts its calls' records later, and each takes
 its estimate's place (``storage/postgres/usage.py``, ``usage_recovered``).
 
@@ -35,9 +35,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-LEASE_SECONDS = 20
-RENEW_SECONDS = 5.0
-SCAN_SECONDS = 5.0
+LEASE_SECONDS = 20.0  # the default of [storage] lease_seconds
 FLUSH_SECONDS = 1.0
 LOCK_KEY = 0x61670001  # the advisory lock taken while the table is created
 _CREATE = """
@@ -52,9 +50,11 @@ CREATE INDEX IF NOT EXISTS ledger_pending_lease ON ledger_pending (lease_until);
 
 
 class PostgresLedger:
-    def __init__(self, db: PostgresDatabase, replica: str) -> None:
+    def __init__(self, db: PostgresDatabase, replica: str, lease_seconds: float = LEASE_SECONDS) -> None:
         self.db = db
         self.replica = replica
+        self.lease_seconds = float(lease_seconds)
+        self.renew_seconds = self.lease_seconds / 4  # renewed and scanned for lapsed rows this often
         self._notes: dict[str, dict[str, Any]] = {}
         self._closed: set[str] = set()
         self._flush_at: asyncio.TimerHandle | None = None
@@ -78,7 +78,7 @@ class PostgresLedger:
                 "VALUES ($1, $2, now() + make_interval(secs => $3), $4::jsonb) ON CONFLICT (id) DO NOTHING",
                 entry["id"],
                 self.replica,
-                float(LEASE_SECONDS),
+                self.lease_seconds,
                 json.dumps(entry),
             )
 
@@ -139,16 +139,16 @@ class PostgresLedger:
             now = loop.time()
             try:
                 if now >= renew_due:
-                    renew_due = now + RENEW_SECONDS
+                    renew_due = now + self.renew_seconds
                     async with self.db.connection() as conn:
                         await conn.execute(
                             "UPDATE ledger_pending SET lease_until = now() + make_interval(secs => $2) "
                             "WHERE replica = $1",
                             self.replica,
-                            float(LEASE_SECONDS),
+                            self.lease_seconds,
                         )
                 if now >= scan_due:
-                    scan_due = now + SCAN_SECONDS
+                    scan_due = now + self.renew_seconds
                     await self._recover_lapsed(recover)
             except asyncio.CancelledError:
                 raise
@@ -156,8 +156,8 @@ class PostgresLedger:
                 log.warning("the shared ledger's leases could not be renewed or scanned: %r", e)
                 # The database away: no replica could renew, so leases lapse without their replica being
                 # dead. Claim nothing until a whole lease after it is back: the live ones renew first.
-                scan_due = loop.time() + LEASE_SECONDS
-            await asyncio.sleep(min(RENEW_SECONDS, SCAN_SECONDS))
+                scan_due = loop.time() + self.lease_seconds
+            await asyncio.sleep(self.renew_seconds)
 
     async def _recover_lapsed(self, recover: Callable[[dict[str, Any]], Awaitable[bool]]) -> int:
         """Claim the rows of dead replicas (lease lapsed), post each call, delete its row."""
@@ -167,7 +167,7 @@ class PostgresLedger:
                 "WHERE id IN (SELECT id FROM ledger_pending WHERE lease_until < now() "
                 "ORDER BY lease_until LIMIT 100 FOR UPDATE SKIP LOCKED) RETURNING id, entry",
                 self.replica,
-                float(LEASE_SECONDS),
+                self.lease_seconds,
             )
         if not rows:
             return 0
