@@ -280,8 +280,8 @@ async def embed_group(
             continue
         except BaseException as e:
             await router.state.done(dep.id, 0, None)
-            if isinstance(e, asyncio.CancelledError):  # the client left: the attempt went upstream, recorded
-                await current.left_unanswered()
+            if isinstance(e, asyncio.CancelledError):  # the client left: the attempt went upstream, billed its input
+                await current.left_whole()
             if current is not meter:
                 await current.release()
             raise

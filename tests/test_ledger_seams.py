@@ -357,12 +357,6 @@ async def test_a_client_leaving_while_its_embeddings_are_awaited_leaves_one_reco
     assert (await clients_shown(client, auth_headers))["acme"]["inFlightUsd"] == 0
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a whole answer the client left is recorded answered: false with no tokens, while the same call cut "
-    "by a SIGKILL is billed its input at the next start (docs/accounting.md, recovery): which one the upstream "
-    "bills is a decision to make, and the two paths should agree",
-)
 @pytest.mark.parametrize("way", ["messages", "embeddings"])
 async def test_a_whole_answer_the_client_left_is_billed_its_input_as_after_a_crash(
     client: TestClient, fake_anthropic: fa.FakeAnthropic, fake_openai: fo.FakeOpenAI, way: str
