@@ -64,6 +64,7 @@ log = logging.getLogger(__name__)
 RELAYED_NOTE_SECONDS = 0.5
 # The usage fields a record may have counted locally, in UsageRecord.to_dict's names.
 OUTPUT_FIELDS = ("outputTokens",)
+INPUT_FIELDS = ("inputTokens",)
 ALL_FIELDS = ("inputTokens", "outputTokens")
 
 # What an uncountable input may cost when neither the config nor the model says (a common context window).
@@ -684,6 +685,7 @@ class ProviderCall:
         "_relayed_timer",
         "_input_timer",
         "_reported",
+        "_count_input",
     )
 
     def __init__(
@@ -729,6 +731,7 @@ class ProviderCall:
         self._relayed_timer: asyncio.TimerHandle | None = None
         self._input_timer: asyncio.TimerHandle | None = None
         self._reported = False  # the upstream reported usage (noted)
+        self._count_input: Callable[[], Ceiling] | None = None  # the request's ceiling, as ``admit`` was given it
 
     # --- admission ---
 
@@ -762,6 +765,7 @@ class ProviderCall:
         )
         if ceiling is None:
             return
+        self._count_input = ceiling
         entry: LedgerEntry = {
             "id": self.id,
             "time": now_iso(),
@@ -968,12 +972,28 @@ class ProviderCall:
 
         return post()
 
-    async def left_unanswered(self) -> None:
-        """The client left (its handler cancelled) while a whole answer was awaited: the call went upstream, so
-        it has its one record, aborted and billing nothing, stored although the caller is being cancelled."""
+    async def left_whole(self) -> None:
+        """The client left (its handler cancelled) while a whole answer was awaited (``sent_whole``): the upstream
+        has the request and bills it, so the call is recorded as its recovery would record it (``recovered_record``)
+        -- its input, counted here as the entry's was, billed as a call that answered -- aborted, and stored
+        although the caller is being cancelled."""
         if self.recorded is None:
-            pending = self.record(TokenUsage(), "aborted", error="ABORTED", answered=False)
+            usage = TokenUsage(input_tokens=self._input_tokens())
+            pending = self.record(usage, "aborted", error="ABORTED", estimated_fields=INPUT_FIELDS)
             await asyncio.shield(asyncio.ensure_future(pending))
+
+    def _input_tokens(self) -> int:
+        """The input counted here: the entry's ``inputTokens`` (the ceiling's, at admission or noted while the
+        call ran), what a recovery bills when the upstream reported none."""
+        if self.ceiling is not None:
+            return self.ceiling.input_tokens
+        if self._count_input is None:  # admitted without an entry (count_tokens): nothing was counted
+            return 0
+        try:
+            return self._count_input().input_tokens
+        except Exception:
+            log.exception("counting the input of call %s failed", self.id)
+            return 0
 
     async def release(self) -> None:
         """In a finally: a call that made no record (stopped before it was sent) gives back its reservation

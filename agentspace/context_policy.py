@@ -282,10 +282,12 @@ async def summarise(gw: Registry, turn: TurnLike, previous: str, messages: list[
     reported: TokenUsage | None = None
     text_at_report = 0  # how much text there was when the upstream last reported its usage
     finish: ProviderFinish | None = None
+    answered = False  # the provider yielded an event (``ResponseStarted`` included): the upstream took the call
     try:
         try:
             async for event in provider.stream(request):
-                if not text and reported is None:
+                if not answered:
+                    answered = True
                     call.answered()  # the upstream took the call: a recovery bills its input
                 if isinstance(event, TextDelta):
                     text.append(event.text)
@@ -300,14 +302,13 @@ async def summarise(gw: Registry, turn: TurnLike, previous: str, messages: list[
             # (the input with no report, the output after the last one); a call it never answered bills nothing.
             fields: list[str] = []
             usage = replace(reported) if reported is not None else TokenUsage()
-            if reported is None and text:
+            if reported is None and answered:
                 usage.input_tokens = count_tokens(COMPACT_PROMPT + body)
                 fields.append("inputTokens")
             output = count_tokens("".join(text)) if len(text) > text_at_report else 0
             if output > usage.output_tokens:
                 usage.output_tokens = output
                 fields.append("outputTokens")
-            answered = reported is not None or bool(text)
             await call.record(usage, "error", error=e.code, answered=answered, estimated_fields=fields)
             raise ApiError(e.code, f"The session could not be compacted: {e.message}") from None
         assert finish is not None

@@ -65,7 +65,17 @@ class UsageReport:
     usage: TokenUsage
 
 
-ProviderEvent = TextDelta | ReasoningDelta | SourceEvent | ToolCallEvent | UsageReport | ProviderFinish
+@dataclass(slots=True)
+class ResponseStarted:
+    """The upstream answered; nothing to show yet (an OpenAI-format stream's first chunk, ``{"role":
+    "assistant"}``). Yielded once, before any other event, by a provider whose upstream's first answer carries
+    nothing else to yield: the call is then one the upstream took, and bills its input if it breaks off before
+    its end (docs/accounting.md). Optional for providers; consumers mark the call answered and go on."""
+
+
+ProviderEvent = (
+    TextDelta | ReasoningDelta | SourceEvent | ToolCallEvent | UsageReport | ResponseStarted | ProviderFinish
+)
 
 
 # OpenAI's error code for an input past the model's context window (ProviderError.upstream_code).

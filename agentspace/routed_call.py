@@ -25,6 +25,7 @@ from .events import (
     ProviderEvent,
     ProviderFinish,
     ReasoningDelta,
+    ResponseStarted,
     TextDelta,
     ToolCallEvent,
     UsageReport,
@@ -35,12 +36,13 @@ from .routing import Deployment, Group, all_cooling_error, deployment_request, m
 from .types import TokenUsage, UsageRecord
 
 OUTPUT_EVENTS = (TextDelta, ReasoningDelta, ToolCallEvent)
+BEFORE_OUTPUT = (UsageReport, ResponseStarted)  # the upstream answered, nothing to relay yet: held by ``start``
 
 
 class RoutedCall(DirectCall):
     """A DirectCall on one deployment: its end (or abort) tells the group's state. ``start`` returns at the
     deployment's first output (or its finish): what comes before it (the usage an upstream reports as it
-    begins) is held, so a stream that breaks before its first token has relayed nothing, and moves on."""
+    begins, or that it answered at all) is held, so a stream that breaks before its first token has relayed nothing, and moves on."""
 
     def __init__(self, gw: Registry, request: ProviderRequest, meter: ProviderCall, dep: Deployment) -> None:
         super().__init__(gw, request, meter)
@@ -69,7 +71,7 @@ class RoutedCall(DirectCall):
                 except StopAsyncIteration:
                     return
                 self._held.append(event)
-                if type(event) is not UsageReport:
+                if type(event) not in BEFORE_OUTPUT:
                     return
         except asyncio.CancelledError:
             await asyncio.shield(asyncio.ensure_future(self.abort()))
@@ -278,8 +280,8 @@ async def embed_group(
             continue
         except BaseException as e:
             await router.state.done(dep.id, 0, None)
-            if isinstance(e, asyncio.CancelledError):  # the client left: the attempt went upstream, recorded
-                await current.left_unanswered()
+            if isinstance(e, asyncio.CancelledError):  # the client left: the attempt went upstream, billed its input
+                await current.left_whole()
             if current is not meter:
                 await current.release()
             raise

@@ -16,6 +16,7 @@ from agentspace.events import (
     ProviderEvent,
     ProviderFinish,
     ReasoningDelta,
+    ResponseStarted,
     SourceEvent,
     TextDelta,
     ToolCallEvent,
@@ -370,8 +371,16 @@ async def test_cut_stream(fake_openai: FakeOpenAI) -> None:
     fake_openai.enqueue(text_response("Hello there, friend", chunks=3).cut_after(3))
     error, events = await fail(make_request(fake_openai))
     assert (error.code, error.retryable) == ("LLM_ERROR", True)
-    assert [type(e) for e in events] == [TextDelta, TextDelta]  # what arrived before the cut was delivered
+    # The role chunk says the upstream answered; what arrived before the cut was delivered.
+    assert [type(e) for e in events] == [ResponseStarted, TextDelta, TextDelta]
     assert "TransferEncodingError" not in error.message
+
+
+async def test_a_stream_cut_after_its_role_chunk_says_the_upstream_answered(fake_openai: FakeOpenAI) -> None:
+    fake_openai.enqueue(text_response("Hello there, friend", chunks=3).cut_after(1))
+    error, events = await fail(make_request(fake_openai))
+    assert error.code == "LLM_ERROR"
+    assert events == [ResponseStarted()]  # a call the upstream took: its input is billed (docs/accounting.md)
 
 
 async def test_stream_ending_without_finish_reason(fake_openai: FakeOpenAI) -> None:
@@ -393,7 +402,7 @@ async def test_upstream_that_stalls_past_the_timeout(fake_openai: FakeOpenAI) ->
     error, events = await fail(make_request(fake_openai), {"providers": {"openai": {"timeout_seconds": 0.5}}})
     assert (error.code, error.retryable) == ("LLM_ERROR", True)
     assert error.message == "OpenAI did not answer in time"
-    assert [type(e) for e in events] == [TextDelta]
+    assert [type(e) for e in events] == [ResponseStarted, TextDelta]
 
 
 async def test_unreachable_upstream(fake_openai: FakeOpenAI) -> None:
@@ -410,6 +419,7 @@ async def test_unreachable_upstream(fake_openai: FakeOpenAI) -> None:
 async def test_closing_the_stream_early_closes_the_upstream_connection(fake_openai: FakeOpenAI) -> None:
     fake_openai.enqueue(text_response("one two three four five six", chunks=6).with_delay(0.05))
     stream = LiteLLMProvider(parse_config({})).stream(make_request(fake_openai))
+    assert isinstance(await anext(stream), ResponseStarted)
     assert isinstance(await anext(stream), TextDelta)
     await stream.aclose()  # type: ignore[attr-defined]
     for _ in range(50):

@@ -69,6 +69,7 @@ PUBLIC_NAMES = {
         "ProviderEvent",
         "TextDelta",
         "ReasoningDelta",
+        "ResponseStarted",
         "SourceEvent",
         "ToolCallEvent",
         "ProviderFinish",

@@ -500,7 +500,7 @@ class ChunkEncoder:
             if self.include_usage and usage is not None:
                 out.append({**self.head, "choices": [], "usage": usage_body(usage)})
             return out
-        return []  # sources: Chat Completions has no streamed place for them
+        return []  # sources: Chat Completions has no streamed place for them; ResponseStarted shows nothing
 
 
 def completion(model: str, finish: ProviderFinish, usage: TokenUsage) -> dict[str, Any]:

@@ -529,7 +529,7 @@ class EventEncoder:
             return self._close() + self._tool_call(event)  # type: ignore[arg-type]
         if kind is ProviderFinish:
             return self._close() + self._finish(event, usage)  # type: ignore[arg-type]
-        return []  # sources: no streamed place for them without a web_search tool
+        return []  # sources: no streamed place for them without a web_search tool; ResponseStarted shows nothing
 
     def _delta(self, kind: str, text: str) -> list[dict[str, Any]]:
         out = []

@@ -163,7 +163,9 @@ async def messages(
             up.close()  # a no-op for a finished response; drops the connection of an unfinished one
     except asyncio.CancelledError:
         # The client went away while we waited for the upstream (a server that cancels handlers then).
-        if meter.recorded is None:
+        if not body.get("stream"):
+            await meter.left_whole()  # a whole answer: the upstream has the request and bills its input
+        elif meter.recorded is None:
             if answered:  # the upstream took the call: its input is billed, counted here
                 pending = meter.record(
                     TokenUsage(input_tokens=local_input_tokens(body)), "aborted", estimated_fields=ALL_FIELDS

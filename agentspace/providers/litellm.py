@@ -28,6 +28,7 @@ from ..events import (
     ProviderEvent,
     ProviderFinish,
     ReasoningDelta,
+    ResponseStarted,
     SourceEvent,
     TextDelta,
     ToolCallEvent,
@@ -225,9 +226,16 @@ class LiteLLMProvider:
         response: Any = None
         try:
             response = await litellm.acompletion(**kwargs)
+            answered = False
             async for chunk in response:
                 for event in reader.feed(chunk):
+                    answered = True
                     yield event
+                if not answered:
+                    # A first chunk with nothing to show (``{"role": "assistant"}``): the upstream took the call
+                    # all the same, and bills its input if the stream breaks off now.
+                    answered = True
+                    yield ResponseStarted()
         except Exception as e:
             raise _map_error(e, request, settings["key_name"] or request.prefix) from None
         finally:

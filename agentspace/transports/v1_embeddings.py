@@ -121,10 +121,10 @@ async def embeddings(request: web.Request) -> web.StreamResponse:
                 await meter.record(TokenUsage(), "error", error=e.code, answered=False)
             return _provider_error(e)
         except asyncio.CancelledError:
-            # The client left while the whole answer was awaited: the call went upstream, so it has its one
-            # record, aborted, as a whole Messages answer the client left has (providers/anthropic_relay.py).
+            # The client left while the whole answer was awaited: the upstream has the request and bills its
+            # input, as a whole Messages answer the client left (providers/anthropic_relay.py).
             if group is None:
-                await meter.left_unanswered()
+                await meter.left_whole()
             raise
         if usage is None:
             await answered.record(TokenUsage(input_tokens=_local_tokens(inputs)), "stop", estimated_fields=ALL_FIELDS)
