@@ -42,7 +42,8 @@ BEFORE_OUTPUT = (UsageReport, ResponseStarted)  # the upstream answered, nothing
 class RoutedCall(DirectCall):
     """A DirectCall on one deployment: its end (or abort) tells the group's state. ``start`` returns at the
     deployment's first output (or its finish): what comes before it (the usage an upstream reports as it
-    begins, or that it answered at all) is held, so a stream that breaks before its first token has relayed nothing, and moves on."""
+    begins, or that it answered at all) is held, so a stream that breaks before its first token has relayed
+    nothing, and moves on."""
 
     def __init__(self, gw: Registry, request: ProviderRequest, meter: ProviderCall, dep: Deployment) -> None:
         super().__init__(gw, request, meter)
