@@ -6,9 +6,10 @@ before the call goes upstream (a database that cannot take it refuses the call),
 while it runs. A replica that dies leaves rows whose lease lapses; every replica looks for such rows every
 quarter lease (after the database was out of reach, not before a whole lease has passed: meanwhile every
 live replica renewed its own), claims them (one replica each: ``FOR UPDATE SKIP LOCKED``), posts each call
-from what was noted (``calls.recovered_record``) and deletes the row. Usage records are inserted once per id, so a recovery that runs twice posts nothing twice;
-a live replica that was only cut off for longer than a lease posts its calls' records later, and each takes
-its estimate's place (``storage/postgres/usage.py``, ``usage_recovered``).
+from what was noted (``calls.recovered_record``) and deletes the row. Usage records are inserted once per id,
+so a recovery that runs twice posts nothing twice; a live replica that was only cut off for longer than a
+lease posts its calls' records later, and each takes its estimate's place (``storage/postgres/usage.py``,
+``usage_recovered``).
 
 Notes and closings are batched: one statement per kind per flush, at most a second after they happen.
 
