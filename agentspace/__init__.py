@@ -19,6 +19,7 @@ if TYPE_CHECKING:
         SourceEvent,
         TextDelta,
         ToolCallEvent,
+        UsageReport,
     )
     from .hookspecs import hookimpl
     from .providers.base import Provider, ProviderRequest, ThinkingSettings
@@ -59,6 +60,7 @@ _EXPORTS = {
     "SourceEvent": ".events",
     "TextDelta": ".events",
     "ToolCallEvent": ".events",
+    "UsageReport": ".events",
     "hookimpl": ".hookspecs",
     "Provider": ".providers.base",
     "ProviderRequest": ".providers.base",
@@ -117,6 +119,7 @@ __all__ = [
     "ResponseStarted",
     "SourceEvent",
     "ToolCallEvent",
+    "UsageReport",
     "ProviderFinish",
     "ProviderError",
     "ModelInfo",

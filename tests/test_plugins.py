@@ -72,6 +72,7 @@ PUBLIC_NAMES = {
         "ResponseStarted",
         "SourceEvent",
         "ToolCallEvent",
+        "UsageReport",
         "ProviderFinish",
         "ProviderError",
     ],
