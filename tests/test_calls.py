@@ -18,13 +18,13 @@ import openai
 import pytest
 from aiohttp.test_utils import TestClient
 
-from agentspace import Tool, hookimpl
 from agentspace.plugins import create_plugin_manager
 from agentspace.storage.embedded.usage import UsageStore
 from scripts.harness import GatewayProcess
 from tests.fakes import anthropic_upstream as fa
 from tests.fakes.anthropic_upstream import FakeAnthropic
 from tests.support.ledgers import journal_entries, wait_for_notes
+from tests.support.tools import slow_tool
 from tests.support.ui_stream import post_chat, read_all
 from tests.support.ws import of
 from tests.test_clients import add_client, anthropic_sdk, bearer, cli, openai_sdk, records, spend_of, ws_chat
@@ -393,20 +393,7 @@ async def test_a_key_rotated_during_a_tool_loop_on_api_chat_refuses_its_next_ste
     """/api/chat authenticates once per request, but each step of its tool loop is admitted at the moment of
     its call: a key rotated while a tool runs refuses the next step, before anything is sent."""
     entered, release = asyncio.Event(), asyncio.Event()
-
-    class SlowTool:
-        @hookimpl
-        def register_tools(self, register: Any, config: Any) -> None:
-            async def wait(args: dict[str, Any]) -> str:
-                entered.set()
-                await release.wait()
-                return "done"
-
-            register(Tool("wait", "Waits", {"type": "object", "properties": {}}, wait))
-
-    pm = create_plugin_manager()
-    pm.register(SlowTool())
-    client = await make_client(pm=pm)
+    client = await make_client(pm=slow_tool(entered, release))
     fake_anthropic.enqueue(fa.tool_use_response("wait", {}), fa.text_response("Never sent."))
     key = add_client("alice")
     turn = asyncio.ensure_future(post_chat(client, bearer(key), "c1"))

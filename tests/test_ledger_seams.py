@@ -17,14 +17,13 @@ import openai
 import pytest
 from aiohttp.test_utils import TestClient
 
-from agentspace import Tool, hookimpl
-from agentspace.plugins import create_plugin_manager
 from tests.conftest import wait_until
 from tests.fakes import anthropic_upstream as fa
 from tests.fakes import openai_upstream as fo
+from tests.support.tools import slow_tool
 from tests.support.ws import chat, of
 from tests.test_clients import add_client, bearer, cli, records
-from tests.test_exact_records import WAYS, o_sdk, url
+from tests.test_exact_records import WAYS, leave_mid_stream, o_sdk, url
 
 ANTHROPIC = "anthropic/claude-sonnet-4-5"
 OPENAI = "openai/gpt-4o-mini"
@@ -179,24 +178,6 @@ async def test_an_open_socket_of_a_client_removed_and_added_again_is_refused_and
     assert "$0.000000 / $1.0000 month" in cli("clients", "list")
 
 
-def slow_tool(entered: asyncio.Event, release: asyncio.Event) -> Any:
-    """A plugin manager with a ``wait`` tool that runs until ``release`` is set."""
-
-    class SlowTool:
-        @hookimpl
-        def register_tools(self, register: Any, config: Any) -> None:
-            async def wait(args: dict[str, Any]) -> str:
-                entered.set()
-                await release.wait()
-                return "done"
-
-            register(Tool("wait", "Waits", {"type": "object", "properties": {}}, wait))
-
-    pm = create_plugin_manager()
-    pm.register(SlowTool())
-    return pm
-
-
 @pytest.mark.parametrize(
     ("change", "code"), [(("set", "alice", "--budget", "0.000001"), "BUDGET_EXCEEDED"), (("remove", "alice"), None)]
 )
@@ -231,32 +212,6 @@ async def test_a_websocket_tool_loop_s_next_step_sees_a_change_made_while_its_to
 
 
 # --- spend after every kind of ending ---------------------------------------------------------------------
-
-
-async def leave_mid_stream(client: TestClient, key: str, model: str, way: str) -> None:
-    """Read a stream until some text arrived, then hang up."""
-    if way == "messages":
-        api = anthropic.AsyncAnthropic(api_key=key, base_url=url(client), max_retries=0)
-        params: Any = {"model": model, "max_tokens": 500, "messages": [{"role": "user", "content": "Hi"}]}
-        async with api.messages.stream(**params) as s:
-            async for event in s:
-                if event.type == "content_block_delta":
-                    return
-    if way == "completions":
-        stream: Any = await o_sdk(client, key).chat.completions.create(
-            model=model, messages=[{"role": "user", "content": "Hi"}], stream=True, max_tokens=500
-        )
-        async for chunk in stream:
-            if chunk.choices and chunk.choices[0].delta.content:
-                break
-    else:
-        stream = await o_sdk(client, key).responses.create(
-            model=model, input="Hi", stream=True, store=False, max_output_tokens=500
-        )
-        async for event in stream:
-            if event.type == "response.output_text.delta":
-                break
-    await stream.close()
 
 
 async def test_every_view_shows_the_records_spend_and_nothing_in_flight_after_every_kind_of_ending(
@@ -299,7 +254,7 @@ async def test_every_view_shows_the_records_spend_and_nothing_in_flight_after_ev
                 except (anthropic.APIError, openai.APIError):
                     pass
                 fake.enqueue(stalled)
-                await leave_mid_stream(client, key, model, way)
+                await leave_mid_stream(client, key, way, model)
                 try:
                     await WAYS[way][0](client, key, model, False)
                 except (anthropic.APIError, openai.APIError):
