@@ -4,13 +4,15 @@ budget. One implementation (``Guard``), called by ``calls.ProviderCall.admit`` f
 endpoint; the counters live behind one small interface (``Counters``) with an in-process implementation
 here and a Redis one in ``redis_counters.py``.
 
-Budget (docs/accounting.md): a call reserves the most it can cost as sent upstream (``calls.Ceiling``) and
-is admitted only while posted spend + the reservations of the calls in flight + its own reservation fit the
-budget; its record settles the reservation with the real cost. The period's spend comes from the usage
-store (the posted entries), read once per client and period and then kept current by every record of the
-client -- with or without a budget, so a budget set later counts what was spent before it, and in every
-period loaded, so a period changed and changed back counts what was spent meanwhile (but not in a period
-whose spend, read while the record was being stored, counted it already).
+Budget (docs/accounting.md): a call reserves the most it can cost as sent upstream (``calls.Ceiling``) and is
+admitted only while posted spend + the reservations of the calls in flight + its own reservation fit the
+budget; its record settles the reservation with the real cost. The reservations are held per client (its name
+and creation), not per period: a period that changes (at midnight, or set by the admin) while calls are in
+flight counts them still, as their records land in it (stamped at their end). The period's spend comes from the
+usage store (the posted entries), read once per client and period and then kept current by every record of the
+client -- with or without a budget, so a budget set later counts what was spent before it, and in every period
+loaded, so a period changed and changed back counts what was spent meanwhile (but not in a period whose spend,
+read while the record was being stored, counted it already).
 
 Usage::
 
@@ -52,13 +54,16 @@ SHUTTING_DOWN_MESSAGE = "The gateway is shutting down; try again when it is back
 
 @dataclass
 class Reservation:
-    """The maximum cost of one call in flight, held against its client's budget period until settled."""
+    """The maximum cost of one call in flight, held against its client's budget until settled (whatever its
+    period is by then); its real cost settles into the spend of ``period_key``, the period it was admitted in."""
 
     client: str
     period_key: str
     amount: float
     settled: bool = False
-    client_created_at: str = ""  # the client's creation: the keys of its other periods (``Guard.settle``)
+    # The client's creation (its identity, with its name): where the reservation is held, and the keys of its
+    # other periods (``Guard.settle``).
+    client_created_at: str = ""
 
 
 @dataclass
@@ -95,21 +100,27 @@ class Counters(Protocol):
     def add_tokens(self, client: str, tokens: int, now: float) -> Awaitable[None]: ...
 
     def reserve(
-        self, client: str, period_key: str, budget: float, amount: float, load_spend: SpendLoader
+        self, client: str, identity: str, period_key: str, budget: float, amount: float, load_spend: SpendLoader
     ) -> Awaitable[tuple[Reservation | None, float]]:
         """Admit and reserve ``amount`` when spend + reservations + amount <= budget: (reservation, spend);
-        else (None, spend + reservations). ``load_spend`` gives the period's spend when it is not known yet."""
+        else (None, spend + reservations). The spend is the period's (``load_spend`` gives it when it is not known
+        yet); the reservations are those of the client's calls in flight (``identity``: the client's creation),
+        whatever period they were admitted in."""
         ...
 
-    def spend(self, client: str, period_key: str, load_spend: SpendLoader) -> Awaitable[float]:
-        """Spend of the period plus the reservations in flight."""
+    def spend(self, client: str, identity: str, period_key: str, load_spend: SpendLoader) -> Awaitable[float]:
+        """Spend of the period plus the client's reservations in flight."""
         ...
 
-    def spend_parts(self, client: str, period_key: str, load_spend: SpendLoader) -> Awaitable[tuple[float, float]]:
-        """The spend of the period as posted, and the reservations in flight, read together."""
+    def spend_parts(
+        self, client: str, identity: str, period_key: str, load_spend: SpendLoader
+    ) -> Awaitable[tuple[float, float]]:
+        """The spend of the period as posted, and the client's reservations in flight, read together."""
         ...
 
-    def settle(self, reservation: Reservation, real_cost: float) -> Awaitable[None]: ...
+    def settle(self, reservation: Reservation, real_cost: float) -> Awaitable[None]:
+        """The reservation out of the client's calls in flight, and ``real_cost`` into the spend of its period."""
+        ...
 
     def add_spend(self, client: str, period_keys: Sequence[str], cost: float) -> Awaitable[None]:
         """A cost recorded, added to the spend of each of ``period_keys`` that is loaded (a call of a client that
@@ -120,7 +131,13 @@ class Counters(Protocol):
 @dataclass
 class _Budget:
     spend: float = 0.0
+    calls: int = 0  # calls in flight admitted in this period: kept until they settle into it
+
+
+@dataclass
+class _InFlight:
     reserved: float = 0.0
+    calls: int = 0
 
 
 @dataclass
@@ -128,7 +145,8 @@ class _ClientCounters:
     requests: deque[float] = field(default_factory=deque)
     tokens: deque[tuple[float, int]] = field(default_factory=deque)
     token_sum: int = 0
-    budgets: dict[str, _Budget] = field(default_factory=dict)
+    budgets: dict[str, _Budget] = field(default_factory=dict)  # period key -> its spend
+    in_flight: dict[str, _InFlight] = field(default_factory=dict)  # identity -> its reservations, any period
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
 
@@ -185,35 +203,53 @@ class InProcessCounters:
                 if budget is None:
                     spend = await load_spend(None)  # set below, before anything else can run
                     budget = c.budgets[period_key] = _Budget(spend)
-                    for key in [k for k in c.budgets if k != period_key and not c.budgets[k].reserved]:
+                    for key in [k for k in c.budgets if k != period_key and not c.budgets[k].calls]:
                         del c.budgets[key]  # periods gone by, nothing in flight
         return budget
 
     async def reserve(
-        self, client: str, period_key: str, budget: float, amount: float, load_spend: SpendLoader
+        self, client: str, identity: str, period_key: str, budget: float, amount: float, load_spend: SpendLoader
     ) -> tuple[Reservation | None, float]:
-        b = await self._budget(self._get(client), period_key, load_spend)
+        c = self._get(client)
+        b = await self._budget(c, period_key, load_spend)
+        held = c.in_flight.get(identity)
+        reserved = held.reserved if held is not None else 0.0
         # No await from the check to the reservation: concurrent calls see each other's reservations.
-        if b.spend + b.reserved + amount > budget * (1 + 1e-9):
-            return None, b.spend + b.reserved
-        b.reserved += amount
-        return Reservation(client, period_key, amount), b.spend
+        if b.spend + reserved + amount > budget * (1 + 1e-9):
+            return None, b.spend + reserved
+        if held is None:
+            held = c.in_flight[identity] = _InFlight()
+        held.reserved += amount
+        held.calls += 1
+        b.calls += 1
+        return Reservation(client, period_key, amount, client_created_at=identity), b.spend
 
-    async def spend(self, client: str, period_key: str, load_spend: SpendLoader) -> float:
-        b = await self._budget(self._get(client), period_key, load_spend)
-        return b.spend + b.reserved
+    async def spend(self, client: str, identity: str, period_key: str, load_spend: SpendLoader) -> float:
+        spend, reserved = await self.spend_parts(client, identity, period_key, load_spend)
+        return spend + reserved
 
-    async def spend_parts(self, client: str, period_key: str, load_spend: SpendLoader) -> tuple[float, float]:
-        b = await self._budget(self._get(client), period_key, load_spend)
-        return b.spend, b.reserved
+    async def spend_parts(
+        self, client: str, identity: str, period_key: str, load_spend: SpendLoader
+    ) -> tuple[float, float]:
+        c = self._get(client)
+        b = await self._budget(c, period_key, load_spend)
+        held = c.in_flight.get(identity)
+        return b.spend, held.reserved if held is not None else 0.0
 
     async def settle(self, reservation: Reservation, real_cost: float) -> None:
         if reservation.settled:
             return
         reservation.settled = True
-        b = self._get(reservation.client).budgets.get(reservation.period_key)
+        c = self._get(reservation.client)
+        held = c.in_flight.get(reservation.client_created_at)
+        if held is not None:
+            held.calls -= 1
+            held.reserved = max(0.0, held.reserved - reservation.amount)
+            if held.calls <= 0:
+                del c.in_flight[reservation.client_created_at]
+        b = c.budgets.get(reservation.period_key)
         if b is not None:
-            b.reserved = max(0.0, b.reserved - reservation.amount)
+            b.calls = max(0, b.calls - 1)
             b.spend += real_cost
 
     async def add_spend(self, client: str, period_keys: Sequence[str], cost: float) -> None:
@@ -401,7 +437,7 @@ class Guard:
         """The spend of the client's current period as posted (what its records cost: what the CLI and the usage
         reports add up), and what its calls in flight hold (their reservations)."""
         key, start, _ = self._period(client)
-        return await self.counters.spend_parts(client.name, key, self._loader(client, start, key))
+        return await self.counters.spend_parts(client.name, client.created_at, key, self._loader(client, start, key))
 
     async def precheck(
         self, caller: str, model: str, least_cost: Callable[[], float] | None = None, credential: str | None = None
@@ -428,7 +464,7 @@ class Guard:
         await self._check_window(client)
         if client.budget_usd is not None:
             key, start, end = self._period(client)
-            spent = await self.counters.spend(client.name, key, self._loader(client, start, key))
+            spent = await self.counters.spend(client.name, client.created_at, key, self._loader(client, start, key))
             if spent >= client.budget_usd:
                 raise self._over_budget(client, spent, end)
             least = least_cost() if least_cost is not None else 0.0
@@ -485,11 +521,10 @@ class Guard:
             key, start, end = self._period(client)
             amount = cost()
             reservation, spent = await self.counters.reserve(
-                client.name, key, client.budget_usd, amount, self._loader(client, start, key)
+                client.name, client.created_at, key, client.budget_usd, amount, self._loader(client, start, key)
             )
             if reservation is None:
                 raise self._over_budget(client, spent, end, amount)
-            reservation.client_created_at = client.created_at
         if continues:
             pass  # the request was counted when it was first admitted
         elif client.rpm is None:

@@ -10,11 +10,13 @@ monotonic clocks differ), and every key expires:
 - budgets: per client and period, ``agentspace:budget:<client>:<period>`` holds the period's spend. It is
   loaded from the usage store (the database: the truth) on first use and again once it expires
   (``SPEND_TTL_SECONDS``): that reload reconciles Redis with the database, and a spend lost with Redis is
-  read back. Reservations of calls in flight sit apart (``...:res`` amounts, ``...:resexp`` deadlines) and
-  are leases: each replica renews those of its calls in flight every ``RENEW_SECONDS``, so a replica that
-  dies mid-call leaves reservations that lapse within ``RESERVATION_TTL_SECONDS`` instead of holding the
-  budget. These times (and ``REBUILD_SECONDS``) are those of the default ``[storage] lease_seconds``
-  (``LEASE_SECONDS``); another lease scales them.
+  read back. Reservations of calls in flight sit apart, per client and not per period
+  (``agentspace:budget:<client>:<created_at>:res`` amounts, ``...:resexp`` deadlines: a client added again
+  under a removed one's name starts afresh), so a period that changes while calls are in flight counts them
+  still (their records land in it). They are leases: each replica renews those of its calls in flight every
+  ``RENEW_SECONDS``, so a replica that dies mid-call leaves reservations that lapse within
+  ``RESERVATION_TTL_SECONDS`` instead of holding the budget. These times (and ``REBUILD_SECONDS``) are
+  those of the default ``[storage] lease_seconds`` (``LEASE_SECONDS``); another lease scales them.
 - Redis losing its state (a restart without persistence): ``agentspace:epoch``, set when a replica first
   uses Redis, is gone. The replica that notices starts a rebuild window (``REBUILD_SECONDS``, two renewals):
   every replica puts back the reservations of its calls in flight at its next renewal, and meanwhile no
@@ -98,8 +100,8 @@ return {1}
 """
 )
 
-# KEYS: spend, reservations hash, reservation deadlines zset. Drops expired reservations; returns
-# {spend or false, reserved}.
+# KEYS: spend (of the period), reservations hash, reservation deadlines zset (of the client). Drops expired
+# reservations; returns {spend or false, reserved}.
 _STATE = """
 local now_t = redis.call('TIME')
 local now = tonumber(now_t[1])
@@ -112,8 +114,8 @@ for _, amount in ipairs(redis.call('HVALS', KEYS[2])) do reserved = reserved + t
 return {redis.call('GET', KEYS[1]), tostring(reserved)}
 """
 
-# KEYS: spend, res, resexp, epoch; ARGV: budget, amount, reservation id, reservation ttl s. Admits when spend +
-# reservations + amount fit the budget.
+# KEYS: spend (of the period), res, resexp (of the client), epoch; ARGV: budget, amount, reservation id,
+# reservation ttl s. Admits when spend + reservations + amount fit the budget.
 # Returns {admitted 1/0, spend, reserved}, {-1} when the spend is not loaded, {-2} when Redis lost its state
 # (no epoch), {-3, seconds} while the reservations are being rebuilt.
 _RESERVE = (
@@ -151,7 +153,8 @@ redis.call('SET', KEYS[1], tonumber(redis.call('TIME')[1]) + tonumber(ARGV[1]))
 return 1
 """
 
-# KEYS: spend, res, resexp; ARGV: reservation id ('' for none), cost.
+# KEYS: spend (of the reservation's period), res, resexp (of the client); ARGV: reservation id ('' for none),
+# cost.
 _SETTLE = """
 if ARGV[1] ~= '' then
   redis.call('HDEL', KEYS[2], ARGV[1])
@@ -194,7 +197,7 @@ class RedisCounters:
         self._ids = itertools.count()
         self._prefix = f"{os.getpid()}-{id(self):x}"
         self._reservation_ids: dict[int, str] = {}  # id(Reservation) -> its id in Redis, until settled
-        # The reservations of this replica's calls in flight: id -> (budget keys, amount); their leases.
+        # The reservations of this replica's calls in flight: id -> (res and resexp keys, amount); their leases.
         self._live: dict[str, tuple[list[str], float]] = {}
         self._renewer: asyncio.Task[None] | None = None
         self._epoch_set = False
@@ -211,9 +214,7 @@ class RedisCounters:
 
     async def _renew_all(self) -> None:
         for reservation_id, (keys, amount) in list(self._live.items()):
-            await self._renew(
-                keys=keys[1:], args=[reservation_id, repr(amount), self._seconds(RESERVATION_TTL_SECONDS)]
-            )
+            await self._renew(keys=keys, args=[reservation_id, repr(amount), self._seconds(RESERVATION_TTL_SECONDS)])
 
     async def _renew_forever(self) -> None:
         while self._live:
@@ -223,9 +224,14 @@ class RedisCounters:
             except Exception as e:  # Redis away: the next renewal puts them back
                 log.warning("renewing the budget reservations in Redis failed: %r", e)
 
-    def _keys(self, client: str, period_key: str) -> list[str]:
-        base = f"{PREFIX}:budget:{client}:{period_key}"
-        return [base, base + ":res", base + ":resexp"]
+    def _spend_key(self, client: str, period_key: str) -> str:
+        return f"{PREFIX}:budget:{client}:{period_key}"
+
+    def _keys(self, client: str, identity: str, period_key: str) -> list[str]:
+        """The period's spend; the reservations of the client's calls in flight (whatever their period) and their
+        deadlines, by the client's name and creation (``identity``)."""
+        held = f"{PREFIX}:budget:{client}:{identity}"
+        return [self._spend_key(client, period_key), held + ":res", held + ":resexp"]
 
     async def window(self, client: str, now: float) -> Any:
         requests, tokens, requests_ms, tokens_ms = await self._window(
@@ -251,15 +257,15 @@ class RedisCounters:
 
     async def _load(self, client: str, period_key: str, load_spend: SpendLoader) -> None:
         """The period's spend from the database, unless another replica loaded it meanwhile (SET NX)."""
-        key = self._keys(client, period_key)[0]
+        key = self._spend_key(client, period_key)
         await load_spend(lambda spend: self.redis.set(key, repr(float(spend)), nx=True, ex=SPEND_TTL_SECONDS))
 
     async def reserve(
-        self, client: str, period_key: str, budget: float, amount: float, load_spend: SpendLoader
+        self, client: str, identity: str, period_key: str, budget: float, amount: float, load_spend: SpendLoader
     ) -> tuple[Any, float]:
         await self._ensure_epoch()
         reservation_id = f"{self._prefix}-{next(self._ids)}"
-        keys = self._keys(client, period_key)
+        keys = self._keys(client, identity, period_key)
         for _ in range(3):
             reply = await self._reserve(
                 keys=[*keys, EPOCH_KEY],
@@ -283,9 +289,9 @@ class RedisCounters:
             spend, reserved = float(reply[1]), float(reply[2])
             if int(reply[0]) == 0:
                 return None, spend + reserved
-            reservation = _limits().Reservation(client, period_key, amount)
+            reservation = _limits().Reservation(client, period_key, amount, client_created_at=identity)
             self._reservation_ids[id(reservation)] = reservation_id
-            self._live[reservation_id] = (keys, amount)
+            self._live[reservation_id] = (keys[1:], amount)
             if self._renewer is None or self._renewer.done():
                 self._renewer = asyncio.get_running_loop().create_task(
                     self._renew_forever(), name="agentspace-reservation-leases"
@@ -293,12 +299,14 @@ class RedisCounters:
             return reservation, spend
         raise RuntimeError("the budget spend could not be loaded into Redis")
 
-    async def spend(self, client: str, period_key: str, load_spend: SpendLoader) -> float:
-        spend, reserved = await self.spend_parts(client, period_key, load_spend)
+    async def spend(self, client: str, identity: str, period_key: str, load_spend: SpendLoader) -> float:
+        spend, reserved = await self.spend_parts(client, identity, period_key, load_spend)
         return spend + reserved
 
-    async def spend_parts(self, client: str, period_key: str, load_spend: SpendLoader) -> tuple[float, float]:
-        keys = self._keys(client, period_key)
+    async def spend_parts(
+        self, client: str, identity: str, period_key: str, load_spend: SpendLoader
+    ) -> tuple[float, float]:
+        keys = self._keys(client, identity, period_key)
         spend, reserved = await self._state(keys=keys)
         if spend is None:
             await self._load(client, period_key, load_spend)
@@ -311,10 +319,9 @@ class RedisCounters:
         reservation.settled = True
         reservation_id = self._reservation_ids.pop(id(reservation), "")
         self._live.pop(reservation_id, None)
-        await self._settle(
-            keys=self._keys(reservation.client, reservation.period_key), args=[reservation_id, repr(real_cost)]
-        )
+        keys = self._keys(reservation.client, reservation.client_created_at, reservation.period_key)
+        await self._settle(keys=keys, args=[reservation_id, repr(real_cost)])
 
     async def add_spend(self, client: str, period_keys: Sequence[str], cost: float) -> None:
         if period_keys:
-            await self._add_spend(keys=[self._keys(client, k)[0] for k in period_keys], args=[repr(cost)])
+            await self._add_spend(keys=[self._spend_key(client, k) for k in period_keys], args=[repr(cost)])

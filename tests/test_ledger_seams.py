@@ -20,6 +20,7 @@ from aiohttp.test_utils import TestClient
 from tests.conftest import wait_until
 from tests.fakes import anthropic_upstream as fa
 from tests.fakes import openai_upstream as fo
+from tests.scale_servers import flush_redis
 from tests.support.tools import slow_tool
 from tests.support.ws import chat, of
 from tests.test_clients import add_client, bearer, cli, records
@@ -344,20 +345,26 @@ async def test_a_whole_answer_the_client_left_is_billed_its_input_as_after_a_cra
 # --- a budget period that changes while a call is in flight -----------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="reservations are held per budget period: once the period changes (clients set --period, or at "
-    "midnight / the first of the month), the calls in flight are no longer counted in the new period's "
-    "spend, although their records land in it (stamped at their end): inFlightUsd shows 0 and a call that "
-    "does not fit is admitted (limits.InProcessCounters and redis_counters key reservations by period)",
-)
+@pytest.mark.parametrize("counters", ["in-process", "redis"])
 @pytest.mark.parametrize("period", ["day", "week", "total"])
 async def test_a_call_in_flight_still_counts_after_its_client_s_budget_period_changed(
-    client: TestClient, fake_anthropic: fa.FakeAnthropic, auth_headers: dict[str, str], period: str
+    make_client: Callable[..., Awaitable[TestClient]],
+    fake_anthropic: fa.FakeAnthropic,
+    auth_headers: dict[str, str],
+    request: pytest.FixtureRequest,
+    period: str,
+    counters: str,
 ) -> None:
     """$0.025 a month; a call reserving $0.015 (1000 output tokens at $15/M) streams and holds. A second one
     does not fit. The admin makes it $0.025 a day (or week, or in total): the call in flight will post its
-    record into the new period, so it still counts there -- shown in flight, and the second call still refused."""
+    record into the new period, so it still counts there -- shown in flight, and the second call still refused.
+    The same with the counters in Redis (``[storage] redis_url``)."""
+    storage: dict[str, Any] = {}
+    if counters == "redis":
+        redis_srv = request.getfixturevalue("redis_srv")
+        await flush_redis(redis_srv)
+        storage["redis_url"] = redis_srv.url
+    client = await make_client(storage=storage)
     key = add_client("acme", "--budget", "0.025", "--period", "month")
     api = anthropic.AsyncAnthropic(api_key=key, base_url=url(client), max_retries=0)
     params: Any = {"model": ANTHROPIC, "max_tokens": 1000, "messages": [{"role": "user", "content": "Hi"}]}
