@@ -150,10 +150,10 @@ async def test_rollup_reports_equal_the_full_scan_on_random_data(
     assert sorted(p.name for p in (tmp_path / "usage" / "rollups").iterdir()) == sorted(
         [
             *(f"{d}.json" for d in [*DAYS, "2026-03-06"]),
-            *(f"{d}.day.json" for d in DAYS),
-            *(f"{d}.nosession.json" for d in DAYS),
+            *(f"{d}.day.json" for d in [*DAYS, "2026-03-06"]),
+            *(f"{d}.nosession.json" for d in [*DAYS, "2026-03-06"]),
         ]
-    )  # a past day's segments merged in files of their own (with and without sessions); today's (03-06) not
+    )  # a day's closed segments merged in files of their own (with and without sessions), today's two too
     await store.aclose()
 
 
@@ -168,6 +168,11 @@ async def test_a_report_reads_only_the_open_segment_once_rollups_exist(
     read = segment_reads(monkeypatch)
     assert store.report_sync() == first
     assert read == ["2026-03-03/00002.jsonl"]  # today's last segment, still being written
+    # Today's closed segments count through their groups merged once, like a past day's.
+    (tmp_path / "usage" / "rollups" / "2026-03-03.json").unlink()
+    read.clear()
+    assert store.report_sync() == first and store.report_sync(by="session")["perSession"]
+    assert read == ["2026-03-03/00002.jsonl"] * 2
 
     # A closed segment that changed after its rollup (here: rewritten by hand) is read again, not trusted.
     path = tmp_path / "usage" / "2026-03-01" / "00000.jsonl"

@@ -21,8 +21,8 @@ Reports read rollups (``usage/rollups/<YYYY-MM-DD>.json``): for every closed seg
 earlier day, and those of today but the one being written), its records summed per (day, model, client,
 session, endpoint), written once, off the hot path, by the first report that needs them (whole and
 atomically), and trusted only while the segment has the size and modification time it had then (a segment
-changed in place, damaged or edited, is read again). A past day's segment rollups are merged once more into
-``<YYYY-MM-DD>.day.json``, and again without the session into ``<YYYY-MM-DD>.nosession.json``: a report that
+changed in place, damaged or edited, is read again). A day's closed segments' rollups (every segment of a past
+day, today's but the one being written) are merged once more into ``<YYYY-MM-DD>.day.json``, and again without the session into ``<YYYY-MM-DD>.nosession.json``: a report that
 neither groups nor filters by session (by model, client, day, endpoint; a budget's spend) reads the latter,
 so its time does not grow with the number of sessions either (one call per session makes as many groups as
 records). A report sums the rollups and scans only the open segment, so its time grows with the groups, not
@@ -328,39 +328,64 @@ class UsageStore:
             except FileNotFoundError:
                 continue
             sizes[name], mtimes[name] = st.st_size, st.st_mtime_ns
-        if past and trusted and not query.sessions:
-            bare = self._read_day_rollup(day, NO_SESSION)
-            if bare is not None and _day_covers(bare, sizes, mtimes, query.since_iso):
-                _count_rollup(bare, None, query.client, groups)
-                return
-        known_day = self._read_day_rollup(day) if past and trusted else None
-        if known_day is not None and _day_covers(known_day, sizes, mtimes, query.since_iso):
-            # A past day counts through its segments' groups merged once, a file of its own: a report's time
-            # grows with the groups, not with how many segments the day's records filled.
-            _count_rollup(known_day, query.session_id, query.client, groups)
-            if not query.sessions and _day_covers(known_day, sizes, mtimes, None):  # made before that file was
-                self._save(f"{day}.{NO_SESSION}", {"day": {"merged": _without_sessions(known_day)}})
+        # Every segment of a past day is closed; today's are, but the last (being written).
+        closed = {
+            name
+            for index, (_, name) in enumerate(files)
+            if name in sizes and (past or index < len(files) - 1 or not name.endswith(_LOG))
+        }
+        closed_sizes = {name: sizes[name] for name in closed}
+        closed_mtimes = {name: mtimes[name] for name in closed}
+        if trusted and closed and self._count_merged(day, closed_sizes, closed_mtimes, query, groups):
+            for _, name in files:  # the open segment, scanned
+                if name in sizes and name not in closed:
+                    stamp = {"size": sizes[name], "mtime": mtimes[name]}
+                    _count_segment(folder / name, stamp, False, None, query, groups, damaged)
             return
         known = self._read_rollup(day) if trusted else {}
         fresh: dict[str, Any] = {}
-        for index, (_, name) in enumerate(files):
+        for _, name in files:
             if name not in sizes:
                 continue
             stamp = {"size": sizes[name], "mtime": mtimes[name]}
-            closed = past or index < len(files) - 1 or not name.endswith(_LOG)
             entry = known.get(name)
-            if not (closed and isinstance(entry, dict) and all(entry.get(k) == v for k, v in stamp.items())):
+            if not (name in closed and isinstance(entry, dict) and all(entry.get(k) == v for k, v in stamp.items())):
                 entry = None
-            kept = _count_segment(folder / name, stamp, closed, entry, query, groups, damaged)
+            kept = _count_segment(folder / name, stamp, name in closed, entry, query, groups, damaged)
             if kept is not None:
                 fresh[name] = kept
         if fresh != known:
             self._save(day, {"segments": fresh})
-        if past and (known_day is None or not _day_covers(known_day, sizes, mtimes, None)):  # (since in the day)
-            whole = _day_rollup(fresh, sizes, mtimes)
+        if closed and (query.since_iso is None or query.since_iso[:10] < day):  # (a report since a time in the day
+            # leaves out the records before it: what it read is not the whole day's)
+            whole = _day_rollup({name: fresh[name] for name in closed if name in fresh}, closed_sizes, closed_mtimes)
             if whole is not None:
                 self._save(f"{day}.day", {"day": {"merged": whole}})  # a table of one document (tinydb layout)
                 self._save(f"{day}.{NO_SESSION}", {"day": {"merged": _without_sessions(whole)}})
+
+    def _count_merged(
+        self,
+        day: str,
+        sizes: dict[str, int],
+        mtimes: dict[str, int],
+        query: _Query,
+        groups: dict[GroupKey, dict[str, Any]],
+    ) -> bool:
+        """Count the day's closed segments through their groups merged once (a file of their own: a report's time
+        grows with the groups, not with how many segments the day's records filled), without the sessions when
+        the query needs none; False when no merged rollup answers it (made for other segments, or none yet)."""
+        if not query.sessions:
+            bare = self._read_day_rollup(day, NO_SESSION)
+            if bare is not None and _day_covers(bare, sizes, mtimes, query.since_iso):
+                _count_rollup(bare, None, query.client, groups)
+                return True
+        whole = self._read_day_rollup(day)
+        if whole is None or not _day_covers(whole, sizes, mtimes, query.since_iso):
+            return False
+        _count_rollup(whole, query.session_id, query.client, groups)
+        if not query.sessions:  # made before the file without sessions was
+            self._save(f"{day}.{NO_SESSION}", {"day": {"merged": _without_sessions(whole)}})
+        return True
 
     def _read_rollup(self, day: str) -> dict[str, Any]:
         """The day's rollups: ``{segment file name: entry}`` (a tinydb layout, table ``segments``)."""
