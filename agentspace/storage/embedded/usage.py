@@ -22,12 +22,12 @@ day, and those of today but the one being written), its records summed per (day,
 endpoint), written once, off the hot path, by the first report that needs them (whole and atomically), and trusted
 only while the segment has the size and modification time it had then (a segment changed in place, damaged or
 edited, is read again). A day's closed segments' rollups (every segment of a past day, today's but the one being
-written) are merged once more into ``<YYYY-MM-DD>.day.json``, and again without the session into ``<YYYY-MM-
-DD>.nosession.json``: a report that neither groups nor filters by session (by model, client, day, endpoint; a
-budget's spend) reads the latter, so its time does not grow with the number of sessions either (one call per
-session makes as many groups as records). A report sums the rollups and scans only the open segment, so its time
-grows with the groups, not the records. A rollup file that does not parse, or whose groups are not a rollup's
-(damaged from outside: it is written whole), is moved aside like any damaged store file and rebuilt.
+written) are merged once more into ``<YYYY-MM-DD>.day.json``, and again without the session into
+``<YYYY-MM-DD>.nosession.json``: a report that neither groups nor filters by session (by model, client, day,
+endpoint; a budget's spend) reads the latter, so its time does not grow with the number of sessions either (one
+call per session makes as many groups as records). A report sums the rollups and scans only the open segment, so
+its time grows with the groups, not the records. A rollup file that does not parse, or whose groups are not a
+rollup's (damaged from outside: it is written whole), is moved aside like any damaged store file and rebuilt.
 """
 
 from __future__ import annotations
