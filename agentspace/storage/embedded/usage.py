@@ -78,7 +78,7 @@ _DAY = re.compile(r"\d{4}-\d{2}-\d{2}")
 _SEGMENT = re.compile(r"(\d+)\.jsonl?")
 _LOG = ".jsonl"
 ROLLUPS = "rollups"
-NO_SESSION = "nosession"  # a past day's groups merged without the session: ``rollups/<day>.nosession.json``
+NO_SESSION = "nosession"  # a day's closed segments merged without the session: ``rollups/<day>.nosession.json``
 # 2: the deployment of a model group is part of the group key; 3: server-tool fees and uses are summed
 _ROLLUP_VERSION = 3
 _TAIL_CHUNK = 64 * 1024
@@ -275,7 +275,7 @@ class UsageStore:
     ) -> dict[GroupKey, dict[str, Any]]:
         """The records' totals per (day, model, client, session, endpoint): what ``records`` would give, summed.
         Closed segments count through their rollups (built and saved here when missing or stale). ``sessions``
-        False: the caller ignores the session of a group (past days may come as groups without one)."""
+        False: the caller ignores the session of a group (closed segments may come as groups without one)."""
         since_iso = _iso(since)
         today = _utc_day()
         query = _Query(since_iso, session_id, client, sessions or session_id is not None)
@@ -405,7 +405,7 @@ class UsageStore:
         }
 
     def _read_day_rollup(self, day: str, kind: str = "day") -> dict[str, Any] | None:
-        """A past day's segment rollups merged (``<day>.day.json``, table ``day``, document ``merged``), or
+        """A day's closed segments' rollups merged (``<day>.day.json``, table ``day``, document ``merged``), or
         merged without the session (``kind`` NO_SESSION: ``<day>.nosession.json``)."""
         try:
             data = read_json(self.dir / ROLLUPS / f"{day}.{kind}.json")
@@ -663,7 +663,7 @@ def _totals_from_row(row: list[Any]) -> dict[str, Any]:
 
 
 def _day_rollup(segments: dict[str, Any], sizes: dict[str, int], mtimes: dict[str, int]) -> dict[str, Any] | None:
-    """A past day's segment rollups merged into one list of groups, valid while its segments keep ``sizes`` and
+    """A day's closed segments' rollups merged into one list of groups, valid while its segments keep ``sizes`` and
     ``mtimes``;
     None while a segment has none (damaged: it is named at every report)."""
     if set(segments) != set(sizes) or any(not isinstance(e.get("groups"), list) for e in segments.values()):
@@ -683,7 +683,7 @@ def _day_rollup(segments: dict[str, Any], sizes: dict[str, int], mtimes: dict[st
 
 
 def _without_sessions(whole: dict[str, Any]) -> dict[str, Any]:
-    """A past day's merged rollup with its groups merged again without the session (None in its place)."""
+    """A day's merged rollup with its groups merged again without the session (None in its place)."""
     merged: dict[GroupKey, dict[str, Any]] = {}
     for row in whole["groups"]:
         day, model, client, _, endpoint, deployment = row[:6]
