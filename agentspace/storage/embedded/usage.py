@@ -41,7 +41,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from datetime import UTC, datetime
 from functools import partial
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 from ...types import UsageRecord
 from ..atomic import (
@@ -335,7 +335,8 @@ class UsageStore:
         }
         closed_sizes = {name: sizes[name] for name in closed}
         closed_mtimes = {name: mtimes[name] for name in closed}
-        if trusted and closed and self._count_merged(day, closed_sizes, closed_mtimes, query, groups):
+        merged = self._count_merged(day, closed_sizes, closed_mtimes, query, groups) if trusted and closed else "stale"
+        if merged == "counted":
             for _, name in files:  # the open segment, scanned
                 if name in sizes and name not in closed:
                     stamp = {"size": sizes[name], "mtime": mtimes[name]}
@@ -355,8 +356,7 @@ class UsageStore:
                 fresh[name] = kept
         if fresh != known:
             self._save(day, {"segments": fresh})
-        if closed and (query.since_iso is None or query.since_iso[:10] < day):  # (a report since a time in the day
-            # leaves out the records before it: what it read is not the whole day's)
+        if closed and merged == "stale":
             whole = _day_rollup({name: fresh[name] for name in closed if name in fresh}, closed_sizes, closed_mtimes)
             if whole is not None:
                 self._save(f"{day}.day", {"day": {"merged": whole}})  # a table of one document (tinydb layout)
@@ -369,22 +369,25 @@ class UsageStore:
         mtimes: dict[str, int],
         query: _Query,
         groups: dict[GroupKey, dict[str, Any]],
-    ) -> bool:
+    ) -> Literal["counted", "current", "stale"]:
         """Count the day's closed segments through their groups merged once (a file of their own: a report's time
         grows with the groups, not with how many segments the day's records filled), without the sessions when
-        the query needs none; False when no merged rollup answers it (made for other segments, or none yet)."""
+        the query needs none: "counted". Else "current" (the merged groups are the segments' but hold records
+        before ``since``) or "stale" (made for other segments, or none yet: to be made again)."""
         if not query.sessions:
             bare = self._read_day_rollup(day, NO_SESSION)
             if bare is not None and _day_covers(bare, sizes, mtimes, query.since_iso):
                 _count_rollup(bare, None, query.client, groups)
-                return True
+                return "counted"
         whole = self._read_day_rollup(day)
-        if whole is None or not _day_covers(whole, sizes, mtimes, query.since_iso):
-            return False
+        if whole is None or not _day_covers(whole, sizes, mtimes, None):
+            return "stale"
+        if not _day_covers(whole, sizes, mtimes, query.since_iso):
+            return "current"
         _count_rollup(whole, query.session_id, query.client, groups)
-        if not query.sessions:  # made before the file without sessions was
+        if not query.sessions:  # made before the file without sessions was, or damaged since
             self._save(f"{day}.{NO_SESSION}", {"day": {"merged": _without_sessions(whole)}})
-        return True
+        return "counted"
 
     def _read_rollup(self, day: str) -> dict[str, Any]:
         """The day's rollups: ``{segment file name: entry}`` (a tinydb layout, table ``segments``)."""
