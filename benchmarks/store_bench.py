@@ -431,11 +431,19 @@ def print_table(rows: list[tuple[str, str, list[float]]]) -> None:
 
 
 async def main() -> None:
+    global CALLS_PER_SESSION
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data-dir", type=Path, help="keep the generated data here (default: a temp folder, removed)")
     parser.add_argument("--postgres", action="store_true", help="also the PostgreSQL report at 100k and 1M records")
     parser.add_argument("--reports-only", action="store_true", help="only the usage reports (no write latencies)")
+    parser.add_argument(
+        "--calls-per-session",
+        type=int,
+        default=CALLS_PER_SESSION,
+        help=f"the reports' records per session (default {CALLS_PER_SESSION}; 1: every call a session of its own)",
+    )
     args = parser.parse_args()
+    CALLS_PER_SESSION = max(1, args.calls_per_session)
     root = args.data_dir or Path(tempfile.mkdtemp(prefix="agentspace-bench-"))
     rng = random.Random(7)
     rows: list[tuple[str, str, list[float]]] = []

@@ -213,21 +213,23 @@ async def test_a_damaged_rollup_file_and_a_closed_segments_torn_tail_are_reporte
 
             rollup = data / "usage" / "rollups" / f"{day}.json"
             whole = data / "usage" / "rollups" / f"{day}.day.json"
-            for path in (rollup, whole):
+            bare = data / "usage" / "rollups" / f"{day}.nosession.json"  # the day merged without sessions
+            for path in (rollup, whole, bare):
                 path.write_bytes(path.read_bytes()[:-9])
             doctor = cli(data, "doctor")
             assert doctor.exit_code == 1
             assert f"{rollup}: damaged usage rollup" in doctor.output
             assert f"{whole}: damaged usage rollup" in doctor.output
+            assert f"{bare}: damaged usage rollup" in doctor.output
 
             assert rounded(await report("model")) == rounded({**expected, "damagedFiles": []})
             aside = sorted(p.name for p in rollup.parent.iterdir() if ".damaged-" in p.name)
-            assert [name.split(".damaged-")[0] for name in aside] == [whole.name, rollup.name]
-            assert json.loads(rollup.read_bytes()) and json.loads(whole.read_bytes())  # rebuilt
-            assert sum(f"moved aside to {rollup.parent}" in line for line in gateway.log().splitlines()) == 2
+            assert [name.split(".damaged-")[0] for name in aside] == [whole.name, rollup.name, bare.name]
+            assert json.loads(rollup.read_bytes()) and json.loads(whole.read_bytes()) and json.loads(bare.read_bytes())
+            assert sum(f"moved aside to {rollup.parent}" in line for line in gateway.log().splitlines()) == 3
             doctor = cli(data, "doctor")
             assert doctor.exit_code == 1
-            assert sum("damaged usage rollup (kept for inspection" in line for line in doctor.output.splitlines()) == 2
+            assert sum("damaged usage rollup (kept for inspection" in line for line in doctor.output.splitlines()) == 3
             cli_report = json.loads(cli(data, "usage", "--json", "--by-model").stdout)
             assert rounded(cli_report["grandTotal"]) == rounded(expected["grandTotal"])
 
@@ -241,13 +243,17 @@ async def test_a_damaged_rollup_file_and_a_closed_segments_torn_tail_are_reporte
             table = json.loads(segments.read_bytes())
             next(iter(table["segments"].values()))["groups"] = [[None]]
             segments.write_text(json.dumps(table), encoding="utf-8")
+            edited_bare = data / "usage" / "rollups" / f"{other}.nosession.json"
+            merged = json.loads(edited_bare.read_bytes())
+            merged["day"]["merged"]["groups"][0][6] = "many"
+            edited_bare.write_text(json.dumps(merged), encoding="utf-8")
             for _ in range(2):
                 assert rounded(await report("model")) == rounded({**expected, "damagedFiles": []})
             cli_report = json.loads(cli(data, "usage", "--json", "--by-model", "--by-day").stdout)
             assert rounded(cli_report["perDay"]) == rounded(REPORTS["day"](scan_complete(data))["perDay"])
             aside = sorted(p.name.split(".damaged-")[0] for p in rollup.parent.iterdir() if ".damaged-" in p.name)
-            assert aside == sorted([whole.name, rollup.name, edited.name, segments.name])
-            assert sum("not a usage rollup" in line for line in gateway.log().splitlines()) == 2
+            assert aside == sorted([whole.name, rollup.name, bare.name, edited.name, segments.name, edited_bare.name])
+            assert sum("not a usage rollup" in line for line in gateway.log().splitlines()) == 3
     finally:
         await gateway.aclose()
 

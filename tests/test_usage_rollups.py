@@ -148,8 +148,12 @@ async def test_rollup_reports_equal_the_full_scan_on_random_data(
     for path in (tmp_path / "usage" / "rollups").iterdir():  # small whole files, in tinydb's layout like the rest
         read_tables(path)
     assert sorted(p.name for p in (tmp_path / "usage" / "rollups").iterdir()) == sorted(
-        [*(f"{d}.json" for d in [*DAYS, "2026-03-06"]), *(f"{d}.day.json" for d in DAYS)]
-    )  # a past day's segments merged in a file of their own; today's (03-06) not
+        [
+            *(f"{d}.json" for d in [*DAYS, "2026-03-06"]),
+            *(f"{d}.day.json" for d in [*DAYS, "2026-03-06"]),
+            *(f"{d}.nosession.json" for d in [*DAYS, "2026-03-06"]),
+        ]
+    )  # a day's closed segments merged in files of their own (with and without sessions), today's two too
     await store.aclose()
 
 
@@ -164,6 +168,11 @@ async def test_a_report_reads_only_the_open_segment_once_rollups_exist(
     read = segment_reads(monkeypatch)
     assert store.report_sync() == first
     assert read == ["2026-03-03/00002.jsonl"]  # today's last segment, still being written
+    # Today's closed segments count through their groups merged once, like a past day's.
+    (tmp_path / "usage" / "rollups" / "2026-03-03.json").unlink()
+    read.clear()
+    assert store.report_sync() == first and store.report_sync(by="session")["perSession"]
+    assert read == ["2026-03-03/00002.jsonl"] * 2
 
     # A closed segment that changed after its rollup (here: rewritten by hand) is read again, not trusted.
     path = tmp_path / "usage" / "2026-03-01" / "00000.jsonl"
@@ -203,6 +212,68 @@ def test_a_past_day_is_counted_through_its_segments_merged_once(
     for by in ("session", "model", "day"):
         assert rounded(store.report_sync(by=by)) == rounded({**REPORTS[by](records), "damagedFiles": []})
     assert store.report_sync(by="session") == first and read == []
+
+
+def test_a_report_without_sessions_grows_with_the_groups_it_shows_not_the_sessions(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One call per session (a /v1 client labelling each call) makes as many groups as records: a report by model,
+    client, day or endpoint, and a budget's spend, read the past days merged without the session instead."""
+    rng = random.Random(12)
+    records: list[dict[str, Any]] = []
+    for day in DAYS:
+        for number in range(2):
+            batch = [random_record(rng, len(records) + i, day) for i in range(60)]
+            for i, record in enumerate(batch):
+                record["sessionId"] = f"s{len(records) + i}"  # every call a session of its own
+            write_log_segment(tmp_path, day, number, batch)
+            records += batch
+    monkeypatch.setattr(usage_module, "_utc_day", lambda: "2026-03-06")  # every seeded day is past
+    store = UsageStore(tmp_path)
+    rollups = tmp_path / "usage" / "rollups"
+
+    def scan(by: str, chosen: list[dict[str, Any]]) -> Any:
+        return rounded({**REPORTS[by](chosen), "damagedFiles": []})
+
+    assert rounded(store.report_sync(by="model")) == scan("model", records)
+    for day in DAYS:
+        bare = json.loads((rollups / f"{day}.nosession.json").read_text())["day"]["merged"]
+        merged = json.loads((rollups / f"{day}.day.json").read_text())["day"]["merged"]
+        assert {row[3] for row in bare["groups"]} == {None} and len(merged["groups"]) == 120  # a group per record
+        assert len(bare["groups"]) == len({tuple(row[:3] + row[4:6]) for row in merged["groups"]}) < 120
+    # From now on those reports read only the merged files without sessions: the others can go.
+    for day in DAYS:
+        (rollups / f"{day}.json").unlink()
+        (rollups / f"{day}.day.json").unlink()
+    read = segment_reads(monkeypatch)
+    for by in ("model", "client", "day", "endpoint", "day-model", "deployment"):
+        assert rounded(store.report_sync(by=by)) == scan(by, records), by
+    assert rounded(store.report_sync(by="client", client="alice")) == scan(
+        "client", [r for r in records if r["client"] == "alice"]
+    )
+    spent, _ = asyncio.run(store.spend(client="bob", since=None, posting=dict))
+    assert spent == pytest.approx(sum(r["totalCost"] or 0.0 for r in records if r["client"] == "bob"))
+    assert read == []
+    # A report per session, or of one session, needs the sessions: counted from the segments (rollups rebuilt).
+    assert rounded(store.report_sync(by="session")) == scan("session", records)
+    assert rounded(store.report_sync(session_id="s7")) == scan("model", [r for r in records if r["sessionId"] == "s7"])
+    assert len(read) == 8 and (rollups / f"{DAYS[0]}.day.json").exists()
+
+    # A segment changed after its day was merged (here: rewritten by hand) is read again, not trusted.
+    path = tmp_path / "usage" / DAYS[1] / "00001.jsonl"
+    path.write_bytes(path.read_bytes().split(b"\n", 1)[1])  # its first record gone
+    records = [
+        r for day in DAYS for p in sorted((tmp_path / "usage" / day).iterdir()) for r in usage_module.read_segment(p)
+    ]
+    read.clear()
+    assert rounded(store.report_sync(by="model")) == scan("model", records)
+    assert f"{DAYS[1]}/00001.jsonl" in read
+    # A merged file damaged from outside is moved aside and made again.
+    bare_path = rollups / f"{DAYS[2]}.nosession.json"
+    bare_path.write_text("{not json")
+    assert rounded(store.report_sync(by="model")) == scan("model", records)
+    assert json.loads(bare_path.read_text())["day"]["merged"]["groups"]
+    assert [p.name for p in rollups.iterdir() if p.name.startswith(f"{DAYS[2]}.nosession.json.damaged-")]
 
 
 def test_the_cli_report_reads_rollups_and_names_damaged_segments(

@@ -100,7 +100,7 @@ def _had_usage(state: CliState, name: str) -> bool:
         if isinstance(store, UsageStoreSync):
             groups_sync = getattr(store, "groups_sync", None)  # the rollups' groups: no scan of every record
             if groups_sync is not None:
-                return bool(groups_sync(client=name))
+                return bool(groups_sync(client=name, sessions=False))
             return any(True for _ in store.records_sync(client=name))
         return bool(on_storage(state, lambda storage: storage.usage.records(client=name)))
     except Exception:  # noqa: BLE001 - only a note: an unreadable store must not fail the add

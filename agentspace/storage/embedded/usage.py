@@ -17,14 +17,17 @@ summed one that is not a number: ``_check_records``), was damaged outside agents
 (``<NNNNN>.jsonl.damaged-<time>``, kept and logged) and goes on in a fresh file; readers skip damaged
 segments and name them (``damagedFiles`` in the reports).
 
-Reports read rollups (``usage/rollups/<YYYY-MM-DD>.json``): for every closed segment (every segment of an
-earlier day, and those of today but the one being written), its records summed per (day, model, client,
-session, endpoint), written once, off the hot path, by the first report that needs them (whole and
-atomically), and trusted only while the segment has the size and modification time it had then (a segment
-changed in place, damaged or edited, is read again). A report sums the rollups and scans only the open
-segment, so its time grows with the groups, not the records. A rollup file that does not parse, or whose
-groups are not a rollup's (damaged from outside: it is written whole), is moved aside like any damaged store
-file and rebuilt.
+Reports read rollups (``usage/rollups/<YYYY-MM-DD>.json``): for every closed segment (every segment of an earlier
+day, and those of today but the one being written), its records summed per (day, model, client, session,
+endpoint), written once, off the hot path, by the first report that needs them (whole and atomically), and trusted
+only while the segment has the size and modification time it had then (a segment changed in place, damaged or
+edited, is read again). A day's closed segments' rollups (every segment of a past day, today's but the one being
+written) are merged once more into ``<YYYY-MM-DD>.day.json``, and again without the session into
+``<YYYY-MM-DD>.nosession.json``: a report that neither groups nor filters by session (by model, client, day,
+endpoint; a budget's spend) reads the latter, so its time does not grow with the number of sessions either (one
+call per session makes as many groups as records). A report sums the rollups and scans only the open segment, so
+its time grows with the groups, not the records. A rollup file that does not parse, or whose groups are not a
+rollup's (damaged from outside: it is written whole), is moved aside like any damaged store file and rebuilt.
 """
 
 from __future__ import annotations
@@ -38,7 +41,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from datetime import UTC, datetime
 from functools import partial
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 from ...types import UsageRecord
 from ..atomic import (
@@ -75,6 +78,7 @@ _DAY = re.compile(r"\d{4}-\d{2}-\d{2}")
 _SEGMENT = re.compile(r"(\d+)\.jsonl?")
 _LOG = ".jsonl"
 ROLLUPS = "rollups"
+NO_SESSION = "nosession"  # a day's closed segments merged without the session: ``rollups/<day>.nosession.json``
 # 2: the deployment of a model group is part of the group key; 3: server-tool fees and uses are summed
 _ROLLUP_VERSION = 3
 _TAIL_CHUNK = 64 * 1024
@@ -255,7 +259,9 @@ class UsageStore:
         if by not in REPORTS:
             raise KeyError(by)
         damaged: list[str] = []
-        groups = self.groups_sync(since=since, session_id=session_id, client=client, damaged=damaged)
+        groups = self.groups_sync(
+            since=since, session_id=session_id, client=client, damaged=damaged, sessions=by == "session"
+        )
         return {**report_from_groups(by, groups), "damagedFiles": damaged}
 
     def groups_sync(
@@ -265,12 +271,14 @@ class UsageStore:
         session_id: str | None = None,
         client: str | None = None,
         damaged: list[str] | None = None,
+        sessions: bool = True,
     ) -> dict[GroupKey, dict[str, Any]]:
         """The records' totals per (day, model, client, session, endpoint): what ``records`` would give, summed.
-        Closed segments count through their rollups (built and saved here when missing or stale)."""
+        Closed segments count through their rollups (built and saved here when missing or stale). ``sessions``
+        False: the caller ignores the session of a group (closed segments may come as groups without one)."""
         since_iso = _iso(since)
         today = _utc_day()
-        query = _Query(since_iso, session_id, client)
+        query = _Query(since_iso, session_id, client, sessions or session_id is not None)
         named = len(damaged) if damaged is not None else 0
         distrusted: set[str] = set()
         while True:
@@ -319,31 +327,67 @@ class UsageStore:
             except FileNotFoundError:
                 continue
             sizes[name], mtimes[name] = st.st_size, st.st_mtime_ns
-        known_day = self._read_day_rollup(day) if past and trusted else None
-        if known_day is not None and _day_covers(known_day, sizes, mtimes, query.since_iso):
-            # A past day counts through its segments' groups merged once, a file of its own: a report's time
-            # grows with the groups, not with how many segments the day's records filled.
-            _count_rollup(known_day, query.session_id, query.client, groups)
+        # Every segment of a past day is closed; today's are, but the last (being written).
+        closed = {
+            name
+            for index, (_, name) in enumerate(files)
+            if name in sizes and (past or index < len(files) - 1 or not name.endswith(_LOG))
+        }
+        closed_sizes = {name: sizes[name] for name in closed}
+        closed_mtimes = {name: mtimes[name] for name in closed}
+        merged = self._count_merged(day, closed_sizes, closed_mtimes, query, groups) if trusted and closed else "stale"
+        if merged == "counted":
+            for _, name in files:  # the open segment, scanned
+                if name in sizes and name not in closed:
+                    stamp = {"size": sizes[name], "mtime": mtimes[name]}
+                    _count_segment(folder / name, stamp, False, None, query, groups, damaged)
             return
         known = self._read_rollup(day) if trusted else {}
         fresh: dict[str, Any] = {}
-        for index, (_, name) in enumerate(files):
+        for _, name in files:
             if name not in sizes:
                 continue
             stamp = {"size": sizes[name], "mtime": mtimes[name]}
-            closed = past or index < len(files) - 1 or not name.endswith(_LOG)
             entry = known.get(name)
-            if not (closed and isinstance(entry, dict) and all(entry.get(k) == v for k, v in stamp.items())):
+            if not (name in closed and isinstance(entry, dict) and all(entry.get(k) == v for k, v in stamp.items())):
                 entry = None
-            kept = _count_segment(folder / name, stamp, closed, entry, query, groups, damaged)
+            kept = _count_segment(folder / name, stamp, name in closed, entry, query, groups, damaged)
             if kept is not None:
                 fresh[name] = kept
         if fresh != known:
             self._save(day, {"segments": fresh})
-        if past and (known_day is None or not _day_covers(known_day, sizes, mtimes, None)):  # (since in the day)
-            whole = _day_rollup(fresh, sizes, mtimes)
+        if closed and merged == "stale":
+            whole = _day_rollup({name: fresh[name] for name in closed if name in fresh}, closed_sizes, closed_mtimes)
             if whole is not None:
                 self._save(f"{day}.day", {"day": {"merged": whole}})  # a table of one document (tinydb layout)
+                self._save(f"{day}.{NO_SESSION}", {"day": {"merged": _without_sessions(whole)}})
+
+    def _count_merged(
+        self,
+        day: str,
+        sizes: dict[str, int],
+        mtimes: dict[str, int],
+        query: _Query,
+        groups: dict[GroupKey, dict[str, Any]],
+    ) -> Literal["counted", "current", "stale"]:
+        """Count the day's closed segments through their groups merged once (a file of their own: a report's time
+        grows with the groups, not with how many segments the day's records filled), without the sessions when
+        the query needs none: "counted". Else "current" (the merged groups are the segments' but hold records
+        before ``since``) or "stale" (made for other segments, or none yet: to be made again)."""
+        if not query.sessions:
+            bare = self._read_day_rollup(day, NO_SESSION)
+            if bare is not None and _day_covers(bare, sizes, mtimes, query.since_iso):
+                _count_rollup(bare, None, query.client, groups)
+                return "counted"
+        whole = self._read_day_rollup(day)
+        if whole is None or not _day_covers(whole, sizes, mtimes, None):
+            return "stale"
+        if not _day_covers(whole, sizes, mtimes, query.since_iso):
+            return "current"
+        _count_rollup(whole, query.session_id, query.client, groups)
+        if not query.sessions:  # made before the file without sessions was, or damaged since
+            self._save(f"{day}.{NO_SESSION}", {"day": {"merged": _without_sessions(whole)}})
+        return "counted"
 
     def _read_rollup(self, day: str) -> dict[str, Any]:
         """The day's rollups: ``{segment file name: entry}`` (a tinydb layout, table ``segments``)."""
@@ -363,10 +407,11 @@ class UsageStore:
             if isinstance(entry, dict) and entry.get("version") == _ROLLUP_VERSION
         }
 
-    def _read_day_rollup(self, day: str) -> dict[str, Any] | None:
-        """A past day's segment rollups merged (``<day>.day.json``, table ``day``, document ``merged``)."""
+    def _read_day_rollup(self, day: str, kind: str = "day") -> dict[str, Any] | None:
+        """A day's closed segments' rollups merged (``<day>.day.json``, table ``day``, document ``merged``), or
+        merged without the session (``kind`` NO_SESSION: ``<day>.nosession.json``)."""
         try:
-            data = read_json(self.dir / ROLLUPS / f"{day}.day.json")
+            data = read_json(self.dir / ROLLUPS / f"{day}.{kind}.json")
         except StoreCorrupt as e:
             _set_aside(e)
             return None  # rebuilt from the segments' rollups
@@ -378,7 +423,7 @@ class UsageStore:
 
     def _set_aside_rollups(self, day: str, error: Exception) -> None:
         """Move the day's rollup files aside (logged)."""
-        for name in (f"{day}.json", f"{day}.day.json"):
+        for name in (f"{day}.json", f"{day}.day.json", f"{day}.{NO_SESSION}.json"):
             path = self.dir / ROLLUPS / name
             if path.exists():
                 _set_aside(StoreCorrupt(path, f"not a usage rollup ({type(error).__name__}: {error})"))
@@ -409,10 +454,10 @@ class UsageStore:
         reads only the open segments and the rollup files)."""
         from .store_thread import on_store_thread
 
-        await read_in_thread(lambda: self.groups_sync(since=since, client=client))
+        await read_in_thread(lambda: self.groups_sync(since=since, client=client, sessions=False))
 
         def snapshot() -> tuple[float, frozenset[str]]:
-            groups = self.groups_sync(since=since, client=client)
+            groups = self.groups_sync(since=since, client=client, sessions=False)
             return sum(float(g["totalCost"]) for g in groups.values()), frozenset(self._recent)
 
         total, recent = await on_store_thread(snapshot)
@@ -528,6 +573,7 @@ class _Query(NamedTuple):
     since_iso: str | None
     session_id: str | None
     client: str | None
+    sessions: bool  # the groups' sessions matter to the caller
 
 
 def _count_segment(
@@ -541,7 +587,7 @@ def _count_segment(
 ) -> dict[str, Any] | None:
     """Add a segment's matching records to ``groups``, through its rollup ``entry`` where that covers the query;
     the rollup entry to keep for the segment (None: none, it is still written to)."""
-    since_iso, session_id, client = query
+    since_iso, session_id, client, _ = query
     usable = entry is not None and (since_iso is None or (entry.get("first") or "") >= since_iso)
     if entry is not None and usable:
         if entry.get("damaged"):
@@ -620,7 +666,7 @@ def _totals_from_row(row: list[Any]) -> dict[str, Any]:
 
 
 def _day_rollup(segments: dict[str, Any], sizes: dict[str, int], mtimes: dict[str, int]) -> dict[str, Any] | None:
-    """A past day's segment rollups merged into one list of groups, valid while its segments keep ``sizes`` and
+    """A day's closed segments' rollups merged into one list of groups, valid while its segments keep ``sizes`` and
     ``mtimes``;
     None while a segment has none (damaged: it is named at every report)."""
     if set(segments) != set(sizes) or any(not isinstance(e.get("groups"), list) for e in segments.values()):
@@ -637,6 +683,15 @@ def _day_rollup(segments: dict[str, Any], sizes: dict[str, int], mtimes: dict[st
         "first": min(firsts, default=None),
         "groups": [[*key, _totals_row(totals)] for key, totals in merged.items()],
     }
+
+
+def _without_sessions(whole: dict[str, Any]) -> dict[str, Any]:
+    """A day's merged rollup with its groups merged again without the session (None in its place)."""
+    merged: dict[GroupKey, dict[str, Any]] = {}
+    for row in whole["groups"]:
+        day, model, client, _, endpoint, deployment = row[:6]
+        merge(merged, (day, model, client, None, endpoint, deployment), _totals_from_row(row[6]))
+    return {**whole, "groups": [[*key, _totals_row(totals)] for key, totals in merged.items()]}
 
 
 def _day_covers(whole: dict[str, Any], sizes: dict[str, int], mtimes: dict[str, int], since_iso: str | None) -> bool:
