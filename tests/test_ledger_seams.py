@@ -320,7 +320,9 @@ async def test_a_whole_answer_the_client_left_is_billed_its_input_as_after_a_cra
     """docs/accounting.md: "A call whose answer comes whole at its end (``/v1/messages`` with ``stream: false``,
     ``/v1/embeddings``) shows no sign before then: once its request went upstream, it is billed its input as a
     call that answered" -- and a call is billed nothing only when the upstream never answered (refused,
-    unreachable, stopped before it was sent). The client hanging up is none of those."""
+    unreachable, stopped before it was sent). The client hanging up is none of those. Its record names what a
+    recovery's names (test_crashes_outside.py, a whole answer cut by a SIGKILL): the input counted here, and the
+    output -- none relayed, but the upstream wrote an answer it did not report."""
     key = add_client("acme")
     fake_anthropic.enqueue(fa.text_response("late", usage={"input_tokens": 50}).silent_for(30))
     fake_openai.enqueue(fo.text_response("").with_delay(30))  # the embeddings answer 30 s later
@@ -338,8 +340,8 @@ async def test_a_whole_answer_the_client_left_is_billed_its_input_as_after_a_cra
 
     await wait_until(recorded)
     (record,) = await records(client)
-    assert (record["answered"], record["estimatedFields"]) == (True, ["inputTokens"])
-    assert record["inputTokens"] > 0 and record["totalCost"] > 0
+    assert (record["answered"], record["estimatedFields"]) == (True, ["inputTokens", "outputTokens"])
+    assert record["inputTokens"] > 0 and record["outputTokens"] == 0 and record["totalCost"] > 0
 
 
 # --- a budget period that changes while a call is in flight -----------------------------------------------
