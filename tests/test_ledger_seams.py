@@ -15,8 +15,11 @@ from typing import Any
 import anthropic
 import openai
 import pytest
+import redis.asyncio as aioredis
 from aiohttp.test_utils import TestClient
 
+from agentspace import hookimpl
+from agentspace.plugins import create_plugin_manager
 from tests.conftest import wait_until
 from tests.fakes import anthropic_upstream as fa
 from tests.fakes import openai_upstream as fo
@@ -385,3 +388,63 @@ async def test_a_call_in_flight_still_counts_after_its_client_s_budget_period_ch
         with pytest.raises(anthropic.RateLimitError):
             await api.messages.create(**params)
     assert len(fake_anthropic.requests) == 1
+
+
+# --- a spend read again while a record is stored ----------------------------------------------------------
+
+
+def held_sink(stored: asyncio.Event, go_on: asyncio.Event) -> Any:
+    """A plugin manager with an inline usage sink (awaited after the store of record, before the record settles)
+    that holds a record until ``go_on``, after setting ``stored``."""
+
+    class HeldSink:
+        name = "held"
+        delivery = "inline"
+
+        async def record(self, record: Any) -> None:
+            stored.set()
+            await go_on.wait()
+
+    class Plugin:
+        @hookimpl
+        def register_usage_sinks(self, register: Any, config: Any) -> None:
+            register(HeldSink())
+
+    pm = create_plugin_manager()
+    pm.register(Plugin())
+    return pm
+
+
+async def test_a_spend_redis_lost_and_read_back_while_a_record_is_stored_counts_it_once(
+    make_client: Callable[..., Awaitable[TestClient]],
+    fake_anthropic: fa.FakeAnthropic,
+    auth_headers: dict[str, str],
+    redis_srv: Any,
+) -> None:
+    """The period's spend leaves Redis while a call runs (its key expires after 10 minutes, or is deleted) and is
+    read back from the records after the call's record was stored, before it settled: that read counts the record,
+    so its settling must not add it again (docs/accounting.md, "Spend")."""
+    await flush_redis(redis_srv)
+    stored, go_on = asyncio.Event(), asyncio.Event()
+    client = await make_client(storage={"redis_url": redis_srv.url}, pm=held_sink(stored, go_on))
+    key = add_client("acme", "--budget", "1")
+    fake_anthropic.enqueue(fa.text_response("Exactly so.", usage={"input_tokens": 1000, "output_tokens": 50}))
+    api = anthropic.AsyncAnthropic(api_key=key, base_url=url(client), max_retries=0)
+    call = asyncio.ensure_future(
+        api.messages.create(model=ANTHROPIC, max_tokens=100, messages=[{"role": "user", "content": "Hi"}])
+    )
+    await asyncio.wait_for(stored.wait(), 30)
+    redis = aioredis.from_url(redis_srv.url)
+    try:
+        spend_keys = [k async for k in redis.scan_iter("agentspace:budget:acme:month:*")]
+        assert len(spend_keys) == 1
+        await redis.delete(*spend_keys)  # as when it expires
+    finally:
+        await redis.aclose()
+    read_back = (await clients_shown(client, auth_headers))["acme"]  # the record is in the store: counted
+    go_on.set()
+    await call
+    (record,) = await records(client)
+    assert read_back["usd"] == pytest.approx(record["totalCost"])
+    shown = (await clients_shown(client, auth_headers))["acme"]
+    assert (shown["usd"], shown["inFlightUsd"]) == (pytest.approx(record["totalCost"]), 0)
