@@ -64,7 +64,6 @@ log = logging.getLogger(__name__)
 RELAYED_NOTE_SECONDS = 0.5
 # The usage fields a record may have counted locally, in UsageRecord.to_dict's names.
 OUTPUT_FIELDS = ("outputTokens",)
-INPUT_FIELDS = ("inputTokens",)
 ALL_FIELDS = ("inputTokens", "outputTokens")
 
 # What an uncountable input may cost when neither the config nor the model says (a common context window).

@@ -92,7 +92,9 @@ async def test_an_openai_stream_cut_after_its_first_chunk_bills_the_input_it_was
     """The upstream answered (HTTP 200 and its first chunk, ``{"role": "assistant"}``) and then the connection
     dropped. The upstream took the call and bills its input: each upstream request has its record, answered,
     with the input counted here (``docs/accounting.md``: a call is voided only when the upstream never
-    answered; ``ProviderCall.answered``: "its first byte"). A chat turn retries the step as a call of its own."""
+    answered; ``ProviderCall.answered``: "its first byte"). A chat turn retries the step as a call of its own.
+    Nothing was reported: the output (none relayed) is counted here too, and named, as a recovery names it
+    (test_ledger_recovery_ways.py)."""
     key = add_client("acme")
     fake_openai.enqueue(fo.text_response("alpha beta gamma", chunks=3, usage=O_USAGE).cut_after(1))
     fake_openai.enqueue(fo.text_response("Exactly so.", usage=O_USAGE))  # the chat turn's retry
@@ -103,7 +105,8 @@ async def test_an_openai_stream_cut_after_its_first_chunk_bills_the_input_it_was
     mine = await records(client)
     assert len(mine) == len(fake_openai.requests)
     cut = mine[0]
-    assert (cut["answered"], cut["estimatedFields"]) == (True, ["inputTokens"]) and cut["inputTokens"] > 0
+    assert (cut["answered"], cut["estimatedFields"]) == (True, ["inputTokens", "outputTokens"])
+    assert cut["inputTokens"] > 0 and cut["outputTokens"] == 0
 
 
 @pytest.mark.xfail(
