@@ -64,7 +64,6 @@ log = logging.getLogger(__name__)
 RELAYED_NOTE_SECONDS = 0.5
 # The usage fields a record may have counted locally, in UsageRecord.to_dict's names.
 OUTPUT_FIELDS = ("outputTokens",)
-INPUT_FIELDS = ("inputTokens",)
 ALL_FIELDS = ("inputTokens", "outputTokens")
 
 # What an uncountable input may cost when neither the config nor the model says (a common context window).
@@ -975,11 +974,12 @@ class ProviderCall:
     async def left_whole(self) -> None:
         """The client left (its handler cancelled) while a whole answer was awaited (``sent_whole``): the upstream
         has the request and bills it, so the call is recorded as its recovery would record it (``recovered_record``)
-        -- its input, counted here as the entry's was, billed as a call that answered -- aborted, and stored
-        although the caller is being cancelled."""
+        -- its input, counted here as the entry's was, billed as a call that answered; its output none relayed, but
+        the upstream wrote an answer it did not report, so both are estimates -- aborted, and stored although the
+        caller is being cancelled."""
         if self.recorded is None:
             usage = TokenUsage(input_tokens=self._input_tokens())
-            pending = self.record(usage, "aborted", error="ABORTED", estimated_fields=INPUT_FIELDS)
+            pending = self.record(usage, "aborted", error="ABORTED", estimated_fields=ALL_FIELDS)
             await asyncio.shield(asyncio.ensure_future(pending))
 
     def _input_tokens(self) -> int:

@@ -299,7 +299,8 @@ async def summarise(gw: Registry, turn: TurnLike, previous: str, messages: list[
                     finish = event
         except ProviderError as e:
             # Cut short: what the upstream reported is kept, only what it did not report is counted here
-            # (the input with no report, the output after the last one); a call it never answered bills nothing.
+            # (the input and the output with no report, the output after the last one); a call it never answered
+            # bills nothing.
             fields: list[str] = []
             usage = replace(reported) if reported is not None else TokenUsage()
             if reported is None and answered:
@@ -309,6 +310,8 @@ async def summarise(gw: Registry, turn: TurnLike, previous: str, messages: list[
             if output > usage.output_tokens:
                 usage.output_tokens = output
                 fields.append("outputTokens")
+            elif reported is None and answered:
+                fields.append("outputTokens")  # none streamed, none reported: not the upstream's figure either
             await call.record(usage, "error", error=e.code, answered=answered, estimated_fields=fields)
             raise ApiError(e.code, f"The session could not be compacted: {e.message}") from None
         assert finish is not None

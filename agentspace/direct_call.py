@@ -22,7 +22,7 @@ import json
 from collections.abc import AsyncIterator
 from dataclasses import replace
 
-from .calls import ALL_FIELDS, INPUT_FIELDS, OUTPUT_FIELDS, ProviderCall, request_input_tokens
+from .calls import ALL_FIELDS, OUTPUT_FIELDS, ProviderCall, request_input_tokens
 from .events import (
     ProviderError,
     ProviderEvent,
@@ -151,9 +151,9 @@ class DirectCall:
                 reported.output_tokens = output
                 return reported, (*OUTPUT_FIELDS, *seen)
             return reported, seen
-        # No report: the input is counted here; the output too, when there was some (a stream cut after the
-        # upstream answered and before its first token has none to count).
-        return TokenUsage(request_input_tokens(self.request), output), ALL_FIELDS if self._output else INPUT_FIELDS
+        # No report: the input is counted here, and the output (none, when the stream was cut before its first
+        # token): neither is the upstream's figure, as a recovery names them (``calls.recovered_record``).
+        return TokenUsage(request_input_tokens(self.request), output), ALL_FIELDS
 
     async def abort(self) -> UsageRecord | None:
         """The client went away: stop the provider (closing the upstream request) and record what was used."""

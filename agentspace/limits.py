@@ -635,7 +635,9 @@ class Guard:
             cost = record.cost.total_cost
             if reservation is not None:
                 created_at = reservation.client_created_at
-                await self.counters.settle(reservation, cost)
+                # Its period's spend read back from the store while the record was stored (Redis lost it, or its key
+                # expired) counted it already: the reservation is given back, and the cost not added again.
+                await self.counters.settle(reservation, 0.0 if reservation.period_key in counted else cost)
                 periods = [k for k in self._every_period(created_at) if k != reservation.period_key]
             elif identity is not None:
                 if not owned:  # removed, or replaced by a new client of the name: nothing of its is counted

@@ -922,7 +922,8 @@ class Turn:
         """Usage of a call without a final report (failed, cut, aborted, or a provider that reports none).
 
         What the upstream reported is kept; only what it did not report is counted locally, and named in
-        ``estimated_fields``: the input when there was no report, the output streamed after the last one.
+        ``estimated_fields``: the input and the output when there was no report, the output streamed after the last
+        one.
         A call the upstream never answered bills nothing.
         """
         if not state.answered:
@@ -941,6 +942,8 @@ class Turn:
             if counted > usage.output_tokens:
                 usage.output_tokens = counted
                 estimated.append("outputTokens")
+        if state.reported is None and "outputTokens" not in estimated:
+            estimated.append("outputTokens")  # none streamed, none reported: not the upstream's figure either
         usage.estimated, usage.estimated_fields = bool(estimated), tuple(estimated)
         return usage
 

@@ -110,3 +110,40 @@ async def test_killed_mid_stream_on_every_way_and_started_twice_records_each_str
             else:
                 assert r["inputTokens"] > 0 and r["estimatedFields"] == ["inputTokens", "outputTokens"], r
     assert list((data_dir / "ledger").glob("journal-*.jsonl")) == []
+
+
+async def test_a_pass_through_stream_killed_before_its_message_start_is_voided_as_when_its_client_leaves(
+    tmp_path: Path, fake_anthropic: fa.FakeAnthropic
+) -> None:
+    """An Anthropic stream is answered at its ``message_start`` (docs/accounting.md): relayed as-is, one whose
+    upstream sent its status and headers and nothing more is voided when its client leaves
+    (test_v1_client_turns.py), and so when the process dies then. A second stream, whose ``message_start`` is
+    noted, shows the first one's notes are written too (a journal batch writes every entry noted before it)."""
+    data_dir = tmp_path / "data"
+    fake_anthropic.enqueue(
+        fa.text_response("late", usage={"input_tokens": 4321}).stall(120, after=0),  # headers, then nothing
+        fa.text_response("word " * 10, chunks=10, usage={"input_tokens": 555}).stall(120, after=1),
+    )
+    server = GatewayProcess(data_dir, fake_anthropic.url)
+    try:
+        await server.start()
+        key = (await asyncio.to_thread(run_cli, server, "clients", "add", "acme", "--budget", "5")).strip()
+        headers = {"Authorization": f"Bearer {key}", "anthropic-version": "2023-06-01"}
+        body = {"model": SONNET, "messages": [{"role": "user", "content": PROMPT}], "stream": True, "max_tokens": 500}
+        async with aiohttp.ClientSession() as http:
+            held = [await http.post(server.url + "/v1/messages", json=body, headers=headers) for _ in range(2)]
+            assert [resp.status for resp in held] == [200, 200]  # the gateway relays the upstream's headers
+            await wait_for_notes(lambda: journal_entries(data_dir), 1, lambda e: isinstance(e.get("usage"), dict))
+            await server.kill()
+    finally:
+        await server.aclose()
+    restarted = GatewayProcess(data_dir, fake_anthropic.url)
+    try:
+        await restarted.start()
+        assert await restarted.terminate() == 0
+    finally:
+        await restarted.aclose()
+    found = sorted(UsageStore(data_dir).records_sync(), key=lambda r: r["inputTokens"])
+    got = [(r["recovered"], r["answered"], r["inputTokens"], r["estimatedFields"]) for r in found]
+    assert got == [(True, False, 0, []), (True, True, 555, ["outputTokens"])]
+    assert found[0]["totalCost"] == 0

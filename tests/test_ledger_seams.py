@@ -15,8 +15,11 @@ from typing import Any
 import anthropic
 import openai
 import pytest
+import redis.asyncio as aioredis
 from aiohttp.test_utils import TestClient
 
+from agentspace import hookimpl
+from agentspace.plugins import create_plugin_manager
 from tests.conftest import wait_until
 from tests.fakes import anthropic_upstream as fa
 from tests.fakes import openai_upstream as fo
@@ -89,7 +92,9 @@ async def test_an_openai_stream_cut_after_its_first_chunk_bills_the_input_it_was
     """The upstream answered (HTTP 200 and its first chunk, ``{"role": "assistant"}``) and then the connection
     dropped. The upstream took the call and bills its input: each upstream request has its record, answered,
     with the input counted here (``docs/accounting.md``: a call is voided only when the upstream never
-    answered; ``ProviderCall.answered``: "its first byte"). A chat turn retries the step as a call of its own."""
+    answered; ``ProviderCall.answered``: "its first byte"). A chat turn retries the step as a call of its own.
+    Nothing was reported: the output (none relayed) is counted here too, and named, as a recovery names it
+    (test_ledger_recovery_ways.py)."""
     key = add_client("acme")
     fake_openai.enqueue(fo.text_response("alpha beta gamma", chunks=3, usage=O_USAGE).cut_after(1))
     fake_openai.enqueue(fo.text_response("Exactly so.", usage=O_USAGE))  # the chat turn's retry
@@ -100,7 +105,8 @@ async def test_an_openai_stream_cut_after_its_first_chunk_bills_the_input_it_was
     mine = await records(client)
     assert len(mine) == len(fake_openai.requests)
     cut = mine[0]
-    assert (cut["answered"], cut["estimatedFields"]) == (True, ["inputTokens"]) and cut["inputTokens"] > 0
+    assert (cut["answered"], cut["estimatedFields"]) == (True, ["inputTokens", "outputTokens"])
+    assert cut["inputTokens"] > 0 and cut["outputTokens"] == 0
 
 
 @pytest.mark.xfail(
@@ -320,7 +326,9 @@ async def test_a_whole_answer_the_client_left_is_billed_its_input_as_after_a_cra
     """docs/accounting.md: "A call whose answer comes whole at its end (``/v1/messages`` with ``stream: false``,
     ``/v1/embeddings``) shows no sign before then: once its request went upstream, it is billed its input as a
     call that answered" -- and a call is billed nothing only when the upstream never answered (refused,
-    unreachable, stopped before it was sent). The client hanging up is none of those."""
+    unreachable, stopped before it was sent). The client hanging up is none of those. Its record names what a
+    recovery's names (test_crashes_outside.py, a whole answer cut by a SIGKILL): the input counted here, and the
+    output -- none relayed, but the upstream wrote an answer it did not report."""
     key = add_client("acme")
     fake_anthropic.enqueue(fa.text_response("late", usage={"input_tokens": 50}).silent_for(30))
     fake_openai.enqueue(fo.text_response("").with_delay(30))  # the embeddings answer 30 s later
@@ -338,8 +346,8 @@ async def test_a_whole_answer_the_client_left_is_billed_its_input_as_after_a_cra
 
     await wait_until(recorded)
     (record,) = await records(client)
-    assert (record["answered"], record["estimatedFields"]) == (True, ["inputTokens"])
-    assert record["inputTokens"] > 0 and record["totalCost"] > 0
+    assert (record["answered"], record["estimatedFields"]) == (True, ["inputTokens", "outputTokens"])
+    assert record["inputTokens"] > 0 and record["outputTokens"] == 0 and record["totalCost"] > 0
 
 
 # --- a budget period that changes while a call is in flight -----------------------------------------------
@@ -383,3 +391,63 @@ async def test_a_call_in_flight_still_counts_after_its_client_s_budget_period_ch
         with pytest.raises(anthropic.RateLimitError):
             await api.messages.create(**params)
     assert len(fake_anthropic.requests) == 1
+
+
+# --- a spend read again while a record is stored ----------------------------------------------------------
+
+
+def held_sink(stored: asyncio.Event, go_on: asyncio.Event) -> Any:
+    """A plugin manager with an inline usage sink (awaited after the store of record, before the record settles)
+    that holds a record until ``go_on``, after setting ``stored``."""
+
+    class HeldSink:
+        name = "held"
+        delivery = "inline"
+
+        async def record(self, record: Any) -> None:
+            stored.set()
+            await go_on.wait()
+
+    class Plugin:
+        @hookimpl
+        def register_usage_sinks(self, register: Any, config: Any) -> None:
+            register(HeldSink())
+
+    pm = create_plugin_manager()
+    pm.register(Plugin())
+    return pm
+
+
+async def test_a_spend_redis_lost_and_read_back_while_a_record_is_stored_counts_it_once(
+    make_client: Callable[..., Awaitable[TestClient]],
+    fake_anthropic: fa.FakeAnthropic,
+    auth_headers: dict[str, str],
+    redis_srv: Any,
+) -> None:
+    """The period's spend leaves Redis while a call runs (its key expires after 10 minutes, or is deleted) and is
+    read back from the records after the call's record was stored, before it settled: that read counts the record,
+    so its settling must not add it again (docs/accounting.md, "Spend")."""
+    await flush_redis(redis_srv)
+    stored, go_on = asyncio.Event(), asyncio.Event()
+    client = await make_client(storage={"redis_url": redis_srv.url}, pm=held_sink(stored, go_on))
+    key = add_client("acme", "--budget", "1")
+    fake_anthropic.enqueue(fa.text_response("Exactly so.", usage={"input_tokens": 1000, "output_tokens": 50}))
+    api = anthropic.AsyncAnthropic(api_key=key, base_url=url(client), max_retries=0)
+    call = asyncio.ensure_future(
+        api.messages.create(model=ANTHROPIC, max_tokens=100, messages=[{"role": "user", "content": "Hi"}])
+    )
+    await asyncio.wait_for(stored.wait(), 30)
+    redis = aioredis.from_url(redis_srv.url)
+    try:
+        spend_keys = [k async for k in redis.scan_iter("agentspace:budget:acme:month:*")]
+        assert len(spend_keys) == 1
+        await redis.delete(*spend_keys)  # as when it expires
+    finally:
+        await redis.aclose()
+    read_back = (await clients_shown(client, auth_headers))["acme"]  # the record is in the store: counted
+    go_on.set()
+    await call
+    (record,) = await records(client)
+    assert read_back["usd"] == pytest.approx(record["totalCost"])
+    shown = (await clients_shown(client, auth_headers))["acme"]
+    assert (shown["usd"], shown["inFlightUsd"]) == (pytest.approx(record["totalCost"]), 0)

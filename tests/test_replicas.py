@@ -565,6 +565,8 @@ async def test_a_database_outage_longer_than_a_lease_does_not_recover_the_calls_
         for record in records:
             assert (record["inputTokens"], record["outputTokens"]) == (3000, 500), record
             assert not record["recovered"], record
+        # Nor were they recovered meanwhile (A's records, as reported, would have taken the estimates' places).
+        assert "left pending by a replica that stopped" not in b.log() + a.log()
     finally:
         await stop_running(a, b)
         pg.close()

@@ -241,6 +241,13 @@ async def reservation_released(server: GatewayProcess) -> None:
         ("/v1/responses", "openai/gpt-4o-mini", {"input": "hi"}),
         ("/v1/chat/completions", "anthropic/claude-sonnet-4-6", {"messages": [{"role": "user", "content": "hi"}]}),
         ("/v1/messages", "openai/gpt-4o-mini", {"max_tokens": 50, "messages": [{"role": "user", "content": "hi"}]}),
+        # Relayed as-is: the upstream's status and headers came, its message_start not (a recovery voids it too,
+        # test_ledger_recovery_ways.py).
+        (
+            "/v1/messages",
+            "anthropic/claude-sonnet-4-6",
+            {"max_tokens": 50, "messages": [{"role": "user", "content": "hi"}]},
+        ),
     ],
 )
 async def test_a_client_gone_before_the_first_token_stops_the_call_at_once(

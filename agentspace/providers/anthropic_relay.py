@@ -132,7 +132,6 @@ async def messages(
 
     default_url, read_timeout = upstream(gw)
     base_url = (base_url or default_url).rstrip("/")
-    answered = False
     if not body.get("stream"):
         meter.sent_whole()
     try:
@@ -154,24 +153,20 @@ async def messages(
                 if up.status in KEY_REFUSED:
                     return key_refused(gw, base_url, up.status, data)
                 return web.Response(status=up.status, body=redact_bytes(data), headers=relayed_headers(up))
-            answered = True
-            meter.answered()
+            # A stream is answered at its message_start (noted with its usage, ``_Relay.note``), not at its status:
+            # ``_record_stream`` voids a stream cut or left before it, and a recovery must bill what it would.
             if not body.get("stream"):
                 return await _whole(up, body, meter)
             return await _stream(request, up, body, meter)
         finally:
             up.close()  # a no-op for a finished response; drops the connection of an unfinished one
     except asyncio.CancelledError:
-        # The client went away while we waited for the upstream (a server that cancels handlers then).
+        # The client went away while we waited for the upstream (a server that cancels handlers then; once it
+        # answered, ``_whole`` and ``_stream`` record).
         if not body.get("stream"):
             await meter.left_whole()  # a whole answer: the upstream has the request and bills its input
-        elif meter.recorded is None:
-            if answered:  # the upstream took the call: its input is billed, counted here
-                pending = meter.record(
-                    TokenUsage(input_tokens=local_input_tokens(body)), "aborted", estimated_fields=ALL_FIELDS
-                )
-            else:
-                pending = meter.record(TokenUsage(), "aborted", error="ABORTED", answered=False)
+        elif meter.recorded is None:  # no message_start yet: voided, as ``_stream`` voids a client gone before it
+            pending = meter.record(TokenUsage(), "aborted", error="ABORTED", answered=False)
             await asyncio.shield(asyncio.ensure_future(pending))
         raise
 
