@@ -613,6 +613,10 @@ def _totals_row(totals: dict[str, Any]) -> list[Any]:
 
 
 def _totals_from_row(row: list[Any]) -> dict[str, Any]:
+    # Numbers only: a string or a null (a rollup edited or damaged in a way JSON allows) would otherwise be summed
+    # into the report and stop it there, past the check that sets a damaged rollup aside (ValueError is caught).
+    if not all(value.__class__ is int or value.__class__ is float for value in row):
+        raise ValueError(f"a group's totals are not numbers: {row!r:.80}")
     totals = dict(zip(SUMMED, row, strict=False))
     if not row[len(SUMMED)]:
         totals["priceKnown"] = False
