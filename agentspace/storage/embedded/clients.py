@@ -62,6 +62,7 @@ class ClientStore:
         self._clients: dict[str, Client] = {}
         self._by_hash: dict[str, Client] = {}
         self._touched: dict[str, float] = {}
+        self._stored: set[str] = set()  # the names in the file, those that cannot be read included
 
     # --- reads (cheap, sync: a stat, and a read only when the file changed) --------------------
 
@@ -93,6 +94,7 @@ class ClientStore:
 
     def _load(self, data: dict[str, Any]) -> None:
         clients = {}
+        self._stored = set(data.get("clients") or {})
         for stored in (data.get("clients") or {}).values():
             try:
                 client = Client.from_stored(stored)
@@ -155,7 +157,8 @@ class ClientStore:
         """Store a new client (``client.key_hash`` is replaced); returns its key, the only time it is shown."""
         with self._writing():
             self._refresh()
-            if client.name in self._clients:
+            # A stored client that cannot be read (damaged from outside) is not replaced: removed first, on purpose.
+            if client.name in self._clients or client.name in self._stored:
                 raise ClientExists(client.name)
             key = new_key()
             client.key_hash = hash_key(key)
@@ -205,9 +208,10 @@ class ClientStore:
     def remove_sync(self, name: str) -> None:
         with self._writing():
             self._refresh()
-            if name not in self._clients:
+            # One that cannot be read (damaged from outside) is removed too: the way to add it again.
+            if name not in self._clients and name not in self._stored:
                 raise ClientNotFound(name)
-            del self._clients[name]
+            self._clients.pop(name, None)
             try:
                 self._table().remove(doc_ids=[name])  # type: ignore[list-item]
                 self._written()
