@@ -238,6 +238,13 @@ class PostgresUsageStore:
         rows = [_row(r) for r in records]
         if not rows:
             return 0
+        # One row per id: a record twice in a batch (a data directory that holds it twice, migrated) is stored once
+        # by the conflict clause, but every copy of it would be added to the rollups.
+        firsts: dict[str, int] = {}
+        for n, row in enumerate(rows):
+            firsts.setdefault(row[0], n)
+        if len(firsts) < len(rows):
+            records, rows = [records[n] for n in firsts.values()], [rows[n] for n in firsts.values()]
         await self._ensure_partitions({_month_start(row[1]) for row in rows})
         recovered = [bool(r.get("recovered")) for r in records]
         endpoints = [str(r.get("endpoint") or "") for r in records]
