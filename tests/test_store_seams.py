@@ -16,6 +16,8 @@ from agentspace.storage import UsageStore
 from agentspace.storage.reports import REPORTS
 from scripts.harness import GatewayProcess
 from tests.fakes import anthropic_upstream as fa
+from tests.support.ws import chat, connect
+from tests.test_sessions_outside import sent_texts, shown
 from tests.test_torn_files import killed_mid_call, ws_turn
 from tests.test_usage_rollups import rounded, seed
 
@@ -136,3 +138,98 @@ def test_a_client_that_cannot_be_read_is_removed_and_added_again_through_the_cli
     stored = json.loads((isolated_env / "clients.json").read_text())["clients"]
     assert sorted(stored) == ["bob", "carol"] and stored["bob"]["name"] == "bob"
     assert run("doctor").exit_code == 0
+
+
+# --- sessions ------------------------------------------------------------------------------------------------
+
+
+async def listed_ids(client: TestClient, headers: dict[str, str]) -> list[str]:
+    resp = await client.get("/api/sessions", headers=headers)
+    assert resp.status == 200, await resp.text()
+    return sorted(s["id"] for s in (await resp.json())["sessions"])
+
+
+async def test_a_session_file_copied_under_another_id_is_that_session_everywhere(
+    client: TestClient, token: str, auth_headers: dict[str, str], isolated_env: Path, fake_anthropic: Any
+) -> None:
+    # An operator keeps a conversation by copying its file under another id while the server runs. Every listing
+    # shows the id each file has, each opens and deletes by that id, and a chat in the copy goes on in the copy.
+    ws = await connect(client, token)
+    original = (await chat(ws, "first question"))[0]["sessionId"]
+    folder = isolated_env / "sessions"
+    copy = "sess_copy01"
+    (folder / f"{copy}.jsonl").write_bytes((folder / f"{original}.jsonl").read_bytes())
+    assert await listed_ids(client, auth_headers) == sorted([original, copy])
+    assert json.loads(run("sessions", "show", copy, "--json").stdout)["id"] == copy
+    assert sorted(line.split()[0] for line in run("sessions", "list").stdout.splitlines()[2:]) == sorted(
+        [original, copy]
+    )
+
+    run("sessions", "delete", original, "--yes")
+    assert await listed_ids(client, auth_headers) == [copy]
+    assert run("sessions", "list").stdout.splitlines()[2].split()[0] == copy
+    await chat(ws, "second question", "r2", sessionId=copy)
+    assert sent_texts(fake_anthropic) == ["first question", fa.DEFAULT_TEXT, "second question"]
+    resp = await client.get(f"/api/sessions/{copy}", headers=auth_headers)
+    assert (await resp.json())["session"]["id"] == copy
+    assert await shown(client, auth_headers, copy) == [
+        "first question",
+        fa.DEFAULT_TEXT,
+        "second question",
+        fa.DEFAULT_TEXT,
+    ]
+    assert await listed_ids(client, auth_headers) == [copy]
+    run("sessions", "delete", copy, "--yes")
+    assert await listed_ids(client, auth_headers) == [] and run("sessions", "list").stdout.startswith("No sessions")
+    await ws.close()
+
+
+async def test_a_session_summary_of_the_wrong_type_is_named_damaged_not_a_listing_that_fails(
+    client: TestClient, token: str, auth_headers: dict[str, str], isolated_env: Path
+) -> None:
+    # A summary that JSON allows but no writer makes (a time written as a number, edited or damaged from outside)
+    # must not stop every listing that sorts or prints it: that session is named damaged, the others are listed.
+    ws = await connect(client, token)
+    good = (await chat(ws, "good"))[0]["sessionId"]
+    bad = (await chat(ws, "bad", "r2"))[0]["sessionId"]
+    await ws.close()
+    path = isolated_env / "sessions" / f"{bad}.jsonl"
+    *lines, last = path.read_bytes().splitlines(keepends=True)
+    summary = json.loads(last)
+    summary["session"]["lastActivityAt"] = 1765000000
+    path.write_bytes(b"".join(lines) + json.dumps(summary).encode() + b"\n")
+
+    listed = run("sessions", "list")
+    assert listed.stdout.splitlines()[2].split()[0] == good and bad not in listed.stdout and str(path) in listed.output
+    doctor = CliRunner().invoke(cli, ["doctor"])
+    assert doctor.exit_code == 1 and f"{path}: damaged session file" in doctor.output
+    resp = await client.get("/api/sessions", headers=auth_headers)
+    assert resp.status == 200, await resp.text()
+    listing = await resp.json()
+    assert [s["id"] for s in listing["sessions"]] == [good] and listing["damagedFiles"] == [str(path)]
+    # The server moves it aside at its first read, and says why.
+    resp = await client.get(f"/api/sessions/{bad}", headers=auth_headers)
+    assert resp.status != 200 and "SESSION_DAMAGED" in await resp.text()
+    assert not path.exists() and list(path.parent.glob(f"{bad}.jsonl.damaged-*"))
+
+
+# --- PostgreSQL rollups --------------------------------------------------------------------------------------
+
+
+def test_a_record_held_twice_is_migrated_once_and_rolled_up_once(isolated_env: Path, pg_dsn: str) -> None:
+    # A data directory can hold a record twice (the same segment copied back by hand, a write retried after
+    # its segment rolled over). Migrated, the database stores it once; its rollups must count it once too, or
+    # every report says more than the records do.
+    records = seed(isolated_env, random.Random(8))[:40]  # 2026-03-01/00000: one segment
+    day = isolated_env / "usage" / "2026-03-01"
+    source = sorted(day.iterdir())[0]
+    (day / f"00009{source.suffix}").write_bytes(source.read_bytes())  # the same records again, in one segment
+    result = run("storage", "migrate", "--to", pg_dsn)
+    assert "usage records: 480 copied, 40 already there" in result.output, result.output
+    config = isolated_env / "pg.toml"
+    config.write_text(f'[storage]\nbackend = "postgres"\ndsn = "{pg_dsn}"\n')
+    report = json.loads(run("usage", "--config", str(config), "--json", "--by-day").stdout)
+    stored = UsageStore(isolated_env).records_sync()
+    once = list({r["id"]: r for r in stored}.values())
+    assert len(once) == 480 and len(records) == 40
+    assert rounded(report["perDay"]) == rounded(REPORTS["day"](once)["perDay"])
