@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import random
+import time
 from pathlib import Path
 from typing import Any
 
@@ -13,13 +14,14 @@ from click.testing import CliRunner
 
 from agentspace.cli import main as cli
 from agentspace.storage import UsageStore
+from agentspace.storage.embedded.usage import write_log_segment
 from agentspace.storage.reports import REPORTS
 from scripts.harness import GatewayProcess
 from tests.fakes import anthropic_upstream as fa
 from tests.support.ws import chat, connect
 from tests.test_sessions_outside import sent_texts, shown
 from tests.test_torn_files import killed_mid_call, ws_turn
-from tests.test_usage_rollups import rounded, seed
+from tests.test_usage_rollups import random_record, rounded, seed
 
 
 def run(*args: str) -> Any:
@@ -51,6 +53,27 @@ def test_a_rollup_whose_totals_are_not_numbers_is_set_aside_and_the_report_equal
         assert rounded(report["grandTotal"]) == rounded(expected["grandTotal"]) == rounded(first["grandTotal"])
     aside = sorted(p.name.split(".damaged-")[0] for p in rollups.iterdir() if ".damaged-" in p.name)
     assert aside == ["2026-03-01.day.json", "2026-03-01.json", "2026-03-02.day.json", "2026-03-02.json"]
+
+
+def test_a_rollup_entry_without_its_groups_is_set_aside_not_counted_as_no_records(isolated_env: Path) -> None:
+    # Today's closed segment counts through its entry in rollups/<today>.json. An entry whose groups were cut out
+    # (an edit that JSON allows) must not count its segment as holding nothing.
+    today = time.strftime("%Y-%m-%d", time.gmtime())
+    rng = random.Random(6)
+    records = [random_record(rng, n, today) for n in range(60)]
+    write_log_segment(isolated_env, today, 0, records[:40])  # closed: the next one exists
+    write_log_segment(isolated_env, today, 1, records[40:])  # open: scanned by every report
+    assert json.loads(run("usage", "--json").stdout)["grandTotal"]["requestCount"] == sum(
+        r["answered"] is not False for r in records
+    )
+    path = isolated_env / "usage" / "rollups" / f"{today}.json"
+    data = json.loads(path.read_text())
+    del data["segments"]["00000.jsonl"]["groups"]
+    path.write_text(json.dumps(data))
+    for by in ("model", "session"):
+        report = json.loads(run("usage", f"--by-{by}", "--json").stdout)
+        assert rounded(report) == rounded({**REPORTS[by](records), "damagedFiles": []})
+    assert list(path.parent.glob(f"{today}.json.damaged-*"))
 
 
 # --- the ledger journal --------------------------------------------------------------------------------------

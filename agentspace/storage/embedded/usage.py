@@ -581,7 +581,7 @@ def _warn_torn_tail(path: Path) -> None:
 def _count_rollup(
     entry: dict[str, Any], session_id: str | None, client: str | None, groups: dict[GroupKey, dict[str, Any]]
 ) -> None:
-    for row in entry.get("groups", []):
+    for row in entry["groups"]:  # none (an entry edited from outside): KeyError, the rollup is set aside
         key = tuple(row[:6])
         if (session_id is None or key[3] == session_id) and (client is None or owner(key[2]) == client):
             merge(groups, key, _totals_from_row(row[6]))
