@@ -184,7 +184,7 @@ def _replay(entries: builtins.list[Any], path: Path) -> tuple[_Session, int]:
             pending = []
             if value.get("messageCount") != len(messages):
                 raise StoreCorrupt(path, "entries are missing (the message count does not match the messages)")
-            info = _read_info(value, path, _LOG)
+            info = value
         elif kind in ("message", "update"):
             pending.append((kind, value))
         else:
@@ -193,7 +193,7 @@ def _replay(entries: builtins.list[Any], path: Path) -> tuple[_Session, int]:
         raise StoreCorrupt(path, "not a session log (no complete write: truncated or not a session)")
     if len(pending) > 1:  # a write appends one message or update, then the summary
         raise StoreCorrupt(path, f"{len(pending)} entries after the last complete write (truncated)")
-    info = {key: value for key, value in info.items() if key != "messageCount"}
+    info = {key: value for key, value in _read_info(info, path, _LOG).items() if key != "messageCount"}
     return _Session(info, messages), len(pending)
 
 
