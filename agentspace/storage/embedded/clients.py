@@ -95,9 +95,10 @@ class ClientStore:
     def _load(self, data: dict[str, Any]) -> None:
         clients = {}
         self._stored = set(data.get("clients") or {})
-        for stored in (data.get("clients") or {}).values():
+        for name, stored in (data.get("clients") or {}).items():
             try:
-                client = Client.from_stored(stored)
+                # Its name is the table's key for it, as every change finds it (a name edited inside: the key wins).
+                client = Client.from_stored({**stored, "name": name})
             except (KeyError, TypeError, ValueError):
                 continue
             clients[client.name] = client
