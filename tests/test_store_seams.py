@@ -116,11 +116,11 @@ async def test_a_ledger_journal_whose_last_write_lost_only_its_newline_posts_not
 # --- the clients table (tinydb) ------------------------------------------------------------------------------
 
 
-def edit_client(data_dir: Path, name: str, **changes: Any) -> None:
+def edit_client(data_dir: Path, key: str, /, **changes: Any) -> None:
     """Change a stored client by hand, as an operator with an editor would (the file stays 0600)."""
     path = data_dir / "clients.json"
     data = json.loads(path.read_text())
-    data["clients"][name] = changes.pop("whole") if "whole" in changes else {**data["clients"][name], **changes}
+    data["clients"][key] = changes.pop("whole") if "whole" in changes else {**data["clients"][key], **changes}
     path.write_text(json.dumps(data))
 
 
@@ -132,17 +132,35 @@ async def test_a_client_with_limits_of_the_wrong_type_is_refused_and_named_not_a
     # `agentspace doctor` names it.
     bob = run("clients", "add", "bob", "--budget", "5").stdout.strip()
     alice = run("clients", "add", "alice").stdout.strip()
+    carol = run("clients", "add", "carol").stdout.strip()
     edit_client(isolated_env, "bob", budgetUsd="5", period="fortnight")
+    edit_client(isolated_env, "carol", lastUsedAt=1765000000)
     listed = run("clients", "list").stdout
-    assert "alice" in listed and "bob" not in listed
+    assert "alice" in listed and "bob" not in listed and "carol" not in listed
     doctor = CliRunner().invoke(cli, ["doctor"])
     assert doctor.exit_code == 1 and "client 'bob' cannot be read (its key is refused)" in doctor.output
+    assert "client 'carol' cannot be read" in doctor.output
 
     client: TestClient = await make_client()
     clients = await client.get("/api/clients", headers={"Authorization": f"Bearer {token}"})
     assert clients.status == 200 and [c["name"] for c in (await clients.json())["clients"]] == ["alice"]
-    assert (await client.get("/api/usage", headers={"Authorization": f"Bearer {bob}"})).status == 401
+    for refused in (bob, carol):
+        assert (await client.get("/api/usage", headers={"Authorization": f"Bearer {refused}"})).status == 401
     assert (await client.get("/api/usage", headers={"Authorization": f"Bearer {alice}"})).status == 200
+
+
+def test_a_client_whose_name_inside_was_edited_is_the_client_its_key_in_the_table_names(isolated_env: Path) -> None:
+    # Every change finds a client by its key in the table: a name edited inside its document must not make a
+    # client that is listed under one name and changed (silently, not at all) or removed (a traceback) by it.
+    run("clients", "add", "bob")
+    edit_client(isolated_env, "bob", name="robert")
+    assert run("clients", "list").stdout.splitlines()[2].split()[0] == "bob"
+    run("clients", "set", "bob", "--budget", "3")
+    stored = json.loads((isolated_env / "clients.json").read_text())["clients"]
+    assert list(stored) == ["bob"] and stored["bob"]["budgetUsd"] == 3 and stored["bob"]["name"] == "bob"
+    assert "robert" not in run("clients", "list").stdout
+    run("clients", "remove", "bob")
+    assert json.loads((isolated_env / "clients.json").read_text())["clients"] == {}
 
 
 def test_a_client_that_cannot_be_read_is_removed_and_added_again_through_the_cli(isolated_env: Path) -> None:
