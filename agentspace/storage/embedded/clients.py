@@ -5,7 +5,9 @@ one document per client keyed by its name; changes go through ``tinydb.TinyDB`` 
 A running server sees changes made by the CLI (or another process) without a restart: every lookup checks
 the file (one ``stat``: inode, times, size, mode, owner) and re-reads it when it changed. A file that is not
 the clients table (not JSON, or JSON of another shape: it is written whole, so damaged from outside) is moved
-aside (``clients.json.damaged-<time>``, logged; ``agentspace doctor`` names it) and admits no client.
+aside (``clients.json.damaged-<time>``, logged; ``agentspace doctor`` names it) and admits no client. One client
+whose document cannot be read (a field of the wrong type: ``Client.from_stored``) is refused alone, named by
+``agentspace doctor``, and removed like any other (``agentspace clients remove``); its name is its key in the table.
 
 The API a storage backend implements, async, for the server: ``get_by_key``, ``get_by_hash``, ``get``,
 ``list``, ``add``, ``update``, ``rotate``, ``remove``, ``touch`` (and ``should_touch``, in memory); the CLI
