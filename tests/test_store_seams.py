@@ -76,6 +76,25 @@ def test_a_rollup_entry_without_its_groups_is_set_aside_not_counted_as_no_record
     assert list(path.parent.glob(f"{today}.json.damaged-*"))
 
 
+async def test_a_record_whose_id_is_not_text_is_damage_the_next_records_are_stored_past(
+    client: TestClient, token: str, auth_headers: dict[str, str], isolated_env: Path
+) -> None:
+    # Today's last segment, damaged from outside in a way JSON allows: a record's id that is a list. The writer
+    # continues that segment after a restart; it must set it aside, not fail every record stored after it.
+    today = time.strftime("%Y-%m-%d", time.gmtime())
+    damaged = {**random_record(random.Random(3), 0, today), "id": ["r0"]}
+    write_log_segment(isolated_env, today, 0, [damaged])
+    ws = await connect(client, token)
+    await chat(ws, "hello")
+    await chat(ws, "again", "r2")
+    await ws.close()
+    report = await (await client.get("/api/usage", headers=auth_headers)).json()
+    assert report["grandTotal"]["requestCount"] == 2
+    [aside] = report["damagedFiles"]
+    assert Path(aside).name.startswith("00000.jsonl.damaged-")
+    assert json.loads(run("usage", "--json").stdout)["grandTotal"]["requestCount"] == 2
+
+
 # --- the ledger journal --------------------------------------------------------------------------------------
 
 

@@ -149,9 +149,10 @@ def _checked_segment(path: Path, entries: list[Any]) -> int:
     return 0
 
 
-# What every reader relies on (a report's groups and sums, a client's spend, a ``since``): the fields no writer
-# writes in another type. A record that has one otherwise is JSON, but not a usage record: damage from outside.
-_KEY_FIELDS = ("timestamp", "model", "client", "sessionId", "endpoint", "deployment")
+# What every reader relies on (a report's groups and sums, a client's spend, a ``since``, the writer's and the
+# ledger recovery's look-ups by id): the fields no writer writes in another type. A record that has one otherwise
+# is JSON, but not a usage record: damage from outside.
+_KEY_FIELDS = ("id", "timestamp", "model", "client", "sessionId", "endpoint", "deployment")
 _NUMBER_FIELDS = (*TOKEN_FIELDS, "totalCost", "serverToolCost")
 
 
