@@ -81,7 +81,7 @@ from ..shapes import (
 )
 from . import append_log
 from .append_log import AppendLog, encode_lines, read_entries, read_last_entry
-from .session_journal import JOURNAL_BYTES, JOURNAL_NAME, SessionJournal, read_outstanding
+from .session_journal import JOURNAL_BYTES, JOURNAL_NAME, SessionJournal, outstanding_after_damage, read_outstanding
 from .store_thread import on_store_thread, read_in_thread
 from .tinydb_file import Tables, read_tables
 
@@ -887,13 +887,12 @@ class SessionStore:
         if self._journal is None:
             self._prepare()
             journal = SessionJournal(self.dir)
+            unreadable: builtins.list[StoreCorrupt] = []
             try:
                 left = journal.open()
-            except StoreCorrupt as e:  # damaged from outside: kept aside for a person to look at
-                move_aside(e)
-                journal = SessionJournal(self.dir)
-                left = journal.open()
-            unreadable: builtins.list[StoreCorrupt] = []
+            except StoreCorrupt as e:  # damaged from outside: kept aside (below) once what it surely holds is filed
+                unreadable.append(e)
+                left = outstanding_after_damage(self.dir)
             try:
                 unfiled = self._without_files(left, unreadable)
                 for session_id, session in unfiled.items():
