@@ -9,18 +9,21 @@ import time
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 from aiohttp.test_utils import TestClient
 from click.testing import CliRunner
 
 from agentspace.cli import main as cli
 from agentspace.storage import UsageStore
+from agentspace.storage.embedded.session_journal import JOURNAL_NAME
 from agentspace.storage.embedded.usage import write_log_segment
 from agentspace.storage.reports import REPORTS
 from scripts.harness import GatewayProcess
 from tests.fakes import anthropic_upstream as fa
 from tests.support.ws import chat, connect
+from tests.test_session_journal_outside import killed_during_a_first_turn
 from tests.test_sessions_outside import sent_texts, shown
-from tests.test_torn_files import killed_mid_call, ws_turn
+from tests.test_torn_files import GARBAGE, killed_mid_call, ws_turn
 from tests.test_usage_rollups import random_record, rounded, seed
 
 
@@ -207,6 +210,40 @@ async def listed_ids(client: TestClient, headers: dict[str, str]) -> list[str]:
     resp = await client.get("/api/sessions", headers=headers)
     assert resp.status == 200, await resp.text()
     return sorted(s["id"] for s in (await resp.json())["sessions"])
+
+
+async def test_a_session_journal_damaged_before_a_create_still_serves_that_session(
+    tmp_path: Path, fake_anthropic: fa.FakeAnthropic
+) -> None:
+    # A session that exists only in the journal (the server was killed during its first turn, after it was
+    # acknowledged) and a line damaged from outside before its create: every mark of that create follows it, so it
+    # is read whole and served. A create before the damage may have lost its mark (filed and deleted since) and is
+    # not brought back; both stay in the journal kept aside.
+    data_dir = tmp_path / "data"
+    session_id = await killed_during_a_first_turn(data_dir, fake_anthropic, "after the damage")
+    path = data_dir / "sessions" / JOURNAL_NAME
+    journal = path.read_bytes()
+    [create] = [line for line in journal.splitlines(keepends=True) if line.startswith(b'{"create"')]
+    damaged = create.replace(session_id.encode(), b"s_before_the_damage") + GARBAGE + journal
+    path.write_bytes(damaged)
+
+    restarted = GatewayProcess(data_dir, fake_anthropic.url)
+    try:
+        await restarted.start()
+        async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {restarted.token}"}) as http:
+            async with http.get(f"{restarted.url}/api/sessions/{session_id}") as resp:
+                assert resp.status == 200, await resp.text()
+                messages = (await resp.json())["session"]["messages"]
+            async with http.get(f"{restarted.url}/api/sessions/s_before_the_damage") as resp:
+                assert resp.status == 404
+            async with http.get(f"{restarted.url}/api/sessions") as resp:
+                listing = await resp.json()
+    finally:
+        await restarted.aclose()
+    assert [m["content"] for m in messages] == ["after the damage"]
+    assert [s["id"] for s in listing["sessions"]] == [session_id]
+    [aside] = listing["damagedFiles"]
+    assert Path(aside).name.startswith(f"{JOURNAL_NAME}.damaged-") and Path(aside).read_bytes() == damaged
 
 
 async def test_a_session_file_copied_under_another_id_is_that_session_everywhere(
