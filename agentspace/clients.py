@@ -128,6 +128,14 @@ class Client:
 
     @classmethod
     def from_stored(cls, data: dict[str, Any]) -> Client:
+        """The client as stored. Raises ValueError (KeyError, TypeError) for a stored form no writer of ours makes
+        (edited by hand, damaged): its limits are checked as when they are set, or one wrong type would fail every
+        listing of the clients, and every call of this one, instead of refusing its key."""
+        problems = settings_problems({**data, "period": data.get("period") or "month"})
+        if data.get("lastUsedAt") is not None and not isinstance(data["lastUsedAt"], str):
+            problems["lastUsedAt"] = "must be a time (ISO 8601) or null"
+        if problems:
+            raise ValueError(", ".join(f"{name} {problem}" for name, problem in problems.items()))
         return cls(
             name=str(data["name"]),
             key_hash=str(data["keyHash"]),

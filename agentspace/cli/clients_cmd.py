@@ -239,9 +239,15 @@ def add(state: CliState, name: str, settings: dict[str, Any]) -> None:
         raise click.BadParameter(problem, param_hint="NAME")
     client = Client(name=name, key_hash="", created_at=now_iso())
     apply_settings(client, settings)
+    store = _store(state)
     try:
-        key = _store(state).add_sync(client)
+        key = store.add_sync(client)
     except ClientExists:
+        if store.get_sync(name) is None:  # stored, but it cannot be read (damaged)
+            raise click.ClickException(
+                f"A client {name!r} is stored but cannot be read (see: agentspace doctor); to add it again, remove "
+                f"it first: agentspace clients remove {name}"
+            ) from None
         raise click.ClickException(f"A client {name!r} exists already; see: agentspace clients show {name}") from None
     click.echo(key)
     click.echo(f"Client {name!r} added. The key above is shown once: give it to the client now.", err=True)

@@ -100,7 +100,10 @@ def _check_clients(path: Path) -> tuple[int, list[str]]:
             Client.from_stored(stored)
             good += 1
         except (KeyError, TypeError, ValueError, AttributeError):
-            problems.append(f"{path}: client {name!r} cannot be read (its key is refused); {fix}")
+            problems.append(
+                f"{path}: client {name!r} cannot be read (its key is refused); restore it, or remove it and add it "
+                f"again (agentspace clients remove {name})"
+            )
     return good, problems
 
 

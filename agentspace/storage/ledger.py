@@ -317,14 +317,17 @@ def read_journal(path: Path, damaged: list[int] | None = None) -> list[dict[str,
     entries: dict[str, dict[str, Any]] = {}
     with path.open("rb") as f:
         for number, raw in enumerate(f, 1):
+            if not raw.endswith(b"\n"):
+                # The last line, cut by the crash: written after the last sync, so no call went out on it. Never
+                # read, even when what is left of it parses (a crash may stop a write just before its newline).
+                log.warning("%s: %d byte(s) of a write that never finished (a crash) ignored", path, len(raw))
+                break
             try:
                 event = json.loads(raw)
             except ValueError:
                 event = None
-            if not isinstance(event, dict):
-                # A line cut by the crash (no newline: written after the last sync, so no call went out on it),
-                # or damage.
-                if raw.endswith(b"\n") and damaged is not None:
+            if not isinstance(event, dict):  # damage
+                if damaged is not None:
                     damaged.append(number)
                 continue
             kind, entry_id = event.pop("event", None), event.get("id")

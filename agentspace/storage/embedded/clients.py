@@ -5,7 +5,9 @@ one document per client keyed by its name; changes go through ``tinydb.TinyDB`` 
 A running server sees changes made by the CLI (or another process) without a restart: every lookup checks
 the file (one ``stat``: inode, times, size, mode, owner) and re-reads it when it changed. A file that is not
 the clients table (not JSON, or JSON of another shape: it is written whole, so damaged from outside) is moved
-aside (``clients.json.damaged-<time>``, logged; ``agentspace doctor`` names it) and admits no client.
+aside (``clients.json.damaged-<time>``, logged; ``agentspace doctor`` names it) and admits no client. One client
+whose document cannot be read (a field of the wrong type: ``Client.from_stored``) is refused alone, named by
+``agentspace doctor``, and removed like any other (``agentspace clients remove``); its name is its key in the table.
 
 The API a storage backend implements, async, for the server: ``get_by_key``, ``get_by_hash``, ``get``,
 ``list``, ``add``, ``update``, ``rotate``, ``remove``, ``touch`` (and ``should_touch``, in memory); the CLI
@@ -62,6 +64,7 @@ class ClientStore:
         self._clients: dict[str, Client] = {}
         self._by_hash: dict[str, Client] = {}
         self._touched: dict[str, float] = {}
+        self._stored: set[str] = set()  # the names in the file, those that cannot be read included
 
     # --- reads (cheap, sync: a stat, and a read only when the file changed) --------------------
 
@@ -93,9 +96,11 @@ class ClientStore:
 
     def _load(self, data: dict[str, Any]) -> None:
         clients = {}
-        for stored in (data.get("clients") or {}).values():
+        self._stored = set(data.get("clients") or {})
+        for name, stored in (data.get("clients") or {}).items():
             try:
-                client = Client.from_stored(stored)
+                # Its name is the table's key for it, as every change finds it (a name edited inside: the key wins).
+                client = Client.from_stored({**stored, "name": name})
             except (KeyError, TypeError, ValueError):
                 continue
             clients[client.name] = client
@@ -155,7 +160,8 @@ class ClientStore:
         """Store a new client (``client.key_hash`` is replaced); returns its key, the only time it is shown."""
         with self._writing():
             self._refresh()
-            if client.name in self._clients:
+            # A stored client that cannot be read (damaged from outside) is not replaced: removed first, on purpose.
+            if client.name in self._clients or client.name in self._stored:
                 raise ClientExists(client.name)
             key = new_key()
             client.key_hash = hash_key(key)
@@ -205,9 +211,10 @@ class ClientStore:
     def remove_sync(self, name: str) -> None:
         with self._writing():
             self._refresh()
-            if name not in self._clients:
+            # One that cannot be read (damaged from outside) is removed too: the way to add it again.
+            if name not in self._clients and name not in self._stored:
                 raise ClientNotFound(name)
-            del self._clients[name]
+            self._clients.pop(name, None)
             try:
                 self._table().remove(doc_ids=[name])  # type: ignore[list-item]
                 self._written()

@@ -21,13 +21,16 @@ whose sync the end of the turn waits for anyway.
 
 While a server runs, its ``SessionStore`` is the only writer. At its first use it files every create the journal
 holds that was neither filed nor deleted and whose file is missing or empty (a crash), then empties the journal
-(or, when a create cannot be read, moves it aside). It empties it again, filing what is left first, when the
+(or, when a create cannot be read, moves it aside). A journal with a line damaged from outside is moved aside too,
+once the creates after its last damaged line are filed (``outstanding_after_damage``): one before it may have lost
+its filed or delete mark there, so it is left to a person rather than brought back. It empties it again, filing what is left first, when the
 journal passes ``JOURNAL_BYTES`` and when the server stops.
 Readers (the CLI, listings) read the journal too, so a session is visible from the moment it exists.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Sequence
 from pathlib import Path
@@ -68,6 +71,25 @@ def read_outstanding(folder: Path) -> dict[str, list[Any]]:
     path = folder / JOURNAL_NAME
     raw = read_bytes(path)
     return {} if raw is None else outstanding(parse_lines(raw, path)[0], path)
+
+
+def outstanding_after_damage(folder: Path) -> dict[str, list[Any]]:
+    """The unfiled creates of a journal damaged from outside that come after its last damaged line, the others
+    left to a person (the journal is kept aside). A create's marks (filed, delete) follow it, so those of a create
+    after the damage are all there; one before it may have lost its mark there, and filed from its create, a
+    session deleted since would come back."""
+    path = folder / JOURNAL_NAME
+    raw = read_bytes(path) or b""
+    entries: list[Any] = []
+    for line in raw[: raw.rfind(b"\n") + 1].split(b"\n")[:-1]:
+        try:
+            entry = json.loads(line)
+            outstanding([entry], path)
+        except (ValueError, StoreCorrupt):  # (UnicodeDecodeError included)
+            entries = []  # damaged: only what follows it is read
+            continue
+        entries.append(entry)
+    return outstanding(entries, path)
 
 
 class SessionJournal:

@@ -17,7 +17,9 @@ not exist (the writer removes the file, with a warning).
 Reading replays the log up to its last summary. After a crash the log may end in a torn line or in the
 entry of a write whose summary never made it: neither was acknowledged, so both are dropped (the writer
 cuts them off, with a warning). A summary whose ``messageCount`` does not match the messages replayed, more
-than one entry after the last summary, or no summary at all, is damage (truncation, lost lines).
+than one entry after the last summary, or no summary at all, is damage (truncation, lost lines), and so is a
+summary whose fields are not of the types written (``_read_info``). A session's id is its file's name: a file
+copied or renamed from outside is the session its name says.
 
 Sessions written by earlier versions, ``<id>.json`` (a tinydb file: table ``session`` with the summary,
 table ``messages``), are read as they are and converted to a log on their first change.
@@ -79,7 +81,7 @@ from ..shapes import (
 )
 from . import append_log
 from .append_log import AppendLog, encode_lines, read_entries, read_last_entry
-from .session_journal import JOURNAL_BYTES, JOURNAL_NAME, SessionJournal, read_outstanding
+from .session_journal import JOURNAL_BYTES, JOURNAL_NAME, SessionJournal, outstanding_after_damage, read_outstanding
 from .store_thread import on_store_thread, read_in_thread
 from .tinydb_file import Tables, read_tables
 
@@ -102,6 +104,25 @@ _LEGACY = ".json"
 _LEGACY_COPY = ".meta.json"
 
 
+# The summary's fields every listing sorts and shows, as every writer writes them: text, or null.
+_TEXT_KEYS = ("title", "model", "createdAt", "lastActivityAt", "client")
+
+
+def _read_info(info: dict[str, Any], path: Path, suffix: str) -> dict[str, Any]:
+    """A summary as read from ``path`` (``<id><suffix>``): its id is the file's name (a file copied or renamed
+    from outside is the session its name says, one that can be opened and deleted by the id listed), and its
+    fields have the types every writer gives them. Raises StoreCorrupt: a summary JSON allows but no writer
+    makes (damaged, edited) would otherwise stop every listing that sorts or shows it."""
+    for key in _TEXT_KEYS:
+        value = info.get(key)
+        if value is not None and value.__class__ is not str:
+            raise StoreCorrupt(path, f"not a session summary ({key}: {value!r:.40})")
+    count = info.get("messageCount")
+    if count is not None and count.__class__ is not int:
+        raise StoreCorrupt(path, f"not a session summary (messageCount: {count!r:.40})")
+    return {**info, "id": path.name[: -len(suffix)]}
+
+
 def _summary(tables: Tables) -> dict[str, Any]:
     info = tables[_SESSION]["1"]
     return {key: info.get(key) for key in _SUMMARY_KEYS}
@@ -113,6 +134,7 @@ def _checked(tables: Tables | None, path: Path) -> Tables | None:
         return None
     if not isinstance(tables.get(_SESSION, {}).get("1"), dict) or not isinstance(tables.get(_MESSAGES), dict):
         raise StoreCorrupt(path, "not a session file (no summary document or no messages table)")
+    tables[_SESSION]["1"] = _read_info(tables[_SESSION]["1"], path, _LEGACY)
     return tables
 
 
@@ -171,7 +193,7 @@ def _replay(entries: builtins.list[Any], path: Path) -> tuple[_Session, int]:
         raise StoreCorrupt(path, "not a session log (no complete write: truncated or not a session)")
     if len(pending) > 1:  # a write appends one message or update, then the summary
         raise StoreCorrupt(path, f"{len(pending)} entries after the last complete write (truncated)")
-    info = {key: value for key, value in info.items() if key != "messageCount"}
+    info = {key: value for key, value in _read_info(info, path, _LOG).items() if key != "messageCount"}
     return _Session(info, messages), len(pending)
 
 
@@ -479,7 +501,7 @@ class SessionStore:
         if entry is None:  # none found from the end: read it whole to tell a deleted file from a damaged one
             session = self._read(session_id)
             return None if session is None else session.summary()
-        info = entry["session"]
+        info = _read_info(entry["session"], path, _LOG)
         return {key: info.get(key) for key in _SUMMARY_KEYS}
 
     def delete_sync(self, session_id: str) -> bool:
@@ -865,13 +887,12 @@ class SessionStore:
         if self._journal is None:
             self._prepare()
             journal = SessionJournal(self.dir)
+            unreadable: builtins.list[StoreCorrupt] = []
             try:
                 left = journal.open()
-            except StoreCorrupt as e:  # damaged from outside: kept aside for a person to look at
-                move_aside(e)
-                journal = SessionJournal(self.dir)
-                left = journal.open()
-            unreadable: builtins.list[StoreCorrupt] = []
+            except StoreCorrupt as e:  # damaged from outside: kept aside (below) once what it surely holds is filed
+                unreadable.append(e)
+                left = outstanding_after_damage(self.dir)
             try:
                 unfiled = self._without_files(left, unreadable)
                 for session_id, session in unfiled.items():

@@ -153,9 +153,10 @@ def _checked_segment(path: Path, entries: list[Any]) -> int:
     return 0
 
 
-# What every reader relies on (a report's groups and sums, a client's spend, a ``since``): the fields no writer
-# writes in another type. A record that has one otherwise is JSON, but not a usage record: damage from outside.
-_KEY_FIELDS = ("timestamp", "model", "client", "sessionId", "endpoint", "deployment")
+# What every reader relies on (a report's groups and sums, a client's spend, a ``since``, the writer's and the
+# ledger recovery's look-ups by id): the fields no writer writes in another type. A record that has one otherwise
+# is JSON, but not a usage record: damage from outside.
+_KEY_FIELDS = ("id", "timestamp", "model", "client", "sessionId", "endpoint", "deployment")
 _NUMBER_FIELDS = (*TOKEN_FIELDS, "totalCost", "serverToolCost")
 
 
@@ -627,7 +628,7 @@ def _warn_torn_tail(path: Path) -> None:
 def _count_rollup(
     entry: dict[str, Any], session_id: str | None, client: str | None, groups: dict[GroupKey, dict[str, Any]]
 ) -> None:
-    for row in entry.get("groups", []):
+    for row in entry["groups"]:  # none (an entry edited from outside): KeyError, the rollup is set aside
         key = tuple(row[:6])
         if (session_id is None or key[3] == session_id) and (client is None or owner(key[2]) == client):
             merge(groups, key, _totals_from_row(row[6]))
@@ -659,6 +660,10 @@ def _totals_row(totals: dict[str, Any]) -> list[Any]:
 
 
 def _totals_from_row(row: list[Any]) -> dict[str, Any]:
+    # Numbers only: a string or a null (a rollup edited or damaged in a way JSON allows) would otherwise be summed
+    # into the report and stop it there, past the check that sets a damaged rollup aside (ValueError is caught).
+    if not all(value.__class__ is int or value.__class__ is float for value in row):
+        raise ValueError(f"a group's totals are not numbers: {row!r:.80}")
     totals = dict(zip(SUMMED, row, strict=False))
     if not row[len(SUMMED)]:
         totals["priceKnown"] = False

@@ -238,6 +238,14 @@ class PostgresUsageStore:
         rows = [_row(r) for r in records]
         if not rows:
             return 0
+        # One row per key (id, time): a record twice in a batch (a data directory that holds it twice, migrated) is
+        # stored once by the conflict clause, but every copy of it would be added to the rollups. (An estimate and
+        # its call's record have one id, not one time: both go on, and the record takes the estimate's place.)
+        firsts: dict[tuple[Any, ...], int] = {}
+        for n, row in enumerate(rows):
+            firsts.setdefault(row[:2], n)
+        if len(firsts) < len(rows):
+            records, rows = [records[n] for n in firsts.values()], [rows[n] for n in firsts.values()]
         await self._ensure_partitions({_month_start(row[1]) for row in rows})
         recovered = [bool(r.get("recovered")) for r in records]
         endpoints = [str(r.get("endpoint") or "") for r in records]
