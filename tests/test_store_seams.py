@@ -44,18 +44,24 @@ def test_a_rollup_whose_totals_are_not_numbers_is_set_aside_and_the_report_equal
     records = seed(isolated_env, random.Random(5))
     first = json.loads(run("usage", "--by-model", "--json").stdout)  # builds the rollups of the past days
     rollups = isolated_env / "usage" / "rollups"
-    for name, damage in (("2026-03-01.day.json", "12"), ("2026-03-02.day.json", None)):
+    # (a report by model, day or client reads the day merged without sessions; one by session the other)
+    for name, damage in (("2026-03-01.nosession.json", "12"), ("2026-03-02.day.json", None)):
         path = rollups / name
         data = json.loads(path.read_text())
         data["day"]["merged"]["groups"][0][6][0] = damage
         path.write_text(json.dumps(data))
-    for by, key in (("--by-model", "perModel"), ("--by-day", "perDay"), ("--by-client", "perClient")):
+    for by, key in (
+        ("--by-model", "perModel"),
+        ("--by-day", "perDay"),
+        ("--by-client", "perClient"),
+        ("--by-session", "perSession"),
+    ):
         report = json.loads(run("usage", by, "--json").stdout)
         expected = REPORTS[key[3:].lower()](records)
         assert rounded(report[key]) == rounded(expected[key])
         assert rounded(report["grandTotal"]) == rounded(expected["grandTotal"]) == rounded(first["grandTotal"])
     aside = sorted(p.name.split(".damaged-")[0] for p in rollups.iterdir() if ".damaged-" in p.name)
-    assert aside == ["2026-03-01.day.json", "2026-03-01.json", "2026-03-02.day.json", "2026-03-02.json"]
+    assert aside == [f"2026-03-0{day}.{kind}json" for day in (1, 2) for kind in ("day.", "", "nosession.")]
 
 
 def test_a_rollup_entry_without_its_groups_is_set_aside_not_counted_as_no_records(isolated_env: Path) -> None:
@@ -73,6 +79,8 @@ def test_a_rollup_entry_without_its_groups_is_set_aside_not_counted_as_no_record
     data = json.loads(path.read_text())
     del data["segments"]["00000.jsonl"]["groups"]
     path.write_text(json.dumps(data))
+    for merged in (f"{today}.day.json", f"{today}.nosession.json"):  # (else they answer for the closed segment)
+        (path.parent / merged).unlink()
     for by in ("model", "session"):
         report = json.loads(run("usage", f"--by-{by}", "--json").stdout)
         assert rounded(report) == rounded({**REPORTS[by](records), "damagedFiles": []})
