@@ -23,8 +23,8 @@ While a server runs, its ``SessionStore`` is the only writer. At its first use i
 holds that was neither filed nor deleted and whose file is missing or empty (a crash), then empties the journal
 (or, when a create cannot be read, moves it aside). A journal with a line damaged from outside is moved aside too,
 once the creates after its last damaged line are filed (``outstanding_after_damage``): one before it may have lost
-its filed or delete mark there, so it is left to a person rather than brought back. It empties it again, filing what is left first, when the
-journal passes ``JOURNAL_BYTES`` and when the server stops.
+its filed or delete mark there, so it is left to a person rather than brought back. It empties it again, filing
+what is left first, when the journal passes ``JOURNAL_BYTES`` and when the server stops.
 Readers (the CLI, listings) read the journal too, so a session is visible from the moment it exists.
 """
 
