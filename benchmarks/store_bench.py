@@ -109,11 +109,12 @@ def seed_usage(data_dir: Path, total: int, rng: random.Random) -> None:
         write_log_segment(data_dir, day, number, [usage_record(rng).to_dict() for _ in range(count)])
 
 
-def history_records(total: int, rng: random.Random) -> Iterator[tuple[str, list[dict[str, Any]]]]:
+def history_records(total: int, rng: random.Random, batch: str = "") -> Iterator[tuple[str, list[dict[str, Any]]]]:
     """``total`` records over the last ``REPORT_DAYS`` days (today included), as (day, records) per segment.
 
     Like a year of one busy developer's agent traffic: sessions of ``CALLS_PER_SESSION`` calls, each on one
-    day and one model."""
+    day and one model. ``batch`` sets records added to a store apart from those seeded before (their sessions
+    are new ones, not the same numbers again)."""
     now = time.time()
     per_day = total // REPORT_DAYS
     for back in range(REPORT_DAYS - 1, -1, -1):
@@ -127,7 +128,7 @@ def history_records(total: int, rng: random.Random) -> Iterator[tuple[str, list[
             )
             stamp = time.strftime("%Y-%m-%dT%H:%M:%S.000Z", time.gmtime(second))
             record = usage_record(rng)
-            data = {**record.to_dict(), "timestamp": stamp, "sessionId": f"s{day}-{session}"}
+            data = {**record.to_dict(), "timestamp": stamp, "sessionId": f"s{day}-{batch}{session}"}
             data["model"] = MODELS[(session + back) % len(MODELS)]
             data["endpoint"] = "ws"
             records.append(data)
@@ -393,14 +394,25 @@ async def bench_postgres(rows: list[tuple[str, str, list[float]]], rng: random.R
         stored = 0
         for total in REPORT_LEVELS:
             started = time.perf_counter()
-            for _, records in history_records(total - stored, rng):
+            batches: list[float] = []  # ms per 1,000 records, inserted 5,000 at a time
+            for _, records in history_records(total - stored, rng, batch=f"{total}-"):
                 for start in range(0, len(records), 5000):
+                    began = time.perf_counter()
                     await usage.copy_in(records[start : start + 5000])
+                    batches.append((time.perf_counter() - began) * 1000 * 1000 / len(records[start : start + 5000]))
             stored = total
             print(f"(seeded PostgreSQL to {total:,} records in {time.perf_counter() - started:.0f} s)", file=sys.stderr)
+            label = f"{total:,} records, {REPORT_DAYS} days"
+            rows.append(("postgres copy_in, ms per 1,000 records", label, batches))
+            # Single records through the writer (one transaction each), sessions of CALLS_PER_SESSION calls.
+            singles = [usage_record(rng) for _ in range(APPENDS)]
+            for n, record in enumerate(singles):
+                record.session_id = f"w{total}-{n // CALLS_PER_SESSION}"
+            rows.append(
+                ("postgres append, one record", label, await timed(APPENDS, lambda i: usage.append(singles[i])))
+            )
             async with db.connection() as conn:
                 await conn.execute("VACUUM ANALYZE usage_rollups")
-            label = f"{total:,} records, {REPORT_DAYS} days"
             rows.append(("postgres report(by=model)", label, await timed(5, lambda i: usage.report(by="model"))))
             since = datetime.now(UTC) - timedelta(days=REPORT_DAYS)
             rows.append(
