@@ -1,6 +1,7 @@
 """Store write latency at growing sizes, listing 10k sessions, and usage reports over 100k and 1M records.
 
-    python benchmarks/store_bench.py [--data-dir DIR] [--postgres] [--reports-only]
+    python benchmarks/store_bench.py [--data-dir DIR] [--postgres] [--reports-only] [--postgres-only]
+        [--calls-per-session N]
 
 What it shows: a UsageStore.append costs the same at 1k, 10k and 100k stored records (it appends one line to
 the current segment); a SessionStore.append_message the same however many sessions are stored, and the same
@@ -13,7 +14,10 @@ records spread over 30 days (rollups of closed segments plus the open one): in p
 timed apart; wall time, and the process's CPU time, which a loaded machine inflates less; the package is
 byte-compiled first, as an install does, so that no run compiles it). ``--reports-only`` runs the reports
 alone (no write latencies). ``--postgres`` adds the PostgreSQL backend's report (``report(by="model")``, what
-``/api/usage?by=model`` runs) at 100k and 1M records, on a throwaway server (``tests/scale_servers.py``).
+``/api/usage?by=model`` runs) and a client's spend at 100k and 1M records, on a throwaway server
+(``tests/scale_servers.py``), with what its inserts cost there (``copy_in`` in batches of 5,000, and single
+records through the writer); ``--postgres-only`` runs that alone. ``--calls-per-session N`` sets the records'
+sessions (default 200; 1: every call a session of its own, as a /v1 client labelling each call makes them).
 
 Every measured write is durable (``fdatasync``). Seeding is setup, not measured: usage history is written
 as whole segments (``write_log_segment``), sessions go through the store with syncs switched off.
@@ -448,6 +452,7 @@ async def main() -> None:
     parser.add_argument("--data-dir", type=Path, help="keep the generated data here (default: a temp folder, removed)")
     parser.add_argument("--postgres", action="store_true", help="also the PostgreSQL report at 100k and 1M records")
     parser.add_argument("--reports-only", action="store_true", help="only the usage reports (no write latencies)")
+    parser.add_argument("--postgres-only", action="store_true", help="only the PostgreSQL reports and writes")
     parser.add_argument(
         "--calls-per-session",
         type=int,
@@ -460,11 +465,11 @@ async def main() -> None:
     rng = random.Random(7)
     rows: list[tuple[str, str, list[float]]] = []
     try:
-        if not args.reports_only:
+        if not (args.reports_only or args.postgres_only):
             await bench_usage(root, rng, rows)
             await bench_sessions(root, rng, rows)
-        cli_error = await bench_reports(root, rows, rng)
-        if args.postgres:
+        cli_error = None if args.postgres_only else await bench_reports(root, rows, rng)
+        if args.postgres or args.postgres_only:
             await bench_postgres(rows, rng)
         print_table(rows)
         print(
