@@ -417,6 +417,8 @@ async def bench_postgres(rows: list[tuple[str, str, list[float]]], rng: random.R
             )
             async with db.connection() as conn:
                 await conn.execute("VACUUM ANALYZE usage_rollups")
+                if await conn.fetchval("SELECT to_regclass('usage_rollups_nosession')") is not None:
+                    await conn.execute("VACUUM ANALYZE usage_rollups_nosession")
             rows.append(("postgres report(by=model)", label, await timed(5, lambda i: usage.report(by="model"))))
             since = datetime.now(UTC) - timedelta(days=REPORT_DAYS)
             rows.append(
