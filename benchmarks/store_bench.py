@@ -1,6 +1,7 @@
 """Store write latency at growing sizes, listing 10k sessions, and usage reports over 100k and 1M records.
 
-    python benchmarks/store_bench.py [--data-dir DIR] [--postgres] [--reports-only]
+    python benchmarks/store_bench.py [--data-dir DIR] [--postgres] [--reports-only] [--postgres-only]
+        [--calls-per-session N]
 
 What it shows: a UsageStore.append costs the same at 1k, 10k and 100k stored records (it appends one line to
 the current segment); a SessionStore.append_message the same however many sessions are stored, and the same
@@ -13,7 +14,10 @@ records spread over 30 days (rollups of closed segments plus the open one): in p
 timed apart; wall time, and the process's CPU time, which a loaded machine inflates less; the package is
 byte-compiled first, as an install does, so that no run compiles it). ``--reports-only`` runs the reports
 alone (no write latencies). ``--postgres`` adds the PostgreSQL backend's report (``report(by="model")``, what
-``/api/usage?by=model`` runs) at 100k and 1M records, on a throwaway server (``tests/scale_servers.py``).
+``/api/usage?by=model`` runs) and a client's spend at 100k and 1M records, on a throwaway server
+(``tests/scale_servers.py``), with what its inserts cost there (``copy_in`` in batches of 5,000, and single
+records through the writer); ``--postgres-only`` runs that alone. ``--calls-per-session N`` sets the records'
+sessions (default 200; 1: every call a session of its own, as a /v1 client labelling each call makes them).
 
 Every measured write is durable (``fdatasync``). Seeding is setup, not measured: usage history is written
 as whole segments (``write_log_segment``), sessions go through the store with syncs switched off.
@@ -109,11 +113,12 @@ def seed_usage(data_dir: Path, total: int, rng: random.Random) -> None:
         write_log_segment(data_dir, day, number, [usage_record(rng).to_dict() for _ in range(count)])
 
 
-def history_records(total: int, rng: random.Random) -> Iterator[tuple[str, list[dict[str, Any]]]]:
+def history_records(total: int, rng: random.Random, batch: str = "") -> Iterator[tuple[str, list[dict[str, Any]]]]:
     """``total`` records over the last ``REPORT_DAYS`` days (today included), as (day, records) per segment.
 
     Like a year of one busy developer's agent traffic: sessions of ``CALLS_PER_SESSION`` calls, each on one
-    day and one model."""
+    day and one model. ``batch`` sets records added to a store apart from those seeded before (their sessions
+    are new ones, not the same numbers again)."""
     now = time.time()
     per_day = total // REPORT_DAYS
     for back in range(REPORT_DAYS - 1, -1, -1):
@@ -127,7 +132,7 @@ def history_records(total: int, rng: random.Random) -> Iterator[tuple[str, list[
             )
             stamp = time.strftime("%Y-%m-%dT%H:%M:%S.000Z", time.gmtime(second))
             record = usage_record(rng)
-            data = {**record.to_dict(), "timestamp": stamp, "sessionId": f"s{day}-{session}"}
+            data = {**record.to_dict(), "timestamp": stamp, "sessionId": f"s{day}-{batch}{session}"}
             data["model"] = MODELS[(session + back) % len(MODELS)]
             data["endpoint"] = "ws"
             records.append(data)
@@ -393,14 +398,27 @@ async def bench_postgres(rows: list[tuple[str, str, list[float]]], rng: random.R
         stored = 0
         for total in REPORT_LEVELS:
             started = time.perf_counter()
-            for _, records in history_records(total - stored, rng):
+            batches: list[float] = []  # ms per 1,000 records, inserted 5,000 at a time
+            for _, records in history_records(total - stored, rng, batch=f"{total}-"):
                 for start in range(0, len(records), 5000):
+                    began = time.perf_counter()
                     await usage.copy_in(records[start : start + 5000])
+                    batches.append((time.perf_counter() - began) * 1000 * 1000 / len(records[start : start + 5000]))
             stored = total
             print(f"(seeded PostgreSQL to {total:,} records in {time.perf_counter() - started:.0f} s)", file=sys.stderr)
+            label = f"{total:,} records, {REPORT_DAYS} days"
+            rows.append(("postgres copy_in, ms per 1,000 records", label, batches))
+            # Single records through the writer (one transaction each), sessions of CALLS_PER_SESSION calls.
+            singles = [usage_record(rng) for _ in range(APPENDS)]
+            for n, record in enumerate(singles):
+                record.session_id = f"w{total}-{n // CALLS_PER_SESSION}"
+            rows.append(
+                ("postgres append, one record", label, await timed(APPENDS, lambda i: usage.append(singles[i])))
+            )
             async with db.connection() as conn:
                 await conn.execute("VACUUM ANALYZE usage_rollups")
-            label = f"{total:,} records, {REPORT_DAYS} days"
+                if await conn.fetchval("SELECT to_regclass('usage_rollups_nosession')") is not None:
+                    await conn.execute("VACUUM ANALYZE usage_rollups_nosession")
             rows.append(("postgres report(by=model)", label, await timed(5, lambda i: usage.report(by="model"))))
             since = datetime.now(UTC) - timedelta(days=REPORT_DAYS)
             rows.append(
@@ -436,6 +454,7 @@ async def main() -> None:
     parser.add_argument("--data-dir", type=Path, help="keep the generated data here (default: a temp folder, removed)")
     parser.add_argument("--postgres", action="store_true", help="also the PostgreSQL report at 100k and 1M records")
     parser.add_argument("--reports-only", action="store_true", help="only the usage reports (no write latencies)")
+    parser.add_argument("--postgres-only", action="store_true", help="only the PostgreSQL reports and writes")
     parser.add_argument(
         "--calls-per-session",
         type=int,
@@ -448,11 +467,11 @@ async def main() -> None:
     rng = random.Random(7)
     rows: list[tuple[str, str, list[float]]] = []
     try:
-        if not args.reports_only:
+        if not (args.reports_only or args.postgres_only):
             await bench_usage(root, rng, rows)
             await bench_sessions(root, rng, rows)
-        cli_error = await bench_reports(root, rows, rng)
-        if args.postgres:
+        cli_error = None if args.postgres_only else await bench_reports(root, rows, rng)
+        if args.postgres or args.postgres_only:
             await bench_postgres(rows, rng)
         print_table(rows)
         print(

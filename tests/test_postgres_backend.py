@@ -5,7 +5,7 @@ error and a 503 ``/healthz`` when the database is unreachable, and recovery when
 from __future__ import annotations
 
 import asyncio
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -390,6 +390,138 @@ async def test_the_migration_to_server_tool_fees_recomputes_them_from_the_stored
             sum(r.get("serverToolCost") or 0.0 for r in records if r["timestamp"] < "2026-03-03")
         )
         assert migrated > 0
+    finally:
+        await usage.aclose()
+        await db.aclose()
+
+
+def calls_of_their_own(rng: Any, count: int, first: int = 0) -> list[dict[str, Any]]:
+    """Random records (``tests.test_usage_rollups.random_record``) most of which are a session of their own, as a
+    /v1 client labelling each call makes them; a few in session "s2" (a report filters on it) or in none."""
+    from tests.test_usage_rollups import random_record
+
+    records = []
+    for n in range(first, first + count):
+        r = random_record(rng, n, rng.choice(["2026-03-01", "2026-03-02", "2026-03-03"]))
+        r["model"] = r["model"] or "unknown"  # the table keeps "unknown" for a record without a model
+        r["sessionId"] = rng.choice([f"call-{n}"] * 8 + ["s2", None])
+        records.append(r)
+    return records
+
+
+async def replace_estimates(usage: PostgresUsageStore, rng: Any, records: list[dict[str, Any]]) -> None:
+    """Append ``records``, some after a recovery's estimate of their call (the record takes its place), and some
+    followed by one (not stored): what a replica cut off from the database leaves."""
+    from agentspace.storage.postgres.usage import parse_time
+
+    estimated = rng.sample(records, len(records) // 10)
+    late = {r["id"] for r in estimated[: len(estimated) // 3]}  # these calls' estimates come after their records
+    estimates = []
+    for r in estimated:
+        start = parse_time(r["timestamp"])
+        # The call's start: earlier the same day, with other tokens and cost (a guess from the request).
+        start -= min(timedelta(seconds=rng.randint(1, 200)), start - start.replace(hour=0, minute=0, second=0))
+        estimates.append(
+            {
+                **r,
+                "timestamp": start.isoformat().replace("+00:00", "Z"),
+                "inputTokens": rng.randint(0, 9000),
+                "outputTokens": 0,
+                "totalCost": rng.random(),
+                "estimated": True,
+                "recovered": True,
+            }
+        )
+    await usage.append_dicts([e for e in estimates if e["id"] not in late])
+    await asyncio.gather(*(usage.append_dicts(records[n : n + 23]) for n in range(0, len(records), 23)))
+    await usage.append_dicts([e for e in estimates if e["id"] in late])
+
+
+async def assert_reports_equal_the_scan(usage: PostgresUsageStore, db: PostgresDatabase) -> None:
+    """Every report with every filter, and each client's spend, equal what grouping the records gives; the rollups
+    merged without sessions equal ``usage_rollups`` merged."""
+    from agentspace.storage.reports import REPORTS
+    from tests.test_usage_rollups import FILTERS, rounded
+
+    for where in FILTERS:
+        scanned = await usage.records(**where)
+        for by, grouping in REPORTS.items():
+            expected = {**grouping(scanned), "damagedFiles": []}
+            assert rounded(await usage.report(by=by, **where)) == rounded(expected), (by, where)
+    for client in ("alice", "bob", "admin"):
+        for since in (None, datetime(2026, 3, 2, tzinfo=UTC), datetime(2026, 3, 2, 13, 30, tzinfo=UTC)):
+            spent, _ = await usage.spend(client=client, since=since, posting=dict)
+            scanned = await usage.records(client=client, since=since)
+            assert spent == pytest.approx(sum(float(r.get("totalCost") or 0.0) for r in scanned)), (client, since)
+    sums = "sum(input_tokens), sum(output_tokens), sum(total_tokens), sum(cache_read_tokens), sum(cache_write_tokens), "
+    sums += "sum(reasoning_tokens), round(sum(total_cost)::numeric, 9), sum(answered), sum(errors), sum(estimated), "
+    sums += "bool_or(price_unknown), round(sum(server_tool_cost)::numeric, 9), sum(server_tool_uses)"
+    async with db.connection() as conn:
+        merged = await conn.fetch(f"SELECT day, model, client, endpoint, {sums} FROM usage_rollups GROUP BY 1, 2, 3, 4")
+        kept = await conn.fetch(
+            f"SELECT day, model, client, endpoint, {sums} FROM usage_rollups_nosession GROUP BY 1, 2, 3, 4"
+        )
+    assert sorted(map(tuple, kept)) == sorted(map(tuple, merged))
+
+
+async def test_reports_without_sessions_equal_the_scan_when_every_call_is_a_session_of_its_own(pg_dsn: str) -> None:
+    # The reports that ask for no session read the rollups merged without it (``usage_rollups_nosession``), whose
+    # rows are the groups however many sessions there are; they are kept by every insert, by an estimate's
+    # replacement by its call's record, and by retention.
+    import random
+
+    rng = random.Random(21)
+    db = PostgresDatabase(pg_dsn)
+    usage = PostgresUsageStore(db, batch_size=37)
+    try:
+        await db.start()
+        records = calls_of_their_own(rng, 600)
+        await replace_estimates(usage, rng, records)
+        await usage.append_dicts(records[:100])  # retried: counted once, in the records and in both rollups
+        assert await usage.count() == len(records)
+        await assert_reports_equal_the_scan(usage, db)
+        async with db.connection() as conn:
+            sessions = await conn.fetchval("SELECT count(*) FROM usage_rollups")
+            groups = await conn.fetchval("SELECT count(*) FROM usage_rollups_nosession")
+        assert groups * 2 < sessions, (groups, sessions)  # the sessions made most of the rollups' rows
+        assert await usage.drop_usage_before(datetime(2026, 4, 1)) == ["usage_records_2026_03"]
+        assert (await usage.report())["grandTotal"]["requestCount"] == 0
+        async with db.connection() as conn:
+            assert await conn.fetchval("SELECT count(*) FROM usage_rollups_nosession") == 0
+    finally:
+        await usage.aclose()
+        await db.aclose()
+
+
+async def test_a_database_of_the_version_before_gets_the_rollups_without_sessions_from_its_rollups(
+    pg_dsn: str,
+) -> None:
+    """A database of version 7: records and ``usage_rollups`` kept as that version keeps them (its inserts, an
+    estimate's replacement), and no rollups merged without sessions. Migration 8 fills them from ``usage_rollups``,
+    and every report equals the scan of the records, for the records stored before the migration and after it."""
+    import random
+
+    rng = random.Random(22)
+    db = PostgresDatabase(pg_dsn)
+    usage = PostgresUsageStore(db, batch_size=37)
+    try:
+        await db.start()
+        await replace_estimates(usage, rng, calls_of_their_own(rng, 400))
+        async with db.transaction() as conn:  # what version 7 has: this version's usage_rollups, kept alike
+            await conn.execute("DROP TABLE usage_rollups_nosession")
+            await conn.execute("DELETE FROM agentspace_migrations WHERE version = 8")
+    finally:
+        await usage.aclose()
+        await db.aclose()
+    db = PostgresDatabase(pg_dsn)
+    usage = PostgresUsageStore(db, batch_size=37)
+    try:
+        await db.start()
+        assert await db.schema_version() == MIGRATIONS[-1][0] == 8
+        await assert_reports_equal_the_scan(usage, db)
+        await replace_estimates(usage, rng, calls_of_their_own(rng, 200, first=400))
+        assert await usage.count() == 600
+        await assert_reports_equal_the_scan(usage, db)
     finally:
         await usage.aclose()
         await db.aclose()

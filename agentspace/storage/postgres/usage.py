@@ -97,8 +97,10 @@ _TYPES = ("text", "timestamptz", "text", "text", "text", *["bigint"] * 6, "float
           "float8", "bigint", "text")  # fmt: skip
 # One statement per batch: a column array per column (no per-row round trip, no named statement needed),
 # the rows that were new counted, and their totals added to the rollups in the same statement (so in the
-# same transaction: a report never sees a record without its rollup, or the other way round). The rollup
-# rows are upserted in key order, so concurrent batches of replicas lock them in the same order.
+# same transaction: a report never sees a record without its rollup, or the other way round): to
+# ``usage_rollups``, and to ``usage_rollups_nosession``, the same without the session, which the reports that
+# ask for no session read. The rollup rows are upserted in key order, table after table in the one plan every
+# replica runs, so concurrent batches of replicas lock them in the same order.
 _ROLLUP_SUMS = (
     "sum(input_tokens), sum(output_tokens), sum(total_tokens), sum(cache_read_tokens), sum(cache_write_tokens), "
     "sum(reasoning_tokens), sum(total_cost), count(*) FILTER (WHERE answered), count(*) FILTER (WHERE is_error), "
@@ -120,10 +122,16 @@ _INSERT = (
     f"{_ROLLUP_SUMS} FROM src JOIN new USING (id, ts) GROUP BY 1, 2, 3, 4, 5 ORDER BY 1, 2, 3, 4, 5 "
     "ON CONFLICT (day, model, client, session_id, endpoint) DO UPDATE SET "
     + ", ".join(f"{c} = usage_rollups.{c} + EXCLUDED.{c}" for c in _ADDED)
-    + ", price_unknown = usage_rollups.price_unknown OR EXCLUDED.price_unknown) "
+    + ", price_unknown = usage_rollups.price_unknown OR EXCLUDED.price_unknown), "
+    "merged AS (INSERT INTO usage_rollups_nosession "
+    "SELECT (ts AT TIME ZONE 'UTC')::date, model, coalesce(client, ''), endpoint, "
+    f"{_ROLLUP_SUMS} FROM src JOIN new USING (id, ts) GROUP BY 1, 2, 3, 4 ORDER BY 1, 2, 3, 4 "
+    "ON CONFLICT (day, model, client, endpoint) DO UPDATE SET "
+    + ", ".join(f"{c} = usage_rollups_nosession.{c} + EXCLUDED.{c}" for c in _ADDED)
+    + ", price_unknown = usage_rollups_nosession.price_unknown OR EXCLUDED.price_unknown) "
     "SELECT (SELECT count(*) FROM new), ARRAY(SELECT id FROM held)"
 )
-# The estimates of ``$1`` (ids) out: their records, their marks and their share of the rollups (summed per rollup
+# The estimates of ``$1`` (ids) out: their records, their marks and their share of both rollups (summed per rollup
 # row first: an UPDATE ... FROM changes a row once, whatever number of rows it matches). Their clients and costs.
 _UNPOST = (
     "WITH est AS (DELETE FROM usage_recovered WHERE id = ANY($1::text[]) RETURNING id, ts), "
@@ -138,7 +146,13 @@ _UNPOST = (
     "rolled AS (UPDATE usage_rollups r SET "
     + ", ".join(f"{c} = r.{c} - g.{c}" for c in _ADDED)
     + " FROM g WHERE r.day = g.day AND r.model = g.model AND r.client = g.client "
-    "AND r.session_id = g.session_id AND r.endpoint = g.endpoint) "
+    "AND r.session_id = g.session_id AND r.endpoint = g.endpoint), "
+    "m AS (SELECT day, model, client, endpoint, "
+    + ", ".join(f"sum({c}) AS {c}" for c in _ADDED)
+    + " FROM g GROUP BY 1, 2, 3, 4), "
+    "merged AS (UPDATE usage_rollups_nosession r SET "
+    + ", ".join(f"{c} = r.{c} - m.{c}" for c in _ADDED)
+    + " FROM m WHERE r.day = m.day AND r.model = m.model AND r.client = m.client AND r.endpoint = m.endpoint) "
     "SELECT client, total_cost FROM gone"
 )
 
@@ -342,11 +356,12 @@ class PostgresUsageStore:
                 if end <= cutoff:
                     await conn.execute(f"DROP TABLE {name}")
                     await conn.execute("DELETE FROM usage_recovered WHERE ts < $1", end)
-                    await conn.execute(
-                        "DELETE FROM usage_rollups WHERE day >= $1 AND day < $2",
-                        datetime(year, month, 1).date(),
-                        end.date(),
-                    )
+                    for table in ("usage_rollups", "usage_rollups_nosession"):
+                        await conn.execute(
+                            f"DELETE FROM {table} WHERE day >= $1 AND day < $2",
+                            datetime(year, month, 1).date(),
+                            end.date(),
+                        )
                     dropped.append(name)
                     self._partitions.discard(name)
         return sorted(dropped)
@@ -427,7 +442,10 @@ class PostgresUsageStore:
             record_keys = _RECORD_KEYS["deployment"]
             queries = [(f"SELECT {record_keys}, {_SUMS} FROM usage_records{where} GROUP BY 1", record_args)]
         else:
-            queries = [(f"SELECT {keys}, {_ROLLUP_TOTALS} FROM usage_rollups{where} GROUP BY {keys}", args)]
+            # Without a session asked for (grouped by or filtered on), the rollups merged without it: as many
+            # rows as groups, however many sessions (a client may make each call a session of its own).
+            table = "usage_rollups" if by == "session" or session_id is not None else "usage_rollups_nosession"
+            queries = [(f"SELECT {keys}, {_ROLLUP_TOTALS} FROM {table}{where} GROUP BY {keys}", args)]
         if partial_day is not None:
             where, record_args = self._where(partial_day[0], session_id, client)
             record_args.append(partial_day[1])
