@@ -626,8 +626,14 @@ async def run_long_session(b: bench.Bench, args: argparse.Namespace, results: di
             samples: dict[str, float] = {}
 
             async def ours_chat(n: int = n, content: str = content) -> bench.Sample:
-                nonlocal session_id
-                sample, session_id = await ws_session_chat(ws, n, content, session_id)
+                nonlocal session_id, ws
+                try:
+                    sample, session_id = await ws_session_chat(ws, n, content, session_id)
+                except aiohttp.ClientConnectionResetError:
+                    # The socket was closed while LiteLLM's turn took longer than the gateway's heartbeat (its
+                    # worker restarting): nothing was sent; the same session on a new socket.
+                    ws = await http.ws_connect(f"{b.gateway}/gateway", headers=ours, max_msg_size=0)
+                    sample, session_id = await ws_session_chat(ws, n, content, session_id)
                 return sample
 
             sides: list[tuple[str, Callable[[], Awaitable[bench.Sample]]]] = [
