@@ -2,6 +2,7 @@
 
     python benchmarks/vs_litellm.py [--quick] [--json] [--concurrency N] [--rounds N] [--chats N]
                                     [--litellm-venv DIR] [--litellm-spec SPEC] [--throughput CLIENTS]
+                                    [--long-session [--turn-bytes N]] [--profile FILE]
 
 The performance goals are ratios measured here: agentspace's added time to first token at least 5x lower,
 and its CPU per chat at least 4x lower, than LiteLLM Proxy's, for each of agentspace's ways in. Run it on a
@@ -63,8 +64,9 @@ agentspace's WebSocket at least 6x LiteLLM Proxy's chats per second), on the dir
 ``/v1/chat/completions``, agentspace ws and ``/api/chat`` sides only; ``chats/s`` is each side's chats divided
 by the wall time of its batches (every run prints it; the ratio is agentspace's over LiteLLM's).
 
-``--long-session`` runs the long-session case instead: one WebSocket session growing in ``LONG_TURN_BYTES``
-(25 KB) user turns to ``LONG_SESSION_BYTES`` (2 MB), the gateway sending the whole history each turn
+``--long-session`` runs the long-session case instead: one WebSocket session growing in ``--turn-bytes`` user
+turns (default ``LONG_TURN_BYTES``, 25 KB: few large messages; 1000 gives the shape of an agent's session, ~4,000
+short messages at 2 MB) to ``LONG_SESSION_BYTES`` (2 MB), the gateway sending the whole history each turn
 (``[chat] history_limit`` raised), while LiteLLM Proxy's ``/v1/chat/completions`` and the direct call are given
 the same messages in each request. Per size band (the first 10 turns, around 1 MB, the last 10 turns, at
 2 MB) it prints each side's TTFT p50 minus the direct call's at the same turn, and the ratio: what the session's
@@ -546,10 +548,10 @@ LONG_SESSION_BYTES = 2_000_000
 LONG_BAND = 10  # turns per size band
 
 
-def long_turn(n: int) -> str:
-    """A user turn of about ``LONG_TURN_BYTES``: different words each turn (nothing repeats between turns)."""
-    words = [f"w{n}x{i}" for i in range(LONG_TURN_BYTES // 8)]
-    return f"Turn {n}: " + " ".join(words)[: LONG_TURN_BYTES - 10]
+def long_turn(n: int, turn_bytes: int = LONG_TURN_BYTES) -> str:
+    """A user turn of about ``turn_bytes``: different words each turn (nothing repeats between turns)."""
+    words = [f"w{n}x{i}" for i in range(max(1, turn_bytes // 8))]
+    return f"Turn {n}: " + " ".join(words)[: max(1, turn_bytes - 10)]
 
 
 async def ws_session_chat(
@@ -583,6 +585,17 @@ async def ws_session_chat(
     return _complete(start, ttft, text, True), session_id
 
 
+async def litellm_chat(
+    http: aiohttp.ClientSession, url: str, headers: dict[str, str], messages: list[dict[str, Any]]
+) -> bench.Sample:
+    """A long-session chat through LiteLLM Proxy, sent again once when the proxy closed the kept-alive
+    connection under it (it does, after about a thousand requests: a run of 500-byte turns makes 4,000)."""
+    try:
+        return await completions_chat(http, url, headers, PROXY_MODEL, messages)
+    except aiohttp.ServerDisconnectedError:
+        return await completions_chat(http, url, headers, PROXY_MODEL, messages)
+
+
 async def run_long_session(b: bench.Bench, args: argparse.Namespace, results: dict[str, Any]) -> None:
     from agentspace.gateway_token import load_or_create_token
 
@@ -593,7 +606,7 @@ async def run_long_session(b: bench.Bench, args: argparse.Namespace, results: di
     token = load_or_create_token(b.home)
     ours = {"Authorization": f"Bearer {token}"}
     lite = {"Authorization": f"Bearer {MASTER_KEY}"}
-    turns = LONG_SESSION_BYTES // LONG_TURN_BYTES
+    turns = LONG_SESSION_BYTES // args.turn_bytes
     rows: list[dict[str, Any]] = []
     connector = aiohttp.TCPConnector(limit=0)
     async with (
@@ -608,13 +621,19 @@ async def run_long_session(b: bench.Bench, args: argparse.Namespace, results: di
         history: list[dict[str, Any]] = []
         session_id: str | None = None
         for n in range(turns):
-            content = long_turn(n)
+            content = long_turn(n, args.turn_bytes)
             messages = [*history, {"role": "user", "content": content}]
             samples: dict[str, float] = {}
 
             async def ours_chat(n: int = n, content: str = content) -> bench.Sample:
-                nonlocal session_id
-                sample, session_id = await ws_session_chat(ws, n, content, session_id)
+                nonlocal session_id, ws
+                try:
+                    sample, session_id = await ws_session_chat(ws, n, content, session_id)
+                except aiohttp.ClientConnectionResetError:
+                    # The socket was closed while LiteLLM's turn took longer than the gateway's heartbeat (its
+                    # worker restarting): nothing was sent; the same session on a new socket.
+                    ws = await http.ws_connect(f"{b.gateway}/gateway", headers=ours, max_msg_size=0)
+                    sample, session_id = await ws_session_chat(ws, n, content, session_id)
                 return sample
 
             sides: list[tuple[str, Callable[[], Awaitable[bench.Sample]]]] = [
@@ -624,10 +643,7 @@ async def run_long_session(b: bench.Bench, args: argparse.Namespace, results: di
                         http, f"{b.upstream}/v1/messages", bench.DIRECT_HEADERS, PROXY_MODEL, m
                     ),
                 ),
-                (
-                    "litellm",
-                    lambda m=messages: completions_chat(http, f"{litellm}/v1/chat/completions", lite, PROXY_MODEL, m),
-                ),
+                ("litellm", lambda m=messages: litellm_chat(http, f"{litellm}/v1/chat/completions", lite, m)),
                 ("agentspace", ours_chat),
             ]
             shift = n % len(sides)
@@ -653,13 +669,13 @@ async def run_long_session(b: bench.Bench, args: argparse.Namespace, results: di
                 "ratio": _ratio(added["litellm"], added["agentspace"]),
             }
         )
-    results["longSession"] = {"turns": rows, "bands": summary}
+    results["longSession"] = {"turnBytes": args.turn_bytes, "turns": rows, "bands": summary}
 
 
 def print_long_session(results: dict[str, Any]) -> None:
     print(
         f"LiteLLM Proxy {results['litellmVersion']} vs agentspace {results['agentspaceCommit'] or ''}: one session "
-        f"growing in {LONG_TURN_BYTES // 1000} KB turns to {LONG_SESSION_BYTES / 1e6:g} MB, the same context to each\n"
+        f"growing in {results['longSession']['turnBytes']:,} byte turns to {LONG_SESSION_BYTES / 1e6:g} MB, the same context to each\n"
     )
     rows: list[tuple[str, ...]] = [
         ("size band", "context KB", "direct TTFT ms", "agentspace +TTFT ms", "litellm +TTFT ms", "ratio")
@@ -866,6 +882,17 @@ def main() -> None:
         "--long-session", action="store_true", help="the long-session case only (one session growing to 2 MB)"
     )
     parser.add_argument(
+        "--turn-bytes",
+        type=int,
+        default=LONG_TURN_BYTES,
+        help=f"--long-session: the size of each user turn (default {LONG_TURN_BYTES}; 1000: ~4,000 short messages)",
+    )
+    parser.add_argument(
+        "--profile",
+        metavar="FILE",
+        help="profile the gateway as benchmarks/bench.py --profile does (FILE.html or *.prof)",
+    )
+    parser.add_argument(
         "--throughput",
         type=int,
         metavar="CLIENTS",
@@ -891,7 +918,9 @@ def main() -> None:
         "deltas": bench.DELTAS,
     }
     root = Path(tempfile.mkdtemp(prefix="agentspace-vs-litellm-"))
-    b = bench.Bench(argparse.Namespace(requests=args.chats, soak=0, quick=args.quick, json=False, profile=None), root)
+    b = bench.Bench(
+        argparse.Namespace(requests=args.chats, soak=0, quick=args.quick, json=False, profile=args.profile), root
+    )
     if args.long_session:
         try:
             asyncio.run(run_long_session(b, args, results))

@@ -202,9 +202,17 @@ async def test_stored_messages_are_detached_from_callers(sessions: SessionStore)
     await sessions.append_message(sid, message)
     message["parts"].append({"type": "text", "text": "changed by the caller"})
     got = await sessions.get(sid)
-    got["messages"][0]["parts"].clear()
-    (await sessions.messages(sid))[0]["parts"].clear()
+    # What a read returns is the cache's own (not a copy: a read costs the same at any size), frozen: a change
+    # is refused at every depth, and the next read is as stored.
+    with pytest.raises(TypeError):
+        got["messages"][0]["parts"].clear()
+    with pytest.raises(TypeError):
+        (await sessions.messages(sid))[0]["parts"][0]["text"] = "changed"
+    with pytest.raises(TypeError):
+        got["messages"][0]["role"] = "assistant"
+    got["messages"].clear()  # the list itself is the caller's
     assert (await sessions.messages(sid))[0]["parts"] == [{"type": "text", "text": "hi"}]
+    assert (await sessions.get(sid))["messages"][0]["role"] == "user"
     with pytest.raises(TypeError):
         await sessions.append_message(sid, {"role": "user", "content": object()})
     assert len(await sessions.messages(sid)) == 1

@@ -169,6 +169,70 @@ def detached(data: Any) -> Any:
     return json.loads(json.dumps(data))
 
 
+class FrozenDict(dict[str, Any]):
+    """A JSON object that refuses every change: the session cache's messages are handed out as they are, so a
+    caller that changed one would change the cache (and every later reader's view). A ``dict`` to every
+    reader (``isinstance``, ``json.dumps``, ``{**d}``); ``thawed`` (or ``copy.deepcopy``) gives a copy to change."""
+
+    __slots__ = ()
+
+    def _refuse(self, *args: Any, **kwargs: Any) -> Any:
+        raise TypeError("a stored message is read-only: change a copy (storage.shapes.thawed)")
+
+    __setitem__ = __delitem__ = __ior__ = _refuse
+    clear = pop = popitem = setdefault = update = _refuse
+
+    def __copy__(self) -> dict[str, Any]:
+        return dict(self)
+
+    def __deepcopy__(self, _memo: dict[int, Any]) -> Any:
+        return thawed(self)
+
+    def __reduce__(self) -> Any:  # pickled (a copy sent elsewhere) as a plain dict
+        return (dict, (dict(self),))
+
+
+class FrozenList(list[Any]):
+    """A JSON array that refuses every change (see ``FrozenDict``)."""
+
+    __slots__ = ()
+
+    def _refuse(self, *args: Any, **kwargs: Any) -> Any:
+        raise TypeError("a stored message is read-only: change a copy (storage.shapes.thawed)")
+
+    __setitem__ = __delitem__ = __iadd__ = __imul__ = _refuse
+    append = extend = insert = pop = remove = clear = sort = reverse = _refuse
+
+    def __copy__(self) -> list[Any]:
+        return list(self)
+
+    def __deepcopy__(self, _memo: dict[int, Any]) -> Any:
+        return thawed(self)
+
+    def __reduce__(self) -> Any:
+        return (list, (list(self),))
+
+
+def frozen(data: Any) -> Any:
+    """JSON data in a form that refuses changes (``FrozenDict``, ``FrozenList``; strings and numbers are so
+    already); parts frozen already are kept, not copied."""
+    kind = data.__class__
+    if kind is dict:
+        return FrozenDict({key: frozen(value) for key, value in data.items()})
+    if kind is list:
+        return FrozenList([frozen(value) for value in data])
+    return data
+
+
+def thawed(data: Any) -> Any:
+    """A changeable deep copy of JSON data (frozen or not)."""
+    if isinstance(data, dict):
+        return {key: thawed(value) for key, value in data.items()}
+    if isinstance(data, list):
+        return [thawed(value) for value in data]
+    return data
+
+
 def stored_message(message: dict[str, Any]) -> dict[str, Any]:
     """A message as it is stored: a snapshot, ``id`` and ``createdAt`` filled in when absent."""
     message = detached(message)

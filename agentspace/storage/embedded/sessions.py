@@ -32,6 +32,19 @@ file: a file deleted (the CLI), replaced (a copy restored) or appended to from o
 read or write of it has another (inode, size, mtime), and is read again. The sync methods, for the CLI, read
 the files.
 
+The cached messages are handed out as they are, not copied: ``get`` and ``messages`` return a new list (and
+``get`` a new summary dict) holding the cache's own message objects, so a read costs the same at 10 messages
+and at 10,000 (a deep copy of a 4,000-message session took about as long as parsing it). What keeps the cache
+right is that those objects cannot be changed: every message is frozen when it enters the cache (``_remember``
+for a session read, created or rebuilt; ``_append`` and ``_update`` for a write: ``shapes.frozen``), its
+objects and arrays ``shapes.FrozenDict``/``FrozenList``, a ``dict`` and a ``list`` to every reader but raising
+TypeError on any change. A caller that wants to change a message it read changes a copy (``{**message, ...}``,
+or ``shapes.thawed``); the callers today (context assembly and the context policy, the pipeline, the service
+layer and transports, ``attachments.with_urls``, export, compaction) only read, or build new dicts for what
+they change. The cache changes only by the writes (each a new list, never one changed in place), its bound
+and the stat that notices a file changed from outside are as before. The CLI's sync reads parse the file and
+return plain (changeable) messages of their own.
+
 A turn writes its user message with ``sync=False`` (``create``, ``append_message``): written at once (a disk
 that refuses it refuses the turn; a new session's goes to the journal), its sync started at once in the
 background; the call's pending ledger entry is synced beside it, and the request leaves once both are durable
@@ -47,7 +60,6 @@ from __future__ import annotations
 
 import builtins
 import contextlib
-import copy
 import logging
 import os
 import threading
@@ -74,6 +86,7 @@ from ..errors import MessageNotFound, SessionExists, SessionNotFound
 from ..shapes import (
     Listing,
     detached,
+    frozen,
     is_valid_session_id,
     stored_message,
     title_from,
@@ -144,8 +157,9 @@ def _sorted(summaries: builtins.list[dict[str, Any]]) -> builtins.list[dict[str,
 
 @dataclass
 class _Session:
-    """A session as the server keeps it: its summary (without ``messageCount``), its messages, and the log
-    appended to (None until the first write after it was read: a legacy file is converted then)."""
+    """A session as the server keeps it: its summary (without ``messageCount``), its messages (frozen once
+    cached: ``_remember``), and the log appended to (None until the first write after it was read: a legacy file
+    is converted then)."""
 
     info: dict[str, Any]
     messages: builtins.list[dict[str, Any]]
@@ -727,6 +741,8 @@ class SessionStore:
         return session
 
     def _remember(self, session_id: str, session: _Session) -> None:
+        """Cache ``session``, its messages frozen (the cache hands them out as they are: see the module's doc)."""
+        session.messages = [frozen(message) for message in session.messages]
         old = self._open.pop(session_id, None)
         if old is not None:
             self._open_bytes -= old.size
@@ -967,7 +983,7 @@ class SessionStore:
             session = self._session(session_id)
             if session is None:
                 return None
-            return {**session.summary(), "messages": copy.deepcopy(session.messages)}
+            return {**session.summary(), "messages": builtins.list(session.messages)}  # frozen: shared, not copied
 
     def _messages(self, session_id: str, limit: int | None) -> builtins.list[dict[str, Any]]:
         with self._lock:
@@ -975,10 +991,11 @@ class SessionStore:
             if session is None or (limit is not None and limit <= 0):
                 return []
             docs = session.messages
-            return copy.deepcopy(docs if limit is None else docs[-limit:])
+            return builtins.list(docs) if limit is None else docs[-limit:]  # frozen: shared, not copied
 
     def _append(self, session_id: str, message: dict[str, Any]) -> AppendLog:
         session = self._require(session_id)
+        message = frozen(message)
         info = dict(session.info)
         if not info.get("title") and message.get("role") == "user":
             info["title"] = title_from(message)
@@ -991,7 +1008,7 @@ class SessionStore:
         found = False
         for n, message in enumerate(messages):
             if message.get("id") == message_id:
-                messages[n] = {**message, **changes}
+                messages[n] = frozen({**message, **changes})
                 found = True
         if not found:
             raise MessageNotFound(f"message {str(message_id)[:40]!r} not found in session {session_id!r}")
