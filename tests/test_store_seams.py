@@ -23,7 +23,7 @@ from tests.fakes import anthropic_upstream as fa
 from tests.support.ws import chat, connect
 from tests.test_session_journal_outside import killed_during_a_first_turn
 from tests.test_sessions_outside import sent_texts, shown
-from tests.test_torn_files import GARBAGE, killed_mid_call, ws_turn
+from tests.test_torn_files import GARBAGE, journal_of_a_killed_call
 from tests.test_usage_rollups import random_record, rounded, seed
 
 
@@ -114,18 +114,8 @@ async def test_a_ledger_journal_whose_last_write_lost_only_its_newline_posts_not
 ) -> None:
     # A crash may stop a write anywhere, just before its newline too: what is left of the line then parses. That
     # write was never synced, so its call never left: a pending entry read from it would charge a call never made.
-    fake_anthropic.default = fa.text_response("fine", usage={"input_tokens": 55})
     data_dir = tmp_path / "data"
-    server = GatewayProcess(data_dir, fake_anthropic.url)
-    try:
-        await server.start()
-        sid = (await ws_turn(server, "hello"))[0]["sessionId"]
-        await killed_mid_call(server, fake_anthropic, sid)
-    finally:
-        await server.aclose()
-    (journal,) = (data_dir / "ledger").glob("journal-*.jsonl")
-    lines = journal.read_bytes().splitlines(keepends=True)
-    pending = [json.loads(line) for line in lines if b'"event":"pending"' in line][-1]  # the killed call's
+    journal, lines, pending = await journal_of_a_killed_call(data_dir, fake_anthropic)
     torn = {**pending, "id": "usage_torn", "inputTokens": 999}
     journal.write_bytes(b"".join(lines) + json.dumps(torn, separators=(",", ":")).encode())  # no newline
     before = {r["id"] for r in UsageStore(data_dir).records_sync()}

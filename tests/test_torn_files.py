@@ -42,6 +42,22 @@ async def killed_mid_call(server: GatewayProcess, fake: fa.FakeAnthropic, sessio
         pass  # the socket closed under it
 
 
+async def journal_of_a_killed_call(data_dir: Path, fake: fa.FakeAnthropic) -> tuple[Path, list[bytes], dict[str, Any]]:
+    """A server killed mid-call after a turn: its ledger journal, the journal's lines, and the killed call's
+    pending entry."""
+    fake.default = fa.text_response("fine", usage={"input_tokens": 55})
+    server = GatewayProcess(data_dir, fake.url)
+    try:
+        await server.start()
+        sid = (await ws_turn(server, "hello"))[0]["sessionId"]
+        await killed_mid_call(server, fake, sid)
+    finally:
+        await server.aclose()
+    (journal,) = (data_dir / "ledger").glob("journal-*.jsonl")
+    lines = journal.read_bytes().splitlines(keepends=True)
+    return journal, lines, [json.loads(line) for line in lines if b'"event":"pending"' in line][-1]
+
+
 def cut_mid_line(path: Path) -> None:
     """Cut the file in the middle of its last line."""
     raw = path.read_bytes()
@@ -67,18 +83,8 @@ async def test_a_journal_with_garbage_and_a_torn_line_is_recovered_and_kept_asid
     """A dead process's journal damaged from outside: every entry still readable is posted (one record each),
     the damaged lines are named in a warning, the journal is moved aside rather than deleted, and the next
     start posts nothing twice."""
-    fake_anthropic.default = fa.text_response("fine", usage={"input_tokens": 55})
     data_dir = tmp_path / "data"
-    server = GatewayProcess(data_dir, fake_anthropic.url)
-    try:
-        await server.start()
-        sid = (await ws_turn(server, "hello"))[0]["sessionId"]
-        await killed_mid_call(server, fake_anthropic, sid)
-    finally:
-        await server.aclose()
-    (journal,) = (data_dir / "ledger").glob("journal-*.jsonl")
-    lines = journal.read_bytes().splitlines(keepends=True)
-    pending = [json.loads(line) for line in lines if b'"event":"pending"' in line][-1]  # the killed call's
+    journal, lines, pending = await journal_of_a_killed_call(data_dir, fake_anthropic)
     # Another call's entry after damage: garbage, a line of JSON that is no entry, an entry missing its model.
     del pending["event"]
     second = {**pending, "event": "pending", "id": "usage_second", "inputTokens": 12}
