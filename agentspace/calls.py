@@ -226,19 +226,20 @@ def messages_body_ceiling(gw: Registry, model: str, body: dict[str, Any]) -> Cei
 
 
 def fetched_tokens(gw: Registry, model: str, tools: Any) -> int:
-    """The input a request's web fetches may add: what the upstream fetches is billed as input tokens, at most
-    ``max_content_tokens`` a fetch, else the ceiling of an uncountable input -- and all of it at most that
-    ceiling, the context the fetched pages must fit in."""
+    """The input a request's web fetches and web searches may add: what the upstream fetches, and the results
+    of its searches, are billed as input tokens -- at most ``max_content_tokens`` a fetch, else (a search has
+    no such bound) the ceiling of an uncountable input -- and all of it at most that ceiling, the context the
+    pages must fit in."""
     if not isinstance(tools, list):
         return 0
     ceiling = uncountable_tokens(gw, model)
     total = 0
     for tool in tools:
         kind = tool.get("type") if isinstance(tool, dict) else None
-        if not (isinstance(kind, str) and kind.startswith("web_fetch_")):
+        if not (isinstance(kind, str) and kind.startswith(("web_fetch_", "web_search_"))):
             continue
-        uses = server_tool_uses(gw, [tool]).get("web_fetch", 0)
-        most = tool.get("max_content_tokens")
+        uses = sum(server_tool_uses(gw, [tool]).values())
+        most = tool.get("max_content_tokens") if kind.startswith("web_fetch_") else None
         each = most if isinstance(most, int) and not isinstance(most, bool) and most > 0 else ceiling
         total += uses * each
     return min(total, ceiling)

@@ -277,6 +277,38 @@ async def test_web_fetches_reserve_the_content_they_may_bring_in(
     assert answered == 1 and 0.12 < spent <= 0.2, (answered, spent)
 
 
+async def test_web_searches_reserve_the_results_they_may_bring_in(
+    make_client: Any, fake_anthropic: FakeAnthropic
+) -> None:
+    """A web search's results are billed as input tokens, as a web fetch's content is, and nothing here can
+    count them: a request with ``web_search`` reserves the ceiling of an uncountable input for them
+    (``[limits] uncountable_input_tokens``, 50,000 here), so 30 such calls against $0.2 let one through, whose
+    search brought in 40,000 tokens of results ($0.12 of input, and the $0.01 search)."""
+    client = await make_client(limits={"uncountable_input_tokens": 50_000})
+    searched = [fa.text_block("Let me search.", chunks=1), fa.server_tool_use_block("news")]
+    searched += [fa.web_search_result_block([("https://example.com/a", "A")]), fa.text_block("Found it.")]
+    final = {"input_tokens": 40_000, "output_tokens": 50, "server_tool_use": {"web_search_requests": 1}}
+    fake_anthropic.default = fa.message_response(
+        *searched, usage={"input_tokens": 40_000}, delta_usages=[final]
+    ).with_delay(0.1)
+    key = add_client("alice", "--budget", "0.2")
+    tools: Any = [{"type": "web_search_20250305", "name": "web_search", "max_uses": 1}]
+    api = anthropic_sdk(client, key)
+    results = await asyncio.gather(
+        *(
+            api.messages.create(
+                model=MODEL, max_tokens=64, tools=tools, messages=[{"role": "user", "content": "Any news?"}]
+            )
+            for _ in range(CALLS)
+        ),
+        return_exceptions=True,
+    )
+    refused = [r for r in results if isinstance(r, BaseException)]
+    assert all(isinstance(r, anthropic.RateLimitError) for r in refused), refused
+    answered, spent = await spend(client, "alice")
+    assert answered == 1 and 0.13 < spent <= 0.2, (answered, spent)
+
+
 def png(width: int, height: int) -> bytes:
     """A PNG's signature and header chunk (what gives its size), then an empty image data chunk and its end."""
 
