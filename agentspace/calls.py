@@ -107,6 +107,9 @@ class Ceiling:
     anthropic_output_tokens: int | None = None
     # The service tier the request asks for (OpenAI's ``service_tier``): "priority" is billed at dearer rates.
     service_tier: str | None = None
+    # The request lets the provider search the web with no bound on the searches (OpenAI's
+    # ``web_search_options``): reserved at ``[limits] server_tool_max_uses`` of them.
+    web_search: bool = False
 
 
 def request_input_tokens(request: ProviderRequest, ceiling: bool = False) -> int:
@@ -186,6 +189,7 @@ def request_ceiling(request: ProviderRequest, input_tokens: int | None = None) -
         images=sum(1 for part in files if part.is_image),
         anthropic_output_tokens=upstream_output_tokens(request),
         service_tier=tier if isinstance(tier := request.params.get("service_tier"), str) else None,
+        web_search="web_search_options" in request.params,
     )
 
 
@@ -377,11 +381,10 @@ def ceiling_cost(gw: Registry, model: str, ceiling: Ceiling) -> float:
     output_tokens = ceiling.output_tokens
     if ceiling.anthropic_output_tokens is not None and model.startswith(ANTHROPIC_PREFIX):
         output_tokens = ceiling.anthropic_output_tokens
-    return (
-        input_tokens * input_price / 1e6
-        + output_tokens * output_price / 1e6
-        + server_tool_cost(gw, model, ceiling.server_tool_uses)
-    )
+    uses = dict(ceiling.server_tool_uses)
+    if ceiling.web_search:
+        uses["web_search"] = uses.get("web_search", 0) + int(gw.config["limits"]["server_tool_max_uses"])
+    return input_tokens * input_price / 1e6 + output_tokens * output_price / 1e6 + server_tool_cost(gw, model, uses)
 
 
 def reachable_models(gw: Registry, model: str, fallbacks: bool = False) -> list[tuple[str, bool]]:

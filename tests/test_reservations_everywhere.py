@@ -309,6 +309,34 @@ async def test_web_searches_reserve_the_results_they_may_bring_in(
     assert answered == 1 and 0.13 < spent <= 0.2, (answered, spent)
 
 
+async def test_web_search_options_reserve_the_searches_they_may_run(
+    make_client: Any, fake_openai: FakeOpenAI, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``web_search_options`` on ``/v1/chat/completions`` lets OpenAI's search models search, each search billed
+    at the cost map's $0.025 (and recorded so): the request sets no bound, so it reserves ``[limits]
+    server_tool_max_uses`` searches (1 here), and 30 calls at once against $0.05 spend at most that."""
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-openai-test-0123456789")
+    client = await make_client(providers={"openai": {"base_url": fake_openai.url}}, limits={"server_tool_max_uses": 1})
+    usage = {**fo.usage(200, 20), "server_tool_use": {"web_search_requests": 1}}
+    fake_openai.default = fo.text_response("Found it.", usage=usage).with_delay(0.2)
+    key = add_client("alice", "--budget", "0.05")
+    api = openai_sdk(client, key)
+    messages: Any = [{"role": "user", "content": "Any news?"}]
+    results = await asyncio.gather(
+        *(
+            api.chat.completions.create(
+                model="openai/gpt-4o-mini-search-preview", messages=messages, max_tokens=20, web_search_options={}
+            )
+            for _ in range(CALLS)
+        ),
+        return_exceptions=True,
+    )
+    refused = [r for r in results if isinstance(r, BaseException)]
+    assert refused and all(isinstance(r, openai.RateLimitError) for r in refused), refused
+    answered, spent = await spend(client, "alice")
+    assert answered == 1 and 0.025 < spent <= 0.05, (answered, spent)
+
+
 def png(width: int, height: int) -> bytes:
     """A PNG's signature and header chunk (what gives its size), then an empty image data chunk and its end."""
 
