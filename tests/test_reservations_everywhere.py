@@ -20,8 +20,8 @@ from tests.fakes import anthropic_upstream as fa
 from tests.fakes import openai_upstream as fo
 from tests.fakes.anthropic_upstream import FakeAnthropic
 from tests.fakes.openai_upstream import FakeOpenAI
-from tests.support.ws import of
-from tests.test_clients import add_client, anthropic_sdk, openai_sdk, records, ws_chat
+from tests.support.ws import chat, of
+from tests.test_clients import add_client, anthropic_sdk, bearer, cli, openai_sdk, records, ws_chat
 
 MODEL = "claude-sonnet-4-5"
 CALLS = 30
@@ -465,3 +465,44 @@ async def test_text_beyond_ascii_is_reserved_at_what_an_older_tokenizer_bills_fo
     assert all(isinstance(r, openai.RateLimitError) for r in refused), refused
     answered, spent = await spend(client, "alice")
     assert answered == 2 and spent <= 0.6, (answered, spent)
+
+
+async def test_a_compaction_of_text_beyond_ascii_reserves_what_an_older_tokenizer_bills_for_it(
+    make_client: Any, fake_anthropic: FakeAnthropic
+) -> None:
+    """A session's compaction sends its conversation upstream: Greek text counted at 36,000 tokens by
+    ``o200k_base`` and 81,000 by ``cl100k_base`` reserves the larger count, as every other call does, so four
+    compactions at once against $0.3 left let one through, which the upstream bills at the larger count."""
+    client = await make_client(thinking={"enabled": False}, chat={"prompt_cache": "off"})
+    greek = "γειά σου κόσμε, τι κάνεις σήμερα; " * 3000
+    fake_anthropic.default = fa.text_response(usage={"input_tokens": 100}, delta_usages=[{"output_tokens": 10}])
+    key = add_client("alice", "--period", "total")
+    sessions = []
+    for _ in range(4):  # two turns each: a compaction summarises every turn but the latest
+        ws = await client.ws_connect("/gateway", headers=bearer(key))
+        frames = await chat(ws, greek)
+        sessions.append(of(frames, "chat.stream.start")[0]["sessionId"])
+        await chat(ws, "and more", sessionId=sessions[-1])
+        await ws.close()
+    before = sum(r["totalCost"] for r in await records(client))
+    cli("clients", "set", "alice", "--budget", f"{before + 0.3:.6f}")
+    fake_anthropic.default = fa.text_response(
+        usage={"input_tokens": 81_000}, delta_usages=[{"output_tokens": 1024}]
+    ).with_delay(0.2)
+
+    async def compact(session: str) -> dict[str, Any]:
+        ws = await client.ws_connect("/gateway", headers=bearer(key))
+        try:
+            await ws.send_json({"type": "session.compact", "id": "c1", "sessionId": session})
+            while True:
+                frame: dict[str, Any] = await ws.receive_json(timeout=30)
+                if frame["type"] in ("session.compacted", "error"):
+                    return frame
+        finally:
+            await ws.close()
+
+    frames = await asyncio.gather(*(compact(s) for s in sessions))
+    assert all(f["type"] == "session.compacted" or f["code"] == "BUDGET_EXCEEDED" for f in frames), frames
+    compactions = [r for r in await records(client) if r["purpose"] == "compact" and r["answered"]]
+    spent = sum(r["totalCost"] for r in await records(client)) - before
+    assert len(compactions) == 1 and 0.25 < spent <= 0.3, (len(compactions), spent)
