@@ -226,7 +226,9 @@ def messages_body_ceiling(gw: Registry, model: str, body: dict[str, Any]) -> Cei
     max_tokens = body.get("max_tokens")
     if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
         max_tokens = int(gw.config["chat"]["max_tokens"])
-    return Ceiling(input_tokens, max_tokens, server_tool_uses(gw, tools), cache_write=tally.cache_write)
+    return Ceiling(
+        input_tokens, max_tokens, server_tool_uses(gw, tools), cache_write=tally.cache_write, images=tally.images
+    )
 
 
 def fetched_tokens(gw: Registry, model: str, tools: Any) -> int:
@@ -266,6 +268,7 @@ class _BlockTally:
         self.texts: list[str] = []
         self.extra = 0
         self.uncountable = 0
+        self.images = 0
         self.cache_write: str | None = None  # the longest TTL of the ``cache_control`` breakpoints seen
 
     def cache(self, control: Any) -> None:
@@ -288,6 +291,7 @@ class _BlockTally:
         source = value.get("source")
         if kind == "image":
             self.extra += IMAGE_TOKENS
+            self.images += 1  # a model that reads images at more is reserved the difference (``ceiling_cost``)
         elif kind == "document" and isinstance(source, dict):
             self._document(source)
         elif kind in ("text", "thinking"):

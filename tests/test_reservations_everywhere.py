@@ -380,6 +380,47 @@ async def test_an_image_sent_to_gpt_4o_mini_reserves_what_openai_bills_for_it(
     assert answered == 2 and 0.014 < spent <= 0.02, (answered, spent)
 
 
+@pytest.mark.parametrize("way", ["messages", "chat_completions"])
+async def test_an_image_sent_to_opus_4_7_reserves_its_high_resolution(
+    client: TestClient, fake_anthropic: FakeAnthropic, way: str
+) -> None:
+    """Claude Opus 4.7 reads images at up to 3.75 megapixels (2576 px on the long edge), about 5000 tokens each
+    by Anthropic's (width x height) / 750, three times the 1600 of earlier models: 30 calls with a 2576 x 1456
+    image against $0.05 let one through, passed through or translated, not five."""
+    fake_anthropic.default = fa.text_response(
+        usage={"input_tokens": 5_000}, delta_usages=[{"output_tokens": 10}]
+    ).with_delay(0.2)
+    key = add_client("alice", "--budget", "0.05")
+    data = base64.b64encode(png(2576, 1456)).decode()
+    if way == "messages":
+        content: Any = [
+            {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": data}},
+            {"type": "text", "text": "What is this?"},
+        ]
+        api = anthropic_sdk(client, key)
+        calls = [
+            api.messages.create(model="claude-opus-4-7", max_tokens=64, messages=[{"role": "user", "content": content}])
+            for _ in range(CALLS)
+        ]
+    else:
+        parts: Any = [
+            {"type": "image_url", "image_url": {"url": "data:image/png;base64," + data}},
+            {"type": "text", "text": "What is this?"},
+        ]
+        gpt = openai_sdk(client, key)
+        calls = [
+            gpt.chat.completions.create(
+                model="anthropic/claude-opus-4-7", max_tokens=64, messages=[{"role": "user", "content": parts}]
+            )
+            for _ in range(CALLS)
+        ]
+    results = await asyncio.gather(*calls, return_exceptions=True)
+    refused = [r for r in results if isinstance(r, BaseException)]
+    assert all(isinstance(r, (anthropic.RateLimitError, openai.RateLimitError)) for r in refused), refused
+    answered, spent = await spend(client, "alice")
+    assert answered == 1 and 0.02 < spent <= 0.05, (answered, spent)
+
+
 async def test_a_retried_attempt_the_upstream_answered_is_its_own_reserved_and_recorded_call(
     make_client: Any, fake_anthropic: FakeAnthropic
 ) -> None:
