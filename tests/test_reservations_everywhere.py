@@ -421,6 +421,39 @@ async def test_an_image_sent_to_opus_4_7_reserves_its_high_resolution(
     assert answered == 1 and 0.02 < spent <= 0.05, (answered, spent)
 
 
+async def test_a_call_run_in_the_us_only_is_priced_and_reserved_at_its_surcharge(
+    client: TestClient, fake_anthropic: FakeAnthropic
+) -> None:
+    """``inference_geo: "us"`` runs Claude Opus 4.6 in the US only, at 1.1 times its prices (the cost map's
+    ``provider_specific_entry``), and the usage says where it ran: the record is priced so, and the request
+    that asks for it reserves so -- 30 calls of about $0.0825 against $0.16 let one through, not two."""
+    us = {"inference_geo": "us"}
+    fake_anthropic.default = fa.text_response(
+        usage={"input_tokens": 10_000, **us}, delta_usages=[{"output_tokens": 1000, **us}]
+    ).with_delay(0.2)
+    key = add_client("alice", "--budget", "0.16")
+    api = anthropic_sdk(client, key)
+    results = await asyncio.gather(
+        *(
+            api.messages.create(
+                model="claude-opus-4-6",
+                max_tokens=1000,
+                messages=[{"role": "user", "content": "word " * 9_990}],
+                extra_body=us,
+            )
+            for _ in range(CALLS)
+        ),
+        return_exceptions=True,
+    )
+    refused = [r for r in results if isinstance(r, BaseException)]
+    assert all(isinstance(r, anthropic.RateLimitError) for r in refused), refused
+    assert all(r.body["inference_geo"] == "us" for r in fake_anthropic.requests)
+    (record,) = [r for r in await records(client) if r["answered"]]
+    assert record["totalCost"] == pytest.approx((10_000 * 5 + 1000 * 25) / 1e6 * 1.1)
+    answered, spent = await spend(client, "alice")
+    assert answered == 1 and spent <= 0.16, (answered, spent)
+
+
 async def test_a_retried_attempt_the_upstream_answered_is_its_own_reserved_and_recorded_call(
     make_client: Any, fake_anthropic: FakeAnthropic
 ) -> None:
