@@ -135,14 +135,19 @@ def _service_tiers(entry: dict[str, Any]) -> dict[str, tuple[float, float, float
 
 def _geo_multipliers(entry: dict[str, Any]) -> dict[str, float]:
     """What running in a geography costs on top, from the cost map's ``provider_specific_entry`` (Anthropic's
-    US-only inference: ``{"us": 1.1}``); its ``fast`` is a speed's, not a geography's."""
+    US-only inference: ``{"us": 1.1}``): its two-letter keys, the geographies (others are a speed's, ``fast``,
+    or facts of other providers' entries)."""
     specific = entry.get("provider_specific_entry")
     if not isinstance(specific, dict):
         return {}
     return {
-        str(geo).lower(): float(m)
+        geo.lower(): float(m)
         for geo, m in specific.items()
-        if geo != "fast" and isinstance(m, (int, float)) and not isinstance(m, bool)
+        if isinstance(geo, str)
+        and len(geo) == 2
+        and geo.isalpha()
+        and isinstance(m, (int, float))
+        and not isinstance(m, bool)
     }
 
 
