@@ -49,10 +49,19 @@ OPENAI_IMAGE_TOKENS = (
 )
 
 
+# Claude models that read images at a higher resolution than ``IMAGE_TOKENS`` allows: Opus 4.7 takes up to 3.75
+# megapixels (2576 px on the long side), (3,750,000 / 750) tokens an image. By name, wherever it is served.
+ANTHROPIC_HIGH_RES_IMAGE_TOKENS = (("claude-opus-4-7", 3_750_000 // IMAGE_TOKEN_PIXELS),)
+
+
 def image_ceiling(model: str) -> int:
-    """The most one image may cost ``model`` in input tokens: Anthropic's ceiling, or more where the model's
-    provider bills images at more (``OPENAI_IMAGE_TOKENS``)."""
+    """The most one image may cost ``model`` in input tokens: Anthropic's ceiling, or more where the model reads
+    images at a higher resolution (``ANTHROPIC_HIGH_RES_IMAGE_TOKENS``) or its provider bills images at more
+    (``OPENAI_IMAGE_TOKENS``)."""
     name = model.rsplit("/", 1)[-1]
+    for pattern, tokens in ANTHROPIC_HIGH_RES_IMAGE_TOKENS:
+        if pattern in name:
+            return tokens
     for prefix, tokens in OPENAI_IMAGE_TOKENS:
         if name.startswith(prefix):
             return max(IMAGE_TOKENS, tokens)

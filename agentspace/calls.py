@@ -107,6 +107,11 @@ class Ceiling:
     anthropic_output_tokens: int | None = None
     # The service tier the request asks for (OpenAI's ``service_tier``): "priority" is billed at dearer rates.
     service_tier: str | None = None
+    # The request lets the provider search the web with no bound on the searches (OpenAI's
+    # ``web_search_options``): reserved at ``[limits] server_tool_max_uses`` of them.
+    web_search: bool = False
+    # Where the request asks to run (Anthropic's ``inference_geo``): a geography that costs more is reserved so.
+    inference_geo: str | None = None
 
 
 def request_input_tokens(request: ProviderRequest, ceiling: bool = False) -> int:
@@ -186,6 +191,7 @@ def request_ceiling(request: ProviderRequest, input_tokens: int | None = None) -
         images=sum(1 for part in files if part.is_image),
         anthropic_output_tokens=upstream_output_tokens(request),
         service_tier=tier if isinstance(tier := request.params.get("service_tier"), str) else None,
+        web_search="web_search_options" in request.params,
     )
 
 
@@ -222,23 +228,32 @@ def messages_body_ceiling(gw: Registry, model: str, body: dict[str, Any]) -> Cei
     max_tokens = body.get("max_tokens")
     if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
         max_tokens = int(gw.config["chat"]["max_tokens"])
-    return Ceiling(input_tokens, max_tokens, server_tool_uses(gw, tools), cache_write=tally.cache_write)
+    geo = body.get("inference_geo")
+    return Ceiling(
+        input_tokens,
+        max_tokens,
+        server_tool_uses(gw, tools),
+        cache_write=tally.cache_write,
+        images=tally.images,
+        inference_geo=geo if isinstance(geo, str) else None,
+    )
 
 
 def fetched_tokens(gw: Registry, model: str, tools: Any) -> int:
-    """The input a request's web fetches may add: what the upstream fetches is billed as input tokens, at most
-    ``max_content_tokens`` a fetch, else the ceiling of an uncountable input -- and all of it at most that
-    ceiling, the context the fetched pages must fit in."""
+    """The input a request's web fetches and web searches may add: what the upstream fetches, and the results
+    of its searches, are billed as input tokens -- at most ``max_content_tokens`` a fetch, else (a search has
+    no such bound) the ceiling of an uncountable input -- and all of it at most that ceiling, the context the
+    pages must fit in."""
     if not isinstance(tools, list):
         return 0
     ceiling = uncountable_tokens(gw, model)
     total = 0
     for tool in tools:
         kind = tool.get("type") if isinstance(tool, dict) else None
-        if not (isinstance(kind, str) and kind.startswith("web_fetch_")):
+        if not (isinstance(kind, str) and kind.startswith(("web_fetch_", "web_search_"))):
             continue
-        uses = server_tool_uses(gw, [tool]).get("web_fetch", 0)
-        most = tool.get("max_content_tokens")
+        uses = sum(server_tool_uses(gw, [tool]).values())
+        most = tool.get("max_content_tokens") if kind.startswith("web_fetch_") else None
         each = most if isinstance(most, int) and not isinstance(most, bool) and most > 0 else ceiling
         total += uses * each
     return min(total, ceiling)
@@ -261,6 +276,7 @@ class _BlockTally:
         self.texts: list[str] = []
         self.extra = 0
         self.uncountable = 0
+        self.images = 0
         self.cache_write: str | None = None  # the longest TTL of the ``cache_control`` breakpoints seen
 
     def cache(self, control: Any) -> None:
@@ -283,6 +299,7 @@ class _BlockTally:
         source = value.get("source")
         if kind == "image":
             self.extra += IMAGE_TOKENS
+            self.images += 1  # a model that reads images at more is reserved the difference (``ceiling_cost``)
         elif kind == "document" and isinstance(source, dict):
             self._document(source)
         elif kind in ("text", "thinking"):
@@ -376,11 +393,12 @@ def ceiling_cost(gw: Registry, model: str, ceiling: Ceiling) -> float:
     output_tokens = ceiling.output_tokens
     if ceiling.anthropic_output_tokens is not None and model.startswith(ANTHROPIC_PREFIX):
         output_tokens = ceiling.anthropic_output_tokens
-    return (
-        input_tokens * input_price / 1e6
-        + output_tokens * output_price / 1e6
-        + server_tool_cost(gw, model, ceiling.server_tool_uses)
-    )
+    uses = dict(ceiling.server_tool_uses)
+    if ceiling.web_search:
+        uses["web_search"] = uses.get("web_search", 0) + int(gw.config["limits"]["server_tool_max_uses"])
+    geo = info.geo_multiplier(ceiling.inference_geo)
+    tokens = (input_tokens * input_price + output_tokens * output_price) * geo / 1e6
+    return tokens + server_tool_cost(gw, model, uses)
 
 
 def reachable_models(gw: Registry, model: str, fallbacks: bool = False) -> list[tuple[str, bool]]:
@@ -522,6 +540,9 @@ def recovered_record(gw: Registry, entry: dict[str, Any]) -> UsageRecord:
     tier = noted.get("serviceTier") if isinstance(noted, dict) else None
     tier = tier or entry.get("serviceTier")
     usage.service_tier = tier if isinstance(tier, str) else None
+    geo = noted.get("inferenceGeo") if isinstance(noted, dict) else None
+    geo = geo or entry.get("inferenceGeo")  # where it ran, else where the request asked to run
+    usage.inference_geo = geo if isinstance(geo, str) else None
     relayed = int(entry.get("relayedTokens") or 0)
     if relayed > usage.output_tokens:
         usage.output_tokens = relayed
@@ -564,6 +585,8 @@ def entry_rates(info: ModelInfo) -> dict[str, Any]:
         rates["tiers"] = [asdict(tier) for tier in info.long_context]
     if info.service_tiers:
         rates["serviceTiers"] = {tier: list(prices) for tier, prices in info.service_tiers.items()}
+    if info.geo_multipliers:
+        rates["geoMultipliers"] = dict(info.geo_multipliers)
     if not info.price_known:
         rates["known"] = False
     return rates
@@ -588,6 +611,7 @@ def rates_info(gw: Registry, model: str, rates: Any) -> ModelInfo:
                 str(tier): (float(p[0]), float(p[1]), float(p[2]))
                 for tier, p in (rates.get("serviceTiers") or {}).items()
             },
+            geo_multipliers={str(geo): float(m) for geo, m in (rates.get("geoMultipliers") or {}).items()},
             price_known=rates.get("known") is not False,
         )
     except (KeyError, TypeError, ValueError):
@@ -646,6 +670,7 @@ def usage_to_note(usage: TokenUsage, final: bool = False) -> dict[str, Any]:
         "serverToolUse": usage.server_tool_use,
         "final": final,
         **({"serviceTier": usage.service_tier} if usage.service_tier else {}),
+        **({"inferenceGeo": usage.inference_geo} if usage.inference_geo else {}),
         **({"estimatedFields": list(usage.estimated_fields)} if usage.estimated_fields else {}),
     }
 
@@ -781,6 +806,8 @@ class ProviderCall:
             entry["purpose"] = self.purpose
         if self.ceiling is not None and self.ceiling.service_tier:  # reserved at its rates: a recovery prices at them
             entry["serviceTier"] = self.ceiling.service_tier
+        if self.ceiling is not None and self.ceiling.inference_geo:  # likewise where it asked to run
+            entry["inferenceGeo"] = self.ceiling.inference_geo
         pending = self.gw.ledger.pending(entry)
         # The turn's user message (pipeline.start_turn), its sync under way: durable too before the request leaves.
         message = self.gw.sessions.awaiting_sync(self.session_id)

@@ -39,7 +39,7 @@ from .errors import ApiError
 from .events import ProviderError, ProviderFinish, TextDelta, UsageReport
 from .providers.base import ProviderRequest
 from .registry import ModelNotFound
-from .tokens import count_tokens
+from .tokens import count_ceiling_tokens, count_tokens
 from .types import ChatMessage, FilePart, TokenUsage, now_iso
 from .vault import resolve_key
 
@@ -276,7 +276,7 @@ async def summarise(gw: Registry, turn: TurnLike, previous: str, messages: list[
         credential=getattr(turn, "credential", None),
         purpose=COMPACT_PURPOSE,
     )
-    await call.admit(lambda: request_ceiling(request, count_tokens(COMPACT_PROMPT + body)))
+    await call.admit(lambda: request_ceiling(request, count_ceiling_tokens(COMPACT_PROMPT + body)))
     call.begin(request.system, request.messages)
     text: list[str] = []
     reported: TokenUsage | None = None

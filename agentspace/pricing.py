@@ -133,6 +133,24 @@ def _service_tiers(entry: dict[str, Any]) -> dict[str, tuple[float, float, float
     return tiers
 
 
+def _geo_multipliers(entry: dict[str, Any]) -> dict[str, float]:
+    """What running in a geography costs on top, from the cost map's ``provider_specific_entry`` (Anthropic's
+    US-only inference: ``{"us": 1.1}``): its two-letter keys, the geographies (others are a speed's, ``fast``,
+    or facts of other providers' entries)."""
+    specific = entry.get("provider_specific_entry")
+    if not isinstance(specific, dict):
+        return {}
+    return {
+        geo.lower(): float(m)
+        for geo, m in specific.items()
+        if isinstance(geo, str)
+        and len(geo) == 2
+        and geo.isalpha()
+        and isinstance(m, (int, float))
+        and not isinstance(m, bool)
+    }
+
+
 def model_info(config: Config, model: str, provided: Mapping[str, Any] | None = None) -> ModelInfo:
     """Price and capabilities for a model id: the cost map, then ``provided`` (what the model's provider says
     of it, ``provided_info``), then the config's ``[pricing]`` entry (``config_entry``)."""
@@ -167,6 +185,7 @@ def model_info(config: Config, model: str, provided: Mapping[str, Any] | None = 
     )
     if not ("input_per_mtok" in override or "output_per_mtok" in override):  # set prices are the prices
         info.service_tiers = _service_tiers(entry)
+        info.geo_multipliers = _geo_multipliers(entry)
     for key in ("input_per_mtok", "output_per_mtok", "cache_read_per_mtok", "cache_write_per_mtok"):
         if key in override:
             setattr(info, key, float(override[key]))

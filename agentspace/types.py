@@ -178,6 +178,9 @@ class TokenUsage:
     # The service tier the upstream says served the call (OpenAI's ``service_tier``: "priority", "flex"), priced
     # at that tier's rates (``ModelInfo.service_tiers``); None or another tier: the standard rates.
     service_tier: str | None = None
+    # Where the upstream says the call ran (Anthropic's ``inference_geo``: "us", "global"): a geography the model
+    # charges more in (``ModelInfo.geo_multipliers``) multiplies its token prices.
+    inference_geo: str | None = None
 
     @property
     def total_tokens(self) -> int:
@@ -195,6 +198,7 @@ class TokenUsage:
             cache_write_1h_tokens=self.cache_write_1h_tokens + other.cache_write_1h_tokens,
             server_tool_use=_merge_counts(self.server_tool_use, other.server_tool_use),
             service_tier=other.service_tier or self.service_tier,
+            inference_geo=other.inference_geo or self.inference_geo,
         )
 
 
@@ -358,6 +362,12 @@ class ModelInfo:
     # Prices of the service tiers an upstream may serve a call at (OpenAI's "priority" and "flex", from the cost
     # map): tier -> (input, output, cache read) per million tokens.
     service_tiers: dict[str, tuple[float, float, float]] = field(default_factory=dict)
+    # What running the call in a geography costs on top (Anthropic's US-only inference: {"us": 1.1}, the cost
+    # map's ``provider_specific_entry``): every token price times it.
+    geo_multipliers: dict[str, float] = field(default_factory=dict)
+
+    def geo_multiplier(self, geo: str | None) -> float:
+        return self.geo_multipliers.get((geo or "").lower(), 1.0)
 
     def tier(self, input_tokens: int) -> PriceTier | None:
         """The long-context tier a call with ``input_tokens`` (input and cache tokens) is priced at, if any."""
@@ -381,6 +391,7 @@ class ModelInfo:
         input_price, output_price, read_price, write_price = prices
         hour = min(usage.cache_write_1h_tokens, usage.cache_write_tokens)
         hour_price = write_price if self.cache_write_1h_per_mtok is None else self.cache_write_1h_per_mtok
+        geo = self.geo_multiplier(usage.inference_geo)
         return Cost(
             input_cost=(
                 usage.input_tokens * input_price
@@ -388,8 +399,9 @@ class ModelInfo:
                 + (usage.cache_write_tokens - hour) * write_price
                 + hour * hour_price
             )
+            * geo
             / m,
-            output_cost=usage.output_tokens * output_price / m,
+            output_cost=usage.output_tokens * output_price * geo / m,
             price_known=self.price_known,
         )
 

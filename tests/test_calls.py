@@ -540,7 +540,8 @@ async def test_sigkill_mid_stream_then_restart_records_each_call_as_reported(
 async def test_server_tool_fees_are_recorded_reserved_and_counted(
     make_client: Any, fake_anthropic: FakeAnthropic, token: str
 ) -> None:
-    client = await make_client()
+    # The searches' results are billed as input: reserved at the ceiling of an uncountable input, kept small here.
+    client = await make_client(limits={"uncountable_input_tokens": 5_000})
     # Five web searches ($0.01 each) and a short answer: the fees are most of the call's cost.
     searches = [fa.server_tool_use_block(f"query {i}", id=f"srvtoolu_{i}") for i in range(5)]
     fake_anthropic.default = fa.message_response(*searches, fa.text_block("Found it.")).with_delay(0.05)

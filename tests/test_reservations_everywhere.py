@@ -20,8 +20,8 @@ from tests.fakes import anthropic_upstream as fa
 from tests.fakes import openai_upstream as fo
 from tests.fakes.anthropic_upstream import FakeAnthropic
 from tests.fakes.openai_upstream import FakeOpenAI
-from tests.support.ws import of
-from tests.test_clients import add_client, anthropic_sdk, openai_sdk, records, ws_chat
+from tests.support.ws import chat, of
+from tests.test_clients import add_client, anthropic_sdk, bearer, cli, openai_sdk, records, ws_chat
 
 MODEL = "claude-sonnet-4-5"
 CALLS = 30
@@ -277,6 +277,66 @@ async def test_web_fetches_reserve_the_content_they_may_bring_in(
     assert answered == 1 and 0.12 < spent <= 0.2, (answered, spent)
 
 
+async def test_web_searches_reserve_the_results_they_may_bring_in(
+    make_client: Any, fake_anthropic: FakeAnthropic
+) -> None:
+    """A web search's results are billed as input tokens, as a web fetch's content is, and nothing here can
+    count them: a request with ``web_search`` reserves the ceiling of an uncountable input for them
+    (``[limits] uncountable_input_tokens``, 50,000 here), so 30 such calls against $0.2 let one through, whose
+    search brought in 40,000 tokens of results ($0.12 of input, and the $0.01 search)."""
+    client = await make_client(limits={"uncountable_input_tokens": 50_000})
+    searched = [fa.text_block("Let me search.", chunks=1), fa.server_tool_use_block("news")]
+    searched += [fa.web_search_result_block([("https://example.com/a", "A")]), fa.text_block("Found it.")]
+    final = {"input_tokens": 40_000, "output_tokens": 50, "server_tool_use": {"web_search_requests": 1}}
+    fake_anthropic.default = fa.message_response(
+        *searched, usage={"input_tokens": 40_000}, delta_usages=[final]
+    ).with_delay(0.1)
+    key = add_client("alice", "--budget", "0.2")
+    tools: Any = [{"type": "web_search_20250305", "name": "web_search", "max_uses": 1}]
+    api = anthropic_sdk(client, key)
+    results = await asyncio.gather(
+        *(
+            api.messages.create(
+                model=MODEL, max_tokens=64, tools=tools, messages=[{"role": "user", "content": "Any news?"}]
+            )
+            for _ in range(CALLS)
+        ),
+        return_exceptions=True,
+    )
+    refused = [r for r in results if isinstance(r, BaseException)]
+    assert all(isinstance(r, anthropic.RateLimitError) for r in refused), refused
+    answered, spent = await spend(client, "alice")
+    assert answered == 1 and 0.13 < spent <= 0.2, (answered, spent)
+
+
+async def test_web_search_options_reserve_the_searches_they_may_run(
+    make_client: Any, fake_openai: FakeOpenAI, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``web_search_options`` on ``/v1/chat/completions`` lets OpenAI's search models search, each search billed
+    at the cost map's $0.025 (and recorded so): the request sets no bound, so it reserves ``[limits]
+    server_tool_max_uses`` searches (1 here), and 30 calls at once against $0.05 spend at most that."""
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-openai-test-0123456789")
+    client = await make_client(providers={"openai": {"base_url": fake_openai.url}}, limits={"server_tool_max_uses": 1})
+    usage = {**fo.usage(200, 20), "server_tool_use": {"web_search_requests": 1}}
+    fake_openai.default = fo.text_response("Found it.", usage=usage).with_delay(0.2)
+    key = add_client("alice", "--budget", "0.05")
+    api = openai_sdk(client, key)
+    messages: Any = [{"role": "user", "content": "Any news?"}]
+    results = await asyncio.gather(
+        *(
+            api.chat.completions.create(
+                model="openai/gpt-4o-mini-search-preview", messages=messages, max_tokens=20, web_search_options={}
+            )
+            for _ in range(CALLS)
+        ),
+        return_exceptions=True,
+    )
+    refused = [r for r in results if isinstance(r, BaseException)]
+    assert refused and all(isinstance(r, openai.RateLimitError) for r in refused), refused
+    answered, spent = await spend(client, "alice")
+    assert answered == 1 and 0.025 < spent <= 0.05, (answered, spent)
+
+
 def png(width: int, height: int) -> bytes:
     """A PNG's signature and header chunk (what gives its size), then an empty image data chunk and its end."""
 
@@ -318,6 +378,80 @@ async def test_an_image_sent_to_gpt_4o_mini_reserves_what_openai_bills_for_it(
     assert all(isinstance(r, openai.RateLimitError) for r in refused), refused
     answered, spent = await spend(client, "alice")
     assert answered == 2 and 0.014 < spent <= 0.02, (answered, spent)
+
+
+@pytest.mark.parametrize("way", ["messages", "chat_completions"])
+async def test_an_image_sent_to_opus_4_7_reserves_its_high_resolution(
+    client: TestClient, fake_anthropic: FakeAnthropic, way: str
+) -> None:
+    """Claude Opus 4.7 reads images at up to 3.75 megapixels (2576 px on the long edge), about 5000 tokens each
+    by Anthropic's (width x height) / 750, three times the 1600 of earlier models: 30 calls with a 2576 x 1456
+    image against $0.05 let one through, passed through or translated, not five."""
+    fake_anthropic.default = fa.text_response(
+        usage={"input_tokens": 5_000}, delta_usages=[{"output_tokens": 10}]
+    ).with_delay(0.2)
+    key = add_client("alice", "--budget", "0.05")
+    data = base64.b64encode(png(2576, 1456)).decode()
+    if way == "messages":
+        content: Any = [
+            {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": data}},
+            {"type": "text", "text": "What is this?"},
+        ]
+        api = anthropic_sdk(client, key)
+        calls = [
+            api.messages.create(model="claude-opus-4-7", max_tokens=64, messages=[{"role": "user", "content": content}])
+            for _ in range(CALLS)
+        ]
+    else:
+        parts: Any = [
+            {"type": "image_url", "image_url": {"url": "data:image/png;base64," + data}},
+            {"type": "text", "text": "What is this?"},
+        ]
+        gpt = openai_sdk(client, key)
+        calls = [
+            gpt.chat.completions.create(
+                model="anthropic/claude-opus-4-7", max_tokens=64, messages=[{"role": "user", "content": parts}]
+            )
+            for _ in range(CALLS)
+        ]
+    results = await asyncio.gather(*calls, return_exceptions=True)
+    refused = [r for r in results if isinstance(r, BaseException)]
+    assert all(isinstance(r, (anthropic.RateLimitError, openai.RateLimitError)) for r in refused), refused
+    answered, spent = await spend(client, "alice")
+    assert answered == 1 and 0.02 < spent <= 0.05, (answered, spent)
+
+
+async def test_a_call_run_in_the_us_only_is_priced_and_reserved_at_its_surcharge(
+    client: TestClient, fake_anthropic: FakeAnthropic
+) -> None:
+    """``inference_geo: "us"`` runs Claude Opus 4.6 in the US only, at 1.1 times its prices (the cost map's
+    ``provider_specific_entry``), and the usage says where it ran: the record is priced so, and the request
+    that asks for it reserves so -- 30 calls of about $0.0825 against $0.16 let one through, not two."""
+    us = {"inference_geo": "us"}
+    fake_anthropic.default = fa.text_response(
+        usage={"input_tokens": 10_000, **us}, delta_usages=[{"output_tokens": 1000, **us}]
+    ).with_delay(0.2)
+    key = add_client("alice", "--budget", "0.16")
+    api = anthropic_sdk(client, key)
+    results = await asyncio.gather(
+        *(
+            api.messages.create(
+                model="claude-opus-4-6",
+                max_tokens=1000,
+                messages=[{"role": "user", "content": "word " * 9_990}],
+                extra_body=us,
+            )
+            for _ in range(CALLS)
+        ),
+        return_exceptions=True,
+    )
+    refused = [r for r in results if isinstance(r, BaseException)]
+    assert all(isinstance(r, anthropic.RateLimitError) for r in refused), refused
+    assert all(r.body["inference_geo"] == "us" for r in fake_anthropic.requests)
+    (record,) = [r for r in await records(client) if r["answered"]]
+    assert record["totalCost"] == pytest.approx((10_000 * 5 + 1000 * 25) / 1e6 * 1.1)
+    answered, spent = await spend(client, "alice")
+    assert answered == 1 and spent <= 0.16, (answered, spent)
 
 
 async def test_a_retried_attempt_the_upstream_answered_is_its_own_reserved_and_recorded_call(
@@ -405,3 +539,44 @@ async def test_text_beyond_ascii_is_reserved_at_what_an_older_tokenizer_bills_fo
     assert all(isinstance(r, openai.RateLimitError) for r in refused), refused
     answered, spent = await spend(client, "alice")
     assert answered == 2 and spent <= 0.6, (answered, spent)
+
+
+async def test_a_compaction_of_text_beyond_ascii_reserves_what_an_older_tokenizer_bills_for_it(
+    make_client: Any, fake_anthropic: FakeAnthropic
+) -> None:
+    """A session's compaction sends its conversation upstream: Greek text counted at 36,000 tokens by
+    ``o200k_base`` and 81,000 by ``cl100k_base`` reserves the larger count, as every other call does, so four
+    compactions at once against $0.3 left let one through, which the upstream bills at the larger count."""
+    client = await make_client(thinking={"enabled": False}, chat={"prompt_cache": "off"})
+    greek = "γειά σου κόσμε, τι κάνεις σήμερα; " * 3000
+    fake_anthropic.default = fa.text_response(usage={"input_tokens": 100}, delta_usages=[{"output_tokens": 10}])
+    key = add_client("alice", "--period", "total")
+    sessions = []
+    for _ in range(4):  # two turns each: a compaction summarises every turn but the latest
+        ws = await client.ws_connect("/gateway", headers=bearer(key))
+        frames = await chat(ws, greek)
+        sessions.append(of(frames, "chat.stream.start")[0]["sessionId"])
+        await chat(ws, "and more", sessionId=sessions[-1])
+        await ws.close()
+    before = sum(r["totalCost"] for r in await records(client))
+    cli("clients", "set", "alice", "--budget", f"{before + 0.3:.6f}")
+    fake_anthropic.default = fa.text_response(
+        usage={"input_tokens": 81_000}, delta_usages=[{"output_tokens": 1024}]
+    ).with_delay(0.2)
+
+    async def compact(session: str) -> dict[str, Any]:
+        ws = await client.ws_connect("/gateway", headers=bearer(key))
+        try:
+            await ws.send_json({"type": "session.compact", "id": "c1", "sessionId": session})
+            while True:
+                frame: dict[str, Any] = await ws.receive_json(timeout=30)
+                if frame["type"] in ("session.compacted", "error"):
+                    return frame
+        finally:
+            await ws.close()
+
+    frames = await asyncio.gather(*(compact(s) for s in sessions))
+    assert all(f["type"] == "session.compacted" or f["code"] == "BUDGET_EXCEEDED" for f in frames), frames
+    compactions = [r for r in await records(client) if r["purpose"] == "compact" and r["answered"]]
+    spent = sum(r["totalCost"] for r in await records(client)) - before
+    assert len(compactions) == 1 and 0.25 < spent <= 0.3, (len(compactions), spent)

@@ -120,6 +120,8 @@ def update_usage(current: TokenUsage | None, usage: dict[str, Any]) -> TokenUsag
     details = usage.get("output_tokens_details")
     if isinstance(details, dict) and details.get("thinking_tokens") is not None:
         out.reasoning_tokens = details["thinking_tokens"]
+    if isinstance(usage.get("inference_geo"), str):  # where it ran: "us" costs more (ModelInfo.geo_multipliers)
+        out.inference_geo = usage["inference_geo"]
     tools = usage.get("server_tool_use")
     if isinstance(tools, dict):  # {"web_search_requests": 3, "web_fetch_requests": 1}: billed per use
         counts = {

@@ -132,6 +132,7 @@ class LedgerEntry(TypedDict):
     rates: NotRequired[dict[str, Any]]
     purpose: NotRequired[str]  # a call the gateway made on its own account ("compact")
     serviceTier: NotRequired[str]  # the service tier the request asked for (OpenAI's "priority", "flex")
+    inferenceGeo: NotRequired[str]  # where the request asked to run (Anthropic's "us", which costs more)
 
 
 @dataclass
