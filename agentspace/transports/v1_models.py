@@ -1,5 +1,6 @@
 """``GET /v1/models``: the models the caller may use (usable keys, provider plugins, the config), in
-OpenAI's list shape, or Anthropic's when the request carries ``anthropic-version``.
+OpenAI's list shape, or Anthropic's when the request carries ``anthropic-version``; ``GET /v1/models/{id}``
+one of them (the SDKs' ``models.retrieve``), or a 404 in the same shape.
 
 The ids are the ones the /v1 endpoints take: ``provider/model`` for OpenAI clients; for Anthropic clients
 a bare ``claude-*`` id for Anthropic's models (what Claude Code and the SDK expect) and ``provider/model``
@@ -14,6 +15,7 @@ from aiohttp import web
 
 from . import state
 from .v1_common import client_name
+from .v1_errors import error_response
 
 # A fixed creation time: the catalog does not know when a model was released.
 CREATED = 1_700_000_000
@@ -25,6 +27,20 @@ async def list_models(request: web.Request) -> web.Response:
     if "anthropic-version" in request.headers:
         return web.json_response(anthropic_list(models))
     return web.json_response(openai_list(models))
+
+
+async def get_model(request: web.Request) -> web.Response:
+    models = await state.service(request.app, client_name(request)).models()
+    wanted = request.match_info["id"]
+    if "anthropic-version" in request.headers:
+        found = [m for m in anthropic_list(models)["data"] if m["id"] == wanted]
+    else:
+        found = [m for m in openai_list(models)["data"] if m["id"] == wanted]
+    if not found:
+        return error_response(
+            request, 404, f"The model `{wanted}` does not exist here. Run: agentspace models", code="model_not_found"
+        )
+    return web.json_response(found[0])
 
 
 def openai_list(models: list[dict[str, Any]]) -> dict[str, Any]:
