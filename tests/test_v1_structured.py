@@ -169,6 +169,30 @@ async def test_a_parameter_the_provider_has_not_is_refused(
     assert record["answered"] is False and record["totalTokens"] == 0
 
 
+async def test_neutral_values_of_passed_on_fields_are_no_refusal(
+    client: TestClient, token: str, fake_anthropic: FakeAnthropic
+) -> None:
+    """The OpenAI playground's code (and clients built from it) send the defaults frequency_penalty=0,
+    presence_penalty=0 and an empty logit_bias: they ask for nothing, so a Claude model answers; a value
+    that asks for something is still refused by name."""
+    fake_anthropic.enqueue(fa.text_response("Hi"))
+    reply = await sdk(client, token).chat.completions.create(
+        model="anthropic/claude-sonnet-4-6",
+        messages=MESSAGES,
+        frequency_penalty=0,
+        presence_penalty=0,
+        logit_bias={},
+    )
+    assert reply.choices[0].message.content == "Hi"
+    sent = fake_anthropic.requests[0].body
+    assert not {"frequency_penalty", "presence_penalty", "logit_bias"} & set(sent)
+    with pytest.raises(openai.BadRequestError) as raised:
+        await sdk(client, token).chat.completions.create(
+            model="anthropic/claude-sonnet-4-6", messages=MESSAGES, presence_penalty=0.5
+        )
+    assert raised.value.param == "presence_penalty" and len(fake_anthropic.requests) == 1
+
+
 async def test_llm_schema(client: TestClient, token: str, fake_openai: FakeOpenAI, tmp_path: Path) -> None:
     """``llm --schema`` with the gateway as an OpenAI-compatible model (the README's extra-openai-models.yaml)."""
     home = tmp_path / "llm"
