@@ -59,6 +59,7 @@ async def test_create_whole(client: TestClient, token: str, fake_openai: FakeOpe
         input="Hi",
         store=False,
         prompt_cache_key="codex-1",
+        prompt_cache_retention="24h",  # a hint of the Responses API, as on Chat Completions
         extra_headers={"session-id": "codex-1"},
     )
     assert response.output_text == "Hello there"
@@ -69,6 +70,7 @@ async def test_create_whole(client: TestClient, token: str, fake_openai: FakeOpe
     sent = fake_openai.requests[0].body
     assert sent["messages"] == [{"role": "system", "content": "Be terse."}, {"role": "user", "content": "Hi"}]
     assert sent["prompt_cache_key"] == "codex-1" and "store" not in sent
+    assert sent["prompt_cache_retention"] == "24h"
     (record,) = await records(client)
     assert record["endpoint"] == "responses" and record["sessionId"] == "codex-1"
     assert (record["inputTokens"], record["cacheReadTokens"], record["outputTokens"]) == (20, 10, 7)
