@@ -14,7 +14,7 @@ from typing import Any
 from aiohttp import web
 
 from . import state
-from .v1_common import client_name
+from .v1_common import anthropic_model, client_name, openai_model
 from .v1_errors import error_response
 
 # A fixed creation time: the catalog does not know when a model was released.
@@ -30,17 +30,19 @@ async def list_models(request: web.Request) -> web.Response:
 
 
 async def get_model(request: web.Request) -> web.Response:
+    """One model, named as the client asked for it, by any id the /v1 endpoints take for it (a bare
+    ``claude-*`` or ``gpt-*`` id too)."""
     models = await state.service(request.app, client_name(request)).models()
     wanted = request.match_info["id"]
-    if "anthropic-version" in request.headers:
-        found = [m for m in anthropic_list(models)["data"] if m["id"] == wanted]
-    else:
-        found = [m for m in openai_list(models)["data"] if m["id"] == wanted]
+    anthropic = "anthropic-version" in request.headers
+    ours = anthropic_model(wanted) if anthropic else openai_model(wanted)
+    found = [m for m in models if m["id"] == ours]
     if not found:
-        return error_response(
-            request, 404, f"The model `{wanted}` does not exist here. Run: agentspace models", code="model_not_found"
-        )
-    return web.json_response(found[0])
+        message = f"The model `{wanted}` does not exist here. Run: agentspace models"
+        return error_response(request, 404, message, code="model_not_found")
+    if anthropic:
+        return web.json_response({**anthropic_list(found)["data"][0], "id": wanted, "display_name": wanted})
+    return web.json_response({**openai_list(found)["data"][0], "id": wanted})
 
 
 def openai_list(models: list[dict[str, Any]]) -> dict[str, Any]:
