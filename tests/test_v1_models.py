@@ -42,3 +42,24 @@ async def test_anthropic_shape_with_anthropic_version(client: TestClient, token:
         await anthropic.AsyncAnthropic(
             api_key="wrong", base_url=f"http://127.0.0.1:{client.port}", max_retries=0
         ).models.list()
+
+
+async def test_one_model_is_retrieved_in_each_apis_shape(client: TestClient, token: str) -> None:
+    # The SDKs' models.retrieve: GET /v1/models/{id}, the id percent-encoded (its "/" as %2F).
+    openai_api = openai.AsyncOpenAI(api_key=token, base_url=f"http://127.0.0.1:{client.port}/v1", max_retries=0)
+    model = await openai_api.models.retrieve("anthropic/claude-sonnet-4-5")
+    assert (model.id, model.object, model.owned_by) == ("anthropic/claude-sonnet-4-5", "model", "anthropic")
+    # The bare id the /v1 endpoints take for it is the same model, named as asked (as OpenAI answers).
+    bare = await openai_api.models.retrieve("claude-sonnet-4-5")
+    assert (bare.id, bare.owned_by) == ("claude-sonnet-4-5", "anthropic")
+    with pytest.raises(openai.NotFoundError) as refused:
+        await openai_api.models.retrieve("anthropic/claude-sonet-4-5")
+    assert refused.value.code == "model_not_found"
+
+    anthropic_api = anthropic.AsyncAnthropic(api_key=token, base_url=f"http://127.0.0.1:{client.port}", max_retries=0)
+    info = await anthropic_api.models.retrieve("claude-sonnet-4-5")  # the bare id Anthropic clients use
+    assert (info.id, info.type) == ("claude-sonnet-4-5", "model")
+    assert (await anthropic_api.models.retrieve("anthropic/claude-sonnet-4-5")).id == "anthropic/claude-sonnet-4-5"
+    with pytest.raises(anthropic.NotFoundError) as missing:
+        await anthropic_api.models.retrieve("claude-sonet-4-5")
+    assert missing.value.body["error"]["type"] == "not_found_error"  # type: ignore[index]

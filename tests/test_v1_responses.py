@@ -59,6 +59,7 @@ async def test_create_whole(client: TestClient, token: str, fake_openai: FakeOpe
         input="Hi",
         store=False,
         prompt_cache_key="codex-1",
+        prompt_cache_retention="24h",  # a hint of the Responses API, as on Chat Completions
         extra_headers={"session-id": "codex-1"},
     )
     assert response.output_text == "Hello there"
@@ -69,6 +70,7 @@ async def test_create_whole(client: TestClient, token: str, fake_openai: FakeOpe
     sent = fake_openai.requests[0].body
     assert sent["messages"] == [{"role": "system", "content": "Be terse."}, {"role": "user", "content": "Hi"}]
     assert sent["prompt_cache_key"] == "codex-1" and "store" not in sent
+    assert sent["prompt_cache_retention"] == "24h"
     (record,) = await records(client)
     assert record["endpoint"] == "responses" and record["sessionId"] == "codex-1"
     assert (record["inputTokens"], record["cacheReadTokens"], record["outputTokens"]) == (20, 10, 7)
@@ -299,13 +301,15 @@ async def test_reasoning_effort_reaches_an_openai_reasoning_model(
     client: TestClient, token: str, fake_openai: FakeOpenAI
 ) -> None:
     """reasoning.effort goes to OpenAI as reasoning_effort (not dropped on the way through Chat Completions);
-    a model without reasoning refuses it with a 400 naming it, as OpenAI does."""
+    a model without reasoning refuses it with a 400 naming reasoning.effort, as OpenAI does."""
     api = sdk(client, token)
     await api.responses.create(model="openai/gpt-5", input="Hi", reasoning={"effort": "high", "summary": "auto"})
     assert fake_openai.requests[0].body["reasoning_effort"] == "high"
     with pytest.raises(openai.BadRequestError) as raised:
         await api.responses.create(model=MODEL, input="Hi", reasoning={"effort": "low"})
-    assert "reasoning_effort" in raised.value.message
+    # Named as the Responses API names it (as OpenAI's own error does), not as Chat Completions upstream does.
+    assert raised.value.param == "reasoning.effort"
+    assert raised.value.body["message"].startswith("reasoning.effort: not supported by openai/gpt-4o-mini")  # type: ignore[index]
     assert len(fake_openai.requests) == 1
 
 
@@ -320,5 +324,6 @@ async def test_text_verbosity_is_passed_on_or_refused(
     for model in (MODEL, "anthropic/claude-sonnet-4-6"):
         with pytest.raises(openai.BadRequestError) as raised:
             await api.responses.create(model=model, input="Hi", text={"verbosity": "low"})
-        assert raised.value.param == "verbosity"
+        assert raised.value.param == "text.verbosity"
+        assert raised.value.body["message"].startswith("text.verbosity: not supported by")  # type: ignore[index]
     assert len(fake_openai.requests) == 1 and fake_anthropic.requests == []

@@ -169,6 +169,30 @@ async def test_a_parameter_the_provider_has_not_is_refused(
     assert record["answered"] is False and record["totalTokens"] == 0
 
 
+async def test_neutral_values_of_passed_on_fields_are_no_refusal(
+    client: TestClient, token: str, fake_anthropic: FakeAnthropic
+) -> None:
+    """The OpenAI playground's code (and clients built from it) send the defaults frequency_penalty=0,
+    presence_penalty=0 and an empty logit_bias: they ask for nothing, so a Claude model answers; a value
+    that asks for something is still refused by name."""
+    fake_anthropic.enqueue(fa.text_response("Hi"))
+    reply = await sdk(client, token).chat.completions.create(
+        model="anthropic/claude-sonnet-4-6",
+        messages=MESSAGES,
+        frequency_penalty=0,
+        presence_penalty=0,
+        logit_bias={},
+    )
+    assert reply.choices[0].message.content == "Hi"
+    sent = fake_anthropic.requests[0].body
+    assert not {"frequency_penalty", "presence_penalty", "logit_bias"} & set(sent)
+    with pytest.raises(openai.BadRequestError) as raised:
+        await sdk(client, token).chat.completions.create(
+            model="anthropic/claude-sonnet-4-6", messages=MESSAGES, presence_penalty=0.5
+        )
+    assert raised.value.param == "presence_penalty" and len(fake_anthropic.requests) == 1
+
+
 async def test_llm_schema(client: TestClient, token: str, fake_openai: FakeOpenAI, tmp_path: Path) -> None:
     """``llm --schema`` with the gateway as an OpenAI-compatible model (the README's extra-openai-models.yaml)."""
     home = tmp_path / "llm"
@@ -242,3 +266,32 @@ async def test_reasoning_effort_on_claude_models(
     await sdk(client, token).chat.completions.create(model=model, messages=MESSAGES, reasoning_effort=effort)  # type: ignore[arg-type]
     body = fake_anthropic.requests[-1].body
     assert {name: body[name] for name in ("thinking", "output_config") if name in body} == sent
+
+
+async def test_a_tool_loop_on_a_claude_model_with_reasoning_effort(
+    client: TestClient, token: str, fake_anthropic: FakeAnthropic
+) -> None:
+    """An agent loop of the openai SDK on a Claude model with reasoning_effort: Chat Completions cannot send
+    Claude's signed thinking back, and the Messages API refuses thinking after a tool call without it. The step
+    after the tool result is answered without thinking; the turn before it thought."""
+    tools: Any = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]
+    fake_anthropic.enqueue(
+        fa.message_response(
+            fa.thinking_block("A tool."), fa.tool_use_block("get_weather", {}, id="toolu_1"), stop_reason="tool_use"
+        ),
+        fa.text_response("18 C"),
+    )
+    api = sdk(client, token)
+    kwargs: Any = dict(model="anthropic/claude-sonnet-4-5", tools=tools, reasoning_effort="low")
+    first = await api.chat.completions.create(messages=MESSAGES, **kwargs)
+    call = first.choices[0].message
+    assert call.tool_calls is not None and fake_anthropic.requests[0].body["thinking"]["type"] == "enabled"
+    history: Any = [
+        *MESSAGES,
+        call.model_dump(exclude_none=True),
+        {"role": "tool", "tool_call_id": call.tool_calls[0].id, "content": "18 C"},
+    ]
+    second = await api.chat.completions.create(messages=history, **kwargs)
+    assert second.choices[0].message.content == "18 C"
+    assert "thinking" not in fake_anthropic.requests[1].body
+    assert [r["error"] for r in await records(client)] == [None, None]

@@ -148,6 +148,8 @@ READ_FIELDS = frozenset(
 PASSED_ON_FIELDS = frozenset(
     {"seed", "frequency_penalty", "presence_penalty", "logit_bias", "verbosity", "web_search_options"}
 )
+#   their defaults ask for nothing (the OpenAI playground's code sends them), so they are left out like absent ones;
+NEUTRAL_VALUES: dict[str, Any] = {"frequency_penalty": 0, "presence_penalty": 0, "logit_bias": {}}
 # - hints that change no answer: passed on to providers whose API takes them (OpenAI's prompt cache routing,
 #   service tier, predicted output, end-user id, its own storing of completions), left out elsewhere;
 HINT_FIELDS = frozenset(
@@ -297,10 +299,21 @@ def _params(body: dict[str, Any], has_tools: bool) -> dict[str, Any]:
         response_format = check_response_format(body["response_format"], "response_format")
         if response_format is not None:
             params["response_format"] = response_format
-    params.update({name: body[name] for name in PASSED_ON_FIELDS | HINT_FIELDS if body.get(name) is not None})
+    params.update(
+        {
+            name: body[name]
+            for name in PASSED_ON_FIELDS | HINT_FIELDS
+            if body.get(name) is not None and not _neutral(name, body[name])
+        }
+    )
     if body.get("reasoning_effort") is not None:  # also a thinking budget (ParsedRequest.reasoning_budget)
         params["reasoning_effort"] = body["reasoning_effort"]
     return params
+
+
+def _neutral(name: str, value: Any) -> bool:
+    """Whether ``value`` is the field's default, which asks for nothing (``0``, not ``False``, for a penalty)."""
+    return name in NEUTRAL_VALUES and not isinstance(value, bool) and value == NEUTRAL_VALUES[name]
 
 
 def tool_params(tool_choice: Any, parallel: Any, has_tools: bool) -> dict[str, Any]:

@@ -55,10 +55,10 @@ STATEFUL_FIELDS = {
 }
 
 # Fields that are accepted and need nothing from the model: the gateway stores nothing (store), every call
-# is metered by the gateway itself (metadata, client_metadata), the hints prompt_cache_key, service_tier,
+# is metered by the gateway itself (metadata, client_metadata), the hints prompt_cache_key(_retention), service_tier,
 # user and safety_identifier go to providers whose API takes them, and ``include`` asks only for what is
 # listed above.
-HINT_FIELDS = ("prompt_cache_key", "service_tier", "user", "safety_identifier")
+HINT_FIELDS = ("prompt_cache_key", "prompt_cache_retention", "service_tier", "user", "safety_identifier")
 ACCEPTED_FIELDS = frozenset(
     {
         "model",
@@ -72,6 +72,7 @@ ACCEPTED_FIELDS = frozenset(
         "text",
         "include",
         "prompt_cache_key",
+        "prompt_cache_retention",
         "store",
         "stream",
         "stream_options",

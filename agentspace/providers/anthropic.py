@@ -302,6 +302,11 @@ def request_params(request: ProviderRequest) -> dict[str, Any]:
         note = "Answer with one JSON object only: no prose, no code fence."
         params["system"] = f"{request.system}\n\n{note}" if request.system else note
     thinking = request.thinking
+    if thinking is not None and not thinking.adaptive and _tool_turn_without_thinking(params["messages"]):
+        # The API refuses budget thinking after tool calls whose signed thinking did not come back (a /v1 client
+        # on Chat Completions has nowhere to put it): this step of the tool loop is answered without thinking.
+        # (Adaptive thinking may call tools without thinking first: it needs nothing back.)
+        thinking = None
     if thinking is not None:
         if thinking.adaptive:
             params["thinking"] = {"type": "adaptive"}
@@ -314,6 +319,15 @@ def request_params(request: ProviderRequest) -> dict[str, Any]:
     if request.cache_ttl is not None:
         add_breakpoints(params, request.cache_ttl)
     return params
+
+
+def _tool_turn_without_thinking(messages: list[dict[str, Any]]) -> bool:
+    """Whether the last assistant turn calls tools without starting with its (signed) thinking."""
+    assistant = [m for m in messages if m["role"] == "assistant"]
+    blocks = assistant[-1]["content"] if assistant else []
+    if not any(block["type"] == "tool_use" for block in blocks):
+        return False
+    return blocks[0]["type"] not in ("thinking", "redacted_thinking")
 
 
 def _tool_choice(choice: Any, parallel: Any) -> dict[str, Any] | None:

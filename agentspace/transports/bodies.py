@@ -217,6 +217,7 @@ RESPONSES_FIELDS = {
     "metadata": "object",
     "client_metadata": "object",
     "prompt_cache_key": "string",
+    "prompt_cache_retention": "string",
     "service_tier": "string",
     "user": "string",
     "safety_identifier": "string",

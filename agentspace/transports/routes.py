@@ -96,6 +96,7 @@ def table() -> list[Route]:
         Route("POST", "/v1/responses", v1_responses.responses, a.CALLER),
         Route("POST", "/v1/embeddings", v1_embeddings.embeddings, a.CALLER),
         Route("GET", "/v1/models", v1_models.list_models, a.CALLER),
+        Route("GET", "/v1/models/{id:.+}", v1_models.get_model, a.CALLER),  # ids hold a "/"
         # The web app (README.md#web-app)
         Route("GET", "/", site.index_handler, a.NONE),
         Route("GET", "/assets/{version}/{name:.+}", site.asset_handler, a.NONE),

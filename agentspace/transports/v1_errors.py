@@ -11,10 +11,10 @@ from ..protocols import anthropic_messages, openai_chat
 
 
 def wants_anthropic_shape(request: web.Request) -> bool:
-    """Anthropic's shapes for /v1/messages*, and for /v1/models when the client sent anthropic-version."""
+    """Anthropic's shapes for /v1/messages*, and for /v1/models* when the client sent anthropic-version."""
     if request.path.startswith("/v1/messages"):
         return True
-    return request.path == "/v1/models" and "anthropic-version" in request.headers
+    return request.path.startswith("/v1/models") and "anthropic-version" in request.headers
 
 
 def error_response(

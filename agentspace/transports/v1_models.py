@@ -1,5 +1,6 @@
 """``GET /v1/models``: the models the caller may use (usable keys, provider plugins, the config), in
-OpenAI's list shape, or Anthropic's when the request carries ``anthropic-version``.
+OpenAI's list shape, or Anthropic's when the request carries ``anthropic-version``; ``GET /v1/models/{id}``
+one of them (the SDKs' ``models.retrieve``), or a 404 in the same shape.
 
 The ids are the ones the /v1 endpoints take: ``provider/model`` for OpenAI clients; for Anthropic clients
 a bare ``claude-*`` id for Anthropic's models (what Claude Code and the SDK expect) and ``provider/model``
@@ -13,7 +14,8 @@ from typing import Any
 from aiohttp import web
 
 from . import state
-from .v1_common import client_name
+from .v1_common import anthropic_model, client_name, openai_model
+from .v1_errors import error_response
 
 # A fixed creation time: the catalog does not know when a model was released.
 CREATED = 1_700_000_000
@@ -25,6 +27,22 @@ async def list_models(request: web.Request) -> web.Response:
     if "anthropic-version" in request.headers:
         return web.json_response(anthropic_list(models))
     return web.json_response(openai_list(models))
+
+
+async def get_model(request: web.Request) -> web.Response:
+    """One model, named as the client asked for it, by any id the /v1 endpoints take for it (a bare
+    ``claude-*`` or ``gpt-*`` id too)."""
+    models = await state.service(request.app, client_name(request)).models()
+    wanted = request.match_info["id"]
+    anthropic = "anthropic-version" in request.headers
+    ours = anthropic_model(wanted) if anthropic else openai_model(wanted)
+    found = [m for m in models if m["id"] == ours]
+    if not found:
+        message = f"The model `{wanted}` does not exist here. Run: agentspace models"
+        return error_response(request, 404, message, code="model_not_found")
+    if anthropic:
+        return web.json_response({**anthropic_list(found)["data"][0], "id": wanted, "display_name": wanted})
+    return web.json_response({**openai_list(found)["data"][0], "id": wanted})
 
 
 def openai_list(models: list[dict[str, Any]]) -> dict[str, Any]:

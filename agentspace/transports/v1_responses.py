@@ -30,6 +30,33 @@ from .v1_openai import STREAM_HEADERS, _error, _provider_error, parsed_request, 
 
 ENDPOINT = "responses"
 
+# The Chat Completions names a provider's refusal uses, as a Responses request names the fields.
+RESPONSES_NAMES = {
+    "reasoning_effort": "reasoning.effort",
+    "verbosity": "text.verbosity",
+    "max_tokens": "max_output_tokens",
+    "max_completion_tokens": "max_output_tokens",
+    "response_format": "text.format",
+}
+
+
+def _responses_error(e: ProviderError) -> web.Response:
+    """``_provider_error`` with the fields a refusal names (``param`` and its message's ``NAME, ...:`` lead)
+    spelled as the client sent them, as OpenAI's Responses API names them."""
+    if e.param in RESPONSES_NAMES:
+        names, sep, rest = e.message.partition(": ")
+        message = ", ".join(RESPONSES_NAMES.get(n, n) for n in names.split(", ")) + sep + rest if sep else e.message
+        e = ProviderError(
+            e.code,
+            message,
+            retryable=e.retryable,
+            retry_after=e.retry_after,
+            status=e.status,
+            param=RESPONSES_NAMES[e.param],
+            upstream_code=e.upstream_code,
+        )
+    return _provider_error(e)
+
 
 def _frame(event: dict[str, Any]) -> bytes:
     return b"event: " + event["type"].encode() + b"\ndata: " + compact_json(event).encode() + b"\n\n"
@@ -57,7 +84,7 @@ async def responses(request: web.Request) -> web.StreamResponse:
             return await whole(
                 call,
                 lambda finish, usage: orr.response_object(body, parsed.model, finish, usage, encrypted),
-                _provider_error,
+                _responses_error,
             )
         encoder = orr.EventEncoder(body, parsed.model, encrypted)
 
@@ -74,4 +101,4 @@ async def responses(request: web.Request) -> web.StreamResponse:
             failed,
         )
 
-    return await translated(request, v1, meter, preq, _provider_error, answer)
+    return await translated(request, v1, meter, preq, _responses_error, answer)

@@ -30,8 +30,8 @@ of a stream after HTTP 200. Failures before streaming are HTTP statuses with the
 
 Like the real API, requests are checked first (``validate=False`` turns it off): an API key header, the
 ``anthropic-version`` header, ``model``/``max_tokens``/``messages``, and with extended thinking
-``budget_tokens >= 1024``, ``max_tokens > budget_tokens`` and no ``temperature`` other than 1. A rejected
-request is recorded but does not use up a queued response.
+``budget_tokens >= 1024``, ``max_tokens > budget_tokens``, no ``temperature`` other than 1 and a last assistant
+message that calls tools starting with its thinking (budget thinking only). A rejected request is recorded but does not use up a queued response.
 
 With ``caching=True`` the fake keeps a prompt cache as the real API does and reports the request's own input
 (replacing the scripted counts): tokens are counted with ``fake_tokens`` (4 UTF-8 bytes a token, per content
@@ -689,6 +689,15 @@ class FakeAnthropic(FakeUpstream[FakeResponse]):
                 )
             if body["max_tokens"] <= budget:
                 return 400, "invalid_request_error", "`max_tokens` must be greater than `thinking.budget_tokens`"
+        # (With adaptive thinking the model may call tools without thinking first, so it is not asked back.)
+        if thinking.get("type") == "enabled" and _tool_turn_without_thinking(body["messages"]):
+            return (
+                400,
+                "invalid_request_error",
+                "Expected `thinking` or `redacted_thinking`, but found `tool_use`. When `thinking` is enabled, a "
+                "final `assistant` message must start with a thinking block (preceeding the lastmost set of "
+                "`tool_use` and `tool_result` blocks). To avoid this requirement, disable `thinking`.",
+            )
         effort = (body.get("output_config") or {}).get("effort")
         if effort is not None and (effort not in EFFORT_LEVELS or not accepts_adaptive(str(body["model"]))):
             return 400, "invalid_request_error", f"output_config.effort: {effort!r} is not supported by this model"
@@ -765,6 +774,16 @@ class FakeAnthropic(FakeUpstream[FakeResponse]):
                 "last_id": data[-1]["id"] if data else None,
             }
         )
+
+
+def _tool_turn_without_thinking(messages: Any) -> bool:
+    """Whether the last assistant message calls tools without starting with a thinking block (what the API
+    refuses while thinking is enabled: the signed thinking of a tool loop must come back)."""
+    assistant = [m for m in messages if isinstance(m, dict) and m.get("role") == "assistant"] if messages else []
+    blocks = assistant[-1].get("content") if assistant else None
+    if not isinstance(blocks, list) or not any(isinstance(b, dict) and b.get("type") == "tool_use" for b in blocks):
+        return False
+    return not (isinstance(blocks[0], dict) and blocks[0].get("type") in ("thinking", "redacted_thinking"))
 
 
 def _with_start_usage(script: FakeResponse, usage: dict[str, Any]) -> FakeResponse:
