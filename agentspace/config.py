@@ -82,6 +82,11 @@ SCHEMA: dict[str, dict[str, tuple[tuple[type, ...], Any]]] = {
         "enabled": ((bool,), True),
         "budget_tokens": ((int,), 8000),
     },
+    # The drop-in /v1 APIs (README.md#use-it-from-your-tools).
+    "v1": {
+        # Prompt-cache breakpoints on an OpenAI-shaped request translated for Claude (docs/sessions.md).
+        "prompt_cache": ((str,), "requested"),
+    },
     "limits": {
         "uncountable_input_tokens": ((int,), None),
         "server_tool_max_uses": ((int,), 10),
@@ -189,6 +194,7 @@ CHOICES = {
     ("chat", "on_disconnect"): ("finish", "abort"),
     ("chat", "prompt_cache"): ("auto", "off"),
     ("chat", "prompt_cache_ttl"): ("5m", "1h"),
+    ("v1", "prompt_cache"): ("requested", "always", "off"),
     ("chat", "context_policy"): ("compact", "truncate", "refuse"),
     ("logging", "level"): ("debug", "info", "warning", "error"),
 }

@@ -10,7 +10,9 @@ go where the prefix is stable:
   answer): the prefix the previous call wrote, read back by this one whatever the length of the turn;
 - the end of the newest message: written now, read by the next call.
 
-``/v1`` requests are the client's own and are never changed (they do not go through the pipeline).
+``/v1`` requests are the client's own (they do not go through the pipeline): a Messages API body keeps its own
+``cache_control``; an OpenAI-shaped one translated for Claude gets these breakpoints when it asks for the cache
+OpenAI would give it (``translated_cache_ttl``).
 This module also predicts, for the inspector, what the next call will read from and write to the cache.
 """
 
@@ -41,6 +43,20 @@ def cache_ttl(config: Any) -> str | None:
     """The TTL to mark prefixes with, or None when ``[chat] prompt_cache = "off"``."""
     chat = config["chat"]
     return None if chat["prompt_cache"] == "off" else str(chat["prompt_cache_ttl"])
+
+
+def translated_cache_ttl(config: Any, asked: str | None, models: list[str]) -> str | None:
+    """The breakpoints' TTL for an OpenAI-shaped ``/v1`` request translated for ``models`` (a model group's
+    deployments, or the one model), None for none: only Claude needs them (OpenAI and the others cache on their
+    own). ``[v1] prompt_cache``: "requested" (the default) marks what the client asked to cache (``asked``:
+    ``prompt_cache_key``, ``cache_control``), "always" every request, "off" none."""
+    policy = config["v1"]["prompt_cache"]
+    if policy == "off" or not models or not all(anthropic_family(m) for m in models):
+        return None
+    if policy == "always":
+        default = str(config["chat"]["prompt_cache_ttl"])
+        return "1h" if "1h" in (asked, default) else default
+    return asked
 
 
 def min_cacheable_tokens(model: str) -> int:

@@ -117,6 +117,8 @@ class ParsedRequest:
     max_tokens: int | None = None
     reasoning_budget: int | None = None
     params: dict[str, Any] = field(default_factory=dict)  # sampling parameters passed on (ProviderRequest.params)
+    # The prompt cache the client asked for ("5m", "1h"; None: not asked), ``asked_cache_ttl``.
+    cache_ttl: str | None = None
 
 
 async def _never_called(arguments: dict[str, Any]) -> Any:
@@ -208,7 +210,36 @@ def parse_request(body: Any) -> ParsedRequest:
         max_tokens=max_tokens,
         reasoning_budget=reasoning_budget,
         params=_params(body, bool(tools)),
+        cache_ttl=asked_cache_ttl(body, raw_messages, body.get("tools")),
     )
+
+
+def asked_cache_ttl(body: dict[str, Any], items: Any, tools: Any) -> str | None:
+    """The prompt-cache TTL an OpenAI-shaped request asks for, None when it asks for none: OpenAI caches on its
+    own, and a client says it counts on that with ``prompt_cache_key`` or ``prompt_cache_retention`` (Codex sends
+    its conversation's id), or marks blocks with ``cache_control`` as LiteLLM and OpenRouter take it (on messages,
+    their content parts and tools). "1h" when a mark asks for an hour or the retention for 24 hours."""
+    asked: str | None = None
+
+    def mark(value: Any) -> None:
+        nonlocal asked
+        if isinstance(value, dict) and value.get("cache_control") is not None and asked != "1h":
+            control = value["cache_control"]
+            asked = "1h" if isinstance(control, dict) and control.get("ttl") == "1h" else "5m"
+
+    for item in items if isinstance(items, list) else ():
+        mark(item)
+        content = item.get("content") if isinstance(item, dict) else None
+        for part in content if isinstance(content, list) else ():
+            mark(part)
+    for tool in tools if isinstance(tools, list) else ():
+        mark(tool)
+        mark(tool.get("function") if isinstance(tool, dict) else None)
+    if body.get("prompt_cache_retention") == "24h":
+        return "1h"
+    if asked is None and (body.get("prompt_cache_key") is not None or body.get("prompt_cache_retention") is not None):
+        return "5m"
+    return asked
 
 
 def _reasoning_budget(effort: Any) -> int | None:

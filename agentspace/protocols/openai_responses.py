@@ -37,6 +37,7 @@ from .openai_chat import (
     REASONING_BUDGETS,
     ParsedRequest,
     RequestError,
+    asked_cache_ttl,
     client_tool,
     file_part,
     sampling_params,
@@ -134,6 +135,7 @@ def parse_request(body: Any) -> tuple[ParsedRequest, bool]:
         max_tokens=max_tokens,
         reasoning_budget=_reasoning_budget(body.get("reasoning") or {}),
         params=params,
+        cache_ttl=asked_cache_ttl(body, body.get("input"), body.get("tools")),
     )
     return parsed, ENCRYPTED_REASONING in include
 

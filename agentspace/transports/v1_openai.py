@@ -16,6 +16,7 @@ from ..direct_call import DirectCall
 from ..errors import ApiError
 from ..events import ProviderError
 from ..logs import redact
+from ..prompt_cache import translated_cache_ttl
 from ..protocols import openai_chat as oc
 from ..providers.base import ProviderRequest
 from ..service import Service
@@ -82,8 +83,11 @@ def parsed_request(v1: Service, model: str, parsed: oc.ParsedRequest) -> Provide
     request = v1.provider_request(
         model, parsed.system, parsed.messages, parsed.tools, parsed.max_tokens, parsed.reasoning_budget, parsed.params
     )
-    if parsed.max_tokens is None and v1.group(model) is None:  # (a group's deployments differ in their limits)
+    group = v1.group(model)
+    if parsed.max_tokens is None and group is None:  # (a group's deployments differ in their limits)
         request.max_tokens = output_limit(request)
+    models = [d.model for d in group.deployments] if group is not None else [model]
+    request.cache_ttl = translated_cache_ttl(v1.config, parsed.cache_ttl, models)
     return request
 
 
