@@ -502,6 +502,10 @@ def _usage_record(
     if not answered:
         usage = TokenUsage()  # the upstream never answered: nothing to bill, whatever was counted
         estimated_fields = ()
+    if finish_reason == "aborted" and error is None:
+        # Stopped before its end (its client stopped it or left, the server shut down): said so in the error too,
+        # which the reports count, on every transport.
+        error = "ABORTED"
     fields = tuple(estimated_fields) or usage.estimated_fields
     if not fields and usage.estimated:
         fields = ALL_FIELDS  # counted locally as a whole

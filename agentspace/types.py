@@ -268,7 +268,8 @@ class UsageRecord:
     finish_reason: str
     # False when the model had no known price and the configured fallback was used.
     price_known: bool = True
-    # The error code when the call ended in an error (refused, failed, cut mid-stream), else None.
+    # The error code when the call ended in an error (refused, failed, cut mid-stream; "ABORTED" when it was stopped
+    # before its end: finish reason "aborted"), else None.
     error: str | None = None
     # False when the upstream never answered (no key, refused, 5xx after retries): the record counts
     # under ``errorCount`` only, never as a request, and carries no tokens.
