@@ -162,12 +162,12 @@ class ChatMessage:
 # The figures a usage record may name in ``estimatedFields`` (counted here, not reported by the upstream), in the
 # one order it lists them (docs/accounting.md, "What estimated means").
 ESTIMABLE_FIELDS = ("inputTokens", "outputTokens", "serverToolUse")
+_ESTIMABLE_RANK = {name: n for n, name in enumerate(ESTIMABLE_FIELDS)}
 
 
 def in_estimated_order(fields: Iterable[str]) -> tuple[str, ...]:
     """``fields`` once each, in ``ESTIMABLE_FIELDS``' order (a name it lacks last, as given)."""
-    rank = {name: n for n, name in enumerate(ESTIMABLE_FIELDS)}
-    return tuple(sorted(dict.fromkeys(fields), key=lambda name: rank.get(name, len(rank))))
+    return tuple(sorted(dict.fromkeys(fields), key=lambda name: _ESTIMABLE_RANK.get(name, len(_ESTIMABLE_RANK))))
 
 
 @dataclass(slots=True)
