@@ -13,6 +13,7 @@ import aiohttp
 import pytest
 
 from agentspace.storage.embedded.usage import UsageStore
+from agentspace.storage.ledger import read_journal
 from scripts.harness import GatewayProcess
 from tests.fakes import anthropic_upstream as fa
 from tests.support.ledgers import journal_entries, wait_for_notes
@@ -82,15 +83,12 @@ def noted(with_output: bool, fields: list[str]) -> Any:
     return check
 
 
-async def stored(data_dir: Path, count: int) -> list[dict[str, Any]]:
-    """Poll the usage store until it holds ``count`` records."""
+async def until(done: Any) -> None:
+    """Poll ``done()`` (a thread) until it is true, or fail after 30 s."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + 30
-    while True:
-        found = await asyncio.to_thread(lambda: list(UsageStore(data_dir).records_sync()))
-        if len(found) >= count:
-            return found
-        assert loop.time() < deadline, found
+    while not await asyncio.to_thread(done):
+        assert loop.time() < deadline, f"not yet: {done.__doc__}"
         await asyncio.sleep(0.1)
 
 
@@ -113,13 +111,13 @@ async def test_a_call_cut_short_names_the_same_estimated_fields_on_every_path_li
             await ws.close()
             for resp in responses:
                 resp.close()
-            await stored(data_dir, 3)
 
-            async def all_closed() -> list[dict[str, Any]]:
-                entries = await journal_entries(data_dir)
-                return [] if entries else [{}]
+            def recorded_and_closed() -> bool:
+                """the left calls recorded, their ledger entries closed"""
+                journal = [e for path in (data_dir / "ledger").glob("journal-*.jsonl") for e in read_journal(path)]
+                return len(list(UsageStore(data_dir).records_sync())) == 3 and not journal
 
-            await wait_for_notes(all_closed, 1, lambda e: True)  # the left calls' entries are closed
+            await until(recorded_and_closed)
             held = await open_streams(http, server)  # open until the kill
             await wait_for_notes(lambda: journal_entries(data_dir), 3, check)
             assert len(fake_anthropic.requests) == 6
