@@ -48,6 +48,7 @@ from .types import (
     ToolCallPart,
     ToolResultPart,
     UsageRecord,
+    in_estimated_order,
     new_id,
     now_iso,
 )
@@ -62,8 +63,7 @@ log = logging.getLogger(__name__)
 
 # How often the output relayed is noted in the ledger while a call streams (written with the ledger's next batch).
 RELAYED_NOTE_SECONDS = 0.5
-# The usage fields a record may have counted locally, in UsageRecord.to_dict's names.
-OUTPUT_FIELDS = ("outputTokens",)
+# The usage fields a record may have counted locally, in UsageRecord.to_dict's names (``in_estimated_order``).
 ALL_FIELDS = ("inputTokens", "outputTokens")
 
 # What an uncountable input may cost when neither the config nor the model says (a common context window).
@@ -457,6 +457,42 @@ def price(gw: Registry, model: str, usage: TokenUsage, info: ModelInfo | None = 
     return cost
 
 
+def cut_short_usage(
+    reported: TokenUsage | None,
+    count_input: Callable[[], int],
+    count_output: Callable[[], int],
+    *,
+    output_after_report: bool = True,
+) -> TokenUsage:
+    """The usage of a call the upstream answered that ended without its final usage report (cut, failed, left by
+    its client, a process that died, or a provider that reports none): the rule every path records by -- the
+    pipeline's steps, ``/v1`` (``DirectCall``), the Anthropic relay, a compaction, and a recovery
+    (``recovered_record``). docs/accounting.md, "What estimated means".
+
+    - ``reported``, the upstream's last report (``message_start``, a usage chunk), is kept as reported, with the
+      fields it names already (``serverToolUse``: the server tools seen to run, not reported yet);
+    - the output is counted here (``count_output``: all the output relayed) and replaces the reported one only
+      when it is more and came after the report (``output_after_report``; True when unknown, False after a final
+      report): then ``outputTokens`` is named;
+    - with no report at all, the input (``count_input``) and the output are both counted here, and both named --
+      an output of 0 too: the upstream wrote (or began) an answer it did not report.
+
+    ``estimated_fields`` lists them in ``in_estimated_order``. A call the upstream never answered bills nothing:
+    the caller records it with ``answered=False``."""
+    if reported is None:
+        return TokenUsage(count_input(), count_output(), estimated=True, estimated_fields=ALL_FIELDS)
+    usage = replace(reported)
+    fields = list(reported.estimated_fields)
+    if output_after_report:
+        counted = count_output()
+        if counted > usage.output_tokens:
+            usage.output_tokens = counted
+            fields.append("outputTokens")
+    usage.estimated_fields = in_estimated_order(fields)
+    usage.estimated = bool(usage.estimated_fields)
+    return usage
+
+
 def _usage_record(
     gw: Registry,
     *,
@@ -484,9 +520,14 @@ def _usage_record(
     if not answered:
         usage = TokenUsage()  # the upstream never answered: nothing to bill, whatever was counted
         estimated_fields = ()
+    if finish_reason == "aborted" and error is None:
+        # Stopped before its end (its client stopped it or left, the server shut down): said so in the error too,
+        # which the reports count, on every transport.
+        error = "ABORTED"
     fields = tuple(estimated_fields) or usage.estimated_fields
     if not fields and usage.estimated:
         fields = ALL_FIELDS  # counted locally as a whole
+    fields = in_estimated_order(fields)  # whoever named them, in the one order
     usage = replace(usage, estimated=bool(fields), estimated_fields=fields)
     info = info or gw.model_info(model)
     cost = price(gw, model, usage, info)
@@ -522,20 +563,27 @@ def recovered_record(gw: Registry, entry: dict[str, Any]) -> UsageRecord:
         return _from_dict(spooled)
     noted = entry.get("usage")
     answered = bool(entry.get("answered")) or noted is not None
-    fields: list[str] = []
+    reported = None
     if isinstance(noted, dict):
-        usage = TokenUsage(
+        reported = TokenUsage(
             input_tokens=int(noted.get("inputTokens") or 0),
             output_tokens=int(noted.get("outputTokens") or 0),
             cache_read_tokens=int(noted.get("cacheReadTokens") or 0),
             cache_write_tokens=int(noted.get("cacheWriteTokens") or 0),
             reasoning_tokens=int(noted.get("reasoningTokens") or 0),
             server_tool_use=noted.get("serverToolUse") or None,
+            # The server tools seen to run and not reported yet.
+            estimated_fields=tuple(f for f in noted.get("estimatedFields") or () if isinstance(f, str)),
         )
-        fields += [f for f in noted.get("estimatedFields") or () if isinstance(f, str)]  # server tools seen to run
-    else:
-        usage = TokenUsage(input_tokens=int(entry.get("inputTokens") or 0))
-        fields.append("inputTokens")
+    # The output relayed is noted every half second, so whether it came after the last report is not known; none
+    # replaces a final report.
+    final = isinstance(noted, dict) and bool(noted.get("final"))
+    usage = cut_short_usage(
+        reported,
+        lambda: int(entry.get("inputTokens") or 0),
+        lambda: int(entry.get("relayedTokens") or 0),
+        output_after_report=not final,
+    )
     # The tier the upstream reported, else the one the request asked for (and was reserved at).
     tier = noted.get("serviceTier") if isinstance(noted, dict) else None
     tier = tier or entry.get("serviceTier")
@@ -543,12 +591,6 @@ def recovered_record(gw: Registry, entry: dict[str, Any]) -> UsageRecord:
     geo = noted.get("inferenceGeo") if isinstance(noted, dict) else None
     geo = geo or entry.get("inferenceGeo")  # where it ran, else where the request asked to run
     usage.inference_geo = geo if isinstance(geo, str) else None
-    relayed = int(entry.get("relayedTokens") or 0)
-    if relayed > usage.output_tokens:
-        usage.output_tokens = relayed
-        fields.append("outputTokens")
-    elif not isinstance(noted, dict) or not noted.get("final"):
-        fields.append("outputTokens")
     return _usage_record(
         gw,
         record_id=str(entry["id"]),
@@ -561,7 +603,6 @@ def recovered_record(gw: Registry, entry: dict[str, Any]) -> UsageRecord:
         endpoint=entry.get("endpoint"),
         error="INTERRUPTED",
         answered=answered,
-        estimated_fields=fields,
         recovered=True,
         timestamp=str(entry.get("time") or now_iso()),
         purpose=entry.get("purpose"),
@@ -1005,8 +1046,8 @@ class ProviderCall:
         the upstream wrote an answer it did not report, so both are estimates -- aborted, and stored although the
         caller is being cancelled."""
         if self.recorded is None:
-            usage = TokenUsage(input_tokens=self._input_tokens())
-            pending = self.record(usage, "aborted", error="ABORTED", estimated_fields=ALL_FIELDS)
+            usage = cut_short_usage(None, self._input_tokens, lambda: 0)
+            pending = self.record(usage, "aborted", error="ABORTED")
             await asyncio.shield(asyncio.ensure_future(pending))
 
     def _input_tokens(self) -> int:

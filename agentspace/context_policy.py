@@ -21,11 +21,10 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import replace
 from typing import TYPE_CHECKING, Any, Protocol
 
 from . import attachments
-from .calls import ALL_FIELDS, ProviderCall, request_ceiling
+from .calls import ProviderCall, cut_short_usage, request_ceiling
 from .context import (
     AssembledContext,
     assemble,
@@ -283,6 +282,13 @@ async def summarise(gw: Registry, turn: TurnLike, previous: str, messages: list[
     text_at_report = 0  # how much text there was when the upstream last reported its usage
     finish: ProviderFinish | None = None
     answered = False  # the provider yielded an event (``ResponseStarted`` included): the upstream took the call
+
+    def count_input() -> int:
+        return count_tokens(COMPACT_PROMPT + body)
+
+    def count_text() -> int:
+        return count_tokens("".join(text))
+
     try:
         try:
             async for event in provider.stream(request):
@@ -298,30 +304,19 @@ async def summarise(gw: Registry, turn: TurnLike, previous: str, messages: list[
                 elif isinstance(event, ProviderFinish):
                     finish = event
         except ProviderError as e:
-            # Cut short: what the upstream reported is kept, only what it did not report is counted here
-            # (the input and the output with no report, the output after the last one); a call it never answered
+            # Cut short: recorded by the one rule (``calls.cut_short_usage``); a call the upstream never answered
             # bills nothing.
-            fields: list[str] = []
-            usage = replace(reported) if reported is not None else TokenUsage()
-            if reported is None and answered:
-                usage.input_tokens = count_tokens(COMPACT_PROMPT + body)
-                fields.append("inputTokens")
-            output = count_tokens("".join(text)) if len(text) > text_at_report else 0
-            if output > usage.output_tokens:
-                usage.output_tokens = output
-                fields.append("outputTokens")
-            elif reported is None and answered:
-                fields.append("outputTokens")  # none streamed, none reported: not the upstream's figure either
-            await call.record(usage, "error", error=e.code, answered=answered, estimated_fields=fields)
+            usage = TokenUsage()
+            if answered:
+                usage = cut_short_usage(
+                    reported, count_input, count_text, output_after_report=len(text) > text_at_report
+                )
+            await call.record(usage, "error", error=e.code, answered=answered)
             raise ApiError(e.code, f"The session could not be compacted: {e.message}") from None
         assert finish is not None
-        if finish.usage is not None:
-            await call.record(finish.usage, finish.finish_reason)
-        else:  # a provider that reports nothing: counted locally, and said so
-            usage = TokenUsage(
-                input_tokens=count_tokens(COMPACT_PROMPT + body), output_tokens=count_tokens("".join(text))
-            )
-            await call.record(usage, finish.finish_reason, estimated_fields=ALL_FIELDS)
+        # A provider that reports nothing: counted here, as a call cut short is.
+        usage = finish.usage if finish.usage is not None else cut_short_usage(None, count_input, count_text)
+        await call.record(usage, finish.finish_reason)
     finally:  # cancelled (shutdown) or a defect before the record: the reservation goes back
         await call.release()
     summary = "".join(text).strip()

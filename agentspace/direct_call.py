@@ -20,9 +20,8 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import AsyncIterator
-from dataclasses import replace
 
-from .calls import ALL_FIELDS, OUTPUT_FIELDS, ProviderCall, request_input_tokens
+from .calls import ProviderCall, cut_short_usage, request_input_tokens
 from .events import (
     ProviderError,
     ProviderEvent,
@@ -122,38 +121,24 @@ class DirectCall:
                     ) from None
         except ProviderError as e:
             if self.meter.recorded is None:
-                usage, fields = self._partial_usage(e)
-                await self.meter.record(usage, "error", error=e.code, estimated_fields=fields)
+                await self.meter.record(self._partial_usage(), "error", error=e.code)
             raise
 
     async def _record_finish(self, finish: ProviderFinish) -> None:
         if self.meter.call is not None:
             self.meter.call.answer = finish.message.text  # for the observation hooks
-        if finish.usage is not None:
-            await self.meter.record(finish.usage, finish.finish_reason)
-        else:
-            usage = TokenUsage(request_input_tokens(self.request), count_tokens("".join(self._output)))
-            await self.meter.record(usage, finish.finish_reason, estimated_fields=ALL_FIELDS)
+        # A provider that reports nothing: counted here, as a call cut short is.
+        usage = finish.usage if finish.usage is not None else self._partial_usage()
+        await self.meter.record(usage, finish.finish_reason)
 
-    def _partial_usage(self, error: BaseException | None = None) -> tuple[TokenUsage, tuple[str, ...]]:
-        """What a call cut short used: the usage the provider had reported (if it hands it over), with the
-        output counted locally, else everything counted locally."""
-        output = count_tokens("".join(self._output))
-        reported = getattr(error, "usage", None)
-        after_report = True  # output came after the last report (unknown for a report an error carries)
-        if not isinstance(reported, TokenUsage) and self._reported is not None:
-            reported = replace(self._reported)  # what the upstream reported is never replaced by an estimate
-            after_report = len(self._output) > self._output_at_report
-        if isinstance(reported, TokenUsage):
-            seen = reported.estimated_fields  # the server tools seen to run and not reported yet
-            # Only output the upstream did not report is estimated: none after a final message_delta.
-            if after_report and output > reported.output_tokens:
-                reported.output_tokens = output
-                return reported, (*OUTPUT_FIELDS, *seen)
-            return reported, seen
-        # No report: the input is counted here, and the output (none, when the stream was cut before its first
-        # token): neither is the upstream's figure, as a recovery names them (``calls.recovered_record``).
-        return TokenUsage(request_input_tokens(self.request), output), ALL_FIELDS
+    def _partial_usage(self) -> TokenUsage:
+        """What a call without a final report used, by the one rule (``calls.cut_short_usage``)."""
+        return cut_short_usage(
+            self._reported,
+            lambda: request_input_tokens(self.request),
+            lambda: count_tokens("".join(self._output)),
+            output_after_report=len(self._output) > self._output_at_report,
+        )
 
     async def abort(self) -> UsageRecord | None:
         """The client went away: stop the provider (closing the upstream request) and record what was used."""
@@ -168,5 +153,4 @@ class DirectCall:
             return None
         if not self._answered:
             return await self.meter.record(TokenUsage(), "aborted", error="ABORTED", answered=False)
-        usage, fields = self._partial_usage()
-        return await self.meter.record(usage, "aborted", estimated_fields=fields)
+        return await self.meter.record(self._partial_usage(), "aborted")

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any, cast
 
 from . import attachments, tokens
-from .calls import ProviderCall, ceiling_cost, price, request_ceiling
+from .calls import ProviderCall, ceiling_cost, cut_short_usage, price, request_ceiling
 from .context import AssembledContext, assemble, estimate_input_tokens
 from .context_policy import fit_context
 from .errors import ApiError, StorageError
@@ -919,33 +919,21 @@ class Turn:
         return list(results)
 
     def _partial_usage(self, ctx: AssembledContext, state: _Step) -> TokenUsage:
-        """Usage of a call without a final report (failed, cut, aborted, or a provider that reports none).
-
-        What the upstream reported is kept; only what it did not report is counted locally, and named in
-        ``estimated_fields``: the input and the output when there was no report, the output streamed after the last
-        one.
-        A call the upstream never answered bills nothing.
-        """
+        """Usage of a call without a final report (failed, cut, aborted, or a provider that reports none), by the
+        one rule (``calls.cut_short_usage``); a call the upstream never answered bills nothing."""
         if not state.answered:
             return TokenUsage()
-        estimated: list[str] = []
-        if state.reported is not None:
-            usage = replace(state.reported)
-            estimated += usage.estimated_fields  # the server tools seen to run and not reported yet
-        else:
-            usage = TokenUsage(input_tokens=estimate_input_tokens(ctx))
-            estimated.append("inputTokens")
-        if state.output_size() > state.output_at_report:
-            output = "".join(state.text) + "".join(state.reasoning)
-            output += "".join(json.dumps(c.input, default=str) for c in state.tool_calls)
-            counted = count_tokens(output)
-            if counted > usage.output_tokens:
-                usage.output_tokens = counted
-                estimated.append("outputTokens")
-        if state.reported is None and "outputTokens" not in estimated:
-            estimated.append("outputTokens")  # none streamed, none reported: not the upstream's figure either
-        usage.estimated, usage.estimated_fields = bool(estimated), tuple(estimated)
-        return usage
+
+        def output() -> int:
+            text = "".join(state.text) + "".join(state.reasoning)
+            return count_tokens(text + "".join(json.dumps(c.input, default=str) for c in state.tool_calls))
+
+        return cut_short_usage(
+            state.reported,
+            lambda: estimate_input_tokens(ctx),
+            output,
+            output_after_report=state.output_size() > state.output_at_report,
+        )
 
     async def _record(
         self,

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
@@ -159,6 +159,16 @@ class ChatMessage:
 
 # --- usage and cost ------------------------------------------------------------------------------
 
+# The figures a usage record may name in ``estimatedFields`` (counted here, not reported by the upstream), in the
+# one order it lists them (docs/accounting.md, "What estimated means").
+ESTIMABLE_FIELDS = ("inputTokens", "outputTokens", "serverToolUse")
+_ESTIMABLE_RANK = {name: n for n, name in enumerate(ESTIMABLE_FIELDS)}
+
+
+def in_estimated_order(fields: Iterable[str]) -> tuple[str, ...]:
+    """``fields`` once each, in ``ESTIMABLE_FIELDS``' order (a name it lacks last, as given)."""
+    return tuple(sorted(dict.fromkeys(fields), key=lambda name: _ESTIMABLE_RANK.get(name, len(_ESTIMABLE_RANK))))
+
 
 @dataclass(slots=True)
 class TokenUsage:
@@ -194,7 +204,7 @@ class TokenUsage:
             cache_write_tokens=self.cache_write_tokens + other.cache_write_tokens,
             reasoning_tokens=self.reasoning_tokens + other.reasoning_tokens,
             estimated=self.estimated or other.estimated,
-            estimated_fields=tuple(dict.fromkeys(self.estimated_fields + other.estimated_fields)),
+            estimated_fields=in_estimated_order(self.estimated_fields + other.estimated_fields),
             cache_write_1h_tokens=self.cache_write_1h_tokens + other.cache_write_1h_tokens,
             server_tool_use=_merge_counts(self.server_tool_use, other.server_tool_use),
             service_tier=other.service_tier or self.service_tier,
@@ -262,7 +272,8 @@ class UsageRecord:
     finish_reason: str
     # False when the model had no known price and the configured fallback was used.
     price_known: bool = True
-    # The error code when the call ended in an error (refused, failed, cut mid-stream), else None.
+    # The error code when the call ended in an error (refused, failed, cut mid-stream; "ABORTED" when it was stopped
+    # before its end: finish reason "aborted"), else None.
     error: str | None = None
     # False when the upstream never answered (no key, refused, 5xx after retries): the record counts
     # under ``errorCount`` only, never as a request, and carries no tokens.

@@ -102,7 +102,8 @@ async def test_ws_abort_mid_stream_keeps_the_reported_input(
     session_id = of(frames, "chat.stream.start")[0]["sessionId"]
     (record,) = await records_of(client, session_id)
     assert_reported_input_kept(record)
-    assert (record["error"], record["finishReason"]) == (None, "aborted")
+    # A call stopped before its end says so in its error, which the reports count (docs/accounting.md).
+    assert (record["error"], record["finishReason"]) == ("ABORTED", "aborted")
     assert frames[-1]["usage"]["inputTokens"] == 12
     await ws.close()
 
@@ -125,7 +126,7 @@ async def test_http_disconnect_with_abort_keeps_the_reported_input(
     await wait_until(stored)
     (record,) = await records_of(client, "chat1")
     assert_reported_input_kept(record)
-    assert record["finishReason"] == "aborted"
+    assert (record["error"], record["finishReason"]) == ("ABORTED", "aborted")
 
 
 async def test_provider_without_usage_estimates_input_and_output(

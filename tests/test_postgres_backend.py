@@ -14,6 +14,7 @@ import pytest
 
 from agentspace.errors import StorageError
 from agentspace.storage.postgres import MIGRATIONS, PostgresDatabase, PostgresSessionStore, PostgresUsageStore
+from agentspace.types import Cost, TokenUsage, UsageRecord
 from scripts.harness import GatewayProcess
 from tests.fakes import anthropic_upstream as fa
 from tests.scale_servers import Postgres, free_port
@@ -509,7 +510,8 @@ async def test_a_database_of_the_version_before_gets_the_rollups_without_session
         await replace_estimates(usage, rng, calls_of_their_own(rng, 400))
         async with db.transaction() as conn:  # what version 7 has: this version's usage_rollups, kept alike
             await conn.execute("DROP TABLE usage_rollups_nosession")
-            await conn.execute("DELETE FROM agentspace_migrations WHERE version = 8")
+            await conn.execute("ALTER TABLE usage_rollups DROP COLUMN records")  # migration 9's
+            await conn.execute("DELETE FROM agentspace_migrations WHERE version >= 8")
     finally:
         await usage.aclose()
         await db.aclose()
@@ -517,11 +519,150 @@ async def test_a_database_of_the_version_before_gets_the_rollups_without_session
     usage = PostgresUsageStore(db, batch_size=37)
     try:
         await db.start()
-        assert await db.schema_version() == MIGRATIONS[-1][0] == 8
+        assert await db.schema_version() == MIGRATIONS[-1][0] == 9
         await assert_reports_equal_the_scan(usage, db)
         await replace_estimates(usage, rng, calls_of_their_own(rng, 200, first=400))
         assert await usage.count() == 600
         await assert_reports_equal_the_scan(usage, db)
+    finally:
+        await usage.aclose()
+        await db.aclose()
+
+
+def call_record(n: int, timestamp: str, model: str, *, recovered: bool = False) -> UsageRecord:
+    """Call ``n``'s record: a recovery's estimate (input guessed, no output) or the record as reported."""
+    tokens = (
+        TokenUsage(900, 0, estimated=True, estimated_fields=("outputTokens",)) if recovered else TokenUsage(1000, 40)
+    )
+    return UsageRecord(
+        id=f"usage_{n}",
+        timestamp=timestamp,
+        model=model,
+        provider=model.split("/")[0],
+        session_id="s1",
+        client="team",
+        usage=tokens,
+        cost=Cost(0.003, 0.0) if recovered else Cost(0.003, 0.0006),
+        latency_ms=0.0 if recovered else 900.0,
+        finish_reason="error" if recovered else "stop",
+        error="INTERRUPTED" if recovered else None,
+        endpoint="anthropic",
+        recovered=recovered,
+    )
+
+
+async def test_an_estimate_replaced_by_its_record_in_another_group_leaves_no_empty_row(
+    pg_dsn: str, tmp_path: Path
+) -> None:
+    """A call recovered by another replica is stamped with its start and the model asked for; its record as
+    reported, which takes the estimate's place, with its end and the model that answered (a model group's
+    deployment). Call 0 crosses midnight, call 1 changes model, call 2 stays in its group: PostgreSQL's reports,
+    by every grouping, are the embedded store's, which stores the records as reported alone -- no empty day or
+    model row where an estimate was (docs/accounting.md, "Replicas")."""
+    from agentspace.storage.embedded.usage import UsageStore
+    from agentspace.storage.reports import REPORTS
+    from tests.test_usage_rollups import rounded
+
+    sonnet, haiku = "anthropic/claude-sonnet-4-5", "anthropic/claude-haiku-4-5"
+    estimates = [
+        call_record(0, "2026-03-01T23:59:58.000Z", sonnet, recovered=True),
+        call_record(1, "2026-03-02T10:00:00.000Z", sonnet, recovered=True),
+        call_record(2, "2026-03-02T11:00:00.000Z", haiku, recovered=True),
+    ]
+    reported = [
+        call_record(0, "2026-03-02T00:00:04.000Z", sonnet),
+        call_record(1, "2026-03-02T10:00:07.000Z", haiku),
+        call_record(2, "2026-03-02T11:00:05.000Z", haiku),
+        call_record(3, "2026-03-02T11:30:00.000Z", haiku),  # a call of the estimate's group, not recovered
+    ]
+    db = PostgresDatabase(pg_dsn)
+    usage = PostgresUsageStore(db)
+    embedded = UsageStore(tmp_path / "embedded")
+    try:
+        for r in estimates:
+            await usage.append(r)
+        for r in reported:
+            await usage.append(r)
+            await embedded.append(r)
+        assert len(await usage.records()) == 4
+        for by in REPORTS:
+            for where in ({}, {"client": "team"}, {"session_id": "s1"}):
+                got, expected = await usage.report(by=by, **where), await embedded.report(by=by, **where)
+                assert rounded(got) == rounded(expected), (by, where)
+        assert list((await usage.report(by="day"))["perDay"]) == ["2026-03-02"]
+        async with db.connection() as conn:
+            for table in ("usage_rollups", "usage_rollups_nosession"):
+                assert await conn.fetchval(f"SELECT count(*) FROM {table} WHERE records = 0") == 0, table
+    finally:
+        await usage.aclose()
+        await embedded.aclose()
+        await db.aclose()
+
+
+async def test_a_database_of_the_version_before_loses_its_empty_rollup_rows_and_counts_records(
+    pg_dsn: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A database of version 8, whose rollups hold rows an estimate left at zero: migrated, the empty rows are
+    gone and the others count their records, so every report is the records' (and a later estimate replaced in
+    another group takes its row out)."""
+    from agentspace.storage.postgres import database
+    from agentspace.storage.postgres import usage as postgres
+    from agentspace.storage.reports import REPORTS
+    from tests.test_usage_rollups import rounded
+
+    sonnet, haiku = "anthropic/claude-sonnet-4-5", "anthropic/claude-haiku-4-5"
+    kept = [call_record(n, f"2026-03-02T1{n}:00:00.000Z", haiku).to_dict() for n in range(3)]
+    monkeypatch.setattr(database, "MIGRATIONS", [m for m in MIGRATIONS if m[0] <= 8])
+    old = PostgresDatabase(pg_dsn)
+    try:
+        await old.start()
+        assert await old.schema_version() == 8
+        async with old.transaction() as conn:  # the records and rollups as version 8 kept them, and empty rows
+            await conn.execute(
+                "CREATE TABLE usage_records_2026_03 PARTITION OF usage_records "
+                "FOR VALUES FROM ('2026-03-01') TO ('2026-04-01')"
+            )
+            await conn.executemany(
+                f"INSERT INTO usage_records ({', '.join(postgres._COLUMNS)}) "
+                f"VALUES ({', '.join(f'${n}' for n in range(1, 20))})",
+                [postgres._row(r) for r in kept],
+            )
+            sums = postgres._ROLLUP_SUMS.removesuffix(", count(*)")
+            await conn.execute(
+                "INSERT INTO usage_rollups SELECT (ts AT TIME ZONE 'UTC')::date, model, coalesce(client, ''), "
+                f"coalesce(session_id, ''), coalesce(record::json->>'endpoint', ''), {sums} "
+                "FROM usage_records GROUP BY 1, 2, 3, 4, 5"
+            )
+            zeros = ", ".join(["0"] * 7) + ", 0, 0, 0, false, 0, 0"
+            await conn.execute(
+                f"INSERT INTO usage_rollups VALUES ('2026-03-01', $1, 'team', 's1', 'anthropic', {zeros})", sonnet
+            )
+            await conn.execute(
+                "INSERT INTO usage_rollups_nosession SELECT day, model, client, endpoint, sum(input_tokens), "
+                "sum(output_tokens), sum(total_tokens), sum(cache_read_tokens), sum(cache_write_tokens), "
+                "sum(reasoning_tokens), sum(total_cost), sum(answered), sum(errors), sum(estimated), "
+                "bool_or(price_unknown), sum(server_tool_cost), sum(server_tool_uses) FROM usage_rollups "
+                "GROUP BY 1, 2, 3, 4"
+            )
+    finally:
+        await old.aclose()
+    monkeypatch.undo()
+    db = PostgresDatabase(pg_dsn)
+    usage = PostgresUsageStore(db)
+    try:
+        await db.start()
+        assert await db.schema_version() == MIGRATIONS[-1][0]
+        async with db.connection() as conn:
+            for table in ("usage_rollups", "usage_rollups_nosession"):
+                assert await conn.fetchval(f"SELECT sum(records) FROM {table}") == 3, table
+                assert await conn.fetchval(f"SELECT count(*) FROM {table} WHERE records = 0") == 0, table
+        # An estimate of another call, then its record in another group: its row goes too.
+        await usage.append(call_record(9, "2026-03-01T23:59:59.000Z", sonnet, recovered=True))
+        await usage.append(call_record(9, "2026-03-02T00:00:03.000Z", haiku))
+        scanned = await usage.records()
+        assert len(scanned) == 4
+        for by, grouping in REPORTS.items():
+            assert rounded(await usage.report(by=by)) == rounded({**grouping(scanned), "damagedFiles": []}), by
     finally:
         await usage.aclose()
         await db.aclose()

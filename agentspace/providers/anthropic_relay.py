@@ -23,7 +23,7 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
-from ..calls import ALL_FIELDS, OUTPUT_FIELDS, ProviderCall
+from ..calls import ProviderCall, cut_short_usage
 from ..logs import StreamRedactor, redact, redact_bytes, redact_headers, warn_limited
 from ..protocols.anthropic_messages import (
     DEFAULT_VERSION,
@@ -176,17 +176,16 @@ async def _whole(up: aiohttp.ClientResponse, body: dict[str, Any], meter: Provid
         data = await up.read()
     except (aiohttp.ClientError, TimeoutError) as e:
         log.warning("Anthropic pass-through: the answer broke off: %r", e)
-        await meter.record(
-            TokenUsage(input_tokens=local_input_tokens(body)), "error", error="LLM_ERROR", estimated_fields=ALL_FIELDS
-        )
+        cut = cut_short_usage(None, lambda: local_input_tokens(body), lambda: 0)  # a whole answer cut: none read
+        await meter.record(cut, "error", error="LLM_ERROR")
         return _error(502, "Anthropic's answer broke off before it was complete. Try again.")
     try:
         message = json.loads(data)
     except ValueError:
         message = None
     usage = message_usage(message)
-    if usage is None:
-        await meter.record(TokenUsage(input_tokens=local_input_tokens(body), estimated=True), "other")
+    if usage is None:  # an answer without its usage: counted here, as a call cut short is
+        await meter.record(cut_short_usage(None, lambda: local_input_tokens(body), lambda: 0), "other")
     else:
         stop_reason = message.get("stop_reason") if isinstance(message, dict) else None
         await meter.record(usage, FINISH_REASONS.get(stop_reason or "", "other"))
@@ -330,27 +329,26 @@ async def _record_stream(
         )
         await meter.record(TokenUsage(), "aborted" if disconnected else "error", error=error, answered=False)
         return
-    usage = scanner.usage
-    fields: tuple[str, ...] = ()
-    if usage is None:
-        usage = TokenUsage(input_tokens=local_input_tokens(body), output_tokens=scanner.received_output_tokens())
-        fields = ALL_FIELDS
-    elif not scanner.final_delta:
-        # The output received after the last report, counted here only when it is more than was reported.
-        counted = scanner.received_output_tokens()
-        if counted > usage.output_tokens:
-            usage.output_tokens = counted
-            fields = OUTPUT_FIELDS
-    if not scanner.final_delta and with_seen_server_tools(usage, scanner.server_tools_seen):
-        fields = (*fields, "serverToolUse")
+    reported = scanner.usage
+    if reported is not None and not scanner.final_delta:  # the server tools seen to run, not reported yet
+        reported = replace(reported)
+        if with_seen_server_tools(reported, scanner.server_tools_seen):
+            reported.estimated_fields = (*reported.estimated_fields, "serverToolUse")
+    # By the one rule (``calls.cut_short_usage``); a whole stream's final report is its usage as it is.
+    usage = cut_short_usage(
+        reported,
+        lambda: local_input_tokens(body),
+        scanner.received_output_tokens,
+        output_after_report=not scanner.final_delta,
+    )
     if disconnected:
-        await meter.record(usage, "aborted", estimated_fields=fields)
+        await meter.record(usage, "aborted")
     elif scanner.error_type:
-        await meter.record(usage, "error", error=error_code_for_type(scanner.error_type), estimated_fields=fields)
+        await meter.record(usage, "error", error=error_code_for_type(scanner.error_type))
     elif cut:
-        await meter.record(usage, "error", error="LLM_ERROR", estimated_fields=fields)
+        await meter.record(usage, "error", error="LLM_ERROR")
     else:
-        await meter.record(usage, FINISH_REASONS.get(scanner.stop_reason or "", "other"), estimated_fields=fields)
+        await meter.record(usage, FINISH_REASONS.get(scanner.stop_reason or "", "other"))
 
 
 async def count_tokens(

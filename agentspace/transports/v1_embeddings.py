@@ -12,7 +12,7 @@ from typing import Any
 
 from aiohttp import web
 
-from ..calls import ALL_FIELDS, Ceiling
+from ..calls import Ceiling, cut_short_usage
 from ..errors import ApiError
 from ..events import ProviderError
 from ..protocols.openai_chat import RequestError
@@ -126,10 +126,9 @@ async def embeddings(request: web.Request) -> web.StreamResponse:
             if group is None:
                 await meter.left_whole()
             raise
-        if usage is None:
-            await answered.record(TokenUsage(input_tokens=_local_tokens(inputs)), "stop", estimated_fields=ALL_FIELDS)
-        else:
-            await answered.record(usage, "stop")
+        if usage is None:  # a provider that reports nothing: counted here (an embedding has no output)
+            usage = cut_short_usage(None, lambda: _local_tokens(inputs), lambda: 0)
+        await answered.record(usage, "stop")
         tokens = answered.recorded.usage.input_tokens if answered.recorded is not None else 0
         return web.json_response(
             {

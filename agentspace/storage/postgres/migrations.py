@@ -204,4 +204,31 @@ MIGRATIONS: list[tuple[int, str]] = [
         FROM usage_rollups GROUP BY 1, 2, 3, 4 ORDER BY 1, 2, 3, 4;
         """,
     ),
+    (
+        9,
+        # How many records each rollup row sums (answered or not): a row whose last record goes (an estimate
+        # replaced by its call's record in another group) is deleted, not left at zero, so the reports show the
+        # groups the records make, as the embedded store's do. Counted from the records; the rows left at zero by
+        # earlier versions, which sum none, go.
+        """
+        ALTER TABLE usage_rollups ADD COLUMN records bigint NOT NULL DEFAULT 0;
+        ALTER TABLE usage_rollups_nosession ADD COLUMN records bigint NOT NULL DEFAULT 0;
+        UPDATE usage_rollups r SET records = c.n
+        FROM (
+            SELECT (ts AT TIME ZONE 'UTC')::date AS day, model, coalesce(client, '') AS client,
+                   coalesce(session_id, '') AS session_id, coalesce(record::json->>'endpoint', '') AS endpoint,
+                   count(*) AS n
+            FROM usage_records GROUP BY 1, 2, 3, 4, 5
+        ) c
+        WHERE r.day = c.day AND r.model = c.model AND r.client = c.client AND r.session_id = c.session_id
+              AND r.endpoint = c.endpoint;
+        DELETE FROM usage_rollups WHERE records = 0;
+        UPDATE usage_rollups_nosession r SET records = c.n
+        FROM (SELECT day, model, client, endpoint, sum(records) AS n FROM usage_rollups GROUP BY 1, 2, 3, 4) c
+        WHERE r.day = c.day AND r.model = c.model AND r.client = c.client AND r.endpoint = c.endpoint;
+        DELETE FROM usage_rollups_nosession WHERE records = 0;
+        ALTER TABLE usage_rollups ALTER COLUMN records DROP DEFAULT;
+        ALTER TABLE usage_rollups_nosession ALTER COLUMN records DROP DEFAULT;
+        """,
+    ),
 ]

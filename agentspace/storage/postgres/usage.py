@@ -104,11 +104,12 @@ _TYPES = ("text", "timestamptz", "text", "text", "text", *["bigint"] * 6, "float
 _ROLLUP_SUMS = (
     "sum(input_tokens), sum(output_tokens), sum(total_tokens), sum(cache_read_tokens), sum(cache_write_tokens), "
     "sum(reasoning_tokens), sum(total_cost), count(*) FILTER (WHERE answered), count(*) FILTER (WHERE is_error), "
-    "count(*) FILTER (WHERE estimated), bool_or(price_unknown), sum(server_tool_cost), sum(server_tool_uses)"
+    "count(*) FILTER (WHERE estimated), bool_or(price_unknown), sum(server_tool_cost), sum(server_tool_uses), "
+    "count(*)"
 )
 _ADDED = ("input_tokens", "output_tokens", "total_tokens", "cache_read_tokens", "cache_write_tokens",
           "reasoning_tokens", "total_cost", "answered", "errors", "estimated", "server_tool_cost",
-          "server_tool_uses")  # fmt: skip
+          "server_tool_uses", "records")  # fmt: skip
 # A record as reported whose call has a recovered estimate stored (``usage_recovered``, a small table, looked
 # up by id) is held back: its ids are returned, and ``_insert`` puts it in the estimate's place.
 _INSERT = (
@@ -132,7 +133,16 @@ _INSERT = (
     "SELECT (SELECT count(*) FROM new), ARRAY(SELECT id FROM held)"
 )
 # The estimates of ``$1`` (ids) out: their records, their marks and their share of both rollups (summed per rollup
-# row first: an UPDATE ... FROM changes a row once, whatever number of rows it matches). Their clients and costs.
+# row first: an UPDATE ... FROM changes a row once, whatever number of rows it matches). A rollup row left with no
+# record (its call's record is in another group: another day, model, ...) is deleted instead, as the embedded store's
+# reports, which group the records, have no such group. Their clients and costs.
+
+
+def _same_group(other: str, *keys: str) -> str:
+    """A rollup row ``r`` and the group ``other`` share (day, model, client, endpoint) and ``keys``."""
+    return " AND ".join(f"r.{k} = {other}.{k}" for k in ("day", "model", "client", "endpoint", *keys))
+
+
 _UNPOST = (
     "WITH est AS (DELETE FROM usage_recovered WHERE id = ANY($1::text[]) RETURNING id, ts), "
     "gone AS (DELETE FROM usage_records u USING est WHERE u.id = est.id AND u.ts = est.ts RETURNING u.*), "
@@ -145,14 +155,16 @@ _UNPOST = (
     + " FROM gone GROUP BY 1, 2, 3, 4, 5), "
     "rolled AS (UPDATE usage_rollups r SET "
     + ", ".join(f"{c} = r.{c} - g.{c}" for c in _ADDED)
-    + " FROM g WHERE r.day = g.day AND r.model = g.model AND r.client = g.client "
-    "AND r.session_id = g.session_id AND r.endpoint = g.endpoint), "
+    + f" FROM g WHERE {_same_group('g', 'session_id')} AND r.records <> g.records), "
+    f"emptied AS (DELETE FROM usage_rollups r USING g WHERE {_same_group('g', 'session_id')} AND r.records = g.records), "
     "m AS (SELECT day, model, client, endpoint, "
     + ", ".join(f"sum({c}) AS {c}" for c in _ADDED)
     + " FROM g GROUP BY 1, 2, 3, 4), "
     "merged AS (UPDATE usage_rollups_nosession r SET "
     + ", ".join(f"{c} = r.{c} - m.{c}" for c in _ADDED)
-    + " FROM m WHERE r.day = m.day AND r.model = m.model AND r.client = m.client AND r.endpoint = m.endpoint) "
+    + f" FROM m WHERE {_same_group('m')} AND r.records <> m.records), "
+    f"merged_emptied AS (DELETE FROM usage_rollups_nosession r USING m WHERE {_same_group('m')} "
+    "AND r.records = m.records) "
     "SELECT client, total_cost FROM gone"
 )
 
