@@ -25,16 +25,18 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, cast
 
 from . import attachments
 from .prompt_cache import anthropic_family, cache_ttl, plan, prefix_key
+from .storage.shapes import FrozenDict
 from .tokens import count_ceiling_tokens, count_tokens
 from .types import (
     ChatMessage,
     ContextRequest,
     FilePart,
     ModelInfo,
+    Part,
     ReasoningPart,
     TextPart,
     Tool,
@@ -123,19 +125,46 @@ def messages_from_store(stored: list[dict[str, Any]]) -> list[ChatMessage]:
     """
     out: list[ChatMessage] = []
     for message in answered_turns(stored):
-        raw_parts = message.get("parts") or [{"type": "text", "text": message.get("content", "")}]
-        for raw in raw_parts:
-            part = part_from_dict(raw)
-            if part.type == "source":
-                continue
-            role: Literal["user", "assistant"] = (
-                "user" if message["role"] == "user" or isinstance(part, ToolResultPart) else "assistant"
-            )
+        for role, parts in _segments(message):
             if out and out[-1].role == role:
-                out[-1].parts.append(part)
+                out[-1].parts.extend(parts)
             else:
-                out.append(ChatMessage(role, [part]))
+                out.append(ChatMessage(role, list(parts)))
     return _drop_dangling_tool_calls(out)
+
+
+Segments = tuple[tuple[Literal["user", "assistant"], tuple[Part, ...]], ...]
+
+
+def _segments(message: dict[str, Any]) -> Segments:
+    """A stored message's parts as provider parts, in runs of one role (tool results are the user's).
+
+    The session cache's messages (``FrozenDict``: they cannot change, a changed one is a new object) are converted
+    once and their parts kept with them (``memo``): every turn resends the whole history, and converting it again
+    cost milliseconds per turn in a long session. The parts are shared by every later turn's context, so nothing
+    changes them; a message with files is converted anew each time, as a call puts the files' bytes into its parts
+    (``attachments.load``)."""
+    if isinstance(message, FrozenDict):
+        memo = getattr(message, "memo", None)
+        if memo is not None:
+            return cast(Segments, memo)
+    runs: list[tuple[Literal["user", "assistant"], list[Part]]] = []
+    raw_parts = message.get("parts") or [{"type": "text", "text": message.get("content", "")}]
+    for raw in raw_parts:
+        part = part_from_dict(raw)
+        if part.type == "source":
+            continue
+        role: Literal["user", "assistant"] = (
+            "user" if message["role"] == "user" or isinstance(part, ToolResultPart) else "assistant"
+        )
+        if runs and runs[-1][0] == role:
+            runs[-1][1].append(part)
+        else:
+            runs.append((role, [part]))
+    segments = tuple((role, tuple(parts)) for role, parts in runs)
+    if isinstance(message, FrozenDict) and not any(isinstance(p, FilePart) for _, parts in runs for p in parts):
+        message.memo = segments
+    return segments
 
 
 def _drop_dangling_tool_calls(messages: list[ChatMessage]) -> list[ChatMessage]:
