@@ -65,6 +65,15 @@ class Section:
     tokens: int | None = None
     byte_count: int | None = None
     files: list[dict[str, Any]] | None = None
+    # The ``history`` section's messages: its text is written out only when it is measured (``section_text``),
+    # as a turn never reads it (in a long session, a string of the whole history on every turn).
+    messages: list[ChatMessage] | None = None
+
+
+def section_text(section: Section) -> str:
+    if section.messages is None:
+        return section.text
+    return "\n".join(f"{m.role}: {message_text(m)}" for m in section.messages)
 
 
 @dataclass(slots=True)
@@ -251,7 +260,7 @@ async def assemble(
     start, summary = history_start(history)
     recent = history_window(history[start:], config["chat"]["history_limit"])
     messages = messages_from_store(recent)
-    history_text = "\n".join(f"{m.role}: {message_text(m)}" for m in messages)
+    sent_history = list(messages)  # what the history section measures (the new message is appended below)
     # The session's earlier files are resent with their messages (a cached prefix): their bytes come back
     # from the blob store.
     await attachments.load(gateway, messages)
@@ -269,7 +278,7 @@ async def assemble(
         Section("response_format", formatting),
         *([Section("summary", SUMMARY_HEADING + summary)] if summary else []),
         *([attachments_section(files)] if files else []),
-        Section("history", history_text),
+        Section("history", "", messages=sent_history),
         Section("user_message", user_message or ""),
     ]
     system_names = {"system_prompt", "response_format", "summary"} | {s.name for s in extra}
@@ -319,11 +328,12 @@ def measure(context: AssembledContext, info: ModelInfo, cache: CacheView | None 
     ``cacheWriteTokens``), and the totals give the expected input cost with and without the cache."""
     rows: list[dict[str, Any]] = []
     for s in context.sections:
-        tokens = count_tokens(s.text) if s.tokens is None else s.tokens
+        text = section_text(s)
+        tokens = count_tokens(text) if s.tokens is None else s.tokens
         rows.append(
             {
                 "name": s.name,
-                "byteCount": len(s.text.encode("utf-8")) if s.byte_count is None else s.byte_count,
+                "byteCount": len(text.encode("utf-8")) if s.byte_count is None else s.byte_count,
                 "tokenEstimate": tokens,
                 "costEstimate": round(tokens * info.input_per_mtok / 1_000_000, 10),
                 **({"files": s.files} if s.files is not None else {}),
