@@ -25,7 +25,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import TYPE_CHECKING, Any, Literal, cast
+from typing import TYPE_CHECKING, Any, Literal
 
 from . import attachments
 from .prompt_cache import anthropic_family, cache_ttl, plan, prefix_key
@@ -153,10 +153,8 @@ def _segments(message: dict[str, Any]) -> Segments:
     cost milliseconds per turn in a long session. The parts are shared by every later turn's context, so nothing
     changes them; a message with files is converted anew each time, as a call puts the files' bytes into its parts
     (``attachments.load``)."""
-    if isinstance(message, FrozenDict):
-        memo = getattr(message, "memo", None)
-        if memo is not None:
-            return cast(Segments, memo)
+    if isinstance(message, FrozenDict) and getattr(message, "memo", None) is not None:
+        return message.memo
     runs: list[tuple[Literal["user", "assistant"], list[Part]]] = []
     raw_parts = message.get("parts") or [{"type": "text", "text": message.get("content", "")}]
     for raw in raw_parts:
