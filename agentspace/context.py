@@ -29,12 +29,14 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from . import attachments
 from .prompt_cache import anthropic_family, cache_ttl, plan, prefix_key
+from .storage.shapes import FrozenDict
 from .tokens import count_ceiling_tokens, count_tokens
 from .types import (
     ChatMessage,
     ContextRequest,
     FilePart,
     ModelInfo,
+    Part,
     ReasoningPart,
     TextPart,
     Tool,
@@ -63,6 +65,15 @@ class Section:
     tokens: int | None = None
     byte_count: int | None = None
     files: list[dict[str, Any]] | None = None
+    # The ``history`` section's messages: its text is written out only when it is measured (``section_text``),
+    # as a turn never reads it (in a long session, a string of the whole history on every turn).
+    messages: list[ChatMessage] | None = None
+
+
+def section_text(section: Section) -> str:
+    if section.messages is None:
+        return section.text
+    return "\n".join(f"{m.role}: {message_text(m)}" for m in section.messages)
 
 
 @dataclass(slots=True)
@@ -123,19 +134,44 @@ def messages_from_store(stored: list[dict[str, Any]]) -> list[ChatMessage]:
     """
     out: list[ChatMessage] = []
     for message in answered_turns(stored):
-        raw_parts = message.get("parts") or [{"type": "text", "text": message.get("content", "")}]
-        for raw in raw_parts:
-            part = part_from_dict(raw)
-            if part.type == "source":
-                continue
-            role: Literal["user", "assistant"] = (
-                "user" if message["role"] == "user" or isinstance(part, ToolResultPart) else "assistant"
-            )
+        for role, parts in _segments(message):
             if out and out[-1].role == role:
-                out[-1].parts.append(part)
+                out[-1].parts.extend(parts)
             else:
-                out.append(ChatMessage(role, [part]))
+                out.append(ChatMessage(role, list(parts)))
     return _drop_dangling_tool_calls(out)
+
+
+Segments = tuple[tuple[Literal["user", "assistant"], tuple[Part, ...]], ...]
+
+
+def _segments(message: dict[str, Any]) -> Segments:
+    """A stored message's parts as provider parts, in runs of one role (tool results are the user's).
+
+    The session cache's messages (``FrozenDict``: they cannot change, a changed one is a new object) are converted
+    once and their parts kept with them (``memo``): every turn resends the whole history, and converting it again
+    cost milliseconds per turn in a long session. The parts are shared by every later turn's context, so nothing
+    changes them; a message with files is converted anew each time, as a call puts the files' bytes into its parts
+    (``attachments.load``)."""
+    if isinstance(message, FrozenDict) and getattr(message, "memo", None) is not None:
+        return message.memo
+    runs: list[tuple[Literal["user", "assistant"], list[Part]]] = []
+    raw_parts = message.get("parts") or [{"type": "text", "text": message.get("content", "")}]
+    for raw in raw_parts:
+        part = part_from_dict(raw)
+        if part.type == "source":
+            continue
+        role: Literal["user", "assistant"] = (
+            "user" if message["role"] == "user" or isinstance(part, ToolResultPart) else "assistant"
+        )
+        if runs and runs[-1][0] == role:
+            runs[-1][1].append(part)
+        else:
+            runs.append((role, [part]))
+    segments = tuple((role, tuple(parts)) for role, parts in runs)
+    if isinstance(message, FrozenDict) and not any(isinstance(p, FilePart) for _, parts in runs for p in parts):
+        message.memo = segments
+    return segments
 
 
 def _drop_dangling_tool_calls(messages: list[ChatMessage]) -> list[ChatMessage]:
@@ -222,7 +258,7 @@ async def assemble(
     start, summary = history_start(history)
     recent = history_window(history[start:], config["chat"]["history_limit"])
     messages = messages_from_store(recent)
-    history_text = "\n".join(f"{m.role}: {message_text(m)}" for m in messages)
+    sent_history = list(messages)  # what the history section measures (the new message is appended below)
     # The session's earlier files are resent with their messages (a cached prefix): their bytes come back
     # from the blob store.
     await attachments.load(gateway, messages)
@@ -240,7 +276,7 @@ async def assemble(
         Section("response_format", formatting),
         *([Section("summary", SUMMARY_HEADING + summary)] if summary else []),
         *([attachments_section(files)] if files else []),
-        Section("history", history_text),
+        Section("history", "", messages=sent_history),
         Section("user_message", user_message or ""),
     ]
     system_names = {"system_prompt", "response_format", "summary"} | {s.name for s in extra}
@@ -290,11 +326,12 @@ def measure(context: AssembledContext, info: ModelInfo, cache: CacheView | None 
     ``cacheWriteTokens``), and the totals give the expected input cost with and without the cache."""
     rows: list[dict[str, Any]] = []
     for s in context.sections:
-        tokens = count_tokens(s.text) if s.tokens is None else s.tokens
+        text = section_text(s)
+        tokens = count_tokens(text) if s.tokens is None else s.tokens
         rows.append(
             {
                 "name": s.name,
-                "byteCount": len(s.text.encode("utf-8")) if s.byte_count is None else s.byte_count,
+                "byteCount": len(text.encode("utf-8")) if s.byte_count is None else s.byte_count,
                 "tokenEstimate": tokens,
                 "costEstimate": round(tokens * info.input_per_mtok / 1_000_000, 10),
                 **({"files": s.files} if s.files is not None else {}),

@@ -28,9 +28,10 @@ OLDER_ENCODING = "cl100k_base"
 # Texts at least this long have their count remembered (``count_tokens``): a session's history is counted again
 # on every turn (the context-window check, the inspector's calibration, reservations), and tiktoken takes about
 # a millisecond per 5 KB, so without it a 2 MB session cost hundreds of milliseconds of the event loop per turn.
-# Short texts too: a history of 2,000 messages of 500 characters (1 MB) cost 27 ms per turn to count again with a
-# 2 KB threshold, 1.8 ms with this one; below it, tokenizing costs about what the lookup does.
-CACHED_CHARS = 256
+# Short texts too: tokenizing a 200-character answer takes about 8 µs, looking its count up about 1 µs (a hash
+# that a str caches), and a session of 2,000 short messages re-tokenized its short answers on every turn (about
+# 6 ms) with a 256-character threshold. Below this one, tokenizing costs about what the lookup does.
+CACHED_CHARS = 16
 # Counts remembered, most recently used first: a few integers each (about 10 MB at most).
 CACHED_COUNTS = 65_536
 

@@ -173,9 +173,14 @@ def detached(data: Any) -> Any:
 class FrozenDict(dict[str, Any]):
     """A JSON object that refuses every change: the session cache's messages are handed out as they are, so a
     caller that changed one would change the cache (and every later reader's view). A ``dict`` to every
-    reader (``isinstance``, ``json.dumps``, ``{**d}``); ``thawed`` (or ``copy.deepcopy``) gives a copy to change."""
+    reader (``isinstance``, ``json.dumps``, ``{**d}``); ``thawed`` (or ``copy.deepcopy``) gives a copy to change.
 
-    __slots__ = ()
+    ``memo`` (unset until a reader sets it): what a reader derived from the object, kept with it for the next read
+    (``context.py``: a message's provider parts). It cannot go stale: the object cannot change, and the cache
+    stores a changed message as a new object (``frozen``), whose memo starts unset. Copies never carry it."""
+
+    __slots__ = ("memo",)
+    memo: Any
 
     def _refuse(self, *args: Any, **kwargs: Any) -> Any:
         raise TypeError("a stored message is read-only: change a copy (storage.shapes.thawed)")
