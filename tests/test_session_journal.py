@@ -207,3 +207,26 @@ async def test_serve_killed_during_a_first_turn_keeps_its_user_message(
     finally:
         await restarted.aclose()
     assert os.path.getsize(data_dir / "sessions" / f"{session_id}.jsonl") > 0
+
+
+async def test_the_servers_delete_of_a_session_whose_filed_mark_never_reached_the_disk(tmp_path: Path) -> None:
+    """The server's own delete, as the CLI's above: the filed mark is appended unsynced and rides on a later sync of
+    the journal, so a power cut after the delete may leave the create without it, and the file gone. The delete
+    writes itself down in the journal too, or the next start brings the deleted session back from its create."""
+    store = SessionStore(tmp_path)
+    for sid in ("lost-mark", "kept"):
+        await store.create(model="m", session_id=sid, messages=[{"id": "u1", "role": "user", "content": "hi"}])
+        await store.append_message(sid, {"id": "a1", "role": "assistant", "content": "hello"})  # filed
+    assert await store.delete("lost-mark")
+    path = tmp_path / "sessions" / JOURNAL_NAME
+    lines = path.read_bytes().splitlines(keepends=True)
+    assert b'{"filed":"lost-mark"}\n' in lines
+    path.write_bytes(b"".join(line for line in lines if line != b'{"filed":"lost-mark"}\n'))  # what the disk kept
+    # The server stops without shutting down (a power cut); the next one reads the journal.
+    restarted = SessionStore(tmp_path)
+    try:
+        assert await restarted.get("lost-mark") is None
+        assert [s["id"] for s in await restarted.summaries()] == ["kept"]
+    finally:
+        await restarted.aclose()
+    assert session_files(tmp_path) == ["kept.jsonl"]
