@@ -16,6 +16,7 @@ from aiohttp.test_utils import TestClient
 from agentspace.logs import configure_logging
 from agentspace.service import MAX_MODEL_ID
 from agentspace.transports import state as STATE
+from tests.fakes import anthropic_upstream as fa
 from tests.fakes.openai_upstream import FakeOpenAI, error_status
 from tests.support.ui_stream import assistant, post_chat, read_all, user
 from tests.support.ws import chat, connect, receive, receive_after
@@ -62,6 +63,32 @@ async def test_lone_surrogate_in_http_messages_is_stored_as_replacement(
     contents = [m["content"] for m in session["messages"]]
     assert contents[:3] == ["earlier \ufffd one", "answer \ufffd", REPLACED]
     assert [m["id"] for m in session["messages"]][:3] == ["h1", "h2", "u2"]
+    no_tracebacks(caplog)
+
+
+async def test_lone_surrogate_in_an_answer_is_streamed_and_stored_as_replacement(
+    client: TestClient,
+    token: str,
+    auth_headers: dict[str, str],
+    fake_anthropic: fa.FakeAnthropic,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """An upstream whose JSON cuts an emoji between its halves (``\\ud83d``): the answer still streams, ends, and
+    is stored, the half as U+FFFD, on both chat transports (before, the delta could not be encoded for the socket,
+    which then never got its end, nor the answer for the session file)."""
+    fake_anthropic.enqueue(fa.text_response(CUT_EMOJI, chunks=1), fa.text_response(CUT_EMOJI, chunks=1))
+    ws = await connect(client, token)
+    frames = await asyncio.wait_for(chat(ws, "hi"), 30)
+    assert frames[-1]["type"] == "chat.stream.end", frames[-1]
+    assert "".join(f["delta"] for f in frames if f["type"] == "chat.stream.delta") == REPLACED
+    session = await get_session(client, auth_headers, frames[0]["sessionId"])
+    assert session["messages"][1]["content"] == REPLACED
+    assert session["messages"][1]["parts"] == [{"type": "text", "text": REPLACED}]
+    await ws.close()
+    chunks = await read_all(await post_chat(client, auth_headers, "cut-answer", user("hi", id="u1")))
+    assert chunks[-2]["type"] == "finish"
+    assert "".join(c["delta"] for c in chunks[:-1] if c["type"] == "text-delta") == REPLACED
+    assert (await get_session(client, auth_headers, "cut-answer"))["messages"][1]["content"] == REPLACED
     no_tracebacks(caplog)
 
 
