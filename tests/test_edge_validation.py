@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import importlib
+import json
 import logging
 from typing import Any
 
@@ -89,6 +90,36 @@ async def test_lone_surrogate_in_an_answer_is_streamed_and_stored_as_replacement
     assert chunks[-2]["type"] == "finish"
     assert "".join(c["delta"] for c in chunks[:-1] if c["type"] == "text-delta") == REPLACED
     assert (await get_session(client, auth_headers, "cut-answer"))["messages"][1]["content"] == REPLACED
+    no_tracebacks(caplog)
+
+
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/responses"])
+async def test_lone_surrogate_in_an_answer_streamed_by_a_translating_v1_api_is_escaped(
+    client: TestClient,
+    auth_headers: dict[str, str],
+    fake_anthropic: fa.FakeAnthropic,
+    caplog: pytest.LogCaptureFixture,
+    path: str,
+) -> None:
+    """The /v1 APIs that translate an answer stream it with the cut emoji escaped (``\\ud83d``), as their whole
+    answers and the Anthropic relay carry it: before, the chunk could not be encoded and the stream stopped with no
+    end, the client waiting for it."""
+    fake_anthropic.enqueue(fa.text_response(CUT_EMOJI, chunks=1))
+    question = [{"role": "user", "content": "hi"}]
+    body = {"messages": question} if path == "/v1/chat/completions" else {"input": question}
+    resp = await client.post(
+        path, json={"model": "anthropic/claude-sonnet-4-5", "stream": True, **body}, headers=auth_headers
+    )
+    assert resp.status == 200
+    raw = (await asyncio.wait_for(resp.read(), 30)).decode()
+    events = [json.loads(line[6:]) for line in raw.split("\n") if line.startswith("data: {")]
+    if path == "/v1/chat/completions":
+        assert raw.endswith("data: [DONE]\n\n")
+        text = "".join(e["choices"][0]["delta"].get("content") or "" for e in events if e.get("choices"))
+    else:
+        assert events[-1]["type"] == "response.completed"
+        text = "".join(e["delta"] for e in events if e["type"] == "response.output_text.delta")
+    assert text == CUT_EMOJI
     no_tracebacks(caplog)
 
 
