@@ -93,6 +93,25 @@ async def test_lone_surrogate_in_an_answer_is_streamed_and_stored_as_replacement
     no_tracebacks(caplog)
 
 
+async def test_lone_surrogate_in_an_upstream_error_is_sent_and_stored_as_replacement(
+    client: TestClient,
+    token: str,
+    auth_headers: dict[str, str],
+    fake_anthropic: fa.FakeAnthropic,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The upstream's error message is relayed to the client and marks the failed message: a cut emoji in it is
+    U+FFFD too (before, the error frame could not be encoded, so the socket never got it, nor the store the mark)."""
+    fake_anthropic.enqueue(fa.error_status(400, CUT_EMOJI))
+    ws = await connect(client, token)
+    frames = await asyncio.wait_for(chat(ws, "hi"), 30)
+    assert frames[-1]["type"] == "error" and REPLACED in frames[-1]["message"], frames[-1]
+    session = await get_session(client, auth_headers, frames[0]["sessionId"])
+    assert REPLACED in session["messages"][0]["error"]["message"]
+    await ws.close()
+    no_tracebacks(caplog)
+
+
 @pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/responses"])
 async def test_lone_surrogate_in_an_answer_streamed_by_a_translating_v1_api_is_escaped(
     client: TestClient,
