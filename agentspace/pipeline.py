@@ -914,12 +914,13 @@ class Turn:
                 return ToolResultPart(call.tool_call_id, call.name, f"Unknown tool {call.name!r}.", True)
             try:
                 output = await tool.handler(call.input if isinstance(call.input, dict) else {"input": call.input})
-                # Results go to the model, the client and the store as JSON: values JSON lacks become strings.
-                output = json.loads(json.dumps(output, default=str))
+                # Results go to the model, the client and the store as JSON: values JSON lacks become strings, and
+                # lone surrogates (bytes decoded with surrogateescape) U+FFFD, which UTF-8 can carry.
+                output = json.loads(clean_text(json.dumps(output, default=str, ensure_ascii=False)))
                 return ToolResultPart(call.tool_call_id, call.name, output, False)
             except Exception as e:
                 log.warning("tool %s failed: %r", call.name, e)
-                return ToolResultPart(call.tool_call_id, call.name, f"Tool {call.name} failed: {e}", True)
+                return ToolResultPart(call.tool_call_id, call.name, clean_text(f"Tool {call.name} failed: {e}"), True)
 
         results = await asyncio.gather(*(run(c) for c in calls))
         for r in results:
