@@ -21,6 +21,9 @@ from typing import Any
 KEY_PREFIX = "as-"
 PERIODS = ("day", "week", "month", "total")
 ADMIN = "admin"  # the gateway token's caller name; no client may take it
+# The client of the usage records written before clients existed, which are the gateway token's
+# (``storage.reports.owner``): no client may take these names either (its records would count as the admin's).
+LEGACY_ADMIN_NAMES = ("ws", "http")
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 # Limits are finite and in range: a budget or rate past these is a typo, and must still be stored, compared
 # and sent as JSON (which has no NaN or infinity).
@@ -52,6 +55,8 @@ def name_problem(name: Any) -> str | None:
         return "must be 1-64 characters from A-Z, a-z, 0-9, '.', '_' and '-', starting with a letter or digit"
     if name == ADMIN:
         return f"{ADMIN!r} is the gateway token's name"
+    if name in LEGACY_ADMIN_NAMES:
+        return f"{name!r} names the gateway token's usage from before clients existed"
     return None
 
 

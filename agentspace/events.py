@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from .types import ChatMessage, Cost, TokenUsage
+from .types import ChatMessage, Cost, TokenUsage, clean_text
 
 # --- events a provider yields -------------------------------------------------------------------
 
@@ -103,6 +103,7 @@ class ProviderError(Exception):
         param: str | None = None,
         upstream_code: str | None = None,
     ) -> None:
+        message = clean_text(message)  # an upstream's words may hold a lone surrogate (types.clean_text)
         super().__init__(message)
         self.code = code
         self.param = param  # the request field a refusal names (OpenAI's error ``param``)

@@ -66,6 +66,7 @@ from .storage import InvalidSessionId, SessionNotFound
 from .storage.shapes import validate_session_id
 from .tokens import count_tokens
 from .types import (
+    LONE_SURROGATE,
     ChatMessage,
     Cost,
     FilePart,
@@ -76,6 +77,8 @@ from .types import (
     TokenUsage,
     ToolCallPart,
     ToolResultPart,
+    clean_text,
+    compact_json,
     new_id,
     now_iso,
     part_to_dict,
@@ -844,9 +847,13 @@ class Turn:
                     ledger.answered()
                 kind = type(event)
                 if kind is TextDelta:
+                    if not event.text.isascii():  # an emoji cut between its halves upstream: see _clean_parts
+                        event.text = clean_text(event.text)
                     state.text.append(event.text)
                     ledger.relayed(event.text)
                 elif kind is ReasoningDelta:
+                    if not event.text.isascii():
+                        event.text = clean_text(event.text)
                     state.reasoning.append(event.text)
                     ledger.relayed(event.text)
                 elif kind is SourceEvent:
@@ -862,6 +869,7 @@ class Turn:
                     continue
                 elif kind is ProviderFinish:
                     event.message.parts.extend(p for p in state.parts if p not in event.message.parts)
+                    _clean_parts(event.message.parts)
                     return event
                 else:
                     continue
@@ -906,12 +914,13 @@ class Turn:
                 return ToolResultPart(call.tool_call_id, call.name, f"Unknown tool {call.name!r}.", True)
             try:
                 output = await tool.handler(call.input if isinstance(call.input, dict) else {"input": call.input})
-                # Results go to the model, the client and the store as JSON: values JSON lacks become strings.
-                output = json.loads(json.dumps(output, default=str))
+                # Results go to the model, the client and the store as JSON: values JSON lacks become strings, and
+                # lone surrogates (bytes decoded with surrogateescape) U+FFFD, which UTF-8 can carry.
+                output = json.loads(clean_text(json.dumps(output, default=str, ensure_ascii=False)))
                 return ToolResultPart(call.tool_call_id, call.name, output, False)
             except Exception as e:
                 log.warning("tool %s failed: %r", call.name, e)
-                return ToolResultPart(call.tool_call_id, call.name, f"Tool {call.name} failed: {e}", True)
+                return ToolResultPart(call.tool_call_id, call.name, clean_text(f"Tool {call.name} failed: {e}"), True)
 
         results = await asyncio.gather(*(run(c) for c in calls))
         for r in results:
@@ -1020,6 +1029,20 @@ class Turn:
             self._storage_problem = storage_problem(e)
             self.gw.pending.add(what, write, session_id=self.session_id)
         notify(self.gw.pm.hook.store_written, store="sessions", seconds=time.monotonic() - started)
+
+
+def _clean_parts(parts: list[Part]) -> None:
+    """Lone surrogates in what the model answered as U+FFFD (``types.clean_text``), as in its deltas: an upstream's
+    JSON may cut an emoji between its halves (``\\ud83d``), and such text can be neither stored nor sent as UTF-8."""
+    for part in parts:
+        if isinstance(part, TextPart | ReasoningPart) and not part.text.isascii():
+            part.text = clean_text(part.text)
+        elif isinstance(part, ToolCallPart):
+            encoded = compact_json(part.input)
+            if not encoded.isascii() and LONE_SURROGATE.search(encoded):
+                part.input = json.loads(clean_text(encoded))
+        elif isinstance(part, SourcePart) and part.title is not None and not part.title.isascii():
+            part.title = clean_text(part.title)
 
 
 def owns(caller: str, session: dict[str, Any]) -> bool:

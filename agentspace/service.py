@@ -42,7 +42,7 @@ from .storage.errors import ClientExists, ClientNotFound, SessionNotFound
 from .storage.reports import REPORTS
 from .storage.search import search_sessions
 from .storage.shapes import SESSION_ID, TITLE_LENGTH, Listing
-from .types import ChatMessage, FilePart, Tool, now_iso
+from .types import LONE_SURROGATE, ChatMessage, FilePart, Tool, clean_text, now_iso
 from .vault import resolve_key
 
 SHUTTING_DOWN_MESSAGE = "The gateway is shutting down; try again when it is back."
@@ -65,7 +65,6 @@ MAX_MESSAGE_ID = 128
 MESSAGE_ID = re.compile(r"[A-Za-z0-9._:@+=-]+")
 # WebSocket request ids are echoed in every reply; a longer one, or one that cannot be encoded, is refused.
 MAX_REQUEST_ID = 256
-_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 def session_owner(session: dict[str, Any]) -> str:
@@ -97,15 +96,6 @@ def parse_json(text: str | bytes, what: str = "the body") -> Any:
 def _no_constant(name: str) -> Any:
     """``NaN``, ``Infinity`` and ``-Infinity``: Python's decoder takes them, JSON has no such numbers."""
     raise ValueError(f"{name} is not JSON")
-
-
-def clean_text(text: str) -> str:
-    """``text`` with every lone surrogate (``\\ud800``-``\\udfff``) replaced by U+FFFD.
-
-    A JavaScript string cut mid-emoji serialises as a lone surrogate; it cannot be encoded as UTF-8, so it
-    could be neither stored nor sent. Message text is kept with the replacement character instead, the same
-    on every transport, as a UTF-8 decoder would show it."""
-    return _SURROGATE.sub("\ufffd", text) if _SURROGATE.search(text) else text
 
 
 def session_id_problem(value: Any) -> str | None:
@@ -149,7 +139,7 @@ def request_id_ok(value: Any) -> bool:
         return False
     if isinstance(value, int):
         return True
-    return isinstance(value, str) and len(value) <= MAX_REQUEST_ID and not _SURROGATE.search(value)
+    return isinstance(value, str) and len(value) <= MAX_REQUEST_ID and not LONE_SURROGATE.search(value)
 
 
 @dataclass

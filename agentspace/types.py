@@ -7,6 +7,7 @@ and converts at the edges (``to_dict``, ``part_to_dict``/``part_from_dict``).
 from __future__ import annotations
 
 import json
+import re
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterable
@@ -16,6 +17,29 @@ from typing import Any, Literal, Protocol
 # Compact JSON (no spaces, non-ASCII kept) from one encoder: json.dumps with options builds a new encoder per
 # call, about 1.5 µs, and the transports encode every delta.
 compact_json: Callable[[Any], str] = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
+
+
+def json_bytes(value: Any) -> bytes:
+    """``compact_json`` as UTF-8 bytes (a stream's frame). A lone surrogate (an upstream's JSON that cut an emoji
+    between its halves) cannot be encoded as UTF-8: it is escaped (``\\ud83d``), as JSON allows and as ``json.dumps``
+    writes the whole answers, instead of stopping the stream with no end."""
+    text = compact_json(value)
+    try:
+        return text.encode()
+    except UnicodeEncodeError:
+        return json.dumps(value, separators=(",", ":")).encode()
+
+
+LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def clean_text(text: str) -> str:
+    """``text`` with every lone surrogate (``\\ud800``-``\\udfff``) replaced by U+FFFD.
+
+    A JavaScript string cut mid-emoji serialises as a lone surrogate (and an upstream's JSON may cut one the same
+    way); it cannot be encoded as UTF-8, so it could be neither stored nor sent. Message text is kept with the
+    replacement character instead, the same on every transport, as a UTF-8 decoder would show it."""
+    return LONE_SURROGATE.sub("\ufffd", text) if LONE_SURROGATE.search(text) else text
 
 
 def new_id(prefix: str = "") -> str:

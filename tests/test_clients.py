@@ -512,6 +512,21 @@ async def test_a_restart_keeps_the_spend(
     assert listed["spend"]["usd"] == pytest.approx(await spend_of(second, "alice"))
 
 
+@pytest.mark.parametrize("name", ["ws", "http"])
+async def test_the_names_of_the_records_from_before_clients_are_not_client_names(
+    client: TestClient, token: str, name: str
+) -> None:
+    """Records written before clients existed name "ws" or "http" and are the gateway token's (``reports.owner``): a
+    client of that name would have its records counted as the admin's, its spend read back as nothing (a restart
+    forgot what it spent, and the budget with it) and the admin's reports on PostgreSQL as its own. Refused as
+    "admin" is, on the CLI and over HTTP."""
+    added = CliRunner().invoke(main, ["clients", "add", name, "--budget", "1"])
+    assert added.exit_code != 0 and "as-" not in added.output, added.output
+    resp = await client.post("/api/clients", headers=bearer(token), json={"name": name})
+    assert resp.status == 400 and (await resp.json())["error"]["fields"][0]["path"] == "name"
+    assert "No clients" in cli("clients", "list")
+
+
 # --- secrets ------------------------------------------------------------------------------------
 
 

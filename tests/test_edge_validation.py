@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import importlib
+import json
 import logging
 from typing import Any
 
@@ -16,6 +17,7 @@ from aiohttp.test_utils import TestClient
 from agentspace.logs import configure_logging
 from agentspace.service import MAX_MODEL_ID
 from agentspace.transports import state as STATE
+from tests.fakes import anthropic_upstream as fa
 from tests.fakes.openai_upstream import FakeOpenAI, error_status
 from tests.support.ui_stream import assistant, post_chat, read_all, user
 from tests.support.ws import chat, connect, receive, receive_after
@@ -62,6 +64,81 @@ async def test_lone_surrogate_in_http_messages_is_stored_as_replacement(
     contents = [m["content"] for m in session["messages"]]
     assert contents[:3] == ["earlier \ufffd one", "answer \ufffd", REPLACED]
     assert [m["id"] for m in session["messages"]][:3] == ["h1", "h2", "u2"]
+    no_tracebacks(caplog)
+
+
+async def test_lone_surrogate_in_an_answer_is_streamed_and_stored_as_replacement(
+    client: TestClient,
+    token: str,
+    auth_headers: dict[str, str],
+    fake_anthropic: fa.FakeAnthropic,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """An upstream whose JSON cuts an emoji between its halves (``\\ud83d``): the answer still streams, ends, and
+    is stored, the half as U+FFFD, on both chat transports (before, the delta could not be encoded for the socket,
+    which then never got its end, nor the answer for the session file)."""
+    fake_anthropic.enqueue(fa.text_response(CUT_EMOJI, chunks=1), fa.text_response(CUT_EMOJI, chunks=1))
+    ws = await connect(client, token)
+    frames = await asyncio.wait_for(chat(ws, "hi"), 30)
+    assert frames[-1]["type"] == "chat.stream.end", frames[-1]
+    assert "".join(f["delta"] for f in frames if f["type"] == "chat.stream.delta") == REPLACED
+    session = await get_session(client, auth_headers, frames[0]["sessionId"])
+    assert session["messages"][1]["content"] == REPLACED
+    assert session["messages"][1]["parts"] == [{"type": "text", "text": REPLACED}]
+    await ws.close()
+    chunks = await read_all(await post_chat(client, auth_headers, "cut-answer", user("hi", id="u1")))
+    assert chunks[-2]["type"] == "finish"
+    assert "".join(c["delta"] for c in chunks[:-1] if c["type"] == "text-delta") == REPLACED
+    assert (await get_session(client, auth_headers, "cut-answer"))["messages"][1]["content"] == REPLACED
+    no_tracebacks(caplog)
+
+
+async def test_lone_surrogate_in_an_upstream_error_is_sent_and_stored_as_replacement(
+    client: TestClient,
+    token: str,
+    auth_headers: dict[str, str],
+    fake_anthropic: fa.FakeAnthropic,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The upstream's error message is relayed to the client and marks the failed message: a cut emoji in it is
+    U+FFFD too (before, the error frame could not be encoded, so the socket never got it, nor the store the mark)."""
+    fake_anthropic.enqueue(fa.error_status(400, CUT_EMOJI))
+    ws = await connect(client, token)
+    frames = await asyncio.wait_for(chat(ws, "hi"), 30)
+    assert frames[-1]["type"] == "error" and REPLACED in frames[-1]["message"], frames[-1]
+    session = await get_session(client, auth_headers, frames[0]["sessionId"])
+    assert REPLACED in session["messages"][0]["error"]["message"]
+    await ws.close()
+    no_tracebacks(caplog)
+
+
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/responses"])
+async def test_lone_surrogate_in_an_answer_streamed_by_a_translating_v1_api_is_escaped(
+    client: TestClient,
+    auth_headers: dict[str, str],
+    fake_anthropic: fa.FakeAnthropic,
+    caplog: pytest.LogCaptureFixture,
+    path: str,
+) -> None:
+    """The /v1 APIs that translate an answer stream it with the cut emoji escaped (``\\ud83d``), as their whole
+    answers and the Anthropic relay carry it: before, the chunk could not be encoded and the stream stopped with no
+    end, the client waiting for it."""
+    fake_anthropic.enqueue(fa.text_response(CUT_EMOJI, chunks=1))
+    question = [{"role": "user", "content": "hi"}]
+    body = {"messages": question} if path == "/v1/chat/completions" else {"input": question}
+    resp = await client.post(
+        path, json={"model": "anthropic/claude-sonnet-4-5", "stream": True, **body}, headers=auth_headers
+    )
+    assert resp.status == 200
+    raw = (await asyncio.wait_for(resp.read(), 30)).decode()
+    events = [json.loads(line[6:]) for line in raw.split("\n") if line.startswith("data: {")]
+    if path == "/v1/chat/completions":
+        assert raw.endswith("data: [DONE]\n\n")
+        text = "".join(e["choices"][0]["delta"].get("content") or "" for e in events if e.get("choices"))
+    else:
+        assert events[-1]["type"] == "response.completed"
+        text = "".join(e["delta"] for e in events if e["type"] == "response.output_text.delta")
+    assert text == CUT_EMOJI
     no_tracebacks(caplog)
 
 

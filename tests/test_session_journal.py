@@ -207,3 +207,76 @@ async def test_serve_killed_during_a_first_turn_keeps_its_user_message(
     finally:
         await restarted.aclose()
     assert os.path.getsize(data_dir / "sessions" / f"{session_id}.jsonl") > 0
+
+
+async def test_the_servers_delete_of_a_session_whose_filed_mark_never_reached_the_disk(tmp_path: Path) -> None:
+    """The server's own delete, as the CLI's above: the filed mark is appended unsynced and rides on a later sync of
+    the journal, so a power cut after the delete may leave the create without it, and the file gone. The delete
+    writes itself down in the journal too, or the next start brings the deleted session back from its create."""
+    store = SessionStore(tmp_path)
+    for sid in ("lost-mark", "kept"):
+        await store.create(model="m", session_id=sid, messages=[{"id": "u1", "role": "user", "content": "hi"}])
+        await store.append_message(sid, {"id": "a1", "role": "assistant", "content": "hello"})  # filed
+    assert await store.delete("lost-mark")
+    path = tmp_path / "sessions" / JOURNAL_NAME
+    lines = path.read_bytes().splitlines(keepends=True)
+    assert b'{"filed":"lost-mark"}\n' in lines
+    path.write_bytes(b"".join(line for line in lines if line != b'{"filed":"lost-mark"}\n'))  # what the disk kept
+    # The server stops without shutting down (a power cut); the next one reads the journal.
+    restarted = SessionStore(tmp_path)
+    try:
+        assert await restarted.get("lost-mark") is None
+        assert [s["id"] for s in await restarted.summaries()] == ["kept"]
+    finally:
+        await restarted.aclose()
+    assert session_files(tmp_path) == ["kept.jsonl"]
+
+
+@pytest.mark.parametrize("kept_lines", [0, 1])
+async def test_a_new_session_file_torn_in_its_first_write_is_written_again_from_the_journal(
+    tmp_path: Path, fake_anthropic: fa.FakeAnthropic, kept_lines: int
+) -> None:
+    """A machine stopped between a new session's file and its first sync may keep the file's name and part of its
+    lines (``append_log._sync_all``): a creation never acknowledged, whose filed mark was never written either. The
+    session's create in the journal was acknowledged: the restarted server writes the file again from it (the
+    user message kept, the answer that was never acknowledged gone), not a damaged file moved aside."""
+    fake_anthropic.default = fa.text_response("the answer")
+    data_dir = tmp_path / "data"
+    server = GatewayProcess(data_dir, fake_anthropic.url)
+    try:
+        await server.start()
+        async with aiohttp.ClientSession() as http:
+            ws = await http.ws_connect(server.ws_url, headers={"Authorization": f"Bearer {server.token}"})
+            await ws.send_json({"type": "chat.send", "id": "r1", "content": "keep me"})
+            frames = [await ws.receive_json(timeout=30)]
+            while frames[-1]["type"] not in ("chat.stream.end", "error"):
+                frames.append(await ws.receive_json(timeout=30))
+            assert frames[-1]["type"] == "chat.stream.end", frames[-1]
+            session_id = frames[0]["sessionId"]
+            await ws.close()
+        await server.kill()
+    finally:
+        await server.aclose()
+    # What the disk may keep: the journal without the filed mark (written after the file's sync), the file's name
+    # with the start of its first write only (its first line whole, or cut inside it).
+    path = data_dir / "sessions" / JOURNAL_NAME
+    mark = json.dumps({"filed": session_id}, separators=(",", ":")).encode() + b"\n"
+    assert mark in path.read_bytes()
+    path.write_bytes(path.read_bytes().replace(mark, b""))
+    session_file = data_dir / "sessions" / f"{session_id}.jsonl"
+    lines = session_file.read_bytes().splitlines(keepends=True)
+    session_file.write_bytes(b"".join(lines[:kept_lines]) + lines[kept_lines][:20])
+
+    restarted = GatewayProcess(data_dir, fake_anthropic.url)
+    try:
+        await restarted.start()
+        async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {restarted.token}"}) as http:
+            async with http.get(f"{restarted.url}/api/sessions/{session_id}") as resp:
+                assert resp.status == 200, await resp.text()
+                messages = (await resp.json())["session"]["messages"]
+            assert [(m["role"], m["content"]) for m in messages] == [("user", "keep me")]
+            async with http.get(f"{restarted.url}/api/sessions") as resp:
+                assert (await resp.json())["damagedFiles"] == []
+    finally:
+        await restarted.aclose()
+    assert [p.name for p in (data_dir / "sessions").iterdir() if ".damaged-" in p.name] == []

@@ -200,3 +200,43 @@ async def test_tool_output_that_json_lacks_becomes_text(
         "isError": False,
     } in stored["messages"][-1]["parts"]
     await ws.close()
+
+
+class UndecodableTools:
+    """Tools whose text came from bytes decoded with ``surrogateescape`` (a file that is not UTF-8): lone surrogates."""
+
+    @hookimpl
+    def register_tools(self, register: Any, config: Any) -> None:
+        async def read(args: dict[str, Any]) -> dict[str, Any]:
+            return {"text": b"caf\xe9".decode("utf-8", "surrogateescape")}
+
+        async def fail(args: dict[str, Any]) -> Any:
+            raise ValueError(b"bad \xff byte".decode("utf-8", "surrogateescape"))
+
+        register(Tool("read", "Read a file", {"type": "object", "properties": {}}, read))
+        register(Tool("fail", "Always fails", {"type": "object", "properties": {}}, fail))
+
+
+async def test_a_tool_result_with_lone_surrogates_is_sent_and_stored_with_replacements(
+    make_client: Any, fake_openai: Any, token: str, auth_headers: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A tool's output and a tool's error reach the client, the model and the store with U+FFFD for what UTF-8 cannot
+    carry (before, the result frame could not be encoded and the turn never ended on the socket)."""
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-openai-test-key")
+    pm = create_plugin_manager()
+    pm.register(UndecodableTools())
+    client = await make_client(pm=pm, models={"default": MODEL}, providers={"openai": {"base_url": fake_openai.url}})
+    fake_openai.enqueue(
+        tool_calls_response(tool_call("call_1", "read", {}), tool_call("call_2", "fail", {}), usage=usage(20, 8)),
+        text_response("done", usage=usage(30, 2)),
+    )
+    ws = await connect(client, token)
+    frames = await chat(ws, "read it")
+    assert frames[-1]["type"] == "chat.stream.end", frames[-1]
+    results = {r["toolCallId"]: r for r in of(frames, "chat.stream.tool_result")}
+    assert results["call_1"]["output"] == {"text": "caf\ufffd"}
+    assert results["call_2"]["isError"] is True and "bad \ufffd byte" in results["call_2"]["output"]
+    resp = await client.get(f"/api/sessions/{frames[0]['sessionId']}", headers=auth_headers)
+    stored = [p for m in (await resp.json())["session"]["messages"] for p in m["parts"] if p["type"] == "tool-result"]
+    assert [p["output"] for p in stored][:1] == [{"text": "caf\ufffd"}]
+    await ws.close()

@@ -33,6 +33,7 @@ from ..types import (
     ToolCallPart,
     ToolResultPart,
     compact_json,
+    json_bytes,
     new_id,
 )
 from .openai_chat import RequestError as ParamError
@@ -497,7 +498,7 @@ def _file(block: dict[str, Any], kind: str, where: str) -> Part:
 
 
 def _sse(name: str, data: dict[str, Any]) -> bytes:
-    return b"event: " + name.encode() + b"\ndata: " + compact_json(data).encode() + b"\n\n"
+    return b"event: " + name.encode() + b"\ndata: " + json_bytes(data) + b"\n\n"
 
 
 def usage_body(usage: TokenUsage) -> dict[str, int]:

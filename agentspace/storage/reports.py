@@ -11,6 +11,8 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from typing import Any
 
+from ..clients import LEGACY_ADMIN_NAMES
+
 TOKEN_FIELDS = ("inputTokens", "outputTokens", "totalTokens", "cacheReadTokens", "cacheWriteTokens", "reasoningTokens")
 
 
@@ -181,7 +183,7 @@ def usage_by_day(records: Iterable[dict[str, Any]]) -> dict[str, Any]:
 
 
 # What older records of the gateway token name as their client (or they name none).
-ADMIN_LEGACY_CLIENTS = ("", "ws", "http")
+ADMIN_LEGACY_CLIENTS = ("", *LEGACY_ADMIN_NAMES)
 
 
 def owner(client: object) -> str:

@@ -31,7 +31,7 @@ from ..service import (
     parse_json,
     session_id_problem,
 )
-from ..types import FilePart, compact_json, new_id, now_iso, usage_to_wire
+from ..types import FilePart, compact_json, json_bytes, new_id, now_iso, usage_to_wire
 from . import bodies, state
 
 STREAM_HEADERS = {
@@ -57,7 +57,7 @@ USER_PART_TYPES = ("text", "file")
 
 
 def _frame(chunk: dict[str, Any]) -> bytes:
-    return b"data: " + compact_json(chunk).encode() + b"\n\n"
+    return b"data: " + json_bytes(chunk) + b"\n\n"
 
 
 class UIMessageStreamEncoder:

@@ -20,7 +20,7 @@ from ..prompt_cache import translated_cache_ttl
 from ..protocols import openai_chat as oc
 from ..providers.base import ProviderRequest
 from ..service import Service
-from ..types import compact_json
+from ..types import json_bytes
 from .bodies import BUSY_MESSAGE, OPENAI_FIELDS, BodyInvalid, GatewayBusy, type_problem
 from .v1_common import (
     BodyTooLarge,
@@ -106,7 +106,7 @@ async def read_body(request: web.Request) -> tuple[Any, web.Response | None]:
 
 
 def _frame(chunk: dict[str, object]) -> bytes:
-    return b"data: " + compact_json(chunk).encode() + b"\n\n"
+    return b"data: " + json_bytes(chunk) + b"\n\n"
 
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:

@@ -17,7 +17,7 @@ from ..events import ProviderError
 from ..logs import redact
 from ..protocols import openai_chat as oc
 from ..protocols import openai_responses as orr
-from ..types import compact_json
+from ..types import json_bytes
 from .bodies import RESPONSES_FIELDS, type_problem
 from .v1_common import (
     service,
@@ -59,7 +59,7 @@ def _responses_error(e: ProviderError) -> web.Response:
 
 
 def _frame(event: dict[str, Any]) -> bytes:
-    return b"event: " + event["type"].encode() + b"\ndata: " + compact_json(event).encode() + b"\n\n"
+    return b"event: " + event["type"].encode() + b"\ndata: " + json_bytes(event) + b"\n\n"
 
 
 async def responses(request: web.Request) -> web.StreamResponse:

@@ -16,8 +16,9 @@ whose sync the end of the turn waits for anyway.
   after it was filed from coming back in readers' views and at the next start.
 - ``{"delete": id}``: the server deleted the session (synced before the delete returns), or the CLI did, under
   the data directory's lock, while no server runs (a running server holds the session in memory: the CLI refuses).
-  The CLI writes one for every session whose create it finds unfiled on disk, whether its file is there or not:
-  the mark of a session filed just before a crash or a power cut may never have reached the disk.
+  Both write one for every session whose create the journal holds, filed or not (the server: marked filed since the
+  journal was last emptied; the CLI: found unfiled on disk, whether its file is there or not): the mark of a
+  session filed just before a crash or a power cut may never have reached the disk.
 
 While a server runs, its ``SessionStore`` is the only writer. At its first use it files every create the journal
 holds that was neither filed nor deleted and whose file is missing or empty (a crash), then empties the journal
@@ -102,6 +103,9 @@ class SessionJournal:
         # failed is rebuilt from them; a delete of one of them is written down.
         self.outstanding: dict[str, list[Any]] = {}
         self._filing: dict[str, AppendLog] = {}  # files written, marked filed once their first sync is done
+        # Sessions marked filed since the journal was last emptied: the mark is not synced, so their delete is
+        # written down too (a power cut could keep the create and lose the mark, bringing the session back).
+        self._marked: set[str] = set()
 
     def open(self) -> dict[str, list[Any]]:
         """Open for appending (a torn tail cut off) and return the unfiled creates. Raises StoreCorrupt."""
@@ -137,6 +141,7 @@ class SessionJournal:
         for sid in done:
             del self._filing[sid]
             self.outstanding.pop(sid, None)
+            self._marked.add(sid)
 
     def filed_logs(self) -> list[AppendLog]:
         return list(self._filing.values())
@@ -146,9 +151,12 @@ class SessionJournal:
         self._filing.pop(session_id, None)
 
     def deleted(self, session_id: str) -> None:
-        """Write down (durably) the delete of a session whose create the journal holds; nothing otherwise."""
+        """Write down (durably) the delete of a session whose create the journal holds, filed or not; nothing
+        otherwise."""
         self._filing.pop(session_id, None)
-        if self.outstanding.pop(session_id, None) is not None:
+        marked = session_id in self._marked
+        self._marked.discard(session_id)
+        if self.outstanding.pop(session_id, None) is not None or marked:
             self.log.write([{"delete": session_id}])
             self.log.sync()
 
@@ -157,6 +165,7 @@ class SessionJournal:
         self.log.truncate()
         self.outstanding.clear()
         self._filing.clear()
+        self._marked.clear()
 
     def close(self) -> None:
         self.log.close()

@@ -9,10 +9,10 @@ appends two short lines whatever the session's size, and a listing reads only th
 A new session is one append to the shared ``sessions/.journal.jsonl`` (``session_journal.py``: creating a file
 costs several times an append), durable with the group commit like any write. Its own file is written whole at
 its next write (``AppendLog.create``: temp file, rename; synced with that write), so a session file always starts
-with a complete write; readers find a session that has no file yet in the journal. An empty session file is a
-creation whose first sync never finished (the machine stopped, or the sync failed): rebuilt from the journal
-when the journal still holds the session (at the server's start), else never acknowledged, so the session does
-not exist (the writer removes the file, with a warning).
+with a complete write; readers find a session that has no file yet in the journal. An empty session file, or one
+holding part of its first write only (no summary), is a creation whose first sync never finished (the machine
+stopped, or the sync failed): rebuilt from the journal when the journal still holds the session (at the server's
+start), else never acknowledged, so the session does not exist (the writer removes an empty file, with a warning).
 
 Reading replays the log up to its last summary. After a crash the log may end in a torn line or in the
 entry of a write whose summary never made it: neither was acknowledged, so both are dropped (the writer
@@ -78,6 +78,7 @@ from ..atomic import (
     is_damaged_copy,
     make_dirs,
     move_aside,
+    read_bytes,
     remove_stale_temp_files,
     warn_skipped,
     write_bytes_atomic,
@@ -93,7 +94,7 @@ from ..shapes import (
     validate_session_id,
 )
 from . import append_log
-from .append_log import AppendLog, encode_lines, read_entries, read_last_entry
+from .append_log import AppendLog, encode_lines, parse_lines, read_entries, read_last_entry
 from .session_journal import JOURNAL_BYTES, JOURNAL_NAME, SessionJournal, outstanding_after_damage, read_outstanding
 from .store_thread import on_store_thread, read_in_thread
 from .tinydb_file import Tables, read_tables
@@ -487,8 +488,9 @@ class SessionStore:
         *,
         files: bool = True,
     ) -> dict[str, _Session]:
-        """The sessions of the journal's unfiled creates whose files are missing or empty (not written yet, or
-        their first sync never finished), replayed. A file with lines wins: it may hold more since. A create that
+        """The sessions of the journal's unfiled creates whose files are missing, empty or torn in their first write
+        (not written yet, or their first sync never finished: ``_holds_a_write``), replayed. A file holding a whole
+        write wins: it may hold more since. A create that
         cannot be read (damaged from outside) is skipped: added to ``unreadable``, else warned about.
         ``files=False``: the caller looked for the files before it read the journal (a reader: a session filed in
         between is in the one or the other)."""
@@ -497,7 +499,7 @@ class SessionStore:
             path = self._log_path(session_id)
             if not is_valid_session_id(session_id):
                 continue
-            if files and ((path.exists() and not _is_empty(path)) or self._legacy_path(session_id).exists()):
+            if files and (_holds_a_write(path) or self._legacy_path(session_id).exists()):
                 continue
             try:
                 found[session_id] = _replay(entries, path)[0]
@@ -1056,6 +1058,20 @@ def _file_stamp(path: Path) -> tuple[int, int, int] | None:
     except FileNotFoundError:
         return None
     return (st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+def _holds_a_write(path: Path) -> bool:
+    """Whether a session file holds a whole write (a summary closes each): one that the machine stopped in its first
+    write, before its first sync, holds none (empty, or part of its lines) and was never acknowledged. A file with a
+    line that is not JSON counts as holding one: its damage is reported as any other's."""
+    raw = read_bytes(path)
+    if not raw:
+        return False
+    try:
+        entries, _ = parse_lines(raw, path)
+    except StoreCorrupt:
+        return True
+    return any(_is_summary(entry) for entry in entries)
 
 
 def _is_empty(path: Path) -> bool:
