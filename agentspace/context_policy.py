@@ -19,6 +19,7 @@ the latest).
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from typing import TYPE_CHECKING, Any, Protocol
@@ -313,6 +314,15 @@ async def summarise(gw: Registry, turn: TurnLike, previous: str, messages: list[
                 )
             await call.record(usage, "error", error=e.code, answered=answered)
             raise ApiError(e.code, f"The session could not be compacted: {e.message}") from None
+        except asyncio.CancelledError:
+            # Stopped (the server shutting down) once the upstream took the call, which it bills: recorded as a
+            # call cut short, aborted, and stored although this task is being cancelled.
+            if answered and call.recorded is None:
+                usage = cut_short_usage(
+                    reported, count_input, count_text, output_after_report=len(text) > text_at_report
+                )
+                await asyncio.shield(asyncio.ensure_future(call.record(usage, "aborted", error="ABORTED")))
+            raise
         assert finish is not None
         # A provider that reports nothing: counted here, as a call cut short is.
         usage = finish.usage if finish.usage is not None else cut_short_usage(None, count_input, count_text)

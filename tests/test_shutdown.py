@@ -4,6 +4,8 @@ sockets with GOING_AWAY (1001). The slow upstream runs in the test process."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import signal
 from pathlib import Path
 from typing import Any
@@ -16,6 +18,7 @@ from agentspace.storage.embedded.usage import UsageStore
 from agentspace.transports.routes import document
 from scripts.harness import GatewayProcess
 from tests.fakes import anthropic_upstream as fa
+from tests.support.ledgers import journal_entries, wait_for_notes
 
 FAST = "done " * 8
 SLOW = "slow " * 400
@@ -100,3 +103,45 @@ async def test_sigterm_finishes_within_grace_and_stores_the_rest_as_aborted(
     (record,) = usage.records_sync(session_id=slow_id)
     assert record["finishReason"] == "aborted" and record["estimated"] is True and record["outputTokens"] > 0
     assert len(sessions.summaries_sync()) == 2  # the late request created nothing
+
+
+async def test_a_compaction_the_upstream_took_is_recorded_when_shutdown_stops_it(
+    tmp_path: Path, fake_anthropic: fa.FakeAnthropic
+) -> None:
+    """The upstream bills a compaction's call once it answered: stopped by the shutdown, the call is recorded
+    (aborted, with the input the upstream reported), not given back as if it was never sent."""
+    fake_anthropic.enqueue(
+        fa.text_response("first answer"),
+        fa.text_response("second answer"),
+        # The summary: message_start (5000 input tokens) and ping, then nothing for a minute.
+        fa.text_response("summary " * 50, chunks=50, usage={"input_tokens": 5000}).stall(60, after=2),
+    )
+    server = GatewayProcess(tmp_path / "data", fake_anthropic.url, server={"shutdown_grace_seconds": 1.0})
+    try:
+        await server.start()
+        headers = {"Authorization": f"Bearer {server.token}"}
+        async with aiohttp.ClientSession() as http:
+            ws = await http.ws_connect(server.ws_url, headers=headers)
+            await ws.send_json({"type": "chat.send", "id": 1, "content": "one"})
+            session_id = (await frames_until(ws, "chat.stream.end"))[0]["sessionId"]
+            await ws.send_json({"type": "chat.send", "id": 2, "content": "two", "sessionId": session_id})
+            await frames_until(ws, "chat.stream.end")
+            compact = asyncio.create_task(
+                http.post(f"{server.url}/api/sessions/{session_id}/compact", headers=headers, json={})
+            )
+            await wait_for_notes(
+                lambda: journal_entries(server.data_dir),
+                1,
+                lambda e: e.get("purpose") == "compact" and isinstance(e.get("usage"), dict),
+            )
+            assert server.process is not None
+            server.process.send_signal(signal.SIGTERM)
+            assert await server.process.wait() == 0
+            with contextlib.suppress(aiohttp.ClientError):
+                (await compact).release()
+    finally:
+        await server.aclose()
+
+    (record,) = [r for r in UsageStore(server.data_dir).records_sync(session_id=session_id) if r["purpose"]]
+    assert (record["purpose"], record["finishReason"], record["error"]) == ("compact", "aborted", "ABORTED")
+    assert record["inputTokens"] == 5000 and record["answered"] is True and record["recovered"] is not True
