@@ -600,6 +600,9 @@ class FakeAnthropic(FakeUpstream[FakeResponse]):
         self.api_key = api_key
         self.validate = validate
         self.requests: list[RecordedRequest] = []
+        # Whether ``requests`` keeps what came: a standalone fake (benchmarks) keeps nothing, as nobody reads it and a
+        # long session's bodies (2 MB each, a thousand turns) added up to gigabytes and slowed every side's answers.
+        self.keep_requests = True
         self.models: dict[str, dict[str, Any]] = {}
         self.any_model = True
         self.model_requests: list[str] = []
@@ -637,7 +640,8 @@ class FakeAnthropic(FakeUpstream[FakeResponse]):
     async def _messages(self, request: web.Request) -> web.StreamResponse:
         body, headers = await self.read(request)
         recorded = RecordedRequest(request.path, body, headers, await request.read(), request.query_string)
-        self.requests.append(recorded)
+        if self.keep_requests:
+            self.requests.append(recorded)
         problem = self._check(recorded) if self.validate else None
         if problem is not None:
             return web.json_response(error_body(*problem[1:]), status=problem[0])
@@ -842,6 +846,7 @@ async def started_fake_anthropic(
 async def _serve(port: int, deltas: int | None) -> None:
     default = text_response("tok " * deltas, chunks=deltas) if deltas else None
     fake = await FakeAnthropic(default).start(port)
+    fake.keep_requests = False
     print(f"fake Anthropic upstream at {fake.url}", flush=True)
     try:
         await asyncio.Event().wait()
