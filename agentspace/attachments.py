@@ -18,7 +18,7 @@ import re
 import struct
 import zlib
 from collections import OrderedDict
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from .errors import ApiError
@@ -207,10 +207,27 @@ def stored_files(messages: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
     return [p for m in messages for p in m.get("parts") or () if isinstance(p, dict) and p.get("type") == "file"]
 
 
+def reads(gw: Registry, model: str, media_types: Collection[str]) -> bool:
+    """Whether ``model`` reads all these media types (a fallback or a group's deployment that does not is
+    skipped: it would be sent the session's files)."""
+    if not media_types:
+        return True
+    try:
+        check_model(gw, model, media_types)
+    except ApiError:
+        return False
+    return True
+
+
 def check_model(gw: Registry, model: str, media_types: Iterable[str]) -> None:
     """Refuse (before any call) a model that cannot read one of these media types: ``supports_vision`` and
-    ``supports_pdf_input`` of the cost map or of the model's provider (``model_info``)."""
-    info = gw.model_info(model)
+    ``supports_pdf_input`` of the cost map or of the model's provider (``model_info``). A model group reads
+    them when one of its deployments does (the turn calls only those)."""
+    media_types = list(media_types)
+    group = gw.router.group(model)
+    if group is not None and any(reads(gw, d.model, media_types) for d in group.deployments):
+        return
+    info = gw.model_info(model) if group is None else gw.model_info(group.deployments[0].model)
     for media_type in sorted(set(media_types)):
         if media_type.startswith("image/") and not info.supports_vision:
             raise ApiError(

@@ -1,0 +1,77 @@
+"""Images and documents (docs/attachments.md) tried again from outside, in the combinations the first tests
+(tests/test_attachments.py) left out: other models a turn may reach (fallbacks, a group's deployments), what
+the errors name, fields given together."""
+
+from __future__ import annotations
+
+import base64
+from typing import Any
+
+from aiohttp.test_utils import TestClient
+
+from tests.fakes import openai_upstream as fo
+from tests.fakes.anthropic_upstream import error_status, text_response
+from tests.support.ui_stream import post_chat, read_all
+from tests.support.ws import chat, connect
+from tests.test_attachments import blocks, file_message, png
+
+OPENAI_KEY = "sk-openai-test-0123456789"
+
+
+async def with_openai(make_client: Any, fake_openai: Any, monkeypatch: Any, **sections: Any) -> TestClient:
+    monkeypatch.setenv("OPENAI_API_KEY", OPENAI_KEY)
+    client: TestClient = await make_client(
+        providers={"openai": {"base_url": fake_openai.url}}, chat={"max_retries": 0}, **sections
+    )
+    return client
+
+
+# --- a turn's other models must read its files too ----------------------------------------------
+
+
+async def test_a_fallback_without_vision_is_skipped_not_sent_the_image(
+    make_client: Any, auth_headers: dict[str, str], fake_anthropic: Any, fake_openai: Any, monkeypatch: Any
+) -> None:
+    fallbacks = {"anthropic/claude-sonnet-4-5": ["openai/gpt-3.5-turbo"]}
+    client = await with_openai(make_client, fake_openai, monkeypatch, models={"fallbacks": fallbacks})
+    fake_anthropic.enqueue(error_status(529))
+    fake_openai.enqueue(fo.text_response("I see no image."))
+    resp = await post_chat(client, auth_headers, "fb", file_message("look", ("image/png", png(8, 8))))
+    assert resp.status == 200
+    chunks = await read_all(resp)
+    # The fallback cannot read the image: it is not called (the upstream's failure is the answer).
+    assert fake_openai.requests == []
+    assert [c for c in chunks if isinstance(c, dict) and c["type"] == "error"]
+    # Text-only turns still fall back to it.
+    fake_anthropic.enqueue(error_status(529))
+    fake_openai.enqueue(fo.text_response("Hello."))
+    resp = await post_chat(
+        client, auth_headers, "text", {"id": "u1", "role": "user", "parts": [{"type": "text", "text": "hi"}]}
+    )
+    await read_all(resp)
+    assert len(fake_openai.requests) == 1
+
+
+async def test_a_group_sends_files_only_to_its_deployments_that_read_them(
+    make_client: Any, auth_headers: dict[str, str], fake_anthropic: Any, fake_openai: Any, monkeypatch: Any
+) -> None:
+    deployments = [{"model": "openai/gpt-3.5-turbo"}, {"model": "anthropic/claude-sonnet-4-5"}]
+    group = {"deployments": deployments, "strategy": "least-busy"}  # in order: gpt-3.5-turbo first
+    blind = {"deployments": [{"model": "openai/gpt-3.5-turbo"}]}
+    groups = {"mix": group, "blind": blind}
+    client = await with_openai(make_client, fake_openai, monkeypatch, models={"groups": groups})
+    fake_anthropic.enqueue(text_response("A gradient."))
+    image = png(8, 8)
+    resp = await post_chat(client, auth_headers, "gr", file_message("look", ("image/png", image)), model="mix")
+    assert resp.status == 200
+    await read_all(resp)
+    assert fake_openai.requests == []
+    [sent] = blocks(fake_anthropic.requests[0], "image")
+    assert sent["source"]["data"] == base64.b64encode(image).decode()
+
+    # A group none of whose deployments reads images is refused before anything is stored or sent.
+    resp = await post_chat(client, auth_headers, "bl", file_message("look", ("image/png", image)), model="blind")
+    assert resp.status == 400
+    assert "does not take images" in (await resp.json())["error"]["message"]
+    assert fake_openai.requests == [] and len(fake_anthropic.requests) == 1
+
