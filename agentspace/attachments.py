@@ -97,16 +97,17 @@ def from_bytes(media_type: str, raw: bytes, filename: str | None = None) -> File
     )
 
 
-def from_base64(media_type: Any, data: Any, filename: Any, path: str) -> FilePart:
-    """A file part of base64 ``data``; ``INVALID_MESSAGE`` naming ``path`` when it is not base64."""
+def from_base64(media_type: Any, data: Any, filename: Any, path: str, field: str = "data") -> FilePart:
+    """A file part of base64 ``data``; ``INVALID_MESSAGE`` naming ``path`` and the ``field`` the client sent
+    the data in when it is not base64."""
     if not isinstance(media_type, str) or "/" not in media_type:
         raise _invalid(f"{path}.mediaType", "required: a media type such as image/png")
     if not isinstance(data, str) or not data:
-        raise _invalid(f"{path}.data", "required: the file's bytes, base64-encoded")
+        raise _invalid(f"{path}.{field}", "required: the file's bytes, base64-encoded")
     try:
         raw = base64.b64decode(data, validate=True)
     except (binascii.Error, ValueError):
-        raise _invalid(f"{path}.data", "must be base64") from None
+        raise _invalid(f"{path}.{field}", "must be base64") from None
     name = filename if isinstance(filename, str) and filename else None
     # The client's base64 (validated: nothing but the alphabet) is sent as it came, not encoded again.
     return FilePart(media_type.lower(), data=data, filename=name, size=len(raw), sha256=hashlib.sha256(raw).hexdigest())
@@ -118,7 +119,7 @@ def from_data_url(url: str, media_type: Any, filename: Any, path: str) -> FilePa
     if not sep or not head.startswith("data:") or not head.endswith(";base64"):
         raise _invalid(f"{path}.url", "must be a data: URL with base64 data, or an http(s) URL")
     declared = head[5:-7] or None
-    return from_base64(media_type if isinstance(media_type, str) else declared, data, filename, path)
+    return from_base64(media_type if isinstance(media_type, str) else declared, data, filename, path, "url")
 
 
 def from_url(url: Any, media_type: Any, filename: Any, path: str) -> FilePart:

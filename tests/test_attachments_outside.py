@@ -75,3 +75,19 @@ async def test_a_group_sends_files_only_to_its_deployments_that_read_them(
     assert "does not take images" in (await resp.json())["error"]["message"]
     assert fake_openai.requests == [] and len(fake_anthropic.requests) == 1
 
+
+# --- errors name the field the client sent ---------------------------------------------------------
+
+
+async def test_an_empty_or_bad_data_url_names_the_url_field_of_the_file_part(
+    client: TestClient, auth_headers: dict[str, str], fake_anthropic: Any
+) -> None:
+    # The AI SDK's file part has no `data` field: its bytes are in `url`.
+    for url, problem in [("data:image/png;base64,", "required"), ("data:image/png;base64,iVBO-w_", "base64")]:
+        part = {"type": "file", "mediaType": "image/png", "filename": "a.png", "url": url}
+        message = {"id": "u1", "role": "user", "parts": [{"type": "text", "text": "look"}, part]}
+        resp = await post_chat(client, auth_headers, "bad", message)
+        assert resp.status == 400
+        [field] = (await resp.json())["error"]["fields"]
+        assert field["path"] == "messages[0].parts[1].url" and problem in field["message"], field
+    assert fake_anthropic.requests == []
