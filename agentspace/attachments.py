@@ -86,6 +86,13 @@ def _invalid(path: str, problem: str) -> ApiError:
     return ApiError("INVALID_MESSAGE", f"{path}: {problem}", {path: problem})
 
 
+def _filename(filename: Any, path: str) -> str | None:
+    """A file's name: a string, or none (an empty one is none)."""
+    if filename is not None and not isinstance(filename, str):
+        raise _invalid(f"{path}.filename", "must be a string")
+    return filename or None
+
+
 def from_bytes(media_type: str, raw: bytes, filename: str | None = None) -> FilePart:
     """A file part of these bytes, with its size and hash (the data base64-encoded, for the providers)."""
     return FilePart(
@@ -108,7 +115,7 @@ def from_base64(media_type: Any, data: Any, filename: Any, path: str, field: str
         raw = base64.b64decode(data, validate=True)
     except (binascii.Error, ValueError):
         raise _invalid(f"{path}.{field}", "must be base64") from None
-    name = filename if isinstance(filename, str) and filename else None
+    name = _filename(filename, path)
     # The client's base64 (validated: nothing but the alphabet) is sent as it came, not encoded again.
     return FilePart(media_type.lower(), data=data, filename=name, size=len(raw), sha256=hashlib.sha256(raw).hexdigest())
 
@@ -132,7 +139,7 @@ def from_url(url: Any, media_type: Any, filename: Any, path: str) -> FilePart:
         raise _invalid(f"{path}.url", "must be a data: URL with base64 data, or an http(s) URL")
     if not isinstance(media_type, str) or "/" not in media_type:
         raise _invalid(f"{path}.mediaType", "required: a media type such as image/png")
-    return FilePart(media_type.lower(), url=url, filename=filename if isinstance(filename, str) and filename else None)
+    return FilePart(media_type.lower(), url=url, filename=_filename(filename, path))
 
 
 async def fetch(gw: Registry, part: FilePart) -> FilePart:

@@ -91,3 +91,23 @@ async def test_an_empty_or_bad_data_url_names_the_url_field_of_the_file_part(
         [field] = (await resp.json())["error"]["fields"]
         assert field["path"] == "messages[0].parts[1].url" and problem in field["message"], field
     assert fake_anthropic.requests == []
+
+
+async def test_an_attachment_field_the_gateway_would_not_use_is_refused_by_name(
+    client: TestClient, token: str, auth_headers: dict[str, str], fake_anthropic: Any
+) -> None:
+    data = base64.b64encode(png(8, 8)).decode()
+    ws = await connect(client, token)
+    # Both the bytes and a URL: one of them would be dropped unseen.
+    frames = await chat(ws, "look", "r1", attachments=[{"mediaType": "image/png", "data": data, "url": "https://x/a"}])
+    assert frames[-1]["type"] == "error" and frames[-1]["code"] == "INVALID_MESSAGE", frames[-1]
+    assert "attachments[0].url" in frames[-1]["message"]
+    # A filename that is not a string would be dropped too.
+    frames = await chat(ws, "look", "r2", attachments=[{"mediaType": "image/png", "data": data, "filename": 7}])
+    assert frames[-1]["type"] == "error" and "attachments[0].filename" in frames[-1]["message"], frames[-1]
+    await ws.close()
+    part = {"type": "file", "mediaType": "image/png", "url": "data:image/png;base64," + data, "filename": ["a"]}
+    resp = await post_chat(client, auth_headers, "fn", {"id": "u1", "role": "user", "parts": [part]})
+    assert resp.status == 400
+    assert (await resp.json())["error"]["fields"][0]["path"] == "messages[0].parts[0].filename"
+    assert fake_anthropic.requests == []

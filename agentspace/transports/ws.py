@@ -90,6 +90,8 @@ def _attachments(value: Any) -> list[FilePart]:
                 {f"{path}.{unknown[0]}"[:120]: "is not a field of an attachment (mediaType, data, url, filename)"}
             )
         if item.get("data") is not None:
+            if item.get("url") is not None:
+                raise invalid({f"{path}.url": "give the file's data or its url, not both"})
             files.append(attachments.from_base64(item.get("mediaType"), item["data"], item.get("filename"), path))
         else:
             files.append(attachments.from_url(item.get("url"), item.get("mediaType"), item.get("filename"), path))
