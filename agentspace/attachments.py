@@ -247,13 +247,21 @@ def check_model(gw: Registry, model: str, media_types: Iterable[str]) -> None:
 
 
 async def prepare(
-    gw: Registry, model: str, history: Sequence[dict[str, Any]], files: Sequence[FilePart], *, check: bool = True
+    gw: Registry,
+    model: str,
+    history: Sequence[dict[str, Any]],
+    files: Sequence[FilePart],
+    *,
+    check: bool = True,
+    resent: Sequence[dict[str, Any]] | None = None,
 ) -> list[FilePart]:
     """The files a user message attaches, checked against ``[attachments]`` and the model (which must also read
-    the session's earlier files: they are resent), URLs fetched. Raises ``ApiError``; nothing is kept yet."""
+    the earlier files a call resends: those of ``resent``, the history after its latest summary, else all of
+    it), URLs fetched. Raises ``ApiError``; nothing is kept yet."""
     earlier = stored_files(history)
-    if check and earlier:
-        check_model(gw, model, [str(p.get("mediaType")) for p in earlier])
+    again = earlier if resent is None else stored_files(resent)
+    if check and again:
+        check_model(gw, model, [str(p.get("mediaType")) for p in again])
     if not files:
         return []
     settings = gw.config["attachments"]

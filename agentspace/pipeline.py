@@ -28,7 +28,7 @@ from typing import Any, cast
 
 from . import attachments, tokens
 from .calls import ProviderCall, ceiling_cost, cut_short_usage, price, request_ceiling
-from .context import AssembledContext, assemble, estimate_input_tokens
+from .context import AssembledContext, assemble, estimate_input_tokens, history_start
 from .context_policy import fit_context
 from .errors import ApiError, StorageError
 from .events import (
@@ -132,9 +132,10 @@ async def start_turn(gw: Registry, request: ChatRequest) -> Turn:
     session = await _existing_session(gw, request)
     model = await _admitted_model(gw, request, session)
     # Media types, sizes and what the model reads: refused here, before anything is stored or sent.
-    files = await attachments.prepare(
-        gw, model, session["messages"] if session else request.import_messages, request.files
-    )
+    stored = session["messages"] if session else request.import_messages
+    # The files a call resends: those after the latest summary (the summarised turns' are not sent again).
+    resent = stored[history_start(stored)[0] :]
+    files = await attachments.prepare(gw, model, stored, request.files, resent=resent)
     imported = await attachments.prepare_imported(gw, request.import_messages, files) if session is None else []
 
     created = session is None
@@ -163,7 +164,7 @@ async def start_turn(gw: Registry, request: ChatRequest) -> Turn:
     turn = Turn(gw, session_id, model, request.client, created, user_message["id"], request.endpoint)
     turn.credential = request.credential
     turn.files = files
-    earlier = attachments.stored_files(session["messages"] if session else request.import_messages)
+    earlier = attachments.stored_files(resent)
     turn.media_types = frozenset([*(str(p.get("mediaType")) for p in earlier), *(f.media_type for f in files)])
     await gw.locks.claim(turn)  # here, and across replicas (README.md#running-several-replicas)
     # The user message is written now (a disk that refuses it refuses the turn) and durable before the provider

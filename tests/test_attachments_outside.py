@@ -5,6 +5,7 @@ the errors name, fields given together."""
 from __future__ import annotations
 
 import base64
+import json
 from typing import Any
 
 from aiohttp.test_utils import TestClient
@@ -12,7 +13,7 @@ from aiohttp.test_utils import TestClient
 from tests.fakes import openai_upstream as fo
 from tests.fakes.anthropic_upstream import error_status, text_response
 from tests.support.ui_stream import post_chat, read_all
-from tests.support.ws import chat, connect
+from tests.support.ws import chat, connect, receive
 from tests.test_attachments import blocks, file_message, png
 
 OPENAI_KEY = "sk-openai-test-0123456789"
@@ -111,3 +112,26 @@ async def test_an_attachment_field_the_gateway_would_not_use_is_refused_by_name(
     assert resp.status == 400
     assert (await resp.json())["error"]["fields"][0]["path"] == "messages[0].parts[0].filename"
     assert fake_anthropic.requests == []
+
+
+async def test_a_compacted_session_may_move_to_a_model_without_vision(
+    make_client: Any, token: str, fake_anthropic: Any, fake_openai: Any, monkeypatch: Any
+) -> None:
+    # After a compaction no call sends the summarised turns' files again (the summary names them), so the model
+    # that reads on need not read them: "the files would be resent" no longer holds.
+    client = await with_openai(make_client, fake_openai, monkeypatch)
+    fake_anthropic.enqueue(text_response("A square."), text_response("Later."), text_response("Summary."))
+    ws = await connect(client, token)
+    data = base64.b64encode(png(16, 16)).decode()
+    frames = await chat(ws, "Describe it", "r1", attachments=[{"mediaType": "image/png", "data": data}])
+    session_id = frames[0]["sessionId"]
+    assert (await chat(ws, "And then?", "r2", sessionId=session_id))[-1]["type"] == "chat.stream.end"
+    await ws.send_json({"type": "session.compact", "id": "c1", "sessionId": session_id})
+    compacted = await receive(ws, 20)
+    assert compacted["type"] == "session.compacted" and compacted["compacted"], compacted
+    fake_openai.enqueue(fo.text_response("Text only."))
+    frames = await chat(ws, "Go on", "r3", sessionId=session_id, model="openai/gpt-3.5-turbo")
+    assert frames[-1]["type"] == "chat.stream.end", frames[-1]
+    [request] = fake_openai.requests
+    assert "image_url" not in json.dumps(request.body)
+    await ws.close()
