@@ -246,6 +246,41 @@ def check_model(gw: Registry, model: str, media_types: Iterable[str]) -> None:
             raise ApiError("INVALID_MESSAGE", f"The model {model!r} does not take PDF documents; choose another model.")
 
 
+# Anthropic's limits on an image (docs.anthropic.com, "Vision"): at most 5 MB of base64 (5,242,880 characters,
+# about 3.75 MiB of image) and 8000 px on a side. The API refuses a larger one, and a session holding it would
+# fail on every later turn (the image is resent): refused here, before it is stored. For Claude wherever it is
+# served (Bedrock, Vertex: the same model and limits).
+ANTHROPIC_IMAGE_BASE64_BYTES = 5 * 1024 * 1024
+ANTHROPIC_IMAGE_MAX_EDGE = 8000
+
+
+def check_model_limits(model: str, new: Sequence[FilePart], earlier: Iterable[dict[str, Any]]) -> None:
+    """Refuse an image over Anthropic's limits for a Claude model: the new files by size and dimensions, the
+    earlier ones a call resends by size (they were measured when the model that took them was another)."""
+    if "claude" not in model.lower():
+        return
+    sizes = [(_name(p), p.size or 0) for p in new if p.is_image]
+    sizes += [
+        (repr(p["filename"]) if p.get("filename") else f"of type {p.get('mediaType')}", int(p.get("size") or 0))
+        for p in earlier
+        if str(p.get("mediaType")).startswith("image/")
+    ]
+    for name, size in sizes:
+        if 4 * -(-size // 3) > ANTHROPIC_IMAGE_BASE64_BYTES:
+            raise ApiError(
+                "PAYLOAD_TOO_LARGE",
+                f"The image {name} is {size} bytes, {4 * -(-size // 3)} as base64; {model!r} takes at most "
+                f"{ANTHROPIC_IMAGE_BASE64_BYTES} bytes of base64 an image (about 3.75 MiB).",
+            )
+    for part in new:
+        if part.is_image and (dims := image_size(raw_bytes(part))) is not None and max(dims) > ANTHROPIC_IMAGE_MAX_EDGE:
+            raise ApiError(
+                "INVALID_MESSAGE",
+                f"The image {_name(part)} is {dims[0]} x {dims[1]} pixels; {model!r} takes at most "
+                f"{ANTHROPIC_IMAGE_MAX_EDGE} pixels on a side.",
+            )
+
+
 async def prepare(
     gw: Registry,
     model: str,
@@ -263,6 +298,8 @@ async def prepare(
     if check and again:
         check_model(gw, model, [str(p.get("mediaType")) for p in again])
     if not files:
+        if check:
+            check_model_limits(model, [], again)
         return []
     settings = gw.config["attachments"]
     allowed = [str(t).lower() for t in settings["media_types"]]
@@ -286,6 +323,8 @@ async def prepare(
             raise ApiError(
                 "INVALID_MESSAGE", f"The file {_name(part)} is not {part.media_type}: its bytes do not start as one."
             )
+    if check:
+        check_model_limits(model, ready, again)
     _check_session_bytes(gw, sum(int(p.get("size") or 0) for p in earlier) + sum(p.size or 0 for p in ready))
     return ready
 

@@ -135,3 +135,39 @@ async def test_a_compacted_session_may_move_to_a_model_without_vision(
     [request] = fake_openai.requests
     assert "image_url" not in json.dumps(request.body)
     await ws.close()
+
+
+# --- Anthropic's own limits on an image --------------------------------------------------------------
+
+
+async def test_an_image_over_anthropics_limits_is_refused_before_it_is_stored_and_resent_forever(
+    make_client: Any, auth_headers: dict[str, str], fake_anthropic: Any, fake_openai: Any, monkeypatch: Any
+) -> None:
+    # The Messages API refuses an image of more than 5 MB of base64 ("image exceeds 5 MB maximum") or more than
+    # 8000 px on a side. Stored, such an image would be resent by every later turn: the session would fail for
+    # good. Within [attachments] max_file_bytes (20 MiB), so only the model's limit can refuse it.
+    client = await with_openai(make_client, fake_openai, monkeypatch)
+    large = b"\x89PNG\r\n\x1a\n" + bytes(4 * 1024 * 1024)  # 5.3 MB as base64
+    resp = await post_chat(client, auth_headers, "large", file_message("look", ("image/png", large)))
+    assert resp.status == 413, await resp.text()
+    error = (await resp.json())["error"]
+    assert error["code"] == "PAYLOAD_TOO_LARGE" and "'f0'" in error["message"] and "5242880" in error["message"]
+    resp = await post_chat(client, auth_headers, "wide", file_message("look", ("image/png", png(8001, 1))))
+    assert resp.status == 400
+    assert "8000" in (await resp.json())["error"]["message"]
+    assert fake_anthropic.requests == []
+    sessions = await (await client.get("/api/sessions", headers=auth_headers)).json()
+    assert sessions["sessions"] == []
+
+    # OpenAI takes it (20 MB an image); the session cannot move to a Claude model afterwards, which would be
+    # resent it.
+    fake_openai.enqueue(fo.text_response("Seen."))
+    message = file_message("look", ("image/png", large))
+    resp = await post_chat(client, auth_headers, "oa", message, model="openai/gpt-4o-mini")
+    assert resp.status == 200
+    await read_all(resp)
+    later = {"id": "u2", "role": "user", "parts": [{"type": "text", "text": "and?"}]}
+    resp = await post_chat(client, auth_headers, "oa", later, model="anthropic/claude-sonnet-4-5")
+    assert resp.status == 413
+    assert fake_anthropic.requests == []
+
