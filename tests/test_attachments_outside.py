@@ -171,3 +171,17 @@ async def test_an_image_over_anthropics_limits_is_refused_before_it_is_stored_an
     assert resp.status == 413
     assert fake_anthropic.requests == []
 
+
+async def test_a_ws_attachment_as_a_data_url_passes_max_frame_bytes_as_its_data_would(
+    client: TestClient, token: str, fake_anthropic: Any
+) -> None:
+    # `url` takes a data: URL too (as /api/chat's file parts): a large one is the attachment's bytes, which a
+    # chat.send may carry past [server] max_frame_bytes (1 MiB by default), not a frame too large.
+    image = png(8, 8) + bytes(1536 * 1024)  # 1.5 MiB: 2 MiB as base64
+    url = "data:image/png;base64," + base64.b64encode(image).decode()
+    ws = await connect(client, token)
+    frames = await chat(ws, "look", "r1", attachments=[{"mediaType": "image/png", "url": url}])
+    assert frames[-1]["type"] == "chat.stream.end", frames[-1]
+    [sent] = blocks(fake_anthropic.requests[0], "image")
+    assert base64.b64decode(sent["source"]["data"]) == image
+    await ws.close()

@@ -65,12 +65,16 @@ def frame_limit(config: Any) -> int:
 
 
 def _attachment_bytes(msg: dict[str, Any]) -> int:
+    """The bytes of a chat.send's attachments' data: ``data``, or a ``data:`` URL in ``url``."""
     items = msg.get("attachments")
-    return sum(
-        len(item["data"])
-        for item in (items if isinstance(items, list) else ())
-        if isinstance(item, dict) and isinstance(item.get("data"), str)
-    )
+    total = 0
+    for item in items if isinstance(items, list) else ():
+        if isinstance(item, dict):
+            if isinstance(item.get("data"), str):
+                total += len(item["data"])
+            elif isinstance(item.get("url"), str) and item["url"].startswith("data:"):
+                total += len(item["url"])
+    return total
 
 
 def _attachments(value: Any) -> list[FilePart]:
