@@ -252,6 +252,13 @@ def check_model(gw: Registry, model: str, media_types: Iterable[str]) -> None:
 # served (Bedrock, Vertex: the same model and limits).
 ANTHROPIC_IMAGE_BASE64_BYTES = 5 * 1024 * 1024
 ANTHROPIC_IMAGE_MAX_EDGE = 8000
+# The most a Messages API request may be (32 MB); the files a call sends, as base64, must fit in it with room for
+# the rest of the request.
+ANTHROPIC_REQUEST_FILE_BYTES = 32_000_000 - 1024 * 1024
+
+
+def _base64_size(size: int) -> int:
+    return 4 * -(-size // 3)
 
 
 def check_model_limits(model: str, new: Sequence[FilePart], earlier: Iterable[dict[str, Any]]) -> None:
@@ -266,12 +273,20 @@ def check_model_limits(model: str, new: Sequence[FilePart], earlier: Iterable[di
         if str(p.get("mediaType")).startswith("image/")
     ]
     for name, size in sizes:
-        if 4 * -(-size // 3) > ANTHROPIC_IMAGE_BASE64_BYTES:
+        if _base64_size(size) > ANTHROPIC_IMAGE_BASE64_BYTES:
             raise ApiError(
                 "PAYLOAD_TOO_LARGE",
-                f"The image {name} is {size} bytes, {4 * -(-size // 3)} as base64; {model!r} takes at most "
+                f"The image {name} is {size} bytes, {_base64_size(size)} as base64; {model!r} takes at most "
                 f"{ANTHROPIC_IMAGE_BASE64_BYTES} bytes of base64 an image (about 3.75 MiB).",
             )
+    total = sum(_base64_size(p.size or 0) for p in new) + sum(_base64_size(int(p.get("size") or 0)) for p in earlier)
+    if total > ANTHROPIC_REQUEST_FILE_BYTES:
+        raise ApiError(
+            "PAYLOAD_TOO_LARGE",
+            f"A call of this session would send {total} bytes of files as base64; {model!r} "
+            f"takes requests of at most 32 MB (each turn resends the session's files). Start a new session, or "
+            "compact this one first.",
+        )
     for part in new:
         if part.is_image and (dims := image_size(raw_bytes(part))) is not None and max(dims) > ANTHROPIC_IMAGE_MAX_EDGE:
             raise ApiError(

@@ -14,7 +14,7 @@ from tests.fakes import openai_upstream as fo
 from tests.fakes.anthropic_upstream import error_status, text_response
 from tests.support.ui_stream import post_chat, read_all
 from tests.support.ws import chat, connect, receive
-from tests.test_attachments import blocks, file_message, png
+from tests.test_attachments import blocks, file_message, pdf, png
 
 OPENAI_KEY = "sk-openai-test-0123456789"
 
@@ -185,3 +185,29 @@ async def test_a_ws_attachment_as_a_data_url_passes_max_frame_bytes_as_its_data_
     [sent] = blocks(fake_anthropic.requests[0], "image")
     assert base64.b64decode(sent["source"]["data"]) == image
     await ws.close()
+
+
+async def test_files_past_a_claude_requests_32_mb_are_refused_before_they_are_stored(
+    make_client: Any, auth_headers: dict[str, str], fake_anthropic: Any
+) -> None:
+    # The Messages API takes requests of at most 32 MB, and every turn resends the session's files: a file that
+    # takes them past it would be stored and then fail every later turn (within [attachments]
+    # max_session_bytes, 100 MiB).
+    client = await make_client()
+    document = pdf(1) + bytes(9 * 1024 * 1024)  # 12 MB as base64
+    for i in range(2):
+        message = file_message(f"part {i}", ("application/pdf", document + bytes([i])), id=f"u{i}")
+        resp = await post_chat(client, auth_headers, "big-docs", message)
+        assert resp.status == 200
+        chunks = await read_all(resp)
+        assert not [c for c in chunks if isinstance(c, dict) and c["type"] == "error"]
+    third = file_message("part 2", ("application/pdf", document + b"\x02"), id="u2")
+    resp = await post_chat(client, auth_headers, "big-docs", third)
+    assert resp.status == 413, await resp.text()
+    assert "32" in (await resp.json())["error"]["message"]
+    assert len(fake_anthropic.requests) == 2
+    # The session goes on without it.
+    later = {"id": "u3", "role": "user", "parts": [{"type": "text", "text": "Compare them."}]}
+    resp = await post_chat(client, auth_headers, "big-docs", later)
+    chunks = await read_all(resp)
+    assert not [c for c in chunks if isinstance(c, dict) and c["type"] == "error"], chunks
