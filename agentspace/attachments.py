@@ -18,7 +18,7 @@ import re
 import struct
 import zlib
 from collections import OrderedDict
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from .errors import ApiError
@@ -86,6 +86,13 @@ def _invalid(path: str, problem: str) -> ApiError:
     return ApiError("INVALID_MESSAGE", f"{path}: {problem}", {path: problem})
 
 
+def _filename(filename: Any, path: str) -> str | None:
+    """A file's name: a string, or none (an empty one is none)."""
+    if filename is not None and not isinstance(filename, str):
+        raise _invalid(f"{path}.filename", "must be a string")
+    return filename or None
+
+
 def from_bytes(media_type: str, raw: bytes, filename: str | None = None) -> FilePart:
     """A file part of these bytes, with its size and hash (the data base64-encoded, for the providers)."""
     return FilePart(
@@ -97,17 +104,18 @@ def from_bytes(media_type: str, raw: bytes, filename: str | None = None) -> File
     )
 
 
-def from_base64(media_type: Any, data: Any, filename: Any, path: str) -> FilePart:
-    """A file part of base64 ``data``; ``INVALID_MESSAGE`` naming ``path`` when it is not base64."""
+def from_base64(media_type: Any, data: Any, filename: Any, path: str, field: str = "data") -> FilePart:
+    """A file part of base64 ``data``; ``INVALID_MESSAGE`` naming ``path`` and the ``field`` the client sent
+    the data in when it is not base64."""
     if not isinstance(media_type, str) or "/" not in media_type:
         raise _invalid(f"{path}.mediaType", "required: a media type such as image/png")
     if not isinstance(data, str) or not data:
-        raise _invalid(f"{path}.data", "required: the file's bytes, base64-encoded")
+        raise _invalid(f"{path}.{field}", "required: the file's bytes, base64-encoded")
     try:
         raw = base64.b64decode(data, validate=True)
     except (binascii.Error, ValueError):
-        raise _invalid(f"{path}.data", "must be base64") from None
-    name = filename if isinstance(filename, str) and filename else None
+        raise _invalid(f"{path}.{field}", "must be base64") from None
+    name = _filename(filename, path)
     # The client's base64 (validated: nothing but the alphabet) is sent as it came, not encoded again.
     return FilePart(media_type.lower(), data=data, filename=name, size=len(raw), sha256=hashlib.sha256(raw).hexdigest())
 
@@ -118,7 +126,7 @@ def from_data_url(url: str, media_type: Any, filename: Any, path: str) -> FilePa
     if not sep or not head.startswith("data:") or not head.endswith(";base64"):
         raise _invalid(f"{path}.url", "must be a data: URL with base64 data, or an http(s) URL")
     declared = head[5:-7] or None
-    return from_base64(media_type if isinstance(media_type, str) else declared, data, filename, path)
+    return from_base64(media_type if isinstance(media_type, str) else declared, data, filename, path, "url")
 
 
 def from_url(url: Any, media_type: Any, filename: Any, path: str) -> FilePart:
@@ -131,7 +139,7 @@ def from_url(url: Any, media_type: Any, filename: Any, path: str) -> FilePart:
         raise _invalid(f"{path}.url", "must be a data: URL with base64 data, or an http(s) URL")
     if not isinstance(media_type, str) or "/" not in media_type:
         raise _invalid(f"{path}.mediaType", "required: a media type such as image/png")
-    return FilePart(media_type.lower(), url=url, filename=filename if isinstance(filename, str) and filename else None)
+    return FilePart(media_type.lower(), url=url, filename=_filename(filename, path))
 
 
 async def fetch(gw: Registry, part: FilePart) -> FilePart:
@@ -207,10 +215,27 @@ def stored_files(messages: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
     return [p for m in messages for p in m.get("parts") or () if isinstance(p, dict) and p.get("type") == "file"]
 
 
+def reads(gw: Registry, model: str, media_types: Collection[str]) -> bool:
+    """Whether ``model`` reads all these media types (a fallback or a group's deployment that does not is
+    skipped: it would be sent the session's files)."""
+    if not media_types:
+        return True
+    try:
+        check_model(gw, model, media_types)
+    except ApiError:
+        return False
+    return True
+
+
 def check_model(gw: Registry, model: str, media_types: Iterable[str]) -> None:
     """Refuse (before any call) a model that cannot read one of these media types: ``supports_vision`` and
-    ``supports_pdf_input`` of the cost map or of the model's provider (``model_info``)."""
-    info = gw.model_info(model)
+    ``supports_pdf_input`` of the cost map or of the model's provider (``model_info``). A model group reads
+    them when one of its deployments does (the turn calls only those)."""
+    media_types = list(media_types)
+    group = gw.router.group(model)
+    if group is not None and any(reads(gw, d.model, media_types) for d in group.deployments):
+        return
+    info = gw.model_info(model) if group is None else gw.model_info(group.deployments[0].model)
     for media_type in sorted(set(media_types)):
         if media_type.startswith("image/") and not info.supports_vision:
             raise ApiError(
@@ -221,15 +246,75 @@ def check_model(gw: Registry, model: str, media_types: Iterable[str]) -> None:
             raise ApiError("INVALID_MESSAGE", f"The model {model!r} does not take PDF documents; choose another model.")
 
 
+# Anthropic's limits on an image (docs.anthropic.com, "Vision"): at most 5 MB of base64 (5,242,880 characters,
+# about 3.75 MiB of image) and 8000 px on a side. The API refuses a larger one, and a session holding it would
+# fail on every later turn (the image is resent): refused here, before it is stored. For Claude wherever it is
+# served (Bedrock, Vertex: the same model and limits).
+ANTHROPIC_IMAGE_BASE64_BYTES = 5 * 1024 * 1024
+ANTHROPIC_IMAGE_MAX_EDGE = 8000
+# The most a Messages API request may be (32 MB); the files a call sends, as base64, must fit in it with room for
+# the rest of the request.
+ANTHROPIC_REQUEST_FILE_BYTES = 32_000_000 - 1024 * 1024
+
+
+def _base64_size(size: int) -> int:
+    return 4 * -(-size // 3)
+
+
+def check_model_limits(model: str, new: Sequence[FilePart], earlier: Iterable[dict[str, Any]]) -> None:
+    """Refuse an image over Anthropic's limits for a Claude model: the new files by size and dimensions, the
+    earlier ones a call resends by size (they were measured when the model that took them was another)."""
+    if "claude" not in model.lower():
+        return
+    sizes = [(_name(p), p.size or 0) for p in new if p.is_image]
+    sizes += [
+        (repr(p["filename"]) if p.get("filename") else f"of type {p.get('mediaType')}", int(p.get("size") or 0))
+        for p in earlier
+        if str(p.get("mediaType")).startswith("image/")
+    ]
+    for name, size in sizes:
+        if _base64_size(size) > ANTHROPIC_IMAGE_BASE64_BYTES:
+            raise ApiError(
+                "PAYLOAD_TOO_LARGE",
+                f"The image {name} is {size} bytes, {_base64_size(size)} as base64; {model!r} takes at most "
+                f"{ANTHROPIC_IMAGE_BASE64_BYTES} bytes of base64 an image (about 3.75 MiB).",
+            )
+    total = sum(_base64_size(p.size or 0) for p in new) + sum(_base64_size(int(p.get("size") or 0)) for p in earlier)
+    if total > ANTHROPIC_REQUEST_FILE_BYTES:
+        raise ApiError(
+            "PAYLOAD_TOO_LARGE",
+            f"A call of this session would send {total} bytes of files as base64; {model!r} "
+            f"takes requests of at most 32 MB (each turn resends the session's files). Start a new session, or "
+            "compact this one first.",
+        )
+    for part in new:
+        if part.is_image and (dims := image_size(raw_bytes(part))) is not None and max(dims) > ANTHROPIC_IMAGE_MAX_EDGE:
+            raise ApiError(
+                "INVALID_MESSAGE",
+                f"The image {_name(part)} is {dims[0]} x {dims[1]} pixels; {model!r} takes at most "
+                f"{ANTHROPIC_IMAGE_MAX_EDGE} pixels on a side.",
+            )
+
+
 async def prepare(
-    gw: Registry, model: str, history: Sequence[dict[str, Any]], files: Sequence[FilePart], *, check: bool = True
+    gw: Registry,
+    model: str,
+    history: Sequence[dict[str, Any]],
+    files: Sequence[FilePart],
+    *,
+    check: bool = True,
+    resent: Sequence[dict[str, Any]] | None = None,
 ) -> list[FilePart]:
     """The files a user message attaches, checked against ``[attachments]`` and the model (which must also read
-    the session's earlier files: they are resent), URLs fetched. Raises ``ApiError``; nothing is kept yet."""
+    the earlier files a call resends: those of ``resent``, the history after its latest summary, else all of
+    it), URLs fetched. Raises ``ApiError``; nothing is kept yet."""
     earlier = stored_files(history)
-    if check and earlier:
-        check_model(gw, model, [str(p.get("mediaType")) for p in earlier])
+    again = earlier if resent is None else stored_files(resent)
+    if check and again:
+        check_model(gw, model, [str(p.get("mediaType")) for p in again])
     if not files:
+        if check:
+            check_model_limits(model, [], again)
         return []
     settings = gw.config["attachments"]
     allowed = [str(t).lower() for t in settings["media_types"]]
@@ -253,6 +338,8 @@ async def prepare(
             raise ApiError(
                 "INVALID_MESSAGE", f"The file {_name(part)} is not {part.media_type}: its bytes do not start as one."
             )
+    if check:
+        check_model_limits(model, ready, again)
     _check_session_bytes(gw, sum(int(p.get("size") or 0) for p in earlier) + sum(p.size or 0 for p in ready))
     return ready
 

@@ -20,6 +20,10 @@ DEFAULT_FORMATTING_PROMPT = (
     "Be concise; use lists and tables only where they help."
 )
 
+# The media types the gateway can send to a model (Anthropic's image and document blocks, litellm's image_url
+# and file parts): [attachments] media_types takes these only (docs/attachments.md).
+SENDABLE_MEDIA_TYPES = ("image/png", "image/jpeg", "image/gif", "image/webp", "application/pdf")
+
 # section -> key -> (expected type(s), default). ``None`` as a default means "not set".
 SCHEMA: dict[str, dict[str, tuple[tuple[type, ...], Any]]] = {
     "server": {
@@ -75,7 +79,7 @@ SCHEMA: dict[str, dict[str, tuple[tuple[type, ...], Any]]] = {
     "attachments": {
         "max_file_bytes": ((int,), 20 * 1024 * 1024),
         "max_session_bytes": ((int,), 100 * 1024 * 1024),
-        "media_types": ((list,), ["image/png", "image/jpeg", "image/gif", "image/webp", "application/pdf"]),
+        "media_types": ((list,), list(SENDABLE_MEDIA_TYPES)),
         "fetch_timeout_seconds": ((int, float), 10.0),
     },
     "thinking": {
@@ -357,6 +361,13 @@ def _check_values(source: str, values: dict[str, dict[str, Any]]) -> None:
             source,
             "thinking.budget_tokens",
             f"expected at least 1024 (the API's minimum), got {values['thinking']['budget_tokens']}",
+        )
+    media_types = values["attachments"]["media_types"]
+    if not all(isinstance(t, str) and t.lower() in SENDABLE_MEDIA_TYPES for t in media_types):
+        raise ConfigError(
+            source,
+            "attachments.media_types",
+            f"expected some of {', '.join(SENDABLE_MEDIA_TYPES)} (the types the gateway sends), got {media_types!r}",
         )
     for model, chain in values["models"]["fallbacks"].items():
         if not isinstance(chain, list) or not all(isinstance(m, str) for m in chain):

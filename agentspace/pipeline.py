@@ -28,7 +28,7 @@ from typing import Any, cast
 
 from . import attachments, tokens
 from .calls import ProviderCall, ceiling_cost, cut_short_usage, price, request_ceiling
-from .context import AssembledContext, assemble, estimate_input_tokens
+from .context import AssembledContext, assemble, estimate_input_tokens, history_start
 from .context_policy import fit_context
 from .errors import ApiError, StorageError
 from .events import (
@@ -132,9 +132,10 @@ async def start_turn(gw: Registry, request: ChatRequest) -> Turn:
     session = await _existing_session(gw, request)
     model = await _admitted_model(gw, request, session)
     # Media types, sizes and what the model reads: refused here, before anything is stored or sent.
-    files = await attachments.prepare(
-        gw, model, session["messages"] if session else request.import_messages, request.files
-    )
+    stored = session["messages"] if session else request.import_messages
+    # The files a call resends: those after the latest summary (the summarised turns' are not sent again).
+    resent = stored[history_start(stored)[0] :]
+    files = await attachments.prepare(gw, model, stored, request.files, resent=resent)
     imported = await attachments.prepare_imported(gw, request.import_messages, files) if session is None else []
 
     created = session is None
@@ -163,6 +164,8 @@ async def start_turn(gw: Registry, request: ChatRequest) -> Turn:
     turn = Turn(gw, session_id, model, request.client, created, user_message["id"], request.endpoint)
     turn.credential = request.credential
     turn.files = files
+    earlier = attachments.stored_files(resent)
+    turn.media_types = frozenset([*(str(p.get("mediaType")) for p in earlier), *(f.media_type for f in files)])
     await gw.locks.claim(turn)  # here, and across replicas (README.md#running-several-replicas)
     # The user message is written now (a disk that refuses it refuses the turn) and durable before the provider
     # is called: its sync runs in the background, beside the context's assembly and the call's pending ledger
@@ -387,6 +390,8 @@ class Turn:
         # predicts the next call's cache reads from it and calibrates its token estimates by it.
         self._last_call: dict[str, Any] | None = None
         self.files: list[FilePart] = []  # what the user message attaches, with its bytes
+        # The media types of the session's files: every model the turn calls must read them (it is sent them).
+        self.media_types: frozenset[str] = frozenset()
 
     # --- publish / subscribe ---------------------------------------------------------------------
 
@@ -652,6 +657,8 @@ class Turn:
         deployments, cooling_until = await router.order(group)
         last: ProviderError | None = None
         for dep in deployments:
+            if not attachments.reads(self.gw, dep.model, self.media_types):
+                continue  # it would be sent files it cannot read
             if not await router.state.take(dep.id, dep.rpm):
                 continue  # another call took its minute's last request meanwhile
             if state.attempts:
@@ -745,7 +752,10 @@ class Turn:
         state.call = call
 
     async def _may_use(self, model: str) -> bool:
-        """Whether the turn's client may use ``model`` (a fallback it may not use is skipped)."""
+        """Whether the turn's client may use ``model`` and it reads the session's files (a fallback that
+        may not or cannot is skipped)."""
+        if not attachments.reads(self.gw, model, self.media_types):
+            return False
         try:
             await self.gw.guard.check_model(self.client, model)
         except ApiError:

@@ -111,6 +111,10 @@ def write(tmp_path: Path, text: str) -> Path:
         ("[bogus]\nx = 1\n", "bogus", "unknown section"),
         ("[providers.openai]\nbase_uri = 'x'\n", "providers.openai.base_uri", "unknown key"),
         ('[pricing."my/model"]\ninput_per_mtok = "cheap"\n', 'pricing."my/model".input_per_mtok', "expected"),
+        # A type the gateway cannot send to a model (Anthropic and litellm take these five) would be accepted,
+        # stored, and then refused by the upstream.
+        ("[attachments]\nmedia_types = ['text/plain']\n", "attachments.media_types", "image/png, image/jpeg"),
+        ("[attachments]\nmedia_types = [1]\n", "attachments.media_types", "application/pdf"),
     ],
 )
 def test_config_errors_name_file_key_and_expectation(tmp_path: Path, text: str, key: str, expected: str) -> None:

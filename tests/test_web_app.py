@@ -720,6 +720,33 @@ def test_attach_by_file_input_paste_and_drop_previews_and_inspect(web: Page, gat
     attach_and_inspect(web, gateway)
 
 
+def test_a_refused_file_in_a_stored_chat_keeps_its_error_on_screen(web: Page, gateway: Gateway) -> None:
+    """A file the gateway refuses (a type it does not take, a size over the limit) is answered with an error
+    before anything is stored: the chat shows it, and the reload of the stored session after the turn must
+    not wipe it (nor the message the user wrote)."""
+    page = web.sign_in()
+    new_chat(page)
+    gateway.fake.enqueue(text_response("Hello."))
+    send(page, "hi")
+    expect(page.locator("li.message.assistant[data-state=done]").last).to_contain_text("Hello.")
+    before = len(gateway.fake.fake.requests)
+    page.set_input_files(
+        "#attach-input", files=[{"name": "scan.bmp", "mimeType": "image/bmp", "buffer": b"BM" + bytes(60)}]
+    )
+    expect(page.locator("#attachments li")).to_have_count(1)
+    send(page, "What is in this scan?")
+    error = page.locator("li.message.assistant .error").last
+    expect(error).to_contain_text("image/bmp")
+    # The turn's end reloads the stored session (which holds neither message): the error stays.
+    page.wait_for_function("() => !document.getElementById('stop') || document.getElementById('stop').hidden")
+    page.wait_for_load_state("networkidle")
+    expect(error).to_contain_text("image/bmp")
+    expect(page.locator("li.message.user").last).to_contain_text("What is in this scan?")
+    assert len(gateway.fake.fake.requests) == before
+    assert [e for e in web.console_errors if "415" not in e] == []  # Chromium logs the refused request
+    web.console_errors.clear()
+
+
 def attach_and_inspect(web: Page, gateway: Gateway) -> None:
     """A PNG by the file input, a PDF pasted, a PNG dropped (and removed): the upstream gets both, the history
     shows them after a reload, ``agentspace inspect`` their estimate (tests/test_web_attachments.py: PostgreSQL)."""

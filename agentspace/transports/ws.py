@@ -65,12 +65,16 @@ def frame_limit(config: Any) -> int:
 
 
 def _attachment_bytes(msg: dict[str, Any]) -> int:
+    """The bytes of a chat.send's attachments' data: ``data``, or a ``data:`` URL in ``url``."""
     items = msg.get("attachments")
-    return sum(
-        len(item["data"])
-        for item in (items if isinstance(items, list) else ())
-        if isinstance(item, dict) and isinstance(item.get("data"), str)
-    )
+    total = 0
+    for item in items if isinstance(items, list) else ():
+        if isinstance(item, dict):
+            if isinstance(item.get("data"), str):
+                total += len(item["data"])
+            elif isinstance(item.get("url"), str) and item["url"].startswith("data:"):
+                total += len(item["url"])
+    return total
 
 
 def _attachments(value: Any) -> list[FilePart]:
@@ -90,6 +94,8 @@ def _attachments(value: Any) -> list[FilePart]:
                 {f"{path}.{unknown[0]}"[:120]: "is not a field of an attachment (mediaType, data, url, filename)"}
             )
         if item.get("data") is not None:
+            if item.get("url") is not None:
+                raise invalid({f"{path}.url": "give the file's data or its url, not both"})
             files.append(attachments.from_base64(item.get("mediaType"), item["data"], item.get("filename"), path))
         else:
             files.append(attachments.from_url(item.get("url"), item.get("mediaType"), item.get("filename"), path))

@@ -562,8 +562,19 @@ async function send(chat, text, files = []) {
   chat.streaming = message;
   setStreaming(chat, true);
   renderMessages(chat);
+  let response;
   try {
-    const response = await request("/api/chat", { method: "POST", body });
+    response = await request("/api/chat", { method: "POST", body });
+  } catch (e) {
+    // Refused before the answer began (a file's type or size, the budget): the stored session may not hold this
+    // message, and reloading it would wipe the message and its error from the screen.
+    message.state = "done";
+    message.metadata.error = e.message;
+    renderMessages(chat);
+    await finish(chat, false);
+    return;
+  }
+  try {
     await consume(chat, message, response);
   } catch (e) {
     message.state = "done";
@@ -611,14 +622,14 @@ async function consume(chat, message, response) {
   scheduleRender(chat, message);
 }
 
-async function finish(chat) {
+async function finish(chat, reload = true) {
   chat.streaming = null;
   chat.stopping = false;
   setStreaming(chat, false);
   // The stored session is the record (tokens, cost, time to first token, stopped): show what it says.
   await loadSessions().catch(() => {});
   chat.stored = state.sessions.some((s) => s.id === chat.id);
-  await reloadChat(chat);
+  if (reload) await reloadChat(chat);
   renderSidebar();
 }
 
