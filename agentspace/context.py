@@ -115,6 +115,8 @@ def answered_turns(stored: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """
     kept: list[dict[str, Any]] = []
     for message in stored:
+        if message.get("replaced"):
+            continue  # an answer given again (``pipeline.start_turn``): its replacement follows
         if message.get("role") != "user" and not _has_output(message):
             continue  # an answer with no output says nothing to the model
         if message.get("role") == "user" and kept and kept[-1].get("role") == "user":

@@ -154,6 +154,9 @@ async def start_turn(gw: Registry, request: ChatRequest) -> Turn:
             "The last answer of this session is not stored yet (the data directory refused it; the write is "
             "retried); nothing was sent. Try again once the gateway can write to its data directory.",
         )
+    # The id of a user message the session holds: the client asks for its answer again (the AI SDK's regenerate,
+    # a retry). The answers after it are set aside (``replaced``), and it is not stored a second time.
+    again = _answered_again(session, request.user_message_id)
     user_message: dict[str, Any] = {
         "id": request.user_message_id or new_id("msg_"),
         "role": "user",
@@ -182,6 +185,12 @@ async def start_turn(gw: Registry, request: ChatRequest) -> Turn:
                 messages=[*history, user_message],
                 sync=False,
             )
+        elif again is not None:
+            history = session["messages"][: again + 1]
+            for later in session["messages"][again + 1 :]:
+                await gw.sessions.update_message(session_id, later["id"], {"replaced": True})
+            if history[-1].get("error"):  # its failure is no longer the last word on it
+                await gw.sessions.update_message(session_id, user_message["id"], {"error": None})
         else:
             history = session["messages"]
             await gw.sessions.append_message(session_id, user_message, sync=False)
@@ -200,6 +209,21 @@ async def start_turn(gw: Registry, request: ChatRequest) -> Turn:
     if gw.cluster is not None:
         gw.cluster.publish(turn)  # resumable and abortable from any replica; releases the lock at the end
     return turn
+
+
+def _answered_again(session: dict[str, Any] | None, message_id: str | None) -> int | None:
+    """The index of the stored user message ``message_id`` names, when the session holds one."""
+    if session is None or message_id is None:
+        return None
+    messages = session["messages"]
+    return next(
+        (
+            i
+            for i in range(len(messages) - 1, -1, -1)
+            if messages[i].get("id") == message_id and messages[i].get("role") == "user"
+        ),
+        None,
+    )
 
 
 def running(gw: Registry, session_id: str) -> Turn | None:

@@ -201,6 +201,18 @@ async def test_regenerate_answers_the_last_user_message_again(
     await read_all(await post_chat(client, auth_headers, "regen", user("q")))
     chunks = await read_all(await post_chat(client, auth_headers, "regen", user("q"), trigger="regenerate-message"))
     assert "".join(c["delta"] for c in of(chunks, "text-delta")) == "Second."
+    # The question is asked again without its first answer, and the session holds it once, answered once.
+    sent = fake_anthropic.requests[-1].body["messages"]
+    assert [(m["role"], [b["text"] for b in m["content"]]) for m in sent] == [("user", ["q"])]
+    session = (await (await client.get("/api/sessions/regen", headers=auth_headers)).json())["session"]
+    assert [(m["role"], m["content"]) for m in session["messages"]] == [("user", "q"), ("assistant", "Second.")]
+    export = await client.get("/api/sessions/regen/export?format=md", headers=auth_headers)
+    assert "First." not in await export.text()
+    # The next question follows the second answer, not the first.
+    fake_anthropic.enqueue(text_response("Third."))
+    await read_all(await post_chat(client, auth_headers, "regen", user("q"), assistant("Second."), user("next", "u2")))
+    sent = fake_anthropic.requests[-1].body["messages"]
+    assert [m["role"] for m in sent] == ["user", "assistant", "user"] and "Second." in str(sent[1]["content"])
 
 
 async def test_thread_id_names_the_session(
