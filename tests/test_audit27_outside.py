@@ -1,0 +1,114 @@
+"""Credentials, limits and inputs (issue 27) tried from outside a third time, with the fake upstreams playing
+an upstream (or a proxy at ``[providers.X] base_url``) that reports what a provider never would."""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Any
+
+import anthropic
+import pytest
+from aiohttp.test_utils import TestClient
+
+import tests.fakes.anthropic_upstream as fa
+import tests.fakes.openai_upstream as fo
+from agentspace.gateway_token import load_or_create_token
+from agentspace.transports import state
+from tests.support import ws
+from tests.test_clients import add_client, bearer
+
+MESSAGES = [{"role": "user", "content": "hi"}]
+
+# Usage figures no provider reports: each was taken as reported, on every path that reads Anthropic's usage.
+NONSENSE = [
+    {"input_tokens": -1_000_000, "output_tokens": -5},  # a negative cost: the client's spend went down by $9
+    {"input_tokens": 1e308, "output_tokens": 1e308},  # an infinite cost: /api/usage answered invalid JSON
+    {"input_tokens": 10**30},  # no PostgreSQL bigint; $3e24 of spend
+    {"input_tokens": True},  # the usage segment then read as damaged: every record in it left the reports
+    {"input_tokens": "12"},  # 500 INTERNAL_ERROR (a second response written into the relayed stream)
+    {"input_tokens": 2.5},  # fractional tokens
+]
+
+
+def _strict_json(text: str) -> Any:
+    def refuse(constant: str) -> Any:
+        raise ValueError(f"{constant} is not JSON")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+@pytest.mark.parametrize("usage", NONSENSE, ids=["negative", "inf", "huge", "bool", "string", "fraction"])
+async def test_usage_an_upstream_reports_out_of_range_is_never_billed_as_reported(
+    make_client: Any, fake_anthropic: fa.FakeAnthropic, usage: dict[str, Any]
+) -> None:
+    client = await make_client()
+    key = add_client("alice", "--budget", "5")
+    api = anthropic.AsyncAnthropic(api_key=key, base_url=f"http://127.0.0.1:{client.port}", max_retries=0)
+    # the pass-through, whole and streamed (the SDK reads the relayed stream to its end)
+    fake_anthropic.enqueue(fa.text_response(usage=usage))
+    message = await api.messages.create(model="claude-sonnet-4-5", max_tokens=20, messages=MESSAGES)  # type: ignore[arg-type]
+    assert message.content
+    fake_anthropic.enqueue(fa.text_response(usage=usage))
+    async with api.messages.stream(model="claude-sonnet-4-5", max_tokens=20, messages=MESSAGES) as stream:  # type: ignore[arg-type]
+        assert await stream.get_final_text() == fa.DEFAULT_TEXT
+    # the official SDK's provider: a translated /v1 call and a WebSocket turn
+    fake_anthropic.enqueue(fa.text_response(usage=usage))
+    async with client.post(
+        "/v1/chat/completions",
+        json={"model": "anthropic/claude-sonnet-4-5", "max_tokens": 20, "messages": MESSAGES},
+        headers=bearer(key),
+    ) as resp:
+        assert resp.status == 200, await resp.text()
+    fake_anthropic.enqueue(fa.text_response(usage=usage))
+    socket = await ws.connect(client, key)
+    frames = await ws.chat(socket, "hi")
+    await socket.close()
+    assert frames[-1]["type"] == "chat.stream.end", frames
+
+    records = await client.server.app[state.REGISTRY].usage.records()
+    assert len(records) == 4, records
+    for record in records:
+        for field in ("inputTokens", "outputTokens", "cacheReadTokens", "cacheWriteTokens", "reasoningTokens"):
+            value = record[field]
+            assert type(value) is int and 0 <= value < 2**31, (field, record)
+        assert math.isfinite(record["totalCost"]) and 0 <= record["totalCost"] < 1, record
+    async with client.get("/api/usage?by=client", headers=bearer(key)) as resp:
+        report = _strict_json(await resp.text())
+    assert report["damagedFiles"] == [] and report["perClient"]["alice"]["requestCount"] == 4, report
+    admin = {"Authorization": f"Bearer {load_or_create_token(state.config(client.server.app).data_dir)}"}
+    async with client.get("/api/clients", headers=admin) as resp:
+        spend = _strict_json(await resp.text())["clients"][0]["spend"]["usd"]
+    assert 0 < spend < 1, spend
+
+
+OPENAI_NONSENSE = [
+    {"prompt_tokens": -1_000_000, "completion_tokens": -5, "total_tokens": -1_000_005},
+    {"prompt_tokens": 10**30, "completion_tokens": 3, "total_tokens": 10**30 + 3},
+    {"prompt_tokens": 12, "completion_tokens": 3, "completion_tokens_details": {"reasoning_tokens": -7}},
+]
+
+
+@pytest.mark.parametrize("usage", OPENAI_NONSENSE, ids=["negative", "huge", "negative-reasoning"])
+async def test_usage_an_openai_upstream_reports_out_of_range_is_never_billed_as_reported(
+    make_client: Any, fake_openai: fo.FakeOpenAI, monkeypatch: pytest.MonkeyPatch, usage: dict[str, Any]
+) -> None:
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-openai-audit27-0123456789")
+    client: TestClient = await make_client(providers={"openai": {"base_url": fake_openai.url}})
+    key = add_client("alice", "--budget", "5")
+    fake_openai.enqueue(fo.text_response(usage=usage))
+    async with client.post(
+        "/v1/chat/completions", json={"model": "openai/gpt-4o-mini", "messages": MESSAGES}, headers=bearer(key)
+    ) as resp:
+        assert resp.status == 200, await resp.text()
+    fake_openai.enqueue(fo.text_response(usage=usage))
+    socket = await ws.connect(client, key)
+    frames = await ws.chat(socket, "hi", model="openai/gpt-4o-mini")
+    await socket.close()
+    assert frames[-1]["type"] == "chat.stream.end", frames
+    records = await client.server.app[state.REGISTRY].usage.records()
+    assert len(records) == 2, records
+    for record in records:
+        for field in ("inputTokens", "outputTokens", "cacheReadTokens", "cacheWriteTokens", "reasoningTokens"):
+            assert type(record[field]) is int and 0 <= record[field] < 2**31, (field, record)
+        assert math.isfinite(record["totalCost"]) and 0 <= record["totalCost"] < 1, record
