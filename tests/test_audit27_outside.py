@@ -3,6 +3,7 @@ an upstream (or a proxy at ``[providers.X] base_url``) that reports what a provi
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
 from typing import Any
@@ -112,3 +113,55 @@ async def test_usage_an_openai_upstream_reports_out_of_range_is_never_billed_as_
         for field in ("inputTokens", "outputTokens", "cacheReadTokens", "cacheWriteTokens", "reasoningTokens"):
             assert type(record[field]) is int and 0 <= record[field] < 2**31, (field, record)
         assert math.isfinite(record["totalCost"]) and 0 <= record["totalCost"] < 1, record
+
+
+# --- a body trickled in: it must keep coming, or its connection is cut ---------------------------------
+
+
+async def _trickle(port: int, path: str, key: str) -> bytes:
+    """A chunked body one byte at a time (a few per second) until the server answers or hangs up; its answer."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(
+        f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {key}\r\n"
+        "Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n1\r\n{\r\n".encode()
+    )
+    answer = b""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 60  # far past the gateway's bound: never reached unless the body is read forever
+    try:
+        while loop.time() < deadline:
+            writer.write(b"1\r\n \r\n")
+            await writer.drain()
+            try:
+                data = await asyncio.wait_for(reader.read(4096), 0.25)
+            except TimeoutError:
+                continue
+            if not data:
+                break
+            answer += data
+    except ConnectionError:
+        answer += await reader.read()
+    finally:
+        writer.close()
+    return answer
+
+
+async def test_a_body_trickled_in_is_cut_and_holds_no_share_of_the_large_bodies_budget(
+    make_client: Any, fake_anthropic: fa.FakeAnthropic
+) -> None:
+    """Three connections of a client key sending a chunked body a byte at a time held the share of large bodies
+    (96 MiB, 32 MiB each) for as long as they kept going: every other caller's /v1 body over 1 MiB, the admin's
+    included, waited 30 s and got 503."""
+    client = await make_client(server={"header_timeout_seconds": 1.0})
+    key = add_client("slow", "--rpm", "1")
+    answers = await asyncio.gather(
+        *(_trickle(client.port, "/v1/chat/completions", key) for _ in range(3)),
+        _trickle(client.port, "/api/chat", key),
+    )
+    for answer in answers:
+        assert answer.startswith(b"HTTP/1.1 408 "), answer[:200]
+    assert b'"type": "invalid_request_error"' in answers[0] and b'"code": "REQUEST_TIMEOUT"' in answers[-1], answers
+    token = load_or_create_token(state.config(client.server.app).data_dir)
+    big = {"model": "anthropic/claude-sonnet-4-5", "max_tokens": 10, "messages": [{"role": "user", "content": "x" * 2**21}]}
+    async with client.post("/v1/chat/completions", json=big, headers=bearer(token)) as resp:
+        assert resp.status == 200, await resp.text()
