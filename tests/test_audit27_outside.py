@@ -162,6 +162,10 @@ async def test_a_body_trickled_in_is_cut_and_holds_no_share_of_the_large_bodies_
         assert answer.startswith(b"HTTP/1.1 408 "), answer[:200]
     assert b'"type": "invalid_request_error"' in answers[0] and b'"code": "REQUEST_TIMEOUT"' in answers[-1], answers
     token = load_or_create_token(state.config(client.server.app).data_dir)
-    big = {"model": "anthropic/claude-sonnet-4-5", "max_tokens": 10, "messages": [{"role": "user", "content": "x" * 2**21}]}
+    big = {
+        "model": "anthropic/claude-sonnet-4-5",
+        "max_tokens": 10,
+        "messages": [{"role": "user", "content": "x" * 2**21}],
+    }
     async with client.post("/v1/chat/completions", json=big, headers=bearer(token)) as resp:
         assert resp.status == 200, await resp.text()
