@@ -169,3 +169,49 @@ async def test_a_body_trickled_in_is_cut_and_holds_no_share_of_the_large_bodies_
     }
     async with client.post("/v1/chat/completions", json=big, headers=bearer(token)) as resp:
         assert resp.status == 200, await resp.text()
+
+
+# --- text that is no UTF-8: a header's bytes, a JSON escape of half a character --------------------------
+
+
+async def _raw_post(port: int, path: str, body: bytes, headers: bytes) -> bytes:
+    """One request written byte for byte (an HTTP library would encode or refuse these headers)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(
+        b"POST " + path.encode() + b" HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+        b"anthropic-version: 2023-06-01\r\nConnection: close\r\n"
+        + headers
+        + b"Content-Length: "
+        + str(len(body)).encode()
+        + b"\r\n\r\n"
+        + body
+    )
+    await writer.drain()
+    answer = await reader.read()
+    writer.close()
+    return answer
+
+
+async def test_a_session_header_or_model_id_that_is_no_utf8_is_never_a_500(
+    make_client: Any, fake_anthropic: fa.FakeAnthropic, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A session header in Latin-1 (``café``, as Python's http.client sends it) and a model id holding a lone
+    surrogate (``\\ud800``, valid JSON) reached the ledger's journal, which cannot write them: 500
+    INTERNAL_ERROR with a traceback, on every /v1 endpoint."""
+    client = await make_client(providers={"openai": {"base_url": "http://127.0.0.1:9"}})
+    key = add_client("alice").encode()
+    auth = b"Authorization: Bearer " + key + b"\r\n"
+    chat = b'{"model": "anthropic/claude-sonnet-4-5", "max_tokens": 8, "messages": [{"role": "user", "content": "hi"}]}'
+    for path in ("/v1/chat/completions", "/v1/messages"):
+        for header in (b"X-Agentspace-Session: caf\xe9\r\n", b"X-Claude-Code-Session-Id: \xff\xfe\r\n"):
+            answer = await _raw_post(client.port, path, chat, auth + header)
+            assert answer.startswith(b"HTTP/1.1 200 "), answer[:300]
+    surrogate = rb'{"model": "openai/x\ud800", "max_tokens": 8, "messages": [{"role": "user", "content": "hi"}]}'
+    for path in ("/v1/chat/completions", "/v1/messages", "/v1/responses"):
+        answer = await _raw_post(client.port, path, surrogate, auth)
+        assert answer.startswith((b"HTTP/1.1 400 ", b"HTTP/1.1 404 ")), answer[:300]
+    assert not [r for r in caplog.records if r.levelname == "ERROR" or r.exc_info], caplog.text
+    records = await client.server.app[state.REGISTRY].usage.records()
+    assert len(records) == 4 and all(r["sessionId"] for r in records), records
+    async with client.get("/api/usage?by=session", headers=bearer(key.decode())) as resp:
+        assert resp.status == 200 and len((await resp.json())["perSession"]) == 2
