@@ -215,3 +215,33 @@ async def test_a_session_header_or_model_id_that_is_no_utf8_is_never_a_500(
     assert len(records) == 4 and all(r["sessionId"] for r in records), records
     async with client.get("/api/usage?by=session", headers=bearer(key.decode())) as resp:
         assert resp.status == 200 and len((await resp.json())["perSession"]) == 2
+
+
+async def _raw_get(port: int, path: str, headers: bytes) -> bytes:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(b"GET " + path.encode() + b" HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n" + headers + b"\r\n")
+    await writer.drain()
+    answer = await reader.read()
+    writer.close()
+    return answer
+
+
+async def test_a_credential_that_is_no_utf8_is_refused_as_a_wrong_one(
+    client: TestClient, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A credential whose bytes are no UTF-8 (a header) or that holds a lone surrogate (the auth frame's JSON)
+    could not be compared with the gateway token: anyone without a credential got aiohttp's text/plain 500 with a
+    traceback in the log, on every route, and the WebSocket a broken connection."""
+    for path, header in (
+        ("/api/sessions", b"Authorization: Bearer \xe9\xe9\r\n"),
+        ("/v1/models", b"x-api-key: \xffabcdef\r\n"),
+    ):
+        answer = await _raw_get(client.port, path, header)
+        assert answer.startswith(b"HTTP/1.1 401 ") and b"application/json" in answer, answer[:300]
+    async with client.ws_connect("/gateway") as socket:
+        await socket.send_str('{"type": "auth", "id": "1", "token": "\\udcff"}')
+        frame = await ws.receive(socket)
+        assert frame["code"] == "UNAUTHORIZED", frame
+        assert (await socket.receive()).type.name in ("CLOSE", "CLOSING", "CLOSED")
+        assert socket.close_code == 4401
+    assert not [r for r in caplog.records if r.levelname == "ERROR" or r.exc_info], caplog.text
