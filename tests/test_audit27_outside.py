@@ -6,8 +6,10 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+from pathlib import Path
 from typing import Any
 
+import aiohttp
 import anthropic
 import pytest
 from aiohttp.test_utils import TestClient
@@ -16,6 +18,7 @@ import tests.fakes.anthropic_upstream as fa
 import tests.fakes.openai_upstream as fo
 from agentspace.gateway_token import load_or_create_token
 from agentspace.transports import state
+from scripts.harness import GatewayProcess
 from tests.support import ws
 from tests.test_clients import add_client, bearer
 
@@ -245,3 +248,38 @@ async def test_a_credential_that_is_no_utf8_is_refused_as_a_wrong_one(
         assert (await socket.receive()).type.name in ("CLOSE", "CLOSING", "CLOSED")
         assert socket.close_code == 4401
     assert not [r for r in caplog.records if r.levelname == "ERROR" or r.exc_info], caplog.text
+
+
+# --- requests that are no HTTP: refused, without a traceback each ---------------------------------------
+
+
+MALFORMED = [
+    b"GET /api/sessions?q=\xff HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n",  # a byte no URL has
+    b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nHost: 127.0.0.1\r\n\r\n",  # two Hosts
+    b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: -1\r\n\r\n",
+    b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nBad Header: x\r\n\r\n",
+]
+
+
+async def test_malformed_requests_from_anyone_are_refused_without_a_traceback_each(
+    tmp_path: Path, fake_anthropic: fa.FakeAnthropic
+) -> None:
+    """aiohttp logged each request it could not parse at ERROR with its traceback (11 lines): anyone who can
+    reach the port could fill the log with them. They are one warning line, at most one a minute."""
+    server = GatewayProcess(tmp_path / "data", fake_anthropic.url)
+    url = await server.start()
+    port = int(url.rsplit(":", 1)[1])
+    try:
+        for _ in range(5):
+            for request in MALFORMED:
+                reader, writer = await asyncio.open_connection("127.0.0.1", port)
+                writer.write(request)
+                await writer.drain()
+                assert (await reader.read()).startswith(b"HTTP/1.0 400 "), request
+                writer.close()
+        async with aiohttp.ClientSession() as http, http.get(f"{url}/healthz") as resp:
+            assert resp.status == 200
+    finally:
+        assert await server.terminate() == 0
+    assert server.log_problems() == [], server.log()
+    assert 1 <= server.log().count("malformed request") <= 2, server.log()
