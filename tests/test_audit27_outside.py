@@ -20,6 +20,7 @@ from agentspace.gateway_token import load_or_create_token
 from agentspace.transports import state
 from scripts.harness import GatewayProcess
 from tests.support import ws
+from tests.support.ui_stream import post_chat
 from tests.test_clients import add_client, bearer
 
 MESSAGES = [{"role": "user", "content": "hi"}]
@@ -283,3 +284,28 @@ async def test_malformed_requests_from_anyone_are_refused_without_a_traceback_ea
         assert await server.terminate() == 0
     assert server.log_problems() == [], server.log()
     assert 1 <= server.log().count("malformed request") <= 2, server.log()
+
+
+# --- session ids belong to their owner: the export too ------------------------------------------------
+
+
+async def test_an_export_names_the_session_by_the_callers_id_never_the_stored_one(
+    client: TestClient, auth_headers: dict[str, str]
+) -> None:
+    """A client's session whose id another caller had first is stored as ``<id>-c<hash>``. The export named it so
+    (``Session `taken-c2bd806c97f```), where every other answer says ``taken``: exporting a session of one's own
+    told whether anyone else had that id."""
+    resp = await post_chat(client, auth_headers, "taken")
+    await resp.read()
+    key = add_client("alice")
+    for chat_id in ("taken", "free"):
+        resp = await post_chat(client, bearer(key), chat_id)
+        assert resp.status == 200
+        await resp.read()
+    for chat_id in ("taken", "free"):
+        async with client.get(f"/api/sessions/{chat_id}/export?format=md", headers=bearer(key)) as resp:
+            markdown = await resp.text()
+        assert f"Session `{chat_id}` ·" in markdown, markdown
+        async with client.get(f"/api/sessions/{chat_id}/export?format=json", headers=bearer(key)) as resp:
+            document = json.loads(await resp.text())
+        assert document["session"]["id"] == chat_id, document["session"]["id"]
