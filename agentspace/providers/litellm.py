@@ -621,8 +621,8 @@ def _web_searches(usage: Any, details: Any) -> dict[str, int] | None:
             if isinstance(holder, dict)
             else getattr(holder, "web_search_requests", None)
         )
-        if reported_count(n):
-            return {"web_search": n}
+        if count := reported_count(n):
+            return {"web_search": count}
     return None
 
 
