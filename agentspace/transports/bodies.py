@@ -30,7 +30,7 @@ MAX_CONTAINERS = 1_000_000  # about 70 MB decoded at most
 OFF_LOOP_BYTES = 1024 * 1024
 IN_FLIGHT_BYTES = 96 * 1024 * 1024  # large bodies being read or decoded at once, per process
 WAIT_SECONDS = 30.0  # how long a large body waits for its share before 503
-MIN_BYTES_PER_SECOND = 64 * 1024  # a body's average rate at least, once the header timeout's grace is over
+MIN_BYTES_PER_SECOND = 16 * 1024  # a body's average rate at least (128 kbit/s: slow links pass), after the grace
 
 
 class BodyTooLarge(Exception):
