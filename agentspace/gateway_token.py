@@ -100,10 +100,11 @@ def rotate_token(data_dir: str | os.PathLike[str]) -> str:
 
 
 def token_matches(expected: str | None, given: str | None) -> bool:
-    """Constant-time comparison; an empty or missing token never matches."""
+    """Constant-time comparison; an empty or missing token never matches. ``surrogatepass``: a header's bytes that
+    are no UTF-8 (and an auth frame's lone surrogates) arrive as surrogates, a wrong token like any other."""
     if not expected or not given:
         return False
-    return hmac.compare_digest(expected.encode("utf-8"), given.encode("utf-8"))
+    return hmac.compare_digest(expected.encode("utf-8", "surrogatepass"), given.encode("utf-8", "surrogatepass"))
 
 
 class TokenFile:

@@ -175,6 +175,24 @@ class EscapingFormatter(logging.Formatter):
         return super().formatMessage(record)
 
 
+class MalformedRequests(logging.Filter):
+    """aiohttp logs each request it cannot parse (a byte no URL has, two Host headers) at ERROR with its
+    traceback: anyone who reaches the port could fill the log with them. Such a request is answered 400 by
+    aiohttp all the same; here it becomes one warning line, at most one per ``WARN_INTERVAL_SECONDS``."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        from aiohttp.http_exceptions import HttpProcessingError
+
+        error = record.exc_info[1] if record.exc_info else None
+        if not isinstance(error, HttpProcessingError):
+            return True
+        first = str(error.message).strip().splitlines()[0] if str(error.message).strip() else type(error).__name__
+        warn_limited(
+            logging.getLogger("agentspace.server"), "malformed-request", "malformed request refused: %s", first
+        )
+        return False
+
+
 def configure_logging(config: Config) -> None:
     level = getattr(logging, str(config["logging"]["level"]).upper())
     handler = logging.StreamHandler(sys.stderr)
@@ -186,3 +204,6 @@ def configure_logging(config: Config) -> None:
     # keep them quiet.
     for noisy in ("LiteLLM", "litellm", "httpx", "httpcore", "httpx2", "httpcore2", "anthropic"):
         logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
+    server_log = logging.getLogger("aiohttp.server")
+    if not any(isinstance(f, MalformedRequests) for f in server_log.filters):
+        server_log.addFilter(MalformedRequests())

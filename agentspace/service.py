@@ -451,7 +451,7 @@ class Service:
         session = await self._owned(checked(session_id, "id", session_id_problem))
         if fmt not in EXPORT_FORMATS:
             raise invalid({"format": f"must be one of {', '.join(EXPORT_FORMATS)}"})
-        return export_session(current(session), str(fmt))
+        return export_session(self._shown(current(session)), str(fmt))  # the caller's id, never the stored one
 
     def check_model(self, model: str) -> None:
         try:

@@ -194,6 +194,20 @@ def in_estimated_order(fields: Iterable[str]) -> tuple[str, ...]:
     return tuple(sorted(dict.fromkeys(fields), key=lambda name: _ESTIMABLE_RANK.get(name, len(_ESTIMABLE_RANK))))
 
 
+# The largest token count an upstream's report is taken at: far above any call, and small enough that a cost
+# priced from it stays a finite float and a PostgreSQL bigint holds the sums.
+MAX_REPORTED_COUNT = 2**31 - 1
+
+
+def reported_count(value: Any) -> int | None:
+    """A token count as an upstream reported it, or None when it is not one (negative, fractional, a bool, a
+    string, past ``MAX_REPORTED_COUNT``): such a figure is not taken, as if not reported, so that it can neither
+    refund a budget, price a call at infinity nor write a record the store cannot read back."""
+    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= MAX_REPORTED_COUNT:
+        return value
+    return None
+
+
 @dataclass(slots=True)
 class TokenUsage:
     input_tokens: int = 0

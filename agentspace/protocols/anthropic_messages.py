@@ -35,6 +35,7 @@ from ..types import (
     compact_json,
     json_bytes,
     new_id,
+    reported_count,
 )
 from .openai_chat import RequestError as ParamError
 from .openai_chat import sampling_params
@@ -105,31 +106,28 @@ def error_code_for_type(error_type: str) -> str:
 
 
 def update_usage(current: TokenUsage | None, usage: dict[str, Any]) -> TokenUsage:
-    """Apply one reported usage object: each field it carries overwrites (streamed usage is cumulative)."""
+    """Apply one reported usage object: each field it carries overwrites (streamed usage is cumulative). A
+    figure that is no token count (``reported_count``) is left out, as if not reported."""
     out = current if current is not None else TokenUsage()
-    if usage.get("input_tokens") is not None:
-        out.input_tokens = usage["input_tokens"]
-    if usage.get("output_tokens") is not None:
-        out.output_tokens = usage["output_tokens"]
-    if usage.get("cache_read_input_tokens") is not None:
-        out.cache_read_tokens = usage["cache_read_input_tokens"]
-    if usage.get("cache_creation_input_tokens") is not None:
-        out.cache_write_tokens = usage["cache_creation_input_tokens"]
+    if (n := reported_count(usage.get("input_tokens"))) is not None:
+        out.input_tokens = n
+    if (n := reported_count(usage.get("output_tokens"))) is not None:
+        out.output_tokens = n
+    if (n := reported_count(usage.get("cache_read_input_tokens"))) is not None:
+        out.cache_read_tokens = n
+    if (n := reported_count(usage.get("cache_creation_input_tokens"))) is not None:
+        out.cache_write_tokens = n
     creation = usage.get("cache_creation")
-    if isinstance(creation, dict) and creation.get("ephemeral_1h_input_tokens") is not None:
-        out.cache_write_1h_tokens = creation["ephemeral_1h_input_tokens"]  # priced as 1-hour writes
+    if isinstance(creation, dict) and (n := reported_count(creation.get("ephemeral_1h_input_tokens"))) is not None:
+        out.cache_write_1h_tokens = n  # priced as 1-hour writes
     details = usage.get("output_tokens_details")
-    if isinstance(details, dict) and details.get("thinking_tokens") is not None:
-        out.reasoning_tokens = details["thinking_tokens"]
+    if isinstance(details, dict) and (n := reported_count(details.get("thinking_tokens"))) is not None:
+        out.reasoning_tokens = n
     if isinstance(usage.get("inference_geo"), str):  # where it ran: "us" costs more (ModelInfo.geo_multipliers)
         out.inference_geo = usage["inference_geo"]
     tools = usage.get("server_tool_use")
     if isinstance(tools, dict):  # {"web_search_requests": 3, "web_fetch_requests": 1}: billed per use
-        counts = {
-            k.removesuffix("_requests"): int(v)
-            for k, v in tools.items()
-            if isinstance(v, int) and not isinstance(v, bool) and v > 0
-        }
+        counts = {k.removesuffix("_requests"): n for k, v in tools.items() if (n := reported_count(v))}
         out.server_tool_use = counts or None
     return out
 

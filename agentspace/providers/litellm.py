@@ -46,6 +46,7 @@ from ..types import (
     TokenUsage,
     ToolCallPart,
     ToolResultPart,
+    reported_count,
 )
 from ..vault import missing_key_message
 from .base import (
@@ -505,8 +506,8 @@ async def embed(
         raise _map_error(e, request, settings["key_name"] or request.prefix) from None
     vectors = [item["embedding"] if isinstance(item, dict) else item.embedding for item in response.data]
     usage = getattr(response, "usage", None)
-    prompt = getattr(usage, "prompt_tokens", None) if usage is not None else None
-    return vectors, TokenUsage(input_tokens=prompt) if isinstance(prompt, int) else None
+    prompt = reported_count(getattr(usage, "prompt_tokens", None)) if usage is not None else None
+    return vectors, TokenUsage(input_tokens=prompt) if prompt is not None else None
 
 
 # --- the stream -----------------------------------------------------------------------------------
@@ -592,20 +593,21 @@ def _parse_arguments(raw: str) -> Any:
 
 
 def _token_usage(usage: Any) -> TokenUsage | None:
+    """The usage litellm parsed; a figure that is no token count (``reported_count``) is taken as 0."""
     if usage is None:
         return None
-    prompt = usage.prompt_tokens or 0
+    prompt = reported_count(usage.prompt_tokens) or 0
     details = getattr(usage, "prompt_tokens_details", None)
-    cached = (getattr(details, "cached_tokens", None) or 0) if details is not None else 0
-    cache_write = (getattr(details, "cache_creation_tokens", None) or 0) if details is not None else 0
+    cached = (reported_count(getattr(details, "cached_tokens", None)) or 0) if details is not None else 0
+    cache_write = (reported_count(getattr(details, "cache_creation_tokens", None)) or 0) if details is not None else 0
     completion_details = getattr(usage, "completion_tokens_details", None)
-    reasoning = (getattr(completion_details, "reasoning_tokens", None) or 0) if completion_details is not None else 0
+    reasoning = getattr(completion_details, "reasoning_tokens", None) if completion_details is not None else None
     return TokenUsage(
         input_tokens=max(0, prompt - cached - cache_write),
-        output_tokens=usage.completion_tokens or 0,
+        output_tokens=reported_count(usage.completion_tokens) or 0,
         cache_read_tokens=cached,
         cache_write_tokens=cache_write,
-        reasoning_tokens=reasoning,
+        reasoning_tokens=reported_count(reasoning) or 0,
         server_tool_use=_web_searches(usage, details),
     )
 
@@ -619,8 +621,8 @@ def _web_searches(usage: Any, details: Any) -> dict[str, int] | None:
             if isinstance(holder, dict)
             else getattr(holder, "web_search_requests", None)
         )
-        if isinstance(n, int) and not isinstance(n, bool) and n > 0:
-            return {"web_search": n}
+        if count := reported_count(n):
+            return {"web_search": count}
     return None
 
 

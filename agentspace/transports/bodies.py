@@ -10,6 +10,9 @@
   its share before reading (unread, it stays in the socket: the kernel's buffer, then TCP back-pressure).
 - A body past ``OFF_LOOP_BYTES`` is decoded on a worker thread, so the event loop's other work (``/healthz``,
   streams) is not queued behind it.
+- A body must keep coming: after ``[server] header_timeout_seconds`` it must have arrived at ``MIN_BYTES_PER_SECOND``
+  on average, else the request is answered 408 and its connection closed. A body trickled in (a byte a second)
+  would otherwise hold its connection and its share of the budget above for as long as its sender likes.
 """
 
 from __future__ import annotations
@@ -21,10 +24,13 @@ from typing import Any
 
 from aiohttp import web
 
+from . import state
+
 MAX_CONTAINERS = 1_000_000  # about 70 MB decoded at most
 OFF_LOOP_BYTES = 1024 * 1024
 IN_FLIGHT_BYTES = 96 * 1024 * 1024  # large bodies being read or decoded at once, per process
 WAIT_SECONDS = 30.0  # how long a large body waits for its share before 503
+MIN_BYTES_PER_SECOND = 16 * 1024  # a body's average rate at least (128 kbit/s: slow links pass), after the grace
 
 
 class BodyTooLarge(Exception):
@@ -111,23 +117,33 @@ async def read_json(request: web.Request, limit: int) -> tuple[Any, bytes]:
             await budget.take(share)
         except TimeoutError:
             raise GatewayBusy() from None
+    grace = float(state.config(request.app)["server"]["header_timeout_seconds"])
     try:
         chunks: list[bytes] = []
         size = containers = 0
-        async for chunk in request.content.iter_any():
-            size += len(chunk)
-            if size > limit:
-                request[UNREAD] = True
-                raise BodyTooLarge(limit)
-            containers += chunk.count(b"{") + chunk.count(b"[")
-            if containers > MAX_CONTAINERS:
-                request[UNREAD] = True
-                raise BodyInvalid(f"more than {MAX_CONTAINERS} objects and arrays")
-            chunks.append(chunk)
+        start = asyncio.get_running_loop().time()
+        async with asyncio.timeout_at(start + grace) as deadline:
+            async for chunk in request.content.iter_any():
+                size += len(chunk)
+                deadline.reschedule(start + grace + size / MIN_BYTES_PER_SECOND)
+                if size > limit:
+                    request[UNREAD] = True
+                    raise BodyTooLarge(limit)
+                containers += chunk.count(b"{") + chunk.count(b"[")
+                if containers > MAX_CONTAINERS:
+                    request[UNREAD] = True
+                    raise BodyInvalid(f"more than {MAX_CONTAINERS} objects and arrays")
+                chunks.append(chunk)
         raw = b"".join(chunks)
         del chunks
         body = await asyncio.to_thread(decode, raw) if size > OFF_LOOP_BYTES else decode(raw)
         return body, raw
+    except TimeoutError:
+        request[UNREAD] = True
+        raise web.HTTPRequestTimeout(
+            reason=f"The request body did not arrive in time (at least {MIN_BYTES_PER_SECOND // 1024} KiB/s "
+            f"after the first {grace:g} s)."
+        ) from None
     finally:
         if share:
             await budget.give(share)

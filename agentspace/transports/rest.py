@@ -32,7 +32,7 @@ CORS_HEADERS = "Authorization, Content-Type"
 CORS_MAX_AGE = "600"
 
 # Codes for errors aiohttp raises itself (no route, wrong method, body too large).
-HTTP_ERROR_CODES = {404: "NOT_FOUND", 405: "METHOD_NOT_ALLOWED", 413: "PAYLOAD_TOO_LARGE"}
+HTTP_ERROR_CODES = {404: "NOT_FOUND", 405: "METHOD_NOT_ALLOWED", 408: "REQUEST_TIMEOUT", 413: "PAYLOAD_TOO_LARGE"}
 
 
 # --- handlers -----------------------------------------------------------------------------------

@@ -18,8 +18,8 @@ from ..errors import ApiError
 from ..events import ProviderError, ProviderEvent, ProviderFinish
 from ..providers.base import ProviderRequest
 from ..providers.upstream_http import watch_client
-from ..service import Service
-from ..types import TokenUsage
+from ..service import Service, model_id_problem
+from ..types import TokenUsage, clean_text
 from . import bodies, state, v1_errors
 from .bodies import BodyTooLarge
 
@@ -73,7 +73,9 @@ def service(request: web.Request) -> Service:
 
 def session_id(request: web.Request) -> str | None:
     for name in SESSION_HEADERS:
-        value = request.headers.get(name, "").strip()
+        # A header's bytes that are no UTF-8 (Latin-1 ``café``, as http.client sends it) arrive as lone
+        # surrogates, which no store can write: each becomes U+FFFD.
+        value = clean_text(request.headers.get(name, "")).strip()
         if value:
             return value[:200]
     return None
@@ -105,7 +107,10 @@ def refusal(request: web.Request, error: ApiError) -> web.Response:
 
 
 def anthropic_model(model: str) -> str | None:
-    """Our id for a model an Anthropic client names: a bare ``claude-*`` id means ``anthropic/claude-*``."""
+    """Our id for a model an Anthropic client names: a bare ``claude-*`` id means ``anthropic/claude-*``. None for
+    one that is no model id (``model_id_problem``: a lone surrogate, a control character...)."""
+    if model_id_problem(model) is not None:
+        return None
     if "/" in model:
         return model
     if model.startswith("claude-"):
@@ -114,7 +119,10 @@ def anthropic_model(model: str) -> str | None:
 
 
 def openai_model(model: str) -> str | None:
-    """Our id for a model an OpenAI client names: ``provider/model``, or a bare id the cost map knows."""
+    """Our id for a model an OpenAI client names: ``provider/model``, or a bare id the cost map knows (None for one
+    that is no model id, as ``anthropic_model``)."""
+    if model_id_problem(model) is not None:
+        return None
     if "/" in model:
         return model
     if model.startswith("claude-"):
