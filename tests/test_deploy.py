@@ -289,6 +289,18 @@ async def test_websocket_and_ui_stream_through_nginx_arrive_as_they_are_made(sta
             assert r.status == 200
             assert [m["role"] for m in (await r.json())["session"]["messages"]] == ["user", "assistant"]
 
+        # A body the gateway takes reaches it: /v1 takes 32 MiB (a long Claude Code session with its images),
+        # /api/chat a session's files on top of max_body_bytes. The proxy must not answer 413 first.
+        fake_anthropic.enqueue(text_response("Read it."))
+        big = {
+            "model": "anthropic/claude-sonnet-4-6",
+            "max_tokens": 10,
+            "messages": [{"role": "user", "content": "word " * (4 * 1024 * 1024)}],  # 20 MiB
+        }
+        async with http.post(f"{stack.url}/v1/chat/completions", ssl=stack.ssl, headers=HEADERS, json=big) as r:
+            assert r.status == 200, (r.status, (await r.text())[:300])
+            assert (await r.json())["choices"][0]["message"]["content"] == "Read it."
+
 
 async def read_until(stream: asyncio.StreamReader, text: bytes, timeout: float) -> bytes:
     seen = b""
