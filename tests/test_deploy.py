@@ -409,6 +409,21 @@ async def test_migrated_client_keys_work_through_nginx_on_both_workers(stack: St
             capture_output=True, text=True, check=True,
         )  # fmt: skip
         assert kept.stdout.strip(), "nginx closed every connection to the gateway"
+    # ... and closes the idle ones before the gateway would ([server] header_timeout_seconds): a request nginx
+    # sends on a connection the gateway is closing gets a 502, and nginx does not retry a POST. Whoever closes
+    # first keeps the connection in TIME-WAIT: it must be nginx's end, never the gateway's port.
+    deadline = time.monotonic() + 60
+    while subprocess.run(
+        ["ss", "-Htn", "state", "established", f"( dport = :{stack.gateway_port} )"],
+        capture_output=True, text=True, check=True,
+    ).stdout.strip():  # fmt: skip
+        assert time.monotonic() < deadline, "nginx kept its idle connections to the gateway"
+        await asyncio.sleep(0.5)
+    closed_by_gateway = subprocess.run(
+        ["ss", "-Htn", "state", "time-wait", f"( sport = :{stack.gateway_port} )"],
+        capture_output=True, text=True, check=True,
+    ).stdout  # fmt: skip
+    assert not closed_by_gateway.strip(), closed_by_gateway
 
     # SO_REUSEPORT spreads new connections over the two workers: each key is tried until both accepted it.
     for name, key in stack.keys.items():
