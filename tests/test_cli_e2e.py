@@ -60,6 +60,17 @@ async def test_chat_inspect_sessions_usage(client: TestClient, fake_anthropic: A
     assert "Second answer." in shown.output
 
 
+async def test_chat_takes_the_http_url_ask_takes(client: TestClient, fake_anthropic: Any, isolated_env: Path) -> None:
+    # `ask --url` and `chat --url` share AGENTSPACE_URL: the gateway's http(s) address must do for both, as
+    # docs/deploy.md's https://gateway.example.com does for ask (chat dials its /gateway WebSocket).
+    base = str(client.make_url("/")).rstrip("/")
+    for url in (base, base + "/"):
+        fake_anthropic.enqueue(text_response(f"Over {url}."))
+        result = await run_cli(["chat", "--url", url], isolated_env, input="hello\n")
+        assert result.exit_code == 0, result.output
+        assert f"Over {url}." in result.output
+
+
 async def test_chat_reports_errors(client: TestClient, isolated_env: Path, monkeypatch: Any) -> None:
     monkeypatch.delenv("ANTHROPIC_API_KEY")
     result = await run_cli(["chat", "--url", ws_url(client)], isolated_env, input="hello\n")

@@ -62,12 +62,24 @@ def resolve_token(state: CliState, token: str | None) -> str:
     return client_token(state.data_dir)
 
 
+def websocket_url(url: str) -> str:
+    """``http(s)://host[/path]`` -> ``ws(s)://host[/path]/gateway``, as ``ask`` takes either form of the URL
+    they share (``AGENTSPACE_URL``); a ``ws(s)://`` URL is kept as given."""
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https"):
+        return url
+    path = parts.path.rstrip("/").removesuffix("/gateway")
+    return f"{'wss' if parts.scheme == 'https' else 'ws'}://{parts.netloc}{path}/gateway"
+
+
 class GatewayConnection:
     """One WebSocket to ``/gateway``. A reader task keeps receiving (so pings are answered while the
     user types) and queues frames; a closed socket is reopened on the next send."""
 
     def __init__(self, url: str, token: str) -> None:
-        self.url = url
+        self.url = websocket_url(url)
         self.token = token
         self._http: aiohttp.ClientSession | None = None
         self._ws: aiohttp.ClientWebSocketResponse | None = None
