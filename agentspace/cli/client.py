@@ -62,6 +62,14 @@ def resolve_token(state: CliState, token: str | None) -> str:
     return client_token(state.data_dir)
 
 
+def untrusted(url: str, error: aiohttp.ClientConnectorCertificateError) -> str:
+    """What to say when the gateway's TLS certificate (a proxy's, docs/deploy.md) is not trusted here."""
+    return (
+        f"The gateway at {url} presented a TLS certificate this machine does not trust "
+        f"({error.certificate_error}). Add its CA to the system's, or point SSL_CERT_FILE at it."
+    )
+
+
 def websocket_url(url: str) -> str:
     """``http(s)://host[/path]`` -> ``ws(s)://host[/path]/gateway``, as ``ask`` takes either form of the URL
     they share (``AGENTSPACE_URL``); a ``ws(s)://`` URL is kept as given."""
@@ -131,6 +139,8 @@ class GatewayConnection:
             raise click.ClickException(
                 f"WebSocket handshake with {self.url} failed (HTTP {e.status}). Is it an agentspace gateway?"
             ) from None
+        except aiohttp.ClientConnectorCertificateError as e:  # not a stopped gateway: waiting will not help
+            raise click.ClickException(untrusted(self.url, e)) from None
         except (aiohttp.ClientError, OSError) as e:
             raise Unreachable(
                 f"Cannot connect to the gateway at {self.url} ({e}). Start it with: agentspace serve"
