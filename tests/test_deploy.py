@@ -325,7 +325,10 @@ async def test_chat_through_nginx_waits_for_a_restart_and_sends_what_was_typed(
     )
     assert (await token.communicate())[0].decode().strip() == TOKEN
     banner = "Clients need the gateway token: the value of AGENTSPACE_GATEWAY_TOKEN."
-    assert (stack.config.parent / "serve.log").read_text().count(banner) == 2  # one per worker
+    deadline = time.monotonic() + 60  # the fixture waited for one worker; the other may still be starting
+    while (stack.config.parent / "serve.log").read_text().count(banner) < 2:  # one per worker
+        assert time.monotonic() < deadline, (stack.config.parent / "serve.log").read_text()
+        await asyncio.sleep(0.2)
     chat = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "agentspace", "chat", "--url", f"{stack.url.replace('https', 'wss')}/gateway",
         stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
