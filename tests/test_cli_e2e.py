@@ -60,6 +60,17 @@ async def test_chat_inspect_sessions_usage(client: TestClient, fake_anthropic: A
     assert "Second answer." in shown.output
 
 
+async def test_chat_takes_the_http_url_ask_takes(client: TestClient, fake_anthropic: Any, isolated_env: Path) -> None:
+    # `ask --url` and `chat --url` share AGENTSPACE_URL: the gateway's http(s) address must do for both, as
+    # docs/deploy.md's https://gateway.example.com does for ask (chat dials its /gateway WebSocket).
+    base = str(client.make_url("/")).rstrip("/")
+    for url in (base, base + "/"):
+        fake_anthropic.enqueue(text_response(f"Over {url}."))
+        result = await run_cli(["chat", "--url", url], isolated_env, input="hello\n")
+        assert result.exit_code == 0, result.output
+        assert f"Over {url}." in result.output
+
+
 async def test_chat_reports_errors(client: TestClient, isolated_env: Path, monkeypatch: Any) -> None:
     monkeypatch.delenv("ANTHROPIC_API_KEY")
     result = await run_cli(["chat", "--url", ws_url(client)], isolated_env, input="hello\n")
@@ -103,3 +114,34 @@ async def test_the_cli_reads_what_the_server_stores_while_it_runs(
     assert [m["content"] for m in served["messages"]] == ["Q9", "Answer 9."]
     shown = await run_cli(["sessions", "show", "live", "--json"], isolated_env)
     assert json.loads(shown.output)["messages"] == served["messages"]
+
+
+async def test_an_untrusted_certificate_is_named_not_a_stopped_gateway(tmp_path: Path, isolated_env: Path) -> None:
+    # docs/deploy.md puts the gateway behind nginx with TLS: a client machine that does not trust the
+    # certificate (self-signed, an internal CA) must be told so, not to start a server that is running.
+    import ssl
+    import subprocess
+
+    from aiohttp import web
+
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-keyout", str(key), "-out", str(cert),
+         "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(cert, key)
+    runner = web.AppRunner(web.Application())
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=context)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    try:
+        for command in (["ask", "--token", "t", "hi"], ["chat", "--token", "t"]):
+            result = await run_cli([*command, "--url", f"https://127.0.0.1:{port}"], isolated_env, input="hi\n")
+            assert result.exit_code == 1, result.output
+            assert "certificate" in result.output and "SSL_CERT_FILE" in result.output, result.output
+            assert "agentspace serve" not in result.output, result.output
+    finally:
+        await runner.cleanup()

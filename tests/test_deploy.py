@@ -289,6 +289,18 @@ async def test_websocket_and_ui_stream_through_nginx_arrive_as_they_are_made(sta
             assert r.status == 200
             assert [m["role"] for m in (await r.json())["session"]["messages"]] == ["user", "assistant"]
 
+        # A body the gateway takes reaches it: /v1 takes 32 MiB (a long Claude Code session with its images),
+        # /api/chat a session's files on top of max_body_bytes. The proxy must not answer 413 first.
+        fake_anthropic.enqueue(text_response("Read it."))
+        big = {
+            "model": "anthropic/claude-sonnet-4-6",
+            "max_tokens": 10,
+            "messages": [{"role": "user", "content": "word " * (4 * 1024 * 1024)}],  # 20 MiB
+        }
+        async with http.post(f"{stack.url}/v1/chat/completions", ssl=stack.ssl, headers=HEADERS, json=big) as r:
+            assert r.status == 200, (r.status, (await r.text())[:300])
+            assert (await r.json())["choices"][0]["message"]["content"] == "Read it."
+
 
 async def read_until(stream: asyncio.StreamReader, text: bytes, timeout: float) -> bytes:
     seen = b""
@@ -313,7 +325,10 @@ async def test_chat_through_nginx_waits_for_a_restart_and_sends_what_was_typed(
     )
     assert (await token.communicate())[0].decode().strip() == TOKEN
     banner = "Clients need the gateway token: the value of AGENTSPACE_GATEWAY_TOKEN."
-    assert (stack.config.parent / "serve.log").read_text().count(banner) == 2  # one per worker
+    deadline = time.monotonic() + 60  # the fixture waited for one worker; the other may still be starting
+    while (stack.config.parent / "serve.log").read_text().count(banner) < 2:  # one per worker
+        assert time.monotonic() < deadline, (stack.config.parent / "serve.log").read_text()
+        await asyncio.sleep(0.2)
     chat = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "agentspace", "chat", "--url", f"{stack.url.replace('https', 'wss')}/gateway",
         stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
@@ -397,6 +412,21 @@ async def test_migrated_client_keys_work_through_nginx_on_both_workers(stack: St
             capture_output=True, text=True, check=True,
         )  # fmt: skip
         assert kept.stdout.strip(), "nginx closed every connection to the gateway"
+    # ... and closes the idle ones before the gateway would ([server] header_timeout_seconds): a request nginx
+    # sends on a connection the gateway is closing gets a 502, and nginx does not retry a POST. Whoever closes
+    # first keeps the connection in TIME-WAIT: it must be nginx's end, never the gateway's port.
+    deadline = time.monotonic() + 60
+    while subprocess.run(
+        ["ss", "-Htn", "state", "established", f"( dport = :{stack.gateway_port} )"],
+        capture_output=True, text=True, check=True,
+    ).stdout.strip():  # fmt: skip
+        assert time.monotonic() < deadline, "nginx kept its idle connections to the gateway"
+        await asyncio.sleep(0.5)
+    closed_by_gateway = subprocess.run(
+        ["ss", "-Htn", "state", "time-wait", f"( sport = :{stack.gateway_port} )"],
+        capture_output=True, text=True, check=True,
+    ).stdout  # fmt: skip
+    assert not closed_by_gateway.strip(), closed_by_gateway
 
     # SO_REUSEPORT spreads new connections over the two workers: each key is tried until both accepted it.
     for name, key in stack.keys.items():

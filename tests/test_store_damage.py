@@ -284,3 +284,18 @@ def test_doctor_checks_the_data_directory_the_config_names(isolated_env: Path, t
         result = CliRunner().invoke(cli, args)
         assert result.exit_code == 1, result.output
         assert f"{segment}: damaged usage segment" in result.output and f"problem(s) in {data_dir}" in result.output
+
+
+def test_doctor_on_a_postgres_gateway_does_not_count_the_empty_files(isolated_env: Path, tmp_path: Path) -> None:
+    # With the postgres backend the sessions, usage and clients are in the database: the data directory's
+    # (absent) store files are not "0 sessions, 0 records, 0 clients", which reads as if everything were lost.
+    data_dir = tmp_path / "data"
+    config = tmp_path / "agentspace.toml"
+    config.write_text(
+        f'[storage]\ndata_dir = "{data_dir}"\nbackend = "postgres"\n'
+        'dsn = "postgresql://agentspace:PASSWORD@127.0.0.1:1/agentspace"\n'
+    )
+    result = CliRunner().invoke(cli, ["doctor", "--config", str(config)])
+    assert result.exit_code == 0, result.output
+    assert "sessions: 0 readable" not in result.output and "clients: 0 readable" not in result.output
+    assert "in PostgreSQL" in result.output and "secrets: ok" in result.output

@@ -321,6 +321,8 @@ def test_chat_streams_markdown_with_code_reasoning_sources_and_tools(web: Page, 
     # The answer is on screen while it is still streaming.
     page.wait_for_selector("li.message.assistant[data-state=streaming] .answer > .md")
     assert answer(page).get_attribute("data-state") == "streaming"
+    # One answer on screen: the placeholder shown until the first words is the answer, not a bubble beside it.
+    assert page.locator("li.message.assistant").count() == 1
     assert page.locator("li.message.assistant[data-state=streaming] .answer > .md").first.inner_text() != ""
     page.wait_for_selector("li.message.assistant[data-state=done] .meta")
     done = answer(page)

@@ -52,6 +52,8 @@ async def _gateway_default(http: Any, base: str, headers: dict[str, str]) -> str
 async def _ask(base: str, token: str, body: dict[str, Any], fallback_model: str) -> int:
     import aiohttp
 
+    from .client import untrusted
+
     url = f"{base}/v1/chat/completions"
     headers = {"Authorization": f"Bearer {token}"}
     timeout = aiohttp.ClientTimeout(total=TIMEOUT_SECONDS)
@@ -84,6 +86,8 @@ async def _ask(base: str, token: str, body: dict[str, Any], fallback_model: str)
                             click.echo(delta, nl=False)
                             wrote = True
                         finish = choice.get("finish_reason") or finish
+        except aiohttp.ClientConnectorCertificateError as e:
+            raise click.ClickException(untrusted(base, e)) from None
         except (aiohttp.ClientError, OSError, TimeoutError) as e:
             raise click.ClickException(
                 f"Cannot reach the gateway at {base} ({e or type(e).__name__}). Start it with: agentspace serve"

@@ -274,7 +274,7 @@ async def run_chat(url: str, token: str, session_id: str | None, model: str | No
             previous_handler = None  # not the main thread, or Windows: Ctrl-C just exits
         try:
             if interactive:
-                click.secho(f"Connected to {url}. {HELP_LINE}", err=True, dim=True)
+                click.secho(f"Connected to {gateway.url}. {HELP_LINE}", err=True, dim=True)
             failures = await _converse(chat, stop, editor)
             if interactive:
                 click.echo(err=True)  # leave the shell prompt on a line of its own
@@ -343,7 +343,7 @@ async def _until_stopped(awaitable: Any, stop: asyncio.Event) -> Any:
 @click.option(
     "--url",
     envvar="AGENTSPACE_URL",
-    help="Gateway WebSocket URL (default: where `serve` last listened on this data directory, else [server]).",
+    help="Gateway URL, ws:// or http:// (default: where `serve` last listened on this data directory, else [server]).",
 )
 @click.option(
     "--token",

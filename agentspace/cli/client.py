@@ -62,12 +62,32 @@ def resolve_token(state: CliState, token: str | None) -> str:
     return client_token(state.data_dir)
 
 
+def untrusted(url: str, error: aiohttp.ClientConnectorCertificateError) -> str:
+    """What to say when the gateway's TLS certificate (a proxy's, docs/deploy.md) is not trusted here."""
+    return (
+        f"The gateway at {url} presented a TLS certificate this machine does not trust "
+        f"({error.certificate_error}). Add its CA to the system's, or point SSL_CERT_FILE at it."
+    )
+
+
+def websocket_url(url: str) -> str:
+    """``http(s)://host[/path]`` -> ``ws(s)://host[/path]/gateway``, as ``ask`` takes either form of the URL
+    they share (``AGENTSPACE_URL``); a ``ws(s)://`` URL is kept as given."""
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https"):
+        return url
+    path = parts.path.rstrip("/").removesuffix("/gateway")
+    return f"{'wss' if parts.scheme == 'https' else 'ws'}://{parts.netloc}{path}/gateway"
+
+
 class GatewayConnection:
     """One WebSocket to ``/gateway``. A reader task keeps receiving (so pings are answered while the
     user types) and queues frames; a closed socket is reopened on the next send."""
 
     def __init__(self, url: str, token: str) -> None:
-        self.url = url
+        self.url = websocket_url(url)
         self.token = token
         self._http: aiohttp.ClientSession | None = None
         self._ws: aiohttp.ClientWebSocketResponse | None = None
@@ -119,6 +139,8 @@ class GatewayConnection:
             raise click.ClickException(
                 f"WebSocket handshake with {self.url} failed (HTTP {e.status}). Is it an agentspace gateway?"
             ) from None
+        except aiohttp.ClientConnectorCertificateError as e:  # not a stopped gateway: waiting will not help
+            raise click.ClickException(untrusted(self.url, e)) from None
         except (aiohttp.ClientError, OSError) as e:
             raise Unreachable(
                 f"Cannot connect to the gateway at {self.url} ({e}). Start it with: agentspace serve"

@@ -3,7 +3,9 @@
 Reads only (it works while the server runs, and moves nothing): every session file, usage segment and usage
 rollup must parse, damaged files moved aside earlier (ledger journals and the clients file too) are listed, and
 ``keys.json``, ``gateway-token`` and ``clients.json`` must be readable, parseable and private (mode 0600):
-a clients file the server cannot trust or parse admits no client key. Exits 1 when anything is wrong.
+a clients file the server cannot trust or parse admits no client key. With the postgres backend the sessions,
+usage and clients are in the database and only the ledger journals and secrets files are checked. Exits 1 when
+anything is wrong.
 """
 
 from __future__ import annotations
@@ -145,19 +147,25 @@ def doctor(state: CliState) -> None:
 
     data_dir = Path(state.data_dir)
     problems: list[str] = []
+    # With postgres the sessions, usage and clients are in the database, not in these files.
+    in_database = state.config()["storage"]["backend"] == "postgres"
+    if in_database:
+        click.echo("sessions, usage and clients: in PostgreSQL ([storage] backend), not checked here")
+    else:
+        listing = SessionStore(data_dir).listing_sync(whole=True)
+        problems += [
+            f"{path}: damaged session file (kept for inspection; not served)" for path in listing.damaged_files
+        ]
+        click.echo(f"sessions: {len(listing.sessions)} readable, {len(listing.damaged_files)} damaged")
 
-    listing = SessionStore(data_dir).listing_sync(whole=True)
-    problems += [f"{path}: damaged session file (kept for inspection; not served)" for path in listing.damaged_files]
-    click.echo(f"sessions: {len(listing.sessions)} readable, {len(listing.damaged_files)} damaged")
-
-    damaged: list[str] = []
-    count = sum(1 for _ in UsageStore(data_dir).records_sync(damaged=damaged))
-    problems += [f"{path}: damaged usage segment (kept for inspection; not counted)" for path in damaged]
-    click.echo(f"usage: {count:,} records readable, {len(damaged)} damaged files")
-    rollups = _check_rollups(data_dir / "usage" / ROLLUPS)
-    problems += rollups
-    if rollups:
-        click.echo(f"usage rollups: {len(rollups)} damaged (rebuilt from the segments)")
+        damaged: list[str] = []
+        count = sum(1 for _ in UsageStore(data_dir).records_sync(damaged=damaged))
+        problems += [f"{path}: damaged usage segment (kept for inspection; not counted)" for path in damaged]
+        click.echo(f"usage: {count:,} records readable, {len(damaged)} damaged files")
+        rollups = _check_rollups(data_dir / "usage" / ROLLUPS)
+        problems += rollups
+        if rollups:
+            click.echo(f"usage rollups: {len(rollups)} damaged (rebuilt from the segments)")
 
     # A journal is a running server's, or a stopped one's that the next start posts; a damaged one was moved
     # aside by a start that posted what it still showed.
@@ -168,13 +176,16 @@ def doctor(state: CliState) -> None:
     ]
     click.echo(f"ledger: {len(ledger) - len(aside)} journal(s), {len(aside)} damaged")
 
-    clients_file = data_dir / CLIENTS_FILE
-    count, clients_problems = _check_clients(clients_file)
-    copies = sorted(data_dir.glob(f"{CLIENTS_FILE}.*")) if data_dir.is_dir() else []
-    copies = [path for path in copies if is_damaged_copy(path.name)]
-    problems += clients_problems
-    problems += [f"{path}: damaged clients file (kept for inspection; its clients are not admitted)" for path in copies]
-    click.echo(f"clients: {count} readable, {len(copies)} damaged file(s)")
+    if not in_database:
+        clients_file = data_dir / CLIENTS_FILE
+        count, clients_problems = _check_clients(clients_file)
+        copies = sorted(data_dir.glob(f"{CLIENTS_FILE}.*")) if data_dir.is_dir() else []
+        copies = [path for path in copies if is_damaged_copy(path.name)]
+        problems += clients_problems
+        problems += [
+            f"{path}: damaged clients file (kept for inspection; its clients are not admitted)" for path in copies
+        ]
+        click.echo(f"clients: {count} readable, {len(copies)} damaged file(s)")
 
     secrets = _check_keys(data_dir / KEYS_FILE) + _check_token(token_path(data_dir))
     problems += secrets

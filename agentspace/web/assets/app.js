@@ -492,6 +492,8 @@ function renderFooter(message) {
 }
 
 function renderMessage(message) {
+  // The stream's start renames a pending answer (its messageId): scheduleRender finds its li by this id.
+  message.renderedId = message.id;
   const li = el("li", { class: `message ${message.role}`, "data-id": message.id, "data-state": message.state });
   if (message.role === "user") {
     const files = message.parts.filter((p) => p.type === "file");
@@ -531,7 +533,6 @@ function scheduleRender(chat, message) {
     const open = old ? [...old.querySelectorAll("details")].map((d) => d.open) : [];
     const fresh = renderMessage(message);
     fresh.querySelectorAll("details").forEach((d, i) => (d.open = open[i] || false));
-    message.renderedId = message.id;
     const nearBottom = list.scrollHeight - list.scrollTop - list.clientHeight < 80;
     if (old) old.replaceWith(fresh);
     else list.append(fresh);
