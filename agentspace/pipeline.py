@@ -265,6 +265,10 @@ async def _has_usable_key(gw: Registry, model: str) -> bool:
                 return True
         return any([await _has_usable_key(gw, m) for m in group.fallbacks if m != model])
     for candidate in [model, *gw.config["models"]["fallbacks"].get(model, [])]:
+        if candidate != model and gw.router.group(candidate) is not None:
+            if await _has_usable_key(gw, candidate):
+                return True
+            continue
         try:
             provider = gw.provider_for(candidate)
         except ModelNotFound:
@@ -631,14 +635,21 @@ class Turn:
             return await self._call_group(ctx, state, seen_sources, group, [])
         fallbacks = self.gw.config["models"]["fallbacks"].get(self.model, [])
         chain = [self.model, *[m for m in fallbacks if await self._may_use(m)]]
+        last: ProviderError | None = None
         for i, model in enumerate(chain):
-            state.model = model
+            inner = self.gw.router.group(model)
             try:
+                if inner is not None:  # a fallback naming a group: routed, each attempt its own record
+                    if state.attempts:
+                        await self._begin_anew(ctx, state, last)
+                    return await self._call_group(ctx, state, seen_sources, inner, [self.model])
+                state.model = model
                 return await self._call_with_retries(ctx, state, seen_sources, model), model
             except ProviderError as e:
                 if state.delivered or i == len(chain) - 1 or isinstance(e, _Refused):
                     raise
                 log.warning("%s failed before the first token (%s); falling back to %s", model, e.code, chain[i + 1])
+                last = e
                 await self._anew_if_answered(ctx, state, e)
         raise AssertionError("unreachable")
 

@@ -980,3 +980,29 @@ async def test_pass_through_group_falls_back(
     ]
     assert len(registry(client).ledger) == 0
     await ant.close()
+
+
+async def test_a_plain_models_fallback_may_be_a_group(
+    routed: Callable[..., Awaitable[TestClient]],
+    fakes: list[fa.FakeAnthropic],
+    fake_anthropic: fa.FakeAnthropic,
+    auth_headers: dict[str, str],
+) -> None:
+    """``[models] fallbacks`` naming a group (a group name works wherever a model id does): the turn goes on to
+    the group's deployments, each with its own key, and is not sent upstream as a model called "claude"."""
+    fake_anthropic.default = fa.error_status(500)
+    settings = group(fakes)
+    settings["models"]["fallbacks"] = {"anthropic/claude-haiku-4-5": ["claude"]}
+    client = await routed(settings, chat={"max_retries": 0})
+    chunks = await read_all(await post_chat(client, auth_headers, "c1", user("Hi"), model="anthropic/claude-haiku-4-5"))
+    assert chunks[-1] == DONE
+    assert not [c for c in chunks if isinstance(c, dict) and c.get("type") == "error"], chunks
+    text = "".join(c["delta"] for c in chunks if isinstance(c, dict) and c.get("type") == "text-delta")
+    assert text == fa.DEFAULT_TEXT
+    assert len(fakes[0].requests) + len(fakes[1].requests) == 1
+    recs = await records(client)
+    assert sorted((r["model"], r["deployment"] or "-", r["answered"]) for r in recs) == [
+        ("anthropic/claude-haiku-4-5", "-", False),
+        (MODEL, next(r["deployment"] for r in recs if r["answered"]), True),
+    ]
+    assert {r["deployment"] for r in recs if r["answered"]} <= {"claude/team-1", "claude/team-2"}
