@@ -1006,3 +1006,25 @@ async def test_a_plain_models_fallback_may_be_a_group(
         (MODEL, next(r["deployment"] for r in recs if r["answered"]), True),
     ]
     assert {r["deployment"] for r in recs if r["answered"]} <= {"claude/team-1", "claude/team-2"}
+
+
+async def test_a_groups_context_window_is_its_smallest_deployments(
+    routed: Callable[..., Awaitable[TestClient]], fakes: list[fa.FakeAnthropic], auth_headers: dict[str, str]
+) -> None:
+    """A context is fitted to the window of every deployment it may go to (the one `/api/models` lists for the
+    group), not the dearest deployment's: else a call drawn to the smaller one is sent over its window."""
+    small = "anthropic/claude-haiku-4-5"
+    settings = group(fakes, extra=[{}, {"model": small}])
+    settings["chat"] = {"context_policy": "refuse"}
+    settings["pricing"] = {small: {"context_window": 8_000}}
+    client = await routed(settings)
+    listed = {m["id"]: m for m in (await (await client.get("/api/models", headers=auth_headers)).json())["models"]}
+    assert listed["claude"]["contextWindow"] == 8_000
+    message = {"id": "m1", "role": "user", "parts": [{"type": "text", "text": "word " * 6_000}]}
+    resp = await client.post(
+        "/api/chat", json={"id": "big", "messages": [message], "model": "claude"}, headers=auth_headers
+    )
+    text = await resp.text()
+    assert resp.status == 413, text[-300:]
+    assert json.loads(text)["error"]["code"] == "CONTEXT_TOO_LONG"
+    assert not fakes[0].requests and not fakes[1].requests  # nothing sent to either deployment
