@@ -1028,3 +1028,28 @@ async def test_a_groups_context_window_is_its_smallest_deployments(
     assert resp.status == 413, text[-300:]
     assert json.loads(text)["error"]["code"] == "CONTEXT_TOO_LONG"
     assert not fakes[0].requests and not fakes[1].requests  # nothing sent to either deployment
+
+
+async def test_a_fallback_group_the_client_may_not_use_is_skipped_on_every_endpoint(
+    routed: Callable[..., Awaitable[TestClient]], fakes: list[fa.FakeAnthropic]
+) -> None:
+    """Each fallback is checked on its own (docs/routing.md), a group among them too: a client allowed only
+    `claude` does not get its fallback group `premium` on /v1 any more than on /api/chat."""
+    out = CliRunner().invoke(main, ["clients", "add", "alice", "--models", "claude"], catch_exceptions=False)
+    key = out.stdout.strip()
+    fakes[0].default = fa.error_status(500)
+    fakes[1].default = fa.text_response("from premium")
+    settings = group(fakes, n=1, fallbacks=["premium"], cooldown_seconds=0)
+    premium = [{"model": MODEL, "key": "team-2", "base_url": fakes[1].url}]
+    settings["models"]["groups"]["premium"] = {"deployments": premium}
+    client = await routed(settings)
+    chunks = await read_all(
+        await post_chat(client, {"Authorization": f"Bearer {key}"}, "c1", user("Hi"), model="claude")
+    )
+    assert [c for c in chunks if isinstance(c, dict) and c.get("type") == "error"], chunks
+    api = sdk(client, key)
+    with pytest.raises(openai.InternalServerError):
+        await api.chat.completions.create(model="claude", messages=[{"role": "user", "content": "Hi"}])
+    assert not fakes[1].requests  # premium was never called for alice
+    assert all(r["deployment"] != "premium/team-2" for r in await records(client))
+    await api.close()
