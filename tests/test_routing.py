@@ -1053,3 +1053,26 @@ async def test_a_fallback_group_the_client_may_not_use_is_skipped_on_every_endpo
     assert not fakes[1].requests  # premium was never called for alice
     assert all(r["deployment"] != "premium/team-2" for r in await records(client))
     await api.close()
+
+
+async def test_groups_falling_back_to_each_other_without_any_key(
+    routed: Callable[..., Awaitable[TestClient]], fakes: list[fa.FakeAnthropic], auth_headers: dict[str, str]
+) -> None:
+    """Two groups each the other's fallback, no deployment's vault entry there: the turn is answered
+    NO_API_KEY naming an entry, as for one group (the key check before a turn follows each fallback once)."""
+    deps = [{"model": MODEL, "key": "missing-1", "base_url": fakes[0].url}]
+    others = [{"model": MODEL, "key": "missing-2", "base_url": fakes[1].url}]
+    client = await routed(
+        {
+            "models": {
+                "groups": {
+                    "claude": {"deployments": deps, "fallbacks": ["other"]},
+                    "other": {"deployments": others, "fallbacks": ["claude"]},
+                }
+            }
+        }
+    )
+    resp = await post_chat(client, auth_headers, "c1", user("Hi"), model="claude")
+    text = await resp.text()
+    assert "NO_API_KEY" in text or "keys add anthropic --name missing-" in text, (resp.status, text[-500:])
+    assert not fakes[0].requests and not fakes[1].requests
