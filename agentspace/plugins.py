@@ -232,6 +232,15 @@ def checked(hook: str, register: Callable[[Any], object]) -> Callable[[Any], Non
             shown = repr(thing)
             shown = shown if len(shown) <= 60 else shown[:57] + "..."
             raise TypeError(f"registered {shown} ({type(thing).__name__}), which is not {what}")
+        if hook == "register_context_sections":
+            from .context import CORE_SECTIONS
+
+            # Joined to the system prompt is the one a plugin may add to; the others' text would never be sent.
+            if thing.name in CORE_SECTIONS and thing.name != "system_prompt":
+                raise ValueError(
+                    f"a section named {thing.name!r} is one the gateway builds itself, and a plugin's would never "
+                    f"be sent; name it apart from {', '.join(n for n in CORE_SECTIONS if n != 'system_prompt')}"
+                )
         register(thing)
 
     return add
