@@ -416,7 +416,8 @@ def reachable_models(gw: Registry, model: str, fallbacks: bool = False) -> list[
         if group is None:
             out.append((name, not top))
             if top and fallbacks:
-                out.extend((m, True) for m in gw.config["models"]["fallbacks"].get(name, []) if m not in seen)
+                for fallback in gw.config["models"]["fallbacks"].get(name, []):
+                    walk(fallback, False)  # a group among them: its deployments
             return
         out.extend((d.model, False) for d in group.deployments)
         for fallback in group.fallbacks:

@@ -205,6 +205,10 @@ def unknown_model(config: Config, model: str, extra: Iterable[str] = ()) -> str 
     # same API (the same model names), so a name the cost map lacks is still a typo there.
     if settings["base_url"] and prefix != "anthropic":
         return None
+    if prefix != "anthropic" and any(
+        d.base_url and d.model == model for g in config.groups.values() for d in g.deployments
+    ):  # a model group's deployment on its own endpoint, as a base_url above
+        return None
     if model == config["models"]["default"] or model in config["models"]["fallbacks"]:
         return None
     return f"Unknown model {model!r}.{suggestion(model, extra)} Run: agentspace models"

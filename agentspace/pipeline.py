@@ -279,19 +279,24 @@ def least_output_cost(gw: Registry, model: str) -> float:
     return ceiling_cost(gw, model, request_ceiling(request, 0))
 
 
-async def _has_usable_key(gw: Registry, model: str) -> bool:
+async def _has_usable_key(gw: Registry, model: str, seen: set[str] | None = None) -> bool:
     """Whether ``model``, or one of its fallbacks, has the API key its provider needs (a model group: one of
-    its deployments or fallbacks)."""
+    its deployments or fallbacks; ``seen``: the groups asked already, as groups may fall back to each other)."""
     group = gw.router.group(model)
     if group is not None:
+        seen = (seen or set()) | {model}
         for dep in group.deployments:
             provider = gw.provider_for(dep.model)
             base_url = dep.base_url or gw.config.provider_settings(dep.model.split("/", 1)[0])["base_url"]
             key = deployment_key(gw.config, dep)
             if (key is not None or dep.key is None) and not await lacks_key(provider, dep.model, key, base_url):
                 return True
-        return any([await _has_usable_key(gw, m) for m in group.fallbacks if m != model])
+        return any([await _has_usable_key(gw, m, seen) for m in group.fallbacks if m not in seen])
     for candidate in [model, *gw.config["models"]["fallbacks"].get(model, [])]:
+        if candidate != model and gw.router.group(candidate) is not None:
+            if await _has_usable_key(gw, candidate, seen):
+                return True
+            continue
         try:
             provider = gw.provider_for(candidate)
         except ModelNotFound:
@@ -660,14 +665,21 @@ class Turn:
             return await self._call_group(ctx, state, seen_sources, group, [])
         fallbacks = self.gw.config["models"]["fallbacks"].get(self.model, [])
         chain = [self.model, *[m for m in fallbacks if await self._may_use(m)]]
+        last: ProviderError | None = None
         for i, model in enumerate(chain):
-            state.model = model
+            inner = self.gw.router.group(model)
             try:
+                if inner is not None:  # a fallback naming a group: routed, each attempt its own record
+                    if state.attempts:
+                        await self._begin_anew(ctx, state, last)
+                    return await self._call_group(ctx, state, seen_sources, inner, [self.model])
+                state.model = model
                 return await self._call_with_retries(ctx, state, seen_sources, model), model
             except ProviderError as e:
                 if state.delivered or i == len(chain) - 1 or isinstance(e, _Refused):
                     raise
                 log.warning("%s failed before the first token (%s); falling back to %s", model, e.code, chain[i + 1])
+                last = e
                 await self._anew_if_answered(ctx, state, e)
         raise AssertionError("unreachable")
 

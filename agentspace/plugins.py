@@ -50,6 +50,11 @@ def _selected() -> set[str] | None:
     return None if selected is None else {n.strip() for n in selected.split(",") if n.strip()}
 
 
+def _dist_key(name: str) -> str:
+    """A distribution name as pip compares them (PEP 503): agentspace_memory is agentspace-memory."""
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
 def _load_entry_points(pm: pluggy.PluginManager) -> None:
     try:
         _load_selected(pm)
@@ -69,10 +74,15 @@ def _load_selected(pm: pluggy.PluginManager) -> None:
     if wanted is None:
         pm.load_setuptools_entrypoints(ENTRY_POINT_GROUP)
         return
+    dists = {_dist_key(n) for n in wanted}
+    matched = set(OPTIONAL_PLUGINS) & wanted
     for ep in entry_points(group=ENTRY_POINT_GROUP):
         dist_name = ep.dist.name if ep.dist is not None else None
-        if ep.name in wanted or dist_name in wanted:
+        if ep.name in wanted or (dist_name is not None and _dist_key(dist_name) in dists):
+            matched |= {n for n in wanted if n == ep.name or (dist_name and _dist_key(n) == _dist_key(dist_name))}
             pm.load_setuptools_entrypoints(ENTRY_POINT_GROUP, name=ep.name)
+    for name in sorted(wanted - matched):  # a typo would load nothing, silently
+        log.warning("AGENTSPACE_LOAD_PLUGINS names %r, which no installed plugin is (see: agentspace plugins)", name)
 
 
 def _check_unique_names(wanted: set[str] | None) -> None:
@@ -81,7 +91,7 @@ def _check_unique_names(wanted: set[str] | None) -> None:
     seen: dict[str, str] = {}
     for ep in entry_points(group=ENTRY_POINT_GROUP):
         dist = ep.dist.name if ep.dist is not None else ep.value
-        if wanted is not None and ep.name not in wanted and dist not in wanted:
+        if wanted is not None and ep.name not in wanted and _dist_key(dist) not in {_dist_key(n) for n in wanted}:
             continue
         other = seen.setdefault(ep.name, dist)
         if other != dist:
@@ -222,6 +232,15 @@ def checked(hook: str, register: Callable[[Any], object]) -> Callable[[Any], Non
             shown = repr(thing)
             shown = shown if len(shown) <= 60 else shown[:57] + "..."
             raise TypeError(f"registered {shown} ({type(thing).__name__}), which is not {what}")
+        if hook == "register_context_sections":
+            from .context import CORE_SECTIONS
+
+            # Joined to the system prompt is the one a plugin may add to; the others' text would never be sent.
+            if thing.name in CORE_SECTIONS and thing.name != "system_prompt":
+                raise ValueError(
+                    f"a section named {thing.name!r} is one the gateway builds itself, and a plugin's would never "
+                    f"be sent; name it apart from {', '.join(n for n in CORE_SECTIONS if n != 'system_prompt')}"
+                )
         register(thing)
 
     return add

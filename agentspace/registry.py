@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
 import pluggy
@@ -90,8 +90,15 @@ class Models:
         group = self.router.group(model)
         if group is not None:
             # A call to a group reserves at its dearest deployment; the record prices the one that answered.
+            # Its window and output are the smallest deployment's (as the model lists say): a context fitted
+            # to them fits whichever deployment the call is drawn to.
             infos = [self.model_info(d.model) for d in group.deployments]
-            return max(infos, key=lambda i: (i.output_per_mtok, i.input_per_mtok))
+            dearest = max(infos, key=lambda i: (i.output_per_mtok, i.input_per_mtok))
+            return replace(
+                dearest,
+                context_window=min((i.context_window for i in infos if i.context_window), default=None),
+                max_output_tokens=min((i.max_output_tokens for i in infos if i.max_output_tokens), default=None),
+            )
         info = self._model_info.get(model)
         if info is None:
             try:

@@ -164,13 +164,11 @@ async def _start_group(
             continue
         try:
             current = current or await _next_meter(gw, request, meter)
+            if not await may_use(current, fallback):  # each fallback checked on its own, a group too
+                continue
             inner = router.group(fallback)
             if inner is not None:
                 return await _start_group(gw, request, current, inner, seen)
-            try:
-                await gw.guard.check_model(current.client or "admin", fallback)
-            except ApiError:
-                continue
             current.model = fallback
             fallback_request = _model_request(gw, request, fallback)
             plain = DirectCall(gw, fallback_request, current)

@@ -142,8 +142,24 @@ def _gateway_context(config: Config, pm: pluggy.PluginManager) -> Callable[[web.
     return context
 
 
+def check_group_models(gw: Registry) -> None:
+    """Stop on a model group's deployment or fallback that nothing serves (a typo), as on the default: else
+    every call drawn to it fails."""
+    for name, group in gw.config.groups.items():
+        where = f'models.groups."{name}"'
+        called = [(f"{where}.deployments[{i}].model", d.model) for i, d in enumerate(group.deployments)]
+        for key, model in [*called, *((f"{where}.fallbacks", m) for m in group.fallbacks)]:
+            if gw.router.group(model) is not None:
+                continue
+            try:
+                gw.provider_for(model)
+            except ModelNotFound as e:
+                raise ConfigError(gw.config.source, key, f"expected a model a provider serves: {e}") from None
+
+
 def check_default_model(gw: Registry) -> None:
     """Stop on a ``[models] default`` nothing serves (a config error); warn when it is past its date."""
+    check_group_models(gw)
     config = gw.config
     default = gw.default_model
     try:

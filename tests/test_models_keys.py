@@ -451,3 +451,26 @@ async def test_both_providers_read_an_http_date_retry_after(
         await close()
     assert caught.value.code == "RATE_LIMITED"
     assert caught.value.retry_after is not None and 10 <= caught.value.retry_after <= 20
+
+
+@pytest.mark.parametrize(
+    ("group", "key"),
+    [
+        ('deployments = [{ model = "anthropic/claude-sonet-4-6" }]', 'models.groups."claude".deployments[0].model'),
+        (
+            'deployments = [{ model = "anthropic/claude-sonnet-4-6" }]\nfallbacks = ["anthropic/claude-hiaku-4-5"]',
+            'models.groups."claude".fallbacks',
+        ),
+    ],
+)
+def test_serve_refuses_a_group_calling_an_unknown_model(tmp_path: Path, group: str, key: str) -> None:
+    """A model group's deployments and fallbacks are checked as the default is (docs/routing.md: every key is
+    validated when the config is loaded), not found out call by call."""
+    config = tmp_path / "agentspace.toml"
+    config.write_text(
+        f'[storage]\ndata_dir = "{tmp_path / "data"}"\n\n[models.groups."claude"]\n{group}\n', encoding="utf-8"
+    )
+    result = _serve(config, tmp_path / "data")
+    assert result.returncode == 1, result.stderr[-500:]
+    assert f"{config}: {key}: expected a model a provider serves" in result.stderr, result.stderr[-500:]
+    assert "listening" not in result.stdout and "Traceback" not in result.stderr

@@ -86,6 +86,9 @@ def test_each_kind_installs_passes_its_tests_and_is_listed(packages: dict[str, P
         (["Bad_Name", "--kind", "sink"], "lowercase letters and digits"),
         (["ok", "--kind", "widget"], "'widget' is not one of"),
         (["echo", "--kind", "provider"], "the installed package 'agentspace-echo' has a plugin named 'echo'"),
+        # AGENTSPACE_LOAD_PLUGINS=metrics selects the built-in metrics plugin: it would load this one with it.
+        (["metrics", "--kind", "section"], "'metrics' is the name of a built-in plugin"),
+        (["telemetry", "--kind", "sink"], "'telemetry' is the name of a built-in plugin"),
     ],
 )
 def test_bad_names_and_kinds_are_refused(tmp_path: Path, args: list[str], message: str) -> None:

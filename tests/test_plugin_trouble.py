@@ -106,6 +106,15 @@ def register_providers(register, config):
     register("shout")  # the class's name, not a provider
 """
 
+# A section named as one the core builds itself: its text would be built for every call and never sent.
+CORE_NAME = """
+from agentspace import ContextSection, hookimpl
+
+@hookimpl
+def register_context_sections(register, config):
+    register(ContextSection("tools", lambda request: "How to use our tools."))
+"""
+
 SAME_PREFIX = """
 from agentspace import ChatMessage, ProviderFinish, TextPart, hookimpl
 
@@ -142,8 +151,13 @@ def register_providers(register, config):
             "which is not a provider (name: str, claims(model), stream(request))",
         ),
         (SAME_PREFIX, "Error: providers 'loud' and 'shout' both claim 'shout/small' (listed by 'shout')"),
+        (
+            CORE_NAME,
+            "Error: plugin 'agentspace_oops' failed in register_context_sections: ValueError: a section named "
+            "'tools' is one the gateway builds itself",
+        ),
     ],
-    ids=["startup-raises", "wrong-kind", "same-prefix"],
+    ids=["startup-raises", "wrong-kind", "same-prefix", "core-section-name"],
 )
 def test_a_plugin_that_breaks_the_start_is_named(tmp_path: Path, module: str, said: str) -> None:
     env = installed_package(tmp_path, "agentspace-oops", module)

@@ -152,6 +152,19 @@ def test_load_plugins_env_selects(tmp_path: Path) -> None:
 
 
 @needs_fixture
+def test_load_plugins_env_matches_distribution_names_as_pip_does_and_names_what_matched_nothing(
+    tmp_path: Path,
+) -> None:
+    """pip takes agentspace_fixture_plugin and Agentspace-Fixture-Plugin for agentspace-fixture-plugin (PEP 503),
+    so the selection does too; a name no installed plugin has is said, not silently loaded as nothing."""
+    for spelling in ("agentspace_fixture_plugin", "Agentspace-Fixture-Plugin"):
+        assert [p["package"] for p in listed(tmp_path, load=spelling)] == [FIXTURE]
+    result = run_cli(tmp_path, "plugins", load="fixture,fixtrue")
+    assert result.returncode == 0 and [p["package"] for p in json.loads(result.stdout)] == [FIXTURE]
+    assert "AGENTSPACE_LOAD_PLUGINS names 'fixtrue', which no installed plugin is" in result.stderr
+
+
+@needs_fixture
 def test_plugin_command_works(tmp_path: Path) -> None:
     result = run_cli(tmp_path, "hello", "plugin author", load=FIXTURE)
     assert result.returncode == 0, result.stderr

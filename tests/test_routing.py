@@ -980,3 +980,99 @@ async def test_pass_through_group_falls_back(
     ]
     assert len(registry(client).ledger) == 0
     await ant.close()
+
+
+async def test_a_plain_models_fallback_may_be_a_group(
+    routed: Callable[..., Awaitable[TestClient]],
+    fakes: list[fa.FakeAnthropic],
+    fake_anthropic: fa.FakeAnthropic,
+    auth_headers: dict[str, str],
+) -> None:
+    """``[models] fallbacks`` naming a group (a group name works wherever a model id does): the turn goes on to
+    the group's deployments, each with its own key, and is not sent upstream as a model called "claude"."""
+    fake_anthropic.default = fa.error_status(500)
+    settings = group(fakes)
+    settings["models"]["fallbacks"] = {"anthropic/claude-haiku-4-5": ["claude"]}
+    client = await routed(settings, chat={"max_retries": 0})
+    chunks = await read_all(await post_chat(client, auth_headers, "c1", user("Hi"), model="anthropic/claude-haiku-4-5"))
+    assert chunks[-1] == DONE
+    assert not [c for c in chunks if isinstance(c, dict) and c.get("type") == "error"], chunks
+    text = "".join(c["delta"] for c in chunks if isinstance(c, dict) and c.get("type") == "text-delta")
+    assert text == fa.DEFAULT_TEXT
+    assert len(fakes[0].requests) + len(fakes[1].requests) == 1
+    recs = await records(client)
+    assert sorted((r["model"], r["deployment"] or "-", r["answered"]) for r in recs) == [
+        ("anthropic/claude-haiku-4-5", "-", False),
+        (MODEL, next(r["deployment"] for r in recs if r["answered"]), True),
+    ]
+    assert {r["deployment"] for r in recs if r["answered"]} <= {"claude/team-1", "claude/team-2"}
+
+
+async def test_a_groups_context_window_is_its_smallest_deployments(
+    routed: Callable[..., Awaitable[TestClient]], fakes: list[fa.FakeAnthropic], auth_headers: dict[str, str]
+) -> None:
+    """A context is fitted to the window of every deployment it may go to (the one `/api/models` lists for the
+    group), not the dearest deployment's: else a call drawn to the smaller one is sent over its window."""
+    small = "anthropic/claude-haiku-4-5"
+    settings = group(fakes, extra=[{}, {"model": small}])
+    settings["chat"] = {"context_policy": "refuse"}
+    settings["pricing"] = {small: {"context_window": 8_000}}
+    client = await routed(settings)
+    listed = {m["id"]: m for m in (await (await client.get("/api/models", headers=auth_headers)).json())["models"]}
+    assert listed["claude"]["contextWindow"] == 8_000
+    message = {"id": "m1", "role": "user", "parts": [{"type": "text", "text": "word " * 6_000}]}
+    resp = await client.post(
+        "/api/chat", json={"id": "big", "messages": [message], "model": "claude"}, headers=auth_headers
+    )
+    text = await resp.text()
+    assert resp.status == 413, text[-300:]
+    assert json.loads(text)["error"]["code"] == "CONTEXT_TOO_LONG"
+    assert not fakes[0].requests and not fakes[1].requests  # nothing sent to either deployment
+
+
+async def test_a_fallback_group_the_client_may_not_use_is_skipped_on_every_endpoint(
+    routed: Callable[..., Awaitable[TestClient]], fakes: list[fa.FakeAnthropic]
+) -> None:
+    """Each fallback is checked on its own (docs/routing.md), a group among them too: a client allowed only
+    `claude` does not get its fallback group `premium` on /v1 any more than on /api/chat."""
+    out = CliRunner().invoke(main, ["clients", "add", "alice", "--models", "claude"], catch_exceptions=False)
+    key = out.stdout.strip()
+    fakes[0].default = fa.error_status(500)
+    fakes[1].default = fa.text_response("from premium")
+    settings = group(fakes, n=1, fallbacks=["premium"], cooldown_seconds=0)
+    premium = [{"model": MODEL, "key": "team-2", "base_url": fakes[1].url}]
+    settings["models"]["groups"]["premium"] = {"deployments": premium}
+    client = await routed(settings)
+    chunks = await read_all(
+        await post_chat(client, {"Authorization": f"Bearer {key}"}, "c1", user("Hi"), model="claude")
+    )
+    assert [c for c in chunks if isinstance(c, dict) and c.get("type") == "error"], chunks
+    api = sdk(client, key)
+    with pytest.raises(openai.InternalServerError):
+        await api.chat.completions.create(model="claude", messages=[{"role": "user", "content": "Hi"}])
+    assert not fakes[1].requests  # premium was never called for alice
+    assert all(r["deployment"] != "premium/team-2" for r in await records(client))
+    await api.close()
+
+
+async def test_groups_falling_back_to_each_other_without_any_key(
+    routed: Callable[..., Awaitable[TestClient]], fakes: list[fa.FakeAnthropic], auth_headers: dict[str, str]
+) -> None:
+    """Two groups each the other's fallback, no deployment's vault entry there: the turn is answered
+    NO_API_KEY naming an entry, as for one group (the key check before a turn follows each fallback once)."""
+    deps = [{"model": MODEL, "key": "missing-1", "base_url": fakes[0].url}]
+    others = [{"model": MODEL, "key": "missing-2", "base_url": fakes[1].url}]
+    client = await routed(
+        {
+            "models": {
+                "groups": {
+                    "claude": {"deployments": deps, "fallbacks": ["other"]},
+                    "other": {"deployments": others, "fallbacks": ["claude"]},
+                }
+            }
+        }
+    )
+    resp = await post_chat(client, auth_headers, "c1", user("Hi"), model="claude")
+    text = await resp.text()
+    assert "NO_API_KEY" in text or "keys add anthropic --name missing-" in text, (resp.status, text[-500:])
+    assert not fakes[0].requests and not fakes[1].requests

@@ -243,3 +243,22 @@ async def test_a_pass_through_failover_is_not_another_request_of_the_clients(
     with pytest.raises(anthropic.RateLimitError):
         await ant.messages.create(model="claude", max_tokens=100, messages=msgs)
     await ant.close()
+
+
+async def test_a_deployment_on_its_own_endpoint_may_serve_a_model_of_its_own_name(
+    routed: Callable[..., Awaitable[TestClient]],  # noqa: F811
+    fake_openai: fo.FakeOpenAI,
+    token: str,
+) -> None:
+    """A deployment's ``base_url`` is its endpoint (docs/routing.md): a self-hosted OpenAI-compatible server
+    names its models as it likes, as a ``[providers.openai] base_url`` does, so its model is no typo."""
+    add_key("local", OAI_KEY)
+    deps = [{"model": "openai/qwen2.5-coder", "key": "local", "base_url": fake_openai.url}]
+    client = await routed({"models": {"groups": {"local": {"deployments": deps}}}})
+    api = sdk(client, token)
+    reply = await api.chat.completions.create(model="local", messages=[{"role": "user", "content": "Hi"}])
+    assert reply.choices[0].message.content
+    assert [r.body["model"] for r in fake_openai.requests] == ["qwen2.5-coder"]
+    [record] = await records(client)
+    assert record["answered"] and record["deployment"] == "local/local"
+    await api.close()

@@ -47,9 +47,11 @@ def new(name: str, kind: str, parent: Path) -> None:
     its tests; its README says what to change."""
     from importlib.metadata import entry_points
 
-    from ..plugins import ENTRY_POINT_GROUP
+    from ..plugins import ENTRY_POINT_GROUP, OPTIONAL_PLUGINS
     from ..scaffold import ScaffoldError, module_name, write_package
 
+    if name in OPTIONAL_PLUGINS:  # AGENTSPACE_LOAD_PLUGINS=NAME would select the built-in and this one together
+        raise click.ClickException(f"{name!r} is the name of a built-in plugin; choose another name")
     taken = [ep for ep in entry_points(group=ENTRY_POINT_GROUP) if ep.name == name]
     if taken:  # two plugins of one name stop the start: say so now, not after the install
         dist = taken[0].dist.name if taken[0].dist is not None else taken[0].value
