@@ -155,7 +155,7 @@ async def start_turn(gw: Registry, request: ChatRequest) -> Turn:
             "retried); nothing was sent. Try again once the gateway can write to its data directory.",
         )
     # The id of a user message the session holds: the client asks for its answer again (the AI SDK's regenerate,
-    # a retry). The answers after it are set aside (``replaced``), and it is not stored a second time.
+    # a retry, an edit). The answers after it are set aside (``replaced``), and it is not stored a second time.
     again = _answered_again(session, request.user_message_id)
     user_message: dict[str, Any] = {
         "id": request.user_message_id or new_id("msg_"),
@@ -189,8 +189,15 @@ async def start_turn(gw: Registry, request: ChatRequest) -> Turn:
             history = session["messages"][: again + 1]
             for later in session["messages"][again + 1 :]:
                 await gw.sessions.update_message(session_id, later["id"], {"replaced": True})
-            if history[-1].get("error"):  # its failure is no longer the last word on it
-                await gw.sessions.update_message(session_id, user_message["id"], {"error": None})
+            changes: dict[str, Any] = {"error": None} if history[-1].get("error") else {}  # no longer its last word
+            if (history[-1].get("content"), history[-1].get("parts")) != (
+                user_message["content"],
+                user_message["parts"],
+            ):
+                # Edited (the AI SDK's sendMessage with the message's id): the session keeps what is answered.
+                changes.update(content=user_message["content"], parts=user_message["parts"])
+            if changes:
+                await gw.sessions.update_message(session_id, user_message["id"], changes)
         else:
             history = session["messages"]
             await gw.sessions.append_message(session_id, user_message, sync=False)

@@ -208,11 +208,22 @@ async def test_regenerate_answers_the_last_user_message_again(
     assert [(m["role"], m["content"]) for m in session["messages"]] == [("user", "q"), ("assistant", "Second.")]
     export = await client.get("/api/sessions/regen/export?format=md", headers=auth_headers)
     assert "First." not in await export.text()
-    # The next question follows the second answer, not the first.
+    # Edited (useChat's sendMessage with the message's id): the new text is asked and kept, the old answer set aside.
+    fake_anthropic.enqueue(text_response("Edited."))
+    await read_all(await post_chat(client, auth_headers, "regen", user("q, reworded")))
+    assert [b["text"] for b in fake_anthropic.requests[-1].body["messages"][0]["content"]] == ["q, reworded"]
+    session = (await (await client.get("/api/sessions/regen", headers=auth_headers)).json())["session"]
+    assert [(m["role"], m["content"]) for m in session["messages"]] == [
+        ("user", "q, reworded"),
+        ("assistant", "Edited."),
+    ]
+    # The next question follows the last answer, not the earlier ones.
     fake_anthropic.enqueue(text_response("Third."))
-    await read_all(await post_chat(client, auth_headers, "regen", user("q"), assistant("Second."), user("next", "u2")))
+    await read_all(
+        await post_chat(client, auth_headers, "regen", user("q, reworded"), assistant("Edited."), user("next", "u2"))
+    )
     sent = fake_anthropic.requests[-1].body["messages"]
-    assert [m["role"] for m in sent] == ["user", "assistant", "user"] and "Second." in str(sent[1]["content"])
+    assert [m["role"] for m in sent] == ["user", "assistant", "user"] and "Edited." in str(sent[1]["content"])
 
 
 async def test_thread_id_names_the_session(
