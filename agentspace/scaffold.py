@@ -235,6 +235,7 @@ async def test_answers_through_the_gateway_and_lists_its_models(tmp_path: Path) 
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -261,8 +262,12 @@ class __CLASS__Sink:
         """One record (``record.to_dict()`` is its JSON shape); raising makes the gateway retry it."""
         if self._file is None:
             await self.start()
+        # On a thread: a sink runs on the server's event loop, and a disk may take its time.
+        await asyncio.to_thread(self._append, json.dumps(record.to_dict()) + "\\n")
+
+    def _append(self, line: str) -> None:
         assert self._file is not None
-        self._file.write(json.dumps(record.to_dict()) + "\\n")
+        self._file.write(line)
         self._file.flush()
 
     async def aclose(self) -> None:
@@ -512,6 +517,11 @@ def write_package(name: str, kind: str, parent: Path) -> Path:
     """Write the package ``agentspace-NAME`` of ``kind`` into ``parent``; its folder."""
     if not NAME.match(name):
         raise ScaffoldError(f"{name!r}: a plugin name is lowercase letters and digits, words joined by '-'")
+    if name.startswith("agentspace-"):  # it would make agentspace-agentspace-NAME
+        raise ScaffoldError(
+            f"{name!r}: the package is named agentspace-<name> already; give the name alone "
+            f"({name.removeprefix('agentspace-')!r})"
+        )
     if kind not in TEMPLATES:
         raise ScaffoldError(f"{kind!r}: the kinds are {', '.join(KINDS)}")
     root = parent / f"agentspace-{name}"

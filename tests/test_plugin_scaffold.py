@@ -85,6 +85,7 @@ def test_each_kind_installs_passes_its_tests_and_is_listed(packages: dict[str, P
     [
         (["Bad_Name", "--kind", "sink"], "lowercase letters and digits"),
         (["ok", "--kind", "widget"], "'widget' is not one of"),
+        (["agentspace-foo", "--kind", "sink"], "give the name alone ('foo')"),
         (["echo", "--kind", "provider"], "the installed package 'agentspace-echo' has a plugin named 'echo'"),
         # AGENTSPACE_LOAD_PLUGINS=metrics selects the built-in metrics plugin: it would load this one with it.
         (["metrics", "--kind", "section"], "'metrics' is the name of a built-in plugin"),
