@@ -18,10 +18,11 @@ import aiohttp
 import anthropic
 import openai
 import pytest
-from aiohttp import WSMsgType
+from aiohttp import WSMsgType, web
 from aiohttp.test_utils import TestClient
 from click.testing import CliRunner
 
+from agentspace import hookimpl
 from agentspace.cli import main
 from agentspace.config import ConfigError, load_config
 from agentspace.plugins import create_plugin_manager
@@ -734,3 +735,35 @@ async def test_a_rotation_on_one_replica_closes_the_keys_sockets_on_the_other(re
                 assert resp.status == 200
             code, _ = await closed_with(ws, timeout=10)
             assert code == REVOKED_CLOSE_CODE
+
+
+class _HalfAnswer:
+    """A plugin route that fails after its answer began."""
+
+    @hookimpl
+    def register_routes(self, app: web.Application, config: Any) -> None:
+        async def half(request: web.Request) -> web.StreamResponse:
+            response = web.StreamResponse(headers={"Content-Type": "text/plain"})
+            await response.prepare(request)
+            await response.write(b"first part\n")
+            raise RuntimeError("the plugin broke mid-answer")
+
+        app.router.add_get("/api/plugins/half/stream", half)
+
+
+async def test_a_route_that_fails_after_its_answer_began_is_cut_not_answered_twice(
+    make_client: Any, auth_headers: dict[str, str], caplog: pytest.LogCaptureFixture
+) -> None:
+    pm = create_plugin_manager()
+    pm.register(_HalfAnswer())
+    client = await make_client(pm=pm)
+    async with aiohttp.ClientSession() as http:
+        async with http.get(f"http://127.0.0.1:{client.port}/api/plugins/half/stream", headers=auth_headers) as resp:
+            assert resp.status == 200
+            received = b""
+            with pytest.raises(aiohttp.ClientPayloadError):
+                async for chunk in resp.content.iter_any():
+                    received += chunk
+    # The part that was sent, then the end of the connection: no second answer inside the body.
+    assert received == b"first part\n"
+    assert any("failed after its answer began" in r.getMessage() for r in caplog.records)

@@ -128,26 +128,38 @@ async def errors_and_preflight(request: web.Request, handler: Handler) -> web.St
         )
     try:
         return await handler(request)
-    except ApiError as e:
-        return api_error_response(e)
-    except web.HTTPException as e:
-        if e.status < 400:
+    except Exception as e:
+        if request.writer.output_size:
+            # The answer has begun (a stream, a plugin's route): a second one cannot follow it inside the same
+            # body. The connection is dropped, and its client sees the body end unfinished.
+            log.exception("%s %s failed after its answer began; the answer is cut", request.method, request.path)
             raise
-        code = HTTP_ERROR_CODES.get(e.status) or HTTPStatus(e.status).name
-        if e.status == 404:
+        return _error_answer(request, e)
+
+
+def _error_answer(request: web.Request, error: Exception) -> web.StreamResponse:
+    """The JSON answer of ``error``, raised by a handler before its answer began (``errors_and_preflight``)."""
+    if isinstance(error, ApiError):
+        return api_error_response(error)
+    if isinstance(error, web.HTTPException):
+        if error.status < 400:
+            raise error
+        code = HTTP_ERROR_CODES.get(error.status) or HTTPStatus(error.status).name
+        if error.status == 404:
             message = f"No route {request.method} {request.path}; the routes are listed at /api/openapi.json."
-        elif e.status == 405:
-            message = f"{request.method} is not allowed on {request.path}; allowed: {e.headers.get(hdrs.ALLOW, '')}."
+        elif error.status == 405:
+            allowed = error.headers.get(hdrs.ALLOW, "")
+            message = f"{request.method} is not allowed on {request.path}; allowed: {allowed}."
         else:
-            message = e.reason
+            message = error.reason
         if request.path.startswith("/v1/"):  # the /v1 clients parse their own API's error shape only
-            response = v1_errors.error_response(request, e.status, message)
+            response = v1_errors.error_response(request, error.status, message)
         else:
-            response = error_response(e.status, code, message)
-        if hdrs.ALLOW in e.headers:
-            response.headers[hdrs.ALLOW] = e.headers[hdrs.ALLOW]
+            response = error_response(error.status, code, message)
+        if hdrs.ALLOW in error.headers:
+            response.headers[hdrs.ALLOW] = error.headers[hdrs.ALLOW]
         return response
-    except RecursionError:
+    if isinstance(error, RecursionError):
         # Input nested deeper than the code that walks it can follow (JSON decodes to a few hundred
         # levels, later steps may follow fewer): the caller's input, not our defect, and no traceback.
         log.info("%s %s: input nested too deep", request.method, request.path)
@@ -155,18 +167,17 @@ async def errors_and_preflight(request: web.Request, handler: Handler) -> web.St
         if request.path.startswith("/v1/"):
             return v1_errors.error_response(request, 400, message, code="invalid_request_error")
         return api_error_response(ApiError("INVALID_MESSAGE", message))
-    except Exception as e:
-        if (outage := outage_error(e)) is not None:  # the database or Redis is down: 503, no traceback
-            log.warning("%s %s: %s (%r)", request.method, request.path, outage.message, e)
-            if request.path.startswith("/v1/"):
-                return v1_errors.error_response(request, 503, outage.message, headers={"Retry-After": "1"})
-            return api_error_response(outage)
-        # A defect of ours: logged with its traceback, answered as JSON without details.
-        log.exception("%s %s failed", request.method, request.path)
-        message = "The gateway failed to handle this request; see its log."
-        if request.path.startswith("/v1/"):  # the /v1 clients parse their own API's shape only
-            return v1_errors.error_response(request, 500, message)
-        return api_error_response(ApiError("INTERNAL_ERROR", message))
+    if (outage := outage_error(error)) is not None:  # the database or Redis is down: 503, no traceback
+        log.warning("%s %s: %s (%r)", request.method, request.path, outage.message, error)
+        if request.path.startswith("/v1/"):
+            return v1_errors.error_response(request, 503, outage.message, headers={"Retry-After": "1"})
+        return api_error_response(outage)
+    # A defect of ours: logged with its traceback, answered as JSON without details.
+    log.error("%s %s failed", request.method, request.path, exc_info=error)
+    message = "The gateway failed to handle this request; see its log."
+    if request.path.startswith("/v1/"):  # the /v1 clients parse their own API's shape only
+        return v1_errors.error_response(request, 500, message)
+    return api_error_response(ApiError("INTERNAL_ERROR", message))
 
 
 def api_error_response(error: ApiError) -> web.Response:
