@@ -235,3 +235,27 @@ async def test_a_renamed_title_is_found_at_once(
     body = await (await client.get("/api/sessions", params={"q": "zebra PROJECT"}, headers=auth_headers)).json()
     assert [(s["id"], s["title"]) for s in body["sessions"]] == [(garden, "The Zebra project")]
     assert "Zebra project" in body["sessions"][0]["match"]
+
+
+async def test_answers_set_aside_by_an_edit_are_not_found(
+    client: TestClient, auth_headers: dict[str, str], fake_anthropic: Any, isolated_env: Path
+) -> None:
+    """An answer given again (``replaced``) is left out of ``GET /api/sessions/{id}`` and exports: search (REST
+    and the CLI) neither finds it nor shows its words in ``match``."""
+
+    async def send(text: str, answer: str) -> None:
+        fake_anthropic.enqueue(text_response(answer))
+        message = {"id": "m1", "role": "user", "parts": [{"type": "text", "text": text}]}
+        response = await client.post("/api/chat", json={"id": "edited", "messages": [message]}, headers=auth_headers)
+        assert response.status == 200 and (await response.text()).endswith("data: [DONE]\n\n")
+
+    await send("Name a large seabird", "The wandering albatross.")
+    await send("Name a large seabird, please", "The pelican.")
+    for query, found in [("albatross", False), ("pelican", True)]:
+        body = await (await client.get("/api/sessions", params={"q": query}, headers=auth_headers)).json()
+        assert [s["id"] for s in body["sessions"]] == (["edited"] if found else []), (query, body)
+        assert all("albatross" not in s["match"] for s in body["sessions"])
+    result = await run_cli(["sessions", "search", "albatross"], isolated_env)
+    assert result.exit_code == 0 and "edited" not in result.output, result.output
+    result = await run_cli(["sessions", "search", "pelican"], isolated_env)
+    assert "edited" in result.output, result.output
