@@ -259,3 +259,20 @@ async def test_answers_set_aside_by_an_edit_are_not_found(
     assert result.exit_code == 0 and "edited" not in result.output, result.output
     result = await run_cli(["sessions", "search", "pelican"], isolated_env)
     assert "edited" in result.output, result.output
+
+
+async def test_the_cli_export_leaves_out_answers_set_aside(
+    client: TestClient, auth_headers: dict[str, str], fake_anthropic: Any, isolated_env: Path
+) -> None:
+    """docs/protocol.md: replaced answers are left out of exports; the CLI's as well as the REST one."""
+    for text, answer in [("Name a seabird", "The wandering albatross."), ("Name a seabird, please", "The pelican.")]:
+        fake_anthropic.enqueue(text_response(answer))
+        message = {"id": "m1", "role": "user", "parts": [{"type": "text", "text": text}]}
+        response = await client.post("/api/chat", json={"id": "edited", "messages": [message]}, headers=auth_headers)
+        assert response.status == 200 and (await response.text()).endswith("data: [DONE]\n\n")
+    rest = await client.get("/api/sessions/edited/export", params={"format": "json"}, headers=auth_headers)
+    assert "albatross" not in await rest.text()
+    for fmt in ["md", "json"]:
+        exported = await run_cli(["sessions", "export", "edited", "--format", fmt], isolated_env)
+        assert exported.exit_code == 0 and "The pelican." in exported.output, exported.output
+        assert "albatross" not in exported.output, (fmt, exported.output)
