@@ -226,16 +226,31 @@ def transcript(messages: list[dict[str, Any]]) -> str:
     lines = []
     for m in messages:
         files = attachments.stored_files([m])
-        text = str(m.get("content") or "")
-        if not text and m.get("parts"):
-            others = [p for p in m["parts"] if not (isinstance(p, dict) and p.get("type") == "file")]
-            text = json.dumps(others, ensure_ascii=False) if others else ""
+        parts = [p for p in m.get("parts") or () if isinstance(p, dict) and p.get("type") != "file"]
+        # A tool loop's facts are in its calls and results, not in ``content`` (the answer's text only).
+        if any(p.get("type") in ("tool-call", "tool-result") for p in parts):
+            text = "\n".join(t for t in (_part_text(p) for p in parts) if t)
+        else:
+            text = str(m.get("content") or "")
+            if not text and parts:
+                text = json.dumps(parts, ensure_ascii=False)
         # The files are not sent to the summarising model, and after the summary no call sends them: it names
         # them, so that the summary (and the model reading it later) knows they were there.
         text += "".join(f"\n[attached: {_file_label(p)}]" for p in files)
         if text.strip():
             lines.append(f"{m.get('role', 'user')}: {text.strip()}")
     return "\n\n".join(lines)
+
+
+def _part_text(part: dict[str, Any]) -> str:
+    kind = part.get("type")
+    if kind == "tool-call":
+        return f"[called {part.get('name')} with {json.dumps(part.get('input'), ensure_ascii=False)}]"
+    if kind == "tool-result":
+        output = part.get("output")
+        text = output if isinstance(output, str) else json.dumps(output, ensure_ascii=False)
+        return f"[{part.get('name')} {'failed' if part.get('isError') else 'returned'}: {text}]"
+    return str(part.get("text") or "") if kind == "text" else ""
 
 
 def _file_label(part: dict[str, Any]) -> str:

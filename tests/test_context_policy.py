@@ -17,6 +17,7 @@ from agentspace.transports import state
 from tests.fakes.anthropic_upstream import error_status, prompt_blocks, text_response, tool_use_response
 from tests.support.ws import chat, connect, receive_after
 from tests.test_prompt_cache import turn_text
+from tests.tool_plugins import WeatherTools
 
 MODEL = "anthropic/claude-sonnet-4-5"
 WINDOW = 50_000
@@ -336,3 +337,25 @@ async def test_a_tool_loop_that_grows_past_the_window_is_caught_before_its_next_
     compactions = len(fake_anthropic.requests) - len(fake_anthropic.requests[:before]) - len(steps)
     assert [r.get("purpose") for r in usage].count("compact") == compactions == (1 if policy == "compact" else 0)
     assert len(usage) == len(fake_anthropic.requests)  # one record per provider call
+
+
+async def test_the_summary_reads_the_tool_calls_and_their_results(
+    make_client: Any, token: str, auth_headers: dict[str, str], fake_anthropic: Any, plugin_manager: Any
+) -> None:
+    """A tool loop's facts are in its calls and results: the summarising model reads them, not only the answer's
+    text (after the summary, no call sends them)."""
+    plugin_manager.register(WeatherTools())
+    client = await make_client(pm=plugin_manager)
+    ws = await connect(client, token)
+    fake_anthropic.enqueue(tool_use_response("get_weather", {"city": "Reykjavik"}), text_response("It is sunny."))
+    frames = await chat(ws, "Weather in the capital of Iceland?")
+    session_id = frames[0]["sessionId"]
+    await chat(ws, "Thanks", "r2", sessionId=session_id)
+    await ws.close()
+    fake_anthropic.enqueue(text_response("The user asked for the weather in Reykjavik: sunny."))
+    response = await client.post(f"/api/sessions/{session_id}/compact", headers=auth_headers)
+    assert response.status == 200 and (await response.json())["compacted"] is True
+    request = fake_anthropic.requests[-1].body
+    assert request["system"] == COMPACT_PROMPT
+    transcript = json.dumps(request["messages"])
+    assert "get_weather" in transcript and "Reykjavik" in transcript and "sunny" in transcript, transcript
