@@ -90,20 +90,20 @@ def too_long(model: str, need: int, window: int, max_tokens: int) -> ApiError:
     )
 
 
-def _cut_index(history: list[dict[str, Any]], start: int, excess: int, ratio: float) -> int | None:
-    """The stored message to cut after (the end of a turn) so that at least ``excess`` tokens go; the last
-    possible one when no cut frees enough; None when there is no turn to leave out."""
-    removed, cut = 0.0, None
+def _cut_index(history: list[dict[str, Any]], start: int, excess: int, ratio: float) -> tuple[int | None, float]:
+    """The stored message to cut after (the end of a turn) so that at least ``excess`` tokens go, and the tokens
+    it leaves out; the last possible one when no cut frees enough; None when there is no turn to leave out."""
+    removed, cut, cut_removed = 0.0, None, 0.0
     for i in range(start, len(history)):
         removed += _message_tokens(history[i]) * ratio
         ends_turn = history[i].get("role") == "assistant" and (
             i + 1 == len(history) or history[i + 1].get("role") == "user"
         )
         if ends_turn and history[i].get("id"):
-            cut = i
+            cut, cut_removed = i, removed
             if removed >= excess:
                 break
-    return cut
+    return cut, cut_removed
 
 
 async def fit_context(
@@ -140,8 +140,9 @@ async def fit_context(
     if policy == "refuse":
         raise too_long(turn.model, need, window, max_tokens)
     start, summary = history_start(history)
-    cut = _cut_index(history, start, need - int(window * HEADROOM), ratio)
-    if cut is None:
+    cut, removed = _cut_index(history, start, need - int(window * HEADROOM), ratio)
+    if cut is None or need - removed > window:
+        # No cut makes it fit (the newest turn alone is too long): no summary is bought, no turn is left out.
         raise too_long(turn.model, need, window, max_tokens)
     mark: dict[str, Any] = {"contextCut": {"at": now_iso(), "tokens": need}}
     if policy == "compact":

@@ -359,3 +359,26 @@ async def test_the_summary_reads_the_tool_calls_and_their_results(
     assert request["system"] == COMPACT_PROMPT
     transcript = json.dumps(request["messages"])
     assert "get_weather" in transcript and "Reykjavik" in transcript and "sunny" in transcript, transcript
+
+
+@pytest.mark.parametrize("policy", ["compact", "truncate"])
+async def test_a_message_too_long_on_its_own_is_refused_without_a_summary_or_a_cut(
+    make_client: Any, token: str, fake_anthropic: Any, policy: str
+) -> None:
+    """When the newest turn alone does not fit, no cut can help: the turn fails with CONTEXT_TOO_LONG before a
+    summarising call is made (and billed) or the earlier turns are marked as left out; the next turn answers."""
+    client = await make_client({"chat": {"context_policy": policy}, "pricing": {MODEL: {"context_window": 8_000}}})
+    ws = await connect(client, token)
+    frames = await chat(ws, "hello")
+    session_id = frames[0]["sessionId"]
+    calls = len(fake_anthropic.requests)
+    frames = await chat(ws, turn_text(2, 40_000), "r2", sessionId=session_id)
+    assert frames[-1]["type"] == "error" and frames[-1]["code"] == "CONTEXT_TOO_LONG", frames[-1]
+    assert len(fake_anthropic.requests) == calls  # nothing sent, no summary either
+    assert [r.get("purpose") for r in await records(client, session_id)].count("compact") == 0
+    session = await client.app[state.REGISTRY].sessions.get(session_id)
+    assert session is not None
+    assert not any(m.get("summary") or m.get("contextCut") for m in session["messages"])
+    frames = await chat(ws, "and a short one", "r3", sessionId=session_id)
+    assert frames[-1]["type"] == "chat.stream.end", frames[-1]
+    await ws.close()
