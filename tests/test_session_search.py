@@ -276,3 +276,13 @@ async def test_the_cli_export_leaves_out_answers_set_aside(
         exported = await run_cli(["sessions", "export", "edited", "--format", fmt], isolated_env)
         assert exported.exit_code == 0 and "The pelican." in exported.output, exported.output
         assert "albatross" not in exported.output, (fmt, exported.output)
+
+
+async def test_a_bad_websocket_query_names_the_field_the_frame_has(client: TestClient, token: str) -> None:
+    """WebSocket ``session.list`` takes ``query`` (REST: ``q``): its refusal names the field the client sent."""
+    ws = await connect(client, token)
+    for n, query in enumerate(["", 5, "x" * 501]):
+        reply = await receive_after(ws, {"type": "session.list", "id": f"l{n}", "query": query})
+        assert reply["type"] == "error" and reply["code"] == "INVALID_MESSAGE", reply
+        assert reply["message"].startswith("query: "), reply
+    await ws.close()
