@@ -382,3 +382,33 @@ async def test_a_message_too_long_on_its_own_is_refused_without_a_summary_or_a_c
     frames = await chat(ws, "and a short one", "r3", sessionId=session_id)
     assert frames[-1]["type"] == "chat.stream.end", frames[-1]
     await ws.close()
+
+
+async def test_a_client_compacts_its_own_session_not_anothers_of_the_same_id(
+    client: TestClient, auth_headers: dict[str, str], fake_anthropic: Any
+) -> None:
+    """Two callers each have a session called ``plans``: a client key compacting its ``plans`` summarises its own
+    turns (the summary comes back to it), marks its own session, and files the call under its own session."""
+    created = await client.post("/api/clients", headers=auth_headers, json={"name": "alice"})
+    alice = {"Authorization": f"Bearer {(await created.json())['key']}"}
+    for headers, who in [(auth_headers, "the admin"), (alice, "alice")]:
+        for n in (1, 2):
+            message = {"id": f"m{n}", "role": "user", "parts": [{"type": "text", "text": f"{who} says {n}"}]}
+            response = await client.post("/api/chat", json={"id": "plans", "messages": [message]}, headers=headers)
+            assert response.status == 200
+            await response.read()
+    fake_anthropic.enqueue(text_response("A summary."))
+    response = await client.post("/api/sessions/plans/compact", headers=alice)
+    body = await response.json()
+    assert response.status == 200 and body["sessionId"] == "plans" and body["compacted"] is True, body
+    transcript = json.dumps(fake_anthropic.requests[-1].body["messages"])
+    assert "alice says 1" in transcript and "the admin" not in transcript, transcript
+    registry = client.app[state.REGISTRY]
+    admins = await registry.sessions.get("plans")
+    assert admins is not None and not any(m.get("summary") for m in admins["messages"])
+    usage = await registry.usage.records()
+    record = next(r for r in usage if r.get("purpose") == "compact")
+    chats = {r["sessionId"] for r in usage if r.get("client") == "alice" and not r.get("purpose")}
+    assert record["client"] == "alice" and chats == {record["sessionId"]}, (record, chats)
+    mine = await (await client.get("/api/sessions/plans/context", headers=alice)).json()
+    assert "summary" in [s["name"] for s in mine["sections"]]
