@@ -28,6 +28,7 @@ from . import attachments
 from .calls import ProviderCall, cut_short_usage, request_ceiling
 from .context import (
     AssembledContext,
+    answered_turns,
     assemble,
     calibration,
     estimate_input_tokens,
@@ -268,7 +269,7 @@ async def summarise(gw: Registry, turn: TurnLike, previous: str, messages: list[
         provider = gw.provider_for(model)
     except ModelNotFound as e:
         raise ApiError("MODEL_NOT_FOUND", f"[chat] compact_model: {e}") from None
-    body = transcript(messages)
+    body = transcript(answered_turns(messages))  # what a call resends: no answer set aside, no failed turn
     if previous:
         body = f"Summary so far:\n{previous}\n\nThe conversation after it:\n{body}"
     prefix = model.split("/", 1)[0]

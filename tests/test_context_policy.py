@@ -412,3 +412,29 @@ async def test_a_client_compacts_its_own_session_not_anothers_of_the_same_id(
     assert record["client"] == "alice" and chats == {record["sessionId"]}, (record, chats)
     mine = await (await client.get("/api/sessions/plans/context", headers=alice)).json()
     assert "summary" in [s["name"] for s in mine["sections"]]
+
+
+async def test_the_summary_reads_what_the_calls_resend_not_answers_set_aside_or_failed_turns(
+    make_client: Any, auth_headers: dict[str, str], fake_anthropic: Any
+) -> None:
+    """An answer given again (``replaced``) and a turn refused as too long are resent to no model: the
+    summarising model does not read them either (the summary would bring them back into every later call)."""
+    client = await make_client({"pricing": {MODEL: {"context_window": 8_000}}})
+
+    async def say(message_id: str, text: str, answer: str | None = None) -> int:
+        if answer is not None:
+            fake_anthropic.enqueue(text_response(answer))
+        message = {"id": message_id, "role": "user", "parts": [{"type": "text", "text": text}]}
+        response = await client.post("/api/chat", json={"id": "kept", "messages": [message]}, headers=auth_headers)
+        await response.read()
+        return response.status
+
+    assert await say("m1", "Name a seabird", "The wandering albatross.") == 200
+    assert await say("m1", "Name a seabird, please", "The pelican.") == 200
+    assert await say("m2", "Too long: " + turn_text(2, 40_000)) == 413
+    assert await say("m3", "Thanks", "You are welcome.") == 200
+    fake_anthropic.enqueue(text_response("The user asked for a seabird: the pelican."))
+    response = await client.post("/api/sessions/kept/compact", headers=auth_headers)
+    assert response.status == 200 and (await response.json())["compacted"] is True
+    transcript = json.dumps(fake_anthropic.requests[-1].body["messages"])
+    assert "pelican" in transcript and "albatross" not in transcript and "Too long" not in transcript, transcript[:300]
