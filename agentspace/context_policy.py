@@ -28,6 +28,7 @@ from . import attachments
 from .calls import ProviderCall, cut_short_usage, request_ceiling
 from .context import (
     AssembledContext,
+    answered_turns,
     assemble,
     calibration,
     estimate_input_tokens,
@@ -90,20 +91,20 @@ def too_long(model: str, need: int, window: int, max_tokens: int) -> ApiError:
     )
 
 
-def _cut_index(history: list[dict[str, Any]], start: int, excess: int, ratio: float) -> int | None:
-    """The stored message to cut after (the end of a turn) so that at least ``excess`` tokens go; the last
-    possible one when no cut frees enough; None when there is no turn to leave out."""
-    removed, cut = 0.0, None
+def _cut_index(history: list[dict[str, Any]], start: int, excess: int, ratio: float) -> tuple[int | None, float]:
+    """The stored message to cut after (the end of a turn) so that at least ``excess`` tokens go, and the tokens
+    it leaves out; the last possible one when no cut frees enough; None when there is no turn to leave out."""
+    removed, cut, cut_removed = 0.0, None, 0.0
     for i in range(start, len(history)):
         removed += _message_tokens(history[i]) * ratio
         ends_turn = history[i].get("role") == "assistant" and (
             i + 1 == len(history) or history[i + 1].get("role") == "user"
         )
         if ends_turn and history[i].get("id"):
-            cut = i
+            cut, cut_removed = i, removed
             if removed >= excess:
                 break
-    return cut
+    return cut, cut_removed
 
 
 async def fit_context(
@@ -140,8 +141,9 @@ async def fit_context(
     if policy == "refuse":
         raise too_long(turn.model, need, window, max_tokens)
     start, summary = history_start(history)
-    cut = _cut_index(history, start, need - int(window * HEADROOM), ratio)
-    if cut is None:
+    cut, removed = _cut_index(history, start, need - int(window * HEADROOM), ratio)
+    if cut is None or need - removed > window:
+        # No cut makes it fit (the newest turn alone is too long): no summary is bought, no turn is left out.
         raise too_long(turn.model, need, window, max_tokens)
     mark: dict[str, Any] = {"contextCut": {"at": now_iso(), "tokens": need}}
     if policy == "compact":
@@ -226,16 +228,31 @@ def transcript(messages: list[dict[str, Any]]) -> str:
     lines = []
     for m in messages:
         files = attachments.stored_files([m])
-        text = str(m.get("content") or "")
-        if not text and m.get("parts"):
-            others = [p for p in m["parts"] if not (isinstance(p, dict) and p.get("type") == "file")]
-            text = json.dumps(others, ensure_ascii=False) if others else ""
+        parts = [p for p in m.get("parts") or () if isinstance(p, dict) and p.get("type") != "file"]
+        # A tool loop's facts are in its calls and results, not in ``content`` (the answer's text only).
+        if any(p.get("type") in ("tool-call", "tool-result") for p in parts):
+            text = "\n".join(t for t in (_part_text(p) for p in parts) if t)
+        else:
+            text = str(m.get("content") or "")
+            if not text and parts:
+                text = json.dumps(parts, ensure_ascii=False)
         # The files are not sent to the summarising model, and after the summary no call sends them: it names
         # them, so that the summary (and the model reading it later) knows they were there.
         text += "".join(f"\n[attached: {_file_label(p)}]" for p in files)
         if text.strip():
             lines.append(f"{m.get('role', 'user')}: {text.strip()}")
     return "\n\n".join(lines)
+
+
+def _part_text(part: dict[str, Any]) -> str:
+    kind = part.get("type")
+    if kind == "tool-call":
+        return f"[called {part.get('name')} with {json.dumps(part.get('input'), ensure_ascii=False)}]"
+    if kind == "tool-result":
+        output = part.get("output")
+        text = output if isinstance(output, str) else json.dumps(output, ensure_ascii=False)
+        return f"[{part.get('name')} {'failed' if part.get('isError') else 'returned'}: {text}]"
+    return str(part.get("text") or "") if kind == "text" else ""
 
 
 def _file_label(part: dict[str, Any]) -> str:
@@ -252,7 +269,7 @@ async def summarise(gw: Registry, turn: TurnLike, previous: str, messages: list[
         provider = gw.provider_for(model)
     except ModelNotFound as e:
         raise ApiError("MODEL_NOT_FOUND", f"[chat] compact_model: {e}") from None
-    body = transcript(messages)
+    body = transcript(answered_turns(messages))  # what a call resends: no answer set aside, no failed turn
     if previous:
         body = f"Summary so far:\n{previous}\n\nThe conversation after it:\n{body}"
     prefix = model.split("/", 1)[0]

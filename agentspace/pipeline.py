@@ -662,6 +662,7 @@ class Turn:
             "promptEstimate": estimate_input_tokens(ctx),
             "cachedTokens": usage.cache_read_tokens + usage.cache_write_tokens,
             "prefixKey": prefix_key(ctx.system, [t.definition() for t in ctx.tools]),
+            "model": ctx.model,  # a provider keeps a cache per model: another model reads none of it
         }
 
     async def _call_with_fallbacks(

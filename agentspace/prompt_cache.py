@@ -189,11 +189,13 @@ def plan(
     min_tokens: int | None = None,
     automatic: bool = False,
 ) -> CachePlan:
-    """The next call's reads and writes: it reads what the previous call cached (same system and tools, within
-    the TTL) and writes the rest up to its newest message, if that prefix is long enough to be cached.
+    """The next call's reads and writes: it reads what the previous call cached (same model, system and tools,
+    within the TTL) and writes the rest up to its newest message, if that prefix is long enough to be cached.
 
     ``automatic``: a provider that caches every prompt on its own (OpenAI): nothing is written at a price,
     and the next call reads the previous prompt, in blocks of 128 tokens, for about 5 minutes."""
+    if last_call and last_call.get("model", model) != model:
+        last_call = None  # a provider keeps a cache per model (lastCall stored before it named one: the same)
     if automatic:
         if total < AUTOMATIC_MIN_TOKENS or not last_call or last_call.get("prefixKey") != key:
             return CachePlan(total, 0, 0)

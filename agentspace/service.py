@@ -422,21 +422,21 @@ class Service:
 
     async def compact_session(self, session_id: object) -> dict[str, Any]:
         """Summarise every turn of the caller's session but the latest (``context_policy.compact_session``)."""
-        session_id = checked(session_id, "id", session_id_problem)
-        session = await self._owned(session_id)
-        if await self._streaming(session_id):
+        session = await self._owned(checked(session_id, "id", session_id_problem))
+        stored = str(session["id"])  # a client's session is stored under its own id, not the one it knows
+        if await self._streaming(stored):
             raise ApiError("STREAM_IN_PROGRESS", "This session is streaming an answer; wait for it to end.")
         model = session.get("model") or self.gw.default_model
-        who = CompactFor(session_id, model, str(session.get("client") or self.caller), "compact")
-        return await compact_session(self.gw, who)
+        who = CompactFor(stored, model, str(session.get("client") or self.caller), "compact")
+        return {**await compact_session(self.gw, who), "sessionId": self.visible(stored)}
 
-    async def search_sessions(self, query: object, limit: int = 50) -> list[dict[str, Any]]:
+    async def search_sessions(self, query: object, limit: int = 50, *, field: str = "q") -> list[dict[str, Any]]:
         """The caller's sessions whose title or messages contain ``query`` (case-insensitive), most recent first,
-        each with a ``match`` snippet."""
+        each with a ``match`` snippet; ``field``: the query's name in the request, for a refusal."""
         if not isinstance(query, str) or not query.strip():
-            raise invalid({"q": "required: a non-empty string"})
+            raise invalid({field: "required: a non-empty string"})
         if len(query) > MAX_QUERY_LENGTH:
-            raise invalid({"q": f"at most {MAX_QUERY_LENGTH} characters"})
+            raise invalid({field: f"at most {MAX_QUERY_LENGTH} characters"})
         if self.caller == ADMIN:
             return await search_sessions(self.gw.sessions, clean_text(query), limit=limit)
         # As in the listing: the caller's own sessions, not an earlier client's of the same name, by the ids

@@ -17,6 +17,7 @@ from agentspace.transports import state
 from tests.fakes.anthropic_upstream import error_status, prompt_blocks, text_response, tool_use_response
 from tests.support.ws import chat, connect, receive_after
 from tests.test_prompt_cache import turn_text
+from tests.tool_plugins import WeatherTools
 
 MODEL = "anthropic/claude-sonnet-4-5"
 WINDOW = 50_000
@@ -336,3 +337,104 @@ async def test_a_tool_loop_that_grows_past_the_window_is_caught_before_its_next_
     compactions = len(fake_anthropic.requests) - len(fake_anthropic.requests[:before]) - len(steps)
     assert [r.get("purpose") for r in usage].count("compact") == compactions == (1 if policy == "compact" else 0)
     assert len(usage) == len(fake_anthropic.requests)  # one record per provider call
+
+
+async def test_the_summary_reads_the_tool_calls_and_their_results(
+    make_client: Any, token: str, auth_headers: dict[str, str], fake_anthropic: Any, plugin_manager: Any
+) -> None:
+    """A tool loop's facts are in its calls and results: the summarising model reads them, not only the answer's
+    text (after the summary, no call sends them)."""
+    plugin_manager.register(WeatherTools())
+    client = await make_client(pm=plugin_manager)
+    ws = await connect(client, token)
+    fake_anthropic.enqueue(tool_use_response("get_weather", {"city": "Reykjavik"}), text_response("It is sunny."))
+    frames = await chat(ws, "Weather in the capital of Iceland?")
+    session_id = frames[0]["sessionId"]
+    await chat(ws, "Thanks", "r2", sessionId=session_id)
+    await ws.close()
+    fake_anthropic.enqueue(text_response("The user asked for the weather in Reykjavik: sunny."))
+    response = await client.post(f"/api/sessions/{session_id}/compact", headers=auth_headers)
+    assert response.status == 200 and (await response.json())["compacted"] is True
+    request = fake_anthropic.requests[-1].body
+    assert request["system"] == COMPACT_PROMPT
+    transcript = json.dumps(request["messages"])
+    assert "get_weather" in transcript and "Reykjavik" in transcript and "sunny" in transcript, transcript
+
+
+@pytest.mark.parametrize("policy", ["compact", "truncate"])
+async def test_a_message_too_long_on_its_own_is_refused_without_a_summary_or_a_cut(
+    make_client: Any, token: str, fake_anthropic: Any, policy: str
+) -> None:
+    """When the newest turn alone does not fit, no cut can help: the turn fails with CONTEXT_TOO_LONG before a
+    summarising call is made (and billed) or the earlier turns are marked as left out; the next turn answers."""
+    client = await make_client({"chat": {"context_policy": policy}, "pricing": {MODEL: {"context_window": 8_000}}})
+    ws = await connect(client, token)
+    frames = await chat(ws, "hello")
+    session_id = frames[0]["sessionId"]
+    calls = len(fake_anthropic.requests)
+    frames = await chat(ws, turn_text(2, 40_000), "r2", sessionId=session_id)
+    assert frames[-1]["type"] == "error" and frames[-1]["code"] == "CONTEXT_TOO_LONG", frames[-1]
+    assert len(fake_anthropic.requests) == calls  # nothing sent, no summary either
+    assert [r.get("purpose") for r in await records(client, session_id)].count("compact") == 0
+    session = await client.app[state.REGISTRY].sessions.get(session_id)
+    assert session is not None
+    assert not any(m.get("summary") or m.get("contextCut") for m in session["messages"])
+    frames = await chat(ws, "and a short one", "r3", sessionId=session_id)
+    assert frames[-1]["type"] == "chat.stream.end", frames[-1]
+    await ws.close()
+
+
+async def test_a_client_compacts_its_own_session_not_anothers_of_the_same_id(
+    client: TestClient, auth_headers: dict[str, str], fake_anthropic: Any
+) -> None:
+    """Two callers each have a session called ``plans``: a client key compacting its ``plans`` summarises its own
+    turns (the summary comes back to it), marks its own session, and files the call under its own session."""
+    created = await client.post("/api/clients", headers=auth_headers, json={"name": "alice"})
+    alice = {"Authorization": f"Bearer {(await created.json())['key']}"}
+    for headers, who in [(auth_headers, "the admin"), (alice, "alice")]:
+        for n in (1, 2):
+            message = {"id": f"m{n}", "role": "user", "parts": [{"type": "text", "text": f"{who} says {n}"}]}
+            response = await client.post("/api/chat", json={"id": "plans", "messages": [message]}, headers=headers)
+            assert response.status == 200
+            await response.read()
+    fake_anthropic.enqueue(text_response("A summary."))
+    response = await client.post("/api/sessions/plans/compact", headers=alice)
+    body = await response.json()
+    assert response.status == 200 and body["sessionId"] == "plans" and body["compacted"] is True, body
+    transcript = json.dumps(fake_anthropic.requests[-1].body["messages"])
+    assert "alice says 1" in transcript and "the admin" not in transcript, transcript
+    registry = client.app[state.REGISTRY]
+    admins = await registry.sessions.get("plans")
+    assert admins is not None and not any(m.get("summary") for m in admins["messages"])
+    usage = await registry.usage.records()
+    record = next(r for r in usage if r.get("purpose") == "compact")
+    chats = {r["sessionId"] for r in usage if r.get("client") == "alice" and not r.get("purpose")}
+    assert record["client"] == "alice" and chats == {record["sessionId"]}, (record, chats)
+    mine = await (await client.get("/api/sessions/plans/context", headers=alice)).json()
+    assert "summary" in [s["name"] for s in mine["sections"]]
+
+
+async def test_the_summary_reads_what_the_calls_resend_not_answers_set_aside_or_failed_turns(
+    make_client: Any, auth_headers: dict[str, str], fake_anthropic: Any
+) -> None:
+    """An answer given again (``replaced``) and a turn refused as too long are resent to no model: the
+    summarising model does not read them either (the summary would bring them back into every later call)."""
+    client = await make_client({"pricing": {MODEL: {"context_window": 8_000}}})
+
+    async def say(message_id: str, text: str, answer: str | None = None) -> int:
+        if answer is not None:
+            fake_anthropic.enqueue(text_response(answer))
+        message = {"id": message_id, "role": "user", "parts": [{"type": "text", "text": text}]}
+        response = await client.post("/api/chat", json={"id": "kept", "messages": [message]}, headers=auth_headers)
+        await response.read()
+        return response.status
+
+    assert await say("m1", "Name a seabird", "The wandering albatross.") == 200
+    assert await say("m1", "Name a seabird, please", "The pelican.") == 200
+    assert await say("m2", "Too long: " + turn_text(2, 40_000)) == 413
+    assert await say("m3", "Thanks", "You are welcome.") == 200
+    fake_anthropic.enqueue(text_response("The user asked for a seabird: the pelican."))
+    response = await client.post("/api/sessions/kept/compact", headers=auth_headers)
+    assert response.status == 200 and (await response.json())["compacted"] is True
+    transcript = json.dumps(fake_anthropic.requests[-1].body["messages"])
+    assert "pelican" in transcript and "albatross" not in transcript and "Too long" not in transcript, transcript[:300]

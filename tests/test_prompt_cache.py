@@ -430,3 +430,25 @@ async def test_claude_behind_litellm_is_marked_on_every_turn_and_tool_loop_step(
     # Step 2: the system prompt, the end of step 1's call (the newest user message), the tool result.
     assert chat_marks(second) == [(0, "system"), (3, "user"), (5, "tool")]
     await ws.close()
+
+
+async def test_a_model_switch_reads_nothing_and_the_inspector_says_so(
+    client: TestClient, token: str, fake_anthropic: Any
+) -> None:
+    """Anthropic keeps a prompt cache per model: the first turn on another model writes its whole prefix, and the
+    inspector, asked about that model, predicts no read; the next turn on it reads what that one wrote."""
+    fake_anthropic.caching = True
+    ws = await connect(client, token)
+    frames = await chat(ws, turn_text(1), "r1")
+    session_id = frames[0]["sessionId"]
+    await chat(ws, turn_text(2), "r2", sessionId=session_id)
+    other = "anthropic/claude-sonnet-4-6"
+    for turn, model, reads in [(3, other, False), (4, other, True)]:
+        text = turn_text(turn)
+        frame = {"type": "context.inspect", "id": f"i{turn}", "sessionId": session_id, "userMessage": text}
+        predicted = (await receive_after(ws, {**frame, "model": model}))["totals"]
+        end = (await chat(ws, text, f"r{turn}", sessionId=session_id, model=model))[-1]
+        assert end["type"] == "chat.stream.end", end
+        assert (end["usage"]["cacheReadTokens"] > 0) is reads, (turn, end["usage"])
+        assert (predicted["cacheReadTokens"] > 0) is reads, (turn, predicted)
+    await ws.close()

@@ -235,3 +235,54 @@ async def test_a_renamed_title_is_found_at_once(
     body = await (await client.get("/api/sessions", params={"q": "zebra PROJECT"}, headers=auth_headers)).json()
     assert [(s["id"], s["title"]) for s in body["sessions"]] == [(garden, "The Zebra project")]
     assert "Zebra project" in body["sessions"][0]["match"]
+
+
+async def test_answers_set_aside_by_an_edit_are_not_found(
+    client: TestClient, auth_headers: dict[str, str], fake_anthropic: Any, isolated_env: Path
+) -> None:
+    """An answer given again (``replaced``) is left out of ``GET /api/sessions/{id}`` and exports: search (REST
+    and the CLI) neither finds it nor shows its words in ``match``."""
+
+    async def send(text: str, answer: str) -> None:
+        fake_anthropic.enqueue(text_response(answer))
+        message = {"id": "m1", "role": "user", "parts": [{"type": "text", "text": text}]}
+        response = await client.post("/api/chat", json={"id": "edited", "messages": [message]}, headers=auth_headers)
+        assert response.status == 200 and (await response.text()).endswith("data: [DONE]\n\n")
+
+    await send("Name a large seabird", "The wandering albatross.")
+    await send("Name a large seabird, please", "The pelican.")
+    for query, found in [("albatross", False), ("pelican", True)]:
+        body = await (await client.get("/api/sessions", params={"q": query}, headers=auth_headers)).json()
+        assert [s["id"] for s in body["sessions"]] == (["edited"] if found else []), (query, body)
+        assert all("albatross" not in s["match"] for s in body["sessions"])
+    result = await run_cli(["sessions", "search", "albatross"], isolated_env)
+    assert result.exit_code == 0 and "edited" not in result.output, result.output
+    result = await run_cli(["sessions", "search", "pelican"], isolated_env)
+    assert "edited" in result.output, result.output
+
+
+async def test_the_cli_export_leaves_out_answers_set_aside(
+    client: TestClient, auth_headers: dict[str, str], fake_anthropic: Any, isolated_env: Path
+) -> None:
+    """docs/protocol.md: replaced answers are left out of exports; the CLI's as well as the REST one."""
+    for text, answer in [("Name a seabird", "The wandering albatross."), ("Name a seabird, please", "The pelican.")]:
+        fake_anthropic.enqueue(text_response(answer))
+        message = {"id": "m1", "role": "user", "parts": [{"type": "text", "text": text}]}
+        response = await client.post("/api/chat", json={"id": "edited", "messages": [message]}, headers=auth_headers)
+        assert response.status == 200 and (await response.text()).endswith("data: [DONE]\n\n")
+    rest = await client.get("/api/sessions/edited/export", params={"format": "json"}, headers=auth_headers)
+    assert "albatross" not in await rest.text()
+    for fmt in ["md", "json"]:
+        exported = await run_cli(["sessions", "export", "edited", "--format", fmt], isolated_env)
+        assert exported.exit_code == 0 and "The pelican." in exported.output, exported.output
+        assert "albatross" not in exported.output, (fmt, exported.output)
+
+
+async def test_a_bad_websocket_query_names_the_field_the_frame_has(client: TestClient, token: str) -> None:
+    """WebSocket ``session.list`` takes ``query`` (REST: ``q``): its refusal names the field the client sent."""
+    ws = await connect(client, token)
+    for n, query in enumerate(["", 5, "x" * 501]):
+        reply = await receive_after(ws, {"type": "session.list", "id": f"l{n}", "query": query})
+        assert reply["type"] == "error" and reply["code"] == "INVALID_MESSAGE", reply
+        assert reply["message"].startswith("query: "), reply
+    await ws.close()

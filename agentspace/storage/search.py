@@ -72,7 +72,8 @@ def _stamp(summary: dict[str, Any]) -> tuple[Any, ...]:
 
 def _document(session: dict[str, Any]) -> str:
     texts = [str(session.get("title") or "")]
-    texts += [message_text(m) for m in session.get("messages", ())]
+    # Answers given again (``replaced``) are out of the session as its client sees it: not searched either.
+    texts += [message_text(m) for m in session.get("messages", ()) if not m.get("replaced")]
     return "\n".join(texts)
 
 

@@ -531,7 +531,8 @@ class PromptCache:
 
     def usage(self, body: dict[str, Any]) -> dict[str, Any]:
         blocks = prompt_blocks(body)
-        keys, totals, running, total = [], [], hashlib.sha256(), 0
+        # The API keeps a cache per model: another model's prefix is never read.
+        keys, totals, running, total = [], [], hashlib.sha256(str(body.get("model", "")).encode() + b"\0"), 0
         for fingerprint, tokens, _ in blocks:
             running.update(fingerprint.encode() + b"\0")
             keys.append(running.hexdigest())
