@@ -35,3 +35,18 @@ async def test_an_upstream_429_says_when_to_retry_on_compaction_as_on_the_v1_end
         # RATE_LIMITED carries Retry-After (docs/protocol.md), the upstream's own here
         assert resp.status == 429 and answer["error"]["code"] == "RATE_LIMITED", answer
         assert resp.headers.get("Retry-After") == "7", dict(resp.headers)
+
+
+async def test_count_tokens_of_a_model_nothing_serves_is_404_as_the_messages_call_is(
+    client: TestClient, auth_headers: dict[str, str], fake_anthropic: FakeAnthropic
+) -> None:
+    body = {"model": "nosuch/model-x", "messages": MESSAGES}
+    async with client.post("/v1/messages", json={**body, "max_tokens": 16}, headers=auth_headers) as resp:
+        call = await resp.json()
+        assert resp.status == 404 and call["error"]["type"] == "not_found_error", call
+    async with client.post("/v1/messages/count_tokens", json=body, headers=auth_headers) as resp:
+        count = await resp.json()
+        # docs/protocol.md: on /v1, a model nothing serves is a 404, as the providers answer it; no count
+        assert resp.status == 404, count
+        assert count == call, count  # the same answer, the closest known id included
+    assert fake_anthropic.requests == []
