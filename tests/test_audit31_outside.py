@@ -4,10 +4,13 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
 from aiohttp.test_utils import TestClient
 
 from tests.fakes.anthropic_upstream import FakeAnthropic, error_status
+from tests.support.ui_stream import post_chat
 from tests.support.ws import chat, connect
+from tests.test_clients import add_client, bearer, cli
 
 MESSAGES = [{"role": "user", "content": "Hi"}]
 
@@ -50,3 +53,29 @@ async def test_count_tokens_of_a_model_nothing_serves_is_404_as_the_messages_cal
         assert resp.status == 404, count
         assert count == call, count  # the same answer, the closest known id included
     assert fake_anthropic.requests == []
+
+
+async def test_the_refusals_of_chat_and_compaction_are_in_the_served_openapi_document(
+    make_client: Any, auth_headers: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Compaction is a provider call admitted like a turn's: the statuses both answer for a spent budget, a
+    model not allowed and a provider without a key are the ones GET /api/openapi.json lists for them."""
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    client = await make_client()
+    seen: dict[str, set[int]] = {"/api/chat": set(), "/api/sessions/{id}/compact": set()}
+    for name, options in (("spent", ("--budget", "0")), ("narrow", ("--models", "openai/gpt-5.4-mini"))):
+        key = add_client(name)
+        session_id = await two_turn_session(client, key)
+        cli("clients", "set", name, *options)
+        async with client.post(f"/api/sessions/{session_id}/compact", headers=bearer(key)) as resp:
+            seen["/api/sessions/{id}/compact"].add(resp.status)
+        resp = await post_chat(client, bearer(key), f"c-{name}")
+        seen["/api/chat"].add(resp.status)
+    resp = await post_chat(client, auth_headers, "c-no-key", model="openai/gpt-4o-mini")
+    seen["/api/chat"].add(resp.status)
+    assert seen == {"/api/chat": {403, 424, 429}, "/api/sessions/{id}/compact": {403, 429}}
+    async with client.get("/api/openapi.json", headers=auth_headers) as resp:
+        document = await resp.json()
+    for path, statuses in seen.items():
+        documented = {int(status) for status in document["paths"][path]["post"]["responses"]}
+        assert statuses - documented == set(), (path, statuses, documented)
