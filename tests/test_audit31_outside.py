@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -79,3 +81,27 @@ async def test_the_refusals_of_chat_and_compaction_are_in_the_served_openapi_doc
     for path, statuses in seen.items():
         documented = {int(status) for status in document["paths"][path]["post"]["responses"]}
         assert statuses - documented == set(), (path, statuses, documented)
+
+
+async def test_the_readme_names_every_endpoint_a_record_is_filed_under(
+    make_client: Any, token: str, auth_headers: dict[str, str]
+) -> None:
+    client = await make_client()
+    session_id = await two_turn_session(client, token)  # ws
+    await (await post_chat(client, auth_headers, "c-http")).read()  # http
+    message = {"model": "claude-sonnet-4-5", "max_tokens": 16, "messages": MESSAGES}
+    for path, body in (
+        ("/v1/messages", message),
+        ("/v1/chat/completions", {"model": "anthropic/claude-sonnet-4-5", "messages": MESSAGES}),
+        ("/v1/responses", {"model": "anthropic/claude-sonnet-4-5", "input": "Hi"}),
+        (f"/api/sessions/{session_id}/compact", None),
+    ):
+        async with client.post(path, json=body, headers=auth_headers) as resp:
+            assert resp.status == 200, await resp.text()
+    async with client.get("/api/usage?by=endpoint", headers=auth_headers) as resp:
+        endpoints = set((await resp.json())["perEndpoint"])
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
+    listed = re.search(r"Usage records carry `client` and `endpoint` \(([^)]*)\)", readme)
+    assert listed is not None
+    named = set(re.findall(r"`(\w+)`", listed.group(1)))
+    assert endpoints - named == set(), (endpoints, named)
