@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 from aiohttp.test_utils import TestClient
 
+from agentspace import security
 from tests.fakes.anthropic_upstream import FakeAnthropic, error_status
 from tests.support.ui_stream import post_chat
 from tests.support.ws import chat, connect
@@ -105,3 +106,19 @@ async def test_the_readme_names_every_endpoint_a_record_is_filed_under(
     assert listed is not None
     named = set(re.findall(r"`(\w+)`", listed.group(1)))
     assert endpoints - named == set(), (endpoints, named)
+
+
+async def test_failed_authentications_rate_limited_say_when_to_retry_on_every_http_way_in(client: TestClient) -> None:
+    """RATE_LIMITED carries Retry-After (docs/protocol.md), the refusal of too many failed authentications too:
+    on the HTTP API and on /v1, in each one's shape."""
+    for i in range(security.MAX_FAILURES):
+        assert (await client.get("/api/sessions", headers={"Authorization": f"Bearer wrong-{i}"})).status == 401
+    wrong = {"Authorization": "Bearer wrong-again"}
+    message = {"model": "claude-sonnet-4-5", "max_tokens": 16, "messages": MESSAGES}
+    for method, path, body in (("GET", "/api/sessions", None), ("POST", "/v1/messages", message)):
+        async with client.request(method, path, json=body, headers=wrong) as resp:
+            answer = await resp.json()
+            assert resp.status == 429, answer
+            seconds = int(resp.headers.get("Retry-After", "0"))
+            # one failure drains in FAILURE_WINDOW_SECONDS / MAX_FAILURES: the next guess is let in by then
+            assert 1 <= seconds <= security.FAILURE_WINDOW_SECONDS, (path, dict(resp.headers))
