@@ -23,7 +23,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 
-from aiohttp import hdrs, web
+from aiohttp import web
 from aiohttp.typedefs import Middleware
 
 from .clients import ADMIN, hash_key, looks_like_key
@@ -311,7 +311,7 @@ def _unauthenticated(request: web.Request, token: str | None) -> web.Response:
         auth_failed(request)
     if blocked:
         # RATE_LIMITED carries Retry-After everywhere: when this source's next attempt is let in.
-        retry = {hdrs.RETRY_AFTER: str(max(1, math.ceil(request.app[AUTH_FAILURES].free_in(request.remote))))}
+        retry = {"Retry-After": str(max(1, math.ceil(request.app[AUTH_FAILURES].free_in(request.remote))))}
         if v1:
             return _v1_error(request, 429, "Too many failed authentications; try again later.", retry)
         response = error_response(429, "RATE_LIMITED", "Too many failed authentications; try again later.")
