@@ -330,7 +330,9 @@ async def summarise(gw: Registry, turn: TurnLike, previous: str, messages: list[
                     reported, count_input, count_text, output_after_report=len(text) > text_at_report
                 )
             await call.record(usage, "error", error=e.code, answered=answered)
-            raise ApiError(e.code, f"The session could not be compacted: {e.message}") from None
+            raise ApiError(
+                e.code, f"The session could not be compacted: {e.message}", retry_after=e.retry_after
+            ) from None
         except asyncio.CancelledError:
             # Stopped (the server shutting down) once the upstream took the call, which it bills: recorded as a
             # call cut short, aborted, and stored although this task is being cancelled.

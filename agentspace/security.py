@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
+import math
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
@@ -82,6 +83,11 @@ class AuthFailures:
 
     def blocked(self, address: str | None) -> bool:
         return self._level(failure_source(address), time.monotonic()) > self.limit - 1
+
+    def free_in(self, address: str | None) -> float:
+        """Seconds until a blocked source's level drains back to where its next attempt is let in."""
+        excess = self._level(failure_source(address), time.monotonic()) - (self.limit - 1)
+        return max(excess, 0.0) * self.window / self.limit
 
     def add(self, address: str | None) -> None:
         source, now = failure_source(address), time.monotonic()
@@ -304,9 +310,13 @@ def _unauthenticated(request: web.Request, token: str | None) -> web.Response:
     if token is not None:
         auth_failed(request)
     if blocked:
+        # RATE_LIMITED carries Retry-After everywhere: when this source's next attempt is let in.
+        retry = {"Retry-After": str(max(1, math.ceil(request.app[AUTH_FAILURES].free_in(request.remote))))}
         if v1:
-            return _v1_error(request, 429, "Too many failed authentications; try again later.")
-        return error_response(429, "RATE_LIMITED", "Too many failed authentications; try again later.")
+            return _v1_error(request, 429, "Too many failed authentications; try again later.", retry)
+        response = error_response(429, "RATE_LIMITED", "Too many failed authentications; try again later.")
+        response.headers.update(retry)
+        return response
     if v1:
         return _v1_error(
             request,
@@ -316,10 +326,11 @@ def _unauthenticated(request: web.Request, token: str | None) -> web.Response:
     return error_response(401, "UNAUTHORIZED", "Send Authorization: Bearer <token>; run 'agentspace token' to see it.")
 
 
-def _v1_error(request: web.Request, status: int, message: str) -> web.Response:
+def _v1_error(request: web.Request, status: int, message: str, headers: dict[str, str] | None = None) -> web.Response:
     # A key that is wrong, revoked or rotated stays so: x-should-retry, which both SDKs and Claude Code honour,
     # says not to try it again (Claude Code retried a 401 ten times over minutes, and looked hung).
-    headers = {"x-should-retry": "false"} if status == 401 else None
+    if status == 401:
+        headers = {"x-should-retry": "false"}
     return v1_errors.error_response(
         request, status, message, code="invalid_api_key" if status == 401 else None, headers=headers
     )

@@ -53,3 +53,21 @@ def test_the_layers_name_modules_that_exist() -> None:
     for name in re.findall(r"`([a-z_]+(?:/[a-z_]+)?)(?:/\*)?`", layers):
         path = ROOT / "agentspace" / name
         assert path.with_suffix(".py").exists() or path.is_dir(), name
+
+
+def test_every_command_script_and_shared_test_helper_is_named() -> None:
+    """The commands of cli/ (one line between them), the benchmarks, the scripts and tests/support/ are named
+    in their lines of the layout, so a reader finds each by its file name there too."""
+    text = (ROOT / "docs" / "architecture.md").read_text(encoding="utf-8")
+    layout = text.split("```", 2)[1]
+    names = set(re.findall(r"[\w-]+\.py|(?<=\s)test(?=\s)", layout))
+    files = [
+        *(ROOT / "agentspace" / "cli").glob("*.py"),
+        *(ROOT / "benchmarks").glob("*.py"),
+        *(ROOT / "scripts").iterdir(),
+        *(ROOT / "tests" / "support").glob("*.py"),
+    ]
+    missing = sorted(
+        str(p.relative_to(ROOT)) for p in files if p.is_file() and p.name != "__init__.py" and p.name not in names
+    )
+    assert missing == []

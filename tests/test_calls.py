@@ -337,7 +337,8 @@ async def test_count_tokens_checks_the_client_and_sends_nothing_when_refused(
     api = anthropic_sdk(client, key)
     for _ in range(5):
         with pytest.raises(anthropic.PermissionDeniedError) as e:
-            await api.messages.count_tokens(model="claude-opus-4-1", messages=[{"role": "user", "content": "Hi"}])
+            # a model the gateway serves (one it does not is a 404, as /v1/messages answers it)
+            await api.messages.count_tokens(model="claude-sonnet-4-5", messages=[{"role": "user", "content": "Hi"}])
         assert e.value.status_code == 403
         body = e.value.response.json()
         assert body["type"] == "error" and body["error"]["type"] == "permission_error"

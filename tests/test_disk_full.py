@@ -459,3 +459,34 @@ async def test_a_budget_on_an_almost_full_disk_counts_what_the_records_say(
     per_turn = records[0]["totalCost"]
     # Refused once the next turn's reservation (its 4096 output tokens at least) would pass the budget.
     assert 0.2 - 0.0615 - per_turn < spend <= 0.2 - 0.0615 + per_turn, (spend, per_turn)
+
+
+async def test_a_call_the_full_disk_refuses_may_be_retried_by_the_sdks(
+    disk: Path, fake_anthropic: fa.FakeAnthropic
+) -> None:
+    """STORAGE_ERROR is cured by waiting (room again): unlike a spent budget or a model not allowed, the /v1
+    refusal does not tell the SDKs not to retry (``x-should-retry: false``, docs/protocol.md)."""
+    server = GatewayProcess(disk, fake_anthropic.url)
+    try:
+        await server.start()
+        filler = fill(disk)
+        headers = {"Authorization": f"Bearer {server.token}"}
+        messages = [{"role": "user", "content": "hi " * 400}]  # a ledger line longer than the full disk's slack
+        calls = (
+            ("/v1/messages", {"model": "claude-sonnet-4-5", "max_tokens": 16, "messages": messages}),
+            ("/v1/chat/completions", {"model": "anthropic/claude-sonnet-4-5", "messages": messages}),
+        )
+        async with aiohttp.ClientSession() as http:
+            for path, body in calls:
+                for _ in range(5):  # until the journal's last page is full too
+                    async with http.post(server.url + path, json=body, headers=headers) as resp:
+                        text = await resp.text()
+                        if resp.status == 503:
+                            break
+                assert resp.status == 503 and "STORAGE_ERROR" in text, text
+                assert resp.headers.get("x-should-retry") != "false", (path, dict(resp.headers))
+        filler.unlink()
+        assert await messages_call(server) == 200  # and waiting did cure it
+        assert await server.terminate() == 0
+    finally:
+        await server.aclose()

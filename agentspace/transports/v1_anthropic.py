@@ -177,6 +177,10 @@ async def count_tokens(request: web.Request) -> web.StreamResponse:
     if isinstance(parsed, web.Response):
         return parsed
     body, raw, model = parsed
+    try:  # a model nothing serves is a 404, as the messages call answers it (not a count)
+        service(request).provider(model)
+    except ApiError as e:
+        return _error(404, f"model: {e.message}")
     call = service(request).provider_call(model, session_id(request), ENDPOINT)
     try:  # the same checks as a call (allowlist, rate limits, a valid key, not shutting down); nothing reserved
         await call.admit(None)

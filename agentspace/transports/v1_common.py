@@ -91,15 +91,19 @@ def retry_after(seconds: float) -> str:
     return str(max(1, math.ceil(seconds)))
 
 
+FINAL_REFUSALS = frozenset({"BUDGET_EXCEEDED", "MODEL_NOT_ALLOWED", "UNAUTHORIZED"})  # waiting cures none
+
+
 def refusal(request: web.Request, error: ApiError) -> web.Response:
     """A call the client checks refused (``limits.Guard``), in the shape of the API the request speaks, with
     ``Retry-After`` when waiting helps."""
     headers = {}
     if error.retry_after is not None:
         headers["retry-after"] = retry_after(error.retry_after)
-    if error.code != "RATE_LIMITED":
-        # The SDKs retry a 429 by themselves; a spent budget (until the period ends) or a model the client
-        # may not use will not change in seconds: x-should-retry, which both SDKs honour, says so.
+    if error.code in FINAL_REFUSALS:
+        # The SDKs retry a 429 or a 503 by themselves; a spent budget (until the period ends), a model the client
+        # may not use or a revoked key will not change in seconds: x-should-retry, which both SDKs honour, says so.
+        # Shutting down, a full disk or Redis unreachable are cured by waiting: the SDKs retry them.
         headers["x-should-retry"] = "false"
     return v1_errors.error_response(
         request, error.status, f"{error.code}: {error.message}", code=REFUSAL_CODES.get(error.code), headers=headers
