@@ -18,7 +18,8 @@ monotonic clocks differ), and every key expires:
   ``RESERVATION_TTL_SECONDS`` instead of holding the budget. These times (and ``REBUILD_SECONDS``) are
   those of the default ``[storage] lease_seconds`` (``LEASE_SECONDS``); another lease scales them.
 - Redis losing its state (a restart without persistence): ``agentspace:epoch``, set when a replica first
-  uses Redis, is gone. The replica that notices starts a rebuild window (``REBUILD_SECONDS``, two renewals):
+  uses Redis, is gone; a restart that loaded an older snapshot drops it too (``cluster.py``: the server's run
+  id changed), and the spends it loaded are read again. The replica that notices starts a rebuild window (``REBUILD_SECONDS``, two renewals):
   every replica puts back the reservations of its calls in flight at its next renewal, and meanwhile no
   budget reservation is admitted (``SERVICE_UNAVAILABLE`` with Retry-After), so the spend is rebuilt from
   the posted records and the pending reservations, never from the posted records alone.
@@ -260,6 +261,13 @@ class RedisCounters:
         key = self._spend_key(client, period_key)
         await load_spend(lambda spend: self.redis.set(key, repr(float(spend)), nx=True, ex=SPEND_TTL_SECONDS))
 
+    async def _drop_spends(self) -> None:
+        """The spends a restarted Redis may have loaded from an older snapshot: read again from the database once
+        the rebuild ends (the reservations stay: those of calls in flight are put back, the rest lapse)."""
+        async for key in self.redis.scan_iter(match=f"{PREFIX}:budget:*", count=1000):
+            if not key.endswith((b":res", b":resexp")):
+                await self.redis.delete(key)
+
     async def reserve(
         self, client: str, identity: str, period_key: str, budget: float, amount: float, load_spend: SpendLoader
     ) -> tuple[Any, float]:
@@ -278,6 +286,7 @@ class RedisCounters:
                 rebuild = self._seconds(REBUILD_SECONDS)
                 if await self._lost(keys=[EPOCH_KEY], args=[rebuild]):
                     log.warning("Redis lost the budget counters; rebuilding them for %d s", rebuild)
+                    await self._drop_spends()
                 await self._renew_all()
                 continue
             if int(reply[0]) == -3:
