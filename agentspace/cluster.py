@@ -102,8 +102,14 @@ class Cluster:
         # connection storm on a busy machine ends in connect timeouts). Any: redis-py's reply types are
         # unions of every decoding; replies here are bytes.
         pool = aioredis.BlockingConnectionPool.from_url(
-            url, max_connections=REDIS_CONNECTIONS, timeout=10, socket_connect_timeout=5, health_check_interval=30
+            url,
+            max_connections=REDIS_CONNECTIONS,
+            timeout=10,
+            socket_connect_timeout=5,
+            health_check_interval=30,
+            redis_connect_func=self._connected,
         )
+        self._run_id: bytes | None = None  # of the Redis server this replica last connected to
         self.redis: Any = aioredis.Redis(connection_pool=pool)
         self._release = self.redis.register_script(_RELEASE)
         self._renew = self.redis.register_script(_RENEW)
@@ -113,6 +119,23 @@ class Cluster:
         # Called when another replica (or this one) announces a rotated or removed credential.
         self.on_credentials_changed = on_credentials_changed
         self.encoder = encoder
+
+    async def _connected(self, connection: Any) -> None:
+        """Each new connection to Redis: a Redis that restarted since the last one (its run id changed) may have
+        loaded an older snapshot (persistence on), whose budget spend misses the calls posted after it. That is a
+        loss of state too: its epoch goes, so the budget counters are rebuilt from the database and the calls in
+        flight (redis_counters.py), as after a restart without persistence."""
+        from .redis_counters import EPOCH_KEY
+
+        await connection.on_connect()
+        await connection.send_command("INFO", "server")
+        info = await connection.read_response()
+        run_id = next((line[7:].strip() for line in bytes(info).splitlines() if line.startswith(b"run_id:")), b"")
+        if self._run_id is not None and run_id != self._run_id:
+            await connection.send_command("DEL", EPOCH_KEY)
+            await connection.read_response()
+            log.warning("Redis restarted; its budget counters are rebuilt")
+        self._run_id = run_id
 
     async def start(self, locks: SessionLocks) -> None:
         """Check Redis answers and listen for aborts meant for this replica's turns."""

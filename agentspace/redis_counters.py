@@ -18,7 +18,8 @@ monotonic clocks differ), and every key expires:
   ``RESERVATION_TTL_SECONDS`` instead of holding the budget. These times (and ``REBUILD_SECONDS``) are
   those of the default ``[storage] lease_seconds`` (``LEASE_SECONDS``); another lease scales them.
 - Redis losing its state (a restart without persistence): ``agentspace:epoch``, set when a replica first
-  uses Redis, is gone. The replica that notices starts a rebuild window (``REBUILD_SECONDS``, two renewals):
+  uses Redis, is gone; a restart that loaded an older snapshot drops it too (``cluster.py``: the server's run
+  id changed), and the spends it loaded are read again. The replica that notices starts a rebuild window (``REBUILD_SECONDS``, two renewals):
   every replica puts back the reservations of its calls in flight at its next renewal, and meanwhile no
   budget reservation is admitted (``SERVICE_UNAVAILABLE`` with Retry-After), so the spend is rebuilt from
   the posted records and the pending reservations, never from the posted records alone.
@@ -164,6 +165,15 @@ if redis.call('EXISTS', KEYS[1]) == 1 then redis.call('INCRBYFLOAT', KEYS[1], AR
 return 1
 """
 
+# KEYS: spend (of the reservation's period), res, resexp; ARGV: reservation id. A call settled late (Redis was out of
+# reach when it ended): its reservation given back and the spend dropped, read again from the database, which has
+# the call's record -- adding its cost here could count it twice, once more than a reload meanwhile did.
+_SETTLE_LATE = """
+redis.call('HDEL', KEYS[2], ARGV[1])
+redis.call('ZREM', KEYS[3], ARGV[1])
+redis.call('DEL', KEYS[1])
+return 1
+"""
 
 # KEYS: spend keys; ARGV: cost. Added to each spend that is loaded (one not loaded reads it from the database).
 _ADD_SPEND = """
@@ -191,6 +201,7 @@ class RedisCounters:
         self._state = redis.register_script(_STATE)
         self._reserve = redis.register_script(_RESERVE)
         self._settle = redis.register_script(_SETTLE)
+        self._settle_late = redis.register_script(_SETTLE_LATE)
         self._add_spend = redis.register_script(_ADD_SPEND)
         self._renew = redis.register_script(_RENEW)
         self._lost = redis.register_script(_LOST)
@@ -199,6 +210,9 @@ class RedisCounters:
         self._reservation_ids: dict[int, str] = {}  # id(Reservation) -> its id in Redis, until settled
         # The reservations of this replica's calls in flight: id -> (res and resexp keys, amount); their leases.
         self._live: dict[str, tuple[list[str], float]] = {}
+        # Calls that ended while Redis was out of reach: id -> their spend, res and resexp keys. Their reservations
+        # stay in _live, renewed (so they still count against the budget), until a renewal settles them late.
+        self._unsettled: dict[str, list[str]] = {}
         self._renewer: asyncio.Task[None] | None = None
         self._epoch_set = False
 
@@ -213,6 +227,10 @@ class RedisCounters:
         return max(1, round(default * self._scale))
 
     async def _renew_all(self) -> None:
+        for reservation_id, keys in list(self._unsettled.items()):
+            await self._settle_late(keys=keys, args=[reservation_id])
+            del self._unsettled[reservation_id]
+            self._live.pop(reservation_id, None)
         for reservation_id, (keys, amount) in list(self._live.items()):
             await self._renew(keys=keys, args=[reservation_id, repr(amount), self._seconds(RESERVATION_TTL_SECONDS)])
 
@@ -260,6 +278,13 @@ class RedisCounters:
         key = self._spend_key(client, period_key)
         await load_spend(lambda spend: self.redis.set(key, repr(float(spend)), nx=True, ex=SPEND_TTL_SECONDS))
 
+    async def _drop_spends(self) -> None:
+        """The spends a restarted Redis may have loaded from an older snapshot: read again from the database once
+        the rebuild ends (the reservations stay: those of calls in flight are put back, the rest lapse)."""
+        async for key in self.redis.scan_iter(match=f"{PREFIX}:budget:*", count=1000):
+            if not key.endswith((b":res", b":resexp")):
+                await self.redis.delete(key)
+
     async def reserve(
         self, client: str, identity: str, period_key: str, budget: float, amount: float, load_spend: SpendLoader
     ) -> tuple[Any, float]:
@@ -278,6 +303,7 @@ class RedisCounters:
                 rebuild = self._seconds(REBUILD_SECONDS)
                 if await self._lost(keys=[EPOCH_KEY], args=[rebuild]):
                     log.warning("Redis lost the budget counters; rebuilding them for %d s", rebuild)
+                    await self._drop_spends()
                 await self._renew_all()
                 continue
             if int(reply[0]) == -3:
@@ -292,12 +318,15 @@ class RedisCounters:
             reservation = _limits().Reservation(client, period_key, amount, client_created_at=identity)
             self._reservation_ids[id(reservation)] = reservation_id
             self._live[reservation_id] = (keys[1:], amount)
-            if self._renewer is None or self._renewer.done():
-                self._renewer = asyncio.get_running_loop().create_task(
-                    self._renew_forever(), name="agentspace-reservation-leases"
-                )
+            self._keep_renewing()
             return reservation, spend
         raise RuntimeError("the budget spend could not be loaded into Redis")
+
+    def _keep_renewing(self) -> None:
+        if self._renewer is None or self._renewer.done():
+            self._renewer = asyncio.get_running_loop().create_task(
+                self._renew_forever(), name="agentspace-reservation-leases"
+            )
 
     async def spend(self, client: str, identity: str, period_key: str, load_spend: SpendLoader) -> float:
         spend, reserved = await self.spend_parts(client, identity, period_key, load_spend)
@@ -318,9 +347,18 @@ class RedisCounters:
             return
         reservation.settled = True
         reservation_id = self._reservation_ids.pop(id(reservation), "")
-        self._live.pop(reservation_id, None)
+        held = self._live.pop(reservation_id, None)
         keys = self._keys(reservation.client, reservation.client_created_at, reservation.period_key)
-        await self._settle(keys=keys, args=[reservation_id, repr(real_cost)])
+        try:
+            await self._settle(keys=keys, args=[reservation_id, repr(real_cost)])
+        except Exception:
+            # Redis out of reach: the call's record is stored, but the spend here misses its cost. Its reservation
+            # (at least that cost) is kept and renewed until a renewal can settle it late, so it counts meanwhile.
+            if held is not None:
+                self._live[reservation_id] = held
+                self._unsettled[reservation_id] = keys
+                self._keep_renewing()
+            raise
 
     async def add_spend(self, client: str, period_keys: Sequence[str], cost: float) -> None:
         if period_keys:

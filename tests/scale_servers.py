@@ -162,12 +162,14 @@ class Postgres:
 
 
 class Redis:
-    def __init__(self) -> None:
+    def __init__(self, snapshot_dir: Path | None = None) -> None:
+        """``snapshot_dir``: where ``SAVE`` writes its snapshot, which a restart loads (else nothing persists)."""
         exe = shutil.which("redis-server")
         if exe is None:
             raise RuntimeError("redis-server is not installed")
         self.exe = exe
         self.port = free_port()
+        self.snapshot_dir = snapshot_dir
         self.start()
 
     def start(self) -> None:
@@ -184,6 +186,7 @@ class Redis:
                 "no",
                 "--daemonize",
                 "no",
+                *(["--dir", str(self.snapshot_dir)] if self.snapshot_dir is not None else []),
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,

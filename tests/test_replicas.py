@@ -514,6 +514,56 @@ async def test_redis_killed_and_restarted_mid_stream_refuses_while_away_and_budg
         redis_srv.close()
 
 
+async def test_redis_restarted_from_an_older_snapshot_does_not_let_budgets_be_exceeded(
+    tmp_path: Path, fake_anthropic: Any, pg_dsn: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Redis with persistence (Debian's default) killed and started again: it loads its last snapshot, which
+    holds the epoch but a spend older than the records posted since. The restart is a loss of state too: the
+    spend is read back from the database, not taken from the snapshot, so the budget holds."""
+    import redis.asyncio as aioredis
+
+    monkeypatch.setenv("AGENTSPACE_GATEWAY_TOKEN", TOKEN)
+    redis_srv = Redis(snapshot_dir=tmp_path)
+    storage = {"backend": "postgres", "dsn": pg_dsn, "redis_url": redis_srv.url, "lease_seconds": SHORT_LEASE}
+    a, b = (GatewayProcess(tmp_path / name, fake_anthropic.url, storage=storage) for name in ("a", "b"))
+    # Each call costs $0.015 (1000 output tokens) and reserves ~$0.0154 (max_tokens 1024).
+    fake_anthropic.default = fa.text_response("tok", delta_usages=[{"output_tokens": 1000}])
+    body = {"model": "claude-sonnet-4-5", "max_tokens": 1024, "messages": [{"role": "user", "content": "Hi"}]}
+    try:
+        await asyncio.gather(a.start(), b.start())
+        async with aiohttp.ClientSession(headers=HEADERS) as http:
+            async with http.post(f"{a.url}/api/clients", json={"name": "team", "budgetUsd": 0.05}) as resp:
+                key = (await resp.json())["key"]
+            headers = {"Authorization": f"Bearer {key}", "anthropic-version": "2023-06-01"}
+
+            async def call(server: GatewayProcess) -> int:
+                async with http.post(f"{server.url}/v1/messages", json=body, headers=headers) as resp:
+                    await resp.read()
+                    return resp.status
+
+            assert await call(a) == 200
+            redis = aioredis.from_url(redis_srv.url)
+            await redis.save()  # the snapshot: the epoch, and $0.015 spent
+            await redis.aclose()
+            assert [await call(b), await call(a)] == [200, 200]  # $0.045 spent: no call of $0.0154 fits any more
+            redis_srv.kill()
+            redis_srv.start()  # back, with the snapshot's $0.015
+            after = [await call(s) for s in (a, b, a, b)]
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + 30
+            while (status := await call(a)) == 503:  # a rebuild, if any, ends
+                assert loop.time() < deadline
+                await asyncio.sleep(0.5)
+            after.append(status)
+            async with http.get(f"{b.url}/api/usage?by=client") as resp:
+                spent = (await resp.json())["perClient"]["team"]["totalCost"]
+        assert all(status in (429, 503) for status in after), after
+        assert spent <= 0.05, (spent, after)
+    finally:
+        await stop_running(a, b)
+        redis_srv.close()
+
+
 async def test_a_database_outage_longer_than_a_lease_does_not_recover_the_calls_of_live_replicas(
     tmp_path: Path, fake_anthropic: Any, redis_srv: Redis, monkeypatch: pytest.MonkeyPatch
 ) -> None:

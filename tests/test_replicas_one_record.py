@@ -268,3 +268,60 @@ async def test_estimates_and_reported_records_raced_by_two_stores_leave_one_reco
             await store.aclose()
         for db in dbs:
             await db.aclose()
+
+
+async def test_a_call_ending_while_its_replica_cannot_reach_redis_still_counts_against_the_budget(
+    tmp_path: Path, fake_anthropic: Any, pg_dsn: str, redis_srv: Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Redis cut off from replica A alone while A's call streams: the call ends (its record stored in the
+    database) but A cannot settle it in Redis. Once Redis is reachable again and the call's reservation would
+    have lapsed, its cost still counts in the spend every replica admits against, so the budget holds."""
+    monkeypatch.setenv("AGENTSPACE_GATEWAY_TOKEN", TOKEN)
+    await flush_redis(redis_srv)
+    proxy = CuttableProxy(redis_srv.port)
+    await proxy.start()
+    storage = {"backend": "postgres", "dsn": pg_dsn, "lease_seconds": 8.0}
+    a = GatewayProcess(
+        tmp_path / "a", fake_anthropic.url, storage={**storage, "redis_url": f"redis://127.0.0.1:{proxy.port}/0"}
+    )
+    b = GatewayProcess(tmp_path / "b", fake_anthropic.url, storage={**storage, "redis_url": redis_srv.url})
+    # Each call costs $0.015 (1000 output tokens) and reserves ~$0.0154 (max_tokens 1024); streamed, about 3 s.
+    fake_anthropic.default = fa.text_response(
+        "tok " * 30, chunks=30, delta_usages=[{"output_tokens": 1000}]
+    ).with_delay(0.1)
+    body = {"model": "claude-sonnet-4-5", "max_tokens": 1024, "messages": [{"role": "user", "content": "Hi"}]}
+    try:
+        await asyncio.gather(a.start(), b.start())
+        async with aiohttp.ClientSession(headers=HEADERS) as http:
+            async with http.post(f"{b.url}/api/clients", json={"name": "team", "budgetUsd": 0.05}) as resp:
+                key = (await resp.json())["key"]
+            headers = {"Authorization": f"Bearer {key}", "anthropic-version": "2023-06-01"}
+            for _ in range(2):  # $0.03 spent
+                async with http.post(f"{b.url}/v1/messages", json=body, headers=headers) as resp:
+                    assert resp.status == 200, await resp.text()
+            async with http.post(f"{a.url}/v1/messages", json={**body, "stream": True}, headers=headers) as resp:
+                assert resp.status == 200
+                await resp.content.readuntil(b"content_block_delta")
+                proxy.sever()  # A loses Redis mid-stream
+                assert b"message_stop" in await resp.read()  # and the call ends: $0.045 spent
+            proxy.cut = False  # Redis is back for A
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + 60
+            while True:  # A's reservation is no longer renewed: it lapses (1.5 leases)
+                async with http.get(f"{b.url}/api/clients/team") as resp:
+                    spend = (await resp.json())["client"]["spend"]
+                if not spend["inFlightUsd"]:
+                    break
+                assert loop.time() < deadline, spend
+                await asyncio.sleep(0.5)
+            statuses = []
+            for server in (b, a):  # no call of $0.0154 fits in the $0.005 left
+                async with http.post(f"{server.url}/v1/messages", json=body, headers=headers) as resp:
+                    statuses.append(resp.status)
+            async with http.get(f"{b.url}/api/usage?by=client") as resp:
+                spent = (await resp.json())["perClient"]["team"]["totalCost"]
+        assert statuses == [429, 429], (statuses, spend)
+        assert spent <= 0.05
+    finally:
+        await stop_running(a, b)
+        await proxy.aclose()
