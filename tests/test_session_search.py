@@ -276,6 +276,14 @@ async def test_the_cli_export_leaves_out_answers_set_aside(
         exported = await run_cli(["sessions", "export", "edited", "--format", fmt], isolated_env)
         assert exported.exit_code == 0 and "The pelican." in exported.output, exported.output
         assert "albatross" not in exported.output, (fmt, exported.output)
+    # `sessions show` is the whole session: the answer set aside is there, and says so.
+    shown = await run_cli(["sessions", "show", "edited"], isolated_env)
+    assert shown.exit_code == 0, shown.output
+
+    def header(answer: str) -> str:
+        return shown.output.split(answer)[0].rstrip().splitlines()[-1]
+
+    assert "set aside" in header("The wandering albatross.") and "set aside" not in header("The pelican.")
 
 
 async def test_a_bad_websocket_query_names_the_field_the_frame_has(client: TestClient, token: str) -> None:

@@ -137,6 +137,8 @@ def _message_header(m: dict[str, Any]) -> str:
         bits.append(m["finishReason"])
     if m.get("aborted"):
         bits.append("aborted")
+    if m.get("replaced"):  # answered again since (a regenerate, an edit): kept, billed, resent to no model
+        bits.append("set aside")
     return f"[{' · '.join(bits)}] {_when(m.get('createdAt'))}"
 
 
