@@ -427,7 +427,7 @@ class Service:
         if await self._streaming(stored):
             raise ApiError("STREAM_IN_PROGRESS", "This session is streaming an answer; wait for it to end.")
         model = session.get("model") or self.gw.default_model
-        who = CompactFor(stored, model, str(session.get("client") or self.caller), "compact")
+        who = CompactFor(stored, model, str(session.get("client") or self.caller), endpoint="compact")
         return {**await compact_session(self.gw, who), "sessionId": self.visible(stored)}
 
     async def search_sessions(self, query: object, limit: int = 50, *, field: str = "q") -> list[dict[str, Any]]:

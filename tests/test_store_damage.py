@@ -298,4 +298,4 @@ def test_doctor_on_a_postgres_gateway_does_not_count_the_empty_files(isolated_en
     result = CliRunner().invoke(cli, ["doctor", "--config", str(config)])
     assert result.exit_code == 0, result.output
     assert "sessions: 0 readable" not in result.output and "clients: 0 readable" not in result.output
-    assert "in PostgreSQL" in result.output and "secrets: ok" in result.output
+    assert "in the postgres store" in result.output and "secrets: ok" in result.output

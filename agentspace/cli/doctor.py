@@ -143,14 +143,18 @@ def doctor(state: CliState) -> None:
     from ..storage.embedded.clients import FILE_NAME as CLIENTS_FILE
     from ..storage.embedded.sessions import SessionStore
     from ..storage.embedded.usage import ROLLUPS, UsageStore
+    from ..storage.protocols import SessionStoreSync
     from ..vault import KEYS_FILE
+    from .storage_access import cli_storage
 
     data_dir = Path(state.data_dir)
     problems: list[str] = []
-    # With postgres the sessions, usage and clients are in the database, not in these files.
-    in_database = state.config()["storage"]["backend"] == "postgres"
+    # A backend whose sessions are not the data directory's files (PostgreSQL) keeps sessions, usage and clients
+    # in its own store, not in these files.
+    storage = cli_storage(state)
+    in_database = not isinstance(storage.sessions, SessionStoreSync)
     if in_database:
-        click.echo("sessions, usage and clients: in PostgreSQL ([storage] backend), not checked here")
+        click.echo(f"sessions, usage and clients: in the {storage.backend} store ([storage] backend), not checked here")
     else:
         listing = SessionStore(data_dir).listing_sync(whole=True)
         problems += [
