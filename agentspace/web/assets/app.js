@@ -528,7 +528,9 @@ function scheduleRender(chat, message) {
   requestAnimationFrame(() => {
     message.pending = false;
     const list = document.getElementById("messages");
-    if (state.chat !== chat || !list) return;
+    // A reload of the stored session may have replaced the chat's messages meanwhile (a slow frame): the stored
+    // copy is on screen already, and appending this one would show the answer twice.
+    if (state.chat !== chat || !list || !chat.messages.includes(message)) return;
     const old = list.querySelector(`li[data-id="${CSS.escape(message.renderedId || message.id)}"]`);
     const open = old ? [...old.querySelectorAll("details")].map((d) => d.open) : [];
     const fresh = renderMessage(message);
