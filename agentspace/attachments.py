@@ -299,17 +299,17 @@ def check_model_limits(model: str, new: Sequence[FilePart], earlier: Iterable[di
 async def prepare(
     gw: Registry,
     model: str,
-    history: Sequence[dict[str, Any]],
+    earlier: Sequence[dict[str, Any]],
     files: Sequence[FilePart],
     *,
     check: bool = True,
     resent: Sequence[dict[str, Any]] | None = None,
 ) -> list[FilePart]:
     """The files a user message attaches, checked against ``[attachments]`` and the model (which must also read
-    the earlier files a call resends: those of ``resent``, the history after its latest summary, else all of
-    it), URLs fetched. Raises ``ApiError``; nothing is kept yet."""
-    earlier = stored_files(history)
-    again = earlier if resent is None else stored_files(resent)
+    the earlier files a call resends: ``resent``, those of the history after its latest summary, else all of
+    ``earlier``, the session's file parts, ``stored_files``), URLs fetched. Raises ``ApiError``; nothing is kept
+    yet."""
+    again = earlier if resent is None else resent
     if check and again:
         check_model(gw, model, [str(p.get("mediaType")) for p in again])
     if not files:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from .storage.shapes import as_seen
+
 EXPORT_FORMATS = ("md", "json")
 MEDIA_TYPES = {"md": "text/markdown; charset=utf-8", "json": "application/json"}
 
@@ -53,8 +55,7 @@ def to_markdown(session: dict[str, Any]) -> str:
 def export_session(session: dict[str, Any], fmt: str) -> tuple[str, str]:
     """(the document, its media type) for ``fmt`` in ``EXPORT_FORMATS``; answers given again (``replaced``) are
     left out, whoever exports (the REST API, the CLI)."""
-    messages = session.get("messages") or []
-    session = {**session, "messages": [m for m in messages if not m.get("replaced")]}
+    session = as_seen(session)
     if fmt == "json":
         return json.dumps({"session": session}, ensure_ascii=False, indent=2) + "\n", MEDIA_TYPES["json"]
     return to_markdown(session), MEDIA_TYPES["md"]

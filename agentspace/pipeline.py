@@ -133,9 +133,11 @@ async def start_turn(gw: Registry, request: ChatRequest) -> Turn:
     model = await _admitted_model(gw, request, session)
     # Media types, sizes and what the model reads: refused here, before anything is stored or sent.
     stored = session["messages"] if session else request.import_messages
+    earlier = attachments.stored_files(stored)
     # The files a call resends: those after the latest summary (the summarised turns' are not sent again).
-    resent = stored[history_start(stored)[0] :]
-    files = await attachments.prepare(gw, model, stored, request.files, resent=resent)
+    start = history_start(stored)[0]
+    resent = attachments.stored_files(stored[start:]) if start else earlier
+    files = await attachments.prepare(gw, model, earlier, request.files, resent=resent)
     imported = await attachments.prepare_imported(gw, request.import_messages, files) if session is None else []
 
     created = session is None
@@ -167,8 +169,7 @@ async def start_turn(gw: Registry, request: ChatRequest) -> Turn:
     turn = Turn(gw, session_id, model, request.client, created, user_message["id"], request.endpoint)
     turn.credential = request.credential
     turn.files = files
-    earlier = attachments.stored_files(resent)
-    turn.media_types = frozenset([*(str(p.get("mediaType")) for p in earlier), *(f.media_type for f in files)])
+    turn.media_types = frozenset([*(str(p.get("mediaType")) for p in resent), *(f.media_type for f in files)])
     await gw.locks.claim(turn)  # here, and across replicas (README.md#running-several-replicas)
     # The user message is written now (a disk that refuses it refuses the turn) and durable before the provider
     # is called: its sync runs in the background, beside the context's assembly and the call's pending ledger

@@ -41,7 +41,7 @@ from .routing import Group, deployment_states
 from .storage.errors import ClientExists, ClientNotFound, SessionNotFound
 from .storage.reports import REPORTS
 from .storage.search import search_sessions
-from .storage.shapes import SESSION_ID, TITLE_LENGTH, Listing
+from .storage.shapes import SESSION_ID, TITLE_LENGTH, Listing, as_seen
 from .types import LONE_SURROGATE, ChatMessage, FilePart, Tool, clean_text, now_iso
 from .vault import resolve_key
 
@@ -353,7 +353,7 @@ class Service:
     async def get_session(self, session_id: str) -> dict[str, Any]:
         """The session with its messages; file parts carry their bytes as a ``data:`` URL (``url``)."""
         session = await self._owned(checked(session_id, "id", session_id_problem))
-        return self._shown(await attachments.with_urls(self.gw, current(session)))
+        return self._shown(await attachments.with_urls(self.gw, as_seen(session)))
 
     async def delete_session(self, session_id: str) -> None:
         checked(session_id, "id", session_id_problem)
@@ -451,7 +451,7 @@ class Service:
         session = await self._owned(checked(session_id, "id", session_id_problem))
         if fmt not in EXPORT_FORMATS:
             raise invalid({"format": f"must be one of {', '.join(EXPORT_FORMATS)}"})
-        return export_session(self._shown(current(session)), str(fmt))  # the caller's id, never the stored one
+        return export_session(self._shown(session), str(fmt))  # the caller's id, never the stored one
 
     def check_model(self, model: str) -> None:
         try:
@@ -678,14 +678,6 @@ class Service:
 
 
 CLIENT_SETTINGS = ("budgetUsd", "period", "rpm", "tpm", "models")
-
-
-def current(session: dict[str, Any]) -> dict[str, Any]:
-    """The session without the answers that were given again (``replaced``: the AI SDK's regenerate)."""
-    messages = session.get("messages") or []
-    if not any(m.get("replaced") for m in messages):
-        return session
-    return {**session, "messages": [m for m in messages if not m.get("replaced")]}
 
 
 def client_settings(body: object) -> dict[str, Any]:

@@ -44,6 +44,8 @@ class StoredMessage(TypedDict, total=False):
     createdAt: str
     content: str
     parts: list[dict[str, Any]]
+    # An answer given again since (a regenerate, an edit): kept and billed, out of the session as its client sees it.
+    replaced: bool
 
 
 class StoredSession(SessionSummary):
@@ -154,6 +156,14 @@ def validate_session_id(session_id: object) -> str:
 
 def is_valid_session_id(session_id: object) -> bool:
     return isinstance(session_id, str) and SESSION_ID.fullmatch(session_id) is not None
+
+
+def as_seen(session: dict[str, Any]) -> dict[str, Any]:
+    """The session as its client sees it (a view, an export): without the answers given again (``replaced``)."""
+    messages = session.get("messages") or []
+    if not any(m.get("replaced") for m in messages):
+        return session
+    return {**session, "messages": [m for m in messages if not m.get("replaced")]}
 
 
 def title_from(message: dict[str, Any]) -> str | None:
