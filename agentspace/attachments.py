@@ -22,6 +22,7 @@ from collections.abc import Collection, Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from .errors import ApiError
+from .prompt_cache import anthropic_family
 from .types import ChatMessage, FilePart
 
 if TYPE_CHECKING:
@@ -264,7 +265,7 @@ def _base64_size(size: int) -> int:
 def check_model_limits(model: str, new: Sequence[FilePart], earlier: Iterable[dict[str, Any]]) -> None:
     """Refuse an image over Anthropic's limits for a Claude model: the new files by size and dimensions, the
     earlier ones a call resends by size (they were measured when the model that took them was another)."""
-    if "claude" not in model.lower():
+    if not anthropic_family(model):
         return
     sizes = [(_name(p), p.size or 0) for p in new if p.is_image]
     sizes += [

@@ -632,7 +632,7 @@ def _web_searches(usage: Any, details: Any) -> dict[str, int] | None:
 def to_openai_messages(request: ProviderRequest) -> list[dict[str, Any]]:
     """Our history in the Chat Completions format that litellm takes for every provider."""
     # Only Anthropic models take their signed thinking back; everyone else gets the answer text only.
-    keep_thinking = request.prefix == "anthropic" or "claude" in request.model.lower()
+    keep_thinking = request.prefix == "anthropic" or anthropic_family(request.model)
     out: list[dict[str, Any]] = [{"role": "system", "content": request.system}] if request.system else []
     for m in request.messages:
         if m.role == "user":
