@@ -67,6 +67,7 @@ SCHEMA: dict[str, dict[str, tuple[tuple[type, ...], Any]]] = {
         "max_tokens": ((int,), 4096),
         "on_disconnect": ((str,), "finish"),
         "idle_timeout_seconds": ((int, float), 120.0),
+        "section_timeout_seconds": ((int, float), 10.0),
         "max_retries": ((int,), 2),
         "prompt_cache": ((str,), "auto"),
         "prompt_cache_ttl": ((str,), "5m"),
@@ -356,6 +357,12 @@ def _check_values(source: str, values: dict[str, dict[str, Any]]) -> None:
     ):
         if values[section][key] < (0 if key == "history_limit" else 1):
             raise ConfigError(source, f"{section}.{key}", f"expected a positive integer, got {values[section][key]}")
+    if values["chat"]["section_timeout_seconds"] <= 0:
+        raise ConfigError(
+            source,
+            "chat.section_timeout_seconds",
+            f"expected a positive number, got {values['chat']['section_timeout_seconds']}",
+        )
     if values["thinking"]["budget_tokens"] < 1024:
         raise ConfigError(
             source,

@@ -18,6 +18,7 @@ for it over what was estimated for it (``lastCall`` of the latest answer).
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 import json
 import logging
@@ -202,7 +203,18 @@ async def _build(builder: Any, request: ContextRequest) -> str:
     try:
         result = builder.build(request)
         if inspect.isawaitable(result):
-            result = await result
+            # A section waiting on something that never answers (a search service, a file share) would hold
+            # every turn and every inspection: it is left out of this call instead.
+            timeout = float(request.config["chat"]["section_timeout_seconds"])
+            try:
+                result = await asyncio.wait_for(result, timeout)
+            except TimeoutError:
+                log.warning(
+                    "context section %r took more than %g s ([chat] section_timeout_seconds); leaving it out",
+                    getattr(builder, "name", builder),
+                    timeout,
+                )
+                return ""
     except Exception:  # a broken plugin section must not break chat
         log.exception("context section %r failed; leaving it out", getattr(builder, "name", builder))
         return ""

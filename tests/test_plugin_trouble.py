@@ -16,12 +16,12 @@ import anthropic
 import pytest
 
 from agentspace import ContextSection, UsageRecord, hookimpl
-from agentspace.config import Config
+from agentspace.config import Config, ConfigError
 from agentspace.limits import usd
 from agentspace.plugins import create_plugin_manager
 from agentspace.storage import SessionStore, UsageStore
 from agentspace.storage.protocols import Storage, UsageStoreSink
-from agentspace.testing import make_config
+from agentspace.testing import gateway_client, make_config
 from agentspace.transports import state
 from tests.conftest import wait_until
 from tests.test_clients import add_client, message, reservation_of, spend_of
@@ -311,3 +311,44 @@ async def test_a_server_shutdown_that_raises_still_lets_the_sinks_drain_and_the_
     await client.close()
     assert counts.called == 1  # pluggy's order puts it before or after the one that raised: it ran
     assert sorted(sink.got) == sorted(stored) and sink.closed  # the queue drained, the sink closed
+
+
+class SlowSections:
+    """A section whose ``build`` waits on a service that never answers, beside one that answers."""
+
+    @hookimpl
+    def register_context_sections(self, register: Callable[[Any], None], config: Config) -> None:
+        async def search(request: Any) -> str:
+            await asyncio.sleep(3600)
+            return "never"
+
+        register(ContextSection("search", search))
+        register(ContextSection("notes", lambda request: "Remember the milk."))
+
+
+async def test_a_section_that_never_answers_is_left_out_after_its_timeout_and_the_chat_answers(
+    tmp_path: Path, fake_anthropic: Any, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setenv("ANTHROPIC_API_KEY", "sk-ant-test-0123456789abcdef")
+    config = make_config(
+        tmp_path, providers={"anthropic": {"base_url": fake_anthropic.url}}, chat={"section_timeout_seconds": 0.2}
+    )
+    async with gateway_client(config, SlowSections()) as client:
+        resp = await client.post(
+            "/api/chat",
+            json={"id": "s1", "messages": [{"id": "u1", "role": "user", "parts": [{"type": "text", "text": "Hi"}]}]},
+        )
+        body = await resp.text()
+        assert resp.status == 200 and '"type":"finish"' in body, body
+        reply = await (await client.get("/api/sessions/s1/context")).json()  # the inspector builds them too
+    sent = fake_anthropic.requests[-1].body["system"]
+    system = sent if isinstance(sent, str) else "".join(block["text"] for block in sent)
+    assert "Remember the milk." in system and "never" not in system
+    sizes = {s["name"]: s["byteCount"] for s in reply["sections"]}
+    assert sizes["search"] == 0 and sizes["notes"] == len("Remember the milk.")
+    assert "context section 'search' took more than 0.2 s" in caplog.text
+
+
+def test_section_timeout_must_be_positive(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="chat.section_timeout_seconds"):
+        make_config(tmp_path, chat={"section_timeout_seconds": 0})
