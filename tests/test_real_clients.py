@@ -10,6 +10,7 @@ the tests are skipped with a message naming the missing tool.
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import os
 from collections.abc import AsyncIterator
@@ -156,6 +157,29 @@ async def test_codex_tool_round_trip(server: GatewayProcess, fake_openai: fo.Fak
     assert got == [("responses", 500, 30), ("responses", 700, 9)]
     (thread,) = [e["thread_id"] for e in events if e.get("type") == "thread.started"]
     assert {r["sessionId"] for r in records(server)} == {thread}  # Codex's session-id header
+    assert server.log_problems() == []
+
+
+async def test_codex_views_an_image(server: GatewayProcess, fake_openai: fo.FakeOpenAI, tmp_path: Path) -> None:
+    """Codex's view_image tool answers with the image it read (a function_call_output of content items): the
+    next turn reaches the model with the image (it was refused with a 400, and so was every later turn)."""
+    png = base64.b64decode(
+        "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNk+M9QDwADhgGAWjR9awAAAABJRU5ErkJggg=="
+    )
+    (tmp_path / "project").mkdir()
+    (tmp_path / "project" / "dot.png").write_bytes(png)
+    fake_openai.enqueue(
+        fo.tool_calls_response(fo.tool_call("call_img", "view_image", {"path": "dot.png"}), usage=fo.usage(500, 30)),
+        fo.text_response("A single dot.", usage=fo.usage(900, 6)),
+    )
+    events = await codex(server, tmp_path, "What is in dot.png?")
+    assert agent_messages(events)[-1] == "A single dot."
+    second = fake_openai.requests[1].body["messages"]
+    assert [m["role"] for m in second[-2:]] == ["tool", "user"] and second[-2]["tool_call_id"] == "call_img"
+    (image,) = second[-1]["content"]
+    assert image["type"] == "image_url" and image["image_url"]["url"].startswith("data:image/")
+    got = [(r["endpoint"], r["inputTokens"], r["outputTokens"], r["error"]) for r in records(server)]
+    assert got == [("responses", 500, 30, None), ("responses", 900, 6, None)]
     assert server.log_problems() == []
 
 

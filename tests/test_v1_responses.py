@@ -327,3 +327,46 @@ async def test_text_verbosity_is_passed_on_or_refused(
         assert raised.value.param == "text.verbosity"
         assert raised.value.body["message"].startswith("text.verbosity: not supported by")  # type: ignore[index]
     assert len(fake_openai.requests) == 1 and fake_anthropic.requests == []
+
+
+@pytest.mark.parametrize("upstream", ["openai", "anthropic"])
+async def test_an_image_a_function_returned_reaches_the_model(
+    client: TestClient, token: str, fake_openai: FakeOpenAI, fake_anthropic: FakeAnthropic, upstream: str
+) -> None:
+    """Codex's view_image answers its call with the image it read (``output`` as content items): the text is the
+    call's result, the image follows the turn's results (it was a 400 for every later turn of the session)."""
+    image = "data:image/png;base64,iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNk+M9QDwADhgGAWjR9awAAAABJRU5ErkJggg=="
+    model = MODEL if upstream == "openai" else "anthropic/claude-sonnet-4-6"
+    history: list[Any] = [
+        {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "What is in dot.png?"}]},
+        {"type": "function_call", "call_id": "call_img", "name": "view_image", "arguments": '{"path": "dot.png"}'},
+        {"type": "function_call", "call_id": "call_ls", "name": "get_weather", "arguments": '{"city": "Paris"}'},
+        {
+            "type": "function_call_output",
+            "call_id": "call_img",
+            "output": [{"type": "input_image", "image_url": image}],
+        },
+        {"type": "function_call_output", "call_id": "call_ls", "output": [{"type": "input_text", "text": "18 C"}]},
+    ]
+    answer = await sdk(client, token).responses.create(model=model, input=history, tools=TOOLS, store=False)
+    assert answer.status == "completed"
+    if upstream == "openai":
+        sent = fake_openai.requests[0].body["messages"]
+        assert [(m["role"], m.get("tool_call_id")) for m in sent[1:]] == [
+            ("assistant", None),
+            ("tool", "call_img"),
+            ("tool", "call_ls"),
+            ("user", None),
+        ]
+        assert (sent[2]["content"], sent[3]["content"]) == ("", "18 C")
+        assert sent[4]["content"] == [{"type": "image_url", "image_url": {"url": image}}]
+    else:
+        blocks = fake_anthropic.requests[0].body["messages"][2]["content"]
+        assert [(b["type"], b.get("tool_use_id"), b.get("content")) for b in blocks] == [
+            ("tool_result", "call_img", ""),
+            ("tool_result", "call_ls", "18 C"),
+            ("image", None, None),
+        ]
+        assert blocks[2]["source"] == {"type": "base64", "media_type": "image/png", "data": image.split(",")[1]}
+    (record,) = await records(client)
+    assert record["endpoint"] == "responses" and record["error"] is None

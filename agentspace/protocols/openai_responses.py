@@ -24,6 +24,7 @@ from typing import Any
 from ..events import ProviderEvent, ProviderFinish, ReasoningDelta, TextDelta, ToolCallEvent
 from ..types import (
     ChatMessage,
+    FilePart,
     Part,
     ReasoningPart,
     TextPart,
@@ -214,9 +215,7 @@ def _input_messages(raw: Any, system: list[str]) -> list[ChatMessage]:
             call_id = item.get("call_id")
             if not isinstance(call_id, str):
                 raise RequestError(f"{param}.call_id", "a function_call_output item needs call_id")
-            output = item.get("output")
-            text = output if isinstance(output, str) else _text(output, f"{param}.output")
-            _append(messages, "user", [ToolResultPart(call_id, names.get(call_id, ""), text)])
+            _append_output(messages, ToolResultPart(call_id, names.get(call_id, ""), ""), item.get("output"), param)
         elif kind == "reasoning":
             _input_reasoning(item, messages)
         else:
@@ -265,6 +264,26 @@ def _append(messages: list[ChatMessage], role: str, parts: list[Part]) -> None:
         messages[-1].parts.extend(parts)
     else:
         messages.append(ChatMessage(role, parts))  # type: ignore[arg-type]
+
+
+def _append_output(messages: list[ChatMessage], result: ToolResultPart, output: Any, param: str) -> None:
+    """A function's output: its text is the call's result, and the images and files it returned (Codex's
+    view_image returns the image it read) follow the results in the same user turn, as a user's content (Chat
+    Completions' tool results are text only; Anthropic takes the results first)."""
+    files: list[Part] = []
+    if isinstance(output, list):
+        parts = _user_parts(output, f"{param}.output")
+        result.output = "".join(p.text for p in parts if isinstance(p, TextPart))
+        files = [p for p in parts if isinstance(p, FilePart)]
+    else:
+        result.output = output if isinstance(output, str) else _text(output, f"{param}.output")
+    last = messages[-1] if messages else None
+    if last is None or last.role != "user":
+        messages.append(ChatMessage("user", [result, *files]))
+        return
+    at = next((i for i, p in enumerate(last.parts) if not isinstance(p, ToolResultPart)), len(last.parts))
+    last.parts.insert(at, result)
+    last.parts.extend(files)
 
 
 def _user_parts(content: Any, param: str) -> list[Part]:
