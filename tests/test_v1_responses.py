@@ -370,3 +370,51 @@ async def test_an_image_a_function_returned_reaches_the_model(
         assert blocks[2]["source"] == {"type": "base64", "media_type": "image/png", "data": image.split(",")[1]}
     (record,) = await records(client)
     assert record["endpoint"] == "responses" and record["error"] is None
+
+
+@pytest.mark.parametrize("thought", ["", "Weather needs a tool."])
+@pytest.mark.parametrize("stream", [True, False])
+async def test_thinking_without_text_and_redacted_thinking_go_back(
+    client: TestClient, token: str, fake_anthropic: FakeAnthropic, stream: bool, thought: str
+) -> None:
+    """Claude Opus 4.7 and later send thinking with no text by default (only its signature), and any Claude may send
+    redacted thinking: each comes to the client as a reasoning item's encrypted_content and goes back unchanged,
+    in its place, before the turn's tool call (the stream dropped both: the turn's reasoning was lost)."""
+    fake_anthropic.enqueue(
+        fa.message_response(
+            fa.thinking_block(thought, signature="sig-of-thinking"),
+            fa.redacted_thinking_block("opaque-redacted-data"),
+            fa.tool_use_block("get_weather", {"city": "Paris"}, id="toolu_r"),
+            stop_reason="tool_use",
+        ),
+        fa.text_response("18 C"),
+    )
+    api = sdk(client, token)
+    first: list[Any] = [{"type": "message", "role": "user", "content": [{"type": "input_text", "text": "Weather?"}]}]
+    kwargs: dict[str, Any] = dict(
+        model="anthropic/claude-opus-4-7",
+        tools=TOOLS,
+        store=False,
+        include=["reasoning.encrypted_content"],
+        reasoning={"effort": "low", "summary": "auto"},
+    )
+    if stream:  # Codex keeps the items of output_item.done, in the order they came
+        async with api.responses.stream(input=first, **kwargs) as s:
+            items = [e.item for e in [e async for e in s] if e.type == "response.output_item.done"]
+            final = await s.get_final_response()
+        assert sorted(i.id for i in items) == sorted(i.id for i in final.output)
+    else:
+        items = list((await api.responses.create(input=first, **kwargs)).output)
+    assert sorted(item.type for item in items) == ["function_call", "reasoning", "reasoning"]
+    history = [
+        *first,
+        *(item.model_dump(exclude_none=True) for item in items),
+        {"type": "function_call_output", "call_id": "toolu_r", "output": "18 C"},
+    ]
+    assert (await api.responses.create(input=history, **kwargs)).output_text == "18 C"
+    assistant = fake_anthropic.requests[1].body["messages"][1]["content"]
+    assert assistant == [
+        {"type": "thinking", "thinking": thought, "signature": "sig-of-thinking"},
+        {"type": "redacted_thinking", "data": "opaque-redacted-data"},
+        {"type": "tool_use", "id": "toolu_r", "name": "get_weather", "input": {"city": "Paris"}},
+    ]

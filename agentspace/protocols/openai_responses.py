@@ -46,6 +46,8 @@ from .openai_chat import (
 )
 
 ENCRYPTED_REASONING = "reasoning.encrypted_content"
+# How a redacted thinking block's data travels as encrypted_content (a signature is base64: it has no colon).
+REDACTED = "redacted_thinking:"
 LOGPROBS = "message.output_text.logprobs"  # refused like top_logprobs; the other includes concern hosted tools
 
 # Fields that ask for state kept between calls: the gateway keeps none.
@@ -248,7 +250,10 @@ def _input_reasoning(item: dict[str, Any], messages: list[ChatMessage]) -> None:
     if isinstance(signature, str) and signature:
         summary = "".join(str(s.get("text") or "") for s in item.get("summary") or () if isinstance(s, dict))
         content = "".join(str(c.get("text") or "") for c in item.get("content") or () if isinstance(c, dict))
-        part = ReasoningPart(content or summary, signature=signature)
+        if signature.startswith(REDACTED):
+            part = ReasoningPart("", redacted_data=signature.removeprefix(REDACTED))
+        else:
+            part = ReasoningPart(content or summary, signature=signature)
         last = messages[-1] if messages else None
         if last is not None and last.role == "assistant":
             # A turn's reasoning goes before its text and calls (Anthropic checks the order), wherever
@@ -455,6 +460,11 @@ def _reasoning_item(item_id: str, text: str, signature: str | None) -> dict[str,
     return item
 
 
+def _signed(part: ReasoningPart) -> str | None:
+    """A reasoning part's ``encrypted_content``: its signature, or a redacted block's data."""
+    return REDACTED + part.redacted_data if part.redacted_data else part.signature
+
+
 def _call_item(item_id: str, call_id: str, name: str, arguments: str, status: str = "completed") -> dict[str, Any]:
     return {
         "id": item_id,
@@ -470,8 +480,9 @@ def _output_items(message: ChatMessage, encrypted: bool) -> list[dict[str, Any]]
     items = []
     for part in message.parts:
         if isinstance(part, ReasoningPart):
-            if part.text or (encrypted and part.signature):
-                items.append(_reasoning_item(new_id("rs_"), part.text, part.signature if encrypted else None))
+            signature = _signed(part) if encrypted else None
+            if part.text or signature:
+                items.append(_reasoning_item(new_id("rs_"), part.text, signature))
         elif isinstance(part, TextPart):
             if items and items[-1]["type"] == "message":
                 items[-1]["content"][0]["text"] += part.text
@@ -685,14 +696,28 @@ class EventEncoder:
 
     def _finish(self, finish: ProviderFinish, usage: TokenUsage | None) -> list[dict[str, Any]]:
         status, incomplete = _status(finish)
+        done = []
         if self.encrypted:  # the signatures come with the whole message: the final output carries them
-            signed = iter(p for p in finish.message.parts if isinstance(p, ReasoningPart))
-            for item in self.output:
-                if item["type"] == "reasoning":
-                    part = next(signed, None)
-                    if part is not None and part.signature:
-                        item["encrypted_content"] = part.signature
-        done = [
+            # Each reasoning item is done here in the message's order (Codex sends them back in the order they
+            # were done); one that streamed no text (redacted thinking; Claude Opus 4.7 and later send none by
+            # default) gets its item now, so that it goes back with the turn.
+            streamed = iter(self._deferred)
+            for part in finish.message.parts:
+                if not isinstance(part, ReasoningPart):
+                    continue
+                signature = _signed(part)
+                index = next(streamed, None) if part.text else None
+                if index is not None:
+                    if signature:
+                        self.output[index]["encrypted_content"] = signature
+                elif signature:
+                    index = len(self.output)
+                    self.output.append(_reasoning_item(new_id("rs_"), "", signature))
+                    done.append(self._event("response.output_item.added", output_index=index, item=self.output[index]))
+                if index is not None:
+                    done.append(self._event("response.output_item.done", output_index=index, item=self.output[index]))
+            self._deferred = list(streamed)
+        done += [
             self._event("response.output_item.done", output_index=index, item=self.output[index])
             for index in self._deferred
         ]
