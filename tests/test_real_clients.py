@@ -248,6 +248,33 @@ async def test_codex_on_a_claude_model(
     assert server.log_problems() == []
 
 
+async def test_codex_on_claude_opus_4_7_keeps_its_signed_thinking(
+    server: GatewayProcess, fake_anthropic: fa.FakeAnthropic, tmp_path: Path
+) -> None:
+    """Claude Opus 4.7 sends its thinking without text by default, only the signature: Codex gets it as a reasoning
+    item and its next turn sends the thinking back before the tool call (the stream dropped it)."""
+    fake_anthropic.enqueue(
+        fa.message_response(
+            fa.thinking_block("", signature="sig-of-omitted-thinking"),
+            fa.tool_use_block("exec_command", {"cmd": f"echo {TOOL_OUTPUT}"}, id="toolu_o47"),
+            stop_reason="tool_use",
+        ),
+        fa.text_response("Opus ran it."),
+    )
+    effort = 'model_reasoning_effort="high"'
+    events = await codex(server, tmp_path, "Run an echo", "anthropic/claude-opus-4-7", "-c", effort)
+    assert agent_messages(events)[-1] == "Opus ran it."
+    last = fake_anthropic.requests[-1].body
+    assert last["output_config"] == {"effort": "high"}
+    assistant = next(m for m in last["messages"] if m["role"] == "assistant")
+    assert [(b["type"], b.get("signature")) for b in assistant["content"]] == [
+        ("thinking", "sig-of-omitted-thinking"),
+        ("tool_use", None),
+    ]
+    assert [r["error"] for r in records(server)] == [None, None]
+    assert server.log_problems() == []
+
+
 # --- Claude Code --------------------------------------------------------------------------------------
 
 
