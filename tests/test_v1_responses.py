@@ -379,10 +379,12 @@ async def test_thinking_without_text_and_redacted_thinking_go_back(
 ) -> None:
     """Claude Opus 4.7 and later send thinking with no text by default (only its signature), and any Claude may send
     redacted thinking: each comes to the client as a reasoning item's encrypted_content and goes back unchanged,
-    in its place, before the turn's tool call (the stream dropped both: the turn's reasoning was lost)."""
+    in its place, before the turn's tool call (the stream dropped both: the turn's reasoning was lost); thinking blocks
+    one after another stream into one item, and go back as the blocks they were, each with its own signature."""
     fake_anthropic.enqueue(
         fa.message_response(
             fa.thinking_block(thought, signature="sig-of-thinking"),
+            fa.thinking_block("Then Rome.", signature="sig-of-more-thinking"),  # streams into the same item
             fa.redacted_thinking_block("opaque-redacted-data"),
             fa.tool_use_block("get_weather", {"city": "Paris"}, id="toolu_r"),
             stop_reason="tool_use",
@@ -405,7 +407,7 @@ async def test_thinking_without_text_and_redacted_thinking_go_back(
         assert sorted(i.id for i in items) == sorted(i.id for i in final.output)
     else:
         items = list((await api.responses.create(input=first, **kwargs)).output)
-    assert sorted(item.type for item in items) == ["function_call", "reasoning", "reasoning"]
+    assert sorted(item.type for item in items) == ["function_call", "reasoning", "reasoning", "reasoning"]
     history = [
         *first,
         *(item.model_dump(exclude_none=True) for item in items),
@@ -415,6 +417,7 @@ async def test_thinking_without_text_and_redacted_thinking_go_back(
     assistant = fake_anthropic.requests[1].body["messages"][1]["content"]
     assert assistant == [
         {"type": "thinking", "thinking": thought, "signature": "sig-of-thinking"},
+        {"type": "thinking", "thinking": "Then Rome.", "signature": "sig-of-more-thinking"},
         {"type": "redacted_thinking", "data": "opaque-redacted-data"},
         {"type": "tool_use", "id": "toolu_r", "name": "get_weather", "input": {"city": "Paris"}},
     ]

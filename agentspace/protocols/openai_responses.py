@@ -699,20 +699,30 @@ class EventEncoder:
         done = []
         if self.encrypted:  # the signatures come with the whole message: the final output carries them
             # Each reasoning item is done here in the message's order (Codex sends them back in the order they
-            # were done); one that streamed no text (redacted thinking; Claude Opus 4.7 and later send none by
-            # default) gets its item now, so that it goes back with the turn.
+            # were done). A block that streamed no text (redacted thinking; Claude Opus 4.7 and later send none by
+            # default) gets its item now, so that it goes back with the turn; so does each block after the first of
+            # those that streamed into one item, since each block goes back with its own text and signature.
             streamed = iter(self._deferred)
+            rest = ""  # the text of the last streamed item not yet matched to a block
             for part in finish.message.parts:
                 if not isinstance(part, ReasoningPart):
                     continue
                 signature = _signed(part)
-                index = next(streamed, None) if part.text else None
-                if index is not None:
-                    if signature:
-                        self.output[index]["encrypted_content"] = signature
-                elif signature:
+                index = None
+                if part.text and not rest.startswith(part.text):
+                    index = next(streamed, None)
+                    item = self.output[index] if index is not None else None
+                    text = "".join(s["text"] for s in item["summary"]) if item is not None else ""
+                    rest = text.removeprefix(part.text) if text.startswith(part.text) else ""
+                    if item is not None and rest:
+                        item["summary"] = [{"type": "summary_text", "text": part.text}]
+                    if item is not None and signature:
+                        item["encrypted_content"] = signature
+                elif part.text:
+                    rest = rest.removeprefix(part.text)
+                if index is None and (signature or part.text):
                     index = len(self.output)
-                    self.output.append(_reasoning_item(new_id("rs_"), "", signature))
+                    self.output.append(_reasoning_item(new_id("rs_"), part.text, signature))
                     done.append(self._event("response.output_item.added", output_index=index, item=self.output[index]))
                 if index is not None:
                     done.append(self._event("response.output_item.done", output_index=index, item=self.output[index]))
