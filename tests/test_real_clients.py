@@ -10,6 +10,7 @@ the tests are skipped with a message naming the missing tool.
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import os
 from collections.abc import AsyncIterator
@@ -159,6 +160,29 @@ async def test_codex_tool_round_trip(server: GatewayProcess, fake_openai: fo.Fak
     assert server.log_problems() == []
 
 
+async def test_codex_views_an_image(server: GatewayProcess, fake_openai: fo.FakeOpenAI, tmp_path: Path) -> None:
+    """Codex's view_image tool answers with the image it read (a function_call_output of content items): the
+    next turn reaches the model with the image (it was refused with a 400, and so was every later turn)."""
+    png = base64.b64decode(
+        "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNk+M9QDwADhgGAWjR9awAAAABJRU5ErkJggg=="
+    )
+    (tmp_path / "project").mkdir()
+    (tmp_path / "project" / "dot.png").write_bytes(png)
+    fake_openai.enqueue(
+        fo.tool_calls_response(fo.tool_call("call_img", "view_image", {"path": "dot.png"}), usage=fo.usage(500, 30)),
+        fo.text_response("A single dot.", usage=fo.usage(900, 6)),
+    )
+    events = await codex(server, tmp_path, "What is in dot.png?")
+    assert agent_messages(events)[-1] == "A single dot."
+    second = fake_openai.requests[1].body["messages"]
+    assert [m["role"] for m in second[-2:]] == ["tool", "user"] and second[-2]["tool_call_id"] == "call_img"
+    (image,) = second[-1]["content"]
+    assert image["type"] == "image_url" and image["image_url"]["url"].startswith("data:image/")
+    got = [(r["endpoint"], r["inputTokens"], r["outputTokens"], r["error"]) for r in records(server)]
+    assert got == [("responses", 500, 30, None), ("responses", 900, 6, None)]
+    assert server.log_problems() == []
+
+
 async def test_codex_on_an_openai_reasoning_model(
     server: GatewayProcess, fake_openai: fo.FakeOpenAI, tmp_path: Path
 ) -> None:
@@ -221,6 +245,33 @@ async def test_codex_on_a_claude_model(
     assert got == [("responses", "anthropic/claude-sonnet-4-6", 900), ("responses", "anthropic/claude-sonnet-4-6", 950)]
     (thread,) = [e["thread_id"] for e in events if e.get("type") == "thread.started"]
     assert {r["sessionId"] for r in records(server)} == {thread}
+    assert server.log_problems() == []
+
+
+async def test_codex_on_claude_opus_4_7_keeps_its_signed_thinking(
+    server: GatewayProcess, fake_anthropic: fa.FakeAnthropic, tmp_path: Path
+) -> None:
+    """Claude Opus 4.7 sends its thinking without text by default, only the signature: Codex gets it as a reasoning
+    item and its next turn sends the thinking back before the tool call (the stream dropped it)."""
+    fake_anthropic.enqueue(
+        fa.message_response(
+            fa.thinking_block("", signature="sig-of-omitted-thinking"),
+            fa.tool_use_block("exec_command", {"cmd": f"echo {TOOL_OUTPUT}"}, id="toolu_o47"),
+            stop_reason="tool_use",
+        ),
+        fa.text_response("Opus ran it."),
+    )
+    effort = 'model_reasoning_effort="high"'
+    events = await codex(server, tmp_path, "Run an echo", "anthropic/claude-opus-4-7", "-c", effort)
+    assert agent_messages(events)[-1] == "Opus ran it."
+    last = fake_anthropic.requests[-1].body
+    assert last["output_config"] == {"effort": "high"}
+    assistant = next(m for m in last["messages"] if m["role"] == "assistant")
+    assert [(b["type"], b.get("signature")) for b in assistant["content"]] == [
+        ("thinking", "sig-of-omitted-thinking"),
+        ("tool_use", None),
+    ]
+    assert [r["error"] for r in records(server)] == [None, None]
     assert server.log_problems() == []
 
 

@@ -327,3 +327,97 @@ async def test_text_verbosity_is_passed_on_or_refused(
         assert raised.value.param == "text.verbosity"
         assert raised.value.body["message"].startswith("text.verbosity: not supported by")  # type: ignore[index]
     assert len(fake_openai.requests) == 1 and fake_anthropic.requests == []
+
+
+@pytest.mark.parametrize("upstream", ["openai", "anthropic"])
+async def test_an_image_a_function_returned_reaches_the_model(
+    client: TestClient, token: str, fake_openai: FakeOpenAI, fake_anthropic: FakeAnthropic, upstream: str
+) -> None:
+    """Codex's view_image answers its call with the image it read (``output`` as content items): the text is the
+    call's result, the image follows the turn's results (it was a 400 for every later turn of the session)."""
+    image = "data:image/png;base64,iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNk+M9QDwADhgGAWjR9awAAAABJRU5ErkJggg=="
+    model = MODEL if upstream == "openai" else "anthropic/claude-sonnet-4-6"
+    history: list[Any] = [
+        {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "What is in dot.png?"}]},
+        {"type": "function_call", "call_id": "call_img", "name": "view_image", "arguments": '{"path": "dot.png"}'},
+        {"type": "function_call", "call_id": "call_ls", "name": "get_weather", "arguments": '{"city": "Paris"}'},
+        {
+            "type": "function_call_output",
+            "call_id": "call_img",
+            "output": [{"type": "input_image", "image_url": image}],
+        },
+        {"type": "function_call_output", "call_id": "call_ls", "output": [{"type": "input_text", "text": "18 C"}]},
+    ]
+    answer = await sdk(client, token).responses.create(model=model, input=history, tools=TOOLS, store=False)
+    assert answer.status == "completed"
+    if upstream == "openai":
+        sent = fake_openai.requests[0].body["messages"]
+        assert [(m["role"], m.get("tool_call_id")) for m in sent[1:]] == [
+            ("assistant", None),
+            ("tool", "call_img"),
+            ("tool", "call_ls"),
+            ("user", None),
+        ]
+        assert (sent[2]["content"], sent[3]["content"]) == ("", "18 C")
+        assert sent[4]["content"] == [{"type": "image_url", "image_url": {"url": image}}]
+    else:
+        blocks = fake_anthropic.requests[0].body["messages"][2]["content"]
+        assert [(b["type"], b.get("tool_use_id"), b.get("content")) for b in blocks] == [
+            ("tool_result", "call_img", ""),
+            ("tool_result", "call_ls", "18 C"),
+            ("image", None, None),
+        ]
+        assert blocks[2]["source"] == {"type": "base64", "media_type": "image/png", "data": image.split(",")[1]}
+    (record,) = await records(client)
+    assert record["endpoint"] == "responses" and record["error"] is None
+
+
+@pytest.mark.parametrize("thought", ["", "Weather needs a tool."])
+@pytest.mark.parametrize("stream", [True, False])
+async def test_thinking_without_text_and_redacted_thinking_go_back(
+    client: TestClient, token: str, fake_anthropic: FakeAnthropic, stream: bool, thought: str
+) -> None:
+    """Claude Opus 4.7 and later send thinking with no text by default (only its signature), and any Claude may send
+    redacted thinking: each comes to the client as a reasoning item's encrypted_content and goes back unchanged,
+    in its place, before the turn's tool call (the stream dropped both: the turn's reasoning was lost); thinking blocks
+    one after another stream into one item, and go back as the blocks they were, each with its own signature."""
+    fake_anthropic.enqueue(
+        fa.message_response(
+            fa.thinking_block(thought, signature="sig-of-thinking"),
+            fa.thinking_block("Then Rome.", signature="sig-of-more-thinking"),  # streams into the same item
+            fa.redacted_thinking_block("opaque-redacted-data"),
+            fa.tool_use_block("get_weather", {"city": "Paris"}, id="toolu_r"),
+            stop_reason="tool_use",
+        ),
+        fa.text_response("18 C"),
+    )
+    api = sdk(client, token)
+    first: list[Any] = [{"type": "message", "role": "user", "content": [{"type": "input_text", "text": "Weather?"}]}]
+    kwargs: dict[str, Any] = dict(
+        model="anthropic/claude-opus-4-7",
+        tools=TOOLS,
+        store=False,
+        include=["reasoning.encrypted_content"],
+        reasoning={"effort": "low", "summary": "auto"},
+    )
+    if stream:  # Codex keeps the items of output_item.done, in the order they came
+        async with api.responses.stream(input=first, **kwargs) as s:
+            items = [e.item for e in [e async for e in s] if e.type == "response.output_item.done"]
+            final = await s.get_final_response()
+        assert sorted(i.id for i in items) == sorted(i.id for i in final.output)
+    else:
+        items = list((await api.responses.create(input=first, **kwargs)).output)
+    assert sorted(item.type for item in items) == ["function_call", "reasoning", "reasoning", "reasoning"]
+    history = [
+        *first,
+        *(item.model_dump(exclude_none=True) for item in items),
+        {"type": "function_call_output", "call_id": "toolu_r", "output": "18 C"},
+    ]
+    assert (await api.responses.create(input=history, **kwargs)).output_text == "18 C"
+    assistant = fake_anthropic.requests[1].body["messages"][1]["content"]
+    assert assistant == [
+        {"type": "thinking", "thinking": thought, "signature": "sig-of-thinking"},
+        {"type": "thinking", "thinking": "Then Rome.", "signature": "sig-of-more-thinking"},
+        {"type": "redacted_thinking", "data": "opaque-redacted-data"},
+        {"type": "tool_use", "id": "toolu_r", "name": "get_weather", "input": {"city": "Paris"}},
+    ]

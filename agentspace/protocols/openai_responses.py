@@ -24,6 +24,7 @@ from typing import Any
 from ..events import ProviderEvent, ProviderFinish, ReasoningDelta, TextDelta, ToolCallEvent
 from ..types import (
     ChatMessage,
+    FilePart,
     Part,
     ReasoningPart,
     TextPart,
@@ -45,6 +46,8 @@ from .openai_chat import (
 )
 
 ENCRYPTED_REASONING = "reasoning.encrypted_content"
+# How a redacted thinking block's data travels as encrypted_content (a signature is base64: it has no colon).
+REDACTED = "redacted_thinking:"
 LOGPROBS = "message.output_text.logprobs"  # refused like top_logprobs; the other includes concern hosted tools
 
 # Fields that ask for state kept between calls: the gateway keeps none.
@@ -214,9 +217,7 @@ def _input_messages(raw: Any, system: list[str]) -> list[ChatMessage]:
             call_id = item.get("call_id")
             if not isinstance(call_id, str):
                 raise RequestError(f"{param}.call_id", "a function_call_output item needs call_id")
-            output = item.get("output")
-            text = output if isinstance(output, str) else _text(output, f"{param}.output")
-            _append(messages, "user", [ToolResultPart(call_id, names.get(call_id, ""), text)])
+            _append_output(messages, ToolResultPart(call_id, names.get(call_id, ""), ""), item.get("output"), param)
         elif kind == "reasoning":
             _input_reasoning(item, messages)
         else:
@@ -249,7 +250,10 @@ def _input_reasoning(item: dict[str, Any], messages: list[ChatMessage]) -> None:
     if isinstance(signature, str) and signature:
         summary = "".join(str(s.get("text") or "") for s in item.get("summary") or () if isinstance(s, dict))
         content = "".join(str(c.get("text") or "") for c in item.get("content") or () if isinstance(c, dict))
-        part = ReasoningPart(content or summary, signature=signature)
+        if signature.startswith(REDACTED):
+            part = ReasoningPart("", redacted_data=signature.removeprefix(REDACTED))
+        else:
+            part = ReasoningPart(content or summary, signature=signature)
         last = messages[-1] if messages else None
         if last is not None and last.role == "assistant":
             # A turn's reasoning goes before its text and calls (Anthropic checks the order), wherever
@@ -265,6 +269,26 @@ def _append(messages: list[ChatMessage], role: str, parts: list[Part]) -> None:
         messages[-1].parts.extend(parts)
     else:
         messages.append(ChatMessage(role, parts))  # type: ignore[arg-type]
+
+
+def _append_output(messages: list[ChatMessage], result: ToolResultPart, output: Any, param: str) -> None:
+    """A function's output: its text is the call's result, and the images and files it returned (Codex's
+    view_image returns the image it read) follow the results in the same user turn, as a user's content (Chat
+    Completions' tool results are text only; Anthropic takes the results first)."""
+    files: list[Part] = []
+    if isinstance(output, list):
+        parts = _user_parts(output, f"{param}.output")
+        result.output = "".join(p.text for p in parts if isinstance(p, TextPart))
+        files = [p for p in parts if isinstance(p, FilePart)]
+    else:
+        result.output = output if isinstance(output, str) else _text(output, f"{param}.output")
+    last = messages[-1] if messages else None
+    if last is None or last.role != "user":
+        messages.append(ChatMessage("user", [result, *files]))
+        return
+    at = next((i for i, p in enumerate(last.parts) if not isinstance(p, ToolResultPart)), len(last.parts))
+    last.parts.insert(at, result)
+    last.parts.extend(files)
 
 
 def _user_parts(content: Any, param: str) -> list[Part]:
@@ -436,6 +460,11 @@ def _reasoning_item(item_id: str, text: str, signature: str | None) -> dict[str,
     return item
 
 
+def _signed(part: ReasoningPart) -> str | None:
+    """A reasoning part's ``encrypted_content``: its signature, or a redacted block's data."""
+    return REDACTED + part.redacted_data if part.redacted_data else part.signature
+
+
 def _call_item(item_id: str, call_id: str, name: str, arguments: str, status: str = "completed") -> dict[str, Any]:
     return {
         "id": item_id,
@@ -451,8 +480,9 @@ def _output_items(message: ChatMessage, encrypted: bool) -> list[dict[str, Any]]
     items = []
     for part in message.parts:
         if isinstance(part, ReasoningPart):
-            if part.text or (encrypted and part.signature):
-                items.append(_reasoning_item(new_id("rs_"), part.text, part.signature if encrypted else None))
+            signature = _signed(part) if encrypted else None
+            if part.text or signature:
+                items.append(_reasoning_item(new_id("rs_"), part.text, signature))
         elif isinstance(part, TextPart):
             if items and items[-1]["type"] == "message":
                 items[-1]["content"][0]["text"] += part.text
@@ -666,14 +696,38 @@ class EventEncoder:
 
     def _finish(self, finish: ProviderFinish, usage: TokenUsage | None) -> list[dict[str, Any]]:
         status, incomplete = _status(finish)
+        done = []
         if self.encrypted:  # the signatures come with the whole message: the final output carries them
-            signed = iter(p for p in finish.message.parts if isinstance(p, ReasoningPart))
-            for item in self.output:
-                if item["type"] == "reasoning":
-                    part = next(signed, None)
-                    if part is not None and part.signature:
-                        item["encrypted_content"] = part.signature
-        done = [
+            # Each reasoning item is done here in the message's order (Codex sends them back in the order they
+            # were done). A block that streamed no text (redacted thinking; Claude Opus 4.7 and later send none by
+            # default) gets its item now, so that it goes back with the turn; so does each block after the first of
+            # those that streamed into one item, since each block goes back with its own text and signature.
+            streamed = iter(self._deferred)
+            rest = ""  # the text of the last streamed item not yet matched to a block
+            for part in finish.message.parts:
+                if not isinstance(part, ReasoningPart):
+                    continue
+                signature = _signed(part)
+                index = None
+                if part.text and not rest.startswith(part.text):
+                    index = next(streamed, None)
+                    item = self.output[index] if index is not None else None
+                    text = "".join(s["text"] for s in item["summary"]) if item is not None else ""
+                    rest = text.removeprefix(part.text) if text.startswith(part.text) else ""
+                    if item is not None and rest:
+                        item["summary"] = [{"type": "summary_text", "text": part.text}]
+                    if item is not None and signature:
+                        item["encrypted_content"] = signature
+                elif part.text:
+                    rest = rest.removeprefix(part.text)
+                if index is None and (signature or part.text):
+                    index = len(self.output)
+                    self.output.append(_reasoning_item(new_id("rs_"), part.text, signature))
+                    done.append(self._event("response.output_item.added", output_index=index, item=self.output[index]))
+                if index is not None:
+                    done.append(self._event("response.output_item.done", output_index=index, item=self.output[index]))
+            self._deferred = list(streamed)
+        done += [
             self._event("response.output_item.done", output_index=index, item=self.output[index])
             for index in self._deferred
         ]
