@@ -230,11 +230,12 @@ async def test_a_fallback_the_client_may_not_use_or_without_a_key_is_skipped(
     never called for her; gemini has no key here, so it fails at once (nothing sent) and the next one
     answers."""
     del isolated_env
-    out = CliRunner().invoke(main, ["clients", "add", "alice", "--models", f"{HAIKU},openai/gpt-4o"])
+    allowed = f"{HAIKU},gemini/gemini-2.5-flash,openai/gpt-4o"
+    out = CliRunner().invoke(main, ["clients", "add", "alice", "--models", allowed])
     key = out.stdout.strip()
     fake_anthropic.default = fa.error_status(529)
     fake_openai.default = fo.text_response(ANSWER, usage=REPORTED)
-    client = await gateway({HAIKU: [MINI, "gemini/gemini-2.0-flash", "openai/gpt-4o"]})
+    client = await gateway({HAIKU: [MINI, "gemini/gemini-2.5-flash", "openai/gpt-4o"]})
     api, ant = openai_sdk(client, key), anthropic_sdk(client, key)
     reply = await api.chat.completions.create(model=HAIKU, messages=HI)
     assert reply.choices[0].message.content == ANSWER
@@ -242,7 +243,12 @@ async def test_a_fallback_the_client_may_not_use_or_without_a_key_is_skipped(
     assert message.content[0].type == "text" and message.content[0].text == ANSWER
     assert [r.body["model"] for r in fake_openai.requests] == ["gpt-4o", "gpt-4o"]
     recs = await records(client)
-    assert attempts(recs) == [(HAIKU, False, "LLM_ERROR")] * 2 + [("openai/gpt-4o", True, None)] * 2
+    assert attempts(recs) == [(HAIKU, False, "LLM_ERROR")] * 2 + [
+        ("gemini/gemini-2.5-flash", False, "NO_API_KEY"),
+        ("gemini/gemini-2.5-flash", False, "NO_API_KEY"),
+        ("openai/gpt-4o", True, None),
+        ("openai/gpt-4o", True, None),
+    ]
     assert {r["client"] for r in recs} == {"alice"}
     await api.close()
     await ant.close()
