@@ -229,6 +229,10 @@ async def _start_fallbacks(
             if not moves_on(e):  # the request's own fault (a 400): not tried on another model
                 raise
             last = e
+        except BaseException:
+            if current is not None and current is not meter:
+                await current.release()  # the client left: an attempt not sent yet gives its reservation back
+            raise
     if current is not None and current is not meter:
         await current.release()  # admitted for a fallback the client may not use
     raise last
