@@ -1,9 +1,10 @@
-"""A ``/v1`` call to a model group (routing.py): ``DirectCall`` over the group's deployments.
+"""A ``/v1`` call to a model group (routing.py): ``DirectCall`` over the group's deployments; and a call to a
+model with ``[models] fallbacks``, tried like a group of one deployment with those fallbacks.
 
-``start`` tries the deployments in the order the group's strategy gives until one sends its first event;
+``start`` tries the deployments in the order the group's strategy gives until one sends its first output;
 nothing has been written to the client before that, so a failed attempt moves on unseen. Each attempt is a
 provider call of its own (``calls.ProviderCall``): the first is the one the endpoint admitted, the next ones
-are admitted here, and a failed one is recorded with ``answered: false``. Then the group's fallbacks.
+are admitted here, and a failed one is recorded with ``answered: false``. Then the fallbacks, the same way.
 
     call = await start_direct(gw, request, meter)   # ProviderError: every attempt failed (all recorded)
     try: ... call.events() ...
@@ -14,7 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
 from .calls import Ceiling, ProviderCall, request_ceiling
@@ -39,11 +40,47 @@ OUTPUT_EVENTS = (TextDelta, ReasoningDelta, ToolCallEvent)
 BEFORE_OUTPUT = (UsageReport, ResponseStarted)  # the upstream answered, nothing to relay yet: held by ``start``
 
 
-class RoutedCall(DirectCall):
-    """A DirectCall on one deployment: its end (or abort) tells the group's state. ``start`` returns at the
-    deployment's first output (or its finish): what comes before it (the usage an upstream reports as it
-    begins, or that it answered at all) is held, so a stream that breaks before its first token has relayed
-    nothing, and moves on."""
+class HeldCall(DirectCall):
+    """A DirectCall whose ``start`` returns at the model's first output (or its finish): what comes before it
+    (the usage an upstream reports as it begins, or that it answered at all) is held, so a stream that breaks
+    before its first token has relayed nothing, and may move on to another deployment or fallback."""
+
+    def __init__(self, gw: Registry, request: ProviderRequest, meter: ProviderCall) -> None:
+        super().__init__(gw, request, meter)
+        self._held: list[ProviderEvent] = []
+        self._events: AsyncIterator[ProviderEvent] | None = None
+
+    async def start(self) -> None:
+        """Send the request and read up to its first output; ProviderError (recorded) when it failed before."""
+        try:
+            await super().start()
+            self._events = self._upstream()
+            while True:
+                try:
+                    event = await self._events.__anext__()  # ProviderError: recorded with what was reported
+                except StopAsyncIteration:
+                    return
+                self._held.append(event)
+                if type(event) not in BEFORE_OUTPUT:
+                    return
+        except asyncio.CancelledError:
+            await asyncio.shield(asyncio.ensure_future(self.abort()))
+            raise
+
+    def _upstream(self) -> AsyncIterator[ProviderEvent]:
+        return DirectCall.events(self)
+
+    async def events(self) -> AsyncIterator[ProviderEvent]:
+        assert self._events is not None, "start() first"
+        held, self._held = self._held, []
+        for event in held:
+            yield event
+        async for event in self._events:
+            yield event
+
+
+class RoutedCall(HeldCall):
+    """A HeldCall on one deployment: its end (or abort) tells the group's state."""
 
     def __init__(self, gw: Registry, request: ProviderRequest, meter: ProviderCall, dep: Deployment) -> None:
         super().__init__(gw, request, meter)
@@ -51,8 +88,6 @@ class RoutedCall(DirectCall):
         self._open = True
         self._starting = False  # in ``start``: a failure there is the caller's to count (``failed``)
         self._first_token = 0.0
-        self._held: list[ProviderEvent] = []
-        self._events: AsyncIterator[ProviderEvent] | None = None
 
     async def start(self) -> None:
         """The group's request made the deployment's (its key missing from the vault fails it, recorded), sent,
@@ -65,18 +100,6 @@ class RoutedCall(DirectCall):
         self._starting = True
         try:
             await super().start()
-            self._events = self._measured()
-            while True:
-                try:
-                    event = await self._events.__anext__()  # ProviderError: recorded with what was reported
-                except StopAsyncIteration:
-                    return
-                self._held.append(event)
-                if type(event) not in BEFORE_OUTPUT:
-                    return
-        except asyncio.CancelledError:
-            await asyncio.shield(asyncio.ensure_future(self.abort()))
-            raise
         finally:
             self._starting = False
 
@@ -86,18 +109,13 @@ class RoutedCall(DirectCall):
             ttft = (self._first_token - self.meter.started) * 1000 if self._first_token else None
             await self.gw.router.state.done(self.deployment.id, tokens, ttft)
 
-    async def events(self) -> AsyncIterator[ProviderEvent]:
-        assert self._events is not None, "start() first"
-        held, self._held = self._held, []
-        for event in held:
-            yield event
-        async for event in self._events:
-            yield event
+    def _upstream(self) -> AsyncIterator[ProviderEvent]:
+        return self._measured()
 
     async def _measured(self) -> AsyncIterator[ProviderEvent]:
         tokens = 0
         try:
-            async for event in super().events():
+            async for event in DirectCall.events(self):
                 kind = type(event)
                 if not self._first_token and kind in OUTPUT_EVENTS:
                     self._first_token = time.monotonic()  # the deployment's TTFT: its first output, not its headers
@@ -116,13 +134,25 @@ class RoutedCall(DirectCall):
 
 async def start_direct(gw: Registry, request: ProviderRequest, meter: ProviderCall) -> DirectCall:
     """Start ``request`` (admitted as ``meter``): a plain DirectCall for a model, over the deployments for a
-    group. The returned call's ``meter`` is the attempt that answered; the caller releases it and ``meter``."""
+    group, then along the model's ``[models] fallbacks`` when ``meter`` may fall back (``meter.fallbacks``).
+    The returned call's ``meter`` is the attempt that answered; the caller releases it and ``meter``."""
     group = gw.router.group(request.model)
-    if group is None:
+    if group is not None:
+        return await _start_group(gw, request, meter, group, [])
+    fallbacks = gw.config["models"]["fallbacks"].get(request.model, []) if meter.fallbacks else []
+    if not fallbacks:
         call = DirectCall(gw, request, meter)
         await call.start()
         return call
-    return await _start_group(gw, request, meter, group, [])
+    # A model with fallbacks: tried like a group's one deployment, then its fallbacks like a group's.
+    held = HeldCall(gw, request, meter)
+    try:
+        await held.start()
+        return held
+    except ProviderError as e:
+        if not moves_on(e):  # the request's own fault (a 400): it would fail on any model
+            raise
+        return await _start_fallbacks(gw, request, meter, None, fallbacks, [request.model], e)
 
 
 async def _start_group(
@@ -159,7 +189,26 @@ async def _start_group(
         if current is not meter:
             await current.release()
         current = None
-    for fallback in group.fallbacks:
+    failed = last or all_cooling_error(group, cooling_until)
+    return await _start_fallbacks(gw, request, meter, current, group.fallbacks, seen, failed)
+
+
+async def _start_fallbacks(
+    gw: Registry,
+    request: ProviderRequest,
+    meter: ProviderCall,
+    current: ProviderCall | None,
+    fallbacks: Sequence[str],
+    seen: list[str],
+    failed: ProviderError,
+) -> DirectCall:
+    """The fallbacks of a call whose model or group ``failed`` before anything reached the client, in order,
+    each an attempt of its own (admitted here; ``current``: one admitted already and not used), until one sends
+    its first output. A fallback the client may not use is skipped, a group's deployments are tried in turn.
+    ProviderError (the last failure) when none answered."""
+    router = gw.router
+    last = failed
+    for fallback in fallbacks:
         if fallback in seen:
             continue
         try:
@@ -169,19 +218,24 @@ async def _start_group(
             inner = router.group(fallback)
             if inner is not None:
                 return await _start_group(gw, request, current, inner, seen)
-            current.model = fallback
-            fallback_request = _model_request(gw, request, fallback)
-            plain = DirectCall(gw, fallback_request, current)
+            current.route(fallback, None)  # the record (and a recovery) prices the fallback's model
+            plain = HeldCall(gw, _model_request(gw, request, fallback), current)
             await plain.start()
             return plain
         except ProviderError as e:
-            last = e
             if current is not None and current is not meter:
                 await current.release()  # recorded already, or never used (an inner group all cooling down)
             current = None
+            if not moves_on(e):  # the request's own fault (a 400): not tried on another model
+                raise
+            last = e
+        except BaseException:
+            if current is not None and current is not meter:
+                await current.release()  # the client left: an attempt not sent yet gives its reservation back
+            raise
     if current is not None and current is not meter:
         await current.release()  # admitted for a fallback the client may not use
-    raise last or all_cooling_error(group, cooling_until)
+    raise last
 
 
 async def _next_meter(
@@ -195,6 +249,7 @@ async def _next_meter(
         client=first.client,
         endpoint=first.endpoint,
         credential=first.credential,
+        fallbacks=first.fallbacks,  # reserved like the first: at the dearest model the call may end up on
     )
     meter.started = time.monotonic()
     meter.continues = True
@@ -222,10 +277,15 @@ def _model_request(gw: Registry, request: ProviderRequest, model: str) -> Provid
 
     prefix = model.split("/", 1)[0]
     settings = gw.config.provider_settings(prefix)
+    info = gw.model_info(model)
+    max_tokens = request.max_tokens  # the first model's output limit may pass this one's, which would refuse it
+    if info.max_output_tokens:
+        max_tokens = min(max_tokens, info.max_output_tokens)
     return replace(
         request,
         model=model,
-        model_info=gw.model_info(model),
+        model_info=info,
+        max_tokens=max_tokens,
         api_key=resolve_key(gw.config, prefix),
         base_url=settings["base_url"],
         options=settings,

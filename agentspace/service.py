@@ -558,11 +558,18 @@ class Service:
             params=params,
         )
 
-    def provider_call(self, model: str, session_id: str | None, endpoint: str) -> ProviderCall:
+    def provider_call(self, model: str, session_id: str | None, endpoint: str, fallbacks: bool = False) -> ProviderCall:
         """The caller's call to ``model`` (``calls.ProviderCall``: admitted, reserved, written ahead, one usage
-        record); ``session_id`` is the label the client sent, if any."""
+        record); ``session_id`` is the label the client sent, if any. With ``fallbacks``, the call goes on to
+        the model's ``[models] fallbacks`` when it fails before its first output (and is reserved so)."""
         return ProviderCall(
-            self.gw, model, session_id=session_id, client=self.caller, endpoint=endpoint, credential=self.credential
+            self.gw,
+            model,
+            session_id=session_id,
+            client=self.caller,
+            endpoint=endpoint,
+            credential=self.credential,
+            fallbacks=fallbacks and bool(self.gw.config["models"]["fallbacks"].get(model)),
         )
 
     def messages_ceiling(self, model: str, body: dict[str, Any]) -> Ceiling:

@@ -83,8 +83,8 @@ async def test_prompt_cache_writes_are_reserved_at_their_price_on_the_relay_and_
 async def test_a_fallback_to_a_dearer_model_is_reserved_at_its_prices(
     make_client: Any, fake_anthropic: FakeAnthropic
 ) -> None:
-    """Haiku overloaded, its turns and /v1 calls go on to Opus 4.5 (five times the price): a chat turn falls back
-    along ``[models] fallbacks``, a model group along its ``fallbacks``. Each call reserves at the dearest
+    """Haiku overloaded, its turns and /v1 calls go on to Opus 4.5 (five times the price): a chat turn and a /v1
+    call fall back along ``[models] fallbacks``, a model group along its ``fallbacks``. Each call reserves at the dearest
     model it may end up on, so 30 of them at once stay within the budget."""
     haiku, opus = "anthropic/claude-haiku-4-5", "anthropic/claude-opus-4-5"
     client = await make_client(
@@ -120,6 +120,20 @@ async def test_a_fallback_to_a_dearer_model_is_reserved_at_its_prices(
     )
     assert all(isinstance(r, openai.RateLimitError) for r in results if isinstance(r, BaseException)), results
     answered, spent = await spend(client, "bob")
+    assert answered == 3 and 0.3 < spent <= 0.35, (answered, spent)
+
+    # /v1 on Haiku itself goes along its ``[models] fallbacks`` too: reserved at Opus's prices alike.
+    key = add_client("dave", "--budget", "0.35")
+    api = openai_sdk(client, key)
+    results = await asyncio.gather(
+        *(
+            api.chat.completions.create(model=haiku, max_tokens=4096, messages=[{"role": "user", "content": "Hi"}])
+            for _ in range(CALLS // 2)
+        ),
+        return_exceptions=True,
+    )
+    assert all(isinstance(r, openai.RateLimitError) for r in results if isinstance(r, BaseException)), results
+    answered, spent = await spend(client, "dave")
     assert answered == 3 and 0.3 < spent <= 0.35, (answered, spent)
 
     # A client that may use Haiku only never falls back to Opus: its calls are reserved at Haiku's prices.

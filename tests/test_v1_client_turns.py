@@ -295,3 +295,17 @@ async def test_a_model_groups_fallback_attempt_gives_its_reservation_back_when_t
     got = [(r["model"], r["finishReason"], r["error"]) for r in await served_records(server, 2)]
     assert got == [("openai/gpt-4o-mini", "error", "LLM_ERROR"), ("openai/gpt-4o", "aborted", "ABORTED")]
     await reservation_released(server)
+
+
+async def test_a_models_fallback_attempt_gives_its_reservation_back_when_the_client_leaves(
+    served: Callable[..., Awaitable[GatewayProcess]], fake_openai: fo.FakeOpenAI
+) -> None:
+    """The same along a model's own ``[models] fallbacks``: each attempt one record, nothing stays reserved."""
+    server = await served(models={"fallbacks": {"openai/gpt-4o-mini": ["openai/gpt-4o"]}})
+    key = (await admin(server, "POST", "/api/clients", json={"name": "cli", "budgetUsd": 5}))["key"]
+    fake_openai.enqueue(fo.error_status(500, "down"), fo.text_response("late").stall(30, after=0))
+    body = {"model": "openai/gpt-4o-mini", "stream": True, "messages": [{"role": "user", "content": "hi"}]}
+    await leave_before_the_first_event(server, key, fake_openai, "/v1/chat/completions", body, 2)
+    got = [(r["model"], r["finishReason"], r["error"]) for r in await served_records(server, 2)]
+    assert got == [("openai/gpt-4o-mini", "error", "LLM_ERROR"), ("openai/gpt-4o", "aborted", "ABORTED")]
+    await reservation_released(server)

@@ -83,7 +83,7 @@ async def messages(request: web.Request) -> web.StreamResponse:
 
 def _failed(response: web.StreamResponse) -> bool:
     """An error answered before anything was written to the client, that another model may not have (not a
-    request the upstream found wrong): a group's fallback may still answer."""
+    request the upstream found wrong): a fallback may still answer."""
     status = response.status
     return not response.prepared and (status >= 500 or status in (401, 403, 404, 408, 424, 429))
 
@@ -91,39 +91,39 @@ def _failed(response: web.StreamResponse) -> bool:
 async def _answer(
     request: web.Request, v1: Service, body: dict[str, Any], raw: bytes, model: str, seen: list[str]
 ) -> web.StreamResponse:
-    meter = v1.provider_call(model, session_id(request), ENDPOINT)
-    meter.continues = bool(seen)  # a group's fallback: the client's request was counted already
+    # The model the client asked for may go on to its [models] fallbacks; a fallback does not go on to its own.
+    meter = v1.provider_call(model, session_id(request), ENDPOINT, fallbacks=not seen)
+    meter.continues = bool(seen)  # a fallback: the client's request was counted already
     group = v1.group(model)
-    if group is not None and relays(group):  # a group of Anthropic deployments: passed through, routed
-        try:
-            await meter.admit(lambda: v1.messages_ceiling(model, body))
-        except ApiError as e:
-            return refusal(request, e)
-        try:
+    if group is None and not model.startswith("anthropic/") or group is not None and not relays(group):
+        return await _translated(request, v1, body, model, meter)  # fallbacks included (routed_call.start_direct)
+    # Passed through: an Anthropic model, or a group of Anthropic deployments (routed).
+    try:  # the checks at the moment of the call, its reservation and its pending entry (calls.py)
+        await meter.admit(lambda: v1.messages_ceiling(model, body))
+    except ApiError as e:
+        return refusal(request, e)
+    try:
+        if group is not None:
             response = await relay_group(request, meter.gw, body, raw, meter, group)
-        finally:
-            await meter.release()
-        seen.append(model)
-        # Every deployment failed before anything was written: the group's fallbacks, in order, each as a call
-        # of its own (admitted for the client; one it may not use is skipped).
-        for fallback in group.fallbacks:
-            if not _failed(response):
-                break
-            if fallback in seen or not await may_use(meter, fallback):
-                continue
-            seen.append(fallback)
-            response = await _answer(request, v1, body, raw, fallback, seen)
-        return response
-    if model.startswith("anthropic/"):
-        try:  # the checks at the moment of the call, its reservation and its pending entry (calls.py)
-            await meter.admit(lambda: v1.messages_ceiling(model, body))
-        except ApiError as e:
-            return refusal(request, e)
-        try:
-            return await relay.messages(request, meter.gw, body, raw, model, meter)
-        finally:
-            await meter.release()
-    return await _translated(request, v1, body, model, meter)
+        else:
+            response = await relay.messages(request, meter.gw, body, raw, model, meter)
+    finally:
+        await meter.release()
+    seen.append(model)
+    # Failed before anything was written: the group's fallbacks (or the model's), in order, each as a call of
+    # its own (admitted for the client; one it may not use is skipped).
+    if group is not None:
+        fallbacks = list(group.fallbacks)
+    else:
+        fallbacks = meter.gw.config["models"]["fallbacks"].get(model, []) if meter.fallbacks else []
+    for fallback in fallbacks:
+        if not _failed(response):
+            break
+        if fallback in seen or not await may_use(meter, fallback):
+            continue
+        seen.append(fallback)
+        response = await _answer(request, v1, body, raw, fallback, seen)
+    return response
 
 
 async def _translated(

@@ -77,7 +77,7 @@ async def responses(request: web.Request) -> web.StreamResponse:
     if isinstance(model, web.Response):
         return model
     preq = parsed_request(v1, model, parsed)
-    meter = v1.provider_call(model, session_id(request), ENDPOINT)
+    meter = v1.provider_call(model, session_id(request), ENDPOINT, fallbacks=True)
 
     async def answer(call: DirectCall) -> web.StreamResponse:
         if not parsed.stream:
