@@ -728,6 +728,7 @@ class ProviderCall:
         "continues",
         "id",
         "model",
+        "requested",
         "session_id",
         "client",
         "endpoint",
@@ -771,6 +772,8 @@ class ProviderCall:
         self.purpose = purpose  # a call the gateway made on its own account ("compact"), in the record
         self.id = new_id("usage_")  # the ledger entry's id, and the record's
         self.model = model
+        # The model the client asked for: the observation hooks' call names it when a fallback answers (route).
+        self.requested = model
         self.session_id = session_id
         self.client = client
         self.endpoint = endpoint
@@ -891,7 +894,7 @@ class ProviderCall:
         (once; ``record`` calls it too, so every record has a started call)."""
         if self.call is None:
             self.call = CallInfo(
-                self.model,
+                self.requested,
                 self.session_id,
                 self.client,
                 self.endpoint,

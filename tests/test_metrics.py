@@ -298,3 +298,24 @@ def test_the_readme_names_every_metric_and_every_endpoint_label() -> None:
     assert line is not None and set(re.findall(r"`(\w+)`", line[1])) >= endpoints
     usage_line = re.search(r"^Usage records carry `client` and `endpoint` \(([^)]*)\)", readme, re.MULTILINE)
     assert usage_line is not None and set(re.findall(r"`(\w+)`", usage_line[1])) == endpoints
+
+
+async def test_a_v1_call_answered_by_a_fallback_is_counted_as_one(
+    app: Any, token: str, auth_headers: dict[str, str], fake_anthropic: fa.FakeAnthropic
+) -> None:
+    """On /v1 each attempt is its own provider call, the fallback's opened for the fallback's model: the counter
+    still names the model the client asked for and the one that answered (it counted none there)."""
+    client = await app(chat={"max_retries": 0}, models={"fallbacks": {ANTHROPIC: [FALLBACK]}})
+    before = await scrape(client, auth_headers)
+    fake_anthropic.enqueue(fa.error_status(529), fa.text_response("translated"))
+    fake_anthropic.enqueue(fa.error_status(529), fa.text_response("relayed"))
+    api = openai.AsyncOpenAI(api_key=token, base_url=f"http://127.0.0.1:{client.port}/v1", max_retries=0)
+    reply = await api.chat.completions.create(model=ANTHROPIC, messages=[{"role": "user", "content": "Hi"}])
+    assert reply.choices[0].message.content == "translated"
+    ant = anthropic.AsyncAnthropic(api_key=token, base_url=f"http://127.0.0.1:{client.port}", max_retries=0)
+    message = await ant.messages.create(model=ANTHROPIC, max_tokens=50, messages=[{"role": "user", "content": "Hi"}])
+    assert message.content[0].type == "text" and message.content[0].text == "relayed"
+    await api.close()
+    await ant.close()
+    after = await scrape(client, auth_headers)
+    assert delta(after, before, "agentspace_fallbacks_total") == {(("fallback", FALLBACK), ("model", ANTHROPIC)): 2.0}

@@ -94,6 +94,8 @@ async def _answer(
     # The model the client asked for may go on to its [models] fallbacks; a fallback does not go on to its own.
     meter = v1.provider_call(model, session_id(request), ENDPOINT, fallbacks=not seen)
     meter.continues = bool(seen)  # a fallback: the client's request was counted already
+    if seen:  # the observation hooks see the model the client asked for (the first tried), as for every fallback
+        meter.requested = seen[0]
     group = v1.group(model)
     if group is None and not model.startswith("anthropic/") or group is not None and not relays(group):
         return await _translated(request, v1, body, model, meter)  # fallbacks included (routed_call.start_direct)
