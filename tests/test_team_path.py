@@ -488,3 +488,40 @@ async def test_fallback_priced_costs_are_marked_in_chat_and_every_usage_table(
         assert "* price unknown" in report.stdout and any(
             line.split()[0].endswith("*") for line in report.stdout.splitlines() if line.strip()
         ), (flag, report.stdout)
+
+
+async def test_a_command_without_the_postgres_config_is_not_answered_from_the_files(
+    tmp_path: Path, fake_anthropic: Any, pg_dsn: str, monkeypatch: Any
+) -> None:
+    """The README's replicas: ``agentspace.toml`` names the database, the data directory stays the default.
+    ``clients add`` there without that config wrote the data directory's clients file, which the server no longer
+    reads: a key printed as added got 401. It now says where the server keeps its clients."""
+    data_dir = tmp_path / "data"
+    monkeypatch.setenv("AGENTSPACE_HOME", str(data_dir))
+    monkeypatch.delenv("AGENTSPACE_CONFIG", raising=False)
+    config = tmp_path / "agentspace.toml"
+    config.write_text(f'[storage]\nbackend = "postgres"\ndsn = "{pg_dsn}"\ndata_dir = "{data_dir}"\n')
+    gateway = await served(tmp_path, fake_anthropic.url, storage={"backend": "postgres", "dsn": pg_dsn})
+    try:
+        for command in (["clients", "add", "team-c"], ["clients", "list"], ["usage"], ["sessions", "list"]):
+            refused = await run_cli(*command)
+            assert refused.exit_code == 1, (command, refused.output)
+            assert "postgres store" in refused.output and "AGENTSPACE_CONFIG" in refused.output
+        added = await run_cli("clients", "add", "team-c", "--config", str(config))
+        assert added.exit_code == 0, added.output
+        async with aiohttp.ClientSession() as http:
+            headers = {"Authorization": f"Bearer {added.stdout.strip()}"}
+            async with http.get(f"{gateway.url}/api/models", headers=headers) as r:
+                assert r.status == 200
+    finally:
+        await gateway.terminate()
+        await gateway.aclose()
+
+    # The same data directory served from its own files again: the commands read them.
+    gateway = await served(tmp_path, fake_anthropic.url)
+    try:
+        listed = await run_cli("clients", "list")
+        assert listed.exit_code == 0, listed.output
+    finally:
+        await gateway.terminate()
+        await gateway.aclose()
