@@ -525,3 +525,23 @@ async def test_a_command_without_the_postgres_config_is_not_answered_from_the_fi
     finally:
         await gateway.terminate()
         await gateway.aclose()
+
+
+async def test_migrate_refuses_while_the_data_directorys_server_runs(
+    tmp_path: Path, fake_anthropic: Any, pg_dsn: str
+) -> None:
+    """The README's ``storage migrate``, "once, with the tinydb server stopped": a session continued after its
+    copy is "already there" for a second run, so what it said after the first was never copied. A running server
+    is named now, and nothing is copied."""
+    gateway = await served(tmp_path, fake_anthropic.url)
+    data_dir = str(tmp_path / "data")
+    try:
+        refused = await run_cli("--data-dir", data_dir, "storage", "migrate", "--to", pg_dsn)
+        assert refused.exit_code == 1, refused.output
+        assert gateway.process is not None
+        assert f"(pid {gateway.process.pid})" in refused.output and "stop it, then migrate" in refused.output
+    finally:
+        await gateway.terminate()
+        await gateway.aclose()
+    copied = await run_cli("--data-dir", data_dir, "storage", "migrate", "--to", pg_dsn)
+    assert copied.exit_code == 0, copied.output
