@@ -119,6 +119,13 @@ class TokenFile:
         if self._env is not None:
             if len(self._env) < MIN_ENV_TOKEN:
                 raise PrivateFileError(f"{TOKEN_ENV} is shorter than {MIN_ENV_TOKEN} characters; use a random token.")
+            if any(c.isspace() for c in self._env):
+                # systemd's EnvironmentFile keeps what follows the value on its line ("TOKEN  # a comment"), where
+                # a shell that sources the same file drops it: the servers and the admin's shell would disagree.
+                raise PrivateFileError(
+                    f"{TOKEN_ENV} has a space in it: in a systemd EnvironmentFile a comment after the value is "
+                    "part of the value; put comments on lines of their own."
+                )
             register_secret(self._env)
             self._token = self._env
         else:

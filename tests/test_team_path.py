@@ -545,3 +545,22 @@ async def test_migrate_refuses_while_the_data_directorys_server_runs(
         await gateway.aclose()
     copied = await run_cli("--data-dir", data_dir, "storage", "migrate", "--to", pg_dsn)
     assert copied.exit_code == 0, copied.output
+
+
+def test_serve_refuses_a_gateway_token_with_a_comment_in_it(tmp_path: Path) -> None:
+    """``AGENTSPACE_GATEWAY_TOKEN=... # a comment`` in a systemd EnvironmentFile is all value (a shell that sources
+    the file drops the comment): the servers would accept a token nobody has. ``serve`` says so and stops."""
+    import subprocess
+
+    token = "replica-token-0123456789abcdef     # python3 -c 'import secrets'"
+    env = {**child_env(tmp_path / "data"), "AGENTSPACE_GATEWAY_TOKEN": token}
+    done = subprocess.run(
+        [sys.executable, "-m", "agentspace", "--data-dir", str(tmp_path / "data"), "serve", "--port", "0"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
+    assert done.returncode == 1, done.stderr
+    assert "AGENTSPACE_GATEWAY_TOKEN has a space in it" in done.stderr and "lines of their own" in done.stderr
+    assert "import secrets" not in done.stderr  # the value is not echoed
