@@ -270,6 +270,15 @@ async def test_chat_refuses_a_wrong_token_before_the_first_message(client: TestC
     assert "refused the token" in result.output and "Connected" not in result.output
 
 
+async def test_chat_takes_the_bare_address_ask_takes(client: TestClient, isolated_env: Path) -> None:
+    """``--url wss://gateway.example.com`` (no path) works with ``ask``; ``chat`` dialled the web app and said
+    "WebSocket handshake failed (HTTP 200). Is it an agentspace gateway?"."""
+    bare = str(client.make_url("/")).replace("http://", "ws://")
+    result = await run_cli("chat", "--url", bare, "--token", "wrong-token-0123456789", input="hi\n")
+    assert result.exit_code == 1
+    assert "refused the token" in result.output and "handshake" not in result.output
+
+
 async def test_chat_survives_a_server_restart(tmp_path: Path, fake_anthropic: Any) -> None:
     gateway = GatewayProcess(tmp_path / "data", fake_anthropic.url)
     await gateway.start()
