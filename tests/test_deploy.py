@@ -488,3 +488,13 @@ def test_the_guides_environment_file_means_the_same_to_systemd_and_the_shell(tmp
     token, key = shell.stdout.split("\n")
     assert by_systemd == {"AGENTSPACE_GATEWAY_TOKEN": token, "ANTHROPIC_API_KEY": key}
     assert token == TOKEN
+
+
+def test_every_block_of_su_postgres_commands_starts_outside_root_s_home() -> None:
+    """Run from /root (the admin's shell), ``su postgres -c`` prints 'could not change directory to "/root":
+    Permission denied' for every command; section 2 said ``cd /tmp`` first, the backups and upgrades did not."""
+    blocks = re.findall(r"```sh\n(.*?)```", GUIDE.read_text(encoding="utf-8"), re.S)
+    with_su = [b for b in blocks if "su postgres -c" in b]
+    assert len(with_su) >= 3
+    for code in with_su:
+        assert code.index("cd /tmp") < code.index("su postgres -c"), code
