@@ -18,6 +18,7 @@ from typing import Any
 
 import aiohttp
 import click
+import pytest
 from aiohttp.test_utils import TestClient
 from click.testing import CliRunner, Result
 
@@ -573,3 +574,23 @@ def test_serve_refuses_a_gateway_token_with_a_comment_in_it(tmp_path: Path) -> N
     assert done.returncode == 1, done.stderr
     assert "AGENTSPACE_GATEWAY_TOKEN has a space in it" in done.stderr and "lines of their own" in done.stderr
     assert "import secrets" not in done.stderr  # the value is not echoed
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() != 0, reason="root writing another user's data dir")
+def test_keys_as_root_in_another_users_data_directory_says_whom_to_run_it_as(tmp_path: Path) -> None:
+    """docs/deploy.md: the workers run as ``agentspace``; ``keys add`` as root left a root-owned keys.json that
+    their next start refused ("Permission denied ... remove it and add the keys again", which root did again)."""
+    data_dir = tmp_path / "service-data"
+    data_dir.mkdir()
+    os.chown(data_dir, 65534, 65534)
+    added = invoke("--data-dir", str(data_dir), "keys", "add", "anthropic", input="sk-ant-test\n")
+    assert added.exit_code == 1, added.output
+    assert "runuser -u " in added.output and "-- agentspace keys add anthropic" in added.output
+    assert not (data_dir / "keys.json").exists()
+    removed = invoke("--data-dir", str(data_dir), "keys", "remove", "anthropic")
+    assert removed.exit_code == 1 and "-- agentspace keys remove anthropic" in removed.output
+    # Root's own data directory is root's to write, and so is one whose server ran as root.
+    own = tmp_path / "root-data"
+    assert invoke("--data-dir", str(own), "keys", "add", "anthropic", input="sk-ant-test\n").exit_code == 0
+    (data_dir / "server-address").write_text("ws://127.0.0.1:3271/gateway\n")
+    assert invoke("--data-dir", str(data_dir), "keys", "add", "anthropic", input="sk-ant-test\n").exit_code == 0
