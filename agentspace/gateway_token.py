@@ -119,6 +119,13 @@ class TokenFile:
         if self._env is not None:
             if len(self._env) < MIN_ENV_TOKEN:
                 raise PrivateFileError(f"{TOKEN_ENV} is shorter than {MIN_ENV_TOKEN} characters; use a random token.")
+            if any(c.isspace() for c in self._env):
+                # systemd's EnvironmentFile keeps what follows the value on its line ("TOKEN  # a comment"), where
+                # a shell that sources the same file drops it: the servers and the admin's shell would disagree.
+                raise PrivateFileError(
+                    f"{TOKEN_ENV} has a space in it: in a systemd EnvironmentFile a comment after the value is "
+                    "part of the value; put comments on lines of their own."
+                )
             register_secret(self._env)
             self._token = self._env
         else:
@@ -167,6 +174,26 @@ def read_server_address(data_dir: str | os.PathLike[str]) -> str | None:
     for wildcard in ("//0.0.0.0:", "//[::]:"):
         url = url.replace(wildcard, "//127.0.0.1:")
     return url
+
+
+STORAGE_FILE = "server-storage"  # the backend of the data directory's last server when it keeps its data elsewhere
+
+
+def write_server_storage(data_dir: str | os.PathLike[str], backend: str | None) -> None:
+    """Note the backend of a server whose sessions, usage and clients are not in the data directory (None:
+    they are), so that a CLI command run without that server's config is not answered from the files."""
+    path = Path(data_dir) / STORAGE_FILE
+    if backend is None:
+        path.unlink(missing_ok=True)
+    else:
+        write_private_file(path, backend + "\n")
+
+
+def read_server_storage(data_dir: str | os.PathLike[str]) -> str | None:
+    try:
+        return (Path(data_dir) / STORAGE_FILE).read_text(encoding="utf-8").strip() or None
+    except (OSError, UnicodeDecodeError):
+        return None
 
 
 def check_secrets(data_dir: str | os.PathLike[str]) -> None:

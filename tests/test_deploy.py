@@ -453,3 +453,48 @@ def test_the_guide_uses_no_sudo_and_a_password_in_the_dsn() -> None:
     text = GUIDE.read_text(encoding="utf-8")
     assert "sudo " not in text and "su postgres -c" in text
     assert "postgresql://agentspace:" in text and "--workers" in text and "pg_dump" in text
+
+
+def systemd_environment(text: str) -> dict[str, str]:
+    """What systemd's EnvironmentFile= makes of plain ``KEY=value`` lines (systemd.exec(5)): a line starting with
+    ``#`` or ``;`` is a comment, anywhere else the rest of the line is the value, trailing blanks dropped."""
+    found: dict[str, str] = {}
+    for line in text.splitlines():
+        line = line.strip()
+        if line and line[0] not in "#;" and "=" in line:
+            key, value = line.split("=", 1)
+            found[key.strip()] = value.strip()
+    return found
+
+
+def test_the_guides_environment_file_means_the_same_to_systemd_and_the_shell(tmp_path: Path) -> None:
+    """The workers read ``/etc/agentspace/env`` through systemd, the admin's shell with ``. /etc/agentspace/env``.
+    The guide had ``AGENTSPACE_GATEWAY_TOKEN=...     # python3 -c ...``: the shell drops the comment, systemd
+    keeps it in the value, and every token the admin handed out got 401."""
+    env_file = tmp_path / "env"
+    env_file.write_text(replace(block("env"), "AGENTSPACE_GATEWAY_TOKEN=...", f"AGENTSPACE_GATEWAY_TOKEN={TOKEN}"))
+    by_systemd = systemd_environment(env_file.read_text(encoding="utf-8"))
+    shell = subprocess.run(
+        [
+            "sh",
+            "-c",
+            f'set -a; . "{env_file}"; set +a; printf "%s\\n%s" "$AGENTSPACE_GATEWAY_TOKEN" "$ANTHROPIC_API_KEY"',
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={"PATH": os.environ["PATH"]},
+    )
+    token, key = shell.stdout.split("\n")
+    assert by_systemd == {"AGENTSPACE_GATEWAY_TOKEN": token, "ANTHROPIC_API_KEY": key}
+    assert token == TOKEN
+
+
+def test_every_block_of_su_postgres_commands_starts_outside_root_s_home() -> None:
+    """Run from /root (the admin's shell), ``su postgres -c`` prints 'could not change directory to "/root":
+    Permission denied' for every command; section 2 said ``cd /tmp`` first, the backups and upgrades did not."""
+    blocks = re.findall(r"```sh\n(.*?)```", GUIDE.read_text(encoding="utf-8"), re.S)
+    with_su = [b for b in blocks if "su postgres -c" in b]
+    assert len(with_su) >= 3
+    for code in with_su:
+        assert code.index("cd /tmp") < code.index("su postgres -c"), code

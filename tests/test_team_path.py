@@ -18,6 +18,7 @@ from typing import Any
 
 import aiohttp
 import click
+import pytest
 from aiohttp.test_utils import TestClient
 from click.testing import CliRunner, Result
 
@@ -270,6 +271,15 @@ async def test_chat_refuses_a_wrong_token_before_the_first_message(client: TestC
     assert "refused the token" in result.output and "Connected" not in result.output
 
 
+async def test_chat_takes_the_bare_address_ask_takes(client: TestClient, isolated_env: Path) -> None:
+    """``--url wss://gateway.example.com`` (no path) works with ``ask``; ``chat`` dialled the web app and said
+    "WebSocket handshake failed (HTTP 200). Is it an agentspace gateway?"."""
+    bare = str(client.make_url("/")).replace("http://", "ws://")
+    result = await run_cli("chat", "--url", bare, "--token", "wrong-token-0123456789", input="hi\n")
+    assert result.exit_code == 1
+    assert "refused the token" in result.output and "handshake" not in result.output
+
+
 async def test_chat_survives_a_server_restart(tmp_path: Path, fake_anthropic: Any) -> None:
     gateway = GatewayProcess(tmp_path / "data", fake_anthropic.url)
     await gateway.start()
@@ -488,3 +498,99 @@ async def test_fallback_priced_costs_are_marked_in_chat_and_every_usage_table(
         assert "* price unknown" in report.stdout and any(
             line.split()[0].endswith("*") for line in report.stdout.splitlines() if line.strip()
         ), (flag, report.stdout)
+
+
+async def test_a_command_without_the_postgres_config_is_not_answered_from_the_files(
+    tmp_path: Path, fake_anthropic: Any, pg_dsn: str, monkeypatch: Any
+) -> None:
+    """The README's replicas: ``agentspace.toml`` names the database, the data directory stays the default.
+    ``clients add`` there without that config wrote the data directory's clients file, which the server no longer
+    reads: a key printed as added got 401. It now says where the server keeps its clients."""
+    data_dir = tmp_path / "data"
+    monkeypatch.setenv("AGENTSPACE_HOME", str(data_dir))
+    monkeypatch.delenv("AGENTSPACE_CONFIG", raising=False)
+    config = tmp_path / "agentspace.toml"
+    config.write_text(f'[storage]\nbackend = "postgres"\ndsn = "{pg_dsn}"\ndata_dir = "{data_dir}"\n')
+    gateway = await served(tmp_path, fake_anthropic.url, storage={"backend": "postgres", "dsn": pg_dsn})
+    try:
+        for command in (["clients", "add", "team-c"], ["clients", "list"], ["usage"], ["sessions", "list"]):
+            refused = await run_cli(*command)
+            assert refused.exit_code == 1, (command, refused.output)
+            assert "postgres store" in refused.output and "AGENTSPACE_CONFIG" in refused.output
+        added = await run_cli("clients", "add", "team-c", "--config", str(config))
+        assert added.exit_code == 0, added.output
+        async with aiohttp.ClientSession() as http:
+            headers = {"Authorization": f"Bearer {added.stdout.strip()}"}
+            async with http.get(f"{gateway.url}/api/models", headers=headers) as r:
+                assert r.status == 200
+    finally:
+        await gateway.terminate()
+        await gateway.aclose()
+
+    # The same data directory served from its own files again: the commands read them.
+    gateway = await served(tmp_path, fake_anthropic.url)
+    try:
+        listed = await run_cli("clients", "list")
+        assert listed.exit_code == 0, listed.output
+    finally:
+        await gateway.terminate()
+        await gateway.aclose()
+
+
+async def test_migrate_refuses_while_the_data_directorys_server_runs(
+    tmp_path: Path, fake_anthropic: Any, pg_dsn: str
+) -> None:
+    """The README's ``storage migrate``, "once, with the tinydb server stopped": a session continued after its
+    copy is "already there" for a second run, so what it said after the first was never copied. A running server
+    is named now, and nothing is copied."""
+    gateway = await served(tmp_path, fake_anthropic.url)
+    data_dir = str(tmp_path / "data")
+    try:
+        refused = await run_cli("--data-dir", data_dir, "storage", "migrate", "--to", pg_dsn)
+        assert refused.exit_code == 1, refused.output
+        assert gateway.process is not None
+        assert f"(pid {gateway.process.pid})" in refused.output and "stop it, then migrate" in refused.output
+    finally:
+        await gateway.terminate()
+        await gateway.aclose()
+    copied = await run_cli("--data-dir", data_dir, "storage", "migrate", "--to", pg_dsn)
+    assert copied.exit_code == 0, copied.output
+
+
+def test_serve_refuses_a_gateway_token_with_a_comment_in_it(tmp_path: Path) -> None:
+    """``AGENTSPACE_GATEWAY_TOKEN=... # a comment`` in a systemd EnvironmentFile is all value (a shell that sources
+    the file drops the comment): the servers would accept a token nobody has. ``serve`` says so and stops."""
+    import subprocess
+
+    token = "replica-token-0123456789abcdef     # python3 -c 'import secrets'"
+    env = {**child_env(tmp_path / "data"), "AGENTSPACE_GATEWAY_TOKEN": token}
+    done = subprocess.run(
+        [sys.executable, "-m", "agentspace", "--data-dir", str(tmp_path / "data"), "serve", "--port", "0"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
+    assert done.returncode == 1, done.stderr
+    assert "AGENTSPACE_GATEWAY_TOKEN has a space in it" in done.stderr and "lines of their own" in done.stderr
+    assert "import secrets" not in done.stderr  # the value is not echoed
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() != 0, reason="root writing another user's data dir")
+def test_keys_as_root_in_another_users_data_directory_says_whom_to_run_it_as(tmp_path: Path) -> None:
+    """docs/deploy.md: the workers run as ``agentspace``; ``keys add`` as root left a root-owned keys.json that
+    their next start refused ("Permission denied ... remove it and add the keys again", which root did again)."""
+    data_dir = tmp_path / "service-data"
+    data_dir.mkdir()
+    os.chown(data_dir, 65534, 65534)
+    added = invoke("--data-dir", str(data_dir), "keys", "add", "anthropic", input="sk-ant-test\n")
+    assert added.exit_code == 1, added.output
+    assert "runuser -u " in added.output and "-- agentspace keys add anthropic" in added.output
+    assert not (data_dir / "keys.json").exists()
+    removed = invoke("--data-dir", str(data_dir), "keys", "remove", "anthropic")
+    assert removed.exit_code == 1 and "-- agentspace keys remove anthropic" in removed.output
+    # Root's own data directory is root's to write, and so is one whose server ran as root.
+    own = tmp_path / "root-data"
+    assert invoke("--data-dir", str(own), "keys", "add", "anthropic", input="sk-ant-test\n").exit_code == 0
+    (data_dir / "server-address").write_text("ws://127.0.0.1:3271/gateway\n")
+    assert invoke("--data-dir", str(data_dir), "keys", "add", "anthropic", input="sk-ant-test\n").exit_code == 0

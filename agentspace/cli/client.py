@@ -72,10 +72,13 @@ def untrusted(url: str, error: aiohttp.ClientConnectorCertificateError) -> str:
 
 def websocket_url(url: str) -> str:
     """``http(s)://host[/path]`` -> ``ws(s)://host[/path]/gateway``, as ``ask`` takes either form of the URL
-    they share (``AGENTSPACE_URL``); a ``ws(s)://`` URL is kept as given."""
+    they share (``AGENTSPACE_URL``); a ``ws(s)://`` URL is kept as given, but for the path of a bare host
+    (``wss://gateway.example.com``, which ``ask`` takes: its handshake with the web app failed)."""
     from urllib.parse import urlsplit
 
     parts = urlsplit(url)
+    if parts.scheme in ("ws", "wss") and parts.path in ("", "/") and not parts.query:
+        return f"{parts.scheme}://{parts.netloc}/gateway"
     if parts.scheme not in ("http", "https"):
         return url
     path = parts.path.rstrip("/").removesuffix("/gateway")

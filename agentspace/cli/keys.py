@@ -24,6 +24,34 @@ def keys() -> None:
     """Manage provider API keys (stored 0600 in the data directory)."""
 
 
+def as_the_owner(data_dir: str, command: str) -> None:
+    """Root writing the vault of a data directory another user owns leaves a keys.json of root's, which that
+    user's server refuses at its next start (docs/deploy.md runs ``keys`` as the service's user)."""
+    if not hasattr(os, "geteuid") or os.geteuid() != 0:
+        return
+    from ..gateway_token import ADDRESS_FILE
+
+    try:  # the user the server last ran as (its address file), else the directory's owner
+        owner = os.stat(os.path.join(data_dir, ADDRESS_FILE)).st_uid
+    except OSError:
+        try:
+            owner = os.stat(data_dir).st_uid
+        except OSError:  # not made yet: the file will be root's in root's directory
+            return
+    if owner == 0:
+        return
+    import pwd
+
+    try:
+        user = pwd.getpwuid(owner).pw_name
+    except KeyError:
+        user = str(owner)
+    raise click.ClickException(
+        f"{data_dir} belongs to {user}, whose server would refuse a keys file written by root. Run it as "
+        f"{user}: runuser -u {user} -- agentspace {command}"
+    )
+
+
 @keys.command("add")
 @config_options
 @click.argument("name")
@@ -47,6 +75,7 @@ def add(state: CliState, name: str, entry: str | None) -> None:
         if value_ is not None and not NAME_RE.match(value_):
             raise click.BadParameter("use letters, digits, '-', '_' or '.' (e.g. anthropic)", param_hint=hint)
     provider, name = name, entry or name
+    as_the_owner(str(state.data_dir), f"keys add {provider}" + (f" --name {entry}" if entry else ""))
     if stdin_is_terminal():
         label = name if name == provider else f"{provider} ({name})"
         value = click.prompt(f"API key for {label}", hide_input=True, default="", show_default=False)
@@ -94,6 +123,7 @@ def remove(state: CliState, name: str) -> None:
     from ..vault import KeyVault
 
     state.say_data_dir()
+    as_the_owner(str(state.data_dir), f"keys remove {name}")
     if not KeyVault(state.data_dir).remove(name):
         raise click.ClickException(f"No key named '{name}' in the vault. See: agentspace keys list")
     click.echo(f"Removed key '{name}'")

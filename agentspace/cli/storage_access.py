@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
 import click
@@ -40,6 +41,16 @@ def cli_storage(state: CliState) -> Storage:
             storage = open_storage(config)
     except StorageError as e:
         raise click.ClickException(e.message) from None
+    if storage.uses_data_dir_lock:
+        from ..gateway_token import STORAGE_FILE, read_server_storage
+
+        served_from = read_server_storage(state.data_dir)
+        if served_from is not None:  # this command would read files that server no longer reads or writes
+            raise click.ClickException(
+                f"The gateway on {state.data_dir} keeps sessions, usage and clients in its {served_from} store, "
+                "not in this data directory's files: pass that server's config (--config FILE, or set "
+                f"AGENTSPACE_CONFIG). To use the files anyway, delete {Path(state.data_dir) / STORAGE_FILE}."
+            )
     if storage.uses_data_dir_lock and sys.stderr.isatty():
         state.say_data_dir()  # a person sees which data directory the command reads
     return storage

@@ -9,6 +9,7 @@ directory after they were copied are not copied again: migrate once the tinydb s
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import click
@@ -33,11 +34,17 @@ def migrate(state: CliState, dsn: str) -> None:
 
     from ..errors import StorageError
     from ..private_files import PrivateFileError
+    from ..storage.datadir_lock import server_pid
     from ..storage.embedded.clients import ClientStore
     from ..storage.embedded.sessions import SessionStore
     from ..storage.embedded.usage import UsageStore
 
     data_dir = state.data_dir
+    # A session continued after its copy is "already there" for a second run: its later messages would be lost.
+    pid = server_pid(Path(data_dir))
+    if pid is not None:
+        who = f"the agentspace server (pid {pid})" if pid else "an agentspace server"
+        raise click.ClickException(f"{who} is running on {data_dir}: stop it, then migrate")
     sessions = SessionStore(data_dir)
     listing = sessions.listing_sync()
     damaged: list[str] = []

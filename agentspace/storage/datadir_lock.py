@@ -77,6 +77,26 @@ class DataDirLock:
         self.close()
 
 
+def server_pid(data_dir: Path) -> int | None:
+    """The pid of the server holding the data directory's lock (0 when it wrote none), None when none holds it.
+    Creates nothing and opens read-only: a command run by another user than the server's may ask."""
+    if fcntl is None:  # Windows: a lock taken here would be the server's byte; not asked
+        return None
+    try:
+        fd = os.open(Path(data_dir) / "server.lock", os.O_RDONLY)
+    except OSError:  # no server ever ran here, or we may not read its lock
+        return None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return _read_pid(fd) or 0
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return None
+    finally:
+        os.close(fd)
+
+
 # On Windows the pid goes after the first byte, which msvcrt locks (other processes cannot read a locked byte).
 _PID_AT = 0 if fcntl is not None else 1
 
