@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from tests.support.ws import chat, connect, receive_after
 from tests.test_prompt_cache import turn_text
 
 
@@ -41,3 +42,32 @@ async def test_a_long_http_chat_that_resends_its_conversation_keeps_answering(
     big = {"id": "u-big", "role": "user", "parts": [{"type": "text", "text": "x" * (limit + 1)}]}
     response = await client.post("/api/chat", json={"id": "resent", "messages": [big]}, headers=auth_headers)
     assert response.status == 413 and (await response.json())["error"]["code"] == "PAYLOAD_TOO_LARGE"
+
+
+async def test_the_inspector_predicts_the_turn_whose_history_window_moved(
+    make_client: Any, token: str, fake_anthropic: Any
+) -> None:
+    """``[chat] history_limit`` cuts the history in steps: the turn where the cut moves sends another first
+    message, so it reads nothing of what the previous call cached. The inspector predicted a read of the whole
+    prefix there (its cost 12x too low); its prediction is now within 5% of the billed input on every turn."""
+    fake_anthropic.caching = True
+    client = await make_client(chat={"history_limit": 6})
+    ws = await connect(client, token)
+    session_id = ""
+    moved = 0
+    for turn in range(1, 11):
+        text = turn_text(turn, 6000)
+        predicted = None
+        if session_id:
+            frame = {"type": "context.inspect", "id": f"i{turn}", "sessionId": session_id, "userMessage": text}
+            predicted = (await receive_after(ws, frame))["totals"]
+        frames = await chat(ws, text, f"r{turn}", **({"sessionId": session_id} if session_id else {}))
+        assert frames[-1]["type"] == "chat.stream.end", frames[-1]
+        session_id = frames[0]["sessionId"]
+        usage = frames[-1]["usage"]
+        if predicted is not None:
+            moved += usage["cacheReadTokens"] == 0
+            billed = usage["inputCost"]
+            assert abs(predicted["costWithCache"] - billed) <= 0.05 * billed, (turn, predicted, usage)
+    assert moved >= 2  # the window moved on some turns (and they read nothing)
+    await ws.close()
