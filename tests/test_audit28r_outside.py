@@ -4,8 +4,14 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 from typing import Any
 
+import pytest
+
+from scripts.harness import child_env
 from tests.support.ws import chat, connect, receive_after
 from tests.test_prompt_cache import turn_text
 
@@ -71,3 +77,24 @@ async def test_the_inspector_predicts_the_turn_whose_history_window_moved(
             assert abs(predicted["costWithCache"] - billed) <= 0.05 * billed, (turn, predicted, usage)
     assert moved >= 2  # the window moved on some turns (and they read nothing)
     await ws.close()
+
+
+@pytest.mark.parametrize("model", ["anthropic/claude-hiaku-4-5", "nosuchprovider/model"])
+def test_serve_refuses_a_compact_model_nothing_serves(tmp_path: Path, model: str) -> None:
+    """A typo in ``[chat] compact_model`` started the gateway; then every compaction failed (MODEL_NOT_FOUND) and
+    the turns were left out instead, only a log line saying so. It stops the start, as ``[models] default``
+    does."""
+    config = tmp_path / "agentspace.toml"
+    config.write_text(
+        f'[storage]\ndata_dir = "{tmp_path / "data"}"\n\n[chat]\ncompact_model = "{model}"\n', encoding="utf-8"
+    )
+    result = subprocess.run(
+        [sys.executable, "-m", "agentspace", "serve", "--config", str(config), "--port", "0"],
+        env=child_env(tmp_path / "data"),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 1, result.stdout[-500:]
+    assert f"{config}: chat.compact_model: expected a model" in result.stderr and model in result.stderr
+    assert "listening" not in result.stdout and "Traceback" not in result.stderr
