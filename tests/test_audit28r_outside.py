@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 
+from agentspace.transports import state
 from scripts.harness import child_env
 from tests.support.ws import chat, connect, receive_after
 from tests.test_prompt_cache import turn_text
@@ -98,3 +99,32 @@ def test_serve_refuses_a_compact_model_nothing_serves(tmp_path: Path, model: str
     assert result.returncode == 1, result.stdout[-500:]
     assert f"{config}: chat.compact_model: expected a model" in result.stderr and model in result.stderr
     assert "listening" not in result.stdout and "Traceback" not in result.stderr
+
+
+async def test_a_summary_cuts_what_the_call_sends_not_what_history_limit_left_out(
+    make_client: Any, token: str, fake_anthropic: Any
+) -> None:
+    """With ``[chat] history_limit`` in effect (its default, 50 messages), the oldest turns after the last cut are
+    not sent. The cut counted them as freed: the summary covered them, the call after it still sent most of the
+    window (40,271 tokens of 45,904, not at most half), and the next summary was bought two turns later."""
+    fake_anthropic.caching = True
+    window = 50_000
+    client = await make_client(
+        {"chat": {"context_policy": "compact"}, "pricing": {"anthropic/claude-sonnet-4-5": {"context_window": window}}}
+    )
+    ws = await connect(client, token)
+    session_id = ""
+    for turn in range(1, 71):  # 30 short turns, then 40 of 8 KB: the window overflows past history_limit
+        text = f"short message {turn}" if turn <= 30 else turn_text(turn, 8000)
+        frames = await chat(ws, text, f"r{turn}", **({"sessionId": session_id} if session_id else {}))
+        assert frames[-1]["type"] == "chat.stream.end", frames[-1]
+        session_id = frames[0]["sessionId"]
+    await ws.close()
+    records = await client.app[state.REGISTRY].usage.records(session_id=session_id)
+    records.sort(key=lambda r: r["timestamp"])
+    after = [records[i + 1] for i, r in enumerate(records[:-1]) if r.get("purpose") == "compact"]
+    assert after
+    half = (window - 4096) * 0.5
+    for record in after:  # the call after each summary: at most half the window (and its new message)
+        prompt = record["inputTokens"] + record["cacheReadTokens"] + record["cacheWriteTokens"]
+        assert prompt <= half + 2100, (prompt, half)
