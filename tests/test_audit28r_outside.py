@@ -11,9 +11,13 @@ from typing import Any
 
 import pytest
 
+from agentspace.config import parse_config
+from agentspace.pricing import model_info
 from agentspace.transports import state
 from scripts.harness import child_env
+from tests.fakes.openai_upstream import text_response, usage
 from tests.support.ws import chat, connect, receive_after
+from tests.test_litellm_provider import collect, finish_of, make_request
 from tests.test_prompt_cache import turn_text
 
 
@@ -128,3 +132,25 @@ async def test_a_summary_cuts_what_the_call_sends_not_what_history_limit_left_ou
     for record in after:  # the call after each summary: at most half the window (and its new message)
         prompt = record["inputTokens"] + record["cacheReadTokens"] + record["cacheWriteTokens"]
         assert prompt <= half + 2100, (prompt, half)
+
+
+async def test_one_hour_cache_writes_reported_through_litellm_are_priced_as_such(fake_openai: Any) -> None:
+    """Claude behind litellm (Vertex AI, Bedrock) with ``prompt_cache_ttl = "1h"``: litellm reports the writes'
+    split by TTL (``cache_creation_token_details``), and the gateway took them all as 5-minute writes, priced at
+    1.25x the input price where the upstream bills 2x. Here through the OpenAI-compatible route litellm parses the
+    same way; priced with Vertex AI's Claude rates."""
+    reported = usage(1000, 5, cached=200)
+    reported["prompt_tokens_details"]["cache_write_tokens"] = 700
+    reported["prompt_tokens_details"]["cache_creation_token_details"] = {
+        "ephemeral_5m_input_tokens": 100,
+        "ephemeral_1h_input_tokens": 600,
+    }
+    fake_openai.enqueue(text_response("ok", usage=reported))
+    got = finish_of(await collect(make_request(fake_openai))).usage
+    assert got is not None
+    assert (got.input_tokens, got.cache_read_tokens, got.cache_write_tokens) == (100, 200, 700)
+    assert got.cache_write_1h_tokens == 600
+    info = model_info(parse_config({}), "vertex_ai/claude-sonnet-4-5")
+    assert info.cache_write_1h_per_mtok == 6.0
+    expected = (100 * 3.0 + 200 * 0.3 + 100 * 3.75 + 600 * 6.0) / 1_000_000
+    assert abs(info.cost(got).input_cost - expected) < 1e-12
