@@ -195,9 +195,25 @@ def _answered_bytes(body: Any, size: int) -> int:
     if not isinstance(messages, list):
         return size - _file_data_bytes(body)
     users = [i for i, m in enumerate(messages) if isinstance(m, dict) and m.get("role") == "user"]
-    kept = {**body, "messages": messages[users[-1] if users else 0 :]}
+    kept = {**body, "messages": [_without_file_data(m) for m in messages[users[-1] if users else 0 :]]}
     text = json.dumps(kept, ensure_ascii=False, separators=(",", ":"))
-    return len(text.encode("utf-8", "surrogatepass")) - _file_data_bytes(kept)  # a lone surrogate is cleaned later
+    return len(text.encode("utf-8", "surrogatepass"))  # a lone surrogate is cleaned later
+
+
+def _without_file_data(message: Any) -> Any:
+    """``message`` with its file parts' ``data:`` URLs left empty (they have an allowance of their own)."""
+    parts = message.get("parts") if isinstance(message, dict) else None
+    if not isinstance(parts, list):
+        return message
+    return {
+        **message,
+        "parts": [
+            {**p, "url": ""}
+            if isinstance(p, dict) and p.get("type") == "file" and str(p.get("url")).startswith("data:")
+            else p
+            for p in parts
+        ],
+    }
 
 
 def _file_data_bytes(body: Any) -> int:
