@@ -29,7 +29,7 @@ from datetime import datetime
 from typing import TYPE_CHECKING, Any, Literal
 
 from . import attachments
-from .prompt_cache import anthropic_family, cache_ttl, plan, prefix_key
+from .prompt_cache import anthropic_family, cache_ttl, first_key, plan, prefix_key
 from .storage.shapes import FrozenDict
 from .tokens import count_ceiling_tokens, count_tokens
 from .types import (
@@ -411,6 +411,7 @@ def _measure_cache(
         age_seconds=cache.age_seconds,
         min_tokens=info.prompt_cache_min_tokens,
         automatic=automatic,
+        first_key=first_message_key(context),
     )
     measured = sum(r["tokenEstimate"] for r in rows) or 1
     read_left, write_left = p.read, p.write
@@ -437,6 +438,14 @@ def _measure_cache(
             "costWithoutCache": round(total * info.input_per_mtok / m, 10),
         }
     )
+
+
+def first_message_key(context: AssembledContext) -> str | None:
+    """``prompt_cache.first_key`` of the first message the call sends (None: it sends none)."""
+    if not context.messages:
+        return None
+    first = context.messages[0]
+    return first_key(first.role, message_text(first))
 
 
 def last_call(stored: list[dict[str, Any]]) -> tuple[dict[str, Any] | None, float | None]:

@@ -33,6 +33,7 @@ from .context import (
     calibration,
     estimate_input_tokens,
     history_start,
+    history_window,
     last_call,
     message_text,
 )
@@ -141,7 +142,10 @@ async def fit_context(
     if policy == "refuse":
         raise too_long(turn.model, need, window, max_tokens)
     start, summary = history_start(history)
-    cut, removed = _cut_index(history, start, need - int(window * HEADROOM), ratio)
+    # The turns the call sends: [chat] history_limit leaves older ones out already, and cutting those frees
+    # nothing (the limit's window then even takes in more of the turns after them).
+    sent = len(history) - len(history_window(history[start:], gw.config["chat"]["history_limit"]))
+    cut, removed = _cut_index(history, sent, need - int(window * HEADROOM), ratio)
     if cut is None or need - removed > window:
         # No cut makes it fit (the newest turn alone is too long): no summary is bought, no turn is left out.
         raise too_long(turn.model, need, window, max_tokens)

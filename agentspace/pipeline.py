@@ -28,7 +28,7 @@ from typing import Any, cast
 
 from . import attachments, tokens
 from .calls import ProviderCall, ceiling_cost, cut_short_usage, price, request_ceiling
-from .context import AssembledContext, assemble, estimate_input_tokens, history_start
+from .context import AssembledContext, assemble, estimate_input_tokens, first_message_key, history_start
 from .context_policy import fit_context
 from .errors import ApiError, StorageError
 from .events import (
@@ -663,6 +663,7 @@ class Turn:
             "promptEstimate": estimate_input_tokens(ctx),
             "cachedTokens": usage.cache_read_tokens + usage.cache_write_tokens,
             "prefixKey": prefix_key(ctx.system, [t.definition() for t in ctx.tools]),
+            "firstKey": first_message_key(ctx),  # the cached prefix starts there (history_limit moves it)
             "model": ctx.model,  # a provider keeps a cache per model: another model reads none of it
         }
 

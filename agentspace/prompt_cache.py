@@ -165,6 +165,12 @@ def prefix_key(system: str, tools: list[dict[str, Any]]) -> str:
     return hashlib.sha256(data).hexdigest()[:16]
 
 
+def first_key(role: str, text: str) -> str:
+    """A short fingerprint of the first message a call sends: when ``[chat] history_limit``'s window moves, or
+    the context-window policy cuts, the next call sends another and reads none of the previous call's cache."""
+    return hashlib.sha256(f"{role}\0{text}".encode("utf-8", "surrogatepass")).hexdigest()[:16]
+
+
 @dataclass(slots=True)
 class CachePlan:
     """What the next call will do with the cache, in (calibrated) tokens."""
@@ -188,14 +194,19 @@ def plan(
     age_seconds: float | None,
     min_tokens: int | None = None,
     automatic: bool = False,
+    first_key: str | None = None,
 ) -> CachePlan:
-    """The next call's reads and writes: it reads what the previous call cached (same model, system and tools,
-    within the TTL) and writes the rest up to its newest message, if that prefix is long enough to be cached.
+    """The next call's reads and writes: it reads what the previous call cached (same model, system, tools and
+    first message: ``first_key``, within the TTL) and writes the rest up to its newest message, if that prefix
+    is long enough to be cached.
 
     ``automatic``: a provider that caches every prompt on its own (OpenAI): nothing is written at a price,
     and the next call reads the previous prompt, in blocks of 128 tokens, for about 5 minutes."""
     if last_call and last_call.get("model", model) != model:
         last_call = None  # a provider keeps a cache per model (lastCall stored before it named one: the same)
+    if last_call and first_key is not None and last_call.get("firstKey", first_key) != first_key:
+        # Another first message (``[chat] history_limit``'s window moved, a cut): the prefix differs from its start.
+        last_call = None
     if automatic:
         if total < AUTOMATIC_MIN_TOKENS or not last_call or last_call.get("prefixKey") != key:
             return CachePlan(total, 0, 0)

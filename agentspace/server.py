@@ -160,31 +160,38 @@ def check_group_models(gw: Registry) -> None:
 
 
 def check_default_model(gw: Registry) -> None:
-    """Stop on a ``[models] default`` nothing serves (a config error); warn when it is past its date."""
+    """Stop on a ``[models] default`` or ``[chat] compact_model`` nothing serves (a config error: a compact model
+    that fails would leave every compaction's turns out instead); warn when one is past its date."""
     check_group_models(gw)
+    _check_model(gw, gw.default_model, "models.default")
+    if gw.config["chat"]["compact_model"]:
+        _check_model(gw, str(gw.config["chat"]["compact_model"]), "chat.compact_model")
+
+
+def _check_model(gw: Registry, model: str, key: str) -> None:
     config = gw.config
-    default = gw.default_model
     try:
-        gw.provider_for(default)
+        gw.provider_for(model)
     except ModelNotFound as e:
-        raise ConfigError(config.source, "models.default", f"expected a model a provider serves: {e}") from None
-    prefix, _, name = default.partition("/")
+        raise ConfigError(config.source, key, f"expected a model a provider serves: {e}") from None
+    prefix, _, name = model.partition("/")
     settings = config.provider_settings(prefix)
     # The cost map lists every model of the big providers; a name it lacks is a typo, unless the model
     # goes to a custom endpoint (base_url) or the config declares it (pricing or the provider's models).
-    declared = (
-        default in config.pricing or bool({default, name} & set(settings["models"])) or bool(settings["base_url"])
-    )
-    if pricing.cost_entry(default) is None and pricing.known_models({prefix}) and not declared:
+    declared = model in config.pricing or bool({model, name} & set(settings["models"])) or bool(settings["base_url"])
+    if pricing.cost_entry(model) is None and pricing.known_models({prefix}) and not declared:
         raise ConfigError(
             config.source,
-            "models.default",
-            f"expected a model litellm's cost map knows (see: agentspace models --all), got {default!r}; "
-            f'for a model it does not list yet, add [pricing."{default}"]',
+            key,
+            f"expected a model litellm's cost map knows (see: agentspace models --all), got {model!r}; "
+            f'for a model it does not list yet, add [pricing."{model}"]',
         )
-    info = pricing.model_info(config, default)
+    info = pricing.model_info(config, model)
     if is_retired(info.deprecation_date):
-        log.warning("[models] default in %s: %s", config.source, deprecation_message(default, info.deprecation_date))
+        section, _, option = key.partition(".")
+        log.warning(
+            "[%s] %s in %s: %s", section, option, config.source, deprecation_message(model, info.deprecation_date)
+        )
 
 
 def _calls_in_flight(gw: Registry) -> int:

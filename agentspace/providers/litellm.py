@@ -600,6 +600,9 @@ def _token_usage(usage: Any) -> TokenUsage | None:
     details = getattr(usage, "prompt_tokens_details", None)
     cached = (reported_count(getattr(details, "cached_tokens", None)) or 0) if details is not None else 0
     cache_write = (reported_count(getattr(details, "cache_creation_tokens", None)) or 0) if details is not None else 0
+    # Claude's writes by TTL (Vertex AI, Bedrock): a one-hour write is billed at 2x the input price, not 1.25x.
+    by_ttl = getattr(details, "cache_creation_token_details", None) if details is not None else None
+    hour = (reported_count(getattr(by_ttl, "ephemeral_1h_input_tokens", None)) or 0) if by_ttl is not None else 0
     completion_details = getattr(usage, "completion_tokens_details", None)
     reasoning = getattr(completion_details, "reasoning_tokens", None) if completion_details is not None else None
     return TokenUsage(
@@ -607,6 +610,7 @@ def _token_usage(usage: Any) -> TokenUsage | None:
         output_tokens=reported_count(usage.completion_tokens) or 0,
         cache_read_tokens=cached,
         cache_write_tokens=cache_write,
+        cache_write_1h_tokens=min(hour, cache_write),
         reasoning_tokens=reported_count(reasoning) or 0,
         server_tool_use=_web_searches(usage, details),
     )

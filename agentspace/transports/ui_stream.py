@@ -11,6 +11,7 @@ none), which is what the SDK's ``resume`` option calls. Chunks carry only the fi
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -163,9 +164,11 @@ class UIMessageStreamEncoder:
 
 
 async def read_chat_json(request: web.Request) -> Any:
-    """The body of ``POST /api/chat``: ``[server] max_body_bytes`` for all but its files' data, which may add
-    up to the ``[attachments] max_session_bytes`` of a session (base64: 4/3 of it), as ``useChat`` resends
-    the whole conversation."""
+    """The body of ``POST /api/chat``: ``[server] max_body_bytes`` for the message answered (the last user
+    message; files' data aside) and the rest of the body but the earlier messages. ``useChat`` resends the whole
+    conversation with every turn, read only to create a session: the earlier messages and every file's data may
+    add up to the ``[attachments] max_session_bytes`` of a session (base64: 4/3 of it), so that a long session's
+    text does not make every later turn a 413."""
     config = state.config(request.app)
     base = int(config["server"]["max_body_bytes"])
     limit = base + -(-int(config["attachments"]["max_session_bytes"]) * 4 // 3)
@@ -177,11 +180,40 @@ async def read_chat_json(request: web.Request) -> Any:
         raise invalid({"": "the body must be JSON (UTF-8, nested at most a few hundred levels)"}) from None
     except bodies.GatewayBusy:
         raise ApiError("SERVICE_UNAVAILABLE", bodies.BUSY_MESSAGE) from None
-    if len(raw) - _file_data_bytes(body) > base:
+    if _answered_bytes(body, len(raw)) > base:
         raise ApiError(
             "PAYLOAD_TOO_LARGE", f"Request body too large; the limit is {base} bytes ([server] max_body_bytes)."
         )
     return body
+
+
+def _answered_bytes(body: Any, size: int) -> int:
+    """The bytes of a chat body but its earlier messages (those before the last user message) and its files'
+    data, measured as compact JSON (the earlier messages are not measured: a long conversation's); ``size``
+    less the files' data when the body has no messages to tell apart."""
+    messages = body.get("messages") if isinstance(body, dict) else None
+    if not isinstance(messages, list):
+        return size - _file_data_bytes(body)
+    users = [i for i, m in enumerate(messages) if isinstance(m, dict) and m.get("role") == "user"]
+    kept = {**body, "messages": [_without_file_data(m) for m in messages[users[-1] if users else 0 :]]}
+    text = json.dumps(kept, ensure_ascii=False, separators=(",", ":"))
+    return len(text.encode("utf-8", "surrogatepass"))  # a lone surrogate is cleaned later
+
+
+def _without_file_data(message: Any) -> Any:
+    """``message`` with its file parts' ``data:`` URLs left empty (they have an allowance of their own)."""
+    parts = message.get("parts") if isinstance(message, dict) else None
+    if not isinstance(parts, list):
+        return message
+    return {
+        **message,
+        "parts": [
+            {**p, "url": ""}
+            if isinstance(p, dict) and p.get("type") == "file" and str(p.get("url")).startswith("data:")
+            else p
+            for p in parts
+        ],
+    }
 
 
 def _file_data_bytes(body: Any) -> int:
