@@ -35,7 +35,7 @@ from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Protocol
 
 from .clients import ADMIN, PERIODS, Client, Clock, hash_key, iso, period_bounds, utc_now
-from .errors import ApiError, outage_error
+from .errors import OUTAGE_RETRY_SECONDS, ApiError, outage_error
 from .logs import warn_limited
 from .storage.protocols import spend_of
 
@@ -309,7 +309,7 @@ def _counters_failed(e: Exception) -> ApiError:
         )
     warn_limited(log, "counters-unreachable", "the client counters could not be reached: %r", e)
     if type(e).__module__.startswith("redis."):
-        return ApiError("SERVICE_UNAVAILABLE", COUNTERS_UNAVAILABLE)
+        return ApiError("SERVICE_UNAVAILABLE", COUNTERS_UNAVAILABLE, retry_after=OUTAGE_RETRY_SECONDS)
     return ApiError(
         outage.code,
         f"{outage.message.rstrip('.')}; the client's limits and budget could not be checked, and nothing was sent.",
