@@ -3,14 +3,17 @@ sees them."""
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 from typing import Any
 
 import aiohttp
+import pytest
+from aiohttp import web
 
 from scripts.harness import GatewayProcess
 from tests.scale_servers import Redis
-from tests.test_clients import bearer
+from tests.test_clients import add_client, bearer, cli
 
 MESSAGES = [{"role": "user", "content": "hi"}]
 
@@ -52,3 +55,77 @@ async def test_redis_unreachable_is_a_503_that_says_when_to_retry_on_every_way_i
     finally:
         await gateway.aclose()
         redis_srv.close()
+
+
+class GatedUpstream:
+    """An upstream whose first request waits until the test lets it go, then fails as an overloaded provider
+    does (a deployment failure a model group moves on from); any later request answers 500 too."""
+
+    def __init__(self) -> None:
+        self.arrived = asyncio.Event()
+        self.release = asyncio.Event()
+        self.paths: list[str] = []
+        self.runner: web.AppRunner | None = None
+        self.url = ""
+
+    async def handle(self, request: web.Request) -> web.Response:
+        self.paths.append(request.path)
+        self.arrived.set()
+        await self.release.wait()
+        body = {"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}}
+        return web.json_response(body, status=529 if "messages" in request.path else 500)
+
+    async def start(self) -> None:
+        app = web.Application()
+        app.router.add_route("POST", "/{tail:.*}", self.handle)
+        self.runner = web.AppRunner(app)
+        await self.runner.setup()
+        site = web.TCPSite(self.runner, "127.0.0.1", 0)
+        await site.start()
+        self.url = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}"  # type: ignore[union-attr]
+
+    async def close(self) -> None:
+        self.release.set()
+        if self.runner is not None:
+            await self.runner.cleanup()
+
+
+@pytest.mark.parametrize(
+    ("path", "body"),
+    [
+        ("/v1/chat/completions", {"model": "claude", "max_tokens": 100, "messages": MESSAGES}),
+        ("/v1/chat/completions", {"model": "claude", "max_tokens": 100, "messages": MESSAGES, "stream": True}),
+        ("/v1/responses", {"model": "claude", "max_output_tokens": 100, "input": "hi"}),
+        ("/v1/embeddings", {"model": "vectors", "input": "hi"}),
+    ],
+)
+async def test_a_model_groups_next_attempt_refused_for_the_budget_is_a_budget_refusal(
+    make_client: Any, monkeypatch: pytest.MonkeyPatch, path: str, body: dict[str, Any]
+) -> None:
+    """Each attempt of a model group is admitted at the moment it is made (docs/routing.md). One refused
+    because the budget went meanwhile was answered 403 `invalid_request_error` (no `insufficient_quota`, no
+    Retry-After, no x-should-retry): the refusal a first attempt gets, in each API's shape."""
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-test-0123456789")
+    upstream = GatedUpstream()
+    await upstream.start()
+    try:
+        twice = [{"base_url": upstream.url, "name": name} for name in ("a", "b")]
+        groups = {
+            "claude": {"deployments": [{"model": "anthropic/claude-sonnet-4-5", **d} for d in twice]},
+            "vectors": {"deployments": [{"model": "openai/text-embedding-3-small", **d} for d in twice]},
+        }
+        client = await make_client(models={"groups": groups})
+        key = add_client("ci-bot", "--budget", "1")
+        call = asyncio.create_task(client.post(path, json=body, headers=bearer(key)))
+        await upstream.arrived.wait()  # the first deployment has the call ...
+        cli("clients", "set", "ci-bot", "--budget", "0")  # ... when the budget goes
+        upstream.release.set()  # the first deployment fails: the next attempt is admitted now, and refused
+        async with await call as resp:
+            answer = await resp.json()
+            assert resp.status == 429, answer
+            assert answer["error"]["code"] == "insufficient_quota", answer
+            assert answer["error"]["message"].startswith("BUDGET_EXCEEDED: "), answer
+            assert resp.headers.get("x-should-retry") == "false" and resp.headers.get("Retry-After"), resp.headers
+        assert len(upstream.paths) == 1, upstream.paths  # nothing went to the second deployment
+    finally:
+        await upstream.close()

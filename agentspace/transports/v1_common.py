@@ -241,6 +241,8 @@ async def translated(
             call = await service.start_call(meter, preq)
         except ProviderError as e:
             return provider_error(e)
+        except ApiError as e:  # a model group's next attempt, refused at its admission (routed_call._next_meter)
+            return refusal(request, e)
         return await answer(call)
     finally:
         stop_watching()
