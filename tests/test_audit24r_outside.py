@@ -4,6 +4,8 @@ sees them."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import signal
 from pathlib import Path
 from typing import Any
 
@@ -11,7 +13,9 @@ import aiohttp
 import pytest
 from aiohttp import web
 
+from agentspace.storage.embedded.usage import UsageStore
 from scripts.harness import GatewayProcess
+from tests.fakes import anthropic_upstream as fa
 from tests.scale_servers import Redis
 from tests.test_clients import add_client, bearer, cli
 
@@ -129,3 +133,39 @@ async def test_a_model_groups_next_attempt_refused_for_the_budget_is_a_budget_re
         assert len(upstream.paths) == 1, upstream.paths  # nothing went to the second deployment
     finally:
         await upstream.close()
+
+
+@pytest.mark.parametrize(
+    ("path", "body"),
+    [
+        ("/v1/messages", {"model": "claude-sonnet-4-5", "max_tokens": 1024, "messages": MESSAGES, "stream": True}),
+        ("/v1/chat/completions", {"model": "anthropic/claude-sonnet-4-5", "messages": MESSAGES, "stream": True}),
+    ],
+)
+async def test_a_v1_stream_still_running_when_the_grace_ends_is_stopped_and_recorded_before_the_sinks_close(
+    tmp_path: Path, fake_anthropic: fa.FakeAnthropic, path: str, body: dict[str, Any]
+) -> None:
+    """docs/deploy.md: on SIGTERM, running answers (/v1 streams too) get [server] shutdown_grace_seconds, then
+    are stored as aborted. A /v1 stream was not stopped at the grace's end: aiohttp's own shutdown waited for
+    it twice more (grace + 5 s each), then closed the sinks and stores under it ("usage sink 'budget-alerts':
+    queue full ...; dropped record") and the call's record was written, if at all, after they had closed."""
+    fake_anthropic.default = fa.text_response("word " * 60, chunks=60, usage={"input_tokens": 4000}).stall(600, after=8)
+    server = GatewayProcess(tmp_path / "data", fake_anthropic.url, server={"shutdown_grace_seconds": 1.0})
+    try:
+        await server.start()
+        headers = {"Authorization": f"Bearer {server.token}", "anthropic-version": "2023-06-01"}
+        async with aiohttp.ClientSession() as http:
+            resp = await http.post(server.url + path, json=body, headers=headers)
+            assert resp.status == 200, await resp.text()
+            await resp.content.readany()  # the stream has begun
+            assert server.process is not None
+            server.process.send_signal(signal.SIGTERM)
+            with contextlib.suppress(aiohttp.ClientError):  # cut: the answer did not end
+                await resp.read()
+        assert await server.process.wait() == 0
+    finally:
+        await server.aclose()
+    assert "dropped record" not in server.log(), server.log()
+    assert server.log_problems() == [], server.log_problems()
+    (record,) = UsageStore(server.data_dir).records_sync()
+    assert (record["finishReason"], record["error"], record["inputTokens"]) == ("aborted", "ABORTED", 4000), record
