@@ -50,6 +50,9 @@ COUNTERS_UNAVAILABLE = (
     "The gateway could not reach Redis, where the clients' limits and budgets are counted; nothing was sent."
 )
 SHUTTING_DOWN_MESSAGE = "The gateway is shutting down; try again when it is back."
+# What a call refused for its reservation alone may cost, and what to lower, in the Messages API's and Chat
+# Completions' words (the /v1 endpoints speaking others say it in theirs: v1_common.refusal).
+CALL_COST_HINT = "(its input, max_tokens and thinking budget at the model's prices): lower max_tokens or send less"
 
 
 @dataclass
@@ -587,8 +590,7 @@ class Guard:
                 "BUDGET_EXCEEDED",
                 f"Client {client.name!r} has {usd(left)} left of its {usd(budget)} {client.period} budget "
                 f"(spent {usd(spent)}, calls in flight included), and this call may cost up to {usd(cost)} as sent "
-                f"(its input, max_tokens and thinking budget at the model's prices): lower max_tokens or send "
-                f"less; {when}.",
+                f"{CALL_COST_HINT}; {when}.",
                 retry_after=retry,
             )
         return ApiError(

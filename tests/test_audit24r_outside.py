@@ -169,3 +169,31 @@ async def test_a_v1_stream_still_running_when_the_grace_ends_is_stopped_and_reco
     assert server.log_problems() == [], server.log_problems()
     (record,) = UsageStore(server.data_dir).records_sync()
     assert (record["finishReason"], record["error"], record["inputTokens"]) == ("aborted", "ABORTED", 4000), record
+
+
+async def test_a_call_too_dear_for_the_budget_is_told_what_to_lower_in_its_own_apis_fields(
+    make_client: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """docs/accounting.md: a call whose reservation alone passes what is left is refused with a message that
+    says how to fit. /v1/responses and /v1/embeddings were told to "lower max_tokens" (a field neither has:
+    OpenAI's Responses API refuses it) and of a thinking budget."""
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-test-0123456789")
+    client = await make_client()
+    key = add_client("ci-bot", "--budget", "0.00001")
+    calls = {
+        "/v1/responses": (
+            {"model": "anthropic/claude-sonnet-4-5", "input": "hi", "max_output_tokens": 5000},
+            "max_output_tokens",
+        ),
+        "/v1/embeddings": ({"model": "openai/text-embedding-3-small", "input": "hello world " * 1000}, "send less"),
+        "/v1/chat/completions": (
+            {"model": "anthropic/claude-sonnet-4-5", "messages": MESSAGES, "max_tokens": 5000},
+            "max_tokens",
+        ),
+    }
+    for path, (body, named) in calls.items():
+        async with client.post(path, json=body, headers=bearer(key)) as resp:
+            message = (await resp.json())["error"]["message"]
+            assert resp.status == 429 and "may cost up to" in message and named in message, (path, message)
+            if path != "/v1/chat/completions":
+                assert "max_tokens" not in message and "thinking" not in message, (path, message)
