@@ -16,7 +16,7 @@ from aiohttp import web
 from agentspace.storage.embedded.usage import UsageStore
 from scripts.harness import GatewayProcess
 from tests.fakes import anthropic_upstream as fa
-from tests.scale_servers import Redis
+from tests.scale_servers import Redis, free_port
 from tests.test_clients import add_client, bearer, cli
 
 MESSAGES = [{"role": "user", "content": "hi"}]
@@ -84,9 +84,9 @@ class GatedUpstream:
         app.router.add_route("POST", "/{tail:.*}", self.handle)
         self.runner = web.AppRunner(app)
         await self.runner.setup()
-        site = web.TCPSite(self.runner, "127.0.0.1", 0)
-        await site.start()
-        self.url = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}"  # type: ignore[union-attr]
+        port = free_port()
+        await web.TCPSite(self.runner, "127.0.0.1", port).start()
+        self.url = f"http://127.0.0.1:{port}"
 
     async def close(self) -> None:
         self.release.set()
