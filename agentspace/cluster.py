@@ -26,7 +26,7 @@ import socket
 from collections.abc import AsyncIterator, Callable
 from typing import Any, Protocol
 
-from .errors import ApiError
+from .errors import OUTAGE_RETRY_SECONDS, ApiError
 from .events import StreamEnd, StreamError, StreamEvent
 from .logs import warn_limited
 from .session_locks import STREAM_IN_PROGRESS_MESSAGE, InProcessLocks, RunningTurn, SessionLocks
@@ -332,7 +332,11 @@ class RedisSessionLocks(InProcessLocks):
         except Exception as e:  # noqa: BLE001 - Redis down: a 503 that says so, no traceback (not our defect)
             self.forget(turn)
             log.warning("the stream lock of session %s could not be taken (Redis): %r", turn.session_id, e)
-            raise ApiError("SERVICE_UNAVAILABLE", "The gateway could not reach Redis; nothing was sent.") from None
+            raise ApiError(
+                "SERVICE_UNAVAILABLE",
+                "The gateway could not reach Redis; nothing was sent.",
+                retry_after=OUTAGE_RETRY_SECONDS,
+            ) from None
         if not claimed:
             self.forget(turn)
             raise ApiError("STREAM_IN_PROGRESS", STREAM_IN_PROGRESS_MESSAGE)

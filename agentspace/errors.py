@@ -33,6 +33,10 @@ HTTP_STATUS: dict[str, int] = {
     "INTERNAL_ERROR": 500,
 }
 
+# The Retry-After of a 503 for a dependency out of reach (Redis, the database): try again in a second, as the
+# SDKs do once told (without it they back off on their own, and a client of the HTTP API is not told to retry).
+OUTAGE_RETRY_SECONDS = 1.0
+
 
 def http_status(code: str) -> int:
     return HTTP_STATUS.get(code, 400)
@@ -97,7 +101,11 @@ def outage_error(e: BaseException) -> ApiError | None:
     if isinstance(e, StorageError):
         return e  # STORAGE_ERROR, a 503 too, as the gateway token's requests get it
     if type(e).__module__.startswith("redis."):
-        return ApiError("SERVICE_UNAVAILABLE", "The gateway could not reach Redis; try again in a moment.")
+        return ApiError(
+            "SERVICE_UNAVAILABLE",
+            "The gateway could not reach Redis; try again in a moment.",
+            retry_after=OUTAGE_RETRY_SECONDS,
+        )
     if isinstance(e, (OSError, TimeoutError)):
         return ApiError("SERVICE_UNAVAILABLE", "The gateway could not reach its storage; try again in a moment.")
     return None

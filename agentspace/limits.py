@@ -35,7 +35,7 @@ from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Protocol
 
 from .clients import ADMIN, PERIODS, Client, Clock, hash_key, iso, period_bounds, utc_now
-from .errors import ApiError, outage_error
+from .errors import OUTAGE_RETRY_SECONDS, ApiError, outage_error
 from .logs import warn_limited
 from .storage.protocols import spend_of
 
@@ -50,6 +50,9 @@ COUNTERS_UNAVAILABLE = (
     "The gateway could not reach Redis, where the clients' limits and budgets are counted; nothing was sent."
 )
 SHUTTING_DOWN_MESSAGE = "The gateway is shutting down; try again when it is back."
+# What a call refused for its reservation alone may cost, and what to lower, in the Messages API's and Chat
+# Completions' words (the /v1 endpoints speaking others say it in theirs: v1_common.refusal).
+CALL_COST_HINT = "(its input, max_tokens and thinking budget at the model's prices): lower max_tokens or send less"
 
 
 @dataclass
@@ -309,7 +312,7 @@ def _counters_failed(e: Exception) -> ApiError:
         )
     warn_limited(log, "counters-unreachable", "the client counters could not be reached: %r", e)
     if type(e).__module__.startswith("redis."):
-        return ApiError("SERVICE_UNAVAILABLE", COUNTERS_UNAVAILABLE)
+        return ApiError("SERVICE_UNAVAILABLE", COUNTERS_UNAVAILABLE, retry_after=OUTAGE_RETRY_SECONDS)
     return ApiError(
         outage.code,
         f"{outage.message.rstrip('.')}; the client's limits and budget could not be checked, and nothing was sent.",
@@ -587,8 +590,7 @@ class Guard:
                 "BUDGET_EXCEEDED",
                 f"Client {client.name!r} has {usd(left)} left of its {usd(budget)} {client.period} budget "
                 f"(spent {usd(spent)}, calls in flight included), and this call may cost up to {usd(cost)} as sent "
-                f"(its input, max_tokens and thinking budget at the model's prices): lower max_tokens or send "
-                f"less; {when}.",
+                f"{CALL_COST_HINT}; {when}.",
                 retry_after=retry,
             )
         return ApiError(

@@ -241,7 +241,9 @@ async def _start_fallbacks(
 async def _next_meter(
     gw: Registry, request: ProviderRequest, first: ProviderCall, ceiling: Callable[[], Ceiling] | None = None
 ) -> ProviderCall:
-    """The provider call of the next attempt, admitted like the first (ProviderError when refused)."""
+    """The provider call of the next attempt, admitted like the first: ApiError when refused, answered as a
+    refusal of the first attempt is (a budget spent meanwhile is BUDGET_EXCEEDED, a shutdown begun meanwhile
+    SERVICE_UNAVAILABLE, in each API's shape), not as a failure of the provider."""
     meter = ProviderCall(
         gw,
         request.model,
@@ -253,10 +255,7 @@ async def _next_meter(
     )
     meter.started = time.monotonic()
     meter.continues = True
-    try:
-        await meter.admit(ceiling or (lambda: request_ceiling(request)))
-    except ApiError as e:
-        raise ProviderError(e.code, e.message, status=429 if e.code == "RATE_LIMITED" else 403) from None
+    await meter.admit(ceiling or (lambda: request_ceiling(request)))
     return meter
 
 

@@ -34,7 +34,7 @@ from .gateway_token import TOKEN_ENV, TokenFile, check_secrets, write_server_add
 from .logs import configure_logging
 from .plugins import check_hooks, get_plugin_manager, plugin_error
 from .registry import ModelNotFound, Registry
-from .security import AuthFailures, security_middleware
+from .security import AuthFailures, Handler, security_middleware
 from .storage.datadir_lock import DataDirLock
 from .storage.embedded.clients import ClientStore
 from .transports import routes, state, ui_stream, ws
@@ -64,7 +64,7 @@ def create_app(config: Config, pm: pluggy.PluginManager | None = None) -> web.Ap
     check_hooks(pm)  # plugins registered after the manager was made: a misspelt hook stops the start
     app = web.Application(
         client_max_size=int(config["server"]["max_body_bytes"]),
-        middlewares=[security_middleware(config)],
+        middlewares=[security_middleware(config), _v1_calls],
     )
     check_secrets(config.data_dir)
     ClientStore(config.data_dir).list_sync()  # a clients file that cannot be trusted stops the start
@@ -72,6 +72,7 @@ def create_app(config: Config, pm: pluggy.PluginManager | None = None) -> web.Ap
     app[security.AUTH_FAILURES] = AuthFailures()
     app[state.WEBSOCKETS] = weakref.WeakSet()
     app[state.SHUTTING_DOWN] = asyncio.Event()
+    app[state.V1_CALLS] = set()
     app[state.CREDENTIALS_CHANGED] = asyncio.Event()
     routes.install(app, config, pm)  # every route, the plugins' too (transports/routes.py)
     app.cleanup_ctx.append(_gateway_context(config, pm))
@@ -194,6 +195,21 @@ def _check_model(gw: Registry, model: str, key: str) -> None:
         )
 
 
+@web.middleware
+async def _v1_calls(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Keep the task of each /v1 request while it runs, for the shutdown to stop when its grace ends."""
+    if not request.path.startswith("/v1/"):
+        return await handler(request)
+    task = asyncio.current_task()
+    assert task is not None
+    calls = request.app[state.V1_CALLS]
+    calls.add(task)
+    try:
+        return await handler(request)
+    finally:
+        calls.discard(task)
+
+
 def _calls_in_flight(gw: Registry) -> int:
     """Provider calls running (a /v1 call is no turn): their open ledger entries, closed once recorded; not
     the records kept in the spool for a store that refused them (replayed later, not awaited here)."""
@@ -227,6 +243,12 @@ async def _finish_streams(app: web.Application, stop_accepting: Callable[[], Non
         for t in turns:
             if not t.done:
                 t.abort("shutdown")
+        # A /v1 call still running is stopped as its client leaving stops it (recorded as aborted), now: not
+        # when aiohttp's shutdown cancels it, after the sinks and stores closed under it.
+        calls = [task for task in app[state.V1_CALLS] if not task.done()]
+        for task in calls:
+            task.cancel()
+        pending |= set(calls)
         if pending:
             await asyncio.wait(pending, timeout=10)
     if stop_accepting is not None:

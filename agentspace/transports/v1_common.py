@@ -16,6 +16,7 @@ from ..calls import ProviderCall, request_ceiling
 from ..direct_call import DirectCall
 from ..errors import ApiError
 from ..events import ProviderError, ProviderEvent, ProviderFinish
+from ..limits import CALL_COST_HINT
 from ..providers.base import ProviderRequest
 from ..providers.upstream_http import watch_client
 from ..service import Service, model_id_problem
@@ -32,6 +33,14 @@ REFUSAL_CODES = {
     "RATE_LIMITED": "rate_limit_exceeded",
     "BUDGET_EXCEEDED": "insufficient_quota",
     "UNAUTHORIZED": "invalid_api_key",
+}
+
+# limits.CALL_COST_HINT in the fields of the APIs that name them otherwise: a Responses request sets
+# max_output_tokens and reasoning.effort; an embedding writes nothing back, its input is all it costs.
+COST_HINTS = {
+    "/v1/responses": "(its input, max_output_tokens and reasoning.effort at the model's prices): "
+    "lower max_output_tokens or send less",
+    "/v1/embeddings": "(its input at the model's price): send less",
 }
 
 
@@ -105,8 +114,11 @@ def refusal(request: web.Request, error: ApiError) -> web.Response:
         # may not use or a revoked key will not change in seconds: x-should-retry, which both SDKs honour, says so.
         # Shutting down, a full disk or Redis unreachable are cured by waiting: the SDKs retry them.
         headers["x-should-retry"] = "false"
+    message = error.message
+    if (hint := COST_HINTS.get(request.path)) is not None:
+        message = message.replace(CALL_COST_HINT, hint)
     return v1_errors.error_response(
-        request, error.status, f"{error.code}: {error.message}", code=REFUSAL_CODES.get(error.code), headers=headers
+        request, error.status, f"{error.code}: {message}", code=REFUSAL_CODES.get(error.code), headers=headers
     )
 
 
@@ -241,6 +253,8 @@ async def translated(
             call = await service.start_call(meter, preq)
         except ProviderError as e:
             return provider_error(e)
+        except ApiError as e:  # a model group's next attempt, refused at its admission (routed_call._next_meter)
+            return refusal(request, e)
         return await answer(call)
     finally:
         stop_watching()

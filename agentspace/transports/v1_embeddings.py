@@ -18,6 +18,7 @@ from ..events import ProviderError
 from ..protocols.openai_chat import RequestError
 from ..providers import litellm as litellm_provider
 from ..routed_call import embed_group
+from ..service import Service
 from ..tokens import count_ceiling_tokens, count_tokens
 from ..types import TokenUsage
 from .v1_common import (
@@ -79,6 +80,17 @@ def _local_tokens(inputs: list[Any], ceiling: bool = False) -> int:
     return sum(count(item) if isinstance(item, str) else len(item) for item in inputs)
 
 
+def _unserved(v1: Service, models: list[str]) -> web.Response | None:
+    """The 400 or 404 for a model that has no embeddings here (each of a group's deployments); None: served."""
+    try:
+        for served in models:
+            if not isinstance(v1.provider(served), litellm_provider.LiteLLMProvider):
+                return _error(400, f"{served} has no embeddings on this gateway.", param="model")
+    except ApiError as e:
+        return _error(404, e.message, code="model_not_found", param="model")
+    return None
+
+
 async def embeddings(request: web.Request) -> web.StreamResponse:
     body, refused = await read_body(request)
     if refused is not None:
@@ -91,12 +103,8 @@ async def embeddings(request: web.Request) -> web.StreamResponse:
     group = v1.group(name)  # a model group of embedding models (docs/routing.md)
     # Bare ids are OpenAI's (text-embedding-3-small).
     model = name if group is not None or "/" in name else f"openai/{name}"
-    try:
-        for served in [d.model for d in group.deployments] if group is not None else [model]:
-            if not isinstance(v1.provider(served), litellm_provider.LiteLLMProvider):
-                return _error(400, f"{served} has no embeddings on this gateway.", param="model")
-    except ApiError as e:
-        return _error(404, e.message, code="model_not_found", param="model")
+    if (unserved := _unserved(v1, [d.model for d in group.deployments] if group is not None else [model])) is not None:
+        return unserved
     preq = v1.provider_request(model, "", [], [], None, None, {})
     meter = v1.provider_call(model, session_id(request), ENDPOINT)
 
@@ -120,6 +128,8 @@ async def embeddings(request: web.Request) -> web.StreamResponse:
             if meter.recorded is None and group is None:
                 await meter.record(TokenUsage(), "error", error=e.code, answered=False)
             return _provider_error(e)
+        except ApiError as e:  # a group's next attempt, refused at its admission (routed_call._next_meter)
+            return refusal(request, e)
         except asyncio.CancelledError:
             # The client left while the whole answer was awaited: the upstream has the request and bills its
             # input, as a whole Messages answer the client left (providers/anthropic_relay.py).
