@@ -626,3 +626,19 @@ async def test_what_claude_code_sends_to_an_openai_model(
             await api.messages.create(**{**claude_code, "extra_body": extra})
         assert raised.value.body["error"]["message"].startswith(name)  # type: ignore[index]
     assert len(fake_openai.requests) == 1
+
+
+async def test_claude_codes_output_limit_fits_the_model(
+    openai_client: TestClient, token: str, fake_openai: Any
+) -> None:
+    """Claude Code asks any model for ``max_tokens: 32000``; gpt-4o-mini writes at most 16,384 and OpenAI's API
+    refuses more. The translated request asks for the model's own limit instead (an answer cannot be longer
+    anyway), so `claude --model openai/gpt-4o-mini`, the README's example, answers."""
+    from tests.fakes import openai_upstream as fo
+
+    fake_openai.enqueue(fo.text_response("Hi.", usage=fo.usage(12, 2)))
+    _, final = await stream_events(sdk(openai_client, token), model="openai/gpt-4o-mini", max_tokens=32000)
+    assert final["content"] == [{"type": "text", "text": "Hi.", "citations": None}]
+    assert fake_openai.requests[-1].body["max_tokens"] == 16384
+    (record,) = await records(openai_client)
+    assert (record["inputTokens"], record["outputTokens"], record["error"]) == (12, 2, None)

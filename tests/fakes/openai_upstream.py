@@ -358,6 +358,11 @@ class FakeOpenAI(FakeUpstream[FakeResponse]):
             message = f"Missing required parameter: '{missing}'."
             error = error_body(message, "invalid_request_error", "missing_required_parameter")
             return web.json_response(error, status=400)
+        too_large = _output_limit_passed(body)
+        if too_large is not None:  # the API refuses an output limit past the model's own
+            error = error_body(too_large, "invalid_request_error", "invalid_value")
+            error["error"]["param"] = "max_tokens"
+            return web.json_response(error, status=400)
         script = self.next_response()
         if script.status != 200:
             return web.json_response(script.error or {}, status=script.status, headers=script.headers)
@@ -411,6 +416,22 @@ class FakeOpenAI(FakeUpstream[FakeResponse]):
         except ConnectionResetError:
             recorded.disconnected = True  # the client hung up (abort, or a timeout during a stall)
         return resp
+
+
+# The most completion tokens a model writes, as the API checks ``max_tokens`` against it (a few models).
+MAX_OUTPUT_TOKENS = {"gpt-4o-mini": 16384, "gpt-4o": 16384}
+
+
+def _output_limit_passed(body: dict[str, Any]) -> str | None:
+    """OpenAI's message for a ``max_tokens`` (or ``max_completion_tokens``) past the model's limit, or None."""
+    limit = MAX_OUTPUT_TOKENS.get(str(body.get("model")))
+    asked = body.get("max_completion_tokens") or body.get("max_tokens")
+    if limit is None or not isinstance(asked, int) or asked <= limit:
+        return None
+    return (
+        f"max_tokens is too large: {asked}. This model supports at most {limit} completion tokens, "
+        f"whereas you provided {asked}."
+    )
 
 
 def _file_without_name(body: dict[str, Any]) -> str | None:
