@@ -296,7 +296,7 @@ def request_params(request: ProviderRequest) -> dict[str, Any]:
     if isinstance(response_format, dict) and response_format.get("type") == "json_schema":
         # Structured outputs: the answer's text is JSON valid against the schema.
         schema = (response_format.get("json_schema") or {}).get("schema") or {"type": "object"}
-        params["output_config"] = {"format": {"type": "json_schema", "schema": schema}}
+        params["output_config"] = {"format": {"type": "json_schema", "schema": claude_schema(schema)}}
     elif isinstance(response_format, dict) and response_format.get("type") == "json_object":
         # The Messages API has no free-form JSON mode: the model is told to answer with one JSON object.
         note = "Answer with one JSON object only: no prose, no code fence."
@@ -319,6 +319,19 @@ def request_params(request: ProviderRequest) -> dict[str, Any]:
     if request.cache_ttl is not None:
         add_breakpoints(params, request.cache_ttl)
     return params
+
+
+def claude_schema(schema: dict[str, Any]) -> dict[str, Any]:
+    """A client's JSON schema in the form Claude's structured outputs take: every object closed
+    (``additionalProperties: false``, which OpenAI's non-strict schemas leave out) and the bounds the API refuses
+    (``minimum``, ``maxLength``, ...) moved into the description, as the anthropic SDK's own ``.parse()`` sends
+    them. A schema the SDK cannot read goes as it is, for the API to say what is wrong with it."""
+    from anthropic import transform_schema  # imported by the time a call is made (_load_sdk)
+
+    try:
+        return transform_schema(schema)
+    except (ValueError, TypeError, AttributeError):
+        return schema
 
 
 def _tool_turn_without_thinking(messages: list[dict[str, Any]]) -> bool:
