@@ -642,3 +642,45 @@ async def test_claude_codes_output_limit_fits_the_model(
     assert fake_openai.requests[-1].body["max_tokens"] == 16384
     (record,) = await records(openai_client)
     assert (record["inputTokens"], record["outputTokens"], record["error"]) == (12, 2, None)
+
+
+def _png(width: int, height: int) -> str:
+    """A blank PNG of that size, base64."""
+    import base64
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    rows = b"".join(b"\x00" + b"\x00" * width for _ in range(height))
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    png = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b"")
+    return base64.b64encode(png).decode()
+
+
+async def test_count_tokens_of_other_models_counts_images(
+    openai_client: TestClient, token: str, fake_anthropic: FakeAnthropic
+) -> None:
+    """Claude Code counts a screenshot before it sends it: on a model Anthropic does not serve the local count
+    takes the image at what it costs (Anthropic's formula, ~1,333 tokens at 1000x1000, as calls reserve it),
+    not at nothing; also inside a tool result."""
+    image = {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": _png(1000, 1000)}}
+    api = sdk(openai_client, token)
+    text_only = await api.messages.count_tokens(
+        model="openai/gpt-4o-mini", messages=[{"role": "user", "content": "What is this?"}]
+    )
+    with_image = await api.messages.count_tokens(
+        model="openai/gpt-4o-mini",
+        messages=[{"role": "user", "content": [image, {"type": "text", "text": "What is this?"}]}],
+    )
+    assert with_image.input_tokens - text_only.input_tokens == 1333
+    in_result = await api.messages.count_tokens(
+        model="openai/gpt-4o-mini",
+        messages=[
+            {"role": "user", "content": "Shoot"},
+            {"role": "assistant", "content": [{"type": "tool_use", "id": "t1", "name": "shot", "input": {}}]},
+            {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t1", "content": [image]}]},
+        ],
+    )
+    assert in_result.input_tokens > 1333

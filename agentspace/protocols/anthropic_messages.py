@@ -14,6 +14,7 @@ import json
 from collections.abc import Iterable
 from typing import Any
 
+from .. import attachments
 from ..events import (
     ProviderEvent,
     ProviderFinish,
@@ -255,8 +256,10 @@ def message_usage(message: Any) -> TokenUsage | None:
 
 
 def local_input_tokens(body: dict[str, Any]) -> int:
-    """A local count of what a Messages request sends as input: system, messages and tools."""
+    """A local count of what a Messages request sends as input: system, messages and tools, and images and PDFs
+    by what they cost (``attachments.tokens``, as a translated call reserves them)."""
     parts: list[str] = []
+    files = 0
     system = body.get("system")
     if isinstance(system, str):
         parts.append(system)
@@ -270,10 +273,26 @@ def local_input_tokens(body: dict[str, Any]) -> int:
             parts.append(content)
         elif isinstance(content, list):
             parts.extend(_block_text(b) for b in content)
+            files += sum(_file_tokens(b) for b in content)
     tools = body.get("tools")
     if tools:
         parts.append(compact_json(tools))
-    return count_tokens("\n".join(p for p in parts if p))
+    return count_tokens("\n".join(p for p in parts if p)) + files
+
+
+def _file_tokens(block: Any) -> int:
+    """The tokens of the images and PDFs in one content block (a tool result's among them)."""
+    if not isinstance(block, dict):
+        return 0
+    if block.get("type") == "tool_result" and isinstance(block.get("content"), list):
+        return sum(_file_tokens(b) for b in block["content"])
+    if block.get("type") not in ("image", "document"):
+        return 0
+    try:
+        part = _file(block, str(block["type"]), "")
+    except RequestError:  # a source counted by the upstream only (a file id)
+        return 0
+    return attachments.tokens(part) if isinstance(part, FilePart) else 0  # (a text document: counted as text)
 
 
 def _block_text(block: Any) -> str:
