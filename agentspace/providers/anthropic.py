@@ -288,7 +288,7 @@ def request_params(request: ProviderRequest) -> dict[str, Any]:
     if request.params.get("stop"):  # (a /v1 client's temperature and top_p: the Messages API takes neither)
         params["stop_sequences"] = request.params["stop"]
     if request.tools:
-        params["tools"] = [tool.definition() for tool in request.tools]
+        params["tools"] = [_claude_tool(tool.definition()) for tool in request.tools]
         tool_choice = _tool_choice(request.params.get("tool_choice"), request.params.get("parallel_tool_calls"))
         if tool_choice is not None:
             params["tool_choice"] = tool_choice
@@ -319,6 +319,14 @@ def request_params(request: ProviderRequest) -> dict[str, Any]:
     if request.cache_ttl is not None:
         add_breakpoints(params, request.cache_ttl)
     return params
+
+
+def _claude_tool(definition: dict[str, Any]) -> dict[str, Any]:
+    """A tool as sent: a strict one's schema in the form strict tool use takes (the grammar of structured
+    outputs, ``claude_schema``)."""
+    if definition.get("strict") and isinstance(definition["input_schema"], dict):
+        return {**definition, "input_schema": claude_schema(definition["input_schema"])}
+    return definition
 
 
 def claude_schema(schema: dict[str, Any]) -> dict[str, Any]:

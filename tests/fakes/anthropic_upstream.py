@@ -706,9 +706,8 @@ class FakeAnthropic(FakeUpstream[FakeResponse]):
         effort = (body.get("output_config") or {}).get("effort")
         if effort is not None and (effort not in EFFORT_LEVELS or not accepts_adaptive(str(body["model"]))):
             return 400, "invalid_request_error", f"output_config.effort: {effort!r} is not supported by this model"
-        output_format = (body.get("output_config") or {}).get("format")
-        if isinstance(output_format, dict) and (problem := _schema_problem(output_format.get("schema"))):
-            return 400, "invalid_request_error", f"output_config.format.schema: {problem}"
+        if (problem := _structured_problem(body)) is not None:
+            return 400, "invalid_request_error", problem
         marked = sum(1 for b in prompt_blocks(body) if b[2] is not None)
         if marked > 4:
             return (
@@ -796,6 +795,17 @@ UNSUPPORTED_SCHEMA_KEYWORDS = (
     "maxItems",
     "uniqueItems",
 )
+
+
+def _structured_problem(body: dict[str, Any]) -> str | None:
+    """Why the API refuses the schema of structured outputs or of a strict tool (the same grammar), or None."""
+    output_format = (body.get("output_config") or {}).get("format")
+    if isinstance(output_format, dict) and (problem := _schema_problem(output_format.get("schema"))):
+        return f"output_config.format.schema: {problem}"
+    for i, tool in enumerate(body.get("tools") or ()):
+        if isinstance(tool, dict) and tool.get("strict") and (problem := _schema_problem(tool.get("input_schema"))):
+            return f"tools.{i}.custom.input_schema: {problem}"
+    return None
 
 
 def _schema_problem(schema: Any) -> str | None:
