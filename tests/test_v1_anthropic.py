@@ -684,3 +684,35 @@ async def test_count_tokens_of_other_models_counts_images(
         ],
     )
     assert in_result.input_tokens > 1333
+
+
+async def test_claude_schemas_with_optional_fields_reach_an_openai_model(
+    openai_client: TestClient, token: str, fake_openai: Any
+) -> None:
+    """Claude's structured outputs and strict tools let a property be optional; OpenAI's strict mode wants every
+    property required and refuses the schema. Such a schema goes to OpenAI as a schema that is not strict (the
+    model still follows it), one OpenAI takes strictly stays strict."""
+    from tests.fakes import openai_upstream as fo
+
+    optional = {
+        "type": "object",
+        "properties": {"name": {"type": "string"}, "nickname": {"type": "string"}},
+        "required": ["name"],
+        "additionalProperties": False,
+    }
+    closed = {**optional, "required": ["name", "nickname"]}
+    fake_openai.enqueue(fo.text_response('{"name": "Ada"}', usage=fo.usage(20, 5)))
+    message = await sdk(openai_client, token).messages.create(
+        model="openai/gpt-4o-mini",
+        max_tokens=100,
+        messages=MESSAGES,
+        tools=[
+            {"name": "save", "input_schema": optional, "strict": True},  # type: ignore[list-item]
+            {"name": "keep", "input_schema": closed, "strict": True},  # type: ignore[list-item]
+        ],
+        extra_body={"output_config": {"format": {"type": "json_schema", "schema": optional}}},
+    )
+    assert json.loads(message.content[0].text) == {"name": "Ada"}  # type: ignore[union-attr]
+    sent = fake_openai.requests[-1].body
+    assert sent["response_format"]["json_schema"]["strict"] is False
+    assert [t["function"].get("strict") for t in sent["tools"]] == [False, True]

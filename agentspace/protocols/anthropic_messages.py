@@ -432,8 +432,26 @@ def _tools(raw_tools: Any) -> list[Tool]:
         strict = t.get("strict")
         if strict is not None and not isinstance(strict, bool):
             raise RequestError(f"tools.{i}.strict: Input should be a valid boolean")
+        if strict:
+            strict = strict_for_openai(t["input_schema"])
         tools.append(Tool(t["name"], str(t.get("description") or ""), t["input_schema"], _never_called, strict))
     return tools
+
+
+def strict_for_openai(schema: Any) -> bool:
+    """Whether OpenAI's strict mode takes a schema Claude takes strictly: it wants every property of every
+    object required (Claude lets one be optional); a schema that is not goes without ``strict``, for the model
+    to follow unenforced rather than an upstream 400."""
+    if isinstance(schema, list):
+        return all(strict_for_openai(s) for s in schema)
+    if not isinstance(schema, dict):
+        return True
+    properties = schema.get("properties") if isinstance(schema.get("properties"), dict) else {}
+    if schema.get("type") == "object" and set(properties) - set(schema.get("required") or ()):
+        return False
+    defs = schema.get("$defs") if isinstance(schema.get("$defs"), dict) else {}
+    nested = [*properties.values(), *defs.values(), *(schema[k] for k in ("items", "anyOf", "allOf") if k in schema)]
+    return strict_for_openai(nested)
 
 
 def _params(body: dict[str, Any], has_tools: bool) -> dict[str, Any]:
@@ -451,7 +469,8 @@ def _params(body: dict[str, Any], has_tools: bool) -> dict[str, Any]:
         (body.get("output_config") or {}).get("format") if isinstance(body.get("output_config"), dict) else None
     )
     if isinstance(output_format, dict) and output_format.get("type") == "json_schema":
-        schema = {"name": "output", "schema": output_format.get("schema") or {}, "strict": True}
+        schema = output_format.get("schema") or {}
+        schema = {"name": "output", "schema": schema, "strict": strict_for_openai(schema)}
         params["response_format"] = {"type": "json_schema", "json_schema": schema}
     return params
 
