@@ -716,3 +716,24 @@ async def test_claude_schemas_with_optional_fields_reach_an_openai_model(
     sent = fake_openai.requests[-1].body
     assert sent["response_format"]["json_schema"]["strict"] is False
     assert [t["function"].get("strict") for t in sent["tools"]] == [False, True]
+
+
+async def test_the_beta_output_format_reaches_an_openai_model(
+    openai_client: TestClient, token: str, fake_openai: Any
+) -> None:
+    """Structured outputs as their beta had them (``output_format`` at the top, with the
+    ``structured-outputs-2025-11-13`` beta: older anthropic SDKs and pydantic-ai send it) ask another model for
+    the same JSON as ``output_config.format``; it was dropped without a word and the model answered prose."""
+    from tests.fakes import openai_upstream as fo
+
+    schema = {"type": "object", "properties": {"name": {"type": "string"}}, "required": ["name"]}
+    fake_openai.enqueue(fo.text_response('{"name": "Ada"}', usage=fo.usage(20, 5)))
+    await sdk(openai_client, token).messages.create(
+        model="openai/gpt-4o-mini",
+        max_tokens=100,
+        messages=MESSAGES,
+        extra_body={"output_format": {"type": "json_schema", "schema": schema}},
+        extra_headers={"anthropic-beta": "structured-outputs-2025-11-13"},
+    )
+    sent = fake_openai.requests[-1].body["response_format"]
+    assert sent["type"] == "json_schema" and sent["json_schema"]["schema"] == schema

@@ -468,6 +468,8 @@ def _params(body: dict[str, Any], has_tools: bool) -> dict[str, Any]:
     output_format = (
         (body.get("output_config") or {}).get("format") if isinstance(body.get("output_config"), dict) else None
     )
+    # (``output_format`` at the top: the structured-outputs beta's place for it, which older SDKs still send)
+    output_format = output_format or body.get("output_format")
     if isinstance(output_format, dict) and output_format.get("type") == "json_schema":
         schema = output_format.get("schema") or {}
         schema = {"name": "output", "schema": schema, "strict": strict_for_openai(schema)}
