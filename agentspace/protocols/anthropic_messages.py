@@ -446,10 +446,10 @@ def strict_for_openai(schema: Any) -> bool:
         return all(strict_for_openai(s) for s in schema)
     if not isinstance(schema, dict):
         return True
-    properties = schema.get("properties") if isinstance(schema.get("properties"), dict) else {}
+    properties: dict[str, Any] = schema["properties"] if isinstance(schema.get("properties"), dict) else {}
     if schema.get("type") == "object" and set(properties) - set(schema.get("required") or ()):
         return False
-    defs = schema.get("$defs") if isinstance(schema.get("$defs"), dict) else {}
+    defs: dict[str, Any] = schema["$defs"] if isinstance(schema.get("$defs"), dict) else {}
     nested = [*properties.values(), *defs.values(), *(schema[k] for k in ("items", "anyOf", "allOf") if k in schema)]
     return strict_for_openai(nested)
 
