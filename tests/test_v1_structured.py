@@ -121,6 +121,25 @@ async def test_a_schema_claude_takes_in_its_own_form(
     assert [r["error"] for r in await records(client)] == [None, None]
 
 
+@pytest.mark.parametrize("schema", [None, {"type": "object"}, {"type": "object", "additionalProperties": True}])
+async def test_a_schema_of_any_object_on_claude_is_json_mode(
+    client: TestClient, token: str, fake_anthropic: FakeAnthropic, schema: Any
+) -> None:
+    """A json_schema of any object (no schema, or an object without properties) is JSON mode: Claude's
+    structured outputs can only close such an object (``additionalProperties: false``), which would force the
+    answer ``{}``. It goes as json_object does, an instruction."""
+    fake_anthropic.enqueue(fa.text_response('{"name": "Ada", "age": 36}'))
+    spec: dict[str, Any] = {"name": "anything"} | ({} if schema is None else {"schema": schema})
+    completion = await sdk(client, token).chat.completions.create(
+        model="anthropic/claude-sonnet-4-6",
+        messages=MESSAGES,
+        response_format={"type": "json_schema", "json_schema": spec},  # type: ignore[typeddict-item]
+    )
+    assert json.loads(completion.choices[0].message.content or "") == {"name": "Ada", "age": 36}
+    sent = fake_anthropic.requests[-1].body
+    assert "format" not in (sent.get("output_config") or {}) and "one JSON object" in sent["system"]
+
+
 @pytest.mark.parametrize("model", ["openai/gpt-4o-mini", "anthropic/claude-sonnet-4-6"])
 async def test_json_object(
     client: TestClient, token: str, fake_openai: FakeOpenAI, fake_anthropic: FakeAnthropic, model: str

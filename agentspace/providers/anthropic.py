@@ -293,11 +293,13 @@ def request_params(request: ProviderRequest) -> dict[str, Any]:
         if tool_choice is not None:
             params["tool_choice"] = tool_choice
     response_format = request.params.get("response_format")
-    if isinstance(response_format, dict) and response_format.get("type") == "json_schema":
+    kind = response_format.get("type") if isinstance(response_format, dict) else None
+    schema = ((response_format or {}).get("json_schema") or {}).get("schema") if kind == "json_schema" else None
+    if kind == "json_schema" and isinstance(schema, dict) and not _any_object(schema):
         # Structured outputs: the answer's text is JSON valid against the schema.
-        schema = (response_format.get("json_schema") or {}).get("schema") or {"type": "object"}
         params["output_config"] = {"format": {"type": "json_schema", "schema": claude_schema(schema)}}
-    elif isinstance(response_format, dict) and response_format.get("type") == "json_object":
+    elif kind in ("json_object", "json_schema"):
+        # (A schema of any object: structured outputs can only close it, which would force the answer "{}".)
         # The Messages API has no free-form JSON mode: the model is told to answer with one JSON object.
         note = "Answer with one JSON object only: no prose, no code fence."
         params["system"] = f"{request.system}\n\n{note}" if request.system else note
@@ -319,6 +321,11 @@ def request_params(request: ProviderRequest) -> dict[str, Any]:
     if request.cache_ttl is not None:
         add_breakpoints(params, request.cache_ttl)
     return params
+
+
+def _any_object(schema: dict[str, Any]) -> bool:
+    """Whether a response_format's schema asks for any JSON object (an object without properties)."""
+    return schema.get("type") == "object" and not schema.get("properties")
 
 
 def _claude_tool(definition: dict[str, Any]) -> dict[str, Any]:
