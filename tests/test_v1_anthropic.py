@@ -663,7 +663,7 @@ async def test_count_tokens_of_other_models_counts_images(
     openai_client: TestClient, token: str, fake_anthropic: FakeAnthropic
 ) -> None:
     """Claude Code counts a screenshot before it sends it: on a model Anthropic does not serve the local count
-    takes the image at what it costs (Anthropic's formula, ~1,333 tokens at 1000x1000, as calls reserve it),
+    takes the image at what it costs (Anthropic's formula: 1,333 tokens at 1000x1000),
     not at nothing; also inside a tool result."""
     image = {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": _png(1000, 1000)}}
     api = sdk(openai_client, token)

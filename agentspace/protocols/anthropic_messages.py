@@ -257,7 +257,7 @@ def message_usage(message: Any) -> TokenUsage | None:
 
 def local_input_tokens(body: dict[str, Any]) -> int:
     """A local count of what a Messages request sends as input: system, messages and tools, and images and PDFs
-    by what they cost (``attachments.tokens``, as a translated call reserves them)."""
+    by what they cost (``attachments.tokens``: images by their size, as Anthropic counts them, PDFs by pages)."""
     parts: list[str] = []
     files = 0
     system = body.get("system")
