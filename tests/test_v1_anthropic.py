@@ -626,3 +626,114 @@ async def test_what_claude_code_sends_to_an_openai_model(
             await api.messages.create(**{**claude_code, "extra_body": extra})
         assert raised.value.body["error"]["message"].startswith(name)  # type: ignore[index]
     assert len(fake_openai.requests) == 1
+
+
+async def test_claude_codes_output_limit_fits_the_model(
+    openai_client: TestClient, token: str, fake_openai: Any
+) -> None:
+    """Claude Code asks any model for ``max_tokens: 32000``; gpt-4o-mini writes at most 16,384 and OpenAI's API
+    refuses more. The translated request asks for the model's own limit instead (an answer cannot be longer
+    anyway), so `claude --model openai/gpt-4o-mini`, the README's example, answers."""
+    from tests.fakes import openai_upstream as fo
+
+    fake_openai.enqueue(fo.text_response("Hi.", usage=fo.usage(12, 2)))
+    _, final = await stream_events(sdk(openai_client, token), model="openai/gpt-4o-mini", max_tokens=32000)
+    assert final["content"] == [{"type": "text", "text": "Hi.", "citations": None}]
+    assert fake_openai.requests[-1].body["max_tokens"] == 16384
+    (record,) = await records(openai_client)
+    assert (record["inputTokens"], record["outputTokens"], record["error"]) == (12, 2, None)
+
+
+def _png(width: int, height: int) -> str:
+    """A blank PNG of that size, base64."""
+    import base64
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    rows = b"".join(b"\x00" + b"\x00" * width for _ in range(height))
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    png = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b"")
+    return base64.b64encode(png).decode()
+
+
+async def test_count_tokens_of_other_models_counts_images(
+    openai_client: TestClient, token: str, fake_anthropic: FakeAnthropic
+) -> None:
+    """Claude Code counts a screenshot before it sends it: on a model Anthropic does not serve the local count
+    takes the image at what it costs (Anthropic's formula: 1,333 tokens at 1000x1000),
+    not at nothing; also inside a tool result."""
+    image = {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": _png(1000, 1000)}}
+    api = sdk(openai_client, token)
+    text_only = await api.messages.count_tokens(
+        model="openai/gpt-4o-mini", messages=[{"role": "user", "content": "What is this?"}]
+    )
+    with_image = await api.messages.count_tokens(
+        model="openai/gpt-4o-mini",
+        messages=[{"role": "user", "content": [image, {"type": "text", "text": "What is this?"}]}],
+    )
+    assert with_image.input_tokens - text_only.input_tokens == 1333
+    in_result = await api.messages.count_tokens(
+        model="openai/gpt-4o-mini",
+        messages=[
+            {"role": "user", "content": "Shoot"},
+            {"role": "assistant", "content": [{"type": "tool_use", "id": "t1", "name": "shot", "input": {}}]},
+            {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t1", "content": [image]}]},
+        ],
+    )
+    assert in_result.input_tokens > 1333
+
+
+async def test_claude_schemas_with_optional_fields_reach_an_openai_model(
+    openai_client: TestClient, token: str, fake_openai: Any
+) -> None:
+    """Claude's structured outputs and strict tools let a property be optional; OpenAI's strict mode wants every
+    property required and refuses the schema. Such a schema goes to OpenAI as a schema that is not strict (the
+    model still follows it), one OpenAI takes strictly stays strict."""
+    from tests.fakes import openai_upstream as fo
+
+    optional = {
+        "type": "object",
+        "properties": {"name": {"type": "string"}, "nickname": {"type": "string"}},
+        "required": ["name"],
+        "additionalProperties": False,
+    }
+    closed = {**optional, "required": ["name", "nickname"]}
+    fake_openai.enqueue(fo.text_response('{"name": "Ada"}', usage=fo.usage(20, 5)))
+    message = await sdk(openai_client, token).messages.create(
+        model="openai/gpt-4o-mini",
+        max_tokens=100,
+        messages=MESSAGES,
+        tools=[
+            {"name": "save", "input_schema": optional, "strict": True},  # type: ignore[list-item]
+            {"name": "keep", "input_schema": closed, "strict": True},  # type: ignore[list-item]
+        ],
+        extra_body={"output_config": {"format": {"type": "json_schema", "schema": optional}}},
+    )
+    assert json.loads(message.content[0].text) == {"name": "Ada"}  # type: ignore[union-attr]
+    sent = fake_openai.requests[-1].body
+    assert sent["response_format"]["json_schema"]["strict"] is False
+    assert [t["function"].get("strict") for t in sent["tools"]] == [False, True]
+
+
+async def test_the_beta_output_format_reaches_an_openai_model(
+    openai_client: TestClient, token: str, fake_openai: Any
+) -> None:
+    """Structured outputs as their beta had them (``output_format`` at the top, with the
+    ``structured-outputs-2025-11-13`` beta: older anthropic SDKs and pydantic-ai send it) ask another model for
+    the same JSON as ``output_config.format``; it was dropped without a word and the model answered prose."""
+    from tests.fakes import openai_upstream as fo
+
+    schema = {"type": "object", "properties": {"name": {"type": "string"}}, "required": ["name"]}
+    fake_openai.enqueue(fo.text_response('{"name": "Ada"}', usage=fo.usage(20, 5)))
+    await sdk(openai_client, token).messages.create(
+        model="openai/gpt-4o-mini",
+        max_tokens=100,
+        messages=MESSAGES,
+        extra_body={"output_format": {"type": "json_schema", "schema": schema}},
+        extra_headers={"anthropic-beta": "structured-outputs-2025-11-13"},
+    )
+    sent = fake_openai.requests[-1].body["response_format"]
+    assert sent["type"] == "json_schema" and sent["json_schema"]["schema"] == schema

@@ -17,7 +17,7 @@ import openai
 import pytest
 from aiohttp.test_utils import TestClient
 from openai import pydantic_function_tool
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from agentspace.storage.embedded.usage import UsageStore
 from agentspace.transports import state
@@ -53,6 +53,32 @@ async def records(client: TestClient) -> list[dict[str, Any]]:
 def tokens(record: dict[str, Any]) -> tuple[Any, ...]:
     fields = ("endpoint", "model", "inputTokens", "cacheReadTokens", "cacheWriteTokens", "outputTokens")
     return tuple(record[f] for f in fields)
+
+
+class Booking(BaseModel):
+    guests: int = Field(ge=1, le=12)
+    note: str = Field(max_length=200)
+
+
+async def test_a_strict_tool_reaches_claude_in_the_form_it_takes(
+    client: TestClient, token: str, fake_anthropic: fa.FakeAnthropic
+) -> None:
+    """Claude's strict tool use takes the narrower schema of its structured outputs: a pydantic tool with bounds
+    (``Field(ge=1)``, what ``pydantic_function_tool`` sends) goes with them in its description, as the anthropic
+    SDK sends it, not refused upstream; a tool that is not strict goes as the client wrote it."""
+    fake_anthropic.enqueue(fa.tool_use_response("Booking", {"guests": 2, "note": "window"}, id="toolu_b"))
+    plain = {"type": "function", "function": {"name": "free", "parameters": {"type": "object", "minProperties": 1}}}
+    completion = await openai_sdk(client, token).chat.completions.create(
+        model="anthropic/claude-sonnet-4-6",
+        messages=[{"role": "user", "content": "Book a table"}],
+        tools=[pydantic_function_tool(Booking), plain],  # type: ignore[list-item]
+    )
+    (call,) = completion.choices[0].message.tool_calls or []
+    assert Booking.model_validate_json(call.function.arguments) == Booking(guests=2, note="window")  # type: ignore[union-attr]
+    strict, free = fake_anthropic.requests[-1].body["tools"]
+    assert strict["strict"] is True and "minimum" not in strict["input_schema"]["properties"]["guests"]
+    assert "minimum: 1" in strict["input_schema"]["properties"]["guests"]["description"]
+    assert free["input_schema"] == plain["function"]["parameters"]
 
 
 async def test_strict_function_tools_reach_every_model(

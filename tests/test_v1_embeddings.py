@@ -72,3 +72,48 @@ async def test_refusals_and_errors(client: TestClient, token: str, fake_openai: 
     ]  # no retry behind the client's back
     (record,) = await records(client)
     assert record["endpoint"] == "embeddings" and record["answered"] is False and record["error"] == "RATE_LIMITED"
+
+
+async def test_the_sdks_default_base64_on_a_provider_without_it(
+    make_client: Callable[..., Awaitable[TestClient]], token: str
+) -> None:
+    """The openai SDK asks for ``encoding_format: base64`` unless told otherwise, and litellm refuses that
+    parameter for providers whose API has none (Ollama, Gemini). The gateway asks them for floats and hands the
+    client OpenAI's base64 (little-endian float32): the SDK's plain ``embeddings.create`` works on every model."""
+    import base64
+    import struct
+
+    from aiohttp import web
+
+    sent: list[Any] = []
+
+    async def embed(request: web.Request) -> web.Response:  # Ollama's /api/embed
+        body = await request.json()
+        sent.append(body)
+        return web.json_response(
+            {"model": body["model"], "embeddings": [[0.5, -1.25, 2.0] for _ in body["input"]], "prompt_eval_count": 7}
+        )
+
+    app = web.Application()
+    app.router.add_post("/api/embed", embed)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    try:
+        client = await make_client(providers={"ollama": {"base_url": f"http://127.0.0.1:{port}"}})
+        api = sdk(client, token)
+        result = await api.embeddings.create(model="ollama/nomic-embed-text", input=["a", "b"])
+        assert [d.embedding for d in result.data] == [[0.5, -1.25, 2.0]] * 2  # decoded by the SDK
+        asked = await api.embeddings.create(model="ollama/nomic-embed-text", input="a", encoding_format="base64")
+        raw = base64.b64decode(str(asked.data[0].embedding))
+        assert struct.unpack("<3f", raw) == (0.5, -1.25, 2.0)
+        floats = await api.embeddings.create(model="ollama/nomic-embed-text", input="a", encoding_format="float")
+        assert floats.data[0].embedding == [0.5, -1.25, 2.0]
+        assert all("encoding_format" not in body for body in sent) and len(sent) == 3
+        assert [(r["endpoint"], r["inputTokens"], r["error"]) for r in await records(client)] == [
+            ("embeddings", 7, None)
+        ] * 3
+    finally:
+        await runner.cleanup()

@@ -15,7 +15,7 @@ from typing import Any
 import openai
 import pytest
 from aiohttp.test_utils import TestClient
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from agentspace.transports import state
 from tests.fakes import anthropic_upstream as fa
@@ -71,6 +71,73 @@ async def test_parse_on_a_claude_model(client: TestClient, token: str, fake_anth
     assert completion.choices[0].message.parsed == Person(name="Ada", age=36)
     output_format = fake_anthropic.requests[0].body["output_config"]["format"]
     assert output_format["type"] == "json_schema" and output_format["schema"]["required"] == ["name", "age"]
+
+
+class Order(BaseModel):
+    item: str = Field(min_length=1)
+    quantity: int = Field(ge=1, le=99)
+    tags: list[str] = Field(max_length=3)
+
+
+# What llm --schema and hand-written requests send: a plain JSON schema, objects left open.
+PLAIN_SCHEMA = {
+    "name": "person",
+    "schema": {
+        "type": "object",
+        "properties": {"name": {"type": "string"}, "pets": {"type": "array", "items": {"type": "object"}}},
+        "required": ["name"],
+    },
+}
+
+
+async def test_a_schema_claude_takes_in_its_own_form(
+    client: TestClient, token: str, fake_anthropic: FakeAnthropic
+) -> None:
+    """Claude's structured outputs take a narrower JSON schema than OpenAI's: every object closed
+    (``additionalProperties: false``), no numeric or length bounds. A pydantic model with bounds, or a plain
+    schema, is sent in that form (as the anthropic SDK's ``transform_schema`` makes it: the bounds move into the
+    description), not refused upstream."""
+    fake_anthropic.enqueue(fa.text_response('{"item": "tea", "quantity": 2, "tags": []}'))
+    completion = await sdk(client, token).chat.completions.parse(
+        model="anthropic/claude-sonnet-4-6", messages=MESSAGES, response_format=Order
+    )
+    assert completion.choices[0].message.parsed == Order(item="tea", quantity=2, tags=[])
+    schema = fake_anthropic.requests[-1].body["output_config"]["format"]["schema"]
+    assert schema["additionalProperties"] is False and "minimum" not in schema["properties"]["quantity"]
+    assert "maximum: 99" in schema["properties"]["quantity"]["description"]
+
+    fake_anthropic.enqueue(fa.text_response('{"name": "Ada", "pets": []}'))
+    plain = await sdk(client, token).chat.completions.create(
+        model="anthropic/claude-sonnet-4-6",
+        messages=MESSAGES,
+        response_format={"type": "json_schema", "json_schema": PLAIN_SCHEMA},
+    )
+    assert json.loads(plain.choices[0].message.content or "") == {"name": "Ada", "pets": []}
+    schema = fake_anthropic.requests[-1].body["output_config"]["format"]["schema"]
+    assert (
+        schema["additionalProperties"] is False
+        and schema["properties"]["pets"]["items"]["additionalProperties"] is False
+    )
+    assert [r["error"] for r in await records(client)] == [None, None]
+
+
+@pytest.mark.parametrize("schema", [None, {"type": "object"}, {"type": "object", "additionalProperties": True}])
+async def test_a_schema_of_any_object_on_claude_is_json_mode(
+    client: TestClient, token: str, fake_anthropic: FakeAnthropic, schema: Any
+) -> None:
+    """A json_schema of any object (no schema, or an object without properties) is JSON mode: Claude's
+    structured outputs can only close such an object (``additionalProperties: false``), which would force the
+    answer ``{}``. It goes as json_object does, an instruction."""
+    fake_anthropic.enqueue(fa.text_response('{"name": "Ada", "age": 36}'))
+    spec: dict[str, Any] = {"name": "anything"} | ({} if schema is None else {"schema": schema})
+    completion = await sdk(client, token).chat.completions.create(
+        model="anthropic/claude-sonnet-4-6",
+        messages=MESSAGES,
+        response_format={"type": "json_schema", "json_schema": spec},  # type: ignore[typeddict-item]
+    )
+    assert json.loads(completion.choices[0].message.content or "") == {"name": "Ada", "age": 36}
+    sent = fake_anthropic.requests[-1].body
+    assert "format" not in (sent.get("output_config") or {}) and "one JSON object" in sent["system"]
 
 
 @pytest.mark.parametrize("model", ["openai/gpt-4o-mini", "anthropic/claude-sonnet-4-6"])

@@ -14,6 +14,7 @@ import json
 from collections.abc import Iterable
 from typing import Any
 
+from .. import attachments
 from ..events import (
     ProviderEvent,
     ProviderFinish,
@@ -255,8 +256,10 @@ def message_usage(message: Any) -> TokenUsage | None:
 
 
 def local_input_tokens(body: dict[str, Any]) -> int:
-    """A local count of what a Messages request sends as input: system, messages and tools."""
+    """A local count of what a Messages request sends as input: system, messages and tools, and images and PDFs
+    by what they cost (``attachments.tokens``: images by their size, as Anthropic counts them, PDFs by pages)."""
     parts: list[str] = []
+    files = 0
     system = body.get("system")
     if isinstance(system, str):
         parts.append(system)
@@ -270,10 +273,26 @@ def local_input_tokens(body: dict[str, Any]) -> int:
             parts.append(content)
         elif isinstance(content, list):
             parts.extend(_block_text(b) for b in content)
+            files += sum(_file_tokens(b) for b in content)
     tools = body.get("tools")
     if tools:
         parts.append(compact_json(tools))
-    return count_tokens("\n".join(p for p in parts if p))
+    return count_tokens("\n".join(p for p in parts if p)) + files
+
+
+def _file_tokens(block: Any) -> int:
+    """The tokens of the images and PDFs in one content block (a tool result's among them)."""
+    if not isinstance(block, dict):
+        return 0
+    if block.get("type") == "tool_result" and isinstance(block.get("content"), list):
+        return sum(_file_tokens(b) for b in block["content"])
+    if block.get("type") not in ("image", "document"):
+        return 0
+    try:
+        part = _file(block, str(block["type"]), "")
+    except RequestError:  # a source counted by the upstream only (a file id)
+        return 0
+    return attachments.tokens(part) if isinstance(part, FilePart) else 0  # (a text document: counted as text)
 
 
 def _block_text(block: Any) -> str:
@@ -413,8 +432,26 @@ def _tools(raw_tools: Any) -> list[Tool]:
         strict = t.get("strict")
         if strict is not None and not isinstance(strict, bool):
             raise RequestError(f"tools.{i}.strict: Input should be a valid boolean")
+        if strict:
+            strict = strict_for_openai(t["input_schema"])
         tools.append(Tool(t["name"], str(t.get("description") or ""), t["input_schema"], _never_called, strict))
     return tools
+
+
+def strict_for_openai(schema: Any) -> bool:
+    """Whether OpenAI's strict mode takes a schema Claude takes strictly: it wants every property of every
+    object required (Claude lets one be optional); a schema that is not goes without ``strict``, for the model
+    to follow unenforced rather than an upstream 400."""
+    if isinstance(schema, list):
+        return all(strict_for_openai(s) for s in schema)
+    if not isinstance(schema, dict):
+        return True
+    properties: dict[str, Any] = schema["properties"] if isinstance(schema.get("properties"), dict) else {}
+    if schema.get("type") == "object" and set(properties) - set(schema.get("required") or ()):
+        return False
+    defs: dict[str, Any] = schema["$defs"] if isinstance(schema.get("$defs"), dict) else {}
+    nested = [*properties.values(), *defs.values(), *(schema[k] for k in ("items", "anyOf", "allOf") if k in schema)]
+    return strict_for_openai(nested)
 
 
 def _params(body: dict[str, Any], has_tools: bool) -> dict[str, Any]:
@@ -431,8 +468,11 @@ def _params(body: dict[str, Any], has_tools: bool) -> dict[str, Any]:
     output_format = (
         (body.get("output_config") or {}).get("format") if isinstance(body.get("output_config"), dict) else None
     )
+    # (``output_format`` at the top: the structured-outputs beta's place for it, which older SDKs still send)
+    output_format = output_format or body.get("output_format")
     if isinstance(output_format, dict) and output_format.get("type") == "json_schema":
-        schema = {"name": "output", "schema": output_format.get("schema") or {}, "strict": True}
+        schema = output_format.get("schema") or {}
+        schema = {"name": "output", "schema": schema, "strict": strict_for_openai(schema)}
         params["response_format"] = {"type": "json_schema", "json_schema": schema}
     return params
 

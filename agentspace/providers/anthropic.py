@@ -288,16 +288,18 @@ def request_params(request: ProviderRequest) -> dict[str, Any]:
     if request.params.get("stop"):  # (a /v1 client's temperature and top_p: the Messages API takes neither)
         params["stop_sequences"] = request.params["stop"]
     if request.tools:
-        params["tools"] = [tool.definition() for tool in request.tools]
+        params["tools"] = [_claude_tool(tool.definition()) for tool in request.tools]
         tool_choice = _tool_choice(request.params.get("tool_choice"), request.params.get("parallel_tool_calls"))
         if tool_choice is not None:
             params["tool_choice"] = tool_choice
     response_format = request.params.get("response_format")
-    if isinstance(response_format, dict) and response_format.get("type") == "json_schema":
+    kind = response_format.get("type") if isinstance(response_format, dict) else None
+    schema = ((response_format or {}).get("json_schema") or {}).get("schema") if kind == "json_schema" else None
+    if kind == "json_schema" and isinstance(schema, dict) and not _any_object(schema):
         # Structured outputs: the answer's text is JSON valid against the schema.
-        schema = (response_format.get("json_schema") or {}).get("schema") or {"type": "object"}
-        params["output_config"] = {"format": {"type": "json_schema", "schema": schema}}
-    elif isinstance(response_format, dict) and response_format.get("type") == "json_object":
+        params["output_config"] = {"format": {"type": "json_schema", "schema": claude_schema(schema)}}
+    elif kind in ("json_object", "json_schema"):
+        # (A schema of any object: structured outputs can only close it, which would force the answer "{}".)
         # The Messages API has no free-form JSON mode: the model is told to answer with one JSON object.
         note = "Answer with one JSON object only: no prose, no code fence."
         params["system"] = f"{request.system}\n\n{note}" if request.system else note
@@ -319,6 +321,32 @@ def request_params(request: ProviderRequest) -> dict[str, Any]:
     if request.cache_ttl is not None:
         add_breakpoints(params, request.cache_ttl)
     return params
+
+
+def _any_object(schema: dict[str, Any]) -> bool:
+    """Whether a response_format's schema asks for any JSON object (an object without properties)."""
+    return schema.get("type") == "object" and not schema.get("properties")
+
+
+def _claude_tool(definition: dict[str, Any]) -> dict[str, Any]:
+    """A tool as sent: a strict one's schema in the form strict tool use takes (the grammar of structured
+    outputs, ``claude_schema``)."""
+    if definition.get("strict") and isinstance(definition["input_schema"], dict):
+        return {**definition, "input_schema": claude_schema(definition["input_schema"])}
+    return definition
+
+
+def claude_schema(schema: dict[str, Any]) -> dict[str, Any]:
+    """A client's JSON schema in the form Claude's structured outputs take: every object closed
+    (``additionalProperties: false``, which OpenAI's non-strict schemas leave out) and the bounds the API refuses
+    (``minimum``, ``maxLength``, ...) moved into the description, as the anthropic SDK's own ``.parse()`` sends
+    them. A schema the SDK cannot read goes as it is, for the API to say what is wrong with it."""
+    from anthropic import transform_schema  # imported by the time a call is made (_load_sdk)
+
+    try:
+        return transform_schema(schema)
+    except (ValueError, TypeError, AttributeError):
+        return schema
 
 
 def _tool_turn_without_thinking(messages: list[dict[str, Any]]) -> bool:

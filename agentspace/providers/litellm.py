@@ -8,12 +8,14 @@ The model id goes to litellm as is: ``openai/gpt-4o-mini`` is already litellm's 
 from __future__ import annotations
 
 import asyncio
+import base64
 import gc
 import importlib
 import json
 import logging
 import os
 import re
+import struct
 import sys
 import threading
 import time
@@ -482,6 +484,15 @@ def refused_values(litellm: ModuleType, request: ProviderRequest) -> str | None:
     return None
 
 
+# The providers whose embeddings API takes ``encoding_format`` (OpenAI's own shape).
+ENCODING_FORMAT_PROVIDERS = frozenset({"openai", "azure"})
+
+
+def base64_vector(vector: list[float]) -> str:
+    """A vector as OpenAI's ``encoding_format: base64`` gives it: little-endian float32, base64."""
+    return base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode("ascii")
+
+
 async def embed(
     config: Config, request: ProviderRequest, inputs: list[Any], options: dict[str, Any]
 ) -> tuple[list[Any], TokenUsage | None]:
@@ -491,6 +502,11 @@ async def embed(
         raise ProviderError("NO_API_KEY", missing_key_message(request.prefix, config))
     litellm = await _load_litellm()
     settings = config.provider_settings(request.prefix)
+    fmt = options.get("encoding_format")
+    if request.prefix not in ENCODING_FORMAT_PROVIDERS:
+        # The openai SDK asks for base64 by default; litellm refuses the parameter for APIs that have none
+        # (Ollama, Gemini). Floats are asked for, and encoded here as OpenAI encodes them.
+        options = {k: v for k, v in options.items() if k != "encoding_format"}
     try:
         response = await litellm.aembedding(
             model=request.model,
@@ -505,6 +521,8 @@ async def embed(
     except Exception as e:
         raise _map_error(e, request, settings["key_name"] or request.prefix) from None
     vectors = [item["embedding"] if isinstance(item, dict) else item.embedding for item in response.data]
+    if fmt == "base64":
+        vectors = [base64_vector(v) if isinstance(v, list) else v for v in vectors]
     usage = getattr(response, "usage", None)
     prompt = reported_count(getattr(usage, "prompt_tokens", None)) if usage is not None else None
     return vectors, TokenUsage(input_tokens=prompt) if prompt is not None else None

@@ -140,7 +140,10 @@ async def _translated(
         system, messages_, tools, max_tokens, budget, params = am.parse_request(body)
     except am.RequestError as e:
         return _error(400, e.message)
-    preq = v1.provider_request(model, system, messages_, tools, max_tokens, budget, params)
+    # Claude Code asks every model for 32,000 tokens; a model that writes fewer (gpt-4o-mini: 16,384) has its API
+    # refuse that. Its own limit asks for the same answer.
+    limit = v1.gw.model_info(model).max_output_tokens
+    preq = v1.provider_request(model, system, messages_, tools, min(max_tokens, limit or max_tokens), budget, params)
 
     async def answer(call: DirectCall) -> web.StreamResponse:
         if not body.get("stream"):

@@ -706,6 +706,8 @@ class FakeAnthropic(FakeUpstream[FakeResponse]):
         effort = (body.get("output_config") or {}).get("effort")
         if effort is not None and (effort not in EFFORT_LEVELS or not accepts_adaptive(str(body["model"]))):
             return 400, "invalid_request_error", f"output_config.effort: {effort!r} is not supported by this model"
+        if (problem := _structured_problem(body)) is not None:
+            return 400, "invalid_request_error", problem
         marked = sum(1 for b in prompt_blocks(body) if b[2] is not None)
         if marked > 4:
             return (
@@ -779,6 +781,52 @@ class FakeAnthropic(FakeUpstream[FakeResponse]):
                 "last_id": data[-1]["id"] if data else None,
             }
         )
+
+
+# What structured outputs' schemas may not hold (the API's documented limits).
+UNSUPPORTED_SCHEMA_KEYWORDS = (
+    "minimum",
+    "maximum",
+    "exclusiveMinimum",
+    "exclusiveMaximum",
+    "multipleOf",
+    "minLength",
+    "maxLength",
+    "maxItems",
+    "uniqueItems",
+)
+
+
+def _structured_problem(body: dict[str, Any]) -> str | None:
+    """Why the API refuses the schema of structured outputs or of a strict tool (the same grammar), or None."""
+    output_format = (body.get("output_config") or {}).get("format")
+    if isinstance(output_format, dict) and (problem := _schema_problem(output_format.get("schema"))):
+        return f"output_config.format.schema: {problem}"
+    for i, tool in enumerate(body.get("tools") or ()):
+        if isinstance(tool, dict) and tool.get("strict") and (problem := _schema_problem(tool.get("input_schema"))):
+            return f"tools.{i}.custom.input_schema: {problem}"
+    return None
+
+
+def _schema_problem(schema: Any) -> str | None:
+    """Why structured outputs refuse ``schema`` (the first problem met), or None: every object must set
+    ``additionalProperties: false``, and numeric, string-length and most array bounds are not supported."""
+    if isinstance(schema, list):
+        return next((p for p in map(_schema_problem, schema) if p is not None), None)
+    if not isinstance(schema, dict):
+        return None
+    kind = schema.get("type")
+    if kind == "object" and schema.get("additionalProperties") is not False:
+        return "For 'object' type, 'additionalProperties' must be explicitly set to false"
+    for keyword in UNSUPPORTED_SCHEMA_KEYWORDS:
+        if keyword in schema:
+            return f"For '{kind}' type, property '{keyword}' is not supported"
+    for key in ("properties", "$defs", "definitions"):
+        if isinstance(schema.get(key), dict):
+            problem = _schema_problem(list(schema[key].values()))
+            if problem is not None:
+                return problem
+    return _schema_problem([schema.get(k) for k in ("items", "anyOf", "allOf", "oneOf") if k in schema])
 
 
 def _tool_turn_without_thinking(messages: Any) -> bool:

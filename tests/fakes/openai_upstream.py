@@ -358,6 +358,14 @@ class FakeOpenAI(FakeUpstream[FakeResponse]):
             message = f"Missing required parameter: '{missing}'."
             error = error_body(message, "invalid_request_error", "missing_required_parameter")
             return web.json_response(error, status=400)
+        not_strict = _strict_schema_problem(body)
+        if not_strict is not None:  # Structured Outputs' rules for a strict schema
+            return web.json_response(error_body(not_strict, "invalid_request_error", "invalid_json_schema"), status=400)
+        too_large = _output_limit_passed(body)
+        if too_large is not None:  # the API refuses an output limit past the model's own
+            error = error_body(too_large, "invalid_request_error", "invalid_value")
+            error["error"]["param"] = "max_tokens"
+            return web.json_response(error, status=400)
         script = self.next_response()
         if script.status != 200:
             return web.json_response(script.error or {}, status=script.status, headers=script.headers)
@@ -411,6 +419,52 @@ class FakeOpenAI(FakeUpstream[FakeResponse]):
         except ConnectionResetError:
             recorded.disconnected = True  # the client hung up (abort, or a timeout during a stall)
         return resp
+
+
+def _strict_schema_problem(body: dict[str, Any]) -> str | None:
+    """OpenAI's message for a strict schema (``response_format`` or a function tool) that breaks Structured
+    Outputs' rule that every property of an object is required, or None."""
+    response_format = body.get("response_format") or {}
+    spec = response_format.get("json_schema") if response_format.get("type") == "json_schema" else None
+    if isinstance(spec, dict) and spec.get("strict") and (problem := _open_object(spec.get("schema"))):
+        return f"Invalid schema for response_format '{spec.get('name')}': {problem}"
+    for tool in body.get("tools") or ():
+        fn = tool.get("function") or {}
+        if fn.get("strict") and (problem := _open_object(fn.get("parameters"))):
+            return f"Invalid schema for function '{fn.get('name')}': {problem}"
+    return None
+
+
+def _open_object(schema: Any) -> str | None:
+    if isinstance(schema, list):
+        return next((p for p in map(_open_object, schema) if p is not None), None)
+    if not isinstance(schema, dict):
+        return None
+    if schema.get("type") == "object":
+        missing = sorted(set(schema.get("properties") or {}) - set(schema.get("required") or ()))
+        if missing:
+            return (
+                "'required' is required to be supplied and to be an array including every key in properties. "
+                f"Missing '{missing[0]}'."
+            )
+    nested = list((schema.get("properties") or {}).values()) + list((schema.get("$defs") or {}).values())
+    return _open_object(nested + [schema[k] for k in ("items", "anyOf", "allOf") if k in schema])
+
+
+# The most completion tokens a model writes, as the API checks ``max_tokens`` against it (a few models).
+MAX_OUTPUT_TOKENS = {"gpt-4o-mini": 16384, "gpt-4o": 16384}
+
+
+def _output_limit_passed(body: dict[str, Any]) -> str | None:
+    """OpenAI's message for a ``max_tokens`` (or ``max_completion_tokens``) past the model's limit, or None."""
+    limit = MAX_OUTPUT_TOKENS.get(str(body.get("model")))
+    asked = body.get("max_completion_tokens") or body.get("max_tokens")
+    if limit is None or not isinstance(asked, int) or asked <= limit:
+        return None
+    return (
+        f"max_tokens is too large: {asked}. This model supports at most {limit} completion tokens, "
+        f"whereas you provided {asked}."
+    )
 
 
 def _file_without_name(body: dict[str, Any]) -> str | None:
