@@ -1,0 +1,29 @@
+"""Bad input on every way in (issue 27's hardening round), tried from outside once more: what a client sends
+that no SDK would, answered in the API's own shape, never a 500 or a retriable storage error."""
+
+from __future__ import annotations
+
+import pytest
+from aiohttp.test_utils import TestClient
+
+from tests.test_clients import bearer
+
+
+@pytest.mark.parametrize("method,path", [("POST", "/api/clients"), ("PATCH", "/api/clients/bob")])
+async def test_a_budget_past_a_floats_range_is_refused_not_a_500(
+    client: TestClient, token: str, method: str, path: str
+) -> None:
+    # JSON allows integers of any size; 10**400 cannot be a float, and math.isfinite raised OverflowError
+    resp = await client.post("/api/clients", json={"name": "bob"}, headers=bearer(token))
+    assert resp.status in (200, 201), await resp.text()
+    body = (
+        b'{"name": "carol", "budgetUsd": 1' + b"0" * 400 + b"}"
+        if method == "POST"
+        else b'{"budgetUsd": 1' + b"0" * 400 + b"}"
+    )
+    resp = await client.request(method, path, data=body, headers={**bearer(token), "Content-Type": "application/json"})
+    assert resp.status == 400, await resp.text()
+    error = (await resp.json())["error"]
+    assert error["code"] == "INVALID_MESSAGE" and [f["path"] for f in error["fields"]] == ["budgetUsd"], error
+    listed = await client.get("/api/clients", headers=bearer(token))
+    assert [c["name"] for c in (await listed.json())["clients"]] == ["bob"]
