@@ -3,9 +3,12 @@ that no SDK would, answered in the API's own shape, never a 500 or a retriable s
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 from aiohttp.test_utils import TestClient
 
+from tests.support.ui_stream import post_chat, read_all
 from tests.test_clients import bearer
 
 
@@ -27,3 +30,17 @@ async def test_a_budget_past_a_floats_range_is_refused_not_a_500(
     assert error["code"] == "INVALID_MESSAGE" and [f["path"] for f in error["fields"]] == ["budgetUsd"], error
     listed = await client.get("/api/clients", headers=bearer(token))
     assert [c["name"] for c in (await listed.json())["clients"]] == ["bob"]
+
+
+async def test_a_title_with_a_nul_is_renamed_on_postgres_not_a_storage_error(
+    make_client: Any, pg_dsn: str, token: str
+) -> None:
+    # PostgreSQL's text refuses NUL: PATCH answered 503 STORAGE_ERROR ("invalid byte sequence"), which tells the
+    # client to retry what can never succeed; the other writes of titles drop the NUL
+    client = await make_client(storage={"backend": "postgres", "dsn": pg_dsn})
+    await read_all(await post_chat(client, bearer(token), "s1"))
+    resp = await client.patch("/api/sessions/s1", json={"title": "a\u0000b"}, headers=bearer(token))
+    assert resp.status == 200, await resp.text()
+    assert (await resp.json())["session"]["title"] == "ab"
+    listed = await client.get("/api/sessions", headers=bearer(token))
+    assert [s["title"] for s in (await listed.json())["sessions"]] == ["ab"]
