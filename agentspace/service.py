@@ -420,9 +420,10 @@ class Service:
             raise _not_found(self.visible(session_id))
         return {**inspection, "sessionId": self.visible(session_id)}
 
-    async def compact_session(self, session_id: object) -> dict[str, Any]:
-        """Summarise every turn of the caller's session but the latest (``context_policy.compact_session``)."""
-        session = await self._owned(checked(session_id, "id", session_id_problem))
+    async def compact_session(self, session_id: object, *, field: str = "id") -> dict[str, Any]:
+        """Summarise every turn of the caller's session but the latest (``context_policy.compact_session``);
+        ``field``: the id's name in the request, for a refusal."""
+        session = await self._owned(checked(session_id, field, session_id_problem))
         stored = str(session["id"])  # a client's session is stored under its own id, not the one it knows
         if await self._streaming(stored):
             raise ApiError("STREAM_IN_PROGRESS", "This session is streaming an answer; wait for it to end.")

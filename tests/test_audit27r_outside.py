@@ -8,6 +8,7 @@ from typing import Any
 import pytest
 from aiohttp.test_utils import TestClient
 
+from tests.support import ws
 from tests.support.ui_stream import post_chat, read_all
 from tests.test_clients import bearer
 
@@ -44,3 +45,13 @@ async def test_a_title_with_a_nul_is_renamed_on_postgres_not_a_storage_error(
     assert (await resp.json())["session"]["title"] == "ab"
     listed = await client.get("/api/sessions", headers=bearer(token))
     assert [s["title"] for s in (await listed.json())["sessions"]] == ["ab"]
+
+
+@pytest.mark.parametrize("frame", [{}, {"sessionId": 5}])
+async def test_session_compact_names_the_field_the_frame_lacks(client: TestClient, token: str, frame: Any) -> None:
+    # the frame has an "id"; the refusal said "id: required", naming the one field that was there
+    socket = await ws.connect(client, token)
+    reply = await ws.receive_after(socket, {"type": "session.compact", "id": "c1", **frame})
+    await socket.close()
+    assert reply["type"] == "error" and reply["code"] == "INVALID_MESSAGE", reply
+    assert reply["message"].startswith("sessionId: "), reply

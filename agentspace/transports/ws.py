@@ -240,7 +240,7 @@ class Connection:
         await self.send({"type": "context.inspection", "requestId": request_id, **reply})
 
     async def on_session_compact(self, request_id: Any, msg: dict[str, Any]) -> None:
-        reply = await self.service.compact_session(msg.get("sessionId"))
+        reply = await self.service.compact_session(msg.get("sessionId"), field="sessionId")
         await self.send({"type": "session.compacted", "requestId": request_id, **reply})
 
     async def on_usage_query(self, request_id: Any, msg: dict[str, Any]) -> None:
