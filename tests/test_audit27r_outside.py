@@ -5,9 +5,11 @@ from __future__ import annotations
 
 from typing import Any
 
+import anthropic
 import pytest
 from aiohttp.test_utils import TestClient
 
+import tests.fakes.anthropic_upstream as fa
 from tests.support import ws
 from tests.support.ui_stream import post_chat, read_all
 from tests.test_clients import bearer
@@ -55,3 +57,25 @@ async def test_session_compact_names_the_field_the_frame_lacks(client: TestClien
     await socket.close()
     assert reply["type"] == "error" and reply["code"] == "INVALID_MESSAGE", reply
     assert reply["message"].startswith("sessionId: "), reply
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_a_relayed_call_the_upstream_never_answers_says_so_not_could_not_connect(
+    make_client: Any, fake_anthropic: fa.FakeAnthropic, token: str, stream: bool
+) -> None:
+    # The relay told a client whose upstream took the request and then said nothing to check its network and
+    # base_url; the translated endpoints say the upstream did not answer in time.
+    client = await make_client(providers={"anthropic": {"base_url": fake_anthropic.url, "timeout_seconds": 1.0}})
+    fake_anthropic.enqueue(fa.text_response().silent_for(3))
+    api = anthropic.AsyncAnthropic(api_key=token, base_url=f"http://127.0.0.1:{client.port}", max_retries=0)
+    with pytest.raises(anthropic.APIStatusError) as raised:
+        await api.messages.create(
+            model="claude-sonnet-4-5",
+            max_tokens=20,
+            messages=[{"role": "user", "content": "hi"}],
+            stream=stream,  # type: ignore[call-overload]
+        )
+    assert raised.value.status_code == 502
+    message = raised.value.body["error"]["message"]  # type: ignore[index]
+    assert "did not answer in time" in message and "connect" not in message, message
+    assert len(fake_anthropic.requests) == 1

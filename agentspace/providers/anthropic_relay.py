@@ -142,6 +142,10 @@ async def messages(
                 headers=upstream_headers(request, key),
                 timeout=aiohttp.ClientTimeout(total=None, connect=min(10.0, read_timeout), sock_read=read_timeout),
             )
+        except aiohttp.SocketTimeoutError as e:  # connected and sent, but no answer within the read timeout
+            log.warning("Anthropic pass-through: %s did not answer in time: %r", base_url, e)
+            await meter.record(TokenUsage(), "error", error="LLM_ERROR", answered=False)
+            return _error(502, "Anthropic did not answer in time. Try again.")
         except (aiohttp.ClientError, TimeoutError) as e:
             log.warning("Anthropic pass-through: could not reach %s: %r", base_url, e)
             await meter.record(TokenUsage(), "error", error="LLM_ERROR", answered=False)
