@@ -3,6 +3,7 @@ that no SDK would, answered in the API's own shape, never a 500 or a retriable s
 
 from __future__ import annotations
 
+import gzip
 from typing import Any
 
 import anthropic
@@ -79,3 +80,24 @@ async def test_a_relayed_call_the_upstream_never_answers_says_so_not_could_not_c
     message = raised.value.body["error"]["message"]  # type: ignore[index]
     assert "did not answer in time" in message and "connect" not in message, message
     assert len(fake_anthropic.requests) == 1
+
+
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/messages", "/v1/responses", "/api/chat", "/api/clients"])
+async def test_a_body_whose_content_encoding_does_not_decode_is_a_400_in_the_apis_shape(
+    client: TestClient, token: str, path: str
+) -> None:
+    # "Content-Encoding: gzip" over bytes that are not gzip: aiohttp raises while the body is read, and the
+    # gateway answered 500 INTERNAL_ERROR, logged with a traceback, for every such request.
+    headers = {**bearer(token), "Content-Type": "application/json", "Content-Encoding": "gzip"}
+    resp = await client.post(path, data=b'{"model": "x"}', headers=headers)
+    assert resp.status == 400, await resp.text()
+    body = await resp.json()
+    if path == "/v1/messages":
+        assert body["type"] == "error" and body["error"]["type"] == "invalid_request_error", body
+    elif path.startswith("/v1/"):
+        assert body["error"]["type"] == "invalid_request_error", body
+    else:
+        assert body["error"]["code"] == "INVALID_MESSAGE", body
+    # the real encoding is read as usual
+    resp = await client.post(path, data=gzip.compress(b"[]"), headers=headers)
+    assert resp.status == 400 and "Content-Encoding" not in await resp.text()
