@@ -4,6 +4,8 @@ that no SDK would, answered in the API's own shape, never a 500 or a retriable s
 from __future__ import annotations
 
 import gzip
+import json
+import zlib
 from typing import Any
 
 import anthropic
@@ -12,7 +14,7 @@ from aiohttp.test_utils import TestClient
 
 import tests.fakes.anthropic_upstream as fa
 from tests.support import ws
-from tests.support.ui_stream import post_chat, read_all
+from tests.support.ui_stream import post_chat, read_all, user
 from tests.test_clients import bearer
 
 
@@ -101,3 +103,48 @@ async def test_a_body_whose_content_encoding_does_not_decode_is_a_400_in_the_api
     # the real encoding is read as usual
     resp = await client.post(path, data=gzip.compress(b"[]"), headers=headers)
     assert resp.status == 400 and "Content-Encoding" not in await resp.text()
+
+
+def _deflated(data: bytes) -> bytes:
+    packer = zlib.compressobj()
+    return packer.compress(data) + packer.flush()
+
+
+@pytest.mark.parametrize("encoding", ["gzip", "deflate"])
+async def test_compressed_bodies_are_read_on_every_route(
+    client: TestClient, fake_anthropic: fa.FakeAnthropic, token: str, encoding: str
+) -> None:
+    # The gateway inflates request bodies itself (off the event loop); every route that reads one still takes
+    # them, and the pass-through sends the upstream the inflated JSON.
+    pack = gzip.compress if encoding == "gzip" else _deflated
+    headers = {**bearer(token), "Content-Type": "application/json", "Content-Encoding": encoding}
+
+    async def post(method: str, path: str, body: Any) -> Any:
+        resp = await client.request(method, path, data=pack(json.dumps(body).encode()), headers=headers)
+        assert resp.status in (200, 201), (path, await resp.text())
+        return resp
+
+    chat = {"model": "anthropic/claude-sonnet-4-5", "max_tokens": 20, "messages": [{"role": "user", "content": "hi"}]}
+    await post("POST", "/v1/chat/completions", chat)
+    await post("POST", "/v1/messages", {**chat, "model": "claude-sonnet-4-5"})
+    assert fake_anthropic.requests[-1].body["messages"] == chat["messages"]
+    await post("POST", "/v1/responses", {"model": chat["model"], "input": "hi"})
+    await read_all(await post("POST", "/api/chat", {"id": "s1", "messages": [user("hi")]}))
+    await post("PATCH", "/api/sessions/s1", {"title": "packed"})
+    await post("POST", "/api/clients", {"name": "bob", "budgetUsd": 5})
+    await post("PATCH", "/api/clients/bob", {"budgetUsd": 6})
+    assert len(fake_anthropic.requests) == 4
+
+
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/messages", "/api/chat", "/api/clients"])
+@pytest.mark.parametrize("encoding", ["br", "zstd"])
+async def test_an_encoding_the_gateway_does_not_inflate_is_answered_in_the_apis_shape(
+    client: TestClient, token: str, path: str, encoding: str
+) -> None:
+    # aiohttp answered these itself, 400 text/plain "Can not decode content-encoding: brotli (br). Please
+    # install `Brotli`", which no SDK reads as an error of the API it speaks
+    headers = {**bearer(token), "Content-Type": "application/json", "Content-Encoding": encoding}
+    resp = await client.post(path, data=b"\x8b\x00compressed", headers=headers)
+    assert resp.status == 400 and resp.content_type == "application/json", await resp.text()
+    body = await resp.json()
+    assert body["error"]["type" if path.startswith("/v1/") else "code"] in ("invalid_request_error", "INVALID_MESSAGE")
