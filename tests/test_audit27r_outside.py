@@ -15,7 +15,7 @@ from aiohttp.test_utils import TestClient
 import tests.fakes.anthropic_upstream as fa
 from tests.support import ws
 from tests.support.ui_stream import post_chat, read_all, user
-from tests.test_clients import bearer
+from tests.test_clients import add_client, bearer
 
 
 @pytest.mark.parametrize("method,path", [("POST", "/api/clients"), ("PATCH", "/api/clients/bob")])
@@ -148,3 +148,26 @@ async def test_an_encoding_the_gateway_does_not_inflate_is_answered_in_the_apis_
     assert resp.status == 400 and resp.content_type == "application/json", await resp.text()
     body = await resp.json()
     assert body["error"]["type" if path.startswith("/v1/") else "code"] in ("invalid_request_error", "INVALID_MESSAGE")
+
+
+@pytest.mark.parametrize("label", ["project alpha", "release/2.0", "x" * 200])
+async def test_usage_filed_under_a_session_header_can_be_looked_up_by_that_name(
+    client: TestClient, fake_anthropic: fa.FakeAnthropic, token: str, label: str
+) -> None:
+    # README: X-Agentspace-Session: NAME files usage under NAME (its first 200 characters). /api/usage and the
+    # WebSocket's usage.query refused every such NAME that is no session id (a space, a slash, past 128
+    # characters) with 400, though --by-session listed it.
+    key = add_client("alice")
+    chat = {"model": "anthropic/claude-sonnet-4-5", "messages": [{"role": "user", "content": "hi"}]}
+    resp = await client.post("/v1/chat/completions", json=chat, headers={**bearer(key), "X-Agentspace-Session": label})
+    assert resp.status == 200, await resp.text()
+    for credential in (key, token):
+        resp = await client.get("/api/usage", params={"sessionId": label}, headers=bearer(credential))
+        assert resp.status == 200, await resp.text()
+        assert (await resp.json())["grandTotal"]["requestCount"] == 1
+    socket = await ws.connect(client, key)
+    report = await ws.receive_after(socket, {"type": "usage.query", "id": "u1", "sessionId": label})
+    await socket.close()
+    assert report["type"] == "usage.report" and report["grandTotal"]["requestCount"] == 1, report
+    resp = await client.get("/api/usage", params={"sessionId": "a\u0001b"}, headers=bearer(key))
+    assert resp.status == 400 and (await resp.json())["error"]["fields"][0]["path"] == "sessionId"
