@@ -10,9 +10,11 @@ from typing import Any
 
 import anthropic
 import pytest
-from aiohttp.test_utils import TestClient
+from aiohttp import web
+from aiohttp.test_utils import TestClient, TestServer
 
 import tests.fakes.anthropic_upstream as fa
+from agentspace.transports import state
 from tests.support import ws
 from tests.support.ui_stream import post_chat, read_all, user
 from tests.test_clients import add_client, bearer
@@ -171,3 +173,51 @@ async def test_usage_filed_under_a_session_header_can_be_looked_up_by_that_name(
     assert report["type"] == "usage.report" and report["grandTotal"]["requestCount"] == 1, report
     resp = await client.get("/api/usage", params={"sessionId": "a\u0001b"}, headers=bearer(key))
     assert resp.status == 400 and (await resp.json())["error"]["fields"][0]["path"] == "sessionId"
+
+
+class _Proxy:
+    """An upstream at [providers.anthropic] base_url that answers what no API does (a proxy in between)."""
+
+    def __init__(self) -> None:
+        self.status, self.body, self.content_type = 200, b"", "application/json"
+
+    async def handle(self, request: web.Request) -> web.Response:
+        await request.read()
+        return web.Response(status=self.status, body=self.body, content_type=self.content_type)
+
+
+@pytest.mark.parametrize(
+    "status,body,content_type",
+    [
+        (200, b"", "application/json"),
+        (200, b"not json at all", "application/json"),
+        (200, b'{"hello": "world"}', "application/json"),
+        (502, b"<html><body>Bad gateway</body></html>", "text/html"),
+    ],
+    ids=["empty", "text", "other-json", "html-502"],
+)
+async def test_a_relayed_answer_that_is_no_message_is_an_error_in_anthropics_shape(
+    make_client: Any, token: str, status: int, body: bytes, content_type: str
+) -> None:
+    # The pass-through handed a 200 with an empty, textual or foreign body to the client (whose SDK then
+    # failed to parse it), and a proxy's HTML error page as it was; the translated endpoints say 502.
+    proxy = _Proxy()
+    proxy.status, proxy.body, proxy.content_type = status, body, content_type
+    app = web.Application()
+    app.router.add_post("/v1/messages", proxy.handle)
+    upstream = TestServer(app, host="127.0.0.1")
+    await upstream.start_server()
+    try:
+        client = await make_client(providers={"anthropic": {"base_url": str(upstream.make_url("")).rstrip("/")}})
+        api = anthropic.AsyncAnthropic(api_key=token, base_url=f"http://127.0.0.1:{client.port}", max_retries=0)
+        with pytest.raises(anthropic.APIStatusError) as raised:
+            await api.messages.create(
+                model="claude-sonnet-4-5", max_tokens=20, messages=[{"role": "user", "content": "hi"}]
+            )
+        assert raised.value.status_code == (502 if status == 200 else status)
+        error = raised.value.body["error"]  # type: ignore[index]
+        assert error["type"] == "api_error" and error["message"], error
+        records = await client.server.app[state.REGISTRY].usage.records()
+        assert [r["error"] for r in records] == ["LLM_ERROR"], records
+    finally:
+        await upstream.close()

@@ -38,7 +38,7 @@ from ..protocols.anthropic_messages import (
 from ..registry import Registry
 from ..types import TokenUsage
 from ..vault import key_name, missing_key_message, resolve_key
-from .anthropic import FINISH_REASONS
+from .anthropic import FINISH_REASONS, UNREADABLE_MESSAGE
 from .sse import SSEDecoder
 from .upstream_http import client_gone, http_client, watch_client
 
@@ -90,6 +90,15 @@ def upstream_body(body: dict[str, Any], raw: bytes, model: str) -> bytes:
 
 def _error(status: int, message: str, error_type: str | None = None) -> web.Response:
     return web.json_response(error_body(status, message, error_type), status=status)
+
+
+def _is_api_error(data: bytes) -> bool:
+    """Whether an error status's body is an API error (``{"type": "error", "error": {...}}``)."""
+    try:
+        parsed = json.loads(data)
+    except ValueError:
+        return False
+    return isinstance(parsed, dict) and isinstance(parsed.get("error"), dict)
 
 
 def key_refused(gw: Registry, base_url: str, status: int, data: bytes) -> web.Response:
@@ -156,6 +165,8 @@ async def messages(
                 await meter.record(TokenUsage(), "error", error=error_code_for_status(up.status), answered=False)
                 if up.status in KEY_REFUSED:
                     return key_refused(gw, base_url, up.status, data)
+                if not _is_api_error(data):  # a proxy's HTML page, an empty body: no SDK reads it as an error
+                    return _error(up.status, f"Anthropic answered HTTP {up.status} without an API error body.")
                 return web.Response(status=up.status, body=redact_bytes(data), headers=relayed_headers(up))
             # A stream is answered at its message_start (noted with its usage, ``_Relay.note``), not at its status:
             # ``_record_stream`` voids a stream cut or left before it, and a recovery must bill what it would.
@@ -187,6 +198,16 @@ async def _whole(up: aiohttp.ClientResponse, body: dict[str, Any], meter: Provid
         message = json.loads(data)
     except ValueError:
         message = None
+    if not isinstance(message, dict) or not isinstance(message.get("content"), list):
+        # No Message (an empty body, text, other JSON): what a client's SDK cannot read is a 502 here, as on
+        # the translated endpoints, not a 200 it fails to parse. The upstream took the request: counted.
+        warn_limited(
+            log, "anthropic-relay-no-message", "Anthropic pass-through: an answer was no Message: %r", data[:200]
+        )
+        await meter.record(
+            cut_short_usage(None, lambda: local_input_tokens(body), lambda: 0), "error", error="LLM_ERROR"
+        )
+        return _error(502, UNREADABLE_MESSAGE + ". Try again.")
     usage = message_usage(message)
     if usage is None:  # an answer without its usage: counted here, as a call cut short is
         await meter.record(cut_short_usage(None, lambda: local_input_tokens(body), lambda: 0), "other")
