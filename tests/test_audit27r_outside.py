@@ -205,6 +205,7 @@ async def test_a_relayed_answer_that_is_no_message_is_an_error_in_anthropics_sha
     proxy.status, proxy.body, proxy.content_type = status, body, content_type
     app = web.Application()
     app.router.add_post("/v1/messages", proxy.handle)
+    app.router.add_post("/v1/messages/count_tokens", proxy.handle)
     upstream = TestServer(app, host="127.0.0.1")
     await upstream.start_server()
     try:
@@ -219,5 +220,15 @@ async def test_a_relayed_answer_that_is_no_message_is_an_error_in_anthropics_sha
         assert error["type"] == "api_error" and error["message"], error
         records = await client.server.app[state.REGISTRY].usage.records()
         assert [r["error"] for r in records] == ["LLM_ERROR"], records
+        # count_tokens the same: an error in Anthropic's shape, or a 200 that is no count counted here
+        messages: Any = [{"role": "user", "content": "hi"}]
+        if status == 200:
+            counted = await api.messages.count_tokens(model="claude-sonnet-4-5", messages=messages)
+            assert counted.input_tokens > 0
+        else:
+            with pytest.raises(anthropic.APIStatusError) as raised:
+                await api.messages.count_tokens(model="claude-sonnet-4-5", messages=messages)
+            assert raised.value.status_code == status
+            assert raised.value.body["error"]["type"] == "api_error"  # type: ignore[index]
     finally:
         await upstream.close()

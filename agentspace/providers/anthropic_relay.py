@@ -36,7 +36,7 @@ from ..protocols.anthropic_messages import (
     with_seen_server_tools,
 )
 from ..registry import Registry
-from ..types import TokenUsage
+from ..types import TokenUsage, reported_count
 from ..vault import key_name, missing_key_message, resolve_key
 from .anthropic import FINISH_REASONS, UNREADABLE_MESSAGE
 from .sse import SSEDecoder
@@ -99,6 +99,15 @@ def _is_api_error(data: bytes) -> bool:
     except ValueError:
         return False
     return isinstance(parsed, dict) and isinstance(parsed.get("error"), dict)
+
+
+def _is_count(data: bytes) -> bool:
+    """Whether a count_tokens answer is one (``{"input_tokens": N}``)."""
+    try:
+        parsed = json.loads(data)
+    except ValueError:
+        return False
+    return isinstance(parsed, dict) and reported_count(parsed.get("input_tokens")) is not None
 
 
 def key_refused(gw: Registry, base_url: str, status: int, data: bytes) -> web.Response:
@@ -407,6 +416,10 @@ async def count_tokens(
                 return None
             if up.status in KEY_REFUSED:
                 return key_refused(gw, base_url, up.status, data)
+            if up.status == 200 and not _is_count(data):  # a proxy that answered something else: counted here
+                return None
+            if up.status != 200 and not _is_api_error(data):
+                return _error(up.status, f"Anthropic answered HTTP {up.status} without an API error body.")
             return web.Response(status=up.status, body=redact_bytes(data), headers=relayed_headers(up))
     except (aiohttp.ClientError, TimeoutError) as e:
         log.warning("Anthropic count_tokens: could not reach %s: %r", base_url, e)
