@@ -232,3 +232,13 @@ async def test_a_relayed_answer_that_is_no_message_is_an_error_in_anthropics_sha
             assert raised.value.body["error"]["type"] == "api_error"  # type: ignore[index]
     finally:
         await upstream.close()
+
+
+async def test_a_plain_get_of_the_websocket_says_what_it_is(client: TestClient, token: str) -> None:
+    # aiohttp's refusal came out as {"code": "BAD_REQUEST", "message": "Bad Request"}: a code the API does not
+    # have, and no hint that /gateway wants a WebSocket upgrade
+    for headers in ({}, bearer(token)):
+        resp = await client.get("/gateway", headers=headers)
+        assert resp.status == 400, await resp.text()
+        error = (await resp.json())["error"]
+        assert error["code"] == "INVALID_MESSAGE" and "WebSocket" in error["message"], error

@@ -465,6 +465,10 @@ async def gateway_handler(request: web.Request) -> web.StreamResponse:
         # PAYLOAD_TOO_LARGE and keep the connection. Only authenticated clients get past 16 KiB (PreAuthBudget).
         max_msg_size=max(4 * int(server["max_frame_bytes"]), frame_limit(config)),
     )
+    if not ws.can_prepare(request).ok:  # a plain GET (a browser, curl): aiohttp's bare "Bad Request" said nothing
+        raise ApiError(
+            "INVALID_MESSAGE", "/gateway is a WebSocket: connect with Upgrade: websocket (docs/protocol.md)."
+        )
     try:
         caller = await security.bearer_caller(request)
     except Exception as e:
