@@ -179,8 +179,10 @@ def settings_problems(settings: dict[str, Any]) -> dict[str, str]:
     if budget is not None and (
         isinstance(budget, bool)
         or not isinstance(budget, int | float)
-        or not math.isfinite(budget)  # NaN compares false with everything: no limit at all
+        # the range first: NaN compares false with everything (no limit at all), and isfinite cannot take an
+        # int past a float's range (10**400 raised OverflowError: a 500)
         or not 0 <= budget <= MAX_BUDGET_USD
+        or not math.isfinite(budget)
     ):
         problems["budgetUsd"] = f"must be a number of US dollars from 0 to {MAX_BUDGET_USD:.0e}, or null"
     if "period" in settings and settings["period"] not in PERIODS:

@@ -65,6 +65,9 @@ def create_app(config: Config, pm: pluggy.PluginManager | None = None) -> web.Ap
     app = web.Application(
         client_max_size=int(config["server"]["max_body_bytes"]),
         middlewares=[security_middleware(config), _v1_calls],
+        # Compressed request bodies are inflated by bodies.read_json, on a worker thread and up to the route's
+        # limit; aiohttp would inflate them on the event loop as they arrive.
+        handler_args={"auto_decompress": False},
     )
     check_secrets(config.data_dir)
     ClientStore(config.data_dir).list_sync()  # a clients file that cannot be trusted stops the start

@@ -98,6 +98,16 @@ def _no_constant(name: str) -> Any:
     raise ValueError(f"{name} is not JSON")
 
 
+def session_label_problem(value: Any) -> str | None:
+    """What is wrong with a session id to look usage up by, or None: a session's id, or the label a /v1
+    session header files usage under (any text: its first 200 characters, ``v1_common.session_id``)."""
+    if not isinstance(value, str) or not value.strip() or len(value) > 200:
+        return "must be a session id, or the name a /v1 session header gave (1-200 characters)"
+    if any(ord(c) < 0x20 or ord(c) == 0x7F or 0xD800 <= ord(c) <= 0xDFFF for c in value):
+        return "must hold no control characters"
+    return None
+
+
 def session_id_problem(value: Any) -> str | None:
     """What is wrong with a session id (it names a file), or None."""
     if value is None:
@@ -420,9 +430,10 @@ class Service:
             raise _not_found(self.visible(session_id))
         return {**inspection, "sessionId": self.visible(session_id)}
 
-    async def compact_session(self, session_id: object) -> dict[str, Any]:
-        """Summarise every turn of the caller's session but the latest (``context_policy.compact_session``)."""
-        session = await self._owned(checked(session_id, "id", session_id_problem))
+    async def compact_session(self, session_id: object, *, field: str = "id") -> dict[str, Any]:
+        """Summarise every turn of the caller's session but the latest (``context_policy.compact_session``);
+        ``field``: the id's name in the request, for a refusal."""
+        session = await self._owned(checked(session_id, field, session_id_problem))
         stored = str(session["id"])  # a client's session is stored under its own id, not the one it knows
         if await self._streaming(stored):
             raise ApiError("STREAM_IN_PROGRESS", "This session is streaming an answer; wait for it to end.")
@@ -470,9 +481,11 @@ class Service:
         a client gets its own records only."""
         if by not in REPORTS:
             raise invalid({paths[2]: f"must be one of {', '.join(REPORTS)}"})
+        stored_id = False  # the id of a session (else only a label a /v1 session header gave, README)
         if session_id is not None:
-            checked(session_id, paths[0], session_id_problem)
-            if self.caller != ADMIN:  # a session of its own by that id; else a /v1 header's label as named
+            checked(session_id, paths[0], session_label_problem)
+            stored_id = session_id_problem(session_id) is None
+            if stored_id and self.caller != ADMIN:  # a session of its own by that id; else a /v1 header's label
                 stored = await self.resolve(session_id)
                 if stored != session_id and await self.gw.sessions.exists(stored):
                     session_id = stored
@@ -483,7 +496,7 @@ class Service:
             except ValueError as e:
                 raise invalid({paths[1]: str(e)}) from None
         client = None if self.caller == ADMIN else self.caller
-        if client is None and session_id is not None:
+        if client is None and stored_id and session_id is not None:
             client = await self._session_owner(session_id)
         if client is not None and self.caller != ADMIN:  # not an earlier client's of the same name
             current = await self.gw.clients.get(client)

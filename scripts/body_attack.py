@@ -4,7 +4,10 @@ while ``/healthz`` is polled every 20 ms. Prints the slowest ``/healthz`` answer
 attack, the machine's own noise), the server's CPU time during the attack (its event loop's thread and all),
 the load average, the server's RSS growth and the attack's statuses, as JSON.
 
-    python scripts/body_attack.py [--bodies 8] [--mib 32]
+    python scripts/body_attack.py [--bodies 8] [--mib 32] [--gzip MIB --path /api/chat]
+
+``--gzip MIB``: each body is instead MIB mebibytes of text sent gzip-compressed (``Content-Encoding: gzip``,
+about 1 MB on the wire for 1000 MiB), to ``--path``.
 
 The measures start once the server is idle after its start (``settled``): the Anthropic SDK it imports in
 the background then holds the interpreter lock, which a fresh server's ``/healthz`` feels whatever the load.
@@ -22,6 +25,7 @@ import statistics
 import sys
 import tempfile
 import time
+import zlib
 from pathlib import Path
 
 import aiohttp
@@ -66,7 +70,17 @@ def attack_body(mib: int) -> bytes:
     return head + b"{}," * n + b"{}" + tail
 
 
-async def run(bodies: int, mib: int) -> dict[str, object]:
+def gzip_body(mib: int) -> bytes:
+    """``mib`` MiB of JSON text, gzip-compressed piece by piece (about 1 KB per MiB)."""
+    packer = zlib.compressobj(9, zlib.DEFLATED, 31)  # 31: the gzip container
+    head = b'{"id":"s1","model":"anthropic/claude-sonnet-4-5","messages":[{"role":"user","content":"'
+    out = [packer.compress(head)]
+    out += [packer.compress(b"a" * (1 << 20)) for _ in range(mib)]
+    out += [packer.compress(b'"}]}'), packer.flush()]
+    return b"".join(out)
+
+
+async def run(bodies: int, mib: int, gzipped: int = 0, path: str = "/v1/chat/completions") -> dict[str, object]:
     upstream = FakeAnthropic()
     await upstream.start()
     with tempfile.TemporaryDirectory() as tmp:
@@ -127,6 +141,10 @@ async def run(bodies: int, mib: int) -> dict[str, object]:
                     str(bodies),
                     "--mib",
                     str(mib),
+                    "--gzip",
+                    str(gzipped),
+                    "--path",
+                    path,
                     stdout=asyncio.subprocess.PIPE,
                 )
                 statuses = json.loads((await attacker.communicate())[0])
@@ -142,6 +160,8 @@ async def run(bodies: int, mib: int) -> dict[str, object]:
     return {
         "bodies": bodies,
         "mib": mib,
+        "gzip_mib": gzipped,
+        "path": path,
         "statuses": sorted(statuses),
         "healthz_max_ms": round(max(latencies), 1),
         "healthz_p50_ms": round(statistics.median(latencies), 1),
@@ -157,14 +177,16 @@ async def run(bodies: int, mib: int) -> dict[str, object]:
     }
 
 
-async def send(url: str, key: str, bodies: int, mib: int) -> list[int]:
-    body = attack_body(mib)
+async def send(url: str, key: str, bodies: int, mib: int, gzipped: int, path: str) -> list[int]:
+    body = gzip_body(gzipped) if gzipped else attack_body(mib)
     headers = {"Authorization": f"Bearer {key}", "Content-Type": "application/json"}
+    if gzipped:
+        headers["Content-Encoding"] = "gzip"
     async with aiohttp.ClientSession() as http:
 
         async def one() -> int:
             try:
-                async with http.post(url + "/v1/chat/completions", data=body, headers=headers) as r:
+                async with http.post(url + path, data=body, headers=headers) as r:
                     await r.read()
                     return r.status
             except aiohttp.ClientError:
@@ -177,12 +199,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--bodies", type=int, default=8)
     parser.add_argument("--mib", type=int, default=32)
+    parser.add_argument("--gzip", type=int, default=0, metavar="MIB")
+    parser.add_argument("--path", default="/v1/chat/completions")
     parser.add_argument("--send", nargs=2, metavar=("URL", "KEY"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.send:
-        print(json.dumps(asyncio.run(send(*args.send, args.bodies, args.mib))))
+        print(json.dumps(asyncio.run(send(*args.send, args.bodies, args.mib, args.gzip, args.path))))
         return
-    print(json.dumps(asyncio.run(run(args.bodies, args.mib))))
+    print(json.dumps(asyncio.run(run(args.bodies, args.mib, args.gzip, args.path))))
 
 
 if __name__ == "__main__":

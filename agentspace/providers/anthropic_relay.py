@@ -36,9 +36,9 @@ from ..protocols.anthropic_messages import (
     with_seen_server_tools,
 )
 from ..registry import Registry
-from ..types import TokenUsage
+from ..types import TokenUsage, reported_count
 from ..vault import key_name, missing_key_message, resolve_key
-from .anthropic import FINISH_REASONS
+from .anthropic import FINISH_REASONS, UNREADABLE_MESSAGE
 from .sse import SSEDecoder
 from .upstream_http import client_gone, http_client, watch_client
 
@@ -92,6 +92,24 @@ def _error(status: int, message: str, error_type: str | None = None) -> web.Resp
     return web.json_response(error_body(status, message, error_type), status=status)
 
 
+def _is_api_error(data: bytes) -> bool:
+    """Whether an error status's body is an API error (``{"type": "error", "error": {...}}``)."""
+    try:
+        parsed = json.loads(data)
+    except ValueError:
+        return False
+    return isinstance(parsed, dict) and isinstance(parsed.get("error"), dict)
+
+
+def _is_count(data: bytes) -> bool:
+    """Whether a count_tokens answer is one (``{"input_tokens": N}``)."""
+    try:
+        parsed = json.loads(data)
+    except ValueError:
+        return False
+    return isinstance(parsed, dict) and reported_count(parsed.get("input_tokens")) is not None
+
+
 def key_refused(gw: Registry, base_url: str, status: int, data: bytes) -> web.Response:
     """Anthropic refused the gateway's key: 424 in the Anthropic shape, as a missing key is, and logged with
     the upstream's reason (redacted), once a minute per upstream (each deployment of a model group its own)."""
@@ -142,6 +160,10 @@ async def messages(
                 headers=upstream_headers(request, key),
                 timeout=aiohttp.ClientTimeout(total=None, connect=min(10.0, read_timeout), sock_read=read_timeout),
             )
+        except aiohttp.SocketTimeoutError as e:  # connected and sent, but no answer within the read timeout
+            log.warning("Anthropic pass-through: %s did not answer in time: %r", base_url, e)
+            await meter.record(TokenUsage(), "error", error="LLM_ERROR", answered=False)
+            return _error(502, "Anthropic did not answer in time. Try again.")
         except (aiohttp.ClientError, TimeoutError) as e:
             log.warning("Anthropic pass-through: could not reach %s: %r", base_url, e)
             await meter.record(TokenUsage(), "error", error="LLM_ERROR", answered=False)
@@ -152,6 +174,8 @@ async def messages(
                 await meter.record(TokenUsage(), "error", error=error_code_for_status(up.status), answered=False)
                 if up.status in KEY_REFUSED:
                     return key_refused(gw, base_url, up.status, data)
+                if not _is_api_error(data):  # a proxy's HTML page, an empty body: no SDK reads it as an error
+                    return _error(up.status, f"Anthropic answered HTTP {up.status} without an API error body.")
                 return web.Response(status=up.status, body=redact_bytes(data), headers=relayed_headers(up))
             # A stream is answered at its message_start (noted with its usage, ``_Relay.note``), not at its status:
             # ``_record_stream`` voids a stream cut or left before it, and a recovery must bill what it would.
@@ -183,6 +207,16 @@ async def _whole(up: aiohttp.ClientResponse, body: dict[str, Any], meter: Provid
         message = json.loads(data)
     except ValueError:
         message = None
+    if not isinstance(message, dict) or not isinstance(message.get("content"), list):
+        # No Message (an empty body, text, other JSON): what a client's SDK cannot read is a 502 here, as on
+        # the translated endpoints, not a 200 it fails to parse. The upstream took the request: counted.
+        warn_limited(
+            log, "anthropic-relay-no-message", "Anthropic pass-through: an answer was no Message: %r", data[:200]
+        )
+        await meter.record(
+            cut_short_usage(None, lambda: local_input_tokens(body), lambda: 0), "error", error="LLM_ERROR"
+        )
+        return _error(502, UNREADABLE_MESSAGE + ". Try again.")
     usage = message_usage(message)
     if usage is None:  # an answer without its usage: counted here, as a call cut short is
         await meter.record(cut_short_usage(None, lambda: local_input_tokens(body), lambda: 0), "other")
@@ -382,6 +416,10 @@ async def count_tokens(
                 return None
             if up.status in KEY_REFUSED:
                 return key_refused(gw, base_url, up.status, data)
+            if up.status == 200 and not _is_count(data):  # a proxy that answered something else: counted here
+                return None
+            if up.status != 200 and not _is_api_error(data):
+                return _error(up.status, f"Anthropic answered HTTP {up.status} without an API error body.")
             return web.Response(status=up.status, body=redact_bytes(data), headers=relayed_headers(up))
     except (aiohttp.ClientError, TimeoutError) as e:
         log.warning("Anthropic count_tokens: could not reach %s: %r", base_url, e)

@@ -1,6 +1,7 @@
 """Reading and decoding large JSON bodies (the ``/v1`` routes) without letting one client take the process.
 
-- The size limit is enforced while reading (and from ``Content-Length`` before reading); the caller's
+- The size limit is enforced while reading (and from ``Content-Length`` before reading), and on a compressed
+  body (``Content-Encoding: gzip``, ``deflate``) again once inflated, on a worker thread; the caller's
   credential was checked by the security middleware before any of the body was read.
 - What a body costs once decoded depends on its containers more than on its bytes: ``[{},{},...]`` turns
   3 bytes into an empty dict and a list slot, about 70 bytes. Objects and arrays are counted while reading
@@ -20,9 +21,10 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import zlib
 from typing import Any
 
-from aiohttp import web
+from aiohttp import hdrs, web
 
 from . import state
 
@@ -109,8 +111,13 @@ async def read_json(request: web.Request, limit: int) -> tuple[Any, bytes]:
     if declared is not None and declared > limit:
         request[UNREAD] = True
         raise BodyTooLarge(limit)
-    # Large or unknown sizes take their share of the in-flight budget first (a chunked body: the limit).
-    share = 0 if declared is not None and declared <= OFF_LOOP_BYTES else (declared or limit)
+    encoding = request.headers.get(hdrs.CONTENT_ENCODING, "").strip().lower()
+    compressed = encoding in COMPRESSED
+    # Large or unknown sizes take their share of the in-flight budget first (a chunked body: the limit). A
+    # compressed body's length says nothing of its size inflated (1 MB of gzip is 1 GB of text): the limit.
+    share = 0 if declared is not None and declared <= OFF_LOOP_BYTES and not compressed else (declared or limit)
+    if compressed:
+        share = limit
     budget = _budget(request.app)
     if share:
         try:
@@ -136,6 +143,8 @@ async def read_json(request: web.Request, limit: int) -> tuple[Any, bytes]:
                 chunks.append(chunk)
         raw = b"".join(chunks)
         del chunks
+        if compressed:  # inflated on a worker thread, never past the limit
+            return await asyncio.to_thread(_inflate_and_decode, raw, encoding, limit)
         body = await asyncio.to_thread(decode, raw) if size > OFF_LOOP_BYTES else decode(raw)
         return body, raw
     except TimeoutError:
@@ -147,6 +156,32 @@ async def read_json(request: web.Request, limit: int) -> tuple[Any, bytes]:
     finally:
         if share:
             await budget.give(share)
+
+
+# Request bodies the gateway inflates itself (the app's ``auto_decompress`` is off: aiohttp would inflate them on
+# the event loop, seconds of it for a gzip bomb, with every other request waiting). Other encodings are read as
+# they come, and are then no JSON.
+COMPRESSED = ("gzip", "x-gzip", "deflate")
+
+
+def _inflate_and_decode(data: bytes, encoding: str, limit: int) -> tuple[Any, bytes]:
+    """``data`` inflated (at most ``limit`` bytes of it) and decoded; on a worker thread."""
+    if encoding == "deflate":  # zlib's container, or raw deflate as some clients send it (aiohttp takes both)
+        wbits = zlib.MAX_WBITS if data[:1] and data[0] & 0x0F == 8 else -zlib.MAX_WBITS
+    else:
+        wbits = 16 + zlib.MAX_WBITS  # the gzip container
+    inflater = zlib.decompressobj(wbits)
+    try:
+        raw = inflater.decompress(data, limit + 1)
+    except zlib.error as e:
+        raise BodyInvalid(f"Content-Encoding {encoding}: {e}") from None
+    if len(raw) > limit:
+        raise BodyTooLarge(limit)
+    if not inflater.eof:
+        raise BodyInvalid(f"Content-Encoding {encoding}: the compressed data ends early")
+    if raw.count(b"{") + raw.count(b"[") > MAX_CONTAINERS:
+        raise BodyInvalid(f"more than {MAX_CONTAINERS} objects and arrays")
+    return decode(raw), raw
 
 
 async def close_after(request: web.Request, response: web.StreamResponse) -> web.StreamResponse:

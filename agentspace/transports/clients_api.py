@@ -11,8 +11,9 @@ from __future__ import annotations
 from aiohttp import web
 
 from .. import security
-from ..service import Service, parse_json
+from ..service import Service
 from . import state
+from .ui_stream import read_json
 
 
 def _service(request: web.Request) -> Service:
@@ -24,7 +25,7 @@ async def list_clients(request: web.Request) -> web.Response:
 
 
 async def create_client(request: web.Request) -> web.Response:
-    client, key = await _service(request).add_client(parse_json(await request.read()))
+    client, key = await _service(request).add_client(await read_json(request))
     # The key, this once; the gateway keeps its hash only.
     return web.json_response({"client": client, "key": key}, status=201)
 
@@ -34,7 +35,7 @@ async def get_client(request: web.Request) -> web.Response:
 
 
 async def update_client(request: web.Request) -> web.Response:
-    body = parse_json(await request.read())
+    body = await read_json(request)
     return web.json_response({"client": await _service(request).update_client(request.match_info["name"], body)})
 
 

@@ -22,7 +22,7 @@ from .. import security
 from ..errors import ApiError, outage_error
 from ..security import error_response
 from ..service import Service
-from . import state, v1_errors
+from . import bodies, state, v1_errors
 from .ui_stream import read_json
 
 log = logging.getLogger(__name__)
@@ -159,6 +159,15 @@ def _error_answer(request: web.Request, error: Exception) -> web.StreamResponse:
         if hdrs.ALLOW in error.headers:
             response.headers[hdrs.ALLOW] = error.headers[hdrs.ALLOW]
         return response
+    if isinstance(error, web.RequestPayloadError):
+        # The body could not be read: a Content-Encoding (gzip, deflate) whose data does not decode. The
+        # caller's input, answered 400 without a traceback; the rest of the body is not read.
+        log.info("%s %s: the body could not be read (%s)", request.method, request.path, error)
+        request[bodies.UNREAD] = True
+        message = "The request body could not be read: its Content-Encoding did not decode."
+        if request.path.startswith("/v1/"):
+            return v1_errors.error_response(request, 400, message, code="invalid_request_error")
+        return api_error_response(ApiError("INVALID_MESSAGE", message))
     if isinstance(error, RecursionError):
         # Input nested deeper than the code that walks it can follow (JSON decodes to a few hundred
         # levels, later steps may follow fewer): the caller's input, not our defect, and no traceback.

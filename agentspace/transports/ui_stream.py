@@ -29,7 +29,6 @@ from ..service import (
     invalid,
     message_id_problem,
     model_id_problem,
-    parse_json,
     session_id_problem,
 )
 from ..types import FilePart, compact_json, json_bytes, new_id, now_iso, usage_to_wire
@@ -229,15 +228,19 @@ def _file_data_bytes(body: Any) -> int:
 
 
 async def read_json(request: web.Request) -> Any:
-    """The JSON body; 413 past ``[server] max_body_bytes`` (the app's client_max_size), 400 if not JSON."""
+    """The JSON body; 413 past ``[server] max_body_bytes``, 400 if not JSON (a compressed body inflated)."""
+    limit = int(state.config(request.app)["server"]["max_body_bytes"])
     try:
-        raw = await request.read()
-    except web.HTTPRequestEntityTooLarge:
-        limit = state.config(request.app)["server"]["max_body_bytes"]
+        body, _ = await bodies.read_json(request, limit)
+    except bodies.BodyTooLarge:
         raise ApiError(
             "PAYLOAD_TOO_LARGE", f"Request body too large; the limit is {limit} bytes ([server] max_body_bytes)."
         ) from None
-    return parse_json(raw)
+    except bodies.BodyInvalid:
+        raise invalid({"": "the body must be JSON (UTF-8, nested at most a few hundred levels)"}) from None
+    except bodies.GatewayBusy:
+        raise ApiError("SERVICE_UNAVAILABLE", bodies.BUSY_MESSAGE) from None
+    return body
 
 
 def _text(message: dict[str, Any]) -> str:

@@ -240,7 +240,7 @@ class Connection:
         await self.send({"type": "context.inspection", "requestId": request_id, **reply})
 
     async def on_session_compact(self, request_id: Any, msg: dict[str, Any]) -> None:
-        reply = await self.service.compact_session(msg.get("sessionId"))
+        reply = await self.service.compact_session(msg.get("sessionId"), field="sessionId")
         await self.send({"type": "session.compacted", "requestId": request_id, **reply})
 
     async def on_usage_query(self, request_id: Any, msg: dict[str, Any]) -> None:
@@ -465,6 +465,10 @@ async def gateway_handler(request: web.Request) -> web.StreamResponse:
         # PAYLOAD_TOO_LARGE and keep the connection. Only authenticated clients get past 16 KiB (PreAuthBudget).
         max_msg_size=max(4 * int(server["max_frame_bytes"]), frame_limit(config)),
     )
+    if not ws.can_prepare(request).ok:  # a plain GET (a browser, curl): aiohttp's bare "Bad Request" said nothing
+        raise ApiError(
+            "INVALID_MESSAGE", "/gateway is a WebSocket: connect with Upgrade: websocket (docs/protocol.md)."
+        )
     try:
         caller = await security.bearer_caller(request)
     except Exception as e:

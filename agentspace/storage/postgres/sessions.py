@@ -187,7 +187,7 @@ class PostgresSessionStore:
     async def set_title(self, session_id: str, title: str) -> None:
         self._check_open()
         async with self.db.connection() as conn:
-            await _bump(conn, session_id, title)
+            await _bump(conn, session_id, clean_text(title))  # as on every other write: text refuses NUL
 
     async def touch(self, session_id: str) -> None:
         self._check_open()
