@@ -89,7 +89,8 @@ def usable_models(config: Config, providers: Iterable[Any] = (), *, include_all:
 
 def group_models(config: Config) -> list[dict[str, Any]]:
     """The model groups (``[models.groups]``): priced and described by their dearest deployment, which is
-    what a call to the group reserves; ``deployments`` names what serves it."""
+    what a call to the group reserves, with the context window and output limit of their smallest (what
+    every deployment takes); ``deployments`` names what serves it."""
     out = []
     for name, group in sorted(config.groups.items()):
         infos = [model_info(config, d.model) for d in group.deployments]
@@ -101,6 +102,7 @@ def group_models(config: Config) -> list[dict[str, Any]]:
                 "inputPerMTok": info.input_per_mtok,
                 "outputPerMTok": info.output_per_mtok,
                 "contextWindow": min((i.context_window for i in infos if i.context_window), default=None),
+                "maxOutputTokens": min((i.max_output_tokens for i in infos if i.max_output_tokens), default=None),
                 "supportsReasoning": all(i.supports_reasoning for i in infos),
                 "supportsTools": all(i.supports_tools for i in infos),
                 "supportsVision": all(i.supports_vision for i in infos),

@@ -113,6 +113,9 @@ CALLER_KEY = web.RequestKey("caller", str)
 CREDENTIAL_KEY = web.RequestKey("credential", str)
 # Paths only the gateway token may use.
 ADMIN_PATHS = ("/api/clients",)
+# The routes plugins added (``register_routes``): the gateway token only, as docs/plugins.md says; a plugin's
+# handler has no way to tell one client from another.
+PLUGIN_ROUTES = web.AppKey("plugin_routes", frozenset)
 _touches: set[asyncio.Task[None]] = set()
 
 
@@ -275,6 +278,8 @@ def security_middleware(config: Config) -> Middleware:
             return error_response(403, "FORBIDDEN", "Only the gateway token may manage clients.")
         if who != ADMIN and request.path == "/metrics":  # every client's names, tokens and cost
             return error_response(403, "FORBIDDEN", "Only the gateway token may read /metrics.")
+        if who != ADMIN and request.match_info.route in request.app.get(PLUGIN_ROUTES, ()):
+            return error_response(403, "FORBIDDEN", "Only the gateway token may use a plugin's routes.")
         request[CALLER_KEY] = who
         return await bodies.close_after(request, await handler(request))
 

@@ -106,6 +106,18 @@ def test_the_wire_fields_a_plugin_meets_are_documented() -> None:
         assert field in text, field
 
 
+def test_every_field_of_a_usage_record_is_documented() -> None:
+    """A sink author writes its columns from the doc's list: every key of ``record.to_dict()`` is in it."""
+    text = DOC.read_text(encoding="utf-8")
+    listed = text[text.index("- **Usage records**") :]
+    listed = listed[: listed.index("\n## ")]
+    record = UsageRecord(
+        new_id(), now_iso(), "echo/echo", "echo", None, None, TokenUsage(1, 1), Cost(1.0, 0.5), 1.0, "stop"
+    )
+    missing = [key for key in record.to_dict() if f"`{key}`" not in listed]
+    assert not missing, missing
+
+
 def test_hooks_found_by_inspecting_the_module_match() -> None:
     # Guards the pluggy-based listing above: a hookspec it missed would go undocumented silently.
     marked = {

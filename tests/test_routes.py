@@ -15,9 +15,11 @@ from typing import Any
 import jsonschema
 import openapi_spec_validator
 import pytest
+from aiohttp import web
 from aiohttp.test_utils import TestClient
 from click.testing import CliRunner
 
+from agentspace import hookimpl
 from agentspace.cli import main
 from agentspace.clients import PERIODS
 from agentspace.errors import HTTP_STATUS
@@ -122,6 +124,34 @@ async def test_the_auth_column_is_what_the_gateway_enforces(client: TestClient, 
             refused = as_client.status == 403 and (await as_client.json())["error"]["code"] == "FORBIDDEN"
             assert refused == (route.auth == Auth.ADMIN), (route, as_client.status)
             assert as_client.status != 401, route
+
+
+class _NotesRoute:
+    """A plugin route as docs/plugins.md shows them: the operator's, behind the gateway token."""
+
+    @hookimpl
+    def register_routes(self, app: web.Application) -> None:
+        async def notes(request: web.Request) -> web.Response:
+            return web.json_response({"notes": "the operator's"})
+
+        app.router.add_get("/api/plugins/notes", notes)
+
+
+async def test_a_plugin_route_takes_the_gateway_token_only(
+    make_client: Callable[..., Awaitable[TestClient]], auth_headers: dict[str, str], isolated_env: Path
+) -> None:
+    """docs/plugins.md: "Every route needs the gateway token": a plugin's handler cannot tell one client from
+    another, so a client key gets 403, as on the admin routes."""
+    pm = create_plugin_manager()
+    pm.register(_NotesRoute())
+    client = await make_client(pm=pm)
+    key = CliRunner().invoke(main, ["clients", "add", "bot"], catch_exceptions=False).stdout.strip()
+    assert (await client.get("/api/plugins/notes", headers=auth_headers)).status == 200
+    for method in ("GET", "HEAD"):
+        as_client = await client.request(method, "/api/plugins/notes", headers={"Authorization": f"Bearer {key}"})
+        assert as_client.status == 403, method
+    assert (await client.get("/api/plugins/notes")).status == 401
+    assert (await client.get("/api/models", headers={"Authorization": f"Bearer {key}"})).status == 200
 
 
 def _enums(doc: dict[str, Any], prop: str) -> list[list[Any]]:

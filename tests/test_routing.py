@@ -1016,10 +1016,11 @@ async def test_a_groups_context_window_is_its_smallest_deployments(
     small = "anthropic/claude-haiku-4-5"
     settings = group(fakes, extra=[{}, {"model": small}])
     settings["chat"] = {"context_policy": "refuse"}
-    settings["pricing"] = {small: {"context_window": 8_000}}
+    settings["pricing"] = {small: {"context_window": 8_000, "max_output_tokens": 1_000}}
     client = await routed(settings)
     listed = {m["id"]: m for m in (await (await client.get("/api/models", headers=auth_headers)).json())["models"]}
     assert listed["claude"]["contextWindow"] == 8_000
+    assert listed["claude"]["maxOutputTokens"] == 1_000  # what every deployment can give, as a model lists it
     message = {"id": "m1", "role": "user", "parts": [{"type": "text", "text": "word " * 6_000}]}
     resp = await client.post(
         "/api/chat", json={"id": "big", "messages": [message], "model": "claude"}, headers=auth_headers

@@ -19,6 +19,7 @@ from typing import Any
 import pluggy
 from aiohttp import web
 
+from .. import security
 from ..config import Config
 from ..providers.upstream_http import close_http_client
 from . import (
@@ -110,7 +111,9 @@ def install(app: web.Application, config: Config, pm: pluggy.PluginManager) -> N
     for route in table():
         app.router.add_route(route.method, route.path, route.handler)
     app.on_cleanup.append(close_http_client)  # the /v1 relays' HTTP client
+    ours = set(app.router.routes())
     pm.hook.register_routes(app=app, config=config)
+    app[security.PLUGIN_ROUTES] = frozenset(r for r in app.router.routes() if r not in ours)
 
 
 # --- the OpenAPI document ------------------------------------------------------------------------

@@ -45,6 +45,14 @@ async def get_model(request: web.Request) -> web.Response:
     return web.json_response({**openai_list(found)["data"][0], "id": wanted})
 
 
+def lifecycle(deprecation_date: str | None, retired: bool) -> dict[str, Any]:
+    """Anthropic's ``lifecycle``: a model with a retirement date ahead is ``deprecated`` (it still answers),
+    past it ``retired`` (only the configured default is listed then); ``retires_at`` is that date."""
+    if not deprecation_date:
+        return {"lifecycle": "active", "retires_at": None}
+    return {"lifecycle": "retired" if retired else "deprecated", "retires_at": f"{deprecation_date}T00:00:00Z"}
+
+
 def openai_list(models: list[dict[str, Any]]) -> dict[str, Any]:
     return {
         "object": "list",
@@ -56,7 +64,17 @@ def anthropic_list(models: list[dict[str, Any]]) -> dict[str, Any]:
     data = []
     for m in models:
         model_id = m["id"].split("/", 1)[1] if m["id"].startswith("anthropic/") else m["id"]
-        data.append({"type": "model", "id": model_id, "display_name": model_id, "created_at": CREATED_AT})
+        data.append(
+            {
+                "type": "model",
+                "id": model_id,
+                "display_name": model_id,
+                "created_at": CREATED_AT,
+                "max_input_tokens": m.get("contextWindow"),
+                "max_tokens": m.get("maxOutputTokens"),
+                **lifecycle(m.get("deprecationDate"), bool(m.get("deprecated"))),
+            }
+        )
     return {
         "data": data,
         "has_more": False,
