@@ -199,7 +199,8 @@ async def test_a_truncated_session_is_moved_aside_not_served_in_part(
     result = invoke("sessions", "show", "s_long")  # the CLI reads it: an error, not 10 of 20 messages
     assert result.exit_code == 1 and "damaged" in result.output
     # A reader moves nothing: it says the file is where it was, not that it was moved aside.
-    assert "kept as it is" in result.output and "moved aside" not in result.output and path.exists()
+    assert "kept as it is (run: agentspace doctor)." in result.output and "moved aside" not in result.output
+    assert path.exists()
     ws = await connect(client, token)
     reply = (await chat(ws, "more", sessionId="s_long"))[-1]
     assert reply["code"] == "SESSION_DAMAGED"
