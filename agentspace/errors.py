@@ -79,9 +79,9 @@ class SessionDamaged(ApiError):
     the CLI leaves it where it is: ``moved=False``)."""
 
     def __init__(self, session_id: str, *, moved: bool = True) -> None:
-        where = "its file was moved aside (see the server log, or" if moved else "its file is kept as it is ("
+        where = "its file was moved aside (see the server log, or run:" if moved else "its file is kept as it is (run:"
         super().__init__(
-            "SESSION_DAMAGED", f"Session {session_id!r} is damaged and cannot be read; {where} run: agentspace doctor)."
+            "SESSION_DAMAGED", f"Session {session_id!r} is damaged and cannot be read; {where} agentspace doctor)."
         )
 
 

@@ -90,6 +90,34 @@ async def test_a_damaged_usage_segment_does_not_stop_counting(
     assert data["grandTotal"]["requestCount"] == 20 and data["damagedFiles"] == [str(moved)]
 
 
+async def test_damage_to_the_segment_being_written_is_moved_aside_before_the_next_record(
+    client: TestClient, token: str, auth_headers: dict[str, str], isolated_env: Path, caplog: Any
+) -> None:
+    """A line of junk added, or the segment cut mid-line, from outside while the server writes it: the next
+    record goes to a fresh segment, not after the damage (where every record written since would go uncounted,
+    in the reports and in every budget, with the segment)."""
+    ws = await connect(client, token)
+    for i in range(2):
+        assert (await chat(ws, f"question {i}", f"r{i}"))[-1]["type"] == "chat.stream.end"
+    segment = isolated_env / "usage" / today() / "00000.jsonl"
+    with open(segment, "ab") as f:
+        f.write(b"not a record\n")
+    for i in range(2, 4):
+        assert (await chat(ws, f"question {i}", f"r{i}"))[-1]["type"] == "chat.stream.end"
+    [moved] = damaged_copies(isolated_env / "usage")
+    assert moved.name.startswith("00000.jsonl.damaged-")
+    os.truncate(segment, segment.stat().st_size - 5)  # the last record cut mid-line
+    for i in range(4, 7):
+        assert (await chat(ws, f"question {i}", f"r{i}"))[-1]["type"] == "chat.stream.end"
+    await ws.close()
+    resp = await client.get("/api/usage", headers=auth_headers)
+    report = await resp.json()
+    # The two records set aside with the junk are named, not counted; of the five written after it, the one cut
+    # short is lost, the other four (the three written after the cut among them) counted.
+    assert report["grandTotal"]["requestCount"] == 4 and report["damagedFiles"] == [str(moved)]
+    assert any("changed from outside the server" in r.getMessage() for r in caplog.records)
+
+
 async def test_a_damaged_segment_found_by_readers_is_reported_before_the_writer_moves_it(
     client: TestClient, auth_headers: dict[str, str], isolated_env: Path
 ) -> None:
@@ -171,7 +199,8 @@ async def test_a_truncated_session_is_moved_aside_not_served_in_part(
     result = invoke("sessions", "show", "s_long")  # the CLI reads it: an error, not 10 of 20 messages
     assert result.exit_code == 1 and "damaged" in result.output
     # A reader moves nothing: it says the file is where it was, not that it was moved aside.
-    assert "kept as it is" in result.output and "moved aside" not in result.output and path.exists()
+    assert "kept as it is (run: agentspace doctor)." in result.output and "moved aside" not in result.output
+    assert path.exists()
     ws = await connect(client, token)
     reply = (await chat(ws, "more", sessionId="s_long"))[-1]
     assert reply["code"] == "SESSION_DAMAGED"

@@ -288,6 +288,12 @@ class AppendLog:
         own = os.fstat(fd)
         return named.st_ino != own.st_ino or named.st_dev != own.st_dev
 
+    def is_resized(self) -> bool:
+        """Whether the file is not the size this writer made it: appended to or cut short from outside (a line
+        of junk, a truncation). A line appended here then would follow the damage, or glue onto a cut line. One
+        fstat (the writes go on the file directly: its size is ours, synced or not)."""
+        return os.fstat(self._require()).st_size != self.size
+
     @property
     def is_new(self) -> bool:
         """Created by ``create`` and never synced: its entry in the folder is not durable yet."""

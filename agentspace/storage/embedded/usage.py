@@ -5,7 +5,9 @@ line. The writer appends each record (group commit: records stored together shar
 starts the next segment when the current one holds ``segment_size`` records or the UTC day changes, so no
 file grows without bound and a write costs one short line however much is stored. A segment deleted or moved
 away from outside while it is written (history pruned or archived) is noticed at the next record, which goes
-to the day's folder as it is then, not to a file no name leads to. Segments written by
+to the day's folder as it is then, not to a file no name leads to; one appended to or cut short from outside (a
+line of junk, a truncation) is checked again first, as at a restart, so no record is written after the damage
+(uncounted with it) or glued onto a cut line. Segments written by
 earlier versions, ``<NNNNN>.json`` (a tinydb file, table ``records``), are read as they are; the writer
 never appends to them.
 
@@ -494,6 +496,9 @@ class UsageStore:
             log.warning(
                 "%s was deleted, moved or replaced from outside the server; records go on in its folder", self._log.path
             )
+            self._open_day(day)
+        elif self._log.is_resized():  # read again as a restart does: damage moved aside, a cut line cut off
+            log.warning("%s was changed from outside the server; checked again before the next record", self._log.path)
             self._open_day(day)
         elif self._count >= self.segment_size:
             self._start(day, self._number + 1)
