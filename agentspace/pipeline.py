@@ -133,6 +133,9 @@ async def start_turn(gw: Registry, request: ChatRequest) -> Turn:
     model = await _admitted_model(gw, request, session)
     # Media types, sizes and what the model reads: refused here, before anything is stored or sent.
     stored = session["messages"] if session else request.import_messages
+    # A message answered again (a regenerate, an edit) brings its files again: the stored copy is not counted too.
+    if (again := _answered_again(session, request.user_message_id)) is not None:
+        stored = stored[:again]
     earlier = attachments.stored_files(stored)
     # The files a call resends: those after the latest summary (the summarised turns' are not sent again).
     start = history_start(stored)[0]
@@ -158,7 +161,6 @@ async def start_turn(gw: Registry, request: ChatRequest) -> Turn:
         )
     # The id of a user message the session holds: the client asks for its answer again (the AI SDK's regenerate,
     # a retry, an edit). The answers after it are set aside (``replaced``), and it is not stored a second time.
-    again = _answered_again(session, request.user_message_id)
     user_message: dict[str, Any] = {
         "id": request.user_message_id or new_id("msg_"),
         "role": "user",
