@@ -28,7 +28,14 @@ from typing import Any, cast
 
 from . import attachments, tokens
 from .calls import ProviderCall, ceiling_cost, cut_short_usage, price, request_ceiling
-from .context import AssembledContext, assemble, estimate_input_tokens, first_message_key, history_start
+from .context import (
+    AssembledContext,
+    assemble,
+    estimate_input_tokens,
+    first_message_key,
+    history_start,
+    history_window,
+)
 from .context_policy import fit_context
 from .errors import ApiError, StorageError
 from .events import (
@@ -137,9 +144,11 @@ async def start_turn(gw: Registry, request: ChatRequest) -> Turn:
     if (again := _answered_again(session, request.user_message_id)) is not None:
         stored = stored[:again]
     earlier = attachments.stored_files(stored)
-    # The files a call resends: those after the latest summary (the summarised turns' are not sent again).
+    # The files a call resends: those of the history it sends (context.assemble), after the latest summary (the
+    # summarised turns' are not sent again) and within [chat] history_limit.
     start = history_start(stored)[0]
-    resent = attachments.stored_files(stored[start:]) if start else earlier
+    window = history_window(stored[start:], gw.config["chat"]["history_limit"])
+    resent = attachments.stored_files(window) if len(window) != len(stored) else earlier
     files = await attachments.prepare(gw, model, earlier, request.files, resent=resent)
     imported = await attachments.prepare_imported(gw, request.import_messages, files) if session is None else []
 

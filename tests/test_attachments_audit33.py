@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import base64
+import json
 from typing import Any
 
+from tests.fakes import openai_upstream as fo
 from tests.fakes.anthropic_upstream import text_response
 from tests.support.ui_stream import post_chat, read_all
+from tests.support.ws import chat, connect
 from tests.test_attachments import blocks, data_url, file_message, gateway, pdf, png
 
 __all__ = ["gateway"]  # the fixture: each test on both storage backends
@@ -72,3 +76,25 @@ async def test_a_21st_image_is_refused_when_a_claude_call_would_carry_one_over_2
     assert resp.status == 400, await resp.text()
     assert "'f0' is 2100 x 4 pixels" in (await resp.json())["error"]["message"]
     assert len(fake_anthropic.requests) == 2
+
+
+async def test_files_past_the_history_limit_no_longer_bind_the_session_to_models_that_read_them(
+    make_client: Any, token: str, fake_anthropic: Any, fake_openai: Any, monkeypatch: Any
+) -> None:
+    # [chat] history_limit leaves a long session's oldest turns out of every call, and their files with them; the
+    # checks of what a call resends still counted those files (here: a text-only model was refused for an image
+    # no call sends any more).
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-openai-test-0123456789")
+    client = await make_client(providers={"openai": {"base_url": fake_openai.url}}, chat={"history_limit": 2})
+    fake_anthropic.enqueue(text_response("A square."), text_response("Later."))
+    ws = await connect(client, token)
+    data = base64.b64encode(png(16, 16)).decode()
+    frames = await chat(ws, "Describe it", "r1", attachments=[{"mediaType": "image/png", "data": data}])
+    session_id = frames[0]["sessionId"]
+    assert (await chat(ws, "And then?", "r2", sessionId=session_id))[-1]["type"] == "chat.stream.end"
+    fake_openai.enqueue(fo.text_response("Text only."))
+    frames = await chat(ws, "Go on", "r3", sessionId=session_id, model="openai/gpt-3.5-turbo")
+    assert frames[-1]["type"] == "chat.stream.end", frames[-1]
+    [request] = fake_openai.requests
+    assert "image_url" not in json.dumps(request.body)
+    await ws.close()
