@@ -297,6 +297,49 @@ def check_model_limits(model: str, new: Sequence[FilePart], earlier: Iterable[di
             )
 
 
+# With more than 20 images in a request, Claude takes at most 2000 px on a side of each (the same "Vision" page):
+# a session's 21st image would make every later call, which resends them all, fail when any is larger.
+ANTHROPIC_MANY_IMAGES = 20
+ANTHROPIC_MANY_IMAGES_MAX_EDGE = 2000
+# The sizes of stored images by SHA-256: each turn of a session of many images checks them all.
+_DIMENSIONS: dict[str, tuple[int, int] | None] = {}
+
+
+async def check_many_images(
+    gw: Registry, model: str, new: Sequence[FilePart], earlier: Iterable[dict[str, Any]]
+) -> None:
+    """Refuse, for a Claude model, a call of more than 20 images one of which is over 2000 px on a side."""
+    if not anthropic_family(model):
+        return
+    images = [p for p in new if p.is_image]
+    stored = [p for p in earlier if str(p.get("mediaType")).startswith("image/") and p.get("sha256")]
+    count = len(images) + len(stored)
+    if count <= ANTHROPIC_MANY_IMAGES:
+        return
+    sized = [(_name(p), image_size(raw_bytes(p))) for p in images]
+    for p in stored:
+        sha256 = str(p["sha256"])
+        if sha256 not in _DIMENSIONS:
+            # An earlier message a new session imports (``/api/chat``) brings its data; a stored one's is in the blobs.
+            data = p.get("data")
+            raw = raw_bytes(FilePart(str(p["mediaType"]), data=data)) if data else await gw.blobs.get(sha256)
+            if len(_DIMENSIONS) >= _MEASURED_MAX:
+                _DIMENSIONS.clear()
+            _DIMENSIONS[sha256] = image_size(raw) if raw else None
+        sized.append(
+            (repr(p["filename"]) if p.get("filename") else f"of type {p.get('mediaType')}", _DIMENSIONS[sha256])
+        )
+    for name, dims in sized:
+        if dims is not None and max(dims) > ANTHROPIC_MANY_IMAGES_MAX_EDGE:
+            raise ApiError(
+                "INVALID_MESSAGE",
+                f"The image {name} is {dims[0]} x {dims[1]} pixels; {model!r} takes at most "
+                f"{ANTHROPIC_MANY_IMAGES_MAX_EDGE} pixels on a side when a call sends more than "
+                f"{ANTHROPIC_MANY_IMAGES} images, and a call of this session would send {count} (each turn resends "
+                "the session's images). Send smaller images, start a new session, or compact this one first.",
+            )
+
+
 async def prepare(
     gw: Registry,
     model: str,
@@ -316,6 +359,7 @@ async def prepare(
     if not files:
         if check:
             check_model_limits(model, [], again)
+            await check_many_images(gw, model, [], again)
         return []
     settings = gw.config["attachments"]
     allowed = [str(t).lower() for t in settings["media_types"]]
@@ -341,6 +385,7 @@ async def prepare(
             )
     if check:
         check_model_limits(model, ready, again)
+        await check_many_images(gw, model, ready, again)
     _check_session_bytes(gw, sum(int(p.get("size") or 0) for p in earlier) + sum(p.size or 0 for p in ready))
     return ready
 

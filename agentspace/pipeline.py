@@ -28,7 +28,14 @@ from typing import Any, cast
 
 from . import attachments, tokens
 from .calls import ProviderCall, ceiling_cost, cut_short_usage, price, request_ceiling
-from .context import AssembledContext, assemble, estimate_input_tokens, first_message_key, history_start
+from .context import (
+    AssembledContext,
+    assemble,
+    estimate_input_tokens,
+    first_message_key,
+    history_start,
+    history_window,
+)
 from .context_policy import fit_context
 from .errors import ApiError, StorageError
 from .events import (
@@ -133,10 +140,15 @@ async def start_turn(gw: Registry, request: ChatRequest) -> Turn:
     model = await _admitted_model(gw, request, session)
     # Media types, sizes and what the model reads: refused here, before anything is stored or sent.
     stored = session["messages"] if session else request.import_messages
+    # A message answered again (a regenerate, an edit) brings its files again: the stored copy is not counted too.
+    if (again := _answered_again(session, request.user_message_id)) is not None:
+        stored = stored[:again]
     earlier = attachments.stored_files(stored)
-    # The files a call resends: those after the latest summary (the summarised turns' are not sent again).
+    # The files a call resends: those of the history it sends (context.assemble), after the latest summary (the
+    # summarised turns' are not sent again) and within [chat] history_limit.
     start = history_start(stored)[0]
-    resent = attachments.stored_files(stored[start:]) if start else earlier
+    window = history_window(stored[start:], gw.config["chat"]["history_limit"])
+    resent = attachments.stored_files(window) if len(window) != len(stored) else earlier
     files = await attachments.prepare(gw, model, earlier, request.files, resent=resent)
     imported = await attachments.prepare_imported(gw, request.import_messages, files) if session is None else []
 
@@ -158,7 +170,6 @@ async def start_turn(gw: Registry, request: ChatRequest) -> Turn:
         )
     # The id of a user message the session holds: the client asks for its answer again (the AI SDK's regenerate,
     # a retry, an edit). The answers after it are set aside (``replaced``), and it is not stored a second time.
-    again = _answered_again(session, request.user_message_id)
     user_message: dict[str, Any] = {
         "id": request.user_message_id or new_id("msg_"),
         "role": "user",
