@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+from typing import Any
+
+import pytest
 from aiohttp.test_utils import TestClient
 
-from tests.fakes.anthropic_upstream import FakeAnthropic
+from agentspace.plugins import create_plugin_manager
+from tests.fakes.anthropic_upstream import FakeAnthropic, error_status
+from tests.support.ws import chat, connect
+from tests.test_metrics import delta, scrape
 
 MESSAGES = [{"role": "user", "content": "Hi"}]
 
@@ -22,3 +28,35 @@ async def test_count_tokens_of_an_unknown_bare_model_name_is_refused_as_the_mess
         assert resp.status == 404, count
         assert count == call, count
     assert fake_anthropic.requests == []
+
+
+@pytest.mark.parametrize("status", [400, 413])
+async def test_an_upstream_refusal_of_the_request_is_counted_under_one_code_on_every_way_in(
+    make_client: Any,
+    auth_headers: dict[str, str],
+    fake_anthropic: FakeAnthropic,
+    monkeypatch: pytest.MonkeyPatch,
+    status: int,
+) -> None:
+    """Anthropic refusing the request (400, 413) is the same record and the same ``agentspace_errors`` code
+    whichever door the request came in by: LLM_ERROR, the provider refused the call (docs/protocol.md)."""
+    monkeypatch.setenv("AGENTSPACE_LOAD_PLUGINS", "metrics")
+    client = await make_client(chat={"max_retries": 0}, pm=create_plugin_manager())
+    before = await scrape(client, auth_headers)
+    answers = []
+    ws = await connect(client, auth_headers["Authorization"].split()[1])
+    fake_anthropic.enqueue(error_status(status))
+    answers.append([f["code"] for f in await chat(ws, "Hi") if f["type"] == "error"])
+    await ws.close()
+    for path, body in (
+        ("/v1/messages", {"model": "claude-sonnet-4-5", "max_tokens": 16, "messages": MESSAGES}),
+        ("/v1/chat/completions", {"model": "anthropic/claude-sonnet-4-5", "messages": MESSAGES}),
+        ("/v1/responses", {"model": "anthropic/claude-sonnet-4-5", "input": "Hi"}),
+    ):
+        fake_anthropic.enqueue(error_status(status))
+        async with client.post(path, json=body, headers=auth_headers) as resp:
+            answers.append(resp.status)  # each API passes the provider's status on
+    assert answers == [["LLM_ERROR"], status, status, status], answers
+    errors = delta(await scrape(client, auth_headers), before, "agentspace_errors_total")
+    codes = {dict(labels)["endpoint"]: dict(labels)["code"] for labels in errors}
+    assert codes == dict.fromkeys(("ws", "anthropic", "openai", "responses"), "LLM_ERROR"), codes
