@@ -60,3 +60,21 @@ async def test_an_upstream_refusal_of_the_request_is_counted_under_one_code_on_e
     errors = delta(await scrape(client, auth_headers), before, "agentspace_errors_total")
     codes = {dict(labels)["endpoint"]: dict(labels)["code"] for labels in errors}
     assert codes == dict.fromkeys(("ws", "anthropic", "openai", "responses"), "LLM_ERROR"), codes
+
+
+@pytest.mark.parametrize(
+    ("field", "value"), [("model", 5), ("user", 7), ("dimensions", "8"), ("encoding_format", ["float"])]
+)
+async def test_a_field_of_the_wrong_type_is_refused_alike_on_every_openai_shaped_endpoint(
+    client: TestClient, auth_headers: dict[str, str], field: str, value: Any
+) -> None:
+    """OpenAI answers a field of the wrong type with code ``invalid_type`` naming the field; so do
+    /v1/chat/completions and /v1/responses, and /v1/embeddings as well (not "you must provide a model")."""
+    base = {"model": "openai/text-embedding-3-small", "input": "Hi"}
+    async with client.post("/v1/embeddings", json={**base, field: value}, headers=auth_headers) as resp:
+        error = (await resp.json())["error"]
+    assert resp.status == 400 and (error["code"], error["param"]) == ("invalid_type", field), error
+    if field in ("model", "user"):  # the fields the three APIs share: the same words too
+        chat = {"model": "anthropic/claude-sonnet-4-5", "messages": MESSAGES, field: value}
+        async with client.post("/v1/chat/completions", json=chat, headers=auth_headers) as resp:
+            assert (await resp.json())["error"] == error
