@@ -30,7 +30,7 @@ from .config import Config
 from .context import inspect_session
 from .context_policy import compact_session
 from .direct_call import DirectCall
-from .errors import ApiError
+from .errors import ApiError, SessionDamaged
 from .export import EXPORT_FORMATS, export_session
 from .periods import parse_since
 from .pipeline import ChatRequest, Turn, owns_now, running, start_turn
@@ -486,7 +486,10 @@ class Service:
             checked(session_id, paths[0], session_label_problem)
             stored_id = session_id_problem(session_id) is None
             if stored_id and self.caller != ADMIN:  # a session of its own by that id; else a /v1 header's label
-                stored = await self.resolve(session_id)
+                try:
+                    stored = await self.resolve(session_id)
+                except SessionDamaged:  # its records are intact: the caller's own of that id (as the CLI reports)
+                    stored = session_id
                 if stored != session_id and await self.gw.sessions.exists(stored):
                     session_id = stored
         when = None
@@ -497,7 +500,10 @@ class Service:
                 raise invalid({paths[1]: str(e)}) from None
         client = None if self.caller == ADMIN else self.caller
         if client is None and stored_id and session_id is not None:
-            client = await self._session_owner(session_id)
+            try:
+                client = await self._session_owner(session_id)
+            except SessionDamaged:  # whose it was cannot be read: every record of the id, as the CLI reports
+                client = None
         if client is not None and self.caller != ADMIN:  # not an earlier client's of the same name
             current = await self.gw.clients.get(client)
             if current is not None and current.since is not None:

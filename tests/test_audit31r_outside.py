@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -9,7 +11,8 @@ from aiohttp.test_utils import TestClient
 
 from agentspace.plugins import create_plugin_manager
 from tests.fakes.anthropic_upstream import FakeAnthropic, error_status
-from tests.support.ws import chat, connect
+from tests.support.ws import chat, connect, receive
+from tests.test_clients import add_client, bearer, cli
 from tests.test_metrics import delta, scrape
 
 MESSAGES = [{"role": "user", "content": "Hi"}]
@@ -78,3 +81,27 @@ async def test_a_field_of_the_wrong_type_is_refused_alike_on_every_openai_shaped
         chat = {"model": "anthropic/claude-sonnet-4-5", "messages": MESSAGES, field: value}
         async with client.post("/v1/chat/completions", json=chat, headers=auth_headers) as resp:
             assert (await resp.json())["error"] == error
+
+
+@pytest.mark.parametrize("who", ["admin", "client"])
+async def test_the_usage_of_a_damaged_session_is_reported_alike_by_the_cli_the_api_and_the_websocket(
+    client: TestClient, token: str, isolated_env: Path, who: str
+) -> None:
+    """A session file that cannot be read does not take its usage records with it: ``agentspace usage
+    --session`` reports them, and so do ``GET /api/usage?sessionId=`` and ``usage.query`` (not a 409)."""
+    key = token if who == "admin" else add_client("alice")
+    ws = await connect(client, key)
+    session_id = str((await chat(ws, "hello"))[0]["sessionId"])
+    await chat(ws, "again", "r2", sessionId=session_id)
+    [path] = (isolated_env / "sessions").glob(f"{session_id}*.jsonl")
+    path.write_bytes(b"{damaged\n" + path.read_bytes())
+    expected = json.loads(cli("usage", "--session", session_id, "--json"))["grandTotal"]
+    assert expected["requestCount"] == 2, expected
+    async with client.get(f"/api/usage?sessionId={session_id}", headers=bearer(key)) as resp:
+        report = await resp.json()
+        assert resp.status == 200, report
+    assert report["grandTotal"] == expected, report
+    await ws.send_json({"type": "usage.query", "id": "u1", "sessionId": session_id})
+    reply = await receive(ws)
+    assert reply["type"] == "usage.report" and reply["grandTotal"] == expected, reply
+    await ws.close()
