@@ -105,3 +105,36 @@ async def test_the_usage_of_a_damaged_session_is_reported_alike_by_the_cli_the_a
     reply = await receive(ws)
     assert reply["type"] == "usage.report" and reply["grandTotal"] == expected, reply
     await ws.close()
+
+
+async def test_every_status_the_session_routes_answer_is_in_the_served_openapi_document(
+    client: TestClient, token: str, auth_headers: dict[str, str], isolated_env: Path
+) -> None:
+    """A bad search (400) and a damaged session (409 SESSION_DAMAGED, docs/protocol.md) on each route that
+    reads the session: the statuses are listed for the route in GET /api/openapi.json."""
+    seen: dict[tuple[str, str], set[int]] = {}
+    async with client.get("/api/sessions", params={"q": ""}, headers=auth_headers) as resp:
+        seen[("get", "/api/sessions")] = {resp.status}
+    routes = [
+        ("get", "/api/sessions/{id}", None),
+        ("patch", "/api/sessions/{id}", {"title": "renamed"}),
+        ("get", "/api/sessions/{id}/context", None),
+        ("post", "/api/sessions/{id}/context", {}),
+        ("get", "/api/sessions/{id}/export", None),
+        ("post", "/api/sessions/{id}/compact", None),
+    ]
+    ws = await connect(client, token)
+    for method, route, body in routes:
+        session_id = str((await chat(ws, "hello"))[0]["sessionId"])
+        path = isolated_env / "sessions" / f"{session_id}.jsonl"
+        path.write_bytes(b"{damaged\n" + path.read_bytes())
+        async with client.request(method, route.format(id=session_id), json=body, headers=auth_headers) as resp:
+            error = (await resp.json())["error"]
+            assert error["code"] == "SESSION_DAMAGED", (route, error)
+            seen[(method, route)] = {resp.status}
+    await ws.close()
+    async with client.get("/api/openapi.json", headers=auth_headers) as resp:
+        document = await resp.json()
+    for (method, route), statuses in seen.items():
+        documented = {int(status) for status in document["paths"][route][method]["responses"]}
+        assert statuses - documented == set(), (method, route, statuses, documented)
