@@ -138,3 +138,23 @@ async def test_every_status_the_session_routes_answer_is_in_the_served_openapi_d
     for (method, route), statuses in seen.items():
         documented = {int(status) for status in document["paths"][route][method]["responses"]}
         assert statuses - documented == set(), (method, route, statuses, documented)
+
+
+@pytest.mark.parametrize("header", ["Origin", "Host"])
+async def test_a_host_or_origin_not_allowed_is_refused_on_v1_in_the_shape_of_its_api(
+    client: TestClient, auth_headers: dict[str, str], header: str
+) -> None:
+    """docs/protocol.md: /v1 errors come in the shape of the API the request speaks; the 403 for a Host or
+    Origin not allowed too (the SDKs parse their own shape only), as the 401 already is."""
+    refused = {**auth_headers, header: "https://evil.example" if header == "Origin" else "evil.example"}
+    message = {"model": "claude-sonnet-4-5", "max_tokens": 16, "messages": MESSAGES}
+    async with client.post("/v1/messages", json=message, headers=refused) as resp:
+        body = await resp.json()
+        assert resp.status == 403 and body["type"] == "error", body
+        assert body["error"]["type"] == "permission_error" and header in body["error"]["message"], body
+    chat_body = {"model": "anthropic/claude-sonnet-4-5", "messages": MESSAGES}
+    async with client.post("/v1/chat/completions", json=chat_body, headers=refused) as resp:
+        error = (await resp.json())["error"]
+        assert resp.status == 403 and header in error["message"] and {"type", "param", "code"} <= set(error), error
+    async with client.get("/api/sessions", headers=refused) as resp:  # the HTTP API: its own shape, as before
+        assert resp.status == 403 and (await resp.json())["error"]["code"] == "FORBIDDEN"
