@@ -158,3 +158,29 @@ async def test_a_host_or_origin_not_allowed_is_refused_on_v1_in_the_shape_of_its
         assert resp.status == 403 and header in error["message"] and {"type", "param", "code"} <= set(error), error
     async with client.get("/api/sessions", headers=refused) as resp:  # the HTTP API: its own shape, as before
         assert resp.status == 403 and (await resp.json())["error"]["code"] == "FORBIDDEN"
+
+
+async def test_a_preflight_from_an_allowed_origin_lets_the_sdks_headers_through_on_v1(
+    make_client: Any, auth_headers: dict[str, str]
+) -> None:
+    """A page on an allowed origin may call /v1 as it calls /api: the browser builds of the SDKs send their
+    own headers (x-api-key, anthropic-version, x-stainless-*), and a preflight that does not allow them
+    stops the call in the browser before it is sent."""
+    origin = "http://localhost:5173"
+    client = await make_client(server={"allowed_origins": [origin]})
+    requested = {
+        "/v1/messages": "anthropic-dangerous-direct-browser-access, anthropic-version, content-type, x-api-key, "
+        "x-stainless-lang, x-stainless-retry-count",
+        "/v1/chat/completions": "authorization, content-type, x-stainless-lang, x-stainless-os",
+        "/api/chat": "authorization, content-type",
+    }
+    for path, headers in requested.items():
+        preflight_headers = {
+            "Origin": origin,
+            "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": headers,
+        }
+        async with client.options(path, headers=preflight_headers) as resp:
+            assert resp.status == 204 and resp.headers["Access-Control-Allow-Origin"] == origin
+            allowed = {h.strip().lower() for h in resp.headers["Access-Control-Allow-Headers"].split(",")}
+        assert {h.strip() for h in headers.split(",")} <= allowed, (path, allowed)
