@@ -39,7 +39,7 @@ from .registry import ModelNotFound, Registry
 from .routed_call import start_direct
 from .routing import Group, deployment_states
 from .storage.errors import ClientExists, ClientNotFound, SessionNotFound
-from .storage.reports import REPORTS
+from .storage.reports import REPORTS, merge_named
 from .storage.search import search_sessions
 from .storage.shapes import SESSION_ID, TITLE_LENGTH, Listing, as_seen
 from .types import LONE_SURROGATE, ChatMessage, FilePart, Tool, clean_text, now_iso
@@ -510,11 +510,19 @@ class Service:
                 when = current.since if when is None else max(when, current.since)
         report = await self.gw.usage.report(by=by, since=when, session_id=session_id, client=client)
         if self.caller != ADMIN and "perSession" in report:  # the ids the client knows its sessions by
-            per_session: dict[str, Any] = {}
-            for sid, totals in report["perSession"].items():
-                per_session.setdefault(self.visible(sid), totals)  # no clash: an owned id is never scoped again
-            report = {**report, "perSession": per_session}
+            report = {**report, "perSession": self._per_session_as_known(report["perSession"])}
         return report
+
+    def _per_session_as_known(self, per_stored_id: dict[str, Any]) -> dict[str, Any]:
+        """A client's totals per session under the ids it knows: its scoped session (``<id>-c<hash>``) and
+        its /v1 calls filed under the label ``<id>`` are one name to it, so their totals are summed."""
+        per_session: dict[str, Any] = {}
+        for sid, totals in per_stored_id.items():
+            merge_named(per_session, self.visible(sid), totals)
+        for totals in per_session.values():  # float sums carry noise below a nano-dollar (as reports round)
+            for name in ("totalCost", "serverToolCost"):
+                totals[name] = round(totals[name], 10)
+        return per_session
 
     async def _session_owner(self, session_id: str) -> str | None:
         """Whose session ``session_id`` is (None when no session has that id). Session ids name a session in

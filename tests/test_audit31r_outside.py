@@ -11,6 +11,7 @@ from aiohttp.test_utils import TestClient
 
 from agentspace.plugins import create_plugin_manager
 from tests.fakes.anthropic_upstream import FakeAnthropic, error_status
+from tests.support.ui_stream import post_chat, read_all
 from tests.support.ws import chat, connect, receive
 from tests.test_clients import add_client, bearer, cli
 from tests.test_metrics import delta, scrape
@@ -184,3 +185,23 @@ async def test_a_preflight_from_an_allowed_origin_lets_the_sdks_headers_through_
             assert resp.status == 204 and resp.headers["Access-Control-Allow-Origin"] == origin
             allowed = {h.strip().lower() for h in resp.headers["Access-Control-Allow-Headers"].split(",")}
         assert {h.strip() for h in headers.split(",")} <= allowed, (path, allowed)
+
+
+async def test_a_clients_report_per_session_adds_up_when_its_v1_label_is_the_name_of_its_scoped_session(
+    client: TestClient,
+) -> None:
+    """Alice's chat "shared" is stored scoped (bob has one of that id), and her /v1 calls filed under the
+    label "shared" (X-Agentspace-Session): her report per session shows both under the one name she knows,
+    summed, so the sessions add up to her grand total (none of her calls is left out)."""
+    bob, alice = add_client("bob"), add_client("alice")
+    await read_all(await post_chat(client, bearer(bob), "shared"))
+    await read_all(await post_chat(client, bearer(alice), "shared"))
+    message = {"model": "claude-sonnet-4-5", "max_tokens": 16, "messages": MESSAGES}
+    headers = {**bearer(alice), "X-Agentspace-Session": "shared"}
+    async with client.post("/v1/messages", json=message, headers=headers) as resp:
+        assert resp.status == 200, await resp.text()
+    async with client.get("/api/usage?by=session", headers=bearer(alice)) as resp:
+        report = await resp.json()
+    assert list(report["perSession"]) == ["shared"], report
+    assert report["perSession"]["shared"] == report["grandTotal"], report
+    assert report["grandTotal"]["requestCount"] == 2, report
