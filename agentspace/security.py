@@ -262,9 +262,9 @@ def security_middleware(config: Config) -> Middleware:
     @web.middleware
     async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
         if not host_allowed(config, request):
-            return error_response(403, "FORBIDDEN", "Host not allowed; add it to [server] allowed_hosts.")
+            return _forbidden(request, "Host not allowed; add it to [server] allowed_hosts.")
         if not origin_allowed(config, request):
-            return error_response(403, "FORBIDDEN", "Origin not allowed; add it to [server] allowed_origins.")
+            return _forbidden(request, "Origin not allowed; add it to [server] allowed_origins.")
         if _open_without_token(config, request):
             return await handler(request)
         token = api_token(request)
@@ -284,6 +284,13 @@ def security_middleware(config: Config) -> Middleware:
         return await bodies.close_after(request, await handler(request))
 
     return middleware
+
+
+def _forbidden(request: web.Request, message: str) -> web.Response:
+    """403 for a Host or Origin not allowed, in the API's own shape on /v1 (its SDKs parse no other)."""
+    if request.path.startswith("/v1/"):
+        return v1_errors.error_response(request, 403, message)
+    return error_response(403, "FORBIDDEN", message)
 
 
 def _open_without_token(config: Config, request: web.Request) -> bool:

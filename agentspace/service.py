@@ -30,7 +30,7 @@ from .config import Config
 from .context import inspect_session
 from .context_policy import compact_session
 from .direct_call import DirectCall
-from .errors import ApiError
+from .errors import ApiError, SessionDamaged
 from .export import EXPORT_FORMATS, export_session
 from .periods import parse_since
 from .pipeline import ChatRequest, Turn, owns_now, running, start_turn
@@ -39,7 +39,7 @@ from .registry import ModelNotFound, Registry
 from .routed_call import start_direct
 from .routing import Group, deployment_states
 from .storage.errors import ClientExists, ClientNotFound, SessionNotFound
-from .storage.reports import REPORTS
+from .storage.reports import REPORTS, merge_named
 from .storage.search import search_sessions
 from .storage.shapes import SESSION_ID, TITLE_LENGTH, Listing, as_seen
 from .types import LONE_SURROGATE, ChatMessage, FilePart, Tool, clean_text, now_iso
@@ -486,7 +486,10 @@ class Service:
             checked(session_id, paths[0], session_label_problem)
             stored_id = session_id_problem(session_id) is None
             if stored_id and self.caller != ADMIN:  # a session of its own by that id; else a /v1 header's label
-                stored = await self.resolve(session_id)
+                try:
+                    stored = await self.resolve(session_id)
+                except SessionDamaged:  # its records are intact: the caller's own of that id (as the CLI reports)
+                    stored = session_id
                 if stored != session_id and await self.gw.sessions.exists(stored):
                     session_id = stored
         when = None
@@ -497,18 +500,29 @@ class Service:
                 raise invalid({paths[1]: str(e)}) from None
         client = None if self.caller == ADMIN else self.caller
         if client is None and stored_id and session_id is not None:
-            client = await self._session_owner(session_id)
+            try:
+                client = await self._session_owner(session_id)
+            except SessionDamaged:  # whose it was cannot be read: every record of the id, as the CLI reports
+                client = None
         if client is not None and self.caller != ADMIN:  # not an earlier client's of the same name
             current = await self.gw.clients.get(client)
             if current is not None and current.since is not None:
                 when = current.since if when is None else max(when, current.since)
         report = await self.gw.usage.report(by=by, since=when, session_id=session_id, client=client)
         if self.caller != ADMIN and "perSession" in report:  # the ids the client knows its sessions by
-            per_session: dict[str, Any] = {}
-            for sid, totals in report["perSession"].items():
-                per_session.setdefault(self.visible(sid), totals)  # no clash: an owned id is never scoped again
-            report = {**report, "perSession": per_session}
+            report = {**report, "perSession": self._per_session_as_known(report["perSession"])}
         return report
+
+    def _per_session_as_known(self, per_stored_id: dict[str, Any]) -> dict[str, Any]:
+        """A client's totals per session under the ids it knows: its scoped session (``<id>-c<hash>``) and
+        its /v1 calls filed under the label ``<id>`` are one name to it, so their totals are summed."""
+        per_session: dict[str, Any] = {}
+        for sid, totals in per_stored_id.items():
+            merge_named(per_session, self.visible(sid), totals)
+        for totals in per_session.values():  # float sums carry noise below a nano-dollar (as reports round)
+            for name in ("totalCost", "serverToolCost"):
+                totals[name] = round(totals[name], 10)
+        return per_session
 
     async def _session_owner(self, session_id: str) -> str | None:
         """Whose session ``session_id`` is (None when no session has that id). Session ids name a session in

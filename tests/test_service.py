@@ -92,9 +92,9 @@ async def test_usage_query_checks_the_session_id_on_both(
     client: TestClient, token: str, auth_headers: dict[str, str]
 ) -> None:
     ws = await connect(client, token)
-    reply = await receive_after(ws, {"type": "usage.query", "id": "q", "sessionId": "a b"})
+    reply = await receive_after(ws, {"type": "usage.query", "id": "q", "sessionId": "a\tb"})
     assert (reply["code"], reply["requestId"]) == ("INVALID_MESSAGE", "q") and "sessionId" in reply["message"]
-    resp = await client.get("/api/usage", params={"sessionId": "a b"}, headers=auth_headers)
+    resp = await client.get("/api/usage", params={"sessionId": "a\tb"}, headers=auth_headers)
     error = (await resp.json())["error"]
     assert resp.status == 400 and [f["path"] for f in error["fields"]] == ["sessionId"]
     await ws.close()

@@ -87,15 +87,14 @@ def error_body(status: int, message: str, error_type: str | None = None) -> dict
 
 
 def error_code_for_status(status: int) -> str:
-    """Our error code for an upstream HTTP error status (for the usage record)."""
+    """Our error code for an upstream HTTP error status (for the usage record), the one the translated calls
+    record for it: a request the provider refused (400, 413) is LLM_ERROR, not the gateway's INVALID_MESSAGE."""
     if status == 429:
         return "RATE_LIMITED"
     if status in (401, 403):
         return "NO_API_KEY"
     if status == 404:
         return "MODEL_NOT_FOUND"
-    if status in (400, 413):
-        return "INVALID_MESSAGE"
     return "LLM_ERROR"
 
 

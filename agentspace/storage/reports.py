@@ -141,7 +141,7 @@ def report_from_groups(by: str, groups: dict[GroupKey, dict[str, Any]]) -> dict[
     if by == "day-model":
         per_day: dict[str, dict[str, dict[str, Any]]] = {}
         for (day, model, *_), totals in groups.items():
-            _merge_named(per_day.setdefault(day, {}), str(model or "unknown"), totals)
+            merge_named(per_day.setdefault(day, {}), str(model or "unknown"), totals)
         grand = _finish({f"{d} {m}": t for d, models in per_day.items() for m, t in models.items()}, "x")
         ordered = {day: dict(sorted(models.items())) for day, models in sorted(per_day.items())}
         return {"perDay": ordered, "grandTotal": grand["grandTotal"]}
@@ -156,11 +156,12 @@ def report_from_groups(by: str, groups: dict[GroupKey, dict[str, Any]]) -> dict[
             "endpoint": endpoint,
             "deployment": deployment,
         }
-        _merge_named(named, label(record), totals)
+        merge_named(named, label(record), totals)
     return _finish(named, key)
 
 
-def _merge_named(named: dict[str, dict[str, Any]], name: str, totals: dict[str, Any]) -> None:
+def merge_named(named: dict[str, dict[str, Any]], name: str, totals: dict[str, Any]) -> None:
+    """Add ``totals`` to ``named[name]`` (made empty first when absent)."""
     into = named.get(name)
     if into is None:
         into = named[name] = empty_totals()

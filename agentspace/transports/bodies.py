@@ -248,6 +248,12 @@ ANTHROPIC_FIELDS = {
     "metadata": "object",
 }
 
+EMBEDDINGS_FIELDS = {
+    "model": "string",
+    "encoding_format": "string",
+    "dimensions": "count",
+    "user": "string",
+}
 RESPONSES_FIELDS = {
     "model": "string",
     "input": "string or array",

@@ -122,7 +122,10 @@ async def errors_and_preflight(request: web.Request, handler: Handler) -> web.St
             status=204,
             headers={
                 hdrs.ACCESS_CONTROL_ALLOW_METHODS: CORS_METHODS,
-                hdrs.ACCESS_CONTROL_ALLOW_HEADERS: CORS_HEADERS,
+                # The SDKs' browser builds send headers of their own (x-api-key, anthropic-version,
+                # x-stainless-*) to /v1: those a page on an allowed origin asks for are allowed.
+                hdrs.ACCESS_CONTROL_ALLOW_HEADERS: request.headers.get(hdrs.ACCESS_CONTROL_REQUEST_HEADERS)
+                or CORS_HEADERS,
                 hdrs.ACCESS_CONTROL_MAX_AGE: CORS_MAX_AGE,
             },
         )

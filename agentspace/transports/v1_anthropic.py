@@ -45,7 +45,11 @@ def _error(status: int, message: str) -> web.Response:
     return web.json_response(am.error_body(status, message), status=status)
 
 
-async def _read_body(request: web.Request, unknown_hint: str = "") -> tuple[dict[str, Any], bytes, str] | web.Response:
+# What a name that is no claude-* id and no provider/model is answered with, by the call and its count alike.
+UNKNOWN_HINT = " (use a claude-* id, or provider/model for another provider)"
+
+
+async def _read_body(request: web.Request) -> tuple[dict[str, Any], bytes, str] | web.Response:
     """The request's JSON body, its raw bytes and the gateway's id for its model, or the error response."""
     try:
         body, raw = await read_json_body(request)
@@ -64,12 +68,12 @@ async def _read_body(request: web.Request, unknown_hint: str = "") -> tuple[dict
     # A model group (routing.py) is named as configured; other ids as the SDK names them.
     model = body["model"] if service(request).group(body["model"]) else anthropic_model(body["model"])
     if model is None:
-        return _error(404, f"model: {body['model']}{unknown_hint}")
+        return _error(404, f"model: {body['model']}{UNKNOWN_HINT}")
     return body, raw, model
 
 
 async def messages(request: web.Request) -> web.StreamResponse:
-    parsed = await _read_body(request, " (use a claude-* id, or provider/model for another provider)")
+    parsed = await _read_body(request)
     if isinstance(parsed, web.Response):
         return parsed
     body, raw, model = parsed

@@ -21,6 +21,7 @@ from ..routed_call import embed_group
 from ..service import Service
 from ..tokens import count_ceiling_tokens, count_tokens
 from ..types import TokenUsage
+from .bodies import EMBEDDINGS_FIELDS, type_problem
 from .v1_common import (
     refusal,
     service,
@@ -95,6 +96,8 @@ async def embeddings(request: web.Request) -> web.StreamResponse:
     body, refused = await read_body(request)
     if refused is not None:
         return refused
+    if isinstance(body, dict) and (problem := type_problem(body, EMBEDDINGS_FIELDS)) is not None:
+        return _error(400, problem[1], code="invalid_type", param=problem[0])  # as the other OpenAI endpoints
     try:
         name, inputs, options = parse(body)
     except RequestError as e:
