@@ -21,6 +21,7 @@ from agentspace.transports import state
 from tests.fakes import anthropic_upstream as fa
 from tests.fakes import openai_upstream as fo
 from tests.scale_servers import free_port
+from tests.support.openai_sdk import text_until_error
 
 HAIKU = "anthropic/claude-haiku-4-5"
 MINI = "openai/gpt-4o-mini"
@@ -164,12 +165,7 @@ async def test_a_failure_after_the_first_byte_is_not_moved(setup: Setup) -> None
     client = await setup.gateway({HAIKU: [MINI]})
     async with sdks(client, setup.token) as (api, ant):
         stream = await api.chat.completions.create(model=HAIKU, messages=HI, stream=True)
-        got = []
-        with pytest.raises(openai.APIError):
-            async for c in stream:
-                if c.choices:
-                    got.append(c.choices[0].delta.content or "")
-        assert "".join(got) == "alpha beta "
+        assert await text_until_error(stream) == "alpha beta "
         passed: list[str] = []
         with pytest.raises((anthropic.APIError, anthropic.APIConnectionError)):
             async with ant.messages.stream(model=HAIKU, max_tokens=100, messages=HI) as s:
