@@ -176,26 +176,6 @@ def read_server_address(data_dir: str | os.PathLike[str]) -> str | None:
     return url
 
 
-STORAGE_FILE = "server-storage"  # the backend of the data directory's last server when it keeps its data elsewhere
-
-
-def write_server_storage(data_dir: str | os.PathLike[str], backend: str | None) -> None:
-    """Note the backend of a server whose sessions, usage and clients are not in the data directory (None:
-    they are), so that a CLI command run without that server's config is not answered from the files."""
-    path = Path(data_dir) / STORAGE_FILE
-    if backend is None:
-        path.unlink(missing_ok=True)
-    else:
-        write_private_file(path, backend + "\n")
-
-
-def read_server_storage(data_dir: str | os.PathLike[str]) -> str | None:
-    try:
-        return (Path(data_dir) / STORAGE_FILE).read_text(encoding="utf-8").strip() or None
-    except (OSError, UnicodeDecodeError):
-        return None
-
-
 def check_secrets(data_dir: str | os.PathLike[str]) -> None:
     """Check the data directory and read both secrets files (creating the token on first start).
 

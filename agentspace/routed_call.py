@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any
 
 from .calls import Ceiling, ProviderCall, request_ceiling
@@ -139,7 +139,7 @@ async def start_direct(gw: Registry, request: ProviderRequest, meter: ProviderCa
     group = gw.router.group(request.model)
     if group is not None:
         return await _start_group(gw, request, meter, group, [])
-    fallbacks = gw.config["models"]["fallbacks"].get(request.model, []) if meter.fallbacks else []
+    fallbacks = model_fallbacks(meter, request.model)
     if not fallbacks:
         call = DirectCall(gw, request, meter)
         await call.start()
@@ -259,6 +259,12 @@ async def _next_meter(
     return meter
 
 
+def model_fallbacks(call: ProviderCall, model: str) -> list[str]:
+    """The ``[models] fallbacks`` of ``model`` outside any group, when ``call`` may fall back (the model the
+    client asked for; a fallback does not go on to its own)."""
+    return call.gw.config["models"]["fallbacks"].get(model, []) if call.fallbacks else []
+
+
 async def may_use(call: ProviderCall, model: str) -> bool:
     """Whether ``call``'s client may use ``model`` (a fallback it may not use is skipped)."""
     try:
@@ -356,6 +362,55 @@ def relays(group: Group) -> bool:
     return all(d.model.startswith("anthropic/") for d in group.deployments)
 
 
+def relayed_error(response: Any) -> ProviderError | None:
+    """A pass-through answer that wrote nothing to the client, as the error it is; None when it answered (or
+    began to)."""
+    from .providers.base import retry_after_seconds
+
+    status = response.status
+    if response.prepared or status == 200:
+        return None
+    return ProviderError(
+        "RATE_LIMITED" if status == 429 else "LLM_ERROR",
+        f"HTTP {status}",
+        status=status,
+        retry_after=retry_after_seconds(response.headers),
+    )
+
+
+def relay_moves_on(error: ProviderError) -> bool:
+    """Whether a pass-through that failed this way (``relayed_error``) goes on to another deployment or
+    fallback: as a translated call does (``moves_on``), and when the gateway's key is missing or refused (424:
+    the relay answers it, where a translated call fails with NO_API_KEY)."""
+    return moves_on(error) or error.status == 424
+
+
+async def relay_fallbacks(
+    meter: ProviderCall,
+    model: str,
+    group: Group | None,
+    seen: list[str],
+    response: Any,
+    answer: Callable[[str], Awaitable[Any]],
+) -> Any:
+    """The pass-through ``response`` of ``model`` (``group`` when it names one, admitted as ``meter``) when it
+    failed before anything reached the client (``relay_moves_on``): the group's fallbacks (or the model's,
+    ``model_fallbacks``) in order, each ``answer``ed as a call of its own, until one does not fail so. A
+    fallback tried already (``seen``) or that the client may not use is skipped, as ``start_direct`` does for
+    a translated call. Returns the last response."""
+    seen.append(model)
+    fallbacks = group.fallbacks if group is not None else model_fallbacks(meter, model)
+    for fallback in fallbacks:
+        error = relayed_error(response)
+        if error is None or not relay_moves_on(error):
+            break
+        if fallback in seen or not await may_use(meter, fallback):
+            continue
+        seen.append(fallback)
+        response = await answer(fallback)
+    return response
+
+
 async def relay_group(
     request: Any, gw: Registry, body: dict[str, Any], raw: bytes, meter: ProviderCall, group: Group
 ) -> Any:
@@ -369,7 +424,6 @@ async def relay_group(
     from .calls import messages_body_ceiling
     from .protocols import anthropic_messages as am
     from .providers import anthropic_relay as relay
-    from .providers.base import retry_after_seconds
     from .routing import deployment_key, missing_key_error
 
     router = gw.router
@@ -415,23 +469,18 @@ async def relay_group(
         except BaseException:
             await router.state.done(dep.id, 0, None)
             raise
-        status = response.status
-        if response.prepared or status == 200:
+        error = relayed_error(response)
+        if error is None:
             usage = current.recorded.usage if current.recorded is not None else None
             ttft = (current.first_at - current.started) * 1000 if current.first_at is not None else None
             await router.state.done(dep.id, usage.input_tokens + usage.output_tokens if usage else 0, ttft)
             return response
-        error = ProviderError(
-            "RATE_LIMITED" if status == 429 else "LLM_ERROR",
-            f"HTTP {status}",
-            status=status,
-            retry_after=retry_after_seconds(response.headers),
-        )
-        if not moves_on(error) and status != 424:  # 424: the deployment's key is not in the vault
+        if not relay_moves_on(error):
             await router.state.done(dep.id, 0, None)  # the request's own fault: not counted against it
             return response
         await router.count_failure(group, dep, error)
-        if status == 424 and dep.key is not None:  # the key refused: name the deployment's entry, not the provider's
+        # The key refused: name the deployment's entry, not the provider's.
+        if error.status == 424 and dep.key is not None:
             named = named_key_error(dep, ProviderError("NO_API_KEY", "", status=424))
             response = web.json_response(am.error_body(424, named.message), status=424)
         if current is not meter:

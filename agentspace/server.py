@@ -30,12 +30,12 @@ from .config import Config, ConfigError
 from .connections import ConnectionCap
 from .default_plugins.storage import open_storage
 from .gateway import assemble
-from .gateway_token import TOKEN_ENV, TokenFile, check_secrets, write_server_address, write_server_storage
+from .gateway_token import TOKEN_ENV, TokenFile, check_secrets, write_server_address
 from .logs import configure_logging
 from .plugins import check_hooks, get_plugin_manager, plugin_error
 from .registry import ModelNotFound, Registry
 from .security import AuthFailures, Handler, security_middleware
-from .storage.datadir_lock import DataDirLock
+from .storage.datadir_lock import DataDirLock, write_server_storage
 from .storage.embedded.clients import ClientStore
 from .transports import routes, state, ui_stream, ws
 from .vault import register_configured_keys

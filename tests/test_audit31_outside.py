@@ -43,18 +43,23 @@ async def test_an_upstream_429_says_when_to_retry_on_compaction_as_on_the_v1_end
         assert resp.headers.get("Retry-After") == "7", dict(resp.headers)
 
 
-async def test_count_tokens_of_a_model_nothing_serves_is_404_as_the_messages_call_is(
-    client: TestClient, auth_headers: dict[str, str], fake_anthropic: FakeAnthropic
-) -> None:
-    body = {"model": "nosuch/model-x", "messages": MESSAGES}
-    async with client.post("/v1/messages", json={**body, "max_tokens": 16}, headers=auth_headers) as resp:
+async def assert_count_refused_as_the_call(client: TestClient, headers: dict[str, str], model: str) -> None:
+    """``POST /v1/messages`` and ``/v1/messages/count_tokens`` for ``model`` are both answered 404, alike."""
+    body = {"model": model, "messages": MESSAGES}
+    async with client.post("/v1/messages", json={**body, "max_tokens": 16}, headers=headers) as resp:
         call = await resp.json()
         assert resp.status == 404 and call["error"]["type"] == "not_found_error", call
-    async with client.post("/v1/messages/count_tokens", json=body, headers=auth_headers) as resp:
+    async with client.post("/v1/messages/count_tokens", json=body, headers=headers) as resp:
         count = await resp.json()
         # docs/protocol.md: on /v1, a model nothing serves is a 404, as the providers answer it; no count
         assert resp.status == 404, count
-        assert count == call, count  # the same answer, the closest known id included
+        assert count == call, count  # the same answer, the closest known id (or the hint) included
+
+
+async def test_count_tokens_of_a_model_nothing_serves_is_404_as_the_messages_call_is(
+    client: TestClient, auth_headers: dict[str, str], fake_anthropic: FakeAnthropic
+) -> None:
+    await assert_count_refused_as_the_call(client, auth_headers, "nosuch/model-x")
     assert fake_anthropic.requests == []
 
 

@@ -13,6 +13,7 @@ from agentspace.plugins import create_plugin_manager
 from tests.fakes.anthropic_upstream import FakeAnthropic, error_status
 from tests.support.ui_stream import post_chat, read_all
 from tests.support.ws import chat, connect, receive
+from tests.test_audit31_outside import assert_count_refused_as_the_call
 from tests.test_clients import add_client, bearer, cli
 from tests.test_metrics import delta, scrape
 
@@ -23,14 +24,7 @@ async def test_count_tokens_of_an_unknown_bare_model_name_is_refused_as_the_mess
     client: TestClient, auth_headers: dict[str, str], fake_anthropic: FakeAnthropic
 ) -> None:
     """A name that is no claude-* id and no provider/model: both answer the same 404, the hint included."""
-    body = {"model": "nosuch-model", "messages": MESSAGES}
-    async with client.post("/v1/messages", json={**body, "max_tokens": 16}, headers=auth_headers) as resp:
-        call = await resp.json()
-        assert resp.status == 404 and call["error"]["type"] == "not_found_error", call
-    async with client.post("/v1/messages/count_tokens", json=body, headers=auth_headers) as resp:
-        count = await resp.json()
-        assert resp.status == 404, count
-        assert count == call, count
+    await assert_count_refused_as_the_call(client, auth_headers, "nosuch-model")
     assert fake_anthropic.requests == []
 
 

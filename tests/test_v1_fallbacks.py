@@ -5,8 +5,9 @@ model group does; each attempt is a provider call with its own record."""
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
-from pathlib import Path
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import anthropic
@@ -20,6 +21,7 @@ from agentspace.transports import state
 from tests.fakes import anthropic_upstream as fa
 from tests.fakes import openai_upstream as fo
 from tests.scale_servers import free_port
+from tests.support.openai_sdk import text_until_error
 
 HAIKU = "anthropic/claude-haiku-4-5"
 MINI = "openai/gpt-4o-mini"
@@ -28,28 +30,45 @@ ANSWER = "from the fallback"
 REPORTED = fo.usage(11, 4)  # what the fake OpenAI reports for the fallback's answer
 
 
-@pytest.fixture
-def gateway(
-    make_client: Callable[..., Awaitable[TestClient]], fake_openai: fo.FakeOpenAI, monkeypatch: pytest.MonkeyPatch
-) -> Callable[..., Awaitable[TestClient]]:
-    """The app with ``[models] fallbacks``, the OpenAI provider at the fake (its key in the environment)."""
-    monkeypatch.setenv("OPENAI_API_KEY", "sk-openai-test-0123456789")
+@dataclass
+class Setup:
+    """The two fake upstreams and the gateway token; ``gateway`` starts the app with ``[models] fallbacks``."""
 
-    async def make(fallbacks: dict[str, list[str]], anthropic_url: str | None = None) -> TestClient:
-        providers: dict[str, Any] = {"openai": {"base_url": fake_openai.url}}
+    anthropic: fa.FakeAnthropic
+    openai: fo.FakeOpenAI
+    token: str
+    make_client: Callable[..., Awaitable[TestClient]]
+
+    async def gateway(self, fallbacks: dict[str, list[str]], anthropic_url: str | None = None) -> TestClient:
+        """The app with ``fallbacks``, the OpenAI provider at its fake (Anthropic at ``anthropic_url`` if given)."""
+        providers: dict[str, Any] = {"openai": {"base_url": self.openai.url}}
         if anthropic_url is not None:
             providers["anthropic"] = {"base_url": anthropic_url}
-        return await make_client(models={"fallbacks": fallbacks}, providers=providers)
-
-    return make
+        return await self.make_client(models={"fallbacks": fallbacks}, providers=providers)
 
 
-def openai_sdk(client: TestClient, token: str) -> openai.AsyncOpenAI:
-    return openai.AsyncOpenAI(api_key=token, base_url=f"http://127.0.0.1:{client.port}/v1", max_retries=0)
+@pytest.fixture
+def setup(
+    make_client: Callable[..., Awaitable[TestClient]],
+    fake_anthropic: fa.FakeAnthropic,
+    fake_openai: fo.FakeOpenAI,
+    token: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> Setup:
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-openai-test-0123456789")  # the OpenAI provider's key
+    return Setup(fake_anthropic, fake_openai, token, make_client)
 
 
-def anthropic_sdk(client: TestClient, token: str) -> anthropic.AsyncAnthropic:
-    return anthropic.AsyncAnthropic(api_key=token, base_url=f"http://127.0.0.1:{client.port}", max_retries=0)
+@asynccontextmanager
+async def sdks(client: TestClient, token: str) -> AsyncIterator[tuple[openai.AsyncOpenAI, anthropic.AsyncAnthropic]]:
+    """The official openai and anthropic SDKs on the app (no retries of their own), closed afterwards."""
+    api = openai.AsyncOpenAI(api_key=token, base_url=f"http://127.0.0.1:{client.port}/v1", max_retries=0)
+    ant = anthropic.AsyncAnthropic(api_key=token, base_url=f"http://127.0.0.1:{client.port}", max_retries=0)
+    try:
+        yield api, ant
+    finally:
+        await api.close()
+        await ant.close()
 
 
 async def records(client: TestClient) -> list[dict[str, Any]]:
@@ -63,42 +82,34 @@ def attempts(recs: list[dict[str, Any]]) -> list[tuple[str, bool, str | None]]:
 async def ask_everywhere(client: TestClient, token: str, model: str) -> list[str]:
     """The same question on every /v1 endpoint that translates or passes through, streamed and not: what
     each answered."""
-    api, ant = openai_sdk(client, token), anthropic_sdk(client, token)
     got = []
-    reply = await api.chat.completions.create(model=model, messages=HI)
-    got.append(reply.choices[0].message.content or "")
-    stream = await api.chat.completions.create(model=model, messages=HI, stream=True)
-    got.append("".join([c.choices[0].delta.content or "" async for c in stream if c.choices]))
-    response = await api.responses.create(model=model, input="Hi")
-    got.append(response.output_text)
-    events = await api.responses.create(model=model, input="Hi", stream=True)
-    got.append("".join([e.delta async for e in events if e.type == "response.output_text.delta"]))
-    message = await ant.messages.create(model=model, max_tokens=100, messages=HI)
-    got.append("".join(b.text for b in message.content if b.type == "text"))
-    async with ant.messages.stream(model=model, max_tokens=100, messages=HI) as s:
-        got.append("".join([t async for t in s.text_stream]))
-    await api.close()
-    await ant.close()
+    async with sdks(client, token) as (api, ant):
+        reply = await api.chat.completions.create(model=model, messages=HI)
+        got.append(reply.choices[0].message.content or "")
+        stream = await api.chat.completions.create(model=model, messages=HI, stream=True)
+        got.append("".join([c.choices[0].delta.content or "" async for c in stream if c.choices]))
+        response = await api.responses.create(model=model, input="Hi")
+        got.append(response.output_text)
+        events = await api.responses.create(model=model, input="Hi", stream=True)
+        got.append("".join([e.delta async for e in events if e.type == "response.output_text.delta"]))
+        message = await ant.messages.create(model=model, max_tokens=100, messages=HI)
+        got.append("".join(b.text for b in message.content if b.type == "text"))
+        async with ant.messages.stream(model=model, max_tokens=100, messages=HI) as s:
+            got.append("".join([t async for t in s.text_stream]))
     return got
 
 
 @pytest.mark.parametrize("status", [529, 500, 429])
-async def test_an_anthropic_model_failing_falls_back_on_every_endpoint(
-    gateway: Callable[..., Awaitable[TestClient]],
-    fake_anthropic: fa.FakeAnthropic,
-    fake_openai: fo.FakeOpenAI,
-    token: str,
-    status: int,
-) -> None:
+async def test_an_anthropic_model_failing_falls_back_on_every_endpoint(setup: Setup, status: int) -> None:
     """Claude answers 529, 500 or 429 before anything was sent: the client gets one clean answer from the
     fallback on Chat Completions, Responses and Messages (passed through, Claude's being Anthropic's),
     streamed and not; one record per attempt, the failed one an error with nothing billed, the fallback's
     with the usage its upstream reported."""
-    fake_anthropic.default = fa.error_status(status)
-    fake_openai.default = fo.text_response(ANSWER, usage=REPORTED)
-    client = await gateway({HAIKU: [MINI]})
-    assert await ask_everywhere(client, token, HAIKU) == [ANSWER] * 6
-    assert len(fake_anthropic.requests) == len(fake_openai.requests) == 6
+    setup.anthropic.default = fa.error_status(status)
+    setup.openai.default = fo.text_response(ANSWER, usage=REPORTED)
+    client = await setup.gateway({HAIKU: [MINI]})
+    assert await ask_everywhere(client, setup.token, HAIKU) == [ANSWER] * 6
+    assert len(setup.anthropic.requests) == len(setup.openai.requests) == 6
     recs = await records(client)
     code = "RATE_LIMITED" if status == 429 else "LLM_ERROR"
     assert attempts(recs) == [(HAIKU, False, code)] * 6 + [(MINI, True, None)] * 6
@@ -111,134 +122,91 @@ async def test_an_anthropic_model_failing_falls_back_on_every_endpoint(
     assert len(client.server.app[state.REGISTRY].ledger) == 0  # every attempt settled
 
 
-async def test_a_refused_connection_falls_back(
-    gateway: Callable[..., Awaitable[TestClient]],
-    fake_anthropic: fa.FakeAnthropic,
-    fake_openai: fo.FakeOpenAI,
-    token: str,
-) -> None:
+async def test_a_refused_connection_falls_back(setup: Setup) -> None:
     """Nothing listens where Claude is served: each call goes on to the fallback, the attempt recorded."""
-    fake_openai.default = fo.text_response(ANSWER, usage=REPORTED)
-    client = await gateway({HAIKU: [MINI]}, anthropic_url=f"http://127.0.0.1:{free_port()}")
-    assert await ask_everywhere(client, token, HAIKU) == [ANSWER] * 6
-    assert len(fake_openai.requests) == 6
+    setup.openai.default = fo.text_response(ANSWER, usage=REPORTED)
+    client = await setup.gateway({HAIKU: [MINI]}, anthropic_url=f"http://127.0.0.1:{free_port()}")
+    assert await ask_everywhere(client, setup.token, HAIKU) == [ANSWER] * 6
+    assert len(setup.openai.requests) == 6
     assert attempts(await records(client)) == [(HAIKU, False, "LLM_ERROR")] * 6 + [(MINI, True, None)] * 6
 
 
-async def test_another_providers_model_falls_back_to_claude(
-    gateway: Callable[..., Awaitable[TestClient]],
-    fake_anthropic: fa.FakeAnthropic,
-    fake_openai: fo.FakeOpenAI,
-    token: str,
-) -> None:
+async def test_another_providers_model_falls_back_to_claude(setup: Setup) -> None:
     """The other way round, translated on every endpoint: OpenAI's model overloaded, Claude answers."""
-    fake_openai.default = fo.error_status(503)
-    fake_anthropic.default = fa.text_response(ANSWER, usage={"input_tokens": 30}, delta_usages=[{"output_tokens": 7}])
-    client = await gateway({MINI: [HAIKU]})
-    assert await ask_everywhere(client, token, MINI) == [ANSWER] * 6
-    assert len(fake_anthropic.requests) == 6
+    setup.openai.default = fo.error_status(503)
+    setup.anthropic.default = fa.text_response(ANSWER, usage={"input_tokens": 30}, delta_usages=[{"output_tokens": 7}])
+    client = await setup.gateway({MINI: [HAIKU]})
+    assert await ask_everywhere(client, setup.token, MINI) == [ANSWER] * 6
+    assert len(setup.anthropic.requests) == 6
     recs = await records(client)
     assert attempts(recs) == [(HAIKU, True, None)] * 6 + [(MINI, False, "LLM_ERROR")] * 6
     assert {(r["inputTokens"], r["outputTokens"]) for r in recs if r["answered"]} == {(30, 7)}
 
 
-async def test_a_stream_cut_before_its_first_token_moves(
-    gateway: Callable[..., Awaitable[TestClient]],
-    fake_anthropic: fa.FakeAnthropic,
-    fake_openai: fo.FakeOpenAI,
-    token: str,
-) -> None:
+async def test_a_stream_cut_before_its_first_token_moves(setup: Setup) -> None:
     """Translated: Claude answered (message_start, its input reported) and broke before its first token; nothing
     was written to the client yet, so the call moves. The failed attempt keeps the usage it reported."""
-    fake_anthropic.default = fa.text_response("lost").cut_after(1)
-    fake_openai.default = fo.text_response(ANSWER, usage=REPORTED)
-    client = await gateway({HAIKU: [MINI]})
-    api = openai_sdk(client, token)
-    stream = await api.chat.completions.create(model=HAIKU, messages=HI, stream=True)
-    assert "".join([c.choices[0].delta.content or "" async for c in stream if c.choices]) == ANSWER
+    setup.anthropic.default = fa.text_response("lost").cut_after(1)
+    setup.openai.default = fo.text_response(ANSWER, usage=REPORTED)
+    client = await setup.gateway({HAIKU: [MINI]})
+    async with sdks(client, setup.token) as (api, _):
+        stream = await api.chat.completions.create(model=HAIKU, messages=HI, stream=True)
+        assert "".join([c.choices[0].delta.content or "" async for c in stream if c.choices]) == ANSWER
     recs = await records(client)
     assert attempts(recs) == [(HAIKU, True, "LLM_ERROR"), (MINI, True, None)]
     assert next(r for r in recs if r["model"] == HAIKU)["inputTokens"] == 25  # as message_start reported it
-    await api.close()
 
 
-async def test_a_failure_after_the_first_byte_is_not_moved(
-    gateway: Callable[..., Awaitable[TestClient]],
-    fake_anthropic: fa.FakeAnthropic,
-    fake_openai: fo.FakeOpenAI,
-    token: str,
-) -> None:
+async def test_a_failure_after_the_first_byte_is_not_moved(setup: Setup) -> None:
     """Claude's stream breaks after its first tokens reached the client: the client sees them and an error,
     the fallback is never asked (translated and passed through alike), one record per call."""
     chunks = ["alpha ", "beta ", "gamma ", "delta "]
-    fake_anthropic.default = fa.text_response("".join(chunks), chunks=chunks).cut_after(5)
-    client = await gateway({HAIKU: [MINI]})
-    api, ant = openai_sdk(client, token), anthropic_sdk(client, token)
-    stream = await api.chat.completions.create(model=HAIKU, messages=HI, stream=True)
-    got = []
-    with pytest.raises(openai.APIError):
-        async for c in stream:
-            if c.choices:
-                got.append(c.choices[0].delta.content or "")
-    assert "".join(got) == "alpha beta "
-    passed: list[str] = []
-    with pytest.raises((anthropic.APIError, anthropic.APIConnectionError)):
-        async with ant.messages.stream(model=HAIKU, max_tokens=100, messages=HI) as s:
-            async for text in s.text_stream:
-                passed.append(text)
-    assert "".join(passed) == "alpha beta "
-    assert not fake_openai.requests
+    setup.anthropic.default = fa.text_response("".join(chunks), chunks=chunks).cut_after(5)
+    client = await setup.gateway({HAIKU: [MINI]})
+    async with sdks(client, setup.token) as (api, ant):
+        stream = await api.chat.completions.create(model=HAIKU, messages=HI, stream=True)
+        assert await text_until_error(stream) == "alpha beta "
+        passed: list[str] = []
+        with pytest.raises((anthropic.APIError, anthropic.APIConnectionError)):
+            async with ant.messages.stream(model=HAIKU, max_tokens=100, messages=HI) as s:
+                async for text in s.text_stream:
+                    passed.append(text)
+        assert "".join(passed) == "alpha beta "
+    assert not setup.openai.requests
     recs = await records(client)
     assert [(r["model"], r["answered"], r["error"] is not None) for r in recs] == [(HAIKU, True, True)] * 2
-    await api.close()
-    await ant.close()
 
 
-async def test_a_bad_request_is_not_tried_elsewhere(
-    gateway: Callable[..., Awaitable[TestClient]],
-    fake_anthropic: fa.FakeAnthropic,
-    fake_openai: fo.FakeOpenAI,
-    token: str,
-) -> None:
+async def test_a_bad_request_is_not_tried_elsewhere(setup: Setup) -> None:
     """A 400 is the request's own fault: it would fail on any model, so it is answered as it is."""
-    fake_anthropic.default = fa.error_status(400, "messages: bad")
-    client = await gateway({HAIKU: [MINI]})
-    api, ant = openai_sdk(client, token), anthropic_sdk(client, token)
-    with pytest.raises(openai.BadRequestError):
-        await api.chat.completions.create(model=HAIKU, messages=HI)
-    with pytest.raises(anthropic.BadRequestError):
-        await ant.messages.create(model=HAIKU, max_tokens=100, messages=HI)
-    assert len(fake_anthropic.requests) == 2 and not fake_openai.requests
+    setup.anthropic.default = fa.error_status(400, "messages: bad")
+    client = await setup.gateway({HAIKU: [MINI]})
+    async with sdks(client, setup.token) as (api, ant):
+        with pytest.raises(openai.BadRequestError):
+            await api.chat.completions.create(model=HAIKU, messages=HI)
+        with pytest.raises(anthropic.BadRequestError):
+            await ant.messages.create(model=HAIKU, max_tokens=100, messages=HI)
+    assert len(setup.anthropic.requests) == 2 and not setup.openai.requests
     recs = await records(client)  # one code for an upstream's refusal on every way in
     assert sorted((r["model"], r["answered"], r["error"]) for r in recs) == [(HAIKU, False, "LLM_ERROR")] * 2
-    await api.close()
-    await ant.close()
 
 
-async def test_a_fallback_the_client_may_not_use_or_without_a_key_is_skipped(
-    gateway: Callable[..., Awaitable[TestClient]],
-    fake_anthropic: fa.FakeAnthropic,
-    fake_openai: fo.FakeOpenAI,
-    token: str,
-    monkeypatch: pytest.MonkeyPatch,
-    isolated_env: Path,
-) -> None:
+async def test_a_fallback_the_client_may_not_use_or_without_a_key_is_skipped(setup: Setup) -> None:
     """Each fallback is checked on its own: alice may use Claude and gpt-4o but not gpt-4o-mini, which is
     never called for her; gemini has no key here, so it fails at once (nothing sent) and the next one
     answers."""
-    del isolated_env
     allowed = f"{HAIKU},gemini/gemini-2.5-flash,openai/gpt-4o"
-    out = CliRunner().invoke(main, ["clients", "add", "alice", "--models", allowed])
+    out = CliRunner().invoke(main, ["clients", "add", "alice", "--models", allowed])  # the test's data directory
     key = out.stdout.strip()
-    fake_anthropic.default = fa.error_status(529)
-    fake_openai.default = fo.text_response(ANSWER, usage=REPORTED)
-    client = await gateway({HAIKU: [MINI, "gemini/gemini-2.5-flash", "openai/gpt-4o"]})
-    api, ant = openai_sdk(client, key), anthropic_sdk(client, key)
-    reply = await api.chat.completions.create(model=HAIKU, messages=HI)
-    assert reply.choices[0].message.content == ANSWER
-    message = await ant.messages.create(model=HAIKU, max_tokens=100, messages=HI)
-    assert message.content[0].type == "text" and message.content[0].text == ANSWER
-    assert [r.body["model"] for r in fake_openai.requests] == ["gpt-4o", "gpt-4o"]
+    setup.anthropic.default = fa.error_status(529)
+    setup.openai.default = fo.text_response(ANSWER, usage=REPORTED)
+    client = await setup.gateway({HAIKU: [MINI, "gemini/gemini-2.5-flash", "openai/gpt-4o"]})
+    async with sdks(client, key) as (api, ant):
+        reply = await api.chat.completions.create(model=HAIKU, messages=HI)
+        assert reply.choices[0].message.content == ANSWER
+        message = await ant.messages.create(model=HAIKU, max_tokens=100, messages=HI)
+        assert message.content[0].type == "text" and message.content[0].text == ANSWER
+    assert [r.body["model"] for r in setup.openai.requests] == ["gpt-4o", "gpt-4o"]
     recs = await records(client)
     assert attempts(recs) == [(HAIKU, False, "LLM_ERROR")] * 2 + [
         ("gemini/gemini-2.5-flash", False, "NO_API_KEY"),
@@ -247,29 +215,21 @@ async def test_a_fallback_the_client_may_not_use_or_without_a_key_is_skipped(
         ("openai/gpt-4o", True, None),
     ]
     assert {r["client"] for r in recs} == {"alice"}
-    await api.close()
-    await ant.close()
 
 
-async def test_a_fallback_is_not_tried_without_fallbacks_nor_for_embeddings(
-    gateway: Callable[..., Awaitable[TestClient]],
-    fake_anthropic: fa.FakeAnthropic,
-    fake_openai: fo.FakeOpenAI,
-    token: str,
-) -> None:
+async def test_a_fallback_is_not_tried_without_fallbacks_nor_for_embeddings(setup: Setup) -> None:
     """A model with no fallbacks answers its own failure; an embedding model's fallbacks are not tried on
     /v1/embeddings (another model's vectors would not compare), as a group's are not."""
-    fake_anthropic.default = fa.error_status(529)
-    fake_openai.enqueue(fo.error_status(503))
-    client = await gateway({"openai/text-embedding-3-small": ["openai/text-embedding-3-large"]})
-    api = openai_sdk(client, token)
-    with pytest.raises(openai.InternalServerError):
-        await api.chat.completions.create(model=HAIKU, messages=HI)
-    with pytest.raises(openai.APIStatusError):
-        await api.embeddings.create(model="openai/text-embedding-3-small", input="Hi")
-    assert [r.body["model"] for r in fake_openai.requests] == ["text-embedding-3-small"]
+    setup.anthropic.default = fa.error_status(529)
+    setup.openai.enqueue(fo.error_status(503))
+    client = await setup.gateway({"openai/text-embedding-3-small": ["openai/text-embedding-3-large"]})
+    async with sdks(client, setup.token) as (api, _):
+        with pytest.raises(openai.InternalServerError):
+            await api.chat.completions.create(model=HAIKU, messages=HI)
+        with pytest.raises(openai.APIStatusError):
+            await api.embeddings.create(model="openai/text-embedding-3-small", input="Hi")
+    assert [r.body["model"] for r in setup.openai.requests] == ["text-embedding-3-small"]
     assert attempts(await records(client)) == [
         (HAIKU, False, "LLM_ERROR"),
         ("openai/text-embedding-3-small", False, "LLM_ERROR"),
     ]
-    await api.close()

@@ -42,7 +42,7 @@ def cli_storage(state: CliState) -> Storage:
     except StorageError as e:
         raise click.ClickException(e.message) from None
     if storage.uses_data_dir_lock:
-        from ..gateway_token import STORAGE_FILE, read_server_storage
+        from ..storage.datadir_lock import STORAGE_FILE, read_server_storage
 
         served_from = read_server_storage(state.data_dir)
         if served_from is not None:  # this command would read files that server no longer reads or writes

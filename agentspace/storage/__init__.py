@@ -4,7 +4,8 @@
 documents as ``TypedDict``s, and the rules every backend shares: session ids, titles), ``errors`` (raised
 the same by every backend), ``reports`` (the usage reports), ``backends`` (the built-in backends by name),
 ``ledger`` (each process's write-ahead journal), ``search`` (session search over any store), ``atomic``
-(whole-file atomic writes, damaged files moved aside) and ``datadir_lock`` (one server per data directory).
+(whole-file atomic writes, damaged files moved aside) and ``datadir_lock`` (one server per data directory, and
+where it keeps its data).
 One subpackage per backend, split by job: ``embedded`` (the ``tinydb`` backend: files in the data
 directory) and ``postgres``; neither imports the other (``tests/test_storage_layout.py``).
 """

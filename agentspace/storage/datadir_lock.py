@@ -3,6 +3,9 @@
 An exclusive lock on ``data_dir/server.lock``, released by the operating system when the process dies, so a
 crashed server never leaves a stale lock: ``fcntl.flock`` on POSIX, ``msvcrt.locking`` on Windows. CLI readers
 do not take it.
+
+Beside it, ``data_dir/server-storage``: the backend of the last server on the data directory when that server
+keeps its data elsewhere (PostgreSQL), so that the CLI does not answer from the files.
 """
 
 from __future__ import annotations
@@ -95,6 +98,28 @@ def server_pid(data_dir: Path) -> int | None:
         return None
     finally:
         os.close(fd)
+
+
+STORAGE_FILE = "server-storage"  # the backend of the data directory's last server when it keeps its data elsewhere
+
+
+def write_server_storage(data_dir: str | os.PathLike[str], backend: str | None) -> None:
+    """Note the backend of a server whose sessions, usage and clients are not in the data directory (None:
+    they are), so that a CLI command run without that server's config is not answered from the files."""
+    from ..vault import write_private_file  # not at the top: vault imports this package (storage.atomic)
+
+    path = Path(data_dir) / STORAGE_FILE
+    if backend is None:
+        path.unlink(missing_ok=True)
+    else:
+        write_private_file(path, backend + "\n")
+
+
+def read_server_storage(data_dir: str | os.PathLike[str]) -> str | None:
+    try:
+        return (Path(data_dir) / STORAGE_FILE).read_text(encoding="utf-8").strip() or None
+    except (OSError, UnicodeDecodeError):
+        return None
 
 
 # On Windows the pid goes after the first byte, which msvcrt locks (other processes cannot read a locked byte).

@@ -17,7 +17,7 @@ from ..events import CONTEXT_LENGTH_EXCEEDED, ProviderError
 from ..logs import redact
 from ..protocols import anthropic_messages as am
 from ..providers import anthropic_relay as relay
-from ..routed_call import count_group_tokens, may_use, relay_group, relays
+from ..routed_call import count_group_tokens, relay_fallbacks, relay_group, relays
 from ..service import Service
 from .bodies import ANTHROPIC_FIELDS, BUSY_MESSAGE, BodyInvalid, GatewayBusy, type_problem
 from .v1_common import (
@@ -85,13 +85,6 @@ async def messages(request: web.Request) -> web.StreamResponse:
     return await _answer(request, v1, body, raw, model, [])
 
 
-def _failed(response: web.StreamResponse) -> bool:
-    """An error answered before anything was written to the client, that another model may not have (not a
-    request the upstream found wrong): a fallback may still answer."""
-    status = response.status
-    return not response.prepared and (status >= 500 or status in (401, 403, 404, 408, 424, 429))
-
-
 async def _answer(
     request: web.Request, v1: Service, body: dict[str, Any], raw: bytes, model: str, seen: list[str]
 ) -> web.StreamResponse:
@@ -115,21 +108,10 @@ async def _answer(
             response = await relay.messages(request, meter.gw, body, raw, model, meter)
     finally:
         await meter.release()
-    seen.append(model)
-    # Failed before anything was written: the group's fallbacks (or the model's), in order, each as a call of
-    # its own (admitted for the client; one it may not use is skipped).
-    if group is not None:
-        fallbacks = list(group.fallbacks)
-    else:
-        fallbacks = meter.gw.config["models"]["fallbacks"].get(model, []) if meter.fallbacks else []
-    for fallback in fallbacks:
-        if not _failed(response):
-            break
-        if fallback in seen or not await may_use(meter, fallback):
-            continue
-        seen.append(fallback)
-        response = await _answer(request, v1, body, raw, fallback, seen)
-    return response
+    # Failed before anything was written: the group's fallbacks (or the model's), each answered as here.
+    return await relay_fallbacks(
+        meter, model, group, seen, response, lambda fallback: _answer(request, v1, body, raw, fallback, seen)
+    )
 
 
 async def _translated(
