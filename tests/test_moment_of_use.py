@@ -528,7 +528,10 @@ async def test_a_key_rotated_mid_turn_ends_the_tool_loop_before_its_next_call(
     client = await make_client(pm=pm)
     key = cli("clients", "add", "tools").strip() if who == "client" else token
     rotate = ("clients", "rotate", "tools") if who == "client" else ("token", "--rotate")
-    fake_anthropic.enqueue(tool_use_response("get_weather", {"city": "Oslo"}).with_delay(0.2), text_response("Sunny."))
+    # Step one's answer waits for the rotation (a CLI run takes seconds on a loaded machine): the rotation then
+    # surely comes between the two steps' calls.
+    rotated = asyncio.Event()
+    fake_anthropic.enqueue(tool_use_response("get_weather", {"city": "Oslo"}).held(rotated), text_response("Sunny."))
     async with aiohttp.ClientSession() as http:
         if transport == "ws":
             ws = await http.ws_connect(base(client) + "/gateway", headers=bearer(key))
@@ -536,6 +539,7 @@ async def test_a_key_rotated_mid_turn_ends_the_tool_loop_before_its_next_call(
             while (await receive(ws))["type"] != "chat.stream.start":
                 pass
             await asyncio.to_thread(cli, *rotate)
+            rotated.set()
             while not ws.closed:  # the socket is closed as revoked; the turn goes on unseen
                 await ws.receive(timeout=10)
             assert ws.close_code == 4001
@@ -545,6 +549,7 @@ async def test_a_key_rotated_mid_turn_ends_the_tool_loop_before_its_next_call(
                 assert resp.status == 200
                 await resp.content.readline()  # the stream has started
                 await asyncio.to_thread(cli, *rotate)
+                rotated.set()
                 chunks = await read_all(resp)
             errors = [c for c in chunks if isinstance(c, dict) and c["type"] == "error"]
             assert errors and "rotated" in errors[0]["errorText"], chunks

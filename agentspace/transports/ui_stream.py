@@ -390,6 +390,9 @@ async def stream_turn(request: web.Request, turn: Turn, *, abort_on_disconnect: 
     response = web.StreamResponse(headers=STREAM_HEADERS)
     encoder = UIMessageStreamEncoder()
     try:
+        # The step's request goes upstream first (its task is queued behind this one): the headers are sent
+        # while the upstream works, not before the request leaves.
+        await asyncio.sleep(0)
         await response.prepare(request)
         async for batch in _chain(first, batches):
             # One write per burst of events, not per event: a burst of deltas costs one send.

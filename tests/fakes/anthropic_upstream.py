@@ -86,6 +86,7 @@ class FakeResponse:
     stall_after: int | None = None  # stop sending for ``stall_seconds`` after this many events
     stall_seconds: float = 0.0
     silent: float = 0.0  # seconds before answering at all (no status line, no headers): a hung upstream
+    gate: asyncio.Event | None = None  # after ``stall_after`` events, send nothing more until it is set
 
     def silent_for(self, seconds: float) -> FakeResponse:
         """Answer nothing for ``seconds`` (the client times out waiting for the status), then as scripted."""
@@ -101,6 +102,11 @@ class FakeResponse:
 
     def with_delay(self, seconds: float) -> FakeResponse:
         return replace(self, delay=seconds)
+
+    def held(self, gate: asyncio.Event, *, after: int = 1) -> FakeResponse:
+        """Send nothing after ``after`` events until the test sets ``gate`` (a step that lasts exactly as long as
+        the test needs, however slow the machine), then go on (if the client is still there)."""
+        return replace(self, stall_after=after, gate=gate)
 
     @cached_property
     def _encoded(self) -> list[bytes]:
@@ -740,7 +746,12 @@ class FakeAnthropic(FakeUpstream[FakeResponse]):
                 await resp.write(b"".join(chunks[:end]))  # zero delay: one write, cheap for benchmarks
             else:
                 for i, chunk in enumerate(chunks[:end]):
-                    if i == script.stall_after:
+                    if i == script.stall_after and script.gate is not None:
+                        while not script.gate.is_set():
+                            if not await self.pause(request, 0.05):
+                                recorded.disconnected = True
+                                return resp
+                    elif i == script.stall_after:
                         if not await self.pause(request, script.stall_seconds):
                             recorded.disconnected = True
                             return resp
