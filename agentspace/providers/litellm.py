@@ -764,6 +764,8 @@ def _map_error(error: Exception, request: ProviderRequest, key_name: str) -> Pro
         "LLM_ERROR",
         f"{prefix}: {_upstream_message(error, request)}",
         retryable=retryable,
+        # A 503 (or 529) may say when to come back: a model group cools the deployment for that long.
+        retry_after=retry_after_seconds(response_headers(error)) if retryable else None,
         status=status,
         upstream_code=CONTEXT_LENGTH_EXCEEDED if too_long else None,
     )

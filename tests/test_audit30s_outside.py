@@ -1,0 +1,43 @@
+"""Issue 30 (model groups) tried from outside once more: the official SDKs against a running gateway, fake
+upstreams answering as providers do under load (docs/routing.md)."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+
+import openai
+import pytest
+from aiohttp.test_utils import TestClient
+
+from tests.fakes import anthropic_upstream as fa
+from tests.fakes import openai_upstream as fo
+from tests.test_routing import deployments, fakes, routed, sdk  # noqa: F401
+from tests.test_routing_mixed import OAI_KEY, add_key, mixed
+
+
+@pytest.mark.parametrize("status", [503, 529])
+async def test_a_server_error_with_retry_after_cools_the_deployment_for_it(
+    routed: Callable[..., Awaitable[TestClient]],  # noqa: F811
+    fakes: list[fa.FakeAnthropic],  # noqa: F811
+    fake_openai: fo.FakeOpenAI,
+    token: str,
+    auth_headers: dict[str, str],
+    status: int,
+) -> None:
+    """docs/routing.md: past allowed_fails a deployment cools down "for the upstream's Retry-After (when it sent
+    one) or cooldown_seconds", for a 529 or a 5xx as for a 429. The translated path took it from 429s only."""
+    fake_openai.api_key = OAI_KEY
+    add_key("oai", OAI_KEY)
+    fake_openai.default = fo.error_status(503, retry_after=40)  # the litellm deployment
+    kind = "overloaded_error" if status == 529 else "api_error"
+    fakes[0].default = fa.error_status(status, type=kind, retry_after=40)  # the Anthropic one
+    client = await routed(mixed(fake_openai.url, fakes[0].url, cooldown_seconds=1))
+    api = sdk(client, token)
+    with pytest.raises(openai.APIStatusError):
+        await api.chat.completions.create(model="mixed", messages=[{"role": "user", "content": "Hi"}])
+    assert len(fake_openai.requests) == 1 and len(fakes[0].requests) == 1
+    state = await deployments(client, auth_headers)
+    for dep in ("mixed/oai", "mixed/team-1"):
+        assert state[dep]["state"] == "cooling"
+        assert state[dep]["coolingSeconds"] > 30, (dep, state[dep])  # the upstream's 40 s, not the group's 1 s
+    await api.close()
