@@ -5,13 +5,14 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 
+import anthropic
 import openai
 import pytest
 from aiohttp.test_utils import TestClient
 
 from tests.fakes import anthropic_upstream as fa
 from tests.fakes import openai_upstream as fo
-from tests.test_routing import deployments, fakes, routed, sdk  # noqa: F401
+from tests.test_routing import deployments, fakes, group, routed, sdk  # noqa: F401
 from tests.test_routing_mixed import OAI_KEY, add_key, mixed
 
 
@@ -41,3 +42,22 @@ async def test_a_server_error_with_retry_after_cools_the_deployment_for_it(
         assert state[dep]["state"] == "cooling"
         assert state[dep]["coolingSeconds"] > 30, (dep, state[dep])  # the upstream's 40 s, not the group's 1 s
     await api.close()
+
+
+async def test_the_sdks_retrieve_a_group_that_v1_models_lists(
+    routed: Callable[..., Awaitable[TestClient]],  # noqa: F811
+    fakes: list[fa.FakeAnthropic],  # noqa: F811
+    token: str,
+) -> None:
+    """/v1/models lists the group; models.retrieve of that id answered 404 model_not_found in both SDKs (the id
+    was read as a bare model id, which "claude" is not)."""
+    client = await routed(group(fakes))
+    api = sdk(client, token)
+    assert [m.id for m in (await api.models.list()).data if m.owned_by == "group"] == ["claude"]
+    got = await api.models.retrieve("claude")
+    assert (got.id, got.owned_by) == ("claude", "group")
+    await api.close()
+    claude = anthropic.AsyncAnthropic(api_key=token, base_url=f"http://127.0.0.1:{client.port}", max_retries=0)
+    info = await claude.models.retrieve("claude")
+    assert (info.id, info.max_input_tokens) == ("claude", 200_000)
+    await claude.close()
