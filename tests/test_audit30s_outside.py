@@ -3,6 +3,8 @@ upstreams answering as providers do under load (docs/routing.md)."""
 
 from __future__ import annotations
 
+import asyncio
+import time
 from collections.abc import Awaitable, Callable
 
 import anthropic
@@ -10,9 +12,11 @@ import openai
 import pytest
 from aiohttp.test_utils import TestClient
 
+from agentspace.redis_routing import RedisRouteState
+from agentspace.routing import LocalRouteState, Router, RouteState, parse_groups
 from tests.fakes import anthropic_upstream as fa
 from tests.fakes import openai_upstream as fo
-from tests.test_routing import deployments, fakes, group, routed, sdk  # noqa: F401
+from tests.test_routing import MODEL, deployments, fakes, group, routed, sdk  # noqa: F401
 from tests.test_routing_mixed import OAI_KEY, add_key, mixed
 
 
@@ -61,3 +65,51 @@ async def test_the_sdks_retrieve_a_group_that_v1_models_lists(
     info = await claude.models.retrieve("claude")
     assert (info.id, info.max_input_tokens) == ("claude", 200_000)
     await claude.close()
+
+
+@pytest.mark.parametrize("where", ["process", "redis"])
+async def test_lowest_latency_measures_again_a_deployment_one_slow_call_put_last(
+    request: pytest.FixtureRequest, where: str
+) -> None:
+    """lowest-latency tries the fastest average first, so a deployment whose first call was slow (a cold
+    connection, a moment of load) was never chosen again while the other answered, and its average never
+    mended: every call went to one deployment for the life of the process (a day in Redis). An average not
+    measured for the lapse is forgotten: the deployment goes first again, and its next call is its measure."""
+    groups = parse_groups(
+        "<test>",
+        {
+            "g": {
+                "strategy": "lowest-latency",
+                "deployments": [{"model": MODEL, "key": "a"}, {"model": MODEL, "key": "b"}],
+            }
+        },
+    )
+    client = None
+    if where == "redis":
+        import redis.asyncio as aioredis
+
+        client = aioredis.from_url(request.getfixturevalue("redis_srv").url)
+        await client.flushall()
+        route_state: RouteState = RedisRouteState(client, latency_ttl=1.0)
+    else:
+        route_state = LocalRouteState(latency_ttl=1.0)
+    router = Router(groups, route_state)
+    group = groups["g"]
+    for id, ttft in (("g/a", 900.0), ("g/b", 30.0)):  # a's first call was slow
+        assert await route_state.take(id, None)
+        await route_state.done(id, 100, ttft)
+    deadline = time.monotonic() + 30
+    while True:
+        order, _ = await router.order(group)
+        if order[0].id == "g/a":
+            break
+        assert time.monotonic() < deadline, "the slow first measurement kept g/a last for good"
+        assert await route_state.take("g/b", None)  # b keeps answering fast meanwhile
+        await route_state.done("g/b", 100, 30.0)
+        await asyncio.sleep(0.2)
+    assert await route_state.take("g/a", None)
+    await route_state.done("g/a", 100, 20.0)  # now it is the faster one: its measure, not 900's average
+    order, _ = await router.order(group)
+    assert [d.id for d in order] == ["g/a", "g/b"]
+    if client is not None:
+        await client.aclose()
