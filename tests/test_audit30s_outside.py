@@ -6,17 +6,23 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 
 import anthropic
 import openai
 import pytest
 from aiohttp.test_utils import TestClient
+from click.testing import CliRunner
 
+from agentspace.cli import main
+from agentspace.config import load_config
+from agentspace.providers.litellm import litellm_usable
 from agentspace.redis_routing import RedisRouteState
 from agentspace.routing import LocalRouteState, Router, RouteState, parse_groups
+from scripts.harness import GatewayProcess
 from tests.fakes import anthropic_upstream as fa
 from tests.fakes import openai_upstream as fo
-from tests.test_routing import MODEL, deployments, fakes, group, routed, sdk  # noqa: F401
+from tests.test_routing import KEYS, MODEL, deployments, fakes, group, routed, sdk  # noqa: F401
 from tests.test_routing_mixed import OAI_KEY, add_key, mixed
 
 
@@ -113,3 +119,37 @@ async def test_lowest_latency_measures_again_a_deployment_one_slow_call_put_last
     assert [d.id for d in order] == ["g/a", "g/b"]
     if client is not None:
         await client.aclose()
+
+
+async def test_a_group_over_named_anthropic_keys_does_not_import_litellm(
+    tmp_path: Path,
+    fakes: list[fa.FakeAnthropic],  # noqa: F811
+) -> None:
+    """The README's setup, two Anthropic keys stored as vault entries team-1 and team-2, nothing else: each
+    entry's name was read as a provider prefix with a key, so the server imported litellm in the background at
+    start (seconds of CPU and a few hundred MiB an Anthropic-only gateway never needs), slowing the first calls,
+    whose TTFT lowest-latency then held against their deployment."""
+    data = tmp_path / "data"
+    for name in ("team-1", "team-2"):
+        stored = CliRunner().invoke(
+            main, ["--data-dir", str(data), "keys", "add", "anthropic", "--name", name], input=KEYS[name]
+        )
+        assert stored.exit_code == 0, stored.output
+    deps = [{"model": MODEL, "key": f"team-{i + 1}", "base_url": fakes[i].url} for i in range(2)]
+    gateway = GatewayProcess(
+        data, fakes[0].url, **{"models": {"default": "claude"}, "models.groups.claude": {"deployments": deps}}
+    )
+    await gateway.start()
+    try:
+        api = anthropic.AsyncAnthropic(api_key=gateway.token, base_url=gateway.url, max_retries=0)
+        reply = await api.messages.create(model="claude", max_tokens=10, messages=[{"role": "user", "content": "Hi"}])
+        assert reply.content[0].type == "text"
+        await api.close()
+        api_oa = openai.AsyncOpenAI(api_key=gateway.token, base_url=gateway.url + "/v1", max_retries=0)
+        answer = await api_oa.chat.completions.create(model="claude", messages=[{"role": "user", "content": "Hi"}])
+        assert answer.choices[0].message.content == fa.DEFAULT_TEXT
+        await api_oa.close()
+    finally:
+        await gateway.aclose()
+    # What the server asks at start (its log says so only when the import ends, seconds later).
+    assert not litellm_usable(load_config(gateway.config_path))
