@@ -20,9 +20,10 @@ from agentspace.providers.litellm import litellm_usable
 from agentspace.redis_routing import RedisRouteState
 from agentspace.routing import LocalRouteState, Router, RouteState, parse_groups
 from scripts.harness import GatewayProcess
+from tests.conftest import wait_until
 from tests.fakes import anthropic_upstream as fa
 from tests.fakes import openai_upstream as fo
-from tests.test_routing import KEYS, MODEL, deployments, fakes, group, routed, sdk  # noqa: F401
+from tests.test_routing import KEYS, MODEL, deployments, fakes, group, records, routed, sdk  # noqa: F401
 from tests.test_routing_mixed import OAI_KEY, add_key, mixed
 
 
@@ -153,3 +154,39 @@ async def test_a_group_over_named_anthropic_keys_does_not_import_litellm(
         await gateway.aclose()
     # What the server asks at start (its log says so only when the import ends, seconds later).
     assert not litellm_usable(load_config(gateway.config_path))
+
+
+async def test_a_stream_the_client_left_counts_its_tokens_in_the_deployments_minute(
+    routed: Callable[..., Awaitable[TestClient]],  # noqa: F811
+    fakes: list[fa.FakeAnthropic],  # noqa: F811
+    token: str,
+    auth_headers: dict[str, str],
+) -> None:
+    """A stream the client stopped (a user's Esc) is billed what the upstream reported, but its tokens were left
+    out of the deployment's minute: a deployment's tpm let through more than the upstream counted."""
+    for fake in fakes:
+        fake.default = fa.text_response(
+            "one two three four five six", chunks=6, usage={"input_tokens": 500}
+        ).with_delay(0.2)
+    client = await routed(group(fakes, extra=[{"tpm": 100_000}, {"tpm": 100_000}]))
+    api = sdk(client, token)
+    stream = await api.chat.completions.create(
+        model="claude", messages=[{"role": "user", "content": "Hi"}], stream=True
+    )
+    async for chunk in stream:
+        if chunk.choices and chunk.choices[0].delta.content:
+            break  # the client stops reading after the first words
+    await stream.close()
+
+    async def ended() -> bool:
+        recs = await records(client)
+        state = await deployments(client, auth_headers)
+        return len(recs) == 1 and all(d["inFlight"] == 0 for d in state.values())
+
+    await wait_until(ended, timeout=20)
+    (record,) = await records(client)
+    assert record["finishReason"] == "aborted" and record["inputTokens"] == 500
+    state = await deployments(client, auth_headers)
+    counted = state[record["deployment"]]["tokensLastMinute"]
+    assert counted == record["inputTokens"] + record["outputTokens"]
+    await api.close()
