@@ -6,7 +6,7 @@ Every operation is one Lua script, atomic in Redis, on Redis's own clock (``TIME
 Per deployment (``agentspace:route:<id>:*``): ``cool`` (the end of its cooldown, expiring with it), ``calls``
 (the calls in flight, one member each, scored by when it lapses: a replica renews its own every third of
 ``INFLIGHT_TTL_SECONDS``, so the calls of a replica that died mid-call stop counting within that time), ``req``/``tok``/``fails`` (sorted sets over the last minute), ``lat`` (the TTFT
-average) and ``errors`` (the last few, newest first).
+average, lapsing when not measured for ``routing.LATENCY_TTL_SECONDS``) and ``errors`` (the last few, newest first).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import logging
 from collections.abc import Sequence
 from typing import Any
 
-from .routing import RECENT_ERRORS, WINDOW_SECONDS, Load
+from .routing import LATENCY_TTL_SECONDS, RECENT_ERRORS, WINDOW_SECONDS, Load
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +83,7 @@ return 1
 )
 
 # KEYS: calls, tok, lat. ARGV: call member, tokens member (id:tokens, '' for none), window ms, ttft ms ('' for
-# none), alpha.
+# none), alpha, latency ttl ms (the average lapses when not measured for that long: ``routing.LATENCY_TTL_SECONDS``).
 _DONE = (
     _NOW
     + """
@@ -96,7 +96,7 @@ if ARGV[4] ~= '' then
   local old = redis.call('GET', KEYS[3])
   local value = tonumber(ARGV[4])
   if old then value = (1 - tonumber(ARGV[5])) * tonumber(old) + tonumber(ARGV[5]) * value end
-  redis.call('SET', KEYS[3], tostring(value), 'EX', 86400)
+  redis.call('SET', KEYS[3], tostring(value), 'PX', tonumber(ARGV[6]))
 end
 return 1
 """
@@ -131,7 +131,9 @@ return 0
 class RedisRouteState:
     """``routing.RouteState`` shared by every replica through Redis."""
 
-    def __init__(self, redis: Any, inflight_ttl: float = INFLIGHT_TTL_SECONDS) -> None:
+    def __init__(
+        self, redis: Any, inflight_ttl: float = INFLIGHT_TTL_SECONDS, latency_ttl: float = LATENCY_TTL_SECONDS
+    ) -> None:
         import itertools
         import os
 
@@ -144,6 +146,7 @@ class RedisRouteState:
         self._ids = itertools.count()
         self._prefix = f"{os.getpid()}-{id(self):x}"
         self._ttl_ms = int(inflight_ttl * 1000)
+        self._latency_ttl_ms = int(latency_ttl * 1000)
         # This replica's calls in flight per deployment (their members in ``calls``), renewed while they run.
         self._held: dict[str, list[str]] = {}
         self._renewer: asyncio.Task[None] | None = None
@@ -219,7 +222,8 @@ class RedisRouteState:
         counted = f"{self._member()}:{int(tokens)}" if tokens > 0 else ""
         keys = [self._key(id, "calls"), self._key(id, "tok"), self._key(id, "lat")]
         ttft = "" if ttft_ms is None else repr(float(ttft_ms))
-        await self._done(keys=keys, args=[self._release(id), counted, WINDOW_MS, ttft, LATENCY_ALPHA])
+        args = [self._release(id), counted, WINDOW_MS, ttft, LATENCY_ALPHA, self._latency_ttl_ms]
+        await self._done(keys=keys, args=args)
 
     async def failed(self, id: str, code: str, allowed_fails: int, cooldown: float) -> float | None:
         keys = [self._key(id, s) for s in ("calls", "fails", "errors", "cool")]

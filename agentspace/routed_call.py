@@ -106,6 +106,9 @@ class RoutedCall(HeldCall):
     async def _done(self, tokens: int) -> None:
         if self._open and not self._starting:
             self._open = False
+            recorded = self.meter.recorded
+            if not tokens and recorded is not None:  # cut short (the client left): what its record bills
+                tokens = recorded.usage.input_tokens + recorded.usage.output_tokens
             ttft = (self._first_token - self.meter.started) * 1000 if self._first_token else None
             await self.gw.router.state.done(self.deployment.id, tokens, ttft)
 
@@ -114,6 +117,7 @@ class RoutedCall(HeldCall):
 
     async def _measured(self) -> AsyncIterator[ProviderEvent]:
         tokens = 0
+        cancelled = False
         try:
             async for event in DirectCall.events(self):
                 kind = type(event)
@@ -122,8 +126,13 @@ class RoutedCall(HeldCall):
                 elif kind is ProviderFinish and event.usage is not None:  # type: ignore[union-attr]
                     tokens = event.usage.input_tokens + event.usage.output_tokens  # type: ignore[union-attr]
                 yield event
+        except asyncio.CancelledError:
+            # The client left: the transport's ``abort`` records what the call used, then ends it with that.
+            cancelled = True
+            raise
         finally:
-            await self._done(tokens)
+            if not cancelled:
+                await self._done(tokens)
 
     async def abort(self) -> UsageRecord | None:
         try:

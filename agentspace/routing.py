@@ -37,6 +37,9 @@ STRATEGIES = ("weighted", "least-busy", "lowest-latency")
 WINDOW_SECONDS = 60.0
 # The weight of the newest TTFT in a deployment's moving average.
 LATENCY_ALPHA = 0.2
+# A deployment's TTFT average is forgotten when it was not measured for this long: under lowest-latency it then
+# goes first again and is measured anew, so one slow call (a cold connection) does not keep it out for good.
+LATENCY_TTL_SECONDS = 60.0
 # Errors kept per deployment for the deployments page.
 RECENT_ERRORS = 10
 
@@ -219,14 +222,16 @@ class _Local:
     token_sum: int = 0  # of ``tokens``, kept as they come and go (no sum over the minute per call)
     fails: deque[float] = field(default_factory=deque)
     latency_ms: float | None = None
+    latency_at: float = 0.0  # when it was last measured (wall clock)
     errors: deque[tuple[float, str]] = field(default_factory=lambda: deque(maxlen=RECENT_ERRORS))
 
 
 class LocalRouteState:
     """``RouteState`` of one process."""
 
-    def __init__(self) -> None:
+    def __init__(self, latency_ttl: float = LATENCY_TTL_SECONDS) -> None:
         self._deps: dict[str, _Local] = {}
+        self._latency_ttl = latency_ttl
 
     def _get(self, id: str) -> _Local:
         dep = self._deps.get(id)
@@ -256,7 +261,7 @@ class LocalRouteState:
                     dep.in_flight,
                     len(dep.requests),
                     dep.token_sum,
-                    dep.latency_ms,
+                    self._latency(dep, now),
                     list(dep.errors),
                 )
             )
@@ -272,14 +277,20 @@ class LocalRouteState:
         dep.in_flight += 1
         return True
 
+    def _latency(self, dep: _Local, now: float) -> float | None:
+        return dep.latency_ms if now - dep.latency_at < self._latency_ttl else None
+
     async def done(self, id: str, tokens: int, ttft_ms: float | None) -> None:
+        now = time.time()
         dep = self._get(id)
         dep.in_flight = max(0, dep.in_flight - 1)
         if tokens > 0:
-            dep.tokens.append((time.time(), tokens))
+            dep.tokens.append((now, tokens))
             dep.token_sum += tokens
         if ttft_ms is not None:
-            dep.latency_ms = ttft_ms if dep.latency_ms is None else ema(dep.latency_ms, ttft_ms)
+            average = self._latency(dep, now)
+            dep.latency_ms = ttft_ms if average is None else ema(average, ttft_ms)
+            dep.latency_at = now
 
     async def failed(self, id: str, code: str, allowed_fails: int, cooldown: float) -> float | None:
         now = time.time()

@@ -316,9 +316,14 @@ async def test_tpm_of_a_deployment_is_honoured(
 async def test_lowest_latency_prefers_the_faster_deployment(
     routed: Callable[..., Awaitable[TestClient]], fakes: list[fa.FakeAnthropic], token: str
 ) -> None:
-    fakes[0].default = fa.text_response("slow").with_delay(0.03)
-    client = await routed(group(fakes, strategy="lowest-latency"))
+    # A second before its first event: slower than the other's first call on a loaded machine.
+    fakes[0].default = fa.text_response("slow").stall(1.0, after=0)
+    config = group(fakes, strategy="lowest-latency")
+    config["models"]["groups"]["warm"] = {"deployments": [{"model": MODEL, "key": "team-3", "base_url": fakes[2].url}]}
+    client = await routed(config)
     api = sdk(client, token)
+    # The gateway's first call imports the Anthropic SDK (seconds on a loaded machine): not in either's measure.
+    await api.chat.completions.create(model="warm", messages=[{"role": "user", "content": "Hi"}])
     for _ in range(20):
         stream = await api.chat.completions.create(
             model="claude", messages=[{"role": "user", "content": "Hi"}], stream=True

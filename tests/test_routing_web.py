@@ -115,3 +115,27 @@ def test_phone_chat_and_deployments_fit_the_screen(browser: Any, gateway: Gatewa
     assert state.evaluate("e => getComputedStyle(e, '::before').content") == '"State: "'  # a card's label
     assert page.evaluate("document.documentElement.scrollWidth <= window.innerWidth")
     web.check()
+
+
+def test_the_deployments_page_keeps_refreshing_after_a_failed_refresh(browser: Any, gateway: Gateway) -> None:
+    """One refresh that failed (a restart, a dropped connection: when an operator watches this page) stopped
+    the refreshing for good, with nothing on the page to say its states were stale. It says so now, and goes
+    on."""
+    page = Page(browser, gateway).sign_in()
+    page.get_by_role("link", name="Deployments").click()
+    page.locator("#deployments-list tbody tr").first.wait_for()
+    refused: list[str] = []
+
+    def refuse_once(route: Any) -> None:
+        if refused:
+            route.continue_()
+        else:
+            refused.append(route.request.url)
+            route.abort()
+
+    page.route("**/api/deployments", refuse_once)
+    stale = page.locator("#deployments-stale")
+    stale.wait_for(state="visible", timeout=20_000)  # the next refresh failed, and the page says so
+    assert "Could not refresh" in stale.inner_text()
+    stale.wait_for(state="hidden", timeout=20_000)  # the one after it succeeded
+    assert page.locator("tr[data-deployment='claude/team-1'] td[data-state]").count() == 1

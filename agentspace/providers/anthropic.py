@@ -584,15 +584,22 @@ def _status_error(e: APIStatusError, api_key: str) -> ProviderError:
         return ProviderError(
             "MODEL_NOT_FOUND", f"Anthropic does not know this model: {detail or 'not found'}", status=404
         )
+    # An overloaded or failing upstream may say when to come back, as a rate limit does: a model group cools
+    # the deployment for that long (docs/routing.md), and a retry waits for it.
     if status == 529:
         return ProviderError(
-            "LLM_ERROR", "Anthropic is overloaded right now. Try again shortly.", retryable=True, status=529
+            "LLM_ERROR",
+            "Anthropic is overloaded right now. Try again shortly.",
+            retryable=True,
+            retry_after=retry_after_seconds(e.response.headers),
+            status=529,
         )
     if status >= 500 or status in (408, 409):
         return ProviderError(
             "LLM_ERROR",
             f"Anthropic had a temporary problem (HTTP {status}). Try again shortly.",
             retryable=True,
+            retry_after=retry_after_seconds(e.response.headers),
             status=status,
         )
     too_long = status == 400 and detail.startswith("prompt is too long")  # Anthropic's words for it

@@ -128,12 +128,19 @@ def server_startup(app: Any, config: Config) -> None:
 
 def litellm_usable(config: Config) -> bool:
     """Whether any model this server could serve goes through litellm: a prefix other than ``anthropic``
-    with a ``[providers.PREFIX]`` table, or a key in the vault or the environment."""
+    with a ``[providers.PREFIX]`` table, or a key in the vault or the environment, or a model group's
+    deployment of another provider."""
     from ..catalog import MAIN_PROVIDERS
     from ..vault import KeyVault, resolve_key
 
-    prefixes = set(config.providers) | set(MAIN_PROVIDERS) | set(KeyVault(config.data_dir).names())
+    deployments = [d for group in config.groups.values() for d in group.deployments]
+    if any(not d.model.startswith("anthropic/") for d in deployments):
+        return True  # a group's deployment through litellm (its key may be any vault entry)
+    # A vault entry a deployment names is that deployment's key (team-1), not a provider's: no prefix.
+    entries = set(KeyVault(config.data_dir).names()) - {d.key for d in deployments if d.key}
+    prefixes = set(config.providers) | set(MAIN_PROVIDERS) | entries
     prefixes |= {m.partition("/")[0] for m in [config["models"]["default"], *config["models"]["fallbacks"]]}
+    prefixes |= {m.partition("/")[0] for group in config.groups.values() for m in group.fallbacks}
     prefixes.discard("anthropic")
     return any(p in config.providers or resolve_key(config, p) for p in prefixes if p)
 
@@ -764,6 +771,8 @@ def _map_error(error: Exception, request: ProviderRequest, key_name: str) -> Pro
         "LLM_ERROR",
         f"{prefix}: {_upstream_message(error, request)}",
         retryable=retryable,
+        # A 503 (or 529) may say when to come back: a model group cools the deployment for that long.
+        retry_after=retry_after_seconds(response_headers(error)) if retryable else None,
         status=status,
         upstream_code=CONTEXT_LENGTH_EXCEEDED if too_long else None,
     )

@@ -35,8 +35,10 @@ async def get_model(request: web.Request) -> web.Response:
     models = await state.service(request.app, client_name(request)).models()
     wanted = request.match_info["id"]
     anthropic = "anthropic-version" in request.headers
+    # A model group is named as it is, as the /v1 endpoints take it ("claude" is no bare model id).
+    groups = [m for m in models if m["provider"] == "group" and m["id"] == wanted]
     ours = anthropic_model(wanted) if anthropic else openai_model(wanted)
-    found = [m for m in models if m["id"] == ours]
+    found = groups or [m for m in models if m["id"] == ours]
     if not found:
         message = f"The model `{wanted}` does not exist here. Run: agentspace models"
         return error_response(request, 404, message, code="model_not_found")

@@ -46,9 +46,11 @@ function row(d) {
 
 export async function deploymentsPage(main) {
   const list = el("div", { id: "deployments-list", "aria-live": "polite" });
+  // A refresh that failed (a restart, a dropped connection) says the states shown are stale; the next goes on.
+  const stale = el("p", { id: "deployments-stale", class: "error", role: "status", hidden: true });
   main.replaceChildren(el("h1", {}, "Deployments"),
     el("p", { class: "muted" }, "The deployments of the model groups: which take calls, which are cooling down, and how they answer."),
-    list);
+    stale, list);
   const render = async () => {
     const { deployments } = await getJSON("/api/deployments");
     list.replaceChildren(deployments.length
@@ -60,6 +62,9 @@ export async function deploymentsPage(main) {
   await render();
   const timer = setInterval(() => {
     if (!document.body.contains(list)) return clearInterval(timer); // the page was left
-    render().catch(() => clearInterval(timer));
+    render().then(() => { stale.hidden = true; }, (e) => {
+      stale.textContent = `Could not refresh (${e.message || e}): the states below may be stale; trying again every ${REFRESH_MS / 1000} seconds.`;
+      stale.hidden = false;
+    });
   }, REFRESH_MS);
 }
