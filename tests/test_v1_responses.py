@@ -182,6 +182,9 @@ async def test_length_is_incomplete(client: TestClient, token: str, fake_openai:
         ({"input": [{"role": "user", "content": [{"type": "input_audio"}]}]}, "input[0].content[0].type"),
         ({"frobnicate": 1}, "frobnicate"),
         ({"include": ["message.output_text.logprobs"]}, "include"),
+        # A choice that needs a tool when there is none: OpenAI's 400 (it was dropped)
+        ({"tool_choice": "required"}, "tool_choice"),
+        ({"tool_choice": {"type": "function", "name": "get_weather"}}, "tool_choice"),
     ],
 )
 async def test_refused_with_the_field_named(
@@ -192,6 +195,14 @@ async def test_refused_with_the_field_named(
     assert raised.value.param == param
     assert raised.value.body["type"] == "invalid_request_error"  # type: ignore[index]
     assert fake_openai.requests == [] and await records(client) == []
+
+
+async def test_tool_choice_auto_or_none_without_tools_is_no_refusal(
+    client: TestClient, token: str, fake_openai: FakeOpenAI
+) -> None:
+    for choice in ("auto", "none"):  # Codex sends "auto" whatever its tools
+        await sdk(client, token).responses.create(model=MODEL, input="Hi", tool_choice=choice)  # type: ignore[arg-type]
+    assert ["tool_choice" in request.body for request in fake_openai.requests] == [False, False]
 
 
 async def test_upstream_error(client: TestClient, token: str, fake_openai: FakeOpenAI) -> None:

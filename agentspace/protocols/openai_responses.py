@@ -164,6 +164,11 @@ def _params(body: dict[str, Any], has_tools: bool) -> dict[str, Any]:
     params = sampling_params(body.get("temperature"), body.get("top_p"), None, "stop")
     params.update({name: body[name] for name in HINT_FIELDS if body.get(name) is not None})
     tool_choice = body.get("tool_choice")
+    if not body.get("tools"):  # OpenAI refuses a choice that names a tool when there is none ("auto" it takes)
+        if tool_choice == "required":
+            raise RequestError("tool_choice", "Tool choice 'required' must be specified with 'tools' parameter.")
+        if isinstance(tool_choice, dict) and isinstance(tool_choice.get("name"), str):
+            raise RequestError("tool_choice", f"Tool choice '{tool_choice['name']}' not found in 'tools' parameter.")
     params.update(
         tool_params(
             _tool_choice(tool_choice) if tool_choice is not None else None, body.get("parallel_tool_calls"), has_tools
