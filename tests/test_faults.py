@@ -394,14 +394,6 @@ async def test_a_failing_fallback_is_billed_as_itself(
     assert_failed_and_billed(outcome, OPENAI, "alpha beta ")
 
 
-async def test_fallback_to_an_unknown_model_is_a_clean_error(setup: Any, fake_anthropic: fa.FakeAnthropic) -> None:
-    _, chat_ = await setup("ws", chat={"max_retries": 0}, models={"fallbacks": {ANTHROPIC: ["nosuchprovider/model"]}})
-    fake_anthropic.enqueue(fa.error_status(529))
-    outcome = await chat_("hi", None)
-    assert outcome.error is not None and outcome.error.startswith("MODEL_NOT_FOUND: ")
-    assert len(outcome.records) == 1
-
-
 # --- the retry policy, and abort during a wait ------------------------------------------------------
 
 
