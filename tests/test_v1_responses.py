@@ -383,6 +383,31 @@ async def test_an_image_a_function_returned_reaches_the_model(
     assert record["endpoint"] == "responses" and record["error"] is None
 
 
+@pytest.mark.parametrize(
+    ("model", "form"), [("anthropic/claude-opus-4-7", "adaptive"), ("anthropic/claude-sonnet-4-5", "enabled")]
+)
+async def test_a_reasoning_summary_asks_claude_for_its_summarized_thinking(
+    client: TestClient, token: str, fake_anthropic: FakeAnthropic, model: str, form: str
+) -> None:
+    """Codex asks for ``reasoning.summary: "auto"``; Claude Opus 4.7 and later send their thinking's summary only
+    when asked (``thinking.display: "summarized"``; by default "omitted", no text): asked for it, the summary
+    streams as the reasoning item's summary text. Not asked, the model's own default stands."""
+    fake_anthropic.enqueue(
+        fa.message_response(fa.thinking_block("Paris is in France.", signature="sig"), fa.text_block("Paris")),
+        fa.text_response("Paris"),
+    )
+    api = sdk(client, token)
+    async with api.responses.stream(
+        model=model, input="Capital of France?", reasoning={"effort": "high", "summary": "auto"}
+    ) as s:
+        deltas = [e.delta async for e in s if e.type == "response.reasoning_summary_text.delta"]
+    assert "".join(deltas) == "Paris is in France."
+    await api.responses.create(model=model, input="Capital of France?", reasoning={"effort": "high"})
+    asked, not_asked = (request.body["thinking"] for request in fake_anthropic.requests)
+    assert (asked["type"], asked["display"]) == (form, "summarized")
+    assert not_asked["type"] == form and "display" not in not_asked
+
+
 @pytest.mark.parametrize("thought", ["", "Weather needs a tool."])
 @pytest.mark.parametrize("stream", [True, False])
 async def test_thinking_without_text_and_redacted_thinking_go_back(

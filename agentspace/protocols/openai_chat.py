@@ -116,6 +116,7 @@ class ParsedRequest:
     include_usage: bool = False
     max_tokens: int | None = None
     reasoning_budget: int | None = None
+    reasoning_summary: bool = False  # a summary of the reasoning asked for (Responses' reasoning.summary)
     params: dict[str, Any] = field(default_factory=dict)  # sampling parameters passed on (ProviderRequest.params)
     # The prompt cache the client asked for ("5m", "1h"; None: not asked), ``asked_cache_ttl``.
     cache_ttl: str | None = None

@@ -137,6 +137,7 @@ def parse_request(body: Any) -> tuple[ParsedRequest, bool]:
         include_usage=True,
         max_tokens=max_tokens,
         reasoning_budget=_reasoning_budget(body.get("reasoning") or {}),
+        reasoning_summary=(body.get("reasoning") or {}).get("summary") in ("auto", "concise", "detailed"),
         params=params,
         cache_ttl=asked_cache_ttl(body, body.get("input"), body.get("tools")),
     )
