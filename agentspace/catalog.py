@@ -5,8 +5,10 @@ Shared by ``agentspace models`` and ``GET /api/models`` so both list the same mo
 
 from __future__ import annotations
 
+import asyncio
 import difflib
 import functools
+import logging
 import re
 from collections.abc import Iterable
 from datetime import date
@@ -14,7 +16,10 @@ from typing import Any
 
 from .config import Config, is_pattern
 from .pricing import cost_entry, known_models, model_info, provided_info
+from .providers.base import lacks_key
 from .vault import KeyVault, resolve_key
+
+log = logging.getLogger(__name__)
 
 # Providers whose cost-map models `--all` lists whether or not a key is set.
 MAIN_PROVIDERS = ("anthropic", "openai", "gemini")
@@ -85,6 +90,32 @@ def usable_models(config: Config, providers: Iterable[Any] = (), *, include_all:
             }
         )
     return [*group_models(config), *out]
+
+
+async def without_keyless_plugin_models(
+    config: Config, providers: Iterable[Any], models: list[dict[str, Any]]
+) -> list[dict[str, Any]]:
+    """``models`` less the plugin models whose provider's ``missing_key`` says a call would fail for want of a
+    key, as a built-in provider's models are listed only with its key (``usable_models``)."""
+    providers = list(providers)
+    listed = plugin_models(providers)
+    keys: dict[str, str | None] = {}
+    out = []
+    for model in models:
+        model_id = str(model["id"])
+        serving = next((p for p in providers if p.claims(model_id)), None) if model_id in listed else None
+        if serving is not None:
+            prefix = model_id.partition("/")[0]
+            if prefix not in keys:  # the vault is a file: read off the event loop
+                keys[prefix] = await asyncio.to_thread(resolve_key, config, prefix)
+            base_url = config.provider_settings(prefix)["base_url"]
+            try:
+                if await lacks_key(serving, model_id, keys[prefix], base_url):
+                    continue
+            except Exception as e:  # listed; its calls will say what is wrong
+                log.warning("%s.missing_key(%r) failed: %s: %s", serving.name, model_id, type(e).__name__, e)
+        out.append(model)
+    return out
 
 
 def group_models(config: Config) -> list[dict[str, Any]]:

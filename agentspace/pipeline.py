@@ -697,7 +697,8 @@ class Turn:
                 state.model = model
                 return await self._call_with_retries(ctx, state, seen_sources, model), model
             except ProviderError as e:
-                if state.delivered or i == len(chain) - 1 or isinstance(e, _Refused):
+                # A 400 is the request's own fault: it would fail on any model (as on /v1, routed_call.py).
+                if state.delivered or i == len(chain) - 1 or isinstance(e, _Refused) or not moves_on(e):
                     raise
                 log.warning("%s failed before the first token (%s); falling back to %s", model, e.code, chain[i + 1])
                 last = e
@@ -742,7 +743,7 @@ class Turn:
                 state.provider_call.route(fallback, None)  # type: ignore[union-attr]
                 return await self._call_with_retries(ctx, state, seen_sources, fallback), fallback
             except ProviderError as e:
-                if state.delivered:
+                if state.delivered or not moves_on(e):  # a 400: not tried on another model
                     raise
                 last = e
         raise last or all_cooling_error(group, cooling_until)

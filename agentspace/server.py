@@ -149,14 +149,18 @@ def _gateway_context(config: Config, pm: pluggy.PluginManager) -> Callable[[web.
 
 
 def check_group_models(gw: Registry) -> None:
-    """Stop on a model group's deployment or fallback that nothing serves (a typo), as on the default: else
-    every call drawn to it fails."""
+    """Stop on a model group's deployment or fallback, or a ``[models] fallbacks`` model, that nothing serves
+    (a typo), as on the default: else every call drawn to it fails. Checked once the plugins' providers are
+    registered (a fallback may be a plugin's model)."""
+    called: list[tuple[str, str]] = []
     for name, group in gw.config.groups.items():
         where = f'models.groups."{name}"'
-        called = [(f"{where}.deployments[{i}].model", d.model) for i, d in enumerate(group.deployments)]
-        for key, model in [*called, *((f"{where}.fallbacks", m) for m in group.fallbacks)]:
-            if gw.router.group(model) is not None:
-                continue
+        called += [(f"{where}.deployments[{i}].model", d.model) for i, d in enumerate(group.deployments)]
+        called += [(f"{where}.fallbacks", m) for m in group.fallbacks]
+    for model, chain in gw.config["models"]["fallbacks"].items():
+        called += [(f'models.fallbacks."{model}"', m) for m in [model, *chain]]
+    for key, model in called:
+        if gw.router.group(model) is None:
             try:
                 gw.provider_for(model)
             except ModelNotFound as e:

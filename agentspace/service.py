@@ -24,7 +24,7 @@ from typing import Any
 
 from . import attachments, tokens
 from .calls import Ceiling, ProviderCall, messages_body_ceiling
-from .catalog import usable_models
+from .catalog import usable_models, without_keyless_plugin_models
 from .clients import ADMIN, Client, apply_settings, name_problem, settings_problems
 from .config import Config
 from .context import inspect_session
@@ -535,6 +535,7 @@ class Service:
     async def models(self) -> list[dict[str, Any]]:
         # The same list as `agentspace models --json`; it reads the vault and the cost map, so off the loop.
         models = await asyncio.to_thread(usable_models, self.gw.config, self.gw.providers)
+        models = await without_keyless_plugin_models(self.gw.config, self.gw.providers, models)
         client = await self.gw.guard.client(self.caller)
         if client is None:
             return models

@@ -351,6 +351,29 @@ async def test_fallback_answers_when_the_primary_fails_before_the_first_token(
         assert outcome.start_model == ANTHROPIC  # the stream started for the requested model
 
 
+@both_transports
+async def test_no_fallback_after_a_400(
+    setup: Any, fake_anthropic: fa.FakeAnthropic, fake_openai: fo.FakeOpenAI, transport: str
+) -> None:
+    """A 400 is the request's own fault: it would fail on any model, so the turn ends there, as on /v1 -- the
+    requested model's 400 and a fallback's alike (a 529 still falls back)."""
+    haiku = "anthropic/claude-haiku-4-5"
+    _, chat_ = await setup(transport, chat={"max_retries": 0}, models={"fallbacks": {ANTHROPIC: [OPENAI, haiku]}})
+    fake_anthropic.enqueue(fa.error_status(400, "messages.0: bad request"))
+    outcome = await chat_("hi", None)
+    assert outcome.error is not None and "bad request" in outcome.error
+    assert len(fake_anthropic.requests) == 1 and fake_openai.requests == []
+    (record,) = outcome.records
+    assert record["model"] == ANTHROPIC and record["answered"] is False
+    fake_anthropic.enqueue(fa.error_status(529))
+    fake_openai.enqueue(fo.error_status(400, "bad request from the fallback"))
+    outcome = await chat_("again", None)
+    assert outcome.error is not None and "bad request from the fallback" in outcome.error
+    assert len(fake_anthropic.requests) == 2 and len(fake_openai.requests) == 1  # haiku not tried
+    (record,) = outcome.records  # the step's one call, its failed attempt the one that answered it
+    assert record["model"] == OPENAI and record["answered"] is False
+
+
 async def test_no_fallback_after_the_first_token(
     setup: Any, fake_anthropic: fa.FakeAnthropic, fake_openai: fo.FakeOpenAI
 ) -> None:
@@ -369,14 +392,6 @@ async def test_a_failing_fallback_is_billed_as_itself(
     fake_openai.enqueue(fo.text_response(PARTIAL, chunks=CHUNKS).cut_after(3))
     outcome = await chat_("hi", None)
     assert_failed_and_billed(outcome, OPENAI, "alpha beta ")
-
-
-async def test_fallback_to_an_unknown_model_is_a_clean_error(setup: Any, fake_anthropic: fa.FakeAnthropic) -> None:
-    _, chat_ = await setup("ws", chat={"max_retries": 0}, models={"fallbacks": {ANTHROPIC: ["nosuchprovider/model"]}})
-    fake_anthropic.enqueue(fa.error_status(529))
-    outcome = await chat_("hi", None)
-    assert outcome.error is not None and outcome.error.startswith("MODEL_NOT_FOUND: ")
-    assert len(outcome.records) == 1
 
 
 # --- the retry policy, and abort during a wait ------------------------------------------------------

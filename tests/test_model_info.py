@@ -310,3 +310,23 @@ async def test_a_plugin_provider_gets_its_key_from_the_environment_or_says_how_t
         monkeypatch.setenv("REVERSE_API_KEY", "rk-test-1234")
         answered = await client.post("/v1/chat/completions", json=body)
         assert (await answered.json())["choices"][0]["message"]["content"] == "key ...1234"
+
+
+async def test_a_plugin_provider_without_its_key_has_its_models_unlisted(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As a built-in provider's models are listed only with its key: not in /v1/models nor the web app's list
+    (GET /api/models) while ``missing_key`` says a call would fail for want of one."""
+    monkeypatch.delenv("REVERSE_API_KEY", raising=False)
+
+    async def ids(client: Any) -> tuple[set[str], set[str]]:
+        v1 = await (await client.get("/v1/models")).json()
+        app = await (await client.get("/api/models")).json()
+        return {m["id"] for m in v1["data"]}, {m["id"] for m in app["models"]}
+
+    async with gateway_client(reverse_config(tmp_path), ReversePlugin(KeyedReverse())) as client:
+        v1, app = await ids(client)
+        assert not {i for i in v1 | app if i.startswith("reverse/")}, (v1, app)
+        monkeypatch.setenv("REVERSE_API_KEY", "rk-test-1234")
+        v1, app = await ids(client)
+        assert {"reverse/small", "reverse/large"} <= v1 & app

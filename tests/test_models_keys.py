@@ -454,22 +454,33 @@ async def test_both_providers_read_an_http_date_retry_after(
 
 
 @pytest.mark.parametrize(
-    ("group", "key"),
+    ("section", "key"),
     [
-        ('deployments = [{ model = "anthropic/claude-sonet-4-6" }]', 'models.groups."claude".deployments[0].model'),
         (
-            'deployments = [{ model = "anthropic/claude-sonnet-4-6" }]\nfallbacks = ["anthropic/claude-hiaku-4-5"]',
+            '[models.groups."claude"]\ndeployments = [{ model = "anthropic/claude-sonet-4-6" }]',
+            'models.groups."claude".deployments[0].model',
+        ),
+        (
+            '[models.groups."claude"]\ndeployments = [{ model = "anthropic/claude-sonnet-4-6" }]\n'
+            'fallbacks = ["anthropic/claude-hiaku-4-5"]',
             'models.groups."claude".fallbacks',
+        ),
+        # A plain model's fallbacks: the turn that needed one failed with no usage record
+        (
+            '[models]\nfallbacks = { "anthropic/claude-sonnet-4-6" = ["openai/gpt-5.5", "anthropic/claude-hiaku-4-5"] }',
+            'models.fallbacks."anthropic/claude-sonnet-4-6"',
+        ),
+        (
+            '[models]\nfallbacks = { "anthropic/claude-sonnet-4-6" = ["nosuchprovider/model"] }',
+            'models.fallbacks."anthropic/claude-sonnet-4-6"',
         ),
     ],
 )
-def test_serve_refuses_a_group_calling_an_unknown_model(tmp_path: Path, group: str, key: str) -> None:
-    """A model group's deployments and fallbacks are checked as the default is (docs/routing.md: every key is
-    validated when the config is loaded), not found out call by call."""
+def test_serve_refuses_a_group_or_fallback_calling_an_unknown_model(tmp_path: Path, section: str, key: str) -> None:
+    """A model group's deployments and fallbacks, and ``[models] fallbacks``, are checked as the default is
+    (docs/routing.md: every key is validated when the config is loaded), not found out call by call."""
     config = tmp_path / "agentspace.toml"
-    config.write_text(
-        f'[storage]\ndata_dir = "{tmp_path / "data"}"\n\n[models.groups."claude"]\n{group}\n', encoding="utf-8"
-    )
+    config.write_text(f'[storage]\ndata_dir = "{tmp_path / "data"}"\n\n{section}\n', encoding="utf-8")
     result = _serve(config, tmp_path / "data")
     assert result.returncode == 1, result.stderr[-500:]
     assert f"{config}: {key}: expected a model a provider serves" in result.stderr, result.stderr[-500:]

@@ -365,6 +365,21 @@ async def test_fallbacks_after_every_deployment_and_models_list(
     await api.close()
 
 
+async def test_a_turn_tries_no_further_fallback_after_a_400(
+    routed: Callable[..., Awaitable[TestClient]],
+    fakes: list[fa.FakeAnthropic],
+    fake_anthropic: fa.FakeAnthropic,
+    auth_headers: dict[str, str],
+) -> None:
+    """A group's fallback answering 400 ends a chat turn, as on /v1: the request's own fault fails anywhere."""
+    fakes[0].default = fa.error_status(500)
+    fake_anthropic.enqueue(fa.error_status(400, "messages: bad request"), fa.text_response("not asked"))
+    client = await routed(group(fakes, n=1, fallbacks=["anthropic/claude-haiku-4-5", "anthropic/claude-sonnet-4-6"]))
+    chunks = await read_all(await post_chat(client, auth_headers, "chat-400", user("Hi"), model="claude"))
+    assert chunks[-2]["type"] == "error" and "bad request" in chunks[-2]["errorText"]
+    assert len(fakes[0].requests) == 1 and len(fake_anthropic.requests) == 1
+
+
 async def test_every_deployment_cooling_without_fallbacks(
     routed: Callable[..., Awaitable[TestClient]], fakes: list[fa.FakeAnthropic], token: str
 ) -> None:

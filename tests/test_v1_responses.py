@@ -182,6 +182,9 @@ async def test_length_is_incomplete(client: TestClient, token: str, fake_openai:
         ({"input": [{"role": "user", "content": [{"type": "input_audio"}]}]}, "input[0].content[0].type"),
         ({"frobnicate": 1}, "frobnicate"),
         ({"include": ["message.output_text.logprobs"]}, "include"),
+        # A choice that needs a tool when there is none: OpenAI's 400 (it was dropped)
+        ({"tool_choice": "required"}, "tool_choice"),
+        ({"tool_choice": {"type": "function", "name": "get_weather"}}, "tool_choice"),
     ],
 )
 async def test_refused_with_the_field_named(
@@ -192,6 +195,14 @@ async def test_refused_with_the_field_named(
     assert raised.value.param == param
     assert raised.value.body["type"] == "invalid_request_error"  # type: ignore[index]
     assert fake_openai.requests == [] and await records(client) == []
+
+
+async def test_tool_choice_auto_or_none_without_tools_is_no_refusal(
+    client: TestClient, token: str, fake_openai: FakeOpenAI
+) -> None:
+    for choice in ("auto", "none"):  # Codex sends "auto" whatever its tools
+        await sdk(client, token).responses.create(model=MODEL, input="Hi", tool_choice=choice)  # type: ignore[arg-type]
+    assert ["tool_choice" in request.body for request in fake_openai.requests] == [False, False]
 
 
 async def test_upstream_error(client: TestClient, token: str, fake_openai: FakeOpenAI) -> None:
@@ -370,6 +381,31 @@ async def test_an_image_a_function_returned_reaches_the_model(
         assert blocks[2]["source"] == {"type": "base64", "media_type": "image/png", "data": image.split(",")[1]}
     (record,) = await records(client)
     assert record["endpoint"] == "responses" and record["error"] is None
+
+
+@pytest.mark.parametrize(
+    ("model", "form"), [("anthropic/claude-opus-4-7", "adaptive"), ("anthropic/claude-sonnet-4-5", "enabled")]
+)
+async def test_a_reasoning_summary_asks_claude_for_its_summarized_thinking(
+    client: TestClient, token: str, fake_anthropic: FakeAnthropic, model: str, form: str
+) -> None:
+    """Codex asks for ``reasoning.summary: "auto"``; Claude Opus 4.7 and later send their thinking's summary only
+    when asked (``thinking.display: "summarized"``; by default "omitted", no text): asked for it, the summary
+    streams as the reasoning item's summary text. Not asked, the model's own default stands."""
+    fake_anthropic.enqueue(
+        fa.message_response(fa.thinking_block("Paris is in France.", signature="sig"), fa.text_block("Paris")),
+        fa.text_response("Paris"),
+    )
+    api = sdk(client, token)
+    async with api.responses.stream(
+        model=model, input="Capital of France?", reasoning={"effort": "high", "summary": "auto"}
+    ) as s:
+        deltas = [e.delta async for e in s if e.type == "response.reasoning_summary_text.delta"]
+    assert "".join(deltas) == "Paris is in France."
+    await api.responses.create(model=model, input="Capital of France?", reasoning={"effort": "high"})
+    asked, not_asked = (request.body["thinking"] for request in fake_anthropic.requests)
+    assert (asked["type"], asked["display"]) == (form, "summarized")
+    assert not_asked["type"] == form and "display" not in not_asked
 
 
 @pytest.mark.parametrize("thought", ["", "Weather needs a tool."])

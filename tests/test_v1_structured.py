@@ -186,6 +186,13 @@ async def test_tool_choice_and_parallel_tool_calls_reach_the_upstream(
     assert fake_anthropic.requests[0].body["tool_choice"] == anthropic_choice
 
 
+async def test_tool_choice_none_without_tools_is_no_refusal(
+    client: TestClient, token: str, fake_openai: FakeOpenAI
+) -> None:
+    await sdk(client, token).chat.completions.create(model="openai/gpt-4o-mini", messages=MESSAGES, tool_choice="none")
+    assert "tool_choice" not in fake_openai.requests[0].body
+
+
 async def test_passed_on_fields(client: TestClient, token: str, fake_openai: FakeOpenAI) -> None:
     await sdk(client, token).chat.completions.create(
         model="openai/gpt-4o-mini",
@@ -213,6 +220,11 @@ async def test_passed_on_fields(client: TestClient, token: str, fake_openai: Fak
         ("openai/gpt-4o-mini", {"frobnicate": 1}, "frobnicate"),
         ("openai/gpt-4o-mini", {"response_format": {"type": "yaml"}}, "response_format.type"),
         ("openai/gpt-4o-mini", {"tools": TOOLS, "tool_choice": "sometimes"}, "tool_choice"),
+        # A tool choice without tools: OpenAI's 400 (it was dropped, and the model answered in text)
+        ("openai/gpt-4o-mini", {"tool_choice": "required"}, "tool_choice"),
+        ("anthropic/claude-sonnet-4-6", {"tool_choice": "required"}, "tool_choice"),
+        ("openai/gpt-4o-mini", {"tool_choice": "auto"}, "tool_choice"),
+        ("openai/gpt-4o-mini", {"tool_choice": {"type": "function", "function": {"name": "lookup"}}}, "tool_choice"),
     ],
 )
 async def test_refused_with_the_field_named(

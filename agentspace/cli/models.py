@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import sys
 from typing import TYPE_CHECKING, Any
@@ -46,9 +47,12 @@ def models(state: CliState, as_json: bool, include_all: bool) -> None:
     config = state.config()
     if sys.stderr.isatty():  # which models are usable depends on the keys of this data directory's vault
         state.say_data_dir()
-    from ..catalog import usable_models
+    from ..catalog import usable_models, without_keyless_plugin_models
 
-    items = usable_models(config, _plugin_providers(config), include_all=include_all)
+    providers = _plugin_providers(config)
+    items = usable_models(config, providers, include_all=include_all)
+    if not include_all:  # a plugin's models without the key its provider needs, as a built-in provider's
+        items = asyncio.run(without_keyless_plugin_models(config, providers, items))
     if as_json:
         click.echo(json.dumps(items, indent=2))
         return

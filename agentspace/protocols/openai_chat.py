@@ -116,6 +116,7 @@ class ParsedRequest:
     include_usage: bool = False
     max_tokens: int | None = None
     reasoning_budget: int | None = None
+    reasoning_summary: bool = False  # a summary of the reasoning asked for (Responses' reasoning.summary)
     params: dict[str, Any] = field(default_factory=dict)  # sampling parameters passed on (ProviderRequest.params)
     # The prompt cache the client asked for ("5m", "1h"; None: not asked), ``asked_cache_ttl``.
     cache_ttl: str | None = None
@@ -325,6 +326,10 @@ def _params(body: dict[str, Any], has_tools: bool) -> dict[str, Any]:
     params = sampling_params(
         body.get("temperature"), body.get("top_p"), [stop] if isinstance(stop, str) else stop, "stop"
     )
+    if body.get("tool_choice") not in (None, "none") and not has_tools:  # as OpenAI answers it
+        raise RequestError(
+            "tool_choice", "Invalid value for 'tool_choice': 'tool_choice' is only allowed when 'tools' are specified."
+        )
     params.update(tool_params(body.get("tool_choice"), body.get("parallel_tool_calls"), has_tools))
     if body.get("response_format") is not None:
         response_format = check_response_format(body["response_format"], "response_format")

@@ -137,6 +137,7 @@ def parse_request(body: Any) -> tuple[ParsedRequest, bool]:
         include_usage=True,
         max_tokens=max_tokens,
         reasoning_budget=_reasoning_budget(body.get("reasoning") or {}),
+        reasoning_summary=(body.get("reasoning") or {}).get("summary") in ("auto", "concise", "detailed"),
         params=params,
         cache_ttl=asked_cache_ttl(body, body.get("input"), body.get("tools")),
     )
@@ -164,6 +165,11 @@ def _params(body: dict[str, Any], has_tools: bool) -> dict[str, Any]:
     params = sampling_params(body.get("temperature"), body.get("top_p"), None, "stop")
     params.update({name: body[name] for name in HINT_FIELDS if body.get(name) is not None})
     tool_choice = body.get("tool_choice")
+    if not body.get("tools"):  # OpenAI refuses a choice that names a tool when there is none ("auto" it takes)
+        if tool_choice == "required":
+            raise RequestError("tool_choice", "Tool choice 'required' must be specified with 'tools' parameter.")
+        if isinstance(tool_choice, dict) and isinstance(tool_choice.get("name"), str):
+            raise RequestError("tool_choice", f"Tool choice '{tool_choice['name']}' not found in 'tools' parameter.")
     params.update(
         tool_params(
             _tool_choice(tool_choice) if tool_choice is not None else None, body.get("parallel_tool_calls"), has_tools

@@ -172,13 +172,16 @@ class AnthropicProvider:
             if not request.model_info.supports_reasoning:
                 return None
             adaptive = thinking.adaptive or accepts_adaptive_thinking(request.model)
-            return ThinkingSettings(thinking.budget_tokens, adaptive=adaptive)
+            return ThinkingSettings(thinking.budget_tokens, adaptive=adaptive, summarized=thinking.summarized)
         if forms.adaptive:
             # A /v1 client's reasoning_effort is the adaptive thinking's effort where the model takes that level
             # (its budget, used for the other form, means nothing to adaptive thinking).
             effort = EFFORT_LEVELS.get(str(request.params.get("reasoning_effort")))
-            return ThinkingSettings(thinking.budget_tokens, True, effort if effort in forms.efforts else None)
-        return ThinkingSettings(thinking.budget_tokens, adaptive=False) if forms.budget else None
+            effort = effort if effort in forms.efforts else None
+            return ThinkingSettings(thinking.budget_tokens, True, effort, thinking.summarized)
+        if not forms.budget:
+            return None
+        return ThinkingSettings(thinking.budget_tokens, adaptive=False, summarized=thinking.summarized)
 
     async def aclose(self) -> None:
         """Close the pooled HTTP connections."""
@@ -318,6 +321,8 @@ def request_params(request: ProviderRequest) -> dict[str, Any]:
             max_tokens, budget = budget_max_tokens(request)  # the reservation counts the same (calls.py)
             params["thinking"] = {"type": "enabled", "budget_tokens": budget}
             params["max_tokens"] = max_tokens
+        if thinking.summarized:  # every model with thinking takes it (Claude 4 models' default before Opus 4.7)
+            params["thinking"]["display"] = "summarized"
     if request.cache_ttl is not None:
         add_breakpoints(params, request.cache_ttl)
     return params

@@ -66,6 +66,9 @@ class ThinkingSettings:
     budget_tokens: int = 8000
     adaptive: bool = False
     effort: str | None = None  # adaptive thinking's effort level (Anthropic's output_config.effort), if set
+    # The client asked to see a summary of the thinking (the Responses API's ``reasoning.summary``): Anthropic's
+    # ``thinking.display: "summarized"``, which Claude Opus 4.7 and later send only when asked (else "omitted").
+    summarized: bool = False
 
 
 @dataclass(slots=True)

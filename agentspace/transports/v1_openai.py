@@ -83,6 +83,8 @@ def parsed_request(v1: Service, model: str, parsed: oc.ParsedRequest) -> Provide
     request = v1.provider_request(
         model, parsed.system, parsed.messages, parsed.tools, parsed.max_tokens, parsed.reasoning_budget, parsed.params
     )
+    if request.thinking is not None:
+        request.thinking.summarized = parsed.reasoning_summary
     group = v1.group(model)
     if parsed.max_tokens is None and group is None:  # (a group's deployments differ in their limits)
         request.max_tokens = output_limit(request)

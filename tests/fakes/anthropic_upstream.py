@@ -687,28 +687,8 @@ class FakeAnthropic(FakeUpstream[FakeResponse]):
         for name in ("model", "max_tokens", "messages"):
             if name not in body:
                 return 400, "invalid_request_error", f"{name}: Field required"
-        thinking = body.get("thinking") or {}
-        if thinking.get("type") in ("enabled", "adaptive") and body.get("temperature", 1) != 1:
-            return 400, "invalid_request_error", "`temperature` may only be set to 1 when thinking is enabled"
-        if thinking.get("type") == "enabled":
-            budget = thinking.get("budget_tokens", 0)
-            if budget < 1024:
-                return (
-                    400,
-                    "invalid_request_error",
-                    "thinking.enabled.budget_tokens: Input should be greater than or equal to 1024",
-                )
-            if body["max_tokens"] <= budget:
-                return 400, "invalid_request_error", "`max_tokens` must be greater than `thinking.budget_tokens`"
-        # (With adaptive thinking the model may call tools without thinking first, so it is not asked back.)
-        if thinking.get("type") == "enabled" and _tool_turn_without_thinking(body["messages"]):
-            return (
-                400,
-                "invalid_request_error",
-                "Expected `thinking` or `redacted_thinking`, but found `tool_use`. When `thinking` is enabled, a "
-                "final `assistant` message must start with a thinking block (preceeding the lastmost set of "
-                "`tool_use` and `tool_result` blocks). To avoid this requirement, disable `thinking`.",
-            )
+        if (problem := _thinking_problem(body)) is not None:
+            return 400, "invalid_request_error", problem
         effort = (body.get("output_config") or {}).get("effort")
         if effort is not None and (effort not in EFFORT_LEVELS or not accepts_adaptive(str(body["model"]))):
             return 400, "invalid_request_error", f"output_config.effort: {effort!r} is not supported by this model"
@@ -838,6 +818,29 @@ def _schema_problem(schema: Any) -> str | None:
             if problem is not None:
                 return problem
     return _schema_problem([schema.get(k) for k in ("items", "anyOf", "allOf", "oneOf") if k in schema])
+
+
+def _thinking_problem(body: dict[str, Any]) -> str | None:
+    """What the real API refuses in ``thinking`` (and what goes with it), or None."""
+    thinking = body.get("thinking") or {}
+    if thinking.get("type") in ("enabled", "adaptive") and body.get("temperature", 1) != 1:
+        return "`temperature` may only be set to 1 when thinking is enabled"
+    if thinking.get("type") == "enabled":
+        budget = thinking.get("budget_tokens", 0)
+        if budget < 1024:
+            return "thinking.enabled.budget_tokens: Input should be greater than or equal to 1024"
+        if body["max_tokens"] <= budget:
+            return "`max_tokens` must be greater than `thinking.budget_tokens`"
+    # (With adaptive thinking the model may call tools without thinking first, so it is not asked back.)
+    if thinking.get("type") == "enabled" and _tool_turn_without_thinking(body["messages"]):
+        return (
+            "Expected `thinking` or `redacted_thinking`, but found `tool_use`. When `thinking` is enabled, a "
+            "final `assistant` message must start with a thinking block (preceeding the lastmost set of "
+            "`tool_use` and `tool_result` blocks). To avoid this requirement, disable `thinking`."
+        )
+    if thinking.get("display", "summarized") not in ("summarized", "omitted"):
+        return "thinking.display: Input should be 'summarized' or 'omitted'"
+    return None
 
 
 def _tool_turn_without_thinking(messages: Any) -> bool:
