@@ -167,7 +167,7 @@ async def test_a_key_added_rotated_or_removed_is_seen_by_the_next_call_everywher
 async def revoked(ws: Any) -> tuple[dict[str, Any], Any]:
     """The refusal of a socket whose credential went, and its close code."""
     frame = await receive(ws)
-    msg = await ws.receive(timeout=10)
+    msg = await ws.receive(timeout=30)
     assert msg.type in (WSMsgType.CLOSE, WSMsgType.CLOSED), msg
     return frame, ws.close_code
 

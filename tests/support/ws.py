@@ -13,7 +13,7 @@ async def connect(client: TestClient, token: str) -> web.WebSocketResponse:
     return await client.ws_connect("/gateway", headers={"Authorization": f"Bearer {token}"})
 
 
-async def receive(ws: Any, timeout: float = 10.0) -> dict[str, Any]:
+async def receive(ws: Any, timeout: float = 30.0) -> dict[str, Any]:
     msg = await ws.receive(timeout=timeout)
     assert msg.type == WSMsgType.TEXT, msg
     return json.loads(msg.data)
