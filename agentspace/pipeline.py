@@ -769,7 +769,10 @@ class Turn:
                 raise
             return named_key_error(dep, e)
         except BaseException:
-            await state_.done(dep.id, 0, None)
+            # Stopped (chat.abort, the client gone with on_disconnect = "abort", the idle timeout): what its record
+            # will bill counts in the deployment's minute, as a finished call's tokens do (its tpm).
+            usage = self._partial_usage(ctx, state)
+            await state_.done(dep.id, usage.input_tokens + usage.output_tokens, None)
             raise
         usage = finish.usage
         ttft = (state.first_at - started) * 1000 if state.delivered else None

@@ -23,6 +23,7 @@ from scripts.harness import GatewayProcess
 from tests.conftest import wait_until
 from tests.fakes import anthropic_upstream as fa
 from tests.fakes import openai_upstream as fo
+from tests.support.ws import receive
 from tests.test_routing import KEYS, MODEL, deployments, fakes, group, records, routed, sdk  # noqa: F401
 from tests.test_routing_mixed import OAI_KEY, add_key, mixed
 
@@ -190,3 +191,34 @@ async def test_a_stream_the_client_left_counts_its_tokens_in_the_deployments_min
     counted = state[record["deployment"]]["tokensLastMinute"]
     assert counted == record["inputTokens"] + record["outputTokens"]
     await api.close()
+
+
+async def test_a_turn_stopped_mid_answer_counts_its_tokens_in_the_deployments_minute(
+    routed: Callable[..., Awaitable[TestClient]],  # noqa: F811
+    fakes: list[fa.FakeAnthropic],  # noqa: F811
+    auth_headers: dict[str, str],
+) -> None:
+    """The same for a WebSocket turn the user stopped (chat.abort): billed, and counted in its deployment's minute."""
+    for fake in fakes:
+        fake.default = fa.text_response(
+            "one two three four five six", chunks=6, usage={"input_tokens": 500}
+        ).with_delay(0.2)
+    client = await routed(group(fakes, extra=[{"tpm": 100_000}, {"tpm": 100_000}]))
+    ws = await client.ws_connect("/gateway", headers=auth_headers)
+    await ws.send_json({"type": "chat.send", "id": "r1", "content": "Hi", "model": "claude"})
+    while (await receive(ws))["type"] != "chat.stream.delta":
+        pass
+    await ws.send_json({"type": "chat.abort", "id": "a1", "requestId": "r1"})
+
+    async def ended() -> bool:
+        recs = await records(client)
+        state = await deployments(client, auth_headers)
+        return len(recs) == 1 and all(d["inFlight"] == 0 for d in state.values())
+
+    await wait_until(ended, timeout=20)
+    await ws.close()
+    (record,) = await records(client)
+    assert record["finishReason"] == "aborted" and record["inputTokens"] == 500
+    state = await deployments(client, auth_headers)
+    counted = state[record["deployment"]]["tokensLastMinute"]
+    assert counted == record["inputTokens"] + record["outputTokens"]
