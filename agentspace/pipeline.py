@@ -889,7 +889,11 @@ class Turn:
         settings = gw.config.provider_settings(prefix)
         thinking = None
         if gw.config["thinking"]["enabled"]:  # the provider applies it only where the model supports it
-            thinking = ThinkingSettings(int(gw.config["thinking"]["budget_tokens"]), info.adaptive_thinking_only)
+            # Shown: the sessions' clients show the thinking (the web app's reasoning), which Claude Opus 4.7 and
+            # later send only when asked.
+            thinking = ThinkingSettings(
+                int(gw.config["thinking"]["budget_tokens"]), info.adaptive_thinking_only, summarized=True
+            )
         return ProviderRequest(
             model=model,
             system=ctx.system,

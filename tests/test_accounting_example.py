@@ -73,7 +73,11 @@ async def test_steps_one_to_four_are_what_the_gateway_does(
     while len(fake_anthropic.requests) < 2:
         await asyncio.sleep(0.01)
     assert fake_anthropic.requests[1].body["max_tokens"] == 12096
-    assert fake_anthropic.requests[1].body["thinking"] == {"type": "enabled", "budget_tokens": 8000}
+    assert fake_anthropic.requests[1].body["thinking"] == {
+        "type": "enabled",
+        "budget_tokens": 8000,
+        "display": "summarized",
+    }
 
     # 3. A second chat meanwhile is refused, with what is left and what it needs.
     second = await client.ws_connect("/gateway", headers=bearer(key))

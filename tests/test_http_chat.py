@@ -110,6 +110,23 @@ async def test_reasoning_then_text(client: TestClient, auth_headers: dict[str, s
     assert of(chunks, "reasoning-start")[0]["id"] != of(chunks, "text-start")[0]["id"]
 
 
+@pytest.mark.parametrize(
+    ("model", "form"), [("anthropic/claude-opus-4-7", "adaptive"), ("anthropic/claude-sonnet-4-5", "enabled")]
+)
+async def test_a_turn_asks_claude_to_show_its_thinking(
+    client: TestClient, auth_headers: dict[str, str], fake_anthropic: Any, model: str, form: str
+) -> None:
+    """Claude Opus 4.7 and later omit their thinking's text unless asked (``thinking.display``): a session's turn
+    asks for it, so the reasoning shows in the web app with every Claude that thinks."""
+    fake_anthropic.enqueue(thinking_response("Pondering deeply.", "Done."))
+    body = {"id": f"show-{form}", "model": model, "messages": [user("think")]}
+    resp = await client.post("/api/chat", json=body, headers=auth_headers)
+    chunks = await read_all(resp)
+    assert "".join(c["delta"] for c in of(chunks, "reasoning-delta")) == "Pondering deeply."
+    thinking = fake_anthropic.requests[-1].body["thinking"]
+    assert (thinking["type"], thinking["display"]) == (form, "summarized")
+
+
 async def test_citations_become_source_url_chunks(
     client: TestClient, auth_headers: dict[str, str], fake_anthropic: Any
 ) -> None:
