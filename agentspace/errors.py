@@ -46,7 +46,8 @@ class ApiError(Exception):
     """A request refused or failed, with a protocol error code (docs/protocol.md#errors) and a message for the client.
 
     ``fields`` maps a request field to what is wrong with it (validation errors); ``retry_after`` is in
-    seconds, for ``RATE_LIMITED`` and ``BUDGET_EXCEEDED``.
+    seconds, for ``RATE_LIMITED`` and ``BUDGET_EXCEEDED``; ``limited`` is what a ``RATE_LIMITED`` ran out of
+    (``"requests"`` or ``"tokens"``: OpenAI's error type for each).
     """
 
     def __init__(
@@ -56,12 +57,14 @@ class ApiError(Exception):
         fields: dict[str, str] | None = None,
         *,
         retry_after: float | None = None,
+        limited: str | None = None,
     ) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
         self.fields = fields
         self.retry_after = retry_after
+        self.limited = limited
 
     @property
     def status(self) -> int:

@@ -556,6 +556,7 @@ class Guard:
                 "RATE_LIMITED",
                 f"Client {client.name!r} may use {client.tpm} tokens per minute; try again shortly.",
                 retry_after=math.ceil(max(window.tokens_free_in, 0.001)),
+                limited="tokens",
             )
 
     def _too_many_requests(self, client: Client, window: Window) -> ApiError:
@@ -563,6 +564,7 @@ class Guard:
             "RATE_LIMITED",
             f"Client {client.name!r} may make {client.rpm} requests per minute; try again shortly.",
             retry_after=math.ceil(max(window.requests_free_in, 0.001)),
+            limited="requests",
         )
 
     def _over_budget(

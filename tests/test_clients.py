@@ -30,6 +30,7 @@ from tests.conftest import wait_until
 from tests.fakes.anthropic_upstream import FakeAnthropic, text_response, tool_use_response
 from tests.fakes.openai_upstream import FakeOpenAI
 from tests.fakes.openai_upstream import text_response as openai_text
+from tests.fakes.openai_upstream import usage as openai_usage
 from tests.support.ui_stream import post_chat, read_all
 from tests.support.ws import chat, of, receive
 from tests.tool_plugins import WeatherTools
@@ -406,6 +407,38 @@ async def test_tokens_per_minute(client: TestClient, fake_anthropic: FakeAnthrop
     assert (await message(client, key)).content  # 25 input tokens and some output: past 20
     with pytest.raises(anthropic.RateLimitError):
         await message(client, key)
+
+
+async def test_openai_shaped_refusals_name_what_ran_out(
+    make_client: Callable[..., Awaitable[TestClient]], fake_openai: FakeOpenAI, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """OpenAI's 429 says `type: "tokens"` past a tpm and `type: "requests"` past an rpm (code
+    rate_limit_exceeded for both): a client that reads the type waits for the right thing."""
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-openai-test-0123456789")
+    client = await make_client(providers={"openai": {"base_url": fake_openai.url}})
+    sdk = openai_sdk(client, add_client("heavy", "--tpm", "20"))
+    fake_openai.enqueue(openai_text("Hi", usage=openai_usage(30, 7)))  # past 20 tokens
+    await sdk.chat.completions.create(model="openai/gpt-4o-mini", messages=[{"role": "user", "content": "Hi"}])
+    refusals = []
+    with pytest.raises(openai.RateLimitError) as e:
+        await sdk.chat.completions.create(model="openai/gpt-4o-mini", messages=[{"role": "user", "content": "Hi"}])
+    refusals.append(e.value)
+    with pytest.raises(openai.RateLimitError) as e:
+        await sdk.responses.create(model="openai/gpt-4o-mini", input="Hi")
+    refusals.append(e.value)
+    with pytest.raises(openai.RateLimitError) as e:
+        await sdk.embeddings.create(model="openai/text-embedding-3-small", input="Hi")
+    refusals.append(e.value)
+    for refused in refusals:
+        assert (refused.type, refused.code) == ("tokens", "rate_limit_exceeded"), refused.body
+        assert refused.response.headers["retry-after"]
+
+    sdk = openai_sdk(client, add_client("chatty", "--rpm", "1"))
+    fake_openai.enqueue(openai_text("Hi"))
+    await sdk.chat.completions.create(model="openai/gpt-4o-mini", messages=[{"role": "user", "content": "Hi"}])
+    with pytest.raises(openai.RateLimitError) as e:
+        await sdk.chat.completions.create(model="openai/gpt-4o-mini", messages=[{"role": "user", "content": "Hi"}])
+    assert (e.value.type, e.value.code) == ("requests", "rate_limit_exceeded"), e.value.body
 
 
 async def test_the_tool_loop_checks_before_each_step(

@@ -118,7 +118,12 @@ def refusal(request: web.Request, error: ApiError) -> web.Response:
     if (hint := COST_HINTS.get(request.path)) is not None:
         message = message.replace(CALL_COST_HINT, hint)
     return v1_errors.error_response(
-        request, error.status, f"{error.code}: {message}", code=REFUSAL_CODES.get(error.code), headers=headers
+        request,
+        error.status,
+        f"{error.code}: {message}",
+        code=REFUSAL_CODES.get(error.code),
+        headers=headers,
+        openai_type=error.limited,  # OpenAI's type of a 429: "requests" for an rpm, "tokens" for a tpm
     )
 
 
