@@ -574,7 +574,7 @@ class Guard:
         if end is None:
             when, retry = "it does not reset (period 'total'); the admin can raise it", None
         else:
-            when = f"it resets at {iso(end)} UTC"
+            when = f"it resets at {end.astimezone(UTC):%Y-%m-%d %H:%M} UTC"  # (periods end at midnight UTC)
             retry = max(1.0, math.ceil((end - self.clock()).total_seconds()))
         left = budget - spent
         if cost is not None and left > 0 and at_least:

@@ -23,6 +23,7 @@ from click.testing import CliRunner
 
 from agentspace.calls import ceiling_cost, messages_body_ceiling
 from agentspace.cli import main
+from agentspace.clients import period_bounds
 from agentspace.limits import usd
 from agentspace.plugins import create_plugin_manager
 from agentspace.transports import state
@@ -486,7 +487,9 @@ async def test_budget_refuses_the_next_call_then_a_new_period_restores_it(
     text = str(e.value)
     assert "BUDGET_EXCEEDED" in text and f"{usd(budget)} month budget" in text
     assert f"has {usd(budget - spent)} left" in text and f"may cost up to {usd(one)} as sent" in text
-    assert f"spent {usd(spent)}," in text and "resets at" in text and "UTC" in text
+    assert f"spent {usd(spent)}," in text
+    month_end = period_bounds("month", datetime.now(UTC))[1]  # a date and time that reads cleanly, once in UTC
+    assert f"; it resets at {month_end:%Y-%m-%d} 00:00 UTC." in text, text
     assert e.value.response.headers["x-should-retry"] == "false"  # the SDKs do not retry it
     # A turn reserves [chat] max_tokens with the thinking budget on top: far more than is left.
     resp = await post_chat(client, bearer(key), "c2")
