@@ -10,10 +10,12 @@ import logging
 import os
 import stat
 from collections.abc import Awaitable, Callable
+from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import anthropic
 import openai
 import pytest
@@ -28,7 +30,7 @@ from agentspace.limits import usd
 from agentspace.plugins import create_plugin_manager
 from agentspace.transports import state
 from tests.conftest import wait_until
-from tests.fakes.anthropic_upstream import FakeAnthropic, text_response, tool_use_response
+from tests.fakes.anthropic_upstream import FakeAnthropic, error_status, text_response, tool_use_response
 from tests.fakes.openai_upstream import FakeOpenAI
 from tests.fakes.openai_upstream import text_response as openai_text
 from tests.fakes.openai_upstream import usage as openai_usage
@@ -440,6 +442,42 @@ async def test_openai_shaped_refusals_name_what_ran_out(
     with pytest.raises(openai.RateLimitError) as e:
         await sdk.chat.completions.create(model="openai/gpt-4o-mini", messages=[{"role": "user", "content": "Hi"}])
     assert (e.value.type, e.value.code) == ("requests", "rate_limit_exceeded"), e.value.body
+
+
+async def test_a_page_on_an_allowed_origin_can_read_when_to_retry(
+    make_client: Callable[..., Awaitable[TestClient]], fake_anthropic: FakeAnthropic, token: str
+) -> None:
+    """Browsers show a page only the response headers CORS exposes: Retry-After and the relayed rate-limit
+    headers are exposed on the answers that carry them."""
+    origin = "http://app.example"
+    client = await make_client(server={"allowed_origins": [origin]})
+    key = add_client("page", "--rpm", "1")
+
+    def exposed(resp: aiohttp.ClientResponse) -> set[str]:
+        return {h.strip().lower() for h in resp.headers.get("Access-Control-Expose-Headers", "").split(",")}
+
+    headers = {**bearer(key), "Origin": origin}
+    async with aiohttp.ClientSession() as http:
+        body = {"model": "anthropic/" + MODEL, "max_tokens": 16, "messages": [{"role": "user", "content": "Hi"}]}
+        async with http.post(url(client) + "/v1/messages", json=body, headers=headers) as resp:
+            assert resp.status == 200
+        async with http.post(url(client) + "/v1/messages", json=body, headers=headers) as resp:  # past its rpm
+            assert resp.status == 429 and resp.headers["Access-Control-Allow-Origin"] == origin
+            assert resp.headers["Retry-After"] and "retry-after" in exposed(resp), resp.headers
+        resp = await post_chat(client, headers, "page-chat")
+        assert resp.status == 429 and resp.headers["Retry-After"]
+        assert "retry-after" in exposed(resp), resp.headers
+        resp.release()
+
+        # the upstream's own 429, relayed with its request id and its rate-limit headers
+        limited = error_status(429, retry_after=7)
+        fake_anthropic.enqueue(
+            replace(limited, headers={**limited.headers, "anthropic-ratelimit-requests-remaining": "0"})
+        )
+        admin = {**bearer(token), "Origin": origin}
+        async with http.post(url(client) + "/v1/messages", json=body, headers=admin) as resp:
+            assert resp.status == 429 and resp.headers["retry-after"] == "7"
+            assert {"retry-after", "request-id", "anthropic-ratelimit-requests-remaining"} <= exposed(resp)
 
 
 async def test_the_tool_loop_checks_before_each_step(
