@@ -711,7 +711,7 @@ class Turn:
         provider call, while nothing reached the client; then the group's fallbacks (routing.py)."""
         router = self.gw.router
         seen.append(group.name)
-        deployments, cooling_until = await router.order(group)
+        deployments, busy = await router.order(group)
         last: ProviderError | None = None
         for dep in deployments:
             if not attachments.reads(self.gw, dep.model, self.media_types):
@@ -745,7 +745,7 @@ class Turn:
                 if state.delivered:
                     raise
                 last = e
-        raise last or all_cooling_error(group, cooling_until)
+        raise last or all_cooling_error(group, busy)
 
     async def _call_deployment(
         self, ctx: AssembledContext, state: _Step, seen_sources: set[str], group: Group, dep: Deployment
