@@ -33,8 +33,9 @@ HTTP_STATUS: dict[str, int] = {
     "INTERNAL_ERROR": 500,
 }
 
-# The Retry-After of a 503 for a dependency out of reach (Redis, the database): try again in a second, as the
-# SDKs do once told (without it they back off on their own, and a client of the HTTP API is not told to retry).
+# The Retry-After of a 503 for a dependency out of reach (Redis, the database) or a write the store refused
+# (STORAGE_ERROR: a full disk, the database down): try again in a second, as the SDKs do once told (without it
+# they back off on their own, and a client of the HTTP API is not told to retry).
 OUTAGE_RETRY_SECONDS = 1.0
 
 
@@ -46,7 +47,9 @@ class ApiError(Exception):
     """A request refused or failed, with a protocol error code (docs/protocol.md#errors) and a message for the client.
 
     ``fields`` maps a request field to what is wrong with it (validation errors); ``retry_after`` is in
-    seconds, for ``RATE_LIMITED`` and ``BUDGET_EXCEEDED``.
+    seconds, for ``RATE_LIMITED``, ``BUDGET_EXCEEDED``, ``STORAGE_ERROR`` (always) and an outage's
+    ``SERVICE_UNAVAILABLE``; ``limited`` is what a ``RATE_LIMITED`` ran out of
+    (``"requests"`` or ``"tokens"``: OpenAI's error type for each).
     """
 
     def __init__(
@@ -56,12 +59,16 @@ class ApiError(Exception):
         fields: dict[str, str] | None = None,
         *,
         retry_after: float | None = None,
+        limited: str | None = None,
     ) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
         self.fields = fields
+        if retry_after is None and code == "STORAGE_ERROR":
+            retry_after = OUTAGE_RETRY_SECONDS  # every STORAGE_ERROR, wherever raised: waiting may cure it
         self.retry_after = retry_after
+        self.limited = limited
 
     @property
     def status(self) -> int:
@@ -107,5 +114,9 @@ def outage_error(e: BaseException) -> ApiError | None:
             retry_after=OUTAGE_RETRY_SECONDS,
         )
     if isinstance(e, (OSError, TimeoutError)):
-        return ApiError("SERVICE_UNAVAILABLE", "The gateway could not reach its storage; try again in a moment.")
+        return ApiError(
+            "SERVICE_UNAVAILABLE",
+            "The gateway could not reach its storage; try again in a moment.",
+            retry_after=OUTAGE_RETRY_SECONDS,
+        )
     return None

@@ -556,6 +556,7 @@ class Guard:
                 "RATE_LIMITED",
                 f"Client {client.name!r} may use {client.tpm} tokens per minute; try again shortly.",
                 retry_after=math.ceil(max(window.tokens_free_in, 0.001)),
+                limited="tokens",
             )
 
     def _too_many_requests(self, client: Client, window: Window) -> ApiError:
@@ -563,6 +564,7 @@ class Guard:
             "RATE_LIMITED",
             f"Client {client.name!r} may make {client.rpm} requests per minute; try again shortly.",
             retry_after=math.ceil(max(window.requests_free_in, 0.001)),
+            limited="requests",
         )
 
     def _over_budget(
@@ -572,7 +574,7 @@ class Guard:
         if end is None:
             when, retry = "it does not reset (period 'total'); the admin can raise it", None
         else:
-            when = f"it resets at {iso(end)} UTC"
+            when = f"it resets at {end.astimezone(UTC):%Y-%m-%d %H:%M} UTC"  # (periods end at midnight UTC)
             retry = max(1.0, math.ceil((end - self.clock()).total_seconds()))
         left = budget - spent
         if cost is not None and left > 0 and at_least:

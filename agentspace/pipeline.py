@@ -712,7 +712,7 @@ class Turn:
         provider call, while nothing reached the client; then the group's fallbacks (routing.py)."""
         router = self.gw.router
         seen.append(group.name)
-        deployments, cooling_until = await router.order(group)
+        deployments, busy = await router.order(group)
         last: ProviderError | None = None
         for dep in deployments:
             if not attachments.reads(self.gw, dep.model, self.media_types):
@@ -746,7 +746,7 @@ class Turn:
                 if state.delivered or not moves_on(e):  # a 400: not tried on another model
                     raise
                 last = e
-        raise last or all_cooling_error(group, cooling_until)
+        raise last or all_cooling_error(group, busy)
 
     async def _call_deployment(
         self, ctx: AssembledContext, state: _Step, seen_sources: set[str], group: Group, dep: Deployment

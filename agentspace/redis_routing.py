@@ -52,6 +52,38 @@ return out
 """
 )
 
+# KEYS: req, tok. ARGV: window ms, rpm (0: none), tpm (0: none). Returns when (ms) the minute has room under
+# both again, 0 when it has now: the request whose leaving brings it under rpm, the tokens under tpm.
+_FREE_AT = (
+    _NOW
+    + """
+local edge = now - tonumber(ARGV[1])
+local at = 0
+local rpm = tonumber(ARGV[2])
+if rpm > 0 then
+  local requests = redis.call('ZRANGEBYSCORE', KEYS[1], '(' .. edge, '+inf', 'WITHSCORES')
+  local count = #requests / 2
+  if count >= rpm then at = tonumber(requests[(count - rpm) * 2 + 2]) + tonumber(ARGV[1]) end
+end
+local tpm = tonumber(ARGV[3])
+if tpm > 0 then
+  local entries = redis.call('ZRANGEBYSCORE', KEYS[2], '(' .. edge, '+inf', 'WITHSCORES')
+  local left = 0
+  for i = 1, #entries, 2 do left = left + tonumber(string.match(entries[i], ':(%d+)$')) end
+  if left >= tpm then
+    for i = 1, #entries, 2 do
+      left = left - tonumber(string.match(entries[i], ':(%d+)$'))
+      if left < tpm then
+        at = math.max(at, tonumber(entries[i + 1]) + tonumber(ARGV[1]))
+        break
+      end
+    end
+  end
+end
+return tostring(at)
+"""
+)
+
 # KEYS: calls, req. ARGV: member, window ms, rpm (0: none), in-flight ttl ms. Returns 1 when taken.
 _TAKE = (
     _NOW
@@ -143,6 +175,7 @@ class RedisRouteState:
         self._renew = redis.register_script(_RENEW)
         self._done = redis.register_script(_DONE)
         self._failed = redis.register_script(_FAILED)
+        self._free_at = redis.register_script(_FREE_AT)
         self._ids = itertools.count()
         self._prefix = f"{os.getpid()}-{id(self):x}"
         self._ttl_ms = int(inflight_ttl * 1000)
@@ -204,6 +237,11 @@ class RedisRouteState:
                 )
             )
         return out
+
+    async def free_at(self, id: str, rpm: int | None, tpm: int | None) -> float:
+        keys = [self._key(id, "req"), self._key(id, "tok")]
+        at = await self._free_at(keys=keys, args=[WINDOW_MS, rpm or 0, tpm or 0])
+        return float(at.decode() if isinstance(at, bytes) else at) / 1000
 
     async def take(self, id: str, rpm: int | None) -> bool:
         keys = [self._key(id, "calls"), self._key(id, "req")]

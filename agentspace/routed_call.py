@@ -169,7 +169,7 @@ async def _start_group(
 ) -> DirectCall:
     router = gw.router
     seen.append(group.name)
-    deployments, cooling_until = await router.order(group)
+    deployments, busy = await router.order(group)
     last: ProviderError | None = None
     current: ProviderCall | None = meter
     for dep in deployments:
@@ -198,7 +198,7 @@ async def _start_group(
         if current is not meter:
             await current.release()
         current = None
-    failed = last or all_cooling_error(group, cooling_until)
+    failed = last or all_cooling_error(group, busy)
     return await _start_fallbacks(gw, request, meter, current, group.fallbacks, seen, failed)
 
 
@@ -323,7 +323,7 @@ async def embed_group(
     from .providers import litellm as litellm_provider
 
     router = gw.router
-    deployments, cooling_until = await router.order(group)
+    deployments, busy = await router.order(group)
     last: ProviderError | None = None
     current: ProviderCall | None = meter
     for dep in deployments:
@@ -360,7 +360,7 @@ async def embed_group(
             raise
         await router.state.done(dep.id, usage.input_tokens if usage is not None else 0, None)
         return vectors, usage, current
-    raise last or all_cooling_error(group, cooling_until)
+    raise last or all_cooling_error(group, busy)
 
 
 # --- the Anthropic pass-through ---------------------------------------------------------------------
@@ -436,7 +436,7 @@ async def relay_group(
     from .routing import deployment_key, missing_key_error
 
     router = gw.router
-    deployments, cooling_until = await router.order(group)
+    deployments, busy = await router.order(group)
     current: ProviderCall | None = meter
     response: web.StreamResponse | None = None
     for dep in deployments:
@@ -499,7 +499,7 @@ async def relay_group(
         await current.release()
     if response is not None:
         return response
-    error = all_cooling_error(group, cooling_until)
+    error = all_cooling_error(group, busy)
     headers = {"retry-after": f"{error.retry_after:.0f}"} if error.retry_after is not None else None
     return web.json_response(
         {"type": "error", "error": {"type": "rate_limit_error", "message": error.message}}, status=429, headers=headers

@@ -212,6 +212,11 @@ class RouteState(Protocol):
         deployment cools down for ``cooldown`` seconds: its end (wall clock) is returned then."""
         ...
 
+    async def free_at(self, id: str, rpm: int | None, tpm: int | None) -> float:
+        """When (wall clock) the deployment's minute has room again under ``rpm`` and ``tpm``: the request or
+        the tokens that leave it then; 0 when it has room now."""
+        ...
+
 
 @dataclass(slots=True)
 class _Local:
@@ -305,6 +310,21 @@ class LocalRouteState:
             return dep.cooled_until
         return None
 
+    async def free_at(self, id: str, rpm: int | None, tpm: int | None) -> float:
+        dep = self._get(id)
+        self._prune(dep, time.time())
+        at = 0.0
+        if rpm is not None and len(dep.requests) >= rpm:
+            at = dep.requests[len(dep.requests) - rpm] + WINDOW_SECONDS  # with it gone, rpm - 1 are left
+        if tpm is not None and dep.token_sum >= tpm:
+            left = dep.token_sum
+            for when, tokens in dep.tokens:  # oldest first, until what is left is under tpm
+                left -= tokens
+                if left < tpm:
+                    at = max(at, when + WINDOW_SECONDS)
+                    break
+        return at
+
 
 def ema(average: float, value: float) -> float:
     return (1 - LATENCY_ALPHA) * average + LATENCY_ALPHA * value
@@ -347,17 +367,22 @@ class Router:
             log.warning("%s cooled down for %.0fs after %s", dep.id, cooldown, error.code)
         return until
 
-    async def order(self, group: Group) -> tuple[list[Deployment], float | None]:
-        """The group's deployments that may take a call now, best first by the group's strategy, and when
-        none may: the earliest end of a cooldown (None when they are full for their rpm/tpm instead)."""
+    async def order(self, group: Group) -> tuple[list[Deployment], Busy]:
+        """The group's deployments that may take a call now, best first by the group's strategy, and what
+        keeps the others (``all_cooling_error`` when none took the call)."""
         loads = await self.state.loads([d.id for d in group.deployments])
         ready: list[tuple[Deployment, Load]] = []
-        soonest: float | None = None
+        busy = Busy()
         for dep, load in zip(group.deployments, loads, strict=True):
             if load.cooled_until:
-                soonest = load.cooled_until if soonest is None else min(soonest, load.cooled_until)
+                busy.cooling = True
+                busy.until = load.cooled_until if busy.until is None else min(busy.until, load.cooled_until)
                 continue
             if (dep.rpm is not None and load.requests >= dep.rpm) or (dep.tpm is not None and load.tokens >= dep.tpm):
+                busy.limited = True  # (rare: one more read, for when its minute frees a request or tokens)
+                free = await self.state.free_at(dep.id, dep.rpm, dep.tpm)
+                if free:
+                    busy.until = free if busy.until is None else min(busy.until, free)
                 continue
             ready.append((dep, load))
         if group.strategy == "least-busy":
@@ -368,8 +393,8 @@ class Router:
             # Deployments not measured yet go first: they get their measurement.
             ready.sort(key=lambda x: -1.0 if x[1].latency_ms is None else x[1].latency_ms)
         else:
-            return weighted_shuffle([d for d, _ in ready]), soonest
-        return [d for d, _ in ready], soonest
+            return weighted_shuffle([d for d, _ in ready]), busy
+        return [d for d, _ in ready], busy
 
 
 def weighted_shuffle(deployments: list[Deployment]) -> list[Deployment]:
@@ -379,19 +404,40 @@ def weighted_shuffle(deployments: list[Deployment]) -> list[Deployment]:
     return sorted(deployments, key=lambda d: random.random() ** (1.0 / d.weight), reverse=True)
 
 
-def all_cooling_error(group: Group, until: float | None) -> ProviderError:
-    """Every deployment of ``group`` is cooling down or full for its minute."""
-    if until is not None:
-        # Whole seconds, rounded up: Retry-After is an integer (RFC 9110), and earlier would find it cooling.
-        wait = float(math.ceil(max(0.0, until - time.time())))
+@dataclass
+class Busy:
+    """Why a group's deployments left out of ``Router.order`` could not take a call: some cooling down, some
+    full for their minute (rpm/tpm), and the soonest one of them has room again (wall clock; None: unknown)."""
+
+    cooling: bool = False
+    limited: bool = False
+    until: float | None = None
+
+
+def all_cooling_error(group: Group, busy: Busy) -> ProviderError:
+    """Every deployment of ``group`` is cooling down or full for its minute: a 429 that says which, and (as
+    ``Retry-After``) when the first of them has room again."""
+    limited = busy.limited or not busy.cooling  # (neither: its rpm's last request was taken meanwhile)
+    if limited and not busy.cooling:
+        what = "at its rate limit (rpm or tpm) for this minute"
+    elif limited:
+        what = "cooling down after failures or at its rate limit (rpm or tpm) for this minute"
+    else:
+        what = "cooling down after failures"
+    if busy.until is None:  # another call took the last room meanwhile: it frees up soon
         return ProviderError(
             "RATE_LIMITED",
-            f"Every deployment of {group.name!r} is cooling down; try again in {wait:.0f}s.",
-            retry_after=wait,
+            f"Every deployment of {group.name!r} is {what}; try again shortly.",
+            retry_after=1,
             status=429,
         )
+    # Whole seconds, rounded up: Retry-After is an integer (RFC 9110), and earlier would find it busy.
+    wait = float(max(1, math.ceil(busy.until - time.time())))
     return ProviderError(
-        "RATE_LIMITED", f"Every deployment of {group.name!r} is at its rate limit; try again shortly.", status=429
+        "RATE_LIMITED",
+        f"Every deployment of {group.name!r} is {what}; try again in {wait:.0f}s.",
+        retry_after=wait,
+        status=429,
     )
 
 

@@ -312,7 +312,10 @@ def _lookup_failed(request: web.Request, e: Exception) -> web.Response:
     log.warning("%s %s: the caller could not be looked up: %s", request.method, request.path, outage.message)
     if request.path.startswith("/v1/"):  # the drop-in APIs answer in their own error shape
         return v1_errors.error_response(request, 503, outage.message, headers={"Retry-After": "1"})
-    return error_response(503, outage.code, outage.message)
+    response = error_response(503, outage.code, outage.message)
+    if outage.retry_after is not None:
+        response.headers["Retry-After"] = str(max(1, math.ceil(outage.retry_after)))
+    return response
 
 
 def _unauthenticated(request: web.Request, token: str | None) -> web.Response:

@@ -10,10 +10,12 @@ import logging
 import os
 import stat
 from collections.abc import Awaitable, Callable
+from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import anthropic
 import openai
 import pytest
@@ -23,13 +25,15 @@ from click.testing import CliRunner
 
 from agentspace.calls import ceiling_cost, messages_body_ceiling
 from agentspace.cli import main
+from agentspace.clients import period_bounds
 from agentspace.limits import usd
 from agentspace.plugins import create_plugin_manager
 from agentspace.transports import state
 from tests.conftest import wait_until
-from tests.fakes.anthropic_upstream import FakeAnthropic, text_response, tool_use_response
+from tests.fakes.anthropic_upstream import FakeAnthropic, error_status, text_response, tool_use_response
 from tests.fakes.openai_upstream import FakeOpenAI
 from tests.fakes.openai_upstream import text_response as openai_text
+from tests.fakes.openai_upstream import usage as openai_usage
 from tests.support.ui_stream import post_chat, read_all
 from tests.support.ws import chat, of, receive
 from tests.tool_plugins import WeatherTools
@@ -408,6 +412,74 @@ async def test_tokens_per_minute(client: TestClient, fake_anthropic: FakeAnthrop
         await message(client, key)
 
 
+async def test_openai_shaped_refusals_name_what_ran_out(
+    make_client: Callable[..., Awaitable[TestClient]], fake_openai: FakeOpenAI, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """OpenAI's 429 says `type: "tokens"` past a tpm and `type: "requests"` past an rpm (code
+    rate_limit_exceeded for both): a client that reads the type waits for the right thing."""
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-openai-test-0123456789")
+    client = await make_client(providers={"openai": {"base_url": fake_openai.url}})
+    sdk = openai_sdk(client, add_client("heavy", "--tpm", "20"))
+    fake_openai.enqueue(openai_text("Hi", usage=openai_usage(30, 7)))  # past 20 tokens
+    await sdk.chat.completions.create(model="openai/gpt-4o-mini", messages=[{"role": "user", "content": "Hi"}])
+    refusals = []
+    with pytest.raises(openai.RateLimitError) as e:
+        await sdk.chat.completions.create(model="openai/gpt-4o-mini", messages=[{"role": "user", "content": "Hi"}])
+    refusals.append(e.value)
+    with pytest.raises(openai.RateLimitError) as e:
+        await sdk.responses.create(model="openai/gpt-4o-mini", input="Hi")
+    refusals.append(e.value)
+    with pytest.raises(openai.RateLimitError) as e:
+        await sdk.embeddings.create(model="openai/text-embedding-3-small", input="Hi")
+    refusals.append(e.value)
+    for refused in refusals:
+        assert (refused.type, refused.code) == ("tokens", "rate_limit_exceeded"), refused.body
+        assert refused.response.headers["retry-after"]
+
+    sdk = openai_sdk(client, add_client("chatty", "--rpm", "1"))
+    fake_openai.enqueue(openai_text("Hi"))
+    await sdk.chat.completions.create(model="openai/gpt-4o-mini", messages=[{"role": "user", "content": "Hi"}])
+    with pytest.raises(openai.RateLimitError) as e:
+        await sdk.chat.completions.create(model="openai/gpt-4o-mini", messages=[{"role": "user", "content": "Hi"}])
+    assert (e.value.type, e.value.code) == ("requests", "rate_limit_exceeded"), e.value.body
+
+
+async def test_a_page_on_an_allowed_origin_can_read_when_to_retry(
+    make_client: Callable[..., Awaitable[TestClient]], fake_anthropic: FakeAnthropic, token: str
+) -> None:
+    """Browsers show a page only the response headers CORS exposes: Retry-After and the relayed rate-limit
+    headers are exposed on the answers that carry them."""
+    origin = "http://app.example"
+    client = await make_client(server={"allowed_origins": [origin]})
+    key = add_client("page", "--rpm", "1")
+
+    def exposed(resp: aiohttp.ClientResponse) -> set[str]:
+        return {h.strip().lower() for h in resp.headers.get("Access-Control-Expose-Headers", "").split(",")}
+
+    headers = {**bearer(key), "Origin": origin}
+    async with aiohttp.ClientSession() as http:
+        body = {"model": "anthropic/" + MODEL, "max_tokens": 16, "messages": [{"role": "user", "content": "Hi"}]}
+        async with http.post(url(client) + "/v1/messages", json=body, headers=headers) as resp:
+            assert resp.status == 200
+        async with http.post(url(client) + "/v1/messages", json=body, headers=headers) as resp:  # past its rpm
+            assert resp.status == 429 and resp.headers["Access-Control-Allow-Origin"] == origin
+            assert resp.headers["Retry-After"] and "retry-after" in exposed(resp), resp.headers
+        resp = await post_chat(client, headers, "page-chat")
+        assert resp.status == 429 and resp.headers["Retry-After"]
+        assert "retry-after" in exposed(resp), resp.headers
+        resp.release()
+
+        # the upstream's own 429, relayed with its request id and its rate-limit headers
+        limited = error_status(429, retry_after=7)
+        fake_anthropic.enqueue(
+            replace(limited, headers={**limited.headers, "anthropic-ratelimit-requests-remaining": "0"})
+        )
+        admin = {**bearer(token), "Origin": origin}
+        async with http.post(url(client) + "/v1/messages", json=body, headers=admin) as resp:
+            assert resp.status == 429 and resp.headers["retry-after"] == "7"
+            assert {"retry-after", "request-id", "anthropic-ratelimit-requests-remaining"} <= exposed(resp)
+
+
 async def test_the_tool_loop_checks_before_each_step(
     make_client: Callable[..., Awaitable[TestClient]], fake_anthropic: FakeAnthropic
 ) -> None:
@@ -453,7 +525,9 @@ async def test_budget_refuses_the_next_call_then_a_new_period_restores_it(
     text = str(e.value)
     assert "BUDGET_EXCEEDED" in text and f"{usd(budget)} month budget" in text
     assert f"has {usd(budget - spent)} left" in text and f"may cost up to {usd(one)} as sent" in text
-    assert f"spent {usd(spent)}," in text and "resets at" in text and "UTC" in text
+    assert f"spent {usd(spent)}," in text
+    month_end = period_bounds("month", datetime.now(UTC))[1]  # a date and time that reads cleanly, once in UTC
+    assert f"; it resets at {month_end:%Y-%m-%d} 00:00 UTC." in text, text
     assert e.value.response.headers["x-should-retry"] == "false"  # the SDKs do not retry it
     # A turn reserves [chat] max_tokens with the thinking budget on top: far more than is left.
     resp = await post_chat(client, bearer(key), "c2")

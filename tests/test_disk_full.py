@@ -465,7 +465,8 @@ async def test_a_call_the_full_disk_refuses_may_be_retried_by_the_sdks(
     disk: Path, fake_anthropic: fa.FakeAnthropic
 ) -> None:
     """STORAGE_ERROR is cured by waiting (room again): unlike a spent budget or a model not allowed, the /v1
-    refusal does not tell the SDKs not to retry (``x-should-retry: false``, docs/protocol.md)."""
+    refusal does not tell the SDKs not to retry (``x-should-retry: false``, docs/protocol.md), and it says when
+    to (``Retry-After``), on /api/chat too."""
     server = GatewayProcess(disk, fake_anthropic.url)
     try:
         await server.start()
@@ -485,6 +486,12 @@ async def test_a_call_the_full_disk_refuses_may_be_retried_by_the_sdks(
                             break
                 assert resp.status == 503 and "STORAGE_ERROR" in text, text
                 assert resp.headers.get("x-should-retry") != "false", (path, dict(resp.headers))
+                assert resp.headers.get("Retry-After") == "1", (path, dict(resp.headers))  # when to try again
+            chat = {"id": "h", "messages": [{"id": "u1", "role": "user", "parts": [{"type": "text", "text": BIG}]}]}
+            async with http.post(server.url + "/api/chat", json=chat, headers=headers) as resp:
+                text = await resp.text()
+                assert resp.status == 503 and "STORAGE_ERROR" in text, text
+                assert resp.headers.get("Retry-After") == "1", dict(resp.headers)
         filler.unlink()
         assert await messages_call(server) == 200  # and waiting did cure it
         assert await server.terminate() == 0

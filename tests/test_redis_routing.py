@@ -71,7 +71,11 @@ async def test_both_states_agree(kind: str, replicas: list[RedisRouteState]) -> 
     state: Any = LocalRouteState() if kind == "local" else replicas[0]
     assert await state.take(DEP, 2) and await state.take(DEP, 2)
     assert not await state.take(DEP, 2)  # the minute is full
+    assert 0 < await state.free_at(DEP, 2, None) - time.time() <= 60  # until its first request leaves it
+    assert await state.free_at(DEP, 3, None) == 0.0
     await state.done(DEP, 10, None)
+    assert 0 < await state.free_at(DEP, None, 10) - time.time() <= 60  # until those tokens leave it
+    assert await state.free_at(DEP, None, 11) == 0.0
     assert await state.failed(DEP, "RATE_LIMITED", 0, 5.0) is not None
     (load,) = await state.loads([DEP])
     assert (load.in_flight, load.requests, load.tokens, load.latency_ms) == (0, 2, 10, None)

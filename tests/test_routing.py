@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import anthropic
 import openai
 import pytest
 from aiohttp.test_utils import TestClient
@@ -393,6 +394,28 @@ async def test_every_deployment_cooling_without_fallbacks(
     # Whole seconds (RFC 9110's delay-seconds), rounded up: the cooldown's end, not earlier.
     assert e.value.response.headers["retry-after"] in ("29", "30")
     await api.close()
+
+
+async def test_every_deployment_at_its_rpm_says_so_and_when_one_frees_up(
+    routed: Callable[..., Awaitable[TestClient]], fakes: list[fa.FakeAnthropic], token: str
+) -> None:
+    client = await routed(group(fakes, extra=[{"rpm": 1}, {"rpm": 1}]))
+    api = sdk(client, token)
+    for _ in range(2):
+        await api.chat.completions.create(model="claude", messages=[{"role": "user", "content": "Hi"}])
+    with pytest.raises(openai.RateLimitError) as e:
+        await api.chat.completions.create(model="claude", messages=[{"role": "user", "content": "Hi"}])
+    assert "at its rate limit" in e.value.message and "cooling" not in e.value.message, e.value.message
+    # when the first deployment's minute lets a request go: about a minute after the first call
+    assert 1 < int(e.value.response.headers["retry-after"]) <= 60
+    claude = anthropic.AsyncAnthropic(api_key=token, base_url=f"http://127.0.0.1:{client.port}", max_retries=0)
+    with pytest.raises(anthropic.RateLimitError) as refused:
+        await claude.messages.create(model="claude", max_tokens=16, messages=[{"role": "user", "content": "Hi"}])
+    assert "at its rate limit" in refused.value.message, refused.value.message
+    assert 1 < int(refused.value.response.headers["retry-after"]) <= 60
+    assert len(fakes[0].requests) + len(fakes[1].requests) == 2
+    await api.close()
+    await claude.close()
 
 
 async def test_websocket_turn_on_a_group(

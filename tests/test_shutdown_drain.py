@@ -89,3 +89,54 @@ async def test_new_calls_are_refused_in_each_apis_shape_while_a_v1_stream_finish
     assert len(fake_anthropic.requests) == 1 and fake_anthropic.count_requests == []  # nothing else went upstream
     (record,) = UsageStore(server.data_dir).records_sync()
     assert (record["endpoint"], record["finishReason"], record["outputTokens"]) == ("anthropic", "stop", 60)
+
+
+async def test_v1_streams_stopped_by_the_shutdown_end_as_their_api_ends_a_failed_stream(
+    tmp_path: Path, fake_anthropic: FakeAnthropic
+) -> None:
+    """A /v1 stream still running when the grace ends is stopped, and its client still reads the end its API
+    gives a failed stream (Chat Completions' error chunk, Responses' response.failed, Messages' error event),
+    not a body that breaks off."""
+    slow = "slow " * 400  # 40 s: far past the grace
+    for _ in range(3):
+        fake_anthropic.enqueue(fa.text_response(slow, chunks=400).with_delay(0.1))
+    server = GatewayProcess(tmp_path / "data", fake_anthropic.url, server={"shutdown_grace_seconds": 1.0})
+    try:
+        await server.start()
+        claude = anthropic.AsyncAnthropic(api_key=server.token, base_url=server.url, max_retries=0)
+        gpt = openai.AsyncOpenAI(api_key=server.token, base_url=server.url + "/v1", max_retries=0)
+        messages = [{"role": "user", "content": "Hi"}]
+        chat = aiter(
+            await gpt.chat.completions.create(model="anthropic/" + MODEL, messages=messages, stream=True)  # type: ignore[arg-type]
+        )
+        responses = aiter(await gpt.responses.create(model="anthropic/" + MODEL, input="Hi", stream=True))
+        relayed = aiter(await claude.messages.create(model=MODEL, max_tokens=4096, messages=messages, stream=True))  # type: ignore[arg-type]
+        # each has begun streaming text
+        while not (await anext(chat)).choices[0].delta.content:
+            pass
+        while (await anext(responses)).type != "response.output_text.delta":
+            pass
+        while (await anext(relayed)).type != "content_block_delta":
+            pass
+        assert server.process is not None
+        server.process.send_signal(signal.SIGTERM)
+
+        with pytest.raises(openai.APIError) as chat_error:
+            async for _ in chat:
+                pass
+        assert "shutting down" in chat_error.value.message
+        events = [event async for event in responses]
+        assert events[-1].type == "response.failed", events[-3:]
+        assert "shutting down" in events[-1].response.error.message  # type: ignore[union-attr]
+        with pytest.raises(anthropic.APIStatusError) as relayed_error:
+            async for _ in relayed:
+                pass
+        assert relayed_error.value.body["error"]["type"] == "overloaded_error"  # type: ignore[index]
+        assert "shutting down" in relayed_error.value.message
+        assert await asyncio.wait_for(server.process.wait(), 60) == 0
+    finally:
+        await server.aclose()
+    assert server.log_problems() == []
+    records = list(UsageStore(server.data_dir).records_sync())
+    assert sorted(r["endpoint"] for r in records) == ["anthropic", "openai", "responses"]
+    assert {r["finishReason"] for r in records} == {"aborted"}, records

@@ -44,7 +44,7 @@ ERROR_TYPES = {
     404: "invalid_request_error",
     413: "invalid_request_error",
     424: "server_error",  # the gateway's own provider key is missing or refused: not the caller's request
-    429: "requests",  # OpenAI's type for a rate limit (its code: rate_limit_exceeded)
+    429: "requests",  # OpenAI's type for a rate limit on requests (its code: rate_limit_exceeded); "tokens" for tpm
     500: "server_error",
     502: "server_error",
     503: "server_error",

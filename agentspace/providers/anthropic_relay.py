@@ -15,6 +15,7 @@ the output relayed now and then, for a recovery after a crash. Every call ends w
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 from dataclasses import replace
@@ -24,6 +25,7 @@ import aiohttp
 from aiohttp import web
 
 from ..calls import ProviderCall, cut_short_usage
+from ..limits import SHUTTING_DOWN_MESSAGE
 from ..logs import StreamRedactor, redact, redact_bytes, redact_headers, warn_limited
 from ..protocols.anthropic_messages import (
     DEFAULT_VERSION,
@@ -36,11 +38,11 @@ from ..protocols.anthropic_messages import (
     with_seen_server_tools,
 )
 from ..registry import Registry
-from ..types import TokenUsage, reported_count
+from ..types import TokenUsage, json_bytes, reported_count
 from ..vault import key_name, missing_key_message, resolve_key
 from .anthropic import FINISH_REASONS, UNREADABLE_MESSAGE
 from .sse import SSEDecoder
-from .upstream_http import client_gone, http_client, watch_client
+from .upstream_http import client_gone, http_client, stopped_by_server, uncancel, watch_client
 
 log = logging.getLogger(__name__)
 
@@ -192,7 +194,10 @@ async def messages(
         elif meter.recorded is None:  # no message_start yet: voided, as ``_stream`` voids a client gone before it
             pending = meter.record(TokenUsage(), "aborted", error="ABORTED", answered=False)
             await asyncio.shield(asyncio.ensure_future(pending))
-        raise
+        if not stopped_by_server(request):
+            raise
+        uncancel()  # the server's shutdown, before the answer began: a 503 the SDKs retry, not a dropped connection
+        return _error(503, SHUTTING_DOWN_MESSAGE)
 
 
 async def _whole(up: aiohttp.ClientResponse, body: dict[str, Any], meter: ProviderCall) -> web.Response:
@@ -238,6 +243,7 @@ async def _stream(
 
     stop_watching = watch_client(request, up.close)  # closing ends the read in progress: the upstream sees it
     recorded = False
+    at_event_end = True  # whether the bytes written so far end an event (or none were)
     try:
         await resp.prepare(request)
         async for read in up.content.iter_any():
@@ -258,6 +264,7 @@ async def _stream(
                 await _record_stream(meter, relay.scanner, body, disconnected=False, cut=False)
             if chunk:
                 await resp.write(chunk)
+                at_event_end = chunk.endswith(b"\n\n")
                 meter.first_output()  # the time to first byte of the relayed stream
     except ConnectionResetError:  # the client went away (aiohttp's ClientConnectionResetError on write)
         relay.disconnected = True
@@ -265,14 +272,27 @@ async def _stream(
         relay.disconnected = client_gone(request)  # we closed the upstream because the client went away
         relay.cut = not relay.disconnected
     except asyncio.CancelledError:
-        # A server that cancels handlers when their client goes away: still one record for the call.
+        # A server that cancels handlers when their client goes away: still one record for the call. Or the
+        # server's shutdown stopped it at its grace's end: recorded alike (aborted), and the client still there
+        # gets an error event, as Anthropic ends a stream that fails, where the bytes sent end an event.
         up.close()
         relay.disconnected = True
         if not recorded:
             await asyncio.shield(
                 asyncio.ensure_future(_record_stream(meter, relay.finish(), body, disconnected=True, cut=False))
             )
-        raise
+        if not (resp.prepared and stopped_by_server(request)):
+            raise
+        uncancel()
+        if not at_event_end and request.transport is not None:
+            request.transport.close()  # mid-event: an incomplete body, as for a stream cut
+            return resp
+        with contextlib.suppress(ConnectionResetError):
+            if not recorded:  # (recorded: its last event, message_stop or error, came already)
+                error = json_bytes(error_body(503, SHUTTING_DOWN_MESSAGE))
+                await resp.write(b"event: error\ndata: " + error + b"\n\n")
+            await resp.write_eof()
+        return resp
     finally:
         stop_watching()
     scanner = relay.finish()

@@ -33,6 +33,19 @@ def client_gone(request: web.Request) -> bool:
     return transport is None or transport.is_closing()
 
 
+def stopped_by_server(request: web.Request) -> bool:
+    """Whether a handler cancelled while its client is still there was stopped by the server: its shutdown,
+    at the end of ``[server] shutdown_grace_seconds`` (a client that leaves closes its transport first)."""
+    return not client_gone(request)
+
+
+def uncancel() -> None:
+    """The current task goes on after a cancellation it answered (a shutdown's: ``stopped_by_server``)."""
+    task = asyncio.current_task()
+    assert task is not None
+    task.uncancel()
+
+
 # How often a stream checks that its client is still there while the upstream sends nothing.
 DISCONNECT_CHECK_SECONDS = 0.5
 

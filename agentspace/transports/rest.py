@@ -30,6 +30,10 @@ log = logging.getLogger(__name__)
 CORS_METHODS = "GET, POST, PATCH, DELETE, OPTIONS"
 CORS_HEADERS = "Authorization, Content-Type"
 CORS_MAX_AGE = "600"
+# Response headers a page on an allowed origin may read (past the CORS-safelisted ones): when to retry and
+# whether to, the upstream's request id, a count that is an estimate; and every ``anthropic-*`` header
+# relayed (its rate limits, anthropic-ratelimit-*), named one by one (a prefix is no CORS name).
+CORS_EXPOSED = ("retry-after", "retry-after-ms", "x-should-retry", "request-id", "x-agentspace-estimated")
 
 # Codes for errors aiohttp raises itself (no route, wrong method, body too large).
 HTTP_ERROR_CODES = {404: "NOT_FOUND", 405: "METHOD_NOT_ALLOWED", 408: "REQUEST_TIMEOUT", 413: "PAYLOAD_TOO_LARGE"}
@@ -216,6 +220,9 @@ async def _cors_headers(request: web.Request, response: web.StreamResponse) -> N
     if origin is not None:
         response.headers[hdrs.ACCESS_CONTROL_ALLOW_ORIGIN] = origin
         response.headers.add(hdrs.VARY, hdrs.ORIGIN)
+        exposed = [n for n in response.headers if n.lower() in CORS_EXPOSED or n.lower().startswith("anthropic-")]
+        if exposed:  # (browsers hide every other header from the page: Retry-After included)
+            response.headers[hdrs.ACCESS_CONTROL_EXPOSE_HEADERS] = ", ".join(dict.fromkeys(exposed))
 
 
 def install_errors_and_cors(app: web.Application) -> None:

@@ -134,7 +134,7 @@ async def _translated(
     async def answer(call: DirectCall) -> web.StreamResponse:
         if not body.get("stream"):
             return await whole(
-                call, lambda finish, usage: am.whole_message(body["model"], finish, usage), _provider_error
+                request, call, lambda finish, usage: am.whole_message(body["model"], finish, usage), _provider_error
             )
         return await _stream(request, call, body["model"])
 

@@ -18,8 +18,8 @@ from ..errors import ApiError
 from ..events import ProviderError, ProviderEvent, ProviderFinish
 from ..limits import CALL_COST_HINT
 from ..providers.base import ProviderRequest
-from ..providers.upstream_http import watch_client
-from ..service import Service, model_id_problem
+from ..providers.upstream_http import stopped_by_server, uncancel, watch_client
+from ..service import SHUTTING_DOWN_MESSAGE, Service, model_id_problem
 from ..types import TokenUsage, clean_text
 from . import bodies, state, v1_errors
 from .bodies import BodyTooLarge
@@ -118,7 +118,12 @@ def refusal(request: web.Request, error: ApiError) -> web.Response:
     if (hint := COST_HINTS.get(request.path)) is not None:
         message = message.replace(CALL_COST_HINT, hint)
     return v1_errors.error_response(
-        request, error.status, f"{error.code}: {message}", code=REFUSAL_CODES.get(error.code), headers=headers
+        request,
+        error.status,
+        f"{error.code}: {message}",
+        code=REFUSAL_CODES.get(error.code),
+        headers=headers,
+        openai_type=error.limited,  # OpenAI's type of a 429: "requests" for an rpm, "tokens" for a tpm
     )
 
 
@@ -160,13 +165,19 @@ def _bare_model_prefixes() -> dict[str, str]:
     return out
 
 
+def shutdown_error() -> ProviderError:
+    """What a /v1 call stopped by the server's shutdown tells its client, in the API's own error shape."""
+    return ProviderError("SERVICE_UNAVAILABLE", SHUTTING_DOWN_MESSAGE, status=503)
+
+
 async def whole(
+    request: web.Request,
     call: DirectCall,
     body: Callable[[ProviderFinish, TokenUsage], dict[str, Any]],
     error: Callable[[ProviderError], web.Response],
 ) -> web.Response:
     """A started call run to its end, answered as one JSON ``body``, or as ``error`` makes a provider error.
-    A cancelled request (the client left) aborts the call."""
+    A cancelled request (the client left) aborts the call; one the server's shutdown stopped is answered 503."""
     finish = None
     try:
         async for event in call.events():
@@ -176,7 +187,10 @@ async def whole(
         return error(e)
     except asyncio.CancelledError:
         await asyncio.shield(asyncio.ensure_future(call.abort()))
-        raise
+        if not stopped_by_server(request):
+            raise
+        uncancel()  # the server's shutdown: a 503 the SDKs retry elsewhere, not a connection dropped
+        return error(shutdown_error())
     assert finish is not None and call.meter.recorded is not None
     return web.json_response(body(finish, call.meter.recorded.usage))
 
@@ -217,9 +231,17 @@ async def stream(
         await call.abort()
         return resp
     except asyncio.CancelledError:
-        # The client went away: aiohttp cancelled the handler, or our watch did.
+        # The client went away: aiohttp cancelled the handler, or our watch did. Or the server's shutdown
+        # stopped the call at its grace's end: the call is recorded aborted all the same, and the client still
+        # there gets the stream's own error end (as for a provider error), not a body cut off.
         await asyncio.shield(asyncio.ensure_future(call.abort()))
-        raise
+        if not (resp.prepared and stopped_by_server(request)):
+            raise
+        uncancel()
+        try:
+            await resp.write(error(shutdown_error()))
+        except ConnectionResetError:
+            return resp
     finally:
         stop_watching()
     await resp.write_eof()
@@ -253,6 +275,11 @@ async def translated(
             call = await service.start_call(meter, preq)
         except ProviderError as e:
             return provider_error(e)
+        except asyncio.CancelledError:  # (the call is recorded aborted by now)
+            if not stopped_by_server(request):
+                raise
+            uncancel()  # the server's shutdown stopped it before its first event: a 503 the SDKs retry
+            return provider_error(shutdown_error())
         except ApiError as e:  # a model group's next attempt, refused at its admission (routed_call._next_meter)
             return refusal(request, e)
         return await answer(call)

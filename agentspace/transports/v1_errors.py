@@ -18,11 +18,18 @@ def wants_anthropic_shape(request: web.Request) -> bool:
 
 
 def error_response(
-    request: web.Request, status: int, message: str, *, code: str | None = None, headers: dict[str, str] | None = None
+    request: web.Request,
+    status: int,
+    message: str,
+    *,
+    code: str | None = None,
+    headers: dict[str, str] | None = None,
+    openai_type: str | None = None,
 ) -> web.Response:
-    """An error in the shape of the API the request speaks (the /v1 clients parse their own shape only)."""
+    """An error in the shape of the API the request speaks (the /v1 clients parse their own shape only);
+    ``openai_type``: OpenAI's error type where the status's is not it (a rate limit on tokens)."""
     if wants_anthropic_shape(request):
         body: dict[str, Any] = anthropic_messages.error_body(status, message)
     else:
-        body = openai_chat.error_body(status, message, code=code)
+        body = openai_chat.error_body(status, message, code=code, error_type=openai_type)
     return web.json_response(body, status=status, headers=headers)

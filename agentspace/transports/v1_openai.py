@@ -130,7 +130,9 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
 
     async def answer(call: DirectCall) -> web.StreamResponse:
         if not parsed.stream:
-            return await whole(call, lambda finish, usage: oc.completion(parsed.model, finish, usage), _provider_error)
+            return await whole(
+                request, call, lambda finish, usage: oc.completion(parsed.model, finish, usage), _provider_error
+            )
         return await _stream(request, call, parsed.model, parsed.include_usage)
 
     return await translated(request, v1, meter, preq, _provider_error, answer)

@@ -82,6 +82,7 @@ async def responses(request: web.Request) -> web.StreamResponse:
     async def answer(call: DirectCall) -> web.StreamResponse:
         if not parsed.stream:
             return await whole(
+                request,
                 call,
                 lambda finish, usage: orr.response_object(body, parsed.model, finish, usage, encrypted),
                 _responses_error,
