@@ -771,8 +771,8 @@ class Turn:
         except BaseException:
             # Stopped (chat.abort, the client gone with on_disconnect = "abort", the idle timeout): what its record
             # will bill counts in the deployment's minute, as a finished call's tokens do (its tpm).
-            usage = self._partial_usage(ctx, state)
-            await state_.done(dep.id, usage.input_tokens + usage.output_tokens, None)
+            billed = self._partial_usage(ctx, state)
+            await state_.done(dep.id, billed.input_tokens + billed.output_tokens, None)
             raise
         usage = finish.usage
         ttft = (state.first_at - started) * 1000 if state.delivered else None
