@@ -17,8 +17,8 @@ monotonic clocks differ), and every key expires:
   ``RENEW_SECONDS``, so a replica that dies mid-call leaves reservations that lapse within
   ``RESERVATION_TTL_SECONDS`` instead of holding the budget. These times (and ``REBUILD_SECONDS``) are
   those of the default ``[storage] lease_seconds`` (``LEASE_SECONDS``); another lease scales them.
-- Redis losing its state (a restart without persistence): ``agentspace:epoch``, set when a replica first
-  uses Redis, is gone; a restart that loaded an older snapshot drops it too (``cluster.py``: the server's run
+- Redis losing its state (a restart without persistence): ``agentspace:epoch``, set when a replica starts
+  (and before its first budget call would take an empty Redis for a new one), is gone; a restart that loaded an older snapshot drops it too (``cluster.py``: the server's run
   id changed), and the spends it loaded are read again. The replica that notices starts a rebuild window (``REBUILD_SECONDS``, two renewals):
   every replica puts back the reservations of its calls in flight at its next renewal, and meanwhile no
   budget reservation is admitted (``SERVICE_UNAVAILABLE`` with Retry-After), so the spend is rebuilt from
@@ -234,6 +234,12 @@ class RedisCounters:
         self._unsettled: dict[str, list[str]] = {}
         self._renewer: asyncio.Task[None] | None = None
         self._epoch_set = False
+
+    async def start(self) -> None:
+        """At the replica's start: a Redis that loses its state later is taken for the loss it is, by this replica
+        too, even before its first budget call (which would otherwise mark an empty Redis as new, and admit calls
+        without the other replicas' reservations until they renew them)."""
+        await self._ensure_epoch()
 
     async def _ensure_epoch(self) -> None:
         """Mark Redis as holding the counters (once per replica); its absence later means the state was lost."""
