@@ -15,17 +15,16 @@ import redis.asyncio as aioredis
 from scripts.harness import GatewayProcess
 from tests.fakes import anthropic_upstream as fa
 from tests.scale_servers import TOKEN, Redis
-from tests.test_replicas import HEADERS, SHORT_LEASE, stop_running
+from tests.test_replicas import HEADERS, stop_running
 
 
-@pytest.mark.parametrize("lease_seconds", [SHORT_LEASE])
 async def test_a_chat_turn_while_redis_rebuilds_is_refused_before_anything_is_stored(
     replicas: list[GatewayProcess], fake_anthropic: Any, redis_srv: Redis
 ) -> None:
     """docs/accounting.md: while the budget counters are rebuilt after Redis lost its state, no budget reservation
     is admitted (SERVICE_UNAVAILABLE with Retry-After), as while Redis cannot be reached: a turn is refused
     before its message is stored (a 503 for useChat, an error frame before the stream starts on the WebSocket),
-    not taken, stored and then failed mid-stream."""
+    not taken, stored and then failed mid-stream. The default lease: an 11-second window for the checks."""
     a, b = replicas
     async with aiohttp.ClientSession(headers=HEADERS) as http:
         async with http.post(f"{a.url}/api/clients", json={"name": "team", "budgetUsd": 1.0}) as resp:
