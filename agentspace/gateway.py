@@ -85,6 +85,7 @@ async def assemble(
     plugins = registered(config, pm, storage)
     cluster: Cluster | None = None
     counters: Counters = InProcessCounters()
+    redis_counters = None
     route_state: RouteState = LocalRouteState()
     locks: SessionLocks = InProcessLocks()
     if config["storage"]["redis_url"]:
@@ -98,7 +99,7 @@ async def assemble(
         cluster = Cluster(
             url, on_credentials_changed=on_credentials_changed, encoder=stream_encoder, lease_seconds=lease
         )
-        counters = RedisCounters(cluster.redis, lease)  # limits and budgets hold across replicas
+        counters = redis_counters = RedisCounters(cluster.redis, lease)  # limits and budgets hold across replicas
         route_state = RedisRouteState(cluster.redis)  # one replica's 429 cools a deployment for all
         locks = RedisSessionLocks(cluster)  # a session streams on one replica at a time
     elif storage.shared:
@@ -138,6 +139,8 @@ async def assemble(
     if cluster is not None:
         await cluster.start(locks)  # Redis answers; aborts for this replica's turns are heard
         log.info("replica %s: streams, locks and aborts shared through Redis", cluster.replica_id)
+    if redis_counters is not None:
+        await redis_counters.start()
     return gw
 
 

@@ -17,8 +17,8 @@ monotonic clocks differ), and every key expires:
   ``RENEW_SECONDS``, so a replica that dies mid-call leaves reservations that lapse within
   ``RESERVATION_TTL_SECONDS`` instead of holding the budget. These times (and ``REBUILD_SECONDS``) are
   those of the default ``[storage] lease_seconds`` (``LEASE_SECONDS``); another lease scales them.
-- Redis losing its state (a restart without persistence): ``agentspace:epoch``, set when a replica first
-  uses Redis, is gone; a restart that loaded an older snapshot drops it too (``cluster.py``: the server's run
+- Redis losing its state (a restart without persistence): ``agentspace:epoch``, set when a replica starts
+  (and before its first budget call would take an empty Redis for a new one), is gone; a restart that loaded an older snapshot drops it too (``cluster.py``: the server's run
   id changed), and the spends it loaded are read again. The replica that notices starts a rebuild window (``REBUILD_SECONDS``, two renewals):
   every replica puts back the reservations of its calls in flight at its next renewal, and meanwhile no
   budget reservation is admitted (``SERVICE_UNAVAILABLE`` with Retry-After), so the spend is rebuilt from
@@ -147,6 +147,16 @@ redis.call('EXPIRE', KEYS[2], tonumber(ARGV[3]))
 return 1
 """
 
+# KEYS: spend (of the period), res, resexp (of the client), epoch. _STATE for a turn's check before anything is
+# stored: {-2} when Redis lost its state, {-3, seconds} while the reservations are being rebuilt, as _RESERVE.
+_STATE_CHECKED = _STATE.replace(
+    "return {redis.call('GET', KEYS[1]), tostring(reserved)}",
+    """local epoch = redis.call('GET', KEYS[4])
+if not epoch then return {-2} end
+if tonumber(epoch) > now then return {-3, tonumber(epoch) - now} end
+return {redis.call('GET', KEYS[1]), tostring(reserved)}""",
+)
+
 # KEYS: epoch; ARGV: rebuild seconds. Redis lost its state: the rebuild window starts (once, SET NX).
 _LOST = """
 if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
@@ -184,6 +194,14 @@ return 1
 """
 
 
+def _rebuilding(seconds: int) -> ApiError:
+    return ApiError(
+        "SERVICE_UNAVAILABLE",
+        "The gateway is rebuilding its budget counters after Redis lost them; try again shortly.",
+        retry_after=max(1, seconds),
+    )
+
+
 def _limits() -> Any:
     # The dataclasses of the clients feature (agentspace.limits), looked up when used.
     return importlib.import_module("agentspace.limits")
@@ -199,6 +217,7 @@ class RedisCounters:
         self._add = redis.register_script(_ADD)
         self._take = redis.register_script(_TAKE)
         self._state = redis.register_script(_STATE)
+        self._state_checked = redis.register_script(_STATE_CHECKED)
         self._reserve = redis.register_script(_RESERVE)
         self._settle = redis.register_script(_SETTLE)
         self._settle_late = redis.register_script(_SETTLE_LATE)
@@ -215,6 +234,12 @@ class RedisCounters:
         self._unsettled: dict[str, list[str]] = {}
         self._renewer: asyncio.Task[None] | None = None
         self._epoch_set = False
+
+    async def start(self) -> None:
+        """At the replica's start: a Redis that loses its state later is taken for the loss it is, by this replica
+        too, even before its first budget call (which would otherwise mark an empty Redis as new, and admit calls
+        without the other replicas' reservations until they renew them)."""
+        await self._ensure_epoch()
 
     async def _ensure_epoch(self) -> None:
         """Mark Redis as holding the counters (once per replica); its absence later means the state was lost."""
@@ -300,18 +325,10 @@ class RedisCounters:
                 await self._load(client, period_key, load_spend)
                 continue
             if int(reply[0]) == -2:  # Redis lost its state: rebuild, this replica's reservations first
-                rebuild = self._seconds(REBUILD_SECONDS)
-                if await self._lost(keys=[EPOCH_KEY], args=[rebuild]):
-                    log.warning("Redis lost the budget counters; rebuilding them for %d s", rebuild)
-                    await self._drop_spends()
-                await self._renew_all()
+                await self._rebuild()
                 continue
             if int(reply[0]) == -3:
-                raise ApiError(
-                    "SERVICE_UNAVAILABLE",
-                    "The gateway is rebuilding its budget counters after Redis lost them; try again shortly.",
-                    retry_after=max(1, int(reply[1])),
-                )
+                raise _rebuilding(int(reply[1]))
             spend, reserved = float(reply[1]), float(reply[2])
             if int(reply[0]) == 0:
                 return None, spend + reserved
@@ -328,9 +345,29 @@ class RedisCounters:
                 self._renew_forever(), name="agentspace-reservation-leases"
             )
 
+    async def _rebuild(self) -> None:
+        rebuild = self._seconds(REBUILD_SECONDS)
+        if await self._lost(keys=[EPOCH_KEY], args=[rebuild]):
+            log.warning("Redis lost the budget counters; rebuilding them for %d s", rebuild)
+            await self._drop_spends()
+        await self._renew_all()
+
     async def spend(self, client: str, identity: str, period_key: str, load_spend: SpendLoader) -> float:
-        spend, reserved = await self.spend_parts(client, identity, period_key, load_spend)
-        return spend + reserved
+        """The spend and reservations a turn is checked against before anything of it is stored: refused while
+        the counters are rebuilt, as its call's reservation would be, rather than stored and failed at the call."""
+        await self._ensure_epoch()
+        keys = [*self._keys(client, identity, period_key), EPOCH_KEY]
+        for _ in range(3):
+            reply = await self._state_checked(keys=keys)
+            if reply[0] == -2:
+                await self._rebuild()
+            elif reply[0] == -3:
+                raise _rebuilding(int(reply[1]))
+            elif reply[0] is None:
+                await self._load(client, period_key, load_spend)
+            else:
+                return float(reply[0]) + float(reply[1])
+        raise RuntimeError("the budget spend could not be loaded into Redis")
 
     async def spend_parts(
         self, client: str, identity: str, period_key: str, load_spend: SpendLoader
