@@ -300,7 +300,6 @@ async def test_a_refused_record_is_not_retried_and_a_broken_sink_never_reaches_t
     class Down:
         name = "down"
         retry_max_seconds = 0.1
-        drain_seconds = 0.5  # it never takes its record: the shutdown need not wait the default 5 s for it
 
         async def record(self, record: UsageRecord) -> None:
             raise ConnectionRefusedError(111, "Connection refused")
