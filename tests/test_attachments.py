@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import json
 import struct
 import zlib
@@ -235,15 +236,18 @@ async def test_unhandled_part_types_are_refused_by_name(
 
 @pytest.fixture
 async def file_server() -> AsyncIterator[tuple[str, dict[str, Any]]]:
-    """A local HTTP server: /img.png, /slow.png (answers after 5 s), /huge.png (past the limit)."""
+    """A local HTTP server: /img.png, /slow.png (answers after 5 s, or as the test ends), /huge.png (past the
+    limit)."""
     served: dict[str, Any] = {"png": png(40, 20), "hits": 0}
+    ended = asyncio.Event()  # the test is over: the slow answer need not hold the server's cleanup
 
     async def img(request: web.Request) -> web.Response:
         served["hits"] += 1
         return web.Response(body=served["png"], content_type="image/png")
 
     async def slow(request: web.Request) -> web.Response:
-        await asyncio.sleep(5)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(ended.wait(), 5)
         return web.Response(body=served["png"], content_type="image/png")
 
     async def huge(request: web.Request) -> web.StreamResponse:
@@ -263,6 +267,7 @@ async def file_server() -> AsyncIterator[tuple[str, dict[str, Any]]]:
     await site.start()
     port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
     yield f"http://127.0.0.1:{port}", served
+    ended.set()
     await runner.cleanup()
 
 

@@ -321,7 +321,8 @@ async def test_killed_again_and_again_while_it_recovers(tmp_path: Path, fake_ant
                 )
             )
             await wait_for_requests(fake_anthropic, 30)
-            await asyncio.sleep(2)  # the reported input reaches the journal
+            # The reported input reaches the journal.
+            await wait_for_notes(lambda: journal_entries(data_dir), 30, lambda e: isinstance(e.get("usage"), dict))
             await server.kill()
     finally:
         await server.aclose()

@@ -89,11 +89,13 @@ async def test_a_model_slow_to_start_still_gets_the_stream_started(
 ) -> None:
     # The response headers go out with the first chunk, the start chunks, before the model answers: the
     # client's useChat sees the stream open while the model is still silent.
-    fake_anthropic.enqueue(text_response("Late answer.").stall(3.0, after=1))
+    # The model is silent until the start chunks came, then the fake is released to answer.
+    fake_anthropic.enqueue(text_response("Late answer.").stall(60.0, after=1))
     resp = await asyncio.wait_for(post_chat(client, auth_headers, "slow", user("Hi!")), 1.5)
     assert resp.status == 200
     started = [await asyncio.wait_for(next_chunk(resp), 1.5) for _ in range(2)]
     assert types(started) == ["start", "start-step"]
+    fake_anthropic.release()
     chunks = started + await read_all(resp)
     check_protocol(chunks)
     assert "".join(c["delta"] for c in of(chunks, "text-delta")) == "Late answer."

@@ -71,12 +71,14 @@ async def test_a_model_slow_to_start_still_gets_the_stream_started(
 ) -> None:
     # The start frames go out before the model answers: a client sees its session id and the stream
     # starting while the model is still silent.
-    # The model is silent for 10 s; the start frames come within 8 (two 4 s waits): slack for a loaded machine.
-    fake_anthropic.enqueue(text_response("Late answer.").stall(10.0, after=1))
+    # The model is silent until the start frames came (within two 4 s waits: slack for a loaded machine), then
+    # the fake is released to answer.
+    fake_anthropic.enqueue(text_response("Late answer.").stall(60.0, after=1))
     ws = await connect(client, token)
     await ws.send_json({"type": "chat.send", "id": "r1", "content": "Hi!"})
     started = [await receive(ws, timeout=4), await receive(ws, timeout=4)]
     assert [f["type"] for f in started] == ["session.created", "chat.stream.start"]
+    fake_anthropic.release()
     frames = started + await chat_rest(ws, timeout=30)
     assert "".join(f["delta"] for f in of(frames, "chat.stream.delta")) == "Late answer."
     await ws.close()

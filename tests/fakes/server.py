@@ -21,6 +21,7 @@ class FakeUpstream(Generic[R]):
         # Handlers still streaming; cancelled on close so a stalled answer cannot hold the shutdown.
         self._handlers: set[asyncio.Task[Any]] = set()
         self.port = 0
+        self._releases = 0  # ``release`` calls not yet taken by a pause
 
     def routes(self, app: web.Application) -> None:
         raise NotImplementedError
@@ -40,17 +41,24 @@ class FakeUpstream(Generic[R]):
             body = None
         return body, {k.lower(): v for k, v in request.headers.items()}
 
-    @staticmethod
-    async def pause(request: web.Request, seconds: float) -> bool:
-        """Send nothing for ``seconds``; False as soon as the client hangs up meanwhile (a real server's
-        socket sees the close at once, not at its next write)."""
+    async def pause(self, request: web.Request, seconds: float) -> bool:
+        """Send nothing for ``seconds``, or until ``release``; False as soon as the client hangs up meanwhile (a
+        real server's socket sees the close at once, not at its next write)."""
         loop = asyncio.get_running_loop()
         end = loop.time() + seconds
         while loop.time() < end:
             if request.transport is None or request.transport.is_closing():
                 return False
+            if self._releases:
+                self._releases -= 1
+                break
             await asyncio.sleep(min(0.05, max(0.0, end - loop.time())))
         return True
+
+    def release(self) -> None:
+        """End one pause (a stall or a silence) early: the one under way, or else the next to start. A test that
+        saw what it waited for during a long stall need not wait out the rest of it."""
+        self._releases += 1
 
     async def start(self, port: int = 0) -> Self:
         app = web.Application(client_max_size=32 * 1024 * 1024)  # the providers' own limit (Anthropic: 32 MB)
