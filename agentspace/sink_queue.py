@@ -54,6 +54,7 @@ class SinkQueue:
         self._idle = asyncio.Event()
         self._idle.set()
         self._closed = False
+        self._stopped = False  # the drain is over: the worker ends at its next turn, cancelled or not
         self._hurry = asyncio.Event()  # set at shutdown: a retry waiting out its backoff goes at once
         self.delivered = 0
         self.failures = 0  # calls of ``record`` that raised or timed out (each retry counts)
@@ -111,7 +112,10 @@ class SinkQueue:
         if self._starting is not None:
             await self._starting  # a sink gets no record before its ``start`` ended (or timed out)
         backoff = 0.0
-        while True:
+        # Not ``while True``: Python 3.11's ``wait_for`` returns (or raises) the result of a call that ended just as
+        # its task was cancelled, and so swallows the cancel; the worker would then retry for ever and the
+        # shutdown wait for it.
+        while not self._stopped:
             if not self._records:
                 self._idle.set()
                 self._wake.clear()
@@ -176,6 +180,7 @@ class SinkQueue:
         if self._starting is not None and not self._starting.done():
             self._starting.cancel()
         if self._task is not None:
+            self._stopped = True
             self._task.cancel()
             try:
                 await self._task

@@ -384,3 +384,33 @@ async def test_a_sink_whose_record_is_not_async_gets_each_record_once(
     await asyncio.sleep(0.6)  # past the first retry's backoff: nothing is sent again
     assert sorted(got) == sorted(await stored_usage(client))
     assert await metric(client, auth_headers, "agentspace_sink_failures_total") == 0
+
+
+async def test_the_server_stops_while_a_broken_sink_still_fails_its_records(
+    make_client: Any, token: str, fake_anthropic: Any
+) -> None:
+    """A sink that fails every record, given as long to drain as its retry waits (0.5 s both, so the two timers
+    fire together): the server stops once the drain is over. The stop could land as a failed record's retry
+    began, and Python 3.11's ``wait_for`` then swallowed it: the queue retried for ever and the server hung."""
+    failed = 0
+
+    class Down:
+        name = "down"
+        drain_seconds = 0.5
+
+        async def record(self, record: UsageRecord) -> None:
+            nonlocal failed
+            failed += 1
+            raise ConnectionRefusedError(111, "Connection refused")
+
+    class DownPlugin:
+        @hookimpl
+        def register_usage_sinks(self, register: Callable[[Any], None], config: Config) -> None:
+            register(Down())
+
+    for _ in range(5):  # the timers' order varies from one stop to the next: several stops
+        client = await start_client(make_client, DownPlugin())
+        frames, _ = await ws_turn(client, token, "Hi")
+        assert frames[-1]["type"] == "chat.stream.end", frames[-1]
+        await wait_until(lambda: _ready(failed > 0))
+        await asyncio.wait_for(client.close(), 20)
