@@ -88,9 +88,13 @@ class AssembledContext:
 
 def history_start(stored: list[dict[str, Any]]) -> tuple[int, str]:
     """Where the history of the next call starts (the index after the latest ``summary`` or ``contextCut`` mark)
-    and the summary text standing for what comes before ('' when there is none)."""
+    and the summary text standing for what comes before ('' when there is none). A mark on an answer set aside
+    since (``replaced``: an earlier message was edited or answered again) stands for a conversation the client
+    left: it is not the start."""
     for i in range(len(stored) - 1, -1, -1):
         message = stored[i]
+        if message.get("replaced"):
+            continue
         summary = message.get("summary")
         if isinstance(summary, dict):
             return i + 1, str(summary.get("text") or "")

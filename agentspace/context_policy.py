@@ -96,16 +96,29 @@ def _cut_index(history: list[dict[str, Any]], start: int, excess: int, ratio: fl
     """The stored message to cut after (the end of a turn) so that at least ``excess`` tokens go, and the tokens
     it leaves out; the last possible one when no cut frees enough; None when there is no turn to leave out."""
     removed, cut, cut_removed = 0.0, None, 0.0
+    ends = set(_turn_ends(history, start))
     for i in range(start, len(history)):
+        if history[i].get("replaced"):
+            continue  # set aside by an edit or a regenerate: no call sends it, cutting it frees nothing
         removed += _message_tokens(history[i]) * ratio
-        ends_turn = history[i].get("role") == "assistant" and (
-            i + 1 == len(history) or history[i + 1].get("role") == "user"
-        )
-        if ends_turn and history[i].get("id"):
+        if i in ends:
             cut, cut_removed = i, removed
             if removed >= excess:
                 break
     return cut, cut_removed
+
+
+def _turn_ends(history: list[dict[str, Any]], start: int) -> list[int]:
+    """The stored answers from ``start`` on that end a turn (a cut may follow them), answers set aside
+    (``replaced``) left out: a mark on one of those marks nothing (``context.history_start``)."""
+    kept = [i for i in range(start, len(history)) if not history[i].get("replaced")]
+    return [
+        i
+        for n, i in enumerate(kept)
+        if history[i].get("role") == "assistant"
+        and history[i].get("id")
+        and (n + 1 == len(kept) or history[kept[n + 1]].get("role") == "user")
+    ]
 
 
 async def fit_context(
@@ -365,13 +378,7 @@ async def compact_session(gw: Registry, turn: TurnLike) -> dict[str, Any]:
         raise ApiError("SESSION_NOT_FOUND", f"No session {turn.session_id!r}.")
     history = session.get("messages", [])
     start, summary = history_start(history)
-    ends = [
-        i
-        for i in range(start, len(history))
-        if history[i].get("role") == "assistant"
-        and history[i].get("id")
-        and (i + 1 == len(history) or history[i + 1].get("role") == "user")
-    ]
+    ends = _turn_ends(history, start)
     if len(ends) < 2:
         return {"sessionId": turn.session_id, "compacted": False, "summarizedMessages": 0}
     cut = ends[-2]  # the latest turn stays as it is

@@ -1,0 +1,110 @@
+"""Sessions that last, tried from outside again (issue 28): a long session's edits and regenerates through
+``useChat``'s body shapes after the context-window policy ran, the prompt cache's records, search and export."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from aiohttp.test_utils import TestClient
+
+from agentspace.context_policy import COMPACT_PROMPT
+from tests.fakes.anthropic_upstream import text_response
+from tests.test_prompt_cache import turn_text
+
+
+def user(message_id: str, text: str) -> dict[str, Any]:
+    return {"id": message_id, "role": "user", "parts": [{"type": "text", "text": text}]}
+
+
+async def ui_chat(client: TestClient, headers: dict[str, str], body: dict[str, Any]) -> list[dict[str, Any]]:
+    """POST /api/chat; the UI message stream's chunks (the answer must finish)."""
+    response = await client.post("/api/chat", json=body, headers=headers)
+    raw = await response.text()
+    assert response.status == 200, raw[:500]
+    chunks = [json.loads(line[6:]) for line in raw.splitlines() if line.startswith("data: {")]
+    assert chunks[-1]["type"] == "finish", chunks[-3:]
+    return chunks
+
+
+async def use_chat_turns(client: TestClient, headers: dict[str, str], session_id: str, texts: list[str]) -> list[Any]:
+    """Turns as ``useChat`` sends them: the whole conversation so far, its answers with the ids the stream gave."""
+    messages: list[dict[str, Any]] = []
+    for n, text in enumerate(texts, 1):
+        messages.append(user(f"u{n}", text))
+        chunks = await ui_chat(client, headers, {"id": session_id, "messages": messages, "trigger": "submit-message"})
+        answer = "".join(c.get("delta", "") for c in chunks if c["type"] == "text-delta")
+        message_id = next(c["messageId"] for c in chunks if c["type"] == "start")
+        messages.append({"id": message_id, "role": "assistant", "parts": [{"type": "text", "text": answer}]})
+    return messages
+
+
+def sent_text(body: dict[str, Any]) -> str:
+    return json.dumps([body.get("system"), body["messages"]], ensure_ascii=False)
+
+
+async def test_an_edit_before_the_summary_leaves_the_summary_of_the_conversation_it_replaced(
+    client: TestClient, auth_headers: dict[str, str], fake_anthropic: Any
+) -> None:
+    """A compacted session whose user edits a message the summary covers (``sendMessage`` with its
+    ``messageId``): the answers after it are set aside, the summary's mark among them. Every later call still
+    started after that mark: it sent the summary of the conversation the user had just edited away, and not
+    the edited question (nor anything before the mark); the call began with an assistant message."""
+    texts = [f"Turn {n}: the code word of turn {n} is WORD{n}." for n in range(1, 5)]
+    messages = await use_chat_turns(client, auth_headers, "edited", texts)
+    fake_anthropic.enqueue(text_response("OLD SUMMARY: the code words were WORD1, WORD2 and WORD3."))
+    response = await client.post("/api/sessions/edited/compact", headers=auth_headers)
+    assert (await response.json())["compacted"] is True
+
+    # The user edits turn 2 (useChat sends the conversation up to the edited message, with its id).
+    edited = [*messages[:2], user("u2", "Turn 2, edited: the code word is NEWWORD.")]
+    await ui_chat(client, auth_headers, {"id": "edited", "messages": edited, "trigger": "submit-message"})
+    chunks = await ui_chat(
+        client, auth_headers, {"id": "edited", "messages": [user("u5", "What was the code word of turn 2?")]}
+    )
+    assert chunks[-1]["finishReason"] == "stop"
+    sent = fake_anthropic.requests[-1].body
+    assert "OLD SUMMARY" not in sent_text(sent), sent["system"]
+    assert "NEWWORD" in sent_text(sent) and "WORD1" in sent_text(sent)
+    assert sent["messages"][0]["role"] == "user"
+    # The inspector shows what the call sends: no summary section.
+    reply = await (await client.get("/api/sessions/edited/context", headers=auth_headers)).json()
+    assert "summary" not in [s["name"] for s in reply["sections"]]
+    # Compacting again summarises the conversation as it is now.
+    fake_anthropic.enqueue(text_response("NEW SUMMARY: the code word of turn 2 is NEWWORD."))
+    response = await client.post("/api/sessions/edited/compact", headers=auth_headers)
+    assert (await response.json())["compacted"] is True
+    summarised = sent_text(fake_anthropic.requests[-1].body)
+    assert "NEWWORD" in summarised and "WORD3" not in summarised
+    await ui_chat(client, auth_headers, {"id": "edited", "messages": [user("u6", "And now?")]})
+    assert "NEW SUMMARY" in sent_text(fake_anthropic.requests[-1].body)
+
+
+async def test_a_cut_after_an_edit_frees_what_the_calls_sent_not_the_answers_set_aside(
+    make_client: Any, auth_headers: dict[str, str], fake_anthropic: Any
+) -> None:
+    """The context-window policy cuts where enough of what the calls send goes. It counted the turns an edit
+    had set aside (which no call sends) as freed: the cut came too early, and the call after the summary still
+    sent most of the window (a cut is to leave at most half of it)."""
+    fake_anthropic.caching = True  # the fake counts the real input, as the API does
+    window = 50_000
+    client = await make_client(
+        {
+            "chat": {"context_policy": "compact", "history_limit": 10_000},
+            "pricing": {"anthropic/claude-sonnet-4-5": {"context_window": window}},
+        }
+    )
+    messages = await use_chat_turns(client, auth_headers, "cut", [turn_text(n, 8000) for n in range(1, 12)])
+    # The user edits turn 2: turns 3 to 11 (about 18k tokens) are set aside.
+    edited = [*messages[:2], user("u2", "Turn 2, shorter.")]
+    await ui_chat(client, auth_headers, {"id": "cut", "messages": edited, "trigger": "submit-message"})
+    for n in range(12, 40):
+        await ui_chat(client, auth_headers, {"id": "cut", "messages": [user(f"u{n}", turn_text(n, 8000))]})
+        if any(r.body.get("system") == COMPACT_PROMPT for r in fake_anthropic.requests):
+            break
+    summaries = [i for i, r in enumerate(fake_anthropic.requests) if r.body.get("system") == COMPACT_PROMPT]
+    assert len(summaries) == 1
+    await ui_chat(client, auth_headers, {"id": "cut", "messages": [user("u99", "short")]})
+    after = fake_anthropic.reported[-1]  # the call after the summary (and its short message)
+    prompt = after["input_tokens"] + after["cache_read_input_tokens"] + after["cache_creation_input_tokens"]
+    assert prompt <= (window - 4096) * 0.5, prompt
