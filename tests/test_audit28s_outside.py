@@ -4,12 +4,15 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
 from aiohttp.test_utils import TestClient
 
 from agentspace.context_policy import COMPACT_PROMPT
 from tests.fakes.anthropic_upstream import text_response
+from tests.support.ws import connect, receive_after
+from tests.test_cli_e2e import run_cli
 from tests.test_prompt_cache import turn_text
 
 
@@ -108,3 +111,33 @@ async def test_a_cut_after_an_edit_frees_what_the_calls_sent_not_the_answers_set
     after = fake_anthropic.reported[-1]  # the call after the summary (and its short message)
     prompt = after["input_tokens"] + after["cache_read_input_tokens"] + after["cache_creation_input_tokens"]
     assert prompt <= (window - 4096) * 0.5, prompt
+
+
+async def test_a_search_with_more_matches_than_it_answers_says_so(
+    client: TestClient, auth_headers: dict[str, str], token: str, isolated_env: Path
+) -> None:
+    """A search answered the 50 most recent matches (the CLI 200) and nothing else: a conversation older than the
+    50th match of a common word could not be found, and nothing said that any were left out. ``more`` says so now,
+    and ``limit`` asks for more (REST, WebSocket; the CLI's ``--limit`` and a line on stderr)."""
+    for n in range(52):
+        await ui_chat(client, auth_headers, {"id": f"inv{n}", "messages": [user("u1", f"Invoice number {n}")]})
+    response = await client.get("/api/sessions", params={"q": "invoice"}, headers=auth_headers)
+    found = await response.json()
+    assert len(found["sessions"]) == 50 and found["more"] is True
+    assert found["sessions"][0]["id"] == "inv51"  # the most recent first
+    everything = await (await client.get("/api/sessions?q=invoice&limit=60", headers=auth_headers)).json()
+    assert len(everything["sessions"]) == 52 and everything["more"] is False
+    assert "inv0" in {s["id"] for s in everything["sessions"]}
+    bad = await client.get("/api/sessions?q=invoice&limit=0", headers=auth_headers)
+    assert bad.status == 400 and (await bad.json())["error"]["fields"][0]["path"] == "limit"
+
+    ws = await connect(client, token)
+    reply = await receive_after(ws, {"type": "session.list", "id": "s", "query": "invoice", "limit": 3})
+    assert [s["id"] for s in reply["sessions"]] == ["inv51", "inv50", "inv49"] and reply["more"] is True
+    await ws.close()
+
+    result = await run_cli(["sessions", "search", "invoice", "--limit", "51", "--json"], isolated_env)
+    assert result.exit_code == 0 and len(json.loads(result.stdout)) == 51
+    assert "these are the 51 most recent" in result.stderr
+    result = await run_cli(["sessions", "search", "invoice"], isolated_env)
+    assert "inv0 " in result.output and "more" not in result.stderr.lower()
