@@ -39,7 +39,7 @@ from .context import (
 )
 from .errors import ApiError
 from .events import ProviderError, ProviderFinish, TextDelta, UsageReport
-from .providers.base import ProviderRequest
+from .providers.base import Provider, ProviderRequest
 from .registry import ModelNotFound
 from .tokens import count_ceiling_tokens, count_tokens
 from .types import ChatMessage, FilePart, TokenUsage, now_iso
@@ -279,16 +279,49 @@ def _file_label(part: dict[str, Any]) -> str:
 
 
 async def summarise(gw: Registry, turn: TurnLike, previous: str, messages: list[dict[str, Any]]) -> str:
-    """The summarising call: one provider call (purpose ``compact``) through the same ``ProviderCall`` as
-    every other call; its text is the new summary (covering ``previous`` too)."""
+    """The new summary of ``messages`` (covering ``previous`` too): one summarising call (purpose ``compact``),
+    or one per part when the turns do not fit the summarising model's window at once (a smaller
+    ``[chat] compact_model``, or a session moved to a model with a smaller window), each part's call reading the
+    summary so far."""
     model = compact_model(gw, turn.model)
     try:
         provider = gw.provider_for(model)
     except ModelNotFound as e:
         raise ApiError("MODEL_NOT_FOUND", f"[chat] compact_model: {e}") from None
-    body = transcript(answered_turns(messages))  # what a call resends: no answer set aside, no failed turn
-    if previous:
-        body = f"Summary so far:\n{previous}\n\nThe conversation after it:\n{body}"
+    turns = answered_turns(messages)  # what a call resends: no answer set aside, no failed turn
+    summary = previous
+    for part in _parts(gw.model_info(model).context_window, previous, turns):
+        summary = await _summary_call(gw, turn, model, provider, summary, transcript(part))
+    return summary
+
+
+# Room a part leaves beside the summary so far, the prompt and the answer: tokenizers differ from ours.
+PART_MARGIN = 0.8
+
+
+def _parts(window: int | None, previous: str, turns: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
+    """``turns`` in consecutive parts whose transcript fits the summarising model's ``window`` (None: unknown,
+    one part) with the summary so far, the prompt and the answer; a message too long alone is a part alone."""
+    if not window:
+        return [turns]
+    fixed = count_tokens(COMPACT_PROMPT) + COMPACT_MAX_TOKENS + max(count_tokens(previous), COMPACT_MAX_TOKENS)
+    budget = (window - fixed) * PART_MARGIN
+    parts: list[list[dict[str, Any]]] = [[]]
+    size = 0
+    for message in turns:
+        tokens = count_tokens(transcript([message]))
+        if parts[-1] and size + tokens > budget:
+            parts.append([])
+            size = 0
+        parts[-1].append(message)
+        size += tokens
+    return parts
+
+
+async def _summary_call(gw: Registry, turn: TurnLike, model: str, provider: Provider, previous: str, part: str) -> str:
+    """One summarising call through the same ``ProviderCall`` as every other call; its text is the summary of
+    ``previous`` and ``part`` (a transcript)."""
+    body = f"Summary so far:\n{previous}\n\nThe conversation after it:\n{part}" if previous else part
     prefix = model.split("/", 1)[0]
     settings = gw.config.provider_settings(prefix)
     request = ProviderRequest(

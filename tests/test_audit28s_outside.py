@@ -10,7 +10,8 @@ from typing import Any
 from aiohttp.test_utils import TestClient
 
 from agentspace.context_policy import COMPACT_PROMPT
-from tests.fakes.anthropic_upstream import text_response
+from agentspace.transports import state
+from tests.fakes.anthropic_upstream import prompt_blocks, text_response
 from tests.support.ws import connect, receive_after
 from tests.test_cli_e2e import run_cli
 from tests.test_prompt_cache import turn_text
@@ -141,3 +142,38 @@ async def test_a_search_with_more_matches_than_it_answers_says_so(
     assert "these are the 51 most recent" in result.stderr
     result = await run_cli(["sessions", "search", "invoice"], isolated_env)
     assert "inv0 " in result.output and "more" not in result.stderr.lower()
+
+
+async def test_a_summary_too_long_for_the_compact_model_is_made_in_parts_that_fit_it(
+    make_client: Any, auth_headers: dict[str, str], fake_anthropic: Any
+) -> None:
+    """``[chat] compact_model`` with a smaller window than the session's model (a cheap summariser beside a
+    1M-token model; or a session moved to a model with a smaller window): the oldest turns went to it in one call
+    of half the session's window, which the provider refuses, so every compaction failed and the turns were left
+    out unsummarised. The summary is now made in parts that fit, each reading the summary so far."""
+    fake_anthropic.caching = True  # the fake counts the real input, as the API does
+    summariser, small = "anthropic/claude-haiku-4-5", 12_000
+    client = await make_client(
+        {
+            "chat": {"context_policy": "compact", "compact_model": summariser, "history_limit": 10_000},
+            "pricing": {
+                "anthropic/claude-sonnet-4-5": {"context_window": 50_000},
+                summariser: {"context_window": small},
+            },
+        }
+    )
+    for n in range(1, 40):
+        await ui_chat(client, auth_headers, {"id": "parts", "messages": [user(f"u{n}", turn_text(n, 8000))]})
+        if any(r.body.get("system") == COMPACT_PROMPT for r in fake_anthropic.requests):
+            break
+    calls = [r.body for r in fake_anthropic.requests if r.body.get("system") == COMPACT_PROMPT]
+    assert len(calls) >= 2, len(calls)
+    for body in calls:
+        assert body["model"] == "claude-haiku-4-5"
+        assert sum(tokens for _, tokens, _ in prompt_blocks(body)) + body["max_tokens"] <= small
+    assert all("Summary so far:" in json.dumps(body["messages"]) for body in calls[1:])
+    records = await client.app[state.REGISTRY].usage.records(session_id="parts")
+    assert len([r for r in records if r.get("purpose") == "compact"]) == len(calls)
+    session = await (await client.get("/api/sessions/parts", headers=auth_headers)).json()
+    summaries = [m["summary"] for m in session["session"]["messages"] if m.get("summary")]
+    assert len(summaries) == 1 and summaries[0]["model"] == summariser
