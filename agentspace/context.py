@@ -29,7 +29,9 @@ from datetime import datetime
 from typing import TYPE_CHECKING, Any, Literal
 
 from . import attachments
+from .pricing import accepts_adaptive_thinking
 from .prompt_cache import anthropic_family, cache_ttl, first_key, plan, prefix_key
+from .providers.base import ProviderRequest, ThinkingSettings, upstream_output_tokens
 from .storage.shapes import FrozenDict
 from .tokens import count_ceiling_tokens, count_tokens
 from .types import (
@@ -444,6 +446,20 @@ def _measure_cache(
     )
 
 
+def input_window(config: Config, model: str, info: ModelInfo) -> tuple[int | None, int]:
+    """(the input tokens a call to ``model`` may send: its window minus the output the call asks for, None when
+    the window is unknown; that output). The budget form of extended thinking asks for the budget on top of
+    ``[chat] max_tokens`` (``providers.base.budget_max_tokens``), and Anthropic refuses a call whose input and
+    ``max_tokens`` together pass the window; adaptive thinking stays within ``max_tokens``."""
+    output = int(config["chat"]["max_tokens"])
+    if config["thinking"]["enabled"] and info.supports_reasoning:
+        adaptive = info.adaptive_thinking_only or accepts_adaptive_thinking(model)
+        thinking = ThinkingSettings(int(config["thinking"]["budget_tokens"]), adaptive)
+        output = max(output, upstream_output_tokens(ProviderRequest(model, "", [], info, output, thinking=thinking)))
+    window = info.context_window
+    return (max(0, int(window) - output) if window else None), output
+
+
 def first_message_key(context: AssembledContext) -> str | None:
     """``prompt_cache.first_key`` of the first message the call sends (None: it sends none)."""
     if not context.messages:
@@ -499,7 +515,7 @@ async def inspect_session(
     measured = measure(ctx, info, view)
     # The input tokens a call may send (the window minus the output requested; None: unknown) and whether
     # this context is past them: then the next turn runs [chat] context_policy before its call.
-    window = max(0, int(info.context_window) - int(gw.config["chat"]["max_tokens"])) if info.context_window else None
+    window = input_window(gw.config, model, info)[0]
     totals = measured["totals"]
     totals["inputWindow"] = window
     totals["overWindow"] = window is not None and totals["calibratedTokens"] > window

@@ -34,6 +34,7 @@ from .context import (
     estimate_input_tokens,
     history_start,
     history_window,
+    input_window,
     last_call,
     message_text,
 )
@@ -77,10 +78,9 @@ def _message_tokens(message: dict[str, Any]) -> int:
 
 
 def window_of(gw: Registry, model: str) -> tuple[int | None, int]:
-    """(the input tokens a call may send, or None when the window is unknown; the output tokens requested)."""
-    max_tokens = int(gw.config["chat"]["max_tokens"])
-    window = gw.model_info(model).context_window
-    return (max(0, int(window) - max_tokens) if window else None), max_tokens
+    """(the input tokens a call may send, or None when the window is unknown; the output tokens requested,
+    a thinking budget included: ``context.input_window``)."""
+    return input_window(gw.config, model, gw.model_info(model))
 
 
 def too_long(model: str, need: int, window: int, max_tokens: int) -> ApiError:

@@ -177,3 +177,28 @@ async def test_a_summary_too_long_for_the_compact_model_is_made_in_parts_that_fi
     session = await (await client.get("/api/sessions/parts", headers=auth_headers)).json()
     summaries = [m["summary"] for m in session["session"]["messages"] if m.get("summary")]
     assert len(summaries) == 1 and summaries[0]["model"] == summariser
+
+
+async def test_the_window_leaves_room_for_the_thinking_budget_the_call_asks_for(
+    make_client: Any, auth_headers: dict[str, str], fake_anthropic: Any
+) -> None:
+    """With extended thinking in its budget form (Claude Sonnet 4.5, Haiku 4.5, Opus 4.5: ``max_tokens`` is the
+    budget plus ``[chat] max_tokens``), the policy measured the context against the window minus
+    ``[chat] max_tokens`` only: calls whose input and ``max_tokens`` passed the window went out, which Anthropic
+    refuses, and a session in that band could fail turn after turn (a failed turn adds nothing to the context)."""
+    fake_anthropic.caching = True  # the fake counts the real input, as the API does
+    window = 50_000
+    client = await make_client(
+        {
+            "chat": {"context_policy": "compact", "history_limit": 10_000},
+            "pricing": {"anthropic/claude-sonnet-4-5": {"context_window": window}},
+        }
+    )
+    for n in range(1, 30):
+        await ui_chat(client, auth_headers, {"id": "budget", "messages": [user(f"u{n}", turn_text(n, 8000))]})
+    chats = [r.body for r in fake_anthropic.requests if r.body.get("system") != COMPACT_PROMPT]
+    assert all(body["thinking"]["type"] == "enabled" for body in chats)
+    for body in chats:
+        assert sum(tokens for _, tokens, _ in prompt_blocks(body)) + body["max_tokens"] <= window
+    reply = await (await client.get("/api/sessions/budget/context", headers=auth_headers)).json()
+    assert reply["totals"]["inputWindow"] == window - chats[-1]["max_tokens"]
