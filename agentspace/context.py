@@ -307,14 +307,17 @@ async def assemble(
 def history_window(messages: list[dict[str, Any]], limit: int) -> list[dict[str, Any]]:
     """The newest messages, at most ``limit``, cut in steps of half the limit: the first message sent then
     stays the same for many turns and the prompt cache keeps reading the prefix (a window that slid by one
-    message each turn would change the prefix, and rewrite the cache, on every turn)."""
+    message each turn would change the prefix, and rewrite the cache, on every turn). Answers set aside by an edit
+    or a regenerate (``replaced``) are sent to no model: they do not count."""
     if limit <= 0:
         return []
-    excess = len(messages) - limit
+    kept = [i for i, m in enumerate(messages) if not m.get("replaced")]
+    excess = len(kept) - limit
     if excess <= 0:
         return messages
     step = max(1, limit // 2)
-    return messages[-(-excess // step) * step :]
+    drop = -(-excess // step) * step
+    return messages[kept[drop] :] if drop < len(kept) else []
 
 
 def attachments_section(files: Sequence[FilePart]) -> Section:

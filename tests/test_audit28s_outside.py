@@ -202,3 +202,20 @@ async def test_the_window_leaves_room_for_the_thinking_budget_the_call_asks_for(
         assert sum(tokens for _, tokens, _ in prompt_blocks(body)) + body["max_tokens"] <= window
     reply = await (await client.get("/api/sessions/budget/context", headers=auth_headers)).json()
     assert reply["totals"]["inputWindow"] == window - chats[-1]["max_tokens"]
+
+
+async def test_answers_set_aside_by_regenerates_do_not_use_up_the_history_limit(
+    make_client: Any, auth_headers: dict[str, str], fake_anthropic: Any
+) -> None:
+    """``[chat] history_limit`` counted the answers a regenerate set aside, which no call sends: after a few
+    regenerates a conversation well within the limit lost its oldest turns, here even the question the last
+    answer answers (the call began with that answer)."""
+    client = await make_client(chat={"history_limit": 6})
+    messages = await use_chat_turns(client, auth_headers, "regen", ["First question", "Second", "Third question"])
+    for _ in range(4):  # useChat's regenerate(): the conversation up to the last user message
+        body = {"id": "regen", "messages": messages[:-1], "trigger": "regenerate-message", "messageId": "x"}
+        await ui_chat(client, auth_headers, body)
+    await ui_chat(client, auth_headers, {"id": "regen", "messages": [user("u4", "Fourth")]})
+    sent = fake_anthropic.requests[-1].body["messages"]
+    assert [m["role"] for m in sent] == ["user", "assistant"] * 3 + ["user"]
+    assert "First question" in json.dumps(sent[0])
