@@ -418,4 +418,9 @@ async def compact_session(gw: Registry, turn: TurnLike) -> dict[str, Any]:
     text = await summarise(gw, turn, summary, history[start : cut + 1])
     mark = {"summary": {"text": text, "model": compact_model(gw, turn.model), "createdAt": now_iso()}}
     await gw.sessions.update_message(turn.session_id, history[cut]["id"], mark)
-    return {"sessionId": turn.session_id, "compacted": True, "summarizedMessages": cut + 1 - start, "summary": text}
+    return {
+        "sessionId": turn.session_id,
+        "compacted": True,
+        "summarizedMessages": len(answered_turns(history[start : cut + 1])),
+        "summary": text,
+    }

@@ -77,7 +77,9 @@ async def test_an_edit_before_the_summary_leaves_the_summary_of_the_conversation
     # Compacting again summarises the conversation as it is now.
     fake_anthropic.enqueue(text_response("NEW SUMMARY: the code word of turn 2 is NEWWORD."))
     response = await client.post("/api/sessions/edited/compact", headers=auth_headers)
-    assert (await response.json())["compacted"] is True
+    compacted = await response.json()
+    assert compacted["compacted"] is True
+    assert compacted["summarizedMessages"] == 4  # turn 1 and the edited turn 2, not the answers set aside
     summarised = sent_text(fake_anthropic.requests[-1].body)
     assert "NEWWORD" in summarised and "WORD3" not in summarised
     await ui_chat(client, auth_headers, {"id": "edited", "messages": [user("u6", "And now?")]})
