@@ -472,8 +472,11 @@ def first_message_key(context: AssembledContext) -> str | None:
 
 
 def last_call(stored: list[dict[str, Any]]) -> tuple[dict[str, Any] | None, float | None]:
-    """The latest answer's ``lastCall`` (what its last provider call sent and cached) and its age in seconds."""
+    """The latest answer's ``lastCall`` (what its last provider call sent and cached) and its age in seconds; an
+    answer set aside by an edit (``replaced``) was the call of a conversation the next call does not continue."""
     for message in reversed(stored):
+        if message.get("replaced"):
+            continue
         if message.get("role") == "assistant" and isinstance(message.get("lastCall"), dict):
             age = None
             done = message.get("completedAt")

@@ -11,7 +11,7 @@ from aiohttp.test_utils import TestClient
 
 from agentspace.context_policy import COMPACT_PROMPT
 from agentspace.transports import state
-from tests.fakes.anthropic_upstream import prompt_blocks, text_response
+from tests.fakes.anthropic_upstream import error_status, prompt_blocks, text_response
 from tests.support.ws import connect, receive_after
 from tests.test_cli_e2e import run_cli
 from tests.test_prompt_cache import turn_text
@@ -221,3 +221,26 @@ async def test_answers_set_aside_by_regenerates_do_not_use_up_the_history_limit(
     sent = fake_anthropic.requests[-1].body["messages"]
     assert [m["role"] for m in sent] == ["user", "assistant"] * 3 + ["user"]
     assert "First question" in json.dumps(sent[0])
+
+
+async def test_the_inspector_after_an_edit_whose_answer_failed_predicts_from_the_conversation_kept(
+    make_client: Any, auth_headers: dict[str, str], fake_anthropic: Any
+) -> None:
+    """An edit whose answer failed leaves the answers it set aside as the newest with a ``lastCall``: the
+    inspector predicted a read of everything the abandoned conversation had cached (its cost a fraction of the
+    bill). It predicts from the last answer of the conversation kept."""
+    fake_anthropic.caching = True  # the fake counts the real input, as the API does
+    client = await make_client(chat={"max_retries": 0})
+    messages = await use_chat_turns(client, auth_headers, "failed", [turn_text(n, 8000) for n in range(1, 5)])
+    fake_anthropic.enqueue(error_status(400))
+    edited = [*messages[:2], user("u2", turn_text(20, 8000))]
+    response = await client.post("/api/chat", json={"id": "failed", "messages": edited}, headers=auth_headers)
+    assert '"type":"error"' in await response.text()
+    draft = turn_text(5, 8000)
+    predicted = await (
+        await client.post("/api/sessions/failed/context", json={"userMessage": draft}, headers=auth_headers)
+    ).json()
+    chunks = await ui_chat(client, auth_headers, {"id": "failed", "messages": [user("u5", draft)]})
+    billed = chunks[-1]["messageMetadata"]["usage"]
+    assert predicted["totals"]["cacheReadTokens"] == billed["cacheReadTokens"], (predicted["totals"], billed)
+    assert abs(predicted["totals"]["costWithCache"] - billed["inputCost"]) <= 0.05 * billed["inputCost"]
