@@ -29,7 +29,9 @@ from datetime import datetime
 from typing import TYPE_CHECKING, Any, Literal
 
 from . import attachments
+from .pricing import accepts_adaptive_thinking
 from .prompt_cache import anthropic_family, cache_ttl, first_key, plan, prefix_key
+from .providers.base import ProviderRequest, ThinkingSettings, upstream_output_tokens
 from .storage.shapes import FrozenDict
 from .tokens import count_ceiling_tokens, count_tokens
 from .types import (
@@ -88,9 +90,13 @@ class AssembledContext:
 
 def history_start(stored: list[dict[str, Any]]) -> tuple[int, str]:
     """Where the history of the next call starts (the index after the latest ``summary`` or ``contextCut`` mark)
-    and the summary text standing for what comes before ('' when there is none)."""
+    and the summary text standing for what comes before ('' when there is none). A mark on an answer set aside
+    since (``replaced``: an earlier message was edited or answered again) stands for a conversation the client
+    left: it is not the start."""
     for i in range(len(stored) - 1, -1, -1):
         message = stored[i]
+        if message.get("replaced"):
+            continue
         summary = message.get("summary")
         if isinstance(summary, dict):
             return i + 1, str(summary.get("text") or "")
@@ -301,14 +307,17 @@ async def assemble(
 def history_window(messages: list[dict[str, Any]], limit: int) -> list[dict[str, Any]]:
     """The newest messages, at most ``limit``, cut in steps of half the limit: the first message sent then
     stays the same for many turns and the prompt cache keeps reading the prefix (a window that slid by one
-    message each turn would change the prefix, and rewrite the cache, on every turn)."""
+    message each turn would change the prefix, and rewrite the cache, on every turn). Answers set aside by an edit
+    or a regenerate (``replaced``) are sent to no model: they do not count."""
     if limit <= 0:
         return []
-    excess = len(messages) - limit
+    kept = [i for i, m in enumerate(messages) if not m.get("replaced")]
+    excess = len(kept) - limit
     if excess <= 0:
         return messages
     step = max(1, limit // 2)
-    return messages[-(-excess // step) * step :]
+    drop = -(-excess // step) * step
+    return messages[kept[drop] :] if drop < len(kept) else []
 
 
 def attachments_section(files: Sequence[FilePart]) -> Section:
@@ -440,6 +449,20 @@ def _measure_cache(
     )
 
 
+def input_window(config: Config, model: str, info: ModelInfo) -> tuple[int | None, int]:
+    """(the input tokens a call to ``model`` may send: its window minus the output the call asks for, None when
+    the window is unknown; that output). The budget form of extended thinking asks for the budget on top of
+    ``[chat] max_tokens`` (``providers.base.budget_max_tokens``), and Anthropic refuses a call whose input and
+    ``max_tokens`` together pass the window; adaptive thinking stays within ``max_tokens``."""
+    output = int(config["chat"]["max_tokens"])
+    if config["thinking"]["enabled"] and info.supports_reasoning:
+        adaptive = info.adaptive_thinking_only or accepts_adaptive_thinking(model)
+        thinking = ThinkingSettings(int(config["thinking"]["budget_tokens"]), adaptive)
+        output = max(output, upstream_output_tokens(ProviderRequest(model, "", [], info, output, thinking=thinking)))
+    window = info.context_window
+    return (max(0, int(window) - output) if window else None), output
+
+
 def first_message_key(context: AssembledContext) -> str | None:
     """``prompt_cache.first_key`` of the first message the call sends (None: it sends none)."""
     if not context.messages:
@@ -449,8 +472,11 @@ def first_message_key(context: AssembledContext) -> str | None:
 
 
 def last_call(stored: list[dict[str, Any]]) -> tuple[dict[str, Any] | None, float | None]:
-    """The latest answer's ``lastCall`` (what its last provider call sent and cached) and its age in seconds."""
+    """The latest answer's ``lastCall`` (what its last provider call sent and cached) and its age in seconds; an
+    answer set aside by an edit (``replaced``) was the call of a conversation the next call does not continue."""
     for message in reversed(stored):
+        if message.get("replaced"):
+            continue
         if message.get("role") == "assistant" and isinstance(message.get("lastCall"), dict):
             age = None
             done = message.get("completedAt")
@@ -495,7 +521,7 @@ async def inspect_session(
     measured = measure(ctx, info, view)
     # The input tokens a call may send (the window minus the output requested; None: unknown) and whether
     # this context is past them: then the next turn runs [chat] context_policy before its call.
-    window = max(0, int(info.context_window) - int(gw.config["chat"]["max_tokens"])) if info.context_window else None
+    window = input_window(gw.config, model, info)[0]
     totals = measured["totals"]
     totals["inputWindow"] = window
     totals["overWindow"] = window is not None and totals["calibratedTokens"] > window

@@ -34,12 +34,13 @@ from .context import (
     estimate_input_tokens,
     history_start,
     history_window,
+    input_window,
     last_call,
     message_text,
 )
 from .errors import ApiError
 from .events import ProviderError, ProviderFinish, TextDelta, UsageReport
-from .providers.base import ProviderRequest
+from .providers.base import Provider, ProviderRequest
 from .registry import ModelNotFound
 from .tokens import count_ceiling_tokens, count_tokens
 from .types import ChatMessage, FilePart, TokenUsage, now_iso
@@ -77,10 +78,9 @@ def _message_tokens(message: dict[str, Any]) -> int:
 
 
 def window_of(gw: Registry, model: str) -> tuple[int | None, int]:
-    """(the input tokens a call may send, or None when the window is unknown; the output tokens requested)."""
-    max_tokens = int(gw.config["chat"]["max_tokens"])
-    window = gw.model_info(model).context_window
-    return (max(0, int(window) - max_tokens) if window else None), max_tokens
+    """(the input tokens a call may send, or None when the window is unknown; the output tokens requested,
+    a thinking budget included: ``context.input_window``)."""
+    return input_window(gw.config, model, gw.model_info(model))
 
 
 def too_long(model: str, need: int, window: int, max_tokens: int) -> ApiError:
@@ -96,16 +96,29 @@ def _cut_index(history: list[dict[str, Any]], start: int, excess: int, ratio: fl
     """The stored message to cut after (the end of a turn) so that at least ``excess`` tokens go, and the tokens
     it leaves out; the last possible one when no cut frees enough; None when there is no turn to leave out."""
     removed, cut, cut_removed = 0.0, None, 0.0
+    ends = set(_turn_ends(history, start))
     for i in range(start, len(history)):
+        if history[i].get("replaced"):
+            continue  # set aside by an edit or a regenerate: no call sends it, cutting it frees nothing
         removed += _message_tokens(history[i]) * ratio
-        ends_turn = history[i].get("role") == "assistant" and (
-            i + 1 == len(history) or history[i + 1].get("role") == "user"
-        )
-        if ends_turn and history[i].get("id"):
+        if i in ends:
             cut, cut_removed = i, removed
             if removed >= excess:
                 break
     return cut, cut_removed
+
+
+def _turn_ends(history: list[dict[str, Any]], start: int) -> list[int]:
+    """The stored answers from ``start`` on that end a turn (a cut may follow them), answers set aside
+    (``replaced``) left out: a mark on one of those marks nothing (``context.history_start``)."""
+    kept = [i for i in range(start, len(history)) if not history[i].get("replaced")]
+    return [
+        i
+        for n, i in enumerate(kept)
+        if history[i].get("role") == "assistant"
+        and history[i].get("id")
+        and (n + 1 == len(kept) or history[kept[n + 1]].get("role") == "user")
+    ]
 
 
 async def fit_context(
@@ -266,16 +279,49 @@ def _file_label(part: dict[str, Any]) -> str:
 
 
 async def summarise(gw: Registry, turn: TurnLike, previous: str, messages: list[dict[str, Any]]) -> str:
-    """The summarising call: one provider call (purpose ``compact``) through the same ``ProviderCall`` as
-    every other call; its text is the new summary (covering ``previous`` too)."""
+    """The new summary of ``messages`` (covering ``previous`` too): one summarising call (purpose ``compact``),
+    or one per part when the turns do not fit the summarising model's window at once (a smaller
+    ``[chat] compact_model``, or a session moved to a model with a smaller window), each part's call reading the
+    summary so far."""
     model = compact_model(gw, turn.model)
     try:
         provider = gw.provider_for(model)
     except ModelNotFound as e:
         raise ApiError("MODEL_NOT_FOUND", f"[chat] compact_model: {e}") from None
-    body = transcript(answered_turns(messages))  # what a call resends: no answer set aside, no failed turn
-    if previous:
-        body = f"Summary so far:\n{previous}\n\nThe conversation after it:\n{body}"
+    turns = answered_turns(messages)  # what a call resends: no answer set aside, no failed turn
+    summary = previous
+    for part in _parts(gw.model_info(model).context_window, previous, turns):
+        summary = await _summary_call(gw, turn, model, provider, summary, transcript(part))
+    return summary
+
+
+# Room a part leaves beside the summary so far, the prompt and the answer: tokenizers differ from ours.
+PART_MARGIN = 0.8
+
+
+def _parts(window: int | None, previous: str, turns: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
+    """``turns`` in consecutive parts whose transcript fits the summarising model's ``window`` (None: unknown,
+    one part) with the summary so far, the prompt and the answer; a message too long alone is a part alone."""
+    if not window:
+        return [turns]
+    fixed = count_tokens(COMPACT_PROMPT) + COMPACT_MAX_TOKENS + max(count_tokens(previous), COMPACT_MAX_TOKENS)
+    budget = (window - fixed) * PART_MARGIN
+    parts: list[list[dict[str, Any]]] = [[]]
+    size = 0
+    for message in turns:
+        tokens = count_tokens(transcript([message]))
+        if parts[-1] and size + tokens > budget:
+            parts.append([])
+            size = 0
+        parts[-1].append(message)
+        size += tokens
+    return parts
+
+
+async def _summary_call(gw: Registry, turn: TurnLike, model: str, provider: Provider, previous: str, part: str) -> str:
+    """One summarising call through the same ``ProviderCall`` as every other call; its text is the summary of
+    ``previous`` and ``part`` (a transcript)."""
+    body = f"Summary so far:\n{previous}\n\nThe conversation after it:\n{part}" if previous else part
     prefix = model.split("/", 1)[0]
     settings = gw.config.provider_settings(prefix)
     request = ProviderRequest(
@@ -365,17 +411,16 @@ async def compact_session(gw: Registry, turn: TurnLike) -> dict[str, Any]:
         raise ApiError("SESSION_NOT_FOUND", f"No session {turn.session_id!r}.")
     history = session.get("messages", [])
     start, summary = history_start(history)
-    ends = [
-        i
-        for i in range(start, len(history))
-        if history[i].get("role") == "assistant"
-        and history[i].get("id")
-        and (i + 1 == len(history) or history[i + 1].get("role") == "user")
-    ]
+    ends = _turn_ends(history, start)
     if len(ends) < 2:
         return {"sessionId": turn.session_id, "compacted": False, "summarizedMessages": 0}
     cut = ends[-2]  # the latest turn stays as it is
     text = await summarise(gw, turn, summary, history[start : cut + 1])
     mark = {"summary": {"text": text, "model": compact_model(gw, turn.model), "createdAt": now_iso()}}
     await gw.sessions.update_message(turn.session_id, history[cut]["id"], mark)
-    return {"sessionId": turn.session_id, "compacted": True, "summarizedMessages": cut + 1 - start, "summary": text}
+    return {
+        "sessionId": turn.session_id,
+        "compacted": True,
+        "summarizedMessages": len(answered_turns(history[start : cut + 1])),
+        "summary": text,
+    }

@@ -216,6 +216,9 @@ class CompactFor:
 
 
 MAX_QUERY_LENGTH = 500
+# A search answers the most recent matches: this many unless the caller asks for more, at most MAX_SEARCH_LIMIT.
+SEARCH_LIMIT = 50
+MAX_SEARCH_LIMIT = 1000
 
 # Longer than the titles made from a first message, still one line in a sidebar.
 MAX_TITLE_LENGTH = 4 * TITLE_LENGTH
@@ -441,21 +444,31 @@ class Service:
         who = CompactFor(stored, model, str(session.get("client") or self.caller), endpoint="compact")
         return {**await compact_session(self.gw, who), "sessionId": self.visible(stored)}
 
-    async def search_sessions(self, query: object, limit: int = 50, *, field: str = "q") -> list[dict[str, Any]]:
+    async def search_sessions(
+        self, query: object, limit: object = None, *, field: str = "q"
+    ) -> tuple[list[dict[str, Any]], bool]:
         """The caller's sessions whose title or messages contain ``query`` (case-insensitive), most recent first,
-        each with a ``match`` snippet; ``field``: the query's name in the request, for a refusal."""
+        each with a ``match`` snippet, at most ``limit`` (``SEARCH_LIMIT`` when None); and whether more matched.
+        ``field``: the query's name in the request, for a refusal."""
         if not isinstance(query, str) or not query.strip():
             raise invalid({field: "required: a non-empty string"})
         if len(query) > MAX_QUERY_LENGTH:
             raise invalid({field: f"at most {MAX_QUERY_LENGTH} characters"})
+        if limit is None:
+            limit = SEARCH_LIMIT
+        if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= MAX_SEARCH_LIMIT:
+            raise invalid({"limit": f"must be an integer from 1 to {MAX_SEARCH_LIMIT}"})
         if self.caller == ADMIN:
-            return await search_sessions(self.gw.sessions, clean_text(query), limit=limit)
+            found = await search_sessions(self.gw.sessions, clean_text(query), limit=limit + 1)
+            return found[:limit], len(found) > limit
         # As in the listing: the caller's own sessions, not an earlier client's of the same name, by the ids
         # the caller knows them by.
         client = await self.gw.clients.get(self.caller)
         since = client.created_at if client is not None else None
-        found = await search_sessions(self.gw.sessions, clean_text(query), client=self.caller, since=since, limit=limit)
-        return [self._shown(s) for s in found]
+        found = await search_sessions(
+            self.gw.sessions, clean_text(query), client=self.caller, since=since, limit=limit + 1
+        )
+        return [self._shown(s) for s in found[:limit]], len(found) > limit
 
     async def export_session(self, session_id: object, fmt: object) -> tuple[str, str]:
         """The caller's session as ``md`` or ``json``: (the document, its media type)."""

@@ -22,12 +22,16 @@ from tests.tool_plugins import WeatherTools
 MODEL = "anthropic/claude-sonnet-4-5"
 WINDOW = 50_000
 TURNS = 300
+# The windows here leave [chat] max_tokens (4096) for the answer: no thinking budget on top of it (the room a
+# budget takes is tested in test_audit28s_outside.py).
+NO_BUDGET: dict[str, Any] = {"thinking": {"enabled": False}}
 
 
 def small_window(policy: str) -> dict[str, Any]:
     return {
         "chat": {"context_policy": policy, "history_limit": 10_000},
         "pricing": {MODEL: {"context_window": WINDOW}},
+        **NO_BUDGET,
     }
 
 
@@ -180,7 +184,9 @@ async def test_http_chat_compacts_too(
     make_client: Any, token: str, auth_headers: dict[str, str], fake_anthropic: Any
 ) -> None:
     fake_anthropic.caching = True
-    client = await make_client({"chat": {"history_limit": 10_000}, "pricing": {MODEL: {"context_window": 8_000}}})
+    client = await make_client(
+        {"chat": {"history_limit": 10_000}, "pricing": {MODEL: {"context_window": 8_000}}, **NO_BUDGET}
+    )
     session_id = "http-long"
     for turn in range(1, 30):
         body = {
@@ -258,6 +264,7 @@ async def test_a_failing_summary_leaves_the_oldest_turns_out_and_the_turn_answer
         {
             "chat": {"history_limit": 10_000, "compact_model": "openai/gpt-4o-mini"},
             "pricing": {MODEL: {"context_window": 8_000}},
+            **NO_BUDGET,
         }
     )
     session_id, ends = await long_session(client, token, 25)
@@ -295,7 +302,11 @@ async def test_a_tool_loop_that_grows_past_the_window_is_caught_before_its_next_
     plugin_manager.register(PageTools())
     window = 20_000
     client = await make_client(
-        {"chat": {"context_policy": policy, "history_limit": 10_000}, "pricing": {MODEL: {"context_window": window}}},
+        {
+            "chat": {"context_policy": policy, "history_limit": 10_000},
+            "pricing": {MODEL: {"context_window": window}},
+            **NO_BUDGET,
+        },
         pm=plugin_manager,
     )
     scripted = fake_anthropic.next_response
@@ -367,7 +378,9 @@ async def test_a_message_too_long_on_its_own_is_refused_without_a_summary_or_a_c
 ) -> None:
     """When the newest turn alone does not fit, no cut can help: the turn fails with CONTEXT_TOO_LONG before a
     summarising call is made (and billed) or the earlier turns are marked as left out; the next turn answers."""
-    client = await make_client({"chat": {"context_policy": policy}, "pricing": {MODEL: {"context_window": 8_000}}})
+    client = await make_client(
+        {"chat": {"context_policy": policy}, "pricing": {MODEL: {"context_window": 8_000}}, **NO_BUDGET}
+    )
     ws = await connect(client, token)
     frames = await chat(ws, "hello")
     session_id = frames[0]["sessionId"]
@@ -419,7 +432,7 @@ async def test_the_summary_reads_what_the_calls_resend_not_answers_set_aside_or_
 ) -> None:
     """An answer given again (``replaced``) and a turn refused as too long are resent to no model: the
     summarising model does not read them either (the summary would bring them back into every later call)."""
-    client = await make_client({"pricing": {MODEL: {"context_window": 8_000}}})
+    client = await make_client({"pricing": {MODEL: {"context_window": 8_000}}, **NO_BUDGET})
 
     async def say(message_id: str, text: str, answer: str | None = None) -> int:
         if answer is not None:

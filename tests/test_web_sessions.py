@@ -92,3 +92,16 @@ def test_sidebar_search_finds_message_text(web: Page, gateway: Gateway) -> None:
     expect(page.locator("#sessions li.muted")).to_have_count(0)  # the whole list is back
     expect(page.locator("#sessions li.found")).to_have_count(0)
     assert page.locator("#sessions li").count() >= 2
+
+
+def test_the_web_apps_search_says_when_older_chats_match_too(web: Page, gateway: Gateway) -> None:
+    """A search answers the 50 most recent matches: the sidebar says when older chats match too."""
+    for n in range(51):
+        gateway.chat(f"walrus{n}", f"The walrus minutes, part {n}")
+    page = web.sign_in()
+    page.get_by_label("Search chats").fill("walrus minutes")
+    expect(page.locator("#sessions li.found")).to_have_count(50)
+    expect(page.locator("#search-more")).to_contain_text("these are the 50 most recent")
+    page.get_by_label("Search chats").fill("walrus minutes, part 7")
+    expect(page.locator("#sessions li.found")).to_have_count(1)
+    expect(page.locator("#search-more")).to_have_count(0)

@@ -187,8 +187,11 @@ def delete(state: CliState, session_id: str, yes: bool) -> None:
 @config_options
 @click.argument("text")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.option(
+    "--limit", type=click.IntRange(min=1), default=200, show_default=True, help="The most recent matches to show."
+)
 @pass_state
-def search(state: CliState, text: str, as_json: bool) -> None:
+def search(state: CliState, text: str, as_json: bool, limit: int) -> None:
     """Sessions whose title or messages contain TEXT (case-insensitive), most recently active first."""
     from ..storage.search import search_sessions, search_sessions_sync
 
@@ -196,9 +199,12 @@ def search(state: CliState, text: str, as_json: bool) -> None:
         raise click.UsageError("TEXT must not be empty.")
     store = _sync_sessions(state)
     if store is not None:
-        found = search_sessions_sync(store.listing_sync().sessions, store.get_sync, text, limit=200)
+        found = search_sessions_sync(store.listing_sync().sessions, store.get_sync, text, limit=limit + 1)
     else:
-        found = on_storage(state, lambda storage: search_sessions(storage.sessions, text, limit=200))
+        found = on_storage(state, lambda storage: search_sessions(storage.sessions, text, limit=limit + 1))
+    if len(found) > limit:  # said, not left out unseen: the older matches are there to be asked for
+        found = found[:limit]
+        click.echo(f"More sessions contain {text!r}: these are the {limit} most recent (--limit).", err=True)
     if as_json:
         click.echo(json.dumps(found, indent=2))
         return

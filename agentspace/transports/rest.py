@@ -49,8 +49,11 @@ def _service(request: web.Request) -> Service:
 
 async def list_sessions(request: web.Request) -> web.Response:
     if "q" in request.query:  # a search: the caller's sessions whose title or messages contain q
-        found = await _service(request).search_sessions(request.query["q"])
-        return web.json_response({"sessions": found, "damagedFiles": []})
+        limit: object = request.query.get("limit")
+        if isinstance(limit, str) and limit.isascii() and limit.isdigit():  # not other scripts' digits
+            limit = int(limit)
+        found, more = await _service(request).search_sessions(request.query["q"], limit)
+        return web.json_response({"sessions": found, "damagedFiles": [], "more": more})
     listing = await _service(request).list_sessions()
     return web.json_response({"sessions": listing.sessions, "damagedFiles": listing.damaged_files})
 

@@ -224,9 +224,11 @@ function renderSidebar() {
 // Sessions whose title or messages contain the search box's text (GET /api/sessions?q=), with the match.
 async function renderSearch(list) {
   const query = state.search;
-  let found;
+  let found, more;
   try {
-    found = (await getJSON(`/api/sessions?q=${encodeURIComponent(query)}`)).sessions || [];
+    const result = await getJSON(`/api/sessions?q=${encodeURIComponent(query)}`);
+    found = result.sessions || [];
+    more = result.more;
   } catch (e) {
     list.replaceChildren(el("li", { class: "muted" }, `Search failed: ${e.message}`));
     return;
@@ -241,7 +243,7 @@ async function renderSearch(list) {
     item.classList.add("found");
     item.append(el("span", { class: "match muted" }, s.match));
     return item;
-  }));
+  }), ...(more ? [el("li", { class: "muted", id: "search-more", role: "status" }, `More chats contain “${query}”: these are the ${found.length} most recent. Search for more words to narrow it.`)] : []));
 }
 
 function searchBox() {
