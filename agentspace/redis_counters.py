@@ -156,6 +156,7 @@ if not epoch then return {-2} end
 if tonumber(epoch) > now then return {-3, tonumber(epoch) - now} end
 return {redis.call('GET', KEYS[1]), tostring(reserved)}""",
 )
+assert _STATE_CHECKED != _STATE, "_STATE's last line changed: _STATE_CHECKED must check the epoch again"
 
 # KEYS: epoch; ARGV: rebuild seconds. Redis lost its state: the rebuild window starts (once, SET NX).
 _LOST = """
