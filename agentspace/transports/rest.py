@@ -10,6 +10,7 @@ refused other origins).
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 from collections.abc import Awaitable, Callable
@@ -20,8 +21,9 @@ from aiohttp import hdrs, web
 
 from .. import security
 from ..errors import ApiError, outage_error
+from ..providers.upstream_http import stopped_by_server, uncancel
 from ..security import error_response
-from ..service import Service
+from ..service import SHUTTING_DOWN_MESSAGE, Service
 from . import bodies, state, v1_errors
 from .ui_stream import read_json
 
@@ -87,7 +89,13 @@ async def session_context_for_draft(request: web.Request) -> web.Response:
 
 
 async def compact_session(request: web.Request) -> web.Response:
-    return web.json_response(await _service(request).compact_session(request.match_info["id"]))
+    try:
+        return web.json_response(await _service(request).compact_session(request.match_info["id"]))
+    except asyncio.CancelledError:  # (the summarising call is recorded aborted by now)
+        if not stopped_by_server(request):
+            raise
+        uncancel()  # the server's shutdown stopped it at its grace's end: said, not a dropped connection
+        raise ApiError("SERVICE_UNAVAILABLE", SHUTTING_DOWN_MESSAGE) from None
 
 
 async def export_session(request: web.Request) -> web.Response:
