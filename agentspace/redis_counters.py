@@ -101,9 +101,10 @@ return {1}
 """
 )
 
-# KEYS: spend (of the period), reservations hash, reservation deadlines zset (of the client). Drops expired
-# reservations; returns {spend or false, reserved}.
-_STATE = """
+# The scripts below are put together from these parts (concatenated: one Lua chunk each).
+# KEYS[2], KEYS[3]: reservations hash, reservation deadlines zset (of the client). Drops expired reservations;
+# sets ``now`` and ``reserved`` (the sum of those left).
+_RESERVED = """
 local now_t = redis.call('TIME')
 local now = tonumber(now_t[1])
 for _, id in ipairs(redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', now)) do
@@ -112,19 +113,29 @@ for _, id in ipairs(redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', now)) do
 end
 local reserved = 0
 for _, amount in ipairs(redis.call('HVALS', KEYS[2])) do reserved = reserved + tonumber(amount) end
+"""
+# KEYS[4]: epoch. {-2} when Redis lost its state (no epoch), {-3, seconds} while the reservations are being rebuilt.
+_EPOCH_CHECK = """
+local epoch = redis.call('GET', KEYS[4])
+if not epoch then return {-2} end
+if tonumber(epoch) > now then return {-3, tonumber(epoch) - now} end
+"""
+_RETURN_STATE = """
 return {redis.call('GET', KEYS[1]), tostring(reserved)}
 """
+
+# KEYS: spend (of the period), reservations hash, reservation deadlines zset (of the client).
+# Returns {spend or false, reserved}.
+_STATE = _RESERVED + _RETURN_STATE
 
 # KEYS: spend (of the period), res, resexp (of the client), epoch; ARGV: budget, amount, reservation id,
 # reservation ttl s. Admits when spend + reservations + amount fit the budget.
 # Returns {admitted 1/0, spend, reserved}, {-1} when the spend is not loaded, {-2} when Redis lost its state
 # (no epoch), {-3, seconds} while the reservations are being rebuilt.
 _RESERVE = (
-    _STATE.replace("return {redis.call('GET', KEYS[1]), tostring(reserved)}", "")
+    _RESERVED
+    + _EPOCH_CHECK
     + """
-local epoch = redis.call('GET', KEYS[4])
-if not epoch then return {-2} end
-if tonumber(epoch) > now then return {-3, tonumber(epoch) - now} end
 local spend = redis.call('GET', KEYS[1])
 if not spend then return {-1} end
 spend = tonumber(spend)
@@ -149,14 +160,7 @@ return 1
 
 # KEYS: spend (of the period), res, resexp (of the client), epoch. _STATE for a turn's check before anything is
 # stored: {-2} when Redis lost its state, {-3, seconds} while the reservations are being rebuilt, as _RESERVE.
-_STATE_CHECKED = _STATE.replace(
-    "return {redis.call('GET', KEYS[1]), tostring(reserved)}",
-    """local epoch = redis.call('GET', KEYS[4])
-if not epoch then return {-2} end
-if tonumber(epoch) > now then return {-3, tonumber(epoch) - now} end
-return {redis.call('GET', KEYS[1]), tostring(reserved)}""",
-)
-assert _STATE_CHECKED != _STATE, "_STATE's last line changed: _STATE_CHECKED must check the epoch again"
+_STATE_CHECKED = _RESERVED + _EPOCH_CHECK + _RETURN_STATE
 
 # KEYS: epoch; ARGV: rebuild seconds. Redis lost its state: the rebuild window starts (once, SET NX).
 _LOST = """
