@@ -15,7 +15,7 @@ from datetime import date
 from typing import Any
 
 from .config import Config, is_pattern
-from .pricing import cost_entry, known_models, model_info, provided_info
+from .pricing import CHAT_MODES, cost_entry, known_models, model_info, provided_info
 from .providers.base import lacks_key
 from .vault import KeyVault, resolve_key
 
@@ -154,7 +154,7 @@ def is_chat_model(model: str) -> bool:
     if entry is None:
         return True  # not in the cost map (local servers, config models): the user named it
     outputs = entry.get("supported_output_modalities")
-    return entry.get("mode", "chat") == "chat" and (not outputs or "text" in outputs)
+    return entry.get("mode", "chat") in CHAT_MODES and (not outputs or "text" in outputs)
 
 
 def is_retired(deprecation_date: str | None, today: str | None = None) -> bool:

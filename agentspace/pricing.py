@@ -40,6 +40,11 @@ def cost_map() -> dict[str, dict[str, Any]]:
     return data
 
 
+# The cost map's modes of the models a chat can use: chat models, and OpenAI's Responses-only models (gpt-5.3-codex,
+# gpt-5-pro, o3-pro: the models Codex users pick), which litellm calls through the provider's Responses API.
+CHAT_MODES = ("chat", "responses")
+
+
 def cost_entry(model: str, modes: tuple[str, ...] | None = None) -> dict[str, Any] | None:
     """The cost-map entry of ``provider/model`` (litellm keys Anthropic and OpenAI models without prefix), or
     None; with ``modes``, only an entry of one of those modes (an entry without one is a chat model's)."""
@@ -56,7 +61,7 @@ def cost_entry(model: str, modes: tuple[str, ...] | None = None) -> dict[str, An
 
 def _lookup(model: str) -> dict[str, Any] | None:
     """The cost-map entry of a model we can chat with, or of an embedding model (/v1/embeddings prices it)."""
-    return cost_entry(model, ("chat", "responses", "embedding"))
+    return cost_entry(model, (*CHAT_MODES, "embedding"))
 
 
 def _per_mtok(entry: dict[str, Any], key: str, default: float = 0.0) -> float:
@@ -244,10 +249,10 @@ def accepts_adaptive_thinking(model: str) -> bool:
 
 
 def known_models(prefixes: set[str] | None = None) -> list[str]:
-    """Every chat model id of the cost map as ``provider/model``, optionally only some providers."""
+    """Every chat model id of the cost map (``CHAT_MODES``) as ``provider/model``, optionally only some providers."""
     out = []
     for key, entry in cost_map().items():
-        if entry.get("mode") != "chat":
+        if entry.get("mode") not in CHAT_MODES:
             continue
         provider = entry.get("litellm_provider", "")
         if prefixes is not None and provider not in prefixes:

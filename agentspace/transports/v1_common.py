@@ -154,13 +154,14 @@ def openai_model(model: str) -> str | None:
 
 @lru_cache(maxsize=1)
 def _bare_model_prefixes() -> dict[str, str]:
-    """Bare chat model ids of the cost map -> their provider prefix (``gpt-4o-mini`` -> ``openai``)."""
-    from ..pricing import cost_map
+    """Bare chat model ids of the cost map -> their provider prefix (``gpt-4o-mini`` -> ``openai``; Responses-only
+    models such as ``gpt-5.3-codex`` too, ``pricing.CHAT_MODES``)."""
+    from ..pricing import CHAT_MODES, cost_map
 
     out = {}
     for key, entry in cost_map().items():
         provider = str(entry.get("litellm_provider", ""))
-        if "/" not in key and provider and entry.get("mode") == "chat":
+        if "/" not in key and provider and entry.get("mode") in CHAT_MODES:
             out[key] = "openai" if provider == "text-completion-openai" else provider
     return out
 

@@ -1,4 +1,5 @@
-"""A fake OpenAI Chat Completions API (and /v1/embeddings) on 127.0.0.1, speaking the real wire format over HTTP.
+"""A fake OpenAI Chat Completions API (and /v1/embeddings, /v1/responses) on 127.0.0.1, speaking the real wire
+format over HTTP.
 
 Responses are scripted with the builders below and served in order (``default`` when the queue is empty)::
 
@@ -303,6 +304,8 @@ class FakeOpenAI(FakeUpstream[FakeResponse]):
         app.router.add_post("/chat/completions", self._chat)
         app.router.add_post("/v1/embeddings", self._embeddings)
         app.router.add_post("/embeddings", self._embeddings)
+        app.router.add_post("/v1/responses", self._responses)
+        app.router.add_post("/responses", self._responses)
 
     async def _embeddings(self, request: web.Request) -> web.Response:
         """OpenAI's embeddings: a deterministic vector per input (``dimensions`` long, 8 by default), as floats
@@ -419,6 +422,171 @@ class FakeOpenAI(FakeUpstream[FakeResponse]):
         except ConnectionResetError:
             recorded.disconnected = True  # the client hung up (abort, or a timeout during a stall)
         return resp
+
+    async def _responses(self, request: web.Request) -> web.StreamResponse:
+        """The Responses API (what OpenAI's Responses-only models, such as gpt-5.3-codex, answer on): the same
+        scripts, as Responses events (streamed) or one ``response`` object."""
+        body, headers = await self.read(request)
+        self.requests.append(RecordedRequest(request.path, body, headers))
+        if self.api_key is not None and headers.get("authorization") != f"Bearer {self.api_key}":
+            return web.json_response(
+                error_body("Incorrect API key provided.", "invalid_request_error", "invalid_api_key"), status=401
+            )
+        if not isinstance(body, dict):
+            message = "We could not parse the JSON body of your request."
+            return web.json_response(error_body(message, "invalid_request_error"), status=400)
+        script = self.next_response()
+        if script.status != 200:
+            return web.json_response(script.error or {}, status=script.status, headers=script.headers)
+        events = _responses_events(script, body, self._created)
+        if not body.get("stream"):
+            return web.json_response(events[-1]["response"], headers=script.headers)
+        resp = web.StreamResponse(
+            headers={"Content-Type": "text/event-stream; charset=utf-8", "Cache-Control": "no-cache", **script.headers}
+        )
+        await resp.prepare(request)
+        frames = [f"event: {e['type']}\ndata: {json.dumps(e)}\n\n".encode() for e in events]
+        await resp.write(b"".join(frames if script.cut is None else frames[: script.cut]))
+        await resp.write_eof()
+        return resp
+
+
+def _responses_events(script: FakeResponse, body: dict[str, Any], created: int) -> list[dict[str, Any]]:
+    """A script as the Responses API streams it: ``response.created``, each output item (reasoning summary,
+    message text, function calls) added, its deltas, done, then ``response.completed`` (``incomplete`` for a
+    length finish) with the Responses usage."""
+    response: dict[str, Any] = {
+        "id": "resp_fake",
+        "object": "response",
+        "created_at": created,
+        "status": "in_progress",
+        "model": body.get("model"),
+        "output": [],
+        "usage": None,
+    }
+    events: list[dict[str, Any]] = [{"type": "response.created", "response": dict(response)}]
+    output: list[dict[str, Any]] = []
+    message = _fold(script, str(body.get("model")), created)["choices"][0]["message"]
+    if message.get("reasoning_content"):
+        text = message["reasoning_content"]
+        item = {"id": "rs_fake", "type": "reasoning", "summary": [{"type": "summary_text", "text": text}]}
+        events.append(
+            {"type": "response.output_item.added", "output_index": len(output), "item": {**item, "summary": []}}
+        )
+        events.append(
+            {
+                "type": "response.reasoning_summary_text.delta",
+                "item_id": "rs_fake",
+                "output_index": len(output),
+                "summary_index": 0,
+                "delta": text,
+            }
+        )
+        events.append({"type": "response.output_item.done", "output_index": len(output), "item": item})
+        output.append(item)
+    if message.get("content"):
+        text = message["content"]
+        part = {"type": "output_text", "text": text, "annotations": []}
+        item = {"id": "msg_fake", "type": "message", "role": "assistant", "status": "completed", "content": [part]}
+        index = len(output)
+        events.append(
+            {
+                "type": "response.output_item.added",
+                "output_index": index,
+                "item": {**item, "content": [], "status": "in_progress"},
+            }
+        )
+        events.append(
+            {
+                "type": "response.content_part.added",
+                "item_id": "msg_fake",
+                "output_index": index,
+                "content_index": 0,
+                "part": {**part, "text": ""},
+            }
+        )
+        events.append(
+            {
+                "type": "response.output_text.delta",
+                "item_id": "msg_fake",
+                "output_index": index,
+                "content_index": 0,
+                "delta": text,
+            }
+        )
+        events.append(
+            {
+                "type": "response.output_text.done",
+                "item_id": "msg_fake",
+                "output_index": index,
+                "content_index": 0,
+                "text": text,
+            }
+        )
+        events.append(
+            {
+                "type": "response.content_part.done",
+                "item_id": "msg_fake",
+                "output_index": index,
+                "content_index": 0,
+                "part": part,
+            }
+        )
+        events.append({"type": "response.output_item.done", "output_index": index, "item": item})
+        output.append(item)
+    for call in message.get("tool_calls") or ():
+        fn = call["function"]
+        item = {
+            "id": f"fc_{call['id']}",
+            "type": "function_call",
+            "status": "completed",
+            "call_id": call["id"],
+            "name": fn["name"],
+            "arguments": fn["arguments"],
+        }
+        index = len(output)
+        events.append(
+            {
+                "type": "response.output_item.added",
+                "output_index": index,
+                "item": {**item, "arguments": "", "status": "in_progress"},
+            }
+        )
+        events.append(
+            {
+                "type": "response.function_call_arguments.delta",
+                "item_id": item["id"],
+                "output_index": index,
+                "delta": fn["arguments"],
+            }
+        )
+        events.append(
+            {
+                "type": "response.function_call_arguments.done",
+                "item_id": item["id"],
+                "output_index": index,
+                "arguments": fn["arguments"],
+            }
+        )
+        events.append({"type": "response.output_item.done", "output_index": index, "item": item})
+        output.append(item)
+    usage = script.usage or _DEFAULT_USAGE
+    incomplete = script.finish_reason == "length"
+    done = {
+        **response,
+        "status": "incomplete" if incomplete else "completed",
+        "incomplete_details": {"reason": "max_output_tokens"} if incomplete else None,
+        "output": output,
+        "usage": {
+            "input_tokens": usage["prompt_tokens"],
+            "input_tokens_details": {"cached_tokens": usage["prompt_tokens_details"]["cached_tokens"]},
+            "output_tokens": usage["completion_tokens"],
+            "output_tokens_details": {"reasoning_tokens": usage["completion_tokens_details"]["reasoning_tokens"]},
+            "total_tokens": usage["total_tokens"],
+        },
+    }
+    events.append({"type": "response.incomplete" if incomplete else "response.completed", "response": done})
+    return [{**e, "sequence_number": i} for i, e in enumerate(events)]
 
 
 def _strict_schema_problem(body: dict[str, Any]) -> str | None:
