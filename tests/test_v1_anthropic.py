@@ -735,3 +735,43 @@ async def test_the_beta_output_format_reaches_an_openai_model(
     )
     sent = fake_openai.requests[-1].body["response_format"]
     assert sent["type"] == "json_schema" and sent["json_schema"]["schema"] == schema
+
+
+async def test_text_blocks_stay_apart_on_an_openai_model(
+    openai_client: TestClient, token: str, fake_openai: Any
+) -> None:
+    """A message's text blocks, a plain-text document (with its title) and a tool result's text blocks reach
+    another model apart, not glued into one string ("x" + "hello doc" read as "xhello doc")."""
+    from tests.fakes import openai_upstream as fo
+
+    fake_openai.enqueue(fo.text_response("Done.", usage=fo.usage(30, 2)))
+    history = [
+        {"role": "user", "content": "Look it up."},
+        {
+            "role": "assistant",
+            "content": [{"type": "tool_use", "id": "call_a", "name": "search", "input": {"q": "x"}}],
+        },
+        {
+            "role": "user",
+            "content": [
+                {
+                    "type": "tool_result",
+                    "tool_use_id": "call_a",
+                    "content": [{"type": "text", "text": "first hit"}, {"type": "text", "text": "second hit"}],
+                },
+                {"type": "text", "text": "x"},
+                {
+                    "type": "document",
+                    "source": {"type": "text", "media_type": "text/plain", "data": "hello doc"},
+                    "title": "notes.txt",
+                },
+            ],
+        },
+    ]
+    await sdk(openai_client, token).messages.create(model="openai/gpt-4o-mini", max_tokens=100, messages=history)  # type: ignore[arg-type]
+    sent = fake_openai.requests[0].body["messages"]
+    assert sent[2] == {"role": "tool", "tool_call_id": "call_a", "content": "first hit\nsecond hit"}
+    assert sent[3] == {
+        "role": "user",
+        "content": [{"type": "text", "text": "x"}, {"type": "text", "text": "notes.txt\n\nhello doc"}],
+    }

@@ -506,8 +506,8 @@ def _part(block: Any, names: dict[str, str], where: str) -> Part | None:
         return ToolCallPart(str(block.get("id")), str(block.get("name") or ""), block.get("input") or {})
     if kind == "tool_result":
         content = block.get("content")
-        if isinstance(content, list):
-            content = "".join(
+        if isinstance(content, list):  # its text blocks, one per line (glued, two results would read as one)
+            content = "\n".join(
                 str(b.get("text") or "") for b in content if isinstance(b, dict) and b.get("type") == "text"
             )
         call_id = str(block.get("tool_use_id"))
@@ -529,8 +529,9 @@ def _file(block: dict[str, Any], kind: str, where: str) -> Part:
         return FilePart(str(source.get("media_type") or default_type), data=source["data"], filename=title)
     if source.get("type") == "url" and isinstance(source.get("url"), str):
         return FilePart(default_type, url=source["url"], filename=title)
-    if kind == "document" and source.get("type") == "text":
-        return TextPart(str(source.get("data") or ""))
+    if kind == "document" and source.get("type") == "text":  # its title, when it has one, above its text
+        text = str(source.get("data") or "")
+        return TextPart(f"{title}\n\n{text}" if title else text)
     raise RequestError(f"{where}.source: base64 and url sources work with this model (not {source.get('type')!r})")
 
 

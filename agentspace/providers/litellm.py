@@ -675,7 +675,8 @@ def to_openai_messages(request: ProviderRequest) -> list[dict[str, Any]]:
                     content.append({"type": "text", "text": p.text})
                 elif isinstance(p, FilePart):
                     content.append(_file_content(p))
-            if len(content) > len(text):
+            # Several texts (a /v1/messages client's text blocks, a text document) stay apart as content parts.
+            if len(content) > len(text) or len(text) > 1:
                 out.append({"role": "user", "content": content})
             elif text:
                 out.append({"role": "user", "content": "".join(text)})
