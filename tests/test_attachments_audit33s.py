@@ -1,0 +1,53 @@
+"""Images and documents in sessions tried from outside once more (audit 33s): what the OpenAPI document and the
+web app promise for them."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+from aiohttp.test_utils import TestClient
+
+from tests.fakes.anthropic_upstream import text_response
+from tests.support.ui_stream import post_chat, read_all
+from tests.test_attachments import file_message, png
+
+PROTOCOL = (Path(__file__).parent.parent / "docs" / "protocol.md").read_text(encoding="utf-8")
+
+
+async def test_the_openapi_document_describes_file_parts_and_the_refusals_of_files(
+    make_client: Any, auth_headers: dict[str, str], fake_anthropic: Any
+) -> None:
+    # A client generated from the document (or a tester validating answers against it) met an undocumented 415
+    # and file parts with fields the schemas did not name: the i33 additions were lost when the document became
+    # agentspace/openapi.yaml.
+    client: TestClient = await make_client(attachments={"max_file_bytes": 1000})
+    doc = await (await client.get("/api/openapi.json", headers=auth_headers)).json()
+    answers = doc["paths"]["/api/chat"]["post"]["responses"]
+
+    resp = await post_chat(client, auth_headers, "bmp", file_message("look", ("image/bmp", b"BM" + b"\0" * 60)))
+    assert resp.status == 415 and (await resp.json())["error"]["code"] == "UNSUPPORTED_MEDIA_TYPE"
+    assert "UNSUPPORTED_MEDIA_TYPE" in answers["415"]["description"]
+    resp = await post_chat(client, auth_headers, "big", file_message("look", ("image/png", png(200, 200))))
+    assert resp.status == 413 and "max_file_bytes" in (await resp.json())["error"]["message"]
+    assert "max_file_bytes" in answers["413"]["description"]
+    row = next(line for line in PROTOCOL.splitlines() if line.startswith("| `POST /api/chat` |"))
+    assert re.search(r"415 `UNSUPPORTED_MEDIA_TYPE`", row), row
+
+    # The AI SDK's file part as sent, and the stored one as GET /api/sessions/{id} returns it.
+    schemas = doc["components"]["schemas"]
+    sent = schemas["UIMessage"]["properties"]["parts"]["items"]["properties"]
+    assert {"type", "mediaType", "url", "filename"} <= set(sent), sent
+    fake_anthropic.enqueue(text_response("A gradient."))
+    await read_all(await post_chat(client, auth_headers, "pic", file_message("look", ("image/png", png(8, 8)))))
+    session = (await (await client.get("/api/sessions/pic", headers=auth_headers)).json())["session"]
+    [part] = [p for p in session["messages"][0]["parts"] if p["type"] == "file"]
+    stored = schemas["Message"]["properties"]["parts"]["items"]["properties"]
+    assert set(part) <= set(stored), (sorted(part), sorted(stored))
+    # The inspector's attachments section, file by file.
+    context = await (await client.get("/api/sessions/pic/context", headers=auth_headers)).json()
+    [row] = [s for s in context["sections"] if s["name"] == "attachments"]
+    section = schemas["ContextInspection"]["properties"]["sections"]["items"]["properties"]
+    assert set(row) <= set(section), (sorted(row), sorted(section))
+    assert set(row["files"][0]) <= set(section["files"]["items"]["properties"])
