@@ -823,3 +823,33 @@ def attach_and_inspect(web: Page, gateway: Gateway) -> None:
     assert f"report.pdf application/pdf, {len(document):,} bytes, 2 pages: {pdf_tokens:,} tokens" in result.stdout
     row = next(line for line in result.stdout.splitlines() if line.startswith("attachments"))
     assert f"{image_tokens + pdf_tokens:,}" in row
+
+
+def test_a_file_dropped_anywhere_on_the_chat_is_attached_and_never_opened_in_place_of_the_app(
+    web: Page, gateway: Gateway
+) -> None:
+    """Only the composer took a drop: a file let go over the messages (the larger target) or the sidebar was
+    the browser's to handle, and it opens a dropped file in place of the app, losing the chat and its draft."""
+    from tests.test_attachments import png
+
+    page = web.sign_in()
+    new_chat(page)
+    make_file = (
+        "([b64, name, type]) => { const bytes = Uint8Array.from(atob(b64), (c) => c.charCodeAt(0));"
+        " const dt = new DataTransfer(); dt.items.add(new File([bytes], name, { type })); return dt; }"
+    )
+    # dispatchEvent answers false when a listener took the event (preventDefault): the browser leaves it alone.
+    drop = (
+        f"([selector, kind, args]) => !document.querySelector(selector).dispatchEvent(new DragEvent(kind,"
+        f" {{ dataTransfer: ({make_file})(args), bubbles: true, cancelable: true }}))"
+    )
+    image = [base64.b64encode(png(20, 10)).decode(), "over-messages.png", "image/png"]
+    assert page.evaluate(drop, ["#messages", "dragover", image])
+    assert page.evaluate(drop, ["#messages", "drop", image])
+    expect(page.locator("#attachments li")).to_have_count(1)
+    expect(page.locator("#attachments img.file-preview")).to_have_attribute("alt", "over-messages.png")
+    # Where nothing takes a file (the sidebar), the browser still does not open it.
+    assert page.evaluate(drop, ["#sidebar", "dragover", image])
+    assert page.evaluate(drop, ["#sidebar", "drop", image])
+    expect(page.locator("#attachments li")).to_have_count(1)
+    web.check()

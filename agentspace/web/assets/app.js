@@ -327,19 +327,6 @@ async function chatPage(sessionId) {
     el("label", { for: "prompt", class: "visually-hidden" }, "Message"),
     el("div", { class: "composer-input" }, el("ul", { id: "attachments", class: "attachments", "aria-label": "Attachments" }), textarea),
     el("div", { class: "composer-buttons" }, fileInput, attachButton, stopButton, sendButton));
-  composer.addEventListener("dragover", (event) => {
-    if (event.dataTransfer && [...event.dataTransfer.types].includes("Files")) {
-      event.preventDefault();
-      composer.classList.add("dropping");
-    }
-  });
-  composer.addEventListener("dragleave", () => composer.classList.remove("dropping"));
-  composer.addEventListener("drop", (event) => {
-    composer.classList.remove("dropping");
-    if (!event.dataTransfer || !event.dataTransfer.files.length) return;
-    event.preventDefault();
-    addAttachments(chat, [...event.dataTransfer.files]);
-  });
   textarea.addEventListener("keydown", (event) => {
     if (event.key === "Enter" && !event.shiftKey && !event.isComposing) {
       event.preventDefault();
@@ -368,14 +355,29 @@ async function chatPage(sessionId) {
     sidebar.classList.toggle("open", state.sidebarOpen);
     toggle.setAttribute("aria-expanded", String(state.sidebarOpen));
   });
-  const content = el("div", { class: "chat-layout" },
-    sidebar,
-    el("section", { class: "chat", "aria-label": "Chat" },
-      el("div", { class: "chat-head" }, toggle, modelPicker()),
-      el("section", { id: "context", class: "context", "aria-label": "Context inspector" }),
-      el("p", { id: "notice", class: "notice", role: "status" }),
-      el("ol", { id: "messages", class: "messages", "aria-label": "Messages" }),
-      composer));
+  const pane = el("section", { class: "chat", "aria-label": "Chat" },
+    el("div", { class: "chat-head" }, toggle, modelPicker()),
+    el("section", { id: "context", class: "context", "aria-label": "Context inspector" }),
+    el("p", { id: "notice", class: "notice", role: "status" }),
+    el("ol", { id: "messages", class: "messages", "aria-label": "Messages" }),
+    composer);
+  // A file dropped anywhere on the chat (the messages are the larger target) goes with the next message.
+  pane.addEventListener("dragover", (event) => {
+    if (!carriesFiles(event)) return;
+    event.preventDefault();
+    event.dataTransfer.dropEffect = "copy";
+    composer.classList.add("dropping");
+  });
+  pane.addEventListener("dragleave", (event) => {
+    if (!pane.contains(event.relatedTarget)) composer.classList.remove("dropping");
+  });
+  pane.addEventListener("drop", (event) => {
+    composer.classList.remove("dropping");
+    if (!event.dataTransfer || !event.dataTransfer.files.length) return;
+    event.preventDefault();
+    addAttachments(chat, [...event.dataTransfer.files]);
+  });
+  const content = el("div", { class: "chat-layout" }, sidebar, pane);
   shell("chat", content);
   renderSidebar();
 
@@ -430,6 +432,20 @@ function renderPart(part) {
 }
 
 const ATTACHABLE = ["image/png", "image/jpeg", "image/gif", "image/webp", "application/pdf"];
+
+function carriesFiles(event) {
+  return Boolean(event.dataTransfer) && [...event.dataTransfer.types].includes("Files");
+}
+
+// Elsewhere (the sidebar, the other pages) a dropped file is refused: the browser would open it in place of the app.
+window.addEventListener("dragover", (event) => {
+  if (!carriesFiles(event) || event.defaultPrevented) return;
+  event.preventDefault();
+  event.dataTransfer.dropEffect = "none";
+});
+window.addEventListener("drop", (event) => {
+  if (carriesFiles(event)) event.preventDefault();
+});
 
 // Files read as data: URLs, the AI SDK's file parts; the gateway checks types and sizes.
 function addAttachments(chat, files) {
