@@ -853,3 +853,32 @@ def test_a_file_dropped_anywhere_on_the_chat_is_attached_and_never_opened_in_pla
     assert page.evaluate(drop, ["#sidebar", "drop", image])
     expect(page.locator("#attachments li")).to_have_count(1)
     web.check()
+
+
+def test_a_file_pasted_just_before_sending_goes_with_that_message(web: Page, gateway: Gateway) -> None:
+    """A file is read (FileReader) after the paste: Enter pressed before the read ended sent the message without
+    it, and the file turned up in the composer for the next message."""
+    from tests.test_attachments import pdf
+
+    page = web.sign_in()
+    new_chat(page)
+    document = pdf(3) + b"%" * (3 * 1024 * 1024)  # a few MB: read after this task, as any file is
+    page.fill("#prompt", "Summarise this")
+    before = len(gateway.fake.fake.requests)
+    gateway.fake.enqueue(text_response("Three pages."))
+    # The paste and the Enter in one task: the read cannot have ended when the form is submitted.
+    page.evaluate(
+        "([b64]) => { const bytes = Uint8Array.from(atob(b64), (c) => c.charCodeAt(0));"
+        " const dt = new DataTransfer(); dt.items.add(new File([bytes], 'report.pdf', { type: 'application/pdf' }));"
+        " const prompt = document.getElementById('prompt');"
+        " prompt.dispatchEvent(new ClipboardEvent('paste', { clipboardData: dt, bubbles: true, cancelable: true }));"
+        " document.querySelector('form.composer').requestSubmit(); }",
+        [base64.b64encode(document).decode()],
+    )
+    expect(page.locator("li.message.assistant[data-state=done]").last).to_contain_text("Three pages.")
+    [request] = gateway.fake.fake.requests[before:]
+    content = request.body["messages"][-1]["content"]
+    assert [b["type"] for b in content] == ["text", "document"], content
+    assert base64.b64decode(content[1]["source"]["data"]) == document
+    expect(page.locator("#attachments li")).to_have_count(0)
+    web.check()

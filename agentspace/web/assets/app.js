@@ -310,6 +310,7 @@ async function chatPage(sessionId) {
   const stopButton = el("button", { type: "button", id: "stop", hidden: true }, "Stop");
   // Images and PDFs go with the next message (docs/attachments.md): the attach button, paste, or a drop.
   chat.attachments = [];
+  chat.reading = new Set(); // the files' reads not ended yet
   const fileInput = el("input", { type: "file", id: "attach-input", multiple: true, accept: ATTACHABLE.join(","), hidden: true, "aria-label": "Attach files" });
   const attachButton = el("button", { type: "button", id: "attach", class: "ghost", title: "Attach images or PDFs" }, "Attach");
   attachButton.addEventListener("click", () => fileInput.click());
@@ -333,8 +334,16 @@ async function chatPage(sessionId) {
       composer.requestSubmit();
     }
   });
-  composer.addEventListener("submit", (event) => {
+  composer.addEventListener("submit", async (event) => {
     event.preventDefault();
+    if (chat.reading.size) {
+      // Files still being read (one pasted or dropped just now) go with this message, not the next.
+      if (chat.waitingForFiles) return;
+      chat.waitingForFiles = true;
+      await Promise.all([...chat.reading]);
+      chat.waitingForFiles = false;
+      if (state.chat !== chat) return;
+    }
     const text = textarea.value;
     if ((!text.trim() && !chat.attachments.length) || chat.streaming) return;
     textarea.value = "";
@@ -450,14 +459,22 @@ window.addEventListener("drop", (event) => {
 // Files read as data: URLs, the AI SDK's file parts; the gateway checks types and sizes.
 function addAttachments(chat, files) {
   for (const file of files) {
-    const reader = new FileReader();
-    reader.addEventListener("load", () => {
-      if (state.chat !== chat) return;
-      chat.attachments.push({ type: "file", mediaType: file.type || "application/octet-stream", filename: file.name, size: file.size, url: reader.result });
-      renderAttachments(chat);
+    const read = new Promise((resolve) => {
+      const reader = new FileReader();
+      reader.addEventListener("load", () => {
+        resolve();
+        if (state.chat !== chat) return;
+        chat.attachments.push({ type: "file", mediaType: file.type || "application/octet-stream", filename: file.name, size: file.size, url: reader.result });
+        renderAttachments(chat);
+      });
+      reader.addEventListener("error", () => {
+        resolve();
+        notify(`Could not read ${file.name}.`);
+      });
+      reader.readAsDataURL(file);
     });
-    reader.addEventListener("error", () => notify(`Could not read ${file.name}.`));
-    reader.readAsDataURL(file);
+    chat.reading.add(read);
+    read.then(() => chat.reading.delete(read));
   }
 }
 
