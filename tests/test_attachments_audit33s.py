@@ -3,14 +3,18 @@ web app promise for them."""
 
 from __future__ import annotations
 
+import base64
+import json
 import re
 from pathlib import Path
 from typing import Any
 
 from aiohttp.test_utils import TestClient
 
-from tests.fakes.anthropic_upstream import text_response
+from tests.fakes import openai_upstream as fo
+from tests.fakes.anthropic_upstream import error_status, text_response
 from tests.support.ui_stream import post_chat, read_all
+from tests.support.ws import chat, connect
 from tests.test_attachments import file_message, png
 
 PROTOCOL = (Path(__file__).parent.parent / "docs" / "protocol.md").read_text(encoding="utf-8")
@@ -51,3 +55,25 @@ async def test_the_openapi_document_describes_file_parts_and_the_refusals_of_fil
     section = schemas["ContextInspection"]["properties"]["sections"]["items"]["properties"]
     assert set(row) <= set(section), (sorted(row), sorted(section))
     assert set(row["files"][0]) <= set(section["files"]["items"]["properties"])
+
+
+async def test_the_files_of_a_turn_the_upstream_refused_no_longer_bind_the_session(
+    make_client: Any, token: str, fake_anthropic: Any, fake_openai: Any, monkeypatch: Any
+) -> None:
+    # A turn that failed before any output is resent by no later call (context.answered_turns), its files neither;
+    # the checks of what a call resends still counted them: after the upstream refused an image, the session could
+    # not go on with a model without vision ("does not take images"), for an image no call would send.
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-openai-test-0123456789")
+    client = await make_client(providers={"openai": {"base_url": fake_openai.url}})
+    fake_anthropic.enqueue(error_status(400, "Could not process image"))
+    ws = await connect(client, token)
+    data = base64.b64encode(png(16, 16)).decode()
+    frames = await chat(ws, "Describe it", "r1", attachments=[{"mediaType": "image/png", "data": data}])
+    assert frames[-1]["type"] == "error" and "Could not process image" in frames[-1]["message"], frames[-1]
+    session_id = frames[0]["sessionId"]
+    fake_openai.enqueue(fo.text_response("Text only."))
+    frames = await chat(ws, "Never mind; what is 2 + 2?", "r2", sessionId=session_id, model="openai/gpt-3.5-turbo")
+    assert frames[-1]["type"] == "chat.stream.end", frames[-1]
+    [request] = fake_openai.requests
+    assert "image_url" not in json.dumps(request.body)
+    await ws.close()
