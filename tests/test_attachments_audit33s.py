@@ -77,3 +77,33 @@ async def test_the_files_of_a_turn_the_upstream_refused_no_longer_bind_the_sessi
     [request] = fake_openai.requests
     assert "image_url" not in json.dumps(request.body)
     await ws.close()
+
+
+async def test_the_inspector_counts_an_image_as_a_high_resolution_claude_model_reads_it(
+    client: TestClient, auth_headers: dict[str, str], fake_anthropic: Any
+) -> None:
+    # Claude Opus 4.7 reads images up to 2576 px on the long side (about 3.75 megapixels), at (width x height) /
+    # 750 tokens ("Vision"); the inspector scaled every image to 1568 px and 1,600 tokens, so it showed a Full HD
+    # screenshot at 1,600 tokens where Opus 4.7 bills about 2,765.
+    fake_anthropic.enqueue(text_response("A screenshot."))
+    message = file_message("What is on screen?", ("image/png", png(1920, 1080)))
+    await read_all(await post_chat(client, auth_headers, "hd", message))
+
+    async def estimate(model: str) -> int:
+        query = f"?model={model}"
+        context = await (await client.get(f"/api/sessions/hd/context{query}", headers=auth_headers)).json()
+        [row] = [s for s in context["sections"] if s["name"] == "attachments"]
+        return int(row["files"][0]["tokenEstimate"])
+
+    assert await estimate("anthropic/claude-opus-4-7") == round(1920 * 1080 / 750)
+    # Other Claude models scale it to 1568 px on the long side, at most about 1,600 tokens.
+    assert await estimate("anthropic/claude-sonnet-4-5") == 1600
+    # Past 2576 px (or 3.75 megapixels) Opus 4.7 scales it down too.
+    fake_anthropic.enqueue(text_response("A wide one."))
+    wide = file_message("And this?", ("image/png", png(5152, 1000)), id="u2")
+    await read_all(await post_chat(client, auth_headers, "hd", wide))
+    context = await (
+        await client.get("/api/sessions/hd/context?model=anthropic/claude-opus-4-7", headers=auth_headers)
+    ).json()
+    [row] = [s for s in context["sections"] if s["name"] == "attachments"]
+    assert row["files"][1]["tokenEstimate"] == round(2576 * 500 / 750)
