@@ -12,7 +12,7 @@ from typing import Any
 from aiohttp.test_utils import TestClient
 
 from tests.fakes import openai_upstream as fo
-from tests.fakes.anthropic_upstream import error_status, text_response
+from tests.fakes.anthropic_upstream import citations_response, error_status, text_response
 from tests.support.ui_stream import post_chat, read_all
 from tests.support.ws import chat, connect
 from tests.test_attachments import file_message, png
@@ -107,3 +107,25 @@ async def test_the_inspector_counts_an_image_as_a_high_resolution_claude_model_r
     ).json()
     [row] = [s for s in context["sections"] if s["name"] == "attachments"]
     assert row["files"][1]["tokenEstimate"] == round(2576 * 500 / 750)
+
+
+async def test_a_chat_started_from_the_stored_messages_goes_on_when_an_answer_cited_sources(
+    client: TestClient, auth_headers: dict[str, str], fake_anthropic: Any
+) -> None:
+    # docs/attachments.md: an app that starts useChat from GET /api/sessions/{id}'s messages shows the files
+    # again after a reload. useChat sends those messages back with the next one, and an answer's stored sources
+    # (parts of type "source") made every later turn of such an app a 400.
+    fake_anthropic.enqueue(citations_response(), text_response("More."))
+    question = file_message("Search for what this shows", ("image/png", png(8, 8)))
+    await read_all(await post_chat(client, auth_headers, "reload", question))
+    stored = (await (await client.get("/api/sessions/reload", headers=auth_headers)).json())["session"]["messages"]
+    assert "source" in [p["type"] for p in stored[1]["parts"]]
+    messages = [{"id": m["id"], "role": m["role"], "parts": m["parts"]} for m in stored]
+    messages.append({"id": "u2", "role": "user", "parts": [{"type": "text", "text": "Tell me more"}]})
+    resp = await post_chat(client, auth_headers, "reload", *messages)
+    assert resp.status == 200, await resp.text()
+    chunks = await read_all(resp)
+    assert not [c for c in chunks if isinstance(c, dict) and c["type"] == "error"], chunks
+    request = fake_anthropic.requests[-1]
+    assert [b["type"] for b in request.body["messages"][0]["content"]][:2] == ["text", "image"]
+    assert request.body["messages"][-1]["content"][-1]["text"] == "Tell me more"
