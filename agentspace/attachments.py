@@ -53,16 +53,27 @@ OPENAI_IMAGE_TOKENS = (
 # Claude models that read images at a higher resolution than ``IMAGE_TOKENS`` allows: Opus 4.7 takes up to 3.75
 # megapixels (2576 px on the long side), (3,750,000 / 750) tokens an image. By name, wherever it is served.
 ANTHROPIC_HIGH_RES_IMAGE_TOKENS = (("claude-opus-4-7", 3_750_000 // IMAGE_TOKEN_PIXELS),)
+ANTHROPIC_HIGH_RES_MAX_EDGE = 2576
+
+
+def image_reading(model: str) -> tuple[int, int]:
+    """(the long side an image is scaled to fit, the most tokens it then costs) when ``model`` reads it:
+    Anthropic's formula, at a higher resolution for the models of ``ANTHROPIC_HIGH_RES_IMAGE_TOKENS``."""
+    name = model.rsplit("/", 1)[-1]
+    for pattern, tokens in ANTHROPIC_HIGH_RES_IMAGE_TOKENS:
+        if pattern in name:
+            return ANTHROPIC_HIGH_RES_MAX_EDGE, tokens
+    return IMAGE_MAX_EDGE, IMAGE_TOKENS
 
 
 def image_ceiling(model: str) -> int:
     """The most one image may cost ``model`` in input tokens: Anthropic's ceiling, or more where the model reads
     images at a higher resolution (``ANTHROPIC_HIGH_RES_IMAGE_TOKENS``) or its provider bills images at more
     (``OPENAI_IMAGE_TOKENS``)."""
+    read = image_reading(model)[1]
+    if read > IMAGE_TOKENS:
+        return read
     name = model.rsplit("/", 1)[-1]
-    for pattern, tokens in ANTHROPIC_HIGH_RES_IMAGE_TOKENS:
-        if pattern in name:
-            return tokens
     for prefix, tokens in OPENAI_IMAGE_TOKENS:
         if name.startswith(prefix):
             return max(IMAGE_TOKENS, tokens)
@@ -565,15 +576,17 @@ def image_size(raw: bytes) -> tuple[int, int] | None:
     return None
 
 
-def image_tokens(raw: bytes) -> int:
-    """Anthropic's formula: (width * height) / 750 after scaling to the long-edge and megapixel limits
-    (at most ``IMAGE_TOKENS``); ``IMAGE_TOKENS`` when the size cannot be read."""
+def image_tokens(raw: bytes, model: str = "") -> int:
+    """Anthropic's formula: (width * height) / 750 after scaling to the long-edge and megapixel limits of the
+    model reading it (``image_reading``: at most ``IMAGE_TOKENS`` for most); that most when the size cannot be
+    read."""
+    edge, most = image_reading(model)
     size = image_size(raw)
     if size is None or not size[0] or not size[1]:
-        return IMAGE_TOKENS
+        return most
     w, h = size
-    scale = min(1.0, IMAGE_MAX_EDGE / max(w, h))
-    return max(1, min(IMAGE_TOKENS, round(w * scale * h * scale / IMAGE_TOKEN_PIXELS)))
+    scale = min(1.0, edge / max(w, h))
+    return max(1, min(most, round(w * scale * h * scale / IMAGE_TOKEN_PIXELS)))
 
 
 # A page object (``/Type /Page``, not ``/Pages``), and a page tree node's count of the pages under it.
@@ -623,22 +636,25 @@ def raw_bytes(part: FilePart) -> bytes:
         return b""
 
 
-# What was measured of a file (image tokens or PDF pages) by SHA-256: a session's files are measured several
-# times a turn (the policy, the reservation, the inspector), and decoding them each time would cost.
-_MEASURED: dict[str, int] = {}
+# What was measured of a file (image tokens or PDF pages) by SHA-256 and the long side an image is read at: a
+# session's files are measured several times a turn (the policy, the reservation, the inspector), and decoding
+# them each time would cost.
+_MEASURED: dict[tuple[str, int], int] = {}
 _MEASURED_MAX = 4096
 
 
-def _measure(part: FilePart) -> int:
-    """An image's tokens by the formula, or a PDF's pages."""
-    if part.sha256 and part.sha256 in _MEASURED:
-        return _MEASURED[part.sha256]
+def _measure(part: FilePart, model: str = "") -> int:
+    """An image's tokens by the formula (as ``model`` reads it), or a PDF's pages."""
+    edge, most = image_reading(model) if part.is_image else (0, 0)
+    key = (part.sha256, edge) if part.sha256 else None
+    if key is not None and key in _MEASURED:
+        return _MEASURED[key]
     raw = raw_bytes(part)
-    value = (image_tokens(raw) if raw else IMAGE_TOKENS) if part.is_image else pdf_pages(raw)
-    if part.sha256 and raw:
+    value = (image_tokens(raw, model) if raw else most) if part.is_image else pdf_pages(raw)
+    if key is not None and raw:
         if len(_MEASURED) >= _MEASURED_MAX:
             _MEASURED.clear()
-        _MEASURED[part.sha256] = value
+        _MEASURED[key] = value
     return value
 
 
@@ -647,10 +663,11 @@ def pages(part: FilePart) -> int:
     return _measure(part)
 
 
-def tokens(part: FilePart, *, ceiling: bool = False) -> int:
-    """What a file costs a call: images by Anthropic's formula, PDFs at ``PDF_PAGE_TOKENS`` a page. With
-    ``ceiling`` (a reservation, whatever the provider) every image counts ``IMAGE_TOKENS``: other providers
+def tokens(part: FilePart, *, ceiling: bool = False, model: str = "") -> int:
+    """What a file costs a call to ``model``: images by Anthropic's formula (``image_reading``), PDFs at
+    ``PDF_PAGE_TOKENS`` a page. With ``ceiling`` (a reservation, whatever the provider) every image counts
+    ``IMAGE_TOKENS``, and the reservation adds what a model may bill above it (``image_ceiling``): other providers
     bill small images more than Anthropic does (OpenAI at least 85 + 170 a tile, Gemini 258 an image)."""
     if part.is_image:
-        return IMAGE_TOKENS if ceiling else _measure(part)
+        return IMAGE_TOKENS if ceiling else _measure(part, model)
     return PDF_PAGE_TOKENS * _measure(part)

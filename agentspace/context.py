@@ -295,7 +295,7 @@ async def assemble(
         Section("tools", tool_text),
         Section("response_format", formatting),
         *([Section("summary", SUMMARY_HEADING + summary)] if summary else []),
-        *([attachments_section(files)] if files else []),
+        *([attachments_section(files, model)] if files else []),
         Section("history", "", messages=sent_history),
         Section("user_message", user_message or ""),
     ]
@@ -320,14 +320,14 @@ def history_window(messages: list[dict[str, Any]], limit: int) -> list[dict[str,
     return messages[kept[drop] :] if drop < len(kept) else []
 
 
-def attachments_section(files: Sequence[FilePart]) -> Section:
-    """The ``attachments`` row: each file with its estimate (``attachments.tokens``), their sum."""
+def attachments_section(files: Sequence[FilePart], model: str) -> Section:
+    """The ``attachments`` row: each file with its estimate for ``model`` (``attachments.tokens``), their sum."""
     rows: list[dict[str, Any]] = [
         {
             "name": f.filename,
             "mediaType": f.media_type,
             "byteCount": f.size or 0,
-            "tokenEstimate": attachments.tokens(f),
+            "tokenEstimate": attachments.tokens(f, model=model),
             **({"pages": attachments.pages(f)} if not f.is_image else {}),
         }
         for f in files
@@ -499,7 +499,10 @@ def estimate_input_tokens(context: AssembledContext, *, ceiling: bool = False) -
     if context.tools:
         tokens += count(json.dumps([t.definition() for t in context.tools], ensure_ascii=False))
     files = sum(
-        attachments.tokens(p, ceiling=ceiling) for m in context.messages for p in m.parts if isinstance(p, FilePart)
+        attachments.tokens(p, ceiling=ceiling, model=context.model)
+        for m in context.messages
+        for p in m.parts
+        if isinstance(p, FilePart)
     )
     return tokens + files
 

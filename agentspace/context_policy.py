@@ -143,7 +143,9 @@ async def fit_context(
     previous = step_call if added else last_call(history)[0]
     ratio = calibration(previous)
     if added:
-        since = sum(_bytes_of(m) for m in ctx.messages[-2:])  # what the previous step answered, and its results
+        since = sum(
+            _bytes_of(m, ctx.model) for m in ctx.messages[-2:]
+        )  # what the previous step answered, and its results
         if _step_fits(ctx, previous, since, ratio, window):
             return ctx, history
     elif _surely_fits(ctx, history, previous, content, ratio, window):
@@ -216,13 +218,13 @@ def _surely_fits(
     it) plus the bytes of what came after it; else the bytes of the whole context."""
     limit = window * 0.8
     if previous is None or not previous.get("promptTokens"):
-        size = len(ctx.system.encode()) + sum(_bytes_of(m) for m in ctx.messages)
+        size = len(ctx.system.encode()) + sum(_bytes_of(m, ctx.model) for m in ctx.messages)
         if ctx.tools:
             size += len(json.dumps([t.definition() for t in ctx.tools], ensure_ascii=False).encode())
         return size * ratio < limit
     since = len(content.encode())
     if ctx.messages and ctx.messages[-1].role == "user":  # the files the new message attaches
-        since += sum(attachments.tokens(p) for p in ctx.messages[-1].parts if isinstance(p, FilePart))
+        since += sum(attachments.tokens(p, model=ctx.model) for p in ctx.messages[-1].parts if isinstance(p, FilePart))
     for message in reversed(history):
         since += _bytes(message)  # the answer of that call (and its tool results), anything after it
         if message.get("lastCall") is previous:
@@ -230,9 +232,9 @@ def _surely_fits(
     return int(previous["promptTokens"]) + since * ratio < limit
 
 
-def _bytes_of(message: ChatMessage) -> int:
+def _bytes_of(message: ChatMessage, model: str) -> int:
     # A file counts its token estimate (its bytes say nothing of what it costs).
-    files = sum(attachments.tokens(p) for p in message.parts if isinstance(p, FilePart))
+    files = sum(attachments.tokens(p, model=model) for p in message.parts if isinstance(p, FilePart))
     return len(message_text(message).encode()) + files
 
 

@@ -30,6 +30,7 @@ from . import attachments, tokens
 from .calls import ProviderCall, ceiling_cost, cut_short_usage, price, request_ceiling
 from .context import (
     AssembledContext,
+    answered_turns,
     assemble,
     estimate_input_tokens,
     first_message_key,
@@ -145,10 +146,11 @@ async def start_turn(gw: Registry, request: ChatRequest) -> Turn:
         stored = stored[:again]
     earlier = attachments.stored_files(stored)
     # The files a call resends: those of the history it sends (context.assemble), after the latest summary (the
-    # summarised turns' are not sent again) and within [chat] history_limit.
+    # summarised turns' are not sent again), within [chat] history_limit, and of turns that were answered (a turn
+    # that failed before any output, the upstream refusing its file say, is resent by no call).
     start = history_start(stored)[0]
     window = history_window(stored[start:], gw.config["chat"]["history_limit"])
-    resent = attachments.stored_files(window) if len(window) != len(stored) else earlier
+    resent = attachments.stored_files(answered_turns(window))
     files = await attachments.prepare(gw, model, earlier, request.files, resent=resent)
     imported = await attachments.prepare_imported(gw, request.import_messages, files) if session is None else []
 

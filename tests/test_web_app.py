@@ -823,3 +823,62 @@ def attach_and_inspect(web: Page, gateway: Gateway) -> None:
     assert f"report.pdf application/pdf, {len(document):,} bytes, 2 pages: {pdf_tokens:,} tokens" in result.stdout
     row = next(line for line in result.stdout.splitlines() if line.startswith("attachments"))
     assert f"{image_tokens + pdf_tokens:,}" in row
+
+
+def test_a_file_dropped_anywhere_on_the_chat_is_attached_and_never_opened_in_place_of_the_app(
+    web: Page, gateway: Gateway
+) -> None:
+    """Only the composer took a drop: a file let go over the messages (the larger target) or the sidebar was
+    the browser's to handle, and it opens a dropped file in place of the app, losing the chat and its draft."""
+    from tests.test_attachments import png
+
+    page = web.sign_in()
+    new_chat(page)
+    make_file = (
+        "([b64, name, type]) => { const bytes = Uint8Array.from(atob(b64), (c) => c.charCodeAt(0));"
+        " const dt = new DataTransfer(); dt.items.add(new File([bytes], name, { type })); return dt; }"
+    )
+    # dispatchEvent answers false when a listener took the event (preventDefault): the browser leaves it alone.
+    drop = (
+        f"([selector, kind, args]) => !document.querySelector(selector).dispatchEvent(new DragEvent(kind,"
+        f" {{ dataTransfer: ({make_file})(args), bubbles: true, cancelable: true }}))"
+    )
+    image = [base64.b64encode(png(20, 10)).decode(), "over-messages.png", "image/png"]
+    assert page.evaluate(drop, ["#messages", "dragover", image])
+    assert page.evaluate(drop, ["#messages", "drop", image])
+    expect(page.locator("#attachments li")).to_have_count(1)
+    expect(page.locator("#attachments img.file-preview")).to_have_attribute("alt", "over-messages.png")
+    # Where nothing takes a file (the sidebar), the browser still does not open it.
+    assert page.evaluate(drop, ["#sidebar", "dragover", image])
+    assert page.evaluate(drop, ["#sidebar", "drop", image])
+    expect(page.locator("#attachments li")).to_have_count(1)
+    web.check()
+
+
+def test_a_file_pasted_just_before_sending_goes_with_that_message(web: Page, gateway: Gateway) -> None:
+    """A file is read (FileReader) after the paste: Enter pressed before the read ended sent the message without
+    it, and the file turned up in the composer for the next message."""
+    from tests.test_attachments import pdf
+
+    page = web.sign_in()
+    new_chat(page)
+    document = pdf(3) + b"%" * (3 * 1024 * 1024)  # a few MB: read after this task, as any file is
+    page.fill("#prompt", "Summarise this")
+    before = len(gateway.fake.fake.requests)
+    gateway.fake.enqueue(text_response("Three pages."))
+    # The paste and the Enter in one task: the read cannot have ended when the form is submitted.
+    page.evaluate(
+        "([b64]) => { const bytes = Uint8Array.from(atob(b64), (c) => c.charCodeAt(0));"
+        " const dt = new DataTransfer(); dt.items.add(new File([bytes], 'report.pdf', { type: 'application/pdf' }));"
+        " const prompt = document.getElementById('prompt');"
+        " prompt.dispatchEvent(new ClipboardEvent('paste', { clipboardData: dt, bubbles: true, cancelable: true }));"
+        " document.querySelector('form.composer').requestSubmit(); }",
+        [base64.b64encode(document).decode()],
+    )
+    expect(page.locator("li.message.assistant[data-state=done]").last).to_contain_text("Three pages.")
+    [request] = gateway.fake.fake.requests[before:]
+    content = request.body["messages"][-1]["content"]
+    assert [b["type"] for b in content] == ["text", "document"], content
+    assert base64.b64decode(content[1]["source"]["data"]) == document
+    expect(page.locator("#attachments li")).to_have_count(0)
+    web.check()

@@ -48,10 +48,12 @@ SDK_FINISH_REASONS = frozenset({"stop", "length", "content-filter", "tool-calls"
 
 ROLES = ("user", "assistant", "system")
 TRIGGERS = ("submit-message", "regenerate-message")
-# The UI message part types the AI SDK sends (``tool-<name>`` and ``data-<name>`` by prefix). A user message
-# may carry text and files; the rest only come back in earlier assistant messages, which the store's copy
-# replaces. Any other type is refused, naming it: nothing a client sends is dropped unseen.
-PART_TYPES = ("text", "reasoning", "file", "source-url", "source-document", "step-start", "dynamic-tool")
+# The UI message part types the AI SDK sends (``tool-<name>`` and ``data-<name>`` by prefix), and those of the
+# stored messages ``GET /api/sessions/{id}`` returns (``source``; ``tool-call`` and ``tool-result`` by the prefix),
+# which an app that starts useChat from them sends back. A user message may carry text and files; the rest only
+# come back in earlier assistant messages, which the store's copy replaces. Any other type is refused, naming it:
+# nothing a client sends is dropped unseen.
+PART_TYPES = ("text", "reasoning", "file", "source-url", "source-document", "step-start", "dynamic-tool", "source")
 PART_PREFIXES = ("tool-", "data-")
 USER_PART_TYPES = ("text", "file")
 

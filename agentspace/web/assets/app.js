@@ -310,6 +310,7 @@ async function chatPage(sessionId) {
   const stopButton = el("button", { type: "button", id: "stop", hidden: true }, "Stop");
   // Images and PDFs go with the next message (docs/attachments.md): the attach button, paste, or a drop.
   chat.attachments = [];
+  chat.reading = new Set(); // the files' reads not ended yet
   const fileInput = el("input", { type: "file", id: "attach-input", multiple: true, accept: ATTACHABLE.join(","), hidden: true, "aria-label": "Attach files" });
   const attachButton = el("button", { type: "button", id: "attach", class: "ghost", title: "Attach images or PDFs" }, "Attach");
   attachButton.addEventListener("click", () => fileInput.click());
@@ -327,27 +328,22 @@ async function chatPage(sessionId) {
     el("label", { for: "prompt", class: "visually-hidden" }, "Message"),
     el("div", { class: "composer-input" }, el("ul", { id: "attachments", class: "attachments", "aria-label": "Attachments" }), textarea),
     el("div", { class: "composer-buttons" }, fileInput, attachButton, stopButton, sendButton));
-  composer.addEventListener("dragover", (event) => {
-    if (event.dataTransfer && [...event.dataTransfer.types].includes("Files")) {
-      event.preventDefault();
-      composer.classList.add("dropping");
-    }
-  });
-  composer.addEventListener("dragleave", () => composer.classList.remove("dropping"));
-  composer.addEventListener("drop", (event) => {
-    composer.classList.remove("dropping");
-    if (!event.dataTransfer || !event.dataTransfer.files.length) return;
-    event.preventDefault();
-    addAttachments(chat, [...event.dataTransfer.files]);
-  });
   textarea.addEventListener("keydown", (event) => {
     if (event.key === "Enter" && !event.shiftKey && !event.isComposing) {
       event.preventDefault();
       composer.requestSubmit();
     }
   });
-  composer.addEventListener("submit", (event) => {
+  composer.addEventListener("submit", async (event) => {
     event.preventDefault();
+    if (chat.reading.size) {
+      // Files still being read (one pasted or dropped just now) go with this message, not the next.
+      if (chat.waitingForFiles) return;
+      chat.waitingForFiles = true;
+      await Promise.all([...chat.reading]);
+      chat.waitingForFiles = false;
+      if (state.chat !== chat) return;
+    }
     const text = textarea.value;
     if ((!text.trim() && !chat.attachments.length) || chat.streaming) return;
     textarea.value = "";
@@ -368,14 +364,29 @@ async function chatPage(sessionId) {
     sidebar.classList.toggle("open", state.sidebarOpen);
     toggle.setAttribute("aria-expanded", String(state.sidebarOpen));
   });
-  const content = el("div", { class: "chat-layout" },
-    sidebar,
-    el("section", { class: "chat", "aria-label": "Chat" },
-      el("div", { class: "chat-head" }, toggle, modelPicker()),
-      el("section", { id: "context", class: "context", "aria-label": "Context inspector" }),
-      el("p", { id: "notice", class: "notice", role: "status" }),
-      el("ol", { id: "messages", class: "messages", "aria-label": "Messages" }),
-      composer));
+  const pane = el("section", { class: "chat", "aria-label": "Chat" },
+    el("div", { class: "chat-head" }, toggle, modelPicker()),
+    el("section", { id: "context", class: "context", "aria-label": "Context inspector" }),
+    el("p", { id: "notice", class: "notice", role: "status" }),
+    el("ol", { id: "messages", class: "messages", "aria-label": "Messages" }),
+    composer);
+  // A file dropped anywhere on the chat (the messages are the larger target) goes with the next message.
+  pane.addEventListener("dragover", (event) => {
+    if (!carriesFiles(event)) return;
+    event.preventDefault();
+    event.dataTransfer.dropEffect = "copy";
+    composer.classList.add("dropping");
+  });
+  pane.addEventListener("dragleave", (event) => {
+    if (!pane.contains(event.relatedTarget)) composer.classList.remove("dropping");
+  });
+  pane.addEventListener("drop", (event) => {
+    composer.classList.remove("dropping");
+    if (!event.dataTransfer || !event.dataTransfer.files.length) return;
+    event.preventDefault();
+    addAttachments(chat, [...event.dataTransfer.files]);
+  });
+  const content = el("div", { class: "chat-layout" }, sidebar, pane);
   shell("chat", content);
   renderSidebar();
 
@@ -431,17 +442,39 @@ function renderPart(part) {
 
 const ATTACHABLE = ["image/png", "image/jpeg", "image/gif", "image/webp", "application/pdf"];
 
+function carriesFiles(event) {
+  return Boolean(event.dataTransfer) && [...event.dataTransfer.types].includes("Files");
+}
+
+// Elsewhere (the sidebar, the other pages) a dropped file is refused: the browser would open it in place of the app.
+window.addEventListener("dragover", (event) => {
+  if (!carriesFiles(event) || event.defaultPrevented) return;
+  event.preventDefault();
+  event.dataTransfer.dropEffect = "none";
+});
+window.addEventListener("drop", (event) => {
+  if (carriesFiles(event)) event.preventDefault();
+});
+
 // Files read as data: URLs, the AI SDK's file parts; the gateway checks types and sizes.
 function addAttachments(chat, files) {
   for (const file of files) {
-    const reader = new FileReader();
-    reader.addEventListener("load", () => {
-      if (state.chat !== chat) return;
-      chat.attachments.push({ type: "file", mediaType: file.type || "application/octet-stream", filename: file.name, size: file.size, url: reader.result });
-      renderAttachments(chat);
+    const read = new Promise((resolve) => {
+      const reader = new FileReader();
+      reader.addEventListener("load", () => {
+        resolve();
+        if (state.chat !== chat) return;
+        chat.attachments.push({ type: "file", mediaType: file.type || "application/octet-stream", filename: file.name, size: file.size, url: reader.result });
+        renderAttachments(chat);
+      });
+      reader.addEventListener("error", () => {
+        resolve();
+        notify(`Could not read ${file.name}.`);
+      });
+      reader.readAsDataURL(file);
     });
-    reader.addEventListener("error", () => notify(`Could not read ${file.name}.`));
-    reader.readAsDataURL(file);
+    chat.reading.add(read);
+    read.then(() => chat.reading.delete(read));
   }
 }
 
