@@ -3,6 +3,7 @@ rounds (test_audit27_outside, test_audit27r_outside) left."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -11,7 +12,7 @@ from aiohttp.test_utils import TestClient
 import tests.fakes.anthropic_upstream as fa
 from tests.support.ws import chat, connect
 from tests.test_cli_e2e import run_cli, ws_url
-from tests.test_hardening import EVIL, assert_inert
+from tests.test_hardening import EVIL, assert_inert, post_raw
 
 
 async def test_sessions_compact_escapes_the_summary_it_prints(
@@ -27,3 +28,20 @@ async def test_sessions_compact_escapes_the_summary_it_prints(
     assert compacted.exit_code == 0, compacted.output
     assert_inert(compacted.output, lines=True)
     assert "Summary \\x1b]0;PWNED\\x07" in compacted.output
+
+
+async def test_lemonade_a_local_server_is_not_reachable_without_its_table(
+    client: TestClient, token: str, fake_anthropic: fa.FakeAnthropic
+) -> None:
+    # litellm's lemonade provider (in its cost map, no key) calls http://localhost:8000 unless told otherwise: a
+    # client's model id made the gateway POST to a local port, as ollama/x and llamafile/x did before
+    status, _, body = await post_raw(
+        client,
+        "/v1/chat/completions",
+        token,
+        json.dumps({"model": "lemonade/gpt-oss-20b-mxfp4-GGUF", "messages": [{"role": "user", "content": "hi"}]}).encode(),
+    )
+    assert status == 404 and body["error"]["code"] == "model_not_found", body
+    socket = await connect(client, token)
+    assert (await chat(socket, "hi", model="lemonade/x"))[-1]["code"] == "MODEL_NOT_FOUND"
+    await socket.close()
