@@ -45,3 +45,16 @@ async def test_lemonade_a_local_server_is_not_reachable_without_its_table(
     socket = await connect(client, token)
     assert (await chat(socket, "hi", model="lemonade/x"))[-1]["code"] == "MODEL_NOT_FOUND"
     await socket.close()
+
+
+async def test_agentspace_chat_shows_escapes_in_an_answer_as_text(
+    client: TestClient, fake_anthropic: fa.FakeAnthropic, isolated_env: Path
+) -> None:
+    # The answer is stored text that `sessions show` escapes; `chat` wrote it to the terminal raw (a retitled
+    # terminal, colours, a cleared screen), the thinking too
+    fake_anthropic.enqueue(fa.thinking_response("Thinking " + EVIL, "Answer " + EVIL + "\n\tindented"))
+    result = await run_cli(["chat", "--url", ws_url(client)], isolated_env, input="hi\n")
+    assert result.exit_code == 0, result.output
+    assert_inert(result.output, lines=True)
+    assert "Answer \\x1b]0;PWNED\\x07" in result.output and "Thinking \\x1b]0;PWNED" in result.output
+    assert "\n\tindented" in result.output  # line breaks and tabs stay what they are
