@@ -3,7 +3,12 @@ rounds (test_audit27_outside, test_audit27r_outside) left."""
 
 from __future__ import annotations
 
+import asyncio
 import json
+import os
+import pty
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -58,3 +63,37 @@ async def test_agentspace_chat_shows_escapes_in_an_answer_as_text(
     assert_inert(result.output, lines=True)
     assert "Answer \\x1b]0;PWNED\\x07" in result.output and "Thinking \\x1b]0;PWNED" in result.output
     assert "\n\tindented" in result.output  # line breaks and tabs stay what they are
+
+
+def on_a_terminal(*args: str) -> bytes:
+    """``agentspace ARGS`` with its standard output a terminal (a pseudo-terminal here): what it printed."""
+    master, slave = pty.openpty()
+    with subprocess.Popen(
+        [sys.executable, "-m", "agentspace", *args], stdin=subprocess.DEVNULL, stdout=slave, stderr=subprocess.DEVNULL
+    ) as process:
+        os.close(slave)
+        out = b""
+        while True:
+            try:
+                chunk = os.read(master, 65536)
+            except OSError:  # EIO: the child closed the terminal
+                break
+            if not chunk:
+                break
+            out += chunk
+        assert process.wait(timeout=60) == 0
+    os.close(master)
+    return out
+
+
+async def test_agentspace_ask_on_a_terminal_shows_escapes_in_the_answer_as_text(
+    client: TestClient, fake_anthropic: fa.FakeAnthropic, isolated_env: Path
+) -> None:
+    base = str(client.make_url("/")).rstrip("/")
+    fake_anthropic.enqueue(fa.text_response("Answer " + EVIL, chunks=4))
+    out = await asyncio.to_thread(on_a_terminal, "ask", "--url", base, "hi")
+    assert b"\x1b" not in out and b"\x07" not in out and "\x9b".encode() not in out, out
+    assert b"Answer \\x1b]0;PWNED\\x07" in out, out
+    fake_anthropic.enqueue(fa.text_response("Answer " + EVIL, chunks=4))
+    piped = await run_cli(["ask", "--url", base, "hi"], isolated_env)  # into a pipe: the text as it is
+    assert piped.exit_code == 0 and "Answer \x1b]0;PWNED\x07" in piped.output, piped.output
