@@ -17,6 +17,7 @@ from aiohttp.test_utils import TestClient
 import tests.fakes.anthropic_upstream as fa
 from tests.support.ws import chat, connect
 from tests.test_cli_e2e import run_cli, ws_url
+from tests.test_clients import bearer
 from tests.test_hardening import EVIL, assert_inert, post_raw
 
 
@@ -97,3 +98,23 @@ async def test_agentspace_ask_on_a_terminal_shows_escapes_in_the_answer_as_text(
     fake_anthropic.enqueue(fa.text_response("Answer " + EVIL, chunks=4))
     piped = await run_cli(["ask", "--url", base, "hi"], isolated_env)  # into a pipe: the text as it is
     assert piped.exit_code == 0 and "Answer \x1b]0;PWNED\x07" in piped.output, piped.output
+
+
+async def test_stream_options_include_usage_is_checked_by_type_as_stream_is(
+    client: TestClient, token: str, fake_anthropic: fa.FakeAnthropic
+) -> None:
+    # "false" was read by truthiness: the stream ended with a usage chunk whose choices are empty, which a client
+    # that asked for none indexes (choices[0]); OpenAI answers 400 for a string there
+    body = {
+        "model": "claude-sonnet-4-5",
+        "messages": [{"role": "user", "content": "hi"}],
+        "stream": True,
+        "stream_options": {"include_usage": "false"},
+    }
+    status, _, answer = await post_raw(client, "/v1/chat/completions", token, json.dumps(body).encode())
+    assert status == 400, answer
+    assert answer["error"]["type"] == "invalid_request_error", answer
+    assert answer["error"]["param"] == "stream_options.include_usage", answer
+    body["stream_options"] = {"include_usage": False}
+    async with client.post("/v1/chat/completions", json=body, headers=bearer(token)) as resp:
+        assert resp.status == 200 and b'"usage"' not in await resp.read()
