@@ -10,7 +10,6 @@ import pty
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
 
 from aiohttp.test_utils import TestClient
 
@@ -45,7 +44,9 @@ async def test_lemonade_a_local_server_is_not_reachable_without_its_table(
         client,
         "/v1/chat/completions",
         token,
-        json.dumps({"model": "lemonade/gpt-oss-20b-mxfp4-GGUF", "messages": [{"role": "user", "content": "hi"}]}).encode(),
+        json.dumps(
+            {"model": "lemonade/gpt-oss-20b-mxfp4-GGUF", "messages": [{"role": "user", "content": "hi"}]}
+        ).encode(),
     )
     assert status == 404 and body["error"]["code"] == "model_not_found", body
     socket = await connect(client, token)
