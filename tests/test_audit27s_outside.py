@@ -119,3 +119,19 @@ async def test_stream_options_include_usage_is_checked_by_type_as_stream_is(
     body["stream_options"] = {"include_usage": False}
     async with client.post("/v1/chat/completions", json=body, headers=bearer(token)) as resp:
         assert resp.status == 200 and b'"usage"' not in await resp.read()
+
+
+async def test_a_responses_text_format_strict_is_checked_by_type(
+    client: TestClient, token: str, fake_anthropic: fa.FakeAnthropic
+) -> None:
+    # "strict": "false" was read by truthiness and asked Claude for strict structured output; Chat Completions'
+    # tools refuse a strict that is no boolean, and so does OpenAI
+    schema = {"type": "object", "properties": {"a": {"type": "string"}}}
+    body = {
+        "model": "claude-sonnet-4-5",
+        "input": "hi",
+        "text": {"format": {"type": "json_schema", "name": "out", "schema": schema, "strict": "false"}},
+    }
+    status, _, answer = await post_raw(client, "/v1/responses", token, json.dumps(body).encode())
+    assert status == 400 and answer["error"]["param"] == "text.format.strict", answer
+    assert not fake_anthropic.requests, "nothing is sent upstream"
