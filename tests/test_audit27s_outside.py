@@ -10,10 +10,13 @@ import pty
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
+import pytest
 from aiohttp.test_utils import TestClient
 
 import tests.fakes.anthropic_upstream as fa
+import tests.fakes.openai_upstream as fo
 from tests.support.ws import chat, connect
 from tests.test_cli_e2e import run_cli, ws_url
 from tests.test_clients import bearer
@@ -135,3 +138,27 @@ async def test_a_responses_text_format_strict_is_checked_by_type(
     status, _, answer = await post_raw(client, "/v1/responses", token, json.dumps(body).encode())
     assert status == 400 and answer["error"]["param"] == "text.format.strict", answer
     assert not fake_anthropic.requests, "nothing is sent upstream"
+
+
+async def test_a_tool_results_is_error_is_checked_by_type_on_translated_messages(
+    make_client: Any, token: str, fake_openai: fo.FakeOpenAI, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # /v1/messages for a model another provider serves: "is_error": "false" was read by truthiness and the tool's
+    # result went to the model as a failure; Anthropic answers 400 for a string there
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-openai-test-0123456789")
+    client = await make_client(providers={"openai": {"base_url": fake_openai.url}})
+    call = {"type": "tool_use", "id": "t1", "name": "lookup", "input": {}}
+    result = {"type": "tool_result", "tool_use_id": "t1", "content": "42", "is_error": "false"}
+    body = {
+        "model": "openai/gpt-4o-mini",
+        "max_tokens": 50,
+        "messages": [
+            {"role": "user", "content": "look it up"},
+            {"role": "assistant", "content": [call]},
+            {"role": "user", "content": [result]},
+        ],
+    }
+    status, _, answer = await post_raw(client, "/v1/messages", token, json.dumps(body).encode())
+    assert status == 400 and answer["error"]["type"] == "invalid_request_error", answer
+    assert "is_error" in answer["error"]["message"], answer
+    assert not fake_openai.requests, "nothing is sent upstream"
