@@ -16,7 +16,7 @@ from typing import Any
 
 import click
 
-from .common import CliState, config_options, pass_state
+from .common import CliState, config_options, pass_state, printable
 
 TIMEOUT_SECONDS = 600.0  # a long answer, not a stuck one
 
@@ -58,6 +58,7 @@ async def _ask(base: str, token: str, body: dict[str, Any], fallback_model: str)
     headers = {"Authorization": f"Bearer {token}"}
     timeout = aiohttp.ClientTimeout(total=TIMEOUT_SECONDS)
     wrote = False
+    terminal = sys.stdout.isatty()
     async with aiohttp.ClientSession(timeout=timeout) as http:
         try:
             if not body.get("model"):  # the gateway's default, as `chat` gets it
@@ -83,7 +84,9 @@ async def _ask(base: str, token: str, body: dict[str, Any], fallback_model: str)
                     for choice in chunk.get("choices") or []:
                         delta = (choice.get("delta") or {}).get("content")
                         if delta:
-                            click.echo(delta, nl=False)
+                            # On a terminal, escapes in the answer are shown, not obeyed (as `chat` does);
+                            # into a file or a pipe, the text as it is.
+                            click.echo(printable(delta, lines=True) if terminal else delta, nl=False)
                             wrote = True
                         finish = choice.get("finish_reason") or finish
         except aiohttp.ClientConnectorCertificateError as e:

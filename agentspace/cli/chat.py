@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from .common import CliState, config_options, money, new_id, pass_state
+from .common import CliState, config_options, money, new_id, pass_state, printable
 
 if TYPE_CHECKING:
     import asyncio
@@ -47,6 +47,9 @@ class _Printer:
         self.sources: list[dict[str, Any]] = []
 
     def write(self, text: str, *, err: bool = False, **style: Any) -> None:
+        # A model's text, a web page's title, a tool's output: escapes would drive the terminal, as in a stored
+        # session's (``sessions show``): shown as escapes, line breaks kept.
+        text = printable(text, lines=True)
         if text:
             click.echo(click.style(text, **style) if style else text, nl=False, err=err)
             self.at_line_start = text.endswith("\n")

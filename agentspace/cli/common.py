@@ -121,12 +121,12 @@ def _escape(match: re.Match[str]) -> str:
 
 
 def _escape_keeping_lines(match: re.Match[str]) -> str:
-    return match.group() if match.group() == "\n" else _escape(match)
+    return match.group() if match.group() in "\n\t" else _escape(match)
 
 
 def printable(value: Any, *, lines: bool = False) -> str:
     """``value`` as text safe to print: every control character shown as an escape (``\\x1b``, ``\\n``).
-    ``lines=True`` keeps line breaks (a message's text printed on lines of its own)."""
+    ``lines=True`` keeps line breaks and tabs (a message's text printed on lines of its own)."""
     text = "" if value is None else str(value)
     return _UNPRINTABLE.sub(_escape_keeping_lines if lines else _escape, text)
 

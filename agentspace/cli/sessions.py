@@ -262,4 +262,4 @@ def compact(state: CliState, session_id: str, url: str | None, token: str | None
         click.echo(f"Nothing to compact in {session_id}: it has one turn or none since its last summary.")
         return
     click.echo(f"Compacted {session_id}: {reply['summarizedMessages']} messages summarised.\n")
-    click.echo(reply.get("summary") or "")
+    click.echo(printable(reply.get("summary") or "", lines=True))  # a model's text, stored in the session

@@ -511,7 +511,10 @@ def _part(block: Any, names: dict[str, str], where: str) -> Part | None:
                 str(b.get("text") or "") for b in content if isinstance(b, dict) and b.get("type") == "text"
             )
         call_id = str(block.get("tool_use_id"))
-        return ToolResultPart(call_id, names.get(call_id, ""), content or "", bool(block.get("is_error")))
+        is_error = block.get("is_error")
+        if is_error is not None and not isinstance(is_error, bool):  # "false" is no false: it would mark a failure
+            raise RequestError(f"{where}.is_error: must be a boolean")
+        return ToolResultPart(call_id, names.get(call_id, ""), content or "", bool(is_error))
     if kind in ("thinking", "redacted_thinking"):
         return None  # another provider's signed thinking means nothing to this one
     if kind in ("image", "document"):

@@ -201,13 +201,16 @@ def parse_request(body: Any) -> ParsedRequest:
     if max_tokens is not None and (not isinstance(max_tokens, int) or max_tokens < 1):
         raise RequestError("max_tokens", "max_tokens must be a positive integer")
     reasoning_budget = _reasoning_budget(body.get("reasoning_effort"))
+    include_usage = (body.get("stream_options") or {}).get("include_usage")
+    if include_usage is not None and not isinstance(include_usage, bool):  # "false" is no false, as for stream
+        raise RequestError("stream_options.include_usage", "stream_options.include_usage must be a boolean")
     return ParsedRequest(
         model=model,
         system="\n\n".join(s for s in system if s),
         messages=messages,
         tools=tools,
         stream=bool(body.get("stream")),
-        include_usage=bool((body.get("stream_options") or {}).get("include_usage")),
+        include_usage=bool(include_usage),
         max_tokens=max_tokens,
         reasoning_budget=reasoning_budget,
         params=_params(body, bool(tools)),

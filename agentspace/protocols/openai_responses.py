@@ -394,7 +394,9 @@ def _text_format(raw: Any) -> dict[str, Any] | None:
             raise RequestError("text.format.schema", "a json_schema format needs a schema object")
         schema = {"name": str(raw.get("name") or "response"), "schema": raw["schema"]}
         if raw.get("strict") is not None:
-            schema["strict"] = bool(raw["strict"])
+            if not isinstance(raw["strict"], bool):  # "false" is no false (it asked for strict mode)
+                raise RequestError("text.format.strict", "strict must be a boolean")
+            schema["strict"] = raw["strict"]
         if raw.get("description"):
             schema["description"] = str(raw["description"])
         return {"type": "json_schema", "json_schema": schema}

@@ -168,6 +168,7 @@ LOCAL_PREFIXES = frozenset(
         "ollama",
         "ollama_chat",
         "llamafile",
+        "lemonade",  # in litellm's cost map, keyless: http://localhost:8000 by default
         "vllm",
         "hosted_vllm",
         "lm_studio",
