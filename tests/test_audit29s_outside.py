@@ -1,0 +1,68 @@
+"""The path a new team walks, tried from outside once more (issue 29): what the README and docs/deploy.md set up
+(``serve --workers N`` on PostgreSQL and Redis), looked at the way a team's tools look at it."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import signal
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from scripts.harness import GatewayProcess
+from tests.fakes import anthropic_upstream as fa
+from tests.scale_servers import TOKEN, Redis, flush_redis
+from tests.test_worker_crash import HEADERS, start_workers, stop, workers_of
+
+CALLS = 10
+
+
+def requests_total(text: str) -> float:
+    """The sum of ``agentspace_requests_total`` over its label sets in a scrape."""
+    return sum(float(m) for m in re.findall(r"^agentspace_requests_total\{[^}]*\} (\S+)$", text, re.M))
+
+
+async def scrape(url: str) -> str:
+    async with aiohttp.ClientSession(headers=HEADERS) as http, http.get(url + "/metrics") as resp:  # a new connection
+        assert resp.status == 200
+        return await resp.text()
+
+
+async def test_metrics_of_workers_count_every_workers_calls_whichever_answers_the_scrape(
+    tmp_path: Path, fake_anthropic: fa.FakeAnthropic, pg_dsn: str, redis_srv: Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """deploy.md's unit runs ``serve --workers 2`` and the README's scrape config reads ``/metrics`` from the port:
+    each scrape reached one worker (SO_REUSEPORT), which answered its own counters, so the series jumped between
+    the workers' figures (Prometheus saw counter resets; no label told the workers apart)."""
+    monkeypatch.setenv("AGENTSPACE_GATEWAY_TOKEN", TOKEN)  # the workers' environment is the test's (child_env)
+    await flush_redis(redis_srv)
+    storage = {"backend": "postgres", "dsn": pg_dsn, "redis_url": redis_srv.url}
+    layout = GatewayProcess(tmp_path / "data", fake_anthropic.url, storage=storage)
+    layout.data_dir.mkdir(parents=True)
+    process, url = await start_workers(layout, load_plugins="metrics")
+    try:
+        body = {"model": "claude-sonnet-4-5", "max_tokens": 16, "messages": [{"role": "user", "content": "Hi"}]}
+        for _ in range(CALLS):  # a connection each: the kernel spreads them over both workers
+            async with aiohttp.ClientSession(headers=HEADERS) as http, http.post(url + "/v1/messages", json=body) as r:
+                assert r.status == 200, await r.text()
+        # Every scrape, whichever worker answers it, counts every worker's calls.
+        assert [requests_total(await scrape(url)) for _ in range(8)] == [CALLS] * 8
+        text = await scrape(url)
+        assert 'agentspace_streams_in_flight{endpoint="anthropic"} 0.0' in text
+        # A worker that dies leaves its calls in the sum; its replacement starts counting from there.
+        killed = workers_of(process)[0]
+        environ = Path(f"/proc/{killed}/environ").read_bytes().split(b"\0")
+        shared = Path(next(v for v in environ if v.startswith(b"PROMETHEUS_MULTIPROC_DIR=")).split(b"=", 1)[1].decode())
+        assert shared.is_dir()
+        os.kill(killed, signal.SIGKILL)
+        await layout.wait_for_log(f"worker {killed} stopped (killed by SIGKILL); starting another")
+        assert process.stdout is not None
+        while not (await asyncio.wait_for(process.stdout.readline(), 60)).startswith(b"agentspace listening on "):
+            pass  # the replacement's banner: it counts (and stops) like the others
+        assert [requests_total(await scrape(url)) for _ in range(4)] == [CALLS] * 4
+    finally:
+        assert await stop(process) == 0
+    assert not shared.exists()  # the supervisor's directory goes with it
