@@ -7,15 +7,16 @@ import asyncio
 import os
 import re
 import signal
+import sys
 from pathlib import Path
 
 import aiohttp
 import pytest
 
-from scripts.harness import GatewayProcess
+from scripts.harness import ROOT, GatewayProcess
 from tests.fakes import anthropic_upstream as fa
 from tests.scale_servers import TOKEN, Redis, flush_redis
-from tests.test_worker_crash import HEADERS, start_workers, stop, workers_of
+from tests.test_worker_crash import HEADERS, start_workers, stop, unbuffered, workers_of
 
 CALLS = 10
 
@@ -23,6 +24,12 @@ CALLS = 10
 def requests_total(text: str) -> float:
     """The sum of ``agentspace_requests_total`` over its label sets in a scrape."""
     return sum(float(m) for m in re.findall(r"^agentspace_requests_total\{[^}]*\} (\S+)$", text, re.M))
+
+
+def catches_sigterm(pid: int) -> bool:
+    status = Path(f"/proc/{pid}/status").read_text()
+    caught = int(re.search(r"^SigCgt:\s*([0-9a-f]+)$", status, re.M).group(1), 16)  # type: ignore[union-attr]
+    return bool(caught & (1 << (signal.SIGTERM - 1)))
 
 
 async def scrape(url: str) -> str:
@@ -66,3 +73,34 @@ async def test_metrics_of_workers_count_every_workers_calls_whichever_answers_th
     finally:
         assert await stop(process) == 0
     assert not shared.exists()  # the supervisor's directory goes with it
+
+
+async def test_workers_stopped_while_they_start_exit_cleanly(
+    tmp_path: Path, fake_anthropic: fa.FakeAnthropic, pg_dsn: str, redis_srv: Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``systemctl stop`` (or Ctrl-C) in the seconds a worker takes to start: the worker, not yet listening for
+    the signal the supervisor passed on, died of it, and ``serve --workers`` exited 241 (-SIGTERM): systemd
+    marked the unit failed after a stop that lost nothing."""
+    monkeypatch.setenv("AGENTSPACE_GATEWAY_TOKEN", TOKEN)
+    storage = {"backend": "postgres", "dsn": pg_dsn, "redis_url": redis_srv.url}
+    layout = GatewayProcess(tmp_path / "data", fake_anthropic.url, storage=storage)
+    layout.data_dir.mkdir(parents=True)
+    with open(layout.log_path, "ab") as log:
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "agentspace", "serve", "--config", str(layout.config_path),
+            "--port", "0", "--workers", "2",
+            stdout=asyncio.subprocess.DEVNULL, stderr=log, env=unbuffered(layout.data_dir), cwd=ROOT,
+        )  # fmt: skip
+    try:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 60
+        # The workers started, still importing (no handler for SIGTERM yet); the supervisor's handler is set.
+        while len(workers_of(process)) < 2 or not catches_sigterm(process.pid):
+            assert process.returncode is None and loop.time() < deadline, layout.log()
+            await asyncio.sleep(0.01)
+        process.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(process.wait(), 60) == 0, layout.log()
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()

@@ -117,6 +117,8 @@ def _supervise(command: list[str], env: dict[str, str], metrics_dir: str, worker
             started.append(now)
         time.sleep(POLL_SECONDS)
     codes = [child.wait() for child in children]
+    if stopping:  # a worker still starting when the stop came dies of the signal passed on: a clean stop too
+        codes = [0 if code in (-signal.SIGTERM, -signal.SIGINT) else code for code in codes]
     return max(codes, key=abs)
 
 
