@@ -12,7 +12,9 @@ from pathlib import Path
 
 import aiohttp
 import pytest
+from click.testing import CliRunner
 
+from agentspace.cli import main
 from scripts.harness import ROOT, GatewayProcess
 from tests.fakes import anthropic_upstream as fa
 from tests.scale_servers import TOKEN, Redis, flush_redis
@@ -104,3 +106,33 @@ async def test_workers_stopped_while_they_start_exit_cleanly(
         if process.returncode is None:
             process.kill()
             await process.wait()
+
+
+async def test_the_cli_without_the_servers_token_variable_says_so_instead_of_the_files_token(
+    tmp_path: Path, fake_anthropic: fa.FakeAnthropic, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A server started with AGENTSPACE_GATEWAY_TOKEN (deploy.md's unit) still made a gateway-token file, and an
+    admin shell without the variable got that file's token from ``agentspace token`` (and chat and ask sent
+    it): every server refused it, 401."""
+    monkeypatch.setenv("AGENTSPACE_GATEWAY_TOKEN", TOKEN)
+    server = GatewayProcess(tmp_path / "data", fake_anthropic.url)
+    url = await server.start()
+    try:
+        unset = {"AGENTSPACE_GATEWAY_TOKEN": None, "AGENTSPACE_CONFIG": None, "AGENTSPACE_HOME": None}
+        data_dir = ["--data-dir", str(server.data_dir)]
+        for args in (["token"], ["token", "--rotate"], ["ask", "--url", url, "Hello"]):
+            result = await asyncio.to_thread(CliRunner().invoke, main, [*data_dir, *args], env=unset)
+            assert result.exit_code == 1, (args, result.output)
+            assert "takes its token from AGENTSPACE_GATEWAY_TOKEN, which is not set here" in result.output, args
+        result = await asyncio.to_thread(CliRunner().invoke, main, [*data_dir, "token"])  # with the variable
+        assert result.stdout.strip() == TOKEN
+        assert await server.terminate() == 0
+        monkeypatch.delenv("AGENTSPACE_GATEWAY_TOKEN")
+        url = await server.start()  # the file's token again
+        result = await asyncio.to_thread(CliRunner().invoke, main, [*data_dir, "token"], env=unset)
+        assert result.exit_code == 0, result.output
+        headers = {"Authorization": f"Bearer {result.stdout.strip()}"}
+        async with aiohttp.ClientSession(headers=headers) as http, http.get(url + "/api/sessions") as resp:
+            assert resp.status == 200
+    finally:
+        await server.aclose()
