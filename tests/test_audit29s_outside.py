@@ -18,6 +18,7 @@ from agentspace.cli import main
 from scripts.harness import ROOT, GatewayProcess
 from tests.fakes import anthropic_upstream as fa
 from tests.scale_servers import TOKEN, Redis, flush_redis
+from tests.test_secrets_files import NOBODY
 from tests.test_worker_crash import HEADERS, start_workers, stop, unbuffered, workers_of
 
 CALLS = 10
@@ -136,3 +137,25 @@ async def test_the_cli_without_the_servers_token_variable_says_so_instead_of_the
             assert resp.status == 200
     finally:
         await server.aclose()
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() != 0, reason="a service user's files need root")
+def test_root_on_a_service_users_data_directory_is_told_to_run_as_that_user(tmp_path: Path) -> None:
+    """docs/deploy.md's admin shell is root's, the data directory the service user's. ``keys list``, ``models``
+    and ``token`` there said the user's own keys.json or gateway-token "cannot be trusted" and advised removing
+    it and adding the keys again, or ``token --rotate``: root-owned files the workers refuse at their next start."""
+    data = tmp_path / "data"
+    data.mkdir(mode=0o700)
+    (data / "keys.json").write_text('{"anthropic": "sk-ant-service-key"}')
+    (data / "gateway-token").write_text("service-token-0123456789abcdef\n")
+    for path in (data, data / "keys.json", data / "gateway-token"):
+        os.chmod(path, 0o700 if path == data else 0o600)
+        os.chown(path, NOBODY, NOBODY)
+    unset = {"AGENTSPACE_GATEWAY_TOKEN": None, "AGENTSPACE_CONFIG": None, "AGENTSPACE_HOME": None}
+    for args, name in ((["keys", "list"], "keys.json"), (["models"], "keys.json"), (["token"], "gateway-token")):
+        result = CliRunner().invoke(main, ["--data-dir", str(data), *args], env=unset)
+        assert result.exit_code == 1, (args, result.output)
+        assert f"{data / name} belongs to nobody" in result.output, result.output
+        assert "runuser -u nobody -- agentspace" in result.output, result.output
+        assert "--rotate" not in result.output and "remove it" not in result.output
+    assert sorted(p.name for p in data.iterdir()) == ["gateway-token", "keys.json"]  # nothing of root's
