@@ -86,10 +86,39 @@ def env_token() -> str | None:
     return os.environ.get(TOKEN_ENV) or None
 
 
+# Written by a server that takes its token from the variable (removed by one that reads the file): the CLI
+# without the variable must not hand out the file's token, which that server refuses.
+FROM_ENV_FILE = "gateway-token-from-env"
+
+
+def note_token_source(data_dir: str | os.PathLike[str]) -> None:
+    """A starting server notes whether its token is the variable's."""
+    path = Path(data_dir) / FROM_ENV_FILE
+    if env_token() is None:
+        path.unlink(missing_ok=True)
+    else:
+        write_private_file(path, TOKEN_ENV + "\n")
+
+
 def client_token(data_dir: str | os.PathLike[str]) -> str:
     """The token a server started from this environment and data directory accepts: the variable when
-    set (it wins over the file, as in ``TokenFile``), else the file's."""
-    return env_token() or load_or_create_token(data_dir)
+    set (it wins over the file, as in ``TokenFile``), else the file's -- unless the data directory's server
+    took its token from the variable, which this environment lacks."""
+    token = env_token()
+    if token:
+        return token
+    check_file_token(data_dir)
+    return load_or_create_token(data_dir)
+
+
+def check_file_token(data_dir: str | os.PathLike[str]) -> None:
+    """Refuse to use the file's token when the data directory's server takes the variable's instead."""
+    if (Path(data_dir) / FROM_ENV_FILE).exists():
+        raise PrivateFileError(
+            f"The server of {data_dir} takes its token from {TOKEN_ENV}, which is not set here; it refuses the "
+            f"token of {token_path(data_dir)}. Set the variable as the server has it (docs/deploy.md: "
+            "set -a; . /etc/agentspace/env; set +a); chat and ask also take --token."
+        )
 
 
 def rotate_token(data_dir: str | os.PathLike[str]) -> str:

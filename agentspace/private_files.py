@@ -41,6 +41,22 @@ def _foreign(st: os.stat_result) -> bool:
     return hasattr(os, "geteuid") and st.st_uid != os.geteuid()
 
 
+def _service_user(path: Path, st: os.stat_result) -> str | None:
+    """The user's name when root reads a file that user owns in a directory that user owns: a data directory
+    of a server run as a user of its own, where removing or rewriting the file as root (the usual fix) would
+    leave a root-owned file that server refuses at its next start."""
+    if os.geteuid() != 0:
+        return None
+    try:
+        if os.stat(path.parent).st_uid != st.st_uid:
+            return None
+        import pwd
+
+        return pwd.getpwuid(st.st_uid).pw_name
+    except (OSError, KeyError):
+        return None
+
+
 def check_data_dir(path: Path) -> None:
     """Create the data directory 0700 if missing; refuse one owned by another user; tighten a loose mode."""
     path.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -79,6 +95,12 @@ def read_private_file(path: Path, fix: str) -> str | None:
         if not stat.S_ISREG(st.st_mode):
             raise PrivateFileError(f"{path} is not a regular file. {fix}")
         if _foreign(st):
+            owner = _service_user(path, st)
+            if owner is not None:  # root on a service's data directory (docs/deploy.md): the file is fine
+                raise PrivateFileError(
+                    f"{path} belongs to {owner}, whose data directory this is; agentspace reads secrets files "
+                    f"only as their owner. Run the command as {owner}: runuser -u {owner} -- agentspace ..."
+                )
             raise PrivateFileError(
                 f"{path} belongs to another user (uid {st.st_uid}), so its content cannot be trusted. {fix}"
             )

@@ -30,7 +30,7 @@ from .config import Config, ConfigError
 from .connections import ConnectionCap
 from .default_plugins.storage import open_storage
 from .gateway import assemble
-from .gateway_token import TOKEN_ENV, TokenFile, check_secrets, write_server_address
+from .gateway_token import TOKEN_ENV, TokenFile, check_secrets, note_token_source, write_server_address
 from .logs import configure_logging
 from .plugins import check_hooks, get_plugin_manager, plugin_error
 from .registry import ModelNotFound, Registry
@@ -109,6 +109,8 @@ def _gateway_context(config: Config, pm: pluggy.PluginManager) -> Callable[[web.
             await storage.start()
             with contextlib.suppress(OSError):  # for the CLI: where this data directory's server keeps its data
                 write_server_storage(config.data_dir, None if storage.uses_data_dir_lock else storage.backend)
+            with contextlib.suppress(OSError):  # and where its token comes from
+                note_token_source(config.data_dir)
             gw = await assemble(
                 config,
                 pm,

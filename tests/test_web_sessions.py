@@ -9,7 +9,7 @@ from pathlib import Path
 
 from tests.fakes.anthropic_upstream import text_response
 from tests.test_prompt_cache import turn_text
-from tests.test_web_app import Gateway, Page, browser, expect, gateway, new_chat, send, session_id, web
+from tests.test_web_app import PHONE, Gateway, Page, browser, expect, gateway, new_chat, send, session_id, web
 
 __all__ = ["browser", "gateway", "web"]  # the module's fixtures, as tests/test_web_app.py defines them
 
@@ -67,6 +67,43 @@ def test_export_downloads_markdown_and_json(web: Page, gateway: Gateway, tmp_pat
         page.get_by_role("button", name="Export JSON").click()
     info.value.save_as(tmp_path / "chat.json")
     assert json.loads((tmp_path / "chat.json").read_text())["session"]["id"] == sid
+
+
+def test_a_phone_shows_the_inspectors_details_and_exports_on_a_tap(
+    browser: object, gateway: Gateway, tmp_path: Path
+) -> None:
+    """On a phone the chat's header shows the context bar and its total only; the sections' names, the cache
+    line and the export buttons were hidden with no way to show them (the segments' titles need a mouse)."""
+    web = Page(browser, gateway, PHONE)
+    page = web.sign_in()
+    gateway.fake.enqueue(text_response("Phone answer."))
+    send(page, "Export me from a phone")
+    done_answers(page, 1)
+    sid = session_id(page)
+    export = page.get_by_role("button", name="Export Markdown")
+    legend = page.locator("#context .legend")
+    expect(page.locator("#context .seg[data-section=history]")).to_have_count(1)
+    expect(export).to_be_hidden()
+    expect(legend).to_be_hidden()
+    details = page.get_by_role("button", name="Details")
+    details.click()
+    expect(details).to_have_attribute("aria-expanded", "true")
+    expect(legend).to_be_visible()
+    expect(legend).to_contain_text("history")
+    expect(page.locator("#cache-line")).to_be_visible()
+    assert page.evaluate("document.documentElement.scrollWidth <= window.innerWidth")
+    with page.expect_download() as info:
+        export.click()
+    assert info.value.suggested_filename == f"{sid}.md"
+    info.value.save_as(tmp_path / "phone.md")
+    assert "Phone answer." in (tmp_path / "phone.md").read_text(encoding="utf-8")
+    gateway.fake.enqueue(text_response("Still open."))
+    send(page, "One more")
+    done_answers(page, 2)
+    expect(legend).to_be_visible()  # the bar is drawn again after a turn: the details stay shown
+    details.click()
+    expect(legend).to_be_hidden()
+    web.check()
 
 
 def test_sidebar_search_finds_message_text(web: Page, gateway: Gateway) -> None:

@@ -26,13 +26,13 @@ HEADERS = {"Authorization": f"Bearer {TOKEN}", "anthropic-version": "2023-06-01"
 MODEL = "anthropic/claude-sonnet-4-5"
 
 
-async def start_workers(layout: GatewayProcess) -> tuple[asyncio.subprocess.Process, str]:
-    """``serve --workers 2``; its URL once both workers listen."""
+async def start_workers(layout: GatewayProcess, load_plugins: str = "") -> tuple[asyncio.subprocess.Process, str]:
+    """``serve --workers 2`` (with ``AGENTSPACE_LOAD_PLUGINS=load_plugins``); its URL once both workers listen."""
     with open(layout.log_path, "ab") as log:
         process = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "agentspace", "serve", "--config", str(layout.config_path),
             "--port", "0", "--workers", "2",
-            stdout=asyncio.subprocess.PIPE, stderr=log, env=unbuffered(layout.data_dir), cwd=ROOT,
+            stdout=asyncio.subprocess.PIPE, stderr=log, env=unbuffered(layout.data_dir, load_plugins), cwd=ROOT,
         )  # fmt: skip
     assert process.stdout is not None
     urls: list[str] = []
@@ -56,9 +56,9 @@ async def start_workers(layout: GatewayProcess) -> tuple[asyncio.subprocess.Proc
     return process, urls[0]
 
 
-def unbuffered(data_dir: Path) -> dict[str, str]:
+def unbuffered(data_dir: Path, load_plugins: str = "") -> dict[str, str]:
     """The workers' environment with stdout unbuffered, where ``print`` writes a line and its newline apart."""
-    return {**child_env(data_dir), "PYTHONUNBUFFERED": "1"}
+    return {**child_env(data_dir, load_plugins), "PYTHONUNBUFFERED": "1"}
 
 
 def workers_of(process: asyncio.subprocess.Process) -> list[int]:

@@ -13,7 +13,7 @@ from .common import CliState, config_options, pass_state
 @pass_state
 def token(state: CliState, rotate: bool) -> None:
     """Print the gateway token (created on first use)."""
-    from ..gateway_token import TOKEN_ENV, client_token, env_token, rotate_token, token_path
+    from ..gateway_token import TOKEN_ENV, check_file_token, client_token, env_token, rotate_token, token_path
 
     data_dir = state.data_dir
     if env_token() is not None:  # replicas started with the variable accept it, not the file
@@ -25,6 +25,7 @@ def token(state: CliState, rotate: bool) -> None:
         return
     state.say_data_dir()
     if rotate:
+        check_file_token(data_dir)  # a new file would change nothing for a server that takes the variable
         click.echo(rotate_token(data_dir))
         click.echo(
             f"New token written to {token_path(data_dir)}. Running servers accept only the new token "

@@ -6,10 +6,12 @@ crashed) is replaced, and the supervisor says so on stderr."""
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from typing import Any
 
@@ -68,7 +70,19 @@ def run_workers(state: CliState, config: Config, workers: int) -> int:
     if state.config_path:
         command += ["--config", state.config_path]
     command += ["--data-dir", str(config.data_dir), "serve", "--host", host, "--port", str(port), "--reuse-port"]
-    children = [subprocess.Popen(command, env=os.environ.copy()) for _ in range(workers)]
+    # GET /metrics reaches any one worker: each writes its numbers here and answers the sum of all of them
+    # (prometheus_client's multiprocess mode). A new directory per start: the counters start from zero, as a
+    # single process's do.
+    metrics_dir = tempfile.mkdtemp(prefix="agentspace-metrics-")
+    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": metrics_dir}
+    try:
+        return _supervise(command, env, metrics_dir, workers)
+    finally:
+        shutil.rmtree(metrics_dir, ignore_errors=True)
+
+
+def _supervise(command: list[str], env: dict[str, str], metrics_dir: str, workers: int) -> int:
+    children = [subprocess.Popen(command, env=env) for _ in range(workers)]
     stopping = False
 
     def forward(signum: int, _frame: Any) -> None:
@@ -93,12 +107,23 @@ def run_workers(state: CliState, config: Config, workers: int) -> int:
                 click.echo(f"agentspace: worker {child.pid} stopped ({_ending(code)}); it keeps stopping, so no "
                            "other is started in its place", err=True)  # fmt: skip
                 given_up.add(i)
+                _forget_streams(child.pid, metrics_dir)
                 continue
             # Its calls in flight are posted by the other workers once their leases lapse (docs/accounting.md);
             # the new worker posts what the dead one's journal still holds as it starts.
             click.echo(f"agentspace: worker {child.pid} stopped ({_ending(code)}); starting another", err=True)
-            children[i] = subprocess.Popen(command, env=os.environ.copy())
+            _forget_streams(child.pid, metrics_dir)
+            children[i] = subprocess.Popen(command, env=env)
             started.append(now)
         time.sleep(POLL_SECONDS)
     codes = [child.wait() for child in children]
+    if stopping:  # a worker still starting when the stop came dies of the signal passed on: a clean stop too
+        codes = [0 if code in (-signal.SIGTERM, -signal.SIGINT) else code for code in codes]
     return max(codes, key=abs)
+
+
+def _forget_streams(pid: int, metrics_dir: str) -> None:
+    """A dead worker's gauges (its streams in flight) leave the sum; its counters stay in it."""
+    from prometheus_client import multiprocess
+
+    multiprocess.mark_process_dead(pid, metrics_dir)

@@ -6,7 +6,11 @@ the plugin is a usage sink, so every provider call on every endpoint is counted 
 counts it (``requests`` = records the upstream answered, ``errors`` = records with an error code). The
 observation hooks add what records do not hold: streams in flight, fallbacks, store write latency.
 
-One registry per process: each replica exports its own numbers, and the labels let Prometheus sum them.
+One registry per process: each replica exports its own numbers, and the labels let Prometheus sum them. The
+workers of ``serve --workers N`` share one port, so a scrape reaches any one of them: they write their numbers
+to files in the directory the supervisor names in ``PROMETHEUS_MULTIPROC_DIR`` (prometheus_client's
+multiprocess mode), and every worker's ``/metrics`` answers the sum of all of them, those of workers that died
+included (``process_*`` and ``python_*`` are then left out: they are one process's).
 Label values stay few: the model is one the price list or the config knows, else ``other``; the client is
 one of the first ``MAX_CLIENTS`` names seen, else ``other``; no session ids, no text.
 """
@@ -14,6 +18,7 @@ one of the first ``MAX_CLIENTS`` names seen, else ``other``; no session ids, no 
 from __future__ import annotations
 
 import fnmatch
+import os
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
@@ -26,6 +31,7 @@ from prometheus_client import (
     Histogram,
     gc_collector,
     generate_latest,
+    multiprocess,
     platform_collector,
     process_collector,
 )
@@ -49,114 +55,147 @@ LLM_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.
 STORE_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 TOKEN_KINDS = ("input", "output", "cache_read", "cache_write", "reasoning")
 
-REGISTRY = CollectorRegistry()
-process_collector.ProcessCollector(registry=REGISTRY)
-platform_collector.PlatformCollector(registry=REGISTRY)
-gc_collector.GCCollector(registry=REGISTRY)
+REGISTRY = CollectorRegistry()  # what GET /metrics answers
+# A worker of `serve --workers N`: the metrics below go to the shared directory's files (prometheus_client
+# chose its file-backed values at import, from the same variable), and a scrape reads every worker's files.
+MULTIPROCESS = bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
+if MULTIPROCESS:
+    multiprocess.MultiProcessCollector(REGISTRY)
+    _OWN: CollectorRegistry | None = None  # declared, not scraped: their values are read back from the files
+else:
+    process_collector.ProcessCollector(registry=REGISTRY)
+    platform_collector.PlatformCollector(registry=REGISTRY)
+    gc_collector.GCCollector(registry=REGISTRY)
+    _OWN = REGISTRY
 
 CALL_LABELS = ("model", "client", "endpoint")
-REQUESTS = Counter("agentspace_requests", "Provider calls the upstream answered.", CALL_LABELS, registry=REGISTRY)
+REQUESTS = Counter("agentspace_requests", "Provider calls the upstream answered.", CALL_LABELS, registry=_OWN)
 ERRORS = Counter(
     "agentspace_errors",
     "Provider calls that ended in an error, by error code.",
     (*CALL_LABELS, "code"),
-    registry=REGISTRY,
+    registry=_OWN,
 )
 TOKENS = Counter(
     "agentspace_tokens",
     "Tokens of provider calls, by kind: input, output, cache_read, cache_write, reasoning.",
     (*CALL_LABELS, "kind"),
-    registry=REGISTRY,
+    registry=_OWN,
 )
-COST = Counter("agentspace_cost_usd", "Cost of provider calls in US dollars.", CALL_LABELS, registry=REGISTRY)
+COST = Counter("agentspace_cost_usd", "Cost of provider calls in US dollars.", CALL_LABELS, registry=_OWN)
 SERVER_TOOLS = Counter(
     "agentspace_server_tool_uses",
     "Server tools the upstream ran and billed per use (web_search, web_fetch, code_execution).",
     (*CALL_LABELS, "tool"),
-    registry=REGISTRY,
+    registry=_OWN,
 )
 SERVER_TOOL_COST = Counter(
     "agentspace_server_tool_cost_usd",
     "Fees for server tools in US dollars (part of agentspace_cost_usd).",
     CALL_LABELS,
-    registry=REGISTRY,
+    registry=_OWN,
 )
 TTFT = Histogram(
     "agentspace_time_to_first_token_seconds",
     "From the start of a provider call to its first streamed output.",
     ("model", "endpoint"),
     buckets=LLM_BUCKETS,
-    registry=REGISTRY,
+    registry=_OWN,
 )
 DURATION = Histogram(
     "agentspace_request_duration_seconds",
     "Duration of provider calls that reached the upstream, retries and fallbacks included.",
     ("model", "endpoint"),
     buckets=LLM_BUCKETS,
-    registry=REGISTRY,
+    registry=_OWN,
 )
 STREAMS = Gauge(
     "agentspace_streams_in_flight",
     "Answers being streamed now: chat turns (ws, http) and /v1 calls (anthropic, openai).",
     ("endpoint",),
-    registry=REGISTRY,
+    registry=_OWN,
+    multiprocess_mode="livesum",  # the workers' streams now (a dead worker's file is removed by the supervisor)
 )
 RETRIES = Counter(
     "agentspace_upstream_retries",
     "Upstream attempts beyond the first (after 429 or 5xx).",
     ("model",),
-    registry=REGISTRY,
+    registry=_OWN,
 )
 FALLBACKS = Counter(
     "agentspace_fallbacks",
     "Provider calls answered by a fallback model ([models] fallbacks), by the model requested.",
     ("model", "fallback"),
-    registry=REGISTRY,
+    registry=_OWN,
 )
 DEPLOYMENT_CALLS = Counter(
     "agentspace_deployment_calls",
     "Provider calls per deployment of a model group ([models.groups]), answered or failed with an error code.",
     ("deployment", "outcome"),
-    registry=REGISTRY,
+    registry=_OWN,
 )
 STORE_WRITES = Histogram(
     "agentspace_store_write_seconds",
     "Store writes the server waited for: sessions, usage:<sink>.",
     ("store",),
     buckets=STORE_BUCKETS,
-    registry=REGISTRY,
+    registry=_OWN,
 )
 
 
+SINK_FAILURES_HELP = "Calls of a usage sink's record that raised or timed out (each retry counts)."
+SINK_DROPPED_HELP = "Usage records a sink never got: refused (DropRecord), its queue full, or left at shutdown."
+SINK_DEPTH_HELP = "Usage records waiting for a sink."
+
+
+def _queue_totals() -> dict[str, tuple[int, int, int]]:
+    """The queued usage sinks of this process (``agentspace.sinks.SinkQueue``) by name: failures, dropped,
+    depth."""
+    totals: dict[str, tuple[int, int, int]] = {}
+    for queue in live_queues():
+        failed, lost, waiting = totals.get(queue.name, (0, 0, 0))
+        totals[queue.name] = (failed + queue.failures, lost + queue.dropped, waiting + queue.depth)
+    return dict(sorted(totals.items()))
+
+
 class SinkQueueCollector:
-    """The queued usage sinks of this process (``agentspace.sinks.SinkQueue``), read at each scrape."""
+    """The queues' figures, read at each scrape (one process)."""
 
     def collect(self) -> Iterator[Metric]:
-        failures = CounterMetricFamily(
-            "agentspace_sink_failures",
-            "Calls of a usage sink's record that raised or timed out (each retry counts).",
-            labels=["sink"],
-        )
-        dropped = CounterMetricFamily(
-            "agentspace_sink_dropped",
-            "Usage records a sink never got: refused (DropRecord), its queue full, or left at shutdown.",
-            labels=["sink"],
-        )
-        depth = GaugeMetricFamily("agentspace_sink_queue_depth", "Usage records waiting for a sink.", labels=["sink"])
-        totals: dict[str, list[int]] = {}
-        for queue in live_queues():
-            t = totals.setdefault(queue.name, [0, 0, 0])
-            t[0] += queue.failures
-            t[1] += queue.dropped
-            t[2] += queue.depth
-        for name, (failed, lost, waiting) in sorted(totals.items()):
+        failures = CounterMetricFamily("agentspace_sink_failures", SINK_FAILURES_HELP, labels=["sink"])
+        dropped = CounterMetricFamily("agentspace_sink_dropped", SINK_DROPPED_HELP, labels=["sink"])
+        depth = GaugeMetricFamily("agentspace_sink_queue_depth", SINK_DEPTH_HELP, labels=["sink"])
+        for name, (failed, lost, waiting) in _queue_totals().items():
             failures.add_metric([name], failed)
             dropped.add_metric([name], lost)
             depth.add_metric([name], waiting)
         yield from (failures, dropped, depth)
 
 
-REGISTRY.register(SinkQueueCollector())
+# Workers: the queues' figures go to the shared files, brought up to date at each record and each scrape.
+SINK_FAILURES = Counter("agentspace_sink_failures", SINK_FAILURES_HELP, ("sink",), registry=None)
+SINK_DROPPED = Counter("agentspace_sink_dropped", SINK_DROPPED_HELP, ("sink",), registry=None)
+SINK_DEPTH = Gauge(
+    "agentspace_sink_queue_depth", SINK_DEPTH_HELP, ("sink",), registry=None, multiprocess_mode="livesum"
+)
+_synced: dict[str, tuple[int, int]] = {}  # failures and dropped as last written, by sink
+
+
+def _sync_queues() -> None:
+    if not MULTIPROCESS:
+        return
+    for name, (failed, lost, waiting) in _queue_totals().items():
+        was_failed, was_lost = _synced.get(name, (0, 0))
+        if failed > was_failed:
+            SINK_FAILURES.labels(name).inc(failed - was_failed)
+        if lost > was_lost:
+            SINK_DROPPED.labels(name).inc(lost - was_lost)
+        SINK_DEPTH.labels(name).set(waiting)
+        _synced[name] = (failed, lost)
+
+
+if not MULTIPROCESS:
+    REGISTRY.register(SinkQueueCollector())
 
 # Models any loaded config names (default, fallbacks, prices, provider model lists): known, so labelled.
 _configured: set[str] = set()
@@ -242,9 +281,11 @@ class MetricsSink:
             DURATION.labels(model, endpoint).observe(record.latency_ms / 1000)
         if record.ttft_ms is not None:
             TTFT.labels(model, endpoint).observe(record.ttft_ms / 1000)
+        _sync_queues()
 
 
 async def metrics_handler(request: web.Request) -> web.Response:
+    _sync_queues()
     return web.Response(body=generate_latest(REGISTRY), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 

@@ -15,6 +15,7 @@ const state = {
   sessions: [],
   chat: null, // {id, messages, stored, streaming, stopping}
   sidebarOpen: false,
+  contextOpen: false, // on a phone: the inspector's details (legend, cache line, export) shown
   search: "", // the sidebar's search text ("" lists every session)
 };
 
@@ -731,7 +732,15 @@ async function loadContext() {
         `${money(total.costWithCache)} input with the cache, ${money(total.costWithoutCache)} without.`);
   const compact = el("button", { type: "button", class: "ghost small", id: "compact" }, "Compact");
   compact.addEventListener("click", () => compactChat(chat, compact));
-  const actions = el("span", { class: "context-actions" }, compact,
+  // A phone shows the bar and its total only (the header stays short); "Details" shows the rest there.
+  const details = el("button", { type: "button", class: "ghost small context-toggle", "aria-controls": "context", "aria-expanded": String(state.contextOpen) }, "Details");
+  details.addEventListener("click", () => {
+    state.contextOpen = !state.contextOpen;
+    box.classList.toggle("open", state.contextOpen);
+    details.setAttribute("aria-expanded", String(state.contextOpen));
+  });
+  box.classList.toggle("open", state.contextOpen);
+  const actions = el("span", { class: "context-actions" }, details, compact,
     el("button", { type: "button", class: "ghost small export", onclick: () => exportChat(chat, "md") }, "Export Markdown"),
     el("button", { type: "button", class: "ghost small export", onclick: () => exportChat(chat, "json") }, "Export JSON"));
   box.replaceChildren(
