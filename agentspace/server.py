@@ -206,9 +206,9 @@ def _check_model(gw: Registry, model: str, key: str) -> None:
 
 @web.middleware
 async def _v1_calls(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Keep the task of each request that calls a provider outside a turn (a /v1 call, a session's compaction)
-    while it runs, for the shutdown to stop when its grace ends."""
-    if not (request.path.startswith("/v1/") or _is_compaction(request)):
+    """Keep the task of each request that calls a provider outside a turn (a /v1 call, a session's compaction:
+    the routes marked ``provider_call``) while it runs, for the shutdown to stop when its grace ends."""
+    if request.match_info.route not in request.app[state.PROVIDER_CALL_ROUTES]:
         return await handler(request)
     task = asyncio.current_task()
     assert task is not None
@@ -218,10 +218,6 @@ async def _v1_calls(request: web.Request, handler: Handler) -> web.StreamRespons
         return await handler(request)
     finally:
         calls.discard(task)
-
-
-def _is_compaction(request: web.Request) -> bool:
-    return request.method == "POST" and request.path.startswith("/api/sessions/") and request.path.endswith("/compact")
 
 
 def _calls_in_flight(gw: Registry) -> int:

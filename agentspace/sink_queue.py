@@ -54,6 +54,7 @@ class SinkQueue:
         self._idle = asyncio.Event()
         self._idle.set()
         self._closed = False
+        self._said_closed = False  # a record came after the close, and the log said so
         self._stopped = False  # the drain is over: the worker ends at its next turn, cancelled or not
         self._hurry = asyncio.Event()  # set at shutdown: a retry waiting out its backoff goes at once
         self.delivered = 0
@@ -98,7 +99,15 @@ class SinkQueue:
 
     def offer(self, record: UsageRecord) -> None:
         """Queue ``record`` for the sink; never blocks, never raises."""
-        if self._closed or len(self._records) >= self.maxsize:
+        if self._closed:  # a call that outlived the shutdown's drain: said once, not once per record
+            self.dropped += 1
+            if not self._said_closed:
+                self._said_closed = True
+                log.warning(
+                    "usage sink %r: closed at shutdown; record %s and any after it not delivered", self.name, record.id
+                )
+            return
+        if len(self._records) >= self.maxsize:
             self.dropped += 1
             self._warn("usage sink %r: queue full (%d records); dropped record %s", self.name, self.maxsize, record.id)
             return

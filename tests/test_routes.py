@@ -209,6 +209,25 @@ def test_documented_enums_are_the_codes() -> None:
     assert message["parts"]["items"]["properties"]["type"]["enum"] == part_types
 
 
+def test_the_answers_said_to_carry_retry_after_declare_it() -> None:
+    """An answer whose description says it comes with Retry-After declares the header (a client generated from
+    the document reads the headers, not the prose): the 429s and the 503s that send it."""
+    doc = routes.document()
+    said = [
+        (key, status, answer)
+        for key, op in operations(doc).items()
+        for status, answer in op["responses"].items()
+        if "Retry-After" in answer.get("description", "")
+    ]
+    assert {status for _, status, _ in said} == {"429", "503"}
+    for key, status, answer in said:
+        assert answer.get("headers", {}).get("Retry-After") == {"$ref": "#/components/headers/RetryAfter"}, (
+            key,
+            status,
+        )
+    assert doc["components"]["headers"]["RetryAfter"]["schema"] == {"type": "integer", "minimum": 1}
+
+
 def _validate(doc: dict[str, Any], method: str, path: str, status: str, body: Any) -> None:
     response = operations(doc)[(method, path)]["responses"][status]
     if "$ref" in response:

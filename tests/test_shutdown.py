@@ -147,3 +147,45 @@ async def test_a_compaction_the_upstream_took_is_recorded_when_shutdown_stops_it
     (record,) = [r for r in UsageStore(server.data_dir).records_sync(session_id=session_id) if r["purpose"]]
     assert (record["purpose"], record["finishReason"], record["error"]) == ("compact", "aborted", "ABORTED")
     assert record["inputTokens"] == 5000 and record["answered"] is True and record["recovered"] is not True
+
+
+async def test_a_compaction_asked_for_over_the_websocket_is_stopped_and_refused_at_the_grace_end(
+    tmp_path: Path, fake_anthropic: fa.FakeAnthropic
+) -> None:
+    """The same over the WebSocket: ``session.compact`` is stopped at the grace's end like the HTTP compaction,
+    its call recorded aborted before the sinks close, and the client gets the refusal's error frame before the
+    socket closes with GOING_AWAY. It ran on until aiohttp's own shutdown timeout, and the client got no answer."""
+    fake_anthropic.enqueue(
+        fa.text_response("first answer"),
+        fa.text_response("second answer"),
+        fa.text_response("summary " * 50, chunks=50, usage={"input_tokens": 5000}).stall(60, after=2),
+    )
+    server = GatewayProcess(tmp_path / "data", fake_anthropic.url, server={"shutdown_grace_seconds": 1.0})
+    try:
+        await server.start()
+        headers = {"Authorization": f"Bearer {server.token}"}
+        async with aiohttp.ClientSession() as http:
+            ws = await http.ws_connect(server.ws_url, headers=headers)
+            await ws.send_json({"type": "chat.send", "id": 1, "content": "one"})
+            session_id = (await frames_until(ws, "chat.stream.end"))[0]["sessionId"]
+            await ws.send_json({"type": "chat.send", "id": 2, "content": "two", "sessionId": session_id})
+            await frames_until(ws, "chat.stream.end")
+            await ws.send_json({"type": "session.compact", "id": 3, "sessionId": session_id})
+            await wait_for_notes(
+                lambda: journal_entries(server.data_dir),
+                1,
+                lambda e: e.get("purpose") == "compact" and isinstance(e.get("usage"), dict),
+            )
+            assert server.process is not None
+            server.process.send_signal(signal.SIGTERM)
+            refused = await ws.receive_json(timeout=30)
+            assert (refused["type"], refused["requestId"], refused["code"]) == ("error", 3, "SERVICE_UNAVAILABLE")
+            assert "shutting down" in refused["message"]
+            assert await close_code(ws) == 1001
+            assert await server.process.wait() == 0
+    finally:
+        await server.aclose()
+
+    (record,) = [r for r in UsageStore(server.data_dir).records_sync(session_id=session_id) if r["purpose"]]
+    assert (record["purpose"], record["finishReason"], record["error"]) == ("compact", "aborted", "ABORTED")
+    assert record["inputTokens"] == 5000 and record["answered"] is True and record["recovered"] is not True

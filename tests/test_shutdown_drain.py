@@ -15,9 +15,13 @@ import openai
 import pytest
 
 from agentspace.storage.embedded.usage import UsageStore
+from scripts import harness
 from scripts.harness import GatewayProcess
+from tests.conftest import wait_until
 from tests.fakes import anthropic_upstream as fa
+from tests.fakes import openai_upstream as fo
 from tests.fakes.anthropic_upstream import FakeAnthropic
+from tests.fakes.openai_upstream import FakeOpenAI
 
 MODEL = "claude-sonnet-4-5"
 LONG = "slow " * 60  # 60 deltas, 0.1 s apart: the stream in flight while the server drains
@@ -140,3 +144,45 @@ async def test_v1_streams_stopped_by_the_shutdown_end_as_their_api_ends_a_failed
     records = list(UsageStore(server.data_dir).records_sync())
     assert sorted(r["endpoint"] for r in records) == ["anthropic", "openai", "responses"]
     assert {r["finishReason"] for r in records} == {"aborted"}, records
+
+
+async def test_a_whole_embeddings_call_stopped_by_the_shutdown_is_answered_as_a_whole_chat_call_is(
+    tmp_path: Path, fake_anthropic: FakeAnthropic, fake_openai: FakeOpenAI, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A non-streamed /v1/embeddings call still running when the grace ends is stopped, recorded once (the
+    upstream has it and bills its input), and its client gets the 503 a non-streamed chat call gets then, in
+    OpenAI's shape: its connection dropped."""
+    child_env = harness.child_env
+    monkeypatch.setattr(harness, "child_env", lambda *a: {**child_env(*a), "OPENAI_API_KEY": "sk-openai-test-0123"})
+    fake_anthropic.enqueue(fa.text_response("late").silent_for(60))
+    fake_openai.enqueue(fo.text_response().with_delay(60))
+    sections = {"providers.openai": {"base_url": fake_openai.url}, "server": {"shutdown_grace_seconds": 1.0}}
+    server = GatewayProcess(tmp_path / "data", fake_anthropic.url, **sections)
+    try:
+        await server.start()
+        gpt = openai.AsyncOpenAI(api_key=server.token, base_url=server.url + "/v1", max_retries=0)
+        messages = [{"role": "user", "content": "Hi"}]
+        chat = asyncio.ensure_future(gpt.chat.completions.create(model="anthropic/" + MODEL, messages=messages))  # type: ignore[arg-type]
+        embedding = asyncio.ensure_future(gpt.embeddings.create(model="openai/text-embedding-3-small", input="x y z"))
+
+        async def both_sent() -> bool:
+            return bool(fake_anthropic.requests and fake_openai.requests)
+
+        await wait_until(both_sent, timeout=30)
+        assert server.process is not None
+        server.process.send_signal(signal.SIGTERM)
+        answers = {}
+        for name, call in {"chat": chat, "embeddings": embedding}.items():
+            with pytest.raises(openai.InternalServerError) as stopped:
+                await call
+            response = stopped.value.response
+            answers[name] = (response.status_code, response.headers.get("retry-after"), response.json()["error"])
+        assert answers["embeddings"] == answers["chat"], answers
+        status, _, error = answers["embeddings"]
+        assert status == 503 and "shutting down" in error["message"]
+        assert await server.process.wait() == 0
+    finally:
+        await server.aclose()
+    records = UsageStore(server.data_dir).records_sync()
+    (record,) = [r for r in records if r["endpoint"] == "embeddings"]
+    assert record["inputTokens"] > 0 and record["answered"] is True and record["recovered"] is not True, record

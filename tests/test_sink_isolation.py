@@ -414,3 +414,37 @@ async def test_the_server_stops_while_a_broken_sink_still_fails_its_records(
         assert frames[-1]["type"] == "chat.stream.end", frames[-1]
         await wait_until(lambda: _ready(failed > 0))
         await asyncio.wait_for(client.close(), 20)
+
+
+async def test_records_that_come_after_a_sink_closed_at_shutdown_are_said_once(
+    make_client: Any, token: str, fake_anthropic: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A call that outlives the shutdown's wait records after the sinks closed: the log says the sink was
+    closed, once, where it said "queue full" for each record. The late records are offered as ``Recorder.record``
+    offers them (no call can be made to outlive the wait in a test's time)."""
+    got: list[UsageRecord] = []
+
+    class Late:
+        name = "late"
+
+        async def record(self, record: UsageRecord) -> None:
+            got.append(record)
+
+    class LatePlugin:
+        @hookimpl
+        def register_usage_sinks(self, register: Callable[[Any], None], config: Config) -> None:
+            register(Late())
+
+    client = await start_client(make_client, LatePlugin())
+    for i in range(2):
+        frames, _ = await ws_turn(client, token, f"turn {i}")
+        assert frames[-1]["type"] == "chat.stream.end", frames[-1]
+    await wait_until(lambda: _ready(len(got) == 2))
+    queues = client.app[state.REGISTRY].recorder.queues.values()
+    await client.close()  # the server stops: the sinks drain and close
+    (queue,) = [q for q in queues if q.name == "late"]
+    for record in got:
+        queue.offer(record)
+    said = [r.getMessage() for r in caplog.records if "usage sink 'late'" in r.getMessage()]
+    assert len(said) == 1 and "closed at shutdown" in said[0], said
+    assert queue.dropped == 2 and len(got) == 2

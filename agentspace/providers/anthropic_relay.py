@@ -42,7 +42,7 @@ from ..types import TokenUsage, json_bytes, reported_count
 from ..vault import key_name, missing_key_message, resolve_key
 from .anthropic import FINISH_REASONS, UNREADABLE_MESSAGE
 from .sse import SSEDecoder
-from .upstream_http import client_gone, http_client, stopped_by_server, uncancel, watch_client
+from .upstream_http import answers_shutdown, client_gone, http_client, watch_client
 
 log = logging.getLogger(__name__)
 
@@ -194,9 +194,9 @@ async def messages(
         elif meter.recorded is None:  # no message_start yet: voided, as ``_stream`` voids a client gone before it
             pending = meter.record(TokenUsage(), "aborted", error="ABORTED", answered=False)
             await asyncio.shield(asyncio.ensure_future(pending))
-        if not stopped_by_server(request):
+        if not answers_shutdown(request):
             raise
-        uncancel()  # the server's shutdown, before the answer began: a 503 the SDKs retry, not a dropped connection
+        # the server's shutdown, before the answer began: a 503 the SDKs retry, not a dropped connection
         return _error(503, SHUTTING_DOWN_MESSAGE)
 
 
@@ -281,9 +281,8 @@ async def _stream(
             await asyncio.shield(
                 asyncio.ensure_future(_record_stream(meter, relay.finish(), body, disconnected=True, cut=False))
             )
-        if not (resp.prepared and stopped_by_server(request)):
+        if not (resp.prepared and answers_shutdown(request)):
             raise
-        uncancel()
         if not at_event_end and request.transport is not None:
             request.transport.close()  # mid-event: an incomplete body, as for a stream cut
             return resp

@@ -33,17 +33,17 @@ def client_gone(request: web.Request) -> bool:
     return transport is None or transport.is_closing()
 
 
-def stopped_by_server(request: web.Request) -> bool:
-    """Whether a handler cancelled while its client is still there was stopped by the server: its shutdown,
-    at the end of ``[server] shutdown_grace_seconds`` (a client that leaves closes its transport first)."""
-    return not client_gone(request)
-
-
-def uncancel() -> None:
-    """The current task goes on after a cancellation it answered (a shutdown's: ``stopped_by_server``)."""
+def answers_shutdown(request: web.Request) -> bool:
+    """Called where a handler catches ``asyncio.CancelledError`` (its call recorded first): whether the server's
+    shutdown stopped it, at the end of ``[server] shutdown_grace_seconds``, and so it answers its client (a 503,
+    or its API's error end) instead of re-raising. A cancel while the client is still there is the server's (a
+    client that leaves closes its transport first). If so, the task goes on: its cancel is taken back."""
+    if client_gone(request):
+        return False
     task = asyncio.current_task()
     assert task is not None
     task.uncancel()
+    return True
 
 
 # How often a stream checks that its client is still there while the upstream sends nothing.

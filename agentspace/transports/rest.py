@@ -21,7 +21,7 @@ from aiohttp import hdrs, web
 
 from .. import security
 from ..errors import ApiError, outage_error
-from ..providers.upstream_http import stopped_by_server, uncancel
+from ..providers.upstream_http import answers_shutdown
 from ..security import error_response
 from ..service import SHUTTING_DOWN_MESSAGE, Service
 from . import bodies, state, v1_errors
@@ -92,9 +92,9 @@ async def compact_session(request: web.Request) -> web.Response:
     try:
         return web.json_response(await _service(request).compact_session(request.match_info["id"]))
     except asyncio.CancelledError:  # (the summarising call is recorded aborted by now)
-        if not stopped_by_server(request):
+        if not answers_shutdown(request):
             raise
-        uncancel()  # the server's shutdown stopped it at its grace's end: said, not a dropped connection
+        # the server's shutdown stopped it at its grace's end: said, not a dropped connection
         raise ApiError("SERVICE_UNAVAILABLE", SHUTTING_DOWN_MESSAGE) from None
 
 

@@ -1,10 +1,11 @@
 """Every HTTP route of the gateway, in one table, and the one function that adds routes to the app.
 
-A route is a method, a path, its handler and who may call it (``Auth``). ``install`` adds the table's
-routes, then the plugins' (the ``register_routes`` hook; the built-in ``/metrics`` is one): nothing else
-adds routes. The routes are documented in ``agentspace/openapi.yaml`` (data, not code), served as JSON at
-``GET /api/openapi.json``; ``tests/test_routes.py`` checks that the table, the running app and the document
-agree, methods, auth and enums included. The WebSocket at ``/gateway`` is described in docs/protocol.md.
+A route is a method, a path, its handler, who may call it (``Auth``) and whether it calls a provider outside
+a turn (``provider_call``: the shutdown stops it when its grace ends, as it stops the turns). ``install`` adds
+the table's routes, then the plugins' (the ``register_routes`` hook; the built-in ``/metrics`` is one):
+nothing else adds routes. The routes are documented in ``agentspace/openapi.yaml`` (data, not code), served as
+JSON at ``GET /api/openapi.json``; ``tests/test_routes.py`` checks that the table, the running app and the
+document agree, methods, auth and enums included. The WebSocket at ``/gateway`` is described in docs/protocol.md.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from . import (
     clients_api,
     health,
     rest,
+    state,
     ui_stream,
     v1_anthropic,
     v1_embeddings,
@@ -57,6 +59,7 @@ class Route:
     path: str
     handler: Handler
     auth: Auth
+    provider_call: bool = False
 
 
 def table() -> list[Route]:
@@ -77,7 +80,7 @@ def table() -> list[Route]:
         Route("DELETE", "/api/sessions/{id}", rest.delete_session, a.CALLER),
         Route("GET", "/api/sessions/{id}/context", rest.session_context, a.CALLER),
         Route("POST", "/api/sessions/{id}/context", rest.session_context_for_draft, a.CALLER),
-        Route("POST", "/api/sessions/{id}/compact", rest.compact_session, a.CALLER),
+        Route("POST", "/api/sessions/{id}/compact", rest.compact_session, a.CALLER, provider_call=True),
         Route("GET", "/api/sessions/{id}/export", rest.export_session, a.CALLER),
         Route("GET", "/api/usage", rest.usage, a.CALLER),
         Route("GET", "/api/models", rest.models, a.CALLER),
@@ -91,11 +94,11 @@ def table() -> list[Route]:
         Route("DELETE", "/api/clients/{name}", clients_api.delete_client, a.ADMIN),
         Route("POST", "/api/clients/{name}/rotate", clients_api.rotate_client, a.ADMIN),
         # The drop-in provider APIs (README.md#use-it-from-your-tools)
-        Route("POST", "/v1/messages", v1_anthropic.messages, a.CALLER),
-        Route("POST", "/v1/messages/count_tokens", v1_anthropic.count_tokens, a.CALLER),
-        Route("POST", "/v1/chat/completions", v1_openai.chat_completions, a.CALLER),
-        Route("POST", "/v1/responses", v1_responses.responses, a.CALLER),
-        Route("POST", "/v1/embeddings", v1_embeddings.embeddings, a.CALLER),
+        Route("POST", "/v1/messages", v1_anthropic.messages, a.CALLER, provider_call=True),
+        Route("POST", "/v1/messages/count_tokens", v1_anthropic.count_tokens, a.CALLER, provider_call=True),
+        Route("POST", "/v1/chat/completions", v1_openai.chat_completions, a.CALLER, provider_call=True),
+        Route("POST", "/v1/responses", v1_responses.responses, a.CALLER, provider_call=True),
+        Route("POST", "/v1/embeddings", v1_embeddings.embeddings, a.CALLER, provider_call=True),
         Route("GET", "/v1/models", v1_models.list_models, a.CALLER),
         Route("GET", "/v1/models/{id:.+}", v1_models.get_model, a.CALLER),  # ids hold a "/"
         # The web app (README.md#web-app)
@@ -108,8 +111,12 @@ def install(app: web.Application, config: Config, pm: pluggy.PluginManager) -> N
     """Add every route: the table's, then the plugins'; and what the routes share (JSON errors, CORS)."""
     rest.install_errors_and_cors(app)
     bodies.install(app)
+    calls = set()
     for route in table():
-        app.router.add_route(route.method, route.path, route.handler)
+        added = app.router.add_route(route.method, route.path, route.handler)
+        if route.provider_call:
+            calls.add(added)
+    app[state.PROVIDER_CALL_ROUTES] = frozenset(calls)
     app.on_cleanup.append(close_http_client)  # the /v1 relays' HTTP client
     ours = set(app.router.routes())
     pm.hook.register_routes(app=app, config=config)

@@ -16,8 +16,11 @@ from ..service import Service
 REGISTRY = web.AppKey("registry", Registry)
 WEBSOCKETS = web.AppKey[weakref.WeakSet[Any]]("websockets")  # the open ws.Connection objects
 SHUTTING_DOWN = web.AppKey("shutting_down", asyncio.Event)  # set when shutdown begins: no new turns
-# The tasks of the /v1 requests running: stopped when the shutdown's grace ends, as the turns are.
+# The tasks of the requests running on a route that calls a provider outside a turn (``routes.Route.provider_call``:
+# the /v1 calls, a session's compaction), and of a WebSocket's ``session.compact``: stopped when the shutdown's
+# grace ends, as the turns are.
 V1_CALLS = web.AppKey[set["asyncio.Task[Any]"]]("v1_calls")
+PROVIDER_CALL_ROUTES = web.AppKey("provider_call_routes", frozenset)
 # Set when a key or the gateway token was rotated or removed: open sockets are checked at once.
 CREDENTIALS_CHANGED = web.AppKey("credentials_changed", asyncio.Event)
 

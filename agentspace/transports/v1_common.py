@@ -18,7 +18,7 @@ from ..errors import ApiError
 from ..events import ProviderError, ProviderEvent, ProviderFinish
 from ..limits import CALL_COST_HINT
 from ..providers.base import ProviderRequest
-from ..providers.upstream_http import stopped_by_server, uncancel, watch_client
+from ..providers.upstream_http import answers_shutdown, watch_client
 from ..service import SHUTTING_DOWN_MESSAGE, Service, model_id_problem
 from ..types import TokenUsage, clean_text
 from . import bodies, state, v1_errors
@@ -188,9 +188,9 @@ async def whole(
         return error(e)
     except asyncio.CancelledError:
         await asyncio.shield(asyncio.ensure_future(call.abort()))
-        if not stopped_by_server(request):
+        if not answers_shutdown(request):
             raise
-        uncancel()  # the server's shutdown: a 503 the SDKs retry elsewhere, not a connection dropped
+        # the server's shutdown: a 503 the SDKs retry elsewhere, not a connection dropped
         return error(shutdown_error())
     assert finish is not None and call.meter.recorded is not None
     return web.json_response(body(finish, call.meter.recorded.usage))
@@ -236,9 +236,8 @@ async def stream(
         # stopped the call at its grace's end: the call is recorded aborted all the same, and the client still
         # there gets the stream's own error end (as for a provider error), not a body cut off.
         await asyncio.shield(asyncio.ensure_future(call.abort()))
-        if not (resp.prepared and stopped_by_server(request)):
+        if not (resp.prepared and answers_shutdown(request)):
             raise
-        uncancel()
         try:
             await resp.write(error(shutdown_error()))
         except ConnectionResetError:
@@ -277,9 +276,9 @@ async def translated(
         except ProviderError as e:
             return provider_error(e)
         except asyncio.CancelledError:  # (the call is recorded aborted by now)
-            if not stopped_by_server(request):
+            if not answers_shutdown(request):
                 raise
-            uncancel()  # the server's shutdown stopped it before its first event: a 503 the SDKs retry
+            # the server's shutdown stopped it before its first event: a 503 the SDKs retry
             return provider_error(shutdown_error())
         except ApiError as e:  # a model group's next attempt, refused at its admission (routed_call._next_meter)
             return refusal(request, e)

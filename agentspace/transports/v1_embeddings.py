@@ -17,16 +17,13 @@ from ..errors import ApiError
 from ..events import ProviderError
 from ..protocols.openai_chat import RequestError
 from ..providers import litellm as litellm_provider
+from ..providers.upstream_http import answers_shutdown
 from ..routed_call import embed_group
 from ..service import Service
 from ..tokens import count_ceiling_tokens, count_tokens
 from ..types import TokenUsage
 from .bodies import EMBEDDINGS_FIELDS, type_problem
-from .v1_common import (
-    refusal,
-    service,
-    session_id,
-)
+from .v1_common import refusal, service, session_id, shutdown_error
 from .v1_openai import _error, _provider_error, read_body
 
 ENDPOINT = "embeddings"
@@ -92,16 +89,24 @@ def _unserved(v1: Service, models: list[str]) -> web.Response | None:
     return None
 
 
-async def embeddings(request: web.Request) -> web.StreamResponse:
+async def _read(request: web.Request) -> tuple[str, list[Any], dict[str, Any]] | web.Response:
+    """The request's (model, inputs, options), or the answer refusing it (``read_body``'s, or a 400)."""
     body, refused = await read_body(request)
     if refused is not None:
         return refused
     if isinstance(body, dict) and (problem := type_problem(body, EMBEDDINGS_FIELDS)) is not None:
         return _error(400, problem[1], code="invalid_type", param=problem[0])  # as the other OpenAI endpoints
     try:
-        name, inputs, options = parse(body)
+        return parse(body)
     except RequestError as e:
         return _error(400, e.message, param=e.param)
+
+
+async def embeddings(request: web.Request) -> web.StreamResponse:
+    read = await _read(request)
+    if isinstance(read, web.Response):
+        return read
+    name, inputs, options = read
     v1 = service(request)
     group = v1.group(name)  # a model group of embedding models (docs/routing.md)
     # Bare ids are OpenAI's (text-embedding-3-small).
@@ -134,11 +139,15 @@ async def embeddings(request: web.Request) -> web.StreamResponse:
         except ApiError as e:  # a group's next attempt, refused at its admission (routed_call._next_meter)
             return refusal(request, e)
         except asyncio.CancelledError:
-            # The client left while the whole answer was awaited: the upstream has the request and bills its
-            # input, as a whole Messages answer the client left (providers/anthropic_relay.py).
+            # The client left while the whole answer was awaited, or the server's shutdown stopped it at its grace's
+            # end: the upstream has the request and bills its input, as a whole Messages answer the client left
+            # (providers/anthropic_relay.py).
             if group is None:
                 await meter.left_whole()
-            raise
+            if not answers_shutdown(request):
+                raise
+            # the server's shutdown: a 503 the SDKs retry elsewhere, as for a whole chat call (v1_common.whole)
+            return _provider_error(shutdown_error())
         if usage is None:  # a provider that reports nothing: counted here (an embedding has no output)
             usage = cut_short_usage(None, lambda: _local_tokens(inputs), lambda: 0)
         await answered.record(usage, "stop")

@@ -25,7 +25,16 @@ from ..errors import ApiError, outage_error
 from ..gateway_token import token_matches
 from ..logs import warn_limited
 from ..pipeline import Turn
-from ..service import ChatInput, chat_request, invalid, parse_json, request_id_ok, until_stopped
+from ..providers.upstream_http import answers_shutdown
+from ..service import (
+    SHUTTING_DOWN_MESSAGE,
+    ChatInput,
+    chat_request,
+    invalid,
+    parse_json,
+    request_id_ok,
+    until_stopped,
+)
 from ..types import FilePart, compact_json, usage_to_wire
 from . import state
 from .fences import FenceTracker
@@ -124,6 +133,7 @@ class Connection:
         self, request: web.Request, ws: web.WebSocketResponse, caller: str = "admin", token: str | None = None
     ) -> None:
         self.app = request.app
+        self.request = request
         self.caller = caller  # "admin" (the gateway token) or the client whose key authenticated
         # The credential the socket authenticated with, checked again before every frame and every
         # CREDENTIAL_CHECK_SECONDS: a rotated or removed one closes the socket.
@@ -240,7 +250,25 @@ class Connection:
         await self.send({"type": "context.inspection", "requestId": request_id, **reply})
 
     async def on_session_compact(self, request_id: Any, msg: dict[str, Any]) -> None:
-        reply = await self.service.compact_session(msg.get("sessionId"), field="sessionId")
+        # A task of its own, kept with the /v1 calls: the shutdown stops it when its grace ends, as it stops the
+        # HTTP compaction, and has waited for its answer when it closes the socket.
+        compaction = asyncio.ensure_future(self.compact(request_id, msg))
+        calls = self.app[state.V1_CALLS]
+        calls.add(compaction)
+        try:
+            await compaction
+        finally:
+            calls.discard(compaction)
+
+    async def compact(self, request_id: Any, msg: dict[str, Any]) -> None:
+        try:
+            reply = await self.service.compact_session(msg.get("sessionId"), field="sessionId")
+        except asyncio.CancelledError:  # (the summarising call is recorded aborted by now)
+            if not answers_shutdown(self.request):
+                raise
+            # the server's shutdown stopped it at its grace's end: said, as over HTTP (a 503)
+            await self.error(request_id, "SERVICE_UNAVAILABLE", SHUTTING_DOWN_MESSAGE)
+            return
         await self.send({"type": "session.compacted", "requestId": request_id, **reply})
 
     async def on_usage_query(self, request_id: Any, msg: dict[str, Any]) -> None:
