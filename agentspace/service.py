@@ -32,6 +32,7 @@ from .context_policy import compact_session
 from .direct_call import DirectCall
 from .errors import ApiError, SessionDamaged
 from .export import EXPORT_FORMATS, export_session
+from .limits import SHUTTING_DOWN_MESSAGE
 from .periods import parse_since
 from .pipeline import ChatRequest, Turn, owns_now, running, start_turn
 from .providers.base import Provider, ProviderRequest, ThinkingSettings
@@ -44,8 +45,6 @@ from .storage.search import search_sessions
 from .storage.shapes import SESSION_ID, TITLE_LENGTH, Listing, as_seen
 from .types import LONE_SURROGATE, ChatMessage, FilePart, Tool, clean_text, now_iso
 from .vault import resolve_key
-
-SHUTTING_DOWN_MESSAGE = "The gateway is shutting down; try again when it is back."
 
 # ``GET /healthz``'s statuses (docs/deploy.md): every one but "ok" is a 503, so a load balancer sends calls elsewhere.
 HEALTH_STATUSES = ("ok", "unavailable", "shutting down")
