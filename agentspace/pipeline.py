@@ -428,6 +428,7 @@ class Turn:
         self.task: asyncio.Task[None] | None = None
         self._waiters: list[asyncio.Future[None]] = []
         self._step_task: asyncio.Task[ProviderFinish] | None = None
+        self._tool_tasks: list[asyncio.Task[ToolResultPart]] = []
         self._stop_reason: str | None = None
         self._stopped = asyncio.Event()  # ends a wait between retries early
         self._storage_failed = False  # a write of this turn failed: it ends with STORAGE_ERROR
@@ -491,6 +492,8 @@ class Turn:
         self._stopped.set()
         if self._step_task is not None and not self._step_task.done():
             self._step_task.cancel()
+        for task in self._tool_tasks:  # a tool still running is stopped too (it may never end by itself)
+            task.cancel()
 
     # --- the turn -------------------------------------------------------------------------------
 
@@ -985,21 +988,36 @@ class Turn:
     async def _run_tools(self, calls: list[ToolCallPart]) -> list[ToolResultPart]:
         """Run the calls of one step concurrently; failures become error results the model sees."""
 
+        def stopped(call: ToolCallPart) -> ToolResultPart:
+            return ToolResultPart(call.tool_call_id, call.name, f"Tool {call.name} was stopped.", True)
+
         async def run(call: ToolCallPart) -> ToolResultPart:
             tool = self.gw.tools.get(call.name)
             if tool is None:
                 return ToolResultPart(call.tool_call_id, call.name, f"Unknown tool {call.name!r}.", True)
+            if self._stop_reason is not None:  # stopped before its tools started: none starts
+                return stopped(call)
             try:
                 output = await tool.handler(call.input if isinstance(call.input, dict) else {"input": call.input})
                 # Results go to the model, the client and the store as JSON: values JSON lacks become strings, and
                 # lone surrogates (bytes decoded with surrogateescape) U+FFFD, which UTF-8 can carry.
                 output = json.loads(clean_text(json.dumps(output, default=str, ensure_ascii=False)))
                 return ToolResultPart(call.tool_call_id, call.name, output, False)
+            except asyncio.CancelledError:
+                if self._stop_reason is None:
+                    raise  # the turn itself is being cancelled
+                return stopped(call)
             except Exception as e:
                 log.warning("tool %s failed: %r", call.name, e)
                 return ToolResultPart(call.tool_call_id, call.name, clean_text(f"Tool {call.name} failed: {e}"), True)
 
-        results = await asyncio.gather(*(run(c) for c in calls))
+        # Tasks of their own, so that ``abort`` can stop them: a turn stopped (by its client, or at the shutdown's
+        # grace end) ends now, with what it has, not when a slow tool returns.
+        self._tool_tasks = [asyncio.create_task(run(c)) for c in calls]
+        try:
+            results = await asyncio.gather(*self._tool_tasks)
+        finally:
+            self._tool_tasks = []
         for r in results:
             self._publish(ToolResultEvent(r.tool_call_id, r.name, r.output, r.is_error))
         return list(results)

@@ -14,6 +14,7 @@ from aiohttp import WSMsgType
 from aiohttp.test_utils import TestClient
 from click.testing import CliRunner
 
+from agentspace import Tool, hookimpl
 from agentspace.cli import main as cli
 from agentspace.plugins import create_plugin_manager
 from agentspace.transports import state as STATE
@@ -482,3 +483,52 @@ async def test_a_slow_reader_gets_every_frame_in_order(client: TestClient, token
             else:
                 assert frame["type"] in ("session.created", "chat.stream.start"), frame
         assert "".join(text) == "".join(pieces)
+
+
+class _SlowTools:
+    """``wait`` never returns by itself: a tool that hangs (a stuck network call)."""
+
+    def __init__(self) -> None:
+        self.started = asyncio.Event()
+        self.cancelled = False
+
+    @hookimpl
+    def register_tools(self, register: Any, config: Any) -> None:
+        async def wait(args: dict[str, Any]) -> Any:
+            self.started.set()
+            try:
+                await asyncio.Event().wait()
+            except asyncio.CancelledError:
+                self.cancelled = True
+                raise
+
+        register(Tool("wait", "Waits", {"type": "object", "properties": {}}, wait))
+
+
+async def test_abort_while_a_tool_runs_stops_the_tool_and_ends_the_turn(
+    make_client: Any, token: str, fake_anthropic: Any
+) -> None:
+    """chat.abort (and the shutdown's grace end, which aborts the same way) during a tool that never returns:
+    the tool is cancelled and the turn ends aborted now, its answer stored, instead of waiting for the tool."""
+    tools = _SlowTools()
+    pm = create_plugin_manager()
+    pm.register(tools)
+    client = await make_client(pm=pm)
+    fake_anthropic.enqueue(tool_use_response("wait", {}, text="Waiting."), text_response("never asked"))
+    ws = await connect(client, token)
+    await ws.send_json({"type": "chat.send", "id": "r1", "content": "wait"})
+    await asyncio.wait_for(tools.started.wait(), 30)
+    await ws.send_json({"type": "chat.abort", "id": "a1", "requestId": "r1"})
+    frames = []
+    while not frames or frames[-1]["type"] not in ("chat.stream.end", "error"):
+        frames.append(await receive(ws))
+    assert (frames[-1]["type"], frames[-1]["finishReason"]) == ("chat.stream.end", "aborted")
+    (result,) = of(frames, "chat.stream.tool_result")
+    assert result["isError"] is True and result["output"] == "Tool wait was stopped."
+    assert tools.cancelled and len(fake_anthropic.requests) == 1  # nothing called after the stop
+    gw = client.server.app[STATE.REGISTRY]
+    session_id = of(frames, "chat.stream.start")[0]["sessionId"]
+    stored = (await gw.sessions.get(session_id))["messages"][-1]
+    assert stored["aborted"] is True and stored["content"] == "Waiting."
+    assert len(await gw.usage.records(session_id=session_id)) == 1
+    await ws.close()
