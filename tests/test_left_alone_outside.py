@@ -1,16 +1,18 @@
 """What the last stop noticed and left alone (docs/sessions.md, docs/clients.md), tried from outside: a session's
-message count after a regenerate, on both storage backends."""
+message count after a regenerate, on both storage backends; the damaged files a search could not read."""
 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
 import pytest
 from click.testing import CliRunner
 
 from agentspace.cli import main as cli
-from tests.test_audit28s_outside import ui_chat, use_chat_turns
+from tests.support.ws import connect, receive_after
+from tests.test_audit28s_outside import ui_chat, use_chat_turns, user
 
 
 @pytest.mark.parametrize("backend", ["tinydb", "postgres"])
@@ -34,3 +36,31 @@ async def test_the_message_count_is_of_the_messages_the_conversation_shows(
     if backend == "tinydb":  # the CLI reads the data directory (the postgres one: the database, as the server)
         result = CliRunner().invoke(cli, ["sessions", "list", "--json"])
         assert [s["messageCount"] for s in json.loads(result.output)] == [4], result.output
+
+
+async def test_a_search_names_the_session_files_it_could_not_read_as_the_listing_does(
+    client: Any, token: str, auth_headers: dict[str, str], isolated_env: Path
+) -> None:
+    """Search results always said ``damagedFiles: []``: a session damaged outside agentspace was silently not
+    searched. They name the files the search could not read (a file that does not parse, a copy moved aside),
+    as the listing does."""
+    await ui_chat(client, auth_headers, {"id": "good", "messages": [user("u1", "find the WORD")]})
+    sessions = isolated_env / "sessions"
+    (sessions / "s_bad.jsonl").write_bytes(b"garbage: the WORD\n")  # damaged outside agentspace
+    (sessions / "s_old.jsonl.damaged-20261201T000000Z").write_bytes(b"moved aside before\n")
+    damaged = [str(sessions / "s_bad.jsonl"), str(sessions / "s_old.jsonl.damaged-20261201T000000Z")]
+
+    listing = await (await client.get("/api/sessions", headers=auth_headers)).json()
+    found = await (await client.get("/api/sessions?q=word", headers=auth_headers)).json()
+    assert sorted(listing["damagedFiles"]) == sorted(found["damagedFiles"]) == damaged
+    assert [s["id"] for s in found["sessions"]] == ["good"] and found["more"] is False
+    again = await (await client.get("/api/sessions?q=word", headers=auth_headers)).json()  # the index warm
+    assert sorted(again["damagedFiles"]) == damaged
+
+    result = CliRunner().invoke(cli, ["sessions", "search", "word"])  # the CLI warns, as its list does
+    assert "good" in result.stdout and "2 damaged file(s)" in result.stderr, result.output
+
+    ws = await connect(client, token)
+    reply = await receive_after(ws, {"type": "session.list", "id": "r1", "query": "word"})
+    assert sorted(reply["damagedFiles"]) == damaged and [s["id"] for s in reply["sessions"]] == ["good"]
+    await ws.close()

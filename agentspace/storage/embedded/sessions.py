@@ -493,18 +493,21 @@ class SessionStore:
         listing.sessions = _sorted(listing.sessions)
         return listing
 
-    def journaled_summaries(self) -> dict[str, dict[str, Any]]:
+    def journaled_summaries(self, damaged: builtins.list[str] | None = None) -> dict[str, dict[str, Any]]:
         """The summaries of the sessions that have no file yet (in the session journal), by id; {} when the journal
-        cannot be read (listings name it)."""
+        cannot be read. A journal that cannot be read, or a create in it, is named in ``damaged`` (as listings
+        name it)."""
+        unreadable: builtins.list[StoreCorrupt] = []
         try:
-            return {sid: session.summary() for sid, session in self._journaled_sessions().items()}
-        except StoreCorrupt:
-            return {}
-
-    def _journaled_sessions(self) -> dict[str, _Session]:
-        """A reader's view of the sessions that exist only in the journal so far (their files not written yet).
-        Raises StoreCorrupt when the journal cannot be read."""
-        return self._without_files(read_outstanding(self.dir))
+            sessions = self._without_files(read_outstanding(self.dir), unreadable)
+        except StoreCorrupt as e:
+            unreadable.append(e)
+            sessions = {}
+        if unreadable:  # the journal, named once (as by a listing)
+            warn_skipped(unreadable[0])
+            if damaged is not None:
+                damaged.append(str(self.dir / JOURNAL_NAME))
+        return {sid: session.summary() for sid, session in sessions.items()}
 
     def _without_files(
         self,
