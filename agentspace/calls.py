@@ -34,6 +34,7 @@ from .attachments import IMAGE_TOKENS, PDF_PAGE_TOKENS
 from .errors import ApiError, StorageError
 from .observe import CallInfo, notify
 from .pricing import cost_map
+from .prompt_cache import anthropic_family
 from .providers.base import ProviderRequest, upstream_output_tokens
 from .tokens import count_ceiling_tokens, count_tokens
 from .types import (
@@ -73,7 +74,8 @@ LONG_CONTEXT_TOKENS = 200_000
 # names in a few bytes (its tool-use docs, "Pricing"). By type prefix.
 TOOL_PROMPT_TOKENS = 346
 ANTHROPIC_TOOL_TOKENS = (("bash_", 245), ("text_editor_", 700), ("computer_", 735 + 499))
-# The models served by Anthropic's own provider (providers/anthropic.py), which sends thinking in the budget form.
+# The models served by Anthropic's own provider (providers/anthropic.py), which sends thinking in the budget form
+# on top of max_tokens; litellm's provider sends it so to Claude behind other APIs (``anthropic_family``).
 ANTHROPIC_PREFIX = "anthropic/"
 # Anthropic's web search: $10 per 1,000 searches, when the cost map does not say.
 WEB_SEARCH_USD = 0.01
@@ -102,8 +104,8 @@ class Ceiling:
     # Images, counted at ``IMAGE_TOKENS`` each in ``input_tokens``: a model that bills images at more
     # (``attachments.image_ceiling``) is reserved the difference.
     images: int = 0
-    # The output tokens Anthropic's own API is sent, the budget form of thinking on top of ``max_tokens``
-    # (``providers.base.budget_max_tokens``); None: the same as ``output_tokens``.
+    # The output tokens Claude is sent (Anthropic's provider, or litellm's for Claude behind another API), the budget
+    # form of thinking on top of ``max_tokens`` (``providers.base.budget_max_tokens``); None: ``output_tokens``.
     anthropic_output_tokens: int | None = None
     # The service tier the request asks for (OpenAI's ``service_tier``): "priority" is billed at dearer rates.
     service_tier: str | None = None
@@ -391,7 +393,7 @@ def ceiling_cost(gw: Registry, model: str, ceiling: Ceiling) -> float:
     if served is not None:  # the tier asked for, when dearer (flex is cheaper, and may be served as standard)
         input_price, output_price = max(input_price, served[0]), max(output_price, served[1])
     output_tokens = ceiling.output_tokens
-    if ceiling.anthropic_output_tokens is not None and model.startswith(ANTHROPIC_PREFIX):
+    if ceiling.anthropic_output_tokens is not None and (model.startswith(ANTHROPIC_PREFIX) or anthropic_family(model)):
         output_tokens = ceiling.anthropic_output_tokens
     uses = dict(ceiling.server_tool_uses)
     if ceiling.web_search:

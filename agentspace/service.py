@@ -443,12 +443,11 @@ class Service:
         who = CompactFor(stored, model, str(session.get("client") or self.caller), endpoint="compact")
         return {**await compact_session(self.gw, who), "sessionId": self.visible(stored)}
 
-    async def search_sessions(
-        self, query: object, limit: object = None, *, field: str = "q"
-    ) -> tuple[list[dict[str, Any]], bool]:
+    async def search_sessions(self, query: object, limit: object = None, *, field: str = "q") -> tuple[Listing, bool]:
         """The caller's sessions whose title or messages contain ``query`` (case-insensitive), most recent first,
-        each with a ``match`` snippet, at most ``limit`` (``SEARCH_LIMIT`` when None); and whether more matched.
-        ``field``: the query's name in the request, for a refusal."""
+        each with a ``match`` snippet, at most ``limit`` (``SEARCH_LIMIT`` when None), with the session files the
+        search could not read (as the listing: for the admin); and whether more matched. ``field``: the query's
+        name in the request, for a refusal."""
         if not isinstance(query, str) or not query.strip():
             raise invalid({field: "required: a non-empty string"})
         if len(query) > MAX_QUERY_LENGTH:
@@ -459,7 +458,7 @@ class Service:
             raise invalid({"limit": f"must be an integer from 1 to {MAX_SEARCH_LIMIT}"})
         if self.caller == ADMIN:
             found = await search_sessions(self.gw.sessions, clean_text(query), limit=limit + 1)
-            return found[:limit], len(found) > limit
+            return Listing(found.sessions[:limit], found.damaged_files), len(found.sessions) > limit
         # As in the listing: the caller's own sessions, not an earlier client's of the same name, by the ids
         # the caller knows them by.
         client = await self.gw.clients.get(self.caller)
@@ -467,7 +466,7 @@ class Service:
         found = await search_sessions(
             self.gw.sessions, clean_text(query), client=self.caller, since=since, limit=limit + 1
         )
-        return [self._shown(s) for s in found[:limit]], len(found) > limit
+        return Listing([self._shown(s) for s in found.sessions[:limit]], []), len(found.sessions) > limit
 
     async def export_session(self, session_id: object, fmt: object) -> tuple[str, str]:
         """The caller's session as ``md`` or ``json``: (the document, its media type)."""

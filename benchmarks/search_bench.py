@@ -62,18 +62,18 @@ async def main(sessions: int, turns: int, runs: int) -> None:
         store = SessionStore(Path(tmp))
         target = await seed(store, sessions, turns, sessions // 3)
         t = time.perf_counter()
-        found = await search_sessions(store, PHRASE.upper())
+        found = (await search_sessions(store, PHRASE.upper())).sessions
         cold = (time.perf_counter() - t) * 1000
         assert [s["id"] for s in found] == [target], found
         warm = []
         for _ in range(runs):
             t = time.perf_counter()
-            found = await search_sessions(store, PHRASE)
+            found = (await search_sessions(store, PHRASE)).sessions
             warm.append((time.perf_counter() - t) * 1000)
             assert [s["id"] for s in found] == [target]
         await store.append_message(target, {"role": "user", "content": "one more message"})
         t = time.perf_counter()
-        found = await search_sessions(store, PHRASE)
+        found = (await search_sessions(store, PHRASE)).sessions
         changed = (time.perf_counter() - t) * 1000
         assert [s["id"] for s in found] == [target]
         await store.aclose()

@@ -427,3 +427,37 @@ async def test_closing_the_stream_early_closes_the_upstream_connection(fake_open
             break
         await asyncio.sleep(0.02)
     assert fake_openai.requests[0].disconnected
+
+
+async def test_claude_with_budget_thinking_gets_the_answers_room_on_top_of_the_budget(
+    fake_anthropic: Any, make_client: Any
+) -> None:
+    """Claude through litellm with the budget form of thinking was sent ``max_tokens`` 4096 beside an 8000
+    budget: litellm cuts such a budget to 4095 (``cap_thinking_budget_to_max_tokens``), or Anthropic refuses it,
+    so the turn thought with half its budget and shared the 4096 with its answer. It is sent what Anthropic's
+    own provider sends, the answer's 4096 on top of the budget; the reservation prices that output."""
+    from agentspace.calls import Ceiling, ceiling_cost, request_ceiling
+    from agentspace.providers.base import ThinkingSettings
+    from agentspace.transports import state
+
+    model = "anthropic/claude-sonnet-4-5"
+    info = ModelInfo(model, "anthropic", 3.0, 15.0, 0.3, 3.75, max_output_tokens=64_000, supports_reasoning=True)
+    request = ProviderRequest(
+        model=model,
+        system="",
+        messages=[ChatMessage.user("Hi")],
+        model_info=info,
+        max_tokens=4096,
+        api_key="sk-ant-test-0123456789abcdef",
+        base_url=fake_anthropic.url,
+        thinking=ThinkingSettings(8000),
+    )
+    assert isinstance((await collect(request))[-1], ProviderFinish)
+    [sent] = fake_anthropic.requests
+    assert sent.body["thinking"]["budget_tokens"] == 8000 and sent.body["max_tokens"] == 4096 + 8000
+
+    # Claude behind another API that litellm serves (Azure AI's): reserved at the output it is sent.
+    gw = (await make_client()).app[state.REGISTRY]
+    behind = "azure_ai/claude-sonnet-4-5"
+    ceiling = request_ceiling(request)
+    assert ceiling_cost(gw, behind, ceiling) == ceiling_cost(gw, behind, Ceiling(ceiling.input_tokens, 12096))

@@ -519,7 +519,7 @@ async def test_a_database_of_the_version_before_gets_the_rollups_without_session
     usage = PostgresUsageStore(db, batch_size=37)
     try:
         await db.start()
-        assert await db.schema_version() == MIGRATIONS[-1][0] == 9
+        assert await db.schema_version() == MIGRATIONS[-1][0] == 10
         await assert_reports_equal_the_scan(usage, db)
         await replace_estimates(usage, rng, calls_of_their_own(rng, 200, first=400))
         assert await usage.count() == 600
@@ -665,4 +665,46 @@ async def test_a_database_of_the_version_before_loses_its_empty_rollup_rows_and_
             assert rounded(await usage.report(by=by)) == rounded({**grouping(scanned), "damagedFiles": []}), by
     finally:
         await usage.aclose()
+        await db.aclose()
+
+
+async def test_the_migration_to_seen_message_counts_leaves_out_the_answers_set_aside(
+    pg_dsn: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A database of the version before: its sessions counted the answers a regenerate set aside. The migration
+    counts the messages their clients see; a message that only mentions the word is counted still."""
+    import json
+
+    from agentspace.storage.postgres import database
+
+    monkeypatch.setattr(database, "MIGRATIONS", [v for v in MIGRATIONS if v[0] < 10])
+    old = PostgresDatabase(pg_dsn)
+    bodies = [
+        {"id": "u1", "role": "user", "content": 'say "replaced"'},
+        {"id": "a1", "role": "assistant", "content": "first", "replaced": True},
+        {"id": "a2", "role": "assistant", "content": '"replaced": true'},
+    ]
+    try:
+        await old.start()
+        async with old.transaction() as conn:  # as that version wrote them: every message counted
+            for session_id, messages in (("s1", bodies), ("s2", bodies[:1])):
+                await conn.execute(
+                    "INSERT INTO sessions (id, model, created_at, last_activity_at, message_count) "
+                    "VALUES ($1, 'm', '2026-12-01', '2026-12-01', $2)",
+                    session_id,
+                    len(messages),
+                )
+                await conn.executemany(
+                    "INSERT INTO messages (session_id, seq, id, body) VALUES ($1, $2, $3, $4)",
+                    [(session_id, n, m["id"], json.dumps(m)) for n, m in enumerate(messages, 1)],
+                )
+    finally:
+        await old.aclose()
+    monkeypatch.undo()
+    db = PostgresDatabase(pg_dsn)
+    try:
+        await db.start()
+        listed = await PostgresSessionStore(db).summaries()
+        assert {s["id"]: s["messageCount"] for s in listed} == {"s1": 2, "s2": 1}
+    finally:
         await db.aclose()

@@ -511,7 +511,7 @@ async def test_the_search_index_never_misses_a_session_while_the_journal_is_empt
             if last < 0:  # not started yet
                 await asyncio.sleep(0.01)
                 continue
-            found = {s["id"] for s in await search_sessions(store, "x", limit=1_000_000)}
+            found = {s["id"] for s in (await search_sessions(store, "x", limit=1_000_000)).sessions}
             missing = [n for n in range(last + 1) if f"s{n}" not in found]
             assert not missing, (last, missing)
             checks += 1

@@ -210,6 +210,35 @@ async def test_append_update_messages_limit(storage: Storage) -> None:
         await sessions.touch("nope")
 
 
+async def test_the_message_count_leaves_out_the_answers_set_aside(storage: Storage) -> None:
+    """``messageCount`` is of the messages the session's client sees: an answer set aside (``replaced``) is kept
+    and not counted, in the session, the listing and (the embedded files) a reading without the server's cache."""
+    sessions = storage.sessions
+    given = [{"role": "user", "content": "q", "id": "u1"}, {"role": "assistant", "content": "a", "id": "a1"}]
+    await sessions.create(model="m/x", session_id="s", messages=[*given, {**given[1], "id": "a0", "replaced": True}])
+
+    async def counts() -> list[int]:
+        got = await sessions.get("s")
+        assert got is not None
+        found = [got["messageCount"], *(s["messageCount"] for s in await sessions.summaries())]
+        if isinstance(sessions, SessionStoreSync):
+            found += [
+                (sessions.get_sync("s") or {}).get("messageCount"),
+                sessions.listing_sync().sessions[0]["messageCount"],
+            ]
+        return found
+
+    assert set(await counts()) == {2}
+    await sessions.update_message("s", "a1", {"replaced": True})
+    await sessions.update_message("s", "a1", {"replaced": True})  # once set aside, counted out once
+    await sessions.append_message("s", {"role": "assistant", "content": "again", "id": "a2"})
+    assert set(await counts()) == {2}
+    await sessions.update_message("s", "a0", {"replaced": False})
+    assert set(await counts()) == {3}
+    got = await sessions.get("s")
+    assert got is not None and len(got["messages"]) == 4
+
+
 async def test_concurrent_appends_keep_every_message_in_order_of_arrival(storage: Storage) -> None:
     await storage.sessions.create(model="m/x", session_id="c")
     await asyncio.gather(

@@ -440,6 +440,27 @@ async def test_a_session_of_an_earlier_version_is_read_and_converted_on_its_firs
     assert reread["title"] == "Old" and reread["messageCount"] == 2
 
 
+async def test_a_session_log_of_an_earlier_version_counts_its_shown_messages_from_its_next_write(
+    sessions: SessionStore, tmp_path: Path
+) -> None:
+    """An earlier version's summary lines counted every message and have no ``seenCount``: the log reads as it is
+    (no damage), listed with that count until its next write; read whole, its answers set aside are not counted."""
+    sessions.dir.mkdir(parents=True)
+    summary = {"id": "s_old", "title": "Old", "model": "m", "createdAt": "2026-01-01T00:00:00.000Z", "client": None}
+    messages = [
+        {"id": "u1", "role": "user", "content": "q"},
+        {"id": "a0", "role": "assistant", "content": "set aside"},
+        {"id": "a1", "role": "assistant", "content": "again"},
+    ]
+    lines = [*({"message": m} for m in messages), {"session": {**summary, "messageCount": 3}}]
+    lines += [{"update": {"id": "a0", "changes": {"replaced": True}}}, {"session": {**summary, "messageCount": 3}}]
+    (sessions.dir / "s_old.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    assert SessionStore(tmp_path).summaries_sync()[0]["messageCount"] == 3
+    assert (SessionStore(tmp_path).get_sync("s_old") or {})["messageCount"] == 2
+    await sessions.touch("s_old")
+    assert SessionStore(tmp_path).summaries_sync()[0]["messageCount"] == 2
+
+
 async def test_an_unfinished_write_is_dropped_with_a_warning_never_read_as_data(
     sessions: SessionStore, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

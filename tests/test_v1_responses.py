@@ -308,6 +308,32 @@ async def test_upstream_dies_mid_stream(
     assert record["ttftMs"] is not None
 
 
+@pytest.mark.parametrize(
+    ("error_type", "code"),
+    [
+        ("invalid_request_error", "invalid_prompt"),
+        ("request_too_large", "invalid_prompt"),
+        ("rate_limit_error", "rate_limit_exceeded"),
+        ("overloaded_error", "server_error"),
+        ("api_error", "server_error"),
+    ],
+)
+async def test_a_mid_stream_error_fails_the_response_with_the_code_openai_gives_it(
+    client: TestClient, token: str, fake_anthropic: FakeAnthropic, error_type: str, code: str
+) -> None:
+    """Anthropic's ``invalid_request_error`` after the stream began ended it as ``server_error``, which Codex
+    retries (every ``response.failed`` code but a few): the same request, refused again. A request the
+    upstream refuses fails as OpenAI's ``invalid_prompt`` (Codex shows it and stops); what may pass on a retry
+    (overloaded, a server error, a rate limit) keeps its code."""
+    fake_anthropic.enqueue(fa.error_event(error_type, "the request was refused", text="Partial answer"))
+    async with sdk(client, token).responses.stream(model="anthropic/claude-sonnet-4-6", input="Hi") as s:
+        events = [e async for e in s]
+    failed = events[-1]
+    assert failed.type == "response.failed" and failed.response.error is not None
+    assert failed.response.error.code == code
+    assert "the request was refused" in failed.response.error.message
+
+
 async def test_reasoning_effort_reaches_an_openai_reasoning_model(
     client: TestClient, token: str, fake_openai: FakeOpenAI
 ) -> None:

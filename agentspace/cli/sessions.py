@@ -85,6 +85,15 @@ def sessions() -> None:
     """List, show, search, export, compact and delete conversations."""
 
 
+def _warn_damaged(damaged_files: list[str]) -> None:
+    if damaged_files:
+        click.echo(
+            f"warning: {len(damaged_files)} damaged file(s) in the sessions folder skipped (kept for "
+            f"inspection; see: agentspace doctor): {printable(', '.join(damaged_files))}",
+            err=True,
+        )
+
+
 @sessions.command("list")
 @config_options
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
@@ -93,12 +102,7 @@ def list_sessions(state: CliState, as_json: bool) -> None:
     """All sessions, most recently active first."""
     listing = _listing(state)
     items = listing.sessions  # most recently active first
-    if listing.damaged_files:
-        click.echo(
-            f"warning: {len(listing.damaged_files)} damaged file(s) in the sessions folder skipped (kept for "
-            f"inspection; see: agentspace doctor): {printable(', '.join(listing.damaged_files))}",
-            err=True,
-        )
+    _warn_damaged(listing.damaged_files)
     if as_json:
         click.echo(json.dumps(items, indent=2))
         return
@@ -199,9 +203,11 @@ def search(state: CliState, text: str, as_json: bool, limit: int) -> None:
         raise click.UsageError("TEXT must not be empty.")
     store = _sync_sessions(state)
     if store is not None:
-        found = search_sessions_sync(store.listing_sync().sessions, store.get_sync, text, limit=limit + 1)
+        listing = store.listing_sync()
+        found = search_sessions_sync(listing.sessions, store.get_sync, text, limit=limit + 1)
+        _warn_damaged(listing.damaged_files)
     else:
-        found = on_storage(state, lambda storage: search_sessions(storage.sessions, text, limit=limit + 1))
+        found = on_storage(state, lambda storage: search_sessions(storage.sessions, text, limit=limit + 1)).sessions
     if len(found) > limit:  # said, not left out unseen: the older matches are there to be asked for
         found = found[:limit]
         click.echo(f"More sessions contain {text!r}: these are the {limit} most recent (--limit).", err=True)

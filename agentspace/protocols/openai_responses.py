@@ -40,6 +40,7 @@ from .openai_chat import (
     RequestError,
     asked_cache_ttl,
     client_tool,
+    error_code,
     file_part,
     sampling_params,
     tool_params,
@@ -520,6 +521,17 @@ def response_object(
         "usage": usage_body(usage),
         **_echo(body),
     }
+
+
+def failed_code(status: int, upstream_code: str | None = None) -> str:
+    """The ``code`` of the ``response.failed`` that ends a stream the provider broke off, for the status an
+    OpenAI client expects (``client_status``): a request refused is OpenAI's ``invalid_prompt``, which clients
+    do not retry (Codex retries every code but it, ``context_length_exceeded`` and the quota's); what a retry may
+    pass keeps its code (``rate_limit_exceeded``) or is ``server_error``."""
+    code = error_code(status, upstream_code)
+    if code is not None:
+        return code
+    return "invalid_prompt" if status in (400, 413, 422) else "server_error"
 
 
 class EventEncoder:

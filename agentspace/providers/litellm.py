@@ -55,6 +55,7 @@ from .base import (
     INCOMPLETE_MESSAGE,
     Provider,
     ProviderRequest,
+    budget_max_tokens,
     display_name,
     retry_after_seconds,
 )
@@ -319,11 +320,14 @@ def _completion_kwargs(request: ProviderRequest, settings: Any) -> dict[str, Any
     ):
         # (a /v1 client's reasoning_effort goes as it is: litellm translates it for each provider)
         # Adaptive wherever the model takes it (the budget form is deprecated for those models).
-        kwargs["thinking"] = (
-            {"type": "adaptive"}
-            if request.thinking.adaptive or accepts_adaptive_thinking(request.model)
-            else {"type": "enabled", "budget_tokens": request.thinking.budget_tokens}
-        )
+        adaptive = request.thinking.adaptive or accepts_adaptive_thinking(request.model)
+        budget = request.thinking.budget_tokens
+        if anthropic_family(request.model) and not adaptive:
+            # Claude's APIs take the budget within max_tokens (litellm cuts one at or above it to max_tokens - 1):
+            # the answer's room goes on top, as Anthropic's own provider sends it (the reservation counts the same:
+            # calls.ceiling_cost).
+            kwargs["max_tokens"], budget = budget_max_tokens(request)
+        kwargs["thinking"] = {"type": "adaptive"} if adaptive else {"type": "enabled", "budget_tokens": budget}
     return kwargs
 
 

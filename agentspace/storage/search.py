@@ -12,6 +12,10 @@ On the embedded store (``SessionStore``, one ``<id>.jsonl`` log per session, app
 next write) even the listing is skipped: a session is read again only when its file's (inode, size, mtime)
 changed, so
 a search costs one ``scandir`` and the substring scan (``benchmarks/search_bench.py``: 1,000 sessions).
+
+A search names the session files it could not read, as a listing does (``Listing.damaged_files``): on the embedded
+store the copies moved aside, the files that do not read as a session and an unreadable journal; a database has
+none.
 """
 
 from __future__ import annotations
@@ -26,10 +30,11 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import SessionDamaged
+from .atomic import is_damaged_copy
 from .embedded.sessions import SessionStore
 from .embedded.store_thread import read_in_thread
 from .protocols import SessionStoreAPI
-from .shapes import SESSION_ID
+from .shapes import SESSION_ID, Listing
 
 SNIPPET = 60  # characters of context either side of a match
 # Lower-cased text the index keeps in memory per store, at most (about the text's size in bytes for ASCII).
@@ -86,9 +91,9 @@ def _snippet(lowered: str, original: str | None, at: int, length: int) -> str:
     return ("…" if start else "") + text + ("…" if end < len(source) else "")
 
 
-def _file_stamps(directory: Path) -> dict[str, tuple[int, int, int]]:
+def _file_stamps(directory: Path, damaged: list[str]) -> dict[str, tuple[int, int, int]]:
     """Each session file's (inode, size, mtime): a write appends to the log (or replaces an earlier version's
-    file), which changes at least one."""
+    file), which changes at least one. The copies moved aside are added to ``damaged``."""
     stamps: dict[str, tuple[int, int, int]] = {}
     try:
         entries = os.scandir(directory)
@@ -97,6 +102,9 @@ def _file_stamps(directory: Path) -> dict[str, tuple[int, int, int]]:
     with entries:
         for entry in entries:
             name = entry.name
+            if is_damaged_copy(name):
+                damaged.append(str(directory / name))
+                continue
             if name.startswith(".") or name.endswith(".meta.json"):
                 continue  # temp files, legacy summary copies
             if name.endswith(".jsonl"):
@@ -104,7 +112,7 @@ def _file_stamps(directory: Path) -> dict[str, tuple[int, int, int]]:
             elif name.endswith(".json"):
                 session_id = name[: -len(".json")]  # an earlier version's file, until its first change
             else:
-                continue  # damaged copies and the like
+                continue
             if not SESSION_ID.fullmatch(session_id):
                 continue
             try:
@@ -122,7 +130,11 @@ def _held(index: dict[str, _Entry]) -> int:
     return sum(len(entry.text) for entry in index.values() if entry.text is not None)
 
 
-def _read_changed(store: SessionStore, index: dict[str, _Entry], stamps: dict[str, tuple[Any, ...]]) -> None:
+def _read_changed(
+    store: SessionStore, index: dict[str, _Entry], stamps: dict[str, tuple[Any, ...]], damaged: list[str]
+) -> None:
+    """The index brought up to ``stamps``: the sessions changed read again; a file that does not read as a
+    session is added to ``damaged`` (read again by the next search, as it is not kept)."""
     for gone in set(index) - set(stamps):
         del index[gone]
     held = _held(index)
@@ -136,6 +148,7 @@ def _read_changed(store: SessionStore, index: dict[str, _Entry], stamps: dict[st
             session = store.get_sync(session_id)
         except SessionDamaged:
             session = None
+            damaged.append(str(_session_file(store.dir, session_id)))
         if session is None:
             index.pop(session_id, None)
             continue
@@ -147,19 +160,24 @@ def _read_changed(store: SessionStore, index: dict[str, _Entry], stamps: dict[st
         index[session_id] = _Entry(stamp, text, summary)
 
 
-async def _search_files(
-    store: SessionStore, query: str, client: str | None, since: str | None, limit: int
-) -> list[dict[str, Any]]:
+def _session_file(directory: Path, session_id: str) -> Path:
+    """The file a session is read from: its log, else an earlier version's file."""
+    log = directory / f"{session_id}.jsonl"
+    return log if log.exists() else directory / f"{session_id}.json"
+
+
+async def _search_files(store: SessionStore, query: str, client: str | None, since: str | None, limit: int) -> Listing:
     index = _INDEXES.setdefault(store, {})
+    damaged: list[str] = []
 
     def refresh() -> None:
         # A new session has no file until its next write (the session journal): stamped by its summary. The journal
         # is read first: a session filed (and its create marked or emptied away) between the two reads is in one.
-        journaled = store.journaled_summaries()
-        stamps: dict[str, tuple[Any, ...]] = dict(_file_stamps(store.dir))
+        journaled = store.journaled_summaries(damaged)
+        stamps: dict[str, tuple[Any, ...]] = dict(_file_stamps(store.dir, damaged))
         for session_id, summary in journaled.items():
             stamps.setdefault(session_id, ("journal", *_stamp(summary)))
-        _read_changed(store, index, stamps)
+        _read_changed(store, index, stamps, damaged)
 
     def refreshed_scan() -> _Search:
         refresh()
@@ -169,7 +187,8 @@ async def _search_files(
     lock = _LOCKS.setdefault(store, asyncio.Lock())
     async with lock:
         search = await read_in_thread(refreshed_scan)
-    return await read_in_thread(search.done, _reader(store.get_sync))
+    found = await read_in_thread(search.done, _reader(store.get_sync))
+    return Listing(found, sorted(damaged))
 
 
 def _reader(get: Callable[[str], dict[str, Any] | None]) -> Callable[[str], dict[str, Any] | None]:
@@ -215,15 +234,16 @@ def _recency(summary: dict[str, Any]) -> tuple[str, str, str]:
 
 async def search_sessions(
     store: SessionStoreAPI, query: str, *, client: str | None = None, since: str | None = None, limit: int = 50
-) -> list[dict[str, Any]]:
+) -> Listing:
     """Summaries of the sessions (of ``client`` only, when given, and created at ``since`` or later: not an
     earlier client's of the same name) whose title or messages contain ``query``, most recent activity first,
-    each with ``match``: the text around the first hit."""
+    each with ``match``: the text around the first hit; and the session files the search could not read."""
     if isinstance(store, SessionStore):
         return await _search_files(store, query, client, since, limit)
     index = _INDEXES.setdefault(store, {})
     search = _Search(index, query, client, limit, since)
-    for summary in (await store.listing()).sessions:  # most recent activity first
+    listing = await store.listing()
+    for summary in listing.sessions:  # most recent activity first
         if search.wants(summary):
             search.add(summary, await store.get(str(summary["id"])))
         if search.full:
@@ -231,7 +251,7 @@ async def search_sessions(
     originals = {}
     for session_id in search.unread():  # hits matched from the index: their text in its own case
         originals[session_id] = await store.get(session_id)
-    return search.done(originals.get)
+    return Listing(search.done(originals.get), listing.damaged_files)
 
 
 def search_sessions_sync(

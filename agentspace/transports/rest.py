@@ -55,7 +55,7 @@ async def list_sessions(request: web.Request) -> web.Response:
         if isinstance(limit, str) and limit.isascii() and limit.isdigit():  # not other scripts' digits
             limit = int(limit)
         found, more = await _service(request).search_sessions(request.query["q"], limit)
-        return web.json_response({"sessions": found, "damagedFiles": [], "more": more})
+        return web.json_response({"sessions": found.sessions, "damagedFiles": found.damaged_files, "more": more})
     listing = await _service(request).list_sessions()
     return web.json_response({"sessions": listing.sessions, "damagedFiles": listing.damaged_files})
 

@@ -91,7 +91,7 @@ async def responses(request: web.Request) -> web.StreamResponse:
 
         def failed(e: ProviderError) -> bytes:  # once the stream has begun, as OpenAI ends it
             status = oc.client_status(e.status, e.code)
-            return _frame(encoder.failed(oc.error_code(status, e.upstream_code) or "server_error", redact(e.message)))
+            return _frame(encoder.failed(orr.failed_code(status, e.upstream_code), redact(e.message)))
 
         return await stream(
             request,

@@ -282,8 +282,8 @@ class Connection:
                 {
                     "type": "session.list.result",
                     "requestId": request_id,
-                    "sessions": found,
-                    "damagedFiles": [],
+                    "sessions": found.sessions,
+                    "damagedFiles": found.damaged_files,
                     "more": more,
                 }
             )

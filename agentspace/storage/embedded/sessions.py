@@ -2,7 +2,7 @@
 
 ``data_dir/sessions/<id>.jsonl`` is an ``append_log`` file. Its entries are ``{"message": {...}}`` (a message
 added), ``{"update": {"id": ..., "changes": {...}}}`` (changes merged into the messages with that id) and
-``{"session": {summary}}`` (id, title, model, createdAt, lastActivityAt, messageCount, client). Every write
+``{"session": {summary}}`` (id, title, model, createdAt, lastActivityAt, messageCount, seenCount, client). Every write
 is one message or update entry, or none, followed by the summary, which closes it: adding a message
 appends two short lines whatever the session's size, and a listing reads only the last summary.
 
@@ -20,6 +20,11 @@ cuts them off, with a warning). A summary whose ``messageCount`` does not match 
 than one entry after the last summary, or no summary at all, is damage (truncation, lost lines), and so is a
 summary whose fields are not of the types written (``_read_info``). A session's id is its file's name: a file
 copied or renamed from outside is the session its name says.
+
+A summary's ``messageCount`` counts every message the log holds (the check above); its ``seenCount`` those the
+session's client sees, without the answers set aside (``replaced``), and is the ``messageCount`` a listing and
+``get`` give. A summary written by an earlier version has no ``seenCount``: listed with its ``messageCount`` until
+the session's next write (``get`` counts its messages).
 
 Sessions written by earlier versions, ``<id>.json`` (a tinydb file: table ``session`` with the summary,
 table ``messages``), are read as they are and converted to a log on their first change.
@@ -64,7 +69,7 @@ import logging
 import os
 import threading
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -131,15 +136,21 @@ def _read_info(info: dict[str, Any], path: Path, suffix: str) -> dict[str, Any]:
         value = info.get(key)
         if value is not None and value.__class__ is not str:
             raise StoreCorrupt(path, f"not a session summary ({key}: {value!r:.40})")
-    count = info.get("messageCount")
-    if count is not None and count.__class__ is not int:
-        raise StoreCorrupt(path, f"not a session summary (messageCount: {count!r:.40})")
+    for key in ("messageCount", "seenCount"):
+        count = info.get(key)
+        if count is not None and count.__class__ is not int:
+            raise StoreCorrupt(path, f"not a session summary ({key}: {count!r:.40})")
     return {**info, "id": path.name[: -len(suffix)]}
 
 
 def _summary(tables: Tables) -> dict[str, Any]:
     info = tables[_SESSION]["1"]
-    return {key: info.get(key) for key in _SUMMARY_KEYS}
+    return {**{key: info.get(key) for key in _SUMMARY_KEYS}, "messageCount": _seen(tables[_MESSAGES].values())}
+
+
+def _seen(messages: Iterable[dict[str, Any]]) -> int:
+    """How many of ``messages`` the session's client sees: the answers set aside (``replaced``) left out."""
+    return sum(1 for m in messages if not m.get("replaced"))
 
 
 def _checked(tables: Tables | None, path: Path) -> Tables | None:
@@ -158,9 +169,9 @@ def _sorted(summaries: builtins.list[dict[str, Any]]) -> builtins.list[dict[str,
 
 @dataclass
 class _Session:
-    """A session as the server keeps it: its summary (without ``messageCount``), its messages (frozen once
-    cached: ``_remember``), and the log appended to (None until the first write after it was read: a legacy file
-    is converted then)."""
+    """A session as the server keeps it: its summary (without the counts), its messages (frozen once cached:
+    ``_remember``), how many of them its client sees (``_seen``, counted when not given), and the log appended to
+    (None until the first write after it was read: a legacy file is converted then)."""
 
     info: dict[str, Any]
     messages: builtins.list[dict[str, Any]]
@@ -172,9 +183,22 @@ class _Session:
     stamp: tuple[int, int, int] | None = None
     # Created in the journal and not written to a file of its own yet (``_file``, at its next write).
     journaled: bool = False
+    seen: int = -1
+
+    def __post_init__(self) -> None:
+        if self.seen < 0:
+            self.seen = _seen(self.messages)
 
     def summary(self) -> dict[str, Any]:
-        return {**{key: self.info.get(key) for key in _SUMMARY_KEYS}, "messageCount": len(self.messages)}
+        return {**{key: self.info.get(key) for key in _SUMMARY_KEYS}, "messageCount": self.seen}
+
+    def written_summary(self) -> dict[str, Any]:
+        """The summary as the log keeps it: ``messageCount`` the messages it holds (checked when it is read)."""
+        return _written_summary(self.info, self.messages, self.seen)
+
+
+def _written_summary(info: dict[str, Any], messages: Sequence[Any], seen: int) -> dict[str, Any]:
+    return {**{key: info.get(key) for key in _SUMMARY_KEYS}, "messageCount": len(messages), "seenCount": seen}
 
 
 def _legacy_session(tables: Tables) -> _Session:
@@ -208,7 +232,8 @@ def _replay(entries: builtins.list[Any], path: Path) -> tuple[_Session, int]:
         raise StoreCorrupt(path, "not a session log (no complete write: truncated or not a session)")
     if len(pending) > 1:  # a write appends one message or update, then the summary
         raise StoreCorrupt(path, f"{len(pending)} entries after the last complete write (truncated)")
-    info = {key: value for key, value in _read_info(info, path, _LOG).items() if key != "messageCount"}
+    counts = ("messageCount", "seenCount")
+    info = {key: value for key, value in _read_info(info, path, _LOG).items() if key not in counts}
     return _Session(info, messages), len(pending)
 
 
@@ -468,18 +493,21 @@ class SessionStore:
         listing.sessions = _sorted(listing.sessions)
         return listing
 
-    def journaled_summaries(self) -> dict[str, dict[str, Any]]:
+    def journaled_summaries(self, damaged: builtins.list[str] | None = None) -> dict[str, dict[str, Any]]:
         """The summaries of the sessions that have no file yet (in the session journal), by id; {} when the journal
-        cannot be read (listings name it)."""
+        cannot be read. A journal that cannot be read, or a create in it, is named in ``damaged`` (as listings
+        name it)."""
+        unreadable: builtins.list[StoreCorrupt] = []
         try:
-            return {sid: session.summary() for sid, session in self._journaled_sessions().items()}
-        except StoreCorrupt:
-            return {}
-
-    def _journaled_sessions(self) -> dict[str, _Session]:
-        """A reader's view of the sessions that exist only in the journal so far (their files not written yet).
-        Raises StoreCorrupt when the journal cannot be read."""
-        return self._without_files(read_outstanding(self.dir))
+            sessions = self._without_files(read_outstanding(self.dir), unreadable)
+        except StoreCorrupt as e:
+            unreadable.append(e)
+            sessions = {}
+        if unreadable:  # the journal, named once (as by a listing)
+            warn_skipped(unreadable[0])
+            if damaged is not None:
+                damaged.append(str(self.dir / JOURNAL_NAME))
+        return {sid: session.summary() for sid, session in sessions.items()}
 
     def _without_files(
         self,
@@ -518,7 +546,11 @@ class SessionStore:
             session = self._read(session_id)
             return None if session is None else session.summary()
         info = _read_info(entry["session"], path, _LOG)
-        return {key: info.get(key) for key in _SUMMARY_KEYS}
+        seen = info.get("seenCount")  # None: written by an earlier version, which counted every message
+        return {
+            **{key: info.get(key) for key in _SUMMARY_KEYS},
+            "messageCount": info.get("messageCount") if seen is None else seen,
+        }
 
     def delete_sync(self, session_id: str) -> bool:
         if not is_valid_session_id(session_id):
@@ -833,17 +865,18 @@ class SessionStore:
         entry: dict[str, Any] | None,
         info: dict[str, Any],
         messages: builtins.list[dict[str, Any]],
+        seen: int,
     ) -> AppendLog:
         """Append one write (``entry``, then the summary that closes it); the cache changes only once the
         lines are written (a failed write leaves the store as it was, ready for the next one)."""
         log_ = self._log_for(session_id, session)
-        summary = {**{key: info.get(key) for key in _SUMMARY_KEYS}, "messageCount": len(messages)}
+        summary = _written_summary(info, messages, seen)
         try:
             written = log_.write([entry, {"session": summary}] if entry is not None else [{"session": summary}])
         except OSError:  # cut back by the log: our own change, not one from outside (the cache and its log stay)
             session.stamp = _file_stamp(log_.path)
             raise
-        session.info, session.messages = info, messages
+        session.info, session.messages, session.seen = info, messages, seen
         self._open_bytes += written
         session.size += written
         session.stamp = _file_stamp(log_.path)
@@ -1002,31 +1035,34 @@ class SessionStore:
         if not info.get("title") and message.get("role") == "user":
             info["title"] = title_from(message)
         info["lastActivityAt"] = now_iso()
-        return self._append_entries(session_id, session, {"message": message}, info, [*session.messages, message])
+        seen = session.seen + (not message.get("replaced"))
+        return self._append_entries(session_id, session, {"message": message}, info, [*session.messages, message], seen)
 
     def _update(self, session_id: str, message_id: str, changes: dict[str, Any]) -> AppendLog:
         session = self._require(session_id)
         messages = builtins.list(session.messages)
         found = False
+        seen = session.seen
         for n, message in enumerate(messages):
             if message.get("id") == message_id:
                 messages[n] = frozen({**message, **changes})
+                seen += bool(message.get("replaced")) - bool(messages[n].get("replaced"))
                 found = True
         if not found:
             raise MessageNotFound(f"message {str(message_id)[:40]!r} not found in session {session_id!r}")
         info = {**session.info, "lastActivityAt": now_iso()}
         entry = {"update": {"id": message_id, "changes": changes}}
-        return self._append_entries(session_id, session, entry, info, messages)
+        return self._append_entries(session_id, session, entry, info, messages, seen)
 
     def _touch(self, session_id: str) -> AppendLog:
         session = self._require(session_id)
         info = {**session.info, "lastActivityAt": now_iso()}
-        return self._append_entries(session_id, session, None, info, session.messages)
+        return self._append_entries(session_id, session, None, info, session.messages, session.seen)
 
     def _set_title(self, session_id: str, title: str) -> AppendLog:
         session = self._require(session_id)
         info = {**session.info, "title": title, "lastActivityAt": now_iso()}
-        return self._append_entries(session_id, session, None, info, session.messages)
+        return self._append_entries(session_id, session, None, info, session.messages, session.seen)
 
     def _close_all(self) -> None:
         with self._lock:
@@ -1088,7 +1124,7 @@ def _warn_empty(path: Path, removed: bool = False) -> None:
 
 def _log_entries(session: _Session) -> builtins.list[Any]:
     """A whole session log's entries: its messages, then the summary that closes the write."""
-    return [*({"message": m} for m in session.messages), {"session": session.summary()}]
+    return [*({"message": m} for m in session.messages), {"session": session.written_summary()}]
 
 
 def _log_bytes(session: _Session) -> bytes:

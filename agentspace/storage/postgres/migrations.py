@@ -231,4 +231,21 @@ MIGRATIONS: list[tuple[int, str]] = [
         ALTER TABLE usage_rollups_nosession ALTER COLUMN records DROP DEFAULT;
         """,
     ),
+    (
+        10,
+        # A session's message_count counts the messages its client sees: earlier versions counted the answers set
+        # aside (``replaced``: a regenerate, an edit) too. Counted from the messages; the text test first: most
+        # messages have no such key.
+        """
+        UPDATE sessions s SET message_count = c.n
+        FROM (
+            SELECT session_id,
+                   count(*) FILTER (
+                       WHERE body NOT LIKE '%"replaced"%' OR coalesce(body::json->>'replaced', '') <> 'true'
+                   ) AS n
+            FROM messages GROUP BY 1
+        ) c
+        WHERE s.id = c.session_id AND s.message_count <> c.n;
+        """,
+    ),
 ]

@@ -1,4 +1,7 @@
-"""Sessions and their messages in the postgres database (documents kept as JSON text, exactly as given)."""
+"""Sessions and their messages in the postgres database (documents kept as JSON text, exactly as given).
+
+A session's ``message_count`` counts the messages its client sees: the answers set aside (``replaced``) are kept
+and left out of it, as the embedded store's ``seenCount`` (migration 10 counted the sessions written before)."""
 
 from __future__ import annotations
 
@@ -17,6 +20,10 @@ if TYPE_CHECKING:
     pass
 
 log = logging.getLogger(__name__)
+
+
+def _seen(messages: Sequence[dict[str, Any]]) -> int:
+    return sum(1 for m in messages if not m.get("replaced"))
 
 
 def _summary(row: Any) -> dict[str, Any]:
@@ -82,7 +89,7 @@ class PostgresSessionStore:
                     clean_text(title),
                     clean_text(model),
                     now,
-                    len(stored),
+                    _seen(stored),
                     clean_text(client),
                 )
                 if stored:
@@ -133,12 +140,13 @@ class PostgresSessionStore:
         async with self.db.transaction() as conn:
             # The row lock on the session orders concurrent appends.
             count = await conn.fetchval(
-                "UPDATE sessions SET message_count = message_count + 1, last_activity_at = $2, "
+                "UPDATE sessions SET message_count = message_count + $4, last_activity_at = $2, "
                 "title = CASE WHEN coalesce(title, '') = '' AND $3::text IS NOT NULL THEN $3 ELSE title END "
                 "WHERE id = $1 RETURNING message_count",
                 session_id,
                 now_iso(),
                 clean_text(title),
+                _seen([message]),
             )
             if count is None:
                 raise SessionNotFound(f"session {str(session_id)[:40]!r} not found")
@@ -163,10 +171,18 @@ class PostgresSessionStore:
             )
             if not rows:
                 raise MessageNotFound(f"message {str(message_id)[:40]!r} not found in session {session_id!r}")
+            before = [json.loads(r["body"]) for r in rows]
+            after = [{**body, **changes} for body in before]
             await conn.executemany(
                 "UPDATE messages SET body = $3 WHERE session_id = $1 AND seq = $2",
-                [(session_id, r["seq"], json.dumps({**json.loads(r["body"]), **changes})) for r in rows],
+                [(session_id, r["seq"], json.dumps(body)) for r, body in zip(rows, after, strict=True)],
             )
+            if _seen(after) != _seen(before):  # set aside (or back): the count follows
+                await conn.execute(
+                    "UPDATE sessions SET message_count = message_count + $2 WHERE id = $1",
+                    session_id,
+                    _seen(after) - _seen(before),
+                )
 
     async def messages(self, session_id: str, limit: int | None = None) -> builtins.list[dict[str, Any]]:
         self._check_open()
@@ -214,7 +230,7 @@ class PostgresSessionStore:
                 clean_text(session.get("model")),
                 session.get("createdAt") or now_iso(),
                 session.get("lastActivityAt") or session.get("createdAt") or now_iso(),
-                len(messages),
+                _seen(messages),
                 clean_text(session.get("client")),
             )
             if inserted is None:
