@@ -20,7 +20,7 @@ from .config import Config
 from .logs import warn_limited
 from .lru import LRU
 from .pending import PendingWrites
-from .providers.base import Provider, model_prefix
+from .providers.base import Provider, is_builtin, model_prefix
 from .sinks import UsageSink, delivery
 from .types import ContextSectionBuilder, ModelInfo, Tool
 
@@ -71,9 +71,12 @@ class Models:
             raise ModelNotFound(f"Model ids look like provider/model, e.g. anthropic/claude-sonnet-4-6; got {model!r}")
         for provider in self.providers:
             if provider.claims(model):
-                problem = self._unknown.get(model) if model in self._unknown else self._check_name(model)
-                if problem:
-                    raise ModelNotFound(problem)
+                # The cost map lists the built-in providers' models, not a plugin's (one serving ollama/... or
+                # deepseek/... ids itself): its claim is its word.
+                if is_builtin(provider):
+                    problem = self._unknown.get(model) if model in self._unknown else self._check_name(model)
+                    if problem:
+                        raise ModelNotFound(problem)
                 return provider
         hint = suggestion(model, plugin_models(self.providers))
         raise ModelNotFound(f"No provider serves {model!r}.{hint} Run: agentspace models")

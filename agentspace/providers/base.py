@@ -155,5 +155,11 @@ async def lacks_key(provider: Provider, model: str, api_key: str | None, base_ur
     return check is not None and bool(await check(model, api_key, base_url))
 
 
+def is_builtin(provider: object) -> bool:
+    """Whether ``provider`` is one of agentspace's own (Anthropic, litellm), whose models litellm's cost map lists;
+    a plugin's provider says itself which ids it serves (``claims``, ``models()``)."""
+    return type(provider).__module__.startswith("agentspace.")
+
+
 def model_prefix(model: str) -> str:
     return model.split("/", 1)[0] if "/" in model else ""

@@ -1,0 +1,72 @@
+"""Issue 32 tried from outside, as a third-party plugin author (audit32s): a provider plugin for a prefix litellm's
+cost map also knows, a provider that fails with an exception of its own, plugin commands named like built-ins, a
+pricing pattern for a provider claiming only the ids it lists, and providers whose optional methods raise."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+from agentspace import (
+    ChatMessage,
+    Config,
+    ProviderEvent,
+    ProviderFinish,
+    ProviderRequest,
+    TextDelta,
+    TextPart,
+    TokenUsage,
+    hookimpl,
+)
+from agentspace.testing import gateway_client, make_config
+
+from .support.ws import chat
+
+
+class LocalProvider:
+    """A plugin serving ``ollama/...`` ids itself (a local server): litellm's cost map lists some ollama models,
+    none of this one's."""
+
+    name = "local-ollama"
+
+    def claims(self, model: str) -> bool:
+        return model.startswith("ollama/")
+
+    def models(self) -> list[str]:
+        return ["ollama/my-finetune"]
+
+    def model_info(self, model: str) -> dict[str, Any] | None:
+        return {"input_per_mtok": 0.0, "output_per_mtok": 0.0, "context_window": 8_000}
+
+    async def stream(self, request: ProviderRequest) -> AsyncIterator[ProviderEvent]:
+        yield TextDelta("local answer")
+        usage = TokenUsage(input_tokens=4, output_tokens=2)
+        yield ProviderFinish("stop", usage, ChatMessage("assistant", [TextPart("local answer")]))
+
+
+class Plugin:
+    def __init__(self, provider: object) -> None:
+        self.provider = provider
+
+    @hookimpl
+    def register_providers(self, register: Callable[[Any], None], config: Config) -> None:
+        register(self.provider)
+
+
+async def test_a_plugin_serving_a_prefix_the_cost_map_knows_serves_its_own_models(tmp_path: Path) -> None:
+    # `agentspace plugins new ollama --kind provider` wrote such a package, and its own test failed: the start
+    # refused ollama/small as a model "litellm's cost map knows", and a call got "Unknown model
+    # 'ollama/my-finetune'. Did you mean 'ollama/my-finetune'?".
+    config = make_config(tmp_path, '[models]\ndefault = "ollama/my-finetune"\n')
+    async with gateway_client(config, Plugin(LocalProvider())) as client:
+        resp = await client.post(
+            "/v1/chat/completions",
+            json={"model": "ollama/my-finetune", "messages": [{"role": "user", "content": "hi"}]},
+        )
+        assert resp.status == 200, await resp.text()
+        assert (await resp.json())["choices"][0]["message"]["content"] == "local answer"
+        ws = await client.ws_connect("/gateway")
+        frames = await chat(ws, "hi", model="ollama/my-finetune")
+        assert frames[-1]["type"] == "chat.stream.end", frames[-1]
+        await ws.close()
