@@ -4,6 +4,7 @@ pricing pattern for a provider claiming only the ids it lists, and providers who
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,7 @@ from agentspace import (
     hookimpl,
 )
 from agentspace.testing import gateway_client, make_config
+from agentspace.transports import state
 
 from .support.ws import chat
 
@@ -70,3 +72,48 @@ async def test_a_plugin_serving_a_prefix_the_cost_map_knows_serves_its_own_model
         frames = await chat(ws, "hi", model="ollama/my-finetune")
         assert frames[-1]["type"] == "chat.stream.end", frames[-1]
         await ws.close()
+
+
+class FailingProvider:
+    """A plugin provider that lets its HTTP client's own error out (a refused connection), before its first event
+    or after some text, instead of raising ProviderError."""
+
+    name = "flaky"
+
+    def __init__(self, after_text: bool) -> None:
+        self.after_text = after_text
+
+    def claims(self, model: str) -> bool:
+        return model.startswith("flaky/")
+
+    async def stream(self, request: ProviderRequest) -> AsyncIterator[ProviderEvent]:
+        if self.after_text:
+            yield TextDelta("half an ans")
+        raise ConnectionRefusedError(111, "Connect call failed ('10.0.0.7', 443) with key sk-secret")
+
+
+async def test_a_provider_failing_with_an_exception_of_its_own_fails_the_call_as_llm_error(tmp_path: Path) -> None:
+    # It was a 500 "The gateway failed to handle this request" on /v1, a streamed /v1 body cut without its error
+    # chunk, and no usage record on any way in.
+    for after_text in (False, True):
+        config = make_config(tmp_path / str(after_text), '[models]\ndefault = "flaky/m"\n')
+        async with gateway_client(config, Plugin(FailingProvider(after_text))) as client:
+            body = {"model": "flaky/m", "messages": [{"role": "user", "content": "hi"}]}
+            resp = await client.post("/v1/chat/completions", json=body)
+            assert resp.status == 502, await resp.text()
+            error = (await resp.json())["error"]
+            assert error["message"] == "The flaky provider failed (ConnectionRefusedError); see the server log."
+            resp = await client.post("/v1/chat/completions", json={**body, "stream": True})
+            text = await resp.text()  # a cut body raises here
+            if after_text:
+                assert resp.status == 200 and '"error"' in text.strip().splitlines()[-1], text
+            else:
+                assert resp.status == 502, text
+            ws = await client.ws_connect("/gateway")
+            frames = await chat(ws, "hi")
+            await ws.close()
+            assert (frames[-1]["type"], frames[-1]["code"]) == ("error", "LLM_ERROR"), frames[-1]
+            assert "sk-secret" not in json.dumps(frames)
+            records = list(await client.server.app[state.REGISTRY].usage.records())
+        assert [r["error"] for r in records] == ["LLM_ERROR"] * 3, records
+        assert all((r["outputTokens"] > 0) == after_text for r in records), records
