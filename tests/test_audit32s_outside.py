@@ -5,6 +5,8 @@ pricing pattern for a provider claiming only the ids it lists, and providers who
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -24,6 +26,7 @@ from agentspace.testing import gateway_client, make_config
 from agentspace.transports import state
 
 from .support.ws import chat
+from .test_plugin_author import installed_package
 
 
 class LocalProvider:
@@ -117,3 +120,43 @@ async def test_a_provider_failing_with_an_exception_of_its_own_fails_the_call_as
             records = list(await client.server.app[state.REGISTRY].usage.records())
         assert [r["error"] for r in records] == ["LLM_ERROR"] * 3, records
         assert all((r["outputTokens"] > 0) == after_text for r in records), records
+
+
+SHADOWING = """
+import click
+from agentspace import hookimpl
+
+@hookimpl
+def register_commands(cli):
+    @cli.command(name="usage")
+    def usage():
+        \"\"\"Say hello (the plugin's).\"\"\"
+        click.echo("the plugin's usage")
+
+    @cli.command(name="greet")
+    def greet():
+        \"\"\"Greet.\"\"\"
+        click.echo("hello")
+"""
+
+
+def test_a_plugin_command_named_like_a_built_in_is_left_out_and_its_author_told(tmp_path: Path) -> None:
+    # `agentspace --help` described the plugin's `usage` while `agentspace usage` ran the built-in; the package
+    # `agentspace plugins new usage --kind command` wrote failed its own test.
+    env = installed_package(tmp_path, "agentspace-shadow", SHADOWING)
+    env["AGENTSPACE_HOME"] = str(tmp_path / "home")
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        command = [sys.executable, "-m", "agentspace", *args]
+        return subprocess.run(command, env=env, capture_output=True, text=True, timeout=60)
+
+    listing = run("--help")
+    assert listing.returncode == 0, listing.stderr
+    [line] = [line for line in listing.stdout.splitlines() if line.strip().startswith("usage ")]
+    assert "Token usage and cost" in line
+    assert "the command 'usage' of agentspace_shadow is named like a built-in command" in listing.stderr
+    assert run("greet").stdout == "hello\n"
+    refused = run("plugins", "new", "usage", "--kind", "command", "--dir", str(tmp_path))
+    assert refused.returncode == 1 and "'agentspace usage' is a built-in command" in refused.stderr
+    assert not (tmp_path / "agentspace-usage").exists()
+    assert run("plugins", "new", "usage", "--kind", "sink", "--dir", str(tmp_path)).returncode == 0
