@@ -160,3 +160,32 @@ def test_a_plugin_command_named_like_a_built_in_is_left_out_and_its_author_told(
     assert refused.returncode == 1 and "'agentspace usage' is a built-in command" in refused.stderr
     assert not (tmp_path / "agentspace-usage").exists()
     assert run("plugins", "new", "usage", "--kind", "sink", "--dir", str(tmp_path)).returncode == 0
+
+
+class ListedOnlyProvider:
+    """A plugin claiming exactly the ids it lists."""
+
+    name = "exact"
+    MODELS = ("exact/small-1", "exact/small-2")
+
+    def claims(self, model: str) -> bool:
+        return model in self.MODELS
+
+    def models(self) -> list[str]:
+        return list(self.MODELS)
+
+    async def stream(self, request: ProviderRequest) -> AsyncIterator[ProviderEvent]:
+        yield TextDelta("ok")
+        usage = TokenUsage(input_tokens=1_000_000, output_tokens=0)
+        yield ProviderFinish("stop", usage, ChatMessage("assistant", [TextPart("ok")]))
+
+
+async def test_a_pricing_pattern_for_a_provider_claiming_only_the_ids_it_lists(tmp_path: Path) -> None:
+    # The start stopped: 'no registered provider serves 'exact' models, so the pattern matches nothing'.
+    pricing = '[pricing."exact/small-*"]\ninput_per_mtok = 2.0\noutput_per_mtok = 3.0\n'
+    config = make_config(tmp_path, '[models]\ndefault = "exact/small-1"\n' + pricing)
+    async with gateway_client(config, Plugin(ListedOnlyProvider())) as client:
+        body = {"model": "exact/small-2", "messages": [{"role": "user", "content": "hi"}]}
+        assert (await client.post("/v1/chat/completions", json=body)).status == 200
+        [record] = list(await client.server.app[state.REGISTRY].usage.records())
+    assert record["totalCost"] == 2.0 and record["priceKnown"] is True
