@@ -15,6 +15,7 @@ from datetime import date
 from typing import Any
 
 from .config import Config, is_pattern
+from .logs import warn_limited
 from .pricing import cost_entry, known_models, model_info, provided_info
 from .providers.base import lacks_key
 from .vault import KeyVault, resolve_key
@@ -32,7 +33,15 @@ def plugin_models(providers: Iterable[Any]) -> dict[str, str]:
         lister = getattr(provider, "models", None)
         if not callable(lister):
             continue
-        for model in lister():
+        try:
+            listed = list(lister())
+        except Exception as e:  # a plugin's bug leaves its models unlisted; its calls (``claims``) still work
+            name = getattr(provider, "name", type(provider).__name__)
+            warn_limited(
+                log, f"models:{name}", "provider %r could not list its models: %s: %s", name, type(e).__name__, e
+            )
+            continue
+        for model in listed:
             model_id = getattr(model, "id", model)
             out[str(model_id)] = getattr(provider, "name", str(model_id).partition("/")[0])
     return out

@@ -51,12 +51,13 @@ class LocalProvider:
 
 
 class Plugin:
-    def __init__(self, provider: object) -> None:
-        self.provider = provider
+    def __init__(self, *providers: object) -> None:
+        self.providers = providers
 
     @hookimpl
     def register_providers(self, register: Callable[[Any], None], config: Config) -> None:
-        register(self.provider)
+        for provider in self.providers:
+            register(provider)
 
 
 async def test_a_plugin_serving_a_prefix_the_cost_map_knows_serves_its_own_models(tmp_path: Path) -> None:
@@ -189,3 +190,29 @@ async def test_a_pricing_pattern_for_a_provider_claiming_only_the_ids_it_lists(t
         assert (await client.post("/v1/chat/completions", json=body)).status == 200
         [record] = list(await client.server.app[state.REGISTRY].usage.records())
     assert record["totalCost"] == 2.0 and record["priceKnown"] is True
+
+
+class BrokenListingProvider(LocalProvider):
+    """A plugin whose optional ``models()`` has a bug."""
+
+    name = "broken-list"
+
+    def claims(self, model: str) -> bool:
+        return model.startswith("broken/")
+
+    def models(self) -> list[str]:
+        raise RuntimeError("the catalog file is missing")
+
+
+async def test_a_provider_whose_models_raises_takes_nothing_else_down(tmp_path: Path) -> None:
+    # GET /api/models and /v1/models answered 500, and every built-in model's typo check (which asks every
+    # provider's models() for a suggestion) failed: a call or a [models] default of any litellm model.
+    config = make_config(tmp_path, '[models]\ndefault = "ollama/my-finetune"\n')
+    async with gateway_client(config, Plugin(LocalProvider(), BrokenListingProvider())) as client:
+        for model in ("ollama/my-finetune", "broken/m"):
+            body = {"model": model, "messages": [{"role": "user", "content": "hi"}]}
+            resp = await client.post("/v1/chat/completions", json=body)
+            assert resp.status == 200, await resp.text()
+        resp = await client.get("/api/models")
+        assert resp.status == 200
+        assert [m["id"] for m in (await resp.json())["models"]] == ["ollama/my-finetune"]
