@@ -118,11 +118,8 @@ async def without_keyless_plugin_models(
             if prefix not in keys:  # the vault is a file: read off the event loop
                 keys[prefix] = await asyncio.to_thread(resolve_key, config, prefix)
             base_url = config.provider_settings(prefix)["base_url"]
-            try:
-                if await lacks_key(serving, model_id, keys[prefix], base_url):
-                    continue
-            except Exception as e:  # listed; its calls will say what is wrong
-                log.warning("%s.missing_key(%r) failed: %s: %s", serving.name, model_id, type(e).__name__, e)
+            if await lacks_key(serving, model_id, keys[prefix], base_url):  # one that raises: listed
+                continue
         out.append(model)
     return out
 

@@ -216,3 +216,33 @@ async def test_a_provider_whose_models_raises_takes_nothing_else_down(tmp_path: 
         resp = await client.get("/api/models")
         assert resp.status == 200
         assert [m["id"] for m in (await resp.json())["models"]] == ["ollama/my-finetune"]
+
+
+class BrokenKeyCheckProvider(LocalProvider):
+    """A plugin whose optional ``missing_key`` has a bug."""
+
+    name = "broken-key"
+
+    def claims(self, model: str) -> bool:
+        return model.startswith("broken/")
+
+    def models(self) -> list[str]:
+        return ["broken/m"]
+
+    async def missing_key(self, model: str, api_key: str | None, base_url: str | None) -> bool:
+        raise KeyError("api_key_env")
+
+
+async def test_a_provider_whose_missing_key_raises_is_called_as_one_with_its_key(tmp_path: Path) -> None:
+    # /v1 answered 500 "The gateway failed to handle this request", a chat turn failed, while the model lists
+    # showed the model (they already took a failing check as "has its key").
+    config = make_config(tmp_path, '[models]\ndefault = "broken/m"\n')
+    async with gateway_client(config, Plugin(BrokenKeyCheckProvider())) as client:
+        body = {"model": "broken/m", "messages": [{"role": "user", "content": "hi"}]}
+        resp = await client.post("/v1/chat/completions", json=body)
+        assert resp.status == 200, await resp.text()
+        ws = await client.ws_connect("/gateway")
+        frames = await chat(ws, "hi")
+        await ws.close()
+        assert frames[-1]["type"] == "chat.stream.end", frames[-1]
+        assert "broken/m" in [m["id"] for m in (await (await client.get("/api/models")).json())["models"]]

@@ -155,7 +155,14 @@ OPTIONAL_PROVIDER_METHODS = ("models", "model_info", "missing_key", "aclose")
 async def lacks_key(provider: Provider, model: str, api_key: str | None, base_url: str | None) -> bool:
     """True when ``provider`` says a call to ``model`` needs a key that ``api_key`` does not supply."""
     check = getattr(provider, "missing_key", None)
-    return check is not None and bool(await check(model, api_key, base_url))
+    if check is None:
+        return False
+    try:
+        return bool(await check(model, api_key, base_url))
+    except Exception as e:  # a plugin's bug: the call goes ahead, and its provider says what is wrong
+        name = getattr(provider, "name", type(provider).__name__)
+        log.warning("provider %r: missing_key(%r) failed: %s: %s", name, model, type(e).__name__, e)
+        return False
 
 
 def is_builtin(provider: object) -> bool:
