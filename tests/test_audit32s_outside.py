@@ -246,3 +246,14 @@ async def test_a_provider_whose_missing_key_raises_is_called_as_one_with_its_key
         await ws.close()
         assert frames[-1]["type"] == "chat.stream.end", frames[-1]
         assert "broken/m" in [m["id"] for m in (await (await client.get("/api/models")).json())["models"]]
+
+
+async def test_the_test_helpers_take_two_instances_of_one_plugin_class(tmp_path: Path) -> None:
+    # gateway_client (and plugin_manager, registered) raised "ValueError: Plugin name already registered: Plugin=..."
+    # followed by the whole plugin table.
+    config = make_config(tmp_path, '[models]\ndefault = "ollama/my-finetune"\n')
+    async with gateway_client(config, Plugin(LocalProvider()), Plugin(ListedOnlyProvider())) as client:
+        for model in ("ollama/my-finetune", "exact/small-1"):
+            body = {"model": model, "messages": [{"role": "user", "content": "hi"}]}
+            resp = await client.post("/v1/chat/completions", json=body)
+            assert resp.status == 200, await resp.text()
