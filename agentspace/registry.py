@@ -7,6 +7,7 @@ Transports reach it through the service layer (``service.Service``); the pipelin
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
@@ -21,7 +22,7 @@ from .logs import warn_limited
 from .lru import LRU
 from .pending import PendingWrites
 from .providers.base import Provider, is_builtin, model_prefix
-from .sinks import UsageSink, delivery
+from .sinks import CLOSE_SECONDS, UsageSink, delivery
 from .types import ContextSectionBuilder, ModelInfo, Tool
 
 if TYPE_CHECKING:
@@ -191,7 +192,11 @@ class Registry:
             close = getattr(plugin, "aclose", None)
             if close is not None:
                 try:
-                    await close()
+                    # Bounded, as a queued sink's: a plugin hanging in its aclose must not keep the server up.
+                    await asyncio.wait_for(close(), CLOSE_SECONDS)
+                except TimeoutError:
+                    name = getattr(plugin, "name", plugin)
+                    log.error("closing %s %r took more than %.0fs; left behind", kind, name, CLOSE_SECONDS)
                 except Exception:
                     log.exception("closing %s %r failed", kind, getattr(plugin, "name", plugin))
         await self.sessions.aclose()

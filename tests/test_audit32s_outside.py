@@ -4,6 +4,7 @@ pricing pattern for a provider claiming only the ids it lists, and providers who
 
 from __future__ import annotations
 
+import asyncio
 import json
 import subprocess
 import sys
@@ -257,3 +258,20 @@ async def test_the_test_helpers_take_two_instances_of_one_plugin_class(tmp_path:
             body = {"model": model, "messages": [{"role": "user", "content": "hi"}]}
             resp = await client.post("/v1/chat/completions", json=body)
             assert resp.status == 200, await resp.text()
+
+
+class HangsInAclose(LocalProvider):
+    """A plugin whose ``aclose`` waits on an HTTP client that never closes."""
+
+    async def aclose(self) -> None:
+        await asyncio.sleep(3600)
+
+
+async def test_a_provider_hanging_in_aclose_does_not_keep_the_server_up(tmp_path: Path) -> None:
+    # The server never stopped (a sink's aclose is bounded to 5 s, a provider's was not): `agentspace serve`
+    # waited for ever after SIGTERM.
+    config = make_config(tmp_path, '[models]\ndefault = "ollama/my-finetune"\n')
+    async with asyncio.timeout(60):  # generous: a bounded close takes 5 s
+        async with gateway_client(config, Plugin(HangsInAclose())) as client:
+            body = {"model": "ollama/my-finetune", "messages": [{"role": "user", "content": "hi"}]}
+            assert (await client.post("/v1/chat/completions", json=body)).status == 200
