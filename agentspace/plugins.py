@@ -232,6 +232,12 @@ def checked(hook: str, register: Callable[[Any], object]) -> Callable[[Any], Non
             shown = repr(thing)
             shown = shown if len(shown) <= 60 else shown[:57] + "..."
             raise TypeError(f"registered {shown} ({type(thing).__name__}), which is not {what}")
+        if hook == "register_usage_sinks":
+            from .sinks import attribute_problem
+
+            problem = attribute_problem(thing)
+            if problem:
+                raise ValueError(problem)
         if hook == "register_context_sections":
             from .context import CORE_SECTIONS
 

@@ -12,6 +12,8 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from agentspace import (
     ChatMessage,
     Config,
@@ -21,8 +23,10 @@ from agentspace import (
     TextDelta,
     TextPart,
     TokenUsage,
+    UsageRecord,
     hookimpl,
 )
+from agentspace.plugins import PluginError
 from agentspace.testing import gateway_client, make_config
 from agentspace.transports import state
 
@@ -275,3 +279,42 @@ async def test_a_provider_hanging_in_aclose_does_not_keep_the_server_up(tmp_path
         async with gateway_client(config, Plugin(HangsInAclose())) as client:
             body = {"model": "ollama/my-finetune", "messages": [{"role": "user", "content": "hi"}]}
             assert (await client.post("/v1/chat/completions", json=body)).status == 200
+
+
+class Sink:
+    name = "tuned"
+
+    async def record(self, record: UsageRecord) -> None:
+        pass
+
+
+class Sinks:
+    def __init__(self, sink: object) -> None:
+        self.sink = sink
+
+    @hookimpl
+    def register_usage_sinks(self, register: Callable[[Any], None], config: Config) -> None:
+        register(self.sink)
+
+
+@pytest.mark.parametrize(
+    ("attribute", "value", "what"),
+    [
+        ("record_timeout_seconds", None, "a positive number of seconds"),
+        ("queue_size", 0, "a positive integer"),
+        ("queue_size", "100", "a positive integer"),
+        ("retry_max_seconds", 0, "a positive number of seconds"),
+        ("drain_seconds", -1, "a number of seconds, 0 or more"),
+    ],
+)
+async def test_a_sink_attribute_that_cannot_work_stops_the_start_naming_the_sink(
+    tmp_path: Path, attribute: str, value: object, what: str
+) -> None:
+    # None stopped the start with "TypeError: float() argument must be ... not 'NoneType'" and a traceback naming
+    # no plugin; a queue_size of 0 dropped every record, a timeout of 0 failed every one, in silence.
+    sink = Sink()
+    setattr(sink, attribute, value)
+    with pytest.raises(PluginError) as raised:
+        async with gateway_client(make_config(tmp_path), Sinks(sink)):
+            pass
+    assert f"usage sink 'tuned': {attribute} must be {what}, got {value!r}" in str(raised.value)
