@@ -318,3 +318,19 @@ async def test_a_sink_attribute_that_cannot_work_stops_the_start_naming_the_sink
         async with gateway_client(make_config(tmp_path), Sinks(sink)):
             pass
     assert f"usage sink 'tuned': {attribute} must be {what}, got {value!r}" in str(raised.value)
+
+
+@pytest.mark.parametrize("command", [["serve", "--port", "0"], ["plugins"]])
+def test_a_plugin_that_fails_to_import_stops_the_start_naming_it(tmp_path: Path, command: list[str]) -> None:
+    # A bare traceback from deep in importlib, naming neither the plugin nor the way out.
+    env = installed_package(tmp_path, "agentspace-needs-dep", "import agentspace_not_installed_dependency\n")
+    env["AGENTSPACE_HOME"] = str(tmp_path / "home")
+    done = subprocess.run(
+        [sys.executable, "-m", "agentspace", *command], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 1, done
+    assert (
+        "Error: plugin 'agentspace_needs_dep' (agentspace-needs-dep) failed to load: ModuleNotFoundError: "
+        "No module named 'agentspace_not_installed_dependency'" in done.stderr
+    ), done.stderr
+    assert "AGENTSPACE_LOAD_PLUGINS=name,..." in done.stderr
