@@ -15,6 +15,7 @@ from datetime import date
 from typing import Any
 
 from .config import Config, is_pattern
+from .logs import warn_limited
 from .pricing import CHAT_MODES, cost_entry, known_models, model_info, provided_info
 from .providers.base import lacks_key
 from .vault import KeyVault, resolve_key
@@ -32,7 +33,15 @@ def plugin_models(providers: Iterable[Any]) -> dict[str, str]:
         lister = getattr(provider, "models", None)
         if not callable(lister):
             continue
-        for model in lister():
+        try:
+            listed = list(lister())
+        except Exception as e:  # a plugin's bug leaves its models unlisted; its calls (``claims``) still work
+            name = getattr(provider, "name", type(provider).__name__)
+            warn_limited(
+                log, f"models:{name}", "provider %r could not list its models: %s: %s", name, type(e).__name__, e
+            )
+            continue
+        for model in listed:
             model_id = getattr(model, "id", model)
             out[str(model_id)] = getattr(provider, "name", str(model_id).partition("/")[0])
     return out
@@ -109,11 +118,8 @@ async def without_keyless_plugin_models(
             if prefix not in keys:  # the vault is a file: read off the event loop
                 keys[prefix] = await asyncio.to_thread(resolve_key, config, prefix)
             base_url = config.provider_settings(prefix)["base_url"]
-            try:
-                if await lacks_key(serving, model_id, keys[prefix], base_url):
-                    continue
-            except Exception as e:  # listed; its calls will say what is wrong
-                log.warning("%s.missing_key(%r) failed: %s: %s", serving.name, model_id, type(e).__name__, e)
+            if await lacks_key(serving, model_id, keys[prefix], base_url):  # one that raises: listed
+                continue
         out.append(model)
     return out
 

@@ -40,7 +40,7 @@ from .context import (
 )
 from .errors import ApiError
 from .events import ProviderError, ProviderFinish, TextDelta, UsageReport
-from .providers.base import Provider, ProviderRequest
+from .providers.base import Provider, ProviderRequest, provider_stream
 from .registry import ModelNotFound
 from .tokens import count_ceiling_tokens, count_tokens
 from .types import ChatMessage, FilePart, TokenUsage, now_iso
@@ -361,7 +361,7 @@ async def _summary_call(gw: Registry, turn: TurnLike, model: str, provider: Prov
 
     try:
         try:
-            async for event in provider.stream(request):
+            async for event in provider_stream(provider, request):
                 if not answered:
                     answered = True
                     call.answered()  # the upstream took the call: a recovery bills its input

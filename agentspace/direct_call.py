@@ -31,7 +31,7 @@ from .events import (
     ToolCallEvent,
     UsageReport,
 )
-from .providers.base import ProviderRequest, lacks_key
+from .providers.base import ProviderRequest, lacks_key, provider_stream
 from .registry import ModelNotFound, Registry
 from .tokens import count_tokens
 from .types import TokenUsage, UsageRecord
@@ -71,7 +71,7 @@ class DirectCall:
             # A plugin provider's ``missing_key``: refused as the built-in providers refuse a call without a key.
             prefix = request.model.split("/", 1)[0]
             await self._fail(ProviderError("NO_API_KEY", missing_key_message(prefix, self.gw.config)))
-        self._stream = provider.stream(self.request)
+        self._stream = provider_stream(provider, self.request)
         try:
             self._first = await self._stream.__anext__()
             self._answered = True  # (the time to first output is the transport's: streams only)

@@ -58,7 +58,7 @@ from .events import (
 from .logs import redact
 from .observe import CallInfo, TurnInfo, notify
 from .prompt_cache import cache_ttl, prefix_key
-from .providers.base import ProviderRequest, ThinkingSettings, lacks_key
+from .providers.base import ProviderRequest, ThinkingSettings, lacks_key, provider_stream
 from .registry import ModelNotFound, Registry
 from .routing import (
     Deployment,
@@ -874,7 +874,7 @@ class Turn:
             request = deployment_request(gw, request, dep)
         # The idle clock starts now, not when the task first runs: on a loaded machine a timer may fire first.
         state.last_event = time.monotonic()
-        self._step_task = asyncio.create_task(self._consume(provider.stream(request), state, seen_sources))
+        self._step_task = asyncio.create_task(self._consume(provider_stream(provider, request), state, seen_sources))
         stop_watching = self._watch_idle(state)
         try:
             return await self._step_task

@@ -13,7 +13,7 @@ import logging
 import os
 import re
 from collections.abc import Callable, Sequence
-from importlib.metadata import entry_points
+from importlib.metadata import EntryPoint, entry_points
 from typing import Any
 
 import click
@@ -72,7 +72,8 @@ def _load_selected(pm: pluggy.PluginManager) -> None:
     wanted = _selected()
     _check_unique_names(wanted)
     if wanted is None:
-        pm.load_setuptools_entrypoints(ENTRY_POINT_GROUP)
+        for ep in entry_points(group=ENTRY_POINT_GROUP):
+            _load_one(pm, ep)
         return
     dists = {_dist_key(n) for n in wanted}
     matched = set(OPTIONAL_PLUGINS) & wanted
@@ -80,9 +81,25 @@ def _load_selected(pm: pluggy.PluginManager) -> None:
         dist_name = ep.dist.name if ep.dist is not None else None
         if ep.name in wanted or (dist_name is not None and _dist_key(dist_name) in dists):
             matched |= {n for n in wanted if n == ep.name or (dist_name and _dist_key(n) == _dist_key(dist_name))}
-            pm.load_setuptools_entrypoints(ENTRY_POINT_GROUP, name=ep.name)
+            _load_one(pm, ep)
     for name in sorted(wanted - matched):  # a typo would load nothing, silently
         log.warning("AGENTSPACE_LOAD_PLUGINS names %r, which no installed plugin is (see: agentspace plugins)", name)
+
+
+def _load_one(pm: pluggy.PluginManager, ep: EntryPoint) -> None:
+    """Load one installed plugin; one that fails to import (a missing dependency, a syntax error, an entry point
+    naming nothing) stops the start naming it, as a failing hook does, not with a bare traceback."""
+    try:
+        pm.load_setuptools_entrypoints(ENTRY_POINT_GROUP, name=ep.name)
+    except pluggy.PluginValidationError:
+        raise  # a misspelt hook parameter: named by _load_entry_points
+    except Exception as e:
+        dist = ep.dist.name if ep.dist is not None else ep.value
+        log.error("plugin %r (%s) failed to load", ep.name, dist, exc_info=e)
+        raise PluginError(
+            f"plugin {ep.name!r} ({dist}) failed to load: {type(e).__name__}: {e} (the traceback is logged above; "
+            "AGENTSPACE_LOAD_PLUGINS=name,... selects which installed plugins load)"
+        ) from e
 
 
 def _check_unique_names(wanted: set[str] | None) -> None:
@@ -232,6 +249,12 @@ def checked(hook: str, register: Callable[[Any], object]) -> Callable[[Any], Non
             shown = repr(thing)
             shown = shown if len(shown) <= 60 else shown[:57] + "..."
             raise TypeError(f"registered {shown} ({type(thing).__name__}), which is not {what}")
+        if hook == "register_usage_sinks":
+            from .sinks import attribute_problem
+
+            problem = attribute_problem(thing)
+            if problem:
+                raise ValueError(problem)
         if hook == "register_context_sections":
             from .context import CORE_SECTIONS
 

@@ -231,13 +231,19 @@ def _tier(table: Mapping[str, Any]) -> PriceTier:
 def unserved_patterns(config: Config, providers: Iterable[Any]) -> list[str]:
     """The ``[pricing]`` patterns whose provider prefix no registered provider serves (a config error)."""
     providers = list(providers)
+    listed: list[str] = []  # a provider may claim only the ids it lists (``claims(m): return m in MODELS``)
+    for provider in providers:
+        try:
+            listed += [str(m) for m in provider.models()] if callable(getattr(provider, "models", None)) else []
+        except Exception:  # a broken ``models`` is reported where the lists are built
+            pass
     out = []
     for key in config.pricing:
         if not is_pattern(key):
             continue
         prefix = key.partition("/")[0]
         sample = f"{prefix}/any-model"
-        if not any(p.claims(sample) for p in providers):
+        if not any(p.claims(sample) for p in providers) and not any(m.startswith(f"{prefix}/") for m in listed):
             out.append(key)
     return out
 

@@ -7,6 +7,7 @@ Transports reach it through the service layer (``service.Service``); the pipelin
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
@@ -20,8 +21,8 @@ from .config import Config
 from .logs import warn_limited
 from .lru import LRU
 from .pending import PendingWrites
-from .providers.base import Provider, model_prefix
-from .sinks import UsageSink, delivery
+from .providers.base import Provider, is_builtin, model_prefix
+from .sinks import CLOSE_SECONDS, UsageSink, delivery
 from .types import ContextSectionBuilder, ModelInfo, Tool
 
 if TYPE_CHECKING:
@@ -71,9 +72,12 @@ class Models:
             raise ModelNotFound(f"Model ids look like provider/model, e.g. anthropic/claude-sonnet-4-6; got {model!r}")
         for provider in self.providers:
             if provider.claims(model):
-                problem = self._unknown.get(model) if model in self._unknown else self._check_name(model)
-                if problem:
-                    raise ModelNotFound(problem)
+                # The cost map lists the built-in providers' models, not a plugin's (one serving ollama/... or
+                # deepseek/... ids itself): its claim is its word.
+                if is_builtin(provider):
+                    problem = self._unknown.get(model) if model in self._unknown else self._check_name(model)
+                    if problem:
+                        raise ModelNotFound(problem)
                 return provider
         hint = suggestion(model, plugin_models(self.providers))
         raise ModelNotFound(f"No provider serves {model!r}.{hint} Run: agentspace models")
@@ -188,7 +192,11 @@ class Registry:
             close = getattr(plugin, "aclose", None)
             if close is not None:
                 try:
-                    await close()
+                    # Bounded, as a queued sink's: a plugin hanging in its aclose must not keep the server up.
+                    await asyncio.wait_for(close(), CLOSE_SECONDS)
+                except TimeoutError:
+                    name = getattr(plugin, "name", plugin)
+                    log.error("closing %s %r took more than %.0fs; left behind", kind, name, CLOSE_SECONDS)
                 except Exception:
                     log.exception("closing %s %r failed", kind, getattr(plugin, "name", plugin))
         await self.sessions.aclose()

@@ -33,6 +33,7 @@ from .gateway import assemble
 from .gateway_token import TOKEN_ENV, TokenFile, check_secrets, note_token_source, write_server_address
 from .logs import configure_logging
 from .plugins import check_hooks, get_plugin_manager, plugin_error
+from .providers.base import is_builtin
 from .registry import ModelNotFound, Registry
 from .security import AuthFailures, Handler, security_middleware
 from .storage.datadir_lock import DataDirLock, write_server_storage
@@ -181,7 +182,7 @@ def check_default_model(gw: Registry) -> None:
 def _check_model(gw: Registry, model: str, key: str) -> None:
     config = gw.config
     try:
-        gw.provider_for(model)
+        provider = gw.provider_for(model)
     except ModelNotFound as e:
         raise ConfigError(config.source, key, f"expected a model a provider serves: {e}") from None
     prefix, _, name = model.partition("/")
@@ -189,7 +190,12 @@ def _check_model(gw: Registry, model: str, key: str) -> None:
     # The cost map lists every model of the big providers; a name it lacks is a typo, unless the model
     # goes to a custom endpoint (base_url) or the config declares it (pricing or the provider's models).
     declared = model in config.pricing or bool({model, name} & set(settings["models"])) or bool(settings["base_url"])
-    if pricing.cost_entry(model) is None and pricing.known_models({prefix}) and not declared:
+    if (
+        is_builtin(provider)  # a plugin's provider serves what it claims, whatever the cost map lists
+        and pricing.cost_entry(model) is None
+        and pricing.known_models({prefix})
+        and not declared
+    ):
         raise ConfigError(
             config.source,
             key,

@@ -51,6 +51,34 @@ class DropRecord(Exception):
     """Raised by a sink's ``record`` for a record it can never take: logged, counted, not retried."""
 
 
+# A sink's optional attributes (docs/plugins.md) and what each must be.
+SINK_ATTRIBUTES = {
+    "queue_size": "a positive integer",
+    "record_timeout_seconds": "a positive number of seconds",
+    "retry_max_seconds": "a positive number of seconds",
+    "drain_seconds": "a number of seconds, 0 or more",
+}
+
+
+def attribute_problem(sink: object) -> str | None:
+    """What is wrong with a sink's optional attributes, or None: checked when it registers, as a wrong one would
+    stop the start with a traceback naming no plugin (None), or fail or drop every record (0)."""
+    for attribute, what in SINK_ATTRIBUTES.items():
+        if not hasattr(sink, attribute):
+            continue
+        value = getattr(sink, attribute)
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if attribute == "queue_size":
+            ok = number and isinstance(value, int) and value >= 1
+        elif attribute == "drain_seconds":
+            ok = number and value >= 0
+        else:
+            ok = number and value > 0
+        if not ok:
+            return f"usage sink {sink_name(sink)!r}: {attribute} must be {what}, got {value!r}"
+    return None
+
+
 def sink_name(sink: object) -> str:
     return str(getattr(sink, "name", None) or type(sink).__name__)
 

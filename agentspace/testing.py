@@ -85,7 +85,10 @@ def plugin_manager(*plugins: object, builtins: bool = True) -> Iterator[pluggy.P
         pm = pluggy.PluginManager("agentspace")
         pm.add_hookspecs(hookspecs)
     for plugin in plugins:
-        pm.register(plugin, name=_plugin_name(plugin))  # pluggy rejects a hook's unknown parameters here
+        name = _plugin_name(plugin)
+        if pm.has_plugin(name):  # two instances of one plugin class, each registering its own things
+            name = f"{name}-{id(plugin)}"
+        pm.register(plugin, name=name)  # pluggy rejects a hook's unknown parameters here
     # A misspelt hook name would otherwise be ignored silently, and the plugin would do nothing.
     check_hooks(pm)
     try:

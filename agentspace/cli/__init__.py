@@ -44,12 +44,30 @@ class AgentspaceGroup(click.Group):
         self._plugins_loaded = True
         from ..plugins import get_plugin_manager
 
+        before = dict(self.commands)
         try:
             get_plugin_manager().hook.register_commands(cli=self)
         except Exception as e:  # a broken plugin must not take the built-in commands down with it
             click.secho(
                 f"agentspace: plugin commands not loaded: {type(e).__name__}: {e}\n"
                 "  (AGENTSPACE_LOAD_PLUGINS=name,... selects which installed plugins load)",
+                err=True,
+                fg="yellow",
+            )
+        # A plugin's command named like a built-in one would replace it in `--help` (and in a process that loaded
+        # the plugins) while `agentspace NAME` still runs the built-in: it is left out, and the author told.
+        for name in BUILTIN_COMMANDS:
+            command = self.commands.get(name)
+            if command is None or command is before.get(name):
+                continue
+            if name in before:
+                self.commands[name] = before[name]
+            else:
+                del self.commands[name]
+            module = getattr(command.callback, "__module__", None) or "a plugin"
+            click.secho(
+                f"agentspace: the command {name!r} of {module} is named like a built-in command and is left out; "
+                "rename it",
                 err=True,
                 fg="yellow",
             )

@@ -49,9 +49,12 @@ def new(name: str, kind: str, parent: Path) -> None:
 
     from ..plugins import ENTRY_POINT_GROUP, OPTIONAL_PLUGINS
     from ..scaffold import ScaffoldError, module_name, write_package
+    from . import BUILTIN_COMMANDS
 
     if name in OPTIONAL_PLUGINS:  # AGENTSPACE_LOAD_PLUGINS=NAME would select the built-in and this one together
         raise click.ClickException(f"{name!r} is the name of a built-in plugin; choose another name")
+    if kind == "command" and name in BUILTIN_COMMANDS:  # `agentspace NAME` runs the built-in
+        raise click.ClickException(f"'agentspace {name}' is a built-in command; choose another name")
     taken = [ep for ep in entry_points(group=ENTRY_POINT_GROUP) if ep.name == name]
     if taken:  # two plugins of one name stop the start: say so now, not after the install
         dist = taken[0].dist.name if taken[0].dist is not None else taken[0].value

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import email.utils
+import logging
 import time
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
-from ..events import ProviderEvent
+from ..events import ProviderError, ProviderEvent
 from ..types import ChatMessage, ModelInfo, Tool
+
+log = logging.getLogger(__name__)
 
 # The error message of a stream that ended before its answer was complete (every provider says the same).
 INCOMPLETE_MESSAGE = "the upstream stream ended before the answer was complete"
@@ -152,7 +155,48 @@ OPTIONAL_PROVIDER_METHODS = ("models", "model_info", "missing_key", "aclose")
 async def lacks_key(provider: Provider, model: str, api_key: str | None, base_url: str | None) -> bool:
     """True when ``provider`` says a call to ``model`` needs a key that ``api_key`` does not supply."""
     check = getattr(provider, "missing_key", None)
-    return check is not None and bool(await check(model, api_key, base_url))
+    if check is None:
+        return False
+    try:
+        return bool(await check(model, api_key, base_url))
+    except Exception as e:  # a plugin's bug: the call goes ahead, and its provider says what is wrong
+        name = getattr(provider, "name", type(provider).__name__)
+        log.warning("provider %r: missing_key(%r) failed: %s: %s", name, model, type(e).__name__, e)
+        return False
+
+
+def is_builtin(provider: object) -> bool:
+    """Whether ``provider`` is one of agentspace's own (Anthropic, litellm), whose models litellm's cost map lists;
+    a plugin's provider says itself which ids it serves (``claims``, ``models()``)."""
+    return type(provider).__module__.startswith("agentspace.")
+
+
+def provider_stream(provider: Provider, request: ProviderRequest) -> AsyncIterator[ProviderEvent]:
+    """``provider.stream(request)``. A plugin's stream that raises what is no ``ProviderError`` (a bug, its HTTP
+    client's own error) fails as the built-in providers fail, with ``LLM_ERROR``: recorded and answered as a
+    failed call, not a 500 or a cut stream. The built-ins' streams go unwrapped."""
+    if is_builtin(provider):
+        return provider.stream(request)
+    return _guarded(provider, request)
+
+
+async def _guarded(provider: Provider, request: ProviderRequest) -> AsyncIterator[ProviderEvent]:
+    stream: AsyncIterator[ProviderEvent] | None = None
+    try:
+        stream = provider.stream(request)
+        async for event in stream:
+            yield event
+    except ProviderError:
+        raise
+    except Exception as e:
+        name = getattr(provider, "name", type(provider).__name__)
+        log.error("provider %r failed on %s", name, request.model, exc_info=e)
+        # Its message may quote a URL or a key: the client gets the exception's type only.
+        raise ProviderError("LLM_ERROR", f"The {name} provider failed ({type(e).__name__}); see the server log.") from e
+    finally:
+        close = getattr(stream, "aclose", None)
+        if close is not None:
+            await close()
 
 
 def model_prefix(model: str) -> str:
