@@ -126,6 +126,20 @@ async def test_the_auth_column_is_what_the_gateway_enforces(client: TestClient, 
             assert as_client.status != 401, route
 
 
+async def test_every_get_route_answers_head_as_its_get_does(client: TestClient, auth_headers: dict[str, str]) -> None:
+    """Uptime monitors and load balancers probe with HEAD (RFC 9110: a GET resource answers HEAD alike, without
+    the body); ``/healthz`` answered it 405 while a plugin's ``add_get`` route (``/metrics``) took it."""
+    for route in routes.table():
+        if route.method != "GET":
+            continue
+        path = _request_path(route.path)
+        for headers in ({}, auth_headers):
+            async with client.get(path, headers=headers) as get:
+                await get.read()
+            async with client.head(path, headers=headers) as head:
+                assert (head.status, await head.read()) == (get.status, b""), (route.path, headers, head.status)
+
+
 class _NotesRoute:
     """A plugin route as docs/plugins.md shows them: the operator's, behind the gateway token."""
 

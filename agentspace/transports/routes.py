@@ -109,7 +109,10 @@ def install(app: web.Application, config: Config, pm: pluggy.PluginManager) -> N
     rest.install_errors_and_cors(app)
     bodies.install(app)
     for route in table():
-        app.router.add_route(route.method, route.path, route.handler)
+        if route.method == "GET":  # and HEAD, as aiohttp's add_get (uptime monitors probe /healthz with HEAD)
+            app.router.add_get(route.path, route.handler)
+        else:
+            app.router.add_route(route.method, route.path, route.handler)
     app.on_cleanup.append(close_http_client)  # the /v1 relays' HTTP client
     ours = set(app.router.routes())
     pm.hook.register_routes(app=app, config=config)
