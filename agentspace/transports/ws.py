@@ -124,6 +124,7 @@ class Connection:
         self, request: web.Request, ws: web.WebSocketResponse, caller: str = "admin", token: str | None = None
     ) -> None:
         self.app = request.app
+        self.request = request  # its source address: failed auth frames count against it
         self.caller = caller  # "admin" (the gateway token) or the client whose key authenticated
         # The credential the socket authenticated with, checked again before every frame and every
         # CREDENTIAL_CHECK_SECONDS: a rotated or removed one closes the socket.
@@ -271,7 +272,20 @@ class Connection:
         )
 
     async def on_auth(self, request_id: Any, msg: dict[str, Any]) -> None:
-        await self.send({"type": "auth.ok", "requestId": request_id})  # already authenticated
+        """Already authenticated: the socket's own credential again is ``auth.ok``; any other is refused and
+        counted as a failed authentication (no way round the limit), and the socket keeps its credential."""
+        token = msg.get("token")
+        if isinstance(token, str) and token_matches(self.token, token):
+            await self.send({"type": "auth.ok", "requestId": request_id})
+            return
+        blocked = security.auth_blocked(self.request)
+        security.auth_failed(self.request)
+        if blocked:
+            raise ApiError("RATE_LIMITED", "Too many failed authentications; try again later.")
+        raise ApiError(
+            "UNAUTHORIZED",
+            "This connection is signed in with another credential; open a new connection to use this one.",
+        )
 
     HANDLERS: dict[str, Callable[[Connection, Any, dict[str, Any]], Any]] = {
         "chat.send": on_chat_send,

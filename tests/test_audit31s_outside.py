@@ -1,0 +1,45 @@
+"""One door (issue 31) tried from outside a third time: the same request answered alike wherever it comes in."""
+
+from __future__ import annotations
+
+from aiohttp.test_utils import TestClient
+
+from tests.support.ws import chat, connect, receive, receive_after
+from tests.test_clients import add_client
+
+
+async def test_an_auth_frame_on_an_authenticated_socket_is_refused_unless_it_is_the_sockets_credential(
+    client: TestClient, token: str
+) -> None:
+    """A socket keeps the credential it opened with: the same one sent again is ``auth.ok``; a wrong one, none,
+    or another caller's is refused (the socket stays as it was), not answered ``auth.ok`` as if it were taken."""
+    other = add_client("alice")
+    ws = await connect(client, token)
+    assert await receive_after(ws, {"type": "auth", "id": 1, "token": token}) == {"type": "auth.ok", "requestId": 1}
+    for i, frame in enumerate(({"token": "bogus"}, {}, {"token": other}), start=2):
+        reply = await receive_after(ws, {"type": "auth", "id": i, **frame})
+        assert (reply["type"], reply["requestId"], reply["code"]) == ("error", i, "UNAUTHORIZED"), reply
+    assert (await chat(ws, "still the admin's socket"))[-1]["type"] == "chat.stream.end"
+    await ws.close()
+    # Authenticated by its first frame (a browser): the same rule.
+    ws = await client.ws_connect("/gateway")
+    assert await receive_after(ws, {"type": "auth", "id": "a", "token": other}) == {"type": "auth.ok", "requestId": "a"}
+    assert await receive_after(ws, {"type": "auth", "id": "b", "token": other}) == {"type": "auth.ok", "requestId": "b"}
+    reply = await receive_after(ws, {"type": "auth", "id": "c", "token": token})
+    assert (reply["type"], reply["code"]) == ("error", "UNAUTHORIZED"), reply
+    await ws.close()
+
+
+async def test_wrong_tokens_in_auth_frames_count_as_failed_authentications(client: TestClient, token: str) -> None:
+    """An authenticated socket is no way round the failed-authentication limit (docs/protocol.md): past ten a
+    minute, its wrong tokens are answered RATE_LIMITED, as a new socket's would be."""
+    ws = await connect(client, token)
+    codes = []
+    for i in range(12):
+        codes.append((await receive_after(ws, {"type": "auth", "id": i, "token": f"guess-{i}"}))["code"])
+    assert codes[0] == "UNAUTHORIZED" and codes[-1] == "RATE_LIMITED", codes
+    await ws.close()
+    ws = await client.ws_connect("/gateway")
+    await ws.send_json({"type": "auth", "id": 1, "token": "guess"})
+    assert (await receive(ws))["code"] == "RATE_LIMITED"
+    await ws.close()
