@@ -5,7 +5,7 @@ from __future__ import annotations
 from aiohttp.test_utils import TestClient
 
 from tests.support.ws import chat, connect, receive, receive_after
-from tests.test_clients import add_client
+from tests.test_clients import add_client, bearer
 
 
 async def test_an_auth_frame_on_an_authenticated_socket_is_refused_unless_it_is_the_sockets_credential(
@@ -43,3 +43,23 @@ async def test_wrong_tokens_in_auth_frames_count_as_failed_authentications(clien
     await ws.send_json({"type": "auth", "id": 1, "token": "guess"})
     assert (await receive(ws))["code"] == "RATE_LIMITED"
     await ws.close()
+
+
+async def test_resuming_a_chat_where_nothing_of_the_callers_streams_is_204_for_a_client_key_too(
+    client: TestClient, auth_headers: dict[str, str]
+) -> None:
+    """useChat with ``resume: true`` asks ``GET /api/chat/{id}/stream`` when a chat opens, a new one too, and takes
+    any answer but 204 or a stream as a failure (it shows an error). The gateway token got 204 for a new chat's
+    id, a client key 404 SESSION_NOT_FOUND, which neither docs/protocol.md nor the OpenAPI document lists.
+    Another client's session answers the same 204: nothing of the caller's streams there, and it cannot tell."""
+    alice, bob = add_client("alice"), add_client("bob")
+    for headers in (auth_headers, bearer(alice)):
+        async with client.get("/api/chat/new-chat-1/stream", headers=headers) as resp:
+            assert (resp.status, await resp.read()) == (204, b""), (headers, resp.status)
+    ws = await connect(client, alice)
+    session_id = (await chat(ws, "alice's"))[0]["sessionId"]
+    await ws.close()
+    async with client.get(f"/api/chat/{session_id}/stream", headers=bearer(bob)) as resp:
+        assert (resp.status, await resp.read()) == (204, b""), resp.status
+    async with client.delete(f"/api/chat/{session_id}/stream", headers=bearer(bob)) as resp:
+        assert resp.status == 404  # stopping names a running answer: nothing of bob's to stop

@@ -447,7 +447,14 @@ async def resume_handler(request: web.Request) -> web.StreamResponse:
     """Attach to the session's running answer from its first chunk; 204 when nothing is streaming."""
     service = state.service(request.app, security.caller(request))
     session_id = checked(request.match_info["id"], "id", session_id_problem)
-    turn = await service.resumable_turn(session_id)
+    try:
+        turn = await service.resumable_turn(session_id)
+    except ApiError as e:
+        if e.code != "SESSION_NOT_FOUND":
+            raise
+        # None of the caller's (a new chat's id, or another client's session): nothing of its own streams there.
+        # useChat's resume takes any answer but 204 or a stream as a failure.
+        return web.Response(status=204)
     session_id = await service.resolve(session_id)  # the stored id (a client's own namespace)
     if turn is None:
         chunks = await service.stream_elsewhere(session_id)
