@@ -63,3 +63,20 @@ async def test_resuming_a_chat_where_nothing_of_the_callers_streams_is_204_for_a
         assert (resp.status, await resp.read()) == (204, b""), resp.status
     async with client.delete(f"/api/chat/{session_id}/stream", headers=bearer(bob)) as resp:
         assert resp.status == 404  # stopping names a running answer: nothing of bob's to stop
+
+
+async def test_a_websocket_refused_its_header_and_its_auth_frame_is_one_failed_authentication(
+    client: TestClient,
+) -> None:
+    """docs/protocol.md: past ten failed authentications a minute the answer is RATE_LIMITED. A client that sends
+    its credential in the upgrade's header and in an auth frame (``agentspace chat`` does) was counted twice per
+    attempt, and refused RATE_LIMITED from its sixth wrong attempt; now ten, as on HTTP, then RATE_LIMITED."""
+    codes = []
+    for i in range(10):
+        ws = await client.ws_connect("/gateway", headers={"Authorization": f"Bearer wrong-{i}"})
+        await ws.send_json({"type": "auth", "id": i, "token": f"wrong-{i}"})
+        codes.append((await receive(ws))["code"])
+        await ws.close()
+    assert codes == ["UNAUTHORIZED"] * 10, codes
+    async with client.get("/api/models", headers={"Authorization": "Bearer wrong"}) as resp:
+        assert resp.status == 429  # the eleventh, whichever the way in

@@ -489,6 +489,7 @@ async def gateway_handler(request: web.Request) -> web.StreamResponse:
         raise ApiError(
             "INVALID_MESSAGE", "/gateway is a WebSocket: connect with Upgrade: websocket (docs/protocol.md)."
         )
+    blocked = security.auth_blocked(request)  # as this attempt began (before its header is counted)
     try:
         caller = await security.bearer_caller(request)
     except Exception as e:
@@ -499,7 +500,11 @@ async def gateway_handler(request: web.Request) -> web.StreamResponse:
     token = security.api_token(request) if caller is not None else None
     await ws.prepare(request)
     if caller is None:
-        authenticated = await _authenticate_first_frame(request, ws, float(server["auth_timeout_seconds"]))
+        # A header refused (and counted by bearer_caller) and then a refused frame are one failed attempt.
+        header_refused = blocked if security.api_token(request) is not None else None
+        authenticated = await _authenticate_first_frame(
+            request, ws, float(server["auth_timeout_seconds"]), header_refused
+        )
         if authenticated is None:
             return ws
         caller, token = authenticated
@@ -535,10 +540,12 @@ async def gateway_handler(request: web.Request) -> web.StreamResponse:
 
 
 async def _authenticate_first_frame(
-    request: web.Request, ws: web.WebSocketResponse, timeout: float
+    request: web.Request, ws: web.WebSocketResponse, timeout: float, header_refused: bool | None = None
 ) -> tuple[str, str] | None:
     """Browsers cannot set headers on a WebSocket: the first frame must be {"type": "auth", "token"}.
-    Returns the caller the token names and the token, or None (refused and closed)."""
+    Returns the caller the token names and the token, or None (refused and closed). ``header_refused``: the
+    upgrade's header was refused and counted already (whether the source was blocked before it), so a refused
+    frame is the same attempt, not a second failure."""
     started = time.monotonic()
     budget = PreAuthBudget(request, PRE_AUTH_BUDGET_BYTES)
     try:
@@ -572,8 +579,11 @@ async def _authenticate_first_frame(
                 budget.release()
                 await ws.send_str(compact_json({"type": "auth.ok", "requestId": request_id}))
                 return who, token
-    blocked = security.auth_blocked(request)
-    security.auth_failed(request)
+    if header_refused is None:
+        blocked = security.auth_blocked(request)
+        security.auth_failed(request)
+    else:
+        blocked = header_refused
     log.info("websocket authentication failed from %s after %.2fs", request.remote, time.monotonic() - started)
     if blocked:
         await _refuse(ws, request_id, "Too many failed authentications; try again later.", "RATE_LIMITED")
