@@ -61,8 +61,11 @@ async def test_resuming_a_chat_where_nothing_of_the_callers_streams_is_204_for_a
     await ws.close()
     async with client.get(f"/api/chat/{session_id}/stream", headers=bearer(bob)) as resp:
         assert (resp.status, await resp.read()) == (204, b""), resp.status
-    async with client.delete(f"/api/chat/{session_id}/stream", headers=bearer(bob)) as resp:
-        assert resp.status == 404  # stopping names a running answer: nothing of bob's to stop
+    # Stopping names a running answer: nothing of the caller's to stop is the documented NOT_FOUND, for a new
+    # chat's id and another client's session alike (a client key got SESSION_NOT_FOUND, the gateway token NOT_FOUND).
+    for headers, sid in ((auth_headers, "new-chat-1"), (bearer(alice), "new-chat-1"), (bearer(bob), session_id)):
+        async with client.delete(f"/api/chat/{sid}/stream", headers=headers) as resp:
+            assert (resp.status, (await resp.json())["error"]["code"]) == (404, "NOT_FOUND"), (headers, sid)
 
 
 async def test_a_websocket_refused_its_header_and_its_auth_frame_is_one_failed_authentication(
