@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+from typing import Any
+
+import pytest
 from aiohttp.test_utils import TestClient
 
+from tests.fakes.anthropic_upstream import FakeAnthropic, error_status
 from tests.support.ws import chat, connect, receive, receive_after
 from tests.test_clients import add_client, bearer
 
@@ -83,3 +87,28 @@ async def test_a_websocket_refused_its_header_and_its_auth_frame_is_one_failed_a
     assert codes == ["UNAUTHORIZED"] * 10, codes
     async with client.get("/api/models", headers={"Authorization": "Bearer wrong"}) as resp:
         assert resp.status == 429  # the eleventh, whichever the way in
+
+
+@pytest.mark.parametrize("status", [529, 503, 500])
+async def test_an_upstream_failure_that_says_when_to_retry_says_it_on_every_v1_endpoint(
+    make_client: Any, auth_headers: dict[str, str], fake_anthropic: FakeAnthropic, status: int
+) -> None:
+    """Anthropic overloaded (529) or failing (5xx) with ``retry-after``: /v1/messages passed the header on, and
+    so did a /v1/messages call translated for another model; /v1/chat/completions and /v1/responses dropped it
+    (on 429s only), so the OpenAI SDK retried on its own short backoff into the same overload."""
+    client = await make_client(chat={"max_retries": 0})
+    calls = (
+        (
+            "/v1/messages",
+            {"model": "claude-sonnet-4-5", "max_tokens": 16, "messages": [{"role": "user", "content": "Hi"}]},
+        ),
+        (
+            "/v1/chat/completions",
+            {"model": "anthropic/claude-sonnet-4-5", "messages": [{"role": "user", "content": "Hi"}]},
+        ),
+        ("/v1/responses", {"model": "anthropic/claude-sonnet-4-5", "input": "Hi"}),
+    )
+    for path, body in calls:
+        fake_anthropic.enqueue(error_status(status, retry_after=7))
+        async with client.post(path, json=body, headers=auth_headers) as resp:
+            assert resp.status >= 500 and resp.headers.get("Retry-After") == "7", (path, resp.status, resp.headers)
