@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
+from pathlib import Path
 from typing import Any
 
 import pytest
 from aiohttp.test_utils import TestClient
+from click.testing import CliRunner, Result
 
+from agentspace.cli import main
 from tests.fakes.anthropic_upstream import FakeAnthropic, error_status
 from tests.support.ws import chat, connect, receive, receive_after
 from tests.test_clients import add_client, bearer
@@ -112,3 +116,28 @@ async def test_an_upstream_failure_that_says_when_to_retry_says_it_on_every_v1_e
         fake_anthropic.enqueue(error_status(status, retry_after=7))
         async with client.post(path, json=body, headers=auth_headers) as resp:
             assert resp.status >= 500 and resp.headers.get("Retry-After") == "7", (path, resp.status, resp.headers)
+
+
+async def test_ask_can_lower_what_a_budget_reserves_as_its_refusal_advises(
+    client: TestClient, fake_anthropic: FakeAnthropic, isolated_env: Path
+) -> None:
+    """``agentspace ask`` goes through /v1/chat/completions, which without ``max_tokens`` reserves the model's
+    own output limit (64,000 on Claude Haiku 4.5: $0.32). A client with $0.10 left chats on the WebSocket (the
+    turn reserves ``[chat] max_tokens`` and the thinking budget) but ``ask`` was refused with "lower max_tokens",
+    which it had no way to do. ``--max-tokens`` sends it."""
+    key = add_client("ana", "--budget", "0.1")
+    model = "anthropic/claude-haiku-4-5"
+
+    def ask(*options: str) -> Result:
+        args = ["ask", "--url", str(client.make_url("/")), "--token", key, "-m", model, *options, "hi"]
+        return CliRunner().invoke(main, args, env={"AGENTSPACE_HOME": str(isolated_env)})
+
+    refused = await asyncio.to_thread(ask)
+    assert refused.exit_code == 1 and "BUDGET_EXCEEDED" in refused.output, refused.output
+    assert "lower max_tokens" in refused.output
+    ws = await connect(client, key)
+    assert (await chat(ws, "hi", model=model))[-1]["type"] == "chat.stream.end"
+    await ws.close()
+    asked = await asyncio.to_thread(ask, "--max-tokens", "1000")
+    assert asked.exit_code == 0, asked.output
+    assert fake_anthropic.requests[-1].body["max_tokens"] == 1000
