@@ -386,13 +386,18 @@ class Service:
     async def stop_answer(self, session_id: str) -> None:
         """Stop the caller's running answer in the session (``chat.abort``: what was generated is kept); returns
         once it is stored and the session free (a stop button, then the next question at once)."""
-        turn = await self.resumable_turn(checked(session_id, "id", session_id_problem))
+        nothing = ApiError("NOT_FOUND", f"No answer is streaming in session {session_id!r}.")
+        try:
+            turn = await self.resumable_turn(checked(session_id, "id", session_id_problem))
+        except ApiError as e:  # none of the caller's (a free id, another client's session): nothing of its own streams
+            if e.code != "SESSION_NOT_FOUND":
+                raise
+            raise nothing from None
         if turn is not None and not turn.done:
             turn.abort()
             await until_stopped(turn)
         elif self.gw.cluster is None or not await self.gw.cluster.request_abort(await self.resolve(session_id)):
-            # Nothing streams here, nor (with Redis) on another replica.
-            raise ApiError("NOT_FOUND", f"No answer is streaming in session {session_id!r}.")
+            raise nothing  # nothing streams here, nor (with Redis) on another replica
 
     async def rename_session(self, session_id: str, title: object) -> dict[str, Any]:
         """Give the caller's session a title; returns its summary."""

@@ -215,12 +215,14 @@ async def test_a_client_sees_only_its_own_sessions(
     for method, route in (
         ("GET", path),
         ("GET", path + "/context"),
-        ("GET", f"/api/chat/{session_id}/stream"),
         ("DELETE", path),
     ):
         resp = await client.request(method, route, headers=bearer(bob))
         assert resp.status == 404, (method, route)
         assert (await resp.json())["error"]["code"] == "SESSION_NOT_FOUND"
+    # nothing of bob's streams there: 204 without a body, as for a session id no one has (useChat's resume)
+    resp = await client.get(f"/api/chat/{session_id}/stream", headers=bearer(bob))
+    assert (resp.status, await resp.read()) == (204, b"")
     assert (await (await client.get("/api/sessions", headers=bearer(bob))).json())["sessions"] == []
     # nor over the WebSocket: continue it, inspect it, list it
     ws = await client.ws_connect("/gateway", headers=bearer(bob))

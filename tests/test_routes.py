@@ -4,6 +4,7 @@ auth included; the documented enums are the code's; real answers match the docum
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import json
 import re
@@ -31,7 +32,8 @@ from agentspace.transports import routes, ui_stream
 from agentspace.transports.rest import HTTP_ERROR_CODES
 from agentspace.transports.routes import Auth
 from agentspace.types import ChatMessage, Part
-from tests.fakes.anthropic_upstream import text_response
+from tests.fakes.anthropic_upstream import FakeAnthropic, text_response
+from tests.support.ws import chat, connect, receive
 
 ROOT = Path(__file__).resolve().parent.parent
 METHODS = ("get", "post", "put", "patch", "delete")
@@ -124,6 +126,42 @@ async def test_the_auth_column_is_what_the_gateway_enforces(client: TestClient, 
             refused = as_client.status == 403 and (await as_client.json())["error"]["code"] == "FORBIDDEN"
             assert refused == (route.auth == Auth.ADMIN), (route, as_client.status)
             assert as_client.status != 401, route
+
+
+async def test_every_get_route_answers_head_as_its_get_does(client: TestClient, auth_headers: dict[str, str]) -> None:
+    """Uptime monitors and load balancers probe with HEAD (RFC 9110: a GET resource answers HEAD alike, without
+    the body); ``/healthz`` answered it 405 while a plugin's ``add_get`` route (``/metrics``) took it."""
+    for route in routes.table():
+        if route.method != "GET":
+            continue
+        path = _request_path(route.path)
+        for headers in ({}, auth_headers):
+            async with client.get(path, headers=headers) as get:
+                await get.read()
+            async with client.head(path, headers=headers) as head:
+                assert (head.status, await head.read()) == (get.status, b""), (route.path, headers, head.status)
+
+
+async def test_head_of_a_running_answers_stream_is_its_headers_only(
+    client: TestClient, token: str, auth_headers: dict[str, str], fake_anthropic: FakeAnthropic
+) -> None:
+    """HEAD of ``GET /api/chat/{id}/stream`` while an answer streams: the stream's status and headers, no body
+    (aiohttp writes a stream's body even for HEAD, which the client reads as a broken next response)."""
+    ws = await connect(client, token)
+    session_id = (await chat(ws, "first"))[0]["sessionId"]
+    gate = asyncio.Event()
+    fake_anthropic.enqueue(text_response("held answer").held(gate))
+    await ws.send_json({"type": "chat.send", "id": "r2", "content": "second", "sessionId": session_id})
+    while (await receive(ws))["type"] != "chat.stream.start":
+        pass
+    async with client.head(f"/api/chat/{session_id}/stream", headers=auth_headers) as head:
+        assert (head.status, head.headers["Content-Type"], await head.read()) == (200, "text/event-stream", b"")
+    async with client.get("/api/models", headers=auth_headers) as after:  # the connection is still good
+        assert after.status == 200
+    gate.set()
+    while (await receive(ws))["type"] != "chat.stream.end":
+        pass
+    await ws.close()
 
 
 class _NotesRoute:

@@ -124,11 +124,22 @@ def _failure(url: str, status: int, text: str) -> str:
 @click.argument("prompt", nargs=-1)
 @click.option("--model", "-m", help="Model id, e.g. anthropic/claude-sonnet-4-6 (default: the gateway's).")
 @click.option("--system", "-s", "system", help="System prompt for this question.")
+@click.option(
+    "--max-tokens",
+    type=click.IntRange(min=1),
+    help="The most tokens the answer may use (default: the model's own limit, which a budget reserves).",
+)
 @click.option("--url", envvar="AGENTSPACE_URL", help="Gateway URL, ws:// or http:// (default: where `serve` listens).")
 @click.option("--token", envvar="AGENTSPACE_TOKEN", help="Gateway token or client key (default: the server's).")
 @pass_state
 def ask(
-    state: CliState, prompt: tuple[str, ...], model: str | None, system: str | None, url: str | None, token: str | None
+    state: CliState,
+    prompt: tuple[str, ...],
+    model: str | None,
+    system: str | None,
+    max_tokens: int | None,
+    url: str | None,
+    token: str | None,
 ) -> None:
     """Ask one question and stream the answer to stdout (stdin, when piped, is added to the prompt)."""
     import asyncio
@@ -148,6 +159,8 @@ def ask(
         "stream": True,
         "stream_options": {"include_usage": True},
     }
+    if max_tokens is not None:  # what a refusal of a client's budget advises lowering
+        body["max_tokens"] = max_tokens
     base, key = http_base(url or default_url(state)), resolve_token(state, token)
     code = asyncio.run(_ask(base, key, body, str(state.config()["models"]["default"])))
     if code:

@@ -113,7 +113,10 @@ def install(app: web.Application, config: Config, pm: pluggy.PluginManager) -> N
     bodies.install(app)
     calls = set()
     for route in table():
-        added = app.router.add_route(route.method, route.path, route.handler)
+        if route.method == "GET":  # and HEAD, as aiohttp's add_get (uptime monitors probe /healthz with HEAD)
+            added = app.router.add_get(route.path, route.handler)
+        else:
+            added = app.router.add_route(route.method, route.path, route.handler)
         if route.provider_call:
             calls.add(added)
     app[state.PROVIDER_CALL_ROUTES] = frozenset(calls)

@@ -15,7 +15,7 @@ import json
 from collections.abc import AsyncIterator
 from typing import Any
 
-from aiohttp import web
+from aiohttp import hdrs, web
 
 from .. import attachments, security
 from .. import events as ev
@@ -449,13 +449,23 @@ async def resume_handler(request: web.Request) -> web.StreamResponse:
     """Attach to the session's running answer from its first chunk; 204 when nothing is streaming."""
     service = state.service(request.app, security.caller(request))
     session_id = checked(request.match_info["id"], "id", session_id_problem)
-    turn = await service.resumable_turn(session_id)
+    try:
+        turn = await service.resumable_turn(session_id)
+    except ApiError as e:
+        if e.code != "SESSION_NOT_FOUND":
+            raise
+        # None of the caller's (a new chat's id, or another client's session): nothing of its own streams there.
+        # useChat's resume takes any answer but 204 or a stream as a failure.
+        return web.Response(status=204)
     session_id = await service.resolve(session_id)  # the stored id (a client's own namespace)
-    if turn is None:
-        chunks = await service.stream_elsewhere(session_id)
-        if chunks is None:
-            return web.Response(status=204)
+    chunks = await service.stream_elsewhere(session_id) if turn is None else None
+    if turn is None and chunks is None:
+        return web.Response(status=204)
+    if request.method == hdrs.METH_HEAD:  # the stream's headers only: aiohttp would write its body after them
+        return web.Response(headers=STREAM_HEADERS)
+    if chunks is not None:
         return await _relay(request, chunks)  # streaming on another replica
+    assert turn is not None
     # Only the request that started the answer may stop it by going away.
     return await stream_turn(request, turn, abort_on_disconnect=False)
 

@@ -52,7 +52,9 @@ def _error(
 
 def _provider_error(e: ProviderError) -> web.Response:
     status = oc.client_status(e.status, e.code)
-    headers = {"Retry-After": retry_after(e.retry_after)} if status == 429 and e.retry_after is not None else None
+    # When to retry, whatever the status: the upstream's advice on a 529 or 5xx too, as /v1/messages relays it
+    # (the OpenAI SDK waits that long before its retry); a 429 always says it.
+    headers = {"Retry-After": retry_after(e.retry_after)} if e.retry_after is not None else None
     if status == 429 and headers is None:
         headers = {"Retry-After": "1"}
     return _error(

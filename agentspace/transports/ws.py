@@ -133,7 +133,7 @@ class Connection:
         self, request: web.Request, ws: web.WebSocketResponse, caller: str = "admin", token: str | None = None
     ) -> None:
         self.app = request.app
-        self.request = request
+        self.request = request  # its source address: failed auth frames count against it
         self.caller = caller  # "admin" (the gateway token) or the client whose key authenticated
         # The credential the socket authenticated with, checked again before every frame and every
         # CREDENTIAL_CHECK_SECONDS: a rotated or removed one closes the socket.
@@ -299,7 +299,20 @@ class Connection:
         )
 
     async def on_auth(self, request_id: Any, msg: dict[str, Any]) -> None:
-        await self.send({"type": "auth.ok", "requestId": request_id})  # already authenticated
+        """Already authenticated: the socket's own credential again is ``auth.ok``; any other is refused and
+        counted as a failed authentication (no way round the limit), and the socket keeps its credential."""
+        token = msg.get("token")
+        if isinstance(token, str) and token_matches(self.token, token):
+            await self.send({"type": "auth.ok", "requestId": request_id})
+            return
+        blocked = security.auth_blocked(self.request)
+        security.auth_failed(self.request)
+        if blocked:
+            raise ApiError("RATE_LIMITED", "Too many failed authentications; try again later.")
+        raise ApiError(
+            "UNAUTHORIZED",
+            "This connection is signed in with another credential; open a new connection to use this one.",
+        )
 
     HANDLERS: dict[str, Callable[[Connection, Any, dict[str, Any]], Any]] = {
         "chat.send": on_chat_send,
@@ -503,6 +516,7 @@ async def gateway_handler(request: web.Request) -> web.StreamResponse:
         raise ApiError(
             "INVALID_MESSAGE", "/gateway is a WebSocket: connect with Upgrade: websocket (docs/protocol.md)."
         )
+    blocked = security.auth_blocked(request)  # as this attempt began (before its header is counted)
     try:
         caller = await security.bearer_caller(request)
     except Exception as e:
@@ -513,7 +527,11 @@ async def gateway_handler(request: web.Request) -> web.StreamResponse:
     token = security.api_token(request) if caller is not None else None
     await ws.prepare(request)
     if caller is None:
-        authenticated = await _authenticate_first_frame(request, ws, float(server["auth_timeout_seconds"]))
+        # A header refused (and counted by bearer_caller) and then a refused frame are one failed attempt.
+        header_refused = blocked if security.api_token(request) is not None else None
+        authenticated = await _authenticate_first_frame(
+            request, ws, float(server["auth_timeout_seconds"]), header_refused
+        )
         if authenticated is None:
             return ws
         caller, token = authenticated
@@ -549,10 +567,12 @@ async def gateway_handler(request: web.Request) -> web.StreamResponse:
 
 
 async def _authenticate_first_frame(
-    request: web.Request, ws: web.WebSocketResponse, timeout: float
+    request: web.Request, ws: web.WebSocketResponse, timeout: float, header_refused: bool | None = None
 ) -> tuple[str, str] | None:
     """Browsers cannot set headers on a WebSocket: the first frame must be {"type": "auth", "token"}.
-    Returns the caller the token names and the token, or None (refused and closed)."""
+    Returns the caller the token names and the token, or None (refused and closed). ``header_refused``: the
+    upgrade's header was refused and counted already (whether the source was blocked before it), so a refused
+    frame is the same attempt, not a second failure."""
     started = time.monotonic()
     budget = PreAuthBudget(request, PRE_AUTH_BUDGET_BYTES)
     try:
@@ -586,8 +606,11 @@ async def _authenticate_first_frame(
                 budget.release()
                 await ws.send_str(compact_json({"type": "auth.ok", "requestId": request_id}))
                 return who, token
-    blocked = security.auth_blocked(request)
-    security.auth_failed(request)
+    if header_refused is None:
+        blocked = security.auth_blocked(request)
+        security.auth_failed(request)
+    else:
+        blocked = header_refused
     log.info("websocket authentication failed from %s after %.2fs", request.remote, time.monotonic() - started)
     if blocked:
         await _refuse(ws, request_id, "Too many failed authentications; try again later.", "RATE_LIMITED")
