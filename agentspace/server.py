@@ -36,6 +36,7 @@ from .plugins import check_hooks, get_plugin_manager, plugin_error
 from .providers.base import is_builtin
 from .registry import ModelNotFound, Registry
 from .security import AuthFailures, Handler, security_middleware
+from .sinks import CLOSE_SECONDS
 from .storage.datadir_lock import DataDirLock, write_server_storage
 from .storage.embedded.clients import ClientStore
 from .transports import routes, state, ui_stream, ws
@@ -86,13 +87,18 @@ def create_app(config: Config, pm: pluggy.PluginManager | None = None) -> web.Ap
 
 async def _shutdown_hooks(pm: pluggy.PluginManager, app: web.Application, config: Config) -> None:
     """Each plugin's ``server_shutdown``, in pluggy's order; one that raises is logged, naming it, and the others
-    still run (pluggy would stop at the first exception)."""
+    still run (pluggy would stop at the first exception). One that takes more than ``CLOSE_SECONDS`` is logged
+    and left behind, as a sink's ``aclose``: a hanging hook must not keep the server from stopping."""
     given = {"app": app, "config": config}
     for impl in reversed(pm.hook.server_shutdown.get_hookimpls()):
+        plugin = pm.get_name(impl.plugin) or impl.plugin_name
         try:
-            await _maybe_await(impl.function(*(given[name] for name in impl.argnames)))
+            hook = impl.function(*(given[arg] for arg in impl.argnames))
+            await asyncio.wait_for(_maybe_await(hook), CLOSE_SECONDS)
+        except TimeoutError:
+            log.error("plugin %r took more than %.0fs in server_shutdown; left behind", plugin, CLOSE_SECONDS)
         except Exception:
-            log.exception("plugin %r failed in server_shutdown", pm.get_name(impl.plugin) or impl.plugin_name)
+            log.exception("plugin %r failed in server_shutdown", plugin)
 
 
 async def _maybe_await(value: object) -> None:

@@ -334,3 +334,21 @@ def test_a_plugin_that_fails_to_import_stops_the_start_naming_it(tmp_path: Path,
         "No module named 'agentspace_not_installed_dependency'" in done.stderr
     ), done.stderr
     assert "AGENTSPACE_LOAD_PLUGINS=name,..." in done.stderr
+
+
+class HangsInShutdown:
+    @hookimpl
+    async def server_shutdown(self, app: Any, config: Config) -> None:
+        await asyncio.Event().wait()
+
+
+async def test_a_server_shutdown_hook_that_hangs_does_not_keep_the_server_up(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # As a provider's or a sink's aclose: the hook gets 5 s, then is logged and left behind (the server waited
+    # for ever after SIGTERM).
+    config = make_config(tmp_path)
+    async with asyncio.timeout(60):  # generous: a bounded hook takes 5 s
+        async with gateway_client(config, HangsInShutdown()) as client:
+            assert (await client.get("/healthz")).status == 200
+    assert "took more than 5s in server_shutdown; left behind" in caplog.text
