@@ -3,6 +3,8 @@ writes that must be durable before a call leaves, and of the files a crash leave
 
 from __future__ import annotations
 
+import asyncio
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -10,7 +12,12 @@ from typing import Any
 import anthropic
 import pytest
 from aiohttp.test_utils import TestClient
+from click.testing import CliRunner, Result
 
+from agentspace.cli import main
+from agentspace.storage.postgres import PostgresDatabase, PostgresUsageStore
+from agentspace.types import Cost, TokenUsage, UsageRecord, now_iso
+from scripts.harness import write_config
 from tests.fakes.anthropic_upstream import FakeAnthropic, text_response
 
 
@@ -80,3 +87,59 @@ async def test_the_ledger_journal_is_named_durably_before_the_first_call_leaves(
     assert made < named < sent, events
     assert ("fsync", str(isolated_env.resolve())) in events[made:sent], events[made:sent]  # the folder's name
     assert ("fsync", str(ledger)) in events[named:sent], events[named:sent]  # the journal's
+
+
+def test_the_clients_spend_and_a_names_earlier_usage_come_from_the_rollups_on_postgres(
+    tmp_path: Path, pg_dsn: str
+) -> None:
+    """Issue 25: reports read the rollups on both backends, so that their time grows with the groups, not the
+    records. ``agentspace clients list`` and ``show`` give each client's spend in its period, and ``clients add``
+    says whether the name had usage before: on PostgreSQL both read every record of the client (of its period;
+    of all time) where ``agentspace usage --by-client`` reads the rollups. Shown by changing the records behind the
+    store's back: a scan of them sees the change, the rollups do not."""
+    config = tmp_path / "agentspace.toml"
+    write_config(config, {"storage": {"data_dir": str(tmp_path / "data"), "backend": "postgres", "dsn": pg_dsn}})
+
+    def cli(*args: str) -> Result:
+        result = CliRunner().invoke(main, [*args, "--config", str(config)])
+        assert result.exit_code == 0, result.output
+        return result
+
+    cli("clients", "add", "ann", "--budget", "10")
+    cli("clients", "add", "bob")
+
+    async def behind_the_stores_back(statement: str) -> None:
+        db = PostgresDatabase(pg_dsn)
+        try:
+            async with db.connection() as conn:
+                await conn.execute(statement)
+        finally:
+            await db.aclose()
+
+    async def seed() -> None:
+        db = PostgresDatabase(pg_dsn)
+        try:
+            usage = PostgresUsageStore(db)
+            for n, client in enumerate(["ann", "ann", "ann", "bob"]):
+                tokens = TokenUsage(10, 5)
+                await usage.append(
+                    UsageRecord(f"r{n}", now_iso(), "m", "p", None, client, tokens, Cost(0.25, 0.0), 1.0, "stop")
+                )
+        finally:
+            await db.aclose()
+
+    asyncio.run(seed())
+    # The records' documents (what a scan of them reads; the reports sum the rollups and the columns).
+    asyncio.run(
+        behind_the_stores_back("UPDATE usage_records SET record = jsonb_set(record::jsonb, '{totalCost}', '100')::text")
+    )
+    assert json.loads(cli("usage", "--by-client", "--json").stdout)["perClient"]["ann"]["totalCost"] == 0.75
+    listed = {c["name"]: c["spend"]["usd"] for c in json.loads(cli("clients", "list", "--json").stdout)["clients"]}
+    assert listed == {"ann": 0.75, "bob": 0.25}, listed
+    assert json.loads(cli("clients", "show", "ann", "--json").stdout)["spend"]["usd"] == 0.75
+    # bob's records renamed: the rollups (every report over all time) still hold bob's usage.
+    asyncio.run(behind_the_stores_back("UPDATE usage_records SET client = 'zed' WHERE client = 'bob'"))
+    assert "bob" in json.loads(cli("usage", "--by-client", "--json").stdout)["perClient"]
+    cli("clients", "remove", "bob")
+    added = cli("clients", "add", "bob")
+    assert "A removed client was called 'bob' before" in added.stderr
