@@ -6,6 +6,9 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import subprocess
+import sys
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +18,7 @@ from aiohttp.test_utils import TestClient
 from click.testing import CliRunner, Result
 
 from agentspace.cli import main
+from agentspace.storage.embedded.usage import ROLLUPS, write_log_segment
 from agentspace.storage.postgres import PostgresDatabase, PostgresUsageStore
 from agentspace.types import Cost, TokenUsage, UsageRecord, now_iso
 from scripts.harness import write_config
@@ -143,3 +147,42 @@ def test_the_clients_spend_and_a_names_earlier_usage_come_from_the_rollups_on_po
     cli("clients", "remove", "bob")
     added = cli("clients", "add", "bob")
     assert "A removed client was called 'bob' before" in added.stderr
+
+
+def test_temp_files_a_killed_writer_left_beside_the_rollups_and_the_clients_table_are_removed(
+    isolated_env: Path,
+) -> None:
+    """docs/architecture.md, storage/atomic.py: a file written whole goes to a temp file renamed into place; a kill
+    mid-write leaves the temp file, and "writers remove the temp files of processes that no longer run". The
+    rollups (written by every report, the CLI's included) and the clients table (``clients add``) are written so,
+    and their temp files stayed for good."""
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    rollups = isolated_env / "usage" / ROLLUPS
+    rollups.mkdir(parents=True)
+    left = [
+        rollups / f".2026-11-30.json.{dead.pid}.0.tmp",
+        isolated_env / f".clients.json.{dead.pid}.0.tmp",
+    ]
+    for path in left:
+        path.write_text("{}")
+    mine = isolated_env / f".clients.json.{os.getpid()}.9999.tmp"  # a live writer's: kept
+    mine.write_text("{}")
+    past = (datetime.now(UTC) - timedelta(days=3)).strftime("%Y-%m-%d")
+    write_log_segment(
+        isolated_env,
+        past,
+        0,
+        [
+            UsageRecord(
+                "r1", f"{past}T10:00:00.000Z", "m", "p", None, None, TokenUsage(1, 1), Cost(0.5), 1.0, "stop"
+            ).to_dict()
+        ],
+    )
+
+    for args in (["usage", "--json"], ["clients", "add", "ann"]):
+        result = CliRunner().invoke(main, args)
+        assert result.exit_code == 0, result.output
+    assert (rollups / f"{past}.json").exists()  # the report saved its rollups
+    assert [path for path in left if path.exists()] == []
+    assert mine.exists()
