@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import functools
 import json
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -102,7 +102,8 @@ def _had_usage(state: CliState, name: str) -> bool:
             if groups_sync is not None:
                 return bool(groups_sync(client=name, sessions=False))
             return any(True for _ in store.records_sync(client=name))
-        return bool(on_storage(state, lambda storage: storage.usage.records(client=name)))
+        report = on_storage(state, lambda storage: storage.usage.report(by="client", client=name))
+        return bool(report["perClient"])  # a group for any record (from the rollups, as every report)
     except Exception:  # noqa: BLE001 - only a note: an unreadable store must not fail the add
         return False
 
@@ -113,16 +114,14 @@ def _spend(state: CliState, client: Any, now: datetime) -> float:
 
     start, _ = period_bounds(client.period, now)
     start = client.since if start is None else max(start, client.since or start)  # not an earlier namesake's
-    records: Iterable[dict[str, Any]]
     store = cli_storage(state).usage
+    # The report's total, from the rollups (and the open segment's records): not a scan of every record of the
+    # period (seconds at a month of a busy client's calls, for each client listed), on either backend.
     if isinstance(store, UsageStoreSync):
-        # The report's total, from the rollups of closed segments: not a scan of every record of the period
-        # (seconds at a month of a busy client's calls, for each client listed).
         report = store.report_sync(by="client", since=start, client=client.name)
-        return float(report["grandTotal"].get("totalCost") or 0.0)
     else:
-        records = on_storage(state, lambda storage: storage.usage.records(since=start, client=client.name))
-    return sum(float(r.get("totalCost") or 0.0) for r in records)
+        report = on_storage(state, lambda storage: storage.usage.report(by="client", since=start, client=client.name))
+    return float(report["grandTotal"].get("totalCost") or 0.0)
 
 
 def _public(state: CliState, client: Any) -> dict[str, Any]:

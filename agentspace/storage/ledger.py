@@ -40,7 +40,7 @@ try:
 except ImportError:  # Windows: journals are not shared by processes there (no `serve --workers`)
     fcntl = None  # type: ignore[assignment]
 
-from .atomic import StoreCorrupt, fsync_dir, move_aside
+from .atomic import StoreCorrupt, fsync_dir, make_dirs, move_aside
 
 if TYPE_CHECKING:
     from ..limits import Guard
@@ -224,8 +224,10 @@ class Ledger:
         return b"".join(_line({"event": "pending", **entry}) for entry in self._open.values())
 
     def _new_file(self) -> tuple[Path, int]:
+        """A new journal, locked, its name durable in its folder (an ``fdatasync`` of its lines does not make the
+        name durable: after a power cut the journal, and the entries synced in it, could be gone)."""
         assert self.dir is not None
-        self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        make_dirs(self.dir)  # a new folder's own name synced in its parent
         name = f"journal-{os.getpid()}-{os.urandom(4).hex()}.jsonl"
         # Created under another name and locked before it takes its own: a replica starting meanwhile (serve
         # --workers) would otherwise find it unlocked, take it for a dead process's and remove it.
@@ -235,9 +237,11 @@ class Ledger:
             if fcntl is not None:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # held while this process lives
             os.rename(creating, self.dir / name)
+            fsync_dir(self.dir)
         except BaseException:
             os.close(fd)
             creating.unlink(missing_ok=True)
+            (self.dir / name).unlink(missing_ok=True)
             raise
         return self.dir / name, fd
 
@@ -268,7 +272,6 @@ class Ledger:
             os.close(fd)
             path.unlink(missing_ok=True)
             raise
-        fsync_dir(path.parent)
         old_fd, old_path = self._fd, self.path
         self._fd, self.path, self._size = fd, path, len(data)
         if old_path is not None:

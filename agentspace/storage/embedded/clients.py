@@ -32,7 +32,7 @@ from tinydb.table import Document, Table
 from ...clients import Client, hash_key, new_key
 from ...private_files import PrivateFileError, read_private_file
 from ...types import now_iso
-from ..atomic import StoreCorrupt, make_dirs, move_aside
+from ..atomic import StoreCorrupt, make_dirs, move_aside, remove_stale_temp_files
 from ..errors import ClientExists, ClientNotFound
 from ..shapes import TOUCH_INTERVAL_SECONDS
 from .store_thread import on_store_thread
@@ -65,6 +65,7 @@ class ClientStore:
         self._by_hash: dict[str, Client] = {}
         self._touched: dict[str, float] = {}
         self._stored: set[str] = set()  # the names in the file, those that cannot be read included
+        self._swept = False  # the temp files a killed writer left beside the file removed (at the first write)
 
     # --- reads (cheap, sync: a stat, and a read only when the file changed) --------------------
 
@@ -136,6 +137,9 @@ class ClientStore:
             if fcntl is not None:
                 fcntl.flock(fd, fcntl.LOCK_EX)  # waited for before the in-process lock: readers do not wait
             with self._lock:
+                if not self._swept:
+                    self._swept = True
+                    remove_stale_temp_files(self.path.parent)
                 yield
         finally:
             os.close(fd)  # releases the lock

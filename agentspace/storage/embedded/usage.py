@@ -196,6 +196,7 @@ class UsageStore:
         self.dir = Path(data_dir) / "usage"
         self.segment_size = segment_size
         self._closed = False
+        self._rollups_swept = False  # the temp files a killed writer left beside the rollups removed (once)
         self._commit = append_log.COMMIT
         # The segment being written: its day, number, log, record count and record ids.
         self._day: str | None = None
@@ -435,6 +436,9 @@ class UsageStore:
         """Save a rollup file (best effort: a reader without write access just scans again next time)."""
         with contextlib.suppress(OSError):
             make_dirs(self.dir / ROLLUPS)
+            if not self._rollups_swept:  # a report killed mid-save (the CLI's too) leaves its temp file
+                self._rollups_swept = True
+                remove_stale_temp_files(self.dir / ROLLUPS)
             write_json_atomic(self.dir / ROLLUPS / f"{name}.json", data)
 
     async def report(
