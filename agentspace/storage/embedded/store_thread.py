@@ -65,7 +65,8 @@ async def on_store_thread(fn: Callable[..., T], /, *args: Any, **kwargs: Any) ->
 async def read_in_thread(fn: Callable[..., T], /, *args: Any) -> T:
     """Run a read-only ``fn`` on a thread of the default executor, not the store thread: a long read (a usage
     report over 100k records, a listing of 10k sessions) must not hold up the writes queued there. Safe
-    without the store thread's order because every write replaces its file atomically, and a write is
+    without the store thread's order because a reader sees whole writes only (files written whole are replaced
+    atomically; append-only logs are read up to their last complete line, ``append_log``), and a write is
     finished when its caller's await returns."""
     import asyncio
 
