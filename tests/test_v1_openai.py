@@ -368,5 +368,7 @@ async def test_every_message_role_and_text_part(client: TestClient, token: str, 
     sent = fake_openai.requests[0].body["messages"]
     assert sent[0] == {"role": "system", "content": "Dev rules.\n\nSys rules."}
     assert [m["role"] for m in sent[1:]] == ["user", "assistant", "user", "assistant", "tool"]
-    assert "First question" in json.dumps(sent[1]) and "I can't help with that." in json.dumps(sent[2])
+    # the user's text parts as they were sent (not glued into one string), the refusal as the answer's text
+    assert sent[1]["content"] == [{"type": "text", "text": "First"}, {"type": "text", "text": " question"}]
+    assert "I can't help with that." in json.dumps(sent[2])
     assert sent[5]["tool_call_id"] == "c1" and "18 C" in json.dumps(sent[5])
