@@ -76,6 +76,8 @@ def test_a_phone_shows_the_inspectors_details_and_exports_on_a_tap(
     line and the export buttons were hidden with no way to show them (the segments' titles need a mouse)."""
     web = Page(browser, gateway, PHONE)
     page = web.sign_in()
+    page.get_by_role("button", name="Chats").click()  # (the sidebar, closed on a phone)
+    new_chat(page)  # not the chat an earlier test of the module left open
     gateway.fake.enqueue(text_response("Phone answer."))
     send(page, "Export me from a phone")
     done_answers(page, 1)
