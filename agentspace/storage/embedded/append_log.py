@@ -104,10 +104,12 @@ def _line_ends(raw: bytes, count: int) -> list[int]:
 
 
 def warn_torn(path: Path, torn: int, *, cut: bool) -> None:
-    what = "cut off" if cut else "ignored"
-    log.warning(
-        "%s: %d byte(s) of a write that never finished (a crash) %s; they were never acknowledged", path, torn, what
-    )
+    """The writer cuts a tail off only when it opens the file: a crash left it. A reader cannot tell that tail from
+    a line the writer is appending now (the CLI beside a running server), so its words allow both."""
+    if cut:
+        log.warning("%s: %d byte(s) of a write that never finished (a crash) cut off; never acknowledged", path, torn)
+    else:
+        log.warning("%s: %d byte(s) of an unfinished write ignored (being written now, or cut by a crash)", path, torn)
 
 
 def read_entries(path: Path) -> list[Any] | None:

@@ -650,7 +650,8 @@ class SessionStore:
         if entries is not None:
             session, dropped = _replay(entries, path)
             if dropped:
-                log.warning("%s: the last write never finished (a crash); ignored", path)
+                # A writer appending now looks the same to a reader as a crash (the writer warns of a crash's).
+                log.warning("%s: the last write is unfinished (being written now, or cut by a crash); ignored", path)
             return session
         legacy = self._legacy_path(session_id)
         tables = _checked(read_tables(legacy), legacy)
