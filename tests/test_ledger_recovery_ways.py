@@ -7,6 +7,8 @@ its end, is billed the input counted here and the output relayed, both estimated
 from __future__ import annotations
 
 import asyncio
+import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -149,3 +151,26 @@ async def test_a_pass_through_stream_killed_before_its_message_start_is_voided_a
     # the upstream's, as when its client leaves then (docs/accounting.md, "What estimated means").
     assert got == [(True, False, 0, []), (True, True, 555, [])]
     assert found[0]["totalCost"] == 0
+
+
+async def test_a_journal_a_kill_left_unnamed_is_removed_at_the_next_start_and_a_young_one_kept(
+    tmp_path: Path, fake_anthropic: fa.FakeAnthropic
+) -> None:
+    """A process killed between creating its journal and naming it leaves an empty ``.creating`` file; the next
+    start removes it. One made in the last minute may be another process's, not yet locked: it stays."""
+    ledger = tmp_path / "data" / "ledger"
+    ledger.mkdir(parents=True)
+    old = ledger / ".journal-4242-deadbeef.jsonl.creating"
+    young = ledger / ".journal-4343-cafef00d.jsonl.creating"
+    old.touch()
+    young.touch()
+    an_hour_ago = time.time() - 3600
+    os.utime(old, (an_hour_ago, an_hour_ago))
+    server = GatewayProcess(tmp_path / "data", fake_anthropic.url)
+    try:
+        await server.start()
+        assert await server.terminate() == 0
+    finally:
+        await server.aclose()
+    assert not old.exists()
+    assert young.exists()

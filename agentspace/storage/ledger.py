@@ -30,6 +30,7 @@ import contextlib
 import json
 import logging
 import os
+import time
 from collections.abc import Awaitable, Callable
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -350,6 +351,7 @@ def read_journal(path: Path, damaged: list[int] | None = None) -> list[dict[str,
 def _claim_dead(directory: Path, own: Path | None) -> list[tuple[Path, int]]:
     """The journals whose process is gone, each locked now by this one (so two replicas on one data directory
     do not recover the same journal)."""
+    _sweep_unnamed(directory)
     dead = []
     for path in sorted(directory.glob("journal-*.jsonl")):
         if path == own:
@@ -366,6 +368,20 @@ def _claim_dead(directory: Path, own: Path | None) -> list[tuple[Path, int]]:
                 continue
         dead.append((path, fd))
     return dead
+
+
+# A journal is under its ``.creating`` name for the microseconds between its creation and its lock and rename.
+UNNAMED_AGE_SECONDS = 60
+
+
+def _sweep_unnamed(directory: Path) -> None:
+    """Remove the journals a process killed before it named them left (empty: nothing is written to one before
+    its rename). Only old ones: a younger one may be another process's, not locked yet."""
+    now = time.time()
+    for path in directory.glob(".journal-*.jsonl.creating"):
+        with contextlib.suppress(FileNotFoundError):
+            if now - path.stat().st_mtime > UNNAMED_AGE_SECONDS:
+                path.unlink()
 
 
 def _since(entries: list[dict[str, Any]]) -> datetime | None:
