@@ -146,6 +146,8 @@ async def test_pdf_and_png_reach_upstream_and_the_inspector_counts_them(
         "media_type": "application/pdf",
         "data": base64.b64encode(document).decode(),
     }
+    assert sent_pdf["title"] == "f1"  # the file's name: Claude can refer to the document by it
+    assert "title" not in sent_image  # the API takes no title on an image
 
     context = await (await client.get("/api/sessions/docs/context", headers=auth_headers)).json()
     [row] = [s for s in context["sections"] if s["name"] == "attachments"]

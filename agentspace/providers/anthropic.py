@@ -420,8 +420,15 @@ def _to_api_block(part: Part) -> dict[str, Any] | None:
             if part.url
             else {"type": "base64", "media_type": part.media_type, "data": part.data or ""}
         )
-        return {"type": "image" if part.is_image else "document", "source": source}
+        if part.is_image:
+            return {"type": "image", "source": source}
+        # The file's name as the document's title (the API takes up to 500 characters): Claude can name it.
+        titled = {"title": part.filename[:DOCUMENT_TITLE_CHARS]} if part.filename else {}
+        return {"type": "document", "source": source, **titled}
     return None
+
+
+DOCUMENT_TITLE_CHARS = 500
 
 
 # --- response -----------------------------------------------------------------------------------
