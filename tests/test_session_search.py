@@ -132,6 +132,10 @@ async def test_cli_search_compact_and_inspect(
     inspected = await run_cli(["inspect", quantum, "--url", ws_url(client)], isolated_env)
     assert inspected.exit_code == 0, inspected.output
     assert "summary" in inspected.output and "Expected input cost" in inspected.output
+    # The expected cost names the tokens it is for: the TOTAL row's estimate scaled by the last call's report.
+    shown = json.loads((await run_cli(["inspect", quantum, "--json", "--url", ws_url(client)], isolated_env)).output)
+    calibrated = shown["totals"]["calibratedTokens"]
+    assert f"Expected input cost of {calibrated:,} tokens" in inspected.output
 
 
 @pytest.mark.parametrize("backend", ["embedded", "postgres"])

@@ -37,7 +37,9 @@ def _format(result: dict[str, Any]) -> str:
         out += (
             f"\n\nPrompt cache {totals.get('promptCache')}: {count(totals.get('cacheReadTokens'))} tokens read, "
             f"{count(totals.get('cacheWriteTokens'))} written, {count(totals.get('uncachedTokens'))} uncached."
-            f"\nExpected input cost: {money(float(totals['costWithCache']))} with the cache, "
+            # Not the TOTAL row's figures: the estimate scaled by what the provider reported for the last call.
+            f"\nExpected input cost of {count(totals.get('calibratedTokens'))} tokens (the estimate scaled by the "
+            f"last call's reported input): {money(float(totals['costWithCache']))} with the cache, "
             f"{money(float(totals.get('costWithoutCache') or 0.0))} without."
         )
     if totals.get("overWindow"):
