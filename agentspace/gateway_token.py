@@ -192,13 +192,33 @@ def write_server_address(data_dir: str | os.PathLike[str], url: str) -> None:
     write_private_file(Path(data_dir) / ADDRESS_FILE, url + "\n")
 
 
-def read_server_address(data_dir: str | os.PathLike[str]) -> str | None:
-    """The URL written by the last ``serve`` on this data directory (a wildcard bind becomes loopback)."""
+def replace_server_address(data_dir: str | os.PathLike[str], url: str) -> str | None:
+    """Announce ``url`` as the data directory's server; returns what the file held before (None: nothing)."""
+    before = _announced(data_dir)
+    write_server_address(data_dir, url)
+    return before
+
+
+def _announced(data_dir: str | os.PathLike[str]) -> str | None:
     try:
-        url = (Path(data_dir) / ADDRESS_FILE).read_text(encoding="utf-8").strip()
+        return (Path(data_dir) / ADDRESS_FILE).read_text(encoding="utf-8").strip()
     except (OSError, UnicodeDecodeError):
         return None
-    if not url.startswith(("ws://", "wss://")):
+
+
+def give_back_server_address(data_dir: str | os.PathLike[str], url: str, before: str | None) -> None:
+    """At a server's stop: put back the address its start replaced when that was another server's (a second
+    ``serve`` on the data directory, stopped while the first runs) and the file still holds its own. The workers
+    of ``serve --workers`` announce one address, which stays."""
+    if before is None or before == url or _announced(data_dir) != url:
+        return
+    write_server_address(data_dir, before)
+
+
+def read_server_address(data_dir: str | os.PathLike[str]) -> str | None:
+    """The URL written by the last ``serve`` on this data directory (a wildcard bind becomes loopback)."""
+    url = _announced(data_dir)
+    if url is None or not url.startswith(("ws://", "wss://")):
         return None
     for wildcard in ("//0.0.0.0:", "//[::]:"):
         url = url.replace(wildcard, "//127.0.0.1:")

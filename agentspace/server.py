@@ -30,7 +30,14 @@ from .config import Config, ConfigError
 from .connections import ConnectionCap
 from .default_plugins.storage import open_storage
 from .gateway import assemble
-from .gateway_token import TOKEN_ENV, TokenFile, check_secrets, note_token_source, write_server_address
+from .gateway_token import (
+    TOKEN_ENV,
+    TokenFile,
+    check_secrets,
+    give_back_server_address,
+    note_token_source,
+    replace_server_address,
+)
 from .logs import configure_logging
 from .plugins import check_hooks, get_plugin_manager, plugin_error
 from .providers.base import is_builtin
@@ -338,6 +345,8 @@ async def _serve(config: Config, host: str, port: int, reuse_port: bool = False)
     )
     await runner.setup()
     listener: asyncio.Server | None = None
+    address: str | None = None
+    address_before: str | None = None
     try:
         assert runner.server is not None
         # Our own listener instead of web.TCPSite, for a protocol factory that caps open connections.
@@ -355,8 +364,9 @@ async def _serve(config: Config, host: str, port: int, reuse_port: bool = False)
             loop.add_signal_handler(sig, stop.set)
         # `agentspace chat` and `ask` dial the address this data directory's server last announced: written
         # before the banner, so that whoever waits for the banner finds it.
+        address = f"ws://{shown_host}:{bound[1]}/gateway"
         with contextlib.suppress(OSError):
-            write_server_address(config.data_dir, f"ws://{shown_host}:{bound[1]}/gateway")
+            address_before = replace_server_address(config.data_dir, address)
         _say(f"agentspace listening on {url}  (WebSocket: ws://{shown_host}:{bound[1]}/gateway)")
         if os.environ.get(TOKEN_ENV):
             _say(f"Clients need the gateway token: the value of {TOKEN_ENV}.")
@@ -373,3 +383,6 @@ async def _serve(config: Config, host: str, port: int, reuse_port: bool = False)
         if listener is not None:
             listener.close()
         await runner.cleanup()
+        if address is not None:
+            with contextlib.suppress(OSError):
+                give_back_server_address(config.data_dir, address, address_before)

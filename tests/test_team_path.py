@@ -77,6 +77,32 @@ async def test_token_and_chat_follow_the_gateway_token_variable(
         await gateway.aclose()
 
 
+async def test_a_second_server_stopped_gives_the_cli_back_the_first_one_s_address(
+    tmp_path: Path, fake_anthropic: Any, pg_dsn: str
+) -> None:
+    """``chat`` and ``ask`` dial the address the data directory's server announced. On PostgreSQL two replicas
+    may share one data directory (no lock: the data is in the database); the second announces its own address,
+    and once it stops, the CLI finds the first one again, not a dead port."""
+    storage = {"backend": "postgres", "dsn": pg_dsn}
+    first = await served(tmp_path, fake_anthropic.url, storage=storage)
+    try:
+        second = GatewayProcess(first.data_dir, fake_anthropic.url, storage=storage)
+        try:
+            await second.start()
+            assert (first.data_dir / "server-address").read_text().strip() == second.ws_url
+            assert await second.terminate() == 0
+        finally:
+            await second.aclose()
+        assert (first.data_dir / "server-address").read_text().strip() == first.ws_url
+        fake_anthropic.enqueue(text_response("Still here."))
+        chatted = await run_cli("ask", "hi", env={"AGENTSPACE_HOME": str(first.data_dir)})
+        assert chatted.exit_code == 0, chatted.output
+        assert "Still here." in chatted.stdout
+    finally:
+        await first.terminate()
+        await first.aclose()
+
+
 # --- 2. storage migrate keeps the client keys ----------------------------------------------------
 
 
