@@ -95,10 +95,19 @@ def test_phone_chat_and_deployments_fit_the_screen(browser: Any, gateway: Gatewa
     long = "https://example.com/" + "a" * 200
     gateway.fake.enqueue(text_response(f"See {long} and\n\n| a | b |\n|---|---|\n| {'w' * 120} | c |"))
     gateway.chat("phone-long", "T" * 150)
+    gateway.call("POST", "/api/clients", {"name": "phone-routing"})  # every page's link in the top bar
     web = Page(browser, gateway, PHONE)
     page = web.sign_in()
     page.goto(gateway.url + "/#/chat/phone-long")
     page.locator("li.message.assistant .md").last.wait_for()
+    # The top bar keeps to one row with all four pages' links (a second row would take the conversation's room).
+    items = page.locator(".topbar nav a, .topbar > button")
+    assert items.count() == 5
+    tops = {round(box["y"]) for box in (item.bounding_box() for item in items.all()) if box is not None}
+    assert max(tops) - min(tops) <= 6, tops
+    for item in items.all():
+        box = item.bounding_box()
+        assert box is not None and box["x"] >= 0 and box["x"] + box["width"] <= PHONE["width"], box
     sideways = "e => e.scrollWidth - e.clientWidth"
     assert page.locator("#messages").evaluate(sideways) <= 0
     for part in ("li.message.user .bubble", "li.message.assistant .md a", "li.message.assistant .md td"):
@@ -114,6 +123,7 @@ def test_phone_chat_and_deployments_fit_the_screen(browser: Any, gateway: Gatewa
     state = page.locator("tr[data-deployment='claude/team-2'] td[data-state]")
     assert state.evaluate("e => getComputedStyle(e, '::before').content") == '"State: "'  # a card's label
     assert page.evaluate("document.documentElement.scrollWidth <= window.innerWidth")
+    gateway.call("DELETE", "/api/clients/phone-routing")
     web.check()
 
 
