@@ -177,26 +177,16 @@ def test_a_plugin_that_breaks_the_start_is_named(tmp_path: Path, module: str, sa
     assert "listening" not in done.stdout
 
 
-class OlderUsageStore:
-    """A usage store of a backend written before ``UsageStoreAPI.spend``: the tinydb store without it."""
+class WithoutMethod:
+    """A store of a backend written before one of its protocol's methods (``UsageStoreAPI.spend``,
+    ``SessionStoreAPI.set_aside``): the tinydb store without it."""
 
-    def __init__(self, store: UsageStore) -> None:
+    def __init__(self, store: Any, missing: str) -> None:
         self._store = store
+        self._missing = missing
 
     def __getattr__(self, name: str) -> Any:
-        if name == "spend":
-            raise AttributeError(name)
-        return getattr(self._store, name)
-
-
-class OlderSessionStore:
-    """A session store of a backend written before ``SessionStoreAPI.set_aside``: the tinydb store without it."""
-
-    def __init__(self, store: SessionStore) -> None:
-        self._store = store
-
-    def __getattr__(self, name: str) -> Any:
-        if name == "set_aside":
+        if name == self._missing:
             raise AttributeError(name)
         return getattr(self._store, name)
 
@@ -205,9 +195,9 @@ class OlderBackend:
     name = "older"
 
     def open(self, config: Config) -> Storage:
-        usage = OlderUsageStore(UsageStore(config.data_dir))
+        usage = WithoutMethod(UsageStore(config.data_dir), "spend")
         sink = UsageStoreSink(usage, self.name)  # type: ignore[arg-type]
-        sessions = OlderSessionStore(SessionStore(config.data_dir))
+        sessions = WithoutMethod(SessionStore(config.data_dir), "set_aside")
         return Storage(self.name, sessions, usage, sink=sink)  # type: ignore[arg-type]
 
 
