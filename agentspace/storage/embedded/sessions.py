@@ -42,7 +42,7 @@ The cached messages are handed out as they are, not copied: ``get`` and ``messag
 ``get`` a new summary dict) holding the cache's own message objects, so a read costs the same at 10 messages
 and at 10,000 (a deep copy of a 4,000-message session took about as long as parsing it). What keeps the cache
 right is that those objects cannot be changed: every message is frozen when it enters the cache (``_remember``
-for a session read, created or rebuilt; ``_append`` and ``_update`` for a write: ``shapes.frozen``), its
+for a session read, created or rebuilt; ``_append``, ``_update`` and ``_set_aside`` for a write: ``shapes.frozen``), its
 objects and arrays ``shapes.FrozenDict``/``FrozenList``, a ``dict`` and a ``list`` to every reader but raising
 TypeError on any change. A caller that wants to change a message it read changes a copy (``{**message, ...}``,
 or ``shapes.thawed``); the callers today (context assembly and the context policy, the pipeline, the service
