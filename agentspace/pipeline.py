@@ -71,6 +71,7 @@ from .routing import (
 )
 from .session_locks import STREAM_IN_PROGRESS_MESSAGE
 from .storage import InvalidSessionId, SessionNotFound
+from .storage.protocols import set_aside_of
 from .storage.shapes import validate_session_id
 from .tokens import count_tokens
 from .types import (
@@ -100,9 +101,6 @@ log = logging.getLogger(__name__)
 MAX_RETRY_WAIT_SECONDS = 30.0
 # Writes that fail with these are the store's (disk full, I/O error): kept in memory and retried.
 STORAGE_FAILURES = (StorageError, OSError)
-# Messages set aside together (an edit or a regenerate): they share the group commit's syncs, and a database's pool
-# is not taken whole by one edit of a long session.
-SET_ASIDE_TOGETHER = 32
 STORAGE_ERROR_MESSAGE = "The answer could not be stored ({}); it is kept in memory and the write retried."
 DELETED_MESSAGE = "The session was deleted while this answer streamed; the answer was not stored (its usage was)."
 
@@ -138,20 +136,10 @@ class ChatRequest:
 
 
 async def _set_aside(gw: Registry, session_id: str, later: list[dict[str, Any]]) -> None:
-    """Mark the messages after an edited or regenerated one ``replaced``, in order, several at a time: written
-    together they share the store's group commit (a few syncs, not one after another per message, which took
-    0.8 s at 1,200 later messages). Each of a group is awaited before a failure is raised: none is still writing."""
-    for start in range(0, len(later), SET_ASIDE_TOGETHER):
-        outcomes = await asyncio.gather(
-            *(
-                gw.sessions.update_message(session_id, message["id"], {"replaced": True})
-                for message in later[start : start + SET_ASIDE_TOGETHER]
-            ),
-            return_exceptions=True,
-        )
-        failure = next((outcome for outcome in outcomes if isinstance(outcome, BaseException)), None)
-        if failure is not None:
-            raise failure
+    """Mark the messages after an edited or regenerated one ``replaced``: one write for them all (one entry and
+    one sync on the embedded store, one transaction on PostgreSQL), so all or none are set aside."""
+    if later:
+        await set_aside_of(gw.sessions, session_id, [str(message["id"]) for message in later])
 
 
 async def start_turn(gw: Registry, request: ChatRequest) -> Turn:

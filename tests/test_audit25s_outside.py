@@ -23,6 +23,8 @@ from agentspace.storage.postgres import PostgresDatabase, PostgresUsageStore
 from agentspace.types import Cost, TokenUsage, UsageRecord, now_iso
 from scripts.harness import write_config
 from tests.fakes.anthropic_upstream import FakeAnthropic, text_response
+from tests.support.ws import connect, receive_after
+from tests.test_audit28s_outside import ui_chat, user
 
 
 class _Arrivals(list[Any]):
@@ -234,3 +236,53 @@ async def test_an_edit_early_in_a_long_session_sets_the_later_answers_aside_with
         shown = (await resp.json())["session"]["messages"]
     assert [m["content"] for m in shown] == ["first, edited", "edited answer"]
     assert arrived and arrived[0] <= 6, f"{arrived[0]} syncs before the call for {later - 1} messages set aside"
+
+
+def answer(message_id: str, text: str) -> dict[str, Any]:
+    return {"id": message_id, "role": "assistant", "parts": [{"type": "text", "text": text}]}
+
+
+async def edit_count(client: TestClient, token: str, headers: dict[str, str], session_id: str) -> tuple[Any, Any]:
+    """What the session shows after its edit: its messages' texts, and its ``messageCount`` as GET
+    /api/sessions/{id}, the listing and the WebSocket's ``session.list`` give it."""
+    session = (await (await client.get(f"/api/sessions/{session_id}", headers=headers)).json())["session"]
+    listed = (await (await client.get("/api/sessions", headers=headers)).json())["sessions"]
+    ws = await connect(client, token)
+    over_ws = (await receive_after(ws, {"type": "session.list", "id": "l"}))["sessions"]
+    await ws.close()
+    counts = {session["messageCount"], *(s["messageCount"] for s in [*listed, *over_ws] if s["id"] == session_id)}
+    return [m["content"] for m in session["messages"]], counts
+
+
+@pytest.mark.parametrize("backend", ["tinydb", "postgres"])
+async def test_an_edit_of_the_first_message_of_a_long_session_sets_every_later_one_aside_in_one_write(
+    make_client: Any,
+    token: str,
+    auth_headers: dict[str, str],
+    fake_anthropic: FakeAnthropic,
+    request: pytest.FixtureRequest,
+    backend: str,
+) -> None:
+    """The messages after an edited one are set aside in one write (``set_aside``): one log entry and one summary
+    on the embedded store, one transaction on PostgreSQL. The count follows at once and after a restart."""
+    storage = {"backend": "postgres", "dsn": request.getfixturevalue("pg_dsn")} if backend == "postgres" else {}
+    first = await make_client(storage=storage) if storage else await make_client()
+    history: list[dict[str, Any]] = []
+    for n in range(300):  # imported by the first request: 599 messages, then the answer to the last
+        history += [user(f"u{n}", f"question {n}"), answer(f"a{n}", f"answer {n}")]
+    fake_anthropic.enqueue(text_response("to the last"))
+    await ui_chat(first, auth_headers, {"id": "long", "messages": history[:-1]})
+    assert (await edit_count(first, token, auth_headers, "long"))[1] == {600}
+
+    fake_anthropic.enqueue(text_response("edited answer"))
+    await ui_chat(first, auth_headers, {"id": "long", "messages": [user("u0", "first, edited")]})
+    shown = (["first, edited", "edited answer"], {2})
+    assert await edit_count(first, token, auth_headers, "long") == shown
+    await first.close()
+
+    again = await make_client(storage=storage) if storage else await make_client()
+    assert await edit_count(again, token, auth_headers, "long") == shown
+    if backend == "tinydb":  # one write: the aside entry of the 599 and its summary
+        lines = (Path(os.environ["AGENTSPACE_HOME"]) / "sessions" / "long.jsonl").read_text().splitlines()
+        asides = [json.loads(line)["aside"]["ids"] for line in lines if line.startswith('{"aside"')]
+        assert asides == [[m["id"] for m in history[1:-1]] + [asides[0][-1]]]

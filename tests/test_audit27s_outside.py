@@ -5,10 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import pty
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +13,7 @@ from aiohttp.test_utils import TestClient
 
 import tests.fakes.anthropic_upstream as fa
 import tests.fakes.openai_upstream as fo
+from tests.support.terminal import on_a_terminal
 from tests.support.ws import chat, connect
 from tests.test_cli_e2e import run_cli, ws_url
 from tests.test_clients import bearer
@@ -68,27 +65,6 @@ async def test_agentspace_chat_shows_escapes_in_an_answer_as_text(
     assert_inert(result.output, lines=True)
     assert "Answer \\x1b]0;PWNED\\x07" in result.output and "Thinking \\x1b]0;PWNED" in result.output
     assert "\n\tindented" in result.output  # line breaks and tabs stay what they are
-
-
-def on_a_terminal(*args: str) -> bytes:
-    """``agentspace ARGS`` with its standard output a terminal (a pseudo-terminal here): what it printed."""
-    master, slave = pty.openpty()
-    with subprocess.Popen(
-        [sys.executable, "-m", "agentspace", *args], stdin=subprocess.DEVNULL, stdout=slave, stderr=subprocess.DEVNULL
-    ) as process:
-        os.close(slave)
-        out = b""
-        while True:
-            try:
-                chunk = os.read(master, 65536)
-            except OSError:  # EIO: the child closed the terminal
-                break
-            if not chunk:
-                break
-            out += chunk
-        assert process.wait(timeout=60) == 0
-    os.close(master)
-    return out
 
 
 async def test_agentspace_ask_on_a_terminal_shows_escapes_in_the_answer_as_text(

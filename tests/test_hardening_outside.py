@@ -7,10 +7,6 @@ import asyncio
 import base64
 import json
 import logging
-import os
-import pty
-import subprocess
-import sys
 from typing import Any
 
 import anthropic
@@ -21,6 +17,7 @@ import tests.fakes.anthropic_upstream as fa
 from agentspace.transports import state
 from tests.conftest import TEST_KEY, wait_until
 from tests.fakes.openai_upstream import FakeOpenAI
+from tests.support.terminal import on_a_terminal
 from tests.support.ui_stream import post_chat, user
 from tests.test_clients import add_client, bearer, cli
 
@@ -310,27 +307,6 @@ async def test_a_running_answer_cannot_be_resumed_or_stopped_by_another_client_o
     assert b'"type":"finish","finishReason":"stop"' in rest and rest.count(b"text-delta") >= 2
 
 
-def export_on_a_terminal(session_id: str) -> bytes:
-    """``agentspace sessions export ID`` with its standard output a terminal (a pseudo-terminal here)."""
-    master, slave = pty.openpty()
-    with subprocess.Popen(
-        [sys.executable, "-m", "agentspace", "sessions", "export", session_id], stdout=slave, stderr=subprocess.DEVNULL
-    ) as process:
-        os.close(slave)
-        out = b""
-        while True:
-            try:
-                chunk = os.read(master, 65536)
-            except OSError:  # EIO: the child closed the terminal
-                break
-            if not chunk:
-                break
-            out += chunk
-        assert process.wait(timeout=60) == 0
-    os.close(master)
-    return out
-
-
 async def test_sessions_export_on_a_terminal_escapes_stored_text(
     client: TestClient, fake_anthropic: fa.FakeAnthropic
 ) -> None:
@@ -340,7 +316,7 @@ async def test_sessions_export_on_a_terminal_escapes_stored_text(
     title = "\x1b]0;TITLE\x07\x9b31m red"
     async with client.patch("/api/sessions/s1", json={"title": title}, headers=bearer(key)) as resp:
         assert resp.status == 200
-    out = await asyncio.to_thread(export_on_a_terminal, "s1")
+    out = await asyncio.to_thread(on_a_terminal, "sessions", "export", "s1")
     assert b"\x1b" not in out and b"\x07" not in out and "\x9b".encode() not in out, out
     assert b"\\x1b]0;TITLE\\x07" in out and b"hi \\x1b[2J" in out, out  # shown, as escapes
     piped = await asyncio.to_thread(cli, "sessions", "export", "s1", "--format", "md")

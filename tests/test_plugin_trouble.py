@@ -5,6 +5,7 @@ wrong kind, a ``server_startup`` that raises, two providers claiming the same mo
 from __future__ import annotations
 
 import asyncio
+import os
 import subprocess
 import sys
 import time
@@ -24,6 +25,7 @@ from agentspace.storage.protocols import Storage, UsageStoreSink
 from agentspace.testing import gateway_client, make_config
 from agentspace.transports import state
 from tests.conftest import wait_until
+from tests.test_audit28s_outside import ui_chat, user
 from tests.test_clients import add_client, message, reservation_of, spend_of
 from tests.test_plugin_author import inspected_sections, installed_package
 from tests.test_sink_isolation import start_client, stored_usage, ws_turn
@@ -175,14 +177,16 @@ def test_a_plugin_that_breaks_the_start_is_named(tmp_path: Path, module: str, sa
     assert "listening" not in done.stdout
 
 
-class OlderUsageStore:
-    """A usage store of a backend written before ``UsageStoreAPI.spend``: the tinydb store without it."""
+class WithoutMethod:
+    """A store of a backend written before one of its protocol's methods (``UsageStoreAPI.spend``,
+    ``SessionStoreAPI.set_aside``): the tinydb store without it."""
 
-    def __init__(self, store: UsageStore) -> None:
+    def __init__(self, store: Any, missing: str) -> None:
         self._store = store
+        self._missing = missing
 
     def __getattr__(self, name: str) -> Any:
-        if name == "spend":
+        if name == self._missing:
             raise AttributeError(name)
         return getattr(self._store, name)
 
@@ -191,9 +195,10 @@ class OlderBackend:
     name = "older"
 
     def open(self, config: Config) -> Storage:
-        usage = OlderUsageStore(UsageStore(config.data_dir))
+        usage = WithoutMethod(UsageStore(config.data_dir), "spend")
         sink = UsageStoreSink(usage, self.name)  # type: ignore[arg-type]
-        return Storage(self.name, SessionStore(config.data_dir), usage, sink=sink)  # type: ignore[arg-type]
+        sessions = WithoutMethod(SessionStore(config.data_dir), "set_aside")
+        return Storage(self.name, sessions, usage, sink=sink)  # type: ignore[arg-type]
 
 
 class Older:
@@ -206,6 +211,27 @@ async def older_client(make_client: Any) -> Any:
     pm = create_plugin_manager()
     pm.register(Older())
     return await make_client(pm=pm, storage={"backend": "older"})
+
+
+async def test_a_backend_without_set_aside_still_sets_an_edits_later_answers_aside(
+    make_client: Any, auth_headers: dict[str, str], fake_anthropic: Any
+) -> None:
+    """docs/plugins.md (register_storage_backends): the messages are then set aside one ``update_message`` each."""
+    client = await older_client(make_client)
+    assert not hasattr(client.app[state.REGISTRY].sessions, "set_aside")
+    for n in range(3):
+        await ui_chat(client, auth_headers, {"id": "s", "messages": [user(f"u{n}", f"question {n}")]})
+    await ui_chat(client, auth_headers, {"id": "s", "messages": [user("u1", "second, edited")]})
+    session = (await (await client.get("/api/sessions/s", headers=auth_headers)).json())["session"]
+    assert [m["content"] for m in session["messages"]][::2] == ["question 0", "second, edited"]
+    assert session["messageCount"] == 4
+    await client.close()
+    stored = SessionStore(Path(os.environ["AGENTSPACE_HOME"])).get_sync("s")
+    assert stored is not None and [bool(m.get("replaced")) for m in stored["messages"]] == [
+        *[False] * 3,
+        *[True] * 3,
+        False,
+    ]
 
 
 async def test_a_backend_without_spend_still_keeps_budgets_across_a_restart(

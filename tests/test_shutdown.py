@@ -104,35 +104,55 @@ async def test_sigterm_finishes_within_grace_and_stores_the_rest_as_aborted(
     assert len(sessions.summaries_sync()) == 2  # the late request created nothing
 
 
+async def two_turns_then_a_stalled_summary(
+    fake_anthropic: fa.FakeAnthropic, http: aiohttp.ClientSession, server: GatewayProcess
+) -> tuple[aiohttp.ClientWebSocketResponse, str]:
+    """The compaction tests' arrange: a session of two answered turns over the WebSocket, and the upstream's next
+    answer (the summary) sending message_start (5000 input tokens) and ping, then nothing for a minute. The socket
+    and the session's id."""
+    fake_anthropic.enqueue(
+        fa.text_response("first answer"),
+        fa.text_response("second answer"),
+        fa.text_response("summary " * 50, chunks=50, usage={"input_tokens": 5000}).stall(60, after=2),
+    )
+    ws = await http.ws_connect(server.ws_url, headers={"Authorization": f"Bearer {server.token}"})
+    await ws.send_json({"type": "chat.send", "id": 1, "content": "one"})
+    session_id = (await frames_until(ws, "chat.stream.end"))[0]["sessionId"]
+    await ws.send_json({"type": "chat.send", "id": 2, "content": "two", "sessionId": session_id})
+    await frames_until(ws, "chat.stream.end")
+    return ws, session_id
+
+
+async def summary_call_answered(server: GatewayProcess) -> None:
+    """Until the ledger notes the usage the upstream reported for the summary's call (its message_start)."""
+    await wait_for_notes(
+        lambda: journal_entries(server.data_dir),
+        1,
+        lambda e: e.get("purpose") == "compact" and isinstance(e.get("usage"), dict),
+    )
+
+
+def assert_the_summary_call_recorded_aborted(server: GatewayProcess, session_id: str) -> None:
+    (record,) = [r for r in UsageStore(server.data_dir).records_sync(session_id=session_id) if r["purpose"]]
+    assert (record["purpose"], record["finishReason"], record["error"]) == ("compact", "aborted", "ABORTED")
+    assert record["inputTokens"] == 5000 and record["answered"] is True and record["recovered"] is not True
+
+
 async def test_a_compaction_the_upstream_took_is_recorded_when_shutdown_stops_it(
     tmp_path: Path, fake_anthropic: fa.FakeAnthropic
 ) -> None:
     """The upstream bills a compaction's call once it answered: stopped by the shutdown, the call is recorded
     (aborted, with the input the upstream reported), not given back as if it was never sent."""
-    fake_anthropic.enqueue(
-        fa.text_response("first answer"),
-        fa.text_response("second answer"),
-        # The summary: message_start (5000 input tokens) and ping, then nothing for a minute.
-        fa.text_response("summary " * 50, chunks=50, usage={"input_tokens": 5000}).stall(60, after=2),
-    )
     server = GatewayProcess(tmp_path / "data", fake_anthropic.url, server={"shutdown_grace_seconds": 1.0})
     try:
         await server.start()
-        headers = {"Authorization": f"Bearer {server.token}"}
         async with aiohttp.ClientSession() as http:
-            ws = await http.ws_connect(server.ws_url, headers=headers)
-            await ws.send_json({"type": "chat.send", "id": 1, "content": "one"})
-            session_id = (await frames_until(ws, "chat.stream.end"))[0]["sessionId"]
-            await ws.send_json({"type": "chat.send", "id": 2, "content": "two", "sessionId": session_id})
-            await frames_until(ws, "chat.stream.end")
+            ws, session_id = await two_turns_then_a_stalled_summary(fake_anthropic, http, server)
+            headers = {"Authorization": f"Bearer {server.token}"}
             compact = asyncio.create_task(
                 http.post(f"{server.url}/api/sessions/{session_id}/compact", headers=headers, json={})
             )
-            await wait_for_notes(
-                lambda: journal_entries(server.data_dir),
-                1,
-                lambda e: e.get("purpose") == "compact" and isinstance(e.get("usage"), dict),
-            )
+            await summary_call_answered(server)
             assert server.process is not None
             server.process.send_signal(signal.SIGTERM)
             assert await server.process.wait() == 0
@@ -144,9 +164,7 @@ async def test_a_compaction_the_upstream_took_is_recorded_when_shutdown_stops_it
     finally:
         await server.aclose()
 
-    (record,) = [r for r in UsageStore(server.data_dir).records_sync(session_id=session_id) if r["purpose"]]
-    assert (record["purpose"], record["finishReason"], record["error"]) == ("compact", "aborted", "ABORTED")
-    assert record["inputTokens"] == 5000 and record["answered"] is True and record["recovered"] is not True
+    assert_the_summary_call_recorded_aborted(server, session_id)
 
 
 async def test_a_compaction_asked_for_over_the_websocket_is_stopped_and_refused_at_the_grace_end(
@@ -155,27 +173,13 @@ async def test_a_compaction_asked_for_over_the_websocket_is_stopped_and_refused_
     """The same over the WebSocket: ``session.compact`` is stopped at the grace's end like the HTTP compaction,
     its call recorded aborted before the sinks close, and the client gets the refusal's error frame before the
     socket closes with GOING_AWAY. It ran on until aiohttp's own shutdown timeout, and the client got no answer."""
-    fake_anthropic.enqueue(
-        fa.text_response("first answer"),
-        fa.text_response("second answer"),
-        fa.text_response("summary " * 50, chunks=50, usage={"input_tokens": 5000}).stall(60, after=2),
-    )
     server = GatewayProcess(tmp_path / "data", fake_anthropic.url, server={"shutdown_grace_seconds": 1.0})
     try:
         await server.start()
-        headers = {"Authorization": f"Bearer {server.token}"}
         async with aiohttp.ClientSession() as http:
-            ws = await http.ws_connect(server.ws_url, headers=headers)
-            await ws.send_json({"type": "chat.send", "id": 1, "content": "one"})
-            session_id = (await frames_until(ws, "chat.stream.end"))[0]["sessionId"]
-            await ws.send_json({"type": "chat.send", "id": 2, "content": "two", "sessionId": session_id})
-            await frames_until(ws, "chat.stream.end")
+            ws, session_id = await two_turns_then_a_stalled_summary(fake_anthropic, http, server)
             await ws.send_json({"type": "session.compact", "id": 3, "sessionId": session_id})
-            await wait_for_notes(
-                lambda: journal_entries(server.data_dir),
-                1,
-                lambda e: e.get("purpose") == "compact" and isinstance(e.get("usage"), dict),
-            )
+            await summary_call_answered(server)
             assert server.process is not None
             server.process.send_signal(signal.SIGTERM)
             refused = await ws.receive_json(timeout=30)
@@ -186,6 +190,4 @@ async def test_a_compaction_asked_for_over_the_websocket_is_stopped_and_refused_
     finally:
         await server.aclose()
 
-    (record,) = [r for r in UsageStore(server.data_dir).records_sync(session_id=session_id) if r["purpose"]]
-    assert (record["purpose"], record["finishReason"], record["error"]) == ("compact", "aborted", "ABORTED")
-    assert record["inputTokens"] == 5000 and record["answered"] is True and record["recovered"] is not True
+    assert_the_summary_call_recorded_aborted(server, session_id)

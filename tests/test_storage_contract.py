@@ -210,6 +210,28 @@ async def test_append_update_messages_limit(storage: Storage) -> None:
         await sessions.touch("nope")
 
 
+async def test_set_aside_sets_every_message_named_aside_or_none(storage: Storage) -> None:
+    """``set_aside`` (an edit or a regenerate): the messages named are ``replaced`` and counted out, each once; a
+    name the session does not hold sets none aside."""
+    sessions = storage.sessions
+    given = [{"role": "user", "content": str(n), "id": f"m{n}"} for n in range(6)]
+    await sessions.create(model="m/x", session_id="s", messages=[*given, {"id": "r", "role": "user", "replaced": True}])
+    with pytest.raises(MessageNotFound):
+        await sessions.set_aside("s", ["m1", "nope", "m2"])
+    with pytest.raises(SessionNotFound):
+        await sessions.set_aside("none", ["m1"])
+    assert (await sessions.get("s") or {})["messageCount"] == 6
+    await sessions.set_aside("s", ["m2", "m3", "r", "m5"])
+    got = await sessions.get("s")
+    assert got is not None and got["messageCount"] == 3
+    assert [m["id"] for m in got["messages"] if m.get("replaced")] == ["m2", "m3", "m5", "r"]
+    assert got["messages"][2] == {**given[2], "createdAt": got["messages"][2]["createdAt"], "replaced": True}
+    assert [s["messageCount"] for s in await sessions.summaries()] == [3]
+    if isinstance(sessions, SessionStoreSync):  # read again from the file
+        assert (sessions.get_sync("s") or {})["messageCount"] == 3
+        assert len([m for m in (sessions.get_sync("s") or {})["messages"] if m.get("replaced")]) == 4
+
+
 async def test_the_message_count_leaves_out_the_answers_set_aside(storage: Storage) -> None:
     """``messageCount`` is of the messages the session's client sees: an answer set aside (``replaced``) is kept
     and not counted, in the session, the listing and (the embedded files) a reading without the server's cache."""

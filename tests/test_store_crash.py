@@ -300,6 +300,77 @@ async def test_sigkill_between_a_new_session_and_its_first_sync(tmp_path: Path, 
     assert temp_files(tmp_path) == []
 
 
+# An edit's set-aside (``SessionStore.set_aside``): the session created and filed, then its later messages set aside in
+# one write (one os.write of the aside entry and the summary closing it, then its fdatasync). argv: data dir and where
+# to die, as CHILD.
+SET_ASIDE_CHILD = """
+import asyncio, os, signal, sys
+from pathlib import Path
+from agentspace.storage import SessionStore
+
+data_dir, die_in = Path(sys.argv[1]), sys.argv[2]
+how, die_at = die_in.split(":")
+name = "write" if how.endswith("write") else how
+real = getattr(os, name)
+
+
+def dying(*args):
+    if name == "write":
+        fd, data = args
+        real(fd, bytes(data)[: len(data) // 2 if how == "halfwrite" else len(data) - 10])
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+async def main():
+    sessions = SessionStore(data_dir)
+    messages = [{"id": f"m{n}", "role": "user" if n % 2 == 0 else "assistant"} for n in range(200)]
+    await sessions.create(model="m", session_id="crash", messages=messages)
+    await sessions.touch("crash")  # its own file written, the journal emptied
+    await sessions.aclose()
+    sessions = SessionStore(data_dir)
+    await sessions.get("crash")
+    setattr(os, name, dying)
+    await sessions.set_aside("crash", [f"m{n}" for n in range(1, 200)])
+    print("set aside", flush=True)
+
+
+asyncio.run(main())
+"""
+
+
+@pytest.mark.parametrize(
+    ("die_in", "aside"),
+    [
+        ("halfwrite:1", False),  # the aside entry torn
+        ("write:1", False),  # the entry written whole, the summary closing it torn
+        ("fdatasync:1", True),  # both written whole, never synced (a process kill keeps them)
+    ],
+)
+async def test_sigkill_inside_a_set_aside_sets_none_or_all_aside(tmp_path: Path, die_in: str, aside: bool) -> None:
+    child = subprocess.run(
+        [sys.executable, "-c", SET_ASIDE_CHILD, str(tmp_path), die_in], capture_output=True, text=True, timeout=60
+    )
+    assert child.returncode == -signal.SIGKILL, child.stderr
+    assert "set aside" not in child.stdout
+    assert bool(torn_files(tmp_path)) is not aside
+    session = SessionStore(tmp_path).get_sync(SESSION)
+    assert session is not None and len(session["messages"]) == 200
+    seen = [m["id"] for m in session["messages"] if not m.get("replaced")]
+    assert seen == (["m0"] if aside else [f"m{n}" for n in range(200)])
+    assert session["messageCount"] == (1 if aside else 200)
+    assert SessionStore(tmp_path).listing_sync().damaged_files == []
+    sessions = SessionStore(tmp_path)  # a new writer cuts the torn tail off and goes on
+    try:
+        await sessions.set_aside(SESSION, ["m1", "m2"])
+        await sessions.append_message(SESSION, {"id": "after", "role": "user"})
+        got = await sessions.get(SESSION)
+        assert got is not None and got["messageCount"] == (2 if aside else 199)
+    finally:
+        await sessions.aclose()
+    assert torn_files(tmp_path) == []
+    assert (SessionStore(tmp_path).get_sync(SESSION) or {})["messageCount"] == (2 if aside else 199)
+
+
 async def test_an_empty_session_file_is_a_creation_never_acknowledged(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -59,6 +59,10 @@ class SessionStoreAPI(Protocol):
 
     async def update_message(self, session_id: str, message_id: str, changes: dict[str, Any]) -> None: ...
 
+    async def set_aside(self, session_id: str, message_ids: Sequence[str]) -> None:
+        """The messages ``message_ids`` set aside (``replaced``: an edit or a regenerate) in one write, all or
+        none. Raises SessionNotFound or MessageNotFound (then none is). Optional: ``set_aside_of``."""
+
     async def messages(self, session_id: str, limit: int | None = None) -> list[dict[str, Any]]: ...
 
     async def set_title(self, session_id: str, title: str) -> None: ...
@@ -70,6 +74,17 @@ class SessionStoreAPI(Protocol):
     async def flush(self) -> None: ...
 
     async def aclose(self) -> None: ...
+
+
+async def set_aside_of(sessions: SessionStoreAPI, session_id: str, message_ids: Sequence[str]) -> None:
+    """``sessions.set_aside``; one ``update_message`` after another by a session store without it (a backend
+    written before it): not atomic, and a write each."""
+    set_aside = getattr(sessions, "set_aside", None)
+    if set_aside is not None:
+        await set_aside(session_id, message_ids)
+        return
+    for message_id in message_ids:
+        await sessions.update_message(session_id, message_id, {"replaced": True})
 
 
 @runtime_checkable

@@ -1,9 +1,10 @@
 """SessionStore: conversations, one append-only log per session.
 
 ``data_dir/sessions/<id>.jsonl`` is an ``append_log`` file. Its entries are ``{"message": {...}}`` (a message
-added), ``{"update": {"id": ..., "changes": {...}}}`` (changes merged into the messages with that id) and
+added), ``{"update": {"id": ..., "changes": {...}}}`` (changes merged into the messages with that id),
+``{"aside": {"ids": [...]}}`` (the messages with those ids set aside, ``replaced``: an edit or a regenerate) and
 ``{"session": {summary}}`` (id, title, model, createdAt, lastActivityAt, messageCount, seenCount, client). Every write
-is one message or update entry, or none, followed by the summary, which closes it: adding a message
+is one message, update or aside entry, or none, followed by the summary, which closes it: adding a message
 appends two short lines whatever the session's size, and a listing reads only the last summary.
 
 A new session is one append to the shared ``sessions/.journal.jsonl`` (``session_journal.py``: creating a file
@@ -41,7 +42,7 @@ The cached messages are handed out as they are, not copied: ``get`` and ``messag
 ``get`` a new summary dict) holding the cache's own message objects, so a read costs the same at 10 messages
 and at 10,000 (a deep copy of a 4,000-message session took about as long as parsing it). What keeps the cache
 right is that those objects cannot be changed: every message is frozen when it enters the cache (``_remember``
-for a session read, created or rebuilt; ``_append`` and ``_update`` for a write: ``shapes.frozen``), its
+for a session read, created or rebuilt; ``_append``, ``_update`` and ``_set_aside`` for a write: ``shapes.frozen``), its
 objects and arrays ``shapes.FrozenDict``/``FrozenList``, a ``dict`` and a ``list`` to every reader but raising
 TypeError on any change. A caller that wants to change a message it read changes a copy (``{**message, ...}``,
 or ``shapes.thawed``); the callers today (context assembly and the context policy, the pipeline, the service
@@ -224,13 +225,13 @@ def _replay(entries: builtins.list[Any], path: Path) -> tuple[_Session, int]:
             if value.get("messageCount") != len(messages):
                 raise StoreCorrupt(path, "entries are missing (the message count does not match the messages)")
             info = value
-        elif kind in ("message", "update"):
+        elif kind in ("message", "update", "aside"):
             pending.append((kind, value))
         else:
             raise StoreCorrupt(path, f"not a session log (unknown entry {kind!r})")
     if info is None:
         raise StoreCorrupt(path, "not a session log (no complete write: truncated or not a session)")
-    if len(pending) > 1:  # a write appends one message or update, then the summary
+    if len(pending) > 1:  # a write appends one message, update or aside entry, then the summary
         raise StoreCorrupt(path, f"{len(pending)} entries after the last complete write (truncated)")
     counts = ("messageCount", "seenCount")
     info = {key: value for key, value in _read_info(info, path, _LOG).items() if key not in counts}
@@ -243,12 +244,36 @@ def _apply(messages: builtins.list[dict[str, Any]], op: str, value: Any, path: P
     if op == "message":
         messages.append(value)
         return
+    if op == "aside":
+        ids = value.get("ids")
+        if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
+            raise StoreCorrupt(path, "not a session log (an aside entry without ids)")
+        messages[:] = _marked_aside(messages, set(ids))[0]
+        return
     changes = value.get("changes")
     if not isinstance(changes, dict):
         raise StoreCorrupt(path, "not a session log (an update without changes)")
     for n, message in enumerate(messages):
         if message.get("id") == value.get("id"):
             messages[n] = {**message, **changes}
+
+
+def _marked_aside(
+    messages: Sequence[dict[str, Any]], ids: set[Any]
+) -> tuple[builtins.list[dict[str, Any]], int, set[Any]]:
+    """``messages`` with those whose id is in ``ids`` set aside (``replaced``), in one pass: how many of them
+    were seen before (the client's count falls by that), and the ids found."""
+    out: builtins.list[dict[str, Any]] = []
+    newly, found = 0, set()
+    for message in messages:
+        message_id = message.get("id")
+        if message_id in ids:
+            found.add(message_id)
+            if not message.get("replaced"):
+                newly += 1
+                message = {**message, "replaced": True}
+        out.append(message)
+    return out, newly, found
 
 
 def _is_summary(entry: Any) -> bool:
@@ -331,6 +356,11 @@ class SessionStore:
     async def update_message(self, session_id: str, message_id: str, changes: dict[str, Any]) -> None:
         """Merge ``changes`` into a stored message. Raises SessionNotFound or MessageNotFound."""
         await self._write(session_id, self._update, message_id, detached(changes))
+
+    async def set_aside(self, session_id: str, message_ids: Sequence[str]) -> None:
+        """Set the messages ``message_ids`` aside (``replaced``) in one write: one entry and one summary, all
+        or none of them whatever stops it. Raises SessionNotFound or MessageNotFound (then none is)."""
+        await self._write(session_id, self._set_aside, builtins.list(message_ids))
 
     async def set_title(self, session_id: str, title: str) -> None:
         """Rename a session. Raises SessionNotFound."""
@@ -1054,6 +1084,17 @@ class SessionStore:
         info = {**session.info, "lastActivityAt": now_iso()}
         entry = {"update": {"id": message_id, "changes": changes}}
         return self._append_entries(session_id, session, entry, info, messages, seen)
+
+    def _set_aside(self, session_id: str, message_ids: builtins.list[str]) -> AppendLog:
+        session = self._require(session_id)
+        # One pass over the messages, however many are set aside (one ``_update`` each copied the list each time).
+        messages, newly, found = _marked_aside(session.messages, set(message_ids))
+        if missing := [message_id for message_id in message_ids if message_id not in found]:
+            raise MessageNotFound(f"message {str(missing[0])[:40]!r} not found in session {session_id!r}")
+        messages = [frozen(m) for m in messages]  # the ones set aside are new; the others are kept (frozen already)
+        info = {**session.info, "lastActivityAt": now_iso()}
+        entry = {"aside": {"ids": message_ids}}
+        return self._append_entries(session_id, session, entry, info, messages, session.seen - newly)
 
     def _touch(self, session_id: str) -> AppendLog:
         session = self._require(session_id)

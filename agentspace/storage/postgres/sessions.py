@@ -184,6 +184,32 @@ class PostgresSessionStore:
                     _seen(after) - _seen(before),
                 )
 
+    async def set_aside(self, session_id: str, message_ids: Sequence[str]) -> None:
+        """The messages ``message_ids`` set aside (``replaced``) in one transaction, all or none: one statement
+        reads them and one writes them all with the session's count, whatever their number."""
+        self._check_open()
+        ids = builtins.list(message_ids)
+        async with self.db.transaction() as conn:
+            await _bump(conn, session_id)  # the session's row first, as every write of its messages
+            rows = await conn.fetch(
+                "SELECT seq, id, body FROM messages WHERE session_id = $1 AND id = ANY($2::text[]) FOR UPDATE",
+                session_id,
+                ids,
+            )
+            if missing := set(ids) - {r["id"] for r in rows}:
+                raise MessageNotFound(f"message {str(min(missing))[:40]!r} not found in session {session_id!r}")
+            before = [json.loads(r["body"]) for r in rows]
+            await conn.execute(
+                "WITH given (seq, body) AS (SELECT * FROM unnest($2::integer[], $3::text[])), "
+                "written AS (UPDATE messages SET body = given.body FROM given "
+                "WHERE messages.session_id = $1 AND messages.seq = given.seq) "
+                "UPDATE sessions SET message_count = message_count - $4 WHERE id = $1",
+                session_id,
+                [r["seq"] for r in rows],
+                [json.dumps({**body, "replaced": True}) for body in before],
+                _seen(before),  # the ones the client saw until now: the count follows
+            )
+
     async def messages(self, session_id: str, limit: int | None = None) -> builtins.list[dict[str, Any]]:
         self._check_open()
         if not is_valid_session_id(session_id) or (limit is not None and limit <= 0):
