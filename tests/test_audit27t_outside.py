@@ -3,13 +3,18 @@ wrong type at every nesting level of the /v1 bodies, in front of each provider k
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 from aiohttp.test_utils import TestClient
 
 import tests.fakes.anthropic_upstream as fa
+from scripts.harness import GatewayProcess
 from tests.fakes.openai_upstream import FakeOpenAI
+from tests.scale_servers import Postgres
+from tests.support.ws import chat
 from tests.test_hardening_outside import openai_client
 
 USER = [{"role": "user", "content": "hi"}]
@@ -87,3 +92,38 @@ async def test_a_json_schema_of_an_unknown_type_goes_to_claude_for_its_answer_no
     assert status == 400, answer
     assert answer["error"]["type"] == "invalid_request_error" and "schema" in answer["error"]["message"], answer
     assert len(fake_anthropic.requests) == 1
+
+
+async def test_a_turn_refused_during_a_database_outage_logs_no_traceback_and_its_session_goes_on(
+    tmp_path: Path, fake_anthropic: fa.FakeAnthropic
+) -> None:
+    # Issue 27 (18): an outage is answered 503 / an error frame "without tracebacks". A new chat on a socket
+    # opened before PostgreSQL stopped, and on /api/chat, got STORAGE_ERROR, but each refused turn also logged
+    # "storing the user message ... failed" as an ERROR with a traceback: one per try of every client.
+    pg = Postgres()
+    gateway = GatewayProcess(tmp_path / "data", fake_anthropic.url, storage={"backend": "postgres", "dsn": pg.dsn})
+    try:
+        await gateway.start()
+        admin = {"Authorization": f"Bearer {gateway.token}"}
+        async with aiohttp.ClientSession() as http, http.ws_connect(gateway.ws_url, headers=admin) as ws:
+            first = await chat(ws, "hi")
+            session_id = first[0]["sessionId"]
+            pg.stop()
+            refused = await chat(ws, "during the outage", "r2", sessionId=session_id)
+            assert refused[-1]["code"] == "STORAGE_ERROR" and "database" in refused[-1]["message"], refused
+            body = {"id": "h1", "messages": [{"id": "m1", "role": "user", "parts": [{"type": "text", "text": "hi"}]}]}
+            async with http.post(gateway.url + "/api/chat", json=body, headers=admin) as resp:
+                assert resp.status == 503 and (await resp.json())["error"]["code"] == "STORAGE_ERROR"
+            new = await chat(ws, "a new chat during the outage", "r4")
+            assert new[-1]["code"] == "STORAGE_ERROR" and "database" in new[-1]["message"], new
+            await gateway.wait_for_log("storing the user message")  # said in one line
+            assert not gateway.log_problems(), gateway.log_problems()
+
+            pg.start()
+            assert (await chat(ws, "back", "r3", sessionId=session_id))[-1]["type"] == "chat.stream.end"
+            async with http.get(f"{gateway.url}/api/sessions/{session_id}", headers=admin) as resp:
+                messages = (await resp.json())["session"]["messages"]
+        assert [(m["role"], m["content"][:4]) for m in messages[::2]] == [("user", "hi"), ("user", "back")]
+    finally:
+        await gateway.aclose()
+        pg.close()
