@@ -3,14 +3,17 @@ wrong type at every nesting level of the /v1 bodies, in front of each provider k
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
 from aiohttp.test_utils import TestClient
+from click.testing import CliRunner
 
 import tests.fakes.anthropic_upstream as fa
+from agentspace.cli import main
 from scripts.harness import GatewayProcess
 from tests.fakes.openai_upstream import FakeOpenAI
 from tests.scale_servers import Postgres
@@ -127,3 +130,48 @@ async def test_a_turn_refused_during_a_database_outage_logs_no_traceback_and_its
     finally:
         await gateway.aclose()
         pg.close()
+
+
+@pytest.mark.parametrize(
+    "option",
+    [
+        ("--models", ""),  # an unset shell variable: --models "$ALLOWED"
+        ("--models", " , "),
+        ("--budget", ""),
+        ("--rpm", " "),
+        ("--tpm", ""),
+    ],
+)
+def test_an_empty_limit_option_is_refused_never_read_as_no_limit(option: tuple[str, str]) -> None:
+    # `clients set bot --models ''` (or ' , ') printed "Client 'bot' updated." and let the client use every
+    # model; an empty --budget, --rpm or --tpm cleared that limit. Only 'none' clears a limit (README); an empty
+    # value is refused, and the client keeps its limits.
+    assert (
+        CliRunner()
+        .invoke(
+            main,
+            [
+                "clients",
+                "add",
+                "bot",
+                "--budget",
+                "5",
+                "--rpm",
+                "3",
+                "--tpm",
+                "900",
+                "--models",
+                "anthropic/claude-haiku-*",
+            ],
+        )
+        .exit_code
+        == 0
+    )
+    result = CliRunner().invoke(main, ["clients", "set", "bot", *option])
+    assert result.exit_code == 2 and option[0] in result.output and "'none'" in result.output, result.output
+    added = CliRunner().invoke(main, ["clients", "add", "other", *option])
+    assert added.exit_code == 2 and option[0] in added.output, added.output
+    listed = json.loads(CliRunner().invoke(main, ["clients", "list", "--json"]).stdout)
+    (bot,) = listed["clients"]
+    assert bot["models"] == ["anthropic/claude-haiku-*"] and (bot["rpm"], bot["tpm"]) == (3, 900), bot
+    assert bot["budget"]["usd"] == 5, bot
