@@ -14,10 +14,13 @@ from click.testing import CliRunner
 
 import tests.fakes.anthropic_upstream as fa
 from agentspace.cli import main
+from agentspace.transports import state
 from scripts.harness import GatewayProcess
 from tests.fakes.openai_upstream import FakeOpenAI
 from tests.scale_servers import Postgres
+from tests.support.ui_stream import post_chat
 from tests.support.ws import chat
+from tests.test_clients import add_client, bearer
 from tests.test_hardening_outside import openai_client
 
 USER = [{"role": "user", "content": "hi"}]
@@ -175,3 +178,25 @@ def test_an_empty_limit_option_is_refused_never_read_as_no_limit(option: tuple[s
     (bot,) = listed["clients"]
     assert bot["models"] == ["anthropic/claude-haiku-*"] and (bot["rpm"], bot["tpm"]) == (3, 900), bot
     assert bot["budget"]["usd"] == 5, bot
+
+
+async def test_a_websocket_refusal_says_when_to_retry_as_the_http_answer_does(
+    client: TestClient, fake_anthropic: fa.FakeAnthropic
+) -> None:
+    # Past its rpm, /api/chat and /v1 answer 429 with Retry-After (the seconds until the oldest call leaves the
+    # window); the WebSocket's RATE_LIMITED frame said only "try again shortly", so a socket client could not
+    # know whether to wait one second or fifty-nine. The frame now carries retryAfter, the same figure.
+    key = add_client("bot", "--rpm", "1")
+    guard = client.app[state.REGISTRY].guard
+    now = [1000.0]
+    guard.monotonic = lambda: now[0]  # the sliding minute's clock
+    async with client.ws_connect("/gateway", headers=bearer(key)) as ws:
+        assert (await chat(ws, "hi"))[-1]["type"] == "chat.stream.end"
+        now[0] += 20
+        refused = (await chat(ws, "again", "r2"))[-1]
+        assert refused["code"] == "RATE_LIMITED" and refused["retryAfter"] == 40, refused
+        resp = await post_chat(client, bearer(key), "c1")
+        assert resp.status == 429 and int(resp.headers["Retry-After"]) == refused["retryAfter"]
+        now[0] += refused["retryAfter"]  # waiting as told is enough
+        assert (await chat(ws, "later", "r3"))[-1]["type"] == "chat.stream.end"
+        assert "retryAfter" not in (await chat(ws, "", "r4"))[-1]  # a refusal waiting does not cure
