@@ -225,7 +225,9 @@ async def start_turn(gw: Registry, request: ChatRequest) -> Turn:
     except STORAGE_FAILURES as e:
         await gw.locks.release(turn)
         gw.locks.forget(turn)
-        log.exception("storing the user message in session %s failed", session_id)
+        # The store's own failure (a full disk, the database down), answered STORAGE_ERROR: one line, no
+        # traceback, as every outage (issue 27): a client retrying would fill the log with them.
+        log.warning("storing the user message in session %s failed: %r", session_id, e)
         raise ApiError(
             "STORAGE_ERROR", f"The message could not be stored ({storage_problem(e)}); nothing was sent."
         ) from None

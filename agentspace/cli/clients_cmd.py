@@ -22,7 +22,9 @@ if TYPE_CHECKING:
 
 T = TypeVar("T")
 
-NONE_WORDS = ("none", "off", "")
+# Only a word clears a limit: an empty value (an unset shell variable, `--models "$ALLOWED"`) is refused, never
+# read as "no limit".
+NONE_WORDS = ("none", "off")
 
 
 def _number(value: str | None, option: str, kind: type) -> Any:
@@ -54,6 +56,10 @@ def _settings(
     if models is not None:  # 'none' clears the allowlist (every model), as it clears the other limits
         none = models.strip().lower() in NONE_WORDS
         settings["models"] = [] if none else [m.strip() for m in models.split(",") if m.strip()]
+        if not none and not settings["models"]:
+            raise click.BadParameter(
+                "expected model patterns (anthropic/claude-haiku-*,...) or 'none'", param_hint="--models"
+            )
     problems = settings_problems(settings)
     if problems:
         name, problem = next(iter(problems.items()))

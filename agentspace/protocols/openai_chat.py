@@ -294,7 +294,10 @@ def _assistant_parts(m: dict[str, Any], i: int, names: dict[str, str]) -> list[P
     text = _text(m.get("content"), f"messages[{i}].content") if m.get("content") is not None else ""
     if text:
         parts.append(TextPart(text))
-    for j, call in enumerate(m.get("tool_calls") or ()):
+    calls = m.get("tool_calls") or []
+    if not isinstance(calls, list):
+        raise RequestError(f"messages[{i}].tool_calls", "tool_calls must be an array of tool calls")
+    for j, call in enumerate(calls):
         fn = call.get("function") if isinstance(call, dict) else None
         if not isinstance(fn, dict) or not isinstance(call.get("id"), str):
             raise RequestError(f"messages[{i}].tool_calls[{j}]", "a tool call needs an id and a function")
@@ -359,9 +362,12 @@ def tool_params(tool_choice: Any, parallel: Any, has_tools: bool) -> dict[str, A
     """``tool_choice`` (auto, none, required, or a named function) and ``parallel_tool_calls``, checked."""
     params: dict[str, Any] = {}
     if tool_choice is not None:
-        named = isinstance(tool_choice, dict) and tool_choice.get("type") == "function"
-        if named and not isinstance((tool_choice.get("function") or {}).get("name"), str):
-            named = False
+        function = tool_choice.get("function") if isinstance(tool_choice, dict) else None
+        named = (
+            isinstance(function, dict)
+            and tool_choice.get("type") == "function"
+            and isinstance(function.get("name"), str)
+        )
         if tool_choice not in ("auto", "none", "required") and not named:
             raise RequestError(
                 "tool_choice", "tool_choice must be auto, none, required or {type: function, function: {name}}"

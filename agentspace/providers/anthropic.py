@@ -350,7 +350,7 @@ def claude_schema(schema: dict[str, Any]) -> dict[str, Any]:
 
     try:
         return transform_schema(schema)
-    except (ValueError, TypeError, AttributeError):
+    except (ValueError, TypeError, AttributeError, AssertionError):  # the SDK asserts on a type it does not know
         return schema
 
 

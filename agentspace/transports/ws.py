@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import struct
 import time
 from collections.abc import Callable
@@ -111,8 +112,11 @@ def _attachments(value: Any) -> list[FilePart]:
     return files
 
 
-def _error_frame(request_id: Any, code: str, message: str) -> str:
-    return compact_json({"type": "error", "requestId": request_id, "code": code, "message": message})
+def _error_frame(request_id: Any, code: str, message: str, retry_after: float | None = None) -> str:
+    frame: dict[str, Any] = {"type": "error", "requestId": request_id, "code": code, "message": message}
+    if retry_after is not None:  # the seconds an HTTP answer's Retry-After would say
+        frame["retryAfter"] = max(1, math.ceil(retry_after))
+    return compact_json(frame)
 
 
 def _text_frame(text: str) -> bytes:
@@ -160,9 +164,9 @@ class Connection:
         if not self.ws.closed:
             await self.ws.send_str(compact_json(obj))
 
-    async def error(self, request_id: Any, code: str, message: str) -> None:
+    async def error(self, request_id: Any, code: str, message: str, retry_after: float | None = None) -> None:
         if not self.ws.closed:
-            await self.ws.send_str(_error_frame(request_id, code, message))
+            await self.ws.send_str(_error_frame(request_id, code, message, retry_after))
 
     # --- dispatch -------------------------------------------------------------------------------
 
@@ -204,11 +208,11 @@ class Connection:
                 return
             await handler(self, request_id, msg)
         except ApiError as e:
-            await self.error(request_id, e.code, e.message)
+            await self.error(request_id, e.code, e.message, e.retry_after)
         except Exception as e:
             if (outage := outage_error(e)) is not None:  # the database or Redis is down: no traceback
                 log.warning("a %s frame: %s (%r)", kind if isinstance(kind, str) else "malformed", outage.message, e)
-                await self.error(request_id, outage.code, outage.message)
+                await self.error(request_id, outage.code, outage.message, outage.retry_after)
                 return
             # A defect of ours: logged with its traceback, answered without details, the connection kept.
             log.exception("handling a %s frame failed", kind if isinstance(kind, str) else "malformed")
