@@ -12,6 +12,7 @@ import pytest
 from agentspace.storage.embedded.usage import UsageStore
 from tests.fakes import anthropic_upstream as fa
 from tests.support.ws import chat, connect, of
+from tests.test_clients import add_client, bearer
 
 
 def answered_then_failed() -> fa.FakeResponse:
@@ -61,3 +62,38 @@ async def test_a_turns_usage_sums_the_record_of_an_attempt_retried_after_the_ups
     async with client.get(f"/api/sessions/{session['id']}", headers={"Authorization": f"Bearer {token}"}) as resp:
         messages = (await resp.json())["session"]["messages"]
     assert messages[-1]["usage"]["inputTokens"] == 10000, messages[-1]
+
+
+ADAPTIVE = "anthropic/claude-sonnet-4-6"  # takes adaptive thinking: the providers send it that way
+
+
+async def test_a_call_with_adaptive_thinking_is_reserved_at_the_max_tokens_it_is_sent_with(
+    make_client: Any, fake_anthropic: fa.FakeAnthropic
+) -> None:
+    """docs/accounting.md: a reservation is the most the request as sent can cost, and adaptive thinking stays
+    within ``max_tokens``. A model that takes adaptive thinking is sent it (max_tokens 1000 with
+    ``reasoning_effort: "high"``; a chat turn's 4096), but was reserved as if sent the budget form (17000 and
+    12096 output tokens): a client with $0.10 left was refused calls that could cost at most $0.016 and $0.062,
+    told they "may cost up to $0.255003"."""
+    client = await make_client(thinking={"enabled": True, "budget_tokens": 8000}, chat={"max_tokens": 4096})
+    key = add_client("tight", "--budget", "0.1")
+    calls = {
+        "/v1/chat/completions": {
+            "model": ADAPTIVE,
+            "max_tokens": 1000,
+            "reasoning_effort": "high",
+            "messages": [{"role": "user", "content": "hi"}],
+        },
+        "/v1/responses": {"model": ADAPTIVE, "max_output_tokens": 1000, "reasoning": {"effort": "high"}, "input": "hi"},
+    }
+    for path, body in calls.items():
+        async with client.post(path, json=body, headers=bearer(key)) as resp:
+            assert resp.status == 200, (path, await resp.text())
+        sent = fake_anthropic.requests[-1].body
+        assert (sent["max_tokens"], sent["thinking"]["type"]) == (1000, "adaptive"), (path, sent)
+    ws = await connect(client, key)
+    frames = await chat(ws, "hi", model=ADAPTIVE)
+    await ws.close()
+    assert of(frames, "chat.stream.end"), frames
+    sent = fake_anthropic.requests[-1].body
+    assert (sent["max_tokens"], sent["thinking"]["type"]) == (4096, "adaptive"), sent
