@@ -33,7 +33,7 @@ from . import attachments, tokens
 from .attachments import IMAGE_TOKENS, PDF_PAGE_TOKENS
 from .errors import ApiError, StorageError
 from .observe import CallInfo, notify
-from .pricing import cost_map
+from .pricing import accepts_adaptive_thinking, cost_map
 from .prompt_cache import anthropic_family
 from .providers.base import ProviderRequest, upstream_output_tokens
 from .tokens import count_ceiling_tokens, count_tokens
@@ -107,6 +107,8 @@ class Ceiling:
     # The output tokens Claude is sent (Anthropic's provider, or litellm's for Claude behind another API), the budget
     # form of thinking on top of ``max_tokens`` (``providers.base.budget_max_tokens``); None: ``output_tokens``.
     anthropic_output_tokens: int | None = None
+    # The request carries a /v1 client's ``reasoning_effort`` (litellm translates it itself: ``adaptive_thinking_sent``).
+    reasoning_effort: bool = False
     # The service tier the request asks for (OpenAI's ``service_tier``): "priority" is billed at dearer rates.
     service_tier: str | None = None
     # The request lets the provider search the web with no bound on the searches (OpenAI's
@@ -192,6 +194,7 @@ def request_ceiling(request: ProviderRequest, input_tokens: int | None = None) -
         cache_write=request.cache_ttl,
         images=sum(1 for part in files if part.is_image),
         anthropic_output_tokens=upstream_output_tokens(request),
+        reasoning_effort="reasoning_effort" in request.params,
         service_tier=tier if isinstance(tier := request.params.get("service_tier"), str) else None,
         web_search="web_search_options" in request.params,
     )
@@ -374,6 +377,13 @@ def server_tool_cost(gw: Registry, model: str, uses: dict[str, int]) -> float:
     return sum(server_tool_price(gw, model, tool) * n for tool, n in uses.items())
 
 
+def adaptive_thinking_sent(model: str, reasoning_effort: bool) -> bool:
+    """Whether thinking goes to ``model`` in the adaptive form, within ``max_tokens``: the providers send it to every
+    model that takes it (the budget form is deprecated there), but litellm given a /v1 client's ``reasoning_effort``
+    translates that itself, so such a call is counted at the budget form."""
+    return accepts_adaptive_thinking(model) and (model.startswith(ANTHROPIC_PREFIX) or not reasoning_effort)
+
+
 def ceiling_cost(gw: Registry, model: str, ceiling: Ceiling) -> float:
     """The reservation: a ceiling priced at the model's rates, long-context tiers and cache writes included."""
     info = gw.model_info(model)
@@ -395,6 +405,8 @@ def ceiling_cost(gw: Registry, model: str, ceiling: Ceiling) -> float:
     output_tokens = ceiling.output_tokens
     if ceiling.anthropic_output_tokens is not None and (model.startswith(ANTHROPIC_PREFIX) or anthropic_family(model)):
         output_tokens = ceiling.anthropic_output_tokens
+        if adaptive_thinking_sent(model, ceiling.reasoning_effort):
+            output_tokens = ceiling.output_tokens  # adaptive thinking stays within max_tokens
     uses = dict(ceiling.server_tool_uses)
     if ceiling.web_search:
         uses["web_search"] = uses.get("web_search", 0) + int(gw.config["limits"]["server_tool_max_uses"])

@@ -398,6 +398,9 @@ class _Step:
     call: CallInfo | None = None  # the call as the observation hooks see it, started with its first attempt
     # The step's provider call (calls.py): admitted, reserved and written ahead before its first attempt.
     provider_call: ProviderCall | None = None
+    # The records of the attempts this step replaced (``Turn._begin_anew``): part of the turn's usage.
+    replaced_usage: TokenUsage = field(default_factory=TokenUsage)
+    replaced_cost: Cost = field(default_factory=Cost)
 
     def output_size(self) -> int:
         return len(self.text) + len(self.reasoning) + len(self.tool_calls)
@@ -580,7 +583,8 @@ class Turn:
             tally.ttft_ms = (state.first_at - tally.started) * 1000
         usage = finish.usage if finish.usage is not None else self._partial_usage(ctx, state)
         cost = price(self.gw, tally.answered_by, usage)
-        tally.usage, tally.cost = tally.usage + usage, tally.cost + cost
+        tally.usage = tally.usage + state.replaced_usage + usage
+        tally.cost = tally.cost + state.replaced_cost + cost
         call = state.call or call
         call.answer = finish.message.text
         self._note_call(ctx, usage)
@@ -619,7 +623,8 @@ class Turn:
         # nothing when it never answered (refused, 5xx, connection refused, aborted before).
         usage = self._partial_usage(ctx, state)
         cost = price(self.gw, tally.answered_by, usage)
-        tally.usage, tally.cost = tally.usage + usage, tally.cost + cost
+        tally.usage = tally.usage + state.replaced_usage + usage
+        tally.cost = tally.cost + state.replaced_cost + cost
         stopped = isinstance(e, _Stopped) and self._stop_reason in ("aborted", "shutdown")
         reason = "aborted" if stopped else "error"
         if isinstance(e, ProviderError):
@@ -812,7 +817,12 @@ class Turn:
         old = state.provider_call
         assert old is not None and state.call is not None
         error = failed.code if failed is not None else "LLM_ERROR"
-        await self._record(state.model, self._partial_usage(ctx, state), old.started, "error", state, error, state.call)
+        usage = self._partial_usage(ctx, state)
+        await self._record(state.model, usage, old.started, "error", state, error, state.call)
+        # Settled: in the turn's usage once (the step's own usage is the next attempt's).
+        state.replaced_usage += usage
+        state.replaced_cost += price(self.gw, state.model, usage)
+        state.answered, state.reported, state.output_at_report = False, None, 0
         state.attempts, state.swaps = 0, state.swaps + 1
         call = replace(state.call, id=new_id("call_"), started=time.monotonic(), answer=None, state={})
         new = self._provider_call(call)
