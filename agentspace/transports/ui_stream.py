@@ -315,8 +315,18 @@ def parse_chat_body(body: Any, caller: str = "admin") -> ChatRequest:
     if not isinstance(messages, list) or not messages:
         errors["messages"] = "must be a non-empty array of UI messages"
         raise invalid(errors)
+    seen: dict[str, int] = {}
     for i, message in enumerate(messages):
         errors.update(_message_errors(i, message))
+        # A message id names one message of the session: a second message with it would be stored over the
+        # first, or answered as an edit of it.
+        message_id = message.get("id") if isinstance(message, dict) else None
+        if isinstance(message_id, str) and message_id and f"messages[{i}].id" not in errors:
+            if message_id in seen:
+                errors[f"messages[{i}].id"] = (
+                    f"repeats the id of messages[{seen[message_id]}]: each message needs its own"
+                )
+            seen.setdefault(message_id, i)
     if errors:
         raise invalid(errors)
 
