@@ -26,6 +26,7 @@ from .sinks import CLOSE_SECONDS, UsageSink, delivery
 from .types import ContextSectionBuilder, ModelInfo, Tool
 
 if TYPE_CHECKING:
+    from .alerts import BudgetAlerts
     from .cluster import Cluster
     from .limits import Guard
     from .recording import Recorder
@@ -154,6 +155,8 @@ class Registry:
     locks: SessionLocks
     # What replicas share through Redis ([storage] redis_url): stream locks, running streams, aborts.
     cluster: Cluster | None = None
+    # The budget alerts ([alerts] thresholds; alerts.py), also one of the recorder's sinks.
+    alerts: BudgetAlerts | None = None
 
     @property
     def providers(self) -> tuple[Provider, ...]:

@@ -697,6 +697,9 @@ class Service:
             client = await self.gw.clients.update(name, lambda c: apply_settings(c, body))
         except ClientNotFound:
             raise ApiError("NOT_FOUND", f"No client {name!r}.") from None
+        if self.gw.alerts is not None and ("budgetUsd" in body or "period" in body):
+            # A budget lowered below the spend alerts now, not at the client's next record.
+            await self.gw.alerts.budget_changed(name)
         return await self._public(client)
 
     async def remove_client(self, name: str) -> None:
