@@ -83,3 +83,18 @@ async def test_a_finish_reason_outside_the_documented_set_reaches_websocket_clie
     assert [(e["type"], e["finishReason"]) for e in ends] == [("chat.stream.end", "other")] * 2, ends
     logged = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING and "end_turn" in r.getMessage()]
     assert len(logged) == 1 and "own-words" in logged[0], logged
+
+
+async def test_a_damaged_sessions_resume_is_a_204_for_every_caller(
+    client: Any, auth_headers: dict[str, str], isolated_env: Path
+) -> None:
+    """``GET /api/chat/{id}/stream`` of a damaged session was a 409 for a client key and a 204 for the gateway
+    token. Nothing streams in a session whose file cannot be read: a 204 for both (docs/protocol.md), which
+    useChat's ``resume`` takes as "nothing to resume"; the next ``POST /api/chat`` says the session is damaged."""
+    made = await client.post("/api/clients", json={"name": "ann"}, headers=auth_headers)
+    ann = {"Authorization": f"Bearer {(await made.json())['key']}"}
+    (isolated_env / "sessions").mkdir(parents=True, exist_ok=True)
+    for headers in (ann, auth_headers, ann):
+        (isolated_env / "sessions" / "s_bad.jsonl").write_bytes(b"garbage\n")  # damaged outside agentspace
+        resumed = await client.get("/api/chat/s_bad/stream", headers=headers)
+        assert resumed.status == 204, await resumed.text()
