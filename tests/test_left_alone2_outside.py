@@ -26,6 +26,7 @@ from agentspace import (
 from agentspace.cli import main as cli
 from agentspace.testing import gateway_client, make_config
 from tests.support.ws import chat
+from tests.test_audit28s_outside import ui_chat, use_chat_turns
 
 
 def test_a_budget_of_minus_zero_is_shown_as_zero(isolated_env: Path) -> None:
@@ -98,3 +99,19 @@ async def test_a_damaged_sessions_resume_is_a_204_for_every_caller(
         (isolated_env / "sessions" / "s_bad.jsonl").write_bytes(b"garbage\n")  # damaged outside agentspace
         resumed = await client.get("/api/chat/s_bad/stream", headers=headers)
         assert resumed.status == 204, await resumed.text()
+
+
+async def test_the_delete_prompt_counts_the_answers_set_aside_too(
+    client: Any, auth_headers: dict[str, str], isolated_env: Path
+) -> None:
+    """``sessions delete`` asked "Delete session regen (4 messages)?" of a session that holds 5: the answer a
+    regenerate set aside (kept, shown nowhere) is deleted too, and the prompt says so."""
+    messages = await use_chat_turns(client, auth_headers, "regen", ["First question", "Second question"])
+    body = {"id": "regen", "messages": messages[:-1], "trigger": "regenerate-message", "messageId": "x"}
+    await ui_chat(client, auth_headers, body)
+
+    declined = CliRunner().invoke(cli, ["sessions", "delete", "regen"], input="n\n")
+    assert declined.exit_code == 1, declined.output  # aborted: nothing deleted
+    assert "Delete session regen (4 messages shown, 1 set aside)?" in declined.output, declined.output
+    listed = await (await client.get("/api/sessions", headers=auth_headers)).json()
+    assert [s["id"] for s in listed["sessions"]] == ["regen"]
