@@ -90,6 +90,18 @@ async def b64encode(raw: bytes) -> str:
     return base64.b64encode(raw).decode("ascii")
 
 
+async def data_url(media_type: str, raw: bytes) -> str:
+    """``raw`` as a ``data:`` URL; a large one built on a worker thread (its copies as well as its encoding)."""
+    if len(raw) > OFF_LOOP_BYTES:
+        return await asyncio.to_thread(lambda: f"data:{media_type};base64," + base64.b64encode(raw).decode("ascii"))
+    return f"data:{media_type};base64," + base64.b64encode(raw).decode("ascii")
+
+
+def data_url_chars(messages: Iterable[dict[str, Any]]) -> int:
+    """The characters of the ``data:`` URLs the file parts of ``messages`` carry (``with_urls``)."""
+    return sum(len(p["url"]) for p in stored_files(messages) if isinstance(p.get("url"), str))
+
+
 async def b64decode(data: str) -> bytes:
     return await asyncio.to_thread(base64.b64decode, data) if len(data) > OFF_LOOP_BYTES else base64.b64decode(data)
 
@@ -534,7 +546,7 @@ async def with_urls(gw: Registry, session: dict[str, Any]) -> dict[str, Any]:
             if isinstance(p, dict) and p.get("type") == "file" and p.get("sha256") and not p.get("url"):
                 raw = await gw.blobs.get(str(p["sha256"]))
                 if raw is not None:
-                    p = {**p, "url": f"data:{p.get('mediaType')};base64," + await b64encode(raw)}
+                    p = {**p, "url": await data_url(str(p.get("mediaType")), raw)}
             new_parts.append(p)
         out.append({**message, "parts": new_parts})
     return {**session, "messages": out}

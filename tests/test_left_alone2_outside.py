@@ -3,10 +3,14 @@ tried from outside: through the CLI, the HTTP routes and the WebSocket of the ru
 
 from __future__ import annotations
 
+import base64
 import json
 import logging
+import sys
+import threading
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 import pytest
@@ -115,3 +119,37 @@ async def test_the_delete_prompt_counts_the_answers_set_aside_too(
     assert "Delete session regen (4 messages shown, 1 set aside)?" in declined.output, declined.output
     listed = await (await client.get("/api/sessions", headers=auth_headers)).json()
     assert [s["id"] for s in listed["sessions"]] == ["regen"]
+
+
+async def test_a_sessions_files_are_encoded_off_the_event_loop(
+    client: Any, auth_headers: dict[str, str], fake_anthropic: Any
+) -> None:
+    """``GET /api/sessions/{id}`` built the JSON of every file's ``data:`` URL on the event loop (0.47 s for
+    75 MB, every other request waiting). Seen without timing: the loop's thread is profiled while the session
+    is read, and no JSON encoding of it may run there."""
+    raw = b"%PDF-1.4\n1 0 obj\n<< /Type /Page >>\nendobj\n%" + b"x" * 1_500_000 + b"\n%%EOF\n"
+    url = "data:application/pdf;base64," + base64.b64encode(raw).decode()
+    part = {"type": "file", "mediaType": "application/pdf", "url": url, "filename": "big.pdf"}
+    message = {"id": "u1", "role": "user", "parts": [{"type": "text", "text": "Read this."}, part]}
+    await ui_chat(client, auth_headers, {"id": "files", "messages": [message]})
+
+    encoded_here: list[str] = []
+    loop_thread = threading.get_ident()
+
+    def profile(frame: FrameType, event: str, arg: Any) -> None:
+        # json.dumps of the answer: aiohttp's json_response calls it, as a worker thread would
+        if event == "call" and frame.f_code is json.dumps.__code__:
+            obj = frame.f_locals.get("obj")
+            if isinstance(obj, dict) and "session" in obj and threading.get_ident() == loop_thread:
+                encoded_here.append(str(obj["session"].get("id")))
+
+    sys.setprofile(profile)
+    try:
+        resp = await client.get("/api/sessions/files", headers=auth_headers)
+        session = (await resp.json())["session"]
+    finally:
+        sys.setprofile(None)
+    assert resp.status == 200 and resp.headers["Content-Type"] == "application/json; charset=utf-8"
+    (file,) = [p for m in session["messages"] for p in m["parts"] if p["type"] == "file"]
+    assert file["url"] == url and file["filename"] == "big.pdf"
+    assert encoded_here == [], "the session's JSON was encoded on the event loop's thread"

@@ -11,6 +11,7 @@ refused other origins).
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import math
 from collections.abc import Awaitable, Callable
@@ -19,7 +20,7 @@ from typing import Any
 
 from aiohttp import hdrs, web
 
-from .. import security
+from .. import attachments, security
 from ..errors import ApiError, outage_error
 from ..providers.upstream_http import answers_shutdown
 from ..security import error_response
@@ -61,7 +62,13 @@ async def list_sessions(request: web.Request) -> web.Response:
 
 
 async def get_session(request: web.Request) -> web.Response:
-    return web.json_response({"session": await _service(request).get_session(request.match_info["id"])})
+    session = await _service(request).get_session(request.match_info["id"])
+    if attachments.data_url_chars(session.get("messages") or ()) <= attachments.OFF_LOOP_BYTES:
+        return web.json_response({"session": session})
+    # The files' data: URLs, up to [attachments] max_session_bytes of them (base64): encoded on a worker thread,
+    # as their base64 is, so that the event loop keeps serving the other requests meanwhile.
+    body = await asyncio.to_thread(lambda: json.dumps({"session": session}).encode())
+    return web.Response(body=body, content_type="application/json", charset="utf-8")
 
 
 async def delete_session(request: web.Request) -> web.Response:
