@@ -31,6 +31,7 @@ from agentspace.cli import main as cli
 from agentspace.testing import gateway_client, make_config
 from tests.support.ws import chat
 from tests.test_audit28s_outside import ui_chat, use_chat_turns
+from tests.test_audit28s_outside import user as ui_user
 
 
 def test_a_budget_of_minus_zero_is_shown_as_zero(isolated_env: Path) -> None:
@@ -153,3 +154,34 @@ async def test_a_sessions_files_are_encoded_off_the_event_loop(
     (file,) = [p for m in session["messages"] for p in m["parts"] if p["type"] == "file"]
     assert file["url"] == url and file["filename"] == "big.pdf"
     assert encoded_here == [], "the session's JSON was encoded on the event loop's thread"
+
+
+async def test_a_mistyped_model_is_answered_with_a_suggestion_the_client_may_use(
+    client: Any, auth_headers: dict[str, str]
+) -> None:
+    """A client allowed only Claude Haiku that mistyped a bare id was told "Did you mean
+    'anthropic/claude-sonnet-4-6'?", a model it may not use (a 403 next). The suggestion is of its own models;
+    the gateway token's is of every model."""
+    made = await client.post(
+        "/api/clients", json={"name": "ann", "models": ["anthropic/claude-haiku-*"]}, headers=auth_headers
+    )
+    ann = {"Authorization": f"Bearer {(await made.json())['key']}"}
+
+    async def refusal(headers: dict[str, str], path: str, model: str) -> str:
+        body: dict[str, Any] = {"model": model, "max_tokens": 10, "messages": [{"role": "user", "content": "hi"}]}
+        resp = await client.post(path, json=body, headers=headers)
+        assert resp.status == 404, await resp.text()
+        return str((await resp.json())["error"]["message"])
+
+    for path in ("/v1/chat/completions", "/v1/messages"):
+        assert "Did you mean 'anthropic/claude-sonnet-4-6'?" in await refusal(auth_headers, path, "claude-sonet-4-6")
+        told = await refusal(ann, path, "claude-sonet-4-6")
+        assert "Unknown model 'anthropic/claude-sonet-4-6'" in told and "sonnet" not in told, told
+        told = await refusal(ann, path, "claude-haiku-4-55")
+        assert "Did you mean 'anthropic/claude-haiku-4-5'?" in told, told
+    # The chat APIs too: /api/chat answers before its stream starts.
+    body = {"id": "c1", "model": "anthropic/claude-sonet-4-6", "messages": [ui_user("u1", "hi")]}
+    resp = await client.post("/api/chat", json=body, headers=ann)
+    assert resp.status == 400, await resp.text()
+    told = (await resp.json())["error"]["message"]
+    assert told.startswith("Unknown model 'anthropic/claude-sonet-4-6'") and "sonnet" not in told, told
