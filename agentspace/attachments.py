@@ -14,7 +14,9 @@ import asyncio
 import base64
 import binascii
 import hashlib
+import json
 import re
+import secrets
 import struct
 import zlib
 from collections import OrderedDict
@@ -97,9 +99,40 @@ async def data_url(media_type: str, raw: bytes) -> str:
     return f"data:{media_type};base64," + base64.b64encode(raw).decode("ascii")
 
 
-def data_url_chars(messages: Iterable[dict[str, Any]]) -> int:
-    """The characters of the ``data:`` URLs the file parts of ``messages`` carry (``with_urls``)."""
-    return sum(len(p["url"]) for p in stored_files(messages) if isinstance(p.get("url"), str))
+def json_with_data_urls(body: dict[str, Any]) -> list[bytes]:
+    """``body`` (``{"session": ...}`` of ``with_urls``) as JSON, in pieces: the base64 of each large ``data:`` URL
+    ``with_urls`` gave a stored file is a piece of its own, spliced in rather than JSON-encoded (base64 needs no
+    escaping: a copy, where the encoder scans each character holding the GIL). One piece when there is none."""
+    session = body.get("session")
+    messages = session.get("messages") if isinstance(session, dict) else None
+    if not isinstance(session, dict) or not isinstance(messages, list):
+        return [json.dumps(body).encode()]
+    token = secrets.token_hex(8)  # a placeholder no text of the session can hold
+    urls: list[tuple[str, str]] = []
+
+    def spliced(part: Any) -> Any:
+        url = part.get("url") if isinstance(part, dict) and part.get("type") == "file" and part.get("sha256") else None
+        if not isinstance(url, str) or len(url) <= OFF_LOOP_BYTES or not url.startswith("data:"):
+            return part
+        head, comma, data = url.partition(",")
+        # isascii is O(1), ``in`` a memchr: what with_urls wrote is base64, checked as cheaply as that
+        if not comma or not data.isascii() or '"' in data or "\\" in data:
+            return part
+        urls.append((head + comma, data))
+        return {**part, "url": f"{token}-{len(urls) - 1}"}  # a copy: the stored part is left as it is
+
+    shown = [
+        {**m, "parts": [spliced(p) for p in m["parts"]]}
+        if isinstance(m, dict) and isinstance(m.get("parts"), list)
+        else m
+        for m in messages
+    ]
+    text = json.dumps({**body, "session": {**session, "messages": shown}})
+    out: list[bytes] = []
+    for i, (head, data) in enumerate(urls):
+        before, text = text.split(f'"{token}-{i}"', 1)
+        out += [before.encode(), json.dumps(head).encode()[:-1], data.encode("ascii"), b'"']
+    return [*out, text.encode()]
 
 
 async def b64decode(data: str) -> bytes:

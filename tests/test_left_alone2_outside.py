@@ -7,7 +7,6 @@ import base64
 import json
 import logging
 import sys
-import threading
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from types import FrameType
@@ -122,28 +121,39 @@ async def test_the_delete_prompt_counts_the_answers_set_aside_too(
     assert [s["id"] for s in listed["sessions"]] == ["regen"]
 
 
-async def test_a_sessions_files_are_encoded_off_the_event_loop(
-    client: Any, auth_headers: dict[str, str], fake_anthropic: Any
+async def test_a_sessions_files_are_not_json_encoded(
+    client: Any, auth_headers: dict[str, str], fake_anthropic: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """``GET /api/sessions/{id}`` built the JSON of every file's ``data:`` URL on the event loop (0.47 s for
-    75 MB, every other request waiting). Seen without timing: the loop's thread is profiled while the session
-    is read, and no JSON encoding of it may run there."""
+    """``GET /api/sessions/{id}`` JSON-encoded every file's ``data:`` URL, holding the event loop (0.47 s for
+    75 MB; on a worker thread too, since the encoder holds the GIL). Base64 needs no escaping: the URLs are
+    spliced into the answer. Seen without timing: no ``json.dumps`` may be given a file's data while the
+    session is read, on any thread (``json.dumps`` wrapped), nor aiohttp's own on the loop's (profiled: its
+    ``json_response`` holds the function itself)."""
     raw = b"%PDF-1.4\n1 0 obj\n<< /Type /Page >>\nendobj\n%" + b"x" * 1_500_000 + b"\n%%EOF\n"
     url = "data:application/pdf;base64," + base64.b64encode(raw).decode()
     part = {"type": "file", "mediaType": "application/pdf", "url": url, "filename": "big.pdf"}
     message = {"id": "u1", "role": "user", "parts": [{"type": "text", "text": "Read this."}, part]}
     await ui_chat(client, auth_headers, {"id": "files", "messages": [message]})
 
-    encoded_here: list[str] = []
-    loop_thread = threading.get_ident()
+    encoded: list[int] = []
+
+    def longest_string(obj: Any) -> int:
+        if isinstance(obj, str):
+            return len(obj)
+        values = obj.values() if isinstance(obj, dict) else obj if isinstance(obj, list) else ()
+        return max(map(longest_string, values), default=0)
+
+    dumps = json.dumps
 
     def profile(frame: FrameType, event: str, arg: Any) -> None:
-        # json.dumps of the answer: aiohttp's json_response calls it, as a worker thread would
-        if event == "call" and frame.f_code is json.dumps.__code__:
-            obj = frame.f_locals.get("obj")
-            if isinstance(obj, dict) and "session" in obj and threading.get_ident() == loop_thread:
-                encoded_here.append(str(obj["session"].get("id")))
+        if event == "call" and frame.f_code is dumps.__code__:
+            encoded.append(longest_string(frame.f_locals.get("obj")))
 
+    def recorded(obj: Any, **kwargs: Any) -> str:
+        encoded.append(longest_string(obj))
+        return dumps(obj, **kwargs)
+
+    monkeypatch.setattr(json, "dumps", recorded)
     sys.setprofile(profile)
     try:
         resp = await client.get("/api/sessions/files", headers=auth_headers)
@@ -153,7 +163,8 @@ async def test_a_sessions_files_are_encoded_off_the_event_loop(
     assert resp.status == 200 and resp.headers["Content-Type"] == "application/json; charset=utf-8"
     (file,) = [p for m in session["messages"] for p in m["parts"] if p["type"] == "file"]
     assert file["url"] == url and file["filename"] == "big.pdf"
-    assert encoded_here == [], "the session's JSON was encoded on the event loop's thread"
+    assert [m["parts"][0]["text"] for m in session["messages"]][:1] == ["Read this."]
+    assert encoded and max(encoded) < 1_000_000, f"a file's data went through json.dumps: {encoded}"
 
 
 async def test_a_mistyped_model_is_answered_with_a_suggestion_the_client_may_use(
