@@ -4,7 +4,8 @@ of the budget), so the ``budget_threshold`` hook runs, once per client, threshol
 ``BudgetAlerts`` is a usage sink added after the storage's own: it sees each record once it is written, reads
 the client's spend for the period from the usage store's report (its rollups: so every replica's records
 count, and the read grows with the period's groups, not its records), and claims each
-threshold reached before calling the hook (per budget: a budget changed has its thresholds alerted again). The claim is what makes "once" hold: a Redis ``SET NX`` shared
+threshold reached before calling the hook (per budget: a budget changed has its thresholds alerted again, checked
+at the change, ``budget_changed``, as well as at each record). The claim is what makes "once" hold: a Redis ``SET NX`` shared
 by the replicas when ``[storage] redis_url`` is set, else a small file in the data directory (one process
 per data directory then). The hook runs apart from the turn: a slow webhook delays no answer.
 """
@@ -82,10 +83,22 @@ class BudgetAlerts:
         except Exception:  # noqa: BLE001
             log.exception("budget alerts: could not check the spend of client %r", record.client)
 
+    async def budget_changed(self, name: str) -> None:
+        """A client's budget or period was changed (``PATCH /api/clients/{name}``): a spend already past a
+        threshold of the new budget alerts now, not at the client's next record."""
+        try:
+            await self._check_client(name)
+        except Exception:  # noqa: BLE001 - the change is made; an alert is not worth an error
+            log.exception("budget alerts: could not check the spend of client %r", name)
+
     async def _check(self, record: UsageRecord) -> None:
-        if not self.thresholds or not record.client or record.client == ADMIN or record.cost.total_cost <= 0:
+        if record.client and record.cost.total_cost > 0:
+            await self._check_client(record.client)
+
+    async def _check_client(self, name: str) -> None:
+        if not self.thresholds or not name or name == ADMIN:
             return
-        client = await self.clients.get(record.client)
+        client = await self.clients.get(name)
         if client is None or not client.budget_usd or client.budget_usd <= 0:
             return
         budget = float(client.budget_usd)

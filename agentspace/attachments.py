@@ -14,7 +14,9 @@ import asyncio
 import base64
 import binascii
 import hashlib
+import json
 import re
+import secrets
 import struct
 import zlib
 from collections import OrderedDict
@@ -88,6 +90,49 @@ async def b64encode(raw: bytes) -> str:
     if len(raw) > OFF_LOOP_BYTES:
         return await asyncio.to_thread(lambda: base64.b64encode(raw).decode("ascii"))
     return base64.b64encode(raw).decode("ascii")
+
+
+async def data_url(media_type: str, raw: bytes) -> str:
+    """``raw`` as a ``data:`` URL; a large one built on a worker thread (its copies as well as its encoding)."""
+    if len(raw) > OFF_LOOP_BYTES:
+        return await asyncio.to_thread(lambda: f"data:{media_type};base64," + base64.b64encode(raw).decode("ascii"))
+    return f"data:{media_type};base64," + base64.b64encode(raw).decode("ascii")
+
+
+def json_with_data_urls(body: dict[str, Any]) -> list[bytes]:
+    """``body`` (``{"session": ...}`` of ``with_urls``) as JSON, in pieces: the base64 of each large ``data:`` URL
+    ``with_urls`` gave a stored file is a piece of its own, spliced in rather than JSON-encoded (base64 needs no
+    escaping: a copy, where the encoder scans each character holding the GIL). One piece when there is none."""
+    session = body.get("session")
+    messages = session.get("messages") if isinstance(session, dict) else None
+    if not isinstance(session, dict) or not isinstance(messages, list):
+        return [json.dumps(body).encode()]
+    token = secrets.token_hex(8)  # a placeholder no text of the session can hold
+    urls: list[tuple[str, str]] = []
+
+    def spliced(part: Any) -> Any:
+        url = part.get("url") if isinstance(part, dict) and part.get("type") == "file" and part.get("sha256") else None
+        if not isinstance(url, str) or len(url) <= OFF_LOOP_BYTES or not url.startswith("data:"):
+            return part
+        head, comma, data = url.partition(",")
+        # isascii is O(1), ``in`` a memchr: what with_urls wrote is base64, checked as cheaply as that
+        if not comma or not data.isascii() or '"' in data or "\\" in data:
+            return part
+        urls.append((head + comma, data))
+        return {**part, "url": f"{token}-{len(urls) - 1}"}  # a copy: the stored part is left as it is
+
+    shown = [
+        {**m, "parts": [spliced(p) for p in m["parts"]]}
+        if isinstance(m, dict) and isinstance(m.get("parts"), list)
+        else m
+        for m in messages
+    ]
+    text = json.dumps({**body, "session": {**session, "messages": shown}})
+    out: list[bytes] = []
+    for i, (head, data) in enumerate(urls):
+        before, text = text.split(f'"{token}-{i}"', 1)
+        out += [before.encode(), json.dumps(head).encode()[:-1], data.encode("ascii"), b'"']
+    return [*out, text.encode()]
 
 
 async def b64decode(data: str) -> bytes:
@@ -534,7 +579,7 @@ async def with_urls(gw: Registry, session: dict[str, Any]) -> dict[str, Any]:
             if isinstance(p, dict) and p.get("type") == "file" and p.get("sha256") and not p.get("url"):
                 raw = await gw.blobs.get(str(p["sha256"]))
                 if raw is not None:
-                    p = {**p, "url": f"data:{p.get('mediaType')};base64," + await b64encode(raw)}
+                    p = {**p, "url": await data_url(str(p.get("mediaType")), raw)}
             new_parts.append(p)
         out.append({**message, "parts": new_parts})
     return {**session, "messages": out}

@@ -10,7 +10,7 @@ import difflib
 import functools
 import logging
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from datetime import date
 from typing import Any
 
@@ -222,12 +222,19 @@ def _listed(prefix: str | None) -> tuple[str, ...]:
     return tuple(known_models(None if prefix is None else {prefix}))
 
 
-def suggestion(model: str, extra: Iterable[str] = ()) -> str:
-    """`` Did you mean 'x'?`` for the closest known model id (the cost map's and ``extra``), or ''."""
+def closest(model: str, extra: Iterable[str] = (), allowed: Callable[[str], bool] | None = None) -> str | None:
+    """The known model id closest to ``model`` (the cost map's and ``extra``; those ``allowed`` only), or None."""
     prefix = model.partition("/")[0]
     candidates = [*extra, *(_listed(prefix) or _listed(None))]
+    if allowed is not None:
+        candidates = [c for c in candidates if allowed(c)]
     close = difflib.get_close_matches(model, candidates, n=1, cutoff=0.75)
-    return f" Did you mean {close[0]!r}?" if close else ""
+    return close[0] if close else None
+
+
+def suggestion(model: str | None) -> str:
+    """`` Did you mean 'x'?`` for a suggested model id, or ''."""
+    return f" Did you mean {model!r}?" if model else ""
 
 
 def unknown_model(config: Config, model: str, extra: Iterable[str] = ()) -> str | None:
@@ -250,4 +257,4 @@ def unknown_model(config: Config, model: str, extra: Iterable[str] = ()) -> str 
         return None
     if model == config["models"]["default"] or model in config["models"]["fallbacks"]:
         return None
-    return f"Unknown model {model!r}.{suggestion(model, extra)} Run: agentspace models"
+    return f"Unknown model {model!r}.{suggestion(closest(model, extra))} Run: agentspace models"

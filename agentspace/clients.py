@@ -201,7 +201,8 @@ def settings_problems(settings: dict[str, Any]) -> dict[str, str]:
 
 def apply_settings(client: Client, settings: dict[str, Any]) -> None:
     if "budgetUsd" in settings:
-        client.budget_usd = None if settings["budgetUsd"] is None else float(settings["budgetUsd"])
+        # + 0.0: a budget of -0 is 0 (-0.0 + 0.0 is 0.0), not "$-0" in every listing
+        client.budget_usd = None if settings["budgetUsd"] is None else float(settings["budgetUsd"]) + 0.0
     if "period" in settings:
         client.period = str(settings["period"])
     for name in ("rpm", "tpm"):

@@ -117,8 +117,9 @@ async def assemble(
     if isinstance(storage.usage, PostgresUsageStore):  # a recovered estimate it takes out leaves the spend too
         storage.usage.unsettle = guard.unsettle
     sinks = list(plugins.sinks)
-    if config["alerts"]["thresholds"]:  # after the storage's sink: it reads the spend the record just added to
-        sinks.append(BudgetAlerts(config, pm, clients, storage.usage, cluster))
+    alerts = BudgetAlerts(config, pm, clients, storage.usage, cluster) if config["alerts"]["thresholds"] else None
+    if alerts is not None:  # after the storage's sink: it reads the spend the record just added to
+        sinks.append(alerts)
     gw = Registry(
         config=config,
         pm=pm,
@@ -135,6 +136,7 @@ async def assemble(
         router=router,
         locks=locks,
         cluster=cluster,
+        alerts=alerts,
     )
     if cluster is not None:
         await cluster.start(locks)  # Redis answers; aborts for this replica's turns are heard

@@ -295,7 +295,7 @@ def _started_before(record: UsageRecord, created_at: str) -> str:
 
 def usd(value: float) -> str:
     """Dollars as the refusals show them: up to six decimals, no trailing zeros ($5, $0.00012)."""
-    return "$" + (f"{value:.6f}".rstrip("0").rstrip(".") or "0")
+    return "$" + (f"{round(value, 6) + 0.0:.6f}".rstrip("0").rstrip(".") or "0")  # + 0.0: never "$-0"
 
 
 def _counters_failed(e: Exception) -> ApiError:

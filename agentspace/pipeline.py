@@ -287,7 +287,7 @@ async def _admitted_model(gw: Registry, request: ChatRequest, session: dict[str,
     try:
         gw.provider_for(model)
     except ModelNotFound as e:
-        raise ApiError("MODEL_NOT_FOUND", str(e)) from None
+        raise ApiError("MODEL_NOT_FOUND", await gw.not_found_message(request.client, e)) from None
     # Allowlist, rate limits, budget (room for the first call's output at least): before anything is stored.
     await gw.guard.precheck(request.client, model, lambda: least_output_cost(gw, model), request.credential)
     if not await _has_usable_key(gw, model):

@@ -9,14 +9,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
 import pluggy
 
 from . import pricing
-from .catalog import deprecation_message, plugin_models, suggestion, unknown_model
+from .catalog import closest, deprecation_message, plugin_models, suggestion, unknown_model
+from .clients import ADMIN
 from .config import Config
 from .logs import warn_limited
 from .lru import LRU
@@ -26,6 +27,7 @@ from .sinks import CLOSE_SECONDS, UsageSink, delivery
 from .types import ContextSectionBuilder, ModelInfo, Tool
 
 if TYPE_CHECKING:
+    from .alerts import BudgetAlerts
     from .cluster import Cluster
     from .limits import Guard
     from .recording import Recorder
@@ -38,7 +40,11 @@ log = logging.getLogger(__name__)
 
 
 class ModelNotFound(Exception):
-    pass
+    """No provider serves a model; ``suggested``: the closest known id its message offers (`` Did you mean``)."""
+
+    def __init__(self, message: str, model: str = "", suggested: str | None = None) -> None:
+        super().__init__(message)
+        self.model, self.suggested = model, suggested
 
 
 @dataclass(frozen=True)
@@ -60,7 +66,8 @@ class Models:
         self.router = router
         # Bounded: model ids come from clients, and a provider may claim any id with its prefix.
         self._model_info: LRU[str, ModelInfo] = LRU()
-        self._unknown: LRU[str, str | None] = LRU()  # model -> why it is a typo (None: it is not)
+        # model -> why it is a typo and the id it suggests (None: it is not)
+        self._unknown: LRU[str, tuple[str, str | None] | None] = LRU()
 
     def provider_for(self, model: str) -> Provider:
         """The provider serving ``model``; raises ModelNotFound with a message for the client. A model group is
@@ -77,16 +84,27 @@ class Models:
                 if is_builtin(provider):
                     problem = self._unknown.get(model) if model in self._unknown else self._check_name(model)
                     if problem:
-                        raise ModelNotFound(problem)
+                        raise ModelNotFound(problem[0], model, problem[1])
                 return provider
-        hint = suggestion(model, plugin_models(self.providers))
-        raise ModelNotFound(f"No provider serves {model!r}.{hint} Run: agentspace models")
+        close = closest(model, plugin_models(self.providers))
+        raise ModelNotFound(f"No provider serves {model!r}.{suggestion(close)} Run: agentspace models", model, close)
 
-    def _check_name(self, model: str) -> str | None:
+    def _check_name(self, model: str) -> tuple[str, str | None] | None:
         """A typo'd model is MODEL_NOT_FOUND with a suggestion, before a key or an upstream is asked."""
-        problem = unknown_model(self.config, model, plugin_models(self.providers))
+        extra = plugin_models(self.providers)
+        message = unknown_model(self.config, model, extra)
+        problem = None if message is None else (message, closest(model, extra))
         self._unknown[model] = problem
         return problem
+
+    def not_found_for(self, error: ModelNotFound, allowed: Callable[[str], bool]) -> str:
+        """``error``'s message for a client that may use the models ``allowed`` lets through: a suggested id it
+        may not use is replaced by the closest it may (or none)."""
+        message = str(error)
+        if error.suggested is None or allowed(error.suggested):
+            return message
+        close = closest(error.model, plugin_models(self.providers), allowed)
+        return message.replace(suggestion(error.suggested), suggestion(close))
 
     def model_info(self, model: str) -> ModelInfo:
         """Price, limits and capabilities of ``model``: the one lookup for pricing, reservations, the context
@@ -154,6 +172,8 @@ class Registry:
     locks: SessionLocks
     # What replicas share through Redis ([storage] redis_url): stream locks, running streams, aborts.
     cluster: Cluster | None = None
+    # The budget alerts ([alerts] thresholds; alerts.py), also one of the recorder's sinks.
+    alerts: BudgetAlerts | None = None
 
     @property
     def providers(self) -> tuple[Provider, ...]:
@@ -173,6 +193,11 @@ class Registry:
 
     def provider_for(self, model: str) -> Provider:
         return self.models.provider_for(model)
+
+    async def not_found_message(self, caller: str, error: ModelNotFound) -> str:
+        """``error``'s message for ``caller``: a client is offered only a model its allowlist lets it use."""
+        client = await self.clients.get(caller) if caller != ADMIN and error.suggested else None
+        return str(error) if client is None else self.models.not_found_for(error, client.model_allowed)
 
     def model_info(self, model: str) -> ModelInfo:
         return self.models.model_info(model)

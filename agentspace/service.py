@@ -427,7 +427,7 @@ class Service:
         if self.caller != ADMIN:
             session_id = str((await self._owned(session_id))["id"])
         if model is not None:
-            self.check_model(checked(model, paths[1], model_id_problem))
+            await self.check_model(checked(model, paths[1], model_id_problem))
         if user_message is not None and not isinstance(user_message, str):
             raise invalid({"userMessage": "must be a string"})
         draft = clean_text(user_message) if isinstance(user_message, str) else None
@@ -480,11 +480,8 @@ class Service:
             raise invalid({"format": f"must be one of {', '.join(EXPORT_FORMATS)}"})
         return export_session(self._shown(session), str(fmt))  # the caller's id, never the stored one
 
-    def check_model(self, model: str) -> None:
-        try:
-            self.gw.provider_for(model)
-        except ModelNotFound as e:
-            raise ApiError("MODEL_NOT_FOUND", str(e)) from None
+    async def check_model(self, model: str) -> None:
+        await self.provider(model)
 
     async def usage(
         self,
@@ -563,12 +560,13 @@ class Service:
         """The model group named ``model`` ([models.groups]), or None."""
         return self.gw.router.group(model)
 
-    def provider(self, model: str) -> Provider:
-        """The provider serving ``model``; ``MODEL_NOT_FOUND`` (with the closest known id) when none does."""
+    async def provider(self, model: str) -> Provider:
+        """The provider serving ``model``; ``MODEL_NOT_FOUND`` (with the closest known id the caller may use)
+        when none does."""
         try:
             return self.gw.provider_for(model)
         except ModelNotFound as e:
-            raise ApiError("MODEL_NOT_FOUND", str(e)) from None
+            raise ApiError("MODEL_NOT_FOUND", await self.gw.not_found_message(self.caller, e)) from None
 
     def provider_request(
         self,
@@ -697,6 +695,9 @@ class Service:
             client = await self.gw.clients.update(name, lambda c: apply_settings(c, body))
         except ClientNotFound:
             raise ApiError("NOT_FOUND", f"No client {name!r}.") from None
+        if self.gw.alerts is not None and ("budgetUsd" in body or "period" in body):
+            # A budget lowered below the spend alerts now, not at the client's next record.
+            await self.gw.alerts.budget_changed(name)
         return await self._public(client)
 
     async def remove_client(self, name: str) -> None:

@@ -220,3 +220,26 @@ async def _count_list(items: list[Any], n: int) -> bool:
 
 def answered(body: bytes) -> bool:
     return b'"type":"text-delta"' in body and b'"type":"error"' not in body and body.endswith(b"data: [DONE]\n\n")
+
+
+async def test_a_budget_lowered_below_the_spend_alerts_at_the_change(
+    make_client: Any, fake_anthropic: Any, receiver: Receiver, auth_headers: dict[str, str]
+) -> None:
+    """The alert was sent at the client's next record only: an admin who lowered a budget below what the client
+    had spent heard nothing until the client called again (refused then: its budget was spent)."""
+    client: TestClient = await make_client(
+        alerts={"webhook_url": receiver.url, "thresholds": [0.5, 1.0]}, chat=SMALL_ANSWERS, thinking={"enabled": False}
+    )
+    r = await client.post(
+        "/api/clients", json={"name": "team-b", "budgetUsd": 1, "period": "day"}, headers=auth_headers
+    )
+    headers = {"Authorization": f"Bearer {(await r.json())['key']}"}
+    fake_anthropic.enqueue(spend(2000))
+    response = await client.post("/api/chat", json=chat_body("s1", 1), headers=headers)
+    await response.read()
+    assert response.status == 200  # $0.006 of $1: no threshold
+
+    patched = await client.patch("/api/clients/team-b", json={"budgetUsd": BUDGET / 2}, headers=auth_headers)
+    assert patched.status == 200  # $0.006 of $0.005: both thresholds, at once
+    await wait_until(lambda: _count(receiver, 2))
+    assert [(a["threshold"], a["budgetUsd"]) for a in receiver.alerts] == [(0.5, BUDGET / 2), (1.0, BUDGET / 2)]

@@ -284,6 +284,9 @@ async def test_model_choice(client: TestClient, auth_headers: dict[str, str], fa
         ),
         ({"id": "c", "messages": [user("   ")]}, ["messages[0].parts"]),
         ({"id": "c", "messages": [user("hi")], "model": 3, "trigger": "resubmit"}, ["model", "trigger"]),
+        # Two messages with one id: the second would be stored over the first (or answered as its edit).
+        ({"id": "c", "messages": [user("a", id="m"), assistant("b", id="m"), user("c")]}, ["messages[1].id"]),
+        ({"id": "c", "messages": [user("a", id="m"), user("c", id="m")]}, ["messages[1].id"]),
     ],
 )
 async def test_invalid_bodies(client: TestClient, auth_headers: dict[str, str], body: Any, paths: list[str]) -> None:

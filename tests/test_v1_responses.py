@@ -313,6 +313,11 @@ async def test_upstream_dies_mid_stream(
     [
         ("invalid_request_error", "invalid_prompt"),
         ("request_too_large", "invalid_prompt"),
+        # The gateway's provider key refused mid-stream: the same on a retry (invalid_api_key, server_error:
+        # Codex retried them).
+        ("authentication_error", "invalid_prompt"),
+        ("permission_error", "invalid_prompt"),
+        ("not_found_error", "invalid_prompt"),
         ("rate_limit_error", "rate_limit_exceeded"),
         ("overloaded_error", "server_error"),
         ("api_error", "server_error"),

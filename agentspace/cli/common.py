@@ -147,8 +147,9 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[Any]], right: Sequence
 
 
 def money(value: float) -> str:
-    """Dollars with 6 decimals below $1 (token costs are tiny), 4 above."""
-    return f"${value:,.4f}" if abs(value) >= 1 else f"${value:.6f}"
+    """Dollars with 6 decimals below $1 (token costs are tiny), 4 above. A value that rounds to zero is $0.000000,
+    never $-0.000000 (a budget stored as -0 before it was normalised, a tiny negative difference)."""
+    return f"${value:,.4f}" if abs(value) >= 1 else f"${round(value, 6) + 0.0:.6f}"
 
 
 def count(value: Any) -> str:

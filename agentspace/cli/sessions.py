@@ -181,7 +181,11 @@ def delete(state: CliState, session_id: str, yes: bool) -> None:
         summary = _get(state, session_id)
         if summary is None:
             raise _not_found(session_id)
-        click.confirm(f"Delete session {session_id} ({summary.get('messageCount', 0)} messages)?", abort=True)
+        # messageCount is what the conversation shows; the answers a regenerate or an edit set aside go too.
+        shown = int(summary.get("messageCount") or 0)
+        aside = sum(1 for m in summary.get("messages", []) if m.get("replaced"))
+        held = f"{shown} messages shown, {aside} set aside" if aside else f"{shown} messages"
+        click.confirm(f"Delete session {session_id} ({held})?", abort=True)
     if not _delete(state, session_id):
         raise _not_found(session_id)
     click.echo(f"Deleted session {session_id}")

@@ -523,15 +523,21 @@ def response_object(
     }
 
 
+# The statuses of a request the provider refused, which a retry of it gets again: the request itself (400, 413,
+# 422), the gateway's provider key refused or not allowed the model (401, 403: Anthropic's mid-stream
+# authentication_error, permission_error), the model gone (404).
+REFUSED_STATUSES = (400, 401, 403, 404, 413, 422)
+
+
 def failed_code(status: int, upstream_code: str | None = None) -> str:
     """The ``code`` of the ``response.failed`` that ends a stream the provider broke off, for the status an
     OpenAI client expects (``client_status``): a request refused is OpenAI's ``invalid_prompt``, which clients
-    do not retry (Codex retries every code but it, ``context_length_exceeded`` and the quota's); what a retry may
-    pass keeps its code (``rate_limit_exceeded``) or is ``server_error``."""
-    code = error_code(status, upstream_code)
-    if code is not None:
-        return code
-    return "invalid_prompt" if status in (400, 413, 422) else "server_error"
+    do not retry (Codex retries every code but it, ``context_length_exceeded``, ``cyber_policy`` and the quota's
+    and plan's, and shows ``invalid_prompt``'s message: ``invalid_api_key`` it retries); what a retry may pass
+    keeps its code (``rate_limit_exceeded``) or is ``server_error``."""
+    if upstream_code is None and status in REFUSED_STATUSES:
+        return "invalid_prompt"
+    return error_code(status, upstream_code) or "server_error"
 
 
 class EventEncoder:

@@ -6,10 +6,11 @@ import email.utils
 import logging
 import time
 from collections.abc import AsyncIterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol, runtime_checkable
 
-from ..events import ProviderError, ProviderEvent
+from ..events import ProviderError, ProviderEvent, ProviderFinish
+from ..logs import warn_limited
 from ..types import ChatMessage, ModelInfo, Tool
 
 log = logging.getLogger(__name__)
@@ -180,11 +181,28 @@ def provider_stream(provider: Provider, request: ProviderRequest) -> AsyncIterat
     return _guarded(provider, request)
 
 
+# The finish reasons a provider may end with (docs/plugins.md#register_providersregister-config): the transports map these, and the
+# WebSocket sends them as they are.
+FINISH_REASONS = frozenset({"stop", "length", "tool-calls", "content-filter", "error", "other"})
+
+
 async def _guarded(provider: Provider, request: ProviderRequest) -> AsyncIterator[ProviderEvent]:
     stream: AsyncIterator[ProviderEvent] | None = None
     try:
         stream = provider.stream(request)
         async for event in stream:
+            if isinstance(event, ProviderFinish) and event.finish_reason not in FINISH_REASONS:
+                # Another value (a provider's own "end_turn") would reach WebSocket clients as it is: "other".
+                name = getattr(provider, "name", type(provider).__name__)
+                warn_limited(
+                    log,
+                    f"finish-reason:{name}",
+                    "provider %r ended with finish_reason %.60r, which is none of %s: sent as 'other'",
+                    name,
+                    event.finish_reason,
+                    ", ".join(sorted(FINISH_REASONS)),
+                )
+                event = replace(event, finish_reason="other")
             yield event
     except ProviderError:
         raise

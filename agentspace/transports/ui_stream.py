@@ -315,8 +315,18 @@ def parse_chat_body(body: Any, caller: str = "admin") -> ChatRequest:
     if not isinstance(messages, list) or not messages:
         errors["messages"] = "must be a non-empty array of UI messages"
         raise invalid(errors)
+    seen: dict[str, int] = {}
     for i, message in enumerate(messages):
         errors.update(_message_errors(i, message))
+        # A message id names one message of the session: a second message with it would be stored over the
+        # first, or answered as an edit of it.
+        message_id = message.get("id") if isinstance(message, dict) else None
+        if isinstance(message_id, str) and message_id and f"messages[{i}].id" not in errors:
+            if message_id in seen:
+                errors[f"messages[{i}].id"] = (
+                    f"repeats the id of messages[{seen[message_id]}]: each message needs its own"
+                )
+            seen.setdefault(message_id, i)
     if errors:
         raise invalid(errors)
 
@@ -452,10 +462,12 @@ async def resume_handler(request: web.Request) -> web.StreamResponse:
     try:
         turn = await service.resumable_turn(session_id)
     except ApiError as e:
-        if e.code != "SESSION_NOT_FOUND":
+        if e.code not in ("SESSION_NOT_FOUND", "SESSION_DAMAGED"):
             raise
-        # None of the caller's (a new chat's id, or another client's session): nothing of its own streams there.
-        # useChat's resume takes any answer but 204 or a stream as a failure.
+        # None of the caller's (a new chat's id, or another client's session), or a session whose file cannot be
+        # read (the gateway token's resume does not read it): nothing of the caller's streams there. useChat's
+        # resume takes any answer but 204 or a stream as a failure; the next message is told the session is
+        # damaged.
         return web.Response(status=204)
     session_id = await service.resolve(session_id)  # the stored id (a client's own namespace)
     chunks = await service.stream_elsewhere(session_id) if turn is None else None

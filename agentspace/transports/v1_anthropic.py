@@ -79,7 +79,7 @@ async def messages(request: web.Request) -> web.StreamResponse:
     body, raw, model = parsed
     v1 = service(request)
     try:  # a typo'd name is answered here, with the closest known id, before it is admitted or sent upstream
-        v1.provider(model)
+        await v1.provider(model)
     except ApiError as e:
         return _error(404, f"model: {e.message}")
     return await _answer(request, v1, body, raw, model, [])
@@ -119,7 +119,7 @@ async def _translated(
 ) -> web.StreamResponse:
     """A model that is not Anthropic's: the request translated for its provider, its events translated back."""
     try:
-        v1.provider(model)
+        await v1.provider(model)
     except ApiError as e:
         return _error(404, f"model: {e.message}")
     try:
@@ -169,7 +169,7 @@ async def count_tokens(request: web.Request) -> web.StreamResponse:
         return parsed
     body, raw, model = parsed
     try:  # a model nothing serves is a 404, as the messages call answers it (not a count)
-        service(request).provider(model)
+        await service(request).provider(model)
     except ApiError as e:
         return _error(404, f"model: {e.message}")
     call = service(request).provider_call(model, session_id(request), ENDPOINT)

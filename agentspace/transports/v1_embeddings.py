@@ -78,11 +78,11 @@ def _local_tokens(inputs: list[Any], ceiling: bool = False) -> int:
     return sum(count(item) if isinstance(item, str) else len(item) for item in inputs)
 
 
-def _unserved(v1: Service, models: list[str]) -> web.Response | None:
+async def _unserved(v1: Service, models: list[str]) -> web.Response | None:
     """The 400 or 404 for a model that has no embeddings here (each of a group's deployments); None: served."""
     try:
         for served in models:
-            if not isinstance(v1.provider(served), litellm_provider.LiteLLMProvider):
+            if not isinstance(await v1.provider(served), litellm_provider.LiteLLMProvider):
                 return _error(400, f"{served} has no embeddings on this gateway.", param="model")
     except ApiError as e:
         return _error(404, e.message, code="model_not_found", param="model")
@@ -111,7 +111,9 @@ async def embeddings(request: web.Request) -> web.StreamResponse:
     group = v1.group(name)  # a model group of embedding models (docs/routing.md)
     # Bare ids are OpenAI's (text-embedding-3-small).
     model = name if group is not None or "/" in name else f"openai/{name}"
-    if (unserved := _unserved(v1, [d.model for d in group.deployments] if group is not None else [model])) is not None:
+    if (
+        unserved := await _unserved(v1, [d.model for d in group.deployments] if group is not None else [model])
+    ) is not None:
         return unserved
     preq = v1.provider_request(model, "", [], [], None, None, {})
     meter = v1.provider_call(model, session_id(request), ENDPOINT)

@@ -62,7 +62,7 @@ def _provider_error(e: ProviderError) -> web.Response:
     )
 
 
-def served_model(service: Service, name: str) -> str | web.Response:
+async def served_model(service: Service, name: str) -> str | web.Response:
     """The gateway's id for the model an OpenAI-shaped request names (a model group as configured, other ids
     as the SDKs name them), or the 404 in OpenAI's shape when nothing serves it."""
     model = name if service.group(name) else openai_model(name)
@@ -74,7 +74,7 @@ def served_model(service: Service, name: str) -> str | web.Response:
             param="model",
         )
     try:
-        service.provider(model)
+        await service.provider(model)
     except ApiError as e:
         return _error(404, e.message, code="model_not_found", param="model")
     return model
@@ -124,7 +124,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     except oc.RequestError as e:
         return _error(400, e.message, param=e.param)
     v1 = service(request)
-    model = served_model(v1, parsed.model)
+    model = await served_model(v1, parsed.model)
     if isinstance(model, web.Response):
         return model
     preq = parsed_request(v1, model, parsed)

@@ -73,7 +73,7 @@ async def responses(request: web.Request) -> web.StreamResponse:
     except oc.RequestError as e:
         return _error(400, e.message, param=e.param)
     v1 = service(request)
-    model = served_model(v1, parsed.model)
+    model = await served_model(v1, parsed.model)
     if isinstance(model, web.Response):
         return model
     preq = parsed_request(v1, model, parsed)
