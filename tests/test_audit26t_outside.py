@@ -1,0 +1,31 @@
+"""Issue 26 (every client unchanged) tried from outside once more: the official openai and anthropic SDKs against
+the gateway's /v1 routes, the fake upstreams behind (docs: README "Use it from your tools")."""
+
+from __future__ import annotations
+
+import anthropic
+import pytest
+from aiohttp.test_utils import TestClient
+
+from tests.fakes.openai_upstream import FakeOpenAI
+from tests.test_v1_structured import client  # noqa: F401
+
+
+def claude_sdk(client: TestClient, token: str) -> anthropic.AsyncAnthropic:  # noqa: F811
+    return anthropic.AsyncAnthropic(api_key=token, base_url=f"http://127.0.0.1:{client.port}", max_retries=0)
+
+
+async def test_a_refusal_on_messages_names_the_field_as_the_client_sent_it(
+    client: TestClient,  # noqa: F811
+    token: str,
+    fake_openai: FakeOpenAI,
+) -> None:
+    """``stop_sequences`` on ``openai/gpt-5`` (whose API takes no ``stop``) through /v1/messages: the 400 named
+    ``stop``, a field the Anthropic SDK's user never sent, as /v1/responses names ``reasoning.effort``."""
+    with pytest.raises(anthropic.BadRequestError) as refused:
+        await claude_sdk(client, token).messages.create(
+            model="openai/gpt-5", max_tokens=100, messages=[{"role": "user", "content": "Hi"}], stop_sequences=["END"]
+        )
+    message = refused.value.body["error"]["message"]  # type: ignore[index]
+    assert message.startswith("stop_sequences: not supported by openai/gpt-5"), message
+    assert fake_openai.requests == []
