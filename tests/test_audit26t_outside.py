@@ -7,8 +7,10 @@ import anthropic
 import pytest
 from aiohttp.test_utils import TestClient
 
+from tests.fakes import anthropic_upstream as fa
+from tests.fakes.anthropic_upstream import FakeAnthropic
 from tests.fakes.openai_upstream import FakeOpenAI
-from tests.test_v1_structured import client  # noqa: F401
+from tests.test_v1_structured import client, sdk  # noqa: F401
 
 
 def claude_sdk(client: TestClient, token: str) -> anthropic.AsyncAnthropic:  # noqa: F811
@@ -29,3 +31,31 @@ async def test_a_refusal_on_messages_names_the_field_as_the_client_sent_it(
     message = refused.value.body["error"]["message"]  # type: ignore[index]
     assert message.startswith("stop_sequences: not supported by openai/gpt-5"), message
     assert fake_openai.requests == []
+
+
+@pytest.mark.parametrize("streamed", [False, True])
+async def test_the_message_an_output_limit_cut_is_incomplete(
+    client: TestClient,  # noqa: F811
+    token: str,
+    fake_anthropic: FakeAnthropic,
+    streamed: bool,
+) -> None:
+    """``max_output_tokens`` reached on /v1/responses: OpenAI marks the response and the message it cut
+    ``incomplete``. The message said ``completed``, so a client reading the item saw a finished answer."""
+    fake_anthropic.enqueue(fa.text_response("The start of", stop_reason="max_tokens"))
+    api = sdk(client, token)
+    if streamed:
+        async with api.responses.stream(model="anthropic/claude-sonnet-4-6", input="Long?", max_output_tokens=16) as s:
+            events = [e async for e in s]
+        assert events[-1].type == "response.incomplete"
+        (done,) = [e.item for e in events if e.type == "response.output_item.done"]
+        response = events[-1].response  # type: ignore[union-attr]
+        assert done.status == "incomplete"
+    else:
+        response = await api.responses.create(model="anthropic/claude-sonnet-4-6", input="Long?", max_output_tokens=16)
+    assert (response.status, response.incomplete_details and response.incomplete_details.reason) == (
+        "incomplete",
+        "max_output_tokens",
+    )
+    assert [(item.type, item.status) for item in response.output] == [("message", "incomplete")]  # type: ignore[union-attr]
+    assert response.output_text == "The start of"
