@@ -4,6 +4,7 @@ the gateway's /v1 routes, the fake upstreams behind (docs: README "Use it from y
 from __future__ import annotations
 
 import anthropic
+import openai
 import pytest
 from aiohttp.test_utils import TestClient
 
@@ -59,3 +60,20 @@ async def test_the_message_an_output_limit_cut_is_incomplete(
     )
     assert [(item.type, item.status) for item in response.output] == [("message", "incomplete")]  # type: ignore[union-attr]
     assert response.output_text == "The start of"
+
+
+async def test_dimensions_on_an_embedding_model_without_them_is_refused_by_name(
+    client: TestClient,  # noqa: F811
+    token: str,
+    fake_openai: FakeOpenAI,
+) -> None:
+    """``dimensions`` on ``text-embedding-ada-002`` (which has one size): the 400 was litellm's own advice,
+    naming the wrong models and a setting of litellm ("... for OpenAI `text-embedding-3` and later models. To drop
+    it from the call, set `litellm.drop_params = True`"). It names the field, as OpenAI does."""
+    with pytest.raises(openai.BadRequestError) as refused:
+        await sdk(client, token).embeddings.create(model="text-embedding-ada-002", input="hi", dimensions=4)
+    error = refused.value.body
+    assert isinstance(error, dict) and error["param"] == "dimensions", error
+    assert error["message"].startswith("dimensions: not supported by openai/text-embedding-ada-002"), error
+    assert "litellm" not in error["message"] and "text-embedding-3" not in error["message"]
+    assert fake_openai.requests == []
