@@ -509,6 +509,8 @@ def response_object(
     """One whole ``response`` from the finished answer."""
     status, incomplete = _status(finish)
     output = _output_items(finish.message, encrypted)
+    if status == "incomplete" and output and output[-1]["type"] == "message":
+        output[-1]["status"] = "incomplete"  # the message the limit cut, as OpenAI marks it
     return {
         "id": new_id("resp_"),
         "object": "response",
@@ -587,7 +589,9 @@ class EventEncoder:
         if kind is ToolCallEvent:
             return self._close() + self._tool_call(event)  # type: ignore[arg-type]
         if kind is ProviderFinish:
-            return self._close() + self._finish(event, usage)  # type: ignore[arg-type]
+            # (as OpenAI marks it: the item an output limit cut is incomplete, like the response)
+            cut = _status(event)[0] == "incomplete"  # type: ignore[arg-type]
+            return self._close(cut) + self._finish(event, usage)  # type: ignore[arg-type]
         return []  # sources: no streamed place for them without a web_search tool; ResponseStarted shows nothing
 
     def _delta(self, kind: str, text: str) -> list[dict[str, Any]]:
@@ -645,7 +649,7 @@ class EventEncoder:
             ),
         ]
 
-    def _close(self) -> list[dict[str, Any]]:
+    def _close(self, cut: bool = False) -> list[dict[str, Any]]:
         item = self._open
         if item is None:
             return []
@@ -654,7 +658,7 @@ class EventEncoder:
         self._text = []
         index = len(self.output)
         if item["type"] == "message":
-            done = _message_item(item["id"], text)
+            done = _message_item(item["id"], text, "incomplete" if cut else "completed")
             part = done["content"][0]
             out = [
                 self._event(

@@ -530,6 +530,15 @@ async def embed(
             max_retries=0,
             **options,  # dimensions, encoding_format, user
         )
+    except litellm.UnsupportedParamsError as e:
+        # Refused before any request, with advice about litellm's own settings: named as OpenAI names it.
+        named = [name for name in options if name in str(e)] or list(options)
+        raise ProviderError(
+            "INVALID_MESSAGE",
+            f"{', '.join(named)}: not supported by {request.model}.",
+            status=400,
+            param=named[0] if named else None,
+        ) from None
     except Exception as e:
         raise _map_error(e, request, settings["key_name"] or request.prefix) from None
     vectors = [item["embedding"] if isinstance(item, dict) else item.embedding for item in response.data]

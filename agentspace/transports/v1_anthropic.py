@@ -23,6 +23,7 @@ from .bodies import ANTHROPIC_FIELDS, BUSY_MESSAGE, BodyInvalid, GatewayBusy, ty
 from .v1_common import (
     BodyTooLarge,
     anthropic_model,
+    as_sent,
     read_json_body,
     refusal,
     retry_after,
@@ -141,7 +142,17 @@ async def _translated(
     return await translated(request, v1, meter, preq, _provider_error, answer)
 
 
+# The Chat Completions names a provider's refusal uses, as a Messages request names the fields.
+MESSAGES_NAMES = {
+    "stop": "stop_sequences",
+    "max_completion_tokens": "max_tokens",
+    "response_format": "output_config.format",
+    "parallel_tool_calls": "tool_choice.disable_parallel_tool_use",
+}
+
+
 def _provider_error(e: ProviderError) -> web.Response:
+    e = as_sent(e, MESSAGES_NAMES)
     status = am.client_status(e.status, e.code)
     headers = {"retry-after": retry_after(e.retry_after)} if e.retry_after is not None else None
     message = e.message

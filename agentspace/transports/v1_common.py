@@ -166,6 +166,24 @@ def _bare_model_prefixes() -> dict[str, str]:
     return out
 
 
+def as_sent(e: ProviderError, names: dict[str, str]) -> ProviderError:
+    """``e`` with the fields a provider's refusal names (``param`` and its message's ``NAME, ...:`` lead) spelled
+    as the client sent them: a translated request reaches the provider under Chat Completions names."""
+    if e.param not in names:
+        return e
+    lead, sep, rest = e.message.partition(": ")
+    message = ", ".join(names.get(n, n) for n in lead.split(", ")) + sep + rest if sep else e.message
+    return ProviderError(
+        e.code,
+        message,
+        retryable=e.retryable,
+        retry_after=e.retry_after,
+        status=e.status,
+        param=names[e.param],
+        upstream_code=e.upstream_code,
+    )
+
+
 def shutdown_error() -> ProviderError:
     """What a /v1 call stopped by the server's shutdown tells its client, in the API's own error shape."""
     return ProviderError("SERVICE_UNAVAILABLE", SHUTTING_DOWN_MESSAGE, status=503)

@@ -20,6 +20,7 @@ from ..protocols import openai_responses as orr
 from ..types import json_bytes
 from .bodies import RESPONSES_FIELDS, type_problem
 from .v1_common import (
+    as_sent,
     service,
     session_id,
     stream,
@@ -41,21 +42,8 @@ RESPONSES_NAMES = {
 
 
 def _responses_error(e: ProviderError) -> web.Response:
-    """``_provider_error`` with the fields a refusal names (``param`` and its message's ``NAME, ...:`` lead)
-    spelled as the client sent them, as OpenAI's Responses API names them."""
-    if e.param in RESPONSES_NAMES:
-        names, sep, rest = e.message.partition(": ")
-        message = ", ".join(RESPONSES_NAMES.get(n, n) for n in names.split(", ")) + sep + rest if sep else e.message
-        e = ProviderError(
-            e.code,
-            message,
-            retryable=e.retryable,
-            retry_after=e.retry_after,
-            status=e.status,
-            param=RESPONSES_NAMES[e.param],
-            upstream_code=e.upstream_code,
-        )
-    return _provider_error(e)
+    """``_provider_error`` with the fields a refusal names spelled as OpenAI's Responses API names them."""
+    return _provider_error(as_sent(e, RESPONSES_NAMES))
 
 
 def _frame(event: dict[str, Any]) -> bytes:
