@@ -103,9 +103,13 @@ class RoutedCall(HeldCall):
         finally:
             self._starting = False
 
-    async def _done(self, tokens: int) -> None:
+    async def _done(self, tokens: int, failed: ProviderError | None = None) -> None:
         if self._open and not self._starting:
             self._open = False
+            if failed is not None and moves_on(failed):  # broke after its first token: a failure, as on a turn
+                router = self.gw.router
+                await router.count_failure(router.groups[self.deployment.group], self.deployment, failed)
+                return
             recorded = self.meter.recorded
             if not tokens and recorded is not None:  # cut short (the client left): what its record bills
                 tokens = recorded.usage.input_tokens + recorded.usage.output_tokens
@@ -118,6 +122,7 @@ class RoutedCall(HeldCall):
     async def _measured(self) -> AsyncIterator[ProviderEvent]:
         tokens = 0
         cancelled = False
+        failed: ProviderError | None = None
         try:
             async for event in DirectCall.events(self):
                 kind = type(event)
@@ -130,9 +135,12 @@ class RoutedCall(HeldCall):
             # The client left: the transport's ``abort`` records what the call used, then ends it with that.
             cancelled = True
             raise
+        except ProviderError as e:
+            failed = e
+            raise
         finally:
             if not cancelled:
-                await self._done(tokens)
+                await self._done(tokens, failed)
 
     async def abort(self) -> UsageRecord | None:
         try:
@@ -479,6 +487,11 @@ async def relay_group(
             await router.state.done(dep.id, 0, None)
             raise
         error = relayed_error(response)
+        broke = current.recorded.error if current.recorded is not None else None
+        if error is None and broke not in (None, "ABORTED") and moves_on(ProviderError(broke, "")):
+            # Relayed, then broken off (an error event mid-stream): a failure of the deployment, as on a turn.
+            await router.count_failure(group, dep, ProviderError(broke, ""))
+            return response
         if error is None:
             usage = current.recorded.usage if current.recorded is not None else None
             ttft = (current.first_at - current.started) * 1000 if current.first_at is not None else None

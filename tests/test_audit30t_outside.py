@@ -3,13 +3,20 @@ through the real CLI and the real HTTP interface against fake upstreams on 127.0
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+import pytest
+from aiohttp.test_utils import TestClient
 from click.testing import CliRunner
 
 from agentspace.cli import main
+from tests.fakes import anthropic_upstream as fa
+from tests.fakes import openai_upstream as fo
+from tests.conftest import wait_until
 from tests.test_config import fake_server  # noqa: F401
+from tests.test_routing import deployments, fakes, group, routed  # noqa: F401
 
 GROUP = """
 [models.groups."claude"]
@@ -35,3 +42,44 @@ def test_models_fallbacks_keyed_by_a_group_stop_the_start(
     assert 'models.groups."claude".fallbacks' in result.output
     assert "Traceback" not in result.output
     assert fake_server == []
+
+
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/responses", "/v1/messages", "/v1/messages translated"])
+async def test_a_deployment_breaking_its_streams_midway_is_cooled_on_v1(
+    routed: Callable[..., Awaitable[TestClient]],  # noqa: F811
+    fakes: list[fa.FakeAnthropic],  # noqa: F811
+    fake_openai: fo.FakeOpenAI,
+    auth_headers: dict[str, str],
+    path: str,
+) -> None:
+    """A deployment whose streams break after their first token (Anthropic's mid-stream ``overloaded_error``)
+    fails those calls; the client sees the error, as documented, and the failure is counted against the
+    deployment, as a chat turn counts it: past ``allowed_fails`` it cools down and the next calls go to the
+    other one. On /v1 it was counted as an answered call: never cooled, no recent error on the Deployments
+    page, and every later stream drawn to it broke the same way."""
+    fakes[0].default = fa.error_event(text="partial")
+    config = group(fakes, weights=[1000, 1], cooldown_seconds=60)
+    if path == "/v1/messages translated":  # a group with another provider's deployment is translated on /v1/messages
+        config["models"]["groups"]["claude"]["deployments"].append({"model": "openai/gpt-4o-mini", "weight": 0.001})
+        config["providers"] = {"openai": {"base_url": fake_openai.url}}
+    client = await routed(config)
+    body = {
+        "/v1/chat/completions": {"messages": [{"role": "user", "content": "Hi"}]},
+        "/v1/responses": {"input": "Hi"},
+        "/v1/messages": {"max_tokens": 50, "messages": [{"role": "user", "content": "Hi"}]},
+    }[path.split()[0]]
+    headers = {**auth_headers, "anthropic-version": "2023-06-01"}
+    resp = await client.post(path.split()[0], json={"model": "claude", "stream": True, **body}, headers=headers)
+    assert resp.status == 200
+    assert "Overloaded" in await resp.text()  # after the first token: the error reaches the client
+
+    async def counted() -> bool:  # the deployment's state is told as the stream's handler ends
+        return bool((await deployments(client, auth_headers))["claude/team-1"]["recentErrors"])
+
+    await wait_until(counted)
+    state = (await deployments(client, auth_headers))["claude/team-1"]
+    assert [e["code"] for e in state["recentErrors"]] == ["LLM_ERROR"]
+    assert state["state"] == "cooling" and state["inFlight"] == 0
+    resp = await client.post(path.split()[0], json={"model": "claude", "stream": True, **body}, headers=headers)
+    assert "Overloaded" not in await resp.text()  # the next call went to team-2
+    assert len(fakes[0].requests) == 1 and len(fakes[1].requests) == 1
