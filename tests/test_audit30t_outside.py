@@ -16,7 +16,7 @@ from tests.fakes import anthropic_upstream as fa
 from tests.fakes import openai_upstream as fo
 from tests.conftest import wait_until
 from tests.test_config import fake_server  # noqa: F401
-from tests.test_routing import deployments, fakes, group, routed  # noqa: F401
+from tests.test_routing import MODEL, deployments, fakes, group, routed  # noqa: F401
 
 GROUP = """
 [models.groups."claude"]
@@ -83,3 +83,27 @@ async def test_a_deployment_breaking_its_streams_midway_is_cooled_on_v1(
     resp = await client.post(path.split()[0], json={"model": "claude", "stream": True, **body}, headers=headers)
     assert "Overloaded" not in await resp.text()  # the next call went to team-2
     assert len(fakes[0].requests) == 1 and len(fakes[1].requests) == 1
+
+
+async def test_a_group_named_as_a_bare_model_id_is_listed_once(
+    routed: Callable[..., Awaitable[TestClient]],  # noqa: F811
+    fakes: list[fa.FakeAnthropic],  # noqa: F811
+    token: str,
+) -> None:
+    """LiteLLM users name a group as the model it serves (``model_name: claude-sonnet-4-5``). Every /v1
+    endpoint takes that id for the group, but the Anthropic-shape /v1/models (what Claude Code and the
+    Anthropic SDK read) listed it twice: the group, and Anthropic's model under its bare id."""
+    import anthropic
+
+    deps = [{"model": MODEL, "key": f"team-{i + 1}", "base_url": fakes[i].url} for i in range(2)]
+    client = await routed({"models": {"groups": {"claude-sonnet-4-5": {"deployments": deps}}}})
+    ant = anthropic.AsyncAnthropic(api_key=token, base_url=f"http://127.0.0.1:{client.port}", max_retries=0)
+    ids = [m.id async for m in ant.models.list(limit=1000)]
+    assert ids.count("claude-sonnet-4-5") == 1
+    assert "claude-haiku-4-5" in ids  # the other Claude models stay listed
+    assert (await ant.models.retrieve("claude-sonnet-4-5")).max_tokens is not None
+    reply = await ant.messages.create(
+        model="claude-sonnet-4-5", max_tokens=50, messages=[{"role": "user", "content": "Hi"}]
+    )
+    assert reply.content[0].text == fa.DEFAULT_TEXT  # the id is the group's: one of its deployments answered
+    await ant.close()
