@@ -16,7 +16,7 @@ from tests.fakes import anthropic_upstream as fa
 from tests.fakes import openai_upstream as fo
 from tests.conftest import wait_until
 from tests.test_config import fake_server  # noqa: F401
-from tests.test_routing import MODEL, deployments, fakes, group, routed  # noqa: F401
+from tests.test_routing import MODEL, deployments, fakes, group, records, routed  # noqa: F401
 
 GROUP = """
 [models.groups."claude"]
@@ -107,3 +107,33 @@ async def test_a_group_named_as_a_bare_model_id_is_listed_once(
     )
     assert reply.content[0].text == fa.DEFAULT_TEXT  # the id is the group's: one of its deployments answered
     await ant.close()
+
+
+async def test_a_deployment_silent_past_the_idle_timeout_moves_a_chat_turn(
+    routed: Callable[..., Awaitable[TestClient]],  # noqa: F811
+    fakes: list[fa.FakeAnthropic],  # noqa: F811
+    auth_headers: dict[str, str],
+) -> None:
+    """A chat turn (WebSocket, /api/chat) stops a call that sent nothing for ``[chat] idle_timeout_seconds``
+    (120 s), well before the provider's own timeout (600 s). On a group's deployment that hung before its
+    first token, the turn ended in "idle timeout": the deployment was neither counted nor cooled, and every
+    turn drawn to it hung the same way. It has timed out: it is counted (cooled past allowed_fails), its
+    attempt recorded answered false, and the turn goes on to the next deployment."""
+    from tests.support.ui_stream import DONE, post_chat, read_all, user
+
+    fakes[0].default = fa.text_response("too late").silent_for(30)
+    client = await routed(group(fakes, weights=[1000, 1], cooldown_seconds=60), chat={"idle_timeout_seconds": 1.0})
+    chunks = await read_all(await post_chat(client, auth_headers, "c1", user("Hi"), model="claude"))
+    assert chunks[-1] == DONE
+    assert not [c for c in chunks if isinstance(c, dict) and c.get("type") == "error"], chunks
+    assert "".join(c["delta"] for c in chunks if isinstance(c, dict) and c.get("type") == "text-delta") == (
+        fa.DEFAULT_TEXT
+    )
+    state = (await deployments(client, auth_headers))["claude/team-1"]
+    assert state["state"] == "cooling" and state["inFlight"] == 0
+    assert [e["code"] for e in state["recentErrors"]] == ["LLM_ERROR"]
+    recs = await records(client)
+    assert sorted((r["deployment"], r["answered"]) for r in recs) == [
+        ("claude/team-1", False),
+        ("claude/team-2", True),
+    ]
