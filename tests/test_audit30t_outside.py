@@ -12,9 +12,9 @@ from aiohttp.test_utils import TestClient
 from click.testing import CliRunner
 
 from agentspace.cli import main
+from tests.conftest import wait_until
 from tests.fakes import anthropic_upstream as fa
 from tests.fakes import openai_upstream as fo
-from tests.conftest import wait_until
 from tests.test_config import fake_server  # noqa: F401
 from tests.test_routing import MODEL, deployments, fakes, group, records, routed  # noqa: F401
 
