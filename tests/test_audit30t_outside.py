@@ -137,3 +137,41 @@ async def test_a_deployment_silent_past_the_idle_timeout_moves_a_chat_turn(
         ("claude/team-1", False),
         ("claude/team-2", True),
     ]
+
+
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/responses", "/v1/messages translated"])
+async def test_a_call_not_streamed_that_breaks_mid_answer_moves(
+    routed: Callable[..., Awaitable[TestClient]],  # noqa: F811
+    fakes: list[fa.FakeAnthropic],  # noqa: F811
+    fake_openai: fo.FakeOpenAI,
+    auth_headers: dict[str, str],
+    path: str,
+) -> None:
+    """A call not streamed reaches the client in one body at its end, so nothing of it was relayed when its
+    upstream broke off mid-answer: it moves to the next deployment, as docs/routing.md says for /v1 ("before
+    anything was written to the client"), and as LiteLLM's router retries a failed completion. It was
+    answered 503 with the broken-off deployment's error."""
+    fakes[0].default = fa.error_event(text="partial")
+    config = group(fakes, weights=[1000, 1], allowed_fails=5)
+    if path == "/v1/messages translated":
+        config["models"]["groups"]["claude"]["deployments"].append({"model": "openai/gpt-4o-mini", "weight": 0.001})
+        config["providers"] = {"openai": {"base_url": fake_openai.url}}
+    client = await routed(config)
+    body = {
+        "/v1/chat/completions": {"messages": [{"role": "user", "content": "Hi"}]},
+        "/v1/responses": {"input": "Hi"},
+        "/v1/messages": {"max_tokens": 50, "messages": [{"role": "user", "content": "Hi"}]},
+    }[path.split()[0]]
+    headers = {**auth_headers, "anthropic-version": "2023-06-01"}
+    resp = await client.post(path.split()[0], json={"model": "claude", **body}, headers=headers)
+    assert resp.status == 200, await resp.text()
+    assert fa.DEFAULT_TEXT in await resp.text()
+    assert len(fakes[0].requests) == 1 and len(fakes[1].requests) == 1
+    recs = await records(client)
+    assert sorted((r["deployment"], r["error"]) for r in recs) == [
+        ("claude/team-1", "LLM_ERROR"),
+        ("claude/team-2", None),
+    ]
+    state = (await deployments(client, auth_headers))["claude/team-1"]
+    assert [e["code"] for e in state["recentErrors"]] == ["LLM_ERROR"] and state["inFlight"] == 0
+    assert (await deployments(client, auth_headers))["claude/team-2"]["inFlight"] == 0

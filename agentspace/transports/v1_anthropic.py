@@ -138,7 +138,7 @@ async def _translated(
             )
         return await _stream(request, call, body["model"])
 
-    return await translated(request, v1, meter, preq, _provider_error, answer)
+    return await translated(request, v1, meter, preq, _provider_error, answer, whole=not body.get("stream"))
 
 
 def _provider_error(e: ProviderError) -> web.Response:
