@@ -333,7 +333,7 @@ def parse_config(raw: dict[str, Any], source: str = "<config>", base_dir: Path |
     if values["models"]["groups"] != {}:  # routing (and the provider events it imports) only when configured
         from .routing import parse_groups
 
-        groups = parse_groups(source, values["models"]["groups"], list(pricing))
+        groups = parse_groups(source, values["models"]["groups"], list(pricing), list(values["models"]["fallbacks"]))
     return Config(values, providers, pricing, plugins, source, base_dir or Path.cwd(), groups)
 
 

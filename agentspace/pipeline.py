@@ -900,6 +900,12 @@ class Turn:
         except asyncio.CancelledError:
             if self._stop_reason is None:
                 raise  # we ourselves are being cancelled
+            if self._stop_reason == "idle" and dep is not None and not state.delivered:
+                # A group's deployment silent before its first token has timed out: it fails (counted, cooled)
+                # and the turn moves on to the next deployment, as for one the provider's timeout ends.
+                self._stop_reason = None
+                self._stopped.clear()
+                raise ProviderError("LLM_ERROR", "The model stopped sending data (idle timeout).") from None
             raise _Stopped(self._stop_reason) from None
         finally:
             stop_watching()

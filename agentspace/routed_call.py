@@ -43,10 +43,13 @@ BEFORE_OUTPUT = (UsageReport, ResponseStarted)  # the upstream answered, nothing
 class HeldCall(DirectCall):
     """A DirectCall whose ``start`` returns at the model's first output (or its finish): what comes before it
     (the usage an upstream reports as it begins, or that it answered at all) is held, so a stream that breaks
-    before its first token has relayed nothing, and may move on to another deployment or fallback."""
+    before its first token has relayed nothing, and may move on to another deployment or fallback. ``whole``
+    (a call answered in one body, not streamed): held up to its finish, since nothing of it reaches the client
+    before, so one that breaks mid-answer moves on too."""
 
-    def __init__(self, gw: Registry, request: ProviderRequest, meter: ProviderCall) -> None:
+    def __init__(self, gw: Registry, request: ProviderRequest, meter: ProviderCall, whole: bool = False) -> None:
         super().__init__(gw, request, meter)
+        self._whole = whole
         self._held: list[ProviderEvent] = []
         self._events: AsyncIterator[ProviderEvent] | None = None
 
@@ -61,7 +64,7 @@ class HeldCall(DirectCall):
                 except StopAsyncIteration:
                     return
                 self._held.append(event)
-                if type(event) not in BEFORE_OUTPUT:
+                if type(event) is ProviderFinish or not (self._whole or type(event) in BEFORE_OUTPUT):
                     return
         except asyncio.CancelledError:
             await asyncio.shield(asyncio.ensure_future(self.abort()))
@@ -82,8 +85,10 @@ class HeldCall(DirectCall):
 class RoutedCall(HeldCall):
     """A HeldCall on one deployment: its end (or abort) tells the group's state."""
 
-    def __init__(self, gw: Registry, request: ProviderRequest, meter: ProviderCall, dep: Deployment) -> None:
-        super().__init__(gw, request, meter)
+    def __init__(
+        self, gw: Registry, request: ProviderRequest, meter: ProviderCall, dep: Deployment, whole: bool = False
+    ) -> None:
+        super().__init__(gw, request, meter, whole)
         self.deployment = dep
         self._open = True
         self._starting = False  # in ``start``: a failure there is the caller's to count (``failed``)
@@ -103,9 +108,13 @@ class RoutedCall(HeldCall):
         finally:
             self._starting = False
 
-    async def _done(self, tokens: int) -> None:
+    async def _done(self, tokens: int, failed: ProviderError | None = None) -> None:
         if self._open and not self._starting:
             self._open = False
+            if failed is not None and moves_on(failed):  # broke after its first token: a failure, as on a turn
+                router = self.gw.router
+                await router.count_failure(router.groups[self.deployment.group], self.deployment, failed)
+                return
             recorded = self.meter.recorded
             if not tokens and recorded is not None:  # cut short (the client left): what its record bills
                 tokens = recorded.usage.input_tokens + recorded.usage.output_tokens
@@ -118,6 +127,7 @@ class RoutedCall(HeldCall):
     async def _measured(self) -> AsyncIterator[ProviderEvent]:
         tokens = 0
         cancelled = False
+        failed: ProviderError | None = None
         try:
             async for event in DirectCall.events(self):
                 kind = type(event)
@@ -130,9 +140,12 @@ class RoutedCall(HeldCall):
             # The client left: the transport's ``abort`` records what the call used, then ends it with that.
             cancelled = True
             raise
+        except ProviderError as e:
+            failed = e
+            raise
         finally:
             if not cancelled:
-                await self._done(tokens)
+                await self._done(tokens, failed)
 
     async def abort(self) -> UsageRecord | None:
         try:
@@ -141,31 +154,35 @@ class RoutedCall(HeldCall):
             await self._done(0)
 
 
-async def start_direct(gw: Registry, request: ProviderRequest, meter: ProviderCall) -> DirectCall:
+async def start_direct(
+    gw: Registry, request: ProviderRequest, meter: ProviderCall, *, whole: bool = False
+) -> DirectCall:
     """Start ``request`` (admitted as ``meter``): a plain DirectCall for a model, over the deployments for a
     group, then along the model's ``[models] fallbacks`` when ``meter`` may fall back (``meter.fallbacks``).
-    The returned call's ``meter`` is the attempt that answered; the caller releases it and ``meter``."""
+    ``whole``: the answer goes to the client in one body (not streamed), so an attempt may move on until its
+    finish (``HeldCall``). The returned call's ``meter`` is the attempt that answered; the caller releases it
+    and ``meter``."""
     group = gw.router.group(request.model)
     if group is not None:
-        return await _start_group(gw, request, meter, group, [])
+        return await _start_group(gw, request, meter, group, [], whole)
     fallbacks = model_fallbacks(meter, request.model)
     if not fallbacks:
         call = DirectCall(gw, request, meter)
         await call.start()
         return call
     # A model with fallbacks: tried like a group's one deployment, then its fallbacks like a group's.
-    held = HeldCall(gw, request, meter)
+    held = HeldCall(gw, request, meter, whole)
     try:
         await held.start()
         return held
     except ProviderError as e:
         if not moves_on(e):  # the request's own fault (a 400): it would fail on any model
             raise
-        return await _start_fallbacks(gw, request, meter, None, fallbacks, [request.model], e)
+        return await _start_fallbacks(gw, request, meter, None, fallbacks, [request.model], e, whole)
 
 
 async def _start_group(
-    gw: Registry, request: ProviderRequest, meter: ProviderCall, group: Group, seen: list[str]
+    gw: Registry, request: ProviderRequest, meter: ProviderCall, group: Group, seen: list[str], whole: bool
 ) -> DirectCall:
     router = gw.router
     seen.append(group.name)
@@ -181,7 +198,7 @@ async def _start_group(
             await router.state.done(dep.id, 0, None)
             raise
         current.route(dep.model, dep.id)  # the record prices the deployment's model
-        call = RoutedCall(gw, request, current, dep)
+        call = RoutedCall(gw, request, current, dep, whole)
         try:
             await call.start()
             return call
@@ -199,7 +216,7 @@ async def _start_group(
             await current.release()
         current = None
     failed = last or all_cooling_error(group, busy)
-    return await _start_fallbacks(gw, request, meter, current, group.fallbacks, seen, failed)
+    return await _start_fallbacks(gw, request, meter, current, group.fallbacks, seen, failed, whole)
 
 
 async def _start_fallbacks(
@@ -210,6 +227,7 @@ async def _start_fallbacks(
     fallbacks: Sequence[str],
     seen: list[str],
     failed: ProviderError,
+    whole: bool,
 ) -> DirectCall:
     """The fallbacks of a call whose model or group ``failed`` before anything reached the client, in order,
     each an attempt of its own (admitted here; ``current``: one admitted already and not used), until one sends
@@ -226,9 +244,9 @@ async def _start_fallbacks(
                 continue
             inner = router.group(fallback)
             if inner is not None:
-                return await _start_group(gw, request, current, inner, seen)
+                return await _start_group(gw, request, current, inner, seen, whole)
             current.route(fallback, None)  # the record (and a recovery) prices the fallback's model
-            plain = HeldCall(gw, _model_request(gw, request, fallback), current)
+            plain = HeldCall(gw, _model_request(gw, request, fallback), current, whole)
             await plain.start()
             return plain
         except ProviderError as e:
@@ -479,6 +497,11 @@ async def relay_group(
             await router.state.done(dep.id, 0, None)
             raise
         error = relayed_error(response)
+        broke = current.recorded.error if current.recorded is not None else None
+        if error is None and broke not in (None, "ABORTED") and moves_on(ProviderError(broke, "")):
+            # Relayed, then broken off (an error event mid-stream): a failure of the deployment, as on a turn.
+            await router.count_failure(group, dep, ProviderError(broke, ""))
+            return response
         if error is None:
             usage = current.recorded.usage if current.recorded is not None else None
             ttft = (current.first_at - current.started) * 1000 if current.first_at is not None else None

@@ -88,9 +88,11 @@ class Group:
     cooldown_seconds: float
 
 
-def parse_groups(source: str, table: Any, priced: Sequence[str] = ()) -> dict[str, Group]:
-    """``[models.groups]`` validated (``priced``: the ``[pricing]`` keys); a ConfigError names the key and what
-    was expected."""
+def parse_groups(
+    source: str, table: Any, priced: Sequence[str] = (), fallen_back: Sequence[str] = ()
+) -> dict[str, Group]:
+    """``[models.groups]`` validated (``priced``: the ``[pricing]`` keys, ``fallen_back``: the ``[models]
+    fallbacks`` keys); a ConfigError names the key and what was expected."""
     from .config import ConfigError
 
     if not isinstance(table, dict):
@@ -111,6 +113,12 @@ def parse_groups(source: str, table: Any, priced: Sequence[str] = ()) -> dict[st
                 source,
                 f'pricing."{group.name}"',
                 "a model group has no price of its own: price the models of its deployments",
+            )
+        if group.name in fallen_back:  # never read: a group goes on to its own fallbacks (LiteLLM's shape for them)
+            raise ConfigError(
+                source,
+                f'models.fallbacks."{group.name}"',
+                f'{group.name!r} is a model group: put its fallbacks in models.groups."{group.name}".fallbacks',
             )
     return groups
 

@@ -618,9 +618,10 @@ class Service:
         """The most a Messages API ``body`` relayed as it is may cost (its reservation)."""
         return messages_body_ceiling(self.gw, model, body)
 
-    async def start_call(self, call: ProviderCall, request: ProviderRequest) -> DirectCall:
-        """Start an admitted call on its model, or over a model group's deployments (``routed_call.py``)."""
-        return await start_direct(self.gw, request, call)
+    async def start_call(self, call: ProviderCall, request: ProviderRequest, *, whole: bool = False) -> DirectCall:
+        """Start an admitted call on its model, or over a model group's deployments (``routed_call.py``);
+        ``whole``: answered in one body, not streamed."""
+        return await start_direct(self.gw, request, call, whole=whole)
 
     async def health(self) -> dict[str, str]:
         """Whether this replica can serve: ``status`` (``HEALTH_STATUSES``), with ``storage`` (why it cannot be

@@ -139,7 +139,7 @@ async def _translated(
             )
         return await _stream(request, call, body["model"])
 
-    return await translated(request, v1, meter, preq, _provider_error, answer)
+    return await translated(request, v1, meter, preq, _provider_error, answer, whole=not body.get("stream"))
 
 
 # The Chat Completions names a provider's refusal uses, as a Messages request names the fields.

@@ -273,10 +273,12 @@ async def translated(
     preq: ProviderRequest,
     provider_error: Callable[[ProviderError], web.Response],
     answer: Callable[[DirectCall], Awaitable[web.StreamResponse]],
+    *,
+    whole: bool,
 ) -> web.StreamResponse:
     """One translated ``/v1`` call (docs/accounting.md): admitted, reserved and written ahead as ``meter``,
-    started on its model or over a model group's deployments, answered by ``answer`` in the API's shape;
-    every provider call it made is settled, whatever happened."""
+    started on its model or over a model group's deployments, answered by ``answer`` in the API's shape
+    (``whole``: in one body, not streamed); every provider call it made is settled, whatever happened."""
     try:
         await meter.admit(lambda: request_ceiling(preq))
     except ApiError as e:
@@ -290,7 +292,7 @@ async def translated(
     stop_watching = watch_client(request, task.cancel)
     try:
         try:
-            call = await service.start_call(meter, preq)
+            call = await service.start_call(meter, preq, whole=whole)
         except ProviderError as e:
             return provider_error(e)
         except asyncio.CancelledError:  # (the call is recorded aborted by now)

@@ -9,6 +9,7 @@ for the others.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from aiohttp import web
@@ -55,17 +56,29 @@ def lifecycle(deprecation_date: str | None, retired: bool) -> dict[str, Any]:
     return {"lifecycle": "retired" if retired else "deprecated", "retires_at": f"{deprecation_date}T00:00:00Z"}
 
 
+def _shadowed(models: list[dict[str, Any]], listed_id: Callable[[dict[str, Any]], str]) -> list[dict[str, Any]]:
+    """``models`` without the ones listed under a model group's name (a group named ``claude-sonnet-4-5``, as
+    LiteLLM users name theirs): the /v1 endpoints take that id for the group, so it is listed once, as the group."""
+    groups = {m["id"] for m in models if m["provider"] == "group"}
+    return [m for m in models if m["provider"] == "group" or listed_id(m) not in groups]
+
+
 def openai_list(models: list[dict[str, Any]]) -> dict[str, Any]:
+    models = _shadowed(models, lambda m: m["id"])
     return {
         "object": "list",
         "data": [{"id": m["id"], "object": "model", "created": CREATED, "owned_by": m["provider"]} for m in models],
     }
 
 
+def _anthropic_id(model: dict[str, Any]) -> str:
+    return model["id"].split("/", 1)[1] if model["id"].startswith("anthropic/") else model["id"]
+
+
 def anthropic_list(models: list[dict[str, Any]]) -> dict[str, Any]:
     data = []
-    for m in models:
-        model_id = m["id"].split("/", 1)[1] if m["id"].startswith("anthropic/") else m["id"]
+    for m in _shadowed(models, _anthropic_id):
+        model_id = _anthropic_id(m)
         data.append(
             {
                 "type": "model",

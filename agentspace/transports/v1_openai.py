@@ -137,7 +137,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
             )
         return await _stream(request, call, parsed.model, parsed.include_usage)
 
-    return await translated(request, v1, meter, preq, _provider_error, answer)
+    return await translated(request, v1, meter, preq, _provider_error, answer, whole=not parsed.stream)
 
 
 def _stream_error(e: ProviderError) -> bytes:

@@ -90,4 +90,4 @@ async def responses(request: web.Request) -> web.StreamResponse:
             failed,
         )
 
-    return await translated(request, v1, meter, preq, _responses_error, answer)
+    return await translated(request, v1, meter, preq, _responses_error, answer, whole=not parsed.stream)
