@@ -271,7 +271,7 @@ def security_middleware(config: Config) -> Middleware:
         try:
             who = await token_caller(request, token) if token is not None else None
         except Exception as e:
-            return _lookup_failed(request, e)
+            return lookup_failed(request, e)
         if who is None:
             return _unauthenticated(request, token)
         if who != ADMIN and request.path.startswith(ADMIN_PATHS):
@@ -303,7 +303,7 @@ def _open_without_token(config: Config, request: web.Request) -> bool:
     return request.path == "/metrics" and bool(config["metrics"]["public"])
 
 
-def _lookup_failed(request: web.Request, e: Exception) -> web.Response:
+def lookup_failed(request: web.Request, e: Exception) -> web.Response:
     """The caller could not be looked up: a store outage is a 503; anything else is raised again."""
     # A client key is looked up in the store: a database down is a 503 in the API's own shape, as
     # for the gateway token's requests, not a traceback and aiohttp's text/plain 500.

@@ -114,7 +114,15 @@ async def test_a_turn_refused_during_a_database_outage_logs_no_traceback_and_its
         async with aiohttp.ClientSession() as http, http.ws_connect(gateway.ws_url, headers=admin) as ws:
             first = await chat(ws, "hi")
             session_id = first[0]["sessionId"]
+            async with http.post(gateway.url + "/api/clients", json={"name": "bob"}, headers=admin) as resp:
+                bob = {"Authorization": f"Bearer {(await resp.json())['key']}"}
             pg.stop()
+            # A client key is looked up in the database: its handshake is a 503 that says when to retry, as
+            # every HTTP route's is.
+            with pytest.raises(aiohttp.WSServerHandshakeError) as handshake:
+                await http.ws_connect(gateway.ws_url, headers=bob)
+            assert handshake.value.status == 503 and handshake.value.headers is not None
+            assert int(handshake.value.headers["Retry-After"]) >= 1
             refused = await chat(ws, "during the outage", "r2", sessionId=session_id)
             assert refused[-1]["code"] == "STORAGE_ERROR" and "database" in refused[-1]["message"], refused
             body = {"id": "h1", "messages": [{"id": "m1", "role": "user", "parts": [{"type": "text", "text": "hi"}]}]}

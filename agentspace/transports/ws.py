@@ -524,10 +524,7 @@ async def gateway_handler(request: web.Request) -> web.StreamResponse:
     try:
         caller = await security.bearer_caller(request)
     except Exception as e:
-        if (outage := outage_error(e)) is None:
-            raise
-        log.warning("websocket handshake: %s (%r)", outage.message, e)
-        return web.json_response({"error": {"code": outage.code, "message": outage.message}}, status=503)
+        return security.lookup_failed(request, e)  # an outage: the 503 every route answers, Retry-After included
     token = security.api_token(request) if caller is not None else None
     await ws.prepare(request)
     if caller is None:
