@@ -106,7 +106,8 @@ def history_start(stored: list[dict[str, Any]]) -> tuple[int, str]:
     return 0, ""
 
 
-def _has_output(message: dict[str, Any]) -> bool:
+def has_output(message: dict[str, Any]) -> bool:
+    """Whether a stored answer says anything to the model (a turn that failed before any output says nothing)."""
     return bool(message.get("content")) or any(
         p.get("type") != "text" or p.get("text") for p in message.get("parts") or ()
     )
@@ -124,7 +125,7 @@ def answered_turns(stored: list[dict[str, Any]]) -> list[dict[str, Any]]:
     for message in stored:
         if message.get("replaced"):
             continue  # an answer given again (``pipeline.start_turn``): its replacement follows
-        if message.get("role") != "user" and not _has_output(message):
+        if message.get("role") != "user" and not has_output(message):
             continue  # an answer with no output says nothing to the model
         if message.get("role") == "user" and kept and kept[-1].get("role") == "user":
             kept.pop()  # the previous user message got no answer

@@ -32,6 +32,7 @@ from .context import (
     assemble,
     calibration,
     estimate_input_tokens,
+    has_output,
     history_start,
     history_window,
     input_window,
@@ -110,8 +111,14 @@ def _cut_index(history: list[dict[str, Any]], start: int, excess: int, ratio: fl
 
 def _turn_ends(history: list[dict[str, Any]], start: int) -> list[int]:
     """The stored answers from ``start`` on that end a turn (a cut may follow them), answers set aside
-    (``replaced``) left out: a mark on one of those marks nothing (``context.history_start``)."""
-    kept = [i for i in range(start, len(history)) if not history[i].get("replaced")]
+    (``replaced``) left out: a mark on one of those marks nothing (``context.history_start``); and the empty
+    answers of turns that failed before any output, which no call resends (``context.answered_turns``): they
+    are not the latest turn that compacting on demand keeps."""
+    kept = [
+        i
+        for i in range(start, len(history))
+        if not history[i].get("replaced") and (history[i].get("role") == "user" or has_output(history[i]))
+    ]
     return [
         i
         for n, i in enumerate(kept)

@@ -1,0 +1,48 @@
+"""Sessions that last, tried from outside a fourth time (issue 28): compacting on demand after turns that failed,
+the summarising call under a passing overload, and the prompt cache's marks."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from agentspace.context_policy import COMPACT_PROMPT
+from tests.fakes.anthropic_upstream import error_status, text_response
+from tests.support.ws import chat, connect, receive_after
+
+
+async def test_compacting_after_failed_turns_keeps_the_latest_answered_turn(
+    make_client: Any, token: str, fake_anthropic: Any
+) -> None:
+    """A turn that fails before any output (the upstream refused it, or CONTEXT_TOO_LONG under ``refuse``, whose
+    message says to compact) leaves an empty answer. Compacting on demand summarises every turn but the latest:
+    the latest that was answered, not the failed one, which no call resends."""
+    client = await make_client(chat={"max_retries": 0})
+    ws = await connect(client, token)
+    frames = await chat(ws, "My name is Ada.")
+    session_id = frames[0]["sessionId"]
+    fake_anthropic.enqueue(text_response("Noted: 42."))
+    await chat(ws, "Remember the number 42.", "r2", sessionId=session_id)
+    for n in range(2):  # two turns the upstream refuses: nothing of them is resent
+        fake_anthropic.enqueue(error_status(400, "refused"))
+        assert (await chat(ws, f"failing {n}", f"f{n}", sessionId=session_id))[-1]["type"] == "error"
+    fake_anthropic.enqueue(text_response("Ada's summary."))
+    reply = await receive_after(ws, {"type": "session.compact", "id": "c", "sessionId": session_id})
+    assert reply["type"] == "session.compacted" and reply["compacted"] is True, reply
+    assert reply["summarizedMessages"] == 2, reply  # the first turn only
+    summarised = json.dumps(fake_anthropic.requests[-1].body["messages"])
+    assert "Ada" in summarised and "42" not in summarised
+    await chat(ws, "Which number?", "after", sessionId=session_id)
+    sent = fake_anthropic.requests[-1].body
+    assert "Ada's summary." in json.dumps(sent["system"])
+    assert "Remember the number 42." in json.dumps(sent["messages"]), sent["messages"]  # the latest turn is kept
+    # One answered turn and a failed one: nothing to compact (the only answered turn is the latest).
+    frames = await chat(ws, "Alone.", "a1")
+    alone = frames[0]["sessionId"]
+    fake_anthropic.enqueue(error_status(400, "refused"))
+    await chat(ws, "failing", "a2", sessionId=alone)
+    calls = len(fake_anthropic.requests)
+    reply = await receive_after(ws, {"type": "session.compact", "id": "c2", "sessionId": alone})
+    assert reply["compacted"] is False and len(fake_anthropic.requests) == calls, reply
+    assert all(r.body.get("system") != COMPACT_PROMPT for r in fake_anthropic.requests[calls:])
+    await ws.close()
