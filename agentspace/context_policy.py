@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any, Protocol
 
 from . import attachments
@@ -40,7 +41,7 @@ from .context import (
     message_text,
 )
 from .errors import ApiError
-from .events import ProviderError, ProviderFinish, TextDelta, UsageReport
+from .events import ProviderError, ProviderEvent, ProviderFinish, TextDelta, UsageReport
 from .providers.base import Provider, ProviderRequest, provider_stream
 from .registry import ModelNotFound
 from .tokens import count_ceiling_tokens, count_tokens
@@ -368,7 +369,7 @@ async def _summary_call(gw: Registry, turn: TurnLike, model: str, provider: Prov
 
     try:
         try:
-            async for event in provider_stream(provider, request):
+            async for event in _retried(gw, provider, request, call):
                 if not answered:
                     answered = True
                     call.answered()  # the upstream took the call: a recovery bills its input
@@ -411,6 +412,38 @@ async def _summary_call(gw: Registry, turn: TurnLike, model: str, provider: Prov
     if not summary:
         raise ApiError("LLM_ERROR", "The session could not be compacted: the model wrote no summary.")
     return summary
+
+
+async def _retried(
+    gw: Registry, provider: Provider, request: ProviderRequest, call: ProviderCall
+) -> AsyncIterator[ProviderEvent]:
+    """``provider_stream``, attempted again when it failed before its first event with a retryable error, as a
+    turn's call is (``[chat] max_retries``): one passing overload would otherwise leave the oldest turns out
+    unsummarised. An attempt the upstream never took bills nothing; ``call.attempts`` counts them."""
+    while True:
+        started = False
+        try:
+            async for event in provider_stream(provider, request):
+                started = True
+                yield event
+            return
+        except ProviderError as e:
+            delay = None if started else _retry_delay(gw, e, call.attempts)
+            if delay is None:
+                raise
+            log.info("summarising with %s: %s; retry %d in %.1fs", request.model, e.code, call.attempts, delay)
+            await asyncio.sleep(delay)
+            call.attempts += 1
+
+
+def _retry_delay(gw: Registry, error: ProviderError, attempts: int) -> float | None:
+    """Seconds before the next attempt of a summarising call that failed after ``attempts`` attempts, None when it
+    is not retried: the pipeline's rule (``pipeline.retry_delay``) within ``[chat] max_retries``."""
+    from .pipeline import retry_delay  # (the pipeline runs this module: imported when first needed)
+
+    if not error.retryable or attempts > int(gw.config["chat"]["max_retries"]):
+        return None
+    return retry_delay(error, attempts - 1)
 
 
 async def compact_session(gw: Registry, turn: TurnLike) -> dict[str, Any]:

@@ -7,6 +7,7 @@ import json
 from typing import Any
 
 from agentspace.context_policy import COMPACT_PROMPT
+from agentspace.transports import state
 from tests.fakes.anthropic_upstream import error_status, text_response
 from tests.support.ws import chat, connect, receive_after
 
@@ -46,3 +47,25 @@ async def test_compacting_after_failed_turns_keeps_the_latest_answered_turn(
     assert reply["compacted"] is False and len(fake_anthropic.requests) == calls, reply
     assert all(r.body.get("system") != COMPACT_PROMPT for r in fake_anthropic.requests[calls:])
     await ws.close()
+
+
+async def test_the_summarising_call_is_retried_after_an_overload_as_a_turn_is(
+    client: Any, token: str, auth_headers: dict[str, str], fake_anthropic: Any
+) -> None:
+    """[chat] max_retries retries a model call that failed with a retryable error (529, 429, 5xx): the summarising
+    call too. Before, one passing overload failed compacting on demand (a 502), and under ``compact`` left the
+    oldest turns out unsummarised for good."""
+    ws = await connect(client, token)
+    frames = await chat(ws, "My name is Ada.")
+    session_id = frames[0]["sessionId"]
+    await chat(ws, "And I like primes.", "r2", sessionId=session_id)
+    await ws.close()
+    fake_anthropic.enqueue(error_status(529, retry_after=0), text_response("Ada likes primes."))
+    response = await client.post(f"/api/sessions/{session_id}/compact", headers=auth_headers)
+    body = await response.json()
+    assert response.status == 200 and body["compacted"] is True and body["summary"] == "Ada likes primes.", body
+    summaries = [r for r in fake_anthropic.requests if r.body.get("system") == COMPACT_PROMPT]
+    assert len(summaries) == 2  # the overloaded attempt and the retry
+    registry = client.app[state.REGISTRY]
+    compactions = [r for r in await registry.usage.records(session_id=session_id) if r.get("purpose") == "compact"]
+    assert len(compactions) == 1 and compactions[0]["attempts"] == 2 and compactions[0]["error"] is None, compactions
