@@ -10,6 +10,7 @@ from agentspace.context_policy import COMPACT_PROMPT
 from agentspace.transports import state
 from tests.fakes.anthropic_upstream import error_status, text_response
 from tests.support.ws import chat, connect, receive_after
+from tests.test_prompt_cache import MarkedTools, turn_text
 
 
 async def test_compacting_after_failed_turns_keeps_the_latest_answered_turn(
@@ -69,3 +70,23 @@ async def test_the_summarising_call_is_retried_after_an_overload_as_a_turn_is(
     registry = client.app[state.REGISTRY]
     compactions = [r for r in await registry.usage.records(session_id=session_id) if r.get("purpose") == "compact"]
     assert len(compactions) == 1 and compactions[0]["attempts"] == 2 and compactions[0]["error"] is None, compactions
+
+
+async def test_one_hour_marks_never_follow_a_plugin_tools_five_minute_mark(
+    make_client: Any, token: str, fake_anthropic: Any, plugin_manager: Any
+) -> None:
+    """With ``prompt_cache_ttl = "1h"``, a plugin tool marked as Anthropic's docs show (``{"type": "ephemeral"}``:
+    5 minutes) came before the gateway's one-hour marks, which the API refuses (a longer-lived entry must come
+    first), so every turn failed. The gateway's marks follow the shorter TTL then."""
+    fake_anthropic.caching = True
+    plugin_manager.register(MarkedTools())
+    client = await make_client({"chat": {"prompt_cache_ttl": "1h"}}, pm=plugin_manager)
+    ws = await connect(client, token)
+    session_id = None
+    for turn in (1, 2):
+        extra = {"sessionId": session_id} if session_id else {}
+        frames = await chat(ws, turn_text(turn), f"r{turn}", **extra)
+        assert frames[-1]["type"] == "chat.stream.end", frames[-1]
+        session_id = frames[0]["sessionId"]
+    assert frames[-1]["usage"]["cacheReadTokens"] > 0
+    await ws.close()
