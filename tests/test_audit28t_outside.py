@@ -90,3 +90,27 @@ async def test_one_hour_marks_never_follow_a_plugin_tools_five_minute_mark(
         session_id = frames[0]["sessionId"]
     assert frames[-1]["usage"]["cacheReadTokens"] > 0
     await ws.close()
+
+
+async def test_the_history_window_starts_at_a_question_not_an_answer(
+    make_client: Any, token: str, fake_anthropic: Any
+) -> None:
+    """``[chat] history_limit``'s window moves in steps of half the limit. With an odd half (the default limit, 50,
+    moves by 25 messages) it started at an answer on every other step: half the turns of a long session sent an
+    answer without its question first, which Bedrock's Converse API (Claude behind litellm) refuses. The window
+    starts at the question after that point; it still stays put between steps, so the cache keeps reading."""
+    fake_anthropic.caching = True
+    client = await make_client({"chat": {"history_limit": 6}})
+    ws = await connect(client, token)
+    session_id = None
+    reads = []
+    for turn in range(1, 12):
+        extra = {"sessionId": session_id} if session_id else {}
+        frames = await chat(ws, turn_text(turn, 6_000), f"r{turn}", **extra)
+        assert frames[-1]["type"] == "chat.stream.end", frames[-1]
+        session_id = frames[0]["sessionId"]
+        sent = fake_anthropic.requests[-1].body["messages"]
+        assert sent[0]["role"] == "user" and len(sent) <= 6 + 1, [m["role"] for m in sent]
+        reads.append(frames[-1]["usage"]["cacheReadTokens"])
+    assert sum(1 for r in reads[1:] if r > 0) >= 5, reads  # most turns still read the previous prefix
+    await ws.close()
