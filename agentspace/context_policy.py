@@ -419,14 +419,23 @@ async def _retried(
 ) -> AsyncIterator[ProviderEvent]:
     """``provider_stream``, attempted again when it failed before its first event with a retryable error, as a
     turn's call is (``[chat] max_retries``): one passing overload would otherwise leave the oldest turns out
-    unsummarised. An attempt the upstream never took bills nothing; ``call.attempts`` counts them."""
+    unsummarised. An attempt the upstream never took bills nothing; ``call.attempts`` counts them. Like a turn's
+    call, it fails once the provider has sent nothing for ``[chat] idle_timeout_seconds``: a summary that stalls
+    would hold the turn that needs it until the provider's own timeout."""
+    idle = float(gw.config["chat"]["idle_timeout_seconds"])
     while True:
         started = False
+        events = aiter(provider_stream(provider, request))
         try:
-            async for event in provider_stream(provider, request):
+            while True:
+                try:
+                    event = await asyncio.wait_for(anext(events), idle)
+                except StopAsyncIteration:
+                    return
+                except TimeoutError:
+                    raise ProviderError("LLM_ERROR", "The model stopped sending data (idle timeout).") from None
                 started = True
                 yield event
-            return
         except ProviderError as e:
             delay = None if started else _retry_delay(gw, e, call.attempts)
             if delay is None:
@@ -434,6 +443,10 @@ async def _retried(
             log.info("summarising with %s: %s; retry %d in %.1fs", request.model, e.code, call.attempts, delay)
             await asyncio.sleep(delay)
             call.attempts += 1
+        finally:
+            close = getattr(events, "aclose", None)
+            if close is not None:
+                await close()
 
 
 def _retry_delay(gw: Registry, error: ProviderError, attempts: int) -> float | None:

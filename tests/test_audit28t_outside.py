@@ -114,3 +114,25 @@ async def test_the_history_window_starts_at_a_question_not_an_answer(
         reads.append(frames[-1]["usage"]["cacheReadTokens"])
     assert sum(1 for r in reads[1:] if r > 0) >= 5, reads  # most turns still read the previous prefix
     await ws.close()
+
+
+async def test_a_summarising_call_that_stops_sending_ends_at_the_idle_timeout(
+    make_client: Any, token: str, fake_anthropic: Any
+) -> None:
+    """``[chat] idle_timeout_seconds`` ends a call whose provider sends nothing for that long: the summarising call
+    too. Before, a summary that stalled held compacting on demand (and, under ``compact``, the turn that needed it,
+    before any output) until the provider's own timeout, ten minutes by default."""
+    # (long enough for a loaded machine's first call, which loads the provider's SDK within the idle clock)
+    client = await make_client(chat={"idle_timeout_seconds": 8.0, "max_retries": 0})
+    ws = await connect(client, token)
+    frames = await chat(ws, "one")
+    session_id = frames[0]["sessionId"]
+    assert (await chat(ws, "two", "r2", sessionId=session_id))[-1]["type"] == "chat.stream.end"
+    fake_anthropic.enqueue(text_response("late summary").stall(60, after=1))
+    reply = await receive_after(ws, {"type": "session.compact", "id": "c", "sessionId": session_id})
+    assert reply["type"] == "error" and reply["code"] == "LLM_ERROR" and "idle" in reply["message"], reply
+    records = await client.app[state.REGISTRY].usage.records(session_id=session_id)
+    compactions = [r for r in records if r.get("purpose") == "compact"]
+    assert len(compactions) == 1 and compactions[0]["error"] == "LLM_ERROR", compactions
+    fake_anthropic.release()
+    await ws.close()
