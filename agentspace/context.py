@@ -106,7 +106,8 @@ def history_start(stored: list[dict[str, Any]]) -> tuple[int, str]:
     return 0, ""
 
 
-def _has_output(message: dict[str, Any]) -> bool:
+def has_output(message: dict[str, Any]) -> bool:
+    """Whether a stored answer says anything to the model (a turn that failed before any output says nothing)."""
     return bool(message.get("content")) or any(
         p.get("type") != "text" or p.get("text") for p in message.get("parts") or ()
     )
@@ -124,7 +125,7 @@ def answered_turns(stored: list[dict[str, Any]]) -> list[dict[str, Any]]:
     for message in stored:
         if message.get("replaced"):
             continue  # an answer given again (``pipeline.start_turn``): its replacement follows
-        if message.get("role") != "user" and not _has_output(message):
+        if message.get("role") != "user" and not has_output(message):
             continue  # an answer with no output says nothing to the model
         if message.get("role") == "user" and kept and kept[-1].get("role") == "user":
             kept.pop()  # the previous user message got no answer
@@ -308,7 +309,9 @@ def history_window(messages: list[dict[str, Any]], limit: int) -> list[dict[str,
     """The newest messages, at most ``limit``, cut in steps of half the limit: the first message sent then
     stays the same for many turns and the prompt cache keeps reading the prefix (a window that slid by one
     message each turn would change the prefix, and rewrite the cache, on every turn). Answers set aside by an edit
-    or a regenerate (``replaced``) are sent to no model: they do not count."""
+    or a regenerate (``replaced``) are sent to no model: they do not count. The window starts at a question: an
+    odd step (the default limit's 25) would start it at an answer on every other step, an answer without its
+    question, which some APIs refuse (Bedrock's Converse: a conversation starts with a user message)."""
     if limit <= 0:
         return []
     kept = [i for i, m in enumerate(messages) if not m.get("replaced")]
@@ -317,7 +320,8 @@ def history_window(messages: list[dict[str, Any]], limit: int) -> list[dict[str,
         return messages
     step = max(1, limit // 2)
     drop = -(-excess // step) * step
-    return messages[kept[drop] :] if drop < len(kept) else []
+    start = next((i for i in kept[drop:] if messages[i].get("role") == "user"), None)
+    return messages[start:] if start is not None else []
 
 
 def attachments_section(files: Sequence[FilePart], model: str) -> Section:

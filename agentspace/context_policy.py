@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any, Protocol
 
 from . import attachments
@@ -32,6 +33,7 @@ from .context import (
     assemble,
     calibration,
     estimate_input_tokens,
+    has_output,
     history_start,
     history_window,
     input_window,
@@ -39,7 +41,7 @@ from .context import (
     message_text,
 )
 from .errors import ApiError
-from .events import ProviderError, ProviderFinish, TextDelta, UsageReport
+from .events import ProviderError, ProviderEvent, ProviderFinish, TextDelta, UsageReport
 from .providers.base import Provider, ProviderRequest, provider_stream
 from .registry import ModelNotFound
 from .tokens import count_ceiling_tokens, count_tokens
@@ -110,8 +112,14 @@ def _cut_index(history: list[dict[str, Any]], start: int, excess: int, ratio: fl
 
 def _turn_ends(history: list[dict[str, Any]], start: int) -> list[int]:
     """The stored answers from ``start`` on that end a turn (a cut may follow them), answers set aside
-    (``replaced``) left out: a mark on one of those marks nothing (``context.history_start``)."""
-    kept = [i for i in range(start, len(history)) if not history[i].get("replaced")]
+    (``replaced``) left out: a mark on one of those marks nothing (``context.history_start``); and the empty
+    answers of turns that failed before any output, which no call resends (``context.answered_turns``): they
+    are not the latest turn that compacting on demand keeps."""
+    kept = [
+        i
+        for i in range(start, len(history))
+        if not history[i].get("replaced") and (history[i].get("role") == "user" or has_output(history[i]))
+    ]
     return [
         i
         for n, i in enumerate(kept)
@@ -361,7 +369,7 @@ async def _summary_call(gw: Registry, turn: TurnLike, model: str, provider: Prov
 
     try:
         try:
-            async for event in provider_stream(provider, request):
+            async for event in _retried(gw, provider, request, call):
                 if not answered:
                     answered = True
                     call.answered()  # the upstream took the call: a recovery bills its input
@@ -404,6 +412,51 @@ async def _summary_call(gw: Registry, turn: TurnLike, model: str, provider: Prov
     if not summary:
         raise ApiError("LLM_ERROR", "The session could not be compacted: the model wrote no summary.")
     return summary
+
+
+async def _retried(
+    gw: Registry, provider: Provider, request: ProviderRequest, call: ProviderCall
+) -> AsyncIterator[ProviderEvent]:
+    """``provider_stream``, attempted again when it failed before its first event with a retryable error, as a
+    turn's call is (``[chat] max_retries``): one passing overload would otherwise leave the oldest turns out
+    unsummarised. An attempt the upstream never took bills nothing; ``call.attempts`` counts them. Like a turn's
+    call, it fails once the provider has sent nothing for ``[chat] idle_timeout_seconds``: a summary that stalls
+    would hold the turn that needs it until the provider's own timeout."""
+    idle = float(gw.config["chat"]["idle_timeout_seconds"])
+    while True:
+        started = False
+        events = aiter(provider_stream(provider, request))
+        try:
+            while True:
+                try:
+                    event = await asyncio.wait_for(anext(events), idle)
+                except StopAsyncIteration:
+                    return
+                except TimeoutError:
+                    raise ProviderError("LLM_ERROR", "The model stopped sending data (idle timeout).") from None
+                started = True
+                yield event
+        except ProviderError as e:
+            delay = None if started else _retry_delay(gw, e, call.attempts)
+            if delay is None:
+                raise
+            log.info("summarising with %s: %s; retry %d in %.1fs", request.model, e.code, call.attempts, delay)
+            await asyncio.sleep(delay)
+            call.attempts += 1
+        finally:
+            close = getattr(events, "aclose", None)
+            if close is not None:
+                await close()
+
+
+def _retry_delay(gw: Registry, error: ProviderError, attempts: int) -> float | None:
+    """Seconds before the next attempt of a summarising call that failed after ``attempts`` attempts, None when it
+    is not retried: the pipeline's rule (``pipeline.retry_delay``) within ``[chat] max_retries``."""
+    from .pipeline import retry_delay  # (the pipeline runs this module: imported when first needed)
+
+    if not error.retryable or attempts > int(gw.config["chat"]["max_retries"]):
+        return None
+    return retry_delay(error, attempts - 1)
 
 
 async def compact_session(gw: Registry, turn: TurnLike) -> dict[str, Any]:

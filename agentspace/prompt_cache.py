@@ -87,23 +87,28 @@ def _mark_last_block(message: dict[str, Any], ttl: str) -> bool:
     return False
 
 
-def _marks(params: dict[str, Any]) -> int:
+def _marks(params: dict[str, Any]) -> list[dict[str, Any]]:
     """The breakpoints a request already has (a plugin's tool definition may carry its own)."""
-    count = sum(1 for t in params.get("tools") or () if "cache_control" in t)
+    marks = [t["cache_control"] for t in params.get("tools") or () if "cache_control" in t]
     system = params.get("system")
     if isinstance(system, list):
-        count += sum(1 for b in system if "cache_control" in b)
+        marks += [b["cache_control"] for b in system if "cache_control" in b]
     for m in params.get("messages") or ():
         if isinstance(m.get("content"), list):
-            count += sum(1 for b in m["content"] if isinstance(b, dict) and "cache_control" in b)
-    return count
+            marks += [b["cache_control"] for b in m["content"] if isinstance(b, dict) and "cache_control" in b]
+    return marks
 
 
 def add_breakpoints(params: dict[str, Any], ttl: str) -> None:
     """Mark a Messages API request's stable prefix (in place), within ``MAX_BREAKPOINTS`` counting the marks
     it already has. When they do not all fit, the messages' marks come first: a prefix that ends in the
     messages covers the tools and the system prompt too."""
-    budget = MAX_BREAKPOINTS - _marks(params)
+    marks = _marks(params)
+    budget = MAX_BREAKPOINTS - len(marks)
+    if any(not isinstance(m, dict) or m.get("ttl", "5m") != "1h" for m in marks):
+        # A plugin's tool marked for 5 minutes (the API's default) comes before every mark added here, and the API
+        # refuses a 1-hour mark after a 5-minute one (the longer-lived entry must come first).
+        ttl = "5m"
     messages = params.get("messages") or []
     targets = []
     if messages:

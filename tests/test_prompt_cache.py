@@ -216,7 +216,13 @@ async def test_v1_requests_are_never_changed(client: TestClient, token: str, fak
         "model": "claude-sonnet-4-5",
         "max_tokens": 50,
         "tools": [
-            {"name": "a", "description": "A", "input_schema": schema, "cache_control": {"type": "ephemeral"}},
+            # (one-hour marks first: the API refuses one after a 5-minute mark)
+            {
+                "name": "a",
+                "description": "A",
+                "input_schema": schema,
+                "cache_control": {"type": "ephemeral", "ttl": "1h"},
+            },
             {"name": "b", "description": "B", "input_schema": schema},
         ],
         "system": [

@@ -201,9 +201,9 @@ async def test_tool_use_and_a_tool_result_turn(client: TestClient, token: str, f
 async def test_cache_control_metadata_and_images_arrive_unchanged(
     client: TestClient, token: str, fake_anthropic: FakeAnthropic
 ) -> None:
-    system = [
-        {"type": "text", "text": "You are terse.", "cache_control": {"type": "ephemeral"}},
+    system = [  # (one-hour marks first: the API refuses one after a 5-minute mark)
         {"type": "text", "text": "Big context " * 50, "cache_control": {"type": "ephemeral", "ttl": "1h"}},
+        {"type": "text", "text": "You are terse.", "cache_control": {"type": "ephemeral"}},
     ]
     content = [
         {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": "iVBORw0KGgo="}},

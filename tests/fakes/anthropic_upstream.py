@@ -39,7 +39,8 @@ block); a ``cache_control`` breakpoint caches the prefix that ends there (tools,
 for its ``ttl`` (5m or 1h) if it is at least the model's minimum (``MIN_CACHEABLE``), and a request reads the
 longest prefix cached within 20 blocks before one of its breakpoints. ``input_tokens`` is what follows the
 last breakpoint, ``cache_read_input_tokens`` what was read, ``cache_creation_input_tokens`` the rest up to the
-last breakpoint. ``fake.advance(seconds)`` moves its clock (for expiry); at most 4 breakpoints are accepted.
+last breakpoint. ``fake.advance(seconds)`` moves its clock (for expiry); at most 4 breakpoints are accepted, and
+none of 1h after one of 5m.
 
 Run ``python -m tests.fakes.anthropic_upstream [PORT] [--deltas N]`` to serve the default answer (or one of N text
 deltas) for manual tests and benchmarks.
@@ -700,6 +701,16 @@ class FakeAnthropic(FakeUpstream[FakeResponse]):
                 400,
                 "invalid_request_error",
                 f"A maximum of 4 blocks with cache_control may be provided. Found {marked}.",
+            )
+        ttls = [(b[2] or {}).get("ttl", "5m") for b in prompt_blocks(body) if b[2] is not None]
+        first_short = ttls.index("5m") if "5m" in ttls else len(ttls)
+        if "1h" in ttls[first_short:]:
+            # A longer-lived entry must come first: its prefix would hold the shorter one's.
+            return (
+                400,
+                "invalid_request_error",
+                "a ttl='1h' cache_control block must not come after a ttl='5m' cache_control block. Note that "
+                "blocks are processed in the following order: `tools`, `system`, `messages`.",
             )
         return None
 
