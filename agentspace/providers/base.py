@@ -9,8 +9,18 @@ from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
-from ..events import ProviderError, ProviderEvent
-from ..types import ChatMessage, ModelInfo, Tool
+from ..events import (
+    ProviderError,
+    ProviderEvent,
+    ProviderFinish,
+    ReasoningDelta,
+    ResponseStarted,
+    SourceEvent,
+    TextDelta,
+    ToolCallEvent,
+    UsageReport,
+)
+from ..types import ChatMessage, ModelInfo, TokenUsage, Tool
 
 log = logging.getLogger(__name__)
 
@@ -174,7 +184,8 @@ def is_builtin(provider: object) -> bool:
 def provider_stream(provider: Provider, request: ProviderRequest) -> AsyncIterator[ProviderEvent]:
     """``provider.stream(request)``. A plugin's stream that raises what is no ``ProviderError`` (a bug, its HTTP
     client's own error) fails as the built-in providers fail, with ``LLM_ERROR``: recorded and answered as a
-    failed call, not a 500 or a cut stream. The built-ins' streams go unwrapped."""
+    failed call, not a 500 or a cut stream; so does one yielding events of the wrong types (``_wrong_event``),
+    and a finish reason outside the protocol's goes on as "other". The built-ins' streams go unwrapped."""
     if is_builtin(provider):
         return provider.stream(request)
     return _guarded(provider, request)
@@ -182,14 +193,34 @@ def provider_stream(provider: Provider, request: ProviderRequest) -> AsyncIterat
 
 async def _guarded(provider: Provider, request: ProviderRequest) -> AsyncIterator[ProviderEvent]:
     stream: AsyncIterator[ProviderEvent] | None = None
+    name = getattr(provider, "name", type(provider).__name__)
+    finished = False
     try:
         stream = provider.stream(request)
         async for event in stream:
+            wrong = _wrong_event(event)
+            if wrong:
+                log.error("provider %r on %s: %s", name, request.model, wrong)
+                raise ProviderError("LLM_ERROR", f"The {name} provider {wrong}.")
+            if type(event) is ProviderFinish:
+                if event.finish_reason not in FINISH_REASONS:
+                    log.warning(
+                        "provider %r on %s finished %r, which is none of %s; sent as 'other'",
+                        name,
+                        request.model,
+                        event.finish_reason,
+                        ", ".join(sorted(FINISH_REASONS)),
+                    )
+                    event.finish_reason = "other"
+                finished = True
             yield event
+        if finished:
+            return
+        log.error("provider %r on %s ended its stream without a ProviderFinish", name, request.model)
+        raise ProviderError("LLM_ERROR", f"The {name} provider ended its stream without finishing the answer.")
     except ProviderError:
         raise
     except Exception as e:
-        name = getattr(provider, "name", type(provider).__name__)
         log.error("provider %r failed on %s", name, request.model, exc_info=e)
         # Its message may quote a URL or a key: the client gets the exception's type only.
         raise ProviderError("LLM_ERROR", f"The {name} provider failed ({type(e).__name__}); see the server log.") from e
@@ -197,6 +228,43 @@ async def _guarded(provider: Provider, request: ProviderRequest) -> AsyncIterato
         close = getattr(stream, "aclose", None)
         if close is not None:
             await close()
+
+
+# The finish reasons of the protocol (docs/plugins.md); a plugin's other reason reaches clients as "other".
+FINISH_REASONS = frozenset({"stop", "length", "tool-calls", "content-filter", "error", "other"})
+_EVENT_TYPES = (TextDelta, ReasoningDelta, SourceEvent, ToolCallEvent, UsageReport, ResponseStarted, ProviderFinish)
+_TOKEN_FIELDS = (
+    "input_tokens",
+    "output_tokens",
+    "cache_read_tokens",
+    "cache_write_tokens",
+    "reasoning_tokens",
+    "cache_write_1h_tokens",
+)
+
+
+def _wrong_event(event: object) -> str | None:
+    """What is wrong with an event a plugin's provider yielded, in words for its author; None when nothing is.
+    The gateway would otherwise drop an unknown event without a word, or fail on a wrong field later, as its
+    own error and with no usage record."""
+    if not isinstance(event, _EVENT_TYPES):
+        return f"yielded a {type(event).__name__}, which is no provider event"
+    if isinstance(event, (TextDelta, ReasoningDelta)) and not isinstance(event.text, str):
+        return f"yielded a {type(event).__name__} whose text is a {type(event.text).__name__}, not a str"
+    usage = event.usage if isinstance(event, (ProviderFinish, UsageReport)) else None
+    if usage is not None:
+        if not isinstance(usage, TokenUsage):
+            return f"yielded a {type(event).__name__} whose usage is a {type(usage).__name__}, not a TokenUsage"
+        for key in _TOKEN_FIELDS:
+            value = getattr(usage, key)
+            if type(value) is not int or value < 0:
+                return f"reported {key} = {value!r}, not a whole number of tokens from 0"
+    if isinstance(event, ProviderFinish):
+        if not isinstance(event.finish_reason, str):
+            return f"finished with a finish_reason that is a {type(event.finish_reason).__name__}, not a str"
+        if not isinstance(event.message, ChatMessage):
+            return f"finished with a message that is a {type(event.message).__name__}, not a ChatMessage"
+    return None
 
 
 def model_prefix(model: str) -> str:

@@ -1,0 +1,105 @@
+"""Issue 32 tried from outside once more, as a third-party plugin author (audit32t): providers that yield what is
+no provider event or finish with fields of the wrong type, and formatting prompts that fail."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from agentspace import (
+    ChatMessage,
+    Config,
+    ProviderFinish,
+    ProviderRequest,
+    TextDelta,
+    TextPart,
+    TokenUsage,
+    hookimpl,
+)
+from agentspace.testing import gateway_client, make_config
+from agentspace.transports import state
+
+from .support.ws import chat
+
+ANSWER = ChatMessage("assistant", [TextPart("x")])
+# What a plugin's provider may get wrong, by model id, and the words that name it to the client.
+WRONG: dict[str, tuple[list[Any], str]] = {
+    "wrong/str": (["hello"], "The wrong provider yielded a str, which is no provider event."),
+    "wrong/dict-usage": (
+        [TextDelta("x"), ProviderFinish("stop", {"input_tokens": 10}, ANSWER)],  # type: ignore[arg-type]
+        "The wrong provider yielded a ProviderFinish whose usage is a dict, not a TokenUsage.",
+    ),
+    "wrong/str-tokens": (
+        [TextDelta("x"), ProviderFinish("stop", TokenUsage("10", 2), ANSWER)],  # type: ignore[arg-type]
+        "The wrong provider reported input_tokens = '10', not a whole number of tokens from 0.",
+    ),
+    "wrong/float-tokens": (
+        [TextDelta("x"), ProviderFinish("stop", TokenUsage(10.5, 2), ANSWER)],  # type: ignore[arg-type]
+        "The wrong provider reported input_tokens = 10.5, not a whole number of tokens from 0.",
+    ),
+    "wrong/no-message": (
+        [TextDelta("x"), ProviderFinish("stop", TokenUsage(1, 1), None)],  # type: ignore[arg-type]
+        "The wrong provider finished with a message that is a NoneType, not a ChatMessage.",
+    ),
+    "wrong/no-finish": ([TextDelta("x")], "The wrong provider ended its stream without finishing the answer."),
+}
+
+
+class WrongProvider:
+    name = "wrong"
+
+    def claims(self, model: str) -> bool:
+        return model.startswith("wrong/") or model == "odd/finish"
+
+    async def stream(self, request: ProviderRequest) -> AsyncIterator[Any]:
+        if request.model == "odd/finish":
+            yield TextDelta("x")
+            yield ProviderFinish("end_turn", TokenUsage(3, 1), ChatMessage("assistant", [TextPart("x")]))
+            return
+        for event in WRONG[request.model][0]:
+            yield event
+
+
+class Plugin:
+    @hookimpl
+    def register_providers(self, register: Callable[[Any], None], config: Config) -> None:
+        register(WrongProvider())
+
+
+async def test_a_provider_yielding_the_wrong_types_is_named_and_its_call_recorded(tmp_path: Path) -> None:
+    # A str event was dropped without a word (the turn ended "stop" with nothing); a dict usage, str tokens or no
+    # message was "The gateway failed while answering" with no usage record; float tokens reached the records.
+    config = make_config(
+        tmp_path, '[models]\ndefault = "wrong/str"\n[pricing."wrong/*"]\ninput_per_mtok = 1\noutput_per_mtok = 1\n'
+    )
+    async with gateway_client(config, Plugin()) as client:
+        for model, (_, message) in WRONG.items():
+            ws = await client.ws_connect("/gateway")
+            frames = await chat(ws, "hi", model=model)
+            await ws.close()
+            assert (frames[-1]["type"], frames[-1]["code"]) == ("error", "LLM_ERROR"), (model, frames[-1])
+            assert frames[-1]["message"] == message
+            body = {"model": model, "messages": [{"role": "user", "content": "hi"}]}
+            resp = await client.post("/v1/chat/completions", json=body)
+            assert resp.status == 502, await resp.text()
+            assert (await resp.json())["error"]["message"] == message
+        records = list(await client.server.app[state.REGISTRY].usage.records())
+    assert sorted(r["model"] for r in records) == sorted(list(WRONG) * 2)
+    assert all(r["error"] == "LLM_ERROR" and type(r["inputTokens"]) is int for r in records), records
+
+
+async def test_a_provider_finish_reason_outside_the_protocol_reaches_clients_as_other(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    config = make_config(tmp_path, '[models]\ndefault = "odd/finish"\n')
+    async with gateway_client(config, Plugin()) as client:
+        ws = await client.ws_connect("/gateway")
+        frames = await chat(ws, "hi", model="odd/finish")
+        await ws.close()
+        records = list(await client.server.app[state.REGISTRY].usage.records())
+    assert (frames[-1]["type"], frames[-1]["finishReason"]) == ("chat.stream.end", "other"), frames[-1]
+    assert [r["finishReason"] for r in records] == ["other"]
+    assert "provider 'wrong' on odd/finish finished 'end_turn'" in caplog.text
