@@ -232,19 +232,26 @@ async def _build(builder: Any, request: ContextRequest) -> str:
 
 
 def _formatting_prompt(gateway: Registry, config: Config, model: str) -> str:
-    """The plugins' ``formatting_prompt``; one that raises or answers what is not a str is logged, and the
-    configured prompt (``[chat] formatting_prompt``, what the built-in answers) is sent instead."""
-    try:
-        prompt = gateway.pm.hook.formatting_prompt(config=config, model=model)
-    except Exception:
-        log.exception("a plugin's formatting_prompt failed; sending [chat] formatting_prompt")
-        return str(config["chat"]["formatting_prompt"])
-    if prompt is None or isinstance(prompt, str):
-        return prompt or ""
-    log.error(
-        "a plugin's formatting_prompt gave a %s, not a str or None; sending [chat] formatting_prompt",
-        type(prompt).__name__,
-    )
+    """The first answer of the plugins' ``formatting_prompt`` that is not None, asked in pluggy's order (the
+    built-in, last, answers ``[chat] formatting_prompt``). One that raises or answers what is not a str is
+    logged naming its plugin, and the next is asked: pluggy's own call would name no one, and skip them all."""
+    args = {"config": config, "model": model}
+    for impl in reversed(gateway.pm.hook.formatting_prompt.get_hookimpls()):
+        if impl.hookwrapper or impl.wrapper:
+            continue
+        try:
+            prompt = impl.function(*(args[name] for name in impl.argnames))
+        except Exception:
+            log.exception("plugin %r: formatting_prompt failed; asking the next one", impl.plugin_name)
+            continue
+        if isinstance(prompt, str):
+            return prompt
+        if prompt is not None:
+            log.error(
+                "plugin %r: formatting_prompt gave a %s, not a str or None; asking the next one",
+                impl.plugin_name,
+                type(prompt).__name__,
+            )
     return str(config["chat"]["formatting_prompt"])
 
 

@@ -22,7 +22,7 @@ from agentspace import (
 from agentspace.testing import gateway_client, make_config
 from agentspace.transports import state
 
-from .support.ws import chat
+from .support.ws import chat, receive
 
 ANSWER = ChatMessage("assistant", [TextPart("x")])
 # What a plugin's provider may get wrong, by model id, and the words that name it to the client.
@@ -52,10 +52,10 @@ class WrongProvider:
     name = "wrong"
 
     def claims(self, model: str) -> bool:
-        return model.startswith("wrong/") or model == "odd/finish"
+        return model.startswith(("wrong/", "odd/"))
 
     async def stream(self, request: ProviderRequest) -> AsyncIterator[Any]:
-        if request.model == "odd/finish":
+        if request.model.startswith("odd/"):
             yield TextDelta("x")
             yield ProviderFinish("end_turn", TokenUsage(3, 1), ChatMessage("assistant", [TextPart("x")]))
             return
@@ -103,3 +103,43 @@ async def test_a_provider_finish_reason_outside_the_protocol_reaches_clients_as_
     assert (frames[-1]["type"], frames[-1]["finishReason"]) == ("chat.stream.end", "other"), frames[-1]
     assert [r["finishReason"] for r in records] == ["other"]
     assert "provider 'wrong' on odd/finish finished 'end_turn'" in caplog.text
+
+
+class FailingFormat:
+    @hookimpl
+    def formatting_prompt(self, config: Config, model: str) -> Any:
+        return 5 if model == "odd/int-format" else None
+
+
+class RaisingFormat:
+    @hookimpl
+    def formatting_prompt(self, model: str) -> str | None:
+        if model == "odd/finish":
+            raise RuntimeError("format boom")
+        return None
+
+
+class PlainFormat:
+    @hookimpl  # registered before the failing ones: pluggy asks it after them, and before the built-in
+    def formatting_prompt(self, model: str) -> str | None:
+        return "Answer in plain text."
+
+
+async def test_a_failing_formatting_prompt_is_named_and_the_next_plugin_answers(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # It was logged as "a plugin's formatting_prompt failed": which one, among the installed plugins, was for the
+    # operator to find; and the configured prompt went out in place of every other plugin's answer.
+    config = make_config(tmp_path, '[models]\ndefault = "odd/finish"\n')
+    async with gateway_client(config, Plugin(), PlainFormat(), FailingFormat(), RaisingFormat()) as client:
+        ws = await client.ws_connect("/gateway")
+        for model in ("odd/finish", "odd/int-format"):
+            frames = await chat(ws, "hi", model=model)
+            assert frames[-1]["type"] == "chat.stream.end", frames[-1]
+            await ws.send_json({"type": "context.inspect", "id": "i1", "sessionId": frames[0]["sessionId"]})
+            context = await receive(ws)
+            [row] = [s for s in context["sections"] if s["name"] == "response_format"]
+            assert row["byteCount"] == len("Answer in plain text."), context
+        await ws.close()
+    assert "plugin 'RaisingFormat': formatting_prompt failed" in caplog.text, caplog.text
+    assert "plugin 'FailingFormat': formatting_prompt gave a int, not a str or None" in caplog.text
