@@ -70,7 +70,8 @@ def usable_models(config: Config, providers: Iterable[Any] = (), *, include_all:
     for model_id, provider in sorted(ids.items()):
         try:
             provided = provided_info(providers, model_id)
-        except Exception:  # listed with what the other sources know; the gateway logs the plugin's error
+        except Exception as e:  # listed with what the other sources know, and its author told why
+            warn_limited(log, f"model_info:{model_id}", "the provider of %s could not describe it: %s", model_id, e)
             provided = {}
         info = model_info(config, model_id, provided)
         deprecation = info.deprecation_date

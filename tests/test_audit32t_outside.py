@@ -143,3 +143,41 @@ async def test_a_failing_formatting_prompt_is_named_and_the_next_plugin_answers(
         await ws.close()
     assert "plugin 'RaisingFormat': formatting_prompt failed" in caplog.text, caplog.text
     assert "plugin 'FailingFormat': formatting_prompt gave a int, not a str or None" in caplog.text
+
+
+class Describing:
+    """Lists two models, and describes them wrongly: a price as a string, a list in place of a dict."""
+
+    name = "describing"
+
+    def claims(self, model: str) -> bool:
+        return model.startswith("describing/")
+
+    def models(self) -> list[str]:
+        return ["describing/a", "describing/b"]
+
+    def model_info(self, model: str) -> Any:
+        return {"input_per_mtok": "0.5"} if model == "describing/a" else ["nope"]
+
+    async def stream(self, request: ProviderRequest) -> AsyncIterator[Any]:
+        yield ProviderFinish("stop", TokenUsage(1, 1), ChatMessage("assistant", [TextPart("x")]))
+
+
+class DescribingPlugin:
+    @hookimpl
+    def register_providers(self, register: Callable[[Any], None], config: Config) -> None:
+        register(Describing())
+
+
+async def test_a_malformed_model_info_is_logged_when_the_model_lists_leave_it_aside(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The lists showed the fallback price and no context window without a word: the author, running `agentspace
+    # models` or the web app, could not learn why the prices the provider gave were ignored.
+    config = make_config(tmp_path, '[models]\ndefault = "describing/a"\n')
+    async with gateway_client(config, DescribingPlugin()) as client:
+        resp = await client.get("/api/models")
+        models = {m["id"]: m for m in (await resp.json())["models"]}
+    assert not models["describing/a"]["priceKnown"] and not models["describing/b"]["priceKnown"]
+    assert "model_info('describing/a').input_per_mtok: expected an integer or a number, got '0.5'" in caplog.text
+    assert "provider 'describing': model_info('describing/b'): expected a dict, got ['nope']" in caplog.text
