@@ -17,7 +17,7 @@ from typing import Any
 from .config import Config, is_pattern
 from .logs import warn_limited
 from .pricing import CHAT_MODES, cost_entry, known_models, model_info, provided_info
-from .providers.base import lacks_key
+from .providers.base import claims, lacks_key
 from .vault import KeyVault, resolve_key
 
 log = logging.getLogger(__name__)
@@ -113,7 +113,7 @@ async def without_keyless_plugin_models(
     out = []
     for model in models:
         model_id = str(model["id"])
-        serving = next((p for p in providers if p.claims(model_id)), None) if model_id in listed else None
+        serving = next((p for p in providers if claims(p, model_id)), None) if model_id in listed else None
         if serving is not None:
             prefix = model_id.partition("/")[0]
             if prefix not in keys:  # the vault is a file: read off the event loop

@@ -181,3 +181,41 @@ async def test_a_malformed_model_info_is_logged_when_the_model_lists_leave_it_as
     assert not models["describing/a"]["priceKnown"] and not models["describing/b"]["priceKnown"]
     assert "model_info('describing/a').input_per_mtok: expected an integer or a number, got '0.5'" in caplog.text
     assert "provider 'describing': model_info('describing/b'): expected a dict, got ['nope']" in caplog.text
+
+
+class Strict:
+    """Claims by looking its table up: a KeyError for every id it does not know."""
+
+    name = "strict"
+
+    def claims(self, model: str) -> bool:
+        return {"strict/one": True}[model]
+
+    async def stream(self, request: ProviderRequest) -> AsyncIterator[Any]:
+        yield TextDelta("strict")
+        yield ProviderFinish("stop", TokenUsage(1, 1), ChatMessage("assistant", [TextPart("strict")]))
+
+
+class StrictPlugin:
+    @hookimpl
+    def register_providers(self, register: Callable[[Any], None], config: Config) -> None:
+        register(Strict())  # asked first, for every id
+        register(WrongProvider())
+
+
+async def test_a_provider_whose_claims_raises_takes_no_other_model_down(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Every call to any other model was a 500 "The gateway failed to handle this request" (INTERNAL_ERROR on the
+    # WebSocket), naming no plugin.
+    config = make_config(tmp_path, '[models]\ndefault = "strict/one"\n')
+    async with gateway_client(config, StrictPlugin()) as client:
+        ws = await client.ws_connect("/gateway")
+        for model in ("strict/one", "odd/finish"):
+            frames = await chat(ws, "hi", model=model)
+            assert frames[-1]["type"] == "chat.stream.end", frames[-1]
+        await ws.close()
+        body = {"model": "odd/finish", "messages": [{"role": "user", "content": "hi"}]}
+        resp = await client.post("/v1/chat/completions", json=body)
+        assert resp.status == 200, await resp.text()
+    assert "provider 'strict': claims('odd/finish') failed: KeyError" in caplog.text

@@ -20,6 +20,7 @@ from ..events import (
     ToolCallEvent,
     UsageReport,
 )
+from ..logs import warn_limited
 from ..types import ChatMessage, ModelInfo, TokenUsage, Tool
 
 log = logging.getLogger(__name__)
@@ -172,6 +173,17 @@ async def lacks_key(provider: Provider, model: str, api_key: str | None, base_ur
     except Exception as e:  # a plugin's bug: the call goes ahead, and its provider says what is wrong
         name = getattr(provider, "name", type(provider).__name__)
         log.warning("provider %r: missing_key(%r) failed: %s: %s", name, model, type(e).__name__, e)
+        return False
+
+
+def claims(provider: Provider, model: str) -> bool:
+    """``provider.claims(model)``; one that raises (a plugin's bug: ``MODELS[model]`` for an id it does not
+    know) is logged naming the provider and claims nothing, so that the other providers' models still work."""
+    try:
+        return bool(provider.claims(model))
+    except Exception as e:
+        name = getattr(provider, "name", type(provider).__name__)
+        warn_limited(log, f"claims:{name}", "provider %r: claims(%r) failed: %s: %s", name, model, type(e).__name__, e)
         return False
 
 
