@@ -3,6 +3,7 @@ no provider event or finish with fields of the wrong type, and formatting prompt
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -219,3 +220,44 @@ async def test_a_provider_whose_claims_raises_takes_no_other_model_down(
         resp = await client.post("/v1/chat/completions", json=body)
         assert resp.status == 200, await resp.text()
     assert "provider 'strict': claims('odd/finish') failed: KeyError" in caplog.text
+
+
+class Waiting:
+    """Asks a key service that never answers whether the key is missing."""
+
+    name = "waiting"
+
+    def claims(self, model: str) -> bool:
+        return model.startswith("waiting/")
+
+    def models(self) -> list[str]:
+        return ["waiting/m"]
+
+    async def missing_key(self, model: str, api_key: str | None, base_url: str | None) -> bool:
+        await asyncio.Event().wait()
+        return True
+
+    async def stream(self, request: ProviderRequest) -> AsyncIterator[Any]:
+        yield TextDelta("waited")
+        yield ProviderFinish("stop", TokenUsage(1, 1), ChatMessage("assistant", [TextPart("waited")]))
+
+
+class WaitingPlugin:
+    @hookimpl
+    def register_providers(self, register: Callable[[Any], None], config: Config) -> None:
+        register(Waiting())
+
+
+async def test_a_provider_whose_missing_key_hangs_holds_no_call_nor_list(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The chat and GET /api/models waited for ever.
+    config = make_config(tmp_path, '[models]\ndefault = "waiting/m"\n')
+    async with gateway_client(config, WaitingPlugin()) as client:
+        ws = await client.ws_connect("/gateway")
+        frames = await asyncio.wait_for(chat(ws, "hi"), 60)
+        await ws.close()
+        assert frames[-1]["type"] == "chat.stream.end", frames[-1]
+        resp = await asyncio.wait_for(client.get("/api/models"), 60)
+        assert [m["id"] for m in (await resp.json())["models"]] == ["waiting/m"]
+    assert "provider 'waiting': missing_key('waiting/m') took over 5s; the call goes ahead" in caplog.text

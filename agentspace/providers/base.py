@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import email.utils
 import logging
 import time
@@ -159,6 +160,9 @@ class Provider(Protocol):
     def stream(self, request: ProviderRequest) -> AsyncIterator[ProviderEvent]: ...
 
 
+# How long a plugin provider's ``missing_key`` may take before the call goes ahead without its answer.
+MISSING_KEY_SECONDS = 5.0
+
 # The methods a provider may define besides the protocol's, each documented in docs/plugins.md.
 OPTIONAL_PROVIDER_METHODS = ("models", "model_info", "missing_key", "aclose")
 
@@ -168,10 +172,18 @@ async def lacks_key(provider: Provider, model: str, api_key: str | None, base_ur
     check = getattr(provider, "missing_key", None)
     if check is None:
         return False
+    name = getattr(provider, "name", type(provider).__name__)
     try:
-        return bool(await check(model, api_key, base_url))
+        if is_builtin(provider):  # litellm's may import litellm first, which takes seconds
+            return bool(await check(model, api_key, base_url))
+        # A plugin's that waits on a service that does not answer would hold every call and model list.
+        return bool(await asyncio.wait_for(check(model, api_key, base_url), MISSING_KEY_SECONDS))
+    except TimeoutError:
+        log.warning(
+            "provider %r: missing_key(%r) took over %.0fs; the call goes ahead", name, model, MISSING_KEY_SECONDS
+        )
+        return False
     except Exception as e:  # a plugin's bug: the call goes ahead, and its provider says what is wrong
-        name = getattr(provider, "name", type(provider).__name__)
         log.warning("provider %r: missing_key(%r) failed: %s: %s", name, model, type(e).__name__, e)
         return False
 
