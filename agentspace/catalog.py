@@ -34,7 +34,10 @@ def plugin_models(providers: Iterable[Any]) -> dict[str, str]:
         if not callable(lister):
             continue
         try:
-            listed = list(lister())
+            answer = lister()
+            if isinstance(answer, str):  # list("echo/echo") would list each of its letters as a model
+                raise TypeError(f"models() returned a str, {answer!r}, not a list of ids")
+            listed = list(answer)
         except Exception as e:  # a plugin's bug leaves its models unlisted; its calls (``claims``) still work
             name = getattr(provider, "name", type(provider).__name__)
             warn_limited(

@@ -261,3 +261,38 @@ async def test_a_provider_whose_missing_key_hangs_holds_no_call_nor_list(
         resp = await asyncio.wait_for(client.get("/api/models"), 60)
         assert [m["id"] for m in (await resp.json())["models"]] == ["waiting/m"]
     assert "provider 'waiting': missing_key('waiting/m') took over 5s; the call goes ahead" in caplog.text
+
+
+class OneModel(Waiting):
+    name = "one-model"
+
+    def claims(self, model: str) -> bool:
+        return model == "one/m"
+
+    def models(self) -> Any:
+        return "one/m"  # a list was meant
+
+    async def missing_key(self, model: str, api_key: str | None, base_url: str | None) -> bool:
+        return False
+
+
+class OneModelPlugin:
+    @hookimpl
+    def register_providers(self, register: Callable[[Any], None], config: Config) -> None:
+        register(OneModel())
+
+
+async def test_a_provider_whose_models_returns_a_str_lists_no_letters(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # GET /api/models listed "o", "n", "e", "/" and "m", each a model of the provider.
+    config = make_config(tmp_path, '[models]\ndefault = "one/m"\n')
+    async with gateway_client(config, OneModelPlugin()) as client:
+        resp = await client.get("/api/models")
+        listed = [m["id"] for m in (await resp.json())["models"]]
+        ws = await client.ws_connect("/gateway")
+        frames = await chat(ws, "hi")
+        await ws.close()
+    assert listed == []  # unlisted, as when models() raises; its calls still work
+    assert frames[-1]["type"] == "chat.stream.end", frames[-1]
+    assert "provider 'one-model' could not list its models: TypeError: models() returned a str" in caplog.text
