@@ -18,8 +18,10 @@ from agentspace import (
     TextDelta,
     TextPart,
     TokenUsage,
+    Tool,
     hookimpl,
 )
+from agentspace.plugins import PluginError
 from agentspace.testing import gateway_client, make_config
 from agentspace.transports import state
 
@@ -296,3 +298,23 @@ async def test_a_provider_whose_models_returns_a_str_lists_no_letters(
     assert listed == []  # unlisted, as when models() raises; its calls still work
     assert frames[-1]["type"] == "chat.stream.end", frames[-1]
     assert "provider 'one-model' could not list its models: TypeError: models() returned a str" in caplog.text
+
+
+def count_words(input: dict[str, Any]) -> dict[str, int]:  # `async def` was meant
+    return {"words": len(str(input.get("text", "")).split())}
+
+
+class PlainToolPlugin:
+    @hookimpl
+    def register_tools(self, register: Callable[[Tool], None], config: Config) -> None:
+        register(Tool("count_words", "Count words.", {"type": "object", "properties": {}}, count_words))
+
+
+async def test_a_tool_whose_handler_is_a_plain_function_stops_the_start_naming_it(tmp_path: Path) -> None:
+    # It was taken: the tool ran when the model called it, and the model got "Tool count_words failed: object
+    # dict can't be used in 'await' expression" for its result, so it called it again.
+    with pytest.raises(PluginError, match="register_tools") as raised:
+        async with gateway_client(make_config(tmp_path), PlainToolPlugin()):
+            pass
+    assert "tool 'count_words': its handler count_words is a plain function" in str(raised.value)
+    assert "make it `async def`" in str(raised.value)
