@@ -456,12 +456,19 @@ def _measure_cache(
     )
 
 
+def answer_tokens(config: Config, info: ModelInfo) -> int:
+    """The ``max_tokens`` a session's call asks for: ``[chat] max_tokens``, within the model's own output limit
+    when it is known (an upstream refuses more, and the window left for the input would be counted short)."""
+    output = int(config["chat"]["max_tokens"])
+    return min(output, info.max_output_tokens) if info.max_output_tokens else output
+
+
 def input_window(config: Config, model: str, info: ModelInfo) -> tuple[int | None, int]:
     """(the input tokens a call to ``model`` may send: its window minus the output the call asks for, None when
     the window is unknown; that output). The budget form of extended thinking asks for the budget on top of
     ``[chat] max_tokens`` (``providers.base.budget_max_tokens``), and Anthropic refuses a call whose input and
     ``max_tokens`` together pass the window; adaptive thinking stays within ``max_tokens``."""
-    output = int(config["chat"]["max_tokens"])
+    output = answer_tokens(config, info)
     if config["thinking"]["enabled"] and info.supports_reasoning:
         adaptive = info.adaptive_thinking_only or accepts_adaptive_thinking(model)
         thinking = ThinkingSettings(int(config["thinking"]["budget_tokens"]), adaptive)

@@ -318,3 +318,45 @@ async def test_a_tool_whose_handler_is_a_plain_function_stops_the_start_naming_i
             pass
     assert "tool 'count_words': its handler count_words is a plain function" in str(raised.value)
     assert "make it `async def`" in str(raised.value)
+
+
+class LocalModel:
+    """A small local model, described as its provider knows it: a 4,096-token window, 1,024 tokens of output."""
+
+    name = "local"
+    seen: list[int] = []
+
+    def claims(self, model: str) -> bool:
+        return model.startswith("local/")
+
+    def models(self) -> list[str]:
+        return ["local/small"]
+
+    def model_info(self, model: str) -> dict[str, Any]:
+        return {"input_per_mtok": 0.0, "output_per_mtok": 0.0, "context_window": 4096, "max_output_tokens": 1024}
+
+    async def stream(self, request: ProviderRequest) -> AsyncIterator[Any]:
+        self.seen.append(request.max_tokens)
+        yield TextDelta("ok")
+        yield ProviderFinish("stop", TokenUsage(10, 1), ChatMessage("assistant", [TextPart("ok")]))
+
+
+class LocalPlugin:
+    @hookimpl
+    def register_providers(self, register: Callable[[Any], None], config: Config) -> None:
+        register(LocalModel())
+
+
+async def test_a_model_with_a_small_output_limit_is_asked_within_it_and_its_window_counted_so(tmp_path: Path) -> None:
+    # Every WebSocket and /api/chat turn was CONTEXT_TOO_LONG: "local/small takes 0 (4096 in its window, minus
+    # 4096 for the answer)": [chat] max_tokens (4096) was taken for the answer, past the model's own 1,024.
+    config = make_config(tmp_path, '[models]\ndefault = "local/small"\n[chat]\ncontext_policy = "refuse"\n')
+    async with gateway_client(config, LocalPlugin()) as client:
+        ws = await client.ws_connect("/gateway")
+        frames = await chat(ws, "hi")
+        assert frames[-1]["type"] == "chat.stream.end", frames[-1]
+        frames = await chat(ws, "word " * 3500)  # past the 3,072 the answer leaves
+        await ws.close()
+    assert frames[-1]["code"] == "CONTEXT_TOO_LONG", frames[-1]
+    assert "local/small takes 3072 (4096 in its window, minus 1024 for the answer)" in frames[-1]["message"]
+    assert LocalModel.seen == [1024]
