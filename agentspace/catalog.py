@@ -17,7 +17,7 @@ from typing import Any
 from .config import Config, is_pattern
 from .logs import warn_limited
 from .pricing import CHAT_MODES, cost_entry, known_models, model_info, provided_info
-from .providers.base import lacks_key
+from .providers.base import claims, lacks_key
 from .vault import KeyVault, resolve_key
 
 log = logging.getLogger(__name__)
@@ -34,7 +34,10 @@ def plugin_models(providers: Iterable[Any]) -> dict[str, str]:
         if not callable(lister):
             continue
         try:
-            listed = list(lister())
+            answer = lister()
+            if isinstance(answer, str):  # list("echo/echo") would list each of its letters as a model
+                raise TypeError(f"models() returned a str, {answer!r}, not a list of ids")
+            listed = list(answer)
         except Exception as e:  # a plugin's bug leaves its models unlisted; its calls (``claims``) still work
             name = getattr(provider, "name", type(provider).__name__)
             warn_limited(
@@ -70,7 +73,8 @@ def usable_models(config: Config, providers: Iterable[Any] = (), *, include_all:
     for model_id, provider in sorted(ids.items()):
         try:
             provided = provided_info(providers, model_id)
-        except Exception:  # listed with what the other sources know; the gateway logs the plugin's error
+        except Exception as e:  # listed with what the other sources know, and its author told why
+            warn_limited(log, f"model_info:{model_id}", "the provider of %s could not describe it: %s", model_id, e)
             provided = {}
         info = model_info(config, model_id, provided)
         deprecation = info.deprecation_date
@@ -112,7 +116,7 @@ async def without_keyless_plugin_models(
     out = []
     for model in models:
         model_id = str(model["id"])
-        serving = next((p for p in providers if p.claims(model_id)), None) if model_id in listed else None
+        serving = next((p for p in providers if claims(p, model_id)), None) if model_id in listed else None
         if serving is not None:
             prefix = model_id.partition("/")[0]
             if prefix not in keys:  # the vault is a file: read off the event loop

@@ -233,19 +233,26 @@ async def _build(builder: Any, request: ContextRequest) -> str:
 
 
 def _formatting_prompt(gateway: Registry, config: Config, model: str) -> str:
-    """The plugins' ``formatting_prompt``; one that raises or answers what is not a str is logged, and the
-    configured prompt (``[chat] formatting_prompt``, what the built-in answers) is sent instead."""
-    try:
-        prompt = gateway.pm.hook.formatting_prompt(config=config, model=model)
-    except Exception:
-        log.exception("a plugin's formatting_prompt failed; sending [chat] formatting_prompt")
-        return str(config["chat"]["formatting_prompt"])
-    if prompt is None or isinstance(prompt, str):
-        return prompt or ""
-    log.error(
-        "a plugin's formatting_prompt gave a %s, not a str or None; sending [chat] formatting_prompt",
-        type(prompt).__name__,
-    )
+    """The first answer of the plugins' ``formatting_prompt`` that is not None, asked in pluggy's order (the
+    built-in, last, answers ``[chat] formatting_prompt``). One that raises or answers what is not a str is
+    logged naming its plugin, and the next is asked: pluggy's own call would name no one, and skip them all."""
+    args = {"config": config, "model": model}
+    for impl in reversed(gateway.pm.hook.formatting_prompt.get_hookimpls()):
+        if impl.hookwrapper or impl.wrapper:
+            continue
+        try:
+            prompt = impl.function(*(args[name] for name in impl.argnames))
+        except Exception:
+            log.exception("plugin %r: formatting_prompt failed; asking the next one", impl.plugin_name)
+            continue
+        if isinstance(prompt, str):
+            return prompt
+        if prompt is not None:
+            log.error(
+                "plugin %r: formatting_prompt gave a %s, not a str or None; asking the next one",
+                impl.plugin_name,
+                type(prompt).__name__,
+            )
     return str(config["chat"]["formatting_prompt"])
 
 
@@ -453,12 +460,19 @@ def _measure_cache(
     )
 
 
+def answer_tokens(config: Config, info: ModelInfo) -> int:
+    """The ``max_tokens`` a session's call asks for: ``[chat] max_tokens``, within the model's own output limit
+    when it is known (an upstream refuses more, and the window left for the input would be counted short)."""
+    output = int(config["chat"]["max_tokens"])
+    return min(output, info.max_output_tokens) if info.max_output_tokens else output
+
+
 def input_window(config: Config, model: str, info: ModelInfo) -> tuple[int | None, int]:
     """(the input tokens a call to ``model`` may send: its window minus the output the call asks for, None when
     the window is unknown; that output). The budget form of extended thinking asks for the budget on top of
     ``[chat] max_tokens`` (``providers.base.budget_max_tokens``), and Anthropic refuses a call whose input and
     ``max_tokens`` together pass the window; adaptive thinking stays within ``max_tokens``."""
-    output = int(config["chat"]["max_tokens"])
+    output = answer_tokens(config, info)
     if config["thinking"]["enabled"] and info.supports_reasoning:
         adaptive = info.adaptive_thinking_only or accepts_adaptive_thinking(model)
         thinking = ThinkingSettings(int(config["thinking"]["budget_tokens"]), adaptive)

@@ -30,6 +30,7 @@ from . import attachments, tokens
 from .calls import ProviderCall, ceiling_cost, cut_short_usage, price, request_ceiling
 from .context import (
     AssembledContext,
+    answer_tokens,
     answered_turns,
     assemble,
     estimate_input_tokens,
@@ -303,9 +304,7 @@ def least_output_cost(gw: Registry, model: str) -> float:
     info = gw.model_info(model)
     if gw.config["thinking"]["enabled"]:
         thinking = ThinkingSettings(int(gw.config["thinking"]["budget_tokens"]), info.adaptive_thinking_only)
-    request = ProviderRequest(
-        model, "", [], info, int(gw.config["chat"]["max_tokens"]), thinking=thinking, options=settings
-    )
+    request = ProviderRequest(model, "", [], info, answer_tokens(gw.config, info), thinking=thinking, options=settings)
     return ceiling_cost(gw, model, request_ceiling(request, 0))
 
 
@@ -929,7 +928,7 @@ class Turn:
             system=ctx.system,
             messages=ctx.messages,
             model_info=info,
-            max_tokens=int(gw.config["chat"]["max_tokens"]),
+            max_tokens=answer_tokens(gw.config, info),
             tools=ctx.tools,
             thinking=thinking,
             api_key=resolve_key(gw.config, prefix),

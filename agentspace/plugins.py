@@ -8,7 +8,9 @@ plugins load; set it to an empty string to load none. Built-ins always load, but
 from __future__ import annotations
 
 import difflib
+import functools
 import importlib
+import inspect
 import logging
 import os
 import re
@@ -221,6 +223,13 @@ def _is_tool(thing: Any) -> bool:
     return isinstance(thing, Tool)
 
 
+def _plain_function(handler: Any) -> bool:
+    """A function or method (or a partial of one) that is not ``async def``: what a tool handler must not be.
+    Other callables (an object with an async ``__call__``) are taken on trust."""
+    target = handler.func if isinstance(handler, functools.partial) else handler
+    return (inspect.isfunction(target) or inspect.ismethod(target)) and not inspect.iscoroutinefunction(target)
+
+
 def _is_sink(thing: Any) -> bool:
     return callable(getattr(thing, "record", None))
 
@@ -255,6 +264,12 @@ def checked(hook: str, register: Callable[[Any], object]) -> Callable[[Any], Non
             problem = attribute_problem(thing)
             if problem:
                 raise ValueError(problem)
+        if hook == "register_tools" and _plain_function(thing.handler):
+            # The gateway awaits the handler: a plain one would run, and its result be lost for an error.
+            raise ValueError(
+                f"tool {thing.name!r}: its handler {getattr(thing.handler, '__name__', '?')} is a plain function, "
+                "and the gateway awaits it; make it `async def` (blocking work: `await asyncio.to_thread(...)`)"
+            )
         if hook == "register_context_sections":
             from .context import CORE_SECTIONS
 

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import Config, ConfigError, is_pattern, validate_model_table
+from .providers.base import claims
 from .types import ModelInfo, PriceTier
 
 log = logging.getLogger(__name__)
@@ -85,7 +86,7 @@ def provided_info(providers: Iterable[Any], model: str) -> dict[str, Any]:
     """What the provider serving ``model`` says of it (its optional ``model_info(model)``), checked; {} when
     it says nothing. A malformed answer raises ``ConfigError`` naming the provider."""
     for provider in providers:
-        if not provider.claims(model):
+        if not claims(provider, model):
             continue
         describe = getattr(provider, "model_info", None)
         if not callable(describe):
@@ -243,7 +244,7 @@ def unserved_patterns(config: Config, providers: Iterable[Any]) -> list[str]:
             continue
         prefix = key.partition("/")[0]
         sample = f"{prefix}/any-model"
-        if not any(p.claims(sample) for p in providers) and not any(m.startswith(f"{prefix}/") for m in listed):
+        if not any(claims(p, sample) for p in providers) and not any(m.startswith(f"{prefix}/") for m in listed):
             out.append(key)
     return out
 

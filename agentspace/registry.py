@@ -22,7 +22,7 @@ from .config import Config
 from .logs import warn_limited
 from .lru import LRU
 from .pending import PendingWrites
-from .providers.base import Provider, is_builtin, model_prefix
+from .providers.base import Provider, claims, is_builtin, model_prefix
 from .sinks import CLOSE_SECONDS, UsageSink, delivery
 from .types import ContextSectionBuilder, ModelInfo, Tool
 
@@ -78,7 +78,7 @@ class Models:
         if "/" not in model or not model_prefix(model) or model.endswith("/"):
             raise ModelNotFound(f"Model ids look like provider/model, e.g. anthropic/claude-sonnet-4-6; got {model!r}")
         for provider in self.providers:
-            if provider.claims(model):
+            if claims(provider, model):
                 # The cost map lists the built-in providers' models, not a plugin's (one serving ollama/... or
                 # deepseek/... ids itself): its claim is its word.
                 if is_builtin(provider):

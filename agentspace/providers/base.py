@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import email.utils
 import logging
 import time
@@ -9,9 +10,19 @@ from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol, runtime_checkable
 
-from ..events import ProviderError, ProviderEvent, ProviderFinish
+from ..events import (
+    ProviderError,
+    ProviderEvent,
+    ProviderFinish,
+    ReasoningDelta,
+    ResponseStarted,
+    SourceEvent,
+    TextDelta,
+    ToolCallEvent,
+    UsageReport,
+)
 from ..logs import warn_limited
-from ..types import ChatMessage, ModelInfo, Tool
+from ..types import ChatMessage, ModelInfo, TokenUsage, Tool
 
 log = logging.getLogger(__name__)
 
@@ -149,6 +160,9 @@ class Provider(Protocol):
     def stream(self, request: ProviderRequest) -> AsyncIterator[ProviderEvent]: ...
 
 
+# How long a plugin provider's ``missing_key`` may take before the call goes ahead without its answer.
+MISSING_KEY_SECONDS = 5.0
+
 # The methods a provider may define besides the protocol's, each documented in docs/plugins.md.
 OPTIONAL_PROVIDER_METHODS = ("models", "model_info", "missing_key", "aclose")
 
@@ -158,11 +172,30 @@ async def lacks_key(provider: Provider, model: str, api_key: str | None, base_ur
     check = getattr(provider, "missing_key", None)
     if check is None:
         return False
+    name = getattr(provider, "name", type(provider).__name__)
     try:
-        return bool(await check(model, api_key, base_url))
+        if is_builtin(provider):  # litellm's may import litellm first, which takes seconds
+            return bool(await check(model, api_key, base_url))
+        # A plugin's that waits on a service that does not answer would hold every call and model list.
+        return bool(await asyncio.wait_for(check(model, api_key, base_url), MISSING_KEY_SECONDS))
+    except TimeoutError:
+        log.warning(
+            "provider %r: missing_key(%r) took over %.0fs; the call goes ahead", name, model, MISSING_KEY_SECONDS
+        )
+        return False
     except Exception as e:  # a plugin's bug: the call goes ahead, and its provider says what is wrong
-        name = getattr(provider, "name", type(provider).__name__)
         log.warning("provider %r: missing_key(%r) failed: %s: %s", name, model, type(e).__name__, e)
+        return False
+
+
+def claims(provider: Provider, model: str) -> bool:
+    """``provider.claims(model)``; one that raises (a plugin's bug: ``MODELS[model]`` for an id it does not
+    know) is logged naming the provider and claims nothing, so that the other providers' models still work."""
+    try:
+        return bool(provider.claims(model))
+    except Exception as e:
+        name = getattr(provider, "name", type(provider).__name__)
+        warn_limited(log, f"claims:{name}", "provider %r: claims(%r) failed: %s: %s", name, model, type(e).__name__, e)
         return False
 
 
@@ -175,39 +208,46 @@ def is_builtin(provider: object) -> bool:
 def provider_stream(provider: Provider, request: ProviderRequest) -> AsyncIterator[ProviderEvent]:
     """``provider.stream(request)``. A plugin's stream that raises what is no ``ProviderError`` (a bug, its HTTP
     client's own error) fails as the built-in providers fail, with ``LLM_ERROR``: recorded and answered as a
-    failed call, not a 500 or a cut stream. The built-ins' streams go unwrapped."""
+    failed call, not a 500 or a cut stream; so does one yielding events of the wrong types (``_wrong_event``),
+    and a finish reason outside the protocol's goes on as "other". The built-ins' streams go unwrapped."""
     if is_builtin(provider):
         return provider.stream(request)
     return _guarded(provider, request)
 
 
-# The finish reasons a provider may end with (docs/plugins.md#register_providersregister-config): the transports map these, and the
-# WebSocket sends them as they are.
-FINISH_REASONS = frozenset({"stop", "length", "tool-calls", "content-filter", "error", "other"})
-
-
 async def _guarded(provider: Provider, request: ProviderRequest) -> AsyncIterator[ProviderEvent]:
     stream: AsyncIterator[ProviderEvent] | None = None
+    name = getattr(provider, "name", type(provider).__name__)
+    finished = False
     try:
         stream = provider.stream(request)
         async for event in stream:
-            if isinstance(event, ProviderFinish) and event.finish_reason not in FINISH_REASONS:
-                # Another value (a provider's own "end_turn") would reach WebSocket clients as it is: "other".
-                name = getattr(provider, "name", type(provider).__name__)
-                warn_limited(
-                    log,
-                    f"finish-reason:{name}",
-                    "provider %r ended with finish_reason %.60r, which is none of %s: sent as 'other'",
-                    name,
-                    event.finish_reason,
-                    ", ".join(sorted(FINISH_REASONS)),
-                )
-                event = replace(event, finish_reason="other")
+            wrong = _wrong_event(event)
+            if wrong:
+                log.error("provider %r on %s: %s", name, request.model, wrong)
+                raise ProviderError("LLM_ERROR", f"The {name} provider {wrong}.")
+            if type(event) is ProviderFinish:
+                if event.finish_reason not in FINISH_REASONS:
+                    # Another value (a provider's own "end_turn") would reach WebSocket clients as it is.
+                    warn_limited(
+                        log,
+                        f"finish-reason:{name}",
+                        "provider %r on %s finished %.60r, which is none of %s; sent as 'other'",
+                        name,
+                        request.model,
+                        event.finish_reason,
+                        ", ".join(sorted(FINISH_REASONS)),
+                    )
+                    event = replace(event, finish_reason="other")
+                finished = True
             yield event
+        if finished:
+            return
+        log.error("provider %r on %s ended its stream without a ProviderFinish", name, request.model)
+        raise ProviderError("LLM_ERROR", f"The {name} provider ended its stream without finishing the answer.")
     except ProviderError:
         raise
     except Exception as e:
-        name = getattr(provider, "name", type(provider).__name__)
         log.error("provider %r failed on %s", name, request.model, exc_info=e)
         # Its message may quote a URL or a key: the client gets the exception's type only.
         raise ProviderError("LLM_ERROR", f"The {name} provider failed ({type(e).__name__}); see the server log.") from e
@@ -215,6 +255,43 @@ async def _guarded(provider: Provider, request: ProviderRequest) -> AsyncIterato
         close = getattr(stream, "aclose", None)
         if close is not None:
             await close()
+
+
+# The finish reasons of the protocol (docs/plugins.md); a plugin's other reason reaches clients as "other".
+FINISH_REASONS = frozenset({"stop", "length", "tool-calls", "content-filter", "error", "other"})
+_EVENT_TYPES = (TextDelta, ReasoningDelta, SourceEvent, ToolCallEvent, UsageReport, ResponseStarted, ProviderFinish)
+_TOKEN_FIELDS = (
+    "input_tokens",
+    "output_tokens",
+    "cache_read_tokens",
+    "cache_write_tokens",
+    "reasoning_tokens",
+    "cache_write_1h_tokens",
+)
+
+
+def _wrong_event(event: object) -> str | None:
+    """What is wrong with an event a plugin's provider yielded, in words for its author; None when nothing is.
+    The gateway would otherwise drop an unknown event without a word, or fail on a wrong field later, as its
+    own error and with no usage record."""
+    if not isinstance(event, _EVENT_TYPES):
+        return f"yielded a {type(event).__name__}, which is no provider event"
+    if isinstance(event, (TextDelta, ReasoningDelta)) and not isinstance(event.text, str):
+        return f"yielded a {type(event).__name__} whose text is a {type(event.text).__name__}, not a str"
+    usage = event.usage if isinstance(event, (ProviderFinish, UsageReport)) else None
+    if usage is not None:
+        if not isinstance(usage, TokenUsage):
+            return f"yielded a {type(event).__name__} whose usage is a {type(usage).__name__}, not a TokenUsage"
+        for key in _TOKEN_FIELDS:
+            value = getattr(usage, key)
+            if type(value) is not int or value < 0:
+                return f"reported {key} = {value!r}, not a whole number of tokens from 0"
+    if isinstance(event, ProviderFinish):
+        if not isinstance(event.finish_reason, str):
+            return f"finished with a finish_reason that is a {type(event.finish_reason).__name__}, not a str"
+        if not isinstance(event.message, ChatMessage):
+            return f"finished with a message that is a {type(event.message).__name__}, not a ChatMessage"
+    return None
 
 
 def model_prefix(model: str) -> str:
