@@ -51,6 +51,18 @@ WRONG: dict[str, tuple[list[Any], str]] = {
 }
 
 
+class Providers:
+    """A plugin registering the providers given (asked in this order, before the built-ins)."""
+
+    def __init__(self, *providers: Any) -> None:
+        self.providers = providers
+
+    @hookimpl
+    def register_providers(self, register: Callable[[Any], None], config: Config) -> None:
+        for provider in self.providers:
+            register(provider)
+
+
 class WrongProvider:
     name = "wrong"
 
@@ -66,19 +78,13 @@ class WrongProvider:
             yield event
 
 
-class Plugin:
-    @hookimpl
-    def register_providers(self, register: Callable[[Any], None], config: Config) -> None:
-        register(WrongProvider())
-
-
 async def test_a_provider_yielding_the_wrong_types_is_named_and_its_call_recorded(tmp_path: Path) -> None:
     # A str event was dropped without a word (the turn ended "stop" with nothing); a dict usage, str tokens or no
     # message was "The gateway failed while answering" with no usage record; float tokens reached the records.
     config = make_config(
         tmp_path, '[models]\ndefault = "wrong/str"\n[pricing."wrong/*"]\ninput_per_mtok = 1\noutput_per_mtok = 1\n'
     )
-    async with gateway_client(config, Plugin()) as client:
+    async with gateway_client(config, Providers(WrongProvider())) as client:
         for model, (_, message) in WRONG.items():
             ws = await client.ws_connect("/gateway")
             frames = await chat(ws, "hi", model=model)
@@ -98,7 +104,7 @@ async def test_a_provider_finish_reason_outside_the_protocol_reaches_clients_as_
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     config = make_config(tmp_path, '[models]\ndefault = "odd/finish"\n')
-    async with gateway_client(config, Plugin()) as client:
+    async with gateway_client(config, Providers(WrongProvider())) as client:
         ws = await client.ws_connect("/gateway")
         frames = await chat(ws, "hi", model="odd/finish")
         await ws.close()
@@ -134,7 +140,9 @@ async def test_a_failing_formatting_prompt_is_named_and_the_next_plugin_answers(
     # It was logged as "a plugin's formatting_prompt failed": which one, among the installed plugins, was for the
     # operator to find; and the configured prompt went out in place of every other plugin's answer.
     config = make_config(tmp_path, '[models]\ndefault = "odd/finish"\n')
-    async with gateway_client(config, Plugin(), PlainFormat(), FailingFormat(), RaisingFormat()) as client:
+    async with gateway_client(
+        config, Providers(WrongProvider()), PlainFormat(), FailingFormat(), RaisingFormat()
+    ) as client:
         ws = await client.ws_connect("/gateway")
         for model in ("odd/finish", "odd/int-format"):
             frames = await chat(ws, "hi", model=model)
@@ -166,19 +174,13 @@ class Describing:
         yield ProviderFinish("stop", TokenUsage(1, 1), ChatMessage("assistant", [TextPart("x")]))
 
 
-class DescribingPlugin:
-    @hookimpl
-    def register_providers(self, register: Callable[[Any], None], config: Config) -> None:
-        register(Describing())
-
-
 async def test_a_malformed_model_info_is_logged_when_the_model_lists_leave_it_aside(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     # The lists showed the fallback price and no context window without a word: the author, running `agentspace
     # models` or the web app, could not learn why the prices the provider gave were ignored.
     config = make_config(tmp_path, '[models]\ndefault = "describing/a"\n')
-    async with gateway_client(config, DescribingPlugin()) as client:
+    async with gateway_client(config, Providers(Describing())) as client:
         resp = await client.get("/api/models")
         models = {m["id"]: m for m in (await resp.json())["models"]}
     assert not models["describing/a"]["priceKnown"] and not models["describing/b"]["priceKnown"]
@@ -199,20 +201,13 @@ class Strict:
         yield ProviderFinish("stop", TokenUsage(1, 1), ChatMessage("assistant", [TextPart("strict")]))
 
 
-class StrictPlugin:
-    @hookimpl
-    def register_providers(self, register: Callable[[Any], None], config: Config) -> None:
-        register(Strict())  # asked first, for every id
-        register(WrongProvider())
-
-
 async def test_a_provider_whose_claims_raises_takes_no_other_model_down(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     # Every call to any other model was a 500 "The gateway failed to handle this request" (INTERNAL_ERROR on the
     # WebSocket), naming no plugin.
     config = make_config(tmp_path, '[models]\ndefault = "strict/one"\n')
-    async with gateway_client(config, StrictPlugin()) as client:
+    async with gateway_client(config, Providers(Strict(), WrongProvider())) as client:
         ws = await client.ws_connect("/gateway")
         for model in ("strict/one", "odd/finish"):
             frames = await chat(ws, "hi", model=model)
@@ -244,18 +239,12 @@ class Waiting:
         yield ProviderFinish("stop", TokenUsage(1, 1), ChatMessage("assistant", [TextPart("waited")]))
 
 
-class WaitingPlugin:
-    @hookimpl
-    def register_providers(self, register: Callable[[Any], None], config: Config) -> None:
-        register(Waiting())
-
-
 async def test_a_provider_whose_missing_key_hangs_holds_no_call_nor_list(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     # The chat and GET /api/models waited for ever.
     config = make_config(tmp_path, '[models]\ndefault = "waiting/m"\n')
-    async with gateway_client(config, WaitingPlugin()) as client:
+    async with gateway_client(config, Providers(Waiting())) as client:
         ws = await client.ws_connect("/gateway")
         frames = await asyncio.wait_for(chat(ws, "hi"), 60)
         await ws.close()
@@ -278,18 +267,12 @@ class OneModel(Waiting):
         return False
 
 
-class OneModelPlugin:
-    @hookimpl
-    def register_providers(self, register: Callable[[Any], None], config: Config) -> None:
-        register(OneModel())
-
-
 async def test_a_provider_whose_models_returns_a_str_lists_no_letters(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     # GET /api/models listed "o", "n", "e", "/" and "m", each a model of the provider.
     config = make_config(tmp_path, '[models]\ndefault = "one/m"\n')
-    async with gateway_client(config, OneModelPlugin()) as client:
+    async with gateway_client(config, Providers(OneModel())) as client:
         resp = await client.get("/api/models")
         listed = [m["id"] for m in (await resp.json())["models"]]
         ws = await client.ws_connect("/gateway")
@@ -341,17 +324,11 @@ class LocalModel:
         yield ProviderFinish("stop", TokenUsage(10, 1), ChatMessage("assistant", [TextPart("ok")]))
 
 
-class LocalPlugin:
-    @hookimpl
-    def register_providers(self, register: Callable[[Any], None], config: Config) -> None:
-        register(LocalModel())
-
-
 async def test_a_model_with_a_small_output_limit_is_asked_within_it_and_its_window_counted_so(tmp_path: Path) -> None:
     # Every WebSocket and /api/chat turn was CONTEXT_TOO_LONG: "local/small takes 0 (4096 in its window, minus
     # 4096 for the answer)": [chat] max_tokens (4096) was taken for the answer, past the model's own 1,024.
     config = make_config(tmp_path, '[models]\ndefault = "local/small"\n[chat]\ncontext_policy = "refuse"\n')
-    async with gateway_client(config, LocalPlugin()) as client:
+    async with gateway_client(config, Providers(LocalModel())) as client:
         ws = await client.ws_connect("/gateway")
         frames = await chat(ws, "hi")
         assert frames[-1]["type"] == "chat.stream.end", frames[-1]
