@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import base64
 import json
-import logging
 import sys
-from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -15,20 +13,7 @@ from typing import Any
 import pytest
 from click.testing import CliRunner
 
-from agentspace import (
-    ChatMessage,
-    Config,
-    ProviderEvent,
-    ProviderFinish,
-    ProviderRequest,
-    TextDelta,
-    TextPart,
-    TokenUsage,
-    hookimpl,
-)
 from agentspace.cli import main as cli
-from agentspace.testing import gateway_client, make_config
-from tests.support.ws import chat
 from tests.test_audit28s_outside import ui_chat, use_chat_turns
 from tests.test_audit28s_outside import user as ui_user
 
@@ -44,50 +29,6 @@ def test_a_budget_of_minus_zero_is_shown_as_zero(isolated_env: Path) -> None:
         assert "$0.000000 / $0.000000" in result.output and "$-" not in result.output, result.output
     shown = runner.invoke(cli, ["clients", "show", "ann", "--json"])
     assert json.loads(shown.output)["budget"]["usd"] == 0 and "-0.0" not in shown.output, shown.output
-
-
-class OwnWordsProvider:
-    """A plugin provider that ends with its upstream's own stop reason, none of the documented ones."""
-
-    name = "own-words"
-
-    def claims(self, model: str) -> bool:
-        return model.startswith("own/")
-
-    def models(self) -> list[str]:
-        return ["own/one"]
-
-    def model_info(self, model: str) -> dict[str, Any] | None:
-        return {"input_per_mtok": 0.0, "output_per_mtok": 0.0, "context_window": 8_000}
-
-    async def stream(self, request: ProviderRequest) -> AsyncIterator[ProviderEvent]:
-        yield TextDelta("done")
-        usage = TokenUsage(input_tokens=4, output_tokens=1)
-        yield ProviderFinish("end_turn", usage, ChatMessage("assistant", [TextPart("done")]))
-
-
-class Plugin:
-    @hookimpl
-    def register_providers(self, register: Callable[[Any], None], config: Config) -> None:
-        register(OwnWordsProvider())
-
-
-async def test_a_finish_reason_outside_the_documented_set_reaches_websocket_clients_as_other(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
-) -> None:
-    """``chat.stream.end`` carried a plugin provider's ``finish_reason`` as it was (``end_turn``), outside the
-    set docs/protocol.md gives; it is ``other``, and the server log says so once."""
-    config = make_config(tmp_path, '[models]\ndefault = "own/one"\n')
-    async with gateway_client(config, Plugin()) as client:
-        ws = await client.ws_connect("/gateway")
-        ends = []
-        for n in range(2):
-            frames = await chat(ws, "hi", request_id=f"r{n}")
-            ends.append(frames[-1])
-        await ws.close()
-    assert [(e["type"], e["finishReason"]) for e in ends] == [("chat.stream.end", "other")] * 2, ends
-    logged = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING and "end_turn" in r.getMessage()]
-    assert len(logged) == 1 and "own-words" in logged[0], logged
 
 
 async def test_a_damaged_sessions_resume_is_a_204_for_every_caller(
