@@ -44,6 +44,29 @@ def test_models_fallbacks_keyed_by_a_group_stop_the_start(
     assert fake_server == []
 
 
+async def first_deployment_breaking_off(
+    routed: Callable[..., Awaitable[TestClient]],  # noqa: F811
+    fakes: list[fa.FakeAnthropic],  # noqa: F811
+    fake_openai: fo.FakeOpenAI,
+    config: dict[str, Any],
+    path: str,
+) -> tuple[TestClient, dict[str, Any]]:
+    """The group's first deployment (weighted to be chosen) breaks off after its first token; ``path`` ending in
+    "translated" adds an OpenAI deployment, which makes /v1/messages translate. The client and the body for
+    ``path``'s API."""
+    fakes[0].default = fa.error_event(text="partial")
+    if path == "/v1/messages translated":  # a group with another provider's deployment is translated on /v1/messages
+        config["models"]["groups"]["claude"]["deployments"].append({"model": "openai/gpt-4o-mini", "weight": 0.001})
+        config["providers"] = {"openai": {"base_url": fake_openai.url}}
+    client = await routed(config)
+    body = {
+        "/v1/chat/completions": {"messages": [{"role": "user", "content": "Hi"}]},
+        "/v1/responses": {"input": "Hi"},
+        "/v1/messages": {"max_tokens": 50, "messages": [{"role": "user", "content": "Hi"}]},
+    }[path.split()[0]]
+    return client, body
+
+
 @pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/responses", "/v1/messages", "/v1/messages translated"])
 async def test_a_deployment_breaking_its_streams_midway_is_cooled_on_v1(
     routed: Callable[..., Awaitable[TestClient]],  # noqa: F811
@@ -57,17 +80,8 @@ async def test_a_deployment_breaking_its_streams_midway_is_cooled_on_v1(
     deployment, as a chat turn counts it: past ``allowed_fails`` it cools down and the next calls go to the
     other one. On /v1 it was counted as an answered call: never cooled, no recent error on the Deployments
     page, and every later stream drawn to it broke the same way."""
-    fakes[0].default = fa.error_event(text="partial")
     config = group(fakes, weights=[1000, 1], cooldown_seconds=60)
-    if path == "/v1/messages translated":  # a group with another provider's deployment is translated on /v1/messages
-        config["models"]["groups"]["claude"]["deployments"].append({"model": "openai/gpt-4o-mini", "weight": 0.001})
-        config["providers"] = {"openai": {"base_url": fake_openai.url}}
-    client = await routed(config)
-    body = {
-        "/v1/chat/completions": {"messages": [{"role": "user", "content": "Hi"}]},
-        "/v1/responses": {"input": "Hi"},
-        "/v1/messages": {"max_tokens": 50, "messages": [{"role": "user", "content": "Hi"}]},
-    }[path.split()[0]]
+    client, body = await first_deployment_breaking_off(routed, fakes, fake_openai, config, path)
     headers = {**auth_headers, "anthropic-version": "2023-06-01"}
     resp = await client.post(path.split()[0], json={"model": "claude", "stream": True, **body}, headers=headers)
     assert resp.status == 200
@@ -151,17 +165,8 @@ async def test_a_call_not_streamed_that_breaks_mid_answer_moves(
     upstream broke off mid-answer: it moves to the next deployment, as docs/routing.md says for /v1 ("before
     anything was written to the client"), and as LiteLLM's router retries a failed completion. It was
     answered 503 with the broken-off deployment's error."""
-    fakes[0].default = fa.error_event(text="partial")
     config = group(fakes, weights=[1000, 1], allowed_fails=5)
-    if path == "/v1/messages translated":
-        config["models"]["groups"]["claude"]["deployments"].append({"model": "openai/gpt-4o-mini", "weight": 0.001})
-        config["providers"] = {"openai": {"base_url": fake_openai.url}}
-    client = await routed(config)
-    body = {
-        "/v1/chat/completions": {"messages": [{"role": "user", "content": "Hi"}]},
-        "/v1/responses": {"input": "Hi"},
-        "/v1/messages": {"max_tokens": 50, "messages": [{"role": "user", "content": "Hi"}]},
-    }[path.split()[0]]
+    client, body = await first_deployment_breaking_off(routed, fakes, fake_openai, config, path)
     headers = {**auth_headers, "anthropic-version": "2023-06-01"}
     resp = await client.post(path.split()[0], json={"model": "claude", **body}, headers=headers)
     assert resp.status == 200, await resp.text()
