@@ -103,13 +103,15 @@ def _line_ends(raw: bytes, count: int) -> list[int]:
     return ends
 
 
-def warn_torn(path: Path, torn: int, *, cut: bool) -> None:
-    """The writer cuts a tail off only when it opens the file: a crash left it. A reader cannot tell that tail from
-    a line the writer is appending now (the CLI beside a running server), so its words allow both."""
-    if cut:
-        log.warning("%s: %d byte(s) of a write that never finished (a crash) cut off; never acknowledged", path, torn)
-    else:
+def warn_torn(path: Path, torn: int, *, cut: bool, live: bool = False) -> None:
+    """A torn tail: a crash left it where no writer appends any more (the writer opening the file cuts it off, a
+    closed segment's is ignored). ``live``: a reader of a file a writer may be appending to now (the CLI beside a
+    running server), which cannot tell that writer's line in progress from a crash's, so its words allow both."""
+    if live:
         log.warning("%s: %d byte(s) of an unfinished write ignored (being written now, or cut by a crash)", path, torn)
+        return
+    what = "cut off" if cut else "ignored"
+    log.warning("%s: %d byte(s) of a write that never finished (a crash) %s; never acknowledged", path, torn, what)
 
 
 def read_entries(path: Path) -> list[Any] | None:
@@ -122,7 +124,7 @@ def read_entries(path: Path) -> list[Any] | None:
         return None
     entries, torn = parse_lines(raw, path)
     if torn:
-        warn_torn(path, torn, cut=False)
+        warn_torn(path, torn, cut=False, live=True)
     return entries
 
 
