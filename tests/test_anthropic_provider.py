@@ -361,6 +361,22 @@ async def test_thinking_stays_within_the_models_output_limit(
     assert body["thinking"]["budget_tokens"] == 8000
 
 
+async def test_a_model_whose_output_limit_leaves_no_least_budget_answers_without_thinking(
+    provider: AnthropicProvider, fake_anthropic: FakeAnthropic
+) -> None:
+    # The API's least budget is 1,024 tokens, below max_tokens: a model described with 1,000 output tokens
+    # was sent budget_tokens 999, and every call was refused.
+    request = make_request(
+        fake_anthropic, thinking=ThinkingSettings(budget_tokens=8000), max_tokens=1_000, model_info=model_info(1_000)
+    )
+
+    events = await collect(provider, request)
+
+    body = fake_anthropic.requests[0].body
+    assert "thinking" not in body and body["max_tokens"] == 1_000
+    assert events[-1].finish_reason == "stop"
+
+
 async def test_adaptive_thinking_for_models_the_models_api_says_take_only_adaptive(
     provider: AnthropicProvider, fake_anthropic: FakeAnthropic
 ) -> None:

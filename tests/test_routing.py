@@ -1060,7 +1060,8 @@ async def test_a_groups_context_window_is_its_smallest_deployments(
     listed = {m["id"]: m for m in (await (await client.get("/api/models", headers=auth_headers)).json())["models"]}
     assert listed["claude"]["contextWindow"] == 8_000
     assert listed["claude"]["maxOutputTokens"] == 1_000  # what every deployment can give, as a model lists it
-    message = {"id": "m1", "role": "user", "parts": [{"type": "text", "text": "word " * 6_000}]}
+    # Past the smaller window less its 1,000 output tokens, far within the other's.
+    message = {"id": "m1", "role": "user", "parts": [{"type": "text", "text": "word " * 7_500}]}
     resp = await client.post(
         "/api/chat", json={"id": "big", "messages": [message], "model": "claude"}, headers=auth_headers
     )

@@ -312,6 +312,10 @@ def request_params(request: ProviderRequest) -> dict[str, Any]:
         # on Chat Completions has nowhere to put it): this step of the tool loop is answered without thinking.
         # (Adaptive thinking may call tools without thinking first: it needs nothing back.)
         thinking = None
+    if thinking is not None and not thinking.adaptive and budget_max_tokens(request)[1] < LEAST_THINKING_BUDGET:
+        # A model whose output limit leaves less than the API's least budget (a small local or described
+        # model) answers without thinking: with a smaller budget every call would be refused.
+        thinking = None
     if thinking is not None:
         if thinking.adaptive:
             params["thinking"] = {"type": "adaptive"}
@@ -429,6 +433,7 @@ def _to_api_block(part: Part) -> dict[str, Any] | None:
 
 
 DOCUMENT_TITLE_CHARS = 500
+LEAST_THINKING_BUDGET = 1024  # the Messages API refuses a smaller budget_tokens
 
 
 # --- response -----------------------------------------------------------------------------------
