@@ -461,3 +461,25 @@ async def test_claude_with_budget_thinking_gets_the_answers_room_on_top_of_the_b
     behind = "azure_ai/claude-sonnet-4-5"
     ceiling = request_ceiling(request)
     assert ceiling_cost(gw, behind, ceiling) == ceiling_cost(gw, behind, Ceiling(ceiling.input_tokens, 12096))
+
+
+async def test_claude_whose_output_limit_leaves_no_least_budget_is_sent_no_thinking(fake_anthropic: Any) -> None:
+    """A Claude model described with 1,000 output tokens was sent budget_tokens 999 beside max_tokens 1000, which
+    the API refuses (its least budget is 1,024): it answers without thinking, within its limit."""
+    from agentspace.providers.base import ThinkingSettings
+
+    model = "anthropic/claude-sonnet-4-5"
+    info = ModelInfo(model, "anthropic", 3.0, 15.0, 0.3, 3.75, max_output_tokens=1_000, supports_reasoning=True)
+    request = ProviderRequest(
+        model=model,
+        system="",
+        messages=[ChatMessage.user("Hi")],
+        model_info=info,
+        max_tokens=1_000,
+        api_key="sk-ant-test-0123456789abcdef",
+        base_url=fake_anthropic.url,
+        thinking=ThinkingSettings(8000),
+    )
+    assert isinstance((await collect(request))[-1], ProviderFinish)
+    [sent] = fake_anthropic.requests
+    assert "thinking" not in sent.body and sent.body["max_tokens"] == 1_000

@@ -45,6 +45,7 @@ from ..types import (
 from ..vault import missing_key_message
 from .base import (
     INCOMPLETE_MESSAGE,
+    LEAST_THINKING_BUDGET,
     Provider,
     ProviderRequest,
     ThinkingSettings,
@@ -433,7 +434,6 @@ def _to_api_block(part: Part) -> dict[str, Any] | None:
 
 
 DOCUMENT_TITLE_CHARS = 500
-LEAST_THINKING_BUDGET = 1024  # the Messages API refuses a smaller budget_tokens
 
 
 # --- response -----------------------------------------------------------------------------------

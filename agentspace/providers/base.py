@@ -117,6 +117,9 @@ class ProviderRequest:
         return self.model.split("/", 1)[1] if "/" in self.model else self.model
 
 
+LEAST_THINKING_BUDGET = 1024  # Claude's APIs refuse a smaller budget_tokens
+
+
 def budget_max_tokens(request: ProviderRequest) -> tuple[int, int]:
     """``max_tokens`` and the thinking budget as the budget form of extended thinking sends them: the budget
     is part of ``max_tokens``, so a budget at or above it gets the configured room for the answer on top,

@@ -53,6 +53,7 @@ from ..types import (
 from ..vault import missing_key_message
 from .base import (
     INCOMPLETE_MESSAGE,
+    LEAST_THINKING_BUDGET,
     Provider,
     ProviderRequest,
     budget_max_tokens,
@@ -327,6 +328,9 @@ def _completion_kwargs(request: ProviderRequest, settings: Any) -> dict[str, Any
             # the answer's room goes on top, as Anthropic's own provider sends it (the reservation counts the same:
             # calls.ceiling_cost).
             kwargs["max_tokens"], budget = budget_max_tokens(request)
+            if budget < LEAST_THINKING_BUDGET:  # an output limit too small for any budget: no thinking
+                kwargs["max_tokens"] = request.max_tokens
+                return kwargs
         kwargs["thinking"] = {"type": "adaptive"} if adaptive else {"type": "enabled", "budget_tokens": budget}
     return kwargs
 
