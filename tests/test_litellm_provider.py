@@ -429,6 +429,26 @@ async def test_closing_the_stream_early_closes_the_upstream_connection(fake_open
     assert fake_openai.requests[0].disconnected
 
 
+def claude_with_budget_thinking(fake_anthropic: Any, *, max_output_tokens: int, max_tokens: int) -> ProviderRequest:
+    """A Claude call through litellm with the budget form of thinking (8,000 tokens)."""
+    from agentspace.providers.base import ThinkingSettings
+
+    model = "anthropic/claude-sonnet-4-5"
+    info = ModelInfo(
+        model, "anthropic", 3.0, 15.0, 0.3, 3.75, max_output_tokens=max_output_tokens, supports_reasoning=True
+    )
+    return ProviderRequest(
+        model=model,
+        system="",
+        messages=[ChatMessage.user("Hi")],
+        model_info=info,
+        max_tokens=max_tokens,
+        api_key="sk-ant-test-0123456789abcdef",
+        base_url=fake_anthropic.url,
+        thinking=ThinkingSettings(8000),
+    )
+
+
 async def test_claude_with_budget_thinking_gets_the_answers_room_on_top_of_the_budget(
     fake_anthropic: Any, make_client: Any
 ) -> None:
@@ -437,21 +457,9 @@ async def test_claude_with_budget_thinking_gets_the_answers_room_on_top_of_the_b
     so the turn thought with half its budget and shared the 4096 with its answer. It is sent what Anthropic's
     own provider sends, the answer's 4096 on top of the budget; the reservation prices that output."""
     from agentspace.calls import Ceiling, ceiling_cost, request_ceiling
-    from agentspace.providers.base import ThinkingSettings
     from agentspace.transports import state
 
-    model = "anthropic/claude-sonnet-4-5"
-    info = ModelInfo(model, "anthropic", 3.0, 15.0, 0.3, 3.75, max_output_tokens=64_000, supports_reasoning=True)
-    request = ProviderRequest(
-        model=model,
-        system="",
-        messages=[ChatMessage.user("Hi")],
-        model_info=info,
-        max_tokens=4096,
-        api_key="sk-ant-test-0123456789abcdef",
-        base_url=fake_anthropic.url,
-        thinking=ThinkingSettings(8000),
-    )
+    request = claude_with_budget_thinking(fake_anthropic, max_output_tokens=64_000, max_tokens=4096)
     assert isinstance((await collect(request))[-1], ProviderFinish)
     [sent] = fake_anthropic.requests
     assert sent.body["thinking"]["budget_tokens"] == 8000 and sent.body["max_tokens"] == 4096 + 8000
@@ -466,20 +474,7 @@ async def test_claude_with_budget_thinking_gets_the_answers_room_on_top_of_the_b
 async def test_claude_whose_output_limit_leaves_no_least_budget_is_sent_no_thinking(fake_anthropic: Any) -> None:
     """A Claude model described with 1,000 output tokens was sent budget_tokens 999 beside max_tokens 1000, which
     the API refuses (its least budget is 1,024): it answers without thinking, within its limit."""
-    from agentspace.providers.base import ThinkingSettings
-
-    model = "anthropic/claude-sonnet-4-5"
-    info = ModelInfo(model, "anthropic", 3.0, 15.0, 0.3, 3.75, max_output_tokens=1_000, supports_reasoning=True)
-    request = ProviderRequest(
-        model=model,
-        system="",
-        messages=[ChatMessage.user("Hi")],
-        model_info=info,
-        max_tokens=1_000,
-        api_key="sk-ant-test-0123456789abcdef",
-        base_url=fake_anthropic.url,
-        thinking=ThinkingSettings(8000),
-    )
+    request = claude_with_budget_thinking(fake_anthropic, max_output_tokens=1_000, max_tokens=1_000)
     assert isinstance((await collect(request))[-1], ProviderFinish)
     [sent] = fake_anthropic.requests
     assert "thinking" not in sent.body and sent.body["max_tokens"] == 1_000
