@@ -131,6 +131,16 @@ def printable(value: Any, *, lines: bool = False) -> str:
     return _UNPRINTABLE.sub(_escape_keeping_lines if lines else _escape, text)
 
 
+def warn_damaged(files: list[str], what: str) -> None:
+    """One line on stderr naming the damaged files a command left out (``what``: how many of what, and how)."""
+    if files:
+        click.echo(
+            f"warning: {len(files)} {what} (kept for inspection; see: agentspace doctor): "
+            f"{printable(', '.join(files))}",
+            err=True,
+        )
+
+
 def table(headers: Sequence[str], rows: Sequence[Sequence[Any]], right: Sequence[int] = ()) -> str:
     """An aligned plain-text table; columns listed in ``right`` (numbers) are right-aligned. Every cell goes
     through ``printable``: stored data cannot add rows or send escapes."""

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from .common import CliState, config_options, count, money, pass_state, printable, table
+from .common import CliState, config_options, count, money, pass_state, printable, table, warn_damaged
 from .storage_access import cli_storage, on_storage
 
 if TYPE_CHECKING:
@@ -86,12 +86,7 @@ def sessions() -> None:
 
 
 def _warn_damaged(damaged_files: list[str]) -> None:
-    if damaged_files:
-        click.echo(
-            f"warning: {len(damaged_files)} damaged file(s) in the sessions folder skipped (kept for "
-            f"inspection; see: agentspace doctor): {printable(', '.join(damaged_files))}",
-            err=True,
-        )
+    warn_damaged(damaged_files, "damaged file(s) in the sessions folder skipped")
 
 
 @sessions.command("list")

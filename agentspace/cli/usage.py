@@ -16,7 +16,7 @@ from typing import Any
 import click
 
 from .. import periods
-from .common import CliState, config_options, count, money, pass_state, printable, table
+from .common import CliState, config_options, count, money, pass_state, table, warn_damaged
 from .storage_access import cli_storage, on_storage
 
 
@@ -173,9 +173,4 @@ def _session_owner(state: CliState, session_id: str) -> str | None:
 
 
 def _warn_damaged(damaged: list[str]) -> None:
-    if damaged:
-        click.echo(
-            f"warning: {len(damaged)} damaged usage file(s) not counted (kept for inspection; "
-            f"see: agentspace doctor): {printable(', '.join(damaged))}",
-            err=True,
-        )
+    warn_damaged(damaged, "damaged usage file(s) not counted")
