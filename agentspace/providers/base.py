@@ -7,7 +7,7 @@ import email.utils
 import logging
 import time
 from collections.abc import AsyncIterator, Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from typing import Any, Protocol, runtime_checkable
 
 from ..events import (
@@ -263,14 +263,7 @@ async def _guarded(provider: Provider, request: ProviderRequest) -> AsyncIterato
 # The finish reasons of the protocol (docs/plugins.md); a plugin's other reason reaches clients as "other".
 FINISH_REASONS = frozenset({"stop", "length", "tool-calls", "content-filter", "error", "other"})
 _EVENT_TYPES = (TextDelta, ReasoningDelta, SourceEvent, ToolCallEvent, UsageReport, ResponseStarted, ProviderFinish)
-_TOKEN_FIELDS = (
-    "input_tokens",
-    "output_tokens",
-    "cache_read_tokens",
-    "cache_write_tokens",
-    "reasoning_tokens",
-    "cache_write_1h_tokens",
-)
+_TOKEN_FIELDS = tuple(f.name for f in fields(TokenUsage) if f.name.endswith("_tokens"))  # the counts
 
 
 def _wrong_event(event: object) -> str | None:
