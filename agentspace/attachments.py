@@ -20,8 +20,8 @@ import secrets
 import struct
 import zlib
 from collections import OrderedDict
-from collections.abc import Collection, Iterable, Sequence
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Collection, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from .errors import ApiError
 from .prompt_cache import anthropic_family
@@ -84,19 +84,21 @@ def image_ceiling(model: str) -> int:
 
 # Files larger than this are encoded and decoded on a worker thread: the event loop keeps serving.
 OFF_LOOP_BYTES = 1024 * 1024
+T = TypeVar("T")
+
+
+async def _sized(size: int, work: Callable[[], T]) -> T:
+    """``work()``, on a worker thread when it handles more than ``OFF_LOOP_BYTES``."""
+    return await asyncio.to_thread(work) if size > OFF_LOOP_BYTES else work()
 
 
 async def b64encode(raw: bytes) -> str:
-    if len(raw) > OFF_LOOP_BYTES:
-        return await asyncio.to_thread(lambda: base64.b64encode(raw).decode("ascii"))
-    return base64.b64encode(raw).decode("ascii")
+    return await _sized(len(raw), lambda: base64.b64encode(raw).decode("ascii"))
 
 
 async def data_url(media_type: str, raw: bytes) -> str:
-    """``raw`` as a ``data:`` URL; a large one built on a worker thread (its copies as well as its encoding)."""
-    if len(raw) > OFF_LOOP_BYTES:
-        return await asyncio.to_thread(lambda: f"data:{media_type};base64," + base64.b64encode(raw).decode("ascii"))
-    return f"data:{media_type};base64," + base64.b64encode(raw).decode("ascii")
+    """``raw`` as a ``data:`` URL (a large one's copies made off the loop as well as its encoding)."""
+    return await _sized(len(raw), lambda: f"data:{media_type};base64," + base64.b64encode(raw).decode("ascii"))
 
 
 def json_with_data_urls(body: dict[str, Any]) -> list[bytes]:
@@ -136,7 +138,7 @@ def json_with_data_urls(body: dict[str, Any]) -> list[bytes]:
 
 
 async def b64decode(data: str) -> bytes:
-    return await asyncio.to_thread(base64.b64decode, data) if len(data) > OFF_LOOP_BYTES else base64.b64decode(data)
+    return await _sized(len(data), lambda: base64.b64decode(data))
 
 
 def _invalid(path: str, problem: str) -> ApiError:
