@@ -112,20 +112,25 @@ async def without_keyless_plugin_models(
     key, as a built-in provider's models are listed only with its key (``usable_models``)."""
     providers = list(providers)
     listed = plugin_models(providers)
+    served = {
+        str(model["id"]): serving
+        for model in models
+        if str(model["id"]) in listed
+        and (serving := next((p for p in providers if claims(p, str(model["id"]))), None)) is not None
+    }
     keys: dict[str, str | None] = {}
-    out = []
-    for model in models:
-        model_id = str(model["id"])
-        serving = next((p for p in providers if claims(p, model_id)), None) if model_id in listed else None
-        if serving is not None:
-            prefix = model_id.partition("/")[0]
-            if prefix not in keys:  # the vault is a file: read off the event loop
-                keys[prefix] = await asyncio.to_thread(resolve_key, config, prefix)
-            base_url = config.provider_settings(prefix)["base_url"]
-            if await lacks_key(serving, model_id, keys[prefix], base_url):  # one that raises: listed
-                continue
-        out.append(model)
-    return out
+    for prefix in {model_id.partition("/")[0] for model_id in served}:  # the vault is a file: off the event loop
+        keys[prefix] = await asyncio.to_thread(resolve_key, config, prefix)
+
+    async def keyless(model_id: str, serving: Any) -> bool:
+        prefix = model_id.partition("/")[0]
+        base_url = config.provider_settings(prefix)["base_url"]
+        return await lacks_key(serving, model_id, keys[prefix], base_url)  # one that raises: listed
+
+    # Asked all at once: a plugin whose check hangs holds the list for its timeout once, not once per model.
+    lacking = await asyncio.gather(*(keyless(model_id, serving) for model_id, serving in served.items()))
+    unlisted = {model_id for model_id, lacks in zip(served, lacking, strict=True) if lacks}
+    return [model for model in models if str(model["id"]) not in unlisted]
 
 
 def group_models(config: Config) -> list[dict[str, Any]]:

@@ -256,6 +256,42 @@ async def test_a_provider_whose_missing_key_hangs_holds_no_call_nor_list(
     assert "provider 'waiting': missing_key('waiting/m') took over 5s; the call goes ahead" in caplog.text
 
 
+class ManyWaiting(Waiting):
+    """Three models, each check hanging; notes how many checks had timed out when each one began."""
+
+    name = "many-waiting"
+
+    def __init__(self) -> None:
+        self.timed_out = 0
+        self.seen_at_start: list[int] = []
+
+    def models(self) -> list[str]:
+        return ["waiting/a", "waiting/b", "waiting/c"]
+
+    async def missing_key(self, model: str, api_key: str | None, base_url: str | None) -> bool:
+        self.seen_at_start.append(self.timed_out)
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            self.timed_out += 1
+            raise
+        return True
+
+
+async def test_a_provider_whose_missing_key_hangs_holds_the_model_list_once_not_once_per_model(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The checks were asked one after the other: GET /api/models took 5 s per model of the provider.
+    provider = ManyWaiting()
+    config = make_config(tmp_path, '[models]\ndefault = "waiting/a"\n')
+    async with gateway_client(config, Providers(provider)) as client:
+        resp = await asyncio.wait_for(client.get("/api/models"), 60)
+        listed = [m["id"] for m in (await resp.json())["models"]]
+    assert listed == ["waiting/a", "waiting/b", "waiting/c"]
+    assert provider.seen_at_start == [0, 0, 0]  # each began before any had timed out: asked at once
+    assert caplog.text.count("took over 5s; the call goes ahead") == 3
+
+
 class OneModel(Waiting):
     name = "one-model"
 
