@@ -104,3 +104,43 @@ console.log(JSON.stringify({ text: r.text, steps: r.steps.map((s) => s.finishRea
     }
     usage = [(r["endpoint"], r["inputTokens"], r["outputTokens"]) for r in await records(client)]
     assert usage[-2:] == [("responses", 20, 10), ("responses", 41, 7)]
+
+
+PDF = "JVBERi0xLjQKMSAwIG9iago8PD4+CmVuZG9iagp0cmFpbGVyCjw8Pj4KJSVFT0YK"
+
+
+@needs_ai_sdk
+async def test_a_pdf_by_url_for_an_openai_model_is_refused_by_what_it_is(
+    client: TestClient,  # noqa: F811
+    token: str,
+    fake_openai: FakeOpenAI,
+) -> None:
+    """A PDF given by URL (the AI SDK's file part with a ``URL``: ``input_file.file_url`` on /v1/responses, a
+    ``document`` with a URL source on /v1/messages) for an OpenAI model, which the gateway calls through Chat
+    Completions: the URL went as ``file_data``, which OpenAI takes only as the file's data, and its 400 named
+    ``messages[0].content[1].file.file_data``, a field the client never sent. It is now refused before the call,
+    saying what cannot be sent and what to send; the same file as base64 data goes through."""
+    results = await run_ai_sdk(client, token, """
+const out = [];
+for (const model of [openai('openai/gpt-4o-mini'), anthropic('openai/gpt-4o-mini')]) {
+  for (const data of [new URL('https://example.com/report.pdf'), '""" + PDF + """']) {
+    try {
+      const r = await generateText({ model, maxRetries: 0, maxOutputTokens: 100, messages: [{ role: 'user', content: [
+        { type: 'text', text: 'Summarize' }, { type: 'file', data, mediaType: 'application/pdf', filename: 'report.pdf' },
+      ] }] });
+      out.push({ text: r.text });
+    } catch (e) { out.push(failure(e)); }
+  }
+}
+console.log(JSON.stringify(out));
+""")  # fmt: skip
+    by_url = [results[0], results[2]]
+    for refused in by_url:
+        assert refused["status"] == 400, results
+        assert "file_data" not in refused["error"], refused
+        assert refused["error"].startswith("A document by URL (https://example.com/report.pdf) cannot be sent"), refused
+    assert [r.get("text") for r in (results[1], results[3])] == ["Hello from the fake OpenAI upstream."] * 2
+    assert len(fake_openai.requests) == 2  # the base64 ones only
+    for request in fake_openai.requests:
+        (user,) = [m for m in request.body["messages"] if m["role"] == "user"]
+        assert user["content"][1]["file"]["file_data"] == f"data:application/pdf;base64,{PDF}"

@@ -692,7 +692,7 @@ def to_openai_messages(request: ProviderRequest) -> list[dict[str, Any]]:
                     text.append(p.text)
                     content.append({"type": "text", "text": p.text})
                 elif isinstance(p, FilePart):
-                    content.append(_file_content(p))
+                    content.append(_file_content(p, request.model))
             # Several texts (a /v1/messages client's text blocks, a text document) stay apart as content parts.
             if len(content) > len(text) or len(text) > 1:
                 out.append({"role": "user", "content": content})
@@ -729,10 +729,19 @@ def to_openai_messages(request: ProviderRequest) -> list[dict[str, Any]]:
     return out
 
 
-def _file_content(part: FilePart) -> dict[str, Any]:
+def _file_content(part: FilePart, model: str) -> dict[str, Any]:
     """An image or a document as a Chat Completions content part (litellm translates it for the provider)."""
     if part.is_image:
         return {"type": "image_url", "image_url": {"url": part.data_url()}}
+    if part.data is None:
+        # Chat Completions takes a document as its bytes only (file_data is a data: URL): a URL there is refused
+        # upstream with an error about a field the client never sent, so it is refused here by what it is.
+        raise ProviderError(
+            "INVALID_MESSAGE",
+            f"A document by URL ({part.url}) cannot be sent to {model}: its API takes files as data. "
+            "Send the file's base64 data instead.",
+            status=400,
+        )
     file: dict[str, Any] = {"file_data": part.data_url()}
     if part.filename:
         file["filename"] = part.filename
