@@ -15,9 +15,7 @@ from typing import Any
 import pytest
 from aiohttp.test_utils import TestClient
 
-from tests.fakes import anthropic_upstream as fa
 from tests.fakes import openai_upstream as fo
-from tests.fakes.anthropic_upstream import FakeAnthropic
 from tests.fakes.openai_upstream import FakeOpenAI
 from tests.test_v1_structured import client, records  # noqa: F401
 
@@ -49,12 +47,12 @@ const failure = (e) => ({ error: e.message, status: e.statusCode ?? null, body: 
 """
 
 
-async def run_ai_sdk(client: TestClient, token: str, script: str) -> Any:
+async def run_ai_sdk(gateway: TestClient, token: str, script: str) -> Any:
     """Runs ``script`` (after the providers above) with node in tests/js; returns the JSON it printed."""
     process = await asyncio.create_subprocess_exec(
         NODE or "node", "--input-type=module", "-e", AI_SDK + script,
         cwd=JS_DIR,
-        env={**os.environ, "BASE_URL": f"http://127.0.0.1:{client.port}/v1", "TOKEN": token},
+        env={**os.environ, "BASE_URL": f"http://127.0.0.1:{gateway.port}/v1", "TOKEN": token},
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
     )  # fmt: skip
@@ -73,7 +71,9 @@ async def test_the_ai_sdk_default_provider_is_told_to_send_store_false(
     a tool call sends the answer's text back as an ``item_reference`` to it, which a gateway that stores no
     responses cannot look up. The 400 said only that the item type is not taken; it now says why and what to
     send (``store: false``, which the README shows), and with it the tool loop runs, one record per step."""
-    fake_openai.enqueue(fo.tool_calls_response(fo.tool_call("call_1", "weather", {"city": "Paris"}), text="Let me look."))
+    fake_openai.enqueue(
+        fo.tool_calls_response(fo.tool_call("call_1", "weather", {"city": "Paris"}), text="Let me look.")
+    )
     refused = await run_ai_sdk(client, token, """
 try {
   await generateText({ model: openai('openai/gpt-4o-mini'), prompt: 'Weather in Paris?', tools: { weather },
@@ -86,7 +86,9 @@ try {
     assert error["param"] == "input[1].type" and "stores no responses" in error["message"], error
     assert "store: false" in error["message"], error
 
-    fake_openai.enqueue(fo.tool_calls_response(fo.tool_call("call_1", "weather", {"city": "Paris"}), text="Let me look."))
+    fake_openai.enqueue(
+        fo.tool_calls_response(fo.tool_call("call_1", "weather", {"city": "Paris"}), text="Let me look.")
+    )
     fake_openai.enqueue(fo.text_response("Sunny, 21 degrees.", usage=fo.usage(41, 7)))
     answer = await run_ai_sdk(client, token, """
 const r = await generateText({ model: openai('openai/gpt-4o-mini'), prompt: 'Weather in Paris?', tools: { weather },
@@ -144,3 +146,33 @@ console.log(JSON.stringify(out));
     for request in fake_openai.requests:
         (user,) = [m for m in request.body["messages"] if m["role"] == "user"]
         assert user["content"][1]["file"]["file_data"] == f"data:application/pdf;base64,{PDF}"
+
+
+@needs_ai_sdk
+@pytest.mark.parametrize("model", ["openai/o3", "openai/o4-mini", "openai/gpt-5"])
+async def test_a_reasoning_models_system_prompt_stays_a_system_prompt(
+    client: TestClient,  # noqa: F811
+    token: str,
+    fake_openai: FakeOpenAI,
+    model: str,
+) -> None:
+    """OpenAI's reasoning models take instructions as a developer message (what OpenAI makes of a system one).
+    For o3 and o4-mini, which litellm's model map does not mark as taking system messages, litellm sent the
+    system prompt as a *user* message: the AI SDK's ``system`` (and Codex's instructions) reached the model as
+    something the user said. It now goes as a developer message, as the client sent it to OpenAI."""
+    fake_openai.enqueue(fo.text_response("Bonjour."))
+    fake_openai.enqueue(fo.text_response("Bonjour."))
+    out = await run_ai_sdk(client, token, f"""
+const out = [];
+for (const make of [openai.chat, openai.responses]) {{
+  const r = await generateText({{ model: make('{model}'), system: 'Answer in French.', prompt: 'Hello', maxRetries: 0 }});
+  out.push(r.text);
+}}
+console.log(JSON.stringify(out));
+""")  # fmt: skip
+    assert out == ["Bonjour.", "Bonjour."]
+    for request in fake_openai.requests:
+        assert request.body["messages"] == [
+            {"role": "system" if model == "openai/gpt-5" else "developer", "content": "Answer in French."},
+            {"role": "user", "content": "Hello"},
+        ], request.body["messages"]

@@ -680,7 +680,7 @@ def to_openai_messages(request: ProviderRequest) -> list[dict[str, Any]]:
     """Our history in the Chat Completions format that litellm takes for every provider."""
     # Only Anthropic models take their signed thinking back; everyone else gets the answer text only.
     keep_thinking = request.prefix == "anthropic" or anthropic_family(request.model)
-    out: list[dict[str, Any]] = [{"role": "system", "content": request.system}] if request.system else []
+    out: list[dict[str, Any]] = [{"role": _system_role(request), "content": request.system}] if request.system else []
     for m in request.messages:
         if m.role == "user":
             text: list[str] = []
@@ -727,6 +727,17 @@ def to_openai_messages(request: ProviderRequest) -> list[dict[str, Any]]:
                 msg["thinking_blocks"] = blocks
         out.append(msg)
     return out
+
+
+def _system_role(request: ProviderRequest) -> str:
+    """``developer`` for OpenAI's o-series models, which take instructions that way (OpenAI reads their system
+    messages as developer ones): litellm sends a system message to those its model map does not mark as taking
+    system messages (o3, o3-mini, o4-mini) as the *user's*, and a developer message as it is."""
+    if request.prefix != "openai":
+        return "system"
+    import litellm  # imported by the time a call is made (_load_litellm)
+
+    return "developer" if litellm.OpenAIOSeriesConfig().is_model_o_series_model(request.model) else "system"
 
 
 def _file_content(part: FilePart, model: str) -> dict[str, Any]:
