@@ -58,6 +58,12 @@ STATEFUL_FIELDS = {
     "conversation": "conversation is not supported: this gateway stores no conversations; send the whole `input`.",
     "prompt": "prompt (stored prompt templates) is not supported by this gateway; send `instructions` and `input`.",
 }
+# What a client that keeps ``store`` on sends for an earlier answer's items (the AI SDK's ``openai(model)`` does
+# unless told otherwise): it must send the items themselves.
+ITEM_REFERENCE = (
+    "item_reference is not supported: this gateway stores no responses, so item {id!r} cannot be looked up. "
+    "Send the items themselves with store: false (the AI SDK: providerOptions: {{ openai: {{ store: false }} }})."
+)
 
 # Fields that are accepted and need nothing from the model: the gateway stores nothing (store), every call
 # is metered by the gateway itself (metadata, client_metadata), the hints prompt_cache_key(_retention), service_tier,
@@ -227,6 +233,8 @@ def _input_messages(raw: Any, system: list[str]) -> list[ChatMessage]:
             _append_output(messages, ToolResultPart(call_id, names.get(call_id, ""), ""), item.get("output"), param)
         elif kind == "reasoning":
             _input_reasoning(item, messages)
+        elif kind == "item_reference":
+            raise RequestError(f"{param}.type", ITEM_REFERENCE.format(id=item.get("id")))
         else:
             raise RequestError(
                 f"{param}.type",

@@ -680,7 +680,7 @@ def to_openai_messages(request: ProviderRequest) -> list[dict[str, Any]]:
     """Our history in the Chat Completions format that litellm takes for every provider."""
     # Only Anthropic models take their signed thinking back; everyone else gets the answer text only.
     keep_thinking = request.prefix == "anthropic" or anthropic_family(request.model)
-    out: list[dict[str, Any]] = [{"role": "system", "content": request.system}] if request.system else []
+    out: list[dict[str, Any]] = [{"role": _system_role(request), "content": request.system}] if request.system else []
     for m in request.messages:
         if m.role == "user":
             text: list[str] = []
@@ -692,7 +692,7 @@ def to_openai_messages(request: ProviderRequest) -> list[dict[str, Any]]:
                     text.append(p.text)
                     content.append({"type": "text", "text": p.text})
                 elif isinstance(p, FilePart):
-                    content.append(_file_content(p))
+                    content.append(_file_content(p, request.model))
             # Several texts (a /v1/messages client's text blocks, a text document) stay apart as content parts.
             if len(content) > len(text) or len(text) > 1:
                 out.append({"role": "user", "content": content})
@@ -729,10 +729,30 @@ def to_openai_messages(request: ProviderRequest) -> list[dict[str, Any]]:
     return out
 
 
-def _file_content(part: FilePart) -> dict[str, Any]:
+def _system_role(request: ProviderRequest) -> str:
+    """``developer`` for OpenAI's o-series models, which take instructions that way (OpenAI reads their system
+    messages as developer ones): litellm sends a system message to those its model map does not mark as taking
+    system messages (o3, o3-mini, o4-mini) as the *user's*, and a developer message as it is."""
+    if request.prefix != "openai":
+        return "system"
+    import litellm  # imported by the time a call is made (_load_litellm)
+
+    return "developer" if litellm.OpenAIOSeriesConfig().is_model_o_series_model(request.model) else "system"
+
+
+def _file_content(part: FilePart, model: str) -> dict[str, Any]:
     """An image or a document as a Chat Completions content part (litellm translates it for the provider)."""
     if part.is_image:
         return {"type": "image_url", "image_url": {"url": part.data_url()}}
+    if part.data is None:
+        # Chat Completions takes a document as its bytes only (file_data is a data: URL): a URL there is refused
+        # upstream with an error about a field the client never sent, so it is refused here by what it is.
+        raise ProviderError(
+            "INVALID_MESSAGE",
+            f"A document by URL ({part.url}) cannot be sent to {model}: its API takes files as data. "
+            "Send the file's base64 data instead.",
+            status=400,
+        )
     file: dict[str, Any] = {"file_data": part.data_url()}
     if part.filename:
         file["filename"] = part.filename

@@ -356,6 +356,16 @@ class FakeOpenAI(FakeUpstream[FakeResponse]):
         if not isinstance(body, dict):
             message = "We could not parse the JSON body of your request."
             return web.json_response(error_body(message, "invalid_request_error"), status=400)
+        not_data = _file_data_not_inline(body)
+        if not_data is not None:  # file_data is the file's bytes: the API fetches no URL
+            message = (
+                f"Invalid value for '{not_data}': Expected a base64-encoded data URL with an application/pdf MIME "
+                "type (e.g. 'data:application/pdf;base64,SGVsbG8sIFdvcmxkIQ=='), but got a value without the "
+                "'data:' prefix."
+            )
+            error = error_body(message, "invalid_request_error", "invalid_value")
+            error["error"]["param"] = not_data
+            return web.json_response(error, status=400)
         missing = _file_without_name(body)
         if missing is not None:  # the API takes inline file data only with a filename
             message = f"Missing required parameter: '{missing}'."
@@ -635,20 +645,33 @@ def _output_limit_passed(body: dict[str, Any]) -> str | None:
     )
 
 
-def _file_without_name(body: dict[str, Any]) -> str | None:
-    """The path OpenAI names when a file content part has ``file_data`` but no ``filename`` (it then asks for a
-    ``file_id``), or None."""
+def _file_parts(body: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    """Each ``file`` content part of the messages, with its path (``messages[i].content[j].file``)."""
+    out: list[tuple[str, dict[str, Any]]] = []
     for i, message in enumerate(body.get("messages") or ()):
         content = message.get("content") if isinstance(message, dict) else None
         for j, part in enumerate(content if isinstance(content, list) else ()):
             file = part.get("file") if isinstance(part, dict) and part.get("type") == "file" else None
-            if (
-                isinstance(file, dict)
-                and file.get("file_data")
-                and not file.get("filename")
-                and not file.get("file_id")
-            ):
-                return f"messages[{i}].content[{j}].file.file_id"
+            if isinstance(file, dict):
+                out.append((f"messages[{i}].content[{j}].file", file))
+    return out
+
+
+def _file_data_not_inline(body: dict[str, Any]) -> str | None:
+    """The path OpenAI names when a file's ``file_data`` is no ``data:`` URL (a URL, say), or None."""
+    for path, file in _file_parts(body):
+        data = file.get("file_data")
+        if isinstance(data, str) and not data.startswith("data:"):
+            return f"{path}.file_data"
+    return None
+
+
+def _file_without_name(body: dict[str, Any]) -> str | None:
+    """The path OpenAI names when a file content part has ``file_data`` but no ``filename`` (it then asks for a
+    ``file_id``), or None."""
+    for path, file in _file_parts(body):
+        if file.get("file_data") and not file.get("filename") and not file.get("file_id"):
+            return f"{path}.file_id"
     return None
 
 
