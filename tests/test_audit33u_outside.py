@@ -1,0 +1,57 @@
+"""Images and documents in the gateway's own sessions (docs/attachments.md), tried from outside once more (audit
+33u): what the inspector says an image costs a model of another provider, and what the upstream bills."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from aiohttp.test_utils import TestClient
+
+from tests.fakes.anthropic_upstream import text_response
+from tests.support.ui_stream import post_chat
+from tests.test_attachments import file_message, png
+
+OPENAI_KEY = "sk-openai-test-0123456789"
+
+
+async def answered(resp: Any) -> str:
+    """The whole UI stream of a turn (this loaded machine may take longer than ``read_all``'s 10 s a chunk)."""
+    assert resp.status == 200, await resp.text()
+    text: str = await resp.text()
+    assert text.endswith("data: [DONE]\n\n") and '"type":"error"' not in text, text[-500:]
+    return text
+
+
+async def openai_served(make_client: Any, fake_openai: Any, monkeypatch: Any, **sections: Any) -> TestClient:
+    monkeypatch.setenv("OPENAI_API_KEY", OPENAI_KEY)
+    client: TestClient = await make_client(providers={"openai": {"base_url": fake_openai.url}}, **sections)
+    return client
+
+
+async def test_the_inspector_counts_an_image_as_openai_bills_it(
+    make_client: Any, auth_headers: dict[str, str], fake_anthropic: Any, fake_openai: Any, monkeypatch: Any
+) -> None:
+    # An OpenAI model bills an image by OpenAI's formulas (platform.openai.com/docs/guides/images-vision,
+    # "Calculating costs"), not Anthropic's: the inspector said 1,398 tokens for a 1024 x 1024 image on gpt-4o (it
+    # bills 765) and on gpt-4o-mini (25,501: its tiles are priced to cost what gpt-4o's do), so the context bar
+    # showed an image on gpt-4o-mini at 1/18 of its price, and the window policy took it for as little.
+    client = await openai_served(make_client, fake_openai, monkeypatch)
+    fake_anthropic.enqueue(text_response("Two squares."))
+    square, tall = png(1024, 1024), png(2048, 4096, seed=1)
+    message = file_message("look", ("image/png", square), ("image/png", tall))
+    await answered(await post_chat(client, auth_headers, "pics", message))
+
+    async def estimates(model: str) -> list[int]:
+        resp = await client.get(f"/api/sessions/pics/context?model={model}", headers=auth_headers)
+        assert resp.status == 200, await resp.text()
+        [row] = [s for s in (await resp.json())["sections"] if s["name"] == "attachments"]
+        return [f["tokenEstimate"] for f in row["files"]]
+
+    # The documented examples: tiles of 512 px after fitting 2048 x 2048 and 768 px on the short side.
+    assert await estimates("openai/gpt-4o") == [85 + 4 * 170, 85 + 6 * 170]
+    assert await estimates("openai/gpt-4o-mini") == [2833 + 4 * 5667, 2833 + 6 * 5667]
+    # The patch-based models: 32-px patches times the model's multiplier; past 1536 patches the image is scaled
+    # down to fit, then to whole patches on its narrower side (2048 x 4096 -> 864 x 1728: 27 x 54 patches).
+    assert await estimates("openai/gpt-4.1-mini") == [round(1024 * 1.62), round(27 * 54 * 1.62)]
+    # Claude's stay Anthropic's: (width x height) / 750 after fitting 1568 px, at most 1,600.
+    assert await estimates("anthropic/claude-sonnet-4-5") == [round(1024 * 1024 / 750), 1600]
