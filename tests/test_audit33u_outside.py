@@ -3,12 +3,14 @@
 
 from __future__ import annotations
 
+import base64
 from typing import Any
 
 from aiohttp.test_utils import TestClient
 
 from tests.fakes.anthropic_upstream import text_response
 from tests.support.ui_stream import post_chat
+from tests.support.ws import chat, connect
 from tests.test_attachments import file_message, png
 
 OPENAI_KEY = "sk-openai-test-0123456789"
@@ -55,3 +57,24 @@ async def test_the_inspector_counts_an_image_as_openai_bills_it(
     assert await estimates("openai/gpt-4.1-mini") == [round(1024 * 1.62), round(27 * 54 * 1.62)]
     # Claude's stay Anthropic's: (width x height) / 750 after fitting 1568 px, at most 1,600.
     assert await estimates("anthropic/claude-sonnet-4-5") == [round(1024 * 1024 / 750), 1600]
+
+
+async def test_a_chat_send_field_the_gateway_does_not_read_is_refused_by_name_not_dropped(
+    client: TestClient, token: str, fake_anthropic: Any
+) -> None:
+    # A client that put its image in ``files`` (or ``attachment``) rather than ``attachments`` was answered, and
+    # billed, by a model that never saw it: the frame's other fields were ignored, the image dropped unseen.
+    fake_anthropic.enqueue(text_response("Here is the answer."))
+    ws = await connect(client, token)
+    image = [{"mediaType": "image/png", "data": base64.b64encode(png(8, 8)).decode()}]
+    for field in ("files", "attachment"):
+        frames = await chat(ws, "What is in this image?", **{field: image})
+        assert [f["type"] for f in frames] == ["error"], frames
+        assert frames[0]["code"] == "INVALID_MESSAGE"
+        assert frames[0]["message"].startswith(f"{field}: is not a field of chat.send"), frames[0]
+    assert fake_anthropic.requests == []
+    # The connection stays usable, and the documented fields still work.
+    frames = await chat(ws, "What is in this image?", attachments=image, model="anthropic/claude-sonnet-4-5")
+    assert frames[-1]["type"] == "chat.stream.end", frames[-1]
+    assert len(fake_anthropic.requests) == 1
+    await ws.close()
