@@ -78,3 +78,30 @@ async def test_a_chat_send_field_the_gateway_does_not_read_is_refused_by_name_no
     assert frames[-1]["type"] == "chat.stream.end", frames[-1]
     assert len(fake_anthropic.requests) == 1
     await ws.close()
+
+
+async def test_files_in_ai_sdk_4s_experimental_attachments_are_refused_by_name_not_dropped(
+    client: TestClient, auth_headers: dict[str, str], fake_anthropic: Any
+) -> None:
+    # AI SDK 4's useChat (and clients written from its docs) attach files as the message's
+    # ``experimental_attachments``, next to its parts. The gateway answered 200 from the text alone and dropped
+    # the image unseen: the very failure issue 33 was filed for.
+    url = "data:image/png;base64," + base64.b64encode(png(8, 8)).decode()
+    message = {
+        "id": "u1",
+        "role": "user",
+        "content": "What is in this image?",
+        "parts": [{"type": "text", "text": "What is in this image?"}],
+        "experimental_attachments": [{"name": "chart.png", "contentType": "image/png", "url": url}],
+    }
+    resp = await post_chat(client, auth_headers, "v4", message)
+    assert resp.status == 400, await resp.text()
+    error = (await resp.json())["error"]
+    assert error["code"] == "INVALID_MESSAGE"
+    assert error["message"].startswith("messages[0].experimental_attachments: "), error
+    assert "file parts" in error["message"]
+    assert fake_anthropic.requests == []
+    assert (await client.get("/api/sessions/v4", headers=auth_headers)).status == 404
+    # An empty list attaches nothing: still answered (AI SDK 4 sends none when no file is attached).
+    fake_anthropic.enqueue(text_response("Nothing attached."))
+    await answered(await post_chat(client, auth_headers, "v4", {**message, "experimental_attachments": []}))
