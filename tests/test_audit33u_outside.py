@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import base64
+from pathlib import Path
 from typing import Any
 
 from aiohttp.test_utils import TestClient
@@ -11,7 +12,8 @@ from aiohttp.test_utils import TestClient
 from tests.fakes.anthropic_upstream import text_response
 from tests.support.ui_stream import post_chat
 from tests.support.ws import chat, connect
-from tests.test_attachments import file_message, png
+from tests.test_attachments import file_message, pdf, png
+from tests.test_cli_e2e import run_cli
 
 OPENAI_KEY = "sk-openai-test-0123456789"
 
@@ -105,3 +107,21 @@ async def test_files_in_ai_sdk_4s_experimental_attachments_are_refused_by_name_n
     # An empty list attaches nothing: still answered (AI SDK 4 sends none when no file is attached).
     fake_anthropic.enqueue(text_response("Nothing attached."))
     await answered(await post_chat(client, auth_headers, "v4", {**message, "experimental_attachments": []}))
+
+
+async def test_sessions_show_names_the_files_a_message_attaches(
+    client: TestClient, auth_headers: dict[str, str], fake_anthropic: Any, isolated_env: Path
+) -> None:
+    # `agentspace sessions show` printed a message's text only: a message of files alone showed as nothing, and
+    # a question about an image gave no sign that one was attached (the Markdown export names them).
+    fake_anthropic.enqueue(text_response("A chart and a report."))
+    image, document = png(8, 8), pdf(2)
+    message = file_message("", ("image/png", image), ("application/pdf", document))
+    message["parts"] = message["parts"][1:]
+    message["parts"][0]["filename"] = "chart.png"
+    await answered(await post_chat(client, auth_headers, "files", message))
+    shown = await run_cli(["sessions", "show", "files"], isolated_env)
+    assert shown.exit_code == 0, shown.output
+    assert f"Attached: `chart.png` (image/png, {len(image)} bytes)" in shown.output, shown.output
+    assert f"Attached: `f1` (application/pdf, {len(document)} bytes)" in shown.output, shown.output
+    assert "A chart and a report." in shown.output
