@@ -15,6 +15,7 @@ import base64
 import binascii
 import hashlib
 import json
+import math
 import re
 import secrets
 import struct
@@ -39,17 +40,60 @@ IMAGE_MAX_EDGE = 1568
 # A PDF page: its text (Anthropic: 1,500 to 3,000 tokens) at the upper figure, plus the page as an image.
 PDF_PAGE_TOKENS = 3000 + IMAGE_TOKENS
 # OpenAI's models bill an image by their own formulas (platform.openai.com/docs/guides/images-vision, "Calculating
-# costs"), some far above Anthropic's: at "high" detail an image is scaled to fit 2048 x 2048 and then to 768 px on
-# its short side, so at most 8 tiles of 512 px (base + 8 x a tile's tokens); the patch-based models bill at most
-# 1536 patches of 32 px, times their multiplier. By model name prefix, the longest first.
-OPENAI_IMAGE_TOKENS = (
-    ("gpt-4o-mini", 2833 + 8 * 5667),
-    ("gpt-4.1-nano", round(1536 * 2.46)),
-    ("gpt-5-nano", round(1536 * 2.46)),
-    ("gpt-4.1-mini", round(1536 * 1.62)),
-    ("gpt-5-mini", round(1536 * 1.62)),
-    ("o4-mini", round(1536 * 1.72)),
+# costs"), some far above Anthropic's. The tile-based ones, (base, a tile's tokens): at "high" detail (what "auto", the
+# gateway sending none, may choose) the image is scaled to fit 2048 x 2048 and then 768 px on its short side, and
+# billed base + a tile's tokens for each 512-px tile, so at most 8 tiles (768 x 2048). The patch-based ones, a
+# multiplier: the 32-px patches covering the image, at most 1536 (a larger image is scaled down to fit), times the
+# multiplier. By model name prefix, the longest first.
+OPENAI_IMAGE_FORMULAS: tuple[tuple[str, tuple[int, int] | float], ...] = (
+    ("gpt-4o-mini", (2833, 5667)),
+    ("gpt-4.1-nano", 2.46),
+    ("gpt-5-nano", 2.46),
+    ("gpt-4.1-mini", 1.62),
+    ("gpt-5-mini", 1.62),
+    ("o4-mini", 1.72),
+    ("gpt-4o", (85, 170)),
+    ("gpt-4.1", (85, 170)),
+    ("gpt-4.5", (85, 170)),
+    ("gpt-5", (70, 140)),
+    ("o1", (75, 150)),
+    ("o3", (75, 150)),
+    ("computer-use-preview", (65, 129)),
 )
+OPENAI_MAX_TILES = 8
+OPENAI_MAX_PATCHES = 1536
+
+
+def openai_image_formula(model: str) -> tuple[int, int] | float | None:
+    """``model``'s entry of ``OPENAI_IMAGE_FORMULAS`` (None: not an OpenAI model that reads images)."""
+    name = model.rsplit("/", 1)[-1]
+    return next((formula for prefix, formula in OPENAI_IMAGE_FORMULAS if name.startswith(prefix)), None)
+
+
+def _openai_image_tokens(formula: tuple[int, int] | float, size: tuple[int, int] | None) -> int:
+    """An image of ``size`` (None: unread, so its most) by one of ``OPENAI_IMAGE_FORMULAS``."""
+    if isinstance(formula, tuple):
+        base, tile = formula
+        if size is None:
+            return base + OPENAI_MAX_TILES * tile
+        fit = min(1.0, 2048 / max(size))
+        w, h = size[0] * fit, size[1] * fit
+        short = min(1.0, 768 / min(w, h))
+        return base + tile * _covering(w * short, 512) * _covering(h * short, 512)
+    if size is None:
+        return round(OPENAI_MAX_PATCHES * formula)
+    w, h = float(size[0]), float(size[1])
+    if _covering(w, 32) * _covering(h, 32) > OPENAI_MAX_PATCHES:
+        shrink = math.sqrt(32 * 32 * OPENAI_MAX_PATCHES / (w * h))
+        # then down to whole patches on the side that fits fewer
+        shrink *= min(math.floor(w * shrink / 32) / (w * shrink / 32), math.floor(h * shrink / 32) / (h * shrink / 32))
+        w, h = w * shrink, h * shrink
+    return round(min(OPENAI_MAX_PATCHES, _covering(w, 32) * _covering(h, 32)) * formula)
+
+
+def _covering(length: float, unit: int) -> int:
+    """The units of ``unit`` pixels covering ``length`` (a scaled length's float error is not a unit more)."""
+    return max(1, math.ceil(round(length / unit, 6)))
 
 
 # Claude models that read images at a higher resolution than ``IMAGE_TOKENS`` allows: Opus 4.7 takes up to 3.75
@@ -71,15 +115,12 @@ def image_reading(model: str) -> tuple[int, int]:
 def image_ceiling(model: str) -> int:
     """The most one image may cost ``model`` in input tokens: Anthropic's ceiling, or more where the model reads
     images at a higher resolution (``ANTHROPIC_HIGH_RES_IMAGE_TOKENS``) or its provider bills images at more
-    (``OPENAI_IMAGE_TOKENS``)."""
+    (``OPENAI_IMAGE_FORMULAS``)."""
     read = image_reading(model)[1]
     if read > IMAGE_TOKENS:
         return read
-    name = model.rsplit("/", 1)[-1]
-    for prefix, tokens in OPENAI_IMAGE_TOKENS:
-        if name.startswith(prefix):
-            return max(IMAGE_TOKENS, tokens)
-    return IMAGE_TOKENS
+    formula = openai_image_formula(model)
+    return IMAGE_TOKENS if formula is None else max(IMAGE_TOKENS, _openai_image_tokens(formula, None))
 
 
 # Files larger than this are encoded and decoded on a worker thread: the event loop keeps serving.
@@ -624,12 +665,17 @@ def image_size(raw: bytes) -> tuple[int, int] | None:
 
 
 def image_tokens(raw: bytes, model: str = "") -> int:
-    """Anthropic's formula: (width * height) / 750 after scaling to the long-edge and megapixel limits of the
-    model reading it (``image_reading``: at most ``IMAGE_TOKENS`` for most); that most when the size cannot be
-    read."""
-    edge, most = image_reading(model)
+    """What an image costs ``model``: OpenAI's formula for its models (``OPENAI_IMAGE_FORMULAS``), else Anthropic's,
+    (width * height) / 750 after scaling to the long-edge and megapixel limits of the model reading it
+    (``image_reading``: at most ``IMAGE_TOKENS`` for most); the formula's most when the size cannot be read."""
     size = image_size(raw)
-    if size is None or not size[0] or not size[1]:
+    if size is not None and not (size[0] and size[1]):
+        size = None
+    formula = openai_image_formula(model)
+    if formula is not None:
+        return _openai_image_tokens(formula, size)
+    edge, most = image_reading(model)
+    if size is None:
         return most
     w, h = size
     scale = min(1.0, edge / max(w, h))
@@ -683,21 +729,21 @@ def raw_bytes(part: FilePart) -> bytes:
         return b""
 
 
-# What was measured of a file (image tokens or PDF pages) by SHA-256 and the long side an image is read at: a
-# session's files are measured several times a turn (the policy, the reservation, the inspector), and decoding
-# them each time would cost.
-_MEASURED: dict[tuple[str, int], int] = {}
+# What was measured of a file (image tokens or PDF pages) by SHA-256 and how an image is read (its formula, or the
+# long side it is scaled to): a session's files are measured several times a turn (the policy, the reservation,
+# the inspector), and decoding them each time would cost.
+_MEASURED: dict[tuple[str, object], int] = {}
 _MEASURED_MAX = 4096
 
 
 def _measure(part: FilePart, model: str = "") -> int:
     """An image's tokens by the formula (as ``model`` reads it), or a PDF's pages."""
-    edge, most = image_reading(model) if part.is_image else (0, 0)
-    key = (part.sha256, edge) if part.sha256 else None
+    reading = (openai_image_formula(model) or image_reading(model)[0]) if part.is_image else 0
+    key = (part.sha256, reading) if part.sha256 else None
     if key is not None and key in _MEASURED:
         return _MEASURED[key]
     raw = raw_bytes(part)
-    value = (image_tokens(raw, model) if raw else most) if part.is_image else pdf_pages(raw)
+    value = image_tokens(raw, model) if part.is_image else pdf_pages(raw)
     if key is not None and raw:
         if len(_MEASURED) >= _MEASURED_MAX:
             _MEASURED.clear()
@@ -711,7 +757,7 @@ def pages(part: FilePart) -> int:
 
 
 def tokens(part: FilePart, *, ceiling: bool = False, model: str = "") -> int:
-    """What a file costs a call to ``model``: images by Anthropic's formula (``image_reading``), PDFs at
+    """What a file costs a call to ``model``: images by its provider's formula (``image_tokens``), PDFs at
     ``PDF_PAGE_TOKENS`` a page. With ``ceiling`` (a reservation, whatever the provider) every image counts
     ``IMAGE_TOKENS``, and the reservation adds what a model may bill above it (``image_ceiling``): other providers
     bill small images more than Anthropic does (OpenAI at least 85 + 170 a tile, Gemini 258 an image)."""

@@ -25,10 +25,16 @@ def _part_markdown(part: dict[str, Any]) -> str:
         return f"Tool result `{part.get('name')}`:\n\n```\n{body}\n```"
     if kind == "source":
         return f"Source: <{part.get('url')}>"
-    if kind == "file":  # the bytes stay in the gateway (docs/attachments.md)
-        size = f", {part['size']} bytes" if isinstance(part.get("size"), int) else ""
-        return f"Attached: `{part.get('filename') or 'file'}` ({part.get('mediaType')}{size})"
+    if kind == "file":
+        return attached(part)
     return ""
+
+
+def attached(part: dict[str, Any]) -> str:
+    """A stored file part as a line (the export, ``agentspace sessions show``): its bytes stay in the gateway
+    (docs/attachments.md)."""
+    size = f", {part['size']} bytes" if isinstance(part.get("size"), int) else ""
+    return f"Attached: `{part.get('filename') or 'file'}` ({part.get('mediaType')}{size})"
 
 
 def to_markdown(session: dict[str, Any]) -> str:

@@ -148,6 +148,8 @@ def _message_header(m: dict[str, Any]) -> str:
 @pass_state
 def show(state: CliState, session_id: str, as_json: bool) -> None:
     """One session with its messages."""
+    from ..export import attached
+
     session = _get(state, session_id)
     if session is None:
         raise _not_found(session_id)
@@ -163,6 +165,9 @@ def show(state: CliState, session_id: str, as_json: bool) -> None:
         click.echo()
         click.secho(printable(_message_header(m)), bold=True)
         click.echo(printable(m.get("content") or "", lines=True))
+        for part in m.get("parts") or ():
+            if isinstance(part, dict) and part.get("type") == "file":  # a message may be files alone
+                click.echo(printable(attached(part)))
 
 
 @sessions.command("delete")

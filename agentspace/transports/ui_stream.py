@@ -259,6 +259,12 @@ def _message_errors(i: int, message: Any) -> dict[str, str]:
         errors[f"{path}.id"] = problem
     if message.get("role") not in ROLES:
         errors[f"{path}.role"] = f"must be one of {', '.join(ROLES)}"
+    if message.get("experimental_attachments"):
+        # AI SDK 4's files: ignored, they would be dropped unseen and the answer billed (docs/attachments.md).
+        errors[f"{path}.experimental_attachments"] = (
+            "AI SDK 4's attachments are not read by this gateway; send the files as file parts "
+            "(AI SDK 5: sendMessage({ text, files }))"
+        )
     parts = message.get("parts")
     if not isinstance(parts, list):
         errors[f"{path}.parts"] = "must be an array"

@@ -87,6 +87,10 @@ def _attachment_bytes(msg: dict[str, Any]) -> int:
     return total
 
 
+# The fields of a ``chat.send`` frame (docs/protocol.md).
+CHAT_SEND_FIELDS = frozenset({"type", "id", "content", "sessionId", "model", "attachments"})
+
+
 def _attachments(value: Any) -> list[FilePart]:
     """``chat.send``'s ``attachments``: ``[{mediaType, data (base64) | url, filename?}]`` (docs/attachments.md)."""
     if value is None:
@@ -219,6 +223,11 @@ class Connection:
             await self.error(request_id, "INTERNAL_ERROR", "The gateway failed to handle this message; see its log.")
 
     async def on_chat_send(self, request_id: Any, msg: dict[str, Any]) -> None:
+        # A field the gateway does not read is refused by name: ignored, a file sent in it (``files``, say) would
+        # be dropped unseen and the answer billed (docs/attachments.md).
+        unknown = sorted(set(msg) - CHAT_SEND_FIELDS)
+        if unknown:
+            raise invalid({unknown[0][:120]: "is not a field of chat.send (content, sessionId, model, attachments)"})
         request = chat_request(
             ChatInput(msg.get("content"), msg.get("sessionId"), msg.get("model"), paths={"session_id": "sessionId"}),
             client=self.caller,
