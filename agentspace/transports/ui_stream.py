@@ -398,7 +398,7 @@ async def stream_turn(request: web.Request, turn: Turn, *, abort_on_disconnect: 
         first += await anext(batches)
     refused = next((e for e in first if not isinstance(e, ev.StreamStart)), None)
     if isinstance(refused, ev.StreamError) and refused.code in REFUSED_BEFORE_STREAMING:
-        raise ApiError(refused.code, refused.message)
+        raise ApiError(refused.code, refused.message, retry_after=refused.retry_after)
     response = web.StreamResponse(headers=STREAM_HEADERS)
     encoder = UIMessageStreamEncoder()
     try:
@@ -428,8 +428,21 @@ async def stream_turn(request: web.Request, turn: Turn, *, abort_on_disconnect: 
     return response
 
 
-# Errors a turn reports before its first provider call that are the request's own (not a failure).
-REFUSED_BEFORE_STREAMING = frozenset({"CONTEXT_TOO_LONG"})
+# Errors a turn reports before its first provider call that are refusals, answered with their status as the
+# pre-check's are: the context-window policy's, and the first call's admission (limits.Guard.admit, calls.py),
+# which reserves the whole request where the pre-check counted its least cost. (An error after a step began
+# follows its ``start-step``: it is streamed.)
+REFUSED_BEFORE_STREAMING = frozenset(
+    {
+        "CONTEXT_TOO_LONG",
+        "BUDGET_EXCEEDED",
+        "RATE_LIMITED",
+        "UNAUTHORIZED",
+        "MODEL_NOT_ALLOWED",
+        "SERVICE_UNAVAILABLE",
+        "STORAGE_ERROR",
+    }
+)
 
 
 async def _chain(

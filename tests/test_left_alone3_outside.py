@@ -1,0 +1,32 @@
+"""What the last closing note noticed and left alone, third round (protocol and hardening), tried from outside:
+through the HTTP routes, the WebSocket and the SDKs against the running app."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from aiohttp.test_utils import TestClient
+
+from tests.test_audit28s_outside import user
+
+
+async def test_a_turn_refused_at_its_first_calls_admission_is_a_429_not_a_stream(
+    client: TestClient, auth_headers: dict[str, str], fake_anthropic: Any
+) -> None:
+    """The pre-check counts a turn's least cost (its output ceiling); the first call's admission reserves the
+    whole request (its input too). A turn that passed the one and was refused at the other was answered with a
+    200 and a ``BUDGET_EXCEEDED`` error chunk, which ``useChat`` shows as a failed stream; nothing had streamed:
+    a 429 with ``Retry-After``, as the pre-check's refusal is."""
+    made = await client.post("/api/clients", json={"name": "ann", "budgetUsd": 0.25}, headers=auth_headers)
+    ann = {"Authorization": f"Bearer {(await made.json())['key']}"}
+    # 12,096 output tokens (thinking included) at $15/Mtok ($0.18144) fit the budget; with ~30,000 input
+    # tokens at $3/Mtok they do not.
+    body = {"id": "tight", "messages": [user("u1", "word " * 30_000)]}
+    response = await client.post("/api/chat", json=body, headers=ann)
+    text = await response.text()
+    assert response.status == 429, text[:500]
+    error = (await response.json())["error"]
+    assert error["code"] == "BUDGET_EXCEEDED" and "this call may cost up to" in error["message"], error
+    assert int(response.headers["Retry-After"]) >= 1
+    assert fake_anthropic.requests == []  # nothing was sent upstream
+
