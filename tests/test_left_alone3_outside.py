@@ -7,6 +7,8 @@ from typing import Any
 
 from aiohttp.test_utils import TestClient
 
+from tests.fakes import anthropic_upstream as fa
+from tests.support.ws import chat, connect
 from tests.test_audit28s_outside import user
 
 
@@ -30,3 +32,17 @@ async def test_a_turn_refused_at_its_first_calls_admission_is_a_429_not_a_stream
     assert int(response.headers["Retry-After"]) >= 1
     assert fake_anthropic.requests == []  # nothing was sent upstream
 
+
+async def test_a_websocket_error_after_the_answer_began_says_when_to_retry(
+    client: TestClient, token: str, fake_anthropic: Any
+) -> None:
+    """An upstream 429 whose Retry-After is longer than the gateway waits ends the turn with an ``error`` frame
+    after ``chat.stream.start``; unlike the refusal frames, it did not carry ``retryAfter``, so a client had
+    nothing to wait by (over ``/v1`` the same failure is a 429 with ``Retry-After``)."""
+    fake_anthropic.enqueue(fa.error_status(429, "Slow down", type="rate_limit_error", retry_after=120))
+    ws = await connect(client, token)
+    frames = await chat(ws, "hi")
+    await ws.close()
+    assert [f["type"] for f in frames] == ["session.created", "chat.stream.start", "error"], frames
+    assert (frames[-1]["type"], frames[-1]["code"]) == ("error", "RATE_LIMITED"), frames[-1]
+    assert frames[-1]["retryAfter"] == 120, frames[-1]
