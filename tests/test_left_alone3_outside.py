@@ -46,3 +46,22 @@ async def test_a_websocket_error_after_the_answer_began_says_when_to_retry(
     assert [f["type"] for f in frames] == ["session.created", "chat.stream.start", "error"], frames
     assert (frames[-1]["type"], frames[-1]["code"]) == ("error", "RATE_LIMITED"), frames[-1]
     assert frames[-1]["retryAfter"] == 120, frames[-1]
+
+
+async def test_a_chat_bodys_message_id_must_be_a_message_id(client: TestClient, auth_headers: dict[str, str]) -> None:
+    """``messageId`` (``useChat``'s ``regenerate()`` and an edit's ``sendMessage``: the message answered again)
+    was never checked: a number, an object or an id no message may have was taken without a word. It is a
+    message id or absent (null: as absent), else a 400 naming the field, and nothing is stored."""
+    for value in (5, {"id": "u1"}, ["u1"], True, "x" * 300, "has space"):
+        body = {"id": "regen", "messages": [user("u1", "hi")], "trigger": "regenerate-message", "messageId": value}
+        response = await client.post("/api/chat", json=body, headers=auth_headers)
+        assert response.status == 400, (value, await response.text())
+        error = (await response.json())["error"]
+        assert error["code"] == "INVALID_MESSAGE" and [f["path"] for f in error["fields"]] == ["messageId"], error
+    listed = await (await client.get("/api/sessions", headers=auth_headers)).json()
+    assert listed["sessions"] == []
+    for value in (None, "u1"):
+        body = {"id": "regen", "messages": [user("u1", "hi")], "trigger": "regenerate-message", "messageId": value}
+        response = await client.post("/api/chat", json=body, headers=auth_headers)
+        assert response.status == 200, await response.text()
+        await response.read()

@@ -311,6 +311,10 @@ def parse_chat_body(body: Any, caller: str = "admin") -> ChatRequest:
         errors["model"] = problem
     if body.get("trigger") is not None and body["trigger"] not in TRIGGERS:
         errors["trigger"] = f"must be one of {', '.join(TRIGGERS)}"
+    # The message answered again (regenerate, an edit). The last user message says which (the SDK sends the
+    # conversation up to it): checked like every message id, not acted on.
+    if body.get("messageId") is not None and (problem := message_id_problem(body["messageId"])) is not None:
+        errors["messageId"] = problem
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         errors["messages"] = "must be a non-empty array of UI messages"
