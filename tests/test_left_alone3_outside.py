@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import openai
+import pytest
 from aiohttp.test_utils import TestClient
 
 from tests.fakes import anthropic_upstream as fa
@@ -65,3 +67,22 @@ async def test_a_chat_bodys_message_id_must_be_a_message_id(client: TestClient, 
         response = await client.post("/api/chat", json=body, headers=auth_headers)
         assert response.status == 200, await response.text()
         await response.read()
+
+
+def openai_sdk(client: TestClient, token: str) -> openai.AsyncOpenAI:
+    return openai.AsyncOpenAI(api_key=token, base_url=f"http://127.0.0.1:{client.port}/v1", max_retries=0)
+
+
+async def test_a_responses_json_schema_format_needs_its_name(
+    client: TestClient, token: str, fake_anthropic: Any
+) -> None:
+    """OpenAI requires ``text.format.name`` of a ``json_schema`` format; the gateway named it "response" and
+    went on, so a request OpenAI refuses worked here. A 400 naming the field, as OpenAI's, and nothing sent."""
+    schema = {"type": "object", "properties": {"a": {"type": "string"}}}
+    for fmt in ({"type": "json_schema", "schema": schema}, {"type": "json_schema", "schema": schema, "name": 5}):
+        with pytest.raises(openai.BadRequestError) as refused:
+            await openai_sdk(client, token).responses.create(
+                model="anthropic/claude-sonnet-4-5", input="hi", text={"format": fmt}  # type: ignore[typeddict-item]
+            )
+        assert refused.value.param == "text.format.name", refused.value.body
+    assert fake_anthropic.requests == []
