@@ -86,3 +86,24 @@ async def test_a_responses_json_schema_format_needs_its_name(
             )
         assert refused.value.param == "text.format.name", refused.value.body
     assert fake_anthropic.requests == []
+
+
+async def test_the_stored_response_routes_say_the_gateway_stores_no_responses(client: TestClient, token: str) -> None:
+    """Retrieving, deleting or cancelling a response, listing its input items and compacting were the generic
+    "No route" 404: a client (Codex compacts remotely) was not told why. They say, in OpenAI's error shape,
+    that the gateway stores no responses (``store`` is not supported: every call is stateless)."""
+    sdk = openai_sdk(client, token)
+    calls = {
+        "retrieve": sdk.responses.retrieve("resp_1"),
+        "delete": sdk.responses.delete("resp_1"),
+        "cancel": sdk.responses.cancel("resp_1"),
+        "input_items": sdk.responses.input_items.list("resp_1"),
+        "compact": sdk.responses.compact(model="anthropic/claude-sonnet-4-5", input="hi"),
+    }
+    for name, call in calls.items():
+        with pytest.raises(openai.NotFoundError) as missing:
+            await call
+        assert "this gateway stores no responses" in missing.value.message, (name, missing.value.body)
+        assert missing.value.type == "invalid_request_error", missing.value.body
+    unknown = await client.get("/v1/nothing", headers={"Authorization": f"Bearer {token}"})
+    assert unknown.status == 404 and "No route GET /v1/nothing" in (await unknown.json())["error"]["message"]
