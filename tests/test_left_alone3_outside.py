@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import anthropic
 import openai
 import pytest
 from aiohttp.test_utils import TestClient
@@ -107,3 +108,27 @@ async def test_the_stored_response_routes_say_the_gateway_stores_no_responses(cl
         assert missing.value.type == "invalid_request_error", missing.value.body
     unknown = await client.get("/v1/nothing", headers={"Authorization": f"Bearer {token}"})
     assert unknown.status == 404 and "No route GET /v1/nothing" in (await unknown.json())["error"]["message"]
+
+
+async def test_the_anthropic_model_list_is_paged_as_anthropics(client: TestClient, token: str) -> None:
+    """``GET /v1/models`` with ``anthropic-version`` answered every model whatever ``limit``, ``after_id`` or
+    ``before_id`` said, and always ``has_more: false``: a client reading pages of 20 (Anthropic's default) got
+    them all at once, and one asking for the next page got the first again. Paged as Anthropic pages it."""
+    sdk = anthropic.AsyncAnthropic(api_key=token, base_url=f"http://127.0.0.1:{client.port}", max_retries=0)
+    every = [m.id for m in (await sdk.models.list(limit=1000)).data]
+    assert len(every) > 3, every
+    first = await sdk.models.list(limit=2)
+    assert [m.id for m in first.data] == every[:2] and first.has_more
+    assert (first.first_id, first.last_id) == (every[0], every[1])
+    assert [m.id async for m in await sdk.models.list(limit=2)] == every  # the SDK follows after_id
+    after = await sdk.models.list(limit=2, after_id=every[1])
+    assert [m.id for m in after.data] == every[2:4]
+    before = await sdk.models.list(limit=2, before_id=every[3])
+    assert [m.id for m in before.data] == every[1:3] and before.has_more
+    last = await sdk.models.list(limit=2, after_id=every[-2])
+    assert [m.id for m in last.data] == every[-1:] and not last.has_more
+    assert len((await sdk.models.list()).data) == min(20, len(every))
+    for query in ({"limit": 0}, {"limit": 1001}, {"after_id": "claude-none"}):
+        with pytest.raises(anthropic.BadRequestError) as refused:
+            await sdk.models.list(**query)  # type: ignore[arg-type]
+        assert next(iter(query)) in refused.value.message, refused.value.body
