@@ -1144,7 +1144,8 @@ class Turn:
         try:
             await write()
         except STORAGE_FAILURES as e:
-            log.exception("storing %s failed; retrying in the background", what)
+            # The store is out of reach or full (an outage, not a defect): one line, no traceback.
+            log.warning("storing %s failed (%r); retrying in the background", what, e)
             self._storage_failed = True
             self._storage_problem = storage_problem(e)
             self.gw.pending.add(what, write, session_id=self.session_id)

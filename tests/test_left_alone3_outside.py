@@ -3,16 +3,23 @@ through the HTTP routes, the WebSocket and the SDKs against the running app."""
 
 from __future__ import annotations
 
+import asyncio
+from pathlib import Path
 from typing import Any
 
+import aiohttp
 import anthropic
 import openai
 import pytest
 from aiohttp.test_utils import TestClient
 
+from scripts.harness import GatewayProcess
 from tests.fakes import anthropic_upstream as fa
-from tests.support.ws import chat, connect
+from tests.scale_servers import Postgres
+from tests.support.ws import chat, connect, receive
 from tests.test_audit28s_outside import user
+
+USER = [{"role": "user", "content": "hi"}]
 
 
 async def test_a_turn_refused_at_its_first_calls_admission_is_a_429_not_a_stream(
@@ -132,3 +139,47 @@ async def test_the_anthropic_model_list_is_paged_as_anthropics(client: TestClien
         with pytest.raises(anthropic.BadRequestError) as refused:
             await sdk.models.list(**query)  # type: ignore[arg-type]
         assert next(iter(query)) in refused.value.message, refused.value.body
+
+
+async def test_answers_finished_in_a_database_outage_log_one_line_each_no_traceback(
+    tmp_path: Path, fake_anthropic: fa.FakeAnthropic
+) -> None:
+    """PostgreSQL stops while a WebSocket turn and a ``/v1/messages`` call stream. Each usage record the store
+    refused logged "usage sink 'postgres' could not store record" as an ERROR with a traceback, and the turn's
+    answer "storing the answer ... failed" likewise: an outage, not a defect of ours, which is one warning line
+    (the rule for the refusals since the last round). The client is told as before (STORAGE_ERROR)."""
+    pg = Postgres()
+    gateway = GatewayProcess(tmp_path / "data", fake_anthropic.url, storage={"backend": "postgres", "dsn": pg.dsn})
+    try:
+        await gateway.start()
+        admin = {"Authorization": f"Bearer {gateway.token}"}
+        async with aiohttp.ClientSession() as http, http.ws_connect(gateway.ws_url, headers=admin) as ws:
+            turn_gate, v1_gate = asyncio.Event(), asyncio.Event()
+            fake_anthropic.enqueue(fa.text_response("a turn's answer").held(turn_gate))
+            fake_anthropic.enqueue(fa.text_response("a /v1 answer").held(v1_gate))
+            await ws.send_json({"type": "chat.send", "id": "r1", "content": "hi"})
+            frames = [await receive(ws)]
+            while len(fake_anthropic.requests) < 1:
+                await asyncio.sleep(0.02)
+            body = {"model": "claude-sonnet-4-5", "max_tokens": 50, "stream": True, "messages": USER}
+            v1 = asyncio.create_task(
+                http.post(gateway.url + "/v1/messages", json=body, headers={**admin, "anthropic-version": "2023-06-01"})
+            )
+            while len(fake_anthropic.requests) < 2:
+                await asyncio.sleep(0.02)
+            pg.stop()
+            turn_gate.set()
+            v1_gate.set()
+            while frames[-1]["type"] not in ("chat.stream.end", "error"):
+                frames.append(await receive(ws))
+            assert frames[-1]["code"] == "STORAGE_ERROR", frames[-1]
+            async with await v1 as resp:
+                assert resp.status == 200 and "message_stop" in await resp.text()
+            await gateway.wait_for_log("storing the answer in session")
+            await gateway.wait_for_log("usage sink 'postgres' could not store record")
+            assert not gateway.log_problems(), gateway.log_problems()
+            lines = [line for line in gateway.log().splitlines() if "could not store record" in line]
+            assert len(lines) == 2 and all("WARNING" in line and "Connection refused" in line for line in lines)
+    finally:
+        await gateway.aclose()
+        pg.close()
