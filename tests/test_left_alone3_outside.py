@@ -18,6 +18,7 @@ from tests.fakes import anthropic_upstream as fa
 from tests.scale_servers import Postgres
 from tests.support.ws import chat, connect, receive
 from tests.test_audit28s_outside import user
+from tests.test_disk_full import BIG, disk, fill, ws_turn  # noqa: F401 - disk: the fixture
 
 USER = [{"role": "user", "content": "hi"}]
 
@@ -90,7 +91,9 @@ async def test_a_responses_json_schema_format_needs_its_name(
     for fmt in ({"type": "json_schema", "schema": schema}, {"type": "json_schema", "schema": schema, "name": 5}):
         with pytest.raises(openai.BadRequestError) as refused:
             await openai_sdk(client, token).responses.create(
-                model="anthropic/claude-sonnet-4-5", input="hi", text={"format": fmt}  # type: ignore[typeddict-item]
+                model="anthropic/claude-sonnet-4-5",
+                input="hi",
+                text={"format": fmt},  # type: ignore[typeddict-item]
             )
         assert refused.value.param == "text.format.name", refused.value.body
     assert fake_anthropic.requests == []
@@ -183,3 +186,32 @@ async def test_answers_finished_in_a_database_outage_log_one_line_each_no_traceb
     finally:
         await gateway.aclose()
         pg.close()
+
+
+async def test_healthz_says_the_data_directory_refuses_writes_until_it_takes_them_again(
+    disk: Path,  # noqa: F811
+    fake_anthropic: fa.FakeAnthropic,
+) -> None:
+    """``/healthz`` answered 200 ``ok`` while every turn was refused with STORAGE_ERROR on a full disk: a load
+    balancer kept sending calls to a replica that could store none. Since a write failed, it is a 503 that names
+    the data directory, as a database out of reach is for PostgreSQL; room again, ok again. (It knows by the
+    writes that failed: no probe writes while the writes succeed.)"""
+    server = GatewayProcess(disk, fake_anthropic.url)
+    try:
+        await server.start()
+        async with aiohttp.ClientSession() as http:
+            async with http.get(f"{server.url}/healthz") as resp:
+                assert resp.status == 200 and (await resp.json()) == {"status": "ok"}
+            filler = fill(disk)
+            refused = await ws_turn(server, server.token, "hello " + BIG)
+            assert refused[-1]["code"] == "STORAGE_ERROR", refused[-1]
+            async with http.get(f"{server.url}/healthz") as resp:
+                body = await resp.json()
+            assert resp.status == 503 and body["status"] == "unavailable", body
+            assert "data directory" in body["storage"] and "No space left" in body["storage"], body
+            filler.unlink()
+            async with http.get(f"{server.url}/healthz") as resp:
+                assert resp.status == 200 and (await resp.json()) == {"status": "ok"}
+            assert (await ws_turn(server, server.token, "hello again"))[-1]["type"] == "chat.stream.end"
+    finally:
+        await server.aclose()
