@@ -1012,6 +1012,7 @@ class Turn:
 
     async def _run_tools(self, calls: list[ToolCallPart]) -> list[ToolResultPart]:
         """Run the calls of one step concurrently; failures become error results the model sees."""
+        timeout = float(self.gw.config["chat"]["tool_timeout_seconds"])
 
         def stopped(call: ToolCallPart) -> ToolResultPart:
             return ToolResultPart(call.tool_call_id, call.name, f"Tool {call.name} was stopped.", True)
@@ -1022,8 +1023,10 @@ class Turn:
                 return ToolResultPart(call.tool_call_id, call.name, f"Unknown tool {call.name!r}.", True)
             if self._stop_reason is not None:  # stopped before its tools started: none starts
                 return stopped(call)
+            deadline = asyncio.timeout(timeout)
             try:
-                output = await tool.handler(call.input if isinstance(call.input, dict) else {"input": call.input})
+                async with deadline:  # a tool that never returns (a stuck network call) must not hold the turn
+                    output = await tool.handler(call.input if isinstance(call.input, dict) else {"input": call.input})
                 # Results go to the model, the client and the store as JSON: values JSON lacks become strings, and
                 # lone surrogates (bytes decoded with surrogateescape) U+FFFD, which UTF-8 can carry.
                 output = json.loads(clean_text(json.dumps(output, default=str, ensure_ascii=False)))
@@ -1033,6 +1036,10 @@ class Turn:
                     raise  # the turn itself is being cancelled
                 return stopped(call)
             except Exception as e:
+                if isinstance(e, TimeoutError) and deadline.expired():  # ours, not a timeout inside the tool
+                    log.warning("tool %s did not return within %g s; its result is an error", call.name, timeout)
+                    message = f"Tool {call.name} did not return within {timeout:g} s ([chat] tool_timeout_seconds)."
+                    return ToolResultPart(call.tool_call_id, call.name, message, True)
                 log.warning("tool %s failed: %r", call.name, e)
                 return ToolResultPart(call.tool_call_id, call.name, clean_text(f"Tool {call.name} failed: {e}"), True)
 

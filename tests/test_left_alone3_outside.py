@@ -4,6 +4,7 @@ through the HTTP routes, the WebSocket and the SDKs against the running app."""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -13,12 +14,14 @@ import openai
 import pytest
 from aiohttp.test_utils import TestClient
 
+from agentspace.plugins import create_plugin_manager
 from scripts.harness import GatewayProcess
 from tests.fakes import anthropic_upstream as fa
 from tests.scale_servers import Postgres
 from tests.support.ws import chat, connect, receive
 from tests.test_audit28s_outside import user
 from tests.test_disk_full import BIG, disk, fill, ws_turn  # noqa: F401 - disk: the fixture
+from tests.test_ws import _SlowTools
 
 USER = [{"role": "user", "content": "hi"}]
 
@@ -215,3 +218,26 @@ async def test_healthz_says_the_data_directory_refuses_writes_until_it_takes_the
             assert (await ws_turn(server, server.token, "hello again"))[-1]["type"] == "chat.stream.end"
     finally:
         await server.aclose()
+
+
+async def test_a_tool_that_never_returns_times_out_into_an_error_the_model_sees(
+    make_client: Callable[..., Awaitable[TestClient]], token: str, fake_anthropic: fa.FakeAnthropic
+) -> None:
+    """A plugin's tool that never returns (a stuck network call) held its turn, and its session, forever. After
+    ``[chat] tool_timeout_seconds`` it is cancelled and its result is an error the model sees; the turn goes on."""
+    tools = _SlowTools()
+    pm = create_plugin_manager()
+    pm.register(tools)
+    client = await make_client(pm=pm, chat={"tool_timeout_seconds": 0.5})
+    fake_anthropic.enqueue(fa.tool_use_response("wait", {}, text="Waiting."), fa.text_response("It timed out."))
+    ws = await connect(client, token)
+    frames = await asyncio.wait_for(chat(ws, "wait"), 60)
+    await ws.close()
+    assert (frames[-1]["type"], frames[-1]["finishReason"]) == ("chat.stream.end", "stop"), frames[-1]
+    (result,) = [f for f in frames if f["type"] == "chat.stream.tool_result"]
+    message = "Tool wait did not return within 0.5 s ([chat] tool_timeout_seconds)."
+    assert result["isError"] is True and result["output"] == message, result
+    assert tools.cancelled
+    sent = fake_anthropic.requests[1].body["messages"][-1]["content"][0]
+    assert sent["type"] == "tool_result" and sent["is_error"] is True and message in str(sent["content"]), sent
+
