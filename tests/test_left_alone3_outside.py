@@ -241,3 +241,26 @@ async def test_a_tool_that_never_returns_times_out_into_an_error_the_model_sees(
     sent = fake_anthropic.requests[1].body["messages"][-1]["content"][0]
     assert sent["type"] == "tool_result" and sent["is_error"] is True and message in str(sent["content"]), sent
 
+
+async def test_claude_codes_effort_without_thinking_is_the_reasoning_effort_or_refused(
+    make_client: Callable[..., Awaitable[TestClient]], token: str, fake_openai: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``output_config.effort`` without ``thinking`` (Claude Code's effort setting with thinking off) was dropped
+    for a non-Anthropic model on ``/v1/messages``: a reasoning model answered at its default effort. It is the
+    model's reasoning effort where it has one, and a 400 naming it where it has none, nothing sent."""
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-openai-test-0123456789")
+    client = await make_client(providers={"openai": {"base_url": fake_openai.url}})
+    sdk = anthropic.AsyncAnthropic(api_key=token, base_url=f"http://127.0.0.1:{client.port}", max_retries=0)
+    for effort, sent in (("low", "low"), ("high", "high"), ("max", "high")):
+        await sdk.messages.create(
+            model="openai/gpt-5", max_tokens=2000, messages=USER, extra_body={"output_config": {"effort": effort}}
+        )
+        assert fake_openai.requests[-1].body["reasoning_effort"] == sent, fake_openai.requests[-1].body
+    asked = len(fake_openai.requests)
+    for model, effort in (("openai/gpt-4o-mini", "low"), ("openai/gpt-5", "fast")):
+        with pytest.raises(anthropic.BadRequestError) as refused:
+            await sdk.messages.create(
+                model=model, max_tokens=2000, messages=USER, extra_body={"output_config": {"effort": effort}}
+            )
+        assert refused.value.body["error"]["message"].startswith("output_config.effort"), refused.value.body  # type: ignore[index]
+    assert len(fake_openai.requests) == asked
