@@ -10,7 +10,6 @@ from aiohttp import web
 
 from ..protocols import anthropic_messages, openai_chat
 
-
 # OpenAI's routes for stored responses (retrieve, delete, cancel, input items) and for compaction. The gateway
 # serves none: it stores no responses (every /v1/responses call is stateless, ``store: false``), and a client
 # that asks is told so rather than "No route".
