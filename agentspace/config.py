@@ -68,6 +68,7 @@ SCHEMA: dict[str, dict[str, tuple[tuple[type, ...], Any]]] = {
         "on_disconnect": ((str,), "finish"),
         "idle_timeout_seconds": ((int, float), 120.0),
         "section_timeout_seconds": ((int, float), 10.0),
+        "tool_timeout_seconds": ((int, float), 120.0),
         "max_retries": ((int,), 2),
         "prompt_cache": ((str,), "auto"),
         "prompt_cache_ttl": ((str,), "5m"),
@@ -357,12 +358,9 @@ def _check_values(source: str, values: dict[str, dict[str, Any]]) -> None:
     ):
         if values[section][key] < (0 if key == "history_limit" else 1):
             raise ConfigError(source, f"{section}.{key}", f"expected a positive integer, got {values[section][key]}")
-    if values["chat"]["section_timeout_seconds"] <= 0:
-        raise ConfigError(
-            source,
-            "chat.section_timeout_seconds",
-            f"expected a positive number, got {values['chat']['section_timeout_seconds']}",
-        )
+    for key in ("section_timeout_seconds", "tool_timeout_seconds"):
+        if values["chat"][key] <= 0:
+            raise ConfigError(source, f"chat.{key}", f"expected a positive number, got {values['chat'][key]}")
     if values["thinking"]["budget_tokens"] < 1024:
         raise ConfigError(
             source,

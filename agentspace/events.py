@@ -159,10 +159,12 @@ class StreamEnd:
 
 @dataclass(slots=True)
 class StreamError:
-    """The turn failed; what was generated before is already delivered and stored."""
+    """The turn failed; what was generated before is already delivered and stored. ``retry_after``: the seconds
+    to wait, when the failure said (a client's rpm or budget period, an upstream's Retry-After)."""
 
     code: str
     message: str
+    retry_after: float | None = None
 
 
 StreamEvent = (

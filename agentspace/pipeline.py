@@ -364,6 +364,7 @@ class _Tally:
     cost: Cost = field(default_factory=Cost)
     finish_reason: str = "stop"
     error: tuple[str, str] | None = None
+    retry_after: float | None = None  # the seconds the error said to wait, when it did
     ttft_ms: float | None = None
 
 
@@ -537,7 +538,7 @@ class Turn:
                 if not await self._step(ctx, step, seen_sources, tally):
                     break
         except ApiError as e:  # the context-window policy refused the call, or its summarising call failed
-            tally.finish_reason, tally.error = "error", (e.code, e.message)
+            tally.finish_reason, tally.error, tally.retry_after = "error", (e.code, e.message), e.retry_after
         except Exception:
             log.exception("turn in session %s failed", self.session_id)
             tally.finish_reason = "error"
@@ -568,7 +569,7 @@ class Turn:
                 lambda: request_ceiling(self._request(ctx, self.model), estimate_input_tokens(ctx, ceiling=True))
             )
         except ApiError as e:
-            tally.finish_reason, tally.error = "error", (e.code, e.message)
+            tally.finish_reason, tally.error, tally.retry_after = "error", (e.code, e.message), e.retry_after
             return False
         self._held = provider_call
         self._publish(StepStart(step))
@@ -628,7 +629,7 @@ class Turn:
         reason = "aborted" if stopped else "error"
         if isinstance(e, ProviderError):
             # Providers scrub their own key; an upstream message may still quote another secret.
-            tally.error = (e.code, redact(e.message))
+            tally.error, tally.retry_after = (e.code, redact(e.message)), e.retry_after
         elif self._stop_reason == "idle":
             tally.error = ("LLM_ERROR", "The model stopped sending data (idle timeout).")
         elif self._stop_reason == "shutdown":
@@ -670,7 +671,7 @@ class Turn:
         if deleted:
             self._publish(StreamError("SESSION_NOT_FOUND", DELETED_MESSAGE))
         elif error is not None:
-            self._publish(StreamError(*error))
+            self._publish(StreamError(*error, tally.retry_after))
         elif self._storage_failed:  # never reported as stored when it is not (docs/protocol.md#errors)
             self._publish(StreamError("STORAGE_ERROR", STORAGE_ERROR_MESSAGE.format(self._storage_problem)))
         else:
@@ -831,7 +832,7 @@ class Turn:
                 lambda: request_ceiling(self._request(ctx, self.model), estimate_input_tokens(ctx, ceiling=True))
             )
         except ApiError as e:
-            raise _Refused(e.code, e.message) from None
+            raise _Refused(e.code, e.message, retry_after=e.retry_after) from None
         state.provider_call = self._held = new
         state.call = call
 
@@ -1011,6 +1012,7 @@ class Turn:
 
     async def _run_tools(self, calls: list[ToolCallPart]) -> list[ToolResultPart]:
         """Run the calls of one step concurrently; failures become error results the model sees."""
+        timeout = float(self.gw.config["chat"]["tool_timeout_seconds"])
 
         def stopped(call: ToolCallPart) -> ToolResultPart:
             return ToolResultPart(call.tool_call_id, call.name, f"Tool {call.name} was stopped.", True)
@@ -1021,8 +1023,10 @@ class Turn:
                 return ToolResultPart(call.tool_call_id, call.name, f"Unknown tool {call.name!r}.", True)
             if self._stop_reason is not None:  # stopped before its tools started: none starts
                 return stopped(call)
+            deadline = asyncio.timeout(timeout)
             try:
-                output = await tool.handler(call.input if isinstance(call.input, dict) else {"input": call.input})
+                async with deadline:  # a tool that never returns (a stuck network call) must not hold the turn
+                    output = await tool.handler(call.input if isinstance(call.input, dict) else {"input": call.input})
                 # Results go to the model, the client and the store as JSON: values JSON lacks become strings, and
                 # lone surrogates (bytes decoded with surrogateescape) U+FFFD, which UTF-8 can carry.
                 output = json.loads(clean_text(json.dumps(output, default=str, ensure_ascii=False)))
@@ -1032,6 +1036,10 @@ class Turn:
                     raise  # the turn itself is being cancelled
                 return stopped(call)
             except Exception as e:
+                if isinstance(e, TimeoutError) and deadline.expired():  # ours, not a timeout inside the tool
+                    log.warning("tool %s did not return within %g s; its result is an error", call.name, timeout)
+                    message = f"Tool {call.name} did not return within {timeout:g} s ([chat] tool_timeout_seconds)."
+                    return ToolResultPart(call.tool_call_id, call.name, message, True)
                 log.warning("tool %s failed: %r", call.name, e)
                 return ToolResultPart(call.tool_call_id, call.name, clean_text(f"Tool {call.name} failed: {e}"), True)
 
@@ -1143,7 +1151,8 @@ class Turn:
         try:
             await write()
         except STORAGE_FAILURES as e:
-            log.exception("storing %s failed; retrying in the background", what)
+            # The store is out of reach or full (an outage, not a defect): one line, no traceback.
+            log.warning("storing %s failed (%r); retrying in the background", what, e)
             self._storage_failed = True
             self._storage_problem = storage_problem(e)
             self.gw.pending.add(what, write, session_id=self.session_id)

@@ -83,7 +83,8 @@ class Recorder:
                 if kind != "record":
                     log.exception("usage sink %r failed", sink_name(sink))
                     continue
-                log.exception("usage sink %r could not store record %s; retrying", sink_name(sink), record.id)
+                # The store is out of reach or full (an outage, not a defect): one line, no traceback.
+                log.warning("usage sink %r could not store record %s (%r); retrying", sink_name(sink), record.id, e)
                 self.pending.add(
                     f"usage record {record.id} in sink {sink_name(sink)!r}",
                     functools.partial(_store, sink, record, stored_later),

@@ -326,6 +326,9 @@ def _block_text(block: Any) -> str:
 REFUSED_FIELDS = ("mcp_servers", "container")
 # output_config.effort -> a thinking budget (openai_chat.REASONING_BUDGETS for the same names).
 EFFORT_BUDGETS = {"low": 2048, "medium": 8000, "high": 16000, "xhigh": 24000, "max": 32000}
+# output_config.effort without thinking -> the reasoning_effort litellm takes for every provider (the most it
+# names is "high").
+REASONING_EFFORTS = {"low": "low", "medium": "medium", "high": "high", "xhigh": "high", "max": "high"}
 
 
 class RequestError(Exception):
@@ -360,13 +363,20 @@ def parse_request(body: dict[str, Any]) -> tuple[str, list[ChatMessage], list[To
             raise RequestError(f"{name}: not supported with this model (only Anthropic models run it)")
     thinking = body.get("thinking") or {}
     budget = None
+    output_config = body.get("output_config")
+    effort = output_config.get("effort") if isinstance(output_config, dict) else None
+    if effort is not None and effort not in EFFORT_BUDGETS:
+        raise RequestError(f"output_config.effort: must be one of {', '.join(EFFORT_BUDGETS)}")
+    params = _params(body, bool(tools))
     if isinstance(thinking, dict) and thinking.get("type") in ("enabled", "adaptive"):
-        output_config = body.get("output_config")
-        effort = output_config.get("effort") if isinstance(output_config, dict) else None
         # Adaptive thinking's effort (Claude Code sends it) as the budget it stands for: a provider whose
         # API takes an effort instead gets the nearest one.
         budget = int(thinking.get("budget_tokens") or EFFORT_BUDGETS.get(str(effort), 8000))
-    return system, messages, tools, max_tokens, budget, _params(body, bool(tools))
+    elif effort is not None:
+        # Without thinking, the effort is the model's reasoning effort: a model without one refuses it, named
+        # as sent (the provider's check, ``v1_anthropic.MESSAGES_NAMES``), rather than it being dropped.
+        params["reasoning_effort"] = REASONING_EFFORTS[effort]
+    return system, messages, tools, max_tokens, budget, params
 
 
 def _system(system: Any) -> str:

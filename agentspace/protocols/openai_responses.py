@@ -399,9 +399,11 @@ def _text_format(raw: Any) -> dict[str, Any] | None:
     if raw.get("type") == "json_object":
         return {"type": "json_object"}
     if raw.get("type") == "json_schema":
+        if not isinstance(raw.get("name"), str):  # required, as OpenAI's API has it
+            raise RequestError("text.format.name", "a json_schema format needs a name (a string)")
         if not isinstance(raw.get("schema"), dict):
             raise RequestError("text.format.schema", "a json_schema format needs a schema object")
-        schema = {"name": str(raw.get("name") or "response"), "schema": raw["schema"]}
+        schema = {"name": raw["name"], "schema": raw["schema"]}
         if raw.get("strict") is not None:
             if not isinstance(raw["strict"], bool):  # "false" is no false (it asked for strict mode)
                 raise RequestError("text.format.strict", "strict must be a boolean")

@@ -42,6 +42,7 @@ except ImportError:  # Windows: journals are not shared by processes there (no `
     fcntl = None  # type: ignore[assignment]
 
 from .atomic import StoreCorrupt, fsync_dir, make_dirs, move_aside
+from .embedded.store_thread import note_failure
 
 if TYPE_CHECKING:
     from ..limits import Guard
@@ -209,6 +210,8 @@ class Ledger:
             try:
                 await future
             except Exception as e:
+                if isinstance(e, OSError):
+                    note_failure(e)  # the data directory refuses writes: /healthz says so
                 for waiter in waiters:
                     if not waiter.done():
                         waiter.set_exception(e)

@@ -245,6 +245,8 @@ class Storage:
     shared_ledger: Callable[[str], SharedLedger] | None = None
     # The bytes of the sessions' files (None: the file blob store in the data directory, storage/embedded/blobs.py).
     blobs: BlobStoreAPI | None = None
+    # Without a database: whether the store takes writes (None when it does, else why not), for ``health``.
+    writable: Callable[[], Awaitable[str | None]] | None = None
 
     async def start(self) -> None:
         """Connect, migrate: what must happen before the first request."""
@@ -253,7 +255,9 @@ class Storage:
 
     async def health(self) -> str | None:
         """None when the storage answers; else what is wrong (``/healthz`` answers 503 with it)."""
-        return await self.database.health() if self.database is not None else None
+        if self.database is not None:
+            return await self.database.health()
+        return await self.writable() if self.writable is not None else None
 
     async def aclose(self) -> None:
         """After the stores closed: the connections go."""

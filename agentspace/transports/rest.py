@@ -177,7 +177,10 @@ def _error_answer(request: web.Request, error: Exception) -> web.StreamResponse:
             raise error
         code = HTTP_ERROR_CODES.get(error.status) or HTTPStatus(error.status).name
         if error.status == 404:
-            message = f"No route {request.method} {request.path}; the routes are listed at /api/openapi.json."
+            message = (
+                v1_errors.stored_response_problem(request)
+                or f"No route {request.method} {request.path}; the routes are listed at /api/openapi.json."
+            )
         elif error.status == 405:
             allowed = error.headers.get(hdrs.ALLOW, "")
             message = f"{request.method} is not allowed on {request.path}; allowed: {allowed}."

@@ -317,6 +317,10 @@ def parse_chat_body(body: Any, caller: str = "admin") -> ChatRequest:
         errors["model"] = problem
     if body.get("trigger") is not None and body["trigger"] not in TRIGGERS:
         errors["trigger"] = f"must be one of {', '.join(TRIGGERS)}"
+    # The message answered again (regenerate, an edit). The last user message says which (the SDK sends the
+    # conversation up to it): checked like every message id, not acted on.
+    if body.get("messageId") is not None and (problem := message_id_problem(body["messageId"])) is not None:
+        errors["messageId"] = problem
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         errors["messages"] = "must be a non-empty array of UI messages"
@@ -404,7 +408,7 @@ async def stream_turn(request: web.Request, turn: Turn, *, abort_on_disconnect: 
         first += await anext(batches)
     refused = next((e for e in first if not isinstance(e, ev.StreamStart)), None)
     if isinstance(refused, ev.StreamError) and refused.code in REFUSED_BEFORE_STREAMING:
-        raise ApiError(refused.code, refused.message)
+        raise ApiError(refused.code, refused.message, retry_after=refused.retry_after)
     response = web.StreamResponse(headers=STREAM_HEADERS)
     encoder = UIMessageStreamEncoder()
     try:
@@ -434,8 +438,21 @@ async def stream_turn(request: web.Request, turn: Turn, *, abort_on_disconnect: 
     return response
 
 
-# Errors a turn reports before its first provider call that are the request's own (not a failure).
-REFUSED_BEFORE_STREAMING = frozenset({"CONTEXT_TOO_LONG"})
+# Errors a turn reports before its first provider call that are refusals, answered with their status as the
+# pre-check's are: the context-window policy's, and the first call's admission (limits.Guard.admit, calls.py),
+# which reserves the whole request where the pre-check counted its least cost. (An error after a step began
+# follows its ``start-step``: it is streamed.)
+REFUSED_BEFORE_STREAMING = frozenset(
+    {
+        "CONTEXT_TOO_LONG",
+        "BUDGET_EXCEEDED",
+        "RATE_LIMITED",
+        "UNAUTHORIZED",
+        "MODEL_NOT_ALLOWED",
+        "SERVICE_UNAVAILABLE",
+        "STORAGE_ERROR",
+    }
+)
 
 
 async def _chain(

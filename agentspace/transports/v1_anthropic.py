@@ -148,6 +148,7 @@ MESSAGES_NAMES = {
     "max_completion_tokens": "max_tokens",
     "response_format": "output_config.format",
     "parallel_tool_calls": "tool_choice.disable_parallel_tool_use",
+    "reasoning_effort": "output_config.effort",
 }
 
 

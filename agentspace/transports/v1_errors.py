@@ -3,11 +3,37 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from aiohttp import web
 
 from ..protocols import anthropic_messages, openai_chat
+
+# OpenAI's routes for stored responses (retrieve, delete, cancel, input items) and for compaction. The gateway
+# serves none: it stores no responses (every /v1/responses call is stateless, ``store: false``), and a client
+# that asks is told so rather than "No route".
+_STORED_RESPONSE_ROUTES = (
+    ("GET", re.compile(r"/v1/responses/(?P<id>[^/]+)")),
+    ("DELETE", re.compile(r"/v1/responses/(?P<id>[^/]+)")),
+    ("POST", re.compile(r"/v1/responses/(?P<id>[^/]+)/cancel")),
+    ("GET", re.compile(r"/v1/responses/(?P<id>[^/]+)/input_items")),
+    ("POST", re.compile(r"/v1/responses/compact")),
+)
+NO_STORED_RESPONSES = (
+    "this gateway stores no responses (store is not supported: every call is stateless, as Codex's store: false "
+    "asks). Send the whole conversation in `input` of POST /v1/responses."
+)
+
+
+def stored_response_problem(request: web.Request) -> str | None:
+    """The 404's message for a route of OpenAI's stored responses (which the gateway has not), else None."""
+    for method, path in _STORED_RESPONSE_ROUTES:
+        if request.method == method and (match := path.fullmatch(request.path)) is not None:
+            if "id" not in match.groupdict():
+                return f"Compaction is not supported: {NO_STORED_RESPONSES}"
+            return f"Response {match['id'][:100]!r} not found: {NO_STORED_RESPONSES}"
+    return None
 
 
 def wants_anthropic_shape(request: web.Request) -> bool:

@@ -9,7 +9,7 @@ for the others.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from aiohttp import web
@@ -26,7 +26,10 @@ CREATED_AT = "2023-11-14T22:13:20Z"
 async def list_models(request: web.Request) -> web.Response:
     models = await state.service(request.app, client_name(request)).models()  # a client's: its allowlist only
     if "anthropic-version" in request.headers:
-        return web.json_response(anthropic_list(models))
+        try:
+            return web.json_response(anthropic_page(anthropic_models(models), request.query))
+        except ValueError as e:
+            return error_response(request, 400, str(e))
     return web.json_response(openai_list(models))
 
 
@@ -44,7 +47,7 @@ async def get_model(request: web.Request) -> web.Response:
         message = f"The model `{wanted}` does not exist here. Run: agentspace models"
         return error_response(request, 404, message, code="model_not_found")
     if anthropic:
-        return web.json_response({**anthropic_list(found)["data"][0], "id": wanted, "display_name": wanted})
+        return web.json_response({**anthropic_models(found)[0], "id": wanted, "display_name": wanted})
     return web.json_response({**openai_list(found)["data"][0], "id": wanted})
 
 
@@ -75,7 +78,7 @@ def _anthropic_id(model: dict[str, Any]) -> str:
     return model["id"].split("/", 1)[1] if model["id"].startswith("anthropic/") else model["id"]
 
 
-def anthropic_list(models: list[dict[str, Any]]) -> dict[str, Any]:
+def anthropic_models(models: list[dict[str, Any]]) -> list[dict[str, Any]]:
     data = []
     for m in _shadowed(models, _anthropic_id):
         model_id = _anthropic_id(m)
@@ -90,9 +93,38 @@ def anthropic_list(models: list[dict[str, Any]]) -> dict[str, Any]:
                 **lifecycle(m.get("deprecationDate"), bool(m.get("deprecated"))),
             }
         )
+    return data
+
+
+# Anthropic's paging of list endpoints: ``limit`` (1 to 1000, 20 when not given), and one of ``after_id`` (the
+# page after that id) or ``before_id`` (the page before it); ``has_more`` says whether more lie that way.
+DEFAULT_PAGE = 20
+MAX_PAGE = 1000
+
+
+def anthropic_page(data: list[dict[str, Any]], query: Mapping[str, str]) -> dict[str, Any]:
+    """One page of ``data`` as Anthropic's list endpoints answer it; ValueError for a query they refuse."""
+    raw = query.get("limit", str(DEFAULT_PAGE))
+    if not raw.isdigit() or not 1 <= int(raw) <= MAX_PAGE:
+        raise ValueError(f"limit: must be a whole number from 1 to {MAX_PAGE}")
+    limit = int(raw)
+    after, before = query.get("after_id"), query.get("before_id")
+    if after is not None and before is not None:
+        raise ValueError("after_id, before_id: give one of them, not both")
+    ids = [m["id"] for m in data]
+    for name, cursor in (("after_id", after), ("before_id", before)):
+        if cursor is not None and cursor not in ids:
+            raise ValueError(f"{name}: no model {cursor[:100]!r} in this list")
+    if before is not None:
+        end = ids.index(before)
+        start = max(0, end - limit)
+        page, more = data[start:end], start > 0
+    else:
+        start = ids.index(after) + 1 if after is not None else 0
+        page, more = data[start : start + limit], start + limit < len(data)
     return {
-        "data": data,
-        "has_more": False,
-        "first_id": data[0]["id"] if data else None,
-        "last_id": data[-1]["id"] if data else None,
+        "data": page,
+        "has_more": more,
+        "first_id": page[0]["id"] if page else None,
+        "last_id": page[-1]["id"] if page else None,
     }

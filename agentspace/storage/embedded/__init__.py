@@ -3,6 +3,7 @@ server process (the data-directory lock)."""
 
 from __future__ import annotations
 
+import functools
 from typing import TYPE_CHECKING
 
 from ..protocols import Storage, UsageStoreSink
@@ -17,6 +18,7 @@ class EmbeddedBackend:
     def open(self, config: Config) -> Storage:
         from .clients import ClientStore
         from .sessions import SessionStore
+        from .store_thread import write_problem
         from .usage import UsageStore
 
         # One usage store per process: the sink of record writes into the store the reports and the guard read.
@@ -27,4 +29,5 @@ class EmbeddedBackend:
             usage,
             sink=UsageStoreSink(usage, self.name),
             clients=ClientStore(config.data_dir),
+            writable=functools.partial(write_problem, config.data_dir),
         )

@@ -6,11 +6,13 @@ its files in the order its callers made them, and reads see every write submitte
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import threading
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
 from typing import Any, TypeVar
 
 from ...errors import StorageError
@@ -42,8 +44,52 @@ def submit(fn: Callable[..., T], /, *args: Any) -> Future[T]:
     return _thread().submit(fn, *args)
 
 
+# The data directory's last failure (disk full, read-only, I/O error), for ``/healthz`` (``write_problem``):
+# noted by every failure of the stores' file work and of the ledger journal, cleared once a write goes through.
+_failure: OSError | None = None
+PROBE_NAME = ".write-probe"
+
+
+def note_failure(e: OSError) -> None:
+    global _failure
+    _failure = e
+
+
 def storage_error(e: OSError) -> StorageError:
+    note_failure(e)
     return StorageError(f"The gateway could not use its data directory: {e.strerror or e}.")
+
+
+def _probe(data_dir: Path) -> None:
+    """Write a page into ``data_dir``, sync it and remove it; OSError when the disk refuses."""
+    path = data_dir / PROBE_NAME
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            os.write(fd, bytes(4096))
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    finally:
+        with contextlib.suppress(OSError):
+            path.unlink()
+
+
+async def write_problem(data_dir: Path) -> str | None:
+    """None when the data directory takes writes, else why not (``/healthz``). While nothing failed since the
+    last check, nothing is written; after a failure, a probe (a page written, synced and removed, on the store
+    thread, behind the stores' writes) tells whether there is room again."""
+    global _failure
+    failure = _failure
+    if failure is None:
+        return None
+    try:
+        await on_store_thread(_probe, data_dir)
+    except StorageError as e:
+        return e.message
+    if _failure is failure:  # not another failure noted while the probe ran
+        _failure = None
+    return None
 
 
 async def on_store_thread(fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
