@@ -24,7 +24,7 @@ import random
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field, replace
-from typing import Any, cast
+from typing import Any
 
 from . import attachments, tokens
 from .calls import ProviderCall, ceiling_cost, cut_short_usage, price, request_ceiling
@@ -258,8 +258,10 @@ def _answered_again(session: dict[str, Any] | None, message_id: str | None) -> i
 
 
 def running(gw: Registry, session_id: str) -> Turn | None:
-    """The turn streaming in ``session_id`` in this process, or None (the locks hold ``Turn``s only)."""
-    return cast("Turn | None", gw.locks.get(session_id))
+    """The turn streaming in ``session_id`` in this process, or None (the locks also hold work that is not a
+    turn: ``session_locks.SessionWork``, which has nothing to resume)."""
+    turn = gw.locks.get(session_id)
+    return turn if isinstance(turn, Turn) else None
 
 
 async def _existing_session(gw: Registry, request: ChatRequest) -> dict[str, Any] | None:

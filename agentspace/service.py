@@ -39,6 +39,7 @@ from .providers.base import Provider, ProviderRequest, ThinkingSettings
 from .registry import ModelNotFound, Registry
 from .routed_call import start_direct
 from .routing import Group, deployment_states
+from .session_locks import SessionWork
 from .storage.errors import ClientExists, ClientNotFound, SessionNotFound
 from .storage.reports import REPORTS, merge_named
 from .storage.search import search_sessions
@@ -446,7 +447,15 @@ class Service:
             raise ApiError("STREAM_IN_PROGRESS", "This session is streaming an answer; wait for it to end.")
         model = session.get("model") or self.gw.default_model
         who = CompactFor(stored, model, str(session.get("client") or self.caller), endpoint="compact")
-        return {**await compact_session(self.gw, who), "sessionId": self.visible(stored)}
+        # Held as a turn holds it: a second compaction, or a turn (which may compact too), is refused while the
+        # summary is bought, or both would buy one and store it.
+        work = SessionWork(stored, who.client)
+        await self.gw.locks.claim(work)
+        try:
+            return {**await compact_session(self.gw, who), "sessionId": self.visible(stored)}
+        finally:
+            await self.gw.locks.release(work)
+            self.gw.locks.forget(work)
 
     async def search_sessions(self, query: object, limit: object = None, *, field: str = "q") -> tuple[Listing, bool]:
         """The caller's sessions whose title or messages contain ``query`` (case-insensitive), most recent first,

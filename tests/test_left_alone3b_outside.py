@@ -1,0 +1,52 @@
+"""What the last closing note left alone, third round (sessions, routing, plugins), tried from outside: through
+the HTTP routes, the WebSocket and the CLI of the running app."""
+
+from __future__ import annotations
+
+import asyncio
+
+from aiohttp.test_utils import TestClient
+
+from tests.conftest import wait_until
+from tests.fakes.anthropic_upstream import FakeAnthropic, text_response
+from tests.support.ws import chat, connect, receive_after
+from tests.test_context_policy import records
+
+MODEL = "anthropic/claude-sonnet-4-6"
+
+
+async def test_two_compactions_of_one_session_buy_one_summary(
+    client: TestClient, token: str, auth_headers: dict[str, str], fake_anthropic: FakeAnthropic
+) -> None:
+    """Two ``POST /api/sessions/{id}/compact`` at once each bought a summary and both were stored. While the
+    first runs, the session is held as a turn holds it: a second compaction, and a turn (which may compact
+    too), are refused with STREAM_IN_PROGRESS; one summary is bought."""
+    ws = await connect(client, token)
+    session_id = (await chat(ws, "My name is Ada."))[0]["sessionId"]
+    await chat(ws, "What is 7 times 6?", "r2", sessionId=session_id)
+    gate = asyncio.Event()
+    fake_anthropic.enqueue(text_response("Ada asked 7x6.").held(gate))
+    sent = len(fake_anthropic.requests)
+    first = asyncio.create_task(client.post(f"/api/sessions/{session_id}/compact", headers=auth_headers))
+
+    async def summarising() -> bool:
+        return len(fake_anthropic.requests) > sent
+
+    await wait_until(summarising)
+    second = await client.post(f"/api/sessions/{session_id}/compact", headers=auth_headers)
+    assert second.status == 409 and (await second.json())["error"]["code"] == "STREAM_IN_PROGRESS"
+    reply = await receive_after(ws, {"type": "session.compact", "id": "c", "sessionId": session_id})
+    assert reply["type"] == "error" and reply["code"] == "STREAM_IN_PROGRESS", reply
+    turn = await receive_after(ws, {"type": "chat.send", "id": "r3", "content": "more", "sessionId": session_id})
+    assert turn["type"] == "error" and turn["code"] == "STREAM_IN_PROGRESS", turn
+    gate.set()
+    done = await first
+    assert done.status == 200 and (await done.json())["compacted"] is True
+    assert len(fake_anthropic.requests) == sent + 1  # one summary bought
+    session = (await (await client.get(f"/api/sessions/{session_id}", headers=auth_headers)).json())["session"]
+    assert len([m for m in session["messages"] if m.get("summary")]) == 1
+    assert [r.get("purpose") for r in await records(client, session_id)].count("compact") == 1
+    # The session is free again: the next turn answers.
+    frames = await chat(ws, "Thanks", "r4", sessionId=session_id)
+    assert frames[-1]["type"] == "chat.stream.end", frames[-1]
+    await ws.close()
