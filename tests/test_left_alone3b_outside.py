@@ -4,9 +4,15 @@ the HTTP routes, the WebSocket and the CLI of the running app."""
 from __future__ import annotations
 
 import asyncio
+import json
+from typing import Any
 
+import pytest
 from aiohttp.test_utils import TestClient
+from click.testing import CliRunner
 
+from agentspace.cli import main as cli
+from agentspace.transports import state
 from tests.conftest import wait_until
 from tests.fakes.anthropic_upstream import FakeAnthropic, text_response
 from tests.support.ws import chat, connect, receive_after
@@ -50,3 +56,22 @@ async def test_two_compactions_of_one_session_buy_one_summary(
     frames = await chat(ws, "Thanks", "r4", sessionId=session_id)
     assert frames[-1]["type"] == "chat.stream.end", frames[-1]
     await ws.close()
+
+
+@pytest.mark.parametrize("backend", ["embedded", "postgres"])
+async def test_search_folds_case_as_unicode_does(
+    make_client: Any, auth_headers: dict[str, str], request: pytest.FixtureRequest, backend: str
+) -> None:
+    """Search lower-cased (``str.lower``): "STRASSE" did not find "Straße", nor "ΛΌΓΟΣ" "λόγος" (a final
+    sigma). Case-folded on both backends, through the HTTP search and the CLI's."""
+    storage = {"backend": "postgres", "dsn": request.getfixturevalue("pg_dsn")} if backend == "postgres" else {}
+    client = await make_client(storage=storage) if storage else await make_client()
+    store = client.app[state.REGISTRY].sessions
+    street = await store.create(model=MODEL, messages=[{"role": "user", "content": "Die Straße nach Köln"}])
+    word = await store.create(model=MODEL, messages=[{"role": "user", "content": "ὁ λόγος, the word"}])
+    for query, found in (("STRASSE", street), ("straße", street), ("ΛΌΓΟΣ", word), ("λόγοσ", word)):
+        body = await (await client.get("/api/sessions", params={"q": query}, headers=auth_headers)).json()
+        assert [s["id"] for s in body["sessions"]] == [found["id"]], (query, body)
+    if backend == "embedded":  # the CLI reads the data directory
+        result = CliRunner().invoke(cli, ["sessions", "search", "STRASSE", "--json"])
+        assert result.exit_code == 0 and [s["id"] for s in json.loads(result.output)] == [street["id"]], result.output
