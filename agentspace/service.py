@@ -205,6 +205,13 @@ def chat_request(
 # --- the operations -----------------------------------------------------------------------------
 
 
+def _checked_limit(limit: object) -> int:
+    """A listing's or a search's ``limit``: an integer from 1 to ``MAX_SEARCH_LIMIT``."""
+    if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= MAX_SEARCH_LIMIT:
+        raise invalid({"limit": f"must be an integer from 1 to {MAX_SEARCH_LIMIT}"})
+    return limit
+
+
 @dataclass
 class CompactFor:
     """The session an on-demand compaction runs for (``context_policy.TurnLike``)."""
@@ -348,20 +355,24 @@ class Service:
             raise _not_found(session_id)
         return session
 
-    async def list_sessions(self) -> Listing:
-        """Every readable session (the caller's own, for a client), and the damaged files the listing skipped."""
+    async def list_sessions(self, limit: object = None) -> tuple[Listing, bool]:
+        """Every readable session (the caller's own, for a client), most recent activity first, the ``limit``
+        most recent only when given (as a search's), and the damaged files the listing skipped; and whether more
+        sessions are there."""
+        if limit is not None:
+            limit = _checked_limit(limit)
         listing = await self.gw.sessions.listing()
-        if self.caller == ADMIN:
-            return listing
-        client = await self.gw.clients.get(self.caller)
-        return Listing(
-            [
+        if self.caller != ADMIN:
+            client = await self.gw.clients.get(self.caller)
+            mine = [
                 self._shown(s)
                 for s in listing.sessions
                 if s.get("client") == self.caller and (client is None or client.owns_since(s.get("createdAt")))
-            ],
-            [],
-        )
+            ]
+            listing = Listing(mine, [])
+        if limit is None:
+            return listing, False
+        return Listing(listing.sessions[:limit], listing.damaged_files), len(listing.sessions) > limit
 
     async def get_session(self, session_id: str) -> dict[str, Any]:
         """The session with its messages; file parts carry their bytes as a ``data:`` URL (``url``)."""
@@ -466,10 +477,7 @@ class Service:
             raise invalid({field: "required: a non-empty string"})
         if len(query) > MAX_QUERY_LENGTH:
             raise invalid({field: f"at most {MAX_QUERY_LENGTH} characters"})
-        if limit is None:
-            limit = SEARCH_LIMIT
-        if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= MAX_SEARCH_LIMIT:
-            raise invalid({"limit": f"must be an integer from 1 to {MAX_SEARCH_LIMIT}"})
+        limit = _checked_limit(SEARCH_LIMIT if limit is None else limit)
         if self.caller == ADMIN:
             found = await search_sessions(self.gw.sessions, clean_text(query), limit=limit + 1)
             return Listing(found.sessions[:limit], found.damaged_files), len(found.sessions) > limit

@@ -75,3 +75,33 @@ async def test_search_folds_case_as_unicode_does(
     if backend == "embedded":  # the CLI reads the data directory
         result = CliRunner().invoke(cli, ["sessions", "search", "STRASSE", "--json"])
         assert result.exit_code == 0 and [s["id"] for s in json.loads(result.output)] == [street["id"]], result.output
+
+
+@pytest.mark.parametrize("backend", ["embedded", "postgres"])
+async def test_the_listing_honours_limit_without_a_query(
+    make_client: Any, token: str, auth_headers: dict[str, str], request: pytest.FixtureRequest, backend: str
+) -> None:
+    """``GET /api/sessions?limit=2`` (and ``session.list {limit}``) answered every session: ``limit`` counted with
+    ``q`` only. Now the most recent ``limit``, with ``more``, as a search pages; a bad one is refused."""
+    storage = {"backend": "postgres", "dsn": request.getfixturevalue("pg_dsn")} if backend == "postgres" else {}
+    client = await make_client(storage=storage) if storage else await make_client()
+    store = client.app[state.REGISTRY].sessions
+    ids = [(await store.create(model=MODEL, messages=[{"role": "user", "content": f"n{n}"}]))["id"] for n in range(3)]
+    every = await (await client.get("/api/sessions", headers=auth_headers)).json()
+    newest = [s["id"] for s in every["sessions"]]
+    assert sorted(newest) == sorted(ids)
+    body = await (await client.get("/api/sessions", params={"limit": "2"}, headers=auth_headers)).json()
+    assert [s["id"] for s in body["sessions"]] == newest[:2] and body["more"] is True, body
+    assert every["more"] is False
+    body = await (await client.get("/api/sessions", params={"limit": "3"}, headers=auth_headers)).json()
+    assert [s["id"] for s in body["sessions"]] == newest and body["more"] is False, body
+    refused = await client.get("/api/sessions", params={"limit": "0"}, headers=auth_headers)
+    assert refused.status == 400 and (await refused.json())["error"]["code"] == "INVALID_MESSAGE"
+    ws = await connect(client, token)
+    reply = await receive_after(ws, {"type": "session.list", "id": "l", "limit": 1})
+    assert [s["id"] for s in reply["sessions"]] == newest[:1] and reply["more"] is True, reply
+    await ws.close()
+    if backend == "embedded":  # the CLI reads the data directory
+        result = CliRunner().invoke(cli, ["sessions", "list", "--limit", "2", "--json"])
+        assert result.exit_code == 0 and [s["id"] for s in json.loads(result.stdout)] == newest[:2], result.output
+        assert "these are the 2 most recently active" in result.stderr
