@@ -42,6 +42,10 @@ LATENCY_ALPHA = 0.2
 LATENCY_TTL_SECONDS = 60.0
 # Errors kept per deployment for the deployments page.
 RECENT_ERRORS = 10
+# Failures in a minute past which the only deployment of a group without fallbacks is cooled down after all.
+# Below it, cooling that deployment would only fail every call at once for the cooldown, with nothing else to take
+# them (LiteLLM's router spares such a deployment below the same traffic: SINGLE_DEPLOYMENT_TRAFFIC_FAILURE_THRESHOLD).
+LONE_DEPLOYMENT_FAILS = 1000
 
 DEPLOYMENT_KEYS: dict[str, tuple[tuple[type, ...], Any]] = {
     "model": ((str,), None),
@@ -367,10 +371,14 @@ class Router:
 
     async def count_failure(self, group: Group, dep: Deployment, error: ProviderError) -> float | None:
         """A failed attempt counted against its deployment (which the caller took): past the group's
-        ``allowed_fails`` it cools down for the upstream's Retry-After, else the group's cooldown. Returns the
-        cooldown's end (wall clock), or None when it did not cool down."""
+        ``allowed_fails`` (``LONE_DEPLOYMENT_FAILS`` at least for a group's only deployment, when the group has no
+        fallbacks) it cools down for the upstream's Retry-After, else the group's cooldown. Returns the cooldown's
+        end (wall clock), or None when it did not cool down."""
         cooldown = error.retry_after if error.retry_after is not None else group.cooldown_seconds
-        until = await self.state.failed(dep.id, error.code, group.allowed_fails, cooldown)
+        allowed = group.allowed_fails
+        if len(group.deployments) == 1 and not group.fallbacks:
+            allowed = max(allowed, LONE_DEPLOYMENT_FAILS)
+        until = await self.state.failed(dep.id, error.code, allowed, cooldown)
         if until is not None:
             log.warning("%s cooled down for %.0fs after %s", dep.id, cooldown, error.code)
         return until

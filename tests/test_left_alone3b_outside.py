@@ -7,6 +7,7 @@ import asyncio
 import json
 from typing import Any
 
+import openai
 import pytest
 from aiohttp.test_utils import TestClient
 from click.testing import CliRunner
@@ -14,9 +15,10 @@ from click.testing import CliRunner
 from agentspace.cli import main as cli
 from agentspace.transports import state
 from tests.conftest import wait_until
-from tests.fakes.anthropic_upstream import FakeAnthropic, text_response
+from tests.fakes.anthropic_upstream import DEFAULT_TEXT, FakeAnthropic, error_status, text_response
 from tests.support.ws import chat, connect, receive_after
 from tests.test_context_policy import records
+from tests.test_routing import deployments, fakes, group, routed, sdk  # noqa: F401
 
 MODEL = "anthropic/claude-sonnet-4-6"
 
@@ -105,3 +107,24 @@ async def test_the_listing_honours_limit_without_a_query(
         result = CliRunner().invoke(cli, ["sessions", "list", "--limit", "2", "--json"])
         assert result.exit_code == 0 and [s["id"] for s in json.loads(result.stdout)] == newest[:2], result.output
         assert "these are the 2 most recently active" in result.stderr
+
+
+async def test_a_groups_only_deployment_is_not_cooled_by_one_429(
+    routed: Any,  # noqa: F811
+    fakes: list[FakeAnthropic],  # noqa: F811
+    token: str,
+    auth_headers: dict[str, str],
+) -> None:
+    """A group of one deployment was cooled down by one 429: every call for the cooldown failed at once with
+    "cooling down", though nothing else could take it. Spared, as LiteLLM's router spares it: the 429 reaches
+    the client as it came, and the next call is sent (docs/routing.md)."""
+    fakes[0].enqueue(error_status(429, retry_after=30))
+    client = await routed(group(fakes, n=1))
+    api = sdk(client, token)
+    with pytest.raises(openai.RateLimitError):
+        await api.chat.completions.create(model="claude", messages=[{"role": "user", "content": "Hi"}])
+    reply = await api.chat.completions.create(model="claude", messages=[{"role": "user", "content": "Hi"}])
+    assert reply.choices[0].message.content == DEFAULT_TEXT and len(fakes[0].requests) == 2
+    shown = (await deployments(client, auth_headers))["claude/team-1"]
+    assert shown["state"] == "active" and shown["recentErrors"][0]["code"] == "RATE_LIMITED", shown
+    await api.close()
