@@ -732,7 +732,8 @@ class Turn:
         provider call, while nothing reached the client; then the group's fallbacks (routing.py)."""
         router = self.gw.router
         seen.append(group.name)
-        deployments, busy = await router.order(group)
+        assert state.provider_call is not None
+        deployments, busy = await router.order(group, state.provider_call.input_tokens)
         last: ProviderError | None = None
         for dep in deployments:
             if not attachments.reads(self.gw, dep.model, self.media_types):
@@ -760,7 +761,7 @@ class Turn:
                 if inner is not None:
                     return await self._call_group(ctx, state, seen_sources, inner, seen)
                 state.model = fallback
-                state.provider_call.route(fallback, None)  # type: ignore[union-attr]
+                state.provider_call.route(fallback, None)
                 return await self._call_with_retries(ctx, state, seen_sources, fallback), fallback
             except ProviderError as e:
                 if state.delivered or not moves_on(e):  # a 400: not tried on another model

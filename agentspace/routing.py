@@ -20,7 +20,7 @@ import math
 import random
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -383,20 +383,29 @@ class Router:
             log.warning("%s cooled down for %.0fs after %s", dep.id, cooldown, error.code)
         return until
 
-    async def order(self, group: Group) -> tuple[list[Deployment], Busy]:
+    async def order(self, group: Group, need: Callable[[], int] | None = None) -> tuple[list[Deployment], Busy]:
         """The group's deployments that may take a call now, best first by the group's strategy, and what
-        keeps the others (``all_cooling_error`` when none took the call)."""
+        keeps the others (``all_cooling_error`` when none took the call). ``need``: the call's input tokens (its
+        ceiling's, counted for its reservation: ``ProviderCall.input_tokens``), asked only of a group with a
+        ``tpm``: a deployment takes the call when its minute has room for them too, or holds nothing yet."""
         loads = await self.state.loads([d.id for d in group.deployments])
         ready: list[tuple[Deployment, Load]] = []
         busy = Busy()
+        needed: int | None = None
         for dep, load in zip(group.deployments, loads, strict=True):
             if load.cooled_until:
                 busy.cooling = True
                 busy.until = load.cooled_until if busy.until is None else min(busy.until, load.cooled_until)
                 continue
-            if (dep.rpm is not None and load.requests >= dep.rpm) or (dep.tpm is not None and load.tokens >= dep.tpm):
+            tpm = dep.tpm
+            if tpm is not None and need is not None:
+                needed = need() if needed is None else needed
+                # Room while the minute holds at most tpm - needed tokens; a call larger than the whole tpm goes to
+                # an empty minute (else nowhere, ever).
+                tpm = max(1, min(tpm, tpm - needed + 1))
+            if (dep.rpm is not None and load.requests >= dep.rpm) or (tpm is not None and load.tokens >= tpm):
                 busy.limited = True  # (rare: one more read, for when its minute frees a request or tokens)
-                free = await self.state.free_at(dep.id, dep.rpm, dep.tpm)
+                free = await self.state.free_at(dep.id, dep.rpm, tpm)
                 if free:
                     busy.until = free if busy.until is None else min(busy.until, free)
                 continue

@@ -7,6 +7,7 @@ import asyncio
 import json
 from typing import Any
 
+import anthropic
 import openai
 import pytest
 from aiohttp.test_utils import TestClient
@@ -16,7 +17,9 @@ from agentspace.cli import main as cli
 from agentspace.transports import state
 from tests.conftest import wait_until
 from tests.fakes.anthropic_upstream import DEFAULT_TEXT, FakeAnthropic, error_status, text_response
+from tests.support.ui_stream import DONE, post_chat, read_all, user
 from tests.support.ws import chat, connect, receive_after
+from tests.test_budget_alerts import BUDGET, SMALL_ANSWERS, Receiver, _count, chat_body, receiver, spend  # noqa: F401
 from tests.test_context_policy import records
 from tests.test_routing import deployments, fakes, group, routed, sdk  # noqa: F401
 
@@ -127,4 +130,32 @@ async def test_a_groups_only_deployment_is_not_cooled_by_one_429(
     assert reply.choices[0].message.content == DEFAULT_TEXT and len(fakes[0].requests) == 2
     shown = (await deployments(client, auth_headers))["claude/team-1"]
     assert shown["state"] == "active" and shown["recentErrors"][0]["code"] == "RATE_LIMITED", shown
+    await api.close()
+
+
+async def test_the_tpm_check_counts_the_requests_own_input(
+    routed: Any,  # noqa: F811
+    fakes: list[FakeAnthropic],  # noqa: F811
+    token: str,
+    auth_headers: dict[str, str],
+) -> None:
+    """A deployment's tpm was checked against its minute only: a call whose input alone did not fit what was
+    left went to it anyway. Its input (as its reservation counted it) counts too: the call goes to the other
+    deployment, while a small one still fits the first; on /v1 (translated and passed through) and a chat turn
+    alike."""
+    fakes[0].default = text_response("counted", usage={"input_tokens": 500, "output_tokens": 100})
+    client = await routed(group(fakes, weights=[1000, 1], extra=[{"tpm": 1000}]))
+    api = sdk(client, token)
+    await api.chat.completions.create(model="claude", messages=[{"role": "user", "content": "Hi"}])
+    assert len(fakes[0].requests) == 1  # its minute holds 600 tokens now
+    long = "many words here " * 200  # some 800 tokens: more than the 400 left
+    await api.chat.completions.create(model="claude", messages=[{"role": "user", "content": long}])
+    chunks = await read_all(await post_chat(client, auth_headers, "big", user(long), model="claude"))
+    assert chunks[-1] == DONE, chunks
+    claude = anthropic.AsyncAnthropic(api_key=token, base_url=f"http://127.0.0.1:{client.port}", max_retries=0)
+    await claude.messages.create(model="claude", max_tokens=16, messages=[{"role": "user", "content": long}])
+    await claude.close()
+    assert len(fakes[0].requests) == 1 and len(fakes[1].requests) == 3
+    await api.chat.completions.create(model="claude", messages=[{"role": "user", "content": "Hi"}])
+    assert len(fakes[0].requests) == 2  # a small one fits what is left
     await api.close()
