@@ -388,6 +388,7 @@ class _Step:
     model: str = ""  # the model being called: the requested one or a fallback
     swaps: int = 0  # provider calls this step began anew (a model group's next deployment)
     delivered: bool = False  # something reached the client: no more retries or fallbacks
+    fallback_next: bool = False  # a fallback follows the model called: one silent past the idle timeout moves on
     first_at: float = 0.0
     last_event: float = 0.0
     attempts: int = 0  # upstream calls made: retries and fallbacks included
@@ -715,6 +716,7 @@ class Turn:
                         await self._begin_anew(ctx, state, last)
                     return await self._call_group(ctx, state, seen_sources, inner, [self.model])
                 state.model = model
+                state.fallback_next = i < len(chain) - 1
                 return await self._call_with_retries(ctx, state, seen_sources, model), model
             except ProviderError as e:
                 # A 400 is the request's own fault: it would fail on any model (as on /v1, routed_call.py).
@@ -762,6 +764,7 @@ class Turn:
                     return await self._call_group(ctx, state, seen_sources, inner, seen)
                 state.model = fallback
                 state.provider_call.route(fallback, None)
+                state.fallback_next = True  # (after the last, the group's failure is its last error, as here)
                 return await self._call_with_retries(ctx, state, seen_sources, fallback), fallback
             except ProviderError as e:
                 if state.delivered or not moves_on(e):  # a 400: not tried on another model
@@ -902,9 +905,10 @@ class Turn:
         except asyncio.CancelledError:
             if self._stop_reason is None:
                 raise  # we ourselves are being cancelled
-            if self._stop_reason == "idle" and dep is not None and not state.delivered:
-                # A group's deployment silent before its first token has timed out: it fails (counted, cooled)
-                # and the turn moves on to the next deployment, as for one the provider's timeout ends.
+            if self._stop_reason == "idle" and (dep is not None or state.fallback_next) and not state.delivered:
+                # A group's deployment, or a model with a fallback after it, silent before its first token has
+                # timed out: it fails (a deployment counted, cooled) and the turn moves on to the next deployment
+                # or fallback, as for one the provider's timeout ends.
                 self._stop_reason = None
                 self._stopped.clear()
                 raise ProviderError("LLM_ERROR", "The model stopped sending data (idle timeout).") from None

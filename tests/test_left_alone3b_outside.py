@@ -159,3 +159,25 @@ async def test_the_tpm_check_counts_the_requests_own_input(
     await api.chat.completions.create(model="claude", messages=[{"role": "user", "content": "Hi"}])
     assert len(fakes[0].requests) == 2  # a small one fits what is left
     await api.close()
+
+
+async def test_a_model_silent_past_the_idle_timeout_moves_to_its_fallback(
+    make_client: Any, auth_headers: dict[str, str], fake_anthropic: FakeAnthropic
+) -> None:
+    """A turn whose model sent nothing for ``[chat] idle_timeout_seconds`` moved on only from a group's
+    deployment: a model's ``[models] fallbacks`` were never tried, and the turn ended in "idle timeout". It
+    moves to the fallback too (docs/routing.md)."""
+    fake_anthropic.enqueue(text_response("too late").silent_for(30))
+    client = await make_client(
+        models={"fallbacks": {MODEL: ["anthropic/claude-haiku-4-5"]}}, chat={"idle_timeout_seconds": 1.0}
+    )
+    chunks = await read_all(await post_chat(client, auth_headers, "stalled", user("Hi"), model=MODEL))
+    assert chunks[-1] == DONE
+    assert not [c for c in chunks if isinstance(c, dict) and c.get("type") == "error"], chunks
+    text = "".join(c["delta"] for c in chunks if isinstance(c, dict) and c.get("type") == "text-delta")
+    assert text == DEFAULT_TEXT
+    assert [r.body["model"] for r in fake_anthropic.requests] == ["claude-sonnet-4-6", "claude-haiku-4-5"]
+    # One record: the silent attempt reported nothing (a plain fallback's attempt is a call of its own only when
+    # its upstream answered, as after a 5xx).
+    recs = await records(client, "stalled")
+    assert [(r["model"], r["answered"]) for r in recs] == [("anthropic/claude-haiku-4-5", True)]
