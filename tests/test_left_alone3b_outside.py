@@ -217,3 +217,50 @@ async def test_two_usage_sinks_of_one_name_stop_the_start_naming_both(tmp_path: 
     said = str(raised.value)
     assert "usage sink 'audit'" in said and "_OtherSink" in said and "_Sink)" in said, said
     assert "name them apart" in said, said
+
+
+async def test_each_budget_alert_appends_its_line_and_an_earlier_file_is_taken_over(
+    make_client: Any,
+    fake_anthropic: FakeAnthropic,
+    receiver: Receiver,  # noqa: F811
+    auth_headers: dict[str, str],
+    isolated_env: Path,
+) -> None:
+    """``alerts-sent.json`` (the alerts already sent) was rewritten whole on each alert: with many clients each
+    alert wrote every client's. Each alert now appends its own line to ``alerts-sent.jsonl``; what an earlier
+    version kept in ``alerts-sent.json`` is taken over at the next start, and nothing is sent twice."""
+    settings = {"alerts": {"webhook_url": receiver.url, "thresholds": [0.5]}, "chat": SMALL_ANSWERS}
+    client = await make_client(**settings, thinking={"enabled": False})
+    keys = []
+    for name in ("ann", "bob", "cy"):
+        made = await client.post("/api/clients", json={"name": name, "budgetUsd": BUDGET}, headers=auth_headers)
+        keys.append({"Authorization": f"Bearer {(await made.json())['key']}"})
+    path = isolated_env / "alerts-sent.jsonl"
+    seen = b""
+    for n, headers in enumerate(keys, 1):
+        fake_anthropic.enqueue(spend(2000))  # 60% of the budget
+        assert (await client.post("/api/chat", json=chat_body(f"s{n}", n), headers=headers)).status == 200
+
+        async def alerted(n: int = n) -> bool:
+            return len(receiver.alerts) >= n and path.exists() and path.read_bytes().count(b"\n") >= n
+
+        await wait_until(alerted)
+        now = path.read_bytes()
+        assert now.startswith(seen) and now.count(b"\n") == n, now  # appended, the earlier lines as they were
+        seen = now
+    await client.close()
+    # As an earlier version kept them: one document.
+    sent = dict(json.loads(line) for line in seen.splitlines())
+    path.unlink()
+    (isolated_env / "alerts-sent.json").write_text(json.dumps(sent))
+    again = await make_client(**settings, thinking={"enabled": False})
+    fake_anthropic.enqueue(spend(1000))  # 90%: past 50% still, sent already
+    assert (await again.post("/api/chat", json=chat_body("s9", 9), headers=keys[0])).status == 200
+    fake_anthropic.enqueue(spend(2000))
+    made = await again.post("/api/clients", json={"name": "dee", "budgetUsd": BUDGET}, headers=auth_headers)
+    dee = {"Authorization": f"Bearer {(await made.json())['key']}"}
+    assert (await again.post("/api/chat", json=chat_body("s10", 10), headers=dee)).status == 200
+    await wait_until(lambda: _count(receiver, 4))
+    assert [a["client"] for a in receiver.alerts] == ["ann", "bob", "cy", "dee"]  # ann's not again
+    assert not (isolated_env / "alerts-sent.json").exists()
+    assert len(path.read_bytes().splitlines()) == 4
