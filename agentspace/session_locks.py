@@ -77,8 +77,9 @@ class SessionWork:
         return None
 
     async def batches(self) -> AsyncIterator[list[StreamEvent]]:
-        return
-        yield
+        none: tuple[list[StreamEvent], ...] = ()
+        for batch in none:
+            yield batch
 
 
 class InProcessLocks:

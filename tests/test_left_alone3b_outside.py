@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +14,6 @@ import pytest
 from aiohttp.test_utils import TestClient
 from click.testing import CliRunner
 
-from agentspace import Config, UsageRecord, hookimpl
 from agentspace.cli import main as cli
 from agentspace.plugins import PluginError
 from agentspace.testing import gateway_client, make_config
@@ -24,6 +22,7 @@ from tests.conftest import wait_until
 from tests.fakes.anthropic_upstream import DEFAULT_TEXT, FakeAnthropic, error_status, text_response
 from tests.support.ui_stream import DONE, post_chat, read_all, user
 from tests.support.ws import chat, connect, receive_after
+from tests.test_audit32s_outside import Sink, Sinks
 from tests.test_budget_alerts import BUDGET, SMALL_ANSWERS, Receiver, _count, chat_body, receiver, spend  # noqa: F401
 from tests.test_context_policy import records
 from tests.test_routing import deployments, fakes, group, routed, sdk  # noqa: F401
@@ -188,34 +187,18 @@ async def test_a_model_silent_past_the_idle_timeout_moves_to_its_fallback(
     assert [(r["model"], r["answered"]) for r in recs] == [("anthropic/claude-haiku-4-5", True)]
 
 
-class _Sink:
-    name = "audit"
-
-    async def record(self, record: UsageRecord) -> None:
-        pass
-
-
-class _OtherSink(_Sink):
+class _OtherSink(Sink):  # named as Sink ("tuned")
     pass
-
-
-class _Sinks:
-    def __init__(self, sink: object) -> None:
-        self.sink = sink
-
-    @hookimpl
-    def register_usage_sinks(self, register: Callable[[Any], None], config: Config) -> None:
-        register(self.sink)
 
 
 async def test_two_usage_sinks_of_one_name_stop_the_start_naming_both(tmp_path: Path) -> None:
     """Two sinks named alike started, and their queue and drop metrics (labelled by name) were one. The second
     stops the start, naming the plugin that registered it and both sinks' classes (docs/plugins.md)."""
     with pytest.raises(PluginError) as raised:
-        async with gateway_client(make_config(tmp_path), _Sinks(_Sink()), _Sinks(_OtherSink())):
+        async with gateway_client(make_config(tmp_path), Sinks(Sink()), Sinks(_OtherSink())):
             pass
     said = str(raised.value)
-    assert "usage sink 'audit'" in said and "_OtherSink" in said and "_Sink)" in said, said
+    assert "usage sink 'tuned'" in said and "_OtherSink" in said and ".Sink)" in said, said
     assert "name them apart" in said, said
 
 
