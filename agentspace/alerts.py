@@ -7,7 +7,7 @@ count, and the read grows with the period's groups, not its records), and claims
 threshold reached before calling the hook (per budget: a budget changed has its thresholds alerted again, checked
 at the change, ``budget_changed``, as well as at each record). The claim is what makes "once" hold: a Redis ``SET NX`` shared
 by the replicas when ``[storage] redis_url`` is set, else a small file in the data directory (one process
-per data directory then). The hook runs apart from the turn: a slow webhook delays no answer.
+per data directory then: each alert appends its line to it). The hook runs apart from the turn: a slow webhook delays no answer.
 """
 
 from __future__ import annotations
@@ -28,36 +28,81 @@ if TYPE_CHECKING:
 
     from .cluster import Cluster
     from .config import Config
+    from .storage.embedded.append_log import AppendLog
     from .storage.protocols import ClientStoreAPI, UsageStoreAPI
 
 log = logging.getLogger(__name__)
 
-SENT_FILE = "alerts-sent.json"  # in the data directory, without Redis
+SENT_FILE = "alerts-sent.jsonl"  # in the data directory, without Redis
+EARLIER_SENT_FILE = "alerts-sent.json"  # what earlier versions kept: one document, rewritten on every alert
 REDIS_PREFIX = "agentspace:alert:"
+# Lines of the sent file past twice those live at its last rewrite (plus this) rewrite it without the ended ones.
+PRUNE_SLACK = 64
 
 
 class SentAlerts:
-    """Alerts already sent, in a file of the data directory: survives a restart, pruned of ended periods."""
+    """Alerts already sent, in a file of the data directory: survives a restart. Each alert appends its line
+    ``[key, expires]`` (an ``AppendLog``): an alert writes its own few bytes, not a rewrite of every client's.
+    The file is rewritten without the ended periods' alerts once they are most of it (rarely). Used on one
+    thread at a time (the lock)."""
 
     def __init__(self, data_dir: Path) -> None:
+        from .storage.embedded.append_log import AppendLog
+
         self.path = Path(data_dir) / SENT_FILE
         self._lock = threading.Lock()
-        try:
-            self._sent: dict[str, str | None] = dict(json.loads(self.path.read_text(encoding="utf-8")))
-        except (OSError, ValueError, TypeError):
-            self._sent = {}
+        self._log: AppendLog = AppendLog(self.path)
+        self._sent: dict[str, str | None] = {}
+        self._lines = 0  # in the file
+        self._kept = 0  # live when it was last read or rewritten
 
     def claim(self, key: str, expires: datetime | None) -> bool:
-        from .vault import write_private_file
-
-        now = datetime.now(UTC)
         with self._lock:
+            if not self._log.is_open:
+                self._load()
             if key in self._sent:
                 return False
-            self._sent = {k: v for k, v in self._sent.items() if v is None or datetime.fromisoformat(v) > now}
             self._sent[key] = None if expires is None else expires.isoformat()
-            write_private_file(self.path, json.dumps(self._sent))
+            if self._lines + 1 > 2 * self._kept + PRUNE_SLACK:
+                self._rewrite()
+            else:
+                self._log.write([[key, self._sent[key]]])
+                self._log.sync()
+                self._lines += 1
         return True
+
+    def _load(self) -> None:
+        from .storage.atomic import StoreCorrupt, move_aside
+        from .vault import ensure_private_dir
+
+        ensure_private_dir(self.path.parent)
+        try:
+            entries = self._log.open()
+        except StoreCorrupt as damage:  # not ours (a hand edit, a disk error): kept aside, begun anew
+            move_aside(damage)
+            entries = self._log.open()
+        self._sent = {e[0]: e[1] for e in entries if isinstance(e, list) and len(e) == 2 and isinstance(e[0], str)}
+        self._lines = len(entries)
+        earlier = self.path.with_name(EARLIER_SENT_FILE)
+        try:
+            self._sent = {**dict(json.loads(earlier.read_text(encoding="utf-8"))), **self._sent}
+        except (OSError, ValueError, TypeError):
+            pass
+        else:  # written once into the log, then gone
+            self._rewrite()
+            earlier.unlink(missing_ok=True)
+        self._kept = len(self._sent)
+
+    def _rewrite(self) -> None:
+        """The file anew (whole, atomically) with the alerts of the periods not ended."""
+        from .storage.embedded.append_log import AppendLog, encode_lines
+
+        now = datetime.now(UTC)
+        self._sent = {k: v for k, v in self._sent.items() if v is None or datetime.fromisoformat(v) > now}
+        self._log.close()
+        self._log = AppendLog.create(self.path, encode_lines([k, v] for k, v in self._sent.items()))
+        self._log.sync()
+        self._lines = self._kept = len(self._sent)
 
 
 class BudgetAlerts:

@@ -971,7 +971,7 @@ class ProviderCall:
         if not self._open or self._reported:  # the upstream reported the input already (message_start)
             return
         try:
-            counted = ceiling()
+            counted = self.ceiling or ceiling()  # counted already (a group's tpm check): not again
         except Exception:
             log.exception("counting the input of call %s failed", self.id)
             return
@@ -1064,22 +1064,20 @@ class ProviderCall:
         the upstream wrote an answer it did not report, so both are estimates -- aborted, and stored although the
         caller is being cancelled."""
         if self.recorded is None:
-            usage = cut_short_usage(None, self._input_tokens, lambda: 0)
+            usage = cut_short_usage(None, self.input_tokens, lambda: 0)
             pending = self.record(usage, "aborted", error="ABORTED")
             await asyncio.shield(asyncio.ensure_future(pending))
 
-    def _input_tokens(self) -> int:
+    def input_tokens(self) -> int:
         """The input counted here: the entry's ``inputTokens`` (the ceiling's, at admission or noted while the
-        call ran), what a recovery bills when the upstream reported none."""
-        if self.ceiling is not None:
-            return self.ceiling.input_tokens
-        if self._count_input is None:  # admitted without an entry (count_tokens): nothing was counted
-            return 0
-        try:
-            return self._count_input().input_tokens
-        except Exception:
-            log.exception("counting the input of call %s failed", self.id)
-            return 0
+        call ran), what a recovery bills when the upstream reported none, and what a group's tpm check counts
+        (``routing.Router.order``). Counted once: a ceiling no budget counted at admission is kept when counted."""
+        if self.ceiling is None and self._count_input is not None:  # (None: admitted without an entry, count_tokens)
+            try:
+                self.ceiling = self._count_input()
+            except Exception:
+                log.exception("counting the input of call %s failed", self.id)
+        return self.ceiling.input_tokens if self.ceiling is not None else 0
 
     async def release(self) -> None:
         """In a finally: a call that made no record (stopped before it was sent) gives back its reservation

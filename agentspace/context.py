@@ -489,13 +489,18 @@ def first_message_key(context: AssembledContext) -> str | None:
     return first_key(first.role, message_text(first))
 
 
-def last_call(stored: list[dict[str, Any]]) -> tuple[dict[str, Any] | None, float | None]:
+def last_call(stored: list[dict[str, Any]], model: str | None = None) -> tuple[dict[str, Any] | None, float | None]:
     """The latest answer's ``lastCall`` (what its last provider call sent and cached) and its age in seconds; an
-    answer set aside by an edit (``replaced``) was the call of a conversation the next call does not continue."""
+    answer set aside by an edit (``replaced``) was the call of a conversation the next call does not continue.
+    With ``model``: the latest call made on that model (a provider keeps a cache per model, and a model switched
+    back to may still read what it cached before the switch, within the TTL)."""
     for message in reversed(stored):
         if message.get("replaced"):
             continue
-        if message.get("role") == "assistant" and isinstance(message.get("lastCall"), dict):
+        call = message.get("lastCall")
+        if model is not None and isinstance(call, dict) and call.get("model", model) != model:
+            continue
+        if message.get("role") == "assistant" and isinstance(call, dict):
             age = None
             done = message.get("completedAt")
             if isinstance(done, str):
@@ -536,7 +541,7 @@ async def inspect_session(
     model = model or session.get("model") or gw.default_model
     history = session.get("messages", [])
     ctx = await assemble(gw, session_id=session_id, model=model, user_message=user_message, history=history)
-    previous, age = last_call(history)
+    previous, age = last_call(history, model)
     view = CacheView(cache_ttl(gw.config), previous, age)
     info = gw.model_info(model)
     measured = measure(ctx, info, view)

@@ -30,7 +30,7 @@ from .recording import Recorder
 from .registry import Models, Plugins, Registry
 from .routing import LocalRouteState, Router, RouteState
 from .session_locks import InProcessLocks, SessionLocks
-from .sinks import UsageSink
+from .sinks import UsageSink, sink_name
 from .storage.embedded.blobs import FileBlobStore
 from .storage.embedded.clients import ClientStore
 from .storage.ledger import Ledger
@@ -56,7 +56,19 @@ def registered(config: Config, pm: pluggy.PluginManager, storage: Storage) -> Pl
     call_register(pm, "register_providers", providers.append, config=config)
     call_register(pm, "register_context_sections", sections.append, config=config)
     call_register(pm, "register_tools", add_tool, config=config)
-    call_register(pm, "register_usage_sinks", sinks.append, config=config)
+
+    def add_sink(sink: UsageSink) -> None:
+        # A sink's name labels its queue and drop metrics and its log lines: two of one name would mix them.
+        name = sink_name(sink)
+        same = next((s for s in sinks if sink_name(s) == name), None)
+        if same is not None:
+            raise ValueError(
+                f"usage sink {name!r} ({_class_of(sink)}) has the name of one registered already ({_class_of(same)}), "
+                "and their metrics would be one; name them apart"
+            )
+        sinks.append(sink)
+
+    call_register(pm, "register_usage_sinks", add_sink, config=config)
     check_claims(providers)
     for pattern in pricing.unserved_patterns(config, providers):
         raise ConfigError(
@@ -66,6 +78,10 @@ def registered(config: Config, pm: pluggy.PluginManager, storage: Storage) -> Pl
             "nothing (is the provider plugin installed? agentspace plugins)",
         )
     return Plugins(tuple(providers), tuple(sections), MappingProxyType(tools), tuple(sinks))
+
+
+def _class_of(thing: object) -> str:
+    return f"{type(thing).__module__}.{type(thing).__qualname__}"
 
 
 async def assemble(

@@ -24,7 +24,7 @@ import random
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field, replace
-from typing import Any, cast
+from typing import Any
 
 from . import attachments, tokens
 from .calls import ProviderCall, ceiling_cost, cut_short_usage, price, request_ceiling
@@ -258,8 +258,10 @@ def _answered_again(session: dict[str, Any] | None, message_id: str | None) -> i
 
 
 def running(gw: Registry, session_id: str) -> Turn | None:
-    """The turn streaming in ``session_id`` in this process, or None (the locks hold ``Turn``s only)."""
-    return cast("Turn | None", gw.locks.get(session_id))
+    """The turn streaming in ``session_id`` in this process, or None (the locks also hold work that is not a
+    turn: ``session_locks.SessionWork``, which has nothing to resume)."""
+    turn = gw.locks.get(session_id)
+    return turn if isinstance(turn, Turn) else None
 
 
 async def _existing_session(gw: Registry, request: ChatRequest) -> dict[str, Any] | None:
@@ -387,6 +389,7 @@ class _Step:
     model: str = ""  # the model being called: the requested one or a fallback
     swaps: int = 0  # provider calls this step began anew (a model group's next deployment)
     delivered: bool = False  # something reached the client: no more retries or fallbacks
+    fallback_next: bool = False  # a fallback follows the model called: one silent past the idle timeout moves on
     first_at: float = 0.0
     last_event: float = 0.0
     attempts: int = 0  # upstream calls made: retries and fallbacks included
@@ -714,6 +717,7 @@ class Turn:
                         await self._begin_anew(ctx, state, last)
                     return await self._call_group(ctx, state, seen_sources, inner, [self.model])
                 state.model = model
+                state.fallback_next = i < len(chain) - 1
                 return await self._call_with_retries(ctx, state, seen_sources, model), model
             except ProviderError as e:
                 # A 400 is the request's own fault: it would fail on any model (as on /v1, routed_call.py).
@@ -731,7 +735,8 @@ class Turn:
         provider call, while nothing reached the client; then the group's fallbacks (routing.py)."""
         router = self.gw.router
         seen.append(group.name)
-        deployments, busy = await router.order(group)
+        assert state.provider_call is not None
+        deployments, busy = await router.order(group, state.provider_call.input_tokens)
         last: ProviderError | None = None
         for dep in deployments:
             if not attachments.reads(self.gw, dep.model, self.media_types):
@@ -759,7 +764,8 @@ class Turn:
                 if inner is not None:
                     return await self._call_group(ctx, state, seen_sources, inner, seen)
                 state.model = fallback
-                state.provider_call.route(fallback, None)  # type: ignore[union-attr]
+                state.provider_call.route(fallback, None)
+                state.fallback_next = True  # (after the last, the group's failure is its last error, as here)
                 return await self._call_with_retries(ctx, state, seen_sources, fallback), fallback
             except ProviderError as e:
                 if state.delivered or not moves_on(e):  # a 400: not tried on another model
@@ -900,9 +906,10 @@ class Turn:
         except asyncio.CancelledError:
             if self._stop_reason is None:
                 raise  # we ourselves are being cancelled
-            if self._stop_reason == "idle" and dep is not None and not state.delivered:
-                # A group's deployment silent before its first token has timed out: it fails (counted, cooled)
-                # and the turn moves on to the next deployment, as for one the provider's timeout ends.
+            if self._stop_reason == "idle" and (dep is not None or state.fallback_next) and not state.delivered:
+                # A group's deployment, or a model with a fallback after it, silent before its first token has
+                # timed out: it fails (a deployment counted, cooled) and the turn moves on to the next deployment
+                # or fallback, as for one the provider's timeout ends.
                 self._stop_reason = None
                 self._stopped.clear()
                 raise ProviderError("LLM_ERROR", "The model stopped sending data (idle timeout).") from None

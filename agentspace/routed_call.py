@@ -186,7 +186,7 @@ async def _start_group(
 ) -> DirectCall:
     router = gw.router
     seen.append(group.name)
-    deployments, busy = await router.order(group)
+    deployments, busy = await router.order(group, meter.input_tokens)
     last: ProviderError | None = None
     current: ProviderCall | None = meter
     for dep in deployments:
@@ -341,7 +341,7 @@ async def embed_group(
     from .providers import litellm as litellm_provider
 
     router = gw.router
-    deployments, busy = await router.order(group)
+    deployments, busy = await router.order(group, meter.input_tokens)
     last: ProviderError | None = None
     current: ProviderCall | None = meter
     for dep in deployments:
@@ -454,7 +454,7 @@ async def relay_group(
     from .routing import deployment_key, missing_key_error
 
     router = gw.router
-    deployments, busy = await router.order(group)
+    deployments, busy = await router.order(group, meter.input_tokens)
     current: ProviderCall | None = meter
     response: web.StreamResponse | None = None
     for dep in deployments:

@@ -20,7 +20,7 @@ import math
 import random
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -42,6 +42,10 @@ LATENCY_ALPHA = 0.2
 LATENCY_TTL_SECONDS = 60.0
 # Errors kept per deployment for the deployments page.
 RECENT_ERRORS = 10
+# Failures in a minute past which the only deployment of a group without fallbacks is cooled down after all.
+# Below it, cooling that deployment would only fail every call at once for the cooldown, with nothing else to take
+# them (LiteLLM's router spares such a deployment below the same traffic: SINGLE_DEPLOYMENT_TRAFFIC_FAILURE_THRESHOLD).
+LONE_DEPLOYMENT_FAILS = 1000
 
 DEPLOYMENT_KEYS: dict[str, tuple[tuple[type, ...], Any]] = {
     "model": ((str,), None),
@@ -367,28 +371,41 @@ class Router:
 
     async def count_failure(self, group: Group, dep: Deployment, error: ProviderError) -> float | None:
         """A failed attempt counted against its deployment (which the caller took): past the group's
-        ``allowed_fails`` it cools down for the upstream's Retry-After, else the group's cooldown. Returns the
-        cooldown's end (wall clock), or None when it did not cool down."""
+        ``allowed_fails`` (``LONE_DEPLOYMENT_FAILS`` at least for a group's only deployment, when the group has no
+        fallbacks) it cools down for the upstream's Retry-After, else the group's cooldown. Returns the cooldown's
+        end (wall clock), or None when it did not cool down."""
         cooldown = error.retry_after if error.retry_after is not None else group.cooldown_seconds
-        until = await self.state.failed(dep.id, error.code, group.allowed_fails, cooldown)
+        allowed = group.allowed_fails
+        if len(group.deployments) == 1 and not group.fallbacks:
+            allowed = max(allowed, LONE_DEPLOYMENT_FAILS)
+        until = await self.state.failed(dep.id, error.code, allowed, cooldown)
         if until is not None:
             log.warning("%s cooled down for %.0fs after %s", dep.id, cooldown, error.code)
         return until
 
-    async def order(self, group: Group) -> tuple[list[Deployment], Busy]:
+    async def order(self, group: Group, need: Callable[[], int] | None = None) -> tuple[list[Deployment], Busy]:
         """The group's deployments that may take a call now, best first by the group's strategy, and what
-        keeps the others (``all_cooling_error`` when none took the call)."""
+        keeps the others (``all_cooling_error`` when none took the call). ``need``: the call's input tokens (its
+        ceiling's, counted for its reservation: ``ProviderCall.input_tokens``), asked only of a group with a
+        ``tpm``: a deployment takes the call when its minute has room for them too, or holds nothing yet."""
         loads = await self.state.loads([d.id for d in group.deployments])
         ready: list[tuple[Deployment, Load]] = []
         busy = Busy()
+        needed: int | None = None
         for dep, load in zip(group.deployments, loads, strict=True):
             if load.cooled_until:
                 busy.cooling = True
                 busy.until = load.cooled_until if busy.until is None else min(busy.until, load.cooled_until)
                 continue
-            if (dep.rpm is not None and load.requests >= dep.rpm) or (dep.tpm is not None and load.tokens >= dep.tpm):
+            tpm = dep.tpm
+            if tpm is not None and need is not None:
+                needed = need() if needed is None else needed
+                # Room while the minute holds at most tpm - needed tokens; a call larger than the whole tpm goes to
+                # an empty minute (else nowhere, ever).
+                tpm = max(1, min(tpm, tpm - needed + 1))
+            if (dep.rpm is not None and load.requests >= dep.rpm) or (tpm is not None and load.tokens >= tpm):
                 busy.limited = True  # (rare: one more read, for when its minute frees a request or tokens)
-                free = await self.state.free_at(dep.id, dep.rpm, dep.tpm)
+                free = await self.state.free_at(dep.id, dep.rpm, tpm)
                 if free:
                     busy.until = free if busy.until is None else min(busy.until, free)
                 continue

@@ -39,6 +39,7 @@ from .providers.base import Provider, ProviderRequest, ThinkingSettings
 from .registry import ModelNotFound, Registry
 from .routed_call import start_direct
 from .routing import Group, deployment_states
+from .session_locks import SessionWork
 from .storage.errors import ClientExists, ClientNotFound, SessionNotFound
 from .storage.reports import REPORTS, merge_named
 from .storage.search import search_sessions
@@ -204,6 +205,13 @@ def chat_request(
 # --- the operations -----------------------------------------------------------------------------
 
 
+def _checked_limit(limit: object) -> int:
+    """A listing's or a search's ``limit``: an integer from 1 to ``MAX_SEARCH_LIMIT``."""
+    if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= MAX_SEARCH_LIMIT:
+        raise invalid({"limit": f"must be an integer from 1 to {MAX_SEARCH_LIMIT}"})
+    return limit
+
+
 @dataclass
 class CompactFor:
     """The session an on-demand compaction runs for (``context_policy.TurnLike``)."""
@@ -347,20 +355,24 @@ class Service:
             raise _not_found(session_id)
         return session
 
-    async def list_sessions(self) -> Listing:
-        """Every readable session (the caller's own, for a client), and the damaged files the listing skipped."""
+    async def list_sessions(self, limit: object = None) -> tuple[Listing, bool]:
+        """Every readable session (the caller's own, for a client), most recent activity first, the ``limit``
+        most recent only when given (as a search's), and the damaged files the listing skipped; and whether more
+        sessions are there."""
+        if limit is not None:
+            limit = _checked_limit(limit)
         listing = await self.gw.sessions.listing()
-        if self.caller == ADMIN:
-            return listing
-        client = await self.gw.clients.get(self.caller)
-        return Listing(
-            [
+        if self.caller != ADMIN:
+            client = await self.gw.clients.get(self.caller)
+            mine = [
                 self._shown(s)
                 for s in listing.sessions
                 if s.get("client") == self.caller and (client is None or client.owns_since(s.get("createdAt")))
-            ],
-            [],
-        )
+            ]
+            listing = Listing(mine, [])
+        if limit is None:
+            return listing, False
+        return Listing(listing.sessions[:limit], listing.damaged_files), len(listing.sessions) > limit
 
     async def get_session(self, session_id: str) -> dict[str, Any]:
         """The session with its messages; file parts carry their bytes as a ``data:`` URL (``url``)."""
@@ -446,7 +458,15 @@ class Service:
             raise ApiError("STREAM_IN_PROGRESS", "This session is streaming an answer; wait for it to end.")
         model = session.get("model") or self.gw.default_model
         who = CompactFor(stored, model, str(session.get("client") or self.caller), endpoint="compact")
-        return {**await compact_session(self.gw, who), "sessionId": self.visible(stored)}
+        # Held as a turn holds it: a second compaction, or a turn (which may compact too), is refused while the
+        # summary is bought, or both would buy one and store it.
+        work = SessionWork(stored, who.client)
+        await self.gw.locks.claim(work)
+        try:
+            return {**await compact_session(self.gw, who), "sessionId": self.visible(stored)}
+        finally:
+            await self.gw.locks.release(work)
+            self.gw.locks.forget(work)
 
     async def search_sessions(self, query: object, limit: object = None, *, field: str = "q") -> tuple[Listing, bool]:
         """The caller's sessions whose title or messages contain ``query`` (case-insensitive), most recent first,
@@ -457,10 +477,7 @@ class Service:
             raise invalid({field: "required: a non-empty string"})
         if len(query) > MAX_QUERY_LENGTH:
             raise invalid({field: f"at most {MAX_QUERY_LENGTH} characters"})
-        if limit is None:
-            limit = SEARCH_LIMIT
-        if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= MAX_SEARCH_LIMIT:
-            raise invalid({"limit": f"must be an integer from 1 to {MAX_SEARCH_LIMIT}"})
+        limit = _checked_limit(SEARCH_LIMIT if limit is None else limit)
         if self.caller == ADMIN:
             found = await search_sessions(self.gw.sessions, clean_text(query), limit=limit + 1)
             return Listing(found.sessions[:limit], found.damaged_files), len(found.sessions) > limit

@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
 from .errors import ApiError
+from .types import new_id
 
 if TYPE_CHECKING:
     from .events import StreamEvent
@@ -58,6 +60,26 @@ class SessionLocks(Protocol):
     def forget(self, turn: RunningTurn) -> None:
         """The turn is over here: its session is free in this process."""
         ...
+
+
+@dataclass
+class SessionWork:
+    """A session held by work that is not a turn (compacting on demand): a turn, or more such work, is refused
+    while it runs, as beside a turn. Nothing of it streams, so there is nothing to resume or abort."""
+
+    session_id: str
+    client: str
+    message_id: str = field(default_factory=lambda: new_id("work_"))
+    done: bool = False
+    task: asyncio.Task[None] | None = None
+
+    def abort(self, reason: str = "aborted") -> None:
+        return None
+
+    async def batches(self) -> AsyncIterator[list[StreamEvent]]:
+        none: tuple[list[StreamEvent], ...] = ()
+        for batch in none:
+            yield batch
 
 
 class InProcessLocks:

@@ -96,7 +96,7 @@ async def test_each_threshold_alerts_once_per_period(
     await asyncio.sleep(0.5)
     assert len(receiver.alerts) == 2
     # What was sent survives a restart (the data directory keeps it; Redis does with replicas).
-    sent = json.loads((isolated_env / "alerts-sent.json").read_text())
+    sent = [json.loads(line)[0] for line in (isolated_env / "alerts-sent.jsonl").read_text().splitlines()]
     assert len(sent) == 2 and all(k.startswith("team-a|day|") for k in sent)
 
 

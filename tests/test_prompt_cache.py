@@ -442,14 +442,16 @@ async def test_a_model_switch_reads_nothing_and_the_inspector_says_so(
     client: TestClient, token: str, fake_anthropic: Any
 ) -> None:
     """Anthropic keeps a prompt cache per model: the first turn on another model writes its whole prefix, and the
-    inspector, asked about that model, predicts no read; the next turn on it reads what that one wrote."""
+    inspector, asked about that model, predicts no read; the next turn on it reads what that one wrote. Switched
+    back, the first model still holds what it cached within the TTL: the inspector predicts that read too (it
+    predicted none)."""
     fake_anthropic.caching = True
     ws = await connect(client, token)
     frames = await chat(ws, turn_text(1), "r1")
     session_id = frames[0]["sessionId"]
     await chat(ws, turn_text(2), "r2", sessionId=session_id)
-    other = "anthropic/claude-sonnet-4-6"
-    for turn, model, reads in [(3, other, False), (4, other, True)]:
+    other, first = "anthropic/claude-sonnet-4-6", MODEL
+    for turn, model, reads in [(3, other, False), (4, other, True), (5, first, True)]:
         text = turn_text(turn)
         frame = {"type": "context.inspect", "id": f"i{turn}", "sessionId": session_id, "userMessage": text}
         predicted = (await receive_after(ws, {**frame, "model": model}))["totals"]
@@ -457,4 +459,5 @@ async def test_a_model_switch_reads_nothing_and_the_inspector_says_so(
         assert end["type"] == "chat.stream.end", end
         assert (end["usage"]["cacheReadTokens"] > 0) is reads, (turn, end["usage"])
         assert (predicted["cacheReadTokens"] > 0) is reads, (turn, predicted)
+        assert predicted["cacheReadTokens"] == end["usage"]["cacheReadTokens"], (turn, predicted, end["usage"])
     await ws.close()

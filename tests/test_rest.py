@@ -37,7 +37,7 @@ async def get_json(client: TestClient, path: str, headers: dict[str, str], statu
 
 
 async def test_sessions_list_get_delete(client: TestClient, auth_headers: dict[str, str], fake_anthropic: Any) -> None:
-    assert await get_json(client, "/api/sessions", auth_headers) == {"sessions": [], "damagedFiles": []}
+    assert await get_json(client, "/api/sessions", auth_headers) == {"sessions": [], "damagedFiles": [], "more": False}
     await chat(client, auth_headers, fake_anthropic, "first", "What is up?")
     await chat(client, auth_headers, fake_anthropic, "second")
 

@@ -92,12 +92,16 @@ def _warn_damaged(damaged_files: list[str]) -> None:
 @sessions.command("list")
 @config_options
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.option("--limit", type=click.IntRange(min=1), help="The most recently active sessions to show (default: all).")
 @pass_state
-def list_sessions(state: CliState, as_json: bool) -> None:
+def list_sessions(state: CliState, as_json: bool, limit: int | None) -> None:
     """All sessions, most recently active first."""
     listing = _listing(state)
     items = listing.sessions  # most recently active first
     _warn_damaged(listing.damaged_files)
+    if limit is not None and len(items) > limit:  # said, as a search says it
+        items = items[:limit]
+        click.echo(f"More sessions: these are the {limit} most recently active (--limit).", err=True)
     if as_json:
         click.echo(json.dumps(items, indent=2))
         return

@@ -1,7 +1,8 @@
-"""Finding old conversations: a case-insensitive phrase search over session titles and message text.
+"""Finding old conversations: a case-insensitive (case-folded) phrase search over session titles and message
+text.
 
 Works on any session store through its interface (``listing`` and ``get``), so every backend gets it. The
-text of each session is kept in memory per store, lower-cased, with the summary it was read at; a session
+text of each session is kept in memory per store, case-folded, with the summary it was read at; a session
 is read again only when its summary changed (a new message, a new title), so a search costs one listing
 and a substring scan. The first search of a process reads every session once. The text kept is bounded
 (``INDEX_BYTES``): sessions past it are read again by every search that reaches them, so a data directory of
@@ -37,13 +38,13 @@ from .protocols import SessionStoreAPI
 from .shapes import SESSION_ID, Listing
 
 SNIPPET = 60  # characters of context either side of a match
-# Lower-cased text the index keeps in memory per store, at most (about the text's size in bytes for ASCII).
+# Case-folded text the index keeps in memory per store, at most (about the text's size in bytes for ASCII).
 INDEX_BYTES = 64 * 1024 * 1024
 
 
 @dataclass(slots=True)
 class _Entry:
-    """A session as the index keeps it: only the lower-cased text (a snippet's case comes from the session,
+    """A session as the index keeps it: only the case-folded text (a snippet's case comes from the session,
     read again for the hits only), so the index costs about the sessions' text size in memory."""
 
     stamp: tuple[Any, ...]
@@ -67,8 +68,9 @@ def message_text(message: dict[str, Any]) -> str:
 
 def _fold(text: str) -> str:
     """Text as it is searched: composed (NFC: an accent typed or pasted as a separate mark is the same letter)
-    and lower-cased. ASCII text (a flag of the string, no scan) has nothing to compose."""
-    return text.lower() if text.isascii() else unicodedata.normalize("NFC", text).lower()
+    and case-folded (``casefold``, not ``lower``: "STRASSE" finds "Straße", "ΛΌΓΟΣ" finds "λόγος"). ASCII text
+    (a flag of the string, no scan) has nothing to compose, and folds as it lower-cases."""
+    return text.lower() if text.isascii() else unicodedata.normalize("NFC", text).casefold()
 
 
 def _stamp(summary: dict[str, Any]) -> tuple[Any, ...]:
@@ -83,7 +85,7 @@ def _document(session: dict[str, Any]) -> str:
 
 
 def _snippet(lowered: str, original: str | None, at: int, length: int) -> str:
-    """The text around a hit, in the session's own case where lower-casing kept every offset."""
+    """The text around a hit, in the session's own case where case-folding kept every offset."""
     composed = unicodedata.normalize("NFC", original) if original is not None else None
     source = composed if composed is not None and len(composed) == len(lowered) else lowered
     start, end = max(0, at - SNIPPET), min(len(source), at + length + SNIPPET)
@@ -281,7 +283,7 @@ class _Search:
         self.index, self.client, self.limit, self.since = index, client, limit, since
         self.needle = _fold(query.strip())
         self.held = _held(index)  # text the index keeps, for its bound
-        # Hits in order: (summary, lower-cased text, offset, the original text when it was just read).
+        # Hits in order: (summary, case-folded text, offset, the original text when it was just read).
         self.hits: list[tuple[dict[str, Any], str, int, str | None]] = []
         self.seen: set[str] = set()
 

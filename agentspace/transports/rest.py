@@ -50,14 +50,14 @@ def _service(request: web.Request) -> Service:
 
 
 async def list_sessions(request: web.Request) -> web.Response:
+    limit: object = request.query.get("limit")
+    if isinstance(limit, str) and limit.isascii() and limit.isdigit():  # not other scripts' digits
+        limit = int(limit)
     if "q" in request.query:  # a search: the caller's sessions whose title or messages contain q
-        limit: object = request.query.get("limit")
-        if isinstance(limit, str) and limit.isascii() and limit.isdigit():  # not other scripts' digits
-            limit = int(limit)
         found, more = await _service(request).search_sessions(request.query["q"], limit)
-        return web.json_response({"sessions": found.sessions, "damagedFiles": found.damaged_files, "more": more})
-    listing = await _service(request).list_sessions()
-    return web.json_response({"sessions": listing.sessions, "damagedFiles": listing.damaged_files})
+    else:
+        found, more = await _service(request).list_sessions(limit)
+    return web.json_response({"sessions": found.sessions, "damagedFiles": found.damaged_files, "more": more})
 
 
 async def get_session(request: web.Request) -> web.StreamResponse:

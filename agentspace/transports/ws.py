@@ -291,23 +291,15 @@ class Connection:
     async def on_session_list(self, request_id: Any, msg: dict[str, Any]) -> None:
         if msg.get("query") is not None:  # a search: the matching sessions only, each with its ``match``
             found, more = await self.service.search_sessions(msg.get("query"), msg.get("limit"), field="query")
-            await self.send(
-                {
-                    "type": "session.list.result",
-                    "requestId": request_id,
-                    "sessions": found.sessions,
-                    "damagedFiles": found.damaged_files,
-                    "more": more,
-                }
-            )
-            return
-        listing = await self.service.list_sessions()
+        else:
+            found, more = await self.service.list_sessions(msg.get("limit"))
         await self.send(
             {
                 "type": "session.list.result",
                 "requestId": request_id,
-                "sessions": listing.sessions,
-                "damagedFiles": listing.damaged_files,
+                "sessions": found.sessions,
+                "damagedFiles": found.damaged_files,
+                "more": more,
             }
         )
 
