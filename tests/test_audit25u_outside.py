@@ -10,6 +10,10 @@ from aiohttp.test_utils import TestClient
 from click.testing import CliRunner
 
 from agentspace.cli import main
+from agentspace.storage.embedded.usage import write_log_segment
+from agentspace.types import now_iso
+from tests.support import ws
+from tests.test_clients import add_client, bearer
 
 
 @pytest.mark.parametrize("since", ["999999d", "99999999999w", "0001-01-01T00:00:00+05:00", "9999-12-31T23:00:00-05:00"])
@@ -29,3 +33,32 @@ async def test_a_since_out_of_the_range_of_dates_is_refused_by_name(
     result = CliRunner().invoke(main, ["usage", "--since", since])
     assert result.exit_code == 2, (result.output, result.exception)
     assert "--since" in result.output and "range of dates" in result.output, result.output
+
+
+async def test_a_clients_usage_report_does_not_name_the_servers_damaged_files(
+    client: TestClient, auth_headers: dict[str, str], isolated_env: Path
+) -> None:
+    """docs/protocol.md: ``damagedFiles`` of a listing is "for the admin": a client key's listing and search give
+    ``[]``, never the server's paths. Its usage report (``/api/usage``, the WebSocket's ``usage.query``) named
+    them all the same: the data directory's absolute path (the server's home and user name in it) and files of
+    every client's records. The admin's report still names them (and ``agentspace doctor``)."""
+    key = add_client("alice")
+    now = now_iso()
+    record = {"id": "r1", "timestamp": now, "model": "m", "client": "alice", "totalCost": 0.5}
+    write_log_segment(isolated_env, now[:10], 0, [record])
+    damaged = isolated_env / "usage" / now[:10] / "00001.jsonl"
+    damaged.write_bytes(b"not a record\n")
+
+    admin = await (await client.get("/api/usage", headers=auth_headers)).json()
+    assert admin["damagedFiles"] == [str(damaged)], admin
+    response = await client.get("/api/usage", params={"by": "client"}, headers=bearer(key))
+    assert response.status == 200, await response.text()
+    report = await response.json()
+    assert report["perClient"]["alice"]["totalCost"] == 0.5, report
+    assert report["damagedFiles"] == [], report
+    socket = await ws.connect(client, key)
+    try:
+        reply = await ws.receive_after(socket, {"type": "usage.query", "id": "q1"})
+    finally:
+        await socket.close()
+    assert reply["grandTotal"]["totalCost"] == 0.5 and reply["damagedFiles"] == [], reply
