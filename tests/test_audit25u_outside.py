@@ -3,15 +3,20 @@ reports' inputs at the edges of their range, and what a report tells a client ab
 
 from __future__ import annotations
 
+import resource
 from pathlib import Path
+from typing import Any
 
+import aiohttp
 import pytest
 from aiohttp.test_utils import TestClient
 from click.testing import CliRunner
 
 from agentspace.cli import main
+from agentspace.storage.embedded.append_log import encode_lines
 from agentspace.storage.embedded.usage import write_log_segment
 from agentspace.types import now_iso
+from scripts.harness import GatewayProcess
 from tests.support import ws
 from tests.test_clients import add_client, bearer
 
@@ -62,3 +67,64 @@ async def test_a_clients_usage_report_does_not_name_the_servers_damaged_files(
     finally:
         await socket.close()
     assert reply["grandTotal"]["totalCost"] == 0.5 and reply["damagedFiles"] == [], reply
+
+
+def long_session_with_marks(data_dir: Path, session_id: str, turns: int) -> int:
+    """A session log as the store writes it (docs/architecture.md, "Stored shapes"): ``turns`` questions and
+    answers, and an update of every question after the first few (a context cut's mark, which the context policy
+    writes every few turns of a session that has reached its window: here at every turn, to make the difference
+    plain). Returns the messages' count."""
+    entries: list[dict[str, Any]] = []
+    count = 0
+
+    def summary() -> dict[str, Any]:
+        stamp = "2026-12-01T10:00:00.000Z"
+        info = {"id": session_id, "title": "long", "model": "anthropic/claude-sonnet-4-5", "createdAt": stamp}
+        return {"session": {**info, "lastActivityAt": stamp, "messageCount": count, "seenCount": count}}
+
+    for turn in range(turns):
+        for role in ("user", "assistant"):
+            entries += [{"message": {"id": f"{role[0]}{turn}", "role": role, "content": f"{role} {turn}"}}]
+            count += 1
+            entries += [summary()]
+        if turn >= 10:
+            mark = {"contextCut": {"at": "2026-12-01T10:00:00.000Z", "tokens": 190_000}}
+            entries += [{"update": {"id": f"u{turn - 10}", "changes": mark}}, summary()]
+    path = data_dir / "sessions" / f"{session_id}.jsonl"
+    path.parent.mkdir(parents=True)
+    path.write_bytes(encode_lines(entries))
+    return count
+
+
+def limit_cpu() -> None:
+    """In the server process, before exec: at most CPU_SECONDS of CPU, then SIGXCPU ends it."""
+    resource.setrlimit(resource.RLIMIT_CPU, (CPU_SECONDS, CPU_SECONDS + 5))
+
+
+CPU_SECONDS = 20
+
+
+async def test_a_long_session_with_a_mark_at_most_turns_is_read_in_time_linear_in_its_size(tmp_path: Path) -> None:
+    """Issue 25: sessions read cheaply. A session not in the server's cache (after a restart, or pushed out of it)
+    is read by replaying its log; each update entry (the context policy's cut or summary mark, which a long agent
+    session at its window writes every few turns; a failed turn's error mark; an edit) was applied by a pass over
+    every message, so the read took updates x messages: 0.03 s at 1,000 messages with 500 marks, 0.7 s at 4,000,
+    11 s at 16,000. Measured here not by the clock but by the CPU the server may use at all (``RLIMIT_CPU``): a
+    30,000 message session read in quadratic time needs far more than its start and a linear read (a few
+    seconds)."""
+    data_dir = tmp_path / "data"
+    count = long_session_with_marks(data_dir, "long", 15_000)
+    gateway = GatewayProcess(data_dir, "http://127.0.0.1:9")
+    gateway.preexec_fn = limit_cpu
+    await gateway.start()
+    try:
+        headers = {"Authorization": f"Bearer {gateway.token}"}
+        async with aiohttp.ClientSession() as http:
+            async with http.get(f"{gateway.url}/api/sessions/long", headers=headers) as response:
+                assert response.status == 200, await response.text()
+                session = (await response.json())["session"]
+        assert session["messageCount"] == count == len(session["messages"])
+        marked = [m["id"] for m in session["messages"] if "contextCut" in m]
+        assert marked == [f"u{turn}" for turn in range(15_000 - 10)]
+    finally:
+        await gateway.aclose()
