@@ -539,8 +539,12 @@ class Service:
             if current is not None and current.since is not None:
                 when = current.since if when is None else max(when, current.since)
         report = await self.gw.usage.report(by=by, since=when, session_id=session_id, client=client)
-        if self.caller != ADMIN and "perSession" in report:  # the ids the client knows its sessions by
-            report = {**report, "perSession": self._per_session_as_known(report["perSession"])}
+        if self.caller == ADMIN:
+            return report
+        # The server's files are the admin's to know of, as a listing's damagedFiles (docs/protocol.md).
+        report = {**report, "damagedFiles": []}
+        if "perSession" in report:  # the ids the client knows its sessions by
+            report["perSession"] = self._per_session_as_known(report["perSession"])
         return report
 
     def _per_session_as_known(self, per_stored_id: dict[str, Any]) -> dict[str, Any]:

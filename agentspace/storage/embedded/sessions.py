@@ -211,6 +211,9 @@ def _replay(entries: builtins.list[Any], path: Path) -> tuple[_Session, int]:
     follow that write (0 or 1: a write that never finished, dropped). Raises StoreCorrupt."""
     info: dict[str, Any] | None = None
     messages: builtins.list[dict[str, Any]] = []
+    # Where each message id is: an update or an aside finds its messages at once, not by a pass over all of them
+    # (a long session at its context window adds a mark every few turns: its replay took marks x messages).
+    where: dict[str, builtins.list[int]] = {}
     pending: builtins.list[tuple[str, Any]] = []
     for entry in entries:
         if not isinstance(entry, dict) or len(entry) != 1:
@@ -220,7 +223,7 @@ def _replay(entries: builtins.list[Any], path: Path) -> tuple[_Session, int]:
             if not isinstance(value, dict):
                 raise StoreCorrupt(path, "not a session log (a summary that is not an object)")
             for op, op_value in pending:
-                _apply(messages, op, op_value, path)
+                _apply(messages, where, op, op_value, path)
             pending = []
             if value.get("messageCount") != len(messages):
                 raise StoreCorrupt(path, "entries are missing (the message count does not match the messages)")
@@ -238,24 +241,33 @@ def _replay(entries: builtins.list[Any], path: Path) -> tuple[_Session, int]:
     return _Session(info, messages), len(pending)
 
 
-def _apply(messages: builtins.list[dict[str, Any]], op: str, value: Any, path: Path) -> None:
+def _apply(
+    messages: builtins.list[dict[str, Any]], where: dict[str, builtins.list[int]], op: str, value: Any, path: Path
+) -> None:
+    """Replay one entry on ``messages``; ``where``: the positions of the messages by id, kept here."""
     if not isinstance(value, dict):
         raise StoreCorrupt(path, f"not a session log (a {op} that is not an object)")
     if op == "message":
+        if isinstance(message_id := value.get("id"), str):
+            where.setdefault(message_id, []).append(len(messages))
         messages.append(value)
         return
     if op == "aside":
         ids = value.get("ids")
         if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
             raise StoreCorrupt(path, "not a session log (an aside entry without ids)")
-        messages[:] = _marked_aside(messages, set(ids))[0]
+        for n in {n for message_id in ids for n in where.get(message_id, ())}:
+            if not messages[n].get("replaced"):
+                messages[n] = {**messages[n], "replaced": True}
         return
     changes = value.get("changes")
     if not isinstance(changes, dict):
         raise StoreCorrupt(path, "not a session log (an update without changes)")
-    for n, message in enumerate(messages):
-        if message.get("id") == value.get("id"):
-            messages[n] = {**message, **changes}
+    message_id = value.get("id")
+    found = where.get(message_id, ()) if isinstance(message_id, str) else range(len(messages))
+    for n in found:
+        if messages[n].get("id") == message_id:
+            messages[n] = {**messages[n], **changes}
 
 
 def _marked_aside(
