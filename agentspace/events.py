@@ -159,10 +159,13 @@ class StreamEnd:
 
 @dataclass(slots=True)
 class StreamError:
-    """The turn failed; what was generated before is already delivered and stored."""
+    """The turn failed; what was generated before is already delivered and stored. ``retry_after``: the seconds
+    to wait that the refusal said (a client's limit or budget, the upstream's ``retry-after``), as HTTP's
+    ``Retry-After`` says them on the other transports."""
 
     code: str
     message: str
+    retry_after: float | None = None
 
 
 StreamEvent = (

@@ -364,6 +364,7 @@ class _Tally:
     cost: Cost = field(default_factory=Cost)
     finish_reason: str = "stop"
     error: tuple[str, str] | None = None
+    retry_after: float | None = None  # when to try again, as the error said it
     ttft_ms: float | None = None
 
 
@@ -537,7 +538,7 @@ class Turn:
                 if not await self._step(ctx, step, seen_sources, tally):
                     break
         except ApiError as e:  # the context-window policy refused the call, or its summarising call failed
-            tally.finish_reason, tally.error = "error", (e.code, e.message)
+            tally.finish_reason, tally.error, tally.retry_after = "error", (e.code, e.message), e.retry_after
         except Exception:
             log.exception("turn in session %s failed", self.session_id)
             tally.finish_reason = "error"
@@ -568,7 +569,7 @@ class Turn:
                 lambda: request_ceiling(self._request(ctx, self.model), estimate_input_tokens(ctx, ceiling=True))
             )
         except ApiError as e:
-            tally.finish_reason, tally.error = "error", (e.code, e.message)
+            tally.finish_reason, tally.error, tally.retry_after = "error", (e.code, e.message), e.retry_after
             return False
         self._held = provider_call
         self._publish(StepStart(step))
@@ -628,7 +629,7 @@ class Turn:
         reason = "aborted" if stopped else "error"
         if isinstance(e, ProviderError):
             # Providers scrub their own key; an upstream message may still quote another secret.
-            tally.error = (e.code, redact(e.message))
+            tally.error, tally.retry_after = (e.code, redact(e.message)), e.retry_after
         elif self._stop_reason == "idle":
             tally.error = ("LLM_ERROR", "The model stopped sending data (idle timeout).")
         elif self._stop_reason == "shutdown":
@@ -670,7 +671,7 @@ class Turn:
         if deleted:
             self._publish(StreamError("SESSION_NOT_FOUND", DELETED_MESSAGE))
         elif error is not None:
-            self._publish(StreamError(*error))
+            self._publish(StreamError(*error, tally.retry_after))
         elif self._storage_failed:  # never reported as stored when it is not (docs/protocol.md#errors)
             self._publish(StreamError("STORAGE_ERROR", STORAGE_ERROR_MESSAGE.format(self._storage_problem)))
         else:

@@ -398,7 +398,7 @@ async def stream_turn(request: web.Request, turn: Turn, *, abort_on_disconnect: 
         first += await anext(batches)
     refused = next((e for e in first if not isinstance(e, ev.StreamStart)), None)
     if isinstance(refused, ev.StreamError) and refused.code in REFUSED_BEFORE_STREAMING:
-        raise ApiError(refused.code, refused.message)
+        raise ApiError(refused.code, refused.message, retry_after=refused.retry_after)
     response = web.StreamResponse(headers=STREAM_HEADERS)
     encoder = UIMessageStreamEncoder()
     try:
@@ -428,8 +428,12 @@ async def stream_turn(request: web.Request, turn: Turn, *, abort_on_disconnect: 
     return response
 
 
-# Errors a turn reports before its first provider call that are the request's own (not a failure).
-REFUSED_BEFORE_STREAMING = frozenset({"CONTEXT_TOO_LONG"})
+# Errors a turn reports before its first provider call that are the request's own (not a failure): its context
+# too long, or its first call refused at admission (limits.Guard.admit), which checks the input too where the
+# turn's own check before it was taken could price only the output it asks for.
+REFUSED_BEFORE_STREAMING = frozenset(
+    {"CONTEXT_TOO_LONG", "UNAUTHORIZED", "MODEL_NOT_ALLOWED", "RATE_LIMITED", "BUDGET_EXCEEDED", "SERVICE_UNAVAILABLE"}
+)
 
 
 async def _chain(

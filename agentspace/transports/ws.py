@@ -438,7 +438,7 @@ class Connection:
                 )
             )
         else:
-            frames.append(_error_frame(request_id, event.code, event.message))
+            frames.append(_error_frame(request_id, event.code, event.message, event.retry_after))
         return frames
 
     async def send_frames(self, frames: list[str]) -> None:
