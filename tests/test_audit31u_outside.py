@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from typing import Any
+
+import pytest
 from aiohttp.test_utils import TestClient
 
 from tests.fakes.anthropic_upstream import FakeAnthropic, error_status
@@ -50,3 +53,36 @@ async def test_an_upstream_refusal_that_says_when_to_retry_says_it_on_the_websoc
     refused = (await chat(ws, "Hi"))[-1]
     await ws.close()
     assert (refused["code"], refused.get("retryAfter")) == ("RATE_LIMITED", 7), refused
+
+
+@pytest.mark.parametrize("typo, group", [("claude-fats", "claude-fast"), ("smrat", "smart")])
+async def test_a_mistyped_group_name_is_answered_with_the_group_on_every_way_in(
+    make_client: Any, auth_headers: dict[str, str], fake_anthropic: FakeAnthropic, typo: str, group: str
+) -> None:
+    """A model group is a model id of its own (``/api/models``, ``/v1/models`` list it). Its name mistyped, the
+    WebSocket and /api/chat said "Model ids look like provider/model" (a group's is not), /v1/chat/completions
+    and /v1/responses "does not exist. Use provider/model ids", and a ``claude-*`` typo was offered a cost-map
+    model (``anthropic/claude-fable-5``), never the group meant. Every way in now offers the group."""
+    deployments = [{"name": "a", "model": "anthropic/claude-haiku-4-5"}]
+    client: TestClient = await make_client(models={"groups": {group: {"deployments": deployments}}})
+    ws = await client.ws_connect("/gateway", headers=auth_headers)
+    refused = (await chat(ws, "Hi", model=typo))[-1]
+    await ws.close()
+    messages = {"ws": (refused["code"], refused["message"])}
+    async with client.post(
+        "/api/chat", json={"id": "c1", "messages": [user("Hi")], "model": typo}, headers=auth_headers
+    ) as r:
+        messages["/api/chat"] = (r.status, (await r.json())["error"]["message"])
+    calls = (
+        ("/v1/messages", {"model": typo, "max_tokens": 16, "messages": [{"role": "user", "content": "Hi"}]}),
+        ("/v1/messages/count_tokens", {"model": typo, "messages": [{"role": "user", "content": "Hi"}]}),
+        ("/v1/chat/completions", {"model": typo, "messages": [{"role": "user", "content": "Hi"}]}),
+        ("/v1/responses", {"model": typo, "input": "Hi"}),
+    )
+    for path, body in calls:
+        async with client.post(path, json=body, headers=auth_headers) as r:
+            messages[path] = (r.status, (await r.json())["error"]["message"])
+    for where, (status, message) in messages.items():
+        assert status in ("MODEL_NOT_FOUND", 400, 404), (where, status, message)
+        assert f"Did you mean '{group}'?" in message, (where, message)
+    assert fake_anthropic.requests == []
