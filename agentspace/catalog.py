@@ -241,6 +241,23 @@ def closest(model: str, extra: Iterable[str] = (), allowed: Callable[[str], bool
     return close[0] if close else None
 
 
+def group_like(model: str, groups: Iterable[str], other: str | None = None) -> str | None:
+    """The model group whose name ``model`` is closest to (as sent, or without a provider prefix), or None; None
+    too when ``other`` (the closest model id) is at least as close to ``model``."""
+    names = list(groups)
+    for name in dict.fromkeys((model, model.split("/", 1)[-1])):
+        close = difflib.get_close_matches(name, names, n=1, cutoff=0.75)
+        if close:
+            if other is not None and _likeness(other, model) >= _likeness(close[0], name):
+                return None
+            return close[0]
+    return None
+
+
+def _likeness(a: str, b: str) -> float:
+    return difflib.SequenceMatcher(None, a, b).ratio()
+
+
 def suggestion(model: str | None) -> str:
     """`` Did you mean 'x'?`` for a suggested model id, or ''."""
     return f" Did you mean {model!r}?" if model else ""

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 import pluggy
 
 from . import pricing
-from .catalog import closest, deprecation_message, plugin_models, suggestion, unknown_model
+from .catalog import closest, deprecation_message, group_like, plugin_models, suggestion, unknown_model
 from .clients import ADMIN
 from .config import Config
 from .logs import warn_limited
@@ -76,7 +76,9 @@ class Models:
         if group is not None:
             return self.provider_for(group.deployments[0].model)
         if "/" not in model or not model_prefix(model) or model.endswith("/"):
-            raise ModelNotFound(f"Model ids look like provider/model, e.g. anthropic/claude-sonnet-4-6; got {model!r}")
+            raise self._mistyped_group(model) or ModelNotFound(
+                f"Model ids look like provider/model, e.g. anthropic/claude-sonnet-4-6; got {model!r}"
+            )
         for provider in self.providers:
             if claims(provider, model):
                 # The cost map lists the built-in providers' models, not a plugin's (one serving ollama/... or
@@ -84,10 +86,20 @@ class Models:
                 if is_builtin(provider):
                     problem = self._unknown.get(model) if model in self._unknown else self._check_name(model)
                     if problem:
-                        raise ModelNotFound(problem[0], model, problem[1])
+                        raise self._mistyped_group(model, problem[1]) or ModelNotFound(problem[0], model, problem[1])
                 return provider
         close = closest(model, plugin_models(self.providers))
-        raise ModelNotFound(f"No provider serves {model!r}.{suggestion(close)} Run: agentspace models", model, close)
+        raise self._mistyped_group(model, close) or ModelNotFound(
+            f"No provider serves {model!r}.{suggestion(close)} Run: agentspace models", model, close
+        )
+
+    def _mistyped_group(self, model: str, other: str | None = None) -> ModelNotFound | None:
+        """A model group's name mistyped, as sent or with the provider prefix a /v1 endpoint gives a bare
+        ``claude-*`` name: the group is offered, unless ``other`` (the closest model id) is closer."""
+        close = group_like(model, self.router.groups, other)
+        if close is None:
+            return None
+        return ModelNotFound(f"Unknown model {model!r}.{suggestion(close)} Run: agentspace models", model, close)
 
     def _check_name(self, model: str) -> tuple[str, str | None] | None:
         """A typo'd model is MODEL_NOT_FOUND with a suggestion, before a key or an upstream is asked."""

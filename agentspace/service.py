@@ -24,7 +24,7 @@ from typing import Any
 
 from . import attachments, tokens
 from .calls import Ceiling, ProviderCall, messages_body_ceiling
-from .catalog import usable_models, without_keyless_plugin_models
+from .catalog import group_like, usable_models, without_keyless_plugin_models
 from .clients import ADMIN, Client, apply_settings, name_problem, settings_problems
 from .config import Config
 from .context import inspect_session
@@ -580,6 +580,10 @@ class Service:
     def group(self, model: str) -> Group | None:
         """The model group named ``model`` ([models.groups]), or None."""
         return self.gw.router.group(model)
+
+    def group_like(self, name: str) -> str | None:
+        """The model group whose name ``name`` is a typo of, or None."""
+        return group_like(name, self.gw.router.groups)
 
     async def provider(self, model: str) -> Provider:
         """The provider serving ``model``; ``MODEL_NOT_FOUND`` (with the closest known id the caller may use)

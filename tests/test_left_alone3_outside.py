@@ -26,42 +26,6 @@ from tests.test_ws import _SlowTools
 USER = [{"role": "user", "content": "hi"}]
 
 
-async def test_a_turn_refused_at_its_first_calls_admission_is_a_429_not_a_stream(
-    client: TestClient, auth_headers: dict[str, str], fake_anthropic: Any
-) -> None:
-    """The pre-check counts a turn's least cost (its output ceiling); the first call's admission reserves the
-    whole request (its input too). A turn that passed the one and was refused at the other was answered with a
-    200 and a ``BUDGET_EXCEEDED`` error chunk, which ``useChat`` shows as a failed stream; nothing had streamed:
-    a 429 with ``Retry-After``, as the pre-check's refusal is."""
-    made = await client.post("/api/clients", json={"name": "ann", "budgetUsd": 0.25}, headers=auth_headers)
-    ann = {"Authorization": f"Bearer {(await made.json())['key']}"}
-    # 12,096 output tokens (thinking included) at $15/Mtok ($0.18144) fit the budget; with ~30,000 input
-    # tokens at $3/Mtok they do not.
-    body = {"id": "tight", "messages": [user("u1", "word " * 30_000)]}
-    response = await client.post("/api/chat", json=body, headers=ann)
-    text = await response.text()
-    assert response.status == 429, text[:500]
-    error = (await response.json())["error"]
-    assert error["code"] == "BUDGET_EXCEEDED" and "this call may cost up to" in error["message"], error
-    assert int(response.headers["Retry-After"]) >= 1
-    assert fake_anthropic.requests == []  # nothing was sent upstream
-
-
-async def test_a_websocket_error_after_the_answer_began_says_when_to_retry(
-    client: TestClient, token: str, fake_anthropic: Any
-) -> None:
-    """An upstream 429 whose Retry-After is longer than the gateway waits ends the turn with an ``error`` frame
-    after ``chat.stream.start``; unlike the refusal frames, it did not carry ``retryAfter``, so a client had
-    nothing to wait by (over ``/v1`` the same failure is a 429 with ``Retry-After``)."""
-    fake_anthropic.enqueue(fa.error_status(429, "Slow down", type="rate_limit_error", retry_after=120))
-    ws = await connect(client, token)
-    frames = await chat(ws, "hi")
-    await ws.close()
-    assert [f["type"] for f in frames] == ["session.created", "chat.stream.start", "error"], frames
-    assert (frames[-1]["type"], frames[-1]["code"]) == ("error", "RATE_LIMITED"), frames[-1]
-    assert frames[-1]["retryAfter"] == 120, frames[-1]
-
-
 async def test_a_chat_bodys_message_id_must_be_a_message_id(client: TestClient, auth_headers: dict[str, str]) -> None:
     """``messageId`` (``useChat``'s ``regenerate()`` and an edit's ``sendMessage``: the message answered again)
     was never checked: a number, an object or an id no message may have was taken without a word. It is a

@@ -27,6 +27,7 @@ from .v1_common import (
     read_json_body,
     refusal,
     retry_after,
+    served_name,
     service,
     session_id,
     stream,
@@ -67,7 +68,7 @@ async def _read_body(request: web.Request) -> tuple[dict[str, Any], bytes, str] 
     if not isinstance(body.get("model"), str) or not body["model"]:
         return _error(400, "model: Field required")
     # A model group (routing.py) is named as configured; other ids as the SDK names them.
-    model = body["model"] if service(request).group(body["model"]) else anthropic_model(body["model"])
+    model = served_name(service(request), body["model"], anthropic_model)
     if model is None:
         return _error(404, f"model: {body['model']}{UNKNOWN_HINT}")
     return body, raw, model

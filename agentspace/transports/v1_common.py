@@ -127,6 +127,18 @@ def refusal(request: web.Request, error: ApiError) -> web.Response:
     )
 
 
+def served_name(v1: Service, name: str, ours: Callable[[str], str | None]) -> str | None:
+    """Our id for the model a /v1 request names: a model group as configured, other ids as ``ours`` maps the
+    SDK's names. A name it cannot map that looks like a group's mistyped is kept as sent, for ``Service.provider``
+    to answer with the group, as on every transport. None: no model id."""
+    if v1.group(name) is not None:
+        return name
+    model = ours(name)
+    if model is None and model_id_problem(name) is None and v1.group_like(name) is not None:
+        return name
+    return model
+
+
 def anthropic_model(model: str) -> str | None:
     """Our id for a model an Anthropic client names: a bare ``claude-*`` id means ``anthropic/claude-*``. None for
     one that is no model id (``model_id_problem``: a lone surrogate, a control character...)."""

@@ -27,6 +27,7 @@ from .v1_common import (
     openai_model,
     read_json_body,
     retry_after,
+    served_name,
     service,
     session_id,
     stream,
@@ -65,7 +66,7 @@ def _provider_error(e: ProviderError) -> web.Response:
 async def served_model(service: Service, name: str) -> str | web.Response:
     """The gateway's id for the model an OpenAI-shaped request names (a model group as configured, other ids
     as the SDKs name them), or the 404 in OpenAI's shape when nothing serves it."""
-    model = name if service.group(name) else openai_model(name)
+    model = served_name(service, name, openai_model)
     if model is None:
         return _error(
             404,
