@@ -711,10 +711,10 @@ class Turn:
         last: ProviderError | None = None
         for i, model in enumerate(chain):
             inner = self.gw.router.group(model)
+            if state.attempts:  # each model tried is a call of its own, as a group's deployments are
+                await self._begin_anew(ctx, state, last)
             try:
-                if inner is not None:  # a fallback naming a group: routed, each attempt its own record
-                    if state.attempts:
-                        await self._begin_anew(ctx, state, last)
+                if inner is not None:  # a fallback naming a group: routed
                     return await self._call_group(ctx, state, seen_sources, inner, [self.model])
                 state.model = model
                 state.fallback_next = i < len(chain) - 1
@@ -725,7 +725,6 @@ class Turn:
                     raise
                 log.warning("%s failed before the first token (%s); falling back to %s", model, e.code, chain[i + 1])
                 last = e
-                await self._anew_if_answered(ctx, state, e)
         raise AssertionError("unreachable")
 
     async def _call_group(

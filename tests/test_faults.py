@@ -343,7 +343,15 @@ async def test_fallback_answers_when_the_primary_fails_before_the_first_token(
     outcome = await chat_("hi", None)
     assert (outcome.text, outcome.error, outcome.finish_reason) == ("from the fallback", None, "stop")
     assert len(fake_anthropic.requests) == 2 and len(fake_openai.requests) == 1
-    (record,) = outcome.records
+    # Each model tried is a call of its own, as on /v1 and over a group's deployments: the primary's two
+    # attempts one failed record, the fallback's answer the other.
+    failed, record = outcome.records
+    assert (failed["model"], failed["answered"], failed["error"], failed["attempts"]) == (
+        ANTHROPIC,
+        False,
+        "LLM_ERROR",
+        2,
+    )
     assert (record["model"], record["provider"]) == (OPENAI, "openai")
     assert (record["inputTokens"], record["outputTokens"], record["estimated"]) == (11, 4, False)
     assert outcome.message["model"] == OPENAI
@@ -370,8 +378,7 @@ async def test_no_fallback_after_a_400(
     outcome = await chat_("again", None)
     assert outcome.error is not None and "bad request from the fallback" in outcome.error
     assert len(fake_anthropic.requests) == 2 and len(fake_openai.requests) == 1  # haiku not tried
-    (record,) = outcome.records  # the step's one call, its failed attempt the one that answered it
-    assert record["model"] == OPENAI and record["answered"] is False
+    assert [(r["model"], r["answered"]) for r in outcome.records] == [(ANTHROPIC, False), (OPENAI, False)]
 
 
 async def test_no_fallback_after_the_first_token(
@@ -391,6 +398,8 @@ async def test_a_failing_fallback_is_billed_as_itself(
     fake_anthropic.enqueue(fa.error_status(529))
     fake_openai.enqueue(fo.text_response(PARTIAL, chunks=CHUNKS).cut_after(3))
     outcome = await chat_("hi", None)
+    primary = outcome.records.pop(0)  # the primary's failed attempt, a call of its own
+    assert (primary["model"], primary["answered"], primary["inputTokens"]) == (ANTHROPIC, False, 0)
     assert_failed_and_billed(outcome, OPENAI, "alpha beta ")
 
 

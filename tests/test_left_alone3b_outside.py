@@ -181,10 +181,10 @@ async def test_a_model_silent_past_the_idle_timeout_moves_to_its_fallback(
     text = "".join(c["delta"] for c in chunks if isinstance(c, dict) and c.get("type") == "text-delta")
     assert text == DEFAULT_TEXT
     assert [r.body["model"] for r in fake_anthropic.requests] == ["claude-sonnet-4-6", "claude-haiku-4-5"]
-    # One record: the silent attempt reported nothing (a plain fallback's attempt is a call of its own only when
-    # its upstream answered, as after a 5xx).
+    # Each model tried is a call of its own: the silent one's record says it timed out, billing nothing.
     recs = await records(client, "stalled")
-    assert [(r["model"], r["answered"]) for r in recs] == [("anthropic/claude-haiku-4-5", True)]
+    assert [(r["model"], r["answered"]) for r in recs] == [(MODEL, False), ("anthropic/claude-haiku-4-5", True)]
+    assert recs[0]["inputTokens"] == 0 and recs[0]["totalCost"] == 0, recs[0]
 
 
 class _OtherSink(Sink):  # named as Sink ("tuned")
