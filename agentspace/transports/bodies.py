@@ -19,6 +19,7 @@
 from __future__ import annotations
 
 import asyncio
+import enum
 import json
 import math
 import zlib
@@ -71,9 +72,20 @@ class _Budget:
 
 
 _BUDGET = web.AppKey("body_budget", _Budget)
-# Set on a request refused before its body was read whole: the connection is closed after the answer
-# (``close_after``) instead of aiohttp reading and discarding the rest for up to 10 s ("lingering").
-UNREAD = web.RequestKey("body_unread", bool)
+
+
+class Unread(enum.Enum):
+    """How a request refused before its body was read whole ends its connection (``close_after``)."""
+
+    # Refused for its size or its objects: the rest is read and dropped (aiohttp's lingering, 10 s at most), then
+    # the connection is closed. Closed at once with the rest unread, the kernel resets it, and a proxy still
+    # sending the body (nginx with ``proxy_request_buffering off``, docs/deploy.md) loses the answer: a 502.
+    DRAIN = "drain"
+    # Too slow, or its encoding broken: closed at once (reading more would only wait for it).
+    CLOSE = "close"
+
+
+UNREAD = web.RequestKey("body_unread", Unread)
 
 
 def install(app: web.Application) -> None:
@@ -109,7 +121,7 @@ async def read_json(request: web.Request, limit: int) -> tuple[Any, bytes]:
     """The decoded body and its bytes. Raises ``BodyTooLarge``, ``BodyInvalid`` or ``GatewayBusy``."""
     declared = request.content_length
     if declared is not None and declared > limit:
-        request[UNREAD] = True
+        request[UNREAD] = Unread.DRAIN
         raise BodyTooLarge(limit)
     encoding = request.headers.get(hdrs.CONTENT_ENCODING, "").strip().lower()
     compressed = encoding in COMPRESSED
@@ -134,11 +146,11 @@ async def read_json(request: web.Request, limit: int) -> tuple[Any, bytes]:
                 size += len(chunk)
                 deadline.reschedule(start + grace + size / MIN_BYTES_PER_SECOND)
                 if size > limit:
-                    request[UNREAD] = True
+                    request[UNREAD] = Unread.DRAIN
                     raise BodyTooLarge(limit)
                 containers += chunk.count(b"{") + chunk.count(b"[")
                 if containers > MAX_CONTAINERS:
-                    request[UNREAD] = True
+                    request[UNREAD] = Unread.DRAIN
                     raise BodyInvalid(f"more than {MAX_CONTAINERS} objects and arrays")
                 chunks.append(chunk)
         raw = b"".join(chunks)
@@ -148,7 +160,7 @@ async def read_json(request: web.Request, limit: int) -> tuple[Any, bytes]:
         body = await asyncio.to_thread(decode, raw) if size > OFF_LOOP_BYTES else decode(raw)
         return body, raw
     except TimeoutError:
-        request[UNREAD] = True
+        request[UNREAD] = Unread.CLOSE
         raise web.HTTPRequestTimeout(
             reason=f"The request body did not arrive in time (at least {MIN_BYTES_PER_SECOND // 1024} KiB/s "
             f"after the first {grace:g} s)."
@@ -185,10 +197,13 @@ def _inflate_and_decode(data: bytes, encoding: str, limit: int) -> tuple[Any, by
 
 
 async def close_after(request: web.Request, response: web.StreamResponse) -> web.StreamResponse:
-    """Send the answer to a request whose body was left unread, then close the connection."""
-    if not request.get(UNREAD) or response.prepared:
+    """Send the answer to a request whose body was left unread, then close the connection (``Unread``)."""
+    unread = request.get(UNREAD)
+    if unread is None or response.prepared:
         return response
     response.force_close()
+    if unread is Unread.DRAIN:
+        return response  # aiohttp sends it, reads the rest (lingering), then closes: the answer is not keep-alive
     await response.prepare(request)
     await response.write_eof()
     protocol = request.protocol
