@@ -11,13 +11,16 @@ import signal
 from typing import Any
 
 import aiohttp
+import pytest
 
 from agentspace import cluster
 from tests.fakes.anthropic_upstream import text_response
 from tests.scale_servers import Redis
 from tests.test_deploy import HEADERS, PUBLIC, TOKEN, Stack, stack, wait_for  # noqa: F401 - stack: the fixture
+from tests.test_deploy import pytestmark as needs_nginx
 from tests.test_web_app import CHROMIUM, PHONE, playwright_api
 
+pytestmark = needs_nginx
 MIB = 1024 * 1024
 
 
@@ -76,6 +79,9 @@ def serving_worker(redis_url: str) -> int:
     return int(holder.decode().rsplit(":", 1)[0].rsplit("-", 2)[1])
 
 
+@pytest.mark.skipif(
+    CHROMIUM is None, reason="Chromium not found: apt-get install chromium (scripts/test does it as root)"
+)
 async def test_the_web_app_on_a_phone_says_so_when_the_worker_streaming_its_answer_dies(
     stack: Stack,  # noqa: F811
     fake_anthropic: Any,
