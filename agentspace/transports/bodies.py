@@ -25,7 +25,7 @@ import math
 import zlib
 from typing import Any
 
-from aiohttp import hdrs, web
+from aiohttp import StreamReader, hdrs, web
 
 from . import state
 
@@ -77,15 +77,20 @@ _BUDGET = web.AppKey("body_budget", _Budget)
 class Unread(enum.Enum):
     """How a request refused before its body was read whole ends its connection (``close_after``)."""
 
-    # Refused for its size or its objects: the rest is read and dropped (aiohttp's lingering, 10 s at most), then
-    # the connection is closed. Closed at once with the rest unread, the kernel resets it, and a proxy still
-    # sending the body (nginx with ``proxy_request_buffering off``, docs/deploy.md) loses the answer: a 502.
+    # Refused for its size: the rest is read and dropped (``_drain``), then the connection is closed. Closed at
+    # once with the rest unread, the kernel resets it, and a proxy still sending the body (nginx with
+    # ``proxy_request_buffering off``, docs/deploy.md) loses the answer: a 502.
     DRAIN = "drain"
-    # Too slow, or its encoding broken: closed at once (reading more would only wait for it).
+    # Too slow, its encoding broken, or a container bomb (no client sends one by mistake; reading its rest would
+    # only spend the event loop's time): closed at once.
     CLOSE = "close"
 
 
 UNREAD = web.RequestKey("body_unread", Unread)
+# What ``_drain`` reads and drops of a refused body at most: a body past /v1's 32 MiB by up to this much, and
+# for this long (what aiohttp allows a body it did not read, its "lingering").
+DRAIN_BYTES = 64 * 1024 * 1024
+DRAIN_SECONDS = 10.0
 
 
 def install(app: web.Application) -> None:
@@ -150,7 +155,7 @@ async def read_json(request: web.Request, limit: int) -> tuple[Any, bytes]:
                     raise BodyTooLarge(limit)
                 containers += chunk.count(b"{") + chunk.count(b"[")
                 if containers > MAX_CONTAINERS:
-                    request[UNREAD] = Unread.DRAIN
+                    request[UNREAD] = Unread.CLOSE
                     raise BodyInvalid(f"more than {MAX_CONTAINERS} objects and arrays")
                 chunks.append(chunk)
         raw = b"".join(chunks)
@@ -196,16 +201,31 @@ def _inflate_and_decode(data: bytes, encoding: str, limit: int) -> tuple[Any, by
     return decode(raw), raw
 
 
+async def _drain(content: StreamReader) -> None:
+    """Read and drop what is left of a refused body, at most ``DRAIN_BYTES`` within ``DRAIN_SECONDS``: enough for
+    a proxy to finish sending one past a limit; a body without end is cut off (and its proxy may answer 502)."""
+    left = DRAIN_BYTES
+    try:
+        async with asyncio.timeout(DRAIN_SECONDS):
+            while left > 0 and not content.is_eof():
+                chunk = await content.readany()
+                if not chunk:
+                    return
+                left -= len(chunk)
+    except (TimeoutError, OSError, web.RequestPayloadError):  # too slow, gone, or garbled: nothing to wait for
+        return
+
+
 async def close_after(request: web.Request, response: web.StreamResponse) -> web.StreamResponse:
     """Send the answer to a request whose body was left unread, then close the connection (``Unread``)."""
     unread = request.get(UNREAD)
     if unread is None or response.prepared:
         return response
     response.force_close()
-    if unread is Unread.DRAIN:
-        return response  # aiohttp sends it, reads the rest (lingering), then closes: the answer is not keep-alive
     await response.prepare(request)
     await response.write_eof()
+    if unread is Unread.DRAIN:
+        await _drain(request.content)
     protocol = request.protocol
     if protocol is not None:
         protocol.force_close()  # aiohttp's RequestHandler; the answer is flushed
