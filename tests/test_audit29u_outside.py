@@ -5,12 +5,13 @@ going away mid-stream, and the web app at a phone's size through the proxy."""
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import signal
 from typing import Any
 
 import aiohttp
+import anthropic
+import openai
 import pytest
 
 from agentspace import cluster
@@ -27,41 +28,49 @@ MIB = 1024 * 1024
 async def test_a_body_past_the_v1_limit_gets_the_gateways_413_through_nginx_not_a_502(
     stack: Stack,  # noqa: F811
     fake_anthropic: Any,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """deploy.md's site sets no ``client_max_body_size`` because "the gateway checks every body itself and answers
     413 in each API's shape". It refused a body past 32 MiB from its ``Content-Length`` and closed the connection
     with the rest unread: the kernel reset it under nginx, which was still sending the body (``proxy_request_buffering
-    off``), and the user got nginx's HTML ``502 Bad Gateway``, which the SDKs retry (uploading it again)."""
+    off``), and the official SDKs got nginx's HTML ``502 Bad Gateway`` (which they retry, uploading it again)."""
     fake_anthropic.default = text_response("never asked")
+    monkeypatch.setenv("SSL_CERT_FILE", str(stack.cert))  # the SDKs trust the proxy's certificate
     text = "word " * (40 * MIB // 5)
-    sent = {
-        "/v1/chat/completions": {
-            "model": "anthropic/claude-sonnet-4-6",
-            "messages": [{"role": "user", "content": text}],
-        },
-        "/v1/messages": {
-            "model": "anthropic/claude-sonnet-4-6",
-            "max_tokens": 10,
-            "messages": [{"role": "user", "content": text}],
-        },
-        "/v1/responses": {"model": "anthropic/claude-sonnet-4-6", "input": text},
-    }
-    headers = {**HEADERS, "Content-Type": "application/json", "anthropic-version": "2023-06-01"}
+    model = "anthropic/claude-sonnet-4-6"
+
+    def calls() -> list[Exception]:
+        headers = {"Host": PUBLIC}
+        oai = openai.OpenAI(base_url=stack.url + "/v1", api_key=TOKEN, default_headers=headers, max_retries=0)
+        claude = anthropic.Anthropic(base_url=stack.url, api_key=TOKEN, default_headers=headers, max_retries=0)
+        refused = []
+        for _ in range(3):  # a race before: the reset reached nginx before or after the answer
+            for call in (
+                lambda: oai.chat.completions.create(model=model, messages=[{"role": "user", "content": text}]),
+                lambda: oai.responses.create(model=model, input=text),
+                lambda: claude.messages.create(
+                    model=model, max_tokens=10, messages=[{"role": "user", "content": text}]
+                ),
+            ):
+                try:
+                    call()
+                except Exception as e:  # noqa: BLE001 - each is checked below
+                    refused.append(e)
+        return refused
+
+    refused = await asyncio.to_thread(calls)
+    assert len(refused) == 9
+    for error in refused:
+        assert getattr(error, "status_code", None) == 413, repr(error)
+        assert "exceeds 33554432 bytes" in str(error), error
+    assert "request_too_large" in str(refused[2])  # Anthropic's type, from /v1/messages
+    # The connection to the workers is usable at once: the next call is answered.
+    fake_anthropic.enqueue(text_response("Small enough."))
+    small = {"model": model, "messages": [{"role": "user", "content": "Hi"}]}
     async with aiohttp.ClientSession() as http:
-        for path, body in sent.items():
-            async with http.post(f"{stack.url}{path}", ssl=stack.ssl, headers=headers, data=json.dumps(body)) as r:
-                answer = await r.text()
-                assert r.status == 413, (path, r.status, answer[:200])
-                error = json.loads(answer)["error"]
-                assert "exceeds 33554432 bytes" in error["message"], (path, error)
-                if path == "/v1/messages":
-                    assert error["type"] == "request_too_large", error
-        # The connection to the workers is usable at once: the next call is answered.
-        fake_anthropic.enqueue(text_response("Small enough."))
-        small = {"model": "anthropic/claude-sonnet-4-6", "messages": [{"role": "user", "content": "Hi"}]}
         async with http.post(f"{stack.url}/v1/chat/completions", ssl=stack.ssl, headers=HEADERS, json=small) as r:
             assert r.status == 200, await r.text()
-    assert not fake_anthropic.requests[:-1]  # only the small call reached the provider
+    assert len(fake_anthropic.requests) == 1  # only the small call reached the provider
 
 
 def serving_worker(redis_url: str) -> int:
