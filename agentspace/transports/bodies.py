@@ -19,12 +19,13 @@
 from __future__ import annotations
 
 import asyncio
+import enum
 import json
 import math
 import zlib
 from typing import Any
 
-from aiohttp import hdrs, web
+from aiohttp import StreamReader, hdrs, web
 
 from . import state
 
@@ -71,9 +72,25 @@ class _Budget:
 
 
 _BUDGET = web.AppKey("body_budget", _Budget)
-# Set on a request refused before its body was read whole: the connection is closed after the answer
-# (``close_after``) instead of aiohttp reading and discarding the rest for up to 10 s ("lingering").
-UNREAD = web.RequestKey("body_unread", bool)
+
+
+class Unread(enum.Enum):
+    """How a request refused before its body was read whole ends its connection (``close_after``)."""
+
+    # Refused for its size: the rest is read and dropped (``_drain``), then the connection is closed. Closed at
+    # once with the rest unread, the kernel resets it, and a proxy still sending the body (nginx with
+    # ``proxy_request_buffering off``, docs/deploy.md) loses the answer: a 502.
+    DRAIN = "drain"
+    # Too slow, its encoding broken, or a container bomb (no client sends one by mistake; reading its rest would
+    # only spend the event loop's time): closed at once.
+    CLOSE = "close"
+
+
+UNREAD = web.RequestKey("body_unread", Unread)
+# What ``_drain`` reads and drops of a refused body at most: a body past /v1's 32 MiB by up to this much, and
+# for this long (what aiohttp allows a body it did not read, its "lingering").
+DRAIN_BYTES = 64 * 1024 * 1024
+DRAIN_SECONDS = 10.0
 
 
 def install(app: web.Application) -> None:
@@ -109,7 +126,7 @@ async def read_json(request: web.Request, limit: int) -> tuple[Any, bytes]:
     """The decoded body and its bytes. Raises ``BodyTooLarge``, ``BodyInvalid`` or ``GatewayBusy``."""
     declared = request.content_length
     if declared is not None and declared > limit:
-        request[UNREAD] = True
+        request[UNREAD] = Unread.DRAIN
         raise BodyTooLarge(limit)
     encoding = request.headers.get(hdrs.CONTENT_ENCODING, "").strip().lower()
     compressed = encoding in COMPRESSED
@@ -134,11 +151,11 @@ async def read_json(request: web.Request, limit: int) -> tuple[Any, bytes]:
                 size += len(chunk)
                 deadline.reschedule(start + grace + size / MIN_BYTES_PER_SECOND)
                 if size > limit:
-                    request[UNREAD] = True
+                    request[UNREAD] = Unread.DRAIN
                     raise BodyTooLarge(limit)
                 containers += chunk.count(b"{") + chunk.count(b"[")
                 if containers > MAX_CONTAINERS:
-                    request[UNREAD] = True
+                    request[UNREAD] = Unread.CLOSE
                     raise BodyInvalid(f"more than {MAX_CONTAINERS} objects and arrays")
                 chunks.append(chunk)
         raw = b"".join(chunks)
@@ -148,7 +165,7 @@ async def read_json(request: web.Request, limit: int) -> tuple[Any, bytes]:
         body = await asyncio.to_thread(decode, raw) if size > OFF_LOOP_BYTES else decode(raw)
         return body, raw
     except TimeoutError:
-        request[UNREAD] = True
+        request[UNREAD] = Unread.CLOSE
         raise web.HTTPRequestTimeout(
             reason=f"The request body did not arrive in time (at least {MIN_BYTES_PER_SECOND // 1024} KiB/s "
             f"after the first {grace:g} s)."
@@ -184,13 +201,31 @@ def _inflate_and_decode(data: bytes, encoding: str, limit: int) -> tuple[Any, by
     return decode(raw), raw
 
 
+async def _drain(content: StreamReader) -> None:
+    """Read and drop what is left of a refused body, at most ``DRAIN_BYTES`` within ``DRAIN_SECONDS``: enough for
+    a proxy to finish sending one past a limit; a body without end is cut off (and its proxy may answer 502)."""
+    left = DRAIN_BYTES
+    try:
+        async with asyncio.timeout(DRAIN_SECONDS):
+            while left > 0 and not content.is_eof():
+                chunk = await content.readany()
+                if not chunk:
+                    return
+                left -= len(chunk)
+    except (TimeoutError, OSError, web.RequestPayloadError):  # too slow, gone, or garbled: nothing to wait for
+        return
+
+
 async def close_after(request: web.Request, response: web.StreamResponse) -> web.StreamResponse:
-    """Send the answer to a request whose body was left unread, then close the connection."""
-    if not request.get(UNREAD) or response.prepared:
+    """Send the answer to a request whose body was left unread, then close the connection (``Unread``)."""
+    unread = request.get(UNREAD)
+    if unread is None or response.prepared:
         return response
     response.force_close()
     await response.prepare(request)
     await response.write_eof()
+    if unread is Unread.DRAIN:
+        await _drain(request.content)
     protocol = request.protocol
     if protocol is not None:
         protocol.force_close()  # aiohttp's RequestHandler; the answer is flushed

@@ -197,7 +197,7 @@ def _error_answer(request: web.Request, error: Exception) -> web.StreamResponse:
         # The body could not be read: a Content-Encoding (gzip, deflate) whose data does not decode. The
         # caller's input, answered 400 without a traceback; the rest of the body is not read.
         log.info("%s %s: the body could not be read (%s)", request.method, request.path, error)
-        request[bodies.UNREAD] = True
+        request[bodies.UNREAD] = bodies.Unread.CLOSE
         message = "The request body could not be read: its Content-Encoding did not decode."
         if request.path.startswith("/v1/"):
             return v1_errors.error_response(request, 400, message, code="invalid_request_error")

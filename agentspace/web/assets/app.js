@@ -615,10 +615,14 @@ async function send(chat, text, files = []) {
   }
   try {
     await consume(chat, message, response);
-  } catch (e) {
-    message.state = "done";
-    message.metadata.error = e.message;
-    renderMessages(chat);
+  } catch {
+    // The connection broke mid-answer (a phone changing networks, the proxy, the replica streaming it stopped):
+    // the answer may still run on the gateway, or be stored, or have stopped with its replica. Ask for it again.
+    chat.messages = chat.messages.filter((m) => m !== message);
+    chat.streaming = null;
+    setStreaming(chat, false);
+    await resume(chat);
+    return;
   }
   await finish(chat);
 }
@@ -632,8 +636,9 @@ async function resume(chat) {
     return;
   }
   if (response.status === 204) {
-    // The answer ended between reading the session and asking for its stream: read the stored one.
-    return reloadChat(chat);
+    // The answer ended between reading the session (or the broken connection) and asking for its stream:
+    // read the stored one (a new chat's first answer: the session is stored now).
+    return finish(chat);
   }
   const message = newAssistantMessage(`pending_${newId()}`);
   chat.messages.push(message);
@@ -644,7 +649,7 @@ async function resume(chat) {
     await consume(chat, message, response);
   } catch (e) {
     message.state = "done";
-    message.metadata.error = e.message;
+    message.metadata.error = `The connection to the gateway broke before the answer ended (${e.message}).`;
   }
   await finish(chat);
 }
@@ -677,7 +682,13 @@ async function reloadChat(chat) {
   try {
     const session = (await getJSON(`/api/sessions/${encodeURIComponent(chat.id)}`)).session;
     if (state.chat !== chat || chat.streaming) return;
+    const shown = chat.messages[chat.messages.length - 1];
     chat.messages = session.messages.map(fromStored);
+    // An answer that ended in an error and was not stored (its replica stopped mid-answer) keeps its error on
+    // screen: without it the question would just stand there unanswered.
+    if (shown && shown.role === "assistant" && shown.metadata.error && !chat.messages.some((m) => m.id === shown.id)) {
+      chat.messages.push(shown);
+    }
     renderMessages(chat);
     loadContext();
   } catch (e) {
