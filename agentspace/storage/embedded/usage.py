@@ -27,8 +27,9 @@ edited, is read again). A day's closed segments' rollups (every segment of a pas
 written) are merged once more into ``<YYYY-MM-DD>.day.json``, and again without the session into
 ``<YYYY-MM-DD>.nosession.json``: a report that neither groups nor filters by session (by model, client, day,
 endpoint; a budget's spend) reads the latter, so its time does not grow with the number of sessions either (one
-call per session makes as many groups as records). A report sums the rollups and scans only the open segment, so
-its time grows with the groups, not the records. A rollup file that does not parse, or whose groups are not a
+call per session makes as many groups as records). A report sums the rollups and the open segment, whose lines a
+process reads once, summed as they come (``_count_open``: each report reads only the lines appended since the one
+before), so its time grows with the groups, not the records. A rollup file that does not parse, or whose groups are not a
 rollup's (damaged from outside: it is written whole), is moved aside like any damaged store file and rebuilt.
 """
 
@@ -38,6 +39,7 @@ import contextlib
 import logging
 import os
 import re
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from datetime import UTC, datetime
@@ -63,6 +65,7 @@ from ..reports import (
     TOKEN_FIELDS,
     GroupKey,
     add_to,
+    group_key,
     group_records,
     merge,
     owner,
@@ -206,6 +209,9 @@ class UsageStore:
         self._ids: set[str] = set()
         # The ids of the last records written, in order (``spend``: which records being stored it counts).
         self._recent: dict[str, None] = {}
+        # The open segment's records summed so far, by the reports of this process (``_count_open``).
+        self._open_tally: _OpenTally | None = None
+        self._tally_lock = threading.Lock()
 
     async def append(self, record: UsageRecord) -> None:
         """Store ``record`` durably. A record whose id is stored already (a retried write) changes nothing.
@@ -341,15 +347,17 @@ class UsageStore:
         closed_mtimes = {name: mtimes[name] for name in closed}
         merged = self._count_merged(day, closed_sizes, closed_mtimes, query, groups) if trusted and closed else "stale"
         if merged == "counted":
-            for _, name in files:  # the open segment, scanned
+            for _, name in files:  # the open segment
                 if name in sizes and name not in closed:
-                    stamp = {"size": sizes[name], "mtime": mtimes[name]}
-                    _count_segment(folder / name, stamp, False, None, query, groups, damaged)
+                    self._count_open(folder / name, day, query, groups, damaged)
             return
         known = self._read_rollup(day) if trusted else {}
         fresh: dict[str, Any] = {}
         for _, name in files:
             if name not in sizes:
+                continue
+            if name not in closed:
+                self._count_open(folder / name, day, query, groups, damaged)
                 continue
             stamp = {"size": sizes[name], "mtime": mtimes[name]}
             entry = known.get(name)
@@ -392,6 +400,35 @@ class UsageStore:
         if not query.sessions:  # made before the file without sessions was, or damaged since
             self._save(f"{day}.{NO_SESSION}", {"day": {"merged": _without_sessions(whole)}})
         return "counted"
+
+    def _count_open(
+        self, path: Path, day: str, query: _Query, groups: dict[GroupKey, dict[str, Any]], damaged: list[str] | None
+    ) -> None:
+        """Add the open segment's matching records to ``groups``. The records are summed as they are read, and a
+        report reads only the lines appended since the one before (a budget's alerts report after every record
+        of the client: parsing the whole open segment each time grew with the day's records, up to
+        ``SEGMENT_SIZE``). The file is read whole again when it is not the one summed (replaced, moved aside),
+        is shorter, or changed without growing; a ``since`` later than the day's start, or a line that does not
+        read, scans it as before."""
+        with self._tally_lock:
+            tally = self._open_tally
+            try:
+                with open(path, "rb") as f:
+                    st = os.fstat(f.fileno())
+                    if tally is None or not tally.continues(path, st):
+                        tally = _OpenTally(path, st, day)
+                    if st.st_size != tally.size or st.st_mtime_ns != tally.mtime:
+                        f.seek(tally.offset)
+                        tally.add(f.read(), st)
+            except FileNotFoundError:
+                return  # gone since listed (history pruned): as a scan of it finds no record
+            except StoreCorrupt:
+                tally = None  # a scan of it names the damage
+            self._open_tally = tally
+            if tally is None or (query.since_iso is not None and query.since_iso > tally.start):
+                _count_segment(path, {}, False, None, query, groups, damaged)
+                return
+            tally.count(query, groups)
 
     def _read_rollup(self, day: str) -> dict[str, Any]:
         """The day's rollups: ``{segment file name: entry}`` (a tinydb layout, table ``segments``)."""
@@ -584,6 +621,54 @@ class _Query(NamedTuple):
     session_id: str | None
     client: str | None
     sessions: bool  # the groups' sessions matter to the caller
+
+
+class _OpenTally:
+    """An open segment's records read so far: the complete lines up to ``offset``, summed per group (with and
+    without the session) when timed from the day's start on, kept whole when timed before it (written just
+    after midnight); the file's inode, size and modification time when last read."""
+
+    def __init__(self, path: Path, st: os.stat_result, day: str) -> None:
+        self.path, self.inode = path, (st.st_dev, st.st_ino)
+        self.start = f"{day}T00:00:00.000Z"
+        self.offset = self.size = self.mtime = 0
+        self.groups: dict[GroupKey, dict[str, Any]] = {}
+        self.bare: dict[GroupKey, dict[str, Any]] = {}
+        self.early: list[dict[str, Any]] = []
+
+    def continues(self, path: Path, st: os.stat_result) -> bool:
+        """Whether ``st`` is of the file summed, grown or as it was (appended to, as its writer does)."""
+        return (
+            path == self.path
+            and (st.st_dev, st.st_ino) == self.inode
+            and (st.st_size > self.size or (st.st_size == self.size and st.st_mtime_ns == self.mtime))
+        )
+
+    def add(self, raw: bytes, st: os.stat_result) -> None:
+        """Sum the complete lines of ``raw`` (what follows ``offset``). Raises StoreCorrupt."""
+        records, torn = parse_lines(raw, self.path)
+        if not all(isinstance(record, dict) for record in records):
+            raise StoreCorrupt(self.path, "not a usage segment (a line is not a record)")
+        _check_records(records, self.path)
+        for record in records:
+            stamp = record.get("timestamp")
+            if stamp.__class__ is not str or stamp < self.start:
+                self.early.append(record)
+                continue
+            key = group_key(record)
+            add_to(self.groups, record, key)
+            add_to(self.bare, record, (*key[:3], None, *key[4:]))
+        self.offset += len(raw) - torn
+        self.size, self.mtime = st.st_size, st.st_mtime_ns
+
+    def count(self, query: _Query, groups: dict[GroupKey, dict[str, Any]]) -> None:
+        """Add the records matching ``query`` (whose ``since`` is not after ``start``) to ``groups``."""
+        _, session_id, client, sessions = query
+        for key, totals in (self.groups if sessions else self.bare).items():
+            if (session_id is None or key[3] == session_id) and (client is None or owner(key[2]) == client):
+                merge(groups, key, dict(totals))
+        for record in _matching(self.early, query.since_iso, session_id, client):
+            add_to(groups, record)
 
 
 def _count_segment(
