@@ -47,6 +47,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
 
+from ...lru import LRU
 from ...types import UsageRecord
 from ..atomic import (
     StoreCorrupt,
@@ -90,6 +91,9 @@ _TAIL_CHUNK = 64 * 1024
 # Records per segment: the most a writer reads when it opens the day's last segment, and the most a report
 # scans that no rollup covers.
 SEGMENT_SIZE = 10_000
+# The days' merged rollups a store keeps parsed (two months of both kinds): a report over a month, and each
+# client's spend over its period, read the same files again.
+DAY_ROLLUPS_KEPT = 128
 # Ids of the last records written kept for ``spend``: a record still being stored was written in its group
 # commit's batch, far fewer records ago.
 RECENT_IDS = 10_000
@@ -212,6 +216,9 @@ class UsageStore:
         # The open segment's records summed so far, by the reports of this process (``_count_open``).
         self._open_tally: _OpenTally | None = None
         self._tally_lock = threading.Lock()
+        # The days' merged rollups last read (``_read_day_rollup``); reports run on several threads.
+        self._day_rollups: LRU[Path, _DayRollup] = LRU(DAY_ROLLUPS_KEPT)
+        self._rollup_lock = threading.Lock()
 
     async def append(self, record: UsageRecord) -> None:
         """Store ``record`` durably. A record whose id is stored already (a retried write) changes nothing.
@@ -388,15 +395,16 @@ class UsageStore:
         before ``since``) or "stale" (made for other segments, or none yet: to be made again)."""
         if not query.sessions:
             bare = self._read_day_rollup(day, NO_SESSION)
-            if bare is not None and _day_covers(bare, sizes, mtimes, query.since_iso):
-                _count_rollup(bare, None, query.client, groups)
+            if bare is not None and _day_covers(bare.whole, sizes, mtimes, query.since_iso):
+                _count_rollup(bare.whole, None, query.client, groups, bare.rows(query.client))
                 return "counted"
-        whole = self._read_day_rollup(day)
-        if whole is None or not _day_covers(whole, sizes, mtimes, None):
+        read = self._read_day_rollup(day)
+        if read is None or not _day_covers(read.whole, sizes, mtimes, None):
             return "stale"
+        whole = read.whole
         if not _day_covers(whole, sizes, mtimes, query.since_iso):
             return "current"
-        _count_rollup(whole, query.session_id, query.client, groups)
+        _count_rollup(whole, query.session_id, query.client, groups, read.rows(query.client))
         if not query.sessions:  # made before the file without sessions was, or damaged since
             self._save(f"{day}.{NO_SESSION}", {"day": {"merged": _without_sessions(whole)}})
         return "counted"
@@ -448,19 +456,34 @@ class UsageStore:
             if isinstance(entry, dict) and entry.get("version") == _ROLLUP_VERSION
         }
 
-    def _read_day_rollup(self, day: str, kind: str = "day") -> dict[str, Any] | None:
+    def _read_day_rollup(self, day: str, kind: str = "day") -> _DayRollup | None:
         """A day's closed segments' rollups merged (``<day>.day.json``, table ``day``, document ``merged``), or
-        merged without the session (``kind`` NO_SESSION: ``<day>.nosession.json``)."""
+        merged without the session (``kind`` NO_SESSION: ``<day>.nosession.json``). Kept parsed while the file is
+        the same (its inode, size and modification time: a rollup is replaced whole, never changed in place): a
+        client's spend reads the days of its period, and listing every client's spend (``clients list``, the first
+        ``/api/clients``) parsed each day's groups of every client once per client."""
+        path = self.dir / ROLLUPS / f"{day}.{kind}.json"
         try:
-            data = read_json(self.dir / ROLLUPS / f"{day}.{kind}.json")
+            st = os.stat(path)
+            stamp = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+            with self._rollup_lock:
+                known = self._day_rollups.get(path)
+            if known is not None and known.stamp == stamp:
+                return known
+            data = read_json(path)
         except StoreCorrupt as e:
             _set_aside(e)
             return None  # rebuilt from the segments' rollups
-        except OSError:
+        except OSError:  # none yet, or unreadable here (another user's): made again, or the segments read
             return None
         table = data.get("day") if isinstance(data, dict) else None
         whole = table.get("merged") if isinstance(table, dict) else None
-        return whole if isinstance(whole, dict) and whole.get("version") == _ROLLUP_VERSION else None
+        if not (isinstance(whole, dict) and whole.get("version") == _ROLLUP_VERSION):
+            return None
+        read = _DayRollup(stamp, whole)
+        with self._rollup_lock:
+            self._day_rollups[path] = read
+        return read
 
     def _set_aside_rollups(self, day: str, error: Exception) -> None:
         """Move the day's rollup files aside (logged)."""
@@ -623,6 +646,27 @@ class _Query(NamedTuple):
     sessions: bool  # the groups' sessions matter to the caller
 
 
+class _DayRollup:
+    """A day's merged rollup as read (``whole``) and the file's stamp then; its rows by client, made at the
+    first report of one client (a client's spend reads its own groups, not every client's)."""
+
+    def __init__(self, stamp: tuple[int, ...], whole: dict[str, Any]) -> None:
+        self.stamp, self.whole = stamp, whole
+        self._owners: dict[str, list[Any]] | None = None
+
+    def rows(self, client: str | None) -> list[Any] | None:
+        """The rows of ``client``'s groups (None: every row). Raises as ``_count_rollup`` on groups that are not
+        a rollup's."""
+        if client is None:
+            return None
+        if self._owners is None:
+            owners: dict[str, list[Any]] = {}
+            for row in self.whole["groups"]:
+                owners.setdefault(owner(row[2]), []).append(row)
+            self._owners = owners
+        return self._owners.get(client, [])
+
+
 class _OpenTally:
     """An open segment's records read so far: the complete lines up to ``offset``, summed per group (with and
     without the session) when timed from the day's start on, kept whole when timed before it (written just
@@ -720,9 +764,14 @@ def _warn_torn_tail(path: Path) -> None:
 
 
 def _count_rollup(
-    entry: dict[str, Any], session_id: str | None, client: str | None, groups: dict[GroupKey, dict[str, Any]]
+    entry: dict[str, Any],
+    session_id: str | None,
+    client: str | None,
+    groups: dict[GroupKey, dict[str, Any]],
+    rows: list[Any] | None = None,
 ) -> None:
-    for row in entry["groups"]:  # none (an entry edited from outside): KeyError, the rollup is set aside
+    """Add the entry's groups that match to ``groups`` (``rows``: those to look at, when known to be fewer)."""
+    for row in entry["groups"] if rows is None else rows:  # none (edited from outside): KeyError, set aside
         key = tuple(row[:6])
         if (session_id is None or key[3] == session_id) and (client is None or owner(key[2]) == client):
             merge(groups, key, _totals_from_row(row[6]))
