@@ -474,3 +474,33 @@ async def test_a_server_report_sums_only_what_was_appended_to_the_open_segment_s
 
 async def _stored(store: UsageStore, count: int) -> bool:
     return sum(1 for _ in store.records_sync()) == count
+
+
+def test_a_report_after_the_writer_cut_off_a_record_and_went_on_counts_what_is_stored(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A record whose sync failed is cut off by the writer, which then appends the next ones where it was: a
+    report that summed the cut record reads the segment whole again (its last line summed is no longer there),
+    as it does for a segment shortened or replaced."""
+    rng = random.Random(8)
+    monkeypatch.setattr(usage_module, "_utc_day", lambda: "2026-03-03")
+    write_log_segment(tmp_path, "2026-03-03", 0, [random_record(rng, n, "2026-03-03") for n in range(20)])
+    segment = tmp_path / "usage" / "2026-03-03" / "00000.jsonl"
+    store = UsageStore(tmp_path)
+
+    def check() -> None:
+        for by in ("model", "session"):
+            scanned = REPORTS[by](usage_module.read_segment(segment))
+            assert rounded(store.report_sync(by=by)) == rounded({**scanned, "damagedFiles": []})
+
+    check()
+    kept = segment.read_bytes()
+    cut = json.dumps({**random_record(rng, 20, "2026-03-03"), "model": "anthropic/claude-sonnet-4-5"}).encode()
+    with open(segment, "ab") as f:
+        f.write(cut + b"\n")
+    check()  # the record counted, then cut off as after a failed sync, and two others written where it was
+    instead = cut.replace(b'"r20"', b'"r21"').replace(b"sonnet-4-5", b"sonnet-4-6")  # a line as long
+    segment.write_bytes(kept + instead + b"\n" + json.dumps(random_record(rng, 22, "2026-03-03")).encode() + b"\n")
+    check()
+    segment.write_bytes(kept.replace(b"claude-sonnet-4-5", b"claude-sonnet-4-6"))  # shortened, and changed
+    check()

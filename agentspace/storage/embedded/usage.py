@@ -416,8 +416,9 @@ class UsageStore:
         report reads only the lines appended since the one before (a budget's alerts report after every record
         of the client: parsing the whole open segment each time grew with the day's records, up to
         ``SEGMENT_SIZE``). The file is read whole again when it is not the one summed (replaced, moved aside),
-        is shorter, or changed without growing; a ``since`` later than the day's start, or a line that does not
-        read, scans it as before."""
+        is shorter, changed without growing, or no longer has the last line summed where it was (the writer cut
+        off a write whose sync failed, then appended more); a ``since`` later than the day's start, or a line that
+        does not read, scans it as before."""
         with self._tally_lock:
             tally = self._open_tally
             try:
@@ -426,8 +427,13 @@ class UsageStore:
                     if tally is None or not tally.continues(path, st):
                         tally = _OpenTally(path, st, day)
                     if st.st_size != tally.size or st.st_mtime_ns != tally.mtime:
-                        f.seek(tally.offset)
-                        tally.add(f.read(), st)
+                        f.seek(tally.offset - len(tally.tail))
+                        raw = f.read()
+                        if not raw.startswith(tally.tail):
+                            tally = _OpenTally(path, st, day)
+                            f.seek(0)
+                            raw = f.read()
+                        tally.add(raw, st)
             except FileNotFoundError:
                 return  # gone since listed (history pruned): as a scan of it finds no record
             except StoreCorrupt:
@@ -676,6 +682,7 @@ class _OpenTally:
         self.path, self.inode = path, (st.st_dev, st.st_ino)
         self.start = f"{day}T00:00:00.000Z"
         self.offset = self.size = self.mtime = 0
+        self.tail = b""  # the last line summed, which ends at ``offset``
         self.groups: dict[GroupKey, dict[str, Any]] = {}
         self.bare: dict[GroupKey, dict[str, Any]] = {}
         self.early: list[dict[str, Any]] = []
@@ -689,8 +696,9 @@ class _OpenTally:
         )
 
     def add(self, raw: bytes, st: os.stat_result) -> None:
-        """Sum the complete lines of ``raw`` (what follows ``offset``). Raises StoreCorrupt."""
-        records, torn = parse_lines(raw, self.path)
+        """Sum the complete lines of ``raw`` (``tail``, then what follows ``offset``). Raises StoreCorrupt."""
+        end = raw.rfind(b"\n") + 1  # past the last complete line
+        records, _ = parse_lines(raw[len(self.tail) :], self.path)
         if not all(isinstance(record, dict) for record in records):
             raise StoreCorrupt(self.path, "not a usage segment (a line is not a record)")
         _check_records(records, self.path)
@@ -702,7 +710,9 @@ class _OpenTally:
             key = group_key(record)
             add_to(self.groups, record, key)
             add_to(self.bare, record, (*key[:3], None, *key[4:]))
-        self.offset += len(raw) - torn
+        if end > len(self.tail):
+            self.offset += end - len(self.tail)
+            self.tail = raw[raw.rfind(b"\n", 0, end - 1) + 1 : end]
         self.size, self.mtime = st.st_size, st.st_mtime_ns
 
     def count(self, query: _Query, groups: dict[GroupKey, dict[str, Any]]) -> None:
