@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import pytest
 from click.testing import CliRunner, Result
 
 from agentspace import hookimpl
@@ -22,6 +23,7 @@ from agentspace.cli import main
 from agentspace.clients import hash_key, period_bounds
 from agentspace.config import Config
 from agentspace.plugins import create_plugin_manager
+from agentspace.storage.embedded import usage as usage_module
 from agentspace.storage.embedded.usage import SEGMENT_SIZE, write_log_segment
 from agentspace.storage.reports import REPORTS
 from agentspace.types import Cost, TokenUsage, UsageRecord
@@ -564,3 +566,43 @@ async def test_postgres_reports_across_midnight_equal_the_records(
     finally:
         await gateway.aclose()
         await db.aclose()
+
+
+def test_clients_list_reads_each_days_rollups_once_for_every_client(
+    isolated_env: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``clients list`` shows each client's spend in its period, from the days' rollups. It used to open the store
+    again for each client and read every day's groups of every client for each one: 0.13 s at 100 clients, a
+    minute at 1,000. Now one store reads each day's rollup once and each client's own groups in it; the spends
+    are the records' as before."""
+    names = [f"team-{n}" for n in range(6)]
+    for name in names:
+        assert cli(isolated_env, "clients", "add", name, "--budget", "50", "--period", "total").exit_code == 0
+    stored = isolated_env / "clients.json"
+    data = json.loads(stored.read_text())
+    created = datetime.now(UTC) - timedelta(days=5)
+    for name in names:  # made five days ago (by hand): the spend of a "total" period counts the days since
+        data["clients"][name]["createdAt"] = created.isoformat()
+    stored.write_text(json.dumps(data))
+    rng = random.Random(4)
+    for back in range(1, 5):
+        when = datetime.now(UTC).replace(hour=12, minute=0, second=0, microsecond=0) - timedelta(days=back)
+        batch = [{**seeded(n, when, rng), "client": names[n % len(names)]} for n in range(30)]
+        write_log_segment(isolated_env, when.strftime("%Y-%m-%d"), 0, batch)
+    assert cli(isolated_env, "clients", "list").exit_code == 0  # the rollups made
+
+    reads: list[str] = []
+    real = usage_module.read_json
+
+    def reading(path: Path) -> Any:
+        reads.append(path.name)
+        return real(path)
+
+    monkeypatch.setattr(usage_module, "read_json", reading)
+    listed = cli(isolated_env, "clients", "list", "--json")
+    assert listed.exit_code == 0, listed.output
+    assert len(reads) == 4 and len(set(reads)) == 4, reads  # each past day's rollup, once
+    records = scan(isolated_env, created)
+    for shown in json.loads(listed.stdout)["clients"]:
+        spent = sum(r["totalCost"] for r in records if r["client"] == shown["name"])
+        assert round(shown["spend"]["usd"], 9) == round(spent, 9) > 0

@@ -28,6 +28,7 @@ from agentspace.cli import main
 from agentspace.clients import period_bounds
 from agentspace.limits import usd
 from agentspace.plugins import create_plugin_manager
+from agentspace.storage.embedded import clients as clients_module
 from agentspace.transports import state
 from tests.conftest import wait_until
 from tests.fakes.anthropic_upstream import FakeAnthropic, error_status, text_response, tool_use_response
@@ -287,6 +288,47 @@ async def test_rotated_and_removed_keys_are_refused_at_once_and_usage_stays(
     report = await (await client.get("/api/usage?by=client", headers=bearer(token))).json()
     assert report["perClient"]["alice"]["requestCount"] == 1
     assert json.loads(cli("usage", "--by-client", "--json"))["perClient"]["alice"]["requestCount"] == 1
+
+
+async def test_a_last_use_noted_is_not_read_back_and_a_key_removed_by_hand_after_it_is_refused(
+    client: TestClient, isolated_env: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The server notes each client key's last use (once a minute per key) by writing the clients file. It used
+    to read the file whole again at the next lookup, so every call after one parsed every client (62 ms at
+    4,000 clients). It keeps what it wrote instead, as long as the file is the one it wrote: one put in its place
+    by another program is read at the next lookup."""
+    keys = {name: add_client(name) for name in ("alice", "bob")}
+    stored = isolated_env / "clients.json"
+    reads: list[Path] = []
+    real = clients_module.read_private_file
+
+    def reading(path: Path, fix: str) -> str:
+        reads.append(path)
+        return real(path, fix)
+
+    monkeypatch.setattr(clients_module, "read_private_file", reading)
+    for key in keys.values():
+        assert (await client.get("/api/sessions", headers=bearer(key))).status == 200
+
+    async def last_uses_written() -> bool:  # the server writes them just after the requests
+        return all(doc["lastUsedAt"] for doc in json.loads(stored.read_text())["clients"].values())
+
+    await wait_until(last_uses_written)
+    reads.clear()
+    for _ in range(3):
+        for key in keys.values():
+            assert (await client.get("/api/sessions", headers=bearer(key))).status == 200
+    assert reads == []
+
+    data = json.loads(stored.read_text())
+    del data["clients"]["alice"]  # alice's key removed by hand, the file replaced whole
+    by_hand = stored.with_name("by-hand.json")
+    by_hand.write_text(json.dumps(data))
+    os.chmod(by_hand, 0o600)
+    os.replace(by_hand, stored)
+    assert (await client.get("/api/sessions", headers=bearer(keys["alice"]))).status == 401
+    assert (await client.get("/api/sessions", headers=bearer(keys["bob"]))).status == 200
+    assert reads == [stored]
 
 
 async def test_clients_over_http_for_the_admin(client: TestClient, token: str) -> None:

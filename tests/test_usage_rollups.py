@@ -10,6 +10,7 @@ import asyncio
 import json
 import random
 from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,8 @@ from agentspace.storage.embedded.tinydb_file import read_tables
 from agentspace.storage.embedded.usage import UsageStore, write_log_segment, write_segment
 from agentspace.storage.reports import REPORTS
 from agentspace.types import Cost, TokenUsage, UsageRecord
+from tests.conftest import wait_until
+from tests.fakes.anthropic_upstream import text_response
 
 MODELS = ["anthropic/claude-sonnet-4-5", "anthropic/claude-haiku-4-5", "openai/gpt-4o", None]
 CLIENTS = ["alice", "bob", "ws", "http", None]
@@ -167,12 +170,14 @@ async def test_a_report_reads_only_the_open_segment_once_rollups_exist(
     first = store.report_sync()
     read = segment_reads(monkeypatch)
     assert store.report_sync() == first
-    assert read == ["2026-03-03/00002.jsonl"]  # today's last segment, still being written
+    # Nothing read whole: today's last segment, still being written, was summed by the first report, and a
+    # report reads only what was appended to it since (nothing here).
+    assert read == []
     # Today's closed segments count through their groups merged once, like a past day's.
     (tmp_path / "usage" / "rollups" / "2026-03-03.json").unlink()
     read.clear()
     assert store.report_sync() == first and store.report_sync(by="session")["perSession"]
-    assert read == ["2026-03-03/00002.jsonl"] * 2
+    assert read == []
 
     # A closed segment that changed after its rollup (here: rewritten by hand) is read again, not trusted.
     path = tmp_path / "usage" / "2026-03-01" / "00000.jsonl"
@@ -413,3 +418,89 @@ async def test_postgres_usage_reports_answer_from_the_rollups_not_the_records(
         assert json.loads(cli_result.stdout)["perModel"]["anthropic/claude-sonnet-4-5"]["inputTokens"] == 303
     finally:
         await server.aclose()
+
+
+async def test_a_server_report_sums_only_what_was_appended_to_the_open_segment_since_the_last(
+    make_client: Any,
+    auth_headers: dict[str, str],
+    fake_anthropic: Any,
+    isolated_env: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Budget alerts report a client's spend after each of its records: a report that parsed the whole open
+    segment each time grew with the day's records (up to 10,000). The server's reports read the segment's lines
+    once and equal the scan of every record after each call, with every grouping, from the day's start or from a
+    time inside it (scanned), and name a line of junk appended from outside as the scan does."""
+    client = await make_client()
+    read = segment_reads(monkeypatch)
+    store = UsageStore(isolated_env)
+    headers = {**auth_headers, "anthropic-version": "2023-06-01"}
+    today = datetime.now(UTC).strftime("%Y-%m-%d")
+
+    async def report(query: str) -> dict[str, Any]:
+        resp = await client.get(f"/api/usage?{query}", headers=auth_headers)
+        assert resp.status == 200, await resp.text()
+        return dict(await resp.json())
+
+    for n in range(6):
+        fake_anthropic.enqueue(text_response("Ok.", usage={"input_tokens": 100 + n}))
+        body = {
+            "model": "anthropic/claude-sonnet-4-5",
+            "max_tokens": 16,
+            "messages": [{"role": "user", "content": "hi"}],
+        }
+        session = {"X-Agentspace-Session": f"label-{n % 2}"}
+        resp = await client.post("/v1/messages", json=body, headers={**headers, **session})
+        assert resp.status == 200, await resp.text()
+        await resp.read()
+        await wait_until(partial(_stored, store, n + 1))
+        records = list(store.records_sync())
+        middle = records[len(records) // 2]["timestamp"]
+        read.clear()  # the reads of the reports below only
+        for by in ("model", "session", "client", "day"):
+            assert rounded(await report(f"by={by}")) == rounded({**REPORTS[by](records), "damagedFiles": []})
+        assert rounded(await report(f"since={today}")) == rounded({**REPORTS["model"](records), "damagedFiles": []})
+        later = [r for r in records if r["timestamp"] >= middle]
+        assert rounded(await report(f"since={middle}")) == rounded({**REPORTS["model"](later), "damagedFiles": []})
+        # Read whole only for the report from inside the day; every other one summed the lines added since.
+        assert read == [f"{today}/00000.jsonl"]
+
+    segment = next((isolated_env / "usage" / today).glob("*.jsonl"))
+    with open(segment, "ab") as f:
+        f.write(b"not a record\n")
+    damaged = await report("by=model")
+    assert damaged["damagedFiles"] == [str(segment)] and damaged["grandTotal"]["requestCount"] == 0
+
+
+async def _stored(store: UsageStore, count: int) -> bool:
+    return sum(1 for _ in store.records_sync()) == count
+
+
+def test_a_report_after_the_writer_cut_off_a_record_and_went_on_counts_what_is_stored(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A record whose sync failed is cut off by the writer, which then appends the next ones where it was: a
+    report that summed the cut record reads the segment whole again (its last line summed is no longer there),
+    as it does for a segment shortened or replaced."""
+    rng = random.Random(8)
+    monkeypatch.setattr(usage_module, "_utc_day", lambda: "2026-03-03")
+    write_log_segment(tmp_path, "2026-03-03", 0, [random_record(rng, n, "2026-03-03") for n in range(20)])
+    segment = tmp_path / "usage" / "2026-03-03" / "00000.jsonl"
+    store = UsageStore(tmp_path)
+
+    def check() -> None:
+        for by in ("model", "session"):
+            scanned = REPORTS[by](usage_module.read_segment(segment))
+            assert rounded(store.report_sync(by=by)) == rounded({**scanned, "damagedFiles": []})
+
+    check()
+    kept = segment.read_bytes()
+    cut = json.dumps({**random_record(rng, 20, "2026-03-03"), "model": "anthropic/claude-sonnet-4-5"}).encode()
+    with open(segment, "ab") as f:
+        f.write(cut + b"\n")
+    check()  # the record counted, then cut off as after a failed sync, and two others written where it was
+    instead = cut.replace(b'"r20"', b'"r21"').replace(b"sonnet-4-5", b"sonnet-4-6")  # a line as long
+    segment.write_bytes(kept + instead + b"\n" + json.dumps(random_record(rng, 22, "2026-03-03")).encode() + b"\n")
+    check()
+    segment.write_bytes(kept.replace(b"claude-sonnet-4-5", b"claude-sonnet-4-6"))  # shortened, and changed
+    check()

@@ -114,13 +114,15 @@ def _had_usage(state: CliState, name: str) -> bool:
         return False
 
 
-def _spend(state: CliState, client: Any, now: datetime) -> float:
+def _spend(state: CliState, client: Any, now: datetime, store: Any = None) -> float:
+    """The client's spend in its current period; ``store``: the usage store opened once for several clients (a
+    store keeps the rollups it read: every client's spend reads the same days)."""
     from ..clients import period_bounds
     from ..storage.protocols import UsageStoreSync
 
     start, _ = period_bounds(client.period, now)
     start = client.since if start is None else max(start, client.since or start)  # not an earlier namesake's
-    store = cli_storage(state).usage
+    store = cli_storage(state).usage if store is None else store
     # The report's total, from the rollups (and the open segment's records): not a scan of every record of the
     # period (seconds at a month of a busy client's calls, for each client listed), on either backend.
     if isinstance(store, UsageStoreSync):
@@ -270,7 +272,11 @@ def add(state: CliState, name: str, settings: dict[str, Any]) -> None:
 @pass_state
 def list_clients(state: CliState, as_json: bool) -> None:
     """Every client: created, last used, spend in the current period against its budget, limits."""
-    shown = [_public(state, c) for c in _store(state).list_sync()]
+    from ..clients import utc_now
+
+    now, listed = utc_now(), _store(state).list_sync()
+    usage = cli_storage(state).usage if listed else None
+    shown = [c.public(_spend(state, c, now, usage), now) for c in listed]
     if as_json:
         click.echo(json.dumps({"clients": shown}, indent=2))
         return

@@ -70,13 +70,16 @@ def dump_json(data: Any) -> bytes:
     return compact_json(data).encode("utf-8")
 
 
-def write_json_atomic(path: Path, data: Any) -> None:
-    """Replace ``path`` with ``data`` as JSON, durably and atomically. The folder must exist."""
-    write_bytes_atomic(path, dump_json(data))
+def write_json_atomic(path: Path, data: Any) -> os.stat_result | None:
+    """Replace ``path`` with ``data`` as JSON, durably and atomically (``write_bytes_atomic``). The folder must
+    exist."""
+    return write_bytes_atomic(path, dump_json(data))
 
 
-def write_bytes_atomic(path: Path, payload: bytes) -> None:
-    """Replace ``path`` with ``payload`` (mode 0600), durably and atomically. The folder must exist.
+def write_bytes_atomic(path: Path, payload: bytes) -> os.stat_result | None:
+    """Replace ``path`` with ``payload`` (mode 0600), durably and atomically. The folder must exist. Returns the
+    ``stat`` of ``path`` once done when it is still the file written (its inode, size and modification time),
+    else None (another program put a file in its place meanwhile).
 
     Raises OSError (disk full, I/O error, ...) with ``path`` unchanged and no temp file left."""
     tmp, fd = open_temp(path, os.O_WRONLY)
@@ -86,6 +89,7 @@ def write_bytes_atomic(path: Path, payload: bytes) -> None:
             while view:
                 view = view[os.write(fd, view) :]
             os.fsync(fd)
+            own = os.fstat(fd)
         finally:
             os.close(fd)
         os.replace(tmp, path)
@@ -94,6 +98,17 @@ def write_bytes_atomic(path: Path, payload: bytes) -> None:
             os.unlink(tmp)
         raise
     fsync_dir(path.parent)
+    try:
+        named = os.stat(path)
+    except FileNotFoundError:
+        return None
+    same = (named.st_dev, named.st_ino, named.st_size, named.st_mtime_ns) == (
+        own.st_dev,
+        own.st_ino,
+        own.st_size,
+        own.st_mtime_ns,
+    )
+    return named if same else None
 
 
 def open_temp(path: Path, flags: int) -> tuple[Path, int]:

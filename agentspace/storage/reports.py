@@ -109,8 +109,9 @@ def group_key(record: dict[str, Any]) -> GroupKey:
     )
 
 
-def add_to(groups: dict[GroupKey, dict[str, Any]], record: dict[str, Any]) -> None:
-    key = group_key(record)
+def add_to(groups: dict[GroupKey, dict[str, Any]], record: dict[str, Any], key: GroupKey | None = None) -> None:
+    """Count ``record`` in its group (``key``: another group of it, as one without its session)."""
+    key = group_key(record) if key is None else key
     totals = groups.get(key)
     if totals is None:
         totals = groups[key] = empty_totals()

@@ -3,7 +3,8 @@ atomically). Only key hashes are stored. The file is a tinydb database (``tinydb
 one document per client keyed by its name; changes go through ``tinydb.TinyDB`` with an atomic storage.
 
 A running server sees changes made by the CLI (or another process) without a restart: every lookup checks
-the file (one ``stat``: inode, times, size, mode, owner) and re-reads it when it changed. A file that is not
+the file (one ``stat``: inode, times, size, mode, owner) and re-reads it when it changed (what the store wrote
+itself is kept as written, not read back, while the file is the one it wrote). A file that is not
 the clients table (not JSON, or JSON of another shape: it is written whole, so damaged from outside) is moved
 aside (``clients.json.damaged-<time>``, logged; ``agentspace doctor`` names it) and admits no client. One client
 whose document cannot be read (a field of the wrong type: ``Client.from_stored``) is refused alone, named by
@@ -21,7 +22,7 @@ import json
 import logging
 import os
 import threading
-from collections.abc import Iterator, MutableMapping
+from collections.abc import Callable, Iterator, MutableMapping
 from datetime import datetime
 from functools import partial
 from pathlib import Path
@@ -51,6 +52,17 @@ TABLE = "clients"
 FIX = "Check it, or move it away and add the clients again (agentspace clients add)."
 
 
+def _readable(name: str, stored: Any) -> Client | None:
+    """The client of a stored document, or None when it cannot be read (refused alone) or there is none."""
+    if stored is None:
+        return None
+    try:
+        # Its name is the table's key for it, as every change finds it (a name edited inside: the key wins).
+        return Client.from_stored({**stored, "name": name})
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
 def _stamp(st: os.stat_result) -> tuple[int, ...]:
     """What changes when the file is replaced, written, or has its owner or mode changed."""
     return (st.st_ino, st.st_mtime_ns, st.st_ctime_ns, st.st_size, st.st_mode, st.st_uid)
@@ -65,6 +77,7 @@ class ClientStore:
         self._by_hash: dict[str, Client] = {}
         self._touched: dict[str, float] = {}
         self._stored: set[str] = set()  # the names in the file, those that cannot be read included
+        self._data: dict[str, Any] = {}  # the file as last read or written
         self._swept = False  # the temp files a killed writer left beside the file removed (at the first write)
 
     # --- reads (cheap, sync: a stat, and a read only when the file changed) --------------------
@@ -96,17 +109,11 @@ class ClientStore:
         self._stamp = stamp
 
     def _load(self, data: dict[str, Any]) -> None:
-        clients = {}
-        self._stored = set(data.get("clients") or {})
-        for name, stored in (data.get("clients") or {}).items():
-            try:
-                # Its name is the table's key for it, as every change finds it (a name edited inside: the key wins).
-                client = Client.from_stored({**stored, "name": name})
-            except (KeyError, TypeError, ValueError):
-                continue
-            clients[client.name] = client
-        self._clients = clients
-        self._by_hash = {c.key_hash: c for c in clients.values()}
+        self._data = data
+        self._stored = set(data.get(TABLE) or {})
+        readable = ((name, _readable(name, stored)) for name, stored in (data.get(TABLE) or {}).items())
+        self._clients = {name: client for name, client in readable if client is not None}
+        self._by_hash = {c.key_hash: c for c in self._clients.values()}
 
     def get_by_hash_sync(self, key_hash: str) -> Client | None:
         with self._lock:
@@ -144,21 +151,26 @@ class ClientStore:
         finally:
             os.close(fd)  # releases the lock
 
-    def _table(self) -> Table:
-        """The clients table of the file, through tinydb (each change: the file read, changed, written whole)."""
-
-        def read(path: Path) -> Any:
-            text = read_private_file(path, FIX)
-            return json.loads(text) if text else None
-
-        return NamedTinyDB(self.path, storage=partial(AtomicStorage, reader=read)).table(TABLE)
-
-    def _written(self) -> None:
-        # Read again at the next lookup (a small file, rarely written): a stat taken here could already be of a
-        # file another program put in place after our rename (during the folder's fsync), which would then
-        # pass for ours and never be read -- a key revoked by hand would go on working.
-        self._stamp = None
+    def _change(self, name: str, change: Callable[[Table], object]) -> None:
+        """Apply ``change`` to the clients table through tinydb, on the file as last read (checked by ``_refresh``
+        under the write lock), and keep what was written as read: a change costs one write of the file, and the
+        next lookup a ``stat``, not a parse of every client (a last use noted once a minute per client key made
+        each lookup after it parse the whole file). Trusted only while the file is the one written
+        (``write_bytes_atomic``'s stat): one another program put in place meanwhile is read at the next lookup,
+        so a key revoked by hand is refused."""
+        docs = self._data.get(TABLE) or {}
+        # tinydb changes the documents it reads in place: copies, so a failed write leaves the clients as read.
+        tables = {**self._data, TABLE: {n: dict(d) if isinstance(d, dict) else d for n, d in docs.items()}}
+        self._stamp = None  # read again unless the write below is known to be the file
+        db = NamedTinyDB(self.path, storage=partial(AtomicStorage, reader=lambda _: tables))
+        change(db.table(TABLE))
+        written = db.storage.written  # type: ignore[attr-defined]
+        self._data, self._stored = tables, set(tables[TABLE])
+        self._clients.pop(name, None)
+        if (client := _readable(name, tables[TABLE].get(name))) is not None:
+            self._clients[name] = client
         self._by_hash = {c.key_hash: c for c in self._clients.values()}
+        self._stamp = None if written is None else _stamp(written)
 
     def add_sync(self, client: Client) -> str:
         """Store a new client (``client.key_hash`` is replaced); returns its key, the only time it is shown."""
@@ -169,13 +181,8 @@ class ClientStore:
                 raise ClientExists(client.name)
             key = new_key()
             client.key_hash = hash_key(key)
-            self._clients[client.name] = client
-            try:
-                self._table().insert(Document(client.to_stored(), doc_id=client.name))  # type: ignore[arg-type]
-                self._written()
-            except BaseException:
-                self._stamp = None  # re-read: the file is as it was
-                raise
+            document = Document(client.to_stored(), doc_id=client.name)  # type: ignore[arg-type]
+            self._change(client.name, lambda table: table.insert(document))
             return key
 
     def update_sync(self, name: str, change: Any) -> Client:
@@ -187,19 +194,13 @@ class ClientStore:
                 raise ClientNotFound(name)
             client = Client.from_stored(current.to_stored())
             change(client)
-            self._clients[name] = client
             stored = client.to_stored()
 
             def replace(document: MutableMapping[str, Any]) -> None:
                 document.clear()
                 document.update(stored)
 
-            try:
-                self._table().update(replace, doc_ids=[name])  # type: ignore[list-item]
-                self._written()
-            except BaseException:
-                self._stamp = None
-                raise
+            self._change(name, lambda table: table.update(replace, doc_ids=[name]))  # type: ignore[list-item]
             return client
 
     def rotate_sync(self, name: str) -> str:
@@ -218,13 +219,7 @@ class ClientStore:
             # One that cannot be read (damaged from outside) is removed too: the way to add it again.
             if name not in self._clients and name not in self._stored:
                 raise ClientNotFound(name)
-            self._clients.pop(name, None)
-            try:
-                self._table().remove(doc_ids=[name])  # type: ignore[list-item]
-                self._written()
-            except BaseException:
-                self._stamp = None
-                raise
+            self._change(name, lambda table: table.remove(doc_ids=[name]))  # type: ignore[list-item]
 
     def touch_sync(self, name: str, when: str) -> None:
         def change(client: Client) -> None:

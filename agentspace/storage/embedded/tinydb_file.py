@@ -10,6 +10,7 @@ earlier versions, which used this layout.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -52,6 +53,7 @@ class AtomicStorage(Storage):
     def __init__(self, path: Path, reader: Callable[[Path], Any] | None = None) -> None:
         self.path = Path(path)
         self.reader = reader or read_json
+        self.written: os.stat_result | None = None  # the file's stat after the last write, while it is that file
 
     def read(self) -> dict[str, dict[str, Any]] | None:
         data = self.reader(self.path)
@@ -60,7 +62,7 @@ class AtomicStorage(Storage):
         return data
 
     def write(self, data: dict[str, dict[str, Any]]) -> None:
-        write_json_atomic(self.path, data)
+        self.written = write_json_atomic(self.path, data)
 
 
 class NamedTable(Table):

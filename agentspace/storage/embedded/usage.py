@@ -27,8 +27,9 @@ edited, is read again). A day's closed segments' rollups (every segment of a pas
 written) are merged once more into ``<YYYY-MM-DD>.day.json``, and again without the session into
 ``<YYYY-MM-DD>.nosession.json``: a report that neither groups nor filters by session (by model, client, day,
 endpoint; a budget's spend) reads the latter, so its time does not grow with the number of sessions either (one
-call per session makes as many groups as records). A report sums the rollups and scans only the open segment, so
-its time grows with the groups, not the records. A rollup file that does not parse, or whose groups are not a
+call per session makes as many groups as records). A report sums the rollups and the open segment, whose lines a
+process reads once, summed as they come (``_count_open``: each report reads only the lines appended since the one
+before), so its time grows with the groups, not the records. A rollup file that does not parse, or whose groups are not a
 rollup's (damaged from outside: it is written whole), is moved aside like any damaged store file and rebuilt.
 """
 
@@ -38,6 +39,7 @@ import contextlib
 import logging
 import os
 import re
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from datetime import UTC, datetime
@@ -45,6 +47,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
 
+from ...lru import LRU
 from ...types import UsageRecord
 from ..atomic import (
     StoreCorrupt,
@@ -63,6 +66,7 @@ from ..reports import (
     TOKEN_FIELDS,
     GroupKey,
     add_to,
+    group_key,
     group_records,
     merge,
     owner,
@@ -87,6 +91,9 @@ _TAIL_CHUNK = 64 * 1024
 # Records per segment: the most a writer reads when it opens the day's last segment, and the most a report
 # scans that no rollup covers.
 SEGMENT_SIZE = 10_000
+# The days' merged rollups a store keeps parsed (two months of both kinds): a report over a month, and each
+# client's spend over its period, read the same files again.
+DAY_ROLLUPS_KEPT = 128
 # Ids of the last records written kept for ``spend``: a record still being stored was written in its group
 # commit's batch, far fewer records ago.
 RECENT_IDS = 10_000
@@ -206,6 +213,12 @@ class UsageStore:
         self._ids: set[str] = set()
         # The ids of the last records written, in order (``spend``: which records being stored it counts).
         self._recent: dict[str, None] = {}
+        # The open segment's records summed so far, by the reports of this process (``_count_open``).
+        self._open_tally: _OpenTally | None = None
+        self._tally_lock = threading.Lock()
+        # The days' merged rollups last read (``_read_day_rollup``); reports run on several threads.
+        self._day_rollups: LRU[Path, _DayRollup] = LRU(DAY_ROLLUPS_KEPT)
+        self._rollup_lock = threading.Lock()
 
     async def append(self, record: UsageRecord) -> None:
         """Store ``record`` durably. A record whose id is stored already (a retried write) changes nothing.
@@ -341,15 +354,17 @@ class UsageStore:
         closed_mtimes = {name: mtimes[name] for name in closed}
         merged = self._count_merged(day, closed_sizes, closed_mtimes, query, groups) if trusted and closed else "stale"
         if merged == "counted":
-            for _, name in files:  # the open segment, scanned
+            for _, name in files:  # the open segment
                 if name in sizes and name not in closed:
-                    stamp = {"size": sizes[name], "mtime": mtimes[name]}
-                    _count_segment(folder / name, stamp, False, None, query, groups, damaged)
+                    self._count_open(folder / name, day, query, groups, damaged)
             return
         known = self._read_rollup(day) if trusted else {}
         fresh: dict[str, Any] = {}
         for _, name in files:
             if name not in sizes:
+                continue
+            if name not in closed:
+                self._count_open(folder / name, day, query, groups, damaged)
                 continue
             stamp = {"size": sizes[name], "mtime": mtimes[name]}
             entry = known.get(name)
@@ -380,18 +395,54 @@ class UsageStore:
         before ``since``) or "stale" (made for other segments, or none yet: to be made again)."""
         if not query.sessions:
             bare = self._read_day_rollup(day, NO_SESSION)
-            if bare is not None and _day_covers(bare, sizes, mtimes, query.since_iso):
-                _count_rollup(bare, None, query.client, groups)
+            if bare is not None and _day_covers(bare.whole, sizes, mtimes, query.since_iso):
+                _count_rollup(bare.whole, None, query.client, groups, bare.rows(query.client))
                 return "counted"
-        whole = self._read_day_rollup(day)
-        if whole is None or not _day_covers(whole, sizes, mtimes, None):
+        read = self._read_day_rollup(day)
+        if read is None or not _day_covers(read.whole, sizes, mtimes, None):
             return "stale"
+        whole = read.whole
         if not _day_covers(whole, sizes, mtimes, query.since_iso):
             return "current"
-        _count_rollup(whole, query.session_id, query.client, groups)
+        _count_rollup(whole, query.session_id, query.client, groups, read.rows(query.client))
         if not query.sessions:  # made before the file without sessions was, or damaged since
             self._save(f"{day}.{NO_SESSION}", {"day": {"merged": _without_sessions(whole)}})
         return "counted"
+
+    def _count_open(
+        self, path: Path, day: str, query: _Query, groups: dict[GroupKey, dict[str, Any]], damaged: list[str] | None
+    ) -> None:
+        """Add the open segment's matching records to ``groups``. The records are summed as they are read, and a
+        report reads only the lines appended since the one before (a budget's alerts report after every record
+        of the client: parsing the whole open segment each time grew with the day's records, up to
+        ``SEGMENT_SIZE``). The file is read whole again when it is not the one summed (replaced, moved aside),
+        is shorter, changed without growing, or no longer has the last line summed where it was (the writer cut
+        off a write whose sync failed, then appended more); a ``since`` later than the day's start, or a line that
+        does not read, scans it as before."""
+        with self._tally_lock:
+            tally = self._open_tally
+            try:
+                with open(path, "rb") as f:
+                    st = os.fstat(f.fileno())
+                    if tally is None or not tally.continues(path, st):
+                        tally = _OpenTally(path, st, day)
+                    if st.st_size != tally.size or st.st_mtime_ns != tally.mtime:
+                        f.seek(tally.offset - len(tally.tail))
+                        raw = f.read()
+                        if not raw.startswith(tally.tail):
+                            tally = _OpenTally(path, st, day)
+                            f.seek(0)
+                            raw = f.read()
+                        tally.add(raw, st)
+            except FileNotFoundError:
+                return  # gone since listed (history pruned): as a scan of it finds no record
+            except StoreCorrupt:
+                tally = None  # a scan of it names the damage
+            self._open_tally = tally
+            if tally is None or (query.since_iso is not None and query.since_iso > tally.start):
+                _count_segment(path, {}, False, None, query, groups, damaged)
+                return
+            tally.count(query, groups)
 
     def _read_rollup(self, day: str) -> dict[str, Any]:
         """The day's rollups: ``{segment file name: entry}`` (a tinydb layout, table ``segments``)."""
@@ -411,19 +462,34 @@ class UsageStore:
             if isinstance(entry, dict) and entry.get("version") == _ROLLUP_VERSION
         }
 
-    def _read_day_rollup(self, day: str, kind: str = "day") -> dict[str, Any] | None:
+    def _read_day_rollup(self, day: str, kind: str = "day") -> _DayRollup | None:
         """A day's closed segments' rollups merged (``<day>.day.json``, table ``day``, document ``merged``), or
-        merged without the session (``kind`` NO_SESSION: ``<day>.nosession.json``)."""
+        merged without the session (``kind`` NO_SESSION: ``<day>.nosession.json``). Kept parsed while the file is
+        the same (its inode, size and modification time: a rollup is replaced whole, never changed in place): a
+        client's spend reads the days of its period, and listing every client's spend (``clients list``, the first
+        ``/api/clients``) parsed each day's groups of every client once per client."""
+        path = self.dir / ROLLUPS / f"{day}.{kind}.json"
         try:
-            data = read_json(self.dir / ROLLUPS / f"{day}.{kind}.json")
+            st = os.stat(path)
+            stamp = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+            with self._rollup_lock:
+                known = self._day_rollups.get(path)
+            if known is not None and known.stamp == stamp:
+                return known
+            data = read_json(path)
         except StoreCorrupt as e:
             _set_aside(e)
             return None  # rebuilt from the segments' rollups
-        except OSError:
+        except OSError:  # none yet, or unreadable here (another user's): made again, or the segments read
             return None
         table = data.get("day") if isinstance(data, dict) else None
         whole = table.get("merged") if isinstance(table, dict) else None
-        return whole if isinstance(whole, dict) and whole.get("version") == _ROLLUP_VERSION else None
+        if not (isinstance(whole, dict) and whole.get("version") == _ROLLUP_VERSION):
+            return None
+        read = _DayRollup(stamp, whole)
+        with self._rollup_lock:
+            self._day_rollups[path] = read
+        return read
 
     def _set_aside_rollups(self, day: str, error: Exception) -> None:
         """Move the day's rollup files aside (logged)."""
@@ -586,6 +652,79 @@ class _Query(NamedTuple):
     sessions: bool  # the groups' sessions matter to the caller
 
 
+class _DayRollup:
+    """A day's merged rollup as read (``whole``) and the file's stamp then; its rows by client, made at the
+    first report of one client (a client's spend reads its own groups, not every client's)."""
+
+    def __init__(self, stamp: tuple[int, ...], whole: dict[str, Any]) -> None:
+        self.stamp, self.whole = stamp, whole
+        self._owners: dict[str, list[Any]] | None = None
+
+    def rows(self, client: str | None) -> list[Any] | None:
+        """The rows of ``client``'s groups (None: every row). Raises as ``_count_rollup`` on groups that are not
+        a rollup's."""
+        if client is None:
+            return None
+        if self._owners is None:
+            owners: dict[str, list[Any]] = {}
+            for row in self.whole["groups"]:
+                owners.setdefault(owner(row[2]), []).append(row)
+            self._owners = owners
+        return self._owners.get(client, [])
+
+
+class _OpenTally:
+    """An open segment's records read so far: the complete lines up to ``offset``, summed per group (with and
+    without the session) when timed from the day's start on, kept whole when timed before it (written just
+    after midnight); the file's inode, size and modification time when last read."""
+
+    def __init__(self, path: Path, st: os.stat_result, day: str) -> None:
+        self.path, self.inode = path, (st.st_dev, st.st_ino)
+        self.start = f"{day}T00:00:00.000Z"
+        self.offset = self.size = self.mtime = 0
+        self.tail = b""  # the last line summed, which ends at ``offset``
+        self.groups: dict[GroupKey, dict[str, Any]] = {}
+        self.bare: dict[GroupKey, dict[str, Any]] = {}
+        self.early: list[dict[str, Any]] = []
+
+    def continues(self, path: Path, st: os.stat_result) -> bool:
+        """Whether ``st`` is of the file summed, grown or as it was (appended to, as its writer does)."""
+        return (
+            path == self.path
+            and (st.st_dev, st.st_ino) == self.inode
+            and (st.st_size > self.size or (st.st_size == self.size and st.st_mtime_ns == self.mtime))
+        )
+
+    def add(self, raw: bytes, st: os.stat_result) -> None:
+        """Sum the complete lines of ``raw`` (``tail``, then what follows ``offset``). Raises StoreCorrupt."""
+        end = raw.rfind(b"\n") + 1  # past the last complete line
+        records, _ = parse_lines(raw[len(self.tail) :], self.path)
+        if not all(isinstance(record, dict) for record in records):
+            raise StoreCorrupt(self.path, "not a usage segment (a line is not a record)")
+        _check_records(records, self.path)
+        for record in records:
+            stamp = record.get("timestamp")
+            if stamp.__class__ is not str or stamp < self.start:
+                self.early.append(record)
+                continue
+            key = group_key(record)
+            add_to(self.groups, record, key)
+            add_to(self.bare, record, (*key[:3], None, *key[4:]))
+        if end > len(self.tail):
+            self.offset += end - len(self.tail)
+            self.tail = raw[raw.rfind(b"\n", 0, end - 1) + 1 : end]
+        self.size, self.mtime = st.st_size, st.st_mtime_ns
+
+    def count(self, query: _Query, groups: dict[GroupKey, dict[str, Any]]) -> None:
+        """Add the records matching ``query`` (whose ``since`` is not after ``start``) to ``groups``."""
+        _, session_id, client, sessions = query
+        for key, totals in (self.groups if sessions else self.bare).items():
+            if (session_id is None or key[3] == session_id) and (client is None or owner(key[2]) == client):
+                merge(groups, key, dict(totals))
+        for record in _matching(self.early, query.since_iso, session_id, client):
+            add_to(groups, record)
+
+
 def _count_segment(
     path: Path,
     stamp: dict[str, int],
@@ -635,9 +774,14 @@ def _warn_torn_tail(path: Path) -> None:
 
 
 def _count_rollup(
-    entry: dict[str, Any], session_id: str | None, client: str | None, groups: dict[GroupKey, dict[str, Any]]
+    entry: dict[str, Any],
+    session_id: str | None,
+    client: str | None,
+    groups: dict[GroupKey, dict[str, Any]],
+    rows: list[Any] | None = None,
 ) -> None:
-    for row in entry["groups"]:  # none (an entry edited from outside): KeyError, the rollup is set aside
+    """Add the entry's groups that match to ``groups`` (``rows``: those to look at, when known to be fewer)."""
+    for row in entry["groups"] if rows is None else rows:  # none (edited from outside): KeyError, set aside
         key = tuple(row[:6])
         if (session_id is None or key[3] == session_id) and (client is None or owner(key[2]) == client):
             merge(groups, key, _totals_from_row(row[6]))
