@@ -228,3 +228,17 @@ async def test_claude_codes_effort_without_thinking_is_the_reasoning_effort_or_r
             )
         assert refused.value.body["error"]["message"].startswith("output_config.effort"), refused.value.body  # type: ignore[index]
     assert len(fake_openai.requests) == asked
+
+
+async def test_an_upstream_rate_limit_message_ending_in_a_period_reads_as_one_sentence(
+    client: TestClient, token: str, fake_anthropic: Any
+) -> None:
+    """Anthropic's own 429 message ends in a period; ours then read "...rate limit.. Try again shortly."."""
+    fake_anthropic.enqueue(fa.error_status(429, "Number of requests has exceeded your rate limit.", retry_after=120))
+    ws = await connect(client, token)
+    frames = await chat(ws, "hi")
+    await ws.close()
+    message = frames[-1]["message"]
+    assert message == (
+        "Anthropic rate limit reached: Number of requests has exceeded your rate limit. Try again shortly."
+    ), frames[-1]

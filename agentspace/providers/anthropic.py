@@ -592,7 +592,7 @@ def _status_error(e: APIStatusError, api_key: str) -> ProviderError:
     if status == 429:
         return ProviderError(
             "RATE_LIMITED",
-            f"Anthropic rate limit reached: {detail or 'too many requests'}. Try again shortly.",
+            f"Anthropic rate limit reached: {detail.rstrip('.') or 'too many requests'}. Try again shortly.",
             retryable=True,
             retry_after=retry_after_seconds(e.response.headers),
             status=429,
