@@ -359,12 +359,11 @@ async def test_the_reservation_counts_the_files(gateway: Any, token: str, fake_a
     fake_anthropic.enqueue(text_response("Fine."))
     chunks = await read_all(await post_chat(client, headers, "budget", file_message("hi", ("image/png", png(20, 20)))))
     assert not [c for c in chunks if isinstance(c, dict) and c["type"] == "error"], chunks
-    # 20 pages at 4,600 tokens, $0.28 at $3/MTok: past the budget before anything is sent.
-    chunks = await read_all(
-        await post_chat(client, headers, "budget2", file_message("read", ("application/pdf", pdf(20))))
-    )
-    errors = [c for c in chunks if isinstance(c, dict) and c["type"] == "error"]
-    assert errors and "budget" in errors[0]["errorText"].lower(), chunks
+    # 20 pages at 4,600 tokens, $0.28 at $3/MTok: past the budget before anything is sent, so refused as the
+    # turn's own check refuses (a 429, nothing streamed).
+    resp = await post_chat(client, headers, "budget2", file_message("read", ("application/pdf", pdf(20))))
+    error = (await resp.json())["error"]
+    assert resp.status == 429 and error["code"] == "BUDGET_EXCEEDED" and "budget" in error["message"], error
     assert len(fake_anthropic.requests) == 1
 
 

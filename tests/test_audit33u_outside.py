@@ -125,3 +125,16 @@ async def test_sessions_show_names_the_files_a_message_attaches(
     assert f"Attached: `chart.png` (image/png, {len(image)} bytes)" in shown.output, shown.output
     assert f"Attached: `f1` (application/pdf, {len(document)} bytes)" in shown.output, shown.output
     assert "A chart and a report." in shown.output
+
+
+async def test_a_session_begun_with_files_only_is_titled_by_their_names(
+    client: TestClient, auth_headers: dict[str, str], fake_anthropic: Any
+) -> None:
+    # An image sent without a word (the web app's attach and send, useChat with file parts only) left the session
+    # untitled: the sidebar and `agentspace sessions list` showed "New chat" for every such session.
+    fake_anthropic.enqueue(text_response("A small square."))
+    message = file_message("", ("image/png", png(8, 8)), ("application/pdf", pdf(1)))
+    message["parts"] = [p for p in message["parts"] if p["type"] == "file"]
+    await answered(await post_chat(client, auth_headers, "files-only", message))
+    resp = await client.get("/api/sessions/files-only", headers=auth_headers)
+    assert (await resp.json())["session"]["title"] == "f0, f1"

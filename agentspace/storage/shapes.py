@@ -167,10 +167,14 @@ def as_seen(session: dict[str, Any]) -> dict[str, Any]:
 
 
 def title_from(message: dict[str, Any]) -> str | None:
+    """A session's title from its first user message: its text, else the names of the files it attaches (a
+    message of files only, an image sent without a word)."""
     content = message.get("content")
+    parts = [p for p in message.get("parts") or [] if isinstance(p, dict)]
     if not isinstance(content, str) or not content.strip():
-        parts = message.get("parts") or []
-        content = "".join(p.get("text", "") for p in parts if isinstance(p, dict) and p.get("type") == "text")
+        content = "".join(str(p.get("text") or "") for p in parts if p.get("type") == "text")
+    if not content.strip():
+        content = ", ".join(str(p["filename"]) for p in parts if p.get("type") == "file" and p.get("filename"))
     title = " ".join(content.split())[:TITLE_LENGTH].rstrip()
     return title or None
 
