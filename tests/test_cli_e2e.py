@@ -145,3 +145,19 @@ async def test_an_untrusted_certificate_is_named_not_a_stopped_gateway(tmp_path:
             assert "agentspace serve" not in result.output, result.output
     finally:
         await runner.cleanup()
+
+
+async def test_chat_and_ask_say_when_to_try_again(
+    client: TestClient, fake_anthropic: Any, isolated_env: Path, auth_headers: dict[str, str]
+) -> None:
+    # A refusal that says when to retry (a client's rpm here) printed only "Error [RATE_LIMITED]: ..." (chat) or
+    # "HTTP 429 ..." (ask): the seconds the server sent (retryAfter, Retry-After) were dropped.
+    made = await client.post("/api/clients", json={"name": "slow", "rpm": 1}, headers=auth_headers)
+    key = (await made.json())["key"]
+    fake_anthropic.enqueue(text_response("One."))
+    chat = await run_cli(["chat", "--url", ws_url(client), "--token", key], isolated_env, input="one\ntwo\n")
+    assert "One." in chat.output
+    assert "Error [RATE_LIMITED]" in chat.output and "(try again in " in chat.output, chat.output
+    base = str(client.make_url("/")).rstrip("/")
+    ask = await run_cli(["ask", "--url", base, "--token", key, "three"], isolated_env)
+    assert ask.exit_code == 1 and "HTTP 429" in ask.output and "(try again in " in ask.output, ask.output

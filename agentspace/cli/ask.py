@@ -16,7 +16,7 @@ from typing import Any
 
 import click
 
-from .common import CliState, config_options, pass_state, printable
+from .common import CliState, config_options, pass_state, printable, wait_note
 
 TIMEOUT_SECONDS = 600.0  # a long answer, not a stuck one
 
@@ -65,7 +65,8 @@ async def _ask(base: str, token: str, body: dict[str, Any], fallback_model: str)
                 body["model"] = await _gateway_default(http, base, headers) or fallback_model
             async with http.post(url, json=body, headers=headers) as response:
                 if response.status != 200:
-                    raise click.ClickException(_failure(url, response.status, await response.text()))
+                    wait = response.headers.get("Retry-After")
+                    raise click.ClickException(_failure(url, response.status, await response.text()) + wait_note(wait))
                 usage: dict[str, Any] = {}
                 finish = None
                 async for raw in response.content:

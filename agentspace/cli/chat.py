@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from .common import CliState, config_options, money, new_id, pass_state, printable
+from .common import CliState, config_options, money, new_id, pass_state, printable, wait_note
 
 if TYPE_CHECKING:
     import asyncio
@@ -83,7 +83,9 @@ class _Printer:
         elif kind == "chat.stream.end":
             self.end(frame)
         elif kind == "error":
-            self.note(f"Error [{frame.get('code')}]: {frame.get('message')}", fg="red")
+            self.note(
+                f"Error [{frame.get('code')}]: {frame.get('message')}{wait_note(frame.get('retryAfter'))}", fg="red"
+            )
 
     def end(self, frame: dict[str, Any]) -> None:
         if not self.at_line_start:

@@ -156,6 +156,15 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[Any]], right: Sequence
     return "\n".join(out)
 
 
+def wait_note(seconds: Any) -> str:
+    """`` (try again in N s)`` for the seconds a refusal said to wait (``retryAfter``, ``Retry-After``), or ''."""
+    try:
+        wait = float(seconds)
+    except (TypeError, ValueError):
+        return ""
+    return f" (try again in {wait:.0f} s)" if wait > 0 else ""
+
+
 def money(value: float) -> str:
     """Dollars with 6 decimals below $1 (token costs are tiny), 4 above. A value that rounds to zero is $0.000000,
     never $-0.000000 (a budget stored as -0 before it was normalised, a tiny negative difference)."""
